@@ -1,0 +1,21 @@
+"""loraops: manage LoRA adapters and do their arithmetic.
+
+`import loraops` stays light (no torch, alembic or huggingface_hub); the heavy modules load on first use.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: F401
+    AmbiguousError,
+    ConflictError,
+    DiskSpaceError,
+    FormatError,
+    HubError,
+    InvalidInputError,
+    LoraopsError,
+    MismatchError,
+    NotFoundError,
+    RegistryError,
+    UnsupportedAdapterError,
+)

@@ -1,0 +1,159 @@
+"""The canonical adapter model: every on-disk layout is read into these two classes.
+
+A LoraModule holds the factors exactly as stored (never pre-scaled) plus the scale that multiplies B·A, so
+readers, writers, the merge engine and the algebra all agree on one convention:
+
+    delta(W) = scale · B · A          (reshaped / transposed into W's layout, see ``weight_shape``)
+
+Factor layouts by kind (r = rank):
+    linear     A: r×in              B: out×r              W: out×in  (in×out when fan_in_fan_out, GPT-2 Conv1D)
+    conv       A: r×in×kh×kw        B: out×r×1×1          W: out×in×kh×kw
+    embedding  A: r×num_embeddings  B: dim×r              W: num_embeddings×dim   (delta = (B·A)ᵀ)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+ModuleKind = Literal["linear", "conv", "embedding"]
+
+
+@dataclass
+class LoraModule:
+    name: str
+    """Module path in the base model ("model.layers.0.self_attn.q_proj"; diffusers: "unet.down_blocks...").
+    For a kohya file before it is bound to a base, the kohya name ("lora_unet_down_blocks_0_...")."""
+    A: "torch.Tensor"
+    B: "torch.Tensor"
+    alpha: float
+    scale: float
+    kind: ModuleKind = "linear"
+    fan_in_fan_out: bool = False
+    source_keys: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[0])
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the base tensor this module changes."""
+        if self.kind == "conv":
+            return (self.out_features, *self.A.shape[1:])
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            return (self.in_features, self.out_features)
+        return (self.out_features, self.in_features)
+
+    @property
+    def transposed(self) -> bool:
+        """True when W holds (B·A)ᵀ rather than B·A."""
+        return self.kind == "embedding" or self.fan_in_fan_out
+
+    def matrices(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(B2, A2) as 2-D matrices, out×r and r×(in·kh·kw), with delta_2d = scale · B2 @ A2 (untransposed)."""
+        return self.B.reshape(self.B.shape[0], -1), self.A.reshape(self.A.shape[0], -1)
+
+    def delta(
+        self,
+        rows: slice | None = None,
+        dtype: "torch.dtype | None" = None,
+        device: "torch.device | str | None" = None,
+    ) -> "torch.Tensor":
+        """scale·B·A in the base weight's layout (rows = a slice of W's first dimension), computed in ``dtype``
+        (default float32) on ``device``. Rows let a caller bound the working set of a huge module."""
+        import torch
+
+        dtype = dtype or torch.float32
+        B2, A2 = self.matrices()
+        B2 = B2.to(device=device, dtype=dtype)
+        A2 = A2.to(device=device, dtype=dtype)
+        if self.transposed:
+            # W = (B·A)ᵀ, so W's rows are A's columns.
+            cols = A2 if rows is None else A2[:, rows]
+            out = (B2 @ cols).T
+        else:
+            out = (B2 if rows is None else B2[rows]) @ A2
+        out = out.mul_(self.scale) if out.is_contiguous() else out * self.scale
+        shape = self.weight_shape
+        return out.reshape(out.shape[0], *shape[1:])
+
+    def with_factors(self, B2: "torch.Tensor", A2: "torch.Tensor", alpha: float, scale: float) -> "LoraModule":
+        """A module of the same kind/name with new 2-D factors (reshaped into this kind's layout)."""
+        r = A2.shape[0]
+        if self.kind == "conv":
+            A = A2.reshape(r, *self.A.shape[1:])
+            B = B2.reshape(B2.shape[0], r, 1, 1)
+        else:
+            A, B = A2, B2
+        return replace(self, A=A.contiguous(), B=B.contiguous(), alpha=float(alpha), scale=float(scale), source_keys=())
+
+
+@dataclass
+class Adapter:
+    modules: dict[str, LoraModule]
+    format: str
+    """"peft", "kohya" or "diffusers" (PEFT-style keys with a component prefix)."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """safetensors header metadata (kohya's ss_* keys live here)."""
+    config: dict = field(default_factory=dict)
+    """PEFT adapter_config.json as read ({} when there is none)."""
+    full_tensors: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    """modules_to_save: base tensor name → full replacement tensor."""
+    base_model: str | None = None
+    """base_model_name_or_path from the PEFT config, when present."""
+    path: Path | None = None
+    scale_mode: Literal["classic", "rslora"] = "classic"
+    names_resolved: bool = True
+    """False for kohya names until bound to a base (see loraops.check)."""
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        first = next(iter(self.modules.values()), None)
+        if first is not None:
+            return first.A.dtype
+        import torch
+
+        return next(iter(self.full_tensors.values())).dtype if self.full_tensors else torch.float32
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: m.rank for name, m in self.modules.items()}
+
+    @property
+    def rank(self) -> int | None:
+        """The rank when every module shares one, else None."""
+        values = set(self.ranks.values())
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def alpha(self) -> float | None:
+        """The alpha when every module shares one, else None."""
+        values = {m.alpha for m in self.modules.values()}
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def target_modules(self) -> list[str]:
+        """Sorted last path components of the targeted modules (q_proj, c_attn, ...)."""
+        return sorted({name.rsplit(".", 1)[-1] for name in self.modules} if self.names_resolved else set(self.modules))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(m.A.numel() + m.B.numel() for m in self.modules.values()) + sum(
+            t.numel() for t in self.full_tensors.values()
+        )

@@ -1,0 +1,86 @@
+"""The `loraops` command line: a thin layer over the library.
+
+Each command parses its arguments, makes one library call and renders the result (a table, or --json).
+Commands live in one module per area and are loaded lazily, so `loraops --help` imports no torch.
+Library errors become a one-line message and an exit code here, in one place (LoraopsGroup.invoke).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from ..errors import LoraopsError
+
+# command name → "module:attribute" (modules inside loraops.cli)
+COMMANDS = {
+    "register": "adapters:register",
+    "list": "adapters:list_adapters",
+    "show": "adapters:show",
+    "rm": "adapters:rm",
+    "inspect": "adapters:inspect",
+    "check": "adapters:check",
+    "base": "base:base",
+    "db": "db:db",
+    "merge": "merge:merge",
+    "subtract": "merge:subtract",
+    "combine": "algebra:combine",
+    "resize": "algebra:resize",
+    "export": "algebra:export",
+    "pull": "hub:pull",
+    "push": "hub:push",
+    "gc": "maintenance:gc",
+    "verify": "maintenance:verify",
+}
+
+
+class LoraopsGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self.get_command(ctx, name) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attribute = target.split(":")
+        try:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+        except ModuleNotFoundError as exc:  # an area not built yet in this checkout
+            if exc.name == f"{__name__}.{module_name}":
+                return None
+            raise
+        return getattr(module, attribute, None)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LoraopsError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            ctx.exit(130)
+        except BrokenPipeError:
+            # `loraops list | head`: the reader left; stay quiet like other CLI tools.
+            sys.stderr.close()
+            ctx.exit(141)
+
+
+@click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False), help="loraops home folder (default $LORAOPS_HOME or the user data dir).")
+@click.option("--db", "db", metavar="URL", help="Registry SQLAlchemy URL (default $LORAOPS_DB or SQLite in the home).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.version_option(package_name="loraops")
+def main(home: str | None, db: str | None, quiet: bool) -> None:
+    """Manage LoRA adapters and do their arithmetic."""
+    from .. import settings
+
+    # The settings module reads the environment at call time; the options simply set it for this process.
+    if home:
+        os.environ[settings.ENV_HOME] = home
+    if db:
+        os.environ[settings.ENV_DB] = db
+    if quiet:
+        os.environ[settings.ENV_QUIET] = "1"

@@ -1,0 +1,52 @@
+"""Rendering for the CLI: human tables, or JSON from pydantic records / plain data."""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Sequence
+
+import click
+
+
+def to_jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=False))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain left-aligned text table (numbers right-aligned)."""
+    rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = []
+        for cell, width in zip(row, widths):
+            numeric = cell.replace(".", "", 1).replace("-", "", 1).isdigit()
+            cells.append(cell.rjust(width) if numeric else cell.ljust(width))
+        return "  ".join(cells).rstrip()
+
+    lines = [fmt(list(headers)), fmt(["-" * w for w in widths])]
+    lines += [fmt(row) for row in rows]
+    return "\n".join(lines)
+
+
+def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    click.echo(table(headers, rows))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

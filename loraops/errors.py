@@ -1,0 +1,66 @@
+"""Every error loraops raises on purpose.
+
+Each class inherits from LoraopsError *and* the builtin it resembles, so library users can catch either.
+The CLI maps them to exit codes in one place (loraops.cli.main); nothing else prints tracebacks.
+"""
+from __future__ import annotations
+
+
+class LoraopsError(Exception):
+    """Base of every deliberate loraops error. The message is one line, fit for a terminal."""
+
+    exit_code = 1
+
+
+class InvalidInputError(LoraopsError, ValueError):
+    """A file, argument or value that cannot be used as given (corrupt file, bad rank, NaN factors, ...)."""
+
+    exit_code = 2
+
+
+class FormatError(InvalidInputError):
+    """A file whose layout loraops does not understand or cannot accept."""
+
+
+class UnsupportedAdapterError(FormatError):
+    """A recognised adapter type whose math is not plain W + s·B·A (DoRA, LoHa, LoKr, ...)."""
+
+
+class MismatchError(InvalidInputError):
+    """An adapter that does not fit a base model (missing modules, wrong shapes, different bases)."""
+
+
+class NotFoundError(LoraopsError, LookupError):
+    """A registry reference, base, file or Hub object that does not exist."""
+
+    exit_code = 3
+
+
+class AmbiguousError(LoraopsError, LookupError):
+    """A reference that matches more than one thing."""
+
+    exit_code = 3
+
+
+class ConflictError(LoraopsError, FileExistsError):
+    """An output that already exists (use --force), or a registry write that collides."""
+
+    exit_code = 4
+
+
+class DiskSpaceError(LoraopsError, OSError):
+    """Not enough free space for an output."""
+
+    exit_code = 5
+
+
+class RegistryError(LoraopsError, RuntimeError):
+    """The registry database cannot be used (schema from a newer loraops, unreachable server, ...)."""
+
+    exit_code = 6
+
+
+class HubError(LoraopsError, ConnectionError):
+    """A Hugging Face Hub request that failed (no network, unauthorized, gated, ...)."""
+
+    exit_code = 7

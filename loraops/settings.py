@@ -1,0 +1,69 @@
+"""Where loraops keeps its state, and the process-wide switches.
+
+Everything is read from the environment at call time (not import time), so tests and the CLI's
+--home/--db/--quiet options can change it by setting the variables.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ENV_HOME = "LORAOPS_HOME"
+ENV_DB = "LORAOPS_DB"
+ENV_BLOBS = "LORAOPS_BLOBS"
+ENV_QUIET = "LORAOPS_QUIET"
+
+
+def home() -> Path:
+    """The loraops home folder: $LORAOPS_HOME, else the user's data dir (XDG_DATA_HOME/loraops)."""
+    explicit = os.environ.get(ENV_HOME)
+    if explicit:
+        return Path(explicit).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "loraops"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "loraops"
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "loraops"
+
+
+def db_url() -> str:
+    """SQLAlchemy URL of the registry: $LORAOPS_DB, else SQLite at <home>/registry.db."""
+    return os.environ.get(ENV_DB) or f"sqlite:///{home() / 'registry.db'}"
+
+
+def blobs_dir() -> Path:
+    """Content-addressed adapter store: $LORAOPS_BLOBS (a shared folder for a team), else <home>/blobs."""
+    explicit = os.environ.get(ENV_BLOBS)
+    return Path(explicit).expanduser() if explicit else home() / "blobs"
+
+
+def progress_enabled() -> bool:
+    """Progress bars show only on a terminal, and never with --quiet / LORAOPS_QUIET=1."""
+    if os.environ.get(ENV_QUIET, "") not in ("", "0"):
+        return False
+    return sys.stderr.isatty()
+
+
+def resolve_device(name: str | None = "auto") -> "torch.device":  # noqa: F821 - torch imported lazily
+    """'auto' → cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as given (checked)."""
+    import torch
+
+    from .errors import InvalidInputError
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidInputError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"device {name!r} asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif device.type != "cpu":
+        raise InvalidInputError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
+    return device

@@ -1,0 +1,21 @@
+"""Every test runs with its own loraops home and Hugging Face cache in a tmp dir: no test touches the
+user's files or the network."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("loraops-home")
+    hf_home = tmp_path_factory.mktemp("hf-home")
+    monkeypatch.setenv("LORAOPS_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # A hub endpoint that cannot be reached: a test that forgot to start the local Hub fails fast, offline.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("LORAOPS_DB", raising=False)
+    monkeypatch.delenv("LORAOPS_BLOBS", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("LORAOPS_QUIET", "1")
+    return home

@@ -1,0 +1,121 @@
+"""Small real models and adapters, built locally (no network) for tests, examples and benchmarks.
+
+Models are random `transformers` models saved with save_pretrained; adapters are made by `peft` itself
+with init_lora_weights=False so B is not zero. Everything is seeded and tiny.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, shard_size: str | None = None,
+               hidden: int = 64, layers: int = 2, intermediate: int = 128, vocab: int = 128) -> Path:
+    """A random Llama-style model folder (config + safetensors, sharded when shard_size is given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    kwargs: dict[str, Any] = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return Path(path)
+
+
+def tiny_gpt2(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """A random GPT-2 model folder (Conv1D layers: PEFT needs fan_in_fan_out=True for them)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    GPT2LMHeadModel(config).to(dtype).save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def load_model(path: Path, dtype: torch.dtype | None = None):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dtype else AutoModelForCausalLM.from_pretrained(path)
+
+
+def peft_adapter(base_path: Path, out: Path, *, seed: int = 1, r: int = 8, alpha: float = 16,
+                 target_modules: list[str] | str | None = None, dtype: torch.dtype | None = None,
+                 **lora_kwargs: Any) -> Path:
+    """A PEFT LoRA adapter folder made by peft itself on the model at base_path (B initialised non-zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(base_path)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules or LLAMA_TARGETS,
+                        init_lora_weights=False, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    if dtype is not None:
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
+    peft_model.save_pretrained(out)
+    # Record the base by its local path, as PEFT does for a model loaded from disk.
+    cfg_path = Path(out) / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(base_path)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return Path(out)
+
+
+def conv_embedding_model() -> torch.nn.Module:
+    """A tiny torch model with an Embedding, a Linear, a 1×1 Conv2d and a 3×3 Conv2d, for PEFT's other layer kinds."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(32, 16)
+            self.proj = torch.nn.Linear(16, 24)
+            self.conv1 = torch.nn.Conv2d(4, 8, 1)
+            self.conv3 = torch.nn.Conv2d(8, 6, 3, padding=1)
+
+        def forward(self, ids, image):  # pragma: no cover - shapes only
+            return self.proj(self.embed(ids)), self.conv3(self.conv1(image))
+
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def save_state_dict(model: torch.nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Path(path)
+
+
+def kohya_file(path: Path, modules: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], *, rank: int = 4,
+               alpha: float | None = 2.0, seed: int = 0, dtype: torch.dtype = torch.float32,
+               metadata: dict[str, str] | None = None) -> Path:
+    """A kohya/sd-scripts LoRA file: {kohya_name: (down_shape, up_shape)} with random factors.
+
+    down_shape/up_shape are given without the rank, e.g. ((in,), (out,)) for linear or ((in, 3, 3), (out, 1, 1))
+    for a k×k conv; the rank is inserted. alpha=None writes no .alpha tensor (kohya then uses alpha = r).
+    """
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (down_rest, up_rest) in modules.items():
+        down_shape = (rank, *down_rest)
+        up_shape = (up_rest[0], rank, *up_rest[1:])
+        tensors[f"{name}.lora_down.weight"] = torch.randn(down_shape, generator=g).to(dtype)
+        tensors[f"{name}.lora_up.weight"] = (torch.randn(up_shape, generator=g) * 0.1).to(dtype)
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+            "ss_network_alpha": str(alpha if alpha is not None else rank)}
+    meta.update(metadata or {})
+    save_file(tensors, str(path), metadata=meta)
+    return Path(path)

@@ -1,0 +1,16 @@
+# Sourced by the demo and test commands: make (or reuse) ./.venv with loraops and its test extras installed.
+# torch is pinned to the CPU build first, because a plain `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LORAOPS_VENV:-$ROOT/.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+stamp="$VENV/.loraops-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -c "import loraops, torch, peft, transformers" && touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
