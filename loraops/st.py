@@ -1,0 +1,180 @@
+"""safetensors headers, read and checked without loading any weights.
+
+Everything that opens a .safetensors file goes through ``read_header`` first, so a truncated, corrupt or
+hostile file fails here with a one-line FormatError naming the file, before any tensor is touched.
+The format: 8-byte little-endian header length N, N bytes of JSON, then the raw tensor data; each entry's
+``data_offsets`` are relative to the start of the data.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import FormatError, NotFoundError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
+
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+
+TORCH_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+    "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def torch_dtype(st_dtype: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES[st_dtype])
+
+
+def st_dtype(dtype: "torch.dtype") -> str:
+    name = str(dtype).removeprefix("torch.")
+    for key, value in TORCH_DTYPE_NAMES.items():
+        if value == name:
+            return key
+    raise FormatError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    """safetensors dtype name (F32, BF16, ...)."""
+    shape: tuple[int, ...]
+    start: int
+    """Absolute byte offset of the tensor's data in ``file``."""
+    end: int
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_offset: int
+    """Absolute offset where tensor data begins (8 + header length)."""
+    file_size: int
+
+
+def looks_like_pickle(path: Path) -> bool:
+    """PyTorch .bin/.pt files are zip archives (new) or raw pickles (old)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and fully validate a safetensors header. Raises NotFoundError / FormatError with the file named."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise FormatError(f"{path}: is a folder, not a .safetensors file")
+    size = path.stat().st_size
+    if size < 8:
+        raise FormatError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+    if looks_like_pickle(path):
+        raise FormatError(
+            f"{path}: a pickle (PyTorch .bin/.pt) file, which can run code when loaded; convert it to safetensors "
+            "first (e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'out.safetensors'))"
+        )
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: not a safetensors file (header claims {length} bytes, over the 100 MB limit)")
+        if 8 + length > size:
+            raise FormatError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise FormatError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    data_offset = 8 + length
+    data_size = size - data_offset
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_offset, data_size)
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.nbytes)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise FormatError(f"{path}: corrupt safetensors file (tensors {first!r} and {second!r} overlap)")
+    return Header(path=path, tensors=tensors, metadata=dict(metadata), data_offset=data_offset, file_size=size)
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_offset: int, data_size: int) -> TensorInfo:
+    def bad(why: str) -> FormatError:
+        return FormatError(f"{path}: corrupt safetensors header (tensor {name!r}: {why})")
+
+    if not isinstance(entry, dict):
+        raise bad("entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad(f"bad shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise bad(f"bad data_offsets {offsets!r}")
+    if offsets[1] > data_size:
+        raise bad(f"data ends at byte {offsets[1]}, past the end of the file (truncated?)")
+    expected = math.prod(shape) * DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise bad(f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {tuple(shape)} ({expected} expected)")
+    return TensorInfo(name, dtype, tuple(shape), data_offset + offsets[0], data_offset + offsets[1], path)
+
+
+def read_tensor(info: TensorInfo, handle=None) -> "torch.Tensor":
+    """Load one tensor's bytes (and nothing else) from its file; ``handle`` reuses an open binary file."""
+    import torch
+
+    def read(f) -> bytes:
+        f.seek(info.start)
+        return f.read(info.nbytes)
+
+    if handle is None:
+        with open(info.file, "rb") as f:
+            data = read(f)
+    else:
+        data = read(handle)
+    if len(data) != info.nbytes:
+        raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def load_tensors(header: Header, names=None) -> dict[str, "torch.Tensor"]:
+    """Load the named tensors (default: all) of a validated file with one open handle."""
+    wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
+    with open(header.path, "rb") as f:
+        return {name: read_tensor(info, f) for name, info in wanted.items()}

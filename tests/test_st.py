@@ -1,0 +1,61 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loraops.errors import FormatError, NotFoundError
+from loraops.st import load_tensors, read_header
+
+
+def _raw(path, header: dict, data: bytes = b""):
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def test_reads_a_real_file(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64)}
+    save_file(t, str(tmp_path / "x.safetensors"), metadata={"k": "v"})
+    header = read_header(tmp_path / "x.safetensors")
+    assert header.metadata == {"k": "v"}
+    assert header.tensors["a"].shape == (3, 4) and header.tensors["a"].dtype == "F32"
+    loaded = load_tensors(header)
+    torch.testing.assert_close(loaded["a"], t["a"])
+    torch.testing.assert_close(loaded["b"], t["b"])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(b""), "too short"),
+        (lambda p: p.write_bytes(struct.pack("<Q", 10**12)), "over the 100 MB limit"),
+        (lambda p: p.write_bytes(struct.pack("<Q", 1000) + b"{}"), "truncated"),
+        (lambda p: p.write_bytes(struct.pack("<Q", 4) + b"nope"), "not JSON"),
+        (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}), "past the end"),
+        (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "12 expected"),
+        (lambda p: _raw(p, {"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "unknown dtype"),
+        (
+            lambda p: _raw(
+                p,
+                {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+                b"\0" * 12,
+            ),
+            "overlap",
+        ),
+        (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 20), "pickle"),
+    ],
+)
+def test_rejects_bad_files_with_one_line(tmp_path, make, message):
+    path = tmp_path / "bad.safetensors"
+    make(path)
+    with pytest.raises(FormatError) as err:
+        read_header(path)
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(NotFoundError, match="no such file"):
+        read_header(tmp_path / "nope.safetensors")
