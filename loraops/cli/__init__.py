@@ -20,7 +20,7 @@ COMMANDS = {
     "list": "adapters:list_adapters",
     "show": "adapters:show",
     "rm": "adapters:rm",
-    "inspect": "adapters:inspect",
+    "inspect": "inspect:inspect",
     "check": "adapters:check",
     "base": "base:base",
     "db": "db:db",
