@@ -33,6 +33,14 @@ class ModuleRecord(Record):
         )
 
 
+class TensorRecord(Record):
+    """One tensor of a registered base's manifest."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
 class BaseRef(Record):
     """The base an adapter is recorded against."""
 
