@@ -186,3 +186,17 @@ class InspectReport(Record):
     full_tensors: list[str]
     metadata: dict[str, str]
     modules: list[ModuleRecord]
+
+
+class CheckResult(Record):
+    """`check --json`: how one adapter fits one base (given or recorded) or, when it has none, every registered base."""
+
+    adapter: str
+    """name@version, or the path checked."""
+    fits: list[str]
+    """The bases it fits."""
+    reports: list[CheckReport]
+
+    @classmethod
+    def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
+        return cls(adapter=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
