@@ -151,37 +151,37 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
     except LoraopsError:
         raise
     except hf.GatedRepoError:
-        raise HubError(f"{ref} is gated: accept its conditions at {where}/{RepoRef(str(ref).split('@')[0])} "
-                       f"with an account that has access, and {login}") from None
-    except hf.RepositoryNotFoundError as exc:
-        if exc.response is not None and exc.response.status_code == 401 and \
-                exc.response.headers.get("X-Error-Message", "").startswith("Invalid credentials"):
-            raise HubError(f"{where} refused the token while trying to {action} {ref}: it is invalid or expired; "
-                           f"{login}") from None
-        raise NotFoundError(f"repository {str(ref).split('@')[0]} not found on {where} (if it is private, {login})") from None
+        raise HubError(f"{ref} is gated: accept its conditions at {where}/{_repo_id(ref)} with an account that "
+                       f"has access, and {login}") from None
+    except hf.RepositoryNotFoundError:
+        raise NotFoundError(f"repository {_repo_id(ref)} not found on {where} (if it is private, {login})") from None
     except hf.RevisionNotFoundError:
         raise NotFoundError(f"{ref}: revision not found (use a branch, a tag or a commit sha)") from None
     except hf.RemoteEntryNotFoundError as exc:
         raise NotFoundError(f"{ref}: file not found ({_server_message(exc)})") from None
     except (hf.LocalEntryNotFoundError, hf.RevisionResolutionError, hf.OfflineModeIsEnabled) as exc:
         if offline():
-            raise NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
-                                "pull it once online first") from None
-        raise HubError(f"cannot reach the Hub at {where} to {action} {ref} ({_root_cause(exc)}); "
-                       "set HF_HUB_OFFLINE=1 to use the local cache") from None
+            raise _not_cached(ref) from None
+        raise HubError(_unreachable(action, ref, exc)) from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
+        if status == 401 and _server_message(exc).startswith("Invalid credentials"):
+            raise HubError(f"{where} refused the token while trying to {action} {ref}: it is invalid or expired; "
+                           f"{login}") from None
         if status == 401:
             raise HubError(f"{where} refused to {action} {ref} without valid credentials: {login}") from None
         if status == 403:
             raise HubError(f"{where} forbids you to {action} {ref} ({_server_message(exc)}); "
                            "use a token with write access to it") from None
-        if status == 404 and "xet" in str(getattr(exc.response, "url", "")):
-            raise HubError(_xet_hint(action, ref)) from None
         raise HubError(f"cannot {action} {ref}: the Hub answered {status}: {_server_message(exc)}") from None
     except _network_errors() as exc:
-        raise HubError(f"cannot reach the Hub at {where} to {action} {ref} ({_root_cause(exc)}); "
-                       "set HF_HUB_OFFLINE=1 to use what is in the local cache") from None
+        if "xet" in _root_cause(exc).lower():
+            raise HubError(_xet_hint(action, ref)) from None
+        raise HubError(_unreachable(action, ref, exc)) from None
+
+
+def _repo_id(ref: RepoRef | str) -> str:
+    return ref.repo_id if isinstance(ref, RepoRef) else str(ref).split("@")[0]
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -189,6 +189,16 @@ def _root_cause(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _unreachable(action: str, ref: RepoRef | str, exc: BaseException) -> str:
+    return (f"cannot reach the Hub at {endpoint()} to {action} {ref} ({_root_cause(exc)}); "
+            "set HF_HUB_OFFLINE=1 to use what is already in the local cache")
+
+
+def _not_cached(ref: RepoRef | str) -> NotFoundError:
+    return NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
+                         "pull it once online first")
 
 
 def _xet_hint(action: str, ref: RepoRef | str) -> str:
@@ -317,8 +327,7 @@ def _cached_names(ref: RepoRef, commit: str) -> list[str]:
     try:
         return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=commit, cache_dir=cache_dir())]
     except CachedRepoTreeNotFoundError:
-        raise NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
-                            "pull it once online first") from None
+        raise _not_cached(ref) from None
 
 
 # ---- push ------------------------------------------------------------------------------------------------------

@@ -162,6 +162,14 @@ class FakeHub:
                 repo.branches[branch] = sha
             return sha
 
+    def commit_folder(self, repo_id: str, folder: Path, *, prefix: str = "", **kwargs) -> str:
+        """Commit every file under a local folder (or one file), under ``prefix`` in the repo."""
+        folder = Path(folder)
+        paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+        files = {prefix + (p.name if folder.is_file() else p.relative_to(folder).as_posix()): p.read_bytes()
+                 for p in paths}
+        return self.commit(repo_id, files, **kwargs)
+
     def tag(self, repo_id: str, tag: str, revision: str = "main") -> None:
         with self.lock:
             repo = self.repos[repo_id]
@@ -327,19 +335,23 @@ class _HubHandler(BaseHTTPRequestHandler):
                                f"You don't have the rights to create a model under the namespace \"{namespace}\"")
         repo_id = f"{namespace}/{payload['name']}"
         private = payload.get("visibility", "public") != "public" or bool(payload.get("private"))
+        url = f"{self.hub.url}/{repo_id}"
+        if repo_id in self.hub.repos:  # the Hub's 409 still carries the url (create_repo(exist_ok=True) reads it)
+            return self._send_json(409, {"error": "You already created this model repo", "url": url},
+                                   {"X-Error-Message": "You already created this model repo"})
         self.hub.create(repo_id, private=private)
-        self._send_json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+        self._send_json(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def _api_model(self, method: str, repo_id: str, rest: list[str], body: bytes) -> None:
         if method == "GET" and (not rest or rest[0] == "revision"):
             repo = self._repo(repo_id)
             commit = repo.resolve(rest[1] if rest else "main")
-            return self._send_json(200, self._model_info(repo, commit, blobs=self.query.get("blobs") == "True"))
+            return self._send_json(200, self._model_info(repo, commit, blobs=self.query.get("blobs", "").lower() == "true"))
         if method == "GET" and rest[:1] == ["tree"]:
             repo = self._repo(repo_id)
             commit = repo.resolve(rest[1])
             return self._send_json(200, self._tree(repo, commit, "/".join(rest[2:]),
-                                                   self.query.get("recursive") == "True"))
+                                                   self.query.get("recursive", "").lower() == "true"))
         if method == "GET" and rest == ["refs"]:
             repo = self._repo(repo_id)
             refs = lambda kind, names: [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": sha}  # noqa: E731
