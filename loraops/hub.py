@@ -31,6 +31,7 @@ XET_SET_BY_USER = XET_ENV in os.environ
 os.environ.setdefault(XET_ENV, "1")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+SOURCE_PREFIX = "hf://"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 CARD = "README.md"
@@ -56,9 +57,6 @@ class RepoRef:
     def __str__(self) -> str:
         return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
 
-    def at(self, commit: str) -> str:
-        return f"{self.repo_id}@{commit}"
-
 
 def parse_repo_ref(text: str) -> RepoRef:
     """Parse ``owner/name``, ``owner/name@rev``, also with a ``hub:`` / ``hf://`` prefix or a Hub URL."""
@@ -73,6 +71,18 @@ def parse_repo_ref(text: str) -> RepoRef:
     if sep and (not revision or revision != revision.strip() or ".." in revision.split("/")):
         raise InvalidInputError(f"{text!r}: empty or invalid revision after '@'")
     return RepoRef(repo_id, revision or None)
+
+
+def hub_source(repo_id: str, commit: str) -> str:
+    """The registry's ``source`` for something that came from the Hub: ``hf://owner/name@<commit sha>``."""
+    return f"{SOURCE_PREFIX}{repo_id}@{commit}"
+
+
+def parse_hub_source(source: str | None) -> RepoRef | None:
+    """The RepoRef (revision = commit) of a registry source written by hub_source, else None."""
+    if not source or not source.startswith(SOURCE_PREFIX):
+        return None
+    return parse_repo_ref(source)
 
 
 def is_commit_sha(revision: str | None) -> bool:
@@ -270,7 +280,7 @@ class Download:
 
     @property
     def source(self) -> str:
-        return self.ref.at(self.commit)
+        return hub_source(self.ref.repo_id, self.commit)
 
     @property
     def adapter_path(self) -> Path:
@@ -462,7 +472,7 @@ class RemoteBase:
 
     @property
     def source(self) -> str:
-        return self.ref.at(self.commit)
+        return hub_source(self.ref.repo_id, self.commit)
 
 
 def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, str]]:
@@ -548,3 +558,83 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
     with hub_errors(ref, "download"), _progress():
         return Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,
                                       endpoint=endpoint(), allow_patterns=base.weight_files + base.other_files))
+
+
+# ---- with the registry ----------------------------------------------------------------------------------------
+
+
+def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
+         subpath: str | None = None, base: str | int | None = None) -> "PullRecord":
+    """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
+    (identity) pulled again changes nothing; a commit with other weights becomes the next version of ``name``
+    (default: the repo's name)."""
+    from . import formats
+    from .records import PullRecord
+
+    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    download = download_adapter(ref, token=token, subpath=subpath)
+    try:
+        record, new = registry.get_adapter(formats.identity(download.adapter_path)), False
+    except NotFoundError:
+        record, new = registry.add_adapter(download.adapter_path, name=name or ref.repo_id.split("/")[-1],
+                                           base=base, source=download.source), True
+    return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=download.commit, files=download.files,
+                      new=new, adapter=record)
+
+
+def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,
+         revision: str | None = None, create_pr: bool = False, token: str | None = None) -> "PushRecord":
+    """Upload a registered adapter to ``repo_id`` in one commit: its files (as stored, byte for byte, unless
+    ``fmt`` asks for another layout) and a README.md model card. The pushed commit is recorded on the adapter as
+    a tag ``hf://repo@commit``."""
+    import tempfile
+
+    from . import formats
+    from .records import PushRecord
+
+    record = registry.get_adapter(ref)
+    fmt = fmt or record.format
+    with tempfile.TemporaryDirectory(prefix="loraops-push-") as tmp:
+        if fmt == record.format:
+            paths = formats.adapter_files(record.path)
+        else:
+            single_file = {"kohya": f"{record.name.split('/')[-1]}.safetensors",
+                           "diffusers": formats.diffusers.WEIGHTS_NAME}
+            dest = Path(tmp) / single_file.get(fmt, "adapter")
+            paths = formats.adapter_files(formats.write_adapter(registry.load_adapter(ref), dest, fmt))
+        files: dict[str, Path | bytes] = {p.name: p for p in paths}
+        files[CARD] = render_card(card_info(registry, record, fmt)).encode()
+        done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
+                      revision=revision, create_pr=create_pr, token=token)
+    if not create_pr:
+        registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
+    return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
+                      commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url)
+
+
+def card_info(registry, record, fmt: str) -> CardInfo:
+    """What the model card says about a registered adapter: its modules, its base (a Hub repo id when the base
+    came from the Hub, else PEFT's base_model_name_or_path) and, for a derived adapter, its lineage."""
+    base_model = record.base_hint
+    if record.base is not None:
+        hub_base = parse_hub_source(registry.get_base(record.base.id).source)
+        base_model = hub_base.repo_id if hub_base else base_model or record.base.name
+    if base_model and Path(base_model).expanduser().exists():
+        base_model = None  # a local path means nothing to the Hub's readers
+    card = CardInfo(name=record.name, format=fmt, ranks={m.name: m.rank for m in record.modules},
+                    alphas={m.name: m.alpha for m in record.modules}, base_model=base_model,
+                    sha256=record.weights_sha256 if fmt == record.format else None)
+    if record.lineage is not None:
+        card.method, card.params = record.lineage.op, dict(record.lineage.params)
+        card.inputs = [LineageInput(i.label, i.weight if i.weight is not None else 1.0, _input_source(registry, i))
+                       for i in record.lineage.inputs]
+    return card
+
+
+def _input_source(registry, item) -> str | None:
+    """A lineage input's public origin: its Hub source when it came from the Hub, else its sha256."""
+    if item.kind == "adapter" and item.id is not None:
+        source = registry.get_adapter(item.id).source
+        if parse_hub_source(source):
+            return source
+    return f"sha256 {item.sha256[:16]}…" if item.sha256 else None
