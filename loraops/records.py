@@ -188,6 +188,20 @@ class InspectReport(Record):
     modules: list[ModuleRecord]
 
 
+class CheckResult(Record):
+    """`check --json`: how one adapter fits one base (given or recorded) or, when it has none, every registered base."""
+
+    adapter: str
+    """name@version, or the path checked."""
+    fits: list[str]
+    """The bases it fits."""
+    reports: list[CheckReport]
+
+    @classmethod
+    def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
+        return cls(adapter=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
+
+
 class PullRecord(Record):
     """What `loraops pull` did (`pull --json`)."""
 

@@ -147,6 +147,15 @@ class SqlAdapter(Base):
     lineage: Mapped[Optional[SqlLineage]] = relationship()
 
 
+class SqlAdapterName(Base):
+    """The last version number given to each name, so a removed version's number is never reused."""
+
+    __tablename__ = "adapter_names"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
 class SqlAdapterModule(Base):
     __tablename__ = "adapter_modules"
     __table_args__ = (UniqueConstraint("adapter_id", "name"),)

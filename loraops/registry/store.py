@@ -23,18 +23,17 @@ from sqlalchemy.orm import Session, selectinload
 
 from .. import settings
 from ..basemodel import _progress
-from ..fsutil import sha256_file
+from ..fsutil import remove, sha256_file
 from ..errors import AmbiguousError, ConflictError, InvalidInputError, NotFoundError, RegistryError
 from ..records import (
-    AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, LineageSpec, ModuleRecord, TensorRecord,
+    AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageInputRecord, LineageRecord, LineageSpec, ModuleRecord, TensorRecord,
 )
 from . import db
 from .blobs import BlobStore, folder_of
-from .models import SqlAdapter, SqlAdapterModule, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
+from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
-    from ..records import CheckReport
 
 MIN_PREFIX = 6
 RETRIES = 5
@@ -93,11 +92,16 @@ class Registry:
 
     def add_base(self, path: str | Path, *, name: str | None = None, source: str | None = None,
                  lineage: LineageSpec | None = None, progress: bool | None = None) -> BaseRecord:
+        """See register_base (this returns only the record)."""
+        return self.register_base(path, name=name, source=source, lineage=lineage, progress=progress)[0]
+
+    def register_base(self, path: str | Path, *, name: str | None = None, source: str | None = None,
+                      lineage: LineageSpec | None = None, progress: bool | None = None) -> tuple[BaseRecord, bool]:
         """Record the base model at ``path`` (its manifest and fingerprint; the files stay where they are).
 
         The same tensors added again (by fingerprint) return the existing record, whatever the name; its path is
         updated when the old one is gone. A name used by another model is refused. ``lineage`` marks a derived
-        base (a merge) and says how it was made."""
+        base (a merge) and says how it was made. Returns (record, whether it is new)."""
         from ..basemodel import BaseModel
 
         model = BaseModel.open(path)
@@ -111,7 +115,7 @@ class Registry:
                     if existing is not None:
                         if existing.path != where and not Path(existing.path or "").exists():
                             existing.path = where
-                        return self._base_record(s, existing)
+                        return self._base_record(s, existing), False
                     taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
                     if taken is not None:
                         raise ConflictError(
@@ -130,7 +134,7 @@ class Registry:
                         {"base_id": row.id, "name": t, "dtype": info.dtype, "shape": list(info.shape)}
                         for t, info in model.tensors.items()
                     ])
-                    return self._base_record(s, row)
+                    return self._base_record(s, row), True
             except IntegrityError:
                 continue
         raise RegistryError(f"could not record base {name!r}: the registry kept changing under it (concurrent writers?)")
@@ -190,12 +194,20 @@ class Registry:
     def add_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
                     tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
                     lineage: LineageSpec | None = None, progress: bool | None = None) -> AdapterRecord:
+        """See register_adapter (this returns only the record)."""
+        return self.register_adapter(path, name=name, base=base, tags=tags, alpha=alpha, source=source,
+                                     lineage=lineage, progress=progress)[0]
+
+    def register_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
+                         tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
+                         lineage: LineageSpec | None = None, progress: bool | None = None) -> tuple[AdapterRecord, bool]:
         """Register the adapter at ``path`` (any supported layout), copying its files into the blob store.
 
         Identical identity registered again returns the existing record (new tags are added to it). The same
         name with another identity becomes the next version. ``base``: a registered base the adapter must fit;
         without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked only
-        if the adapter fits it). ``alpha`` replaces/supplies the LoRA alpha and is part of the identity."""
+        if the adapter fits it). ``alpha`` replaces/supplies the LoRA alpha and is part of the identity.
+        Returns (record, whether it is new)."""
         from .. import formats
 
         path = Path(path)
@@ -209,7 +221,7 @@ class Registry:
         with self.session() as s:
             existing = s.scalar(select(SqlAdapter.id).where(SqlAdapter.sha256 == identity))
         if existing is not None:
-            return self._add_tags(existing, tags)
+            return self._add_tags(existing, tags), False
         adapter, base_id = self._bind_base(adapter, base)
 
         files = formats.adapter_files(path)
@@ -237,15 +249,15 @@ class Registry:
             raise
 
     def _insert_adapter(self, name: str, fields: dict, adapter: "Adapter", tags: list[str],
-                        lineage: LineageSpec | None) -> AdapterRecord:
+                        lineage: LineageSpec | None) -> tuple[AdapterRecord, bool]:
         for _ in range(RETRIES):
             try:
                 with self.session(write=True) as s:
                     existing = s.scalar(select(SqlAdapter).where(SqlAdapter.sha256 == fields["sha256"]))
                     if existing is not None:  # registered meanwhile by someone else
                         self._tag(s, existing, tags)
-                        return self._adapter_record(s, existing)
-                    version = (s.scalar(select(func.max(SqlAdapter.version)).where(SqlAdapter.name == name)) or 0) + 1
+                        return self._adapter_record(s, existing), False
+                    version = self._next_version(s, name)
                     row = SqlAdapter(name=name, version=version, lineage=self._lineage(s, lineage), **fields)
                     row.modules = [
                         SqlAdapterModule(
@@ -258,10 +270,20 @@ class Registry:
                     row.tags = [SqlTag(tag=t) for t in tags]
                     s.add(row)
                     s.flush()
-                    return self._adapter_record(s, row)
+                    return self._adapter_record(s, row), True
             except IntegrityError:
                 continue
         raise RegistryError(f"could not register {name!r}: the registry kept changing under it (concurrent writers?)")
+
+    def _next_version(self, s: Session, name: str) -> int:
+        """Versions count up per name and are never reused (a removed name@2 stays gone)."""
+        counter = s.get(SqlAdapterName, name)
+        if counter is None:
+            counter = SqlAdapterName(name=name, last_version=0)
+            s.add(counter)
+        counter.last_version += 1
+        s.flush()
+        return counter.last_version
 
     def _bind_base(self, adapter: "Adapter", base: str | int | None) -> tuple["Adapter", int | None]:
         """(the adapter bound to its base, the base id) — see add_adapter."""
@@ -357,11 +379,11 @@ class Registry:
     # ---------------------------------------------------------------- checks and maintenance
 
     def check_adapter(self, ref_or_path: str | Path, base: str | Path | None = None, *,
-                      alpha: float | None = None) -> tuple[str, list["CheckReport"]]:
+                      alpha: float | None = None) -> CheckResult:
         """How an adapter (a registry reference, or a path on disk when one exists) fits a base.
 
         ``base``: a registered base reference or a base model path. Without it: the adapter's recorded base; when
-        there is none, one report per registered base (report.ok says which fit). Returns (what was checked, reports).
+        there is none, one report per registered base (``fits`` names those it fits).
         """
         from .. import check, formats
         from ..basemodel import BaseModel
@@ -374,7 +396,7 @@ class Registry:
                 label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
             adapter = formats.read_adapter(self.blobs.path(blob), alpha=override)
         if base is not None and Path(base).exists():
-            return label, [check.check(adapter, BaseModel.open(base).tensors, base_name=str(base))]
+            return CheckResult.of(label, [check.check(adapter, BaseModel.open(base).tensors, base_name=str(base))])
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base)]
@@ -383,7 +405,7 @@ class Registry:
             else:
                 rows = list(s.scalars(select(SqlBase).order_by(SqlBase.name)))
             manifests = [(r.name, self._manifest(s, r.id)) for r in rows]
-        return label, [check.check(adapter, manifest, base_name=name) for name, manifest in manifests]
+        return CheckResult.of(label, [check.check(adapter, manifest, base_name=name) for name, manifest in manifests])
 
     def verify(self, progress: bool | None = None) -> list[BlobProblem]:
         """Re-hash every stored file against its record; return what is missing or changed."""
@@ -407,25 +429,21 @@ class Registry:
             bar.close()
         return problems
 
-    def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[Path]:
-        """Remove stored adapter folders no record uses, and temp files of interrupted copies. Anything younger than
-        ``grace_s`` is kept: it may belong to a registration in progress."""
-        import shutil
+    def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
+        """Remove stored adapter folders no record uses, and temp files of interrupted copies; returns each with its
+        size in bytes. Anything younger than ``grace_s`` is kept: it may belong to a registration in progress."""
         import time
 
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
         cutoff = time.time() - grace_s
-        removed = []
-        for folder in self.blobs.folders():
-            key = folder_of(str(folder.relative_to(self.blobs.root)))
-            if key not in used and folder.stat().st_mtime <= cutoff:
-                removed.append(folder)
-        removed += [p for p in self.blobs.temp_files() if p.stat().st_mtime <= cutoff]
+        root = self.blobs.root
+        unused = [f for f in self.blobs.folders() if str(f.relative_to(root).as_posix()) not in used]
+        found = [(p, _size(p)) for p in [*unused, *self.blobs.temp_files()] if p.stat().st_mtime <= cutoff]
         if not dry_run:
-            for path in removed:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        return removed
+            for path, _ in found:
+                remove(path)
+        return found
 
     # ---------------------------------------------------------------- lookups
 
@@ -598,6 +616,10 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
         if tag not in out:
             out.append(tag)
     return out
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _shown(items: Iterable[str]) -> str:

@@ -103,9 +103,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("adapter_id", "tag", name=op.f("pk_adapter_tags")),
     )
     op.create_index(op.f("ix_adapter_tags_tag"), "adapter_tags", ["tag"])
+    op.create_table(
+        "adapter_names",
+        sa.Column("name", sa.String(length=255), nullable=False),
+        sa.Column("last_version", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_adapter_names")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("adapter_names")
     op.drop_table("adapter_tags")
     op.drop_table("adapter_modules")
     op.drop_table("base_tensors")
