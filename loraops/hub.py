@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -544,6 +545,22 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
     return RemoteBase(ref, commit, files, others, tensors)
 
 
+def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None):
+    """Record a Hub base model in the registry from its remote manifest only (source hf://repo@commit): `check`
+    works at once; the weights are downloaded when something needs them (Registry.base_path). Returns (BaseRecord,
+    whether it is new)."""
+    from .st import DTYPE_BYTES
+
+    base = remote_base(ref, token=token)
+    nbytes: dict[str, int] = {}
+    for t in base.tensors.values():
+        nbytes[t.dtype] = nbytes.get(t.dtype, 0) + math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 0)
+    return registry.register_manifest_base(
+        name=name or base.ref.repo_id.split("/")[-1], source=base.source,
+        tensors={n: (t.dtype, t.shape) for n, t in base.tensors.items()},
+        dtype=max(nbytes, key=nbytes.get), total_bytes=sum(nbytes.values()))
+
+
 def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
     """Download a Hub base model (its safetensors weights and the small files around them, no other weight
     formats) into the Hub cache, with progress; returns the snapshot folder. Offline: from the cache."""
@@ -568,16 +585,12 @@ def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | 
     """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
     (identity) pulled again changes nothing; a commit with other weights becomes the next version of ``name``
     (default: the repo's name)."""
-    from . import formats
     from .records import PullRecord
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     download = download_adapter(ref, token=token, subpath=subpath)
-    try:
-        record, new = registry.get_adapter(formats.identity(download.adapter_path)), False
-    except NotFoundError:
-        record, new = registry.add_adapter(download.adapter_path, name=name or ref.repo_id.split("/")[-1],
-                                           base=base, source=download.source), True
+    record, new = registry.register_adapter(download.adapter_path, name=name or ref.repo_id.split("/")[-1],
+                                            base=base, source=download.source)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=download.commit, files=download.files,
                       new=new, adapter=record)
 

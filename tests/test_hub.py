@@ -51,7 +51,7 @@ def test_parse_repo_ref_refuses(text):
 def test_download_by_branch_tag_and_sha(peft_repo):
     first, second = peft_repo
     latest = hub.download_adapter("someone/lora")
-    assert latest.commit == second and latest.source == f"someone/lora@{second}"
+    assert latest.commit == second and latest.source == f"hf://someone/lora@{second}"
     assert latest.files == ["adapter_config.json", "adapter_model.safetensors", "README.md"]
     assert (latest.adapter_path / "adapter_model.safetensors").read_bytes() == b"w2" * 64
     assert not (latest.folder / "training_args.json").exists()  # only the adapter's files

@@ -141,11 +141,48 @@ def test_cli_subprocess_saved_login_and_xet_default(fake_hub, adapters, tmp_path
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_XET", "HF_TOKEN")}
     run = lambda *args: subprocess.run([sys.executable, "-m", "loraops", *args], env=env, capture_output=True,  # noqa: E731
                                        text=True, timeout=300)
-    registered = run("register", str(adapters["a"]), "--name", "anime")
-    if registered.returncode != 0:  # the registry's CLI is not in this checkout yet: register in-process
-        with Registry.open() as registry:
-            registry.add_adapter(adapters["a"], name="anime")
+    with Registry.open() as registry:
+        registry.add_adapter(adapters["a"], name="anime")
     pushed = run("push", "anime", "me/anime")
     assert pushed.returncode == 0, pushed.stderr
     assert pushed.stdout.startswith("pushed anime@1 (peft) to me/anime@main: commit ")
     assert "adapter_model.safetensors" in fake_hub.files("me/anime")
+
+
+def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, registry):
+    from loraops.basemodel import BaseModel
+
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    added = runner.invoke(main, ["base", "add", "hub:meta/tiny"])
+    assert added.exit_code == 0, added.output
+    commit = fake_hub.repos["meta/tiny"].branches["main"]
+    local = BaseModel.open(adapters["base"])
+    assert added.output == (f"added base tiny (id 1) from hf://meta/tiny@{commit}: {len(local.tensors)} tensors, "
+                            f"{local.num_parameters:,} parameters, F32; manifest only, weights download on first use\n")
+    def base_weight_gets():
+        return [r for r in fake_hub.downloads(".safetensors") if r["path"].startswith("/meta/tiny/")]
+
+    assert all(r["range"] for r in base_weight_gets())  # headers only
+    again = runner.invoke(main, ["base", "add", "hub:meta/tiny"])
+    assert again.output.startswith("already registered as base tiny")
+
+    # check works from the manifest alone, and pulled adapters bind to it
+    assert registry.check_adapter(adapters["a"], "tiny").fits == ["tiny"]
+    fake_hub.commit_folder("someone/a", adapters["a"])
+    assert hub.pull(registry, "someone/a", base="tiny").adapter.base.name == "tiny"
+    assert all(r["range"] for r in base_weight_gets())  # still no weights downloaded
+
+    path = registry.base_path("tiny")  # a merge asks for the files: downloaded once, attached
+    record = registry.get_base("tiny")
+    assert record.path == str(path.resolve()) and record.fingerprint == local.fingerprint()
+    assert any(r["range"] is None for r in base_weight_gets())
+    assert registry.base_path("tiny") == path
+
+
+def test_show_prints_the_hub_source(fake_hub, adapters):
+    commit = fake_hub.commit_folder("someone/anime-lora", adapters["a"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["pull", "someone/anime-lora"]).exit_code == 0
+    shown = runner.invoke(main, ["show", "anime-lora"])
+    assert f"hf://someone/anime-lora@{commit}" in shown.output
