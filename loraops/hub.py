@@ -139,7 +139,7 @@ def _server_message(exc) -> str:
     """The Hub's own explanation (X-Error-Message), else the first line of the client's message."""
     response = getattr(exc, "response", None)
     message = response.headers.get("X-Error-Message") if response is not None else None
-    return (message or str(exc).strip().splitlines()[0]).rstrip(".")
+    return message.rstrip(".") if message else _first_line(exc)
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -189,17 +189,27 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         if "xet" in _root_cause(exc).lower():
             raise HubError(_xet_hint(action, ref)) from None
         raise HubError(_unreachable(action, ref, exc)) from None
+    except hf.SafetensorsParsingError as exc:
+        raise FormatError(f"{ref}: {_first_line(exc)}") from None
+    except hf.FileMetadataError as exc:
+        raise HubError(f"{where} does not answer like a Hugging Face Hub ({_first_line(exc)})") from None
+    except (RuntimeError, ValueError, OSError) as exc:  # anything else the client raises: still one line
+        raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
 
 
 def _repo_id(ref: RepoRef | str) -> str:
     return ref.repo_id if isinstance(ref, RepoRef) else str(ref).split("@")[0]
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
 def _root_cause(exc: BaseException) -> str:
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {_first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def _unreachable(action: str, ref: RepoRef | str, exc: BaseException) -> str:

@@ -296,3 +296,21 @@ def test_remote_base_pipeline_and_pickles(fake_hub):
     with pytest.raises(FormatError, match=r"^old/model: no .safetensors weights \(only pickle files: pytorch_model.bin"):
         hub.remote_base("old/model")
     assert json.loads(fake_hub.files("sd/pipe")["model_index.json"]) == {}
+
+
+def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):
+    """A plain web server at HF_ENDPOINT (a wrong mirror URL): still one line, never a traceback."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    (tmp_path / "api").mkdir()
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(HubError, match=r"^cannot resolve someone/lora: the Hub answered 404: ") as info:
+            hub.download_adapter("someone/lora")
+        assert "\n" not in str(info.value)
+        server.shutdown()
