@@ -244,11 +244,13 @@ def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | No
     ``subpath`` narrows the search to a folder or names the file."""
     check_repo_names(names, ref)
     scope = (subpath or "").strip("/")
+    parent = str(PurePosixPath(scope).parent) if "/" in scope else ""
+    if scope in names and PurePosixPath(scope).name == PEFT_WEIGHTS:
+        scope = parent  # a PEFT weights file goes with the config next to it
     if scope and scope in names:
         if not scope.endswith(".safetensors"):
             raise InvalidInputError(f"{ref}: {scope} is not a .safetensors file")
-        folder = str(PurePosixPath(scope).parent).replace(".", "", 1) if "/" in scope else ""
-        picked = [scope]
+        folder, picked = parent, [scope]
     else:
         folder = scope
         prefix = f"{folder}/" if folder else ""
@@ -317,14 +319,13 @@ def resolve_commit(ref: RepoRef, token: str | None = None) -> str:
     return resolved.resolved
 
 
-def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None,
-                     commit: str | None = None) -> Download:
-    """Fetch the adapter files of ``ref`` (see select_adapter_files) into the Hub cache. Offline (HF_HUB_OFFLINE=1)
-    they come from the cache; ``commit`` skips resolving when the caller already did."""
+def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None) -> Download:
+    """Fetch the adapter files of ``ref`` (see select_adapter_files) into the Hub cache, at the commit its revision
+    points to now. Offline (HF_HUB_OFFLINE=1) they come from the cache."""
     from huggingface_hub import ResolvedRevision, snapshot_download
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
-    commit = commit or resolve_commit(ref, token)
+    commit = resolve_commit(ref, token)
     revision = ResolvedRevision(resolved=commit, initial=ref.revision, repo_id=ref.repo_id)
     with hub_errors(ref, "pull"), _progress():
         if offline():
@@ -380,7 +381,7 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     target = RepoRef(ref.repo_id, branch)
     with hub_errors(target, "push to"), _progress():
         api.create_repo(ref.repo_id, private=private, exist_ok=True)
-        if branch != "main" and not is_commit_sha(branch):
+        if branch != "main":
             api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
@@ -393,7 +394,7 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
 
 
 @dataclass
-class LineageInput:
+class CardInput:
     name: str
     weight: float
     source: str | None = None
@@ -411,7 +412,7 @@ class CardInfo:
     base_model: str | None = None
     """A Hub repo id (front matter) or a free description (body only)."""
     method: str | None = None
-    inputs: list[LineageInput] = field(default_factory=list)
+    inputs: list[CardInput] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     sha256: str | None = None
 
@@ -649,7 +650,7 @@ def card_info(registry, record, fmt: str) -> CardInfo:
                     sha256=record.weights_sha256 if fmt == record.format else None)
     if record.lineage is not None:
         card.method, card.params = record.lineage.op, dict(record.lineage.params)
-        card.inputs = [LineageInput(i.label, i.weight if i.weight is not None else 1.0, _input_source(registry, i))
+        card.inputs = [CardInput(i.label, i.weight if i.weight is not None else 1.0, _input_source(registry, i))
                        for i in record.lineage.inputs]
     return card
 

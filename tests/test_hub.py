@@ -92,6 +92,8 @@ def test_kohya_single_file_and_choices(fake_hub):
     peft_sub = hub.download_adapter("someone/epochs", subpath="sub")
     assert peft_sub.files == ["sub/adapter_config.json", "sub/adapter_model.safetensors"]
     assert peft_sub.adapter_path == peft_sub.folder / "sub"
+    by_file = hub.download_adapter("someone/epochs", subpath="sub/adapter_model.safetensors")
+    assert by_file.files == peft_sub.files
 
 
 def test_nothing_adapter_like_lists_the_files(fake_hub):
@@ -239,7 +241,7 @@ def test_card_kohya_local_base_and_lineage():
     card = hub.render_card(hub.CardInfo(
         name="combo", format="kohya", ranks={"a.q": 4, "a.k": 16}, alphas={"a.q": 4.0, "a.k": 8.0},
         base_model="/models/sdxl.safetensors", method="linear",
-        inputs=[hub.LineageInput("style@1", 0.7, "someone/style@" + "a" * 40), hub.LineageInput("subject@2", 0.3)],
+        inputs=[hub.CardInput("style@1", 0.7, "someone/style@" + "a" * 40), hub.CardInput("subject@2", 0.3)],
         params={"density": 0.5}))
     front = card.split("---\n")[1]
     assert "library_name" not in front and "base_model" not in front  # a local path is not a Hub repo id
