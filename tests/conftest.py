@@ -28,23 +28,54 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
-@pytest.fixture(autouse=True)
-def registry_backend(isolated_home, monkeypatch):
-    """With LORAOPS_TEST_DB set (tests/run.sh sets it for its PostgreSQL pass), every test uses that server with an
-    empty schema; otherwise the default SQLite file in the tmp home."""
-    import os
+_PG_ENGINE = []
 
+
+def _pg_engine(url: str):
+    """One engine for the whole session's resets (connecting costs more than the reset itself)."""
+    import sqlalchemy as sa
+
+    if not _PG_ENGINE:
+        _PG_ENGINE.append(sa.create_engine(url, connect_args={"options": "-c lock_timeout=20s"}))
+    return _PG_ENGINE[0]
+
+
+def _reset_postgres(url: str, empty: bool) -> None:
+    """Give the test an empty registry. Cheap path: the schema is already at head, so TRUNCATE every table (a few
+    ms). A test marked ``empty_db`` (migration tests), or a schema a test left elsewhere, gets DROP SCHEMA instead."""
+    import sqlalchemy as sa
+
+    from loraops.registry import db
+    from loraops.registry.models import Base
+
+    engine = _pg_engine(url)
+    tables = [t.name for t in Base.metadata.sorted_tables]
+    with engine.begin() as conn:
+        present = set(sa.inspect(conn).get_table_names())
+        at_head = "alembic_version" in present and db.current_revision(conn) == db.HEAD
+        if not empty and at_head and present == {*tables, "alembic_version"}:
+            conn.execute(sa.text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+            return
+        conn.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA public"))
+    if not empty:
+        db.ensure_schema(engine)
+
+
+@pytest.fixture(autouse=True)
+def registry_backend(request, isolated_home, monkeypatch):
+    """With LORAOPS_TEST_DB set (tests/run.sh sets it for its PostgreSQL pass), every test uses that server with an
+    empty registry; otherwise the default SQLite file in the tmp home.
+
+    A test (or module) marked ``no_registry`` promises not to open a registry; the PostgreSQL pass skips it
+    (tests/run.sh: ``-m "not sqlite_only and not no_registry"``), and the SQLite pass checks the promise."""
     url = os.environ.get("LORAOPS_TEST_DB")
     if not url:
         yield "sqlite"
+        if request.node.get_closest_marker("no_registry") is not None and (isolated_home / "registry.db").exists():
+            pytest.fail("marked no_registry, but it created a registry: remove the marker")
         return
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA public"))
-    engine.dispose()
+    _reset_postgres(url, empty=request.node.get_closest_marker("empty_db") is not None)
     monkeypatch.setenv("LORAOPS_DB", url)
     yield "postgresql"
 

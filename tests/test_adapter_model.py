@@ -1,6 +1,9 @@
 import torch
 
 from loraops.adapter import LoraModule
+import pytest
+
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
 
 
 def _module(kind, fan_in_fan_out=False):

@@ -8,6 +8,8 @@ from loraops.basemodel import BaseModel
 from loraops.errors import FormatError, NotFoundError
 from tests.factories import tiny_llama
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 
 def test_manifest_and_fingerprint_do_not_depend_on_sharding(tmp_path):
     one = BaseModel.open(tiny_llama(tmp_path / "one"))

@@ -12,6 +12,8 @@ from loraops.check import bind, check, require_fit
 from loraops.errors import AmbiguousError, MismatchError
 from loraops.formats import read_adapter
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):

@@ -11,6 +11,8 @@ from loraops import st
 from loraops.errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
 from loraops.formats import read_adapter
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 
 def write(path, tensors, metadata=None):
     st.write_safetensors(path, {k: torch.as_tensor(v) for k, v in tensors.items()}, metadata)

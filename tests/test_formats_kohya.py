@@ -11,6 +11,8 @@ from loraops import st
 from loraops.check import bind
 from loraops.formats import detect, kohya_name, read_adapter
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 # The conv/embedding test model's modules, in kohya form (a plain model: the lora_unet_ prefix).
 CONV_MODULES = {
     "lora_unet_proj": ((16,), (24,)),

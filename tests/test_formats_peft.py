@@ -13,6 +13,8 @@ import factories
 from loraops.errors import InvalidInputError
 from loraops.formats import adapter_files, detect, identity, read_adapter
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 

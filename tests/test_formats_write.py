@@ -16,6 +16,8 @@ from loraops.errors import ConflictError, FormatError, InvalidInputError
 from loraops.formats import detect, read_adapter, write_adapter
 from loraops.formats.kohya import data_hash
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 

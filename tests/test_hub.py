@@ -12,6 +12,8 @@ import pytest
 from loraops import hub
 from loraops.errors import AmbiguousError, FormatError, HubError, InvalidInputError, NotFoundError
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 PEFT_FILES = {"adapter_config.json": b'{"r": 4, "lora_alpha": 8}', "adapter_model.safetensors": b"w1" * 64,
               "README.md": b"# card\n", "training_args.json": b"{}"}
 

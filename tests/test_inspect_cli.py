@@ -14,6 +14,8 @@ import factories
 from loraops.cli import main
 from loraops.inspect import inspect_path
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):

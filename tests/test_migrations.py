@@ -44,6 +44,7 @@ def test_head_constant_and_file_names():
         assert len(date) == 8 and date.isdigit() and rest.startswith(f"{rev}_") and rest.count("_") >= 2
 
 
+@pytest.mark.empty_db
 def test_walk_every_revision_up_and_down():
     eng = engine()
     for rev in revisions():
@@ -65,12 +66,14 @@ def test_no_drift_between_models_and_migrations():
         command.check(config)  # raises when autogenerate finds a difference
 
 
+@pytest.mark.empty_db
 def test_empty_database_is_created_on_open():
     with Registry.open() as reg:
         assert reg.revision() == db.HEAD
         assert {"adapters", "bases", "lineage", "adapter_modules"} <= set(inspect(reg.engine).get_table_names())
 
 
+@pytest.mark.empty_db
 def test_old_revision_is_upgraded_on_open_keeping_rows():
     eng = engine()
     db.upgrade(eng, None, "0001")

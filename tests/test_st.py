@@ -8,6 +8,8 @@ from safetensors.torch import save_file
 from loraops.errors import FormatError, NotFoundError
 from loraops.st import load_tensors, read_header
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 
 def _raw(path, header: dict, data: bytes = b""):
     blob = json.dumps(header).encode()

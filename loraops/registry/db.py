@@ -8,6 +8,7 @@ scripts' head by a test).
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect, text
@@ -19,6 +20,10 @@ HEAD = "0002"
 """The newest revision under migrations/versions (tests/test_migrations.py checks it)."""
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_MIGRATION_LOCK = 0x6C6F7261  # "lora": the advisory lock key that serialises migrations across processes
+
+# Alembic keeps its migration context in module globals: two threads migrating at once would run each other's steps.
+_MIGRATING = threading.Lock()
 
 
 def script_location() -> str:
@@ -97,14 +102,16 @@ def upgrade(engine: Engine, current: str | None = None, revision: str = "head") 
                 f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
             ) from None
     try:
-        with writer(engine).begin() as connection:
+        with _MIGRATING, writer(engine).begin() as connection:
+            # One migrator at a time (SQLite: BEGIN IMMEDIATE already holds the write lock); whoever waited finds
+            # the work done.
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK})
+            if revision == "head" and current_revision(connection) == HEAD:
+                return
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     except Exception as exc:  # noqa: BLE001
-        # Another process may have migrated it at the same time: fine if it is now where we wanted it.
-        with engine.connect() as connection:
-            if current_revision(connection) == HEAD and revision == "head":
-                return
         raise RegistryError(f"cannot migrate the registry at {_safe(engine)}: {_first_line(exc)}") from None
 
 
