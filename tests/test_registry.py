@@ -12,6 +12,7 @@ from factories import kohya_file, peft_adapter, tiny_llama
 from loraops.errors import AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
+from loraops.registry.blobs import LOCKS
 
 KOHYA_MODULES = {
     "lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,)),
@@ -42,7 +43,8 @@ def reg():
 
 def snapshot(reg: Registry) -> tuple:
     """Everything a failed command must leave unchanged."""
-    blobs = sorted(str(p.relative_to(reg.blobs.root)) for p in reg.blobs.root.rglob("*")) if reg.blobs.root.exists() else []
+    root = reg.blobs.root
+    blobs = sorted(str(p.relative_to(root)) for p in root.rglob("*") if LOCKS not in p.parts) if root.exists() else []
     return ([a.model_dump() for a in reg.list_adapters()], [b.model_dump() for b in reg.list_bases()], blobs)
 
 

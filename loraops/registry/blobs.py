@@ -7,6 +7,7 @@ adapter reads exactly like the original. Each file is written to a temp sibling 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -16,6 +17,9 @@ from typing import Iterable, Iterator
 
 from .. import settings
 from ..fsutil import TMP_MARK, ensure_free_space, fsync_dir, temp_sibling
+
+
+LOCKS = ".locks"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,26 @@ class BlobStore:
             stored.append(_copy(src, folder / src.name, progress))
         fsync_dir(folder)
         return stored
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """An exclusive lock (flock, so across processes and machines sharing the folder) on the shard that holds
+        an identity or key, taken by whoever puts, records or removes stored files: `rm` never deletes files a
+        concurrent `register` of the same bytes has just copied. Lock files stay in <root>/.locks (one per shard,
+        256 at most)."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: one writer at a time is the user's business
+            yield
+            return
+        locks = self.root / LOCKS
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / key[:2], "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def remove(self, key: str) -> None:
         """Remove an adapter's folder (the key may name a file inside it)."""

@@ -1,8 +1,11 @@
 """The registry: adapters, base models and lineage in SQL, adapter files in a content-addressed blob store.
 
 Every public method returns pydantic records (loraops.records), never ORM rows. Writes are one transaction
-each; the schema's unique constraints (identity sha, (name, version), base name and fingerprint) make concurrent
-registration safe: a writer that loses a race gets an IntegrityError, rolls back and tries again.
+each, run by Registry.write: the schema's unique constraints (identity sha, (name, version), base name and
+fingerprint) make concurrent registration safe, and a writer that loses a race (IntegrityError, SQLite busy,
+PostgreSQL serialization failure or deadlock) rolls back and runs its transaction again. Blob files are put and
+removed under the blob store's per-shard file lock, so `rm` never deletes the files a concurrent `register` of the
+same bytes is about to record.
 
 References (``ref``) to adapters: ``name`` (latest version), ``name@version``, an integer id, or a prefix of
 6+ hex digits of the identity sha256 or the weights-file sha256. Bases: ``name``, id, or a fingerprint prefix.
@@ -12,14 +15,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import random
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from sqlalchemy import delete, exists, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from .. import settings
@@ -37,7 +42,11 @@ if TYPE_CHECKING:
     from ..adapter import Adapter
 
 MIN_PREFIX = 6
-RETRIES = 5
+RETRIES = 10
+RETRY_BACKOFF_S = 0.02
+# SQLSTATEs of a PostgreSQL transaction that lost to another one and is worth running again.
+PG_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+T = TypeVar("T")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/-]*$")
 HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
 SHOWN = 5
@@ -85,6 +94,20 @@ class Registry:
                 session.rollback()
                 raise
 
+    def write(self, what: str, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in one write transaction; when it loses a race with another writer (see retryable) run it
+        again in a fresh transaction after a short random back-off. LoraopsErrors from ``work`` pass through; any
+        other database error becomes one RegistryError line naming ``what``."""
+        for attempt in range(RETRIES):
+            try:
+                with self.session(write=True) as s:
+                    return work(s)
+            except DBAPIError as exc:
+                if not retryable(exc):
+                    raise RegistryError(f"could not {what}: {_first_line(exc.orig or exc)}") from None
+            time.sleep(random.uniform(0, RETRY_BACKOFF_S * 2 ** attempt))
+        raise RegistryError(f"could not {what}: the registry kept changing under it ({RETRIES} tries; concurrent writers?)")
+
     def revision(self) -> str | None:
         with self.engine.connect() as connection:
             return db.current_revision(connection)
@@ -109,36 +132,34 @@ class Registry:
         fingerprint = model.fingerprint(progress=progress)
         name = check_name(name or default_name(Path(path)), "base")
         where = str(Path(path).resolve())
-        for _ in range(RETRIES):
-            try:
-                with self.session(write=True) as s:
-                    existing = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint))
-                    if existing is not None:
-                        if existing.path != where and not Path(existing.path or "").exists():
-                            existing.path = where
-                        return self._base_record(s, existing), False
-                    taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
-                    if taken is not None:
-                        raise ConflictError(
-                            f"base name {name!r} is already used by another model (fingerprint {taken.fingerprint[:12]}); "
-                            "choose another --name"
-                        )
-                    row = SqlBase(
-                        name=name, fingerprint=fingerprint, source=source or where, path=where,
-                        num_tensors=len(model.tensors), num_parameters=model.num_parameters, dtype=model.dtype,
-                        total_bytes=model.total_bytes, derived=lineage is not None,
-                        lineage=self._lineage(s, lineage),
-                    )
-                    s.add(row)
-                    s.flush()
-                    s.execute(insert(SqlBaseTensor), [
-                        {"base_id": row.id, "name": t, "dtype": info.dtype, "shape": list(info.shape)}
-                        for t, info in model.tensors.items()
-                    ])
-                    return self._base_record(s, row), True
-            except IntegrityError:
-                continue
-        raise RegistryError(f"could not record base {name!r}: the registry kept changing under it (concurrent writers?)")
+
+        def work(s: Session) -> tuple[BaseRecord, bool]:
+            existing = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint))
+            if existing is not None:
+                if existing.path != where and not Path(existing.path or "").exists():
+                    existing.path = where
+                return self._base_record(s, existing), False
+            taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
+            if taken is not None:
+                raise ConflictError(
+                    f"base name {name!r} is already used by another model (fingerprint {taken.fingerprint[:12]}); "
+                    "choose another --name"
+                )
+            row = SqlBase(
+                name=name, fingerprint=fingerprint, source=source or where, path=where,
+                num_tensors=len(model.tensors), num_parameters=model.num_parameters, dtype=model.dtype,
+                total_bytes=model.total_bytes, derived=lineage is not None,
+                lineage=self._lineage(s, lineage),
+            )
+            s.add(row)
+            s.flush()
+            s.execute(insert(SqlBaseTensor), [
+                {"base_id": row.id, "name": t, "dtype": info.dtype, "shape": list(info.shape)}
+                for t, info in model.tensors.items()
+            ])
+            return self._base_record(s, row), True
+
+        return self.write(f"record base {name!r}", work)
 
     def register_manifest_base(self, *, name: str, source: str, tensors: dict[str, tuple[str, tuple[int, ...]]],
                                dtype: str, total_bytes: int) -> tuple[BaseRecord, bool]:
@@ -151,27 +172,25 @@ class Registry:
         name = check_name(name, "base")
         manifest = sorted((t, dtype_, list(shape)) for t, (dtype_, shape) in tensors.items())
         placeholder = hashlib.sha256(json.dumps(["manifest-only", source, manifest]).encode()).hexdigest()
-        for _ in range(RETRIES):
-            try:
-                with self.session(write=True) as s:
-                    existing = s.scalar(select(SqlBase).where(SqlBase.source == source))
-                    if existing is not None:
-                        return self._base_record(s, existing), False
-                    taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
-                    if taken is not None:
-                        raise ConflictError(f"base name {name!r} is already used by another model "
-                                            f"(fingerprint {taken.fingerprint[:12]}); choose another --name")
-                    row = SqlBase(name=name, fingerprint=placeholder, source=source, path=None,
-                                  num_tensors=len(manifest), num_parameters=sum(math.prod(sh) for _, _, sh in manifest),
-                                  dtype=dtype, total_bytes=total_bytes, derived=False)
-                    s.add(row)
-                    s.flush()
-                    s.execute(insert(SqlBaseTensor), [
-                        {"base_id": row.id, "name": t, "dtype": d, "shape": sh} for t, d, sh in manifest])
-                    return self._base_record(s, row), True
-            except IntegrityError:
-                continue
-        raise RegistryError(f"could not record base {name!r}: the registry kept changing under it (concurrent writers?)")
+
+        def work(s: Session) -> tuple[BaseRecord, bool]:
+            existing = s.scalar(select(SqlBase).where(SqlBase.source == source))
+            if existing is not None:
+                return self._base_record(s, existing), False
+            taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
+            if taken is not None:
+                raise ConflictError(f"base name {name!r} is already used by another model "
+                                    f"(fingerprint {taken.fingerprint[:12]}); choose another --name")
+            row = SqlBase(name=name, fingerprint=placeholder, source=source, path=None,
+                          num_tensors=len(manifest), num_parameters=sum(math.prod(sh) for _, _, sh in manifest),
+                          dtype=dtype, total_bytes=total_bytes, derived=False)
+            s.add(row)
+            s.flush()
+            s.execute(insert(SqlBaseTensor), [
+                {"base_id": row.id, "name": t, "dtype": d, "shape": sh} for t, d, sh in manifest])
+            return self._base_record(s, row), True
+
+        return self.write(f"record base {name!r}", work)
 
     def attach_base_files(self, ref: str | int, path: str | Path, progress: bool | None = None) -> BaseRecord:
         """Give a base its files (e.g. a manifest-only base once downloaded): the manifest must be the recorded one;
@@ -186,13 +205,18 @@ class Registry:
         if found != {t: (r.dtype, tuple(r.shape)) for t, r in recorded.items()}:
             raise MismatchError(f"{path}: its tensors are not those recorded for base {name!r}")
         fingerprint = model.fingerprint(progress=progress)
-        with self.session(write=True) as s:
+
+        def work(s: Session) -> BaseRecord:
             twin = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint, SqlBase.id != base_id))
             if twin is not None:
                 raise ConflictError(f"base {name!r}: the files at {path} are already registered as base {twin.name!r}")
             row = s.get(SqlBase, base_id)
+            if row is None:
+                raise NotFoundError(f"base {name!r} was removed meanwhile")
             row.fingerprint, row.path, row.total_bytes = fingerprint, str(Path(path).resolve()), model.total_bytes
             return self._base_record(s, row)
+
+        return self.write(f"attach files to base {name!r}", work)
 
     def get_base(self, ref: str | int) -> BaseRecord:
         with self.session() as s:
@@ -229,7 +253,8 @@ class Registry:
     def remove_base(self, ref: str | int, *, force: bool = False) -> BaseRecord:
         """Remove a base record. Refused while adapters or lineage refer to it, unless ``force`` (they then keep
         their records with no base link)."""
-        with self.session(write=True) as s:
+
+        def work(s: Session) -> BaseRecord:
             row = self._find_base(s, ref)
             users = s.scalars(select(SqlAdapter).where(SqlAdapter.base_id == row.id).order_by(SqlAdapter.id)).all()
             inputs = s.scalar(select(func.count()).where(SqlLineageInput.base_id == row.id))
@@ -248,6 +273,8 @@ class Registry:
             s.execute(delete(SqlBaseTensor).where(SqlBaseTensor.base_id == row.id))
             s.delete(row)
             return record
+
+        return self.write(f"remove base {ref!r}", work)
 
     # ---------------------------------------------------------------- adapters
 
@@ -278,14 +305,21 @@ class Registry:
         name = check_name(name or default_name(path), "adapter")
         tags = clean_tags(tags)
 
-        with self.session() as s:
-            existing = s.scalar(select(SqlAdapter.id).where(SqlAdapter.sha256 == identity))
-        if existing is not None:
-            return self._add_tags(existing, tags), False
         adapter, base_id = self._bind_base(adapter, base)
-
         files = formats.adapter_files(path)
         key = self.blobs.key(identity, None if path.is_dir() else path.name)
+        # Under the shard lock: a concurrent `rm` of the same bytes cannot delete the blob between put and insert.
+        with self.blobs.lock(identity):
+            with self.session() as s:
+                existing = s.scalar(select(SqlAdapter.id).where(SqlAdapter.sha256 == identity))
+            if existing is not None:
+                return self._add_tags(existing, tags), False
+            return self._store_and_insert(path, name, identity, key, files, adapter, base_id, alpha, source, tags,
+                                          lineage, progress)
+
+    def _store_and_insert(self, path: Path, name: str, identity: str, key: str, files: list[Path], adapter: "Adapter",
+                          base_id: int | None, alpha: float | None, source: str | None, tags: list[str],
+                          lineage: LineageSpec | None, progress: bool | None) -> tuple[AdapterRecord, bool]:
         bar = _progress(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
         try:
             try:
@@ -304,46 +338,53 @@ class Registry:
             return self._insert_adapter(name, fields, adapter, tags, lineage)
         except BaseException:
             # Nothing half-done: the copied blob goes unless a record (e.g. a concurrent twin) now uses it.
-            if not self._blob_used(key):
-                self.blobs.remove(key)
+            self._drop_blob_if_unused(key)
             raise
+
+    def _drop_blob_if_unused(self, key: str) -> None:
+        """Remove a stored adapter's folder when no record uses it. Call with self.blobs.lock(key) held."""
+        if not self._blob_used(key):
+            self.blobs.remove(key)
 
     def _insert_adapter(self, name: str, fields: dict, adapter: "Adapter", tags: list[str],
                         lineage: LineageSpec | None) -> tuple[AdapterRecord, bool]:
-        for _ in range(RETRIES):
-            try:
-                with self.session(write=True) as s:
-                    existing = s.scalar(select(SqlAdapter).where(SqlAdapter.sha256 == fields["sha256"]))
-                    if existing is not None:  # registered meanwhile by someone else
-                        self._tag(s, existing, tags)
-                        return self._adapter_record(s, existing), False
-                    version = self._next_version(s, name)
-                    row = SqlAdapter(name=name, version=version, lineage=self._lineage(s, lineage), **fields)
-                    row.modules = [
-                        SqlAdapterModule(
-                            name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.kind,
-                            rank=m.rank, alpha=m.alpha, scale=m.scale, in_features=m.in_features,
-                            out_features=m.out_features,
-                        )
-                        for m in adapter.modules.values()
-                    ]
-                    row.tags = [SqlTag(tag=t) for t in tags]
-                    s.add(row)
-                    s.flush()
-                    return self._adapter_record(s, row), True
-            except IntegrityError:
-                continue
-        raise RegistryError(f"could not register {name!r}: the registry kept changing under it (concurrent writers?)")
+
+        def work(s: Session) -> tuple[AdapterRecord, bool]:
+            existing = s.scalar(select(SqlAdapter).where(SqlAdapter.sha256 == fields["sha256"]))
+            if existing is not None:  # registered meanwhile by someone else
+                self._tag(s, existing, tags)
+                return self._adapter_record(s, existing), False
+            version = self._next_version(s, name)
+            row = SqlAdapter(name=name, version=version, lineage=self._lineage(s, lineage), **fields)
+            row.modules = [
+                SqlAdapterModule(
+                    name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.kind,
+                    rank=m.rank, alpha=m.alpha, scale=m.scale, in_features=m.in_features,
+                    out_features=m.out_features,
+                )
+                for m in adapter.modules.values()
+            ]
+            row.tags = [SqlTag(tag=t) for t in tags]
+            s.add(row)
+            s.flush()
+            return self._adapter_record(s, row), True
+
+        return self.write(f"register {name!r}", work)
 
     def _next_version(self, s: Session, name: str) -> int:
-        """Versions count up per name and are never reused (a removed name@2 stays gone)."""
-        counter = s.get(SqlAdapterName, name)
-        if counter is None:
-            counter = SqlAdapterName(name=name, last_version=0)
-            s.add(counter)
-        counter.last_version += 1
-        s.flush()
-        return counter.last_version
+        """Versions count up per name and are never reused (a removed name@2 stays gone). One atomic UPDATE …
+        RETURNING: concurrent writers of one name queue on its row instead of reading the same number; two first
+        versions of a new name collide on its primary key and the loser runs again (Registry.write)."""
+        version = s.execute(
+            update(SqlAdapterName).where(SqlAdapterName.name == name)
+            .values(last_version=SqlAdapterName.last_version + 1).returning(SqlAdapterName.last_version)
+            .execution_options(synchronize_session=False)
+        ).scalar()
+        if version is None:
+            s.add(SqlAdapterName(name=name, last_version=1))
+            s.flush()
+            version = 1
+        return version
 
     def _bind_base(self, adapter: "Adapter", base: str | int | None) -> tuple["Adapter", int | None]:
         """(the adapter bound to its base, the base id) — see add_adapter."""
@@ -412,28 +453,37 @@ class Registry:
         return self._add_tags(adapter_id, clean_tags(tags))
 
     def _add_tags(self, adapter_id: int, tags: list[str]) -> AdapterRecord:
-        with self.session(write=bool(tags)) as s:
+        def work(s: Session) -> AdapterRecord:
             row = s.get(SqlAdapter, adapter_id)
+            if row is None:
+                raise NotFoundError(f"adapter id {adapter_id} was removed meanwhile")
             self._tag(s, row, tags)
             return self._adapter_record(s, row)
+
+        if not tags:
+            with self.session() as s:
+                return work(s)
+        return self.write(f"tag adapter id {adapter_id}", work)
 
     def remove_adapter(self, ref: str | int, *, all_versions: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
         ``all_versions``. Stored files go with the last record using them. Lineage that used it keeps a label."""
-        with self.session(write=True) as s:
+
+        def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
             rows = [row]
             if all_versions:
                 rows = list(s.scalars(select(SqlAdapter).where(SqlAdapter.name == row.name).order_by(SqlAdapter.version)))
-            records = [self._adapter_record(s, r) for r in rows]
-            keys = [r.blob for r in rows]
             ids = [r.id for r in rows]
             s.execute(update(SqlLineageInput).where(SqlLineageInput.adapter_id.in_(ids)).values(adapter_id=None))
             for r in rows:
                 s.delete(r)
+            return [self._adapter_record(s, r) for r in rows], [r.blob for r in rows]
+
+        records, keys = self.write(f"remove {ref!r}", work)
         for key in keys:
-            if not self._blob_used(key):
-                self.blobs.remove(key)
+            with self.blobs.lock(key):
+                self._drop_blob_if_unused(key)
         return records
 
     # ---------------------------------------------------------------- checks and maintenance
@@ -492,18 +542,22 @@ class Registry:
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
         """Remove stored adapter folders no record uses, and temp files of interrupted copies; returns each with its
         size in bytes. Anything younger than ``grace_s`` is kept: it may belong to a registration in progress."""
-        import time
-
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
         cutoff = time.time() - grace_s
         root = self.blobs.root
         unused = [f for f in self.blobs.folders() if str(f.relative_to(root).as_posix()) not in used]
-        found = [(p, _size(p)) for p in [*unused, *self.blobs.temp_files()] if p.stat().st_mtime <= cutoff]
-        if not dry_run:
-            for path, _ in found:
-                remove(path)
-        return found
+        removed = []
+        for path in [*unused, *self.blobs.temp_files()]:
+            key = path.relative_to(root).as_posix()
+            with self.blobs.lock(key):
+                # Re-checked under the lock: a registration of the same bytes may have started using it since.
+                if not path.exists() or path.stat().st_mtime > cutoff or (path in unused and self._blob_used(key)):
+                    continue
+                removed.append((path, _size(path)))
+                if not dry_run:
+                    remove(path)
+        return removed
 
     # ---------------------------------------------------------------- lookups
 
@@ -622,6 +676,22 @@ class Registry:
 _LINEAGE_LOAD = selectinload(SqlAdapter.lineage).selectinload(SqlLineage.inputs)
 _ADAPTER_LOAD = (selectinload(SqlAdapter.modules), selectinload(SqlAdapter.tags), selectinload(SqlAdapter.base), _LINEAGE_LOAD)
 _BASE_LOAD = (selectinload(SqlBase.lineage).selectinload(SqlLineage.inputs),)
+
+
+def retryable(exc: DBAPIError) -> bool:
+    """A transaction that lost a race and may simply run again: a unique/foreign-key collision with a concurrent
+    writer, SQLite's "database is locked"/"busy" (past the busy timeout), a PostgreSQL serialization failure or
+    deadlock."""
+    if isinstance(exc, IntegrityError):
+        return True
+    if getattr(exc.orig, "sqlstate", None) in PG_RETRYABLE:
+        return True
+    text = str(exc.orig).lower()
+    return "database is locked" in text or "database is busy" in text or "database table is locked" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _has_module(condition):
