@@ -1,0 +1,87 @@
+"""Run loraops commands in processes a test can SIGKILL at any moment, without paying an interpreter start-up
+(1-3 s with torch) per run: this server imports everything once, then forks one child per command.
+
+Protocol (one JSON line each way): the test writes {"args": [...], "env": {...}}; the server answers {"pid": N}
+at once, then {"status": S} when the child ended (S < 0: killed by signal -S). The server itself runs no torch op
+and no thread before forking, so the children start clean."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+PRELOAD = ("torch", "safetensors.torch", "huggingface_hub", "sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql",
+           "alembic.command", "loraops.formats", "loraops.check", "loraops.basemodel", "loraops.hub", "loraops.registry.store")
+
+
+def serve() -> None:
+    import importlib
+
+    import loraops.cli as cli
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+    for name in cli.COMMANDS:  # command modules (those that exist in this checkout)
+        cli.main.get_command(None, name)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print(json.dumps({"status": code}), flush=True)
+
+
+def _child(request: dict) -> None:
+    code = 70
+    try:
+        os.environ.update(request["env"])
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        from loraops.cli import main
+
+        main.main(args=request["args"], prog_name="loraops")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class ForkServer:
+    """The test side: `with ForkServer() as fs: pid = fs.start(args, env, log); ...; status = fs.wait()`."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+
+    def start(self, args: list[str], env: dict[str, str], log: str) -> int:
+        self.proc.stdin.write(json.dumps({"args": args, "env": env, "log": log}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["pid"]
+
+    def wait(self) -> int:
+        return json.loads(self.proc.stdout.readline())["status"]
+
+    def run(self, args: list[str], env: dict[str, str], log: str) -> int:
+        self.start(args, env, log)
+        return self.wait()
+
+    def __enter__(self) -> "ForkServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    serve()

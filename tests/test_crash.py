@@ -1,0 +1,106 @@
+"""Crash safety: commands SIGKILLed after random delays (seeded) leave no partial output, no registry row without
+its complete stored files, and nothing in the blob store that `loraops gc` does not clean. Each command runs 20+
+times in a child of tests/forkserver.py (no interpreter start-up per run); delays are uniform in [0, 1.5 T] where
+T is one uninterrupted run, so kills land everywhere from start-up to after the end."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from factories import kohya_file
+from forkserver import ForkServer
+from loraops.fsutil import TMP_MARK
+from loraops.registry import Registry
+from test_concurrency import MODULES, variants
+
+TRIALS = 20
+RUNS = TRIALS + 2
+ENV_KEYS = ("LORAOPS_HOME", "LORAOPS_DB", "LORAOPS_BLOBS", "HF_HOME", "HF_ENDPOINT", "LORAOPS_QUIET", "HF_HUB_DISABLE_XET")
+
+
+@pytest.fixture(scope="module")
+def forks():
+    with ForkServer() as server:
+        yield server
+
+
+def env() -> dict[str, str]:
+    """What the child needs of this test's environment (the fork server started with the session's)."""
+    return {k: os.environ.get(k, "") for k in ENV_KEYS}
+
+
+def kill_trials(forks: ForkServer, log: Path, args_of, seed: int) -> list[int]:
+    """Run ``args_of(i)`` for i in range(2, RUNS), each killed after a random delay; returns the exit statuses
+    (0: it finished first, -9: killed). ``args_of(0)`` runs first (it creates the registry), then ``args_of(1)``
+    to time an uninterrupted run."""
+    assert forks.run(args_of(0), env(), str(log)) == 0, log.read_text()
+    start = time.perf_counter()
+    assert forks.run(args_of(1), env(), str(log)) == 0, log.read_text()
+    typical = time.perf_counter() - start
+    rng = random.Random(seed)
+    statuses = []
+    for i in range(2, RUNS):
+        pid = forks.start(args_of(i), env(), str(log))
+        time.sleep(rng.uniform(0, 1.5 * typical))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        status = forks.wait()
+        assert status in (0, -signal.SIGKILL), log.read_text()
+        statuses.append(status)
+    assert 0 < statuses.count(0) < TRIALS, f"every run {'finished' if statuses.count(0) else 'was killed'}: {typical=}"
+    return statuses
+
+
+def assert_registry_consistent(reg: Registry) -> list:
+    """Every record's stored files are complete; after `gc --grace 0` every stored folder has its record and no
+    temp file is left. Returns the records."""
+    assert reg.verify() == []
+    reg.gc(grace_s=0)
+    records = reg.list_adapters()
+    root = reg.blobs.root
+    assert sorted(f.relative_to(root).as_posix() for f in reg.blobs.folders()) == sorted(
+        Path(r.path).relative_to(root).parts[0] + "/" + Path(r.path).relative_to(root).parts[1] for r in records)
+    assert not [p for p in root.rglob("*") if TMP_MARK in p.name]
+    return records
+
+
+def test_register_killed_at_random_points(forks, tmp_path):
+    make = variants(kohya_file(tmp_path / "template.safetensors", MODULES, rank=4), tmp_path)
+    files = [make(f"a{i}") for i in range(RUNS)]
+    statuses = kill_trials(forks, tmp_path / "log", lambda i: ["register", files[i], "--name", f"a{i}"], seed=1)
+    with Registry.open() as reg:
+        records = {r.name: r for r in assert_registry_consistent(reg)}
+    assert {f"a{i}" for i, s in enumerate(statuses, 2) if s == 0} <= set(records) <= {f"a{i}" for i in range(RUNS)}
+
+
+def test_pull_killed_at_random_points(forks, tmp_path, fake_hub):
+    make = variants(kohya_file(tmp_path / "template.safetensors", MODULES, rank=4), tmp_path)
+    for i in range(RUNS):
+        fake_hub.commit(f"someone/style-{i}", {"style.safetensors": Path(make(f"s{i}")).read_bytes()})
+    statuses = kill_trials(forks, tmp_path / "log", lambda i: ["pull", f"someone/style-{i}"], seed=2)
+    with Registry.open() as reg:
+        records = {r.name: r for r in assert_registry_consistent(reg)}
+    assert {f"style-{i}" for i, s in enumerate(statuses, 2) if s == 0} <= set(records)
+    assert all(r.source.startswith(f"hf://someone/{r.name}@") for r in records.values())
+
+
+def test_verify_reports_a_flipped_byte(forks, tmp_path):
+    stored = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    log = tmp_path / "log"
+    assert forks.run(["register", str(stored)], env(), str(log)) == 0
+    assert forks.run(["verify"], env(), str(log)) == 0
+    with Registry.open() as reg:
+        path = Path(reg.get_adapter("style").path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert forks.run(["verify"], env(), str(log)) == 6
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith(f"style@1: {path}: sha256 ") and "≠ recorded" in lines[0]
+    assert lines[-1] == "error: 1 stored file(s) missing or changed; re-register those adapters from their originals"
