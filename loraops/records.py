@@ -200,3 +200,31 @@ class CheckResult(Record):
     @classmethod
     def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
         return cls(adapter=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
+
+
+class PullRecord(Record):
+    """What `loraops pull` did (`pull --json`)."""
+
+    repo_id: str
+    revision: str | None
+    """As asked (branch, tag, sha); None = the default branch."""
+    commit: str
+    files: list[str]
+    """Repo files fetched (the adapter's, and README.md when present)."""
+    new: bool
+    """False when that adapter (same identity) was already registered: nothing changed."""
+    adapter: AdapterRecord
+
+
+class PushRecord(Record):
+    """What `loraops push` did (`push --json`)."""
+
+    adapter: str
+    """name@version pushed."""
+    repo_id: str
+    revision: str
+    format: str
+    files: list[str]
+    commit: str
+    commit_url: str
+    pr_url: str | None = None
