@@ -23,7 +23,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from .. import settings
-from ..basemodel import _progress
 from ..fsutil import remove, sha256_file
 from ..errors import AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError, RegistryError
 from ..records import (
@@ -676,6 +675,12 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
         if tag not in out:
             out.append(tag)
     return out
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from ..basemodel import _progress as bar  # basemodel (hashlib, safetensors headers) stays out of `list`
+
+    return bar(total, desc, enabled)
 
 
 def _size(path: Path) -> int:
