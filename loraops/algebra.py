@@ -131,7 +131,8 @@ def combine(
     formats = {a.format for a in adapters}
     combined = Adapter(
         modules=modules, format=formats.pop() if len(formats) == 1 else "peft", base_model=base,
-        scale_mode="classic", names_resolved=adapters[0].names_resolved,
+        # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
+        config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
     )
     errors = [r.error for r in records]
     report = CombineReport(

@@ -93,6 +93,7 @@ class CombineReport(Record):
     parameters: int
     seconds: float
 
+
 class ShapeMismatch(Record):
     """A module (or full tensor) whose base tensor has another shape; ``expected`` is the base's, None if absent."""
 
