@@ -1,0 +1,135 @@
+"""`loraops combine`, `loraops resize`, `loraops export`: the adapter algebra on the command line."""
+from __future__ import annotations
+
+import math
+
+import click
+
+from ..errors import InvalidInputError
+from .render import echo_json, echo_table
+
+METHOD_HELP = "cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, magnitude_prune"
+
+
+def parse_input(text: str) -> tuple[str, float]:
+    """REF[:WEIGHT] → (ref, weight); a suffix that is not a number belongs to the reference (default weight 1)."""
+    ref, sep, tail = text.rpartition(":")
+    if sep and ref:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(weight):
+            raise InvalidInputError(f"weight of {ref} must be a finite number (got {tail})")
+        return ref, weight
+    return text, 1.0
+
+
+def load(ref: str):
+    """An adapter by reference (a path to an adapter file or folder)."""
+    from ..formats import read_adapter
+
+    return read_adapter(ref)
+
+
+def output_options(fn):
+    """The options every algebra command shares for where its result goes."""
+    options = [
+        click.option("-o", "--output", type=click.Path(), help="Write the result here (PEFT folder, or .safetensors)."),
+        click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
+                     help="Output layout (default: the inputs' format when they share one, else peft)."),
+        click.option("--force", is_flag=True, help="Replace an existing output."),
+        click.option("--name", help="Register the result under this name (needs the registry)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report record as JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def compute_options(fn):
+    fn = click.option("--precise", is_flag=True, help="SVD in float64 (exact dense SVD for element-wise methods).")(fn)
+    return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
+
+
+def deliver(adapter, output: str | None, fmt: str | None, force: bool, name: str | None) -> str | None:
+    """Write the result where asked; returns the path written (None when nothing was)."""
+    from ..formats import write_adapter
+
+    if name is not None:
+        raise InvalidInputError("--name needs the registry, which this build does not have yet: use -o PATH")
+    if output is None:
+        raise InvalidInputError("nothing to do with the result: give -o PATH")
+    return str(write_adapter(adapter, output, fmt or adapter.format, force=force))
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="REF[:WEIGHT]...")
+@click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
+@click.option("--rank", type=int, help="Output rank (linear/svd: default Σ ranks, lossless; element-wise: largest input rank).")
+@click.option("--density", type=float, help="ties, dare_*, magnitude_prune: fraction of each delta kept, in (0, 1].")
+@click.option("--seed", type=int, help="dare_*: seed of the drop masks (default 0).")
+@compute_options
+@output_options
+def combine(inputs, method, rank, density, seed, device, precise, output, fmt, force, name, as_json) -> None:
+    """Combine adapters (each REF a path, optionally :WEIGHT, default 1) into one."""
+    from .. import algebra
+
+    parsed = [parse_input(text) for text in inputs]
+    params = {key: value for key, value in (("density", density), ("seed", seed)) if value is not None}
+    adapters = [(load(ref), weight) for ref, weight in parsed]
+    result, report = algebra.combine(adapters, method, params, rank=rank, device=device, precise=precise,
+                                     labels=[ref for ref, _ in parsed])
+    written = deliver(result, output, fmt, force, name)
+    if as_json:
+        echo_json({"output": written, "report": report})
+        return
+    ranks = sorted({m.rank for m in report.modules})
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+    inputs_text = ", ".join(f"{i.ref}×{i.weight:g}" for i in report.inputs)
+    params_text = ", ".join(f"{k}={v}" for k, v in report.params.items())
+    click.echo(f"{method}({params_text}) of {inputs_text}")
+    click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
+    click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
+    click.echo(f"wrote {written}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--rank", type=int, help="New rank of every module (rank can only go down).")
+@click.option("--dynamic", type=click.Choice(["sv_ratio", "sv_cumulative", "sv_fro"]), help="kohya's dynamic rank rule.")
+@click.option("--param", type=float, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
+@click.option("--max-rank", type=int, help="Cap of the dynamic rank.")
+@compute_options
+@output_options
+def resize(ref, rank, dynamic, param, max_rank, device, precise, output, fmt, force, name, as_json) -> None:
+    """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta)."""
+    from .. import algebra
+
+    result, report = algebra.resize(load(ref), rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
+                                    device=device, precise=precise)
+    written = deliver(result, output, fmt, force, name)
+    if as_json:
+        echo_json({"output": written, "report": report})
+        return
+    echo_table(
+        ["module", "kind", "rank", "new", "alpha", "fro kept", "sum(S) kept"],
+        [(m.name, m.kind, m.rank_before, m.rank_after, f"{m.alpha_after:g}", f"{m.fro_retained:.2%}",
+          f"{m.sum_retained:.2%}") for m in report.modules],
+    )
+    click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {report.sum_retained_mean:.2%}; "
+               f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
+               f"{report.precision} on {report.device}, {report.seconds:.2f} s")
+    click.echo(f"wrote {written}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Output layout.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Destination (PEFT folder, or .safetensors).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def export(ref, fmt, output, force) -> None:
+    """Write an adapter in another layout (same deltas)."""
+    from ..formats import write_adapter
+
+    click.echo(f"wrote {write_adapter(load(ref), output, fmt, force=force)}")
