@@ -78,10 +78,13 @@ class Header:
 
 
 def looks_like_pickle(path: Path) -> bool:
-    """PyTorch .bin/.pt files are zip archives (new) or raw pickles (old)."""
+    """PyTorch .bin/.pt files are zip archives (new) or raw pickles (old). A safetensors file has '{' right after its
+    8-byte length, which tells the two apart even when the length's first byte happens to be 0x80 or 'P'."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def read_header(path: str | Path) -> Header:

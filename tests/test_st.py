@@ -46,6 +46,7 @@ def test_reads_a_real_file(tmp_path):
             "overlap",
         ),
         (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 20), "pickle"),
+        (lambda p: p.write_bytes(b"\x80\x02" + b"\0" * 20), "pickle"),
     ],
 )
 def test_rejects_bad_files_with_one_line(tmp_path, make, message):

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loraops.basemodel import BaseModel
+from loraops.errors import FormatError, NotFoundError
+from tests.factories import tiny_llama
+
+
+def test_manifest_and_fingerprint_do_not_depend_on_sharding(tmp_path):
+    one = BaseModel.open(tiny_llama(tmp_path / "one"))
+    sharded = BaseModel.open(tiny_llama(tmp_path / "sharded", shard_size="60KB"))
+    assert len(sharded.files) > 1 and len(one.files) == 1
+    assert {n: (t.shape, t.dtype) for n, t in one.tensors.items()} == {
+        n: (t.shape, t.dtype) for n, t in sharded.tensors.items()
+    }
+    assert one.fingerprint() == sharded.fingerprint()
+    assert "config.json" in {str(p) for p in sharded.other_files()}
+    assert "model.safetensors.index.json" in {str(p) for p in sharded.other_files()}
+
+
+def test_fingerprint_changes_with_bytes_and_is_cached(tmp_path, monkeypatch):
+    save_file({"w": torch.zeros(4, 4)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(4, 4)}, str(tmp_path / "b.safetensors"))
+    a, b = BaseModel.open(tmp_path / "a.safetensors"), BaseModel.open(tmp_path / "b.safetensors")
+    assert a.fingerprint() != b.fingerprint()
+    expected = a.fingerprint()
+
+    def no_rehash(*args):
+        raise AssertionError("rehashed an unchanged file")
+
+    monkeypatch.setattr("loraops.basemodel.hashlib.sha256", no_rehash)
+    assert BaseModel.open(tmp_path / "a.safetensors").fingerprint() == expected
+
+
+def test_pipeline_components_are_prefixed(tmp_path):
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "text_encoder").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(tmp_path / "pipe/unet/diffusion_pytorch_model.safetensors"))
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "pipe/text_encoder/model.safetensors"))
+    base = BaseModel.open(tmp_path / "pipe")
+    assert set(base.tensors) == {"unet.conv.weight", "text_encoder.fc.weight"}
+
+
+def test_missing_shard_and_bad_index(tmp_path):
+    folder = tiny_llama(tmp_path / "m", shard_size="60KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (folder / shard).unlink()
+    with pytest.raises(NotFoundError, match="is missing"):
+        BaseModel.open(folder)
+    (folder / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(FormatError, match="not a valid safetensors index"):
+        BaseModel.open(folder)
+
+
+def test_pickle_only_folder(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+    with pytest.raises(FormatError, match="pickle"):
+        BaseModel.open(tmp_path)
