@@ -25,16 +25,38 @@ def parse_input(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def load(ref: str):
-    """An adapter by reference (a path to an adapter file or folder)."""
+def loader(base: str | None):
+    """A function reference → Adapter (a path to an adapter file or folder). With ``base``, every adapter is bound
+    to it (kohya names resolved) and checked to fit it."""
     from ..formats import read_adapter
 
-    return read_adapter(ref)
+    if base is None:
+        return read_adapter
+    from ..basemodel import BaseModel
+    from ..check import require_fit
+
+    manifest = BaseModel.open(base).tensors
+    return lambda ref: require_fit(read_adapter(ref), manifest, base_name=base)
+
+
+def check_destination(output: str | None, force: bool, name: str | None) -> None:
+    """Refuse a result that would go nowhere or onto an existing output before any work is done."""
+    from ..fsutil import refuse_existing
+
+    if name is not None:
+        raise InvalidInputError("--name needs the registry, which this build does not have yet: use -o PATH")
+    if output is None:
+        raise InvalidInputError("nothing to do with the result: give -o PATH")
+    refuse_existing(output, force)
+
+
+base_option = click.option("--base", type=click.Path(), help="Base model to bind kohya names to and check the inputs against.")
 
 
 def output_options(fn):
     """The options every algebra command shares for where its result goes."""
     options = [
+        base_option,
         click.option("-o", "--output", type=click.Path(), help="Write the result here (PEFT folder, or .safetensors)."),
         click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
                      help="Output layout (default: the inputs' format when they share one, else peft)."),
@@ -52,14 +74,10 @@ def compute_options(fn):
     return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
 
 
-def deliver(adapter, output: str | None, fmt: str | None, force: bool, name: str | None) -> str | None:
-    """Write the result where asked; returns the path written (None when nothing was)."""
+def deliver(adapter, output: str, fmt: str | None, force: bool) -> str:
+    """Write the result where asked; returns the path written."""
     from ..formats import write_adapter
 
-    if name is not None:
-        raise InvalidInputError("--name needs the registry, which this build does not have yet: use -o PATH")
-    if output is None:
-        raise InvalidInputError("nothing to do with the result: give -o PATH")
     return str(write_adapter(adapter, output, fmt or adapter.format, force=force))
 
 
@@ -71,16 +89,18 @@ def deliver(adapter, output: str | None, fmt: str | None, force: bool, name: str
 @click.option("--seed", type=int, help="dare_*: seed of the drop masks (default 0).")
 @compute_options
 @output_options
-def combine(inputs, method, rank, density, seed, device, precise, output, fmt, force, name, as_json) -> None:
+def combine(inputs, method, rank, density, seed, device, precise, base, output, fmt, force, name, as_json) -> None:
     """Combine adapters (each REF a path, optionally :WEIGHT, default 1) into one."""
     from .. import algebra
 
+    check_destination(output, force, name)
     parsed = [parse_input(text) for text in inputs]
     params = {key: value for key, value in (("density", density), ("seed", seed)) if value is not None}
+    load = loader(base)
     adapters = [(load(ref), weight) for ref, weight in parsed]
     result, report = algebra.combine(adapters, method, params, rank=rank, device=device, precise=precise,
                                      labels=[ref for ref, _ in parsed])
-    written = deliver(result, output, fmt, force, name)
+    written = deliver(result, output, fmt, force)
     if as_json:
         echo_json({"output": written, "report": report})
         return
@@ -88,7 +108,7 @@ def combine(inputs, method, rank, density, seed, device, precise, output, fmt, f
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
     inputs_text = ", ".join(f"{i.ref}×{i.weight:g}" for i in report.inputs)
     params_text = ", ".join(f"{k}={v}" for k, v in report.params.items())
-    click.echo(f"{method}({params_text}) of {inputs_text}")
+    click.echo(f"{method}{f'({params_text})' if params_text else ''} of {inputs_text}")
     click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
     click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
     click.echo(f"wrote {written}")
@@ -102,13 +122,14 @@ def combine(inputs, method, rank, density, seed, device, precise, output, fmt, f
 @click.option("--max-rank", type=int, help="Cap of the dynamic rank.")
 @compute_options
 @output_options
-def resize(ref, rank, dynamic, param, max_rank, device, precise, output, fmt, force, name, as_json) -> None:
+def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, fmt, force, name, as_json) -> None:
     """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta)."""
     from .. import algebra
 
-    result, report = algebra.resize(load(ref), rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
+    check_destination(output, force, name)
+    result, report = algebra.resize(loader(base)(ref), rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                     device=device, precise=precise)
-    written = deliver(result, output, fmt, force, name)
+    written = deliver(result, output, fmt, force)
     if as_json:
         echo_json({"output": written, "report": report})
         return
@@ -128,8 +149,8 @@ def resize(ref, rank, dynamic, param, max_rank, device, precise, output, fmt, fo
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Output layout.")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Destination (PEFT folder, or .safetensors).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def export(ref, fmt, output, force) -> None:
-    """Write an adapter in another layout (same deltas)."""
-    from ..formats import write_adapter
-
-    click.echo(f"wrote {write_adapter(load(ref), output, fmt, force=force)}")
+@base_option
+def export(ref, fmt, output, force, base) -> None:
+    """Write an adapter in another layout (same deltas). kohya → peft needs --base to resolve kohya names."""
+    check_destination(output, force, None)
+    click.echo(f"wrote {deliver(loader(base)(ref), output, fmt, force)}")

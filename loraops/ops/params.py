@@ -26,6 +26,11 @@ def parse_params(model: type[P], values: "dict[str, Any] | P | None", what: str)
         problems = []
         for err in exc.errors():
             field = ".".join(str(part) for part in err["loc"])
-            message = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] == "extra_forbidden":
+                message = "unknown parameter"
+            elif err["type"] == "value_error":  # our own validators: their text, without pydantic's "Value error, "
+                message = str(err["ctx"]["error"])
+            else:
+                message = err["msg"]
             problems.append(f"{field}: {message}" if field else message)
         raise InvalidInputError(f"bad parameters for {what}: {'; '.join(problems)}") from None
