@@ -78,7 +78,10 @@ def deliver(adapter, output: str, fmt: str | None, force: bool) -> str:
     """Write the result where asked; returns the path written."""
     from ..formats import write_adapter
 
-    return str(write_adapter(adapter, output, fmt or adapter.format, force=force))
+    fmt = fmt or adapter.format
+    if fmt != "kohya" and not adapter.names_resolved:
+        raise InvalidInputError(f"kohya module names cannot be written as {fmt} without their base: give --base BASE")
+    return str(write_adapter(adapter, output, fmt, force=force))
 
 
 @click.command()
