@@ -155,3 +155,18 @@ def test_mismatched_modules_and_full_tensors_refused():
     a.full_tensors["lm_head.weight"] = torch.zeros(3, 3)
     with pytest.raises(InvalidInputError, match="modules_to_save: lm_head.weight"):
         combine([(a, 1)], "cat")
+
+
+def test_peft_cat_after_an_rslora_adapter_is_off_by_sqrt_r(peft_pair):
+    base, _, _ = peft_pair
+    root = peft_pair[1].parent
+    a = peft_adapter(base, root / "rs", seed=3, r=4, alpha=8, target_modules=["q_proj"], use_rslora=True)
+    b = peft_adapter(base, root / "plain", seed=4, r=4, alpha=8, target_modules=["q_proj"])
+    inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
+    ours, _ = combine(inputs, "cat", device="cpu")
+    theirs = _peft_combined(base, a, b, [1.0, 1.0], combination_type="cat")
+    truth = _weighted_sum(inputs)
+    name = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(ours.modules[name].delta(dtype=torch.float64), truth[name], rtol=1e-5, atol=1e-6)
+    # PEFT's cat keeps use_rslora from the first adapter with lora_alpha = r: its scale is √8, not 1
+    torch.testing.assert_close(theirs[name].double(), truth[name] * 8 ** 0.5, rtol=1e-4, atol=1e-5)
