@@ -24,16 +24,15 @@ def _label(adapter: Adapter, index: int) -> str:
     return str(adapter.path) if adapter.path is not None else f"input {index + 1}"
 
 
-def _common_base(adapters: Sequence[Adapter], labels: Sequence[str]) -> str | None:
-    """The base the inputs share (None when none says). Two inputs naming different bases are refused."""
-    seen: dict[str, str] = {}
-    for adapter, label in zip(adapters, labels):
-        if adapter.base_model:
-            seen.setdefault(adapter.base_model.rstrip("/"), label)
+def _check_bases(bases: Sequence[object], labels: Sequence[str]) -> None:
+    """Refuse inputs that name two different bases (None: unknown, compatible with any)."""
+    seen: dict[object, str] = {}
+    for base, label in zip(bases, labels):
+        if base is not None:
+            seen.setdefault(base, label)
     if len(seen) > 1:
         (base1, label1), (base2, label2) = list(seen.items())[:2]
         raise MismatchError(f"adapters are for different bases: {label1} is for {base1}, {label2} is for {base2}")
-    return next(iter(seen), None)
 
 
 def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> None:
@@ -66,11 +65,13 @@ def combine(
     device: str = "auto",
     precise: bool = False,
     labels: Sequence[str] | None = None,
+    bases: Sequence[object] | None = None,
 ) -> tuple[Adapter, CombineReport]:
     """Combine weighted adapters with ``method`` (see loraops.ops.combine.METHODS) into a new adapter at ``rank``
     (default: the method's — Σ ranks for linear/svd, the largest input rank for element-wise methods; cat
     always keeps Σ ranks). Output scale is 1 (alpha = rank, classic scaling). ``labels`` name the inputs in
-    messages and the report (default: their paths)."""
+    messages and the report (default: their paths). ``bases`` identify the inputs' bases (e.g. registry ids) for
+    the same-base check; by default their base_model_name_or_path hints are compared."""
     import torch
 
     from .ops.combine import METHODS, Context, Term
@@ -89,7 +90,8 @@ def combine(
         raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --rank to truncate")
     adapters = [adapter for adapter, _ in inputs]
     labels = list(labels) if labels is not None else [_label(a, i) for i, a in enumerate(adapters)]
-    base = _common_base(adapters, labels)
+    hints = [a.base_model.rstrip("/") if a.base_model else None for a in adapters]
+    _check_bases(bases if bases is not None else hints, labels)
     _check_combinable(adapters, labels)
     if not any(a.modules for a in adapters):
         raise InvalidInputError("the inputs have no LoRA modules to combine")
@@ -130,7 +132,8 @@ def combine(
 
     formats = {a.format for a in adapters}
     combined = Adapter(
-        modules=modules, format=formats.pop() if len(formats) == 1 else "peft", base_model=base,
+        modules=modules, format=formats.pop() if len(formats) == 1 else "peft",
+        base_model=next((h for h in hints if h), None),
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
     )

@@ -262,3 +262,13 @@ class CheckResult(Record):
     @classmethod
     def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
         return cls(adapter=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
+
+
+class DerivedRecord(Record):
+    """A combined or resized adapter: its registry record, whether it is new, where it was also written, and the
+    operation's report (`combine/resize --json`)."""
+
+    adapter: AdapterRecord
+    created: bool
+    output: str | None
+    report: CombineReport | ResizeReport

@@ -25,44 +25,19 @@ def parse_input(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def loader(base: str | None):
-    """A function reference → Adapter (a path to an adapter file or folder). With ``base``, every adapter is bound
-    to it (kohya names resolved) and checked to fit it."""
-    from ..formats import read_adapter
-
-    if base is None:
-        return read_adapter
-    from ..basemodel import BaseModel
-    from ..check import require_fit
-
-    manifest = BaseModel.open(base).tensors
-    return lambda ref: require_fit(read_adapter(ref), manifest, base_name=base)
-
-
-def check_destination(output: str | None, force: bool, name: str | None) -> None:
-    """Refuse a result that would go nowhere or onto an existing output before any work is done."""
-    from ..fsutil import refuse_existing
-
-    if name is not None:
-        raise InvalidInputError("--name needs the registry, which this build does not have yet: use -o PATH")
-    if output is None:
-        raise InvalidInputError("nothing to do with the result: give -o PATH")
-    refuse_existing(output, force)
-
-
-base_option = click.option("--base", type=click.Path(), help="Base model to bind kohya names to and check the inputs against.")
+base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
 
 
 def output_options(fn):
     """The options every algebra command shares for where its result goes."""
     options = [
         base_option,
-        click.option("-o", "--output", type=click.Path(), help="Write the result here (PEFT folder, or .safetensors)."),
+        click.option("--name", help="Registry name of the result (default: from the inputs and the operation)."),
+        click.option("-o", "--output", type=click.Path(), help="Also write the result here (PEFT folder, or .safetensors)."),
         click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
                      help="Output layout (default: the inputs' format when they share one, else peft)."),
         click.option("--force", is_flag=True, help="Replace an existing output."),
-        click.option("--name", help="Register the result under this name (needs the registry)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report record as JSON."),
+        click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + report) as JSON."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -74,14 +49,11 @@ def compute_options(fn):
     return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
 
 
-def deliver(adapter, output: str, fmt: str | None, force: bool) -> str:
-    """Write the result where asked; returns the path written."""
-    from ..formats import write_adapter
-
-    fmt = fmt or adapter.format
-    if fmt != "kohya" and not adapter.names_resolved:
-        raise InvalidInputError(f"kohya module names cannot be written as {fmt} without their base: give --base BASE")
-    return str(write_adapter(adapter, output, fmt, force=force))
+def echo_saved(result) -> None:
+    record = result.adapter
+    state = "registered" if result.created else "already registered as"
+    click.echo(f"{state} {record.ref} (id {record.id}, sha256 {record.sha256[:12]}), base "
+               f"{record.base.name if record.base else '-'}" + (f"; wrote {result.output}" if result.output else ""))
 
 
 @click.command()
@@ -93,20 +65,17 @@ def deliver(adapter, output: str, fmt: str | None, force: bool) -> str:
 @compute_options
 @output_options
 def combine(inputs, method, rank, density, seed, device, precise, base, output, fmt, force, name, as_json) -> None:
-    """Combine adapters (each REF a path, optionally :WEIGHT, default 1) into one."""
-    from .. import algebra
+    """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
+    registered with its lineage."""
+    from .. import derive
 
-    check_destination(output, force, name)
-    parsed = [parse_input(text) for text in inputs]
     params = {key: value for key, value in (("density", density), ("seed", seed)) if value is not None}
-    load = loader(base)
-    adapters = [(load(ref), weight) for ref, weight in parsed]
-    result, report = algebra.combine(adapters, method, params, rank=rank, device=device, precise=precise,
-                                     labels=[ref for ref, _ in parsed])
-    written = deliver(result, output, fmt, force)
+    result = derive.combine([parse_input(text) for text in inputs], method, params, rank=rank, device=device,
+                            precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
     if as_json:
-        echo_json({"output": written, "report": report})
+        echo_json(result)
         return
+    report = result.report
     ranks = sorted({m.rank for m in report.modules})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
     inputs_text = ", ".join(f"{i.ref}×{i.weight:g}" for i in report.inputs)
@@ -114,7 +83,7 @@ def combine(inputs, method, rank, density, seed, device, precise, base, output, 
     click.echo(f"{method}{f'({params_text})' if params_text else ''} of {inputs_text}")
     click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
     click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
-    click.echo(f"wrote {written}")
+    echo_saved(result)
 
 
 @click.command()
@@ -126,16 +95,16 @@ def combine(inputs, method, rank, density, seed, device, precise, base, output, 
 @compute_options
 @output_options
 def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, fmt, force, name, as_json) -> None:
-    """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta)."""
-    from .. import algebra
+    """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta); the
+    result is registered with its lineage."""
+    from .. import derive
 
-    check_destination(output, force, name)
-    result, report = algebra.resize(loader(base)(ref), rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
-                                    device=device, precise=precise)
-    written = deliver(result, output, fmt, force)
+    result = derive.resize(ref, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, device=device,
+                           precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
     if as_json:
-        echo_json({"output": written, "report": report})
+        echo_json(result)
         return
+    report = result.report
     echo_table(
         ["module", "kind", "rank", "new", "alpha", "fro kept", "sum(S) kept"],
         [(m.name, m.kind, m.rank_before, m.rank_after, f"{m.alpha_after:g}", f"{m.fro_retained:.2%}",
@@ -144,7 +113,7 @@ def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, f
     click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {report.sum_retained_mean:.2%}; "
                f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
                f"{report.precision} on {report.device}, {report.seconds:.2f} s")
-    click.echo(f"wrote {written}")
+    echo_saved(result)
 
 
 @click.command()
@@ -154,6 +123,8 @@ def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, f
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @base_option
 def export(ref, fmt, output, force, base) -> None:
-    """Write an adapter in another layout (same deltas). kohya → peft needs --base to resolve kohya names."""
-    check_destination(output, force, None)
-    click.echo(f"wrote {deliver(loader(base)(ref), output, fmt, force)}")
+    """Write an adapter (registry reference or path) in another layout, same deltas. An unregistered kohya file
+    needs --base to be written as PEFT."""
+    from .. import derive
+
+    click.echo(f"wrote {derive.export(ref, fmt, output, force=force, base=base)}")
