@@ -7,6 +7,8 @@ cd "$ROOT"
 rm -rf demo-output
 mkdir -p demo-output
 export LORAOPS_HOME="$ROOT/demo-output/home" HF_HOME="$ROOT/demo-output/hf-home" LORAOPS_QUIET=1
+# Quiet the model-building libraries, so what shows is loraops.
+export HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning"
 unset LORAOPS_DB LORAOPS_BLOBS
 for script in examples/[0-9][0-9]_*.py; do
   echo
