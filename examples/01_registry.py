@@ -8,27 +8,15 @@ $LORAOPS_HOME (the demo command points it at demo-output/home).
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import kohya_lora, llama, peft_lora  # noqa: E402
-
-
-def loraops(*args, ok=True) -> None:
-    print(f"\n$ loraops {' '.join(str(a) for a in args)}", flush=True)
-    done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], text=True)
-    if (done.returncode == 0) != ok:
-        sys.exit(f"unexpected exit code {done.returncode}")
+from _build import loraops, workdir, kohya_lora, llama, peft_lora  # noqa: E402
 
 
 def main() -> None:
-    work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()) / "01_registry"
-    os.environ.setdefault("LORAOPS_HOME", str(work / "home"))
-    os.environ.setdefault("LORAOPS_QUIET", "1")
+    work = workdir("01_registry")
     print(f"building models and adapters in {work} ...")
     base = llama(work / "llama-tiny")
     wide = llama(work / "llama-wide", hidden=32, seed=3)

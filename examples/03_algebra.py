@@ -8,21 +8,11 @@ weighted sum of the inputs' deltas — the guarantee the README states.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import llama, peft_lora  # noqa: E402
-
-
-def loraops(*args, ok=True) -> None:
-    print(f"\n$ loraops {' '.join(str(a) for a in args)}", flush=True)
-    done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], text=True)
-    if (done.returncode == 0) != ok:
-        sys.exit(f"unexpected exit code {done.returncode}")
+from _build import loraops, workdir, llama, peft_lora  # noqa: E402
 
 
 def max_error_of_weighted_sum(result: Path, inputs: list[tuple[Path, float]]) -> float:
@@ -46,9 +36,7 @@ def max_error_of_weighted_sum(result: Path, inputs: list[tuple[Path, float]]) ->
 
 
 def main() -> None:
-    work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()) / "03_algebra"
-    os.environ.setdefault("LORAOPS_HOME", str(work / "home"))
-    os.environ.setdefault("LORAOPS_QUIET", "1")
+    work = workdir("03_algebra")
     print(f"building a base and three adapters in {work} ...")
     base = llama(work / "llama-tiny")
     style = peft_lora(base, work / "style", r=8, alpha=16, targets=["q_proj", "v_proj"], seed=1)

@@ -9,29 +9,18 @@ huggingface_hub client, exactly as it would to the Hub.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from _build import llama, peft_lora  # noqa: E402
+from _build import loraops, workdir, llama, peft_lora  # noqa: E402
 from hubserver import FakeHub  # noqa: E402
 
 
-def loraops(*args, ok=True, env=None) -> None:
-    print(f"\n$ loraops {' '.join(str(a) for a in args)}", flush=True)
-    done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], text=True, env=env)
-    if (done.returncode == 0) != ok:
-        sys.exit(f"unexpected exit code {done.returncode}")
-
-
 def main() -> None:
-    work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()) / "04_hub"
-    os.environ.setdefault("LORAOPS_HOME", str(work / "home"))
-    os.environ.setdefault("LORAOPS_QUIET", "1")
+    work = workdir("04_hub")
     os.environ["HF_HOME"] = str(work / "hf-home")
     print(f"building a base and two adapter versions in {work} ...")
     base = llama(work / "llama-tiny")

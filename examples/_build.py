@@ -49,3 +49,28 @@ def kohya_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(r), "ss_network_alpha": str(alpha)}
     save_file(tensors, str(out), metadata=meta)
     return Path(out)
+
+
+def workdir(name: str) -> Path:
+    """WORKDIR/<name> from the command line (default: a temp dir), with the registry in its own home there unless
+    LORAOPS_HOME is set."""
+    import os
+    import sys
+    import tempfile
+
+    work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()) / name
+    os.environ.setdefault("LORAOPS_HOME", str(work / "home"))
+    os.environ.setdefault("LORAOPS_QUIET", "1")
+    return work
+
+
+def loraops(*args, ok: bool = True, env: dict | None = None) -> None:
+    """Run the real CLI (`python -m loraops ...`), echoing the command line; stop the example on an unexpected
+    exit code (ok=False: the command is meant to fail)."""
+    import subprocess
+    import sys
+
+    print(f"\n$ loraops {' '.join(str(a) for a in args)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], text=True, env=env)
+    if (done.returncode == 0) != ok:
+        sys.exit(f"unexpected exit code {done.returncode} from: loraops {' '.join(map(str, args))}")
