@@ -32,6 +32,56 @@ class ModuleRecord(Record):
         )
 
 
+class ShapeMismatch(Record):
+    """A module (or full tensor) whose base tensor has another shape; ``expected`` is the base's, None if absent."""
+
+    name: str
+    tensor: str
+    expected: list[int] | None
+    actual: list[int]
+
+
+class CheckReport(Record):
+    """How an adapter fits a base: every module matched by name and shape, or exactly what does not."""
+
+    ok: bool
+    base: str | None = None
+    matched: int
+    modules: int
+    missing: list[str]
+    """Adapter modules with no tensor in the base (for kohya names: no base module has that underscore form)."""
+    ambiguous: list[str] = []
+    """kohya names that more than one base module turns into."""
+    shape_mismatches: list[ShapeMismatch]
+    full_tensor_mismatches: list[ShapeMismatch] = []
+    """modules_to_save tensors missing from the base (expected null) or of another shape."""
+
+
+class InspectReport(Record):
+    """What `loraops inspect` reports about an adapter file or folder (no registry involved)."""
+
+    path: str
+    format: str
+    identity: str
+    """sha256 of the file; for a PEFT folder it also covers the math fields of the config (see formats.identity)."""
+    files: list[str]
+    size: int
+    dtype: str
+    rank: int | None
+    """null when modules have different ranks."""
+    alpha: float | None
+    """null when modules have different alphas."""
+    scale_mode: Literal["classic", "rslora"]
+    target_modules: list[str]
+    num_modules: int
+    num_parameters: int
+    names_resolved: bool
+    base_model: str | None
+    full_tensors: list[str]
+    metadata: dict[str, str]
+    modules: list[ModuleRecord]
+
+
 class MergeInputRecord(Record):
     """One adapter of a merge or subtract: where it came from and the weight it was applied with (negated for
     subtract: the weight as it entered W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ)."""

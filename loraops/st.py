@@ -196,3 +196,39 @@ def load_tensors(header: Header, names=None) -> dict[str, "torch.Tensor"]:
     wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
     with open(header.path, "rb") as f:
         return {name: read_tensor(info, f) for name, info in wanted.items()}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None,
+                      *, hash_key: str | None = None) -> None:
+    """Write a safetensors file (tensors in name order). With ``hash_key``, the metadata entry of that name is set
+    to the sha256 of the data section (the bytes after the header) exactly as written: the header is written with a
+    same-length placeholder, the data is hashed while it is written, and the placeholder is then overwritten."""
+    import hashlib
+
+    import torch
+
+    metadata = dict(metadata or {})
+    placeholder = "0" * 64
+    if hash_key:
+        metadata[hash_key] = placeholder
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    ordered = sorted(tensors.items())
+    for name, tensor in ordered:
+        nbytes = tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": st_dtype(tensor.dtype), "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, tensor in ordered:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            digest.update(data)
+            f.write(data)
+        if hash_key:
+            at = raw.index(f'"{hash_key}":"{placeholder}"'.encode()) + len(hash_key) + 4
+            f.seek(8 + at)
+            f.write(digest.hexdigest().encode())

@@ -19,3 +19,24 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("LORAOPS_QUIET", "1")
     return home
+
+
+@pytest.fixture(autouse=True)
+def registry_backend(isolated_home, monkeypatch):
+    """With LORAOPS_TEST_DB set (tests/run.sh sets it for its PostgreSQL pass), every test uses that server with an
+    empty schema; otherwise the default SQLite file in the tmp home."""
+    import os
+
+    url = os.environ.get("LORAOPS_TEST_DB")
+    if not url:
+        yield "sqlite"
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA public"))
+    engine.dispose()
+    monkeypatch.setenv("LORAOPS_DB", url)
+    yield "postgresql"

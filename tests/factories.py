@@ -119,3 +119,29 @@ def kohya_file(path: Path, modules: dict[str, tuple[tuple[int, ...], tuple[int, 
     meta.update(metadata or {})
     save_file(tensors, str(path), metadata=meta)
     return Path(path)
+
+
+def conv_peft_adapter(out: Path, *, seed: int = 1, r: int = 4, alpha: float = 8,
+                      target_modules: list[str] | None = None, **lora_kwargs: Any) -> Path:
+    """A PEFT adapter made by peft on conv_embedding_model() (Embedding, Linear, 1×1 and 3×3 Conv2d)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = conv_embedding_model()
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules or ["embed", "proj", "conv1", "conv3"],
+                        init_lora_weights=False, **lora_kwargs)
+    get_peft_model(model, config).save_pretrained(out)
+    return Path(out)
+
+
+def peft_delta_weights(peft_model) -> dict[str, torch.Tensor]:
+    """PEFT's own delta for every LoRA layer of a loaded PeftModel ({module path without base_model.model.: delta}),
+    in the base weight's layout, as PEFT computes it for merging."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, LoraLayer) and "default" in layer.scaling:
+            with torch.no_grad():
+                out[name.removeprefix("base_model.model.")] = layer.get_delta_weight("default").float()
+    return out

@@ -1,0 +1,139 @@
+"""On-disk adapter layouts, read into and written from the canonical model (loraops.adapter).
+
+    detect(path) -> "peft" | "kohya" | "diffusers"
+    read_adapter(path, *, alpha=None) -> Adapter
+    write_adapter(adapter, dest, fmt="peft", *, force=False) -> Path     (atomic)
+    adapter_files(path) -> [Path]                                          (what makes up the adapter)
+    identity(path) -> sha256 hex                                           (see ``identity``)
+
+One module per layout (peft.py, kohya.py, diffusers.py); what they share is in common.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import st
+from ..errors import FormatError, InvalidInputError, NotFoundError
+from ..fsutil import atomic_path, sha256_file
+from . import common, diffusers, kohya, peft
+from .kohya import kohya_name
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+
+FORMATS = ("peft", "kohya", "diffusers")
+READERS = {"peft": peft.read, "kohya": kohya.read, "diffusers": diffusers.read}
+# format → (writer, writes a folder?)
+WRITERS = {"peft": (peft.write, True), "kohya": (kohya.write, False), "diffusers": (diffusers.write, False)}
+IDENTITY_VERSION = "loraops-peft-identity-v1"
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path}: no such file or folder")
+    return path
+
+
+def detect(path: str | Path) -> str:
+    """The layout of an adapter file or folder, from its file names and tensor keys (no tensor is loaded)."""
+    path = _existing(path)
+    if path.is_dir():
+        if (path / peft.CONFIG_NAME).is_file() or any((path / n).exists() for n in (peft.WEIGHTS_NAME, *peft.PICKLE_WEIGHTS)):
+            return "peft"
+        if (path / diffusers.WEIGHTS_NAME).is_file():
+            return "diffusers"
+        raise FormatError(f"{path}: a folder without {peft.CONFIG_NAME}/{peft.WEIGHTS_NAME} or {diffusers.WEIGHTS_NAME}")
+    keys = list(st.read_header(path).tensors)
+    if any(kohya.is_kohya_key(k) for k in keys):
+        return "kohya"
+    if any(diffusers.is_diffusers_key(k) for k in keys) and not any(k.startswith(peft.PREFIX) for k in keys):
+        return "diffusers"
+    if any(peft.is_factor_key(k) for k in keys):
+        return "peft"
+    common.refuse_unsupported(path, keys)
+    raise common.unknown_layout(path, keys, "not a LoRA adapter (unknown key layout)")
+
+
+def read_adapter(path: str | Path, *, alpha: float | None = None) -> "Adapter":
+    """Read any supported adapter. ``alpha`` is the LoRA alpha to use where the file does not say (a bare PEFT
+    .safetensors without config); when the file does say, it replaces the stored alpha (PEFT: lora_alpha, with
+    alpha_pattern entries still applying; kohya: every module's alpha)."""
+    path = _existing(path)
+    if alpha is not None:
+        common.check_alpha(path, alpha, "--alpha")
+    return READERS[detect(path)](path, alpha=alpha)
+
+
+def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:
+    """Write ``adapter`` as ``fmt``: "peft" → a folder (adapter_model.safetensors + adapter_config.json);
+    "kohya"/"diffusers" → one .safetensors file. Nothing appears at ``dest`` unless the write completes."""
+    if fmt not in WRITERS:
+        raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt != "kohya" and not adapter.names_resolved:
+        raise InvalidInputError(
+            f"{adapter.path or 'adapter'}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
+        )
+    writer, is_dir = WRITERS[fmt]
+    dest = Path(dest)
+    with atomic_path(dest, force=force, is_dir=is_dir) as tmp:
+        writer(adapter, tmp)
+    return dest
+
+
+def _peft_parts(path: Path) -> tuple[Path, Path | None]:
+    """(weights file, config file or None) when ``path`` is a PEFT folder or a weights file with a sibling config."""
+    if path.is_dir():
+        if detect(path) == "diffusers":
+            return path / diffusers.WEIGHTS_NAME, None
+        return peft.weights_file(path), peft.config_path(path)
+    if detect(path) == "peft":
+        return path, peft.config_path(path)
+    return path, None
+
+
+def adapter_files(path: str | Path) -> list[Path]:
+    """The files an adapter consists of: a PEFT folder's weights file and adapter_config.json (also for a weights
+    file read with its sibling config); a diffusers folder's weights file; otherwise the single file."""
+    weights, config = _peft_parts(_existing(path))
+    return [weights] if config is None else [weights, config]
+
+
+def math_config(config: dict) -> dict:
+    """The config fields that change the math, PEFT defaults filled in, lists sorted (PEFT saves sets in any order)."""
+    out = {}
+    for name, default in peft.MATH_FIELDS.items():
+        value = config.get(name, default)
+        if isinstance(value, list):
+            value = sorted(value)
+        if name in ("modules_to_save", "target_modules") and not value:
+            value = None
+        if name == "peft_type" and isinstance(value, str):
+            value = value.upper()
+        out[name] = value
+    return out
+
+
+def identity(path: str | Path) -> str:
+    """sha256 that identifies an adapter.
+
+    A single file (kohya, diffusers, bare PEFT .safetensors): sha256 of the file's bytes (what the Hub and Civitai
+    show). A PEFT folder, or a PEFT weights file with a sibling adapter_config.json: sha256 of the UTF-8 text
+        "loraops-peft-identity-v1\\n" + <sha256 hex of the weights file bytes> + "\\n" + <canonical JSON>
+    where the canonical JSON (sorted keys, separators "," and ":") holds the config fields that change the math:
+    peft_type, r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out, target_modules,
+    modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null). So the same
+    weights with another alpha are another adapter, while a config edit that does not change the math (a new
+    base_model_name_or_path, a comment) keeps the identity."""
+    weights, config = _peft_parts(_existing(path))
+    digest = sha256_file(weights)
+    if config is None:
+        return digest
+    canonical = json.dumps(math_config(peft.load_config(config)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{IDENTITY_VERSION}\n{digest}\n{canonical}".encode()).hexdigest()
+
+
+__all__ = ["FORMATS", "detect", "read_adapter", "write_adapter", "adapter_files", "identity", "kohya_name"]

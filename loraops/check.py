@@ -1,0 +1,198 @@
+"""Does an adapter fit a base? Name resolution (kohya names, a leading ``model.``) and shape checks against a base
+manifest: ``{tensor name: TensorInfo}`` (anything with a ``.shape``), read from headers without loading weights.
+
+    bind(adapter, manifest) -> Adapter          module names resolved to base module paths (raises when it cannot)
+    check(adapter, manifest) -> CheckReport     never raises for a misfit: it reports every one
+    require_fit(adapter, manifest) -> Adapter   bind + check, raising one MismatchError line that lists the misfits
+
+kohya names are resolved by building the kohya form of every base module (its weight's name without ``.weight``,
+dots as underscores, behind the kohya prefix of its part of the model) and looking the adapter's names up; a name
+that no base module or several base modules produce is an error, never a silent skip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+from .adapter import Adapter, LoraModule
+from .errors import AmbiguousError, MismatchError
+from .formats.common import fmt_shape
+from .records import CheckReport, ShapeMismatch
+
+# Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
+# "<component>."), single-file SD/SDXL checkpoints (original LDM names), and any plain model ("": the whole model is
+# "the network", lora_unet_, as sd-scripts names the denoiser of every architecture).
+KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("unet.", ("lora_unet",)),
+    ("transformer.", ("lora_unet",)),
+    ("prior.", ("lora_unet",)),
+    ("text_encoder.", ("lora_te", "lora_te1")),
+    ("text_encoder_2.", ("lora_te2",)),
+    ("text_encoder_3.", ("lora_te3",)),
+    ("model.diffusion_model.", ("lora_unet",)),
+    ("cond_stage_model.transformer.", ("lora_te",)),
+    ("cond_stage_model.model.", ("lora_te",)),
+    ("conditioner.embedders.0.transformer.", ("lora_te1",)),
+    ("conditioner.embedders.1.model.", ("lora_te2",)),
+    ("", ("lora_unet",)),
+)
+SHOWN = 5
+
+
+def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
+    """kohya name → the base module paths that produce it."""
+    forms: dict[str, set[str]] = {}
+    for tensor in manifest:
+        if not tensor.endswith(".weight"):
+            continue
+        module = tensor[: -len(".weight")]
+        for base_prefix, kohya_prefixes in KOHYA_BASE_PREFIXES:
+            if module.startswith(base_prefix):
+                rest = module[len(base_prefix):].replace(".", "_")
+                for kohya_prefix in kohya_prefixes:
+                    forms.setdefault(f"{kohya_prefix}_{rest}", set()).add(module)
+    return forms
+
+
+@dataclass
+class Resolution:
+    names: dict[str, str] = field(default_factory=dict)
+    """adapter module name → base module path"""
+    full: dict[str, str] = field(default_factory=dict)
+    """adapter full-tensor name → base tensor name"""
+    missing: list[str] = field(default_factory=list)
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)
+
+
+def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
+    res = Resolution()
+    if not adapter.names_resolved:
+        forms = kohya_forms(manifest)
+        for name in adapter.modules:
+            candidates = sorted(forms.get(name, ()))
+            if len(candidates) == 1:
+                res.names[name] = candidates[0]
+            elif candidates:
+                res.ambiguous[name] = candidates
+            else:
+                res.missing.append(name)
+        res.full = {n: n for n in adapter.full_tensors}
+        return res
+    rename = leading_model_fix(adapter, manifest)
+    res.names = {n: rename(n) for n in adapter.modules}
+    res.full = {n: rename(n) for n in adapter.full_tensors}
+    return res
+
+
+def leading_model_fix(adapter: Adapter, manifest: Mapping[str, object]):
+    """PEFT module paths are relative to the model PEFT wrapped; a base saved from another class may have or lack a
+    leading ``model.``. Apply the one renaming that makes every module and full tensor match, if any does."""
+    wanted = [f"{n}.weight" for n in adapter.modules] + list(adapter.full_tensors)
+
+    def fits(rename) -> bool:
+        return all(rename(n) in manifest for n in wanted)
+
+    candidates = [lambda n: n, lambda n: n.removeprefix("model."), lambda n: f"model.{n}"]
+    if fits(candidates[0]):
+        return candidates[0]
+    if all(n.startswith("model.") for n in wanted) and fits(candidates[1]):
+        return candidates[1]
+    if fits(candidates[2]):
+        return candidates[2]
+    return candidates[0]
+
+
+def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
+    """kohya stores 1×1 convs as 4-D factors and sometimes targets a Linear with them (and vice versa): reshape the
+    factors to the base's kind when only the trailing 1×1 differs."""
+    shape = module.weight_shape
+    if module.kind == "conv" and shape[2:] == (1, 1) and base_shape == shape[:2]:
+        B2, A2 = module.matrices()
+        return replace(module, kind="linear", A=A2, B=B2)
+    if module.kind == "linear" and not module.transposed and base_shape == (*shape, 1, 1):
+        return replace(module, kind="conv", A=module.A.reshape(*module.A.shape, 1, 1),
+                       B=module.B.reshape(*module.B.shape, 1, 1))
+    return module
+
+
+def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -> Adapter:
+    modules = {}
+    for old, new in res.names.items():
+        module = replace(adapter.modules[old], name=new)
+        info = manifest.get(module.weight_name)
+        if not adapter.names_resolved and info is not None:
+            module = fit_kind(module, tuple(info.shape))
+        if new in modules:
+            raise MismatchError(f"{adapter.path}: two adapter modules resolve to base module {new!r}")
+        modules[new] = module
+    full = {res.full[n]: t for n, t in adapter.full_tensors.items()}
+    return replace(adapter, modules=modules, full_tensors=full, names_resolved=True)
+
+
+def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
+    """The adapter with module names resolved against the base (kohya names → module paths, a leading ``model.``
+    added/removed when that makes every module match). Unresolvable kohya names raise; shapes are check's job."""
+    res = resolve(adapter, manifest)
+    if res.ambiguous:
+        name, candidates = next(iter(res.ambiguous.items()))
+        raise AmbiguousError(
+            f"{adapter.path}: kohya name {name!r} matches several base modules ({', '.join(candidates[:3])})"
+            + (f" and {len(res.ambiguous) - 1} more ambiguous names" if len(res.ambiguous) > 1 else "")
+        )
+    if res.missing:
+        raise MismatchError(
+            f"{adapter.path}: {len(res.missing)} kohya module name(s) match no base module: {', '.join(res.missing[:SHOWN])}"
+            + (", …" if len(res.missing) > SHOWN else "")
+        )
+    return renamed(adapter, res, manifest)
+
+
+def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None) -> CheckReport:
+    """Every module matched by name and shape, or exactly what is not (never raises for a misfit)."""
+    res = resolve(adapter, manifest)
+    bound = renamed(adapter, res, manifest)
+    missing, mismatches, matched = list(res.missing), [], 0
+    for name, module in bound.modules.items():
+        info = manifest.get(module.weight_name)
+        if info is None:
+            missing.append(name)
+        elif tuple(info.shape) != tuple(module.weight_shape):
+            mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(info.shape),
+                                            actual=list(module.weight_shape)))
+        else:
+            matched += 1
+    full_mismatches = []
+    for name, tensor in bound.full_tensors.items():
+        info = manifest.get(name)
+        if info is None or tuple(info.shape) != tuple(tensor.shape):
+            full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
+                                                 actual=list(tensor.shape)))
+    return CheckReport(
+        ok=not (missing or mismatches or full_mismatches or res.ambiguous), base=base_name, matched=matched,
+        modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
+        shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches,
+    )
+
+
+def misfits(report: CheckReport) -> list[str]:
+    """One short phrase per problem, for one-line messages."""
+    out = [f"{m.name} (adapter {fmt_shape(m.actual)}, base {fmt_shape(m.expected)})" for m in report.shape_mismatches]
+    out += [f"{n} (not in base)" for n in report.missing]
+    out += [f"{n} (several base modules match)" for n in report.ambiguous]
+    out += [
+        f"{m.name} (full tensor {fmt_shape(m.actual)}, " + ("not in base)" if m.expected is None else f"base {fmt_shape(m.expected)})")
+        for m in report.full_tensor_mismatches
+    ]
+    return out
+
+
+def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None) -> Adapter:
+    """The bound adapter when it fits the base, else one MismatchError line summarising every misfit."""
+    report = check(adapter, manifest, base_name=base_name)
+    if not report.ok:
+        problems = misfits(report)
+        shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
+        where = f"base {base_name}" if base_name else "the base"
+        noun = "module does" if len(problems) == 1 else "modules do"
+        raise MismatchError(f"{adapter.path or 'adapter'}: {len(problems)} {noun} not fit {where}: {shown}")
+    return bind(adapter, manifest)

@@ -1,0 +1,60 @@
+"""`loraops inspect PATH`: describe an adapter file or folder (no registry needed)."""
+from __future__ import annotations
+
+import click
+
+from .render import echo_json, echo_table, human_bytes
+
+METADATA_SHOWN = 12
+VALUE_WIDTH = 60
+
+
+def number(value: float | None) -> str:
+    if value is None:
+        return "mixed"
+    return f"{value:g}"
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--alpha", type=float, help="LoRA alpha for a bare PEFT .safetensors that does not record one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the InspectReport record as JSON.")
+def inspect(path: str, alpha: float | None, as_json: bool) -> None:
+    """Show an adapter's format, modules, ranks, alphas, scales, dtype, parameters and metadata."""
+    from ..inspect import inspect_path
+
+    report = inspect_path(path, alpha=alpha)
+    if as_json:
+        echo_json(report)
+        return
+    summary = [
+        ("path", report.path),
+        ("format", report.format + ("" if report.names_resolved else " (kohya names, resolved against a base on use)")),
+        ("identity", report.identity),
+        ("size", human_bytes(report.size)),
+        ("dtype", report.dtype),
+        ("modules", str(report.num_modules)),
+        ("rank", number(report.rank)),
+        ("alpha", number(report.alpha)),
+        ("scale mode", "rsLoRA (alpha/sqrt(r))" if report.scale_mode == "rslora" else "classic (alpha/r)"),
+        ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
+        ("parameters", f"{report.num_parameters:,}"),
+        ("base model", report.base_model or "-"),
+    ]
+    if report.full_tensors:
+        summary.append(("full tensors", ", ".join(report.full_tensors)))
+    width = max(len(k) for k, _ in summary)
+    for key, value in summary:
+        click.echo(f"{key.ljust(width)}  {value}")
+    if report.metadata:
+        click.echo("metadata:")
+        for key, value in sorted(report.metadata.items())[:METADATA_SHOWN]:
+            value = value if len(value) <= VALUE_WIDTH else value[: VALUE_WIDTH - 1] + "…"
+            click.echo(f"  {key} = {value}")
+        if len(report.metadata) > METADATA_SHOWN:
+            click.echo(f"  … {len(report.metadata) - METADATA_SHOWN} more (see --json)")
+    click.echo()
+    echo_table(
+        ["module", "kind", "rank", "alpha", "scale", "in", "out"],
+        [(m.name, m.kind, m.rank, f"{m.alpha:g}", f"{m.scale:.6g}", m.in_features, m.out_features) for m in report.modules],
+    )

@@ -1,0 +1,151 @@
+"""What every layout shares: recognising what is not plain LoRA, building validated modules, PEFT's scale rules.
+
+Readers collect, per module, the two factors and the alpha; ``build_module`` turns them into a checked LoraModule
+(shapes coherent, ranks equal, values finite) so no reader repeats those checks.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from ..adapter import LoraModule, ModuleKind
+from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
+
+if TYPE_CHECKING:
+    import torch
+
+# Key segments of layouts whose math is not W + s·B·A (checked before anything else, so the message names them).
+# Each regex is searched in the full key; segments are dot-bounded so lora_embedding_A never reads as AdaLoRA's lora_E.
+REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)lora_magnitude_vector(\.|$)", "a DoRA adapter (lora_magnitude_vector): its merge is not W + s·B·A"),
+    (r"(^|\.)dora_scale$", "a DoRA adapter (dora_scale): its merge is not W + s·B·A"),
+    (r"(^|\.)hada_[wt]\d", "a LoHa adapter (hada_w1_a/hada_w2_b, Hadamard product factors)"),
+    (r"(^|\.)lokr_[wt]\d", "a LoKr adapter (lokr_w1/lokr_w2, Kronecker product factors)"),
+    (r"(^|\.)ia3_l(\.|$)", "an IA3 adapter (ia3_l, learned rescaling vectors)"),
+    (r"(^|\.)(oft_r|oft_blocks|oft_diag)(\.|$)", "an OFT adapter (orthogonal finetuning)"),
+    (r"(^|\.)boft_[Rs](\.|$)", "a BOFT adapter (boft_R, butterfly orthogonal finetuning)"),
+    (r"(^|\.)lora_E(\.|$)", "an AdaLoRA adapter (lora_E, SVD-parametrised)"),
+    (r"(^|\.)vera_lambda_[bd](\.|$)", "a VeRA adapter (vera_lambda, shared random projections)"),
+    (r"(^|\.)lora_mid(\.|$)", "a LoCon/LyCORIS adapter with Tucker decomposition (lora_mid)"),
+    (r"(^|\.)(token_adapter|trainable_tokens_delta)(\.|$)", "an adapter with PEFT trainable tokens"),
+    (r"(^|\.)(lora_B|lora_up)\.bias$", "a LoRA with a bias on its up factor (PEFT lora_bias)"),
+    (r"\.diff(_b)?$", "a full-weight difference file (.diff/.diff_b keys, LyCORIS 'full')"),
+    (r"(^|\.)[wb]_norm$", "a LyCORIS norm-layer adapter (w_norm/b_norm)"),
+)
+
+# PEFT peft_type values that are known and are not LoRA.
+OTHER_PEFT_TYPES = {
+    "LOHA": "a LoHa adapter", "LOKR": "a LoKr adapter", "IA3": "an IA3 adapter", "OFT": "an OFT adapter",
+    "BOFT": "a BOFT adapter", "ADALORA": "an AdaLoRA adapter", "VERA": "a VeRA adapter", "FOURIERFT": "a FourierFT adapter",
+    "PROMPT_TUNING": "a prompt-tuning adapter", "PREFIX_TUNING": "a prefix-tuning adapter",
+    "P_TUNING": "a p-tuning adapter", "LN_TUNING": "a LayerNorm-tuning adapter", "POLY": "a Poly adapter",
+    "HRA": "an HRA adapter", "BONE": "a Bone adapter", "VBLORA": "a VB-LoRA adapter", "XLORA": "an X-LoRA adapter",
+    "MISS": "a MiSS adapter", "RANDLORA": "a RandLoRA adapter", "SHIRA": "a SHiRA adapter", "C3A": "a C3A adapter",
+    "ROAD": "a RoAd adapter", "WAVEFT": "a WaveFT adapter", "DELORA": "a DeLoRA adapter", "GRALORA": "a GraLoRA adapter",
+}
+
+# LoraConfig fields that change the math away from W + s·B·A (or add weights we would drop) when set.
+REFUSED_CONFIG_FLAGS = {
+    "use_dora": "a DoRA adapter (use_dora): its merge is not W + s·B·A",
+    "lora_bias": "a LoRA with a bias on B (lora_bias)",
+    "use_qalora": "a QA-LoRA adapter (use_qalora)",
+    "use_bdlora": "a block-diagonal LoRA (use_bdlora)",
+    "alora_invocation_tokens": "an activated LoRA (alora_invocation_tokens): applied only after invocation tokens",
+    "layer_replication": "an adapter that replicates base layers (layer_replication)",
+    "target_parameters": "a LoRA on raw parameters (target_parameters)",
+    "trainable_token_indices": "an adapter with PEFT trainable tokens (trainable_token_indices)",
+    "velora_config": "a VeLoRA adapter (velora_config)",
+    "monteclora_config": "a MonteCLoRA adapter (monteclora_config)",
+    "kasa_config": "a KaSA adapter (kasa_config)",
+    "arrow_config": "an Arrow routing adapter (arrow_config)",
+}
+
+
+def refuse_unsupported(path: Path, keys: Iterable[str]) -> None:
+    """Raise UnsupportedAdapterError when any key belongs to a known non-LoRA layout."""
+    for key in keys:
+        for marker, what in REFUSED_MARKERS:
+            if re.search(marker, key):
+                raise UnsupportedAdapterError(f"{path}: {what} (key {key!r}); loraops handles plain LoRA only")
+
+
+def unknown_layout(path: Path, keys: Iterable[str], what: str = "unknown adapter key layout") -> FormatError:
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+    return FormatError(f"{path}: {what}: {shown}")
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first key of a PEFT rank_pattern/alpha_pattern that matches module ``name``, exactly as
+    peft.utils.other.get_pattern_key does (0.21): the key is a regex that must match a dot-bounded suffix."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def check_alpha(path: Path, alpha: object, where: str) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InvalidInputError(f"{path}: {where}: alpha {alpha!r} is not a finite number")
+    if alpha < 0:
+        raise InvalidInputError(f"{path}: {where}: negative alpha {alpha}")
+    return float(alpha)
+
+
+def check_finite(path: Path, key: str, tensor: "torch.Tensor") -> None:
+    import torch
+
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InvalidInputError(f"{path}: tensor {key!r} contains NaN or Inf")
+
+
+def fmt_shape(shape) -> str:
+    return "×".join(str(int(d)) for d in shape) or "scalar"
+
+
+def build_module(
+    path: Path, name: str, A: "torch.Tensor", B: "torch.Tensor", *, a_key: str, b_key: str, alpha: float | None,
+    rslora: bool = False, kind: ModuleKind | None = None, fan_in_fan_out: bool = False, extra_keys: tuple[str, ...] = (),
+) -> LoraModule:
+    """A validated LoraModule from stored factors. ``kind`` None means linear or conv by the number of dims;
+    ``alpha`` None means alpha = r (kohya's rule for a missing alpha)."""
+    def bad(why: str) -> InvalidInputError:
+        return InvalidInputError(
+            f"{path}: module {name!r}: {why} ({a_key} {fmt_shape(A.shape)}, {b_key} {fmt_shape(B.shape)})"
+        )
+
+    if kind is None:
+        kind = "conv" if A.dim() == 4 else "linear"
+    if kind == "conv":
+        if A.dim() != 4 or B.dim() != 4:
+            raise bad("conv factors must both be 4-D")
+        if tuple(B.shape[2:]) != (1, 1):
+            raise bad("conv B must be out×r×1×1")
+    elif A.dim() != 2 or B.dim() != 2:
+        raise bad("factors must be 2-D matrices")
+    if A.shape[0] != B.shape[1]:
+        raise bad(f"rank mismatch: A has rank {A.shape[0]}, B has rank {B.shape[1]}")
+    if A.shape[0] == 0 or any(d == 0 for d in (*A.shape, *B.shape)):
+        raise bad("empty factor")
+    check_finite(path, a_key, A)
+    check_finite(path, b_key, B)
+    rank = int(A.shape[0])
+    alpha = float(rank) if alpha is None else alpha
+    return LoraModule(
+        name=name, A=A, B=B, alpha=alpha, scale=lora_scale(alpha, rank, rslora), kind=kind,
+        fan_in_fan_out=fan_in_fan_out, source_keys=(a_key, b_key, *extra_keys),
+    )
+
+
+def pair_factors(path: Path, found: dict[str, dict[str, str]], first: str, second: str) -> None:
+    """Every module needs both factors: raise naming the key whose partner is missing."""
+    for module, parts in found.items():
+        for have, need in ((first, second), (second, first)):
+            if have in parts and need not in parts:
+                raise InvalidInputError(f"{path}: {parts[have]!r} has no matching {need} tensor for module {module!r}")

@@ -1,0 +1,96 @@
+"""diffusers LoRA: PEFT-grammar keys behind a pipeline component (``unet.down_blocks.0...lora_A.weight``), in one
+.safetensors (diffusers' ``pytorch_lora_weights.safetensors``). Module names keep the component prefix
+("unet.down_blocks.0.attentions.0.proj_in"), the same names a pipeline folder's tensors get in a base manifest.
+
+Alpha: diffusers writes the LoraConfig of each component as JSON under the header key ``lora_adapter_metadata``
+(keys prefixed "<component>." for a pipeline). Files without it are loaded by diffusers with lora_alpha = r
+(scale 1), so that is what loraops does too, unless the caller passes an alpha.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import st
+from ..adapter import Adapter
+from ..errors import FormatError
+from . import common, peft
+
+COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+
+
+def component_of(key: str) -> str | None:
+    head = key.split(".", 1)[0]
+    return head if head in COMPONENTS else None
+
+
+def is_diffusers_key(key: str) -> bool:
+    return component_of(key) is not None and peft.is_factor_key(key)
+
+
+def component_config(cfg: dict, component: str) -> dict:
+    """One component's LoraConfig out of diffusers' metadata (a pipeline packs them as "<component>.<field>")."""
+    prefix = f"{component}."
+    packed = {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)}
+    if packed or any("." in k for k in cfg):
+        return packed
+    return cfg
+
+
+def read(path: Path, *, alpha: float | None = None) -> Adapter:
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    header = st.read_header(weights)
+    common.refuse_unsupported(weights, header.tensors)
+    parsed = peft.parse_keys(weights, header.tensors, lambda module: module)
+    if parsed.others:
+        raise common.unknown_layout(weights, parsed.others, "unknown keys in a diffusers LoRA file")
+    if not parsed.factors:
+        raise FormatError(f"{weights}: no LoRA tensors in this file")
+    unprefixed = [n for n in parsed.factors if component_of(n) is None]
+    if unprefixed:
+        raise common.unknown_layout(weights, unprefixed, f"modules without a pipeline component ({', '.join(COMPONENTS)})")
+    raw = peft.metadata_config(header.metadata) or {}
+    configs = {}
+    for component in {component_of(n) for n in parsed.factors}:
+        cfg = component_config(raw, component)
+        if alpha is None and "lora_alpha" not in cfg:
+            cfg = {**cfg, "lora_alpha": None}
+        configs[component] = peft.scale_config(weights, cfg, alpha)
+
+    def config_for(name: str):
+        component, _, rest = name.partition(".")
+        cfg = configs[component]
+        if cfg.alpha is None and common.pattern_key(cfg.alpha_pattern, rest) is None:
+            rank = header.tensors[parsed.factors[name]["A"]].shape[0]
+            cfg = peft.ScaleConfig(alpha=float(rank), rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out)
+        return cfg, rest
+
+    tensors = st.load_tensors(header)
+    modules = peft.build_modules(weights, parsed, tensors, config_for)
+    scale_modes = {cfg.rslora for cfg in configs.values()}
+    return Adapter(
+        modules=modules, format="diffusers", metadata=dict(header.metadata), config=raw, path=path,
+        scale_mode="rslora" if scale_modes == {True} else "classic",
+    )
+
+
+def write(adapter: Adapter, dest: Path) -> None:
+    """One .safetensors with component-prefixed PEFT keys and the per-component LoraConfig in the header."""
+    from safetensors.torch import save_file
+
+    if adapter.full_tensors:
+        raise FormatError("diffusers LoRA files cannot hold full replacement tensors (modules_to_save)")
+    rslora = adapter.scale_mode == "rslora"
+    by_component: dict[str, dict] = {}
+    for name, module in adapter.modules.items():
+        component = component_of(name)
+        if component is None:
+            raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
+        by_component.setdefault(component, {})[name] = module
+    packed = {}
+    for component, modules in by_component.items():
+        cfg = peft.lora_config(modules, {n: n.partition(".")[2] for n in modules}, rslora=rslora, saved_modules=[])
+        packed.update({f"{component}.{k}": v for k, v in cfg.items()})
+    save_file(peft.tensors_of(adapter, ""), str(dest), metadata={"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)})

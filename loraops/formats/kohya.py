@@ -1,0 +1,165 @@
+"""kohya / sd-scripts LoRA: one .safetensors of ``<name>.lora_down.weight`` (r×in, or r×in×k×k),
+``<name>.lora_up.weight`` (out×r, or out×r×1×1) and ``<name>.alpha`` (0-d; missing or 0 means alpha = r),
+with ``ss_*`` training metadata. Names are the base module path with every "." replaced by "_" behind a prefix
+naming the network (``lora_unet_``, ``lora_te_``, ``lora_te1_``/``lora_te2_``...); they are resolved to real module
+paths by loraops.check.bind against a base.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import st
+from ..adapter import Adapter, LoraModule
+from ..errors import FormatError, InvalidInputError
+from . import common
+
+if TYPE_CHECKING:
+    import torch
+
+KEY_RE = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+# diffusers component (None: a single network such as an LLM) → kohya prefix. sd-scripts names the denoiser
+# "lora_unet" for every architecture (UNet, SD3 MMDiT, FLUX), and the text encoders lora_te / lora_te1, lora_te2
+# (SDXL), lora_te3 (the T5 of SD3/FLUX). A plain model is "the network", so it gets the denoiser's prefix.
+KOHYA_PREFIXES = {
+    None: "lora_unet", "unet": "lora_unet", "transformer": "lora_unet", "prior": "lora_unet",
+    "text_encoder": "lora_te", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3",
+}
+HASH_KEY = "sshs_model_hash"
+
+
+def is_kohya_key(key: str) -> bool:
+    return key.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or key.endswith(
+        (".lora_down.weight", ".lora_up.weight")
+    )
+
+
+def kohya_name(module_path: str, component: str | None = None) -> str:
+    """The kohya name of a module: ``kohya_name("down_blocks.0.attentions.0.proj_in", "unet")`` →
+    ``lora_unet_down_blocks_0_attentions_0_proj_in``; ``kohya_name("model.layers.0.self_attn.q_proj")`` →
+    ``lora_unet_model_layers_0_self_attn_q_proj``. ``component`` "text_encoder_1" gives SDXL's ``lora_te1_``."""
+    if component == "text_encoder_1":
+        prefix = "lora_te1"
+    elif component in KOHYA_PREFIXES:
+        prefix = KOHYA_PREFIXES[component]
+    else:
+        raise InvalidInputError(f"no kohya prefix for component {component!r} (known: {sorted(filter(None, KOHYA_PREFIXES))})")
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def read(path: Path, *, alpha: float | None = None) -> Adapter:
+    header = st.read_header(path)
+    common.refuse_unsupported(path, header.tensors)
+    found: dict[str, dict[str, str]] = {}
+    unknown = []
+    for key in header.tensors:
+        match = KEY_RE.match(key)
+        if match is None:
+            unknown.append(key)
+            continue
+        found.setdefault(match["name"], {})[PARTS[match["part"]]] = key
+    if unknown:
+        raise common.unknown_layout(path, unknown, "unknown keys in a kohya LoRA file")
+    for name, parts in found.items():
+        if "down" not in parts and "up" not in parts:
+            raise InvalidInputError(f"{path}: {parts['alpha']!r} has no lora_down/lora_up tensors")
+    common.pair_factors(path, found, "down", "up")
+    if not found:
+        raise FormatError(f"{path}: no LoRA tensors in this file")
+    tensors = st.load_tensors(header)
+    modules = {}
+    for name, parts in sorted(found.items()):
+        down, up = tensors[parts["down"]], tensors[parts["up"]]
+        module_alpha = alpha
+        if module_alpha is None and "alpha" in parts:
+            stored = tensors[parts["alpha"]]
+            if stored.numel() != 1:
+                raise InvalidInputError(f"{path}: {parts['alpha']!r} must hold one number, has shape {tuple(stored.shape)}")
+            module_alpha = common.check_alpha(path, float(stored.float().item()), parts["alpha"]) or None
+        elif module_alpha is not None:
+            module_alpha = common.check_alpha(path, module_alpha, "alpha")
+        extra = (parts["alpha"],) if "alpha" in parts else ()
+        modules[name] = common.build_module(
+            path, name, down, up, a_key=parts["down"], b_key=parts["up"], alpha=module_alpha, extra_keys=extra
+        )
+    return Adapter(modules=modules, format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
+
+
+def component_of(adapter: Adapter, name: str) -> tuple[str | None, str]:
+    """(diffusers component, path inside it) of a module name."""
+    if adapter.format == "diffusers":
+        head, _, rest = name.partition(".")
+        return head, rest
+    return None, name
+
+
+def kohya_names(adapter: Adapter) -> dict[str, str]:
+    if not adapter.names_resolved:
+        return {name: name for name in adapter.modules}
+    components = {component_of(adapter, name)[0] for name in adapter.modules}
+    out = {}
+    for name in adapter.modules:
+        component, rest = component_of(adapter, name)
+        if component == "text_encoder" and "text_encoder_2" in components:
+            component = "text_encoder_1"
+        out[name] = kohya_name(rest, component)
+    clashes = [n for n in set(out.values()) if list(out.values()).count(n) > 1]
+    if clashes:
+        raise InvalidInputError(f"modules collide under kohya naming (dots become underscores): {sorted(clashes)[:3]}")
+    return out
+
+
+def factors(module: LoraModule) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(down, up) such that up·down is the delta in the base weight's stored layout. kohya has no fan_in_fan_out or
+    embedding convention, so transposed modules are written as Bᵀ/Aᵀ (read back, they are plain linear modules of
+    the stored shape: the same delta on the same tensor)."""
+    if module.transposed:
+        return module.B.T.contiguous(), module.A.T.contiguous()
+    return module.A.contiguous(), module.B.contiguous()
+
+
+def write(adapter: Adapter, dest: Path) -> None:
+    import torch
+
+    from . import peft  # the alpha that reproduces a module's scale is the same rule with rsLoRA off
+
+    names = kohya_names(adapter)
+    if adapter.full_tensors:
+        raise FormatError(
+            f"kohya files cannot hold full replacement tensors (modules_to_save: {sorted(adapter.full_tensors)[:3]})"
+        )
+    tensors = {}
+    ranks, alphas, conv_args = set(), set(), {}
+    for name, module in adapter.modules.items():
+        down, up = factors(module)
+        key = names[name]
+        alpha = peft.stored_alpha(module, rslora=False)
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if module.kind == "conv" and tuple(module.A.shape[2:]) != (1, 1):
+            # sd-scripts LoCon records the k×k convs' dim/alpha in the network args
+            conv_args = {"conv_dim": str(module.rank), "conv_alpha": str(peft.number(alpha))}
+        ranks.add(module.rank)
+        alphas.add(alpha)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+        "ss_network_args": json.dumps(conv_args),
+        "ss_base_model_version": adapter.metadata.get("ss_base_model_version", ""),
+        "ss_v2": adapter.metadata.get("ss_v2", "False"),
+    }
+    st.write_safetensors(dest, tensors, metadata, hash_key=HASH_KEY)
+
+
+def data_hash(path: Path) -> str:
+    """sshs_model_hash as sd-scripts computes it: sha256 of the bytes after the header."""
+    from ..fsutil import sha256_file
+
+    return sha256_file(path, start=st.read_header(path).data_offset)
+

@@ -1,0 +1,357 @@
+"""PEFT LoRA: a folder (adapter_config.json + adapter_model.safetensors) or a bare .safetensors of PEFT keys.
+
+Keys: ``base_model.model.<module>.lora_A.weight`` (r×in) / ``.lora_B.weight`` (out×r), embeddings
+``.lora_embedding_A`` (r×num_embeddings) / ``.lora_embedding_B`` (dim×r); an adapter-name segment
+(``.lora_A.default.weight``) is tolerated. Scales follow PEFT 0.21's LoraModel._create_and_replace: per module
+r and alpha come from rank_pattern/alpha_pattern (first matching key, see common.pattern_key), else r/lora_alpha;
+scale = alpha/r, or alpha/sqrt(r) with use_rslora. r itself is read from the tensors.
+The same key grammar, with a component prefix instead of base_model.model., is the diffusers layout (diffusers.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .. import st
+from ..adapter import Adapter, LoraModule
+from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
+from . import common
+
+if TYPE_CHECKING:
+    import torch
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+FACTOR_PARTS = {"lora_A": ("A", "linear"), "lora_B": ("B", "linear"),
+                "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding")}
+FACTOR_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.[^.]+)*)$")
+MAX_ADAPTER_NAME_SEGMENTS = 1
+
+# Config fields that change the math (or the modules touched): hashed into a PEFT folder's identity, with
+# PEFT's defaults for absent ones so an explicit default and an absent field hash alike.
+MATH_FIELDS = {
+    "peft_type": "LORA", "r": 8, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+    "fan_in_fan_out": False, "target_modules": None, "modules_to_save": None, "use_dora": False,
+}
+
+
+def is_factor_key(key: str) -> bool:
+    return FACTOR_RE.match(key) is not None
+
+
+@dataclass
+class ScaleConfig:
+    """The part of a LoraConfig that decides each module's alpha and scale."""
+
+    alpha: float | None
+    """lora_alpha; None when nothing says (a bare file): then reading needs an explicit alpha."""
+    r: int | None = None
+    rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    bias: str = "none"
+
+    def alpha_for(self, name: str) -> float | None:
+        key = common.pattern_key(self.alpha_pattern, name)
+        return float(self.alpha_pattern[key]) if key is not None else self.alpha
+
+    def saves(self, module: str) -> bool:
+        return any(module == m or module.endswith(f".{m}") for m in self.modules_to_save)
+
+
+def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
+    """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
+    peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    if peft_type in common.OTHER_PEFT_TYPES:
+        raise UnsupportedAdapterError(
+            f"{path}: {common.OTHER_PEFT_TYPES[peft_type]} (peft_type {peft_type}); loraops handles plain LoRA only"
+        )
+    if peft_type != "LORA":
+        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA is supported)")
+    for flag, what in common.REFUSED_CONFIG_FLAGS.items():
+        if cfg.get(flag):
+            raise UnsupportedAdapterError(f"{path}: {what}; loraops handles plain LoRA only")
+    unknown = sorted(k for k, v in cfg.items() if k.startswith("use_") and k not in MATH_FIELDS
+                     and k not in common.REFUSED_CONFIG_FLAGS and v)
+    if unknown:
+        raise UnsupportedAdapterError(
+            f"{path}: unknown LoRA option {unknown[0]}={cfg[unknown[0]]!r} that may change the math; refusing to guess"
+        )
+    r = cfg.get("r")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
+        raise InvalidInputError(f"{path}: config r={r!r} must be a positive integer")
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(flag, False), bool):
+            raise InvalidInputError(f"{path}: config {flag}={cfg[flag]!r} must be true or false")
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise InvalidInputError(f"{path}: config rank_pattern/alpha_pattern must be objects")
+    for key, value in rank_pattern.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidInputError(f"{path}: config rank_pattern[{key!r}]={value!r} must be a positive integer")
+    for key, value in alpha_pattern.items():
+        common.check_alpha(path, value, f"config alpha_pattern[{key!r}]")
+    lora_alpha = cfg.get("lora_alpha")
+    if alpha is not None:
+        lora_alpha = alpha
+    if lora_alpha is not None:
+        lora_alpha = common.check_alpha(path, lora_alpha, "config lora_alpha")
+    modules_to_save = cfg.get("modules_to_save") or []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    return ScaleConfig(
+        alpha=lora_alpha, r=r, rslora=bool(cfg.get("use_rslora", False)), rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"),
+    )
+
+
+def metadata_config(metadata: dict[str, str]) -> dict | None:
+    """A LoRA config carried in safetensors header metadata: diffusers' ``lora_adapter_metadata`` (a JSON
+    LoraConfig, possibly with component-prefixed keys), an ``adapter_config`` JSON, or a bare ``lora_alpha``/``alpha``."""
+    for key in ("lora_adapter_metadata", "adapter_config"):
+        if key in metadata:
+            try:
+                cfg = json.loads(metadata[key])
+            except json.JSONDecodeError:
+                cfg = None
+            if isinstance(cfg, dict):
+                return cfg
+    for key in ("lora_alpha", "alpha"):
+        if key in metadata:
+            try:
+                return {"lora_alpha": float(metadata[key])}
+            except ValueError:
+                return None
+    return None
+
+
+@dataclass
+class ParsedKeys:
+    factors: dict[str, dict[str, str]]
+    """module name → {"A"/"B": key}"""
+    kinds: dict[str, str]
+    others: list[str]
+
+
+def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKeys:
+    """Group PEFT-grammar factor keys by module; ``module_name`` maps the key's module part to our name."""
+    factors: dict[str, dict[str, str]] = {}
+    kinds: dict[str, str] = {}
+    others: list[str] = []
+    adapter_names: set[str] = set()
+    for key in keys:
+        match = FACTOR_RE.match(key)
+        if match is None:
+            others.append(key)
+            continue
+        segments = match["rest"].split(".")[1:]
+        if segments and segments[-1] == "weight":
+            segments.pop()
+        if len(segments) > MAX_ADAPTER_NAME_SEGMENTS:
+            raise common.unknown_layout(path, [key], "unknown LoRA key layout")
+        adapter_names.update(segments)
+        which, kind = FACTOR_PARTS[match["part"]]
+        name = module_name(match["module"])
+        parts = factors.setdefault(name, {})
+        if which in parts:
+            raise InvalidInputError(
+                f"{path}: duplicate module {name!r} after key normalisation ({parts[which]!r} and {key!r})"
+            )
+        if kinds.setdefault(name, kind) != kind:
+            raise InvalidInputError(f"{path}: module {name!r} mixes lora_A/B and lora_embedding_A/B keys")
+        parts[which] = key
+    if len(adapter_names) > 1:
+        raise FormatError(f"{path}: holds several adapters ({', '.join(sorted(adapter_names))}); save them apart")
+    common.pair_factors(path, factors, "A", "B")
+    return ParsedKeys(factors, kinds, others)
+
+
+def build_modules(
+    path: Path, parsed: ParsedKeys, tensors: dict[str, "torch.Tensor"], config_for: Callable[[str], tuple[ScaleConfig, str]],
+) -> dict[str, LoraModule]:
+    """Modules with PEFT's scales; ``config_for(name)`` gives the ScaleConfig and the name patterns match against."""
+    modules = {}
+    for name, parts in sorted(parsed.factors.items()):
+        cfg, pattern_name = config_for(name)
+        alpha = cfg.alpha_for(pattern_name)
+        if alpha is None:
+            raise InvalidInputError(
+                f"{path}: no adapter_config.json and no alpha in the file's metadata; pass the LoRA alpha "
+                "(--alpha A, or alpha= in Python)"
+            )
+        kind = parsed.kinds[name]
+        modules[name] = common.build_module(
+            path, name, tensors[parts["A"]], tensors[parts["B"]], a_key=parts["A"], b_key=parts["B"], alpha=alpha,
+            rslora=cfg.rslora, kind="embedding" if kind == "embedding" else None,
+            fan_in_fan_out=cfg.fan_in_fan_out and kind == "linear" and tensors[parts["A"]].dim() == 2,
+        )
+    return modules
+
+
+def full_tensor_name(key: str, cfg: ScaleConfig | None) -> str | None:
+    """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases), or None if it is not one."""
+    module, _, param = key.rpartition(".")
+    if ".modules_to_save." in key:
+        owner, _, rest = key.partition(".modules_to_save.")
+        return f"{owner}.{rest.split('.', 1)[1]}" if "." in rest else None
+    if cfg is None or not module:
+        return None
+    if cfg.saves(module) or (param == "bias" and cfg.bias != "none"):
+        return key
+    return None
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+
+
+def weights_file(folder: Path) -> Path:
+    """The safetensors weights of a PEFT folder; a pickle-only folder is refused with a conversion hint."""
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        return weights
+    for name in PICKLE_WEIGHTS:
+        if (folder / name).is_file():
+            st.read_header(folder / name)  # raises the pickle message naming the file
+    raise FormatError(f"{folder}: no {WEIGHTS_NAME} in this folder (not a PEFT adapter?)")
+
+
+def load_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: adapter config is not a JSON object")
+    return cfg
+
+
+def config_path(path: Path) -> Path | None:
+    """The adapter_config.json that goes with a PEFT folder or weights file, if there is one."""
+    candidate = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    return candidate if candidate.is_file() else None
+
+
+def read(path: Path, *, alpha: float | None = None) -> Adapter:
+    weights = weights_file(path) if path.is_dir() else path
+    cfg_file = config_path(path)
+    if path.is_dir() and cfg_file is None:
+        raise FormatError(f"{path}: no {CONFIG_NAME} in this PEFT folder")
+    header = st.read_header(weights)
+    raw_cfg = load_config(cfg_file) if cfg_file else metadata_config(header.metadata)
+    cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
+    common.refuse_unsupported(weights, header.tensors)
+    parsed = parse_keys(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
+    full_names = {}
+    for key in parsed.others:
+        target = full_tensor_name(key.removeprefix(PREFIX), cfg)
+        if target is None:
+            raise common.unknown_layout(weights, [k for k in parsed.others if full_tensor_name(k.removeprefix(PREFIX), cfg) is None])
+        if target in full_names.values():
+            raise InvalidInputError(f"{weights}: duplicate full tensor {target!r} after key normalisation")
+        full_names[key] = target
+    if not parsed.factors and not full_names:
+        raise FormatError(f"{weights}: no LoRA tensors in this file")
+    tensors = st.load_tensors(header)
+    no_config = ScaleConfig(alpha=None)
+    modules = build_modules(weights, parsed, tensors, lambda name: (cfg or no_config, name))
+    full = {}
+    for key, target in full_names.items():
+        common.check_finite(weights, key, tensors[key])
+        full[target] = tensors[key]
+    return Adapter(
+        modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
+        base_model=(raw_cfg or {}).get("base_model_name_or_path"), path=path,
+        scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
+    )
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+
+
+def stored_alpha(module: LoraModule, rslora: bool) -> float:
+    """The alpha that gives this module's scale under PEFT's rule (modules made by the algebra may carry a scale
+    that is not alpha/r, e.g. cat's scale 1)."""
+    alpha = module.scale * (math.sqrt(module.rank) if rslora else module.rank)
+    return float(round(alpha)) if math.isclose(alpha, round(alpha), rel_tol=0, abs_tol=1e-9) else alpha
+
+
+def number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *, rslora: bool,
+                saved_modules: list[str], base: dict | None = None, base_model: str | None = None) -> dict:
+    """An adapter_config.json PEFT loads unchanged, giving every module its rank and scale. The commonest rank and
+    alpha are r/lora_alpha; the others go into rank_pattern/alpha_pattern under the module's full (escaped) name,
+    so no pattern can reach another module (verified below with PEFT's matching rule)."""
+    ranks = {pattern_names[n]: m.rank for n, m in modules.items()}
+    alphas = {pattern_names[n]: stored_alpha(m, rslora) for n, m in modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    lora_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
+    rank_pattern = {re.escape(n): v for n, v in sorted(ranks.items()) if v != r}
+    alpha_pattern = {re.escape(n): number(v) for n, v in sorted(alphas.items()) if v != lora_alpha}
+    for name in ranks:
+        rk = common.pattern_key(rank_pattern, name)
+        ak = common.pattern_key(alpha_pattern, name)
+        if (rank_pattern[rk] if rk else r) != ranks[name] or (alpha_pattern[ak] if ak else lora_alpha) != number(alphas[name]):
+            raise FormatError(f"cannot express module {name!r}'s rank/alpha in a PEFT config without touching others")
+    cfg = dict(base or {})
+    for stale in ("layers_to_transform", "layers_pattern", "exclude_modules", "megatron_config", "revision"):
+        cfg.pop(stale, None)
+    cfg.update(
+        peft_type="LORA", r=r, lora_alpha=number(lora_alpha), use_rslora=rslora, rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern, target_modules=sorted(ranks),
+        fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()),
+        modules_to_save=sorted(saved_modules) or None, use_dora=False,
+        base_model_name_or_path=base_model, inference_mode=True,
+    )
+    cfg.setdefault("bias", "none")
+    cfg.setdefault("lora_dropout", 0.0)
+    cfg.setdefault("task_type", None)
+    cfg.setdefault("init_lora_weights", True)
+    return dict(sorted(cfg.items()))
+
+
+def factor_keys(module: LoraModule) -> tuple[str, str]:
+    if module.kind == "embedding":
+        return f"{module.name}.lora_embedding_A", f"{module.name}.lora_embedding_B"
+    return f"{module.name}.lora_A.weight", f"{module.name}.lora_B.weight"
+
+
+def tensors_of(adapter: Adapter, prefix: str) -> dict[str, "torch.Tensor"]:
+    out = {}
+    for module in adapter.modules.values():
+        a_key, b_key = factor_keys(module)
+        out[prefix + a_key] = module.A.contiguous()
+        out[prefix + b_key] = module.B.contiguous()
+    for name, tensor in adapter.full_tensors.items():
+        out[prefix + name] = tensor.contiguous()
+    return out
+
+
+def saved_module_names(adapter: Adapter) -> list[str]:
+    return sorted({name.rpartition(".")[0] for name in adapter.full_tensors})
+
+
+def write(adapter: Adapter, tmp: Path) -> None:
+    """Write a PEFT folder into ``tmp`` (an empty folder the caller renames into place)."""
+    from safetensors.torch import save_file
+
+    rslora = adapter.scale_mode == "rslora"
+    cfg = lora_config(
+        adapter.modules, {n: n for n in adapter.modules}, rslora=rslora, saved_modules=saved_module_names(adapter),
+        base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
+    )
+    save_file(tensors_of(adapter, PREFIX), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,0 +1,23 @@
+"""`loraops inspect`: what an adapter file or folder holds, without a registry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .records import InspectReport, ModuleRecord
+
+
+def inspect_path(path: str | Path, alpha: float | None = None) -> InspectReport:
+    """Read the adapter at ``path`` (any supported format) and describe it."""
+    from . import formats
+
+    path = Path(path)
+    adapter = formats.read_adapter(path, alpha=alpha)
+    files = formats.adapter_files(path)
+    return InspectReport(
+        path=str(path), format=adapter.format, identity=formats.identity(path), files=[str(f) for f in files],
+        size=sum(f.stat().st_size for f in files), dtype=str(adapter.dtype).removeprefix("torch."),
+        rank=adapter.rank, alpha=adapter.alpha, scale_mode=adapter.scale_mode, target_modules=adapter.target_modules,
+        num_modules=len(adapter.modules), num_parameters=adapter.num_parameters, names_resolved=adapter.names_resolved,
+        base_model=adapter.base_model, full_tensors=sorted(adapter.full_tensors), metadata=adapter.metadata,
+        modules=[ModuleRecord.of(m) for m in adapter.modules.values()],
+    )

@@ -1,0 +1,88 @@
+"""check / bind / require_fit against base manifests read from real safetensors headers."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import factories
+from loraops import st
+from loraops.check import bind, check, require_fit
+from loraops.errors import AmbiguousError, MismatchError
+from loraops.formats import read_adapter
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    big = factories.tiny_llama(root / "big")
+    small = factories.tiny_llama(root / "small", hidden=32, intermediate=64)
+    adapter = factories.peft_adapter(big, root / "adapter", r=4, target_modules=["q_proj", "down_proj"])
+    return SimpleNamespace(big=st.read_header(big / "model.safetensors").tensors,
+                           small=st.read_header(small / "model.safetensors").tensors, adapter=adapter)
+
+
+def test_fitting_adapter(bases):
+    adapter = read_adapter(bases.adapter)
+    report = check(adapter, bases.big, base_name="big")
+    assert report.ok and report.matched == report.modules == 4 and report.base == "big"
+    assert report.missing == [] and report.shape_mismatches == []
+    assert require_fit(adapter, bases.big).modules.keys() == adapter.modules.keys()
+
+
+def test_mismatching_base_lists_every_shape(bases):
+    adapter = read_adapter(bases.adapter)
+    report = check(adapter, bases.small, base_name="small")
+    assert not report.ok and report.matched == 0 and len(report.shape_mismatches) == 4
+    q = next(m for m in report.shape_mismatches if m.name == "model.layers.0.self_attn.q_proj")
+    assert (q.expected, q.actual, q.tensor) == ([32, 32], [64, 64], "model.layers.0.self_attn.q_proj.weight")
+    with pytest.raises(MismatchError) as info:
+        require_fit(adapter, bases.small, base_name="small")
+    message = str(info.value)
+    assert "\n" not in message and "4 modules do not fit base small" in message
+    assert "model.layers.0.mlp.down_proj (adapter 64×128, base 32×64)" in message
+
+
+def test_missing_modules_and_full_tensors(bases):
+    adapter = read_adapter(bases.adapter)
+    partial = {k: v for k, v in bases.big.items() if "layers.1." not in k}
+    report = check(adapter, partial)
+    assert report.missing == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"] and report.matched == 2
+    adapter.full_tensors["lm_head.weight"] = __import__("torch").zeros(3, 3)
+    report = check(adapter, bases.big)
+    assert [(m.name, m.expected, m.actual) for m in report.full_tensor_mismatches] == [("lm_head.weight", [128, 64], [3, 3])]
+    with pytest.raises(MismatchError, match=r"lm_head.weight \(full tensor 3×3, base 128×64\)"):
+        require_fit(adapter, bases.big)
+
+
+def test_leading_model_prefix_tolerated(bases, tmp_path):
+    adapter = read_adapter(bases.adapter)
+    without = {k.removeprefix("model."): v for k, v in bases.big.items()}
+    bound = require_fit(adapter, without)
+    assert "layers.0.self_attn.q_proj" in bound.modules
+    with_more = {f"model.{k}": v for k, v in bases.big.items()}
+    assert "model.model.layers.0.self_attn.q_proj" in bind(adapter, with_more).modules
+
+
+def test_kohya_no_match_and_ambiguity(tmp_path):
+    info = SimpleNamespace(shape=(4, 3))
+    path = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_a_b_c": ((3,), (4,))})
+    adapter = read_adapter(path)
+    ambiguous = {"a.b_c.weight": info, "a_b.c.weight": info}
+    with pytest.raises(AmbiguousError, match=r"k\.safetensors.*'lora_unet_a_b_c' matches several base modules \(a.b_c, a_b.c\)"):
+        bind(adapter, ambiguous)
+    report = check(adapter, ambiguous)
+    assert not report.ok and report.ambiguous == ["lora_unet_a_b_c"]
+    with pytest.raises(MismatchError, match=r"k\.safetensors.*match no base module: lora_unet_a_b_c"):
+        bind(adapter, {"x.y.weight": info})
+    report = check(adapter, {"x.y.weight": info})
+    assert report.missing == ["lora_unet_a_b_c"] and not report.ok
+    assert bind(adapter, {"a.b_c.weight": info, "a_b.c.bias": info}).modules["a.b_c"].weight_shape == (4, 3)
+
+
+def test_check_report_json_schema(bases):
+    data = json.loads(check(read_adapter(bases.adapter), bases.small).model_dump_json())
+    assert set(data) == {"ok", "base", "matched", "modules", "missing", "ambiguous", "shape_mismatches",
+                         "full_tensor_mismatches"}
+    assert set(data["shape_mismatches"][0]) == {"name", "tensor", "expected", "actual"}

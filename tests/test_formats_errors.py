@@ -1,0 +1,121 @@
+"""Every bad input: the right error class and a one-line message naming the file and what is wrong."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import factories
+from loraops import st
+from loraops.errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
+from loraops.formats import read_adapter
+
+
+def write(path, tensors, metadata=None):
+    st.write_safetensors(path, {k: torch.as_tensor(v) for k, v in tensors.items()}, metadata)
+    return path
+
+
+def raw(path, data: bytes):
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def peft_folder(folder, tensors, **config):
+    folder.mkdir()
+    write(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **config}))
+    return folder
+
+
+P = "base_model.model.layer.q"
+A, B = torch.ones(2, 3), torch.ones(4, 2)
+
+
+def good(**extra):
+    return {f"{P}.lora_A.weight": A, f"{P}.lora_B.weight": B, **extra}
+
+
+CASES = {
+    "dora": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_magnitude_vector": torch.ones(4)})),
+             UnsupportedAdapterError, "DoRA"),
+    "dora-config": (lambda d: peft_folder(d / "a", good(), use_dora=True), UnsupportedAdapterError, "DoRA"),
+    "loha": (lambda d: write(d / "x.safetensors", {"lora_unet_a.hada_w1_a": A, "lora_unet_a.hada_w1_b": A}),
+             UnsupportedAdapterError, "LoHa"),
+    "lokr": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lokr_w1": A, "lora_unet_a.lokr_w2": A}),
+             UnsupportedAdapterError, "LoKr"),
+    "ia3": (lambda d: peft_folder(d / "a", {"base_model.model.layer.q.ia3_l": torch.ones(4)}, peft_type="IA3"),
+            UnsupportedAdapterError, "IA3"),
+    "ia3-keys": (lambda d: write(d / "x.safetensors", {"base_model.model.layer.q.ia3_l": torch.ones(4)}),
+                 UnsupportedAdapterError, "IA3"),
+    "oft": (lambda d: write(d / "x.safetensors", {"base_model.model.layer.q.oft_r": A}), UnsupportedAdapterError, "OFT"),
+    "boft": (lambda d: peft_folder(d / "a", {f"{P}.boft_R": A}, peft_type="BOFT"), UnsupportedAdapterError, "BOFT"),
+    "diff": (lambda d: write(d / "x.safetensors", {"lora_unet_a.diff": A, "lora_unet_a.diff_b": torch.ones(2)}),
+             UnsupportedAdapterError, "full-weight difference"),
+    "unknown-layout": (lambda d: write(d / "x.safetensors", {"model.embed.weight": A, "model.norm.weight": torch.ones(3)}),
+                       FormatError, "unknown key layout.*model.embed.weight"),
+    "unknown-peft-type": (lambda d: peft_folder(d / "a", good(), peft_type="SUPERLORA"), FormatError, "unknown peft_type"),
+    "unknown-flag": (lambda d: peft_folder(d / "a", good(), use_magic_scaling=True), UnsupportedAdapterError,
+                     "use_magic_scaling"),
+    "pickle-folder": (lambda d: raw(d / "a" / "adapter_model.bin", b"PK\x03\x04junk" * 4).parent, FormatError, "pickle"),
+    "no-config": (lambda d: (d / "a").mkdir() or write(d / "a" / "adapter_model.safetensors", good()) and d / "a",
+                  FormatError, "no adapter_config.json"),
+    "rank-mismatch": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_B.weight": torch.ones(4, 3)})),
+                      InvalidInputError, "rank mismatch"),
+    "missing-partner": (lambda d: peft_folder(d / "a", {f"{P}.lora_A.weight": A}), InvalidInputError,
+                        "no matching B"),
+    "kohya-missing-partner": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A}),
+                              InvalidInputError, "no matching up"),
+    "nan": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_A.weight": torch.full((2, 3), float("nan"))})),
+            InvalidInputError, "NaN or Inf"),
+    "inf-kohya": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,
+                                                         "lora_unet_a.lora_up.weight": torch.full((4, 2), float("inf"))}),
+                  InvalidInputError, "NaN or Inf"),
+    "duplicate": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_A.default.weight": A})), InvalidInputError,
+                  "duplicate module"),
+    "r-zero": (lambda d: peft_folder(d / "a", good(), r=0), InvalidInputError, "r=0"),
+    "negative-alpha": (lambda d: peft_folder(d / "a", good(), lora_alpha=-4), InvalidInputError, "negative alpha"),
+    "negative-kohya-alpha": (lambda d: factories.kohya_file(d / "x.safetensors", {"lora_unet_a": ((3,), (4,))}, alpha=-1),
+                             InvalidInputError, "negative alpha"),
+    "conv-b-shape": (lambda d: write(d / "x.safetensors", {"lora_unet_c.lora_down.weight": torch.ones(2, 3, 3, 3),
+                                                            "lora_unet_c.lora_up.weight": torch.ones(4, 2, 3, 3)}),
+                     InvalidInputError, "out×r×1×1"),
+    "mixed-dims": (lambda d: write(d / "x.safetensors", {"lora_unet_c.lora_down.weight": torch.ones(2, 3, 1, 1),
+                                                          "lora_unet_c.lora_up.weight": torch.ones(4, 2)}),
+                   InvalidInputError, "4-D"),
+    "two-adapters": (lambda d: peft_folder(d / "a", {f"{P}.lora_A.one.weight": A, f"{P}.lora_B.one.weight": B,
+                                                      "base_model.model.layer.k.lora_A.two.weight": A,
+                                                      "base_model.model.layer.k.lora_B.two.weight": B}),
+                     FormatError, "several adapters"),
+    "bad-config-json": (lambda d: peft_folder(d / "a", good()).joinpath("adapter_config.json").write_text("{oops")
+                        and d / "a", FormatError, "unreadable adapter config"),
+    "not-safetensors": (lambda d: raw(d / "x.safetensors", b"hello world, not a tensor file"),
+                        FormatError, "not a safetensors file"),
+    "unknown-kohya-key": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,
+                                                                 "lora_unet_a.lora_up.weight": B, "lora_unet_a.scale": A}),
+                          FormatError, "unknown keys in a kohya"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, tmp_path):
+    make, error, pattern = CASES[case]
+    path = make(tmp_path)
+    with pytest.raises(error, match=pattern) as info:
+        read_adapter(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(tmp_path) in message  # names the file or folder
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(NotFoundError, match="no such file"):
+        read_adapter(tmp_path / "nope.safetensors")
+
+
+def test_bad_alpha_argument(tmp_path):
+    path = peft_folder(tmp_path / "a", good())
+    with pytest.raises(InvalidInputError, match="negative alpha"):
+        read_adapter(path, alpha=-1)

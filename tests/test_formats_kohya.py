@@ -1,0 +1,102 @@
+"""kohya/sd-scripts files written by the tests, read and bound to bases with the matching module names."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import factories
+from loraops import st
+from loraops.check import bind
+from loraops.formats import detect, kohya_name, read_adapter
+
+# The conv/embedding test model's modules, in kohya form (a plain model: the lora_unet_ prefix).
+CONV_MODULES = {
+    "lora_unet_proj": ((16,), (24,)),
+    "lora_unet_conv1": ((4, 1, 1), (8, 1, 1)),
+    "lora_unet_conv3": ((8, 3, 3), (6, 1, 1)),
+}
+
+
+@pytest.fixture
+def conv_base(tmp_path):
+    return factories.save_state_dict(factories.conv_embedding_model(), tmp_path / "base.safetensors")
+
+
+def test_read_and_bind_linear_and_conv(conv_base, tmp_path):
+    path = factories.kohya_file(tmp_path / "k.safetensors", CONV_MODULES, rank=4, alpha=2.0,
+                                metadata={"ss_output_name": "style", "ss_base_model_version": "sd_v1"})
+    assert detect(path) == "kohya"
+    adapter = read_adapter(path)
+    assert adapter.format == "kohya" and not adapter.names_resolved
+    assert adapter.metadata["ss_output_name"] == "style" and adapter.metadata["ss_network_dim"] == "4"
+    assert sorted(adapter.modules) == sorted(CONV_MODULES)
+    assert all(m.alpha == 2.0 and m.scale == 0.5 for m in adapter.modules.values())
+    bound = bind(adapter, st.read_header(conv_base).tensors)
+    assert bound.names_resolved and sorted(bound.modules) == ["conv1", "conv3", "proj"]
+    conv3 = bound.modules["conv3"]
+    assert conv3.kind == "conv" and conv3.weight_shape == (6, 8, 3, 3)
+    down, up = conv3.A, conv3.B
+    expected = 0.5 * (up.reshape(6, 4) @ down.reshape(4, -1)).reshape(6, 8, 3, 3)
+    torch.testing.assert_close(conv3.delta(), expected)
+    # The composition of the two convolutions is the k×k conv with that weight.
+    x = torch.randn(1, 8, 5, 5)
+    composed = 0.5 * torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down, padding=1), up)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x, conv3.delta(), padding=1), composed, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.0])
+def test_missing_or_zero_alpha_means_rank(alpha, tmp_path):
+    path = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,))}, rank=8, alpha=alpha)
+    module = read_adapter(path).modules["lora_unet_proj"]
+    assert module.alpha == 8 and module.scale == 1.0
+
+
+def test_explicit_alpha_replaces_stored(tmp_path):
+    path = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,))}, rank=8, alpha=4)
+    assert read_adapter(path, alpha=16).modules["lora_unet_proj"].scale == 2.0
+
+
+def test_bind_to_diffusers_pipeline_and_sdxl_text_encoders(tmp_path):
+    def info(*shape):
+        return SimpleNamespace(shape=shape)
+
+    manifest = {
+        "unet.down_blocks.0.attentions.0.proj_in.weight": info(8, 16),
+        "unet.down_blocks.0.attentions.0.proj_in.bias": info(8),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight": info(12, 12),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight": info(20, 20),
+    }
+    modules = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in": ((16, 1, 1), (8, 1, 1)),  # 1×1 conv factors on a Linear
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ((12,), (12,)),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": ((20,), (20,)),
+    }
+    bound = bind(read_adapter(factories.kohya_file(tmp_path / "k.safetensors", modules)), manifest)
+    assert sorted(bound.modules) == sorted(name[: -len(".weight")] for name in manifest if name.endswith("weight"))
+    proj_in = bound.modules["unet.down_blocks.0.attentions.0.proj_in"]
+    assert proj_in.kind == "linear" and proj_in.weight_shape == (8, 16)
+
+
+def test_bind_to_single_file_sd_checkpoint(tmp_path):
+    manifest = {
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": SimpleNamespace(shape=(32, 12)),
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": SimpleNamespace(shape=(8, 16, 1, 1)),
+    }
+    modules = {
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": ((12,), (32,)),
+        "lora_unet_input_blocks_1_1_proj_in": ((16,), (8,)),  # linear factors on a 1×1 conv
+    }
+    bound = bind(read_adapter(factories.kohya_file(tmp_path / "k.safetensors", modules)), manifest)
+    proj_in = bound.modules["model.diffusion_model.input_blocks.1.1.proj_in"]
+    assert proj_in.kind == "conv" and proj_in.delta().shape == (8, 16, 1, 1)
+
+
+def test_kohya_name():
+    assert kohya_name("down_blocks.0.attentions.0.proj_in", "unet") == "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert kohya_name("transformer_blocks.0.attn.to_q", "transformer") == "lora_unet_transformer_blocks_0_attn_to_q"
+    assert kohya_name("text_model.encoder.layers.0.mlp.fc1", "text_encoder") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    assert kohya_name("text_model.encoder.layers.0.mlp.fc1", "text_encoder_1").startswith("lora_te1_")
+    assert kohya_name("text_model.encoder.layers.0.mlp.fc1", "text_encoder_2").startswith("lora_te2_")
+    assert kohya_name("model.layers.0.self_attn.q_proj") == "lora_unet_model_layers_0_self_attn_q_proj"

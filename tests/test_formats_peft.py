@@ -1,0 +1,158 @@
+"""PEFT adapters made by peft itself read into the canonical model: every module's delta equals PEFT's own
+get_delta_weight (the parity test), for every layer kind and scale rule PEFT has."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import factories
+from loraops.errors import InvalidInputError
+from loraops.formats import adapter_files, detect, identity, read_adapter
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return factories.tiny_llama(tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return factories.tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "base")
+
+
+def assert_parity(adapter_path, model):
+    from peft import PeftModel
+
+    expected = factories.peft_delta_weights(PeftModel.from_pretrained(model, adapter_path))
+    adapter = read_adapter(adapter_path)
+    assert sorted(adapter.modules) == sorted(expected)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(module.delta(), expected[name], **TOL, msg=name)
+    return adapter
+
+
+def test_llama_all_seven_targets(llama, tmp_path):
+    path = factories.peft_adapter(llama, tmp_path / "a", r=8, alpha=16)
+    adapter = assert_parity(path, factories.load_model(llama))
+    assert detect(path) == "peft" and adapter.format == "peft"
+    assert adapter.target_modules == sorted(factories.LLAMA_TARGETS)
+    assert len(adapter.modules) == 14 and adapter.rank == 8 and adapter.alpha == 16
+    assert all(m.scale == 2.0 and m.kind == "linear" for m in adapter.modules.values())
+    assert adapter.base_model == str(llama)
+    q = adapter.modules["model.layers.0.self_attn.q_proj"]
+    assert q.source_keys == ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+
+
+def test_gpt2_conv1d_fan_in_fan_out(gpt2, tmp_path):
+    path = factories.peft_adapter(gpt2, tmp_path / "a", target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    adapter = assert_parity(path, factories.load_model(gpt2))
+    c_attn = adapter.modules["transformer.h.0.attn.c_attn"]
+    assert c_attn.fan_in_fan_out and c_attn.weight_shape == (64, 192)
+
+
+def test_rslora(llama, tmp_path):
+    path = factories.peft_adapter(llama, tmp_path / "a", r=16, alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    adapter = assert_parity(path, factories.load_model(llama))
+    assert adapter.scale_mode == "rslora"
+    assert all(m.scale == pytest.approx(8 / 4) for m in adapter.modules.values())
+
+
+def test_rank_and_alpha_patterns_resolved_like_peft(llama, tmp_path):
+    # Regex keys, suffix keys and a key that must NOT match "layers.1" inside "layers.10"-like names.
+    path = factories.peft_adapter(
+        llama, tmp_path / "a", r=8, alpha=16,
+        rank_pattern={"q_proj": 4, r"layers\.1\.mlp\.down_proj": 2},
+        alpha_pattern={"v_proj": 3, r"model\.layers\.0\..*k_proj": 5, "layers.1.self_attn.o_proj": 7},
+    )
+    adapter = assert_parity(path, factories.load_model(llama))
+    mods = adapter.modules
+    assert mods["model.layers.0.self_attn.q_proj"].rank == 4
+    assert mods["model.layers.1.mlp.down_proj"].rank == 2 and mods["model.layers.0.mlp.down_proj"].rank == 8
+    assert mods["model.layers.0.self_attn.k_proj"].alpha == 5 and mods["model.layers.1.self_attn.k_proj"].alpha == 16
+    assert mods["model.layers.1.self_attn.o_proj"].alpha == 7 and mods["model.layers.0.self_attn.v_proj"].alpha == 3
+    assert adapter.rank is None and adapter.alpha is None
+
+
+def test_embedding_and_conv_layers(tmp_path):
+    path = factories.conv_peft_adapter(tmp_path / "a")
+    adapter = assert_parity(path, factories.conv_embedding_model())
+    kinds = {n: m.kind for n, m in adapter.modules.items()}
+    assert kinds == {"embed": "embedding", "proj": "linear", "conv1": "conv", "conv3": "conv"}
+    assert adapter.modules["embed"].weight_shape == (32, 16)
+    assert adapter.modules["conv3"].weight_shape == (6, 8, 3, 3)
+
+
+def test_modules_to_save_become_full_tensors(tmp_path):
+    from peft import PeftModel
+
+    path = factories.conv_peft_adapter(tmp_path / "a", target_modules=["proj", "conv3"], modules_to_save=["conv1"])
+    adapter = read_adapter(path)
+    assert sorted(adapter.full_tensors) == ["conv1.bias", "conv1.weight"]
+    peft_model = PeftModel.from_pretrained(factories.conv_embedding_model(), path)
+    saved = peft_model.base_model.model.conv1.modules_to_save["default"]
+    torch.testing.assert_close(adapter.full_tensors["conv1.weight"], saved.weight.detach())
+
+
+def test_bf16_adapter_keeps_dtype(llama, tmp_path):
+    path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj"], dtype=torch.bfloat16)
+    adapter = read_adapter(path)
+    assert adapter.dtype == torch.bfloat16
+
+
+def test_adapter_name_segment_tolerated(llama, tmp_path):
+    path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj", "v_proj"])
+    plain = read_adapter(path)
+    weights = path / "adapter_model.safetensors"
+    renamed = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+               for k, v in load_file(weights).items()}
+    save_file(renamed, str(weights), metadata={"format": "pt"})
+    named = read_adapter(path)
+    for name, module in plain.modules.items():
+        torch.testing.assert_close(named.modules[name].delta(), module.delta())
+
+
+def test_bare_file_with_sibling_config_and_without(llama, tmp_path):
+    path = factories.peft_adapter(llama, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"])
+    weights = path / "adapter_model.safetensors"
+    assert read_adapter(weights).alpha == 8  # the sibling adapter_config.json is used
+    assert adapter_files(weights) == [weights, path / "adapter_config.json"]
+    bare = tmp_path / "bare.safetensors"
+    shutil.copy(weights, bare)
+    with pytest.raises(InvalidInputError, match=r"bare\.safetensors.*--alpha"):
+        read_adapter(bare)
+    adapter = read_adapter(bare, alpha=2)
+    assert adapter.alpha == 2 and all(m.scale == 0.5 for m in adapter.modules.values())
+    assert adapter_files(bare) == [bare]
+    tensors = load_file(bare)
+    save_file(tensors, str(bare), metadata={"format": "pt", "lora_alpha": "12"})
+    assert read_adapter(bare).alpha == 12
+
+
+def test_config_rank_disagreeing_with_tensors_uses_tensor_rank(llama, tmp_path):
+    path = factories.peft_adapter(llama, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"])
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    adapter = read_adapter(path)
+    assert adapter.rank == 4 and all(m.scale == 2.0 for m in adapter.modules.values())
+
+
+def test_identity_covers_math_config_fields_only(llama, tmp_path):
+    path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj"])
+    first = identity(path)
+    cfg_path = path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "elsewhere", "target_modules": ["q_proj"]}))
+    assert identity(path) == first  # not a math field; list order normalised
+    cfg_path.write_text(json.dumps({**cfg, "lora_alpha": 99}))
+    assert identity(path) != first
+    cfg_path.write_text(json.dumps({**cfg, "use_rslora": True}))
+    assert identity(path) != first
+    assert len(first) == 64 and adapter_files(path) == [path / "adapter_model.safetensors", cfg_path]

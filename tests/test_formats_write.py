@@ -1,0 +1,165 @@
+"""Writers: a PEFT folder we write loads in PEFT with the same deltas and outputs; kohya and diffusers files read
+back to the same deltas; outputs are atomic."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import factories
+from loraops import st
+from loraops.check import bind
+from loraops.errors import ConflictError, FormatError, InvalidInputError
+from loraops.formats import detect, read_adapter, write_adapter
+from loraops.formats.kohya import data_hash
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return factories.tiny_llama(tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="module")
+def mixed(llama, tmp_path_factory):
+    """A PEFT adapter with per-module ranks and alphas."""
+    return factories.peft_adapter(llama, tmp_path_factory.mktemp("mixed") / "a", r=8, alpha=16,
+                                  rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 3, "layers.1.mlp.up_proj": 5})
+
+
+def manifest(path):
+    return st.read_header(path / "model.safetensors").tensors
+
+
+def assert_same_deltas(left, right):
+    assert sorted(left.modules) == sorted(right.modules)
+    for name, module in left.modules.items():
+        torch.testing.assert_close(right.modules[name].delta(), module.delta(), **TOL, msg=name)
+
+
+def test_peft_round_trip_loads_in_peft_with_identical_outputs(llama, mixed, tmp_path):
+    from peft import PeftModel
+
+    adapter = read_adapter(mixed)
+    out = write_adapter(adapter, tmp_path / "out")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and set(cfg["rank_pattern"].values()) == {4}
+    assert st.read_header(out / "adapter_model.safetensors").metadata == {"format": "pt"}
+    assert_same_deltas(adapter, read_adapter(out))
+    ours = PeftModel.from_pretrained(factories.load_model(llama), out).eval()
+    theirs = PeftModel.from_pretrained(factories.load_model(llama), mixed).eval()
+    expected = factories.peft_delta_weights(theirs)
+    for name, delta in factories.peft_delta_weights(ours).items():
+        torch.testing.assert_close(delta, expected[name], **TOL)
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits)
+
+
+def test_peft_writer_expresses_any_scale(llama, tmp_path):
+    """Modules whose scale is not alpha/r (as the algebra makes them) get an alpha that reproduces the scale."""
+    from peft import PeftModel
+
+    adapter = read_adapter(factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj", "k_proj"]))
+    q = "model.layers.0.self_attn.q_proj"
+    B2, A2 = adapter.modules[q].matrices()
+    adapter.modules[q] = adapter.modules[q].with_factors(torch.cat([B2, B2], 1), torch.cat([A2, A2]), alpha=16, scale=0.75)
+    out = write_adapter(adapter, tmp_path / "out")
+    deltas = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(llama), out))
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), **TOL)
+
+
+def test_peft_round_trip_embedding_conv_and_modules_to_save(tmp_path):
+    from peft import PeftModel
+
+    src = factories.conv_peft_adapter(tmp_path / "a", target_modules=["embed", "proj", "conv3"], modules_to_save=["conv1"])
+    adapter = read_adapter(src)
+    out = write_adapter(adapter, tmp_path / "out")
+    again = read_adapter(out)
+    assert_same_deltas(adapter, again)
+    assert sorted(again.full_tensors) == ["conv1.bias", "conv1.weight"]
+    model = PeftModel.from_pretrained(factories.conv_embedding_model(), out)
+    deltas = factories.peft_delta_weights(model)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), **TOL)
+    torch.testing.assert_close(model.base_model.model.conv1.modules_to_save["default"].weight.detach(),
+                               adapter.full_tensors["conv1.weight"])
+
+
+def test_kohya_round_trip_hash_and_metadata(llama, mixed, tmp_path):
+    adapter = read_adapter(mixed)
+    path = write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    header = st.read_header(path)
+    meta = header.metadata
+    assert meta["sshs_model_hash"] == data_hash(path)
+    with open(path, "rb") as f:
+        f.seek(header.data_offset)
+        assert meta["sshs_model_hash"] == hashlib.sha256(f.read()).hexdigest()
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "Dynamic"
+    assert {"ss_network_alpha", "ss_network_args", "ss_base_model_version", "ss_v2"} <= set(meta)
+    assert header.tensors["lora_unet_model_layers_0_self_attn_q_proj.alpha"].dtype == "F32"
+    assert detect(path) == "kohya"
+    back = read_adapter(path)
+    assert not back.names_resolved and "lora_unet_model_layers_0_self_attn_q_proj" in back.modules
+    assert_same_deltas(adapter, bind(back, manifest(llama)))
+
+
+def test_kohya_writes_rslora_scale_as_true_alpha(llama, tmp_path):
+    adapter = read_adapter(factories.peft_adapter(llama, tmp_path / "a", r=16, alpha=8, target_modules=["q_proj"],
+                                                  use_rslora=True))
+    back = read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya"))
+    assert back.alpha == pytest.approx(2.0 * 16)  # scale 8/sqrt(16)=2 written as kohya alpha 32 at r=16
+    assert_same_deltas(adapter, bind(back, manifest(llama)))
+
+
+def test_kohya_round_trip_of_fan_in_fan_out_modules(tmp_path):
+    gpt2 = factories.tiny_gpt2(tmp_path / "gpt2")
+    adapter = read_adapter(factories.peft_adapter(gpt2, tmp_path / "a", target_modules=["c_attn", "c_proj"],
+                                                  fan_in_fan_out=True))
+    back = bind(read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya")), manifest(gpt2))
+    assert_same_deltas(adapter, back)  # same delta on the same stored (in×out) tensor
+
+
+def test_diffusers_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    modules = {"unet.down_blocks.0.attentions.0.proj_in": (8, 16), "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (12, 12)}
+    tensors = {}
+    for name, (out_f, in_f) in modules.items():
+        tensors[f"{name}.lora_A.weight"] = torch.randn(4, in_f, generator=g)
+        tensors[f"{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=g)
+    src = tmp_path / "pytorch_lora_weights.safetensors"
+    st.write_safetensors(src, tensors)
+    adapter = read_adapter(src)
+    assert adapter.format == "diffusers" and adapter.alpha == 4  # diffusers' default alpha = r
+    assert sorted(adapter.modules) == sorted(modules)
+    adapter.modules["unet.down_blocks.0.attentions.0.proj_in"] = replace(
+        adapter.modules["unet.down_blocks.0.attentions.0.proj_in"], alpha=2.0, scale=0.5)
+    out = write_adapter(adapter, tmp_path / "out.safetensors", "diffusers")
+    back = read_adapter(out)
+    assert back.format == "diffusers"
+    assert back.modules["unet.down_blocks.0.attentions.0.proj_in"].scale == 0.5
+    assert_same_deltas(adapter, back)
+    assert read_adapter(tmp_path).format == "diffusers"  # a folder holding pytorch_lora_weights.safetensors
+
+
+def test_writes_are_atomic_and_refuse_existing(llama, tmp_path):
+    adapter = read_adapter(factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj"]))
+    dest = write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    with pytest.raises(ConflictError, match="already exists"):
+        write_adapter(adapter, dest, "kohya")
+    write_adapter(adapter, dest, "kohya", force=True)
+    with pytest.raises(InvalidInputError, match="unknown adapter format"):
+        write_adapter(adapter, tmp_path / "x", "lycoris")
+    unbound = read_adapter(dest)
+    with pytest.raises(InvalidInputError, match="bind it to a base first"):
+        write_adapter(unbound, tmp_path / "p")
+    adapter.full_tensors["lm_head.weight"] = torch.zeros(128, 64)
+    with pytest.raises(FormatError, match="full replacement tensors"):
+        write_adapter(adapter, tmp_path / "bad.safetensors", "kohya")
+    assert not (tmp_path / "bad.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if ".loraops-tmp-" in p.name] == []

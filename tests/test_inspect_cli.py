@@ -1,0 +1,74 @@
+"""`loraops inspect`: human summary + module table, --json record, --alpha, one-line errors with exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import factories
+from loraops.cli import main
+from loraops.inspect import inspect_path
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    base = factories.tiny_llama(root / "base")
+    return factories.peft_adapter(base, root / "adapter", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["inspect", *map(str, args)])
+
+
+def test_human_output(adapter):
+    result = run(adapter)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "format      peft" in out and "rank        4" in out and "alpha       8" in out
+    assert "classic (alpha/r)" in out and "targets     q_proj, v_proj" in out
+    assert "model.layers.1.self_attn.v_proj  linear     4      8      2  64   32" in out
+
+
+def test_json_output_is_the_record(adapter):
+    result = run(adapter, "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data == json.loads(inspect_path(adapter).model_dump_json())
+    assert data["format"] == "peft" and data["rank"] == 4 and data["num_modules"] == 4 and len(data["identity"]) == 64
+    assert data["modules"][0] == {"name": "model.layers.0.self_attn.q_proj", "kind": "linear", "rank": 4, "alpha": 8.0,
+                                  "scale": 2.0, "in_features": 64, "out_features": 64}
+    assert data["files"] == [str(adapter / "adapter_model.safetensors"), str(adapter / "adapter_config.json")]
+
+
+def test_kohya_file_and_alpha_option(adapter, tmp_path):
+    kohya = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,))}, rank=4, alpha=None,
+                                 metadata={"ss_output_name": "style"})
+    result = run(kohya)
+    assert result.exit_code == 0 and "kohya names" in result.output and "ss_output_name = style" in result.output
+    bare = tmp_path / "bare.safetensors"
+    shutil.copy(adapter / "adapter_model.safetensors", bare)
+    result = run(bare)
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "--alpha" in result.output
+    assert json.loads(run(bare, "--alpha", 16, "--json").output)["alpha"] == 16
+
+
+def test_errors_are_one_line_with_exit_codes(tmp_path):
+    result = run(tmp_path / "missing.safetensors")
+    assert result.exit_code == 3 and result.output.startswith("error: ") and "missing.safetensors" in result.output
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 3)
+    result = run(bad)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+
+
+def test_subprocess_entry_point(adapter):
+    proc = subprocess.run([sys.executable, "-m", "loraops", "inspect", str(adapter), "--json"], capture_output=True,
+                          text=True, env=os.environ.copy(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["scale_mode"] == "classic"
