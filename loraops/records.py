@@ -4,9 +4,10 @@ Registry rows, tensors and file handles never leave the library; these do.
 """
 from __future__ import annotations
 
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Record(BaseModel):
@@ -30,6 +31,111 @@ class ModuleRecord(Record):
             name=module.name, kind=module.kind, rank=module.rank, alpha=module.alpha, scale=module.scale,
             in_features=module.in_features, out_features=module.out_features,
         )
+
+
+class TensorRecord(Record):
+    """One tensor of a registered base's manifest."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class BaseRef(Record):
+    """The base an adapter is recorded against."""
+
+    id: int
+    name: str
+    fingerprint: str
+
+
+class LineageInput(Record):
+    """An input of a lineage step, as given to add_adapter / add_base: a registered adapter or base by id."""
+
+    kind: Literal["adapter", "base"]
+    id: int
+    weight: float | None = None
+    role: str | None = None
+
+
+class LineageSpec(Record):
+    """How an artifact was produced: the operation, its parameters (JSON-able), and its inputs."""
+
+    op: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[LineageInput] = Field(default_factory=list)
+
+
+class LineageInputRecord(Record):
+    kind: Literal["adapter", "base"]
+    id: int | None
+    """None once the input was removed from the registry; label and sha256 still say what it was."""
+    label: str
+    """name@version for an adapter, the name for a base (at the time of recording)."""
+    sha256: str | None
+    weight: float | None
+    role: str | None
+
+
+class LineageRecord(Record):
+    id: int
+    op: str
+    params: dict[str, Any]
+    inputs: list[LineageInputRecord]
+    created: datetime
+
+
+class BaseRecord(Record):
+    """A registered base model (`base show --json`)."""
+
+    id: int
+    name: str
+    fingerprint: str
+    source: str
+    path: str | None
+    num_tensors: int
+    num_parameters: int
+    dtype: str
+    total_bytes: int
+    derived: bool
+    lineage: LineageRecord | None
+    created: datetime
+
+
+class AdapterRecord(Record):
+    """A registered adapter (`show --json`; `list --json` is a list of these)."""
+
+    id: int
+    name: str
+    version: int
+    sha256: str
+    """Identity: sha256 over the weights bytes and the config fields that change the math."""
+    weights_sha256: str
+    """sha256 of the weights file's bytes (what the Hub and Civitai show)."""
+    format: str
+    dtype: str
+    size: int
+    num_parameters: int
+    rank: int | None
+    """None when modules have different ranks."""
+    alpha: float | None
+    """None when modules have different alphas."""
+    scale_mode: str
+    target_modules: list[str]
+    base: BaseRef | None
+    base_hint: str | None
+    """base_model_name_or_path as written in the adapter (PEFT), when present."""
+    tags: list[str]
+    source: str | None
+    path: str
+    """Where the adapter's stored copy is on disk (inside the blob store)."""
+    created: datetime
+    modules: list[ModuleRecord]
+    lineage: LineageRecord | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
 
 
 class ShapeMismatch(Record):
@@ -80,6 +186,20 @@ class InspectReport(Record):
     full_tensors: list[str]
     metadata: dict[str, str]
     modules: list[ModuleRecord]
+
+
+class CheckResult(Record):
+    """`check --json`: how one adapter fits one base (given or recorded) or, when it has none, every registered base."""
+
+    adapter: str
+    """name@version, or the path checked."""
+    fits: list[str]
+    """The bases it fits."""
+    reports: list[CheckReport]
+
+    @classmethod
+    def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
+        return cls(adapter=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
 
 
 class MergeInputRecord(Record):

@@ -50,3 +50,23 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def number(value: float | None) -> str:
+    """A rank/alpha for humans: 'mixed' when modules differ (None)."""
+    return "mixed" if value is None else f"{value:g}"
+
+
+def echo_fields(fields: Sequence[tuple[str, Any]]) -> None:
+    """Aligned `key  value` lines."""
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+def echo_modules(modules: Sequence[Any]) -> None:
+    """The per-module table shared by `inspect` and `show` (ModuleRecord rows)."""
+    echo_table(
+        ["module", "kind", "rank", "alpha", "scale", "in", "out"],
+        [(m.name, m.kind, m.rank, f"{m.alpha:g}", f"{m.scale:.6g}", m.in_features, m.out_features) for m in modules],
+    )

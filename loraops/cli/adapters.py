@@ -1,0 +1,137 @@
+"""`loraops register | list | show | rm | check`: the adapter registry from the command line."""
+from __future__ import annotations
+
+import click
+
+from .render import echo_fields, echo_json, echo_modules, echo_table, human_bytes, number
+
+
+def _registry():
+    from ..registry import Registry
+
+    return Registry.open()
+
+
+def _base_label(record) -> str:
+    return record.base.name if record.base else "-"
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--name", help="Registry name (default: the folder or file name). Same name, other bytes → next version.")
+@click.option("--base", "base", metavar="BASE", help="Registered base it is for (it must fit).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag it (repeatable).")
+@click.option("--alpha", type=float, help="LoRA alpha for a file that does not record one (part of its identity).")
+@click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
+def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...], alpha: float | None,
+             as_json: bool) -> None:
+    """Register an adapter: a PEFT folder or a .safetensors file (PEFT, kohya or diffusers keys)."""
+    with _registry() as reg:
+        record, created = reg.register_adapter(path, name=name, base=base, tags=tags, alpha=alpha)
+    if as_json:
+        echo_json(record)
+        return
+    if not created:
+        click.echo(f"already registered as {record.ref} (id {record.id}, sha256 {record.sha256[:12]})")
+        return
+    click.echo(
+        f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {record.format}, "
+        f"{len(record.modules)} modules, rank {number(record.rank)}, alpha {number(record.alpha)}, base {_base_label(record)}"
+    )
+
+
+@click.command("list")
+@click.option("--base", metavar="BASE", help="Only adapters recorded against this base.")
+@click.option("--rank", type=int, help="Only adapters with a module of this rank.")
+@click.option("--target", metavar="MODULE", help="Only adapters with a module named so (q_proj, c_attn, ...).")
+@click.option("--tag", help="Only adapters with this tag.")
+@click.option("--name", help="Only versions of this name.")
+@click.option("--json", "as_json", is_flag=True, help="Print a list of AdapterRecords as JSON.")
+def list_adapters(base: str | None, rank: int | None, target: str | None, tag: str | None, name: str | None,
+                  as_json: bool) -> None:
+    """List registered adapters (every version)."""
+    with _registry() as reg:
+        records = reg.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name)
+    if as_json:
+        echo_json(records)
+        return
+    echo_table(
+        ["id", "name", "format", "rank", "alpha", "modules", "params", "base", "tags", "sha256"],
+        [
+            (r.id, r.ref, r.format, number(r.rank), number(r.alpha), len(r.modules), f"{r.num_parameters:,}",
+             _base_label(r), ",".join(r.tags), r.sha256[:12])
+            for r in records
+        ],
+    )
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
+def show(ref: str, as_json: bool) -> None:
+    """Show an adapter: by name (latest version), name@version, id, or sha256 prefix."""
+    with _registry() as reg:
+        r = reg.get_adapter(ref)
+    if as_json:
+        echo_json(r)
+        return
+    fields = [
+        ("name", r.ref), ("id", r.id), ("sha256", r.sha256), ("weights sha256", r.weights_sha256),
+        ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),
+        ("rank", number(r.rank)), ("alpha", number(r.alpha)),
+        ("scale mode", "rsLoRA (alpha/sqrt(r))" if r.scale_mode == "rslora" else "classic (alpha/r)"),
+        ("targets", ", ".join(r.target_modules)), ("parameters", f"{r.num_parameters:,}"),
+        ("base", f"{r.base.name} ({r.base.fingerprint[:12]})" if r.base else "-"),
+    ]
+    if r.base_hint:
+        fields.append(("base hint", r.base_hint))
+    fields += [("tags", ", ".join(r.tags) or "-"), ("source", r.source or "-"), ("stored at", r.path),
+               ("created", r.created.isoformat(timespec="seconds"))]
+    if r.lineage:
+        inputs = ", ".join(f"{i.label}" + (f"×{i.weight:g}" if i.weight is not None else "") for i in r.lineage.inputs)
+        fields.append(("lineage", f"{r.lineage.op}({inputs})"))
+    echo_fields(fields)
+    click.echo()
+    echo_modules(r.modules)
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--all", "all_versions", is_flag=True, help="Remove every version of the name.")
+def rm(ref: str, all_versions: bool) -> None:
+    """Remove an adapter (name = its latest version; name@version, id, sha256 prefix) and its stored copy."""
+    with _registry() as reg:
+        removed = reg.remove_adapter(ref, all_versions=all_versions)
+    for r in removed:
+        click.echo(f"removed {r.ref} (id {r.id}, sha256 {r.sha256[:12]})")
+
+
+@click.command()
+@click.argument("ref_or_path")
+@click.option("--base", metavar="BASE", help="A registered base, or a base model path.")
+@click.option("--alpha", type=float, help="LoRA alpha for a file that does not record one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the CheckResult as JSON.")
+def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool) -> None:
+    """Check that an adapter fits a base: every module by name and shape, or each mismatch.
+
+    Without --base: against the adapter's recorded base; when it has none, against every registered base."""
+    from ..check import misfits
+    from ..errors import MismatchError
+
+    with _registry() as reg:
+        result = reg.check_adapter(ref_or_path, base, alpha=alpha)
+    if as_json:
+        echo_json(result)
+    else:
+        for report in result.reports:
+            verdict = "fits" if report.ok else "does not fit"
+            click.echo(f"{result.adapter} {verdict} {report.base}: {report.matched}/{report.modules} modules match")
+            if not report.ok:
+                for problem in misfits(report):
+                    click.echo(f"  {problem}")
+    if not result.reports:
+        raise MismatchError(f"{result.adapter}: no base to check against (give --base, or `loraops base add` one)")
+    if not result.fits:
+        if len(result.reports) == 1:
+            raise MismatchError(f"{result.adapter} does not fit base {result.reports[0].base}")
+        raise MismatchError(f"{result.adapter} fits none of the {len(result.reports)} registered bases")

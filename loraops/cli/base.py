@@ -1,0 +1,79 @@
+"""`loraops base add | list | show | rm`: base models the registry knows (their files stay where they are)."""
+from __future__ import annotations
+
+import click
+
+from .adapters import _registry
+from .render import echo_fields, echo_json, echo_table, human_bytes
+
+
+@click.group()
+def base() -> None:
+    """Base models: manifest (tensor names, shapes, dtypes) and a fingerprint that ignores sharding."""
+
+
+@base.command("add")
+@click.argument("path", type=click.Path())
+@click.option("--name", help="Registry name (default: the folder or file name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
+def add(path: str, name: str | None, as_json: bool) -> None:
+    """Record a base model: an HF folder (sharded safetensors + index), a diffusers pipeline, or one .safetensors."""
+    with _registry() as reg:
+        record, created = reg.register_base(path, name=name)
+    if as_json:
+        echo_json(record)
+    elif created:
+        click.echo(
+            f"added base {record.name} (id {record.id}, fingerprint {record.fingerprint[:12]}): "
+            f"{record.num_tensors} tensors, {record.num_parameters:,} parameters, {record.dtype}"
+        )
+    else:
+        click.echo(f"already registered as base {record.name} (id {record.id}, fingerprint {record.fingerprint[:12]})")
+
+
+@base.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a list of BaseRecords as JSON.")
+def list_bases(as_json: bool) -> None:
+    """List registered base models."""
+    with _registry() as reg:
+        records = reg.list_bases()
+    if as_json:
+        echo_json(records)
+        return
+    echo_table(
+        ["id", "name", "tensors", "params", "dtype", "size", "fingerprint", "source"],
+        [(r.id, r.name, r.num_tensors, f"{r.num_parameters:,}", r.dtype, human_bytes(r.total_bytes), r.fingerprint[:12],
+          r.source) for r in records],
+    )
+
+
+@base.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
+def show(ref: str, as_json: bool) -> None:
+    """Show a base model: by name, id, or fingerprint prefix."""
+    with _registry() as reg:
+        r = reg.get_base(ref)
+    if as_json:
+        echo_json(r)
+        return
+    fields = [
+        ("name", r.name), ("id", r.id), ("fingerprint", r.fingerprint), ("source", r.source), ("path", r.path or "-"),
+        ("tensors", r.num_tensors), ("parameters", f"{r.num_parameters:,}"), ("dtype", r.dtype),
+        ("size", human_bytes(r.total_bytes)), ("derived", "yes" if r.derived else "no"),
+        ("created", r.created.isoformat(timespec="seconds")),
+    ]
+    if r.lineage:
+        inputs = ", ".join(i.label + (f"×{i.weight:g}" if i.weight is not None else "") for i in r.lineage.inputs)
+        fields.append(("lineage", f"{r.lineage.op}({inputs})"))
+    echo_fields(fields)
+
+
+@base.command("rm")
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Remove it even while adapters or lineage refer to it.")
+def rm(ref: str, force: bool) -> None:
+    """Forget a base model (its files are not touched)."""
+    with _registry() as reg:
+        record = reg.remove_base(ref, force=force)
+    click.echo(f"removed base {record.name} (id {record.id}); its files at {record.path} are untouched")

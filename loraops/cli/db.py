@@ -1,0 +1,54 @@
+"""`loraops db upgrade | current`: the registry schema (every other command upgrades it by itself, too)."""
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def db() -> None:
+    """The registry database's schema revision (Alembic)."""
+
+
+def _engine():
+    from .. import settings
+    from ..registry import db as regdb
+
+    return regdb, regdb.make_engine(settings.db_url())
+
+
+@db.command()
+def upgrade() -> None:
+    """Bring the registry schema to this loraops' revision."""
+    regdb, engine = _engine()
+    try:
+        with engine.connect() as connection:
+            before = regdb.current_revision(connection)
+        regdb.ensure_schema(engine)
+    finally:
+        engine.dispose()
+    if before == regdb.HEAD:
+        click.echo(f"{_url(engine)}: already at revision {regdb.HEAD} (head)")
+    else:
+        click.echo(f"{_url(engine)}: upgraded from {before or 'empty'} to {regdb.HEAD} (head)")
+
+
+@db.command()
+def current() -> None:
+    """Print the registry's schema revision (without changing it)."""
+    regdb, engine = _engine()
+    try:
+        with engine.connect() as connection:
+            revision = regdb.current_revision(connection)
+    finally:
+        engine.dispose()
+    if revision == regdb.HEAD:
+        state = "(head)"
+    elif revision is None:
+        state = f"(empty; head is {regdb.HEAD}: any command creates it, or `loraops db upgrade`)"
+    else:
+        state = f"(head is {regdb.HEAD}: run `loraops db upgrade`)"
+    click.echo(f"{_url(engine)}: revision {revision or 'none'} {state}")
+
+
+def _url(engine) -> str:
+    return engine.url.render_as_string(hide_password=True)

@@ -1,0 +1,38 @@
+"""`loraops gc | verify`: keep the blob store honest."""
+from __future__ import annotations
+
+import click
+
+from .adapters import _registry
+from .render import human_bytes
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--grace", type=float, default=3600, show_default=True, metavar="SECONDS",
+              help="Keep anything younger than this (a registration may be in progress).")
+def gc(dry_run: bool, grace: float) -> None:
+    """Remove stored adapter files no record uses, and leftovers of interrupted copies."""
+    with _registry() as reg:
+        found = reg.gc(grace_s=grace, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path, _ in found:
+        click.echo(f"{verb} {path}")
+    click.echo(f"{verb} {len(found)} item(s), {human_bytes(sum(size for _, size in found))}")
+
+
+@click.command()
+def verify() -> None:
+    """Re-hash every stored adapter file; exit non-zero when any is missing or changed."""
+    from ..errors import RegistryError
+
+    with _registry() as reg:
+        problems = reg.verify()
+        count = len(reg.list_adapters())
+    for p in problems:
+        click.echo(f"{p.adapter}: {p.file}: {p.problem}")
+    if problems:
+        raise RegistryError(
+            f"{len(problems)} stored file(s) missing or changed; re-register those adapters from their originals"
+        )
+    click.echo(f"all stored files of {count} adapter(s) match their sha256")

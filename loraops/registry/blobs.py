@@ -1,0 +1,110 @@
+"""Content-addressed copies of adapter files, so the registry keeps working when the user deletes the originals.
+
+Layout: ``<blobs_dir>/<sha[:2]>/<sha>/<file names as registered>`` where sha is the adapter's identity; a PEFT
+folder is stored as its files (adapter_config.json + weights), a single file under its own name, so a stored
+adapter reads exactly like the original. Each file is written to a temp sibling and renamed into place
+(os.replace), so a crash leaves only temp files that `loraops gc` removes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .. import settings
+from ..fsutil import TMP_MARK, ensure_free_space, fsync_dir, temp_sibling
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    name: str
+    size: int
+    sha256: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+
+
+class BlobStore:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else settings.blobs_dir()
+
+    def folder(self, identity: str) -> Path:
+        return self.root / identity[:2] / identity
+
+    def path(self, key: str) -> Path:
+        """Absolute path of a stored adapter from its key (relative to the store root)."""
+        return self.root / key
+
+    def key(self, identity: str, entry: str | None) -> str:
+        """The key of an adapter: its folder, or the file inside it when the adapter is one file."""
+        folder = f"{identity[:2]}/{identity}"
+        return f"{folder}/{entry}" if entry else folder
+
+    def put(self, identity: str, files: Iterable[Path], progress=None) -> list[StoredFile]:
+        """Copy ``files`` (flat: by base name) into the identity's folder; returns what was stored, hashed while
+        copying. ``progress`` is a tqdm-like object advanced per chunk."""
+        files = list(files)
+        folder = self.folder(identity)
+        ensure_free_space(self.root, sum(f.stat().st_size for f in files), "the adapter's stored copy")
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = []
+        for src in files:
+            stored.append(_copy(src, folder / src.name, progress))
+        fsync_dir(folder)
+        return stored
+
+    def remove(self, key: str) -> None:
+        """Remove an adapter's folder (the key may name a file inside it)."""
+        parts = Path(key).parts
+        shutil.rmtree(self.root / parts[0] / parts[1], ignore_errors=True)
+        try:
+            (self.root / parts[0]).rmdir()
+        except OSError:
+            pass
+
+    def folders(self) -> Iterator[Path]:
+        """Every stored adapter folder."""
+        if not self.root.exists():
+            return
+        for shard in sorted(self.root.iterdir()):
+            if shard.is_dir() and len(shard.name) == 2:
+                yield from sorted(p for p in shard.iterdir() if p.is_dir() and TMP_MARK not in p.name)
+
+    def temp_files(self) -> Iterator[Path]:
+        """Leftovers of interrupted copies."""
+        if self.root.exists():
+            yield from (p for p in self.root.rglob(f"{TMP_MARK}*"))
+
+
+def folder_of(key: str) -> str:
+    """The identity folder part of a key ("ab/abcd..." of "ab/abcd.../file.safetensors")."""
+    return "/".join(Path(key).parts[:2])
+
+
+def _copy(src: Path, dst: Path, progress) -> StoredFile:
+    tmp = temp_sibling(dst)
+    try:
+        sha = _hash_copy(src, tmp, progress)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return StoredFile(dst.name, dst.stat().st_size, sha)
+
+
+def _hash_copy(src: Path, dst: Path, progress) -> str:
+    """Copy and hash in one pass (the hash is of the bytes actually written)."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as out:
+        while chunk := fin.read(8 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()

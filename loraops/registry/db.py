@@ -1,0 +1,133 @@
+"""Database connection and schema migrations.
+
+Every open brings the schema to the code's head: an empty database is created, an old one upgraded (Alembic),
+one stamped with a revision this code does not know (written by a newer loraops) is refused. The common case —
+already at head — costs one small query and does not import Alembic at all (HEAD below is kept equal to the
+scripts' head by a test).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from ..errors import RegistryError
+
+HEAD = "0002"
+"""The newest revision under migrations/versions (tests/test_migrations.py checks it)."""
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def script_location() -> str:
+    """Alembic scripts: the wheel's loraops.migrations package when installed, else the checkout's migrations/."""
+    spec = importlib.util.find_spec("loraops.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return str(Path(next(iter(spec.submodule_search_locations))))
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
+    if (checkout / "env.py").exists():
+        return str(checkout)
+    raise RegistryError("cannot find loraops' migration scripts (a broken install?); reinstall loraops")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for any SQLAlchemy URL; SQLite gets WAL, a busy timeout, enforced foreign keys and transactions
+    that start when asked (so writers take the lock up front instead of failing on upgrade)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        # Writers take the write lock when their transaction starts: a deferred transaction that later needs to
+        # write can fail at once with "database is locked" instead of waiting for the busy timeout.
+        mode = "IMMEDIATE" if connection.get_execution_options().get("loraops_write") else "DEFERRED"
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine, for transactions that write (SQLite: BEGIN IMMEDIATE)."""
+    return engine.execution_options(loraops_write=True)
+
+
+def current_revision(connection: Connection) -> str | None:
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Bring the database to HEAD (see the module docstring)."""
+    try:
+        with engine.connect() as connection:
+            current = current_revision(connection)
+    except Exception as exc:  # noqa: BLE001 - any driver error becomes one line naming the database
+        raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
+    if current != HEAD:
+        upgrade(engine, current)
+
+
+def upgrade(engine: Engine, current: str | None = None, revision: str = "head") -> None:
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    config = alembic_config()
+    script = ScriptDirectory.from_config(config)
+    if current is not None:
+        try:
+            script.get_revision(current)
+        except Exception:  # noqa: BLE001 - alembic raises several types for an unknown revision
+            raise RegistryError(
+                f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
+            ) from None
+    try:
+        with writer(engine).begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    except Exception as exc:  # noqa: BLE001
+        # Another process may have migrated it at the same time: fine if it is now where we wanted it.
+        with engine.connect() as connection:
+            if current_revision(connection) == HEAD and revision == "head":
+                return
+        raise RegistryError(f"cannot migrate the registry at {_safe(engine)}: {_first_line(exc)}") from None
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
+    config = alembic_config()
+    with writer(engine).begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+
+def alembic_config():
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", script_location())
+    return config
+
+
+def _safe(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

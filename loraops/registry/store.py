@@ -1,0 +1,627 @@
+"""The registry: adapters, base models and lineage in SQL, adapter files in a content-addressed blob store.
+
+Every public method returns pydantic records (loraops.records), never ORM rows. Writes are one transaction
+each; the schema's unique constraints (identity sha, (name, version), base name and fingerprint) make concurrent
+registration safe: a writer that loses a race gets an IntegrityError, rolls back and tries again.
+
+References (``ref``) to adapters: ``name`` (latest version), ``name@version``, an integer id, or a prefix of
+6+ hex digits of the identity sha256 or the weights-file sha256. Bases: ``name``, id, or a fingerprint prefix.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+from sqlalchemy import delete, exists, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from .. import settings
+from ..basemodel import _progress
+from ..fsutil import remove, sha256_file
+from ..errors import AmbiguousError, ConflictError, InvalidInputError, NotFoundError, RegistryError
+from ..records import (
+    AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageInputRecord, LineageRecord, LineageSpec, ModuleRecord, TensorRecord,
+)
+from . import db
+from .blobs import BlobStore, folder_of
+from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+
+MIN_PREFIX = 6
+RETRIES = 5
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/-]*$")
+HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+SHOWN = 5
+
+
+@dataclass(frozen=True)
+class BlobProblem:
+    """What `verify` found wrong with one stored file."""
+
+    adapter: str
+    file: str
+    problem: str
+
+
+class Registry:
+    def __init__(self, engine, blobs: BlobStore) -> None:
+        self.engine = engine
+        self.blobs = blobs
+
+    @classmethod
+    def open(cls, url: str | None = None) -> "Registry":
+        """Connect to ``url`` (default: settings.db_url()) and bring its schema to this code's head."""
+        engine = db.make_engine(url or settings.db_url())
+        db.ensure_schema(engine)
+        return cls(engine, BlobStore())
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def session(self, write: bool = False) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back when it raises."""
+        engine = db.writer(self.engine) if write else self.engine
+        with Session(engine, expire_on_commit=False, autoflush=False) as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def revision(self) -> str | None:
+        with self.engine.connect() as connection:
+            return db.current_revision(connection)
+
+    # ---------------------------------------------------------------- bases
+
+    def add_base(self, path: str | Path, *, name: str | None = None, source: str | None = None,
+                 lineage: LineageSpec | None = None, progress: bool | None = None) -> BaseRecord:
+        """See register_base (this returns only the record)."""
+        return self.register_base(path, name=name, source=source, lineage=lineage, progress=progress)[0]
+
+    def register_base(self, path: str | Path, *, name: str | None = None, source: str | None = None,
+                      lineage: LineageSpec | None = None, progress: bool | None = None) -> tuple[BaseRecord, bool]:
+        """Record the base model at ``path`` (its manifest and fingerprint; the files stay where they are).
+
+        The same tensors added again (by fingerprint) return the existing record, whatever the name; its path is
+        updated when the old one is gone. A name used by another model is refused. ``lineage`` marks a derived
+        base (a merge) and says how it was made. Returns (record, whether it is new)."""
+        from ..basemodel import BaseModel
+
+        model = BaseModel.open(path)
+        fingerprint = model.fingerprint(progress=progress)
+        name = check_name(name or default_name(Path(path)), "base")
+        where = str(Path(path).resolve())
+        for _ in range(RETRIES):
+            try:
+                with self.session(write=True) as s:
+                    existing = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint))
+                    if existing is not None:
+                        if existing.path != where and not Path(existing.path or "").exists():
+                            existing.path = where
+                        return self._base_record(s, existing), False
+                    taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
+                    if taken is not None:
+                        raise ConflictError(
+                            f"base name {name!r} is already used by another model (fingerprint {taken.fingerprint[:12]}); "
+                            "choose another --name"
+                        )
+                    row = SqlBase(
+                        name=name, fingerprint=fingerprint, source=source or where, path=where,
+                        num_tensors=len(model.tensors), num_parameters=model.num_parameters, dtype=model.dtype,
+                        total_bytes=model.total_bytes, derived=lineage is not None,
+                        lineage=self._lineage(s, lineage),
+                    )
+                    s.add(row)
+                    s.flush()
+                    s.execute(insert(SqlBaseTensor), [
+                        {"base_id": row.id, "name": t, "dtype": info.dtype, "shape": list(info.shape)}
+                        for t, info in model.tensors.items()
+                    ])
+                    return self._base_record(s, row), True
+            except IntegrityError:
+                continue
+        raise RegistryError(f"could not record base {name!r}: the registry kept changing under it (concurrent writers?)")
+
+    def get_base(self, ref: str | int) -> BaseRecord:
+        with self.session() as s:
+            return self._base_record(s, self._find_base(s, ref))
+
+    def list_bases(self) -> list[BaseRecord]:
+        with self.session() as s:
+            rows = s.scalars(select(SqlBase).options(*_BASE_LOAD).order_by(SqlBase.name)).all()
+            return [self._base_record(s, row) for row in rows]
+
+    def base_manifest(self, ref: str | int) -> dict[str, TensorRecord]:
+        """Tensor name → (name, dtype, shape) of a registered base (what loraops.check accepts as a manifest)."""
+        with self.session() as s:
+            return self._manifest(s, self._find_base(s, ref).id)
+
+    def base_path(self, ref: str | int) -> Path:
+        """Where the base's files are on disk (refused when they are gone)."""
+        base = self.get_base(ref)
+        if not base.path or not Path(base.path).exists():
+            raise NotFoundError(f"base {base.name!r}: its files are no longer at {base.path}; `loraops base add` them again")
+        return Path(base.path)
+
+    def find_base(self, fingerprint: str) -> BaseRecord | None:
+        """The registered base with exactly this fingerprint, if any (e.g. the pristine base of a merged model)."""
+        with self.session() as s:
+            row = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint))
+            return None if row is None else self._base_record(s, row)
+
+    def remove_base(self, ref: str | int, *, force: bool = False) -> BaseRecord:
+        """Remove a base record. Refused while adapters or lineage refer to it, unless ``force`` (they then keep
+        their records with no base link)."""
+        with self.session(write=True) as s:
+            row = self._find_base(s, ref)
+            users = s.scalars(select(SqlAdapter).where(SqlAdapter.base_id == row.id).order_by(SqlAdapter.id)).all()
+            inputs = s.scalar(select(func.count()).where(SqlLineageInput.base_id == row.id))
+            if (users or inputs) and not force:
+                parts = []
+                if users:
+                    parts.append(f"{len(users)} adapter(s) ({_shown(f'{a.name}@{a.version}' for a in users)})")
+                if inputs:
+                    parts.append(f"{inputs} lineage record(s)")
+                raise ConflictError(
+                    f"base {row.name!r} is still used by {' and '.join(parts)}; use --force to remove it anyway"
+                )
+            record = self._base_record(s, row)
+            s.execute(update(SqlAdapter).where(SqlAdapter.base_id == row.id).values(base_id=None))
+            s.execute(update(SqlLineageInput).where(SqlLineageInput.base_id == row.id).values(base_id=None))
+            s.execute(delete(SqlBaseTensor).where(SqlBaseTensor.base_id == row.id))
+            s.delete(row)
+            return record
+
+    # ---------------------------------------------------------------- adapters
+
+    def add_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
+                    tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
+                    lineage: LineageSpec | None = None, progress: bool | None = None) -> AdapterRecord:
+        """See register_adapter (this returns only the record)."""
+        return self.register_adapter(path, name=name, base=base, tags=tags, alpha=alpha, source=source,
+                                     lineage=lineage, progress=progress)[0]
+
+    def register_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
+                         tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
+                         lineage: LineageSpec | None = None, progress: bool | None = None) -> tuple[AdapterRecord, bool]:
+        """Register the adapter at ``path`` (any supported layout), copying its files into the blob store.
+
+        Identical identity registered again returns the existing record (new tags are added to it). The same
+        name with another identity becomes the next version. ``base``: a registered base the adapter must fit;
+        without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked only
+        if the adapter fits it). ``alpha`` replaces/supplies the LoRA alpha and is part of the identity.
+        Returns (record, whether it is new)."""
+        from .. import formats
+
+        path = Path(path)
+        adapter = formats.read_adapter(path, alpha=alpha)
+        identity = formats.identity(path)
+        if alpha is not None:
+            identity = hashlib.sha256(f"{identity}\nalpha={float(alpha)!r}".encode()).hexdigest()
+        name = check_name(name or default_name(path), "adapter")
+        tags = clean_tags(tags)
+
+        with self.session() as s:
+            existing = s.scalar(select(SqlAdapter.id).where(SqlAdapter.sha256 == identity))
+        if existing is not None:
+            return self._add_tags(existing, tags), False
+        adapter, base_id = self._bind_base(adapter, base)
+
+        files = formats.adapter_files(path)
+        key = self.blobs.key(identity, None if path.is_dir() else path.name)
+        bar = _progress(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
+        try:
+            try:
+                stored = self.blobs.put(identity, files, bar)
+            finally:
+                bar.close()
+            weights = files[0].name  # adapter_files lists the weights file first
+            fields = dict(
+                sha256=identity, weights_sha256=next(f.sha256 for f in stored if f.name == weights),
+                format=adapter.format, dtype=str(adapter.dtype).removeprefix("torch."),
+                size=sum(f.size for f in stored), num_parameters=adapter.num_parameters, rank=adapter.rank,
+                alpha=adapter.alpha, alpha_override=alpha, scale_mode=adapter.scale_mode,
+                target_modules=adapter.target_modules, base_id=base_id, base_hint=adapter.base_model,
+                source=source or str(path.resolve()), blob=key, files=[f.as_dict() for f in stored],
+            )
+            return self._insert_adapter(name, fields, adapter, tags, lineage)
+        except BaseException:
+            # Nothing half-done: the copied blob goes unless a record (e.g. a concurrent twin) now uses it.
+            if not self._blob_used(key):
+                self.blobs.remove(key)
+            raise
+
+    def _insert_adapter(self, name: str, fields: dict, adapter: "Adapter", tags: list[str],
+                        lineage: LineageSpec | None) -> tuple[AdapterRecord, bool]:
+        for _ in range(RETRIES):
+            try:
+                with self.session(write=True) as s:
+                    existing = s.scalar(select(SqlAdapter).where(SqlAdapter.sha256 == fields["sha256"]))
+                    if existing is not None:  # registered meanwhile by someone else
+                        self._tag(s, existing, tags)
+                        return self._adapter_record(s, existing), False
+                    version = self._next_version(s, name)
+                    row = SqlAdapter(name=name, version=version, lineage=self._lineage(s, lineage), **fields)
+                    row.modules = [
+                        SqlAdapterModule(
+                            name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.kind,
+                            rank=m.rank, alpha=m.alpha, scale=m.scale, in_features=m.in_features,
+                            out_features=m.out_features,
+                        )
+                        for m in adapter.modules.values()
+                    ]
+                    row.tags = [SqlTag(tag=t) for t in tags]
+                    s.add(row)
+                    s.flush()
+                    return self._adapter_record(s, row), True
+            except IntegrityError:
+                continue
+        raise RegistryError(f"could not register {name!r}: the registry kept changing under it (concurrent writers?)")
+
+    def _next_version(self, s: Session, name: str) -> int:
+        """Versions count up per name and are never reused (a removed name@2 stays gone)."""
+        counter = s.get(SqlAdapterName, name)
+        if counter is None:
+            counter = SqlAdapterName(name=name, last_version=0)
+            s.add(counter)
+        counter.last_version += 1
+        s.flush()
+        return counter.last_version
+
+    def _bind_base(self, adapter: "Adapter", base: str | int | None) -> tuple["Adapter", int | None]:
+        """(the adapter bound to its base, the base id) — see add_adapter."""
+        from .. import check
+
+        with self.session() as s:
+            if base is not None:
+                row = self._find_base(s, base)
+                return check.require_fit(adapter, self._manifest(s, row.id), base_name=row.name), row.id
+            for row in self._hinted_bases(s, adapter.base_model):
+                manifest = self._manifest(s, row.id)
+                if check.check(adapter, manifest).ok:
+                    return check.bind(adapter, manifest), row.id
+        return adapter, None
+
+    def _hinted_bases(self, s: Session, hint: str | None) -> list[SqlBase]:
+        if not hint:
+            return []
+        clauses = [SqlBase.name == hint, SqlBase.source == hint, SqlBase.source.startswith(f"hf://{hint}@")]
+        with contextlib.suppress(OSError, ValueError):
+            clauses.append(SqlBase.path == str(Path(hint).expanduser().resolve()))
+        return list(s.scalars(select(SqlBase).where(or_(*clauses)).order_by(SqlBase.id)))
+
+    def get_adapter(self, ref: str | int) -> AdapterRecord:
+        with self.session() as s:
+            return self._adapter_record(s, self._find_adapter(s, ref))
+
+    def list_adapters(self, *, base: str | int | None = None, rank: int | None = None, target: str | None = None,
+                      tag: str | None = None, name: str | None = None) -> list[AdapterRecord]:
+        """Every version of every adapter (by name, then version), filtered in SQL: ``rank`` matches adapters with
+        any module of that rank, ``target`` any module whose last path component is that (q_proj, ...)."""
+        query = select(SqlAdapter).options(*_ADAPTER_LOAD).order_by(SqlAdapter.name, SqlAdapter.version)
+        with self.session() as s:
+            if base is not None:
+                query = query.where(SqlAdapter.base_id == self._find_base(s, base).id)
+            if name is not None:
+                query = query.where(SqlAdapter.name == name)
+            if rank is not None:
+                query = query.where(_has_module(SqlAdapterModule.rank == rank))
+            if target is not None:
+                query = query.where(_has_module(SqlAdapterModule.target == target))
+            if tag is not None:
+                query = query.where(exists().where(SqlTag.adapter_id == SqlAdapter.id, SqlTag.tag == tag))
+            return [self._adapter_record(s, row) for row in s.scalars(query)]
+
+    def adapter_path(self, ref: str | int) -> Path:
+        """The stored copy of the adapter on disk (a file or a PEFT folder inside the blob store)."""
+        return Path(self.get_adapter(ref).path)
+
+    def load_adapter(self, ref: str | int) -> "Adapter":
+        """The adapter read from its stored copy, with its registration alpha, bound to its base when known."""
+        from .. import check, formats
+
+        with self.session() as s:
+            row = self._find_adapter(s, ref)
+            path, alpha, base_id = self.blobs.path(row.blob), row.alpha_override, row.base_id
+            manifest = self._manifest(s, base_id) if base_id is not None else None
+        if not path.exists():
+            raise NotFoundError(f"adapter {row.name}@{row.version}: its stored copy {path} is missing (run `loraops verify`)")
+        adapter = formats.read_adapter(path, alpha=alpha)
+        return check.bind(adapter, manifest) if manifest is not None else adapter
+
+    def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
+        with self.session() as s:
+            adapter_id = self._find_adapter(s, ref).id
+        return self._add_tags(adapter_id, clean_tags(tags))
+
+    def _add_tags(self, adapter_id: int, tags: list[str]) -> AdapterRecord:
+        with self.session(write=bool(tags)) as s:
+            row = s.get(SqlAdapter, adapter_id)
+            self._tag(s, row, tags)
+            return self._adapter_record(s, row)
+
+    def remove_adapter(self, ref: str | int, *, all_versions: bool = False) -> list[AdapterRecord]:
+        """Remove one adapter version (``name`` alone: the latest), or every version of its name with
+        ``all_versions``. Stored files go with the last record using them. Lineage that used it keeps a label."""
+        with self.session(write=True) as s:
+            row = self._find_adapter(s, ref)
+            rows = [row]
+            if all_versions:
+                rows = list(s.scalars(select(SqlAdapter).where(SqlAdapter.name == row.name).order_by(SqlAdapter.version)))
+            records = [self._adapter_record(s, r) for r in rows]
+            keys = [r.blob for r in rows]
+            ids = [r.id for r in rows]
+            s.execute(update(SqlLineageInput).where(SqlLineageInput.adapter_id.in_(ids)).values(adapter_id=None))
+            for r in rows:
+                s.delete(r)
+        for key in keys:
+            if not self._blob_used(key):
+                self.blobs.remove(key)
+        return records
+
+    # ---------------------------------------------------------------- checks and maintenance
+
+    def check_adapter(self, ref_or_path: str | Path, base: str | Path | None = None, *,
+                      alpha: float | None = None) -> CheckResult:
+        """How an adapter (a registry reference, or a path on disk when one exists) fits a base.
+
+        ``base``: a registered base reference or a base model path. Without it: the adapter's recorded base; when
+        there is none, one report per registered base (``fits`` names those it fits).
+        """
+        from .. import check, formats
+        from ..basemodel import BaseModel
+
+        if Path(ref_or_path).exists():
+            adapter, label, base_id = formats.read_adapter(ref_or_path, alpha=alpha), str(ref_or_path), None
+        else:
+            with self.session() as s:
+                row = self._find_adapter(s, ref_or_path)
+                label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
+            adapter = formats.read_adapter(self.blobs.path(blob), alpha=override)
+        if base is not None and Path(base).exists():
+            return CheckResult.of(label, [check.check(adapter, BaseModel.open(base).tensors, base_name=str(base))])
+        with self.session() as s:
+            if base is not None:
+                rows = [self._find_base(s, base)]
+            elif base_id is not None:
+                rows = [s.get(SqlBase, base_id)]
+            else:
+                rows = list(s.scalars(select(SqlBase).order_by(SqlBase.name)))
+            manifests = [(r.name, self._manifest(s, r.id)) for r in rows]
+        return CheckResult.of(label, [check.check(adapter, manifest, base_name=name) for name, manifest in manifests])
+
+    def verify(self, progress: bool | None = None) -> list[BlobProblem]:
+        """Re-hash every stored file against its record; return what is missing or changed."""
+        with self.session() as s:
+            rows = [(f"{r.name}@{r.version}", r.blob, r.files) for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
+        total = sum(f["size"] for _, _, files in rows for f in files)
+        bar = _progress(total, "verify", progress)
+        problems = []
+        try:
+            for label, key, files in rows:
+                folder = self.blobs.root / folder_of(key)
+                for f in files:
+                    path = folder / f["name"]
+                    if not path.is_file():
+                        problems.append(BlobProblem(label, str(path), "missing"))
+                        continue
+                    actual = sha256_file(path, progress=bar)
+                    if actual != f["sha256"]:
+                        problems.append(BlobProblem(label, str(path), f"sha256 {actual[:12]}… ≠ recorded {f['sha256'][:12]}…"))
+        finally:
+            bar.close()
+        return problems
+
+    def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
+        """Remove stored adapter folders no record uses, and temp files of interrupted copies; returns each with its
+        size in bytes. Anything younger than ``grace_s`` is kept: it may belong to a registration in progress."""
+        import time
+
+        with self.session() as s:
+            used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
+        cutoff = time.time() - grace_s
+        root = self.blobs.root
+        unused = [f for f in self.blobs.folders() if str(f.relative_to(root).as_posix()) not in used]
+        found = [(p, _size(p)) for p in [*unused, *self.blobs.temp_files()] if p.stat().st_mtime <= cutoff]
+        if not dry_run:
+            for path, _ in found:
+                remove(path)
+        return found
+
+    # ---------------------------------------------------------------- lookups
+
+    def _find_adapter(self, s: Session, ref: str | int) -> SqlAdapter:
+        ref = str(ref).strip()
+        if "@" in ref:
+            name, _, version = ref.rpartition("@")
+            if not version.isdigit():
+                raise InvalidInputError(f"bad adapter reference {ref!r}: the part after @ must be a version number")
+            row = s.scalar(select(SqlAdapter).where(SqlAdapter.name == name, SqlAdapter.version == int(version)))
+            if row is not None:
+                return row
+            versions = s.scalars(select(SqlAdapter.version).where(SqlAdapter.name == name).order_by(SqlAdapter.version)).all()
+            if versions:
+                raise NotFoundError(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
+            raise NotFoundError(f"no adapter named {name!r} in the registry")
+        row = s.scalar(select(SqlAdapter).where(SqlAdapter.name == ref).order_by(SqlAdapter.version.desc()).limit(1))
+        if row is not None:
+            return row
+        clauses = []
+        if ref.isdigit():
+            clauses.append(SqlAdapter.id == int(ref))
+        if len(ref) >= MIN_PREFIX and HEX_RE.match(ref):
+            prefix = ref.lower()
+            clauses += [SqlAdapter.sha256.startswith(prefix), SqlAdapter.weights_sha256.startswith(prefix)]
+        rows = list(s.scalars(select(SqlAdapter).where(or_(*clauses)).order_by(SqlAdapter.id).limit(SHOWN + 1))) if clauses else []
+        if len(rows) == 1:
+            return rows[0]
+        if rows:
+            raise AmbiguousError(
+                f"adapter reference {ref!r} matches several adapters ({_shown(f'{r.name}@{r.version} {r.sha256[:12]}' for r in rows)}); "
+                "give more of the sha256, or name@version"
+            )
+        raise NotFoundError(
+            f"no adapter {ref!r} in the registry (give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits)"
+        )
+
+    def _find_base(self, s: Session, ref: str | int) -> SqlBase:
+        ref = str(ref).strip()
+        row = s.scalar(select(SqlBase).where(SqlBase.name == ref))
+        if row is not None:
+            return row
+        clauses = []
+        if ref.isdigit():
+            clauses.append(SqlBase.id == int(ref))
+        if len(ref) >= MIN_PREFIX and HEX_RE.match(ref):
+            clauses.append(SqlBase.fingerprint.startswith(ref.lower()))
+        rows = list(s.scalars(select(SqlBase).where(or_(*clauses)).order_by(SqlBase.id).limit(SHOWN + 1))) if clauses else []
+        if len(rows) == 1:
+            return rows[0]
+        if rows:
+            raise AmbiguousError(
+                f"base reference {ref!r} matches several bases ({_shown(r.name for r in rows)}); give more of the fingerprint"
+            )
+        raise NotFoundError(f"no base {ref!r} in the registry (see `loraops base list`)")
+
+    def _manifest(self, s: Session, base_id: int) -> dict[str, TensorRecord]:
+        rows = s.execute(
+            select(SqlBaseTensor.name, SqlBaseTensor.dtype, SqlBaseTensor.shape).where(SqlBaseTensor.base_id == base_id)
+        )
+        return {name: TensorRecord(name=name, dtype=dtype, shape=tuple(shape)) for name, dtype, shape in rows}
+
+    def _blob_used(self, key: str) -> bool:
+        folder = folder_of(key)
+        with self.session() as s:
+            return s.scalar(select(exists().where(or_(SqlAdapter.blob == folder, SqlAdapter.blob.startswith(f"{folder}/")))))
+
+    def _tag(self, s: Session, row: SqlAdapter, tags: Sequence[str]) -> None:
+        have = {t.tag for t in row.tags}
+        row.tags.extend(SqlTag(tag=t) for t in tags if t not in have)
+        s.flush()
+
+    def _lineage(self, s: Session, spec: LineageSpec | None) -> SqlLineage | None:
+        if spec is None:
+            return None
+        lineage = SqlLineage(op=spec.op, params=dict(spec.params))
+        for position, item in enumerate(spec.inputs):
+            found = s.get(SqlAdapter if item.kind == "adapter" else SqlBase, item.id)
+            if found is None:
+                raise NotFoundError(f"lineage input: no {item.kind} with id {item.id} in the registry")
+            if item.kind == "adapter":
+                row = SqlLineageInput(adapter_id=found.id, label=f"{found.name}@{found.version}", sha256=found.sha256)
+            else:
+                row = SqlLineageInput(base_id=found.id, label=found.name, sha256=found.fingerprint)
+            row.position, row.kind, row.weight, row.role = position, item.kind, item.weight, item.role
+            lineage.inputs.append(row)
+        return lineage
+
+    # ---------------------------------------------------------------- rows → records
+
+    def _adapter_record(self, s: Session, row: SqlAdapter) -> AdapterRecord:
+        base = row.base
+        return AdapterRecord(
+            id=row.id, name=row.name, version=row.version, sha256=row.sha256, weights_sha256=row.weights_sha256,
+            format=row.format, dtype=row.dtype, size=row.size, num_parameters=row.num_parameters, rank=row.rank,
+            alpha=row.alpha, scale_mode=row.scale_mode, target_modules=list(row.target_modules),
+            base=None if base is None else BaseRef(id=base.id, name=base.name, fingerprint=base.fingerprint),
+            base_hint=row.base_hint, tags=sorted(t.tag for t in row.tags), source=row.source,
+            path=str(self.blobs.path(row.blob)), created=utc(row.created),
+            modules=[
+                ModuleRecord(name=m.name, kind=m.kind, rank=m.rank, alpha=m.alpha, scale=m.scale,
+                             in_features=m.in_features, out_features=m.out_features)
+                for m in row.modules
+            ],
+            lineage=_lineage_record(row.lineage),
+        )
+
+    def _base_record(self, s: Session, row: SqlBase) -> BaseRecord:
+        return BaseRecord(
+            id=row.id, name=row.name, fingerprint=row.fingerprint, source=row.source, path=row.path,
+            num_tensors=row.num_tensors, num_parameters=row.num_parameters, dtype=row.dtype,
+            total_bytes=row.total_bytes, derived=row.derived, lineage=_lineage_record(row.lineage), created=utc(row.created),
+        )
+
+
+_LINEAGE_LOAD = selectinload(SqlAdapter.lineage).selectinload(SqlLineage.inputs)
+_ADAPTER_LOAD = (selectinload(SqlAdapter.modules), selectinload(SqlAdapter.tags), selectinload(SqlAdapter.base), _LINEAGE_LOAD)
+_BASE_LOAD = (selectinload(SqlBase.lineage).selectinload(SqlLineage.inputs),)
+
+
+def _has_module(condition):
+    return exists().where(SqlAdapterModule.adapter_id == SqlAdapter.id, condition)
+
+
+def _lineage_record(row: SqlLineage | None) -> LineageRecord | None:
+    if row is None:
+        return None
+    return LineageRecord(
+        id=row.id, op=row.op, params=dict(row.params or {}), created=utc(row.created),
+        inputs=[
+            LineageInputRecord(kind=i.kind, id=i.adapter_id if i.kind == "adapter" else i.base_id, label=i.label,
+                               sha256=i.sha256, weight=i.weight, role=i.role)
+            for i in row.inputs
+        ],
+    )
+
+
+def utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def module_target(name: str, names_resolved: bool) -> str:
+    """What `list --target` matches: the last path component (kohya names before binding: the whole name)."""
+    return name.rsplit(".", 1)[-1] if names_resolved else name
+
+
+def default_name(path: Path) -> str:
+    """A registry name from a path: the folder name, or the file name without .safetensors."""
+    stem = path.name.removesuffix(".safetensors") if path.is_file() else path.resolve().name
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-.") or "unnamed"
+    return cleaned if not cleaned.isdigit() else f"n{cleaned}"
+
+
+def check_name(name: str, what: str) -> str:
+    """Names are what people type: no '@' (it starts a version), not all digits (that is an id)."""
+    if not NAME_RE.match(name) or name.isdigit() or len(name) > 255:
+        raise InvalidInputError(
+            f"bad {what} name {name!r}: use letters, digits and . _ + - / (not only digits, no '@', at most 255)"
+        )
+    return name
+
+
+def clean_tags(tags: Iterable[str]) -> list[str]:
+    out = []
+    for tag in tags:
+        tag = tag.strip()
+        if not tag or len(tag) > 255 or any(c.isspace() for c in tag):
+            raise InvalidInputError(f"bad tag {tag!r}: a tag is one word of at most 255 characters")
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _shown(items: Iterable[str]) -> str:
+    items = list(items)
+    return ", ".join(items[:SHOWN]) + (", …" if len(items) > SHOWN else "")

@@ -1,0 +1,231 @@
+"""The registry library: idempotent registration, versions, references, filters, bases, lineage, rm, blobs."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from factories import kohya_file, peft_adapter, tiny_llama
+from loraops.errors import AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError
+from loraops.records import LineageInput, LineageSpec
+from loraops.registry import Registry
+
+KOHYA_MODULES = {
+    "lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,)),
+    "lora_unet_model_layers_1_mlp_down_proj": ((128,), (64,)),
+}
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """Models and adapters built once per module (each test still gets its own empty registry)."""
+    d = tmp_path_factory.mktemp("art")
+    base = tiny_llama(d / "llama")
+    other = tiny_llama(d / "llama-wide", hidden=32, intermediate=64, seed=5)
+    return {
+        "base": base,
+        "other": other,
+        "ad1": peft_adapter(base, d / "ad1", r=4, alpha=8),
+        "ad2": peft_adapter(base, d / "ad2", r=8, alpha=8, target_modules=["q_proj", "v_proj"], seed=3),
+        "kohya": kohya_file(d / "style.safetensors", KOHYA_MODULES, rank=4, alpha=2),
+    }
+
+
+@pytest.fixture
+def reg():
+    with Registry.open() as registry:
+        yield registry
+
+
+def snapshot(reg: Registry) -> tuple:
+    """Everything a failed command must leave unchanged."""
+    blobs = sorted(str(p.relative_to(reg.blobs.root)) for p in reg.blobs.root.rglob("*")) if reg.blobs.root.exists() else []
+    return ([a.model_dump() for a in reg.list_adapters()], [b.model_dump() for b in reg.list_bases()], blobs)
+
+
+def test_register_is_idempotent_and_versions_by_name(reg, art):
+    base = reg.add_base(art["base"], name="llama-tiny")
+    first, created = reg.register_adapter(art["ad1"], tags=["a"])
+    assert created and first.ref == "ad1@1" and first.base.name == "llama-tiny" and first.base_hint == str(art["base"])
+    again, created = reg.register_adapter(art["ad1"], tags=["b"])
+    assert not created and again.id == first.id and again.tags == ["a", "b"]
+    second = reg.add_adapter(art["ad2"], name="ad1")
+    assert second.ref == "ad1@2" and second.rank == 8 and second.base.fingerprint == base.fingerprint
+    assert reg.get_adapter("ad1").id == second.id  # the name alone is the latest version
+    assert reg.get_adapter("ad1@1").id == first.id
+    assert reg.get_adapter(first.id).id == first.id
+    assert reg.get_adapter(first.sha256[:6]).id == first.id
+    assert reg.get_adapter(first.weights_sha256[:10].upper()).id == first.id
+    assert [m.name for m in first.modules][0] == "model.layers.0.mlp.down_proj"
+    stored = Path(first.path)
+    assert stored.is_dir() and sorted(p.name for p in stored.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_identity_covers_config_math_and_alpha(reg, art, tmp_path):
+    a = reg.add_adapter(art["ad1"])
+    copy = shutil.copytree(art["ad1"], tmp_path / "ad1-alpha")
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 16
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    b = reg.add_adapter(copy, name="ad1")
+    assert b.ref == "ad1@2" and b.weights_sha256 == a.weights_sha256 and b.sha256 != a.sha256 and b.alpha == 16
+    k = reg.add_adapter(art["kohya"])
+    assert k.sha256 == k.weights_sha256 and k.format == "kohya" and k.base is None
+    k2 = reg.add_adapter(art["kohya"], alpha=4)
+    assert k2.sha256 != k.sha256 and k2.alpha == 4 and k2.ref == "style@2"
+    assert reg.load_adapter("style@2").alpha == 4  # the override is kept for later reads
+
+
+def test_kohya_bound_to_explicit_base_and_filters(reg, art):
+    reg.add_base(art["base"], name="llama-tiny")
+    reg.add_base(art["other"], name="wide")
+    k = reg.add_adapter(art["kohya"], name="style", base="llama-tiny", tags=["sd", "style"])
+    assert sorted(m.name for m in k.modules) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert k.target_modules == ["down_proj", "q_proj"]
+    with pytest.raises(MismatchError, match="do not fit base wide"):
+        reg.add_adapter(art["ad2"], name="x", base="wide")
+    reg.add_adapter(art["ad1"])
+    reg.add_adapter(art["ad2"])
+    refs = lambda **kw: [a.ref for a in reg.list_adapters(**kw)]  # noqa: E731
+    assert refs() == ["ad1@1", "ad2@1", "style@1"]
+    assert refs(target="v_proj") == ["ad1@1", "ad2@1"]
+    assert refs(target="down_proj", rank=4) == ["ad1@1", "style@1"]
+    assert refs(rank=8) == ["ad2@1"]
+    assert refs(tag="sd") == ["style@1"]
+    assert refs(name="ad2") == ["ad2@1"]
+    assert refs(base="llama-tiny") == ["ad1@1", "ad2@1", "style@1"]
+    assert refs(base="wide") == []
+
+
+def test_hint_links_base_only_when_it_fits(reg, art):
+    reg.add_base(art["other"], name="wide", source=str(art["base"]))  # a lying source: same hint, other shapes
+    assert reg.add_adapter(art["ad1"]).base is None
+
+
+def test_references_errors(reg, art):
+    with pytest.raises(NotFoundError, match="no adapter 'nope' in the registry"):
+        reg.get_adapter("nope")
+    reg.add_adapter(art["ad1"])
+    with pytest.raises(NotFoundError, match=r"adapter 'ad1' has no version 3 \(versions: 1\)"):
+        reg.get_adapter("ad1@3")
+    with pytest.raises(InvalidInputError, match="must be a version number"):
+        reg.get_adapter("ad1@x")
+    with pytest.raises(NotFoundError, match="no base 'zz'"):
+        reg.get_base("zz")
+    with pytest.raises(InvalidInputError, match="bad adapter name '12'"):
+        reg.add_adapter(art["ad2"], name="12")
+
+
+def test_ambiguous_prefix(reg, art, monkeypatch):
+    shas = iter(["abcdef01" + "0" * 56, "abcdef02" + "0" * 56])
+    monkeypatch.setattr("loraops.formats.identity", lambda path: next(shas))
+    reg.add_adapter(art["ad1"])
+    reg.add_adapter(art["ad2"])
+    with pytest.raises(AmbiguousError, match="matches several adapters"):
+        reg.get_adapter("abcdef")
+    assert reg.get_adapter("abcdef02").name == "ad2"
+
+
+def test_rm_versions_blobs_and_lineage(reg, art):
+    a1 = reg.add_adapter(art["ad1"])
+    a2 = reg.add_adapter(art["ad2"], name="ad1")
+    k = reg.add_adapter(art["kohya"])
+    spec = LineageSpec(op="combine", params={"method": "cat"},
+                       inputs=[LineageInput(kind="adapter", id=a1.id, weight=0.5), LineageInput(kind="adapter", id=k.id)])
+    combo = reg.add_adapter(art["ad1"], name="combo", alpha=3, lineage=spec)
+    assert combo.lineage.op == "combine" and [i.label for i in combo.lineage.inputs] == ["ad1@1", "style@1"]
+    assert [r.ref for r in reg.remove_adapter("ad1")] == ["ad1@2"]  # the name alone: its latest version
+    assert not Path(a2.path).exists() and Path(a1.path).exists()
+    assert reg.add_adapter(art["ad2"], name="ad1").ref == "ad1@3"  # a removed version number is not reused
+    assert [r.ref for r in reg.remove_adapter("ad1", all_versions=True)] == ["ad1@1", "ad1@3"]
+    assert not Path(a1.path).exists()
+    kept = reg.get_adapter("combo").lineage.inputs[0]
+    assert kept.id is None and kept.label == "ad1@1" and kept.sha256 == a1.sha256 and kept.weight == 0.5
+    with pytest.raises(NotFoundError):
+        reg.remove_adapter("ad1")
+
+
+def test_bases_idempotent_conflicts_derived_and_rm(reg, art, tmp_path):
+    b, created = reg.register_base(art["base"])
+    assert created and b.name == "llama" and b.num_tensors == 21 and b.dtype == "F32" and not b.derived
+    sharded = tiny_llama(tmp_path / "sharded", shard_size="60KB")
+    same, created = reg.register_base(sharded, name="other-name")
+    assert not created and same.id == b.id  # same tensors, however sharded
+    with pytest.raises(ConflictError, match="base name 'llama' is already used"):
+        reg.add_base(art["other"], name="llama")
+    manifest = reg.base_manifest("llama")
+    assert manifest["model.embed_tokens.weight"].shape == (128, 64)
+    assert reg.get_base(b.fingerprint[:8]).id == b.id and reg.find_base(b.fingerprint).id == b.id
+    derived = reg.add_base(art["other"], name="merged", lineage=LineageSpec(
+        op="merge", params={"weights": [1.0]}, inputs=[LineageInput(kind="base", id=b.id, role="base")]))
+    assert derived.derived and derived.lineage.inputs[0].label == "llama"
+    a = reg.add_adapter(art["ad1"])
+    assert a.base.name == "llama"
+    with pytest.raises(ConflictError, match=r"base 'llama' is still used by 1 adapter\(s\) \(ad1@1\) and 1 lineage"):
+        reg.remove_base("llama")
+    reg.remove_base("llama", force=True)
+    assert reg.get_adapter("ad1").base is None and reg.get_base("merged").lineage.inputs[0].id is None
+    assert reg.base_path("merged") == art["other"].resolve()
+
+
+def test_failed_registration_leaves_nothing(reg, art, monkeypatch):
+    before = snapshot(reg)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Registry, "_insert_adapter", boom)
+    with pytest.raises(RuntimeError):
+        reg.add_adapter(art["ad1"])
+    assert snapshot(reg) == before
+
+
+def test_concurrent_registration(art, tmp_path):
+    """Threads with their own connections: same name → distinct versions; same bytes → one record."""
+    copies = []
+    for i in range(3):
+        copy = shutil.copytree(art["ad1"], tmp_path / f"c{i}")
+        cfg = json.loads((copy / "adapter_config.json").read_text())
+        cfg["lora_alpha"] = 10 + i
+        (copy / "adapter_config.json").write_text(json.dumps(cfg))
+        copies.append(copy)
+    results, errors = [], []
+
+    def work(path):
+        try:
+            with Registry.open() as r:
+                results.append(r.add_adapter(path, name="same"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in [*copies, copies[0], copies[0]]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted({r.version for r in results}) == [1, 2, 3] and len({r.id for r in results}) == 3
+
+
+def test_verify_and_gc(reg, art):
+    a = reg.add_adapter(art["ad1"])
+    k = reg.add_adapter(art["kohya"])
+    assert reg.verify() == []
+    weights = Path(a.path) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    problems = reg.verify()
+    assert [(p.adapter, Path(p.file).name) for p in problems] == [("ad1@1", "adapter_model.safetensors")]
+    assert "≠ recorded" in problems[0].problem
+    orphan = reg.blobs.folder("ff" * 32)
+    orphan.mkdir(parents=True)
+    (orphan / "x.safetensors").write_bytes(b"x")
+    temp = Path(k.path).parent / ".loraops-tmp-style.safetensors.1234abcd"
+    temp.write_bytes(b"partial")
+    assert reg.gc() == []  # too young: could be a registration in progress
+    removed = {p for p, _ in reg.gc(grace_s=0)}
+    assert removed == {orphan, temp} and not orphan.exists() and Path(k.path).exists()
