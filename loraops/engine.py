@@ -240,26 +240,10 @@ def peak_rss() -> int:
 
 
 def fit(adapter: Adapter, base: BaseModel) -> Adapter:
-    """The adapter with its module names resolved against ``base``, or a one-line MismatchError naming the first
-    module that does not fit."""
-    # TODO(formats): loraops.check.bind / require_fit once the formats branch lands.
-    if not adapter.names_resolved:
-        raise MismatchError(f"{adapter.path}: kohya names are not resolved against {base.path}")
-    what = adapter.path or "adapter"
-    for module in adapter.modules.values():
-        info = base.tensors.get(module.weight_name)
-        if info is None:
-            raise MismatchError(f"{what}: module {module.name!r} is not in {base.path} (no {module.weight_name!r})")
-        if tuple(info.shape) != tuple(module.weight_shape):
-            raise MismatchError(
-                f"{what}: module {module.name!r} changes a {tuple(module.weight_shape)} weight, "
-                f"but {base.path} has {tuple(info.shape)}"
-            )
-    for name, tensor in adapter.full_tensors.items():
-        info = base.tensors.get(name)
-        if info is None or tuple(info.shape) != tuple(tensor.shape):
-            raise MismatchError(f"{what}: full tensor {name!r} {tuple(tensor.shape)} does not fit {base.path}")
-    return adapter
+    """The adapter bound to ``base`` (kohya names resolved), or one MismatchError line listing what does not fit."""
+    from .check import require_fit
+
+    return require_fit(adapter, base.tensors, base_name=str(base.path))
 
 
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None) -> list[_File]:
@@ -553,8 +537,7 @@ class _Residual:
                     "(each round trip rounds twice): use --exact to restore the recorded base")
             return ResidualRecord(elements=self.elements, rounding_max_abs=self.rounding, note=note)
         note = "bit-exact" if self.differing == 0 else (
-            f"{self.differing} of {self.elements} elements differ from the pristine base (rounding of the round "
-            "trip); use --exact to restore it bit for bit")
+            "the rounding of the round trip; use --exact to restore the base bit for bit")
         return ResidualRecord(compared_to=str(self.reference.path), elements=self.elements,
                               elements_differing=self.differing, max_abs_diff=self.max_diff,
                               rounding_max_abs=self.rounding, note=note)
