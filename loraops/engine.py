@@ -36,7 +36,7 @@ from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
-from .fsutil import atomic_path, ensure_free_space
+from .fsutil import atomic_path, ensure_free_space, remove_stale_temps
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, torch_dtype
 
@@ -195,6 +195,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     files = _plan(base, adapters, out_dtype)
     if reference is not None:
         _check_reference(reference, files)
+    remove_stale_temps(output)  # what a killed earlier run to this output left, before counting free space
     needed = sum(f.size for f in files) + sum((base.path / p).stat().st_size for p in base.other_files())
     ensure_free_space(output.parent, needed, f"{output.name} ({needed / 2**30:.2f} GiB)")
     tensors = [t for f in files for t in f.tensors]

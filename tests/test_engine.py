@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from engine_helpers import adapter_of, reference64, ulps
 from factories import (LLAMA_TARGETS, conv_embedding_model, load_model, peft_adapter, save_state_dict, tiny_gpt2,
                        tiny_llama)
-from loraops import engine
+from loraops import engine, formats
 from loraops.adapter import LoraModule
 
 
@@ -66,7 +66,7 @@ def peft_case(tmp_path, base, adapters: dict[str, dict], weights: dict[str, floa
     model = PeftModel.from_pretrained(model, dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(dirs[name], adapter_name=name)
-    canon = {name: adapter_of(model, name, dirs[name]) for name in names}
+    canon = {name: formats.read_adapter(dirs[name]) for name in names}
     base_state = merged_tensors(base)
     report = engine.merge(base, [(canon[n], weights[n]) for n in names], tmp_path / "out", device="cpu")
     if len(names) > 1:
