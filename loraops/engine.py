@@ -418,6 +418,7 @@ class _Pipeline:
 
     def _write(self) -> None:
         fd = None
+        syncs: list[threading.Thread] = []
         try:
             while (item := self._get(self.write_q)) is not _END:
                 if isinstance(item, _Open):
@@ -436,13 +437,17 @@ class _Pipeline:
                 else:
                     if os.lseek(fd, 0, os.SEEK_CUR) != item.size:  # the header promised exactly this many bytes
                         raise FormatError(f"{item.path}: internal error, wrote a different size than planned")
-                    # Flush this file while the next one is computed, so the final fsync finds little to do.
-                    os.fdatasync(fd)
-                    os.close(fd)
+                    # Flushed by another thread while the next file is written, so the final fsync finds little
+                    # to do and the writer never waits for the disk.
+                    syncer = threading.Thread(target=self._guard, args=(_sync_and_close, fd), daemon=True)
+                    syncer.start()
+                    syncs.append(syncer)
                     fd = None
         finally:
             if fd is not None:
                 os.close(fd)
+            for syncer in syncs:
+                syncer.join()
 
     # -- math -----------------------------------------------------------------------------------------------------
     def _compute_chunk(self, chunk: _Chunk) -> None:
@@ -580,6 +585,13 @@ def _pread_exact(fd: int, view: memoryview, nbytes: int, offset: int, info: Tens
         if got == 0:
             raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
         done += got
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

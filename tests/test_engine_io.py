@@ -146,12 +146,13 @@ def test_missing_and_corrupt_shards(tmp_path, sharded):
 
 def test_a_failure_midway_removes_the_temp_output(tmp_path, sharded, monkeypatch):
     base, adapter_dir = sharded
-    calls = []
+    calls, original = [], engine._Pipeline._compute_chunk
 
     def boom(self, chunk):
         calls.append(chunk)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
+        original(self, chunk)
 
     monkeypatch.setattr(engine._Pipeline, "_compute_chunk", boom)
     with pytest.raises(DiskSpaceError, match="disk full"):
