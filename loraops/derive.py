@@ -261,7 +261,7 @@ def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
 
     started = time.perf_counter()
     size = model.total_bytes + sum((model.path / p).stat().st_size for p in model.other_files())
-    ensure_free_space(output.parent, size, f"{output.name} ({size / 2**30:.2f} GiB)")
+    ensure_free_space(output.parent, size, output.name)
     with atomic_path(output, force=force, is_dir=not model.is_single_file) as tmp:
         if model.is_single_file:
             shutil.copyfile(model.path, tmp)

@@ -198,7 +198,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         _check_reference(reference, files)
     remove_stale_temps(output)  # what a killed earlier run to this output left, before counting free space
     needed = sum(f.size for f in files) + sum((base.path / p).stat().st_size for p in base.other_files())
-    ensure_free_space(output.parent, needed, f"{output.name} ({needed / 2**30:.2f} GiB)")
+    ensure_free_space(output.parent, needed, output.name)
     tensors = [t for f in files for t in f.tensors]
     compute_dtype = torch.float64 if precise or any("F64" in (t.info.dtype, t.out_dtype) for t in tensors) else torch.float32
     stats = _Residual(reference) if operation == "subtract" else None

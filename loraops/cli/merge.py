@@ -61,7 +61,8 @@ def _render(report, as_json: bool) -> None:
         adapters = report.base + (f" + {adapters}" if adapters else "")
     rate = report.bytes_written / report.seconds if report.seconds else 0
     click.echo(
-        f"{verb} {adapters or 'nothing'} → {report.output}: {report.tensors_merged} tensors merged, "
+        f"{verb} {adapters or 'nothing'} → {report.output}: {report.tensors_merged} tensors "
+        f"{'merged' if report.operation == 'merge' else 'changed'}, "
         f"{report.tensors_copied} copied" + (f", {report.tensors_replaced} replaced" if report.tensors_replaced else "")
         + (f", {report.tensors_converted} converted" if report.tensors_converted else "")
         + f"; {human_bytes(report.bytes_written)} in {report.seconds:.2f} s ({human_bytes(rate)}/s), "
