@@ -155,8 +155,9 @@ def _folder_part(folder: Path, prefix: str) -> Part:
             raise FormatError(f"{index}: not a valid safetensors index (no weight_map)") from None
         files = []
         for name in shard_names:
-            shard = (folder / name).resolve()
-            if folder.resolve() not in shard.parents:
+            # Lexical check, not resolve(): in the Hugging Face cache every file is a symlink into ../../blobs.
+            shard = Path(os.path.normpath(folder.absolute() / name))
+            if Path(os.path.normpath(folder.absolute())) not in shard.parents:
                 raise FormatError(f"{index}: shard {name!r} points outside the folder")
             if not shard.exists():
                 raise NotFoundError(f"{folder / name}: shard listed in {index.name} is missing")

@@ -33,6 +33,68 @@ class ModuleRecord(Record):
         )
 
 
+class ResizeModuleRecord(Record):
+    """One module of a resize: ranks before/after and how much of its spectrum the new rank keeps."""
+
+    name: str
+    kind: Literal["linear", "conv", "embedding"]
+    rank_before: int
+    rank_after: int
+    alpha_after: float
+    fro_retained: float
+    """‖S_k‖/‖S‖ over the singular values S of B·A: 1 − fro_retained² is the relative squared Frobenius error."""
+    sum_retained: float
+    """ΣS_k/ΣS (kohya's 'sum(S) retained')."""
+
+
+class ResizeReport(Record):
+    rank: int | None
+    dynamic: str | None
+    param: float | None
+    max_rank: int | None
+    device: str
+    precision: Literal["float32", "float64"]
+    modules: list[ResizeModuleRecord]
+    fro_retained_mean: float
+    sum_retained_mean: float
+    parameters_before: int
+    parameters_after: int
+    seconds: float
+
+
+class CombineInputRecord(Record):
+    ref: str
+    weight: float
+    rank: int | None
+    """The input's rank (None when its modules have different ranks)."""
+    modules: int
+
+
+class CombineModuleRecord(Record):
+    name: str
+    rank: int
+    inputs: int
+    """How many inputs adapt this module (the others count as a zero delta)."""
+    svd: Literal["none", "factored", "exact", "randomized"]
+    """How the result was factored: none (cat, exact by construction), factored (exact SVD of the stacked factors),
+    exact / randomized (SVD of the dense delta an element-wise method produced)."""
+    error: float
+    """Relative Frobenius error ‖D − B'A'‖/‖D‖ of the output factors against the method's exact result D."""
+
+
+class CombineReport(Record):
+    method: str
+    params: dict
+    inputs: list[CombineInputRecord]
+    device: str
+    precision: Literal["float32", "float64"]
+    modules: list[CombineModuleRecord]
+    error_max: float
+    error_mean: float
+    parameters: int
+    seconds: float
+
+
 class TensorRecord(Record):
     """One tensor of a registered base's manifest."""
 
@@ -200,6 +262,44 @@ class CheckResult(Record):
     @classmethod
     def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
         return cls(adapter=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
+
+
+class PullRecord(Record):
+    """What `loraops pull` did (`pull --json`)."""
+
+    repo_id: str
+    revision: str | None
+    """As asked (branch, tag, sha); None = the default branch."""
+    commit: str
+    files: list[str]
+    """Repo files fetched (the adapter's, and README.md when present)."""
+    new: bool
+    """False when that adapter (same identity) was already registered: nothing changed."""
+    adapter: AdapterRecord
+
+
+class PushRecord(Record):
+    """What `loraops push` did (`push --json`)."""
+
+    adapter: str
+    """name@version pushed."""
+    repo_id: str
+    revision: str
+    format: str
+    files: list[str]
+    commit: str
+    commit_url: str
+    pr_url: str | None = None
+
+
+class DerivedRecord(Record):
+    """A combined or resized adapter: its registry record, whether it is new, where it was also written, and the
+    operation's report (`combine/resize --json`)."""
+
+    adapter: AdapterRecord
+    created: bool
+    output: str | None
+    report: CombineReport | ResizeReport
 
 
 class MergeInputRecord(Record):

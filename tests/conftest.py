@@ -2,7 +2,14 @@
 user's files or the network."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# huggingface_hub >= 1 uploads through Xet unless HF_HUB_DISABLE_XET is set before it is imported; the local test Hub
+# (tests/hubserver.py), like self-hosted endpoints, does not speak Xet. loraops.hub sets it too, but in this process
+# huggingface_hub may be imported earlier (by peft/transformers in other tests). test_hub_cli checks loraops's own way.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +47,13 @@ def registry_backend(isolated_home, monkeypatch):
     engine.dispose()
     monkeypatch.setenv("LORAOPS_DB", url)
     yield "postgresql"
+
+
+@pytest.fixture
+def fake_hub(tmp_path_factory, monkeypatch):
+    """A local Hugging Face Hub over real HTTP (tests/hubserver.py); HF_ENDPOINT points at it."""
+    from hubserver import FakeHub
+
+    with FakeHub(tmp_path_factory.mktemp("hub-store")) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server

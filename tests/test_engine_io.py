@@ -162,14 +162,14 @@ def test_a_failure_midway_removes_the_temp_output(tmp_path, sharded, monkeypatch
 
 KILLED_RUN = """
 import sys, time
-from loraops import derive, engine
+from loraops import engine, merging
 original = engine._Pipeline._compute_chunk
 def slow(self, chunk):
     original(self, chunk)
     open(sys.argv[4], "w").close()
     time.sleep(60)
 engine._Pipeline._compute_chunk = slow
-derive.merge(sys.argv[1], [sys.argv[2]], sys.argv[3], device="cpu")
+merging.merge(sys.argv[1], [sys.argv[2]], sys.argv[3], device="cpu")
 """
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from factories import kohya_file, peft_adapter, save_state_dict, conv_embedding_model, tiny_llama
 from loraops import check, formats
 from loraops.cli import main
-from loraops.derive import parse_weighted
+from loraops.merging import parse_weighted
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,23 @@ def base() -> None:
 @base.command("add")
 @click.argument("path", type=click.Path())
 @click.option("--name", help="Registry name (default: the folder or file name).")
+@click.option("--token", help="hub: only — Hub token for this call (default: $HF_TOKEN or the saved login).")
 @click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
-def add(path: str, name: str | None, as_json: bool) -> None:
-    """Record a base model: an HF folder (sharded safetensors + index), a diffusers pipeline, or one .safetensors."""
+def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
+    """Record a base model: an HF folder (sharded safetensors + index), a diffusers pipeline, or one .safetensors;
+    or hub:OWNER/NAME[@REV], read from the safetensors headers on the Hub (weights downloaded on first use)."""
     with _registry() as reg:
-        record, created = reg.register_base(path, name=name)
+        if path.startswith("hub:"):
+            from .. import hub
+
+            record, created = hub.add_base(reg, path, name=name, token=token)
+        else:
+            record, created = reg.register_base(path, name=name)
     if as_json:
         echo_json(record)
+    elif created and record.path is None:
+        click.echo(f"added base {record.name} (id {record.id}) from {record.source}: {record.num_tensors} tensors, "
+                   f"{record.num_parameters:,} parameters, {record.dtype}; manifest only, weights download on first use")
     elif created:
         click.echo(
             f"added base {record.name} (id {record.id}, fingerprint {record.fingerprint[:12]}): "

@@ -29,9 +29,9 @@ def _options(fn):
 def merge(adapters, base, output, dtype, device, precise, force, name, no_record, as_json) -> None:
     """Merge adapters into a base: W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, rounded once. REF is a registry reference or a path; a
     trailing :W weights it (default 1, negative negates)."""
-    from .. import derive
+    from .. import merging
 
-    report = derive.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
+    report = merging.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
                           precise=precise, force=force)
     _render(report, as_json)
 
@@ -44,9 +44,9 @@ def merge(adapters, base, output, dtype, device, precise, force, name, no_record
 def subtract(adapters, model, exact, output, dtype, device, precise, force, name, no_record, as_json) -> None:
     """Subtract adapters from a merged model: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, and report the residual left. In bf16/fp16 a
     merge+subtract round trip is never bit-exact; --exact restores the recorded base instead."""
-    from .. import derive
+    from .. import merging
 
-    report = derive.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
+    report = merging.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
                              device=device, precise=precise, force=force)
     _render(report, as_json)
 

@@ -8,6 +8,7 @@ scripts' head by a test).
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect, text
@@ -19,6 +20,8 @@ HEAD = "0002"
 """The newest revision under migrations/versions (tests/test_migrations.py checks it)."""
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
+_MIGRATING = threading.Lock()
 
 
 def script_location() -> str:
@@ -80,39 +83,49 @@ def ensure_schema(engine: Engine) -> None:
     except Exception as exc:  # noqa: BLE001 - any driver error becomes one line naming the database
         raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
     if current != HEAD:
-        upgrade(engine, current)
+        upgrade(engine)
 
 
-def upgrade(engine: Engine, current: str | None = None, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to ``revision``. Concurrent openers are serialised (SQLite: the write lock; PostgreSQL: an advisory
+    lock), and each re-reads the revision once it holds the lock, so only the first one migrates."""
     from alembic import command
     from alembic.script import ScriptDirectory
 
     config = alembic_config()
     script = ScriptDirectory.from_config(config)
-    if current is not None:
-        try:
-            script.get_revision(current)
-        except Exception:  # noqa: BLE001 - alembic raises several types for an unknown revision
-            raise RegistryError(
-                f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
-            ) from None
     try:
-        with writer(engine).begin() as connection:
+        # Alembic's migration context is process-global: one migration at a time per process, too.
+        with _MIGRATING, writer(engine).begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            current = current_revision(connection)
+            if revision == "head" and current == HEAD:
+                return
+            if current is not None and not _known(script, current):
+                raise RegistryError(
+                    f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
+                )
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
-    except Exception as exc:  # noqa: BLE001
-        # Another process may have migrated it at the same time: fine if it is now where we wanted it.
-        with engine.connect() as connection:
-            if current_revision(connection) == HEAD and revision == "head":
-                return
+    except RegistryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any driver/alembic error becomes one line naming the database
         raise RegistryError(f"cannot migrate the registry at {_safe(engine)}: {_first_line(exc)}") from None
+
+
+def _known(script, revision: str) -> bool:
+    try:
+        return script.get_revision(revision) is not None
+    except Exception:  # noqa: BLE001 - alembic raises several types for an unknown revision
+        return False
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
     config = alembic_config()
-    with writer(engine).begin() as connection:
+    with _MIGRATING, writer(engine).begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, revision)
 

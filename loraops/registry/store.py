@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,9 +23,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from .. import settings
-from ..basemodel import _progress
 from ..fsutil import remove, sha256_file
-from ..errors import AmbiguousError, ConflictError, InvalidInputError, NotFoundError, RegistryError
+from ..errors import AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError, RegistryError
 from ..records import (
     AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageInputRecord, LineageRecord, LineageSpec, ModuleRecord, TensorRecord,
 )
@@ -139,6 +139,60 @@ class Registry:
                 continue
         raise RegistryError(f"could not record base {name!r}: the registry kept changing under it (concurrent writers?)")
 
+    def register_manifest_base(self, *, name: str, source: str, tensors: dict[str, tuple[str, tuple[int, ...]]],
+                               dtype: str, total_bytes: int) -> tuple[BaseRecord, bool]:
+        """Record a base known only by its manifest (name → (dtype, shape), read remotely: loraops.hub reads it from
+        the safetensors headers on the Hub). It has no files yet (path None) and its fingerprint is a placeholder,
+        sha256 over the source and the manifest, until attach_base_files gives it its files. The same source again
+        returns the existing record. Returns (record, whether it is new)."""
+        import json
+
+        name = check_name(name, "base")
+        manifest = sorted((t, dtype_, list(shape)) for t, (dtype_, shape) in tensors.items())
+        placeholder = hashlib.sha256(json.dumps(["manifest-only", source, manifest]).encode()).hexdigest()
+        for _ in range(RETRIES):
+            try:
+                with self.session(write=True) as s:
+                    existing = s.scalar(select(SqlBase).where(SqlBase.source == source))
+                    if existing is not None:
+                        return self._base_record(s, existing), False
+                    taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
+                    if taken is not None:
+                        raise ConflictError(f"base name {name!r} is already used by another model "
+                                            f"(fingerprint {taken.fingerprint[:12]}); choose another --name")
+                    row = SqlBase(name=name, fingerprint=placeholder, source=source, path=None,
+                                  num_tensors=len(manifest), num_parameters=sum(math.prod(sh) for _, _, sh in manifest),
+                                  dtype=dtype, total_bytes=total_bytes, derived=False)
+                    s.add(row)
+                    s.flush()
+                    s.execute(insert(SqlBaseTensor), [
+                        {"base_id": row.id, "name": t, "dtype": d, "shape": sh} for t, d, sh in manifest])
+                    return self._base_record(s, row), True
+            except IntegrityError:
+                continue
+        raise RegistryError(f"could not record base {name!r}: the registry kept changing under it (concurrent writers?)")
+
+    def attach_base_files(self, ref: str | int, path: str | Path, progress: bool | None = None) -> BaseRecord:
+        """Give a base its files (e.g. a manifest-only base once downloaded): the manifest must be the recorded one;
+        the record gets the path and the real fingerprint."""
+        from ..basemodel import BaseModel
+
+        model = BaseModel.open(path)
+        with self.session() as s:
+            row = self._find_base(s, ref)
+            recorded, name, base_id = self._manifest(s, row.id), row.name, row.id
+        found = {t: (i.dtype, tuple(i.shape)) for t, i in model.tensors.items()}
+        if found != {t: (r.dtype, tuple(r.shape)) for t, r in recorded.items()}:
+            raise MismatchError(f"{path}: its tensors are not those recorded for base {name!r}")
+        fingerprint = model.fingerprint(progress=progress)
+        with self.session(write=True) as s:
+            twin = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint, SqlBase.id != base_id))
+            if twin is not None:
+                raise ConflictError(f"base {name!r}: the files at {path} are already registered as base {twin.name!r}")
+            row = s.get(SqlBase, base_id)
+            row.fingerprint, row.path, row.total_bytes = fingerprint, str(Path(path).resolve()), model.total_bytes
+            return self._base_record(s, row)
+
     def get_base(self, ref: str | int) -> BaseRecord:
         with self.session() as s:
             return self._base_record(s, self._find_base(s, ref))
@@ -154,8 +208,13 @@ class Registry:
             return self._manifest(s, self._find_base(s, ref).id)
 
     def base_path(self, ref: str | int) -> Path:
-        """Where the base's files are on disk (refused when they are gone)."""
+        """Where the base's files are on disk (refused when they are gone). A base recorded from the Hub without
+        its files (source hf://repo@commit) is downloaded into the Hub cache and attached here, on first use."""
         base = self.get_base(ref)
+        if (not base.path or not Path(base.path).exists()) and base.source.startswith("hf://"):
+            from .. import hub
+
+            return Path(self.attach_base_files(base.id, hub.download_base(base.source)).path)
         if not base.path or not Path(base.path).exists():
             raise NotFoundError(f"base {base.name!r}: its files are no longer at {base.path}; `loraops base add` them again")
         return Path(base.path)
@@ -616,6 +675,12 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
         if tag not in out:
             out.append(tag)
     return out
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from ..basemodel import _progress as bar  # basemodel (hashlib, safetensors headers) stays out of `list`
+
+    return bar(total, desc, enabled)
 
 
 def _size(path: Path) -> int:

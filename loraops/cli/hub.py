@@ -1,0 +1,63 @@
+"""`loraops pull` and `loraops push`: the Hugging Face Hub as an extension of the registry."""
+from __future__ import annotations
+
+import click
+
+from .render import echo_json
+
+TOKEN_HELP = "Hub token for this call (default: $HF_TOKEN, else the token saved by `hf auth login`)."
+
+
+@click.command()
+@click.argument("repo", metavar="REPO[@REVISION]")
+@click.option("--name", help="Registry name (default: the repo's name). Another commit with other weights becomes its next version.")
+@click.option("--file", "subpath", metavar="PATH", help="The adapter inside the repo: a folder or a .safetensors file.")
+@click.option("--base", help="A registered base the adapter must fit.")
+@click.option("--token", help=TOKEN_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the PullRecord as JSON.")
+def pull(repo: str, name: str | None, subpath: str | None, base: str | None, token: str | None, as_json: bool) -> None:
+    """Download an adapter from the Hub (a branch, tag or commit; HF_HUB_OFFLINE=1: from the cache) and register
+    it with source hf://REPO@COMMIT. Pulling an adapter that is already registered changes nothing."""
+    from .. import hub
+    from ..registry import Registry
+
+    with Registry.open() as registry:
+        done = hub.pull(registry, repo, name=name, token=token, subpath=subpath, base=base)
+    if as_json:
+        echo_json(done)
+        return
+    asked = f"{done.repo_id}@{done.revision}" if done.revision else done.repo_id
+    verb = "pulled" if done.new else "already registered:"
+    click.echo(f"{verb} {asked} (commit {done.commit[:12]}) as {done.adapter.ref}")
+    click.echo(f"  source  {done.adapter.source}")
+    click.echo(f"  files   {', '.join(done.files)}")
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", default="main", show_default=True, help="Branch to commit to (created from main if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
+              help="Layout to upload (default: the adapter's own, byte for byte).")
+@click.option("--token", help=TOKEN_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the PushRecord as JSON.")
+def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt: str | None, token: str | None,
+         as_json: bool) -> None:
+    """Upload a registered adapter REF to the Hub repo REPO in one commit, with a model card (base model, ranks,
+    alphas, target modules and, for a derived adapter, its lineage)."""
+    from .. import hub
+    from ..registry import Registry
+
+    with Registry.open() as registry:
+        done = hub.push(registry, ref, repo, fmt=fmt, private=private, revision=revision, create_pr=create_pr,
+                        token=token)
+    if as_json:
+        echo_json(done)
+        return
+    click.echo(f"pushed {done.adapter} ({done.format}) to {done.repo_id}@{done.revision}: commit {done.commit[:12]}")
+    click.echo(f"  files   {', '.join(done.files)}")
+    click.echo(f"  commit  {done.commit_url}")
+    if done.pr_url:
+        click.echo(f"  pull request  {done.pr_url}")

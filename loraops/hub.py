@@ -1,0 +1,664 @@
+"""The Hugging Face Hub: pull adapters, push them with a model card, read a base model's manifest remotely.
+
+Everything goes through ``huggingface_hub`` (its cache, its auth, its offline mode); this module decides *which*
+files to move and turns its exceptions into one-line loraops errors.
+
+Environment, read at call time (so a process can change it between calls, as the tests do):
+  HF_ENDPOINT       the Hub (or a mirror / self-hosted endpoint); HF_HOME / HF_HUB_CACHE the download cache;
+  HF_TOKEN          a token (else the one saved by ``hf auth login``; a ``token`` argument wins over both);
+  HF_HUB_OFFLINE=1  resolve revisions and files from the cache only.
+
+Xet: huggingface_hub >= 1 uploads large files through the Xet protocol whenever ``hf_xet`` is installed, and has no
+fallback when the endpoint does not speak Xet (huggingface_hub issue #4507): uploads to mirrors and self-hosted Hubs
+fail. It reads ``HF_HUB_DISABLE_XET`` once, when it is imported, so this module sets it (unless the user did) before
+anything imports huggingface_hub: uploads then use the LFS protocol every Hub endpoint speaks (huggingface.co
+included). Set HF_HUB_DISABLE_XET=0 to keep Xet.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
+
+XET_ENV = "HF_HUB_DISABLE_XET"
+XET_SET_BY_USER = XET_ENV in os.environ
+os.environ.setdefault(XET_ENV, "1")
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+SOURCE_PREFIX = "hf://"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+CARD = "README.md"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+OTHER_WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
+INDEX_SUFFIX = ".safetensors.index.json"
+PIPELINE_INDEX = "model_index.json"
+
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+# ---- references ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    """``owner/name[@revision]``: revision is a branch, tag, ``refs/pr/N`` or commit sha; None = default branch."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
+
+
+def parse_repo_ref(text: str) -> RepoRef:
+    """Parse ``owner/name``, ``owner/name@rev``, also with a ``hub:`` / ``hf://`` prefix or a Hub URL."""
+    ref = text.strip()
+    for prefix in ("hub:", "hf://", "https://huggingface.co/", "http://huggingface.co/"):
+        if ref.startswith(prefix):
+            ref = ref[len(prefix):]
+    repo_id, sep, revision = ref.partition("@")
+    repo_id = repo_id.strip("/")
+    if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", ".git")):
+        raise InvalidInputError(f"{text!r} is not a Hub repo id (expected owner/name[@revision])")
+    if sep and (not revision or revision != revision.strip() or ".." in revision.split("/")):
+        raise InvalidInputError(f"{text!r}: empty or invalid revision after '@'")
+    return RepoRef(repo_id, revision or None)
+
+
+def hub_source(repo_id: str, commit: str) -> str:
+    """The registry's ``source`` for something that came from the Hub: ``hf://owner/name@<commit sha>``."""
+    return f"{SOURCE_PREFIX}{repo_id}@{commit}"
+
+
+def parse_hub_source(source: str | None) -> RepoRef | None:
+    """The RepoRef (revision = commit) of a registry source written by hub_source, else None."""
+    if not source or not source.startswith(SOURCE_PREFIX):
+        return None
+    return parse_repo_ref(source)
+
+
+def is_commit_sha(revision: str | None) -> bool:
+    return bool(revision and _SHA.match(revision))
+
+
+# ---- environment ---------------------------------------------------------------------------------------------
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    hf_home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(hf_home).expanduser() / "hub"
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE", "")).upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _api(token: str | None):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint(), token=token, library_name="loraops")
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[None]:
+    """huggingface_hub's progress bars follow loraops's switch (--quiet, not a terminal) for the call."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from . import settings
+
+    if settings.progress_enabled() or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
+# ---- errors --------------------------------------------------------------------------------------------------
+
+
+def _server_message(exc) -> str:
+    """The Hub's own explanation (X-Error-Message), else the first line of the client's message."""
+    response = getattr(exc, "response", None)
+    message = response.headers.get("X-Error-Message") if response is not None else None
+    return message.rstrip(".") if message else _first_line(exc)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):  # the HTTP library of huggingface_hub 2.x / 1.x
+        with contextlib.suppress(ImportError):
+            errors.append(__import__(module).TransportError)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
+    """Translate huggingface_hub / network exceptions raised while doing ``action`` on ``ref`` into one line."""
+    from huggingface_hub import errors as hf
+
+    where = endpoint()
+    login = "log in with `hf auth login`, set HF_TOKEN or pass --token"
+    try:
+        yield
+    except LoraopsError:
+        raise
+    except hf.GatedRepoError:
+        raise HubError(f"{ref} is gated: accept its conditions at {where}/{_repo_id(ref)} with an account that "
+                       f"has access, and {login}") from None
+    except hf.RepositoryNotFoundError:
+        raise NotFoundError(f"repository {_repo_id(ref)} not found on {where} (if it is private, {login})") from None
+    except hf.RevisionNotFoundError:
+        raise NotFoundError(f"{ref}: revision not found (use a branch, a tag or a commit sha)") from None
+    except hf.RemoteEntryNotFoundError as exc:
+        raise NotFoundError(f"{ref}: file not found ({_server_message(exc)})") from None
+    except (hf.LocalEntryNotFoundError, hf.RevisionResolutionError, hf.OfflineModeIsEnabled) as exc:
+        if offline():
+            raise _not_cached(ref) from None
+        raise HubError(_unreachable(action, ref, exc)) from None
+    except hf.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 401 and _server_message(exc).startswith("Invalid credentials"):
+            raise HubError(f"{where} refused the token while trying to {action} {ref}: it is invalid or expired; "
+                           f"{login}") from None
+        if status == 401:
+            raise HubError(f"{where} refused to {action} {ref} without valid credentials: {login}") from None
+        if status == 403:
+            raise HubError(f"{where} forbids you to {action} {ref} ({_server_message(exc)}); "
+                           "use a token with write access to it") from None
+        raise HubError(f"cannot {action} {ref}: the Hub answered {status}: {_server_message(exc)}") from None
+    except _network_errors() as exc:
+        if "xet" in _root_cause(exc).lower():
+            raise HubError(_xet_hint(action, ref)) from None
+        raise HubError(_unreachable(action, ref, exc)) from None
+    except hf.SafetensorsParsingError as exc:
+        raise FormatError(f"{ref}: {_first_line(exc)}") from None
+    except hf.FileMetadataError as exc:
+        raise HubError(f"{where} does not answer like a Hugging Face Hub ({_first_line(exc)})") from None
+    except (RuntimeError, ValueError, OSError) as exc:  # anything else the client raises: still one line
+        raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
+
+
+def _repo_id(ref: RepoRef | str) -> str:
+    return ref.repo_id if isinstance(ref, RepoRef) else str(ref).split("@")[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {_first_line(exc)}" if str(exc).strip() else type(exc).__name__
+
+
+def _unreachable(action: str, ref: RepoRef | str, exc: BaseException) -> str:
+    return (f"cannot reach the Hub at {endpoint()} to {action} {ref} ({_root_cause(exc)}); "
+            "set HF_HUB_OFFLINE=1 to use what is already in the local cache")
+
+
+def _not_cached(ref: RepoRef | str) -> NotFoundError:
+    return NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
+                         "pull it once online first")
+
+
+def _xet_hint(action: str, ref: RepoRef | str) -> str:
+    return (f"cannot {action} {ref}: {endpoint()} does not accept Xet uploads, and huggingface_hub was imported "
+            f"with Xet on before loraops.hub could turn it off; set {XET_ENV}=1 in the environment")
+
+
+# ---- names -----------------------------------------------------------------------------------------------------
+
+
+def check_repo_names(names: list[str], ref: RepoRef | str) -> None:
+    """Refuse file names that would land outside the download folder (``..``, absolute paths, backslashes)."""
+    for name in names:
+        parts = PurePosixPath(name).parts
+        if not name or name.startswith("/") or "\\" in name or ".." in parts or (parts and ":" in parts[0]):
+            raise HubError(f"{ref}: refusing file name {name!r}, which would escape the download folder")
+
+
+def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | None = None) -> list[str]:
+    """The files that make the adapter in a repo listing (repo-relative names): a PEFT folder (adapter_config.json +
+    adapter_model.safetensors) or one .safetensors file (kohya / diffusers), plus README.md when present.
+    ``subpath`` narrows the search to a folder or names the file."""
+    check_repo_names(names, ref)
+    scope = (subpath or "").strip("/")
+    parent = str(PurePosixPath(scope).parent) if "/" in scope else ""
+    if scope in names and PurePosixPath(scope).name == PEFT_WEIGHTS:
+        scope = parent  # a PEFT weights file goes with the config next to it
+    if scope and scope in names:
+        if not scope.endswith(".safetensors"):
+            raise InvalidInputError(f"{ref}: {scope} is not a .safetensors file")
+        folder, picked = parent, [scope]
+    else:
+        folder = scope
+        prefix = f"{folder}/" if folder else ""
+        here = sorted(n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
+        if ADAPTER_CONFIG in here:
+            if PEFT_WEIGHTS not in here:
+                other = "adapter_model.bin (pickle, not read: convert it to safetensors)" \
+                    if "adapter_model.bin" in here else "no adapter_model.safetensors"
+                raise FormatError(f"{ref}: PEFT adapter_config.json found but {other}")
+            picked = [prefix + ADAPTER_CONFIG, prefix + PEFT_WEIGHTS]
+        else:
+            weights = [prefix + n for n in here if n.endswith(".safetensors")]
+            if len(weights) > 1:
+                raise AmbiguousError(f"{ref}: several .safetensors files ({', '.join(weights)}); pick one with --file")
+            if not weights:
+                shown = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
+                where = f" in {folder}/" if folder else ""
+                raise NotFoundError(f"{ref}: nothing adapter-like{where} (no adapter_config.json + "
+                                    f"adapter_model.safetensors, no .safetensors file); the repo holds: {shown or 'no files'}")
+            picked = weights
+    card = f"{folder}/{CARD}" if folder else CARD
+    if card in names:
+        picked.append(card)
+    return picked
+
+
+# ---- pull ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Download:
+    """Adapter files fetched into the Hub cache, pinned to a commit."""
+
+    ref: RepoRef
+    commit: str
+    files: list[str]
+    """Repo-relative names."""
+    folder: Path
+    """The cache snapshot folder of that commit (files under it are links into the cache's blobs)."""
+
+    @property
+    def source(self) -> str:
+        return hub_source(self.ref.repo_id, self.commit)
+
+    @property
+    def adapter_path(self) -> Path:
+        """What to read: the PEFT folder, or the single weights file."""
+        weights = [f for f in self.files if f.endswith(".safetensors")]
+        if any(PurePosixPath(f).name == ADAPTER_CONFIG for f in self.files):
+            return (self.folder / weights[0]).parent
+        return self.folder / weights[0]
+
+    @property
+    def card(self) -> Path | None:
+        cards = [f for f in self.files if PurePosixPath(f).name == CARD]
+        return self.folder / cards[0] if cards else None
+
+
+def resolve_commit(ref: RepoRef, token: str | None = None) -> str:
+    """The commit sha a ref points to now (from the cache when offline)."""
+    if is_commit_sha(ref.revision):
+        return ref.revision
+    with hub_errors(ref, "resolve"):
+        resolved = _api(token).resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=cache_dir(),
+                                                local_files_only=offline())
+    return resolved.resolved
+
+
+def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None) -> Download:
+    """Fetch the adapter files of ``ref`` (see select_adapter_files) into the Hub cache, at the commit its revision
+    points to now. Offline (HF_HUB_OFFLINE=1) they come from the cache."""
+    from huggingface_hub import ResolvedRevision, snapshot_download
+
+    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    commit = resolve_commit(ref, token)
+    revision = ResolvedRevision(resolved=commit, initial=ref.revision, repo_id=ref.repo_id)
+    with hub_errors(ref, "pull"), _progress():
+        if offline():
+            files = select_adapter_files(_cached_names(ref, commit), ref, subpath)
+        else:
+            info = _api(token).model_info(ref.repo_id, revision=commit)
+            files = select_adapter_files([s.rfilename for s in info.siblings or []], ref, subpath)
+        folder = Path(snapshot_download(ref.repo_id, revision=revision, cache_dir=cache_dir(), token=token,
+                                        endpoint=endpoint(), allow_patterns=files, local_files_only=offline()))
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise NotFoundError(f"{ref}: {', '.join(missing)} not in the local cache ({folder})")
+    return Download(ref, commit, files, folder)
+
+
+def _cached_names(ref: RepoRef, commit: str) -> list[str]:
+    """The repo listing at ``commit`` as huggingface_hub cached it with the last download (offline)."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=commit, cache_dir=cache_dir())]
+    except CachedRepoTreeNotFoundError:
+        raise _not_cached(ref) from None
+
+
+# ---- push ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Upload:
+    repo_id: str
+    revision: str
+    commit: str
+    commit_url: str
+    pr_url: str | None = None
+
+
+def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, private: bool = False,
+           revision: str | None = None, create_pr: bool = False, token: str | None = None) -> Upload:
+    """One atomic commit of ``files`` (repo path → local file or bytes) to ``repo_id``, creating the repo (private if
+    asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead."""
+    from huggingface_hub import CommitOperationAdd
+
+    ref = parse_repo_ref(repo_id)
+    if ref.revision:
+        raise InvalidInputError(f"{repo_id}: give the branch with --revision, not @")
+    check_repo_names(list(files), ref)
+    branch = revision or "main"
+    if offline():
+        raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set")
+    api = _api(token)
+    target = RepoRef(ref.repo_id, branch)
+    with hub_errors(target, "push to"), _progress():
+        api.create_repo(ref.repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
+                      for name, data in files.items()]
+        info = api.create_commit(ref.repo_id, operations=operations, commit_message=message, revision=branch,
+                                 create_pr=create_pr)
+    return Upload(ref.repo_id, branch, info.oid, info.commit_url, info.pr_url)
+
+
+# ---- model card ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CardInput:
+    name: str
+    weight: float
+    source: str | None = None
+    """Where that input came from (repo@sha, sha256, ...), when known."""
+
+
+@dataclass
+class CardInfo:
+    """What a card says about an adapter; `lineage` only for derived adapters."""
+
+    name: str
+    format: str
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+    base_model: str | None = None
+    """A Hub repo id (front matter) or a free description (body only)."""
+    method: str | None = None
+    inputs: list[CardInput] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    sha256: str | None = None
+
+
+def _yaml_value(value) -> str:
+    return json.dumps(value)  # a JSON scalar or flow list is valid YAML, with every character quoted safely
+
+
+def render_card(card: CardInfo) -> str:
+    """README.md with Hub front matter (library_name peft for PEFT files, base_model + relation when the base is a
+    Hub repo, tags) and a body with the ranks, alphas, target modules and, for derived adapters, the lineage."""
+    base_repo = card.base_model if card.base_model and _REPO_ID.match(card.base_model) else None
+    front = []
+    if card.format == "peft":
+        front.append("library_name: peft")
+    if base_repo:
+        front += [f"base_model: {_yaml_value(base_repo)}", "base_model_relation: adapter"]
+    tags = ["lora", "loraops"] + ([card.format] if card.format != "peft" else [])
+    front.append("tags:" + "".join(f"\n- {_yaml_value(t)}" for t in tags))
+    lines = ["---", *front, "---", "", f"# {card.name}", ""]
+    kind = {"peft": "A PEFT LoRA adapter", "kohya": "A kohya / sd-scripts LoRA"}.get(card.format, f"A {card.format} LoRA")
+    lines.append(f"{kind}{f' for `{card.base_model}`' if card.base_model else ''}, published with loraops.")
+    lines += ["", "| | |", "|---|---|", f"| modules | {len(card.ranks)} |", f"| rank | {_spread(card.ranks.values())} |",
+              f"| alpha | {_spread(card.alphas.values())} |", f"| target modules | {', '.join(_targets(card.ranks))} |"]
+    if card.sha256:
+        lines.append(f"| sha256 | `{card.sha256}` |")
+    if card.method:
+        lines += ["", "## Lineage", "", f"Made with `loraops` by **{card.method}** of:", "",
+                  "| input | weight | source |", "|---|---|---|"]
+        lines += [f"| {i.name} | {i.weight:g} | {i.source or ''} |" for i in card.inputs]
+        if card.params:
+            lines += ["", "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(card.params.items()))]
+    return "\n".join(lines) + "\n"
+
+
+def _spread(values) -> str:
+    values = sorted(set(values))
+    if not values:
+        return "-"
+    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return fmt(values[0]) if len(values) == 1 else f"{fmt(values[0])}–{fmt(values[-1])} (per module)"
+
+
+def _targets(modules) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name in modules})
+
+
+# ---- base models ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RemoteTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    """Repo-relative file holding it."""
+
+
+@dataclass
+class RemoteBase:
+    """A base model's tensor manifest read from the safetensors headers on the Hub (HTTP ranges, no weights)."""
+
+    ref: RepoRef
+    commit: str
+    weight_files: list[str]
+    other_files: list[str]
+    tensors: dict[str, RemoteTensor]
+
+    @property
+    def source(self) -> str:
+        return hub_source(self.ref.repo_id, self.commit)
+
+
+def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, str]]:
+    """Which files hold a base's weights, by the rules of loraops.basemodel, on a repo listing: a diffusers
+    pipeline (model_index.json) has one part per component folder (tensor prefix '<component>.'); a folder uses its
+    safetensors index when there is one, else every .safetensors in it. ``read_index(name)`` returns an index's
+    JSON. Returns (files, {file: tensor-name prefix})."""
+    def folder_files(folder: str) -> list[str]:
+        prefix = f"{folder}/" if folder else ""
+        here = sorted(n for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
+        indexes = [n for n in here if n.endswith(INDEX_SUFFIX)]
+        index = prefix + "model" + INDEX_SUFFIX if prefix + "model" + INDEX_SUFFIX in here else \
+            (indexes[0] if len(indexes) == 1 else None)
+        if index:
+            try:
+                shards = sorted(set(read_index(index)["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError):
+                raise FormatError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            check_repo_names([prefix + s for s in shards], index)
+            return [prefix + s for s in shards]
+        return [n for n in here if n.endswith(".safetensors")]
+
+    check_repo_names(names, "repo")
+    if PIPELINE_INDEX in names:
+        folders = sorted({n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith(".safetensors")})
+        layout = {f: folder + "." for folder in folders for f in folder_files(folder)}
+    else:
+        layout = {f: "" for f in folder_files("")}
+    if not layout:
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        raise FormatError("no .safetensors weights" + (f" (only pickle files: {', '.join(pickles[:5])}; "
+                                                       "loraops reads safetensors only)" if pickles else ""))
+    return list(layout), layout
+
+
+def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
+    """Read a Hub base model's manifest (names, dtypes, shapes) from its safetensors headers with HTTP range
+    requests: the weights are not downloaded."""
+    from huggingface_hub import hf_hub_download
+
+    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    if offline():
+        raise HubError(f"cannot read the manifest of {ref} with HF_HUB_OFFLINE=1 set; add the base from a local "
+                       "folder (the cache snapshot) instead")
+    commit = resolve_commit(ref, token)
+    api = _api(token)
+    with hub_errors(ref, "read"), _progress():
+        names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
+
+        def read_index(name: str) -> dict:
+            path = hf_hub_download(ref.repo_id, name, revision=commit, cache_dir=cache_dir(), token=token,
+                                   endpoint=endpoint())
+            return json.loads(Path(path).read_text())
+
+        try:
+            files, layout = weight_layout(names, read_index)
+        except FormatError as exc:
+            raise FormatError(f"{ref}: {exc}") from None
+        tensors: dict[str, RemoteTensor] = {}
+        for name in files:
+            meta = api.parse_safetensors_file_metadata(ref.repo_id, name, revision=commit)
+            for tensor, info in meta.tensors.items():
+                full = layout[name] + tensor
+                if full in tensors:
+                    raise FormatError(f"{ref}: tensor {tensor!r} is in both {tensors[full].file} and {name}")
+                tensors[full] = RemoteTensor(full, info.dtype, tuple(info.shape), name)
+    weights = set(files)
+    others = [n for n in names if n not in weights and not n.endswith(OTHER_WEIGHT_SUFFIXES)]
+    return RemoteBase(ref, commit, files, others, tensors)
+
+
+def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None):
+    """Record a Hub base model in the registry from its remote manifest only (source hf://repo@commit): `check`
+    works at once; the weights are downloaded when something needs them (Registry.base_path). Returns (BaseRecord,
+    whether it is new)."""
+    from .st import DTYPE_BYTES
+
+    base = remote_base(ref, token=token)
+    nbytes: dict[str, int] = {}
+    for t in base.tensors.values():
+        nbytes[t.dtype] = nbytes.get(t.dtype, 0) + math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 0)
+    return registry.register_manifest_base(
+        name=name or base.ref.repo_id.split("/")[-1], source=base.source,
+        tensors={n: (t.dtype, t.shape) for n, t in base.tensors.items()},
+        dtype=max(nbytes, key=nbytes.get), total_bytes=sum(nbytes.values()))
+
+
+def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
+    """Download a Hub base model (its safetensors weights and the small files around them, no other weight
+    formats) into the Hub cache, with progress; returns the snapshot folder. Offline: from the cache."""
+    from huggingface_hub import snapshot_download
+
+    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    if offline():
+        commit = resolve_commit(ref, token)
+        with hub_errors(ref, "download"):
+            return Path(snapshot_download(ref.repo_id, revision=commit, cache_dir=cache_dir(), local_files_only=True))
+    base = remote_base(ref, token=token)
+    with hub_errors(ref, "download"), _progress():
+        return Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,
+                                      endpoint=endpoint(), allow_patterns=base.weight_files + base.other_files))
+
+
+# ---- with the registry ----------------------------------------------------------------------------------------
+
+
+def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
+         subpath: str | None = None, base: str | int | None = None) -> "PullRecord":
+    """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
+    (identity) pulled again changes nothing; a commit with other weights becomes the next version of ``name``
+    (default: the repo's name)."""
+    from .records import PullRecord
+
+    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    download = download_adapter(ref, token=token, subpath=subpath)
+    record, new = registry.register_adapter(download.adapter_path, name=name or ref.repo_id.split("/")[-1],
+                                            base=base, source=download.source)
+    return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=download.commit, files=download.files,
+                      new=new, adapter=record)
+
+
+def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,
+         revision: str | None = None, create_pr: bool = False, token: str | None = None) -> "PushRecord":
+    """Upload a registered adapter to ``repo_id`` in one commit: its files (as stored, byte for byte, unless
+    ``fmt`` asks for another layout) and a README.md model card. The pushed commit is recorded on the adapter as
+    a tag ``hf://repo@commit``."""
+    import tempfile
+
+    from . import formats
+    from .records import PushRecord
+
+    record = registry.get_adapter(ref)
+    fmt = fmt or record.format
+    with tempfile.TemporaryDirectory(prefix="loraops-push-") as tmp:
+        if fmt == record.format:
+            paths = formats.adapter_files(record.path)
+        else:
+            single_file = {"kohya": f"{record.name.split('/')[-1]}.safetensors",
+                           "diffusers": formats.diffusers.WEIGHTS_NAME}
+            dest = Path(tmp) / single_file.get(fmt, "adapter")
+            paths = formats.adapter_files(formats.write_adapter(registry.load_adapter(ref), dest, fmt))
+        files: dict[str, Path | bytes] = {p.name: p for p in paths}
+        files[CARD] = render_card(card_info(registry, record, fmt)).encode()
+        done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
+                      revision=revision, create_pr=create_pr, token=token)
+    if not create_pr:
+        registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
+    return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
+                      commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url)
+
+
+def card_info(registry, record, fmt: str) -> CardInfo:
+    """What the model card says about a registered adapter: its modules, its base (a Hub repo id when the base
+    came from the Hub, else PEFT's base_model_name_or_path) and, for a derived adapter, its lineage."""
+    base_model = record.base_hint
+    if record.base is not None:
+        hub_base = parse_hub_source(registry.get_base(record.base.id).source)
+        base_model = hub_base.repo_id if hub_base else base_model or record.base.name
+    if base_model and Path(base_model).expanduser().exists():
+        base_model = None  # a local path means nothing to the Hub's readers
+    card = CardInfo(name=record.name, format=fmt, ranks={m.name: m.rank for m in record.modules},
+                    alphas={m.name: m.alpha for m in record.modules}, base_model=base_model,
+                    sha256=record.weights_sha256 if fmt == record.format else None)
+    if record.lineage is not None:
+        card.method, card.params = record.lineage.op, dict(record.lineage.params)
+        card.inputs = [CardInput(i.label, i.weight if i.weight is not None else 1.0, _input_source(registry, i))
+                       for i in record.lineage.inputs]
+    return card
+
+
+def _input_source(registry, item) -> str | None:
+    """A lineage input's public origin: its Hub source when it came from the Hub, else its sha256."""
+    if item.kind == "adapter" and item.id is not None:
+        source = registry.get_adapter(item.id).source
+        if parse_hub_source(source):
+            return source
+    return f"sha256 {item.sha256[:16]}…" if item.sha256 else None

@@ -1,0 +1,318 @@
+"""loraops.hub against a local Hub over real HTTP (tests/hubserver.py): the real huggingface_hub client, no internet."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraops import hub
+from loraops.errors import AmbiguousError, FormatError, HubError, InvalidInputError, NotFoundError
+
+PEFT_FILES = {"adapter_config.json": b'{"r": 4, "lora_alpha": 8}', "adapter_model.safetensors": b"w1" * 64,
+              "README.md": b"# card\n", "training_args.json": b"{}"}
+
+
+@pytest.fixture
+def peft_repo(fake_hub):
+    """someone/lora: v1 (tag) → first commit; main → second commit, which changed the weights."""
+    first = fake_hub.commit("someone/lora", PEFT_FILES, message="v1")
+    fake_hub.tag("someone/lora", "v1")
+    second = fake_hub.commit("someone/lora", {"adapter_model.safetensors": b"w2" * 64}, message="v2")
+    return first, second
+
+
+# ---- references ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, repo_id, revision", [
+    ("someone/lora", "someone/lora", None),
+    ("someone/lora@v1.2", "someone/lora", "v1.2"),
+    ("hub:someone/lora@refs/pr/3", "someone/lora", "refs/pr/3"),
+    ("https://huggingface.co/someone/lora", "someone/lora", None),
+    ("gpt2", "gpt2", None),
+])
+def test_parse_repo_ref(text, repo_id, revision):
+    assert hub.parse_repo_ref(text) == hub.RepoRef(repo_id, revision)
+
+
+@pytest.mark.parametrize("text", ["", "a/b/c", "someone/lora@", "../x", "someone/x..y", "someone/lo ra", "a--b/c"])
+def test_parse_repo_ref_refuses(text):
+    with pytest.raises(InvalidInputError):
+        hub.parse_repo_ref(text)
+
+
+# ---- pull ------------------------------------------------------------------------------------------------------
+
+
+def test_download_by_branch_tag_and_sha(peft_repo):
+    first, second = peft_repo
+    latest = hub.download_adapter("someone/lora")
+    assert latest.commit == second and latest.source == f"hf://someone/lora@{second}"
+    assert latest.files == ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    assert (latest.adapter_path / "adapter_model.safetensors").read_bytes() == b"w2" * 64
+    assert not (latest.folder / "training_args.json").exists()  # only the adapter's files
+
+    tagged = hub.download_adapter("someone/lora@v1")
+    assert tagged.commit == first
+    assert (tagged.adapter_path / "adapter_model.safetensors").read_bytes() == b"w1" * 64
+    assert tagged.card.read_bytes() == b"# card\n"
+
+    assert hub.download_adapter(f"someone/lora@{first}").commit == first
+    assert hub.download_adapter(f"someone/lora@{first[:8]}").commit == first
+
+
+def test_offline_pull_from_cache(peft_repo, fake_hub, monkeypatch):
+    first, second = peft_repo
+    hub.download_adapter("someone/lora@v1")
+    hub.download_adapter("someone/lora")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(fake_hub.requests)
+    assert hub.download_adapter("someone/lora@v1").commit == first
+    assert hub.download_adapter("someone/lora").commit == second
+    assert hub.download_adapter(f"someone/lora@{first}").commit == first
+    assert len(fake_hub.requests) == before  # nothing went over the wire
+    with pytest.raises(NotFoundError, match=r"someone/other is not in the local Hub cache .* HF_HUB_OFFLINE=1"):
+        hub.download_adapter("someone/other")
+
+
+def test_kohya_single_file_and_choices(fake_hub):
+    fake_hub.commit("someone/style", {"style.safetensors": b"k" * 32, "sample.png": b"png"})
+    assert hub.download_adapter("someone/style").adapter_path.name == "style.safetensors"
+
+    fake_hub.commit("someone/epochs", {"e1.safetensors": b"1", "e2.safetensors": b"2", "sub/adapter_config.json": b"{}",
+                                       "sub/adapter_model.safetensors": b"s"})
+    with pytest.raises(AmbiguousError, match=r"someone/epochs: several .safetensors files \(e1.safetensors, "
+                                             r"e2.safetensors\); pick one with --file"):
+        hub.download_adapter("someone/epochs")
+    assert hub.download_adapter("someone/epochs", subpath="e2.safetensors").adapter_path.read_bytes() == b"2"
+    peft_sub = hub.download_adapter("someone/epochs", subpath="sub")
+    assert peft_sub.files == ["sub/adapter_config.json", "sub/adapter_model.safetensors"]
+    assert peft_sub.adapter_path == peft_sub.folder / "sub"
+    by_file = hub.download_adapter("someone/epochs", subpath="sub/adapter_model.safetensors")
+    assert by_file.files == peft_sub.files
+
+
+def test_nothing_adapter_like_lists_the_files(fake_hub):
+    fake_hub.commit("someone/model", {"config.json": b"{}", "pytorch_model.bin": b"pickle"})
+    with pytest.raises(NotFoundError, match=r"^someone/model: nothing adapter-like .*the repo holds: .gitattributes, "
+                                            r"config.json, pytorch_model.bin$"):
+        hub.download_adapter("someone/model")
+    fake_hub.commit("someone/binpeft", {"adapter_config.json": b"{}", "adapter_model.bin": b"pickle"})
+    with pytest.raises(FormatError, match="adapter_model.bin \\(pickle"):
+        hub.download_adapter("someone/binpeft")
+
+
+@pytest.mark.parametrize("name", ["../evil.safetensors", "a/../../evil.safetensors", "/etc/evil.safetensors",
+                                  "a\\..\\evil.safetensors"])
+def test_names_escaping_the_folder_are_refused(fake_hub, name, tmp_path):
+    fake_hub.commit("someone/evil", {name: b"x", "ok.txt": b"y"})
+    with pytest.raises(HubError, match=r"refusing file name .* would escape the download folder"):
+        hub.download_adapter("someone/evil")
+    assert not any(tmp_path.parent.rglob("evil.safetensors"))
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_repo_and_revision_not_found(peft_repo):
+    with pytest.raises(NotFoundError, match=r"^repository someone/nope not found on http://127.0.0.1:\d+ \(if it is "
+                                            r"private, log in"):
+        hub.download_adapter("someone/nope")
+    with pytest.raises(NotFoundError, match=r"^someone/lora@v9: revision not found \(use a branch, a tag or a commit"):
+        hub.download_adapter("someone/lora@v9")
+
+
+def test_private_repo_needs_the_owners_token(fake_hub, monkeypatch):
+    fake_hub.create("me/secret", private=True)
+    fake_hub.commit("me/secret", {"a.safetensors": b"s"})
+    with pytest.raises(NotFoundError, match="repository me/secret not found .*if it is private"):
+        hub.download_adapter("me/secret")
+    with pytest.raises(NotFoundError):
+        hub.download_adapter("me/secret", token="hf_other")
+    assert hub.download_adapter("me/secret", token="hf_owner").adapter_path.read_bytes() == b"s"
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")  # the environment's token is used when no argument is given
+    assert hub.download_adapter("me/secret").adapter_path.read_bytes() == b"s"
+    with pytest.raises(HubError, match="refused the token .* invalid or expired"):
+        hub.download_adapter("me/secret", token="hf_wrong")  # the argument wins
+
+
+def test_gated_repo(fake_hub):
+    repo = fake_hub.create("corp/gated", gated=True)
+    fake_hub.commit("corp/gated", {"a.safetensors": b"g"})
+    for token in (None, "hf_other"):
+        with pytest.raises(HubError, match=r"^corp/gated is gated: accept its conditions at http://127.0.0.1:\d+/"
+                                           r"corp/gated with an account that has access"):
+            hub.download_adapter("corp/gated", token=token)
+    repo.granted.add("someone")
+    assert hub.download_adapter("corp/gated", token="hf_other").adapter_path.read_bytes() == b"g"
+
+
+def test_no_network_suggests_offline_mode():
+    # HF_ENDPOINT points at a dead port (conftest)
+    with pytest.raises(HubError, match=r"cannot reach the Hub at http://127.0.0.1:9 to resolve someone/lora "
+                                       r"\(ConnectionRefusedError.*set HF_HUB_OFFLINE=1"):
+        hub.download_adapter("someone/lora")
+
+
+# ---- push ------------------------------------------------------------------------------------------------------
+
+
+def test_upload_one_commit_private_branch_and_pr(fake_hub, tmp_path):
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(b"weights" * 100)
+    files = {"adapter_model.safetensors": weights, "adapter_config.json": b"{}", "README.md": b"card"}
+    done = hub.upload("me/new", files, message="add", private=True, token="hf_owner")
+    assert fake_hub.repos["me/new"].private
+    assert done.commit == fake_hub.repos["me/new"].branches["main"]
+    stored = fake_hub.files("me/new")
+    assert stored["adapter_model.safetensors"] == b"weights" * 100 and stored["README.md"] == b"card"
+    commits = [r for r in fake_hub.requests if r["path"].startswith("/api/models/me/new/commit/")]
+    assert len(commits) == 1  # all files in one atomic commit; the weights went through LFS
+    assert any(r["path"].startswith("/lfs-upload/") for r in fake_hub.requests)
+
+    dev = hub.upload("me/new", {"README.md": b"dev card"}, message="dev", revision="dev", token="hf_owner")
+    assert fake_hub.files("me/new", "dev")["README.md"] == b"dev card"
+    assert fake_hub.files("me/new")["README.md"] == b"card" and dev.revision == "dev"
+
+    pr = hub.upload("me/new", {"README.md": b"pr card"}, message="pr", create_pr=True, token="hf_owner")
+    assert pr.pr_url.endswith("/me/new/discussions/1")
+    assert fake_hub.files("me/new", "refs/pr/1")["README.md"] == b"pr card"
+    assert fake_hub.files("me/new")["README.md"] == b"card"
+
+
+def test_upload_errors(fake_hub):
+    with pytest.raises(HubError, match="refused to push to someone/x@main without valid credentials"):
+        hub.upload("someone/x", {"a.txt": b"a"}, message="m")
+    with pytest.raises(HubError, match=r"forbids you to push to someone/x@main .*write access"):
+        hub.upload("someone/x", {"a.txt": b"a"}, message="m", token="hf_owner")
+    with pytest.raises(HubError, match="would escape"):
+        hub.upload("me/x", {"../a.txt": b"a"}, message="m", token="hf_owner")
+    with pytest.raises(InvalidInputError, match="give the branch with --revision"):
+        hub.upload("me/x@dev", {"a.txt": b"a"}, message="m", token="hf_owner")
+
+
+def _xet_script(hub_url: str, early: bool) -> str:
+    return "\n".join([
+        "import os, sys, tempfile",
+        "import huggingface_hub.constants" if early else "",
+        "from loraops import hub",
+        "from loraops.errors import HubError",
+        f"os.environ['HF_ENDPOINT'] = {hub_url!r}",
+        "try:",
+        "    print(hub.upload('me/xet', {'w.safetensors': b'x' * 4096}, message='m', token='hf_owner').commit)",
+        "except HubError as exc:",
+        "    print('error:', exc)",
+    ])
+
+
+def test_xet_is_turned_off_before_huggingface_hub_is_imported(fake_hub):
+    """The local Hub, like mirrors and self-hosted endpoints, does not speak Xet: loraops.hub must switch it off
+    before huggingface_hub reads HF_HUB_DISABLE_XET; when huggingface_hub was imported earlier, it says so."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
+    late = subprocess.run([sys.executable, "-c", _xet_script(fake_hub.url, early=False)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert late.stdout.strip() == fake_hub.repos["me/xet"].branches["main"], late.stderr
+    early = subprocess.run([sys.executable, "-c", _xet_script(fake_hub.url, early=True)], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert "does not accept Xet uploads" in early.stdout and "set HF_HUB_DISABLE_XET=1" in early.stdout, early.stderr
+
+
+# ---- model card ------------------------------------------------------------------------------------------------
+
+
+def test_card_front_matter_and_body():
+    card = hub.render_card(hub.CardInfo(
+        name="anime-style", format="peft", ranks={"model.layers.0.self_attn.q_proj": 8,
+                                                  "model.layers.0.self_attn.v_proj": 8},
+        alphas={"model.layers.0.self_attn.q_proj": 16.0, "model.layers.0.self_attn.v_proj": 16.0},
+        base_model="meta-llama/Llama-3.2-1B"))
+    front, body = card.split("---\n")[1], card.split("---\n")[2]
+    assert front == ('library_name: peft\nbase_model: "meta-llama/Llama-3.2-1B"\nbase_model_relation: adapter\n'
+                     'tags:\n- "lora"\n- "loraops"\n')
+    assert "| rank | 8 |" in body and "| alpha | 16 |" in body and "| target modules | q_proj, v_proj |" in body
+    assert "Lineage" not in body
+
+
+def test_card_kohya_local_base_and_lineage():
+    card = hub.render_card(hub.CardInfo(
+        name="combo", format="kohya", ranks={"a.q": 4, "a.k": 16}, alphas={"a.q": 4.0, "a.k": 8.0},
+        base_model="/models/sdxl.safetensors", method="linear",
+        inputs=[hub.CardInput("style@1", 0.7, "someone/style@" + "a" * 40), hub.CardInput("subject@2", 0.3)],
+        params={"density": 0.5}))
+    front = card.split("---\n")[1]
+    assert "library_name" not in front and "base_model" not in front  # a local path is not a Hub repo id
+    assert '- "kohya"' in front
+    assert "| rank | 4–16 (per module) |" in card
+    assert "by **linear** of:" in card
+    assert f"| style@1 | 0.7 | someone/style@{'a' * 40} |" in card and "| subject@2 | 0.3 |  |" in card
+    assert "`density=0.5`" in card
+
+
+# ---- base models -----------------------------------------------------------------------------------------------
+
+
+def test_remote_base_manifest_from_headers_only(fake_hub, tmp_path):
+    from factories import tiny_llama
+
+    from loraops.basemodel import BaseModel
+
+    folder = tiny_llama(tmp_path / "base", shard_size="200KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    fake_hub.commit_folder("meta/tiny", folder)
+    fake_hub.commit("meta/tiny", {"original/consolidated.pth": b"pickle"})
+    base = hub.remote_base("hub:meta/tiny")
+    local = BaseModel.open(folder)
+    assert {n: (t.dtype, t.shape) for n, t in base.tensors.items()} == \
+        {n: (t.dtype, t.shape) for n, t in local.tensors.items()}
+    assert sorted(base.weight_files) == sorted(f.name for f in local.files)
+    assert "config.json" in base.other_files and "original/consolidated.pth" not in base.other_files
+    weights_gets = [r for r in fake_hub.downloads(".safetensors")]
+    assert weights_gets and all(r["range"] for r in weights_gets)  # header ranges only
+    sizes = {f.name: f.stat().st_size for f in local.files}
+    for name in base.weight_files:
+        sent = sum(r["sent"] for r in weights_gets if r["path"].endswith("/" + name))
+        assert sent <= min(sizes[name], 100_001)
+    assert not list((Path(os.environ["HF_HOME"]) / "hub").rglob("*.safetensors"))
+
+    path = hub.download_base("meta/tiny")
+    assert sorted(p.name for p in path.glob("*.safetensors")) == sorted(sizes)
+    assert not (path / "original").exists()
+    assert BaseModel.open(path).fingerprint() == local.fingerprint()
+
+
+def test_remote_base_pipeline_and_pickles(fake_hub):
+    fake_hub.commit("sd/pipe", {"model_index.json": b"{}", "unet/config.json": b"{}"})
+    from safetensors.torch import save
+
+    import torch
+
+    fake_hub.commit("sd/pipe", {"unet/diffusion_pytorch_model.safetensors": save({"conv.weight": torch.zeros(2, 3)}),
+                                "vae/diffusion_pytorch_model.safetensors": save({"dec.weight": torch.zeros(4)})})
+    base = hub.remote_base("sd/pipe")
+    assert {n: t.shape for n, t in base.tensors.items()} == {"unet.conv.weight": (2, 3), "vae.dec.weight": (4,)}
+    fake_hub.commit("old/model", {"config.json": b"{}", "pytorch_model.bin": b"pickle"})
+    with pytest.raises(FormatError, match=r"^old/model: no .safetensors weights \(only pickle files: pytorch_model.bin"):
+        hub.remote_base("old/model")
+    assert json.loads(fake_hub.files("sd/pipe")["model_index.json"]) == {}
+
+
+def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):
+    """A plain web server at HF_ENDPOINT (a wrong mirror URL): still one line, never a traceback."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    (tmp_path / "api").mkdir()
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(HubError, match=r"^cannot resolve someone/lora: the Hub answered 404: ") as info:
+            hub.download_adapter("someone/lora")
+        assert "\n" not in str(info.value)
+        server.shutdown()

@@ -1,0 +1,188 @@
+"""pull / push wired to the registry, library and CLI, against the local Hub over real HTTP."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from loraops import hub
+from loraops.cli import main
+from loraops.records import LineageInput, LineageSpec
+from loraops.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A tiny Llama base and three PEFT adapters made by peft on it."""
+    from factories import peft_adapter, tiny_llama
+
+    root = tmp_path_factory.mktemp("hub-adapters")
+    base = tiny_llama(root / "base")
+    return {
+        "base": base,
+        "a": peft_adapter(base, root / "a", seed=1, r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        "b": peft_adapter(base, root / "b", seed=2, r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        "c": peft_adapter(base, root / "c", seed=3, r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
+    }
+
+
+@pytest.fixture
+def registry():
+    with Registry.open() as reg:
+        yield reg
+
+
+def folder_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+
+
+def test_pull_registers_with_source_and_versions(fake_hub, adapters, registry):
+    first = fake_hub.commit_folder("someone/anime-lora", adapters["a"])
+    fake_hub.tag("someone/anime-lora", "v1")
+    pulled = hub.pull(registry, "someone/anime-lora")
+    assert pulled.new and pulled.commit == first
+    assert pulled.adapter.ref == "anime-lora@1"
+    assert pulled.adapter.source == f"hf://someone/anime-lora@{first}"
+    assert folder_bytes(Path(pulled.adapter.path)) == {
+        n: b for n, b in folder_bytes(adapters["a"]).items() if n in ("adapter_config.json", "adapter_model.safetensors")}
+
+    again = hub.pull(registry, "someone/anime-lora@v1")  # same commit: nothing changes
+    assert not again.new and again.adapter.id == pulled.adapter.id
+    assert len(registry.list_adapters()) == 1
+
+    second = fake_hub.commit_folder("someone/anime-lora", adapters["b"])
+    newer = hub.pull(registry, "someone/anime-lora")
+    assert newer.new and newer.adapter.ref == "anime-lora@2"
+    assert newer.adapter.source == f"hf://someone/anime-lora@{second}"
+    assert hub.pull(registry, f"someone/anime-lora@{first}").adapter.ref == "anime-lora@1"
+
+
+def test_push_then_pull_back_is_byte_identical(fake_hub, adapters, registry):
+    local = registry.add_adapter(adapters["a"], name="anime-style")
+    pushed = hub.push(registry, "anime-style", "me/anime-style", token="hf_owner")
+    assert pushed.files == ["adapter_model.safetensors", "adapter_config.json", "README.md"]
+    remote = fake_hub.files("me/anime-style")
+    stored = folder_bytes(Path(local.path))
+    assert remote["adapter_model.safetensors"] == stored["adapter_model.safetensors"]
+    assert remote["adapter_config.json"] == stored["adapter_config.json"]
+    assert remote["README.md"].decode().startswith("---\nlibrary_name: peft\n")
+    assert f"hf://me/anime-style@{pushed.commit}" in registry.get_adapter("anime-style").tags
+
+    back = hub.pull(registry, "me/anime-style")
+    assert not back.new and back.adapter == registry.get_adapter(local.id)  # the same record
+    download = hub.download_adapter("me/anime-style")
+    assert folder_bytes(download.adapter_path) == {**stored, "README.md": remote["README.md"]}
+
+
+def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
+    registry.add_base(adapters["base"], name="tiny")
+    registry.add_adapter(adapters["a"], name="anime", base="tiny")
+    done = hub.push(registry, "anime", "me/kohya", fmt="kohya", private=True, revision="dev", token="hf_owner")
+    assert done.files == ["anime.safetensors", "README.md"] and done.revision == "dev"
+    assert fake_hub.repos["me/kohya"].private
+    card = fake_hub.files("me/kohya", "dev")["README.md"].decode()
+    assert "library_name" not in card and '- "kohya"' in card
+    assert "main" in fake_hub.repos["me/kohya"].branches and "anime.safetensors" not in fake_hub.files("me/kohya")
+
+    pr = hub.push(registry, "anime", "me/kohya", create_pr=True, token="hf_owner")
+    assert pr.pr_url.endswith("/me/kohya/discussions/1")
+    assert "adapter_model.safetensors" in fake_hub.files("me/kohya", "refs/pr/1")
+
+
+def test_push_derived_adapter_renders_its_lineage(fake_hub, adapters, registry):
+    style_commit = fake_hub.commit_folder("someone/style", adapters["a"])
+    style = hub.pull(registry, "someone/style").adapter
+    subject = registry.add_adapter(adapters["b"], name="subject")
+    derived = registry.add_adapter(adapters["c"], name="style-subject", lineage=LineageSpec(
+        op="linear", params={"density": 1.0},
+        inputs=[LineageInput(kind="adapter", id=style.id, weight=0.7),
+                LineageInput(kind="adapter", id=subject.id, weight=0.3)]))
+    hub.push(registry, derived.ref, "me/combo", token="hf_owner")
+    card = fake_hub.files("me/combo")["README.md"].decode()
+    assert "## Lineage" in card and "by **linear** of:" in card
+    assert f"| style@1 | 0.7 | hf://someone/style@{style_commit} |" in card
+    assert f"| subject@1 | 0.3 | sha256 {subject.sha256[:16]}… |" in card
+    assert "| rank | 8 |" in card and "| alpha | 16 |" in card and "| target modules | q_proj, v_proj |" in card
+
+
+def test_cli_pull_push_and_errors(fake_hub, adapters):
+    commit = fake_hub.commit_folder("someone/anime-lora", adapters["a"])
+    fake_hub.tag("someone/anime-lora", "v1.2")
+    runner = CliRunner()
+    result = runner.invoke(main, ["pull", "someone/anime-lora@v1.2", "--name", "anime"])
+    assert result.exit_code == 0, result.output
+    assert result.output == (f"pulled someone/anime-lora@v1.2 (commit {commit[:12]}) as anime@1\n"
+                             f"  source  hf://someone/anime-lora@{commit}\n"
+                             "  files   adapter_config.json, adapter_model.safetensors, README.md\n")
+    again = runner.invoke(main, ["pull", "someone/anime-lora", "--name", "anime"])
+    assert again.output.startswith("already registered: someone/anime-lora (commit")
+
+    pushed = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner", "--json"])
+    assert pushed.exit_code == 0, pushed.output
+    assert '"repo_id": "me/anime"' in pushed.output
+
+    missing = runner.invoke(main, ["pull", "someone/nope"])
+    assert missing.exit_code == 3
+    assert missing.output.startswith("error: repository someone/nope not found on http://127.0.0.1:")
+    forbidden = runner.invoke(main, ["push", "anime", "someone/anime", "--token", "hf_owner"])
+    assert forbidden.exit_code == 7 and "forbids you to push to someone/anime@main" in forbidden.output
+    bad = runner.invoke(main, ["pull", "not a repo"])
+    assert bad.exit_code == 2 and bad.output == "error: 'not a repo' is not a Hub repo id (expected owner/name[@revision])\n"
+
+
+def test_cli_subprocess_saved_login_and_xet_default(fake_hub, adapters, tmp_path):
+    """A fresh `python -m loraops` process: the token saved by `hf auth login` (HF_HOME/token) is used, and the
+    upload works against an endpoint without Xet although HF_HUB_DISABLE_XET is not set (loraops.hub sets it)."""
+    (Path(os.environ["HF_HOME"]) / "token").write_text("hf_owner")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_XET", "HF_TOKEN")}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "loraops", *args], env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=300)
+    with Registry.open() as registry:
+        registry.add_adapter(adapters["a"], name="anime")
+    pushed = run("push", "anime", "me/anime")
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stdout.startswith("pushed anime@1 (peft) to me/anime@main: commit ")
+    assert "adapter_model.safetensors" in fake_hub.files("me/anime")
+
+
+def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, registry):
+    from loraops.basemodel import BaseModel
+
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    added = runner.invoke(main, ["base", "add", "hub:meta/tiny"])
+    assert added.exit_code == 0, added.output
+    commit = fake_hub.repos["meta/tiny"].branches["main"]
+    local = BaseModel.open(adapters["base"])
+    assert added.output == (f"added base tiny (id 1) from hf://meta/tiny@{commit}: {len(local.tensors)} tensors, "
+                            f"{local.num_parameters:,} parameters, F32; manifest only, weights download on first use\n")
+    def base_weight_gets():
+        return [r for r in fake_hub.downloads(".safetensors") if r["path"].startswith("/meta/tiny/")]
+
+    assert all(r["range"] for r in base_weight_gets())  # headers only
+    again = runner.invoke(main, ["base", "add", "hub:meta/tiny"])
+    assert again.output.startswith("already registered as base tiny")
+
+    # check works from the manifest alone, and pulled adapters bind to it
+    assert registry.check_adapter(adapters["a"], "tiny").fits == ["tiny"]
+    fake_hub.commit_folder("someone/a", adapters["a"])
+    assert hub.pull(registry, "someone/a", base="tiny").adapter.base.name == "tiny"
+    assert all(r["range"] for r in base_weight_gets())  # still no weights downloaded
+
+    path = registry.base_path("tiny")  # a merge asks for the files: downloaded once, attached
+    record = registry.get_base("tiny")
+    assert record.path == str(path.resolve()) and record.fingerprint == local.fingerprint()
+    assert any(r["range"] is None for r in base_weight_gets())
+    assert registry.base_path("tiny") == path
+
+
+def test_show_prints_the_hub_source(fake_hub, adapters):
+    commit = fake_hub.commit_folder("someone/anime-lora", adapters["a"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["pull", "someone/anime-lora"]).exit_code == 0
+    shown = runner.invoke(main, ["show", "anime-lora"])
+    assert f"hf://someone/anime-lora@{commit}" in shown.output

@@ -1,0 +1,135 @@
+"""Alembic migrations: from empty, every step up and down, no drift against the models, old schemas upgraded on
+open, newer ones refused, and an installed wheel (not the checkout) migrating by itself."""
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+
+from loraops import settings
+from loraops.errors import RegistryError
+from loraops.registry import Registry, db
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def engine():
+    return db.make_engine(settings.db_url())
+
+
+def revisions() -> list[str]:
+    script = ScriptDirectory.from_config(db.alembic_config())
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+def revision_of(eng) -> str | None:
+    with eng.connect() as c:
+        return db.current_revision(c)
+
+
+def test_head_constant_and_file_names():
+    assert revisions()[-1] == db.HEAD
+    names = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("2*.py"))
+    assert len(names) == len(revisions()) >= 2
+    for name, rev in zip(names, revisions()):
+        date, rest = name.split("-", 1)
+        assert len(date) == 8 and date.isdigit() and rest.startswith(f"{rev}_") and rest.count("_") >= 2
+
+
+def test_walk_every_revision_up_and_down():
+    eng = engine()
+    for rev in revisions():
+        db.upgrade(eng, rev)
+        assert revision_of(eng) == rev
+    for rev in reversed(["base", *revisions()[:-1]]):
+        db.downgrade(eng, rev)
+        assert revision_of(eng) == (None if rev == "base" else rev)
+    db.upgrade(eng)
+    assert revision_of(eng) == db.HEAD
+
+
+def test_no_drift_between_models_and_migrations():
+    eng = engine()
+    db.ensure_schema(eng)
+    config = db.alembic_config()
+    with eng.connect() as connection:
+        config.attributes["connection"] = connection
+        command.check(config)  # raises when autogenerate finds a difference
+
+
+def test_empty_database_is_created_on_open():
+    with Registry.open() as reg:
+        assert reg.revision() == db.HEAD
+        assert {"adapters", "bases", "lineage", "adapter_modules"} <= set(inspect(reg.engine).get_table_names())
+
+
+def test_old_revision_is_upgraded_on_open_keeping_rows():
+    eng = engine()
+    db.upgrade(eng, "0001")
+    with eng.begin() as c:
+        c.execute(text(
+            "INSERT INTO bases (name, fingerprint, source, path, num_tensors, num_parameters, dtype, total_bytes, created)"
+            " VALUES ('old', 'ab12cd34', 'src', NULL, 1, 4, 'F32', 16, CURRENT_TIMESTAMP)"
+        ))
+    with Registry.open() as reg:
+        assert reg.revision() == db.HEAD
+        base = reg.get_base("old")
+        assert base.fingerprint == "ab12cd34" and base.derived is False and base.lineage is None
+
+
+def test_newer_revision_is_refused():
+    eng = engine()
+    db.ensure_schema(eng)
+    with eng.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    with pytest.raises(RegistryError, match=r"^this registry was written by a newer loraops \(revision f00d\); upgrade loraops$"):
+        Registry.open()
+
+
+@pytest.mark.sqlite_only
+def test_sqlite_pragmas():
+    with Registry.open() as reg, reg.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+        assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+@pytest.mark.sqlite_only
+def test_installed_wheel_migrates(tmp_path):
+    """Build the wheel, install it (no deps) into a throwaway venv that sees the system's packages, and run
+    `python -m loraops db upgrade` from outside the checkout: the migrations must come from the wheel."""
+    dist, venv = tmp_path / "dist", tmp_path / "venv"
+
+    def run(*args, **kw):
+        done = subprocess.run(args, capture_output=True, text=True, **kw)
+        assert done.returncode == 0, f"{args}: {done.stderr}"
+        return done
+
+    src = tmp_path / "src"  # build from a copy: an in-tree build leaves build/ and *.egg-info in the checkout
+    for name in ("loraops", "migrations"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src), env=env)
+    wheel = next(dist.glob("loraops-*.whl"))
+    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv))
+    python = venv / "bin" / "python"
+    # When the tests themselves run in a venv, "system" packages are that venv's: let the new one see them too
+    # (after its own site-packages, where the wheel's loraops is).
+    site_dir = run(str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip()
+    Path(site_dir, "_outer_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    run(sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel), env=env)
+    env["LORAOPS_HOME"] = str(tmp_path / "home")
+    out = run(str(python), "-m", "loraops", "db", "upgrade", env=env, cwd=tmp_path).stdout
+    assert out.strip().endswith(f"upgraded from empty to {db.HEAD} (head)")
+    where = run(str(python), "-c", "import loraops.registry.db as d; print(d.script_location())", env=env, cwd=tmp_path)
+    assert str(venv) in where.stdout and "migrations" in where.stdout
