@@ -106,3 +106,23 @@ def sha256_file(path: Path, *, start: int = 0, progress=None) -> str:
             if progress is not None:
                 progress.update(len(chunk))
     return digest.hexdigest()
+
+
+def remove_stale_temps(path: str | Path, idle_s: float = 300) -> list[Path]:
+    """Remove temp siblings of ``path`` left by killed runs (SIGKILL, power loss: no cleanup ran). A sibling counts
+    as stale when nothing in it changed for ``idle_s`` seconds: a live run writes far more often than that."""
+    import time
+
+    path = Path(path)
+    cutoff = time.time() - idle_s
+    removed = []
+    for tmp in path.parent.glob(f"{TMP_MARK}{path.name}.*") if path.parent.exists() else []:
+        entries = [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]
+        try:
+            newest = max(e.stat().st_mtime for e in entries)
+        except OSError:
+            continue
+        if newest <= cutoff:
+            remove(tmp)
+            removed.append(tmp)
+    return removed
