@@ -7,13 +7,16 @@ from pathlib import Path
 import torch
 
 
-def llama(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def llama(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
+          shard_size: str | None = None) -> Path:
+    """A random Llama-style model saved by transformers (sharded, with an index, when shard_size is given)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    LlamaForCausalLM(config).to(dtype).save_pretrained(path, safe_serialization=True, **kwargs)
     return Path(path)
 
 

@@ -536,6 +536,8 @@ class Registry:
                 f"adapter reference {ref!r} matches several adapters ({_shown(f'{r.name}@{r.version} {r.sha256[:12]}' for r in rows)}); "
                 "give more of the sha256, or name@version"
             )
+        if _looks_like_path(ref):
+            raise NotFoundError(f"{ref}: no such file or folder, and no adapter of that name in the registry")
         raise NotFoundError(
             f"no adapter {ref!r} in the registry (give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits)"
         )
@@ -557,6 +559,8 @@ class Registry:
             raise AmbiguousError(
                 f"base reference {ref!r} matches several bases ({_shown(r.name for r in rows)}); give more of the fingerprint"
             )
+        if _looks_like_path(ref):
+            raise NotFoundError(f"{ref}: no such file or folder, and no base of that name in the registry")
         raise NotFoundError(f"no base {ref!r} in the registry (see `loraops base list`)")
 
     def _manifest(self, s: Session, base_id: int) -> dict[str, TensorRecord]:
@@ -690,3 +694,10 @@ def _size(path: Path) -> int:
 def _shown(items: Iterable[str]) -> str:
     items = list(items)
     return ", ".join(items[:SHOWN]) + (", …" if len(items) > SHOWN else "")
+
+
+def _looks_like_path(ref: str | int) -> bool:
+    """Commands take a registry reference or a path; a reference that can only be a path (absolute, ./, ~/, or a
+    file suffix) that matched nothing is reported as a missing path, which is what the user meant."""
+    text = str(ref)
+    return text.startswith(("/", "./", "../", "~")) or text.endswith((".safetensors", ".json", ".bin", ".pt"))
