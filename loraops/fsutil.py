@@ -19,13 +19,18 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_MARK}{path.name}.{uuid.uuid4().hex[:8]}")
 
 
+def refuse_existing(path: str | Path, force: bool = False) -> None:
+    """Raise ConflictError when ``path`` exists and ``force`` is not set (also usable before a long computation)."""
+    if Path(path).exists() and not force:
+        raise ConflictError(f"{path}: already exists (use --force to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write into; on success it replaces ``path`` (refused when ``path``
     exists unless ``force``); on any error it is removed. For folders, the temp folder is created for you."""
     path = Path(path)
-    if path.exists() and not force:
-        raise ConflictError(f"{path}: already exists (use --force to replace it)")
+    refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     if is_dir:
@@ -101,3 +106,23 @@ def sha256_file(path: Path, *, start: int = 0, progress=None) -> str:
             if progress is not None:
                 progress.update(len(chunk))
     return digest.hexdigest()
+
+
+def remove_stale_temps(path: str | Path, idle_s: float = 300) -> list[Path]:
+    """Remove temp siblings of ``path`` left by killed runs (SIGKILL, power loss: no cleanup ran). A sibling counts
+    as stale when nothing in it changed for ``idle_s`` seconds: a live run writes far more often than that."""
+    import time
+
+    path = Path(path)
+    cutoff = time.time() - idle_s
+    removed = []
+    for tmp in path.parent.glob(f"{TMP_MARK}{path.name}.*") if path.parent.exists() else []:
+        entries = [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]
+        try:
+            newest = max(e.stat().st_mtime for e in entries)
+        except OSError:
+            continue
+        if newest <= cutoff:
+            remove(tmp)
+            removed.append(tmp)
+    return removed

@@ -23,9 +23,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
+
+if TYPE_CHECKING:
+    from .records import PullRecord, PushRecord
 
 XET_ENV = "HF_HUB_DISABLE_XET"
 XET_SET_BY_USER = XET_ENV in os.environ

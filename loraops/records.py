@@ -33,6 +33,68 @@ class ModuleRecord(Record):
         )
 
 
+class ResizeModuleRecord(Record):
+    """One module of a resize: ranks before/after and how much of its spectrum the new rank keeps."""
+
+    name: str
+    kind: Literal["linear", "conv", "embedding"]
+    rank_before: int
+    rank_after: int
+    alpha_after: float
+    fro_retained: float
+    """‖S_k‖/‖S‖ over the singular values S of B·A: 1 − fro_retained² is the relative squared Frobenius error."""
+    sum_retained: float
+    """ΣS_k/ΣS (kohya's 'sum(S) retained')."""
+
+
+class ResizeReport(Record):
+    rank: int | None
+    dynamic: str | None
+    param: float | None
+    max_rank: int | None
+    device: str
+    precision: Literal["float32", "float64"]
+    modules: list[ResizeModuleRecord]
+    fro_retained_mean: float
+    sum_retained_mean: float
+    parameters_before: int
+    parameters_after: int
+    seconds: float
+
+
+class CombineInputRecord(Record):
+    ref: str
+    weight: float
+    rank: int | None
+    """The input's rank (None when its modules have different ranks)."""
+    modules: int
+
+
+class CombineModuleRecord(Record):
+    name: str
+    rank: int
+    inputs: int
+    """How many inputs adapt this module (the others count as a zero delta)."""
+    svd: Literal["none", "factored", "exact", "randomized"]
+    """How the result was factored: none (cat, exact by construction), factored (exact SVD of the stacked factors),
+    exact / randomized (SVD of the dense delta an element-wise method produced)."""
+    error: float
+    """Relative Frobenius error ‖D − B'A'‖/‖D‖ of the output factors against the method's exact result D."""
+
+
+class CombineReport(Record):
+    method: str
+    params: dict
+    inputs: list[CombineInputRecord]
+    device: str
+    precision: Literal["float32", "float64"]
+    modules: list[CombineModuleRecord]
+    error_max: float
+    error_mean: float
+    parameters: int
+    seconds: float
+
+
 class TensorRecord(Record):
     """One tensor of a registered base's manifest."""
 
@@ -228,3 +290,62 @@ class PushRecord(Record):
     commit: str
     commit_url: str
     pr_url: str | None = None
+
+
+class DerivedRecord(Record):
+    """A combined or resized adapter: its registry record, whether it is new, where it was also written, and the
+    operation's report (`combine/resize --json`)."""
+
+    adapter: AdapterRecord
+    created: bool
+    output: str | None
+    report: CombineReport | ResizeReport
+
+
+class MergeInputRecord(Record):
+    """One adapter of a merge or subtract: where it came from and the weight it was applied with (negated for
+    subtract: the weight as it entered W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ)."""
+
+    adapter: str
+    weight: float
+    modules: int
+    full_tensors: int = 0
+
+
+class ResidualRecord(Record):
+    """What a subtract leaves behind. ``compared_to`` names the pristine base when one was available to compare
+    against (then ``elements_differing`` / ``max_abs_diff`` are measured over the tensors the adapters touch);
+    ``rounding_max_abs`` is always measured: the largest |stored − exact| introduced by the final rounding."""
+
+    compared_to: str | None = None
+    elements: int = 0
+    elements_differing: int | None = None
+    max_abs_diff: float | None = None
+    rounding_max_abs: float = 0.0
+    note: str = ""
+
+
+class MergeReport(Record):
+    operation: Literal["merge", "subtract", "restore"]
+    output: str
+    base: str
+    adapters: list[MergeInputRecord]
+    dtype: str
+    """Output dtype of the floating tensors (safetensors name, e.g. BF16)."""
+    device: str
+    precise: bool = False
+    tensors_merged: int = 0
+    tensors_replaced: int = 0
+    """modules_to_save tensors written in place of the base's."""
+    tensors_converted: int = 0
+    """Untouched floating tensors converted to a new --dtype."""
+    tensors_copied: int = 0
+    """Untouched tensors copied byte for byte."""
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    """Peak resident memory of the whole process (getrusage), start-up included."""
+    residual: ResidualRecord | None = None
+    name: str | None = None
+    """Registry name the output was recorded under, when it was."""
+    fingerprint: str | None = None

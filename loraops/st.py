@@ -156,6 +156,21 @@ def _tensor_info(path: Path, name: str, entry: object, data_offset: int, data_si
     return TensorInfo(name, dtype, tuple(shape), data_offset + offsets[0], data_offset + offsets[1], path)
 
 
+def header_bytes(entries, metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes that start a safetensors file whose tensors follow back to back in the order of ``entries``
+    ((name, dtype, shape) triples): 8-byte length, compact JSON (``__metadata__`` first), padded with spaces to a
+    multiple of 8 as the safetensors library pads it. A streaming writer writes this, then each tensor's bytes."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        end = offset + math.prod(shape) * DTYPE_BYTES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def read_tensor(info: TensorInfo, handle=None) -> "torch.Tensor":
     """Load one tensor's bytes (and nothing else) from its file; ``handle`` reuses an open binary file."""
     import torch

@@ -121,6 +121,26 @@ def kohya_file(path: Path, modules: dict[str, tuple[tuple[int, ...], tuple[int, 
     return Path(path)
 
 
+def lora_adapter(shapes: dict[str, tuple[int, ...]], *, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, scale_mode: str = "classic", base_model: str | None = "base",
+                 kind: str = "linear", fmt: str = "peft"):
+    """An in-memory loraops Adapter with random factors: {module name: weight shape} (out, in) for linear,
+    (out, in, kh, kw) for conv. The scale follows alpha and scale_mode (rsLoRA: alpha/√r)."""
+    import math
+
+    from loraops.adapter import Adapter, LoraModule
+
+    g = torch.Generator().manual_seed(seed)
+    scale = alpha / (math.sqrt(rank) if scale_mode == "rslora" else rank)
+    modules = {}
+    for name, shape in shapes.items():
+        out, rest = shape[0], shape[1:]
+        A = torch.randn(rank, *rest, generator=g) / math.sqrt(rest[0])
+        B = torch.randn(out, rank, *([1, 1] if kind == "conv" else []), generator=g) * 0.1
+        modules[name] = LoraModule(name, A=A.to(dtype), B=B.to(dtype), alpha=alpha, scale=scale, kind=kind)
+    return Adapter(modules=modules, format=fmt, base_model=base_model, scale_mode=scale_mode)
+
+
 def conv_peft_adapter(out: Path, *, seed: int = 1, r: int = 4, alpha: float = 8,
                       target_modules: list[str] | None = None, **lora_kwargs: Any) -> Path:
     """A PEFT adapter made by peft on conv_embedding_model() (Embedding, Linear, 1×1 and 3×3 Conv2d)."""

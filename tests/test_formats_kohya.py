@@ -102,3 +102,18 @@ def test_kohya_name():
     assert kohya_name("text_model.encoder.layers.0.mlp.fc1", "text_encoder_1").startswith("lora_te1_")
     assert kohya_name("text_model.encoder.layers.0.mlp.fc1", "text_encoder_2").startswith("lora_te2_")
     assert kohya_name("model.layers.0.self_attn.q_proj") == "lora_unet_model_layers_0_self_attn_q_proj"
+
+
+def test_kohya_writer_refuses_name_collisions(tmp_path):
+    from dataclasses import replace
+
+    from loraops.errors import InvalidInputError
+    from loraops.formats import write_adapter
+
+    adapter = read_adapter(factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,))}))
+    module = adapter.modules.pop("lora_unet_proj")
+    adapter = replace(adapter, names_resolved=True,
+                      modules={"a.b_c": replace(module, name="a.b_c"), "a_b.c": replace(module, name="a_b.c")})
+    with pytest.raises(InvalidInputError, match="collide under kohya naming"):
+        write_adapter(adapter, tmp_path / "out.safetensors", "kohya")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -158,3 +158,14 @@ def test_identity_covers_math_config_fields_only(llama, tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "use_rslora": True}))
     assert identity(path) != first
     assert len(first) == 64 and adapter_files(path) == [path / "adapter_model.safetensors", cfg_path]
+
+
+def test_trained_bias_and_old_modules_to_save_keys(tmp_path):
+    path = factories.conv_peft_adapter(tmp_path / "a", target_modules=["proj"], bias="lora_only")
+    adapter = read_adapter(path)
+    assert sorted(adapter.full_tensors) == ["proj.bias"]
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.model.conv1.modules_to_save.default.weight"] = torch.ones(8, 4, 1, 1)
+    save_file(tensors, str(weights))
+    assert sorted(read_adapter(path).full_tensors) == ["conv1.weight", "proj.bias"]

@@ -165,3 +165,17 @@ def test_writes_are_atomic_and_refuse_existing(llama, tmp_path):
         write_adapter(adapter, tmp_path / "bad.safetensors", "kohya")
     assert not (tmp_path / "bad.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if ".loraops-tmp-" in p.name] == []
+
+
+def test_peft_round_trip_of_trained_biases(tmp_path):
+    from peft import PeftModel
+
+    src = factories.conv_peft_adapter(tmp_path / "a", target_modules=["proj", "conv3"], bias="lora_only")
+    adapter = read_adapter(src)
+    adapter.full_tensors["proj.bias"] = adapter.full_tensors["proj.bias"] + 1
+    out = write_adapter(adapter, tmp_path / "out")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["bias"] == "lora_only" and cfg["modules_to_save"] is None
+    model = PeftModel.from_pretrained(factories.conv_embedding_model(), out)
+    torch.testing.assert_close(model.base_model.model.proj.base_layer.bias.detach(), adapter.full_tensors["proj.bias"])
+    assert sorted(read_adapter(out).full_tensors) == ["conv3.bias", "proj.bias"]

@@ -48,7 +48,7 @@ def test_head_constant_and_file_names():
 def test_walk_every_revision_up_and_down():
     eng = engine()
     for rev in revisions():
-        db.upgrade(eng, revision_of(eng), rev)
+        db.upgrade(eng, rev)
         assert revision_of(eng) == rev
     for rev in reversed(["base", *revisions()[:-1]]):
         db.downgrade(eng, rev)
@@ -76,7 +76,7 @@ def test_empty_database_is_created_on_open():
 @pytest.mark.empty_db
 def test_old_revision_is_upgraded_on_open_keeping_rows():
     eng = engine()
-    db.upgrade(eng, None, "0001")
+    db.upgrade(eng, "0001")
     with eng.begin() as c:
         c.execute(text(
             "INSERT INTO bases (name, fingerprint, source, path, num_tensors, num_parameters, dtype, total_bytes, created)"

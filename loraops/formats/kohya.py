@@ -7,6 +7,7 @@ paths by loraops.check.bind against a base.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,7 +108,7 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
         if component == "text_encoder" and "text_encoder_2" in components:
             component = "text_encoder_1"
         out[name] = kohya_name(rest, component)
-    clashes = [n for n in set(out.values()) if list(out.values()).count(n) > 1]
+    clashes = [n for n, count in Counter(out.values()).items() if count > 1]
     if clashes:
         raise InvalidInputError(f"modules collide under kohya naming (dots become underscores): {sorted(clashes)[:3]}")
     return out

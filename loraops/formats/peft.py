@@ -32,7 +32,6 @@ PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 FACTOR_PARTS = {"lora_A": ("A", "linear"), "lora_B": ("B", "linear"),
                 "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding")}
 FACTOR_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.[^.]+)*)$")
-MAX_ADAPTER_NAME_SEGMENTS = 1
 
 # Config fields that change the math (or the modules touched): hashed into a PEFT folder's identity, with
 # PEFT's defaults for absent ones so an explicit default and an absent field hash alike.
@@ -158,7 +157,7 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
         segments = match["rest"].split(".")[1:]
         if segments and segments[-1] == "weight":
             segments.pop()
-        if len(segments) > MAX_ADAPTER_NAME_SEGMENTS:
+        if len(segments) > 1:  # at most one adapter-name segment
             raise common.unknown_layout(path, [key], "unknown LoRA key layout")
         adapter_names.update(segments)
         which, kind = FACTOR_PARTS[match["part"]]
@@ -201,6 +200,7 @@ def build_modules(
 
 def full_tensor_name(key: str, cfg: ScaleConfig | None) -> str | None:
     """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases), or None if it is not one."""
+    key = key.replace(".base_layer.", ".")  # PEFT saves a LoRA layer's trained bias under its wrapped base layer
     module, _, param = key.rpartition(".")
     if ".modules_to_save." in key:
         owner, _, rest = key.partition(".modules_to_save.")
@@ -252,14 +252,12 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     common.refuse_unsupported(weights, header.tensors)
     parsed = parse_keys(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
-    full_names = {}
-    for key in parsed.others:
-        target = full_tensor_name(key.removeprefix(PREFIX), cfg)
-        if target is None:
-            raise common.unknown_layout(weights, [k for k in parsed.others if full_tensor_name(k.removeprefix(PREFIX), cfg) is None])
-        if target in full_names.values():
-            raise InvalidInputError(f"{weights}: duplicate full tensor {target!r} after key normalisation")
-        full_names[key] = target
+    full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg) for key in parsed.others}
+    unknown = [key for key, target in full_names.items() if target is None]
+    if unknown:
+        raise common.unknown_layout(weights, unknown)
+    if len(set(full_names.values())) < len(full_names):
+        raise InvalidInputError(f"{weights}: duplicate full tensors after key normalisation ({sorted(full_names)[:4]})")
     if not parsed.factors and not full_names:
         raise FormatError(f"{weights}: no LoRA tensors in this file")
     tensors = st.load_tensors(header)
@@ -329,19 +327,30 @@ def factor_keys(module: LoraModule) -> tuple[str, str]:
     return f"{module.name}.lora_A.weight", f"{module.name}.lora_B.weight"
 
 
+def full_tensor_keys(adapter: Adapter) -> dict[str, str]:
+    """Where each full tensor goes in a PEFT file: a trained bias of a LoRA-adapted module under its wrapped
+    ``base_layer`` (PEFT's bias="lora_only" layout); anything else as a modules_to_save tensor under its own name."""
+    keys = {}
+    for name in adapter.full_tensors:
+        module, _, param = name.rpartition(".")
+        if module in adapter.modules:
+            if param != "bias":
+                raise FormatError(f"full tensor {name!r} replaces a LoRA-adapted module's weight; PEFT cannot express it")
+            keys[name] = f"{module}.base_layer.bias"
+        else:
+            keys[name] = name
+    return keys
+
+
 def tensors_of(adapter: Adapter, prefix: str) -> dict[str, "torch.Tensor"]:
     out = {}
     for module in adapter.modules.values():
         a_key, b_key = factor_keys(module)
         out[prefix + a_key] = module.A.contiguous()
         out[prefix + b_key] = module.B.contiguous()
-    for name, tensor in adapter.full_tensors.items():
-        out[prefix + name] = tensor.contiguous()
+    for name, key in full_tensor_keys(adapter).items():
+        out[prefix + key] = adapter.full_tensors[name].contiguous()
     return out
-
-
-def saved_module_names(adapter: Adapter) -> list[str]:
-    return sorted({name.rpartition(".")[0] for name in adapter.full_tensors})
 
 
 def write(adapter: Adapter, tmp: Path) -> None:
@@ -349,9 +358,13 @@ def write(adapter: Adapter, tmp: Path) -> None:
     from safetensors.torch import save_file
 
     rslora = adapter.scale_mode == "rslora"
+    keys = full_tensor_keys(adapter)
+    saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name})
     cfg = lora_config(
-        adapter.modules, {n: n for n in adapter.modules}, rslora=rslora, saved_modules=saved_module_names(adapter),
+        adapter.modules, {n: n for n in adapter.modules}, rslora=rslora, saved_modules=saved,
         base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
     )
+    lora_biases = any(key != name for name, key in keys.items())
+    cfg["bias"] = (cfg["bias"] if cfg["bias"] != "none" else "lora_only") if lora_biases else "none"
     save_file(tensors_of(adapter, PREFIX), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -20,9 +20,7 @@ HEAD = "0002"
 """The newest revision under migrations/versions (tests/test_migrations.py checks it)."""
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-PG_MIGRATION_LOCK = 0x6C6F7261  # "lora": the advisory lock key that serialises migrations across processes
-
-# Alembic keeps its migration context in module globals: two threads migrating at once would run each other's steps.
+MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
 _MIGRATING = threading.Lock()
 
 
@@ -85,41 +83,49 @@ def ensure_schema(engine: Engine) -> None:
     except Exception as exc:  # noqa: BLE001 - any driver error becomes one line naming the database
         raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
     if current != HEAD:
-        upgrade(engine, current)
+        upgrade(engine)
 
 
-def upgrade(engine: Engine, current: str | None = None, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to ``revision``. Concurrent openers are serialised (SQLite: the write lock; PostgreSQL: an advisory
+    lock), and each re-reads the revision once it holds the lock, so only the first one migrates."""
     from alembic import command
     from alembic.script import ScriptDirectory
 
     config = alembic_config()
     script = ScriptDirectory.from_config(config)
-    if current is not None:
-        try:
-            script.get_revision(current)
-        except Exception:  # noqa: BLE001 - alembic raises several types for an unknown revision
-            raise RegistryError(
-                f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
-            ) from None
     try:
+        # Alembic's migration context is process-global: one migration at a time per process, too.
         with _MIGRATING, writer(engine).begin() as connection:
-            # One migrator at a time (SQLite: BEGIN IMMEDIATE already holds the write lock); whoever waited finds
-            # the work done.
             if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK})
-            if revision == "head" and current_revision(connection) == HEAD:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            current = current_revision(connection)
+            if revision == "head" and current == HEAD:
                 return
+            if current is not None and not _known(script, current):
+                raise RegistryError(
+                    f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
+                )
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
-    except Exception as exc:  # noqa: BLE001
+    except RegistryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any driver/alembic error becomes one line naming the database
         raise RegistryError(f"cannot migrate the registry at {_safe(engine)}: {_first_line(exc)}") from None
+
+
+def _known(script, revision: str) -> bool:
+    try:
+        return script.get_revision(revision) is not None
+    except Exception:  # noqa: BLE001 - alembic raises several types for an unknown revision
+        return False
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
     config = alembic_config()
-    with writer(engine).begin() as connection:
+    with _MIGRATING, writer(engine).begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, revision)
 

@@ -28,7 +28,6 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from .. import settings
-from ..basemodel import _progress
 from ..fsutil import remove, sha256_file
 from ..errors import AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError, RegistryError
 from ..records import (
@@ -591,6 +590,8 @@ class Registry:
                 f"adapter reference {ref!r} matches several adapters ({_shown(f'{r.name}@{r.version} {r.sha256[:12]}' for r in rows)}); "
                 "give more of the sha256, or name@version"
             )
+        if _looks_like_path(ref):
+            raise NotFoundError(f"{ref}: no such file or folder, and no adapter of that name in the registry")
         raise NotFoundError(
             f"no adapter {ref!r} in the registry (give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits)"
         )
@@ -612,6 +613,8 @@ class Registry:
             raise AmbiguousError(
                 f"base reference {ref!r} matches several bases ({_shown(r.name for r in rows)}); give more of the fingerprint"
             )
+        if _looks_like_path(ref):
+            raise NotFoundError(f"{ref}: no such file or folder, and no base of that name in the registry")
         raise NotFoundError(f"no base {ref!r} in the registry (see `loraops base list`)")
 
     def _manifest(self, s: Session, base_id: int) -> dict[str, TensorRecord]:
@@ -748,6 +751,12 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
+def _progress(total: int, desc: str, enabled: bool | None):
+    from ..basemodel import _progress as bar  # basemodel (hashlib, safetensors headers) stays out of `list`
+
+    return bar(total, desc, enabled)
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -755,3 +764,10 @@ def _size(path: Path) -> int:
 def _shown(items: Iterable[str]) -> str:
     items = list(items)
     return ", ".join(items[:SHOWN]) + (", …" if len(items) > SHOWN else "")
+
+
+def _looks_like_path(ref: str | int) -> bool:
+    """Commands take a registry reference or a path; a reference that can only be a path (absolute, ./, ~/, or a
+    file suffix) that matched nothing is reported as a missing path, which is what the user meant."""
+    text = str(ref)
+    return text.startswith(("/", "./", "../", "~")) or text.endswith((".safetensors", ".json", ".bin", ".pt"))

@@ -1,0 +1,79 @@
+"""Small models and adapters for the examples, built locally (no network): a random Llama-style model saved by
+transformers, PEFT adapters made by peft itself, and a kohya-style file written by hand."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def llama(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
+          shard_size: str | None = None) -> Path:
+    """A random Llama-style model saved by transformers (sharded, with an index, when shard_size is given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    LlamaForCausalLM(config).to(dtype).save_pretrained(path, safe_serialization=True, **kwargs)
+    return Path(path)
+
+
+def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str], seed: int = 1) -> Path:
+    """A PEFT LoRA folder trained on nothing: random, non-zero factors, as peft itself writes them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    return Path(out)
+
+
+def kohya_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str], seed: int = 2) -> Path:
+    """A kohya/sd-scripts style file (lora_down/lora_up/alpha, ss_* metadata) for the base's modules named in
+    ``targets``, with names in kohya's underscore form."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            module = key.removesuffix(".weight")
+            if module.rsplit(".", 1)[-1] in targets:
+                out_f, in_f = f.get_slice(key).get_shape()
+                name = "lora_unet_" + module.replace(".", "_")
+                tensors[f"{name}.lora_down.weight"] = torch.randn(r, in_f, generator=g)
+                tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, r, generator=g) * 0.01
+                tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(r), "ss_network_alpha": str(alpha)}
+    save_file(tensors, str(out), metadata=meta)
+    return Path(out)
+
+
+def workdir(name: str) -> Path:
+    """WORKDIR/<name> from the command line (default: a temp dir), with the registry in its own home there unless
+    LORAOPS_HOME is set."""
+    import os
+    import sys
+    import tempfile
+
+    work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()) / name
+    os.environ.setdefault("LORAOPS_HOME", str(work / "home"))
+    os.environ.setdefault("LORAOPS_QUIET", "1")
+    return work
+
+
+def loraops(*args, ok: bool = True, env: dict | None = None) -> None:
+    """Run the real CLI (`python -m loraops ...`), echoing the command line; stop the example on an unexpected
+    exit code (ok=False: the command is meant to fail)."""
+    import subprocess
+    import sys
+
+    print(f"\n$ loraops {' '.join(str(a) for a in args)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], text=True, env=env)
+    if (done.returncode == 0) != ok:
+        sys.exit(f"unexpected exit code {done.returncode} from: loraops {' '.join(map(str, args))}")

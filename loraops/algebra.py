@@ -1,0 +1,193 @@
+"""Adapter algebra: combine several adapters, resize one — validation and orchestration over loraops.ops.
+
+All SVD work runs in float32 (float64 with ``precise``) on the chosen device, one module at a time; results are
+cast back to the inputs' dtype on the CPU. Nothing here reads or writes files.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+from .adapter import Adapter, LoraModule
+from .errors import InvalidInputError, MismatchError
+from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
+
+
+def _precision(precise: bool):
+    import torch
+
+    return (torch.float64, "float64") if precise else (torch.float32, "float32")
+
+
+def _label(adapter: Adapter, index: int) -> str:
+    return str(adapter.path) if adapter.path is not None else f"input {index + 1}"
+
+
+def _check_bases(bases: Sequence[object], labels: Sequence[str]) -> None:
+    """Refuse inputs that name two different bases (None: unknown, compatible with any)."""
+    seen: dict[object, str] = {}
+    for base, label in zip(bases, labels):
+        if base is not None:
+            seen.setdefault(base, label)
+    if len(seen) > 1:
+        (base1, label1), (base2, label2) = list(seen.items())[:2]
+        raise MismatchError(f"adapters are for different bases: {label1} is for {base1}, {label2} is for {base2}")
+
+
+def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> None:
+    for adapter, label in zip(adapters, labels):
+        if adapter.full_tensors:
+            names = ", ".join(sorted(adapter.full_tensors)[:3])
+            raise InvalidInputError(
+                f"{label} carries full replacement tensors (modules_to_save: {names}); a weighted combination of "
+                "replaced weights is not defined, so combine refuses them — drop them from the adapter first"
+            )
+    if len({a.names_resolved for a in adapters}) > 1:
+        raise MismatchError("some inputs have unresolved kohya module names: bind them to their base first")
+
+
+def _check_module(name: str, modules: Sequence[tuple[str, LoraModule]]) -> None:
+    (label0, first), *rest = modules
+    for label, module in rest:
+        if (module.kind, module.weight_shape, module.fan_in_fan_out) != (first.kind, first.weight_shape, first.fan_in_fan_out):
+            raise MismatchError(
+                f"module {name} differs between inputs: {first.kind} {tuple(first.weight_shape)} in {label0}, "
+                f"{module.kind} {tuple(module.weight_shape)} in {label}"
+            )
+
+
+def combine(
+    inputs: Sequence[tuple[Adapter, float]],
+    method: str,
+    params: "dict[str, Any] | None" = None,
+    rank: int | None = None,
+    device: str = "auto",
+    precise: bool = False,
+    labels: Sequence[str] | None = None,
+    bases: Sequence[object] | None = None,
+) -> tuple[Adapter, CombineReport]:
+    """Combine weighted adapters with ``method`` (see loraops.ops.combine.METHODS) into a new adapter at ``rank``
+    (default: the method's — Σ ranks for linear/svd, the largest input rank for element-wise methods; cat
+    always keeps Σ ranks). Output scale is 1 (alpha = rank, classic scaling). ``labels`` name the inputs in
+    messages and the report (default: their paths). ``bases`` identify the inputs' bases (e.g. registry ids) for
+    the same-base check; by default their base_model_name_or_path hints are compared."""
+    import torch
+
+    from .ops.combine import METHODS, Context, Term
+    from .ops.params import parse_params
+    from .settings import resolve_device
+
+    if not inputs:
+        raise InvalidInputError("combine needs at least one adapter")
+    spec = METHODS.get(method)
+    if spec is None:
+        raise InvalidInputError(f"unknown combine method {method!r}: use one of {', '.join(METHODS)}")
+    parsed = parse_params(spec.params, params, method)
+    if rank is not None and rank <= 0:
+        raise InvalidInputError(f"rank must be a positive integer (got {rank})")
+    if rank is not None and spec.default_rank is None:
+        raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --rank to truncate")
+    adapters = [adapter for adapter, _ in inputs]
+    labels = list(labels) if labels is not None else [_label(a, i) for i, a in enumerate(adapters)]
+    hints = [a.base_model.rstrip("/") if a.base_model else None for a in adapters]
+    _check_bases(bases if bases is not None else hints, labels)
+    _check_combinable(adapters, labels)
+    if not any(a.modules for a in adapters):
+        raise InvalidInputError("the inputs have no LoRA modules to combine")
+
+    started = time.perf_counter()
+    target = resolve_device(device)
+    dtype, precision = _precision(precise)
+    out_dtype = adapters[0].dtype
+    for adapter in adapters[1:]:
+        out_dtype = torch.promote_types(out_dtype, adapter.dtype)
+
+    modules: dict[str, LoraModule] = {}
+    records: list[CombineModuleRecord] = []
+    for name in sorted(set().union(*(a.modules for a in adapters))):
+        present = [(label, a.modules[name]) for a, label in zip(adapters, labels) if name in a.modules]
+        _check_module(name, present)
+        template = present[0][1]
+        B0, A0 = template.matrices()
+        terms = []
+        for adapter, weight in inputs:
+            module = adapter.modules.get(name)
+            if module is None:  # a zero delta: rank-0 factors
+                B2, A2, scale = B0[:, :0], A0[:0], 0.0
+            else:
+                (B2, A2), scale = module.matrices(), module.scale
+            terms.append(Term(B2.to(device=target, dtype=dtype), A2.to(device=target, dtype=dtype), scale, float(weight)))
+        ranks = [m.rank for _, m in present]
+        k = rank or (spec.default_rank(ranks) if spec.default_rank else sum(ranks))
+        ctx = Context(name, (B0.shape[0], A0.shape[1]), exact=precise)
+        result = spec.run(terms, parsed, k, ctx)
+        new_rank = int(result.A.shape[0])
+        modules[name] = template.with_factors(
+            result.B.to(device="cpu", dtype=out_dtype), result.A.to(device="cpu", dtype=out_dtype),
+            alpha=float(new_rank), scale=1.0,
+        )
+        records.append(CombineModuleRecord(name=name, rank=new_rank, inputs=len(present), svd=result.svd,
+                                           error=result.error))
+
+    formats = {a.format for a in adapters}
+    combined = Adapter(
+        modules=modules, format=formats.pop() if len(formats) == 1 else "peft",
+        base_model=next((h for h in hints if h), None),
+        # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
+        config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
+    )
+    errors = [r.error for r in records]
+    report = CombineReport(
+        method=method, params=parsed.model_dump(),
+        inputs=[CombineInputRecord(ref=label, weight=float(w), rank=a.rank, modules=len(a.modules))
+                for (a, w), label in zip(inputs, labels)],
+        device=str(target), precision=precision, modules=records, error_max=max(errors),
+        error_mean=sum(errors) / len(errors), parameters=combined.num_parameters,
+        seconds=time.perf_counter() - started,
+    )
+    return combined, report
+
+
+def resize(
+    adapter: Adapter,
+    rank: int | None = None,
+    dynamic: str | None = None,
+    param: float | None = None,
+    max_rank: int | None = None,
+    device: str = "auto",
+    precise: bool = False,
+) -> tuple[Adapter, ResizeReport]:
+    """Lower the rank of every module: to ``rank``, or by a kohya ``dynamic`` rule (sv_ratio, sv_cumulative,
+    sv_fro) with ``param``, capped at ``max_rank`` and at each module's own rank. The scale of every module is
+    kept (alpha follows), so each delta becomes its best approximation at the new rank. Modules already at or
+    below ``rank`` keep their rank (re-orthogonalized, same delta)."""
+    from .ops.params import parse_params
+    from .ops.resize import RankRule, resize_module
+    from .settings import resolve_device
+
+    rule = parse_params(RankRule, {"rank": rank, "dynamic": dynamic, "param": param, "max_rank": max_rank}, "resize")
+    if not adapter.modules:
+        raise InvalidInputError(f"{_label(adapter, 0)} has no LoRA modules to resize")
+    current = max(adapter.ranks.values())
+    if rank is not None and rank > current:
+        raise InvalidInputError(f"rank {rank} is above the adapter's rank {current}: resize only lowers rank")
+
+    started = time.perf_counter()
+    target = resolve_device(device)
+    dtype, precision = _precision(precise)
+    modules: dict[str, LoraModule] = {}
+    records = []
+    for name, module in adapter.modules.items():
+        modules[name], record = resize_module(module, rule, adapter.scale_mode, target, dtype)
+        records.append(record)
+    resized = replace(adapter, modules=modules, path=None)
+    report = ResizeReport(
+        rank=rule.rank, dynamic=rule.dynamic, param=rule.param, max_rank=rule.max_rank, device=str(target),
+        precision=precision, modules=records,
+        fro_retained_mean=sum(r.fro_retained for r in records) / len(records),
+        sum_retained_mean=sum(r.sum_retained for r in records) / len(records),
+        parameters_before=adapter.num_parameters, parameters_after=resized.num_parameters,
+        seconds=time.perf_counter() - started,
+    )
+    return resized, report

@@ -1,0 +1,130 @@
+"""`loraops combine`, `loraops resize`, `loraops export`: the adapter algebra on the command line."""
+from __future__ import annotations
+
+import math
+
+import click
+
+from ..errors import InvalidInputError
+from .render import echo_json, echo_table
+
+METHOD_HELP = "cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, magnitude_prune"
+
+
+def parse_input(text: str) -> tuple[str, float]:
+    """REF[:WEIGHT] → (ref, weight); a suffix that is not a number belongs to the reference (default weight 1)."""
+    ref, sep, tail = text.rpartition(":")
+    if sep and ref:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(weight):
+            raise InvalidInputError(f"weight of {ref} must be a finite number (got {tail})")
+        return ref, weight
+    return text, 1.0
+
+
+base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
+
+
+def output_options(fn):
+    """The options every algebra command shares for where its result goes."""
+    options = [
+        base_option,
+        click.option("--name", help="Registry name of the result (default: from the inputs and the operation)."),
+        click.option("-o", "--output", type=click.Path(), help="Also write the result here (PEFT folder, or .safetensors)."),
+        click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
+                     help="Output layout (default: the inputs' format when they share one, else peft)."),
+        click.option("--force", is_flag=True, help="Replace an existing output."),
+        click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + report) as JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def compute_options(fn):
+    fn = click.option("--precise", is_flag=True, help="SVD in float64 (exact dense SVD for element-wise methods).")(fn)
+    return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
+
+
+def echo_saved(result) -> None:
+    record = result.adapter
+    state = "registered" if result.created else "already registered as"
+    click.echo(f"{state} {record.ref} (id {record.id}, sha256 {record.sha256[:12]}), base "
+               f"{record.base.name if record.base else '-'}" + (f"; wrote {result.output}" if result.output else ""))
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="REF[:WEIGHT]...")
+@click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
+@click.option("--rank", type=int, help="Output rank (linear/svd: default Σ ranks, lossless; element-wise: largest input rank).")
+@click.option("--density", type=float, help="ties, dare_*, magnitude_prune: fraction of each delta kept, in (0, 1].")
+@click.option("--seed", type=int, help="dare_*: seed of the drop masks (default 0).")
+@compute_options
+@output_options
+def combine(inputs, method, rank, density, seed, device, precise, base, output, fmt, force, name, as_json) -> None:
+    """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
+    registered with its lineage."""
+    from .. import derive
+
+    params = {key: value for key, value in (("density", density), ("seed", seed)) if value is not None}
+    result = derive.combine([parse_input(text) for text in inputs], method, params, rank=rank, device=device,
+                            precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
+    if as_json:
+        echo_json(result)
+        return
+    report = result.report
+    ranks = sorted({m.rank for m in report.modules})
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+    inputs_text = ", ".join(f"{i.ref}×{i.weight:g}" for i in report.inputs)
+    params_text = ", ".join(f"{k}={v}" for k, v in report.params.items())
+    click.echo(f"{method}{f'({params_text})' if params_text else ''} of {inputs_text}")
+    click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
+    click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
+    echo_saved(result)
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--rank", type=int, help="New rank of every module (rank can only go down).")
+@click.option("--dynamic", type=click.Choice(["sv_ratio", "sv_cumulative", "sv_fro"]), help="kohya's dynamic rank rule.")
+@click.option("--param", type=float, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
+@click.option("--max-rank", type=int, help="Cap of the dynamic rank.")
+@compute_options
+@output_options
+def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, fmt, force, name, as_json) -> None:
+    """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta); the
+    result is registered with its lineage."""
+    from .. import derive
+
+    result = derive.resize(ref, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, device=device,
+                           precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
+    if as_json:
+        echo_json(result)
+        return
+    report = result.report
+    echo_table(
+        ["module", "kind", "rank", "new", "alpha", "fro kept", "sum(S) kept"],
+        [(m.name, m.kind, m.rank_before, m.rank_after, f"{m.alpha_after:g}", f"{m.fro_retained:.2%}",
+          f"{m.sum_retained:.2%}") for m in report.modules],
+    )
+    click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {report.sum_retained_mean:.2%}; "
+               f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
+               f"{report.precision} on {report.device}, {report.seconds:.2f} s")
+    echo_saved(result)
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Output layout.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Destination (PEFT folder, or .safetensors).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@base_option
+def export(ref, fmt, output, force, base) -> None:
+    """Write an adapter (registry reference or path) in another layout, same deltas. An unregistered kohya file
+    needs --base to be written as PEFT."""
+    from .. import derive
+
+    click.echo(f"wrote {derive.export(ref, fmt, output, force=force, base=base)}")

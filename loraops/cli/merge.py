@@ -1,0 +1,81 @@
+"""`loraops merge` and `loraops subtract`: adapters into (or out of) base weights, streamed to a new model."""
+from __future__ import annotations
+
+import click
+
+from .render import echo_json, human_bytes
+
+
+def _options(fn):
+    """The options merge and subtract share."""
+    for option in reversed([
+        click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (or .safetensors file for a single-file model)."),
+        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Output dtype of the floating tensors (default: as stored)."),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (cuda when available)."),
+        click.option("--precise", is_flag=True, help="Accumulate in float64 instead of float32 (still rounded once)."),
+        click.option("--force", is_flag=True, help="Replace an existing output."),
+        click.option("--name", help="Registry name for the output (default: its folder or file name)."),
+        click.option("--no-record", is_flag=True, help="Do not record the output in the registry (skips fingerprinting it)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the MergeReport as JSON."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True, metavar="REF[:W]...")
+@click.option("--into", "base", required=True, metavar="BASE", help="Base model: registered base or path.")
+@_options
+def merge(adapters, base, output, dtype, device, precise, force, name, no_record, as_json) -> None:
+    """Merge adapters into a base: W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, rounded once. REF is a registry reference or a path; a
+    trailing :W weights it (default 1, negative negates)."""
+    from .. import merging
+
+    report = merging.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
+                          precise=precise, force=force)
+    _render(report, as_json)
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True, metavar="REF[:W]...")
+@click.option("--from", "model", required=True, metavar="MODEL", help="Merged model: registered base or path.")
+@click.option("--exact", is_flag=True, help="Rebuild from the recorded pristine base instead of subtracting (bit-exact).")
+@_options
+def subtract(adapters, model, exact, output, dtype, device, precise, force, name, no_record, as_json) -> None:
+    """Subtract adapters from a merged model: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, and report the residual left. In bf16/fp16 a
+    merge+subtract round trip is never bit-exact; --exact restores the recorded base instead."""
+    from .. import merging
+
+    report = merging.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
+                             device=device, precise=precise, force=force)
+    _render(report, as_json)
+
+
+def _render(report, as_json: bool) -> None:
+    if as_json:
+        echo_json(report)
+        return
+    verb = {"merge": "merged", "subtract": "subtracted", "restore": "restored"}[report.operation]
+    adapters = ", ".join(f"{a.adapter}:{a.weight:g}" for a in report.adapters)
+    if report.operation == "restore":
+        adapters = report.base + (f" + {adapters}" if adapters else "")
+    rate = report.bytes_written / report.seconds if report.seconds else 0
+    click.echo(
+        f"{verb} {adapters or 'nothing'} → {report.output}: {report.tensors_merged} tensors "
+        f"{'merged' if report.operation == 'merge' else 'changed'}, "
+        f"{report.tensors_copied} copied" + (f", {report.tensors_replaced} replaced" if report.tensors_replaced else "")
+        + (f", {report.tensors_converted} converted" if report.tensors_converted else "")
+        + f"; {human_bytes(report.bytes_written)} in {report.seconds:.2f} s ({human_bytes(rate)}/s), "
+        f"{report.dtype} on {report.device}, peak memory {human_bytes(report.peak_rss_bytes)}"
+    )
+    if report.residual is not None:
+        r = report.residual
+        if report.operation == "restore":
+            click.echo(r.note)
+        elif r.compared_to is not None and r.elements_differing is not None:
+            click.echo(f"residual vs {r.compared_to}: {r.elements_differing:,} of {r.elements:,} elements differ "
+                       f"(max |Δ| {r.max_abs_diff:.3g}); {r.note}")
+        else:
+            click.echo(f"residual: largest rounding {r.rounding_max_abs:.3g}; {r.note}")
+    if report.name:
+        click.echo(f"recorded as base {report.name} (fingerprint {report.fingerprint[:12]})")

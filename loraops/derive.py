@@ -1,0 +1,140 @@
+"""Derived adapters: resolve the inputs (registry references or paths), run the algebra, and register the result
+with its base and lineage (optionally also writing it to a path). What `loraops combine/resize/export` call.
+
+A path input is registered first (idempotent: the same bytes give the same record), so the lineage of every
+derived adapter points at registered inputs. A reference that is an existing path is read as a path; anything
+else is looked up in the registry (name, name@version, id, sha256 prefix).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from . import algebra, settings
+from .errors import InvalidInputError, MismatchError
+from .fsutil import refuse_existing
+from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .registry import Registry
+
+
+@dataclass
+class Input:
+    record: AdapterRecord
+    adapter: "Adapter"
+
+
+def open_input(reg: "Registry", ref: str, base: str | None = None) -> Input:
+    """A registered adapter (registering a path first), loaded and bound to its base."""
+    if Path(ref).exists():
+        record, _ = reg.register_adapter(ref, base=base)
+    else:
+        record = reg.get_adapter(ref)
+        if base is not None and (record.base is None or reg.get_base(base).id != record.base.id):
+            raise MismatchError(f"adapter {record.ref} is not recorded against base {base}")
+    return Input(record, reg.load_adapter(record.id))
+
+
+def common_base(inputs: Sequence[Input]) -> int | None:
+    """The registered base every input is recorded against (None when none is); two different ones are refused."""
+    bases = {i.record.base.id: i for i in inputs if i.record.base is not None}
+    if len(bases) > 1:
+        first, second = list(bases.values())[:2]
+        raise MismatchError(f"adapters are for different bases: {first.record.ref} is for {first.record.base.name}, "
+                            f"{second.record.ref} is for {second.record.base.name}")
+    return next(iter(bases), None)
+
+
+def writable(adapter: "Adapter", fmt: str) -> None:
+    if fmt != "kohya" and not adapter.names_resolved:
+        raise InvalidInputError(f"kohya module names cannot be written as {fmt} without their base: give --base BASE")
+
+
+def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, fmt: str | None, force: bool,
+         base: int | None, lineage: LineageSpec, report) -> DerivedRecord:
+    """Write ``adapter`` (to ``output``, or a temporary place in the loraops home) and register it."""
+    from .formats import write_adapter
+
+    fmt = fmt or adapter.format
+    writable(adapter, fmt)
+    if output is not None:
+        written = write_adapter(adapter, output, fmt, force=force)
+        record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage)
+        return DerivedRecord(adapter=record, created=created, output=str(written), report=report)
+    settings.home().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.home(), prefix=".derive-") as tmp:
+        written = write_adapter(adapter, Path(tmp) / (name.replace("/", "-") + (".safetensors" if fmt != "peft" else "")), fmt)
+        record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage,
+                                               source=f"loraops {lineage.op}")
+    return DerivedRecord(adapter=record, created=created, output=None, report=report)
+
+
+def combine(
+    refs: Sequence[tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *, rank: int | None = None,
+    device: str = "auto", precise: bool = False, name: str | None = None, output: str | None = None,
+    fmt: str | None = None, force: bool = False, base: str | None = None,
+) -> DerivedRecord:
+    """Combine registered adapters or paths (with weights) and register the result; see algebra.combine."""
+    from .registry import Registry
+
+    if output is not None:
+        refuse_existing(output, force)
+    with Registry.open() as reg:
+        inputs = [open_input(reg, ref, base) for ref, _ in refs]
+        base_id = common_base(inputs)
+        combined, report = algebra.combine(
+            [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
+            precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
+                                                                          for i in inputs],
+        )
+        lineage = LineageSpec(
+            op="combine", params={"method": method, "params": report.params, "rank": rank},
+            inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
+        )
+        default = "+".join(i.record.name for i in inputs) + f"-{method}"
+        return save(reg, combined, name=name or default, output=output, fmt=fmt, force=force, base=base_id,
+                    lineage=lineage, report=report)
+
+
+def resize(
+    ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
+    max_rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
+    output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
+) -> DerivedRecord:
+    """Resize a registered adapter or a path and register the result; see algebra.resize."""
+    from .registry import Registry
+
+    if output is not None:
+        refuse_existing(output, force)
+    with Registry.open() as reg:
+        source = open_input(reg, ref, base)
+        resized, report = algebra.resize(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
+                                         device=device, precise=precise)
+        rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
+        lineage = LineageSpec(op="resize", params=rule, inputs=[LineageInput(kind="adapter", id=source.record.id)])
+        default = f"{source.record.name}-r{rank}" if rank is not None else f"{source.record.name}-{dynamic}{param:g}"
+        return save(reg, resized, name=name or default, output=output, fmt=fmt, force=force,
+                    base=source.record.base.id if source.record.base else None, lineage=lineage, report=report)
+
+
+def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None) -> Path:
+    """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
+    registered base) resolves kohya names of an unregistered file."""
+    from . import check
+    from .formats import read_adapter, write_adapter
+    from .registry import Registry
+
+    refuse_existing(output, force)
+    with Registry.open() as reg:
+        if Path(ref).exists():
+            adapter = read_adapter(ref)
+            if base is not None:
+                adapter = check.require_fit(adapter, reg.base_manifest(base), base_name=base)
+        else:
+            adapter = reg.load_adapter(ref)
+    writable(adapter, fmt)
+    return write_adapter(adapter, output, fmt, force=force)

@@ -1,0 +1,274 @@
+"""Merge and subtract by reference, with the registry: what the `merge` / `subtract` commands call.
+
+References are registry references or paths (a path that exists wins; paths work without registering). After the
+output is renamed into place it is recorded as a derived base: its fingerprint and its lineage (op, base, adapters
+with their identity sha256 and weight, dtype). A failure before that leaves no row; a failure while recording leaves
+the output in place and says so. The lineage is what lets `subtract --exact` find the pristine base: with nothing
+left to keep it copies the recorded base's files verbatim (bit for bit), otherwise it re-merges the adapters that
+remain onto it, which is bit-identical to having merged only those.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import engine
+from .adapter import Adapter
+from .basemodel import BaseModel
+from .errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError
+from .fsutil import atomic_path, ensure_free_space
+from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
+
+
+@dataclass
+class Input:
+    """One adapter argument, resolved."""
+
+    label: str
+    adapter: Adapter
+    weight: float
+    sha256: str
+    registry_id: int | None = None
+
+
+def parse_weighted(text: str) -> tuple[str, float]:
+    """'ref:0.7' → ('ref', 0.7); 'ref' → ('ref', 1.0). Only a trailing ':<number>' is a weight, and not when the
+    whole text is an existing path, so 'C:/models/x' or 'dir:with:colons' stay references."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or Path(text).exists():
+        return text, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        return text, 1.0
+    if not math.isfinite(weight):
+        raise InvalidInputError(f"{text!r}: the weight must be a finite number")
+    return head, weight
+
+
+def resolve_adapter(reg, ref: str, weight: float) -> Input:
+    """A path (read as is; matched to the registry by identity when it is registered) or a registry reference."""
+    from . import formats
+
+    if Path(ref).exists():
+        sha = formats.identity(ref)
+        adapter = formats.read_adapter(ref)
+        return Input(ref, adapter, weight, sha)
+    if reg is None:
+        raise NotFoundError(f"{ref}: no such file or folder")
+    record = reg.get_adapter(ref)
+    return Input(f"{record.name}@{record.version}", reg.load_adapter(record.id), weight, record.sha256, record.id)
+
+
+def resolve_base(reg, ref: str | Path) -> tuple[BaseModel, str]:
+    """(the model, its label): a path, or a registered base whose files are still where they were."""
+    if Path(ref).exists() or reg is None:
+        return BaseModel.open(ref), str(ref)
+    record = reg.get_base(str(ref))
+    return BaseModel.open(reg.base_path(record.id)), record.name
+
+
+def merge(base: str | Path, adapters: Sequence[str], output: str | Path, *, name: str | None = None,
+          record: bool = True, **options) -> MergeReport:
+    """`loraops merge`: adapters given as 'REF[:W]' strings merged into ``base`` (a ref or path), then recorded."""
+    reg = _open_registry(record)
+    try:
+        _check_name_free(reg, name)
+        model, _ = resolve_base(reg, base)
+        inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
+        report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, **options)
+        report = _labelled(report, inputs)
+        if reg is None:
+            return report
+        return _record(reg, report, "merge", model, inputs, name, options)
+    finally:
+        if reg is not None:
+            reg.close()
+
+
+def subtract(model: str | Path, adapters: Sequence[str], output: str | Path, *, exact: bool = False,
+             name: str | None = None, record: bool = True, **options) -> MergeReport:
+    """`loraops subtract`: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, reporting the residual against the pristine base when the registry
+    knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available)."""
+    reg = _open_registry(record or exact)
+    try:
+        _check_name_free(reg if record else None, name)
+        merged, label = resolve_base(reg, model)
+        inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
+        origin = _origin(reg, merged) if reg is not None else None
+        if exact:
+            report = _restore(reg, merged, label, origin, inputs, output, options)
+            inputs = []
+        else:
+            pristine = _pristine(reg, origin) if origin is not None else None
+            report = engine.subtract(merged, [(i.adapter, i.weight) for i in inputs], output, reference=pristine,
+                                     **options)
+            report = _labelled(report, inputs, sign=-1)
+        if reg is None or not record:
+            return report
+        return _record(reg, report, "subtract", merged, inputs, name, options, sign=-1)
+    finally:
+        if reg is not None:
+            reg.close()
+
+
+# -- registry plumbing ------------------------------------------------------------------------------------------------
+def _open_registry(wanted: bool):
+    if not wanted:
+        return None
+    from .registry import Registry
+
+    return Registry.open()
+
+
+def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:
+    return report.model_copy(update={"adapters": [
+        MergeInputRecord(adapter=i.label, weight=sign * i.weight, modules=len(i.adapter.modules),
+                         full_tensors=len(i.adapter.full_tensors))
+        for i in inputs
+    ]})
+
+
+def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[Input],
+            name: str | None, options: dict, sign: int = 1) -> MergeReport:
+    """Record the output (already in place) as a derived base with its lineage. Inputs given by path are recorded
+    too (a base by its manifest and fingerprint, its files staying where they are; an adapter by a copy in the blob
+    store, or the existing entry with the same identity)."""
+    source_record = reg.register_base(source.path, name=_free_name(reg, source.path))[0]
+    for i in inputs:  # adapters given by path join the registry (by identity), so the lineage can name them
+        if i.registry_id is None:
+            i.registry_id = reg.register_adapter(i.label)[0].id
+    params = {
+        "dtype": report.dtype, "precise": bool(options.get("precise", False)),
+        "base": {"name": source_record.name, "fingerprint": source_record.fingerprint},
+        "adapters": [{"label": i.label, "sha256": i.sha256, "weight": sign * i.weight} for i in inputs],
+    }
+    if report.operation == "restore":
+        params["restored"] = True
+    lineage = LineageSpec(op=op, params=params, inputs=[
+        LineageInput(kind="base", id=source_record.id, role="base"),
+        *(LineageInput(kind="adapter", id=i.registry_id, weight=sign * i.weight, role="adapter")
+          for i in inputs if i.registry_id is not None),
+    ])
+    try:
+        record, _ = reg.register_base(report.output, name=name or _free_name(reg, report.output), lineage=lineage)
+    except LoraopsError as exc:
+        raise type(exc)(f"{report.output} was written, but recording it in the registry failed: {exc}") from None
+    return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint})
+
+
+def _free_name(reg, wanted: str | Path) -> str:
+    """A registry name for a model at ``wanted`` (its folder or file name), suffixed -2, -3… when another model
+    holds it: the name is a label; the fingerprint is the identity."""
+    from .registry.store import default_name
+
+    stem = default_name(Path(wanted))
+    candidate, n = stem, 1
+    while _name_taken(reg, candidate):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def _name_taken(reg, name: str) -> bool:
+    return any(b.name == name for b in reg.list_bases())
+
+
+def _check_name_free(reg, name: str | None) -> None:
+    """An explicit --name already used is refused before anything is written."""
+    if reg is not None and name is not None and _name_taken(reg, name):
+        raise ConflictError(f"base name {name!r} is already used in the registry; choose another --name")
+
+
+def _origin(reg, model: BaseModel):
+    """The registry record of ``model`` when it is a recorded merge, else None (the fingerprint is cached per file
+    stat, so a model this tool wrote and recorded is not re-read)."""
+    record = reg.find_base(model.fingerprint())
+    if record is None or record.lineage is None or record.lineage.op != "merge":
+        return None
+    return record
+
+
+def _pristine(reg, origin) -> BaseModel | None:
+    try:
+        path = reg.base_path(origin.lineage.params["base"]["name"])
+    except (LoraopsError, KeyError):
+        return None
+    base = BaseModel.open(path)
+    return base if base.fingerprint() == origin.lineage.params["base"]["fingerprint"] else None
+
+
+def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], output, options: dict) -> MergeReport:
+    """--exact: rebuild from the recorded pristine base instead of subtracting."""
+    if origin is None:
+        raise NotFoundError(
+            f"--exact: {label} is not recorded in the registry as a merge (it was not made by `loraops merge`, or "
+            "its record was removed), so there is no pristine base to restore; drop --exact to subtract arithmetically"
+        )
+    params = origin.lineage.params
+    base_info = params["base"]
+    pristine = _pristine(reg, origin)
+    if pristine is None:
+        raise NotFoundError(
+            f"--exact: {label} was merged onto base {base_info['name']!r} (fingerprint {base_info['fingerprint'][:12]}), "
+            "whose files are not available unchanged; `loraops base add` them again, or drop --exact"
+        )
+    remaining = [dict(a) for a in params["adapters"]]
+    for i in inputs:
+        match = next((a for a in remaining if a["sha256"] == i.sha256 and math.isclose(a["weight"], i.weight)), None)
+        if match is None:
+            merged_with = ", ".join(f"{a['label']}:{a['weight']:g}" for a in params["adapters"])
+            raise MismatchError(
+                f"--exact: {i.label}:{i.weight:g} is not one of the adapters {label} was merged with ({merged_with})"
+            )
+        remaining.remove(match)
+    if remaining:
+        kept = [_recorded_adapter(reg, a) for a in remaining]
+        report = engine.merge(pristine, [(k.adapter, k.weight) for k in kept], output, dtype=params["dtype"],
+                              precise=params["precise"], device=options.get("device", "auto"),
+                              force=options.get("force", False), progress=options.get("progress"))
+        report = _labelled(report, kept)
+    else:
+        report = _copy_model(pristine, Path(output), force=options.get("force", False))
+    residual = ResidualRecord(compared_to=str(pristine.path), elements_differing=0, max_abs_diff=0.0, note=(
+        "restored bit for bit from the recorded base" if not remaining else
+        f"re-merged the {len(remaining)} remaining adapter(s) onto the recorded base: bit-identical to merging only those"))
+    return report.model_copy(update={"operation": "restore", "residual": residual})
+
+
+def _recorded_adapter(reg, entry: dict) -> Input:
+    """An adapter of a recorded merge, found by its identity: in the registry, else at its recorded path."""
+    from . import formats
+
+    try:
+        found = resolve_adapter(reg, entry["sha256"], entry["weight"])
+    except LoraopsError:
+        found = None
+        if Path(entry["label"]).exists() and formats.identity(entry["label"]) == entry["sha256"]:
+            found = resolve_adapter(reg, entry["label"], entry["weight"])
+    if found is None:
+        raise NotFoundError(f"--exact: adapter {entry['label']} (sha256 {entry['sha256'][:12]}), which stays merged, "
+                            "is neither registered nor at its recorded path any more")
+    return found
+
+
+def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
+    """The model's files copied verbatim (same bytes, headers included), atomically."""
+    import time
+
+    started = time.perf_counter()
+    size = model.total_bytes + sum((model.path / p).stat().st_size for p in model.other_files())
+    ensure_free_space(output.parent, size, output.name)
+    with atomic_path(output, force=force, is_dir=not model.is_single_file) as tmp:
+        if model.is_single_file:
+            shutil.copyfile(model.path, tmp)
+        else:
+            for rel in [f.relative_to(model.path) for f in model.files] + model.other_files():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(model.path / rel, tmp / rel)
+    return MergeReport(operation="restore", output=str(output), base=str(model.path), adapters=[], dtype=model.dtype,
+                       device="cpu", tensors_copied=len(model.tensors), bytes_written=size,
+                       seconds=round(time.perf_counter() - started, 3), peak_rss_bytes=engine.peak_rss())

@@ -1,0 +1,193 @@
+"""Methods that combine several adapters, module by module: a registry filled by a decorator (mergekit style),
+each method with a pydantic params model.
+
+Every input i contributes to a module the task vector τᵢ = sᵢ·Bᵢ·Aᵢ (its full scale, rsLoRA and patterns
+included) with the user weight wᵢ; an input without the module contributes τᵢ = 0 (a rank-0 term, so its
+weight still counts where a method normalizes by the weights).
+
+* ``cat``     B = [w₁s₁B₁ | w₂s₂B₂ | …], A = [A₁; A₂; …], scale 1: exactly Σ wᵢτᵢ, rank = Σ rᵢ.
+* ``linear``  (alias ``svd``) Σ wᵢτᵢ re-factorized to rank k by the exact factored SVD of the cat factors (never
+              forming the dense delta); lossless when k ≥ Σ rᵢ, else the best rank-k approximation.
+* element-wise methods (mergekit's generalized task arithmetic, on each module's dense τᵢ, then re-factorized
+  to rank k by an SVD of the dense result — exact, or randomized for large modules, see ops/svd.py):
+  ``ties``            trim each τᵢ to its top ⌊density·n⌋ entries by magnitude; elect the sign of Σ wᵢτ̂ᵢ per entry;
+                      disjoint mean Σ wᵢτ̂ᵢ·mᵢ / Σ wᵢ·mᵢ over the entries mᵢ that agree (normalize=True).
+  ``dare_ties``       drop each entry with probability 1−density, rescale survivors by 1/density; elect sign;
+                      Σ wᵢτ̃ᵢ·mᵢ (normalize=False: DARE already preserves the expectation).
+  ``dare_linear``     drop and rescale as DARE; Σ wᵢτ̃ᵢ.
+  ``magnitude_prune`` trim as TIES; Σ wᵢτ̂ᵢ (PEFT's method; no sign election).
+  ``normalize`` divides by the summed weights of the contributing entries, as mergekit does.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from pydantic import Field
+
+from .params import Params
+from .svd import Refactored, refactor_dense, refactor_product
+
+
+@dataclass
+class Term:
+    """One input's share of a module: 2-D factors on the compute device, its scale and the user weight.
+    An input without the module is a rank-0 term (B out×0, A 0×in): a zero delta."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+    weight: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        return (self.B @ self.A).mul_(self.scale)
+
+
+@dataclass
+class Context:
+    """What a method may need beyond the terms: the module's name (it seeds DARE) and the output shape."""
+
+    module: str
+    shape: tuple[int, int]
+    exact: bool = False
+    """Force an exact dense SVD (precise mode)."""
+
+
+MethodFn = Callable[[list[Term], Params, int, Context], Refactored]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params: type[Params]
+    run: MethodFn
+    default_rank: Callable[[list[int]], int] | None
+    """Rank used when the caller gives none, from the present inputs' ranks; None: the method fixes the rank."""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(*names: str, params: type[Params], default_rank: Callable[[list[int]], int] | None):
+    def decorate(fn: MethodFn) -> MethodFn:
+        for name in names:
+            METHODS[name] = Method(name, params, fn, default_rank)
+        return fn
+
+    return decorate
+
+
+class NoParams(Params):
+    pass
+
+
+def _stacked(terms: list[Term]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cat factors B = [w₁s₁B₁ | …], A = [A₁; …] of Σ wᵢτᵢ."""
+    B = torch.cat([t.B * (t.weight * t.scale) for t in terms], dim=1)
+    return B, torch.cat([t.A for t in terms], dim=0)
+
+
+@register("cat", params=NoParams, default_rank=None)
+def cat(terms: list[Term], params: Params, rank: int, ctx: Context) -> Refactored:
+    B, A = _stacked(terms)
+    return Refactored(B, A, "none", 0.0)
+
+
+@register("linear", "svd", params=NoParams, default_rank=sum)
+def linear(terms: list[Term], params: Params, rank: int, ctx: Context) -> Refactored:
+    return refactor_product(*_stacked(terms), rank)
+
+
+# ---- element-wise methods (generalized task arithmetic on dense deltas) -------------------------------------------
+
+
+class DensityParams(Params):
+    density: float = Field(gt=0, le=1, description="fraction of each task vector's entries kept")
+
+
+class TiesParams(DensityParams):
+    normalize: bool = True
+
+
+class DareParams(DensityParams):
+    seed: int = 0
+    normalize: bool = False
+
+
+class PruneParams(DensityParams):
+    normalize: bool = False
+
+
+def trim(delta: torch.Tensor, density: float, ctx: Context, index: int, params: Params) -> torch.Tensor:
+    """Keep the ⌊density·n⌋ (at least 1) largest-magnitude entries of one task vector (TIES' trim)."""
+    if density >= 1:
+        return delta
+    k = max(1, int(density * delta.numel()))
+    flat = delta.reshape(-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    return torch.where(keep.reshape(delta.shape), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def module_seed(seed: int, module: str, index: int) -> int:
+    """A seed per (user seed, module, input): DARE's masks do not depend on which other modules or inputs exist,
+    nor on the order modules are processed in."""
+    digest = hashlib.sha256(f"{seed}\0{module}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def drop_and_rescale(delta: torch.Tensor, density: float, ctx: Context, index: int, params: DareParams) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 − density, rescale the survivors by 1/density. The mask is drawn
+    in float32 from a generator on the compute device seeded per module and input (reproducible on one device;
+    CPU and CUDA generators give different masks)."""
+    if density >= 1:
+        return delta
+    generator = torch.Generator(device=delta.device).manual_seed(module_seed(params.seed, ctx.module, index))
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
+    return torch.where(keep, delta / density, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def task_arithmetic(
+    terms: list[Term], params: DensityParams, ctx: Context, sparsify: Callable, consensus: bool
+) -> torch.Tensor:
+    """mergekit's generalized task arithmetic on one module: sparsify each τᵢ, weight, optionally keep only the
+    entries that agree with the elected sign (sign of Σ wᵢτᵢ, ties to +), sum, optionally normalize."""
+    like = {"dtype": terms[0].A.dtype, "device": terms[0].A.device}
+    mixed = torch.zeros(ctx.shape, **like)
+    divisor = torch.zeros(ctx.shape, **like) if params.normalize else None
+    weighted = [(t.weight, sparsify(t.delta(), params.density, ctx, i, params).mul_(t.weight))
+                for i, t in enumerate(terms)]
+    if consensus:
+        elected = sum(w for _, w in weighted) >= 0
+    for weight, tau in weighted:
+        if consensus:
+            agree = (tau > 0) == elected
+            agree &= tau != 0
+            tau = tau * agree
+        mixed += tau
+        if divisor is not None:
+            divisor += agree * weight if consensus else weight
+    if divisor is not None:
+        # mergekit: entries with no contribution (or weights summing to ~0) are left undivided.
+        divisor[divisor.abs() < 1e-8] = 1
+        mixed /= divisor
+    return mixed
+
+
+def _elementwise(sparsify: Callable, consensus: bool) -> MethodFn:
+    def run(terms: list[Term], params: DensityParams, rank: int, ctx: Context) -> Refactored:
+        return refactor_dense(task_arithmetic(terms, params, ctx, sparsify, consensus), rank, exact=ctx.exact)
+
+    return run
+
+
+register("ties", params=TiesParams, default_rank=max)(_elementwise(trim, consensus=True))
+register("dare_ties", params=DareParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=True))
+register("dare_linear", params=DareParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=False))
+register("magnitude_prune", params=PruneParams, default_rank=max)(_elementwise(trim, consensus=False))

@@ -1,0 +1,108 @@
+"""Rank reduction of one LoRA module on its factors, with kohya's rank rules.
+
+The spectrum of B·A comes from the factored SVD (exact, never forming the out×in delta); it has min(r, out, in)
+entries, the nonzero part of the spectrum kohya gets from a dense SVD of the whole delta. kohya's rules
+(sd-scripts networks/resize_lora.py), on singular values S (descending, of the *unscaled* B·A), n = len(S):
+
+    sv_ratio p        index = #{S > S[0]/p} − 1
+    sv_cumulative p   index = searchsorted(cumsum(S)/ΣS, p)           (first i with cumulative fraction ≥ p)
+    sv_fro p          index = searchsorted(cumsum(S²)/ΣS², p²)
+    then              index clamped to [0, n−1], k = index + 1, capped at the max rank;
+    a zero module     (S[0] ≤ 1e-6, kohya's MIN_SV) keeps rank 1.
+
+Where we differ, deliberately: kohya's n is min(out, in) and its cap is --new_rank, so a module could come out
+*above* its own rank (zero singular values padded in); here the cap is also the module's own rank — rank only
+goes down. The new factors keep the scale: B' = U_k·S_k, A' = V_kᵀ, alpha' = s·k (classic) or s·√k (rsLoRA),
+so scale' = s and the delta is the best rank-k approximation of the old one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..adapter import LoraModule
+from ..records import ResizeModuleRecord
+from .params import Params
+from .svd import factored_svd
+
+MIN_SV = 1e-6
+
+
+def _sv_ratio(S: torch.Tensor, p: float) -> int:
+    return int((S > S[0] / p).sum()) - 1
+
+
+def _sv_cumulative(S: torch.Tensor, p: float) -> int:
+    return int(torch.searchsorted(torch.cumsum(S, 0) / S.sum(), p))
+
+
+def _sv_fro(S: torch.Tensor, p: float) -> int:
+    squared = S.square()
+    return int(torch.searchsorted(torch.cumsum(squared, 0) / squared.sum(), p * p))
+
+
+DYNAMIC_RULES = {"sv_ratio": _sv_ratio, "sv_cumulative": _sv_cumulative, "sv_fro": _sv_fro}
+DynamicRule = Literal["sv_ratio", "sv_cumulative", "sv_fro"]
+
+
+class RankRule(Params):
+    """How to choose each module's new rank: a fixed ``rank``, or a kohya ``dynamic`` rule with ``param``
+    (sv_ratio: p ≥ 1; sv_cumulative, sv_fro: 0 < p ≤ 1) capped by ``max_rank``."""
+
+    rank: int | None = Field(None, gt=0)
+    dynamic: DynamicRule | None = None
+    param: float | None = None
+    max_rank: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "RankRule":
+        if (self.rank is None) == (self.dynamic is None):
+            raise ValueError("give either a rank or a dynamic rule (sv_ratio, sv_cumulative, sv_fro)")
+        if self.dynamic is None:
+            if self.param is not None or self.max_rank is not None:
+                raise ValueError("param and max_rank go with a dynamic rule, not with a fixed rank")
+            return self
+        if self.param is None or not math.isfinite(self.param):
+            raise ValueError(f"{self.dynamic} needs a param")
+        if self.dynamic == "sv_ratio" and self.param < 1:
+            raise ValueError(f"sv_ratio param is the ratio S[0]/S[k] to keep, ≥ 1 (got {self.param:g})")
+        if self.dynamic != "sv_ratio" and not 0 < self.param <= 1:
+            raise ValueError(f"{self.dynamic} param is a fraction in (0, 1] (got {self.param:g})")
+        return self
+
+    def choose(self, S: torch.Tensor, current: int) -> int:
+        """The new rank for a module of rank ``current`` whose B·A has singular values S."""
+        n = S.numel()
+        if n == 0 or float(S[0]) <= MIN_SV:
+            return 1
+        if self.dynamic is None:
+            return min(self.rank, current, n)
+        k = min(max(DYNAMIC_RULES[self.dynamic](S, self.param), 0), n - 1) + 1
+        return min(k, self.max_rank or current, current)
+
+
+def alpha_for_scale(scale: float, rank: int, scale_mode: str) -> float:
+    """The alpha that gives ``scale`` at ``rank``: s·r (classic, s = alpha/r) or s·√r (rsLoRA, s = alpha/√r)."""
+    return scale * (math.sqrt(rank) if scale_mode == "rslora" else rank)
+
+
+def resize_module(
+    module: LoraModule, rule: RankRule, scale_mode: str, device: torch.device, dtype: torch.dtype
+) -> tuple[LoraModule, ResizeModuleRecord]:
+    """The module at its new rank (factors in the module's dtype, on the CPU) and its report line."""
+    B2, A2 = module.matrices()
+    spectrum = factored_svd(B2.to(device=device, dtype=dtype), A2.to(device=device, dtype=dtype))
+    k = rule.choose(spectrum.S, module.rank)
+    B, A = spectrum.truncate(k)
+    fro, total = spectrum.retained(k)
+    alpha = alpha_for_scale(module.scale, k, scale_mode)
+    out = module.A.dtype
+    resized = module.with_factors(B.to(device="cpu", dtype=out), A.to(device="cpu", dtype=out), alpha, module.scale)
+    record = ResizeModuleRecord(
+        name=module.name, kind=module.kind, rank_before=module.rank, rank_after=k, alpha_after=alpha,
+        fro_retained=fro, sum_retained=total,
+    )
+    return resized, record

@@ -1,0 +1,172 @@
+"""algebra.combine / algebra.resize: validation, and agreement with PEFT on real PEFT adapters."""
+import pytest
+import torch
+
+from factories import lora_adapter, peft_adapter, tiny_llama
+from loraops.algebra import combine, resize
+from loraops.errors import InvalidInputError, MismatchError
+from loraops.formats import kohya_name, read_adapter, write_adapter
+
+SHAPES = {"m.q": (12, 20), "m.v": (8, 20)}
+
+
+@pytest.fixture(scope="module")
+def peft_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft-pair")
+    base = tiny_llama(root / "base")
+    a = peft_adapter(base, root / "a", seed=1, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    b = peft_adapter(base, root / "b", seed=2, r=6, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"])
+    return base, a, b
+
+
+def _peft_combined(base, a, b, weights, **kwargs):
+    from peft import PeftModel
+
+    from factories import load_model
+
+    model = PeftModel.from_pretrained(load_model(base), a, adapter_name="a")
+    model.load_adapter(b, adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], weights, "c", **kwargs)
+    return {name.removeprefix("base_model.model."): layer.get_delta_weight("c").detach()
+            for name, layer in model.named_modules() if hasattr(layer, "lora_A") and "c" in layer.lora_A}
+
+
+def _weighted_sum(inputs):
+    out = {}
+    for adapter, weight in inputs:
+        for name, module in adapter.modules.items():
+            out[name] = out.get(name, 0) + weight * module.delta(dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize("method, peft_kwargs", [("cat", {"combination_type": "cat"}),
+                                                 ("svd", {"combination_type": "svd", "svd_rank": 10})])
+def test_cat_and_svd_match_peft(peft_pair, method, peft_kwargs):
+    base, a, b = peft_pair
+    inputs = [(read_adapter(a), 0.7), (read_adapter(b), -0.5)]
+    ours, _ = combine(inputs, method, rank=10 if method == "svd" else None, device="cpu")
+    theirs = _peft_combined(base, a, b, [0.7, -0.5], **peft_kwargs)
+    truth = _weighted_sum(inputs)
+    assert set(ours.modules) == set(theirs) == set(truth)  # down_proj only in b: zero delta from a
+    for name, delta in theirs.items():
+        torch.testing.assert_close(ours.modules[name].delta(), delta, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.modules[name].delta(dtype=torch.float64), truth[name], rtol=1e-5, atol=1e-6)
+
+
+def test_peft_linear_is_not_the_weighted_delta(peft_pair):
+    base, a, _ = peft_pair
+    # PEFT's linear needs equal ranks: combine a with a second rank-4 adapter
+    c = peft_adapter(base, a.parent / "c", seed=5, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    inputs = [(read_adapter(a), 0.6), (read_adapter(c), 0.4)]
+    ours, _ = combine(inputs, "linear", device="cpu")
+    theirs = _peft_combined(base, a, c, [0.6, 0.4], combination_type="linear")
+    truth = _weighted_sum(inputs)
+    name = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(ours.modules[name].delta(dtype=torch.float64), truth[name], rtol=1e-5, atol=1e-6)
+    # PEFT sums √(w·s)·A and √(w·s)·B separately: (Σ√cᵢBᵢ)(Σ√cᵢAᵢ) has cross terms BᵢAⱼ
+    off = float((theirs[name].double() - truth[name]).norm() / truth[name].norm())
+    assert off > 0.1
+
+
+def test_ties_equals_peft_ties_svd_with_unit_weights(peft_pair):
+    base, a, b = peft_pair
+    inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
+    ours, _ = combine(inputs, "ties", {"density": 0.3}, rank=8, device="cpu")
+    theirs = _peft_combined(base, a, b, [1.0, 1.0], combination_type="ties_svd", svd_rank=8, density=0.3)
+    for name, delta in theirs.items():
+        torch.testing.assert_close(ours.modules[name].delta(), delta, rtol=1e-3, atol=1e-5)
+
+
+def test_written_peft_folder_loads_in_peft(peft_pair, tmp_path):
+    from peft import PeftModel
+
+    from factories import load_model
+
+    base, a, b = peft_pair
+    inputs = [(read_adapter(a), 0.7), (read_adapter(b), 0.5)]
+    for method, rank in (("cat", None), ("ties", 5)):
+        result, _ = combine(inputs, method, {"density": 0.5} if method == "ties" else {}, rank=rank, device="cpu")
+        out = write_adapter(result, tmp_path / method)
+        merged = PeftModel.from_pretrained(load_model(base), out).merge_and_unload().state_dict()
+        plain = load_model(base).state_dict()
+        for name, module in result.modules.items():
+            torch.testing.assert_close(merged[module.weight_name] - plain[module.weight_name], module.delta(),
+                                       rtol=1e-4, atol=1e-6)
+
+
+def test_resize_peft_and_kohya_round_trips(peft_pair, tmp_path):
+    from peft import PeftModel
+
+    from factories import load_model
+
+    base, _, b = peft_pair
+    adapter = read_adapter(b)
+    small, report = resize(adapter, rank=2, device="cpu")
+    assert set(small.ranks.values()) == {2} and len(report.modules) == len(adapter.modules)
+    out = write_adapter(small, tmp_path / "small")
+    merged = PeftModel.from_pretrained(load_model(base), out).merge_and_unload().state_dict()
+    plain = load_model(base).state_dict()
+    for module in small.modules.values():
+        torch.testing.assert_close(merged[module.weight_name] - plain[module.weight_name], module.delta(),
+                                   rtol=1e-4, atol=1e-6)
+    kohya = read_adapter(write_adapter(small, tmp_path / "small.safetensors", fmt="kohya"))
+    assert len(kohya.modules) == len(small.modules)
+    for name, module in small.modules.items():
+        torch.testing.assert_close(kohya.modules[kohya_name(name)].delta(), module.delta())
+
+
+def test_resize_dynamic_report_and_scale():
+    adapter = lora_adapter(SHAPES, rank=6, alpha=3, seed=4, dtype=torch.bfloat16)
+    small, report = resize(adapter, dynamic="sv_fro", param=0.8, max_rank=4, device="cpu")
+    assert all(1 <= r <= 4 for r in small.ranks.values())
+    assert all(m.scale == adapter.modules[n].scale and m.A.dtype == torch.bfloat16 for n, m in small.modules.items())
+    assert report.fro_retained_mean == pytest.approx(sum(m.fro_retained for m in report.modules) / 2)
+    assert all(m.fro_retained >= 0.8 - 1e-6 or m.rank_after == 4 for m in report.modules)
+    assert report.parameters_after < report.parameters_before
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda a, b: combine([], "cat"), InvalidInputError, "at least one adapter"),
+    (lambda a, b: combine([(a, 1)], "average"), InvalidInputError, "unknown combine method 'average'"),
+    (lambda a, b: combine([(a, 1)], "ties", {"density": 0}), InvalidInputError, "density: Input should be greater than 0"),
+    (lambda a, b: combine([(a, 1)], "ties", {"density": 1.5}), InvalidInputError, "less than or equal to 1"),
+    (lambda a, b: combine([(a, 1)], "ties"), InvalidInputError, "density: Field required"),
+    (lambda a, b: combine([(a, 1)], "linear", {"density": 0.5}), InvalidInputError, "density: unknown parameter"),
+    (lambda a, b: combine([(a, 1)], "linear", rank=0), InvalidInputError, "rank must be a positive integer"),
+    (lambda a, b: combine([(a, 1)], "cat", rank=4), InvalidInputError, "cat keeps every input's rank"),
+    (lambda a, b: combine([(a, 1), (b, 1)], "cat"), MismatchError, "different bases"),
+    (lambda a, b: resize(a, rank=0), InvalidInputError, "greater than 0"),
+    (lambda a, b: resize(a, rank=9), InvalidInputError, "rank 9 is above the adapter's rank 4"),
+    (lambda a, b: resize(a, dynamic="sv_fro", param=2), InvalidInputError, "fraction in (0, 1]"),
+])
+def test_bad_input_is_one_line(call, error, message):
+    a = lora_adapter(SHAPES, base_model="org/base-a")
+    b = lora_adapter(SHAPES, base_model="org/base-b")
+    with pytest.raises(error) as info:
+        call(a, b)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_mismatched_modules_and_full_tensors_refused():
+    a = lora_adapter(SHAPES)
+    b = lora_adapter({"m.q": (12, 24)})
+    with pytest.raises(MismatchError, match="module m.q differs between inputs"):
+        combine([(a, 1), (b, 1)], "cat")
+    a.full_tensors["lm_head.weight"] = torch.zeros(3, 3)
+    with pytest.raises(InvalidInputError, match="modules_to_save: lm_head.weight"):
+        combine([(a, 1)], "cat")
+
+
+def test_peft_cat_after_an_rslora_adapter_is_off_by_sqrt_r(peft_pair):
+    base, _, _ = peft_pair
+    root = peft_pair[1].parent
+    a = peft_adapter(base, root / "rs", seed=3, r=4, alpha=8, target_modules=["q_proj"], use_rslora=True)
+    b = peft_adapter(base, root / "plain", seed=4, r=4, alpha=8, target_modules=["q_proj"])
+    inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
+    ours, _ = combine(inputs, "cat", device="cpu")
+    theirs = _peft_combined(base, a, b, [1.0, 1.0], combination_type="cat")
+    truth = _weighted_sum(inputs)
+    name = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(ours.modules[name].delta(dtype=torch.float64), truth[name], rtol=1e-5, atol=1e-6)
+    # PEFT's cat keeps use_rslora from the first adapter with lora_alpha = r: its scale is √8, not 1
+    torch.testing.assert_close(theirs[name].double(), truth[name] * 8 ** 0.5, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,111 @@
+"""`loraops combine / resize / export` through the CLI: registration with lineage, outputs, tables, --json,
+one-line errors."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from factories import peft_adapter, tiny_llama
+from loraops.cli import main
+from loraops.formats import kohya_name, read_adapter
+from loraops.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-algebra")
+    base = tiny_llama(root / "base")
+    other = tiny_llama(root / "other", seed=5)
+    a = peft_adapter(base, root / "a", seed=1, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    b = peft_adapter(base, root / "b", seed=2, r=6, alpha=3, target_modules=["q_proj", "o_proj"])
+    c = peft_adapter(other, root / "c", seed=3, r=4, alpha=8, target_modules=["q_proj"])
+    return {"base": base, "other": other, "a": a, "b": b, "c": c}
+
+
+@pytest.fixture
+def reg(files):
+    """A fresh registry (the home is per test) that knows both bases."""
+    code, out = run("base", "add", files["base"], "--name", "tiny")
+    assert code == 0, out
+    code, out = run("base", "add", files["other"], "--name", "other")
+    assert code == 0, out
+    with Registry.open() as registry:
+        yield registry
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_combine_registers_with_lineage_and_writes(files, reg, tmp_path):
+    a, b = files["a"], files["b"]
+    code, out = run("combine", f"{a}:0.7", f"{b}:-0.5", "-o", tmp_path / "ab")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "cat of a@1×0.7, b@1×-0.5"
+    assert lines[-1].startswith("registered a+b-cat@1 (id 3, sha256 ") and lines[-1].endswith(
+        f"base tiny; wrote {tmp_path / 'ab'}")
+    record = reg.get_adapter("a+b-cat")
+    assert record.base.name == "tiny" and record.lineage.op == "combine"
+    assert [(i.label, i.weight) for i in record.lineage.inputs] == [("a@1", 0.7), ("b@1", -0.5)]
+    assert record.lineage.params == {"method": "cat", "params": {}, "rank": None}
+    result, one, two = reg.load_adapter("a+b-cat"), read_adapter(a), read_adapter(b)
+    for name, module in result.modules.items():
+        expected = sum(w * ad.modules[name].delta() for ad, w in ((one, 0.7), (two, -0.5)) if name in ad.modules)
+        torch.testing.assert_close(module.delta(), expected, rtol=1e-5, atol=1e-6)
+    # the same result again is the same registry entry
+    code, out = run("combine", f"{a}:0.7", f"{b}:-0.5", "--name", "again")
+    assert code == 0 and "already registered as a+b-cat@1" in out
+
+
+def test_combine_json_from_registry_refs(files, reg):
+    assert run("register", files["a"])[0] == 0 and run("register", files["b"])[0] == 0
+    code, out = run("combine", "a", "b@1", "--method", "dare_ties", "--density", "0.5", "--seed", "7", "--rank", "3",
+                    "--format", "kohya", "--name", "ab-dare", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["adapter"]["name"] == "ab-dare" and data["adapter"]["format"] == "kohya" and data["output"] is None
+    assert data["report"]["params"] == {"density": 0.5, "seed": 7, "normalize": False}
+    assert {m["rank"] for m in data["report"]["modules"]} == {3}
+    assert data["adapter"]["lineage"]["params"]["rank"] == 3
+
+
+def test_resize_table_and_export_round_trip(files, reg, tmp_path):
+    code, out = run("resize", files["b"], "--dynamic", "sv_fro", "--param", "0.9", "--max-rank", "5")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0].split() == ["module", "kind", "rank", "new", "alpha", "fro", "kept", "sum(S)", "kept"]
+    assert "model.layers.0.self_attn.q_proj" in out and lines[-2].startswith("average: fro kept ")
+    assert lines[-1].startswith("registered b-sv_fro0.9@1 ")
+    assert reg.get_adapter("b-sv_fro0.9").lineage.params == {"dynamic": "sv_fro", "param": 0.9, "max_rank": 5}
+    code, out = run("export", "b-sv_fro0.9", "--format", "kohya", "-o", tmp_path / "s.safetensors")
+    assert (code, out) == (0, f"wrote {tmp_path / 's.safetensors'}\n")
+    code, out = run("export", tmp_path / "s.safetensors", "--format", "peft", "-o", tmp_path / "p", "--base", "tiny")
+    assert code == 0, out
+    kohya, peft = read_adapter(tmp_path / "s.safetensors"), read_adapter(tmp_path / "p")
+    assert len(peft.modules) == len(kohya.modules) == 4
+    for name, module in peft.modules.items():
+        torch.testing.assert_close(module.delta(), kohya.modules[kohya_name(name)].delta())
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["combine", "{a}", "--method", "mean"], 2,
+     "error: unknown combine method 'mean': use one of cat, linear, svd, ties, dare_ties, dare_linear, magnitude_prune"),
+    (["combine", "{a}", "{b}", "--method", "ties", "--density", "1.5"], 2,
+     "error: bad parameters for ties: density: Input should be less than or equal to 1"),
+    (["combine", "{a}", "--method", "linear", "--rank", "0"], 2, "error: rank must be a positive integer (got 0)"),
+    (["combine", "{a}", "{c}"], 2, "error: adapters are for different bases: a@1 is for tiny, c@1 is for other"),
+    (["combine", "{a}", "-o", "{a}"], 4, "error: {a}: already exists (use --force to replace it)"),
+    (["resize", "{a}", "--rank", "5"], 2, "error: rank 5 is above the adapter's rank 4: resize only lowers rank"),
+    (["resize", "{a}"], 2,
+     "error: bad parameters for resize: give either a rank or a dynamic rule (sv_ratio, sv_cumulative, sv_fro)"),
+    (["combine", "nope"], 3,
+     "error: no adapter 'nope' in the registry (give a name, name@version, id or sha256 prefix of 6+ hex digits)"),
+])
+def test_errors_are_one_line(files, reg, tmp_path, args, code, message):
+    fill = {**files, "tmp": tmp_path}
+    got, out = run(*[arg.format(**fill) for arg in args])
+    assert (got, out) == (code, message.format(**fill) + "\n")
+    assert not any(r.lineage for r in reg.list_adapters())  # nothing derived was registered

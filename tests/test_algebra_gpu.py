@@ -1,0 +1,42 @@
+"""The algebra on a CUDA device gives what it gives on the CPU (skipped without one)."""
+import pytest
+import torch
+
+from factories import lora_adapter
+from loraops.algebra import combine, resize
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+SHAPES = {"m.q": (48, 64), "m.v": (16, 64), "m.o": (64, 48)}
+
+
+@pytest.fixture
+def inputs():
+    return [(lora_adapter(SHAPES, rank=r, seed=s, dtype=torch.bfloat16), w) for r, s, w in ((4, 1, 0.7), (8, 2, -0.3))]
+
+
+@pytest.mark.parametrize("method, params, rank", [("cat", {}, None), ("linear", {}, 6), ("ties", {"density": 0.3}, 8),
+                                                  ("magnitude_prune", {"density": 0.5}, 8)])
+@pytest.mark.parametrize("precise", [False, True])
+def test_combine_on_cuda_matches_cpu(inputs, method, params, rank, precise):
+    cpu, cpu_report = combine(inputs, method, params, rank=rank, device="cpu", precise=precise)
+    gpu, gpu_report = combine(inputs, method, params, rank=rank, device="cuda", precise=precise)
+    assert gpu_report.device.startswith("cuda") and gpu.ranks == cpu.ranks
+    for name, module in gpu.modules.items():
+        assert module.A.device.type == "cpu" and module.A.dtype == torch.bfloat16
+        torch.testing.assert_close(module.delta(), cpu.modules[name].delta(), rtol=2e-2, atol=2e-3)
+
+
+def test_dare_on_cuda_is_seeded(inputs):
+    first, _ = combine(inputs, "dare_ties", {"density": 0.5, "seed": 3}, device="cuda")
+    again, _ = combine(inputs, "dare_ties", {"density": 0.5, "seed": 3}, device="cuda")
+    assert all(torch.equal(first.modules[n].B, again.modules[n].B) for n in first.modules)
+
+
+def test_resize_on_cuda_matches_cpu(inputs):
+    adapter = inputs[1][0]
+    cpu, cpu_report = resize(adapter, dynamic="sv_fro", param=0.9, device="cpu")
+    gpu, gpu_report = resize(adapter, dynamic="sv_fro", param=0.9, device="cuda")
+    assert gpu.ranks == cpu.ranks
+    for name, module in gpu.modules.items():
+        torch.testing.assert_close(module.delta(), cpu.modules[name].delta(), rtol=2e-2, atol=2e-3)

@@ -1,0 +1,16 @@
+import runpy
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "algebra.py"
+
+
+def test_bench_quick_smoke(capsys):
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCH))["main"](["--quick", "--repeat", "1", "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "factored SVD vs dense svd(B·A)" in out and "resize, " in out and "cat vs PEFT cat" in out

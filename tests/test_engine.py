@@ -1,0 +1,198 @@
+"""Merge math: parity with PEFT's merge_and_unload and with a float64 reference, for every layer kind."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine_helpers import adapter_of, reference64, ulps
+from factories import (LLAMA_TARGETS, conv_embedding_model, load_model, peft_adapter, save_state_dict, tiny_gpt2,
+                       tiny_llama)
+from loraops import engine, formats
+from loraops.adapter import LoraModule
+
+
+def merged_tensors(path) -> dict[str, torch.Tensor]:
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def assert_parity(ours: dict, peft_state: dict, base_state: dict, terms: dict[str, list]):
+    """Every merged bf16/fp16 tensor within one unit of rounding of the output dtype from PEFT's, and at least as close as
+    PEFT's to the float64 reference. The unit is taken at the magnitude of the operands (max |W|, |ΔW|, |W'|): where W + ΔW
+    cancels to almost nothing, float32 arithmetic (PEFT's and ours) cannot be exact to the tiny result's last bit."""
+    assert terms
+    for name, module_terms in terms.items():
+        mine, theirs = ours[name], peft_state[name].to(ours[name].dtype)
+        exact = reference64(base_state[name], module_terms)
+        w = base_state[name].double()
+        scale = torch.stack([w.abs(), (exact - w).abs(), mine.double().abs(), theirs.double().abs()]).amax(0)
+        if mine.dtype != torch.float32:
+            # A float32 output carries float32 matmul error on both sides (several units where the factors are
+            # large): there the float64 comparison below is the meaningful check.
+            assert bool(((mine.double() - theirs.double()).abs() <= unit_of_rounding(scale, mine.dtype)).all()), name
+        my_err, peft_err = (mine.double() - exact).abs(), (theirs.double() - exact).abs()
+        # float32 accumulation then one rounding can, very rarely, land on a tie of the output dtype (PEFT shares
+        # this): a relative slack of 1e-6 on the aggregates absorbs those single elements. In a float32 output both
+        # errors are float32 matmul noise, whose mean over a few hundred elements is a coin flip: compare the max.
+        assert float(my_err.max()) <= float(peft_err.max()) * (1 + 1e-6), name
+        if mine.dtype != torch.float32:
+            assert float(my_err.mean()) <= float(peft_err.mean()) * (1 + 1e-6), name
+
+
+def unit_of_rounding(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s values at each magnitude (its ulp there)."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(magnitude.clamp_min(info.tiny))
+    return torch.ldexp(torch.full_like(magnitude, info.eps), exponent - 1)
+
+
+def peft_case(tmp_path, base, adapters: dict[str, dict], weights: dict[str, float]):
+    """Load `adapters` (name → peft_adapter kwargs) onto `base` with PEFT; return (our merge, PEFT's merge, base state,
+    terms per tensor).
+
+    Several adapters: PEFT's exact combination is add_weighted_adapter(combination_type='cat') (its 'linear' mixes
+    A's and B's and adds cross terms). On a bf16 model, cat stores the weighted factors wᵢ·sᵢ·Aᵢ in bf16 before
+    multiplying, an extra rounding unrelated to merging, so the reference runs PEFT in float32 (the bf16 weights
+    upcast exactly) and compares after one rounding."""
+    from peft import PeftModel
+
+    dirs = {name: peft_adapter(base, tmp_path / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(adapters.items())}
+    names = list(adapters)
+    model = load_model(base, torch.float32) if len(names) > 1 else load_model(base)
+    model = PeftModel.from_pretrained(model, dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(dirs[name], adapter_name=name)
+    canon = {name: formats.read_adapter(dirs[name]) for name in names}
+    base_state = merged_tensors(base)
+    report = engine.merge(base, [(canon[n], weights[n]) for n in names], tmp_path / "out", device="cpu")
+    if len(names) > 1:
+        model.add_weighted_adapter(names, [weights[n] for n in names], "mix", combination_type="cat")
+        model.set_adapter("mix")
+        peft_state = model.merge_and_unload(adapter_names=["mix"]).state_dict()
+    else:
+        assert weights[names[0]] == 1
+        peft_state = model.merge_and_unload().state_dict()
+    terms: dict[str, list] = {}
+    for name in names:
+        for module in canon[name].modules.values():
+            terms.setdefault(module.weight_name, []).append((module, weights[name]))
+    assert report.tensors_merged == len(terms)
+    return merged_tensors(tmp_path / "out"), peft_state, base_state, terms
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("llama") / "base", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def llama_fp32(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("llama32") / "base")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"use_rslora": True}, {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 3}}],
+                         ids=["classic", "rslora", "rank_pattern"])
+def test_llama_bf16_matches_peft(tmp_path, llama_bf16, kwargs):
+    ours, peft_state, base_state, terms = peft_case(tmp_path, llama_bf16, {"a": kwargs}, {"a": 1.0})
+    assert_parity(ours, peft_state, base_state, terms)
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+
+
+def test_llama_fp32_matches_peft(tmp_path, llama_fp32):
+    ours, peft_state, base_state, terms = peft_case(tmp_path, llama_fp32, {"a": {"r": 4}}, {"a": 1.0})
+    assert_parity(ours, peft_state, base_state, terms)
+
+
+def test_weighted_adapters_with_negative_weight_match_peft_cat(tmp_path, llama_bf16):
+    adapters = {"a": {"r": 8}, "b": {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}, "c": {"r": 2}}
+    ours, peft_state, base_state, terms = peft_case(tmp_path, llama_bf16, adapters, {"a": 0.7, "b": -0.4, "c": 0.25})
+    assert_parity(ours, peft_state, base_state, terms)
+
+
+def test_gpt2_fan_in_fan_out_matches_peft(tmp_path):
+    base = tiny_gpt2(tmp_path / "gpt2")
+    kwargs = {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}
+    ours, peft_state, base_state, terms = peft_case(tmp_path, base, {"a": kwargs}, {"a": 1.0})
+    assert any(m.fan_in_fan_out for ts in terms.values() for m, _ in ts)
+    assert_parity(ours, peft_state, base_state, terms)
+
+
+def test_embedding_and_conv_kinds_match_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = conv_embedding_model()
+    base = save_state_dict(model, tmp_path / "tiny.safetensors")
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=6, init_lora_weights=False,
+                                                  target_modules=["embed", "proj", "conv1", "conv3"]))
+    adapter = adapter_of(peft_model)
+    assert {m.kind for m in adapter.modules.values()} == {"embedding", "linear", "conv"}
+    report = engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu")
+    assert report.tensors_merged == 4 and report.tensors_copied == 3  # the three biases, untouched
+    ours = load_file(tmp_path / "out.safetensors")
+    peft_state = peft_model.merge_and_unload().state_dict()
+    terms = {m.weight_name: [(m, 1.0)] for m in adapter.modules.values()}
+    assert_parity(ours, peft_state, load_file(base), terms)
+    for bias in ("proj.bias", "conv1.bias", "conv3.bias"):
+        assert torch.equal(ours[bias], load_file(base)[bias])
+
+
+def test_conv_kxk_merge_equals_composed_convolutions(tmp_path):
+    torch.manual_seed(0)
+    W, A, B = torch.randn(6, 8, 3, 3), torch.randn(3, 8, 3, 3), torch.randn(6, 3, 1, 1)
+    base = save_state_dict_dict({"conv.weight": W}, tmp_path / "conv.safetensors")
+    module = LoraModule("conv", A, B, alpha=6.0, scale=2.0, kind="conv")
+    engine.merge(base, [(_adapter(module), 0.5)], tmp_path / "out.safetensors", device="cpu", precise=True)
+    merged = load_file(tmp_path / "out.safetensors")["conv.weight"].double()
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
+    conv = torch.nn.functional.conv2d
+    expected = conv(x, W.double(), padding=1) + 0.5 * 2.0 * conv(conv(x, A.double(), padding=1), B.double())
+    assert torch.allclose(conv(x, merged, padding=1), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "fan_in_fan_out", "conv", "embedding"])
+def test_row_chunks_sum_to_the_module_delta(kind, monkeypatch, tmp_path):
+    """Tiny chunks force every tensor through many row chunks; the result equals delta() computed at once."""
+    torch.manual_seed(1)
+    shapes = {"linear": ((4, 12), (10, 4)), "fan_in_fan_out": ((4, 12), (10, 4)), "conv": ((4, 3, 3, 3), (10, 4, 1, 1)),
+              "embedding": ((4, 12), (10, 4))}
+    A, B = (torch.randn(s) for s in shapes[kind])
+    module = LoraModule("m", A, B, alpha=8.0, scale=2.0, kind="linear" if kind == "fan_in_fan_out" else kind,
+                        fan_in_fan_out=kind == "fan_in_fan_out")
+    W = torch.randn(module.weight_shape)
+    base = save_state_dict_dict({"m.weight": W}, tmp_path / "m.safetensors")
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 7)
+    engine.merge(base, [(_adapter(module), -1.5)], tmp_path / "out.safetensors", device="cpu", precise=True)
+    merged = load_file(tmp_path / "out.safetensors")["m.weight"]
+    assert torch.allclose(merged.double(), W.double() - 1.5 * module.delta(dtype=torch.float64), atol=1e-6)
+
+
+def test_precise_is_at_least_as_close_as_float32(tmp_path, llama_bf16):
+    from peft import PeftModel
+
+    ad = peft_adapter(llama_bf16, tmp_path / "a", r=8)
+    adapter = adapter_of(PeftModel.from_pretrained(load_model(llama_bf16), ad))
+    engine.merge(llama_bf16, [(adapter, 1.0)], tmp_path / "f32", device="cpu")
+    engine.merge(llama_bf16, [(adapter, 1.0)], tmp_path / "f64", device="cpu", precise=True)
+    f32, f64, base = merged_tensors(tmp_path / "f32"), merged_tensors(tmp_path / "f64"), merged_tensors(llama_bf16)
+    for module in adapter.modules.values():
+        exact = reference64(base[module.weight_name], [(module, 1.0)])
+        assert (f64[module.weight_name].double() - exact).abs().max() <= (f32[module.weight_name].double() - exact).abs().max()
+        assert int(ulps(f32[module.weight_name], f64[module.weight_name]).max()) <= 1
+
+
+def _adapter(*modules):
+    from loraops.adapter import Adapter
+
+    return Adapter({m.name: m for m in modules}, "peft")
+
+
+def save_state_dict_dict(tensors: dict, path):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    return path

@@ -1,0 +1,213 @@
+"""Merge output layout (sharding, index, other files, dtype changes, byte-compatible headers) and safety."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import load_model, peft_adapter, tiny_llama
+from loraops import engine, formats
+from loraops.adapter import Adapter, LoraModule
+from loraops.errors import ConflictError, DiskSpaceError, FormatError, InvalidInputError, MismatchError, NotFoundError
+from loraops.fsutil import TMP_MARK
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    base = tiny_llama(root / "base", shard_size="60KB")
+    (base / "tokenizer.json").write_text('{"fake": true}')
+    return base, peft_adapter(base, root / "adapter", r=4)
+
+
+def merged(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def nothing_left(output):
+    return not output.exists() and not list(output.parent.glob(f"{TMP_MARK}{output.name}*"))
+
+
+def test_sharded_output_keeps_layout_and_loads_with_transformers(tmp_path, sharded):
+    base, adapter_dir = sharded
+    adapter = formats.read_adapter(adapter_dir)
+    report = engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    assert len(list(out.glob("*.safetensors"))) > 1
+    assert (out / "model.safetensors.index.json").read_bytes() == (base / "model.safetensors.index.json").read_bytes()
+    assert (out / "tokenizer.json").read_text() == '{"fake": true}'
+    assert report.tensors_merged == len(adapter.modules) and report.tensors_copied > 0
+    model_state = load_model(out).state_dict()
+    ours = merged(out)
+    for name, tensor in ours.items():
+        assert torch.equal(model_state[name], tensor), name
+    # untouched tensors are the base's bytes
+    base_state = merged(base)
+    assert torch.equal(ours["model.norm.weight"], base_state["model.norm.weight"])
+
+
+def test_no_adapters_gives_byte_identical_files(tmp_path, sharded):
+    """The streaming writer's headers are the safetensors library's, byte for byte."""
+    base, _ = sharded
+    engine.merge(base, [], tmp_path / "copy", device="cpu")
+    for f in base.glob("*.safetensors"):
+        assert (tmp_path / "copy" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_dtype_change_updates_index_and_config(tmp_path, sharded):
+    base, adapter_dir = sharded
+    report = engine.merge(base, [(formats.read_adapter(adapter_dir), 0.5)], tmp_path / "bf16", dtype="bf16", device="cpu")
+    out = tmp_path / "bf16"
+    assert report.dtype == "BF16" and report.tensors_converted > 0
+    tensors = merged(out)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
+    assert json.loads((out / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+    assert load_model(out).dtype == torch.bfloat16
+
+
+def test_single_file_keeps_integer_tensors_and_replaces_full_tensors(tmp_path):
+    base = tmp_path / "m.safetensors"
+    torch.manual_seed(0)
+    save_file({"lin.weight": torch.randn(6, 4), "head.weight": torch.randn(3, 4), "steps": torch.arange(5)}, str(base))
+    module = LoraModule("lin", torch.randn(2, 4), torch.randn(6, 2), alpha=2.0, scale=1.0)
+    head = torch.randn(3, 4)
+    adapter = Adapter({"lin": module}, "peft", full_tensors={"head.weight": head})
+    report = engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", dtype="fp16", device="cpu")
+    out = load_file(tmp_path / "o.safetensors")
+    assert out["steps"].dtype == torch.int64 and torch.equal(out["steps"], torch.arange(5))
+    assert torch.equal(out["head.weight"], head.half())
+    assert report.tensors_replaced == 1 and report.tensors_merged == 1
+    with pytest.raises(InvalidInputError, match="modules_to_save.*weight 0.5"):
+        engine.merge(base, [(adapter, 0.5)], tmp_path / "w.safetensors", device="cpu")
+    with pytest.raises(InvalidInputError, match="cannot be applied with weight -1"):
+        engine.subtract(base, [(adapter, 1.0)], tmp_path / "s.safetensors", device="cpu")
+    assert nothing_left(tmp_path / "w.safetensors") and nothing_left(tmp_path / "s.safetensors")
+
+
+def test_existing_output_is_refused_unless_force(tmp_path, sharded):
+    base, _ = sharded
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ConflictError, match="already exists.*--force"):
+        engine.merge(base, [], out, device="cpu")
+    assert (out / "keep").exists()
+    engine.merge(base, [], out, device="cpu", force=True)
+    assert not (out / "keep").exists() and (out / "config.json").exists()
+
+
+def test_not_enough_disk_is_refused_up_front(tmp_path, sharded, monkeypatch):
+    base, _ = sharded
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DiskSpaceError, match="not enough free disk.*GiB needed"):
+        engine.merge(base, [], tmp_path / "out", device="cpu")
+    assert nothing_left(tmp_path / "out")
+
+
+def test_mismatched_adapter_is_refused_before_writing(tmp_path, sharded):
+    base, _ = sharded
+    bad = LoraModule("model.layers.0.self_attn.q_proj", torch.randn(2, 32), torch.randn(64, 2), alpha=2, scale=1)
+    with pytest.raises(MismatchError, match="q_proj") as err:
+        engine.merge(base, [(Adapter({bad.name: bad}, "peft"), 1.0)], tmp_path / "out", device="cpu")
+    assert "\n" not in str(err.value)
+    assert nothing_left(tmp_path / "out")
+
+
+def test_missing_and_corrupt_shards(tmp_path, sharded):
+    base, _ = sharded
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    shard = sorted(copy.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(FormatError, match=f"{shard.name}.*truncated"):
+        engine.merge(copy, [], tmp_path / "out", device="cpu")
+    shard.unlink()
+    with pytest.raises(NotFoundError, match=f"{shard.name}.*missing"):
+        engine.merge(copy, [], tmp_path / "out", device="cpu")
+    assert nothing_left(tmp_path / "out")
+
+
+def test_a_failure_midway_removes_the_temp_output(tmp_path, sharded, monkeypatch):
+    base, adapter_dir = sharded
+    calls, original = [], engine._Pipeline._compute_chunk
+
+    def boom(self, chunk):
+        calls.append(chunk)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        original(self, chunk)
+
+    monkeypatch.setattr(engine._Pipeline, "_compute_chunk", boom)
+    with pytest.raises(DiskSpaceError, match="disk full"):
+        engine.merge(base, [(formats.read_adapter(adapter_dir), 1.0)], tmp_path / "out", device="cpu")
+    assert nothing_left(tmp_path / "out")
+
+
+KILLED_RUN = """
+import sys, time
+from loraops import engine, merging
+original = engine._Pipeline._compute_chunk
+def slow(self, chunk):
+    original(self, chunk)
+    open(sys.argv[4], "w").close()
+    time.sleep(60)
+engine._Pipeline._compute_chunk = slow
+merging.merge(sys.argv[1], [sys.argv[2]], sys.argv[3], device="cpu")
+"""
+
+
+def test_sigkill_midway_leaves_no_output_and_no_registry_row(tmp_path, sharded):
+    from loraops.registry import Registry
+
+    base, adapter_dir = sharded
+    out, marker = tmp_path / "out", tmp_path / "started"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(base), str(adapter_dir), str(out), str(marker)],
+                             env=os.environ.copy())
+    deadline = time.time() + 60
+    while not marker.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the child never reached the pipeline"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(f"{TMP_MARK}out.*"))
+    assert len(leftovers) == 1  # only the temp sibling; the next run to this output removes it once idle
+    with Registry.open() as reg:
+        assert not [b for b in reg.list_bases() if b.path and b.path.endswith("/out")]
+    old = time.time() - 3600
+    for p in [leftovers[0], *leftovers[0].rglob("*")]:
+        os.utime(p, (old, old))
+    engine.merge(base, [], out, device="cpu")
+    assert out.exists() and not list(tmp_path.glob(f"{TMP_MARK}out.*"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_merge_matches_cpu(tmp_path, sharded):
+    base, adapter_dir = sharded
+    adapter = formats.read_adapter(adapter_dir)
+    engine.merge(base, [(adapter, 0.7)], tmp_path / "cpu", device="cpu", dtype="bf16")
+    report = engine.merge(base, [(adapter, 0.7)], tmp_path / "gpu", device="cuda", dtype="bf16")
+    assert report.device.startswith("cuda")
+    cpu, gpu = merged(tmp_path / "cpu"), merged(tmp_path / "gpu")
+    for name in cpu:
+        # float32 matmuls on the GPU may round differently: at most one unit of bf16
+        diff = (cpu[name].float() - gpu[name].float()).abs()
+        assert bool((diff <= cpu[name].float().abs() * 2**-7 + 1e-30).all()), name

@@ -1,0 +1,115 @@
+"""`loraops merge` / `loraops subtract` from the command line: weights, registry lineage, residuals, --exact, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from factories import kohya_file, peft_adapter, save_state_dict, conv_embedding_model, tiny_llama
+from loraops import check, formats
+from loraops.cli import main
+from loraops.merging import parse_weighted
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    base = tiny_llama(root / "base", dtype=torch.bfloat16, shard_size="60KB")
+    return base, peft_adapter(base, root / "a", r=4), peft_adapter(base, root / "b", seed=7, r=2)
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+def tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        out.update(load_file(f))
+    return out
+
+
+def test_parse_weighted(tmp_path):
+    odd = tmp_path / "dir:0.5"
+    odd.mkdir()
+    assert parse_weighted("style:0.7") == ("style", 0.7)
+    assert parse_weighted("style:-0.2") == ("style", -0.2)
+    assert parse_weighted("style") == ("style", 1.0)
+    assert parse_weighted("name@3:2") == ("name@3", 2.0)
+    assert parse_weighted("C:/models/x") == ("C:/models/x", 1.0)
+    assert parse_weighted(str(odd)) == (str(odd), 1.0)  # an existing path is never split
+    assert parse_weighted(f"{odd}:0.25") == (str(odd), 0.25)
+
+
+def test_merge_subtract_round_trip_and_exact(tmp_path, models):
+    base, a, b = models
+    out = tmp_path / "blend"
+    report = json.loads(run("merge", a, f"{b}:-0.5", "--into", base, "-o", out, "--device", "cpu", "--json").output)
+    assert [x["weight"] for x in report["adapters"]] == [1.0, -0.5] and report["name"] == "blend"
+    shown = run("base", "show", "blend").output
+    assert "derived      yes" in shown and "merge(base" in shown and "×-0.5" in shown
+
+    back = tmp_path / "back"
+    text = run("subtract", a, f"{b}:-0.5", "--from", out, "-o", back, "--device", "cpu").output
+    assert "subtracted" in text and "elements differ" in text and "--exact" in text
+    residual = json.loads(run("subtract", a, f"{b}:-0.5", "--from", out, "-o", tmp_path / "b2", "--json").output)["residual"]
+    assert residual["compared_to"] == str(base) and residual["elements_differing"] > 0  # bf16: never bit-exact
+    assert residual["max_abs_diff"] < 0.05
+
+    exact = tmp_path / "exact"
+    text = run("subtract", a, f"{b}:-0.5", "--from", out, "-o", exact, "--exact").output
+    assert "bit for bit" in text
+    for f in base.iterdir():
+        assert (exact / f.name).read_bytes() == f.read_bytes(), f.name
+
+    # removing one of the two: the other re-merged onto the pristine base, same bytes as merging it alone
+    run("subtract", a, "--from", out, "-o", tmp_path / "only-b", "--exact")
+    run("merge", f"{b}:-0.5", "--into", base, "-o", tmp_path / "b-alone", "--no-record")
+    for f in (tmp_path / "b-alone").glob("*.safetensors"):
+        assert (tmp_path / "only-b" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_exact_without_a_recorded_base_says_so(tmp_path, models):
+    base, a, _ = models
+    run("merge", a, "--into", base, "-o", tmp_path / "m", "--no-record")
+    result = run("subtract", a, "--from", tmp_path / "m", "-o", tmp_path / "r", "--exact", code=3)
+    assert result.output.startswith("error: --exact:") and "not recorded" in result.output
+    assert not (tmp_path / "r").exists()
+    run("merge", a, "--into", base, "-o", tmp_path / "m2")
+    result = run("subtract", f"{a}:0.5", "--from", tmp_path / "m2", "-o", tmp_path / "r", "--exact", code=2)
+    assert "is not one of the adapters" in result.output
+
+
+def test_errors_are_one_line(tmp_path, models):
+    base, a, _ = models
+    out = tmp_path / "o"
+    out.mkdir()
+    result = run("merge", a, "--into", base, "-o", out, code=4)
+    assert result.output == f"error: {out}: already exists (use --force to replace it)\n"
+    gpt_like = tiny_llama(tmp_path / "other", hidden=32, intermediate=64)
+    result = run("merge", a, "--into", gpt_like, "-o", tmp_path / "x", code=2)
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1 and "do not fit" in result.output
+    result = run("merge", "no-such-adapter", "--into", base, "-o", tmp_path / "y", code=3)
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    result = run("merge", a, "--into", base, "-o", tmp_path / "z", "--dtype", "int8", code=2)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_kohya_adapter_into_single_file_checkpoint(tmp_path):
+    base = save_state_dict(conv_embedding_model(), tmp_path / "sd.safetensors")
+    lora = kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,)), "lora_unet_conv3": ((8, 3, 3), (6, 1, 1))},
+                      rank=4, alpha=2.0)
+    out = tmp_path / "merged.safetensors"
+    text = run("merge", f"{lora}:0.8", "--into", base, "-o", out, "--no-record").output
+    assert "2 tensors merged" in text
+    bound = check.bind(formats.read_adapter(lora), load_file(base))
+    merged, original = load_file(out), load_file(base)
+    for module in bound.modules.values():
+        expected = original[module.weight_name].double() + 0.8 * module.delta(dtype=torch.float64)
+        assert torch.allclose(merged[module.weight_name].double(), expected, atol=1e-5)
+    assert torch.equal(merged["embed.weight"], original["embed.weight"])

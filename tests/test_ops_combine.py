@@ -1,0 +1,131 @@
+"""Every combine method against an independent float64 dense reference."""
+import pytest
+import torch
+
+from factories import lora_adapter
+from loraops.algebra import combine
+from loraops.ops.combine import METHODS, module_seed
+
+SHAPES = {"a.q": (24, 40), "a.v": (16, 40)}
+
+
+@pytest.fixture
+def inputs():
+    one = lora_adapter(SHAPES, rank=3, alpha=6, seed=1)
+    two = lora_adapter(SHAPES, rank=5, alpha=4, seed=2, scale_mode="rslora")
+    # "b.o" only in the third input: the others count as zero there
+    three = lora_adapter({**SHAPES, "b.o": (24, 16)}, rank=4, alpha=4, seed=3)
+    return [(one, 0.7), (two, -0.4), (three, 1.2)]
+
+
+def _taus(inputs, name):
+    out = []
+    for adapter, weight in inputs:
+        module = adapter.modules.get(name)
+        ref = next(a.modules[name] for a, _ in inputs if name in a.modules)
+        out.append((weight, module.delta(dtype=torch.float64) if module else torch.zeros(ref.weight_shape, dtype=torch.float64)))
+    return out
+
+
+def _trim(tau, density):
+    k = max(1, int(density * tau.numel()))
+    threshold = tau.abs().flatten().sort(descending=True).values[k - 1]
+    return tau * (tau.abs() >= threshold)
+
+
+def _dare(tau, density, seed, name, index):
+    g = torch.Generator().manual_seed(module_seed(seed, name, index))
+    return tau * (torch.rand(tau.shape, generator=g) < density) / density
+
+
+def _elect(weighted, weights, normalize):
+    total = sum(weighted)
+    sign = torch.where(total >= 0, 1.0, -1.0).double()
+    masks = [torch.sign(t) == sign for t in weighted]
+    num = sum(t * m for t, m in zip(weighted, masks))
+    if not normalize:
+        return num
+    den = sum(w * m for w, m in zip(weights, masks))
+    return num / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def reference(method, inputs, name, density=None, seed=0):
+    taus = _taus(inputs, name)
+    weights = [w for w, _ in taus]
+    if method in ("cat", "linear", "svd"):
+        return sum(w * t for w, t in taus)
+    if method in ("ties", "magnitude_prune"):
+        weighted = [w * _trim(t, density) for w, t in taus]
+    else:
+        weighted = [w * _dare(t, density, seed, name, i) for i, (w, t) in enumerate(taus)]
+    if method in ("ties", "dare_ties"):
+        return _elect(weighted, weights, normalize=method == "ties")
+    return sum(weighted)
+
+
+CASES = [("cat", {}), ("linear", {}), ("svd", {}), ("ties", {"density": 0.3}), ("magnitude_prune", {"density": 0.5}),
+         ("dare_linear", {"density": 0.4, "seed": 7}), ("dare_ties", {"density": 0.6, "seed": 3})]
+
+
+def test_every_method_is_tested():
+    assert {name for name, _ in CASES} == set(METHODS)
+
+
+@pytest.mark.parametrize("method, params", CASES)
+def test_method_matches_float64_reference(inputs, method, params):
+    # lossless rank: the full rank of each output (element-wise results are full-rank matrices)
+    rank = None if method in ("cat", "linear", "svd") else 40
+    result, report = combine(inputs, method, params, rank=rank, device="cpu")
+    assert set(result.modules) == {"a.q", "a.v", "b.o"}
+    for name, module in result.modules.items():
+        expected = reference(method, inputs, name, params.get("density"), params.get("seed", 0))
+        got = module.delta(dtype=torch.float64)
+        assert float((got - expected).norm() / expected.norm()) < 2e-6, name
+        assert module.scale == 1.0 and module.alpha == module.rank
+    assert report.error_max < 1e-5
+    assert {m.name: m.inputs for m in report.modules} == {"a.q": 3, "a.v": 3, "b.o": 1}
+
+
+def test_cat_and_linear_ranks(inputs):
+    cat, report = combine(inputs, "cat", device="cpu")
+    assert cat.ranks == {"a.q": 12, "a.v": 12, "b.o": 4}
+    assert {m.svd for m in report.modules} == {"none"}
+    linear, report = combine(inputs, "linear", rank=6, device="cpu")
+    assert linear.ranks == {"a.q": 6, "a.v": 6, "b.o": 4}  # b.o has rank 4: nothing to truncate
+    # rank 6 < 12: the best rank-6 approximation of the true weighted sum
+    expected = reference("linear", inputs, "a.q")
+    U, S, Vh = torch.linalg.svd(expected)
+    best = U[:, :6] @ torch.diag(S[:6]) @ Vh[:6]
+    torch.testing.assert_close(linear.modules["a.q"].delta(dtype=torch.float64), best, rtol=1e-5, atol=1e-6)
+    err = {m.name: m.error for m in report.modules}["a.q"]
+    assert err == pytest.approx(float(S[6:].norm() / S.norm()), rel=1e-4)
+
+
+def test_element_wise_default_rank_is_largest_input_rank(inputs):
+    result, report = combine(inputs, "ties", {"density": 0.5}, device="cpu")
+    assert result.ranks == {"a.q": 5, "a.v": 5, "b.o": 4}
+    assert all(m.svd == "exact" and 0 < m.error < 1 for m in report.modules if m.name != "b.o")
+
+
+def test_density_one_reduces_to_linear(inputs):
+    linear, _ = combine(inputs, "linear", device="cpu")
+    for method in ("dare_linear", "magnitude_prune"):
+        got, _ = combine(inputs, method, {"density": 1.0}, rank=40, device="cpu")
+        for name in linear.modules:
+            torch.testing.assert_close(got.modules[name].delta(), linear.modules[name].delta(), rtol=1e-4, atol=1e-6)
+
+
+def test_dare_is_seeded(inputs):
+    first, _ = combine(inputs, "dare_ties", {"density": 0.5, "seed": 1}, device="cpu")
+    again, _ = combine(inputs, "dare_ties", {"density": 0.5, "seed": 1}, device="cpu")
+    other, _ = combine(inputs, "dare_ties", {"density": 0.5, "seed": 2}, device="cpu")
+    assert torch.equal(first.modules["a.q"].B, again.modules["a.q"].B)
+    assert not torch.allclose(first.modules["a.q"].delta(), other.modules["a.q"].delta())
+
+
+def test_conv_and_embedding_modules():
+    conv = [(lora_adapter({"c": (6, 4, 3, 3)}, rank=r, seed=s, kind="conv"), 1.0) for r, s in ((2, 0), (3, 1))]
+    result, _ = combine(conv, "linear", device="cpu")
+    expected = sum(a.modules["c"].delta(dtype=torch.float64) for a, _ in conv)
+    assert result.modules["c"].A.shape == (5, 4, 3, 3)
+    torch.testing.assert_close(result.modules["c"].delta(dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,207 @@
+"""The registry commands through click's CliRunner: output, --json schema, exit codes, exact error text, and bad
+input that changes nothing (no record, no blob)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from factories import kohya_file, peft_adapter, tiny_llama
+from loraops import st
+from loraops.cli import main
+from loraops.registry import Registry
+from test_registry import KOHYA_MODULES, snapshot
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli-art")
+    base = tiny_llama(d / "llama")
+    return {
+        "dir": d,
+        "base": base,
+        "other": tiny_llama(d / "wide", hidden=32, intermediate=64, seed=5),
+        "ad1": peft_adapter(base, d / "ad1", r=4, alpha=8),
+        "kohya": kohya_file(d / "style.safetensors", KOHYA_MODULES, rank=4, alpha=2),
+    }
+
+
+def cli(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, (result.output, result.exception)
+    return result
+
+
+def test_register_list_show_rm(art):
+    out = cli("base", "add", art["base"], "--name", "llama-tiny").output
+    assert out.startswith("added base llama-tiny (id 1, fingerprint ") and "21 tensors, 90,432 parameters, F32" in out
+    out = cli("register", art["ad1"], "--tag", "chat").output
+    assert out.startswith("registered ad1@1 (id 1, sha256 ") and out.endswith(
+        "peft, 14 modules, rank 4, alpha 8, base llama-tiny\n")
+    assert cli("register", art["ad1"]).output.startswith("already registered as ad1@1 (id 1, sha256 ")
+    cli("register", art["kohya"], "--name", "anime-style", "--base", "llama-tiny", "--tag", "sd", "--tag", "style")
+    rows = cli("list").output.splitlines()
+    assert rows[0].split() == ["id", "name", "format", "rank", "alpha", "modules", "params", "base", "tags", "sha256"]
+    assert [r.split()[1] for r in rows[2:]] == ["ad1@1", "anime-style@1"]
+    assert [r.split()[1] for r in cli("list", "--target", "v_proj").output.splitlines()[2:]] == ["ad1@1"]
+    assert [r.split()[1] for r in cli("list", "--tag", "style", "--rank", "4").output.splitlines()[2:]] == ["anime-style@1"]
+
+    shown = json.loads(cli("show", "anime-style", "--json").output)
+    for key in ("id", "name", "version", "sha256", "format", "base", "rank", "alpha", "target_modules", "modules",
+                "tags", "source", "created", "lineage"):
+        assert key in shown
+    assert shown["base"]["name"] == "llama-tiny" and len(shown["base"]["fingerprint"]) == 64
+    assert shown["rank"] == 4 and shown["alpha"] == 2 and shown["tags"] == ["sd", "style"]
+    assert shown["modules"][0].keys() == {"name", "rank", "alpha", "scale", "in_features", "out_features", "kind"}
+    listed = json.loads(cli("list", "--json", "--base", "llama-tiny").output)
+    assert [a["name"] for a in listed] == ["ad1", "anime-style"] and listed[1] == shown
+    text = cli("show", shown["sha256"][:8]).output
+    assert "name            anime-style@1" in text and "model.layers.1.mlp.down_proj" in text
+
+    assert cli("rm", "anime-style").output.startswith("removed anime-style@1 (id 2, sha256 ")
+    assert not os.path.exists(shown["path"])
+    assert cli("show", "anime-style", code=3).stderr == "error: no adapter 'anime-style' in the registry " \
+        "(give a name, name@version, id or sha256 prefix of 6+ hex digits)\n"
+
+
+def test_base_commands(art):
+    cli("base", "add", art["base"])
+    cli("register", art["ad1"])
+    assert cli("base", "add", art["base"], "--name", "again").output.startswith("already registered as base llama (id 1,")
+    rows = cli("base", "list").output.splitlines()
+    assert rows[2].split()[:5] == ["1", "llama", "21", "90,432", "F32"]
+    shown = json.loads(cli("base", "show", "llama", "--json").output)
+    assert shown["name"] == "llama" and shown["num_tensors"] == 21 and shown["derived"] is False
+    assert "fingerprint  " in cli("base", "show", "1").output
+    err = cli("base", "rm", "llama", code=4).stderr
+    assert err == "error: base 'llama' is still used by 1 adapter(s) (ad1@1); use --force to remove it anyway\n"
+    assert cli("base", "rm", "llama", "--force").output.startswith("removed base llama (id 1); its files at ")
+    assert json.loads(cli("show", "ad1", "--json").output)["base"] is None
+    assert cli("base", "show", "llama", code=3).stderr == "error: no base 'llama' in the registry (see `loraops base list`)\n"
+
+
+def test_check(art):
+    cli("base", "add", art["base"], "--name", "llama-tiny")
+    cli("base", "add", art["other"], "--name", "wide")
+    cli("register", art["kohya"], "--name", "style")  # no base known: check tries every registered base
+    lines = cli("check", "style").stdout.splitlines()  # fits one: exit 0
+    assert lines[:2] == ["style@1 fits llama-tiny: 2/2 modules match", "style@1 does not fit wide: 0/2 modules match"]
+    assert json.loads(cli("check", "style", "--json").output)["fits"] == ["llama-tiny"]
+    out = cli("check", "style", "--base", "llama-tiny").output
+    assert out == "style@1 fits llama-tiny: 2/2 modules match\n"
+    result = cli("check", art["ad1"], "--base", "wide", code=2)
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{art['ad1']} does not fit wide: 0/14 modules match"
+    assert "  model.layers.0.mlp.down_proj (adapter 64×128, base 32×64)" in lines
+    assert len(lines) == 15  # every mismatch listed
+    assert result.stderr == f"error: {art['ad1']} does not fit base wide\n"
+    data = json.loads(cli("check", art["ad1"], "--base", art["base"], "--json").output)
+    assert data["fits"] == [str(art["base"])] and data["reports"][0]["matched"] == 14
+
+
+def tensors_file(path, tensors, metadata=None):
+    st.write_safetensors(path, tensors, metadata)
+    return path
+
+
+P = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def bad_inputs(d):
+    """name → path of a bad adapter; EXPECTED[name] is its exact error line ({path} filled in)."""
+    d.mkdir(exist_ok=True)
+    A, B = torch.ones(4, 64), torch.ones(64, 4)
+    text = d / "notes.safetensors"
+    text.write_text("these are not tensors, just some text long enough")
+    pickle = d / "adapter.bin"
+    pickle.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    whole = tensors_file(d / "whole.safetensors", {f"{P}.lora_A.weight": A, f"{P}.lora_B.weight": B})
+    truncated = d / "truncated.safetensors"
+    truncated.write_bytes(whole.read_bytes()[:-100])
+    return {
+        "missing": d / "nope",
+        "not-safetensors": text,
+        "truncated": truncated,
+        "pickle": pickle,
+        "rank-mismatch": tensors_file(d / "rank.safetensors", {f"{P}.lora_A.weight": A, f"{P}.lora_B.weight": torch.ones(64, 3)}),
+        "partner-missing": tensors_file(d / "partner.safetensors", {f"{P}.lora_A.weight": A}),
+        "unknown-layout": tensors_file(d / "layout.safetensors", {"model.embed.weight": A}),
+        "nan": tensors_file(d / "nan.safetensors", {f"{P}.lora_A.weight": torch.full((4, 64), float("nan")),
+                                                    f"{P}.lora_B.weight": B}),
+    }
+
+
+EXPECTED = {
+    "missing": (3, "{path}: no such file or folder"),
+    "not-safetensors": (2, "{path}: not a safetensors file (header claims 8241904413164529780 bytes, over the 100 MB limit)"),
+    "truncated": (2, f"{{path}}: corrupt safetensors header (tensor '{P}.lora_B.weight': data ends at byte 2048, past the "
+                     "end of the file (truncated?))"),
+    "pickle": (2, "{path}: a pickle (PyTorch .bin/.pt) file, which can run code when loaded; convert it to safetensors "
+                  "first (e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'out.safetensors'))"),
+    "rank-mismatch": (2, f"{{path}}: module 'model.layers.0.self_attn.q_proj': rank mismatch: A has rank 4, B has rank 3 "
+                         f"({P}.lora_A.weight 4×64, {P}.lora_B.weight 64×3)"),
+    "partner-missing": (2, f"{{path}}: '{P}.lora_A.weight' has no matching B tensor for module "
+                           "'model.layers.0.self_attn.q_proj'"),
+    "unknown-layout": (2, "{path}: not a LoRA adapter (unknown key layout): 'model.embed.weight'"),
+    "nan": (2, f"{{path}}: tensor '{P}.lora_A.weight' contains NaN or Inf"),
+}
+
+
+def test_bad_input_changes_nothing(art, tmp_path):
+    cli("base", "add", art["base"], "--name", "llama-tiny")
+    cli("register", art["ad1"])
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    for name, path in bad_inputs(tmp_path / "bad").items():
+        code, message = EXPECTED[name]
+        assert cli("register", path, "--alpha", "8", code=code).stderr == f"error: {message.format(path=path)}\n", name
+    assert cli("register", art["kohya"], "--base", "nope", code=3).stderr == \
+        "error: no base 'nope' in the registry (see `loraops base list`)\n"
+    err = cli("register", art["kohya"], "--base", "llama-tiny", "--name", "other", "--alpha", "1e400", code=2).stderr
+    assert err.startswith(f"error: {art['kohya']}: ")
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+
+
+def test_ambiguous_prefix_cli(art, monkeypatch):
+    shas = iter(["abcdef01" + "0" * 56, "abcdef02" + "0" * 56])
+    monkeypatch.setattr("loraops.formats.identity", lambda path: next(shas))
+    cli("register", art["ad1"])
+    cli("register", art["kohya"])
+    err = cli("show", "abcdef", code=3).stderr
+    assert err == ("error: adapter reference 'abcdef' matches several adapters (ad1@1 abcdef010000, style@1 abcdef020000); "
+                   "give more of the sha256, or name@version\n")
+
+
+def test_verify_gc_and_db(art):
+    cli("register", art["ad1"])
+    assert cli("verify").output == "all stored files of 1 adapter(s) match their sha256\n"
+    shown = json.loads(cli("show", "ad1", "--json").output)
+    weights = os.path.join(shown["path"], "adapter_model.safetensors")
+    data = bytearray(open(weights, "rb").read())
+    data[100] ^= 1
+    open(weights, "wb").write(bytes(data))
+    result = cli("verify", code=6)
+    assert result.stdout.startswith(f"ad1@1: {weights}: sha256 ")
+    assert result.stderr == ("error: 1 stored file(s) missing or changed; re-register those adapters from their "
+                             "originals\n")
+    assert cli("gc", "--grace", "0").output == "removed 0 item(s), 0 B\n"
+    assert cli("db", "current").output.endswith(": revision 0002 (head)\n")
+    assert cli("db", "upgrade").output.endswith(": already at revision 0002 (head)\n")
+
+
+def test_list_and_help_do_not_import_torch(art):
+    code = ("import sys; from loraops.cli import main\n"
+            "for args in (['--help'], ['list'], ['show', 'ad1', '--json'], ['base', 'list']):\n"
+            "    try: main(args)\n"
+            "    except SystemExit as e: assert not e.code, (args, e.code)\n"
+            "heavy = [m for m in ('torch', 'safetensors', 'alembic', 'huggingface_hub') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    cli("register", art["ad1"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
