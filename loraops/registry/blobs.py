@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .. import settings
-from ..fsutil import TMP_MARK, ensure_free_space, fsync_dir, temp_sibling
+from ..fsutil import TMP_MARK, ensure_free_space, file_lock, fsync_dir, temp_sibling
 
 
 LOCKS = ".locks"
@@ -67,19 +67,8 @@ class BlobStore:
         an identity or key, taken by whoever puts, records or removes stored files: `rm` never deletes files a
         concurrent `register` of the same bytes has just copied. Lock files stay in <root>/.locks (one per shard,
         256 at most)."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: one writer at a time is the user's business
+        with file_lock(self.root / LOCKS / key[:2]):
             yield
-            return
-        locks = self.root / LOCKS
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / key[:2], "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def remove(self, key: str) -> None:
         """Remove an adapter's folder (the key may name a file inside it)."""

@@ -7,6 +7,7 @@ scripts' head by a test).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..errors import RegistryError
+from ..fsutil import file_lock
 
 HEAD = "0002"
 """The newest revision under migrations/versions (tests/test_migrations.py checks it)."""
@@ -62,6 +64,18 @@ def make_engine(url: str) -> Engine:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def writer_lock(engine: Engine):
+    """Held around a whole write transaction. SQLite admits one writer at a time and makes the others poll,
+    sleeping up to 100 ms between tries, so with many writers most of the time goes to sleeping; writers of a
+    SQLite file queue on a file lock next to it instead (<file>.writer-lock), woken the moment it is free.
+    Server databases need none."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        return contextlib.nullcontext()
+    path = Path(database).expanduser()
+    return file_lock(path.with_name(path.name + ".writer-lock"))
 
 
 def writer(engine: Engine) -> Engine:

@@ -85,7 +85,8 @@ class Registry:
     def session(self, write: bool = False) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back when it raises."""
         engine = db.writer(self.engine) if write else self.engine
-        with Session(engine, expire_on_commit=False, autoflush=False) as session:
+        with db.writer_lock(self.engine) if write else contextlib.nullcontext(), \
+                Session(engine, expire_on_commit=False, autoflush=False) as session:
             try:
                 yield session
                 session.commit()
