@@ -7,12 +7,11 @@ else is looked up in the registry (name, name@version, id, sha256 prefix).
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from . import algebra, settings
+from . import algebra
 from .errors import InvalidInputError, MismatchError
 from .fsutil import refuse_existing
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
@@ -56,7 +55,7 @@ def writable(adapter: "Adapter", fmt: str) -> None:
 
 def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, fmt: str | None, force: bool,
          base: int | None, lineage: LineageSpec, report) -> DerivedRecord:
-    """Write ``adapter`` (to ``output``, or a temporary place in the loraops home) and register it."""
+    """Write ``adapter`` (to ``output``, or a scratch folder in the blob store) and register it."""
     from .formats import write_adapter
 
     fmt = fmt or adapter.format
@@ -65,8 +64,7 @@ def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, 
         written = write_adapter(adapter, output, fmt, force=force)
         record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage)
         return DerivedRecord(adapter=record, created=created, output=str(written), report=report)
-    settings.home().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.home(), prefix=".derive-") as tmp:
+    with reg.blobs.scratch() as tmp:
         written = write_adapter(adapter, Path(tmp) / (name.replace("/", "-") + (".safetensors" if fmt != "peft" else "")), fmt)
         record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage,
                                                source=f"loraops {lineage.op}")

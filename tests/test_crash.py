@@ -104,3 +104,65 @@ def test_verify_reports_a_flipped_byte(forks, tmp_path):
     lines = log.read_text().splitlines()
     assert lines[0].startswith(f"style@1: {path}: sha256 ") and "≠ recorded" in lines[0]
     assert lines[-1] == "error: 1 stored file(s) missing or changed; re-register those adapters from their originals"
+
+
+def assert_outputs_whole(folder: Path, complete) -> list[Path]:
+    """Each entry of ``folder`` is a finished output (``complete(path)`` reads it) or a marked temp sibling that
+    the next run to that output removes (fsutil.remove_stale_temps). Returns the finished ones."""
+    done = [p for p in folder.iterdir() if TMP_MARK not in p.name]
+    for path in done:
+        complete(path)
+    return done
+
+
+def kohya_trial_files(tmp_path: Path) -> list[str]:
+    make = variants(kohya_file(tmp_path / "template.safetensors", MODULES, rank=4), tmp_path)
+    return [make(f"in{i}") for i in range(RUNS)]
+
+
+def test_combine_killed_at_random_points(forks, tmp_path):
+    from loraops import formats
+
+    files, out = kohya_trial_files(tmp_path), tmp_path / "out"
+    other = kohya_file(tmp_path / "other.safetensors", MODULES, rank=2, seed=9)
+    kill_trials(forks, tmp_path / "log", lambda i: ["combine", files[i], f"{other}:0.5", "--name", f"c{i}", "--device",
+                                                    "cpu", "-o", str(out / f"c{i}.safetensors")], seed=3)
+    with Registry.open() as reg:
+        records = {r.name: r for r in assert_registry_consistent(reg)}
+        for path in assert_outputs_whole(out, formats.read_adapter):
+            if path.stem in records:  # the output is what was registered (it may be written and not yet recorded)
+                assert formats.identity(path) == records[path.stem].sha256
+        assert all(r.lineage.op == "combine" for n, r in records.items() if n.startswith("c"))
+
+
+def test_resize_killed_at_random_points(forks, tmp_path):
+    from loraops import formats
+
+    files, out = kohya_trial_files(tmp_path), tmp_path / "out"
+    kill_trials(forks, tmp_path / "log", lambda i: ["resize", files[i], "--rank", "2", "--name", f"r{i}", "--device",
+                                                    "cpu", "-o", str(out / f"r{i}.safetensors")], seed=4)
+    with Registry.open() as reg:
+        records = {r.name: r for r in assert_registry_consistent(reg)}
+        for path in assert_outputs_whole(out, formats.read_adapter):
+            assert formats.read_adapter(path).rank == 2
+            if path.stem in records:
+                assert formats.identity(path) == records[path.stem].sha256
+
+
+def test_merge_killed_at_random_points(forks, tmp_path):
+    from factories import peft_adapter, tiny_llama
+    from loraops.basemodel import BaseModel
+
+    base = tiny_llama(tmp_path / "llama")
+    adapter = peft_adapter(base, tmp_path / "ad", r=4, alpha=8)
+    out = tmp_path / "out"
+    out.mkdir()
+    kill_trials(forks, tmp_path / "log", lambda i: ["merge", f"{adapter}:{1 + i / 100}", "--into", str(base), "--device",
+                                                    "cpu", "-o", str(out / f"m{i}")], seed=5)
+    finished = {p.name: BaseModel.open(p).fingerprint() for p in assert_outputs_whole(out, BaseModel.open)}
+    with Registry.open() as reg:
+        assert_registry_consistent(reg)
+        for b in reg.list_bases():  # no record of an output that is not all there
+            assert b.path and Path(b.path).exists()
+            if b.derived:
+                assert finished[Path(b.path).name] == b.fingerprint and b.lineage.op == "merge"

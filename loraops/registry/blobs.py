@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -69,6 +70,14 @@ class BlobStore:
         256 at most)."""
         with file_lock(self.root / LOCKS / key[:2]):
             yield
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A temporary folder inside the store (same filesystem: stored copies are cheap), removed afterwards; one a
+        killed process leaves is a temp file for `loraops gc`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=f"{TMP_MARK}scratch-") as tmp:
+            yield Path(tmp)
 
     def remove(self, key: str) -> None:
         """Remove an adapter's folder (the key may name a file inside it)."""
