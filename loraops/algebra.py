@@ -74,20 +74,12 @@ def combine(
     the same-base check; by default their base_model_name_or_path hints are compared."""
     import torch
 
-    from .ops.combine import METHODS, Context, Term
-    from .ops.params import parse_params
+    from .ops.combine import Context, Term
     from .settings import resolve_device
 
     if not inputs:
         raise InvalidInputError("combine needs at least one adapter")
-    spec = METHODS.get(method)
-    if spec is None:
-        raise InvalidInputError(f"unknown combine method {method!r}: use one of {', '.join(METHODS)}")
-    parsed = parse_params(spec.params, params, method)
-    if rank is not None and rank <= 0:
-        raise InvalidInputError(f"rank must be a positive integer (got {rank})")
-    if rank is not None and spec.default_rank is None:
-        raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --rank to truncate")
+    spec, parsed = combine_arguments(method, params, rank)
     adapters = [adapter for adapter, _ in inputs]
     labels = list(labels) if labels is not None else [_label(a, i) for i, a in enumerate(adapters)]
     hints = [a.base_model.rstrip("/") if a.base_model else None for a in adapters]
@@ -149,6 +141,32 @@ def combine(
     return combined, report
 
 
+def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None):
+    """(method spec, parsed params) after checking combine's arguments alone — callers that register inputs first
+    (loraops.derive) call it before touching anything."""
+    from .ops.combine import METHODS
+    from .ops.params import parse_params
+
+    spec = METHODS.get(method)
+    if spec is None:
+        raise InvalidInputError(f"unknown combine method {method!r}: use one of {', '.join(METHODS)}")
+    parsed = parse_params(spec.params, params, method)
+    if rank is not None and rank <= 0:
+        raise InvalidInputError(f"rank must be a positive integer (got {rank})")
+    if rank is not None and spec.default_rank is None:
+        raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --rank to truncate")
+    return spec, parsed
+
+
+def resize_rule(rank: int | None = None, dynamic: str | None = None, param: float | None = None,
+                max_rank: int | None = None):
+    """resize's rank rule, checked (see combine_arguments)."""
+    from .ops.params import parse_params
+    from .ops.resize import RankRule
+
+    return parse_params(RankRule, {"rank": rank, "dynamic": dynamic, "param": param, "max_rank": max_rank}, "resize")
+
+
 def resize(
     adapter: Adapter,
     rank: int | None = None,
@@ -162,11 +180,10 @@ def resize(
     sv_fro) with ``param``, capped at ``max_rank`` and at each module's own rank. The scale of every module is
     kept (alpha follows), so each delta becomes its best approximation at the new rank. Modules already at or
     below ``rank`` keep their rank (re-orthogonalized, same delta)."""
-    from .ops.params import parse_params
-    from .ops.resize import RankRule, resize_module
+    from .ops.resize import resize_module
     from .settings import resolve_device
 
-    rule = parse_params(RankRule, {"rank": rank, "dynamic": dynamic, "param": param, "max_rank": max_rank}, "resize")
+    rule = resize_rule(rank, dynamic, param, max_rank)
     if not adapter.modules:
         raise InvalidInputError(f"{_label(adapter, 0)} has no LoRA modules to resize")
     current = max(adapter.ranks.values())

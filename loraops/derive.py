@@ -38,6 +38,16 @@ def open_input(reg: "Registry", ref: str, base: str | None = None) -> Input:
     return Input(record, reg.load_adapter(record.id))
 
 
+def check_arguments(name: str | None, output: str | None, force: bool) -> None:
+    """What can be refused before any input is registered (a failed command changes nothing)."""
+    from .registry.store import check_name
+
+    if name is not None:
+        check_name(name, "adapter")
+    if output is not None:
+        refuse_existing(output, force)
+
+
 def common_base(inputs: Sequence[Input]) -> int | None:
     """The registered base every input is recorded against (None when none is); two different ones are refused."""
     bases = {i.record.base.id: i for i in inputs if i.record.base is not None}
@@ -79,8 +89,8 @@ def combine(
     """Combine registered adapters or paths (with weights) and register the result; see algebra.combine."""
     from .registry import Registry
 
-    if output is not None:
-        refuse_existing(output, force)
+    algebra.combine_arguments(method, params, rank)
+    check_arguments(name, output, force)
     with Registry.open() as reg:
         inputs = [open_input(reg, ref, base) for ref, _ in refs]
         base_id = common_base(inputs)
@@ -106,8 +116,8 @@ def resize(
     """Resize a registered adapter or a path and register the result; see algebra.resize."""
     from .registry import Registry
 
-    if output is not None:
-        refuse_existing(output, force)
+    algebra.resize_rule(rank, dynamic, param, max_rank)
+    check_arguments(name, output, force)
     with Registry.open() as reg:
         source = open_input(reg, ref, base)
         resized, report = algebra.resize(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,

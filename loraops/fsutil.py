@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ConflictError, DiskSpaceError
+from .errors import ConflictError, DiskSpaceError, InvalidInputError
 
 TMP_MARK = ".loraops-tmp-"
 
@@ -20,9 +20,16 @@ def temp_sibling(path: Path) -> Path:
 
 
 def refuse_existing(path: str | Path, force: bool = False) -> None:
-    """Raise ConflictError when ``path`` exists and ``force`` is not set (also usable before a long computation)."""
-    if Path(path).exists() and not force:
+    """Raise ConflictError when ``path`` exists and ``force`` is not set, InvalidInputError when its folder cannot
+    be made because a file is in the way (also usable before a long computation)."""
+    path = Path(path)
+    if path.exists() and not force:
         raise ConflictError(f"{path}: already exists (use --force to replace it)")
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise InvalidInputError(f"{path}: cannot be written, {above} is not a folder")
 
 
 @contextlib.contextmanager

@@ -328,6 +328,8 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     from huggingface_hub import ResolvedRevision, snapshot_download
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    if subpath:
+        check_repo_names([subpath.rstrip("/")], ref)  # before anything is asked or cached
     commit = resolve_commit(ref, token)
     revision = ResolvedRevision(resolved=commit, initial=ref.revision, repo_id=ref.repo_id)
     with hub_errors(ref, "pull"), _progress():

@@ -6,6 +6,7 @@ Library errors become a one-line message and an exit code here, in one place (Lo
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -66,6 +67,12 @@ class LoraopsGroup(click.Group):
             # `loraops list | head`: the reader left; stay quiet like other CLI tools.
             sys.stderr.close()
             ctx.exit(141)
+        except OSError as exc:
+            # A refusal of the file system nothing foresaw (a home under a file, a read-only folder, a full disk):
+            # still one line, naming the path.
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(5 if exc.errno == errno.ENOSPC else 1)
 
 
 @click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -107,8 +107,8 @@ def math_config(config: dict) -> dict:
     out = {}
     for name, default in peft.MATH_FIELDS.items():
         value = config.get(name, default)
-        if isinstance(value, list):
-            value = sorted(value)
+        if isinstance(value, list):  # strings as PEFT writes them; anything else (a broken config) after them
+            value = sorted(value, key=lambda v: (0, v) if isinstance(v, str) else (1, json.dumps(v, sort_keys=True)))
         if name in ("modules_to_save", "target_modules") and not value:
             value = None
         if name == "peft_type" and isinstance(value, str):

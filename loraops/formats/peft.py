@@ -108,11 +108,18 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     modules_to_save = cfg.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
+    if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
+        raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module names")
     return ScaleConfig(
         alpha=lora_alpha, r=r, rslora=bool(cfg.get("use_rslora", False)), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"),
     )
+
+
+def _text(value) -> str | None:
+    """A free-text config field (a hint only): kept when it is a non-empty string, else ignored."""
+    return value if isinstance(value, str) and value else None
 
 
 def metadata_config(metadata: dict[str, str]) -> dict | None:
@@ -269,7 +276,7 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
         full[target] = tensors[key]
     return Adapter(
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
-        base_model=(raw_cfg or {}).get("base_model_name_or_path"), path=path,
+        base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
 

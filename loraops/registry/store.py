@@ -733,10 +733,13 @@ def default_name(path: Path) -> str:
 
 
 def check_name(name: str, what: str) -> str:
-    """Names are what people type: no '@' (it starts a version), not all digits (that is an id)."""
-    if not NAME_RE.match(name) or name.isdigit() or len(name) > 255:
+    """Names are what people type: no '@' (it starts a version), not all digits (that is an id), and '/'-separated
+    parts that are never '.', '..' or empty (names end up in file and Hub repo names)."""
+    parts = name.split("/")
+    if not NAME_RE.match(name) or name.isdigit() or len(name) > 255 or any(p in ("", ".", "..") for p in parts):
         raise InvalidInputError(
-            f"bad {what} name {name!r}: use letters, digits and . _ + - / (not only digits, no '@', at most 255)"
+            f"bad {what} name {name!r}: use letters, digits and . _ + - / (not only digits, no '@', no '..' "
+            "or empty parts, at most 255)"
         )
     return name
 
