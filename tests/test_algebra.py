@@ -7,6 +7,8 @@ from loraops.algebra import combine, resize
 from loraops.errors import InvalidInputError, MismatchError
 from loraops.formats import kohya_name, read_adapter, write_adapter
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 SHAPES = {"m.q": (12, 20), "m.v": (8, 20)}
 
 

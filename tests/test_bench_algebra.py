@@ -2,6 +2,9 @@ import runpy
 from pathlib import Path
 
 import torch
+import pytest
+
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "algebra.py"
 

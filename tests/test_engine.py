@@ -11,6 +11,8 @@ from factories import (LLAMA_TARGETS, conv_embedding_model, load_model, peft_ada
 from loraops import engine, formats
 from loraops.adapter import LoraModule
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 
 def merged_tensors(path) -> dict[str, torch.Tensor]:
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))

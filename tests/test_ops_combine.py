@@ -6,6 +6,8 @@ from factories import lora_adapter
 from loraops.algebra import combine
 from loraops.ops.combine import METHODS, module_seed
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 SHAPES = {"a.q": (24, 40), "a.v": (16, 40)}
 
 

@@ -6,6 +6,8 @@ import torch
 from loraops.adapter import LoraModule
 from loraops.ops.resize import RankRule, alpha_for_scale, resize_module
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 SPECTRUM = [10.0, 5.0, 2.0, 1.0, 0.5, 0.1]
 
 

@@ -3,6 +3,8 @@ import torch
 
 from loraops.ops import svd
 
+pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
+
 
 def _factors(out, r, n, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
