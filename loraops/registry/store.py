@@ -105,7 +105,7 @@ class Registry:
             except DBAPIError as exc:
                 if not retryable(exc):
                     raise RegistryError(f"could not {what}: {_first_line(exc.orig or exc)}") from None
-            time.sleep(random.uniform(0, RETRY_BACKOFF_S * 2 ** attempt))
+            time.sleep(random.uniform(0, min(1.0, RETRY_BACKOFF_S * 2 ** attempt)))
         raise RegistryError(f"could not {what}: the registry kept changing under it ({RETRIES} tries; concurrent writers?)")
 
     def revision(self) -> str | None:
