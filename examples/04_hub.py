@@ -45,6 +45,8 @@ def main() -> None:
         loraops("list")
         loraops("show", "anime@1")
         loraops("check", "anime", "--base", "llama-tiny")
+        # Merging into a Hub base downloads its weights (once, into the Hub cache) when first needed.
+        loraops("merge", "anime", "--into", "llama-tiny", "-o", work / "llama-anime")
 
         # A derived adapter goes up with its lineage in the model card.
         loraops("combine", "anime@1:0.5", "anime@2:0.5", "--method", "cat", "--name", "anime-blend")

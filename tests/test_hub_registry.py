@@ -186,3 +186,25 @@ def test_show_prints_the_hub_source(fake_hub, adapters):
     assert runner.invoke(main, ["pull", "someone/anime-lora"]).exit_code == 0
     shown = runner.invoke(main, ["show", "anime-lora"])
     assert f"hf://someone/anime-lora@{commit}" in shown.output
+
+
+def test_merge_into_a_hub_base_downloads_it_once(fake_hub, adapters, tmp_path):
+    """`loraops merge --into` a base known only by its Hub manifest fetches the weights, then merges."""
+    from safetensors.torch import load_file
+
+    from loraops import engine
+    from loraops.formats import read_adapter
+
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny", "--name", "tiny"]).exit_code == 0
+    merged = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m")])
+    assert merged.exit_code == 0, merged.output
+    assert [r for r in fake_hub.downloads("model.safetensors") if r["range"] is None]  # the weights came down
+
+    engine.merge(adapters["base"], [(read_adapter(adapters["a"]), 0.5)], tmp_path / "local")
+    ours, local = load_file(str(tmp_path / "m/model.safetensors")), load_file(str(tmp_path / "local/model.safetensors"))
+    assert ours.keys() == local.keys() and all(ours[k].equal(local[k]) for k in ours)
+    again = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m2")])
+    assert again.exit_code == 0, again.output
+    assert len([r for r in fake_hub.downloads("model.safetensors") if r["range"] is None]) == 1  # cached
