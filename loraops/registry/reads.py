@@ -19,7 +19,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..errors import AmbiguousError, InvalidInputError, NotFoundError
+from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
 from .blobs import BlobStore
 
@@ -48,10 +48,11 @@ class Reader:
     def __init__(self, connection, blobs: BlobStore) -> None:
         self.connection = connection
         self.blobs = blobs
-        paramstyle = _driver(connection).paramstyle
-        if paramstyle not in ("qmark", "format", "pyformat"):
-            raise ValueError(f"unsupported DB-API paramstyle {paramstyle!r}")
-        self._percent = paramstyle != "qmark"
+        driver = _driver(connection)
+        if driver.paramstyle not in ("qmark", "format", "pyformat"):
+            raise RegistryError(f"the registry's database driver {driver.__name__} uses parameters in the "
+                                f"{driver.paramstyle!r} style, which loraops does not support (use SQLite or PostgreSQL)")
+        self._percent = driver.paramstyle != "qmark"
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         """Run ``sql`` written with ``?`` placeholders (and no literal ? or %) in the driver's own style."""
@@ -266,7 +267,7 @@ def _connect(url: str):
 
             connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             connection.execute("BEGIN")  # one snapshot for every query of the command
-        elif dialect in ("postgresql", "postgres") and driver in ("", "psycopg", "psycopg2"):
+        elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2"):
             import psycopg
 
             connection = psycopg.connect(f"postgresql://{rest}")
