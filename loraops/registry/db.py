@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..errors import RegistryError
 from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS  # noqa: F401 - HEAD is part of this module's API (cli/db.py)
+
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
 _MIGRATING = threading.Lock()
 
