@@ -1,9 +1,9 @@
 """The registry's reads, in plain portable SQL over a DB-API connection: resolving references, listing with
 filters, and building AdapterRecord / BaseRecord (modules, tags, base, lineage).
 
-Written once, used two ways: Registry runs them on its session's own DB-API connection (inside the ORM transaction,
-after a flush), and ``reader()`` runs them straight over the driver (sqlite3, or psycopg for PostgreSQL) when the
-database is already at this code's schema revision, so `loraops list` / `show` import neither SQLAlchemy nor Alembic
+Written once, used two ways: Registry runs them on its session's connection (exec_driver_sql, inside the ORM
+transaction, after a flush), and ``reader()`` runs them straight over the driver (sqlite3, or psycopg for
+PostgreSQL) when the database is already at this code's schema revision, so `loraops list` / `show` import neither SQLAlchemy nor Alembic
 (docs/registry.md, "Timing of `loraops list`"). Writes and migrations stay with the ORM (store.py, db.py).
 
 References to adapters: ``name`` (latest version), ``name@version``, an integer id, or a prefix of 6+ hex digits of
@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
@@ -42,26 +42,39 @@ _BASE_COLUMNS = (
 )
 
 
+Execute = Callable[[str, tuple], Sequence[tuple]]
+"""Runs one statement in the driver's own parameter style and returns its rows (the transaction is the caller's)."""
+
+
 class Reader:
-    """The registry's read queries over one DB-API connection (its transaction is the caller's)."""
+    """The registry's read queries over one connection: ``execute`` runs SQL as the DB-API driver takes it."""
 
-    def __init__(self, connection, blobs: BlobStore) -> None:
-        self.connection = connection
+    def __init__(self, execute: Execute, paramstyle: str, blobs: BlobStore) -> None:
+        if paramstyle not in ("qmark", "format", "pyformat"):
+            raise RegistryError(f"the registry's database driver takes parameters in the {paramstyle!r} style, "
+                                "which loraops does not support (use SQLite or PostgreSQL)")
+        self.execute = execute
         self.blobs = blobs
-        driver = _driver(connection)
-        if driver.paramstyle not in ("qmark", "format", "pyformat"):
-            raise RegistryError(f"the registry's database driver {driver.__name__} uses parameters in the "
-                                f"{driver.paramstyle!r} style, which loraops does not support (use SQLite or PostgreSQL)")
-        self._percent = driver.paramstyle != "qmark"
+        self._percent = paramstyle != "qmark"
 
-    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    @classmethod
+    def over(cls, connection, blobs: BlobStore) -> "Reader":
+        """A Reader on a plain DB-API connection."""
+
+        def execute(sql: str, params: tuple) -> list[tuple]:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(sql, params)
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+
+        driver = sys.modules[type(connection).__module__.partition(".")[0]]  # sqlite3, psycopg
+        return cls(execute, driver.paramstyle, blobs)
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[tuple]:
         """Run ``sql`` written with ``?`` placeholders (and no literal ? or %) in the driver's own style."""
-        cursor = self.connection.cursor()
-        try:
-            cursor.execute(sql.replace("?", "%s") if self._percent else sql, tuple(params))
-            return cursor.fetchall()
-        finally:
-            cursor.close()
+        return self.execute(sql.replace("?", "%s") if self._percent else sql, tuple(params))
 
     # ---------------------------------------------------------------- adapters
 
@@ -247,7 +260,7 @@ def reader(url: str | None = None) -> Iterator[Reader]:
             yield found
         return
     try:
-        yield Reader(connection, BlobStore())
+        yield Reader.over(connection, BlobStore())
     finally:
         connection.close()
 
@@ -281,11 +294,6 @@ def _connect(url: str):
             connection.close()
         return None
     return connection
-
-
-def _driver(connection):
-    """The DB-API module a connection comes from (its paramstyle, its Error)."""
-    return sys.modules[type(connection).__module__.partition(".")[0]]
 
 
 def _missing(kind: str, ref: str, hint: str) -> NotFoundError:

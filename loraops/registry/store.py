@@ -85,7 +85,9 @@ class Registry:
 
     def _reader(self, s: Session) -> reads.Reader:
         s.flush()  # what this transaction changed is then visible to plain SQL on its connection
-        return reads.Reader(s.connection().connection.driver_connection, self.blobs)
+        connection = s.connection()
+        return reads.Reader(lambda sql, params: connection.exec_driver_sql(sql, params).all(),
+                            self.engine.dialect.dbapi.paramstyle, self.blobs)
 
     def revision(self) -> str | None:
         with self.engine.connect() as connection:
