@@ -1,10 +1,10 @@
 """The registry: adapters, base models and lineage in SQL, adapter files in a content-addressed blob store.
 
-Every public method returns pydantic records (loraops.records), never ORM rows: reads (references, listings,
-records) are plain SQL in reads.py, run on the session's own connection. Writes are one transaction each; the schema's unique constraints (identity sha, (name, version), base name and fingerprint) make concurrent
+Every public method returns pydantic records (loraops.records), never ORM rows. Writes are one transaction
+each; the schema's unique constraints (identity sha, (name, version), base name and fingerprint) make concurrent
 registration safe: a writer that loses a race gets an IntegrityError, rolls back and tries again.
 
-References (``ref``) to adapters and bases: see reads.py.
+Reads (resolving references, listings, the records) are plain SQL in reads.py, run on the session's connection.
 """
 from __future__ import annotations
 
@@ -77,6 +77,10 @@ class Registry:
                 session.rollback()
                 raise
 
+    def revision(self) -> str | None:
+        with self.engine.connect() as connection:
+            return db.current_revision(connection)
+
     @contextlib.contextmanager
     def reader(self) -> Iterator[reads.Reader]:
         """The registry's read queries (reads.Reader) in one read transaction."""
@@ -88,10 +92,6 @@ class Registry:
         connection = s.connection()
         return reads.Reader(lambda sql, params: connection.exec_driver_sql(sql, params).all(),
                             self.engine.dialect.dbapi.paramstyle, self.blobs)
-
-    def revision(self) -> str | None:
-        with self.engine.connect() as connection:
-            return db.current_revision(connection)
 
     # ---------------------------------------------------------------- bases
 
