@@ -8,7 +8,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from loraops import settings
-from loraops.errors import RegistryError
+from loraops.errors import NotFoundError, RegistryError
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry, db, reads
 from loraops.registry.models import SqlAdapter, SqlBase
@@ -59,6 +59,8 @@ def test_driver_and_registry_paths_give_identical_records(filled, opens):
     opens.clear()
     with reads.reader() as r:
         direct = everything(r)
+        with pytest.raises(NotFoundError, match="^no adapter with id 999 in the registry$"):
+            r.adapter(999)  # e.g. removed between resolving a reference and reading it
     assert opens == []  # straight over the driver
     assert direct == via_sqlalchemy
     everyone = ["ad1", "combo", "style", "unbound"]

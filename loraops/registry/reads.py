@@ -82,7 +82,10 @@ class Reader:
         return self.adapter(self.adapter_id(ref))
 
     def adapter(self, adapter_id: int) -> AdapterRecord:
-        return self._adapters("a.id = ?", [adapter_id])[0]
+        found = self._adapters("a.id = ?", [adapter_id])
+        if not found:  # removed since its reference was resolved (or, in a write, already deleted)
+            raise NotFoundError(f"no adapter with id {adapter_id} in the registry")
+        return found[0]
 
     def list_adapters(self, *, base: str | int | None = None, rank: int | None = None, target: str | None = None,
                       tag: str | None = None, name: str | None = None) -> list[AdapterRecord]:
@@ -169,7 +172,10 @@ class Reader:
         return self.base(self.base_id(ref))
 
     def base(self, base_id: int) -> BaseRecord:
-        return self._bases("b.id = ?", [base_id])[0]
+        found = self._bases("b.id = ?", [base_id])
+        if not found:
+            raise NotFoundError(f"no base with id {base_id} in the registry")
+        return found[0]
 
     def list_bases(self) -> list[BaseRecord]:
         return self._bases("1 = 1", [])

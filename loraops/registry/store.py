@@ -538,6 +538,8 @@ class Registry:
 
     # ---------------------------------------------------------------- rows → records
 
+    # Records are read back with SQL (reads.py) after a flush: build a row's record before deleting it.
+
     def _adapter_record(self, s: Session, row: SqlAdapter) -> AdapterRecord:
         return self._reader(s).adapter(row.id)
 
