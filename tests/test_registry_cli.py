@@ -195,13 +195,16 @@ def test_verify_gc_and_db(art):
     assert cli("db", "upgrade").output.endswith(": already at revision 0002 (head)\n")
 
 
-def test_list_and_help_do_not_import_torch(art):
+def test_help_and_reads_import_no_torch_nor_sqlalchemy(art):
+    """Reads go straight over the database driver (loraops.registry.reads) once the schema is at head."""
     code = ("import sys; from loraops.cli import main\n"
-            "for args in (['--help'], ['list'], ['show', 'ad1', '--json'], ['base', 'list']):\n"
+            "for args in (['--help'], ['list'], ['list', '--base', 'llama', '--rank', '4'], ['show', 'ad1', '--json'],\n"
+            "             ['base', 'list'], ['base', 'show', 'llama']):\n"
             "    try: main(args)\n"
             "    except SystemExit as e: assert not e.code, (args, e.code)\n"
-            "heavy = [m for m in ('torch', 'safetensors', 'alembic', 'huggingface_hub') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'safetensors', 'sqlalchemy', 'alembic', 'huggingface_hub') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
+    cli("base", "add", art["base"])
     cli("register", art["ad1"])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -12,6 +12,13 @@ def _registry():
     return Registry.open()
 
 
+def _reader():
+    """Reads only (list, show): straight over the database driver when it can, without SQLAlchemy (reads.reader)."""
+    from ..registry.reads import reader
+
+    return reader()
+
+
 def _base_label(record) -> str:
     return record.base.name if record.base else "-"
 
@@ -50,7 +57,7 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
 def list_adapters(base: str | None, rank: int | None, target: str | None, tag: str | None, name: str | None,
                   as_json: bool) -> None:
     """List registered adapters (every version)."""
-    with _registry() as reg:
+    with _reader() as reg:
         records = reg.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name)
     if as_json:
         echo_json(records)
@@ -70,7 +77,7 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
 @click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
 def show(ref: str, as_json: bool) -> None:
     """Show an adapter: by name (latest version), name@version, id, or sha256 prefix."""
-    with _registry() as reg:
+    with _reader() as reg:
         r = reg.get_adapter(ref)
     if as_json:
         echo_json(r)

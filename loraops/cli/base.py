@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .adapters import _registry
+from .adapters import _reader, _registry
 from .render import echo_fields, echo_json, echo_table, human_bytes
 
 
@@ -45,7 +45,7 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a list of BaseRecords as JSON.")
 def list_bases(as_json: bool) -> None:
     """List registered base models."""
-    with _registry() as reg:
+    with _reader() as reg:
         records = reg.list_bases()
     if as_json:
         echo_json(records)
@@ -62,7 +62,7 @@ def list_bases(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
 def show(ref: str, as_json: bool) -> None:
     """Show a base model: by name, id, or fingerprint prefix."""
-    with _registry() as reg:
+    with _reader() as reg:
         r = reg.get_base(ref)
     if as_json:
         echo_json(r)

@@ -2,8 +2,8 @@
 
 Every open brings the schema to the code's head: an empty database is created, an old one upgraded (Alembic),
 one stamped with a revision this code does not know (written by a newer loraops) is refused. The common case —
-already at head — costs one small query and does not import Alembic at all (HEAD below is kept equal to the
-scripts' head by a test).
+already at head — costs one small query and does not import Alembic at all (HEAD, in reads.py, is kept equal to
+the scripts' head by a test).
 """
 from __future__ import annotations
 
@@ -17,11 +17,8 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..errors import RegistryError
 from ..fsutil import file_lock
+from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS  # noqa: F401 - HEAD is part of this module's API (cli/db.py)
 
-HEAD = "0002"
-"""The newest revision under migrations/versions (tests/test_migrations.py checks it)."""
-
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
 _MIGRATING = threading.Lock()
 

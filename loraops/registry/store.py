@@ -7,8 +7,7 @@ PostgreSQL serialization failure or deadlock) rolls back and runs its transactio
 removed under the blob store's per-shard file lock, so `rm` never deletes the files a concurrent `register` of the
 same bytes is about to record.
 
-References (``ref``) to adapters: ``name`` (latest version), ``name@version``, an integer id, or a prefix of
-6+ hex digits of the identity sha256 or the weights-file sha256. Bases: ``name``, id, or a fingerprint prefix.
+Reads (resolving references, listings, the records) are plain SQL in reads.py, run on the session's connection.
 """
 from __future__ import annotations
 
@@ -19,36 +18,30 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from sqlalchemy import delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from .. import settings
 from ..fsutil import remove, sha256_file
-from ..errors import AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError, RegistryError
-from ..records import (
-    AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageInputRecord, LineageRecord, LineageSpec, ModuleRecord, TensorRecord,
-)
-from . import db
+from ..errors import ConflictError, InvalidInputError, MismatchError, NotFoundError, RegistryError
+from ..records import AdapterRecord, BaseRecord, CheckResult, LineageSpec, TensorRecord
+from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
 
-MIN_PREFIX = 6
 RETRIES = 10
 RETRY_BACKOFF_S = 0.02
 # SQLSTATEs of a PostgreSQL transaction that lost to another one and is worth running again.
 PG_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 T = TypeVar("T")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/-]*$")
-HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
-SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -111,6 +104,18 @@ class Registry:
     def revision(self) -> str | None:
         with self.engine.connect() as connection:
             return db.current_revision(connection)
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[reads.Reader]:
+        """The registry's read queries (reads.Reader) in one read transaction."""
+        with self.session() as s:
+            yield self._reader(s)
+
+    def _reader(self, s: Session) -> reads.Reader:
+        s.flush()  # what this transaction changed is then visible to plain SQL on its connection
+        connection = s.connection()
+        return reads.Reader(lambda sql, params: connection.exec_driver_sql(sql, params).all(),
+                            self.engine.dialect.dbapi.paramstyle, self.blobs)
 
     # ---------------------------------------------------------------- bases
 
@@ -219,13 +224,12 @@ class Registry:
         return self.write(f"attach files to base {name!r}", work)
 
     def get_base(self, ref: str | int) -> BaseRecord:
-        with self.session() as s:
-            return self._base_record(s, self._find_base(s, ref))
+        with self.reader() as r:
+            return r.get_base(ref)
 
     def list_bases(self) -> list[BaseRecord]:
-        with self.session() as s:
-            rows = s.scalars(select(SqlBase).options(*_BASE_LOAD).order_by(SqlBase.name)).all()
-            return [self._base_record(s, row) for row in rows]
+        with self.reader() as r:
+            return r.list_bases()
 
     def base_manifest(self, ref: str | int) -> dict[str, TensorRecord]:
         """Tensor name → (name, dtype, shape) of a registered base (what loraops.check accepts as a manifest)."""
@@ -246,9 +250,8 @@ class Registry:
 
     def find_base(self, fingerprint: str) -> BaseRecord | None:
         """The registered base with exactly this fingerprint, if any (e.g. the pristine base of a merged model)."""
-        with self.session() as s:
-            row = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint))
-            return None if row is None else self._base_record(s, row)
+        with self.reader() as r:
+            return r.find_base(fingerprint)
 
     def remove_base(self, ref: str | int, *, force: bool = False) -> BaseRecord:
         """Remove a base record. Refused while adapters or lineage refer to it, unless ``force`` (they then keep
@@ -261,7 +264,7 @@ class Registry:
             if (users or inputs) and not force:
                 parts = []
                 if users:
-                    parts.append(f"{len(users)} adapter(s) ({_shown(f'{a.name}@{a.version}' for a in users)})")
+                    parts.append(f"{len(users)} adapter(s) ({reads.shown(f'{a.name}@{a.version}' for a in users)})")
                 if inputs:
                     parts.append(f"{inputs} lineage record(s)")
                 raise ConflictError(
@@ -409,26 +412,15 @@ class Registry:
         return list(s.scalars(select(SqlBase).where(or_(*clauses)).order_by(SqlBase.id)))
 
     def get_adapter(self, ref: str | int) -> AdapterRecord:
-        with self.session() as s:
-            return self._adapter_record(s, self._find_adapter(s, ref))
+        with self.reader() as r:
+            return r.get_adapter(ref)
 
     def list_adapters(self, *, base: str | int | None = None, rank: int | None = None, target: str | None = None,
                       tag: str | None = None, name: str | None = None) -> list[AdapterRecord]:
         """Every version of every adapter (by name, then version), filtered in SQL: ``rank`` matches adapters with
         any module of that rank, ``target`` any module whose last path component is that (q_proj, ...)."""
-        query = select(SqlAdapter).options(*_ADAPTER_LOAD).order_by(SqlAdapter.name, SqlAdapter.version)
-        with self.session() as s:
-            if base is not None:
-                query = query.where(SqlAdapter.base_id == self._find_base(s, base).id)
-            if name is not None:
-                query = query.where(SqlAdapter.name == name)
-            if rank is not None:
-                query = query.where(_has_module(SqlAdapterModule.rank == rank))
-            if target is not None:
-                query = query.where(_has_module(SqlAdapterModule.target == target))
-            if tag is not None:
-                query = query.where(exists().where(SqlTag.adapter_id == SqlAdapter.id, SqlTag.tag == tag))
-            return [self._adapter_record(s, row) for row in s.scalars(query)]
+        with self.reader() as r:
+            return r.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name)
 
     def adapter_path(self, ref: str | int) -> Path:
         """The stored copy of the adapter on disk (a file or a PEFT folder inside the blob store)."""
@@ -475,10 +467,11 @@ class Registry:
             if all_versions:
                 rows = list(s.scalars(select(SqlAdapter).where(SqlAdapter.name == row.name).order_by(SqlAdapter.version)))
             ids = [r.id for r in rows]
+            records = [self._adapter_record(s, r) for r in rows]  # read back before the rows go
             s.execute(update(SqlLineageInput).where(SqlLineageInput.adapter_id.in_(ids)).values(adapter_id=None))
             for r in rows:
                 s.delete(r)
-            return [self._adapter_record(s, r) for r in rows], [r.blob for r in rows]
+            return records, [r.blob for r in rows]
 
         records, keys = self.write(f"remove {ref!r}", work)
         for key in keys:
@@ -562,61 +555,10 @@ class Registry:
     # ---------------------------------------------------------------- lookups
 
     def _find_adapter(self, s: Session, ref: str | int) -> SqlAdapter:
-        ref = str(ref).strip()
-        if "@" in ref:
-            name, _, version = ref.rpartition("@")
-            if not version.isdigit():
-                raise InvalidInputError(f"bad adapter reference {ref!r}: the part after @ must be a version number")
-            row = s.scalar(select(SqlAdapter).where(SqlAdapter.name == name, SqlAdapter.version == int(version)))
-            if row is not None:
-                return row
-            versions = s.scalars(select(SqlAdapter.version).where(SqlAdapter.name == name).order_by(SqlAdapter.version)).all()
-            if versions:
-                raise NotFoundError(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
-            raise NotFoundError(f"no adapter named {name!r} in the registry")
-        row = s.scalar(select(SqlAdapter).where(SqlAdapter.name == ref).order_by(SqlAdapter.version.desc()).limit(1))
-        if row is not None:
-            return row
-        clauses = []
-        if ref.isdigit():
-            clauses.append(SqlAdapter.id == int(ref))
-        if len(ref) >= MIN_PREFIX and HEX_RE.match(ref):
-            prefix = ref.lower()
-            clauses += [SqlAdapter.sha256.startswith(prefix), SqlAdapter.weights_sha256.startswith(prefix)]
-        rows = list(s.scalars(select(SqlAdapter).where(or_(*clauses)).order_by(SqlAdapter.id).limit(SHOWN + 1))) if clauses else []
-        if len(rows) == 1:
-            return rows[0]
-        if rows:
-            raise AmbiguousError(
-                f"adapter reference {ref!r} matches several adapters ({_shown(f'{r.name}@{r.version} {r.sha256[:12]}' for r in rows)}); "
-                "give more of the sha256, or name@version"
-            )
-        if _looks_like_path(ref):
-            raise NotFoundError(f"{ref}: no such file or folder, and no adapter of that name in the registry")
-        raise NotFoundError(
-            f"no adapter {ref!r} in the registry (give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits)"
-        )
+        return s.get(SqlAdapter, self._reader(s).adapter_id(ref))
 
     def _find_base(self, s: Session, ref: str | int) -> SqlBase:
-        ref = str(ref).strip()
-        row = s.scalar(select(SqlBase).where(SqlBase.name == ref))
-        if row is not None:
-            return row
-        clauses = []
-        if ref.isdigit():
-            clauses.append(SqlBase.id == int(ref))
-        if len(ref) >= MIN_PREFIX and HEX_RE.match(ref):
-            clauses.append(SqlBase.fingerprint.startswith(ref.lower()))
-        rows = list(s.scalars(select(SqlBase).where(or_(*clauses)).order_by(SqlBase.id).limit(SHOWN + 1))) if clauses else []
-        if len(rows) == 1:
-            return rows[0]
-        if rows:
-            raise AmbiguousError(
-                f"base reference {ref!r} matches several bases ({_shown(r.name for r in rows)}); give more of the fingerprint"
-            )
-        if _looks_like_path(ref):
-            raise NotFoundError(f"{ref}: no such file or folder, and no base of that name in the registry")
-        raise NotFoundError(f"no base {ref!r} in the registry (see `loraops base list`)")
+        return s.get(SqlBase, self._reader(s).base_id(ref))
 
     def _manifest(self, s: Session, base_id: int) -> dict[str, TensorRecord]:
         rows = s.execute(
@@ -652,34 +594,13 @@ class Registry:
 
     # ---------------------------------------------------------------- rows → records
 
+    # Records are read back with SQL (reads.py) after a flush: build a row's record before deleting it.
+
     def _adapter_record(self, s: Session, row: SqlAdapter) -> AdapterRecord:
-        base = row.base
-        return AdapterRecord(
-            id=row.id, name=row.name, version=row.version, sha256=row.sha256, weights_sha256=row.weights_sha256,
-            format=row.format, dtype=row.dtype, size=row.size, num_parameters=row.num_parameters, rank=row.rank,
-            alpha=row.alpha, scale_mode=row.scale_mode, target_modules=list(row.target_modules),
-            base=None if base is None else BaseRef(id=base.id, name=base.name, fingerprint=base.fingerprint),
-            base_hint=row.base_hint, tags=sorted(t.tag for t in row.tags), source=row.source,
-            path=str(self.blobs.path(row.blob)), created=utc(row.created),
-            modules=[
-                ModuleRecord(name=m.name, kind=m.kind, rank=m.rank, alpha=m.alpha, scale=m.scale,
-                             in_features=m.in_features, out_features=m.out_features)
-                for m in row.modules
-            ],
-            lineage=_lineage_record(row.lineage),
-        )
+        return self._reader(s).adapter(row.id)
 
     def _base_record(self, s: Session, row: SqlBase) -> BaseRecord:
-        return BaseRecord(
-            id=row.id, name=row.name, fingerprint=row.fingerprint, source=row.source, path=row.path,
-            num_tensors=row.num_tensors, num_parameters=row.num_parameters, dtype=row.dtype,
-            total_bytes=row.total_bytes, derived=row.derived, lineage=_lineage_record(row.lineage), created=utc(row.created),
-        )
-
-
-_LINEAGE_LOAD = selectinload(SqlAdapter.lineage).selectinload(SqlLineage.inputs)
-_ADAPTER_LOAD = (selectinload(SqlAdapter.modules), selectinload(SqlAdapter.tags), selectinload(SqlAdapter.base), _LINEAGE_LOAD)
-_BASE_LOAD = (selectinload(SqlBase.lineage).selectinload(SqlLineage.inputs),)
+        return self._reader(s).base(row.id)
 
 
 def retryable(exc: DBAPIError) -> bool:
@@ -696,28 +617,6 @@ def retryable(exc: DBAPIError) -> bool:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _has_module(condition):
-    return exists().where(SqlAdapterModule.adapter_id == SqlAdapter.id, condition)
-
-
-def _lineage_record(row: SqlLineage | None) -> LineageRecord | None:
-    if row is None:
-        return None
-    return LineageRecord(
-        id=row.id, op=row.op, params=dict(row.params or {}), created=utc(row.created),
-        inputs=[
-            LineageInputRecord(kind=i.kind, id=i.adapter_id if i.kind == "adapter" else i.base_id, label=i.label,
-                               sha256=i.sha256, weight=i.weight, role=i.role)
-            for i in row.inputs
-        ],
-    )
-
-
-def utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 def module_target(name: str, names_resolved: bool) -> str:
@@ -763,15 +662,3 @@ def _progress(total: int, desc: str, enabled: bool | None):
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _shown(items: Iterable[str]) -> str:
-    items = list(items)
-    return ", ".join(items[:SHOWN]) + (", …" if len(items) > SHOWN else "")
-
-
-def _looks_like_path(ref: str | int) -> bool:
-    """Commands take a registry reference or a path; a reference that can only be a path (absolute, ./, ~/, or a
-    file suffix) that matched nothing is reported as a missing path, which is what the user meant."""
-    text = str(ref)
-    return text.startswith(("/", "./", "../", "~")) or text.endswith((".safetensors", ".json", ".bin", ".pt"))

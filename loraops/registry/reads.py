@@ -1,0 +1,334 @@
+"""The registry's reads, in plain portable SQL over a DB-API connection: resolving references, listing with
+filters, and building AdapterRecord / BaseRecord (modules, tags, base, lineage).
+
+Written once, used two ways: Registry runs them on its session's connection (exec_driver_sql, inside the ORM
+transaction, after a flush), and ``reader()`` runs them straight over the driver (sqlite3, or psycopg for
+PostgreSQL) when the database is already at this code's schema revision, so `loraops list` / `show` import neither SQLAlchemy nor Alembic
+(docs/registry.md, "Timing of `loraops list`"). Writes and migrations stay with the ORM (store.py, db.py).
+
+References to adapters: ``name`` (latest version), ``name@version``, an integer id, or a prefix of 6+ hex digits of
+the identity sha256 or the weights-file sha256. Bases: ``name``, id, or a fingerprint prefix.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
+from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
+from .blobs import BlobStore
+
+HEAD = "0002"
+"""The schema revision this code reads and writes: the newest under migrations/versions (a test checks it)."""
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIN_PREFIX = 6
+SHOWN = 5
+HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+
+_ADAPTER_COLUMNS = (
+    "a.id, a.name, a.version, a.sha256, a.weights_sha256, a.format, a.dtype, a.size, a.num_parameters, a.rank, "
+    "a.alpha, a.scale_mode, a.target_modules, a.base_id, b.name, b.fingerprint, a.base_hint, a.source, a.blob, "
+    "a.lineage_id, a.created"
+)
+_BASE_COLUMNS = (
+    "b.id, b.name, b.fingerprint, b.source, b.path, b.num_tensors, b.num_parameters, b.dtype, b.total_bytes, "
+    "b.derived, b.lineage_id, b.created"
+)
+
+
+Execute = Callable[[str, tuple], Sequence[tuple]]
+"""Runs one statement in the driver's own parameter style and returns its rows (the transaction is the caller's)."""
+
+
+class Reader:
+    """The registry's read queries over one connection: ``execute`` runs SQL as the DB-API driver takes it."""
+
+    def __init__(self, execute: Execute, paramstyle: str, blobs: BlobStore) -> None:
+        if paramstyle not in ("qmark", "format", "pyformat"):
+            raise RegistryError(f"the registry's database driver takes parameters in the {paramstyle!r} style, "
+                                "which loraops does not support (use SQLite or PostgreSQL)")
+        self.execute = execute
+        self.blobs = blobs
+        self._percent = paramstyle != "qmark"
+
+    @classmethod
+    def over(cls, connection, blobs: BlobStore) -> "Reader":
+        """A Reader on a plain DB-API connection."""
+
+        def execute(sql: str, params: tuple) -> list[tuple]:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(sql, params)
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+
+        driver = sys.modules[type(connection).__module__.partition(".")[0]]  # sqlite3, psycopg
+        return cls(execute, driver.paramstyle, blobs)
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[tuple]:
+        """Run ``sql`` written with ``?`` placeholders (and no literal ? or %) in the driver's own style."""
+        return self.execute(sql.replace("?", "%s") if self._percent else sql, tuple(params))
+
+    # ---------------------------------------------------------------- adapters
+
+    def get_adapter(self, ref: str | int) -> AdapterRecord:
+        return self.adapter(self.adapter_id(ref))
+
+    def adapter(self, adapter_id: int) -> AdapterRecord:
+        found = self._adapters("a.id = ?", [adapter_id])
+        if not found:  # removed since its reference was resolved (or, in a write, already deleted)
+            raise NotFoundError(f"no adapter with id {adapter_id} in the registry")
+        return found[0]
+
+    def list_adapters(self, *, base: str | int | None = None, rank: int | None = None, target: str | None = None,
+                      tag: str | None = None, name: str | None = None) -> list[AdapterRecord]:
+        """Every version of every adapter (by name, then version), filtered: ``rank`` matches adapters with any
+        module of that rank, ``target`` any module whose last path component is that (q_proj, ...)."""
+        where, params = ["1 = 1"], []
+        if base is not None:
+            where.append("a.base_id = ?")
+            params.append(self.base_id(base))
+        if name is not None:
+            where.append("a.name = ?")
+            params.append(name)
+        for column, value in (("rank", rank), ("target", target)):
+            if value is not None:
+                where.append(f"EXISTS (SELECT 1 FROM adapter_modules m WHERE m.adapter_id = a.id AND m.{column} = ?)")
+                params.append(value)
+        if tag is not None:
+            where.append("EXISTS (SELECT 1 FROM adapter_tags t WHERE t.adapter_id = a.id AND t.tag = ?)")
+            params.append(tag)
+        return self._adapters(" AND ".join(where), params)
+
+    def adapter_id(self, ref: str | int) -> int:
+        """The id of the adapter ``ref`` names (see the module docstring), or a one-line NotFound/Ambiguous error."""
+        ref = str(ref).strip()
+        if "@" in ref:
+            name, _, version = ref.rpartition("@")
+            if not version.isdigit():
+                raise InvalidInputError(f"bad adapter reference {ref!r}: the part after @ must be a version number")
+            found = self.rows("SELECT id FROM adapters WHERE name = ? AND version = ?", [name, int(version)])
+            if found:
+                return found[0][0]
+            versions = [v for v, in self.rows("SELECT version FROM adapters WHERE name = ? ORDER BY version", [name])]
+            if versions:
+                raise NotFoundError(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
+            raise NotFoundError(f"no adapter named {name!r} in the registry")
+        found = self.rows("SELECT id FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1", [ref])
+        if found:
+            return found[0][0]
+        rows = self._by_id_or_prefix("id, name, version, sha256 FROM adapters", ref, ("sha256", "weights_sha256"))
+        if len(rows) == 1:
+            return rows[0][0]
+        if rows:
+            raise AmbiguousError(
+                f"adapter reference {ref!r} matches several adapters ({shown(f'{n}@{v} {sha[:12]}' for _, n, v, sha in rows)}); "
+                "give more of the sha256, or name@version"
+            )
+        raise _missing("adapter", ref, f"give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits")
+
+    def _adapters(self, where: str, params: list) -> list[AdapterRecord]:
+        rows = self.rows(f"SELECT {_ADAPTER_COLUMNS} FROM adapters a LEFT JOIN bases b ON b.id = a.base_id "
+                         f"WHERE {where} ORDER BY a.name, a.version", params)
+        if not rows:
+            return []
+        chosen = f"SELECT a.id FROM adapters a WHERE {where}"
+        modules: dict[int, list[ModuleRecord]] = {}
+        for adapter_id, name, kind, rank, alpha, scale, in_features, out_features in self.rows(
+            "SELECT adapter_id, name, kind, rank, alpha, scale, in_features, out_features FROM adapter_modules "
+            f"WHERE adapter_id IN ({chosen}) ORDER BY id", params
+        ):
+            modules.setdefault(adapter_id, []).append(ModuleRecord(
+                name=name, kind=kind, rank=rank, alpha=alpha, scale=scale, in_features=in_features,
+                out_features=out_features,
+            ))
+        tags: dict[int, list[str]] = {}
+        for adapter_id, tag in self.rows(f"SELECT adapter_id, tag FROM adapter_tags WHERE adapter_id IN ({chosen})", params):
+            tags.setdefault(adapter_id, []).append(tag)
+        lineages = self._lineages(f"SELECT a.lineage_id FROM adapters a WHERE {where}", params, any(r[19] is not None for r in rows))
+        records = []
+        for (id_, name, version, sha256, weights_sha256, format_, dtype, size, num_parameters, rank, alpha, scale_mode,
+             target_modules, base_id, base_name, fingerprint, base_hint, source, blob, lineage_id, created) in rows:
+            records.append(AdapterRecord(
+                id=id_, name=name, version=version, sha256=sha256, weights_sha256=weights_sha256, format=format_,
+                dtype=dtype, size=size, num_parameters=num_parameters, rank=rank, alpha=alpha, scale_mode=scale_mode,
+                target_modules=list(_json(target_modules)),
+                base=None if base_id is None else BaseRef(id=base_id, name=base_name, fingerprint=fingerprint),
+                base_hint=base_hint, tags=sorted(tags.get(id_, [])), source=source, path=str(self.blobs.path(blob)),
+                created=_time(created), modules=modules.get(id_, []), lineage=lineages.get(lineage_id),
+            ))
+        return records
+
+    # ---------------------------------------------------------------- bases
+
+    def get_base(self, ref: str | int) -> BaseRecord:
+        return self.base(self.base_id(ref))
+
+    def base(self, base_id: int) -> BaseRecord:
+        found = self._bases("b.id = ?", [base_id])
+        if not found:
+            raise NotFoundError(f"no base with id {base_id} in the registry")
+        return found[0]
+
+    def list_bases(self) -> list[BaseRecord]:
+        return self._bases("1 = 1", [])
+
+    def find_base(self, fingerprint: str) -> BaseRecord | None:
+        """The registered base with exactly this fingerprint, if any (e.g. the pristine base of a merged model)."""
+        found = self._bases("b.fingerprint = ?", [fingerprint])
+        return found[0] if found else None
+
+    def base_id(self, ref: str | int) -> int:
+        """The id of the base ``ref`` names (name, id, or fingerprint prefix), or a one-line error."""
+        ref = str(ref).strip()
+        found = self.rows("SELECT id FROM bases WHERE name = ?", [ref])
+        if found:
+            return found[0][0]
+        rows = self._by_id_or_prefix("id, name FROM bases", ref, ("fingerprint",))
+        if len(rows) == 1:
+            return rows[0][0]
+        if rows:
+            raise AmbiguousError(
+                f"base reference {ref!r} matches several bases ({shown(n for _, n in rows)}); give more of the fingerprint"
+            )
+        raise _missing("base", ref, "see `loraops base list`")
+
+    def _bases(self, where: str, params: list) -> list[BaseRecord]:
+        rows = self.rows(f"SELECT {_BASE_COLUMNS} FROM bases b WHERE {where} ORDER BY b.name", params)
+        lineages = self._lineages(f"SELECT b.lineage_id FROM bases b WHERE {where}", params, any(r[10] is not None for r in rows))
+        return [
+            BaseRecord(id=id_, name=name, fingerprint=fingerprint, source=source, path=path, num_tensors=num_tensors,
+                       num_parameters=num_parameters, dtype=dtype, total_bytes=total_bytes, derived=bool(derived),
+                       lineage=lineages.get(lineage_id), created=_time(created))
+            for (id_, name, fingerprint, source, path, num_tensors, num_parameters, dtype, total_bytes, derived,
+                 lineage_id, created) in rows
+        ]
+
+    # ---------------------------------------------------------------- shared
+
+    def _by_id_or_prefix(self, what: str, ref: str, hash_columns: Sequence[str]) -> list[tuple]:
+        """Up to SHOWN + 1 rows (enough to list an ambiguous reference) whose id is ``ref``, or whose
+        ``hash_columns`` start with it when it is 6+ hex digits."""
+        clauses, params = [], []
+        if ref.isdigit():
+            clauses.append("id = ?")
+            params.append(int(ref))
+        if len(ref) >= MIN_PREFIX and HEX_RE.match(ref):
+            clauses += [f"{column} LIKE ?" for column in hash_columns]
+            params += [f"{ref.lower()}%"] * len(hash_columns)
+        if not clauses:
+            return []
+        return self.rows(f"SELECT {what} WHERE {' OR '.join(clauses)} ORDER BY id LIMIT {SHOWN + 1}", params)
+
+    def _lineages(self, ids_sql: str, params: list, needed: bool) -> dict[int, LineageRecord]:
+        """Lineage id → record, for the lineage ids ``ids_sql`` selects (no query unless ``needed``)."""
+        if not needed:
+            return {}
+        inputs: dict[int, list[LineageInputRecord]] = {}
+        for lineage_id, kind, adapter_id, base_id, label, sha256, weight, role in self.rows(
+            "SELECT lineage_id, kind, adapter_id, base_id, label, sha256, weight, role FROM lineage_inputs "
+            f"WHERE lineage_id IN ({ids_sql}) ORDER BY lineage_id, position", params
+        ):
+            inputs.setdefault(lineage_id, []).append(LineageInputRecord(
+                kind=kind, id=adapter_id if kind == "adapter" else base_id, label=label, sha256=sha256, weight=weight,
+                role=role,
+            ))
+        return {
+            id_: LineageRecord(id=id_, op=op, params=dict(_json(params_) or {}), created=_time(created),
+                               inputs=inputs.get(id_, []))
+            for id_, op, params_, created in self.rows(
+                f"SELECT id, op, params, created FROM lineage WHERE id IN ({ids_sql})", params)
+        }
+
+
+@contextlib.contextmanager
+def reader(url: str | None = None) -> Iterator[Reader]:
+    """A Reader on the registry at ``url`` (default: settings.db_url()), in one read transaction.
+
+    When the database exists at this code's schema revision it is read straight over the driver; otherwise (no
+    database yet, an old or newer revision, a URL only SQLAlchemy understands) through Registry.open, which
+    creates, migrates or refuses as it always does."""
+    from .. import settings
+
+    url = url or settings.db_url()
+    connection = _connect(url)
+    if connection is None:
+        from .store import Registry
+
+        with Registry.open(url) as registry, registry.reader() as found:
+            yield found
+        return
+    try:
+        yield Reader.over(connection, BlobStore())
+    finally:
+        connection.close()
+
+
+def _connect(url: str):
+    """A driver connection in a read transaction when ``url`` is SQLite or PostgreSQL and its schema is at HEAD,
+    else None (then Registry.open creates, migrates, refuses, or reports the error in its own words)."""
+    scheme, _, rest = url.partition("://")
+    dialect, _, driver = scheme.partition("+")
+    connection = None
+    try:
+        if dialect == "sqlite" and driver in ("", "pysqlite"):
+            path = rest[1:]  # sqlite:///relative.db, sqlite:////absolute.db (as SQLAlchemy reads them)
+            if not rest.startswith("/") or path == ":memory:" or any(c in path for c in "?%") or not os.path.isfile(path):
+                return None
+            import sqlite3
+
+            connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            connection.execute("BEGIN")  # one snapshot for every query of the command
+        elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2"):
+            import psycopg
+
+            connection = psycopg.connect(f"postgresql://{rest}")
+        else:
+            return None
+        revision = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    except Exception:  # noqa: BLE001 - no driver, no such table, cannot connect: the full path knows what to do
+        revision = None
+    if revision is None or revision[0] != HEAD:
+        if connection is not None:
+            connection.close()
+        return None
+    return connection
+
+
+def _missing(kind: str, ref: str, hint: str) -> NotFoundError:
+    if looks_like_path(ref):
+        return NotFoundError(f"{ref}: no such file or folder, and no {kind} of that name in the registry")
+    return NotFoundError(f"no {kind} {ref!r} in the registry ({hint})")
+
+
+def _json(value: Any) -> Any:
+    """JSON columns: SQLite hands back the text, PostgreSQL drivers the decoded value."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _time(value: datetime | str) -> datetime:
+    """Stored times are UTC: SQLite hands back naive text, PostgreSQL an aware datetime."""
+    return utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
+
+
+def utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+def shown(items: Iterable[str]) -> str:
+    items = list(items)
+    return ", ".join(items[:SHOWN]) + (", …" if len(items) > SHOWN else "")
+
+
+def looks_like_path(ref: str | int) -> bool:
+    """Commands take a registry reference or a path; a reference that can only be a path (absolute, ./, ~/, or a
+    file suffix) that matched nothing is reported as a missing path, which is what the user meant."""
+    text = str(ref)
+    return text.startswith(("/", "./", "../", "~")) or text.endswith((".safetensors", ".json", ".bin", ".pt"))

@@ -1,0 +1,130 @@
+"""The registry's plain-SQL reads (loraops.registry.reads): the same records through the Registry's SQLAlchemy
+connection and straight over the driver, both checked against the ORM rows; the driver path falls back to
+Registry.open (create, migrate, refuse) whenever the schema is not at head."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from loraops import settings
+from loraops.errors import NotFoundError, RegistryError
+from loraops.records import LineageInput, LineageSpec
+from loraops.registry import Registry, db, reads
+from loraops.registry.models import SqlAdapter, SqlBase
+from test_registry_cli import art  # noqa: F401 - the same models and adapters (a module fixture)
+
+ADAPTER_COLUMNS = ("id", "name", "version", "sha256", "weights_sha256", "format", "dtype", "size", "num_parameters",
+                   "rank", "alpha", "scale_mode", "target_modules", "base_hint", "source")
+BASE_COLUMNS = ("id", "name", "fingerprint", "source", "path", "num_tensors", "num_parameters", "dtype", "total_bytes",
+                "derived")
+FILTERS = [{}, {"rank": 4}, {"rank": 8}, {"target": "v_proj"}, {"tag": "sd"}, {"base": "llama-tiny"}, {"name": "combo"}]
+
+
+@pytest.fixture
+def filled(art):
+    """Adapters with and without a base, tags, lineage; a derived base with lineage."""
+    with Registry.open() as reg:
+        reg.add_adapter(art["ad1"], name="unbound", alpha=2)  # before any base: no base link
+        b = reg.add_base(art["base"], name="llama-tiny")
+        reg.add_base(art["other"], name="merged", lineage=LineageSpec(
+            op="merge", params={"weights": [1.0, 0.5]}, inputs=[LineageInput(kind="base", id=b.id, role="base")]))
+        a = reg.add_adapter(art["ad1"], tags=["b", "a"])
+        k = reg.add_adapter(art["kohya"], name="style", base="llama-tiny", tags=["sd"])
+        reg.add_adapter(art["ad1"], name="combo", alpha=3, lineage=LineageSpec(
+            op="combine", params={"method": "cat", "nested": {"x": [1, 2]}},
+            inputs=[LineageInput(kind="adapter", id=a.id, weight=0.5), LineageInput(kind="adapter", id=k.id)]))
+    return settings.db_url()
+
+
+@pytest.fixture
+def opens(monkeypatch) -> list:
+    """The URLs Registry.open is called with (the driver path never calls it)."""
+    opened = []
+    real_open = Registry.open.__func__
+    monkeypatch.setattr(Registry, "open", classmethod(lambda cls, url=None: opened.append(url) or real_open(cls, url)))
+    return opened
+
+
+def everything(r) -> list:
+    """Every read a Reader (or a Registry) offers, as the JSON the CLI prints."""
+    found = [r.list_adapters(**f) for f in FILTERS] + [r.list_bases(), r.get_adapter("combo"), r.get_adapter("ad1@1"),
+                                                       r.get_base("merged"), r.find_base(r.get_base("llama-tiny").fingerprint)]
+    return [x.model_dump(mode="json") if hasattr(x, "model_dump") else [y.model_dump(mode="json") for y in x] for x in found]
+
+
+def test_driver_and_registry_paths_give_identical_records(filled, opens):
+    with Registry.open() as reg:
+        via_sqlalchemy = everything(reg)
+    opens.clear()
+    with reads.reader() as r:
+        direct = everything(r)
+        with pytest.raises(NotFoundError, match="^no adapter with id 999 in the registry$"):
+            r.adapter(999)  # e.g. removed between resolving a reference and reading it
+    assert opens == []  # straight over the driver
+    assert direct == via_sqlalchemy
+    everyone = ["ad1", "combo", "style", "unbound"]
+    assert [[a["name"] for a in found] for found in direct[:len(FILTERS)]] == [
+        everyone, everyone, [], ["ad1", "combo", "unbound"], ["style"], ["ad1", "combo", "style"], ["combo"]]
+
+
+def test_records_match_the_orm_rows(filled):
+    """An oracle independent of the SQL: the ORM's own typed values (JSON, booleans, times, relationships)."""
+    with Registry.open() as reg, Session(reg.engine) as s:
+        adapters = {a.id: a for a in reg.list_adapters()}
+        rows = s.scalars(select(SqlAdapter)).all()
+        assert sorted(adapters) == sorted(row.id for row in rows)
+        for row in rows:
+            record = adapters[row.id]
+            assert {c: getattr(record, c) for c in ADAPTER_COLUMNS} == {c: getattr(row, c) for c in ADAPTER_COLUMNS}
+            assert record.created == reads.utc(row.created) and record.path == str(reg.blobs.path(row.blob))
+            assert record.tags == sorted(t.tag for t in row.tags)
+            assert (record.base and record.base.model_dump()) == (
+                row.base and dict(id=row.base.id, name=row.base.name, fingerprint=row.base.fingerprint))
+            assert [m.model_dump() for m in record.modules] == [
+                dict(name=m.name, kind=m.kind, rank=m.rank, alpha=m.alpha, scale=m.scale, in_features=m.in_features,
+                     out_features=m.out_features) for m in row.modules]
+            assert_lineage(record.lineage, row.lineage)
+        bases = {b.id: b for b in reg.list_bases()}
+        for row in s.scalars(select(SqlBase)):
+            record = bases[row.id]
+            assert {c: getattr(record, c) for c in BASE_COLUMNS} == {c: getattr(row, c) for c in BASE_COLUMNS}
+            assert record.created == reads.utc(row.created)
+            assert_lineage(record.lineage, row.lineage)
+        assert sum(a.lineage is not None for a in adapters.values()) == sum(b.lineage is not None for b in bases.values()) == 1
+
+
+def assert_lineage(record, row) -> None:
+    assert (record is None) == (row is None)
+    if row is not None:
+        assert (record.id, record.op, record.params, record.created) == (row.id, row.op, row.params, reads.utc(row.created))
+        assert [(i.kind, i.id, i.label, i.sha256, i.weight, i.role) for i in record.inputs] == [
+            (i.kind, i.adapter_id if i.kind == "adapter" else i.base_id, i.label, i.sha256, i.weight, i.role)
+            for i in row.inputs]
+
+
+def test_driver_path_falls_back_unless_at_head(art, opens):
+    url = settings.db_url()
+
+    with reads.reader() as r:  # no database yet (SQLite) or an empty schema: created through Registry.open
+        assert r.list_adapters() == []
+    assert opens == [url]
+    with Registry.open() as reg:
+        reg.add_adapter(art["ad1"])
+    opens.clear()
+    with reads.reader() as r:
+        assert [a.name for a in r.list_adapters()] == ["ad1"]
+    assert opens == []  # at head: straight over the driver
+
+    engine = db.make_engine(url)
+    db.downgrade(engine, "0001")
+    with reads.reader() as r:  # an old schema is upgraded first, rows kept
+        assert [a.name for a in r.list_adapters()] == ["ad1"]
+    assert opens == [url]
+    with engine.begin() as c:
+        assert db.current_revision(c) == db.HEAD
+        c.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    with pytest.raises(RegistryError, match=r"^this registry was written by a newer loraops \(revision f00d\)"):
+        with reads.reader():
+            pass
+    engine.dispose()
