@@ -103,6 +103,7 @@ def assert_lineage(record, row) -> None:
             for i in row.inputs]
 
 
+@pytest.mark.empty_db
 def test_driver_path_falls_back_unless_at_head(art, opens):
     url = settings.db_url()
 
