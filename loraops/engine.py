@@ -11,6 +11,12 @@ Three stages run at once, joined by bounded queues:
   writer thread   writes the chunks; tensors nothing touches are copied file-to-file (copy_file_range, never
                   decoded); each finished file is fdatasync'ed while the next one is computed
 
+Fingerprint. With fingerprint=True (the default) the writer also hashes every tensor it writes (hashlib releases
+the GIL on large buffers, so it overlaps with the compute), and a tensor copied unchanged takes its digest from the
+base's digest cache (basemodel: cached whenever the base was fingerprinted; otherwise the copy is read and hashed
+on the way). The report then carries the output's fingerprint and its digests are cached, so recording the output
+never re-reads it.
+
 Memory is bounded by the pool (a few chunks of ≤ CHUNK_ELEMENTS elements) plus the adapters, whatever the model
 size. File I/O and torch kernels release the GIL, so the stages overlap in one process.
 
@@ -20,6 +26,7 @@ sibling (fsutil.atomic_path) renamed into place at the end, so a crash or kill l
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -34,7 +41,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import settings
 from .adapter import Adapter, LoraModule
-from .basemodel import BaseModel
+from .basemodel import BaseModel, fingerprint_of, store_digests
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
 from .fsutil import atomic_path, ensure_free_space, remove_stale_temps
 from .records import MergeInputRecord, MergeReport, ResidualRecord
@@ -67,6 +74,8 @@ class _Tensor:
     terms: list[tuple[LoraModule, float]] = field(default_factory=list)
     """(module, wᵢ·sᵢ) for every adapter that changes this tensor."""
     replacement: "torch.Tensor | None" = None
+    digest: str | None = None
+    """sha256 hex of the output bytes, when known (fingerprinting)."""
 
     @property
     def rows(self) -> int:
@@ -115,6 +124,7 @@ class _Copy:
     source: Path
     start: int
     nbytes: int
+    tensors: list[_Tensor]
 
 
 @dataclass
@@ -157,11 +167,13 @@ def merge(
     precise: bool = False,
     force: bool = False,
     progress: bool | None = None,
+    fingerprint: bool = True,
 ) -> MergeReport:
     """Write base + Σ wᵢ·sᵢ·Bᵢ·Aᵢ to ``output`` (a folder like the base's, or one .safetensors for a single-file
-    base). ``dtype`` changes the output dtype of every floating tensor (integer tensors are never converted)."""
+    base). ``dtype`` changes the output dtype of every floating tensor (integer tensors are never converted).
+    ``fingerprint``: hash the output while writing it (report.fingerprint; see the module docstring)."""
     return _run("merge", base, [(a, float(w)) for a, w in adapters], output, dtype=dtype, device=device,
-                precise=precise, force=force, progress=progress)
+                precise=precise, force=force, progress=progress, fingerprint=fingerprint)
 
 
 def subtract(
@@ -175,15 +187,17 @@ def subtract(
     force: bool = False,
     progress: bool | None = None,
     reference: str | Path | BaseModel | None = None,
+    fingerprint: bool = True,
 ) -> MergeReport:
     """Write model − Σ wᵢ·sᵢ·Bᵢ·Aᵢ. The report's ``residual`` says what the round trip left: always the largest
     rounding error of the output, and, when ``reference`` (the pristine base) is given, how many elements of the
     touched tensors differ from it. In bf16/fp16 this is never zero: merge rounded W + ΔW once already."""
     return _run("subtract", model, [(a, -float(w)) for a, w in adapters], output, dtype=dtype, device=device,
-                precise=precise, force=force, progress=progress, reference=reference)
+                precise=precise, force=force, progress=progress, reference=reference, fingerprint=fingerprint)
 
 
-def _run(operation, base, adapters, output, *, dtype, device, precise, force, progress, reference=None) -> MergeReport:
+def _run(operation, base, adapters, output, *, dtype, device, precise, force, progress, fingerprint,
+         reference=None) -> MergeReport:
     import torch
 
     started = time.perf_counter()
@@ -202,17 +216,28 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     tensors = [t for f in files for t in f.tensors]
     compute_dtype = torch.float64 if precise or any("F64" in (t.info.dtype, t.out_dtype) for t in tensors) else torch.float32
     stats = _Residual(reference) if operation == "subtract" else None
+    if fingerprint:
+        known = base.cached_digests()
+        for tensor in tensors:
+            tensor.digest = None if tensor.decoded else known.get(tensor.name)
     with atomic_path(output, force=force, is_dir=not base.is_single_file) as tmp:
         root = tmp if not base.is_single_file else tmp.parent
         if base.is_single_file:
             files[0].target = Path(tmp.name)
         bar = _progress_bar(sum(f.size for f in files), f"{operation} → {output.name}", progress)
         try:
-            _Pipeline(root, dev, compute_dtype, bar, stats).run(files)
+            _Pipeline(root, dev, compute_dtype, bar, stats, fingerprint).run(files)
         finally:
             bar.close()
         if not base.is_single_file:
             _copy_other_files(base, tmp, files, out_dtype)
+    if fingerprint:
+        for tensor in tensors:
+            if tensor.digest is None and tensor.out_nbytes == 0:  # no rows: no chunk was written, nothing hashed
+                tensor.digest = hashlib.sha256().hexdigest()
+        for file in files:
+            store_digests(output / file.target if not base.is_single_file else output,
+                          {t.info.name: t.digest for t in file.tensors})
     return MergeReport(
         operation=operation,
         output=str(output),
@@ -233,6 +258,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         seconds=round(time.perf_counter() - started, 3),
         peak_rss_bytes=peak_rss(),
         residual=stats.record() if stats else None,
+        fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
 
 
@@ -297,10 +323,11 @@ def _steps(file: _File) -> Iterable[_Copy | _Chunk]:
             info = tensor.info
             if pending is not None and pending.start + pending.nbytes == info.start:
                 pending.nbytes += info.nbytes
+                pending.tensors.append(tensor)
             else:
                 if pending is not None:
                     yield pending
-                pending = _Copy(info.file, info.start, info.nbytes)
+                pending = _Copy(info.file, info.start, info.nbytes, [tensor])
             continue
         if pending is not None:
             yield pending
@@ -321,8 +348,11 @@ def _chunk_bytes(chunk: _Chunk) -> int:
 class _Pipeline:
     """Reader thread → compute (calling thread) → writer thread, with a fixed pool of chunk buffers."""
 
-    def __init__(self, root: Path, device: "torch.device", compute_dtype: "torch.dtype", bar, residual) -> None:
+    def __init__(self, root: Path, device: "torch.device", compute_dtype: "torch.dtype", bar, residual,
+                 hashing: bool) -> None:
         self.root = root
+        self.hashing = hashing
+        self._hasher = None
         self.device = device
         self.compute_dtype = compute_dtype
         self.bar = bar
@@ -429,10 +459,16 @@ class _Pipeline:
                     _write_all(fd, memoryview(item.header))
                     self.bar.update(len(item.header))
                 elif isinstance(item, _Copy):
-                    _copy_range(item, fd)
+                    if self.hashing and any(t.digest is None for t in item.tensors):
+                        _copy_hashed(item, fd)
+                    else:
+                        _copy_range(item, fd)
                     self.bar.update(item.nbytes)
                 elif isinstance(item, _Chunk):
-                    _write_all(fd, _bytes_view(item.buffer)[: item.out_nbytes])
+                    data = _bytes_view(item.buffer)[: item.out_nbytes]
+                    _write_all(fd, data)
+                    if self.hashing:
+                        self._hash_chunk(item, data)
                     self.pool.put(item.buffer)
                     self.bar.update(item.out_nbytes)
                 else:
@@ -449,6 +485,14 @@ class _Pipeline:
                 os.close(fd)
             for syncer in syncs:
                 syncer.join()
+
+    def _hash_chunk(self, chunk: _Chunk, data: memoryview) -> None:
+        """Chunks of a tensor arrive in row order, one tensor after another: one running sha256 suffices."""
+        if chunk.row0 == 0:
+            self._hasher = hashlib.sha256()
+        self._hasher.update(data)
+        if chunk.row1 == chunk.tensor.rows:
+            chunk.tensor.digest = self._hasher.hexdigest()
 
     # -- math -----------------------------------------------------------------------------------------------------
     def _compute_chunk(self, chunk: _Chunk) -> None:
@@ -632,6 +676,24 @@ def _copy_range(item: _Copy, fd: int) -> None:
                 raise FormatError(f"{item.source}: truncated (expected {item.nbytes} bytes at offset {item.start})")
             offset += done
             remaining -= done
+
+
+def _copy_hashed(item: _Copy, fd: int) -> None:
+    """Copy through user space, hashing each tensor on the way (its digest was not cached)."""
+    buffer = memoryview(bytearray(min(item.nbytes, 16 << 20)))
+    with open(item.source, "rb") as src:
+        _advise_sequential(src.fileno())
+        for tensor in item.tensors:
+            digest = hashlib.sha256()
+            info = tensor.info
+            done = 0
+            while done < info.nbytes:
+                n = min(len(buffer), info.nbytes - done)
+                _pread_exact(src.fileno(), buffer, n, info.start + done, info)
+                digest.update(buffer[:n])
+                _write_all(fd, buffer[:n])
+                done += n
+            tensor.digest = digest.hexdigest()
 
 
 def _copy_other_files(base: BaseModel, out: Path, files: list[_File], out_dtype: str | None) -> None:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from . import engine
 from .adapter import Adapter
-from .basemodel import BaseModel
+from .basemodel import BaseModel, store_digests
 from .errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError
 from .fsutil import atomic_path, ensure_free_space
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
@@ -79,7 +79,7 @@ def merge(base: str | Path, adapters: Sequence[str], output: str | Path, *, name
         _check_name_free(reg, name)
         model, _ = resolve_base(reg, base)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
-        report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, **options)
+        report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
         if reg is None:
             return report
@@ -105,7 +105,7 @@ def subtract(model: str | Path, adapters: Sequence[str], output: str | Path, *, 
         else:
             pristine = _pristine(reg, origin) if origin is not None else None
             report = engine.subtract(merged, [(i.adapter, i.weight) for i in inputs], output, reference=pristine,
-                                     **options)
+                                     fingerprint=record, **options)
             report = _labelled(report, inputs, sign=-1)
         if reg is None or not record:
             return report
@@ -269,6 +269,13 @@ def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
             for rel in [f.relative_to(model.path) for f in model.files] + model.other_files():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(model.path / rel, tmp / rel)
+    # Same bytes, same digests: recording the copy does not re-read it.
+    digests = model.tensor_digests()
+    for part in model.parts:
+        for file in part.files:
+            store_digests(output if model.is_single_file else output / file.relative_to(model.path),
+                          {n: digests[part.prefix + n] for n in model.headers[file].tensors})
     return MergeReport(operation="restore", output=str(output), base=str(model.path), adapters=[], dtype=model.dtype,
                        device="cpu", tensors_copied=len(model.tensors), bytes_written=size,
-                       seconds=round(time.perf_counter() - started, 3), peak_rss_bytes=engine.peak_rss())
+                       seconds=round(time.perf_counter() - started, 3), peak_rss_bytes=engine.peak_rss(),
+                       fingerprint=model.fingerprint())
