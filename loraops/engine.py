@@ -11,8 +11,8 @@ Three stages run at once, joined by bounded queues:
   writer thread   writes the chunks; tensors nothing touches are copied file-to-file (copy_file_range, never
                   decoded); each finished file is fdatasync'ed while the next one is computed
 
-Fingerprint. With fingerprint=True (the default) the writer also hashes every tensor it writes (hashlib releases
-the GIL on large buffers, so it overlaps with the compute), and a tensor copied unchanged takes its digest from the
+Fingerprint. With fingerprint=True (the default) a fourth thread between compute and writer hashes every chunk
+(hashlib releases the GIL on large buffers, so it overlaps with computing and writing), and a tensor copied unchanged takes its digest from the
 base's digest cache (basemodel: cached whenever the base was fingerprinted; otherwise the copy is read and hashed
 on the way). The report then carries the output's fingerprint and its digests are cached, so recording the output
 never re-reads it.
@@ -352,7 +352,6 @@ class _Pipeline:
                  hashing: bool) -> None:
         self.root = root
         self.hashing = hashing
-        self._hasher = None
         self.device = device
         self.compute_dtype = compute_dtype
         self.bar = bar
@@ -362,6 +361,7 @@ class _Pipeline:
         self.pool: queue.Queue = queue.Queue()
         self.read_q: queue.Queue = queue.Queue(maxsize=POOL_BUFFERS)
         self.write_q: queue.Queue = queue.Queue(maxsize=POOL_BUFFERS)
+        self.hash_q: queue.Queue = queue.Queue(maxsize=POOL_BUFFERS)
         self._factors: dict[int, tuple["torch.Tensor", "torch.Tensor"]] = {}
         self._factors_of: _Tensor | None = None
 
@@ -378,13 +378,16 @@ class _Pipeline:
             self.work = torch.empty(most, dtype=self.compute_dtype, device=self.device)
         reader = threading.Thread(target=self._guard, args=(self._read, files), name="loraops-read", daemon=True)
         writer = threading.Thread(target=self._guard, args=(self._write,), name="loraops-write", daemon=True)
-        reader.start()
-        writer.start()
+        stages = [reader, writer]
+        if self.hashing:
+            stages.append(threading.Thread(target=self._guard, args=(self._hash,), name="loraops-hash", daemon=True))
+        for stage in stages:
+            stage.start()
         try:
             self._guard(self._compute)
         finally:
-            reader.join()
-            writer.join()
+            for stage in stages:
+                stage.join()
         errors = [e for e in self.errors if not isinstance(e, _Aborted)]
         if errors:
             raise errors[0]
@@ -441,9 +444,23 @@ class _Pipeline:
                 os.close(fd)
 
     def _compute(self) -> None:
+        out_q = self.hash_q if self.hashing else self.write_q
         while (item := self._get(self.read_q)) is not _END:
             if isinstance(item, _Chunk):
                 self._compute_chunk(item)
+            self._put(out_q, item)
+        self._put(out_q, _END)
+
+    def _hash(self) -> None:
+        """Chunks of a tensor arrive in row order, one tensor after another: one running sha256 suffices."""
+        hasher = None
+        while (item := self._get(self.hash_q)) is not _END:
+            if isinstance(item, _Chunk):
+                if item.row0 == 0:
+                    hasher = hashlib.sha256()
+                hasher.update(_bytes_view(item.buffer)[: item.out_nbytes])
+                if item.row1 == item.tensor.rows:
+                    item.tensor.digest = hasher.hexdigest()
             self._put(self.write_q, item)
         self._put(self.write_q, _END)
 
@@ -465,10 +482,7 @@ class _Pipeline:
                         _copy_range(item, fd)
                     self.bar.update(item.nbytes)
                 elif isinstance(item, _Chunk):
-                    data = _bytes_view(item.buffer)[: item.out_nbytes]
-                    _write_all(fd, data)
-                    if self.hashing:
-                        self._hash_chunk(item, data)
+                    _write_all(fd, _bytes_view(item.buffer)[: item.out_nbytes])
                     self.pool.put(item.buffer)
                     self.bar.update(item.out_nbytes)
                 else:
@@ -485,14 +499,6 @@ class _Pipeline:
                 os.close(fd)
             for syncer in syncs:
                 syncer.join()
-
-    def _hash_chunk(self, chunk: _Chunk, data: memoryview) -> None:
-        """Chunks of a tensor arrive in row order, one tensor after another: one running sha256 suffices."""
-        if chunk.row0 == 0:
-            self._hasher = hashlib.sha256()
-        self._hasher.update(data)
-        if chunk.row1 == chunk.tensor.rows:
-            chunk.tensor.digest = self._hasher.hexdigest()
 
     # -- math -----------------------------------------------------------------------------------------------------
     def _compute_chunk(self, chunk: _Chunk) -> None:

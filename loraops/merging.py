@@ -56,11 +56,23 @@ def resolve_adapter(reg, ref: str, weight: float) -> Input:
     if Path(ref).exists():
         sha = formats.identity(ref)
         adapter = formats.read_adapter(ref)
-        return Input(ref, adapter, weight, sha)
+        return Input(ref, adapter, weight, sha, _registered_id(reg, sha))
     if reg is None:
         raise NotFoundError(f"{ref}: no such file or folder")
     record = reg.get_adapter(ref)
     return Input(f"{record.name}@{record.version}", reg.load_adapter(record.id), weight, record.sha256, record.id)
+
+
+def _registered_id(reg, sha: str) -> int | None:
+    """The registry id of the adapter with this identity, if it is registered (then recording a merge need not
+    register it again, which would read and hash it twice more)."""
+    if reg is None:
+        return None
+    try:
+        record = reg.get_adapter(sha)
+    except LoraopsError:
+        return None
+    return record.id if record.sha256 == sha else None
 
 
 def resolve_base(reg, ref: str | Path) -> tuple[BaseModel, str]:
@@ -137,7 +149,9 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     """Record the output (already in place) as a derived base with its lineage. Inputs given by path are recorded
     too (a base by its manifest and fingerprint, its files staying where they are; an adapter by a copy in the blob
     store, or the existing entry with the same identity)."""
-    source_record = reg.register_base(source.path, name=_free_name(reg, source.path))[0]
+    source_record = reg.find_base(source.fingerprint())
+    if source_record is None or not Path(source_record.path or "").exists():
+        source_record = reg.register_base(source.path, name=_free_name(reg, source.path))[0]
     for i in inputs:  # adapters given by path join the registry (by identity), so the lineage can name them
         if i.registry_id is None:
             i.registry_id = reg.register_adapter(i.label)[0].id
