@@ -13,9 +13,10 @@ Three stages run at once, joined by bounded queues:
 
 Fingerprint. With fingerprint=True (the default) a fourth thread between compute and writer hashes every chunk
 (hashlib releases the GIL on large buffers, so it overlaps with computing and writing), and a tensor copied unchanged takes its digest from the
-base's digest cache (basemodel: cached whenever the base was fingerprinted; otherwise the copy is read and hashed
-on the way). The report then carries the output's fingerprint and its digests are cached, so recording the output
-never re-reads it.
+base's digest cache (basemodel: cached whenever the base was fingerprinted). When the base was never fingerprinted,
+the reader hashes what it reads and copies are read and hashed on the way, so the base's digests get cached too.
+The report then carries the output's fingerprint and both models' digests are cached: recording the output (and
+its base) never re-reads them.
 
 Memory is bounded by the pool (a few chunks of ≤ CHUNK_ELEMENTS elements) plus the adapters, whatever the model
 size. File I/O and torch kernels release the GIL, so the stages overlap in one process.
@@ -76,6 +77,8 @@ class _Tensor:
     replacement: "torch.Tensor | None" = None
     digest: str | None = None
     """sha256 hex of the output bytes, when known (fingerprinting)."""
+    source_digest: str | None = None
+    """sha256 hex of the base tensor's bytes, when known (fingerprinting)."""
 
     @property
     def rows(self) -> int:
@@ -219,7 +222,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     if fingerprint:
         known = base.cached_digests()
         for tensor in tensors:
-            tensor.digest = None if tensor.decoded else known.get(tensor.name)
+            tensor.source_digest = known.get(tensor.name)
+            tensor.digest = None if tensor.decoded else tensor.source_digest
     with atomic_path(output, force=force, is_dir=not base.is_single_file) as tmp:
         root = tmp if not base.is_single_file else tmp.parent
         if base.is_single_file:
@@ -232,12 +236,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         if not base.is_single_file:
             _copy_other_files(base, tmp, files, out_dtype)
     if fingerprint:
-        for tensor in tensors:
-            if tensor.digest is None and tensor.out_nbytes == 0:  # no rows: no chunk was written, nothing hashed
-                tensor.digest = hashlib.sha256().hexdigest()
-        for file in files:
-            store_digests(output / file.target if not base.is_single_file else output,
-                          {t.info.name: t.digest for t in file.tensors})
+        _store_digests(base, output, files, known)
     return MergeReport(
         operation=operation,
         output=str(output),
@@ -260,6 +259,26 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         residual=stats.record() if stats else None,
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
+
+
+def _store_digests(base: BaseModel, output: Path, files: list[_File], known: dict[str, str]) -> None:
+    """Cache the digests the pipeline computed: the output's, and the base's when they were not cached."""
+    empty = hashlib.sha256().hexdigest()
+    for file in files:
+        for tensor in file.tensors:
+            if not tensor.decoded:
+                tensor.source_digest = tensor.digest
+            # A tensor without rows has no chunk to hash.
+            if tensor.digest is None and tensor.out_nbytes == 0:
+                tensor.digest = empty
+            if tensor.source_digest is None and tensor.info.nbytes == 0:
+                tensor.source_digest = empty
+        store_digests(output / file.target if not base.is_single_file else output,
+                      {t.info.name: t.digest for t in file.tensors})
+        base_digests = {t.info.name: t.source_digest for t in file.tensors}
+        # (a replaced tensor's base bytes are never read, so such a file stays unknown)
+        if None not in base_digests.values() and any(t.name not in known for t in file.tensors):
+            store_digests(file.source, base_digests)
 
 
 def peak_rss() -> int:
@@ -345,6 +364,20 @@ def _chunk_bytes(chunk: _Chunk) -> int:
     return elements * max(DTYPE_BYTES[t.info.dtype], DTYPE_BYTES[t.out_dtype])
 
 
+class _TensorHasher:
+    """sha256 of tensors arriving as row chunks in order, one tensor after another."""
+
+    def __init__(self) -> None:
+        self._digest = None
+
+    def add(self, chunk: _Chunk, data: memoryview) -> str | None:
+        """Hash one chunk; the tensor's hex digest once its last chunk is in, else None."""
+        if chunk.row0 == 0:
+            self._digest = hashlib.sha256()
+        self._digest.update(data)
+        return self._digest.hexdigest() if chunk.row1 == chunk.tensor.rows else None
+
+
 class _Pipeline:
     """Reader thread → compute (calling thread) → writer thread, with a fixed pool of chunk buffers."""
 
@@ -420,6 +453,7 @@ class _Pipeline:
     # -- stages ---------------------------------------------------------------------------------------------------
     def _read(self, files: list[_File]) -> None:
         handles: dict[Path, int] = {}
+        source_hasher = _TensorHasher()
         try:
             for file in files:
                 self._put(self.read_q, _Open(self.root / file.target, file.header, file.size))
@@ -432,8 +466,10 @@ class _Pipeline:
                             fd = handles[info.file] = os.open(info.file, os.O_RDONLY)
                             _advise_sequential(fd)
                         row_bytes = step.tensor.row_elements * DTYPE_BYTES[info.dtype]
-                        _pread_exact(fd, _bytes_view(step.buffer), (step.row1 - step.row0) * row_bytes,
-                                     info.start + step.row0 * row_bytes, info)
+                        nbytes = (step.row1 - step.row0) * row_bytes
+                        _pread_exact(fd, _bytes_view(step.buffer), nbytes, info.start + step.row0 * row_bytes, info)
+                        if self.hashing and step.tensor.source_digest is None:
+                            step.tensor.source_digest = source_hasher.add(step, _bytes_view(step.buffer)[:nbytes])
                     elif isinstance(step, _Chunk):
                         step.buffer = self._get(self.pool)
                     self._put(self.read_q, step)
@@ -452,15 +488,10 @@ class _Pipeline:
         self._put(out_q, _END)
 
     def _hash(self) -> None:
-        """Chunks of a tensor arrive in row order, one tensor after another: one running sha256 suffices."""
-        hasher = None
+        hasher = _TensorHasher()
         while (item := self._get(self.hash_q)) is not _END:
             if isinstance(item, _Chunk):
-                if item.row0 == 0:
-                    hasher = hashlib.sha256()
-                hasher.update(_bytes_view(item.buffer)[: item.out_nbytes])
-                if item.row1 == item.tensor.rows:
-                    item.tensor.digest = hasher.hexdigest()
+                item.tensor.digest = hasher.add(item, _bytes_view(item.buffer)[: item.out_nbytes])
             self._put(self.write_q, item)
         self._put(self.write_q, _END)
 

@@ -68,8 +68,10 @@ def test_streaming_fingerprint_equals_the_one_from_files(tmp_path, sharded, monk
         report = engine.merge(base, [(formats.read_adapter(adapter_dir), 0.5)], tmp_path / "out", device="cpu")
     assert report.tensors_copied > 0 and report.tensors_merged > 0
     assert report.fingerprint == from_files(tmp_path / "out", monkeypatch, tmp_path)
-    forbid(monkeypatch, "loraops.basemodel._hash_file")  # the merge cached the output's digests
+    base_value = from_files(base, monkeypatch, tmp_path)
+    forbid(monkeypatch, "loraops.basemodel._hash_file")  # the merge cached the output's digests, and the base's
     assert BaseModel.open(tmp_path / "out").fingerprint() == report.fingerprint
+    assert BaseModel.open(base).fingerprint() == base_value
 
 
 def test_streaming_fingerprint_with_dtype_change_replacement_and_empty_tensors(tmp_path, monkeypatch):
