@@ -11,12 +11,12 @@ Three stages run at once, joined by bounded queues:
   writer thread   writes the chunks; tensors nothing touches are copied file-to-file (copy_file_range, never
                   decoded); each finished file is fdatasync'ed while the next one is computed
 
-Fingerprint. With fingerprint=True (the default) a fourth thread between compute and writer hashes every chunk
-(hashlib releases the GIL on large buffers, so it overlaps with computing and writing), and a tensor copied unchanged takes its digest from the
-base's digest cache (basemodel: cached whenever the base was fingerprinted). When the base was never fingerprinted,
-the reader hashes what it reads and copies are read and hashed on the way, so the base's digests get cached too.
-The report then carries the output's fingerprint and both models' digests are cached: recording the output (and
-its base) never re-reads them.
+Fingerprint (basemodel's definition: per-tensor sha256, so any order works). With fingerprint=True (the default) a
+fourth thread between compute and writer hashes every chunk (hashlib releases the GIL on large buffers, so it
+overlaps with computing and writing); a tensor copied unchanged takes its digest from the base's digest cache (there
+whenever the base was fingerprinted). For a base never fingerprinted, the reader hashes what it reads and copies go
+through user space to be hashed, so the base's digests get cached as well. The report carries the output's
+fingerprint and both models' digests are cached: recording the output and its base re-reads neither.
 
 Memory is bounded by the pool (a few chunks of ≤ CHUNK_ELEMENTS elements) plus the adapters, whatever the model
 size. File I/O and torch kernels release the GIL, so the stages overlap in one process.
