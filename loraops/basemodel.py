@@ -7,14 +7,17 @@ Layouts understood:
     prefixed ``<component>.`` ("unet.down_blocks.0...."), which is how diffusers-style adapter keys name them.
 
 Only headers are read to build the manifest. The fingerprint is sha256 over the tensors sorted by name of
-(name, dtype, shape, bytes), so the same tensors give the same fingerprint however they are sharded; it is
-cached per (path, size, mtime) of every file so re-adding unchanged files does not rehash.
+(name, dtype, shape, sha256 of the tensor's bytes), so the same tensors give the same fingerprint however they are
+sharded. Hashing each tensor on its own (rather than one stream over all bytes in name order) lets a writer compute
+it while it writes tensors in file order, and lets a merge reuse the digests of the tensors it copies unchanged.
+The per-tensor digests are cached per file (path, size, mtime), so unchanged files are never hashed twice.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,36 +113,71 @@ class BaseModel:
         )
 
     def fingerprint(self, progress: bool | None = None) -> str:
-        """sha256 over (name, dtype, shape, bytes) of every tensor sorted by name; cached per file stat."""
-        key = _cache_key(self.files)
-        cache = _FingerprintCache()
-        cached = cache.get(key)
-        if cached:
-            return cached
-        digest = hashlib.sha256()
-        bar = _progress(self.total_bytes, f"fingerprint {self.path.name}", progress)
-        handles: dict[Path, object] = {}
+        """See the module docstring; only files whose digests are not cached are read."""
+        digests = self.tensor_digests(progress)
+        return fingerprint_of((name, info.dtype, info.shape, digests[name]) for name, info in self.tensors.items())
+
+    def tensor_digests(self, progress: bool | None = None) -> dict[str, str]:
+        """sha256 hex of every tensor's bytes, by full name: from the cache, else by reading the files (in
+        parallel; hashlib releases the GIL)."""
+        digests = self.cached_digests()
+        missing = [(part, f) for part in self.parts for f in part.files
+                   if any(part.prefix + n not in digests for n in self.headers[f].tensors)]
+        if not missing:
+            return digests
+        bar = _progress(sum(f.stat().st_size for _, f in missing), f"fingerprint {self.path.name}", progress)
         try:
-            for name in sorted(self.tensors):
-                info = self.tensors[name]
-                digest.update(f"{name}\0{info.dtype}\0{list(info.shape)}\0{info.nbytes}\0".encode())
-                handle = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
-                handle.seek(info.start)
-                remaining = info.nbytes
-                while remaining:
-                    chunk = handle.read(min(remaining, 8 << 20))
-                    if not chunk:
-                        raise FormatError(f"{info.file}: truncated while hashing tensor {name!r}")
-                    digest.update(chunk)
-                    remaining -= len(chunk)
-                    bar.update(len(chunk))
+            with ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
+                hashed = list(pool.map(lambda item: _hash_file(self.headers[item[1]], bar), missing))
         finally:
             bar.close()
-            for handle in handles.values():
-                handle.close()
-        fingerprint = digest.hexdigest()
-        cache.put(key, fingerprint)
-        return fingerprint
+        for (part, file), file_digests in zip(missing, hashed):
+            store_digests(file, file_digests)
+            digests.update({part.prefix + n: d for n, d in file_digests.items()})
+        return digests
+
+    def cached_digests(self) -> dict[str, str]:
+        """The cached per-tensor digests of the files that have not changed since they were hashed (by full name;
+        tensors of other files are absent). Never reads tensor bytes."""
+        digests = {}
+        for part in self.parts:
+            for file in part.files:
+                cached = _DigestCache.get(file)
+                if cached is not None and cached.keys() == self.headers[file].tensors.keys():
+                    digests.update({part.prefix + n: d for n, d in cached.items()})
+        return digests
+
+
+def fingerprint_of(entries) -> str:
+    """The fingerprint of (name, dtype, shape, tensor sha256 hex) entries given in any order."""
+    digest = hashlib.sha256()
+    for name, dtype, shape, tensor_digest in sorted(entries, key=lambda entry: entry[0]):
+        digest.update(f"{name}\0{dtype}\0{list(shape)}\0{tensor_digest}\n".encode())
+    return digest.hexdigest()
+
+
+def store_digests(file: Path, digests: dict[str, str]) -> None:
+    """Cache ``file``'s per-tensor digests (by name as stored in the file) under its current stat."""
+    _DigestCache.put(file, digests)
+
+
+def _hash_file(header: Header, bar) -> dict[str, str]:
+    """sha256 of each tensor of one file, read front to back."""
+    digests = {}
+    with open(header.path, "rb") as handle:
+        for info in sorted(header.tensors.values(), key=lambda t: t.start):
+            digest = hashlib.sha256()
+            handle.seek(info.start)
+            remaining = info.nbytes
+            while remaining:
+                chunk = handle.read(min(remaining, 8 << 20))
+                if not chunk:
+                    raise FormatError(f"{info.file}: truncated while hashing tensor {info.name!r}")
+                digest.update(chunk)
+                remaining -= len(chunk)
+                bar.update(len(chunk))
+            digests[info.name] = digest.hexdigest()
+    return digests
 
 
 def _folder_part(folder: Path, prefix: str) -> Part:
@@ -189,37 +227,36 @@ def _check_index(part: Part, headers: dict[Path, Header]) -> None:
             raise FormatError(f"{part.index_file}: lists {name!r} in {shard}, which does not hold it")
 
 
-def _cache_key(files: list[Path]) -> str:
-    parts = []
-    for f in files:
-        st = f.stat()
-        parts.append(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}")
-    return "\n".join(parts)
+class _DigestCache:
+    """One small JSON file per hashed safetensors file under <home>/cache/digests, named by its path and holding
+    its size, mtime and per-tensor digests. Best effort: an unreadable or stale entry is ignored (and rewritten)."""
 
+    @staticmethod
+    def _entry(file: Path) -> Path:
+        key = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:32]
+        return settings.home() / "cache" / "digests" / f"{key}.json"
 
-class _FingerprintCache:
-    """A small JSON file under the home: stat key → fingerprint. Best effort: a broken cache is ignored."""
+    @staticmethod
+    def _stat(file: Path) -> list:
+        st = file.stat()
+        return [str(file.resolve()), st.st_size, st.st_mtime_ns]
 
-    def __init__(self) -> None:
-        self.path = settings.home() / "cache" / "fingerprints.json"
-
-    def _load(self) -> dict:
+    @classmethod
+    def get(cls, file: Path) -> dict[str, str] | None:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+            data = json.loads(cls._entry(file).read_text())
+            return data["tensors"] if data["stat"] == cls._stat(file) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
-    def get(self, key: str) -> str | None:
-        return self._load().get(key)
-
-    def put(self, key: str, value: str) -> None:
+    @classmethod
+    def put(cls, file: Path, digests: dict[str, str]) -> None:
         try:
-            data = self._load()
-            data[key] = value
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, self.path)
+            entry = cls._entry(file)
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"stat": cls._stat(file), "tensors": digests}))
+            os.replace(tmp, entry)
         except OSError:
             pass
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from . import engine
 from .adapter import Adapter
-from .basemodel import BaseModel
+from .basemodel import BaseModel, store_digests
 from .errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError
 from .fsutil import atomic_path, ensure_free_space
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
@@ -56,11 +56,23 @@ def resolve_adapter(reg, ref: str, weight: float) -> Input:
     if Path(ref).exists():
         sha = formats.identity(ref)
         adapter = formats.read_adapter(ref)
-        return Input(ref, adapter, weight, sha)
+        return Input(ref, adapter, weight, sha, _registered_id(reg, sha))
     if reg is None:
         raise NotFoundError(f"{ref}: no such file or folder")
     record = reg.get_adapter(ref)
     return Input(f"{record.name}@{record.version}", reg.load_adapter(record.id), weight, record.sha256, record.id)
+
+
+def _registered_id(reg, sha: str) -> int | None:
+    """The registry id of the adapter with this identity, if it is registered (then recording a merge need not
+    register it again, which would read and hash it twice more)."""
+    if reg is None:
+        return None
+    try:
+        record = reg.get_adapter(sha)
+    except LoraopsError:
+        return None
+    return record.id if record.sha256 == sha else None
 
 
 def resolve_base(reg, ref: str | Path) -> tuple[BaseModel, str]:
@@ -79,7 +91,7 @@ def merge(base: str | Path, adapters: Sequence[str], output: str | Path, *, name
         _check_name_free(reg, name)
         model, _ = resolve_base(reg, base)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
-        report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, **options)
+        report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
         if reg is None:
             return report
@@ -105,7 +117,7 @@ def subtract(model: str | Path, adapters: Sequence[str], output: str | Path, *, 
         else:
             pristine = _pristine(reg, origin) if origin is not None else None
             report = engine.subtract(merged, [(i.adapter, i.weight) for i in inputs], output, reference=pristine,
-                                     **options)
+                                     fingerprint=record, **options)
             report = _labelled(report, inputs, sign=-1)
         if reg is None or not record:
             return report
@@ -137,7 +149,9 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     """Record the output (already in place) as a derived base with its lineage. Inputs given by path are recorded
     too (a base by its manifest and fingerprint, its files staying where they are; an adapter by a copy in the blob
     store, or the existing entry with the same identity)."""
-    source_record = reg.register_base(source.path, name=_free_name(reg, source.path))[0]
+    source_record = reg.find_base(source.fingerprint())
+    if source_record is None or not Path(source_record.path or "").exists():
+        source_record = reg.register_base(source.path, name=_free_name(reg, source.path))[0]
     for i in inputs:  # adapters given by path join the registry (by identity), so the lineage can name them
         if i.registry_id is None:
             i.registry_id = reg.register_adapter(i.label)[0].id
@@ -269,6 +283,13 @@ def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
             for rel in [f.relative_to(model.path) for f in model.files] + model.other_files():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(model.path / rel, tmp / rel)
+    # Same bytes, same digests: recording the copy does not re-read it.
+    digests = model.tensor_digests()
+    for part in model.parts:
+        for file in part.files:
+            store_digests(output if model.is_single_file else output / file.relative_to(model.path),
+                          {n: digests[part.prefix + n] for n in model.headers[file].tensors})
     return MergeReport(operation="restore", output=str(output), base=str(model.path), adapters=[], dtype=model.dtype,
                        device="cpu", tensors_copied=len(model.tensors), bytes_written=size,
-                       seconds=round(time.perf_counter() - started, 3), peak_rss_bytes=engine.peak_rss())
+                       seconds=round(time.perf_counter() - started, 3), peak_rss_bytes=engine.peak_rss(),
+                       fingerprint=model.fingerprint())

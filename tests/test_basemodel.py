@@ -33,7 +33,7 @@ def test_fingerprint_changes_with_bytes_and_is_cached(tmp_path, monkeypatch):
     def no_rehash(*args):
         raise AssertionError("rehashed an unchanged file")
 
-    monkeypatch.setattr("loraops.basemodel.hashlib.sha256", no_rehash)
+    monkeypatch.setattr("loraops.basemodel._hash_file", no_rehash)
     assert BaseModel.open(tmp_path / "a.safetensors").fingerprint() == expected
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine_helpers import adapter_of, reference64, ulps
-from factories import (LLAMA_TARGETS, conv_embedding_model, load_model, peft_adapter, save_state_dict, tiny_gpt2,
+from factories import (conv_embedding_model, load_model, peft_adapter, save_state_dict, tiny_gpt2,
                        tiny_llama)
 from loraops import engine, formats
 from loraops.adapter import LoraModule

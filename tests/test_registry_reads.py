@@ -22,7 +22,7 @@ FILTERS = [{}, {"rank": 4}, {"rank": 8}, {"target": "v_proj"}, {"tag": "sd"}, {"
 
 
 @pytest.fixture
-def filled(art):
+def filled(art):  # noqa: F811 - art is the imported module fixture
     """Adapters with and without a base, tags, lineage; a derived base with lineage."""
     with Registry.open() as reg:
         reg.add_adapter(art["ad1"], name="unbound", alpha=2)  # before any base: no base link
@@ -104,7 +104,7 @@ def assert_lineage(record, row) -> None:
 
 
 @pytest.mark.empty_db
-def test_driver_path_falls_back_unless_at_head(art, opens):
+def test_driver_path_falls_back_unless_at_head(art, opens):  # noqa: F811
     url = settings.db_url()
 
     with reads.reader() as r:  # no database yet (SQLite) or an empty schema: created through Registry.open
