@@ -42,4 +42,4 @@ PY
 
 echo "== 3. bench/merge.py, CPU then CUDA"
 timeout 150 python3 bench/merge.py --runs 1 --device cpu --no-peft --cache /tmp/bench 2>&1 | tee "$OUT/bench_cpu.txt" | tail -14
-timeout 120 python3 bench/merge.py --runs 2 --device cuda --no-peft --cache /tmp/bench 2>&1 | tee "$OUT/bench_cuda.txt" | tail -14
+timeout 200 python3 bench/merge.py --runs 1 --device cuda --no-peft --cache /tmp/bench 2>&1 | tee "$OUT/bench_cuda.txt" | tail -14
