@@ -18,9 +18,10 @@ from typing import Sequence
 from . import engine
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
-from .errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError
+from .errors import ConflictError, LoraopsError, MismatchError, NotFoundError
 from .fsutil import atomic_path, ensure_free_space
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
+from .references import parse_weighted  # noqa: F401 - part of this module's API
 
 
 @dataclass
@@ -32,21 +33,6 @@ class Input:
     weight: float
     sha256: str
     registry_id: int | None = None
-
-
-def parse_weighted(text: str) -> tuple[str, float]:
-    """'ref:0.7' → ('ref', 0.7); 'ref' → ('ref', 1.0). Only a trailing ':<number>' is a weight, and not when the
-    whole text is an existing path, so 'C:/models/x' or 'dir:with:colons' stay references."""
-    head, sep, tail = text.rpartition(":")
-    if not sep or not head or Path(text).exists():
-        return text, 1.0
-    try:
-        weight = float(tail)
-    except ValueError:
-        return text, 1.0
-    if not math.isfinite(weight):
-        raise InvalidInputError(f"{text!r}: the weight must be a finite number")
-    return head, weight
 
 
 def resolve_adapter(reg, ref: str, weight: float) -> Input:

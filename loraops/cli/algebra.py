@@ -1,28 +1,13 @@
 """`loraops combine`, `loraops resize`, `loraops export`: the adapter algebra on the command line."""
 from __future__ import annotations
 
-import math
 
 import click
 
-from ..errors import InvalidInputError
+from ..references import parse_weighted
 from .render import echo_json, echo_table
 
 METHOD_HELP = "cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, magnitude_prune"
-
-
-def parse_input(text: str) -> tuple[str, float]:
-    """REF[:WEIGHT] → (ref, weight); a suffix that is not a number belongs to the reference (default weight 1)."""
-    ref, sep, tail = text.rpartition(":")
-    if sep and ref:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(weight):
-            raise InvalidInputError(f"weight of {ref} must be a finite number (got {tail})")
-        return ref, weight
-    return text, 1.0
 
 
 base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
@@ -70,7 +55,7 @@ def combine(inputs, method, rank, density, seed, device, precise, base, output, 
     from .. import derive
 
     params = {key: value for key, value in (("density", density), ("seed", seed)) if value is not None}
-    result = derive.combine([parse_input(text) for text in inputs], method, params, rank=rank, device=device,
+    result = derive.combine([parse_weighted(text) for text in inputs], method, params, rank=rank, device=device,
                             precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
     if as_json:
         echo_json(result)
