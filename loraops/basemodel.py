@@ -125,7 +125,7 @@ class BaseModel:
                    if any(part.prefix + n not in digests for n in self.headers[f].tensors)]
         if not missing:
             return digests
-        bar = _progress(sum(f.stat().st_size for _, f in missing), f"fingerprint {self.path.name}", progress)
+        bar = settings.progress_bar(sum(f.stat().st_size for _, f in missing), f"fingerprint {self.path.name}", progress)
         try:
             with ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
                 hashed = list(pool.map(lambda item: _hash_file(self.headers[item[1]], bar), missing))
@@ -259,19 +259,3 @@ class _DigestCache:
             os.replace(tmp, entry)
         except OSError:
             pass
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool | None):
-    if enabled is False or (enabled is None and not settings.progress_enabled()):
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)

@@ -228,7 +228,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         root = tmp if not base.is_single_file else tmp.parent
         if base.is_single_file:
             files[0].target = Path(tmp.name)
-        bar = _progress_bar(sum(f.size for f in files), f"{operation} → {output.name}", progress)
+        bar = settings.progress_bar(sum(f.size for f in files), f"{operation} → {output.name}", progress)
         try:
             _Pipeline(root, dev, compute_dtype, bar, stats, fingerprint).run(files)
         finally:
@@ -774,9 +774,3 @@ def _config_with_dtype(path: Path, dtype: str) -> str:
     for key in keys:
         config[key] = name
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-
-def _progress_bar(total: int, desc: str, enabled: bool | None):
-    from .basemodel import _progress
-
-    return _progress(total, desc, enabled)

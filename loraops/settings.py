@@ -46,6 +46,23 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None = None):
+    """A tqdm bar in bytes, or a do-nothing stand-in when progress is off (``enabled`` None: progress_enabled())."""
+    if enabled is False or (enabled is None and not progress_enabled()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+
+
 def resolve_device(name: str | None = "auto") -> "torch.device":  # noqa: F821 - torch imported lazily
     """'auto' → cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as given (checked)."""
     import torch

@@ -323,7 +323,7 @@ class Registry:
     def _store_and_insert(self, path: Path, name: str, identity: str, key: str, files: list[Path], adapter: "Adapter",
                           base_id: int | None, alpha: float | None, source: str | None, tags: list[str],
                           lineage: LineageSpec | None, progress: bool | None) -> tuple[AdapterRecord, bool]:
-        bar = _progress(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
+        bar = settings.progress_bar(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
         try:
             try:
                 stored = self.blobs.put(identity, files, bar)
@@ -515,7 +515,7 @@ class Registry:
         with self.session() as s:
             rows = [(f"{r.name}@{r.version}", r.blob, r.files) for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
         total = sum(f["size"] for _, _, files in rows for f in files)
-        bar = _progress(total, "verify", progress)
+        bar = settings.progress_bar(total, "verify", progress)
         problems = []
         try:
             for label, key, files in rows:
@@ -652,12 +652,6 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
         if tag not in out:
             out.append(tag)
     return out
-
-
-def _progress(total: int, desc: str, enabled: bool | None):
-    from ..basemodel import _progress as bar  # basemodel (hashlib, safetensors headers) stays out of `list`
-
-    return bar(total, desc, enabled)
 
 
 def _size(path: Path) -> int:
