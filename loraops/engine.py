@@ -8,14 +8,15 @@ Three stages run at once, joined by bounded queues:
 
   reader thread   pread()s row chunks of the tensors that change into buffers taken from a fixed pool
   main thread     decodes a chunk, adds every adapter's delta for those rows (one addmm each), rounds once
-  writer thread   writes the chunks; tensors nothing touches are copied file-to-file (copy_file_range, never
-                  decoded); each finished file is fdatasync'ed while the next one is computed
+  writer thread   appends the chunks, and the raw bytes of tensors nothing touches (never decoded), to the
+                  output file through fsutil.DirectFileWriter (O_DIRECT: the page cache is bypassed); each finished
+                  file is fdatasync'ed while the next one is computed
 
 Fingerprint (basemodel's definition: per-tensor sha256, so any order works). With fingerprint=True (the default) a
 fourth thread between compute and writer hashes every chunk (hashlib releases the GIL on large buffers, so it
 overlaps with computing and writing); a tensor copied unchanged takes its digest from the base's digest cache (there
-whenever the base was fingerprinted). For a base never fingerprinted, the reader hashes what it reads and copies go
-through user space to be hashed, so the base's digests get cached as well. The report carries the output's
+whenever the base was fingerprinted). For a base never fingerprinted, the reader hashes what it reads and the writer
+hashes what it copies, so the base's digests get cached as well. The report carries the output's
 fingerprint and both models' digests are cached: recording the output and its base re-reads neither.
 
 Memory is bounded by the pool (a few chunks of ≤ CHUNK_ELEMENTS elements) plus the adapters, whatever the model
@@ -44,7 +45,7 @@ from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
-from .fsutil import atomic_path, ensure_free_space, remove_stale_temps
+from .fsutil import DirectFileWriter, atomic_path, ensure_free_space, remove_stale_temps
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, torch_dtype
 
@@ -61,7 +62,6 @@ CHUNK_ELEMENTS = 2 << 20
 convert + rank-16 addmm + round runs at 2.0 G elements/s with 8 MiB chunks and 1.1 with 32 MiB (cache locality)."""
 POOL_BUFFERS = 8
 """Chunk buffers in flight (reading, computing, writing, and queued between them)."""
-COPY_BLOCK = 256 << 20
 
 
 @dataclass
@@ -385,6 +385,7 @@ class _Pipeline:
                  hashing: bool) -> None:
         self.root = root
         self.hashing = hashing
+        self.direct = settings.direct_io()
         self.device = device
         self.compute_dtype = compute_dtype
         self.bar = bar
@@ -500,37 +501,40 @@ class _Pipeline:
         self._put(self.write_q, _END)
 
     def _write(self) -> None:
-        fd = None
+        out: DirectFileWriter | None = None
+        sources: dict[Path, int] = {}
         syncs: list[threading.Thread] = []
         try:
             while (item := self._get(self.write_q)) is not _END:
                 if isinstance(item, _Open):
                     item.path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                    _preallocate(fd, item.size, item.path)
-                    _write_all(fd, memoryview(item.header))
+                    out = DirectFileWriter(item.path, direct=self.direct)
+                    out.write(memoryview(item.header))
                     self.bar.update(len(item.header))
                 elif isinstance(item, _Copy):
-                    if self.hashing and any(t.digest is None for t in item.tensors):
-                        _copy_hashed(item, fd)
-                    else:
-                        _copy_range(item, fd)
+                    fd = sources.get(item.source)
+                    if fd is None:
+                        fd = sources[item.source] = os.open(item.source, os.O_RDONLY)
+                        _advise_sequential(fd)
+                    _copy(item, fd, out, hashing=self.hashing)
                     self.bar.update(item.nbytes)
                 elif isinstance(item, _Chunk):
-                    _write_all(fd, _bytes_view(item.buffer)[: item.out_nbytes])
+                    out.write(_bytes_view(item.buffer)[: item.out_nbytes])
                     self.pool.put(item.buffer)
                     self.bar.update(item.out_nbytes)
                 else:
-                    if os.lseek(fd, 0, os.SEEK_CUR) != item.size:  # the header promised exactly this many bytes
+                    if out.size != item.size:  # the header promised exactly this many bytes
                         raise FormatError(f"{item.path}: internal error, wrote a different size than planned")
-                    # Flushed by another thread while the next file is written, so the final fsync finds little
-                    # to do and the writer never waits for the disk.
-                    syncer = threading.Thread(target=self._guard, args=(_sync_and_close, fd), daemon=True)
+                    # Finished and flushed by another thread while the next file is written, so the writer never
+                    # waits for the disk.
+                    syncer = threading.Thread(target=self._guard, args=(out.close,), daemon=True)
                     syncer.start()
                     syncs.append(syncer)
-                    fd = None
+                    out = None
         finally:
-            if fd is not None:
+            if out is not None:
+                out.abandon()
+            for fd in sources.values():
                 os.close(fd)
             for syncer in syncs:
                 syncer.join()
@@ -681,67 +685,16 @@ def _pread_exact(fd: int, view: memoryview, nbytes: int, offset: int, info: Tens
         done += got
 
 
-def _sync_and_close(fd: int) -> None:
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _preallocate(fd: int, size: int, path: Path) -> None:
-    """Reserve the file's blocks up front: a full disk fails here, at the start, not midway."""
-    if hasattr(os, "posix_fallocate"):
+def _copy(item: _Copy, fd: int, out: DirectFileWriter, *, hashing: bool) -> None:
+    """Append raw bytes of untouched tensors, hashing each tensor on the way when its digest is not cached."""
+    for tensor in item.tensors:
+        info = tensor.info
+        digest = hashlib.sha256() if hashing and tensor.digest is None else None
         try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if exc.errno == 28:
-                raise
-            # EOPNOTSUPP/EINVAL on filesystems without fallocate: the plain writes still work.
-
-
-def _copy_range(item: _Copy, fd: int) -> None:
-    """Copy bytes file-to-file inside the kernel (copy_file_range), falling back to read/write."""
-    with open(item.source, "rb") as src:
-        _advise_sequential(src.fileno())
-        offset, remaining = item.start, item.nbytes
-        use_kernel = hasattr(os, "copy_file_range")
-        while remaining:
-            if use_kernel:
-                try:
-                    done = os.copy_file_range(src.fileno(), fd, min(remaining, COPY_BLOCK), offset)
-                except OSError:
-                    use_kernel = False
-                    continue
-            else:
-                data = os.pread(src.fileno(), min(remaining, 16 << 20), offset)
-                _write_all(fd, memoryview(data))
-                done = len(data)
-            if done == 0:
-                raise FormatError(f"{item.source}: truncated (expected {item.nbytes} bytes at offset {item.start})")
-            offset += done
-            remaining -= done
-
-
-def _copy_hashed(item: _Copy, fd: int) -> None:
-    """Copy through user space, hashing each tensor on the way (its digest was not cached)."""
-    buffer = memoryview(bytearray(min(item.nbytes, 16 << 20)))
-    with open(item.source, "rb") as src:
-        _advise_sequential(src.fileno())
-        for tensor in item.tensors:
-            digest = hashlib.sha256()
-            info = tensor.info
-            done = 0
-            while done < info.nbytes:
-                n = min(len(buffer), info.nbytes - done)
-                _pread_exact(src.fileno(), buffer, n, info.start + done, info)
-                digest.update(buffer[:n])
-                _write_all(fd, buffer[:n])
-                done += n
+            out.copy_from(fd, info.start, info.nbytes, digest.update if digest is not None else None)
+        except EOFError:
+            raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}") from None
+        if digest is not None:
             tensor.digest = digest.hexdigest()
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import shutil
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import ConflictError, DiskSpaceError, InvalidInputError
 
@@ -120,6 +122,128 @@ def ensure_free_space(folder: Path, needed: int, what: str) -> None:
         raise DiskSpaceError(
             f"{folder}: not enough free disk for {what} ({needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free)"
         )
+
+
+class DirectFileWriter:
+    """Writes a new file front to back, bypassing the page cache (O_DIRECT) where the filesystem allows it.
+
+    Why: a merged model is written once and not read back. Through the page cache every byte is copied into freshly
+    allocated cache pages and written back later; on a 2-core VM that kernel work cost more CPU than the merge's
+    arithmetic (2 GiB: 2.3–8 s of system time buffered + fdatasync, 0.2 s direct; dd showed the same). Direct writes
+    go from our buffers to the device, and leave the page cache (the user's other files) alone.
+
+    O_DIRECT needs block-aligned buffers, offsets and lengths, so bytes are staged in two page-aligned buffers: one
+    fills while the other is written by a helper thread. The tail is written padded to a block and the file then
+    truncated to its true size. Where O_DIRECT is refused (tmpfs, some network filesystems, macOS) the same code
+    writes through the page cache."""
+
+    ALIGN = 4096
+    STAGE = 16 << 20
+
+    def __init__(self, path: Path, *, direct: bool = True) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.fd = -1
+        if self.direct:
+            try:
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError:
+                self.direct = False
+        if self.fd < 0:
+            self.fd = os.open(path, flags, 0o644)
+        self.path = path
+        self.size = 0
+        self._stages = [mmap.mmap(-1, self.STAGE), mmap.mmap(-1, self.STAGE)]
+        self._fill = 0
+        self._pending: Future | None = None
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="loraops-flush")
+
+    def write(self, data: memoryview) -> None:
+        data = memoryview(data).cast("B")
+        while data:
+            n = min(len(data), self.STAGE - self._fill)
+            self._stages[0][self._fill : self._fill + n] = data[:n]
+            self._advance(n)
+            data = data[n:]
+
+    def copy_from(self, fd: int, offset: int, nbytes: int, on_data: Callable[[memoryview], None] | None = None) -> None:
+        """Append ``nbytes`` of ``fd`` from ``offset``, read straight into the stage; ``on_data`` sees each piece."""
+        while nbytes:
+            view = memoryview(self._stages[0])[self._fill : self._fill + min(nbytes, self.STAGE - self._fill)]
+            got = os.preadv(fd, [view], offset)
+            if got == 0:
+                raise EOFError(offset)
+            if on_data is not None:
+                on_data(view[:got])
+            view.release()
+            self._advance(got)
+            offset += got
+            nbytes -= got
+
+    def close(self, sync: bool = True) -> None:
+        """Write what is staged, truncate to the true size, fdatasync (unless ``sync`` is False) and close."""
+        try:
+            if self._fill:
+                tail = self._fill
+                padded = -(-tail // self.ALIGN) * self.ALIGN if self.direct else tail
+                self._stages[0][tail:padded] = bytes(padded - tail)
+                self._fill = padded
+                self._flush()
+            self._wait()
+            os.ftruncate(self.fd, self.size)  # drops the tail's padding
+            if sync:
+                os.fdatasync(self.fd)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close without finishing (after an error); what was written stays, the caller removes it."""
+        if self.fd >= 0:
+            with contextlib.suppress(Exception):
+                self._wait()
+            self._flusher.shutdown(wait=True)
+            os.close(self.fd)
+            self.fd = -1
+            for stage in self._stages:
+                stage.close()
+
+    def _advance(self, n: int) -> None:
+        self._fill += n
+        self.size += n
+        if self._fill == self.STAGE:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._wait()
+        full, n = self._stages[0], self._fill
+        self._pending = self._flusher.submit(self._write_block, full, n)
+        self._stages.reverse()
+        self._fill = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write_block(self, stage: mmap.mmap, n: int) -> None:
+        view = memoryview(stage)[:n]
+        try:
+            while view:
+                try:
+                    written = os.write(self.fd, view)
+                except OSError as exc:
+                    import errno
+                    import fcntl
+
+                    if not (self.direct and exc.errno == errno.EINVAL):
+                        raise
+                    # A device whose blocks are larger than ALIGN: carry on through the page cache.
+                    fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    self.direct = False
+                    continue
+                view = view[written:]
+        finally:
+            view.release()
 
 
 def sha256_file(path: Path, *, start: int = 0, progress=None) -> str:

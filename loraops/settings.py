@@ -13,6 +13,7 @@ ENV_HOME = "LORAOPS_HOME"
 ENV_DB = "LORAOPS_DB"
 ENV_BLOBS = "LORAOPS_BLOBS"
 ENV_QUIET = "LORAOPS_QUIET"
+ENV_DIRECT_IO = "LORAOPS_DIRECT_IO"
 
 
 def home() -> Path:
@@ -44,6 +45,11 @@ def progress_enabled() -> bool:
     if os.environ.get(ENV_QUIET, "") not in ("", "0"):
         return False
     return sys.stderr.isatty()
+
+
+def direct_io() -> bool:
+    """Merge outputs bypass the page cache (O_DIRECT, see fsutil.DirectFileWriter) unless LORAOPS_DIRECT_IO=0."""
+    return os.environ.get(ENV_DIRECT_IO, "") != "0"
 
 
 class _NoBar:

@@ -67,6 +67,17 @@ def test_no_adapters_gives_byte_identical_files(tmp_path, sharded):
         assert (tmp_path / "copy" / f.name).read_bytes() == f.read_bytes()
 
 
+def test_direct_io_and_page_cache_writes_give_the_same_files(tmp_path, sharded, monkeypatch):
+    base, adapter_dir = sharded
+    adapter = formats.read_adapter(adapter_dir)
+    direct = engine.merge(base, [(adapter, 0.7)], tmp_path / "direct", device="cpu")
+    monkeypatch.setenv("LORAOPS_DIRECT_IO", "0")
+    buffered = engine.merge(base, [(adapter, 0.7)], tmp_path / "buffered", device="cpu")
+    assert direct.fingerprint == buffered.fingerprint
+    for f in (tmp_path / "direct").iterdir():
+        assert (tmp_path / "buffered" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_dtype_change_updates_index_and_config(tmp_path, sharded):
     base, adapter_dir = sharded
     report = engine.merge(base, [(formats.read_adapter(adapter_dir), 0.5)], tmp_path / "bf16", dtype="bf16", device="cpu")

@@ -13,6 +13,7 @@ from factories import peft_adapter, tiny_llama
 from loraops import engine, formats, merging
 from loraops.adapter import Adapter, LoraModule
 from loraops.basemodel import BaseModel
+from loraops.fsutil import DirectFileWriter
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,18 @@ def test_streaming_fingerprint_equals_the_one_from_files(tmp_path, sharded, monk
     base, adapter_dir = sharded
     if cached:
         BaseModel.open(base).fingerprint()
+    hashed_while_copied = []
+    copy_from = DirectFileWriter.copy_from
+
+    def watched(self, fd, offset, nbytes, on_data=None):
+        hashed_while_copied.append(on_data is not None)
+        return copy_from(self, fd, offset, nbytes, on_data)
+
     with monkeypatch.context() as m:
-        # untouched tensors take the base's cached digests, or are hashed while copied
-        forbid(m, "loraops.engine._copy_hashed" if cached else "loraops.engine._copy_range")
+        m.setattr(DirectFileWriter, "copy_from", watched)
         report = engine.merge(base, [(formats.read_adapter(adapter_dir), 0.5)], tmp_path / "out", device="cpu")
+    # untouched tensors take the base's cached digests, or are hashed while copied
+    assert hashed_while_copied and set(hashed_while_copied) == {not cached}
     assert report.tensors_copied > 0 and report.tensors_merged > 0
     assert report.fingerprint == from_files(tmp_path / "out", monkeypatch, tmp_path)
     base_value = from_files(base, monkeypatch, tmp_path)

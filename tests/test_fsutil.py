@@ -1,0 +1,127 @@
+"""fsutil.DirectFileWriter: the merge's output writer (O_DIRECT with staging, and its page-cache fallback)."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+import pytest
+
+from loraops import fsutil
+from loraops.fsutil import DirectFileWriter
+
+pytestmark = pytest.mark.no_registry
+
+
+@pytest.fixture
+def small_stage(monkeypatch):
+    """Stages of two blocks, so a few KiB cross many stage boundaries and the flusher swaps buffers often."""
+    monkeypatch.setattr(DirectFileWriter, "STAGE", 2 * DirectFileWriter.ALIGN)
+
+
+def supports_direct(folder) -> bool:
+    probe = folder / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def write_pieces(path, direct, source):
+    """Header-like bytes, pieces from memory and from a file of odd sizes and offsets: what a merge writes."""
+    expected = bytearray()
+    out = DirectFileWriter(path, direct=direct)
+    with open(source, "rb") as f:
+        fd = f.fileno()
+        for i, size in enumerate([13, 4096, 1, 8191, 3 * 4096 + 7, 0, 5000]):
+            piece = bytes((i * 37 + k) % 251 for k in range(size))
+            out.write(memoryview(piece))
+            expected += piece
+            seen = bytearray()
+            offset = 101 * i + 3
+            out.copy_from(fd, offset, 6000 + i, seen.extend)
+            expected += source.read_bytes()[offset : offset + 6000 + i]
+            assert seen == source.read_bytes()[offset : offset + 6000 + i]
+    assert out.size == len(expected)
+    was_direct = out.direct
+    out.close()
+    return bytes(expected), was_direct
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "source.bin"
+    path.write_bytes(os.urandom(20000))
+    return path
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_writes_exactly_the_bytes_given(tmp_path, small_stage, source, direct):
+    expected, was_direct = write_pieces(tmp_path / "out.bin", direct, source)
+    assert (tmp_path / "out.bin").read_bytes() == expected  # the tail's block padding was truncated away
+    assert was_direct == (direct and supports_direct(tmp_path))
+
+
+def test_direct_io_is_really_used_where_the_filesystem_allows_it(tmp_path):
+    if not supports_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    out = DirectFileWriter(tmp_path / "out.bin")
+    try:
+        assert fcntl.fcntl(out.fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        out.close()
+
+
+def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path, small_stage, source, monkeypatch):
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")  # what tmpfs answers
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(fsutil.os, "open", no_direct)
+    expected, was_direct = write_pieces(tmp_path / "out.bin", True, source)
+    assert not was_direct and (tmp_path / "out.bin").read_bytes() == expected
+
+
+def test_a_device_refusing_our_alignment_falls_back_midway(tmp_path, small_stage, source, monkeypatch):
+    if not supports_direct(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    real_write = os.write
+    refused = []
+
+    def picky(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")  # e.g. a device with 64 KiB blocks
+        return real_write(fd, data)
+
+    monkeypatch.setattr(fsutil.os, "write", picky)
+    expected, was_direct = write_pieces(tmp_path / "out.bin", True, source)
+    assert refused and not was_direct
+    assert (tmp_path / "out.bin").read_bytes() == expected
+
+
+def test_errors_of_the_flusher_reach_the_caller(tmp_path, small_stage, monkeypatch):
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsutil.os, "write", full)
+    out = DirectFileWriter(tmp_path / "out.bin")
+    with pytest.raises(OSError, match="No space"):
+        for _ in range(4):  # the first full stage is handed to the flusher; a later call sees its failure
+            out.write(memoryview(bytes(DirectFileWriter.STAGE)))
+        out.close()
+    out.abandon()
+    assert out.fd == -1
+
+
+def test_reading_past_the_end_of_the_source_is_reported(tmp_path, source):
+    out = DirectFileWriter(tmp_path / "out.bin")
+    with open(source, "rb") as f, pytest.raises(EOFError):
+        out.copy_from(f.fileno(), 19990, 100)
+    out.abandon()
