@@ -113,3 +113,32 @@ def test_kohya_adapter_into_single_file_checkpoint(tmp_path):
         expected = original[module.weight_name].double() + 0.8 * module.delta(dtype=torch.float64)
         assert torch.allclose(merged[module.weight_name].double(), expected, atol=1e-5)
     assert torch.equal(merged["embed.weight"], original["embed.weight"])
+
+
+def test_a_merge_of_paths_opens_the_registry_orm_only_to_record(tmp_path, models, monkeypatch):
+    from loraops import engine
+    from loraops.registry import Registry
+
+    base, a, _ = models
+    run("list")  # the registry exists, at this code's schema
+    calls = []
+    real_merge, real_open = engine.merge, Registry.open.__func__
+    monkeypatch.setattr(engine, "merge", lambda *args, **kw: calls.append("merge") or real_merge(*args, **kw))
+    monkeypatch.setattr(Registry, "open", classmethod(lambda cls, *args: calls.append("open") or real_open(cls, *args)))
+    run("merge", a, "--into", base, "-o", tmp_path / "out", "--device", "cpu")
+    assert calls == ["merge", "open"]
+    assert "derived      yes" in run("base", "show", "out").output
+
+
+def test_a_registry_that_cannot_be_used_stops_the_merge_before_writing(tmp_path, models):
+    from sqlalchemy import text
+
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry
+
+    base, a, _ = models
+    with Registry.open() as reg, reg.engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    result = run("merge", a, "--into", base, "-o", tmp_path / "out", code=RegistryError.exit_code)
+    assert "newer loraops" in result.output and not (tmp_path / "out").exists()
+
