@@ -9,11 +9,8 @@ remain onto it, which is bit-identical to having merged only those.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +40,9 @@ def resolve_adapter(reg, ref: str, weight: float) -> Input:
     from . import formats
 
     if Path(ref).exists():
-        return Input(ref, formats.read_adapter(ref), weight, formats.identity(ref))
+        sha = formats.identity(ref)
+        adapter = formats.read_adapter(ref)
+        return Input(ref, adapter, weight, sha, _registered_id(reg, sha))
     if reg is None:
         raise NotFoundError(f"{ref}: no such file or folder")
     record = reg.get_adapter(ref)
@@ -53,6 +52,8 @@ def resolve_adapter(reg, ref: str, weight: float) -> Input:
 def _registered_id(reg, sha: str) -> int | None:
     """The registry id of the adapter with this identity, if it is registered (then recording a merge need not
     register it again, which would read and hash it twice more)."""
+    if reg is None:
+        return None
     try:
         record = reg.get_adapter(sha)
     except LoraopsError:
@@ -76,8 +77,6 @@ def merge(base: str | Path, adapters: Sequence[str], output: str | Path, *, name
         _check_name_free(reg, name)
         model, _ = resolve_base(reg, base)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
-        if reg is not None:
-            reg.warm_up()
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
         if reg is None:
@@ -115,51 +114,12 @@ def subtract(model: str | Path, adapters: Sequence[str], output: str | Path, *, 
 
 
 # -- registry plumbing ------------------------------------------------------------------------------------------------
-def _open_registry(wanted: bool) -> "_LazyRegistry | None":
-    return _LazyRegistry() if wanted else None
+def _open_registry(wanted: bool):
+    if not wanted:
+        return None
+    from .registry import Registry
 
-
-class _LazyRegistry:
-    """The registry, opened on first use. A merge of paths needs it only to record its result, so its ORM
-    (SQLAlchemy: 0.35 s of imports on 2 cores) is imported by a background thread while the merge computes — torch,
-    hashlib and file I/O release the GIL, and the import fits in the pipeline's idle moments. A registry that can
-    not be read straight over its driver at this code's schema (missing, old, newer, unreachable) is opened at once
-    instead, so creating, migrating or refusing it still happens before anything is written."""
-
-    def __init__(self) -> None:
-        from .registry.reads import reader_available
-
-        self._registry = None
-        self._warming: threading.Thread | None = None
-        if not reader_available():
-            self._open()
-
-    def warm_up(self) -> None:
-        if self._registry is None and self._warming is None:
-            self._warming = threading.Thread(target=_import_quietly, args=("loraops.registry.store",), daemon=True)
-            self._warming.start()
-
-    def __getattr__(self, name: str):
-        return getattr(self._registry or self._open(), name)
-
-    def _open(self):
-        if self._warming is not None:
-            self._warming.join()
-        from .registry import Registry
-
-        self._registry = Registry.open()
-        return self._registry
-
-    def close(self) -> None:
-        if self._warming is not None:
-            self._warming.join()
-        if self._registry is not None:
-            self._registry.close()
-
-
-def _import_quietly(module: str) -> None:
-    with contextlib.suppress(Exception):  # the same import in the calling thread then raises it properly
-        importlib.import_module(module)
+    return Registry.open()
 
 
 def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:
@@ -180,7 +140,7 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
         source_record = reg.register_base(source.path, name=_free_name(reg, source.path))[0]
     for i in inputs:  # adapters given by path join the registry (by identity), so the lineage can name them
         if i.registry_id is None:
-            i.registry_id = _registered_id(reg, i.sha256) or reg.register_adapter(i.label)[0].id
+            i.registry_id = reg.register_adapter(i.label)[0].id
     params = {
         "dtype": report.dtype, "precise": bool(options.get("precise", False)),
         "base": {"name": source_record.name, "fingerprint": source_record.fingerprint},

@@ -115,21 +115,6 @@ def test_kohya_adapter_into_single_file_checkpoint(tmp_path):
     assert torch.equal(merged["embed.weight"], original["embed.weight"])
 
 
-def test_a_merge_of_paths_opens_the_registry_orm_only_to_record(tmp_path, models, monkeypatch):
-    from loraops import engine
-    from loraops.registry import Registry
-
-    base, a, _ = models
-    run("list")  # the registry exists, at this code's schema
-    calls = []
-    real_merge, real_open = engine.merge, Registry.open.__func__
-    monkeypatch.setattr(engine, "merge", lambda *args, **kw: calls.append("merge") or real_merge(*args, **kw))
-    monkeypatch.setattr(Registry, "open", classmethod(lambda cls, *args: calls.append("open") or real_open(cls, *args)))
-    run("merge", a, "--into", base, "-o", tmp_path / "out", "--device", "cpu")
-    assert calls == ["merge", "open"]
-    assert "derived      yes" in run("base", "show", "out").output
-
-
 def test_a_registry_that_cannot_be_used_stops_the_merge_before_writing(tmp_path, models):
     from sqlalchemy import text
 

@@ -271,17 +271,6 @@ def reader(url: str | None = None) -> Iterator[Reader]:
         connection.close()
 
 
-def reader_available(url: str | None = None) -> bool:
-    """Whether the registry can be read straight over its driver: it exists, at this code's schema revision."""
-    from .. import settings
-
-    connection = _connect(url or settings.db_url())
-    if connection is None:
-        return False
-    connection.close()
-    return True
-
-
 def _connect(url: str):
     """A driver connection in a read transaction when ``url`` is SQLite or PostgreSQL and its schema is at HEAD,
     else None (then Registry.open creates, migrates, refuses, or reports the error in its own words)."""
