@@ -175,20 +175,22 @@ def read_tensor(info: TensorInfo, handle=None) -> "torch.Tensor":
     """Load one tensor's bytes (and nothing else) from its file; ``handle`` reuses an open binary file."""
     import torch
 
-    def read(f) -> bytes:
+    data = bytearray(info.nbytes)  # read straight into the tensor's memory: one copy of the bytes, not two
+
+    def read(f) -> int:
         f.seek(info.start)
-        return f.read(info.nbytes)
+        return f.readinto(data)
 
     if handle is None:
         with open(info.file, "rb") as f:
-            data = read(f)
+            got = read(f)
     else:
-        data = read(handle)
-    if len(data) != info.nbytes:
+        got = read(handle)
+    if got != info.nbytes:
         raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-    return torch.frombuffer(bytearray(data), dtype=torch_dtype(info.dtype)).reshape(info.shape)
+    return torch.frombuffer(data, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def load_tensors(header: Header, names=None) -> dict[str, "torch.Tensor"]:
