@@ -2,14 +2,16 @@
 with its base and lineage (optionally also writing it to a path). What `loraops combine/resize/export` call.
 
 A path input is registered first (idempotent: the same bytes give the same record), so the lineage of every
-derived adapter points at registered inputs. A reference that is an existing path is read as a path; anything
+derived adapter points at registered inputs; when the command then fails, the inputs it registered are removed
+again (``inputs_of``), so a failed command leaves the registry as it was. A reference that is an existing path is read as a path; anything
 else is looked up in the registry (name, name@version, id, sha256 prefix).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import algebra
 from .errors import InvalidInputError, MismatchError
@@ -27,10 +29,26 @@ class Input:
     adapter: "Adapter"
 
 
-def open_input(reg: "Registry", ref: str, base: str | None = None) -> Input:
-    """A registered adapter (registering a path first), loaded and bound to its base."""
+@contextlib.contextmanager
+def inputs_of(reg: "Registry") -> Iterator[Callable[[str, "str | None"], Input]]:
+    """``open_input`` for one command: the adapters it registers from paths are removed again if the command fails."""
+    registered: list[int] = []
+    try:
+        yield lambda ref, base=None: open_input(reg, ref, base, registered)
+    except BaseException:
+        for adapter_id in reversed(registered):
+            with contextlib.suppress(Exception):  # the command's own error is the one to report
+                reg.remove_adapter(adapter_id)
+        raise
+
+
+def open_input(reg: "Registry", ref: str, base: str | None = None, registered: list[int] | None = None) -> Input:
+    """A registered adapter (registering a path first, its id appended to ``registered`` when it is new), loaded and
+    bound to its base."""
     if Path(ref).exists():
-        record, _ = reg.register_adapter(ref, base=base)
+        record, created = reg.register_adapter(ref, base=base)
+        if created and registered is not None:
+            registered.append(record.id)
     else:
         record = reg.get_adapter(ref)
         if base is not None and (record.base is None or reg.get_base(base).id != record.base.id):
@@ -91,8 +109,8 @@ def combine(
 
     algebra.combine_arguments(method, params, rank)
     check_arguments(name, output, force)
-    with Registry.open() as reg:
-        inputs = [open_input(reg, ref, base) for ref, _ in refs]
+    with Registry.open() as reg, inputs_of(reg) as open_input:
+        inputs = [open_input(ref, base) for ref, _ in refs]
         base_id = common_base(inputs)
         combined, report = algebra.combine(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
@@ -118,8 +136,8 @@ def resize(
 
     algebra.resize_rule(rank, dynamic, param, max_rank)
     check_arguments(name, output, force)
-    with Registry.open() as reg:
-        source = open_input(reg, ref, base)
+    with Registry.open() as reg, inputs_of(reg) as open_input:
+        source = open_input(ref, base)
         resized, report = algebra.resize(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                          device=device, precise=precise)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}

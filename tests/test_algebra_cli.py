@@ -108,4 +108,10 @@ def test_errors_are_one_line(files, reg, tmp_path, args, code, message):
     fill = {**files, "tmp": tmp_path}
     got, out = run(*[arg.format(**fill) for arg in args])
     assert (got, out) == (code, message.format(**fill) + "\n")
-    assert not any(r.lineage for r in reg.list_adapters())  # nothing derived was registered
+    assert reg.list_adapters() == []  # nothing registered: no result, and the path inputs were removed again
+
+
+def test_a_failed_command_keeps_inputs_that_were_registered_before(files, reg):
+    assert run("register", files["a"])[0] == 0
+    assert run("resize", files["a"], "--rank", "5")[0] == 2
+    assert [r.ref for r in reg.list_adapters()] == ["a@1"]
