@@ -2,6 +2,7 @@
 so an interrupted run (Ctrl-C, SIGKILL, a full disk) never leaves a half-written file or folder."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import mmap
@@ -132,12 +133,15 @@ class DirectFileWriter:
     arithmetic (2 GiB: 2.3–8 s of system time buffered + fdatasync, 0.2 s direct; dd showed the same). Direct writes
     go from our buffers to the device, and leave the page cache (the user's other files) alone.
 
-    O_DIRECT needs block-aligned buffers, offsets and lengths, so bytes are staged in two page-aligned buffers: one
-    fills while the other is written by a helper thread. The tail is written padded to a block and the file then
+    O_DIRECT needs block-aligned buffers, offsets and lengths, so bytes are staged in page-aligned buffers: one fills
+    while the others are written by helper threads. The tail is written padded to a block and the file then
     truncated to its true size. Where O_DIRECT is refused (tmpfs, some network filesystems, macOS) the same code
     writes through the page cache."""
 
     ALIGN = 4096
+    IN_FLIGHT = 2
+    """Writes in flight (pwrite at their offsets), so the device always has the next one queued. On this VM's virtio
+    disk 1, 2 and 3 were within noise (8 GB merge, best of 5: 7.08, 7.01, 6.67 s)."""
     STAGE = 8 << 20
     """Measured on the 1.1B merge: 8 MiB stages as fast as 16 MiB (1.95 s against 1.92 s, best of 4), 4 MiB slower."""
 
@@ -154,23 +158,26 @@ class DirectFileWriter:
             self.fd = os.open(path, flags, 0o644)
         self.path = path
         self.size = 0
-        self._stages = [mmap.mmap(-1, self.STAGE), mmap.mmap(-1, self.STAGE)]
+        self._stages = [mmap.mmap(-1, self.STAGE) for _ in range(self.IN_FLIGHT + 1)]
+        self._stage = self._stages[0]
+        self._free = self._stages[1:]
         self._fill = 0
-        self._pending: Future | None = None
-        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="loraops-flush")
+        self._flushed = 0  # file offset where the stage being filled starts
+        self._pending: collections.deque[tuple[mmap.mmap, Future]] = collections.deque()
+        self._flusher = ThreadPoolExecutor(self.IN_FLIGHT, thread_name_prefix="loraops-flush")
 
     def write(self, data: memoryview) -> None:
         data = memoryview(data).cast("B")
         while data:
             n = min(len(data), self.STAGE - self._fill)
-            self._stages[0][self._fill : self._fill + n] = data[:n]
+            self._stage[self._fill : self._fill + n] = data[:n]
             self._advance(n)
             data = data[n:]
 
     def copy_from(self, fd: int, offset: int, nbytes: int, on_data: Callable[[memoryview], None] | None = None) -> None:
         """Append ``nbytes`` of ``fd`` from ``offset``, read straight into the stage; ``on_data`` sees each piece."""
         while nbytes:
-            view = memoryview(self._stages[0])[self._fill : self._fill + min(nbytes, self.STAGE - self._fill)]
+            view = memoryview(self._stage)[self._fill : self._fill + min(nbytes, self.STAGE - self._fill)]
             got = os.preadv(fd, [view], offset)
             if got == 0:
                 raise EOFError(offset)
@@ -187,10 +194,10 @@ class DirectFileWriter:
             if self._fill:
                 tail = self._fill
                 padded = -(-tail // self.ALIGN) * self.ALIGN if self.direct else tail
-                self._stages[0][tail:padded] = bytes(padded - tail)
+                self._stage[tail:padded] = bytes(padded - tail)
                 self._fill = padded
                 self._flush()
-            self._wait()
+            self._wait(0)
             os.ftruncate(self.fd, self.size)  # drops the tail's padding
             if sync:
                 os.fdatasync(self.fd)
@@ -201,7 +208,7 @@ class DirectFileWriter:
         """Close without finishing (after an error); what was written stays, the caller removes it."""
         if self.fd >= 0:
             with contextlib.suppress(Exception):
-                self._wait()
+                self._wait(0)
             self._flusher.shutdown(wait=True)
             os.close(self.fd)
             self.fd = -1
@@ -215,23 +222,26 @@ class DirectFileWriter:
             self._flush()
 
     def _flush(self) -> None:
-        self._wait()
-        full, n = self._stages[0], self._fill
-        self._pending = self._flusher.submit(self._write_block, full, n)
-        self._stages.reverse()
+        self._wait(self.IN_FLIGHT - 1)
+        future = self._flusher.submit(self._write_block, self._stage, self._fill, self._flushed)
+        self._pending.append((self._stage, future))
+        self._flushed += self._fill
+        self._stage = self._free.pop()
         self._fill = 0
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+    def _wait(self, in_flight: int) -> None:
+        """Wait until at most ``in_flight`` writes are pending (their stages are free again)."""
+        while len(self._pending) > in_flight:
+            stage, future = self._pending.popleft()
+            self._free.append(stage)
+            future.result()
 
-    def _write_block(self, stage: mmap.mmap, n: int) -> None:
+    def _write_block(self, stage: mmap.mmap, n: int, offset: int) -> None:
         view = memoryview(stage)[:n]
         try:
             while view:
                 try:
-                    written = os.write(self.fd, view)
+                    written = os.pwrite(self.fd, view, offset)
                 except OSError as exc:
                     import errno
                     import fcntl
@@ -243,6 +253,7 @@ class DirectFileWriter:
                     self.direct = False
                     continue
                 view = view[written:]
+                offset += written
         finally:
             view.release()
 

@@ -91,29 +91,29 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path, small_sta
 def test_a_device_refusing_our_alignment_falls_back_midway(tmp_path, small_stage, source, monkeypatch):
     if not supports_direct(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
-    real_write = os.write
+    real_write = os.pwrite
     refused = []
 
-    def picky(fd, data):
+    def picky(fd, data, offset):
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(len(data))
             raise OSError(errno.EINVAL, "Invalid argument")  # e.g. a device with 64 KiB blocks
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(fsutil.os, "write", picky)
+    monkeypatch.setattr(fsutil.os, "pwrite", picky)
     expected, was_direct = write_pieces(tmp_path / "out.bin", True, source)
     assert refused and not was_direct
     assert (tmp_path / "out.bin").read_bytes() == expected
 
 
 def test_errors_of_the_flusher_reach_the_caller(tmp_path, small_stage, monkeypatch):
-    def full(fd, data):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fsutil.os, "write", full)
+    monkeypatch.setattr(fsutil.os, "pwrite", full)
     out = DirectFileWriter(tmp_path / "out.bin")
     with pytest.raises(OSError, match="No space"):
-        for _ in range(4):  # the first full stage is handed to the flusher; a later call sees its failure
+        for _ in range(6):  # full stages go to the flushers; a later call sees their failure
             out.write(memoryview(bytes(DirectFileWriter.STAGE)))
         out.close()
     out.abandon()
