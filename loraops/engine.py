@@ -13,8 +13,8 @@ Three stages run at once, joined by bounded queues:
                   file is fdatasync'ed while the next one is computed
 
 Fingerprint (basemodel's definition: per-tensor sha256, so any order works). With fingerprint=True (the default) a
-fourth thread between compute and writer hashes every chunk (hashlib releases the GIL on large buffers, so it
-overlaps with computing and writing); a tensor copied unchanged takes its digest from the base's digest cache (there
+fourth thread hashes every computed chunk while the writer writes it (hashlib releases the GIL on large buffers); the
+chunk's buffer goes back to the pool when both are done, so hashing is off the path from compute to disk; a tensor copied unchanged takes its digest from the base's digest cache (there
 whenever the base was fingerprinted). For a base never fingerprinted, the reader hashes what it reads and the writer
 hashes what it copies, so the base's digests get cached as well. The report carries the output's
 fingerprint and both models' digests are cached: recording the output and its base re-reads neither.
@@ -137,6 +137,8 @@ class _Chunk:
     row1: int
     buffer: "torch.Tensor | None" = None
     out_nbytes: int = 0
+    holders: int = 1
+    """Stages still reading the buffer (writer, and hasher when fingerprinting)."""
 
 
 @dataclass
@@ -391,6 +393,7 @@ class _Pipeline:
         self.bar = bar
         self.residual = residual
         self.abort = threading.Event()
+        self._holders_lock = threading.Lock()
         self.errors: list[BaseException] = []
         self.pool: queue.Queue = queue.Queue()
         self.read_q: queue.Queue = queue.Queue(maxsize=POOL_BUFFERS)
@@ -485,20 +488,30 @@ class _Pipeline:
                 os.close(fd)
 
     def _compute(self) -> None:
-        out_q = self.hash_q if self.hashing else self.write_q
         while (item := self._get(self.read_q)) is not _END:
             if isinstance(item, _Chunk):
                 self._compute_chunk(item)
-            self._put(out_q, item)
-        self._put(out_q, _END)
+                if self.hashing:  # hashed while it is written: the buffer goes back to the pool when both are done
+                    item.holders = 2
+                    self._put(self.hash_q, item)
+            self._put(self.write_q, item)
+        if self.hashing:
+            self._put(self.hash_q, _END)
+        self._put(self.write_q, _END)
 
     def _hash(self) -> None:
         hasher = _TensorHasher()
         while (item := self._get(self.hash_q)) is not _END:
-            if isinstance(item, _Chunk):
-                item.tensor.digest = hasher.add(item, _bytes_view(item.buffer)[: item.out_nbytes])
-            self._put(self.write_q, item)
-        self._put(self.write_q, _END)
+            item.tensor.digest = hasher.add(item, _bytes_view(item.buffer)[: item.out_nbytes])
+            self._release(item)
+
+    def _release(self, chunk: _Chunk) -> None:
+        """One holder (writer or hasher) is done with the chunk's buffer; the last one returns it to the pool."""
+        with self._holders_lock:
+            chunk.holders -= 1
+            free = chunk.holders == 0
+        if free:
+            self.pool.put(chunk.buffer)
 
     def _write(self) -> None:
         out: DirectFileWriter | None = None
@@ -520,7 +533,7 @@ class _Pipeline:
                     self.bar.update(item.nbytes)
                 elif isinstance(item, _Chunk):
                     out.write(_bytes_view(item.buffer)[: item.out_nbytes])
-                    self.pool.put(item.buffer)
+                    self._release(item)
                     self.bar.update(item.out_nbytes)
                 else:
                     if out.size != item.size:  # the header promised exactly this many bytes
