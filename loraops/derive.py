@@ -3,8 +3,8 @@ with its base and lineage (optionally also writing it to a path). What `loraops 
 
 A path input is registered first (idempotent: the same bytes give the same record), so the lineage of every
 derived adapter points at registered inputs; when the command then fails, the inputs it registered are removed
-again (``inputs_of``), so a failed command leaves the registry as it was. A reference that is an existing path is read as a path; anything
-else is looked up in the registry (name, name@version, id, sha256 prefix).
+again (``inputs_of``), so a failed command leaves the registry as it was. A reference that is an existing path is
+read as a path; anything else is looked up in the registry (name, name@version, id, sha256 prefix).
 """
 from __future__ import annotations
 

@@ -14,10 +14,11 @@ Three stages run at once, joined by bounded queues:
 
 Fingerprint (basemodel's definition: per-tensor sha256, so any order works). With fingerprint=True (the default) a
 fourth thread hashes every computed chunk while the writer writes it (hashlib releases the GIL on large buffers); the
-chunk's buffer goes back to the pool when both are done, so hashing is off the path from compute to disk; a tensor copied unchanged takes its digest from the base's digest cache (there
-whenever the base was fingerprinted). For a base never fingerprinted, the reader hashes what it reads and the writer
-hashes what it copies, so the base's digests get cached as well. The report carries the output's
-fingerprint and both models' digests are cached: recording the output and its base re-reads neither.
+chunk's buffer goes back to the pool when both are done, so hashing is off the path from compute to disk. A tensor
+copied unchanged takes its digest from the base's digest cache (there whenever the base was fingerprinted). For a
+base never fingerprinted, the reader hashes what it reads and the writer hashes what it copies, so the base's digests
+get cached as well. The report carries the output's fingerprint and both models' digests are cached: recording the
+output and its base re-reads neither.
 
 Memory is bounded by the pool (a few chunks of ≤ CHUNK_ELEMENTS elements) plus the adapters, whatever the model
 size. File I/O and torch kernels release the GIL, so the stages overlap in one process.

@@ -156,7 +156,6 @@ class DirectFileWriter:
                 self.direct = False
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o644)
-        self.path = path
         self.size = 0
         self._stages = [mmap.mmap(-1, self.STAGE) for _ in range(self.IN_FLIGHT + 1)]
         self._stage = self._stages[0]
@@ -188,8 +187,8 @@ class DirectFileWriter:
             offset += got
             nbytes -= got
 
-    def close(self, sync: bool = True) -> None:
-        """Write what is staged, truncate to the true size, fdatasync (unless ``sync`` is False) and close."""
+    def close(self) -> None:
+        """Write what is staged, truncate to the true size, fdatasync and close."""
         try:
             if self._fill:
                 tail = self._fill
@@ -199,8 +198,7 @@ class DirectFileWriter:
                 self._flush()
             self._wait(0)
             os.ftruncate(self.fd, self.size)  # drops the tail's padding
-            if sync:
-                os.fdatasync(self.fd)
+            os.fdatasync(self.fd)
         finally:
             self.abandon()
 
