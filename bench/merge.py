@@ -5,9 +5,11 @@
     python bench/merge.py --quick         # a tiny model, one run each: a smoke test of every path
 
 The base and adapter are built once (random tensors written directly as safetensors, no transformers needed) and
-cached under --cache (default ./tmp/bench). Page caches cannot be dropped here, so every measured run starts from
-the same warm state: `sync`, then the base files read once (so they sit in the page cache) before the timer starts.
-Each run writes a fresh output and ends with its data on disk (cp: `sync`; loraops: fdatasync of every file).
+cached under --cache (default ./tmp/bench). Every measured run starts from the same state: `sync`, then the base
+files read once, so they sit in the page cache (warm, the default), or, with --cold, dropped from it
+(posix_fadvise DONTNEED on each file, no root needed; Python and torch stay cached): what a model bigger than the
+memory, or one not used lately, costs. Each run writes a fresh output and ends with its data on disk (cp: `sync`;
+loraops: fdatasync of every file).
 """
 from __future__ import annotations
 
@@ -114,11 +116,15 @@ def build(folder: Path, size: str) -> tuple[Path, Path]:
     return base, adapter
 
 
-def warm(base: Path) -> None:
-    """The same starting state for every run: dirty pages flushed, the base read once into the page cache."""
+def settle(base: Path, cold: bool) -> None:
+    """The same starting state for every run: dirty pages flushed, then the base read once into the page cache, or
+    (cold) dropped from it."""
     subprocess.run(["sync"], check=True)
     for f in sorted(base.iterdir()):
         with open(f, "rb") as h:
+            if cold:
+                os.posix_fadvise(h.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                continue
             while h.read(64 << 20):
                 pass
 
@@ -166,6 +172,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="best of N (default 3)")
     parser.add_argument("--peft", action=argparse.BooleanOptionalAction, default=None,
                         help="run PEFT too (default: yes, except for --size 8gb)")
+    parser.add_argument("--cold", action="store_true", help="start every run with the base out of the page cache")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", type=Path, default=ROOT / "tmp" / "bench")
     parser.add_argument("--keep", action="store_true", help="keep the built base (default: kept for 1b, removed for 8gb)")
@@ -185,7 +192,7 @@ def main() -> None:
 
     def measure(label: str, fn) -> None:
         shutil.rmtree(out, ignore_errors=True)
-        warm(base)
+        settle(base, args.cold)
         seconds, peak = fn()
         results.setdefault(label, []).append(seconds)
         if peak:
@@ -239,7 +246,7 @@ def main() -> None:
     floor = best["cp"]
     print(f"\nbase: {size} shape, {size_bytes / 2**30:.2f} GiB bf16 in {len(list(base.glob('*.safetensors')))} shards; "
           f"rank-{RANK} adapter on {len(TARGETS)} linear types; device {args.device}; best of {runs}; "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; base {'cold (out of the page cache)' if args.cold else 'warm (in the page cache)'}")
     print(f"{'run':<34}{'seconds':>9}{'× cp':>8}{'× dd':>8}{'GiB/s':>8}{'peak RSS':>11}")
 
     def row(label, seconds, peak=None):

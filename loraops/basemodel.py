@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import FormatError, NotFoundError
+from .fsutil import Prefetcher
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -47,6 +48,7 @@ class BaseModel:
     tensors: dict[str, TensorInfo]
     """Manifest: full tensor name (with component prefix) → where its bytes are."""
     headers: dict[Path, Header] = field(repr=False, default_factory=dict)
+    prefetcher: Prefetcher | None = field(repr=False, default=None)
 
     @classmethod
     def open(cls, path: str | Path) -> "BaseModel":
@@ -76,6 +78,17 @@ class BaseModel:
         if not tensors:
             raise FormatError(f"{path}: holds no tensors")
         return cls(path=path, parts=parts, tensors=tensors, headers=headers)
+
+    def prefetch(self) -> None:
+        """Start reading the weights into the page cache in the background (fsutil.Prefetcher), for a caller that
+        will stream them after a slow start-up; stop_prefetch() ends it."""
+        self.stop_prefetch()
+        self.prefetcher = Prefetcher(self.files)
+
+    def stop_prefetch(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
+            self.prefetcher = None
 
     @property
     def files(self) -> list[Path]:

@@ -232,6 +232,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         if base.is_single_file:
             files[0].target = Path(tmp.name)
         bar = settings.progress_bar(sum(f.size for f in files), f"{operation} → {output.name}", progress)
+        base.stop_prefetch()  # from here on the pipeline's reads keep the disk busy
         try:
             _Pipeline(root, dev, compute_dtype, bar, stats, fingerprint).run(files)
         finally:

@@ -1,9 +1,11 @@
-"""fsutil.DirectFileWriter: the merge's output writer (O_DIRECT with staging, and its page-cache fallback)."""
+"""fsutil.DirectFileWriter: the merge's output writer (O_DIRECT with staging, and its page-cache fallback); fsutil.Prefetcher,
+which reads a merge's base into the page cache while the process starts up."""
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import threading
 
 import pytest
 
@@ -125,3 +127,38 @@ def test_reading_past_the_end_of_the_source_is_reported(tmp_path, source):
     with open(source, "rb") as f, pytest.raises(EOFError):
         out.copy_from(f.fileno(), 19990, 100)
     out.abandon()
+
+
+def test_prefetcher_reads_the_files_in_order_up_to_its_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsutil.Prefetcher, "PIECE", 4096)
+    files = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for file, size in zip(files, [10_000, 5_000, 7_000]):
+        file.write_bytes(os.urandom(size))
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    whole = fsutil.Prefetcher(files, budget=1 << 30)
+    whole._thread.join(10)
+    assert whole.left == (1 << 30) - 22_000 and opened == files
+    opened.clear()
+    some = fsutil.Prefetcher(files, budget=12_000)
+    some._thread.join(10)
+    assert some.left == 0 and opened == files[:2]  # 10 000 bytes of a, 2 000 of b, nothing of c
+
+
+def test_prefetcher_stops_when_told(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsutil.Prefetcher, "PIECE", 1)  # a byte per read: 4 MiB take far longer than the test
+    big = tmp_path / "big"
+    big.write_bytes(bytes(4 << 20))
+    prefetcher = fsutil.Prefetcher([big], budget=1 << 30)
+    prefetcher.stop()
+    assert not prefetcher._thread.is_alive() and prefetcher.left > (1 << 30) - (4 << 20)
+
+
+def test_prefetcher_errors_end_it_quietly(tmp_path, monkeypatch):
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    prefetcher = fsutil.Prefetcher([tmp_path / "missing", tmp_path], budget=1 << 30)
+    prefetcher._thread.join(10)
+    prefetcher.stop()
+    assert not prefetcher._thread.is_alive() and prefetcher.left == 1 << 30 and not escaped

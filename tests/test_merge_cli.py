@@ -127,3 +127,29 @@ def test_a_registry_that_cannot_be_used_stops_the_merge_before_writing(tmp_path,
     result = run("merge", a, "--into", base, "-o", tmp_path / "out", code=RegistryError.exit_code)
     assert "newer loraops" in result.output and not (tmp_path / "out").exists()
 
+
+
+def test_the_streamed_model_is_prefetched_before_the_registry_opens_and_stopped_after(tmp_path, models, monkeypatch):
+    from loraops import basemodel, registry
+
+    base, a, _ = models
+    events, prefetchers = [], []
+
+    class Spy(basemodel.Prefetcher):
+        def __init__(self, files, budget=None):
+            super().__init__(files, budget)
+            events.append("prefetch")
+            prefetchers.append((files, self))
+
+    real_open = registry.Registry.open.__func__
+    monkeypatch.setattr(basemodel, "Prefetcher", Spy)
+    monkeypatch.setattr(registry.Registry, "open", classmethod(lambda cls, *a, **k: events.append("registry")
+                                                               or real_open(cls, *a, **k)))
+    run("merge", a, "--into", base, "-o", tmp_path / "m")
+    run("subtract", a, "--from", "m", "-o", tmp_path / "s")  # by name: the registry first, then the model it names
+    run("subtract", a, "--from", tmp_path / "m", "-o", tmp_path / "x", "--exact")  # reads the recorded base only
+    assert events == ["prefetch", "registry", "registry", "prefetch", "registry"]
+    streamed = [sorted(p.name for p in files) for files, _ in prefetchers]
+    assert streamed == [sorted(p.name for p in base.glob("*.safetensors"))] * 2
+    assert [files[0].parent for files, _ in prefetchers] == [base, tmp_path / "m"]
+    assert all(not p._thread.is_alive() for _, p in prefetchers)
