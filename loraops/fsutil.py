@@ -275,8 +275,9 @@ class Prefetcher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Returns at once: the thread ends after the read it is in (waiting for it could cost seconds on a slow
+        network filesystem, for nothing)."""
         self._stop.set()
-        self._thread.join()
 
     def _run(self, files: list[Path]) -> None:
         scratch = mmap.mmap(-1, self.PIECE)

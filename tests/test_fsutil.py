@@ -152,6 +152,7 @@ def test_prefetcher_stops_when_told(tmp_path, monkeypatch):
     big.write_bytes(bytes(4 << 20))
     prefetcher = fsutil.Prefetcher([big], budget=1 << 30)
     prefetcher.stop()
+    prefetcher._thread.join(10)
     assert not prefetcher._thread.is_alive() and prefetcher.left > (1 << 30) - (4 << 20)
 
 

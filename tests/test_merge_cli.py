@@ -152,4 +152,4 @@ def test_the_streamed_model_is_prefetched_before_the_registry_opens_and_stopped_
     streamed = [sorted(p.name for p in files) for files, _ in prefetchers]
     assert streamed == [sorted(p.name for p in base.glob("*.safetensors"))] * 2
     assert [files[0].parent for files, _ in prefetchers] == [base, tmp_path / "m"]
-    assert all(not p._thread.is_alive() for _, p in prefetchers)
+    assert all(p._stop.is_set() for _, p in prefetchers)
