@@ -2,7 +2,7 @@
 # Every check that needs a GPU, in one call on a CUDA machine (~5 min):
 #   1. the GPU tests (combine/resize/merge on cuda agree with the CPU);
 #   2. `loraops merge --device cuda` through the real CLI on a tiny model, compared with the CPU result;
-#   3. bench/merge.py on the CPU and on CUDA (1.1B-shaped bf16 base).
+#   3. bench/merge.py on the CPU and on CUDA (1.1B-shaped bf16 base), and on CUDA with the base out of the page cache.
 # A machine without pydantic/sqlalchemy/alembic gets them from wheels in .whl/ (see /work/.library/device/README.md).
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
@@ -43,3 +43,4 @@ PY
 echo "== 3. bench/merge.py, CPU then CUDA"
 timeout 150 python3 bench/merge.py --runs 1 --device cpu --no-peft --cache /tmp/bench 2>&1 | tee "$OUT/bench_cpu.txt" | tail -14
 timeout 200 python3 bench/merge.py --runs 1 --device cuda --no-peft --cache /tmp/bench 2>&1 | tee "$OUT/bench_cuda.txt" | tail -14
+timeout 150 python3 bench/merge.py --runs 1 --device cuda --no-peft --cold --cache /tmp/bench 2>&1 | tee "$OUT/bench_cuda_cold.txt" | tail -14
