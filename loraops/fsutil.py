@@ -264,7 +264,8 @@ class Prefetcher:
     process starts up (importing torch alone takes ~1 s, and nothing can be computed before it), on a core that
     would be idle. Real reads into a scratch buffer, not posix_fadvise(WILLNEED): the kernel caps each WILLNEED at
     the device's readahead size (128 KiB by default), and a loop of such calls would wait for the GIL at every
-    step. Advisory: a read error just ends it (the merge's own read reports it)."""
+    step. Advisory: a read error just ends it (the merge's own read reports it); where the available memory is
+    unknown it reads nothing."""
 
     PIECE = 16 << 20
 
