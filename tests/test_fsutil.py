@@ -163,3 +163,10 @@ def test_prefetcher_errors_end_it_quietly(tmp_path, monkeypatch):
     prefetcher._thread.join(10)
     prefetcher.stop()
     assert not prefetcher._thread.is_alive() and prefetcher.left == 1 << 30 and not escaped
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
+def test_available_memory_is_what_the_kernel_says():
+    with open("/proc/meminfo") as meminfo:
+        kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+    assert abs(fsutil.available_memory() - kib * 1024) < 256 << 20  # memory moves a little between the two reads
