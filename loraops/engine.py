@@ -46,7 +46,7 @@ from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
-from .fsutil import DirectFileWriter, atomic_path, ensure_free_space, remove_stale_temps
+from .fsutil import DirectFileWriter, advise_sequential, atomic_path, ensure_free_space, remove_stale_temps
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, torch_dtype
 
@@ -474,7 +474,7 @@ class _Pipeline:
                         fd = handles.get(info.file)
                         if fd is None:
                             fd = handles[info.file] = os.open(info.file, os.O_RDONLY)
-                            _advise_sequential(fd)
+                            advise_sequential(fd)
                         row_bytes = step.tensor.row_elements * DTYPE_BYTES[info.dtype]
                         nbytes = (step.row1 - step.row0) * row_bytes
                         _pread_exact(fd, _bytes_view(step.buffer), nbytes, info.start + step.row0 * row_bytes, info)
@@ -530,7 +530,7 @@ class _Pipeline:
                     fd = sources.get(item.source)
                     if fd is None:
                         fd = sources[item.source] = os.open(item.source, os.O_RDONLY)
-                        _advise_sequential(fd)
+                        advise_sequential(fd)
                     _copy(item, fd, out, hashing=self.hashing)
                     self.bar.update(item.nbytes)
                 elif isinstance(item, _Chunk):
@@ -684,11 +684,6 @@ def _as_loraops_error(exc: BaseException) -> BaseException:
 
 def _bytes_view(buffer: "torch.Tensor") -> memoryview:
     return memoryview(buffer.numpy()).cast("B")
-
-
-def _advise_sequential(fd: int) -> None:
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
 def _pread_exact(fd: int, view: memoryview, nbytes: int, offset: int, info: TensorInfo) -> None:

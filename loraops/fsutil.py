@@ -285,8 +285,7 @@ class Prefetcher:
         try:
             for file in files:
                 with open(file, "rb", buffering=0) as f:
-                    if hasattr(os, "posix_fadvise"):
-                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    advise_sequential(f.fileno())
                     while self.left > 0 and not self._stop.is_set():
                         n = f.readinto(memoryview(scratch)[: min(self.PIECE, self.left)])
                         if not n:
@@ -298,6 +297,12 @@ class Prefetcher:
             pass
         finally:
             scratch.close()
+
+
+def advise_sequential(fd: int) -> None:
+    """Tell the kernel a file will be read front to back (a larger readahead window), where it can be told."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
 def available_memory() -> int:

@@ -73,9 +73,14 @@ def _streamed_early(ref: str | Path) -> tuple[BaseModel, str] | None:
     """A model given by path, opened and already coming into the page cache (BaseModel.prefetch) before the registry
     loads (SQLAlchemy alone takes ~0.35 s) and torch (~1 s): the disk works while the process starts up. The engine
     stops the prefetch when its own reading starts."""
-    if not Path(ref).exists():
-        return None
-    model, label = resolve_base(None, ref)
+    return _streamed(None, ref, None) if Path(ref).exists() else None
+
+
+def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None) -> tuple[BaseModel, str]:
+    """The model to stream, prefetching (what _streamed_early opened, or now, by registry reference)."""
+    if early is not None:
+        return early
+    model, label = resolve_base(reg, ref)
     model.prefetch()
     return model, label
 
@@ -88,9 +93,7 @@ def merge(base: str | Path, adapters: Sequence[str], output: str | Path, *, name
     try:
         reg = _open_registry(record)
         _check_name_free(reg, name)
-        model, _ = early or resolve_base(reg, base)
-        if early is None:
-            model.prefetch()
+        model, _ = _streamed(reg, base, early)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
@@ -111,9 +114,7 @@ def subtract(model: str | Path, adapters: Sequence[str], output: str | Path, *, 
     try:
         reg = _open_registry(record or exact)
         _check_name_free(reg if record else None, name)
-        merged, label = early or resolve_base(reg, model)
-        if streamed and early is None:
-            merged.prefetch()
+        merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         origin = _origin(reg, merged) if reg is not None else None
         if exact:
