@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
+from . import ldm
 from .adapter import Adapter, LoraModule
 from .errors import AmbiguousError, MismatchError
 from .formats.common import fmt_shape
@@ -40,15 +41,15 @@ SHOWN = 5
 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
-    """kohya name → the base module paths that produce it."""
+    """kohya name → the base module paths that produce it: from each module's own path, and from its diffusers path
+    when the base is a single-file SD checkpoint (sd-scripts names SD 1.x/2.x UNets the diffusers way)."""
+    modules = [tensor[: -len(".weight")] for tensor in manifest if tensor.endswith(".weight")]
+    named = [(module, module) for module in modules] + list(ldm.diffusers_names(modules).items())
     forms: dict[str, set[str]] = {}
-    for tensor in manifest:
-        if not tensor.endswith(".weight"):
-            continue
-        module = tensor[: -len(".weight")]
+    for name, module in named:
         for base_prefix, kohya_prefixes in KOHYA_BASE_PREFIXES:
-            if module.startswith(base_prefix):
-                rest = module[len(base_prefix):].replace(".", "_")
+            if name.startswith(base_prefix):
+                rest = name[len(base_prefix):].replace(".", "_")
                 for kohya_prefix in kohya_prefixes:
                     forms.setdefault(f"{kohya_prefix}_{rest}", set()).add(module)
     return forms
@@ -78,15 +79,16 @@ def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
                 res.missing.append(name)
         res.full = {n: n for n in adapter.full_tensors}
         return res
-    rename = leading_model_fix(adapter, manifest)
+    rename = renaming(adapter, manifest)
     res.names = {n: rename(n) for n in adapter.modules}
     res.full = {n: rename(n) for n in adapter.full_tensors}
     return res
 
 
-def leading_model_fix(adapter: Adapter, manifest: Mapping[str, object]):
+def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     """PEFT module paths are relative to the model PEFT wrapped; a base saved from another class may have or lack a
-    leading ``model.``. Apply the one renaming that makes every module and full tensor match, if any does."""
+    leading ``model.``, and a diffusers LoRA (``unet.down_blocks…``) may meet a single-file SD checkpoint. Apply the
+    one renaming that makes every module and full tensor match, if any does."""
     wanted = [f"{n}.weight" for n in adapter.modules] + list(adapter.full_tensors)
 
     def fits(rename) -> bool:
@@ -99,6 +101,17 @@ def leading_model_fix(adapter: Adapter, manifest: Mapping[str, object]):
         return candidates[1]
     if fits(candidates[2]):
         return candidates[2]
+    aliases = ldm.diffusers_names(t[: -len(".weight")] for t in manifest if t.endswith(".weight"))
+
+    def checkpoint_name(name: str) -> str:
+        """A diffusers module path or tensor name → the checkpoint's."""
+        if name in aliases:
+            return aliases[name]
+        module, _, leaf = name.rpartition(".")
+        return f"{aliases[module]}.{leaf}" if module in aliases else name
+
+    if aliases and fits(checkpoint_name):
+        return checkpoint_name
     return candidates[0]
 
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import st
+from .. import ldm, st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError
 from . import common
@@ -30,6 +30,8 @@ KOHYA_PREFIXES = {
     None: "lora_unet", "unet": "lora_unet", "transformer": "lora_unet", "prior": "lora_unet",
     "text_encoder": "lora_te", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3",
 }
+# the parts of a diffusers pipeline base whose module names begin with their component
+PIPELINE_COMPONENTS = ("unet", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
 HASH_KEY = "sshs_model_hash"
 
 
@@ -90,21 +92,35 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
     return Adapter(modules=modules, format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
 
 
-def component_of(adapter: Adapter, name: str) -> tuple[str | None, str]:
-    """(diffusers component, path inside it) of a module name."""
-    if adapter.format == "diffusers":
-        head, _, rest = name.partition(".")
+def component_of(adapter: Adapter, name: str, *, sdxl: bool = False) -> tuple[str | None, str]:
+    """(diffusers component, path inside it) of a bound module name: a diffusers adapter's own prefix, a pipeline
+    base's component, or the part of a single-file SD checkpoint under sd-scripts' names. ``transformer.`` is split
+    off only for a diffusers adapter: a plain model (GPT-2) has it too."""
+    head, _, rest = name.partition(".")
+    if adapter.format == "diffusers" or (rest and head in PIPELINE_COMPONENTS):
         return head, rest
-    return None, name
+    return ldm.sd_scripts_name(name, sdxl=sdxl) or (None, name)
+
+
+def is_sdxl(adapter: Adapter) -> bool:
+    """An SDXL adapter, as sd-scripts records it (ss_base_model_version "sdxl_…", modelspec.architecture
+    "stable-diffusion-xl…") or as its module names show (SDXL checkpoints keep text encoders under conditioner.)."""
+    return (
+        adapter.metadata.get("ss_base_model_version", "").startswith("sdxl")
+        or adapter.metadata.get("modelspec.architecture", "").startswith("stable-diffusion-xl")
+        or any(name.startswith("conditioner.") for name in adapter.modules)
+    )
 
 
 def kohya_names(adapter: Adapter) -> dict[str, str]:
+    """adapter module name → kohya name: unbound names as they are; bound ones as sd-scripts would name them."""
     if not adapter.names_resolved:
         return {name: name for name in adapter.modules}
-    components = {component_of(adapter, name)[0] for name in adapter.modules}
+    sdxl = is_sdxl(adapter)
+    split = {name: component_of(adapter, name, sdxl=sdxl) for name in adapter.modules}
+    components = {component for component, _ in split.values()}
     out = {}
-    for name in adapter.modules:
-        component, rest = component_of(adapter, name)
+    for name, (component, rest) in split.items():
         if component == "text_encoder" and "text_encoder_2" in components:
             component = "text_encoder_1"
         out[name] = kohya_name(rest, component)

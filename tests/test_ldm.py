@@ -1,0 +1,256 @@
+"""Single-file SD checkpoints under diffusers names (loraops.ldm), and kohya / diffusers LoRAs bound to them.
+
+The reference is diffusers' own conversion (scripts/convert_diffusers_to_original_stable_diffusion.py for SD 1.x/2.x,
+convert_diffusers_to_original_sdxl.py for SDXL): a table of (checkpoint prefix, diffusers prefix) pairs generated per
+block, applied by string replacement. loraops reads the block structure off the path instead; the two must agree on
+every module of both UNet layouts.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import factories
+from loraops import check, formats, ldm
+from test_merge_cli import run
+
+SD15 = dict(down=4, attention_down=lambda i: i < 3, attention_up=lambda i: i > 0, upsampler_slot=lambda i: 1 if i == 0 else 2)
+SDXL = dict(down=3, attention_down=lambda i: i > 0, attention_up=lambda i: i < 2, upsampler_slot=lambda i: 2)
+RESNET = ["norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"]
+TRANSFORMER = ["norm", "proj_in", "proj_out"] + [
+    f"transformer_blocks.0.{m}" for m in
+    ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+     "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3"]
+]
+
+
+def reference_table(down, attention_down, attention_up, upsampler_slot):
+    """(checkpoint prefix, diffusers prefix) pairs, generated the way diffusers' conversion scripts generate them."""
+    table = []
+    for i in range(down):
+        for j in range(2):
+            table.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if attention_down(i):
+                table.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        for j in range(3):
+            table.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if attention_up(i):
+                table.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < down - 1:
+            table.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+            table.append((f"output_blocks.{3 * i + 2}.{upsampler_slot(i)}.", f"up_blocks.{i}.upsamplers.0."))
+    table.append(("middle_block.1.", "mid_block.attentions.0."))
+    table += [(f"middle_block.{2 * j}.", f"mid_block.resnets.{j}.") for j in range(2)]
+    return table
+
+
+def diffusers_modules(down, attention_down, attention_up, upsampler_slot):
+    modules = ["conv_in", "conv_out", "conv_norm_out", "time_embedding.linear_1", "time_embedding.linear_2"]
+    for i in range(down):
+        for j in range(2):
+            modules += [f"down_blocks.{i}.resnets.{j}.{m}" for m in RESNET]
+            if attention_down(i):
+                modules += [f"down_blocks.{i}.attentions.{j}.{m}" for m in TRANSFORMER]
+        for j in range(3):
+            modules += [f"up_blocks.{i}.resnets.{j}.{m}" for m in RESNET]
+            if attention_up(i):
+                modules += [f"up_blocks.{i}.attentions.{j}.{m}" for m in TRANSFORMER]
+        if i < down - 1:
+            modules += [f"down_blocks.{i}.downsamplers.0.conv", f"up_blocks.{i}.upsamplers.0.conv"]
+    modules += [f"mid_block.resnets.{j}.{m}" for j in range(2) for m in RESNET]
+    return modules + [f"mid_block.attentions.0.{m}" for m in TRANSFORMER]
+
+
+def reference_checkpoint_name(diffusers: str, table) -> str:
+    """diffusers → checkpoint module path, as the conversion script does it (on tensor names, so on path + ".")."""
+    top = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
+           "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+    if diffusers in top:
+        return top[diffusers]
+    name = diffusers + "."
+    if "resnets" in name:
+        for sd, hf in [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
+                       ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]:
+            name = name.replace(f".{hf}.", f".{sd}.")
+    for sd, hf in table:
+        name = name.replace(hf, sd)
+    return name[:-1]
+
+
+@pytest.mark.parametrize("layout", [SD15, SDXL], ids=["sd15", "sdxl"])
+def test_unet_paths_agree_with_diffusers_conversion_table(layout):
+    table = reference_table(**layout)
+    modules = diffusers_modules(**layout)
+    assert len(modules) > 200
+    for diffusers in modules:
+        checkpoint = reference_checkpoint_name(diffusers, table)
+        assert checkpoint != diffusers or diffusers.startswith(("conv_", "time_")), diffusers
+        assert ldm.unet_path(checkpoint) == diffusers, (checkpoint, diffusers)
+
+
+def test_paths_outside_the_known_blocks_are_not_translated():
+    for path in ["input_blocks.0.1.proj_in", "input_blocks.3.1.proj_in", "input_blocks.1.2.conv", "output_blocks.0.3.conv",
+                 "input_blocks.1.0.in_layers.1", "middle_block.0.in_layers.1", "something.else", "input_blocks.1"]:
+        assert ldm.unet_path(path) is None, path
+    assert ldm.unet_path("label_emb.0.0") == "add_embedding.linear_1"  # SDXL's size/crop embedding
+
+
+def test_diffusers_names_of_a_checkpoint():
+    names = ldm.diffusers_names([
+        "model.diffusion_model.input_blocks.1.1.proj_in",
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+        "model.diffusion_model.some_future_block.0",
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj",  # OpenCLIP: not translated
+        "first_stage_model.decoder.conv_in",
+    ])
+    assert names == {
+        "unet.down_blocks.0.attentions.0.proj_in": "model.diffusion_model.input_blocks.1.1.proj_in",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj":
+            "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+    }
+    assert ldm.diffusers_names(["model.layers.0.self_attn.q_proj", "unet.conv_in"]) == {}
+
+
+def sd15_checkpoint(path):
+    """A tiny single-file SD 1.x checkpoint: a few UNet modules under LDM names (one 3×3 conv), a text encoder."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (8, 8, 1, 1),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (8, 8),
+        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight": (8, 12),
+        "model.diffusion_model.middle_block.1.proj_out.weight": (16, 16, 1, 1),
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (8, 8, 3, 3),
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.bias": (8,),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (12, 12),
+        "first_stage_model.decoder.conv_in.weight": (4, 4, 3, 3),
+    }
+    tensors = {name: torch.randn(shape, generator=g).to(torch.float16) for name, shape in shapes.items()}
+    save_file(tensors, str(path))
+    return path
+
+
+KOHYA_SD15 = {  # sd-scripts' names for SD 1.x: diffusers blocks, transformers' CLIP
+    "lora_unet_down_blocks_0_attentions_0_proj_in": ((8, 1, 1), (8, 1, 1)),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((8,), (8,)),
+    "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k": ((12,), (8,)),
+    "lora_unet_mid_block_attentions_0_proj_out": ((16, 1, 1), (16, 1, 1)),
+    "lora_unet_down_blocks_0_resnets_0_conv1": ((8, 3, 3), (8, 1, 1)),  # LoCon
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ((12,), (12,)),
+}
+
+
+def test_kohya_sd15_lora_binds_to_a_single_file_checkpoint(tmp_path):
+    base = sd15_checkpoint(tmp_path / "sd15.safetensors")
+    manifest = load_file(base)
+    bound = check.bind(formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SD15)), manifest)
+    assert sorted(bound.modules) == sorted(
+        n[: -len(".weight")] for n in manifest if n.endswith(".weight") and not n.startswith("first_stage")
+    )
+    assert bound.modules["model.diffusion_model.input_blocks.1.0.in_layers.2"].delta().shape == (8, 8, 3, 3)
+
+
+def test_diffusers_lora_binds_to_a_single_file_checkpoint(tmp_path):
+    info = SimpleNamespace
+    manifest = {
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": info(shape=(8, 8)),
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": info(shape=(8, 8, 1, 1)),
+        "model.diffusion_model.input_blocks.4.1.proj_in.bias": info(shape=(8,)),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": info(shape=(12, 12)),
+    }
+    written = formats.write_adapter(factories.lora_adapter({
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (8, 8),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (12, 12),
+    }, fmt="diffusers"), tmp_path / "pytorch_lora_weights.safetensors", "diffusers")
+    adapter = formats.read_adapter(written)
+    assert adapter.format == "diffusers"
+    assert check.check(adapter, manifest).ok
+    assert sorted(check.bind(adapter, manifest).modules) == [
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+    ]
+
+
+def test_merge_kohya_sd15_lora_into_single_file_checkpoint(tmp_path):
+    base = sd15_checkpoint(tmp_path / "sd15.safetensors")
+    lora = factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SD15, rank=4, alpha=2.0)
+    out = tmp_path / "merged.safetensors"
+    run("check", lora, "--base", base)
+    assert "6 tensors merged" in run("merge", lora, "--into", base, "-o", out, "--no-record").output
+    original, merged = load_file(base), load_file(out)
+    adapter = formats.read_adapter(lora)
+    pairs = {  # kohya name → checkpoint tensor, written out by hand
+        "lora_unet_down_blocks_0_attentions_0_proj_in": "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k":
+            "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight",
+        "lora_unet_mid_block_attentions_0_proj_out": "model.diffusion_model.middle_block.1.proj_out.weight",
+        "lora_unet_down_blocks_0_resnets_0_conv1": "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+            "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    }
+    for kohya_name, tensor in pairs.items():
+        module = adapter.modules[kohya_name]
+        down, up = module.A.double(), module.B.double()
+        if down.dim() == 4 and down.shape[2:] != (1, 1):  # k×k LoCon: the composition of the two convolutions
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        else:
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(original[tensor].shape)
+        expected = (original[tensor].double() + 0.5 * delta).to(torch.float16)
+        assert torch.equal(merged[tensor], expected), tensor
+    for untouched in ["model.diffusion_model.input_blocks.1.0.in_layers.2.bias", "first_stage_model.decoder.conv_in.weight"]:
+        assert torch.equal(merged[untouched], original[untouched])
+
+
+def kohya_round_trip(tmp_path, modules, manifest, metadata=None):
+    """The kohya names a bound adapter is written back with."""
+    from loraops.st import read_header
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    source = factories.kohya_file(folder / "in.safetensors", modules, metadata=metadata)
+    bound = check.bind(formats.read_adapter(source), manifest)
+    out = formats.write_adapter(bound, folder / "out.safetensors", "kohya")
+    return {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in read_header(out).tensors}
+
+
+def test_kohya_lora_bound_to_a_checkpoint_is_written_back_under_sd_scripts_names(tmp_path):
+    """A kohya LoRA registered against a single-file base (so loaded bound to it) and then resized or exported must
+    come out under the names sd-scripts, A1111 and ComfyUI load: diffusers blocks for SD 1.x, original ones for
+    SDXL, lora_te / lora_te1 for the text encoders."""
+    sd15 = load_file(sd15_checkpoint(tmp_path / "sd15.safetensors"))
+    assert kohya_round_trip(tmp_path, KOHYA_SD15, sd15) == set(KOHYA_SD15)
+
+    info = SimpleNamespace
+    sdxl = {
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": info(shape=(8, 8)),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": info(shape=(8, 8, 3, 3)),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": info(shape=(12, 12)),
+    }
+    kohya_sdxl = {
+        "lora_unet_input_blocks_4_1_proj_in": ((8,), (8,)),
+        "lora_unet_output_blocks_2_2_conv": ((8, 3, 3), (8, 1, 1)),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1": ((12,), (12,)),
+    }
+    assert kohya_round_trip(tmp_path, kohya_sdxl, sdxl) == set(kohya_sdxl)
+    unet_only = {k: v for k, v in kohya_sdxl.items() if k.startswith("lora_unet")}  # SDXL known from the metadata only
+    assert kohya_round_trip(tmp_path, unet_only, sdxl, {"ss_base_model_version": "sdxl_base_v1-0"}) == set(unet_only)
+
+    pipeline = {
+        "unet.down_blocks.0.attentions.0.proj_in.weight": info(shape=(8, 16)),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight": info(shape=(12, 12)),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight": info(shape=(20, 20)),
+    }
+    kohya_pipeline = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in": ((16,), (8,)),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ((12,), (12,)),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": ((20,), (20,)),
+    }
+    assert kohya_round_trip(tmp_path, kohya_pipeline, pipeline) == set(kohya_pipeline)
