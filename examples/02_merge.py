@@ -1,5 +1,6 @@
 """Merge and subtract: two weighted adapters into a sharded bf16 Llama-style model, then out again — with the
-residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry.
+residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then a
+kohya SD 1.x LoRA (sd-scripts' diffusers block names) into a single-file checkpoint (original LDM names).
 
     python examples/02_merge.py [WORKDIR]
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import llama, loraops, peft_lora, workdir  # noqa: E402
+from _build import llama, loraops, peft_lora, sd15_checkpoint, sd15_kohya_lora, workdir  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -39,6 +40,12 @@ def main() -> None:
         sys.exit("--exact did not restore the base")
     loraops("merge", "style", "--into", "llama-tiny", "-o", work / "merged", ok=False)  # exists: needs --force
     loraops("merge", "style", "--into", work / "does-not-exist", "-o", work / "x", ok=False)
+
+    print("\n--- a kohya SD 1.x LoRA into a single-file checkpoint: lora_unet_down_blocks_0_… is input_blocks.1.1 ---")
+    checkpoint = sd15_checkpoint(work / "sd15-tiny.safetensors")
+    kohya = sd15_kohya_lora(work / "sd15-style.safetensors", r=4, alpha=2)
+    loraops("check", kohya, "--base", checkpoint)
+    loraops("merge", f"{kohya}:0.8", "--into", checkpoint, "-o", work / "sd15-merged.safetensors", "--no-record")
 
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats
