@@ -1,6 +1,7 @@
 """Merge and subtract: two weighted adapters into a sharded bf16 Llama-style model, then out again — with the
-residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then a
-kohya SD 1.x LoRA (sd-scripts' diffusers block names) into a single-file checkpoint (original LDM names).
+residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then kohya
+LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to the checkpoints' original ones; SDXL's
+second text encoder keeps q, k and v fused in one tensor).
 
     python examples/02_merge.py [WORKDIR]
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import llama, loraops, peft_lora, sd15_checkpoint, sd15_kohya_lora, workdir  # noqa: E402
+from _build import SD15, SDXL, llama, loraops, named_kohya_lora, peft_lora, sd_checkpoint, workdir  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -41,11 +42,12 @@ def main() -> None:
     loraops("merge", "style", "--into", "llama-tiny", "-o", work / "merged", ok=False)  # exists: needs --force
     loraops("merge", "style", "--into", work / "does-not-exist", "-o", work / "x", ok=False)
 
-    print("\n--- a kohya SD 1.x LoRA into a single-file checkpoint: lora_unet_down_blocks_0_… is input_blocks.1.1 ---")
-    checkpoint = sd15_checkpoint(work / "sd15-tiny.safetensors")
-    kohya = sd15_kohya_lora(work / "sd15-style.safetensors", r=4, alpha=2)
-    loraops("check", kohya, "--base", checkpoint)
-    loraops("merge", f"{kohya}:0.8", "--into", checkpoint, "-o", work / "sd15-merged.safetensors", "--no-record")
+    print("\n--- kohya LoRAs into single-file SD checkpoints: sd-scripts' names bound to the original ones ---")
+    for label, (tensors, modules), version in [("sd15", SD15, "sd_v1"), ("sdxl", SDXL, "sdxl_base_v1-0")]:
+        checkpoint = sd_checkpoint(work / f"{label}-tiny.safetensors", tensors)
+        kohya = named_kohya_lora(work / f"{label}-style.safetensors", modules, r=4, alpha=2, version=version)
+        loraops("check", kohya, "--base", checkpoint)
+        loraops("merge", f"{kohya}:0.8", "--into", checkpoint, "-o", work / f"{label}-merged.safetensors", "--no-record")
 
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats

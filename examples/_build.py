@@ -54,42 +54,58 @@ def kohya_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str
     return Path(out)
 
 
-# A few modules of an SD 1.x UNet and text encoder: (name in a single-file checkpoint, sd-scripts' name, shape).
-SD15_MODULES = [
-    ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
-     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", (32, 32)),
-    ("model.diffusion_model.middle_block.1.proj_in", "lora_unet_mid_block_attentions_0_proj_in", (64, 64, 1, 1)),
-    ("model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.2",
-     "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2", (32, 128)),
-    ("model.diffusion_model.input_blocks.2.0.in_layers.2", "lora_unet_down_blocks_0_resnets_1_conv1", (32, 32, 3, 3)),
-    ("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.k_proj",
-     "lora_te_text_model_encoder_layers_0_self_attn_k_proj", (48, 48)),
-]
+# Tiny single-file SD checkpoints (original LDM names, {tensor: shape}) and the sd-scripts names of LoRA modules on
+# them ({kohya name: (out, in, *kernel)}). SD 1.x: sd-scripts names UNet modules with diffusers blocks. SDXL: the
+# UNet keeps its own names, and the second text encoder (OpenCLIP) holds q, k and v fused in one in_proj_weight.
+SD15 = (
+    {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (32, 32),
+     "model.diffusion_model.middle_block.1.proj_in.weight": (64, 64, 1, 1),
+     "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.2.weight": (32, 128),
+     "model.diffusion_model.input_blocks.2.0.in_layers.2.weight": (32, 32, 3, 3),
+     "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight": (48, 48),
+     "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3)},
+    {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (32, 32),
+     "lora_unet_mid_block_attentions_0_proj_in": (64, 64, 1, 1),
+     "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2": (32, 128),
+     "lora_unet_down_blocks_0_resnets_1_conv1": (32, 32, 3, 3),
+     "lora_te_text_model_encoder_layers_0_self_attn_k_proj": (48, 48)},
+)
+SDXL = (
+    {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (64, 80),
+     "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (48, 48),
+     "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (3 * 80, 80),
+     "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias": (3 * 80,),
+     "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (320, 80)},
+    {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (64, 80),
+     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (48, 48),
+     "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (80, 80),
+     "lora_te2_text_model_encoder_layers_0_self_attn_k_proj": (80, 80),
+     "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": (80, 80),
+     "lora_te2_text_model_encoder_layers_0_mlp_fc1": (320, 80)},
+)
 
 
-def sd15_checkpoint(out: Path) -> Path:
-    """A tiny single-file SD 1.x-style checkpoint (original LDM names, fp16), plus a VAE tensor no LoRA touches."""
+def sd_checkpoint(out: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
+    """A random fp16 single-file checkpoint with these tensors."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(5)
-    tensors = {f"{name}.weight": torch.randn(shape, generator=g).half() for name, _, shape in SD15_MODULES}
-    tensors["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3, generator=g).half()
-    save_file(tensors, str(out))
+    save_file({name: torch.randn(shape, generator=g).half() for name, shape in tensors.items()}, str(out))
     return Path(out)
 
 
-def sd15_kohya_lora(out: Path, *, r: int, alpha: float, seed: int = 3) -> Path:
-    """A kohya LoRA for sd15_checkpoint() under sd-scripts' SD 1.x names (diffusers blocks; LoCon on the 3×3 conv)."""
+def named_kohya_lora(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, alpha: float, version: str,
+                     seed: int = 3) -> Path:
+    """A kohya LoRA with these sd-scripts names (a 4-D shape gets LoCon factors), ss_base_model_version = version."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for _, name, shape in SD15_MODULES:
-        out_f, in_f, *kernel = shape
+    for name, (out_f, in_f, *kernel) in modules.items():
         tensors[f"{name}.lora_down.weight"] = torch.randn(r, in_f, *kernel, generator=g)
         tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, r, *([1, 1] if kernel else []), generator=g) * 0.01
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, str(out), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    save_file(tensors, str(out), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": version})
     return Path(out)
 
 

@@ -9,6 +9,9 @@ Factor layouts by kind (r = rank):
     linear     A: r×in              B: out×r              W: out×in  (in×out when fan_in_fan_out, GPT-2 Conv1D)
     conv       A: r×in×kh×kw        B: out×r×1×1          W: out×in×kh×kw
     embedding  A: r×num_embeddings  B: dim×r              W: num_embeddings×dim   (delta = (B·A)ᵀ)
+
+A module bound to one part of a fused base tensor (q, k or v of OpenCLIP's in_proj_weight) changes only its block of
+rows: see ``LoraModule.fused``.
 """
 from __future__ import annotations
 
@@ -34,6 +37,10 @@ class LoraModule:
     kind: ModuleKind = "linear"
     fan_in_fan_out: bool = False
     source_keys: tuple[str, ...] = ()
+    fused: tuple[str, int, int] | None = None
+    """(base tensor, first row, rows) when the module is one part of a fused base tensor — q, k or v of OpenCLIP's
+    ``attn.in_proj_weight`` in a single-file SD checkpoint (set by loraops.check when binding): its delta covers
+    that many rows of the tensor from the first row."""
 
     @property
     def rank(self) -> int:
@@ -49,11 +56,16 @@ class LoraModule:
 
     @property
     def weight_name(self) -> str:
-        return f"{self.name}.weight"
+        return self.fused[0] if self.fused else f"{self.name}.weight"
+
+    @property
+    def first_row(self) -> int:
+        """The first row of the base tensor that this module's delta covers (0 unless fused)."""
+        return self.fused[1] if self.fused else 0
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        """Shape of the base tensor this module changes."""
+        """Shape of the base tensor this module changes (of its rows in that tensor, when fused)."""
         if self.kind == "conv":
             return (self.out_features, *self.A.shape[1:])
         if self.kind == "embedding" or self.fan_in_fan_out:

@@ -1,5 +1,6 @@
-"""Does an adapter fit a base? Name resolution (kohya names, a leading ``model.``) and shape checks against a base
-manifest: ``{tensor name: TensorInfo}`` (anything with a ``.shape``), read from headers without loading weights.
+"""Does an adapter fit a base? Name resolution (kohya names, a leading ``model.``, diffusers names on a single-file SD
+checkpoint, see loraops.ldm) and shape checks against a base manifest: ``{tensor name: TensorInfo}`` (anything with a
+``.shape``), read from headers without loading weights.
 
     bind(adapter, manifest) -> Adapter          module names resolved to base module paths (raises when it cannot)
     check(adapter, manifest) -> CheckReport     never raises for a misfit: it reports every one
@@ -44,7 +45,7 @@ def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     """kohya name → the base module paths that produce it: from each module's own path, and from its diffusers path
     when the base is a single-file SD checkpoint (sd-scripts names SD 1.x/2.x UNets the diffusers way)."""
     modules = [tensor[: -len(".weight")] for tensor in manifest if tensor.endswith(".weight")]
-    named = [(module, module) for module in modules] + list(ldm.diffusers_names(modules).items())
+    named = [(module, module) for module in modules] + list(ldm.diffusers_names(manifest).items())
     forms: dict[str, set[str]] = {}
     for name, module in named:
         for base_prefix, kohya_prefixes in KOHYA_BASE_PREFIXES:
@@ -91,8 +92,11 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     one renaming that makes every module and full tensor match, if any does."""
     wanted = [f"{n}.weight" for n in adapter.modules] + list(adapter.full_tensors)
 
+    def present(tensor: str) -> bool:
+        return tensor in manifest or ldm.fused_target(tensor.removesuffix(".weight"), manifest) is not None
+
     def fits(rename) -> bool:
-        return all(rename(n) in manifest for n in wanted)
+        return all(present(rename(n)) for n in wanted)
 
     candidates = [lambda n: n, lambda n: n.removeprefix("model."), lambda n: f"model.{n}"]
     if fits(candidates[0]):
@@ -101,7 +105,7 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         return candidates[1]
     if fits(candidates[2]):
         return candidates[2]
-    aliases = ldm.diffusers_names(t[: -len(".weight")] for t in manifest if t.endswith(".weight"))
+    aliases = ldm.diffusers_names(manifest)
 
     def checkpoint_name(name: str) -> str:
         """A diffusers module path or tensor name → the checkpoint's."""
@@ -131,9 +135,10 @@ def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
 def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -> Adapter:
     modules = {}
     for old, new in res.names.items():
-        module = replace(adapter.modules[old], name=new)
+        fused = None if f"{new}.weight" in manifest else ldm.fused_target(new, manifest)
+        module = replace(adapter.modules[old], name=new, fused=fused)
         info = manifest.get(module.weight_name)
-        if not adapter.names_resolved and info is not None:
+        if not adapter.names_resolved and info is not None and fused is None:
             module = fit_kind(module, tuple(info.shape))
         if new in modules:
             raise MismatchError(f"{adapter.path}: two adapter modules resolve to base module {new!r}")
@@ -169,8 +174,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         info = manifest.get(module.weight_name)
         if info is None:
             missing.append(name)
-        elif tuple(info.shape) != tuple(module.weight_shape):
-            mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(info.shape),
+            continue
+        expected = tuple(info.shape) if module.fused is None else (module.fused[2], *info.shape[1:])
+        if expected != tuple(module.weight_shape):
+            mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(expected),
                                             actual=list(module.weight_shape)))
         else:
             matched += 1

@@ -576,10 +576,14 @@ class _Pipeline:
         acc = self.work[:n]
         acc.copy_(w, non_blocking=cuda)
         acc2 = acc.view(rows, tensor.row_elements)
-        rows_slice = slice(chunk.row0, chunk.row1)
         for module, coef in tensor.terms:
-            B2, A2 = self._module_factors(tensor, module)
-            add_delta(acc2, B2, A2, module.transposed, rows_slice, coef)
+            # the module's rows of W (all of them, unless it is one part of a fused tensor) inside this chunk
+            first = module.first_row
+            row0, row1 = max(chunk.row0, first), min(chunk.row1, first + module.weight_shape[0])
+            if row0 < row1:
+                B2, A2 = self._module_factors(tensor, module)
+                add_delta(acc2[row0 - chunk.row0 : row1 - chunk.row0], B2, A2, module.transposed,
+                          slice(row0 - first, row1 - first), coef)
         if cuda:
             out.copy_(acc.to(out_dtype), non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()

@@ -2,18 +2,21 @@
 seen under diffusers names.
 
 LoRAs name modules the diffusers way: sd-scripts builds SD 1.x/2.x UNets with diffusers block names
-(``lora_unet_down_blocks_0_attentions_0_…``) and the text encoders as transformers' CLIP; diffusers-trained LoRAs
-use ``unet.down_blocks.0.…``. A single-file checkpoint names the same UNet modules ``input_blocks.1.1.…``. This
-module gives every checkpoint module its diffusers path, so both name styles bind to either kind of base:
+(``lora_unet_down_blocks_0_attentions_0_…``) and every text encoder as transformers' CLIP; diffusers-trained LoRAs
+use ``unet.down_blocks.0.…``. A single-file checkpoint names the same UNet modules ``input_blocks.1.1.…`` and keeps
+the OpenCLIP text encoders (SD 2.x, SDXL's second) in OpenCLIP's layout. This module gives every checkpoint module its
+diffusers path, so both name styles bind to either kind of base, and names bound modules back as sd-scripts does:
 
-    diffusers_names(modules) -> {diffusers module path: checkpoint module path}     (binding LoRAs to a checkpoint)
+    diffusers_names(tensors) -> {diffusers module path: checkpoint module path}     (binding LoRAs to a checkpoint)
+    fused_target(module, manifest) -> (tensor, first row, rows) | None            (q/k/v inside in_proj_weight)
     sd_scripts_name(module, sdxl) -> (component, path) | None                      (naming them back, as sd-scripts)
 
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
 resnets per down block and three per up block (SD 1.x, 2.x, XL), which is diffusers' conversion table
 (scripts/convert_diffusers_to_original_stable_diffusion.py) generalised to blocks with or without attentions.
-Transformer blocks keep their names in both layouts. The OpenCLIP text encoders (SD 2.x, SDXL's second) store q, k
-and v fused in one ``in_proj_weight`` and have no per-module diffusers counterpart here; they are not translated.
+Transformer blocks keep their names in both layouts. OpenCLIP's attention stores q, k and v as the three row blocks
+of one ``attn.in_proj_weight``; their modules get the checkpoint path ``…attn.q_proj`` (``k_proj``, ``v_proj``), which
+names no tensor: fused_target says which rows of in_proj_weight such a module changes.
 """
 from __future__ import annotations
 
@@ -26,6 +29,18 @@ TEXT_ENCODERS = (
     ("cond_stage_model.transformer.", "text_encoder"),  # SD 1.x
     ("conditioner.embedders.0.transformer.", "text_encoder"),  # SDXL's first (CLIP ViT-L)
 )
+# checkpoint prefix of an OpenCLIP text encoder → its diffusers component (named as transformers' CLIPTextModel)
+OPEN_CLIP = (
+    ("cond_stage_model.model.", "text_encoder"),  # SD 2.x (OpenCLIP ViT-H)
+    ("conditioner.embedders.1.model.", "text_encoder_2"),  # SDXL's second (OpenCLIP ViT-bigG)
+)
+OPEN_CLIP_PREFIXES = tuple(prefix for prefix, _ in OPEN_CLIP)
+OPEN_CLIP_LAYER_RE = re.compile(r"^transformer\.resblocks\.(?P<layer>\d+)\.(?P<rest>.+)$")
+OPEN_CLIP_MODULES = {
+    "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+    "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+}
+FUSED = ("q_proj", "k_proj", "v_proj")  # the order of their row blocks in attn.in_proj_weight
 RESNET = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
     "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
@@ -76,31 +91,76 @@ def resnet(prefix: str, rest: str) -> str | None:
     return f"{prefix}.{RESNET[rest]}" if rest in RESNET else None
 
 
-def diffusers_names(modules: Iterable[str]) -> dict[str, str]:
+def open_clip_path(path: str) -> str | None:
+    """transformers' CLIP path of an OpenCLIP text-encoder module path: ``transformer.resblocks.3.mlp.c_fc`` →
+    ``text_model.encoder.layers.3.mlp.fc1``; None for the modules LoRAs do not target."""
+    match = OPEN_CLIP_LAYER_RE.match(path)
+    if match is None or match["rest"] not in OPEN_CLIP_MODULES:
+        return None
+    return f"text_model.encoder.layers.{match['layer']}.{OPEN_CLIP_MODULES[match['rest']]}"
+
+
+def checkpoint_modules(tensors: Iterable[str]) -> list[str]:
+    """The module paths of a checkpoint's tensor names: ``X.weight`` → X, and OpenCLIP's fused
+    ``X.in_proj_weight`` → ``X.q_proj``, ``X.k_proj``, ``X.v_proj``."""
+    modules = []
+    for tensor in tensors:
+        if tensor.endswith(".in_proj_weight") and tensor.startswith(OPEN_CLIP_PREFIXES):
+            attn = tensor[: -len(".in_proj_weight")]
+            modules += [f"{attn}.{part}" for part in FUSED]
+        elif tensor.endswith(".weight"):
+            modules.append(tensor[: -len(".weight")])
+    return modules
+
+
+def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     """{diffusers module path ("unet.down_blocks.0…", "text_encoder.text_model…"): checkpoint module path} for the
-    modules of a single-file SD checkpoint; empty for any other base."""
+    tensors of a single-file SD checkpoint; empty for any other base."""
     out = {}
-    for module in modules:
-        if module.startswith(UNET_PREFIX):
-            path = unet_path(module[len(UNET_PREFIX):])
-            if path is not None:
-                out[f"unet.{path}"] = module
-            continue
-        for prefix, component in TEXT_ENCODERS:
-            if module.startswith(prefix):
-                out[f"{component}.{module[len(prefix):]}"] = module
+    for module in checkpoint_modules(tensors):
+        name = diffusers_name(module)
+        if name is not None:
+            out[name] = module
     return out
 
 
-def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
-    """(diffusers component, path) that sd-scripts names a checkpoint module by, or None for a path outside a
-    single-file SD checkpoint. sd-scripts builds SD 1.x/2.x UNets with diffusers block names but SDXL's with the
-    original ones (``lora_unet_input_blocks_4_1_…``); SDXL's first text encoder is always ``lora_te1``."""
+def diffusers_name(module: str) -> str | None:
+    """The diffusers path of a checkpoint module (component included), or None outside the parts translated."""
     if module.startswith(UNET_PREFIX):
-        path = module[len(UNET_PREFIX):]
-        return "unet", path if sdxl else (unet_path(path) or path)
-    if module.startswith("conditioner.embedders.0.transformer."):
-        return "text_encoder_1", module[len("conditioner.embedders.0.transformer."):]
-    if module.startswith("cond_stage_model.transformer."):
-        return "text_encoder", module[len("cond_stage_model.transformer."):]
+        path = unet_path(module[len(UNET_PREFIX):])
+        return None if path is None else f"unet.{path}"
+    for prefix, component in TEXT_ENCODERS:
+        if module.startswith(prefix):
+            return f"{component}.{module[len(prefix):]}"
+    for prefix, component in OPEN_CLIP:
+        if module.startswith(prefix):
+            path = open_clip_path(module[len(prefix):])
+            return None if path is None else f"{component}.{path}"
     return None
+
+
+def fused_target(module: str, manifest) -> tuple[str, int, int] | None:
+    """(in_proj_weight tensor, first row, rows) for an OpenCLIP ``…attn.q_proj`` / ``k_proj`` / ``v_proj`` module
+    whose checkpoint has that fused tensor (3·d rows: q, then k, then v), else None."""
+    attn, _, part = module.rpartition(".")
+    if part not in FUSED or not attn.startswith(OPEN_CLIP_PREFIXES):
+        return None
+    tensor = f"{attn}.in_proj_weight"
+    info = manifest.get(tensor)
+    if info is None or len(info.shape) != 2 or info.shape[0] % 3:
+        return None
+    rows = info.shape[0] // 3
+    return tensor, FUSED.index(part) * rows, rows
+
+
+def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
+    """(diffusers component, path) that sd-scripts names a checkpoint module by, or None outside the parts
+    translated. sd-scripts builds SD 1.x/2.x UNets with diffusers block names but SDXL's with the original ones
+    (``lora_unet_input_blocks_4_1_…``), and calls SDXL's first text encoder ``lora_te1`` even alone."""
+    if sdxl and module.startswith(UNET_PREFIX):
+        return "unet", module[len(UNET_PREFIX):]
+    name = diffusers_name(module)
+    if name is None:
+        return None
+    component, path = name.split(".", 1)
+    return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path

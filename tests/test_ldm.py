@@ -102,12 +102,14 @@ def test_paths_outside_the_known_blocks_are_not_translated():
 
 def test_diffusers_names_of_a_checkpoint():
     names = ldm.diffusers_names([
-        "model.diffusion_model.input_blocks.1.1.proj_in",
-        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
-        "model.diffusion_model.some_future_block.0",
-        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj",
-        "conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj",  # OpenCLIP: not translated
-        "first_stage_model.decoder.conv_in",
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+        "model.diffusion_model.some_future_block.0.weight",
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",  # OpenCLIP: q, k, v fused
+        "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight",
+        "first_stage_model.decoder.conv_in.weight",
     ])
     assert names == {
         "unet.down_blocks.0.attentions.0.proj_in": "model.diffusion_model.input_blocks.1.1.proj_in",
@@ -115,14 +117,29 @@ def test_diffusers_names_of_a_checkpoint():
             "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q",
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj":
             "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+        **{f"text_encoder_2.text_model.encoder.layers.0.self_attn.{p}_proj":
+           f"conditioner.embedders.1.model.transformer.resblocks.0.attn.{p}_proj" for p in "qkv"},
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1": "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc",
     }
-    assert ldm.diffusers_names(["model.layers.0.self_attn.q_proj", "unet.conv_in"]) == {}
+    assert ldm.diffusers_names(["model.layers.0.self_attn.q_proj.weight", "unet.conv_in.weight"]) == {}
+
+
+def checkpoint(path, shapes, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    save_file({name: torch.randn(shape, generator=g).to(torch.float16) for name, shape in shapes.items()}, str(path))
+    return path
+
+
+def assert_rounded_once(merged, exact):
+    """fp16 result of a float64 reference: equal to its rounding, or one fp16 unit off where float32 accumulation
+    lands on the other side of a rounding boundary."""
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2**-14)
+    assert bool(((merged.double() - exact).abs() <= ulp).all())
 
 
 def sd15_checkpoint(path):
     """A tiny single-file SD 1.x checkpoint: a few UNet modules under LDM names (one 3×3 conv), a text encoder."""
-    g = torch.Generator().manual_seed(3)
-    shapes = {
+    return checkpoint(path, {
         "model.diffusion_model.input_blocks.1.1.proj_in.weight": (8, 8, 1, 1),
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (8, 8),
         "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight": (8, 12),
@@ -131,10 +148,7 @@ def sd15_checkpoint(path):
         "model.diffusion_model.input_blocks.1.0.in_layers.2.bias": (8,),
         "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (12, 12),
         "first_stage_model.decoder.conv_in.weight": (4, 4, 3, 3),
-    }
-    tensors = {name: torch.randn(shape, generator=g).to(torch.float16) for name, shape in shapes.items()}
-    save_file(tensors, str(path))
-    return path
+    })
 
 
 KOHYA_SD15 = {  # sd-scripts' names for SD 1.x: diffusers blocks, transformers' CLIP
@@ -204,8 +218,7 @@ def test_merge_kohya_sd15_lora_into_single_file_checkpoint(tmp_path):
             delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         else:
             delta = (up.flatten(1) @ down.flatten(1)).reshape(original[tensor].shape)
-        expected = (original[tensor].double() + 0.5 * delta).to(torch.float16)
-        assert torch.equal(merged[tensor], expected), tensor
+        assert_rounded_once(merged[tensor], original[tensor].double() + 0.5 * delta), tensor
     for untouched in ["model.diffusion_model.input_blocks.1.0.in_layers.2.bias", "first_stage_model.decoder.conv_in.weight"]:
         assert torch.equal(merged[untouched], original[untouched])
 
@@ -254,3 +267,85 @@ def test_kohya_lora_bound_to_a_checkpoint_is_written_back_under_sd_scripts_names
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": ((20,), (20,)),
     }
     assert kohya_round_trip(tmp_path, kohya_pipeline, pipeline) == set(kohya_pipeline)
+
+
+SDXL_TEXT = {  # SDXL's text encoders: CLIP ViT-L under transformers' names, OpenCLIP bigG with q, k, v fused
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.v_proj.weight": (12, 12),
+    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (48, 16),
+    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias": (48,),
+    "conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj.weight": (16, 16),
+    "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (40, 16),
+    "model.diffusion_model.input_blocks.4.1.proj_in.weight": (8, 8),
+}
+KOHYA_SDXL_TEXT = {
+    "lora_te1_text_model_encoder_layers_0_self_attn_v_proj": ((12,), (12,)),
+    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": ((16,), (16,)),
+    "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": ((16,), (16,)),  # no k: its rows stay as they are
+    "lora_te2_text_model_encoder_layers_0_self_attn_out_proj": ((16,), (16,)),
+    "lora_te2_text_model_encoder_layers_0_mlp_fc1": ((16,), (40,)),
+    "lora_unet_input_blocks_4_1_proj_in": ((8,), (8,)),
+}
+
+
+def test_openclip_q_k_v_bind_to_rows_of_the_fused_in_proj(tmp_path):
+    manifest = load_file(checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT))
+    bound = check.bind(formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SDXL_TEXT)), manifest)
+    attn = "conditioner.embedders.1.model.transformer.resblocks.0.attn"
+    assert bound.modules[f"{attn}.q_proj"].fused == (f"{attn}.in_proj_weight", 0, 16)
+    assert bound.modules[f"{attn}.v_proj"].fused == (f"{attn}.in_proj_weight", 32, 16)
+    assert bound.modules[f"{attn}.out_proj"].fused is None
+    assert check.check(formats.read_adapter(tmp_path / "k.safetensors"), manifest).ok
+
+    wrong = factories.kohya_file(tmp_path / "wrong.safetensors",
+                                 {"lora_te2_text_model_encoder_layers_0_self_attn_k_proj": ((16,), (48,))})
+    report = check.check(formats.read_adapter(wrong), manifest)
+    assert not report.ok and report.shape_mismatches[0].expected == [16, 16]
+    assert report.shape_mismatches[0].tensor == f"{attn}.in_proj_weight"
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 5 * 16], ids=["one-chunk", "chunks-across-q-k-v"])
+def test_merge_into_the_fused_in_proj_equals_the_float64_reference(tmp_path, monkeypatch, chunk_elements):
+    from loraops import engine
+
+    if chunk_elements:  # 5-row chunks: boundaries fall inside the q, k and v row blocks
+        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+    base = checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT)
+    lora = factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SDXL_TEXT, rank=4, alpha=2.0)
+    adapter = formats.read_adapter(lora)
+    report = engine.merge(base, [(adapter, 0.75)], tmp_path / "out.safetensors", device="cpu")
+    assert report.tensors_merged == 5
+    original, merged = load_file(base), load_file(tmp_path / "out.safetensors")
+
+    def delta(kohya_name):
+        module = adapter.modules[kohya_name]
+        return 0.75 * module.scale * (module.B.double() @ module.A.double())
+
+    te2 = "lora_te2_text_model_encoder_layers_0_"
+    in_proj = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    fused = torch.cat([delta(f"{te2}self_attn_q_proj"), torch.zeros(16, 16, dtype=torch.float64),
+                       delta(f"{te2}self_attn_v_proj")])
+    assert_rounded_once(merged[in_proj], original[in_proj].double() + fused)
+    fc1 = "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"
+    assert_rounded_once(merged[fc1], original[fc1].double() + delta(f"{te2}mlp_fc1"))
+    bias = in_proj.replace("weight", "bias")
+    assert torch.equal(merged[bias], original[bias])
+
+
+def test_openclip_modules_are_written_back_under_sd_scripts_names(tmp_path):
+    manifest = load_file(checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT))
+    assert kohya_round_trip(tmp_path, KOHYA_SDXL_TEXT, manifest) == set(KOHYA_SDXL_TEXT)
+    sd2 = {k.replace("conditioner.embedders.1.model.", "cond_stage_model.model."): info
+           for k, info in manifest.items() if k.startswith("conditioner.embedders.1.")}
+    kohya_sd2 = {k.replace("lora_te2_", "lora_te_"): v for k, v in KOHYA_SDXL_TEXT.items() if k.startswith("lora_te2_")}
+    assert kohya_round_trip(tmp_path, kohya_sd2, sd2) == set(kohya_sd2)
+
+
+def test_a_diffusers_lora_on_the_second_text_encoder_binds_to_the_fused_in_proj(tmp_path):
+    manifest = load_file(checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT))
+    written = formats.write_adapter(factories.lora_adapter({
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj": (16, 16),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.out_proj": (16, 16),
+    }, fmt="diffusers"), tmp_path / "pytorch_lora_weights.safetensors", "diffusers")
+    bound = check.bind(formats.read_adapter(written), manifest)
+    k_proj = bound.modules["conditioner.embedders.1.model.transformer.resblocks.0.attn.k_proj"]
+    assert k_proj.fused[1:] == (16, 16) and check.check(formats.read_adapter(written), manifest).ok
