@@ -349,3 +349,26 @@ def test_a_diffusers_lora_on_the_second_text_encoder_binds_to_the_fused_in_proj(
     bound = check.bind(formats.read_adapter(written), manifest)
     k_proj = bound.modules["conditioner.embedders.1.model.transformer.resblocks.0.attn.k_proj"]
     assert k_proj.fused[1:] == (16, 16) and check.check(formats.read_adapter(written), manifest).ok
+
+
+def test_adapters_bound_to_a_checkpoint_are_written_as_diffusers_under_pipeline_names(tmp_path):
+    """export --format diffusers of a LoRA registered against a single-file checkpoint: diffusers names, the same
+    deltas once bound back to the checkpoint."""
+    manifest = {**load_file(sd15_checkpoint(tmp_path / "sd15.safetensors"))}
+    bound = check.bind(formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SD15)), manifest)
+    out = formats.write_adapter(bound, tmp_path / "pytorch_lora_weights.safetensors", "diffusers")
+    back = formats.read_adapter(out)
+    assert "unet.down_blocks.0.resnets.0.conv1" in back.modules
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in back.modules
+    rebound = check.bind(back, manifest)
+    assert sorted(rebound.modules) == sorted(bound.modules)
+    for name, module in bound.modules.items():
+        assert torch.allclose(rebound.modules[name].delta(), module.delta())
+
+    sdxl = load_file(checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT))
+    bound = check.bind(formats.read_adapter(factories.kohya_file(tmp_path / "x.safetensors", KOHYA_SDXL_TEXT)), sdxl)
+    back = formats.read_adapter(formats.write_adapter(bound, tmp_path / "x-diffusers.safetensors", "diffusers"))
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj" in back.modules
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.v_proj" in back.modules
+    assert "unet.down_blocks.1.attentions.0.proj_in" in back.modules
+    assert check.bind(back, sdxl).modules.keys() == bound.modules.keys()

@@ -9,10 +9,12 @@ Alpha: diffusers writes the LoraConfig of each component as JSON under the heade
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
-from .. import st
-from ..adapter import Adapter
+from .. import ldm, st
+from ..adapter import Adapter, LoraModule
 from ..errors import FormatError
 from . import common, peft
 
@@ -76,6 +78,16 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
     )
 
 
+def pipeline_names(adapter: Adapter) -> Iterator[tuple[str, LoraModule]]:
+    """The modules under pipeline names: as they are, or translated from a single-file SD checkpoint's
+    (``model.diffusion_model.input_blocks.1.1…`` → ``unet.down_blocks.0.attentions.0…``)."""
+    for name, module in adapter.modules.items():
+        target = name if component_of(name) is not None else ldm.diffusers_name(name)
+        if target is None:
+            raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
+        yield target, replace(module, name=target, fused=None)
+
+
 def write(adapter: Adapter, dest: Path) -> None:
     """One .safetensors with component-prefixed PEFT keys and the per-component LoraConfig in the header."""
     from safetensors.torch import save_file
@@ -83,12 +95,10 @@ def write(adapter: Adapter, dest: Path) -> None:
     if adapter.full_tensors:
         raise FormatError("diffusers LoRA files cannot hold full replacement tensors (modules_to_save)")
     rslora = adapter.scale_mode == "rslora"
+    adapter = replace(adapter, modules=dict(pipeline_names(adapter)))
     by_component: dict[str, dict] = {}
     for name, module in adapter.modules.items():
-        component = component_of(name)
-        if component is None:
-            raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
-        by_component.setdefault(component, {})[name] = module
+        by_component.setdefault(component_of(name), {})[name] = module
     packed = {}
     for component, modules in by_component.items():
         cfg = peft.lora_config(modules, {n: n.partition(".")[2] for n in modules}, rslora=rslora, saved_modules=[])
