@@ -46,7 +46,7 @@ from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
-from .fsutil import DirectFileWriter, advise_sequential, atomic_path, ensure_free_space, remove_stale_temps
+from .fsutil import DirectFileWriter, ReadAhead, advise_sequential, atomic_path, ensure_free_space, remove_stale_temps
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, torch_dtype
 
@@ -462,31 +462,32 @@ class _Pipeline:
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def _read(self, files: list[_File]) -> None:
-        handles: dict[Path, int] = {}
+        handles: list[int] = []
         source_hasher = _TensorHasher()
         try:
             for file in files:
                 self._put(self.read_q, _Open(self.root / file.target, file.header, file.size))
-                for step in _steps(file):
-                    if isinstance(step, _Chunk) and step.tensor.replacement is None:
+                fd = os.open(file.source, os.O_RDONLY)
+                handles.append(fd)
+                advise_sequential(fd)
+                ahead = ReadAhead(fd)
+                for step in _steps(file):  # raw copies (_Copy) are read by the writer
+                    if isinstance(step, _Chunk):
                         step.buffer = self._get(self.pool)
-                        info = step.tensor.info
-                        fd = handles.get(info.file)
-                        if fd is None:
-                            fd = handles[info.file] = os.open(info.file, os.O_RDONLY)
-                            advise_sequential(fd)
-                        row_bytes = step.tensor.row_elements * DTYPE_BYTES[info.dtype]
-                        nbytes = (step.row1 - step.row0) * row_bytes
-                        _pread_exact(fd, _bytes_view(step.buffer), nbytes, info.start + step.row0 * row_bytes, info)
-                        if self.hashing and step.tensor.source_digest is None:
-                            step.tensor.source_digest = source_hasher.add(step, _bytes_view(step.buffer)[:nbytes])
-                    elif isinstance(step, _Chunk):
-                        step.buffer = self._get(self.pool)
+                        if step.tensor.replacement is None:
+                            info = step.tensor.info
+                            row_bytes = step.tensor.row_elements * DTYPE_BYTES[info.dtype]
+                            nbytes = (step.row1 - step.row0) * row_bytes
+                            offset = info.start + step.row0 * row_bytes
+                            ahead.before(offset)
+                            _pread_exact(fd, _bytes_view(step.buffer), nbytes, offset, info)
+                            if self.hashing and step.tensor.source_digest is None:
+                                step.tensor.source_digest = source_hasher.add(step, _bytes_view(step.buffer)[:nbytes])
                     self._put(self.read_q, step)
                 self._put(self.read_q, _Close(self.root / file.target, file.size))
             self._put(self.read_q, _END)
         finally:
-            for fd in handles.values():
+            for fd in handles:
                 os.close(fd)
 
     def _compute(self) -> None:
@@ -517,7 +518,7 @@ class _Pipeline:
 
     def _write(self) -> None:
         out: DirectFileWriter | None = None
-        sources: dict[Path, int] = {}
+        sources: dict[Path, ReadAhead] = {}
         syncs: list[threading.Thread] = []
         try:
             while (item := self._get(self.write_q)) is not _END:
@@ -527,11 +528,11 @@ class _Pipeline:
                     out.write(memoryview(item.header))
                     self.bar.update(len(item.header))
                 elif isinstance(item, _Copy):
-                    fd = sources.get(item.source)
-                    if fd is None:
-                        fd = sources[item.source] = os.open(item.source, os.O_RDONLY)
-                        advise_sequential(fd)
-                    _copy(item, fd, out, hashing=self.hashing)
+                    source = sources.get(item.source)
+                    if source is None:
+                        source = sources[item.source] = ReadAhead(os.open(item.source, os.O_RDONLY))
+                        advise_sequential(source.fd)
+                    _copy(item, source, out, hashing=self.hashing)
                     self.bar.update(item.nbytes)
                 elif isinstance(item, _Chunk):
                     out.write(_bytes_view(item.buffer)[: item.out_nbytes])
@@ -549,8 +550,8 @@ class _Pipeline:
         finally:
             if out is not None:
                 out.abandon()
-            for fd in sources.values():
-                os.close(fd)
+            for source in sources.values():
+                os.close(source.fd)
             for syncer in syncs:
                 syncer.join()
 
@@ -699,13 +700,14 @@ def _pread_exact(fd: int, view: memoryview, nbytes: int, offset: int, info: Tens
         done += got
 
 
-def _copy(item: _Copy, fd: int, out: DirectFileWriter, *, hashing: bool) -> None:
+def _copy(item: _Copy, source: ReadAhead, out: DirectFileWriter, *, hashing: bool) -> None:
     """Append raw bytes of untouched tensors, hashing each tensor on the way when its digest is not cached."""
     for tensor in item.tensors:
         info = tensor.info
         digest = hashlib.sha256() if hashing and tensor.digest is None else None
         try:
-            out.copy_from(fd, info.start, info.nbytes, digest.update if digest is not None else None)
+            out.copy_from(source.fd, info.start, info.nbytes, digest.update if digest is not None else None,
+                          before=source.before)
         except EOFError:
             raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}") from None
         if digest is not None:

@@ -174,9 +174,13 @@ class DirectFileWriter:
             self._advance(n)
             data = data[n:]
 
-    def copy_from(self, fd: int, offset: int, nbytes: int, on_data: Callable[[memoryview], None] | None = None) -> None:
-        """Append ``nbytes`` of ``fd`` from ``offset``, read straight into the stage; ``on_data`` sees each piece."""
+    def copy_from(self, fd: int, offset: int, nbytes: int, on_data: Callable[[memoryview], None] | None = None, *,
+                  before: Callable[[int], None] | None = None) -> None:
+        """Append ``nbytes`` of ``fd`` from ``offset``, read straight into the stage; ``on_data`` sees each piece,
+        ``before`` (ReadAhead.before) is told each offset before it is read."""
         while nbytes:
+            if before is not None:
+                before(offset)
             view = memoryview(self._stage)[self._fill : self._fill + min(nbytes, self.STAGE - self._fill)]
             got = os.preadv(fd, [view], offset)
             if got == 0:
@@ -286,7 +290,9 @@ class Prefetcher:
             for file in files:
                 with open(file, "rb", buffering=0) as f:
                     advise_sequential(f.fileno())
+                    ahead = ReadAhead(f.fileno())
                     while self.left > 0 and not self._stop.is_set():
+                        ahead.before(f.tell())
                         n = f.readinto(memoryview(scratch)[: min(self.PIECE, self.left)])
                         if not n:
                             break
@@ -297,6 +303,31 @@ class Prefetcher:
             pass
         finally:
             scratch.close()
+
+
+class ReadAhead:
+    """Keeps the kernel reading a file a bounded distance ahead of a sequential reader (posix_fadvise WILLNEED,
+    asynchronous). The kernel's own readahead keeps one window (256 KiB with the default read_ahead_kb) in flight;
+    asking for the next DISTANCE bytes keeps the device's queue full. Measured on the dev VM, 2.2 GB read cold in
+    8 MiB preads: 2.1 s → 1.2 s, and half the reader's CPU time (the page-cache work happens at I/O completion
+    instead of in the read); with the file cached, ~0.02 s more per 2.2 GB. Pieces, because the kernel caps one
+    WILLNEED at the device's readahead size."""
+
+    DISTANCE = 32 << 20
+    PIECE = 2 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size if hasattr(os, "posix_fadvise") else 0
+        self.asked = 0
+
+    def before(self, offset: int) -> None:
+        """Called before reading at ``offset``: every piece up to DISTANCE past it has been asked for."""
+        self.asked = max(self.asked, offset)
+        end = min(self.size, offset + self.DISTANCE)
+        while self.asked < end:
+            os.posix_fadvise(self.fd, self.asked, self.PIECE, os.POSIX_FADV_WILLNEED)
+            self.asked += self.PIECE
 
 
 def advise_sequential(fd: int) -> None:

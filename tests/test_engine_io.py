@@ -222,3 +222,40 @@ def test_gpu_merge_matches_cpu(tmp_path, sharded):
         # float32 matmuls on the GPU may round differently: at most one unit of bf16
         diff = (cpu[name].float() - gpu[name].float()).abs()
         assert bool((diff <= cpu[name].float().abs() * 2**-7 + 1e-30).all()), name
+
+
+def test_every_byte_the_merge_reads_was_asked_for_ahead(tmp_path, sharded, monkeypatch):
+    """The reader (merged tensors) and the writer (raw copies) keep the kernel reading ahead of them: the
+    WILLNEED ranges cover every tensor byte of every shard, each asked for before it was read."""
+    base, adapter_dir = sharded
+    shards = {os.stat(f).st_ino: f for f in base.glob("*.safetensors")}
+    asked = {ino: [] for ino in shards}
+    uncovered_reads = []
+    fadvise, preadv = os.posix_fadvise, os.preadv
+
+    def record_fadvise(fd, offset, length, advice):
+        ino = os.fstat(fd).st_ino
+        if advice == os.POSIX_FADV_WILLNEED and ino in asked:
+            asked[ino].append((offset, offset + length))
+        return fadvise(fd, offset, length, advice)
+
+    def check_preadv(fd, buffers, offset):
+        ino = os.fstat(fd).st_ino
+        if ino in asked and not any(lo <= offset < hi for lo, hi in asked[ino]):
+            uncovered_reads.append((shards[ino].name, offset))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "posix_fadvise", record_fadvise)
+    monkeypatch.setattr(os, "preadv", check_preadv)
+    engine.merge(base, [(formats.read_adapter(adapter_dir), 1.0)], tmp_path / "out", device="cpu")
+    assert uncovered_reads == []
+    from loraops.st import read_header
+
+    for ino, shard in shards.items():
+        start, size = read_header(shard).data_offset, shard.stat().st_size
+        covered = sorted(asked[ino])
+        reach = start
+        for lo, hi in covered:
+            if lo <= reach:
+                reach = max(reach, hi)
+        assert reach >= size, f"{shard.name}: asked for up to {reach} of {size}"

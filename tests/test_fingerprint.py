@@ -66,9 +66,9 @@ def test_streaming_fingerprint_equals_the_one_from_files(tmp_path, sharded, monk
     hashed_while_copied = []
     copy_from = DirectFileWriter.copy_from
 
-    def watched(self, fd, offset, nbytes, on_data=None):
+    def watched(self, fd, offset, nbytes, on_data=None, **kwargs):
         hashed_while_copied.append(on_data is not None)
-        return copy_from(self, fd, offset, nbytes, on_data)
+        return copy_from(self, fd, offset, nbytes, on_data, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(DirectFileWriter, "copy_from", watched)

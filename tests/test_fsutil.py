@@ -170,3 +170,25 @@ def test_available_memory_is_what_the_kernel_says():
     with open("/proc/meminfo") as meminfo:
         kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
     assert abs(fsutil.available_memory() - kib * 1024) < 256 << 20  # memory moves a little between the two reads
+
+
+def test_read_ahead_asks_for_pieces_a_bounded_distance_past_the_reader(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(10_000))
+    asked = []
+    monkeypatch.setattr(fsutil.ReadAhead, "DISTANCE", 4000)
+    monkeypatch.setattr(fsutil.ReadAhead, "PIECE", 1000)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length, advice)))
+    with open(path, "rb") as f:
+        ahead = fsutil.ReadAhead(f.fileno())
+        ahead.before(0)
+        assert asked == [(o, 1000, os.POSIX_FADV_WILLNEED) for o in (0, 1000, 2000, 3000)]
+        asked.clear()
+        ahead.before(500)  # still covered up to 4000; asks for the piece that reaches 4500
+        assert [o for o, _, _ in asked] == [4000]
+        asked.clear()
+        ahead.before(9500)  # skipped ahead: nothing behind the reader, nothing past the end of the file
+        assert [o for o, _, _ in asked] == [9500]
+        asked.clear()
+        ahead.before(9900)
+        assert asked == []
