@@ -372,3 +372,20 @@ def test_adapters_bound_to_a_checkpoint_are_written_as_diffusers_under_pipeline_
     assert "text_encoder.text_model.encoder.layers.0.self_attn.v_proj" in back.modules
     assert "unet.down_blocks.1.attentions.0.proj_in" in back.modules
     assert check.bind(back, sdxl).modules.keys() == bound.modules.keys()
+
+
+def test_registered_against_a_checkpoint_then_resized_and_exported_keeps_sd_scripts_names(tmp_path):
+    """The registry path: a kohya SDXL LoRA registered against a single-file base is loaded bound to it; resize and
+    export write it back under sd-scripts' names (A1111/ComfyUI would silently ignore any other)."""
+    from loraops.st import read_header
+
+    base = checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT)
+    lora = factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SDXL_TEXT, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    run("base", "add", base, "--name", "sdxl")
+    run("register", lora, "--name", "style", "--base", "sdxl")
+    run("resize", "style", "--rank", "2", "--name", "small", "-o", tmp_path / "small.safetensors", "--format", "kohya")
+    run("export", "style", "--format", "kohya", "-o", tmp_path / "exported.safetensors")
+    for written in ["small.safetensors", "exported.safetensors"]:
+        names = {k.rsplit(".", 2)[0] for k in read_header(tmp_path / written).tensors if k.endswith("lora_up.weight")}
+        assert names == set(KOHYA_SDXL_TEXT), written
+    assert "6/6 modules match" in run("check", tmp_path / "small.safetensors", "--base", "sdxl").output
