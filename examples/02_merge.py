@@ -1,7 +1,8 @@
 """Merge and subtract: two weighted adapters into a sharded bf16 Llama-style model, then out again — with the
 residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then kohya
 LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to the checkpoints' original ones; SDXL's
-second text encoder keeps q, k and v fused in one tensor).
+second text encoder keeps q, k and v fused in one tensor), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
+in Black Forest Labs' layout.
 
     python examples/02_merge.py [WORKDIR]
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import SD15, SDXL, llama, loraops, named_kohya_lora, peft_lora, sd_checkpoint, workdir  # noqa: E402
+from _build import (FLUX, SD15, SDXL, diffusers_lora, llama, loraops, named_kohya_lora, peft_lora,  # noqa: E402
+                    sd_checkpoint, workdir)
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -48,6 +50,11 @@ def main() -> None:
         kohya = named_kohya_lora(work / f"{label}-style.safetensors", modules, r=4, alpha=2, version=version)
         loraops("check", kohya, "--base", checkpoint)
         loraops("merge", f"{kohya}:0.8", "--into", checkpoint, "-o", work / f"{label}-merged.safetensors", "--no-record")
+    print("\n--- a diffusers FLUX LoRA (split q/k/v) into a FLUX.1 checkpoint that fuses them ---")
+    flux = sd_checkpoint(work / "flux-tiny.safetensors", FLUX[0])
+    flux_lora = diffusers_lora(work / "flux-style.safetensors", FLUX[1], r=4)
+    loraops("check", flux_lora, "--base", flux)
+    loraops("merge", flux_lora, "--into", flux, "-o", work / "flux-merged.safetensors", "--no-record")
 
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats

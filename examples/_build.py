@@ -85,6 +85,32 @@ SDXL = (
 )
 
 
+# FLUX.1 in Black Forest Labs' layout (q, k, v fused in img_attn.qkv; q, k, v and the MLP input in linear1), hidden 64,
+# and a diffusers-format LoRA on the split modules, as ai-toolkit and diffusers' trainers save them.
+FLUX = (
+    {"img_in.weight": (64, 16), "double_blocks.0.img_attn.qkv.weight": (3 * 64, 64),
+     "double_blocks.0.img_attn.proj.weight": (64, 64), "double_blocks.0.img_mlp.0.weight": (256, 64),
+     "single_blocks.0.linear1.weight": (3 * 64 + 256, 64), "single_blocks.0.linear2.weight": (64, 64 + 256)},
+    {"transformer.transformer_blocks.0.attn.to_q": (64, 64), "transformer.transformer_blocks.0.attn.to_v": (64, 64),
+     "transformer.transformer_blocks.0.attn.to_out.0": (64, 64),
+     "transformer.single_transformer_blocks.0.attn.to_k": (64, 64),
+     "transformer.single_transformer_blocks.0.proj_mlp": (256, 64)},
+)
+
+
+def diffusers_lora(out: Path, modules: dict[str, tuple[int, int]], *, r: int, seed: int = 4) -> Path:
+    """A diffusers-format LoRA file (PEFT keys behind the component, no alpha metadata: alpha = r)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out_f, in_f) in modules.items():
+        tensors[f"{name}.lora_A.weight"] = torch.randn(r, in_f, generator=g)
+        tensors[f"{name}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.01
+    save_file(tensors, str(out))
+    return Path(out)
+
+
 def sd_checkpoint(out: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
     """A random fp16 single-file checkpoint with these tensors."""
     from safetensors.torch import save_file

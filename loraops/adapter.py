@@ -10,8 +10,8 @@ Factor layouts by kind (r = rank):
     conv       A: r×in×kh×kw        B: out×r×1×1          W: out×in×kh×kw
     embedding  A: r×num_embeddings  B: dim×r              W: num_embeddings×dim   (delta = (B·A)ᵀ)
 
-A module bound to one part of a fused base tensor (q, k or v of OpenCLIP's in_proj_weight) changes only its block of
-rows: see ``LoraModule.fused``.
+A module bound to one part of a fused base tensor (q, k or v of OpenCLIP's in_proj_weight or FLUX's qkv) changes only
+its block of rows: see ``LoraModule.fused``.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ class LoraModule:
     source_keys: tuple[str, ...] = ()
     fused: tuple[str, int, int] | None = None
     """(base tensor, first row, rows) when the module is one part of a fused base tensor — q, k or v of OpenCLIP's
-    ``attn.in_proj_weight`` in a single-file SD checkpoint (set by loraops.check when binding): its delta covers
-    that many rows of the tensor from the first row."""
+    ``attn.in_proj_weight``, of FLUX's ``qkv`` or ``linear1`` (set by loraops.check when binding, see loraops.ldm):
+    its delta covers that many rows of the tensor from the first row."""
 
     @property
     def rank(self) -> int:

@@ -42,10 +42,10 @@ SHOWN = 5
 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
-    """kohya name → the base module paths that produce it: from each module's own path, and from its diffusers path
-    when the base is a single-file SD checkpoint (sd-scripts names SD 1.x/2.x UNets the diffusers way)."""
-    modules = [tensor[: -len(".weight")] for tensor in manifest if tensor.endswith(".weight")]
-    named = [(module, module) for module in modules] + list(ldm.diffusers_names(manifest).items())
+    """kohya name → the base module paths that produce it: from each module's own path (parts of fused tensors
+    included), and from its diffusers path when the base is a single-file SD or FLUX.1 checkpoint (sd-scripts names
+    SD 1.x/2.x UNets the diffusers way)."""
+    named = [(module, module) for module in ldm.checkpoint_modules(manifest)] + list(ldm.diffusers_names(manifest).items())
     forms: dict[str, set[str]] = {}
     for name, module in named:
         for base_prefix, kohya_prefixes in KOHYA_BASE_PREFIXES:

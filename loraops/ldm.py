@@ -1,5 +1,5 @@
-"""Single-file Stable Diffusion checkpoints (the original LDM / sgm layout that A1111, ComfyUI and sd-scripts save)
-seen under diffusers names.
+"""Single-file checkpoints — Stable Diffusion's original LDM / sgm layout that A1111, ComfyUI and sd-scripts save, and
+FLUX.1's — seen under diffusers names.
 
 LoRAs name modules the diffusers way: sd-scripts builds SD 1.x/2.x UNets with diffusers block names
 (``lora_unet_down_blocks_0_attentions_0_…``) and every text encoder as transformers' CLIP; diffusers-trained LoRAs
@@ -8,15 +8,21 @@ the OpenCLIP text encoders (SD 2.x, SDXL's second) in OpenCLIP's layout. This mo
 diffusers path, so both name styles bind to either kind of base, and names bound modules back as sd-scripts does:
 
     diffusers_names(tensors) -> {diffusers module path: checkpoint module path}     (binding LoRAs to a checkpoint)
-    fused_target(module, manifest) -> (tensor, first row, rows) | None            (q/k/v inside in_proj_weight)
+    fused_target(module, manifest) -> (tensor, first row, rows) | None            (q/k/v inside a fused tensor)
     sd_scripts_name(module, sdxl) -> (component, path) | None                      (naming them back, as sd-scripts)
 
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
 resnets per down block and three per up block (SD 1.x, 2.x, XL), which is diffusers' conversion table
 (scripts/convert_diffusers_to_original_stable_diffusion.py) generalised to blocks with or without attentions.
-Transformer blocks keep their names in both layouts. OpenCLIP's attention stores q, k and v as the three row blocks
-of one ``attn.in_proj_weight``; their modules get the checkpoint path ``…attn.q_proj`` (``k_proj``, ``v_proj``), which
-names no tensor: fused_target says which rows of in_proj_weight such a module changes.
+Transformer blocks keep their names in both layouts. FLUX.1 checkpoints in Black Forest Labs' layout (bare, or behind
+``model.diffusion_model.`` as ComfyUI saves them) are translated to diffusers' ``transformer.`` names as diffusers'
+scripts/convert_flux_to_diffusers.py does.
+
+Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
+stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``.
+A LoRA trained on the split modules binds to a *part* of such a tensor, named by the owner's path and the part
+(``…attn.q_proj``, ``…img_attn.qkv.q``, ``…linear1.mlp``) — names of no tensor: fused_target says which rows of which
+tensor a part changes.
 """
 from __future__ import annotations
 
@@ -24,23 +30,6 @@ import re
 from typing import Iterable
 
 UNET_PREFIX = "model.diffusion_model."
-# checkpoint prefix of a CLIP text encoder saved with transformers' names → its diffusers component
-TEXT_ENCODERS = (
-    ("cond_stage_model.transformer.", "text_encoder"),  # SD 1.x
-    ("conditioner.embedders.0.transformer.", "text_encoder"),  # SDXL's first (CLIP ViT-L)
-)
-# checkpoint prefix of an OpenCLIP text encoder → its diffusers component (named as transformers' CLIPTextModel)
-OPEN_CLIP = (
-    ("cond_stage_model.model.", "text_encoder"),  # SD 2.x (OpenCLIP ViT-H)
-    ("conditioner.embedders.1.model.", "text_encoder_2"),  # SDXL's second (OpenCLIP ViT-bigG)
-)
-OPEN_CLIP_PREFIXES = tuple(prefix for prefix, _ in OPEN_CLIP)
-OPEN_CLIP_LAYER_RE = re.compile(r"^transformer\.resblocks\.(?P<layer>\d+)\.(?P<rest>.+)$")
-OPEN_CLIP_MODULES = {
-    "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
-    "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-}
-FUSED = ("q_proj", "k_proj", "v_proj")  # the order of their row blocks in attn.in_proj_weight
 RESNET = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
     "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
@@ -51,8 +40,66 @@ UNET_TOP = {
     "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
 }
 BLOCK_RE = re.compile(r"^(?P<kind>input_blocks|output_blocks|middle_block)\.(?P<n>\d+)\.(?:(?P<m>\d+)\.)?(?P<rest>.+)$")
+# checkpoint prefix of a CLIP text encoder saved with transformers' names → its diffusers component
+TEXT_ENCODERS = (
+    ("cond_stage_model.transformer.", "text_encoder"),  # SD 1.x
+    ("conditioner.embedders.0.transformer.", "text_encoder"),  # SDXL's first (CLIP ViT-L)
+)
+# checkpoint prefix of an OpenCLIP text encoder → its diffusers component (named as transformers' CLIPTextModel)
+OPEN_CLIP = (
+    ("cond_stage_model.model.", "text_encoder"),  # SD 2.x (OpenCLIP ViT-H)
+    ("conditioner.embedders.1.model.", "text_encoder_2"),  # SDXL's second (OpenCLIP ViT-bigG)
+)
+OPEN_CLIP_LAYER_RE = re.compile(r"^transformer\.resblocks\.(?P<layer>\d+)\.(?P<rest>.+)$")
+OPEN_CLIP_MODULES = {
+    "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+    "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+}
+# FLUX.1 (Black Forest Labs' layout) → diffusers' FluxTransformer2DModel, as convert_flux_to_diffusers.py maps it.
+# final_layer.adaLN_modulation.1 is left out: diffusers swaps its shift and scale halves, so no row-for-row name.
+FLUX_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+}
+FLUX_DOUBLE = {
+    "img_attn.qkv.q": "attn.to_q", "img_attn.qkv.k": "attn.to_k", "img_attn.qkv.v": "attn.to_v",
+    "txt_attn.qkv.q": "attn.add_q_proj", "txt_attn.qkv.k": "attn.add_k_proj", "txt_attn.qkv.v": "attn.add_v_proj",
+    "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2", "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+}
+FLUX_SINGLE = {
+    "linear1.q": "attn.to_q", "linear1.k": "attn.to_k", "linear1.v": "attn.to_v", "linear1.mlp": "proj_mlp",
+    "linear2": "proj_out", "modulation.lin": "norm.linear",
+}
+FLUX_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
+FLUX_MARK_RE = re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?double_blocks\.\d+\.img_attn\.qkv\.weight$")
 
 
+def thirds(shape: tuple[int, ...]) -> list[int] | None:
+    return [shape[0] // 3] * 3 if shape[0] % 3 == 0 else None
+
+
+def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
+    """FLUX linear1: q, k, v of the hidden size (the tensor's columns), then the MLP's input rows."""
+    hidden = shape[1]
+    return [hidden] * 3 + [shape[0] - 3 * hidden] if shape[0] > 3 * hidden else None
+
+
+# Fused tensors: (owner module path, tensor name suffix, parts in row order, rows of each part from the shape)
+FUSED = (
+    (re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
+     ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
+    (re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?double_blocks\.\d+\.(?:img|txt)_attn\.qkv$"),
+     ".weight", ("q", "k", "v"), thirds),
+    (re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?single_blocks\.\d+\.linear1$"),
+     ".weight", ("q", "k", "v", "mlp"), qkv_and_mlp),
+)
 def unet_path(ldm: str) -> str | None:
     """The diffusers path of an LDM UNet module path (relative to ``model.diffusion_model.``), or None for a path
     outside the blocks this translation knows. ``input_blocks.4.1.proj_in`` → ``down_blocks.1.attentions.0.proj_in``.
@@ -100,32 +147,59 @@ def open_clip_path(path: str) -> str | None:
     return f"text_model.encoder.layers.{match['layer']}.{OPEN_CLIP_MODULES[match['rest']]}"
 
 
+def flux_path(path: str, *, top: bool) -> str | None:
+    """diffusers' path of a FLUX.1 module path (Black Forest Labs' names, parts of fused tensors included):
+    ``double_blocks.3.img_attn.qkv.k`` → ``transformer_blocks.3.attn.to_k``. ``top``: also the embedders and the
+    final layer, whose names (img_in, txt_in…) are too plain to translate outside a known FLUX checkpoint."""
+    if path in FLUX_TOP:
+        return FLUX_TOP[path] if top else None
+    match = FLUX_BLOCK_RE.match(path)
+    if match is None:
+        return None
+    double = match["kind"] == "double_blocks"
+    table, block = (FLUX_DOUBLE, "transformer_blocks") if double else (FLUX_SINGLE, "single_transformer_blocks")
+    rest = table.get(match["rest"])
+    return None if rest is None else f"{block}.{match['n']}.{rest}"
+
+
 def checkpoint_modules(tensors: Iterable[str]) -> list[str]:
-    """The module paths of a checkpoint's tensor names: ``X.weight`` → X, and OpenCLIP's fused
-    ``X.in_proj_weight`` → ``X.q_proj``, ``X.k_proj``, ``X.v_proj``."""
+    """The module paths of a checkpoint's tensor names: ``X.weight`` → X, plus the parts of fused tensors
+    (OpenCLIP ``X.in_proj_weight`` → ``X.q_proj``, ``X.k_proj``, ``X.v_proj``; FLUX ``…qkv.weight`` → ``…qkv.q`` …)."""
     modules = []
     for tensor in tensors:
-        if tensor.endswith(".in_proj_weight") and tensor.startswith(OPEN_CLIP_PREFIXES):
-            attn = tensor[: -len(".in_proj_weight")]
-            modules += [f"{attn}.{part}" for part in FUSED]
-        elif tensor.endswith(".weight"):
+        if tensor.endswith(".weight"):
             modules.append(tensor[: -len(".weight")])
+        for owner_re, suffix, parts, _ in FUSED:
+            owner = tensor[: -len(suffix)]
+            if tensor.endswith(suffix) and owner_re.match(owner):
+                modules += [f"{owner}.{part}" for part in parts]
     return modules
 
 
 def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
-    """{diffusers module path ("unet.down_blocks.0…", "text_encoder.text_model…"): checkpoint module path} for the
-    tensors of a single-file SD checkpoint; empty for any other base."""
+    """{diffusers module path ("unet.down_blocks.0…", "text_encoder.text_model…", "transformer.…"): checkpoint
+    module path} for the tensors of a single-file SD or FLUX.1 checkpoint; empty for any other base."""
+    tensors = list(tensors)
+    flux = any(FLUX_MARK_RE.match(t) for t in tensors)
     out = {}
     for module in checkpoint_modules(tensors):
-        name = diffusers_name(module)
+        name = diffusers_name(module, flux=flux)
         if name is not None:
             out[name] = module
     return out
 
 
-def diffusers_name(module: str) -> str | None:
-    """The diffusers path of a checkpoint module (component included), or None outside the parts translated."""
+def targets_flux(modules: Iterable[str]) -> bool:
+    """Do these bound module paths include FLUX.1 blocks (so img_in, txt_in… are FLUX's too)?"""
+    return any(FLUX_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) for module in modules)
+
+
+def diffusers_name(module: str, *, flux: bool = False) -> str | None:
+    """The diffusers path of a checkpoint module (component included), or None outside the parts translated.
+    ``flux``: the checkpoint is known to be FLUX.1 (see flux_path)."""
+    path = flux_path(module.removeprefix(UNET_PREFIX), top=flux)
+    if path is not None:
+        return f"transformer.{path}"
     if module.startswith(UNET_PREFIX):
         path = unet_path(module[len(UNET_PREFIX):])
         return None if path is None else f"unet.{path}"
@@ -140,25 +214,30 @@ def diffusers_name(module: str) -> str | None:
 
 
 def fused_target(module: str, manifest) -> tuple[str, int, int] | None:
-    """(in_proj_weight tensor, first row, rows) for an OpenCLIP ``…attn.q_proj`` / ``k_proj`` / ``v_proj`` module
-    whose checkpoint has that fused tensor (3·d rows: q, then k, then v), else None."""
-    attn, _, part = module.rpartition(".")
-    if part not in FUSED or not attn.startswith(OPEN_CLIP_PREFIXES):
-        return None
-    tensor = f"{attn}.in_proj_weight"
-    info = manifest.get(tensor)
-    if info is None or len(info.shape) != 2 or info.shape[0] % 3:
-        return None
-    rows = info.shape[0] // 3
-    return tensor, FUSED.index(part) * rows, rows
+    """(fused tensor, first row, rows) for a part of a fused tensor the checkpoint has (``…attn.q_proj`` of OpenCLIP's
+    in_proj_weight; ``…img_attn.qkv.k``, ``…linear1.mlp`` of FLUX), else None."""
+    owner, _, part = module.rpartition(".")
+    for owner_re, suffix, parts, blocks in FUSED:
+        if part not in parts or not owner_re.match(owner):
+            continue
+        info = manifest.get(owner + suffix)
+        sizes = blocks(tuple(info.shape)) if info is not None and len(info.shape) == 2 else None
+        if sizes is None:
+            return None
+        index = parts.index(part)
+        return owner + suffix, sum(sizes[:index]), sizes[index]
+    return None
 
 
 def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     """(diffusers component, path) that sd-scripts names a checkpoint module by, or None outside the parts
     translated. sd-scripts builds SD 1.x/2.x UNets with diffusers block names but SDXL's with the original ones
-    (``lora_unet_input_blocks_4_1_…``), and calls SDXL's first text encoder ``lora_te1`` even alone."""
-    if sdxl and module.startswith(UNET_PREFIX):
-        return "unet", module[len(UNET_PREFIX):]
+    (``lora_unet_input_blocks_4_1_…``), calls SDXL's first text encoder ``lora_te1`` even alone, and names FLUX.1
+    modules by Black Forest Labs' paths (``lora_unet_double_blocks_0_img_attn_qkv``; a part of a fused tensor has no
+    sd-scripts name and keeps its checkpoint path)."""
+    path = module.removeprefix(UNET_PREFIX)
+    if (sdxl and module.startswith(UNET_PREFIX)) or FLUX_BLOCK_RE.match(path):
+        return "unet", path
     name = diffusers_name(module)
     if name is None:
         return None

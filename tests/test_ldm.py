@@ -389,3 +389,119 @@ def test_registered_against_a_checkpoint_then_resized_and_exported_keeps_sd_scri
         names = {k.rsplit(".", 2)[0] for k in read_header(tmp_path / written).tensors if k.endswith("lora_up.weight")}
         assert names == set(KOHYA_SDXL_TEXT), written
     assert "6/6 modules match" in run("check", tmp_path / "small.safetensors", "--base", "sdxl").output
+
+
+# FLUX.1 in Black Forest Labs' layout, tiny: hidden 16, MLP 64, one double and one single block.
+FLUX = {
+    "img_in.weight": (16, 8), "txt_in.weight": (16, 12), "final_layer.linear.weight": (8, 16),
+    "time_in.in_layer.weight": (16, 4), "vector_in.in_layer.weight": (16, 6),
+    "double_blocks.0.img_attn.qkv.weight": (48, 16), "double_blocks.0.img_attn.qkv.bias": (48,),
+    "double_blocks.0.txt_attn.qkv.weight": (48, 16), "double_blocks.0.img_attn.proj.weight": (16, 16),
+    "double_blocks.0.txt_attn.proj.weight": (16, 16), "double_blocks.0.img_mlp.0.weight": (64, 16),
+    "double_blocks.0.img_mlp.2.weight": (16, 64), "double_blocks.0.txt_mlp.0.weight": (64, 16),
+    "double_blocks.0.txt_mlp.2.weight": (16, 64), "double_blocks.0.img_mod.lin.weight": (96, 16),
+    "double_blocks.0.txt_mod.lin.weight": (96, 16), "double_blocks.0.img_attn.norm.query_norm.scale": (8,),
+    "single_blocks.0.linear1.weight": (3 * 16 + 64, 16), "single_blocks.0.linear2.weight": (16, 16 + 64),
+    "single_blocks.0.modulation.lin.weight": (48, 16),
+    "final_layer.adaLN_modulation.1.weight": (32, 16),
+}
+
+
+def reference_flux_names(prefix=""):
+    """{diffusers module: checkpoint module (a fused tensor's part as owner.part)}, as convert_flux_to_diffusers.py
+    maps the tensors (chunking qkv in three, linear1 into q, k, v, mlp)."""
+    pairs = {
+        "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    }
+    block, old = "transformer_blocks.0.", "double_blocks.0."
+    for new, orig in [("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+                      ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"),
+                      ("ff_context.net.2", "txt_mlp.2"), ("attn.to_out.0", "img_attn.proj"),
+                      ("attn.to_add_out", "txt_attn.proj")]:
+        pairs[block + new] = old + orig
+    for part, new in zip("qkv", ["to_q", "to_k", "to_v"]):
+        pairs[f"{block}attn.{new}"] = f"{old}img_attn.qkv.{part}"
+    for part, new in zip("qkv", ["add_q_proj", "add_k_proj", "add_v_proj"]):
+        pairs[f"{block}attn.{new}"] = f"{old}txt_attn.qkv.{part}"
+    block, old = "single_transformer_blocks.0.", "single_blocks.0."
+    for new, orig in [("norm.linear", "modulation.lin"), ("proj_out", "linear2"), ("attn.to_q", "linear1.q"),
+                      ("attn.to_k", "linear1.k"), ("attn.to_v", "linear1.v"), ("proj_mlp", "linear1.mlp")]:
+        pairs[block + new] = old + orig
+    return {f"transformer.{new}": prefix + orig for new, orig in pairs.items()}
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "comfyui"])
+def test_flux_checkpoint_names_agree_with_diffusers_conversion(prefix):
+    names = ldm.diffusers_names(prefix + name for name in FLUX)
+    assert names == reference_flux_names(prefix)  # adaLN_modulation (shift/scale swapped by diffusers) left out
+    manifest = {prefix + name: SimpleNamespace(shape=shape) for name, shape in FLUX.items()}
+    assert ldm.fused_target(f"{prefix}single_blocks.0.linear1.mlp", manifest) == (f"{prefix}single_blocks.0.linear1.weight", 48, 64)
+    assert ldm.fused_target(f"{prefix}double_blocks.0.txt_attn.qkv.v", manifest) == (f"{prefix}double_blocks.0.txt_attn.qkv.weight", 32, 16)
+    assert ldm.diffusers_names(["img_in.weight", "model.layers.0.mlp.up_proj.weight"]) == {}  # FLUX only when it is FLUX
+
+
+FLUX_LORA = {  # a diffusers-format FLUX LoRA (ai-toolkit, diffusers' trainers): split q/k/v, proj_mlp
+    "transformer.transformer_blocks.0.attn.to_q": (16, 16), "transformer.transformer_blocks.0.attn.to_v": (16, 16),
+    "transformer.transformer_blocks.0.attn.add_k_proj": (16, 16),
+    "transformer.transformer_blocks.0.attn.to_out.0": (16, 16), "transformer.transformer_blocks.0.ff.net.0.proj": (64, 16),
+    "transformer.single_transformer_blocks.0.attn.to_k": (16, 16),
+    "transformer.single_transformer_blocks.0.proj_mlp": (64, 16), "transformer.single_transformer_blocks.0.proj_out": (16, 80),
+    "transformer.x_embedder": (16, 8),
+}
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 5 * 16], ids=["one-chunk", "chunks-across-parts"])
+def test_merge_a_diffusers_flux_lora_into_a_bfl_checkpoint(tmp_path, monkeypatch, chunk_elements):
+    from loraops import engine
+
+    if chunk_elements:
+        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+    base = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    lora = formats.write_adapter(factories.lora_adapter(FLUX_LORA, fmt="diffusers"),
+                                 tmp_path / "pytorch_lora_weights.safetensors", "diffusers")
+    adapter = formats.read_adapter(lora)
+    report = engine.merge(base, [(adapter, 0.5)], tmp_path / "out.safetensors", device="cpu")
+    assert report.tensors_merged == 7
+    original, merged = load_file(base), load_file(tmp_path / "out.safetensors")
+
+    def part(name, rows=16):
+        """0.5·s·B·A of the LoRA's module (diffusers name), zeros for a part it does not train."""
+        module = adapter.modules.get(f"transformer.{name}")
+        if module is None:
+            return torch.zeros(rows, 16, dtype=torch.float64)
+        return 0.5 * module.scale * (module.B.double() @ module.A.double())
+
+    expected = {
+        "double_blocks.0.img_attn.qkv.weight": torch.cat([part(f"transformer_blocks.0.attn.to_{p}") for p in "qkv"]),
+        "double_blocks.0.txt_attn.qkv.weight": torch.cat([part(f"transformer_blocks.0.attn.add_{p}_proj") for p in "qkv"]),
+        "single_blocks.0.linear1.weight": torch.cat([part(f"single_transformer_blocks.0.attn.to_{p}") for p in "qkv"]
+                                                    + [part("single_transformer_blocks.0.proj_mlp", 64)]),
+        "double_blocks.0.img_attn.proj.weight": part("transformer_blocks.0.attn.to_out.0"),
+        "double_blocks.0.img_mlp.0.weight": part("transformer_blocks.0.ff.net.0.proj"),
+        "single_blocks.0.linear2.weight": part("single_transformer_blocks.0.proj_out"),
+        "img_in.weight": part("x_embedder"),
+    }
+    for tensor, change in expected.items():
+        assert_rounded_once(merged[tensor], original[tensor].double() + change)
+    for untouched in ["double_blocks.0.img_attn.qkv.bias", "txt_in.weight", "final_layer.adaLN_modulation.1.weight"]:
+        assert torch.equal(merged[untouched], original[untouched])
+
+
+def test_flux_loras_round_trip_through_kohya_and_diffusers(tmp_path):
+    """kohya FLUX names (Black Forest Labs' paths, as sd-scripts writes them) bind directly and are written back the
+    same; a diffusers LoRA on split q/k/v, written as kohya, binds back to the same parts."""
+    manifest = load_file(checkpoint(tmp_path / "flux.safetensors", FLUX))
+    kohya_flux = {"lora_unet_double_blocks_0_img_attn_qkv": ((16,), (48,)), "lora_unet_single_blocks_0_linear1": ((16,), (112,)),
+                  "lora_unet_single_blocks_0_linear2": ((80,), (16,))}
+    assert kohya_round_trip(tmp_path, kohya_flux, manifest) == set(kohya_flux)
+
+    bound = check.bind(formats.read_adapter(formats.write_adapter(
+        factories.lora_adapter(FLUX_LORA, fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")), manifest)
+    assert bound.modules["single_blocks.0.linear1.mlp"].fused == ("single_blocks.0.linear1.weight", 48, 64)
+    as_kohya = formats.read_adapter(formats.write_adapter(bound, tmp_path / "k-out.safetensors", "kohya"))
+    assert "lora_unet_single_blocks_0_linear1_mlp" in as_kohya.modules
+    assert check.bind(as_kohya, manifest).modules.keys() == bound.modules.keys()
+    as_diffusers = formats.read_adapter(formats.write_adapter(bound, tmp_path / "d-out.safetensors", "diffusers"))
+    assert sorted(as_diffusers.modules) == sorted(FLUX_LORA)

@@ -79,10 +79,11 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
 
 
 def pipeline_names(adapter: Adapter) -> Iterator[tuple[str, LoraModule]]:
-    """The modules under pipeline names: as they are, or translated from a single-file SD checkpoint's
+    """The modules under pipeline names: as they are, or translated from a single-file SD or FLUX.1 checkpoint's
     (``model.diffusion_model.input_blocks.1.1…`` → ``unet.down_blocks.0.attentions.0…``)."""
+    flux = ldm.targets_flux(adapter.modules)
     for name, module in adapter.modules.items():
-        target = name if component_of(name) is not None else ldm.diffusers_name(name)
+        target = name if component_of(name) is not None else ldm.diffusers_name(name, flux=flux)
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
         yield target, replace(module, name=target, fused=None)

@@ -93,13 +93,16 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
 
 
 def component_of(adapter: Adapter, name: str, *, sdxl: bool = False) -> tuple[str | None, str]:
-    """(diffusers component, path inside it) of a bound module name: a diffusers adapter's own prefix, a pipeline
-    base's component, or the part of a single-file SD checkpoint under sd-scripts' names. ``transformer.`` is split
-    off only for a diffusers adapter: a plain model (GPT-2) has it too."""
+    """(diffusers component, path inside it) of a bound module name: the part of a single-file SD or FLUX.1
+    checkpoint under sd-scripts' names, a diffusers adapter's own prefix, or a pipeline base's component.
+    ``transformer.`` is split off only for a diffusers adapter: a plain model (GPT-2) has it too."""
+    named = ldm.sd_scripts_name(name, sdxl=sdxl)
+    if named is not None:
+        return named
     head, _, rest = name.partition(".")
-    if adapter.format == "diffusers" or (rest and head in PIPELINE_COMPONENTS):
+    if rest and (head in PIPELINE_COMPONENTS or (head == "transformer" and adapter.format == "diffusers")):
         return head, rest
-    return ldm.sd_scripts_name(name, sdxl=sdxl) or (None, name)
+    return None, name
 
 
 def is_sdxl(adapter: Adapter) -> bool:
