@@ -20,9 +20,9 @@ scripts/convert_flux_to_diffusers.py does.
 
 Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
 stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``.
-A LoRA trained on the split modules binds to a *part* of such a tensor, named by the owner's path and the part
-(``…attn.q_proj``, ``…img_attn.qkv.q``, ``…linear1.mlp``) — names of no tensor: fused_target says which rows of which
-tensor a part changes.
+A LoRA trained on the split modules binds to a *part* of such a tensor, named by the owner's path and the split
+module's leaf (``…attn.q_proj``, ``…img_attn.qkv.to_q``, ``…linear1.proj_mlp``) — names of no tensor: fused_target
+says which rows of which tensor a part changes.
 """
 from __future__ import annotations
 
@@ -67,14 +67,16 @@ FLUX_TOP = {
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
 }
 FLUX_DOUBLE = {
-    "img_attn.qkv.q": "attn.to_q", "img_attn.qkv.k": "attn.to_k", "img_attn.qkv.v": "attn.to_v",
-    "txt_attn.qkv.q": "attn.add_q_proj", "txt_attn.qkv.k": "attn.add_k_proj", "txt_attn.qkv.v": "attn.add_v_proj",
+    "img_attn.qkv.to_q": "attn.to_q", "img_attn.qkv.to_k": "attn.to_k", "img_attn.qkv.to_v": "attn.to_v",
+    "txt_attn.qkv.add_q_proj": "attn.add_q_proj", "txt_attn.qkv.add_k_proj": "attn.add_k_proj",
+    "txt_attn.qkv.add_v_proj": "attn.add_v_proj",
     "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
     "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj",
     "txt_mlp.2": "ff_context.net.2", "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
 }
 FLUX_SINGLE = {
-    "linear1.q": "attn.to_q", "linear1.k": "attn.to_k", "linear1.v": "attn.to_v", "linear1.mlp": "proj_mlp",
+    "linear1.to_q": "attn.to_q", "linear1.to_k": "attn.to_k", "linear1.to_v": "attn.to_v",
+    "linear1.proj_mlp": "proj_mlp",
     "linear2": "proj_out", "modulation.lin": "norm.linear",
 }
 FLUX_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
@@ -91,14 +93,18 @@ def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
     return [hidden] * 3 + [shape[0] - 3 * hidden] if shape[0] > 3 * hidden else None
 
 
-# Fused tensors: (owner module path, tensor name suffix, parts in row order, rows of each part from the shape)
+# Fused tensors: (owner module path, tensor name suffix, parts in row order, rows of each part from the shape). A part
+# is named by the leaf of the split module it stands for (transformers' CLIP, diffusers' FLUX), so a LoRA's targets
+# read the same bound as unbound.
+FLUX_PREFIX = f"^(?:{re.escape(UNET_PREFIX)})?"
 FUSED = (
     (re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
      ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
-    (re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?double_blocks\.\d+\.(?:img|txt)_attn\.qkv$"),
-     ".weight", ("q", "k", "v"), thirds),
-    (re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?single_blocks\.\d+\.linear1$"),
-     ".weight", ("q", "k", "v", "mlp"), qkv_and_mlp),
+    (re.compile(FLUX_PREFIX + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", ("to_q", "to_k", "to_v"), thirds),
+    (re.compile(FLUX_PREFIX + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight",
+     ("add_q_proj", "add_k_proj", "add_v_proj"), thirds),
+    (re.compile(FLUX_PREFIX + r"single_blocks\.\d+\.linear1$"), ".weight", ("to_q", "to_k", "to_v", "proj_mlp"),
+     qkv_and_mlp),
 )
 def unet_path(ldm: str) -> str | None:
     """The diffusers path of an LDM UNet module path (relative to ``model.diffusion_model.``), or None for a path
@@ -149,7 +155,7 @@ def open_clip_path(path: str) -> str | None:
 
 def flux_path(path: str, *, top: bool) -> str | None:
     """diffusers' path of a FLUX.1 module path (Black Forest Labs' names, parts of fused tensors included):
-    ``double_blocks.3.img_attn.qkv.k`` → ``transformer_blocks.3.attn.to_k``. ``top``: also the embedders and the
+    ``double_blocks.3.img_attn.qkv.to_k`` → ``transformer_blocks.3.attn.to_k``. ``top``: also the embedders and the
     final layer, whose names (img_in, txt_in…) are too plain to translate outside a known FLUX checkpoint."""
     if path in FLUX_TOP:
         return FLUX_TOP[path] if top else None
@@ -164,7 +170,8 @@ def flux_path(path: str, *, top: bool) -> str | None:
 
 def checkpoint_modules(tensors: Iterable[str]) -> list[str]:
     """The module paths of a checkpoint's tensor names: ``X.weight`` → X, plus the parts of fused tensors
-    (OpenCLIP ``X.in_proj_weight`` → ``X.q_proj``, ``X.k_proj``, ``X.v_proj``; FLUX ``…qkv.weight`` → ``…qkv.q`` …)."""
+    (OpenCLIP ``X.in_proj_weight`` → ``X.q_proj``, ``X.k_proj``, ``X.v_proj``; FLUX ``…img_attn.qkv.weight`` →
+    ``…img_attn.qkv.to_q`` …)."""
     modules = []
     for tensor in tensors:
         if tensor.endswith(".weight"):
@@ -215,7 +222,7 @@ def diffusers_name(module: str, *, flux: bool = False) -> str | None:
 
 def fused_target(module: str, manifest) -> tuple[str, int, int] | None:
     """(fused tensor, first row, rows) for a part of a fused tensor the checkpoint has (``…attn.q_proj`` of OpenCLIP's
-    in_proj_weight; ``…img_attn.qkv.k``, ``…linear1.mlp`` of FLUX), else None."""
+    in_proj_weight; ``…img_attn.qkv.to_k``, ``…linear1.proj_mlp`` of FLUX), else None."""
     owner, _, part = module.rpartition(".")
     for owner_re, suffix, parts, blocks in FUSED:
         if part not in parts or not owner_re.match(owner):

@@ -421,13 +421,13 @@ def reference_flux_names(prefix=""):
                       ("ff_context.net.2", "txt_mlp.2"), ("attn.to_out.0", "img_attn.proj"),
                       ("attn.to_add_out", "txt_attn.proj")]:
         pairs[block + new] = old + orig
-    for part, new in zip("qkv", ["to_q", "to_k", "to_v"]):
-        pairs[f"{block}attn.{new}"] = f"{old}img_attn.qkv.{part}"
-    for part, new in zip("qkv", ["add_q_proj", "add_k_proj", "add_v_proj"]):
-        pairs[f"{block}attn.{new}"] = f"{old}txt_attn.qkv.{part}"
+    for new in ["to_q", "to_k", "to_v"]:
+        pairs[f"{block}attn.{new}"] = f"{old}img_attn.qkv.{new}"
+    for new in ["add_q_proj", "add_k_proj", "add_v_proj"]:
+        pairs[f"{block}attn.{new}"] = f"{old}txt_attn.qkv.{new}"
     block, old = "single_transformer_blocks.0.", "single_blocks.0."
-    for new, orig in [("norm.linear", "modulation.lin"), ("proj_out", "linear2"), ("attn.to_q", "linear1.q"),
-                      ("attn.to_k", "linear1.k"), ("attn.to_v", "linear1.v"), ("proj_mlp", "linear1.mlp")]:
+    for new, orig in [("norm.linear", "modulation.lin"), ("proj_out", "linear2"), ("attn.to_q", "linear1.to_q"),
+                      ("attn.to_k", "linear1.to_k"), ("attn.to_v", "linear1.to_v"), ("proj_mlp", "linear1.proj_mlp")]:
         pairs[block + new] = old + orig
     return {f"transformer.{new}": prefix + orig for new, orig in pairs.items()}
 
@@ -437,8 +437,10 @@ def test_flux_checkpoint_names_agree_with_diffusers_conversion(prefix):
     names = ldm.diffusers_names(prefix + name for name in FLUX)
     assert names == reference_flux_names(prefix)  # adaLN_modulation (shift/scale swapped by diffusers) left out
     manifest = {prefix + name: SimpleNamespace(shape=shape) for name, shape in FLUX.items()}
-    assert ldm.fused_target(f"{prefix}single_blocks.0.linear1.mlp", manifest) == (f"{prefix}single_blocks.0.linear1.weight", 48, 64)
-    assert ldm.fused_target(f"{prefix}double_blocks.0.txt_attn.qkv.v", manifest) == (f"{prefix}double_blocks.0.txt_attn.qkv.weight", 32, 16)
+    linear1, txt_qkv = f"{prefix}single_blocks.0.linear1", f"{prefix}double_blocks.0.txt_attn.qkv"
+    assert ldm.fused_target(f"{linear1}.proj_mlp", manifest) == (f"{linear1}.weight", 48, 64)
+    assert ldm.fused_target(f"{txt_qkv}.add_v_proj", manifest) == (f"{txt_qkv}.weight", 32, 16)
+    assert ldm.fused_target(f"{txt_qkv}.to_v", manifest) is None  # the image stream's names are not the text's
     assert ldm.diffusers_names(["img_in.weight", "model.layers.0.mlp.up_proj.weight"]) == {}  # FLUX only when it is FLUX
 
 
@@ -499,9 +501,10 @@ def test_flux_loras_round_trip_through_kohya_and_diffusers(tmp_path):
 
     bound = check.bind(formats.read_adapter(formats.write_adapter(
         factories.lora_adapter(FLUX_LORA, fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")), manifest)
-    assert bound.modules["single_blocks.0.linear1.mlp"].fused == ("single_blocks.0.linear1.weight", 48, 64)
+    assert bound.modules["single_blocks.0.linear1.proj_mlp"].fused == ("single_blocks.0.linear1.weight", 48, 64)
+    assert {"to_q", "add_k_proj", "proj_mlp"} <= set(bound.target_modules)  # the targets read as the LoRA's own
     as_kohya = formats.read_adapter(formats.write_adapter(bound, tmp_path / "k-out.safetensors", "kohya"))
-    assert "lora_unet_single_blocks_0_linear1_mlp" in as_kohya.modules
+    assert "lora_unet_single_blocks_0_linear1_proj_mlp" in as_kohya.modules
     assert check.bind(as_kohya, manifest).modules.keys() == bound.modules.keys()
     as_diffusers = formats.read_adapter(formats.write_adapter(bound, tmp_path / "d-out.safetensors", "diffusers"))
     assert sorted(as_diffusers.modules) == sorted(FLUX_LORA)
