@@ -1,9 +1,9 @@
-"""Single-file SD checkpoints under diffusers names (loraops.ldm), and kohya / diffusers LoRAs bound to them.
+"""Single-file SD / FLUX checkpoints under diffusers names (loraops.ldm), and kohya / diffusers LoRAs bound to them.
 
-The reference is diffusers' own conversion (scripts/convert_diffusers_to_original_stable_diffusion.py for SD 1.x/2.x,
-convert_diffusers_to_original_sdxl.py for SDXL): a table of (checkpoint prefix, diffusers prefix) pairs generated per
-block, applied by string replacement. loraops reads the block structure off the path instead; the two must agree on
-every module of both UNet layouts.
+The references are diffusers' own single-file converters (diffusers.loaders.single_file_utils:
+convert_ldm_unet_checkpoint, convert_open_clip_checkpoint, convert_flux_transformer_checkpoint_to_diffusers), run on
+checkpoints whose tensors carry their own name and row numbers as values, so every converted tensor says where it
+came from; loraops reads the block structure off the path instead, and the two must agree on every module.
 """
 from __future__ import annotations
 
@@ -21,16 +21,9 @@ from test_merge_cli import run
 
 SD15 = dict(down=4, attention_down=lambda i: i < 3, attention_up=lambda i: i > 0, upsampler_slot=lambda i: 1 if i == 0 else 2)
 SDXL = dict(down=3, attention_down=lambda i: i > 0, attention_up=lambda i: i < 2, upsampler_slot=lambda i: 2)
-RESNET = ["norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"]
-TRANSFORMER = ["norm", "proj_in", "proj_out"] + [
-    f"transformer_blocks.0.{m}" for m in
-    ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-     "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3"]
-]
-
-
 def reference_table(down, attention_down, attention_up, upsampler_slot):
-    """(checkpoint prefix, diffusers prefix) pairs, generated the way diffusers' conversion scripts generate them."""
+    """(checkpoint prefix, diffusers prefix) pairs, generated the way diffusers' conversion scripts generate them: they
+    give the tiny diffusers UNets their original names, which diffusers' single-file converter then reads back."""
     table = []
     for i in range(down):
         for j in range(2):
@@ -49,27 +42,11 @@ def reference_table(down, attention_down, attention_up, upsampler_slot):
     return table
 
 
-def diffusers_modules(down, attention_down, attention_up, upsampler_slot):
-    modules = ["conv_in", "conv_out", "conv_norm_out", "time_embedding.linear_1", "time_embedding.linear_2"]
-    for i in range(down):
-        for j in range(2):
-            modules += [f"down_blocks.{i}.resnets.{j}.{m}" for m in RESNET]
-            if attention_down(i):
-                modules += [f"down_blocks.{i}.attentions.{j}.{m}" for m in TRANSFORMER]
-        for j in range(3):
-            modules += [f"up_blocks.{i}.resnets.{j}.{m}" for m in RESNET]
-            if attention_up(i):
-                modules += [f"up_blocks.{i}.attentions.{j}.{m}" for m in TRANSFORMER]
-        if i < down - 1:
-            modules += [f"down_blocks.{i}.downsamplers.0.conv", f"up_blocks.{i}.upsamplers.0.conv"]
-    modules += [f"mid_block.resnets.{j}.{m}" for j in range(2) for m in RESNET]
-    return modules + [f"mid_block.attentions.0.{m}" for m in TRANSFORMER]
-
-
 def reference_checkpoint_name(diffusers: str, table) -> str:
     """diffusers → checkpoint module path, as the conversion script does it (on tensor names, so on path + ".")."""
     top = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
-           "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+           "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     if diffusers in top:
         return top[diffusers]
     name = diffusers + "."
@@ -82,15 +59,92 @@ def reference_checkpoint_name(diffusers: str, table) -> str:
     return name[:-1]
 
 
+def diffusers_unet(layout):
+    from diffusers import UNet2DConditionModel
+
+    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=16,
+                  norm_num_groups=8, attention_head_dim=4)
+    if layout is SD15:
+        return UNet2DConditionModel(**common, block_out_channels=(8, 16, 16, 16),
+                                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3), {"layers_per_block": 2}
+    return UNet2DConditionModel(**common, block_out_channels=(8, 16, 16), transformer_layers_per_block=(1, 2, 2),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=16 + 6 * 4), \
+        {"layers_per_block": 2, "addition_embed_type": "text_time"}
+
+
 @pytest.mark.parametrize("layout", [SD15, SDXL], ids=["sd15", "sdxl"])
-def test_unet_paths_agree_with_diffusers_conversion_table(layout):
+def test_unet_paths_agree_with_diffusers_single_file_converter(layout):
+    """A tiny diffusers UNet of each layout, its tensors renamed to the original layout, converted back by diffusers'
+    single-file loader: the converter must rebuild exactly the model's keys (so the checkpoint is complete and
+    rightly named), and each converted weight's source must be what loraops.ldm.unet_path names."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    torch.manual_seed(0)
+    unet, config = diffusers_unet(layout)
+    state = unet.state_dict()
     table = reference_table(**layout)
-    modules = diffusers_modules(**layout)
-    assert len(modules) > 200
-    for diffusers in modules:
-        checkpoint = reference_checkpoint_name(diffusers, table)
-        assert checkpoint != diffusers or diffusers.startswith(("conv_", "time_")), diffusers
-        assert ldm.unet_path(checkpoint) == diffusers, (checkpoint, diffusers)
+    original = {}
+    for key in state:
+        module, leaf = key.rsplit(".", 1)
+        original[f"model.diffusion_model.{reference_checkpoint_name(module, table)}.{leaf}"] = key
+    ids = {name: i for i, name in enumerate(original)}
+    converted = convert_ldm_unet_checkpoint({n: torch.full(state[k].shape, float(ids[n])) for n, k in original.items()},
+                                            config)
+    assert set(converted) == set(state)
+    names = {i: n for n, i in ids.items()}
+    weights = [key for key in converted if key.endswith(".weight")]
+    assert len(weights) > 300
+    for key in weights:
+        source = names[int(converted[key].flatten()[0])]
+        assert ldm.unet_path(source.removeprefix("model.diffusion_model.").removesuffix(".weight")) == \
+            key.removesuffix(".weight"), (source, key)
+
+
+def labelled(shapes):
+    """{name: tensor} whose values are (name's index · 10⁶ + row), and a decoder value → (name, row)."""
+    names = list(shapes)
+    tensors = {n: (i * 10**6 + torch.arange(shapes[n][0], dtype=torch.float64)).reshape(-1, *[1] * (len(shapes[n]) - 1))
+               .expand(*shapes[n]).contiguous() for i, n in enumerate(names)}
+    return tensors, lambda value: (names[int(value) // 10**6], int(value) % 10**6)
+
+
+def source_rows(tensor, decode):
+    """(source tensor, first row, rows) of a converted tensor of labelled values."""
+    name, first = decode(tensor.flatten()[0])
+    return name, first, tensor.shape[0]
+
+
+def loraops_rows(diffusers_names, manifest):
+    """{diffusers module: (checkpoint tensor, first row, rows)} as loraops binds them."""
+    out = {}
+    for name, module in diffusers_names.items():
+        fused = ldm.fused_target(module, manifest)
+        out[name] = fused or (f"{module}.weight", 0, manifest[f"{module}.weight"].shape[0])
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["cond_stage_model.model.", "conditioner.embedders.1.model."], ids=["sd2", "sdxl"])
+def test_openclip_names_agree_with_diffusers_converter(prefix):
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    d = 8
+    shapes = {}
+    for layer in range(2):
+        block = f"{prefix}transformer.resblocks.{layer}."
+        shapes.update({f"{block}attn.in_proj_weight": (3 * d, d), f"{block}attn.out_proj.weight": (d, d),
+                       f"{block}mlp.c_fc.weight": (4 * d, d), f"{block}mlp.c_proj.weight": (d, 4 * d)})
+    tensors, decode = labelled(shapes)
+    text_model = SimpleNamespace(config=SimpleNamespace(hidden_size=d))
+    converted = convert_open_clip_checkpoint(text_model, tensors, prefix=prefix)
+    component = "text_encoder_2" if prefix.startswith("conditioner") else "text_encoder"
+    reference = {f"{component}.{key.removesuffix('.weight')}": source_rows(t, decode)
+                 for key, t in converted.items() if key.endswith(".weight")}
+    manifest = {name: SimpleNamespace(shape=shape) for name, shape in shapes.items()}
+    assert loraops_rows(ldm.diffusers_names(manifest), manifest) == reference
 
 
 def test_paths_outside_the_known_blocks_are_not_translated():
@@ -407,41 +461,40 @@ FLUX = {
 }
 
 
-def reference_flux_names(prefix=""):
-    """{diffusers module: checkpoint module (a fused tensor's part as owner.part)}, as convert_flux_to_diffusers.py
-    maps the tensors (chunking qkv in three, linear1 into q, k, v, mlp)."""
-    pairs = {
-        "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
-        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    }
-    block, old = "transformer_blocks.0.", "double_blocks.0."
-    for new, orig in [("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
-                      ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"),
-                      ("ff_context.net.2", "txt_mlp.2"), ("attn.to_out.0", "img_attn.proj"),
-                      ("attn.to_add_out", "txt_attn.proj")]:
-        pairs[block + new] = old + orig
-    for new in ["to_q", "to_k", "to_v"]:
-        pairs[f"{block}attn.{new}"] = f"{old}img_attn.qkv.{new}"
-    for new in ["add_q_proj", "add_k_proj", "add_v_proj"]:
-        pairs[f"{block}attn.{new}"] = f"{old}txt_attn.qkv.{new}"
-    block, old = "single_transformer_blocks.0.", "single_blocks.0."
-    for new, orig in [("norm.linear", "modulation.lin"), ("proj_out", "linear2"), ("attn.to_q", "linear1.to_q"),
-                      ("attn.to_k", "linear1.to_k"), ("attn.to_v", "linear1.to_v"), ("proj_mlp", "linear1.proj_mlp")]:
-        pairs[block + new] = old + orig
-    return {f"transformer.{new}": prefix + orig for new, orig in pairs.items()}
-
-
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "comfyui"])
-def test_flux_checkpoint_names_agree_with_diffusers_conversion(prefix):
-    names = ldm.diffusers_names(prefix + name for name in FLUX)
-    assert names == reference_flux_names(prefix)  # adaLN_modulation (shift/scale swapped by diffusers) left out
-    manifest = {prefix + name: SimpleNamespace(shape=shape) for name, shape in FLUX.items()}
-    linear1, txt_qkv = f"{prefix}single_blocks.0.linear1", f"{prefix}double_blocks.0.txt_attn.qkv"
-    assert ldm.fused_target(f"{linear1}.proj_mlp", manifest) == (f"{linear1}.weight", 48, 64)
-    assert ldm.fused_target(f"{txt_qkv}.add_v_proj", manifest) == (f"{txt_qkv}.weight", 32, 16)
-    assert ldm.fused_target(f"{txt_qkv}.to_v", manifest) is None  # the image stream's names are not the text's
-    assert ldm.diffusers_names(["img_in.weight", "model.layers.0.mlp.up_proj.weight"]) == {}  # FLUX only when it is FLUX
+def test_flux_names_agree_with_diffusers_converter(prefix):
+    """diffusers' converter hard-codes FLUX.1's sizes (hidden 3072, MLP 12288) and only splits rows, so a checkpoint of
+    one-column tensors of those heights stands for the real one (loraops reads the hidden size from the columns, so
+    its manifest says 3072)."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    hidden, mlp = 3072, 12288
+    heights = {name: 4 for name in ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                                    "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer",
+                                    "final_layer.linear", "final_layer.adaLN_modulation.1"]}
+    for i in range(2):
+        heights.update({f"double_blocks.{i}.{m}": 4 for m in ["img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                                                              "txt_mlp.0", "txt_mlp.2", "img_mod.lin", "txt_mod.lin"]})
+        heights.update({f"double_blocks.{i}.img_attn.qkv": 3 * hidden, f"double_blocks.{i}.txt_attn.qkv": 3 * hidden,
+                        f"single_blocks.{i}.linear1": 3 * hidden + mlp, f"single_blocks.{i}.linear2": 4,
+                        f"single_blocks.{i}.modulation.lin": 4})
+    tensors, decode = labelled({f"{prefix}{m}.weight": (h, 1) for m, h in heights.items()})
+    tensors.update({f"{prefix}{m}.bias": torch.zeros(h, dtype=torch.float64) for m, h in heights.items()})
+
+    class Lenient(dict):  # the converter pops every tensor of a full checkpoint (norm scales…); absent ones → None
+        def pop(self, key, *default):
+            return super().pop(key, None)
+
+    converted = convert_flux_transformer_checkpoint_to_diffusers(Lenient(tensors))
+    reference = {f"transformer.{key.removesuffix('.weight')}": source_rows(t, decode)
+                 for key, t in converted.items() if key.endswith(".weight") and t is not None}
+    reference = {k: (prefix + name.removeprefix(prefix), first, rows) for k, (name, first, rows) in reference.items()}
+    manifest = {f"{prefix}{m}.weight": SimpleNamespace(shape=(h, hidden)) for m, h in heights.items()}
+    ours = loraops_rows(ldm.diffusers_names(manifest), manifest)
+    # norm_out.linear is diffusers' final_layer.adaLN_modulation.1 with its two halves swapped: no row-for-row name
+    assert set(reference) - set(ours) == {"transformer.norm_out.linear"}
+    assert ours == {k: v for k, v in reference.items() if k != "transformer.norm_out.linear"}
+    assert ldm.diffusers_names(["img_in.weight", "model.layers.0.mlp.up_proj.weight"]) == {}  # FLUX only when FLUX
 
 
 FLUX_LORA = {  # a diffusers-format FLUX LoRA (ai-toolkit, diffusers' trainers): split q/k/v, proj_mlp
