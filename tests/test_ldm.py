@@ -561,3 +561,42 @@ def test_flux_loras_round_trip_through_kohya_and_diffusers(tmp_path):
     assert check.bind(as_kohya, manifest).modules.keys() == bound.modules.keys()
     as_diffusers = formats.read_adapter(formats.write_adapter(bound, tmp_path / "d-out.safetensors", "diffusers"))
     assert sorted(as_diffusers.modules) == sorted(FLUX_LORA)
+
+
+def test_merge_into_a_single_file_checkpoint_equals_diffusers_fuse_lora(tmp_path):
+    """End to end against an independent implementation: a LoRA made by PEFT on a tiny diffusers UNet and saved by
+    diffusers, merged by loraops into the same UNet saved as a single-file checkpoint (original names), equals what
+    diffusers' fuse_lora makes of the diffusers UNet — every changed tensor, 3×3 resnet convs included."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from loraops import engine
+
+    torch.manual_seed(0)
+    unet, _ = diffusers_unet(SD15)
+    table = reference_table(**SD15)
+
+    def original_name(key):
+        module, leaf = key.rsplit(".", 1)
+        return f"model.diffusion_model.{reference_checkpoint_name(module, table)}.{leaf}"
+
+    base = {key: value.clone() for key, value in unet.state_dict().items()}
+    save_file({original_name(k): v.contiguous() for k, v in base.items()}, str(tmp_path / "sd.safetensors"))
+    config = LoraConfig(r=4, lora_alpha=6, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj"])
+    unet.add_adapter(config)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet), unet_lora_adapter_metadata=config.to_dict())
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    fused = unet.state_dict()
+
+    report = engine.merge(tmp_path / "sd.safetensors", [(formats.read_adapter(tmp_path / "lora"), 1.0)],
+                          tmp_path / "merged.safetensors", device="cpu")
+    merged = load_file(tmp_path / "merged.safetensors")
+    changed = [key for key in fused if not torch.equal(fused[key], base[key])]
+    assert report.tensors_merged == len(changed) > 150
+    assert any("in_layers.2" in original_name(key) for key in changed)  # 3×3 convs of the resnets
+    for key, value in fused.items():
+        assert torch.allclose(merged[original_name(key)], value, rtol=0, atol=1e-6), key
