@@ -1,5 +1,5 @@
-"""Single-file checkpoints — Stable Diffusion's original LDM / sgm layout that A1111, ComfyUI and sd-scripts save, and
-FLUX.1's — seen under diffusers names.
+"""Single-file checkpoints — Stable Diffusion's original LDM / sgm layout that A1111, ComfyUI and sd-scripts save,
+FLUX.1's and SD3's — seen under diffusers names.
 
 LoRAs name modules the diffusers way: sd-scripts builds SD 1.x/2.x UNets with diffusers block names
 (``lora_unet_down_blocks_0_attentions_0_…``) and every text encoder as transformers' CLIP; diffusers-trained LoRAs
@@ -14,12 +14,13 @@ diffusers path, so both name styles bind to either kind of base, and names bound
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
 resnets per down block and three per up block (SD 1.x, 2.x, XL), which is diffusers' conversion table
 (scripts/convert_diffusers_to_original_stable_diffusion.py) generalised to blocks with or without attentions.
-Transformer blocks keep their names in both layouts. FLUX.1 checkpoints in Black Forest Labs' layout (bare, or behind
-``model.diffusion_model.`` as ComfyUI saves them) are translated to diffusers' ``transformer.`` names as diffusers'
-scripts/convert_flux_to_diffusers.py does.
+Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
+checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
+``transformer.`` names as diffusers' single-file converters do.
 
 Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
-stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``.
+stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``;
+SD3 in ``x_block.attn.qkv``, ``x_block.attn2.qkv`` (SD3.5) and ``context_block.attn.qkv``.
 A LoRA trained on the split modules binds to a *part* of such a tensor, named by the owner's path and the split
 module's leaf (``…attn.q_proj``, ``…img_attn.qkv.to_q``, ``…linear1.proj_mlp``) — names of no tensor: fused_target
 says which rows of which tensor a part changes.
@@ -55,9 +56,11 @@ OPEN_CLIP_MODULES = {
     "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
     "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
 }
-# FLUX.1 (Black Forest Labs' layout) → diffusers' FluxTransformer2DModel, as convert_flux_to_diffusers.py maps it.
-# final_layer.adaLN_modulation.1 is left out: diffusers swaps its shift and scale halves, so no row-for-row name.
-FLUX_TOP = {
+# DiT transformers in their original single-file layout → diffusers' transformer (component "transformer."), as
+# diffusers' single-file converters map them. The adaLN projections whose shift and scale halves diffusers swaps
+# (FLUX's and SD3's final_layer.adaLN_modulation.1, SD3's last context block's) have no row-for-row name and are left
+# out; so is every SD3 context block's adaLN (which one is last is not in its path).
+FLUX_TOP = {  # FLUX.1, Black Forest Labs' names
     "img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
     "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
     "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
@@ -66,21 +69,43 @@ FLUX_TOP = {
     "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
 }
-FLUX_DOUBLE = {
-    "img_attn.qkv.to_q": "attn.to_q", "img_attn.qkv.to_k": "attn.to_k", "img_attn.qkv.to_v": "attn.to_v",
-    "txt_attn.qkv.add_q_proj": "attn.add_q_proj", "txt_attn.qkv.add_k_proj": "attn.add_k_proj",
-    "txt_attn.qkv.add_v_proj": "attn.add_v_proj",
-    "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
-    "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj",
-    "txt_mlp.2": "ff_context.net.2", "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+SD3_TOP = {  # SD3 / SD3.5 MMDiT
+    "x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder", "final_layer.linear": "proj_out",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
 }
-FLUX_SINGLE = {
-    "linear1.to_q": "attn.to_q", "linear1.to_k": "attn.to_k", "linear1.to_v": "attn.to_v",
-    "linear1.proj_mlp": "proj_mlp",
-    "linear2": "proj_out", "modulation.lin": "norm.linear",
+DIT_BLOCKS = {  # original block name → (diffusers block name, {path inside the block: diffusers path})
+    "double_blocks": ("transformer_blocks", {
+        "img_attn.qkv.to_q": "attn.to_q", "img_attn.qkv.to_k": "attn.to_k", "img_attn.qkv.to_v": "attn.to_v",
+        "txt_attn.qkv.add_q_proj": "attn.add_q_proj", "txt_attn.qkv.add_k_proj": "attn.add_k_proj",
+        "txt_attn.qkv.add_v_proj": "attn.add_v_proj",
+        "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+        "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj",
+        "txt_mlp.2": "ff_context.net.2", "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+    }),
+    "single_blocks": ("single_transformer_blocks", {
+        "linear1.to_q": "attn.to_q", "linear1.to_k": "attn.to_k", "linear1.to_v": "attn.to_v",
+        "linear1.proj_mlp": "proj_mlp", "linear2": "proj_out", "modulation.lin": "norm.linear",
+    }),
+    "joint_blocks": ("transformer_blocks", {
+        "x_block.attn.qkv.to_q": "attn.to_q", "x_block.attn.qkv.to_k": "attn.to_k", "x_block.attn.qkv.to_v": "attn.to_v",
+        "context_block.attn.qkv.add_q_proj": "attn.add_q_proj", "context_block.attn.qkv.add_k_proj": "attn.add_k_proj",
+        "context_block.attn.qkv.add_v_proj": "attn.add_v_proj",
+        "x_block.attn2.qkv.to_q": "attn2.to_q", "x_block.attn2.qkv.to_k": "attn2.to_k", "x_block.attn2.qkv.to_v": "attn2.to_v",
+        "x_block.attn.proj": "attn.to_out.0", "context_block.attn.proj": "attn.to_add_out",
+        "x_block.attn2.proj": "attn2.to_out.0", "x_block.mlp.fc1": "ff.net.0.proj", "x_block.mlp.fc2": "ff.net.2",
+        "context_block.mlp.fc1": "ff_context.net.0.proj", "context_block.mlp.fc2": "ff_context.net.2",
+        "x_block.adaLN_modulation.1": "norm1.linear",
+    }),
 }
-FLUX_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
-FLUX_MARK_RE = re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?double_blocks\.\d+\.img_attn\.qkv\.weight$")
+DIT_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks|joint_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
+# a tensor that tells the family of a checkpoint, and so which top-level names are its own
+DIT_MARKS = (
+    (re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?double_blocks\.\d+\.img_attn\.qkv\.weight$"), FLUX_TOP),
+    (re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"), SD3_TOP),
+)
 
 
 def thirds(shape: tuple[int, ...]) -> list[int] | None:
@@ -96,15 +121,16 @@ def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
 # Fused tensors: (owner module path, tensor name suffix, parts in row order, rows of each part from the shape). A part
 # is named by the leaf of the split module it stands for (transformers' CLIP, diffusers' FLUX), so a LoRA's targets
 # read the same bound as unbound.
-FLUX_PREFIX = f"^(?:{re.escape(UNET_PREFIX)})?"
+DIT = f"^(?:{re.escape(UNET_PREFIX)})?"
+QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
 FUSED = (
     (re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
      ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
-    (re.compile(FLUX_PREFIX + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", ("to_q", "to_k", "to_v"), thirds),
-    (re.compile(FLUX_PREFIX + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight",
-     ("add_q_proj", "add_k_proj", "add_v_proj"), thirds),
-    (re.compile(FLUX_PREFIX + r"single_blocks\.\d+\.linear1$"), ".weight", ("to_q", "to_k", "to_v", "proj_mlp"),
-     qkv_and_mlp),
+    (re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds),
+    (re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds),
+    (re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp),
+    (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds),
+    (re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds),
 )
 def unet_path(ldm: str) -> str | None:
     """The diffusers path of an LDM UNet module path (relative to ``model.diffusion_model.``), or None for a path
@@ -153,17 +179,16 @@ def open_clip_path(path: str) -> str | None:
     return f"text_model.encoder.layers.{match['layer']}.{OPEN_CLIP_MODULES[match['rest']]}"
 
 
-def flux_path(path: str, *, top: bool) -> str | None:
-    """diffusers' path of a FLUX.1 module path (Black Forest Labs' names, parts of fused tensors included):
-    ``double_blocks.3.img_attn.qkv.to_k`` → ``transformer_blocks.3.attn.to_k``. ``top``: also the embedders and the
-    final layer, whose names (img_in, txt_in…) are too plain to translate outside a known FLUX checkpoint."""
-    if path in FLUX_TOP:
-        return FLUX_TOP[path] if top else None
-    match = FLUX_BLOCK_RE.match(path)
+def dit_path(path: str, top: dict[str, str] | None = None) -> str | None:
+    """diffusers' path of a FLUX.1 or SD3 module path (original names, parts of fused tensors included):
+    ``double_blocks.3.img_attn.qkv.to_k`` → ``transformer_blocks.3.attn.to_k``. ``top``: the family's embedders and
+    final layer (img_in, t_embedder…), names too plain to translate outside a checkpoint known to be of it."""
+    if top is not None and path in top:
+        return top[path]
+    match = DIT_BLOCK_RE.match(path)
     if match is None:
         return None
-    double = match["kind"] == "double_blocks"
-    table, block = (FLUX_DOUBLE, "transformer_blocks") if double else (FLUX_SINGLE, "single_transformer_blocks")
+    block, table = DIT_BLOCKS[match["kind"]]
     rest = table.get(match["rest"])
     return None if rest is None else f"{block}.{match['n']}.{rest}"
 
@@ -185,26 +210,27 @@ def checkpoint_modules(tensors: Iterable[str]) -> list[str]:
 
 def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     """{diffusers module path ("unet.down_blocks.0…", "text_encoder.text_model…", "transformer.…"): checkpoint
-    module path} for the tensors of a single-file SD or FLUX.1 checkpoint; empty for any other base."""
+    module path} for the tensors of a single-file SD, FLUX.1 or SD3 checkpoint; empty for any other base."""
     tensors = list(tensors)
-    flux = any(FLUX_MARK_RE.match(t) for t in tensors)
+    top = next((top for mark, top in DIT_MARKS if any(mark.match(t) for t in tensors)), None)
     out = {}
     for module in checkpoint_modules(tensors):
-        name = diffusers_name(module, flux=flux)
+        name = diffusers_name(module, top=top)
         if name is not None:
             out[name] = module
     return out
 
 
-def targets_flux(modules: Iterable[str]) -> bool:
-    """Do these bound module paths include FLUX.1 blocks (so img_in, txt_in… are FLUX's too)?"""
-    return any(FLUX_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) for module in modules)
+def dit_top(modules: Iterable[str]) -> dict[str, str] | None:
+    """The top-level names of the DiT family whose blocks these bound module paths include (None: no DiT blocks)."""
+    kinds = {m["kind"] for m in (DIT_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) for module in modules) if m}
+    return SD3_TOP if "joint_blocks" in kinds else FLUX_TOP if kinds else None
 
 
-def diffusers_name(module: str, *, flux: bool = False) -> str | None:
+def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | None:
     """The diffusers path of a checkpoint module (component included), or None outside the parts translated.
-    ``flux``: the checkpoint is known to be FLUX.1 (see flux_path)."""
-    path = flux_path(module.removeprefix(UNET_PREFIX), top=flux)
+    ``top``: the DiT family's top-level names, when the checkpoint is known to be of it (see dit_path)."""
+    path = dit_path(module.removeprefix(UNET_PREFIX), top)
     if path is not None:
         return f"transformer.{path}"
     if module.startswith(UNET_PREFIX):
@@ -239,11 +265,11 @@ def fused_target(module: str, manifest) -> tuple[str, int, int] | None:
 def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     """(diffusers component, path) that sd-scripts names a checkpoint module by, or None outside the parts
     translated. sd-scripts builds SD 1.x/2.x UNets with diffusers block names but SDXL's with the original ones
-    (``lora_unet_input_blocks_4_1_…``), calls SDXL's first text encoder ``lora_te1`` even alone, and names FLUX.1
-    modules by Black Forest Labs' paths (``lora_unet_double_blocks_0_img_attn_qkv``; a part of a fused tensor has no
+    (``lora_unet_input_blocks_4_1_…``), calls SDXL's first text encoder ``lora_te1`` even alone, and names FLUX.1 and
+    SD3 modules by their original paths (``lora_unet_double_blocks_0_img_attn_qkv``; a part of a fused tensor has no
     sd-scripts name and keeps its checkpoint path)."""
     path = module.removeprefix(UNET_PREFIX)
-    if (sdxl and module.startswith(UNET_PREFIX)) or FLUX_BLOCK_RE.match(path):
+    if (sdxl and module.startswith(UNET_PREFIX)) or DIT_BLOCK_RE.match(path):
         return "unet", path
     name = diffusers_name(module)
     if name is None:

@@ -600,3 +600,81 @@ def test_merge_into_a_single_file_checkpoint_equals_diffusers_fuse_lora(tmp_path
     assert any("in_layers.2" in original_name(key) for key in changed)  # 3×3 convs of the resnets
     for key, value in fused.items():
         assert torch.allclose(merged[original_name(key)], value, rtol=0, atol=1e-6), key
+
+
+def sd3_heights(hidden=8, layers=2, dual=(0,)):
+    """{module: rows} of an SD3.5-style MMDiT: joint blocks (attn2 in the dual-attention ones, a last context block
+    with no output projection or MLP, as SD3's is), embedders, final layer."""
+    heights = {"x_embedder.proj": hidden, "context_embedder": hidden, "t_embedder.mlp.0": hidden,
+               "t_embedder.mlp.2": hidden, "y_embedder.mlp.0": hidden, "y_embedder.mlp.2": hidden,
+               "final_layer.linear": 4, "final_layer.adaLN_modulation.1": 2 * hidden}
+    for i in range(layers):
+        block = f"joint_blocks.{i}."
+        heights.update({block + "x_block.attn.qkv": 3 * hidden, block + "context_block.attn.qkv": 3 * hidden,
+                        block + "x_block.attn.proj": hidden, block + "x_block.mlp.fc1": 4 * hidden,
+                        block + "x_block.mlp.fc2": hidden, block + "x_block.adaLN_modulation.1": 6 * hidden,
+                        block + "context_block.adaLN_modulation.1": 6 * hidden})
+        if i < layers - 1:
+            heights.update({block + "context_block.attn.proj": hidden, block + "context_block.mlp.fc1": 4 * hidden,
+                            block + "context_block.mlp.fc2": hidden})
+        if i in dual:
+            heights.update({block + "x_block.attn2.qkv": 3 * hidden, block + "x_block.attn2.proj": hidden})
+    return heights
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bare", "comfyui"])
+def test_sd3_names_agree_with_diffusers_converter(prefix):
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    heights = sd3_heights()
+    tensors, decode = labelled({f"{prefix}{m}.weight": (h, 1) for m, h in heights.items()})
+    tensors.update({f"{prefix}{m}.bias": torch.zeros(h, dtype=torch.float64) for m, h in heights.items()})
+
+    class Lenient(dict):  # tensors of a full checkpoint the test does not build (pos_embed, qk norms) → None
+        def pop(self, key, *default):
+            return super().pop(key, None)
+
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(Lenient(tensors))
+    reference = {}
+    for key, t in converted.items():
+        if key.endswith(".weight") and t is not None:
+            name, first, rows = source_rows(t, decode)
+            reference[f"transformer.{key.removesuffix('.weight')}"] = (prefix + name.removeprefix(prefix), first, rows)
+    manifest = {f"{prefix}{m}.weight": SimpleNamespace(shape=(h, 8)) for m, h in heights.items()}
+    ours = loraops_rows(ldm.diffusers_names(manifest), manifest)
+    # adaLN projections diffusers reorders (final layer, last context block) and, since which context block is last
+    # is not in its path, every context block's adaLN: no row-for-row names
+    left_out = {"transformer.norm_out.linear", "transformer.transformer_blocks.0.norm1_context.linear",
+                "transformer.transformer_blocks.1.norm1_context.linear"}
+    assert set(reference) - set(ours) == left_out
+    assert ours == {k: v for k, v in reference.items() if k not in left_out}
+
+
+def test_merge_a_diffusers_sd3_lora_into_an_mmdit_checkpoint(tmp_path, monkeypatch):
+    from loraops import engine
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 5 * 8)  # chunk boundaries inside the q/k/v blocks
+    heights = sd3_heights()
+    base = checkpoint(tmp_path / "sd3.safetensors", {f"{m}.weight": (h, 8) for m, h in heights.items()})
+    lora = formats.write_adapter(factories.lora_adapter({
+        "transformer.transformer_blocks.0.attn.to_k": (8, 8), "transformer.transformer_blocks.0.attn2.to_q": (8, 8),
+        "transformer.transformer_blocks.1.attn.add_v_proj": (8, 8), "transformer.transformer_blocks.0.ff.net.0.proj": (32, 8),
+    }, fmt="diffusers"), tmp_path / "pytorch_lora_weights.safetensors", "diffusers")
+    adapter = formats.read_adapter(lora)
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu")
+    original, merged = load_file(base), load_file(tmp_path / "out.safetensors")
+
+    def delta(name):
+        module = adapter.modules[f"transformer.{name}"]
+        return module.scale * (module.B.double() @ module.A.double())
+
+    zero = torch.zeros(8, 8, dtype=torch.float64)
+    expected = {
+        "joint_blocks.0.x_block.attn.qkv.weight": torch.cat([zero, delta("transformer_blocks.0.attn.to_k"), zero]),
+        "joint_blocks.0.x_block.attn2.qkv.weight": torch.cat([delta("transformer_blocks.0.attn2.to_q"), zero, zero]),
+        "joint_blocks.1.context_block.attn.qkv.weight": torch.cat([zero, zero, delta("transformer_blocks.1.attn.add_v_proj")]),
+        "joint_blocks.0.x_block.mlp.fc1.weight": delta("transformer_blocks.0.ff.net.0.proj"),
+    }
+    for tensor, change in expected.items():
+        assert_rounded_once(merged[tensor], original[tensor].double() + change)
+    assert torch.equal(merged["joint_blocks.1.x_block.attn.qkv.weight"], original["joint_blocks.1.x_block.attn.qkv.weight"])

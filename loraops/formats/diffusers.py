@@ -79,11 +79,11 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
 
 
 def pipeline_names(adapter: Adapter) -> Iterator[tuple[str, LoraModule]]:
-    """The modules under pipeline names: as they are, or translated from a single-file SD or FLUX.1 checkpoint's
+    """The modules under pipeline names: as they are, or translated from a single-file SD, FLUX.1 or SD3 checkpoint's
     (``model.diffusion_model.input_blocks.1.1…`` → ``unet.down_blocks.0.attentions.0…``)."""
-    flux = ldm.targets_flux(adapter.modules)
+    top = ldm.dit_top(adapter.modules)
     for name, module in adapter.modules.items():
-        target = name if component_of(name) is not None else ldm.diffusers_name(name, flux=flux)
+        target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top)
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
         yield target, replace(module, name=target, fused=None)
