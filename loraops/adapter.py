@@ -37,8 +37,9 @@ class LoraModule:
     kind: ModuleKind = "linear"
     fan_in_fan_out: bool = False
     source_keys: tuple[str, ...] = ()
-    fused: tuple[str, int, int] | None = None
-    """(base tensor, first row, rows) when the module is one part of a fused base tensor — q, k or v of OpenCLIP's
+    fused: tuple[str, int, int, int] | None = None
+    """(base tensor, first row, rows, the tensor's rows) when the module is one part of a fused base tensor — q, k or v
+    of OpenCLIP's
     ``attn.in_proj_weight``, of FLUX's or SD3's ``qkv``, FLUX's ``linear1`` (set by loraops.check when binding, see
     loraops.ldm): its delta covers that many rows of the tensor from the first row."""
 

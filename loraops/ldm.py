@@ -8,7 +8,7 @@ the OpenCLIP text encoders (SD 2.x, SDXL's second) in OpenCLIP's layout. This mo
 diffusers path, so both name styles bind to either kind of base, and names bound modules back as sd-scripts does:
 
     diffusers_names(tensors) -> {diffusers module path: checkpoint module path}     (binding LoRAs to a checkpoint)
-    fused_target(module, manifest) -> (tensor, first row, rows) | None            (q/k/v inside a fused tensor)
+    fused_target(module, manifest) -> (tensor, first row, rows, all rows) | None  (q/k/v inside a fused tensor)
     sd_scripts_name(module, sdxl) -> (component, path) | None                      (naming them back, as sd-scripts)
 
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
@@ -221,6 +221,11 @@ def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def in_dit_block(module: str) -> bool:
+    """Is this checkpoint module path inside a FLUX.1 or SD3 block (double_blocks, single_blocks, joint_blocks)?"""
+    return DIT_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) is not None
+
+
 def dit_top(modules: Iterable[str]) -> dict[str, str] | None:
     """The top-level names of the DiT family whose blocks these bound module paths include (None: no DiT blocks)."""
     kinds = {m["kind"] for m in (DIT_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) for module in modules) if m}
@@ -246,9 +251,9 @@ def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | N
     return None
 
 
-def fused_target(module: str, manifest) -> tuple[str, int, int] | None:
-    """(fused tensor, first row, rows) for a part of a fused tensor the checkpoint has (``…attn.q_proj`` of OpenCLIP's
-    in_proj_weight; ``…img_attn.qkv.to_k``, ``…linear1.proj_mlp`` of FLUX), else None."""
+def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:
+    """(fused tensor, first row, rows, the tensor's rows) for a part of a fused tensor the checkpoint has
+    (``…attn.q_proj`` of OpenCLIP's in_proj_weight; ``…img_attn.qkv.to_k``, ``…linear1.proj_mlp`` of FLUX), else None."""
     owner, _, part = module.rpartition(".")
     for owner_re, suffix, parts, blocks in FUSED:
         if part not in parts or not owner_re.match(owner):
@@ -258,7 +263,7 @@ def fused_target(module: str, manifest) -> tuple[str, int, int] | None:
         if sizes is None:
             return None
         index = parts.index(part)
-        return owner + suffix, sum(sizes[:index]), sizes[index]
+        return owner + suffix, sum(sizes[:index]), sizes[index], sum(sizes)
     return None
 
 
@@ -269,7 +274,7 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     SD3 modules by their original paths (``lora_unet_double_blocks_0_img_attn_qkv``; a part of a fused tensor has no
     sd-scripts name and keeps its checkpoint path)."""
     path = module.removeprefix(UNET_PREFIX)
-    if (sdxl and module.startswith(UNET_PREFIX)) or DIT_BLOCK_RE.match(path):
+    if (sdxl and module.startswith(UNET_PREFIX)) or in_dit_block(module):
         return "unet", path
     name = diffusers_name(module)
     if name is None:

@@ -123,7 +123,7 @@ def loraops_rows(diffusers_names, manifest):
     out = {}
     for name, module in diffusers_names.items():
         fused = ldm.fused_target(module, manifest)
-        out[name] = fused or (f"{module}.weight", 0, manifest[f"{module}.weight"].shape[0])
+        out[name] = fused[:3] if fused else (f"{module}.weight", 0, manifest[f"{module}.weight"].shape[0])
     return out
 
 
@@ -345,8 +345,8 @@ def test_openclip_q_k_v_bind_to_rows_of_the_fused_in_proj(tmp_path):
     manifest = load_file(checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT))
     bound = check.bind(formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SDXL_TEXT)), manifest)
     attn = "conditioner.embedders.1.model.transformer.resblocks.0.attn"
-    assert bound.modules[f"{attn}.q_proj"].fused == (f"{attn}.in_proj_weight", 0, 16)
-    assert bound.modules[f"{attn}.v_proj"].fused == (f"{attn}.in_proj_weight", 32, 16)
+    assert bound.modules[f"{attn}.q_proj"].fused == (f"{attn}.in_proj_weight", 0, 16, 48)
+    assert bound.modules[f"{attn}.v_proj"].fused == (f"{attn}.in_proj_weight", 32, 16, 48)
     assert bound.modules[f"{attn}.out_proj"].fused is None
     assert check.check(formats.read_adapter(tmp_path / "k.safetensors"), manifest).ok
 
@@ -402,7 +402,7 @@ def test_a_diffusers_lora_on_the_second_text_encoder_binds_to_the_fused_in_proj(
     }, fmt="diffusers"), tmp_path / "pytorch_lora_weights.safetensors", "diffusers")
     bound = check.bind(formats.read_adapter(written), manifest)
     k_proj = bound.modules["conditioner.embedders.1.model.transformer.resblocks.0.attn.k_proj"]
-    assert k_proj.fused[1:] == (16, 16) and check.check(formats.read_adapter(written), manifest).ok
+    assert k_proj.fused[1:] == (16, 16, 48) and check.check(formats.read_adapter(written), manifest).ok
 
 
 def test_adapters_bound_to_a_checkpoint_are_written_as_diffusers_under_pipeline_names(tmp_path):
@@ -546,7 +546,8 @@ def test_merge_a_diffusers_flux_lora_into_a_bfl_checkpoint(tmp_path, monkeypatch
 
 def test_flux_loras_round_trip_through_kohya_and_diffusers(tmp_path):
     """kohya FLUX names (Black Forest Labs' paths, as sd-scripts writes them) bind directly and are written back the
-    same; a diffusers LoRA on split q/k/v, written as kohya, binds back to the same parts."""
+    same; a diffusers LoRA on split q/k/v goes to kohya as one module per fused tensor, and back to diffusers as it
+    was."""
     manifest = load_file(checkpoint(tmp_path / "flux.safetensors", FLUX))
     kohya_flux = {"lora_unet_double_blocks_0_img_attn_qkv": ((16,), (48,)), "lora_unet_single_blocks_0_linear1": ((16,), (112,)),
                   "lora_unet_single_blocks_0_linear2": ((80,), (16,))}
@@ -554,11 +555,22 @@ def test_flux_loras_round_trip_through_kohya_and_diffusers(tmp_path):
 
     bound = check.bind(formats.read_adapter(formats.write_adapter(
         factories.lora_adapter(FLUX_LORA, fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")), manifest)
-    assert bound.modules["single_blocks.0.linear1.proj_mlp"].fused == ("single_blocks.0.linear1.weight", 48, 64)
+    assert bound.modules["single_blocks.0.linear1.proj_mlp"].fused == ("single_blocks.0.linear1.weight", 48, 64, 112)
     assert {"to_q", "add_k_proj", "proj_mlp"} <= set(bound.target_modules)  # the targets read as the LoRA's own
+
+    # as kohya: the parts of each fused tensor joined into one module on it (sd-scripts has no names for parts), the
+    # same delta: the parts' deltas in their rows, zeros where the LoRA trains nothing
     as_kohya = formats.read_adapter(formats.write_adapter(bound, tmp_path / "k-out.safetensors", "kohya"))
-    assert "lora_unet_single_blocks_0_linear1_proj_mlp" in as_kohya.modules
-    assert check.bind(as_kohya, manifest).modules.keys() == bound.modules.keys()
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+            "lora_unet_single_blocks_0_linear1", "lora_unet_img_in"} <= set(as_kohya.modules)
+    assert not any(name.endswith(("_to_q", "_proj_mlp")) for name in as_kohya.modules)
+    rebound = check.bind(as_kohya, manifest)
+    for tensor in ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1"]:
+        expected = torch.zeros(manifest[f"{tensor}.weight"].shape, dtype=torch.float64)
+        for part in bound.modules.values():
+            if part.fused and part.fused[0] == f"{tensor}.weight":
+                expected[part.first_row : part.first_row + part.weight_shape[0]] = part.delta(dtype=torch.float64)
+        assert torch.allclose(rebound.modules[tensor].delta(dtype=torch.float64), expected, rtol=1e-12, atol=0)
     as_diffusers = formats.read_adapter(formats.write_adapter(bound, tmp_path / "d-out.safetensors", "diffusers"))
     assert sorted(as_diffusers.modules) == sorted(FLUX_LORA)
 
@@ -678,3 +690,22 @@ def test_merge_a_diffusers_sd3_lora_into_an_mmdit_checkpoint(tmp_path, monkeypat
     for tensor, change in expected.items():
         assert_rounded_once(merged[tensor], original[tensor].double() + change)
     assert torch.equal(merged["joint_blocks.1.x_block.attn.qkv.weight"], original["joint_blocks.1.x_block.attn.qkv.weight"])
+
+
+def test_parts_with_different_scales_join_into_one_kohya_module_exactly(tmp_path):
+    from dataclasses import replace
+
+    manifest = load_file(checkpoint(tmp_path / "flux.safetensors", FLUX))
+    bound = check.bind(formats.read_adapter(formats.write_adapter(
+        factories.lora_adapter(FLUX_LORA, fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")), manifest)
+    to_k = "single_blocks.0.linear1.to_k"
+    modules = {**bound.modules, to_k: replace(bound.modules[to_k], alpha=12.0, scale=3.0)}  # proj_mlp keeps 2.0
+    bound = replace(bound, modules=modules)
+    rebound = check.bind(formats.read_adapter(formats.write_adapter(bound, tmp_path / "k.safetensors", "kohya")), manifest)
+    joined = rebound.modules["single_blocks.0.linear1"]
+    assert joined.rank == 8 and joined.scale == 1.0
+    expected = torch.zeros(112, 16, dtype=torch.float64)
+    for name in [to_k, "single_blocks.0.linear1.proj_mlp"]:
+        part = modules[name]
+        expected[part.first_row : part.first_row + part.weight_shape[0]] = part.delta(dtype=torch.float64)
+    assert torch.allclose(joined.delta(dtype=torch.float64), expected, rtol=1e-6, atol=0)

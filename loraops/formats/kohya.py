@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,11 +143,44 @@ def factors(module: LoraModule) -> tuple["torch.Tensor", "torch.Tensor"]:
     return module.A.contiguous(), module.B.contiguous()
 
 
+def joined_parts(adapter: Adapter) -> dict[str, LoraModule]:
+    """The modules with the parts of each fused FLUX/SD3 tensor (``…img_attn.qkv.to_q``, ``…linear1.proj_mlp``:
+    sd-scripts has no names for them) joined into one module on the whole tensor, which every kohya loader knows:
+    A stacked, B block-diagonal with zero rows for the parts not trained, rank Σr. The same delta exactly (the zeros
+    add nothing); each part's scale is folded into its B when the scales differ."""
+    import torch
+
+    modules: dict[str, LoraModule] = {}
+    parts: dict[str, list[LoraModule]] = {}
+    for name, module in adapter.modules.items():
+        if module.fused is not None and ldm.in_dit_block(name):
+            parts.setdefault(module.fused[0], []).append(module)
+        else:
+            modules[name] = module
+    for tensor, group in parts.items():
+        owner = tensor.removesuffix(".weight")
+        if owner in modules:
+            raise FormatError(f"{adapter.path or 'adapter'}: changes {owner!r} both whole and in parts; merge them first")
+        scales = {part.scale for part in group}
+        scale = scales.pop() if len(scales) == 1 else 1.0
+        rank = sum(part.rank for part in group)
+        B = torch.zeros(group[0].fused[3], rank, dtype=group[0].B.dtype)
+        column = 0
+        for part in group:
+            _, first, rows, _ = part.fused
+            B[first : first + rows, column : column + part.rank] = part.B * (part.scale / scale)
+            column += part.rank
+        A = torch.cat([part.A for part in group])
+        modules[owner] = LoraModule(owner, A=A, B=B, alpha=scale * rank, scale=scale)
+    return modules
+
+
 def write(adapter: Adapter, dest: Path) -> None:
     import torch
 
     from . import peft  # the alpha that reproduces a module's scale is the same rule with rsLoRA off
 
+    adapter = replace(adapter, modules=joined_parts(adapter))
     names = kohya_names(adapter)
     if adapter.full_tensors:
         raise FormatError(
