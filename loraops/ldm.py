@@ -101,10 +101,11 @@ DIT_BLOCKS = {  # original block name → (diffusers block name, {path inside th
     }),
 }
 DIT_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks|joint_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
+DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
 DIT_MARKS = (
-    (re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?double_blocks\.\d+\.img_attn\.qkv\.weight$"), FLUX_TOP),
-    (re.compile(rf"^(?:{re.escape(UNET_PREFIX)})?joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"), SD3_TOP),
+    (re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$"), FLUX_TOP),
+    (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"), SD3_TOP),
 )
 
 
@@ -121,7 +122,6 @@ def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
 # Fused tensors: (owner module path, tensor name suffix, parts in row order, rows of each part from the shape). A part
 # is named by the leaf of the split module it stands for (transformers' CLIP, diffusers' FLUX), so a LoRA's targets
 # read the same bound as unbound.
-DIT = f"^(?:{re.escape(UNET_PREFIX)})?"
 QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
 FUSED = (
     (re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
@@ -132,6 +132,8 @@ FUSED = (
     (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds),
     (re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds),
 )
+
+
 def unet_path(ldm: str) -> str | None:
     """The diffusers path of an LDM UNet module path (relative to ``model.diffusion_model.``), or None for a path
     outside the blocks this translation knows. ``input_blocks.4.1.proj_in`` → ``down_blocks.1.attentions.0.proj_in``.
