@@ -21,6 +21,8 @@ from test_merge_cli import run
 
 SD15 = dict(down=4, attention_down=lambda i: i < 3, attention_up=lambda i: i > 0, upsampler_slot=lambda i: 1 if i == 0 else 2)
 SDXL = dict(down=3, attention_down=lambda i: i > 0, attention_up=lambda i: i < 2, upsampler_slot=lambda i: 2)
+
+
 def reference_table(down, attention_down, attention_up, upsampler_slot):
     """(checkpoint prefix, diffusers prefix) pairs, generated the way diffusers' conversion scripts generate them: they
     give the tiny diffusers UNets their original names, which diffusers' single-file converter then reads back."""
