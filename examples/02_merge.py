@@ -47,7 +47,8 @@ def main() -> None:
     print("\n--- kohya LoRAs into single-file SD checkpoints: sd-scripts' names bound to the original ones ---")
     for label, (tensors, modules), version in [("sd15", SD15, "sd_v1"), ("sdxl", SDXL, "sdxl_base_v1-0")]:
         checkpoint = sd_checkpoint(work / f"{label}-tiny.safetensors", tensors)
-        kohya = named_kohya_lora(work / f"{label}-style.safetensors", modules, r=4, alpha=2, version=version)
+        kohya = named_kohya_lora(work / f"{label}-style.safetensors", modules, r=4, alpha=2,
+                                 metadata={"ss_network_module": "networks.lora", "ss_base_model_version": version})
         loraops("check", kohya, "--base", checkpoint)
         loraops("merge", f"{kohya}:0.8", "--into", checkpoint, "-o", work / f"{label}-merged.safetensors", "--no-record")
     print("\n--- a diffusers FLUX LoRA (split q/k/v) into a FLUX.1 checkpoint that fuses them ---")

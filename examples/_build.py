@@ -36,22 +36,12 @@ def kohya_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str
     """A kohya/sd-scripts style file (lora_down/lora_up/alpha, ss_* metadata) for the base's modules named in
     ``targets``, with names in kohya's underscore form."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
     with safe_open(str(base / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            module = key.removesuffix(".weight")
-            if module.rsplit(".", 1)[-1] in targets:
-                out_f, in_f = f.get_slice(key).get_shape()
-                name = "lora_unet_" + module.replace(".", "_")
-                tensors[f"{name}.lora_down.weight"] = torch.randn(r, in_f, generator=g)
-                tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, r, generator=g) * 0.01
-                tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+        modules = {"lora_unet_" + key.removesuffix(".weight").replace(".", "_"): tuple(f.get_slice(key).get_shape())
+                   for key in f.keys() if key.removesuffix(".weight").rsplit(".", 1)[-1] in targets}
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(r), "ss_network_alpha": str(alpha)}
-    save_file(tensors, str(out), metadata=meta)
-    return Path(out)
+    return named_kohya_lora(out, modules, r=r, alpha=alpha, metadata=meta, seed=seed)
 
 
 # Tiny single-file SD checkpoints (original LDM names, {tensor: shape}) and the sd-scripts names of LoRA modules on
@@ -120,9 +110,10 @@ def sd_checkpoint(out: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
     return Path(out)
 
 
-def named_kohya_lora(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, alpha: float, version: str,
-                     seed: int = 3) -> Path:
-    """A kohya LoRA with these sd-scripts names (a 4-D shape gets LoCon factors), ss_base_model_version = version."""
+def named_kohya_lora(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, alpha: float,
+                     metadata: dict[str, str], seed: int = 3) -> Path:
+    """A kohya LoRA with these names and ``ss_*`` metadata ({name: (out, in, *kernel)}; a 4-D shape gets LoCon
+    factors)."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -131,7 +122,7 @@ def named_kohya_lora(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, 
         tensors[f"{name}.lora_down.weight"] = torch.randn(r, in_f, *kernel, generator=g)
         tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, r, *([1, 1] if kernel else []), generator=g) * 0.01
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, str(out), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": version})
+    save_file(tensors, str(out), metadata=metadata)
     return Path(out)
 
 

@@ -39,9 +39,8 @@ class LoraModule:
     source_keys: tuple[str, ...] = ()
     fused: tuple[str, int, int, int] | None = None
     """(base tensor, first row, rows, the tensor's rows) when the module is one part of a fused base tensor — q, k or v
-    of OpenCLIP's
-    ``attn.in_proj_weight``, of FLUX's or SD3's ``qkv``, FLUX's ``linear1`` (set by loraops.check when binding, see
-    loraops.ldm): its delta covers that many rows of the tensor from the first row."""
+    of OpenCLIP's ``attn.in_proj_weight``, of FLUX's or SD3's ``qkv``, FLUX's ``linear1`` (set by loraops.check when
+    binding, see loraops.ldm): its delta covers that many rows of the tensor from the first row."""
 
     @property
     def rank(self) -> int:

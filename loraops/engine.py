@@ -46,7 +46,7 @@ from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
-from .fsutil import DirectFileWriter, ReadAhead, advise_sequential, atomic_path, ensure_free_space, remove_stale_temps
+from .fsutil import DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, remove_stale_temps
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, torch_dtype
 
@@ -469,7 +469,6 @@ class _Pipeline:
                 self._put(self.read_q, _Open(self.root / file.target, file.header, file.size))
                 fd = os.open(file.source, os.O_RDONLY)
                 handles.append(fd)
-                advise_sequential(fd)
                 ahead = ReadAhead(fd)
                 for step in _steps(file):  # raw copies (_Copy) are read by the writer
                     if isinstance(step, _Chunk):
@@ -531,7 +530,6 @@ class _Pipeline:
                     source = sources.get(item.source)
                     if source is None:
                         source = sources[item.source] = ReadAhead(os.open(item.source, os.O_RDONLY))
-                        advise_sequential(source.fd)
                     _copy(item, source, out, hashing=self.hashing)
                     self.bar.update(item.nbytes)
                 elif isinstance(item, _Chunk):

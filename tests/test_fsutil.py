@@ -178,9 +178,9 @@ def test_read_ahead_asks_for_pieces_a_bounded_distance_past_the_reader(tmp_path,
     asked = []
     monkeypatch.setattr(fsutil.ReadAhead, "DISTANCE", 4000)
     monkeypatch.setattr(fsutil.ReadAhead, "PIECE", 1000)
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length, advice)))
     with open(path, "rb") as f:
         ahead = fsutil.ReadAhead(f.fileno())
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length, advice)))
         ahead.before(0)
         assert asked == [(o, 1000, os.POSIX_FADV_WILLNEED) for o in (0, 1000, 2000, 3000)]
         asked.clear()

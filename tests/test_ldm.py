@@ -114,6 +114,14 @@ def labelled(shapes):
     return tensors, lambda value: (names[int(value) // 10**6], int(value) % 10**6)
 
 
+class Lenient(dict):
+    """A checkpoint for diffusers' converters, which pop every tensor of a full one (norm scales, pos_embed…): the
+    ones a test does not build come back as None."""
+
+    def pop(self, key, *default):
+        return super().pop(key, None)
+
+
 def source_rows(tensor, decode):
     """(source tensor, first row, rows) of a converted tensor of labelled values."""
     name, first = decode(tensor.flatten()[0])
@@ -483,10 +491,6 @@ def test_flux_names_agree_with_diffusers_converter(prefix):
     tensors, decode = labelled({f"{prefix}{m}.weight": (h, 1) for m, h in heights.items()})
     tensors.update({f"{prefix}{m}.bias": torch.zeros(h, dtype=torch.float64) for m, h in heights.items()})
 
-    class Lenient(dict):  # the converter pops every tensor of a full checkpoint (norm scales…); absent ones → None
-        def pop(self, key, *default):
-            return super().pop(key, None)
-
     converted = convert_flux_transformer_checkpoint_to_diffusers(Lenient(tensors))
     reference = {f"transformer.{key.removesuffix('.weight')}": source_rows(t, decode)
                  for key, t in converted.items() if key.endswith(".weight") and t is not None}
@@ -643,10 +647,6 @@ def test_sd3_names_agree_with_diffusers_converter(prefix):
     heights = sd3_heights()
     tensors, decode = labelled({f"{prefix}{m}.weight": (h, 1) for m, h in heights.items()})
     tensors.update({f"{prefix}{m}.bias": torch.zeros(h, dtype=torch.float64) for m, h in heights.items()})
-
-    class Lenient(dict):  # tensors of a full checkpoint the test does not build (pos_embed, qk norms) → None
-        def pop(self, key, *default):
-            return super().pop(key, None)
 
     converted = convert_sd3_transformer_checkpoint_to_diffusers(Lenient(tensors))
     reference = {}
