@@ -113,8 +113,9 @@ def sd_checkpoint(out: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
 def named_kohya_lora(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, alpha: float,
                      metadata: dict[str, str], seed: int = 3) -> Path:
     """A kohya LoRA with these names and ``ss_*`` metadata ({name: (out, in, *kernel)}; a 4-D shape gets LoCon
-    factors)."""
-    from safetensors.torch import save_file
+    factors). Written by loraops' writer, whose bytes do not change from run to run (safetensors' save_file orders
+    the metadata differently each time), so the demo's sha256s can be quoted."""
+    from loraops.st import write_safetensors
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -122,7 +123,7 @@ def named_kohya_lora(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, 
         tensors[f"{name}.lora_down.weight"] = torch.randn(r, in_f, *kernel, generator=g)
         tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, r, *([1, 1] if kernel else []), generator=g) * 0.01
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, str(out), metadata=metadata)
+    write_safetensors(out, tensors, metadata)
     return Path(out)
 
 

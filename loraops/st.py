@@ -202,20 +202,23 @@ def load_tensors(header: Header, names=None) -> dict[str, "torch.Tensor"]:
 
 def write_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None,
                       *, hash_key: str | None = None) -> None:
-    """Write a safetensors file (tensors in name order). With ``hash_key``, the metadata entry of that name is set
+    """Write a safetensors file, byte for byte the same for the same tensors and metadata (safetensors' save_file
+    writes the metadata in hash-map order, which changes from one process to the next, and with it the file's
+    sha256 — an adapter's identity). Tensors go widest element first, then by name, as save_file orders them, so
+    every tensor's data is aligned to its element size. With ``hash_key``, the metadata entry of that name is set
     to the sha256 of the data section (the bytes after the header) exactly as written: the header is written with a
     same-length placeholder, the data is hashed while it is written, and the placeholder is then overwritten."""
     import hashlib
 
     import torch
 
-    metadata = dict(metadata or {})
+    metadata = dict(sorted((metadata or {}).items()))
     placeholder = "0" * 64
     if hash_key:
         metadata[hash_key] = placeholder
     entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    ordered = sorted(tensors.items())
+    ordered = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
     for name, tensor in ordered:
         nbytes = tensor.numel() * tensor.element_size()
         entries[name] = {"dtype": st_dtype(tensor.dtype), "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}

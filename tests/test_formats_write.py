@@ -179,3 +179,19 @@ def test_peft_round_trip_of_trained_biases(tmp_path):
     model = PeftModel.from_pretrained(factories.conv_embedding_model(), out)
     torch.testing.assert_close(model.base_model.model.proj.base_layer.bias.detach(), adapter.full_tensors["proj.bias"])
     assert sorted(read_adapter(out).full_tensors) == ["conv3.bias", "proj.bias"]
+
+
+@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya"])
+def test_writers_are_byte_stable(llama, tmp_path, fmt):
+    """Writing the same adapter again gives the same bytes: the file's sha256 is the adapter's identity, and
+    safetensors' own save_file writes metadata in an order that changes from one call to the next."""
+    adapter = read_adapter(factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj", "v_proj"]))
+    if fmt == "diffusers":
+        adapter = replace(adapter, modules={f"text_encoder.{n}": replace(m, name=f"text_encoder.{n}")
+                                            for n, m in adapter.modules.items()})
+    digests = set()
+    for i in range(6):
+        out = write_adapter(adapter, tmp_path / f"out{i}{'' if fmt == 'peft' else '.safetensors'}", fmt)
+        data = out / "adapter_model.safetensors" if fmt == "peft" else out
+        digests.add(hashlib.sha256(data.read_bytes()).hexdigest())
+    assert len(digests) == 1

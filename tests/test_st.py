@@ -62,3 +62,25 @@ def test_rejects_bad_files_with_one_line(tmp_path, make, message):
 def test_missing_file(tmp_path):
     with pytest.raises(NotFoundError, match="no such file"):
         read_header(tmp_path / "nope.safetensors")
+
+
+def test_write_is_byte_stable_and_aligned(tmp_path):
+    """Same tensors and metadata, in any insertion order → the same bytes (a file's sha256 is an adapter's identity);
+    every tensor starts at a multiple of its element size, so zero-copy loaders can map it."""
+    from safetensors import safe_open
+
+    from loraops.st import write_safetensors
+
+    tensors = {"z.odd": torch.arange(3, dtype=torch.bfloat16), "a.wide": torch.arange(5, dtype=torch.float64),
+               "m.mid": torch.arange(7, dtype=torch.float32), "b.byte": torch.arange(3, dtype=torch.uint8)}
+    metadata = {"format": "pt", "lora_adapter_metadata": "{}", "ss_network_dim": "4"}
+    write_safetensors(tmp_path / "one.safetensors", tensors, metadata)
+    write_safetensors(tmp_path / "two.safetensors", dict(reversed(tensors.items())), dict(reversed(metadata.items())))
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    header = read_header(tmp_path / "one.safetensors")
+    assert header.metadata == metadata
+    for name, tensor in tensors.items():
+        assert header.tensors[name].start % tensor.element_size() == 0, name
+    with safe_open(tmp_path / "one.safetensors", "pt") as f:
+        for name, tensor in tensors.items():
+            assert torch.equal(f.get_tensor(name), tensor)

@@ -91,8 +91,6 @@ def pipeline_names(adapter: Adapter) -> Iterator[tuple[str, LoraModule]]:
 
 def write(adapter: Adapter, dest: Path) -> None:
     """One .safetensors with component-prefixed PEFT keys and the per-component LoraConfig in the header."""
-    from safetensors.torch import save_file
-
     if adapter.full_tensors:
         raise FormatError("diffusers LoRA files cannot hold full replacement tensors (modules_to_save)")
     rslora = adapter.scale_mode == "rslora"
@@ -104,4 +102,4 @@ def write(adapter: Adapter, dest: Path) -> None:
     for component, modules in by_component.items():
         cfg = peft.lora_config(modules, {n: n.partition(".")[2] for n in modules}, rslora=rslora, saved_modules=[])
         packed.update({f"{component}.{k}": v for k, v in cfg.items()})
-    save_file(peft.tensors_of(adapter, ""), str(dest), metadata={"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)})
+    st.write_safetensors(dest, peft.tensors_of(adapter, ""), {"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)})

@@ -362,8 +362,6 @@ def tensors_of(adapter: Adapter, prefix: str) -> dict[str, "torch.Tensor"]:
 
 def write(adapter: Adapter, tmp: Path) -> None:
     """Write a PEFT folder into ``tmp`` (an empty folder the caller renames into place)."""
-    from safetensors.torch import save_file
-
     rslora = adapter.scale_mode == "rslora"
     keys = full_tensor_keys(adapter)
     saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name})
@@ -373,5 +371,5 @@ def write(adapter: Adapter, tmp: Path) -> None:
     )
     lora_biases = any(key != name for name, key in keys.items())
     cfg["bias"] = (cfg["bias"] if cfg["bias"] != "none" else "lora_only") if lora_biases else "none"
-    save_file(tensors_of(adapter, PREFIX), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    st.write_safetensors(tmp / WEIGHTS_NAME, tensors_of(adapter, PREFIX), {"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
