@@ -62,8 +62,9 @@ def randomized_svd(M: torch.Tensor, q: int, niter: int = POWER_ITERATIONS, seed:
     """The top-q part of M's SVD by Halko–Martinsson–Tropp range finding with ``niter`` power iterations
     (re-orthonormalized each step). Same algorithm as ``torch.svd_lowrank``, but drawn from its own seeded
     generator: torch.svd_lowrank uses the global RNG, and the same inputs must give the same bytes."""
-    generator = torch.Generator(device=M.device).manual_seed(seed)
-    Q = torch.linalg.qr(M @ torch.randn(M.shape[1], q, generator=generator, device=M.device, dtype=M.dtype)).Q
+    # drawn on the CPU, as DARE's masks: the same test matrix on every device
+    omega = torch.randn(M.shape[1], q, generator=torch.Generator().manual_seed(seed), dtype=M.dtype)
+    Q = torch.linalg.qr(M @ omega.to(M.device)).Q
     for _ in range(niter):
         Q = torch.linalg.qr(M.T @ Q).Q
         Q = torch.linalg.qr(M @ Q).Q
