@@ -146,7 +146,7 @@ def drop_and_rescale(delta: torch.Tensor, density: float, ctx: Context, index: i
     """DARE: drop each entry with probability 1 − density, rescale the survivors by 1/density. The mask is drawn
     in float32 from a generator on the compute device seeded per module and input: reproducible on one device, but
     CPU and CUDA generators draw different numbers. Drawing on the CPU for every device was measured and dropped:
-    2 s per 8192×28672 module (a serial Mersenne twister), ten times the rest of a GPU combine's work on it; a
+    2 s per 8192×28672 module on 2 cores (a serial Mersenne twister), which would dwarf a GPU's few milliseconds; a
     counter-based hash in torch integer ops is device-independent but ten times slower again on the CPU."""
     if density >= 1:
         return delta
