@@ -198,3 +198,37 @@ def save_state_dict_dict(tensors: dict, path):
 
     save_file(tensors, str(path))
     return path
+
+
+def test_pissa_adapter_refused_and_its_conversion_merges_like_peft(tmp_path):
+    """PEFT takes a PiSSA adapter's initial principal part out of the base each time it loads it: W + s·B·A on the
+    original base would be wrong, so loraops refuses it, naming PEFT's conversion; the converted adapter (a plain
+    LoRA of rank 2r on the original base) merges to the trained model itself. (PEFT reloading the unconverted
+    adapter does not even give that back: pissa_niter_* redoes a randomized SVD of the base.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from loraops.errors import UnsupportedAdapterError
+
+    base = tiny_llama(tmp_path / "base")
+    model = get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights="pissa_niter_4"))
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: save the initial factors first
+    model.save_pretrained(tmp_path / "initial")
+    model.peft_config["default"].init_lora_weights = "pissa_niter_4"
+    torch.manual_seed(3)
+    with torch.no_grad():  # "training"
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(tmp_path / "pissa")
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with pytest.raises(UnsupportedAdapterError, match="path_initial_model_for_weight_conversion"):
+        formats.read_adapter(tmp_path / "pissa")
+
+    engine.merge(base, [(formats.read_adapter(tmp_path / "converted"), 1.0)], tmp_path / "out", device="cpu")
+    trained = model.merge_and_unload().state_dict()
+    ours, original = merged_tensors(tmp_path / "out"), merged_tensors(base)
+    changed = [n for n in ours if not torch.equal(ours[n], original[n])]
+    assert len(changed) == 4  # q_proj and v_proj of both layers
+    for name in ours:
+        torch.testing.assert_close(ours[name], trained[name], rtol=0, atol=1e-6)

@@ -146,6 +146,19 @@ def test_config_rank_disagreeing_with_tensors_uses_tensor_rank(llama, tmp_path):
     assert adapter.rank == 4 and all(m.scale == 2.0 for m in adapter.modules.values())
 
 
+def test_config_without_lora_alpha_takes_peft_default(llama, tmp_path):
+    """LoraConfig's lora_alpha defaults to 8: a config that leaves it out means 8, as PEFT reads it (and the same
+    identity as writing 8)."""
+    path = factories.peft_adapter(llama, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"])
+    explicit = identity(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    adapter = read_adapter(path)
+    assert adapter.alpha == 8 and all(m.scale == 2.0 for m in adapter.modules.values())
+    assert identity(path) == explicit
+
+
 def test_identity_covers_math_config_fields_only(llama, tmp_path):
     path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj"])
     first = identity(path)

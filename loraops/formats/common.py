@@ -63,6 +63,21 @@ REFUSED_CONFIG_FLAGS = {
 }
 
 
+# LoraConfig.init_lora_weights values whose initialisation PEFT subtracts from the base weights (again, every time
+# it loads the adapter): the trained model is (W − s·B₀·A₀) + s·B·A, not W + s·B·A on the base a user has.
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def refuse_base_changing_init(path: Path, init) -> None:
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise UnsupportedAdapterError(
+            f"{path}: init_lora_weights={init!r}: PEFT takes this initialisation out of the base weights when it loads "
+            "the adapter, so W + s·B·A on the original base is not the trained model; save it with PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...), which makes it a plain LoRA of the "
+            "original base, and use that"
+        )
+
+
 def refuse_unsupported(path: Path, keys: Iterable[str]) -> None:
     """Raise UnsupportedAdapterError when any key belongs to a known non-LoRA layout."""
     for key in keys:

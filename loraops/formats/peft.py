@@ -79,6 +79,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     for flag, what in common.REFUSED_CONFIG_FLAGS.items():
         if cfg.get(flag):
             raise UnsupportedAdapterError(f"{path}: {what}; loraops handles plain LoRA only")
+    common.refuse_base_changing_init(path, cfg.get("init_lora_weights"))
     unknown = sorted(k for k, v in cfg.items() if k.startswith("use_") and k not in MATH_FIELDS
                      and k not in common.REFUSED_CONFIG_FLAGS and v)
     if unknown:
@@ -256,6 +257,8 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
         raise FormatError(f"{path}: no {CONFIG_NAME} in this PEFT folder")
     header = st.read_header(weights)
     raw_cfg = load_config(cfg_file) if cfg_file else metadata_config(header.metadata)
+    if cfg_file and "lora_alpha" not in raw_cfg:  # LoraConfig's default, as PEFT reads the file
+        raw_cfg = {**raw_cfg, "lora_alpha": MATH_FIELDS["lora_alpha"]}
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     common.refuse_unsupported(weights, header.tensors)
     parsed = parse_keys(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
