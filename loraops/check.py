@@ -119,6 +119,35 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     return candidates[0]
 
 
+# transformers' Conv1D layers (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP): weights stored in×out.
+CONV1D_LAYERS = ("c_attn", "q_attn", "c_proj", "c_fc")
+
+
+def conv1d_layout(manifest: Mapping[str, object]) -> bool:
+    """Does the base store its c_attn/c_fc projections as transformers' Conv1D (in×out)? Both widen (out is 2–4× in),
+    so in×out storage puts the smaller dimension first (GPT-2's c_attn: 768×2304); an nn.Linear puts the larger
+    first (Qwen-1's c_attn)."""
+    for name, info in manifest.items():
+        if name.endswith((".c_attn.weight", ".c_fc.weight")) and len(info.shape) == 2:
+            return info.shape[0] < info.shape[1]
+    return False
+
+
+def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: bool) -> LoraModule:
+    """Whether W holds B·A or (B·A)ᵀ is the base layer's business, as in PEFT (a Conv1D is fan_in_fan_out whatever
+    the config says, an nn.Linear never is), but PEFT saves one fan_in_fan_out for the whole adapter: the value set
+    by the last layer it wrapped, so a GPT-2 adapter on c_proj and lm_head says false, and a bare file says nothing.
+    So a module is transposed when the config says so or it is a Conv1D of a Conv1D-layout base, unless the base's
+    shape says otherwise (an nn.Linear stored out×in)."""
+    if module.kind != "linear" or module.fused is not None:
+        return module
+    out_f, in_f = module.out_features, module.in_features
+    transposed = module.fan_in_fan_out or (conv1d and module.name.rpartition(".")[2] in CONV1D_LAYERS)
+    if out_f != in_f and base_shape == (out_f, in_f):
+        transposed = False
+    return module if transposed == module.fan_in_fan_out else replace(module, fan_in_fan_out=transposed)
+
+
 def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
     """kohya stores 1×1 convs as 4-D factors and sometimes targets a Linear with them (and vice versa): reshape the
     factors to the base's kind when only the trailing 1×1 differs."""
@@ -134,12 +163,16 @@ def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
 
 def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -> Adapter:
     modules = {}
+    # PEFT keys carry PEFT's fan_in_fan_out convention; kohya factors are always in the stored weight's layout
+    conv1d = adapter.format in ("peft", "diffusers") and conv1d_layout(manifest)
     for old, new in res.names.items():
         fused = None if f"{new}.weight" in manifest else ldm.fused_target(new, manifest)
         module = replace(adapter.modules[old], name=new, fused=fused)
         info = manifest.get(module.weight_name)
-        if not adapter.names_resolved and info is not None and fused is None:
-            module = fit_kind(module, tuple(info.shape))
+        if info is not None and fused is None:
+            if not adapter.names_resolved:
+                module = fit_kind(module, tuple(info.shape))
+            module = fit_orientation(module, tuple(info.shape), conv1d)
         if new in modules:
             raise MismatchError(f"{adapter.path}: two adapter modules resolve to base module {new!r}")
         modules[new] = module

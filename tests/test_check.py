@@ -88,3 +88,22 @@ def test_check_report_json_schema(bases):
     assert set(data) == {"ok", "base", "matched", "modules", "missing", "ambiguous", "shape_mismatches",
                          "full_tensor_mismatches"}
     assert set(data["shape_mismatches"][0]) == {"name", "tensor", "expected", "actual"}
+
+
+def test_conv1d_layout_told_by_the_widening_projections():
+    """GPT-2 stores c_attn/c_fc in×out (smaller dimension first); Qwen-1's c_attn is an nn.Linear (larger first):
+    only the first makes a square c_proj a transposed (fan_in_fan_out) module."""
+    import torch
+
+    from loraops.adapter import LoraModule
+    from loraops.check import conv1d_layout, fit_orientation
+
+    gpt2 = {"h.0.attn.c_attn.weight": SimpleNamespace(shape=(64, 192)), "h.0.attn.c_proj.weight": SimpleNamespace(shape=(64, 64))}
+    qwen = {"h.0.attn.c_attn.weight": SimpleNamespace(shape=(192, 64)), "h.0.attn.c_proj.weight": SimpleNamespace(shape=(64, 64))}
+    assert conv1d_layout(gpt2) and not conv1d_layout(qwen) and not conv1d_layout({})
+    square = LoraModule(name="h.0.attn.c_proj", A=torch.zeros(4, 64), B=torch.zeros(64, 4), alpha=4.0, scale=1.0)
+    assert fit_orientation(square, (64, 64), conv1d=True).fan_in_fan_out
+    assert not fit_orientation(square, (64, 64), conv1d=False).fan_in_fan_out
+    wide = LoraModule(name="h.0.attn.c_attn", A=torch.zeros(4, 64), B=torch.zeros(192, 4), alpha=4.0, scale=1.0,
+                      fan_in_fan_out=True)
+    assert not fit_orientation(wide, (192, 64), conv1d=False).fan_in_fan_out  # an nn.Linear: the shape says so

@@ -232,3 +232,33 @@ def test_pissa_adapter_refused_and_its_conversion_merges_like_peft(tmp_path):
     assert len(changed) == 4  # q_proj and v_proj of both layers
     for name in ours:
         torch.testing.assert_close(ours[name], trained[name], rtol=0, atol=1e-6)
+
+
+def test_gpt2_conv1d_orientation_comes_from_the_base_not_the_saved_flag(tmp_path):
+    """PEFT decides fan_in_fan_out per layer (Conv1D: yes, nn.Linear: no) but saves one value, the last layer's: a
+    GPT-2 adapter on c_attn, attn.c_proj (square) and lm_head is saved with false. Read with that config, and as a
+    bare file with no config at all, it merges like PEFT's model — the square Conv1D transposed too."""
+    import json
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, tie_word_embeddings=False)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base", safe_serialization=True)
+    model = get_peft_model(load_model(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*(c_attn|attn\.c_proj|lm_head)", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    shutil.copy(tmp_path / "a" / "adapter_model.safetensors", tmp_path / "bare.safetensors")
+    peft_state = model.merge_and_unload().state_dict()
+    base_state = merged_tensors(tmp_path / "base")
+    for name, adapter in (("config", formats.read_adapter(tmp_path / "a")),
+                          ("bare", formats.read_adapter(tmp_path / "bare.safetensors", alpha=8))):
+        engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / name, device="cpu")
+        ours = merged_tensors(tmp_path / name)
+        changed = [n for n in ours if not torch.equal(ours[n], base_state[n])]
+        assert len(changed) == 5, (name, changed)  # c_attn and attn.c_proj of 2 layers, lm_head
+        for tensor in ours:
+            torch.testing.assert_close(ours[tensor], peft_state[tensor], rtol=0, atol=1e-6)
