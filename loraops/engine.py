@@ -428,14 +428,27 @@ class _Pipeline:
         try:
             self._guard(self._compute)
         finally:
-            for stage in stages:
-                stage.join()
+            self._join(stages)
             torch.set_num_threads(threads)
         errors = [e for e in self.errors if not isinstance(e, _Aborted)]
         if errors:
             raise errors[0]
 
     # -- plumbing -------------------------------------------------------------------------------------------------
+    def _join(self, stages: list[threading.Thread]) -> None:
+        """Wait for every stage, through a Ctrl-C too (which then aborts them): the caller removes the temporary
+        output next, and a writer still running would recreate it and leave a finished shard behind."""
+        interrupted = None
+        for stage in stages:
+            while stage.is_alive():
+                try:
+                    stage.join()
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
+                    self.abort.set()
+        if interrupted is not None:
+            raise interrupted
+
     def _guard(self, fn, *args) -> None:
         try:
             fn(*args)

@@ -1,7 +1,8 @@
 """Crash safety: commands SIGKILLed after random delays (seeded) leave no partial output, no registry row without
-its complete stored files, and nothing in the blob store that `loraops gc` does not clean. Each command runs 20+
-times in a child of tests/forkserver.py (no interpreter start-up per run); delays are uniform in [0, 1.5 T] where
-T is one uninterrupted run, so kills land everywhere from start-up to after the end."""
+its complete stored files, and nothing in the blob store that `loraops gc` does not clean; a merge interrupted by
+Ctrl-C leaves no temporary folder and says truly what it left. Each command runs 20+ times in a child of
+tests/forkserver.py (no interpreter start-up per run); delays are uniform in [0, 1.5 T] where T is one uninterrupted
+run, so kills land everywhere from start-up to after the end."""
 from __future__ import annotations
 
 import contextlib
@@ -166,3 +167,47 @@ def test_merge_killed_at_random_points(forks, tmp_path):
             assert b.path and Path(b.path).exists()
             if b.derived:
                 assert finished[Path(b.path).name] == b.fingerprint and b.lineage.op == "merge"
+
+
+def test_merge_interrupted_at_random_points(forks, tmp_path):
+    """Ctrl-C (SIGINT) anywhere in a merge: exit 130, no temporary folder left (the stages are joined before it is
+    removed, or a writer would recreate it), and the message tells what is there: nothing, or the output in full,
+    recorded or not — exactly as the registry has it."""
+    from factories import peft_adapter, tiny_llama
+    from loraops.basemodel import BaseModel
+
+    base = tiny_llama(tmp_path / "llama", hidden=512, layers=4, intermediate=1024, shard_size="10MB")
+    adapter = peft_adapter(base, tmp_path / "ad", r=8, alpha=8)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def args(i):
+        return ["merge", f"{adapter}:{1 + i / 100}", "--into", str(base), "--device", "cpu", "-o", str(out / f"m{i}")]
+
+    assert forks.run(args(0), env(), str(tmp_path / "log0")) == 0
+    start = time.perf_counter()
+    assert forks.run(args(1), env(), str(tmp_path / "log1")) == 0
+    typical = time.perf_counter() - start
+    rng = random.Random(6)
+    messages = {}
+    for i in range(2, RUNS):
+        pid = forks.start(args(i), env(), str(tmp_path / f"log{i}"))
+        time.sleep(rng.uniform(0, 1.2 * typical))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+        status = forks.wait()
+        log = (tmp_path / f"log{i}").read_text()
+        assert status in (0, 130), log
+        if status == 130:
+            messages[f"m{i}"] = log.strip().splitlines()[-1]
+    assert messages, f"no run was interrupted: {typical=}"
+    assert not [p.name for p in out.iterdir() if TMP_MARK in p.name]
+    with Registry.open() as reg:
+        recorded = {Path(b.path).name for b in reg.list_bases() if b.derived}
+    for name, message in messages.items():
+        if not (out / name).exists():
+            assert message == "error: interrupted; nothing was written", message
+            continue
+        BaseModel.open(out / name).fingerprint()  # complete
+        assert f"{out / name} was written in full" in message, message
+        assert (name in recorded) == message.endswith("and recorded"), message

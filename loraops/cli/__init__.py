@@ -62,8 +62,8 @@ class LoraopsGroup(click.Group):
         except LoraopsError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written", err=True)
+        except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging._Landing)
+            click.echo(f"error: {exc.args[0] if exc.args else 'interrupted; nothing was written'}", err=True)
             ctx.exit(130)
         except BrokenPipeError:
             # `loraops list | head`: the reader left; stay quiet like other CLI tools.
