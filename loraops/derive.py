@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import algebra
 from .errors import InvalidInputError, MismatchError
-from .fsutil import refuse_existing
+from .fsutil import refuse_existing, refuse_overlap
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, 
     fmt = fmt or adapter.format
     writable(adapter, fmt)
     if output is not None:
+        refuse_overlap(output, reg.blobs.root, "the registry's blob store")
         written = write_adapter(adapter, output, fmt, force=force)
         record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage)
         return DerivedRecord(adapter=record, created=created, output=str(written), report=report)
@@ -156,7 +157,9 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
 
     refuse_existing(output, force)
     with Registry.open() as reg:
+        refuse_overlap(output, reg.blobs.root, "the registry's blob store")
         if Path(ref).exists():
+            refuse_overlap(output, ref, "the adapter it reads")
             adapter = read_adapter(ref)
             if base is not None:
                 adapter = check.require_fit(adapter, reg.base_manifest(base), base_name=base)

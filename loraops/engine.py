@@ -46,7 +46,8 @@ from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
-from .fsutil import DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, remove_stale_temps
+from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, refuse_overlap,
+                     remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, torch_dtype
 
@@ -212,6 +213,9 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     out_dtype = parse_dtype(dtype)
     dev = settings.resolve_device(device)
     output = Path(output)
+    refuse_overlap(output, base.path, "the model it reads")
+    if reference is not None:
+        refuse_overlap(output, reference.path, "the pristine base it compares with")
     adapters = [(fit(adapter, base), weight) for adapter, weight in adapters]
     files = _plan(base, adapters, out_dtype)
     if reference is not None:

@@ -36,6 +36,14 @@ def refuse_existing(path: str | Path, force: bool = False) -> None:
         raise InvalidInputError(f"{path}: cannot be written, {above} is not a folder")
 
 
+def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None:
+    """Refuse, even with --force, an output that is, holds or lies inside ``protected`` (a model being read, the
+    registry's blob store): replacing it would destroy what the command reads or what the registry keeps."""
+    out, keep = Path(output).resolve(), Path(protected).resolve()
+    if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):
+        raise InvalidInputError(f"{output}: overlaps {what} ({protected}); write the output elsewhere")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write into; on success it replaces ``path`` (refused when ``path``

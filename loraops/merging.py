@@ -19,7 +19,7 @@ from . import engine
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import ConflictError, LoraopsError, MismatchError, NotFoundError
-from .fsutil import atomic_path, ensure_free_space
+from .fsutil import atomic_path, ensure_free_space, refuse_overlap
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted  # noqa: F401 - part of this module's API
 
@@ -127,6 +127,7 @@ def _merge(base, adapters, output, landing: _Landing, *, name, record, **options
     try:
         reg = _open_registry(record)
         _check_name_free(reg, name)
+        _refuse_store(reg, output)
         model, _ = _streamed(reg, base, early)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
@@ -155,6 +156,7 @@ def _subtract(model, adapters, output, landing: _Landing, *, exact, name, record
     try:
         reg = _open_registry(record or exact)
         _check_name_free(reg if record else None, name)
+        _refuse_store(reg, output)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         origin = _origin(reg, merged) if reg is not None else None
@@ -246,6 +248,11 @@ def _name_taken(reg, name: str) -> bool:
     return any(b.name == name for b in reg.list_bases())
 
 
+def _refuse_store(reg, output) -> None:
+    if reg is not None:
+        refuse_overlap(output, reg.blobs.root, "the registry's blob store")
+
+
 def _check_name_free(reg, name: str | None) -> None:
     """An explicit --name already used is refused before anything is written."""
     if reg is not None and name is not None and _name_taken(reg, name):
@@ -329,6 +336,7 @@ def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
     import time
 
     started = time.perf_counter()
+    refuse_overlap(output, model.path, "the recorded base it restores")
     size = model.total_bytes + sum((model.path / p).stat().st_size for p in model.other_files())
     ensure_free_space(output.parent, size, output.name)
     with atomic_path(output, force=force, is_dir=not model.is_single_file) as tmp:

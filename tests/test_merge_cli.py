@@ -153,3 +153,28 @@ def test_the_streamed_model_is_prefetched_before_the_registry_opens_and_stopped_
     assert streamed == [sorted(p.name for p in base.glob("*.safetensors"))] * 2
     assert [files[0].parent for files, _ in prefetchers] == [base, tmp_path / "m"]
     assert all(p._stop.is_set() for _, p in prefetchers)
+
+
+def test_outputs_that_would_destroy_an_input_or_the_store_are_refused_even_with_force(tmp_path, models):
+    """-o on the base it reads (or a folder holding it, or inside it) would replace the weights being read and
+    leave the registry's fingerprint of them false; -o in the blob store would corrupt a stored adapter."""
+    import shutil
+
+    from loraops.registry import Registry
+
+    base, a, _ = models
+    mine = tmp_path / "models" / "base"
+    shutil.copytree(base, mine)
+    before = tensors(mine)
+    for out in (mine, mine.parent, mine / "merged"):
+        result = run("merge", a, "--into", mine, "-o", out, "--force", code=2)
+        assert "overlaps the model it reads" in result.output and len(result.output.splitlines()) == 1
+    assert all(torch.equal(t, before[n]) for n, t in tensors(mine).items())
+    run("register", a, "--name", "a")
+    with Registry.open() as reg:
+        stored = reg.get_adapter("a").path
+        store = reg.blobs.root
+    result = run("export", "a", "--format", "kohya", "-o", stored, "--force", code=2)
+    assert "overlaps the registry's blob store" in result.output
+    run("merge", "a", "--into", mine, "-o", store / "x", code=2)
+    run("verify")
