@@ -178,3 +178,17 @@ def test_outputs_that_would_destroy_an_input_or_the_store_are_refused_even_with_
     assert "overlaps the registry's blob store" in result.output
     run("merge", "a", "--into", mine, "-o", store / "x", code=2)
     run("verify")
+
+
+def test_subtract_to_another_dtype_reports_the_residual_by_value(tmp_path, models):
+    """subtract --dtype fp32 from a bf16 merge: the residual against the bf16 base is taken by value (it was refused
+    as 'cannot serve as the pristine base' because the dtypes differ)."""
+    base, a, _ = models
+    run("merge", a, "--into", base, "-o", tmp_path / "m", "--device", "cpu")
+    report = json.loads(run("subtract", a, "--from", tmp_path / "m", "-o", tmp_path / "s", "--dtype", "fp32",
+                            "--json").output)
+    residual = report["residual"]
+    assert residual["compared_to"] == str(base) and report["dtype"] == "F32"
+    back, original = tensors(tmp_path / "s"), tensors(base)
+    assert residual["max_abs_diff"] == max(float((back[n].double() - original[n].double()).abs().max()) for n in back)
+    assert 0 < residual["max_abs_diff"] < 0.01
