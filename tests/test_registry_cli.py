@@ -208,3 +208,24 @@ def test_help_and_reads_import_no_torch_nor_sqlalchemy(art):
     cli("register", art["ad1"])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("url, says", [
+    ("foo://", "cannot use the registry at foo://: Can't load plugin"),
+    ("garbage", "the registry URL is not a SQLAlchemy database URL"),
+    ("mysql://me:secret@localhost/x", "cannot use the registry at mysql://me:***@localhost/x: its database driver is not"),
+    ("postgresql+psycopg://me:secret@127.0.0.1:1/x", "cannot open the registry at postgresql+psycopg://me:***@127.0.0.1:1/x"),
+])
+@pytest.mark.parametrize("command", [["list"], ["db", "current"], ["db", "upgrade"]])
+def test_unusable_registry_urls_are_one_line_errors(url, says, command):
+    result = cli("--db", url, *command, code=6)
+    assert result.output.startswith(f"error: {says}") and len(result.output.splitlines()) == 1, result.output
+    assert "secret" not in result.output
+
+
+@pytest.mark.no_registry
+def test_db_current_does_not_create_a_registry(tmp_path):
+    url = f"sqlite:///{tmp_path}/missing/registry.db"
+    assert cli("--db", url, "db", "current").output == f"{url}: no registry there yet (any command creates it, or `loraops db upgrade`)\n"
+    assert not (tmp_path / "missing").exists()

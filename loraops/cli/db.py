@@ -9,11 +9,11 @@ def db() -> None:
     """The registry database's schema revision (Alembic)."""
 
 
-def _engine():
+def _engine(create: bool = True):
     from .. import settings
     from ..registry import db as regdb
 
-    return regdb, regdb.make_engine(settings.db_url())
+    return regdb, regdb.make_engine(settings.db_url(), create=create)
 
 
 @db.command()
@@ -21,7 +21,7 @@ def upgrade() -> None:
     """Bring the registry schema to this loraops' revision."""
     regdb, engine = _engine()
     try:
-        with engine.connect() as connection:
+        with regdb.connected(engine) as connection:
             before = regdb.current_revision(connection)
         regdb.ensure_schema(engine)
     finally:
@@ -35,9 +35,12 @@ def upgrade() -> None:
 @db.command()
 def current() -> None:
     """Print the registry's schema revision (without changing it)."""
-    regdb, engine = _engine()
+    regdb, engine = _engine(create=False)
+    if regdb.missing_sqlite_file(engine):
+        click.echo(f"{_url(engine)}: no registry there yet (any command creates it, or `loraops db upgrade`)")
+        return
     try:
-        with engine.connect() as connection:
+        with regdb.connected(engine) as connection:
             revision = regdb.current_revision(connection)
     finally:
         engine.dispose()

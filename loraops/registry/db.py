@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import threading
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -34,15 +35,26 @@ def script_location() -> str:
     raise RegistryError("cannot find loraops' migration scripts (a broken install?); reinstall loraops")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, create: bool = True) -> Engine:
     """An engine for any SQLAlchemy URL; SQLite gets WAL, a busy timeout, enforced foreign keys and transactions
-    that start when asked (so writers take the lock up front instead of failing on upgrade)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
+    that start when asked (so writers take the lock up front instead of failing on upgrade), and its folder made
+    unless ``create`` is false."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - never echo a string that may hold a password
+        raise RegistryError("the registry URL is not a SQLAlchemy database URL (dialect[+driver]://user@host/name, "
+                            "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
+    try:
+        if parsed.get_backend_name() != "sqlite":
+            return create_engine(parsed, pool_pre_ping=True)
+        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    except ImportError as exc:
+        raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: its database driver is not installed "
+                            f"({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - an unknown dialect, a bad option: one line naming the database
+        raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: {_first_line(exc)}") from None
+    if create and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -149,8 +161,30 @@ def alembic_config():
     return config
 
 
+def missing_sqlite_file(engine: Engine) -> bool:
+    """An SQLite registry whose file does not exist yet (connecting would create it)."""
+    database = engine.url.database
+    return (engine.url.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
+            and not Path(database).expanduser().exists())
+
+
 def _safe(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
+    return _safe_url(engine.url)
+
+
+def _safe_url(url) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+@contextlib.contextmanager
+def connected(engine: Engine) -> Iterator[Connection]:
+    """A connection, or one RegistryError line naming the database (unreachable server, unreadable file, …)."""
+    try:
+        connection = engine.connect()
+    except Exception as exc:  # noqa: BLE001 - any driver error becomes one line naming the database
+        raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
+    with connection:
+        yield connection
 
 
 def _first_line(exc: BaseException) -> str:
