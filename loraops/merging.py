@@ -125,14 +125,14 @@ def _merge(base, adapters, output, landing: _Landing, *, name, record, **options
     early = _streamed_early(base)
     model, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record)
-        _check_name_free(reg, name)
+        reg = _open_registry(record or _references([base, *adapters]))
+        _check_name_free(reg if record else None, name)
         _refuse_store(reg, output)
         model, _ = _streamed(reg, base, early)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
-        if reg is None:
+        if not record:
             return report
         report = _record(reg, report, "merge", model, inputs, name, options)
         landing.recorded = True
@@ -154,12 +154,12 @@ def _subtract(model, adapters, output, landing: _Landing, *, exact, name, record
     early = _streamed_early(model) if streamed else None
     merged, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or exact)
+        reg = _open_registry(record or exact or _references([model, *adapters]))
         _check_name_free(reg if record else None, name)
         _refuse_store(reg, output)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
-        origin = _origin(reg, merged) if reg is not None else None
+        origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
             report = _restore(reg, merged, label, origin, inputs, output, options)
             inputs = []
@@ -191,6 +191,12 @@ def _open_registry(wanted: bool):
     from .registry import Registry
 
     return Registry.open()
+
+
+def _references(refs) -> bool:
+    """Does any of these arguments name a registry entry rather than an existing path? (--no-record still reads
+    the registry to resolve those.)"""
+    return any(not Path(parse_weighted(str(r))[0]).exists() for r in refs)
 
 
 def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:

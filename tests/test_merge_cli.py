@@ -192,3 +192,21 @@ def test_subtract_to_another_dtype_reports_the_residual_by_value(tmp_path, model
     back, original = tensors(tmp_path / "s"), tensors(base)
     assert residual["max_abs_diff"] == max(float((back[n].double() - original[n].double()).abs().max()) for n in back)
     assert 0 < residual["max_abs_diff"] < 0.01
+
+
+def test_no_record_still_resolves_registry_references(tmp_path, models):
+    """--no-record writes nothing to the registry, but REF and --into/--from may still name registry entries."""
+    from loraops.registry import Registry
+
+    base, a, _ = models
+    run("base", "add", base, "--name", "llama")
+    run("register", a, "--name", "style")
+    with Registry.open() as reg:
+        before = (len(reg.list_bases()), len(reg.list_adapters()))
+    run("merge", "style:0.5", "--into", "llama", "-o", tmp_path / "m", "--no-record", "--device", "cpu")
+    run("subtract", "style:0.5", "--from", tmp_path / "m", "-o", tmp_path / "s", "--no-record")
+    expected = tensors(tmp_path / "m")
+    run("merge", f"{a}:0.5", "--into", base, "-o", tmp_path / "paths", "--no-record", "--device", "cpu")
+    assert all(torch.equal(t, expected[n]) for n, t in tensors(tmp_path / "paths").items())
+    with Registry.open() as reg:
+        assert (len(reg.list_bases()), len(reg.list_adapters())) == before

@@ -15,7 +15,7 @@ def _options(fn):
         click.option("--precise", is_flag=True, help="Accumulate in float64 instead of float32 (still rounded once)."),
         click.option("--force", is_flag=True, help="Replace an existing output."),
         click.option("--name", help="Registry name for the output (default: its folder or file name)."),
-        click.option("--no-record", is_flag=True, help="Do not record the output in the registry (skips fingerprinting it)."),
+        click.option("--no-record", is_flag=True, help="Do not record the output in the registry (skips fingerprinting it; references are still looked up)."),
         click.option("--json", "as_json", is_flag=True, help="Print the MergeReport as JSON."),
     ]):
         fn = option(fn)
