@@ -23,6 +23,15 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_MARK}{path.name}.{uuid.uuid4().hex[:8]}")
 
 
+def user_path(path: str | Path) -> str:
+    """The path a user asked for, given a path that may be (or lie inside) one of our temporary siblings."""
+    parts = list(Path(path).parts)
+    for i, part in enumerate(parts):
+        if part.startswith(TMP_MARK):
+            return str(Path(*parts[:i], part[len(TMP_MARK):].rpartition(".")[0], *parts[i + 1:]))
+    return str(path)
+
+
 def refuse_existing(path: str | Path, force: bool = False) -> None:
     """Raise ConflictError when ``path`` exists and ``force`` is not set, InvalidInputError when its folder cannot
     be made because a file is in the way (also usable before a long computation)."""

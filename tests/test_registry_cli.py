@@ -229,3 +229,21 @@ def test_db_current_does_not_create_a_registry(tmp_path):
     url = f"sqlite:///{tmp_path}/missing/registry.db"
     assert cli("--db", url, "db", "current").output == f"{url}: no registry there yet (any command creates it, or `loraops db upgrade`)\n"
     assert not (tmp_path / "missing").exists()
+
+
+def test_an_unwritable_output_is_bad_input_naming_the_users_path(art, tmp_path, monkeypatch):
+    """A folder the file system refuses (read-only, no permission: root ignores chmod, so the refusal is injected)
+    is exit 2 like other bad input, and the message names the output asked for, not the temporary sibling."""
+    import errno
+
+    from loraops import fsutil
+
+    def refuse(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(fsutil, "fsync_tree", refuse)
+    out = tmp_path / "ro" / "exported"
+    result = cli("export", art["ad1"], "--format", "peft", "-o", out, code=2)
+    assert result.output == f"error: {out}/adapter_model.safetensors: Permission denied\n"
+    assert fsutil.user_path(tmp_path / f"{fsutil.TMP_MARK}x.safetensors.0a1b2c3d") == str(tmp_path / "x.safetensors")
+    assert not [p for p in (tmp_path / "ro").iterdir()]

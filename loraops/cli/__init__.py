@@ -39,6 +39,10 @@ COMMANDS = {
 }
 
 
+# A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
+UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+
+
 class LoraopsGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name in COMMANDS if self.get_command(ctx, name) is not None]
@@ -71,10 +75,12 @@ class LoraopsGroup(click.Group):
             ctx.exit(141)
         except OSError as exc:
             # A refusal of the file system nothing foresaw (a home under a file, a read-only folder, a full disk):
-            # still one line, naming the path.
-            where = f"{exc.filename}: " if exc.filename else ""
+            # still one line, naming the path the user gave (not our temporary sibling of it).
+            from ..fsutil import user_path
+
+            where = f"{user_path(exc.filename)}: " if exc.filename else ""
             click.echo(f"error: {where}{exc.strerror or exc}", err=True)
-            ctx.exit(5 if exc.errno == errno.ENOSPC else 1)
+            ctx.exit(5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
 
 
 @click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
