@@ -28,7 +28,7 @@ def _base_label(record) -> str:
 @click.option("--name", help="Registry name (default: the folder or file name). Same name, other bytes → next version.")
 @click.option("--base", "base", metavar="BASE", help="Registered base it is for (it must fit).")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag it (repeatable).")
-@click.option("--alpha", type=float, help="LoRA alpha for a file that does not record one (part of its identity).")
+@click.option("--alpha", type=float, help="LoRA alpha: for a file that does not record one, or replacing the one it records (part of its identity).")
 @click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
 def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...], alpha: float | None,
              as_json: bool) -> None:
@@ -116,7 +116,7 @@ def rm(ref: str, all_versions: bool) -> None:
 @click.command()
 @click.argument("ref_or_path")
 @click.option("--base", metavar="BASE", help="A registered base, or a base model path.")
-@click.option("--alpha", type=float, help="LoRA alpha for a file that does not record one.")
+@click.option("--alpha", type=float, help="LoRA alpha: for a file that does not record one, or replacing the one it records.")
 @click.option("--json", "as_json", is_flag=True, help="Print the CheckResult as JSON.")
 def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool) -> None:
     """Check that an adapter fits a base: every module by name and shape, or each mismatch.

@@ -17,7 +17,7 @@ def number(value: float | None) -> str:
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--alpha", type=float, help="LoRA alpha for a bare PEFT .safetensors that does not record one.")
+@click.option("--alpha", type=float, help="LoRA alpha: for a bare PEFT .safetensors that does not record one, or replacing the one a file records.")
 @click.option("--json", "as_json", is_flag=True, help="Print the InspectReport record as JSON.")
 def inspect(path: str, alpha: float | None, as_json: bool) -> None:
     """Show an adapter's format, modules, ranks, alphas, scales, dtype, parameters and metadata."""
