@@ -247,3 +247,8 @@ def test_an_unwritable_output_is_bad_input_naming_the_users_path(art, tmp_path, 
     assert result.output == f"error: {out}/adapter_model.safetensors: Permission denied\n"
     assert fsutil.user_path(tmp_path / f"{fsutil.TMP_MARK}x.safetensors.0a1b2c3d") == str(tmp_path / "x.safetensors")
     assert not [p for p in (tmp_path / "ro").iterdir()]
+
+
+def test_base_add_refuses_an_adapter(art):
+    result = cli("base", "add", art["ad1"], code=2)
+    assert result.output == f"error: {art['ad1']}: this is a LoRA adapter, not a base model; register it with `loraops register {art['ad1']}`\n"

@@ -134,6 +134,9 @@ class Registry:
         from ..basemodel import BaseModel
 
         model = BaseModel.open(path)
+        if _looks_like_an_adapter(model):
+            raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model; register it with "
+                                    f"`loraops register {path}`")
         fingerprint = model.fingerprint(progress=progress)
         name = check_name(name or default_name(Path(path)), "base")
         where = str(Path(path).resolve())
@@ -622,6 +625,14 @@ def _first_line(exc: BaseException) -> str:
 def module_target(name: str, names_resolved: bool) -> str:
     """What `list --target` matches: the last path component (kohya names before binding: the whole name)."""
     return name.rsplit(".", 1)[-1] if names_resolved else name
+
+
+LORA_TENSOR = re.compile(r"(^|\.)(lora_(A|B|down|up|embedding_A|embedding_B)(\.|$)|alpha$)")
+
+
+def _looks_like_an_adapter(model) -> bool:
+    """Every tensor a LoRA factor (or kohya alpha): an adapter given to `base add` by mistake."""
+    return all(LORA_TENSOR.search(name) for name in model.tensors)
 
 
 def default_name(path: Path) -> str:
