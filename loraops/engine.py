@@ -676,7 +676,7 @@ class _Residual:
         self._handles = {}
         if self.reference is None:
             note = ("no pristine base to compare with; merge+subtract in a low-precision dtype is never bit-exact "
-                    "(each round trip rounds twice): use --exact to restore the recorded base")
+                    "(each round trip rounds twice): for a merge recorded by loraops, --exact restores its base")
             return ResidualRecord(elements=self.elements, rounding_max_abs=self.rounding, note=note)
         note = "bit-exact" if self.differing == 0 else (
             "the rounding of the round trip; use --exact to restore the base bit for bit")

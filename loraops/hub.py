@@ -216,8 +216,9 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _unreachable(action: str, ref: RepoRef | str, exc: BaseException) -> str:
-    return (f"cannot reach the Hub at {endpoint()} to {action} {ref} ({_root_cause(exc)}); "
+    hint = ("check the network or HF_ENDPOINT" if action.startswith("push") else
             "set HF_HUB_OFFLINE=1 to use what is already in the local cache")
+    return f"cannot reach the Hub at {endpoint()} to {action} {ref} ({_root_cause(exc)}); {hint}"
 
 
 def _not_cached(ref: RepoRef | str) -> NotFoundError:

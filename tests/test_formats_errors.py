@@ -92,7 +92,8 @@ CASES = {
                                                       "base_model.model.layer.k.lora_B.two.weight": B}),
                      FormatError, "several adapters"),
     "bad-config-json": (lambda d: peft_folder(d / "a", good()).joinpath("adapter_config.json").write_text("{oops")
-                        and d / "a", FormatError, "unreadable adapter config"),
+                        and d / "a", FormatError, r"adapter config is not JSON \(Expecting property name enclosed in double quotes at line 1 column 2\)"),
+    "no-tensors": (lambda d: write(d / "x.safetensors", {}), FormatError, "holds no tensors$"),
     "not-safetensors": (lambda d: raw(d / "x.safetensors", b"hello world, not a tensor file"),
                         FormatError, "not a safetensors file"),
     "unknown-kohya-key": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,

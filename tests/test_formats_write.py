@@ -155,6 +155,8 @@ def test_writes_are_atomic_and_refuse_existing(llama, tmp_path):
     with pytest.raises(ConflictError, match="already exists"):
         write_adapter(adapter, dest, "kohya")
     write_adapter(adapter, dest, "kohya", force=True)
+    with pytest.raises(InvalidInputError, match="a peft adapter is a folder"):
+        write_adapter(adapter, tmp_path / "p.safetensors", "peft")
     with pytest.raises(InvalidInputError, match="unknown adapter format"):
         write_adapter(adapter, tmp_path / "x", "lycoris")
     unbound = read_adapter(dest)

@@ -55,6 +55,8 @@ def detect(path: str | Path) -> str:
     if any(peft.is_factor_key(k) for k in keys):
         return "peft"
     common.refuse_unsupported(path, keys)
+    if not keys:
+        raise FormatError(f"{path}: holds no tensors")
     raise common.unknown_layout(path, keys, "not a LoRA adapter (unknown key layout)")
 
 
@@ -79,6 +81,9 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
         )
     writer, is_dir = WRITERS[fmt]
     dest = Path(dest)
+    if is_dir and dest.suffix == ".safetensors":
+        raise InvalidInputError(f"{dest}: a {fmt} adapter is a folder (adapter_config.json + {peft.WEIGHTS_NAME}); "
+                                "give a folder name, or --format kohya/diffusers for one .safetensors file")
     with atomic_path(dest, force=force, is_dir=is_dir) as tmp:
         writer(adapter, tmp)
     return dest

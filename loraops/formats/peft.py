@@ -237,7 +237,9 @@ def weights_file(folder: Path) -> Path:
 def load_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: adapter config is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{path}: adapter config is not a JSON object")
