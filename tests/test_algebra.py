@@ -79,6 +79,19 @@ def test_ties_equals_peft_ties_svd_with_unit_weights(peft_pair):
         torch.testing.assert_close(ours.modules[name].delta(), delta, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("normalize, agrees", [(True, True), (False, False)])
+def test_dare_ties_equals_peft_dare_ties_svd_only_when_normalized(peft_pair, normalize, agrees):
+    """At density 1 (nothing dropped) PEFT's dare_ties_svd is TIES' disjoint mean; ours (mergekit's default) is the
+    agreeing sum unless --normalize."""
+    base, a, b = peft_pair
+    inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
+    ours, _ = combine(inputs, "dare_ties", {"density": 1.0, "normalize": normalize}, rank=8, device="cpu")
+    theirs = _peft_combined(base, a, b, [1.0, 1.0], combination_type="dare_ties_svd", svd_rank=8, density=1.0)
+    name = "model.layers.0.self_attn.q_proj"  # in both inputs
+    off = float((ours.modules[name].delta() - theirs[name]).norm() / theirs[name].norm())
+    assert (off < 1e-5) == agrees, off
+
+
 def test_written_peft_folder_loads_in_peft(peft_pair, tmp_path):
     from peft import PeftModel
 

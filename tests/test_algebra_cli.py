@@ -70,6 +70,8 @@ def test_combine_json_from_registry_refs(files, reg):
     assert data["report"]["params"] == {"density": 0.5, "seed": 7, "normalize": False}
     assert {m["rank"] for m in data["report"]["modules"]} == {3}
     assert data["adapter"]["lineage"]["params"]["rank"] == 3
+    code, out = run("combine", "a", "b@1", "--method", "dare_ties", "--density", "0.5", "--normalize", "--json")
+    assert code == 0 and json.loads(out)["report"]["params"]["normalize"] is True, out
 
 
 def test_resize_table_and_export_round_trip(files, reg, tmp_path):

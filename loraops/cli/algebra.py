@@ -47,14 +47,19 @@ def echo_saved(result) -> None:
 @click.option("--rank", type=int, help="Output rank (linear/svd: default Σ ranks, lossless; element-wise: largest input rank).")
 @click.option("--density", type=float, help="ties, dare_*, magnitude_prune: fraction of each delta kept, in (0, 1].")
 @click.option("--seed", type=int, help="dare_*: seed of the drop masks (default 0).")
+@click.option("--normalize/--no-normalize", default=None,
+              help="ties, dare_*, magnitude_prune: divide by the weights of the inputs that contribute to each entry "
+                   "(default: on for ties, off for the others, as mergekit; PEFT's *_svd methods always divide).")
 @compute_options
 @output_options
-def combine(inputs, method, rank, density, seed, device, precise, base, output, fmt, force, name, as_json) -> None:
+def combine(inputs, method, rank, density, seed, normalize, device, precise, base, output, fmt, force, name,
+            as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage."""
     from .. import derive
 
-    params = {key: value for key, value in (("density", density), ("seed", seed)) if value is not None}
+    given = (("density", density), ("seed", seed), ("normalize", normalize))
+    params = {key: value for key, value in given if value is not None}
     result = derive.combine([parse_weighted(text) for text in inputs], method, params, rank=rank, device=device,
                             precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
     if as_json:
