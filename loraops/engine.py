@@ -308,7 +308,10 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         for module in adapter.modules.values():
             if weight * module.scale != 0:
                 terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
+        adapted = {module.weight_name for module in adapter.modules.values()}
         for name, tensor in adapter.full_tensors.items():
+            if name in adapted and _same_as_base(base, name, tensor):
+                continue  # PEFT's saved embedding layer, untouched by training: nothing to replace
             # A modules_to_save tensor is a new value, not a difference: there is nothing to scale or negate.
             if weight != 1:
                 raise InvalidInputError(
@@ -318,8 +321,6 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             if name in replacements:
                 raise InvalidInputError(f"two adapters replace {name!r} (modules_to_save); merge them separately")
             replacements[name] = tensor
-    for name in terms.keys() & replacements.keys():
-        raise InvalidInputError(f"{name!r} is both replaced (modules_to_save) and changed by a LoRA; merge them separately")
     for name in [*terms, *replacements]:
         if base.tensors[name].dtype not in FLOAT_DTYPES:
             raise FormatError(
@@ -340,6 +341,28 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             target = source.relative_to(base.path) if part.folder is not None else Path(source.name)
             files.append(_File(source, target, tensors, base.headers[source].metadata))
     return files
+
+
+def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
+    """Does this full tensor hold exactly the base's values (in the base's dtype)? Compared in row blocks of
+    ≤ 64 MiB, so a vocabulary-sized embedding is never read whole."""
+    import torch
+
+    info = base.tensors.get(name)
+    if info is None or tuple(info.shape) != tuple(tensor.shape) or info.dtype not in FLOAT_DTYPES:
+        return False
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // max(rows, 1)
+    step = max(1, (64 << 20) // max(row_bytes, 1))
+    flat = tensor.reshape(rows, -1)
+    with open(info.file, "rb") as f:
+        for row0 in range(0, rows, step):
+            row1 = min(rows, row0 + step)
+            f.seek(info.start + row0 * row_bytes)
+            stored = torch.frombuffer(bytearray(f.read((row1 - row0) * row_bytes)), dtype=torch_dtype(info.dtype))
+            if not torch.equal(flat[row0:row1].reshape(-1).to(stored.dtype), stored):
+                return False
+    return True
 
 
 def _steps(file: _File) -> Iterable[_Copy | _Chunk]:
@@ -580,14 +603,16 @@ class _Pipeline:
         out_dtype = torch_dtype(tensor.out_dtype)
         chunk.out_nbytes = n * DTYPE_BYTES[tensor.out_dtype]
         out = buf[: chunk.out_nbytes].view(out_dtype)
-        if tensor.replacement is not None:
-            flat = tensor.replacement.reshape(-1)
-            out.copy_(flat[chunk.row0 * tensor.row_elements : chunk.row1 * tensor.row_elements])
-            return
-        w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
-        if not tensor.terms:  # a --dtype conversion; the input and output views overlap, so convert out of place
-            out.copy_(w.to(out_dtype))
-            return
+        if tensor.replacement is not None:  # the new value, with the LoRA deltas on it when it has any
+            w = tensor.replacement.reshape(-1)[chunk.row0 * tensor.row_elements : chunk.row1 * tensor.row_elements]
+            if not tensor.terms:
+                out.copy_(w)
+                return
+        else:
+            w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
+            if not tensor.terms:  # a --dtype conversion; the input and output views overlap: convert out of place
+                out.copy_(w.to(out_dtype))
+                return
         cuda = self.device.type == "cuda"
         acc = self.work[:n]
         acc.copy_(w, non_blocking=cuda)

@@ -87,10 +87,11 @@ def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None) -> tupl
 
 class _Landing:
     """Says what a Ctrl-C left: nothing (the temporary output is removed), or the output complete in place — once
-    renamed, a merge is not undone — and whether the registry recorded it."""
+    renamed, a merge is not undone — and whether the registry recorded it (asked again: the interrupt may land
+    between the commit and the line after it)."""
 
     def __init__(self, output: str | Path, record: bool) -> None:
-        self.output, self.record, self.recorded = Path(output), record, False
+        self.output, self.record = Path(output), record
         self.before = self._identity()
 
     def _identity(self) -> tuple[int, int] | None:
@@ -106,22 +107,30 @@ class _Landing:
     def __exit__(self, kind, exc, tb) -> None:
         if kind is not KeyboardInterrupt or self._identity() in (None, self.before):
             return
-        if self.recorded or not self.record:
+        recorded = self.record and self._recorded()
+        if recorded or not self.record:
             raise KeyboardInterrupt(f"interrupted after {self.output} was written in full"
-                                    + (" and recorded" if self.recorded else "")) from None
+                                    + (" and recorded" if recorded else "")) from None
         raise KeyboardInterrupt(f"interrupted after {self.output} was written in full, before it was recorded in "
                                 f"the registry (`loraops base add {self.output}` records it, without its lineage)"
                                 ) from None
+
+    def _recorded(self) -> bool:
+        from .registry import Registry
+
+        where = str(self.output.resolve())
+        with Registry.open() as reg:
+            return any(b.path == where for b in reg.list_bases())
 
 
 def merge(base: str | Path, adapters: Sequence[str], output: str | Path, *, name: str | None = None,
           record: bool = True, **options) -> MergeReport:
     """`loraops merge`: adapters given as 'REF[:W]' strings merged into ``base`` (a ref or path), then recorded."""
-    with _Landing(output, record) as landing:
-        return _merge(base, adapters, output, landing, name=name, record=record, **options)
+    with _Landing(output, record):
+        return _merge(base, adapters, output, name=name, record=record, **options)
 
 
-def _merge(base, adapters, output, landing: _Landing, *, name, record, **options) -> MergeReport:
+def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     early = _streamed_early(base)
     model, reg = early[0] if early else None, None
     try:
@@ -134,9 +143,7 @@ def _merge(base, adapters, output, landing: _Landing, *, name, record, **options
         report = _labelled(report, inputs)
         if not record:
             return report
-        report = _record(reg, report, "merge", model, inputs, name, options)
-        landing.recorded = True
-        return report
+        return _record(reg, report, "merge", model, inputs, name, options)
     finally:
         _close(reg, model)
 
@@ -145,11 +152,11 @@ def subtract(model: str | Path, adapters: Sequence[str], output: str | Path, *, 
              name: str | None = None, record: bool = True, **options) -> MergeReport:
     """`loraops subtract`: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, reporting the residual against the pristine base when the registry
     knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available)."""
-    with _Landing(output, record) as landing:
-        return _subtract(model, adapters, output, landing, exact=exact, name=name, record=record, **options)
+    with _Landing(output, record):
+        return _subtract(model, adapters, output, exact=exact, name=name, record=record, **options)
 
 
-def _subtract(model, adapters, output, landing: _Landing, *, exact, name, record, **options) -> MergeReport:
+def _subtract(model, adapters, output, *, exact, name, record, **options) -> MergeReport:
     streamed = not exact  # --exact copies or re-merges the recorded base: the merged model itself is not read
     early = _streamed_early(model) if streamed else None
     merged, reg = early[0] if early else None, None
@@ -170,9 +177,7 @@ def _subtract(model, adapters, output, landing: _Landing, *, exact, name, record
             report = _labelled(report, inputs, sign=-1)
         if reg is None or not record:
             return report
-        report = _record(reg, report, "subtract", merged, inputs, name, options, sign=-1)
-        landing.recorded = True
-        return report
+        return _record(reg, report, "subtract", merged, inputs, name, options, sign=-1)
     finally:
         _close(reg, merged)
 

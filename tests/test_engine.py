@@ -262,3 +262,54 @@ def test_gpt2_conv1d_orientation_comes_from_the_base_not_the_saved_flag(tmp_path
         assert len(changed) == 5, (name, changed)  # c_attn and attn.c_proj of 2 layers, lm_head
         for tensor in ours:
             torch.testing.assert_close(ours[tensor], peft_state[tensor], rtol=0, atol=1e-6)
+
+
+def test_peft_saved_embedding_layer_merges_like_peft(tmp_path):
+    """PEFT saves the whole embedding weight with an embedding LoRA by default (save_embedding_layers): unchanged
+    from the base it is nothing to replace, so the adapter merges with any weight; changed (here: edited in the file,
+    as after resizing or training the embeddings) it is the new value under the LoRA, as PEFT loads it, and only
+    weight 1 is defined."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import save_file
+
+    from loraops.errors import InvalidInputError
+
+    base = tiny_llama(tmp_path / "base")
+    torch.manual_seed(4)
+    model = get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                                        init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in saved
+    original = merged_tensors(base)
+
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert list(adapter.full_tensors) == ["model.embed_tokens.weight"]
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "one", device="cpu")
+    peft_state = model.merge_and_unload().state_dict()
+    ours = merged_tensors(tmp_path / "one")
+    for name in ours:
+        torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-6)
+    half = engine.merge(base, [(adapter, 0.5)], tmp_path / "half", device="cpu")
+    assert half.tensors_replaced == 0
+    embed = adapter.modules["model.embed_tokens"]
+    torch.testing.assert_close(merged_tensors(tmp_path / "half")["model.embed_tokens.weight"],
+                               original["model.embed_tokens.weight"] + 0.5 * embed.delta(), rtol=0, atol=1e-6)
+
+    saved[key] = saved[key] + 0.25
+    save_file(saved, str(weights), metadata={"format": "pt"})
+    edited = formats.read_adapter(tmp_path / "a")
+    report = engine.merge(base, [(edited, 1.0)], tmp_path / "edited", device="cpu")
+    assert report.tensors_replaced == 1
+    peft_state = PeftModel.from_pretrained(load_model(base), tmp_path / "a").merge_and_unload().state_dict()
+    ours = merged_tensors(tmp_path / "edited")
+    for name in ours:
+        torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="cannot be applied with weight 0.5"):
+        engine.merge(base, [(edited, 0.5)], tmp_path / "no", device="cpu")
+
+    back = formats.read_adapter(formats.write_adapter(edited, tmp_path / "written"))
+    assert torch.equal(back.full_tensors["model.embed_tokens.weight"], edited.full_tensors["model.embed_tokens.weight"])
+    assert formats.peft.load_config(tmp_path / "written" / "adapter_config.json")["bias"] == "none"

@@ -39,6 +39,7 @@ COMMANDS = {
 }
 
 
+INTERRUPTED = "error: interrupted; nothing was written"
 # A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
 UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
@@ -60,6 +61,13 @@ class LoraopsGroup(click.Group):
             raise
         return getattr(module, attribute, None)
 
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # while the options are read: click would say "Aborted!" and exit 1
+            click.echo(INTERRUPTED, err=True)
+            raise click.exceptions.Exit(130) from None
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -67,7 +75,7 @@ class LoraopsGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging._Landing)
-            click.echo(f"error: {exc.args[0] if exc.args else 'interrupted; nothing was written'}", err=True)
+            click.echo(f"error: {exc.args[0]}" if exc.args else INTERRUPTED, err=True)
             ctx.exit(130)
         except BrokenPipeError:
             # `loraops list | head`: the reader left; stay quiet like other CLI tools.

@@ -206,10 +206,16 @@ def build_modules(
     return modules
 
 
-def full_tensor_name(key: str, cfg: ScaleConfig | None) -> str | None:
-    """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases), or None if it is not one."""
+def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[str] = frozenset()) -> str | None:
+    """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases, a LoRA layer's whole wrapped
+    weight), or None if it is not one."""
+    wrapped = ".base_layer." in key
     key = key.replace(".base_layer.", ".")  # PEFT saves a LoRA layer's trained bias under its wrapped base layer
     module, _, param = key.rpartition(".")
+    if wrapped and param == "weight" and module in lora_modules:
+        # save_embedding_layers (on by default when embeddings are targeted): the layer's weight as trained with,
+        # which PEFT loads over the base's before adding the LoRA
+        return key
     if ".modules_to_save." in key:
         owner, _, rest = key.partition(".modules_to_save.")
         return f"{owner}.{rest.split('.', 1)[1]}" if "." in rest else None
@@ -264,7 +270,8 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     common.refuse_unsupported(weights, header.tensors)
     parsed = parse_keys(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
-    full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg) for key in parsed.others}
+    lora_modules = frozenset(parsed.factors)
+    full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules) for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
         raise common.unknown_layout(weights, unknown)
@@ -340,15 +347,14 @@ def factor_keys(module: LoraModule) -> tuple[str, str]:
 
 
 def full_tensor_keys(adapter: Adapter) -> dict[str, str]:
-    """Where each full tensor goes in a PEFT file: a trained bias of a LoRA-adapted module under its wrapped
-    ``base_layer`` (PEFT's bias="lora_only" layout); anything else as a modules_to_save tensor under its own name."""
+    """Where each full tensor goes in a PEFT file: a LoRA-adapted module's trained bias or whole weight under its
+    wrapped ``base_layer`` (PEFT's bias="lora_only" and save_embedding_layers layouts); anything else as a
+    modules_to_save tensor under its own name."""
     keys = {}
     for name in adapter.full_tensors:
         module, _, param = name.rpartition(".")
         if module in adapter.modules:
-            if param != "bias":
-                raise FormatError(f"full tensor {name!r} replaces a LoRA-adapted module's weight; PEFT cannot express it")
-            keys[name] = f"{module}.base_layer.bias"
+            keys[name] = f"{module}.base_layer.{param}"
         else:
             keys[name] = name
     return keys
@@ -374,7 +380,7 @@ def write(adapter: Adapter, tmp: Path) -> None:
         adapter.modules, {n: n for n in adapter.modules}, rslora=rslora, saved_modules=saved,
         base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
     )
-    lora_biases = any(key != name for name, key in keys.items())
+    lora_biases = any(key.endswith(".base_layer.bias") for key in keys.values())
     cfg["bias"] = (cfg["bias"] if cfg["bias"] != "none" else "lora_only") if lora_biases else "none"
     st.write_safetensors(tmp / WEIGHTS_NAME, tensors_of(adapter, PREFIX), {"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
