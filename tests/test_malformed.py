@@ -133,7 +133,7 @@ TABLE: dict[str, Case] = {
     "output-under-a-file": Case(lambda d: ["resize", str(good_kohya(d)), "--rank", "2", "--device", "cpu",
                                            "-o", str(raw(d / "a-file", b"x") / "out.safetensors")], "a-file"),
     "merge-output-is-the-base": Case(lambda d: ["merge", str(good_kohya(d)), "--into", str(tiny_base(d)),
-                                                "-o", str(d / "base.safetensors"), "--device", "cpu"], "already exists"),
+                                                "-o", str(d / "base.safetensors"), "--device", "cpu"], "overlaps the model it reads"),
     "hub-file-traversal": Case(lambda d: ["pull", "someone/style", "--file", "../evil.safetensors"],
                                "refusing file name", hub=True),
     "hub-file-absolute": Case(lambda d: ["pull", "someone/style", "--file", "/etc/passwd"],
