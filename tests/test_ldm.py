@@ -711,3 +711,39 @@ def test_parts_with_different_scales_join_into_one_kohya_module_exactly(tmp_path
         part = modules[name]
         expected[part.first_row : part.first_row + part.weight_shape[0]] = part.delta(dtype=torch.float64)
     assert torch.allclose(joined.delta(dtype=torch.float64), expected, rtol=1e-6, atol=0)
+
+
+def test_diffusers_file_with_network_alphas_scales_like_diffusers(tmp_path):
+    """Some FLUX trainers add kohya-style "<module>.alpha" keys to diffusers-format files; diffusers reads them as the
+    modules' alphas. Reference: diffusers loading the file into a tiny FluxTransformer2DModel and fusing it."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    modules = {"transformer.single_transformer_blocks.0.attn.to_k": 2.0, "transformer.transformer_blocks.0.attn.to_q": 8.0}
+    tensors = {}
+    for name, alpha in modules.items():
+        tensors[f"{name}.lora_A.weight"] = torch.randn(4, 32, generator=g)
+        tensors[f"{name}.lora_B.weight"] = torch.randn(32, 4, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    path = tmp_path / "flux.safetensors"
+    save_file(tensors, str(path))
+    adapter = formats.read_adapter(path)
+    assert {n: m.scale for n, m in adapter.modules.items()} == {
+        "transformer.single_transformer_blocks.0.attn.to_k": 0.5, "transformer.transformer_blocks.0.attn.to_q": 2.0}
+    state, alphas = FluxLoraLoaderMixin.lora_state_dict(path, return_alphas=True)
+    FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=transformer)
+    transformer.fuse_lora()
+    fused = transformer.state_dict()
+    for name, module in adapter.modules.items():
+        weight = name.removeprefix("transformer.") + ".weight"
+        delta = fused[weight.replace(".weight", ".base_layer.weight")] - before[weight]
+        torch.testing.assert_close(delta, module.delta(), rtol=0, atol=1e-5)
+    tensors["transformer.transformer_blocks.0.attn.to_q.alpha"] = torch.tensor(0.0)  # 0 means r, as in kohya files
+    save_file(tensors, str(path))
+    assert formats.read_adapter(path).modules["transformer.transformer_blocks.0.attn.to_q"].scale == 1.0

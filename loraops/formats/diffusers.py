@@ -15,7 +15,7 @@ from typing import Iterator
 
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError
+from ..errors import FormatError, InvalidInputError
 from . import common, peft
 
 COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -46,8 +46,12 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
     header = st.read_header(weights)
     common.refuse_unsupported(weights, header.tensors)
     parsed = peft.parse_keys(weights, header.tensors, lambda module: module)
-    if parsed.others:
-        raise common.unknown_layout(weights, parsed.others, "unknown keys in a diffusers LoRA file")
+    # "<module>.alpha" (kohya-style network alphas some FLUX trainers add; diffusers reads them as the alpha)
+    alpha_keys = {key.removesuffix(".alpha"): key for key in parsed.others
+                  if key.endswith(".alpha") and key.removesuffix(".alpha") in parsed.factors}
+    others = [key for key in parsed.others if key not in alpha_keys.values()]
+    if others:
+        raise common.unknown_layout(weights, others, "unknown keys in a diffusers LoRA file")
     if not parsed.factors:
         raise FormatError(f"{weights}: no LoRA tensors in this file")
     unprefixed = [n for n in parsed.factors if component_of(n) is None]
@@ -61,15 +65,23 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
             cfg = {**cfg, "lora_alpha": None}
         configs[component] = peft.scale_config(weights, cfg, alpha)
 
+    tensors = st.load_tensors(header)
+
     def config_for(name: str):
         component, _, rest = name.partition(".")
         cfg = configs[component]
         if cfg.alpha is None and common.pattern_key(cfg.alpha_pattern, rest) is None:
-            rank = header.tensors[parsed.factors[name]["A"]].shape[0]
-            cfg = peft.ScaleConfig(alpha=float(rank), rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out)
+            module_alpha = float(header.tensors[parsed.factors[name]["A"]].shape[0])  # diffusers' default: alpha = r
+            if name in alpha_keys:
+                stored = tensors[alpha_keys[name]]
+                if stored.numel() != 1:
+                    raise InvalidInputError(f"{weights}: {alpha_keys[name]!r} must hold one number, has shape "
+                                            f"{tuple(stored.shape)}")
+                # 0 means r, as in kohya files
+                module_alpha = common.check_alpha(weights, float(stored.float().item()), alpha_keys[name]) or module_alpha
+            cfg = peft.ScaleConfig(alpha=module_alpha, rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out)
         return cfg, rest
 
-    tensors = st.load_tensors(header)
     modules = peft.build_modules(weights, parsed, tensors, config_for)
     scale_modes = {cfg.rslora for cfg in configs.values()}
     return Adapter(
