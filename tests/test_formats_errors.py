@@ -94,6 +94,14 @@ CASES = {
     "bad-config-json": (lambda d: peft_folder(d / "a", good()).joinpath("adapter_config.json").write_text("{oops")
                         and d / "a", FormatError, r"adapter config is not JSON \(Expecting property name enclosed in double quotes at line 1 column 2\)"),
     "no-tensors": (lambda d: write(d / "x.safetensors", {}), FormatError, "holds no tensors$"),
+    "old-diffusers-processor": (lambda d: write(d / "x.safetensors", {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": A,
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": B}),
+        FormatError, "an older diffusers LoRA layout .*save_lora_weights"),
+    "old-diffusers-text-encoder": (lambda d: write(d / "x.safetensors", {
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": A,
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": B}),
+        FormatError, "an older diffusers LoRA layout"),
     "not-safetensors": (lambda d: raw(d / "x.safetensors", b"hello world, not a tensor file"),
                         FormatError, "not a safetensors file"),
     "unknown-kohya-key": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,12 @@ def detect(path: str | Path) -> str:
     common.refuse_unsupported(path, keys)
     if not keys:
         raise FormatError(f"{path}: holds no tensors")
+    old = next((k for k in keys if OLD_DIFFUSERS_KEY.search(k)), None)
+    if old is not None:
+        raise FormatError(
+            f"{path}: an older diffusers LoRA layout (attention-processor keys such as {old!r}); load it with "
+            "diffusers (pipe.load_lora_weights) and save it again (pipe.save_lora_weights) for the current layout"
+        )
     raise common.unknown_layout(path, keys, "not a LoRA adapter (unknown key layout)")
 
 
@@ -68,6 +75,11 @@ def read_adapter(path: str | Path, *, alpha: float | None = None) -> "Adapter":
     if alpha is not None:
         common.check_alpha(path, alpha, "--alpha")
     return READERS[detect(path)](path, alpha=alpha)
+
+
+# diffusers before 0.21: LoRAAttnProcessor (…processor.to_q_lora.up.weight), LoRACompatibleLinear (…to_q.lora.up.weight)
+# and the text encoders' monkey-patched layers (…q_proj.lora_linear_layer.up.weight)
+OLD_DIFFUSERS_KEY = re.compile(r"(\.processor\.to_(q|k|v|out)_lora|\.lora|\.lora_linear_layer)\.(up|down)\.weight$")
 
 
 def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:
