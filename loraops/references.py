@@ -16,6 +16,8 @@ def parse_weighted(text: str) -> tuple[str, float]:
     try:
         weight = float(tail)
     except ValueError:
+        if Path(head).exists():  # an existing adapter followed by something that is not a weight
+            raise InvalidInputError(f"{text!r}: the weight after ':' must be a number") from None
         return text, 1.0
     if not math.isfinite(weight):
         raise InvalidInputError(f"{text!r}: the weight must be a finite number")

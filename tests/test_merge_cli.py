@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from factories import kohya_file, peft_adapter, save_state_dict, conv_embedding_model, tiny_llama
 from loraops import check, formats
 from loraops.cli import main
+from loraops.errors import InvalidInputError
 from loraops.merging import parse_weighted
 
 
@@ -44,6 +45,8 @@ def test_parse_weighted(tmp_path):
     assert parse_weighted("C:/models/x") == ("C:/models/x", 1.0)
     assert parse_weighted(str(odd)) == (str(odd), 1.0)  # an existing path is never split
     assert parse_weighted(f"{odd}:0.25") == (str(odd), 0.25)
+    with pytest.raises(InvalidInputError, match="the weight after ':' must be a number"):
+        parse_weighted(f"{odd}:abc")
 
 
 def test_merge_subtract_round_trip_and_exact(tmp_path, models):
