@@ -252,3 +252,26 @@ def test_an_unwritable_output_is_bad_input_naming_the_users_path(art, tmp_path, 
 def test_base_add_refuses_an_adapter(art):
     result = cli("base", "add", art["ad1"], code=2)
     assert result.output == f"error: {art['ad1']}: this is a LoRA adapter, not a base model; register it with `loraops register {art['ad1']}`\n"
+
+
+@pytest.mark.sqlite_only  # a database file in a folder
+def test_a_registry_in_a_folder_that_cannot_be_written_is_read_only(art, isolated_home):
+    """An SQLite registry in WAL mode cannot even be read from a folder the process may not write (the -shm file):
+    it is opened read-only instead, reads work, and anything that would record says why it cannot."""
+    cli("register", art["ad1"], "--name", "ad1")
+    if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute stops it
+        if subprocess.run(["chattr", "+i", str(isolated_home)], capture_output=True).returncode != 0:
+            pytest.skip("needs chattr (running as root)")
+        undo = ["chattr", "-i", str(isolated_home)]
+    else:
+        isolated_home.chmod(0o555)
+        undo = ["chmod", "755", str(isolated_home)]
+    try:
+        assert "ad1@1" in cli("list").output
+        assert cli("verify").output.startswith("all stored files of 1 adapter(s) match")
+        result = cli("register", art["kohya"], code=6)
+        assert result.output == (f"error: the registry {isolated_home}/registry.db is read-only here (it is in a folder "
+                                 "this process cannot write): nothing can be recorded\n")
+    finally:
+        subprocess.run(undo, check=True)
+    assert [r.name for r in Registry.open().list_adapters()] == ["ad1"]

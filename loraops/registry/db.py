@@ -35,10 +35,11 @@ def script_location() -> str:
     raise RegistryError("cannot find loraops' migration scripts (a broken install?); reinstall loraops")
 
 
-def make_engine(url: str, *, create: bool = True) -> Engine:
+def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> Engine:
     """An engine for any SQLAlchemy URL; SQLite gets WAL, a busy timeout, enforced foreign keys and transactions
     that start when asked (so writers take the lock up front instead of failing on upgrade), and its folder made
-    unless ``create`` is false."""
+    unless ``create`` is false. ``read_only`` (SQLite): open the file immutable and read-only, for a registry in a
+    folder this process cannot write (WAL needs its -shm file beside the database even to read)."""
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - never echo a string that may hold a password
@@ -47,6 +48,10 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
     try:
         if parsed.get_backend_name() != "sqlite":
             return create_engine(parsed, pool_pre_ping=True)
+        if read_only:
+            database = Path(parsed.database).expanduser().resolve()
+            parsed = parsed.set(database=f"file:{database}", query={"mode": "ro", "immutable": "1", "uri": "true"})
+            create = False
         engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: its database driver is not installed "
@@ -60,7 +65,8 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
     def _on_connect(dbapi_connection, _record):
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
@@ -159,6 +165,17 @@ def alembic_config():
     config = Config()
     config.set_main_option("script_location", script_location())
     return config
+
+
+def read_only_fallback(engine: Engine) -> Engine | None:
+    """A read-only engine on the same SQLite file, when it exists (None for other databases): what a registry in a
+    folder this process may not write falls back to."""
+    database = engine.url.database
+    if engine.url.get_backend_name() != "sqlite" or database in (None, "", ":memory:") or database.startswith("file:"):
+        return None
+    if not Path(database).expanduser().is_file():
+        return None
+    return make_engine(engine.url.render_as_string(hide_password=False), read_only=True)
 
 
 def missing_sqlite_file(engine: Engine) -> bool:

@@ -54,15 +54,28 @@ class BlobProblem:
 
 
 class Registry:
-    def __init__(self, engine, blobs: BlobStore) -> None:
+    def __init__(self, engine, blobs: BlobStore, read_only: bool = False) -> None:
         self.engine = engine
         self.blobs = blobs
+        self.read_only = read_only
 
     @classmethod
     def open(cls, url: str | None = None) -> "Registry":
         """Connect to ``url`` (default: settings.db_url()) and bring its schema to this code's head."""
         engine = db.make_engine(url or settings.db_url())
-        db.ensure_schema(engine)
+        try:
+            db.ensure_schema(engine)
+        except RegistryError:
+            fallback = db.read_only_fallback(engine)
+            if fallback is None:
+                raise
+            engine.dispose()
+            try:  # a registry in a folder we may not write: readable, if its schema needs nothing
+                db.ensure_schema(fallback)
+            except RegistryError:
+                fallback.dispose()
+                raise
+            return cls(fallback, BlobStore(), read_only=True)
         return cls(engine, BlobStore())
 
     def close(self) -> None:
@@ -77,6 +90,10 @@ class Registry:
     @contextlib.contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back when it raises."""
+        if write and self.read_only:
+            where = self.engine.url.database.removeprefix("file:")
+            raise RegistryError(f"the registry {where} is read-only here (it is in a folder this process cannot "
+                                "write): nothing can be recorded")
         engine = db.writer(self.engine) if write else self.engine
         with db.writer_lock(self.engine) if write else contextlib.nullcontext(), \
                 Session(engine, expire_on_commit=False, autoflush=False) as session:
