@@ -133,6 +133,13 @@ class Adapter:
     scale_mode: Literal["classic", "rslora"] = "classic"
     names_resolved: bool = True
     """False for kohya names until bound to a base (see loraops.check)."""
+    ref: str | None = None
+    """The registry reference (name@version) of an adapter loaded from the registry."""
+
+    @property
+    def label(self) -> str:
+        """How messages name it: its registry reference, else the path it was read from."""
+        return self.ref or (str(self.path) if self.path is not None else "<in memory>")
 
     @property
     def dtype(self) -> "torch.dtype":

@@ -21,7 +21,7 @@ def _precision(precise: bool):
 
 
 def _label(adapter: Adapter, index: int) -> str:
-    return str(adapter.path) if adapter.path is not None else f"input {index + 1}"
+    return adapter.label if adapter.ref or adapter.path is not None else f"input {index + 1}"
 
 
 def _check_bases(bases: Sequence[object], labels: Sequence[str]) -> None:

@@ -174,7 +174,7 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
                 module = fit_kind(module, tuple(info.shape))
             module = fit_orientation(module, tuple(info.shape), conv1d)
         if new in modules:
-            raise MismatchError(f"{adapter.path}: two adapter modules resolve to base module {new!r}")
+            raise MismatchError(f"{adapter.label}: two adapter modules resolve to base module {new!r}")
         modules[new] = module
     full = {res.full[n]: t for n, t in adapter.full_tensors.items()}
     return replace(adapter, modules=modules, full_tensors=full, names_resolved=True)
@@ -187,12 +187,12 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
     if res.ambiguous:
         name, candidates = next(iter(res.ambiguous.items()))
         raise AmbiguousError(
-            f"{adapter.path}: kohya name {name!r} matches several base modules ({', '.join(candidates[:3])})"
+            f"{adapter.label}: kohya name {name!r} matches several base modules ({', '.join(candidates[:3])})"
             + (f" and {len(res.ambiguous) - 1} more ambiguous names" if len(res.ambiguous) > 1 else "")
         )
     if res.missing:
         raise MismatchError(
-            f"{adapter.path}: {len(res.missing)} kohya module name(s) match no base module: {', '.join(res.missing[:SHOWN])}"
+            f"{adapter.label}: {len(res.missing)} kohya module name(s) match no base module: {', '.join(res.missing[:SHOWN])}"
             + (", …" if len(res.missing) > SHOWN else "")
         )
     return renamed(adapter, res, manifest)
@@ -247,5 +247,5 @@ def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: 
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
         where = f"base {base_name}" if base_name else "the base"
         noun = "module does" if len(problems) == 1 else "modules do"
-        raise MismatchError(f"{adapter.path or 'adapter'}: {len(problems)} {noun} not fit {where}: {shown}")
+        raise MismatchError(f"{adapter.label}: {len(problems)} {noun} not fit {where}: {shown}")
     return bind(adapter, manifest)

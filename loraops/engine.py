@@ -250,7 +250,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         output=str(output),
         base=str(base.path),
         adapters=[
-            MergeInputRecord(adapter=str(a.path or "<in memory>"), weight=w, modules=len(a.modules),
+            MergeInputRecord(adapter=a.label, weight=w, modules=len(a.modules),
                              full_tensors=len(a.full_tensors))
             for a, w in adapters
         ],
@@ -315,7 +315,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             # A modules_to_save tensor is a new value, not a difference: there is nothing to scale or negate.
             if weight != 1:
                 raise InvalidInputError(
-                    f"{adapter.path or 'adapter'}: replaces {name!r} with a full tensor (modules_to_save), which "
+                    f"{adapter.label}: replaces {name!r} with a full tensor (modules_to_save), which "
                     f"cannot be applied with weight {weight:g}; only weight 1 (a plain merge) is defined"
                 )
             if name in replacements:

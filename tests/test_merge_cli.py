@@ -213,3 +213,11 @@ def test_no_record_still_resolves_registry_references(tmp_path, models):
     assert all(torch.equal(t, expected[n]) for n, t in tensors(tmp_path / "paths").items())
     with Registry.open() as reg:
         assert (len(reg.list_bases()), len(reg.list_adapters())) == before
+
+
+def test_a_registered_adapter_is_named_by_its_reference_in_errors(tmp_path, models):
+    base, a, _ = models
+    other = tiny_llama(tmp_path / "wide", hidden=32, intermediate=64, dtype=torch.bfloat16)
+    run("register", a, "--name", "style")
+    result = run("merge", "style", "--into", other, "-o", tmp_path / "x", "--no-record", code=2)
+    assert result.output.startswith("error: style@1: ") and "do not fit" in result.output, result.output

@@ -89,7 +89,7 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
         raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
     if fmt != "kohya" and not adapter.names_resolved:
         raise InvalidInputError(
-            f"{adapter.path or 'adapter'}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
+            f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
         )
     writer, is_dir = WRITERS[fmt]
     dest = Path(dest)

@@ -160,7 +160,7 @@ def joined_parts(adapter: Adapter) -> dict[str, LoraModule]:
     for tensor, group in parts.items():
         owner = tensor.removesuffix(".weight")
         if owner in modules:
-            raise FormatError(f"{adapter.path or 'adapter'}: changes {owner!r} both whole and in parts; merge them first")
+            raise FormatError(f"{adapter.label}: changes {owner!r} both whole and in parts; merge them first")
         scales = {part.scale for part in group}
         scale = scales.pop() if len(scales) == 1 else 1.0
         rank = sum(part.rank for part in group)

@@ -17,7 +17,7 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -65,16 +65,18 @@ class Registry:
         engine = db.make_engine(url or settings.db_url())
         try:
             db.ensure_schema(engine)
-        except RegistryError:
-            fallback = db.read_only_fallback(engine)
+        except RegistryError as first:
+            # a registry in a folder we may not write: readable, if its schema needs nothing
+            unwritable = any(s in str(first) for s in ("unable to open database file", "readonly database"))
+            fallback = db.read_only_fallback(engine) if unwritable else None
             if fallback is None:
                 raise
             engine.dispose()
-            try:  # a registry in a folder we may not write: readable, if its schema needs nothing
+            try:
                 db.ensure_schema(fallback)
             except RegistryError:
                 fallback.dispose()
-                raise
+                raise first from None
             return cls(fallback, BlobStore(), read_only=True)
         return cls(engine, BlobStore())
 
@@ -456,7 +458,7 @@ class Registry:
             manifest = self._manifest(s, base_id) if base_id is not None else None
         if not path.exists():
             raise NotFoundError(f"adapter {row.name}@{row.version}: its stored copy {path} is missing (run `loraops verify`)")
-        adapter = formats.read_adapter(path, alpha=alpha)
+        adapter = replace(formats.read_adapter(path, alpha=alpha), ref=f"{row.name}@{row.version}")
         return check.bind(adapter, manifest) if manifest is not None else adapter
 
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
