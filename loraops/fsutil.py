@@ -136,7 +136,10 @@ def ensure_free_space(folder: Path, needed: int, what: str) -> None:
     probe = folder
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    usage = shutil.disk_usage(probe)
+    if usage.total == 0:  # no capacity to speak of (/proc, /sys): the write itself will say why it cannot
+        return
+    free = usage.free
     if free < needed:
         raise DiskSpaceError(
             f"{folder}: not enough free disk for {what} ({needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free)"

@@ -1,5 +1,6 @@
 # Sourced by the demo and test commands: make (or reuse) ./.venv with loraops and its test extras installed.
-# torch is pinned to the CPU build first, because a plain `torch` requirement would pull a multi-GB CUDA build.
+# torch==2.13.0 first: the project's machines resolve it to a local CPU build (elsewhere, set
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for it); a plain `torch` would pull a multi-GB CUDA build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LORAOPS_VENV:-$ROOT/.venv}"

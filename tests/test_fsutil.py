@@ -192,3 +192,17 @@ def test_read_ahead_asks_for_pieces_a_bounded_distance_past_the_reader(tmp_path,
         asked.clear()
         ahead.before(9900)
         assert asked == []
+
+
+def test_free_space_is_not_checked_where_a_filesystem_has_no_capacity(tmp_path, monkeypatch):
+    """/proc and /sys report 0 bytes of 0: refusing there as 'disk full' would be false; the write says why."""
+    import shutil as sh
+
+    from loraops import fsutil
+    from loraops.errors import DiskSpaceError
+
+    monkeypatch.setattr(sh, "disk_usage", lambda path: sh._ntuple_diskusage(0, 0, 0))
+    fsutil.ensure_free_space(tmp_path, 10**12, "out")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: sh._ntuple_diskusage(100, 90, 10))
+    with pytest.raises(DiskSpaceError, match="not enough free disk for out"):
+        fsutil.ensure_free_space(tmp_path, 11, "out")

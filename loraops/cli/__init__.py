@@ -41,7 +41,8 @@ COMMANDS = {
 
 INTERRUPTED = "error: interrupted; nothing was written"
 # A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
-UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
+UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+                 errno.ENOENT}
 
 
 class LoraopsGroup(click.Group):

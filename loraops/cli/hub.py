@@ -61,3 +61,5 @@ def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt
     click.echo(f"  commit  {done.commit_url}")
     if done.pr_url:
         click.echo(f"  pull request  {done.pr_url}")
+    elif create_pr:  # the Hub makes no commit, so no pull request, when the files are already there
+        click.echo(f"  pull request  none: {done.repo_id}@{done.revision} already has these files")
