@@ -211,3 +211,17 @@ def test_merge_into_a_hub_base_downloads_it_once(fake_hub, adapters, tmp_path):
     again = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m2")])
     assert again.exit_code == 0, again.output
     assert len([r for r in fake_hub.downloads("model.safetensors") if r["range"] is None]) == 1  # cached
+
+
+def test_a_hub_base_whose_weights_are_also_registered_locally_still_merges(fake_hub, adapters, tmp_path):
+    """The downloaded weights' fingerprint is another base's (the same model added from a local folder): the two
+    records cannot share it, but the files serve all the same (the merge was refused as a conflict)."""
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny", "--name", "tiny"]).exit_code == 0
+    assert runner.invoke(main, ["base", "add", str(adapters["base"]), "--name", "local"]).exit_code == 0
+    for name in ("tiny", "local"):
+        merged = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", name, "-o", str(tmp_path / name),
+                                      "--no-record"])
+        assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "tiny" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()

@@ -86,11 +86,18 @@ def writer_lock(engine: Engine):
     sleeping up to 100 ms between tries, so with many writers most of the time goes to sleeping; writers of a
     SQLite file queue on a file lock next to it instead (<file>.writer-lock), woken the moment it is free.
     Server databases need none."""
-    database = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not database or database == ":memory:":
+    path = sqlite_file(engine)
+    if path is None:
         return contextlib.nullcontext()
-    path = Path(database).expanduser()
     return file_lock(path.with_name(path.name + ".writer-lock"))
+
+
+def sqlite_file(engine: Engine) -> Path | None:
+    """The file of an SQLite registry (a read-only one's URL names it file:PATH), else None."""
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:":
+        return None
+    return Path(database.removeprefix("file:")).expanduser()
 
 
 def writer(engine: Engine) -> Engine:
@@ -170,19 +177,16 @@ def alembic_config():
 def read_only_fallback(engine: Engine) -> Engine | None:
     """A read-only engine on the same SQLite file, when it exists (None for other databases): what a registry in a
     folder this process may not write falls back to."""
-    database = engine.url.database
-    if engine.url.get_backend_name() != "sqlite" or database in (None, "", ":memory:") or database.startswith("file:"):
-        return None
-    if not Path(database).expanduser().is_file():
+    path = sqlite_file(engine)
+    if path is None or engine.url.database.startswith("file:") or not path.is_file():
         return None
     return make_engine(engine.url.render_as_string(hide_password=False), read_only=True)
 
 
 def missing_sqlite_file(engine: Engine) -> bool:
     """An SQLite registry whose file does not exist yet (connecting would create it)."""
-    database = engine.url.database
-    return (engine.url.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
-            and not Path(database).expanduser().exists())
+    path = sqlite_file(engine)
+    return path is not None and not path.exists()
 
 
 def _safe(engine: Engine) -> str:

@@ -93,8 +93,7 @@ class Registry:
     def session(self, write: bool = False) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back when it raises."""
         if write and self.read_only:
-            where = self.engine.url.database.removeprefix("file:")
-            raise RegistryError(f"the registry {where} is read-only here (it is in a folder this process cannot "
+            raise RegistryError(f"the registry {db.sqlite_file(self.engine)} is read-only here (it is in a folder this process cannot "
                                 "write): nothing can be recorded")
         engine = db.writer(self.engine) if write else self.engine
         with db.writer_lock(self.engine) if write else contextlib.nullcontext(), \
@@ -265,7 +264,11 @@ class Registry:
         if (not base.path or not Path(base.path).exists()) and base.source.startswith("hf://"):
             from .. import hub
 
-            return Path(self.attach_base_files(base.id, hub.download_base(base.source)).path)
+            files = hub.download_base(base.source)
+            try:
+                return Path(self.attach_base_files(base.id, files).path)
+            except ConflictError:  # the same weights are registered as another base too: these files serve as they are
+                return Path(files)
         if not base.path or not Path(base.path).exists():
             raise NotFoundError(f"base {base.name!r}: its files are no longer at {base.path}; `loraops base add` them again")
         return Path(base.path)
