@@ -221,7 +221,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     if reference is not None:
         _check_reference(reference, files)
     remove_stale_temps(output)  # what a killed earlier run to this output left, before counting free space
-    needed = sum(f.size for f in files) + sum((base.path / p).stat().st_size for p in base.other_files())
+    copied, left_out = _other_files(base)
+    needed = sum(f.size for f in files) + sum((base.path / p).stat().st_size for p in copied)
     ensure_free_space(output.parent, needed, output.name)
     tensors = [t for f in files for t in f.tensors]
     compute_dtype = torch.float64 if precise or any("F64" in (t.info.dtype, t.out_dtype) for t in tensors) else torch.float32
@@ -242,7 +243,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         finally:
             bar.close()
         if not base.is_single_file:
-            _copy_other_files(base, tmp, files, out_dtype)
+            _copy_other_files(base, copied, tmp, files, out_dtype)
     if fingerprint:
         _store_digests(base, output, files, known)
     return MergeReport(
@@ -265,6 +266,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         seconds=round(time.perf_counter() - started, 3),
         peak_rss_bytes=peak_rss(),
         residual=stats.record() if stats else None,
+        files_left_out=[str(p) for p in left_out],
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
 
@@ -757,10 +759,23 @@ def _copy(item: _Copy, source: ReadAhead, out: DirectFileWriter, *, hashing: boo
             tensor.digest = digest.hexdigest()
 
 
-def _copy_other_files(base: BaseModel, out: Path, files: list[_File], out_dtype: str | None) -> None:
+# Files of these kinds beside the weights that are merged are other copies of the model's weights (a
+# model.safetensors next to an index's shards, a pytorch_model.bin, Mistral's consolidated.safetensors, a GGUF):
+# copied, they would still hold the base, and loaders that prefer them would load it unmerged.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
+    """(the folder's other files the output gets, the other weight files it does not), relative to the base."""
+    others = base.other_files()
+    left_out = [rel for rel in others if rel.suffix in WEIGHT_SUFFIXES]
+    return [rel for rel in others if rel not in left_out], left_out
+
+
+def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: list[_File], out_dtype: str | None) -> None:
     """Config, tokenizer, index, ... copied; with a dtype change, the index's total_size and config's dtype updated."""
     index_files = {part.index_file for part in base.parts if part.index_file is not None}
-    for rel in base.other_files():
+    for rel in copied:
         source, target = base.path / rel, out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if out_dtype is not None and source in index_files:

@@ -346,6 +346,9 @@ class MergeReport(Record):
     peak_rss_bytes: int = 0
     """Peak resident memory of the whole process (getrusage), start-up included."""
     residual: ResidualRecord | None = None
+    files_left_out: list[str] = []
+    """Other weight files of the base folder (a pytorch_model.bin, a model.safetensors beside the index's shards)
+    not copied: they would still hold the base."""
     name: str | None = None
     """Registry name the output was recorded under, when it was."""
     fingerprint: str | None = None

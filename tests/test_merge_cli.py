@@ -221,3 +221,22 @@ def test_a_registered_adapter_is_named_by_its_reference_in_errors(tmp_path, mode
     run("register", a, "--name", "style")
     result = run("merge", "style", "--into", other, "-o", tmp_path / "x", "--no-record", code=2)
     assert result.output.startswith("error: style@1: ") and "do not fit" in result.output, result.output
+
+
+def test_other_copies_of_the_weights_are_left_out(tmp_path, models):
+    """A folder with an index's shards and also a model.safetensors / pytorch_model.bin: only the shards are merged,
+    so the other copies, which still hold the base (and which loaders may prefer), are not copied — and the summary
+    says so."""
+    import shutil
+
+    base, a, _ = models
+    folder = tmp_path / "base"
+    shutil.copytree(base, folder)
+    (folder / "model.safetensors").write_bytes(b"stale copy")
+    (folder / "pytorch_model.bin").write_bytes(b"stale pickle")
+    (folder / "notes.txt").write_text("kept")
+    out = tmp_path / "out"
+    result = run("merge", a, "--into", folder, "-o", out, "--no-record", "--device", "cpu")
+    assert "left out model.safetensors, pytorch_model.bin: other copies of the base's weights, not merged" in result.output
+    assert not (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
+    assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors.index.json").exists()

@@ -68,6 +68,8 @@ def _render(report, as_json: bool) -> None:
         + f"; {human_bytes(report.bytes_written)} in {report.seconds:.2f} s ({human_bytes(rate)}/s), "
         f"{report.dtype} on {report.device}, peak memory {human_bytes(report.peak_rss_bytes)}"
     )
+    if report.files_left_out:
+        click.echo(f"left out {', '.join(report.files_left_out)}: other copies of the base's weights, not merged")
     if report.residual is not None:
         r = report.residual
         if report.operation == "restore":
