@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from . import settings
 from .adapter import Adapter, LoraModule
@@ -217,7 +217,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     if reference is not None:
         refuse_overlap(output, reference.path, "the pristine base it compares with")
     adapters = [(fit(adapter, base), weight) for adapter, weight in adapters]
-    files = _plan(base, adapters, out_dtype)
+    files = _plan(base, adapters, out_dtype, undo=operation == "subtract")
     if reference is not None:
         _check_reference(reference, files)
     remove_stale_temps(output)  # what a killed earlier run to this output left, before counting free space
@@ -303,7 +303,8 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
     return require_fit(adapter, base.tensors, base_name=str(base.path))
 
 
-def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None) -> list[_File]:
+def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,
+          undo: bool = False) -> list[_File]:
     terms: dict[str, list[tuple[LoraModule, float]]] = {}
     replacements: dict[str, "torch.Tensor"] = {}
     for adapter, weight in adapters:
@@ -312,17 +313,23 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
         adapted = {module.weight_name for module in adapter.modules.values()}
         for name, tensor in adapter.full_tensors.items():
-            if name in adapted and _same_as_base(base, name, tensor):
-                continue  # PEFT's saved embedding layer, untouched by training: nothing to replace
+            # PEFT's saved layer under a LoRA (save_embedding_layers): untouched by training it replaces nothing;
+            # a subtract takes the LoRA's delta back off and leaves the layer as the merge made it
+            if name in adapted and (undo or _same_as_base(base, name, tensor)):
+                continue
             # A modules_to_save tensor is a new value, not a difference: there is nothing to scale or negate.
             if weight != 1:
                 raise InvalidInputError(
-                    f"{adapter.label}: replaces {name!r} with a full tensor (modules_to_save), which "
-                    f"cannot be applied with weight {weight:g}; only weight 1 (a plain merge) is defined"
+                    f"{adapter.label}: replaces {name!r} with a full tensor (modules_to_save or a saved layer), "
+                    f"which cannot be applied with weight {weight:g}; only weight 1 (a plain merge) is defined"
                 )
             if name in replacements:
                 raise InvalidInputError(f"two adapters replace {name!r} (modules_to_save); merge them separately")
             replacements[name] = tensor
+    for group in _stored_twice(base, terms):
+        shared = [term for name in sorted(group) for term in terms.get(name, [])]
+        for name in group:
+            terms[name] = shared
     for name in [*terms, *replacements]:
         if base.tensors[name].dtype not in FLOAT_DTYPES:
             raise FormatError(
@@ -345,26 +352,66 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     return files
 
 
+def _row_blocks(info: TensorInfo) -> Iterator[tuple[int, int, "torch.Tensor"]]:
+    """(first row, end row, values) of a stored tensor in blocks of ≤ 64 MiB, so a vocabulary-sized embedding is
+    never read whole."""
+    import torch
+
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // max(rows, 1)
+    step = max(1, (64 << 20) // max(row_bytes, 1))
+    with open(info.file, "rb") as f:
+        for row0 in range(0, rows, step):
+            row1 = min(rows, row0 + step)
+            f.seek(info.start + row0 * row_bytes)
+            yield row0, row1, torch.frombuffer(bytearray(f.read((row1 - row0) * row_bytes)), dtype=torch_dtype(info.dtype))
+
+
 def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
-    """Does this full tensor hold exactly the base's values (in the base's dtype)? Compared in row blocks of
-    ≤ 64 MiB, so a vocabulary-sized embedding is never read whole."""
+    """Does this full tensor hold exactly the base's values (in the base's dtype)?"""
     import torch
 
     info = base.tensors.get(name)
     if info is None or tuple(info.shape) != tuple(tensor.shape) or info.dtype not in FLOAT_DTYPES:
         return False
-    rows = info.shape[0] if info.shape else 1
-    row_bytes = info.nbytes // max(rows, 1)
-    step = max(1, (64 << 20) // max(row_bytes, 1))
-    flat = tensor.reshape(rows, -1)
-    with open(info.file, "rb") as f:
-        for row0 in range(0, rows, step):
-            row1 = min(rows, row0 + step)
-            f.seek(info.start + row0 * row_bytes)
-            stored = torch.frombuffer(bytearray(f.read((row1 - row0) * row_bytes)), dtype=torch_dtype(info.dtype))
-            if not torch.equal(flat[row0:row1].reshape(-1).to(stored.dtype), stored):
-                return False
-    return True
+    flat = tensor.reshape(info.shape[0] if info.shape else 1, -1)
+    return all(torch.equal(flat[row0:row1].reshape(-1).to(stored.dtype), stored)
+               for row0, row1, stored in _row_blocks(info))
+
+
+# A tied model (tie_word_embeddings) shares one parameter between its input embeddings and its output head; some
+# exporters store it under both names (T5 even under three).
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight")
+
+
+def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
+    """Groups of the base's tensors that are one tied parameter stored more than once (byte-identical copies), among
+    those a merge touches: a change to one must reach every copy, or the loaded model comes out untied, its
+    head still the base's (transformers re-ties only equal tensors), where PEFT changed the one shared tensor."""
+    import torch
+
+    candidates = [n for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)]
+    if not base.is_single_file and _config(base).get("tie_word_embeddings", True) is not False:
+        candidates += [n for n in base.tensors if n.endswith(OUTPUT_HEADS)]
+    groups = []
+    for name in set(touched) & set(candidates):
+        info = base.tensors[name]
+        twins = {other for other in candidates if other != name and base.tensors[other].shape == info.shape
+                 and base.tensors[other].dtype == info.dtype}
+        twins = {other for other in twins
+                 if all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(_row_blocks(info), _row_blocks(base.tensors[other])))}
+        if twins and not any(name in group for group in groups):
+            groups.append({name, *twins})
+    return groups
+
+
+def _config(base: BaseModel) -> dict:
+    try:
+        config = json.loads((base.path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _steps(file: _File) -> Iterable[_Copy | _Chunk]:

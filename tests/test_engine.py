@@ -292,6 +292,9 @@ def test_peft_saved_embedding_layer_merges_like_peft(tmp_path):
     ours = merged_tensors(tmp_path / "one")
     for name in ours:
         torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-6)
+    engine.subtract(tmp_path / "one", [(adapter, 1.0)], tmp_path / "back", device="cpu")  # the saved layer ≠ merged
+    for name, tensor in merged_tensors(tmp_path / "back").items():
+        torch.testing.assert_close(tensor, original[name], rtol=0, atol=1e-6)
     half = engine.merge(base, [(adapter, 0.5)], tmp_path / "half", device="cpu")
     assert half.tensors_replaced == 0
     embed = adapter.modules["model.embed_tokens"]
@@ -313,3 +316,31 @@ def test_peft_saved_embedding_layer_merges_like_peft(tmp_path):
     back = formats.read_adapter(formats.write_adapter(edited, tmp_path / "written"))
     assert torch.equal(back.full_tensors["model.embed_tokens.weight"], edited.full_tensors["model.embed_tokens.weight"])
     assert formats.peft.load_config(tmp_path / "written" / "adapter_config.json")["bias"] == "none"
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_a_tied_parameter_stored_twice_gets_the_delta_in_both_copies(tmp_path, target):
+    """A tied model (tie_word_embeddings) whose file also holds lm_head.weight, a byte-identical copy of the
+    embeddings (some exporters write it): PEFT changes the one shared tensor, so both copies must change, or
+    transformers loads the model untied with the old head."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    adapter = formats.read_adapter(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    ours = merged_tensors(tmp_path / "out")
+    assert torch.equal(ours["lm_head.weight"], ours["model.embed_tokens.weight"])
+    shared = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "a")
+    expected = shared.merge_and_unload().state_dict()["model.embed_tokens.weight"]
+    torch.testing.assert_close(ours["model.embed_tokens.weight"], expected, rtol=0, atol=1e-6)
+    assert not torch.equal(ours["lm_head.weight"], state["lm_head.weight"])
