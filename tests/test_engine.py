@@ -344,3 +344,30 @@ def test_a_tied_parameter_stored_twice_gets_the_delta_in_both_copies(tmp_path, t
     expected = shared.merge_and_unload().state_dict()["model.embed_tokens.weight"]
     torch.testing.assert_close(ours["model.embed_tokens.weight"], expected, rtol=0, atol=1e-6)
     assert not torch.equal(ours["lm_head.weight"], state["lm_head.weight"])
+
+
+def test_roberta_sequence_classification_head_merges_like_peft(tmp_path):
+    """PEFT's sequence-classification recipe (task_type SEQ_CLS) saves the whole classifier head, a module with
+    submodules (dense, out_proj), because modules_to_save=["classifier"] wraps it: loraops read those keys as an
+    unknown layout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           vocab_size=100, max_position_embeddings=64, num_labels=3)
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    model = get_peft_model(RobertaForSequenceClassification.from_pretrained(tmp_path / "base"), LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False))
+    with torch.no_grad():  # "training" the head
+        for param in model.base_model.model.classifier.modules_to_save["default"].parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["classifier.dense.bias", "classifier.dense.weight",
+                                            "classifier.out_proj.bias", "classifier.out_proj.weight"]
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    peft_state = model.merge_and_unload().state_dict()
+    ours = merged_tensors(tmp_path / "out")
+    for name in ours:
+        torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-6)

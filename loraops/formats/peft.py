@@ -64,7 +64,11 @@ class ScaleConfig:
         return float(self.alpha_pattern[key]) if key is not None else self.alpha
 
     def saves(self, module: str) -> bool:
-        return any(module == m or module.endswith(f".{m}") for m in self.modules_to_save)
+        """Is ``module`` (or a module it lies in) one PEFT saves whole? PEFT wraps every module whose name ends
+        with an entry, as a plain string ("classifier" wraps RoBERTa's classifier head, whose dense and out_proj
+        are saved; "norm" also wraps input_layernorm), and saves the wrapped module's parameters under it."""
+        parts = module.split(".")
+        return any(".".join(parts[:i]).endswith(m) for i in range(1, len(parts) + 1) for m in self.modules_to_save)
 
 
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
