@@ -227,10 +227,16 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     )
 
 
+# Output heads a tied model (tie_word_embeddings) does not store: they share the input embeddings' tensor.
+TIED_HEADS = ("lm_head", "embed_out")
+TIED_HEAD_NOTE = (": a model with tied embeddings stores only its input embeddings, which a LoRA on its head would "
+                  "change too, as PEFT's merge does; loraops does not merge into tied heads")
+
+
 def misfits(report: CheckReport) -> list[str]:
     """One short phrase per problem, for one-line messages."""
     out = [f"{m.name} (adapter {fmt_shape(m.actual)}, base {fmt_shape(m.expected)})" for m in report.shape_mismatches]
-    out += [f"{n} (not in base)" for n in report.missing]
+    out += [f"{n} (not in base{TIED_HEAD_NOTE if n.rsplit('.', 1)[-1] in TIED_HEADS else ''})" for n in report.missing]
     out += [f"{n} (several base modules match)" for n in report.ambiguous]
     out += [
         f"{m.name} (full tensor {fmt_shape(m.actual)}, " + ("not in base)" if m.expected is None else f"base {fmt_shape(m.expected)})")

@@ -107,3 +107,14 @@ def test_conv1d_layout_told_by_the_widening_projections():
     wide = LoraModule(name="h.0.attn.c_attn", A=torch.zeros(4, 64), B=torch.zeros(192, 4), alpha=4.0, scale=1.0,
                       fan_in_fan_out=True)
     assert not fit_orientation(wide, (192, 64), conv1d=False).fan_in_fan_out  # an nn.Linear: the shape says so
+
+
+def test_a_head_missing_from_a_tied_model_says_why():
+    from loraops.check import misfits
+    from loraops.records import CheckReport
+
+    report = CheckReport(ok=False, base=None, matched=3, modules=4, missing=["lm_head"], ambiguous=[],
+                         shape_mismatches=[], full_tensor_mismatches=[])
+    assert misfits(report) == ["lm_head (not in base: a model with tied embeddings stores only its input embeddings, "
+                               "which a LoRA on its head would change too, as PEFT's merge does; loraops does not "
+                               "merge into tied heads)"]
