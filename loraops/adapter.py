@@ -7,7 +7,7 @@ readers, writers, the merge engine and the algebra all agree on one convention:
 
 Factor layouts by kind (r = rank):
     linear     A: r×in              B: out×r              W: out×in  (in×out when fan_in_fan_out, GPT-2 Conv1D)
-    conv       A: r×in×kh×kw        B: out×r×1×1          W: out×in×kh×kw
+    conv       A: r×in×kh×kw        B: out×r×1×1          W: out×in×kh×kw   (Conv1d/Conv3d: one/three kernel dims)
     embedding  A: r×num_embeddings  B: dim×r              W: num_embeddings×dim   (delta = (B·A)ᵀ)
 
 A module bound to one part of a fused base tensor (q, k or v of OpenCLIP's in_proj_weight or FLUX's qkv) changes only
@@ -110,7 +110,7 @@ class LoraModule:
         r = A2.shape[0]
         if self.kind == "conv":
             A = A2.reshape(r, *self.A.shape[1:])
-            B = B2.reshape(B2.shape[0], r, 1, 1)
+            B = B2.reshape(B2.shape[0], r, *[1] * (self.A.dim() - 2))
         else:
             A, B = A2, B2
         return replace(self, A=A.contiguous(), B=B.contiguous(), alpha=float(alpha), scale=float(scale), source_keys=())

@@ -371,3 +371,33 @@ def test_roberta_sequence_classification_head_merges_like_peft(tmp_path):
     ours = merged_tensors(tmp_path / "out")
     for name in ours:
         torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-6)
+
+
+def test_conv1d_and_conv3d_loras_merge_like_peft(tmp_path):
+    """PEFT's LoRA on Conv1d (Whisper's audio stem) and Conv3d: A r×in×k…, B out×r×1…, delta the composition."""
+    from peft import LoraConfig, get_peft_model
+
+    class Convs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv1d(6, 8, 3, padding=1)
+            self.conv3 = torch.nn.Conv3d(4, 5, (3, 2, 2))
+
+    torch.manual_seed(0)
+    model = Convs()
+    base = save_state_dict(model, tmp_path / "convs.safetensors")
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv3"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert {n: m.kind for n, m in adapter.modules.items()} == {"conv1": "conv", "conv3": "conv"}
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu")
+    ours = merged_tensors(tmp_path / "out.safetensors")
+    peft_state = peft_model.merge_and_unload().state_dict()
+    for name in ours:
+        torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-6)
+    x = torch.randn(1, 6, 5)
+    reference = torch.nn.functional.conv1d(torch.nn.functional.conv1d(x, adapter.modules["conv1"].A, padding=1),
+                                           adapter.modules["conv1"].B) * adapter.modules["conv1"].scale
+    delta = ours["conv1.weight"] - merged_tensors(base)["conv1.weight"]
+    torch.testing.assert_close(torch.nn.functional.conv1d(x, delta, padding=1), reference, rtol=1e-4, atol=1e-5)

@@ -86,7 +86,7 @@ CASES = {
                      InvalidInputError, "out×r×1×1"),
     "mixed-dims": (lambda d: write(d / "x.safetensors", {"lora_unet_c.lora_down.weight": torch.ones(2, 3, 1, 1),
                                                           "lora_unet_c.lora_up.weight": torch.ones(4, 2)}),
-                   InvalidInputError, "4-D"),
+                   InvalidInputError, "conv factors must both be 3-, 4- or 5-D"),
     "two-adapters": (lambda d: peft_folder(d / "a", {f"{P}.lora_A.one.weight": A, f"{P}.lora_B.one.weight": B,
                                                       "base_model.model.layer.k.lora_A.two.weight": A,
                                                       "base_model.model.layer.k.lora_B.two.weight": B}),

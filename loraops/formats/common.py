@@ -136,12 +136,12 @@ def build_module(
         )
 
     if kind is None:
-        kind = "conv" if A.dim() == 4 else "linear"
-    if kind == "conv":
-        if A.dim() != 4 or B.dim() != 4:
-            raise bad("conv factors must both be 4-D")
-        if tuple(B.shape[2:]) != (1, 1):
-            raise bad("conv B must be out×r×1×1")
+        kind = "conv" if A.dim() >= 3 else "linear"
+    if kind == "conv":  # Conv1d, Conv2d or Conv3d: A r×in×k…, B out×r×1…
+        if A.dim() not in (3, 4, 5) or B.dim() != A.dim():
+            raise bad("conv factors must both be 3-, 4- or 5-D (Conv1d, Conv2d, Conv3d)")
+        if any(d != 1 for d in B.shape[2:]):
+            raise bad(f"conv B must be out×r×{'×'.join('1' * (B.dim() - 2))}")
     elif A.dim() != 2 or B.dim() != 2:
         raise bad("factors must be 2-D matrices")
     if A.shape[0] != B.shape[1]:

@@ -195,7 +195,7 @@ def write(adapter: Adapter, dest: Path) -> None:
         tensors[f"{key}.lora_down.weight"] = down
         tensors[f"{key}.lora_up.weight"] = up
         tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-        if module.kind == "conv" and tuple(module.A.shape[2:]) != (1, 1):
+        if module.kind == "conv" and any(d != 1 for d in module.A.shape[2:]):
             # sd-scripts LoCon records the k×k convs' dim/alpha in the network args
             conv_args = {"conv_dim": str(module.rank), "conv_alpha": str(peft.number(alpha))}
         ranks.add(module.rank)
