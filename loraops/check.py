@@ -12,6 +12,7 @@ that no base module or several base modules produce is an error, never a silent 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -86,10 +87,23 @@ def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
     return res
 
 
+# transformers 5 renames some models' modules in memory and saves them under their checkpoint names again (its
+# conversion_mapping.py); PEFT names an adapter's modules as they are in memory. In-memory → saved, per family:
+SAVED_LAYOUTS = [
+    [(re.compile(p), r) for p, r in rules] for rules in (
+        # LLaVA and the VLMs transformers maps like it (LLaVA-NeXT, Mistral3, Gemma3, PaliGemma, …)
+        [(r"^lm_head(?=\.|$)", "language_model.lm_head"), (r"^model\.language_model\.", "language_model.model."),
+         (r"^model\.vision_tower\.", "vision_tower."), (r"^model\.multi_modal_projector\.", "multi_modal_projector.")],
+        [(r"^lm_head(?=\.|$)", "embed_out")],  # GPT-NeoX
+    )
+]
+
+
 def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     """PEFT module paths are relative to the model PEFT wrapped; a base saved from another class may have or lack a
-    leading ``model.``, and a diffusers LoRA (``unet.down_blocks…``) may meet a single-file SD checkpoint. Apply the
-    one renaming that makes every module and full tensor match, if any does."""
+    leading ``model.``, a diffusers LoRA (``unet.down_blocks…``) may meet a single-file SD checkpoint, and a model
+    transformers renames in memory is saved under its old names (SAVED_LAYOUTS). Apply the one renaming that makes
+    every module and full tensor match, if any does."""
     wanted = [f"{n}.weight" for n in adapter.modules] + list(adapter.full_tensors)
 
     def present(tensor: str) -> bool:
@@ -116,6 +130,15 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
 
     if aliases and fits(checkpoint_name):
         return checkpoint_name
+    for rules in SAVED_LAYOUTS:
+        def saved_name(name: str, rules=rules) -> str:
+            for pattern, replacement in rules:
+                if pattern.match(name):
+                    return pattern.sub(replacement, name, count=1)
+            return name
+
+        if fits(saved_name):
+            return saved_name
     return candidates[0]
 
 

@@ -401,3 +401,38 @@ def test_conv1d_and_conv3d_loras_merge_like_peft(tmp_path):
                                            adapter.modules["conv1"].B) * adapter.modules["conv1"].scale
     delta = ours["conv1.weight"] - merged_tensors(base)["conv1.weight"]
     torch.testing.assert_close(torch.nn.functional.conv1d(x, delta, padding=1), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "gpt_neox"])
+def test_modules_transformers_renames_in_memory_bind_to_their_saved_names(tmp_path, family):
+    """transformers 5 loads LLaVA-style VLMs and GPT-NeoX under other module names than it saves
+    (model.language_model.… ↔ language_model.model.…, lm_head ↔ embed_out); PEFT names the adapter's modules as
+    in memory. Merged by their saved names, the output loads as PEFT's merged model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import (CLIPVisionConfig, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    torch.manual_seed(0)
+    if family == "llava":
+        cls = LlavaForConditionalGeneration
+        config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                            num_attention_heads=4, image_size=32, patch_size=8),
+                             text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=100),
+                             image_token_index=99)
+        targets = ["q_proj", "v_proj", "linear_1", "lm_head"]
+    else:
+        cls = GPTNeoXForCausalLM
+        config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               vocab_size=100)
+        targets = ["query_key_value", "lm_head"]
+    cls(config).save_pretrained(tmp_path / "base")
+    model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", device="cpu")
+    ours = cls.from_pretrained(tmp_path / "out").state_dict()
+    peft_state = model.merge_and_unload().state_dict()
+    assert ours.keys() == peft_state.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-6)
