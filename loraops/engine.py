@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
+from .check import TIED_HEADS
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, refuse_overlap,
                      remove_stale_temps)
@@ -379,10 +380,9 @@ def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
                for row0, row1, stored in _row_blocks(info))
 
 
-# A tied model (tie_word_embeddings) shares one parameter between its input embeddings and its output head; some
-# exporters store it under both names (T5 even under three).
+# A tied model (tie_word_embeddings) shares one parameter between its input embeddings and its output head
+# (check.TIED_HEADS); some exporters store it under both names (T5 even under three).
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
-OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight")
 
 
 def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
@@ -393,7 +393,8 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
 
     candidates = [n for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)]
     if not base.is_single_file and _config(base).get("tie_word_embeddings", True) is not False:
-        candidates += [n for n in base.tensors if n.endswith(OUTPUT_HEADS)]
+        candidates += [n for n in base.tensors if n.removesuffix(".weight").rsplit(".", 1)[-1] in TIED_HEADS
+                       and n.endswith(".weight")]
     groups = []
     for name in set(touched) & set(candidates):
         info = base.tensors[name]
