@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import resource
 import shutil
 import sys
@@ -307,11 +308,14 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,
           undo: bool = False) -> list[_File]:
     terms: dict[str, list[tuple[LoraModule, float]]] = {}
+    changed_by: dict[str, set[int]] = {}  # tensor → the inputs whose LoRAs change it
     replacements: dict[str, "torch.Tensor"] = {}
-    for adapter, weight in adapters:
+    replaced_by: dict[str, int] = {}
+    for index, (adapter, weight) in enumerate(adapters):
         for module in adapter.modules.values():
             if weight * module.scale != 0:
                 terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
+                changed_by.setdefault(module.weight_name, set()).add(index)
         adapted = {module.weight_name for module in adapter.modules.values()}
         for name, tensor in adapter.full_tensors.items():
             # PEFT's saved layer under a LoRA (save_embedding_layers): untouched by training it replaces nothing;
@@ -327,10 +331,20 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             if name in replacements:
                 raise InvalidInputError(f"two adapters replace {name!r} (modules_to_save); merge them separately")
             replacements[name] = tensor
-    for group in _stored_twice(base, terms):
+            replaced_by[name] = index
+    for name, index in replaced_by.items():
+        # the LoRA of the adapter that saved the layer is added on its value (PEFT's save_embedding_layers); another
+        # adapter's was trained on a different tensor
+        if changed_by.get(name, set()) - {index}:
+            raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and changed by another's "
+                                    "LoRA; merge them separately")
+    for group in _stored_twice(base, terms.keys() | replacements.keys()):
         shared = [term for name in sorted(group) for term in terms.get(name, [])]
+        replacement = next((replacements[name] for name in sorted(group) if name in replacements), None)
         for name in group:
             terms[name] = shared
+            if replacement is not None:
+                replacements[name] = replacement
     for name in [*terms, *replacements]:
         if base.tensors[name].dtype not in FLOAT_DTYPES:
             raise FormatError(
@@ -376,7 +390,9 @@ def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
     if info is None or tuple(info.shape) != tuple(tensor.shape) or info.dtype not in FLOAT_DTYPES:
         return False
     flat = tensor.reshape(info.shape[0] if info.shape else 1, -1)
-    return all(torch.equal(flat[row0:row1].reshape(-1).to(stored.dtype), stored)
+    # in the narrower dtype: a bf16 saved layer of an fp32 base (trained in bf16) is the base, rounded
+    narrow = tensor.dtype if tensor.element_size() < DTYPE_BYTES[info.dtype] else torch_dtype(info.dtype)
+    return all(torch.equal(flat[row0:row1].reshape(-1).to(narrow), stored.to(narrow))
                for row0, row1, stored in _row_blocks(info))
 
 
@@ -807,16 +823,21 @@ def _copy(item: _Copy, source: ReadAhead, out: DirectFileWriter, *, hashing: boo
             tensor.digest = digest.hexdigest()
 
 
-# Files of these kinds beside the weights that are merged are other copies of the model's weights (a
+# Files named like these beside the weights that are merged are other copies of the same weights (a
 # model.safetensors next to an index's shards, a pytorch_model.bin, Mistral's consolidated.safetensors, a GGUF):
-# copied, they would still hold the base, and loaders that prefer them would load it unmerged.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+# copied, they would still hold the base, and loaders that prefer them would load it unmerged. Other weight files
+# (a sentence-transformers 2_Dense/, an mm_projector.bin) are not the merged model's and are copied.
+WEIGHT_COPY = re.compile(r"^((pytorch_|tf_|flax_|diffusion_pytorch_)?model|consolidated)([-.][^/]*)?"
+                         r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|\.gguf$")
 
 
 def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
-    """(the folder's other files the output gets, the other weight files it does not), relative to the base."""
+    """(the folder's other files the output gets, the other copies of the merged weights it does not), relative
+    to the base: a copy is named like a weights file and lies in the folder of weights that are merged."""
+    folders = {part.folder for part in base.parts if part.folder is not None}
     others = base.other_files()
-    left_out = [rel for rel in others if rel.suffix in WEIGHT_SUFFIXES]
+    left_out = [rel for rel in others if (base.path / rel).parent in folders and WEIGHT_COPY.search(rel.name)
+                and not rel.name.endswith(".json")]
     return [rel for rel in others if rel not in left_out], left_out
 
 

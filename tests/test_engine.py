@@ -301,6 +301,10 @@ def test_peft_saved_embedding_layer_merges_like_peft(tmp_path):
     torch.testing.assert_close(merged_tensors(tmp_path / "half")["model.embed_tokens.weight"],
                                original["model.embed_tokens.weight"] + 0.5 * embed.delta(), rtol=0, atol=1e-6)
 
+    rounded = dict(saved, **{key: saved[key].to(torch.bfloat16)})  # saved by a bf16 training run: the base, rounded
+    save_file(rounded, str(weights), metadata={"format": "pt"})
+    assert engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 0.5)], tmp_path / "bf16", device="cpu").tensors_replaced == 0
+
     saved[key] = saved[key] + 0.25
     save_file(saved, str(weights), metadata={"format": "pt"})
     edited = formats.read_adapter(tmp_path / "a")
@@ -436,3 +440,40 @@ def test_modules_transformers_renames_in_memory_bind_to_their_saved_names(tmp_pa
     assert ours.keys() == peft_state.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-6)
+
+
+def test_a_tensor_replaced_by_one_adapter_and_changed_by_another_is_refused(tmp_path):
+    """A modules_to_save value from one adapter and another adapter's LoRA on the same tensor: that LoRA was
+    trained on a different tensor, so no merge of the two is defined (the same adapter's LoRA on its own saved
+    layer is: see the embedding-layer test)."""
+    from loraops.adapter import Adapter
+    from loraops.errors import InvalidInputError
+
+    base = tiny_llama(tmp_path / "base")
+    lora = formats.read_adapter(peft_adapter(base, tmp_path / "a", target_modules=["q_proj"]))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    saved = Adapter(modules={}, format="peft", full_tensors={name: torch.zeros(64, 64)})
+    with pytest.raises(InvalidInputError, match="replaced by one adapter .* and changed by another's LoRA"):
+        engine.merge(base, [(saved, 1.0), (lora, 1.0)], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_parameter_stored_twice_gets_a_replacement_in_both_copies(tmp_path):
+    """modules_to_save on embed_tokens of a tied model whose file also holds lm_head.weight: both copies take the
+    new value, or the output loads untied."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraops.adapter import Adapter
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    new = torch.randn(100, 64)
+    saved = Adapter(modules={}, format="peft", full_tensors={"model.embed_tokens.weight": new})
+    engine.merge(tmp_path / "base", [(saved, 1.0)], tmp_path / "out", device="cpu")
+    ours = merged_tensors(tmp_path / "out")
+    assert torch.equal(ours["model.embed_tokens.weight"], new) and torch.equal(ours["lm_head.weight"], new)

@@ -235,8 +235,12 @@ def test_other_copies_of_the_weights_are_left_out(tmp_path, models):
     (folder / "model.safetensors").write_bytes(b"stale copy")
     (folder / "pytorch_model.bin").write_bytes(b"stale pickle")
     (folder / "notes.txt").write_text("kept")
+    (folder / "mm_projector.bin").write_bytes(b"another module's weights")
+    (folder / "2_Dense").mkdir()
+    (folder / "2_Dense" / "model.safetensors").write_bytes(b"a sentence-transformers layer")
     out = tmp_path / "out"
     result = run("merge", a, "--into", folder, "-o", out, "--no-record", "--device", "cpu")
     assert "left out model.safetensors, pytorch_model.bin: other copies of the base's weights, not merged" in result.output
     assert not (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
     assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors.index.json").exists()
+    assert (out / "mm_projector.bin").exists() and (out / "2_Dense" / "model.safetensors").exists()
