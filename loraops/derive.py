@@ -89,7 +89,7 @@ def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, 
     fmt = fmt or adapter.format
     writable(adapter, fmt)
     if output is not None:
-        refuse_overlap(output, reg.blobs.root, "the registry's blob store")
+        reg.blobs.refuse_output_inside(output)
         written = write_adapter(adapter, output, fmt, force=force)
         record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage)
         return DerivedRecord(adapter=record, created=created, output=str(written), report=report)
@@ -157,7 +157,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
 
     refuse_existing(output, force)
     with Registry.open() as reg:
-        refuse_overlap(output, reg.blobs.root, "the registry's blob store")
+        reg.blobs.refuse_output_inside(output)
         if Path(ref).exists():
             refuse_overlap(output, ref, "the adapter it reads")
             adapter = read_adapter(ref)

@@ -136,7 +136,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     try:
         reg = _open_registry(record or _references([base, *adapters]))
         _check_name_free(reg if record else None, name)
-        _refuse_store(reg, output)
+        _check_output(reg, output, record)
         model, _ = _streamed(reg, base, early)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
@@ -163,7 +163,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
     try:
         reg = _open_registry(record or exact or _references([model, *adapters]))
         _check_name_free(reg if record else None, name)
-        _refuse_store(reg, output)
+        _check_output(reg, output, record)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
@@ -259,9 +259,14 @@ def _name_taken(reg, name: str) -> bool:
     return any(b.name == name for b in reg.list_bases())
 
 
-def _refuse_store(reg, output) -> None:
-    if reg is not None:
-        refuse_overlap(output, reg.blobs.root, "the registry's blob store")
+def _check_output(reg, output, record: bool) -> None:
+    """Refusals before any work: an output in the blob store (registry opened or not), and a merge to record in a
+    registry that is read-only here."""
+    from .registry.blobs import BlobStore
+
+    (reg.blobs if reg is not None else BlobStore()).refuse_output_inside(output)
+    if record and reg is not None:
+        reg.refuse_writes(hint="; --no-record writes the output without recording it")
 
 
 def _check_name_free(reg, name: str | None) -> None:

@@ -180,6 +180,8 @@ def test_outputs_that_would_destroy_an_input_or_the_store_are_refused_even_with_
     result = run("export", "a", "--format", "kohya", "-o", stored, "--force", code=2)
     assert "overlaps the registry's blob store" in result.output
     run("merge", "a", "--into", mine, "-o", store / "x", code=2)
+    result = run("merge", a, "--into", mine, "-o", stored, "--force", "--no-record", code=2)  # no registry opened
+    assert "overlaps the registry's blob store" in result.output
     run("verify")
 
 

@@ -269,6 +269,10 @@ def test_a_registry_in_a_folder_that_cannot_be_written_is_read_only(art, isolate
     try:
         assert "ad1@1" in cli("list").output
         assert cli("verify").output.startswith("all stored files of 1 adapter(s) match")
+        refused = cli("merge", art["ad1"], "--into", art["base"], "-o", isolated_home.parent / "merged", code=6)
+        assert refused.output.endswith("--no-record writes the output without recording it\n")
+        assert not (isolated_home.parent / "merged").exists()  # refused before the merge ran
+        cli("merge", art["ad1"], "--into", art["base"], "-o", isolated_home.parent / "merged", "--no-record")
         result = cli("register", art["kohya"], code=6)
         assert result.output == (f"error: the registry {isolated_home}/registry.db is read-only here (it is in a folder "
                                  "this process cannot write): nothing can be recorded\n")

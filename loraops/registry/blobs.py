@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .. import settings
-from ..fsutil import TMP_MARK, ensure_free_space, file_lock, fsync_dir, temp_sibling
+from ..fsutil import TMP_MARK, ensure_free_space, file_lock, fsync_dir, refuse_overlap, temp_sibling
 
 
 LOCKS = ".locks"
@@ -36,6 +36,11 @@ class StoredFile:
 class BlobStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else settings.blobs_dir()
+
+    def refuse_output_inside(self, output: str | Path) -> None:
+        """An output that is, holds or lies inside the store could overwrite stored adapters: refused, even with
+        --force (needs no database: a --no-record merge checks it too)."""
+        refuse_overlap(output, self.root, "the registry's blob store")
 
     def folder(self, identity: str) -> Path:
         return self.root / identity[:2] / identity

@@ -83,6 +83,12 @@ class Registry:
     def close(self) -> None:
         self.engine.dispose()
 
+    def refuse_writes(self, hint: str = "") -> None:
+        """Raise, before anything is copied or computed, when this registry is read-only here."""
+        if self.read_only:
+            raise RegistryError(f"the registry {db.sqlite_file(self.engine)} is read-only here (it is in a folder "
+                                f"this process cannot write): nothing can be recorded{hint}")
+
     def __enter__(self) -> "Registry":
         return self
 
@@ -92,9 +98,8 @@ class Registry:
     @contextlib.contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
         """One transaction: committed when the block ends, rolled back when it raises."""
-        if write and self.read_only:
-            raise RegistryError(f"the registry {db.sqlite_file(self.engine)} is read-only here (it is in a folder this process cannot "
-                                "write): nothing can be recorded")
+        if write:
+            self.refuse_writes()
         engine = db.writer(self.engine) if write else self.engine
         with db.writer_lock(self.engine) if write else contextlib.nullcontext(), \
                 Session(engine, expire_on_commit=False, autoflush=False) as session:
@@ -151,6 +156,7 @@ class Registry:
         base (a merge) and says how it was made. Returns (record, whether it is new)."""
         from ..basemodel import BaseModel
 
+        self.refuse_writes()
         model = BaseModel.open(path)
         if _looks_like_an_adapter(model):
             raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model; register it with "
@@ -335,6 +341,7 @@ class Registry:
 
         adapter, base_id = self._bind_base(adapter, base)
         files = formats.adapter_files(path)
+        self.refuse_writes()  # before the copy into the store
         key = self.blobs.key(identity, None if path.is_dir() else path.name)
         # Under the shard lock: a concurrent `rm` of the same bytes cannot delete the blob between put and insert.
         with self.blobs.lock(identity):
