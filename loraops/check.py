@@ -41,6 +41,13 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 SHOWN = 5
 
+# A tied model (tie_word_embeddings) shares one tensor between its input embeddings and its output head; it stores
+# it once, as the embeddings (some exporters under both names, T5 even under three).
+TIED_HEADS = ("lm_head", "embed_out")
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+TIED_HEAD_NOTE = (": a model with tied embeddings stores only its input embeddings, which a LoRA on its head would "
+                  "change too, as PEFT's merge does; loraops does not merge into tied heads")
+
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     """kohya name → the base module paths that produce it: from each module's own path (parts of fused tensors
@@ -226,10 +233,14 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched = list(res.missing), [], 0
+    tied_heads = []
     for name, module in bound.modules.items():
         info = manifest.get(module.weight_name)
         if info is None:
             missing.append(name)
+            if name.rsplit(".", 1)[-1] in TIED_HEADS and any(
+                    t.endswith(INPUT_EMBEDDINGS) and tuple(i.shape) == tuple(module.weight_shape) for t, i in manifest.items()):
+                tied_heads.append(name)
             continue
         expected = tuple(info.shape) if module.fused is None else (module.fused[2], *info.shape[1:])
         if expected != tuple(module.weight_shape):
@@ -246,20 +257,14 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     return CheckReport(
         ok=not (missing or mismatches or full_mismatches or res.ambiguous), base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
-        shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches,
+        shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, tied_heads=tied_heads,
     )
-
-
-# Output heads a tied model (tie_word_embeddings) does not store: they share the input embeddings' tensor.
-TIED_HEADS = ("lm_head", "embed_out")
-TIED_HEAD_NOTE = (": a model with tied embeddings stores only its input embeddings, which a LoRA on its head would "
-                  "change too, as PEFT's merge does; loraops does not merge into tied heads")
 
 
 def misfits(report: CheckReport) -> list[str]:
     """One short phrase per problem, for one-line messages."""
     out = [f"{m.name} (adapter {fmt_shape(m.actual)}, base {fmt_shape(m.expected)})" for m in report.shape_mismatches]
-    out += [f"{n} (not in base{TIED_HEAD_NOTE if n.rsplit('.', 1)[-1] in TIED_HEADS else ''})" for n in report.missing]
+    out += [f"{n} (not in base{TIED_HEAD_NOTE if n in report.tied_heads else ''})" for n in report.missing]
     out += [f"{n} (several base modules match)" for n in report.ambiguous]
     out += [
         f"{m.name} (full tensor {fmt_shape(m.actual)}, " + ("not in base)" if m.expected is None else f"base {fmt_shape(m.expected)})")

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
-from .check import TIED_HEADS
+from .check import INPUT_EMBEDDINGS, TIED_HEADS
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, refuse_overlap,
                      remove_stale_temps)
@@ -394,11 +394,6 @@ def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
     narrow = tensor.dtype if tensor.element_size() < DTYPE_BYTES[info.dtype] else torch_dtype(info.dtype)
     return all(torch.equal(flat[row0:row1].reshape(-1).to(narrow), stored.to(narrow))
                for row0, row1, stored in _row_blocks(info))
-
-
-# A tied model (tie_word_embeddings) shares one parameter between its input embeddings and its output head
-# (check.TIED_HEADS); some exporters store it under both names (T5 even under three).
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
 
 
 def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:

@@ -107,7 +107,11 @@ class _Landing:
     def __exit__(self, kind, exc, tb) -> None:
         if kind is not KeyboardInterrupt or self._identity() in (None, self.before):
             return
-        recorded = self.record and self._recorded()
+        try:
+            recorded = self.record and self._recorded()
+        except LoraopsError:  # the registry cannot say now (busy, gone)
+            raise KeyboardInterrupt(f"interrupted after {self.output} was written in full; whether the registry "
+                                    "recorded it, `loraops base list` tells") from None
         if recorded or not self.record:
             raise KeyboardInterrupt(f"interrupted after {self.output} was written in full"
                                     + (" and recorded" if recorded else "")) from None

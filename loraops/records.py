@@ -223,6 +223,8 @@ class CheckReport(Record):
     shape_mismatches: list[ShapeMismatch]
     full_tensor_mismatches: list[ShapeMismatch] = []
     """modules_to_save tensors missing from the base (expected null) or of another shape."""
+    tied_heads: list[str] = []
+    """Missing output heads (lm_head) of a base that ties them to input embeddings of their shape."""
 
 
 class InspectReport(Record):

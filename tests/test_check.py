@@ -86,7 +86,7 @@ def test_kohya_no_match_and_ambiguity(tmp_path):
 def test_check_report_json_schema(bases):
     data = json.loads(check(read_adapter(bases.adapter), bases.small).model_dump_json())
     assert set(data) == {"ok", "base", "matched", "modules", "missing", "ambiguous", "shape_mismatches",
-                         "full_tensor_mismatches"}
+                         "full_tensor_mismatches", "tied_heads"}
     assert set(data["shape_mismatches"][0]) == {"name", "tensor", "expected", "actual"}
 
 
@@ -110,11 +110,20 @@ def test_conv1d_layout_told_by_the_widening_projections():
 
 
 def test_a_head_missing_from_a_tied_model_says_why():
-    from loraops.check import misfits
-    from loraops.records import CheckReport
+    """lm_head absent while the base has input embeddings of its shape: a tied model, which stores the shared tensor
+    once; the refusal says so. Without such embeddings it is plainly not in the base."""
+    import torch
 
-    report = CheckReport(ok=False, base=None, matched=3, modules=4, missing=["lm_head"], ambiguous=[],
-                         shape_mismatches=[], full_tensor_mismatches=[])
+    from loraops.adapter import Adapter, LoraModule
+    from loraops.check import misfits
+
+    head = LoraModule(name="lm_head", A=torch.zeros(4, 64), B=torch.zeros(128, 4), alpha=4.0, scale=1.0)
+    adapter = Adapter(modules={"lm_head": head}, format="peft")
+    tied = {"model.embed_tokens.weight": SimpleNamespace(shape=(128, 64))}
+    report = check(adapter, tied)
+    assert report.tied_heads == ["lm_head"]
     assert misfits(report) == ["lm_head (not in base: a model with tied embeddings stores only its input embeddings, "
                                "which a LoRA on its head would change too, as PEFT's merge does; loraops does not "
                                "merge into tied heads)"]
+    other = check(adapter, {"model.embed_tokens.weight": SimpleNamespace(shape=(256, 64))})
+    assert other.tied_heads == [] and misfits(other) == ["lm_head (not in base)"]

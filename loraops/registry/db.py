@@ -12,6 +12,7 @@ import importlib.util
 import threading
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote, unquote
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -50,7 +51,12 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
             return create_engine(parsed, pool_pre_ping=True)
         if read_only:
             database = Path(parsed.database).expanduser().resolve()
-            parsed = parsed.set(database=f"file:{database}", query={"mode": "ro", "immutable": "1", "uri": "true"})
+            # immutable: SQLite then needs no -shm beside the file, but also ignores a -wal, whose commits a
+            # reader must see: plain read-only while one exists (a writer is running, or crashed)
+            query = {"mode": "ro", "uri": "true"}
+            if not database.with_name(database.name + "-wal").exists():
+                query["immutable"] = "1"
+            parsed = parsed.set(database=f"file:{quote(str(database))}", query=query)
             create = False
         engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
@@ -97,7 +103,7 @@ def sqlite_file(engine: Engine) -> Path | None:
     database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
     if not database or database == ":memory:":
         return None
-    return Path(database.removeprefix("file:")).expanduser()
+    return Path(unquote(database.removeprefix("file:")) if database.startswith("file:") else database).expanduser()
 
 
 def writer(engine: Engine) -> Engine:

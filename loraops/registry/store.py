@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from .. import settings
 from ..fsutil import remove, sha256_file
-from ..errors import ConflictError, InvalidInputError, MismatchError, NotFoundError, RegistryError
+from ..errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError
 from ..records import AdapterRecord, BaseRecord, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
@@ -158,7 +158,7 @@ class Registry:
 
         self.refuse_writes()
         model = BaseModel.open(path)
-        if _looks_like_an_adapter(model):
+        if _is_an_adapter(Path(path)):
             raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model; register it with "
                                     f"`loraops register {path}`")
         fingerprint = model.fingerprint(progress=progress)
@@ -656,12 +656,15 @@ def module_target(name: str, names_resolved: bool) -> str:
     return name.rsplit(".", 1)[-1] if names_resolved else name
 
 
-LORA_TENSOR = re.compile(r"(^|\.)(lora_(A|B|down|up|embedding_A|embedding_B)(\.|$)|alpha$)")
+def _is_an_adapter(path: Path) -> bool:
+    """Is this a LoRA adapter, given to `base add` by mistake? (The formats' own detection says.)"""
+    from .. import formats
 
-
-def _looks_like_an_adapter(model) -> bool:
-    """Every tensor a LoRA factor (or kohya alpha): an adapter given to `base add` by mistake."""
-    return all(LORA_TENSOR.search(name) for name in model.tensors)
+    try:
+        formats.detect(path)
+    except LoraopsError:
+        return False
+    return True
 
 
 def default_name(path: Path) -> str:
