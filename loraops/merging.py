@@ -138,7 +138,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     early = _streamed_early(base)
     model, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or _references([base, *adapters]))
+        reg = _open_registry(record or _references(base, adapters))
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record)
         model, _ = _streamed(reg, base, early)
@@ -165,7 +165,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
     early = _streamed_early(model) if streamed else None
     merged, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or exact or _references([model, *adapters]))
+        reg = _open_registry(record or exact or _references(model, adapters))
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
@@ -202,10 +202,10 @@ def _open_registry(wanted: bool):
     return Registry.open()
 
 
-def _references(refs) -> bool:
-    """Does any of these arguments name a registry entry rather than an existing path? (--no-record still reads
-    the registry to resolve those.)"""
-    return any(not Path(parse_weighted(str(r))[0]).exists() for r in refs)
+def _references(model, adapters) -> bool:
+    """Does the model or any adapter argument (REF[:W]) name a registry entry rather than an existing path?
+    (--no-record still reads the registry to resolve those.)"""
+    return not Path(model).exists() or any(not Path(parse_weighted(a)[0]).exists() for a in adapters)
 
 
 def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:
