@@ -79,7 +79,7 @@ def combine(
 
     if not inputs:
         raise InvalidInputError("combine needs at least one adapter")
-    spec, parsed = combine_arguments(method, params, rank)
+    spec, parsed = combine_arguments(method, params, rank, [weight for _, weight in inputs])
     adapters = [adapter for adapter, _ in inputs]
     labels = list(labels) if labels is not None else [_label(a, i) for i, a in enumerate(adapters)]
     hints = [a.base_model.rstrip("/") if a.base_model else None for a in adapters]
@@ -141,7 +141,7 @@ def combine(
     return combined, report
 
 
-def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None):
+def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None, weights: Sequence[float] = ()):
     """(method spec, parsed params) after checking combine's arguments alone — callers that register inputs first
     (loraops.derive) call it before touching anything."""
     from .ops.combine import METHODS
@@ -155,6 +155,11 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         raise InvalidInputError(f"rank must be a positive integer (got {rank})")
     if rank is not None and spec.default_rank is None:
         raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --rank to truncate")
+    if getattr(parsed, "normalize", False) and any(w < 0 for w in weights):
+        # the disjoint mean Σwτ/Σw of the agreeing entries undoes a weight's sign, and weights that nearly cancel
+        # divide by almost nothing (mergekit's semantics, but not what a negative weight says elsewhere)
+        raise InvalidInputError(f"{method} with normalize divides by the weights that agree on each entry, so a "
+                                "negative weight would not subtract: use --no-normalize, or the linear method")
     return spec, parsed
 
 

@@ -108,7 +108,7 @@ def combine(
     """Combine registered adapters or paths (with weights) and register the result; see algebra.combine."""
     from .registry import Registry
 
-    algebra.combine_arguments(method, params, rank)
+    algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
     check_arguments(name, output, force)
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]

@@ -75,6 +75,8 @@ def test_every_method_is_tested():
 
 @pytest.mark.parametrize("method, params", CASES)
 def test_method_matches_float64_reference(inputs, method, params):
+    if method == "ties":  # normalized: negative weights are refused (next test)
+        inputs = [(adapter, abs(weight)) for adapter, weight in inputs]
     # lossless rank: the full rank of each output (element-wise results are full-rank matrices)
     rank = None if method in ("cat", "linear", "svd") else 40
     result, report = combine(inputs, method, params, rank=rank, device="cpu")
@@ -86,6 +88,21 @@ def test_method_matches_float64_reference(inputs, method, params):
         assert module.scale == 1.0 and module.alpha == module.rank
     assert report.error_max < 1e-5
     assert {m.name: m.inputs for m in report.modules} == {"a.q": 3, "a.v": 3, "b.o": 1}
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.5}),
+                                            ("dare_ties", {"density": 0.5, "normalize": True})])
+def test_normalized_methods_refuse_negative_weights(inputs, method, params):
+    """The disjoint mean Σwτ/Σw of the agreeing entries undoes a weight's sign: ties(A:-1) is +A, and A:1 with
+    A:-0.9 divides by 0.1. Refused, pointing at --no-normalize (which sums, and then a negative weight subtracts)."""
+    from loraops.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="a negative weight would not subtract: use --no-normalize"):
+        combine(inputs, method, params, device="cpu")
+    negated, _ = combine([(inputs[0][0], -1.0)], method, {**params, "density": 1.0, "normalize": False}, rank=40,
+                         device="cpu")
+    original = inputs[0][0].modules["a.q"].delta(dtype=torch.float64)
+    torch.testing.assert_close(negated.modules["a.q"].delta(dtype=torch.float64), -original, rtol=1e-5, atol=1e-6)
 
 
 def test_cat_and_linear_ranks(inputs):
@@ -104,7 +121,7 @@ def test_cat_and_linear_ranks(inputs):
 
 
 def test_element_wise_default_rank_is_largest_input_rank(inputs):
-    result, report = combine(inputs, "ties", {"density": 0.5}, device="cpu")
+    result, report = combine(inputs, "ties", {"density": 0.5, "normalize": False}, device="cpu")
     assert result.ranks == {"a.q": 5, "a.v": 5, "b.o": 4}
     assert all(m.svd == "exact" and 0 < m.error < 1 for m in report.modules if m.name != "b.o")
 
