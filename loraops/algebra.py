@@ -39,9 +39,12 @@ def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> Non
     for adapter, label in zip(adapters, labels):
         if adapter.full_tensors:
             names = ", ".join(sorted(adapter.full_tensors)[:3])
+            adapted = {m.weight_name for m in adapter.modules.values()}
+            how = ("re-save it with PEFT's save_pretrained(..., save_embedding_layers=False) if the embeddings were "
+                   "not resized" if adapted & adapter.full_tensors.keys() else "drop them from the adapter first")
             raise InvalidInputError(
-                f"{label} carries full replacement tensors (modules_to_save: {names}); a weighted combination of "
-                "replaced weights is not defined, so combine refuses them — drop them from the adapter first"
+                f"{label} carries full replacement tensors (modules_to_save or saved layers: {names}); a weighted "
+                f"combination of replaced weights is not defined, so combine refuses them: {how}"
             )
     if len({a.names_resolved for a in adapters}) > 1:
         raise MismatchError("some inputs have unresolved kohya module names: bind them to their base first")
