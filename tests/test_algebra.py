@@ -168,7 +168,7 @@ def test_mismatched_modules_and_full_tensors_refused():
     with pytest.raises(MismatchError, match="module m.q differs between inputs"):
         combine([(a, 1), (b, 1)], "cat")
     a.full_tensors["lm_head.weight"] = torch.zeros(3, 3)
-    with pytest.raises(InvalidInputError, match="modules_to_save: lm_head.weight"):
+    with pytest.raises(InvalidInputError, match="modules_to_save or saved layers: lm_head.weight"):
         combine([(a, 1)], "cat")
 
 
