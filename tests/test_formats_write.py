@@ -197,3 +197,15 @@ def test_writers_are_byte_stable(llama, tmp_path, fmt):
         data = out / "adapter_model.safetensors" if fmt == "peft" else out
         digests.add(hashlib.sha256(data.read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_a_diffusers_flux_lora_is_not_written_under_made_up_kohya_names(tmp_path):
+    """kohya's FLUX/SD3 names are the original checkpoint's paths (double_blocks…, q/k/v fused);
+    lora_unet_single_transformer_blocks_… loads in no FLUX loader (diffusers rejects it), so it is refused."""
+    tensors = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 8),
+               "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(8, 2)}
+    st.write_safetensors(tmp_path / "flux.safetensors", tensors)
+    adapter = read_adapter(tmp_path / "flux.safetensors")
+    with pytest.raises(FormatError, match="no kohya names of its own: bind it to a single-file FLUX/SD3 checkpoint"):
+        write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    assert not (tmp_path / "k.safetensors").exists()

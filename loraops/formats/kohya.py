@@ -123,6 +123,13 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     sdxl = is_sdxl(adapter)
     split = {name: component_of(adapter, name, sdxl=sdxl) for name in adapter.modules}
     components = {component for component, _ in split.values()}
+    if "transformer" in components:
+        # sd-scripts, ComfyUI and diffusers' kohya converter know a FLUX/SD3 transformer only by the original
+        # checkpoint's paths (double_blocks…, joint_blocks…), q/k/v fused: lora_unet_<diffusers path> loads nowhere
+        raise FormatError(
+            "a diffusers FLUX/SD3 transformer LoRA has no kohya names of its own: bind it to a single-file FLUX/SD3 "
+            "checkpoint (register it with --base <that checkpoint>) to write it as kohya, or write it as diffusers"
+        )
     out = {}
     for name, (component, rest) in split.items():
         if component == "text_encoder" and "text_encoder_2" in components:
