@@ -213,6 +213,11 @@ def _folder_part(folder: Path, prefix: str) -> Part:
             if not shard.exists():
                 raise NotFoundError(f"{folder / name}: shard listed in {index.name} is missing")
             files.append(folder / name)
+        # a shard of the same set that the index does not list: its tensors would be missing from the model
+        stem = index.name.removesuffix(".index.json").removesuffix(".safetensors")
+        unlisted = sorted(p.name for p in folder.glob(f"{stem}-*-of-*.safetensors") if p.name not in shard_names)
+        if unlisted:
+            raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
         return Part(prefix, folder, files, index)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -59,6 +59,18 @@ def test_missing_shard_and_bad_index(tmp_path):
         BaseModel.open(folder)
 
 
+def test_an_index_that_leaves_out_a_shard_is_refused(tmp_path):
+    """Without it, the shard's tensors would only show up as an adapter's modules 'not in base'."""
+    folder = tiny_llama(tmp_path / "m", shard_size="60KB")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != last}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(FormatError, match=f"does not list {last}, a shard of the same model"):
+        BaseModel.open(folder)
+
+
 def test_pickle_only_folder(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
     with pytest.raises(FormatError, match="pickle"):
