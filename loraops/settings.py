@@ -35,9 +35,19 @@ def db_url() -> str:
 
 
 def blobs_dir() -> Path:
-    """Content-addressed adapter store: $LORAOPS_BLOBS (a shared folder for a team), else <home>/blobs."""
+    """Content-addressed adapter store: $LORAOPS_BLOBS (a shared folder for a team); else, for an SQLite registry
+    other than the home's, a folder beside its file (<file>.blobs); else <home>/blobs. One store per registry:
+    `gc` and `rm` of one registry remove the files no record of *its own* uses, so two registries on one store
+    would delete each other's adapters (a second --db file once defaulted to the home's store)."""
     explicit = os.environ.get(ENV_BLOBS)
-    return Path(explicit).expanduser() if explicit else home() / "blobs"
+    if explicit:
+        return Path(explicit).expanduser()
+    url = os.environ.get(ENV_DB, "")
+    if url.startswith("sqlite:///") and "?" not in url:
+        database = Path(url[len("sqlite:///"):]).expanduser()
+        if database.name not in ("", ":memory:") and database.resolve() != (home() / "registry.db").resolve():
+            return database.with_name(database.name + ".blobs")
+    return home() / "blobs"
 
 
 def progress_enabled() -> bool:

@@ -279,3 +279,18 @@ def test_a_registry_in_a_folder_that_cannot_be_written_is_read_only(art, isolate
     finally:
         subprocess.run(undo, check=True)
     assert [r.name for r in Registry.open().list_adapters()] == ["ad1"]
+
+
+@pytest.mark.sqlite_only
+def test_a_second_sqlite_registry_keeps_its_own_blob_store(art, isolated_home, tmp_path):
+    """gc and rm remove the stored files no record of their own registry uses: a second registry on the home's
+    store deleted the first one's adapters. An SQLite registry elsewhere keeps its files beside it."""
+    first = f"sqlite:///{isolated_home / 'registry.db'}"  # --db sets LORAOPS_DB for the rest of this process
+    cli("--db", first, "register", art["ad1"], "--name", "first")
+    second = f"sqlite:///{tmp_path / 'second.db'}"
+    cli("--db", second, "register", art["kohya"], "--name", "other")
+    assert (tmp_path / "second.db.blobs").is_dir()
+    cli("--db", second, "gc", "--grace", "0")
+    cli("--db", second, "rm", "other")
+    cli("--db", second, "gc", "--grace", "0")
+    assert cli("--db", first, "verify").output.startswith("all stored files of 1 adapter(s) match")
