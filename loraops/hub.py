@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
 
@@ -39,6 +39,9 @@ SOURCE_PREFIX = "hf://"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 CARD = "README.md"
+# What pull takes first at a repo's root (select_adapter_files): a push of another layout removes them, or pulling
+# the pushed commit back would give the adapter they hold
+CANONICAL_ADAPTER_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS, "adapter_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -371,10 +374,12 @@ class Upload:
 
 
 def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, private: bool = False,
-           revision: str | None = None, create_pr: bool = False, token: str | None = None) -> Upload:
+           revision: str | None = None, create_pr: bool = False, token: str | None = None,
+           remove: Iterable[str] = ()) -> Upload:
     """One atomic commit of ``files`` (repo path → local file or bytes) to ``repo_id``, creating the repo (private if
-    asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead."""
-    from huggingface_hub import CommitOperationAdd
+    asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead.
+    The repo paths in ``remove`` that the branch holds are deleted in the same commit."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     ref = parse_repo_ref(repo_id)
     if ref.revision:
@@ -391,6 +396,10 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
             api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
+        remove = set(remove) - set(files)
+        if remove:
+            present = set(api.list_repo_files(ref.repo_id, revision=branch))
+            operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remove & present)]
         info = api.create_commit(ref.repo_id, operations=operations, commit_message=message, revision=branch,
                                  create_pr=create_pr)
     return Upload(ref.repo_id, branch, info.oid, info.commit_url, info.pr_url)
@@ -634,8 +643,9 @@ def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: b
             paths = formats.adapter_files(formats.write_adapter(registry.load_adapter(ref), dest, fmt))
         files: dict[str, Path | bytes] = {p.name: p for p in paths}
         files[CARD] = render_card(card_info(registry, record, fmt)).encode()
+        # an adapter already at the repo's root under the names pull looks for first would shadow this one
         done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
-                      revision=revision, create_pr=create_pr, token=token)
+                      revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES)
     if not create_pr:
         registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
     return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from loraops import hub
+from loraops import formats, hub
 from loraops.cli import main
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
@@ -225,3 +225,19 @@ def test_a_hub_base_whose_weights_are_also_registered_locally_still_merges(fake_
                                       "--no-record"])
         assert merged.exit_code == 0, merged.output
     assert (tmp_path / "tiny" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+
+
+def test_a_push_in_another_layout_replaces_the_adapter_pull_would_take(fake_hub, adapters, registry, tmp_path):
+    """A repo holding a PEFT adapter gets a kohya push (on main, or on a new branch, which starts from main): the
+    PEFT pair, which pull takes first, goes in the same commit, so pulling the pushed commit gives the pushed
+    adapter (it gave the old one)."""
+    registry.add_base(adapters["base"], name="tiny")
+    registry.add_adapter(adapters["a"], name="old", base="tiny")
+    registry.add_adapter(adapters["b"], name="new", base="tiny")
+    hub.push(registry, "old", "me/mix", token="hf_owner")
+    for revision in ("main", "kohya"):
+        done = hub.push(registry, "new", "me/mix", fmt="kohya", revision=revision, token="hf_owner")
+        held = set(fake_hub.files("me/mix", revision))
+        assert "adapter_config.json" not in held and "adapter_model.safetensors" not in held and "new.safetensors" in held
+        download = hub.download_adapter(f"me/mix@{done.commit}")
+        assert formats.read_adapter(download.adapter_path).format == "kohya"
