@@ -61,9 +61,9 @@ def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False) 
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
-    if is_dir:
-        tmp.mkdir()
-    try:
+    try:  # from the mkdir on: a Ctrl-C right after it must not leave the folder
+        if is_dir:
+            tmp.mkdir()
         yield tmp
         fsync_tree(tmp)
         if path.exists():

@@ -43,11 +43,11 @@ def _child(request: dict) -> None:
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        from loraops.cli import main
+        from loraops.cli import exit_status
 
-        main.main(args=request["args"], prog_name="loraops")
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exit_status(request["args"])  # what the `loraops` program exits with
+    except KeyboardInterrupt:  # a SIGINT before the program started: what Python does then
+        code = 130
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

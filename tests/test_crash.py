@@ -199,12 +199,14 @@ def test_merge_interrupted_at_random_points(forks, tmp_path):
         log = (tmp_path / f"log{i}").read_text()
         assert status in (0, 130), log
         if status == 130:
-            messages[f"m{i}"] = log.strip().splitlines()[-1]
+            messages[f"m{i}"] = (log.strip().splitlines() or [""])[-1]
     assert messages, f"no run was interrupted: {typical=}"
     assert not [p.name for p in out.iterdir() if TMP_MARK in p.name]
     with Registry.open() as reg:
         recorded = {Path(b.path).name for b in reg.list_bases() if b.derived}
     for name, message in messages.items():
+        if message in ("", "error: interrupted"):  # before the command was dispatched or after it returned
+            continue
         if not (out / name).exists():
             assert message == "error: interrupted; nothing was written", message
             continue

@@ -294,3 +294,23 @@ def test_a_second_sqlite_registry_keeps_its_own_blob_store(art, isolated_home, t
     cli("--db", second, "rm", "other")
     cli("--db", second, "gc", "--grace", "0")
     assert cli("--db", first, "verify").output.startswith("all stored files of 1 adapter(s) match")
+
+
+def test_a_damaged_stored_copy_is_not_used_and_registering_the_original_repairs_it(art):
+    """A stored file that changed (or went missing) is refused where the adapter is loaded, not merged silently
+    under the record's sha256; registering the original again, as `verify` advises, restores it."""
+    from pathlib import Path
+
+    cli("base", "add", art["base"], "--name", "llama-tiny")
+    cli("register", art["ad1"], "--name", "chat", "--base", "llama-tiny")
+    with Registry.open() as reg:
+        stored = Path(reg.get_adapter("chat").path) / "adapter_model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0x01
+    stored.write_bytes(bytes(data))
+    out = art["dir"] / "damaged-merge"
+    result = cli("merge", "chat", "--into", "llama-tiny", "-o", out, "--no-record", code=6)
+    assert "its stored copy" in result.output and "is changed (sha256" in result.output and not out.exists()
+    assert cli("register", art["ad1"]).output.startswith("already registered as chat@1")
+    assert cli("verify").output.startswith("all stored files of 1 adapter(s) match")
+    cli("merge", "chat", "--into", "llama-tiny", "-o", out, "--no-record")

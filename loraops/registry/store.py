@@ -346,9 +346,11 @@ class Registry:
         # Under the shard lock: a concurrent `rm` of the same bytes cannot delete the blob between put and insert.
         with self.blobs.lock(identity):
             with self.session() as s:
-                existing = s.scalar(select(SqlAdapter.id).where(SqlAdapter.sha256 == identity))
+                row = s.scalar(select(SqlAdapter).where(SqlAdapter.sha256 == identity))
+                existing = None if row is None else (row.id, row.blob, row.files)
             if existing is not None:
-                return self._add_tags(existing, tags), False
+                self._repair(identity, existing[1], existing[2], files)
+                return self._add_tags(existing[0], tags), False
             return self._store_and_insert(path, name, identity, key, files, adapter, base_id, alpha, source, tags,
                                           lineage, progress)
 
@@ -466,8 +468,12 @@ class Registry:
             row = self._find_adapter(s, ref)
             path, alpha, base_id = self.blobs.path(row.blob), row.alpha_override, row.base_id
             manifest = self._manifest(s, base_id) if base_id is not None else None
-        if not path.exists():
-            raise NotFoundError(f"adapter {row.name}@{row.version}: its stored copy {path} is missing (run `loraops verify`)")
+        problems = self._stored_problems(row.blob, row.files)
+        if problems:
+            where, what = problems[0]
+            state = what if what == "missing" else f"changed ({what})"
+            raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
+                                "used; `loraops register` its original again to repair it (`loraops verify` checks all)")
         adapter = replace(formats.read_adapter(path, alpha=alpha), ref=f"{row.name}@{row.version}")
         return check.bind(adapter, manifest) if manifest is not None else adapter
 
@@ -548,21 +554,37 @@ class Registry:
             rows = [(f"{r.name}@{r.version}", r.blob, r.files) for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
         total = sum(f["size"] for _, _, files in rows for f in files)
         bar = settings.progress_bar(total, "verify", progress)
-        problems = []
         try:
-            for label, key, files in rows:
-                folder = self.blobs.root / folder_of(key)
-                for f in files:
-                    path = folder / f["name"]
-                    if not path.is_file():
-                        problems.append(BlobProblem(label, str(path), "missing"))
-                        continue
-                    actual = sha256_file(path, progress=bar)
-                    if actual != f["sha256"]:
-                        problems.append(BlobProblem(label, str(path), f"sha256 {actual[:12]}… ≠ recorded {f['sha256'][:12]}…"))
+            return [BlobProblem(label, path, problem) for label, key, files in rows
+                    for path, problem in self._stored_problems(key, files, bar)]
         finally:
             bar.close()
+
+    def _stored_problems(self, key: str, files: list[dict], progress=None) -> list[tuple[str, str]]:
+        """(path, what is wrong) for each stored file of a record that is missing or no longer its recorded bytes."""
+        folder = self.blobs.root / folder_of(key)
+        problems = []
+        for f in files:
+            path = folder / f["name"]
+            if not path.is_file():
+                problems.append((str(path), "missing"))
+                continue
+            actual = sha256_file(path, progress=progress)
+            if actual != f["sha256"]:
+                problems.append((str(path), f"sha256 {actual[:12]}… ≠ recorded {f['sha256'][:12]}…"))
         return problems
+
+    def _repair(self, identity: str, key: str, recorded: list[dict], sources: list[Path]) -> None:
+        """Registering an adapter again repairs its stored copy when that went missing or changed (what `verify`
+        advises), from sources whose bytes are exactly the recorded ones. Call with the shard lock held."""
+        if not self._stored_problems(key, recorded):
+            return
+        by_name = {f["name"]: f["sha256"] for f in recorded}
+        if {p.name: sha256_file(p) for p in sources} != by_name:
+            raise ConflictError(f"the stored copy of this adapter is damaged and {sources[0]} is not byte for byte "
+                                "what was registered, so it cannot repair it; `loraops rm` the record and register again")
+        self.refuse_writes()
+        self.blobs.put(identity, sources)
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
         """Remove stored adapter folders no record uses, and temp files of interrupted copies; returns each with its
