@@ -237,12 +237,14 @@ def _xet_hint(action: str, ref: RepoRef | str) -> str:
 # ---- names -----------------------------------------------------------------------------------------------------
 
 
-def check_repo_names(names: list[str], ref: RepoRef | str) -> None:
-    """Refuse file names that would land outside the download folder (``..``, absolute paths, backslashes)."""
+def check_repo_names(names: list[str], ref: RepoRef | str, *, given: bool = False) -> None:
+    """Refuse file names that would land outside the download folder (``..``, absolute paths, backslashes): a
+    repo's listing that holds one is the Hub's problem (HubError); a name the user ``given`` is bad input."""
     for name in names:
         parts = PurePosixPath(name).parts
         if not name or name.startswith("/") or "\\" in name or ".." in parts or (parts and ":" in parts[0]):
-            raise HubError(f"{ref}: refusing file name {name!r}, which would escape the download folder")
+            error = InvalidInputError if given else HubError
+            raise error(f"{ref}: refusing file name {name!r}, which would escape the download folder")
 
 
 def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | None = None) -> list[str]:
@@ -333,7 +335,7 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     if subpath:
-        check_repo_names([subpath.rstrip("/")], ref)  # before anything is asked or cached
+        check_repo_names([subpath.rstrip("/")], ref, given=True)  # before anything is asked or cached
     commit = resolve_commit(ref, token)
     revision = ResolvedRevision(resolved=commit, initial=ref.revision, repo_id=ref.repo_id)
     with hub_errors(ref, "pull"), _progress():

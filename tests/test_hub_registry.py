@@ -133,6 +133,8 @@ def test_cli_pull_push_and_errors(fake_hub, adapters):
     assert missing.output.startswith("error: repository someone/nope not found on http://127.0.0.1:")
     forbidden = runner.invoke(main, ["push", "anime", "someone/anime", "--token", "hf_owner"])
     assert forbidden.exit_code == 7 and "forbids you to push to someone/anime@main" in forbidden.output
+    escaping = runner.invoke(main, ["pull", "someone/anime-lora", "--file", "../evil.safetensors"])
+    assert escaping.exit_code == 2 and "refusing file name '../evil.safetensors'" in escaping.output  # bad input
     bad = runner.invoke(main, ["pull", "not a repo"])
     assert bad.exit_code == 2 and bad.output == "error: 'not a repo' is not a Hub repo id (expected owner/name[@revision])\n"
 

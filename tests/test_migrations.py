@@ -95,6 +95,12 @@ def test_newer_revision_is_refused():
         c.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
     with pytest.raises(RegistryError, match=r"^this registry was written by a newer loraops \(revision f00d\); upgrade loraops$"):
         Registry.open()
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    shown = CliRunner().invoke(main, ["db", "current"]).output  # not "run `loraops db upgrade`", which refuses
+    assert shown.endswith(f"revision f00d (written by a newer loraops; this one's head is {db.HEAD}: upgrade loraops)\n")
 
 
 @pytest.mark.sqlite_only

@@ -48,6 +48,8 @@ def current() -> None:
         state = "(head)"
     elif revision is None:
         state = f"(empty; head is {regdb.HEAD}: any command creates it, or `loraops db upgrade`)"
+    elif not regdb.known_revision(revision):
+        state = f"(written by a newer loraops; this one's head is {regdb.HEAD}: upgrade loraops)"
     else:
         state = f"(head is {regdb.HEAD}: run `loraops db upgrade`)"
     click.echo(f"{_url(engine)}: revision {revision or 'none'} {state}")

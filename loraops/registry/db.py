@@ -156,6 +156,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         raise RegistryError(f"cannot migrate the registry at {_safe(engine)}: {_first_line(exc)}") from None
 
 
+def known_revision(revision: str) -> bool:
+    """Is this a schema revision this loraops has a migration script for (else a newer loraops wrote it)?"""
+    from alembic.script import ScriptDirectory
+
+    return _known(ScriptDirectory.from_config(alembic_config()), revision)
+
+
 def _known(script, revision: str) -> bool:
     try:
         return script.get_revision(revision) is not None
