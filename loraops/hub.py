@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -373,6 +374,7 @@ class Upload:
     commit: str
     commit_url: str
     pr_url: str | None = None
+    changed: bool = True
 
 
 def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, private: bool = False,
@@ -402,9 +404,16 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
         if remove:
             present = set(api.list_repo_files(ref.repo_id, revision=branch))
             operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remove & present)]
-        info = api.create_commit(ref.repo_id, operations=operations, commit_message=message, revision=branch,
-                                 create_pr=create_pr)
-    return Upload(ref.repo_id, branch, info.oid, info.commit_url, info.pr_url)
+        head = api.repo_info(ref.repo_id, revision=branch).sha
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)  # its "No files have been modified" warning: we say it in our own words
+        try:
+            info = api.create_commit(ref.repo_id, operations=operations, commit_message=message, revision=branch,
+                                     create_pr=create_pr)
+        finally:
+            hub_log.setLevel(level)
+    return Upload(ref.repo_id, branch, info.oid, info.commit_url, info.pr_url, changed=info.oid != head)
 
 
 # ---- model card ------------------------------------------------------------------------------------------------
@@ -651,7 +660,7 @@ def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: b
     if not create_pr:
         registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
     return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
-                      commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url)
+                      commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 
 
 def card_info(registry, record, fmt: str) -> CardInfo:

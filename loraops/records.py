@@ -292,6 +292,8 @@ class PushRecord(Record):
     commit: str
     commit_url: str
     pr_url: str | None = None
+    changed: bool = True
+    """False when the branch already held exactly these files: the Hub made no commit (``commit`` is its head)."""
 
 
 class DerivedRecord(Record):

@@ -124,6 +124,9 @@ def test_cli_pull_push_and_errors(fake_hub, adapters):
     pushed = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner", "--json"])
     assert pushed.exit_code == 0, pushed.output
     assert '"repo_id": "me/anime"' in pushed.output
+    again = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
+    assert again.exit_code == 0 and again.output.startswith("nothing to push: me/anime@main already holds anime@1 (peft)")
+    assert "No files have been modified" not in again.output
     unchanged = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner", "--create-pr"])
     assert unchanged.exit_code == 0, unchanged.output
     assert unchanged.output.endswith("  pull request  none: me/anime@main already has these files\n")

@@ -56,7 +56,11 @@ def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt
     if as_json:
         echo_json(done)
         return
-    click.echo(f"pushed {done.adapter} ({done.format}) to {done.repo_id}@{done.revision}: commit {done.commit[:12]}")
+    if done.changed or done.pr_url:
+        click.echo(f"pushed {done.adapter} ({done.format}) to {done.repo_id}@{done.revision}: commit {done.commit[:12]}")
+    else:
+        click.echo(f"nothing to push: {done.repo_id}@{done.revision} already holds {done.adapter} ({done.format}), "
+                   f"commit {done.commit[:12]}")
     click.echo(f"  files   {', '.join(done.files)}")
     click.echo(f"  commit  {done.commit_url}")
     if done.pr_url:
