@@ -196,7 +196,10 @@ def test_merge_interrupted_at_random_points(forks, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
         status = forks.wait()
-        log = (tmp_path / f"log{i}").read_text()
+        log_file = tmp_path / f"log{i}"
+        log = log_file.read_text() if log_file.exists() else ""
+        if status == 70 and not log:  # the fork server's child, interrupted before the loraops program began
+            continue
         assert status in (0, 130), log
         if status == 130:
             messages[f"m{i}"] = (log.strip().splitlines() or [""])[-1]

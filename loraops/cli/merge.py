@@ -33,7 +33,7 @@ def merge(adapters, base, output, dtype, device, precise, force, name, no_record
 
     report = merging.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
                           precise=precise, force=force)
-    _render(report, as_json)
+    _render_done(report, as_json)
 
 
 @click.command()
@@ -48,7 +48,16 @@ def subtract(adapters, model, exact, output, dtype, device, precise, force, name
 
     report = merging.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
                              device=device, precise=precise, force=force)
-    _render(report, as_json)
+    _render_done(report, as_json)
+
+
+def _render_done(report, as_json: bool) -> None:
+    """The summary of a finished run: a Ctrl-C while it prints must not say nothing was written."""
+    try:
+        _render(report, as_json)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted after {report.output} was written in full"
+                                + (" and recorded" if report.name else "")) from None
 
 
 def _render(report, as_json: bool) -> None:
