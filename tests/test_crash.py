@@ -200,6 +200,9 @@ def test_merge_interrupted_at_random_points(forks, tmp_path):
         log = log_file.read_text() if log_file.exists() else ""
         if status == 70 and not log:  # the fork server's child, interrupted before the loraops program began
             continue
+        if status == 6:  # PostgreSQL: the interrupt broke the recording's query, which then failed as such
+            assert f"{out / f'm{i}'} was written, but recording it in the registry failed" in log, log
+            continue
         assert status in (0, 130), log
         if status == 130:
             messages[f"m{i}"] = (log.strip().splitlines() or [""])[-1]
