@@ -322,21 +322,30 @@ def test_peft_saved_embedding_layer_merges_like_peft(tmp_path):
     assert formats.peft.load_config(tmp_path / "written" / "adapter_config.json")["bias"] == "none"
 
 
+def tied_base_stored_twice(path):
+    """A tied Llama (tie_word_embeddings) saved with lm_head.weight too, a byte-identical copy of the embeddings, as
+    some exporters write it; returns its state."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(path)
+    state = load_file(path / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return state
+
+
 @pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
 def test_a_tied_parameter_stored_twice_gets_the_delta_in_both_copies(tmp_path, target):
     """A tied model (tie_word_embeddings) whose file also holds lm_head.weight, a byte-identical copy of the
     embeddings (some exporters write it): PEFT changes the one shared tensor, so both copies must change, or
     transformers loads the model untied with the old head."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
-    state = load_file(tmp_path / "base" / "model.safetensors")
-    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
-    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    state = tied_base_stored_twice(tmp_path / "base")
     model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
         r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False))
     model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
@@ -461,17 +470,9 @@ def test_a_tensor_replaced_by_one_adapter_and_changed_by_another_is_refused(tmp_
 def test_a_tied_parameter_stored_twice_gets_a_replacement_in_both_copies(tmp_path):
     """modules_to_save on embed_tokens of a tied model whose file also holds lm_head.weight: both copies take the
     new value, or the output loads untied."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from loraops.adapter import Adapter
 
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
-    state = load_file(tmp_path / "base" / "model.safetensors")
-    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
-    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    tied_base_stored_twice(tmp_path / "base")
     new = torch.randn(100, 64)
     saved = Adapter(modules={}, format="peft", full_tensors={"model.embed_tokens.weight": new})
     engine.merge(tmp_path / "base", [(saved, 1.0)], tmp_path / "out", device="cpu")
