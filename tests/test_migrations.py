@@ -75,6 +75,8 @@ def test_empty_database_is_created_on_open():
 
 @pytest.mark.empty_db
 def test_old_revision_is_upgraded_on_open_keeping_rows():
+    """SQLite alters a table by copying and dropping it; with foreign keys enforced, dropping `adapters` deleted
+    every module and tag (ON DELETE CASCADE) and dropping `bases` unlinked every adapter (SET NULL)."""
     eng = engine()
     db.upgrade(eng, "0001")
     with eng.begin() as c:
@@ -82,10 +84,35 @@ def test_old_revision_is_upgraded_on_open_keeping_rows():
             "INSERT INTO bases (name, fingerprint, source, path, num_tensors, num_parameters, dtype, total_bytes, created)"
             " VALUES ('old', 'ab12cd34', 'src', NULL, 1, 4, 'F32', 16, CURRENT_TIMESTAMP)"
         ))
+        c.execute(text(
+            "INSERT INTO adapters (sha256, weights_sha256, name, version, format, dtype, size, num_parameters, rank,"
+            " alpha, scale_mode, target_modules, base_id, blob, files, created) SELECT 'id1', 'w1', 'style', 1,"
+            " 'peft', 'F32', 1, 8, 4, 8, 'standard', '[\"q_proj\"]', id, 'ab/cd', '[]', CURRENT_TIMESTAMP FROM bases"
+        ))
+        c.execute(text(
+            "INSERT INTO adapter_modules (adapter_id, name, target, kind, rank, alpha, scale, in_features,"
+            " out_features) SELECT id, 'layers.0.q_proj', 'q_proj', 'linear', 4, 8, 2, 4, 4 FROM adapters"
+        ))
+        c.execute(text("INSERT INTO adapter_tags (adapter_id, tag) SELECT id, 'kept' FROM adapters"))
+
+    def rows():
+        with eng.connect() as c:
+            return c.execute(text(
+                "SELECT a.name, b.name, m.target, t.tag FROM adapters a JOIN bases b ON a.base_id = b.id"
+                " JOIN adapter_modules m ON m.adapter_id = a.id JOIN adapter_tags t ON t.adapter_id = a.id"
+            )).all()
+
+    assert rows() == [("style", "old", "q_proj", "kept")]
     with Registry.open() as reg:
         assert reg.revision() == db.HEAD
         base = reg.get_base("old")
         assert base.fingerprint == "ab12cd34" and base.derived is False and base.lineage is None
+    assert rows() == [("style", "old", "q_proj", "kept")]
+    db.downgrade(eng, "0001")
+    assert rows() == [("style", "old", "q_proj", "kept")]
+    if eng.dialect.name == "sqlite":
+        with eng.connect() as c:
+            assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # enforcement back on after migrating
 
 
 def test_newer_revision_is_refused():

@@ -150,6 +150,16 @@ def test_rm_versions_blobs_and_lineage(reg, art):
         reg.remove_adapter("ad1")
 
 
+def test_ids_of_removed_adapters_and_bases_are_never_reused(reg, art):
+    """`show 2` must never name another adapter later (SQLite reuses a removed last rowid without AUTOINCREMENT)."""
+    base = reg.add_base(art["base"])
+    adapter = reg.add_adapter(art["ad1"])
+    reg.remove_adapter(adapter.ref)
+    reg.remove_base(base.name, force=True)
+    assert reg.add_base(art["base"]).id > base.id
+    assert reg.add_adapter(art["ad1"]).id > adapter.id
+
+
 def test_bases_idempotent_conflicts_derived_and_rm(reg, art, tmp_path):
     b, created = reg.register_base(art["base"])
     assert created and b.name == "llama" and b.num_tensors == 21 and b.dtype == "F32" and not b.derived

@@ -138,7 +138,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     script = ScriptDirectory.from_config(config)
     try:
         # Alembic's migration context is process-global: one migration at a time per process, too.
-        with _MIGRATING, writer(engine).begin() as connection:
+        with _MIGRATING, _migrating(engine) as connection:
             if connection.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             current = current_revision(connection)
@@ -174,9 +174,34 @@ def downgrade(engine: Engine, revision: str) -> None:
     from alembic import command
 
     config = alembic_config()
-    with _MIGRATING, writer(engine).begin() as connection:
+    with _MIGRATING, _migrating(engine) as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, revision)
+
+
+@contextlib.contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A write transaction for a migration. On SQLite, foreign-key enforcement is off inside it: Alembic alters an
+    SQLite table by copying it, dropping the original and renaming the copy, and with enforcement on, dropping
+    `adapters` deletes every module and tag row (ON DELETE CASCADE) and dropping `bases` unlinks every adapter
+    (SET NULL). The pragma only takes effect outside a transaction, so it is set before BEGIN; the keys are checked
+    before the commit instead, and enforcement is back on before the connection returns to the pool."""
+    connection = writer(engine).connect()
+    sqlite = connection.dialect.name == "sqlite"
+    try:
+        if sqlite:
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+        with connection.begin():
+            yield connection
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
+                if broken is not None:
+                    raise RegistryError(f"the migration would break a reference from table {broken[0]!r}; "
+                                        "the registry was left as it was")
+    finally:
+        if sqlite:
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")
+        connection.close()
 
 
 def alembic_config():

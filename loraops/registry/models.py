@@ -2,7 +2,8 @@
 them to the pydantic records of loraops.records.
 
 Portable on purpose (SQLite and PostgreSQL): generic types only, JSON columns, named constraints (so Alembic
-can alter them on both), and the uniqueness rules that make concurrent registration safe live in the schema:
+can alter them on both), ids of adapters, bases and lineage never reused (SQLite: AUTOINCREMENT, as PostgreSQL's
+sequences), and the uniqueness rules that make concurrent registration safe live in the schema:
 one adapter per identity sha, one (name, version), one base per name and per fingerprint.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class SqlLineage(Base):
     """One operation that produced an adapter or a base (merge, combine, resize, pull, ...)."""
 
     __tablename__ = "lineage"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     op: Mapped[str] = mapped_column(String(64))
@@ -69,6 +71,7 @@ class SqlBase(Base):
     """A base model on local disk (never copied: bases are large). ``path`` is where its files were last seen."""
 
     __tablename__ = "bases"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
@@ -107,7 +110,7 @@ class SqlBaseTensor(Base):
 
 class SqlAdapter(Base):
     __tablename__ = "adapters"
-    __table_args__ = (UniqueConstraint("name", "version"),)
+    __table_args__ = (UniqueConstraint("name", "version"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True)

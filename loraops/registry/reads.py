@@ -23,7 +23,7 @@ from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryE
 from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
 from .blobs import BlobStore
 
-HEAD = "0002"
+HEAD = "0003"
 """The schema revision this code reads and writes: the newest under migrations/versions (a test checks it)."""
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
