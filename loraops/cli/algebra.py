@@ -30,7 +30,7 @@ def output_options(fn):
 
 
 def compute_options(fn):
-    fn = click.option("--precise", is_flag=True, help="Compute in float64 (combine's element-wise methods then use an exact dense SVD).")(fn)
+    fn = click.option("--precise", is_flag=True, help="Compute in float64 (and re-factorize a dense delta by an exact SVD, never the randomized one).")(fn)
     return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
 
 
