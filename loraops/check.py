@@ -45,8 +45,18 @@ SHOWN = 5
 # it once, as the embeddings (some exporters under both names, T5 even under three).
 TIED_HEADS = ("lm_head", "embed_out")
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
-TIED_HEAD_NOTE = (": a model with tied embeddings stores only its input embeddings, which a LoRA on its head would "
-                  "change too, as PEFT's merge does; loraops does not merge into tied heads")
+
+
+def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
+    """The input embeddings a base shares with the output head ``weight_name`` that it does not store (a tied model),
+    or None. Several of the head's shape (T5 stores its shared embeddings three times): the head's own sub-model's
+    first, then the shallowest."""
+    module = weight_name.removesuffix(".weight")
+    if weight_name in manifest or module.rsplit(".", 1)[-1] not in TIED_HEADS:
+        return None
+    owner = module.rpartition(".")[0]
+    candidates = [t for t, info in manifest.items() if t.endswith(INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
+    return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t), default=None)
 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
@@ -237,10 +247,11 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     for name, module in bound.modules.items():
         info = manifest.get(module.weight_name)
         if info is None:
-            missing.append(name)
-            if name.rsplit(".", 1)[-1] in TIED_HEADS and any(
-                    t.endswith(INPUT_EMBEDDINGS) and tuple(i.shape) == tuple(module.weight_shape) for t, i in manifest.items()):
+            if tied_head_source(module.weight_name, module.weight_shape, manifest) is not None:
                 tied_heads.append(name)
+                matched += 1
+            else:
+                missing.append(name)
             continue
         expected = tuple(info.shape) if module.fused is None else (module.fused[2], *info.shape[1:])
         if expected != tuple(module.weight_shape):
@@ -250,7 +261,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             matched += 1
     full_mismatches = []
     for name, tensor in bound.full_tensors.items():
-        info = manifest.get(name)
+        info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
@@ -264,7 +275,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
 def misfits(report: CheckReport) -> list[str]:
     """One short phrase per problem, for one-line messages."""
     out = [f"{m.name} (adapter {fmt_shape(m.actual)}, base {fmt_shape(m.expected)})" for m in report.shape_mismatches]
-    out += [f"{n} (not in base{TIED_HEAD_NOTE if n in report.tied_heads else ''})" for n in report.missing]
+    out += [f"{n} (not in base)" for n in report.missing]
     out += [f"{n} (several base modules match)" for n in report.ambiguous]
     out += [
         f"{m.name} (full tensor {fmt_shape(m.actual)}, " + ("not in base)" if m.expected is None else f"base {fmt_shape(m.expected)})")

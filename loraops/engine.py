@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
-from .check import INPUT_EMBEDDINGS, TIED_HEADS
+from .check import INPUT_EMBEDDINGS, TIED_HEADS, tied_head_source
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, refuse_overlap,
                      remove_stale_temps)
@@ -73,16 +73,23 @@ class _Tensor:
     """One output tensor: where its bytes come from and what happens to them."""
 
     name: str
-    """Full name in the base manifest (with a diffusers component prefix)."""
+    """Full name in the base manifest (with a diffusers component prefix), or an untied head's."""
     info: TensorInfo
     out_dtype: str
     terms: list[tuple[LoraModule, float]] = field(default_factory=list)
     """(module, wᵢ·sᵢ) for every adapter that changes this tensor."""
     replacement: "torch.Tensor | None" = None
+    new_name: str | None = None
+    """Name in the output file of a tensor the base does not have: an untied head, whose values start from the input
+    embeddings in ``info``."""
     digest: str | None = None
     """sha256 hex of the output bytes, when known (fingerprinting)."""
     source_digest: str | None = None
     """sha256 hex of the base tensor's bytes, when known (fingerprinting)."""
+
+    @property
+    def file_name(self) -> str:
+        return self.new_name or self.info.name
 
     @property
     def rows(self) -> int:
@@ -108,10 +115,12 @@ class _File:
     """Relative to the output root ('' for a single-file output)."""
     tensors: list[_Tensor]
     metadata: dict[str, str]
+    untie: bool = False
+    """The model in this file's folder comes out with its output head untied from its input embeddings."""
 
     @property
     def header(self) -> bytes:
-        return header_bytes(((t.info.name, t.out_dtype, t.info.shape) for t in self.tensors), self.metadata)
+        return header_bytes(((t.file_name, t.out_dtype, t.info.shape) for t in self.tensors), self.metadata)
 
     @property
     def size(self) -> int:
@@ -269,6 +278,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         peak_rss_bytes=peak_rss(),
         residual=stats.record() if stats else None,
         files_left_out=[str(p) for p in left_out],
+        heads_untied=[t.name for f in files if f.untie for t in f.tensors if _is_head(t.name)],
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
 
@@ -286,8 +296,8 @@ def _store_digests(base: BaseModel, output: Path, files: list[_File], known: dic
             if tensor.source_digest is None and tensor.info.nbytes == 0:
                 tensor.source_digest = empty
         store_digests(output / file.target if not base.is_single_file else output,
-                      {t.info.name: t.digest for t in file.tensors})
-        base_digests = {t.info.name: t.source_digest for t in file.tensors}
+                      {t.file_name: t.digest for t in file.tensors})
+        base_digests = {t.info.name: t.source_digest for t in file.tensors if t.new_name is None}
         # (a replaced tensor's base bytes are never read, so such a file stays unknown)
         if None not in base_digests.values() and any(t.name not in known for t in file.tensors):
             store_digests(file.source, base_digests)
@@ -307,6 +317,7 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
 
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,
           undo: bool = False) -> list[_File]:
+    heads = _unstored_heads(base, adapters, undo)
     terms: dict[str, list[tuple[LoraModule, float]]] = {}
     changed_by: dict[str, set[int]] = {}  # tensor → the inputs whose LoRAs change it
     replacements: dict[str, "torch.Tensor"] = {}
@@ -320,7 +331,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         for name, tensor in adapter.full_tensors.items():
             # PEFT's saved layer under a LoRA (save_embedding_layers): untouched by training it replaces nothing;
             # a subtract takes the LoRA's delta back off and leaves the layer as the merge made it
-            if name in adapted and (undo or _same_as_base(base, name, tensor)):
+            if name in adapted and (undo or _same_as_base(base, heads.get(name, name), tensor)):
                 continue
             # A modules_to_save tensor is a new value, not a difference: there is nothing to scale or negate.
             if weight != 1:
@@ -338,7 +349,12 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         if changed_by.get(name, set()) - {index}:
             raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and changed by another's "
                                     "LoRA; merge them separately")
+    untied = {base.tensors[source].file for source in heads.values()}
     for group in _stored_twice(base, terms.keys() | replacements.keys()):
+        if not undo and any(_is_head(name) for name in group & (terms.keys() | replacements.keys())) \
+                and _can_untie(base, min(group)):
+            untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
+            continue
         shared = [term for name in sorted(group) for term in terms.get(name, [])]
         replacement = next((replacements[name] for name in sorted(group) if name in replacements), None)
         for name in group:
@@ -346,9 +362,10 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             if replacement is not None:
                 replacements[name] = replacement
     for name in [*terms, *replacements]:
-        if base.tensors[name].dtype not in FLOAT_DTYPES:
+        info = base.tensors[heads.get(name, name)]
+        if info.dtype not in FLOAT_DTYPES:
             raise FormatError(
-                f"{base.tensors[name].file}: {name!r} is stored as {base.tensors[name].dtype}; "
+                f"{info.file}: {info.name!r} is stored as {info.dtype}; "
                 "merging into quantized or integer weights is not supported"
             )
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
@@ -360,11 +377,51 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             tensors = []
             for name, info in sorted(by_file.get(source, []), key=lambda item: item[1].start):
                 convert = out_dtype is not None and info.dtype in FLOAT_DTYPES
-                tensors.append(_Tensor(name, info, out_dtype if convert else info.dtype, terms.get(name, []),
-                                       replacements.get(name)))
+                component = name.removesuffix(info.name)  # a pipeline's "unet." …
+                for out_name in [name, *sorted(head for head, embeddings in heads.items() if embeddings == name)]:
+                    tensors.append(_Tensor(out_name, info, out_dtype if convert else info.dtype,
+                                           terms.get(out_name, []), replacements.get(out_name),
+                                           new_name=None if out_name == name else out_name.removeprefix(component)))
             target = source.relative_to(base.path) if part.folder is not None else Path(source.name)
-            files.append(_File(source, target, tensors, base.headers[source].metadata))
+            files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied))
     return files
+
+
+def _is_head(name: str) -> bool:
+    return name.removesuffix(".weight").rsplit(".", 1)[-1] in TIED_HEADS
+
+
+def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo: bool) -> dict[str, str]:
+    """Output heads an adapter changes that the base does not store, since it ties them to its input embeddings →
+    those embeddings. The merge writes such a head as a tensor of its own (the embeddings' values + the head's
+    changes) and unties the model's config; the embeddings get only their own changes. The merged model then
+    computes what the adapter's model computed, where changing the one shared tensor (PEFT's merge) would move the
+    input embeddings by the head's delta too."""
+    wanted = {m.weight_name: m.weight_shape for adapter, _ in adapters for m in adapter.modules.values()}
+    wanted.update((name, tuple(t.shape)) for adapter, _ in adapters for name, t in adapter.full_tensors.items())
+    heads = {}
+    for name, shape in sorted(wanted.items()):
+        embeddings = tied_head_source(name, shape, base.tensors)
+        if embeddings is None:
+            continue
+        if undo:
+            raise InvalidInputError(f"{name!r} is not in the model, which ties its output head to {embeddings!r}: "
+                                    "there is no head to take a LoRA off")
+        if _tie_word_embeddings(base, embeddings) is False:
+            raise MismatchError(f"{name!r} is not in the base, and its config.json says tie_word_embeddings: false")
+        if not _can_untie(base, embeddings):
+            raise MismatchError(f"{name!r} is tied to {embeddings!r} in an encoder-decoder model, where "
+                                "tie_word_embeddings also decides how the output is scaled (T5-style): loraops "
+                                "does not untie it, and does not merge into tied heads")
+        heads[name] = embeddings
+    return heads
+
+
+def _can_untie(base: BaseModel, tensor: str) -> bool:
+    """May the model holding ``tensor`` come out with tie_word_embeddings false? Not an encoder-decoder one: some
+    (Switch Transformers, UDOP, and T5 before transformers 5) scale their decoder's output when tied."""
+    return base.is_single_file or _json_object(base.tensors[tensor].file.parent / "config.json").get(
+        "is_encoder_decoder") is not True
 
 
 def _row_blocks(info: TensorInfo) -> Iterator[tuple[int, int, "torch.Tensor"]]:
@@ -403,9 +460,9 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
     import torch
 
     candidates = [n for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)]
-    if not base.is_single_file and _config(base).get("tie_word_embeddings", True) is not False:
-        candidates += [n for n in base.tensors if n.removesuffix(".weight").rsplit(".", 1)[-1] in TIED_HEADS
-                       and n.endswith(".weight")]
+    if not base.is_single_file:
+        candidates += [n for n in base.tensors if _is_head(n) and n.endswith(".weight")
+                       and _tie_word_embeddings(base, n) is not False]
     groups = []
     for name in set(touched) & set(candidates):
         info = base.tensors[name]
@@ -418,9 +475,19 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
     return groups
 
 
-def _config(base: BaseModel) -> dict:
+def _tie_word_embeddings(base: BaseModel, tensor: str) -> bool | None:
+    """What the config.json of the model holding ``tensor`` says of tying (a VLM's in its text_config); None when
+    it says nothing, or there is no config (a single-file base: a file beside it describes another model)."""
+    if base.is_single_file:
+        return None
+    config = _json_object(base.tensors[tensor].file.parent / "config.json")
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
+
+
+def _json_object(path: Path) -> dict:
     try:
-        config = json.loads((base.path / "config.json").read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -837,31 +904,39 @@ def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
 
 
 def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: list[_File], out_dtype: str | None) -> None:
-    """Config, tokenizer, index, ... copied; with a dtype change, the index's total_size and config's dtype updated."""
+    """Config, tokenizer, index, ... copied; with a dtype change the index's total_size and config's dtype updated,
+    with an untied head its tensor added to the index and the config untied."""
     index_files = {part.index_file for part in base.parts if part.index_file is not None}
+    untied = {f.target.parent for f in files if f.untie}
     for rel in copied:
         source, target = base.path / rel, out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if out_dtype is not None and source in index_files:
+        untie = rel.parent in untied
+        if (out_dtype is not None or untie) and source in index_files:
             index = json.loads(source.read_text())
-            folder = source.parent.relative_to(base.path)
-            total = sum(t.out_nbytes for f in files if f.target.parent == folder for t in f.tensors)
-            index.setdefault("metadata", {})["total_size"] = total
+            mine = [f for f in files if f.target.parent == rel.parent]
+            index.setdefault("metadata", {})["total_size"] = sum(t.out_nbytes for f in mine for t in f.tensors)
+            index.setdefault("weight_map", {}).update(
+                {t.new_name: f.target.name for f in mine for t in f.tensors if t.new_name is not None})
             target.write_text(json.dumps(index, indent=2) + "\n")
-        elif out_dtype is not None and rel.name == "config.json":
-            target.write_text(_config_with_dtype(source, out_dtype))
+        elif (out_dtype is not None or untie) and rel.name == "config.json":
+            target.write_text(_edited_config(source, out_dtype, untie))
         else:
             shutil.copy2(source, target)
 
 
-def _config_with_dtype(path: Path, dtype: str) -> str:
+def _edited_config(path: Path, dtype: str | None, untie: bool) -> str:
     text = path.read_text()
     try:
         config = json.loads(text)
     except ValueError:
         return text
-    name = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
-    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-    for key in keys:
-        config[key] = name
+    if dtype is not None:
+        name = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = name
+    if untie:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
     return json.dumps(config, indent=2, sort_keys=True) + "\n"

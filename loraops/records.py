@@ -224,7 +224,8 @@ class CheckReport(Record):
     full_tensor_mismatches: list[ShapeMismatch] = []
     """modules_to_save tensors missing from the base (expected null) or of another shape."""
     tied_heads: list[str] = []
-    """Missing output heads (lm_head) of a base that ties them to input embeddings of their shape."""
+    """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape: they fit, and
+    a merge writes them untied (see loraops.engine)."""
 
 
 class InspectReport(Record):
@@ -350,6 +351,9 @@ class MergeReport(Record):
     peak_rss_bytes: int = 0
     """Peak resident memory of the whole process (getrusage), start-up included."""
     residual: ResidualRecord | None = None
+    heads_untied: list[str] = []
+    """Output heads written as tensors of their own, untied from the input embeddings the base ties them to (an
+    adapter changes them; config.json then says tie_word_embeddings: false)."""
     files_left_out: list[str] = []
     """Other weight files of the base folder (a pytorch_model.bin, a model.safetensors beside the index's shards)
     not copied: they would still hold the base."""

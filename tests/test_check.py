@@ -109,21 +109,26 @@ def test_conv1d_layout_told_by_the_widening_projections():
     assert not fit_orientation(wide, (192, 64), conv1d=False).fan_in_fan_out  # an nn.Linear: the shape says so
 
 
-def test_a_head_missing_from_a_tied_model_says_why():
+def test_a_head_missing_from_a_tied_model_fits_as_a_tied_head():
     """lm_head absent while the base has input embeddings of its shape: a tied model, which stores the shared tensor
-    once; the refusal says so. Without such embeddings it is plainly not in the base."""
+    once; the head fits (a merge writes it untied). Without such embeddings it is plainly not in the base."""
     import torch
 
     from loraops.adapter import Adapter, LoraModule
-    from loraops.check import misfits
+    from loraops.check import misfits, tied_head_source
 
     head = LoraModule(name="lm_head", A=torch.zeros(4, 64), B=torch.zeros(128, 4), alpha=4.0, scale=1.0)
     adapter = Adapter(modules={"lm_head": head}, format="peft")
     tied = {"model.embed_tokens.weight": SimpleNamespace(shape=(128, 64))}
     report = check(adapter, tied)
-    assert report.tied_heads == ["lm_head"]
-    assert misfits(report) == ["lm_head (not in base: a model with tied embeddings stores only its input embeddings, "
-                               "which a LoRA on its head would change too, as PEFT's merge does; loraops does not "
-                               "merge into tied heads)"]
+    assert report.ok and report.tied_heads == ["lm_head"] and report.matched == 1 and misfits(report) == []
     other = check(adapter, {"model.embed_tokens.weight": SimpleNamespace(shape=(256, 64))})
-    assert other.tied_heads == [] and misfits(other) == ["lm_head (not in base)"]
+    assert not other.ok and other.tied_heads == [] and misfits(other) == ["lm_head (not in base)"]
+    # T5 stores its shared embeddings three times: the shallowest; a VLM's head takes its own language model's
+    t5 = {n: SimpleNamespace(shape=(128, 64)) for n in ("encoder.embed_tokens.weight", "shared.weight",
+                                                        "decoder.embed_tokens.weight")}
+    assert tied_head_source("lm_head.weight", (128, 64), t5) == "shared.weight"
+    vlm = {n: SimpleNamespace(shape=(128, 64)) for n in ("language_model.model.embed_tokens.weight",
+                                                         "speech_model.embed_tokens.weight")}
+    assert tied_head_source("language_model.lm_head.weight", (128, 64), vlm) == "language_model.model.embed_tokens.weight"
+    assert tied_head_source("lm_head.weight", (128, 64), {**tied, "lm_head.weight": None}) is None  # stored: not tied

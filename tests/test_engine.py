@@ -1,6 +1,8 @@
 """Merge math: parity with PEFT's merge_and_unload and with a float64 reference, for every layer kind."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,6 +12,8 @@ from factories import (conv_embedding_model, load_model, peft_adapter, save_stat
                        tiny_llama)
 from loraops import engine, formats
 from loraops.adapter import LoraModule
+from loraops.basemodel import BaseModel
+from loraops.errors import InvalidInputError, MismatchError
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
 
@@ -337,17 +341,16 @@ def tied_base_stored_twice(path):
     return state
 
 
-@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
-def test_a_tied_parameter_stored_twice_gets_the_delta_in_both_copies(tmp_path, target):
+def test_a_tied_parameter_stored_twice_gets_the_delta_in_both_copies(tmp_path):
     """A tied model (tie_word_embeddings) whose file also holds lm_head.weight, a byte-identical copy of the
-    embeddings (some exporters write it): PEFT changes the one shared tensor, so both copies must change, or
-    transformers loads the model untied with the old head."""
+    embeddings (some exporters write it), and a LoRA on the embeddings only: PEFT changes the one shared tensor, so
+    both copies must change, or transformers loads the model untied with the old head."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import LlamaForCausalLM
 
     state = tied_base_stored_twice(tmp_path / "base")
     model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False))
+        r=4, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False))
     model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
     adapter = formats.read_adapter(tmp_path / "a")
     engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", device="cpu")
@@ -357,6 +360,74 @@ def test_a_tied_parameter_stored_twice_gets_the_delta_in_both_copies(tmp_path, t
     expected = shared.merge_and_unload().state_dict()["model.embed_tokens.weight"]
     torch.testing.assert_close(ours["model.embed_tokens.weight"], expected, rtol=0, atol=1e-6)
     assert not torch.equal(ours["lm_head.weight"], state["lm_head.weight"])
+
+
+def tied_llama(path, **save):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(path, **save)
+    return path
+
+
+@pytest.mark.parametrize("case", ["head-not-stored", "sharded", "tied-adapters", "head-stored-twice"])
+def test_a_lora_on_a_tied_head_is_merged_untied_and_exact(tmp_path, case):
+    """A LoRA on the output head of a tied model (tie_word_embeddings): the adapter's model computes its head from
+    the embeddings' old values plus the head's delta, and its embeddings with their own delta only. PEFT's
+    merge_and_unload adds both into the one shared tensor, so its merged model computes something else (it warns);
+    ours writes the head as its own tensor, unties config.json, and computes what the adapter's model computes."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = tmp_path / "base"
+    tied_base_stored_twice(base) if case == "head-stored-twice" else tied_llama(
+        base, **({"max_shard_size": "40KB"} if case == "sharded" else {}))
+    targets = {"head-not-stored": ["q_proj", "lm_head"], "sharded": ["q_proj", "lm_head"],
+               "tied-adapters": ["embed_tokens", "lm_head"], "head-stored-twice": ["lm_head"]}[case]
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, ensure_weight_tying=case == "tied-adapters"))
+    model.save_pretrained(tmp_path / "a")
+    tokens = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), tmp_path / "a")(tokens).logits
+        peft_merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), tmp_path / "a").merge_and_unload()
+        assert (peft_merged(tokens).logits - expected).abs().max() > 1  # why we do not merge into the shared tensor
+    report = engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", device="cpu")
+    assert report.heads_untied == ["lm_head.weight"]
+    assert report.fingerprint == BaseModel.open(tmp_path / "out").fingerprint()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    if case == "sharded":
+        assert len(list(base.glob("*.safetensors"))) > 1
+        index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+        assert index["weight_map"]["lm_head.weight"] == index["weight_map"]["model.embed_tokens.weight"]
+        assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in merged_tensors(tmp_path / "out").values())
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert merged.lm_head.weight.data_ptr() != merged.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, expected, rtol=0, atol=1e-4)
+
+    adapter = formats.read_adapter(tmp_path / "a")
+    restored = engine.subtract(tmp_path / "out", [(adapter, 1.0)], tmp_path / "restored", device="cpu")
+    assert restored.heads_untied == []  # the merged model stores its head: a plain subtract
+    if case != "head-stored-twice":
+        with pytest.raises(InvalidInputError, match="ties its output head to 'model.embed_tokens.weight': there is no "
+                                                    "head to take a LoRA off"):
+            engine.subtract(base, [(adapter, 1.0)], tmp_path / "no", device="cpu")
+
+
+def test_a_lora_on_the_tied_head_of_an_encoder_decoder_model_is_refused(tmp_path):
+    """Some encoder-decoder models scale their decoder output by tie_word_embeddings (Switch Transformers, UDOP, T5
+    before transformers 5): untying them would change what they compute."""
+    from loraops.adapter import Adapter, LoraModule
+
+    base = tied_llama(tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "is_encoder_decoder": True}))
+    head = LoraModule(name="lm_head", A=torch.randn(4, 64), B=torch.randn(100, 4), alpha=4.0, scale=1.0)
+    with pytest.raises(MismatchError, match="in an encoder-decoder model, where tie_word_embeddings also decides"):
+        engine.merge(base, [(Adapter(modules={"lm_head": head}, format="peft"), 1.0)], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
 
 
 def test_roberta_sequence_classification_head_merges_like_peft(tmp_path):

@@ -246,3 +246,18 @@ def test_other_copies_of_the_weights_are_left_out(tmp_path, models):
     assert not (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
     assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors.index.json").exists()
     assert (out / "mm_projector.bin").exists() and (out / "2_Dense" / "model.safetensors").exists()
+
+
+def test_check_and_merge_say_a_tied_head_is_written_untied(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    adapter = peft_adapter(tmp_path / "base", tmp_path / "a", target_modules=["q_proj", "lm_head"])
+    assert run("check", adapter, "--base", tmp_path / "base").output.splitlines()[1:] == [
+        "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied"]
+    out = run("merge", adapter, "--into", tmp_path / "base", "-o", tmp_path / "out", "--no-record").output
+    assert out.splitlines()[1] == ("untied lm_head.weight from the input embeddings (the adapter changes the head on "
+                                   "its own): written as its own tensor, config.json says tie_word_embeddings: false")
+    assert "lm_head.weight" in tensors(tmp_path / "out")

@@ -133,6 +133,9 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
         for report in result.reports:
             verdict = "fits" if report.ok else "does not fit"
             click.echo(f"{result.adapter} {verdict} {report.base}: {report.matched}/{report.modules} modules match")
+            if report.tied_heads:
+                click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not stored); "
+                           "a merge writes it untied")
             if not report.ok:
                 for problem in misfits(report):
                     click.echo(f"  {problem}")
