@@ -68,9 +68,11 @@ def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     for name, module in named:
         for base_prefix, kohya_prefixes in KOHYA_BASE_PREFIXES:
             if name.startswith(base_prefix):
-                rest = name[len(base_prefix):].replace(".", "_")
-                for kohya_prefix in kohya_prefixes:
-                    forms.setdefault(f"{kohya_prefix}_{rest}", set()).add(module)
+                rest = name[len(base_prefix):]
+                # a pipeline saved by transformers 5 lacks sd-scripts' text_model. level (ldm.clip_paths)
+                for path in ldm.clip_paths(rest) if base_prefix.startswith("text_encoder") else [rest]:
+                    for kohya_prefix in kohya_prefixes:
+                        forms.setdefault(f"{kohya_prefix}_{path.replace('.', '_')}", set()).add(module)
     return forms
 
 
@@ -116,6 +118,12 @@ SAVED_LAYOUTS = [
 ]
 
 
+def clip_layout(name: str) -> str:
+    """A pipeline's text-encoder module or tensor name in CLIP's other saved layout (see ldm.clip_paths)."""
+    component, dot, rest = name.partition(".")
+    return f"{component}.{ldm.clip_paths(rest)[-1]}" if dot and component.startswith("text_encoder") else name
+
+
 def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     """PEFT module paths are relative to the model PEFT wrapped; a base saved from another class may have or lack a
     leading ``model.``, a diffusers LoRA (``unet.down_blocks…``) may meet a single-file SD checkpoint, and a model
@@ -156,6 +164,10 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
 
         if fits(saved_name):
             return saved_name
+    if fits(clip_layout):
+        return clip_layout
+    if aliases and fits(lambda n: checkpoint_name(clip_layout(n))):
+        return lambda n: checkpoint_name(clip_layout(n))
     return candidates[0]
 
 

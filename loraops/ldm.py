@@ -10,6 +10,7 @@ diffusers path, so both name styles bind to either kind of base, and names bound
     diffusers_names(tensors) -> {diffusers module path: checkpoint module path}     (binding LoRAs to a checkpoint)
     fused_target(module, manifest) -> (tensor, first row, rows, all rows) | None  (q/k/v inside a fused tensor)
     sd_scripts_name(module, sdxl) -> (component, path) | None                      (naming them back, as sd-scripts)
+    clip_paths(path) -> [path, the same CLIP module in the other saved layout]   (transformers 4 vs 5)
 
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
 resnets per down block and three per up block (SD 1.x, 2.x, XL), which is diffusers' conversion table
@@ -107,6 +108,20 @@ DIT_MARKS = (
     (re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$"), FLUX_TOP),
     (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"), SD3_TOP),
 )
+
+
+# transformers 5 saves a CLIP text encoder without its "text_model." level (encoder.layers.0.…), transformers 4 —
+# every hub pipeline, sd-scripts' names, diffusers-trained LoRAs — with it (text_model.encoder.layers.0.…)
+CLIP_TEXT_MODEL = re.compile(r"^(text_model\.)?(?=(?:encoder\.layers|embeddings|final_layer_norm)\.)")
+
+
+def clip_paths(path: str) -> list[str]:
+    """A text-encoder module path, followed by the same module in CLIP's other saved layout when it is a CLIP path
+    (a T5's encoder.block.… is not)."""
+    match = CLIP_TEXT_MODEL.match(path)
+    if match is None:
+        return [path]
+    return [path, path[match.end():] if match.group(1) else f"text_model.{path}"]
 
 
 def thirds(shape: tuple[int, ...]) -> list[int] | None:

@@ -256,6 +256,39 @@ def test_diffusers_lora_binds_to_a_single_file_checkpoint(tmp_path):
     ]
 
 
+def test_clip_text_encoders_saved_by_transformers_5_bind_both_name_styles(tmp_path):
+    """transformers 5 saves CLIPTextModel without its text_model. level (encoder.layers.0.…); sd-scripts' kohya names,
+    hub pipelines and diffusers-trained LoRAs have it. Either style binds to either layout, a T5 path (no such
+    level) is left alone, and kohya files are written back under sd-scripts' names."""
+    info = SimpleNamespace
+    new_layout = {  # a pipeline saved by transformers 5
+        "unet.down_blocks.0.attentions.0.proj_in.weight": info(shape=(8, 16)),
+        "text_encoder.encoder.layers.0.self_attn.q_proj.weight": info(shape=(12, 12)),
+        "text_encoder_2.encoder.layers.0.mlp.fc1.weight": info(shape=(40, 20)),
+        "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.weight": info(shape=(16, 16)),
+    }
+    kohya_names = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in": ((16,), (8,)),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ((12,), (12,)),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1": ((20,), (40,)),
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q": ((16,), (16,)),
+    }
+    assert kohya_round_trip(tmp_path, kohya_names, new_layout) == set(kohya_names)
+    bound = check.bind(formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors", kohya_names)), new_layout)
+    assert sorted(bound.modules) == sorted(name.removesuffix(".weight") for name in new_layout)
+
+    old_style = factories.lora_adapter({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (12, 12),
+                                        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1": (20, 40)}, fmt="diffusers")
+    assert sorted(check.bind(old_style, new_layout).modules) == ["text_encoder.encoder.layers.0.self_attn.q_proj",
+                                                                 "text_encoder_2.encoder.layers.0.mlp.fc1"]
+    new_style = factories.lora_adapter({"text_encoder.encoder.layers.0.self_attn.q_proj": (12, 12)}, fmt="diffusers")
+    hub_layout = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight": info(shape=(12, 12))}
+    assert list(check.bind(new_style, hub_layout).modules) == ["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
+    checkpoint = {"cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": info(shape=(12, 12))}
+    assert list(check.bind(new_style, checkpoint).modules) == [
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj"]
+
+
 def test_merge_kohya_sd15_lora_into_single_file_checkpoint(tmp_path):
     base = sd15_checkpoint(tmp_path / "sd15.safetensors")
     lora = factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SD15, rank=4, alpha=2.0)

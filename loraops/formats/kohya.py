@@ -134,6 +134,8 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     for name, (component, rest) in split.items():
         if component == "text_encoder" and "text_encoder_2" in components:
             component = "text_encoder_1"
+        if component is not None and component.startswith("text_encoder") and not rest.startswith("text_model."):
+            rest = ldm.clip_paths(rest)[-1]  # sd-scripts' names keep CLIP's text_model. level (transformers 4)
         out[name] = kohya_name(rest, component)
     clashes = [n for n, count in Counter(out.values()).items() if count > 1]
     if clashes:
