@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from factories import kohya_file, peft_adapter, tiny_llama
 from loraops import st
 from loraops.cli import main
-from loraops.registry import Registry
+from loraops.registry import Registry, db
 from test_registry import KOHYA_MODULES, snapshot
 
 
@@ -191,8 +191,8 @@ def test_verify_gc_and_db(art):
     assert result.stderr == ("error: 1 stored file(s) missing or changed; re-register those adapters from their "
                              "originals\n")
     assert cli("gc", "--grace", "0").output == "removed 0 item(s), 0 B\n"
-    assert cli("db", "current").output.endswith(": revision 0002 (head)\n")
-    assert cli("db", "upgrade").output.endswith(": already at revision 0002 (head)\n")
+    assert cli("db", "current").output.endswith(f": revision {db.HEAD} (head)\n")
+    assert cli("db", "upgrade").output.endswith(f": already at revision {db.HEAD} (head)\n")
 
 
 def test_help_and_reads_import_no_torch_nor_sqlalchemy(art):
