@@ -46,7 +46,7 @@ def open_input(reg: "Registry", ref: str, base: str | None = None, registered: l
     """A registered adapter (registering a path first, its id appended to ``registered`` when it is new), loaded and
     bound to its base."""
     if Path(ref).exists():
-        record, created = reg.register_adapter(ref, base=base)
+        record, created, *_ = reg.register_adapter(ref, base=base)
         if created and registered is not None:
             registered.append(record.id)
     else:
@@ -91,12 +91,12 @@ def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, 
     if output is not None:
         reg.blobs.refuse_output_inside(output)
         written = write_adapter(adapter, output, fmt, force=force)
-        record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage)
+        record, created, *_ = reg.register_adapter(written, name=name, base=base, lineage=lineage)
         return DerivedRecord(adapter=record, created=created, output=str(written), report=report)
     with reg.blobs.scratch() as tmp:
         written = write_adapter(adapter, Path(tmp) / (name.replace("/", "-") + (".safetensors" if fmt != "peft" else "")), fmt)
-        record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage,
-                                               source=f"loraops {lineage.op}")
+        record, created, *_ = reg.register_adapter(written, name=name, base=base, lineage=lineage,
+                                                   source=f"loraops {lineage.op}")
     return DerivedRecord(adapter=record, created=created, output=None, report=report)
 
 

@@ -620,16 +620,16 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
 def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
          subpath: str | None = None, base: str | int | None = None) -> "PullRecord":
     """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
-    (identity) pulled again changes nothing; a commit with other weights becomes the next version of ``name``
-    (default: the repo's name)."""
+    (identity) pulled again changes nothing, but for a ``base`` it is then linked to (as Registry.register_adapter
+    does); a commit with other weights becomes the next version of ``name`` (default: the repo's name)."""
     from .records import PullRecord
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     download = download_adapter(ref, token=token, subpath=subpath)
-    record, new = registry.register_adapter(download.adapter_path, name=name or ref.repo_id.split("/")[-1],
-                                            base=base, source=download.source)
+    done = registry.register_adapter(download.adapter_path, name=name or ref.repo_id.split("/")[-1], base=base,
+                                     source=download.source)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=download.commit, files=download.files,
-                      new=new, adapter=record)
+                      new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 
 
 def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,

@@ -120,6 +120,11 @@ def test_cli_pull_push_and_errors(fake_hub, adapters):
                              "  files   adapter_config.json, adapter_model.safetensors, README.md\n")
     again = runner.invoke(main, ["pull", "someone/anime-lora", "--name", "anime"])
     assert again.output.startswith("already registered: someone/anime-lora (commit")
+    assert runner.invoke(main, ["base", "add", str(adapters["base"]), "--name", "tiny"]).exit_code == 0
+    linked = runner.invoke(main, ["pull", "someone/anime-lora", "--name", "other", "--base", "tiny"])
+    assert linked.output.splitlines()[0] == (
+        f"already registered: someone/anime-lora (commit {commit[:12]}) as anime@1; not registered again as 'other': "
+        "one record per adapter, under its first name; linked to base tiny")
 
     pushed = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner", "--json"])
     assert pushed.exit_code == 0, pushed.output

@@ -50,9 +50,9 @@ def snapshot(reg: Registry) -> tuple:
 
 def test_register_is_idempotent_and_versions_by_name(reg, art):
     base = reg.add_base(art["base"], name="llama-tiny")
-    first, created = reg.register_adapter(art["ad1"], tags=["a"])
+    first, created, *_ = reg.register_adapter(art["ad1"], tags=["a"])
     assert created and first.ref == "ad1@1" and first.base.name == "llama-tiny" and first.base_hint == str(art["base"])
-    again, created = reg.register_adapter(art["ad1"], tags=["b"])
+    again, created, *_ = reg.register_adapter(art["ad1"], tags=["b"])
     assert not created and again.id == first.id and again.tags == ["a", "b"]
     second = reg.add_adapter(art["ad2"], name="ad1")
     assert second.ref == "ad1@2" and second.rank == 8 and second.base.fingerprint == base.fingerprint
@@ -100,6 +100,33 @@ def test_kohya_bound_to_explicit_base_and_filters(reg, art):
     assert refs(name="ad2") == ["ad2@1"]
     assert refs(base="llama-tiny") == ["ad1@1", "ad2@1", "style@1"]
     assert refs(base="wide") == []
+
+
+def test_register_again_with_a_base_links_it(reg, art, tmp_path):
+    """An adapter registered before its base: registering it again with --base links it (kohya names then bound,
+    as a fresh registration with that base stores them), after the same fit check; with another base it re-links."""
+    k = reg.add_adapter(art["kohya"], name="style")
+    assert k.base is None and k.modules[0].name.startswith("lora_unet_")
+    reg.add_base(art["base"], name="llama-tiny")
+    reg.add_base(art["other"], name="wide")
+    with pytest.raises(MismatchError, match="do not fit base wide"):
+        reg.register_adapter(art["kohya"], base="wide")
+    assert reg.get_adapter("style") == k  # a refused link changes nothing
+
+    done = reg.register_adapter(art["kohya"], name="other-name", base="llama-tiny", tags=["sd"])
+    assert (done.created, done.linked, done.previous_base) == (False, True, None)
+    linked = done.record
+    assert linked.id == k.id and linked.ref == "style@1" and linked.base.name == "llama-tiny" and linked.tags == ["sd"]
+    assert [m.name for m in linked.modules] == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert linked.target_modules == ["down_proj", "q_proj"] and reg.get_adapter("style") == linked
+    assert [a.ref for a in reg.list_adapters(target="q_proj", base="llama-tiny")] == ["style@1"]
+    assert not reg.register_adapter(art["kohya"], base="llama-tiny").linked  # already linked there
+    assert not reg.register_adapter(art["kohya"]).linked and reg.get_adapter("style").base.name == "llama-tiny"
+
+    reg.add_base(tiny_llama(tmp_path / "twin", seed=9), name="twin")  # same shapes, other weights
+    again = reg.register_adapter(art["kohya"], base="twin")
+    assert again.linked and again.previous_base.name == "llama-tiny" and again.record.base.name == "twin"
+    assert reg.load_adapter("style").modules.keys() == {m.name for m in linked.modules}
 
 
 def test_hint_links_base_only_when_it_fits(reg, art):

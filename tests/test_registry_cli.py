@@ -69,6 +69,26 @@ def test_register_list_show_rm(art):
         "(give a name, name@version, id or sha256 prefix of 6+ hex digits)\n"
 
 
+def test_register_again_links_its_base_and_keeps_its_name(art):
+    """Registering an adapter that is already registered: --base links it (one line says so), another --name does
+    not rename it (said too); a base it does not fit is refused and changes nothing."""
+    sha = cli("register", art["kohya"], "--name", "style", "--json").output
+    sha = json.loads(sha)["sha256"][:12]
+    cli("base", "add", art["base"], "--name", "llama-tiny")
+    cli("base", "add", art["other"], "--name", "wide")
+    assert cli("register", art["kohya"], "--base", "wide", code=2).stderr.startswith(
+        f"error: {art['kohya']}: 2 modules do not fit base wide: model.layers.0.self_attn.q_proj (adapter 64×64, ")
+    assert json.loads(cli("show", "style", "--json").output)["base"] is None
+    out = cli("register", art["kohya"], "--name", "anime", "--base", "llama-tiny").output
+    assert out == (f"already registered as style@1 (id 1, sha256 {sha}); not registered again as 'anime': one record "
+                   "per adapter, under its first name; linked to base llama-tiny\n")
+    shown = json.loads(cli("show", "style", "--json").output)
+    assert shown["base"]["name"] == "llama-tiny" and shown["target_modules"] == ["down_proj", "q_proj"]
+    assert cli("register", art["kohya"], "--base", "llama-tiny").output == \
+        f"already registered as style@1 (id 1, sha256 {sha})\n"
+    assert cli("show", "anime", code=3).stderr.startswith("error: no adapter 'anime' in the registry")
+
+
 def test_base_commands(art):
     cli("base", "add", art["base"])
     cli("register", art["ad1"])

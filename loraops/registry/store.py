@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 from sqlalchemy import delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from .. import settings
 from ..fsutil import remove, sha256_file
 from ..errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError
-from ..records import AdapterRecord, BaseRecord, CheckResult, LineageSpec, TensorRecord
+from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
@@ -42,6 +42,18 @@ RETRY_BACKOFF_S = 0.02
 PG_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 T = TypeVar("T")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/-]*$")
+
+
+class Registration(NamedTuple):
+    """What register_adapter did."""
+
+    record: AdapterRecord
+    created: bool
+    """False: that adapter (identity) was already registered; its record is returned, under its own name@version."""
+    linked: bool = False
+    """An adapter already registered that this call linked to the ``base`` asked for (it had none, or another)."""
+    previous_base: BaseRef | None = None
+    """The base it was linked to before this call re-linked it."""
 
 
 @dataclass(frozen=True)
@@ -321,14 +333,17 @@ class Registry:
 
     def register_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
                          tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
-                         lineage: LineageSpec | None = None, progress: bool | None = None) -> tuple[AdapterRecord, bool]:
+                         lineage: LineageSpec | None = None, progress: bool | None = None) -> Registration:
         """Register the adapter at ``path`` (any supported layout), copying its files into the blob store.
 
-        Identical identity registered again returns the existing record (new tags are added to it). The same
-        name with another identity becomes the next version. ``base``: a registered base the adapter must fit;
-        without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked only
-        if the adapter fits it). ``alpha`` replaces/supplies the LoRA alpha and is part of the identity.
-        Returns (record, whether it is new)."""
+        The same name with another identity becomes the next version. ``base``: a registered base the adapter must
+        fit; without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked
+        only if the adapter fits it). ``alpha`` replaces/supplies the LoRA alpha and is part of the identity.
+
+        Identical identity registered again returns the existing record, keeping its name@version whatever
+        ``name`` says (one record per adapter), with new ``tags`` added; an explicit ``base`` links it to that
+        base after the same fit check, in the same transaction (re-links it when it had another: ``linked``,
+        ``previous_base``), so an adapter registered before its base can be linked later."""
         from .. import formats
 
         path = Path(path)
@@ -350,13 +365,13 @@ class Registry:
                 existing = None if row is None else (row.id, row.blob, row.files)
             if existing is not None:
                 self._repair(identity, existing[1], existing[2], files)
-                return self._add_tags(existing[0], tags), False
+                return self._update(existing[0], tags, adapter, base_id if base is not None else None)
             return self._store_and_insert(path, name, identity, key, files, adapter, base_id, alpha, source, tags,
                                           lineage, progress)
 
     def _store_and_insert(self, path: Path, name: str, identity: str, key: str, files: list[Path], adapter: "Adapter",
                           base_id: int | None, alpha: float | None, source: str | None, tags: list[str],
-                          lineage: LineageSpec | None, progress: bool | None) -> tuple[AdapterRecord, bool]:
+                          lineage: LineageSpec | None, progress: bool | None) -> Registration:
         bar = settings.progress_bar(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
         try:
             try:
@@ -384,27 +399,19 @@ class Registry:
             self.blobs.remove(key)
 
     def _insert_adapter(self, name: str, fields: dict, adapter: "Adapter", tags: list[str],
-                        lineage: LineageSpec | None) -> tuple[AdapterRecord, bool]:
+                        lineage: LineageSpec | None) -> Registration:
 
-        def work(s: Session) -> tuple[AdapterRecord, bool]:
+        def work(s: Session) -> Registration:
             existing = s.scalar(select(SqlAdapter).where(SqlAdapter.sha256 == fields["sha256"]))
             if existing is not None:  # registered meanwhile by someone else
-                self._tag(s, existing, tags)
-                return self._adapter_record(s, existing), False
+                return self._registered_again(s, existing, tags, adapter, fields["base_id"])
             version = self._next_version(s, name)
             row = SqlAdapter(name=name, version=version, lineage=self._lineage(s, lineage), **fields)
-            row.modules = [
-                SqlAdapterModule(
-                    name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.kind,
-                    rank=m.rank, alpha=m.alpha, scale=m.scale, in_features=m.in_features,
-                    out_features=m.out_features,
-                )
-                for m in adapter.modules.values()
-            ]
+            row.modules = [SqlAdapterModule(**m) for m in module_fields(adapter)]
             row.tags = [SqlTag(tag=t) for t in tags]
             s.add(row)
             s.flush()
-            return self._adapter_record(s, row), True
+            return Registration(self._adapter_record(s, row), True)
 
         return self.write(f"register {name!r}", work)
 
@@ -480,20 +487,37 @@ class Registry:
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
         with self.session() as s:
             adapter_id = self._find_adapter(s, ref).id
-        return self._add_tags(adapter_id, clean_tags(tags))
+        return self._update(adapter_id, clean_tags(tags)).record
 
-    def _add_tags(self, adapter_id: int, tags: list[str]) -> AdapterRecord:
-        def work(s: Session) -> AdapterRecord:
+    def _update(self, adapter_id: int, tags: list[str], adapter: "Adapter | None" = None,
+                base_id: int | None = None) -> Registration:
+        """Tag a registered adapter and, with ``base_id``, link it to that base (see _registered_again)."""
+        def work(s: Session) -> Registration:
             row = s.get(SqlAdapter, adapter_id)
             if row is None:
                 raise NotFoundError(f"adapter id {adapter_id} was removed meanwhile")
-            self._tag(s, row, tags)
-            return self._adapter_record(s, row)
+            return self._registered_again(s, row, tags, adapter, base_id)
 
-        if not tags:
+        if not tags and base_id is None:
             with self.session() as s:
                 return work(s)
-        return self.write(f"tag adapter id {adapter_id}", work)
+        return self.write(f"update adapter id {adapter_id}", work)
+
+    def _registered_again(self, s: Session, row: SqlAdapter, tags: list[str], adapter: "Adapter | None",
+                          base_id: int | None) -> Registration:
+        """An adapter registered again: new tags added, and linked to base ``base_id`` when given and it is not
+        linked there yet. Its modules are then stored as a fresh registration with that base stores them
+        (``adapter`` bound to it: kohya names resolved, Conv1D layouts decided by the base)."""
+        linked = base_id is not None and row.base_id != base_id
+        previous = self._adapter_record(s, row).base if linked else None
+        if linked:
+            if s.get(SqlBase, base_id) is None:
+                raise NotFoundError(f"base id {base_id} was removed meanwhile")
+            row.base_id, row.target_modules = base_id, adapter.target_modules
+            s.execute(delete(SqlAdapterModule).where(SqlAdapterModule.adapter_id == row.id))
+            s.execute(insert(SqlAdapterModule), [{"adapter_id": row.id, **m} for m in module_fields(adapter)])
+        self._tag(s, row, tags)
+        return Registration(self._adapter_record(s, row), False, linked, previous)
 
     def remove_adapter(self, ref: str | int, *, all_versions: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
@@ -676,6 +700,15 @@ def _first_line(exc: BaseException) -> str:
 def module_target(name: str, names_resolved: bool) -> str:
     """What `list --target` matches: the last path component (kohya names before binding: the whole name)."""
     return name.rsplit(".", 1)[-1] if names_resolved else name
+
+
+def module_fields(adapter: "Adapter") -> list[dict]:
+    """The adapter_modules rows of an adapter, as bound (a kohya file bound to a base: under the base's names)."""
+    return [
+        dict(name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.kind, rank=m.rank,
+             alpha=m.alpha, scale=m.scale, in_features=m.in_features, out_features=m.out_features)
+        for m in adapter.modules.values()
+    ]
 
 
 def _is_an_adapter(path: Path) -> bool:
