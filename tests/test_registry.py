@@ -177,6 +177,32 @@ def test_rm_versions_blobs_and_lineage(reg, art):
         reg.remove_adapter("ad1")
 
 
+def lineage_rows(reg: Registry) -> tuple[int, int]:
+    with reg.reader() as r:
+        return tuple(r.rows(f"SELECT count(*) FROM {table}")[0][0] for table in ("lineage", "lineage_inputs"))
+
+
+def test_rm_of_a_derived_adapter_or_base_takes_its_lineage(reg, art):
+    """A derived adapter's (or base's) lineage goes with it, in the same transaction; a lineage some record still
+    points at stays, and removing one of its inputs keeps the input's label."""
+    a = reg.add_adapter(art["ad1"])
+    b = reg.add_base(art["base"], name="llama")
+    spec = lambda op, ids: LineageSpec(op=op, inputs=[LineageInput(kind="adapter", id=i) for i in ids])  # noqa: E731
+    reg.add_adapter(art["ad2"], name="combo", lineage=spec("combine", [a.id]))
+    reg.add_adapter(art["kohya"], name="small", lineage=spec("resize", [a.id]))
+    reg.add_base(art["other"], name="merged", lineage=LineageSpec(
+        op="merge", inputs=[LineageInput(kind="base", id=b.id, role="base"), LineageInput(kind="adapter", id=a.id)]))
+    assert lineage_rows(reg) == (3, 4)
+    reg.remove_adapter("ad1")  # an input: the lineages that used it keep their label
+    assert lineage_rows(reg) == (3, 4) and reg.get_adapter("combo").lineage.inputs[0].label == "ad1@1"
+    reg.remove_adapter("combo")
+    assert lineage_rows(reg) == (2, 3) and reg.get_adapter("small").lineage.op == "resize"
+    reg.remove_base("merged")
+    assert lineage_rows(reg) == (1, 1)
+    reg.remove_adapter("small", all_versions=True)
+    assert lineage_rows(reg) == (0, 0)
+
+
 def test_bases_idempotent_conflicts_derived_and_rm(reg, art, tmp_path):
     b, created = reg.register_base(art["base"])
     assert created and b.name == "llama" and b.num_tensors == 21 and b.dtype == "F32" and not b.derived

@@ -297,8 +297,8 @@ class Registry:
             return r.find_base(fingerprint)
 
     def remove_base(self, ref: str | int, *, force: bool = False) -> BaseRecord:
-        """Remove a base record. Refused while adapters or lineage refer to it, unless ``force`` (they then keep
-        their records with no base link)."""
+        """Remove a base record (a derived base's lineage with it). Refused while adapters or lineage refer to it,
+        unless ``force`` (they then keep their records with no base link)."""
 
         def work(s: Session) -> BaseRecord:
             row = self._find_base(s, ref)
@@ -318,6 +318,7 @@ class Registry:
             s.execute(update(SqlLineageInput).where(SqlLineageInput.base_id == row.id).values(base_id=None))
             s.execute(delete(SqlBaseTensor).where(SqlBaseTensor.base_id == row.id))
             s.delete(row)
+            self._drop_lineage(s, [row.lineage_id])
             return record
 
         return self.write(f"remove base {ref!r}", work)
@@ -521,7 +522,8 @@ class Registry:
 
     def remove_adapter(self, ref: str | int, *, all_versions: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
-        ``all_versions``. Stored files go with the last record using them. Lineage that used it keeps a label."""
+        ``all_versions``. Stored files go with the last record using them, its own lineage (how it was made) with it;
+        lineage that used it keeps a label."""
 
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
@@ -533,6 +535,7 @@ class Registry:
             s.execute(update(SqlLineageInput).where(SqlLineageInput.adapter_id.in_(ids)).values(adapter_id=None))
             for r in rows:
                 s.delete(r)
+            self._drop_lineage(s, [r.lineage_id for r in rows])
             return records, [r.blob for r in rows]
 
         records, keys = self.write(f"remove {ref!r}", work)
@@ -648,6 +651,19 @@ class Registry:
         folder = folder_of(key)
         with self.session() as s:
             return s.scalar(select(exists().where(or_(SqlAdapter.blob == folder, SqlAdapter.blob.startswith(f"{folder}/")))))
+
+    def _drop_lineage(self, s: Session, ids: Iterable[int | None]) -> None:
+        """Remove the lineage records ``ids`` (with their inputs) that no adapter or base points at any more: what a
+        removed derived adapter or base was made from goes with it; the history of what is still registered stays."""
+        ids = {i for i in ids if i is not None}
+        if not ids:
+            return
+        s.flush()
+        for model in (SqlAdapter, SqlBase):
+            ids -= set(s.scalars(select(model.lineage_id).where(model.lineage_id.in_(ids))))
+        if ids:
+            s.execute(delete(SqlLineageInput).where(SqlLineageInput.lineage_id.in_(ids)))
+            s.execute(delete(SqlLineage).where(SqlLineage.id.in_(ids)))
 
     def _tag(self, s: Session, row: SqlAdapter, tags: Sequence[str]) -> None:
         have = {t.tag for t in row.tags}
