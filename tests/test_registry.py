@@ -284,3 +284,31 @@ def test_verify_and_gc(reg, art):
     assert reg.gc() == []  # too young: could be a registration in progress
     removed = {p for p, _ in reg.gc(grace_s=0)}
     assert removed == {orphan, temp} and not orphan.exists() and Path(k.path).exists()
+
+
+def test_gc_removes_the_folders_it_empties_but_not_the_store(reg, art):
+    """Shard folders (blobs/ab/) that gc empties go too; the store's root, a shard still holding an adapter, and a
+    folder a registration may be filling (younger than the grace period) stay."""
+    import os
+    import time
+
+    a = reg.add_adapter(art["ad1"])
+    orphans = [reg.blobs.folder(c * 64) for c in "fe"] + [reg.blobs.folder("e" * 63 + "f")]
+    for folder in orphans:
+        folder.mkdir(parents=True)
+    (orphans[0] / "x.safetensors").write_bytes(b"x")  # the last one stays empty, as a crashed copy leaves it
+    temp = Path(a.path) / ".loraops-tmp-adapter_model.safetensors.1234abcd"
+    temp.write_bytes(b"partial")
+    young = reg.blobs.folder("c" * 64)
+    young.mkdir(parents=True)
+    old = time.time() - 7200
+    for path in [*orphans, temp]:
+        os.utime(path, (old, old))
+    removed = {p for p, _ in reg.gc()}
+    assert removed == {*orphans, temp} and young.is_dir() and Path(a.path).is_dir()
+    shards = {p.name for p in reg.blobs.root.iterdir()}
+    assert shards == {Path(a.path).parent.name, "cc", ".locks"}
+    reg.remove_adapter(a.id)
+    os.utime(young, (old, old))
+    assert {p for p, _ in reg.gc()} == {young}
+    assert {p.name for p in reg.blobs.root.iterdir()} == {".locks"}
