@@ -156,7 +156,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
     from .registry import Registry
 
     refuse_existing(output, force)
-    with Registry.open() as reg:
+    with Registry.open(create=False) as reg:
         reg.blobs.refuse_output_inside(output)
         if Path(ref).exists():
             refuse_overlap(output, ref, "the adapter it reads")

@@ -138,7 +138,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     early = _streamed_early(base)
     model, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or _references(base, adapters))
+        reg = _open_registry(record or _references(base, adapters), create=record)
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record)
         model, _ = _streamed(reg, base, early)
@@ -165,7 +165,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
     early = _streamed_early(model) if streamed else None
     merged, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or exact or _references(model, adapters))
+        reg = _open_registry(record or exact or _references(model, adapters), create=record)
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
@@ -194,12 +194,12 @@ def _close(reg, model: BaseModel | None) -> None:
         reg.close()
 
 
-def _open_registry(wanted: bool):
+def _open_registry(wanted: bool, create: bool):
     if not wanted:
         return None
     from .registry import Registry
 
-    return Registry.open()
+    return Registry.open(create=create)
 
 
 def _references(model, adapters) -> bool:

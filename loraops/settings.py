@@ -31,7 +31,12 @@ def home() -> Path:
 
 def db_url() -> str:
     """SQLAlchemy URL of the registry: $LORAOPS_DB, else SQLite at <home>/registry.db."""
-    return os.environ.get(ENV_DB) or f"sqlite:///{home() / 'registry.db'}"
+    return os.environ.get(ENV_DB) or home_db_url()
+
+
+def home_db_url() -> str:
+    """The home's own registry (SQLite at <home>/registry.db), which any command creates on first use."""
+    return f"sqlite:///{home() / 'registry.db'}"
 
 
 def blobs_dir() -> Path:

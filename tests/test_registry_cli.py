@@ -247,8 +247,33 @@ def test_unusable_registry_urls_are_one_line_errors(url, says, command):
 @pytest.mark.no_registry
 def test_db_current_does_not_create_a_registry(tmp_path):
     url = f"sqlite:///{tmp_path}/missing/registry.db"
-    assert cli("--db", url, "db", "current").output == f"{url}: no registry there yet (any command creates it, or `loraops db upgrade`)\n"
+    assert cli("--db", url, "db", "current").output == \
+        f"{url}: no registry there yet (a command that records creates it, as does `loraops db upgrade`)\n"
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("command", [
+    ["list"], ["show", "x"], ["check", "x"], ["base", "list"], ["base", "show", "x"], ["rm", "x"], ["base", "rm", "x"],
+    ["verify"], ["gc"], ["export", "x", "--format", "peft", "-o", "{tmp}/out"], ["push", "x", "me/x"],
+    ["merge", "x", "--into", "y", "-o", "{tmp}/out", "--no-record"],
+])
+def test_commands_that_add_no_record_refuse_a_missing_registry_file(tmp_path, command):
+    """A mistyped --db: commands that only read (or change records that would have to exist) say there is no such
+    registry, naming the file, instead of creating an empty one there; those that record create it as ever."""
+    typo = tmp_path / "regsitry.db"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    result = cli("--db", f"sqlite:///{typo}", *args, code=6)
+    assert result.output == (f"error: no registry at {typo}: the file does not exist (a mistyped --db or LORAOPS_DB? "
+                             "a command that records creates it, as does `loraops db upgrade`)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.no_registry
+def test_commands_that_record_create_the_registry_file(tmp_path, art):
+    url = f"sqlite:///{tmp_path}/new/registry.db"
+    assert cli("--db", url, "register", art["ad1"]).output.startswith("registered ad1@1")
+    assert [a["name"] for a in json.loads(cli("--db", url, "list", "--json").output)] == ["ad1"]
 
 
 def test_an_unwritable_output_is_bad_input_naming_the_users_path(art, tmp_path, monkeypatch):

@@ -6,10 +6,11 @@ import click
 from .render import echo_fields, echo_json, echo_modules, echo_table, human_bytes, number
 
 
-def _registry():
+def _registry(create: bool = True):
+    """The registry; ``create`` false for commands that add no record (see Registry.open)."""
     from ..registry import Registry
 
-    return Registry.open()
+    return Registry.open(create=create)
 
 
 def _reader():
@@ -119,7 +120,7 @@ def show(ref: str, as_json: bool) -> None:
 @click.option("--all", "all_versions", is_flag=True, help="Remove every version of the name.")
 def rm(ref: str, all_versions: bool) -> None:
     """Remove an adapter (name = its latest version; name@version, id, sha256 prefix) and its stored copy."""
-    with _registry() as reg:
+    with _registry(create=False) as reg:
         removed = reg.remove_adapter(ref, all_versions=all_versions)
     for r in removed:
         click.echo(f"removed {r.ref} (id {r.id}, sha256 {r.sha256[:12]})")
@@ -137,7 +138,7 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
     from ..check import misfits
     from ..errors import MismatchError
 
-    with _registry() as reg:
+    with _registry(create=False) as reg:
         result = reg.check_adapter(ref_or_path, base, alpha=alpha)
     if as_json:
         echo_json(result)

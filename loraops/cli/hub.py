@@ -52,7 +52,7 @@ def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt
     from .. import hub
     from ..registry import Registry
 
-    with Registry.open() as registry:
+    with Registry.open(create=False) as registry:
         done = hub.push(registry, ref, repo, fmt=fmt, private=private, revision=revision, create_pr=create_pr,
                         token=token)
     if as_json:

@@ -72,9 +72,17 @@ class Registry:
         self.read_only = read_only
 
     @classmethod
-    def open(cls, url: str | None = None) -> "Registry":
-        """Connect to ``url`` (default: settings.db_url()) and bring its schema to this code's head."""
-        engine = db.make_engine(url or settings.db_url())
+    def open(cls, url: str | None = None, *, create: bool = True) -> "Registry":
+        """Connect to ``url`` (default: settings.db_url()) and bring its schema to this code's head.
+
+        ``create`` false, for what adds no record (reads; rm, gc, push of records that must exist): an SQLite file
+        that does not exist is an error naming it (a mistyped --db), not a new empty registry — except the home's
+        own registry.db, which any command creates on first use."""
+        url = url or settings.db_url()
+        must_exist = not create and url != settings.home_db_url()
+        engine = db.make_engine(url, create=not must_exist)
+        if must_exist:
+            db.refuse_missing(engine)
         try:
             db.ensure_schema(engine)
         except RegistryError as first:
