@@ -81,16 +81,18 @@ def parse_repo_ref(text: str) -> RepoRef:
     return RepoRef(repo_id, revision or None)
 
 
-def hub_source(repo_id: str, commit: str) -> str:
-    """The registry's ``source`` for something that came from the Hub: ``hf://owner/name@<commit sha>``."""
-    return f"{SOURCE_PREFIX}{repo_id}@{commit}"
+def hub_source(repo_id: str, commit: str, path: str = "") -> str:
+    """The registry's ``source`` for something that came from the Hub: ``hf://owner/name@<commit sha>``, followed
+    by ``/<path in the repo>`` when it is not the repo's top level (huggingface_hub's HfFileSystem form)."""
+    return f"{SOURCE_PREFIX}{repo_id}@{commit}" + (f"/{path}" if path else "")
 
 
 def parse_hub_source(source: str | None) -> RepoRef | None:
-    """The RepoRef (revision = commit) of a registry source written by hub_source, else None."""
+    """The RepoRef (revision = commit; the path in the repo left out) of a source written by hub_source, else None."""
     if not source or not source.startswith(SOURCE_PREFIX):
         return None
-    return parse_repo_ref(source)
+    repo, at, rest = source.partition("@")
+    return parse_repo_ref(f"{repo}@{rest.split('/')[0]}" if at else repo)
 
 
 def is_commit_sha(revision: str | None) -> bool:
@@ -276,6 +278,14 @@ def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | No
             if len(weights) > 1:
                 raise AmbiguousError(f"{ref}: several .safetensors files ({', '.join(weights)}); pick one with --file")
             if not weights:
+                below = _peft_folders_below(names, prefix)
+                if len(below) == 1:  # the only adapter there is, one level or more down
+                    return select_adapter_files(names, ref, below[0])
+                if below:
+                    where = f"in {folder}/" if folder else "at the top level"
+                    listed = ", ".join(below[:10]) + (", …" if len(below) > 10 else "")
+                    raise AmbiguousError(f"{ref}: no adapter {where}, but {len(below)} PEFT adapter folders below it "
+                                         f"({listed}); pick one with --file FOLDER")
                 shown = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
                 where = f" in {folder}/" if folder else ""
                 raise NotFoundError(f"{ref}: nothing adapter-like{where} (no adapter_config.json + "
@@ -285,6 +295,12 @@ def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | No
     if card in names:
         picked.append(card)
     return picked
+
+
+def _peft_folders_below(names: list[str], prefix: str) -> list[str]:
+    """The folders under ``prefix`` (any depth) that hold a PEFT adapter: adapter_config.json + weights."""
+    configs = (PurePosixPath(n) for n in names if n.startswith(prefix))
+    return sorted(str(c.parent) for c in configs if c.name == ADAPTER_CONFIG and f"{c.parent}/{PEFT_WEIGHTS}" in names)
 
 
 # ---- pull ------------------------------------------------------------------------------------------------------
@@ -303,7 +319,9 @@ class Download:
 
     @property
     def source(self) -> str:
-        return hub_source(self.ref.repo_id, self.commit)
+        """hf://repo@commit, with the adapter's path in the repo (its folder, or its file) below the top level."""
+        where = self.adapter_path.relative_to(self.folder).as_posix()
+        return hub_source(self.ref.repo_id, self.commit, "" if where == "." else where)
 
     @property
     def adapter_path(self) -> Path:

@@ -85,17 +85,45 @@ def test_kohya_single_file_and_choices(fake_hub):
     fake_hub.commit("someone/style", {"style.safetensors": b"k" * 32, "sample.png": b"png"})
     assert hub.download_adapter("someone/style").adapter_path.name == "style.safetensors"
 
-    fake_hub.commit("someone/epochs", {"e1.safetensors": b"1", "e2.safetensors": b"2", "sub/adapter_config.json": b"{}",
-                                       "sub/adapter_model.safetensors": b"s"})
+    commit = fake_hub.commit("someone/epochs", {"e1.safetensors": b"1", "e2.safetensors": b"2",
+                                                "sub/adapter_config.json": b"{}", "sub/adapter_model.safetensors": b"s",
+                                                "sub/more/x.safetensors": b"x"})
     with pytest.raises(AmbiguousError, match=r"someone/epochs: several .safetensors files \(e1.safetensors, "
                                              r"e2.safetensors\); pick one with --file"):
         hub.download_adapter("someone/epochs")
-    assert hub.download_adapter("someone/epochs", subpath="e2.safetensors").adapter_path.read_bytes() == b"2"
+    e2 = hub.download_adapter("someone/epochs", subpath="e2.safetensors")
+    assert e2.adapter_path.read_bytes() == b"2" and e2.source == f"hf://someone/epochs@{commit}/e2.safetensors"
     peft_sub = hub.download_adapter("someone/epochs", subpath="sub")
     assert peft_sub.files == ["sub/adapter_config.json", "sub/adapter_model.safetensors"]
     assert peft_sub.adapter_path == peft_sub.folder / "sub"
+    assert peft_sub.source == f"hf://someone/epochs@{commit}/sub"  # where in the repo it came from
     by_file = hub.download_adapter("someone/epochs", subpath="sub/adapter_model.safetensors")
-    assert by_file.files == peft_sub.files
+    assert by_file.files == peft_sub.files and by_file.source == peft_sub.source
+    nested = hub.download_adapter("someone/epochs", subpath="sub/more/x.safetensors")
+    assert nested.source == f"hf://someone/epochs@{commit}/sub/more/x.safetensors"
+    assert hub.parse_hub_source(nested.source) == hub.RepoRef("someone/epochs", commit)
+    assert hub.download_adapter("someone/style").source.endswith("/style.safetensors")
+
+
+def test_peft_folders_in_subfolders_are_listed(fake_hub):
+    """No adapter at the root (or in the folder asked for), PEFT folders below it: the only one is taken, several are
+    listed in one line."""
+    peft = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}
+    fake_hub.commit("someone/two", {**{f"a/{n}": b for n, b in peft.items()}, **{f"b/{n}": b for n, b in peft.items()},
+                                    "c/notes.txt": b"", "README.md": b"# two"})
+    with pytest.raises(AmbiguousError, match=r"^someone/two: no adapter at the top level, but 2 PEFT adapter folders "
+                                             r"below it \(a, b\); pick one with --file FOLDER$"):
+        hub.download_adapter("someone/two")
+    assert hub.download_adapter("someone/two", subpath="b").files == ["b/adapter_config.json", "b/adapter_model.safetensors"]
+    commit = fake_hub.commit("someone/deep", {f"runs/x/final/{n}": b for n, b in peft.items()} | {"runs/x/log.txt": b""})
+    for subpath in (None, "runs", "runs/x/final"):
+        only = hub.download_adapter("someone/deep", subpath=subpath)
+        assert only.files == ["runs/x/final/adapter_config.json", "runs/x/final/adapter_model.safetensors"]
+        assert only.source == f"hf://someone/deep@{commit}/runs/x/final"
+    fake_hub.commit("someone/deep", {f"runs/y/{n}": b for n, b in peft.items()})
+    with pytest.raises(AmbiguousError, match=r"^someone/deep@main: no adapter in runs/, but 2 PEFT adapter folders "
+                                             r"below it \(runs/x/final, runs/y\); pick one with --file FOLDER$"):
+        hub.download_adapter("someone/deep@main", subpath="runs")
 
 
 def test_nothing_adapter_like_lists_the_files(fake_hub):
