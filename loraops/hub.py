@@ -50,6 +50,7 @@ PIPELINE_INDEX = "model_index.json"
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
 
 
 # ---- references ----------------------------------------------------------------------------------------------
@@ -341,10 +342,34 @@ def resolve_commit(ref: RepoRef, token: str | None = None) -> str:
     """The commit sha a ref points to now (from the cache when offline)."""
     if is_commit_sha(ref.revision):
         return ref.revision
+    cached = _cached_commit(ref) if offline() else None
+    if cached is not None:
+        return cached
     with hub_errors(ref, "resolve"):
         resolved = _api(token).resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=cache_dir(),
                                                 local_files_only=offline())
     return resolved.resolved
+
+
+def _cached_commit(ref: RepoRef) -> str | None:
+    """Offline, a commit-sha prefix: the one cached snapshot whose commit starts with it. Online the Hub resolves
+    prefixes, but huggingface_hub's cache knows only full shas and the names it resolved (refs/), so a prefix the
+    cache has a ref of (a branch or tag that looks like one) is left to it."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    if not ref.revision or not _SHA_PREFIX.match(ref.revision):
+        return None
+    repo = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+    snapshots = repo / "snapshots"
+    if (repo / "refs" / ref.revision).is_file() or not snapshots.is_dir():
+        return None
+    prefix = ref.revision.lower()
+    found = sorted(p.name for p in snapshots.iterdir() if is_commit_sha(p.name) and p.name.startswith(prefix))
+    if len(found) > 1:
+        raise AmbiguousError(f"{ref}: {len(found)} cached commits start with {ref.revision} "
+                             f"({', '.join(c[:12] for c in found[:5])}{', …' if len(found) > 5 else ''}); "
+                             "give more of the sha")
+    return found[0] if found else None
 
 
 def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None) -> Download:

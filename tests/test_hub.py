@@ -76,9 +76,17 @@ def test_offline_pull_from_cache(peft_repo, fake_hub, monkeypatch):
     assert hub.download_adapter("someone/lora@v1").commit == first
     assert hub.download_adapter("someone/lora").commit == second
     assert hub.download_adapter(f"someone/lora@{first}").commit == first
+    assert hub.download_adapter(f"someone/lora@{first[:7].upper()}").commit == first  # a prefix, as online
     assert len(fake_hub.requests) == before  # nothing went over the wire
     with pytest.raises(NotFoundError, match=r"someone/other is not in the local Hub cache .* HF_HUB_OFFLINE=1"):
         hub.download_adapter("someone/other")
+    unknown = "0" * 8 if not first.startswith("0" * 8) else "f" * 8
+    with pytest.raises(NotFoundError, match=rf"someone/lora@{unknown} is not in the local Hub cache"):
+        hub.download_adapter(f"someone/lora@{unknown}")
+    (hub.cache_dir() / "models--someone--lora" / "snapshots" / (first[:7] + "0" * 33)).mkdir()
+    with pytest.raises(AmbiguousError, match=rf"^someone/lora@{first[:7]}: 2 cached commits start with {first[:7]} "
+                                             rf"\({min(first[:12], first[:7] + '00000')}, .*\); give more of the sha$"):
+        hub.download_adapter(f"someone/lora@{first[:7]}")
 
 
 def test_kohya_single_file_and_choices(fake_hub):
