@@ -246,3 +246,12 @@ def test_other_copies_of_the_weights_are_left_out(tmp_path, models):
     assert not (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
     assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors.index.json").exists()
     assert (out / "mm_projector.bin").exists() and (out / "2_Dense" / "model.safetensors").exists()
+
+
+def test_an_output_through_dotdot_creates_nothing_else_and_is_recorded(tmp_path, models):
+    """`-o a/../b` (a missing): b is written and recorded, no folder a appears (merge and combine alike)."""
+    base, a, _ = models
+    run("merge", a, "--into", base, "-o", tmp_path / "a" / ".." / "merged", "--device", "cpu")
+    run("combine", a, a, "--method", "cat", "--name", "twice", "-o", tmp_path / "x" / ".." / "twice")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "twice"]
+    assert run("base", "show", "merged", "--json").output.count(str(tmp_path / "merged")) == 2  # source and path
