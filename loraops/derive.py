@@ -123,7 +123,7 @@ def combine(
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
-        return save(reg, combined, name=name or default, output=output, fmt=fmt, force=force, base=base_id,
+        return save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force, base=base_id,
                     lineage=lineage, report=report)
 
 
@@ -144,7 +144,7 @@ def resize(
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="resize", params=rule, inputs=[LineageInput(kind="adapter", id=source.record.id)])
         default = f"{source.record.name}-r{rank}" if rank is not None else f"{source.record.name}-{dynamic}{param:g}"
-        return save(reg, resized, name=name or default, output=output, fmt=fmt, force=force,
+        return save(reg, resized, name=default if name is None else name, output=output, fmt=fmt, force=force,
                     base=source.record.base.id if source.record.base else None, lineage=lineage, report=report)
 
 

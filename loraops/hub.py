@@ -629,14 +629,17 @@ def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: st
     """Record a Hub base model in the registry from its remote manifest only (source hf://repo@commit): `check`
     works at once; the weights are downloaded when something needs them (Registry.base_path). Returns (BaseRecord,
     whether it is new)."""
+    from .registry.store import check_name
     from .st import DTYPE_BYTES
 
+    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "base")  # before reading the Hub
     base = remote_base(ref, token=token)
     nbytes: dict[str, int] = {}
     for t in base.tensors.values():
         nbytes[t.dtype] = nbytes.get(t.dtype, 0) + math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 0)
     return registry.register_manifest_base(
-        name=name or base.ref.repo_id.split("/")[-1], source=base.source,
+        name=name, source=base.source,
         tensors={n: (t.dtype, t.shape) for n, t in base.tensors.items()},
         dtype=max(nbytes, key=nbytes.get), total_bytes=sum(nbytes.values()))
 
@@ -667,10 +670,12 @@ def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | 
     does); a commit with other weights becomes the next version of ``name`` (default: the repo's name)."""
     from .records import PullRecord
 
+    from .registry.store import check_name
+
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "adapter")  # before any download
     download = download_adapter(ref, token=token, subpath=subpath)
-    done = registry.register_adapter(download.adapter_path, name=name or ref.repo_id.split("/")[-1], base=base,
-                                     source=download.source)
+    done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=download.commit, files=download.files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 

@@ -89,6 +89,23 @@ def test_register_again_links_its_base_and_keeps_its_name(art):
     assert cli("show", "anime", code=3).stderr.startswith("error: no adapter 'anime' in the registry")
 
 
+@pytest.mark.parametrize("command, what", [
+    (["register", "{ad1}"], "adapter"), (["combine", "{ad1}", "{ad1}"], "adapter"),
+    (["resize", "{ad1}", "--rank", "2"], "adapter"), (["pull", "someone/x"], "adapter"), (["base", "add", "{base}"], "base"),
+    (["base", "add", "hub:someone/x"], "base"),
+    (["merge", "{ad1}", "--into", "{base}", "-o", "{tmp}/out", "--device", "cpu"], "base"),
+])
+def test_an_empty_name_is_an_error_everywhere(art, tmp_path, command, what):
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    args = [a.format(ad1=art["ad1"], base=art["base"], tmp=tmp_path) for a in command]
+    result = cli(*args, "--name", "", code=2)
+    assert result.output == f"error: empty {what} name: give a name, or leave --name out for the default\n"
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_base_commands(art):
     cli("base", "add", art["base"])
     cli("register", art["ad1"])

@@ -182,7 +182,7 @@ class Registry:
             raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model; register it with "
                                     f"`loraops register {path}`")
         fingerprint = model.fingerprint(progress=progress)
-        name = check_name(name or default_name(Path(path)), "base")
+        name = check_name(default_name(Path(path)) if name is None else name, "base")
         where = str(Path(path).resolve())
 
         def work(s: Session) -> tuple[BaseRecord, bool]:
@@ -360,7 +360,7 @@ class Registry:
         identity = formats.identity(path)
         if alpha is not None:
             identity = hashlib.sha256(f"{identity}\nalpha={float(alpha)!r}".encode()).hexdigest()
-        name = check_name(name or default_name(path), "adapter")
+        name = check_name(default_name(path) if name is None else name, "adapter")
         tags = clean_tags(tags)
 
         adapter, base_id = self._bind_base(adapter, base)
@@ -757,7 +757,10 @@ def default_name(path: Path) -> str:
 
 def check_name(name: str, what: str) -> str:
     """Names are what people type: no '@' (it starts a version), not all digits (that is an id), and '/'-separated
-    parts that are never '.', '..' or empty (names end up in file and Hub repo names)."""
+    parts that are never '.', '..' or empty (names end up in file and Hub repo names). An empty name given is an
+    error wherever it is given, never the default name (callers use the default only for None)."""
+    if not name:
+        raise InvalidInputError(f"empty {what} name: give a name, or leave --name out for the default")
     parts = name.split("/")
     if not NAME_RE.match(name) or name.isdigit() or len(name) > 255 or any(p in ("", ".", "..") for p in parts):
         raise InvalidInputError(
