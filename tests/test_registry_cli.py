@@ -106,6 +106,21 @@ def test_an_empty_name_is_an_error_everywhere(art, tmp_path, command, what):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [["merge", "{ad1}", "--into", "{base}", "-o", "{tmp}/out"],
+                                     ["combine", "{ad1}", "{ad1}", "-o", "{tmp}/out"], ["resize", "{ad1}", "--rank", "2"]])
+@pytest.mark.parametrize("device", ["", " ", "gpu"])
+def test_a_device_that_is_none_of_the_accepted_ones_is_an_error(art, tmp_path, command, device):
+    """An empty --device is not 'auto' (that is what leaving it out means): an error naming the accepted values."""
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    args = [a.format(ad1=art["ad1"], base=art["base"], tmp=tmp_path) for a in command]
+    result = cli(*args, "--device", device, code=2)
+    assert result.output == f"error: unknown device {device.strip()!r}: use cpu, cuda, cuda:N or auto\n"
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_base_commands(art):
     cli("base", "add", art["base"])
     cli("register", art["ad1"])
