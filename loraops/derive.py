@@ -46,7 +46,7 @@ def open_input(reg: "Registry", ref: str, base: str | None = None, registered: l
     """A registered adapter (registering a path first, its id appended to ``registered`` when it is new), loaded and
     bound to its base."""
     if Path(ref).exists():
-        record, created = reg.register_adapter(ref, base=base)
+        record, created, *_ = reg.register_adapter(ref, base=base)
         if created and registered is not None:
             registered.append(record.id)
     else:
@@ -91,12 +91,12 @@ def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, 
     if output is not None:
         reg.blobs.refuse_output_inside(output)
         written = write_adapter(adapter, output, fmt, force=force)
-        record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage)
+        record, created, *_ = reg.register_adapter(written, name=name, base=base, lineage=lineage)
         return DerivedRecord(adapter=record, created=created, output=str(written), report=report)
     with reg.blobs.scratch() as tmp:
         written = write_adapter(adapter, Path(tmp) / (name.replace("/", "-") + (".safetensors" if fmt != "peft" else "")), fmt)
-        record, created = reg.register_adapter(written, name=name, base=base, lineage=lineage,
-                                               source=f"loraops {lineage.op}")
+        record, created, *_ = reg.register_adapter(written, name=name, base=base, lineage=lineage,
+                                                   source=f"loraops {lineage.op}")
     return DerivedRecord(adapter=record, created=created, output=None, report=report)
 
 
@@ -123,7 +123,7 @@ def combine(
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
-        return save(reg, combined, name=name or default, output=output, fmt=fmt, force=force, base=base_id,
+        return save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force, base=base_id,
                     lineage=lineage, report=report)
 
 
@@ -144,7 +144,7 @@ def resize(
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="resize", params=rule, inputs=[LineageInput(kind="adapter", id=source.record.id)])
         default = f"{source.record.name}-r{rank}" if rank is not None else f"{source.record.name}-{dynamic}{param:g}"
-        return save(reg, resized, name=name or default, output=output, fmt=fmt, force=force,
+        return save(reg, resized, name=default if name is None else name, output=output, fmt=fmt, force=force,
                     base=source.record.base.id if source.record.base else None, lineage=lineage, report=report)
 
 
@@ -156,7 +156,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
     from .registry import Registry
 
     refuse_existing(output, force)
-    with Registry.open() as reg:
+    with Registry.open(create=False) as reg:
         reg.blobs.refuse_output_inside(output)
         if Path(ref).exists():
             refuse_overlap(output, ref, "the adapter it reads")

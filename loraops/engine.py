@@ -48,7 +48,7 @@ from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .check import INPUT_EMBEDDINGS, TIED_HEADS, tied_head_source
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
-from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, refuse_overlap,
+from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_overlap,
                      remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, torch_dtype
@@ -223,7 +223,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     reference = reference if reference is None or isinstance(reference, BaseModel) else BaseModel.open(reference)
     out_dtype = parse_dtype(dtype)
     dev = settings.resolve_device(device)
-    output = Path(output)
+    output = output_path(output)
     refuse_overlap(output, base.path, "the model it reads")
     if reference is not None:
         refuse_overlap(output, reference.path, "the pristine base it compares with")

@@ -32,10 +32,22 @@ def user_path(path: str | Path) -> str:
     return str(path)
 
 
+def output_path(path: str | Path) -> Path:
+    """Where an output given as ``path`` goes. With a '..' in it, its folder is resolved as the kernel would
+    (symlinks followed), and a '..' after a folder that does not exist cancels it instead of making that folder:
+    `-o a/../b` writes b and creates nothing else. Other paths are kept as given (so messages show them so)."""
+    path = Path(path)
+    if ".." not in path.parts:
+        return path
+    if path.name == "..":
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
 def refuse_existing(path: str | Path, force: bool = False) -> None:
     """Raise ConflictError when ``path`` exists and ``force`` is not set, InvalidInputError when its folder cannot
     be made because a file is in the way (also usable before a long computation)."""
-    path = Path(path)
+    path = output_path(path)
     if path.exists() and not force:
         raise ConflictError(f"{path}: already exists (use --force to replace it)")
     above = path.parent
@@ -56,8 +68,9 @@ def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write into; on success it replaces ``path`` (refused when ``path``
-    exists unless ``force``); on any error it is removed. For folders, the temp folder is created for you."""
-    path = Path(path)
+    exists unless ``force``); on any error it is removed. For folders, the temp folder is created for you. The
+    output goes to output_path(path)."""
+    path = output_path(path)
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)

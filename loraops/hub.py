@@ -50,6 +50,7 @@ PIPELINE_INDEX = "model_index.json"
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
 
 
 # ---- references ----------------------------------------------------------------------------------------------
@@ -81,16 +82,18 @@ def parse_repo_ref(text: str) -> RepoRef:
     return RepoRef(repo_id, revision or None)
 
 
-def hub_source(repo_id: str, commit: str) -> str:
-    """The registry's ``source`` for something that came from the Hub: ``hf://owner/name@<commit sha>``."""
-    return f"{SOURCE_PREFIX}{repo_id}@{commit}"
+def hub_source(repo_id: str, commit: str, path: str = "") -> str:
+    """The registry's ``source`` for something that came from the Hub: ``hf://owner/name@<commit sha>``, followed
+    by ``/<path in the repo>`` when it is not the repo's top level (huggingface_hub's HfFileSystem form)."""
+    return f"{SOURCE_PREFIX}{repo_id}@{commit}" + (f"/{path}" if path else "")
 
 
 def parse_hub_source(source: str | None) -> RepoRef | None:
-    """The RepoRef (revision = commit) of a registry source written by hub_source, else None."""
+    """The RepoRef (revision = commit; the path in the repo left out) of a source written by hub_source, else None."""
     if not source or not source.startswith(SOURCE_PREFIX):
         return None
-    return parse_repo_ref(source)
+    repo, at, rest = source.partition("@")
+    return parse_repo_ref(f"{repo}@{rest.split('/')[0]}" if at else repo)
 
 
 def is_commit_sha(revision: str | None) -> bool:
@@ -276,6 +279,14 @@ def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | No
             if len(weights) > 1:
                 raise AmbiguousError(f"{ref}: several .safetensors files ({', '.join(weights)}); pick one with --file")
             if not weights:
+                below = _peft_folders_below(names, prefix)
+                if len(below) == 1:  # the only adapter there is, one level or more down
+                    return select_adapter_files(names, ref, below[0])
+                if below:
+                    where = f"in {folder}/" if folder else "at the top level"
+                    listed = ", ".join(below[:10]) + (", …" if len(below) > 10 else "")
+                    raise AmbiguousError(f"{ref}: no adapter {where}, but {len(below)} PEFT adapter folders below it "
+                                         f"({listed}); pick one with --file FOLDER")
                 shown = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
                 where = f" in {folder}/" if folder else ""
                 raise NotFoundError(f"{ref}: nothing adapter-like{where} (no adapter_config.json + "
@@ -285,6 +296,12 @@ def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | No
     if card in names:
         picked.append(card)
     return picked
+
+
+def _peft_folders_below(names: list[str], prefix: str) -> list[str]:
+    """The folders under ``prefix`` (any depth) that hold a PEFT adapter: adapter_config.json + weights."""
+    configs = (PurePosixPath(n) for n in names if n.startswith(prefix))
+    return sorted(str(c.parent) for c in configs if c.name == ADAPTER_CONFIG and f"{c.parent}/{PEFT_WEIGHTS}" in names)
 
 
 # ---- pull ------------------------------------------------------------------------------------------------------
@@ -303,7 +320,9 @@ class Download:
 
     @property
     def source(self) -> str:
-        return hub_source(self.ref.repo_id, self.commit)
+        """hf://repo@commit, with the adapter's path in the repo (its folder, or its file) below the top level."""
+        where = self.adapter_path.relative_to(self.folder).as_posix()
+        return hub_source(self.ref.repo_id, self.commit, "" if where == "." else where)
 
     @property
     def adapter_path(self) -> Path:
@@ -323,10 +342,34 @@ def resolve_commit(ref: RepoRef, token: str | None = None) -> str:
     """The commit sha a ref points to now (from the cache when offline)."""
     if is_commit_sha(ref.revision):
         return ref.revision
+    cached = _cached_commit(ref) if offline() else None
+    if cached is not None:
+        return cached
     with hub_errors(ref, "resolve"):
         resolved = _api(token).resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=cache_dir(),
                                                 local_files_only=offline())
     return resolved.resolved
+
+
+def _cached_commit(ref: RepoRef) -> str | None:
+    """Offline, a commit-sha prefix: the one cached snapshot whose commit starts with it. Online the Hub resolves
+    prefixes, but huggingface_hub's cache knows only full shas and the names it resolved (refs/), so a prefix the
+    cache has a ref of (a branch or tag that looks like one) is left to it."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    if not ref.revision or not _SHA_PREFIX.match(ref.revision):
+        return None
+    repo = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+    snapshots = repo / "snapshots"
+    if (repo / "refs" / ref.revision).is_file() or not snapshots.is_dir():
+        return None
+    prefix = ref.revision.lower()
+    found = sorted(p.name for p in snapshots.iterdir() if is_commit_sha(p.name) and p.name.startswith(prefix))
+    if len(found) > 1:
+        raise AmbiguousError(f"{ref}: {len(found)} cached commits start with {ref.revision} "
+                             f"({', '.join(c[:12] for c in found[:5])}{', …' if len(found) > 5 else ''}); "
+                             "give more of the sha")
+    return found[0] if found else None
 
 
 def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None) -> Download:
@@ -586,14 +629,17 @@ def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: st
     """Record a Hub base model in the registry from its remote manifest only (source hf://repo@commit): `check`
     works at once; the weights are downloaded when something needs them (Registry.base_path). Returns (BaseRecord,
     whether it is new)."""
+    from .registry.store import check_name
     from .st import DTYPE_BYTES
 
+    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "base")  # before reading the Hub
     base = remote_base(ref, token=token)
     nbytes: dict[str, int] = {}
     for t in base.tensors.values():
         nbytes[t.dtype] = nbytes.get(t.dtype, 0) + math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 0)
     return registry.register_manifest_base(
-        name=name or base.ref.repo_id.split("/")[-1], source=base.source,
+        name=name, source=base.source,
         tensors={n: (t.dtype, t.shape) for n, t in base.tensors.items()},
         dtype=max(nbytes, key=nbytes.get), total_bytes=sum(nbytes.values()))
 
@@ -620,16 +666,18 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
 def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
          subpath: str | None = None, base: str | int | None = None) -> "PullRecord":
     """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
-    (identity) pulled again changes nothing; a commit with other weights becomes the next version of ``name``
-    (default: the repo's name)."""
+    (identity) pulled again changes nothing, but for a ``base`` it is then linked to (as Registry.register_adapter
+    does); a commit with other weights becomes the next version of ``name`` (default: the repo's name)."""
     from .records import PullRecord
 
+    from .registry.store import check_name
+
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "adapter")  # before any download
     download = download_adapter(ref, token=token, subpath=subpath)
-    record, new = registry.register_adapter(download.adapter_path, name=name or ref.repo_id.split("/")[-1],
-                                            base=base, source=download.source)
+    done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=download.commit, files=download.files,
-                      new=new, adapter=record)
+                      new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 
 
 def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,

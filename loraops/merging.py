@@ -138,7 +138,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     early = _streamed_early(base)
     model, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or _references(base, adapters))
+        reg = _open_registry(record or _references(base, adapters), create=record)
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record)
         model, _ = _streamed(reg, base, early)
@@ -165,7 +165,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
     early = _streamed_early(model) if streamed else None
     merged, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or exact or _references(model, adapters))
+        reg = _open_registry(record or exact or _references(model, adapters), create=record)
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
@@ -194,12 +194,12 @@ def _close(reg, model: BaseModel | None) -> None:
         reg.close()
 
 
-def _open_registry(wanted: bool):
+def _open_registry(wanted: bool, create: bool):
     if not wanted:
         return None
     from .registry import Registry
 
-    return Registry.open()
+    return Registry.open(create=create)
 
 
 def _references(model, adapters) -> bool:
@@ -240,7 +240,8 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
           for i in inputs if i.registry_id is not None),
     ])
     try:
-        record, _ = reg.register_base(report.output, name=name or _free_name(reg, report.output), lineage=lineage)
+        record, _ = reg.register_base(report.output, name=_free_name(reg, report.output) if name is None else name,
+                                      lineage=lineage)
     except LoraopsError as exc:
         raise type(exc)(f"{report.output} was written, but recording it in the registry failed: {exc}") from None
     return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint})
@@ -274,8 +275,10 @@ def _check_output(reg, output, record: bool) -> None:
 
 
 def _check_name_free(reg, name: str | None) -> None:
-    """An explicit --name already used is refused before anything is written."""
-    if reg is not None and name is not None and _name_taken(reg, name):
+    """An explicit --name that is no name, or one already used, is refused before anything is written."""
+    from .registry.store import check_name
+
+    if reg is not None and name is not None and _name_taken(reg, check_name(name, "base")):
         raise ConflictError(f"base name {name!r} is already used in the registry; choose another --name")
 
 

@@ -277,8 +277,11 @@ class PullRecord(Record):
     files: list[str]
     """Repo files fetched (the adapter's, and README.md when present)."""
     new: bool
-    """False when that adapter (same identity) was already registered: nothing changed."""
+    """False when that adapter (same identity) was already registered: nothing changed, unless ``linked``."""
     adapter: AdapterRecord
+    linked: bool = False
+    """Already registered, and this pull linked it to the base asked for (--base): it had none, or previous_base."""
+    previous_base: BaseRef | None = None
 
 
 class PushRecord(Record):

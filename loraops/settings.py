@@ -31,7 +31,12 @@ def home() -> Path:
 
 def db_url() -> str:
     """SQLAlchemy URL of the registry: $LORAOPS_DB, else SQLite at <home>/registry.db."""
-    return os.environ.get(ENV_DB) or f"sqlite:///{home() / 'registry.db'}"
+    return os.environ.get(ENV_DB) or home_db_url()
+
+
+def home_db_url() -> str:
+    """The home's own registry (SQLite at <home>/registry.db), which any command creates on first use."""
+    return f"sqlite:///{home() / 'registry.db'}"
 
 
 def blobs_dir() -> Path:
@@ -80,12 +85,13 @@ def progress_bar(total: int, desc: str, enabled: bool | None = None):
 
 
 def resolve_device(name: str | None = "auto") -> "torch.device":  # noqa: F821 - torch imported lazily
-    """'auto' → cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as given (checked)."""
+    """'auto' (or None) → cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as given (checked); anything else,
+    an empty string included, is an error naming these."""
     import torch
 
     from .errors import InvalidInputError
 
-    name = (name or "auto").strip().lower()
+    name = "auto" if name is None else name.strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

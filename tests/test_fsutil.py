@@ -206,3 +206,25 @@ def test_free_space_is_not_checked_where_a_filesystem_has_no_capacity(tmp_path, 
     monkeypatch.setattr(sh, "disk_usage", lambda path: sh._ntuple_diskusage(100, 90, 10))
     with pytest.raises(DiskSpaceError, match="not enough free disk for out"):
         fsutil.ensure_free_space(tmp_path, 11, "out")
+
+
+@pytest.mark.parametrize("is_dir", [False, True])
+def test_an_output_through_a_missing_folder_and_dotdot_creates_only_the_output(tmp_path, is_dir):
+    """`-o a/../b` means b (as `a` would, were it there): nothing but b is made, an existing b is refused without
+    --force; through a symlink, `link/..` is the link target's parent, as the kernel reads it."""
+    def write(output, **kwargs):
+        with fsutil.atomic_path(output, is_dir=is_dir, **kwargs) as tmp:
+            (tmp / "f" if is_dir else tmp).write_bytes(b"x")
+
+    write(tmp_path / "a" / ".." / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    with pytest.raises(fsutil.ConflictError, match="already exists"):
+        write(tmp_path / "a" / ".." / "b")
+    write(tmp_path / "a" / ".." / "b", force=True)
+    write(tmp_path / "new" / "x" / ".." / "c")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.iterdir()) == ["b", "new"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["c"]
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    write(tmp_path / "link" / ".." / "d")
+    assert (tmp_path / "real" / "d").exists() and not (tmp_path / "d").exists()

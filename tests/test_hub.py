@@ -76,26 +76,62 @@ def test_offline_pull_from_cache(peft_repo, fake_hub, monkeypatch):
     assert hub.download_adapter("someone/lora@v1").commit == first
     assert hub.download_adapter("someone/lora").commit == second
     assert hub.download_adapter(f"someone/lora@{first}").commit == first
+    assert hub.download_adapter(f"someone/lora@{first[:7].upper()}").commit == first  # a prefix, as online
     assert len(fake_hub.requests) == before  # nothing went over the wire
     with pytest.raises(NotFoundError, match=r"someone/other is not in the local Hub cache .* HF_HUB_OFFLINE=1"):
         hub.download_adapter("someone/other")
+    unknown = "0" * 8 if not first.startswith("0" * 8) else "f" * 8
+    with pytest.raises(NotFoundError, match=rf"someone/lora@{unknown} is not in the local Hub cache"):
+        hub.download_adapter(f"someone/lora@{unknown}")
+    (hub.cache_dir() / "models--someone--lora" / "snapshots" / (first[:7] + "0" * 33)).mkdir()
+    with pytest.raises(AmbiguousError, match=rf"^someone/lora@{first[:7]}: 2 cached commits start with {first[:7]} "
+                                             rf"\({min(first[:12], first[:7] + '00000')}, .*\); give more of the sha$"):
+        hub.download_adapter(f"someone/lora@{first[:7]}")
 
 
 def test_kohya_single_file_and_choices(fake_hub):
     fake_hub.commit("someone/style", {"style.safetensors": b"k" * 32, "sample.png": b"png"})
     assert hub.download_adapter("someone/style").adapter_path.name == "style.safetensors"
 
-    fake_hub.commit("someone/epochs", {"e1.safetensors": b"1", "e2.safetensors": b"2", "sub/adapter_config.json": b"{}",
-                                       "sub/adapter_model.safetensors": b"s"})
+    commit = fake_hub.commit("someone/epochs", {"e1.safetensors": b"1", "e2.safetensors": b"2",
+                                                "sub/adapter_config.json": b"{}", "sub/adapter_model.safetensors": b"s",
+                                                "sub/more/x.safetensors": b"x"})
     with pytest.raises(AmbiguousError, match=r"someone/epochs: several .safetensors files \(e1.safetensors, "
                                              r"e2.safetensors\); pick one with --file"):
         hub.download_adapter("someone/epochs")
-    assert hub.download_adapter("someone/epochs", subpath="e2.safetensors").adapter_path.read_bytes() == b"2"
+    e2 = hub.download_adapter("someone/epochs", subpath="e2.safetensors")
+    assert e2.adapter_path.read_bytes() == b"2" and e2.source == f"hf://someone/epochs@{commit}/e2.safetensors"
     peft_sub = hub.download_adapter("someone/epochs", subpath="sub")
     assert peft_sub.files == ["sub/adapter_config.json", "sub/adapter_model.safetensors"]
     assert peft_sub.adapter_path == peft_sub.folder / "sub"
+    assert peft_sub.source == f"hf://someone/epochs@{commit}/sub"  # where in the repo it came from
     by_file = hub.download_adapter("someone/epochs", subpath="sub/adapter_model.safetensors")
-    assert by_file.files == peft_sub.files
+    assert by_file.files == peft_sub.files and by_file.source == peft_sub.source
+    nested = hub.download_adapter("someone/epochs", subpath="sub/more/x.safetensors")
+    assert nested.source == f"hf://someone/epochs@{commit}/sub/more/x.safetensors"
+    assert hub.parse_hub_source(nested.source) == hub.RepoRef("someone/epochs", commit)
+    assert hub.download_adapter("someone/style").source.endswith("/style.safetensors")
+
+
+def test_peft_folders_in_subfolders_are_listed(fake_hub):
+    """No adapter at the root (or in the folder asked for), PEFT folders below it: the only one is taken, several are
+    listed in one line."""
+    peft = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}
+    fake_hub.commit("someone/two", {**{f"a/{n}": b for n, b in peft.items()}, **{f"b/{n}": b for n, b in peft.items()},
+                                    "c/notes.txt": b"", "README.md": b"# two"})
+    with pytest.raises(AmbiguousError, match=r"^someone/two: no adapter at the top level, but 2 PEFT adapter folders "
+                                             r"below it \(a, b\); pick one with --file FOLDER$"):
+        hub.download_adapter("someone/two")
+    assert hub.download_adapter("someone/two", subpath="b").files == ["b/adapter_config.json", "b/adapter_model.safetensors"]
+    commit = fake_hub.commit("someone/deep", {f"runs/x/final/{n}": b for n, b in peft.items()} | {"runs/x/log.txt": b""})
+    for subpath in (None, "runs", "runs/x/final"):
+        only = hub.download_adapter("someone/deep", subpath=subpath)
+        assert only.files == ["runs/x/final/adapter_config.json", "runs/x/final/adapter_model.safetensors"]
+        assert only.source == f"hf://someone/deep@{commit}/runs/x/final"
+    fake_hub.commit("someone/deep", {f"runs/y/{n}": b for n, b in peft.items()})
+    with pytest.raises(AmbiguousError, match=r"^someone/deep@main: no adapter in runs/, but 2 PEFT adapter folders "
+                                             r"below it \(runs/x/final, runs/y\); pick one with --file FOLDER$"):
+        hub.download_adapter("someone/deep@main", subpath="runs")
 
 
 def test_nothing_adapter_like_lists_the_files(fake_hub):

@@ -120,6 +120,11 @@ def test_cli_pull_push_and_errors(fake_hub, adapters):
                              "  files   adapter_config.json, adapter_model.safetensors, README.md\n")
     again = runner.invoke(main, ["pull", "someone/anime-lora", "--name", "anime"])
     assert again.output.startswith("already registered: someone/anime-lora (commit")
+    assert runner.invoke(main, ["base", "add", str(adapters["base"]), "--name", "tiny"]).exit_code == 0
+    linked = runner.invoke(main, ["pull", "someone/anime-lora", "--name", "other", "--base", "tiny"])
+    assert linked.output.splitlines()[0] == (
+        f"already registered: someone/anime-lora (commit {commit[:12]}) as anime@1; not registered again as 'other': "
+        "one record per adapter, under its first name; linked to base tiny")
 
     pushed = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner", "--json"])
     assert pushed.exit_code == 0, pushed.output
@@ -246,3 +251,20 @@ def test_a_push_in_another_layout_replaces_the_adapter_pull_would_take(fake_hub,
         assert "adapter_config.json" not in held and "adapter_model.safetensors" not in held and "new.safetensors" in held
         download = hub.download_adapter(f"me/mix@{done.commit}")
         assert formats.read_adapter(download.adapter_path).format == "kohya"
+
+
+def test_pull_from_a_subfolder_records_where_it_came_from(fake_hub, adapters):
+    fake_hub.commit_folder("someone/many", adapters["a"], prefix="loras/a/")
+    commit = fake_hub.commit_folder("someone/many", adapters["b"], prefix="loras/b/")
+    runner = CliRunner()
+    several = runner.invoke(main, ["pull", "someone/many"])
+    assert several.exit_code == 3 and several.output == (
+        "error: someone/many: no adapter at the top level, but 2 PEFT adapter folders below it (loras/a, loras/b); "
+        "pick one with --file FOLDER\n")
+    pulled = runner.invoke(main, ["pull", "someone/many", "--file", "loras/b/adapter_model.safetensors"])
+    assert pulled.exit_code == 0, pulled.output
+    assert pulled.output.splitlines()[1:] == [f"  source  hf://someone/many@{commit}/loras/b",
+                                              "  files   loras/b/adapter_config.json, loras/b/adapter_model.safetensors, "
+                                              "loras/b/README.md"]
+    with Registry.open() as reg:
+        assert reg.get_adapter("many").source == f"hf://someone/many@{commit}/loras/b"

@@ -261,3 +261,12 @@ def test_check_and_merge_say_a_tied_head_is_written_untied(tmp_path):
     assert out.splitlines()[1] == ("untied lm_head.weight from the input embeddings (the adapter changes the head on "
                                    "its own): written as its own tensor, config.json says tie_word_embeddings: false")
     assert "lm_head.weight" in tensors(tmp_path / "out")
+
+
+def test_an_output_through_dotdot_creates_nothing_else_and_is_recorded(tmp_path, models):
+    """`-o a/../b` (a missing): b is written and recorded, no folder a appears (merge and combine alike)."""
+    base, a, _ = models
+    run("merge", a, "--into", base, "-o", tmp_path / "a" / ".." / "merged", "--device", "cpu")
+    run("combine", a, a, "--method", "cat", "--name", "twice", "-o", tmp_path / "x" / ".." / "twice")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "twice"]
+    assert run("base", "show", "merged", "--json").output.count(str(tmp_path / "merged")) == 2  # source and path

@@ -50,9 +50,9 @@ def snapshot(reg: Registry) -> tuple:
 
 def test_register_is_idempotent_and_versions_by_name(reg, art):
     base = reg.add_base(art["base"], name="llama-tiny")
-    first, created = reg.register_adapter(art["ad1"], tags=["a"])
+    first, created, *_ = reg.register_adapter(art["ad1"], tags=["a"])
     assert created and first.ref == "ad1@1" and first.base.name == "llama-tiny" and first.base_hint == str(art["base"])
-    again, created = reg.register_adapter(art["ad1"], tags=["b"])
+    again, created, *_ = reg.register_adapter(art["ad1"], tags=["b"])
     assert not created and again.id == first.id and again.tags == ["a", "b"]
     second = reg.add_adapter(art["ad2"], name="ad1")
     assert second.ref == "ad1@2" and second.rank == 8 and second.base.fingerprint == base.fingerprint
@@ -100,6 +100,33 @@ def test_kohya_bound_to_explicit_base_and_filters(reg, art):
     assert refs(name="ad2") == ["ad2@1"]
     assert refs(base="llama-tiny") == ["ad1@1", "ad2@1", "style@1"]
     assert refs(base="wide") == []
+
+
+def test_register_again_with_a_base_links_it(reg, art, tmp_path):
+    """An adapter registered before its base: registering it again with --base links it (kohya names then bound,
+    as a fresh registration with that base stores them), after the same fit check; with another base it re-links."""
+    k = reg.add_adapter(art["kohya"], name="style")
+    assert k.base is None and k.modules[0].name.startswith("lora_unet_")
+    reg.add_base(art["base"], name="llama-tiny")
+    reg.add_base(art["other"], name="wide")
+    with pytest.raises(MismatchError, match="do not fit base wide"):
+        reg.register_adapter(art["kohya"], base="wide")
+    assert reg.get_adapter("style") == k  # a refused link changes nothing
+
+    done = reg.register_adapter(art["kohya"], name="other-name", base="llama-tiny", tags=["sd"])
+    assert (done.created, done.linked, done.previous_base) == (False, True, None)
+    linked = done.record
+    assert linked.id == k.id and linked.ref == "style@1" and linked.base.name == "llama-tiny" and linked.tags == ["sd"]
+    assert [m.name for m in linked.modules] == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert linked.target_modules == ["down_proj", "q_proj"] and reg.get_adapter("style") == linked
+    assert [a.ref for a in reg.list_adapters(target="q_proj", base="llama-tiny")] == ["style@1"]
+    assert not reg.register_adapter(art["kohya"], base="llama-tiny").linked  # already linked there
+    assert not reg.register_adapter(art["kohya"]).linked and reg.get_adapter("style").base.name == "llama-tiny"
+
+    reg.add_base(tiny_llama(tmp_path / "twin", seed=9), name="twin")  # same shapes, other weights
+    again = reg.register_adapter(art["kohya"], base="twin")
+    assert again.linked and again.previous_base.name == "llama-tiny" and again.record.base.name == "twin"
+    assert reg.load_adapter("style").modules.keys() == {m.name for m in linked.modules}
 
 
 def test_hint_links_base_only_when_it_fits(reg, art):
@@ -158,6 +185,32 @@ def test_ids_of_removed_adapters_and_bases_are_never_reused(reg, art):
     reg.remove_base(base.name, force=True)
     assert reg.add_base(art["base"]).id > base.id
     assert reg.add_adapter(art["ad1"]).id > adapter.id
+
+
+def lineage_rows(reg: Registry) -> tuple[int, int]:
+    with reg.reader() as r:
+        return tuple(r.rows(f"SELECT count(*) FROM {table}")[0][0] for table in ("lineage", "lineage_inputs"))
+
+
+def test_rm_of_a_derived_adapter_or_base_takes_its_lineage(reg, art):
+    """A derived adapter's (or base's) lineage goes with it, in the same transaction; a lineage some record still
+    points at stays, and removing one of its inputs keeps the input's label."""
+    a = reg.add_adapter(art["ad1"])
+    b = reg.add_base(art["base"], name="llama")
+    spec = lambda op, ids: LineageSpec(op=op, inputs=[LineageInput(kind="adapter", id=i) for i in ids])  # noqa: E731
+    reg.add_adapter(art["ad2"], name="combo", lineage=spec("combine", [a.id]))
+    reg.add_adapter(art["kohya"], name="small", lineage=spec("resize", [a.id]))
+    reg.add_base(art["other"], name="merged", lineage=LineageSpec(
+        op="merge", inputs=[LineageInput(kind="base", id=b.id, role="base"), LineageInput(kind="adapter", id=a.id)]))
+    assert lineage_rows(reg) == (3, 4)
+    reg.remove_adapter("ad1")  # an input: the lineages that used it keep their label
+    assert lineage_rows(reg) == (3, 4) and reg.get_adapter("combo").lineage.inputs[0].label == "ad1@1"
+    reg.remove_adapter("combo")
+    assert lineage_rows(reg) == (2, 3) and reg.get_adapter("small").lineage.op == "resize"
+    reg.remove_base("merged")
+    assert lineage_rows(reg) == (1, 1)
+    reg.remove_adapter("small", all_versions=True)
+    assert lineage_rows(reg) == (0, 0)
 
 
 def test_bases_idempotent_conflicts_derived_and_rm(reg, art, tmp_path):
@@ -241,3 +294,31 @@ def test_verify_and_gc(reg, art):
     assert reg.gc() == []  # too young: could be a registration in progress
     removed = {p for p, _ in reg.gc(grace_s=0)}
     assert removed == {orphan, temp} and not orphan.exists() and Path(k.path).exists()
+
+
+def test_gc_removes_the_folders_it_empties_but_not_the_store(reg, art):
+    """Shard folders (blobs/ab/) that gc empties go too; the store's root, a shard still holding an adapter, and a
+    folder a registration may be filling (younger than the grace period) stay."""
+    import os
+    import time
+
+    a = reg.add_adapter(art["ad1"])
+    orphans = [reg.blobs.folder(c * 64) for c in "fe"] + [reg.blobs.folder("e" * 63 + "f")]
+    for folder in orphans:
+        folder.mkdir(parents=True)
+    (orphans[0] / "x.safetensors").write_bytes(b"x")  # the last one stays empty, as a crashed copy leaves it
+    temp = Path(a.path) / ".loraops-tmp-adapter_model.safetensors.1234abcd"
+    temp.write_bytes(b"partial")
+    young = reg.blobs.folder("c" * 64)
+    young.mkdir(parents=True)
+    old = time.time() - 7200
+    for path in [*orphans, temp]:
+        os.utime(path, (old, old))
+    removed = {p for p, _ in reg.gc()}
+    assert removed == {*orphans, temp} and young.is_dir() and Path(a.path).is_dir()
+    shards = {p.name for p in reg.blobs.root.iterdir()}
+    assert shards == {Path(a.path).parent.name, "cc", ".locks"}
+    reg.remove_adapter(a.id)
+    os.utime(young, (old, old))
+    assert {p for p, _ in reg.gc()} == {young}
+    assert {p.name for p in reg.blobs.root.iterdir()} == {".locks"}

@@ -69,6 +69,58 @@ def test_register_list_show_rm(art):
         "(give a name, name@version, id or sha256 prefix of 6+ hex digits)\n"
 
 
+def test_register_again_links_its_base_and_keeps_its_name(art):
+    """Registering an adapter that is already registered: --base links it (one line says so), another --name does
+    not rename it (said too); a base it does not fit is refused and changes nothing."""
+    sha = cli("register", art["kohya"], "--name", "style", "--json").output
+    sha = json.loads(sha)["sha256"][:12]
+    cli("base", "add", art["base"], "--name", "llama-tiny")
+    cli("base", "add", art["other"], "--name", "wide")
+    assert cli("register", art["kohya"], "--base", "wide", code=2).stderr.startswith(
+        f"error: {art['kohya']}: 2 modules do not fit base wide: model.layers.0.self_attn.q_proj (adapter 64×64, ")
+    assert json.loads(cli("show", "style", "--json").output)["base"] is None
+    out = cli("register", art["kohya"], "--name", "anime", "--base", "llama-tiny").output
+    assert out == (f"already registered as style@1 (id 1, sha256 {sha}); not registered again as 'anime': one record "
+                   "per adapter, under its first name; linked to base llama-tiny\n")
+    shown = json.loads(cli("show", "style", "--json").output)
+    assert shown["base"]["name"] == "llama-tiny" and shown["target_modules"] == ["down_proj", "q_proj"]
+    assert cli("register", art["kohya"], "--base", "llama-tiny").output == \
+        f"already registered as style@1 (id 1, sha256 {sha})\n"
+    assert cli("show", "anime", code=3).stderr.startswith("error: no adapter 'anime' in the registry")
+
+
+@pytest.mark.parametrize("command, what", [
+    (["register", "{ad1}"], "adapter"), (["combine", "{ad1}", "{ad1}"], "adapter"),
+    (["resize", "{ad1}", "--rank", "2"], "adapter"), (["pull", "someone/x"], "adapter"), (["base", "add", "{base}"], "base"),
+    (["base", "add", "hub:someone/x"], "base"),
+    (["merge", "{ad1}", "--into", "{base}", "-o", "{tmp}/out", "--device", "cpu"], "base"),
+])
+def test_an_empty_name_is_an_error_everywhere(art, tmp_path, command, what):
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    args = [a.format(ad1=art["ad1"], base=art["base"], tmp=tmp_path) for a in command]
+    result = cli(*args, "--name", "", code=2)
+    assert result.output == f"error: empty {what} name: give a name, or leave --name out for the default\n"
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["merge", "{ad1}", "--into", "{base}", "-o", "{tmp}/out"],
+                                     ["combine", "{ad1}", "{ad1}", "-o", "{tmp}/out"], ["resize", "{ad1}", "--rank", "2"]])
+@pytest.mark.parametrize("device", ["", " ", "gpu"])
+def test_a_device_that_is_none_of_the_accepted_ones_is_an_error(art, tmp_path, command, device):
+    """An empty --device is not 'auto' (that is what leaving it out means): an error naming the accepted values."""
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    args = [a.format(ad1=art["ad1"], base=art["base"], tmp=tmp_path) for a in command]
+    result = cli(*args, "--device", device, code=2)
+    assert result.output == f"error: unknown device {device.strip()!r}: use cpu, cuda, cuda:N or auto\n"
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_base_commands(art):
     cli("base", "add", art["base"])
     cli("register", art["ad1"])
@@ -227,8 +279,33 @@ def test_unusable_registry_urls_are_one_line_errors(url, says, command):
 @pytest.mark.no_registry
 def test_db_current_does_not_create_a_registry(tmp_path):
     url = f"sqlite:///{tmp_path}/missing/registry.db"
-    assert cli("--db", url, "db", "current").output == f"{url}: no registry there yet (any command creates it, or `loraops db upgrade`)\n"
+    assert cli("--db", url, "db", "current").output == \
+        f"{url}: no registry there yet (a command that records creates it, as does `loraops db upgrade`)\n"
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("command", [
+    ["list"], ["show", "x"], ["check", "x"], ["base", "list"], ["base", "show", "x"], ["rm", "x"], ["base", "rm", "x"],
+    ["verify"], ["gc"], ["export", "x", "--format", "peft", "-o", "{tmp}/out"], ["push", "x", "me/x"],
+    ["merge", "x", "--into", "y", "-o", "{tmp}/out", "--no-record"],
+])
+def test_commands_that_add_no_record_refuse_a_missing_registry_file(tmp_path, command):
+    """A mistyped --db: commands that only read (or change records that would have to exist) say there is no such
+    registry, naming the file, instead of creating an empty one there; those that record create it as ever."""
+    typo = tmp_path / "regsitry.db"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    result = cli("--db", f"sqlite:///{typo}", *args, code=6)
+    assert result.output == (f"error: no registry at {typo}: the file does not exist (a mistyped --db or LORAOPS_DB? "
+                             "a command that records creates it, as does `loraops db upgrade`)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.no_registry
+def test_commands_that_record_create_the_registry_file(tmp_path, art):
+    url = f"sqlite:///{tmp_path}/new/registry.db"
+    assert cli("--db", url, "register", art["ad1"]).output.startswith("registered ad1@1")
+    assert [a["name"] for a in json.loads(cli("--db", url, "list", "--json").output)] == ["ad1"]
 
 
 def test_an_unwritable_output_is_bad_input_naming_the_users_path(art, tmp_path, monkeypatch):

@@ -42,7 +42,8 @@ def opens(monkeypatch) -> list:
     """The URLs Registry.open is called with (the driver path never calls it)."""
     opened = []
     real_open = Registry.open.__func__
-    monkeypatch.setattr(Registry, "open", classmethod(lambda cls, url=None: opened.append(url) or real_open(cls, url)))
+    monkeypatch.setattr(Registry, "open",
+                        classmethod(lambda cls, url=None, **kw: opened.append(url) or real_open(cls, url, **kw)))
     return opened
 
 

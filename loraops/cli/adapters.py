@@ -6,10 +6,11 @@ import click
 from .render import echo_fields, echo_json, echo_modules, echo_table, human_bytes, number
 
 
-def _registry():
+def _registry(create: bool = True):
+    """The registry; ``create`` false for commands that add no record (see Registry.open)."""
     from ..registry import Registry
 
-    return Registry.open()
+    return Registry.open(create=create)
 
 
 def _reader():
@@ -23,10 +24,20 @@ def _base_label(record) -> str:
     return record.base.name if record.base else "-"
 
 
+def registered_again(record, name: str | None, linked: bool, previous_base) -> str:
+    """What registering an adapter that is already registered did, beyond returning its record (register, pull)."""
+    text = ""
+    if name is not None and name != record.name:
+        text += f"; not registered again as {name!r}: one record per adapter, under its first name"
+    if linked:
+        text += f"; linked to base {record.base.name}" + (f" (was {previous_base.name})" if previous_base else "")
+    return text
+
+
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--name", help="Registry name (default: the folder or file name). Same name, other bytes → next version.")
-@click.option("--base", "base", metavar="BASE", help="Registered base it is for (it must fit).")
+@click.option("--base", "base", metavar="BASE", help="Registered base it is for (it must fit); links (or re-links) an adapter already registered.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag it (repeatable).")
 @click.option("--alpha", type=float, help="LoRA alpha: for a file that does not record one, or replacing the one it records (part of its identity).")
 @click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
@@ -34,12 +45,14 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
              as_json: bool) -> None:
     """Register an adapter: a PEFT folder or a .safetensors file (PEFT, kohya or diffusers keys)."""
     with _registry() as reg:
-        record, created = reg.register_adapter(path, name=name, base=base, tags=tags, alpha=alpha)
+        done = reg.register_adapter(path, name=name, base=base, tags=tags, alpha=alpha)
+    record = done.record
     if as_json:
         echo_json(record)
         return
-    if not created:
-        click.echo(f"already registered as {record.ref} (id {record.id}, sha256 {record.sha256[:12]})")
+    if not done.created:
+        click.echo(f"already registered as {record.ref} (id {record.id}, sha256 {record.sha256[:12]})"
+                   + registered_again(record, name, done.linked, done.previous_base))
         return
     click.echo(
         f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {record.format}, "
@@ -107,7 +120,7 @@ def show(ref: str, as_json: bool) -> None:
 @click.option("--all", "all_versions", is_flag=True, help="Remove every version of the name.")
 def rm(ref: str, all_versions: bool) -> None:
     """Remove an adapter (name = its latest version; name@version, id, sha256 prefix) and its stored copy."""
-    with _registry() as reg:
+    with _registry(create=False) as reg:
         removed = reg.remove_adapter(ref, all_versions=all_versions)
     for r in removed:
         click.echo(f"removed {r.ref} (id {r.id}, sha256 {r.sha256[:12]})")
@@ -125,7 +138,7 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
     from ..check import misfits
     from ..errors import MismatchError
 
-    with _registry() as reg:
+    with _registry(create=False) as reg:
         result = reg.check_adapter(ref_or_path, base, alpha=alpha)
     if as_json:
         echo_json(result)

@@ -84,6 +84,6 @@ def show(ref: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Remove it even while adapters or lineage refer to it.")
 def rm(ref: str, force: bool) -> None:
     """Forget a base model (its files are not touched)."""
-    with _registry() as reg:
+    with _registry(create=False) as reg:
         record = reg.remove_base(ref, force=force)
     click.echo(f"removed base {record.name} (id {record.id}); its files at {record.path} are untouched")

@@ -37,7 +37,7 @@ def current() -> None:
     """Print the registry's schema revision (without changing it)."""
     regdb, engine = _engine(create=False)
     if regdb.missing_sqlite_file(engine):
-        click.echo(f"{_url(engine)}: no registry there yet (any command creates it, or `loraops db upgrade`)")
+        click.echo(f"{_url(engine)}: no registry there yet ({regdb.CREATED_BY})")
         return
     try:
         with regdb.connected(engine) as connection:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .adapters import registered_again
 from .render import echo_json
 
 TOKEN_HELP = "Hub token for this call (default: $HF_TOKEN, else the token saved by `hf auth login`)."
@@ -12,7 +13,7 @@ TOKEN_HELP = "Hub token for this call (default: $HF_TOKEN, else the token saved 
 @click.argument("repo", metavar="REPO[@REVISION]")
 @click.option("--name", help="Registry name (default: the repo's name). Another commit with other weights becomes its next version.")
 @click.option("--file", "subpath", metavar="PATH", help="The adapter inside the repo: a folder or a .safetensors file.")
-@click.option("--base", help="A registered base the adapter must fit.")
+@click.option("--base", help="A registered base the adapter must fit (links an adapter already registered to it).")
 @click.option("--token", help=TOKEN_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the PullRecord as JSON.")
 def pull(repo: str, name: str | None, subpath: str | None, base: str | None, token: str | None, as_json: bool) -> None:
@@ -28,7 +29,8 @@ def pull(repo: str, name: str | None, subpath: str | None, base: str | None, tok
         return
     asked = f"{done.repo_id}@{done.revision}" if done.revision else done.repo_id
     verb = "pulled" if done.new else "already registered:"
-    click.echo(f"{verb} {asked} (commit {done.commit[:12]}) as {done.adapter.ref}")
+    again = "" if done.new else registered_again(done.adapter, name, done.linked, done.previous_base)
+    click.echo(f"{verb} {asked} (commit {done.commit[:12]}) as {done.adapter.ref}{again}")
     click.echo(f"  source  {done.adapter.source}")
     click.echo(f"  files   {', '.join(done.files)}")
 
@@ -50,7 +52,7 @@ def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt
     from .. import hub
     from ..registry import Registry
 
-    with Registry.open() as registry:
+    with Registry.open(create=False) as registry:
         done = hub.push(registry, ref, repo, fmt=fmt, private=private, revision=revision, create_pr=create_pr,
                         token=token)
     if as_json:

@@ -13,7 +13,7 @@ from .render import human_bytes
               help="Keep anything younger than this (a registration may be in progress).")
 def gc(dry_run: bool, grace: float) -> None:
     """Remove stored adapter files no record uses, and leftovers of interrupted copies."""
-    with _registry() as reg:
+    with _registry(create=False) as reg:
         found = reg.gc(grace_s=grace, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for path, _ in found:
@@ -26,7 +26,7 @@ def verify() -> None:
     """Re-hash every stored adapter file; exit non-zero when any is missing or changed."""
     from ..errors import RegistryError
 
-    with _registry() as reg:
+    with _registry(create=False) as reg:
         problems = reg.verify()
         count = len(reg.list_adapters())
     for p in problems:

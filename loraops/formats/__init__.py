@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import st
 from ..errors import FormatError, InvalidInputError, NotFoundError
-from ..fsutil import atomic_path, sha256_file
+from ..fsutil import atomic_path, output_path, sha256_file
 from . import common, diffusers, kohya, peft
 from .kohya import kohya_name
 
@@ -92,7 +92,7 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
             f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
         )
     writer, is_dir = WRITERS[fmt]
-    dest = Path(dest)
+    dest = output_path(dest)
     if is_dir and dest.suffix == ".safetensors":
         raise InvalidInputError(f"{dest}: a {fmt} adapter is a folder (adapter_config.json + {peft.WEIGHTS_NAME}); "
                                 "give a folder name, or --format kohya/diffusers for one .safetensors file")

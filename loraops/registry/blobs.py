@@ -85,13 +85,23 @@ class BlobStore:
             yield Path(tmp)
 
     def remove(self, key: str) -> None:
-        """Remove an adapter's folder (the key may name a file inside it)."""
-        parts = Path(key).parts
-        shutil.rmtree(self.root / parts[0] / parts[1], ignore_errors=True)
-        try:
-            (self.root / parts[0]).rmdir()
-        except OSError:
-            pass
+        """Remove an adapter's folder (the key may name a file inside it), and its shard folder when that is empty
+        now. Call with the shard's lock held."""
+        folder = self.root / folder_of(key)
+        shutil.rmtree(folder, ignore_errors=True)
+        self.prune(folder)
+
+    def prune(self, removed: Path) -> None:
+        """Remove the folders above ``removed`` (a path just deleted inside the store) that are empty now, up to the
+        store's root, which stays. Call with the shard's lock held: registrations create their folders under that
+        lock (put), so none can be making one of these meanwhile; and rmdir removes only an empty folder."""
+        folder = removed.parent
+        while folder != self.root and self.root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): what is above it is not empty either
+                return
+            folder = folder.parent
 
     def folders(self) -> Iterator[Path]:
         """Every stored adapter folder."""

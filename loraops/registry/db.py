@@ -227,6 +227,17 @@ def missing_sqlite_file(engine: Engine) -> bool:
     return path is not None and not path.exists()
 
 
+CREATED_BY = "a command that records creates it, as does `loraops db upgrade`"
+
+
+def refuse_missing(engine: Engine) -> None:
+    """One RegistryError line naming the file, for an SQLite registry that does not exist, where creating it would
+    only hide a mistyped URL (commands that add no record)."""
+    if missing_sqlite_file(engine):
+        raise RegistryError(f"no registry at {sqlite_file(engine)}: the file does not exist (a mistyped --db or "
+                            f"LORAOPS_DB? {CREATED_BY})")
+
+
 def _safe(engine: Engine) -> str:
     return _safe_url(engine.url)
 

@@ -254,7 +254,8 @@ def reader(url: str | None = None) -> Iterator[Reader]:
 
     When the database exists at this code's schema revision it is read straight over the driver; otherwise (no
     database yet, an old or newer revision, a URL only SQLAlchemy understands) through Registry.open, which
-    creates, migrates or refuses as it always does."""
+    migrates or refuses as it always does; an SQLite file that does not exist is refused, unless it is the home's
+    own (Registry.open's ``create``)."""
     from .. import settings
 
     url = url or settings.db_url()
@@ -262,7 +263,7 @@ def reader(url: str | None = None) -> Iterator[Reader]:
     if connection is None:
         from .store import Registry
 
-        with Registry.open(url) as registry, registry.reader() as found:
+        with Registry.open(url, create=False) as registry, registry.reader() as found:
             yield found
         return
     try:

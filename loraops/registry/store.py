@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 from sqlalchemy import delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from .. import settings
 from ..fsutil import remove, sha256_file
 from ..errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError
-from ..records import AdapterRecord, BaseRecord, CheckResult, LineageSpec, TensorRecord
+from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
@@ -42,6 +42,18 @@ RETRY_BACKOFF_S = 0.02
 PG_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 T = TypeVar("T")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/-]*$")
+
+
+class Registration(NamedTuple):
+    """What register_adapter did."""
+
+    record: AdapterRecord
+    created: bool
+    """False: that adapter (identity) was already registered; its record is returned, under its own name@version."""
+    linked: bool = False
+    """An adapter already registered that this call linked to the ``base`` asked for (it had none, or another)."""
+    previous_base: BaseRef | None = None
+    """The base it was linked to before this call re-linked it."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +72,17 @@ class Registry:
         self.read_only = read_only
 
     @classmethod
-    def open(cls, url: str | None = None) -> "Registry":
-        """Connect to ``url`` (default: settings.db_url()) and bring its schema to this code's head."""
-        engine = db.make_engine(url or settings.db_url())
+    def open(cls, url: str | None = None, *, create: bool = True) -> "Registry":
+        """Connect to ``url`` (default: settings.db_url()) and bring its schema to this code's head.
+
+        ``create`` false, for what adds no record (reads; rm, gc, push of records that must exist): an SQLite file
+        that does not exist is an error naming it (a mistyped --db), not a new empty registry — except the home's
+        own registry.db, which any command creates on first use."""
+        url = url or settings.db_url()
+        must_exist = not create and url != settings.home_db_url()
+        engine = db.make_engine(url, create=not must_exist)
+        if must_exist:
+            db.refuse_missing(engine)
         try:
             db.ensure_schema(engine)
         except RegistryError as first:
@@ -162,7 +182,7 @@ class Registry:
             raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model; register it with "
                                     f"`loraops register {path}`")
         fingerprint = model.fingerprint(progress=progress)
-        name = check_name(name or default_name(Path(path)), "base")
+        name = check_name(default_name(Path(path)) if name is None else name, "base")
         where = str(Path(path).resolve())
 
         def work(s: Session) -> tuple[BaseRecord, bool]:
@@ -285,8 +305,8 @@ class Registry:
             return r.find_base(fingerprint)
 
     def remove_base(self, ref: str | int, *, force: bool = False) -> BaseRecord:
-        """Remove a base record. Refused while adapters or lineage refer to it, unless ``force`` (they then keep
-        their records with no base link)."""
+        """Remove a base record (a derived base's lineage with it). Refused while adapters or lineage refer to it,
+        unless ``force`` (they then keep their records with no base link)."""
 
         def work(s: Session) -> BaseRecord:
             row = self._find_base(s, ref)
@@ -306,6 +326,7 @@ class Registry:
             s.execute(update(SqlLineageInput).where(SqlLineageInput.base_id == row.id).values(base_id=None))
             s.execute(delete(SqlBaseTensor).where(SqlBaseTensor.base_id == row.id))
             s.delete(row)
+            self._drop_lineage(s, [row.lineage_id])
             return record
 
         return self.write(f"remove base {ref!r}", work)
@@ -321,14 +342,17 @@ class Registry:
 
     def register_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
                          tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
-                         lineage: LineageSpec | None = None, progress: bool | None = None) -> tuple[AdapterRecord, bool]:
+                         lineage: LineageSpec | None = None, progress: bool | None = None) -> Registration:
         """Register the adapter at ``path`` (any supported layout), copying its files into the blob store.
 
-        Identical identity registered again returns the existing record (new tags are added to it). The same
-        name with another identity becomes the next version. ``base``: a registered base the adapter must fit;
-        without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked only
-        if the adapter fits it). ``alpha`` replaces/supplies the LoRA alpha and is part of the identity.
-        Returns (record, whether it is new)."""
+        The same name with another identity becomes the next version. ``base``: a registered base the adapter must
+        fit; without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked
+        only if the adapter fits it). ``alpha`` replaces/supplies the LoRA alpha and is part of the identity.
+
+        Identical identity registered again returns the existing record, keeping its name@version whatever
+        ``name`` says (one record per adapter), with new ``tags`` added; an explicit ``base`` links it to that
+        base after the same fit check, in the same transaction (re-links it when it had another: ``linked``,
+        ``previous_base``), so an adapter registered before its base can be linked later."""
         from .. import formats
 
         path = Path(path)
@@ -336,7 +360,7 @@ class Registry:
         identity = formats.identity(path)
         if alpha is not None:
             identity = hashlib.sha256(f"{identity}\nalpha={float(alpha)!r}".encode()).hexdigest()
-        name = check_name(name or default_name(path), "adapter")
+        name = check_name(default_name(path) if name is None else name, "adapter")
         tags = clean_tags(tags)
 
         adapter, base_id = self._bind_base(adapter, base)
@@ -350,13 +374,13 @@ class Registry:
                 existing = None if row is None else (row.id, row.blob, row.files)
             if existing is not None:
                 self._repair(identity, existing[1], existing[2], files)
-                return self._add_tags(existing[0], tags), False
+                return self._update(existing[0], tags, adapter, base_id if base is not None else None)
             return self._store_and_insert(path, name, identity, key, files, adapter, base_id, alpha, source, tags,
                                           lineage, progress)
 
     def _store_and_insert(self, path: Path, name: str, identity: str, key: str, files: list[Path], adapter: "Adapter",
                           base_id: int | None, alpha: float | None, source: str | None, tags: list[str],
-                          lineage: LineageSpec | None, progress: bool | None) -> tuple[AdapterRecord, bool]:
+                          lineage: LineageSpec | None, progress: bool | None) -> Registration:
         bar = settings.progress_bar(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
         try:
             try:
@@ -384,27 +408,19 @@ class Registry:
             self.blobs.remove(key)
 
     def _insert_adapter(self, name: str, fields: dict, adapter: "Adapter", tags: list[str],
-                        lineage: LineageSpec | None) -> tuple[AdapterRecord, bool]:
+                        lineage: LineageSpec | None) -> Registration:
 
-        def work(s: Session) -> tuple[AdapterRecord, bool]:
+        def work(s: Session) -> Registration:
             existing = s.scalar(select(SqlAdapter).where(SqlAdapter.sha256 == fields["sha256"]))
             if existing is not None:  # registered meanwhile by someone else
-                self._tag(s, existing, tags)
-                return self._adapter_record(s, existing), False
+                return self._registered_again(s, existing, tags, adapter, fields["base_id"])
             version = self._next_version(s, name)
             row = SqlAdapter(name=name, version=version, lineage=self._lineage(s, lineage), **fields)
-            row.modules = [
-                SqlAdapterModule(
-                    name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.kind,
-                    rank=m.rank, alpha=m.alpha, scale=m.scale, in_features=m.in_features,
-                    out_features=m.out_features,
-                )
-                for m in adapter.modules.values()
-            ]
+            row.modules = [SqlAdapterModule(**m) for m in module_fields(adapter)]
             row.tags = [SqlTag(tag=t) for t in tags]
             s.add(row)
             s.flush()
-            return self._adapter_record(s, row), True
+            return Registration(self._adapter_record(s, row), True)
 
         return self.write(f"register {name!r}", work)
 
@@ -480,24 +496,42 @@ class Registry:
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
         with self.session() as s:
             adapter_id = self._find_adapter(s, ref).id
-        return self._add_tags(adapter_id, clean_tags(tags))
+        return self._update(adapter_id, clean_tags(tags)).record
 
-    def _add_tags(self, adapter_id: int, tags: list[str]) -> AdapterRecord:
-        def work(s: Session) -> AdapterRecord:
+    def _update(self, adapter_id: int, tags: list[str], adapter: "Adapter | None" = None,
+                base_id: int | None = None) -> Registration:
+        """Tag a registered adapter and, with ``base_id``, link it to that base (see _registered_again)."""
+        def work(s: Session) -> Registration:
             row = s.get(SqlAdapter, adapter_id)
             if row is None:
                 raise NotFoundError(f"adapter id {adapter_id} was removed meanwhile")
-            self._tag(s, row, tags)
-            return self._adapter_record(s, row)
+            return self._registered_again(s, row, tags, adapter, base_id)
 
-        if not tags:
+        if not tags and base_id is None:
             with self.session() as s:
                 return work(s)
-        return self.write(f"tag adapter id {adapter_id}", work)
+        return self.write(f"update adapter id {adapter_id}", work)
+
+    def _registered_again(self, s: Session, row: SqlAdapter, tags: list[str], adapter: "Adapter | None",
+                          base_id: int | None) -> Registration:
+        """An adapter registered again: new tags added, and linked to base ``base_id`` when given and it is not
+        linked there yet. Its modules are then stored as a fresh registration with that base stores them
+        (``adapter`` bound to it: kohya names resolved, Conv1D layouts decided by the base)."""
+        linked = base_id is not None and row.base_id != base_id
+        previous = self._adapter_record(s, row).base if linked else None
+        if linked:
+            if s.get(SqlBase, base_id) is None:
+                raise NotFoundError(f"base id {base_id} was removed meanwhile")
+            row.base_id, row.target_modules = base_id, adapter.target_modules
+            s.execute(delete(SqlAdapterModule).where(SqlAdapterModule.adapter_id == row.id))
+            s.execute(insert(SqlAdapterModule), [{"adapter_id": row.id, **m} for m in module_fields(adapter)])
+        self._tag(s, row, tags)
+        return Registration(self._adapter_record(s, row), False, linked, previous)
 
     def remove_adapter(self, ref: str | int, *, all_versions: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
-        ``all_versions``. Stored files go with the last record using them. Lineage that used it keeps a label."""
+        ``all_versions``. Stored files go with the last record using them, its own lineage (how it was made) with it;
+        lineage that used it keeps a label."""
 
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
@@ -509,6 +543,7 @@ class Registry:
             s.execute(update(SqlLineageInput).where(SqlLineageInput.adapter_id.in_(ids)).values(adapter_id=None))
             for r in rows:
                 s.delete(r)
+            self._drop_lineage(s, [r.lineage_id for r in rows])
             return records, [r.blob for r in rows]
 
         records, keys = self.write(f"remove {ref!r}", work)
@@ -588,7 +623,8 @@ class Registry:
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
         """Remove stored adapter folders no record uses, and temp files of interrupted copies; returns each with its
-        size in bytes. Anything younger than ``grace_s`` is kept: it may belong to a registration in progress."""
+        size in bytes. Anything younger than ``grace_s`` is kept: it may belong to a registration in progress. The
+        shard folders this empties go too (under the shard's lock, see BlobStore.prune)."""
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
         cutoff = time.time() - grace_s
@@ -604,6 +640,7 @@ class Registry:
                 removed.append((path, _size(path)))
                 if not dry_run:
                     remove(path)
+                    self.blobs.prune(path)
         return removed
 
     # ---------------------------------------------------------------- lookups
@@ -624,6 +661,19 @@ class Registry:
         folder = folder_of(key)
         with self.session() as s:
             return s.scalar(select(exists().where(or_(SqlAdapter.blob == folder, SqlAdapter.blob.startswith(f"{folder}/")))))
+
+    def _drop_lineage(self, s: Session, ids: Iterable[int | None]) -> None:
+        """Remove the lineage records ``ids`` (with their inputs) that no adapter or base points at any more: what a
+        removed derived adapter or base was made from goes with it; the history of what is still registered stays."""
+        ids = {i for i in ids if i is not None}
+        if not ids:
+            return
+        s.flush()
+        for model in (SqlAdapter, SqlBase):
+            ids -= set(s.scalars(select(model.lineage_id).where(model.lineage_id.in_(ids))))
+        if ids:
+            s.execute(delete(SqlLineageInput).where(SqlLineageInput.lineage_id.in_(ids)))
+            s.execute(delete(SqlLineage).where(SqlLineage.id.in_(ids)))
 
     def _tag(self, s: Session, row: SqlAdapter, tags: Sequence[str]) -> None:
         have = {t.tag for t in row.tags}
@@ -678,6 +728,15 @@ def module_target(name: str, names_resolved: bool) -> str:
     return name.rsplit(".", 1)[-1] if names_resolved else name
 
 
+def module_fields(adapter: "Adapter") -> list[dict]:
+    """The adapter_modules rows of an adapter, as bound (a kohya file bound to a base: under the base's names)."""
+    return [
+        dict(name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.kind, rank=m.rank,
+             alpha=m.alpha, scale=m.scale, in_features=m.in_features, out_features=m.out_features)
+        for m in adapter.modules.values()
+    ]
+
+
 def _is_an_adapter(path: Path) -> bool:
     """Is this a LoRA adapter, given to `base add` by mistake? (The formats' own detection says.)"""
     from .. import formats
@@ -698,7 +757,10 @@ def default_name(path: Path) -> str:
 
 def check_name(name: str, what: str) -> str:
     """Names are what people type: no '@' (it starts a version), not all digits (that is an id), and '/'-separated
-    parts that are never '.', '..' or empty (names end up in file and Hub repo names)."""
+    parts that are never '.', '..' or empty (names end up in file and Hub repo names). An empty name given is an
+    error wherever it is given, never the default name (callers use the default only for None)."""
+    if not name:
+        raise InvalidInputError(f"empty {what} name: give a name, or leave --name out for the default")
     parts = name.split("/")
     if not NAME_RE.match(name) or name.isdigit() or len(name) > 255 or any(p in ("", ".", "..") for p in parts):
         raise InvalidInputError(
