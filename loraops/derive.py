@@ -50,10 +50,18 @@ def open_input(reg: "Registry", ref: str, base: str | None = None, registered: l
         if created and registered is not None:
             registered.append(record.id)
     else:
-        record = reg.get_adapter(ref)
-        if base is not None and (record.base is None or reg.get_base(base).id != record.base.id):
-            raise MismatchError(f"adapter {record.ref} is not recorded against base {base}")
+        record = registered_for(reg, ref, base)
     return Input(record, reg.load_adapter(record.id))
+
+
+def registered_for(reg: "Registry", ref: str, base: str | None) -> "AdapterRecord":
+    """A registered adapter, which must be recorded against ``base`` when one is given."""
+    record = reg.get_adapter(ref)
+    if base is not None and (record.base is None or reg.get_base(base).id != record.base.id):
+        raise MismatchError(f"adapter {record.ref} is recorded against "
+                            f"{'no base' if record.base is None else 'base ' + record.base.name}, not {base} "
+                            f"(link it: loraops register <its file> --base {base})")
+    return record
 
 
 def check_arguments(name: str | None, output: str | None, force: bool) -> None:
@@ -164,6 +172,6 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
             if base is not None:
                 adapter = check.require_fit(adapter, reg.base_manifest(base), base_name=base)
         else:
-            adapter = reg.load_adapter(ref)
+            adapter = reg.load_adapter(registered_for(reg, ref, base).id)
     writable(adapter, fmt)
     return write_adapter(adapter, output, fmt, force=force)

@@ -117,3 +117,13 @@ def test_a_failed_command_keeps_inputs_that_were_registered_before(files, reg):
     assert run("register", files["a"])[0] == 0
     assert run("resize", files["a"], "--rank", "5")[0] == 2
     assert [r.ref for r in reg.list_adapters()] == ["a@1"]
+
+
+def test_a_registered_reference_must_be_recorded_against_the_base_given(files, reg, tmp_path):
+    """export, combine and resize of a registry reference with --base check that base (export ignored it)."""
+    assert run("register", files["a"])[0] == 0  # linked to tiny by its hint
+    for args in (["export", "a", "--format", "kohya", "-o", tmp_path / "k.safetensors"], ["resize", "a", "--rank", "2"]):
+        assert run(*args, "--base", "other") == (2, "error: adapter a@1 is recorded against base tiny, not other "
+                                                    "(link it: loraops register <its file> --base other)\n")
+    assert not (tmp_path / "k.safetensors").exists()
+    assert run("export", "a", "--format", "kohya", "-o", tmp_path / "k.safetensors", "--base", "tiny")[0] == 0
