@@ -148,3 +148,41 @@ def test_conv_and_embedding_modules():
     expected = sum(a.modules["c"].delta(dtype=torch.float64) for a, _ in conv)
     assert result.modules["c"].A.shape == (5, 4, 3, 3)
     torch.testing.assert_close(result.modules["c"].delta(dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_elements", [40, 100])
+@pytest.mark.parametrize("method, params", CASES[3:])
+def test_element_wise_methods_built_in_row_blocks_match_the_reference(inputs, method, params, block_elements,
+                                                                      monkeypatch):
+    """The element-wise result is built row block by row block (one row, or two and a half); a block boundary must
+    change nothing: the trim threshold is global, DARE's mask stream runs on across blocks."""
+    from loraops.ops import svd
+
+    monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
+    inputs = [(adapter, abs(weight)) for adapter, weight in inputs]
+    result, _ = combine(inputs, method, params, rank=40, device="cpu")
+    for name, module in result.modules.items():
+        expected = reference(method, inputs, name, params.get("density"), params.get("seed", 0))
+        assert float((module.delta(dtype=torch.float64) - expected).norm() / expected.norm()) < 2e-6, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trim_keeps_exactly_k_entries_with_ties_first_in_row_major_order(dtype, monkeypatch):
+    """The k-th largest magnitude by radix select over the bit patterns (never a sort of the whole delta); of
+    entries tied with it, the first ones in row-major order, so exactly k are kept, whatever the blocks."""
+    from loraops.ops import svd
+    from loraops.ops.combine import Context, Term, kth_largest_magnitude, trim
+
+    monkeypatch.setattr(svd, "BLOCK_ELEMENTS", 6)
+    values = torch.tensor([[3.0, -1.0, 2.0, 0.0], [-2.0, 2.0, 5.0, -2.0], [1.0, 0.0, -5.0, 2.0]], dtype=dtype)
+    term = Term(B=values, A=torch.eye(4, dtype=dtype), scale=1.0, weight=1.0)  # delta = values
+    blocks = svd.row_blocks(values.shape)
+    assert len(blocks) == 3
+    bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
+    for k, (magnitude, ties_kept) in {1: (5.0, 1), 2: (5.0, 2), 3: (3.0, 1), 5: (2.0, 2), 8: (2.0, 5), 9: (1.0, 1),
+                                      12: (0.0, 2)}.items():
+        bits, kept = kth_largest_magnitude(term, k, blocks)
+        assert (torch.tensor([bits], dtype=bits_dtype).view(dtype).item(), kept) == (magnitude, ties_kept), k
+    sparsify = trim(term, 0.42, blocks, Context("m", (3, 4)), 0, None)  # k = 5
+    kept = torch.cat([sparsify(term.delta(rows)) for rows in blocks])
+    assert kept.tolist() == [[3.0, 0.0, 2.0, 0.0], [-2.0, 0.0, 5.0, 0.0], [0.0, 0.0, -5.0, 0.0]]

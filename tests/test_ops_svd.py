@@ -64,3 +64,13 @@ def test_refactor_dense_exact_and_randomized(monkeypatch):
     again = svd.refactor_dense(D, 6)
     assert torch.equal(again.B, approx.B)  # seeded: same bytes every run
     assert svd.refactor_dense(D, 6, exact=True).svd == "exact"
+
+
+def test_frobenius_of_row_blocks_is_float64_accurate_where_torch_float32_norm_is_not():
+    """A re-factorization's reported error divides two norms of module-sized matrices: torch's float32 norm of a
+    whole 8192×4096 matrix is 0.2 % off (3.4 % at a 70B model's 8192×28672); summed per row block in float64 it is
+    exact to rounding."""
+    D = torch.randn(8192, 4096, generator=torch.Generator().manual_seed(0))
+    exact = float(torch.linalg.vector_norm(D, dtype=torch.float64))
+    assert abs(float(torch.linalg.matrix_norm(D)) / exact - 1) > 1e-3
+    assert abs(svd.frobenius(D[rows] for rows in svd.row_blocks(D.shape)) / exact - 1) < 1e-12

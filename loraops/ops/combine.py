@@ -9,7 +9,9 @@ weight still counts where a method normalizes by the weights).
 * ``linear``  (alias ``svd``) Σ wᵢτᵢ re-factorized to rank k by the exact factored SVD of the cat factors (never
               forming the dense delta); lossless when k ≥ Σ rᵢ, else the best rank-k approximation.
 * element-wise methods (mergekit's generalized task arithmetic, on each module's dense τᵢ, then re-factorized
-  to rank k by an SVD of the dense result — exact, or randomized for large modules, see ops/svd.py):
+  to rank k by an SVD of the dense result — exact, or randomized for large modules, see ops/svd.py). The result
+  is built row block by row block from the factors: the only whole-module matrix is the result itself (a 70B
+  model's MLP module is 940 MB in float32; holding every τᵢ, a top-k's indices and the masks took 9 GB for two).
   ``ties``            trim each τᵢ to its top ⌊density·n⌋ entries by magnitude; elect the sign of Σ wᵢτ̂ᵢ per entry;
                       disjoint mean Σ wᵢτ̂ᵢ·mᵢ / Σ wᵢ·mᵢ over the entries mᵢ that agree (normalize=True).
   ``dare_ties``       drop each entry with probability 1−density, rescale survivors by 1/density; elect sign;
@@ -21,6 +23,7 @@ weight still counts where a method normalizes by the weights).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +31,7 @@ import torch
 from pydantic import Field
 
 from .params import Params
-from .svd import Refactored, refactor_dense, refactor_product
+from .svd import Refactored, refactor_dense, refactor_product, row_blocks
 
 
 @dataclass
@@ -45,8 +48,8 @@ class Term:
     def rank(self) -> int:
         return int(self.A.shape[0])
 
-    def delta(self) -> torch.Tensor:
-        return (self.B @ self.A).mul_(self.scale)
+    def delta(self, rows: slice = slice(None)) -> torch.Tensor:
+        return (self.B[rows] @ self.A).mul_(self.scale)
 
 
 @dataclass
@@ -124,15 +127,53 @@ class PruneParams(DensityParams):
     normalize: bool = False
 
 
-def trim(delta: torch.Tensor, density: float, ctx: Context, index: int, params: Params) -> torch.Tensor:
-    """Keep the ⌊density·n⌋ (at least 1) largest-magnitude entries of one task vector (TIES' trim)."""
+Sparsifier = Callable[[torch.Tensor], torch.Tensor]
+"""One input's sparsification, called on its delta's row blocks in order (it may keep state across them)."""
+
+
+def trim(term: Term, density: float, blocks: list[slice], ctx: Context, index: int, params: Params) -> Sparsifier:
+    """Keep the ⌊density·n⌋ (at least 1) largest-magnitude entries of one task vector (TIES' trim); of entries equal
+    to the smallest kept magnitude, the first in row-major order (torch.topk, as mergekit uses, keeps any)."""
     if density >= 1:
-        return delta
-    k = max(1, int(density * delta.numel()))
-    flat = delta.reshape(-1)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
-    return torch.where(keep.reshape(delta.shape), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+        return lambda block: block
+    threshold, equal_kept = kth_largest_magnitude(term, max(1, int(density * math.prod(ctx.shape))), blocks)
+    remaining = [equal_kept]
+
+    def sparsify(block: torch.Tensor) -> torch.Tensor:
+        pattern = _magnitude_bits(block)
+        keep, equal = pattern > threshold, pattern == threshold
+        count = int(equal.sum())
+        if count > remaining[0]:
+            equal &= (equal.reshape(-1).cumsum(0) <= remaining[0]).reshape(equal.shape)
+        remaining[0] -= min(count, remaining[0])
+        return torch.where(keep | equal, block, torch.zeros((), dtype=block.dtype, device=block.device))
+
+    return sparsify
+
+
+def _magnitude_bits(block: torch.Tensor) -> torch.Tensor:
+    """|entries| as their IEEE bit patterns: integers in the same order as the non-negative values."""
+    return block.abs().view(torch.int64 if block.dtype == torch.float64 else torch.int32)
+
+
+def kth_largest_magnitude(term: Term, k: int, blocks: list[slice]) -> tuple[int, int]:
+    """(bit pattern of the k-th largest |entry| of the term's delta, how many entries equal to it are among the k
+    largest). Exact, by a radix select on the bit patterns, 16 bits a pass (two passes in float32, four in
+    float64), each recomputing the delta block by block: neither the whole delta nor a sort of it is ever held."""
+    width = term.A.element_size() * 8
+    prefix, wanted = 0, k
+    for shift in range(width - 16, -1, -16):
+        counts = torch.zeros(1 << 16, dtype=torch.int64, device=term.A.device)
+        for rows in blocks:
+            pattern = _magnitude_bits(term.delta(rows)).reshape(-1)
+            if shift + 16 < width:  # only entries whose higher digits are the prefix found so far
+                pattern = pattern[(pattern >> (shift + 16)) == (prefix >> (shift + 16))]
+            counts += torch.bincount((pattern >> shift) & 0xFFFF, minlength=1 << 16)
+        at_least = counts.flip(0).cumsum(0)  # [j]: entries whose digit is ≥ 65535 − j
+        j = int(torch.searchsorted(at_least, torch.tensor([wanted], device=at_least.device)))
+        wanted -= int(at_least[j - 1]) if j else 0
+        prefix |= (0xFFFF - j) << shift
+    return prefix, wanted
 
 
 def module_seed(seed: int, module: str, index: int) -> int:
@@ -142,49 +183,57 @@ def module_seed(seed: int, module: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def drop_and_rescale(delta: torch.Tensor, density: float, ctx: Context, index: int, params: DareParams) -> torch.Tensor:
+def drop_and_rescale(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
+                     params: DareParams) -> Sparsifier:
     """DARE: drop each entry with probability 1 − density, rescale the survivors by 1/density. The mask is drawn
-    in float32 from a generator on the compute device seeded per module and input: reproducible on one device, but
-    CPU and CUDA generators draw different numbers. Drawing on the CPU for every device was measured and dropped:
-    2 s per 8192×28672 module on 2 cores (a serial Mersenne twister), which would dwarf a GPU's few milliseconds; a
-    counter-based hash in torch integer ops is device-independent but ten times slower again on the CPU."""
+    in float32 from a generator on the compute device seeded per module and input, block after block (on the CPU
+    the same numbers as one draw of the whole shape): reproducible on one device, but CPU and CUDA generators draw
+    different numbers. Drawing on the CPU for every device was measured and dropped: 2 s per 8192×28672 module on
+    2 cores (a serial Mersenne twister), which would dwarf a GPU's few milliseconds; a counter-based hash in torch
+    integer ops is device-independent but ten times slower again on the CPU."""
     if density >= 1:
-        return delta
-    generator = torch.Generator(device=delta.device).manual_seed(module_seed(params.seed, ctx.module, index))
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
-    return torch.where(keep, delta / density, torch.zeros((), dtype=delta.dtype, device=delta.device))
+        return lambda block: block
+    generator = torch.Generator(device=term.A.device).manual_seed(module_seed(params.seed, ctx.module, index))
+
+    def sparsify(block: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(block.shape, generator=generator, device=block.device) < density
+        return torch.where(keep, block / density, torch.zeros((), dtype=block.dtype, device=block.device))
+
+    return sparsify
 
 
 def task_arithmetic(
-    terms: list[Term], params: DensityParams, ctx: Context, sparsify: Callable, consensus: bool
+    terms: list[Term], params: DensityParams, ctx: Context, sparsifier: Callable[..., Sparsifier], consensus: bool
 ) -> torch.Tensor:
     """mergekit's generalized task arithmetic on one module: sparsify each τᵢ, weight, optionally keep only the
-    entries that agree with the elected sign (sign of Σ wᵢτᵢ, ties to +), sum, optionally normalize."""
-    like = {"dtype": terms[0].A.dtype, "device": terms[0].A.device}
-    mixed = torch.zeros(ctx.shape, **like)
-    divisor = torch.zeros(ctx.shape, **like) if params.normalize else None
-    weighted = [(t.weight, sparsify(t.delta(), params.density, ctx, i, params).mul_(t.weight))
-                for i, t in enumerate(terms)]
-    if consensus:
-        elected = sum(w for _, w in weighted) >= 0
-    for weight, tau in weighted:
+    entries that agree with the elected sign (sign of Σ wᵢτᵢ, ties to +), sum, optionally normalize. Every step is
+    per entry, so the result is made row block by row block (see the module docstring)."""
+    blocks = row_blocks(ctx.shape)
+    sparsify = [sparsifier(t, params.density, blocks, ctx, i, params) for i, t in enumerate(terms)]
+    mixed = torch.empty(ctx.shape, dtype=terms[0].A.dtype, device=terms[0].A.device)
+    for rows in blocks:
+        weighted = [(t.weight, s(t.delta(rows)).mul_(t.weight)) for t, s in zip(terms, sparsify)]
+        out = mixed[rows].zero_()
+        divisor = torch.zeros_like(out) if params.normalize else None
         if consensus:
-            agree = (tau > 0) == elected
-            agree &= tau != 0
-            tau = tau * agree
-        mixed += tau
+            elected = sum(tau for _, tau in weighted) >= 0
+        for weight, tau in weighted:
+            if consensus:
+                agree = ((tau > 0) == elected) & (tau != 0)
+                tau = tau * agree
+            out += tau
+            if divisor is not None:
+                divisor += agree * weight if consensus else weight
         if divisor is not None:
-            divisor += agree * weight if consensus else weight
-    if divisor is not None:
-        # mergekit: entries with no contribution (or weights summing to ~0) are left undivided.
-        divisor[divisor.abs() < 1e-8] = 1
-        mixed /= divisor
+            # mergekit: entries with no contribution (or weights summing to ~0) are left undivided.
+            divisor[divisor.abs() < 1e-8] = 1
+            out /= divisor
     return mixed
 
 
-def _elementwise(sparsify: Callable, consensus: bool) -> MethodFn:
+def _elementwise(sparsifier: Callable[..., Sparsifier], consensus: bool) -> MethodFn:
     def run(terms: list[Term], params: DensityParams, rank: int, ctx: Context) -> Refactored:
-        return refactor_dense(task_arithmetic(terms, params, ctx, sparsify, consensus), rank, exact=ctx.exact)
+        return refactor_dense(task_arithmetic(terms, params, ctx, sparsifier, consensus), rank, exact=ctx.exact)
 
     return run
 
