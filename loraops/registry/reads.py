@@ -98,12 +98,14 @@ class Reader:
         if name is not None:
             where.append("a.name = ?")
             params.append(name)
+        # uncorrelated subqueries, run once: SQLite ran a correlated EXISTS per adapter through the target index,
+        # reading every module of that target each time (3.5 s for `list --target q_proj` over 766 adapters; 14 ms)
         for column, value in (("rank", rank), ("target", target)):
             if value is not None:
-                where.append(f"EXISTS (SELECT 1 FROM adapter_modules m WHERE m.adapter_id = a.id AND m.{column} = ?)")
+                where.append(f"a.id IN (SELECT adapter_id FROM adapter_modules WHERE {column} = ?)")
                 params.append(value)
         if tag is not None:
-            where.append("EXISTS (SELECT 1 FROM adapter_tags t WHERE t.adapter_id = a.id AND t.tag = ?)")
+            where.append("a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = ?)")
             params.append(tag)
         return self._adapters(" AND ".join(where), params)
 
