@@ -182,3 +182,25 @@ def test_trained_bias_and_old_modules_to_save_keys(tmp_path):
     tensors["base_model.model.conv1.modules_to_save.default.weight"] = torch.ones(8, 4, 1, 1)
     save_file(tensors, str(weights))
     assert sorted(read_adapter(path).full_tensors) == ["conv1.weight", "proj.bias"]
+
+
+def test_pattern_key_matches_peft_first_key_rule_with_precompiled_patterns():
+    """Keys are compiled once per pattern set (a resized adapter has one per module: past re's 512-pattern cache,
+    matching them as strings recompiled each one, 110 s for 1,600 modules) and tested on names only when the name
+    ends with the key's literal tail: the answer stays PEFT's get_pattern_key's, first matching key wins."""
+    import itertools
+    import re
+
+    from loraops.formats.common import pattern_key
+
+    def peft_rule(keys, name):
+        return next((key for key in keys if re.match(rf"(.*\.)?({key})$", name)), None)
+
+    names = [f"model.layers.{i}.{m}" for i in range(12) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                   "mlp.down_proj", "mlp.up_proj")]
+    keys = ["q_proj", "layers.1.mlp.down_proj", r"layers\.1\d\..*", "(q|k)_proj", "[kq]_proj", "down_proj",
+            r"mlp\.up_proj", "up", "x?", "layers.1.self_attn.q_projx?", r"layers.2.mlp.up_pro\w", "layers.3"]
+    for size in (1, 2, 3):
+        for chosen in itertools.permutations(keys, size):
+            for name in names:
+                assert pattern_key(chosen, name) == peft_rule(chosen, name), (chosen, name)

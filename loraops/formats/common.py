@@ -5,6 +5,7 @@ Readers collect, per module, the two factors and the alpha; ``build_module`` tur
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -95,10 +96,29 @@ def unknown_layout(path: Path, keys: Iterable[str], what: str = "unknown adapter
 def pattern_key(patterns: Iterable[str], name: str) -> str | None:
     """The first key of a PEFT rank_pattern/alpha_pattern that matches module ``name``, exactly as
     peft.utils.other.get_pattern_key does (0.21): the key is a regex that must match a dot-bounded suffix."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+    for key, tail, regex in _compiled_patterns(tuple(patterns)):
+        if name.endswith(tail) and regex.match(name):
             return key
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_patterns(keys: tuple[str, ...]) -> tuple[tuple[str, str, re.Pattern], ...]:
+    """Each key compiled once, with the literal text any name it matches must end with. A resized adapter has a
+    pattern per module: matching them as strings recompiled every key once past re's 512-pattern cache (110 s to
+    write 1,600 modules), and testing every key on every name is quadratic without the cheap suffix test."""
+    return tuple((key, _literal_tail(key), re.compile(rf"(.*\.)?({key})$")) for key in keys)
+
+
+def _literal_tail(key: str) -> str:
+    """The longest end of a regex that matches only itself ('' when unsure: an alternation, an escape)."""
+    if "|" in key:
+        return ""
+    start = len(key)
+    while start and key[start - 1] not in ".^$*+?{}[]\\()":
+        start -= 1
+    tail = key[start:]
+    return tail[1:] if start and key[start - 1] == "\\" else tail
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
