@@ -416,10 +416,11 @@ class Registry:
                 return self._registered_again(s, existing, tags, adapter, fields["base_id"])
             version = self._next_version(s, name)
             row = SqlAdapter(name=name, version=version, lineage=self._lineage(s, lineage), **fields)
-            row.modules = [SqlAdapterModule(**m) for m in module_fields(adapter)]
             row.tags = [SqlTag(tag=t) for t in tags]
             s.add(row)
             s.flush()
+            # one executemany, not an ORM object per module (an MoE adapter has tens of thousands)
+            s.execute(insert(SqlAdapterModule), [{"adapter_id": row.id, **m} for m in module_fields(adapter)])
             return Registration(self._adapter_record(s, row), True)
 
         return self.write(f"register {name!r}", work)
