@@ -231,10 +231,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     files = _plan(base, adapters, out_dtype, undo=operation == "subtract")
     if reference is not None:
         _check_reference(reference, files)
-    remove_stale_temps(output)  # what a killed earlier run to this output left, before counting free space
     copied, left_out = _other_files(base)
-    needed = sum(f.size for f in files) + sum((base.path / p).stat().st_size for p in copied)
-    ensure_free_space(output.parent, needed, output.name)
+    _ensure_room(base, files, copied, output)
     tensors = [t for f in files for t in f.tensors]
     compute_dtype = torch.float64 if precise or any("F64" in (t.info.dtype, t.out_dtype) for t in tensors) else torch.float32
     stats = _Residual(reference) if operation == "subtract" else None
@@ -281,6 +279,17 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         heads_untied=[t.name for f in files if f.untie for t in f.tensors if _is_head(t.name)],
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
+
+
+def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> None:
+    """Refuse an output that cannot fit before any adapter is loaded (the run checks again, with its adapters)."""
+    _ensure_room(base, _plan(base, [], parse_dtype(dtype)), _other_files(base)[0], output_path(output))
+
+
+def _ensure_room(base: BaseModel, files: list[_File], copied: list[Path], output: Path) -> None:
+    remove_stale_temps(output)  # what a killed earlier run to this output left, before counting free space
+    needed = sum(f.size for f in files) + sum((base.path / p).stat().st_size for p in copied)
+    ensure_free_space(output.parent, needed, output.name)
 
 
 def _store_digests(base: BaseModel, output: Path, files: list[_File], known: dict[str, str]) -> None:

@@ -142,6 +142,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record)
         model, _ = _streamed(reg, base, early)
+        engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
@@ -169,6 +170,8 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
+        if streamed:
+            engine.check_room(merged, output, options.get("dtype"))
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:

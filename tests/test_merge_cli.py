@@ -270,3 +270,21 @@ def test_an_output_through_dotdot_creates_nothing_else_and_is_recorded(tmp_path,
     run("combine", a, a, "--method", "cat", "--name", "twice", "-o", tmp_path / "x" / ".." / "twice")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "twice"]
     assert run("base", "show", "merged", "--json").output.count(str(tmp_path / "merged")) == 2  # source and path
+
+
+def test_not_enough_disk_is_refused_before_any_adapter_is_loaded(tmp_path, models, monkeypatch):
+    """A 70B model's adapters can take GBs and tens of seconds to load: the space check comes first."""
+    import shutil
+    from collections import namedtuple
+
+    from loraops import merging
+
+    base, a, _ = models
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("Usage", "total used free")(10**9, 10**9 - 1000, 1000))
+
+    def never(*args):
+        raise AssertionError("an adapter was loaded")
+
+    monkeypatch.setattr(merging, "resolve_adapter", never)
+    for command in (["merge", a, "--into", base], ["subtract", a, "--from", base]):
+        assert "not enough free disk" in run(*command, "-o", tmp_path / "out", "--no-record", code=5).output
