@@ -193,11 +193,15 @@ def read_tensor(info: TensorInfo, handle=None) -> "torch.Tensor":
     return torch.frombuffer(data, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
-def load_tensors(header: Header, names=None) -> dict[str, "torch.Tensor"]:
-    """Load the named tensors (default: all) of a validated file with one open handle."""
+def load_tensors(header: Header, names=None, *, values: bool = True) -> dict[str, "torch.Tensor"]:
+    """Load the named tensors (default: all) of a validated file with one open handle. ``values`` False: tensors
+    on the meta device (shape and dtype, no data) except single values (alphas), for what needs shapes only."""
+    import torch
+
     wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
     with open(header.path, "rb") as f:
-        return {name: read_tensor(info, f) for name, info in wanted.items()}
+        return {name: read_tensor(info, f) if values or info.numel <= 1 else
+                torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta") for name, info in wanted.items()}
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None,

@@ -74,3 +74,27 @@ def test_subprocess_entry_point(adapter):
                           text=True, env=os.environ.copy(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["scale_mode"] == "classic"
+
+
+def test_inspect_and_check_read_headers_and_alphas_only(adapter, tmp_path, monkeypatch):
+    """inspect and check need shapes, dtypes and alphas: a 70B rank-64 adapter's 1.6 GB of factor values are not
+    read (only single values, like kohya's alphas, are); the report is the same as from a full read."""
+    from loraops import formats, st
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+
+    kohya = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))},
+                                 rank=4, alpha=2)
+    full = {path: inspect_path(path) for path in (adapter, kohya)}
+    real_read = st.read_tensor
+
+    def single_values_only(info, handle=None):
+        assert info.numel <= 1, f"{info.name} was read"
+        return real_read(info, handle)
+
+    monkeypatch.setattr(st, "read_tensor", single_values_only)
+    for path, report in full.items():
+        assert inspect_path(path) == report
+    assert formats.read_adapter(kohya, values=False).modules["lora_unet_model_layers_0_self_attn_q_proj"].scale == 0.5
+    base = BaseModel.open(factories.Path(adapter).parent / "base")
+    assert check(formats.read_adapter(adapter, values=False), base.tensors).ok

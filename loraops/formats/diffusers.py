@@ -41,7 +41,7 @@ def component_config(cfg: dict, component: str) -> dict:
     return cfg
 
 
-def read(path: Path, *, alpha: float | None = None) -> Adapter:
+def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adapter:
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     header = st.read_header(weights)
     common.refuse_unsupported(weights, header.tensors)
@@ -65,7 +65,7 @@ def read(path: Path, *, alpha: float | None = None) -> Adapter:
             cfg = {**cfg, "lora_alpha": None}
         configs[component] = peft.scale_config(weights, cfg, alpha)
 
-    tensors = st.load_tensors(header)
+    tensors = st.load_tensors(header, values=values)
 
     def config_for(name: str):
         component, _, rest = name.partition(".")

@@ -566,12 +566,12 @@ class Registry:
         from ..basemodel import BaseModel
 
         if Path(ref_or_path).exists():
-            adapter, label, base_id = formats.read_adapter(ref_or_path, alpha=alpha), str(ref_or_path), None
+            adapter, label, base_id = formats.read_adapter(ref_or_path, alpha=alpha, values=False), str(ref_or_path), None
         else:
             with self.session() as s:
                 row = self._find_adapter(s, ref_or_path)
                 label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
-            adapter = formats.read_adapter(self.blobs.path(blob), alpha=override)
+            adapter = formats.read_adapter(self.blobs.path(blob), alpha=override, values=False)
         if base is not None and Path(base).exists():
             return CheckResult.of(label, [check.check(adapter, BaseModel.open(base).tensors, base_name=str(base))])
         with self.session() as s:
