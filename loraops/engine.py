@@ -41,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import settings
 from .adapter import Adapter, LoraModule
@@ -51,7 +51,7 @@ from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_overlap,
                      remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
-from .st import DTYPE_BYTES, TensorInfo, header_bytes, torch_dtype
+from .st import DTYPE_BYTES, TensorInfo, header_bytes, read_row_blocks, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -433,21 +433,6 @@ def _can_untie(base: BaseModel, tensor: str) -> bool:
         "is_encoder_decoder") is not True
 
 
-def _row_blocks(info: TensorInfo) -> Iterator[tuple[int, int, "torch.Tensor"]]:
-    """(first row, end row, values) of a stored tensor in blocks of ≤ 64 MiB, so a vocabulary-sized embedding is
-    never read whole."""
-    import torch
-
-    rows = info.shape[0] if info.shape else 1
-    row_bytes = info.nbytes // max(rows, 1)
-    step = max(1, (64 << 20) // max(row_bytes, 1))
-    with open(info.file, "rb") as f:
-        for row0 in range(0, rows, step):
-            row1 = min(rows, row0 + step)
-            f.seek(info.start + row0 * row_bytes)
-            yield row0, row1, torch.frombuffer(bytearray(f.read((row1 - row0) * row_bytes)), dtype=torch_dtype(info.dtype))
-
-
 def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
     """Does this full tensor hold exactly the base's values (in the base's dtype)?"""
     import torch
@@ -459,7 +444,7 @@ def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
     # in the narrower dtype: a bf16 saved layer of an fp32 base (trained in bf16) is the base, rounded
     narrow = tensor.dtype if tensor.element_size() < DTYPE_BYTES[info.dtype] else torch_dtype(info.dtype)
     return all(torch.equal(flat[row0:row1].reshape(-1).to(narrow), stored.to(narrow))
-               for row0, row1, stored in _row_blocks(info))
+               for row0, row1, stored in read_row_blocks(info))
 
 
 def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
@@ -478,7 +463,7 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
         twins = {other for other in candidates if other != name and base.tensors[other].shape == info.shape
                  and base.tensors[other].dtype == info.dtype}
         twins = {other for other in twins
-                 if all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(_row_blocks(info), _row_blocks(base.tensors[other])))}
+                 if all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(read_row_blocks(info), read_row_blocks(base.tensors[other])))}
         if twins and not any(name in group for group in groups):
             groups.append({name, *twins})
     return groups

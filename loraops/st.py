@@ -12,7 +12,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import FormatError, NotFoundError
 
@@ -191,6 +191,21 @@ def read_tensor(info: TensorInfo, handle=None) -> "torch.Tensor":
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
     return torch.frombuffer(data, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+
+def read_row_blocks(info: TensorInfo) -> Iterator[tuple[int, int, "torch.Tensor"]]:
+    """(first row, end row, values) of a stored tensor in blocks of ≤ 64 MiB, so a vocabulary-sized embedding is
+    never read whole."""
+    import torch
+
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // max(rows, 1)
+    step = max(1, (64 << 20) // max(row_bytes, 1))
+    with open(info.file, "rb") as f:
+        for row0 in range(0, rows, step):
+            row1 = min(rows, row0 + step)
+            f.seek(info.start + row0 * row_bytes)
+            yield row0, row1, torch.frombuffer(bytearray(f.read((row1 - row0) * row_bytes)), dtype=torch_dtype(info.dtype))
 
 
 def load_tensors(header: Header, names=None, *, values: bool = True) -> dict[str, "torch.Tensor"]:

@@ -322,3 +322,20 @@ def test_gc_removes_the_folders_it_empties_but_not_the_store(reg, art):
     os.utime(young, (old, old))
     assert {p for p, _ in reg.gc()} == {young}
     assert {p.name for p in reg.blobs.root.iterdir()} == {".locks"}
+
+
+def test_register_never_holds_the_factors_whole(reg, art, monkeypatch):
+    """A record needs shapes and alphas; the values are only checked for NaN/Inf, ≤ 64 MiB at a time (a 70B rank-64
+    adapter is 1.6 GB)."""
+    from loraops import st
+
+    real_read = st.read_tensor
+
+    def single_values_only(info, handle=None):
+        assert info.numel <= 1, f"{info.name} was read whole"
+        return real_read(info, handle)
+
+    monkeypatch.setattr(st, "read_tensor", single_values_only)
+    reg.add_base(art["base"], name="llama-tiny")
+    assert reg.add_adapter(art["ad1"]).base.name == "llama-tiny"
+    assert reg.add_adapter(art["kohya"], base="llama-tiny").alpha == 2

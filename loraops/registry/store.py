@@ -356,7 +356,10 @@ class Registry:
         from .. import formats
 
         path = Path(path)
-        adapter = formats.read_adapter(path, alpha=alpha)
+        # shapes and alphas are all a record needs: the values are only checked, block by block (a 70B rank-64
+        # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied)
+        adapter = formats.read_adapter(path, alpha=alpha, values=False)
+        formats.check_values(path)
         identity = formats.identity(path)
         if alpha is not None:
             identity = hashlib.sha256(f"{identity}\nalpha={float(alpha)!r}".encode()).hexdigest()
