@@ -104,7 +104,7 @@ def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, 
     with reg.blobs.scratch() as tmp:
         written = write_adapter(adapter, Path(tmp) / (name.replace("/", "-") + (".safetensors" if fmt != "peft" else "")), fmt)
         record, created, *_ = reg.register_adapter(written, name=name, base=base, lineage=lineage,
-                                                   source=f"loraops {lineage.op}")
+                                                   source=f"loraops {lineage.op}", scratch=True)
     return DerivedRecord(adapter=record, created=created, output=None, report=report)
 
 

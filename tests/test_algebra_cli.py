@@ -127,3 +127,18 @@ def test_a_registered_reference_must_be_recorded_against_the_base_given(files, r
                                                     "(link it: loraops register <its file> --base other)\n")
     assert not (tmp_path / "k.safetensors").exists()
     assert run("export", "a", "--format", "kohya", "-o", tmp_path / "k.safetensors", "--base", "tiny")[0] == 0
+
+
+def test_a_derived_adapter_is_moved_into_the_store_not_copied(files, reg, monkeypatch):
+    """Without -o the result is written into a scratch folder inside the store and renamed into place (a 70B
+    adapter is 1.6 GB: no second copy), hashed and made durable first; nothing of the scratch folder stays."""
+    from loraops.registry import blobs
+
+    def no_copy(*args):
+        raise AssertionError("copied")
+
+    assert run("register", files["a"])[0] == 0 and run("register", files["b"])[0] == 0  # inputs are copied
+    monkeypatch.setattr(blobs, "_copy", no_copy)
+    code, out = run("combine", "a", "b", "--name", "ab")
+    assert code == 0, out
+    assert reg.verify() == [] and not [p for p in reg.blobs.root.iterdir() if "scratch" in p.name]

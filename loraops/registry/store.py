@@ -342,8 +342,10 @@ class Registry:
 
     def register_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
                          tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
-                         lineage: LineageSpec | None = None, progress: bool | None = None) -> Registration:
-        """Register the adapter at ``path`` (any supported layout), copying its files into the blob store.
+                         lineage: LineageSpec | None = None, progress: bool | None = None,
+                         scratch: bool = False) -> Registration:
+        """Register the adapter at ``path`` (any supported layout), copying its files into the blob store
+        (``scratch``: loraops wrote them into ``blobs.scratch()``, and they are moved there instead).
 
         The same name with another identity becomes the next version. ``base``: a registered base the adapter must
         fit; without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked
@@ -379,15 +381,15 @@ class Registry:
                 self._repair(identity, existing[1], existing[2], files)
                 return self._update(existing[0], tags, adapter, base_id if base is not None else None)
             return self._store_and_insert(path, name, identity, key, files, adapter, base_id, alpha, source, tags,
-                                          lineage, progress)
+                                          lineage, progress, scratch)
 
     def _store_and_insert(self, path: Path, name: str, identity: str, key: str, files: list[Path], adapter: "Adapter",
                           base_id: int | None, alpha: float | None, source: str | None, tags: list[str],
-                          lineage: LineageSpec | None, progress: bool | None) -> Registration:
+                          lineage: LineageSpec | None, progress: bool | None, scratch: bool) -> Registration:
         bar = settings.progress_bar(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
         try:
             try:
-                stored = self.blobs.put(identity, files, bar)
+                stored = self.blobs.put(identity, files, bar, move=scratch)
             finally:
                 bar.close()
             weights = files[0].name  # adapter_files lists the weights file first
