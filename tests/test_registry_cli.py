@@ -391,3 +391,23 @@ def test_a_damaged_stored_copy_is_not_used_and_registering_the_original_repairs_
     assert cli("register", art["ad1"]).output.startswith("already registered as chat@1")
     assert cli("verify").output.startswith("all stored files of 1 adapter(s) match")
     cli("merge", "chat", "--into", "llama-tiny", "-o", out, "--no-record")
+
+
+def test_an_interrupt_in_clicks_own_code_exits_130(monkeypatch, capsys):
+    """A Ctrl-C that lands in click itself — here while the top context closes, after the command returned — is
+    "error: interrupted", exit 130; click's standalone mode made it "Aborted!" and exit 1."""
+    import click
+
+    from loraops.cli import exit_status
+
+    close = click.Context._close_with_exception_info
+
+    def interrupted_close(self, *exc_info):
+        result = close(self, *exc_info)
+        if self.parent is None:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(click.Context, "_close_with_exception_info", interrupted_close)
+    assert exit_status(["list"]) == 130
+    assert capsys.readouterr().err.endswith("error: interrupted\n")

@@ -111,13 +111,18 @@ def main(home: str | None, db: str | None, quiet: bool) -> None:
 
 
 def exit_status(args: list[str] | None = None) -> int:
-    """Run the CLI (``args``, default sys.argv) and return the status `loraops` exits with."""
+    """Run the CLI (``args``, default sys.argv) and return the status `loraops` exits with. Not in click's
+    standalone mode: there, a Ctrl-C that lands in click's own code (after a command returned, while its context
+    closes) becomes "Aborted!" and exit 1."""
     try:
-        main(args=args, prog_name="loraops")
-        code = 0
+        code = main(args=args, prog_name="loraops", standalone_mode=False)
+        code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
+    except click.ClickException as exc:  # a usage error: shown as click shows it
+        exc.show()
+        code = exc.exit_code
     except SystemExit as exc:
         code = exc.code
-    except KeyboardInterrupt:  # outside the command's own handling: before it was dispatched, or after it returned
+    except (KeyboardInterrupt, click.exceptions.Abort):  # outside the command's own handling
         print("error: interrupted", file=sys.stderr)
         code = 130
     if code is not None and not isinstance(code, int):
