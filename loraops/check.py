@@ -129,13 +129,15 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     leading ``model.``, a diffusers LoRA (``unet.down_blocks…``) may meet a single-file SD checkpoint, and a model
     transformers renames in memory is saved under its old names (SAVED_LAYOUTS). Apply the one renaming that makes
     every module and full tensor match, if any does."""
-    wanted = [f"{n}.weight" for n in adapter.modules] + list(adapter.full_tensors)
+    wanted = {f"{n}.weight": m.weight_shape for n, m in adapter.modules.items()}
+    wanted.update((n, tuple(t.shape)) for n, t in adapter.full_tensors.items())
 
-    def present(tensor: str) -> bool:
-        return tensor in manifest or ldm.fused_target(tensor.removesuffix(".weight"), manifest) is not None
+    def present(tensor: str, shape) -> bool:
+        return (tensor in manifest or ldm.fused_target(tensor.removesuffix(".weight"), manifest) is not None
+                or tied_head_source(tensor, shape, manifest) is not None)
 
     def fits(rename) -> bool:
-        return all(present(rename(n)) for n in wanted)
+        return all(present(rename(n), shape) for n, shape in wanted.items())
 
     candidates = [lambda n: n, lambda n: n.removeprefix("model."), lambda n: f"model.{n}"]
     if fits(candidates[0]):

@@ -406,7 +406,8 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
     changes) and unties the model's config; the embeddings get only their own changes. The merged model then
     computes what the adapter's model computed, where changing the one shared tensor (PEFT's merge) would move the
     input embeddings by the head's delta too."""
-    wanted = {m.weight_name: m.weight_shape for adapter, _ in adapters for m in adapter.modules.values()}
+    wanted = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
+              if weight * m.scale != 0}
     wanted.update((name, tuple(t.shape)) for adapter, _ in adapters for name, t in adapter.full_tensors.items())
     heads = {}
     for name, shape in sorted(wanted.items()):

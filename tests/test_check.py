@@ -132,3 +132,11 @@ def test_a_head_missing_from_a_tied_model_fits_as_a_tied_head():
                                                          "speech_model.embed_tokens.weight")}
     assert tied_head_source("language_model.lm_head.weight", (128, 64), vlm) == "language_model.model.embed_tokens.weight"
     assert tied_head_source("lm_head.weight", (128, 64), {**tied, "lm_head.weight": None}) is None  # stored: not tied
+    # a tied VLM saved in the old layout (Gemma3, PaliGemma): PEFT's in-memory names are renamed, the head included
+    q = LoraModule(name="model.language_model.layers.0.self_attn.q_proj", A=torch.zeros(4, 64), B=torch.zeros(64, 4),
+                   alpha=4.0, scale=1.0)
+    vlm_adapter = Adapter(modules={"lm_head": head, q.name: q}, format="peft")
+    saved = {"language_model.model.embed_tokens.weight": SimpleNamespace(shape=(128, 64)),
+             "language_model.model.layers.0.self_attn.q_proj.weight": SimpleNamespace(shape=(64, 64))}
+    report = check(vlm_adapter, saved)
+    assert report.ok and report.tied_heads == ["language_model.lm_head"], misfits(report)

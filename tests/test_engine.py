@@ -416,6 +416,16 @@ def test_a_lora_on_a_tied_head_is_merged_untied_and_exact(tmp_path, case):
             engine.subtract(base, [(adapter, 1.0)], tmp_path / "no", device="cpu")
 
 
+def test_a_tied_head_lora_at_weight_zero_unties_nothing(tmp_path):
+    from loraops.adapter import Adapter, LoraModule
+
+    base = tied_llama(tmp_path / "base")
+    head = LoraModule(name="lm_head", A=torch.randn(4, 64), B=torch.randn(100, 4), alpha=4.0, scale=1.0)
+    report = engine.merge(base, [(Adapter(modules={"lm_head": head}, format="peft"), 0.0)], tmp_path / "out", device="cpu")
+    assert report.heads_untied == [] and "lm_head.weight" not in merged_tensors(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
 def test_a_lora_on_the_tied_head_of_an_encoder_decoder_model_is_refused(tmp_path):
     """Some encoder-decoder models scale their decoder output by tie_word_embeddings (Switch Transformers, UDOP, T5
     before transformers 5): untying them would change what they compute."""

@@ -199,8 +199,9 @@ def test_pattern_key_matches_peft_first_key_rule_with_precompiled_patterns():
     names = [f"model.layers.{i}.{m}" for i in range(12) for m in ("self_attn.q_proj", "self_attn.k_proj",
                                                                    "mlp.down_proj", "mlp.up_proj")]
     keys = ["q_proj", "layers.1.mlp.down_proj", r"layers\.1\d\..*", "(q|k)_proj", "[kq]_proj", "down_proj",
-            r"mlp\.up_proj", "up", "x?", "layers.1.self_attn.q_projx?", r"layers.2.mlp.up_pro\w", "layers.3"]
-    for size in (1, 2, 3):
+            r"mlp\.up_proj", "up", "x?", "layers.1.self_attn.q_projx?", r"layers.2.mlp.up_pro\w", "layers.3",
+            r"\u0071_proj", r"k_pr\u006fj", r"down_pro\152", r"q_pro\x6a"]  # escapes longer than one letter
+    for size in (1, 2):
         for chosen in itertools.permutations(keys, size):
             for name in names:
                 assert pattern_key(chosen, name) == peft_rule(chosen, name), (chosen, name)

@@ -115,6 +115,21 @@ def test_old_revision_is_upgraded_on_open_keeping_rows():
             assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # enforcement back on after migrating
 
 
+@pytest.mark.empty_db
+@pytest.mark.sqlite_only
+def test_a_row_broken_before_the_migration_does_not_block_it(tmp_path):
+    """The migration checks the foreign keys it could break; an orphan row a hand edit left (the sqlite3 shell runs
+    with keys off) is not one of them, and must not make the registry impossible to open."""
+    import sqlite3
+
+    eng = engine()
+    db.upgrade(eng, "0002")
+    with sqlite3.connect(db.sqlite_file(eng)) as c:
+        c.execute("INSERT INTO adapter_tags (adapter_id, tag) VALUES (99, 'orphan')")
+    with Registry.open() as reg:
+        assert reg.revision() == db.HEAD
+
+
 def test_newer_revision_is_refused():
     eng = engine()
     db.ensure_schema(eng)

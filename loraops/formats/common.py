@@ -111,14 +111,14 @@ def _compiled_patterns(keys: tuple[str, ...]) -> tuple[tuple[str, str, re.Patter
 
 
 def _literal_tail(key: str) -> str:
-    """The longest end of a regex that matches only itself ('' when unsure: an alternation, an escape)."""
-    if "|" in key:
+    """The longest end of a regex that matches only itself ('' when unsure: an alternation, an escape, inline
+    flags)."""
+    if "|" in key or "(?" in key:
         return ""
     start = len(key)
     while start and key[start - 1] not in ".^$*+?{}[]\\()":
         start -= 1
-    tail = key[start:]
-    return tail[1:] if start and key[start - 1] == "\\" else tail
+    return "" if start and key[start - 1] == "\\" else key[start:]
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:

@@ -192,11 +192,14 @@ def _migrating(engine: Engine) -> Iterator[Connection]:
         if sqlite:
             connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
         with connection.begin():
+            # rows that were already broken (a hand edit with the sqlite3 shell, whose keys are off) are not ours
+            before = set(connection.exec_driver_sql("PRAGMA foreign_key_check").all()) if sqlite else set()
             yield connection
             if sqlite:
-                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
-                if broken is not None:
-                    raise RegistryError(f"the migration would break a reference from table {broken[0]!r}; "
+                broken = set(connection.exec_driver_sql("PRAGMA foreign_key_check").all()) - before
+                if broken:
+                    table, rowid, *_ = min(broken, key=str)
+                    raise RegistryError(f"the migration would break a reference from table {table!r} (row {rowid}); "
                                         "the registry was left as it was")
     finally:
         if sqlite:
