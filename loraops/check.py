@@ -131,21 +131,6 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     every module and full tensor match, if any does."""
     wanted = {f"{n}.weight": m.weight_shape for n, m in adapter.modules.items()}
     wanted.update((n, tuple(t.shape)) for n, t in adapter.full_tensors.items())
-
-    def present(tensor: str, shape) -> bool:
-        return (tensor in manifest or ldm.fused_target(tensor.removesuffix(".weight"), manifest) is not None
-                or tied_head_source(tensor, shape, manifest) is not None)
-
-    def fits(rename) -> bool:
-        return all(present(rename(n), shape) for n, shape in wanted.items())
-
-    candidates = [lambda n: n, lambda n: n.removeprefix("model."), lambda n: f"model.{n}"]
-    if fits(candidates[0]):
-        return candidates[0]
-    if all(n.startswith("model.") for n in wanted) and fits(candidates[1]):
-        return candidates[1]
-    if fits(candidates[2]):
-        return candidates[2]
     aliases = ldm.diffusers_names(manifest)
 
     def checkpoint_name(name: str) -> str:
@@ -155,22 +140,36 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         module, _, leaf = name.rpartition(".")
         return f"{aliases[module]}.{leaf}" if module in aliases else name
 
-    if aliases and fits(checkpoint_name):
-        return checkpoint_name
-    for rules in SAVED_LAYOUTS:
-        def saved_name(name: str, rules=rules) -> str:
+    def saved_name(rules):
+        def rename(name: str) -> str:
             for pattern, replacement in rules:
                 if pattern.match(name):
                     return pattern.sub(replacement, name, count=1)
             return name
+        return rename
 
-        if fits(saved_name):
-            return saved_name
-    if fits(clip_layout):
-        return clip_layout
-    if aliases and fits(lambda n: checkpoint_name(clip_layout(n))):
-        return lambda n: checkpoint_name(clip_layout(n))
-    return candidates[0]
+    def as_is(name: str) -> str:
+        return name
+
+    candidates = [as_is, lambda n: f"model.{n}"]
+    if all(n.startswith("model.") for n in wanted):
+        candidates.insert(1, lambda n: n.removeprefix("model."))
+    if aliases:
+        candidates.append(checkpoint_name)
+    candidates += [saved_name(rules) for rules in SAVED_LAYOUTS] + [clip_layout]
+    if aliases:
+        candidates.append(lambda n: checkpoint_name(clip_layout(n)))
+
+    def present(tensor: str, shape, tied: bool) -> bool:
+        return (tensor in manifest or ldm.fused_target(tensor.removesuffix(".weight"), manifest) is not None
+                or (tied and tied_head_source(tensor, shape, manifest) is not None))
+
+    # a head the base stores under another name (GPT-NeoX's embed_out) before one it would share with its embeddings
+    for tied in (False, True):
+        for rename in candidates:
+            if all(present(rename(n), shape, tied) for n, shape in wanted.items()):
+                return rename
+    return as_is
 
 
 # transformers' Conv1D layers (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP): weights stored in×out.
