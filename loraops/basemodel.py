@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import FormatError, NotFoundError
-from .fsutil import Prefetcher
+from .fsutil import Prefetcher, chunks
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -176,19 +176,18 @@ def store_digests(file: Path, digests: dict[str, str]) -> None:
 
 def _hash_file(header: Header, bar) -> dict[str, str]:
     """sha256 of each tensor of one file, read front to back."""
-    digests = {}
-    with open(header.path, "rb") as handle:
+    digests, buffer = {}, bytearray(8 << 20)
+    with open(header.path, "rb", buffering=0) as handle:
         for info in sorted(header.tensors.values(), key=lambda t: t.start):
             digest = hashlib.sha256()
             handle.seek(info.start)
-            remaining = info.nbytes
-            while remaining:
-                chunk = handle.read(min(remaining, 8 << 20))
-                if not chunk:
-                    raise FormatError(f"{info.file}: truncated while hashing tensor {info.name!r}")
+            hashed = 0
+            for chunk in chunks(handle, info.nbytes, buffer):
                 digest.update(chunk)
-                remaining -= len(chunk)
+                hashed += len(chunk)
                 bar.update(len(chunk))
+            if hashed != info.nbytes:
+                raise FormatError(f"{info.file}: truncated while hashing tensor {info.name!r}")
             digests[info.name] = digest.hexdigest()
     return digests
 

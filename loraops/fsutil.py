@@ -378,12 +378,26 @@ def available_memory() -> int:
         return 0
 
 
+def chunks(handle, nbytes: int | None = None, buffer: bytearray | None = None) -> Iterator[memoryview]:
+    """The next ``nbytes`` (default: all that is left) of an unbuffered binary file, 8 MiB at a time into one
+    reused buffer: use each chunk before asking for the next. A fresh 8 MiB object per read (``f.read``) cost more
+    system time than hashing the bytes (2 GiB: 0.9–3.2 s against 0.4 s)."""
+    view = memoryview(buffer if buffer is not None else bytearray(8 << 20))
+    while nbytes is None or nbytes > 0:
+        got = handle.readinto(view if nbytes is None else view[:min(nbytes, len(view))])
+        if not got:
+            return
+        yield view[:got]
+        if nbytes is not None:
+            nbytes -= got
+
+
 def sha256_file(path: Path, *, start: int = 0, progress=None) -> str:
     """sha256 of a file's bytes from ``start``; ``progress`` (a tqdm-like object) is advanced per chunk."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         f.seek(start)
-        while chunk := f.read(8 << 20):
+        for chunk in chunks(f):
             digest.update(chunk)
             if progress is not None:
                 progress.update(len(chunk))

@@ -228,3 +228,19 @@ def test_an_output_through_a_missing_folder_and_dotdot_creates_only_the_output(t
     (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
     write(tmp_path / "link" / ".." / "d")
     assert (tmp_path / "real" / "d").exists() and not (tmp_path / "d").exists()
+
+
+def test_chunks_and_sha256_file_read_through_one_reused_buffer(tmp_path):
+    import hashlib
+
+    from loraops.fsutil import chunks, sha256_file
+
+    data = bytes(range(256)) * ((8 << 20) // 256 * 2 + 3)  # two full buffers and a bit
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path, start=1000) == hashlib.sha256(data[1000:]).hexdigest()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(5)
+        assert b"".join(bytes(c) for c in chunks(f, 20, bytearray(8))) == data[5:25]  # 8 + 8 + 4
+        assert sum(len(c) for c in chunks(f)) == len(data) - 25

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .. import settings
-from ..fsutil import TMP_MARK, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file, temp_sibling
+from ..fsutil import TMP_MARK, chunks, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file, temp_sibling
 
 
 LOCKS = ".locks"
@@ -149,8 +149,8 @@ def _move(src: Path, dst: Path, progress) -> StoredFile:
 def _hash_copy(src: Path, dst: Path, progress) -> str:
     """Copy and hash in one pass (the hash is of the bytes actually written)."""
     digest = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") as out:
-        while chunk := fin.read(8 << 20):
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb") as out:
+        for chunk in chunks(fin):
             digest.update(chunk)
             out.write(chunk)
             if progress is not None:
