@@ -205,7 +205,10 @@ def read_row_blocks(info: TensorInfo) -> Iterator[tuple[int, int, "torch.Tensor"
         for row0 in range(0, rows, step):
             row1 = min(rows, row0 + step)
             f.seek(info.start + row0 * row_bytes)
-            yield row0, row1, torch.frombuffer(bytearray(f.read((row1 - row0) * row_bytes)), dtype=torch_dtype(info.dtype))
+            data = bytearray((row1 - row0) * row_bytes)  # read into the tensor's memory: one copy, not two
+            if f.readinto(data) != len(data):
+                raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            yield row0, row1, torch.frombuffer(data, dtype=torch_dtype(info.dtype))
 
 
 def load_tensors(header: Header, names=None, *, values: bool = True) -> dict[str, "torch.Tensor"]:
