@@ -192,7 +192,9 @@ class AdapterRecord(Record):
     path: str
     """Where the adapter's stored copy is on disk (inside the blob store)."""
     created: datetime
+    num_modules: int
     modules: list[ModuleRecord]
+    """Every module, except in `list`'s table (``Reader.list_adapters(modules=False)``), which only counts them."""
     lineage: LineageRecord | None
 
     @property

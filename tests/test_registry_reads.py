@@ -130,3 +130,28 @@ def test_driver_path_falls_back_unless_at_head(art, opens):  # noqa: F811
         with reads.reader():
             pass
     engine.dispose()
+
+
+def test_list_table_counts_modules_without_loading_them(monkeypatch, tmp_path):
+    """`list`'s table shows how many modules each adapter has: counted in SQL, not built as records (1,000 adapters
+    of 224 modules took 1.6 s and 354 MB); `--json` still lists them, with the same count."""
+    import json as json_module
+
+    from click.testing import CliRunner
+
+    from factories import peft_adapter, tiny_llama
+    from loraops.cli import main
+    from loraops.records import ModuleRecord
+
+    base = tiny_llama(tmp_path / "base")
+    runner = CliRunner()
+    assert runner.invoke(main, ["register", str(peft_adapter(base, tmp_path / "a", r=4))]).exit_code == 0
+    listed = json_module.loads(runner.invoke(main, ["list", "--json"]).output)
+    assert listed[0]["num_modules"] == len(listed[0]["modules"]) > 0
+
+    def no_module_records(*args, **kwargs):
+        raise AssertionError("a module record was built")
+
+    monkeypatch.setattr(ModuleRecord, "__init__", no_module_records)
+    table = runner.invoke(main, ["list"]).output.splitlines()
+    assert table[2].split()[5] == str(listed[0]["num_modules"])

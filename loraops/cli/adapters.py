@@ -71,14 +71,14 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
                   as_json: bool) -> None:
     """List registered adapters (every version)."""
     with _reader() as reg:
-        records = reg.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name)
+        records = reg.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name, modules=as_json)
     if as_json:
         echo_json(records)
         return
     echo_table(
         ["id", "name", "format", "rank", "alpha", "modules", "params", "base", "tags", "sha256"],
         [
-            (r.id, r.ref, r.format, number(r.rank), number(r.alpha), len(r.modules), f"{r.num_parameters:,}",
+            (r.id, r.ref, r.format, number(r.rank), number(r.alpha), r.num_modules, f"{r.num_parameters:,}",
              _base_label(r), ",".join(r.tags), r.sha256[:12])
             for r in records
         ],

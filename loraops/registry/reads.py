@@ -88,9 +88,10 @@ class Reader:
         return found[0]
 
     def list_adapters(self, *, base: str | int | None = None, rank: int | None = None, target: str | None = None,
-                      tag: str | None = None, name: str | None = None) -> list[AdapterRecord]:
+                      tag: str | None = None, name: str | None = None, modules: bool = True) -> list[AdapterRecord]:
         """Every version of every adapter (by name, then version), filtered: ``rank`` matches adapters with any
-        module of that rank, ``target`` any module whose last path component is that (q_proj, ...)."""
+        module of that rank, ``target`` any module whose last path component is that (q_proj, ...). ``modules``
+        False: their modules counted, not listed (1,000 adapters of 224 modules: 1.6 s and 354 MB to list)."""
         where, params = ["1 = 1"], []
         if base is not None:
             where.append("a.base_id = ?")
@@ -107,7 +108,7 @@ class Reader:
         if tag is not None:
             where.append("a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = ?)")
             params.append(tag)
-        return self._adapters(" AND ".join(where), params)
+        return self._adapters(" AND ".join(where), params, modules)
 
     def adapter_id(self, ref: str | int) -> int:
         """The id of the adapter ``ref`` names (see the module docstring), or a one-line NotFound/Ambiguous error."""
@@ -136,21 +137,27 @@ class Reader:
             )
         raise _missing("adapter", ref, f"give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits")
 
-    def _adapters(self, where: str, params: list) -> list[AdapterRecord]:
+    def _adapters(self, where: str, params: list, with_modules: bool = True) -> list[AdapterRecord]:
         rows = self.rows(f"SELECT {_ADAPTER_COLUMNS} FROM adapters a LEFT JOIN bases b ON b.id = a.base_id "
                          f"WHERE {where} ORDER BY a.name, a.version", params)
         if not rows:
             return []
         chosen = f"SELECT a.id FROM adapters a WHERE {where}"
         modules: dict[int, list[ModuleRecord]] = {}
-        for adapter_id, name, kind, rank, alpha, scale, in_features, out_features in self.rows(
-            "SELECT adapter_id, name, kind, rank, alpha, scale, in_features, out_features FROM adapter_modules "
-            f"WHERE adapter_id IN ({chosen}) ORDER BY id", params
-        ):
-            modules.setdefault(adapter_id, []).append(ModuleRecord(
-                name=name, kind=kind, rank=rank, alpha=alpha, scale=scale, in_features=in_features,
-                out_features=out_features,
-            ))
+        counts: dict[int, int] = {}
+        if with_modules:
+            for adapter_id, name, kind, rank, alpha, scale, in_features, out_features in self.rows(
+                "SELECT adapter_id, name, kind, rank, alpha, scale, in_features, out_features FROM adapter_modules "
+                f"WHERE adapter_id IN ({chosen}) ORDER BY id", params
+            ):
+                modules.setdefault(adapter_id, []).append(ModuleRecord(
+                    name=name, kind=kind, rank=rank, alpha=alpha, scale=scale, in_features=in_features,
+                    out_features=out_features,
+                ))
+            counts = {adapter_id: len(listed) for adapter_id, listed in modules.items()}
+        else:
+            counts = dict(self.rows(f"SELECT adapter_id, count(*) FROM adapter_modules WHERE adapter_id IN ({chosen}) "
+                                    "GROUP BY adapter_id", params))
         tags: dict[int, list[str]] = {}
         for adapter_id, tag in self.rows(f"SELECT adapter_id, tag FROM adapter_tags WHERE adapter_id IN ({chosen})", params):
             tags.setdefault(adapter_id, []).append(tag)
@@ -164,7 +171,8 @@ class Reader:
                 target_modules=list(_json(target_modules)),
                 base=None if base_id is None else BaseRef(id=base_id, name=base_name, fingerprint=fingerprint),
                 base_hint=base_hint, tags=sorted(tags.get(id_, [])), source=source, path=str(self.blobs.path(blob)),
-                created=_time(created), modules=modules.get(id_, []), lineage=lineages.get(lineage_id),
+                created=_time(created), num_modules=counts.get(id_, 0), modules=modules.get(id_, []),
+                lineage=lineages.get(lineage_id),
             ))
         return records
 
