@@ -430,8 +430,7 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
 def _can_untie(base: BaseModel, tensor: str) -> bool:
     """May the model holding ``tensor`` come out with tie_word_embeddings false? Not an encoder-decoder one: some
     (Switch Transformers, UDOP, and T5 before transformers 5) scale their decoder's output when tied."""
-    return base.is_single_file or _json_object(base.tensors[tensor].file.parent / "config.json").get(
-        "is_encoder_decoder") is not True
+    return _model_config(base, tensor).get("is_encoder_decoder") is not True
 
 
 def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
@@ -472,17 +471,19 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
 
 def _tie_word_embeddings(base: BaseModel, tensor: str) -> bool | None:
     """What the config.json of the model holding ``tensor`` says of tying (a VLM's in its text_config); None when
-    it says nothing, or there is no config (a single-file base: a file beside it describes another model)."""
-    if base.is_single_file:
-        return None
-    config = _json_object(base.tensors[tensor].file.parent / "config.json")
+    it says nothing."""
+    config = _model_config(base, tensor)
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     return config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
 
 
-def _json_object(path: Path) -> dict:
+def _model_config(base: BaseModel, tensor: str) -> dict:
+    """The config.json of the model holding ``tensor``; {} when there is none, or for a single-file base (a file
+    beside it describes another model)."""
+    if base.is_single_file:
+        return {}
     try:
-        config = json.loads(path.read_text())
+        config = json.loads((base.tensors[tensor].file.parent / "config.json").read_text())
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}

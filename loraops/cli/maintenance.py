@@ -28,7 +28,7 @@ def verify() -> None:
 
     with _registry(create=False) as reg:
         problems = reg.verify()
-        count = len(reg.list_adapters())
+        count = len(reg.list_adapters(modules=False))
     for p in problems:
         click.echo(f"{p.adapter}: {p.file}: {p.problem}")
     if problems:

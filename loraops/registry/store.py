@@ -424,8 +424,7 @@ class Registry:
             row.tags = [SqlTag(tag=t) for t in tags]
             s.add(row)
             s.flush()
-            # one executemany, not an ORM object per module (an MoE adapter has tens of thousands)
-            s.execute(insert(SqlAdapterModule), [{"adapter_id": row.id, **m} for m in module_fields(adapter)])
+            _insert_modules(s, row.id, adapter)
             return Registration(self._adapter_record(s, row), True)
 
         return self.write(f"register {name!r}", work)
@@ -472,11 +471,11 @@ class Registry:
             return r.get_adapter(ref)
 
     def list_adapters(self, *, base: str | int | None = None, rank: int | None = None, target: str | None = None,
-                      tag: str | None = None, name: str | None = None) -> list[AdapterRecord]:
+                      tag: str | None = None, name: str | None = None, modules: bool = True) -> list[AdapterRecord]:
         """Every version of every adapter (by name, then version), filtered in SQL: ``rank`` matches adapters with
         any module of that rank, ``target`` any module whose last path component is that (q_proj, ...)."""
         with self.reader() as r:
-            return r.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name)
+            return r.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name, modules=modules)
 
     def adapter_path(self, ref: str | int) -> Path:
         """The stored copy of the adapter on disk (a file or a PEFT folder inside the blob store)."""
@@ -530,7 +529,7 @@ class Registry:
                 raise NotFoundError(f"base id {base_id} was removed meanwhile")
             row.base_id, row.target_modules = base_id, adapter.target_modules
             s.execute(delete(SqlAdapterModule).where(SqlAdapterModule.adapter_id == row.id))
-            s.execute(insert(SqlAdapterModule), [{"adapter_id": row.id, **m} for m in module_fields(adapter)])
+            _insert_modules(s, row.id, adapter)
         self._tag(s, row, tags)
         return Registration(self._adapter_record(s, row), False, linked, previous)
 
@@ -732,6 +731,11 @@ def _first_line(exc: BaseException) -> str:
 def module_target(name: str, names_resolved: bool) -> str:
     """What `list --target` matches: the last path component (kohya names before binding: the whole name)."""
     return name.rsplit(".", 1)[-1] if names_resolved else name
+
+
+def _insert_modules(s: Session, adapter_id: int, adapter: "Adapter") -> None:
+    # one executemany, not an ORM object per module (an MoE adapter has tens of thousands)
+    s.execute(insert(SqlAdapterModule), [{"adapter_id": adapter_id, **m} for m in module_fields(adapter)])
 
 
 def module_fields(adapter: "Adapter") -> list[dict]:
