@@ -540,7 +540,6 @@ class _Pipeline:
                  hashing: bool) -> None:
         self.root = root
         self.hashing = hashing
-        self.direct = settings.direct_io()
         self.device = device
         self.compute_dtype = compute_dtype
         self.bar = bar
@@ -687,7 +686,7 @@ class _Pipeline:
             while (item := self._get(self.write_q)) is not _END:
                 if isinstance(item, _Open):
                     item.path.parent.mkdir(parents=True, exist_ok=True)
-                    out = DirectFileWriter(item.path, direct=self.direct)
+                    out = DirectFileWriter(item.path)
                     out.write(memoryview(item.header))
                     self.bar.update(len(item.header))
                 elif isinstance(item, _Copy):

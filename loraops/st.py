@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import FormatError, NotFoundError
+from .fsutil import DirectFileWriter
 
 if TYPE_CHECKING:
     import torch
@@ -248,14 +249,19 @@ def write_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"], meta
     raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+    out = DirectFileWriter(Path(path))  # written once and fsynced at once: see DirectFileWriter for why direct
+    try:
+        out.write(memoryview(struct.pack("<Q", len(raw)) + raw))
         for _, tensor in ordered:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
             digest.update(data)
-            f.write(data)
-        if hash_key:
-            at = raw.index(f'"{hash_key}":"{placeholder}"'.encode()) + len(hash_key) + 4
+            out.write(data)
+        out.close()
+    except BaseException:
+        out.abandon()
+        raise
+    if hash_key:
+        at = raw.index(f'"{hash_key}":"{placeholder}"'.encode()) + len(hash_key) + 4
+        with open(path, "r+b") as f:
             f.seek(8 + at)
             f.write(digest.hexdigest().encode())

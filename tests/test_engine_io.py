@@ -155,6 +155,26 @@ def test_missing_and_corrupt_shards(tmp_path, sharded):
     assert nothing_left(tmp_path / "out")
 
 
+def test_a_shard_truncated_while_merging(tmp_path, sharded, monkeypatch):
+    """Headers checked, then a shard shrinks under the merge (another process rewriting the base): the one-line
+    error names the tensor, and nothing is left."""
+    from loraops import fsutil
+
+    base, _ = sharded
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    real_copy_from = fsutil.DirectFileWriter.copy_from
+
+    def shrinking(self, fd, offset, nbytes, *args, **kwargs):
+        os.truncate(os.readlink(f"/proc/self/fd/{fd}"), offset + nbytes // 2)
+        return real_copy_from(self, fd, offset, nbytes, *args, **kwargs)
+
+    monkeypatch.setattr(fsutil.DirectFileWriter, "copy_from", shrinking)
+    with pytest.raises(FormatError, match="truncated while reading tensor"):
+        engine.merge(copy, [], tmp_path / "out", device="cpu")
+    assert nothing_left(tmp_path / "out")
+
+
 def test_a_failure_midway_removes_the_temp_output(tmp_path, sharded, monkeypatch):
     base, adapter_dir = sharded
     calls, original = [], engine._Pipeline._compute_chunk

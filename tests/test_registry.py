@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -149,8 +150,9 @@ def test_references_errors(reg, art):
 
 
 def test_ambiguous_prefix(reg, art, monkeypatch):
-    shas = iter(["abcdef01" + "0" * 56, "abcdef02" + "0" * 56])
-    monkeypatch.setattr("loraops.formats.identity", lambda path: next(shas))
+    shas = {"ad1": "abcdef01" + "0" * 56, "ad2": "abcdef02" + "0" * 56}
+    shas.update({sha: sha for sha in shas.values()})  # the stored copies, in folders named by identity
+    monkeypatch.setattr("loraops.formats.identity", lambda path, **_: shas[Path(path).name])
     reg.add_adapter(art["ad1"])
     reg.add_adapter(art["ad2"])
     with pytest.raises(AmbiguousError, match="matches several adapters"):
@@ -245,6 +247,35 @@ def test_failed_registration_leaves_nothing(reg, art, monkeypatch):
     monkeypatch.setattr(Registry, "_insert_adapter", boom)
     with pytest.raises(RuntimeError):
         reg.add_adapter(art["ad1"])
+    assert snapshot(reg) == before
+
+
+@pytest.mark.parametrize("change", ["rewritten", "truncated", "truncated while copied"])
+def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeypatch, change):
+    """The bytes stored must be the bytes the identity was computed from: a writer that rewrites or truncates the
+    file after it was hashed gets a clear refusal, and nothing is stored."""
+    from loraops.registry import blobs
+
+    adapter = tmp_path / "style.safetensors"
+    shutil.copy(art["kohya"], adapter)
+    data = adapter.read_bytes()
+    real_put, real_writer = blobs.BlobStore.put, blobs.DirectFileWriter
+
+    def concurrent_writer(self, identity, files, *args, **kwargs):
+        if change != "truncated while copied":
+            adapter.write_bytes(data[:-1] + bytes([data[-1] ^ 1]) if change == "rewritten" else data[:-4])
+        return real_put(self, identity, files, *args, **kwargs)
+
+    class ShrinkingSource(real_writer):
+        def copy_from(self, fd, offset, nbytes, *args, **kwargs):
+            os.truncate(adapter, nbytes - 4)
+            return super().copy_from(fd, offset, nbytes, *args, **kwargs)
+
+    monkeypatch.setattr(blobs.BlobStore, "put", concurrent_writer)
+    monkeypatch.setattr(blobs, "DirectFileWriter", ShrinkingSource if change == "truncated while copied" else real_writer)
+    before = snapshot(reg)
+    with pytest.raises(ConflictError, match="shrank while" if change == "truncated while copied" else "changed while"):
+        reg.add_adapter(adapter)
     assert snapshot(reg) == before
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,8 +222,9 @@ def test_bad_input_changes_nothing(art, tmp_path):
 
 
 def test_ambiguous_prefix_cli(art, monkeypatch):
-    shas = iter(["abcdef01" + "0" * 56, "abcdef02" + "0" * 56])
-    monkeypatch.setattr("loraops.formats.identity", lambda path: next(shas))
+    shas = {"ad1": "abcdef01" + "0" * 56, "style.safetensors": "abcdef02" + "0" * 56}
+    shas.update({sha: sha for sha in shas.values()})  # the stored copies, in folders named by identity
+    monkeypatch.setattr("loraops.formats.identity", lambda path, **_: shas[Path(path).name])
     cli("register", art["ad1"])
     cli("register", art["kohya"])
     err = cli("show", "abcdef", code=3).stderr

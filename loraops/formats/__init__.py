@@ -149,7 +149,7 @@ def math_config(config: dict) -> dict:
     return out
 
 
-def identity(path: str | Path) -> str:
+def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     """sha256 that identifies an adapter.
 
     A single file (kohya, diffusers, bare PEFT .safetensors): sha256 of the file's bytes (what the Hub and Civitai
@@ -159,9 +159,10 @@ def identity(path: str | Path) -> str:
     peft_type, r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out, target_modules,
     modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null). So the same
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
-    base_model_name_or_path, a comment) keeps the identity."""
+    base_model_name_or_path, a comment) keeps the identity. ``weights_sha256``: the weights file's sha256 when the
+    caller already has it (the file is then not read)."""
     weights, config = _peft_parts(_existing(path))
-    digest = sha256_file(weights)
+    digest = weights_sha256 or sha256_file(weights)
     if config is None:
         return digest
     canonical = json.dumps(math_config(peft.load_config(config)), sort_keys=True, separators=(",", ":"))

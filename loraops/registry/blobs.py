@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .. import settings
-from ..fsutil import TMP_MARK, chunks, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file, temp_sibling
+from ..errors import ConflictError
+from ..fsutil import TMP_MARK, DirectFileWriter, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file, temp_sibling
 
 
 LOCKS = ".locks"
@@ -147,14 +148,26 @@ def _move(src: Path, dst: Path, progress) -> StoredFile:
 
 
 def _hash_copy(src: Path, dst: Path, progress) -> str:
-    """Copy and hash in one pass (the hash is of the bytes actually written)."""
+    """Copy and hash in one pass (the hash is of the bytes actually written), bypassing the page cache (see
+    fsutil.DirectFileWriter: a 414 MB adapter's copy took 2.6–3 s of buffered writes on this VM, 0.3 s direct)."""
     digest = hashlib.sha256()
-    with open(src, "rb", buffering=0) as fin, open(dst, "wb") as out:
-        for chunk in chunks(fin):
-            digest.update(chunk)
-            out.write(chunk)
-            if progress is not None:
-                progress.update(len(chunk))
-        out.flush()
-        os.fsync(out.fileno())
+
+    def seen(chunk: memoryview) -> None:
+        digest.update(chunk)
+        if progress is not None:
+            progress.update(len(chunk))
+
+    fd = os.open(src, os.O_RDONLY)
+    out = DirectFileWriter(dst)
+    try:
+        out.copy_from(fd, 0, os.fstat(fd).st_size, seen)
+        out.close()
+    except EOFError:
+        out.abandon()
+        raise ConflictError(f"{src}: the file shrank while it was being stored; register it again") from None
+    except BaseException:
+        out.abandon()
+        raise
+    finally:
+        os.close(fd)
     return digest.hexdigest()

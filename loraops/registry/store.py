@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from .. import settings
 from ..fsutil import remove, sha256_file
-from ..errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError
+from ..errors import ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
@@ -362,9 +362,7 @@ class Registry:
         # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied)
         adapter = formats.read_adapter(path, alpha=alpha, values=False)
         formats.check_values(path)
-        identity = formats.identity(path)
-        if alpha is not None:
-            identity = hashlib.sha256(f"{identity}\nalpha={float(alpha)!r}".encode()).hexdigest()
+        identity = adapter_identity(path, alpha)
         name = check_name(default_name(path) if name is None else name, "adapter")
         tags = clean_tags(tags)
 
@@ -393,8 +391,15 @@ class Registry:
             finally:
                 bar.close()
             weights = files[0].name  # adapter_files lists the weights file first
+            weights_sha256 = next(f.sha256 for f in stored if f.name == weights)
+            try:
+                unchanged = adapter_identity(self.blobs.path(key), alpha, weights_sha256) == identity
+            except FormatError:  # e.g. truncated between the hashing and the copy
+                unchanged = False
+            if not unchanged:
+                raise ConflictError(f"{path}: its files changed while they were being registered; register it again")
             fields = dict(
-                sha256=identity, weights_sha256=next(f.sha256 for f in stored if f.name == weights),
+                sha256=identity, weights_sha256=weights_sha256,
                 format=adapter.format, dtype=str(adapter.dtype).removeprefix("torch."),
                 size=sum(f.size for f in stored), num_parameters=adapter.num_parameters, rank=adapter.rank,
                 alpha=adapter.alpha, alpha_override=alpha, scale_mode=adapter.scale_mode,
@@ -726,6 +731,14 @@ def retryable(exc: DBAPIError) -> bool:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def adapter_identity(path: Path, alpha: float | None, weights_sha256: str | None = None) -> str:
+    """The registry's identity of an adapter: formats.identity, made another one by an ``alpha`` override."""
+    from .. import formats
+
+    identity = formats.identity(path, weights_sha256=weights_sha256)
+    return identity if alpha is None else hashlib.sha256(f"{identity}\nalpha={float(alpha)!r}".encode()).hexdigest()
 
 
 def module_target(name: str, names_resolved: bool) -> str:
