@@ -75,6 +75,13 @@ CASES = {
     "inf-kohya": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,
                                                          "lora_unet_a.lora_up.weight": torch.full((4, 2), float("inf"))}),
                   InvalidInputError, "NaN or Inf"),
+    # every float dtype, float8 included (torch has no isfinite for it): NaN and ±Inf anywhere in a factor
+    **{f"{bad}-{dtype}": (lambda d, bad=bad, dtype=dtype: write(d / "x.safetensors", {
+        "lora_unet_a.lora_down.weight": A.to(getattr(torch, dtype)),
+        "lora_unet_a.lora_up.weight": torch.ones(4, 2).index_fill_(1, torch.tensor([1]), float(bad)).to(getattr(torch, dtype))}),
+        InvalidInputError, "NaN or Inf")
+       for bad, dtype in [("nan", "bfloat16"), ("-inf", "float16"), ("inf", "float64"), ("nan", "float8_e4m3fn"),
+                          ("-inf", "float8_e5m2")]},
     "duplicate": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_A.default.weight": A})), InvalidInputError,
                   "duplicate module"),
     "r-zero": (lambda d: peft_folder(d / "a", good(), r=0), InvalidInputError, "r=0"),

@@ -103,10 +103,11 @@ def test_errors_are_one_line(tmp_path, models):
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
-def test_kohya_adapter_into_single_file_checkpoint(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])  # float8 LoRAs circulate for FLUX
+def test_kohya_adapter_into_single_file_checkpoint(tmp_path, dtype):
     base = save_state_dict(conv_embedding_model(), tmp_path / "sd.safetensors")
     lora = kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,)), "lora_unet_conv3": ((8, 3, 3), (6, 1, 1))},
-                      rank=4, alpha=2.0)
+                      rank=4, alpha=2.0, dtype=dtype)
     out = tmp_path / "merged.safetensors"
     text = run("merge", f"{lora}:0.8", "--into", base, "-o", out, "--no-record").output
     assert "2 tensors merged" in text
