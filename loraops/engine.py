@@ -336,7 +336,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             if weight * module.scale != 0:
                 terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
                 changed_by.setdefault(module.weight_name, set()).add(index)
-        adapted = {module.weight_name for module in adapter.modules.values()}
+        adapted = _saved_layer_tensors(adapter)
         for name, tensor in adapter.full_tensors.items():
             # PEFT's saved layer under a LoRA (save_embedding_layers): untouched by training it replaces nothing;
             # a subtract takes the LoRA's delta back off and leaves the layer as the merge made it
@@ -398,6 +398,16 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
 
 def _is_head(name: str) -> bool:
     return name.removesuffix(".weight").rsplit(".", 1)[-1] in TIED_HEADS
+
+
+def _saved_layer_tensors(adapter: Adapter) -> set[str]:
+    """The tensors a PEFT saved layer under a LoRA (save_embedding_layers) can hold: each module's weight, and its
+    bias when the adapter trains no biases (PEFT saves the wrapped layer whole: Phi's and GPT-J's lm_head)."""
+    names = {module.weight_name for module in adapter.modules.values()}
+    if adapter.config.get("bias", "none") == "none":
+        names |= {f"{module.name}.bias" for module in adapter.modules.values()
+                  if module.fused is None and module.weight_name in adapter.full_tensors}
+    return names
 
 
 def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo: bool) -> dict[str, str]:

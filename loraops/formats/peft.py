@@ -216,9 +216,9 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
     wrapped = ".base_layer." in key
     key = key.replace(".base_layer.", ".")  # PEFT saves a LoRA layer's trained bias under its wrapped base layer
     module, _, param = key.rpartition(".")
-    if wrapped and param == "weight" and module in lora_modules:
-        # save_embedding_layers (on by default when embeddings are targeted): the layer's weight as trained with,
-        # which PEFT loads over the base's before adding the LoRA
+    if wrapped and param in ("weight", "bias") and module in lora_modules:
+        # save_embedding_layers (on by default when embeddings are targeted): the layer's weight (and bias: Phi's and
+        # GPT-J's lm_head) as trained with, which PEFT loads over the base's before adding the LoRA
         return key
     if ".modules_to_save." in key:
         owner, _, rest = key.partition(".modules_to_save.")
