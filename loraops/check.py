@@ -42,19 +42,26 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 SHOWN = 5
 
 # A tied model (tie_word_embeddings) shares one tensor between its input embeddings and its output head; it stores
-# it once, as the embeddings (some exporters under both names, T5 even under three).
-TIED_HEADS = ("lm_head", "embed_out")
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+# it once, as the embeddings (some exporters under both names, T5 even under three). Heads by module path suffix:
+# causal LMs, GPT-NeoX, BERT (cls.predictions.decoder), RoBERTa (lm_head.decoder), DistilBERT, Whisper.
+TIED_HEADS = ("lm_head", "embed_out", "predictions.decoder", "lm_head.decoder", "vocab_projector", "proj_out")
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight",
+                    "backbone.embeddings.weight")  # the last: Mamba's
+
+
+def is_head(name: str) -> bool:
+    """Is this module path (or its weight's name) an output head that models tie to their input embeddings?"""
+    module = name.removesuffix(".weight")
+    return any(module == head or module.endswith(f".{head}") for head in TIED_HEADS)
 
 
 def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
     """The input embeddings a base shares with the output head ``weight_name`` that it does not store (a tied model),
     or None. Several of the head's shape (T5 stores its shared embeddings three times): the head's own sub-model's
     first, then the shallowest."""
-    module = weight_name.removesuffix(".weight")
-    if weight_name in manifest or module.rsplit(".", 1)[-1] not in TIED_HEADS:
+    if weight_name in manifest or not weight_name.endswith(".weight") or not is_head(weight_name):
         return None
-    owner = module.rpartition(".")[0]
+    owner = weight_name.removesuffix(".weight").rpartition(".")[0]
     candidates = [t for t, info in manifest.items() if t.endswith(INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
     return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t), default=None)
 
