@@ -114,13 +114,27 @@ def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
 
 
 # transformers 5 renames some models' modules in memory and saves them under their checkpoint names again (its
-# conversion_mapping.py); PEFT names an adapter's modules as they are in memory. In-memory → saved, per family:
+# conversion_mapping.py); PEFT names an adapter's modules as they are in memory. In-memory → saved, per family; every
+# rule of a family is tried on a name in turn (each at most once), and a family's renaming is used only when it makes
+# every module of the adapter match the base.
+_VIT_ATTENTION = [(r"\.attention\.q_proj(?=\.|$)", ".attention.attention.query"),
+                  (r"\.attention\.k_proj(?=\.|$)", ".attention.attention.key"),
+                  (r"\.attention\.v_proj(?=\.|$)", ".attention.attention.value"),
+                  (r"\.attention\.o_proj(?=\.|$)", ".attention.output.dense")]
 SAVED_LAYOUTS = [
     [(re.compile(p), r) for p, r in rules] for rules in (
         # LLaVA and the VLMs transformers maps like it (LLaVA-NeXT, Mistral3, Gemma3, PaliGemma, …)
         [(r"^lm_head(?=\.|$)", "language_model.lm_head"), (r"^model\.language_model\.", "language_model.model."),
          (r"^model\.vision_tower\.", "vision_tower."), (r"^model\.multi_modal_projector\.", "multi_modal_projector.")],
         [(r"^lm_head(?=\.|$)", "embed_out")],  # GPT-NeoX
+        # Qwen2-VL, Qwen2.5-VL: model.language_model.… ↔ model.…, model.visual.… ↔ visual.…
+        [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
+        # ViT and the vision encoders transformers maps like it (DeiT, BEiT, ViT-MAE, ViT-MSN, AST, I-JEPA, ViViT)
+        [(r"(^|\.)layers\.(?=\d)", r"\1encoder.layer."), *_VIT_ATTENTION,
+         (r"\.mlp\.fc1(?=\.|$)", ".intermediate.dense"), (r"\.mlp\.fc2(?=\.|$)", ".output.dense")],
+        # DINOv2 (its layers keep their names; a SwiGLU MLP's gate_proj and up_proj are row blocks of weights_in,
+        # see ldm.FUSED)
+        [*_VIT_ATTENTION, (r"\.mlp\.down_proj(?=\.|$)", ".mlp.weights_out")],
     )
 ]
 
@@ -150,8 +164,7 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     def saved_name(rules):
         def rename(name: str) -> str:
             for pattern, replacement in rules:
-                if pattern.match(name):
-                    return pattern.sub(replacement, name, count=1)
+                name = pattern.sub(replacement, name, count=1)
             return name
         return rename
 
