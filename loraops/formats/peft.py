@@ -81,8 +81,9 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     if peft_type != "LORA":
         raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA is supported)")
     for flag, what in common.REFUSED_CONFIG_FLAGS.items():
-        if cfg.get(flag):
-            raise UnsupportedAdapterError(f"{path}: {what}; loraops handles plain LoRA only")
+        if value := cfg.get(flag):
+            value = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
+            raise UnsupportedAdapterError(f"{path}: {what.format(value=value)}; loraops handles plain LoRA only")
     common.refuse_base_changing_init(path, cfg.get("init_lora_weights"))
     unknown = sorted(k for k, v in cfg.items() if k.startswith("use_") and k not in MATH_FIELDS
                      and k not in common.REFUSED_CONFIG_FLAGS and v)
