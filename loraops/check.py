@@ -42,19 +42,26 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 SHOWN = 5
 
 # A tied model (tie_word_embeddings) shares one tensor between its input embeddings and its output head; it stores
-# it once, as the embeddings (some exporters under both names, T5 even under three).
-TIED_HEADS = ("lm_head", "embed_out")
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+# it once, as the embeddings (some exporters under both names, T5 even under three). Heads by module path suffix:
+# causal LMs, GPT-NeoX, BERT (cls.predictions.decoder), RoBERTa (lm_head.decoder), DistilBERT, Whisper.
+TIED_HEADS = ("lm_head", "embed_out", "predictions.decoder", "lm_head.decoder", "vocab_projector", "proj_out")
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight",
+                    "backbone.embeddings.weight")  # the last: Mamba's
+
+
+def is_head(name: str) -> bool:
+    """Is this module path (or its weight's name) an output head that models tie to their input embeddings?"""
+    module = name.removesuffix(".weight")
+    return any(module == head or module.endswith(f".{head}") for head in TIED_HEADS)
 
 
 def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
     """The input embeddings a base shares with the output head ``weight_name`` that it does not store (a tied model),
     or None. Several of the head's shape (T5 stores its shared embeddings three times): the head's own sub-model's
     first, then the shallowest."""
-    module = weight_name.removesuffix(".weight")
-    if weight_name in manifest or module.rsplit(".", 1)[-1] not in TIED_HEADS:
+    if weight_name in manifest or not weight_name.endswith(".weight") or not is_head(weight_name):
         return None
-    owner = module.rpartition(".")[0]
+    owner = weight_name.removesuffix(".weight").rpartition(".")[0]
     candidates = [t for t, info in manifest.items() if t.endswith(INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
     return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t), default=None)
 
@@ -107,13 +114,27 @@ def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
 
 
 # transformers 5 renames some models' modules in memory and saves them under their checkpoint names again (its
-# conversion_mapping.py); PEFT names an adapter's modules as they are in memory. In-memory → saved, per family:
+# conversion_mapping.py); PEFT names an adapter's modules as they are in memory. In-memory → saved, per family; every
+# rule of a family is tried on a name in turn (each at most once), and a family's renaming is used only when it makes
+# every module of the adapter match the base.
+_VIT_ATTENTION = [(r"\.attention\.q_proj(?=\.|$)", ".attention.attention.query"),
+                  (r"\.attention\.k_proj(?=\.|$)", ".attention.attention.key"),
+                  (r"\.attention\.v_proj(?=\.|$)", ".attention.attention.value"),
+                  (r"\.attention\.o_proj(?=\.|$)", ".attention.output.dense")]
 SAVED_LAYOUTS = [
     [(re.compile(p), r) for p, r in rules] for rules in (
         # LLaVA and the VLMs transformers maps like it (LLaVA-NeXT, Mistral3, Gemma3, PaliGemma, …)
         [(r"^lm_head(?=\.|$)", "language_model.lm_head"), (r"^model\.language_model\.", "language_model.model."),
          (r"^model\.vision_tower\.", "vision_tower."), (r"^model\.multi_modal_projector\.", "multi_modal_projector.")],
         [(r"^lm_head(?=\.|$)", "embed_out")],  # GPT-NeoX
+        # Qwen2-VL, Qwen2.5-VL: model.language_model.… ↔ model.…, model.visual.… ↔ visual.…
+        [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
+        # ViT and the vision encoders transformers maps like it (DeiT, BEiT, ViT-MAE, ViT-MSN, AST, I-JEPA, ViViT)
+        [(r"(^|\.)layers\.(?=\d)", r"\1encoder.layer."), *_VIT_ATTENTION,
+         (r"\.mlp\.fc1(?=\.|$)", ".intermediate.dense"), (r"\.mlp\.fc2(?=\.|$)", ".output.dense")],
+        # DINOv2 (its layers keep their names; a SwiGLU MLP's gate_proj and up_proj are row blocks of weights_in,
+        # see ldm.FUSED)
+        [*_VIT_ATTENTION, (r"\.mlp\.down_proj(?=\.|$)", ".mlp.weights_out")],
     )
 ]
 
@@ -143,8 +164,7 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     def saved_name(rules):
         def rename(name: str) -> str:
             for pattern, replacement in rules:
-                if pattern.match(name):
-                    return pattern.sub(replacement, name, count=1)
+                name = pattern.sub(replacement, name, count=1)
             return name
         return rename
 

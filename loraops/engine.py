@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
-from .check import INPUT_EMBEDDINGS, TIED_HEADS, tied_head_source
+from .check import INPUT_EMBEDDINGS, is_head, tied_head_source
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_overlap,
                      remove_stale_temps)
@@ -276,7 +276,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         peak_rss_bytes=peak_rss(),
         residual=stats.record() if stats else None,
         files_left_out=[str(p) for p in left_out],
-        heads_untied=[t.name for f in files if f.untie for t in f.tensors if _is_head(t.name)],
+        heads_untied=[t.name for f in files if f.untie for t in f.tensors if is_head(t.name)],
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
 
@@ -336,7 +336,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             if weight * module.scale != 0:
                 terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
                 changed_by.setdefault(module.weight_name, set()).add(index)
-        adapted = {module.weight_name for module in adapter.modules.values()}
+        adapted = _saved_layer_tensors(adapter)
         for name, tensor in adapter.full_tensors.items():
             # PEFT's saved layer under a LoRA (save_embedding_layers): untouched by training it replaces nothing;
             # a subtract takes the LoRA's delta back off and leaves the layer as the merge made it
@@ -360,7 +360,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                                     "LoRA; merge them separately")
     untied = {base.tensors[source].file for source in heads.values()}
     for group in _stored_twice(base, terms.keys() | replacements.keys()):
-        if not undo and any(_is_head(name) for name in group & (terms.keys() | replacements.keys())) \
+        if not undo and any(is_head(name) for name in group & (terms.keys() | replacements.keys())) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
             continue
@@ -396,8 +396,14 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     return files
 
 
-def _is_head(name: str) -> bool:
-    return name.removesuffix(".weight").rsplit(".", 1)[-1] in TIED_HEADS
+def _saved_layer_tensors(adapter: Adapter) -> set[str]:
+    """The tensors a PEFT saved layer under a LoRA (save_embedding_layers) can hold: each module's weight, and its
+    bias when the adapter trains no biases (PEFT saves the wrapped layer whole: Phi's and GPT-J's lm_head)."""
+    names = {module.weight_name for module in adapter.modules.values()}
+    if adapter.config.get("bias", "none") == "none":
+        names |= {f"{module.name}.bias" for module in adapter.modules.values()
+                  if module.fused is None and module.weight_name in adapter.full_tensors}
+    return names
 
 
 def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo: bool) -> dict[str, str]:
@@ -455,7 +461,7 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
 
     candidates = [n for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)]
     if not base.is_single_file:
-        candidates += [n for n in base.tensors if _is_head(n) and n.endswith(".weight")
+        candidates += [n for n in base.tensors if is_head(n) and n.endswith(".weight")
                        and _tie_word_embeddings(base, n) is not False]
     groups = []
     for name in set(touched) & set(candidates):

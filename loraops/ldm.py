@@ -128,6 +128,10 @@ def thirds(shape: tuple[int, ...]) -> list[int] | None:
     return [shape[0] // 3] * 3 if shape[0] % 3 == 0 else None
 
 
+def halves(shape: tuple[int, ...]) -> list[int] | None:
+    return [shape[0] // 2] * 2 if shape[0] % 2 == 0 else None
+
+
 def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
     """FLUX linear1: q, k, v of the hidden size (the tensor's columns), then the MLP's input rows."""
     hidden = shape[1]
@@ -146,6 +150,8 @@ FUSED = (
     (re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp),
     (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds),
     (re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds),
+    # DINOv2's SwiGLU MLP (transformers 5 splits weights_in into gate_proj and up_proj in memory)
+    (re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"), halves),
 )
 
 

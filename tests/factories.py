@@ -165,3 +165,14 @@ def peft_delta_weights(peft_model) -> dict[str, torch.Tensor]:
             with torch.no_grad():
                 out[name.removeprefix("base_model.model.")] = layer.get_delta_weight("default").float()
     return out
+
+
+def tiny_transformers(path: Path, model_type: str, cls_name: str, *, seed: int = 0, **config: Any) -> Path:
+    """A random transformers model of any family, from its config (``AutoConfig.for_model(model_type, **config)``;
+    nested text_config/vision_config as dicts), built as ``cls_name`` and saved with save_pretrained."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)._from_config(transformers.AutoConfig.for_model(model_type, **config))
+    model.save_pretrained(path)
+    return Path(path)

@@ -81,8 +81,9 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     if peft_type != "LORA":
         raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA is supported)")
     for flag, what in common.REFUSED_CONFIG_FLAGS.items():
-        if cfg.get(flag):
-            raise UnsupportedAdapterError(f"{path}: {what}; loraops handles plain LoRA only")
+        if value := cfg.get(flag):
+            value = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
+            raise UnsupportedAdapterError(f"{path}: {what.format(value=value)}; loraops handles plain LoRA only")
     common.refuse_base_changing_init(path, cfg.get("init_lora_weights"))
     unknown = sorted(k for k, v in cfg.items() if k.startswith("use_") and k not in MATH_FIELDS
                      and k not in common.REFUSED_CONFIG_FLAGS and v)
@@ -216,9 +217,9 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
     wrapped = ".base_layer." in key
     key = key.replace(".base_layer.", ".")  # PEFT saves a LoRA layer's trained bias under its wrapped base layer
     module, _, param = key.rpartition(".")
-    if wrapped and param == "weight" and module in lora_modules:
-        # save_embedding_layers (on by default when embeddings are targeted): the layer's weight as trained with,
-        # which PEFT loads over the base's before adding the LoRA
+    if wrapped and param in ("weight", "bias") and module in lora_modules:
+        # save_embedding_layers (on by default when embeddings are targeted): the layer's weight (and bias: Phi's and
+        # GPT-J's lm_head) as trained with, which PEFT loads over the base's before adding the LoRA
         return key
     if ".modules_to_save." in key:
         owner, _, rest = key.partition(".modules_to_save.")

@@ -1,0 +1,174 @@
+"""An architecture sweep of check + merge + subtract against PEFT, on tiny random models of the families where
+something needed fixing and a representative handful (MoE, fused qkv, encoder, encoder-decoder, VLM).
+
+transformers 5 loads some families under other module names than it saves (ViT, DINOv2, Qwen2-VL), ties output
+heads that are not called lm_head (BERT, DistilBERT, Mamba), and PEFT saves a targeted head's bias with it (Phi):
+PEFT names an adapter's modules as they are in memory, the merge works on the checkpoint's tensors. Each case merges
+a PEFT adapter made by PEFT on the loaded model and checks the merged model computes what the adapter's model
+computes, that it equals PEFT's merge_and_unload where PEFT's merge is right (untied), and that subtract restores
+the base."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from factories import tiny_transformers
+from loraops import engine, formats
+from loraops.basemodel import BaseModel
+from loraops.check import check
+from loraops.errors import MismatchError, UnsupportedAdapterError
+
+pytestmark = pytest.mark.no_registry
+
+LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+          vocab_size=128, max_position_embeddings=64)
+ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=128,
+               max_position_embeddings=32)
+VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=8)
+QWEN2_VL = dict(text_config=dict(**LM, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+                vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                                   spatial_merge_size=2, temporal_patch_size=2),
+                image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
+EMBEDDINGS_AND_HEAD = ["embed_tokens", "lm_head"]
+
+
+def token_ids(model, n=8):
+    return {"input_ids": torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(0))}
+
+
+def seq2seq_ids(model):
+    return {**token_ids(model), "decoder_input_ids": token_ids(model, 5)["input_ids"]}
+
+
+def pixels(model):
+    size = model.config.image_size
+    return {"pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
+
+
+def qwen2_vl_inputs(model):
+    """Text with one 4×4-patch image (4 tokens after the 2×2 merge)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, 100, (1, 4), generator=g)
+    ids = torch.cat([text[:, :2], torch.tensor([[cfg.vision_start_token_id] + [cfg.image_token_id] * 4
+                                                + [cfg.vision_end_token_id]]), text[:, 2:]], 1)
+    vision = cfg.vision_config
+    patches = torch.randn(16, 3 * vision.temporal_patch_size * vision.patch_size ** 2, generator=g)
+    return {"input_ids": ids, "pixel_values": patches, "image_grid_thw": torch.tensor([[1, 4, 4]]),
+            "mm_token_type_ids": (ids == cfg.image_token_id).long()}
+
+
+# family: (model_type, class, config, PEFT target_modules, inputs). Targets are "all-linear" plus, where a family
+# has them, the input embeddings and the output head (tied in BERT, DistilBERT, Mamba; with a bias in Phi).
+CASES = {
+    # fixed: module names transformers renames in memory (vit.layers.0.attention.q_proj ↔
+    # vit.encoder.layer.0.attention.attention.query; the patch-embedding conv too)
+    "vit": ("vit", "ViTForImageClassification", dict(**VISION, intermediate_size=64, num_labels=3),
+            ["query", "key", "value", "dense", "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "classifier",
+             "projection"], pixels),
+    # fixed: DINOv2's SwiGLU gate_proj/up_proj are the two halves of its saved mlp.weights_in
+    "dinov2-swiglu": ("dinov2", "Dinov2Model", dict(**VISION, mlp_ratio=2, use_swiglu_ffn=True), "all-linear", pixels),
+    # fixed: model.language_model.… / model.visual.… saved as model.… / visual.… (a VLM, its head and embeddings)
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", QWEN2_VL,
+                 ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1",
+                  "fc2", *EMBEDDINGS_AND_HEAD], qwen2_vl_inputs),
+    # fixed: PEFT saves the targeted lm_head whole (base_layer.weight and .bias)
+    "phi": ("phi", "PhiForCausalLM", {k: v for k, v in LM.items() if k != "num_key_value_heads"},
+            ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", *EMBEDDINGS_AND_HEAD], token_ids),
+    # fixed: tied output heads not called lm_head
+    "bert": ("bert", "BertForMaskedLM", ENCODER, ["query", "key", "value", "dense", "word_embeddings", "decoder"],
+             token_ids),
+    "distilbert": ("distilbert", "DistilBertForMaskedLM",
+                   dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=128, max_position_embeddings=32),
+                   ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2", "vocab_transform", "word_embeddings",
+                    "vocab_projector"], token_ids),
+    # (not dt_proj: Mamba's forward reads its weight directly, so PEFT's unmerged model ignores a LoRA on it)
+    "mamba": ("mamba", "MambaForCausalLM", dict(hidden_size=32, state_size=4, num_hidden_layers=1, vocab_size=128),
+              ["in_proj", "x_proj", "embeddings", "lm_head"], token_ids),
+    # representatives that worked: MoE (shared expert and router), fused qkv, encoder-decoder
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM",
+                  dict(LM, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=32), "all-linear", token_ids),
+    "phi3": ("phi3", "Phi3ForCausalLM", dict(LM, pad_token_id=0), "all-linear", token_ids),
+    "t5": ("t5", "T5ForConditionalGeneration",
+           dict(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=128), "all-linear", seq2seq_ids),
+}
+
+
+def peft_model_on(base, cls, targets):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(cls.from_pretrained(base).eval(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
+
+
+def output(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return next(v for v in model(**inputs).to_tuple() if isinstance(v, torch.Tensor))
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_merge_computes_what_the_adapter_computes(tmp_path, family):
+    import transformers
+
+    model_type, cls_name, config, targets, inputs_of = CASES[family]
+    cls = getattr(transformers, cls_name)
+    base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    model = peft_model_on(base, cls, targets)
+    model.save_pretrained(tmp_path / "a")
+    inputs = inputs_of(model.base_model.model)
+    expected = output(model, inputs)
+    adapter = formats.read_adapter(tmp_path / "a")
+    report = check(adapter, BaseModel.open(base).tensors)
+    assert report.ok and report.matched == len(adapter.modules), report
+
+    merged = engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    ours = cls.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(output(ours, inputs), expected, rtol=0, atol=1e-4)
+    peft_merged = model.merge_and_unload().state_dict()
+    if not merged.heads_untied:  # PEFT's merge of a tied head changes the shared tensor (see test_engine)
+        for name, tensor in ours.state_dict().items():
+            torch.testing.assert_close(tensor, peft_merged[name], rtol=0, atol=1e-6, msg=name)
+
+    engine.subtract(tmp_path / "out", [(adapter, 1.0)], tmp_path / "restored", device="cpu")
+    restored, original = tensors(tmp_path / "restored"), tensors(base)
+    assert original.keys() <= restored.keys()
+    for name, tensor in original.items():
+        torch.testing.assert_close(restored[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_lora_on_whispers_tied_proj_out_is_refused(tmp_path):
+    """Whisper ties proj_out to the decoder's embeddings; loraops does not untie encoder-decoder models."""
+    import transformers
+
+    base = tiny_transformers(tmp_path / "base", "whisper", "WhisperForConditionalGeneration", d_model=32,
+                             encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                             encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128, num_mel_bins=8,
+                             max_source_positions=8, max_target_positions=16, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    peft_model_on(base, transformers.WhisperForConditionalGeneration, ["q_proj", "proj_out"]).save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert check(adapter, BaseModel.open(base).tensors).tied_heads == ["proj_out"]
+    with pytest.raises(MismatchError, match=r"^'proj_out.weight' is tied to 'model.decoder.embed_tokens.weight' in an "
+                                            "encoder-decoder model"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_peft_all_linear_on_a_fused_moe_is_refused_by_name(tmp_path):
+    """PEFT 0.21's all-linear targets transformers 5's fused MoE experts (3-D parameters, one tensor per layer in
+    memory, one per expert on disk) with target_parameters: refused, naming them."""
+    import transformers
+
+    base = tiny_transformers(tmp_path / "base", "mixtral", "MixtralForCausalLM", **LM, num_local_experts=2,
+                             num_experts_per_tok=1)
+    peft_model_on(base, transformers.MixtralForCausalLM, "all-linear").save_pretrained(tmp_path / "a")
+    with pytest.raises(UnsupportedAdapterError, match=r"a LoRA on raw parameters \(target_parameters: .*gate_up_proj.*; "
+                                                      "PEFT's all-linear targets the fused MoE experts"):
+        formats.read_adapter(tmp_path / "a")
