@@ -43,8 +43,10 @@ SHOWN = 5
 
 # A tied model (tie_word_embeddings) shares one tensor between its input embeddings and its output head; it stores
 # it once, as the embeddings (some exporters under both names, T5 even under three). Heads by module path suffix:
-# causal LMs, GPT-NeoX, BERT (cls.predictions.decoder), RoBERTa (lm_head.decoder), DistilBERT, Whisper.
-TIED_HEADS = ("lm_head", "embed_out", "predictions.decoder", "lm_head.decoder", "vocab_projector", "proj_out")
+# causal LMs, GPT-NeoX, BERT (cls.predictions.decoder), RoBERTa (lm_head.decoder), DistilBERT; Whisper's proj_out only
+# at the top level (diffusers models have a proj_out in every transformer block, and none is a head).
+TIED_HEADS = ("lm_head", "embed_out", "predictions.decoder", "lm_head.decoder", "vocab_projector")
+TOP_LEVEL_HEADS = ("proj_out",)
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight",
                     "backbone.embeddings.weight")  # the last: Mamba's
 
@@ -52,7 +54,7 @@ INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight
 def is_head(name: str) -> bool:
     """Is this module path (or its weight's name) an output head that models tie to their input embeddings?"""
     module = name.removesuffix(".weight")
-    return any(module == head or module.endswith(f".{head}") for head in TIED_HEADS)
+    return module in TOP_LEVEL_HEADS or any(module == head or module.endswith(f".{head}") for head in TIED_HEADS)
 
 
 def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:

@@ -140,3 +140,16 @@ def test_a_head_missing_from_a_tied_model_fits_as_a_tied_head():
              "language_model.model.layers.0.self_attn.q_proj.weight": SimpleNamespace(shape=(64, 64))}
     report = check(vlm_adapter, saved)
     assert report.ok and report.tied_heads == ["language_model.lm_head"], misfits(report)
+
+
+def test_output_heads_by_module_path():
+    """Heads that models tie to their input embeddings, by path; a diffusers block's proj_out is not one (Whisper's
+    top-level proj_out is)."""
+    from loraops.check import is_head
+
+    heads = ["lm_head.weight", "language_model.lm_head", "embed_out.weight", "cls.predictions.decoder.weight",
+             "lm_head.decoder", "vocab_projector.weight", "proj_out.weight"]
+    others = ["down_blocks.0.attentions.0.proj_out.weight", "unet.mid_block.attentions.0.proj_out", "lm_head_norm.weight",
+              "model.layers.0.mlp.down_proj.weight", "decoder.weight"]
+    assert [is_head(n) for n in heads] == [True] * len(heads)
+    assert [is_head(n) for n in others] == [False] * len(others)

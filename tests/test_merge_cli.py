@@ -257,7 +257,8 @@ def test_check_and_merge_say_a_tied_head_is_written_untied(tmp_path):
                                  num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
     adapter = peft_adapter(tmp_path / "base", tmp_path / "a", target_modules=["q_proj", "lm_head"])
     assert run("check", adapter, "--base", tmp_path / "base").output.splitlines()[1:] == [
-        "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied"]
+        "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied "
+        "(an encoder-decoder model's is refused)"]
     out = run("merge", adapter, "--into", tmp_path / "base", "-o", tmp_path / "out", "--no-record").output
     assert out.splitlines()[1] == ("untied lm_head.weight from the input embeddings (the adapter changes the head on "
                                    "its own): written as its own tensor, config.json says tie_word_embeddings: false")

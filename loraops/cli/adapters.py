@@ -148,7 +148,7 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
             click.echo(f"{result.adapter} {verdict} {report.base}: {report.matched}/{report.modules} modules match")
             if report.tied_heads:
                 click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not stored); "
-                           "a merge writes it untied")
+                           "a merge writes it untied (an encoder-decoder model's is refused)")
             if not report.ok:
                 for problem in misfits(report):
                     click.echo(f"  {problem}")
