@@ -178,6 +178,7 @@ class Adapter:
 
     @property
     def num_parameters(self) -> int:
-        return sum(m.A.numel() + m.B.numel() for m in self.modules.values()) + sum(
-            t.numel() for t in self.full_tensors.values()
-        )
+        # an expert's gate and up modules share one A (one block of a fused parameter's lora_A): counted once
+        shared = {m.expert[:2]: m.A.numel() for m in self.modules.values() if m.expert is not None}
+        return (sum(m.B.numel() + (0 if m.expert else m.A.numel()) for m in self.modules.values()) + sum(shared.values())
+                + sum(t.numel() for t in self.full_tensors.values()))

@@ -17,7 +17,7 @@ from loraops.check import check
 from loraops.cli import main
 from loraops.errors import MismatchError, UnsupportedAdapterError
 
-LM = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+LM = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
           vocab_size=128, max_position_embeddings=64)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
 FAMILIES = {
@@ -77,7 +77,9 @@ def test_all_linear_merge_equals_peft(tmp_path, bases, family):
 
     adapter = formats.read_adapter(tmp_path / "a")
     experts = [m for m in adapter.modules.values() if m.expert is not None]
-    assert len(experts) == 4 * 3  # 4 experts × (gate, up, down)
+    assert len(experts) == 2 * 4 * 3  # 2 layers × 4 experts × (gate, up, down)
+    stored = sum(t.numel() for t in load_file(tmp_path / "a" / "adapter_model.safetensors").values())
+    assert adapter.num_parameters == stored  # an expert's gate and up share one A, counted once
     report = check(adapter, BaseModel.open(base).tensors)
     assert report.ok and report.matched == len(adapter.modules), report
 
@@ -139,6 +141,19 @@ def test_rslora_and_a_weight_through_the_cli(tmp_path, bases):
         torch.testing.assert_close(tensor, original[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.no_registry
+def test_one_parameter_with_patterns_on_its_key(tmp_path, bases):
+    """A LoRA on down_proj alone (one wrapper, no nesting) beside a module LoRA; rank_pattern/alpha_pattern keys
+    match '<module>.<parameter>' as PEFT matches them."""
+    model = peft_model(bases["mixtral"], "mixtral", r=3, lora_alpha=5, target_modules=["q_proj"],
+                       target_parameters=["down_proj"], rank_pattern={"down_proj": 2}, alpha_pattern={"experts.down_proj": 7})
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert {(m.rank, m.alpha) for m in adapter.modules.values() if m.expert} == {(2, 7.0)}
+    engine.merge(bases["mixtral"], [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    assert (logits(model_class("mixtral").from_pretrained(tmp_path / "out")) - logits(model)).abs().max() < 1e-5
+
+
 @pytest.fixture
 def qwen_adapter(tmp_path, bases):
     peft_model(bases["qwen3_moe"], "qwen3_moe").save_pretrained(tmp_path / "a")
@@ -181,8 +196,8 @@ def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwe
     report = check(adapter, BaseModel.open(bases["qwen3_moe"]).tensors)
     assert not report.ok
     assert [m.name for m in report.shape_mismatches] == [
-        "model.layers.0.mlp.experts.down_proj (down_proj)", "model.layers.0.mlp.experts.gate_up_proj (gate_proj)",
-        "model.layers.0.mlp.experts.gate_up_proj (up_proj)"]
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+        for p in ("down_proj (down_proj)", "gate_up_proj (gate_proj)", "gate_up_proj (up_proj)")]
     with pytest.raises(MismatchError, match=r"model.layers.0.mlp.experts.down_proj \(down_proj\) \(adapter 2×32×16, "
                                             r"base 4×32×16\)"):
         engine.merge(bases["qwen3_moe"], [(adapter, 1.0)], tmp_path / "out", device="cpu")
