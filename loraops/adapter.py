@@ -11,7 +11,8 @@ Factor layouts by kind (r = rank):
     embedding  A: r×num_embeddings  B: dim×r              W: num_embeddings×dim   (delta = (B·A)ᵀ)
 
 A module bound to one part of a fused base tensor (q, k or v of OpenCLIP's in_proj_weight or FLUX's qkv) changes only
-its block of rows: see ``LoraModule.fused``.
+its block of rows: see ``LoraModule.fused``. One expert's share of a LoRA on a fused MoE experts parameter is a plain
+module on that expert's own tensor: see ``LoraModule.expert``.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ class LoraModule:
     """(base tensor, first row, rows, the tensor's rows) when the module is one part of a fused base tensor — q, k or v
     of OpenCLIP's ``attn.in_proj_weight``, of FLUX's or SD3's ``qkv``, FLUX's ``linear1`` (set by loraops.check when
     binding, see loraops.ldm): its delta covers that many rows of the tensor from the first row."""
+    expert: tuple[str, int, int] | None = None
+    """(fused parameter, expert index, number of experts) when the module is one expert's share of a LoRA on a fused
+    MoE experts parameter (PEFT ``target_parameters`` on transformers 5's ``experts.gate_up_proj``/``down_proj``, see
+    loraops.formats.params); None for a LoRA on a module."""
 
     @property
     def rank(self) -> int:
@@ -173,6 +178,7 @@ class Adapter:
 
     @property
     def num_parameters(self) -> int:
-        return sum(m.A.numel() + m.B.numel() for m in self.modules.values()) + sum(
-            t.numel() for t in self.full_tensors.values()
-        )
+        # an expert's gate and up modules share one A (one block of a fused parameter's lora_A): counted once
+        shared = {m.expert[:2]: m.A.numel() for m in self.modules.values() if m.expert is not None}
+        return (sum(m.B.numel() + (0 if m.expert else m.A.numel()) for m in self.modules.values()) + sum(shared.values())
+                + sum(t.numel() for t in self.full_tensors.values()))

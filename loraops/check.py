@@ -137,6 +137,10 @@ SAVED_LAYOUTS = [
         # DINOv2 (its layers keep their names; a SwiGLU MLP's gate_proj and up_proj are row blocks of weights_in,
         # see ldm.FUSED)
         [*_VIT_ATTENTION, (r"\.mlp\.down_proj(?=\.|$)", ".mlp.weights_out")],
+        # Mixtral (and MiniMax): mlp.gate / mlp.experts.<e>.{gate,up,down}_proj ↔ block_sparse_moe.gate /
+        # block_sparse_moe.experts.<e>.{w1,w3,w2} (the per-expert shares of fused experts, see formats.params)
+        [(r"\.mlp\.(?=gate(\.|$)|experts\.\d)", ".block_sparse_moe."), (r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"),
+         (r"(\.experts\.\d+)\.up_proj(?=\.|$)", r"\1.w3"), (r"(\.experts\.\d+)\.down_proj(?=\.|$)", r"\1.w2")],
     )
 ]
 
@@ -294,6 +298,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                             actual=list(module.weight_shape)))
         else:
             matched += 1
+    mismatches += expert_count_mismatches(bound, manifest)
     full_mismatches = []
     for name, tensor in bound.full_tensors.items():
         info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
@@ -305,6 +310,33 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
         shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, tied_heads=tied_heads,
     )
+
+
+EXPERT_RE = re.compile(r"^(?P<owner>.*\.experts\.)(?P<e>\d+)(?P<rest>\..*)$")
+
+
+def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> list[ShapeMismatch]:
+    """A LoRA on fused experts holds E experts (its config's r says how its factors split): the base must have exactly
+    E of each expert tensor it binds to, or the split (and every expert's share) is wrong though each shape fits."""
+    firsts = {}
+    for module in bound.modules.values():
+        if module.expert is not None and module.expert[1] == 0 and (m := EXPERT_RE.match(module.weight_name)):
+            firsts[(m["owner"], m["rest"])] = module
+    if not firsts:
+        return []
+    counts: dict[tuple[str, str], int] = {}
+    for tensor in manifest:
+        if (m := EXPERT_RE.match(tensor)) and (key := (m["owner"], m["rest"])) in firsts:
+            counts[key] = counts.get(key, 0) + 1
+    out = []
+    for (owner, rest), module in sorted(firsts.items()):
+        parameter, _, experts = module.expert
+        if counts.get((owner, rest), 0) != experts:
+            shape = list(manifest[module.weight_name].shape) if module.weight_name in manifest else []
+            out.append(ShapeMismatch(name=f"{parameter} ({rest.removeprefix('.').removesuffix('.weight')})",
+                                     tensor=f"{owner}*{rest}", expected=[counts.get((owner, rest), 0), *shape],
+                                     actual=[experts, *module.weight_shape]))
+    return out
 
 
 def misfits(report: CheckReport) -> list[str]:

@@ -17,7 +17,7 @@ from factories import tiny_transformers
 from loraops import engine, formats
 from loraops.basemodel import BaseModel
 from loraops.check import check
-from loraops.errors import MismatchError, UnsupportedAdapterError
+from loraops.errors import MismatchError
 
 pytestmark = pytest.mark.no_registry
 
@@ -159,16 +159,3 @@ def test_a_lora_on_whispers_tied_proj_out_is_refused(tmp_path):
                                             "encoder-decoder model"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
-
-
-def test_peft_all_linear_on_a_fused_moe_is_refused_by_name(tmp_path):
-    """PEFT 0.21's all-linear targets transformers 5's fused MoE experts (3-D parameters, one tensor per layer in
-    memory, one per expert on disk) with target_parameters: refused, naming them."""
-    import transformers
-
-    base = tiny_transformers(tmp_path / "base", "mixtral", "MixtralForCausalLM", **LM, num_local_experts=2,
-                             num_experts_per_tok=1)
-    peft_model_on(base, transformers.MixtralForCausalLM, "all-linear").save_pretrained(tmp_path / "a")
-    with pytest.raises(UnsupportedAdapterError, match=r"a LoRA on raw parameters \(target_parameters: .*gate_up_proj.*; "
-                                                      "PEFT's all-linear targets the fused MoE experts"):
-        formats.read_adapter(tmp_path / "a")

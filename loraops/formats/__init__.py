@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import st
-from ..errors import FormatError, InvalidInputError, NotFoundError
+from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
 from ..fsutil import atomic_path, output_path, sha256_file
 from . import common, diffusers, kohya, peft
 from .kohya import kohya_name
@@ -94,6 +94,13 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
         raise InvalidInputError(
             f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
         )
+    expert = next((m for m in adapter.modules.values() if m.expert is not None), None)
+    if expert is not None:
+        raise UnsupportedAdapterError(
+            f"{adapter.label}: module {expert.name!r} is one expert's share of a LoRA on the fused MoE parameter "
+            f"{expert.expert[0]!r} (PEFT target_parameters); loraops merges and subtracts such adapters but does not "
+            "write them (PEFT would need them as target_parameters again)"
+        )
     writer, is_dir = WRITERS[fmt]
     dest = output_path(dest)
     if is_dir and dest.suffix == ".safetensors":
@@ -146,6 +153,8 @@ def math_config(config: dict) -> dict:
         if name == "peft_type" and isinstance(value, str):
             value = value.upper()
         out[name] = value
+    if config.get("target_parameters"):  # only when set, so the identities of all other adapters stay as they were
+        out["target_parameters"] = sorted(map(str, config["target_parameters"]))
     return out
 
 
@@ -157,7 +166,8 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
         "loraops-peft-identity-v1\\n" + <sha256 hex of the weights file bytes> + "\\n" + <canonical JSON>
     where the canonical JSON (sorted keys, separators "," and ":") holds the config fields that change the math:
     peft_type, r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out, target_modules,
-    modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null). So the same
+    modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null), and
+    target_parameters when set (sorted; absent otherwise, as before it was read). So the same
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
     base_model_name_or_path, a comment) keeps the identity. ``weights_sha256``: the weights file's sha256 when the
     caller already has it (the file is then not read)."""

@@ -55,8 +55,6 @@ REFUSED_CONFIG_FLAGS = {
     "use_bdlora": "a block-diagonal LoRA (use_bdlora)",
     "alora_invocation_tokens": "an activated LoRA (alora_invocation_tokens): applied only after invocation tokens",
     "layer_replication": "an adapter that replicates base layers (layer_replication)",
-    "target_parameters": "a LoRA on raw parameters (target_parameters: {value}; PEFT's all-linear targets the fused MoE "
-                         "experts of transformers 5 models this way), not on modules",
     "trainable_token_indices": "an adapter with PEFT trainable tokens (trainable_token_indices)",
     "velora_config": "a VeLoRA adapter (velora_config)",
     "monteclora_config": "a MonteCLoRA adapter (monteclora_config)",

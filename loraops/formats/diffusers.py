@@ -15,7 +15,7 @@ from typing import Iterator
 
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, InvalidInputError
+from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
 from . import common, peft
 
 COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -64,6 +64,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adap
         if alpha is None and "lora_alpha" not in cfg:
             cfg = {**cfg, "lora_alpha": None}
         configs[component] = peft.scale_config(weights, cfg, alpha)
+        if configs[component].target_parameters:
+            raise UnsupportedAdapterError(f"{weights}: a LoRA on raw parameters (target_parameters) in a diffusers file; "
+                                          "loraops reads those only from a PEFT folder")
 
     tensors = st.load_tensors(header, values=values)
 

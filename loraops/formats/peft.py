@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
-from . import common
+from . import common, params
 
 if TYPE_CHECKING:
     import torch
@@ -58,10 +58,18 @@ class ScaleConfig:
     fan_in_fan_out: bool = False
     modules_to_save: list[str] = field(default_factory=list)
     bias: str = "none"
+    target_parameters: list[str] = field(default_factory=list)
+    """PEFT target_parameters (see loraops.formats.params)."""
 
     def alpha_for(self, name: str) -> float | None:
         key = common.pattern_key(self.alpha_pattern, name)
         return float(self.alpha_pattern[key]) if key is not None else self.alpha
+
+    def rank_for(self, name: str) -> int:
+        """The configured r (LoraConfig's default 8 when absent): only where the tensors cannot say, the rank per
+        expert of a LoRA on fused experts."""
+        key = common.pattern_key(self.rank_pattern, name)
+        return int(self.rank_pattern[key]) if key is not None else self.r or MATH_FIELDS["r"]
 
     def saves(self, module: str) -> bool:
         """Is ``module`` (or a module it lies in) one PEFT saves whole? PEFT wraps every module whose name ends
@@ -116,10 +124,11 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         modules_to_save = [modules_to_save]
     if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
         raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module names")
+    target_parameters = params.check_entries(path, cfg["target_parameters"]) if cfg.get("target_parameters") else []
     return ScaleConfig(
         alpha=lora_alpha, r=r, rslora=bool(cfg.get("use_rslora", False)), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-        modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"),
+        modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
     )
 
 
@@ -286,7 +295,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adap
         raise FormatError(f"{weights}: no LoRA tensors in this file")
     tensors = st.load_tensors(header, values=values)
     no_config = ScaleConfig(alpha=None)
-    modules = build_modules(weights, parsed, tensors, lambda name: (cfg or no_config, name))
+    experts = params.split_experts(weights, parsed, tensors, cfg)
+    modules = build_modules(weights, parsed, tensors, lambda name: (cfg or no_config, params.pattern_name(cfg or no_config, name)))
+    modules = dict(sorted({**modules, **experts}.items()))
     full = {}
     for key, target in full_names.items():
         common.check_finite(weights, key, tensors[key])

@@ -1,0 +1,142 @@
+"""PEFT ``target_parameters``: LoRAs on raw parameters (PEFT 0.21's ``ParamWrapper``), as PEFT's ``all-linear`` makes
+them for transformers 5's fused MoE experts (Mixtral, Qwen2/3-MoE, DeepSeek-V3 and the families converted like them).
+
+transformers 5 holds a layer's experts as two 3-D parameters, ``experts.gate_up_proj`` (E×2I×H: expert e's gate rows,
+then its up rows) and ``experts.down_proj`` (E×H×I), built on load from one tensor per expert (``experts.<e>.gate_proj``,
+``up_proj``, ``down_proj``; Mixtral's ``w1``, ``w3``, ``w2``) by ``MergeModulelist(dim=0)`` + ``Concatenate(dim=1)``,
+and saved that way again. PEFT wraps each targeted parameter in a ``ParamWrapper`` whose factors hold all experts:
+``lora_A`` (E·r)×in, ``lora_B`` out×(E·r), and (``ParamWrapper.get_delta_weight``)
+
+    delta[e] = s · B[:, e::E] @ A[e·r:(e+1)·r]         (out×in, the parameter's e-th slice; s = alpha/r or alpha/√r)
+
+with r and alpha from rank_pattern/alpha_pattern matched against ``<module>.<parameter>``. So expert e's share is a
+plain rank-r LoRA, split by rows into the expert's tensors on disk: that is how it is read here (``LoraModule.expert``
+says which fused parameter a module came from). Two parameters of one module are nested wrappers, saved as
+``experts.lora_A`` (outer) and ``experts.base_layer.lora_A`` (inner); PEFT wraps a module's parameters in their
+definition order, so gate_up_proj is inside down_proj (checked against the shapes). A 2-D parameter named ``weight``
+(Mixtral's router ``gate.weight``) is a plain LoRA on that module, as PEFT computes it (``Linear.get_delta_weight``).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..adapter import LoraModule
+from ..errors import InvalidInputError, UnsupportedAdapterError
+from . import common
+
+if TYPE_CHECKING:
+    import torch
+
+    from .peft import ParsedKeys, ScaleConfig
+
+# A fused experts parameter → the per-expert tensors its rows are, in row order (gate, then up).
+FUSED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+NESTING = ("gate_up_proj", "down_proj")
+"""Definition order in transformers' experts classes: PEFT's wrapping order, innermost first."""
+EXPERTS_MODULE = "experts"
+WRAPPED = ".base_layer"
+
+
+def check_entries(path: Path, entries) -> list[str]:
+    """The config's target_parameters, refused unless each is a fused experts parameter or a 2-D ``weight``."""
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        raise InvalidInputError(f"{path}: config target_parameters={entries!r} must be a list of parameter names")
+    unmapped = [e for e in entries if e.rpartition(".")[2] not in (*FUSED_EXPERTS, "weight")]
+    if unmapped:
+        raise UnsupportedAdapterError(
+            f"{path}: a LoRA on raw parameters loraops does not map (target_parameters: {', '.join(unmapped)}); it "
+            f"handles only fused MoE experts ({', '.join(FUSED_EXPERTS)}) and 2-D weights"
+        )
+    return entries
+
+
+def targets(entries: list[str], module: str, param: str) -> bool:
+    """Does a target_parameters entry select ``<module>.<param>``? (PEFT: the key equals it or ends with ``.entry``.)"""
+    key = f"{module}.{param}"
+    return any(e.rpartition(".")[2] == param and (key == e or key.endswith(f".{e}")) for e in entries)
+
+
+def pattern_name(cfg: "ScaleConfig", module: str) -> str:
+    """The name PEFT matches rank_pattern/alpha_pattern keys against: ``<module>.weight`` for a module whose weight is
+    a target parameter, else the module's name."""
+    return f"{module}.weight" if targets(cfg.target_parameters, module, "weight") else module
+
+
+def unwrap(name: str) -> tuple[str, int]:
+    """(module, nesting depth) of a factor group's name: ``m.experts.base_layer`` → (``m.experts``, 1)."""
+    depth = 0
+    while name.endswith(WRAPPED):
+        name, depth = name[: -len(WRAPPED)], depth + 1
+    return name, depth
+
+
+def split_experts(
+    path: Path, parsed: "ParsedKeys", tensors: dict[str, "torch.Tensor"], cfg: "ScaleConfig | None",
+) -> dict[str, LoraModule]:
+    """Per-expert modules for every fused-experts ParamWrapper chain in ``parsed`` (whose groups are removed from it).
+    Anything nested or named like an experts module that this cannot map exactly is refused."""
+    if cfg is None or not cfg.target_parameters:
+        return {}
+    chains: dict[str, dict[int, dict[str, str]]] = {}
+    for name in list(parsed.factors):
+        module, depth = unwrap(name)
+        if depth or module.rpartition(".")[2] == EXPERTS_MODULE:
+            chains.setdefault(module, {})[depth] = parsed.factors.pop(name)
+    modules: dict[str, LoraModule] = {}
+    for module, levels in sorted(chains.items()):
+        params = [p for p in NESTING if targets(cfg.target_parameters, module, p)]
+        keys = [parts["A"] for _, parts in sorted(levels.items())]
+        if module.rpartition(".")[2] != EXPERTS_MODULE or sorted(levels) != list(range(len(params))):
+            raise UnsupportedAdapterError(
+                f"{path}: {len(levels)} nested LoRA(s) on parameters of {module!r} ({', '.join(keys)}) that loraops "
+                f"cannot tell apart; it maps target_parameters {' and '.join(NESTING)} of a fused MoE 'experts' module"
+            )
+        # depth 0 is the outermost wrapper: the last parameter PEFT wrapped
+        factors = {p: levels[len(params) - 1 - i] for i, p in enumerate(params)}
+        modules.update(_experts_of(path, module, factors, tensors, cfg))
+    return modules
+
+
+def _experts_of(path: Path, module: str, factors: dict[str, dict[str, str]], tensors, cfg: "ScaleConfig"):
+    shapes = {}
+    for param, parts in factors.items():
+        A, B = tensors[parts["A"]], tensors[parts["B"]]
+        r = cfg.rank_for(f"{module}.{param}")
+        blocks = len(FUSED_EXPERTS[param])
+        if (A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0] or A.shape[0] % r or B.shape[0] % blocks
+                or not A.shape[0]):
+            raise InvalidInputError(
+                f"{path}: {parts['A']} {common.fmt_shape(A.shape)} and {parts['B']} {common.fmt_shape(B.shape)} are not "
+                f"a LoRA on the fused experts parameter {module}.{param} of rank {r} per expert"
+            )
+        shapes[param] = (A.shape[0] // r, int(A.shape[1]), int(B.shape[0]))
+    if len(shapes) == 2:
+        (e1, in1, out1), (e2, in2, out2) = shapes["gate_up_proj"], shapes["down_proj"]
+        if e1 != e2 or out1 != 2 * in2 or in1 != out2:
+            raise UnsupportedAdapterError(
+                f"{path}: the nested LoRAs on {module!r} do not have the shapes of gate_up_proj (inner: "
+                f"{e1} experts, {in1}→{out1}) and down_proj (outer: {e2} experts, {in2}→{out2}); refusing to guess "
+                "which is which"
+            )
+    for param, parts in factors.items():
+        A, B = tensors[parts["A"]], tensors[parts["B"]]
+        experts = shapes[param][0]
+        r = A.shape[0] // experts
+        alpha = cfg.alpha_for(f"{module}.{param}")
+        if alpha is None:
+            raise InvalidInputError(f"{path}: no lora_alpha for {module}.{param}; pass the LoRA alpha (--alpha A)")
+        pieces = FUSED_EXPERTS[param]
+        rows = B.shape[0] // len(pieces)
+        for e in range(experts):
+            A_e, B_e = A[e * r:(e + 1) * r], B[:, e::experts]  # B's columns are (rank, expert) with expert fastest
+            for i, piece in enumerate(pieces):
+                name = f"{module}.{e}.{piece}"
+                built = common.build_module(
+                    path, name, A_e.contiguous(), B_e[i * rows:(i + 1) * rows].contiguous(), a_key=parts["A"],
+                    b_key=parts["B"], alpha=alpha, rslora=cfg.rslora,
+                )
+                yield name, replace(built, expert=(f"{module}.{param}", e, experts))

@@ -1,0 +1,217 @@
+"""PEFT target_parameters LoRAs on transformers 5's fused MoE experts (what PEFT 0.21's all-linear makes on Mixtral,
+Qwen3-MoE, DeepSeek-V3): read as per-expert modules, bound to the per-expert tensors on disk (Mixtral's
+block_sparse_moe.experts.<e>.w1/w3/w2), merged and subtracted exactly; what loraops cannot map is refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from factories import tiny_transformers
+from loraops import engine, formats
+from loraops.basemodel import BaseModel
+from loraops.check import check
+from loraops.cli import main
+from loraops.errors import MismatchError, UnsupportedAdapterError
+
+LM = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+          vocab_size=128, max_position_embeddings=64)
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+FAMILIES = {
+    "mixtral": ("mixtral", "MixtralForCausalLM", dict(LM, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", dict(LM, **MOE, num_experts=4, head_dim=8)),
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3ForCausalLM",
+                    dict(LM, **MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16,
+                         q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)),
+}
+IDS = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def model_class(family):
+    import transformers
+
+    return getattr(transformers, FAMILIES[family][1])
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {family: tiny_transformers(root / family, model_type, cls, **config)
+            for family, (model_type, cls, config) in FAMILIES.items()}
+
+
+def peft_model(base, family, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False, **lora})
+    return get_peft_model(model_class(family).from_pretrained(base).eval(), config).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def tensors(path):
+    return {name: t for file in sorted(path.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_all_linear_merge_equals_peft(tmp_path, bases, family):
+    base = bases[family]
+    model = peft_model(base, family)
+    assert model.peft_config["default"].target_parameters  # the fused experts are raw parameters to PEFT
+    model.save_pretrained(tmp_path / "a")
+    expected = logits(model)
+
+    adapter = formats.read_adapter(tmp_path / "a")
+    experts = [m for m in adapter.modules.values() if m.expert is not None]
+    assert len(experts) == 2 * 4 * 3  # 2 layers × 4 experts × (gate, up, down)
+    stored = sum(t.numel() for t in load_file(tmp_path / "a" / "adapter_model.safetensors").values())
+    assert adapter.num_parameters == stored  # an expert's gate and up share one A, counted once
+    report = check(adapter, BaseModel.open(base).tensors)
+    assert report.ok and report.matched == len(adapter.modules), report
+
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    ours = model_class(family).from_pretrained(tmp_path / "out").eval()
+    assert (logits(ours) - expected).abs().max() < 1e-5
+    assert (logits(model_class(family).from_pretrained(base)) - expected).abs().max() > 0.1  # the LoRA does something
+
+    model.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+    peft_merged, merged, original = tensors(tmp_path / "peft-merged"), tensors(tmp_path / "out"), tensors(base)
+    assert merged.keys() == peft_merged.keys() == original.keys()
+    touched = [n for n in original if not torch.equal(merged[n], original[n])]
+    assert len(touched) == len(adapter.modules)  # every expert's tensors, each once
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, peft_merged[name], rtol=0, atol=1e-6, msg=name)
+
+    engine.subtract(tmp_path / "out", [(adapter, 1.0)], tmp_path / "restored", device="cpu")
+    restored = tensors(tmp_path / "restored")
+    for name, tensor in original.items():
+        torch.testing.assert_close(restored[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_mixtral_binds_to_block_sparse_moe_w1_w3_w2(tmp_path, bases):
+    """Mixtral saves its experts under the original names: expert e's gate rows go to w1, up rows to w3, down to w2."""
+    peft_model(bases["mixtral"], "mixtral").save_pretrained(tmp_path / "a")
+    result = run("check", tmp_path / "a", "--base", bases["mixtral"], "--json")
+    assert json.loads(result.output)["fits"] == [str(bases["mixtral"])]
+    bound = check_bound(tmp_path / "a", bases["mixtral"])
+    assert {"model.layers.0.block_sparse_moe.gate", "model.layers.0.block_sparse_moe.experts.3.w1",
+            "model.layers.0.block_sparse_moe.experts.3.w3", "model.layers.0.block_sparse_moe.experts.0.w2"} <= bound
+
+
+def check_bound(adapter_path, base):
+    from loraops.check import require_fit
+
+    return set(require_fit(formats.read_adapter(adapter_path), BaseModel.open(base).tensors).modules)
+
+
+def test_rslora_and_a_weight_through_the_cli(tmp_path, bases):
+    """rsLoRA (s = alpha/√r, with PEFT's doubled r and alpha for gate_up_proj) merged at weight 0.5: the merge adds
+    half of PEFT's own delta, and subtract at 0.5 takes it off again."""
+    base = bases["qwen3_moe"]
+    model = peft_model(base, "qwen3_moe", use_rslora=True, lora_alpha=6)
+    model.save_pretrained(tmp_path / "a")
+    original = tensors(base)
+    model.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+    peft_delta = {n: t - original[n] for n, t in tensors(tmp_path / "peft-merged").items()}
+    adapter = formats.read_adapter(tmp_path / "a")
+    gate = adapter.modules["model.layers.0.mlp.experts.2.gate_proj"]
+    assert (gate.rank, gate.alpha, gate.scale) == (8, 12.0, 12.0 / 8 ** 0.5)
+    assert "fits" in run("check", tmp_path / "a", "--base", base).output
+
+    run("merge", f"{tmp_path / 'a'}:0.5", "--into", base, "-o", tmp_path / "out", "--no-record")
+    merged = tensors(tmp_path / "out")
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, original[name] + 0.5 * peft_delta[name], rtol=0, atol=1e-6, msg=name)
+    run("subtract", f"{tmp_path / 'a'}:0.5", "--from", tmp_path / "out", "-o", tmp_path / "restored", "--no-record")
+    for name, tensor in tensors(tmp_path / "restored").items():
+        torch.testing.assert_close(tensor, original[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.no_registry
+def test_one_parameter_with_patterns_on_its_key(tmp_path, bases):
+    """A LoRA on down_proj alone (one wrapper, no nesting) beside a module LoRA; rank_pattern/alpha_pattern keys
+    match '<module>.<parameter>' as PEFT matches them."""
+    model = peft_model(bases["mixtral"], "mixtral", r=3, lora_alpha=5, target_modules=["q_proj"],
+                       target_parameters=["down_proj"], rank_pattern={"down_proj": 2}, alpha_pattern={"experts.down_proj": 7})
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert {(m.rank, m.alpha) for m in adapter.modules.values() if m.expert} == {(2, 7.0)}
+    engine.merge(bases["mixtral"], [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    assert (logits(model_class("mixtral").from_pretrained(tmp_path / "out")) - logits(model)).abs().max() < 1e-5
+
+
+@pytest.fixture
+def qwen_adapter(tmp_path, bases):
+    peft_model(bases["qwen3_moe"], "qwen3_moe").save_pretrained(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.no_registry
+def test_unmapped_target_parameters_are_refused(qwen_adapter):
+    edit_config(qwen_adapter, target_parameters=["gate_up_proj", "down_proj", "experts.gate_up_proj_bias"])
+    with pytest.raises(UnsupportedAdapterError, match=r"a LoRA on raw parameters loraops does not map \(target_parameters: "
+                                                      r"experts.gate_up_proj_bias\); it handles only fused MoE experts"):
+        formats.read_adapter(qwen_adapter)
+
+
+@pytest.mark.no_registry
+def test_nested_wrappers_in_another_order_are_refused(qwen_adapter):
+    """Which nested wrapper is which parameter is PEFT's wrapping order; wrappers whose shapes say otherwise are
+    refused rather than split wrongly."""
+    file = qwen_adapter / "adapter_model.safetensors"
+    swapped = {k.replace(".experts.base_layer.", ".experts.TMP.").replace(".experts.lora_", ".experts.base_layer.lora_")
+               .replace(".experts.TMP.", ".experts."): v for k, v in load_file(file).items()}
+    save_file(swapped, file, {"format": "pt"})
+    with pytest.raises(UnsupportedAdapterError, match=r"do not have the shapes of gate_up_proj \(inner: .*refusing to "
+                                                      "guess which is which"):
+        formats.read_adapter(qwen_adapter)
+
+
+@pytest.mark.no_registry
+def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwen_adapter, bases):
+    """The number of experts comes from the config's r (the factors hold E·r rows): an r twice too large reads as
+    half the experts, each of which has a tensor on disk; check counts the base's experts and refuses."""
+    edit_config(qwen_adapter, r=8, lora_alpha=16, rank_pattern={r".*\.gate_up_proj": 16},
+                alpha_pattern={r".*\.gate_up_proj": 32})
+    adapter = formats.read_adapter(qwen_adapter)
+    report = check(adapter, BaseModel.open(bases["qwen3_moe"]).tensors)
+    assert not report.ok
+    assert [m.name for m in report.shape_mismatches] == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+        for p in ("down_proj (down_proj)", "gate_up_proj (gate_proj)", "gate_up_proj (up_proj)")]
+    with pytest.raises(MismatchError, match=r"model.layers.0.mlp.experts.down_proj \(down_proj\) \(adapter 2×32×16, "
+                                            r"base 4×32×16\)"):
+        engine.merge(bases["qwen3_moe"], [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_register_and_inspect_but_writing_experts_back_is_refused(tmp_path, qwen_adapter):
+    """register/inspect work; written as plain per-expert modules they would not load into transformers 5's fused
+    experts, so every write (export, resize, combine) is refused."""
+    assert "experts.0.gate_proj" in run("inspect", qwen_adapter).output
+    assert run("register", qwen_adapter, "--name", "moe").output.startswith("registered moe@1")
+    with pytest.raises(UnsupportedAdapterError, match=r"one expert's share of a LoRA on the fused MoE parameter "
+                                                      r"'model.layers.0.mlp.experts.(gate_up|down)_proj'"):
+        formats.write_adapter(formats.read_adapter(qwen_adapter), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    run("resize", qwen_adapter, "--rank", "2", "-o", tmp_path / "small", code=UnsupportedAdapterError.exit_code)
+    assert not (tmp_path / "small").exists()
