@@ -11,8 +11,8 @@ Factor layouts by kind (r = rank):
     embedding  A: r×num_embeddings  B: dim×r              W: num_embeddings×dim   (delta = (B·A)ᵀ)
 
 A module bound to one part of a fused base tensor (q, k or v of OpenCLIP's in_proj_weight or FLUX's qkv) changes only
-its block of rows: see ``LoraModule.fused``. One expert's share of a LoRA on a fused MoE experts parameter is a plain
-module on that expert's own tensor: see ``LoraModule.expert``.
+its block of rows: see ``LoraModule.fused``. A LoRA on a raw parameter (one expert's share of a fused MoE experts
+parameter is a plain module on that expert's own tensor) is marked: see ``LoraModule.raw_parameter``.
 """
 from __future__ import annotations
 
@@ -42,10 +42,12 @@ class LoraModule:
     """(base tensor, first row, rows, the tensor's rows) when the module is one part of a fused base tensor — q, k or v
     of OpenCLIP's ``attn.in_proj_weight``, of FLUX's or SD3's ``qkv``, FLUX's ``linear1`` (set by loraops.check when
     binding, see loraops.ldm): its delta covers that many rows of the tensor from the first row."""
-    expert: tuple[str, int, int] | None = None
-    """(fused parameter, expert index, number of experts) when the module is one expert's share of a LoRA on a fused
-    MoE experts parameter (PEFT ``target_parameters`` on transformers 5's ``experts.gate_up_proj``/``down_proj``, see
-    loraops.formats.params); None for a LoRA on a module."""
+    raw_parameter: tuple[str, int, int] | None = None
+    """(parameter, index, count) when the module comes from a LoRA on a raw parameter (PEFT ``target_parameters``, see
+    loraops.formats.params): one expert's share of a fused MoE experts parameter (transformers 5's
+    ``experts.gate_up_proj``/``down_proj``: index = the expert, count = the experts), or a 2-D ``weight`` whole (0, 1).
+    Its delta is in the parameter's stored layout (never transposed for a Conv1D, as PEFT adds it). None for a LoRA on
+    a module."""
 
     @property
     def rank(self) -> int:
@@ -179,6 +181,6 @@ class Adapter:
     @property
     def num_parameters(self) -> int:
         # an expert's gate and up modules share one A (one block of a fused parameter's lora_A): counted once
-        shared = {m.expert[:2]: m.A.numel() for m in self.modules.values() if m.expert is not None}
-        return (sum(m.B.numel() + (0 if m.expert else m.A.numel()) for m in self.modules.values()) + sum(shared.values())
+        shared = {m.raw_parameter[:2]: m.A.numel() for m in self.modules.values() if m.raw_parameter is not None}
+        return (sum(m.B.numel() + (0 if m.raw_parameter else m.A.numel()) for m in self.modules.values()) + sum(shared.values())
                 + sum(t.numel() for t in self.full_tensors.values()))

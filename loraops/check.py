@@ -217,8 +217,9 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
     the config says, an nn.Linear never is), but PEFT saves one fan_in_fan_out for the whole adapter: the value set
     by the last layer it wrapped, so a GPT-2 adapter on c_proj and lm_head says false, and a bare file says nothing.
     So a module is transposed when the config says so or it is a Conv1D of a Conv1D-layout base, unless the base's
-    shape says otherwise (an nn.Linear stored out×in)."""
-    if module.kind != "linear" or module.fused is not None:
+    shape says otherwise (an nn.Linear stored out×in). A LoRA on the raw parameter is added as the parameter is stored
+    (PEFT's ParamWrapper), whatever the layer."""
+    if module.kind != "linear" or module.fused is not None or module.raw_parameter is not None:
         return module
     out_f, in_f = module.out_features, module.in_features
     transposed = module.fan_in_fan_out or (conv1d and module.name.rpartition(".")[2] in CONV1D_LAYERS)
@@ -320,7 +321,7 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> l
     E of each expert tensor it binds to, or the split (and every expert's share) is wrong though each shape fits."""
     firsts = {}
     for module in bound.modules.values():
-        if module.expert is not None and module.expert[1] == 0 and (m := EXPERT_RE.match(module.weight_name)):
+        if module.raw_parameter is not None and module.raw_parameter[1] == 0 and (m := EXPERT_RE.match(module.weight_name)):
             firsts[(m["owner"], m["rest"])] = module
     if not firsts:
         return []
@@ -330,7 +331,7 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> l
             counts[key] = counts.get(key, 0) + 1
     out = []
     for (owner, rest), module in sorted(firsts.items()):
-        parameter, _, experts = module.expert
+        parameter, _, experts = module.raw_parameter
         if counts.get((owner, rest), 0) != experts:
             shape = list(manifest[module.weight_name].shape) if module.weight_name in manifest else []
             out.append(ShapeMismatch(name=f"{parameter} ({rest.removeprefix('.').removesuffix('.weight')})",

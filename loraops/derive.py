@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import algebra
 from .errors import InvalidInputError, MismatchError
+from .formats import refuse_unwritable
 from .fsutil import refuse_existing, refuse_overlap
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
 
@@ -120,6 +121,8 @@ def combine(
     check_arguments(name, output, force)
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
+        for i in inputs:  # before the work: what could not be written is refused first
+            refuse_unwritable(i.adapter)
         base_id = common_base(inputs)
         combined, report = algebra.combine(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
@@ -147,6 +150,7 @@ def resize(
     check_arguments(name, output, force)
     with Registry.open() as reg, inputs_of(reg) as open_input:
         source = open_input(ref, base)
+        refuse_unwritable(source.adapter)
         resized, report = algebra.resize(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                          device=device, precise=precise)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}

@@ -400,7 +400,7 @@ def _saved_layer_tensors(adapter: Adapter) -> set[str]:
     """The tensors a PEFT saved layer under a LoRA (save_embedding_layers) can hold: each module's weight, and its
     bias when the adapter trains no biases (PEFT saves the wrapped layer whole: Phi's and GPT-J's lm_head)."""
     names = {module.weight_name for module in adapter.modules.values()}
-    if adapter.config.get("bias", "none") == "none":
+    if (adapter.config.get("bias") or "none") == "none":  # PEFT's default, also when the config says null
         names |= {f"{module.name}.bias" for module in adapter.modules.values()
                   if module.fused is None and module.weight_name in adapter.full_tensors}
     return names

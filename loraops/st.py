@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,3 +266,5 @@ def write_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"], meta
         with open(path, "r+b") as f:
             f.seek(8 + at)
             f.write(digest.hexdigest().encode())
+            f.flush()
+            os.fsync(f.fileno())  # durable like the rest of the file (close() synced that)

@@ -9,6 +9,8 @@ computes, that it equals PEFT's merge_and_unload where PEFT's merge is right (un
 the base."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -159,3 +161,17 @@ def test_a_lora_on_whispers_tied_proj_out_is_refused(tmp_path):
                                             "encoder-decoder model"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_null_bias_in_the_config_is_peft_default(tmp_path):
+    """PEFT reads "bias": null as its default "none": Phi's saved lm_head bias is then part of the saved layer (equal to
+    the base, replacing nothing), not a trained bias, which only a merge at weight 1 could take."""
+    import transformers
+
+    model_type, cls_name, config, targets, _ = CASES["phi"]
+    base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    peft_model_on(base, getattr(transformers, cls_name), targets).save_pretrained(tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "bias": None}))
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 0.5)], tmp_path / "out", device="cpu")
+    torch.testing.assert_close(tensors(tmp_path / "out")["lm_head.bias"], tensors(base)["lm_head.bias"], rtol=0, atol=0)

@@ -82,6 +82,13 @@ CASES = {
         InvalidInputError, "NaN or Inf")
        for bad, dtype in [("nan", "bfloat16"), ("-inf", "float16"), ("inf", "float64"), ("nan", "float8_e4m3fn"),
                           ("-inf", "float8_e5m2")]},
+    "int-factors": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A.to(torch.int8),
+                                                          "lora_unet_a.lora_up.weight": B.to(torch.int8)}),
+                    InvalidInputError, "factors must be floating point, not torch.int8"),
+    "target-parameters-number": (lambda d: peft_folder(d / "a", good(), target_parameters=5), InvalidInputError,
+                                 "target_parameters=5 must be a list of parameter names"),
+    "target-parameters-string": (lambda d: peft_folder(d / "a", good(), target_parameters="gate_up_proj"),
+                                 InvalidInputError, "must be a list of parameter names"),
     "duplicate": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_A.default.weight": A})), InvalidInputError,
                   "duplicate module"),
     "r-zero": (lambda d: peft_folder(d / "a", good(), r=0), InvalidInputError, "r=0"),
@@ -137,3 +144,16 @@ def test_bad_alpha_argument(tmp_path):
     path = peft_folder(tmp_path / "a", good())
     with pytest.raises(InvalidInputError, match="negative alpha"):
         read_adapter(path, alpha=-1)
+
+
+@pytest.mark.parametrize("case", ["target-parameters-number", "target-parameters-string", "bad-config-json"])
+def test_identity_of_a_malformed_adapter_is_hashed_or_refused_in_one_line(case, tmp_path):
+    """merge hashes a path adapter before reading it: a malformed config must not be a traceback there either."""
+    from loraops.errors import LoraopsError
+    from loraops.formats import identity
+
+    path = CASES[case][0](tmp_path)
+    try:
+        assert len(identity(path)) == 64
+    except LoraopsError as exc:
+        assert "\n" not in str(exc)

@@ -76,8 +76,10 @@ def test_all_linear_merge_equals_peft(tmp_path, bases, family):
     expected = logits(model)
 
     adapter = formats.read_adapter(tmp_path / "a")
-    experts = [m for m in adapter.modules.values() if m.expert is not None]
+    experts = [m for m in adapter.modules.values() if m.raw_parameter is not None and m.raw_parameter[2] > 1]
     assert len(experts) == 2 * 4 * 3  # 2 layers × 4 experts × (gate, up, down)
+    routers = [m.raw_parameter for m in adapter.modules.values() if m.raw_parameter and m.raw_parameter[2] == 1]
+    assert [(p.rsplit(".", 2)[-2:], i, n) for p, i, n in routers] == [(["gate", "weight"], 0, 1)] * 2
     stored = sum(t.numel() for t in load_file(tmp_path / "a" / "adapter_model.safetensors").values())
     assert adapter.num_parameters == stored  # an expert's gate and up share one A, counted once
     report = check(adapter, BaseModel.open(base).tensors)
@@ -149,7 +151,7 @@ def test_one_parameter_with_patterns_on_its_key(tmp_path, bases):
                        target_parameters=["down_proj"], rank_pattern={"down_proj": 2}, alpha_pattern={"experts.down_proj": 7})
     model.save_pretrained(tmp_path / "a")
     adapter = formats.read_adapter(tmp_path / "a")
-    assert {(m.rank, m.alpha) for m in adapter.modules.values() if m.expert} == {(2, 7.0)}
+    assert {(m.rank, m.alpha) for m in adapter.modules.values() if m.raw_parameter} == {(2, 7.0)}
     engine.merge(bases["mixtral"], [(adapter, 1.0)], tmp_path / "out", device="cpu")
     assert (logits(model_class("mixtral").from_pretrained(tmp_path / "out")) - logits(model)).abs().max() < 1e-5
 
@@ -204,14 +206,38 @@ def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwe
     assert not (tmp_path / "out").exists()
 
 
-def test_register_and_inspect_but_writing_experts_back_is_refused(tmp_path, qwen_adapter):
+def test_register_and_inspect_but_writing_experts_back_is_refused(tmp_path, qwen_adapter, monkeypatch):
     """register/inspect work; written as plain per-expert modules they would not load into transformers 5's fused
-    experts, so every write (export, resize, combine) is refused."""
+    experts, so every write (export, resize, combine) is refused — resize and combine before computing anything."""
+    from loraops import algebra
+
     assert "experts.0.gate_proj" in run("inspect", qwen_adapter).output
     assert run("register", qwen_adapter, "--name", "moe").output.startswith("registered moe@1")
-    with pytest.raises(UnsupportedAdapterError, match=r"one expert's share of a LoRA on the fused MoE parameter "
+    with pytest.raises(UnsupportedAdapterError, match=r"comes from a LoRA on the raw parameter "
                                                       r"'model.layers.0.mlp.experts.(gate_up|down)_proj'"):
         formats.write_adapter(formats.read_adapter(qwen_adapter), tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    run("resize", qwen_adapter, "--rank", "2", "-o", tmp_path / "small", code=UnsupportedAdapterError.exit_code)
+    monkeypatch.setattr(algebra, "resize", lambda *a, **k: pytest.fail("resized before refusing"))
+    monkeypatch.setattr(algebra, "combine", lambda *a, **k: pytest.fail("combined before refusing"))
+    run("resize", "moe", "--rank", "2", "-o", tmp_path / "small", code=UnsupportedAdapterError.exit_code)
+    run("combine", "moe", "moe", code=UnsupportedAdapterError.exit_code)
     assert not (tmp_path / "small").exists()
+
+
+@pytest.mark.no_registry
+def test_a_raw_weight_of_a_conv1d_is_added_as_stored(tmp_path):
+    """target_parameters on GPT-2's Conv1D weights (in×out): PEFT adds B·A to the parameter as stored, where a LoRA on
+    the module is transposed. The square c_proj is where a transposed merge would still fit the shapes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    base = tiny_transformers(tmp_path / "gpt2", "gpt2", "GPT2LMHeadModel", n_embd=32, n_layer=1, n_head=4,
+                             vocab_size=128, n_positions=64)
+    torch.manual_seed(1)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(base).eval(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[], target_parameters=["attn.c_proj.weight", "mlp.c_fc.weight"],
+        init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path / "a")
+    run("merge", tmp_path / "a", "--into", base, "-o", tmp_path / "out", "--no-record")
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    assert torch.allclose(logits(merged), logits(model), atol=1e-5)

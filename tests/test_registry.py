@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import threading
 from pathlib import Path
 
 import pytest
 
 from factories import kohya_file, peft_adapter, tiny_llama
+from loraops import formats
 from loraops.errors import AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
@@ -250,7 +252,7 @@ def test_failed_registration_leaves_nothing(reg, art, monkeypatch):
     assert snapshot(reg) == before
 
 
-@pytest.mark.parametrize("change", ["rewritten", "truncated", "truncated while copied"])
+@pytest.mark.parametrize("change", ["rewritten", "truncated", "truncated while copied", "rewritten after the check"])
 def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeypatch, change):
     """The bytes stored must be the bytes the identity was computed from: a writer that rewrites or truncates the
     file after it was hashed gets a clear refusal, and nothing is stored."""
@@ -262,7 +264,7 @@ def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeyp
     real_put, real_writer = blobs.BlobStore.put, blobs.DirectFileWriter
 
     def concurrent_writer(self, identity, files, *args, **kwargs):
-        if change != "truncated while copied":
+        if change not in ("truncated while copied", "rewritten after the check"):
             adapter.write_bytes(data[:-1] + bytes([data[-1] ^ 1]) if change == "rewritten" else data[:-4])
         return real_put(self, identity, files, *args, **kwargs)
 
@@ -271,6 +273,14 @@ def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeyp
             os.truncate(adapter, nbytes - 4)
             return super().copy_from(fd, offset, nbytes, *args, **kwargs)
 
+    real_check = formats.check_values
+
+    def checked_then_rewritten(path):  # values checked, then a NaN written in: must not be stored as checked
+        real_check(path)
+        adapter.write_bytes(data[:-4] + struct.pack("<f", float("nan")))
+
+    if change == "rewritten after the check":
+        monkeypatch.setattr(formats, "check_values", checked_then_rewritten)
     monkeypatch.setattr(blobs.BlobStore, "put", concurrent_writer)
     monkeypatch.setattr(blobs, "DirectFileWriter", ShrinkingSource if change == "truncated while copied" else real_writer)
     before = snapshot(reg)
@@ -370,3 +380,13 @@ def test_register_never_holds_the_factors_whole(reg, art, monkeypatch):
     reg.add_base(art["base"], name="llama-tiny")
     assert reg.add_adapter(art["ad1"]).base.name == "llama-tiny"
     assert reg.add_adapter(art["kohya"], base="llama-tiny").alpha == 2
+
+
+def test_a_failed_copy_leaks_no_file_descriptor(tmp_path, art):
+    from loraops.registry.blobs import _hash_copy
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(OSError):
+            _hash_copy(art["kohya"], tmp_path / "no-such-folder" / "copy", None)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -94,13 +94,7 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
         raise InvalidInputError(
             f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
         )
-    expert = next((m for m in adapter.modules.values() if m.expert is not None), None)
-    if expert is not None:
-        raise UnsupportedAdapterError(
-            f"{adapter.label}: module {expert.name!r} is one expert's share of a LoRA on the fused MoE parameter "
-            f"{expert.expert[0]!r} (PEFT target_parameters); loraops merges and subtracts such adapters but does not "
-            "write them (PEFT would need them as target_parameters again)"
-        )
+    refuse_unwritable(adapter)
     writer, is_dir = WRITERS[fmt]
     dest = output_path(dest)
     if is_dir and dest.suffix == ".safetensors":
@@ -109,6 +103,19 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
     with atomic_path(dest, force=force, is_dir=is_dir) as tmp:
         writer(adapter, tmp)
     return dest
+
+
+def refuse_unwritable(adapter: "Adapter") -> None:
+    """What no writer can express: LoRAs on raw parameters (PEFT would need them as target_parameters again; as
+    per-module keys transformers 5 has no module by those names, and a Conv1D's would be transposed). Callers that
+    compute an adapter to write it (combine, resize) ask first."""
+    module = next((m for m in adapter.modules.values() if m.raw_parameter is not None), None)
+    if module is not None:
+        raise UnsupportedAdapterError(
+            f"{adapter.label}: module {module.name!r} comes from a LoRA on the raw parameter "
+            f"{module.raw_parameter[0]!r} (PEFT target_parameters); loraops merges and subtracts such adapters but does "
+            "not write them"
+        )
 
 
 def _peft_parts(path: Path) -> tuple[Path, Path | None]:
@@ -153,8 +160,9 @@ def math_config(config: dict) -> dict:
         if name == "peft_type" and isinstance(value, str):
             value = value.upper()
         out[name] = value
-    if config.get("target_parameters"):  # only when set, so the identities of all other adapters stay as they were
-        out["target_parameters"] = sorted(map(str, config["target_parameters"]))
+    if value := config.get("target_parameters"):  # only when set: the identities of other adapters stay as they were
+        # sorted like the lists above; a malformed value as it is (hashed before the reader refuses it)
+        out["target_parameters"] = sorted(value, key=str) if isinstance(value, list) else value
     return out
 
 

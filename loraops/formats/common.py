@@ -174,6 +174,8 @@ def build_module(
         raise bad(f"rank mismatch: A has rank {A.shape[0]}, B has rank {B.shape[1]}")
     if A.shape[0] == 0 or any(d == 0 for d in (*A.shape, *B.shape)):
         raise bad("empty factor")
+    if not (A.is_floating_point() and B.is_floating_point()):
+        raise bad(f"factors must be floating point, not {A.dtype if not A.is_floating_point() else B.dtype}")
     check_finite(path, a_key, A)
     check_finite(path, b_key, B)
     rank = int(A.shape[0])

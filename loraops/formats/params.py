@@ -10,7 +10,7 @@ and saved that way again. PEFT wraps each targeted parameter in a ``ParamWrapper
     delta[e] = s · B[:, e::E] @ A[e·r:(e+1)·r]         (out×in, the parameter's e-th slice; s = alpha/r or alpha/√r)
 
 with r and alpha from rank_pattern/alpha_pattern matched against ``<module>.<parameter>``. So expert e's share is a
-plain rank-r LoRA, split by rows into the expert's tensors on disk: that is how it is read here (``LoraModule.expert``
+plain rank-r LoRA, split by rows into the expert's tensors on disk: that is how it is read here (``LoraModule.raw_parameter``
 says which fused parameter a module came from). Two parameters of one module are nested wrappers, saved as
 ``experts.lora_A`` (outer) and ``experts.base_layer.lora_A`` (inner); PEFT wraps a module's parameters in their
 definition order, so gate_up_proj is inside down_proj (checked against the shapes). A 2-D parameter named ``weight``
@@ -41,8 +41,6 @@ WRAPPED = ".base_layer"
 
 def check_entries(path: Path, entries) -> list[str]:
     """The config's target_parameters, refused unless each is a fused experts parameter or a 2-D ``weight``."""
-    if isinstance(entries, str):
-        entries = [entries]
     if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
         raise InvalidInputError(f"{path}: config target_parameters={entries!r} must be a list of parameter names")
     unmapped = [e for e in entries if e.rpartition(".")[2] not in (*FUSED_EXPERTS, "weight")]
@@ -64,6 +62,15 @@ def pattern_name(cfg: "ScaleConfig", module: str) -> str:
     """The name PEFT matches rank_pattern/alpha_pattern keys against: ``<module>.weight`` for a module whose weight is
     a target parameter, else the module's name."""
     return f"{module}.weight" if targets(cfg.target_parameters, module, "weight") else module
+
+
+def mark_weight_targets(modules: dict[str, LoraModule], cfg: "ScaleConfig | None") -> dict[str, LoraModule]:
+    """Modules whose 2-D ``weight`` is a target parameter, marked as such: PEFT adds their B·A to the parameter as
+    stored, so a GPT-2 Conv1D's is not transposed as a LoRA on the module would be."""
+    if cfg is None or not cfg.target_parameters:
+        return modules
+    return {name: replace(m, raw_parameter=(f"{name}.weight", 0, 1)) if targets(cfg.target_parameters, name, "weight")
+            else m for name, m in modules.items()}
 
 
 def unwrap(name: str) -> tuple[str, int]:
@@ -139,4 +146,4 @@ def _experts_of(path: Path, module: str, factors: dict[str, dict[str, str]], ten
                     path, name, A_e.contiguous(), B_e[i * rows:(i + 1) * rows].contiguous(), a_key=parts["A"],
                     b_key=parts["B"], alpha=alpha, rslora=cfg.rslora,
                 )
-                yield name, replace(built, expert=(f"{module}.{param}", e, experts))
+                yield name, replace(built, raw_parameter=(f"{module}.{param}", e, experts))

@@ -297,7 +297,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adap
     no_config = ScaleConfig(alpha=None)
     experts = params.split_experts(weights, parsed, tensors, cfg)
     modules = build_modules(weights, parsed, tensors, lambda name: (cfg or no_config, params.pattern_name(cfg or no_config, name)))
-    modules = dict(sorted({**modules, **experts}.items()))
+    modules = dict(sorted({**params.mark_weight_targets(modules, cfg), **experts}.items()))
     full = {}
     for key, target in full_names.items():
         common.check_finite(weights, key, tensors[key])

@@ -158,16 +158,17 @@ def _hash_copy(src: Path, dst: Path, progress) -> str:
             progress.update(len(chunk))
 
     fd = os.open(src, os.O_RDONLY)
-    out = DirectFileWriter(dst)
     try:
-        out.copy_from(fd, 0, os.fstat(fd).st_size, seen)
-        out.close()
-    except EOFError:
-        out.abandon()
-        raise ConflictError(f"{src}: the file shrank while it was being stored; register it again") from None
-    except BaseException:
-        out.abandon()
-        raise
+        out = DirectFileWriter(dst)
+        try:
+            out.copy_from(fd, 0, os.fstat(fd).st_size, seen)
+            out.close()
+        except EOFError:
+            out.abandon()
+            raise ConflictError(f"{src}: the file shrank while it was being stored; register it again") from None
+        except BaseException:
+            out.abandon()
+            raise
     finally:
         os.close(fd)
     return digest.hexdigest()

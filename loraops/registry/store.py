@@ -358,11 +358,13 @@ class Registry:
         from .. import formats
 
         path = Path(path)
+        # Hashed first: what is read and checked below was read after, and the stored copy must hash the same (see
+        # _store_and_insert), so a file changed at any point after this is refused rather than stored unchecked.
+        identity = adapter_identity(path, alpha)
         # shapes and alphas are all a record needs: the values are only checked, block by block (a 70B rank-64
         # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied)
         adapter = formats.read_adapter(path, alpha=alpha, values=False)
         formats.check_values(path)
-        identity = adapter_identity(path, alpha)
         name = check_name(default_name(path) if name is None else name, "adapter")
         tags = clean_tags(tags)
 
