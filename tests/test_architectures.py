@@ -1,7 +1,8 @@
 """An architecture sweep of check + merge + subtract against PEFT, on tiny random models of the families where
 something needed fixing and a representative handful (MoE, fused qkv, encoder, encoder-decoder, VLM).
 
-transformers 5 loads some families under other module names than it saves (ViT, DINOv2, Qwen2-VL), ties output
+transformers 5 loads some families under other module names than it saves (ViT, DINOv2, Qwen2-VL, Swin, Segformer,
+the towers of Mllama, Qwen2-Audio, Voxtral, Video-LLaVA, Fuyu), ties output
 heads that are not called lm_head (BERT, DistilBERT, Mamba), and PEFT saves a targeted head's bias with it (Phi):
 PEFT names an adapter's modules as they are in memory, the merge works on the checkpoint's tensors. Each case merges
 a PEFT adapter made by PEFT on the loaded model and checks the merged model computes what the adapter's model
@@ -31,6 +32,14 @@ QWEN2_VL = dict(text_config=dict(**LM, rope_scaling={"type": "mrope", "mrope_sec
                                    spatial_merge_size=2, temporal_patch_size=2),
                 image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
 EMBEDDINGS_AND_HEAD = ["embed_tokens", "lm_head"]
+MLLAMA = dict(text_config=dict(LM, num_hidden_layers=2, cross_attention_layers=[1], pad_token_id=0),
+              vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
+                                 attention_heads=2, image_size=16, patch_size=8, vision_output_dim=32,
+                                 intermediate_layers_indices=[0], max_num_tiles=1, supported_aspect_ratios=[[1, 1]]),
+              image_token_index=120)
+CLIP_VISION = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, image_size=16, patch_size=8)
+AUDIO = dict(num_mel_bins=8, max_source_positions=8)
 
 
 def token_ids(model, n=8):
@@ -44,6 +53,12 @@ def seq2seq_ids(model):
 def pixels(model):
     size = model.config.image_size
     return {"pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
+
+
+def pixels_of(size):
+    def inputs(model):
+        return {"pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
+    return inputs
 
 
 def qwen2_vl_inputs(model):
@@ -73,6 +88,35 @@ CASES = {
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", QWEN2_VL,
                  ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1",
                   "fc2", *EMBEDDINGS_AND_HEAD], qwen2_vl_inputs),
+    # fixed: the towers and projectors transformers moves under model. (its mllama, qwen2_audio, video_llava, fuyu
+    # mappings; Voxtral's is Qwen2-Audio's); text only: the merged towers are compared with PEFT's merge
+    "mllama": ("mllama", "MllamaForConditionalGeneration", MLLAMA, "all-linear", token_ids),
+    "qwen2_audio": ("qwen2_audio", "Qwen2AudioForConditionalGeneration",
+                    dict(text_config=dict(model_type="qwen2", **LM), audio_config=dict(
+                        AUDIO, d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32),
+                         audio_token_index=120), "all-linear", token_ids),
+    "voxtral": ("voxtral", "VoxtralForConditionalGeneration",
+                dict(text_config=dict(model_type="llama", **LM), audio_config=dict(
+                    AUDIO, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+                     audio_token_id=120), "all-linear", token_ids),
+    "video_llava": ("video_llava", "VideoLlavaForConditionalGeneration",
+                    dict(text_config=dict(model_type="llama", **LM), vision_config=CLIP_VISION,
+                         image_token_index=120, video_token_index=121), "all-linear", token_ids),
+    "fuyu": ("fuyu", "FuyuForCausalLM", dict(text_config=dict(model_type="persimmon", **ENCODER), **ENCODER,
+                                             patch_size=4), "all-linear", token_ids),
+    # fixed: Swin's and Segformer's attention.self.query/…, intermediate.dense, Segformer's encoder.block.<s>.<b>
+    # (with their patch-embedding and sequence-reduction convs)
+    "swin": ("swin", "SwinForImageClassification",
+             dict(image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                  num_labels=3),
+             ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "reduction", "projection", "classifier"],
+             pixels),
+    "segformer": ("segformer", "SegformerForSemanticSegmentation",
+                  dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                       num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
+                       decoder_hidden_size=32, num_labels=3),
+                  r".*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2|sequence_reduction\.sequence_reduction|proj)$",
+                  pixels_of(32)),
     # fixed: PEFT saves the targeted lm_head whole (base_layer.weight and .bias)
     "phi": ("phi", "PhiForCausalLM", {k: v for k, v in LM.items() if k != "num_key_value_heads"},
             ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", *EMBEDDINGS_AND_HEAD], token_ids),
