@@ -128,14 +128,19 @@ _SELF_ATTENTION = [(r"\.attention\.q_proj(?=\.|$)", ".attention.self.query"),
                    (r"\.attention\.k_proj(?=\.|$)", ".attention.self.key"),
                    (r"\.attention\.v_proj(?=\.|$)", ".attention.self.value"),
                    (r"\.attention\.o_proj(?=\.|$)", ".attention.output.dense")]
+_LANGUAGE_MODEL = [(r"^lm_head(?=\.|$)", "language_model.lm_head"),
+                   (r"^model\.language_model\.", "language_model.model.")]
 SAVED_LAYOUTS = [
     [(re.compile(p), r) for p, r in rules] for rules in (
         # LLaVA and the multimodal models transformers maps like it: its llava, llava_next, video_llava, fuyu,
         # mllama and qwen2_audio mappings move a tower or projector under model. (LLaVA-NeXT/OneVision, Mistral3,
         # Gemma3, PaliGemma, InternVL, Aria, Video-LLaVA, Fuyu, Mllama, Qwen2-Audio, Voxtral, …)
-        [(r"^lm_head(?=\.|$)", "language_model.lm_head"), (r"^model\.language_model\.", "language_model.model."),
-         (r"^model\.(vision_tower|multi_modal_projector|image_tower|video_tower|vision_model|vision_embed_tokens"
-          r"|audio_tower)(?=\.|$)", r"\1")],
+        [*_LANGUAGE_MODEL, (r"^model\.(vision_tower|multi_modal_projector|image_tower|video_tower|vision_model"
+                            r"|vision_embed_tokens|audio_tower)(?=\.|$)", r"\1")],
+        # Granite Speech (its granite_speech mapping: the speech encoder and projector under model.)
+        [*_LANGUAGE_MODEL, (r"^model\.(encoder|projector)(?=\.|$)", r"\1")],
+        # DINOv3 ViT (its dinov3_vit mapping): model.layer.<i> ↔ layer.<i>, the embeddings not under model.
+        [(r"^model\.(?=layer\.\d)", "")],
         [(r"^lm_head(?=\.|$)", "embed_out")],  # GPT-NeoX
         # Qwen2-VL, Qwen2.5-VL: model.language_model.… ↔ model.…, model.visual.… ↔ visual.…
         [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],

@@ -88,8 +88,8 @@ CASES = {
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", QWEN2_VL,
                  ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1",
                   "fc2", *EMBEDDINGS_AND_HEAD], qwen2_vl_inputs),
-    # fixed: the towers and projectors transformers moves under model. (its mllama, qwen2_audio, video_llava, fuyu
-    # mappings; Voxtral's is Qwen2-Audio's); text only: the merged towers are compared with PEFT's merge
+    # fixed: the towers and projectors transformers moves under model. (its mllama, qwen2_audio, video_llava, fuyu,
+    # granite_speech mappings; Voxtral's is Qwen2-Audio's); text only: the merged towers are compared with PEFT's merge
     "mllama": ("mllama", "MllamaForConditionalGeneration", MLLAMA, "all-linear", token_ids),
     "qwen2_audio": ("qwen2_audio", "Qwen2AudioForConditionalGeneration",
                     dict(text_config=dict(model_type="qwen2", **LM), audio_config=dict(
@@ -104,6 +104,18 @@ CASES = {
                          image_token_index=120, video_token_index=121), "all-linear", token_ids),
     "fuyu": ("fuyu", "FuyuForCausalLM", dict(text_config=dict(model_type="persimmon", **ENCODER), **ENCODER,
                                              patch_size=4), "all-linear", token_ids),
+    "granite_speech": ("granite_speech", "GraniteSpeechForConditionalGeneration",
+                       dict(text_config=dict(model_type="granite", **LM),
+                            encoder_config=dict(input_dim=8, num_layers=1, hidden_dim=16, feedforward_mult=2,
+                                                num_heads=2, dim_head=8, output_dim=8, context_size=4),
+                            projector_config=dict(model_type="blip_2_qformer", hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32,
+                                                  encoder_hidden_size=16),
+                            window_size=4, downsample_rate=2, audio_token_index=120), "all-linear", token_ids),
+    # fixed: DINOv3 ViT's layers are model.layer.<i> in memory, saved as layer.<i>; its patch embeddings are not
+    # under model. (so stripping a leading model. from every name does not do)
+    "dinov3_vit": ("dinov3_vit", "DINOv3ViTModel", dict(VISION, intermediate_size=64),
+                   ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "patch_embeddings"], pixels),
     # fixed: Swin's and Segformer's attention.self.query/…, intermediate.dense, Segformer's encoder.block.<s>.<b>
     # (with their patch-embedding and sequence-reduction convs)
     "swin": ("swin", "SwinForImageClassification",
