@@ -137,6 +137,9 @@ SAVED_LAYOUTS = [
         # Gemma3, PaliGemma, InternVL, Aria, Video-LLaVA, Fuyu, Mllama, Qwen2-Audio, Voxtral, …)
         [*_LANGUAGE_MODEL, (r"^model\.(vision_tower|multi_modal_projector|image_tower|video_tower|vision_model"
                             r"|vision_embed_tokens|audio_tower)(?=\.|$)", r"\1")],
+        # a text model loaded from a multimodal checkpoint (transformers' qwen3_5_text PrefixChange, also Qwen3.5-MoE,
+        # Gemma3n, Apertus 1.5 text): model.… in memory ↔ model.language_model.… saved, the head as it is
+        [(r"^model\.(?!language_model\.)", "model.language_model.")],
         # Granite Speech (its granite_speech mapping: the speech encoder and projector under model.)
         [*_LANGUAGE_MODEL, (r"^model\.(encoder|projector)(?=\.|$)", r"\1")],
         # DINOv3 ViT (its dinov3_vit mapping): model.layer.<i> ↔ layer.<i>, the embeddings not under model.

@@ -74,7 +74,7 @@ def qwen2_vl_inputs(model):
             "mm_token_type_ids": (ids == cfg.image_token_id).long()}
 
 
-# family: (model_type, class, config, PEFT target_modules, inputs). Targets are "all-linear" plus, where a family
+# family: (model_type, class, config, PEFT target_modules, inputs[, class the adapter is made on]). Targets are "all-linear" plus, where a family
 # has them, the input embeddings and the output head (tied in BERT, DistilBERT, Mamba; with a bias in Phi).
 CASES = {
     # fixed: module names transformers renames in memory (vit.layers.0.attention.q_proj ↔
@@ -129,6 +129,17 @@ CASES = {
                        decoder_hidden_size=32, num_labels=3),
                   r".*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2|sequence_reduction\.sequence_reduction|proj)$",
                   pixels_of(32)),
+    # fixed: a text-only fine-tune of a multimodal checkpoint (built as the VLM, loaded as its causal LM):
+    # model.layers.… in memory, model.language_model.layers.… saved
+    "qwen3_5": ("qwen3_5", "Qwen3_5ForConditionalGeneration",
+                dict(text_config=dict(LM, num_hidden_layers=2, head_dim=8,
+                                      layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                      linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
+                     vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, out_hidden_size=32,
+                                        num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                                        num_position_embeddings=16)),
+                ["in_proj_qkv", "in_proj_z", "out_proj", "q_proj", "o_proj", "down_proj", *EMBEDDINGS_AND_HEAD],
+                token_ids, "Qwen3_5ForCausalLM"),
     # fixed: PEFT saves the targeted lm_head whole (base_layer.weight and .bias)
     "phi": ("phi", "PhiForCausalLM", {k: v for k, v in LM.items() if k != "num_key_value_heads"},
             ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", *EMBEDDINGS_AND_HEAD], token_ids),
@@ -173,8 +184,8 @@ def tensors(path) -> dict[str, torch.Tensor]:
 def test_merge_computes_what_the_adapter_computes(tmp_path, family):
     import transformers
 
-    model_type, cls_name, config, targets, inputs_of = CASES[family]
-    cls = getattr(transformers, cls_name)
+    model_type, cls_name, config, targets, inputs_of, *load_as = CASES[family]
+    cls = getattr(transformers, load_as[0] if load_as else cls_name)
     base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
     model = peft_model_on(base, cls, targets)
     model.save_pretrained(tmp_path / "a")
