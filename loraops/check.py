@@ -123,11 +123,27 @@ _VIT_ATTENTION = [(r"\.attention\.q_proj(?=\.|$)", ".attention.attention.query")
                   (r"\.attention\.k_proj(?=\.|$)", ".attention.attention.key"),
                   (r"\.attention\.v_proj(?=\.|$)", ".attention.attention.value"),
                   (r"\.attention\.o_proj(?=\.|$)", ".attention.output.dense")]
+# Swin and Segformer keep BERT's attention.self.query/key/value
+_SELF_ATTENTION = [(r"\.attention\.q_proj(?=\.|$)", ".attention.self.query"),
+                   (r"\.attention\.k_proj(?=\.|$)", ".attention.self.key"),
+                   (r"\.attention\.v_proj(?=\.|$)", ".attention.self.value"),
+                   (r"\.attention\.o_proj(?=\.|$)", ".attention.output.dense")]
+_LANGUAGE_MODEL = [(r"^lm_head(?=\.|$)", "language_model.lm_head"),
+                   (r"^model\.language_model\.", "language_model.model.")]
 SAVED_LAYOUTS = [
     [(re.compile(p), r) for p, r in rules] for rules in (
-        # LLaVA and the VLMs transformers maps like it (LLaVA-NeXT, Mistral3, Gemma3, PaliGemma, …)
-        [(r"^lm_head(?=\.|$)", "language_model.lm_head"), (r"^model\.language_model\.", "language_model.model."),
-         (r"^model\.vision_tower\.", "vision_tower."), (r"^model\.multi_modal_projector\.", "multi_modal_projector.")],
+        # LLaVA and the multimodal models transformers maps like it: its llava, llava_next, video_llava, fuyu,
+        # mllama and qwen2_audio mappings move a tower or projector under model. (LLaVA-NeXT/OneVision, Mistral3,
+        # Gemma3, PaliGemma, InternVL, Aria, Video-LLaVA, Fuyu, Mllama, Qwen2-Audio, Voxtral, …)
+        [*_LANGUAGE_MODEL, (r"^model\.(vision_tower|multi_modal_projector|image_tower|video_tower|vision_model"
+                            r"|vision_embed_tokens|audio_tower)(?=\.|$)", r"\1")],
+        # a text model loaded from a multimodal checkpoint (transformers' qwen3_5_text PrefixChange, also Qwen3.5-MoE,
+        # Gemma3n, Apertus 1.5 text): model.… in memory ↔ model.language_model.… saved, the head as it is
+        [(r"^model\.(?!language_model\.)", "model.language_model.")],
+        # Granite Speech (its granite_speech mapping: the speech encoder and projector under model.)
+        [*_LANGUAGE_MODEL, (r"^model\.(encoder|projector)(?=\.|$)", r"\1")],
+        # DINOv3 ViT (its dinov3_vit mapping): model.layer.<i> ↔ layer.<i>, the embeddings not under model.
+        [(r"^model\.(?=layer\.\d)", "")],
         [(r"^lm_head(?=\.|$)", "embed_out")],  # GPT-NeoX
         # Qwen2-VL, Qwen2.5-VL: model.language_model.… ↔ model.…, model.visual.… ↔ visual.…
         [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
@@ -137,6 +153,16 @@ SAVED_LAYOUTS = [
         # DINOv2 (its layers keep their names; a SwiGLU MLP's gate_proj and up_proj are row blocks of weights_in,
         # see ldm.FUSED)
         [*_VIT_ATTENTION, (r"\.mlp\.down_proj(?=\.|$)", ".mlp.weights_out")],
+        # Swin (transformers' swin mapping; its layers keep their names)
+        [*_SELF_ATTENTION, (r"(\.blocks\.\d+)\.mlp\.fc1(?=\.|$)", r"\1.intermediate.dense"),
+         (r"(\.blocks\.\d+)\.mlp\.fc2(?=\.|$)", r"\1.output.dense")],
+        # Segformer (SegformerModel, SegformerForSemanticSegmentation): stages.<s>.blocks.<b> ↔ encoder.block.<s>.<b>,
+        # stages.<s>.patch_embeddings ↔ encoder.patch_embeddings.<s>
+        [(r"(^|\.)stages\.(\d+)\.blocks\.(\d+)\.", r"\1encoder.block.\2.\3."),
+         (r"(^|\.)stages\.(\d+)\.patch_embeddings\.", r"\1encoder.patch_embeddings.\2."), *_SELF_ATTENTION,
+         (r"\.attention\.sequence_reduction\.sequence_reduction(?=\.|$)", ".attention.self.sr"),
+         (r"(\.block\.\d+\.\d+)\.mlp\.fc(?=[12](\.|$))", r"\1.mlp.dense"),
+         (r"^decode_head\.linear_projections\.", "decode_head.linear_c.")],
         # Mixtral (and MiniMax): mlp.gate / mlp.experts.<e>.{gate,up,down}_proj ↔ block_sparse_moe.gate /
         # block_sparse_moe.experts.<e>.{w1,w3,w2} (the per-expert shares of fused experts, see formats.params)
         [(r"\.mlp\.(?=gate(\.|$)|experts\.\d)", ".block_sparse_moe."), (r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"),

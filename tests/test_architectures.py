@@ -1,7 +1,8 @@
 """An architecture sweep of check + merge + subtract against PEFT, on tiny random models of the families where
 something needed fixing and a representative handful (MoE, fused qkv, encoder, encoder-decoder, VLM).
 
-transformers 5 loads some families under other module names than it saves (ViT, DINOv2, Qwen2-VL), ties output
+transformers 5 loads some families under other module names than it saves (ViT, DINOv2, Qwen2-VL, Swin, Segformer,
+the towers of Mllama, Qwen2-Audio, Voxtral, Video-LLaVA, Fuyu), ties output
 heads that are not called lm_head (BERT, DistilBERT, Mamba), and PEFT saves a targeted head's bias with it (Phi):
 PEFT names an adapter's modules as they are in memory, the merge works on the checkpoint's tensors. Each case merges
 a PEFT adapter made by PEFT on the loaded model and checks the merged model computes what the adapter's model
@@ -33,6 +34,14 @@ QWEN2_VL = dict(text_config=dict(**LM, rope_scaling={"type": "mrope", "mrope_sec
                                    spatial_merge_size=2, temporal_patch_size=2),
                 image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
 EMBEDDINGS_AND_HEAD = ["embed_tokens", "lm_head"]
+MLLAMA = dict(text_config=dict(LM, num_hidden_layers=2, cross_attention_layers=[1], pad_token_id=0),
+              vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
+                                 attention_heads=2, image_size=16, patch_size=8, vision_output_dim=32,
+                                 intermediate_layers_indices=[0], max_num_tiles=1, supported_aspect_ratios=[[1, 1]]),
+              image_token_index=120)
+CLIP_VISION = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, image_size=16, patch_size=8)
+AUDIO = dict(num_mel_bins=8, max_source_positions=8)
 
 
 def token_ids(model, n=8):
@@ -48,6 +57,12 @@ def pixels(model):
     return {"pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
 
 
+def pixels_of(size):
+    def inputs(model):
+        return {"pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
+    return inputs
+
+
 def qwen2_vl_inputs(model):
     """Text with one 4×4-patch image (4 tokens after the 2×2 merge)."""
     cfg = model.config
@@ -61,7 +76,7 @@ def qwen2_vl_inputs(model):
             "mm_token_type_ids": (ids == cfg.image_token_id).long()}
 
 
-# family: (model_type, class, config, PEFT target_modules, inputs). Targets are "all-linear" plus, where a family
+# family: (model_type, class, config, PEFT target_modules, inputs[, class the adapter is made on]). Targets are "all-linear" plus, where a family
 # has them, the input embeddings and the output head (tied in BERT, DistilBERT, Mamba; with a bias in Phi).
 CASES = {
     # fixed: module names transformers renames in memory (vit.layers.0.attention.q_proj ↔
@@ -75,6 +90,58 @@ CASES = {
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", QWEN2_VL,
                  ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1",
                   "fc2", *EMBEDDINGS_AND_HEAD], qwen2_vl_inputs),
+    # fixed: the towers and projectors transformers moves under model. (its mllama, qwen2_audio, video_llava, fuyu,
+    # granite_speech mappings; Voxtral's is Qwen2-Audio's); text only: the merged towers are compared with PEFT's merge
+    "mllama": ("mllama", "MllamaForConditionalGeneration", MLLAMA, "all-linear", token_ids),
+    "qwen2_audio": ("qwen2_audio", "Qwen2AudioForConditionalGeneration",
+                    dict(text_config=dict(model_type="qwen2", **LM), audio_config=dict(
+                        AUDIO, d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32),
+                         audio_token_index=120), "all-linear", token_ids),
+    "voxtral": ("voxtral", "VoxtralForConditionalGeneration",
+                dict(text_config=dict(model_type="llama", **LM), audio_config=dict(
+                    AUDIO, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+                     audio_token_id=120), "all-linear", token_ids),
+    "video_llava": ("video_llava", "VideoLlavaForConditionalGeneration",
+                    dict(text_config=dict(model_type="llama", **LM), vision_config=CLIP_VISION,
+                         image_token_index=120, video_token_index=121), "all-linear", token_ids),
+    "fuyu": ("fuyu", "FuyuForCausalLM", dict(text_config=dict(model_type="persimmon", **ENCODER), **ENCODER,
+                                             patch_size=4), "all-linear", token_ids),
+    "granite_speech": ("granite_speech", "GraniteSpeechForConditionalGeneration",
+                       dict(text_config=dict(model_type="granite", **LM),
+                            encoder_config=dict(input_dim=8, num_layers=1, hidden_dim=16, feedforward_mult=2,
+                                                num_heads=2, dim_head=8, output_dim=8, context_size=4),
+                            projector_config=dict(model_type="blip_2_qformer", hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32,
+                                                  encoder_hidden_size=16),
+                            window_size=4, downsample_rate=2, audio_token_index=120), "all-linear", token_ids),
+    # fixed: DINOv3 ViT's layers are model.layer.<i> in memory, saved as layer.<i>; its patch embeddings are not
+    # under model. (so stripping a leading model. from every name does not do)
+    "dinov3_vit": ("dinov3_vit", "DINOv3ViTModel", dict(VISION, intermediate_size=64),
+                   ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "patch_embeddings"], pixels),
+    # fixed: Swin's and Segformer's attention.self.query/…, intermediate.dense, Segformer's encoder.block.<s>.<b>
+    # (with their patch-embedding and sequence-reduction convs)
+    "swin": ("swin", "SwinForImageClassification",
+             dict(image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                  num_labels=3),
+             ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "reduction", "projection", "classifier"],
+             pixels),
+    "segformer": ("segformer", "SegformerForSemanticSegmentation",
+                  dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                       num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
+                       decoder_hidden_size=32, num_labels=3),
+                  r".*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2|sequence_reduction\.sequence_reduction|proj)$",
+                  pixels_of(32)),
+    # fixed: a text-only fine-tune of a multimodal checkpoint (built as the VLM, loaded as its causal LM):
+    # model.layers.… in memory, model.language_model.layers.… saved
+    "qwen3_5": ("qwen3_5", "Qwen3_5ForConditionalGeneration",
+                dict(text_config=dict(LM, num_hidden_layers=2, head_dim=8,
+                                      layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                      linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8),
+                     vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, out_hidden_size=32,
+                                        num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                                        num_position_embeddings=16)),
+                ["in_proj_qkv", "in_proj_z", "out_proj", "q_proj", "o_proj", "down_proj", *EMBEDDINGS_AND_HEAD],
+                token_ids, "Qwen3_5ForCausalLM"),
     # fixed: PEFT saves the targeted lm_head whole (base_layer.weight and .bias)
     "phi": ("phi", "PhiForCausalLM", {k: v for k, v in LM.items() if k != "num_key_value_heads"},
             ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", *EMBEDDINGS_AND_HEAD], token_ids),
@@ -119,8 +186,8 @@ def tensors(path) -> dict[str, torch.Tensor]:
 def test_merge_computes_what_the_adapter_computes(tmp_path, family):
     import transformers
 
-    model_type, cls_name, config, targets, inputs_of = CASES[family]
-    cls = getattr(transformers, cls_name)
+    model_type, cls_name, config, targets, inputs_of, *load_as = CASES[family]
+    cls = getattr(transformers, load_as[0] if load_as else cls_name)
     base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
     model = peft_model_on(base, cls, targets)
     model.save_pretrained(tmp_path / "a")

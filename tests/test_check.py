@@ -153,3 +153,27 @@ def test_output_heads_by_module_path():
               "model.layers.0.mlp.down_proj.weight", "decoder.weight"]
     assert [is_head(n) for n in heads] == [True] * len(heads)
     assert [is_head(n) for n in others] == [False] * len(others)
+
+
+def test_a_saved_layout_binds_the_whole_adapter_or_nothing():
+    """transformers 5's in-memory names (check.SAVED_LAYOUTS) are mapped back only when every module then lands on a
+    base tensor: one module the rules cannot place leaves every name as PEFT wrote it, reported, never half-renamed."""
+    import torch
+
+    from loraops.adapter import Adapter, LoraModule
+
+    def adapter(*names):
+        return Adapter(modules={n: LoraModule(name=n, A=torch.zeros(2, 16), B=torch.zeros(16, 2), alpha=2.0, scale=1.0)
+                                for n in names}, format="peft")
+
+    shape = SimpleNamespace(shape=(16, 16))
+    segformer = {n: shape for n in ("segformer.encoder.block.0.0.attention.self.query.weight",
+                                    "segformer.encoder.block.0.0.mlp.dense1.weight")}
+    q, fc1 = "segformer.stages.0.blocks.0.attention.q_proj", "segformer.stages.0.blocks.0.mlp.fc1"
+    assert bind(adapter(q, fc1), segformer).modules.keys() == {
+        "segformer.encoder.block.0.0.attention.self.query", "segformer.encoder.block.0.0.mlp.dense1"}
+    report = check(adapter(q, fc1, "segformer.stages.0.blocks.0.attention.k_proj"), segformer)
+    assert not report.ok and report.missing == sorted([q, fc1, "segformer.stages.0.blocks.0.attention.k_proj"])
+    # an encoder-decoder's model.encoder.* stays as it is although Granite Speech's rule moves model.encoder.*
+    bart = {"model.encoder.layers.0.fc1.weight": shape, "encoder.layers.0.fc1.weight": shape}
+    assert bind(adapter("model.encoder.layers.0.fc1"), bart).modules.keys() == {"model.encoder.layers.0.fc1"}
