@@ -12,12 +12,13 @@ Python API.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import (FLUX, SD15, SDXL, diffusers_lora, llama, loraops, named_kohya_lora, peft_lora,  # noqa: E402
+from _build import (FLUX, SD15, SDXL, diffusers_lora, llama, loraops, mixtral, named_kohya_lora, peft_lora,  # noqa: E402
                     sd_checkpoint, workdir)
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -57,6 +58,13 @@ def main() -> None:
     loraops("check", flux_lora, "--base", flux)
     loraops("merge", flux_lora, "--into", flux, "-o", work / "flux-merged.safetensors", "--no-record")
 
+    print("\n--- a Mixtral LoRA made with PEFT's all-linear: its experts are raw 3-D parameters (target_parameters) ---")
+    moe = mixtral(work / "mixtral-tiny")
+    moe_lora = peft_lora(moe, work / "moe-lora", r=4, alpha=8, targets="all-linear", seed=3)
+    loraops("check", moe_lora, "--base", moe)
+    loraops("merge", moe_lora, "--into", moe, "-o", work / "mixtral-merged", "--no-record")
+    print(f"\nmerged Mixtral vs the PEFT model: max |Δ logits| {moe_logit_gap(moe, moe_lora, work / 'mixtral-merged'):.0e}")
+
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats
 
@@ -68,6 +76,21 @@ def main() -> None:
     r = back.residual
     print(f"engine.subtract: {r.elements_differing} of {r.elements} elements differ from the base "
           f"(max |Δ| {r.max_abs_diff:.2g}): bf16 round trips are never bit-exact")
+
+
+def moe_logit_gap(base: Path, adapter: Path, merged: Path) -> float:
+    """How far the merged model's logits are from the adapter's model (PEFT, unmerged) on the same tokens."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokens = torch.arange(3, 15).unsqueeze(0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*_pattern keys did not match any targeted module")  # see _build
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()(tokens).logits
+        got = AutoModelForCausalLM.from_pretrained(merged).eval()(tokens).logits
+    if not torch.allclose(got, expected, atol=1e-5):
+        sys.exit("the merged Mixtral does not compute what the adapter's model computes")
+    return float((got - expected).abs().max())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 transformers, PEFT adapters made by peft itself, and a kohya-style file written by hand."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,14 +21,32 @@ def llama(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, dtype
     return Path(path)
 
 
-def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str], seed: int = 1) -> Path:
+def mixtral(path: Path, *, hidden: int = 32, layers: int = 2, experts: int = 4, seed: int = 0) -> Path:
+    """A random Mixtral-style MoE model: transformers 5 holds its experts fused (3-D parameters) and saves them one
+    tensor per expert (block_sparse_moe.experts.<e>.w1/w2/w3)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=4, num_local_experts=experts, num_experts_per_tok=2, vocab_size=128,
+                           max_position_embeddings=64)
+    MixtralForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str] | str, seed: int = 1) -> Path:
     """A PEFT LoRA folder trained on nothing: random, non-zero factors, as peft itself writes them."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+    with warnings.catch_warnings():
+        # PEFT 0.21 warns that the gate_up_proj patterns its all-linear writes for fused MoE experts match nothing,
+        # then applies them (docs/moe.md)
+        warnings.filterwarnings("ignore", message=r".*_pattern keys did not match any targeted module")
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                      init_lora_weights=False))
     peft_model.save_pretrained(out)
     return Path(out)
 
