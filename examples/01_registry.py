@@ -41,6 +41,7 @@ def main() -> None:
     loraops("rm", "chat-lora@1")
     loraops("base", "rm", "llama-wide")
     loraops("verify")
+    loraops("gc", "--grace", "0")  # the removed chat-lora@1's stored files are already gone: rm takes them
     loraops("db", "current")
     loraops("show", "chat-lora@1", ok=False)
 
