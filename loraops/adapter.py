@@ -142,6 +142,20 @@ class Adapter:
     """False for kohya names until bound to a base (see loraops.check)."""
     ref: str | None = None
     """The registry reference (name@version) of an adapter loaded from the registry."""
+    own_names: dict[str, str] = field(default_factory=dict)
+    """Module (and full tensor) name after binding to a base → the name this adapter gave it, where binding renamed
+    it: PEFT names modules as the model holds them in memory, which transformers 5 saves under other names for some
+    models (LLaVA, GPT-NeoX's head, ViT, …; see loraops.check). What loraops writes goes back to the adapter's own
+    names (``with_own_names``), so a derived adapter loads where its inputs load."""
+
+    def with_own_names(self) -> "Adapter":
+        """This adapter under the names it had before it was bound to a base."""
+        if not self.own_names:
+            return self
+        names = self.own_names
+        modules = {names.get(n, n): replace(m, name=names.get(n, n)) for n, m in self.modules.items()}
+        full = {names.get(n, n): t for n, t in self.full_tensors.items()}
+        return replace(self, modules=modules, full_tensors=full, own_names={})
 
     @property
     def label(self) -> str:

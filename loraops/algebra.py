@@ -131,6 +131,7 @@ def combine(
         base_model=next((h for h in hints if h), None),
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
+        own_names={bound: own for a in reversed(adapters) for bound, own in a.own_names.items()},  # the first's win
     )
     errors = [r.error for r in records]
     report = CombineReport(

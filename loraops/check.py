@@ -283,7 +283,11 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
             raise MismatchError(f"{adapter.label}: two adapter modules resolve to base module {new!r}")
         modules[new] = module
     full = {res.full[n]: t for n, t in adapter.full_tensors.items()}
-    return replace(adapter, modules=modules, full_tensors=full, names_resolved=True)
+    own = {}
+    if adapter.names_resolved:  # kohya names are not module paths: written back, they come from the bound ones
+        renames = [*res.names.items(), *res.full.items()]
+        own = {new: adapter.own_names.get(old, old) for old, new in renames if adapter.own_names.get(old, old) != new}
+    return replace(adapter, modules=modules, full_tensors=full, names_resolved=True, own_names=own)
 
 
 def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:

@@ -142,3 +142,35 @@ def test_a_derived_adapter_is_moved_into_the_store_not_copied(files, reg, monkey
     code, out = run("combine", "a", "b", "--name", "ab")
     assert code == 0, out
     assert reg.verify() == [] and not [p for p in reg.blobs.root.iterdir() if "scratch" in p.name]
+
+
+def test_derived_adapters_keep_their_inputs_module_names(tmp_path):
+    """A registered adapter is bound to its base, whose saved names can differ from the ones PEFT gave the modules
+    (transformers 5 holds GPT-NeoX's head as lm_head, saves it as embed_out). What resize, combine and export write
+    must carry the adapter's own names, or PEFT cannot place those LoRAs when it loads the result (it ignored the
+    head's: logits 1.4 off)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=100)).save_pretrained(tmp_path / "base")
+    model = get_peft_model(GPTNeoXForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query_key_value", "lm_head"], init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path / "a")  # with the head's layer saved whole (a full tensor, renamed too)
+    model.save_pretrained(tmp_path / "plain", save_embedding_layers=False)  # combine refuses saved layers
+    for args in (["base", "add", tmp_path / "base", "--name", "neox"],
+                 ["register", tmp_path / "a", "--name", "a", "--base", "neox"],
+                 ["register", tmp_path / "plain", "--name", "plain", "--base", "neox"],
+                 ["resize", "a", "--rank", "4", "-o", tmp_path / "resized"],  # full rank: the same deltas
+                 ["combine", "plain:0.5", "plain:0.5", "-o", tmp_path / "combined"],
+                 ["export", "a", "--format", "peft", "-o", tmp_path / "exported"]):
+        code, out = run(*args)
+        assert code == 0, out
+    ids = torch.arange(3, 15).unsqueeze(0)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        for written in ("resized", "combined", "exported"):
+            assert "lm_head" in read_adapter(tmp_path / written).modules
+            loaded = PeftModel.from_pretrained(GPTNeoXForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / written)
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, expected, rtol=0, atol=1e-4, msg=written)
