@@ -131,7 +131,7 @@ def combine(
         base_model=next((h for h in hints if h), None),
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
-        own_names={bound: own for a in reversed(adapters) for bound, own in a.own_names.items()},  # the first's win
+        own_names=own_names(modules, adapters),
     )
     errors = [r.error for r in records]
     report = CombineReport(
@@ -143,6 +143,17 @@ def combine(
         seconds=time.perf_counter() - started,
     )
     return combined, report
+
+
+def own_names(modules: dict[str, LoraModule], adapters: Sequence[Adapter]) -> dict[str, str]:
+    """The combined adapter's own name for each module: that of the first input holding the module (an input whose
+    names needed no renaming has no entries, and must still win over a later one's)."""
+    names = {}
+    for name in modules:
+        own = next(a.own_names.get(name, name) for a in adapters if name in a.modules)
+        if own != name:
+            names[name] = own
+    return names
 
 
 def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None, weights: Sequence[float] = ()):

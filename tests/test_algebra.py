@@ -185,3 +185,27 @@ def test_peft_cat_after_an_rslora_adapter_is_off_by_sqrt_r(peft_pair):
     torch.testing.assert_close(ours.modules[name].delta(dtype=torch.float64), truth[name], rtol=1e-5, atol=1e-6)
     # PEFT's cat keeps use_rslora from the first adapter with lora_alpha = r: its scale is √8, not 1
     torch.testing.assert_close(theirs[name].double(), truth[name] * 8 ** 0.5, rtol=1e-4, atol=1e-5)
+
+
+def test_a_combined_adapter_is_named_as_its_first_input_names_its_modules(tmp_path):
+    """Inputs bound to one base under different own names (made on LlamaForCausalLM: model.layers.…; on LlamaModel:
+    layers.…): the output carries the first input's names for every module it holds, so PEFT can load it onto that
+    input's model class (an input needing no renaming has no own_names entries, and must still win)."""
+    from dataclasses import replace
+
+    from factories import peft_adapter, tiny_llama
+    from loraops.basemodel import BaseModel
+    from loraops.check import bind
+    from loraops.formats import read_adapter, write_adapter
+
+    base = tiny_llama(tmp_path / "base")
+    causal = read_adapter(peft_adapter(base, tmp_path / "a", r=2, alpha=4, target_modules=["q_proj"]))
+    bare = replace(causal, modules={n.removeprefix("model."): replace(m, name=n.removeprefix("model."))
+                                    for n, m in causal.modules.items()})
+    manifest = BaseModel.open(base).tensors
+    causal, bare = bind(causal, manifest), bind(bare, manifest)
+    assert not causal.own_names and bare.own_names
+    for inputs, prefix in (([causal, bare], "model.layers."), ([bare, causal], "layers.")):
+        combined, _ = combine([(a, 1.0) for a in inputs], "cat", device="cpu")
+        written = read_adapter(write_adapter(combined, tmp_path / f"out-{prefix}", "peft"))
+        assert written.modules and all(n.startswith(prefix) for n in written.modules), sorted(written.modules)

@@ -231,8 +231,9 @@ def test_a_lora_on_whispers_tied_proj_out_is_refused(tmp_path):
 
 
 def test_a_null_bias_in_the_config_is_peft_default(tmp_path):
-    """PEFT reads "bias": null as its default "none": Phi's saved lm_head bias is then part of the saved layer (equal to
-    the base, replacing nothing), not a trained bias, which only a merge at weight 1 could take."""
+    """A config saying "bias": null (which PEFT itself cannot load) is read as PEFT's default "none": Phi's saved lm_head
+    bias is then part of the saved layer (equal to the base, replacing nothing), not a trained bias, which only a
+    merge at weight 1 could take; an adapter loraops writes from it says "none"."""
     import transformers
 
     model_type, cls_name, config, targets, _ = CASES["phi"]
@@ -240,5 +241,10 @@ def test_a_null_bias_in_the_config_is_peft_default(tmp_path):
     peft_model_on(base, getattr(transformers, cls_name), targets).save_pretrained(tmp_path / "a")
     config_file = tmp_path / "a" / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "bias": None}))
-    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 0.5)], tmp_path / "out", device="cpu")
+    adapter = formats.read_adapter(tmp_path / "a")
+    engine.merge(base, [(adapter, 0.5)], tmp_path / "out", device="cpu")
+    formats.write_adapter(adapter, tmp_path / "written")
+    assert json.loads((tmp_path / "written" / "adapter_config.json").read_text())["bias"] == "none"
+    # written back, the bias is still part of the saved layer (not flipped to a trained "lora_only" bias)
+    engine.merge(base, [(formats.read_adapter(tmp_path / "written"), 0.5)], tmp_path / "again", device="cpu")
     torch.testing.assert_close(tensors(tmp_path / "out")["lm_head.bias"], tensors(base)["lm_head.bias"], rtol=0, atol=0)

@@ -780,3 +780,19 @@ def test_diffusers_file_with_network_alphas_scales_like_diffusers(tmp_path):
     tensors["transformer.transformer_blocks.0.attn.to_q.alpha"] = torch.tensor(0.0)  # 0 means r, as in kohya files
     save_file(tensors, str(path))
     assert formats.read_adapter(path).modules["transformer.transformer_blocks.0.attn.to_q"].scale == 1.0
+
+
+def test_a_combine_of_diffusers_and_kohya_flux_loras_is_written_as_diffusers(tmp_path):
+    """The diffusers writer names modules from the checkpoint names they are bound to: a combine mixing a diffusers
+    FLUX LoRA with a kohya one (only on img_in) is written under diffusers' pipeline names, every module."""
+    from loraops import algebra
+
+    manifest = load_file(checkpoint(tmp_path / "flux.safetensors", FLUX))
+    blocks_only = {name: shape for name, shape in FLUX_LORA.items() if name != "transformer.x_embedder"}
+    diffusers_lora = check.bind(formats.read_adapter(formats.write_adapter(
+        factories.lora_adapter(blocks_only, fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")), manifest)
+    kohya = check.bind(formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors",
+                                                                 {"lora_unet_img_in": ((8,), (16,))})), manifest)
+    combined, _ = algebra.combine([(diffusers_lora, 1.0), (kohya, 1.0)], "cat", device="cpu")
+    back = formats.read_adapter(formats.write_adapter(combined, tmp_path / "c.safetensors", "diffusers"))
+    assert sorted(back.modules) == sorted(FLUX_LORA)  # img_in, from the kohya input alone, as transformer.x_embedder

@@ -241,3 +241,18 @@ def test_a_raw_weight_of_a_conv1d_is_added_as_stored(tmp_path):
     run("merge", tmp_path / "a", "--into", base, "-o", tmp_path / "out", "--no-record")
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     assert torch.allclose(logits(merged), logits(model), atol=1e-5)
+
+
+@pytest.mark.no_registry
+def test_a_raw_weight_on_one_expert_of_a_module_list_is_not_a_fused_experts_share():
+    """A 2-D weight target on experts.0.gate_proj of a model whose experts are a ModuleList (remote-code MoEs) is one
+    module on one tensor: the expert count check is for shares of fused experts only."""
+    from types import SimpleNamespace
+
+    from loraops.adapter import Adapter, LoraModule
+
+    name = "model.layers.0.mlp.experts.0.gate_proj"
+    module = LoraModule(name=name, A=torch.ones(2, 16), B=torch.ones(32, 2), alpha=2.0, scale=1.0,
+                        raw_parameter=(f"{name}.weight", 0, 1))
+    manifest = {f"model.layers.0.mlp.experts.{e}.gate_proj.weight": SimpleNamespace(shape=(32, 16)) for e in range(4)}
+    assert check(Adapter(modules={name: module}, format="peft"), manifest).ok

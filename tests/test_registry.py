@@ -390,3 +390,13 @@ def test_a_failed_copy_leaks_no_file_descriptor(tmp_path, art):
         with pytest.raises(OSError):
             _hash_copy(art["kohya"], tmp_path / "no-such-folder" / "copy", None)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_what_is_no_adapter_is_refused_before_it_is_hashed(reg, art, monkeypatch):
+    """A base checkpoint registered as an adapter by mistake (gigabytes) is refused from its header, unhashed."""
+    from loraops.errors import LoraopsError
+    from loraops.registry import store
+
+    monkeypatch.setattr(store, "adapter_identity", lambda *a, **k: pytest.fail("hashed before refusing"))
+    with pytest.raises(LoraopsError):
+        reg.add_adapter(next(Path(art["base"]).glob("*.safetensors")))

@@ -95,7 +95,8 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
             f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
         )
     refuse_unwritable(adapter)
-    if fmt != "kohya":  # PEFT/diffusers keys are module paths as the adapter's own model names them
+    if fmt == "peft":  # PEFT keys are module paths as the adapter's own model names them in memory (the diffusers
+        # writer maps bound checkpoint names to its own component names, and kohya's are sd-scripts')
         adapter = adapter.with_own_names()
     writer, is_dir = WRITERS[fmt]
     dest = output_path(dest)

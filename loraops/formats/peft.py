@@ -349,7 +349,7 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
         modules_to_save=sorted(saved_modules) or None, use_dora=False,
         base_model_name_or_path=base_model, inference_mode=True,
     )
-    cfg.setdefault("bias", "none")
+    cfg["bias"] = cfg.get("bias") or "none"  # PEFT itself cannot load "bias": null (it reads it as a string)
     cfg.setdefault("lora_dropout", 0.0)
     cfg.setdefault("task_type", None)
     cfg.setdefault("init_lora_weights", True)
@@ -396,7 +396,12 @@ def write(adapter: Adapter, tmp: Path) -> None:
         adapter.modules, {n: n for n in adapter.modules}, rslora=rslora, saved_modules=saved,
         base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
     )
-    lora_biases = any(key.endswith(".base_layer.bias") for key in keys.values())
-    cfg["bias"] = (cfg["bias"] if cfg["bias"] != "none" else "lora_only") if lora_biases else "none"
+    biases = [name for name, key in keys.items() if key.endswith(".base_layer.bias")]
+    # a bias saved with its whole layer (save_embedding_layers: Phi's lm_head) says nothing about training biases
+    trained = [name for name in biases if f"{name.rpartition('.')[0]}.weight" not in adapter.full_tensors]
+    if trained:
+        cfg["bias"] = cfg["bias"] if cfg["bias"] != "none" else "lora_only"
+    elif not biases:
+        cfg["bias"] = "none"
     st.write_safetensors(tmp / WEIGHTS_NAME, tensors_of(adapter, PREFIX), {"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -358,7 +358,8 @@ class Registry:
         from .. import formats
 
         path = Path(path)
-        # Hashed first: what is read and checked below was read after, and the stored copy must hash the same (see
+        formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
+        # Hashed next: what is read and checked below was read after, and the stored copy must hash the same (see
         # _store_and_insert), so a file changed at any point after this is refused rather than stored unchecked.
         identity = adapter_identity(path, alpha)
         # shapes and alphas are all a record needs: the values are only checked, block by block (a 70B rank-64
