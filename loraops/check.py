@@ -57,6 +57,15 @@ def is_head(name: str) -> bool:
     return module in TOP_LEVEL_HEADS or any(module == head or module.endswith(f".{head}") for head in TIED_HEADS)
 
 
+def shared_embeddings_of(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
+    """T5's and BART's encoder.embed_tokens / decoder.embed_tokens, not stored: the shared embeddings of their shape
+    that the base stores instead (encoder-decoder models save them once, as shared.weight), or None."""
+    if not re.search(r"(^|\.)(encoder|decoder)\.embed_tokens\.weight$", weight_name):
+        return None
+    return next((t for t, info in manifest.items() if t.endswith("shared.weight") and tuple(info.shape) == tuple(shape)),
+                None)
+
+
 def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
     """The input embeddings a base shares with the output head ``weight_name`` that it does not store (a tied model),
     or None. Several of the head's shape (T5 stores its shared embeddings three times): the head's own sub-model's
@@ -312,7 +321,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit)."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
-    missing, mismatches, matched = list(res.missing), [], 0
+    missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
     tied_heads = []
     for name, module in bound.modules.items():
         info = manifest.get(module.weight_name)
@@ -322,6 +331,9 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 matched += 1
             else:
                 missing.append(name)
+                if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)) is not None:
+                    why_missing[name] = (f"stored once as {shared}, which the encoder and the decoder share: a LoRA "
+                                         "on one side's lookup cannot be merged")
             continue
         expected = tuple(info.shape) if module.fused is None else (module.fused[2], *info.shape[1:])
         if expected != tuple(module.weight_shape):
@@ -340,6 +352,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         ok=not (missing or mismatches or full_mismatches or res.ambiguous), base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
         shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, tied_heads=tied_heads,
+        why_missing=why_missing,
     )
 
 
@@ -374,7 +387,7 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> l
 def misfits(report: CheckReport) -> list[str]:
     """One short phrase per problem, for one-line messages."""
     out = [f"{m.name} (adapter {fmt_shape(m.actual)}, base {fmt_shape(m.expected)})" for m in report.shape_mismatches]
-    out += [f"{n} (not in base)" for n in report.missing]
+    out += [f"{n} ({report.why_missing.get(n, 'not in base')})" for n in report.missing]
     out += [f"{n} (several base modules match)" for n in report.ambiguous]
     out += [
         f"{m.name} (full tensor {fmt_shape(m.actual)}, " + ("not in base)" if m.expected is None else f"base {fmt_shape(m.expected)})")

@@ -220,6 +220,8 @@ class CheckReport(Record):
     modules: int
     missing: list[str]
     """Adapter modules with no tensor in the base (for kohya names: no base module has that underscore form)."""
+    why_missing: dict[str, str] = {}
+    """For some missing modules, what the base stores instead (T5's encoder.embed_tokens is its shared embeddings)."""
     ambiguous: list[str] = []
     """kohya names that more than one base module turns into."""
     shape_mismatches: list[ShapeMismatch]

@@ -248,3 +248,20 @@ def test_a_null_bias_in_the_config_is_peft_default(tmp_path):
     # written back, the bias is still part of the saved layer (not flipped to a trained "lora_only" bias)
     engine.merge(base, [(formats.read_adapter(tmp_path / "written"), 0.5)], tmp_path / "again", device="cpu")
     torch.testing.assert_close(tensors(tmp_path / "out")["lm_head.bias"], tensors(base)["lm_head.bias"], rtol=0, atol=0)
+
+
+def test_a_lora_on_t5s_encoder_embed_tokens_says_what_the_base_stores(tmp_path):
+    """T5 saves its embeddings once, as shared.weight; a LoRA on encoder.embed_tokens changes the encoder's lookup
+    only, so it cannot be merged into the shared tensor: refused, naming what the base stores instead."""
+    import transformers
+
+    model_type, cls_name, config, _, _ = CASES["t5"]
+    base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    peft_model_on(base, getattr(transformers, cls_name), ["q", "encoder.embed_tokens"]).save_pretrained(
+        tmp_path / "a", save_embedding_layers=False)
+    adapter = formats.read_adapter(tmp_path / "a")
+    report = check(adapter, BaseModel.open(base).tensors)
+    assert report.missing == ["encoder.embed_tokens"]
+    with pytest.raises(MismatchError, match=r"encoder\.embed_tokens \(stored once as shared\.weight, which the encoder "
+                                            r"and the decoder share: a LoRA on one side's lookup cannot be merged\)"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
