@@ -154,6 +154,20 @@ def test_one_parameter_with_patterns_on_its_key(tmp_path, bases):
     assert {(m.rank, m.alpha) for m in adapter.modules.values() if m.raw_parameter} == {(2, 7.0)}
     engine.merge(bases["mixtral"], [(adapter, 1.0)], tmp_path / "out", device="cpu")
     assert (logits(model_class("mixtral").from_pretrained(tmp_path / "out")) - logits(model)).abs().max() < 1e-5
+    assert_loads_back(adapter, tmp_path / "back", model_class("mixtral").from_pretrained(bases["mixtral"]), model)
+
+
+def assert_loads_back(adapter, folder, base_model, peft_model):
+    """``adapter`` written as PEFT loads into ``base_model`` with PEFT to ``peft_model``'s logits."""
+    formats.write_adapter(adapter, folder, "peft")
+    assert_peft_loads(folder, base_model, peft_model)
+
+
+def assert_peft_loads(folder, base_model, peft_model):
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(base_model.eval(), folder).eval()
+    torch.testing.assert_close(logits(loaded), logits(peft_model), rtol=0, atol=1e-6)
 
 
 @pytest.fixture
@@ -206,22 +220,80 @@ def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwe
     assert not (tmp_path / "out").exists()
 
 
-def test_register_and_inspect_but_writing_experts_back_is_refused(tmp_path, qwen_adapter, monkeypatch):
-    """register/inspect work; written as plain per-expert modules they would not load into transformers 5's fused
-    experts, so every write (export, resize, combine) is refused — resize and combine before computing anything."""
+def test_register_inspect_and_what_is_refused(tmp_path, qwen_adapter, monkeypatch):
+    """register/inspect work; kohya/diffusers have no layout for raw parameters, and resize/combine results would not
+    keep PEFT's (an expert's gate and up sharing one A): refused, resize and combine before computing anything."""
     from loraops import algebra
 
     assert "experts.0.gate_proj" in run("inspect", qwen_adapter).output
     assert run("register", qwen_adapter, "--name", "moe").output.startswith("registered moe@1")
     with pytest.raises(UnsupportedAdapterError, match=r"comes from a LoRA on the raw parameter "
-                                                      r"'model.layers.0.mlp.experts.(gate_up|down)_proj'"):
-        formats.write_adapter(formats.read_adapter(qwen_adapter), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+                                                      r"'model.layers.0.mlp.experts.(gate_up|down)_proj'.*only as PEFT"):
+        formats.write_adapter(formats.read_adapter(qwen_adapter), tmp_path / "out.safetensors", "kohya")
+    assert not (tmp_path / "out.safetensors").exists()
     monkeypatch.setattr(algebra, "resize", lambda *a, **k: pytest.fail("resized before refusing"))
     monkeypatch.setattr(algebra, "combine", lambda *a, **k: pytest.fail("combined before refusing"))
-    run("resize", "moe", "--rank", "2", "-o", tmp_path / "small", code=UnsupportedAdapterError.exit_code)
+    result = run("resize", "moe", "--rank", "2", "-o", tmp_path / "small", code=UnsupportedAdapterError.exit_code)
+    assert "does not combine or resize them" in result.output
     run("combine", "moe", "moe", code=UnsupportedAdapterError.exit_code)
     assert not (tmp_path / "small").exists()
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_written_back_as_peft_target_parameters(tmp_path, bases, family):
+    """Written as PEFT saves it (the same keys and bytes: stacked A, B's columns (rank, expert), gate_up_proj nested
+    inside down_proj, the router's weight as a plain LoRA), PEFT loads it to the same logits and loraops reads it back
+    to the same modules."""
+    model = peft_model(bases[family], family)
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert_loads_back(adapter, tmp_path / "back", model_class(family).from_pretrained(bases[family]), model)
+    original, written = tensors(tmp_path / "a"), tensors(tmp_path / "back")
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[k], t) for k, t in original.items())
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert len(config["target_parameters"]) == 2 * 3 and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["rank_pattern"] == {r"model\.layers\.{}\.mlp\.experts\.gate_up_proj".format(i): 8 for i in (0, 1)}
+    back = formats.read_adapter(tmp_path / "back")
+    assert back.modules.keys() == adapter.modules.keys()
+    for name, m in adapter.modules.items():
+        b = back.modules[name]
+        assert (b.raw_parameter, b.rank, b.alpha, b.scale) == (m.raw_parameter, m.rank, m.alpha, m.scale), name
+        assert torch.equal(b.A, m.A) and torch.equal(b.B, m.B), name
+
+
+def test_export_of_a_registered_mixtral_keeps_peft_names(tmp_path, bases):
+    """Registered with --base, the adapter is bound to Mixtral's saved names (block_sparse_moe.experts.<e>.w1);
+    export writes PEFT's in-memory names again, which PEFT loads."""
+    model = peft_model(bases["mixtral"], "mixtral")
+    model.save_pretrained(tmp_path / "a")
+    run("base", "add", bases["mixtral"], "--name", "mixtral")
+    run("register", tmp_path / "a", "--name", "moe", "--base", "mixtral")
+    run("export", "moe", "--format", "peft", "-o", tmp_path / "out")
+    assert tensors(tmp_path / "out").keys() == tensors(tmp_path / "a").keys()
+    assert_peft_loads(tmp_path / "out", model_class("mixtral").from_pretrained(bases["mixtral"]), model)
+
+
+@pytest.mark.no_registry
+def test_what_peft_target_parameters_cannot_hold_is_refused(tmp_path, qwen_adapter):
+    """Written back only when exact: every expert, one rank and alpha per fused parameter, gate and up sharing A."""
+    from dataclasses import replace
+
+    adapter = formats.read_adapter(qwen_adapter)
+    name = "model.layers.0.mlp.experts.{}.{}"
+    cases = {
+        "3 of its 4 expert modules are here": {k: m for k, m in adapter.modules.items() if k != name.format(2, "down_proj")},
+        "different ranks or alphas": {**adapter.modules, name.format(1, "down_proj"): replace(
+            adapter.modules[name.format(1, "down_proj")], alpha=3.0, scale=0.75)},
+        "expert 3's gate_proj and up_proj do not share one A": {**adapter.modules, name.format(3, "up_proj"): replace(
+            adapter.modules[name.format(3, "up_proj")], A=adapter.modules[name.format(3, "up_proj")].A + 1)},
+    }
+    for why, modules in cases.items():
+        with pytest.raises(UnsupportedAdapterError, match=rf"cannot write the LoRA on model.layers.0.mlp.experts."
+                                                           rf"(down|gate_up)_proj as PEFT target_parameters: .*{why}"):
+            formats.write_adapter(replace(adapter, modules=modules), tmp_path / "out", "peft")
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.no_registry
@@ -241,6 +313,7 @@ def test_a_raw_weight_of_a_conv1d_is_added_as_stored(tmp_path):
     run("merge", tmp_path / "a", "--into", base, "-o", tmp_path / "out", "--no-record")
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     assert torch.allclose(logits(merged), logits(model), atol=1e-5)
+    assert_loads_back(formats.read_adapter(tmp_path / "a"), tmp_path / "back", GPT2LMHeadModel.from_pretrained(base), model)
 
 
 @pytest.mark.no_registry

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from .. import st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
 from ..fsutil import atomic_path, output_path, sha256_file
-from . import common, diffusers, kohya, peft
+from . import common, diffusers, kohya, params, peft
 from .kohya import kohya_name
 
 if TYPE_CHECKING:
@@ -94,10 +94,10 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
         raise InvalidInputError(
             f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
         )
-    refuse_unwritable(adapter)
     if fmt == "peft":  # PEFT keys are module paths as the adapter's own model names them in memory (the diffusers
         # writer maps bound checkpoint names to its own component names, and kohya's are sd-scripts')
         adapter = adapter.with_own_names()
+    refuse_unwritable(adapter, fmt)
     writer, is_dir = WRITERS[fmt]
     dest = output_path(dest)
     if is_dir and dest.suffix == ".safetensors":
@@ -108,17 +108,24 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
     return dest
 
 
-def refuse_unwritable(adapter: "Adapter") -> None:
-    """What no writer can express: LoRAs on raw parameters (PEFT would need them as target_parameters again; as
-    per-module keys transformers 5 has no module by those names, and a Conv1D's would be transposed). Callers that
-    compute an adapter to write it (combine, resize) ask first."""
+def refuse_unwritable(adapter: "Adapter", fmt: str | None = None) -> None:
+    """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
+    (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
+    be transposed), and only in PEFT's wrapper layout (params.expert_layout; the adapter under its own names).
+    ``fmt`` None: combine and resize, which ask before computing anything, as their results would not keep that
+    layout (an expert's gate and up sharing one A)."""
     module = next((m for m in adapter.modules.values() if m.raw_parameter is not None), None)
-    if module is not None:
-        raise UnsupportedAdapterError(
-            f"{adapter.label}: module {module.name!r} comes from a LoRA on the raw parameter "
-            f"{module.raw_parameter[0]!r} (PEFT target_parameters); loraops merges and subtracts such adapters but does "
-            "not write them"
-        )
+    if module is None:
+        return
+    if fmt == "peft":
+        params.expert_layout(adapter.label, adapter.modules)
+        return
+    raise UnsupportedAdapterError(
+        f"{adapter.label}: module {module.name!r} comes from a LoRA on the raw parameter {module.raw_parameter[0]!r} "
+        "(PEFT target_parameters); " + (f"loraops writes such adapters only as PEFT, not {fmt}" if fmt else
+                                        "loraops merges, subtracts and exports (as PEFT) such adapters but does not "
+                                        "combine or resize them")
+    )
 
 
 def _peft_parts(path: Path) -> tuple[Path, Path | None]:

@@ -15,6 +15,8 @@ says which fused parameter a module came from). Two parameters of one module are
 ``experts.lora_A`` (outer) and ``experts.base_layer.lora_A`` (inner); PEFT wraps a module's parameters in their
 definition order, so gate_up_proj is inside down_proj (checked against the shapes). A 2-D parameter named ``weight``
 (Mixtral's router ``gate.weight``) is a plain LoRA on that module, as PEFT computes it (``Linear.get_delta_weight``).
+The PEFT writer inverts this (``parameter_factors``), only where the wrapper layout holds the modules exactly
+(``expert_layout``).
 """
 from __future__ import annotations
 
@@ -147,3 +149,78 @@ def _experts_of(path: Path, module: str, factors: dict[str, dict[str, str]], ten
                     b_key=parts["B"], alpha=alpha, rslora=cfg.rslora,
                 )
                 yield name, replace(built, raw_parameter=(f"{module}.{param}", e, experts))
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+
+
+def expert_layout(label: str, modules: dict[str, LoraModule]) -> dict[str, dict[tuple[int, str], LoraModule]]:
+    """Fused parameter → {(expert, piece): module} for every expert share in ``modules`` (under the adapter's own
+    names), refused unless PEFT's wrapper holds it exactly: every expert present, one rank and one scale per fused
+    parameter, and an expert's gate and up sharing one A (its block of the wrapper's lora_A)."""
+    groups: dict[str, dict[tuple[int, str], LoraModule]] = {}
+    for m in modules.values():
+        if m.raw_parameter is None or m.raw_parameter[2] == 1:
+            continue
+        parameter, e, _ = m.raw_parameter
+        owner, _, param = parameter.rpartition(".")
+        piece = m.name.rpartition(".")[2]
+        if m.name != f"{owner}.{e}.{piece}" or piece not in FUSED_EXPERTS.get(param, ()):
+            raise _inexpressible(label, parameter, f"its module {m.name!r} is not expert {e}'s share of it")
+        groups.setdefault(parameter, {})[(e, piece)] = m
+    for parameter, shares in groups.items():
+        pieces = FUSED_EXPERTS[parameter.rpartition(".")[2]]
+        experts = {m.raw_parameter[2] for m in shares.values()}
+        count = experts.pop()
+        if experts or len(shares) != count * len(pieces):
+            raise _inexpressible(label, parameter, f"{len(shares)} of its {count * len(pieces)} expert modules are here "
+                                                   "(PEFT's wrapper holds every expert)")
+        if len({(m.rank, m.scale) for m in shares.values()}) > 1:
+            raise _inexpressible(label, parameter, "its experts have different ranks or alphas (PEFT's wrapper has one)")
+        if any(m.kind != "linear" or m.fan_in_fan_out or m.fused is not None for m in shares.values()) or any(
+                len({(m.A.shape, m.B.shape) for (_, p), m in shares.items() if p == piece}) > 1 for piece in pieces):
+            raise _inexpressible(label, parameter, "its experts' factors do not have one shape")
+        for e in range(count):
+            first, *others = (shares[(e, piece)] for piece in pieces)
+            if any(not torch_equal(first.A, m.A) for m in others):
+                raise _inexpressible(label, parameter, f"expert {e}'s {' and '.join(pieces)} do not share one A")
+    return groups
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
+def _inexpressible(label: str, parameter: str, why: str) -> UnsupportedAdapterError:
+    return UnsupportedAdapterError(f"{label}: cannot write the LoRA on {parameter} as PEFT target_parameters: {why}")
+
+
+def parameter_factors(label: str, modules: dict[str, LoraModule]):
+    """What PEFT saves for the raw-parameter modules among ``modules``: (factors: the key's module part → (lora_A,
+    lora_B), patterns: ``<module>.<parameter>`` → a module with that parameter's rank and scale (for rank_pattern and
+    alpha_pattern), target_parameters). A fused parameter's lora_A stacks the experts' A, its lora_B's columns are
+    (rank, expert) with the expert fastest, gate rows then up rows (the reader's inverse); two parameters of one
+    module nest as PEFT wraps them (gate_up_proj inside); a 2-D weight is a plain LoRA on its module."""
+    import torch
+
+    factors, patterns = {}, {}
+    for m in modules.values():
+        if m.raw_parameter is not None and m.raw_parameter[2] == 1:
+            factors[m.name] = (m.A, m.B)
+            patterns[f"{m.name}.weight"] = m
+    layout = expert_layout(label, modules)
+    owners: dict[str, list[str]] = {}
+    for parameter in layout:
+        owner, _, param = parameter.rpartition(".")
+        owners.setdefault(owner, []).append(param)
+    for parameter, shares in layout.items():
+        owner, _, param = parameter.rpartition(".")
+        pieces, count = FUSED_EXPERTS[param], next(iter(shares.values())).raw_parameter[2]
+        nested = [p for p in NESTING if p in owners[owner]]
+        A = torch.cat([shares[(e, pieces[0])].A for e in range(count)])
+        B = torch.stack([torch.cat([shares[(e, piece)].B for piece in pieces]) for e in range(count)], dim=2)
+        factors[owner + WRAPPED * (len(nested) - 1 - nested.index(param))] = (A, B.reshape(B.shape[0], -1))
+        patterns[parameter] = shares[(0, pieces[0])]
+    return factors, patterns, sorted(patterns)

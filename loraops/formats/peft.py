@@ -324,10 +324,13 @@ def number(value: float) -> int | float:
 
 
 def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *, rslora: bool,
-                saved_modules: list[str], base: dict | None = None, base_model: str | None = None) -> dict:
+                saved_modules: list[str], base: dict | None = None, base_model: str | None = None,
+                target_parameters: list[str] = ()) -> dict:
     """An adapter_config.json PEFT loads unchanged, giving every module its rank and scale. The commonest rank and
     alpha are r/lora_alpha; the others go into rank_pattern/alpha_pattern under the module's full (escaped) name,
-    so no pattern can reach another module (verified below with PEFT's matching rule)."""
+    so no pattern can reach another module (verified below with PEFT's matching rule). ``target_parameters``: the
+    pattern names among ``modules`` that are raw parameters (``<module>.<parameter>``, see params.parameter_factors)
+    rather than modules."""
     ranks = {pattern_names[n]: m.rank for n, m in modules.items()}
     alphas = {pattern_names[n]: stored_alpha(m, rslora) for n, m in modules.items()}
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
@@ -344,11 +347,14 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
         cfg.pop(stale, None)
     cfg.update(
         peft_type="LORA", r=r, lora_alpha=number(lora_alpha), use_rslora=rslora, rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern, target_modules=sorted(ranks),
+        alpha_pattern=alpha_pattern, target_modules=sorted(set(ranks) - set(target_parameters)),
         fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()),
         modules_to_save=sorted(saved_modules) or None, use_dora=False,
         base_model_name_or_path=base_model, inference_mode=True,
     )
+    cfg.pop("target_parameters", None)
+    if target_parameters:
+        cfg["target_parameters"] = sorted(target_parameters)
     cfg["bias"] = cfg.get("bias") or "none"  # PEFT itself cannot load "bias": null (it reads it as a string)
     cfg.setdefault("lora_dropout", 0.0)
     cfg.setdefault("task_type", None)
@@ -377,8 +383,12 @@ def full_tensor_keys(adapter: Adapter) -> dict[str, str]:
 
 
 def tensors_of(adapter: Adapter, prefix: str) -> dict[str, "torch.Tensor"]:
+    """The factors of the adapter's modules on modules (a raw parameter's are params.parameter_factors') and its full
+    tensors, under their keys."""
     out = {}
     for module in adapter.modules.values():
+        if module.raw_parameter is not None:
+            continue
         a_key, b_key = factor_keys(module)
         out[prefix + a_key] = module.A.contiguous()
         out[prefix + b_key] = module.B.contiguous()
@@ -392,9 +402,12 @@ def write(adapter: Adapter, tmp: Path) -> None:
     rslora = adapter.scale_mode == "rslora"
     keys = full_tensor_keys(adapter)
     saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name})
+    factors, parameters, targets = params.parameter_factors(adapter.label, adapter.modules)
+    modules = {**{n: m for n, m in adapter.modules.items() if m.raw_parameter is None}, **parameters}
     cfg = lora_config(
-        adapter.modules, {n: n for n in adapter.modules}, rslora=rslora, saved_modules=saved,
+        modules, {n: n for n in modules}, rslora=rslora, saved_modules=saved,
         base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
+        target_parameters=targets,
     )
     biases = [name for name, key in keys.items() if key.endswith(".base_layer.bias")]
     # a bias saved with its whole layer (save_embedding_layers: Phi's lm_head) says nothing about training biases
@@ -403,5 +416,8 @@ def write(adapter: Adapter, tmp: Path) -> None:
         cfg["bias"] = cfg["bias"] if cfg["bias"] != "none" else "lora_only"
     elif not biases:
         cfg["bias"] = "none"
-    st.write_safetensors(tmp / WEIGHTS_NAME, tensors_of(adapter, PREFIX), {"format": "pt"})
+    tensors = tensors_of(adapter, PREFIX)
+    for module, (A, B) in factors.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"], tensors[f"{PREFIX}{module}.lora_B.weight"] = A.contiguous(), B.contiguous()
+    st.write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
