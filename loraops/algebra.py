@@ -74,9 +74,11 @@ def combine(
     (default: the method's — Σ ranks for linear/svd, the largest input rank for element-wise methods; cat
     always keeps Σ ranks). Output scale is 1 (alpha = rank, classic scaling). ``labels`` name the inputs in
     messages and the report (default: their paths). ``bases`` identify the inputs' bases (e.g. registry ids) for
-    the same-base check; by default their base_model_name_or_path hints are compared."""
+    the same-base check; by default their base_model_name_or_path hints are compared. An expert's gate and up
+    modules of a LoRA on fused MoE experts are combined jointly (``params.join_gate_up``), so they keep one A."""
     import torch
 
+    from .formats import params as raw
     from .ops.combine import Context, Term
     from .settings import resolve_device
 
@@ -90,6 +92,10 @@ def combine(
     _check_combinable(adapters, labels)
     if not any(a.modules for a in adapters):
         raise InvalidInputError("the inputs have no LoRA modules to combine")
+    halves: raw.Halves = {}
+    for i, adapter in enumerate(adapters):  # the report still describes the inputs as given
+        adapters[i], joined = raw.join_gate_up(adapter)
+        halves.update(joined)
 
     started = time.perf_counter()
     target = resolve_device(device)
@@ -106,7 +112,7 @@ def combine(
         template = present[0][1]
         B0, A0 = template.matrices()
         terms = []
-        for adapter, weight in inputs:
+        for adapter, (_, weight) in zip(adapters, inputs):
             module = adapter.modules.get(name)
             if module is None:  # a zero delta: rank-0 factors
                 B2, A2, scale = B0[:, :0], A0[:0], 0.0
@@ -126,13 +132,13 @@ def combine(
                                            error=result.error))
 
     formats = {a.format for a in adapters}
-    combined = Adapter(
+    combined = raw.split_gate_up(Adapter(
         modules=modules, format=formats.pop() if len(formats) == 1 else "peft",
         base_model=next((h for h in hints if h), None),
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
         own_names=own_names(modules, adapters),
-    )
+    ), halves)
     errors = [r.error for r in records]
     report = CombineReport(
         method=method, params=parsed.model_dump(),
@@ -199,7 +205,10 @@ def resize(
     """Lower the rank of every module: to ``rank``, or by a kohya ``dynamic`` rule (sv_ratio, sv_cumulative,
     sv_fro) with ``param``, capped at ``max_rank`` and at each module's own rank. The scale of every module is
     kept (alpha follows), so each delta becomes its best approximation at the new rank. Modules already at or
-    below ``rank`` keep their rank (re-orthogonalized, same delta)."""
+    below ``rank`` keep their rank (re-orthogonalized, same delta). An expert's gate and up modules of a LoRA on
+    fused MoE experts are resized jointly (``params.join_gate_up``), so they keep one A; such an adapter needs a fixed
+    ``rank`` (PEFT's wrapper has one rank for all experts, which a dynamic rule would not keep)."""
+    from .formats import params as raw
     from .ops.resize import resize_module
     from .settings import resolve_device
 
@@ -209,6 +218,11 @@ def resize(
     current = max(adapter.ranks.values())
     if rank is not None and rank > current:
         raise InvalidInputError(f"rank {rank} is above the adapter's rank {current}: resize only lowers rank")
+    shared = next((m for m in adapter.modules.values() if m.raw_parameter and m.raw_parameter[2] > 1), None)
+    if shared is not None and rule.dynamic is not None:
+        raise InvalidInputError(f"{_label(adapter, 0)}: a LoRA on the fused experts {shared.raw_parameter[0]} has one "
+                                "rank for all experts, which a dynamic rule would not keep: give --rank")
+    adapter, halves = raw.join_gate_up(adapter)
 
     started = time.perf_counter()
     target = resolve_device(device)
@@ -218,7 +232,7 @@ def resize(
     for name, module in adapter.modules.items():
         modules[name], record = resize_module(module, rule, adapter.scale_mode, target, dtype)
         records.append(record)
-    resized = replace(adapter, modules=modules, path=None)
+    resized = raw.split_gate_up(replace(adapter, modules=modules, path=None), halves)
     report = ResizeReport(
         rank=rule.rank, dynamic=rule.dynamic, param=rule.param, max_rank=rule.max_rank, device=str(target),
         precision=precision, modules=records,

@@ -122,7 +122,7 @@ def combine(
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
         for i in inputs:  # before the work: what could not be written is refused first
-            refuse_unwritable(i.adapter)
+            refuse_unwritable(i.adapter, fmt or "peft")  # a LoRA on raw parameters is always a PEFT one
         base_id = common_base(inputs)
         combined, report = algebra.combine(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
@@ -150,7 +150,7 @@ def resize(
     check_arguments(name, output, force)
     with Registry.open() as reg, inputs_of(reg) as open_input:
         source = open_input(ref, base)
-        refuse_unwritable(source.adapter)
+        refuse_unwritable(source.adapter, fmt or source.adapter.format)
         resized, report = algebra.resize(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                          device=device, precise=precise)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}

@@ -163,11 +163,11 @@ def assert_loads_back(adapter, folder, base_model, peft_model):
     assert_peft_loads(folder, base_model, peft_model)
 
 
-def assert_peft_loads(folder, base_model, peft_model):
+def assert_peft_loads(folder, base_model, peft_model, atol=1e-6):
     from peft import PeftModel
 
     loaded = PeftModel.from_pretrained(base_model.eval(), folder).eval()
-    torch.testing.assert_close(logits(loaded), logits(peft_model), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(loaded), logits(peft_model), rtol=0, atol=atol)
 
 
 @pytest.fixture
@@ -221,8 +221,8 @@ def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwe
 
 
 def test_register_inspect_and_what_is_refused(tmp_path, qwen_adapter, monkeypatch):
-    """register/inspect work; kohya/diffusers have no layout for raw parameters, and resize/combine results would not
-    keep PEFT's (an expert's gate and up sharing one A): refused, resize and combine before computing anything."""
+    """register/inspect work; kohya/diffusers have no layout for raw parameters (refused, combine before computing
+    anything), and a dynamic resize rule would give the experts of one fused parameter different ranks."""
     from loraops import algebra
 
     assert "experts.0.gate_proj" in run("inspect", qwen_adapter).output
@@ -231,12 +231,43 @@ def test_register_inspect_and_what_is_refused(tmp_path, qwen_adapter, monkeypatc
                                                       r"'model.layers.0.mlp.experts.(gate_up|down)_proj'.*only as PEFT"):
         formats.write_adapter(formats.read_adapter(qwen_adapter), tmp_path / "out.safetensors", "kohya")
     assert not (tmp_path / "out.safetensors").exists()
-    monkeypatch.setattr(algebra, "resize", lambda *a, **k: pytest.fail("resized before refusing"))
+    result = run("resize", "moe", "--dynamic", "sv_ratio", "--param", "2", "-o", tmp_path / "small", code=2)
+    assert "has one rank for all experts, which a dynamic rule would not keep: give --rank" in result.output
     monkeypatch.setattr(algebra, "combine", lambda *a, **k: pytest.fail("combined before refusing"))
-    result = run("resize", "moe", "--rank", "2", "-o", tmp_path / "small", code=UnsupportedAdapterError.exit_code)
-    assert "does not combine or resize them" in result.output
-    run("combine", "moe", "moe", code=UnsupportedAdapterError.exit_code)
-    assert not (tmp_path / "small").exists()
+    result = run("combine", "moe", "moe", "--format", "kohya", "-o", tmp_path / "k.safetensors",
+                 code=UnsupportedAdapterError.exit_code)
+    assert "only as PEFT, not kohya" in result.output
+    assert not (tmp_path / "small").exists() and not (tmp_path / "k.safetensors").exists()
+
+
+def test_resize_and_combine_keep_one_a_per_expert(tmp_path, bases):
+    """An expert's gate and up rows are factorized jointly, so the results keep PEFT's wrapper layout: resize to the
+    adapter's own ranks and linear 0.5+0.5 load into PEFT with its logits; resize --rank 2 is the best rank-2
+    approximation of each expert's stacked [gate; up] delta; cat doubles every delta."""
+    model = peft_model(bases["qwen3_moe"], "qwen3_moe")
+    model.save_pretrained(tmp_path / "a")
+    run("register", tmp_path / "a", "--name", "moe")
+    base_model = model_class("qwen3_moe").from_pretrained
+    run("resize", "moe", "--rank", "8", "-o", tmp_path / "same")
+    assert_peft_loads(tmp_path / "same", base_model(bases["qwen3_moe"]), model, atol=1e-5)
+    run("combine", "moe:0.5", "moe:0.5", "--method", "linear", "-o", tmp_path / "half")
+    assert_peft_loads(tmp_path / "half", base_model(bases["qwen3_moe"]), model, atol=1e-5)
+
+    original = formats.read_adapter(tmp_path / "a").modules
+    run("combine", "moe", "moe", "--method", "cat", "-o", tmp_path / "cat")
+    doubled = formats.read_adapter(tmp_path / "cat").modules
+    assert doubled.keys() == original.keys()
+    for name, m in original.items():
+        torch.testing.assert_close(doubled[name].delta(), 2 * m.delta(), rtol=0, atol=1e-6, msg=name)
+
+    run("resize", "moe", "--rank", "2", "-o", tmp_path / "small")
+    small = formats.read_adapter(tmp_path / "small").modules
+    assert {m.rank for m in small.values()} == {2}
+    for e in range(4):
+        gate, up = (f"model.layers.1.mlp.experts.{e}.{p}" for p in ("gate_proj", "up_proj"))
+        U, S, Vh = torch.linalg.svd(torch.cat([original[gate].delta(), original[up].delta()]).double())
+        best = (U[:, :2] * S[:2]) @ Vh[:2]
+        torch.testing.assert_close(torch.cat([small[gate].delta(), small[up].delta()]).double(), best, rtol=0, atol=1e-5)
 
 
 @pytest.mark.no_registry
@@ -263,9 +294,9 @@ def test_written_back_as_peft_target_parameters(tmp_path, bases, family):
         assert torch.equal(b.A, m.A) and torch.equal(b.B, m.B), name
 
 
-def test_export_of_a_registered_mixtral_keeps_peft_names(tmp_path, bases):
+def test_export_resize_combine_of_a_registered_mixtral_keep_peft_names(tmp_path, bases):
     """Registered with --base, the adapter is bound to Mixtral's saved names (block_sparse_moe.experts.<e>.w1);
-    export writes PEFT's in-memory names again, which PEFT loads."""
+    export, resize and combine write PEFT's in-memory names again, which PEFT loads."""
     model = peft_model(bases["mixtral"], "mixtral")
     model.save_pretrained(tmp_path / "a")
     run("base", "add", bases["mixtral"], "--name", "mixtral")
@@ -273,6 +304,12 @@ def test_export_of_a_registered_mixtral_keeps_peft_names(tmp_path, bases):
     run("export", "moe", "--format", "peft", "-o", tmp_path / "out")
     assert tensors(tmp_path / "out").keys() == tensors(tmp_path / "a").keys()
     assert_peft_loads(tmp_path / "out", model_class("mixtral").from_pretrained(bases["mixtral"]), model)
+    # resize and combine split a joined gate+up module back into w1 and w3, each under its own PEFT name again
+    run("resize", "moe", "--rank", "8", "-o", tmp_path / "same")
+    run("combine", "moe:0.5", "moe:0.5", "--method", "linear", "-o", tmp_path / "half")
+    for folder in ("same", "half"):
+        assert tensors(tmp_path / folder).keys() == tensors(tmp_path / "a").keys()
+        assert_peft_loads(tmp_path / folder, model_class("mixtral").from_pretrained(bases["mixtral"]), model, atol=1e-5)
 
 
 @pytest.mark.no_registry

@@ -108,24 +108,20 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
     return dest
 
 
-def refuse_unwritable(adapter: "Adapter", fmt: str | None = None) -> None:
+def refuse_unwritable(adapter: "Adapter", fmt: str) -> None:
     """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
-    be transposed), and only in PEFT's wrapper layout (params.expert_layout; the adapter under its own names).
-    ``fmt`` None: combine and resize, which ask before computing anything, as their results would not keep that
-    layout (an expert's gate and up sharing one A)."""
+    be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names). Callers
+    that compute an adapter to write it (combine, resize) ask first about their inputs."""
     module = next((m for m in adapter.modules.values() if m.raw_parameter is not None), None)
     if module is None:
         return
-    if fmt == "peft":
-        params.expert_layout(adapter.label, adapter.modules)
-        return
-    raise UnsupportedAdapterError(
-        f"{adapter.label}: module {module.name!r} comes from a LoRA on the raw parameter {module.raw_parameter[0]!r} "
-        "(PEFT target_parameters); " + (f"loraops writes such adapters only as PEFT, not {fmt}" if fmt else
-                                        "loraops merges, subtracts and exports (as PEFT) such adapters but does not "
-                                        "combine or resize them")
-    )
+    if fmt != "peft":
+        raise UnsupportedAdapterError(
+            f"{adapter.label}: module {module.name!r} comes from a LoRA on the raw parameter "
+            f"{module.raw_parameter[0]!r} (PEFT target_parameters); loraops writes such adapters only as PEFT, not {fmt}"
+        )
+    params.expert_layout(adapter.label, adapter.with_own_names().modules)
 
 
 def _peft_parts(path: Path) -> tuple[Path, Path | None]:

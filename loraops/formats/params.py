@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..adapter import LoraModule
+from ..adapter import Adapter, LoraModule
 from ..errors import InvalidInputError, UnsupportedAdapterError
 from . import common
 
@@ -224,3 +224,45 @@ def parameter_factors(label: str, modules: dict[str, LoraModule]):
         factors[owner + WRAPPED * (len(nested) - 1 - nested.index(param))] = (A, B.reshape(B.shape[0], -1))
         patterns[parameter] = shares[(0, pieces[0])]
     return factors, patterns, sorted(patterns)
+
+
+# -- resize and combine ----------------------------------------------------------------------------------------
+
+Halves = dict[str, tuple[int, str, str]]
+"""joined module (the gate's name) → (the gate's rows, the up module's name, the up module's own name)"""
+
+
+def join_gate_up(adapter: "Adapter") -> tuple["Adapter", Halves]:
+    """Each expert's gate and up modules (one shared A: their block of the wrapper's lora_A) as one module on their
+    stacked rows [gate; up], under the gate's name: resize and combine then factorize them jointly, and
+    ``split_gate_up`` gives back a gate and an up that still share one A, as PEFT's wrapper needs. Refused (one
+    line) where the adapter is no exact wrapper layout to begin with (``expert_layout``)."""
+    import torch
+
+    own = adapter.with_own_names()
+    bound = {mine: name for name, mine in adapter.own_names.items()}
+    modules, halves = dict(adapter.modules), {}
+    for parameter, shares in expert_layout(adapter.label, own.modules).items():
+        pieces = FUSED_EXPERTS[parameter.rpartition(".")[2]]
+        if len(pieces) == 1:
+            continue
+        for e in sorted({e for e, _ in shares}):
+            gate, up = (adapter.modules[bound.get(shares[(e, p)].name, shares[(e, p)].name)] for p in pieces)
+            modules[gate.name] = replace(gate, B=torch.cat([gate.B, up.B]))
+            del modules[up.name]
+            halves[gate.name] = (gate.out_features, up.name, shares[(e, pieces[1])].name)
+    return replace(adapter, modules=modules), halves
+
+
+def split_gate_up(adapter: "Adapter", halves: Halves) -> "Adapter":
+    """``join_gate_up`` undone on a result: the joined module's rows back into the gate and the up module, one A."""
+    if not halves:
+        return adapter
+    modules, own_names = dict(adapter.modules), dict(adapter.own_names)
+    for name, (rows, up, up_own) in halves.items():
+        if (joined := modules.get(name)) is not None:
+            modules[name] = replace(joined, B=joined.B[:rows].contiguous())
+            modules[up] = replace(joined, name=up, B=joined.B[rows:].contiguous())
+            if up_own != up:
+                own_names[up] = up_own
+    return replace(adapter, modules=dict(sorted(modules.items())), own_names=own_names)
