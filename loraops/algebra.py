@@ -58,6 +58,10 @@ def _check_module(name: str, modules: Sequence[tuple[str, LoraModule]]) -> None:
                 f"module {name} differs between inputs: {first.kind} {tuple(first.weight_shape)} in {label0}, "
                 f"{module.kind} {tuple(module.weight_shape)} in {label}"
             )
+        experts = [(m.raw_parameter or ("", 0, 1))[2] for m in (first, module)]
+        if experts[0] != experts[1]:  # the fused experts parameter of two different models
+            raise MismatchError(f"module {name} differs between inputs: a share of {experts[0]} fused experts in "
+                                f"{label0}, of {experts[1]} in {label}")
 
 
 def combine(
@@ -230,7 +234,9 @@ def resize(
     modules: dict[str, LoraModule] = {}
     records = []
     for name, module in adapter.modules.items():
-        modules[name], record = resize_module(module, rule, adapter.scale_mode, target, dtype)
+        # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
+        uniform = module.raw_parameter is not None and module.raw_parameter[2] > 1
+        modules[name], record = resize_module(module, rule, adapter.scale_mode, target, dtype, keep_zero_rank=uniform)
         records.append(record)
     resized = raw.split_gate_up(replace(adapter, modules=modules, path=None), halves)
     report = ResizeReport(

@@ -366,3 +366,43 @@ def test_a_raw_weight_on_one_expert_of_a_module_list_is_not_a_fused_experts_shar
                         raw_parameter=(f"{name}.weight", 0, 1))
     manifest = {f"model.layers.0.mlp.experts.{e}.gate_proj.weight": SimpleNamespace(shape=(32, 16)) for e in range(4)}
     assert check(Adapter(modules={name: module}, format="peft"), manifest).ok
+
+
+def test_an_expert_with_a_zero_delta_keeps_the_rank_of_the_others(tmp_path, bases):
+    """An expert that saw no token keeps PEFT's zero-initialized B: resized to a fixed rank it keeps that rank (zero
+    factors) where kohya's rule would give a zero module rank 1, which PEFT's one-rank wrapper could not hold."""
+    model = peft_model(bases["qwen3_moe"], "qwen3_moe")
+    model.save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    data = load_file(weights)
+    for key in [k for k in data if k.endswith("lora_B.weight") and ".experts." in k]:
+        data[key][:, 0::4] = 0  # expert 0 of every fused parameter: B's columns (rank, expert), expert fastest
+    save_file(data, weights)
+    run("resize", tmp_path / "a", "--rank", "2", "-o", tmp_path / "small")
+    small = formats.read_adapter(tmp_path / "small").modules
+    experts = [m for m in small.values() if m.raw_parameter and m.raw_parameter[2] > 1]
+    assert {m.rank for m in experts} == {2} and not small["model.layers.0.mlp.experts.0.down_proj"].delta().any()
+
+
+@pytest.mark.no_registry
+def test_inputs_with_different_numbers_of_experts_are_refused_before_combining(tmp_path, bases):
+    from dataclasses import replace
+
+    from loraops import algebra
+
+    model = peft_model(bases["qwen3_moe"], "qwen3_moe")
+    model.save_pretrained(tmp_path / "a")
+    four = formats.read_adapter(tmp_path / "a")
+    eight = {}  # the same adapter as if on an 8-expert model: experts 4–7 copies of 0–3
+    for name, m in four.modules.items():
+        if not (m.raw_parameter and m.raw_parameter[2] > 1):
+            eight[name] = m
+            continue
+        parameter, e, _ = m.raw_parameter
+        for shift in (0, 4):
+            copy = name.replace(f".experts.{e}.", f".experts.{e + shift}.")
+            eight[copy] = replace(m, name=copy, raw_parameter=(parameter, e + shift, 8))
+    eight = replace(four, modules=eight)
+    with pytest.raises(MismatchError, match=r"experts.0.down_proj differs between inputs: a share of 4 fused experts in .*, "
+                                            r"of 8 in "):
+        algebra.combine([(four, 1.0), (eight, 1.0)], "cat", device="cpu")

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -138,6 +139,9 @@ def run() -> None:
     command has closed, synced and renamed its outputs and closed the registry before it returns, so only the
     standard streams are left to flush."""
     code = exit_status()
+    # The work is done and said: a Ctrl-C now must not cut the flush of what was said (it would escape as an
+    # uncaught KeyboardInterrupt, the summary of a finished merge lost).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -73,10 +73,11 @@ class RankRule(Params):
             raise ValueError(f"{self.dynamic} param is a fraction in (0, 1] (got {self.param:g})")
         return self
 
-    def choose(self, S: torch.Tensor, current: int) -> int:
-        """The new rank for a module of rank ``current`` whose B·A has singular values S."""
+    def choose(self, S: torch.Tensor, current: int, keep_zero_rank: bool = False) -> int:
+        """The new rank for a module of rank ``current`` whose B·A has singular values S (``keep_zero_rank``: a zero
+        module gets a fixed rank like the others, zero factors, instead of kohya's rank 1)."""
         n = S.numel()
-        if n == 0 or float(S[0]) <= MIN_SV:
+        if n == 0 or (float(S[0]) <= MIN_SV and not (keep_zero_rank and self.dynamic is None)):
             return 1
         if self.dynamic is None:
             return min(self.rank, current, n)
@@ -90,12 +91,13 @@ def alpha_for_scale(scale: float, rank: int, scale_mode: str) -> float:
 
 
 def resize_module(
-    module: LoraModule, rule: RankRule, scale_mode: str, device: torch.device, dtype: torch.dtype
+    module: LoraModule, rule: RankRule, scale_mode: str, device: torch.device, dtype: torch.dtype, *,
+    keep_zero_rank: bool = False,
 ) -> tuple[LoraModule, ResizeModuleRecord]:
     """The module at its new rank (factors in the module's dtype, on the CPU) and its report line."""
     B2, A2 = module.matrices()
     spectrum = factored_svd(B2.to(device=device, dtype=dtype), A2.to(device=device, dtype=dtype))
-    k = rule.choose(spectrum.S, module.rank)
+    k = rule.choose(spectrum.S, module.rank, keep_zero_rank)
     B, A = spectrum.truncate(k)
     fro, total = spectrum.retained(k)
     alpha = alpha_for_scale(module.scale, k, scale_mode)
