@@ -50,6 +50,11 @@ class LoraModule:
     a module."""
 
     @property
+    def experts(self) -> int:
+        """How many experts the fused parameter this module is one share of holds (1: it is no expert's share)."""
+        return self.raw_parameter[2] if self.raw_parameter is not None else 1
+
+    @property
     def rank(self) -> int:
         return int(self.A.shape[0])
 

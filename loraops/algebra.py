@@ -58,10 +58,9 @@ def _check_module(name: str, modules: Sequence[tuple[str, LoraModule]]) -> None:
                 f"module {name} differs between inputs: {first.kind} {tuple(first.weight_shape)} in {label0}, "
                 f"{module.kind} {tuple(module.weight_shape)} in {label}"
             )
-        experts = [(m.raw_parameter or ("", 0, 1))[2] for m in (first, module)]
-        if experts[0] != experts[1]:  # the fused experts parameter of two different models
-            raise MismatchError(f"module {name} differs between inputs: a share of {experts[0]} fused experts in "
-                                f"{label0}, of {experts[1]} in {label}")
+        if module.experts != first.experts:  # the fused experts parameter of two different models
+            raise MismatchError(f"module {name} differs between inputs: a share of {first.experts} fused experts in "
+                                f"{label0}, of {module.experts} in {label}")
 
 
 def combine(
@@ -222,7 +221,7 @@ def resize(
     current = max(adapter.ranks.values())
     if rank is not None and rank > current:
         raise InvalidInputError(f"rank {rank} is above the adapter's rank {current}: resize only lowers rank")
-    shared = next((m for m in adapter.modules.values() if m.raw_parameter and m.raw_parameter[2] > 1), None)
+    shared = next((m for m in adapter.modules.values() if m.experts > 1), None)
     if shared is not None and rule.dynamic is not None:
         raise InvalidInputError(f"{_label(adapter, 0)}: a LoRA on the fused experts {shared.raw_parameter[0]} has one "
                                 "rank for all experts, which a dynamic rule would not keep: give --rank")
@@ -235,8 +234,8 @@ def resize(
     records = []
     for name, module in adapter.modules.items():
         # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
-        uniform = module.raw_parameter is not None and module.raw_parameter[2] > 1
-        modules[name], record = resize_module(module, rule, adapter.scale_mode, target, dtype, keep_zero_rank=uniform)
+        modules[name], record = resize_module(module, rule, adapter.scale_mode, target, dtype,
+                                              keep_zero_rank=module.experts > 1)
         records.append(record)
     resized = raw.split_gate_up(replace(adapter, modules=modules, path=None), halves)
     report = ResizeReport(

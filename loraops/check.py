@@ -364,8 +364,7 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> l
     E of each expert tensor it binds to, or the split (and every expert's share) is wrong though each shape fits."""
     firsts = {}
     for module in bound.modules.values():
-        if (module.raw_parameter is not None and module.raw_parameter[2] > 1 and module.raw_parameter[1] == 0
-                and (m := EXPERT_RE.match(module.weight_name))):
+        if module.experts > 1 and module.raw_parameter[1] == 0 and (m := EXPERT_RE.match(module.weight_name)):
             firsts[(m["owner"], m["rest"])] = module
     if not firsts:
         return []

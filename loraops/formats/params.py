@@ -160,7 +160,7 @@ def expert_layout(label: str, modules: dict[str, LoraModule]) -> dict[str, dict[
     parameter, and an expert's gate and up sharing one A (its block of the wrapper's lora_A)."""
     groups: dict[str, dict[tuple[int, str], LoraModule]] = {}
     for m in modules.values():
-        if m.raw_parameter is None or m.raw_parameter[2] == 1:
+        if m.experts == 1:
             continue
         parameter, e, _ = m.raw_parameter
         owner, _, param = parameter.rpartition(".")
@@ -170,7 +170,7 @@ def expert_layout(label: str, modules: dict[str, LoraModule]) -> dict[str, dict[
         groups.setdefault(parameter, {})[(e, piece)] = m
     for parameter, shares in groups.items():
         pieces = FUSED_EXPERTS[parameter.rpartition(".")[2]]
-        experts = {m.raw_parameter[2] for m in shares.values()}
+        experts = {m.experts for m in shares.values()}
         count = experts.pop()
         if experts or len(shares) != count * len(pieces):
             raise _inexpressible(label, parameter, f"{len(shares)} of its {count * len(pieces)} expert modules are here "
@@ -207,7 +207,7 @@ def parameter_factors(label: str, modules: dict[str, LoraModule]):
 
     factors, patterns = {}, {}
     for m in modules.values():
-        if m.raw_parameter is not None and m.raw_parameter[2] == 1:
+        if m.raw_parameter is not None and m.experts == 1:
             factors[m.name] = (m.A, m.B)
             patterns[f"{m.name}.weight"] = m
     layout = expert_layout(label, modules)
@@ -217,7 +217,7 @@ def parameter_factors(label: str, modules: dict[str, LoraModule]):
         owners.setdefault(owner, []).append(param)
     for parameter, shares in layout.items():
         owner, _, param = parameter.rpartition(".")
-        pieces, count = FUSED_EXPERTS[param], next(iter(shares.values())).raw_parameter[2]
+        pieces, count = FUSED_EXPERTS[param], next(iter(shares.values())).experts
         nested = [p for p in NESTING if p in owners[owner]]
         A = torch.cat([shares[(e, pieces[0])].A for e in range(count)])
         B = torch.stack([torch.cat([shares[(e, piece)].B for piece in pieces]) for e in range(count)], dim=2)
