@@ -41,13 +41,18 @@ class LoraModule:
     fused: tuple[str, int, int, int] | None = None
     """(base tensor, first row, rows, the tensor's rows) when the module is one part of a fused base tensor — q, k or v
     of OpenCLIP's ``attn.in_proj_weight``, of FLUX's or SD3's ``qkv``, FLUX's ``linear1`` (set by loraops.check when
-    binding, see loraops.ldm): its delta covers that many rows of the tensor from the first row."""
+    binding, see loraops.ldm): its delta covers that many rows of the tensor from the first row. The tensor is seen as a
+    matrix of that many rows: a base tensor that holds all experts of a fused MoE parameter (E×X×Y) has E·X rows of Y,
+    and an expert's share covers its rows (see loraops.formats.params)."""
+    fused_columns: tuple[int, int] | None = None
+    """(first column, columns) when the module's part of a fused tensor is also a block of its columns: an expert's
+    gate or up share of a ``gate_up_proj`` that the base stores in×out (gpt-oss, Aria), whose rows are the inputs."""
     raw_parameter: tuple[str, int, int] | None = None
     """(parameter, index, count) when the module comes from a LoRA on a raw parameter (PEFT ``target_parameters``, see
     loraops.formats.params): one expert's share of a fused MoE experts parameter (transformers 5's
     ``experts.gate_up_proj``/``down_proj``: index = the expert, count = the experts), or a 2-D ``weight`` whole (0, 1).
-    Its delta is in the parameter's stored layout (never transposed for a Conv1D, as PEFT adds it). None for a LoRA on
-    a module."""
+    Its delta is in the parameter's stored layout (never transposed for a Conv1D, as PEFT adds it; an expert's share
+    bound to a base that stores the fused parameter in×out is, see ``fused_columns``). None for a LoRA on a module."""
 
     @property
     def experts(self) -> int:

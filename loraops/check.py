@@ -12,6 +12,7 @@ that no base module or several base modules produce is an error, never a silent 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
@@ -19,6 +20,7 @@ from typing import Mapping
 from . import ldm
 from .adapter import Adapter, LoraModule
 from .errors import AmbiguousError, MismatchError
+from .formats import params
 from .formats.common import fmt_shape
 from .records import CheckReport, ShapeMismatch
 
@@ -222,7 +224,9 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         candidates.append(lambda n: checkpoint_name(clip_layout(n)))
 
     def present(tensor: str, shape, tied: bool) -> bool:
-        return (tensor in manifest or ldm.fused_target(tensor.removesuffix(".weight"), manifest) is not None
+        module = tensor.removesuffix(".weight")
+        return (tensor in manifest or ldm.fused_target(module, manifest) is not None
+                or params.stored_fused(module, manifest) is not None
                 or (tied and tied_head_source(tensor, shape, manifest) is not None))
 
     # a head the base stores under another name (GPT-NeoX's embed_out) before one it would share with its embeddings
@@ -281,10 +285,13 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
     # PEFT keys carry PEFT's fan_in_fan_out convention; kohya factors are always in the stored weight's layout
     conv1d = adapter.format in ("peft", "diffusers") and conv1d_layout(manifest)
     for old, new in res.names.items():
-        fused = None if f"{new}.weight" in manifest else ldm.fused_target(new, manifest)
-        module = replace(adapter.modules[old], name=new, fused=fused)
+        module = replace(adapter.modules[old], name=new, fused=None, fused_columns=None)
+        if module.experts > 1:
+            module = params.bind_fused(module, manifest)
+        elif f"{new}.weight" not in manifest:
+            module = replace(module, fused=ldm.fused_target(new, manifest))
         info = manifest.get(module.weight_name)
-        if info is not None and fused is None:
+        if info is not None and module.fused is None:
             if not adapter.names_resolved:
                 module = fit_kind(module, tuple(info.shape))
             module = fit_orientation(module, tuple(info.shape), conv1d)
@@ -334,8 +341,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)) is not None:
                     why_missing[name] = (f"stored once as {shared}, which the encoder and the decoder share: a LoRA "
                                          "on one side's lookup cannot be merged")
+                elif (why := params.why_unstored(name, manifest)) is not None:
+                    why_missing[name] = why
             continue
-        expected = tuple(info.shape) if module.fused is None else (module.fused[2], *info.shape[1:])
+        expected = tuple(info.shape) if module.fused is None else part_shape(module, info.shape)
         if expected != tuple(module.weight_shape):
             mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(expected),
                                             actual=list(module.weight_shape)))
@@ -356,16 +365,26 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     )
 
 
+def part_shape(module: LoraModule, shape) -> tuple[int, int]:
+    """The shape of the part of a fused base tensor (of ``shape``) that a module is bound to (LoraModule.fused)."""
+    _, _, rows, tensor_rows = module.fused
+    return rows, module.fused_columns[1] if module.fused_columns else math.prod(shape) // tensor_rows
+
+
 EXPERT_RE = re.compile(r"^(?P<owner>.*\.experts\.)(?P<e>\d+)(?P<rest>\..*)$")
 
 
 def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> list[ShapeMismatch]:
     """A LoRA on fused experts holds E experts (its config's r says how its factors split): the base must have exactly
-    E of each expert tensor it binds to, or the split (and every expert's share) is wrong though each shape fits."""
+    E of each expert tensor it binds to (or E slices of the fused tensor), or the split (and every expert's share) is
+    wrong though each shape fits."""
     firsts = {}
     for module in bound.modules.values():
-        if module.experts > 1 and module.raw_parameter[1] == 0 and (m := EXPERT_RE.match(module.weight_name)):
-            firsts[(m["owner"], m["rest"])] = module
+        if module.experts > 1 and module.raw_parameter[1] == 0:
+            if module.fused is not None:
+                firsts[(module.weight_name, f".{module.name.rpartition('.')[2]}")] = module
+            elif m := EXPERT_RE.match(module.weight_name):
+                firsts[(m["owner"], m["rest"])] = module
     if not firsts:
         return []
     counts: dict[tuple[str, str], int] = {}
@@ -375,11 +394,15 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> l
     out = []
     for (owner, rest), module in sorted(firsts.items()):
         parameter, _, experts = module.raw_parameter
-        if counts.get((owner, rest), 0) != experts:
-            shape = list(manifest[module.weight_name].shape) if module.weight_name in manifest else []
+        if module.fused is not None:
+            shape = manifest[owner].shape
+            have, tensor, part = shape[0], owner, list(part_shape(module, shape))
+        else:
+            have, tensor = counts.get((owner, rest), 0), f"{owner}*{rest}"
+            part = list(manifest[module.weight_name].shape) if module.weight_name in manifest else []
+        if have not in (0, experts):  # none: its modules are not in the base, and reported so
             out.append(ShapeMismatch(name=f"{parameter} ({rest.removeprefix('.').removesuffix('.weight')})",
-                                     tensor=f"{owner}*{rest}", expected=[counts.get((owner, rest), 0), *shape],
-                                     actual=[experts, *module.weight_shape]))
+                                     tensor=tensor, expected=[have, *part], actual=[experts, *module.weight_shape]))
     return out
 
 

@@ -93,7 +93,9 @@ class _Tensor:
 
     @property
     def rows(self) -> int:
-        return self.info.shape[0] if self.info.shape else 1
+        # seen as the modules that change parts of it see it (LoraModule.fused): fused experts E×X×Y have E·X rows
+        parts = {module.fused[3] for module, _ in self.terms if module.fused is not None}
+        return parts.pop() if parts else self.info.shape[0] if self.info.shape else 1
 
     @property
     def row_elements(self) -> int:
@@ -752,7 +754,8 @@ class _Pipeline:
             row0, row1 = max(chunk.row0, first), min(chunk.row1, first + module.weight_shape[0])
             if row0 < row1:
                 B2, A2 = self._module_factors(tensor, module)
-                add_delta(acc2[row0 - chunk.row0 : row1 - chunk.row0], B2, A2, module.transposed,
+                col0, cols = module.fused_columns or (0, tensor.row_elements)
+                add_delta(acc2[row0 - chunk.row0 : row1 - chunk.row0, col0 : col0 + cols], B2, A2, module.transposed,
                           slice(row0 - first, row1 - first), coef)
         if cuda:
             out.copy_(acc.to(out_dtype), non_blocking=True)

@@ -20,12 +20,13 @@ The PEFT writer inverts this (``parameter_factors``), only where the wrapper lay
 """
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, LoraModule
-from ..errors import InvalidInputError, UnsupportedAdapterError
+from ..errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 from . import common
 
 if TYPE_CHECKING:
@@ -151,6 +152,80 @@ def _experts_of(path: Path, module: str, factors: dict[str, dict[str, str]], ten
                 yield name, replace(built, raw_parameter=(f"{module}.{param}", e, experts))
 
 
+# -- bases that store the experts fused ------------------------------------------------------------------------
+
+# Where a base that stores every expert of a parameter in one 3-D tensor keeps it, relative to the experts module's
+# parent: under transformers' in-memory name (gpt-oss, Qwen3-VL-MoE, a model saved fused), or under the names its
+# conversion_mapping.py loads as that parameter and saves back (aria_text: experts.fc1.weight; granitemoe, also
+# GraniteMoeShared/Hybrid: input_linear.weight).
+STORED_AS = {"gate_up_proj": ("experts.gate_up_proj", "experts.fc1.weight", "input_linear.weight"),
+             "down_proj": ("experts.down_proj", "experts.fc2.weight", "output_linear.weight")}
+PIECES = {piece: (param, i) for param, pieces in FUSED_EXPERTS.items() for i, piece in enumerate(pieces)}
+PIECE_RE = re.compile(rf"^(?P<parent>.+)\.{EXPERTS_MODULE}\.(?P<e>\d+)\.(?P<piece>{'|'.join(PIECES)})$")
+
+
+def _stored(parent: str, param: str, manifest) -> str | None:
+    return next((f"{parent}.{name}" for name in STORED_AS[param]
+                 if len(getattr(manifest.get(f"{parent}.{name}"), "shape", ())) == 3), None)
+
+
+def stored_fused(module: str, manifest) -> tuple[str, str, int, str] | None:
+    """(parent, base tensor, expert, piece) for an expert's module ``<parent>.experts.<e>.<piece>`` whose parameter
+    the base stores for all experts as one 3-D tensor, else None."""
+    m = PIECE_RE.match(module)
+    tensor = m and _stored(m["parent"], PIECES[m["piece"]][0], manifest)
+    return (m["parent"], tensor, int(m["e"]), m["piece"]) if tensor else None
+
+
+def bind_fused(module: LoraModule, manifest) -> LoraModule:
+    """An expert's share bound to its part of the base tensor that stores the parameter of all experts (E×X×Y, seen
+    as (E·X)×Y rows, see ``LoraModule.fused``): its rows of expert e's slice when the base stores it out×in (as
+    transformers holds gate_up_proj of most families), else the slice's rows (its inputs) and its block of columns,
+    transposed (gpt-oss, Aria, Qwen3-VL-MoE as published: what PEFT's einsum gives for an ``is_transposed``
+    parameter). PEFT's out index is the stored one, so a piece is the block of the B rows it was read from: gpt-oss's
+    interleaved gate and up columns need no rule. Unbound (not in base) where the base has no such tensor."""
+    found = None if f"{module.name}.weight" in manifest else stored_fused(module.name, manifest)
+    if found is None:
+        return replace(module, fused=None, fused_columns=None, fan_in_fan_out=False)
+    parent, tensor, e, piece = found
+    param, index = PIECES[piece]
+    pieces = len(FUSED_EXPERTS[param])
+    experts, X, Y = manifest[tensor].shape
+    if _in_by_out(parent, tensor, module.out_features * pieces, module.in_features, manifest):
+        return replace(module, fused=(tensor, e * X, X, experts * X), fused_columns=(index * Y // pieces, Y // pieces),
+                       fan_in_fan_out=True)
+    rows = X // pieces
+    return replace(module, fused=(tensor, e * X + index * rows, rows, experts * X), fused_columns=None,
+                   fan_in_fan_out=False)
+
+
+def _in_by_out(parent: str, tensor: str, out: int, in_: int, manifest) -> bool:
+    """Does the base store this layer's experts in×out? Read off its two tensors: in×out they are gate_up E×H×2I and
+    down E×I×H, out×in E×2I×H and E×H×I — never both, which would need H = 2H (gpt-oss-20b's down_proj alone is
+    square). With one of them, off the parameter's shape (out×in = the module's, pieces joined)."""
+    gate_up, down = (_stored(parent, param, manifest) for param in NESTING)
+    if gate_up and down:
+        (_, a, b), (_, c, d) = manifest[gate_up].shape, manifest[down].shape
+        if (a, b) in ((d, 2 * c), (2 * d, c)):
+            return (a, b) == (d, 2 * c)
+    shape = tuple(manifest[tensor].shape[1:])
+    if shape == (in_, out) == (out, in_):
+        raise MismatchError(f"{tensor} is square and its layer has no other fused experts tensor to tell whether it is "
+                            "stored out×in or in×out")
+    return shape == (in_, out)
+
+
+def why_unstored(module: str, manifest) -> str | None:
+    """Why an expert's module has no tensor in the base, where the base stores it quantized (gpt-oss's MXFP4
+    ``experts.gate_up_proj_blocks``/``_scales``)."""
+    m = PIECE_RE.match(module)
+    blocks = m and f"{m['parent']}.{EXPERTS_MODULE}.{PIECES[m['piece']][0]}_blocks"
+    if blocks not in manifest:
+        return None
+    return (f"stored quantized as {blocks} and _scales (MXFP4): merging into quantized weights is not supported; use "
+            "a bf16 copy of the base")
+
+
 # -- writing ---------------------------------------------------------------------------------------------------
 
 
@@ -177,7 +252,8 @@ def expert_layout(label: str, modules: dict[str, LoraModule]) -> dict[str, dict[
                                                    "(PEFT's wrapper holds every expert)")
         if len({(m.rank, m.scale) for m in shares.values()}) > 1:
             raise _inexpressible(label, parameter, "its experts have different ranks or alphas (PEFT's wrapper has one)")
-        if any(m.kind != "linear" or m.fan_in_fan_out or m.fused is not None for m in shares.values()) or any(
+        # (bound to a base that stores the experts fused, a share is transposed or a part: its factors are PEFT's still)
+        if any(m.kind != "linear" for m in shares.values()) or any(
                 len({(m.A.shape, m.B.shape) for (_, p), m in shares.items() if p == piece}) > 1 for piece in pieces):
             raise _inexpressible(label, parameter, "its experts' factors do not have one shape")
         for e in range(count):
@@ -228,8 +304,8 @@ def parameter_factors(label: str, modules: dict[str, LoraModule]):
 
 # -- resize and combine ----------------------------------------------------------------------------------------
 
-Halves = dict[str, tuple[int, str, str]]
-"""joined module (the gate's name) → (the gate's rows, the up module's name, the up module's own name)"""
+Halves = dict[str, tuple[int, LoraModule, str]]
+"""joined module (the gate's name) → (the gate's rows, the up module, the up module's own name)"""
 
 
 def join_gate_up(adapter: "Adapter") -> tuple["Adapter", Halves]:
@@ -250,7 +326,7 @@ def join_gate_up(adapter: "Adapter") -> tuple["Adapter", Halves]:
             gate, up = (adapter.modules[bound.get(shares[(e, p)].name, shares[(e, p)].name)] for p in pieces)
             modules[gate.name] = replace(gate, B=torch.cat([gate.B, up.B]))
             del modules[up.name]
-            halves[gate.name] = (gate.out_features, up.name, shares[(e, pieces[1])].name)
+            halves[gate.name] = (gate.out_features, up, shares[(e, pieces[1])].name)
     return replace(adapter, modules=modules), halves
 
 
@@ -262,7 +338,9 @@ def split_gate_up(adapter: "Adapter", halves: Halves) -> "Adapter":
     for name, (rows, up, up_own) in halves.items():
         if (joined := modules.get(name)) is not None:
             modules[name] = replace(joined, B=joined.B[:rows].contiguous())
-            modules[up] = replace(joined, name=up, B=joined.B[rows:].contiguous())
-            if up_own != up:
-                own_names[up] = up_own
+            # the up module's own binding (its part of a fused base tensor is not the gate's)
+            modules[up.name] = replace(joined, name=up.name, B=joined.B[rows:].contiguous(), fused=up.fused,
+                                       fused_columns=up.fused_columns)
+            if up_own != up.name:
+                own_names[up.name] = up_own
     return replace(adapter, modules=dict(sorted(modules.items())), own_names=own_names)
