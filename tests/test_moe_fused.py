@@ -240,8 +240,8 @@ def test_a_quantized_base_is_refused_with_the_reason(tmp_path, bases):
         save_file(out, quantized / file.name, {"format": "pt"})
     code, out, err = run_module("merge", tmp_path / "a", "--into", quantized, "-o", tmp_path / "out", "--no-record")
     assert code == MismatchError.exit_code and len(err.strip().splitlines()) == 1, err
-    assert ("model.layers.0.mlp.experts.0.gate_proj (stored quantized as model.layers.0.mlp.experts.gate_up_proj_blocks"
-            " and _scales (MXFP4)") in err, err
+    assert ("model.layers.0.mlp.experts.0.gate_proj (quantized: stored as "
+            "model.layers.0.mlp.experts.gate_up_proj_blocks and _scales (MXFP4); merge into a bf16 copy of the base)") in err
     assert not (tmp_path / "out").exists()
 
 

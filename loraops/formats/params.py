@@ -222,8 +222,7 @@ def why_unstored(module: str, manifest) -> str | None:
     blocks = m and f"{m['parent']}.{EXPERTS_MODULE}.{PIECES[m['piece']][0]}_blocks"
     if blocks not in manifest:
         return None
-    return (f"stored quantized as {blocks} and _scales (MXFP4): merging into quantized weights is not supported; use "
-            "a bf16 copy of the base")
+    return f"quantized: stored as {blocks} and _scales (MXFP4); merge into a bf16 copy of the base"
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
