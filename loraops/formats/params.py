@@ -16,7 +16,8 @@ says which fused parameter a module came from). Two parameters of one module are
 definition order, so gate_up_proj is inside down_proj (checked against the shapes). A 2-D parameter named ``weight``
 (Mixtral's router ``gate.weight``) is a plain LoRA on that module, as PEFT computes it (``Linear.get_delta_weight``).
 The PEFT writer inverts this (``parameter_factors``), only where the wrapper layout holds the modules exactly
-(``expert_layout``).
+(``expert_layout``). A base that stores the experts fused on disk (gpt-oss, Qwen3-VL-MoE, Aria, GraniteMoE) has no
+per-expert tensors: each share is bound to its part of the fused tensor instead (``bind_fused``).
 """
 from __future__ import annotations
 
