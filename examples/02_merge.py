@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import (FLUX, SD15, SDXL, diffusers_lora, llama, loraops, mixtral, named_kohya_lora, peft_lora,  # noqa: E402
-                    sd_checkpoint, workdir)
+from _build import (FLUX, SD15, SDXL, diffusers_lora, gpt_oss, llama, loraops, mixtral, named_kohya_lora,  # noqa: E402
+                    peft_lora, sd_checkpoint, workdir)
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -65,6 +65,14 @@ def main() -> None:
     loraops("merge", moe_lora, "--into", moe, "-o", work / "mixtral-merged", "--no-record")
     print(f"\nmerged Mixtral vs the PEFT model: max |Δ logits| {moe_logit_gap(moe, moe_lora, work / 'mixtral-merged'):.0e}")
 
+    print("\n--- a gpt-oss LoRA as TRL's recipe makes it: one layer's fused experts (stored fused on disk too) ---")
+    oss = gpt_oss(work / "gpt-oss-tiny")
+    oss_lora = peft_lora(oss, work / "oss-lora", r=4, alpha=8, targets="all-linear", seed=4,
+                         parameters=["1.mlp.experts.gate_up_proj", "1.mlp.experts.down_proj"])
+    loraops("check", oss_lora, "--base", oss)
+    loraops("merge", oss_lora, "--into", oss, "-o", work / "gpt-oss-merged", "--no-record")
+    print(f"\nmerged gpt-oss vs the PEFT model: max |Δ logits| {moe_logit_gap(oss, oss_lora, work / 'gpt-oss-merged'):.0e}")
+
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats
 
@@ -89,7 +97,7 @@ def moe_logit_gap(base: Path, adapter: Path, merged: Path) -> float:
         expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()(tokens).logits
         got = AutoModelForCausalLM.from_pretrained(merged).eval()(tokens).logits
     if not torch.allclose(got, expected, atol=1e-5):
-        sys.exit("the merged Mixtral does not compute what the adapter's model computes")
+        sys.exit(f"the merged {merged.name} does not compute what the adapter's model computes")
     return float((got - expected).abs().max())
 
 

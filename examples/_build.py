@@ -34,8 +34,23 @@ def mixtral(path: Path, *, hidden: int = 32, layers: int = 2, experts: int = 4, 
     return Path(path)
 
 
-def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str] | str, seed: int = 1) -> Path:
-    """A PEFT LoRA folder trained on nothing: random, non-zero factors, as peft itself writes them."""
+def gpt_oss(path: Path, *, hidden: int = 32, layers: int = 2, experts: int = 4, seed: int = 0) -> Path:
+    """A random gpt-oss-style MoE model: its experts are saved as transformers holds them, fused (one E×H×2I
+    gate_up_proj with gate and up interleaved, one E×I×H down_proj per layer)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=4, head_dim=8, num_local_experts=experts, num_experts_per_tok=2,
+                          vocab_size=128, max_position_embeddings=64, sliding_window=8)
+    GptOssForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str] | str, seed: int = 1,
+              parameters: list[str] | None = None) -> Path:
+    """A PEFT LoRA folder trained on nothing: random, non-zero factors, as peft itself writes them (``parameters``:
+    PEFT's target_parameters)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -46,7 +61,7 @@ def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str]
         # then applies them (docs/moe.md)
         warnings.filterwarnings("ignore", message=r".*_pattern keys did not match any targeted module")
         peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                      init_lora_weights=False))
+                                                      target_parameters=parameters, init_lora_weights=False))
     peft_model.save_pretrained(out)
     return Path(out)
 
@@ -156,6 +171,10 @@ def workdir(name: str) -> Path:
     work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()) / name
     os.environ.setdefault("LORAOPS_HOME", str(work / "home"))
     os.environ.setdefault("LORAOPS_QUIET", "1")
+    # transformers' and the Hub's progress bars and notices (making and loading the tiny models) are not the demo
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     return work
 
 
