@@ -5,6 +5,7 @@ output_linear.weight). The experts bind to their parts of the fused tensor; merg
 merge_and_unload and the logits PEFT's."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -256,3 +257,22 @@ def test_a_square_tensor_without_its_sibling_is_refused(tmp_path, bases):
                                             r"in×out$"):
         check(adapter, manifest)
     assert check(adapter, BaseModel.open(bases["gpt_oss"]).tensors).ok
+
+
+def test_a_bound_adapter_written_back_keeps_its_linear_modules_untransposed(tmp_path, bases):
+    """An expert's share bound to a base that stores the experts in×out is transposed (fan_in_fan_out) only as a
+    binding: what is written from it (resize, combine of a registered adapter) must not say fan_in_fan_out, which
+    PEFT refuses on a ParamWrapper and ignores on an nn.Linear, but loraops would apply to the square q_proj/v_proj."""
+    base = bases["gpt_oss"]
+    peft_model(base, "gpt_oss").save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    bound = require_fit(adapter, BaseModel.open(base).tensors)
+    assert bound.modules["model.layers.0.mlp.experts.1.gate_proj"].transposed
+    resized, _ = algebra.resize(bound, rank=4)
+    formats.write_adapter(resized, tmp_path / "same", "peft")
+    assert json.loads((tmp_path / "same" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "want", device="cpu")
+    engine.merge(base, [(formats.read_adapter(tmp_path / "same"), 1.0)], tmp_path / "got", device="cpu")
+    want, got = tensors(tmp_path / "want"), tensors(tmp_path / "got")
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)

@@ -348,7 +348,8 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
     cfg.update(
         peft_type="LORA", r=r, lora_alpha=number(lora_alpha), use_rslora=rslora, rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, target_modules=sorted(set(ranks) - set(target_parameters)),
-        fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values()),
+        # (a raw parameter's share is transposed only as bound to a base that stores it in×out: PEFT has no such flag)
+        fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values() if m.raw_parameter is None),
         modules_to_save=sorted(saved_modules) or None, use_dora=False,
         base_model_name_or_path=base_model, inference_mode=True,
     )
