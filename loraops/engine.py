@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import re
@@ -93,7 +94,10 @@ class _Tensor:
 
     @property
     def rows(self) -> int:
-        # seen as the modules that change parts of it see it (LoraModule.fused): fused experts E×X×Y have E·X rows
+        # seen as the modules that change parts of it see it (LoraModule.fused): fused experts E×X×Y have E·X rows;
+        # one no LoRA changes, by its last dimension (a 3-D one converted by --dtype is not chunked an expert at a time)
+        if not self.terms:
+            return math.prod(self.info.shape[:-1])
         parts = {module.fused[3] for module, _ in self.terms if module.fused is not None}
         return parts.pop() if parts else self.info.shape[0] if self.info.shape else 1
 

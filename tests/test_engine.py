@@ -177,6 +177,30 @@ def test_row_chunks_sum_to_the_module_delta(kind, monkeypatch, tmp_path):
     assert torch.allclose(merged.double(), W.double() - 1.5 * module.delta(dtype=torch.float64), atol=1e-6)
 
 
+def test_a_3d_tensor_no_lora_changes_is_converted_in_bounded_chunks(monkeypatch, tmp_path):
+    """--dtype converts every tensor; a fused experts tensor (E×X×Y) no LoRA changes is chunked by its last dimension,
+    not one expert at a time (gpt-oss-120b's gate_up_proj: 16.6 M elements per expert)."""
+    torch.manual_seed(2)
+    A, B = torch.randn(2, 6), torch.randn(4, 2)
+    experts = torch.randn(3, 8, 5)
+    base = save_state_dict_dict({"m.weight": torch.randn(4, 6), "experts.gate_up_proj": experts}, tmp_path / "b.safetensors")
+    seen = []
+    steps = engine._steps
+
+    def recorded(*args, **kwargs):
+        for read in steps(*args, **kwargs):
+            if isinstance(read, engine._Chunk):
+                seen.append((read.row1 - read.row0) * read.tensor.row_elements)
+            yield read
+
+    monkeypatch.setattr(engine, "_steps", recorded)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 7)
+    engine.merge(base, [(_adapter(LoraModule("m", A, B, alpha=2.0, scale=1.0)), 1.0)], tmp_path / "out.safetensors",
+                 device="cpu", dtype="bf16")
+    assert max(seen) <= 7
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["experts.gate_up_proj"], experts.to(torch.bfloat16))
+
+
 def test_precise_is_at_least_as_close_as_float32(tmp_path, llama_bf16):
     from peft import PeftModel
 
