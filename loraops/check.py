@@ -330,6 +330,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
     tied_heads = []
+    miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
         info = manifest.get(module.weight_name)
         if info is None:
@@ -348,9 +349,9 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if expected != tuple(module.weight_shape):
             mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(expected),
                                             actual=list(module.weight_shape)))
-        else:
-            matched += 1
-    mismatches += expert_count_mismatches(bound, manifest)
+        elif module.raw_parameter is None or module.raw_parameter[0] not in miscounted:
+            matched += 1  # (an expert's share of a parameter whose experts are miscounted fits its tensor by accident)
+    mismatches += miscounted.values()
     full_mismatches = []
     for name, tensor in bound.full_tensors.items():
         info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
@@ -374,10 +375,10 @@ def part_shape(module: LoraModule, shape) -> tuple[int, int]:
 EXPERT_RE = re.compile(r"^(?P<owner>.*\.experts\.)(?P<e>\d+)(?P<rest>\..*)$")
 
 
-def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> list[ShapeMismatch]:
+def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> dict[str, ShapeMismatch]:
     """A LoRA on fused experts holds E experts (its config's r says how its factors split): the base must have exactly
     E of each expert tensor it binds to (or E slices of the fused tensor), or the split (and every expert's share) is
-    wrong though each shape fits."""
+    wrong though each shape fits. One mismatch per fused parameter (by its first piece's tensor)."""
     firsts = {}
     for module in bound.modules.values():
         if module.experts > 1 and module.raw_parameter[1] == 0:
@@ -386,12 +387,12 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> l
             elif m := EXPERT_RE.match(module.weight_name):
                 firsts[(m["owner"], m["rest"])] = module
     if not firsts:
-        return []
+        return {}
     counts: dict[tuple[str, str], int] = {}
     for tensor in manifest:
         if (m := EXPERT_RE.match(tensor)) and (key := (m["owner"], m["rest"])) in firsts:
             counts[key] = counts.get(key, 0) + 1
-    out = []
+    out: dict[str, ShapeMismatch] = {}
     for (owner, rest), module in sorted(firsts.items()):
         parameter, _, experts = module.raw_parameter
         if module.fused is not None:
@@ -400,9 +401,9 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> l
         else:
             have, tensor = counts.get((owner, rest), 0), f"{owner}*{rest}"
             part = list(manifest[module.weight_name].shape) if module.weight_name in manifest else []
-        if have not in (0, experts):  # none: its modules are not in the base, and reported so
-            out.append(ShapeMismatch(name=f"{parameter} ({rest.removeprefix('.').removesuffix('.weight')})",
-                                     tensor=tensor, expected=[have, *part], actual=[experts, *module.weight_shape]))
+        if have not in (0, experts) and parameter not in out:  # none: its modules are not in the base, reported so
+            out[parameter] = ShapeMismatch(name=f"{parameter} ({rest.removeprefix('.').removesuffix('.weight')})",
+                                           tensor=tensor, expected=[have, *part], actual=[experts, *module.weight_shape])
     return out
 
 
