@@ -227,6 +227,36 @@ def test_loading_leaks_no_descriptor_warns_nothing_and_unmaps_with_the_last_view
     assert private_dirty_kb(blob) is None  # unmapped: nothing of it stays in this process
 
 
+def test_merge_of_a_registered_path_loads_its_stored_copy(reg, art, tmp_path, monkeypatch):
+    """A path whose identity is registered is merged from the stored copy (mapped); one that is not, or whose
+    stored copy is damaged, is read. The three merges are the same bytes."""
+    path = art["peft-fp16"]
+    seen = []
+    spy(monkeypatch, engine, "merge", seen)
+
+    def merge(out: str) -> tuple[str | None, dict[str, str]]:
+        report = merging.merge(art["base"], [str(path)], tmp_path / out, record=False, device="cpu")
+        adapter = seen[-1][1][0][0]
+        assert adapter.label == str(path) and report.adapters[0].adapter == str(path)
+        where = {mapped_file(t) for _, t in factors(adapter)}
+        assert len(where) == 1
+        written = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / out).glob("*.safetensors")}
+        assert written
+        return where.pop(), written
+
+    # --no-record without a registry reference opens no registry: the file is read
+    unregistered = merge("read")
+    assert unregistered[0] is None
+    record = reg.add_adapter(path)
+    blob = weights_file(reg, record.id)
+    monkeypatch.setattr(merging, "_references", lambda *_: True)  # as when the base is given by reference
+    stored = merge("stored")
+    assert stored == (str(blob), unregistered[1])
+    with open(blob, "ab") as f:  # damaged: not used; the user's file is read instead
+        f.write(b"\0")
+    assert merge("damaged") == (None, unregistered[1])
+
+
 def test_mapping_can_be_turned_off(reg, art, monkeypatch):
     record = reg.add_adapter(art["kohya-fp32"])
     blob = str(weights_file(reg, record.id))
