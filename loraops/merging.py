@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from . import engine
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
-from .errors import ConflictError, LoraopsError, MismatchError, NotFoundError
+from .errors import ConflictError, LoraopsError, MismatchError, NotFoundError, RegistryError
 from .fsutil import atomic_path, ensure_free_space, refuse_overlap
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted  # noqa: F401 - part of this module's API
@@ -36,17 +36,31 @@ class Input:
 
 
 def resolve_adapter(reg, ref: str, weight: float) -> Input:
-    """A path (read as is; matched to the registry by identity when it is registered) or a registry reference."""
+    """A path or a registry reference. A path is matched to the registry by identity: when it is registered, its
+    stored copy (the same bytes) is what is loaded, mapped into memory rather than read into it (see
+    Registry.load_adapter: a user's file is never mapped, since it could be truncated while in use); else, or when
+    the stored copy is damaged, the file is read as it is."""
     from . import formats
 
     if Path(ref).exists():
         sha = formats.identity(ref)
-        adapter = formats.read_adapter(ref)
-        return Input(ref, adapter, weight, sha, _registered_id(reg, sha))
+        registry_id = _registered_id(reg, sha)
+        adapter = _stored_copy(reg, registry_id, ref) if registry_id is not None else None
+        return Input(ref, adapter or formats.read_adapter(ref), weight, sha, registry_id)
     if reg is None:
         raise NotFoundError(f"{ref}: no such file or folder")
     record = reg.get_adapter(ref)
     return Input(f"{record.name}@{record.version}", reg.load_adapter(record.id), weight, record.sha256, record.id)
+
+
+def _stored_copy(reg, registry_id: int, ref: str) -> Adapter | None:
+    """The registered adapter with identity equal to the file ``ref``'s, as read_adapter(ref) gives it (unbound,
+    named by that path), from the stored copy; None when that copy is missing or changed."""
+    try:
+        adapter = reg.load_adapter(registry_id, bind=False)
+    except RegistryError:
+        return None
+    return replace(adapter, ref=None, path=Path(ref))
 
 
 def _registered_id(reg, sha: str) -> int | None:

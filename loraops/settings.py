@@ -14,6 +14,7 @@ ENV_DB = "LORAOPS_DB"
 ENV_BLOBS = "LORAOPS_BLOBS"
 ENV_QUIET = "LORAOPS_QUIET"
 ENV_DIRECT_IO = "LORAOPS_DIRECT_IO"
+ENV_MMAP = "LORAOPS_MMAP"
 
 
 def home() -> Path:
@@ -65,6 +66,12 @@ def progress_enabled() -> bool:
 def direct_io() -> bool:
     """Merge outputs bypass the page cache (O_DIRECT, see fsutil.DirectFileWriter) unless LORAOPS_DIRECT_IO=0."""
     return os.environ.get(ENV_DIRECT_IO, "") != "0"
+
+
+def map_stored() -> bool:
+    """Stored adapters are mapped into memory rather than read (st.map_file) unless LORAOPS_MMAP=0: for a store on a
+    network filesystem shared with other machines, where another machine's `rm` can make a mapped page unreadable."""
+    return os.environ.get(ENV_MMAP, "") != "0"
 
 
 class _NoBar:

@@ -213,15 +213,53 @@ def read_row_blocks(info: TensorInfo) -> Iterator[tuple[int, int, "torch.Tensor"
             yield row0, row1, torch.frombuffer(data, dtype=torch_dtype(info.dtype))
 
 
-def load_tensors(header: Header, names=None, *, values: bool = True) -> dict[str, "torch.Tensor"]:
+def load_tensors(header: Header, names=None, *, values: bool = True, mapped: bool = False) -> dict[str, "torch.Tensor"]:
     """Load the named tensors (default: all) of a validated file with one open handle. ``values`` False: tensors
-    on the meta device (shape and dtype, no data) except single values (alphas), for what needs shapes only."""
+    on the meta device (shape and dtype, no data) except single values (alphas), for what needs shapes only.
+    ``mapped``: tensors are views of the file mapped into memory (``map_file``; only for files nobody rewrites, see
+    there), except those whose data is not aligned to their element size, which are read."""
     import torch
 
     wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
+    whole = map_file(header) if mapped and values else None
+    out = {}
     with open(header.path, "rb") as f:
-        return {name: read_tensor(info, f) if values or info.numel <= 1 else
-                torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta") for name, info in wanted.items()}
+        for name, info in wanted.items():
+            if not values and info.numel > 1:
+                out[name] = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
+            elif whole is not None and info.start % DTYPE_BYTES[info.dtype] == 0:
+                # (torch refuses a view of another element size at a misaligned offset: another writer's unpadded
+                # header; safetensors' save_file and write_safetensors align every tensor)
+                out[name] = whole[info.start : info.end].view(torch_dtype(info.dtype)).reshape(info.shape)
+            else:
+                out[name] = read_tensor(info, f)
+    return out
+
+
+def map_file(header: Header) -> "torch.Tensor":
+    """A validated file as one uint8 tensor over a private mapping of it, for tensors that are views of it rather
+    than copies in the process's anonymous memory: their pages are the page cache's, read on first touch, which the
+    kernel can drop again under memory pressure (anonymous pages it can only swap out, where there is swap). Three
+    adapters of a 70B model are ~5 GB; mapped, they merge on a machine with less free memory than that.
+
+    Private and writable (MAP_PRIVATE, torch's ``from_file(shared=False)``, as torch.load(mmap=True) maps): nothing
+    done to the tensors can reach the file, and a write into one would copy the page into anonymous memory rather
+    than crash the process, as a read-only mapping would (SIGSEGV); nothing writes into loaded factors (tested). The
+    cost: the kernel counts such a mapping as memory it may have to provide, so with the default overcommit rule one
+    file larger than the RAM and swap together cannot be mapped (ENOMEM: a one-line error here). The file descriptor
+    is closed once the file is mapped; the mapping lives as long as a tensor views it (torch's storage refcount).
+
+    Not for any file: one that shrinks while it is mapped kills the process with SIGBUS at the next touch of a page
+    past its new end — no exception, no message, no cleanup. So loraops maps only the registry's stored copies, which
+    it never rewrites (written to a temp name and renamed into place; `rm`/`gc` unlink them, which leaves a mapping
+    intact), and reads the user's files, which anyone may rewrite meanwhile."""
+    import torch
+
+    try:
+        storage = torch.UntypedStorage.from_file(str(header.path), shared=False, nbytes=header.file_size)
+    except RuntimeError as exc:  # shrunk since its header was read, or too large to map (see above)
+        raise FormatError(f"{header.path}: cannot be mapped ({str(exc).splitlines()[0]})") from None
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None,

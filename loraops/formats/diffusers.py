@@ -41,7 +41,7 @@ def component_config(cfg: dict, component: str) -> dict:
     return cfg
 
 
-def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adapter:
+def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped: bool = False) -> Adapter:
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     header = st.read_header(weights)
     common.refuse_unsupported(weights, header.tensors)
@@ -68,7 +68,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adap
             raise UnsupportedAdapterError(f"{weights}: a LoRA on raw parameters (target_parameters) in a diffusers file; "
                                           "loraops reads those only from a PEFT folder")
 
-    tensors = st.load_tensors(header, values=values)
+    tensors = st.load_tensors(header, values=values, mapped=mapped)
 
     def config_for(name: str):
         component, _, rest = name.partition(".")

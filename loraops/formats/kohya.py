@@ -55,7 +55,7 @@ def kohya_name(module_path: str, component: str | None = None) -> str:
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
-def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adapter:
+def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped: bool = False) -> Adapter:
     header = st.read_header(path)
     common.refuse_unsupported(path, header.tensors)
     found: dict[str, dict[str, str]] = {}
@@ -74,7 +74,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adap
     common.pair_factors(path, found, "down", "up")
     if not found:
         raise FormatError(f"{path}: no LoRA tensors in this file")
-    tensors = st.load_tensors(header, values=values)
+    tensors = st.load_tensors(header, values=values, mapped=mapped)
     modules = {}
     for name, parts in sorted(found.items()):
         down, up = tensors[parts["down"]], tensors[parts["up"]]

@@ -272,7 +272,7 @@ def config_path(path: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adapter:
+def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped: bool = False) -> Adapter:
     weights = weights_file(path) if path.is_dir() else path
     cfg_file = config_path(path)
     if path.is_dir() and cfg_file is None:
@@ -293,7 +293,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True) -> Adap
         raise InvalidInputError(f"{weights}: duplicate full tensors after key normalisation ({sorted(full_names)[:4]})")
     if not parsed.factors and not full_names:
         raise FormatError(f"{weights}: no LoRA tensors in this file")
-    tensors = st.load_tensors(header, values=values)
+    tensors = st.load_tensors(header, values=values, mapped=mapped)
     no_config = ScaleConfig(alpha=None)
     experts = params.split_experts(weights, parsed, tensors, cfg)
     modules = build_modules(weights, parsed, tensors, lambda name: (cfg or no_config, params.pattern_name(cfg or no_config, name)))

@@ -489,8 +489,15 @@ class Registry:
         """The stored copy of the adapter on disk (a file or a PEFT folder inside the blob store)."""
         return Path(self.get_adapter(ref).path)
 
-    def load_adapter(self, ref: str | int) -> "Adapter":
-        """The adapter read from its stored copy, with its registration alpha, bound to its base when known."""
+    def load_adapter(self, ref: str | int, *, bind: bool = True) -> "Adapter":
+        """The adapter from its stored copy, with its registration alpha, bound to its base when known (``bind``
+        False: named as its file names its modules, as formats.read_adapter of the original gives it).
+
+        Its factors are views of the stored file mapped into memory (st.map_file), not copies in the process's
+        memory: page cache the kernel can reclaim, so adapters larger than the free memory still merge. Safe because
+        the store's files are loraops' own and never rewritten in place; the user's files are read instead (one
+        truncated while mapped would kill the process with SIGBUS). The stored bytes are hashed against the record
+        first, so what is mapped is exactly what register checked (NaN/Inf included)."""
         from .. import check, formats
 
         with self.session() as s:
@@ -503,8 +510,9 @@ class Registry:
             state = what if what == "missing" else f"changed ({what})"
             raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
                                 "used; `loraops register` its original again to repair it (`loraops verify` checks all)")
-        adapter = replace(formats.read_adapter(path, alpha=alpha), ref=f"{row.name}@{row.version}")
-        return check.bind(adapter, manifest) if manifest is not None else adapter
+        adapter = replace(formats.read_adapter(path, alpha=alpha, mapped=settings.map_stored()),
+                          ref=f"{row.name}@{row.version}")
+        return check.bind(adapter, manifest) if manifest is not None and bind else adapter
 
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
         with self.session() as s:
