@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import FormatError, NotFoundError
-from .fsutil import DirectFileWriter
+from .fsutil import DirectFileWriter, ReadAhead
 
 if TYPE_CHECKING:
     import torch
@@ -242,8 +242,9 @@ class TensorWriter:
     data section (the bytes after the header, kohya's sshs_model_hash).
 
     The header comes first but depends on every tensor, so ``spill`` (the default) writes each tensor's bytes to an
-    unnamed scratch file beside ``path`` as it is added (nothing of it outlives the process, even a SIGKILL) and
-    copies them into place at ``close``: what is computed module by module is never all in memory. Without
+    unnamed scratch file beside ``path`` as it is added (fsutil.DirectFileWriter's ``scratch``: nothing of it
+    outlives the process, even a SIGKILL) and copies them into place at ``close``: what is computed module by module
+    is never all in memory. Without
     ``spill`` the tensors are kept (tensors an adapter in memory holds anyway). ``close`` returns the sha256 of the
     file's bytes, hashed as they are written; ``abandon`` (or an error in ``close``) leaves the caller a partial
     file to remove, as an atomic output's temp sibling is."""
@@ -266,23 +267,17 @@ class TensorWriter:
             self._entries[name] = (*entry, tensor)
             return
         if self._scratch is None:
-            import tempfile
-
-            from .fsutil import TMP_MARK
-
-            # O_TMPFILE where the filesystem has it: the scratch has no name, so nothing is left however this ends;
-            # elsewhere a marked temp sibling that stale-temp clean-up and `gc` know
-            self._scratch = tempfile.TemporaryFile(dir=self.path.parent, prefix=f"{TMP_MARK}{self.path.name}.", buffering=0)
-        offset = self._scratch.tell()
-        data = _bytes_of(tensor)
-        while data:
-            data = data[self._scratch.write(data):]
-        self._entries[name] = (*entry, offset)
+            # direct, as the output is: through the page cache, 790 MB took 2.2–2.9 s to spill on the dev VM
+            self._scratch = DirectFileWriter(self.path.parent, scratch=True)
+        self._entries[name] = (*entry, self._scratch.size)
+        self._scratch.write(_bytes_of(tensor))
 
     def close(self, metadata: dict[str, str] | None = None, *, hash_key: str | None = None) -> str:
         import hashlib
 
         try:
+            if self._scratch is not None:
+                self._scratch.close(keep_open=True)
             ordered = sorted(self._entries.items(), key=lambda item: (-DTYPE_BYTES[item[1][0]], item[0]))
             metadata = dict(sorted((metadata or {}).items()))
             if hash_key:
@@ -293,12 +288,14 @@ class TensorWriter:
             header = header_bytes(((name, dtype, shape) for name, (dtype, shape, _) in ordered), metadata,
                                   ensure_ascii=True)
             digest = hashlib.sha256(header)
+            ahead = ReadAhead(self._scratch.fd) if self._scratch is not None else None  # spilled direct: not cached
             out = DirectFileWriter(self.path)  # written once and fsynced at once: see DirectFileWriter for why direct
             try:
                 out.write(memoryview(header))
                 for name, (dtype, shape, source) in ordered:
                     if isinstance(source, int):
-                        out.copy_from(self._scratch.fileno(), source, math.prod(shape) * DTYPE_BYTES[dtype], digest.update)
+                        out.copy_from(self._scratch.fd, source, math.prod(shape) * DTYPE_BYTES[dtype], digest.update,
+                                      before=ahead.before)
                     else:
                         data = _bytes_of(source)
                         digest.update(data)
@@ -315,7 +312,7 @@ class TensorWriter:
         """Drop the scratch file and what was kept (``close`` does it too)."""
         self._entries.clear()
         if self._scratch is not None:
-            self._scratch.close()
+            self._scratch.abandon()
             self._scratch = None
 
     def _data(self, ordered) -> Iterator[memoryview]:
@@ -329,7 +326,7 @@ class TensorWriter:
                 buffer = memoryview(bytearray(8 << 20))
             left, offset = math.prod(shape) * DTYPE_BYTES[dtype], source
             while left:
-                got = os.preadv(self._scratch.fileno(), [buffer[:min(left, len(buffer))]], offset)
+                got = os.preadv(self._scratch.fd, [buffer[:min(left, len(buffer))]], offset)
                 if not got:
                     raise EOFError(offset)
                 yield buffer[:got]
