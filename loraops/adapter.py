@@ -132,6 +132,11 @@ class LoraModule:
             A, B = A2, B2
         return replace(self, A=A.contiguous(), B=B.contiguous(), alpha=float(alpha), scale=float(scale), source_keys=())
 
+    def stand_in(self) -> "LoraModule":
+        """This module without its values (factors on the meta device, same shapes and dtypes): what a writer or a
+        report keeps of every module while the modules themselves come and go one at a time."""
+        return replace(self, A=self.A.to("meta"), B=self.B.to("meta"))
+
 
 @dataclass
 class Adapter:

@@ -90,23 +90,26 @@ def writable(adapter: "Adapter", fmt: str) -> None:
         raise InvalidInputError(f"kohya module names cannot be written as {fmt} without their base: give --base BASE")
 
 
-def save(reg: "Registry", adapter: "Adapter", *, name: str, output: str | None, fmt: str | None, force: bool,
-         base: int | None, lineage: LineageSpec, report) -> DerivedRecord:
-    """Write ``adapter`` (to ``output``, or a scratch folder in the blob store) and register it."""
-    from .formats import write_adapter
+def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: str | None, fmt: str | None,
+         force: bool, base: int | None, lineage: LineageSpec) -> DerivedRecord:
+    """Compute ``derived`` while it is written, module by module (to ``output``, or a scratch folder in the blob
+    store), and register it: from the hashes taken as it was written, its values checked as they were computed."""
+    from .formats import write
 
+    adapter = derived.adapter
     fmt = fmt or adapter.format
     writable(adapter, fmt)
     if output is not None:
         reg.blobs.refuse_output_inside(output)
-        written = write_adapter(adapter, output, fmt, force=force)
-        record, created, *_ = reg.register_adapter(written, name=name, base=base, lineage=lineage)
-        return DerivedRecord(adapter=record, created=created, output=str(written), report=report)
+        written = write(adapter, output, fmt, force=force, modules=derived)
+        record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written)
+        return DerivedRecord(adapter=record, created=created, output=str(written.path), report=derived.report)
     with reg.blobs.scratch() as tmp:
-        written = write_adapter(adapter, Path(tmp) / (name.replace("/", "-") + (".safetensors" if fmt != "peft" else "")), fmt)
-        record, created, *_ = reg.register_adapter(written, name=name, base=base, lineage=lineage,
-                                                   source=f"loraops {lineage.op}", scratch=True)
-    return DerivedRecord(adapter=record, created=created, output=None, report=report)
+        written = write(adapter, Path(tmp) / (name.replace("/", "-") + (".safetensors" if fmt != "peft" else "")), fmt,
+                        modules=derived)
+        record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
+                                                   source=f"loraops {lineage.op}", scratch=True, written=written)
+    return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
 
 
 def combine(
@@ -117,25 +120,25 @@ def combine(
     """Combine registered adapters or paths (with weights) and register the result; see algebra.combine."""
     from .registry import Registry
 
-    algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
+    _, parsed = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
     check_arguments(name, output, force)
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
         for i in inputs:  # before the work: what could not be written is refused first
             refuse_unwritable(i.adapter, fmt or "peft")  # a LoRA on raw parameters is always a PEFT one
         base_id = common_base(inputs)
-        combined, report = algebra.combine(
+        combined = algebra.combine_lazily(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
                                                                           for i in inputs],
         )
         lineage = LineageSpec(
-            op="combine", params={"method": method, "params": report.params, "rank": rank},
+            op="combine", params={"method": method, "params": parsed.model_dump(), "rank": rank},
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
         return save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force, base=base_id,
-                    lineage=lineage, report=report)
+                    lineage=lineage)
 
 
 def resize(
@@ -151,13 +154,13 @@ def resize(
     with Registry.open() as reg, inputs_of(reg) as open_input:
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
-        resized, report = algebra.resize(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
-                                         device=device, precise=precise)
+        resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
+                                        device=device, precise=precise)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="resize", params=rule, inputs=[LineageInput(kind="adapter", id=source.record.id)])
         default = f"{source.record.name}-r{rank}" if rank is not None else f"{source.record.name}-{dynamic}{param:g}"
         return save(reg, resized, name=default if name is None else name, output=output, fmt=fmt, force=force,
-                    base=source.record.base.id if source.record.base else None, lineage=lineage, report=report)
+                    base=source.record.base.id if source.record.base else None, lineage=lineage)
 
 
 def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None) -> Path:

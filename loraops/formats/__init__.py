@@ -4,6 +4,7 @@
     read_adapter(path, *, alpha=None, values=True) -> Adapter
     check_values(path)                                                     (NaN/Inf, in bounded memory)
     write_adapter(adapter, dest, fmt="peft", *, force=False) -> Path     (atomic)
+    write(adapter, dest, fmt, *, force=False, modules=None) -> Written     (atomic; modules as they are computed)
     adapter_files(path) -> [Path]                                          (what makes up the adapter)
     identity(path) -> sha256 hex                                           (see ``identity``)
 
@@ -14,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from .. import st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
@@ -24,7 +26,7 @@ from . import common, diffusers, kohya, params, peft
 from .kohya import kohya_name
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from ..adapter import Adapter, LoraModule
 
 FORMATS = ("peft", "kohya", "diffusers")
 READERS = {"peft": peft.read, "kohya": kohya.read, "diffusers": diffusers.read}
@@ -87,34 +89,59 @@ def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool =
 OLD_DIFFUSERS_KEY = re.compile(r"(\.processor\.to_(q|k|v|out)_lora|\.lora|\.lora_linear_layer)\.(up|down)\.weight$")
 
 
-def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:
+@dataclass(frozen=True)
+class Written:
+    """An adapter ``write`` wrote: where, and the sha256 of each of its files' bytes (by file name), hashed as they
+    were written, so no one needs to read them again to know (see ``identity``)."""
+
+    path: Path
+    sha256: dict[str, str]
+
+
+def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
+          modules: "Iterable[LoraModule] | None" = None) -> Written:
     """Write ``adapter`` as ``fmt``: "peft" → a folder (adapter_model.safetensors + adapter_config.json);
-    "kohya"/"diffusers" → one .safetensors file. Nothing appears at ``dest`` unless the write completes."""
+    "kohya"/"diffusers" → one .safetensors file. Nothing appears at ``dest`` unless the write completes.
+
+    ``modules``: the adapter's modules as they are computed (a loraops.algebra.Derivation), each written as it comes
+    and then dropped, so the whole result is never in memory; ``adapter.modules`` then only announces them (stand-ins
+    without values do, see common.ModuleStream). By default, the adapter's own modules."""
     if fmt not in WRITERS:
         raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
     if fmt != "kohya" and not adapter.names_resolved:
         raise InvalidInputError(
             f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
         )
-    if fmt == "peft":  # PEFT keys are module paths as the adapter's own model names them in memory (the diffusers
-        # writer maps bound checkpoint names to its own component names, and kohya's are sd-scripts')
+    spill = modules is not None  # an adapter's own tensors are in memory anyway: kept, not spilled
+    modules = adapter.modules.values() if modules is None else modules
+    if fmt == "peft" and adapter.own_names:  # PEFT keys are module paths as the adapter's own model names them in
+        # memory (the diffusers writer maps bound checkpoint names to its own component names, and kohya's are
+        # sd-scripts')
+        own = adapter.own_names
+        modules = (replace(m, name=own.get(m.name, m.name)) for m in modules)
         adapter = adapter.with_own_names()
-    refuse_unwritable(adapter, fmt)
+    refuse_unwritable(adapter, fmt, values=False)  # the values are checked as the modules come
     writer, is_dir = WRITERS[fmt]
     dest = output_path(dest)
     if is_dir and dest.suffix == ".safetensors":
         raise InvalidInputError(f"{dest}: a {fmt} adapter is a folder (adapter_config.json + {peft.WEIGHTS_NAME}); "
                                 "give a folder name, or --format kohya/diffusers for one .safetensors file")
     with atomic_path(dest, force=force, is_dir=is_dir) as tmp:
-        writer(adapter, tmp)
-    return dest
+        hashes = writer(adapter, modules, tmp, spill=spill)
+    return Written(dest, hashes if is_dir else {dest.name: hashes[tmp.name]})
 
 
-def refuse_unwritable(adapter: "Adapter", fmt: str) -> None:
+def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:
+    """``write`` of an adapter in memory; returns where it went."""
+    return write(adapter, dest, fmt, force=force).path
+
+
+def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True) -> None:
     """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
-    be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names). Callers
-    that compute an adapter to write it (combine, resize) ask first about their inputs."""
+    be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
+    ``values`` False, only what the modules' names and shapes say). Callers that compute an adapter to write it
+    (combine, resize) ask first about their inputs."""
     module = next((m for m in adapter.modules.values() if m.raw_parameter is not None), None)
     if module is None:
         return
@@ -123,7 +150,7 @@ def refuse_unwritable(adapter: "Adapter", fmt: str) -> None:
             f"{adapter.label}: module {module.name!r} comes from a LoRA on the raw parameter "
             f"{module.raw_parameter[0]!r} (PEFT target_parameters); loraops writes such adapters only as PEFT, not {fmt}"
         )
-    params.expert_layout(adapter.label, adapter.with_own_names().modules)
+    (params.expert_layout if values else params.expert_shares)(adapter.label, adapter.with_own_names().modules)
 
 
 def _peft_parts(path: Path) -> tuple[Path, Path | None]:
@@ -195,4 +222,4 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     return hashlib.sha256(f"{IDENTITY_VERSION}\n{digest}\n{canonical}".encode()).hexdigest()
 
 
-__all__ = ["FORMATS", "detect", "read_adapter", "write_adapter", "adapter_files", "identity", "kohya_name"]
+__all__ = ["FORMATS", "Written", "detect", "read_adapter", "write", "write_adapter", "adapter_files", "identity", "kohya_name"]

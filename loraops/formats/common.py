@@ -8,14 +8,17 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..adapter import LoraModule, ModuleKind
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
 
 if TYPE_CHECKING:
     import torch
+
+    from ..adapter import Adapter
 
 # Key segments of layouts whose math is not W + s·B·A (checked before anything else, so the message names them).
 # Each regex is searched in the full key; segments are dot-bounded so lora_embedding_A never reads as AdaLoRA's lora_E.
@@ -192,3 +195,49 @@ def pair_factors(path: Path, found: dict[str, dict[str, str]], first: str, secon
         for have, need in ((first, second), (second, first)):
             if have in parts and need not in parts:
                 raise InvalidInputError(f"{path}: {parts[have]!r} has no matching {need} tensor for module {module!r}")
+
+
+class ModuleStream:
+    """What a writer writes an adapter from: ``modules``, the adapter's real modules as they come (computed one at a
+    time by loraops.algebra, or the adapter's own), while ``adapter.modules`` announces them up front (stand-ins
+    without values do: names and layouts decide keys and refusals before any value exists).
+
+    Iterating gives the modules one at a time, except the members of a group (``group_of``: its key, None for
+    none), which come together once the last of the group (as ``adapter.modules`` counts them) has: a writer needs a
+    whole group for what it writes of any member (PEFT's factors of a fused experts parameter, kohya's joined parts
+    of a fused tensor). Groups are small (one layer's experts, a tensor's q, k and v) and come whole in name order.
+    ``written`` then holds a stand-in of every module written (``keep``), in the announced order: the small facts
+    (ranks, alphas) a config or header written after the tensors needs."""
+
+    def __init__(self, adapter: "Adapter", modules: Iterable[LoraModule],
+                 group_of: Callable[[LoraModule], str | None] = lambda module: None) -> None:
+        self.adapter, self.modules, self.group_of = adapter, modules, group_of
+        self._kept: dict[str, LoraModule] = {}
+
+    def __iter__(self) -> Iterator[list[LoraModule]]:
+        sizes = Counter(key for m in self.adapter.modules.values() if (key := self.group_of(m)) is not None)
+        pending: dict[str, list[LoraModule]] = {}
+        seen: set[str] = set()
+        for module in self.modules:
+            if module.name not in self.adapter.modules or module.name in seen:
+                raise FormatError(f"{self.adapter.label}: module {module.name!r} was not announced, or came twice")
+            seen.add(module.name)
+            key = self.group_of(module)
+            if key is None:
+                yield [module]
+                continue
+            members = pending.setdefault(key, [])
+            members.append(module)
+            if len(members) == sizes[key]:
+                yield pending.pop(key)
+        if len(seen) != len(self.adapter.modules):
+            missing = next(name for name in self.adapter.modules if name not in seen)
+            raise FormatError(f"{self.adapter.label}: module {missing!r} was announced and never came")
+
+    def keep(self, module: LoraModule) -> None:
+        """Remember what was written of ``module`` (a stand-in), for ``written``."""
+        self._kept[module.name] = module.stand_in()
+
+    def written(self, order: Iterable[str]) -> dict[str, LoraModule]:
+        """The stand-ins kept, in ``order`` (the names written, as the adapter announces them)."""
+        return {name: self._kept[name] for name in order}

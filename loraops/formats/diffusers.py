@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable
 
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
@@ -93,28 +93,45 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     )
 
 
-def pipeline_names(adapter: Adapter) -> Iterator[tuple[str, LoraModule]]:
-    """The modules under pipeline names: as they are, or translated from a single-file SD, FLUX.1 or SD3 checkpoint's
+def pipeline_names(adapter: Adapter) -> dict[str, str]:
+    """Module name → its pipeline name: as it is, or translated from a single-file SD, FLUX.1 or SD3 checkpoint's
     (``model.diffusion_model.input_blocks.1.1…`` → ``unet.down_blocks.0.attentions.0…``)."""
     top = ldm.dit_top(adapter.modules)
-    for name, module in adapter.modules.items():
+    names: dict[str, str] = {}
+    for name in adapter.modules:
         target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top)
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
-        yield target, replace(module, name=target, fused=None)
+        names[name] = target
+    if len(set(names.values())) < len(names):
+        target, *_ = (t for t in names.values() if list(names.values()).count(t) > 1)
+        raise FormatError(f"{adapter.label}: two modules are both the pipeline's {target!r}; merge them first")
+    return names
 
 
-def write(adapter: Adapter, dest: Path) -> None:
-    """One .safetensors with component-prefixed PEFT keys and the per-component LoraConfig in the header."""
+def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool) -> dict[str, str]:
+    """One .safetensors with component-prefixed PEFT keys and the per-component LoraConfig in the header, written
+    from ``modules`` as they come (see common.ModuleStream, st.TensorWriter); returns its sha256."""
     if adapter.full_tensors:
         raise FormatError("diffusers LoRA files cannot hold full replacement tensors (modules_to_save)")
     rslora = adapter.scale_mode == "rslora"
-    adapter = replace(adapter, modules=dict(pipeline_names(adapter)))
-    by_component: dict[str, dict] = {}
-    for name, module in adapter.modules.items():
-        by_component.setdefault(component_of(name), {})[name] = module
-    packed = {}
-    for component, modules in by_component.items():
-        cfg = peft.lora_config(modules, {n: n.partition(".")[2] for n in modules}, rslora=rslora, saved_modules=[])
-        packed.update({f"{component}.{k}": v for k, v in cfg.items()})
-    st.write_safetensors(dest, peft.tensors_of(adapter, ""), {"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)})
+    names = pipeline_names(adapter)
+    stream = common.ModuleStream(adapter, modules)
+    out = st.TensorWriter(dest, spill=spill)
+    try:
+        for (module,) in stream:
+            module = replace(module, name=names[module.name], fused=None)
+            for key, tensor in peft.module_tensors(module, ""):
+                out.add(key, tensor)
+            stream.keep(module)
+        by_component: dict[str, dict] = {}
+        for name, module in stream.written(names.values()).items():
+            by_component.setdefault(component_of(name), {})[name] = module
+        packed = {}
+        for component, members in by_component.items():
+            cfg = peft.lora_config(members, {n: n.partition(".")[2] for n in members}, rslora=rslora, saved_modules=[])
+            packed.update({f"{component}.{k}": v for k, v in cfg.items()})
+        return {dest.name: out.close({"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)})}
+    except BaseException:
+        out.abandon()
+        raise

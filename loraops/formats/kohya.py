@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import replace
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
@@ -152,72 +152,93 @@ def factors(module: LoraModule) -> tuple["torch.Tensor", "torch.Tensor"]:
     return module.A.contiguous(), module.B.contiguous()
 
 
-def joined_parts(adapter: Adapter) -> dict[str, LoraModule]:
-    """The modules with the parts of each fused FLUX/SD3 tensor (``…img_attn.qkv.to_q``, ``…linear1.proj_mlp``:
-    sd-scripts has no names for them) joined into one module on the whole tensor, which every kohya loader knows:
-    A stacked, B block-diagonal with zero rows for the parts not trained, rank Σr. The same delta exactly (the zeros
-    add nothing); each part's scale is folded into its B when the scales differ."""
-    import torch
+def part_of(module: LoraModule) -> str | None:
+    """The fused FLUX/SD3 tensor a module is one part of (``…img_attn.qkv.to_q``, ``…linear1.proj_mlp``: sd-scripts has
+    no names for them), else None. The parts of each are written joined into one module on the whole tensor, which
+    every kohya loader knows (``join``)."""
+    return module.fused[0] if module.fused is not None and ldm.in_dit_block(module.name) else None
 
+
+def joined_names(adapter: Adapter) -> dict[str, LoraModule]:
+    """The modules as written: each fused tensor's parts as one module under the tensor's module name (the first
+    part stands in for it: the names are what count here)."""
     modules: dict[str, LoraModule] = {}
-    parts: dict[str, list[LoraModule]] = {}
+    owners: dict[str, LoraModule] = {}
     for name, module in adapter.modules.items():
-        if module.fused is not None and ldm.in_dit_block(name):
-            parts.setdefault(module.fused[0], []).append(module)
-        else:
+        if (tensor := part_of(module)) is None:
             modules[name] = module
-    for tensor, group in parts.items():
-        owner = tensor.removesuffix(".weight")
+        else:
+            owners.setdefault(tensor.removesuffix(".weight"), module)
+    for owner, first in owners.items():
         if owner in modules:
             raise FormatError(f"{adapter.label}: changes {owner!r} both whole and in parts; merge them first")
-        scales = {part.scale for part in group}
-        scale = scales.pop() if len(scales) == 1 else 1.0
-        rank = sum(part.rank for part in group)
-        B = torch.zeros(group[0].fused[3], rank, dtype=group[0].B.dtype)
-        column = 0
-        for part in group:
-            _, first, rows, _ = part.fused
-            B[first : first + rows, column : column + part.rank] = part.B * (part.scale / scale)
-            column += part.rank
-        A = torch.cat([part.A for part in group])
-        modules[owner] = LoraModule(owner, A=A, B=B, alpha=scale * rank, scale=scale)
+        modules[owner] = replace(first, name=owner, fused=None)
     return modules
 
 
-def write(adapter: Adapter, dest: Path) -> None:
+def join(parts: list[LoraModule]) -> LoraModule:
+    """The parts of one fused tensor as one module on it: A stacked, B block-diagonal with zero rows for the parts
+    not trained, rank Σr. The same delta exactly (the zeros add nothing); each part's scale is folded into its B
+    when the scales differ."""
+    import torch
+
+    scales = {part.scale for part in parts}
+    scale = scales.pop() if len(scales) == 1 else 1.0
+    rank = sum(part.rank for part in parts)
+    B = torch.zeros(parts[0].fused[3], rank, dtype=parts[0].B.dtype)
+    column = 0
+    for part in parts:
+        _, first, rows, _ = part.fused
+        B[first : first + rows, column : column + part.rank] = part.B * (part.scale / scale)
+        column += part.rank
+    A = torch.cat([part.A for part in parts])
+    return LoraModule(part_of(parts[0]).removesuffix(".weight"), A=A, B=B, alpha=scale * rank, scale=scale)
+
+
+def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool) -> dict[str, str]:
+    """Write a kohya file at ``dest`` from ``modules`` as they come (see common.ModuleStream, st.TensorWriter);
+    returns its sha256."""
     import torch
 
     from . import peft  # the alpha that reproduces a module's scale is the same rule with rsLoRA off
 
-    adapter = replace(adapter, modules=joined_parts(adapter))
-    names = kohya_names(adapter)
+    joined = joined_names(adapter)
+    names = kohya_names(replace(adapter, modules=joined))
     if adapter.full_tensors:
         raise FormatError(
             f"kohya files cannot hold full replacement tensors (modules_to_save: {sorted(adapter.full_tensors)[:3]})"
         )
-    tensors = {}
-    ranks, alphas, conv_args = set(), set(), {}
-    for name, module in adapter.modules.items():
-        down, up = factors(module)
-        key = names[name]
-        alpha = peft.stored_alpha(module, rslora=False)
-        tensors[f"{key}.lora_down.weight"] = down
-        tensors[f"{key}.lora_up.weight"] = up
-        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-        if module.kind == "conv" and any(d != 1 for d in module.A.shape[2:]):
-            # sd-scripts LoCon records the k×k convs' dim/alpha in the network args
-            conv_args = {"conv_dim": str(module.rank), "conv_alpha": str(peft.number(alpha))}
-        ranks.add(module.rank)
-        alphas.add(alpha)
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
-        "ss_network_args": json.dumps(conv_args),
-        "ss_base_model_version": adapter.metadata.get("ss_base_model_version", ""),
-        "ss_v2": adapter.metadata.get("ss_v2", "False"),
-    }
-    st.write_safetensors(dest, tensors, metadata, hash_key=HASH_KEY)
+    stream = common.ModuleStream(adapter, modules, part_of)
+    out = st.TensorWriter(dest, spill=spill)
+    try:
+        for group in stream:
+            module = group[0] if part_of(group[0]) is None else join(group)
+            down, up = factors(module)
+            key = names[module.name]
+            out.add(f"{key}.lora_down.weight", down)
+            out.add(f"{key}.lora_up.weight", up)
+            out.add(f"{key}.alpha", torch.tensor(peft.stored_alpha(module, rslora=False), dtype=torch.float32))
+            stream.keep(module)
+        ranks, alphas, conv_args = set(), set(), {}
+        for module in stream.written(joined).values():
+            alpha = peft.stored_alpha(module, rslora=False)
+            if module.kind == "conv" and any(d != 1 for d in module.A.shape[2:]):
+                # sd-scripts LoCon records the k×k convs' dim/alpha in the network args
+                conv_args = {"conv_dim": str(module.rank), "conv_alpha": str(peft.number(alpha))}
+            ranks.add(module.rank)
+            alphas.add(alpha)
+        metadata = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+            "ss_network_alpha": str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+            "ss_network_args": json.dumps(conv_args),
+            "ss_base_model_version": adapter.metadata.get("ss_base_model_version", ""),
+            "ss_v2": adapter.metadata.get("ss_v2", "False"),
+        }
+        return {dest.name: out.close(metadata, hash_key=HASH_KEY)}
+    except BaseException:
+        out.abandon()
+        raise
 
 
 def data_hash(path: Path) -> str:

@@ -229,10 +229,15 @@ def why_unstored(module: str, manifest) -> str | None:
 # -- writing ---------------------------------------------------------------------------------------------------
 
 
-def expert_layout(label: str, modules: dict[str, LoraModule]) -> dict[str, dict[tuple[int, str], LoraModule]]:
+def parameter_group(module: LoraModule) -> str | None:
+    """The fused parameter whose PEFT factors hold ``module`` with the other experts' shares (None: an expert's share of
+    none, written by itself)."""
+    return module.raw_parameter[0] if module.experts > 1 else None
+
+
+def expert_shares(label: str, modules: dict[str, LoraModule]) -> dict[str, dict[tuple[int, str], LoraModule]]:
     """Fused parameter → {(expert, piece): module} for every expert share in ``modules`` (under the adapter's own
-    names), refused unless PEFT's wrapper holds it exactly: every expert present, one rank and one scale per fused
-    parameter, and an expert's gate and up sharing one A (its block of the wrapper's lora_A)."""
+    names; their names alone are checked)."""
     groups: dict[str, dict[tuple[int, str], LoraModule]] = {}
     for m in modules.values():
         if m.experts == 1:
@@ -243,6 +248,13 @@ def expert_layout(label: str, modules: dict[str, LoraModule]) -> dict[str, dict[
         if m.name != f"{owner}.{e}.{piece}" or piece not in FUSED_EXPERTS.get(param, ()):
             raise _inexpressible(label, parameter, f"its module {m.name!r} is not expert {e}'s share of it")
         groups.setdefault(parameter, {})[(e, piece)] = m
+    return groups
+
+
+def expert_layout(label: str, modules: dict[str, LoraModule]) -> dict[str, dict[tuple[int, str], LoraModule]]:
+    """``expert_shares``, refused unless PEFT's wrapper holds them exactly: every expert present, one rank and one
+    scale per fused parameter, and an expert's gate and up sharing one A (its block of the wrapper's lora_A)."""
+    groups = expert_shares(label, modules)
     for parameter, shares in groups.items():
         pieces = FUSED_EXPERTS[parameter.rpartition(".")[2]]
         experts = {m.experts for m in shares.values()}
@@ -273,33 +285,33 @@ def _inexpressible(label: str, parameter: str, why: str) -> UnsupportedAdapterEr
     return UnsupportedAdapterError(f"{label}: cannot write the LoRA on {parameter} as PEFT target_parameters: {why}")
 
 
-def parameter_factors(label: str, modules: dict[str, LoraModule]):
-    """What PEFT saves for the raw-parameter modules among ``modules``: (factors: the key's module part → (lora_A,
-    lora_B), patterns: ``<module>.<parameter>`` → a module with that parameter's rank and scale (for rank_pattern and
-    alpha_pattern), target_parameters). A fused parameter's lora_A stacks the experts' A, its lora_B's columns are
-    (rank, expert) with the expert fastest, gate rows then up rows (the reader's inverse); two parameters of one
-    module nest as PEFT wraps them (gate_up_proj inside); a 2-D weight is a plain LoRA on its module."""
+def parameter_patterns(label: str, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
+    """``<module>.<parameter>`` → a module with that raw parameter's rank and scale (for rank_pattern and
+    alpha_pattern), for the raw-parameter modules among ``modules`` (stand-ins do: no value is read). Sorted, they
+    are the config's target_parameters."""
+    patterns = {f"{m.name}.weight": m for m in modules.values() if m.raw_parameter is not None and m.experts == 1}
+    for parameter, shares in expert_shares(label, modules).items():
+        patterns[parameter] = shares[(0, FUSED_EXPERTS[parameter.rpartition(".")[2]][0])]
+    return patterns
+
+
+def parameter_factors(label: str, modules: dict[str, LoraModule], parameters: set[str]) -> dict[str, tuple]:
+    """What PEFT saves for the raw-parameter modules among ``modules`` (a 2-D weight's, or every expert's share of
+    fused parameters, checked by ``expert_layout``): the key's module part → (lora_A, lora_B). A fused parameter's
+    lora_A stacks the experts' A, its lora_B's columns are (rank, expert) with the expert fastest, gate rows then up
+    rows (the reader's inverse); two parameters of one module (``parameters``: every fused parameter the adapter
+    has) nest as PEFT wraps them (gate_up_proj inside); a 2-D weight is a plain LoRA on its module."""
     import torch
 
-    factors, patterns = {}, {}
-    for m in modules.values():
-        if m.raw_parameter is not None and m.experts == 1:
-            factors[m.name] = (m.A, m.B)
-            patterns[f"{m.name}.weight"] = m
-    layout = expert_layout(label, modules)
-    owners: dict[str, list[str]] = {}
-    for parameter in layout:
-        owner, _, param = parameter.rpartition(".")
-        owners.setdefault(owner, []).append(param)
-    for parameter, shares in layout.items():
+    factors = {m.name: (m.A, m.B) for m in modules.values() if m.raw_parameter is not None and m.experts == 1}
+    for parameter, shares in expert_layout(label, modules).items():
         owner, _, param = parameter.rpartition(".")
         pieces, count = FUSED_EXPERTS[param], next(iter(shares.values())).experts
-        nested = [p for p in NESTING if p in owners[owner]]
+        nested = [p for p in NESTING if f"{owner}.{p}" in parameters]
         A = torch.cat([shares[(e, pieces[0])].A for e in range(count)])
         B = torch.stack([torch.cat([shares[(e, piece)].B for piece in pieces]) for e in range(count)], dim=2)
         factors[owner + WRAPPED * (len(nested) - 1 - nested.index(param))] = (A, B.reshape(B.shape[0], -1))
-        patterns[parameter] = shares[(0, pieces[0])]
-    return factors, patterns, sorted(patterns)
+    return factors
 
 
 # -- resize and combine ----------------------------------------------------------------------------------------
@@ -334,13 +346,19 @@ def split_gate_up(adapter: "Adapter", halves: Halves) -> "Adapter":
     """``join_gate_up`` undone on a result: the joined module's rows back into the gate and the up module, one A."""
     if not halves:
         return adapter
-    modules, own_names = dict(adapter.modules), dict(adapter.own_names)
-    for name, (rows, up, up_own) in halves.items():
-        if (joined := modules.get(name)) is not None:
-            modules[name] = replace(joined, B=joined.B[:rows].contiguous())
-            # the up module's own binding (its part of a fused base tensor is not the gate's)
-            modules[up.name] = replace(joined, name=up.name, B=joined.B[rows:].contiguous(), fused=up.fused,
-                                       fused_columns=up.fused_columns)
-            if up_own != up.name:
-                own_names[up.name] = up_own
+    own_names = dict(adapter.own_names)
+    for _, up, up_own in halves.values():
+        if up_own != up.name:
+            own_names[up.name] = up_own
+    modules = {m.name: m for joined in adapter.modules.values() for m in split_joined(joined, halves)}
     return replace(adapter, modules=dict(sorted(modules.items())), own_names=own_names)
+
+
+def split_joined(module: LoraModule, halves: Halves) -> list[LoraModule]:
+    """One module of a result: a joined one split back into its gate and its up module (see split_gate_up)."""
+    if module.name not in halves:
+        return [module]
+    rows, up, _ = halves[module.name]
+    # the up module keeps its own binding (its part of a fused base tensor is not the gate's)
+    return [replace(module, B=module.B[:rows].contiguous()),
+            replace(module, name=up.name, B=module.B[rows:].contiguous(), fused=up.fused, fused_columns=up.fused_columns)]

@@ -9,13 +9,14 @@ The same key grammar, with a component prefix instead of base_model.model., is t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import st
 from ..adapter import Adapter, LoraModule
@@ -383,33 +384,48 @@ def full_tensor_keys(adapter: Adapter) -> dict[str, str]:
     return keys
 
 
-def tensors_of(adapter: Adapter, prefix: str) -> dict[str, "torch.Tensor"]:
-    """The factors of the adapter's modules on modules (a raw parameter's are params.parameter_factors') and its full
-    tensors, under their keys."""
-    out = {}
-    for module in adapter.modules.values():
-        if module.raw_parameter is not None:
-            continue
-        a_key, b_key = factor_keys(module)
-        out[prefix + a_key] = module.A.contiguous()
-        out[prefix + b_key] = module.B.contiguous()
-    for name, key in full_tensor_keys(adapter).items():
-        out[prefix + key] = adapter.full_tensors[name].contiguous()
-    return out
+def module_tensors(module: LoraModule, prefix: str) -> list[tuple[str, "torch.Tensor"]]:
+    """The factors of a LoRA on a module under their keys (a raw parameter's are params.parameter_factors')."""
+    a_key, b_key = factor_keys(module)
+    return [(prefix + a_key, module.A), (prefix + b_key, module.B)]
 
 
-def write(adapter: Adapter, tmp: Path) -> None:
-    """Write a PEFT folder into ``tmp`` (an empty folder the caller renames into place)."""
+def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: bool) -> dict[str, str]:
+    """Write a PEFT folder into ``tmp`` (an empty folder the caller renames into place) from ``modules`` as they come
+    (see common.ModuleStream; ``spill``: each one's tensors go to a scratch file, see st.TensorWriter); returns each
+    file's sha256."""
     rslora = adapter.scale_mode == "rslora"
     keys = full_tensor_keys(adapter)
     saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name})
-    factors, parameters, targets = params.parameter_factors(adapter.label, adapter.modules)
-    modules = {**{n: m for n, m in adapter.modules.items() if m.raw_parameter is None}, **parameters}
-    cfg = lora_config(
-        modules, {n: n for n in modules}, rslora=rslora, saved_modules=saved,
-        base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
-        target_parameters=targets,
-    )
+    fused = {key for m in adapter.modules.values() if (key := params.parameter_group(m)) is not None}
+    stream = common.ModuleStream(adapter, modules, params.parameter_group)
+    out = st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill)
+    try:
+        for group in stream:
+            for module in group:
+                stream.keep(module)
+            if group[0].raw_parameter is None:
+                factors = module_tensors(group[0], PREFIX)
+            else:
+                factors = [(f"{PREFIX}{module}.lora_{part}.weight", tensor) for module, pair in
+                           params.parameter_factors(adapter.label, {m.name: m for m in group}, fused).items()
+                           for part, tensor in zip("AB", pair)]
+            for key, tensor in factors:
+                out.add(key, tensor)
+        for name, key in keys.items():
+            out.add(PREFIX + key, adapter.full_tensors[name])
+        written = stream.written(adapter.modules)
+        parameters = params.parameter_patterns(adapter.label, written)
+        targets = {**{n: m for n, m in written.items() if m.raw_parameter is None}, **parameters}
+        cfg = lora_config(
+            targets, {n: n for n in targets}, rslora=rslora, saved_modules=saved,
+            base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
+            target_parameters=sorted(parameters),
+        )
+        weights_sha256 = out.close({"format": "pt"})
+    except BaseException:
+        out.abandon()
+        raise
     biases = [name for name, key in keys.items() if key.endswith(".base_layer.bias")]
     # a bias saved with its whole layer (save_embedding_layers: Phi's lm_head) says nothing about training biases
     trained = [name for name in biases if f"{name.rpartition('.')[0]}.weight" not in adapter.full_tensors]
@@ -417,8 +433,6 @@ def write(adapter: Adapter, tmp: Path) -> None:
         cfg["bias"] = cfg["bias"] if cfg["bias"] != "none" else "lora_only"
     elif not biases:
         cfg["bias"] = "none"
-    tensors = tensors_of(adapter, PREFIX)
-    for module, (A, B) in factors.items():
-        tensors[f"{PREFIX}{module}.lora_A.weight"], tensors[f"{PREFIX}{module}.lora_B.weight"] = A.contiguous(), B.contiguous()
-    st.write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
-    (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    text = (json.dumps(cfg, indent=2) + "\n").encode()
+    (tmp / CONFIG_NAME).write_bytes(text)
+    return {WEIGHTS_NAME: weights_sha256, CONFIG_NAME: hashlib.sha256(text).hexdigest()}

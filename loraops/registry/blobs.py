@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 from .. import settings
 from ..errors import ConflictError
-from ..fsutil import TMP_MARK, DirectFileWriter, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file, temp_sibling
+from ..fsutil import TMP_MARK, DirectFileWriter, ReadAhead, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file, temp_sibling
 
 
 LOCKS = ".locks"
@@ -55,10 +55,12 @@ class BlobStore:
         folder = f"{identity[:2]}/{identity}"
         return f"{folder}/{entry}" if entry else folder
 
-    def put(self, identity: str, files: Iterable[Path], progress=None, *, move: bool = False) -> list[StoredFile]:
+    def put(self, identity: str, files: Iterable[Path], progress=None, *, move: bool = False,
+            known: dict[str, str] | None = None) -> list[StoredFile]:
         """Copy ``files`` (flat: by base name) into the identity's folder; returns what was stored, hashed while
         copying. ``progress`` is a tqdm-like object advanced per chunk. ``move``: files loraops wrote into
-        ``scratch()`` (the same filesystem) are renamed into place instead of copied."""
+        ``scratch()`` (the same filesystem) are renamed into place instead of copied; ``known``: their sha256 by
+        name, taken as loraops wrote them (formats.Written), so they are not read again."""
         files = list(files)
         folder = self.folder(identity)
         if not move:
@@ -66,7 +68,10 @@ class BlobStore:
         folder.mkdir(parents=True, exist_ok=True)
         stored = []
         for src in files:
-            stored.append((_move if move else _copy)(src, folder / src.name, progress))
+            if move:
+                stored.append(_move(src, folder / src.name, progress, (known or {}).get(src.name)))
+            else:
+                stored.append(_copy(src, folder / src.name, progress))
         fsync_dir(folder)
         return stored
 
@@ -136,20 +141,24 @@ def _copy(src: Path, dst: Path, progress) -> StoredFile:
     return StoredFile(dst.name, dst.stat().st_size, sha)
 
 
-def _move(src: Path, dst: Path, progress) -> StoredFile:
-    """A file of our own, hashed, made durable and renamed into the store: a derived adapter of a 70B model (1.6 GB)
-    is not copied a second time."""
-    sha = sha256_file(src, progress=progress)
+def _move(src: Path, dst: Path, progress, sha: str | None = None) -> StoredFile:
+    """A file of our own, hashed (unless its ``sha`` was taken as it was written), made durable and renamed into the
+    store: a derived adapter of a 70B model (1.6 GB) is not copied a second time."""
+    size = src.stat().st_size
+    if sha is None:
+        sha = sha256_file(src, progress=progress)
+    elif progress is not None:
+        progress.update(size)
     with open(src, "rb") as f:
         os.fsync(f.fileno())
-    size = src.stat().st_size
     os.replace(src, dst)
     return StoredFile(dst.name, size, sha)
 
 
 def _hash_copy(src: Path, dst: Path, progress) -> str:
     """Copy and hash in one pass (the hash is of the bytes actually written), bypassing the page cache (see
-    fsutil.DirectFileWriter: a 414 MB adapter's copy took 2.6–3 s of buffered writes on this VM, 0.3 s direct)."""
+    fsutil.DirectFileWriter: a 414 MB adapter's copy took 2.6–3 s of buffered writes on this VM, 0.3 s direct), read
+    ahead (an output loraops has just written bypassed the cache too: 790 MB stored in 2.3–2.5 s without, 1.3 with)."""
     digest = hashlib.sha256()
 
     def seen(chunk: memoryview) -> None:
@@ -161,7 +170,7 @@ def _hash_copy(src: Path, dst: Path, progress) -> str:
     try:
         out = DirectFileWriter(dst)
         try:
-            out.copy_from(fd, 0, os.fstat(fd).st_size, seen)
+            out.copy_from(fd, 0, os.fstat(fd).st_size, seen, before=ReadAhead(fd).before)
             out.close()
         except EOFError:
             out.abandon()

@@ -34,6 +34,7 @@ from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
 
 if TYPE_CHECKING:
+    from .. import formats
     from ..adapter import Adapter
 
 RETRIES = 10
@@ -343,9 +344,13 @@ class Registry:
     def register_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
                          tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
                          lineage: LineageSpec | None = None, progress: bool | None = None,
-                         scratch: bool = False) -> Registration:
+                         scratch: bool = False, written: "formats.Written | None" = None) -> Registration:
         """Register the adapter at ``path`` (any supported layout), copying its files into the blob store
         (``scratch``: loraops wrote them into ``blobs.scratch()``, and they are moved there instead).
+
+        ``written``: what formats.write returned for ``path`` in this process, writing values loraops computed and
+        checked as it did (loraops.algebra's): its hashes stand for the files' bytes, and the values are not read
+        again (a 70B derived adapter is 1.6 GB or more, and each pass over it seconds).
 
         The same name with another identity becomes the next version. ``base``: a registered base the adapter must
         fit; without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked
@@ -359,18 +364,20 @@ class Registry:
 
         path = Path(path)
         formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
+        files = formats.adapter_files(path)
+        known = {} if written is None else written.sha256
         # Hashed next: what is read and checked below was read after, and the stored copy must hash the same (see
         # _store_and_insert), so a file changed at any point after this is refused rather than stored unchecked.
-        identity = adapter_identity(path, alpha)
+        identity = adapter_identity(path, alpha, known.get(files[0].name))
         # shapes and alphas are all a record needs: the values are only checked, block by block (a 70B rank-64
         # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied)
         adapter = formats.read_adapter(path, alpha=alpha, values=False)
-        formats.check_values(path)
+        if written is None:
+            formats.check_values(path)
         name = check_name(default_name(path) if name is None else name, "adapter")
         tags = clean_tags(tags)
 
         adapter, base_id = self._bind_base(adapter, base)
-        files = formats.adapter_files(path)
         self.refuse_writes()  # before the copy into the store
         key = self.blobs.key(identity, None if path.is_dir() else path.name)
         # Under the shard lock: a concurrent `rm` of the same bytes cannot delete the blob between put and insert.
@@ -382,15 +389,16 @@ class Registry:
                 self._repair(identity, existing[1], existing[2], files)
                 return self._update(existing[0], tags, adapter, base_id if base is not None else None)
             return self._store_and_insert(path, name, identity, key, files, adapter, base_id, alpha, source, tags,
-                                          lineage, progress, scratch)
+                                          lineage, progress, scratch, known)
 
     def _store_and_insert(self, path: Path, name: str, identity: str, key: str, files: list[Path], adapter: "Adapter",
                           base_id: int | None, alpha: float | None, source: str | None, tags: list[str],
-                          lineage: LineageSpec | None, progress: bool | None, scratch: bool) -> Registration:
+                          lineage: LineageSpec | None, progress: bool | None, scratch: bool,
+                          known: dict[str, str]) -> Registration:
         bar = settings.progress_bar(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
         try:
             try:
-                stored = self.blobs.put(identity, files, bar, move=scratch)
+                stored = self.blobs.put(identity, files, bar, move=scratch, known=known)
             finally:
                 bar.close()
             weights = files[0].name  # adapter_files lists the weights file first

@@ -1,0 +1,353 @@
+"""combine/resize write their result as it is computed, one module at a time (loraops.algebra.Derivation →
+formats.write → st.TensorWriter), and register it from the hashes taken while writing: files byte for byte what
+the writer wrote before, the identity the file's sha256, nothing left behind by a failure or a SIGKILL midway, and
+never the whole result in memory."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from factories import kohya_file, lora_adapter
+from loraops import derive, formats, st
+from loraops.adapter import Adapter, LoraModule
+from loraops.errors import InvalidInputError
+from loraops.fsutil import TMP_MARK
+from loraops.registry import Registry
+
+MODULES = {f"lora_unet_{i}_proj": ((32,), (32,)) for i in range(6)}
+
+
+def two_inputs(folder: Path, fmt: str) -> tuple[Path, Path]:
+    """Two adapters of six 32×32 modules (ranks 4 and 2): kohya files (names unbound), or PEFT folders."""
+    if fmt == "kohya":
+        return (kohya_file(folder / "a.safetensors", MODULES, rank=4),
+                kohya_file(folder / "b.safetensors", MODULES, rank=2, seed=1))
+    shapes = {f"m.{i}.proj": (32, 32) for i in range(6)}
+    return (formats.write_adapter(lora_adapter(shapes, rank=4), folder / "a"),
+            formats.write_adapter(lora_adapter(shapes, rank=2, seed=1), folder / "b"))
+
+
+def fourth(fmt: str) -> str:
+    """The fourth module computed (in name order)."""
+    return "lora_unet_3_proj" if fmt == "kohya" else "m.3.proj"
+
+
+def fixed_adapter(fmt: str) -> Adapter:
+    """A small adapter of exact values (no random numbers: its files' bytes are the same with any torch): bfloat16
+    factors, several ranks and alphas, a 3×3 conv for kohya, two pipeline components for diffusers."""
+    shapes = {  # name: (rank, out, in, kernel)
+        "peft": {"model.layers.0.self_attn.q_proj": (4, 16, 12, None), "model.layers.0.mlp.down_proj": (2, 12, 20, None),
+                 "model.layers.1.self_attn.q_proj": (4, 16, 12, None)},
+        "kohya": {"lora_unet_down_blocks_0_resnets_0_conv1": (4, 8, 6, 3), "lora_unet_mid_block_attn_proj": (2, 10, 8, None),
+                  "lora_te_text_model_encoder_layers_0_mlp_fc1": (4, 12, 8, None)},
+        "diffusers": {"unet.down_blocks.0.attentions.0.proj_in": (4, 8, 8, None),
+                      "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (2, 8, 8, None)},
+    }[fmt]
+    modules = {}
+    for i, (name, (r, out, inp, kernel)) in enumerate(shapes.items()):
+        a_shape, b_shape = ((r, inp, kernel, kernel), (out, r, 1, 1)) if kernel else ((r, inp), (out, r))
+        A = ((torch.arange(torch.Size(a_shape).numel()) % 7 - 3).reshape(a_shape) / 4).to(torch.bfloat16)
+        B = ((torch.arange(torch.Size(b_shape).numel()) % 5 - 2 + i).reshape(b_shape) / 8).to(torch.bfloat16)
+        alpha = float(2 * r + i)
+        modules[name] = LoraModule(name, A=A, B=B, alpha=alpha, scale=alpha / r, kind="conv" if kernel else "linear")
+    return Adapter(modules=modules, format=fmt, base_model="base", names_resolved=fmt != "kohya",
+                   metadata={"ss_base_model_version": "sd_v1"} if fmt == "kohya" else {})
+
+
+# sha256 of each file fixed_adapter(fmt) is written as, by the writer before it streamed (main at 0449d05)
+BEFORE = {
+    "peft": {"adapter_config.json": "8d2134515602b69b557599ee70555ac613e12b2e2f926cb62ed3cd8ce9940b5f",
+             "adapter_model.safetensors": "a98e90aa00304d3a7fdd74c9225b47d63c3427e44604d0a0d668e90daf7ec767"},
+    "kohya": {"out.safetensors": "2e9a8b64948affc8d1bfaea37987626ad3433ff06afc3545aa2a020a1cefb84c"},
+    "diffusers": {"out.safetensors": "5339201261e54dbc60ccee3907de177ce0cbf7295677aaeccf2ea7757f03d7bf"},
+}
+# identities of fixed_adapter combined by cat as below, registered before this change (main at 0449d05)
+CAT_PEFT_BEFORE = "43f4c173b35053af5284dc3aa9a48496df6ffb9b0f06e28f829a7c9f5335f39e"
+CAT_KOHYA_BEFORE = "969924df35eb560d29f99c3a2271a7a45a69a232bcb76e412bf8277fbdadf61e"
+
+
+def previous_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                               hash_key: str | None = None) -> None:
+    """st.write_safetensors as it was before tensors could be streamed (buffered writes instead of direct ones)."""
+    metadata = dict(sorted(metadata.items()))
+    if hash_key:
+        metadata[hash_key] = "0" * 64
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    ordered = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
+    for name, tensor in ordered:
+        nbytes = tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": st.st_dtype(tensor.dtype), "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for _, t in ordered)
+    if hash_key:
+        raw = raw.replace(b"0" * 64, hashlib.sha256(data).hexdigest().encode(), 1)
+    Path(path).write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stand_ins(adapter: Adapter) -> Adapter:
+    return replace(adapter, modules={name: m.stand_in() for name, m in adapter.modules.items()})
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "diffusers"])
+def test_streamed_files_are_byte_for_byte_the_previous_writers(fmt, tmp_path):
+    adapter = fixed_adapter(fmt)
+    dest = tmp_path / ("out" if fmt == "peft" else "out.safetensors")
+    written = formats.write(stand_ins(adapter), dest, fmt, modules=iter(list(adapter.modules.values())))
+    files = sorted(dest.iterdir()) if fmt == "peft" else [dest]
+    assert {f.name: sha256(f) for f in files} == BEFORE[fmt] == written.sha256
+    weights = files[-1] if fmt == "peft" else dest
+    header = st.read_header(weights)
+    again = tmp_path / "again.safetensors"
+    previous_write_safetensors(again, st.load_tensors(header), header.metadata)
+    assert again.read_bytes() == weights.read_bytes()
+    # the same through st.write_safetensors, tensors kept rather than spilled
+    st.write_safetensors(again, st.load_tensors(header), header.metadata)
+    assert again.read_bytes() == weights.read_bytes()
+
+
+@pytest.mark.no_registry
+def test_tensor_writer_in_any_order_is_the_previous_layout(tmp_path):
+    """Widest element first, then by name, whatever order tensors come in; the data hash in the header as kohya
+    wants it; the file's sha256 as returned."""
+    tensors = {"b.weight": torch.arange(6, dtype=torch.float16).reshape(2, 3), "a.alpha": torch.tensor(3.0),
+               "c": torch.arange(5, dtype=torch.float64), "a.weight": torch.ones(3, 2, dtype=torch.bfloat16),
+               "empty": torch.zeros(0, 4), "ü-key": torch.tensor([1, 2], dtype=torch.int8)}
+    metadata = {"z": "1", "ss_name": "é", "a": "2"}
+    for hash_key in (None, "sshs_model_hash"):
+        writer = st.TensorWriter(tmp_path / "streamed.safetensors")
+        for name in ["ü-key", "c", "a.weight", "empty", "b.weight", "a.alpha"]:
+            writer.add(name, tensors[name])
+        digest = writer.close(metadata, hash_key=hash_key)
+        previous_write_safetensors(tmp_path / "before.safetensors", tensors, metadata, hash_key)
+        streamed = (tmp_path / "streamed.safetensors").read_bytes()
+        assert streamed == (tmp_path / "before.safetensors").read_bytes()
+        assert digest == hashlib.sha256(streamed).hexdigest()
+
+
+def test_a_derived_adapter_is_the_same_and_recorded_from_the_hashes_taken_while_writing(tmp_path, monkeypatch):
+    """cat of fixed adapters gives the files (identities) it gave before; registering them neither hashes nor reads
+    the written weights again (the values were checked as they were computed), and the identity recorded is the
+    written file's sha256 (kohya) or PEFT's identity of the written folder."""
+    from loraops import fsutil
+    from loraops.registry import blobs, store
+
+    peft_in = formats.write_adapter(fixed_adapter("peft"), tmp_path / "p")
+    kohya_in = formats.write_adapter(fixed_adapter("kohya"), tmp_path / "k.safetensors", "kohya")
+    with Registry.open() as reg:  # the inputs registered first: their own registration hashes and checks them
+        reg.register_adapter(peft_in)
+        reg.register_adapter(kohya_in)
+    checked = []
+
+    def written_here(path) -> bool:
+        path = Path(path)
+        return path.name in ("cat", "out.safetensors") or path.parent.name == "cat"
+
+    def not_the_outputs(path, *args, **kwargs):
+        assert not written_here(path), path
+        return fsutil.sha256_file(path, *args, **kwargs)
+
+    for module in (store, blobs, formats):
+        monkeypatch.setattr(module, "sha256_file", not_the_outputs)
+    real_check = formats.check_values
+    monkeypatch.setattr(formats, "check_values", lambda path: checked.append(path) or real_check(path))
+
+    kept = derive.combine([(str(peft_in), 1.0), (str(peft_in), -0.5)], "cat", device="cpu", name="cat")
+    out = tmp_path / "out.safetensors"
+    wrote = derive.combine([(str(kohya_in), 1.0), (str(kohya_in), 0.5)], "cat", device="cpu", output=str(out))
+    assert checked and not [path for path in checked if written_here(path)]
+    assert (kept.adapter.sha256, wrote.adapter.sha256) == (CAT_PEFT_BEFORE, CAT_KOHYA_BEFORE)
+    assert wrote.adapter.sha256 == sha256(out) == sha256(Path(wrote.adapter.path))
+    monkeypatch.undo()
+    assert formats.identity(kept.adapter.path) == CAT_PEFT_BEFORE  # the stored folder, read again
+    with Registry.open() as reg:
+        assert reg.verify() == []
+
+
+def registry_state() -> tuple[list[str], list[str]]:
+    """(registered adapter names, every path under the blob store except lock files)."""
+    with Registry.open() as reg:
+        names = sorted(a.name for a in reg.list_adapters())
+        root = reg.blobs.root
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".locks" not in p.parts)
+    return names, files
+
+
+def open_files() -> list[str]:
+    return sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+def fail_after(monkeypatch, method: str, calls: int, make) -> list[int]:
+    """Replace a combine method by one that does ``make(result)`` on its ``calls``-th module; returns how many
+    tensors the writer had been given by then (the modules before it are written by the time it is computed)."""
+    from loraops.ops import combine as ops
+
+    spec, seen, added, given = ops.METHODS[method], [0], [0], []
+    real_add = st.TensorWriter.add
+
+    def add(self, name, tensor):
+        added[0] += 1
+        return real_add(self, name, tensor)
+
+    def run(*args):
+        seen[0] += 1
+        result = spec.run(*args)
+        if seen[0] == calls:
+            given.append(added[0])
+            return make(result)
+        return result
+
+    monkeypatch.setattr(st.TensorWriter, "add", add)
+    monkeypatch.setitem(ops.METHODS, method, replace(spec, run=run))
+    return given
+
+
+def boom(result):
+    raise KeyboardInterrupt  # as a Ctrl-C midway would
+
+
+def nan(result):
+    result.B[0, 0] = float("nan")
+    return result
+
+
+@pytest.mark.parametrize("make, error", [(boom, KeyboardInterrupt), (nan, InvalidInputError)])
+@pytest.mark.parametrize("fmt, output", [("kohya", "out.safetensors"), ("peft", "out"), ("kohya", None)])
+def test_a_failure_midway_leaves_nothing(tmp_path, monkeypatch, make, error, fmt, output):
+    """A module that fails (an interrupt) or comes out with NaN after others were written: no output, no temp or
+    scratch file (beside the output or in the blob store), no registry row, not even for the inputs the command
+    registered, and no file left open."""
+    a, b = two_inputs(tmp_path, fmt)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    before, files = registry_state(), open_files()
+    given = fail_after(monkeypatch, "linear", 4, make)
+    with pytest.raises(error) as raised:
+        derive.combine([(str(a), 1.0), (str(b), 0.5)], "linear", device="cpu",
+                       output=None if output is None else str(out / output))
+    assert given == [3 * (3 if fmt == "kohya" else 2)]  # three modules written (kohya: down, up, alpha)
+    if error is InvalidInputError:
+        assert f"module {fourth(fmt)!r} comes out with NaN or Inf" in str(raised.value)
+    assert list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name, "outputs"])
+    assert registry_state() == before
+    assert open_files() == files
+
+
+def test_a_resize_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    from loraops.ops import resize as ops
+
+    a = kohya_file(tmp_path / "a.safetensors", MODULES, rank=4)
+    real, seen = ops.resize_module, []
+
+    def resize_module(*args, **kwargs):
+        seen.append(1)
+        module, record = real(*args, **kwargs)
+        if len(seen) == 3:
+            module.B[1, 0] = float("inf")
+        return module, record
+
+    monkeypatch.setattr(ops, "resize_module", resize_module)
+    with pytest.raises(InvalidInputError, match=r"resize of a@1: module 'lora_unet_2_proj' comes out with "
+                                                r"NaN or Inf values \(beyond what float32 holds\?\)"):
+        derive.resize(str(a), rank=2, device="cpu", output=str(tmp_path / "r.safetensors"))
+    assert len(seen) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    assert registry_state() == ([], [])
+
+
+def test_the_result_is_never_whole_in_memory(tmp_path, monkeypatch):
+    """Each module the algebra makes is written and dropped before the next is made: the writer never sees more
+    than the module it is writing alive (the whole result held again would be every module)."""
+    made: list[weakref.ref] = []
+    real_with_factors = LoraModule.with_factors
+
+    def with_factors(self, *args, **kwargs):
+        module = real_with_factors(self, *args, **kwargs)
+        made.append(weakref.ref(module.B))
+        return module
+
+    most = [0]
+    real_add = st.TensorWriter.add
+
+    def add(self, name, tensor):
+        most[0] = max(most[0], sum(ref() is not None for ref in made))
+        return real_add(self, name, tensor)
+
+    monkeypatch.setattr(LoraModule, "with_factors", with_factors)
+    monkeypatch.setattr(st.TensorWriter, "add", add)
+    a = kohya_file(tmp_path / "a.safetensors", MODULES, rank=4)
+    b = kohya_file(tmp_path / "b.safetensors", MODULES, rank=2, seed=1)
+    derive.combine([(str(a), 1.0), (str(b), 0.5)], "linear", device="cpu", output=str(tmp_path / "c.safetensors"))
+    derive.combine([(str(a), 1.0), (str(b), 1.0)], "ties", {"density": 0.5}, device="cpu", fmt="kohya")
+    derive.resize(str(a), rank=2, device="cpu", output=str(tmp_path / "r.safetensors"))
+    assert len(made) == 3 * len(MODULES)
+    assert most[0] == 1
+
+
+CHILD = """
+import os, sys, time
+from dataclasses import replace
+from loraops.cli import exit_status
+from loraops.ops import combine as ops
+
+spec, calls = ops.METHODS["linear"], [0]
+
+def run(*args):
+    calls[0] += 1
+    if calls[0] == 4:  # three modules written: say so, and wait to be killed
+        open(sys.argv[1], "w").close()
+        time.sleep(120)
+    return spec.run(*args)
+
+ops.METHODS["linear"] = replace(spec, run=run)
+sys.exit(exit_status(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("fmt, name", [("kohya", "c.safetensors"), ("peft", "c")])
+def test_killed_while_writing_leaves_no_output(tmp_path, fmt, name):
+    """SIGKILL while the result is being written (its first modules already in the scratch file): no output, at
+    most the marked temp sibling the next write to it removes; the scratch file had no name to leave behind."""
+    from loraops.fsutil import remove_stale_temps
+
+    a, b = two_inputs(tmp_path, fmt)
+    out, marker = tmp_path / "outputs", tmp_path / "marker"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(marker), "combine", str(a), str(b), "--method", "linear",
+                              "--device", "cpu", "-o", str(out / name)])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the combine ended before it was killed"
+            time.sleep(0.05)
+        links = [os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.pid}/fd")]
+        scratch = [link for link in links if link.startswith(str(out)) and link.endswith("(deleted)")]
+        assert len(scratch) == 1, links  # the modules written so far, in a file with no name
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert all(p.name.startswith(f"{TMP_MARK}{name}.") for p in out.iterdir())
+    remove_stale_temps(out / name, idle_s=0)
+    assert list(out.iterdir()) == []
