@@ -189,8 +189,8 @@ def test_merge_combine_resize_never_write_into_the_stored_files(reg, art, tmp_pa
     before = digests(reg)
     merged, combined, resized = [], [], []
     spy(monkeypatch, engine, "merge", merged)
-    spy(monkeypatch, algebra, "combine", combined)
-    spy(monkeypatch, algebra, "resize", resized)
+    spy(monkeypatch, algebra, "combine_lazily", combined)
+    spy(monkeypatch, algebra, "resize_lazily", resized)
 
     report = merging.merge("llama", ["peft-bf16:0.5", "peft-fp32"], tmp_path / "merged", record=False, device="cpu")
     assert report.tensors_merged and report.tensors_replaced  # the fp32 adapter's lm_head replaces the base's
