@@ -351,3 +351,19 @@ def test_killed_while_writing_leaves_no_output(tmp_path, fmt, name):
     assert all(p.name.startswith(f"{TMP_MARK}{name}.") for p in out.iterdir())
     remove_stale_temps(out / name, idle_s=0)
     assert list(out.iterdir()) == []
+
+
+def test_register_trusts_written_only_for_checked_values_of_that_path(tmp_path):
+    """``register_adapter(written=...)`` skips the NaN check and the re-hash only for what it vouches for: a Written of
+    another path is refused (its hashes are not this file's), and one of values nobody checked (formats.write of an
+    adapter in memory) has them checked as any registration does."""
+    good = lora_adapter({"m.0.proj": (8, 8)})
+    bad = replace(good, modules={n: replace(m, B=m.B.clone().fill_(float("nan"))) for n, m in good.modules.items()})
+    other = formats.write(good, tmp_path / "good")
+    written = formats.write(bad, tmp_path / "bad")
+    with Registry.open() as reg:
+        with pytest.raises(InvalidInputError, match="NaN or Inf"):
+            reg.register_adapter(written.path, written=written)
+        with pytest.raises(InvalidInputError, match="not what was written"):
+            reg.register_adapter(written.path, written=other)
+        assert reg.list_adapters() == []

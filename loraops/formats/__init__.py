@@ -92,10 +92,13 @@ OLD_DIFFUSERS_KEY = re.compile(r"(\.processor\.to_(q|k|v|out)_lora|\.lora|\.lora
 @dataclass(frozen=True)
 class Written:
     """An adapter ``write`` wrote: where, and the sha256 of each of its files' bytes (by file name), hashed as they
-    were written, so no one needs to read them again to know (see ``identity``)."""
+    were written, so no one needs to read them again to know (see ``identity``); ``checked``: every value written was
+    checked finite as it was computed (a loraops.algebra.Derivation's modules), so no one needs to read them again
+    for that either (an adapter in memory written as it is was not: its values are whatever the caller put there)."""
 
     path: Path
     sha256: dict[str, str]
+    checked: bool = False
 
 
 def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
@@ -112,7 +115,10 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         raise InvalidInputError(
             f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
         )
+    from ..algebra import Derivation
+
     spill = modules is not None  # an adapter's own tensors are in memory anyway: kept, not spilled
+    checked = isinstance(modules, Derivation)
     modules = adapter.modules.values() if modules is None else modules
     if fmt == "peft" and adapter.own_names:  # PEFT keys are module paths as the adapter's own model names them in
         # memory (the diffusers writer maps bound checkpoint names to its own component names, and kohya's are
@@ -128,7 +134,7 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
                                 "give a folder name, or --format kohya/diffusers for one .safetensors file")
     with atomic_path(dest, force=force, is_dir=is_dir) as tmp:
         hashes = writer(adapter, modules, tmp, spill=spill)
-    return Written(dest, hashes if is_dir else {dest.name: hashes[tmp.name]})
+    return Written(dest, hashes if is_dir else {dest.name: hashes[tmp.name]}, checked)
 
 
 def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:

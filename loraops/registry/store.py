@@ -348,9 +348,9 @@ class Registry:
         """Register the adapter at ``path`` (any supported layout), copying its files into the blob store
         (``scratch``: loraops wrote them into ``blobs.scratch()``, and they are moved there instead).
 
-        ``written``: what formats.write returned for ``path`` in this process, writing values loraops computed and
-        checked as it did (loraops.algebra's): its hashes stand for the files' bytes, and the values are not read
-        again (a 70B derived adapter is 1.6 GB or more, and each pass over it seconds).
+        ``written``: what formats.write returned for ``path`` in this process: its hashes stand for the files' bytes,
+        and when it wrote values loraops computed and checked as it did (loraops.algebra's, ``written.checked``) the
+        values are not read again (a 70B derived adapter is 1.6 GB or more, and each pass over it seconds).
 
         The same name with another identity becomes the next version. ``base``: a registered base the adapter must
         fit; without it, PEFT's base_model_name_or_path is matched to a registered base's name or source (linked
@@ -363,6 +363,9 @@ class Registry:
         from .. import formats
 
         path = Path(path)
+        if written is not None and written.path.resolve() != path.resolve():
+            raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
+                                    "adapter's; register it without `written`")
         formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
         files = formats.adapter_files(path)
         known = {} if written is None else written.sha256
@@ -372,7 +375,7 @@ class Registry:
         # shapes and alphas are all a record needs: the values are only checked, block by block (a 70B rank-64
         # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied)
         adapter = formats.read_adapter(path, alpha=alpha, values=False)
-        if written is None:
+        if written is None or not written.checked:
             formats.check_values(path)
         name = check_name(default_name(path) if name is None else name, "adapter")
         tags = clean_tags(tags)
