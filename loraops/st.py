@@ -265,10 +265,10 @@ def map_file(header: Header) -> "torch.Tensor":
 def write_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None,
                       *, hash_key: str | None = None) -> str:
     """Write a safetensors file of tensors held in memory (see TensorWriter for the layout); returns its sha256."""
-    writer = TensorWriter(Path(path), spill=False)
-    for name, tensor in tensors.items():
-        writer.add(name, tensor)
-    return writer.close(metadata, hash_key=hash_key)
+    with TensorWriter(Path(path), spill=False) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        return writer.close(metadata, hash_key=hash_key)
 
 
 class TensorWriter:
@@ -346,8 +346,14 @@ class TensorWriter:
         finally:
             self.abandon()
 
+    def __enter__(self) -> "TensorWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abandon()  # after close, nothing left; after an error, the scratch file and what was kept
+
     def abandon(self) -> None:
-        """Drop the scratch file and what was kept (``close`` does it too)."""
+        """Drop the scratch file and what was kept (``close`` and leaving a ``with`` block do it too)."""
         self._entries.clear()
         if self._scratch is not None:
             self._scratch.abandon()

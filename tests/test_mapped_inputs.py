@@ -17,15 +17,12 @@ import pytest
 import torch
 
 from factories import kohya_file, peft_adapter, tiny_llama
+from test_registry import KOHYA_MODULES
 from loraops import algebra, derive, engine, formats, merging, st
 from loraops.registry import Registry
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
 
-KOHYA_MODULES = {
-    "lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,)),
-    "lora_unet_model_layers_1_mlp_down_proj": ((128,), (64,)),
-}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ Alpha: diffusers writes the LoraConfig of each component as JSON under the heade
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
@@ -103,8 +104,8 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
         names[name] = target
-    if len(set(names.values())) < len(names):
-        target, *_ = (t for t in names.values() if list(names.values()).count(t) > 1)
+    target, count = Counter(names.values()).most_common(1)[0] if names else (None, 0)
+    if count > 1:
         raise FormatError(f"{adapter.label}: two modules are both the pipeline's {target!r}; merge them first")
     return names
 
@@ -117,8 +118,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
     rslora = adapter.scale_mode == "rslora"
     names = pipeline_names(adapter)
     stream = common.ModuleStream(adapter, modules)
-    out = st.TensorWriter(dest, spill=spill)
-    try:
+    with st.TensorWriter(dest, spill=spill) as out:
         for (module,) in stream:
             module = replace(module, name=names[module.name], fused=None)
             for key, tensor in peft.module_tensors(module, ""):
@@ -132,6 +132,3 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             cfg = peft.lora_config(members, {n: n.partition(".")[2] for n in members}, rslora=rslora, saved_modules=[])
             packed.update({f"{component}.{k}": v for k, v in cfg.items()})
         return {dest.name: out.close({"format": "pt", METADATA_KEY: json.dumps(packed, sort_keys=True)})}
-    except BaseException:
-        out.abandon()
-        raise

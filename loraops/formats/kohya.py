@@ -209,8 +209,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             f"kohya files cannot hold full replacement tensors (modules_to_save: {sorted(adapter.full_tensors)[:3]})"
         )
     stream = common.ModuleStream(adapter, modules, part_of)
-    out = st.TensorWriter(dest, spill=spill)
-    try:
+    with st.TensorWriter(dest, spill=spill) as out:
         for group in stream:
             module = group[0] if part_of(group[0]) is None else join(group)
             down, up = factors(module)
@@ -236,9 +235,6 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             "ss_v2": adapter.metadata.get("ss_v2", "False"),
         }
         return {dest.name: out.close(metadata, hash_key=HASH_KEY)}
-    except BaseException:
-        out.abandon()
-        raise
 
 
 def data_hash(path: Path) -> str:

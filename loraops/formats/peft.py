@@ -399,8 +399,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
     saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name})
     fused = {key for m in adapter.modules.values() if (key := params.parameter_group(m)) is not None}
     stream = common.ModuleStream(adapter, modules, params.parameter_group)
-    out = st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill)
-    try:
+    with st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill) as out:
         for group in stream:
             for module in group:
                 stream.keep(module)
@@ -423,9 +422,6 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
             target_parameters=sorted(parameters),
         )
         weights_sha256 = out.close({"format": "pt"})
-    except BaseException:
-        out.abandon()
-        raise
     biases = [name for name, key in keys.items() if key.endswith(".base_layer.bias")]
     # a bias saved with its whole layer (save_embedding_layers: Phi's lm_head) says nothing about training biases
     trained = [name for name in biases if f"{name.rpartition('.')[0]}.weight" not in adapter.full_tensors]
