@@ -367,3 +367,15 @@ def test_register_trusts_written_only_for_checked_values_of_that_path(tmp_path):
         with pytest.raises(InvalidInputError, match="not what was written"):
             reg.register_adapter(written.path, written=other)
         assert reg.list_adapters() == []
+
+
+def test_two_modules_with_one_pipeline_name_are_refused_not_dropped(tmp_path):
+    """A single-file checkpoint's name and the diffusers name it translates to are one pipeline module: the diffusers
+    writer refuses them (it used to keep one and drop the other), and nothing is written."""
+    from loraops.errors import FormatError
+
+    names = ["model.diffusion_model.input_blocks.1.1.proj_in", "unet.down_blocks.0.attentions.0.proj_in"]
+    modules = {n: LoraModule(n, torch.randn(2, 8), torch.randn(8, 2), alpha=2.0, scale=1.0) for n in names}
+    with pytest.raises(FormatError, match=r"two modules are both the pipeline's 'unet\.down_blocks\.0\.attentions\.0\.proj_in'"):
+        formats.write_adapter(Adapter(modules, "kohya", names_resolved=True), tmp_path / "out.safetensors", "diffusers")
+    assert list(tmp_path.iterdir()) == []
