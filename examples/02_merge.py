@@ -52,6 +52,15 @@ def main() -> None:
                                  metadata={"ss_network_module": "networks.lora", "ss_base_model_version": version})
         loraops("check", kohya, "--base", checkpoint)
         loraops("merge", f"{kohya}:0.8", "--into", checkpoint, "-o", work / f"{label}-merged.safetensors", "--no-record")
+    print("\n--- a LyCORIS LoCon in Tucker form (1×1 down, k×k lora_mid, 1×1 up) into the SD 1.5 checkpoint ---")
+    tucker = named_kohya_lora(work / "sd15-tucker.safetensors", SD15[1], r=4, alpha=2, tucker=True,
+                              metadata={"ss_network_module": "lycoris.kohya", "ss_base_model_version": "sd_v1"})
+    loraops("check", tucker, "--base", work / "sd15-tiny.safetensors")
+    loraops("merge", tucker, "--into", work / "sd15-tiny.safetensors", "-o", work / "sd15-tucker-merged.safetensors",
+            "--no-record")
+    print(f"\nthe 3×3 conv's LoRA as loraops reads it vs LyCORIS' three convolutions: max relative |Δ output| "
+          f"{tucker_gap(tucker):.0e}")
+
     print("\n--- a diffusers FLUX LoRA (split q/k/v) into a FLUX.1 checkpoint that fuses them ---")
     flux = sd_checkpoint(work / "flux-tiny.safetensors", FLUX[0])
     flux_lora = diffusers_lora(work / "flux-style.safetensors", FLUX[1], r=4)
@@ -84,6 +93,21 @@ def main() -> None:
     r = back.residual
     print(f"engine.subtract: {r.elements_differing} of {r.elements} elements differ from the base "
           f"(max |Δ| {r.max_abs_diff:.2g}): bf16 round trips are never bit-exact")
+
+
+def tucker_gap(lora: Path) -> float:
+    """How far the resnet conv's LoRA, as loraops reads it (one k×k factor), computes from down (1×1), mid (3×3) and
+    up (1×1) run one after another as LyCORIS runs them, in float64 on a random input."""
+    from safetensors.torch import load_file
+
+    from loraops import formats
+
+    conv, name = torch.nn.functional.conv2d, "lora_unet_down_blocks_0_resnets_1_conv1"
+    down, mid, up = (load_file(lora)[f"{name}.lora_{part}.weight"].double() for part in ("down", "mid", "up"))
+    module = formats.read_adapter(lora).modules[name]
+    x = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lycoris = module.scale * conv(conv(conv(x, down), mid, padding=1), up)
+    return float((conv(x, module.delta(dtype=torch.float64), padding=1) - lycoris).abs().max() / lycoris.abs().max())
 
 
 def moe_logit_gap(base: Path, adapter: Path, merged: Path) -> float:

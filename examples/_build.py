@@ -145,16 +145,21 @@ def sd_checkpoint(out: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
 
 
 def named_kohya_lora(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, alpha: float,
-                     metadata: dict[str, str], seed: int = 3) -> Path:
+                     metadata: dict[str, str], seed: int = 3, tucker: bool = False) -> Path:
     """A kohya LoRA with these names and ``ss_*`` metadata ({name: (out, in, *kernel)}; a 4-D shape gets LoCon
-    factors). Written by loraops' writer, whose bytes do not change from run to run (safetensors' save_file orders
-    the metadata differently each time), so the demo's sha256s can be quoted."""
+    factors, and with ``tucker`` a k×k one LyCORIS' Tucker form: a 1×1 down, an r×r×k×k mid). Written by loraops'
+    writer, whose bytes do not change from run to run (safetensors' save_file orders the metadata differently each
+    time), so the demo's sha256s can be quoted."""
     from loraops.st import write_safetensors
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, (out_f, in_f, *kernel) in modules.items():
-        tensors[f"{name}.lora_down.weight"] = torch.randn(r, in_f, *kernel, generator=g)
+        if tucker and any(k > 1 for k in kernel):
+            tensors[f"{name}.lora_down.weight"] = torch.randn(r, in_f, 1, 1, generator=g)
+            tensors[f"{name}.lora_mid.weight"] = torch.randn(r, r, *kernel, generator=g) / 3
+        else:
+            tensors[f"{name}.lora_down.weight"] = torch.randn(r, in_f, *kernel, generator=g)
         tensors[f"{name}.lora_up.weight"] = torch.randn(out_f, r, *([1, 1] if kernel else []), generator=g) * 0.01
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
     write_safetensors(out, tensors, metadata)

@@ -180,8 +180,8 @@ class Adapter:
     @property
     def dtype(self) -> "torch.dtype":
         first = next(iter(self.modules.values()), None)
-        if first is not None:
-            return first.A.dtype
+        if first is not None:  # B's: a composed Tucker down factor (formats.kohya.tucker_down) is kept in float32
+            return first.B.dtype
         import torch
 
         return next(iter(self.full_tensors.values())).dtype if self.full_tensors else torch.float32

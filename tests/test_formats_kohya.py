@@ -1,6 +1,7 @@
 """kohya/sd-scripts files written by the tests, read and bound to bases with the matching module names."""
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -117,3 +118,64 @@ def test_kohya_writer_refuses_name_collisions(tmp_path):
     with pytest.raises(InvalidInputError, match="collide under kohya naming"):
         write_adapter(adapter, tmp_path / "out.safetensors", "kohya")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def _tucker_file(path, *, rank=4, dtype=torch.float32, down_shape=None, mid_shape=None, mid_value=None):
+    """A LyCORIS LoCon file with the conv_embedding_model's 3×3 conv (8 → 6) in Tucker form: a 1×1 down, a k×k mid,
+    a 1×1 up, as LyCORIS' LoConModule(use_tucker=True) saves it."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    mid = torch.randn(mid_shape or (rank, rank, 3, 3), generator=g)
+    if mid_value is not None:
+        mid.view(-1)[0] = mid_value
+    tensors = {
+        "lora_unet_conv3.lora_down.weight": torch.randn(down_shape or (rank, 8, 1, 1), generator=g),
+        "lora_unet_conv3.lora_mid.weight": mid,
+        "lora_unet_conv3.lora_up.weight": torch.randn(6, rank, 1, 1, generator=g) * 0.1,
+        "lora_unet_conv3.alpha": torch.tensor(2.0),
+        "lora_unet_proj.lora_down.weight": torch.randn(rank, 16, generator=g),
+        "lora_unet_proj.lora_up.weight": torch.randn(24, rank, generator=g),
+    }
+    save_file({k: v.to(dtype) if v.dim() else v for k, v in tensors.items()}, str(path),
+              metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "locon", "use_tucker": true}'})
+    return path, {k: v.to(dtype).double() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tucker_locon_reads_as_the_conv_it_equals(conv_base, dtype, tmp_path):
+    """LyCORIS' Tucker LoCon runs down (1×1), mid (k×k, the layer's padding) and up (1×1) convolutions; loraops reads
+    it as the one plain LoRA they compose to, so check/merge/resize treat it as kohya LoCon."""
+    from loraops import engine
+
+    path, raw = _tucker_file(tmp_path / "tucker.safetensors", dtype=dtype)
+    adapter = read_adapter(path)
+    conv3 = adapter.modules["lora_unet_conv3"]
+    assert conv3.A.shape == (4, 8, 3, 3) and conv3.rank == 4 and conv3.scale == 0.5
+    assert conv3.A.dtype == torch.float32  # the composition is not rounded back to bfloat16
+    assert "lora_unet_conv3.lora_mid.weight" in conv3.source_keys
+    conv = torch.nn.functional.conv2d
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    three_convs = conv(conv(conv(x, raw["lora_unet_conv3.lora_down.weight"]), raw["lora_unet_conv3.lora_mid.weight"],
+                            padding=1), raw["lora_unet_conv3.lora_up.weight"])
+    torch.testing.assert_close(conv(x, conv3.delta(dtype=torch.float64), padding=1), 0.5 * three_convs,
+                               rtol=1e-6, atol=1e-7)
+    # merged into the base: the merged layer computes the base layer plus the three convolutions
+    engine.merge(conv_base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu", precise=True)
+    merged, base = st.load_tensors(st.read_header(tmp_path / "out.safetensors")), st.load_tensors(st.read_header(conv_base))
+    torch.testing.assert_close(conv(x, merged["conv3.weight"].double(), padding=1),
+                               conv(x, base["conv3.weight"].double(), padding=1) + 0.5 * three_convs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"down_shape": (4, 8, 3, 3)}, "needs lora_unet_conv3.lora_down.weight r×in×1×1 and lora_unet_conv3.lora_mid.weight r×r×k×k"),
+    ({"mid_shape": (4, 3, 3, 3)}, "has 4×8×1×1 and 4×3×3×3"),
+    ({"mid_shape": (5, 4, 3, 3)}, "rank mismatch: A has rank 5, B has rank 4"),
+    ({"mid_value": float("nan")}, "tensor 'lora_unet_conv3.lora_mid.weight' contains NaN or Inf"),
+])
+def test_malformed_tucker_is_a_one_line_error(change, message, tmp_path):
+    from loraops.errors import InvalidInputError
+
+    path, _ = _tucker_file(tmp_path / "bad.safetensors", **change)
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        read_adapter(path)

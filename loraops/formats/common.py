@@ -32,7 +32,6 @@ REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
     (r"(^|\.)boft_[Rs](\.|$)", "a BOFT adapter (boft_R, butterfly orthogonal finetuning)"),
     (r"(^|\.)lora_E(\.|$)", "an AdaLoRA adapter (lora_E, SVD-parametrised)"),
     (r"(^|\.)vera_lambda_[bd](\.|$)", "a VeRA adapter (vera_lambda, shared random projections)"),
-    (r"(^|\.)lora_mid(\.|$)", "a LoCon/LyCORIS adapter with Tucker decomposition (lora_mid)"),
     (r"(^|\.)(token_adapter|trainable_tokens_delta)(\.|$)", "an adapter with PEFT trainable tokens"),
     (r"(^|\.)(lora_B|lora_up)\.bias$", "a LoRA with a bias on its up factor (PEFT lora_bias)"),
     (r"\.diff(_b)?$", "a full-weight difference file (.diff/.diff_b keys, LyCORIS 'full')"),

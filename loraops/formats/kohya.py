@@ -1,6 +1,7 @@
 """kohya / sd-scripts LoRA: one .safetensors of ``<name>.lora_down.weight`` (r×in, or r×in×k×k),
 ``<name>.lora_up.weight`` (out×r, or out×r×1×1) and ``<name>.alpha`` (0-d; missing or 0 means alpha = r),
-with ``ss_*`` training metadata. Names are the base module path with every "." replaced by "_" behind a prefix
+with ``ss_*`` training metadata; LyCORIS LoCon's Tucker form of a k×k conv adds ``<name>.lora_mid.weight``
+(r×r×k×k, with a 1×1 down), read as the plain LoRA it equals (``tucker_down``). Names are the base module path with every "." replaced by "_" behind a prefix
 naming the network (``lora_unet_``, ``lora_te_``, ``lora_te1_``/``lora_te2_``...); they are resolved to real module
 paths by loraops.check.bind against a base.
 """
@@ -21,8 +22,8 @@ from . import common
 if TYPE_CHECKING:
     import torch
 
-KEY_RE = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+KEY_RE = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_mid\.weight|lora_up\.weight|alpha)$")
+PARTS = {"lora_down.weight": "down", "lora_mid.weight": "mid", "lora_up.weight": "up", "alpha": "alpha"}
 
 # diffusers component (None: a single network such as an LLM) → kohya prefix. sd-scripts names the denoiser
 # "lora_unet" for every architecture (UNet, SD3 MMDiT, FLUX), and the text encoders lora_te / lora_te1, lora_te2
@@ -70,7 +71,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         raise common.unknown_layout(path, unknown, "unknown keys in a kohya LoRA file")
     for name, parts in found.items():
         if "down" not in parts and "up" not in parts:
-            raise InvalidInputError(f"{path}: {parts['alpha']!r} has no lora_down/lora_up tensors")
+            raise InvalidInputError(f"{path}: {next(iter(parts.values()))!r} has no lora_down/lora_up tensors")
     common.pair_factors(path, found, "down", "up")
     if not found:
         raise FormatError(f"{path}: no LoRA tensors in this file")
@@ -86,11 +87,34 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
             module_alpha = common.check_alpha(path, float(stored.float().item()), parts["alpha"]) or None
         elif module_alpha is not None:
             module_alpha = common.check_alpha(path, module_alpha, "alpha")
-        extra = (parts["alpha"],) if "alpha" in parts else ()
+        extra = tuple(parts[part] for part in ("mid", "alpha") if part in parts)
+        if "mid" in parts:
+            down = tucker_down(path, name, down, tensors[parts["mid"]], parts)
         modules[name] = common.build_module(
             path, name, down, up, a_key=parts["down"], b_key=parts["up"], alpha=module_alpha, extra_keys=extra
         )
     return Adapter(modules=modules, format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
+
+
+def tucker_down(path: Path, name: str, down: "torch.Tensor", mid: "torch.Tensor", keys: dict[str, str]) -> "torch.Tensor":
+    """The down factor (r×in×k×k) equal to LyCORIS' Tucker pair: a 1×1 conv ``down`` (r×in×1×1) then a k×k conv
+    ``mid`` (r×r×k×k). A 1×1 convolution commutes with the spatial one, so the two are one k×k convolution with
+    kernel Σ_b mid[a,b]·down[b,i], and up·(mid∘down) is plain kohya LoCon (ComfyUI and LyCORIS compose it the same
+    way). Composed in float64 and kept in float32 (float64 if stored so): rounding it back to a half-precision
+    stored dtype would add an error the trained network never had."""
+    import torch
+
+    if mid.dim() < 3 or down.dim() != mid.dim() or any(d != 1 for d in down.shape[2:]) or mid.shape[1] != down.shape[0]:
+        raise InvalidInputError(
+            f"{path}: module {name!r}: a Tucker (lora_mid) conv needs {keys['down']} r×in×1×1 and {keys['mid']} "
+            f"r×r×k×k, has {common.fmt_shape(down.shape)} and {common.fmt_shape(mid.shape)}"
+        )
+    if not mid.is_floating_point():
+        raise InvalidInputError(f"{path}: module {name!r}: {keys['mid']} must be floating point, not {mid.dtype}")
+    common.check_finite(path, keys["mid"], mid)
+    common.check_finite(path, keys["down"], down)
+    kept = torch.promote_types(down.dtype, torch.float32)
+    return torch.einsum("ab...,bi->ai...", mid.double(), down.flatten(1).double()).to(kept)
 
 
 def component_of(adapter: Adapter, name: str, *, sdxl: bool = False) -> tuple[str | None, str]:
