@@ -410,7 +410,13 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> d
 def misfits(report: CheckReport) -> list[str]:
     """One short phrase per problem, for one-line messages."""
     out = [f"{m.name} (adapter {fmt_shape(m.actual)}, base {fmt_shape(m.expected)})" for m in report.shape_mismatches]
-    out += [f"{n} ({report.why_missing.get(n, 'not in base')})" for n in report.missing]
+    out += [f"{n} (not in base)" for n in report.missing if n not in report.why_missing]
+    # a reason is about one base tensor (every expert of a quantized fused tensor has the same): said once
+    by_reason: dict[str, list[str]] = {}
+    for name in report.missing:
+        if name in report.why_missing:
+            by_reason.setdefault(report.why_missing[name], []).append(name)
+    out += [f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''} ({why})" for why, names in by_reason.items()]
     out += [f"{n} (several base modules match)" for n in report.ambiguous]
     out += [
         f"{m.name} (full tensor {fmt_shape(m.actual)}, " + ("not in base)" if m.expected is None else f"base {fmt_shape(m.expected)})")
@@ -426,6 +432,7 @@ def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: 
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
         where = f"base {base_name}" if base_name else "the base"
-        noun = "module does" if len(problems) == 1 else "modules do"
-        raise MismatchError(f"{adapter.label}: {len(problems)} {noun} not fit {where}: {shown}")
+        count = len(report.shape_mismatches) + len(report.missing) + len(report.ambiguous) + len(report.full_tensor_mismatches)
+        noun = "module does" if count == 1 else "modules do"
+        raise MismatchError(f"{adapter.label}: {count} {noun} not fit {where}: {shown}")
     return bind(adapter, manifest)

@@ -244,8 +244,11 @@ def test_a_quantized_base_is_refused_with_the_reason(tmp_path, bases):
         save_file(out, quantized / file.name, {"format": "pt"})
     code, out, err = run_module("merge", tmp_path / "a", "--into", quantized, "-o", tmp_path / "out", "--no-record")
     assert code == MismatchError.exit_code and len(err.strip().splitlines()) == 1, err
-    assert ("model.layers.0.mlp.experts.0.gate_proj (quantized: stored as "
+    # one phrase per quantized fused tensor, not one per expert module it would hold
+    assert ("model.layers.0.mlp.experts.0.gate_proj and 7 more (quantized: stored as "
             "model.layers.0.mlp.experts.gate_up_proj_blocks and _scales (MXFP4); merge into a bf16 copy of the base)") in err
+    assert err.count("(quantized: stored as") == 4, err  # gate_up_proj and down_proj of each of the 2 layers
+    assert ": 24 modules do not fit base" in err  # 2 layers × 4 experts × (gate, up, down)
     assert not (tmp_path / "out").exists()
 
 
