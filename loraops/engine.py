@@ -621,6 +621,8 @@ class _Pipeline:
                 self.pool.put(torch.empty(size, dtype=torch.uint8, pin_memory=pinned))
             most = max((c.row1 - c.row0) * c.tensor.row_elements for c in chunks)
             self.work = torch.empty(most, dtype=self.compute_dtype, device=self.device)
+            if any(c.tensor.scaled is not None for c in chunks):  # FP8 weights' work space (loraops.fp8)
+                self.scratch = torch.empty(most, dtype=self.compute_dtype, device=self.device)
         reader = threading.Thread(target=self._guard, args=(self._read, files), name="loraops-read", daemon=True)
         writer = threading.Thread(target=self._guard, args=(self._write,), name="loraops-write", daemon=True)
         stages = [reader, writer]
@@ -806,7 +808,7 @@ class _Pipeline:
         acc = self.work[:n]
         acc2 = acc.view(rows, tensor.row_elements)
         if tensor.scaled is not None and tensor.replacement is None:  # dequantize-before: W from its FP8 blocks
-            tensor.scaled.decode(acc2, w, chunk.scales, non_blocking=cuda)
+            tensor.scaled.decode(acc2, w, chunk.scales, self.scratch, non_blocking=cuda)
         else:
             acc.copy_(w, non_blocking=cuda)
         for module, coef in tensor.terms:
@@ -822,7 +824,8 @@ class _Pipeline:
         if tensor.encoded:  # quantize-after: acc becomes W · scale per block; its new scales are kept for the scale
             if chunk.row0 == 0:
                 tensor.new_scales = torch.empty(tensor.scaled.scale.shape, dtype=torch_dtype(tensor.scaled.scale.dtype))
-            tensor.scaled.rows_of(tensor.new_scales, chunk.row0, chunk.row1).copy_(tensor.scaled.encode(acc2))
+            new = tensor.scaled.encode(acc2, self.scratch)
+            tensor.scaled.rows_of(tensor.new_scales, chunk.row0, chunk.row1).copy_(new)
         if cuda:
             out.copy_(acc.to(out_dtype), non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
@@ -837,7 +840,7 @@ class _Pipeline:
             return out.to(device=like.device, dtype=like.dtype)
         stored = like.new_empty(like.shape)
         scales = tensor.scaled.scale_values(tensor.scaled.rows_of(tensor.new_scales, chunk.row0, chunk.row1))
-        tensor.scaled.decode(stored.view(chunk.row1 - chunk.row0, -1), out, scales)
+        tensor.scaled.decode(stored.view(chunk.row1 - chunk.row0, -1), out, scales, self.scratch)
         return stored
 
     def _module_factors(self, tensor: _Tensor, module: LoraModule):
@@ -901,7 +904,7 @@ class _Residual:
         if found is not None or tensor.encoded:  # FP8 on a side: compared by value, each decoded with its own scales
             if found is not None:
                 values = stored.new_empty((chunk.row1 - chunk.row0, tensor.row_elements), device="cpu")
-                found.decode(values, ref, found.rows_of(scales, chunk.row0, chunk.row1))
+                found.decode(values, ref, found.rows_of(scales, chunk.row0, chunk.row1), values.new_empty(values.shape))
                 ref = values.reshape(-1)
             out = stored.cpu()
         if ref.dtype == out.dtype:  # bit for bit (so -0.0 ≠ 0.0 and NaNs compare by their bits)

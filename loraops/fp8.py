@@ -94,22 +94,29 @@ class BlockScaled:
             stored = stored.view(torch.float8_e8m0fnu)
         return stored.to(torch.float32)
 
-    def decode(self, acc: "torch.Tensor", q: "torch.Tensor", scales: "torch.Tensor", non_blocking: bool = False) -> None:
-        """acc (rows × in, on the compute device) ← the chunk's FP8 values q times the inverse scales of their
-        blocks (``scales``: the chunk's rows of read_scales())."""
-        acc.copy_(q.reshape(acc.shape), non_blocking=non_blocking)
+    def decode(self, acc: "torch.Tensor", q: "torch.Tensor", scales: "torch.Tensor", scratch: "torch.Tensor",
+               non_blocking: bool = False) -> None:
+        """Dequantize-before: acc (rows × in, on the compute device) ← the chunk's FP8 values q (on the CPU) times the
+        inverse scales of their blocks (``scales``: the chunk's rows of read_scales()). ``scratch``: a work buffer of
+        at least acc's elements, on acc's device."""
+        import torch
+
+        if acc.device.type == "cpu":  # through a table of the 256 values: torch converts FP8 one element at a time
+            index = scratch.view(-1).view(torch.int32)[: acc.numel()]
+            index.copy_(q.reshape(-1).view(torch.uint8))
+            torch.index_select(_values(acc.dtype), 0, index, out=acc.view(-1))
+        else:  # the FP8 bytes cross, the GPU converts
+            acc.copy_(q.reshape(acc.shape).to(acc.device, non_blocking=non_blocking))
         self._per_block(acc, scales.to(acc.device, acc.dtype))
 
-    def encode(self, acc: "torch.Tensor") -> "torch.Tensor":
+    def encode(self, acc: "torch.Tensor", scratch: "torch.Tensor") -> "torch.Tensor":
         """Quantize-after, for a chunk of whole block rows (acc, rows × in): acc becomes W · scale of its block,
         clamped to the FP8 range (the caller rounds it into the FP8 output); returns the chunk's rows of new inverse
-        scales as the scale tensor stores them, on the CPU."""
+        scales as the scale tensor stores them, on the CPU. ``scratch`` as for decode."""
         import torch
-        import torch.nn.functional as F
 
-        pieces = self._pieces(acc)
-        amax = F.max_pool2d(pieces.abs().unsqueeze(1), self.block, self.block, ceil_mode=True).squeeze(1)
-        amax = amax.reshape(-1, self.grid[1]).to(torch.float32)  # transformers quantizes float32 values
+        amax = self._block_amax(torch.abs(acc, out=scratch.view(-1)[: acc.numel()].view(acc.shape)))
+        amax = amax.to(torch.float32)  # transformers quantizes float32 values
         scale = torch.where(amax > 0, FP8_MAX / amax, 1.0)
         inverse = 1 / scale
         if self.ue8m0:
@@ -122,6 +129,22 @@ class BlockScaled:
         self._per_block(acc, scale.to(acc.dtype))
         acc.clamp_(-FP8_MAX, FP8_MAX)
         return stored.cpu()
+
+    def _block_amax(self, magnitudes: "torch.Tensor") -> "torch.Tensor":
+        """The max of each block (one row per block row) of a chunk's |W|: over each block's columns first (one pass
+        over the chunk), then over its rows (on a matrix bi times smaller)."""
+        import torch
+        import torch.nn.functional as F
+
+        pieces = self._pieces(magnitudes)
+        bi = self.block[1]
+        full = pieces.shape[-1] // bi
+        by_columns = [pieces[..., : full * bi].unflatten(-1, (full, bi)).amax(-1)]
+        if pieces.shape[-1] % bi:
+            by_columns.append(pieces[..., full * bi:].amax(-1, keepdim=True))
+        per_row = torch.cat(by_columns, -1) if len(by_columns) > 1 else by_columns[0]
+        amax = F.max_pool2d(per_row.unsqueeze(1), (self.block[0], 1), (self.block[0], 1), ceil_mode=True)
+        return amax.reshape(-1, self.grid[1])
 
     def _stored(self, inverse: "torch.Tensor") -> "torch.Tensor":
         import torch
@@ -147,6 +170,18 @@ class BlockScaled:
         pieces[..., : full * bi].unflatten(-1, (full, bi)).mul_(per_row[..., :full, None])
         if cols % bi:
             pieces[..., full * bi:].mul_(per_row[..., full:])
+
+
+def _values(dtype: "torch.dtype") -> "torch.Tensor":
+    """The 256 float8_e4m3fn values (NaN at 0x7f and 0xff) in ``dtype``, by their bytes."""
+    import torch
+
+    if dtype not in _VALUES:
+        _VALUES[dtype] = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
+    return _VALUES[dtype]
+
+
+_VALUES: dict = {}
 
 
 def scale_name(weight: str) -> str:
