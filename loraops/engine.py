@@ -20,6 +20,13 @@ base never fingerprinted, the reader hashes what it reads and the writer hashes 
 get cached as well. The report carries the output's fingerprint and both models' digests are cached: recording the
 output and its base re-reads neither.
 
+FP8 bases (loraops.fp8, transformers' fine-grained layout): a weight a LoRA changes is decoded per block before the
+deltas are added (dequantize-before) and encoded with fresh block scales after (quantize-after), its chunks holding
+whole block rows. Its new scale tensor is a tensor of the plan like any other, whose values come from its weight's
+chunks: the plan writes it right after its weight (in the weight's file, the index saying so), whatever its place in
+the base (safetensors puts F32 before F8, so scales usually come first). With --dtype every FP8 weight is decoded and
+its scales are left out.
+
 Memory is bounded by the pool (a few chunks of ≤ CHUNK_ELEMENTS elements) plus the adapters, whatever the model
 size. File I/O and torch kernels release the GIL, so the stages overlap in one process.
 

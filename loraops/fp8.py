@@ -36,6 +36,8 @@ FP8 = "F8_E4M3"
 FP8_MAX = 448.0
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0", "U8")
+DEFAULT_BLOCK = [128, 128]
+"""FineGrainedFP8Config's weight_block_size when the config does not say."""
 QUANTIZED_WEIGHTS = ("F8_E4M3", "F8_E5M2")
 """Dtypes of weights a quantization stores one byte each (the scales' F8_E8M0 is not one)."""
 SUPPORTED = ("loraops merges only into float weights and fine-grained FP8 ones (F8_E4M3 with a per-block "
@@ -185,7 +187,8 @@ _VALUES: dict = {}
 
 
 def scale_name(weight: str) -> str:
-    """``<m>.weight`` → ``<m>.weight_scale_inv``; a fused parameter ``<m>.gate_up_proj`` → ``<m>.gate_up_proj_scale_inv``."""
+    """``<m>.weight`` → ``<m>.weight_scale_inv``; a fused experts parameter ``<m>.gate_up_proj`` →
+    ``<m>.gate_up_proj_scale_inv``."""
     return f"{weight}_scale_inv"
 
 
@@ -210,7 +213,7 @@ def layout(manifest: Mapping[str, TensorInfo], name: str, quantization: dict | N
     block = _block(info, scale, quantization)
     found = BlockScaled(name, tuple(info.shape), scale, scale_name(name), block,
                         ue8m0=(quantization or {}).get("scale_fmt") == "ue8m0" or scale.dtype in ("F8_E8M0", "U8"),
-                        companions=tuple(n for n in _activation_scales(name) if n in manifest))
+                        companions=tuple(n for n in [_activation_scale(name)] if n in manifest))
     lead = tuple(info.shape[:-2])
     expected = (*lead, *found.grid)
     per_matrix = found.grid == (1, 1) and scale.numel == math.prod(lead)  # a per-tensor scale: (), (1,), (1, 1), (E,)…
@@ -228,8 +231,8 @@ def layouts(manifest: Mapping[str, TensorInfo], quantization: Callable[[str], di
 
 def _block(info: TensorInfo, scale: TensorInfo, quantization: dict | None) -> tuple[int, int]:
     rows, cols = info.shape[-2:]
-    if quantization is not None and "weight_block_size" in quantization:
-        block = quantization["weight_block_size"]
+    if quantization is not None:
+        block = quantization.get("weight_block_size", DEFAULT_BLOCK)
         if block is None:
             return rows, cols
         if not (isinstance(block, (list, tuple)) and len(block) == 2
@@ -241,14 +244,16 @@ def _block(info: TensorInfo, scale: TensorInfo, quantization: dict | None) -> tu
     grid = tuple(scale.shape[-2:]) if len(scale.shape) >= 2 else (1, 1)
     if 0 in grid or rows % grid[0] or cols % grid[1]:
         raise FormatError(f"{scale.file}: no quantization_config.weight_block_size beside it, and {list(scale.shape)} "
-                          f"does not divide {info.name!r} {list(info.shape)} into whole blocks: the block size is unknown")
+                          f"does not divide {info.name!r} {list(info.shape)} into whole blocks: the block size is "
+                          "unknown")
     return rows // grid[0], cols // grid[1]
 
 
-def _activation_scales(weight: str) -> list[str]:
-    """A static activation scale of the module (activation_scheme "static")."""
-    return [f"{weight.removesuffix('weight')}activation_scale" if weight.endswith(".weight")
-            else f"{weight}_activation_scale"]
+def _activation_scale(weight: str) -> str:
+    """The name of the module's static activation scale (activation_scheme "static")."""
+    if weight.endswith(".weight"):
+        return f"{weight.removesuffix('weight')}activation_scale"
+    return f"{weight}_activation_scale"
 
 
 def quantized_siblings(weight: str, manifest: Mapping[str, TensorInfo], names: list[str] | None = None) -> list[str]:
@@ -257,10 +262,9 @@ def quantized_siblings(weight: str, manifest: Mapping[str, TensorInfo], names: l
     names sorted, when the caller asks for many modules."""
     names = sorted(manifest) if names is None else names
     module = weight.removesuffix(".weight")
-    found = []
-    for name in names[bisect.bisect_left(names, module):]:
-        if not name.startswith(module):
-            break
+    found, at = [], bisect.bisect_left(names, module)
+    while at < len(names) and names[at].startswith(module):  # (the names with its prefix lie together)
+        name, at = names[at], at + 1
         if name != weight and name[len(module):len(module) + 1] in (".", "_") and not name.endswith(".bias"):
             found.append(f"{name} {manifest[name].dtype}{list(manifest[name].shape)}")
     return found
