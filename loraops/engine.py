@@ -816,9 +816,11 @@ class _Pipeline:
                 if module.transposed:
                     factors = columns[id(module)]
                 else:
-                    norms = torch.linalg.vector_norm(self._base_plus(base2[here], delta), dim=1)
+                    norms = torch.linalg.vector_norm(self._base_plus(base2[here], delta), dim=1, dtype=torch.float64)
                     factors = dora_factors(module, magnitude[rows_of_module], norms).unsqueeze(1)
-                acc2[here].add_(delta).mul_(factors)
+                # f ⊙ (W' + Δ) in float64, rounded once into the accumulator: in float32 (PEFT's way) the sum and the
+                # product each round, and the norm's error moves a whole channel
+                acc2[here].copy_(acc2[here].double().add_(delta).mul_(factors))
         if cuda:
             out.copy_(acc.to(out_dtype), non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
@@ -828,14 +830,16 @@ class _Pipeline:
             self.residual.add(tensor, chunk, acc, out)
 
     def _module_factors(self, tensor: _Tensor, module: LoraModule):
-        """(B2, A2, DoRA magnitude or None) in the compute dtype on the device, kept while one tensor's chunks are
-        computed."""
+        """(B2, A2, DoRA magnitude or None) on the device, the factors in the compute dtype, the magnitude in float64
+        (DoRA's factors f are), kept while one tensor's chunks are computed."""
+        import torch
+
         if self._factors_of is not tensor:
             self._factors, self._factors_of = {}, tensor
         key = id(module)
         if key not in self._factors:
             B2, A2 = module.matrices()
-            magnitude = None if module.magnitude is None else module.magnitude.to(self.device, self.compute_dtype)
+            magnitude = None if module.magnitude is None else module.magnitude.to(self.device, torch.float64)
             self._factors[key] = (B2.to(self.device, self.compute_dtype), A2.to(self.device, self.compute_dtype),
                                   magnitude)
         return self._factors[key]
@@ -847,7 +851,7 @@ class _Pipeline:
         return torch.add(base2, delta, out=self.dora_work[2, : delta.numel()].view_as(delta))
 
     def _column_factors(self, tensor: _Tensor) -> dict[int, "torch.Tensor"]:
-        """id(module) → m / ‖W + Δ‖ per column (1×out) for the tensor's DoRA modules whose output channels are columns
+        """id(module) → m / ‖W + Δ‖ per column (1×out, float64) for the tensor's DoRA modules whose output channels are columns
         (transposed): every row goes into those norms, so they come from one more pass over the base tensor, in
         chunks through the DoRA buffers, before its first chunk is finished. Kept while its chunks are computed."""
         import torch
@@ -855,7 +859,7 @@ class _Pipeline:
         if self._columns_of is tensor:
             return self._columns
         modules = [(module, coef) for module, coef in tensor.terms if module.dora and module.transposed]
-        squares = {id(module): torch.zeros(module.out_features, dtype=self.compute_dtype, device=self.device)
+        squares = {id(module): torch.zeros(module.out_features, dtype=torch.float64, device=self.device)
                    for module, _ in modules}
         for row0, block in _base_blocks(tensor) if modules else ():
             base2 = self.dora_work[0, : block.numel()].view(block.shape)
@@ -865,8 +869,8 @@ class _Pipeline:
                 delta = self.dora_work[1, : block.numel()].view(block.shape)
                 delta.zero_()
                 add_delta(delta, B2, A2, True, slice(row0, row0 + block.shape[0]), coef)
-                both = self._base_plus(base2, delta)
-                squares[id(module)] += both.mul_(both).sum(0)
+                squares[id(module)] += torch.linalg.vector_norm(self._base_plus(base2, delta), dim=0,
+                                                                dtype=torch.float64).square_()
         self._columns_of = tensor
         self._columns = {id(module): dora_factors(module, self._module_factors(tensor, module)[2],
                                                   squares[id(module)].sqrt()).unsqueeze(0) for module, _ in modules}
