@@ -322,3 +322,8 @@ def test_diffusers_file_round_trip(tmp_path):
     again = load_file(tmp_path / "again.safetensors")
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
     assert formats.read_adapter(tmp_path / "again.safetensors").dora
+    config["unet.use_dora"] = False  # (a component without lora_alpha, alpha = r: the other way to its config)
+    del config["unet.lora_alpha"]
+    save_file(tensors, str(tmp_path / "no.safetensors"), {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    with pytest.raises(InvalidInputError, match="has a DoRA magnitude .* but the config says use_dora: false"):
+        formats.read_adapter(tmp_path / "no.safetensors")
