@@ -2,7 +2,7 @@
 residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then kohya
 LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to the checkpoints' original ones; SDXL's
 second text encoder keeps q, k and v fused in one tensor), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
-in Black Forest Labs' layout.
+in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes.
 
     python examples/02_merge.py [WORKDIR]
 
@@ -72,7 +72,7 @@ def main() -> None:
     moe_lora = peft_lora(moe, work / "moe-lora", r=4, alpha=8, targets="all-linear", seed=3)
     loraops("check", moe_lora, "--base", moe)
     loraops("merge", moe_lora, "--into", moe, "-o", work / "mixtral-merged", "--no-record")
-    print(f"\nmerged Mixtral vs the PEFT model: max |Δ logits| {moe_logit_gap(moe, moe_lora, work / 'mixtral-merged'):.0e}")
+    print(f"\nmerged Mixtral vs the PEFT model: max |Δ logits| {logit_gap(moe, moe_lora, work / 'mixtral-merged'):.0e}")
 
     print("\n--- a gpt-oss LoRA as TRL's recipe makes it: one layer's fused experts (stored fused on disk too) ---")
     oss = gpt_oss(work / "gpt-oss-tiny")
@@ -80,7 +80,17 @@ def main() -> None:
                          parameters=["1.mlp.experts.gate_up_proj", "1.mlp.experts.down_proj"])
     loraops("check", oss_lora, "--base", oss)
     loraops("merge", oss_lora, "--into", oss, "-o", work / "gpt-oss-merged", "--no-record")
-    print(f"\nmerged gpt-oss vs the PEFT model: max |Δ logits| {moe_logit_gap(oss, oss_lora, work / 'gpt-oss-merged'):.0e}")
+    print(f"\nmerged gpt-oss vs the PEFT model: max |Δ logits| {logit_gap(oss, oss_lora, work / 'gpt-oss-merged'):.0e}")
+
+    print("\n--- a DoRA adapter (PEFT use_dora): each output channel rescaled to its learned magnitude ---")
+    small = llama(work / "llama-fp32")
+    dora = peft_lora(small, work / "dora", r=8, alpha=16, targets=TARGETS, seed=5, dora=True)
+    loraops("inspect", dora)
+    loraops("check", dora, "--base", small)
+    loraops("merge", dora, "--into", small, "-o", work / "dora-merged", "--name", "dora-merged")
+    print(f"\nmerged DoRA model vs the PEFT model: max |Δ logits| {logit_gap(small, dora, work / 'dora-merged'):.0e}")
+    loraops("subtract", dora, "--from", "dora-merged", "-o", work / "dora-restored", ok=False)  # needs W: --exact
+    loraops("subtract", dora, "--from", "dora-merged", "-o", work / "dora-restored", "--exact")
 
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats
@@ -110,7 +120,7 @@ def tucker_gap(lora: Path) -> float:
     return float((conv(x, module.delta(dtype=torch.float64), padding=1) - lycoris).abs().max() / lycoris.abs().max())
 
 
-def moe_logit_gap(base: Path, adapter: Path, merged: Path) -> float:
+def logit_gap(base: Path, adapter: Path, merged: Path) -> float:
     """How far the merged model's logits are from the adapter's model (PEFT, unmerged) on the same tokens."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
