@@ -3,7 +3,7 @@ residual a bf16 round trip leaves, and `--exact`, which restores the base bit fo
 into an FP8 copy of that model (DeepSeek-V3's fine-grained layout), kept FP8 or dequantized to bf16. Then kohya
 LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to the checkpoints' original ones; SDXL's
 second text encoder keeps q, k and v fused in one tensor), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
-in Black Forest Labs' layout.
+in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes.
 
     python examples/02_merge.py [WORKDIR]
 
@@ -92,6 +92,16 @@ def main() -> None:
     loraops("check", oss_lora, "--base", oss)
     loraops("merge", oss_lora, "--into", oss, "-o", work / "gpt-oss-merged", "--no-record")
     print(f"\nmerged gpt-oss vs the PEFT model: max |Δ logits| {logit_gap(oss, oss_lora, work / 'gpt-oss-merged'):.0e}")
+
+    print("\n--- a DoRA adapter (PEFT use_dora): each output channel rescaled to its learned magnitude ---")
+    small = llama(work / "llama-fp32")
+    dora = peft_lora(small, work / "dora", r=8, alpha=16, targets=TARGETS, seed=5, dora=True)
+    loraops("inspect", dora)
+    loraops("check", dora, "--base", small)
+    loraops("merge", dora, "--into", small, "-o", work / "dora-merged", "--name", "dora-merged")
+    print(f"\nmerged DoRA model vs the PEFT model: max |Δ logits| {logit_gap(small, dora, work / 'dora-merged'):.0e}")
+    loraops("subtract", dora, "--from", "dora-merged", "-o", work / "dora-restored", ok=False)  # needs W: --exact
+    loraops("subtract", dora, "--from", "dora-merged", "-o", work / "dora-restored", "--exact")
 
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats

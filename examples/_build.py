@@ -76,9 +76,10 @@ def gpt_oss(path: Path, *, hidden: int = 32, layers: int = 2, experts: int = 4, 
 
 
 def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str] | str, seed: int = 1,
-              parameters: list[str] | None = None) -> Path:
+              parameters: list[str] | None = None, dora: bool = False) -> Path:
     """A PEFT LoRA folder trained on nothing: random, non-zero factors, as peft itself writes them (``parameters``:
-    PEFT's target_parameters)."""
+    PEFT's target_parameters). ``dora``: a DoRA adapter (use_dora), its magnitudes moved off PEFT's initial ‖W + s·B·A‖
+    (where DoRA merges as plain LoRA would), as training moves them."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -88,8 +89,12 @@ def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str]
         # PEFT 0.21 warns that the gate_up_proj patterns its all-linear writes for fused MoE experts match nothing,
         # then applies them (docs/moe.md)
         warnings.filterwarnings("ignore", message=r".*_pattern keys did not match any targeted module")
-        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=dora,
                                                       target_parameters=parameters, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.exp(0.3 * torch.randn_like(param)))
     peft_model.save_pretrained(out)
     return Path(out)
 

@@ -10,6 +10,9 @@ Factor layouts by kind (r = rank):
     conv       A: r×in×kh×kw        B: out×r×1×1          W: out×in×kh×kw   (Conv1d/Conv3d: one/three kernel dims)
     embedding  A: r×num_embeddings  B: dim×r              W: num_embeddings×dim   (delta = (B·A)ᵀ)
 
+A DoRA module (PEFT ``use_dora``) also holds a magnitude m, one value per output channel: its merge is not W + s·B·A
+but m ⊙ (W + s·B·A) / ‖W + s·B·A‖, each output channel rescaled to its learned norm (see ``magnitude``).
+
 A module bound to one part of a fused base tensor (q, k or v of OpenCLIP's in_proj_weight or FLUX's qkv) changes only
 its block of rows: see ``LoraModule.fused``. A LoRA on a raw parameter (one expert's share of a fused MoE experts
 parameter is a plain module on that expert's own tensor) is marked: see ``LoraModule.raw_parameter``.
@@ -53,6 +56,15 @@ class LoraModule:
     ``experts.gate_up_proj``/``down_proj``: index = the expert, count = the experts), or a 2-D ``weight`` whole (0, 1).
     Its delta is in the parameter's stored layout (never transposed for a Conv1D, as PEFT adds it; an expert's share
     bound to a base that stores the fused parameter in×out is, see ``fused_columns``). None for a LoRA on a module."""
+    magnitude: "torch.Tensor | None" = None
+    """DoRA: the learned norm of every output channel, flattened to (out,) (PEFT's ``lora_magnitude_vector``; Conv
+    layers store it 1×out×1×1). The merged weight is f ⊙ (W + s·B·A) with f = magnitude / ‖W + s·B·A‖, the norm taken
+    per output channel over all its inputs (a row of W, a column of a transposed one): see loraops.engine. None for a
+    plain LoRA."""
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def experts(self) -> int:
@@ -135,7 +147,8 @@ class LoraModule:
     def stand_in(self) -> "LoraModule":
         """This module without its values (factors on the meta device, same shapes and dtypes): what a writer or a
         report keeps of every module while the modules themselves come and go one at a time."""
-        return replace(self, A=self.A.to("meta"), B=self.B.to("meta"))
+        magnitude = None if self.magnitude is None else self.magnitude.to("meta")
+        return replace(self, A=self.A.to("meta"), B=self.B.to("meta"), magnitude=magnitude)
 
 
 @dataclass
@@ -208,8 +221,14 @@ class Adapter:
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules} if self.names_resolved else set(self.modules))
 
     @property
+    def dora(self) -> bool:
+        """A DoRA adapter (its modules carry magnitudes; readers refuse an adapter where only some do)."""
+        return any(m.dora for m in self.modules.values())
+
+    @property
     def num_parameters(self) -> int:
         # an expert's gate and up modules share one A (one block of a fused parameter's lora_A): counted once
         shared = {m.raw_parameter[:2]: m.A.numel() for m in self.modules.values() if m.raw_parameter is not None}
-        return (sum(m.B.numel() + (0 if m.raw_parameter else m.A.numel()) for m in self.modules.values()) + sum(shared.values())
+        return (sum(m.B.numel() + (0 if m.raw_parameter else m.A.numel()) + (m.magnitude.numel() if m.dora else 0)
+                    for m in self.modules.values()) + sum(shared.values())
                 + sum(t.numel() for t in self.full_tensors.values()))

@@ -39,6 +39,12 @@ def _check_bases(bases: Sequence[object], labels: Sequence[str]) -> None:
 
 def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> None:
     for adapter, label in zip(adapters, labels):
+        if adapter.dora:
+            raise InvalidInputError(
+                f"{label} is a DoRA adapter, whose merge rescales each output channel by a norm of the base weights: "
+                "a combination of it is no LoRA and no DoRA adapter, so combine refuses it; merge the adapters into "
+                "the base in turn instead (loraops merge A B --into BASE)"
+            )
         if adapter.full_tensors:
             names = ", ".join(sorted(adapter.full_tensors)[:3])
             adapted = {m.weight_name for m in adapter.modules.values()}
@@ -329,7 +335,9 @@ def resize_lazily(
     below ``rank`` keep their rank (re-orthogonalized, same delta). An expert's gate and up modules of a LoRA on
     fused MoE experts are resized jointly (``params.join_gate_up``), so they keep one A; such an adapter needs a fixed
     ``rank`` (PEFT's wrapper has one rank for all experts, which a dynamic rule would not keep). Everything is
-    checked now; the modules are computed as the Derivation is iterated."""
+    checked now; the modules are computed as the Derivation is iterated. A DoRA module keeps its magnitude as it is:
+    its merge takes the norms of W + the new ΔW (as PEFT does), so each output channel keeps its learned norm and only
+    the direction's update is truncated."""
     from .formats import params as raw
     from .ops.resize import resize_module
     from .settings import resolve_device

@@ -2,6 +2,13 @@
 
     W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ      accumulated in float32 (float64 with precise=True), rounded ONCE to the output dtype
 
+A DoRA adapter (LoraModule.magnitude m) instead takes what the adapters before it made, W', to f ⊙ (W' + Δ), with
+Δ = wᵢ·sᵢ·Bᵢ·Aᵢ and f = m / ‖W + Δ‖ per output channel, the norm of the *base* weight plus its own delta: what PEFT's
+merge and its forward both compute with the adapters active in the order given (so with DoRA the order matters, and
+weight 0 is no no-op: f = m / ‖W‖). An output channel is a row of W, except in a transposed one (GPT-2's Conv1D, an
+embedding), where it is a column: the rows of a chunk then do not hold whole channels, so those norms are taken in one
+more pass over the tensor before its first chunk (``_Pipeline._column_factors``).
+
 How it streams. The output layout is known before anything is read: same files, same tensor order, same shapes;
 only dtypes may change. So each output file is written front to back: its header first, then every tensor's bytes.
 Three stages run at once, joined by bounded queues:
@@ -55,7 +62,7 @@ from . import fp8, settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .check import INPUT_EMBEDDINGS, is_head, tied_head_source
-from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError
+from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .fp8 import FLOAT_DTYPES, BlockScaled
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_overlap,
                      remove_stale_temps)
@@ -117,11 +124,6 @@ class _Tensor:
         return parts.pop() if parts else self.info.shape[0] if self.info.shape else 1
 
     @property
-    def row_unit(self) -> int:
-        """Chunks hold a multiple of this many rows (whole block rows of an FP8 weight)."""
-        return self.scaled.row_unit if self.scaled is not None else 1
-
-    @property
     def encoded(self) -> bool:
         """An FP8 weight whose output is FP8 again (with new scales)."""
         return self.scaled is not None and self.out_dtype == self.info.dtype
@@ -129,6 +131,16 @@ class _Tensor:
     @property
     def row_elements(self) -> int:
         return self.info.numel // self.rows if self.rows else 0
+
+    @property
+    def chunk_rows(self) -> int:
+        """About CHUNK_ELEMENTS elements' worth of rows; whole block rows of an FP8 weight (BlockScaled.row_unit)."""
+        unit = self.scaled.row_unit if self.scaled is not None else 1
+        return max(1, CHUNK_ELEMENTS // max(1, self.row_elements * unit)) * unit
+
+    @property
+    def dora(self) -> bool:
+        return any(module.dora for module, _ in self.terms)
 
     @property
     def out_nbytes(self) -> int:
@@ -245,7 +257,10 @@ def subtract(
 ) -> MergeReport:
     """Write model − Σ wᵢ·sᵢ·Bᵢ·Aᵢ. The report's ``residual`` says what the round trip left: always the largest
     rounding error of the output, and, when ``reference`` (the pristine base) is given, how many elements of the
-    touched tensors differ from it. In bf16/fp16 this is never zero: merge rounded W + ΔW once already."""
+    touched tensors differ from it. In bf16/fp16 this is never zero: merge rounded W + ΔW once already. A DoRA adapter
+    is refused: see ``refuse_dora``."""
+    for adapter, _ in adapters:
+        refuse_dora(adapter)
     return _run("subtract", model, [(a, -float(w)) for a, w in adapters], output, dtype=dtype, device=device,
                 precise=precise, force=force, progress=progress, reference=reference, fingerprint=fingerprint)
 
@@ -318,6 +333,23 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     )
 
 
+def refuse_dora(adapter: Adapter) -> None:
+    """DoRA cannot be taken off arithmetically: its merge rescaled each output channel by m / ‖W + ΔW‖, a norm of the
+    base weights W that the merged model no longer holds."""
+    if adapter.dora:
+        raise UnsupportedAdapterError(
+            f"{adapter.label}: a DoRA adapter cannot be subtracted: its merge rescaled every output channel by "
+            "magnitude/‖W + s·B·A‖, a norm of the base weights the merged model no longer holds; --exact restores a "
+            "merge loraops recorded from its base"
+        )
+
+
+def applies(module: LoraModule, weight: float) -> bool:
+    """Does ``module`` at ``weight`` change its tensor? A DoRA module always does: at weight 0 it still rescales each
+    output channel to its magnitude (PEFT's set_scale(0) too)."""
+    return module.dora or weight * module.scale != 0
+
+
 def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> None:
     """Refuse an output that cannot fit before any adapter is loaded (the run checks again, with its adapters)."""
     _ensure_room(base, _plan(base, [], parse_dtype(dtype)), _other_files(base)[0], output_path(output))
@@ -388,11 +420,13 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     changed_by: dict[str, set[int]] = {}  # tensor → the inputs whose LoRAs change it
     replacements: dict[str, "torch.Tensor"] = {}
     replaced_by: dict[str, int] = {}
+    position: dict[int, int] = {}  # id(module) → its adapter's place in the order given (DoRA's order matters)
     for index, (adapter, weight) in enumerate(adapters):
         for module in adapter.modules.values():
-            if weight * module.scale != 0:
+            if applies(module, weight):
                 terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
                 changed_by.setdefault(module.weight_name, set()).add(index)
+                position[id(module)] = index
         adapted = _saved_layer_tensors(adapter)
         for name, tensor in adapter.full_tensors.items():
             # PEFT's saved layer under a LoRA (save_embedding_layers): untouched by training it replaces nothing;
@@ -421,7 +455,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
             continue
-        shared = [term for name in sorted(group) for term in terms.get(name, [])]
+        shared = sorted((term for name in sorted(group) for term in terms.get(name, [])),
+                        key=lambda term: position[id(term[0])])
         replacement = next((replacements[name] for name in sorted(group) if name in replacements), None)
         for name in group:
             terms[name] = shared
@@ -436,6 +471,11 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             scaled[name] = found
     if out_dtype is not None:
         scaled.update(fp8.layouts(base.tensors, base.quantization_config))
+    for name in scaled.keys() & terms.keys():
+        # its column norms come from one more pass over the stored tensor (_base_blocks), which reads it undecoded
+        if (module := next((m for m, _ in terms[name] if m.dora and m.transposed), None)) is not None:
+            raise UnsupportedAdapterError(f"DoRA module {module.name!r}: {name!r} is FP8 and stored in×out, which a "
+                                          "DoRA merge does not read; convert the base first (merge --dtype bf16)")
     left_out = {n for found in scaled.values() for n in (found.scale_name, *found.companions)} if out_dtype else set()
     encoded = {found.scale_name for found in scaled.values()} if out_dtype is None else set()
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
@@ -481,7 +521,7 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
     computes what the adapter's model computed, where changing the one shared tensor (PEFT's merge) would move the
     input embeddings by the head's delta too."""
     wanted = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
-              if weight * m.scale != 0}
+              if applies(m, weight)}
     wanted.update((name, tuple(t.shape)) for adapter, _ in adapters for name, t in adapter.full_tensors.items())
     heads = {}
     for name, shape in sorted(wanted.items()):
@@ -568,8 +608,7 @@ def _steps(file: _File) -> Iterable[_Copy | _Chunk]:
         if pending is not None:
             yield pending
             pending = None
-        unit = tensor.row_unit
-        step = max(1, CHUNK_ELEMENTS // max(1, tensor.row_elements * unit)) * unit
+        step = tensor.chunk_rows
         for row0 in range(0, tensor.rows, step):
             yield _Chunk(tensor, row0, min(row0 + step, tensor.rows))
     if pending is not None:
@@ -614,8 +653,10 @@ class _Pipeline:
         self.read_q: queue.Queue = queue.Queue(maxsize=POOL_BUFFERS)
         self.write_q: queue.Queue = queue.Queue(maxsize=POOL_BUFFERS)
         self.hash_q: queue.Queue = queue.Queue(maxsize=POOL_BUFFERS)
-        self._factors: dict[int, tuple["torch.Tensor", "torch.Tensor"]] = {}
+        self._factors: dict[int, tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]] = {}
         self._factors_of: _Tensor | None = None
+        self._columns: dict[int, "torch.Tensor"] = {}
+        self._columns_of: _Tensor | None = None
 
     def run(self, files: list[_File]) -> None:
         import torch
@@ -630,6 +671,8 @@ class _Pipeline:
             self.work = torch.empty(most, dtype=self.compute_dtype, device=self.device)
             if any(c.tensor.scaled is not None for c in chunks):  # FP8 weights' work space (loraops.fp8)
                 self.scratch = torch.empty(most, dtype=self.compute_dtype, device=self.device)
+            if any(c.tensor.dora for c in chunks):  # DoRA's: the base rows, one delta, base + delta
+                self.dora_work = torch.empty(3, most, dtype=self.compute_dtype, device=self.device)
         reader = threading.Thread(target=self._guard, args=(self._read, files), name="loraops-read", daemon=True)
         writer = threading.Thread(target=self._guard, args=(self._write,), name="loraops-write", daemon=True)
         stages = [reader, writer]
@@ -812,21 +855,37 @@ class _Pipeline:
                 out.copy_(w.to(out_dtype))                 # overlap: convert out of place
                 return
         cuda = self.device.type == "cuda"
+        columns = self._column_factors(tensor) if tensor.dora else {}  # before the DoRA buffers fill: it uses them
         acc = self.work[:n]
         acc2 = acc.view(rows, tensor.row_elements)
         if tensor.scaled is not None and tensor.replacement is None:  # dequantize-before: W from its FP8 blocks
             tensor.scaled.decode(acc2, w, chunk.scales, self.scratch, non_blocking=cuda)
         else:
             acc.copy_(w, non_blocking=cuda)
+        if tensor.dora:  # DoRA's norms are of the base weight (plus one adapter's delta), not of what came before
+            base2 = self.dora_work[0, :n].view_as(acc2)
+            base2.copy_(acc2)
         for module, coef in tensor.terms:
             # the module's rows of W (all of them, unless it is one part of a fused tensor) inside this chunk
             first = module.first_row
             row0, row1 = max(chunk.row0, first), min(chunk.row1, first + module.weight_shape[0])
             if row0 < row1:
-                B2, A2 = self._module_factors(tensor, module)
+                B2, A2, magnitude = self._module_factors(tensor, module)
                 col0, cols = module.fused_columns or (0, tensor.row_elements)
-                add_delta(acc2[row0 - chunk.row0 : row1 - chunk.row0, col0 : col0 + cols], B2, A2, module.transposed,
-                          slice(row0 - first, row1 - first), coef)
+                here = (slice(row0 - chunk.row0, row1 - chunk.row0), slice(col0, col0 + cols))
+                rows_of_module = slice(row0 - first, row1 - first)
+                if magnitude is None:
+                    add_delta(acc2[here], B2, A2, module.transposed, rows_of_module, coef)
+                    continue
+                delta = self.dora_work[1, : (row1 - row0) * cols].view(row1 - row0, cols)
+                delta.zero_()
+                add_delta(delta, B2, A2, module.transposed, rows_of_module, coef)
+                if module.transposed:
+                    factors = columns[id(module)]
+                else:
+                    norms = torch.linalg.vector_norm(self._base_plus(base2[here], delta), dim=1)
+                    factors = dora_factors(module, magnitude[rows_of_module], norms).unsqueeze(1)
+                acc2[here].add_(delta).mul_(factors)
         exact = acc.clone() if self.residual is not None and tensor.encoded else acc
         if tensor.encoded:  # quantize-after: acc becomes W · scale per block; its new scales are kept for the scale
             if chunk.row0 == 0:
@@ -851,14 +910,75 @@ class _Pipeline:
         return stored
 
     def _module_factors(self, tensor: _Tensor, module: LoraModule):
-        """(B2, A2) in the compute dtype on the device, kept while one tensor's chunks are computed."""
+        """(B2, A2, DoRA magnitude or None) in the compute dtype on the device, kept while one tensor's chunks are
+        computed."""
         if self._factors_of is not tensor:
             self._factors, self._factors_of = {}, tensor
         key = id(module)
         if key not in self._factors:
             B2, A2 = module.matrices()
-            self._factors[key] = (B2.to(self.device, self.compute_dtype), A2.to(self.device, self.compute_dtype))
+            magnitude = None if module.magnitude is None else module.magnitude.to(self.device, self.compute_dtype)
+            self._factors[key] = (B2.to(self.device, self.compute_dtype), A2.to(self.device, self.compute_dtype),
+                                  magnitude)
         return self._factors[key]
+
+    def _base_plus(self, base2: "torch.Tensor", delta: "torch.Tensor") -> "torch.Tensor":
+        """W + Δ for a block of W and Δ's values there, into the third DoRA buffer."""
+        import torch
+
+        return torch.add(base2, delta, out=self.dora_work[2, : delta.numel()].view_as(delta))
+
+    def _column_factors(self, tensor: _Tensor) -> dict[int, "torch.Tensor"]:
+        """id(module) → m / ‖W + Δ‖ per column (1×out) for the tensor's DoRA modules whose output channels are columns
+        (transposed): every row goes into those norms, so they come from one more pass over the base tensor, in
+        chunks through the DoRA buffers, before its first chunk is finished. Kept while its chunks are computed."""
+        import torch
+
+        if self._columns_of is tensor:
+            return self._columns
+        modules = [(module, coef) for module, coef in tensor.terms if module.dora and module.transposed]
+        # summed over the chunks in float64: a float32 running sum over a vocabulary's chunks drifts (~1e-6 relative
+        # over 16 chunks, measured), where PEFT's one-shot norm does not
+        squares = {id(module): torch.zeros(module.out_features, dtype=torch.float64, device=self.device)
+                   for module, _ in modules}
+        for row0, block in _base_blocks(tensor) if modules else ():
+            base2 = self.dora_work[0, : block.numel()].view(block.shape)
+            base2.copy_(block)
+            for module, coef in modules:
+                B2, A2, _ = self._module_factors(tensor, module)
+                delta = self.dora_work[1, : block.numel()].view(block.shape)
+                delta.zero_()
+                add_delta(delta, B2, A2, True, slice(row0, row0 + block.shape[0]), coef)
+                both = self._base_plus(base2, delta)
+                squares[id(module)] += both.mul_(both).sum(0)  # (a chunk's own sum is pairwise, as PEFT's)
+        self._columns_of = tensor
+        self._columns = {id(module): dora_factors(module, self._module_factors(tensor, module)[2],
+                                                  squares[id(module)].sqrt().to(self.compute_dtype)).unsqueeze(0)
+                         for module, _ in modules}
+        return self._columns
+
+
+def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor") -> "torch.Tensor":
+    """DoRA's f = m / ‖W + Δ‖ per output channel; a zero norm (W + Δ all zeros there: its direction is undefined, and
+    PEFT writes NaN) is refused."""
+    if not bool(norms.all()):
+        raise InvalidInputError(f"DoRA module {module.name!r}: an output channel of {module.weight_name} + ΔW is all "
+                                "zeros, so its direction (and the merge) is undefined")
+    return magnitude / norms
+
+
+def _base_blocks(tensor: _Tensor):
+    """(first row, rows) of the base tensor (its replacement's, when it has one) in chunks of ``chunk_rows`` rows, as
+    2-D rows×row_elements: what a transposed DoRA module's column norms are taken over."""
+    if tensor.replacement is not None:
+        blocks = [(0, tensor.rows, tensor.replacement.reshape(-1))]
+    else:
+        blocks = read_row_blocks(tensor.info)
+    step = tensor.chunk_rows
+    for first, last, values in blocks:
+        values = values.view(last - first, tensor.row_elements)
+        for row0 in range(0, last - first, step):
+            yield first + row0, values[row0 : row0 + step]
 
 
 def compute_threads(other_stages: int, default: int) -> int:

@@ -23,7 +23,8 @@ class FormatError(InvalidInputError):
 
 
 class UnsupportedAdapterError(FormatError):
-    """A recognised adapter type whose math is not plain W + s·B·A (DoRA, LoHa, LoKr, ...)."""
+    """A recognised adapter type loraops does not handle (LoHa, LoKr, LyCORIS DoRA, ...), or an operation its math
+    does not allow (subtracting a DoRA adapter)."""
 
 
 class MismatchError(InvalidInputError):

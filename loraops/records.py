@@ -184,6 +184,8 @@ class AdapterRecord(Record):
     """None when modules have different alphas."""
     scale_mode: str
     target_modules: list[str]
+    dora: bool = False
+    """A DoRA adapter (PEFT use_dora): each module also has a magnitude per output channel (see LoraModule.magnitude)."""
     base: BaseRef | None
     base_hint: str | None
     """base_model_name_or_path as written in the adapter (PEFT), when present."""
@@ -248,6 +250,8 @@ class InspectReport(Record):
     """null when modules have different alphas."""
     scale_mode: Literal["classic", "rslora"]
     target_modules: list[str]
+    dora: bool = False
+    """A DoRA adapter (PEFT use_dora): each module also has a magnitude per output channel (see LoraModule.magnitude)."""
     num_modules: int
     num_parameters: int
     names_resolved: bool

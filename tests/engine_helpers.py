@@ -47,3 +47,23 @@ def reference64(base: torch.Tensor, terms: list[tuple[LoraModule, float]]) -> to
     for module, weight in terms:
         out = out + weight * module.delta(dtype=torch.float64)
     return out
+
+
+def dora_reference64(base: torch.Tensor, terms: list[tuple[LoraModule, float]]) -> torch.Tensor:
+    """What PEFT's merge and forward compute with the adapters active in the order of ``terms``, in float64: a plain
+    module adds w·s·B·A; a DoRA module takes W' to f ⊙ (W' + Δ), f = m/‖W + Δ‖ per output channel (a row of W, a column
+    of a transposed one), Δ = w·s·B·A, W the base."""
+    w0 = base.double()
+    out = w0.clone()
+    for module, weight in terms:
+        delta = weight * module.delta(dtype=torch.float64)
+        if module.magnitude is None:
+            out = out + delta
+            continue
+        both = (w0 + delta).reshape(w0.shape[0], -1)
+        if module.transposed:
+            factors = (module.magnitude.double() / both.norm(dim=0)).reshape(1, -1)
+        else:
+            factors = (module.magnitude.double() / both.norm(dim=1)).reshape(-1, *[1] * (w0.dim() - 1))
+        out = factors * (out + delta)
+    return out

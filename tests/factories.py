@@ -70,6 +70,19 @@ def peft_adapter(base_path: Path, out: Path, *, seed: int = 1, r: int = 8, alpha
     return Path(out)
 
 
+def perturb_magnitudes(adapter_dir: Path, *, seed: int = 0, spread: float = 0.3) -> Path:
+    """Multiply a DoRA adapter's magnitudes (lora_magnitude_vector) by random factors exp(spread·N(0, 1)): PEFT
+    initialises them to ‖W + s·B·A‖, with which a DoRA adapter merges exactly as the plain LoRA would (f = 1)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: v * torch.exp(spread * torch.randn(v.shape, generator=g)).to(v.dtype) if "lora_magnitude_vector" in k
+               else v for k, v in load_file(path).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return Path(adapter_dir)
+
+
 def conv_embedding_model() -> torch.nn.Module:
     """A tiny torch model with an Embedding, a Linear, a 1×1 Conv2d and a 3×3 Conv2d, for PEFT's other layer kinds."""
 

@@ -26,14 +26,15 @@ def merged_tensors(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_parity(ours: dict, peft_state: dict, base_state: dict, terms: dict[str, list]):
+def assert_parity(ours: dict, peft_state: dict, base_state: dict, terms: dict[str, list], reference=reference64):
     """Every merged bf16/fp16 tensor within one unit of rounding of the output dtype from PEFT's, and at least as close as
     PEFT's to the float64 reference. The unit is taken at the magnitude of the operands (max |W|, |ΔW|, |W'|): where W + ΔW
-    cancels to almost nothing, float32 arithmetic (PEFT's and ours) cannot be exact to the tiny result's last bit."""
+    cancels to almost nothing, float32 arithmetic (PEFT's and ours) cannot be exact to the tiny result's last bit.
+    ``reference(base tensor, [(module, weight)])`` is the float64 result (DoRA's: engine_helpers.dora_reference64)."""
     assert terms
     for name, module_terms in terms.items():
         mine, theirs = ours[name], peft_state[name].to(ours[name].dtype)
-        exact = reference64(base_state[name], module_terms)
+        exact = reference(base_state[name], module_terms)
         w = base_state[name].double()
         scale = torch.stack([w.abs(), (exact - w).abs(), mine.double().abs(), theirs.double().abs()]).amax(0)
         if mine.dtype != torch.float32:

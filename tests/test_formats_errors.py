@@ -41,9 +41,29 @@ def good(**extra):
 
 
 CASES = {
-    "dora": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_magnitude_vector": torch.ones(4)})),
-             UnsupportedAdapterError, "DoRA"),
-    "dora-config": (lambda d: peft_folder(d / "a", good(), use_dora=True), UnsupportedAdapterError, "DoRA"),
+    # DoRA (PEFT's lora_magnitude_vector) is read; what PEFT would load otherwise than it reads, or not at all, is not
+    "dora-without-use-dora": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_magnitude_vector": torch.ones(4)})),
+                              InvalidInputError, "has a DoRA magnitude .* but the config says use_dora: false"),
+    "use-dora-without-magnitude": (lambda d: peft_folder(d / "a", good(), use_dora=True), InvalidInputError,
+                                   "'layer.q' has no lora_magnitude_vector but the config says use_dora: true"),
+    "dora-magnitude-length": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_magnitude_vector": torch.ones(3)}),
+                                                    use_dora=True),
+                              InvalidInputError, "DoRA magnitude .* is 3 float32, not 4 floating point"),
+    "dora-magnitude-nan": (lambda d: peft_folder(d / "a", good(**{f"{P}.lora_magnitude_vector": torch.tensor(
+        [1.0, float("nan"), 1.0, 1.0])}), use_dora=True), InvalidInputError, "lora_magnitude_vector' contains NaN"),
+    "dora-magnitude-alone": (lambda d: peft_folder(d / "a", {**good(), "base_model.model.layer.k.lora_magnitude_vector":
+                                                             torch.ones(4)}), InvalidInputError,
+                             "has no lora_A/lora_B tensors for module 'layer.k'"),
+    "dora-on-some-modules": (lambda d: write(d / "x.safetensors", {**good(**{f"{P}.lora_magnitude_vector": torch.ones(4)}),
+                                                                   "base_model.model.layer.k.lora_A.weight": A,
+                                                                   "base_model.model.layer.k.lora_B.weight": B},
+                                             {"lora_alpha": "4"}),
+                             InvalidInputError, "only some modules carry a DoRA magnitude"),
+    "dora-with-target-parameters": (lambda d: peft_folder(d / "a", good(), use_dora=True, target_parameters=["q.weight"]),
+                                    UnsupportedAdapterError, "use_dora with target_parameters"),
+    "lycoris-dora": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A, "lora_unet_a.lora_up.weight": B,
+                                                           "lora_unet_a.dora_scale": torch.ones(4, 1)}),
+                     UnsupportedAdapterError, "LyCORIS DoRA adapter .dora_scale."),
     "loha": (lambda d: write(d / "x.safetensors", {"lora_unet_a.hada_w1_a": A, "lora_unet_a.hada_w1_b": A}),
              UnsupportedAdapterError, "LoHa"),
     "lokr": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lokr_w1": A, "lora_unet_a.lokr_w2": A}),

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from engine_helpers import reference64
-from factories import fp8_dequantize, fp8_model, fp8_quantize, load_model, peft_adapter, tiny_llama
+from engine_helpers import dora_reference64, reference64
+from factories import fp8_dequantize, fp8_model, fp8_quantize, load_model, peft_adapter, perturb_magnitudes, tiny_llama
 from loraops import engine, formats
 from loraops.basemodel import BaseModel, fingerprint_of
 from loraops.cli import main
@@ -239,6 +239,18 @@ def test_peft_parity_on_the_dequantized_model(tmp_path, models):
                                  ours[name].double().abs(), peft_state[name].double().abs()]).amax(0)
         gap = (ours[name].double() - peft_state[name].double()).abs()
         assert bool((gap <= unit_of_rounding(magnitude, torch.bfloat16)).all()), name
+
+
+def test_dora_on_the_decoded_weight(tmp_path, models):
+    """A DoRA adapter's norms are those of the decoded FP8 weight plus its delta (the dequantize-before step comes
+    first): --dtype bf16 within one bf16 unit of the float64 formula on transformers' dequantization."""
+    adapter = perturb_magnitudes(peft_adapter(models.base, tmp_path / "dora", r=4, target_modules=TOUCHED,
+                                              use_dora=True))
+    engine.merge(models.fp8, [(formats.read_adapter(adapter), 1.0)], tmp_path / "out", dtype="bf16", device="cpu")
+    ours, fp8 = tensors(tmp_path / "out"), tensors(models.fp8)
+    for name, module_terms in terms_of(adapter, models.fp8).items():
+        exact = dora_reference64(dequantized64(fp8, name), module_terms)
+        assert bool(((ours[name].double() - exact).abs() <= unit_of_rounding(exact.abs(), torch.bfloat16)).all()), name
 
 
 def test_cli_merge_check_subtract_and_exact(tmp_path, models):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .render import echo_fields, echo_json, echo_modules, echo_table, human_bytes, number
+from .render import DORA_NOTE, echo_fields, echo_json, echo_modules, echo_table, human_bytes, number
 
 
 def _registry(create: bool = True):
@@ -55,7 +55,8 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
                    + registered_again(record, name, done.linked, done.previous_base))
         return
     click.echo(
-        f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {record.format}, "
+        f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {record.format}"
+        f"{' DoRA' if record.dora else ''}, "
         f"{len(record.modules)} modules, rank {number(record.rank)}, alpha {number(record.alpha)}, base {_base_label(record)}"
     )
 
@@ -78,7 +79,7 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
     echo_table(
         ["id", "name", "format", "rank", "alpha", "modules", "params", "base", "tags", "sha256"],
         [
-            (r.id, r.ref, r.format, number(r.rank), number(r.alpha), r.num_modules, f"{r.num_parameters:,}",
+            (r.id, r.ref, r.format + (" DoRA" if r.dora else ""), number(r.rank), number(r.alpha), r.num_modules, f"{r.num_parameters:,}",
              _base_label(r), ",".join(r.tags), r.sha256[:12])
             for r in records
         ],
@@ -100,6 +101,7 @@ def show(ref: str, as_json: bool) -> None:
         ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),
         ("rank", number(r.rank)), ("alpha", number(r.alpha)),
         ("scale mode", "rsLoRA (alpha/sqrt(r))" if r.scale_mode == "rslora" else "classic (alpha/r)"),
+        *([("variant", DORA_NOTE)] if r.dora else []),
         ("targets", ", ".join(r.target_modules)), ("parameters", f"{r.num_parameters:,}"),
         ("base", f"{r.base.name} ({r.base.fingerprint[:12]})" if r.base else "-"),
     ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .render import echo_json, echo_table, human_bytes
+from .render import DORA_NOTE, echo_json, echo_modules, human_bytes
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
@@ -37,6 +37,7 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("rank", number(report.rank)),
         ("alpha", number(report.alpha)),
         ("scale mode", "rsLoRA (alpha/sqrt(r))" if report.scale_mode == "rslora" else "classic (alpha/r)"),
+        *([("variant", DORA_NOTE)] if report.dora else []),
         ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
         ("parameters", f"{report.num_parameters:,}"),
         ("base model", report.base_model or "-"),
@@ -54,7 +55,4 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         if len(report.metadata) > METADATA_SHOWN:
             click.echo(f"  … {len(report.metadata) - METADATA_SHOWN} more (see --json)")
     click.echo()
-    echo_table(
-        ["module", "kind", "rank", "alpha", "scale", "in", "out"],
-        [(m.name, m.kind, m.rank, f"{m.alpha:g}", f"{m.scale:.6g}", m.in_features, m.out_features) for m in report.modules],
-    )
+    echo_modules(report.modules)

@@ -64,6 +64,10 @@ def echo_fields(fields: Sequence[tuple[str, Any]]) -> None:
         click.echo(f"{key.ljust(width)}  {value}")
 
 
+DORA_NOTE = "DoRA: a magnitude per output channel (merged as magnitude · (W + s·B·A)/‖W + s·B·A‖)"
+"""What `inspect` and `show` say of a DoRA adapter."""
+
+
 def echo_modules(modules: Sequence[Any]) -> None:
     """The per-module table shared by `inspect` and `show` (ModuleRecord rows)."""
     echo_table(

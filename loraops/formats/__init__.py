@@ -146,8 +146,13 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True) -> N
     """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
     be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
-    ``values`` False, only what the modules' names and shapes say). Callers that compute an adapter to write it
-    (combine, resize) ask first about their inputs."""
+    ``values`` False, only what the modules' names and shapes say). DoRA adapters, as kohya: sd-scripts' LoRA has no
+    magnitude. Callers that compute an adapter to write it (combine, resize) ask first about their inputs."""
+    if fmt == "kohya" and adapter.dora:
+        raise UnsupportedAdapterError(
+            f"{adapter.label}: a DoRA adapter (lora_magnitude_vector) cannot be written as kohya: sd-scripts' LoRA "
+            "has no magnitude, and LyCORIS' dora_scale decomposes the weight its own way; write it as peft or diffusers"
+        )
     module = next((m for m in adapter.modules.values() if m.raw_parameter is not None), None)
     if module is None:
         return

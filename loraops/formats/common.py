@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 # Key segments of layouts whose math is not W + s·B·A (checked before anything else, so the message names them).
 # Each regex is searched in the full key; segments are dot-bounded so lora_embedding_A never reads as AdaLoRA's lora_E.
 REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
-    (r"(^|\.)lora_magnitude_vector(\.|$)", "a DoRA adapter (lora_magnitude_vector): its merge is not W + s·B·A"),
-    (r"(^|\.)dora_scale$", "a DoRA adapter (dora_scale): its merge is not W + s·B·A"),
+    (r"(^|\.)dora_scale$", "a LyCORIS DoRA adapter (dora_scale): LyCORIS decomposes the weight its own way (which "
+                          "dimension it normalises is a training option), and loraops reads DoRA only as PEFT's "
+                          "lora_magnitude_vector"),
     (r"(^|\.)hada_[wt]\d", "a LoHa adapter (hada_w1_a/hada_w2_b, Hadamard product factors)"),
     (r"(^|\.)lokr_[wt]\d", "a LoKr adapter (lokr_w1/lokr_w2, Kronecker product factors)"),
     (r"(^|\.)ia3_l(\.|$)", "an IA3 adapter (ia3_l, learned rescaling vectors)"),
@@ -51,7 +52,6 @@ OTHER_PEFT_TYPES = {
 
 # LoraConfig fields that change the math away from W + s·B·A (or add weights we would drop) when set.
 REFUSED_CONFIG_FLAGS = {
-    "use_dora": "a DoRA adapter (use_dora): its merge is not W + s·B·A",
     "lora_bias": "a LoRA with a bias on B (lora_bias)",
     "use_qalora": "a QA-LoRA adapter (use_qalora)",
     "use_bdlora": "a block-diagonal LoRA (use_bdlora)",
@@ -155,9 +155,11 @@ def fmt_shape(shape) -> str:
 def build_module(
     path: Path, name: str, A: "torch.Tensor", B: "torch.Tensor", *, a_key: str, b_key: str, alpha: float | None,
     rslora: bool = False, kind: ModuleKind | None = None, fan_in_fan_out: bool = False, extra_keys: tuple[str, ...] = (),
+    magnitude: "torch.Tensor | None" = None, magnitude_key: str = "",
 ) -> LoraModule:
     """A validated LoraModule from stored factors. ``kind`` None means linear or conv by the number of dims;
-    ``alpha`` None means alpha = r (kohya's rule for a missing alpha)."""
+    ``alpha`` None means alpha = r (kohya's rule for a missing alpha); ``magnitude``: a DoRA module's, as stored
+    (PEFT's shape for the kind: see ``magnitude_shape``)."""
     def bad(why: str) -> InvalidInputError:
         return InvalidInputError(
             f"{path}: module {name!r}: {why} ({a_key} {fmt_shape(A.shape)}, {b_key} {fmt_shape(B.shape)})"
@@ -180,12 +182,29 @@ def build_module(
         raise bad(f"factors must be floating point, not {A.dtype if not A.is_floating_point() else B.dtype}")
     check_finite(path, a_key, A)
     check_finite(path, b_key, B)
+    if magnitude is not None:
+        expected = magnitude_shape(kind, A.dim(), int(B.shape[0]))
+        if tuple(magnitude.shape) != expected or not magnitude.is_floating_point():
+            raise InvalidInputError(
+                f"{path}: module {name!r}: DoRA magnitude {magnitude_key} is {fmt_shape(magnitude.shape)} "
+                f"{str(magnitude.dtype).removeprefix('torch.')}, not {fmt_shape(expected)} floating point (one value "
+                f"per output channel of {b_key} {fmt_shape(B.shape)})"
+            )
+        check_finite(path, magnitude_key, magnitude)
+        magnitude = magnitude.reshape(-1)
+        extra_keys = (*extra_keys, magnitude_key)
     rank = int(A.shape[0])
     alpha = float(rank) if alpha is None else alpha
     return LoraModule(
         name=name, A=A, B=B, alpha=alpha, scale=lora_scale(alpha, rank, rslora), kind=kind,
-        fan_in_fan_out=fan_in_fan_out, source_keys=(a_key, b_key, *extra_keys),
+        fan_in_fan_out=fan_in_fan_out, source_keys=(a_key, b_key, *extra_keys), magnitude=magnitude,
     )
+
+
+def magnitude_shape(kind: ModuleKind, factor_dims: int, out: int) -> tuple[int, ...]:
+    """How PEFT stores a DoRA magnitude: (out,) for Linear and Embedding, 1×out×1… for a Conv (its weight norm kept
+    the conv's dims), ``factor_dims`` being the dims of its factors."""
+    return (1, out, *[1] * (factor_dims - 2)) if kind == "conv" else (out,)
 
 
 def pair_factors(path: Path, found: dict[str, dict[str, str]], first: str, second: str) -> None:

@@ -83,7 +83,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
                                             f"{tuple(stored.shape)}")
                 # 0 means r, as in kohya files
                 module_alpha = common.check_alpha(weights, float(stored.float().item()), alpha_keys[name]) or module_alpha
-            cfg = peft.ScaleConfig(alpha=module_alpha, rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out)
+            cfg = peft.ScaleConfig(alpha=module_alpha, rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out, dora=cfg.dora)
         return cfg, rest
 
     modules = peft.build_modules(weights, parsed, tensors, config_for)

@@ -33,6 +33,8 @@ PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 FACTOR_PARTS = {"lora_A": ("A", "linear"), "lora_B": ("B", "linear"),
                 "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding")}
 FACTOR_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.[^.]+)*)$")
+MAGNITUDE_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_magnitude_vector)(?P<rest>(\.[^.]+)*)$")
+"""DoRA's magnitude (``<module>.lora_magnitude_vector`` as PEFT saves it), with the factors' optional segments."""
 
 # Config fields that change the math (or the modules touched): hashed into a PEFT folder's identity, with
 # PEFT's defaults for absent ones so an explicit default and an absent field hash alike.
@@ -61,6 +63,8 @@ class ScaleConfig:
     bias: str = "none"
     target_parameters: list[str] = field(default_factory=list)
     """PEFT target_parameters (see loraops.formats.params)."""
+    dora: bool | None = None
+    """use_dora as the config says (None: it says nothing, a bare file: the magnitude keys decide)."""
 
     def alpha_for(self, name: str) -> float | None:
         key = common.pattern_key(self.alpha_pattern, name)
@@ -103,7 +107,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     r = cfg.get("r")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise InvalidInputError(f"{path}: config r={r!r} must be a positive integer")
-    for flag in ("use_rslora", "fan_in_fan_out"):
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(cfg.get(flag, False), bool):
             raise InvalidInputError(f"{path}: config {flag}={cfg[flag]!r} must be true or false")
     rank_pattern = cfg.get("rank_pattern") or {}
@@ -126,10 +130,14 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
         raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module names")
     target_parameters = params.check_entries(path, cfg["target_parameters"]) if cfg.get("target_parameters") else []
+    if target_parameters and cfg.get("use_dora"):
+        raise UnsupportedAdapterError(f"{path}: DoRA on raw parameters (use_dora with target_parameters), which PEFT "
+                                      "itself refuses; loraops does not guess its math")
     return ScaleConfig(
         alpha=lora_alpha, r=r, rslora=bool(cfg.get("use_rslora", False)), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
+        dora=cfg["use_dora"] if "use_dora" in cfg else None,
     )
 
 
@@ -161,7 +169,7 @@ def metadata_config(metadata: dict[str, str]) -> dict | None:
 @dataclass
 class ParsedKeys:
     factors: dict[str, dict[str, str]]
-    """module name → {"A"/"B": key}"""
+    """module name → {"A"/"B": key, and "magnitude": key for a DoRA module}"""
     kinds: dict[str, str]
     others: list[str]
 
@@ -173,7 +181,7 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
     others: list[str] = []
     adapter_names: set[str] = set()
     for key in keys:
-        match = FACTOR_RE.match(key)
+        match = FACTOR_RE.match(key) or MAGNITUDE_RE.match(key)
         if match is None:
             others.append(key)
             continue
@@ -183,29 +191,39 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
         if len(segments) > 1:  # at most one adapter-name segment
             raise common.unknown_layout(path, [key], "unknown LoRA key layout")
         adapter_names.update(segments)
-        which, kind = FACTOR_PARTS[match["part"]]
+        which, kind = FACTOR_PARTS.get(match["part"], ("magnitude", None))
         name = module_name(match["module"])
         parts = factors.setdefault(name, {})
         if which in parts:
             raise InvalidInputError(
                 f"{path}: duplicate module {name!r} after key normalisation ({parts[which]!r} and {key!r})"
             )
-        if kinds.setdefault(name, kind) != kind:
+        if kind is not None and kinds.setdefault(name, kind) != kind:
             raise InvalidInputError(f"{path}: module {name!r} mixes lora_A/B and lora_embedding_A/B keys")
         parts[which] = key
     if len(adapter_names) > 1:
         raise FormatError(f"{path}: holds several adapters ({', '.join(sorted(adapter_names))}); save them apart")
     common.pair_factors(path, factors, "A", "B")
+    for name, parts in factors.items():
+        if "A" not in parts:
+            raise InvalidInputError(f"{path}: {parts['magnitude']!r} has no lora_A/lora_B tensors for module {name!r}")
     return ParsedKeys(factors, kinds, others)
 
 
 def build_modules(
     path: Path, parsed: ParsedKeys, tensors: dict[str, "torch.Tensor"], config_for: Callable[[str], tuple[ScaleConfig, str]],
 ) -> dict[str, LoraModule]:
-    """Modules with PEFT's scales; ``config_for(name)`` gives the ScaleConfig and the name patterns match against."""
+    """Modules with PEFT's scales; ``config_for(name)`` gives the ScaleConfig and the name patterns match against.
+    DoRA: every module has its magnitude or none has (PEFT's use_dora is one switch for the whole adapter), and
+    they agree with a config's use_dora (PEFT ignores magnitudes when it is false, and makes up ones that turn DoRA
+    into plain LoRA when they are missing)."""
     modules = {}
     for name, parts in sorted(parsed.factors.items()):
         cfg, pattern_name = config_for(name)
+        if cfg.dora is not None and cfg.dora != ("magnitude" in parts):
+            what = f"a DoRA magnitude ({parts['magnitude']!r})" if "magnitude" in parts else "no lora_magnitude_vector"
+            raise InvalidInputError(f"{path}: module {name!r} has {what} but the config says use_dora: "
+                                    f"{str(cfg.dora).lower()}")
         alpha = cfg.alpha_for(pattern_name)
         if alpha is None:
             raise InvalidInputError(
@@ -217,7 +235,12 @@ def build_modules(
             path, name, tensors[parts["A"]], tensors[parts["B"]], a_key=parts["A"], b_key=parts["B"], alpha=alpha,
             rslora=cfg.rslora, kind="embedding" if kind == "embedding" else None,
             fan_in_fan_out=cfg.fan_in_fan_out and kind == "linear" and tensors[parts["A"]].dim() == 2,
+            magnitude=tensors[parts["magnitude"]] if "magnitude" in parts else None, magnitude_key=parts.get("magnitude", ""),
         )
+    if len({m.dora for m in modules.values()}) > 1:
+        plain = next(name for name, m in modules.items() if not m.dora)
+        raise InvalidInputError(f"{path}: only some modules carry a DoRA magnitude (lora_magnitude_vector); "
+                                f"{plain!r} has none")
     return modules
 
 
@@ -280,8 +303,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         raise FormatError(f"{path}: no {CONFIG_NAME} in this PEFT folder")
     header = st.read_header(weights)
     raw_cfg = load_config(cfg_file) if cfg_file else metadata_config(header.metadata)
-    if cfg_file and "lora_alpha" not in raw_cfg:  # LoraConfig's default, as PEFT reads the file
-        raw_cfg = {**raw_cfg, "lora_alpha": MATH_FIELDS["lora_alpha"]}
+    if cfg_file:  # LoraConfig's defaults, as PEFT reads the file
+        raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     common.refuse_unsupported(weights, header.tensors)
     parsed = parse_keys(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
@@ -334,6 +357,10 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
     rather than modules."""
     ranks = {pattern_names[n]: m.rank for n, m in modules.items()}
     alphas = {pattern_names[n]: stored_alpha(m, rslora) for n, m in modules.items()}
+    dora = {m.dora for m in modules.values()}
+    if len(dora) > 1:
+        raise FormatError("cannot write an adapter where only some modules are DoRA: PEFT's use_dora is one switch "
+                          "for the whole adapter")
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     lora_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
     rank_pattern = {re.escape(n): v for n, v in sorted(ranks.items()) if v != r}
@@ -351,7 +378,7 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
         alpha_pattern=alpha_pattern, target_modules=sorted(set(ranks) - set(target_parameters)),
         # (a raw parameter's share is transposed only as bound to a base that stores it in×out: PEFT has no such flag)
         fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values() if m.raw_parameter is None),
-        modules_to_save=sorted(saved_modules) or None, use_dora=False,
+        modules_to_save=sorted(saved_modules) or None, use_dora=dora == {True},
         base_model_name_or_path=base_model, inference_mode=True,
     )
     cfg.pop("target_parameters", None)
@@ -385,9 +412,14 @@ def full_tensor_keys(adapter: Adapter) -> dict[str, str]:
 
 
 def module_tensors(module: LoraModule, prefix: str) -> list[tuple[str, "torch.Tensor"]]:
-    """The factors of a LoRA on a module under their keys (a raw parameter's are params.parameter_factors')."""
+    """The factors of a LoRA on a module under their keys (a raw parameter's are params.parameter_factors'), and a
+    DoRA module's magnitude in the shape PEFT stores it."""
     a_key, b_key = factor_keys(module)
-    return [(prefix + a_key, module.A), (prefix + b_key, module.B)]
+    tensors = [(prefix + a_key, module.A), (prefix + b_key, module.B)]
+    if module.dora:
+        shape = common.magnitude_shape(module.kind, module.A.dim(), module.out_features)
+        tensors.append((f"{prefix}{module.name}.lora_magnitude_vector", module.magnitude.reshape(shape)))
+    return tensors
 
 
 def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: bool) -> dict[str, str]:

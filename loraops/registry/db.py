@@ -26,13 +26,17 @@ _MIGRATING = threading.Lock()
 
 
 def script_location() -> str:
-    """Alembic scripts: the wheel's loraops.migrations package when installed, else the checkout's migrations/."""
+    """Alembic scripts: those beside the loraops package that is running (the wheel's loraops/migrations, a
+    checkout's migrations/), else wherever loraops.migrations imports from. In that order: an editable install of one
+    checkout maps loraops.migrations there even for the loraops of another checkout (a git worktree) put first on
+    the path, whose code expects its own revisions."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "migrations", package.parent / "migrations"):
+        if (folder / "env.py").exists():
+            return str(folder)
     spec = importlib.util.find_spec("loraops.migrations")
     if spec is not None and spec.submodule_search_locations:
         return str(Path(next(iter(spec.submodule_search_locations))))
-    checkout = Path(__file__).resolve().parents[2] / "migrations"
-    if (checkout / "env.py").exists():
-        return str(checkout)
     raise RegistryError("cannot find loraops' migration scripts (a broken install?); reinstall loraops")
 
 

@@ -129,6 +129,8 @@ class SqlAdapter(Base):
     """--alpha given at registration for a file that does not carry one; needed to read the blob again."""
     scale_mode: Mapped[str] = mapped_column(String(16))
     target_modules: Mapped[list[str]] = mapped_column(JSON)
+    dora: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """A DoRA adapter (PEFT use_dora)."""
     base_id: Mapped[Optional[int]] = mapped_column(ForeignKey("bases.id", ondelete="SET NULL"), index=True)
     base_hint: Mapped[Optional[str]] = mapped_column(String(1024))
     """PEFT's base_model_name_or_path, as written in the adapter."""

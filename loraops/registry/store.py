@@ -417,7 +417,7 @@ class Registry:
                 format=adapter.format, dtype=str(adapter.dtype).removeprefix("torch."),
                 size=sum(f.size for f in stored), num_parameters=adapter.num_parameters, rank=adapter.rank,
                 alpha=adapter.alpha, alpha_override=alpha, scale_mode=adapter.scale_mode,
-                target_modules=adapter.target_modules, base_id=base_id, base_hint=adapter.base_model,
+                target_modules=adapter.target_modules, dora=adapter.dora, base_id=base_id, base_hint=adapter.base_model,
                 source=source or str(path.resolve()), blob=key, files=[f.as_dict() for f in stored],
             )
             return self._insert_adapter(name, fields, adapter, tags, lineage)
