@@ -1,5 +1,6 @@
 """Merge and subtract: two weighted adapters into a sharded bf16 Llama-style model, then out again — with the
-residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then kohya
+residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then a LoRA
+into an FP8 copy of that model (DeepSeek-V3's fine-grained layout), kept FP8 or dequantized to bf16. Then kohya
 LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to the checkpoints' original ones; SDXL's
 second text encoder keeps q, k and v fused in one tensor), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
 in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes.
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import (FLUX, SD15, SDXL, diffusers_lora, gpt_oss, llama, loraops, mixtral, named_kohya_lora,  # noqa: E402
-                    peft_lora, sd_checkpoint, workdir)
+from _build import (FLUX, SD15, SDXL, diffusers_lora, fp8_llama, gpt_oss, llama, loraops, mixtral,  # noqa: E402
+                    named_kohya_lora, peft_lora, sd_checkpoint, workdir)
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -44,6 +45,16 @@ def main() -> None:
         sys.exit("--exact did not restore the base")
     loraops("merge", "style", "--into", "llama-tiny", "-o", work / "merged", ok=False)  # exists: needs --force
     loraops("merge", "style", "--into", work / "does-not-exist", "-o", work / "x", ok=False)
+
+    print("\n--- a LoRA into an FP8 checkpoint (transformers' fine-grained FP8, DeepSeek-V3's layout) ---")
+    fp8 = fp8_llama(base, work / "llama-fp8")
+    loraops("check", "style", "--base", fp8)  # the weight_scale_inv tensors are no modules: nothing to misfit
+    loraops("merge", "style", "--into", fp8, "-o", work / "merged-fp8", "--no-record")  # FP8 again, new scales
+    loraops("merge", "style", "--into", fp8, "-o", work / "merged-fp8-bf16", "--dtype", "bf16", "--no-record")
+    # transformers on a CPU loads an FP8 model dequantized to bf16: the merged FP8 one, and the base under PEFT
+    for merged, atol in (("merged-fp8", 0.1), ("merged-fp8-bf16", 0.02)):
+        print(f"{merged} vs the PEFT model on the FP8 base: max |Δ logits| "
+              f"{logit_gap(fp8, style, work / merged, atol):.2g}")
 
     print("\n--- kohya LoRAs into single-file SD checkpoints: sd-scripts' names bound to the original ones ---")
     for label, (tensors, modules), version in [("sd15", SD15, "sd_v1"), ("sdxl", SDXL, "sdxl_base_v1-0")]:
@@ -120,7 +131,7 @@ def tucker_gap(lora: Path) -> float:
     return float((conv(x, module.delta(dtype=torch.float64), padding=1) - lycoris).abs().max() / lycoris.abs().max())
 
 
-def logit_gap(base: Path, adapter: Path, merged: Path) -> float:
+def logit_gap(base: Path, adapter: Path, merged: Path, atol: float = 1e-5) -> float:
     """How far the merged model's logits are from the adapter's model (PEFT, unmerged) on the same tokens."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -130,7 +141,7 @@ def logit_gap(base: Path, adapter: Path, merged: Path) -> float:
         warnings.filterwarnings("ignore", message=r".*_pattern keys did not match any targeted module")  # see _build
         expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()(tokens).logits
         got = AutoModelForCausalLM.from_pretrained(merged).eval()(tokens).logits
-    if not torch.allclose(got, expected, atol=1e-5):
+    if not torch.allclose(got, expected, atol=atol):
         sys.exit(f"the merged {merged.name} does not compute what the adapter's model computes")
     return float((got - expected).abs().max())
 

@@ -21,6 +21,34 @@ def llama(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, dtype
     return Path(path)
 
 
+def fp8_llama(source: Path, out: Path, *, block: tuple[int, int] = (16, 16)) -> Path:
+    """An FP8 copy of a Llama-style model folder in transformers' fine-grained layout (DeepSeek-V3's), quantized by
+    transformers' own Fp8Quantize: each decoder layer's Linear weights F8_E4M3 with their per-block
+    weight_scale_inv; embeddings, norms and lm_head kept, as published FP8 models keep them."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    quantize = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=list(block))))
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    state, quantized = {}, {}
+    for shard in sorted(source.glob("*.safetensors")):
+        state.update(load_file(shard))
+    for name, tensor in state.items():
+        quantized.update(quantize._quantize_one(name, tensor) if ".layers." in name and name.endswith("_proj.weight")
+                         else {name: tensor})
+    save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def mixtral(path: Path, *, hidden: int = 32, layers: int = 2, experts: int = 4, seed: int = 0) -> Path:
     """A random Mixtral-style MoE model: transformers 5 holds its experts fused (3-D parameters) and saves them one
     tensor per expert (block_sparse_moe.experts.<e>.w1/w2/w3)."""

@@ -49,6 +49,7 @@ class BaseModel:
     """Manifest: full tensor name (with component prefix) → where its bytes are."""
     headers: dict[Path, Header] = field(repr=False, default_factory=dict)
     prefetcher: Prefetcher | None = field(repr=False, default=None)
+    _configs: dict[Path, dict] = field(repr=False, default_factory=dict)
 
     @classmethod
     def open(cls, path: str | Path) -> "BaseModel":
@@ -148,6 +149,25 @@ class BaseModel:
             store_digests(file, file_digests)
             digests.update({part.prefix + n: d for n, d in file_digests.items()})
         return digests
+
+    def config(self, tensor: str) -> dict:
+        """The config.json of the model holding ``tensor``; {} when there is none, or for a single-file base (a file
+        beside it describes another model)."""
+        if self.is_single_file:
+            return {}
+        folder = self.tensors[tensor].file.parent
+        if folder not in self._configs:
+            try:
+                config = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                config = {}
+            self._configs[folder] = config if isinstance(config, dict) else {}
+        return self._configs[folder]
+
+    def quantization_config(self, tensor: str) -> dict | None:
+        """The quantization_config of the model holding ``tensor`` (loraops.fp8), None when it has none."""
+        found = self.config(tensor).get("quantization_config")
+        return found if isinstance(found, dict) else None
 
     def cached_digests(self) -> dict[str, str]:
         """The cached per-tensor digests of the files that have not changed since they were hashed (by full name;

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import Callable, Mapping
 
-from . import ldm
+from . import fp8, ldm
 from .adapter import Adapter, LoraModule
 from .errors import AmbiguousError, MismatchError
 from .formats import params
@@ -324,11 +324,15 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
     return renamed(adapter, res, manifest)
 
 
-def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None) -> CheckReport:
-    """Every module matched by name and shape, or exactly what is not (never raises for a misfit)."""
+def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
+          quantization: Callable[[str], dict | None] | None = None) -> CheckReport:
+    """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
+    ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module on a
+    quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line if not."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
+    names = None  # the manifest's names sorted, when a missing module's quantized tensors are looked for
     tied_heads = []
     miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
@@ -344,6 +348,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                          "on one side's lookup cannot be merged")
                 elif (why := params.why_unstored(name, manifest)) is not None:
                     why_missing[name] = why
+                elif fp8.quantized_siblings(module.weight_name, manifest, names := names or sorted(manifest)):
+                    why_missing[name] = f"quantized, {fp8.describe(manifest, module.weight_name, None, names)}"
             continue
         expected = tuple(info.shape) if module.fused is None else part_shape(module, info.shape)
         if expected != tuple(module.weight_shape):
@@ -358,8 +364,13 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
+    ok = not (missing or mismatches or full_mismatches or res.ambiguous)
+    if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
+        for module in bound.modules.values():
+            if module.weight_name in manifest:
+                fp8.layout(manifest, module.weight_name, quantization(module.weight_name))
     return CheckReport(
-        ok=not (missing or mismatches or full_mismatches or res.ambiguous), base=base_name, matched=matched,
+        ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
         shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, tied_heads=tied_heads,
         why_missing=why_missing,
@@ -425,9 +436,10 @@ def misfits(report: CheckReport) -> list[str]:
     return out
 
 
-def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None) -> Adapter:
+def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
+                quantization: Callable[[str], dict | None] | None = None) -> Adapter:
     """The bound adapter when it fits the base, else one MismatchError line summarising every misfit."""
-    report = check(adapter, manifest, base_name=base_name)
+    report = check(adapter, manifest, base_name=base_name, quantization=quantization)
     if not report.ok:
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")

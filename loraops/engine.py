@@ -27,6 +27,13 @@ base never fingerprinted, the reader hashes what it reads and the writer hashes 
 get cached as well. The report carries the output's fingerprint and both models' digests are cached: recording the
 output and its base re-reads neither.
 
+FP8 bases (loraops.fp8, transformers' fine-grained layout): a weight a LoRA changes is decoded per block before the
+deltas are added (dequantize-before) and encoded with fresh block scales after (quantize-after), its chunks holding
+whole block rows. Its new scale tensor is a tensor of the plan like any other, whose values come from its weight's
+chunks: the plan writes it right after its weight (in the weight's file, the index saying so), whatever its place in
+the base (safetensors puts F32 before F8, so scales usually come first). With --dtype every FP8 weight is decoded and
+its scales are left out.
+
 Memory is bounded by the pool (a few chunks of ≤ CHUNK_ELEMENTS elements) plus the adapters, whatever the model
 size. File I/O and torch kernels release the GIL, so the stages overlap in one process.
 
@@ -51,11 +58,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from . import settings
+from . import fp8, settings
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .check import INPUT_EMBEDDINGS, is_head, tied_head_source
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
+from .fp8 import FLOAT_DTYPES, BlockScaled
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_overlap,
                      remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
@@ -64,7 +72,6 @@ from .st import DTYPE_BYTES, TensorInfo, header_bytes, read_row_blocks, torch_dt
 if TYPE_CHECKING:
     import torch
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 DTYPE_NAMES = {
     "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
     "fp32": "F32", "float32": "F32", "float": "F32", "fp64": "F64", "float64": "F64",
@@ -94,6 +101,14 @@ class _Tensor:
     """sha256 hex of the output bytes, when known (fingerprinting)."""
     source_digest: str | None = None
     """sha256 hex of the base tensor's bytes, when known (fingerprinting)."""
+    scaled: BlockScaled | None = None
+    """How the base stores this weight when it is fine-grained FP8: decoded per block before the deltas are added,
+    and encoded again after when the output stays FP8."""
+    scale_of: "_Tensor | None" = None
+    """For the scale tensor of a weight that is encoded again: that weight, whose chunks compute its values (it is
+    written right after the weight)."""
+    new_scales: "torch.Tensor | None" = None
+    """The inverse scales the chunks of an encoded weight computed (scale grid rows, as stored)."""
 
     @property
     def file_name(self) -> str:
@@ -109,12 +124,19 @@ class _Tensor:
         return parts.pop() if parts else self.info.shape[0] if self.info.shape else 1
 
     @property
+    def encoded(self) -> bool:
+        """An FP8 weight whose output is FP8 again (with new scales)."""
+        return self.scaled is not None and self.out_dtype == self.info.dtype
+
+    @property
     def row_elements(self) -> int:
         return self.info.numel // self.rows if self.rows else 0
 
     @property
     def chunk_rows(self) -> int:
-        return max(1, CHUNK_ELEMENTS // max(1, self.row_elements))
+        """About CHUNK_ELEMENTS elements' worth of rows; whole block rows of an FP8 weight (BlockScaled.row_unit)."""
+        unit = self.scaled.row_unit if self.scaled is not None else 1
+        return max(1, CHUNK_ELEMENTS // max(1, self.row_elements * unit)) * unit
 
     @property
     def dora(self) -> bool:
@@ -126,7 +148,8 @@ class _Tensor:
 
     @property
     def decoded(self) -> bool:
-        return bool(self.terms) or self.replacement is not None or self.out_dtype != self.info.dtype
+        return (bool(self.terms) or self.replacement is not None or self.out_dtype != self.info.dtype
+                or self.scale_of is not None)
 
 
 @dataclass
@@ -138,6 +161,8 @@ class _File:
     metadata: dict[str, str]
     untie: bool = False
     """The model in this file's folder comes out with its output head untied from its input embeddings."""
+    dequantized: bool = False
+    """The FP8 weights of the model in this file's folder come out in a float dtype (its quantization_config goes)."""
 
     @property
     def header(self) -> bytes:
@@ -170,6 +195,8 @@ class _Chunk:
     row0: int
     row1: int
     buffer: "torch.Tensor | None" = None
+    scales: "torch.Tensor | None" = None
+    """An FP8 weight's inverse scales for these rows (float32, one row per block row)."""
     out_nbytes: int = 0
     holders: int = 1
     """Stages still reading the buffer (writer, and hasher when fingerprinting)."""
@@ -293,7 +320,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         precise=precise,
         tensors_merged=sum(bool(t.terms) for t in tensors),
         tensors_replaced=sum(t.replacement is not None for t in tensors),
-        tensors_converted=sum(t.decoded and not t.terms and t.replacement is None for t in tensors),
+        tensors_converted=sum(t.decoded and not t.terms and t.replacement is None and t.scale_of is None
+                              for t in tensors),
         tensors_copied=sum(not t.decoded for t in tensors),
         bytes_written=sum(f.size for f in files),
         seconds=round(time.perf_counter() - started, 3),
@@ -336,6 +364,8 @@ def _ensure_room(base: BaseModel, files: list[_File], copied: list[Path], output
 def _store_digests(base: BaseModel, output: Path, files: list[_File], known: dict[str, str]) -> None:
     """Cache the digests the pipeline computed: the output's, and the base's when they were not cached."""
     empty = hashlib.sha256().hexdigest()
+    sources: dict[Path, dict[str, str | None]] = {}  # base file → its tensors' digests
+    fresh: set[Path] = set()  # the base files whose digests were not cached
     for file in files:
         for tensor in file.tensors:
             if not tensor.decoded:
@@ -347,10 +377,28 @@ def _store_digests(base: BaseModel, output: Path, files: list[_File], known: dic
                 tensor.source_digest = empty
         store_digests(output / file.target if not base.is_single_file else output,
                       {t.file_name: t.digest for t in file.tensors})
-        base_digests = {t.info.name: t.source_digest for t in file.tensors if t.new_name is None}
-        # (a replaced tensor's base bytes are never read, so such a file stays unknown)
-        if None not in base_digests.values() and any(t.name not in known for t in file.tensors):
-            store_digests(file.source, base_digests)
+        for t in file.tensors:
+            if t.new_name is None:
+                sources.setdefault(t.info.file, {})[t.info.name] = t.source_digest
+                if t.name not in known:
+                    fresh.add(t.info.file)
+    for source in fresh:
+        digests = sources[source]
+        if None in digests.values():  # (a replaced tensor's base bytes are never read: such a file stays unknown)
+            continue
+        # the scales of FP8 weights that come out dequantized are left out of the output unread: small, hashed here
+        left_out = [info for name, info in base.headers[source].tensors.items() if name not in digests]
+        digests.update((info.name, _digest_of(info)) for info in left_out)
+        store_digests(source, digests)
+
+
+def _digest_of(info: TensorInfo) -> str:
+    with open(info.file, "rb") as handle:
+        handle.seek(info.start)
+        data = handle.read(info.nbytes)
+    if len(data) != info.nbytes:
+        raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
+    return hashlib.sha256(data).hexdigest()
 
 
 def peak_rss() -> int:
@@ -362,7 +410,7 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
     """The adapter bound to ``base`` (kohya names resolved), or one MismatchError line listing what does not fit."""
     from .check import require_fit
 
-    return require_fit(adapter, base.tensors, base_name=str(base.path))
+    return require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config)
 
 
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,
@@ -414,13 +462,22 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             terms[name] = shared
             if replacement is not None:
                 replacements[name] = replacement
+    # fine-grained FP8 weights (loraops.fp8): those the adapters change, encoded again with new scales; with --dtype
+    # every one, dequantized, and its scales left out
+    scaled = {}
     for name in [*terms, *replacements]:
-        info = base.tensors[heads.get(name, name)]
-        if info.dtype not in FLOAT_DTYPES:
-            raise FormatError(
-                f"{info.file}: {info.name!r} is stored as {info.dtype}; "
-                "merging into quantized or integer weights is not supported"
-            )
+        source = heads.get(name, name)
+        if (found := fp8.layout(base.tensors, source, base.quantization_config(source))) is not None:
+            scaled[name] = found
+    if out_dtype is not None:
+        scaled.update(fp8.layouts(base.tensors, base.quantization_config))
+    for name in scaled.keys() & terms.keys():
+        # its column norms come from one more pass over the stored tensor (_base_blocks), which reads it undecoded
+        if (module := next((m for m, _ in terms[name] if m.dora and m.transposed), None)) is not None:
+            raise UnsupportedAdapterError(f"DoRA module {module.name!r}: {name!r} is FP8 and stored in×out, which a "
+                                          "DoRA merge does not read; convert the base first (merge --dtype bf16)")
+    left_out = {n for found in scaled.values() for n in (found.scale_name, *found.companions)} if out_dtype else set()
+    encoded = {found.scale_name for found in scaled.values()} if out_dtype is None else set()
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
     for name, info in base.tensors.items():
         by_file.setdefault(info.file, []).append((name, info))
@@ -429,14 +486,21 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         for source in part.files:
             tensors = []
             for name, info in sorted(by_file.get(source, []), key=lambda item: item[1].start):
-                convert = out_dtype is not None and info.dtype in FLOAT_DTYPES
+                if name in left_out or name in encoded:  # an encoded weight's scale is written after it
+                    continue
+                convert = out_dtype is not None and (info.dtype in FLOAT_DTYPES or name in scaled)
                 component = name.removesuffix(info.name)  # a pipeline's "unet." …
                 for out_name in [name, *sorted(head for head, embeddings in heads.items() if embeddings == name)]:
-                    tensors.append(_Tensor(out_name, info, out_dtype if convert else info.dtype,
-                                           terms.get(out_name, []), replacements.get(out_name),
-                                           new_name=None if out_name == name else out_name.removeprefix(component)))
+                    tensor = _Tensor(out_name, info, out_dtype if convert else info.dtype, terms.get(out_name, []),
+                                     replacements.get(out_name), scaled=scaled.get(out_name),
+                                     new_name=None if out_name == name else out_name.removeprefix(component))
+                    tensors.append(tensor)
+                    if tensor.encoded:
+                        tensors.append(_Tensor(tensor.scaled.scale_name, tensor.scaled.scale,
+                                               tensor.scaled.scale.dtype, scale_of=tensor))
             target = source.relative_to(base.path) if part.folder is not None else Path(source.name)
-            files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied))
+            files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied,
+                               dequantized=out_dtype is not None and any(t.scaled for t in tensors)))
     return files
 
 
@@ -480,7 +544,7 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
 def _can_untie(base: BaseModel, tensor: str) -> bool:
     """May the model holding ``tensor`` come out with tie_word_embeddings false? Not an encoder-decoder one: some
     (Switch Transformers, UDOP, and T5 before transformers 5) scale their decoder's output when tied."""
-    return _model_config(base, tensor).get("is_encoder_decoder") is not True
+    return base.config(tensor).get("is_encoder_decoder") is not True
 
 
 def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
@@ -522,21 +586,9 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
 def _tie_word_embeddings(base: BaseModel, tensor: str) -> bool | None:
     """What the config.json of the model holding ``tensor`` says of tying (a VLM's in its text_config); None when
     it says nothing."""
-    config = _model_config(base, tensor)
+    config = base.config(tensor)
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     return config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
-
-
-def _model_config(base: BaseModel, tensor: str) -> dict:
-    """The config.json of the model holding ``tensor``; {} when there is none, or for a single-file base (a file
-    beside it describes another model)."""
-    if base.is_single_file:
-        return {}
-    try:
-        config = json.loads((base.tensors[tensor].file.parent / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _steps(file: _File) -> Iterable[_Copy | _Chunk]:
@@ -617,6 +669,8 @@ class _Pipeline:
                 self.pool.put(torch.empty(size, dtype=torch.uint8, pin_memory=pinned))
             most = max((c.row1 - c.row0) * c.tensor.row_elements for c in chunks)
             self.work = torch.empty(most, dtype=self.compute_dtype, device=self.device)
+            if any(c.tensor.scaled is not None for c in chunks):  # FP8 weights' work space (loraops.fp8)
+                self.scratch = torch.empty(most, dtype=self.compute_dtype, device=self.device)
             if any(c.tensor.dora for c in chunks):  # DoRA's: the base rows, one delta, base + delta
                 self.dora_work = torch.empty(3, most, dtype=self.compute_dtype, device=self.device)
         reader = threading.Thread(target=self._guard, args=(self._read, files), name="loraops-read", daemon=True)
@@ -679,32 +733,38 @@ class _Pipeline:
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def _read(self, files: list[_File]) -> None:
-        handles: list[int] = []
+        sources: dict[Path, ReadAhead] = {}  # (an encoded weight's scale may lie in another file)
         source_hasher = _TensorHasher()
+        scales = None
         try:
             for file in files:
                 self._put(self.read_q, _Open(self.root / file.target, file.header, file.size))
-                fd = os.open(file.source, os.O_RDONLY)
-                handles.append(fd)
-                ahead = ReadAhead(fd)
                 for step in _steps(file):  # raw copies (_Copy) are read by the writer
                     if isinstance(step, _Chunk):
                         step.buffer = self._get(self.pool)
-                        if step.tensor.replacement is None:
-                            info = step.tensor.info
-                            row_bytes = step.tensor.row_elements * DTYPE_BYTES[info.dtype]
+                        tensor = step.tensor
+                        if tensor.replacement is None:
+                            info = tensor.info
+                            ahead = sources.get(info.file)
+                            if ahead is None:
+                                ahead = sources[info.file] = ReadAhead(os.open(info.file, os.O_RDONLY))
+                            row_bytes = tensor.row_elements * DTYPE_BYTES[info.dtype]
                             nbytes = (step.row1 - step.row0) * row_bytes
                             offset = info.start + step.row0 * row_bytes
                             ahead.before(offset)
-                            _pread_exact(fd, _bytes_view(step.buffer), nbytes, offset, info)
-                            if self.hashing and step.tensor.source_digest is None:
-                                step.tensor.source_digest = source_hasher.add(step, _bytes_view(step.buffer)[:nbytes])
+                            _pread_exact(ahead.fd, _bytes_view(step.buffer), nbytes, offset, info)
+                            if self.hashing and tensor.source_digest is None:
+                                tensor.source_digest = source_hasher.add(step, _bytes_view(step.buffer)[:nbytes])
+                            if tensor.scaled is not None:  # the FP8 weight's block scales, read with its first rows
+                                if step.row0 == 0:
+                                    scales = tensor.scaled.read_scales()
+                                step.scales = tensor.scaled.rows_of(scales, step.row0, step.row1)
                     self._put(self.read_q, step)
                 self._put(self.read_q, _Close(self.root / file.target, file.size))
             self._put(self.read_q, _END)
         finally:
-            for fd in handles:
-                os.close(fd)
+            for ahead in sources.values():
+                os.close(ahead.fd)
 
     def _compute(self) -> None:
         while (item := self._get(self.read_q)) is not _END:
@@ -780,21 +840,28 @@ class _Pipeline:
         out_dtype = torch_dtype(tensor.out_dtype)
         chunk.out_nbytes = n * DTYPE_BYTES[tensor.out_dtype]
         out = buf[: chunk.out_nbytes].view(out_dtype)
+        elements = slice(chunk.row0 * tensor.row_elements, chunk.row1 * tensor.row_elements)
+        if tensor.scale_of is not None:  # the new scales of the FP8 weight written just before
+            out.copy_(tensor.scale_of.new_scales.reshape(-1)[elements])
+            return
         if tensor.replacement is not None:  # the new value, with the LoRA deltas on it when it has any
-            w = tensor.replacement.reshape(-1)[chunk.row0 * tensor.row_elements : chunk.row1 * tensor.row_elements]
-            if not tensor.terms:
+            w = tensor.replacement.reshape(-1)[elements]
+            if not tensor.terms and not tensor.encoded:
                 out.copy_(w)
                 return
         else:
             w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
-            if not tensor.terms:  # a --dtype conversion; the input and output views overlap: convert out of place
-                out.copy_(w.to(out_dtype))
+            if not tensor.terms and tensor.scaled is None:  # a --dtype conversion; the input and output views
+                out.copy_(w.to(out_dtype))                 # overlap: convert out of place
                 return
         cuda = self.device.type == "cuda"
         columns = self._column_factors(tensor) if tensor.dora else {}  # before the DoRA buffers fill: it uses them
         acc = self.work[:n]
-        acc.copy_(w, non_blocking=cuda)
         acc2 = acc.view(rows, tensor.row_elements)
+        if tensor.scaled is not None and tensor.replacement is None:  # dequantize-before: W from its FP8 blocks
+            tensor.scaled.decode(acc2, w, chunk.scales, self.scratch, non_blocking=cuda)
+        else:
+            acc.copy_(w, non_blocking=cuda)
         if tensor.dora:  # DoRA's norms are of the base weight (plus one adapter's delta), not of what came before
             base2 = self.dora_work[0, :n].view_as(acc2)
             base2.copy_(acc2)
@@ -819,13 +886,28 @@ class _Pipeline:
                     norms = torch.linalg.vector_norm(self._base_plus(base2[here], delta), dim=1)
                     factors = dora_factors(module, magnitude[rows_of_module], norms).unsqueeze(1)
                 acc2[here].add_(delta).mul_(factors)
+        exact = acc.clone() if self.residual is not None and tensor.encoded else acc
+        if tensor.encoded:  # quantize-after: acc becomes W · scale per block; its new scales are kept for the scale
+            if chunk.row0 == 0:
+                tensor.new_scales = torch.empty(tensor.scaled.scale.shape, dtype=torch_dtype(tensor.scaled.scale.dtype))
+            new = tensor.scaled.encode(acc2, self.scratch)
+            tensor.scaled.rows_of(tensor.new_scales, chunk.row0, chunk.row1).copy_(new)
         if cuda:
             out.copy_(acc.to(out_dtype), non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
-        if self.residual is not None:
-            self.residual.add(tensor, chunk, acc, out)
+        if self.residual is not None and tensor.terms:
+            self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
+
+    def _stored(self, tensor: _Tensor, chunk: _Chunk, out: "torch.Tensor", like: "torch.Tensor") -> "torch.Tensor":
+        """The values the output holds for a chunk (out decoded with its new scales when it is FP8), as ``like``."""
+        if not tensor.encoded:
+            return out.to(device=like.device, dtype=like.dtype)
+        stored = like.new_empty(like.shape)
+        scales = tensor.scaled.scale_values(tensor.scaled.rows_of(tensor.new_scales, chunk.row0, chunk.row1))
+        tensor.scaled.decode(stored.view(chunk.row1 - chunk.row0, -1), out, scales, self.scratch)
+        return stored
 
     def _module_factors(self, tensor: _Tensor, module: LoraModule):
         """(B2, A2, DoRA magnitude or None) in the compute dtype on the device, kept while one tensor's chunks are
@@ -927,11 +1009,14 @@ class _Residual:
         self.max_diff = 0.0
         self.rounding = 0.0
         self._handles: dict[Path, int] = {}
+        self._scaled: dict[str, tuple[BlockScaled | None, "torch.Tensor | None"]] = {}  # the tensor compared now
 
-    def add(self, tensor: _Tensor, chunk: _Chunk, acc: "torch.Tensor", out: "torch.Tensor") -> None:
+    def add(self, tensor: _Tensor, chunk: _Chunk, acc: "torch.Tensor", out: "torch.Tensor",
+            stored: "torch.Tensor") -> None:
+        """acc: a chunk's exact result; out: the values written; stored: what they are worth, as acc (decoded with
+        their new scales when FP8)."""
         import torch
 
-        stored = out.to(device=acc.device, dtype=acc.dtype)
         self.rounding = max(self.rounding, float((stored - acc).abs().max()))
         self.elements += out.numel()
         if self.reference is None:
@@ -942,6 +1027,13 @@ class _Residual:
         fd = self._handles.get(info.file) or self._handles.setdefault(info.file, os.open(info.file, os.O_RDONLY))
         _pread_exact(fd, memoryview(raw), len(raw), info.start + chunk.row0 * row_bytes, info)
         ref = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)) if raw else out.new_empty(0, dtype=torch_dtype(info.dtype))
+        found, scales = self._reference_scales(tensor.name)
+        if found is not None or tensor.encoded:  # FP8 on a side: compared by value, each decoded with its own scales
+            if found is not None:
+                values = stored.new_empty((chunk.row1 - chunk.row0, tensor.row_elements), device="cpu")
+                found.decode(values, ref, found.rows_of(scales, chunk.row0, chunk.row1), values.new_empty(values.shape))
+                ref = values.reshape(-1)
+            out = stored.cpu()
         if ref.dtype == out.dtype:  # bit for bit (so -0.0 ≠ 0.0 and NaNs compare by their bits)
             bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[ref.element_size()]
             self.differing += int((ref.view(bits) != out.view(bits).reshape(-1)).sum())
@@ -952,6 +1044,13 @@ class _Residual:
         wide = torch.promote_types(torch.promote_types(ref.dtype, out.dtype), torch.float32)
         diff = (ref.to(wide) - out.to(wide).reshape(-1)).abs().max() if ref.numel() else 0.0
         self.max_diff = max(self.max_diff, float(diff))
+
+    def _reference_scales(self, name: str) -> tuple[BlockScaled | None, "torch.Tensor | None"]:
+        """How the reference stores a tensor when it is FP8, and its inverse scales (read once per tensor)."""
+        if name not in self._scaled:
+            found = fp8.layout(self.reference.tensors, name, self.reference.quantization_config(name))
+            self._scaled = {name: (found, found.read_scales() if found is not None else None)}
+        return self._scaled[name]
 
     def record(self) -> ResidualRecord:
         for fd in self._handles.values():
@@ -973,6 +1072,7 @@ def _check_reference(reference: BaseModel, files: list[_File]) -> None:
         info = reference.tensors.get(tensor.name)
         if info is None or info.shape != tensor.info.shape:
             raise MismatchError(f"{reference.path}: cannot serve as the pristine base ({tensor.name!r} differs)")
+        fp8.layout(reference.tensors, tensor.name, reference.quantization_config(tensor.name))
 
 
 # -- file helpers ---------------------------------------------------------------------------------------------------
@@ -1034,28 +1134,34 @@ def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
 
 
 def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: list[_File], out_dtype: str | None) -> None:
-    """Config, tokenizer, index, ... copied; with a dtype change the index's total_size and config's dtype updated,
-    with an untied head its tensor added to the index and the config untied."""
+    """Config, tokenizer, index, ... copied; the index rewritten when the output's tensors or sizes differ from the
+    base's (a dtype change, an untied head added, FP8 scales left out or moved to their weight's file), the config
+    edited for a dtype change (and its quantization_config dropped when FP8 weights come out dequantized) and an
+    untied head."""
     index_files = {part.index_file for part in base.parts if part.index_file is not None}
     untied = {f.target.parent for f in files if f.untie}
     for rel in copied:
         source, target = base.path / rel, out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
+        mine = [f for f in files if f.target.parent == rel.parent]
         untie = rel.parent in untied
-        if (out_dtype is not None or untie) and source in index_files:
+        if source in index_files:
             index = json.loads(source.read_text())
-            mine = [f for f in files if f.target.parent == rel.parent]
-            index.setdefault("metadata", {})["total_size"] = sum(t.out_nbytes for f in mine for t in f.tensors)
-            index.setdefault("weight_map", {}).update(
-                {t.new_name: f.target.name for f in mine for t in f.tensors if t.new_name is not None})
-            target.write_text(json.dumps(index, indent=2) + "\n")
+            listed = index.get("weight_map", {})
+            placed = {t.file_name: f.target.name for f in mine for t in f.tensors}
+            weight_map = {name: placed[name] for name in listed if name in placed} | placed
+            if out_dtype is not None or weight_map != listed:
+                index.setdefault("metadata", {})["total_size"] = sum(t.out_nbytes for f in mine for t in f.tensors)
+                index["weight_map"] = weight_map
+                target.write_text(json.dumps(index, indent=2) + "\n")
+                continue
         elif (out_dtype is not None or untie) and rel.name == "config.json":
-            target.write_text(_edited_config(source, out_dtype, untie))
-        else:
-            shutil.copy2(source, target)
+            target.write_text(_edited_config(source, out_dtype, untie, any(f.dequantized for f in mine)))
+            continue
+        shutil.copy2(source, target)
 
 
-def _edited_config(path: Path, dtype: str | None, untie: bool) -> str:
+def _edited_config(path: Path, dtype: str | None, untie: bool, dequantized: bool) -> str:
     text = path.read_text()
     try:
         config = json.loads(text)
@@ -1065,6 +1171,8 @@ def _edited_config(path: Path, dtype: str | None, untie: bool) -> str:
         name = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[key] = name
+    if dequantized:
+        config.pop("quantization_config", None)
     if untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):

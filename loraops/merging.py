@@ -18,7 +18,7 @@ from typing import Sequence
 from . import engine
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
-from .errors import ConflictError, LoraopsError, MismatchError, NotFoundError, RegistryError
+from .errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError
 from .fsutil import atomic_path, ensure_free_space, refuse_overlap
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted  # noqa: F401 - part of this module's API
@@ -149,6 +149,9 @@ def merge(base: str | Path, adapters: Sequence[str], output: str | Path, *, name
 
 
 def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
+    if not adapters and options.get("dtype") is None:
+        raise InvalidInputError("no adapter to merge: give at least one, or --dtype to convert the base alone "
+                                "(an FP8 model to bf16, say)")
     early = _streamed_early(base)
     model, reg = early[0] if early else None, None
     try:

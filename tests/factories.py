@@ -189,3 +189,74 @@ def tiny_transformers(path: Path, model_type: str, cls_name: str, *, seed: int =
     model = getattr(transformers, cls_name)._from_config(transformers.AutoConfig.for_model(model_type, **config))
     model.save_pretrained(path)
     return Path(path)
+
+
+def fp8_quantize(w: torch.Tensor, block: tuple[int, int] | None, *, ue8m0: bool = False):
+    """(FP8 values, float32 inverse scales) of a weight (out×in, or E×out×in) in transformers' fine-grained layout,
+    quantized as its Fp8Quantize does (per block amax, scale = 448 / amax, stored 1 / scale; ue8m0: the inverse
+    rounded up to a power of two) — here with partial blocks at the edges too (grid ⌈out/bo⌉×⌈in/bi⌉, as DeepSeek's
+    and FP8Linear's), which Fp8Quantize leaves unquantized. ``block`` None: one scale per matrix."""
+    w = w.float()
+    rows, cols = w.shape[-2:]
+    bo, bi = block or (rows, cols)
+    grid = (-(-rows // bo), -(-cols // bi))
+    padded = w.new_zeros(*w.shape[:-2], grid[0] * bo, grid[1] * bi)
+    padded[..., :rows, :cols] = w.abs()
+    amax = padded.unflatten(-1, (grid[1], bi)).unflatten(-3, (grid[0], bo)).amax(dim=(-3, -1))
+    scales = torch.where(amax > 0, 448.0 / torch.where(amax > 0, amax, 1.0), 1.0)
+    inverse = (1.0 / scales).float()
+    if ue8m0:
+        inverse = torch.exp2(torch.ceil(torch.log2(inverse)))
+        scales = 1.0 / inverse
+    spread = scales.repeat_interleave(bo, -2)[..., :rows, :].repeat_interleave(bi, -1)[..., :cols]
+    return (w * spread).clamp(-448, 448).to(torch.float8_e4m3fn), inverse
+
+
+def fp8_dequantize(q: torch.Tensor, inverse: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """float64 W = fp8 · inverse scale of its block (exact)."""
+    rows, cols = q.shape[-2:]
+    bo, bi = block or (rows, cols)
+    spread = inverse.double().reshape(*q.shape[:-2], -(-rows // bo), -(-cols // bi))
+    return q.double() * spread.repeat_interleave(bo, -2)[..., :rows, :].repeat_interleave(bi, -1)[..., :cols]
+
+
+def fp8_model(source: Path, out: Path, *, block: tuple[int, int] | None = (16, 24), modules=tuple(LLAMA_TARGETS),
+              scale_fmt: str | None = None, scale_dtype: torch.dtype = torch.float32) -> Path:
+    """An FP8 copy of a float model folder in transformers' fine-grained layout: the weights of the Linear layers
+    named in ``modules`` quantized (F8_E4M3 + <m>.weight_scale_inv), the rest (embeddings, norms, lm_head) kept;
+    config.json gets its quantization_config. Saved in two shards with every scale in the other shard than its
+    weight (the index says where each lies)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    state = {}
+    for f in sorted(Path(source).glob("*.safetensors")):
+        state.update(load_file(f))
+    shards: list[dict[str, torch.Tensor]] = [{}, {}]
+    for name, tensor in state.items():
+        if name.endswith(".weight") and name.split(".")[-2] in modules:
+            q, inverse = fp8_quantize(tensor, block, ue8m0=scale_fmt == "ue8m0")
+            shards[1][name] = q
+            # (UE8M0 exponents as bytes, as MXFP8 exports store them, for scale_dtype uint8)
+            stored = inverse.to(torch.float8_e8m0fnu).view(torch.uint8) if scale_dtype == torch.uint8 else None
+            shards[0][f"{name}_scale_inv"] = inverse.to(scale_dtype) if stored is None else stored
+        else:
+            shards[0][name] = tensor
+    out.mkdir(parents=True)
+    names = [f"model-0000{i + 1}-of-00002.safetensors" for i in range(2)]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+             "weight_map": {t: names[i] for i, s in enumerate(shards) for t in sorted(s)}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = json.loads((Path(source) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block) if block else None}
+    if scale_fmt:
+        config["quantization_config"]["scale_fmt"] = scale_fmt
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for other in Path(source).iterdir():
+        if other.suffix != ".safetensors" and other.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(other, out / other.name)
+    return out

@@ -604,7 +604,9 @@ class Registry:
                 label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
             adapter = formats.read_adapter(self.blobs.path(blob), alpha=override, values=False)
         if base is not None and Path(base).exists():
-            return CheckResult.of(label, [check.check(adapter, BaseModel.open(base).tensors, base_name=str(base))])
+            model = BaseModel.open(base)
+            return CheckResult.of(label, [check.check(adapter, model.tensors, base_name=str(base),
+                                                      quantization=model.quantization_config)])
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base)]

@@ -1,0 +1,373 @@
+"""Merging into fine-grained FP8 checkpoints (transformers' quant_method "fp8", DeepSeek-V3's layout): against
+transformers' own quantizer and dequantization, float64 references and PEFT; chunking, untouched bytes, --dtype,
+subtract, and one-line errors for broken or other quantized layouts."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from engine_helpers import dora_reference64, reference64
+from factories import fp8_dequantize, fp8_model, fp8_quantize, load_model, peft_adapter, perturb_magnitudes, tiny_llama
+from loraops import engine, formats
+from loraops.basemodel import BaseModel, fingerprint_of
+from loraops.cli import main
+from loraops.fp8 import BlockScaled
+from loraops.st import read_header
+from test_engine import unit_of_rounding
+
+BLOCK = (16, 24)  # partial blocks: 64 columns, and the 72 rows of gate/up
+TOUCHED = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    base = tiny_llama(root / "bf16", dtype=torch.bfloat16, intermediate=72)
+    fp8 = fp8_model(base, root / "fp8", block=BLOCK)
+    adapter = peft_adapter(base, root / "lora", r=4, target_modules=TOUCHED)
+    q_only = peft_adapter(base, root / "q-lora", r=2, target_modules=["q_proj"])
+    return SimpleNamespace(root=root, base=base, fp8=fp8, adapter=adapter, q_only=q_only)
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def terms_of(adapter_path: Path, fp8: Path, weight: float = 1.0) -> dict[str, list]:
+    adapter = engine.fit(formats.read_adapter(adapter_path), BaseModel.open(fp8))
+    return {m.weight_name: [(m, weight)] for m in adapter.modules.values()}
+
+
+def dequantized64(state: dict, name: str, block=BLOCK) -> torch.Tensor:
+    return fp8_dequantize(state[name], state[f"{name}_scale_inv"], block)
+
+
+def fp8_unit(value: torch.Tensor) -> torch.Tensor:
+    """The spacing of float8_e4m3fn values at each |value| (subnormals below 2^-6 are 2^-9 apart)."""
+    _, exponent = torch.frexp(value.abs().clamp_min(2.0 ** -6))
+    return torch.ldexp(torch.ones_like(value), exponent - 4)
+
+
+def cli(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+def test_dtype_bf16_is_transformers_dequantization_plus_the_delta(tmp_path, models):
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    report = engine.merge(models.fp8, [(formats.read_adapter(models.adapter), 1.0)], tmp_path / "out", dtype="bf16",
+                          device="cpu")
+    ours, fp8 = tensors(tmp_path / "out"), tensors(models.fp8)
+    terms = terms_of(models.adapter, models.fp8)
+    assert report.tensors_merged == len(terms) == 8 and report.tensors_converted == 6
+    for name in [n for n in fp8 if n.endswith("_proj.weight")]:
+        q, inverse = fp8[name], fp8[f"{name}_scale_inv"]
+        assert ours[name].dtype == torch.bfloat16 and f"{name}_scale_inv" not in ours
+        if name in terms:
+            exact = reference64(_dequantize_fp8_weight(q, inverse, list(BLOCK), torch.float64), terms[name])
+            assert bool(((ours[name].double() - exact).abs() <= unit_of_rounding(exact.abs(), torch.bfloat16)).all())
+        else:  # converted alone: transformers' float32 product, rounded once (DeepSeek's fp8_cast_bf16 as well)
+            assert torch.equal(ours[name], _dequantize_fp8_weight(q, inverse, list(BLOCK), torch.float32).bfloat16())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ours)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ours.values())
+    model = load_model(tmp_path / "out")  # a plain bf16 model transformers loads as it is
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precise", [True, False])
+def test_fp8_output_is_requantized_with_fresh_block_scales(tmp_path, models, precise):
+    report = engine.merge(models.fp8, [(formats.read_adapter(models.adapter), 0.8)], tmp_path / "out", device="cpu",
+                          precise=precise)
+    ours, fp8 = tensors(tmp_path / "out"), tensors(models.fp8)
+    terms = terms_of(models.adapter, models.fp8, 0.8)
+    assert report.tensors_merged == len(terms) and report.dtype == "F8_E4M3"
+    for name, module_terms in terms.items():
+        exact = reference64(dequantized64(fp8, name), module_terms)
+        q, inverse = ours[name], ours[f"{name}_scale_inv"]
+        assert q.dtype == torch.float8_e4m3fn and inverse.dtype == torch.float32 and inverse.shape == fp8[
+            f"{name}_scale_inv"].shape
+        _, expected = fp8_quantize(exact, BLOCK)  # the quantizer's scales of the float64 result
+        if precise:
+            assert torch.equal(inverse, expected), name
+        else:  # float32 accumulation moves a block's max |W| by float32 rounding at most
+            torch.testing.assert_close(inverse, expected, rtol=2 ** -22, atol=0)
+        spread = fp8_dequantize(torch.ones_like(q, dtype=torch.float32), inverse, BLOCK)
+        error = (dequantized64(ours, name) - exact).abs()
+        assert bool((error <= fp8_unit(exact / spread) * spread / 2 * (1 + 1e-6) + 1e-12).all()), name
+    # (c) everything the adapter does not touch, scales included, byte for byte
+    untouched = [n for n in fp8 if n not in terms and n.removesuffix("_scale_inv") not in terms]
+    assert len(untouched) == len(fp8) - 2 * len(terms)
+    for name in untouched:
+        assert torch.equal(ours[name].view(torch.uint8), fp8[name].view(torch.uint8)), name
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((models.fp8 / "config.json").read_text())
+    # each new scale is written after its weight, in the weight's file (the base keeps them in the other shard)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in terms:
+        assert index[f"{name}_scale_inv"] == index[name]
+        header = read_header(tmp_path / "out" / index[name]).tensors
+        assert header[f"{name}_scale_inv"].start == header[name].end
+    if precise:
+        fresh = {t: (info.dtype, info.shape) for t, info in BaseModel.open(tmp_path / "out").tensors.items()}
+        assert report.fingerprint == fingerprint_of(
+            (t, *fresh[t], _sha(ours[t])) for t in ours)
+
+
+def _sha(tensor: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def test_chunk_boundaries_do_not_change_a_byte(tmp_path, models, monkeypatch):
+    adapter = formats.read_adapter(models.adapter)
+    for dtype in (None, "bf16"):
+        engine.merge(models.fp8, [(adapter, 1.0)], tmp_path / f"whole-{dtype}", dtype=dtype, device="cpu",
+                     fingerprint=False)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 24 * 64)  # 24 rows: not a block row (16), rounded down to one
+    for dtype in (None, "bf16"):
+        engine.merge(models.fp8, [(adapter, 1.0)], tmp_path / f"chunked-{dtype}", dtype=dtype, device="cpu",
+                     fingerprint=False)
+        for f in (tmp_path / f"whole-{dtype}").glob("*.safetensors"):
+            assert (tmp_path / f"chunked-{dtype}" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_fused_experts_decode_and_encode_by_chunks(tmp_path, monkeypatch):
+    """E×X×Y expert tensors whose X is no multiple of the block height: chunks are whole experts, each expert's
+    blocks restart at its first row; the math by chunks equals the whole tensor's, through the engine too."""
+    w = torch.randn(4, 40, 48, generator=torch.Generator().manual_seed(3))
+    q, inverse = fp8_quantize(w, (16, 24))
+    model = tmp_path / "moe"
+    model.mkdir()
+    save_file({"mlp.experts.gate_up_proj": q, "mlp.experts.gate_up_proj_scale_inv": inverse,
+               "norm.weight": torch.ones(48, dtype=torch.bfloat16)}, str(model / "model.safetensors"))
+    (model / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [16, 24], "activation_scheme": "dynamic"}}))
+    base = BaseModel.open(model)
+    found = BlockScaled("mlp.experts.gate_up_proj", (4, 40, 48), base.tensors["mlp.experts.gate_up_proj_scale_inv"],
+                        "mlp.experts.gate_up_proj_scale_inv", (16, 24), ue8m0=False)
+    assert found.row_unit == 40
+    scales = found.read_scales()
+    rows = q.reshape(160, 48)
+    for row0, row1 in [(0, 40), (40, 120), (120, 160)]:
+        acc, scratch = torch.empty(row1 - row0, 48), torch.empty((row1 - row0) * 48)
+        found.decode(acc, rows[row0:row1], found.rows_of(scales, row0, row1), scratch)
+        assert torch.equal(acc, fp8_dequantize(q, inverse, (16, 24)).float().reshape(160, 48)[row0:row1])
+        exact = w.reshape(160, 48)[row0:row1].clone()
+        new = found.encode(exact, scratch)
+        assert torch.equal(new, found.rows_of(inverse, row0, row1))
+        assert torch.equal(exact.to(torch.float8_e4m3fn).view(torch.uint8), rows[row0:row1].view(torch.uint8))
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 50 * 48)
+    engine.merge(base, [], tmp_path / "bf16", dtype="bf16", device="cpu")
+    out = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert set(out) == {"mlp.experts.gate_up_proj", "norm.weight"}
+    assert torch.equal(out["mlp.experts.gate_up_proj"], fp8_dequantize(q, inverse, (16, 24)).float().bfloat16())
+
+
+@pytest.mark.parametrize("variant", ["transformers", "ue8m0", "ue8m0-bytes", "per-tensor"])
+def test_scale_variants(tmp_path, models, variant):
+    """Blocks that divide every weight, where transformers' own Fp8Quantize applies; UE8M0 scales (powers of two,
+    one byte each: F8_E8M0, or U8 exponents as MXFP8 exports store them); one scale per matrix (weight_block_size
+    null)."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    block = {"transformers": (8, 8), "per-tensor": None}.get(variant, BLOCK)
+    ue8m0 = variant.startswith("ue8m0")
+    scale_dtype = {"ue8m0": torch.float8_e8m0fnu, "ue8m0-bytes": torch.uint8}.get(variant, torch.float32)
+    fp8 = fp8_model(models.base, tmp_path / "fp8", block=block, scale_fmt="ue8m0" if ue8m0 else None,
+                    scale_dtype=scale_dtype)
+    engine.merge(fp8, [(formats.read_adapter(models.adapter), 1.0)], tmp_path / "out", device="cpu", precise=True)
+    ours, base = tensors(tmp_path / "out"), tensors(fp8)
+    # transformers loads the output as it is (on a CPU, dequantized to bf16), where its loader applies
+    loaded = load_model(tmp_path / "out").state_dict() if variant == "transformers" else None
+
+    def scales(state, name):
+        stored = state[f"{name}_scale_inv"]
+        return (stored.view(torch.float8_e8m0fnu) if stored.dtype == torch.uint8 else stored).float()
+
+    for name, module_terms in terms_of(models.adapter, fp8).items():
+        exact = reference64(fp8_dequantize(base[name], scales(base, name), block), module_terms)
+        _, expected = fp8_quantize(exact, block, ue8m0=ue8m0)
+        if variant == "transformers":  # (the tests' quantizer, which also covers partial blocks, is transformers')
+            quantizer = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=block)))
+            assert torch.equal(quantizer._quantize_one(name, exact.float())[f"{name}_scale_inv"], expected)
+        inverse = scales(ours, name)
+        assert ours[f"{name}_scale_inv"].dtype == base[f"{name}_scale_inv"].dtype and torch.equal(inverse, expected)
+        if loaded is not None:
+            assert torch.equal(loaded[name], fp8_dequantize(ours[name], inverse, block).float().bfloat16())
+        spread = fp8_dequantize(torch.ones_like(ours[name], dtype=torch.float32), inverse, block)
+        error = (fp8_dequantize(ours[name], inverse, block) - exact).abs()
+        assert bool((error <= fp8_unit(exact / spread) * spread / 2 * (1 + 1e-6) + 1e-12).all()), name
+
+
+def test_peft_parity_on_the_dequantized_model(tmp_path, models):
+    """A PEFT adapter made on the bf16-dequantized model and merged there by PEFT, against loraops' --dtype bf16 merge
+    of the same adapter into the FP8 base: within one bf16 unit."""
+    from peft import PeftModel
+
+    dequantized = tmp_path / "dequantized"
+    shutil.copytree(models.base, dequantized)
+    state = tensors(models.fp8)
+    values = {n: (dequantized64(state, n).float().bfloat16() if f"{n}_scale_inv" in state else t)
+              for n, t in state.items() if not n.endswith("_scale_inv")}
+    save_file(values, str(dequantized / "model.safetensors"), metadata={"format": "pt"})
+    adapter = peft_adapter(dequantized, tmp_path / "lora", r=8, alpha=16)
+    peft_state = PeftModel.from_pretrained(load_model(dequantized), adapter).merge_and_unload().state_dict()
+    engine.merge(models.fp8, [(formats.read_adapter(adapter), 1.0)], tmp_path / "out", dtype="bf16", device="cpu")
+    ours = tensors(tmp_path / "out")
+    terms = terms_of(adapter, models.fp8)
+    assert len(terms) == 14
+    for name, module_terms in terms.items():
+        # the unit at the operands' magnitude (as test_engine's parity): PEFT rounds ΔW to bf16 before adding it
+        exact = reference64(values[name], module_terms)
+        magnitude = torch.stack([values[name].double().abs(), (exact - values[name].double()).abs(),
+                                 ours[name].double().abs(), peft_state[name].double().abs()]).amax(0)
+        gap = (ours[name].double() - peft_state[name].double()).abs()
+        assert bool((gap <= unit_of_rounding(magnitude, torch.bfloat16)).all()), name
+
+
+def test_dora_on_the_decoded_weight(tmp_path, models):
+    """A DoRA adapter's norms are those of the decoded FP8 weight plus its delta (the dequantize-before step comes
+    first): --dtype bf16 within one bf16 unit of the float64 formula on transformers' dequantization."""
+    adapter = perturb_magnitudes(peft_adapter(models.base, tmp_path / "dora", r=4, target_modules=TOUCHED,
+                                              use_dora=True))
+    engine.merge(models.fp8, [(formats.read_adapter(adapter), 1.0)], tmp_path / "out", dtype="bf16", device="cpu")
+    ours, fp8 = tensors(tmp_path / "out"), tensors(models.fp8)
+    for name, module_terms in terms_of(adapter, models.fp8).items():
+        exact = dora_reference64(dequantized64(fp8, name), module_terms)
+        assert bool(((ours[name].double() - exact).abs() <= unit_of_rounding(exact.abs(), torch.bfloat16)).all()), name
+
+
+def test_cli_merge_check_subtract_and_exact(tmp_path, models):
+    check = cli("check", models.adapter, "--base", models.fp8).output
+    assert "fits" in check and "8/8 modules match" in check  # the scale tensors are no modules
+    out = cli("merge", models.adapter, "--into", models.fp8, "-o", tmp_path / "merged", "--device", "cpu").output
+    assert "8 tensors merged" in out and "F8_E4M3" in out
+    report = json.loads(cli("subtract", models.adapter, "--from", tmp_path / "merged", "-o", tmp_path / "back",
+                            "--json").output)
+    residual = report["residual"]  # lossy: FP8 rounds twice; by value, each side decoded with its own scales
+    assert Path(residual["compared_to"]).resolve() == models.fp8.resolve()
+    # (nearly every element: a block whose max |W| moved gets another scale, so another grid of values)
+    assert 0 < residual["elements_differing"] <= residual["elements"] and 0 < residual["max_abs_diff"] < 0.05
+    cli("subtract", models.adapter, "--from", tmp_path / "merged", "-o", tmp_path / "exact", "--exact")
+    for f in models.fp8.glob("*.safetensors"):
+        assert (tmp_path / "exact" / f.name).read_bytes() == f.read_bytes()
+    # no adapter: --dtype alone converts the FP8 model; without it there is nothing to do
+    cli("merge", "--into", models.fp8, "-o", tmp_path / "plain", "--dtype", "bf16", "--no-record")
+    assert {t.dtype for t in BaseModel.open(tmp_path / "plain").tensors.values()} == {"BF16"}
+    assert cli("merge", "--into", models.fp8, "-o", tmp_path / "none", code=2).output.startswith(
+        "error: no adapter to merge")
+
+
+def test_base_digests_cached_after_a_dequantizing_merge(tmp_path, models):
+    """The scales a --dtype merge leaves out unread are hashed too, so recording the FP8 base reads nothing again."""
+    copy = tmp_path / "fp8"
+    shutil.copytree(models.fp8, copy)  # never fingerprinted
+    engine.merge(copy, [(formats.read_adapter(models.adapter), 1.0)], tmp_path / "out", dtype="bf16", device="cpu")
+    base = BaseModel.open(copy)
+    cached = base.cached_digests()
+    assert set(cached) == set(base.tensors)
+    assert cached == {name: _sha(t) for name, t in tensors(copy).items()}
+
+
+def _rewrite(fp8: Path, out: Path, state_edit, config_edit=None) -> Path:
+    """A single-file copy of the FP8 model with its tensors (and config) edited."""
+    out.mkdir()
+    state = tensors(fp8)
+    state_edit(state)
+    save_file(state, str(out / "model.safetensors"))
+    config = json.loads((fp8 / "config.json").read_text())
+    if config_edit is not None:
+        config_edit(config)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def _compressed_tensors(state):  # per-channel float scale under weight_scale, as compressed-tensors and FBGEMM store
+    state[f"{Q}.weight_scale"] = state.pop(f"{Q}.weight_scale_inv")[:, :1].repeat_interleave(16, 0)
+
+
+def _bnb_int8(state):
+    state[f"{Q}.weight"] = state[f"{Q}.weight"].view(torch.int8)
+    state[f"{Q}.SCB"] = torch.ones(64)
+    del state[f"{Q}.weight_scale_inv"]
+
+
+def _gptq(state):
+    del state[f"{Q}.weight"], state[f"{Q}.weight_scale_inv"]
+    state[f"{Q}.qweight"] = torch.zeros(8, 64, dtype=torch.int32)
+    state[f"{Q}.scales"] = torch.ones(1, 64, dtype=torch.float16)
+
+
+UNSUPPORTED = "loraops merges only into float weights and fine-grained FP8 ones"
+
+
+@pytest.mark.parametrize("case, state_edit, config_edit, message, dtype_message", [
+    ("missing", lambda s: s.pop(f"{Q}.weight_scale_inv"), None,
+     f"'{Q}.weight' is stored as F8_E4M3 but its scale '{Q}.weight_scale_inv' is missing", None),
+    ("wrong-shape", lambda s: s.update({f"{Q}.weight_scale_inv": s[f"{Q}.weight_scale_inv"].T.contiguous()}), None,
+     f"'{Q}.weight_scale_inv' has shape [3, 4]; '{Q}.weight' [64, 64] in blocks of 16×24 needs [4, 3]", None),
+    # the other modules of these bases keep the fine-grained layout their config.json no longer says: with --dtype,
+    # which would convert every one, the first is refused
+    ("compressed-tensors", _compressed_tensors, lambda c: c.update(
+        {"quantization_config": {"quant_method": "compressed-tensors"}}),
+     f"'{Q}.weight' is stored as F8_E4M3 with {Q}.weight_scale F32[64, 1] (config.json quant_method "
+     f"'compressed-tensors'); {UNSUPPORTED}", f"(config.json quant_method 'compressed-tensors'); {UNSUPPORTED}"),
+    ("bitsandbytes", _bnb_int8, lambda c: c.update({"quantization_config": {"quant_method": "bitsandbytes"}}),
+     f"'{Q}.weight' is stored as I8 with {Q}.SCB F32[64] (config.json quant_method 'bitsandbytes'); {UNSUPPORTED}",
+     f"(config.json quant_method 'bitsandbytes'); {UNSUPPORTED}"),
+    ("gptq", _gptq, lambda c: c.update({"quantization_config": {"quant_method": "gptq"}}),
+     f"{Q} (quantized, stored as {Q}.qweight I32[8, 64], {Q}.scales F16[1, 64])",
+     f"(config.json quant_method 'gptq'); {UNSUPPORTED}"),
+])
+def test_refusals_are_one_line_and_write_nothing(tmp_path, models, case, state_edit, config_edit, message,
+                                                 dtype_message):
+    bad = _rewrite(models.fp8, tmp_path / case, state_edit, config_edit)
+    for args, wanted in ((["merge", models.q_only, "--into", bad, "-o", tmp_path / "out"], message),
+                         (["merge", models.q_only, "--into", bad, "-o", tmp_path / "out", "--dtype", "bf16"],
+                          dtype_message or message),
+                         (["check", models.q_only, "--base", bad], message)):
+        output = cli(*args, code=2).output
+        assert wanted in output, output
+        if args[0] == "merge":
+            assert output.startswith("error: ") and output.count("\n") == 1, output
+        assert not (tmp_path / "out").exists()
+
+
+def test_dtype_refuses_fp8_weights_it_cannot_read_even_untouched(tmp_path, models):
+    bad = _rewrite(models.fp8, tmp_path / "bad", lambda s: s.pop("model.layers.1.mlp.gate_proj.weight_scale_inv"))
+    cli("merge", models.adapter, "--into", bad, "-o", tmp_path / "out", "--no-record")  # gate_proj: untouched, copied
+    output = cli("merge", models.adapter, "--into", bad, "-o", tmp_path / "bf16", "--dtype", "bf16", code=2).output
+    assert "'model.layers.1.mlp.gate_proj.weight_scale_inv' is missing" in output
+    assert not (tmp_path / "bf16").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_merge_matches_cpu(tmp_path, models):
+    adapter = formats.read_adapter(models.adapter)
+    for device in ("cpu", "cuda"):
+        engine.merge(models.fp8, [(adapter, 1.0)], tmp_path / device, device=device, precise=True)
+    cpu, gpu = tensors(tmp_path / "cpu"), tensors(tmp_path / "cuda")
+    for name in terms_of(models.adapter, models.fp8):
+        torch.testing.assert_close(gpu[f"{name}_scale_inv"], cpu[f"{name}_scale_inv"], rtol=2 ** -22, atol=0)
+        gap = (dequantized64(gpu, name) - dequantized64(cpu, name)).abs()
+        spread = fp8_dequantize(torch.ones_like(cpu[name], dtype=torch.float32), cpu[f"{name}_scale_inv"], BLOCK)
+        assert bool((gap <= fp8_unit(dequantized64(cpu, name) / spread) * spread * 1.01).all()), name
