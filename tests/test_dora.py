@@ -261,6 +261,28 @@ def test_cli_merge_check_show_and_subtract(tmp_path, llama32, llama_dora):
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == (llama32 / "model.safetensors").read_bytes()
 
 
+
+def test_cli_subtract_of_an_adapter_a_dora_one_was_merged_after_is_refused(tmp_path, llama32, llama_dora):
+    """merge P D writes f ⊙ (W + Δ_P + Δ_D), f = m/‖W + Δ_D‖: taking Δ_P off leaves (f − 1)·Δ_P, which is not
+    merge D. The recorded lineage (of the model, or of the merges it was made from) says a DoRA adapter came after P:
+    refused, and --exact gives merge D bit for bit. With D first (f ⊙ (W + Δ_D) + Δ_P) taking P off is exact."""
+    plain = peft_adapter(llama32, tmp_path / "p", seed=3, r=4, target_modules=["q_proj", "up_proj"])
+    assert run("merge", plain, llama_dora, "--into", llama32, "-o", tmp_path / "m")[0] == 0
+    after = "was merged with the DoRA adapter .*/a:1 after it"
+    one_line_error(*run("subtract", plain, "--from", tmp_path / "m", "-o", tmp_path / "s"), after)
+    assert not (tmp_path / "s").exists()
+    assert run("merge", llama_dora, "--into", llama32, "-o", tmp_path / "d", "--no-record")[0] == 0
+    assert run("subtract", plain, "--from", tmp_path / "m", "-o", tmp_path / "e", "--exact")[0] == 0
+    assert (tmp_path / "e" / "model.safetensors").read_bytes() == (tmp_path / "d" / "model.safetensors").read_bytes()
+    # the DoRA adapter merged into a merge of P: the same, one merge further down
+    assert run("merge", plain, "--into", llama32, "-o", tmp_path / "p1")[0] == 0
+    assert run("merge", llama_dora, "--into", tmp_path / "p1", "-o", tmp_path / "p2")[0] == 0
+    one_line_error(*run("subtract", plain, "--from", tmp_path / "p2", "-o", tmp_path / "s"), after)
+    assert run("merge", llama_dora, plain, "--into", llama32, "-o", tmp_path / "dp")[0] == 0
+    assert run("subtract", plain, "--from", tmp_path / "dp", "-o", tmp_path / "s")[0] == 0
+    assert torch.allclose(merged_tensors(tmp_path / "s")["model.layers.0.self_attn.q_proj.weight"],
+                          merged_tensors(tmp_path / "d")["model.layers.0.self_attn.q_proj.weight"], rtol=0, atol=1e-6)
+
 def test_cli_combine_and_kohya_export_are_refused(tmp_path, llama32, llama_dora):
     plain = peft_adapter(llama32, tmp_path / "p", seed=3)
     one_line_error(*run("combine", plain, llama_dora, "-o", tmp_path / "c"), "is a DoRA adapter.*combine refuses it")
