@@ -348,3 +348,29 @@ def test_diffusers_file_round_trip(tmp_path):
     save_file(tensors, str(tmp_path / "no.safetensors"), {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
     with pytest.raises(InvalidInputError, match="has a DoRA magnitude .* but the config says use_dora: false"):
         formats.read_adapter(tmp_path / "no.safetensors")
+
+
+@pytest.mark.no_registry
+def test_diffusers_components_each_have_their_own_use_dora(tmp_path):
+    """A diffusers file packs one LoraConfig per component, and diffusers loads each with use_dora as its own keys say
+    (peft_utils.get_peft_kwargs): a DoRA UNet beside a plain LoRA text encoder is read, merged per module, and written
+    back as it was; only within one component is a partial DoRA refused."""
+    dora_part = perturb_magnitudes(conv_peft_adapter(tmp_path / "d", use_dora=True, target_modules=["proj", "conv3"]))
+    plain_part = conv_peft_adapter(tmp_path / "p", seed=2, target_modules=["proj"])
+    tensors = {k.replace("base_model.model.", "unet."): v for k, v in load_file(dora_part / "adapter_model.safetensors").items()}
+    tensors.update({k.replace("base_model.model.", "text_encoder."): v
+                    for k, v in load_file(plain_part / "adapter_model.safetensors").items()})
+    config = {"unet.r": 4, "unet.lora_alpha": 8, "unet.use_dora": True,
+              "text_encoder.r": 4, "text_encoder.lora_alpha": 8, "text_encoder.use_dora": False}
+    save_file(tensors, str(tmp_path / "mixed.safetensors"), {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    adapter = formats.read_adapter(tmp_path / "mixed.safetensors")
+    assert {name: m.dora for name, m in adapter.modules.items()} == {"unet.proj": True, "unet.conv3": True,
+                                                                   "text_encoder.proj": False}
+    formats.write_adapter(adapter, tmp_path / "again.safetensors", "diffusers")
+    again = load_file(tmp_path / "again.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    del tensors["unet.conv3.lora_magnitude_vector"]
+    config.pop("unet.use_dora")
+    save_file(tensors, str(tmp_path / "partial.safetensors"), {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    with pytest.raises(InvalidInputError, match="only some modules carry a DoRA magnitude .*'unet.conv3' has none"):
+        formats.read_adapter(tmp_path / "partial.safetensors")
