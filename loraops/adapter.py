@@ -222,7 +222,8 @@ class Adapter:
 
     @property
     def dora(self) -> bool:
-        """A DoRA adapter (its modules carry magnitudes; readers refuse an adapter where only some do)."""
+        """A DoRA adapter: its modules carry magnitudes (all of them, except in a diffusers file, whose components
+        each have their own use_dora)."""
         return any(m.dora for m in self.modules.values())
 
     @property
