@@ -374,3 +374,16 @@ def test_diffusers_components_each_have_their_own_use_dora(tmp_path):
     save_file(tensors, str(tmp_path / "partial.safetensors"), {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
     with pytest.raises(InvalidInputError, match="only some modules carry a DoRA magnitude .*'unet.conv3' has none"):
         formats.read_adapter(tmp_path / "partial.safetensors")
+
+
+def test_push_card_says_dora(llama_dora):
+    """The model card pushed with a DoRA adapter says so (a "dora" tag, a variant row): rank and alpha alone describe
+    a plain LoRA, which a reader would merge as W + s·B·A."""
+    from loraops import hub
+    from loraops.registry import Registry
+
+    with Registry.open() as reg:
+        record = reg.register_adapter(str(llama_dora), name="d").record
+        card = hub.render_card(hub.card_info(reg, record, "peft"))
+    front, body = card.split("---\n")[1], card.split("---\n")[2]
+    assert '- "dora"' in front and "| variant | DoRA: a magnitude per output channel" in body
