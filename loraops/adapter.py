@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 ModuleKind = Literal["linear", "conv", "embedding"]
 
+DORA_NOTE = "DoRA: a magnitude per output channel (merged as magnitude · (W + s·B·A)/‖W + s·B·A‖)"
+"""What `inspect`, `show` and a pushed model card say of a DoRA adapter."""
+
 
 @dataclass
 class LoraModule:
