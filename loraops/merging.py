@@ -327,7 +327,7 @@ def _refuse_dora_after(reg, origin, inputs: list[Input], label: str) -> None:
         applied[:0] = record.lineage.params.get("adapters", [])
         fingerprint = (record.lineage.params.get("base") or {}).get("fingerprint")
         record = reg.find_base(fingerprint) if fingerprint else None
-    for i in inputs:
+    for i in (i for i in inputs if not i.adapter.dora):  # (a DoRA one is refused for itself: engine.refuse_dora)
         first = next((n for n, a in enumerate(applied) if a["sha256"] == i.sha256), None)
         later = [] if first is None else applied[first + 1:]
         dora = next((a for a in later if getattr(_registered(reg, a["sha256"]), "dora", False)), None)
