@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 ModuleKind = Literal["linear", "conv", "embedding"]
 
+DORA_NOTE = "DoRA: a magnitude per output channel (merged as magnitude · (W + s·B·A)/‖W + s·B·A‖)"
+"""What `inspect`, `show` and a pushed model card say of a DoRA adapter."""
+
 
 @dataclass
 class LoraModule:
@@ -222,7 +225,8 @@ class Adapter:
 
     @property
     def dora(self) -> bool:
-        """A DoRA adapter (its modules carry magnitudes; readers refuse an adapter where only some do)."""
+        """A DoRA adapter: its modules carry magnitudes (all of them, except in a diffusers file, whose components
+        each have their own use_dora)."""
         return any(m.dora for m in self.modules.values())
 
     @property

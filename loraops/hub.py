@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from .adapter import DORA_NOTE
 from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
 
 if TYPE_CHECKING:
@@ -484,6 +485,8 @@ class CardInfo:
     inputs: list[CardInput] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     sha256: str | None = None
+    dora: bool = False
+    """A DoRA adapter (a magnitude per output channel besides B and A)."""
 
 
 def _yaml_value(value) -> str:
@@ -499,13 +502,15 @@ def render_card(card: CardInfo) -> str:
         front.append("library_name: peft")
     if base_repo:
         front += [f"base_model: {_yaml_value(base_repo)}", "base_model_relation: adapter"]
-    tags = ["lora", "loraops"] + ([card.format] if card.format != "peft" else [])
+    tags = ["lora", "loraops"] + ([card.format] if card.format != "peft" else []) + (["dora"] if card.dora else [])
     front.append("tags:" + "".join(f"\n- {_yaml_value(t)}" for t in tags))
     lines = ["---", *front, "---", "", f"# {card.name}", ""]
     kind = {"peft": "A PEFT LoRA adapter", "kohya": "A kohya / sd-scripts LoRA"}.get(card.format, f"A {card.format} LoRA")
     lines.append(f"{kind}{f' for `{card.base_model}`' if card.base_model else ''}, published with loraops.")
     lines += ["", "| | |", "|---|---|", f"| modules | {len(card.ranks)} |", f"| rank | {_spread(card.ranks.values())} |",
               f"| alpha | {_spread(card.alphas.values())} |", f"| target modules | {', '.join(_targets(card.ranks))} |"]
+    if card.dora:
+        lines.append(f"| variant | {DORA_NOTE} |")
     if card.sha256:
         lines.append(f"| sha256 | `{card.sha256}` |")
     if card.method:
@@ -722,7 +727,7 @@ def card_info(registry, record, fmt: str) -> CardInfo:
         base_model = None  # a local path means nothing to the Hub's readers
     card = CardInfo(name=record.name, format=fmt, ranks={m.name: m.rank for m in record.modules},
                     alphas={m.name: m.alpha for m in record.modules}, base_model=base_model,
-                    sha256=record.weights_sha256 if fmt == record.format else None)
+                    sha256=record.weights_sha256 if fmt == record.format else None, dora=record.dora)
     if record.lineage is not None:
         card.method, card.params = record.lineage.op, dict(record.lineage.params)
         card.inputs = [CardInput(i.label, i.weight if i.weight is not None else 1.0, _input_source(registry, i))

@@ -18,7 +18,8 @@ from typing import Sequence
 from . import engine
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
-from .errors import ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError
+from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
+                     UnsupportedAdapterError)
 from .fsutil import atomic_path, ensure_free_space, refuse_overlap
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted  # noqa: F401 - part of this module's API
@@ -66,13 +67,19 @@ def _stored_copy(reg, registry_id: int, ref: str) -> Adapter | None:
 def _registered_id(reg, sha: str) -> int | None:
     """The registry id of the adapter with this identity, if it is registered (then recording a merge need not
     register it again, which would read and hash it twice more)."""
+    record = _registered(reg, sha)
+    return None if record is None else record.id
+
+
+def _registered(reg, sha: str):
+    """The registry record of the adapter with this identity, or None."""
     if reg is None:
         return None
     try:
         record = reg.get_adapter(sha)
     except LoraopsError:
         return None
-    return record.id if record.sha256 == sha else None
+    return record if record.sha256 == sha else None
 
 
 def resolve_base(reg, ref: str | Path) -> tuple[BaseModel, str]:
@@ -195,6 +202,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
             report = _restore(reg, merged, label, origin, inputs, output, options)
             inputs = []
         else:
+            _refuse_dora_after(reg, origin, inputs, label)
             pristine = _pristine(reg, origin) if origin is not None else None
             report = engine.subtract(merged, [(i.adapter, i.weight) for i in inputs], output, reference=pristine,
                                      fingerprint=record, **options)
@@ -309,6 +317,29 @@ def _origin(reg, model: BaseModel):
     if record is None or record.lineage is None or record.lineage.op != "merge":
         return None
     return record
+
+
+def _refuse_dora_after(reg, origin, inputs: list[Input], label: str) -> None:
+    """A DoRA adapter merged after one that is subtracted rescaled the channels it changed (f ⊙ (W + Δ + Δ_D)), so
+    taking Δ off leaves (f − 1)·Δ: refused when the lineage says so, the recorded merge's and those of the merges its
+    base came from. (A DoRA adapter merged before it is no obstacle: f ⊙ (W + Δ_D) + Δ − Δ is exact.)"""
+    applied: list[dict] = []  # every adapter merged on the way to the model, in the order they went in
+    record, seen = origin, set()
+    while record is not None and record.lineage is not None and record.lineage.op == "merge" and record.id not in seen:
+        seen.add(record.id)
+        applied[:0] = record.lineage.params.get("adapters", [])
+        fingerprint = (record.lineage.params.get("base") or {}).get("fingerprint")
+        record = reg.find_base(fingerprint) if fingerprint else None
+    for i in (i for i in inputs if not i.adapter.dora):  # (a DoRA one is refused for itself: engine.refuse_dora)
+        first = next((n for n, a in enumerate(applied) if a["sha256"] == i.sha256), None)
+        later = [] if first is None else applied[first + 1:]
+        dora = next((a for a in later if getattr(_registered(reg, a["sha256"]), "dora", False)), None)
+        if dora is not None:
+            raise UnsupportedAdapterError(
+                f"{i.label}: {label} was merged with the DoRA adapter {dora['label']}:{dora['weight']:g} after it, "
+                f"which rescaled every output channel by magnitude/‖W + s·B·A‖, those {i.label} changed included: "
+                "subtracting it cannot take it off; --exact rebuilds a recorded merge from its base instead"
+            )
 
 
 def _pristine(reg, origin) -> BaseModel | None:

@@ -185,7 +185,7 @@ class AdapterRecord(Record):
     scale_mode: str
     target_modules: list[str]
     dora: bool = False
-    """A DoRA adapter (PEFT use_dora): each module also has a magnitude per output channel (see LoraModule.magnitude)."""
+    """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
     base: BaseRef | None
     base_hint: str | None
     """base_model_name_or_path as written in the adapter (PEFT), when present."""
@@ -251,7 +251,7 @@ class InspectReport(Record):
     scale_mode: Literal["classic", "rslora"]
     target_modules: list[str]
     dora: bool = False
-    """A DoRA adapter (PEFT use_dora): each module also has a magnitude per output channel (see LoraModule.magnitude)."""
+    """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
     num_modules: int
     num_parameters: int
     names_resolved: bool

@@ -261,6 +261,28 @@ def test_cli_merge_check_show_and_subtract(tmp_path, llama32, llama_dora):
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == (llama32 / "model.safetensors").read_bytes()
 
 
+
+def test_cli_subtract_of_an_adapter_a_dora_one_was_merged_after_is_refused(tmp_path, llama32, llama_dora):
+    """merge P D writes f ⊙ (W + Δ_P + Δ_D), f = m/‖W + Δ_D‖: taking Δ_P off leaves (f − 1)·Δ_P, which is not
+    merge D. The recorded lineage (of the model, or of the merges it was made from) says a DoRA adapter came after P:
+    refused, and --exact gives merge D bit for bit. With D first (f ⊙ (W + Δ_D) + Δ_P) taking P off is exact."""
+    plain = peft_adapter(llama32, tmp_path / "p", seed=3, r=4, target_modules=["q_proj", "up_proj"])
+    assert run("merge", plain, llama_dora, "--into", llama32, "-o", tmp_path / "m")[0] == 0
+    after = "was merged with the DoRA adapter .*/a:1 after it"
+    one_line_error(*run("subtract", plain, "--from", tmp_path / "m", "-o", tmp_path / "s"), after)
+    assert not (tmp_path / "s").exists()
+    assert run("merge", llama_dora, "--into", llama32, "-o", tmp_path / "d", "--no-record")[0] == 0
+    assert run("subtract", plain, "--from", tmp_path / "m", "-o", tmp_path / "e", "--exact")[0] == 0
+    assert (tmp_path / "e" / "model.safetensors").read_bytes() == (tmp_path / "d" / "model.safetensors").read_bytes()
+    # the DoRA adapter merged into a merge of P: the same, one merge further down
+    assert run("merge", plain, "--into", llama32, "-o", tmp_path / "p1")[0] == 0
+    assert run("merge", llama_dora, "--into", tmp_path / "p1", "-o", tmp_path / "p2")[0] == 0
+    one_line_error(*run("subtract", plain, "--from", tmp_path / "p2", "-o", tmp_path / "s"), after)
+    assert run("merge", llama_dora, plain, "--into", llama32, "-o", tmp_path / "dp")[0] == 0
+    assert run("subtract", plain, "--from", tmp_path / "dp", "-o", tmp_path / "s")[0] == 0
+    assert torch.allclose(merged_tensors(tmp_path / "s")["model.layers.0.self_attn.q_proj.weight"],
+                          merged_tensors(tmp_path / "d")["model.layers.0.self_attn.q_proj.weight"], rtol=0, atol=1e-6)
+
 def test_cli_combine_and_kohya_export_are_refused(tmp_path, llama32, llama_dora):
     plain = peft_adapter(llama32, tmp_path / "p", seed=3)
     one_line_error(*run("combine", plain, llama_dora, "-o", tmp_path / "c"), "is a DoRA adapter.*combine refuses it")
@@ -326,3 +348,42 @@ def test_diffusers_file_round_trip(tmp_path):
     save_file(tensors, str(tmp_path / "no.safetensors"), {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
     with pytest.raises(InvalidInputError, match="has a DoRA magnitude .* but the config says use_dora: false"):
         formats.read_adapter(tmp_path / "no.safetensors")
+
+
+@pytest.mark.no_registry
+def test_diffusers_components_each_have_their_own_use_dora(tmp_path):
+    """A diffusers file packs one LoraConfig per component, and diffusers loads each with use_dora as its own keys say
+    (peft_utils.get_peft_kwargs): a DoRA UNet beside a plain LoRA text encoder is read, merged per module, and written
+    back as it was; only within one component is a partial DoRA refused."""
+    dora_part = perturb_magnitudes(conv_peft_adapter(tmp_path / "d", use_dora=True, target_modules=["proj", "conv3"]))
+    plain_part = conv_peft_adapter(tmp_path / "p", seed=2, target_modules=["proj"])
+    tensors = {k.replace("base_model.model.", "unet."): v for k, v in load_file(dora_part / "adapter_model.safetensors").items()}
+    tensors.update({k.replace("base_model.model.", "text_encoder."): v
+                    for k, v in load_file(plain_part / "adapter_model.safetensors").items()})
+    config = {"unet.r": 4, "unet.lora_alpha": 8, "unet.use_dora": True,
+              "text_encoder.r": 4, "text_encoder.lora_alpha": 8, "text_encoder.use_dora": False}
+    save_file(tensors, str(tmp_path / "mixed.safetensors"), {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    adapter = formats.read_adapter(tmp_path / "mixed.safetensors")
+    assert {name: m.dora for name, m in adapter.modules.items()} == {"unet.proj": True, "unet.conv3": True,
+                                                                   "text_encoder.proj": False}
+    formats.write_adapter(adapter, tmp_path / "again.safetensors", "diffusers")
+    again = load_file(tmp_path / "again.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    del tensors["unet.conv3.lora_magnitude_vector"]
+    config.pop("unet.use_dora")
+    save_file(tensors, str(tmp_path / "partial.safetensors"), {"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    with pytest.raises(InvalidInputError, match="only some modules carry a DoRA magnitude .*'unet.conv3' has none"):
+        formats.read_adapter(tmp_path / "partial.safetensors")
+
+
+def test_push_card_says_dora(llama_dora):
+    """The model card pushed with a DoRA adapter says so (a "dora" tag, a variant row): rank and alpha alone describe
+    a plain LoRA, which a reader would merge as W + s·B·A."""
+    from loraops import hub
+    from loraops.registry import Registry
+
+    with Registry.open() as reg:
+        record = reg.register_adapter(str(llama_dora), name="d").record
+        card = hub.render_card(hub.card_info(reg, record, "peft"))
+    front, body = card.split("---\n")[1], card.split("---\n")[2]
+    assert '- "dora"' in front and "| variant | DoRA: a magnitude per output channel" in body

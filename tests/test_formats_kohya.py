@@ -142,7 +142,7 @@ def _tucker_file(path, *, rank=4, dtype=torch.float32, down_shape=None, mid_shap
     return path, {k: v.to(dtype).double() for k, v in tensors.items()}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])  # float8 LoRAs circulate too
 def test_tucker_locon_reads_as_the_conv_it_equals(conv_base, dtype, tmp_path):
     """LyCORIS' Tucker LoCon runs down (1×1), mid (k×k, the layer's padding) and up (1×1) convolutions; loraops reads
     it as the one plain LoRA they compose to, so check/merge/resize treat it as kohya LoCon."""
@@ -154,6 +154,7 @@ def test_tucker_locon_reads_as_the_conv_it_equals(conv_base, dtype, tmp_path):
     assert conv3.A.shape == (4, 8, 3, 3) and conv3.rank == 4 and conv3.scale == 0.5
     assert conv3.A.dtype == torch.float32  # the composition is not rounded back to bfloat16
     assert "lora_unet_conv3.lora_mid.weight" in conv3.source_keys
+    assert read_adapter(path, values=False).modules["lora_unet_conv3"].A.shape == (4, 8, 3, 3)  # inspect and check
     conv = torch.nn.functional.conv2d
     x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
     three_convs = conv(conv(conv(x, raw["lora_unet_conv3.lora_down.weight"]), raw["lora_unet_conv3.lora_mid.weight"],

@@ -6,6 +6,8 @@ from typing import Any, Iterable, Sequence
 
 import click
 
+from ..adapter import DORA_NOTE  # noqa: F401 - inspect and show say it
+
 
 def to_jsonable(value: Any) -> Any:
     if hasattr(value, "model_dump"):
@@ -62,10 +64,6 @@ def echo_fields(fields: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         click.echo(f"{key.ljust(width)}  {value}")
-
-
-DORA_NOTE = "DoRA: a magnitude per output channel (merged as magnitude · (W + s·B·A)/‖W + s·B·A‖)"
-"""What `inspect` and `show` say of a DoRA adapter."""
 
 
 def echo_modules(modules: Sequence[Any]) -> None:

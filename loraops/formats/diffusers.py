@@ -86,7 +86,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
             cfg = peft.ScaleConfig(alpha=module_alpha, rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out, dora=cfg.dora)
         return cfg, rest
 
-    modules = peft.build_modules(weights, parsed, tensors, config_for)
+    modules = peft.build_modules(weights, parsed, tensors, config_for, adapter_of=component_of)
     scale_modes = {cfg.rslora for cfg in configs.values()}
     return Adapter(
         modules=modules, format="diffusers", metadata=dict(header.metadata), config=raw, path=path,

@@ -113,7 +113,7 @@ def tucker_down(path: Path, name: str, down: "torch.Tensor", mid: "torch.Tensor"
         raise InvalidInputError(f"{path}: module {name!r}: {keys['mid']} must be floating point, not {mid.dtype}")
     common.check_finite(path, keys["mid"], mid)
     common.check_finite(path, keys["down"], down)
-    kept = torch.promote_types(down.dtype, torch.float32)
+    kept = torch.float64 if down.dtype == torch.float64 else torch.float32  # (torch promotes no float8)
     return torch.einsum("ab...,bi->ai...", mid.double(), down.flatten(1).double()).to(kept)
 
 

@@ -212,9 +212,11 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
 
 def build_modules(
     path: Path, parsed: ParsedKeys, tensors: dict[str, "torch.Tensor"], config_for: Callable[[str], tuple[ScaleConfig, str]],
+    adapter_of: Callable[[str], str | None] = lambda name: None,
 ) -> dict[str, LoraModule]:
     """Modules with PEFT's scales; ``config_for(name)`` gives the ScaleConfig and the name patterns match against.
-    DoRA: every module has its magnitude or none has (PEFT's use_dora is one switch for the whole adapter), and
+    DoRA: every module of one PEFT adapter has its magnitude or none has (PEFT's use_dora is one switch for the whole
+    adapter; ``adapter_of(name)`` says which adapter a module is in: a diffusers file holds one per component), and
     they agree with a config's use_dora (PEFT ignores magnitudes when it is false, and makes up ones that turn DoRA
     into plain LoRA when they are missing)."""
     modules = {}
@@ -237,8 +239,12 @@ def build_modules(
             fan_in_fan_out=cfg.fan_in_fan_out and kind == "linear" and tensors[parts["A"]].dim() == 2,
             magnitude=tensors[parts["magnitude"]] if "magnitude" in parts else None, magnitude_key=parts.get("magnitude", ""),
         )
-    if len({m.dora for m in modules.values()}) > 1:
-        plain = next(name for name, m in modules.items() if not m.dora)
+    switches: dict[str | None, set[bool]] = {}
+    for name, module in modules.items():
+        switches.setdefault(adapter_of(name), set()).add(module.dora)
+    mixed = [group for group, dora in switches.items() if len(dora) > 1]
+    if mixed:
+        plain = next(name for name, m in modules.items() if adapter_of(name) == mixed[0] and not m.dora)
         raise InvalidInputError(f"{path}: only some modules carry a DoRA magnitude (lora_magnitude_vector); "
                                 f"{plain!r} has none")
     return modules
