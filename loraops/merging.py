@@ -203,7 +203,10 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
             inputs = []
         else:
             _refuse_dora_after(reg, origin, inputs, label)
-            pristine = _pristine(reg, origin) if origin is not None else None
+            # the recorded base is what the result should be only when every merged adapter comes off: with some left
+            # merged, the difference from it is theirs, not rounding
+            takes_all = origin is not None and _take_off(origin.lineage.params, inputs) == ([], None)
+            pristine = _pristine(reg, origin) if takes_all else None
             report = engine.subtract(merged, [(i.adapter, i.weight) for i in inputs], output, reference=pristine,
                                      fingerprint=record, **options)
             report = _labelled(report, inputs, sign=-1)
@@ -366,15 +369,12 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
             f"--exact: {label} was merged onto base {base_info['name']!r} (fingerprint {base_info['fingerprint'][:12]}), "
             "whose files are not available unchanged; `loraops base add` them again, or drop --exact"
         )
-    remaining = [dict(a) for a in params["adapters"]]
-    for i in inputs:
-        match = next((a for a in remaining if a["sha256"] == i.sha256 and math.isclose(a["weight"], i.weight)), None)
-        if match is None:
-            merged_with = ", ".join(f"{a['label']}:{a['weight']:g}" for a in params["adapters"])
-            raise MismatchError(
-                f"--exact: {i.label}:{i.weight:g} is not one of the adapters {label} was merged with ({merged_with})"
-            )
-        remaining.remove(match)
+    remaining, stray = _take_off(params, inputs)
+    if stray is not None:
+        merged_with = ", ".join(f"{a['label']}:{a['weight']:g}" for a in params["adapters"])
+        raise MismatchError(
+            f"--exact: {stray.label}:{stray.weight:g} is not one of the adapters {label} was merged with ({merged_with})"
+        )
     if remaining:
         kept = [_recorded_adapter(reg, a) for a in remaining]
         report = engine.merge(pristine, [(k.adapter, k.weight) for k in kept], output, dtype=params["dtype"],
@@ -387,6 +387,18 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         "restored bit for bit from the recorded base" if not remaining else
         f"re-merged the {len(remaining)} remaining adapter(s) onto the recorded base: bit-identical to merging only those"))
     return report.model_copy(update={"operation": "restore", "residual": residual})
+
+
+def _take_off(params: dict, inputs: list[Input]) -> tuple[list[dict], Input | None]:
+    """The recorded merge's adapters (``params["adapters"]``) left merged once ``inputs`` are taken off, each matched
+    by identity and weight, and the first input that is none of them (None when all are)."""
+    remaining = [dict(a) for a in params["adapters"]]
+    for i in inputs:
+        match = next((a for a in remaining if a["sha256"] == i.sha256 and math.isclose(a["weight"], i.weight)), None)
+        if match is None:
+            return remaining, i
+        remaining.remove(match)
+    return remaining, None
 
 
 def _recorded_adapter(reg, entry: dict) -> Input:

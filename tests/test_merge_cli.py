@@ -63,6 +63,10 @@ def test_merge_subtract_round_trip_and_exact(tmp_path, models):
     residual = json.loads(run("subtract", a, f"{b}:-0.5", "--from", out, "-o", tmp_path / "b2", "--json").output)["residual"]
     assert residual["compared_to"] == str(base) and residual["elements_differing"] > 0  # bf16: never bit-exact
     assert residual["max_abs_diff"] < 0.05
+    # taking off only one of the two: b stays merged, so the base is not what the result should be, and the
+    # difference from it (b's delta) is not reported as the round trip's rounding
+    partial = json.loads(run("subtract", a, "--from", out, "-o", tmp_path / "b3", "--json").output)["residual"]
+    assert partial["compared_to"] is None and "no pristine base" in partial["note"]
 
     exact = tmp_path / "exact"
     text = run("subtract", a, f"{b}:-0.5", "--from", out, "-o", exact, "--exact").output
