@@ -1,0 +1,40 @@
+"""The command line's contract on hostile input, one regression per defect the sweep found: bad input gets one
+line `error: …` on stderr and its documented exit code (never a traceback), and nothing is left half-written —
+outputs land by rename, and the registry changes in one transaction or not at all."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from factories import kohya_file
+from loraops.cli import main
+
+MODULES = {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))}
+
+
+def cli(*args, code=0, env=None):
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, result.output
+    if code:
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result
+
+
+@pytest.fixture
+def kohya(tmp_path) -> Path:
+    return kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+
+
+def test_an_output_that_is_a_symlink_loop_exists(tmp_path, kohya):
+    """Path.resolve() raised RuntimeError on a symlink loop (a traceback); and the loop, which Path.exists() calls
+    absent, was replaced without --force."""
+    loop, other = tmp_path / "loop", tmp_path / "other"
+    loop.symlink_to(other)
+    other.symlink_to(loop)
+    result = cli("export", kohya, "--format", "kohya", "-o", loop, code=4)
+    assert result.stderr == f"error: {loop}: already exists (use --force to replace it)\n"
+    cli("export", kohya, "--format", "kohya", "-o", loop, "--force")
+    assert loop.is_file() and not loop.is_symlink()
