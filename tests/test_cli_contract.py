@@ -38,3 +38,30 @@ def test_an_output_that_is_a_symlink_loop_exists(tmp_path, kohya):
     assert result.stderr == f"error: {loop}: already exists (use --force to replace it)\n"
     cli("export", kohya, "--format", "kohya", "-o", loop, "--force")
     assert loop.is_file() and not loop.is_symlink()
+
+
+def test_a_newline_in_a_path_stays_on_the_error_line(tmp_path, kohya):
+    """A file name with a newline made the error two lines."""
+    missing = tmp_path / "a\nb.safetensors"
+    result = cli("register", missing, code=3)
+    assert result.stderr == f"error: {tmp_path}/a\\nb.safetensors: no such file or folder\n"
+    (tmp_path / "out\n").write_bytes(b"x")
+    cli("export", kohya, "--format", "kohya", "-o", tmp_path / "out\n", code=4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["merge", "a", "--into", "b", "-o", "c", "--dtype", "int8"],
+     "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main merge --help`)"),
+    (["resize", "a", "--rank", "abc"], "invalid value for '--rank': 'abc' is not a valid integer (see `main resize --help`)"),
+    (["combine"], "missing argument 'REF[:WEIGHT]...' (see `main combine --help`)"),
+    (["base", "bogus"], "no such command 'bogus' (see `main base --help`)"),
+    (["list", "--rank"], "option '--rank' requires an argument"),
+])
+def test_a_usage_error_is_one_line(args, message):
+    """click's own usage errors took four lines (Usage, Try, blank, Error)."""
+    assert cli(*args, code=2).stderr == f"error: {message}\n"
+
+
+def test_a_group_alone_still_shows_its_help():
+    result = CliRunner().invoke(main, ["base"])
+    assert result.exit_code == 2 and result.stderr.startswith("Usage: main base [OPTIONS] COMMAND [ARGS]...")

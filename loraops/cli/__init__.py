@@ -46,6 +46,26 @@ UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EI
                  errno.ENOENT}
 
 
+def one_line(message: str) -> str:
+    """A message kept on one line: control characters (a newline in a file name) shown escaped, as repr shows them."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message)
+
+
+def usage_error(exc: click.UsageError) -> None:
+    """A bad option or argument, said as one line like every other error (click's own way takes four)."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # `loraops base` alone: the help, as click shows it
+        raise exc
+    message = exc.format_message().rstrip(".")
+    hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+    fail(f"{message[:1].lower()}{message[1:]}{hint}", exc.exit_code)
+
+
+def fail(message: str, code: int) -> None:
+    """Say ``message`` as the one `error:` line on stderr and exit with ``code``."""
+    click.echo(f"error: {one_line(message)}", err=True)
+    raise click.exceptions.Exit(code)
+
+
 class LoraopsGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name in COMMANDS if self.get_command(ctx, name) is not None]
@@ -69,16 +89,18 @@ class LoraopsGroup(click.Group):
         except KeyboardInterrupt:  # while the options are read: click would say "Aborted!" and exit 1
             click.echo(INTERRUPTED, err=True)
             raise click.exceptions.Exit(130) from None
+        except click.UsageError as exc:
+            usage_error(exc)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LoraopsError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            fail(str(exc), exc.exit_code)
+        except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
+            usage_error(exc)
         except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging._Landing)
-            click.echo(f"error: {exc.args[0]}" if exc.args else INTERRUPTED, err=True)
-            ctx.exit(130)
+            fail(exc.args[0] if exc.args else INTERRUPTED.removeprefix("error: "), 130)
         except BrokenPipeError:
             # `loraops list | head`: the reader left; stay quiet like other CLI tools.
             sys.stderr.close()
@@ -89,8 +111,7 @@ class LoraopsGroup(click.Group):
             from ..fsutil import user_path
 
             where = f"{user_path(exc.filename)}: " if exc.filename else ""
-            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
-            ctx.exit(5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
+            fail(f"{where}{exc.strerror or exc}", 5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
 
 
 @click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,7 +139,7 @@ def exit_status(args: list[str] | None = None) -> int:
     try:
         code = main(args=args, prog_name="loraops", standalone_mode=False)
         code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
-    except click.ClickException as exc:  # a usage error: shown as click shows it
+    except click.ClickException as exc:  # `loraops base` alone (its help); other usage errors: usage_error
         exc.show()
         code = exc.exit_code
     except SystemExit as exc:
