@@ -65,3 +65,19 @@ def test_a_usage_error_is_one_line(args, message):
 def test_a_group_alone_still_shows_its_help():
     result = CliRunner().invoke(main, ["base"])
     assert result.exit_code == 2 and result.stderr.startswith("Usage: main base [OPTIONS] COMMAND [ARGS]...")
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["show", "99999999999999999999"], 3, "no adapter '99999999999999999999' in the registry"),
+    (["show", "style@99999999999999999999"], 3, "adapter 'style' has no version 99999999999999999999 (versions: 1)"),
+    (["show", "style@²"], 2, "bad adapter reference 'style@²': the part after @ must be a version number"),
+    (["rm", "99999999999999999999"], 3, "no adapter '99999999999999999999' in the registry"),
+    (["base", "show", "99999999999999999999"], 3, "no base '99999999999999999999' in the registry"),
+    (["base", "rm", "99999999999999999999"], 3, "no base '99999999999999999999' in the registry"),
+    (["list", "--rank", "99999999999999999999"], 0, None),
+])
+def test_a_number_beyond_the_databases_integers_is_not_found(kohya, args, code, message):
+    """An id, version or rank past 2**63 was an OverflowError traceback from the database driver."""
+    cli("register", kohya)
+    result = cli(*args, code=code)
+    assert message is None or result.stderr.startswith(f"error: {message}")
