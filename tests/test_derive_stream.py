@@ -144,7 +144,7 @@ def test_tensor_writer_in_any_order_is_the_previous_layout(tmp_path):
         assert digest == hashlib.sha256(streamed).hexdigest()
 
 
-def test_a_derived_adapter_is_the_same_and_recorded_from_the_hashes_taken_while_writing(tmp_path, monkeypatch):
+def test_a_derived_adapter_is_the_same_and_recorded_from_the_hashes_taken_while_writing(tmp_path):
     """cat of fixed adapters gives the files (identities) it gave before; registering them neither hashes nor reads
     the written weights again (the values were checked as they were computed), and the identity recorded is the
     written file's sha256 (kohya) or PEFT's identity of the written folder."""
@@ -166,18 +166,19 @@ def test_a_derived_adapter_is_the_same_and_recorded_from_the_hashes_taken_while_
         assert not written_here(path), path
         return fsutil.sha256_file(path, *args, **kwargs)
 
-    for module in (store, blobs, formats):
-        monkeypatch.setattr(module, "sha256_file", not_the_outputs)
-    real_check = formats.check_values
-    monkeypatch.setattr(formats, "check_values", lambda path: checked.append(path) or real_check(path))
+    # its own MonkeyPatch: undoing the test's would also undo conftest's, and point LORAOPS_HOME at the real home
+    with pytest.MonkeyPatch.context() as spy:
+        for module in (store, blobs, formats):
+            spy.setattr(module, "sha256_file", not_the_outputs)
+        real_check = formats.check_values
+        spy.setattr(formats, "check_values", lambda path: checked.append(path) or real_check(path))
 
-    kept = derive.combine([(str(peft_in), 1.0), (str(peft_in), -0.5)], "cat", device="cpu", name="cat")
-    out = tmp_path / "out.safetensors"
-    wrote = derive.combine([(str(kohya_in), 1.0), (str(kohya_in), 0.5)], "cat", device="cpu", output=str(out))
+        kept = derive.combine([(str(peft_in), 1.0), (str(peft_in), -0.5)], "cat", device="cpu", name="cat")
+        out = tmp_path / "out.safetensors"
+        wrote = derive.combine([(str(kohya_in), 1.0), (str(kohya_in), 0.5)], "cat", device="cpu", output=str(out))
     assert checked and not [path for path in checked if written_here(path)]
     assert (kept.adapter.sha256, wrote.adapter.sha256) == (CAT_PEFT_BEFORE, CAT_KOHYA_BEFORE)
     assert wrote.adapter.sha256 == sha256(out) == sha256(Path(wrote.adapter.path))
-    monkeypatch.undo()
     assert formats.identity(kept.adapter.path) == CAT_PEFT_BEFORE  # the stored folder, read again
     with Registry.open() as reg:
         assert reg.verify() == []
