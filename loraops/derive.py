@@ -100,7 +100,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
     fmt = fmt or adapter.format
     writable(adapter, fmt)
     if output is not None:
-        reg.blobs.refuse_output_inside(output)
+        reg.refuse_output_inside(output)
         written = write(adapter, output, fmt, force=force, modules=derived)
         record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written)
         return DerivedRecord(adapter=record, created=created, output=str(written.path), report=derived.report)
@@ -172,7 +172,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
 
     refuse_existing(output, force)
     with Registry.open(create=False) as reg:
-        reg.blobs.refuse_output_inside(output)
+        reg.refuse_output_inside(output)
         if Path(ref).exists():
             refuse_overlap(output, ref, "the adapter it reads")
             adapter = read_adapter(ref)

@@ -282,11 +282,11 @@ def _name_taken(reg, name: str) -> bool:
 
 
 def _check_output(reg, output, record: bool) -> None:
-    """Refusals before any work: an output in the blob store (registry opened or not), and a merge to record in a
+    """Refusals before any work: an output over the registry's files (opened or not), and a merge to record in a
     registry that is read-only here."""
     from .registry.blobs import BlobStore
 
-    (reg.blobs if reg is not None else BlobStore()).refuse_output_inside(output)
+    (reg if reg is not None else BlobStore()).refuse_output_inside(output)
     if record and reg is not None:
         reg.refuse_writes(hint="; --no-record writes the output without recording it")
 

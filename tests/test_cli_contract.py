@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from factories import kohya_file
@@ -81,3 +82,22 @@ def test_a_number_beyond_the_databases_integers_is_not_found(kohya, args, code, 
     cli("register", kohya)
     result = cli(*args, code=code)
     assert message is None or result.stderr.startswith(f"error: {message}")
+
+
+@pytest.mark.sqlite_only  # the registry's own file
+def test_an_output_over_the_registry_database_is_refused_even_with_force(tmp_path, kohya, isolated_home):
+    """`export … -o ~/.local/share/loraops/registry.db --force` replaced the registry with a kohya file."""
+    from loraops import st
+
+    cli("register", kohya, "--name", "style")
+    database = isolated_home / "registry.db"
+    before = database.read_bytes()
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    for args in (["export", "style", "--format", "kohya"], ["resize", "style", "--rank", "2", "--format", "kohya"],
+                 ["merge", kohya, "--into", base, "--no-record"]):
+        for target in (database, isolated_home / "registry.db-wal"):
+            result = cli(*args, "-o", target, "--force", code=2)
+            assert result.stderr == (f"error: {target}: overlaps the registry's database ({target}); write the output "
+                                     "elsewhere\n")
+    assert database.read_bytes() == before and cli("list").output.count("style@1") == 1

@@ -104,6 +104,10 @@ class Registry:
     def close(self) -> None:
         self.engine.dispose()
 
+    def refuse_output_inside(self, output: str | Path) -> None:
+        """An output over the registry's own files (its blob store, its database): see BlobStore.refuse_output_inside."""
+        self.blobs.refuse_output_inside(output, db.sqlite_file(self.engine))
+
     def refuse_writes(self, hint: str = "") -> None:
         """Raise, before anything is copied or computed, when this registry is read-only here."""
         if self.read_only:
