@@ -21,7 +21,7 @@ from .basemodel import BaseModel, store_digests
 from .errors import ConflictError, LoraopsError, MismatchError, NotFoundError, RegistryError
 from .fsutil import atomic_path, ensure_free_space, refuse_overlap
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
-from .references import parse_weighted  # noqa: F401 - part of this module's API
+from .references import parse_weighted, refuse_output_over  # noqa: F401 - parse_weighted is part of this module's API
 
 
 @dataclass
@@ -154,7 +154,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     try:
         reg = _open_registry(record or _references(base, adapters), create=record)
         _check_name_free(reg if record else None, name)
-        _check_output(reg, output, record)
+        _check_output(reg, output, record, adapters)
         model, _ = _streamed(reg, base, early)
         engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
@@ -182,7 +182,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
     try:
         reg = _open_registry(record or exact or _references(model, adapters), create=record)
         _check_name_free(reg if record else None, name)
-        _check_output(reg, output, record)
+        _check_output(reg, output, record, adapters)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
         if streamed:
             engine.check_room(merged, output, options.get("dtype"))
@@ -281,12 +281,13 @@ def _name_taken(reg, name: str) -> bool:
     return any(b.name == name for b in reg.list_bases())
 
 
-def _check_output(reg, output, record: bool) -> None:
-    """Refusals before any work: an output over the registry's files (opened or not), and a merge to record in a
-    registry that is read-only here."""
+def _check_output(reg, output, record: bool, adapters: Sequence[str]) -> None:
+    """Refusals before any work: an output over the registry's files (opened or not) or over an adapter it reads,
+    and a merge to record in a registry that is read-only here."""
     from .registry.blobs import BlobStore
 
     (reg if reg is not None else BlobStore()).refuse_output_inside(output)
+    refuse_output_over(output, [parse_weighted(a)[0] for a in adapters])
     if record and reg is not None:
         reg.refuse_writes(hint="; --no-record writes the output without recording it")
 

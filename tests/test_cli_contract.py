@@ -101,3 +101,21 @@ def test_an_output_over_the_registry_database_is_refused_even_with_force(tmp_pat
             assert result.stderr == (f"error: {target}: overlaps the registry's database ({target}); write the output "
                                      "elsewhere\n")
     assert database.read_bytes() == before and cli("list").output.count("style@1") == 1
+
+
+def test_an_output_over_an_adapter_it_reads_is_refused_even_with_force(tmp_path, kohya):
+    """resize, combine and merge given `-o` the adapter's own path (or a folder holding it) and --force replaced the
+    user's adapter with their result; export refused it already."""
+    from loraops import st
+
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    before = kohya.read_bytes()
+    for args in (["resize", kohya, "--rank", "2", "--format", "kohya", "--device", "cpu"],
+                 ["combine", kohya, f"{kohya}:0.5", "--format", "kohya", "--device", "cpu"],
+                 ["merge", f"{kohya}:0.5", "--into", base, "--no-record", "--device", "cpu"],
+                 ["export", kohya, "--format", "kohya"]):
+        for output in (kohya, tmp_path):
+            result = cli(*args, "-o", output, "--force", code=2)
+            assert result.stderr == f"error: {output}: overlaps the adapter it reads ({kohya}); write the output elsewhere\n"
+    assert kohya.read_bytes() == before
