@@ -3,6 +3,9 @@ line `error: …` on stderr and its documented exit code (never a traceback), an
 outputs land by rename, and the registry changes in one transaction or not at all."""
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,33 @@ def test_an_output_over_an_adapter_it_reads_is_refused_even_with_force(tmp_path,
             result = cli(*args, "-o", output, "--force", code=2)
             assert result.stderr == f"error: {output}: overlaps the adapter it reads ({kohya}); write the output elsewhere\n"
     assert kohya.read_bytes() == before
+
+
+def test_sigterm_is_handled_as_ctrl_c(tmp_path, kohya, monkeypatch, capsys):
+    """SIGTERM (`kill`, a scheduler, `docker stop`) ended the process on the spot: no cleanup ran, and the output's
+    temporary sibling stayed beside it (where `gc` does not look). Now: the same cleanup as Ctrl-C, exit 143."""
+    from loraops import fsutil
+    from loraops.cli import exit_status
+
+    class Killed(Exception):
+        pass
+
+    def fallback(signum, frame):  # without loraops' handler, SIGTERM would end pytest itself
+        raise Killed
+
+    real_fsync = fsutil.fsync_tree
+
+    def terminated_while_writing(path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler interrupts the sleep
+        real_fsync(path)
+
+    monkeypatch.setattr(fsutil, "fsync_tree", terminated_while_writing)
+    previous = signal.signal(signal.SIGTERM, fallback)
+    try:
+        code = exit_status(["export", str(kohya), "--format", "kohya", "-o", str(tmp_path / "out.safetensors")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143
+    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]

@@ -41,6 +41,7 @@ COMMANDS = {
 
 
 INTERRUPTED = "error: interrupted; nothing was written"
+_interrupt = [signal.SIGINT]  # the signal the KeyboardInterrupt being handled stands for (see _terminate)
 # A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
 UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
                  errno.ENOENT}
@@ -58,6 +59,19 @@ def usage_error(exc: click.UsageError) -> None:
     message = exc.format_message().rstrip(".")
     hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
     fail(f"{message[:1].lower()}{message[1:]}{hint}", exc.exit_code)
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM (`kill`, a job scheduler, `docker stop`) is handled as Ctrl-C is: the same cleanup (no temporary output
+    left beside the output, where `gc` does not look) and the same messages, then exit 128 + 15. By default it ended
+    the process on the spot."""
+    _interrupt[0] = signum
+    raise KeyboardInterrupt
+
+
+def interrupted() -> int:
+    """The exit status of an interrupted run: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + _interrupt[0]
 
 
 def fail(message: str, code: int) -> None:
@@ -88,7 +102,7 @@ class LoraopsGroup(click.Group):
             return super().make_context(*args, **kwargs)
         except KeyboardInterrupt:  # while the options are read: click would say "Aborted!" and exit 1
             click.echo(INTERRUPTED, err=True)
-            raise click.exceptions.Exit(130) from None
+            raise click.exceptions.Exit(interrupted()) from None
         except click.UsageError as exc:
             usage_error(exc)
 
@@ -100,7 +114,7 @@ class LoraopsGroup(click.Group):
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
             usage_error(exc)
         except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging._Landing)
-            fail(exc.args[0] if exc.args else INTERRUPTED.removeprefix("error: "), 130)
+            fail(exc.args[0] if exc.args else INTERRUPTED.removeprefix("error: "), interrupted())
         except BrokenPipeError:
             # `loraops list | head`: the reader left; stay quiet like other CLI tools.
             sys.stderr.close()
@@ -135,7 +149,8 @@ def main(home: str | None, db: str | None, quiet: bool) -> None:
 def exit_status(args: list[str] | None = None) -> int:
     """Run the CLI (``args``, default sys.argv) and return the status `loraops` exits with. Not in click's
     standalone mode: there, a Ctrl-C that lands in click's own code (after a command returned, while its context
-    closes) becomes "Aborted!" and exit 1."""
+    closes) becomes "Aborted!" and exit 1. SIGTERM is handled as Ctrl-C while it runs (_terminate)."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main(args=args, prog_name="loraops", standalone_mode=False)
         code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
@@ -146,7 +161,9 @@ def exit_status(args: list[str] | None = None) -> int:
         code = exc.code
     except (KeyboardInterrupt, click.exceptions.Abort):  # outside the command's own handling
         print("error: interrupted", file=sys.stderr)
-        code = 130
+        code = interrupted()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
@@ -163,6 +180,7 @@ def run() -> None:
     # The work is done and said: a Ctrl-C now must not cut the flush of what was said (it would escape as an
     # uncaught KeyboardInterrupt, the summary of a finished merge lost).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
