@@ -152,3 +152,22 @@ def test_sigterm_is_handled_as_ctrl_c(tmp_path, kohya, monkeypatch, capsys):
     assert code == 143
     assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]
+
+
+def test_a_damaged_stored_copy_is_neither_pushed_nor_checked_as_a_bad_adapter(kohya, fake_hub):
+    """push uploaded a stored copy whose bytes had changed, as it was (exit 0), under a model card claiming the
+    recorded sha256; check of one whose file was gone said 'not a PEFT adapter?' of the blob folder. Both now say
+    what merge says: the stored copy is changed or missing (exit 6)."""
+    import json
+
+    cli("register", kohya, "--name", "style")
+    stored = Path(json.loads(cli("show", "style", "--json").stdout)["path"])
+    data = bytearray(stored.read_bytes())
+    data[-5] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    result = cli("push", "style", "me/style", "--token", "hf_owner", code=6)
+    assert result.stderr.startswith(f"error: adapter style@1: its stored copy {stored} is changed (sha256 ")
+    assert "me/style" not in fake_hub.repos
+    stored.unlink()
+    result = cli("check", "style", "--base", "nothing-needed", code=6)
+    assert result.stderr.startswith(f"error: adapter style@1: its stored copy {stored} is missing, so it is not used")

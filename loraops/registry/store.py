@@ -519,12 +519,7 @@ class Registry:
             row = self._find_adapter(s, ref)
             path, alpha, base_id = self.blobs.path(row.blob), row.alpha_override, row.base_id
             manifest = self._manifest(s, base_id) if base_id is not None else None
-        problems = self._stored_problems(row.blob, row.files)
-        if problems:
-            where, what = problems[0]
-            state = what if what == "missing" else f"changed ({what})"
-            raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
-                                "used; `loraops register` its original again to repair it (`loraops verify` checks all)")
+        self._refuse_damaged(row)
         adapter = replace(formats.read_adapter(path, alpha=alpha, mapped=settings.map_stored()),
                           ref=f"{row.name}@{row.version}")
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
@@ -606,6 +601,7 @@ class Registry:
             with self.session() as s:
                 row = self._find_adapter(s, ref_or_path)
                 label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
+            self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_adapter(self.blobs.path(blob), alpha=override, values=False)
         if base is not None and Path(base).exists():
             return CheckResult.of(label, [check.check(adapter, BaseModel.open(base).tensors, base_name=str(base))])
@@ -631,14 +627,38 @@ class Registry:
         finally:
             bar.close()
 
-    def _stored_problems(self, key: str, files: list[dict], progress=None) -> list[tuple[str, str]]:
-        """(path, what is wrong) for each stored file of a record that is missing or no longer its recorded bytes."""
+    def intact_path(self, ref: str | int) -> Path:
+        """The stored copy of a registered adapter, refused when a file of it is missing or no longer its recorded
+        bytes (push uploaded a damaged copy as it was)."""
+        with self.session() as s:
+            row = self._find_adapter(s, ref)
+        self._refuse_damaged(row)
+        return self.blobs.path(row.blob)
+
+    def _refuse_damaged(self, row: SqlAdapter, contents: bool = True) -> None:
+        """One RegistryError line when a stored file of ``row`` is missing or changed (``contents`` False: missing
+        or of another size, known without reading it)."""
+        problems = self._stored_problems(row.blob, row.files, contents=contents)
+        if problems:
+            where, what = problems[0]
+            state = what if what == "missing" else f"changed ({what})"
+            raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
+                                "used; `loraops register` its original again to repair it (`loraops verify` checks all)")
+
+    def _stored_problems(self, key: str, files: list[dict], progress=None,
+                         contents: bool = True) -> list[tuple[str, str]]:
+        """(path, what is wrong) for each stored file of a record that is missing or no longer its recorded bytes
+        (``contents`` False: only its size is compared)."""
         folder = self.blobs.root / folder_of(key)
         problems = []
         for f in files:
             path = folder / f["name"]
             if not path.is_file():
                 problems.append((str(path), "missing"))
+                continue
+            if not contents:
+                if path.stat().st_size != f["size"]:
+                    problems.append((str(path), f"{path.stat().st_size:,} bytes ≠ recorded {f['size']:,}"))
                 continue
             actual = sha256_file(path, progress=progress)
             if actual != f["sha256"]:
