@@ -171,3 +171,43 @@ def test_a_damaged_stored_copy_is_neither_pushed_nor_checked_as_a_bad_adapter(ko
     stored.unlink()
     result = cli("check", "style", "--base", "nothing-needed", code=6)
     assert result.stderr.startswith(f"error: adapter style@1: its stored copy {stored} is missing, so it is not used")
+
+
+def unprivileged() -> list[str] | None:
+    """A command prefix that runs a process bound by file permissions: none needed for a user; for root, setpriv
+    without the capabilities that override them (None when there is no setpriv)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"] if setpriv else None
+
+
+@pytest.mark.sqlite_only
+def test_a_registry_that_opens_but_cannot_be_written_is_read_only(kohya, isolated_home):
+    """With its -wal and -shm already beside it (another process has it open; a copy of a live one), a registry in a
+    folder this process may not write opened and read as if writable: `rm` then failed on the writer lock's path
+    (exit 2), and a recorded merge wrote its output and then could not record it. It is read-only, said up front."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    prefix = unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without setpriv")
+    cli("register", kohya, "--name", "style")
+    holder = sqlite3.connect(isolated_home / "registry.db")  # keeps the -wal and -shm there
+    holder.execute("SELECT count(*) FROM adapters").fetchall()
+    modes = {p: p.stat().st_mode for p in (isolated_home, *isolated_home.glob("registry.db*"))}
+    try:
+        for path in modes:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        result = subprocess.run([*prefix, sys.executable, "-m", "loraops", "rm", "style"], capture_output=True, text=True)
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+        holder.close()
+    assert (result.returncode, result.stderr) == (6, f"error: the registry {isolated_home}/registry.db is read-only here "
+                                                     "(it is in a folder this process cannot write): nothing can be recorded\n")
+    assert cli("list").stdout.count("style@1") == 1

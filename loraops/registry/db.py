@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -222,6 +223,16 @@ def read_only_fallback(engine: Engine) -> Engine | None:
     if path is None or engine.url.database.startswith("file:") or not path.is_file():
         return None
     return make_engine(engine.url.render_as_string(hide_password=False), read_only=True)
+
+
+def unwritable(engine: Engine) -> bool:
+    """An SQLite file this process may read but not write, or in a folder it may not write (where SQLite makes its
+    -wal and -shm and loraops its writer lock). With the -wal and -shm already there it opens and reads as if
+    writable, and the first write failed after the work (a merge's output written, then not recorded)."""
+    path = sqlite_file(engine)
+    if path is None or engine.url.database.startswith("file:") or not path.is_file():
+        return False
+    return not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
 
 
 def missing_sqlite_file(engine: Engine) -> bool:

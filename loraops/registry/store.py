@@ -84,22 +84,28 @@ class Registry:
         engine = db.make_engine(url, create=not must_exist)
         if must_exist:
             db.refuse_missing(engine)
-        try:
-            db.ensure_schema(engine)
-        except RegistryError as first:
-            # a registry in a folder we may not write: readable, if its schema needs nothing
-            unwritable = any(s in str(first) for s in ("unable to open database file", "readonly database"))
-            fallback = db.read_only_fallback(engine) if unwritable else None
-            if fallback is None:
-                raise
-            engine.dispose()
+        first = None
+        if not db.unwritable(engine):
             try:
-                db.ensure_schema(fallback)
-            except RegistryError:
-                fallback.dispose()
-                raise first from None
-            return cls(fallback, BlobStore(), read_only=True)
-        return cls(engine, BlobStore())
+                db.ensure_schema(engine)
+                return cls(engine, BlobStore())
+            except RegistryError as exc:
+                # a registry in a folder we may not write: readable, if its schema needs nothing
+                if not any(s in str(exc) for s in ("unable to open database file", "readonly database")):
+                    raise
+                first = exc
+        fallback = db.read_only_fallback(engine)
+        if fallback is None:  # (unwritable() saw the file, which a race may have removed since)
+            raise first or RegistryError(f"cannot open the registry at {db.sqlite_file(engine)}")
+        engine.dispose()
+        try:
+            db.ensure_schema(fallback)
+        except RegistryError:
+            fallback.dispose()
+            if first is None:
+                raise
+            raise first from None
+        return cls(fallback, BlobStore(), read_only=True)
 
     def close(self) -> None:
         self.engine.dispose()
