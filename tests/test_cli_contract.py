@@ -211,3 +211,26 @@ def test_a_registry_that_opens_but_cannot_be_written_is_read_only(kohya, isolate
     assert (result.returncode, result.stderr) == (6, f"error: the registry {isolated_home}/registry.db is read-only here "
                                                      "(it is in a folder this process cannot write): nothing can be recorded\n")
     assert cli("list").stdout.count("style@1") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["register", "{k}", "--alpha", "1e300"], "{k}: --alpha: alpha 1e+300 is beyond what float32 holds"),
+    (["merge", "{k}:1e39", "--into", "{base}", "-o", "{out}", "--no-record", "--device", "cpu"],
+     "{k}: weight 1e+39 × scale 0.5 of module 'model.layers.0.self_attn.q_proj' is beyond what float32 holds"),
+    (["combine", "{k}:1e300", "{k}:1e300", "-m", "linear", "--device", "cpu"],
+     "linear of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its SVD failed (linalg.svd: "),
+    (["combine", "{k}:1e300", "{k}:1e300", "-m", "ties", "--density", "0.5", "--rank", "2", "--device", "cpu"],
+     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its SVD failed (linalg.svd: "),
+])
+def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, message):
+    """An alpha of 1e300 was registered, then a merge of it was a RuntimeError traceback from addmm_ (its export
+    wrote alpha inf); so was a merge weight × scale past float32; combine linear/ties of such weights was a
+    LinAlgError traceback from the SVD."""
+    from loraops import st
+
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    names = {"k": kohya, "base": base, "out": tmp_path / "out"}
+    result = cli(*[a.format(**names) for a in args], code=2)
+    assert result.stderr.startswith(f"error: {message.format(**names)}")
+    assert not (tmp_path / "out").exists()
