@@ -234,3 +234,28 @@ def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, m
     result = cli(*[a.format(**names) for a in args], code=2)
     assert result.stderr.startswith(f"error: {message.format(**names)}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("init_lora_weights", "pissa", "init_lora_weights='pissa': PEFT takes this initialisation out of the base"),
+    ("lora_bias", True, "a LoRA with a bias on B (lora_bias); loraops handles plain LoRA only"),
+])
+def test_a_refused_config_is_refused_even_when_its_weights_are_registered(tmp_path, field, value, message):
+    """The identity of a PEFT folder hashes the config fields that change the math, not those the reader refuses
+    outright; merge by path takes the registered adapter of the same identity, so a PiSSA copy of a registered
+    LoRA was merged as that LoRA (exit 0) where register and inspect of it refuse it."""
+    import json
+
+    from loraops import st
+    from test_formats_errors import good, peft_folder
+
+    registered = peft_folder(tmp_path / "plain", good())
+    cli("register", registered)
+    copy = peft_folder(tmp_path / "copy", good())
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"layer.q.weight": torch.zeros(4, 3)})
+    result = cli("merge", copy, "--into", base, "-o", tmp_path / "out", "--device", "cpu", code=2)
+    assert result.stderr.startswith(f"error: {copy}/adapter_config.json: {message}")
+    assert not (tmp_path / "out").exists()
