@@ -259,3 +259,15 @@ def test_a_refused_config_is_refused_even_when_its_weights_are_registered(tmp_pa
     result = cli("merge", copy, "--into", base, "-o", tmp_path / "out", "--device", "cpu", code=2)
     assert result.stderr.startswith(f"error: {copy}/adapter_config.json: {message}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["combine", "a", "b", "-m", "ties", "--density", "nan"],
+     "bad parameters for ties: density: Input should be a finite number"),
+    (["resize", "a", "--dynamic", "sv_fro", "--param", "inf"],
+     "bad parameters for resize: param: Input should be a finite number"),
+])
+def test_nan_and_inf_parameters_are_called_what_they_are(args, message):
+    """A NaN density was refused as 'Input should be less than or equal to 1', an Inf resize param as 'sv_fro needs a
+    param' (one was given)."""
+    assert cli(*args, code=2).stderr == f"error: {message}\n"
