@@ -271,3 +271,10 @@ def test_nan_and_inf_parameters_are_called_what_they_are(args, message):
     """A NaN density was refused as 'Input should be less than or equal to 1', an Inf resize param as 'sv_fro needs a
     param' (one was given)."""
     assert cli(*args, code=2).stderr == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("grace", ["nan", "-1"])
+def test_gc_refuses_a_grace_that_is_no_age(grace):
+    """--grace nan kept nothing (every comparison with NaN is false), so it removed what a registration in progress
+    was writing, as --grace 0 does; and a negative grace was taken."""
+    assert cli("gc", "--grace", grace, code=2).stderr == f"error: --grace {grace}: give a number of seconds ≥ 0\n"
