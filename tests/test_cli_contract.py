@@ -278,3 +278,12 @@ def test_gc_refuses_a_grace_that_is_no_age(grace):
     """--grace nan kept nothing (every comparison with NaN is false), so it removed what a registration in progress
     was writing, as --grace 0 does; and a negative grace was taken."""
     assert cli("gc", "--grace", grace, code=2).stderr == f"error: --grace {grace}: give a number of seconds ≥ 0\n"
+
+
+@pytest.mark.parametrize("token", ["", "hf_abc\n"])
+def test_a_token_that_cannot_be_sent_is_bad_input(token):
+    """`--token "$UNSET"` was reported as 'cannot reach the Hub … (LocalProtocolError: Illegal header value b'Bearer ')',
+    exit 7, and a check of the network."""
+    for args in (["pull", "me/style"], ["push", "style", "me/style"]):
+        result = cli(*args, "--token", token, code=2)
+        assert result.stderr.startswith("error: --token is empty or holds a control character (a newline?)")
