@@ -287,3 +287,12 @@ def test_a_token_that_cannot_be_sent_is_bad_input(token):
     for args in (["pull", "me/style"], ["push", "style", "me/style"]):
         result = cli(*args, "--token", token, code=2)
         assert result.stderr.startswith("error: --token is empty or holds a control character (a newline?)")
+
+
+@pytest.mark.sqlite_only
+def test_a_registry_under_a_file_names_the_file(tmp_path, kohya):
+    """`--db sqlite:///a-file/x.db` said 'error: …/a-file: File exists'."""
+    (tmp_path / "a-file").write_bytes(b"x")
+    database = tmp_path / "a-file" / "x.db"
+    result = cli("--db", f"sqlite:///{database}", "register", kohya, code=2)
+    assert result.stderr == f"error: {database}: cannot be written, {tmp_path / 'a-file'} is not a folder\n"

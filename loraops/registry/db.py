@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..errors import RegistryError
-from ..fsutil import file_lock
+from ..fsutil import file_lock, refuse_existing
 from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS  # noqa: F401 - HEAD is part of this module's API (cli/db.py)
 
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
@@ -66,7 +66,9 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
     except Exception as exc:  # noqa: BLE001 - an unknown dialect, a bad option: one line naming the database
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: {_first_line(exc)}") from None
     if create and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        database = Path(parsed.database).expanduser()
+        refuse_existing(database, force=True)  # a file in the way of its folder: named (mkdir said "File exists")
+        database.parent.mkdir(parents=True, exist_ok=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
