@@ -296,3 +296,11 @@ def test_a_registry_under_a_file_names_the_file(tmp_path, kohya):
     database = tmp_path / "a-file" / "x.db"
     result = cli("--db", f"sqlite:///{database}", "register", kohya, code=2)
     assert result.stderr == f"error: {database}: cannot be written, {tmp_path / 'a-file'} is not a folder\n"
+
+
+@pytest.mark.sqlite_only
+def test_a_url_option_the_driver_ignores_is_refused_in_one_line(tmp_path):
+    """`--db sqlite:///…?mode=ro` printed SQLAlchemy's warning (three lines) and used the file read-write."""
+    result = cli("--db", f"sqlite:///{tmp_path / 'r.db'}?mode=ro", "list", code=6)
+    assert result.stderr.startswith(f"error: cannot use the registry at sqlite:///{tmp_path / 'r.db'}?mode=ro: Query "
+                                    "string argument(s) 'mode' are not accepted by the pysqlite driver")

@@ -11,12 +11,14 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote, unquote
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import SAWarning
 
 from ..errors import RegistryError
 from ..fsutil import file_lock, refuse_existing
@@ -49,7 +51,7 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
                             "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
     try:
         if parsed.get_backend_name() != "sqlite":
-            return create_engine(parsed, pool_pre_ping=True)
+            return _create_engine(parsed, pool_pre_ping=True)
         if read_only:
             database = Path(parsed.database).expanduser().resolve()
             # immutable: SQLite then needs no -shm beside the file, but also ignores a -wal, whose commits a
@@ -59,7 +61,7 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
                 query["immutable"] = "1"
             parsed = parsed.set(database=f"file:{quote(str(database))}", query=query)
             create = False
-        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = _create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: its database driver is not installed "
                             f"({_first_line(exc)})") from None
@@ -88,6 +90,14 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _create_engine(url, **options) -> Engine:
+    """create_engine, with SQLAlchemy's warnings about the URL raised as errors: an SQLite query argument the driver
+    ignores (`?mode=ro`) was printed as three lines of warning, and the URL used as if it had not been given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SAWarning)
+        return create_engine(url, **options)
 
 
 def writer_lock(engine: Engine):
