@@ -164,6 +164,7 @@ def exit_status(args: list[str] | None = None) -> int:
         code = interrupted()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _interrupt[0] = signal.SIGINT  # for the next run in this process (tests, the fork server)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
