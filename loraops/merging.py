@@ -321,6 +321,14 @@ def _pristine(reg, origin) -> BaseModel | None:
 def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], output, options: dict) -> MergeReport:
     """--exact: rebuild from the recorded pristine base instead of subtracting."""
     if origin is None:
+        where = str(merged.path.resolve())
+        changed = next((b for b in reg.list_bases() if b.path == where and b.lineage and b.lineage.op == "merge"), None)
+        if changed is not None:  # it said "not recorded as a merge" of a recorded merge whose bytes changed since
+            raise MismatchError(
+                f"--exact: {label} at {merged.path} is recorded as a merge, but its files changed since (fingerprint "
+                f"{merged.fingerprint()[:12]} ≠ recorded {changed.fingerprint[:12]}), so its record does not say how "
+                "they were made; drop --exact to subtract arithmetically"
+            )
         raise NotFoundError(
             f"--exact: {label} is not recorded in the registry as a merge (it was not made by `loraops merge`, or "
             "its record was removed), so there is no pristine base to restore; drop --exact to subtract arithmetically"

@@ -304,3 +304,23 @@ def test_a_url_option_the_driver_ignores_is_refused_in_one_line(tmp_path):
     result = cli("--db", f"sqlite:///{tmp_path / 'r.db'}?mode=ro", "list", code=6)
     assert result.stderr.startswith(f"error: cannot use the registry at sqlite:///{tmp_path / 'r.db'}?mode=ro: Query "
                                     "string argument(s) 'mode' are not accepted by the pysqlite driver")
+
+
+def test_subtract_exact_of_a_recorded_merge_whose_files_changed_says_so(tmp_path, kohya):
+    """It said the model 'is not recorded in the registry as a merge (it was not made by `loraops merge`, or its
+    record was removed)' of a recorded merge, named by its record, whose bytes had changed since."""
+    from loraops import st
+
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    merged = tmp_path / "merged.safetensors"
+    cli("merge", kohya, "--into", base, "-o", merged, "--device", "cpu")
+    data = bytearray(merged.read_bytes())
+    data[-1] ^= 1
+    merged.write_bytes(bytes(data))
+    for model in ("merged", merged):
+        result = cli("subtract", kohya, "--from", model, "-o", tmp_path / "restored", "--exact", "--device", "cpu",
+                     code=2)
+        assert result.stderr.startswith(f"error: --exact: {model} at {merged} is recorded as a merge, but its files "
+                                        "changed since (fingerprint ")
+    assert not (tmp_path / "restored").exists()
