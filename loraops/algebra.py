@@ -5,6 +5,7 @@ cast back to the inputs' dtype on the CPU. Nothing here reads or writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -157,6 +158,18 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
+@contextlib.contextmanager
+def _factorizing(what: str, name: str) -> Iterator[None]:
+    """An SVD that fails (NaN or Inf in what it factorizes: weights × scales beyond float32) is one line naming the
+    module, as a result with NaN or Inf is (_finite); it was a LinAlgError traceback."""
+    import torch
+
+    try:
+        yield
+    except torch.linalg.LinAlgError as exc:
+        raise InvalidInputError(f"{what}: module {name!r}: its SVD failed ({str(exc).splitlines()[0]})") from None
+
+
 def _finite(what: str, module: LoraModule) -> LoraModule:
     """A module the algebra made, refused when its values are not all finite (factors beyond what the inputs' dtype
     holds): so what loraops writes of it is never read back to check (see Registry.register_adapter's ``written``)."""
@@ -235,6 +248,7 @@ def combine_lazily(
         own_names=own_names(templates, adapters),
     ), halves)
     records: list[CombineModuleRecord] = []
+    what = f"{method} of {', '.join(labels)}"
 
     def compute() -> Iterator[LoraModule]:
         for name, template in templates.items():
@@ -249,9 +263,10 @@ def combine_lazily(
                 terms.append(Term(B2.to(device=target, dtype=dtype), A2.to(device=target, dtype=dtype), scale, float(weight)))
             ranks = [m.rank for _, m in present[name]]
             k = rank or (spec.default_rank(ranks) if spec.default_rank else sum(ranks))
-            made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise))
+            with _factorizing(what, name):
+                made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise))
             new_rank = int(made.A.shape[0])
-            module = _finite(f"{method} of {', '.join(labels)}", template.with_factors(
+            module = _finite(what, template.with_factors(
                 made.B.to(device="cpu", dtype=out_dtype), made.A.to(device="cpu", dtype=out_dtype),
                 alpha=float(new_rank), scale=1.0,
             ))
@@ -365,8 +380,9 @@ def resize_lazily(
     def compute() -> Iterator[LoraModule]:
         for module in adapter.modules.values():
             # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
-            resized, record = resize_module(module, rule, adapter.scale_mode, target, dtype,
-                                            keep_zero_rank=module.experts > 1)
+            with _factorizing(what, module.name):
+                resized, record = resize_module(module, rule, adapter.scale_mode, target, dtype,
+                                                keep_zero_rank=module.experts > 1)
             records.append(record)
             yield from raw.split_joined(_finite(what, resized), halves)
 

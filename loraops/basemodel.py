@@ -220,9 +220,12 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+            if not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise TypeError
             shard_names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise FormatError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            raise FormatError(f"{index}: not a valid safetensors index (no weight_map of tensor names to shard file "
+                              "names)") from None
         files = []
         for name in shard_names:
             # Lexical check, not resolve(): in the Hugging Face cache every file is a symlink into ../../blobs.

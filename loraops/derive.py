@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from . import algebra
 from .errors import InvalidInputError, MismatchError
 from .formats import refuse_unwritable
-from .fsutil import refuse_existing, refuse_overlap
+from .fsutil import refuse_existing
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
+from .references import refuse_output_over
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -65,7 +66,7 @@ def registered_for(reg: "Registry", ref: str, base: str | None) -> "AdapterRecor
     return record
 
 
-def check_arguments(name: str | None, output: str | None, force: bool) -> None:
+def check_arguments(name: str | None, output: str | None, force: bool, refs: Sequence[str]) -> None:
     """What can be refused before any input is registered (a failed command changes nothing)."""
     from .registry.store import check_name
 
@@ -73,6 +74,7 @@ def check_arguments(name: str | None, output: str | None, force: bool) -> None:
         check_name(name, "adapter")
     if output is not None:
         refuse_existing(output, force)
+        refuse_output_over(output, refs)
 
 
 def common_base(inputs: Sequence[Input]) -> int | None:
@@ -100,7 +102,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
     fmt = fmt or adapter.format
     writable(adapter, fmt)
     if output is not None:
-        reg.blobs.refuse_output_inside(output)
+        reg.refuse_output_inside(output)
         written = write(adapter, output, fmt, force=force, modules=derived)
         record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written)
         return DerivedRecord(adapter=record, created=created, output=str(written.path), report=derived.report)
@@ -121,7 +123,7 @@ def combine(
     from .registry import Registry
 
     _, parsed = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
-    check_arguments(name, output, force)
+    check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
         for i in inputs:  # before the work: what could not be written is refused first
@@ -150,7 +152,7 @@ def resize(
     from .registry import Registry
 
     algebra.resize_rule(rank, dynamic, param, max_rank)
-    check_arguments(name, output, force)
+    check_arguments(name, output, force, [ref])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
@@ -170,11 +172,10 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
     from .formats import read_adapter, write_adapter
     from .registry import Registry
 
-    refuse_existing(output, force)
+    check_arguments(None, output, force, [ref])
     with Registry.open(create=False) as reg:
-        reg.blobs.refuse_output_inside(output)
+        reg.refuse_output_inside(output)
         if Path(ref).exists():
-            refuse_overlap(output, ref, "the adapter it reads")
             adapter = read_adapter(ref)
             if base is not None:
                 adapter = check.require_fit(adapter, reg.base_manifest(base), base_name=base)

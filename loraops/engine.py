@@ -63,6 +63,7 @@ from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel, fingerprint_of, store_digests
 from .check import INPUT_EMBEDDINGS, is_head, tied_head_source
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
+from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, BlockScaled
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_overlap,
                      remove_stale_temps)
@@ -423,6 +424,9 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     position: dict[int, int] = {}  # id(module) → its adapter's place in the order given (DoRA's order matters)
     for index, (adapter, weight) in enumerate(adapters):
         for module in adapter.modules.values():
+            if abs(weight * module.scale) > FLOAT32_MAX:  # addmm_ refused it as a coefficient: a traceback
+                raise InvalidInputError(f"{adapter.label}: weight {weight:g} × scale {module.scale:g} of module "
+                                        f"{module.name!r} is beyond what float32 holds")
             if applies(module, weight):
                 terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
                 changed_by.setdefault(module.weight_name, set()).add(index)

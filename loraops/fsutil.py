@@ -48,7 +48,7 @@ def refuse_existing(path: str | Path, force: bool = False) -> None:
     """Raise ConflictError when ``path`` exists and ``force`` is not set, InvalidInputError when its folder cannot
     be made because a file is in the way (also usable before a long computation)."""
     path = output_path(path)
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:  # a dangling symlink or a symlink loop is there too
         raise ConflictError(f"{path}: already exists (use --force to replace it)")
     above = path.parent
     while not above.exists() and above != above.parent:
@@ -60,7 +60,8 @@ def refuse_existing(path: str | Path, force: bool = False) -> None:
 def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None:
     """Refuse, even with --force, an output that is, holds or lies inside ``protected`` (a model being read, the
     registry's blob store): replacing it would destroy what the command reads or what the registry keeps."""
-    out, keep = Path(output).resolve(), Path(protected).resolve()
+    # realpath, not Path.resolve(): that raises RuntimeError on a symlink loop
+    out, keep = Path(os.path.realpath(output)), Path(os.path.realpath(protected))
     if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):
         raise InvalidInputError(f"{output}: overlaps {what} ({protected}); write the output elsewhere")
 

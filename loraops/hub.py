@@ -699,7 +699,7 @@ def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: b
     fmt = fmt or record.format
     with tempfile.TemporaryDirectory(prefix="loraops-push-") as tmp:
         if fmt == record.format:
-            paths = formats.adapter_files(record.path)
+            paths = formats.adapter_files(registry.intact_path(record.id))
         else:
             single_file = {"kohya": f"{record.name.split('/')[-1]}.safetensors",
                            "diffusers": formats.diffusers.WEIGHTS_NAME}

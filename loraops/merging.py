@@ -22,7 +22,7 @@ from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchErr
                      UnsupportedAdapterError)
 from .fsutil import atomic_path, ensure_free_space, refuse_overlap
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
-from .references import parse_weighted  # noqa: F401 - part of this module's API
+from .references import parse_weighted, refuse_output_over  # noqa: F401 - parse_weighted is part of this module's API
 
 
 @dataclass
@@ -164,7 +164,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     try:
         reg = _open_registry(record or _references(base, adapters), create=record)
         _check_name_free(reg if record else None, name)
-        _check_output(reg, output, record)
+        _check_output(reg, output, record, adapters)
         model, _ = _streamed(reg, base, early)
         engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
@@ -192,7 +192,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
     try:
         reg = _open_registry(record or exact or _references(model, adapters), create=record)
         _check_name_free(reg if record else None, name)
-        _check_output(reg, output, record)
+        _check_output(reg, output, record, adapters)
         merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
         if streamed:
             engine.check_room(merged, output, options.get("dtype"))
@@ -295,12 +295,13 @@ def _name_taken(reg, name: str) -> bool:
     return any(b.name == name for b in reg.list_bases())
 
 
-def _check_output(reg, output, record: bool) -> None:
-    """Refusals before any work: an output in the blob store (registry opened or not), and a merge to record in a
-    registry that is read-only here."""
+def _check_output(reg, output, record: bool, adapters: Sequence[str]) -> None:
+    """Refusals before any work: an output over the registry's files (opened or not) or over an adapter it reads,
+    and a merge to record in a registry that is read-only here."""
     from .registry.blobs import BlobStore
 
-    (reg.blobs if reg is not None else BlobStore()).refuse_output_inside(output)
+    (reg if reg is not None else BlobStore()).refuse_output_inside(output)
+    refuse_output_over(output, [parse_weighted(a)[0] for a in adapters])
     if record and reg is not None:
         reg.refuse_writes(hint="; --no-record writes the output without recording it")
 
@@ -357,6 +358,14 @@ def _pristine(reg, origin) -> BaseModel | None:
 def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], output, options: dict) -> MergeReport:
     """--exact: rebuild from the recorded pristine base instead of subtracting."""
     if origin is None:
+        where = str(merged.path.resolve())
+        changed = next((b for b in reg.list_bases() if b.path == where and b.lineage and b.lineage.op == "merge"), None)
+        if changed is not None:  # it said "not recorded as a merge" of a recorded merge whose bytes changed since
+            raise MismatchError(
+                f"--exact: {label} at {merged.path} is recorded as a merge, but its files changed since (fingerprint "
+                f"{merged.fingerprint()[:12]} ≠ recorded {changed.fingerprint[:12]}), so its record does not say how "
+                "they were made; drop --exact to subtract arithmetically"
+            )
         raise NotFoundError(
             f"--exact: {label} is not recorded in the registry as a merge (it was not made by `loraops merge`, or "
             "its record was removed), so there is no pristine base to restore; drop --exact to subtract arithmetically"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterable
 
 from .errors import InvalidInputError
+from .fsutil import refuse_overlap
 
 
 def parse_weighted(text: str) -> tuple[str, float]:
@@ -22,3 +24,11 @@ def parse_weighted(text: str) -> tuple[str, float]:
     if not math.isfinite(weight):
         raise InvalidInputError(f"{text!r}: the weight must be a finite number")
     return head, weight
+
+
+def refuse_output_over(output: str | Path, refs: Iterable[str]) -> None:
+    """An output that is, holds or lies inside an adapter given by path is refused, even with --force (which
+    replaced the user's adapter with the result), as an output over the base a merge reads is."""
+    for ref in refs:
+        if Path(ref).exists():
+            refuse_overlap(output, ref, "the adapter it reads")

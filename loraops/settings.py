@@ -48,12 +48,20 @@ def blobs_dir() -> Path:
     explicit = os.environ.get(ENV_BLOBS)
     if explicit:
         return Path(explicit).expanduser()
-    url = os.environ.get(ENV_DB, "")
+    database = sqlite_database()
+    if database is not None and database.resolve() != (home() / "registry.db").resolve():
+        return database.with_name(database.name + ".blobs")
+    return home() / "blobs"
+
+
+def sqlite_database() -> Path | None:
+    """The registry's file when db_url() is a plain SQLite URL (sqlite:///PATH), else None (a server, memory)."""
+    url = db_url()
     if url.startswith("sqlite:///") and "?" not in url:
         database = Path(url[len("sqlite:///"):]).expanduser()
-        if database.name not in ("", ":memory:") and database.resolve() != (home() / "registry.db").resolve():
-            return database.with_name(database.name + ".blobs")
-    return home() / "blobs"
+        if database.name not in ("", ":memory:"):
+            return database
+    return None
 
 
 def progress_enabled() -> bool:

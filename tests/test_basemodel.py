@@ -54,9 +54,10 @@ def test_missing_shard_and_bad_index(tmp_path):
     (folder / shard).unlink()
     with pytest.raises(NotFoundError, match="is missing"):
         BaseModel.open(folder)
-    (folder / "model.safetensors.index.json").write_text("[]")
-    with pytest.raises(FormatError, match="not a valid safetensors index"):
-        BaseModel.open(folder)
+    for bad in ([], {"weight_map": {"model.norm.weight": 5}}, {"weight_map": {"a": shard, "b": None}}):
+        (folder / "model.safetensors.index.json").write_text(json.dumps(bad))
+        with pytest.raises(FormatError, match="not a valid safetensors index"):  # a number for a shard: TypeError
+            BaseModel.open(folder)
 
 
 def test_an_index_that_leaves_out_a_shard_is_refused(tmp_path):

@@ -41,9 +41,43 @@ COMMANDS = {
 
 
 INTERRUPTED = "error: interrupted; nothing was written"
+_interrupt = [signal.SIGINT]  # the signal the KeyboardInterrupt being handled stands for (see _terminate)
 # A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
 UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
                  errno.ENOENT}
+
+
+def one_line(message: str) -> str:
+    """A message kept on one line: control characters (a newline in a file name) shown escaped, as repr shows them."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message)
+
+
+def usage_error(exc: click.UsageError) -> None:
+    """A bad option or argument, said as one line like every other error (click's own way takes four)."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # `loraops base` alone: the help, as click shows it
+        raise exc
+    message = exc.format_message().rstrip(".")
+    hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+    fail(f"{message[:1].lower()}{message[1:]}{hint}", exc.exit_code)
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM (`kill`, a job scheduler, `docker stop`) is handled as Ctrl-C is: the same cleanup (no temporary output
+    left beside the output, where `gc` does not look) and the same messages, then exit 128 + 15. By default it ended
+    the process on the spot."""
+    _interrupt[0] = signum
+    raise KeyboardInterrupt
+
+
+def interrupted() -> int:
+    """The exit status of an interrupted run: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + _interrupt[0]
+
+
+def fail(message: str, code: int) -> None:
+    """Say ``message`` as the one `error:` line on stderr and exit with ``code``."""
+    click.echo(f"error: {one_line(message)}", err=True)
+    raise click.exceptions.Exit(code)
 
 
 class LoraopsGroup(click.Group):
@@ -68,17 +102,19 @@ class LoraopsGroup(click.Group):
             return super().make_context(*args, **kwargs)
         except KeyboardInterrupt:  # while the options are read: click would say "Aborted!" and exit 1
             click.echo(INTERRUPTED, err=True)
-            raise click.exceptions.Exit(130) from None
+            raise click.exceptions.Exit(interrupted()) from None
+        except click.UsageError as exc:
+            usage_error(exc)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LoraopsError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            fail(str(exc), exc.exit_code)
+        except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
+            usage_error(exc)
         except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging._Landing)
-            click.echo(f"error: {exc.args[0]}" if exc.args else INTERRUPTED, err=True)
-            ctx.exit(130)
+            fail(exc.args[0] if exc.args else INTERRUPTED.removeprefix("error: "), interrupted())
         except BrokenPipeError:
             # `loraops list | head`: the reader left; stay quiet like other CLI tools.
             sys.stderr.close()
@@ -89,8 +125,7 @@ class LoraopsGroup(click.Group):
             from ..fsutil import user_path
 
             where = f"{user_path(exc.filename)}: " if exc.filename else ""
-            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
-            ctx.exit(5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
+            fail(f"{where}{exc.strerror or exc}", 5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
 
 
 @click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,18 +149,22 @@ def main(home: str | None, db: str | None, quiet: bool) -> None:
 def exit_status(args: list[str] | None = None) -> int:
     """Run the CLI (``args``, default sys.argv) and return the status `loraops` exits with. Not in click's
     standalone mode: there, a Ctrl-C that lands in click's own code (after a command returned, while its context
-    closes) becomes "Aborted!" and exit 1."""
+    closes) becomes "Aborted!" and exit 1. SIGTERM is handled as Ctrl-C while it runs (_terminate)."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main(args=args, prog_name="loraops", standalone_mode=False)
         code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
-    except click.ClickException as exc:  # a usage error: shown as click shows it
+    except click.ClickException as exc:  # `loraops base` alone (its help); other usage errors: usage_error
         exc.show()
         code = exc.exit_code
     except SystemExit as exc:
         code = exc.code
     except (KeyboardInterrupt, click.exceptions.Abort):  # outside the command's own handling
         print("error: interrupted", file=sys.stderr)
-        code = 130
+        code = interrupted()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _interrupt[0] = signal.SIGINT  # for the next run in this process (tests, the fork server)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
@@ -142,6 +181,7 @@ def run() -> None:
     # The work is done and said: a Ctrl-C now must not cut the flush of what was said (it would escape as an
     # uncaught KeyboardInterrupt, the summary of a finished merge lost).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

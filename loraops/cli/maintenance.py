@@ -13,6 +13,10 @@ from .render import human_bytes
               help="Keep anything younger than this (a registration may be in progress).")
 def gc(dry_run: bool, grace: float) -> None:
     """Remove stored adapter files no record uses, and leftovers of interrupted copies."""
+    from ..errors import InvalidInputError
+
+    if not grace >= 0:  # NaN too: it compared as "old" to everything, a registration in progress included
+        raise InvalidInputError(f"--grace {grace:g}: give a number of seconds ≥ 0")
     with _registry(create=False) as reg:
         found = reg.gc(grace_s=grace, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"

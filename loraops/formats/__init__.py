@@ -229,7 +229,11 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     digest = weights_sha256 or sha256_file(weights)
     if config is None:
         return digest
-    canonical = json.dumps(math_config(peft.load_config(config)), sort_keys=True, separators=(",", ":"))
+    cfg = peft.load_config(config)
+    # a config the reader refuses has no identity: merge takes a registered adapter of the same identity for the
+    # path, and merged a PiSSA-initialised copy of a registered LoRA (init_lora_weights is not hashed) as that LoRA
+    peft.scale_config(config, cfg)
+    canonical = json.dumps(math_config(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{IDENTITY_VERSION}\n{digest}\n{canonical}".encode()).hexdigest()
 
 

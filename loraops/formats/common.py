@@ -126,11 +126,18 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: alphas and merge coefficients beyond it overflow where loraops computes (and kohya stores
+alphas) in float32."""
+
+
 def check_alpha(path: Path, alpha: object, where: str) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise InvalidInputError(f"{path}: {where}: alpha {alpha!r} is not a finite number")
     if alpha < 0:
         raise InvalidInputError(f"{path}: {where}: negative alpha {alpha}")
+    if alpha > FLOAT32_MAX:  # merged, it overflowed float32 (a traceback); written, it became an inf alpha
+        raise InvalidInputError(f"{path}: {where}: alpha {alpha:g} is beyond what float32 holds")
     return float(alpha)
 
 

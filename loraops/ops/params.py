@@ -11,9 +11,10 @@ P = TypeVar("P", bound=BaseModel)
 
 
 class Params(BaseModel):
-    """Base of every parameter model: frozen, and unknown names are errors (a typo is never silently ignored)."""
+    """Base of every parameter model: frozen, unknown names are errors (a typo is never silently ignored), and so
+    are NaN and ±Inf (a NaN density was 'should be less than or equal to 1', an Inf resize param 'needs a param')."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def parse_params(model: type[P], values: "dict[str, Any] | P | None", what: str) -> P:

@@ -65,7 +65,7 @@ class RankRule(Params):
             if self.param is not None or self.max_rank is not None:
                 raise ValueError("param and max_rank go with a dynamic rule, not with a fixed rank")
             return self
-        if self.param is None or not math.isfinite(self.param):
+        if self.param is None:
             raise ValueError(f"{self.dynamic} needs a param")
         if self.dynamic == "sv_ratio" and self.param < 1:
             raise ValueError(f"sv_ratio param is the ratio S[0]/S[k] to keep, ≥ 1 (got {self.param:g})")

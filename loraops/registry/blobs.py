@@ -38,10 +38,15 @@ class BlobStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else settings.blobs_dir()
 
-    def refuse_output_inside(self, output: str | Path) -> None:
+    def refuse_output_inside(self, output: str | Path, database: Path | None = None) -> None:
         """An output that is, holds or lies inside the store could overwrite stored adapters: refused, even with
-        --force (needs no database: a --no-record merge checks it too)."""
+        --force (needs no database: a --no-record merge checks it too). So is one over the registry's SQLite
+        ``database`` (default: settings'), or the files SQLite keeps beside it: `-o …/registry.db --force`
+        replaced the registry with an adapter."""
         refuse_overlap(output, self.root, "the registry's blob store")
+        database = database or settings.sqlite_database()
+        for name in (database.name, *(database.name + s for s in ("-wal", "-shm", "-journal"))) if database else ():
+            refuse_overlap(output, database.with_name(name), "the registry's database")
 
     def folder(self, identity: str) -> Path:
         return self.root / identity[:2] / identity

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote, unquote
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import SAWarning
 
 from ..errors import RegistryError
-from ..fsutil import file_lock
+from ..fsutil import file_lock, refuse_existing
 from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS  # noqa: F401 - HEAD is part of this module's API (cli/db.py)
 
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
@@ -52,7 +55,7 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
                             "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
     try:
         if parsed.get_backend_name() != "sqlite":
-            return create_engine(parsed, pool_pre_ping=True)
+            return _create_engine(parsed, pool_pre_ping=True)
         if read_only:
             database = Path(parsed.database).expanduser().resolve()
             # immutable: SQLite then needs no -shm beside the file, but also ignores a -wal, whose commits a
@@ -62,14 +65,16 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
                 query["immutable"] = "1"
             parsed = parsed.set(database=f"file:{quote(str(database))}", query=query)
             create = False
-        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = _create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: its database driver is not installed "
                             f"({_first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - an unknown dialect, a bad option: one line naming the database
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: {_first_line(exc)}") from None
     if create and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        database = Path(parsed.database).expanduser()
+        refuse_existing(database, force=True)  # a file in the way of its folder: named (mkdir said "File exists")
+        database.parent.mkdir(parents=True, exist_ok=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -89,6 +94,14 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _create_engine(url, **options) -> Engine:
+    """create_engine, with SQLAlchemy's warnings about the URL raised as errors: an SQLite query argument the driver
+    ignores (`?mode=ro`) was printed as three lines of warning, and the URL used as if it had not been given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SAWarning)
+        return create_engine(url, **options)
 
 
 def writer_lock(engine: Engine):
@@ -226,6 +239,16 @@ def read_only_fallback(engine: Engine) -> Engine | None:
     if path is None or engine.url.database.startswith("file:") or not path.is_file():
         return None
     return make_engine(engine.url.render_as_string(hide_password=False), read_only=True)
+
+
+def unwritable(engine: Engine) -> bool:
+    """An SQLite file this process may read but not write, or in a folder it may not write (where SQLite makes its
+    -wal and -shm and loraops its writer lock). With the -wal and -shm already there it opens and reads as if
+    writable, and the first write failed after the work (a merge's output written, then not recorded)."""
+    path = sqlite_file(engine)
+    if path is None or engine.url.database.startswith("file:") or not path.is_file():
+        return False
+    return not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
 
 
 def missing_sqlite_file(engine: Engine) -> bool:

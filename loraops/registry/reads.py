@@ -30,6 +30,15 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 MIN_PREFIX = 6
 SHOWN = 5
 HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+MAX_INTEGER = 2**63 - 1
+"""The largest id, version or rank a query may compare with: SQLite's (and PostgreSQL's BIGINT) largest integer;
+the driver refuses a larger Python int with OverflowError."""
+
+
+def _integer(text: str) -> int | None:
+    """``text`` as an id or version: ASCII digits only (str.isdigit() also takes '²', which int() refuses) that a
+    query can hold; else None."""
+    return int(text) if text.isascii() and text.isdigit() and int(text) <= MAX_INTEGER else None
 
 _ADAPTER_COLUMNS = (
     "a.id, a.name, a.version, a.sha256, a.weights_sha256, a.format, a.dtype, a.size, a.num_parameters, a.rank, "
@@ -93,6 +102,8 @@ class Reader:
         module of that rank, ``target`` any module whose last path component is that (q_proj, ...). ``modules``
         False: their modules counted, not listed (1,000 adapters of 224 modules: 1.6 s and 354 MB to list)."""
         where, params = ["1 = 1"], []
+        if rank is not None and abs(rank) > MAX_INTEGER:
+            return []
         if base is not None:
             where.append("a.base_id = ?")
             params.append(self.base_id(base))
@@ -115,9 +126,11 @@ class Reader:
         ref = str(ref).strip()
         if "@" in ref:
             name, _, version = ref.rpartition("@")
-            if not version.isdigit():
+            if not (version.isascii() and version.isdigit()):
                 raise InvalidInputError(f"bad adapter reference {ref!r}: the part after @ must be a version number")
-            found = self.rows("SELECT id FROM adapters WHERE name = ? AND version = ?", [name, int(version)])
+            number = _integer(version)
+            found = [] if number is None else self.rows("SELECT id FROM adapters WHERE name = ? AND version = ?",
+                                                        [name, number])
             if found:
                 return found[0][0]
             versions = [v for v, in self.rows("SELECT version FROM adapters WHERE name = ? ORDER BY version", [name])]
@@ -227,9 +240,9 @@ class Reader:
         """Up to SHOWN + 1 rows (enough to list an ambiguous reference) whose id is ``ref``, or whose
         ``hash_columns`` start with it when it is 6+ hex digits."""
         clauses, params = [], []
-        if ref.isdigit():
+        if _integer(ref) is not None:
             clauses.append("id = ?")
-            params.append(int(ref))
+            params.append(_integer(ref))
         if len(ref) >= MIN_PREFIX and HEX_RE.match(ref):
             clauses += [f"{column} LIKE ?" for column in hash_columns]
             params += [f"{ref.lower()}%"] * len(hash_columns)

@@ -84,25 +84,35 @@ class Registry:
         engine = db.make_engine(url, create=not must_exist)
         if must_exist:
             db.refuse_missing(engine)
-        try:
-            db.ensure_schema(engine)
-        except RegistryError as first:
-            # a registry in a folder we may not write: readable, if its schema needs nothing
-            unwritable = any(s in str(first) for s in ("unable to open database file", "readonly database"))
-            fallback = db.read_only_fallback(engine) if unwritable else None
-            if fallback is None:
-                raise
-            engine.dispose()
+        first = None
+        if not db.unwritable(engine):
             try:
-                db.ensure_schema(fallback)
-            except RegistryError:
-                fallback.dispose()
-                raise first from None
-            return cls(fallback, BlobStore(), read_only=True)
-        return cls(engine, BlobStore())
+                db.ensure_schema(engine)
+                return cls(engine, BlobStore())
+            except RegistryError as exc:
+                # a registry in a folder we may not write: readable, if its schema needs nothing
+                if not any(s in str(exc) for s in ("unable to open database file", "readonly database")):
+                    raise
+                first = exc
+        fallback = db.read_only_fallback(engine)
+        if fallback is None:  # (unwritable() saw the file, which a race may have removed since)
+            raise first or RegistryError(f"cannot open the registry at {db.sqlite_file(engine)}")
+        engine.dispose()
+        try:
+            db.ensure_schema(fallback)
+        except RegistryError:
+            fallback.dispose()
+            if first is None:
+                raise
+            raise first from None
+        return cls(fallback, BlobStore(), read_only=True)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def refuse_output_inside(self, output: str | Path) -> None:
+        """An output over the registry's own files (its blob store, its database): see BlobStore.refuse_output_inside."""
+        self.blobs.refuse_output_inside(output, db.sqlite_file(self.engine))
 
     def refuse_writes(self, hint: str = "") -> None:
         """Raise, before anything is copied or computed, when this registry is read-only here."""
@@ -515,12 +525,7 @@ class Registry:
             row = self._find_adapter(s, ref)
             path, alpha, base_id = self.blobs.path(row.blob), row.alpha_override, row.base_id
             manifest = self._manifest(s, base_id) if base_id is not None else None
-        problems = self._stored_problems(row.blob, row.files)
-        if problems:
-            where, what = problems[0]
-            state = what if what == "missing" else f"changed ({what})"
-            raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
-                                "used; `loraops register` its original again to repair it (`loraops verify` checks all)")
+        self._refuse_damaged(row)
         adapter = replace(formats.read_adapter(path, alpha=alpha, mapped=settings.map_stored()),
                           ref=f"{row.name}@{row.version}")
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
@@ -602,6 +607,7 @@ class Registry:
             with self.session() as s:
                 row = self._find_adapter(s, ref_or_path)
                 label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
+            self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_adapter(self.blobs.path(blob), alpha=override, values=False)
         if base is not None and Path(base).exists():
             model = BaseModel.open(base)
@@ -629,14 +635,38 @@ class Registry:
         finally:
             bar.close()
 
-    def _stored_problems(self, key: str, files: list[dict], progress=None) -> list[tuple[str, str]]:
-        """(path, what is wrong) for each stored file of a record that is missing or no longer its recorded bytes."""
+    def intact_path(self, ref: str | int) -> Path:
+        """The stored copy of a registered adapter, refused when a file of it is missing or no longer its recorded
+        bytes (push uploaded a damaged copy as it was)."""
+        with self.session() as s:
+            row = self._find_adapter(s, ref)
+        self._refuse_damaged(row)
+        return self.blobs.path(row.blob)
+
+    def _refuse_damaged(self, row: SqlAdapter, contents: bool = True) -> None:
+        """One RegistryError line when a stored file of ``row`` is missing or changed (``contents`` False: missing
+        or of another size, known without reading it)."""
+        problems = self._stored_problems(row.blob, row.files, contents=contents)
+        if problems:
+            where, what = problems[0]
+            state = what if what == "missing" else f"changed ({what})"
+            raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
+                                "used; `loraops register` its original again to repair it (`loraops verify` checks all)")
+
+    def _stored_problems(self, key: str, files: list[dict], progress=None,
+                         contents: bool = True) -> list[tuple[str, str]]:
+        """(path, what is wrong) for each stored file of a record that is missing or no longer its recorded bytes
+        (``contents`` False: only its size is compared)."""
         folder = self.blobs.root / folder_of(key)
         problems = []
         for f in files:
             path = folder / f["name"]
             if not path.is_file():
                 problems.append((str(path), "missing"))
+                continue
+            if not contents:
+                if path.stat().st_size != f["size"]:
+                    problems.append((str(path), f"{path.stat().st_size:,} bytes ≠ recorded {f['size']:,}"))
                 continue
             actual = sha256_file(path, progress=progress)
             if actual != f["sha256"]:

@@ -1,0 +1,326 @@
+"""The command line's contract on hostile input, one regression per defect the sweep found: bad input gets one
+line `error: …` on stderr and its documented exit code (never a traceback), and nothing is left half-written —
+outputs land by rename, and the registry changes in one transaction or not at all."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from factories import kohya_file
+from loraops.cli import main
+
+MODULES = {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))}
+
+
+def cli(*args, code=0, env=None):
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, result.output
+    if code:
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result
+
+
+@pytest.fixture
+def kohya(tmp_path) -> Path:
+    return kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+
+
+def test_an_output_that_is_a_symlink_loop_exists(tmp_path, kohya):
+    """Path.resolve() raised RuntimeError on a symlink loop (a traceback); and the loop, which Path.exists() calls
+    absent, was replaced without --force."""
+    loop, other = tmp_path / "loop", tmp_path / "other"
+    loop.symlink_to(other)
+    other.symlink_to(loop)
+    result = cli("export", kohya, "--format", "kohya", "-o", loop, code=4)
+    assert result.stderr == f"error: {loop}: already exists (use --force to replace it)\n"
+    cli("export", kohya, "--format", "kohya", "-o", loop, "--force")
+    assert loop.is_file() and not loop.is_symlink()
+
+
+def test_a_newline_in_a_path_stays_on_the_error_line(tmp_path, kohya):
+    """A file name with a newline made the error two lines."""
+    missing = tmp_path / "a\nb.safetensors"
+    result = cli("register", missing, code=3)
+    assert result.stderr == f"error: {tmp_path}/a\\nb.safetensors: no such file or folder\n"
+    (tmp_path / "out\n").write_bytes(b"x")
+    cli("export", kohya, "--format", "kohya", "-o", tmp_path / "out\n", code=4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["merge", "a", "--into", "b", "-o", "c", "--dtype", "int8"],
+     "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main merge --help`)"),
+    (["resize", "a", "--rank", "abc"], "invalid value for '--rank': 'abc' is not a valid integer (see `main resize --help`)"),
+    (["combine"], "missing argument 'REF[:WEIGHT]...' (see `main combine --help`)"),
+    (["base", "bogus"], "no such command 'bogus' (see `main base --help`)"),
+    (["list", "--rank"], "option '--rank' requires an argument"),
+])
+def test_a_usage_error_is_one_line(args, message):
+    """click's own usage errors took four lines (Usage, Try, blank, Error)."""
+    assert cli(*args, code=2).stderr == f"error: {message}\n"
+
+
+def test_a_group_alone_still_shows_its_help():
+    result = CliRunner().invoke(main, ["base"])
+    assert result.exit_code == 2 and result.stderr.startswith("Usage: main base [OPTIONS] COMMAND [ARGS]...")
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["show", "99999999999999999999"], 3, "no adapter '99999999999999999999' in the registry"),
+    (["show", "style@99999999999999999999"], 3, "adapter 'style' has no version 99999999999999999999 (versions: 1)"),
+    (["show", "style@²"], 2, "bad adapter reference 'style@²': the part after @ must be a version number"),
+    (["rm", "99999999999999999999"], 3, "no adapter '99999999999999999999' in the registry"),
+    (["base", "show", "99999999999999999999"], 3, "no base '99999999999999999999' in the registry"),
+    (["base", "rm", "99999999999999999999"], 3, "no base '99999999999999999999' in the registry"),
+    (["list", "--rank", "99999999999999999999"], 0, None),
+])
+def test_a_number_beyond_the_databases_integers_is_not_found(kohya, args, code, message):
+    """An id, version or rank past 2**63 was an OverflowError traceback from the database driver."""
+    cli("register", kohya)
+    result = cli(*args, code=code)
+    assert message is None or result.stderr.startswith(f"error: {message}")
+
+
+@pytest.mark.sqlite_only  # the registry's own file
+def test_an_output_over_the_registry_database_is_refused_even_with_force(tmp_path, kohya, isolated_home):
+    """`export … -o ~/.local/share/loraops/registry.db --force` replaced the registry with a kohya file."""
+    from loraops import st
+
+    cli("register", kohya, "--name", "style")
+    database = isolated_home / "registry.db"
+    before = database.read_bytes()
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    for args in (["export", "style", "--format", "kohya"], ["resize", "style", "--rank", "2", "--format", "kohya"],
+                 ["merge", kohya, "--into", base, "--no-record"]):
+        for target in (database, isolated_home / "registry.db-wal"):
+            result = cli(*args, "-o", target, "--force", code=2)
+            assert result.stderr == (f"error: {target}: overlaps the registry's database ({target}); write the output "
+                                     "elsewhere\n")
+    assert database.read_bytes() == before and cli("list").output.count("style@1") == 1
+
+
+def test_an_output_over_an_adapter_it_reads_is_refused_even_with_force(tmp_path, kohya):
+    """resize, combine and merge given `-o` the adapter's own path (or a folder holding it) and --force replaced the
+    user's adapter with their result; export refused it already."""
+    from loraops import st
+
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    before = kohya.read_bytes()
+    for args in (["resize", kohya, "--rank", "2", "--format", "kohya", "--device", "cpu"],
+                 ["combine", kohya, f"{kohya}:0.5", "--format", "kohya", "--device", "cpu"],
+                 ["merge", f"{kohya}:0.5", "--into", base, "--no-record", "--device", "cpu"],
+                 ["export", kohya, "--format", "kohya"]):
+        for output in (kohya, tmp_path):
+            result = cli(*args, "-o", output, "--force", code=2)
+            assert result.stderr == f"error: {output}: overlaps the adapter it reads ({kohya}); write the output elsewhere\n"
+    assert kohya.read_bytes() == before
+
+
+def test_sigterm_is_handled_as_ctrl_c(tmp_path, kohya, monkeypatch, capsys):
+    """SIGTERM (`kill`, a scheduler, `docker stop`) ended the process on the spot: no cleanup ran, and the output's
+    temporary sibling stayed beside it (where `gc` does not look). Now: the same cleanup as Ctrl-C, exit 143."""
+    from loraops import fsutil
+    from loraops.cli import exit_status
+
+    class Killed(Exception):
+        pass
+
+    def fallback(signum, frame):  # without loraops' handler, SIGTERM would end pytest itself
+        raise Killed
+
+    real_fsync = fsutil.fsync_tree
+
+    def terminated_while_writing(path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler interrupts the sleep
+        real_fsync(path)
+
+    monkeypatch.setattr(fsutil, "fsync_tree", terminated_while_writing)
+    previous = signal.signal(signal.SIGTERM, fallback)
+    try:
+        code = exit_status(["export", str(kohya), "--format", "kohya", "-o", str(tmp_path / "out.safetensors")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143
+    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]
+
+
+def test_a_damaged_stored_copy_is_neither_pushed_nor_checked_as_a_bad_adapter(kohya, fake_hub):
+    """push uploaded a stored copy whose bytes had changed, as it was (exit 0), under a model card claiming the
+    recorded sha256; check of one whose file was gone said 'not a PEFT adapter?' of the blob folder. Both now say
+    what merge says: the stored copy is changed or missing (exit 6)."""
+    import json
+
+    cli("register", kohya, "--name", "style")
+    stored = Path(json.loads(cli("show", "style", "--json").stdout)["path"])
+    data = bytearray(stored.read_bytes())
+    data[-5] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    result = cli("push", "style", "me/style", "--token", "hf_owner", code=6)
+    assert result.stderr.startswith(f"error: adapter style@1: its stored copy {stored} is changed (sha256 ")
+    assert "me/style" not in fake_hub.repos
+    stored.unlink()
+    result = cli("check", "style", "--base", "nothing-needed", code=6)
+    assert result.stderr.startswith(f"error: adapter style@1: its stored copy {stored} is missing, so it is not used")
+
+
+def unprivileged() -> list[str] | None:
+    """A command prefix that runs a process bound by file permissions: none needed for a user; for root, setpriv
+    without the capabilities that override them (None when there is no setpriv)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"] if setpriv else None
+
+
+@pytest.mark.sqlite_only
+def test_a_registry_that_opens_but_cannot_be_written_is_read_only(kohya, isolated_home):
+    """With its -wal and -shm already beside it (another process has it open; a copy of a live one), a registry in a
+    folder this process may not write opened and read as if writable: `rm` then failed on the writer lock's path
+    (exit 2), and a recorded merge wrote its output and then could not record it. It is read-only, said up front."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    prefix = unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without setpriv")
+    cli("register", kohya, "--name", "style")
+    holder = sqlite3.connect(isolated_home / "registry.db")  # keeps the -wal and -shm there
+    holder.execute("SELECT count(*) FROM adapters").fetchall()
+    modes = {p: p.stat().st_mode for p in (isolated_home, *isolated_home.glob("registry.db*"))}
+    try:
+        for path in modes:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        result = subprocess.run([*prefix, sys.executable, "-m", "loraops", "rm", "style"], capture_output=True, text=True)
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+        holder.close()
+    assert (result.returncode, result.stderr) == (6, f"error: the registry {isolated_home}/registry.db is read-only here "
+                                                     "(it is in a folder this process cannot write): nothing can be recorded\n")
+    assert cli("list").stdout.count("style@1") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["register", "{k}", "--alpha", "1e300"], "{k}: --alpha: alpha 1e+300 is beyond what float32 holds"),
+    (["merge", "{k}:1e39", "--into", "{base}", "-o", "{out}", "--no-record", "--device", "cpu"],
+     "{k}: weight 1e+39 × scale 0.5 of module 'model.layers.0.self_attn.q_proj' is beyond what float32 holds"),
+    (["combine", "{k}:1e300", "{k}:1e300", "-m", "linear", "--device", "cpu"],
+     "linear of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its SVD failed (linalg.svd: "),
+    (["combine", "{k}:1e300", "{k}:1e300", "-m", "ties", "--density", "0.5", "--rank", "2", "--device", "cpu"],
+     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its SVD failed (linalg.svd: "),
+])
+def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, message):
+    """An alpha of 1e300 was registered, then a merge of it was a RuntimeError traceback from addmm_ (its export
+    wrote alpha inf); so was a merge weight × scale past float32; combine linear/ties of such weights was a
+    LinAlgError traceback from the SVD."""
+    from loraops import st
+
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    names = {"k": kohya, "base": base, "out": tmp_path / "out"}
+    result = cli(*[a.format(**names) for a in args], code=2)
+    assert result.stderr.startswith(f"error: {message.format(**names)}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("init_lora_weights", "pissa", "init_lora_weights='pissa': PEFT takes this initialisation out of the base"),
+    ("lora_bias", True, "a LoRA with a bias on B (lora_bias); loraops handles plain LoRA only"),
+])
+def test_a_refused_config_is_refused_even_when_its_weights_are_registered(tmp_path, field, value, message):
+    """The identity of a PEFT folder hashes the config fields that change the math, not those the reader refuses
+    outright; merge by path takes the registered adapter of the same identity, so a PiSSA copy of a registered
+    LoRA was merged as that LoRA (exit 0) where register and inspect of it refuse it."""
+    import json
+
+    from loraops import st
+    from test_formats_errors import good, peft_folder
+
+    registered = peft_folder(tmp_path / "plain", good())
+    cli("register", registered)
+    copy = peft_folder(tmp_path / "copy", good())
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"layer.q.weight": torch.zeros(4, 3)})
+    result = cli("merge", copy, "--into", base, "-o", tmp_path / "out", "--device", "cpu", code=2)
+    assert result.stderr.startswith(f"error: {copy}/adapter_config.json: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["combine", "a", "b", "-m", "ties", "--density", "nan"],
+     "bad parameters for ties: density: Input should be a finite number"),
+    (["resize", "a", "--dynamic", "sv_fro", "--param", "inf"],
+     "bad parameters for resize: param: Input should be a finite number"),
+])
+def test_nan_and_inf_parameters_are_called_what_they_are(args, message):
+    """A NaN density was refused as 'Input should be less than or equal to 1', an Inf resize param as 'sv_fro needs a
+    param' (one was given)."""
+    assert cli(*args, code=2).stderr == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("grace", ["nan", "-1"])
+def test_gc_refuses_a_grace_that_is_no_age(grace):
+    """--grace nan kept nothing (every comparison with NaN is false), so it removed what a registration in progress
+    was writing, as --grace 0 does; and a negative grace was taken."""
+    assert cli("gc", "--grace", grace, code=2).stderr == f"error: --grace {grace}: give a number of seconds ≥ 0\n"
+
+
+@pytest.mark.parametrize("token", ["", "hf_abc\n"])
+def test_a_token_that_cannot_be_sent_is_bad_input(token):
+    """`--token "$UNSET"` was reported as 'cannot reach the Hub … (LocalProtocolError: Illegal header value b'Bearer ')',
+    exit 7, and a check of the network."""
+    for args in (["pull", "me/style"], ["push", "style", "me/style"]):
+        result = cli(*args, "--token", token, code=2)
+        assert result.stderr.startswith("error: --token is empty or holds a control character (a newline?)")
+
+
+@pytest.mark.sqlite_only
+def test_a_registry_under_a_file_names_the_file(tmp_path, kohya):
+    """`--db sqlite:///a-file/x.db` said 'error: …/a-file: File exists'."""
+    (tmp_path / "a-file").write_bytes(b"x")
+    database = tmp_path / "a-file" / "x.db"
+    result = cli("--db", f"sqlite:///{database}", "register", kohya, code=2)
+    assert result.stderr == f"error: {database}: cannot be written, {tmp_path / 'a-file'} is not a folder\n"
+
+
+@pytest.mark.sqlite_only
+def test_a_url_option_the_driver_ignores_is_refused_in_one_line(tmp_path):
+    """`--db sqlite:///…?mode=ro` printed SQLAlchemy's warning (three lines) and used the file read-write."""
+    result = cli("--db", f"sqlite:///{tmp_path / 'r.db'}?mode=ro", "list", code=6)
+    assert result.stderr.startswith(f"error: cannot use the registry at sqlite:///{tmp_path / 'r.db'}?mode=ro: Query "
+                                    "string argument(s) 'mode' are not accepted by the pysqlite driver")
+
+
+def test_subtract_exact_of_a_recorded_merge_whose_files_changed_says_so(tmp_path, kohya):
+    """It said the model 'is not recorded in the registry as a merge (it was not made by `loraops merge`, or its
+    record was removed)' of a recorded merge, named by its record, whose bytes had changed since."""
+    from loraops import st
+
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    merged = tmp_path / "merged.safetensors"
+    cli("merge", kohya, "--into", base, "-o", merged, "--device", "cpu")
+    data = bytearray(merged.read_bytes())
+    data[-1] ^= 1
+    merged.write_bytes(bytes(data))
+    for model in ("merged", merged):
+        result = cli("subtract", kohya, "--from", model, "-o", tmp_path / "restored", "--exact", "--device", "cpu",
+                     code=2)
+        assert result.stderr.startswith(f"error: --exact: {model} at {merged} is recorded as a merge, but its files "
+                                        "changed since (fingerprint ")
+    assert not (tmp_path / "restored").exists()
