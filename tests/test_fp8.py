@@ -274,6 +274,26 @@ def test_cli_merge_check_subtract_and_exact(tmp_path, models):
         "error: no adapter to merge")
 
 
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_exact_restore_of_one_of_two_adapters_re_merges_as_the_merge_did(tmp_path, models, dtype):
+    """subtract --exact of one adapter re-merges the other onto the recorded FP8 base the way the merge did: FP8
+    stays FP8 without --dtype (F8_E4M3, the output's dtype the registry shows, is no --dtype), and comes out bf16
+    with it. Also for an FP8 model whose bytes are mostly bf16 (a large vocabulary), whose dtype reads BF16."""
+    fp8 = models.fp8
+    if dtype is None:
+        fp8 = fp8_model(tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16, intermediate=72, vocab=1024),
+                        tmp_path / "fp8", block=BLOCK)
+        assert BaseModel.open(fp8).dtype == "BF16"
+    flag = [] if dtype is None else ["--dtype", dtype]
+    for i, base in enumerate(dict.fromkeys([models.fp8, fp8])):
+        out = tmp_path / f"out{i}"
+        cli("merge", models.adapter, f"{models.q_only}:0.5", "--into", base, "-o", out / "two", *flag)
+        cli("subtract", models.adapter, "--from", out / "two", "-o", out / "only-q", "--exact")
+        cli("merge", f"{models.q_only}:0.5", "--into", base, "-o", out / "q-alone", "--no-record", *flag)
+        for f in (out / "q-alone").glob("*.safetensors"):
+            assert (out / "only-q" / f.name).read_bytes() == f.read_bytes(), (base, f.name)
+
+
 def test_base_digests_cached_after_a_dequantizing_merge(tmp_path, models):
     """The scales a --dtype merge leaves out unread are hashed too, so recording the FP8 base reads nothing again."""
     copy = tmp_path / "fp8"
