@@ -294,6 +294,30 @@ def test_exact_restore_of_one_of_two_adapters_re_merges_as_the_merge_did(tmp_pat
             assert (out / "only-q" / f.name).read_bytes() == f.read_bytes(), (base, f.name)
 
 
+def test_a_shard_left_with_no_tensor_is_not_written(tmp_path, models):
+    """A shard that holds only the scales of the weights a merge re-encodes (moved to their weight's file) or that
+    --dtype leaves out: the output has no such empty shard, which its index could not list (loraops and transformers
+    would refuse the output), and the output is a model loraops reads, records and merges into again."""
+    state = tensors(models.fp8)
+    touched = {f"{n}_scale_inv" for n in terms_of(models.adapter, models.fp8)}
+    base = tmp_path / "scales-apart"
+    base.mkdir()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({n: state[n] for n in touched}, str(base / names[0]), metadata={"format": "pt"})
+    save_file({n: t for n, t in state.items() if n not in touched}, str(base / names[1]), metadata={"format": "pt"})
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        n: names[n not in touched] for n in sorted(state)}}))
+    shutil.copy2(models.fp8 / "config.json", base / "config.json")
+    for flag in ([], ["--dtype", "bf16"]):
+        out = tmp_path / f"out{len(flag)}"
+        cli("merge", models.adapter, "--into", base, "-o", out, *flag)  # recorded: its files are read back
+        assert sorted(f.name for f in out.glob("*.safetensors")) == names[1:]
+        assert set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()) == {names[1]}
+        cli("check", models.adapter, "--base", out)
+        cli("merge", models.q_only, "--into", out, "-o", tmp_path / f"again{len(flag)}", "--no-record")
+        assert load_model(out) is not None
+
+
 def test_base_digests_cached_after_a_dequantizing_merge(tmp_path, models):
     """The scales a --dtype merge leaves out unread are hashed too, so recording the FP8 base reads nothing again."""
     copy = tmp_path / "fp8"
