@@ -498,6 +498,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                     if tensor.encoded:
                         tensors.append(_Tensor(tensor.scaled.scale_name, tensor.scaled.scale,
                                                tensor.scaled.scale.dtype, scale_of=tensor))
+            if not tensors and by_file.get(source):
+                continue  # it held only FP8 scales, moved to their weights' files or left out: no index lists it
             target = source.relative_to(base.path) if part.folder is not None else Path(source.name)
             files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied,
                                dequantized=out_dtype is not None and any(t.scaled for t in tensors)))
