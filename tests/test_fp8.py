@@ -19,7 +19,8 @@ from loraops import engine, formats
 from loraops.basemodel import BaseModel, fingerprint_of
 from loraops.cli import main
 from loraops.fp8 import BlockScaled
-from loraops.st import read_header
+from loraops.errors import FormatError
+from loraops.st import TensorInfo, read_header
 from test_engine import unit_of_rounding
 
 BLOCK = (16, 24)  # partial blocks: 64 columns, and the 72 rows of gate/up
@@ -176,6 +177,46 @@ def test_fused_experts_decode_and_encode_by_chunks(tmp_path, monkeypatch):
     out = load_file(tmp_path / "bf16" / "model.safetensors")
     assert set(out) == {"mlp.experts.gate_up_proj", "norm.weight"}
     assert torch.equal(out["mlp.experts.gate_up_proj"], fp8_dequantize(q, inverse, (16, 24)).float().bfloat16())
+
+
+def _encoded(w: torch.Tensor, scale_dtype: str, block=BLOCK):
+    """(BlockScaled, FP8 values, stored inverse scales as float32) of w encoded as a weight whose scales are stored
+    as ``scale_dtype``."""
+    grid = [-(-n // b) for n, b in zip(w.shape, block)]
+    found = BlockScaled("w", tuple(w.shape), TensorInfo("w_scale_inv", scale_dtype, tuple(grid), 0, 0, Path("x")),
+                        "w_scale_inv", block, ue8m0=scale_dtype in ("F8_E8M0", "U8"))
+    acc = w.clone()
+    stored = found.encode(acc, torch.empty(w.numel()))
+    return found, acc.to(torch.float8_e4m3fn), found.scale_values(stored)
+
+
+@pytest.mark.parametrize("scale_dtype", ["F32", "BF16", "F8_E8M0"])
+def test_a_block_of_tiny_values_gets_a_finite_scale(scale_dtype):
+    """A block whose max |W'| is under 448 / float32 max (≈ 1.3e-36): 448 / amax overflows to an infinite scale, the
+    inverse stored is 0, and the block's zeros become NaN (0 · inf; transformers' Fp8Quantize does that too). Capped
+    at the float32 max, the block encodes: no NaN, each value within half an FP8 unit at its block's stored scale."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    w[16:, 24:48] *= 1e-38
+    w[16:20, 24:48] = 0.0
+    found, q, inverse = _encoded(w, scale_dtype)
+    decoded = fp8_dequantize(q, inverse, BLOCK)
+    assert not decoded.isnan().any() and bool((inverse > 0).all())
+    spread = fp8_dequantize(torch.ones_like(q, dtype=torch.float32), inverse, BLOCK)
+    exact = w.double()
+    assert bool(((decoded - exact).abs() <= fp8_unit(exact / spread) * spread / 2 * (1 + 1e-6)).all())
+
+
+def test_inverse_scales_a_scale_dtype_cannot_hold_are_refused():
+    """Scales stored as F16 (a dtype loraops reads): a block whose inverse scale (max |W'| / 448) is past F16's
+    range, or so far among its subnormals that rounding it down would saturate the block's largest values by more
+    than half an FP8 unit, is one error line, not a scale of inf or 0 that decodes to NaN."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5)) * 0.02
+    _, q, inverse = _encoded(w, "F16")  # ordinary weights: F16 holds their scales
+    assert torch.isfinite(fp8_dequantize(q, inverse, BLOCK)).all()
+    for factor in (1e9, 1e-5):
+        with pytest.raises(FormatError, match=r"'w': a block's max \|W \+ ΔW\| is .* whose inverse scale .* F16 "
+                                              r"cannot hold"):
+            _encoded(w * factor, "F16")
 
 
 @pytest.mark.parametrize("variant", ["transformers", "ue8m0", "ue8m0-bytes", "per-tensor"])
