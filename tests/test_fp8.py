@@ -206,6 +206,33 @@ def test_a_block_of_tiny_values_gets_a_finite_scale(scale_dtype):
     assert bool(((decoded - exact).abs() <= fp8_unit(exact / spread) * spread / 2 * (1 + 1e-6)).all())
 
 
+def test_bf16_stored_scales_quantize_with_the_reciprocal_of_what_is_stored():
+    """A scale tensor stored as bf16 rounds the inverse scale: the values are divided by exactly the inverse kept
+    (their decoding multiplies by it), not by transformers' 448 / amax."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
+    _, q, kept = _encoded(w, "BF16")
+    _, inverse = fp8_quantize(w, BLOCK)
+    assert torch.equal(kept, inverse.bfloat16().float()) and not torch.equal(kept, inverse)
+    by = fp8_dequantize(torch.ones_like(q, dtype=torch.float32), 1 / kept, BLOCK).float()
+    assert torch.equal(q.view(torch.uint8), (w * by).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_static_activation_scales_go_with_the_weight_scales(tmp_path, models):
+    """activation_scheme "static": each FP8 Linear has an activation_scale. --dtype leaves it out with the weight's
+    scale; an FP8 output keeps it byte for byte."""
+    def static(state):
+        for name in [n for n in state if n.endswith(".weight_scale_inv")]:
+            state[name.removesuffix("weight_scale_inv") + "activation_scale"] = torch.tensor(0.25)
+
+    base = _rewrite(models.fp8, tmp_path / "static", static,
+                    lambda c: c["quantization_config"].update(activation_scheme="static"))
+    engine.merge(base, [], tmp_path / "bf16", dtype="bf16", device="cpu")
+    assert not [n for n in tensors(tmp_path / "bf16") if "scale" in n]
+    engine.merge(base, [(formats.read_adapter(models.q_only), 1.0)], tmp_path / "fp8", device="cpu")
+    ours, stored = tensors(tmp_path / "fp8"), tensors(base)
+    assert all(torch.equal(ours[n], t) for n, t in stored.items() if n.endswith("activation_scale"))
+
+
 def test_inverse_scales_a_scale_dtype_cannot_hold_are_refused():
     """Scales stored as F16 (a dtype loraops reads): a block whose inverse scale (max |W'| / 448) is past F16's
     range, or so far among its subnormals that rounding it down would saturate the block's largest values by more
