@@ -134,6 +134,17 @@ def _sha(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def test_new_scales_are_not_kept_once_written(tmp_path, models, monkeypatch):
+    """Each re-encoded weight's new scales are held only until its scale tensor is written: kept for the whole run,
+    they would grow with the model (DeepSeek-V3, every Linear touched: 164 MB), past the engine's bounded memory."""
+    planned = []
+    plan = engine._plan
+    monkeypatch.setattr(engine, "_plan", lambda *a, **k: planned.append(plan(*a, **k)) or planned[-1])
+    engine.merge(models.fp8, [(formats.read_adapter(models.adapter), 1.0)], tmp_path / "out", device="cpu")
+    encoded = [t for f in planned[-1] for t in f.tensors if t.encoded]
+    assert len(encoded) == 8 and all(t.new_scales is None for t in encoded)
+
+
 def test_chunk_boundaries_do_not_change_a_byte(tmp_path, models, monkeypatch):
     adapter = formats.read_adapter(models.adapter)
     for dtype in (None, "bf16"):
