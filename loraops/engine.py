@@ -845,6 +845,8 @@ class _Pipeline:
         elements = slice(chunk.row0 * tensor.row_elements, chunk.row1 * tensor.row_elements)
         if tensor.scale_of is not None:  # the new scales of the FP8 weight written just before
             out.copy_(tensor.scale_of.new_scales.reshape(-1)[elements])
+            if chunk.row1 == tensor.rows:  # written: held no longer (all of a model's would grow with it)
+                tensor.scale_of.new_scales = None
             return
         if tensor.replacement is not None:  # the new value, with the LoRA deltas on it when it has any
             w = tensor.replacement.reshape(-1)[elements]
