@@ -397,6 +397,20 @@ def test_a_shard_left_with_no_tensor_is_not_written(tmp_path, models):
     assert load_model(out) is not None  # (the FP8 output's partial blocks transformers' CPU dequantization refuses)
 
 
+def test_residual_against_the_fp8_base_by_chunks_that_split_its_blocks(tmp_path, models, monkeypatch):
+    """subtract from a --dtype bf16 merge compares with the pristine FP8 base, decoded by its whole block rows, which
+    a chunk of the bf16 model need not hold (24 rows here, blocks of 16): the residual counts what differs by value."""
+    adapter = formats.read_adapter(models.adapter)
+    engine.merge(models.fp8, [(adapter, 1.0)], tmp_path / "bf16", dtype="bf16", device="cpu", fingerprint=False)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 24 * 64)
+    residual = engine.subtract(tmp_path / "bf16", [(adapter, 1.0)], tmp_path / "back", reference=models.fp8,
+                               device="cpu", fingerprint=False).residual
+    ours, fp8 = tensors(tmp_path / "back"), tensors(models.fp8)
+    base = {name: dequantized64(fp8, name).float().double() for name in terms_of(models.adapter, models.fp8)}
+    assert residual.elements_differing == sum(int((ours[n].double() != b).sum()) for n, b in base.items())
+    assert residual.max_abs_diff == max(float((ours[n].double() - b).abs().max()) for n, b in base.items())
+
+
 def test_base_digests_cached_after_a_dequantizing_merge(tmp_path, models):
     """The scales a --dtype merge leaves out unread are hashed too, so recording the FP8 base reads nothing again."""
     copy = tmp_path / "fp8"
