@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from engine_helpers import dora_reference64, reference64
-from factories import fp8_dequantize, fp8_model, fp8_quantize, load_model, peft_adapter, perturb_magnitudes, tiny_llama
+from factories import (fp8_dequantize, fp8_model, fp8_quantize, load_model, peft_adapter, perturb_magnitudes,
+                       tiny_llama, tiny_transformers)
 from loraops import engine, formats
 from loraops.basemodel import BaseModel, fingerprint_of
 from loraops.cli import main
@@ -255,6 +256,44 @@ def test_inverse_scales_a_scale_dtype_cannot_hold_are_refused():
         with pytest.raises(FormatError, match=r"'w': a block's max \|W \+ ΔW\| is .* whose inverse scale .* F16 "
                                               r"cannot hold"):
             _encoded(w * factor, "F16")
+
+
+@pytest.mark.parametrize("family, block", [("granitemoe", (20, 12)), ("gpt_oss", (16, 24))])
+def test_lora_on_fused_fp8_experts(tmp_path, family, block):
+    """A target_parameters LoRA on fused MoE experts stored FP8 (E×X×Y with E×⌈X/bo⌉×⌈Y/bi⌉ scales, as transformers'
+    FP8Experts saves them): GraniteMoE's E×2I×H, whose 48 rows are no multiple of 20 (chunks of whole experts), and
+    gpt-oss's E×H×2I, stored in×out. The merge equals merging into the float32 model holding the decoded values:
+    --dtype fp32 bit for bit, and the FP8 output is that result quantized."""
+    from test_moe_fused import FAMILIES, TARGETS, peft_model
+
+    model_type, cls, config = FAMILIES[family]
+    base = tiny_transformers(tmp_path / "base", model_type, cls, **config)
+    peft_model(base, family).save_pretrained(tmp_path / "lora")
+    adapter = formats.read_adapter(tmp_path / "lora")
+    for name in ("fp8", "decoded"):
+        shutil.copytree(base, tmp_path / name)
+    state, fp8, decoded = tensors(base), {}, {}
+    for name, t in state.items():
+        if t.dim() == 3:  # (gpt-oss: experts.gate_up_proj; GraniteMoE: block_sparse_moe.input_linear.weight)
+            fp8[name], fp8[f"{name}_scale_inv"] = fp8_quantize(t, block)
+            decoded[name] = fp8_dequantize(fp8[name], fp8[f"{name}_scale_inv"], block).float()
+        else:
+            fp8[name] = decoded[name] = t
+    save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(decoded, str(tmp_path / "decoded" / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    for source, out, dtype in (("decoded", "reference", None), ("fp8", "fp32", "fp32"), ("fp8", "kept", None)):
+        engine.merge(tmp_path / source, [(adapter, 1.0)], tmp_path / out, dtype=dtype, device="cpu", fingerprint=False)
+    reference, fp32, kept = (tensors(tmp_path / out) for out in ("reference", "fp32", "kept"))
+    experts = [n for n in state if f"{n}_scale_inv" in fp8]
+    assert len(experts) == 4 and all(not torch.equal(reference[n], decoded[n]) for n in experts)
+    for name in experts:
+        assert torch.equal(fp32[name], reference[name]), name
+        q, inverse = fp8_quantize(reference[name], block)
+        assert torch.equal(kept[f"{name}_scale_inv"], inverse), name
+        assert torch.equal(kept[name].view(torch.uint8), q.view(torch.uint8)), name
 
 
 @pytest.mark.parametrize("variant", ["transformers", "ue8m0", "ue8m0-bytes", "per-tensor"])
