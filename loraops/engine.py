@@ -502,6 +502,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                     if tensor.encoded:
                         tensors.append(_Tensor(tensor.scaled.scale_name, tensor.scaled.scale,
                                                tensor.scaled.scale.dtype, scale_of=tensor))
+            if not tensors and by_file.get(source):
+                continue  # it held only FP8 scales, moved to their weights' files or left out: no index lists it
             target = source.relative_to(base.path) if part.folder is not None else Path(source.name)
             files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied,
                                dequantized=out_dtype is not None and any(t.scaled for t in tensors)))
@@ -847,6 +849,8 @@ class _Pipeline:
         elements = slice(chunk.row0 * tensor.row_elements, chunk.row1 * tensor.row_elements)
         if tensor.scale_of is not None:  # the new scales of the FP8 weight written just before
             out.copy_(tensor.scale_of.new_scales.reshape(-1)[elements])
+            if chunk.row1 == tensor.rows:  # written: held no longer (all of a model's would grow with it)
+                tensor.scale_of.new_scales = None
             return
         if tensor.replacement is not None:  # the new value, with the LoRA deltas on it when it has any
             w = tensor.replacement.reshape(-1)[elements]
@@ -1026,17 +1030,20 @@ class _Residual:
         if self.reference is None:
             return
         info = self.reference.tensors[tensor.name]
-        row_bytes = tensor.row_elements * DTYPE_BYTES[info.dtype]
-        raw = bytearray((chunk.row1 - chunk.row0) * row_bytes)
-        fd = self._handles.get(info.file) or self._handles.setdefault(info.file, os.open(info.file, os.O_RDONLY))
-        _pread_exact(fd, memoryview(raw), len(raw), info.start + chunk.row0 * row_bytes, info)
-        ref = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)) if raw else out.new_empty(0, dtype=torch_dtype(info.dtype))
         found, scales = self._reference_scales(tensor.name)
+        # an FP8 reference is decoded by its whole block rows, which the chunk need not hold (a --dtype output's)
+        unit = found.row_unit if found is not None else 1
+        row0, row1 = chunk.row0 // unit * unit, min(-(-chunk.row1 // unit) * unit, tensor.rows)
+        row_bytes = tensor.row_elements * DTYPE_BYTES[info.dtype]
+        raw = bytearray((row1 - row0) * row_bytes)
+        fd = self._handles.get(info.file) or self._handles.setdefault(info.file, os.open(info.file, os.O_RDONLY))
+        _pread_exact(fd, memoryview(raw), len(raw), info.start + row0 * row_bytes, info)
+        ref = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)) if raw else out.new_empty(0, dtype=torch_dtype(info.dtype))
         if found is not None or tensor.encoded:  # FP8 on a side: compared by value, each decoded with its own scales
             if found is not None:
-                values = stored.new_empty((chunk.row1 - chunk.row0, tensor.row_elements), device="cpu")
-                found.decode(values, ref, found.rows_of(scales, chunk.row0, chunk.row1), values.new_empty(values.shape))
-                ref = values.reshape(-1)
+                values = stored.new_empty((row1 - row0, tensor.row_elements), device="cpu")
+                found.decode(values, ref, found.rows_of(scales, row0, row1), values.new_empty(values.shape))
+                ref = values[chunk.row0 - row0 : chunk.row1 - row0].reshape(-1)
             out = stored.cpu()
         if ref.dtype == out.dtype:  # bit for bit (so -0.0 ≠ 0.0 and NaNs compare by their bits)
             bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[ref.element_size()]

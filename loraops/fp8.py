@@ -119,12 +119,21 @@ class BlockScaled:
 
         amax = self._block_amax(torch.abs(acc, out=scratch.view(-1)[: acc.numel()].view(acc.shape)))
         amax = amax.to(torch.float32)  # transformers quantizes float32 values
-        scale = torch.where(amax > 0, FP8_MAX / amax, 1.0)
+        # capped: below amax ≈ 1.3e-36, 448 / amax overflows, and an infinite scale (inverse 0) makes the zeros NaN
+        scale = torch.where(amax > 0, FP8_MAX / amax, 1.0).clamp(max=torch.finfo(torch.float32).max)
         inverse = 1 / scale
         if self.ue8m0:
             inverse = torch.exp2(torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
         stored = self._stored(inverse)
         kept = self.scale_values(stored)
+        # a lossy scale dtype (F16) can make it inf or 0 (NaN decoded), or round it down so far that its block's
+        # largest values saturate by more than half an FP8 unit (1/28 at 448)
+        unfit = ~(torch.isfinite(kept) & (kept >= inverse * (1 - 1 / 32))).view(-1)
+        if bool(unfit.any()):
+            at = int(unfit.nonzero()[0])
+            raise FormatError(f"{self.scale.file}: the new scales of {self.weight!r}: a block's max |W + ΔW| is "
+                              f"{float(amax.view(-1)[at]):g}, whose inverse scale {float(inverse.view(-1)[at]):g} "
+                              f"{self.scale.dtype} cannot hold; merge with --dtype bf16 instead")
         # quantize with the reciprocal of what is stored where storing rounded it (ue8m0, a bf16 scale tensor), so
         # decoding multiplies by exactly what the values were divided by; else with transformers' 448 / amax
         scale = 1 / kept if self.ue8m0 else torch.where(kept == inverse, scale, 1 / kept)

@@ -260,6 +260,9 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
             i.registry_id = reg.register_adapter(i.label)[0].id
     params = {
         "dtype": report.dtype, "precise": bool(options.get("precise", False)),
+        # the --dtype given (None: each tensor as stored), which --exact re-merges with; "dtype" is the output's, for
+        # display (F8_E4M3 for an FP8 model kept FP8, or BF16 for one whose bytes are mostly its bf16 embeddings)
+        "requested_dtype": engine.parse_dtype(options.get("dtype")),
         "base": {"name": source_record.name, "fingerprint": source_record.fingerprint},
         "adapters": [{"label": i.label, "sha256": i.sha256, "weight": sign * i.weight} for i in inputs],
     }
@@ -386,7 +389,9 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         )
     if remaining:
         kept = [_recorded_adapter(reg, a) for a in remaining]
-        report = engine.merge(pristine, [(k.adapter, k.weight) for k in kept], output, dtype=params["dtype"],
+        # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
+        dtype = params.get("requested_dtype", params["dtype"] if params["dtype"] in engine.FLOAT_DTYPES else None)
+        report = engine.merge(pristine, [(k.adapter, k.weight) for k in kept], output, dtype=dtype,
                               precise=params["precise"], device=options.get("device", "auto"),
                               force=options.get("force", False), progress=options.get("progress"))
         report = _labelled(report, kept)

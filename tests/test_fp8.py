@@ -14,12 +14,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from engine_helpers import dora_reference64, reference64
-from factories import fp8_dequantize, fp8_model, fp8_quantize, load_model, peft_adapter, perturb_magnitudes, tiny_llama
+from factories import (fp8_dequantize, fp8_model, fp8_quantize, load_model, peft_adapter, perturb_magnitudes,
+                       tiny_llama, tiny_transformers)
 from loraops import engine, formats
 from loraops.basemodel import BaseModel, fingerprint_of
 from loraops.cli import main
 from loraops.fp8 import BlockScaled
-from loraops.st import read_header
+from loraops.errors import FormatError
+from loraops.st import TensorInfo, read_header
 from test_engine import unit_of_rounding
 
 BLOCK = (16, 24)  # partial blocks: 64 columns, and the 72 rows of gate/up
@@ -133,6 +135,17 @@ def _sha(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def test_new_scales_are_not_kept_once_written(tmp_path, models, monkeypatch):
+    """Each re-encoded weight's new scales are held only until its scale tensor is written: kept for the whole run,
+    they would grow with the model (DeepSeek-V3, every Linear touched: 164 MB), past the engine's bounded memory."""
+    planned = []
+    plan = engine._plan
+    monkeypatch.setattr(engine, "_plan", lambda *a, **k: planned.append(plan(*a, **k)) or planned[-1])
+    engine.merge(models.fp8, [(formats.read_adapter(models.adapter), 1.0)], tmp_path / "out", device="cpu")
+    encoded = [t for f in planned[-1] for t in f.tensors if t.encoded]
+    assert len(encoded) == 8 and all(t.new_scales is None for t in encoded)
+
+
 def test_chunk_boundaries_do_not_change_a_byte(tmp_path, models, monkeypatch):
     adapter = formats.read_adapter(models.adapter)
     for dtype in (None, "bf16"):
@@ -176,6 +189,111 @@ def test_fused_experts_decode_and_encode_by_chunks(tmp_path, monkeypatch):
     out = load_file(tmp_path / "bf16" / "model.safetensors")
     assert set(out) == {"mlp.experts.gate_up_proj", "norm.weight"}
     assert torch.equal(out["mlp.experts.gate_up_proj"], fp8_dequantize(q, inverse, (16, 24)).float().bfloat16())
+
+
+def _encoded(w: torch.Tensor, scale_dtype: str, block=BLOCK):
+    """(BlockScaled, FP8 values, stored inverse scales as float32) of w encoded as a weight whose scales are stored
+    as ``scale_dtype``."""
+    grid = [-(-n // b) for n, b in zip(w.shape, block)]
+    found = BlockScaled("w", tuple(w.shape), TensorInfo("w_scale_inv", scale_dtype, tuple(grid), 0, 0, Path("x")),
+                        "w_scale_inv", block, ue8m0=scale_dtype in ("F8_E8M0", "U8"))
+    acc = w.clone()
+    stored = found.encode(acc, torch.empty(w.numel()))
+    return found, acc.to(torch.float8_e4m3fn), found.scale_values(stored)
+
+
+@pytest.mark.parametrize("scale_dtype", ["F32", "BF16", "F8_E8M0"])
+def test_a_block_of_tiny_values_gets_a_finite_scale(scale_dtype):
+    """A block whose max |W'| is under 448 / float32 max (≈ 1.3e-36): 448 / amax overflows to an infinite scale, the
+    inverse stored is 0, and the block's zeros become NaN (0 · inf; transformers' Fp8Quantize does that too). Capped
+    at the float32 max, the block encodes: no NaN, each value within half an FP8 unit at its block's stored scale."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    w[16:, 24:48] *= 1e-38
+    w[16:20, 24:48] = 0.0
+    found, q, inverse = _encoded(w, scale_dtype)
+    decoded = fp8_dequantize(q, inverse, BLOCK)
+    assert not decoded.isnan().any() and bool((inverse > 0).all())
+    spread = fp8_dequantize(torch.ones_like(q, dtype=torch.float32), inverse, BLOCK)
+    exact = w.double()
+    assert bool(((decoded - exact).abs() <= fp8_unit(exact / spread) * spread / 2 * (1 + 1e-6)).all())
+
+
+def test_bf16_stored_scales_quantize_with_the_reciprocal_of_what_is_stored():
+    """A scale tensor stored as bf16 rounds the inverse scale: the values are divided by exactly the inverse kept
+    (their decoding multiplies by it), not by transformers' 448 / amax."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
+    _, q, kept = _encoded(w, "BF16")
+    _, inverse = fp8_quantize(w, BLOCK)
+    assert torch.equal(kept, inverse.bfloat16().float()) and not torch.equal(kept, inverse)
+    by = fp8_dequantize(torch.ones_like(q, dtype=torch.float32), 1 / kept, BLOCK).float()
+    assert torch.equal(q.view(torch.uint8), (w * by).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_static_activation_scales_go_with_the_weight_scales(tmp_path, models):
+    """activation_scheme "static": each FP8 Linear has an activation_scale. --dtype leaves it out with the weight's
+    scale; an FP8 output keeps it byte for byte."""
+    def static(state):
+        for name in [n for n in state if n.endswith(".weight_scale_inv")]:
+            state[name.removesuffix("weight_scale_inv") + "activation_scale"] = torch.tensor(0.25)
+
+    base = _rewrite(models.fp8, tmp_path / "static", static,
+                    lambda c: c["quantization_config"].update(activation_scheme="static"))
+    engine.merge(base, [], tmp_path / "bf16", dtype="bf16", device="cpu")
+    assert not [n for n in tensors(tmp_path / "bf16") if "scale" in n]
+    engine.merge(base, [(formats.read_adapter(models.q_only), 1.0)], tmp_path / "fp8", device="cpu")
+    ours, stored = tensors(tmp_path / "fp8"), tensors(base)
+    assert all(torch.equal(ours[n], t) for n, t in stored.items() if n.endswith("activation_scale"))
+
+
+def test_inverse_scales_a_scale_dtype_cannot_hold_are_refused():
+    """Scales stored as F16 (a dtype loraops reads): a block whose inverse scale (max |W'| / 448) is past F16's
+    range, or so far among its subnormals that rounding it down would saturate the block's largest values by more
+    than half an FP8 unit, is one error line, not a scale of inf or 0 that decodes to NaN."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(5)) * 0.02
+    _, q, inverse = _encoded(w, "F16")  # ordinary weights: F16 holds their scales
+    assert torch.isfinite(fp8_dequantize(q, inverse, BLOCK)).all()
+    for factor in (1e9, 1e-5):
+        with pytest.raises(FormatError, match=r"'w': a block's max \|W \+ ΔW\| is .* whose inverse scale .* F16 "
+                                              r"cannot hold"):
+            _encoded(w * factor, "F16")
+
+
+@pytest.mark.parametrize("family, block", [("granitemoe", (20, 12)), ("gpt_oss", (16, 24))])
+def test_lora_on_fused_fp8_experts(tmp_path, family, block):
+    """A target_parameters LoRA on fused MoE experts stored FP8 (E×X×Y with E×⌈X/bo⌉×⌈Y/bi⌉ scales, as transformers'
+    FP8Experts saves them): GraniteMoE's E×2I×H, whose 48 rows are no multiple of 20 (chunks of whole experts), and
+    gpt-oss's E×H×2I, stored in×out. The merge equals merging into the float32 model holding the decoded values:
+    --dtype fp32 bit for bit, and the FP8 output is that result quantized."""
+    from test_moe_fused import FAMILIES, TARGETS, peft_model
+
+    model_type, cls, config = FAMILIES[family]
+    base = tiny_transformers(tmp_path / "base", model_type, cls, **config)
+    peft_model(base, family).save_pretrained(tmp_path / "lora")
+    adapter = formats.read_adapter(tmp_path / "lora")
+    for name in ("fp8", "decoded"):
+        shutil.copytree(base, tmp_path / name)
+    state, fp8, decoded = tensors(base), {}, {}
+    for name, t in state.items():
+        if t.dim() == 3:  # (gpt-oss: experts.gate_up_proj; GraniteMoE: block_sparse_moe.input_linear.weight)
+            fp8[name], fp8[f"{name}_scale_inv"] = fp8_quantize(t, block)
+            decoded[name] = fp8_dequantize(fp8[name], fp8[f"{name}_scale_inv"], block).float()
+        else:
+            fp8[name] = decoded[name] = t
+    save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(decoded, str(tmp_path / "decoded" / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    for source, out, dtype in (("decoded", "reference", None), ("fp8", "fp32", "fp32"), ("fp8", "kept", None)):
+        engine.merge(tmp_path / source, [(adapter, 1.0)], tmp_path / out, dtype=dtype, device="cpu", fingerprint=False)
+    reference, fp32, kept = (tensors(tmp_path / out) for out in ("reference", "fp32", "kept"))
+    experts = [n for n in state if f"{n}_scale_inv" in fp8]
+    assert len(experts) == 4 and all(not torch.equal(reference[n], decoded[n]) for n in experts)
+    for name in experts:
+        assert torch.equal(fp32[name], reference[name]), name
+        q, inverse = fp8_quantize(reference[name], block)
+        assert torch.equal(kept[f"{name}_scale_inv"], inverse), name
+        assert torch.equal(kept[name].view(torch.uint8), q.view(torch.uint8)), name
 
 
 @pytest.mark.parametrize("variant", ["transformers", "ue8m0", "ue8m0-bytes", "per-tensor"])
@@ -272,6 +390,64 @@ def test_cli_merge_check_subtract_and_exact(tmp_path, models):
     assert {t.dtype for t in BaseModel.open(tmp_path / "plain").tensors.values()} == {"BF16"}
     assert cli("merge", "--into", models.fp8, "-o", tmp_path / "none", code=2).output.startswith(
         "error: no adapter to merge")
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_exact_restore_of_one_of_two_adapters_re_merges_as_the_merge_did(tmp_path, models, dtype):
+    """subtract --exact of one adapter re-merges the other onto the recorded FP8 base the way the merge did: FP8
+    stays FP8 without --dtype (F8_E4M3, the output's dtype the registry shows, is no --dtype), and comes out bf16
+    with it. Also for an FP8 model whose bytes are mostly bf16 (a large vocabulary), whose dtype reads BF16."""
+    fp8 = models.fp8
+    if dtype is None:
+        fp8 = fp8_model(tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16, intermediate=72, vocab=1024),
+                        tmp_path / "fp8", block=BLOCK)
+        assert BaseModel.open(fp8).dtype == "BF16"
+    flag = [] if dtype is None else ["--dtype", dtype]
+    for i, base in enumerate(dict.fromkeys([models.fp8, fp8])):
+        out = tmp_path / f"out{i}"
+        cli("merge", models.adapter, f"{models.q_only}:0.5", "--into", base, "-o", out / "two", *flag)
+        cli("subtract", models.adapter, "--from", out / "two", "-o", out / "only-q", "--exact")
+        cli("merge", f"{models.q_only}:0.5", "--into", base, "-o", out / "q-alone", "--no-record", *flag)
+        for f in (out / "q-alone").glob("*.safetensors"):
+            assert (out / "only-q" / f.name).read_bytes() == f.read_bytes(), (base, f.name)
+
+
+def test_a_shard_left_with_no_tensor_is_not_written(tmp_path, models):
+    """A shard that holds only the scales of the weights a merge re-encodes (moved to their weight's file) or that
+    --dtype leaves out: the output has no such empty shard, which its index could not list (loraops refuses a folder
+    with a shard its index does not list), and the output is a model loraops reads, records and merges into again."""
+    state = tensors(models.fp8)
+    touched = {f"{n}_scale_inv" for n in terms_of(models.adapter, models.fp8)}
+    base = tmp_path / "scales-apart"
+    base.mkdir()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({n: state[n] for n in touched}, str(base / names[0]), metadata={"format": "pt"})
+    save_file({n: t for n, t in state.items() if n not in touched}, str(base / names[1]), metadata={"format": "pt"})
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        n: names[n not in touched] for n in sorted(state)}}))
+    shutil.copy2(models.fp8 / "config.json", base / "config.json")
+    for flag in ([], ["--dtype", "bf16"]):
+        out = tmp_path / f"out{len(flag)}"
+        cli("merge", models.adapter, "--into", base, "-o", out, *flag)  # recorded: its files are read back
+        assert sorted(f.name for f in out.glob("*.safetensors")) == names[1:]
+        assert set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()) == {names[1]}
+        cli("check", models.adapter, "--base", out)
+        cli("merge", models.q_only, "--into", out, "-o", tmp_path / f"again{len(flag)}", "--no-record")
+    assert load_model(out) is not None  # (the FP8 output's partial blocks transformers' CPU dequantization refuses)
+
+
+def test_residual_against_the_fp8_base_by_chunks_that_split_its_blocks(tmp_path, models, monkeypatch):
+    """subtract from a --dtype bf16 merge compares with the pristine FP8 base, decoded by its whole block rows, which
+    a chunk of the bf16 model need not hold (24 rows here, blocks of 16): the residual counts what differs by value."""
+    adapter = formats.read_adapter(models.adapter)
+    engine.merge(models.fp8, [(adapter, 1.0)], tmp_path / "bf16", dtype="bf16", device="cpu", fingerprint=False)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 24 * 64)
+    residual = engine.subtract(tmp_path / "bf16", [(adapter, 1.0)], tmp_path / "back", reference=models.fp8,
+                               device="cpu", fingerprint=False).residual
+    ours, fp8 = tensors(tmp_path / "back"), tensors(models.fp8)
+    base = {name: dequantized64(fp8, name).float().double() for name in terms_of(models.adapter, models.fp8)}
+    assert residual.elements_differing == sum(int((ours[n].double() != b).sum()) for n, b in base.items())
+    assert residual.max_abs_diff == max(float((ours[n].double() - b).abs().max()) for n, b in base.items())
 
 
 def test_base_digests_cached_after_a_dequantizing_merge(tmp_path, models):
