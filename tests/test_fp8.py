@@ -264,7 +264,7 @@ def test_lora_on_fused_fp8_experts(tmp_path, family, block):
     FP8Experts saves them): GraniteMoE's E×2I×H, whose 48 rows are no multiple of 20 (chunks of whole experts), and
     gpt-oss's E×H×2I, stored in×out. The merge equals merging into the float32 model holding the decoded values:
     --dtype fp32 bit for bit, and the FP8 output is that result quantized."""
-    from test_moe_fused import FAMILIES, TARGETS, peft_model
+    from test_moe_fused import FAMILIES, peft_model
 
     model_type, cls, config = FAMILIES[family]
     base = tiny_transformers(tmp_path / "base", model_type, cls, **config)
