@@ -856,11 +856,13 @@ class _Pipeline:
             w = tensor.replacement.reshape(-1)[elements]
             if not tensor.terms and not tensor.encoded:
                 out.copy_(w)
+                _refuse_overflow(tensor, out)
                 return
         else:
             w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
             if not tensor.terms and tensor.scaled is None:  # a --dtype conversion; the input and output views
                 out.copy_(w.to(out_dtype))                 # overlap: convert out of place
+                _refuse_overflow(tensor, out)
                 return
         cuda = self.device.type == "cuda"
         columns = self._column_factors(tensor) if tensor.dora else {}  # before the DoRA buffers fill: it uses them
@@ -905,6 +907,7 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
+        _refuse_overflow(tensor, out)
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -987,6 +990,16 @@ def _base_blocks(tensor: _Tensor):
         values = values.view(last - first, tensor.row_elements)
         for row0 in range(0, last - first, step):
             yield first + row0, values[row0 : row0 + step]
+
+
+def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor") -> None:
+    """A value beyond float16's ±65504 rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So a
+    float16 output that overflows stops the merge, with nothing written. (bfloat16 has float32's range; FP8 is clamped.)"""
+    import torch
+
+    if out.dtype == torch.float16 and bool(torch.isinf(out).any()):
+        raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond float16's range (±65504); merge "
+                                "with --dtype bf16 or fp32")
 
 
 def compute_threads(other_stages: int, default: int) -> int:

@@ -110,6 +110,25 @@ def test_single_file_keeps_integer_tensors_and_replaces_full_tensors(tmp_path):
     assert nothing_left(tmp_path / "w.safetensors") and nothing_left(tmp_path / "s.safetensors")
 
 
+@pytest.mark.parametrize("how", ["merged", "converted", "replaced"])
+def test_a_float16_output_that_overflows_is_refused(how, tmp_path):
+    """float16 holds ±65504: a merged, converted or replacing value beyond it would be written as inf (as torch and
+    PEFT do), a model that computes inf/NaN; the merge stops instead, with nothing written."""
+    base = tmp_path / "m.safetensors"
+    weight = torch.full((6, 4), 60000.0 if how == "merged" else 1.0)
+    if how == "converted":
+        weight[2, 1] = 70000.0
+    save_file({"lin.weight": weight}, str(base))
+    module = LoraModule("lin", torch.ones(1, 4), torch.full((6, 1), 10000.0), alpha=1.0, scale=1.0)
+    adapter = Adapter({"lin": module} if how == "merged" else {}, "peft",
+                      full_tensors={"lin.weight": torch.full((6, 4), 1e5)} if how == "replaced" else {})
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with values beyond float16's range"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", dtype="fp16", device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "b.safetensors", dtype="bf16", device="cpu")  # bf16 holds it
+    assert torch.isfinite(load_file(tmp_path / "b.safetensors")["lin.weight"].float()).all()
+
+
 def test_existing_output_is_refused_unless_force(tmp_path, sharded):
     base, _ = sharded
     out = tmp_path / "out"
