@@ -1,6 +1,6 @@
 #!/bin/bash
 # Every check that needs a GPU, in one call on a CUDA machine (~5 min):
-#   1. the GPU tests (combine/resize/merge on cuda agree with the CPU);
+#   1. the GPU tests (combine/resize/merge — plain, DoRA, into FP8 — on cuda agree with the CPU);
 #   2. `loraops merge --device cuda` through the real CLI on a tiny model, compared with the CPU result;
 #   3. bench/merge.py on the CPU and on CUDA (1.1B-shaped bf16 base), and on CUDA with the base out of the page cache.
 # A machine without pydantic/sqlalchemy/alembic gets them from wheels in .whl/ (see /work/.library/device/README.md).
@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1 LORAOPS_QUIET=1 LORAOPS_HOME=/tmp/loraops-home HF_HUB_
 nvidia-smi -L; nproc; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
 echo "== 1. GPU tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_algebra_gpu.py tests/test_engine_io.py -k "cuda or gpu" -rs 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_algebra_gpu.py tests/test_engine_io.py tests/test_dora.py tests/test_fp8.py -k "cuda or gpu" -rs 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
 
 echo "== 2. loraops merge --device cuda (CLI) vs cpu"
 timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/gpu_cli.txt"
