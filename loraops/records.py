@@ -229,6 +229,9 @@ class CheckReport(Record):
     shape_mismatches: list[ShapeMismatch]
     full_tensor_mismatches: list[ShapeMismatch] = []
     """modules_to_save tensors missing from the base (expected null) or of another shape."""
+    token_row_mismatches: list[ShapeMismatch] = []
+    """Trainable tokens (PEFT) whose tensor is missing from the base (expected null), of another width, or shorter
+    than their largest index (actual: [largest index + 1, width])."""
     tied_heads: list[str] = []
     """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape: they fit, and
     a merge writes them untied (see loraops.engine)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
-from . import common, params
+from . import common, params, tokens
 
 if TYPE_CHECKING:
     import torch
@@ -91,8 +91,8 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         raise UnsupportedAdapterError(
             f"{path}: {common.OTHER_PEFT_TYPES[peft_type]} (peft_type {peft_type}); loraops handles plain LoRA only"
         )
-    if peft_type != "LORA":
-        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA is supported)")
+    if peft_type not in ("LORA", tokens.STANDALONE):
+        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA and TRAINABLE_TOKENS are supported)")
     for flag, what in common.REFUSED_CONFIG_FLAGS.items():
         if value := cfg.get(flag):
             value = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
@@ -314,6 +314,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     common.refuse_unsupported(weights, header.tensors)
     parsed = parse_keys(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
+    token_keys = [key for key in parsed.others if tokens.is_token_key(key)]
+    parsed.others = [key for key in parsed.others if key not in token_keys]
     lora_modules = frozenset(parsed.factors)
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules) for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
@@ -321,7 +323,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         raise common.unknown_layout(weights, unknown)
     if len(set(full_names.values())) < len(full_names):
         raise InvalidInputError(f"{weights}: duplicate full tensors after key normalisation ({sorted(full_names)[:4]})")
-    if not parsed.factors and not full_names:
+    if not parsed.factors and not full_names and not token_keys:
         raise FormatError(f"{weights}: no LoRA tensors in this file")
     tensors = st.load_tensors(header, values=values, mapped=mapped)
     no_config = ScaleConfig(alpha=None)
@@ -332,8 +334,12 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     for key, target in full_names.items():
         common.check_finite(weights, key, tensors[key])
         full[target] = tensors[key]
+    # a bare file's indices only when its metadata carries the config that has them
+    knows = cfg_file or any(k in (raw_cfg or {}) for k in ("trainable_token_indices", "token_indices"))
+    rows = tokens.read_rows(weights, token_keys, tensors, raw_cfg if knows else None, PREFIX)
     return Adapter(
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
+        token_rows=rows,
         base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
@@ -451,6 +457,9 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
                 out.add(key, tensor)
         for name, key in keys.items():
             out.add(PREFIX + key, adapter.full_tensors[name])
+        standalone = tokens.standalone(adapter)
+        for name, key in tokens.tensor_keys(adapter.token_rows, standalone is not None, PREFIX).items():
+            out.add(key, adapter.token_rows[name].values)
         written = stream.written(adapter.modules)
         parameters = params.parameter_patterns(adapter.label, written)
         targets = {**{n: m for n, m in written.items() if m.raw_parameter is None}, **parameters}
@@ -467,6 +476,10 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
         cfg["bias"] = cfg["bias"] if cfg["bias"] != "none" else "lora_only"
     elif not biases:
         cfg["bias"] = "none"
+    cfg.pop("trainable_token_indices", None)
+    if adapter.token_rows:
+        cfg.update(tokens.config_fields(adapter.token_rows, adapter.config if adapter.format == "peft" else None))
+    cfg = standalone or cfg
     text = (json.dumps(cfg, indent=2) + "\n").encode()
     (tmp / CONFIG_NAME).write_bytes(text)
     return {WEIGHTS_NAME: weights_sha256, CONFIG_NAME: hashlib.sha256(text).hexdigest()}
