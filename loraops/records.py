@@ -258,6 +258,8 @@ class InspectReport(Record):
     num_modules: int
     num_parameters: int
     names_resolved: bool
+    trainable_tokens: dict[str, list[int]] = {}
+    """PEFT trainable tokens: base tensor → the token indices whose rows the adapter replaces."""
     base_model: str | None
     full_tensors: list[str]
     metadata: dict[str, str]

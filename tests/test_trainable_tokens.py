@@ -204,3 +204,5 @@ def test_check_and_inspect(tmp_path, bases):
     assert "ok" in out.lower()
     report = json.loads(run("inspect", folder, "--json").output)
     assert report["num_parameters"] == 2 * 64 + sum(4 * 64 * 2 for _ in range(2))
+    assert report["trainable_tokens"] == {EMBED: [3, 5]}
+    assert f"tokens      {EMBED} rows 3, 5 (replaced)" in run("inspect", folder).output

@@ -42,6 +42,9 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("parameters", f"{report.num_parameters:,}"),
         ("base model", report.base_model or "-"),
     ]
+    for name, indices in report.trainable_tokens.items():
+        shown = ", ".join(map(str, indices[:8])) + (f", … ({len(indices)} rows)" if len(indices) > 8 else "")
+        summary.append(("tokens", f"{name} rows {shown} (replaced)"))
     if report.full_tensors:
         summary.append(("full tensors", ", ".join(report.full_tensors)))
     width = max(len(k) for k, _ in summary)
