@@ -574,21 +574,27 @@ def _head_rows(heads: dict[str, str], rows: dict[str, list[TokenRows]]) -> dict[
 
 def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
     """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored) that are the
-    same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too): the merged model then
-    stays tied, as PEFT's does."""
+    same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too), nor the head's copy of
+    the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's does."""
     import torch
 
-    copies = set()
+    copies, layers = set(), set()
     for name, rows in adapter.token_rows.items():
         source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
         twin = adapter.token_rows.get(source)
         if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
             copies.add(name)
-    if not copies:
+    for name, tensor in adapter.full_tensors.items() if adapter.token_rows else ():
+        # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
+        twin = adapter.full_tensors.get(tied_head_source(name, tuple(tensor.shape), base.tensors))
+        if twin is not None and torch.equal(twin, tensor):
+            layers.add(name)
+    if not copies and not layers:
         return adapter
     from dataclasses import replace
 
-    return replace(adapter, token_rows={n: r for n, r in adapter.token_rows.items() if n not in copies})
+    return replace(adapter, token_rows={n: r for n, r in adapter.token_rows.items() if n not in copies},
+                   full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in layers})
 
 
 def _saved_layer_tensors(adapter: Adapter) -> set[str]:

@@ -206,3 +206,30 @@ def test_check_and_inspect(tmp_path, bases):
     assert report["num_parameters"] == 2 * 64 + sum(4 * 64 * 2 for _ in range(2))
     assert report["trainable_tokens"] == {EMBED: [3, 5]}
     assert f"tokens      {EMBED} rows 3, 5 (replaced)" in run("inspect", folder).output
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_new_tokens_with_resized_vocabulary(tmp_path, tie):
+    """PEFT's way to add tokens: resize the vocabulary, train the new rows; save_pretrained then saves the embedding
+    layers whole as well (save_embedding_layers, on when the vocabulary grew), the tokens going in on top."""
+    source = tiny_llama(tmp_path / "source", tie=tie)
+    model = load_model(source)
+    model.resize_token_embeddings(130)
+    model.save_pretrained(tmp_path / "base")  # the base the adapter is merged into: resized
+    folder, peft_model = token_adapter(tmp_path / "base", tmp_path / "a", lora(trainable_token_indices=[128, 129]))
+    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    keys = set(load_file(folder / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.token_adapter.base_layer.weight" in keys
+    adapter = formats.read_adapter(folder)
+    assert EMBED in adapter.full_tensors and EMBED in adapter.token_rows
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    ours = merged_tensors(tmp_path / "out")
+    adapted = logits(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft_model.merge_and_unload().state_dict()
+    assert torch.equal(ours[EMBED], theirs[EMBED]) and ("lm_head.weight" in ours) == (not tie)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), adapted, atol=1e-5, rtol=1e-5)
+    formats.write_adapter(adapter, tmp_path / "back")
+    assert set(load_file(tmp_path / "back/adapter_model.safetensors")) == keys
+    assert json.loads((tmp_path / "back/adapter_config.json").read_text()).get("modules_to_save") is None

@@ -250,9 +250,12 @@ def build_modules(
     return modules
 
 
-def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[str] = frozenset()) -> str | None:
+def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[str] = frozenset(),
+                     token_modules: frozenset[str] = frozenset()) -> str | None:
     """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases, a LoRA layer's whole wrapped
-    weight), or None if it is not one."""
+    weight, the embedding layers saved beside trainable tokens), or None if it is not one."""
+    if token_modules and (name := tokens.saved_layer_name(key, token_modules)) is not None:
+        return name
     wrapped = ".base_layer." in key
     key = key.replace(".base_layer.", ".")  # PEFT saves a LoRA layer's trained bias under its wrapped base layer
     module, _, param = key.rpartition(".")
@@ -317,7 +320,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     token_keys = [key for key in parsed.others if tokens.is_token_key(key)]
     parsed.others = [key for key in parsed.others if key not in token_keys]
     lora_modules = frozenset(parsed.factors)
-    full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules) for key in parsed.others}
+    token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
+    full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
+                  for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
         raise common.unknown_layout(weights, unknown)
@@ -413,8 +418,8 @@ def full_tensor_keys(adapter: Adapter) -> dict[str, str]:
     """Where each full tensor goes in a PEFT file: a LoRA-adapted module's trained bias or whole weight under its
     wrapped ``base_layer`` (PEFT's bias="lora_only" and save_embedding_layers layouts); anything else as a
     modules_to_save tensor under its own name."""
-    keys = {}
-    for name in adapter.full_tensors:
+    keys = tokens.saved_layer_keys(adapter)
+    for name in adapter.full_tensors.keys() - keys.keys():
         module, _, param = name.rpartition(".")
         if module in adapter.modules:
             keys[name] = f"{module}.base_layer.{param}"
@@ -440,7 +445,8 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
     file's sha256."""
     rslora = adapter.scale_mode == "rslora"
     keys = full_tensor_keys(adapter)
-    saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name})
+    layers = tokens.saved_layer_keys(adapter)  # (PEFT's save_embedding_layers, not modules_to_save)
+    saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name and name not in layers})
     fused = {key for m in adapter.modules.values() if (key := params.parameter_group(m)) is not None}
     stream = common.ModuleStream(adapter, modules, params.parameter_group)
     with st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill) as out:

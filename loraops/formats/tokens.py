@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
     from ..adapter import Adapter
 
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+"""PEFT's EMBEDDING_LAYER_NAMES: what save_embedding_layers saves whole (when the vocabulary was resized: the common
+way to add tokens, which PEFT then saves with the tokens, ``<module>.token_adapter.base_layer.weight``)."""
 TOKEN_KEY = re.compile(r"^(?P<module>.+?)\.(?P<wrapper>token_adapter\.)?trainable_tokens_delta$")
 STANDALONE = "TRAINABLE_TOKENS"
 
@@ -48,7 +51,7 @@ def indices_for(path: Path, config: dict | None, module: str, key: str) -> tuple
     if config is None:
         raise InvalidInputError(f"{path}: trainable tokens ({key!r}) without an adapter_config.json: their token "
                                 "indices are only in the config; read the PEFT folder")
-    if str(config.get("peft_type") or "").upper() == STANDALONE:
+    if _is_standalone(config):
         return _indices(path, "token_indices", config.get("token_indices"))
     spec = config.get("trainable_token_indices")
     if isinstance(spec, dict):
@@ -60,6 +63,42 @@ def indices_for(path: Path, config: dict | None, module: str, key: str) -> tuple
     if spec is None:
         raise InvalidInputError(f"{path}: {key!r} holds trainable tokens but the config has no trainable_token_indices")
     return _indices(path, "trainable_token_indices", spec)
+
+
+def saved_layer_name(key: str, token_modules: frozenset[str]) -> str | None:
+    """The base tensor a saved embedding layer beside trainable tokens replaces (``key`` without base_model.model.):
+    a token module's wrapped weight (``<module>.token_adapter.base_layer.weight``, standalone ``<module>.base_layer.
+    weight``), which PEFT loads before it puts the tokens in, or another embedding layer's weight saved whole."""
+    for wrapper in (".token_adapter.base_layer.weight", ".base_layer.weight"):
+        module = key.removesuffix(wrapper)
+        if module != key and module in token_modules:
+            return f"{module}.weight"
+    module, _, param = key.rpartition(".")
+    return key if param == "weight" and module.rpartition(".")[2] in EMBEDDING_LAYERS else None
+
+
+def saved_layer_keys(adapter: "Adapter") -> dict[str, str]:
+    """Where the saved embedding layers among an adapter's full tensors go in a PEFT file (tensor → key, without
+    base_model.model.), as saved_layer_name reads them back; not modules_to_save (an adapter's own config may say a
+    layer is one: it stays one)."""
+    if not adapter.token_rows:
+        return {}
+    from .peft import ScaleConfig
+
+    saves = ScaleConfig(alpha=None, modules_to_save=list(adapter.config.get("modules_to_save") or [])).saves
+    wrapper = "" if _is_standalone(adapter.config) else "token_adapter."
+    keys = {}
+    for name in adapter.full_tensors:
+        module = name.removesuffix(".weight")
+        if name in adapter.token_rows:
+            keys[name] = f"{module}.{wrapper}base_layer.weight"
+        elif module != name and module.rpartition(".")[2] in EMBEDDING_LAYERS and not saves(module):
+            keys[name] = name
+    return keys
+
+
+def _is_standalone(config: dict) -> bool:
+    return str(config.get("peft_type") or "").upper() == STANDALONE
 
 
 def read_rows(path: Path, keys: Iterable[str], tensors: dict[str, "torch.Tensor"], config: dict | None,
@@ -84,7 +123,7 @@ def standalone(adapter: "Adapter") -> dict | None:
     """The TrainableTokensConfig to write ``adapter`` back with, when it is one (no LoRA modules, read from such a
     config): its own, as read. None: it is written as a LoRA with trainable_token_indices."""
     config = adapter.config if adapter.format == "peft" else {}
-    if adapter.modules or adapter.full_tensors or str(config.get("peft_type") or "").upper() != STANDALONE:
+    if adapter.modules or adapter.full_tensors.keys() - saved_layer_keys(adapter).keys() or not _is_standalone(config):
         return None
     indices = {r.indices for r in adapter.token_rows.values()}
     if indices != {tuple(config.get("token_indices") or ())}:
