@@ -96,7 +96,8 @@ class _Tensor:
     """(module, wᵢ·sᵢ) for every adapter that changes this tensor."""
     replacement: "torch.Tensor | None" = None
     token_rows: list[TokenRows] = field(default_factory=list)
-    """Trainable tokens (PEFT): rows whose values are replaced, after everything else (PEFT's index_copy)."""
+    """Trainable tokens (PEFT): rows whose values are replaced (PEFT's index_copy), on the base's or the replacement's
+    values, before any LoRA delta."""
     new_name: str | None = None
     """Name in the output file of a tensor the base does not have: an untied head, whose values start from the input
     embeddings in ``info``."""
@@ -959,9 +960,11 @@ class _Pipeline:
         # trainable tokens: the stored rows replace the base's (PEFT's index_copy), before any LoRA delta, which only
         # an untied head has here (PEFT's LoRA on a tied head reads the embeddings with the tokens in place)
         for token_rows in tensor.token_rows:
-            for i, row in enumerate(token_rows.indices):
-                if chunk.row0 <= row < chunk.row1:
-                    acc2[row - chunk.row0].copy_(token_rows.values[i])
+            index = torch.tensor(token_rows.indices)
+            here = (index >= chunk.row0) & (index < chunk.row1)
+            if bool(here.any()):
+                acc2.index_copy_(0, (index[here] - chunk.row0).to(acc2.device),
+                                 token_rows.values[here].to(acc2.device, acc2.dtype))
         if tensor.dora:  # DoRA's norms are of the base weight (plus one adapter's delta), not of what came before
             base2 = self.dora_work[0, :n].view_as(acc2)
             base2.copy_(acc2)
