@@ -171,8 +171,10 @@ def test_weight_subtract_combine_kohya_refused(tmp_path, bases):
 @pytest.mark.parametrize("config", [lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1]}),
                                     lambda: TrainableTokensConfig(token_indices=[4, 2])])
 def test_register_export_round_trip(tmp_path, bases, config):
-    folder, _ = token_adapter(bases["tied"], tmp_path / "a", config())
-    run("register", folder, "--name", "tok")
+    config = config()
+    folder, _ = token_adapter(bases["tied"], tmp_path / "a", config)
+    registered = run("register", folder, "--name", "tok").output  # (tokens alone: no LoRA modules, no rank)
+    assert ("0 modules, rank -, alpha -" in registered) == isinstance(config, TrainableTokensConfig)
     run("export", "tok", "--format", "peft", "-o", tmp_path / "back")
     assert load_file(tmp_path / "back/adapter_model.safetensors").keys() == load_file(folder / "adapter_model.safetensors").keys()
     for key, value in load_file(folder / "adapter_model.safetensors").items():

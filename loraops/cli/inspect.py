@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import click
 
-from .render import DORA_NOTE, echo_json, echo_modules, human_bytes
+from .render import DORA_NOTE, echo_json, echo_modules, human_bytes, number
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
-
-
-def number(value: float | None) -> str:
-    if value is None:
-        return "mixed"
-    return f"{value:g}"
 
 
 @click.command()
@@ -34,8 +28,8 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("size", human_bytes(report.size)),
         ("dtype", report.dtype),
         ("modules", str(report.num_modules)),
-        ("rank", number(report.rank)),
-        ("alpha", number(report.alpha)),
+        ("rank", number(report.rank, report.num_modules)),
+        ("alpha", number(report.alpha, report.num_modules)),
         ("scale mode", "rsLoRA (alpha/sqrt(r))" if report.scale_mode == "rslora" else "classic (alpha/r)"),
         *([("variant", DORA_NOTE)] if report.dora else []),
         ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
