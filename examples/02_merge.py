@@ -3,7 +3,8 @@ residual a bf16 round trip leaves, and `--exact`, which restores the base bit fo
 into an FP8 copy of that model (DeepSeek-V3's fine-grained layout), kept FP8 or dequantized to bf16. Then kohya
 LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to the checkpoints' original ones; SDXL's
 second text encoder keeps q, k and v fused in one tensor), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
-in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes.
+in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes. A LoRA
+with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones.
 
     python examples/02_merge.py [WORKDIR]
 
@@ -102,6 +103,13 @@ def main() -> None:
     print(f"\nmerged DoRA model vs the PEFT model: max |Δ logits| {logit_gap(small, dora, work / 'dora-merged'):.0e}")
     loraops("subtract", dora, "--from", "dora-merged", "-o", work / "dora-restored", ok=False)  # needs W: --exact
     loraops("subtract", dora, "--from", "dora-merged", "-o", work / "dora-restored", "--exact")
+
+    print("\n--- PEFT trainable tokens (trainable_token_indices): three embedding rows replaced, not added to ---")
+    tokens = peft_lora(small, work / "tokens", r=8, alpha=16, targets=TARGETS, seed=6, tokens=[3, 5, 7])
+    loraops("inspect", tokens)
+    loraops("merge", tokens, "--into", small, "-o", work / "tokens-merged", "--no-record")
+    print(f"\nmerged model vs the PEFT model: max |Δ logits| {logit_gap(small, tokens, work / 'tokens-merged'):.0e}")
+    loraops("merge", f"{tokens}:0.5", "--into", small, "-o", work / "tokens-half", "--no-record", ok=False)
 
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats

@@ -76,10 +76,11 @@ def gpt_oss(path: Path, *, hidden: int = 32, layers: int = 2, experts: int = 4, 
 
 
 def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str] | str, seed: int = 1,
-              parameters: list[str] | None = None, dora: bool = False) -> Path:
+              parameters: list[str] | None = None, dora: bool = False, tokens: list[int] | None = None) -> Path:
     """A PEFT LoRA folder trained on nothing: random, non-zero factors, as peft itself writes them (``parameters``:
     PEFT's target_parameters). ``dora``: a DoRA adapter (use_dora), its magnitudes moved off PEFT's initial ‖W + s·B·A‖
-    (where DoRA merges as plain LoRA would), as training moves them."""
+    (where DoRA merges as plain LoRA would), as training moves them. ``tokens``: PEFT trainable tokens
+    (trainable_token_indices) on the input embeddings, their rows moved off the embeddings' own values."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -90,11 +91,14 @@ def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str]
         # then applies them (docs/moe.md)
         warnings.filterwarnings("ignore", message=r".*_pattern keys did not match any targeted module")
         peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=dora,
-                                                      target_parameters=parameters, init_lora_weights=False))
+                                                      target_parameters=parameters, init_lora_weights=False,
+                                                      trainable_token_indices=tokens))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_magnitude_vector" in name:
                 param.mul_(torch.exp(0.3 * torch.randn_like(param)))
+            if "trainable_tokens_delta" in name:
+                param.add_(torch.randn_like(param))
     peft_model.save_pretrained(out)
     return Path(out)
 

@@ -155,6 +155,21 @@ class LoraModule:
 
 
 @dataclass
+class TokenRows:
+    """PEFT trainable tokens (``trainable_token_indices``, TrainableTokensConfig): some rows of a base tensor (an
+    embedding, or an untied head: one row per token) replaced by stored values. Merged, the rows at ``indices`` ARE
+    ``values`` (PEFT's index_copy), whatever the base held there: a replacement, not a difference."""
+
+    name: str
+    """The base tensor (``model.embed_tokens.weight``)."""
+    indices: tuple[int, ...]
+    values: "torch.Tensor"
+    """len(indices) × the tensor's width, row i replacing row indices[i]."""
+    key: str = ""
+    """The key the values were stored under (messages)."""
+
+
+@dataclass
 class Adapter:
     modules: dict[str, LoraModule]
     format: str
@@ -171,6 +186,8 @@ class Adapter:
     scale_mode: Literal["classic", "rslora"] = "classic"
     names_resolved: bool = True
     """False for kohya names until bound to a base (see loraops.check)."""
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)
+    """PEFT trainable tokens: base tensor name → the rows it replaces (see TokenRows)."""
     ref: str | None = None
     """The registry reference (name@version) of an adapter loaded from the registry."""
     own_names: dict[str, str] = field(default_factory=dict)
@@ -186,7 +203,8 @@ class Adapter:
         names = self.own_names
         modules = {names.get(n, n): replace(m, name=names.get(n, n)) for n, m in self.modules.items()}
         full = {names.get(n, n): t for n, t in self.full_tensors.items()}
-        return replace(self, modules=modules, full_tensors=full, own_names={})
+        rows = {names.get(n, n): replace(r, name=names.get(n, n)) for n, r in self.token_rows.items()}
+        return replace(self, modules=modules, full_tensors=full, token_rows=rows, own_names={})
 
     @property
     def label(self) -> str:
@@ -200,7 +218,8 @@ class Adapter:
             return first.B.dtype
         import torch
 
-        return next(iter(self.full_tensors.values())).dtype if self.full_tensors else torch.float32
+        others = [*self.full_tensors.values(), *(r.values for r in self.token_rows.values())]
+        return others[0].dtype if others else torch.float32
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -235,4 +254,5 @@ class Adapter:
         shared = {m.raw_parameter[:2]: m.A.numel() for m in self.modules.values() if m.raw_parameter is not None}
         return (sum(m.B.numel() + (0 if m.raw_parameter else m.A.numel()) + (m.magnitude.numel() if m.dora else 0)
                     for m in self.modules.values()) + sum(shared.values())
-                + sum(t.numel() for t in self.full_tensors.values()))
+                + sum(t.numel() for t in self.full_tensors.values())
+                + sum(r.values.numel() for r in self.token_rows.values()))

@@ -46,6 +46,12 @@ def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> Non
                 "a combination of it is no LoRA and no DoRA adapter, so combine refuses it; merge the adapters into "
                 "the base in turn instead (loraops merge A B --into BASE)"
             )
+        if adapter.token_rows:
+            raise InvalidInputError(
+                f"{label} has PEFT trainable tokens (rows of {', '.join(sorted(adapter.token_rows)[:3])} replaced by "
+                "stored values); a weighted combination of replaced rows is not defined, so combine refuses them; "
+                "merge the adapters into the base in turn instead (loraops merge A B --into BASE)"
+            )
         if adapter.full_tensors:
             names = ", ".join(sorted(adapter.full_tensors)[:3])
             adapted = {m.weight_name for m in adapter.modules.values()}

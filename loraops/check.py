@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from . import fp8, ldm
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, TokenRows
 from .errors import AmbiguousError, MismatchError
 from .formats import params
 from .formats.common import fmt_shape
@@ -102,6 +102,8 @@ class Resolution:
     """adapter module name → base module path"""
     full: dict[str, str] = field(default_factory=dict)
     """adapter full-tensor name → base tensor name"""
+    rows: dict[str, str] = field(default_factory=dict)
+    """adapter trainable-token tensor name → base tensor name"""
     missing: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)
 
@@ -123,6 +125,7 @@ def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
     rename = renaming(adapter, manifest)
     res.names = {n: rename(n) for n in adapter.modules}
     res.full = {n: rename(n) for n in adapter.full_tensors}
+    res.rows = {n: rename(n) for n in adapter.token_rows}
     return res
 
 
@@ -195,6 +198,7 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     every module and full tensor match, if any does."""
     wanted = {f"{n}.weight": m.weight_shape for n, m in adapter.modules.items()}
     wanted.update((n, tuple(t.shape)) for n, t in adapter.full_tensors.items())
+    wanted.update((n, rows_shape(r, manifest)) for n, r in adapter.token_rows.items())
     aliases = ldm.diffusers_names(manifest)
 
     def checkpoint_name(name: str) -> str:
@@ -299,11 +303,12 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
             raise MismatchError(f"{adapter.label}: two adapter modules resolve to base module {new!r}")
         modules[new] = module
     full = {res.full[n]: t for n, t in adapter.full_tensors.items()}
+    rows = {res.rows[n]: replace(r, name=res.rows[n]) for n, r in adapter.token_rows.items()}
     own = {}
     if adapter.names_resolved:  # kohya names are not module paths: written back, they come from the bound ones
-        renames = [*res.names.items(), *res.full.items()]
+        renames = [*res.names.items(), *res.full.items(), *res.rows.items()]
         own = {new: adapter.own_names.get(old, old) for old, new in renames if adapter.own_names.get(old, old) != new}
-    return replace(adapter, modules=modules, full_tensors=full, names_resolved=True, own_names=own)
+    return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, names_resolved=True, own_names=own)
 
 
 def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
@@ -364,7 +369,15 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
-    ok = not (missing or mismatches or full_mismatches or res.ambiguous)
+    row_mismatches = []
+    for name, rows in bound.token_rows.items():
+        shape = rows_shape(rows, manifest)
+        info = manifest.get(name) or manifest.get(tied_head_source(name, shape, manifest))
+        base = None if info is None else list(info.shape)
+        if base is None or len(base) != 2 or base[1] != rows.values.shape[1] or max(rows.indices) >= base[0]:
+            row_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=base,
+                                                actual=[max(rows.indices) + 1, int(rows.values.shape[1])]))
+    ok = not (missing or mismatches or full_mismatches or row_mismatches or res.ambiguous)
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
         for module in bound.modules.values():
             if module.weight_name in manifest:
@@ -372,7 +385,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     return CheckReport(
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
-        shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, tied_heads=tied_heads,
+        shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, token_row_mismatches=row_mismatches,
+        tied_heads=tied_heads,
         why_missing=why_missing,
     )
 
@@ -433,7 +447,21 @@ def misfits(report: CheckReport) -> list[str]:
         f"{m.name} (full tensor {fmt_shape(m.actual)}, " + ("not in base)" if m.expected is None else f"base {fmt_shape(m.expected)})")
         for m in report.full_tensor_mismatches
     ]
+    out += [f"{m.name} (trainable tokens up to row {m.actual[0] - 1} of width {m.actual[1]}, "
+            + ("not in base)" if m.expected is None else f"base {fmt_shape(m.expected)})")
+            for m in report.token_row_mismatches]
     return out
+
+
+def rows_shape(rows: TokenRows, manifest: Mapping[str, object]) -> tuple[int, ...]:
+    """The shape of the tensor trainable tokens replace rows of, as far as the base says: its own, or (a tied head the
+    base does not store) that of input embeddings of the rows' width."""
+    width = int(rows.values.shape[1])
+    info = manifest.get(rows.name)
+    if info is not None:
+        return tuple(info.shape)
+    return next((tuple(i.shape) for t, i in manifest.items() if t.endswith(INPUT_EMBEDDINGS) and tuple(i.shape)[1:] == (width,)),
+                (0, width))
 
 
 def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
@@ -444,7 +472,8 @@ def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: 
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
         where = f"base {base_name}" if base_name else "the base"
-        count = len(report.shape_mismatches) + len(report.missing) + len(report.ambiguous) + len(report.full_tensor_mismatches)
+        count = (len(report.shape_mismatches) + len(report.missing) + len(report.ambiguous)
+                 + len(report.full_tensor_mismatches) + len(report.token_row_mismatches))
         noun = "module does" if count == 1 else "modules do"
         raise MismatchError(f"{adapter.label}: {count} {noun} not fit {where}: {shown}")
     return bind(adapter, manifest)

@@ -59,9 +59,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import fp8, settings
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests
-from .check import INPUT_EMBEDDINGS, is_head, tied_head_source
+from .check import INPUT_EMBEDDINGS, is_head, rows_shape, tied_head_source
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, BlockScaled
@@ -95,6 +95,9 @@ class _Tensor:
     terms: list[tuple[LoraModule, float]] = field(default_factory=list)
     """(module, wᵢ·sᵢ) for every adapter that changes this tensor."""
     replacement: "torch.Tensor | None" = None
+    token_rows: list[TokenRows] = field(default_factory=list)
+    """Trainable tokens (PEFT): rows whose values are replaced (PEFT's index_copy), on the base's or the replacement's
+    values, before any LoRA delta."""
     new_name: str | None = None
     """Name in the output file of a tensor the base does not have: an untied head, whose values start from the input
     embeddings in ``info``."""
@@ -149,8 +152,8 @@ class _Tensor:
 
     @property
     def decoded(self) -> bool:
-        return (bool(self.terms) or self.replacement is not None or self.out_dtype != self.info.dtype
-                or self.scale_of is not None)
+        return (bool(self.terms) or self.replacement is not None or bool(self.token_rows)
+                or self.out_dtype != self.info.dtype or self.scale_of is not None)
 
 
 @dataclass
@@ -262,6 +265,7 @@ def subtract(
     is refused: see ``refuse_dora``."""
     for adapter, _ in adapters:
         refuse_dora(adapter)
+        refuse_token_rows(adapter)
     return _run("subtract", model, [(a, -float(w)) for a, w in adapters], output, dtype=dtype, device=device,
                 precise=precise, force=force, progress=progress, reference=reference, fingerprint=fingerprint)
 
@@ -320,9 +324,9 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         device=str(dev),
         precise=precise,
         tensors_merged=sum(bool(t.terms) for t in tensors),
-        tensors_replaced=sum(t.replacement is not None for t in tensors),
-        tensors_converted=sum(t.decoded and not t.terms and t.replacement is None and t.scale_of is None
-                              for t in tensors),
+        tensors_replaced=sum(t.replacement is not None or bool(t.token_rows) for t in tensors),
+        tensors_converted=sum(t.decoded and not t.terms and t.replacement is None and not t.token_rows
+                              and t.scale_of is None for t in tensors),
         tensors_copied=sum(not t.decoded for t in tensors),
         bytes_written=sum(f.size for f in files),
         seconds=round(time.perf_counter() - started, 3),
@@ -342,6 +346,18 @@ def refuse_dora(adapter: Adapter) -> None:
             f"{adapter.label}: a DoRA adapter cannot be subtracted: its merge rescaled every output channel by "
             "magnitude/‖W + s·B·A‖, a norm of the base weights the merged model no longer holds; --exact restores a "
             "merge loraops recorded from its base"
+        )
+
+
+def refuse_token_rows(adapter: Adapter) -> None:
+    """Trainable tokens cannot be taken off: their merge replaced rows, whose old values the merged model no longer
+    holds."""
+    if adapter.token_rows:
+        name = next(iter(adapter.token_rows))
+        raise UnsupportedAdapterError(
+            f"{adapter.label}: an adapter with PEFT trainable tokens cannot be subtracted: its merge replaced rows of "
+            f"{name!r}, whose old values the merged model no longer holds; --exact restores a merge loraops recorded "
+            "from its base"
         )
 
 
@@ -416,6 +432,7 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
 
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,
           undo: bool = False) -> list[_File]:
+    adapters = [(_without_tied_copies(base, adapter), weight) for adapter, weight in adapters]
     heads = _unstored_heads(base, adapters, undo)
     terms: dict[str, list[tuple[LoraModule, float]]] = {}
     changed_by: dict[str, set[int]] = {}  # tensor → the inputs whose LoRAs change it
@@ -447,29 +464,37 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 raise InvalidInputError(f"two adapters replace {name!r} (modules_to_save); merge them separately")
             replacements[name] = tensor
             replaced_by[name] = index
+    rows = _token_rows(adapters, changed_by, replaced_by)
     for name, index in replaced_by.items():
         # the LoRA of the adapter that saved the layer is added on its value (PEFT's save_embedding_layers); another
         # adapter's was trained on a different tensor
         if changed_by.get(name, set()) - {index}:
             raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and changed by another's "
                                     "LoRA; merge them separately")
+    rows.update(_head_rows(heads, rows))
     untied = {base.tensors[source].file for source in heads.values()}
-    for group in _stored_twice(base, terms.keys() | replacements.keys()):
-        if not undo and any(is_head(name) for name in group & (terms.keys() | replacements.keys())) \
+    for group in _stored_twice(base, terms.keys() | replacements.keys() | rows.keys()):
+        if not undo and any(is_head(name) for name in group & (terms.keys() | replacements.keys() | rows.keys())) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
+            embeddings = [name for name in group if not is_head(name) and name in rows]
+            for head in (name for name in group if is_head(name) and name not in rows) if embeddings else ():
+                rows[head] = rows[embeddings[0]]  # except the tokens: see _head_rows
             continue
         shared = sorted((term for name in sorted(group) for term in terms.get(name, [])),
                         key=lambda term: position[id(term[0])])
         replacement = next((replacements[name] for name in sorted(group) if name in replacements), None)
+        shared_rows = [r for name in sorted(group) for r in rows.get(name, [])]
         for name in group:
             terms[name] = shared
+            if shared_rows:
+                rows[name] = shared_rows
             if replacement is not None:
                 replacements[name] = replacement
     # fine-grained FP8 weights (loraops.fp8): those the adapters change, encoded again with new scales; with --dtype
     # every one, dequantized, and its scales left out
     scaled = {}
-    for name in [*terms, *replacements]:
+    for name in [*terms, *replacements, *rows]:
         source = heads.get(name, name)
         if (found := fp8.layout(base.tensors, source, base.quantization_config(source))) is not None:
             scaled[name] = found
@@ -496,7 +521,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 component = name.removesuffix(info.name)  # a pipeline's "unet." …
                 for out_name in [name, *sorted(head for head, embeddings in heads.items() if embeddings == name)]:
                     tensor = _Tensor(out_name, info, out_dtype if convert else info.dtype, terms.get(out_name, []),
-                                     replacements.get(out_name), scaled=scaled.get(out_name),
+                                     replacements.get(out_name), rows.get(out_name, []), scaled=scaled.get(out_name),
                                      new_name=None if out_name == name else out_name.removeprefix(component))
                     tensors.append(tensor)
                     if tensor.encoded:
@@ -508,6 +533,71 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied,
                                dequantized=out_dtype is not None and any(t.scaled for t in tensors)))
     return files
+
+
+def _token_rows(adapters: list[tuple[Adapter, float]], changed_by: dict[str, set[int]],
+                replaced_by: dict[str, int]) -> dict[str, list[TokenRows]]:
+    """Tensor → the trainable tokens that replace some of its rows, refusing what PEFT does not define: a weight
+    other than 1 (a replacement is not a difference), a LoRA or another adapter's full tensor on the same tensor, two
+    adapters' tokens on one row."""
+    rows: dict[str, list[TokenRows]] = {}
+    for index, (adapter, weight) in enumerate(adapters):
+        for name, token_rows in adapter.token_rows.items():
+            if weight != 1:
+                raise InvalidInputError(
+                    f"{adapter.label}: replaces rows {list(token_rows.indices)[:4]} of {name!r} (PEFT trainable tokens), "
+                    f"which cannot be applied with weight {weight:g}; only weight 1 (a plain merge) is defined"
+                )
+            if name in changed_by:
+                same = changed_by[name] == {index}
+                raise InvalidInputError(
+                    f"{adapter.label}: {name!r} has trainable tokens and is changed by "
+                    + ("a LoRA of the same adapter, which PEFT itself refuses to build (trainable_token_indices cannot "
+                       "wrap a LoRA layer)" if same else "another adapter's LoRA; merge them separately, in the order "
+                                                          "you mean")
+                )
+            if replaced_by.get(name, index) != index:
+                raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and has trainable tokens "
+                                        f"in another ({adapter.label}); merge them separately")
+            taken = {i for r in rows.get(name, []) for i in r.indices} & set(token_rows.indices)
+            if taken:
+                raise InvalidInputError(f"two adapters replace row {min(taken)} of {name!r} (PEFT trainable tokens), "
+                                        "which PEFT refuses too; merge them separately")
+            rows.setdefault(name, []).append(token_rows)
+    return rows
+
+
+def _head_rows(heads: dict[str, str], rows: dict[str, list[TokenRows]]) -> dict[str, list[TokenRows]]:
+    """The trainable tokens of the untied heads that have none of their own: their embeddings'. PEFT ties the
+    tokens of a tied model's embeddings to its head (the head's layer, LoRA-wrapped or not, reads the embeddings'
+    weight with the tokens in place); a head given tokens of its own (trainable_token_indices={"lm_head": …} with
+    other indices) is wrapped apart and reads the base's weight."""
+    return {head: rows[source] for head, source in heads.items() if head not in rows and source in rows}
+
+
+def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
+    """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored) that are the
+    same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too), nor the head's copy of
+    the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's does."""
+    import torch
+
+    copies, layers = set(), set()
+    for name, rows in adapter.token_rows.items():
+        source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
+        twin = adapter.token_rows.get(source)
+        if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
+            copies.add(name)
+    for name, tensor in adapter.full_tensors.items() if adapter.token_rows else ():
+        # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
+        twin = adapter.full_tensors.get(tied_head_source(name, tuple(tensor.shape), base.tensors))
+        if twin is not None and torch.equal(twin, tensor):
+            layers.add(name)
+    if not copies and not layers:
+        return adapter
+    from dataclasses import replace
+
+    return replace(adapter, token_rows={n: r for n, r in adapter.token_rows.items() if n not in copies},
+                   full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in layers})
 
 
 def _saved_layer_tensors(adapter: Adapter) -> set[str]:
@@ -529,6 +619,7 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
     wanted = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
               if applies(m, weight)}
     wanted.update((name, tuple(t.shape)) for adapter, _ in adapters for name, t in adapter.full_tensors.items())
+    wanted.update((name, rows_shape(r, base.tensors)) for adapter, _ in adapters for name, r in adapter.token_rows.items())
     heads = {}
     for name, shape in sorted(wanted.items()):
         embeddings = tied_head_source(name, shape, base.tensors)
@@ -854,14 +945,14 @@ class _Pipeline:
             return
         if tensor.replacement is not None:  # the new value, with the LoRA deltas on it when it has any
             w = tensor.replacement.reshape(-1)[elements]
-            if not tensor.terms and not tensor.encoded:
+            if not tensor.terms and not tensor.encoded and not tensor.token_rows:
                 out.copy_(w)
                 _refuse_overflow(tensor, out)
                 return
         else:
             w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
-            if not tensor.terms and tensor.scaled is None:  # a --dtype conversion; the input and output views
-                out.copy_(w.to(out_dtype))                 # overlap: convert out of place
+            if not tensor.terms and tensor.scaled is None and not tensor.token_rows:  # a --dtype conversion; the input
+                out.copy_(w.to(out_dtype))  # and output views overlap: convert out of place
                 _refuse_overflow(tensor, out)
                 return
         cuda = self.device.type == "cuda"
@@ -872,6 +963,14 @@ class _Pipeline:
             tensor.scaled.decode(acc2, w, chunk.scales, self.scratch, non_blocking=cuda)
         else:
             acc.copy_(w, non_blocking=cuda)
+        # trainable tokens: the stored rows replace the base's (PEFT's index_copy), before any LoRA delta, which only
+        # an untied head has here (PEFT's LoRA on a tied head reads the embeddings with the tokens in place)
+        for token_rows in tensor.token_rows:
+            index = torch.tensor(token_rows.indices)
+            here = (index >= chunk.row0) & (index < chunk.row1)
+            if bool(here.any()):
+                acc2.index_copy_(0, (index[here] - chunk.row0).to(acc2.device),
+                                 token_rows.values[here].to(acc2.device, acc2.dtype))
         if tensor.dora:  # DoRA's norms are of the base weight (plus one adapter's delta), not of what came before
             base2 = self.dora_work[0, :n].view_as(acc2)
             base2.copy_(acc2)

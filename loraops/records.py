@@ -229,6 +229,9 @@ class CheckReport(Record):
     shape_mismatches: list[ShapeMismatch]
     full_tensor_mismatches: list[ShapeMismatch] = []
     """modules_to_save tensors missing from the base (expected null) or of another shape."""
+    token_row_mismatches: list[ShapeMismatch] = []
+    """Trainable tokens (PEFT) whose tensor is missing from the base (expected null), of another width, or shorter
+    than their largest index (actual: [largest index + 1, width])."""
     tied_heads: list[str] = []
     """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape: they fit, and
     a merge writes them untied (see loraops.engine)."""
@@ -255,6 +258,8 @@ class InspectReport(Record):
     num_modules: int
     num_parameters: int
     names_resolved: bool
+    trainable_tokens: dict[str, list[int]] = {}
+    """PEFT trainable tokens: base tensor → the token indices whose rows the adapter replaces."""
     base_model: str | None
     full_tensors: list[str]
     metadata: dict[str, str]

@@ -15,14 +15,15 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def tiny_llama(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, shard_size: str | None = None,
-               hidden: int = 64, layers: int = 2, intermediate: int = 128, vocab: int = 128) -> Path:
-    """A random Llama-style model folder (config + safetensors, sharded when shard_size is given)."""
+               hidden: int = 64, layers: int = 2, intermediate: int = 128, vocab: int = 128, tie: bool = False) -> Path:
+    """A random Llama-style model folder (config + safetensors, sharded when shard_size is given); ``tie``: its head
+    tied to its input embeddings (lm_head.weight not stored)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=tie,
     )
     model = LlamaForCausalLM(config).to(dtype)
     kwargs: dict[str, Any] = {"max_shard_size": shard_size} if shard_size else {}
@@ -68,6 +69,22 @@ def peft_adapter(base_path: Path, out: Path, *, seed: int = 1, r: int = 8, alpha
     cfg["base_model_name_or_path"] = str(base_path)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return Path(out)
+
+
+def token_adapter(base_path: Path, out: Path, config, *, seed: int = 1):
+    """A PEFT adapter with trainable tokens (``config``: a LoraConfig with trainable_token_indices, or a
+    TrainableTokensConfig) made by peft on the model at base_path, the token rows moved off their initial values (the
+    embeddings' own) by random steps; returns (folder, the PeftModel, adapters active)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(load_model(base_path), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(torch.randn_like(param))
+    peft_model.save_pretrained(out)
+    return Path(out), peft_model
 
 
 def perturb_magnitudes(adapter_dir: Path, *, seed: int = 0, spread: float = 0.3) -> Path:

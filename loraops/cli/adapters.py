@@ -57,7 +57,8 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
     click.echo(
         f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {record.format}"
         f"{' DoRA' if record.dora else ''}, "
-        f"{len(record.modules)} modules, rank {number(record.rank)}, alpha {number(record.alpha)}, base {_base_label(record)}"
+        f"{len(record.modules)} modules, rank {number(record.rank, len(record.modules))}, "
+        f"alpha {number(record.alpha, len(record.modules))}, base {_base_label(record)}"
     )
 
 
@@ -79,7 +80,8 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
     echo_table(
         ["id", "name", "format", "rank", "alpha", "modules", "params", "base", "tags", "sha256"],
         [
-            (r.id, r.ref, r.format + (" DoRA" if r.dora else ""), number(r.rank), number(r.alpha), r.num_modules, f"{r.num_parameters:,}",
+            (r.id, r.ref, r.format + (" DoRA" if r.dora else ""), number(r.rank, r.num_modules),
+             number(r.alpha, r.num_modules), r.num_modules, f"{r.num_parameters:,}",
              _base_label(r), ",".join(r.tags), r.sha256[:12])
             for r in records
         ],
@@ -99,7 +101,7 @@ def show(ref: str, as_json: bool) -> None:
     fields = [
         ("name", r.ref), ("id", r.id), ("sha256", r.sha256), ("weights sha256", r.weights_sha256),
         ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),
-        ("rank", number(r.rank)), ("alpha", number(r.alpha)),
+        ("rank", number(r.rank, len(r.modules))), ("alpha", number(r.alpha, len(r.modules))),
         ("scale mode", "rsLoRA (alpha/sqrt(r))" if r.scale_mode == "rslora" else "classic (alpha/r)"),
         *([("variant", DORA_NOTE)] if r.dora else []),
         ("targets", ", ".join(r.target_modules)), ("parameters", f"{r.num_parameters:,}"),

@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import click
 
-from .render import DORA_NOTE, echo_json, echo_modules, human_bytes
+from .render import DORA_NOTE, echo_json, echo_modules, human_bytes, number
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
-
-
-def number(value: float | None) -> str:
-    if value is None:
-        return "mixed"
-    return f"{value:g}"
 
 
 @click.command()
@@ -34,14 +28,17 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("size", human_bytes(report.size)),
         ("dtype", report.dtype),
         ("modules", str(report.num_modules)),
-        ("rank", number(report.rank)),
-        ("alpha", number(report.alpha)),
+        ("rank", number(report.rank, report.num_modules)),
+        ("alpha", number(report.alpha, report.num_modules)),
         ("scale mode", "rsLoRA (alpha/sqrt(r))" if report.scale_mode == "rslora" else "classic (alpha/r)"),
         *([("variant", DORA_NOTE)] if report.dora else []),
         ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
         ("parameters", f"{report.num_parameters:,}"),
         ("base model", report.base_model or "-"),
     ]
+    for name, indices in report.trainable_tokens.items():
+        shown = ", ".join(map(str, indices[:8])) + (f", … ({len(indices)} rows)" if len(indices) > 8 else "")
+        summary.append(("tokens", f"{name} rows {shown} (replaced)"))
     if report.full_tensors:
         summary.append(("full tensors", ", ".join(report.full_tensors)))
     width = max(len(k) for k, _ in summary)

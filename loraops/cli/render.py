@@ -54,9 +54,12 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def number(value: float | None) -> str:
-    """A rank/alpha for humans: 'mixed' when modules differ (None)."""
-    return "mixed" if value is None else f"{value:g}"
+def number(value: float | None, modules: int | None = None) -> str:
+    """A rank/alpha for humans: 'mixed' when modules differ (None), '-' when there are none (``modules`` 0: an adapter
+    of PEFT trainable tokens alone)."""
+    if value is None:
+        return "-" if modules == 0 else "mixed"
+    return f"{value:g}"
 
 
 def echo_fields(fields: Sequence[tuple[str, Any]]) -> None:

@@ -153,6 +153,11 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True) -> N
             f"{adapter.label}: a DoRA adapter (lora_magnitude_vector) cannot be written as kohya: sd-scripts' LoRA "
             "has no magnitude, and LyCORIS' dora_scale decomposes the weight its own way; write it as peft or diffusers"
         )
+    if fmt != "peft" and adapter.token_rows:
+        raise UnsupportedAdapterError(
+            f"{adapter.label}: an adapter with PEFT trainable tokens (rows of {next(iter(adapter.token_rows))!r}) "
+            f"cannot be written as {fmt}, which has no place for them; write it as peft"
+        )
     module = next((m for m in adapter.modules.values() if m.raw_parameter is not None), None)
     if module is None:
         return
@@ -209,6 +214,9 @@ def math_config(config: dict) -> dict:
     if value := config.get("target_parameters"):  # only when set: the identities of other adapters stay as they were
         # sorted like the lists above; a malformed value as it is (hashed before the reader refuses it)
         out["target_parameters"] = sorted(value, key=str) if isinstance(value, list) else value
+    for name in ("trainable_token_indices", "token_indices"):  # trainable tokens: row i of the values is token
+        if value := config.get(name):                            # value[i], so unsorted; only when set, as above
+            out[name] = value
     return out
 
 
@@ -221,7 +229,8 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     where the canonical JSON (sorted keys, separators "," and ":") holds the config fields that change the math:
     peft_type, r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out, target_modules,
     modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null), and
-    target_parameters when set (sorted; absent otherwise, as before it was read). So the same
+    target_parameters when set (sorted; absent otherwise, as before it was read), and trainable_token_indices /
+    token_indices when set (as they are: their order pairs indices with stored rows). So the same
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
     base_model_name_or_path, a comment) keeps the identity. ``weights_sha256``: the weights file's sha256 when the
     caller already has it (the file is then not read)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
-from . import common, params
+from . import common, params, tokens
 
 if TYPE_CHECKING:
     import torch
@@ -91,8 +91,8 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         raise UnsupportedAdapterError(
             f"{path}: {common.OTHER_PEFT_TYPES[peft_type]} (peft_type {peft_type}); loraops handles plain LoRA only"
         )
-    if peft_type != "LORA":
-        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA is supported)")
+    if peft_type not in ("LORA", tokens.STANDALONE):
+        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA and TRAINABLE_TOKENS are supported)")
     for flag, what in common.REFUSED_CONFIG_FLAGS.items():
         if value := cfg.get(flag):
             value = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
@@ -250,9 +250,12 @@ def build_modules(
     return modules
 
 
-def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[str] = frozenset()) -> str | None:
+def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[str] = frozenset(),
+                     token_modules: frozenset[str] = frozenset()) -> str | None:
     """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases, a LoRA layer's whole wrapped
-    weight), or None if it is not one."""
+    weight, the embedding layers saved beside trainable tokens), or None if it is not one."""
+    if token_modules and (name := tokens.saved_layer_name(key, token_modules)) is not None:
+        return name
     wrapped = ".base_layer." in key
     key = key.replace(".base_layer.", ".")  # PEFT saves a LoRA layer's trained bias under its wrapped base layer
     module, _, param = key.rpartition(".")
@@ -314,14 +317,18 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     common.refuse_unsupported(weights, header.tensors)
     parsed = parse_keys(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
+    token_keys = [key for key in parsed.others if tokens.is_token_key(key)]
+    parsed.others = [key for key in parsed.others if key not in token_keys]
     lora_modules = frozenset(parsed.factors)
-    full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules) for key in parsed.others}
+    token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
+    full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
+                  for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
         raise common.unknown_layout(weights, unknown)
     if len(set(full_names.values())) < len(full_names):
         raise InvalidInputError(f"{weights}: duplicate full tensors after key normalisation ({sorted(full_names)[:4]})")
-    if not parsed.factors and not full_names:
+    if not parsed.factors and not full_names and not token_keys:
         raise FormatError(f"{weights}: no LoRA tensors in this file")
     tensors = st.load_tensors(header, values=values, mapped=mapped)
     no_config = ScaleConfig(alpha=None)
@@ -332,8 +339,12 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     for key, target in full_names.items():
         common.check_finite(weights, key, tensors[key])
         full[target] = tensors[key]
+    # a bare file's indices only when its metadata carries the config that has them
+    knows = cfg_file or any(k in (raw_cfg or {}) for k in ("trainable_token_indices", "token_indices"))
+    rows = tokens.read_rows(weights, token_keys, tensors, raw_cfg if knows else None, PREFIX)
     return Adapter(
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
+        token_rows=rows,
         base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
@@ -407,8 +418,8 @@ def full_tensor_keys(adapter: Adapter) -> dict[str, str]:
     """Where each full tensor goes in a PEFT file: a LoRA-adapted module's trained bias or whole weight under its
     wrapped ``base_layer`` (PEFT's bias="lora_only" and save_embedding_layers layouts); anything else as a
     modules_to_save tensor under its own name."""
-    keys = {}
-    for name in adapter.full_tensors:
+    keys = tokens.saved_layer_keys(adapter)
+    for name in adapter.full_tensors.keys() - keys.keys():
         module, _, param = name.rpartition(".")
         if module in adapter.modules:
             keys[name] = f"{module}.base_layer.{param}"
@@ -434,7 +445,8 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
     file's sha256."""
     rslora = adapter.scale_mode == "rslora"
     keys = full_tensor_keys(adapter)
-    saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name})
+    layers = tokens.saved_layer_keys(adapter)  # (PEFT's save_embedding_layers, not modules_to_save)
+    saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name and name not in layers})
     fused = {key for m in adapter.modules.values() if (key := params.parameter_group(m)) is not None}
     stream = common.ModuleStream(adapter, modules, params.parameter_group)
     with st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill) as out:
@@ -451,6 +463,9 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
                 out.add(key, tensor)
         for name, key in keys.items():
             out.add(PREFIX + key, adapter.full_tensors[name])
+        standalone = tokens.standalone(adapter)
+        for name, key in tokens.tensor_keys(adapter.token_rows, standalone is not None, PREFIX).items():
+            out.add(key, adapter.token_rows[name].values)
         written = stream.written(adapter.modules)
         parameters = params.parameter_patterns(adapter.label, written)
         targets = {**{n: m for n, m in written.items() if m.raw_parameter is None}, **parameters}
@@ -467,6 +482,10 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
         cfg["bias"] = cfg["bias"] if cfg["bias"] != "none" else "lora_only"
     elif not biases:
         cfg["bias"] = "none"
+    cfg.pop("trainable_token_indices", None)
+    if adapter.token_rows:
+        cfg.update(tokens.config_fields(adapter.token_rows, adapter.config if adapter.format == "peft" else None))
+    cfg = standalone or cfg
     text = (json.dumps(cfg, indent=2) + "\n").encode()
     (tmp / CONFIG_NAME).write_bytes(text)
     return {WEIGHTS_NAME: weights_sha256, CONFIG_NAME: hashlib.sha256(text).hexdigest()}

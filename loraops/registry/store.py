@@ -802,7 +802,9 @@ def module_target(name: str, names_resolved: bool) -> str:
 
 def _insert_modules(s: Session, adapter_id: int, adapter: "Adapter") -> None:
     # one executemany, not an ORM object per module (an MoE adapter has tens of thousands)
-    s.execute(insert(SqlAdapterModule), [{"adapter_id": adapter_id, **m} for m in module_fields(adapter)])
+    rows = [{"adapter_id": adapter_id, **m} for m in module_fields(adapter)]
+    if rows:  # (none: an empty executemany is one INSERT of no values; an adapter of trainable tokens alone has none)
+        s.execute(insert(SqlAdapterModule), rows)
 
 
 def module_fields(adapter: "Adapter") -> list[dict]:

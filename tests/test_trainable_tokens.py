@@ -1,0 +1,255 @@
+"""PEFT trainable tokens (LoraConfig(trainable_token_indices=...), TrainableTokensConfig): read, checked against the
+base, merged as PEFT merges them (rows replaced, bit for bit), tied heads as PEFT's adapted model computes them,
+refusals, and written back to PEFT unchanged."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import LoraConfig, TrainableTokensConfig
+from safetensors.torch import load_file, save_file
+
+from factories import load_model, peft_adapter, tiny_llama, token_adapter
+from loraops import engine, formats
+from loraops.cli import main
+from loraops.errors import InvalidInputError, UnsupportedAdapterError
+
+IDS = torch.tensor([[3, 5, 7, 1, 2, 9, 0, 11]])
+EMBED = "model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    return {"untied": tiny_llama(root / "untied"), "tied": tiny_llama(root / "tied", tie=True),
+            "bf16": tiny_llama(root / "bf16", dtype=torch.bfloat16)}
+
+
+def lora(**kwargs):
+    return LoraConfig(r=4, lora_alpha=8, target_modules=kwargs.pop("targets", ["q_proj"]), init_lora_weights=False,
+                      **kwargs)
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+def merged_tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+# (base, config, PEFT's own merge equals its adapted model): with different tokens on a tied model's embeddings and
+# head (or a LoRA on its head), PEFT's merge writes both into the one shared tensor, unlike its forward; loraops
+# unties the head and matches the forward
+CASES = {
+    "list": ("untied", lambda: lora(trainable_token_indices=[3, 5, 7]), True),
+    "list-bf16": ("bf16", lambda: lora(trainable_token_indices=[3, 5, 7]), True),
+    "list-tied": ("tied", lambda: lora(trainable_token_indices=[3, 5, 7]), True),
+    "dict-head": ("untied", lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1, 2]}), True),
+    "dict-head-tied": ("tied", lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1, 2]}), False),
+    "lora-head-tied": ("tied", lambda: lora(targets=["q_proj", "lm_head"], trainable_token_indices=[3, 5, 7]), False),
+    "lora-other-embedding": ("untied", lambda: lora(targets=["q_proj", "lm_head"], trainable_token_indices=[3, 7]), True),
+    "standalone": ("untied", lambda: TrainableTokensConfig(token_indices=[3, 5, 7]), True),
+    "standalone-tied": ("tied", lambda: TrainableTokensConfig(token_indices=[3, 5, 7]), True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merge_matches_peft(tmp_path, bases, case, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * 64)  # three embedding rows a chunk: the tokens span chunks
+    base_name, config, peft_merge_agrees = CASES[case]
+    base = bases[base_name]
+    folder, model = token_adapter(base, tmp_path / "adapter", config())
+    adapter = formats.read_adapter(folder)
+    assert adapter.token_rows and all(len(r.indices) == r.values.shape[0] for r in adapter.token_rows.values())
+    report = engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    ours = merged_tensors(tmp_path / "out")
+    adapted = logits(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = model.merge_and_unload()
+    if peft_merge_agrees:  # PEFT's merged tensors that have tokens, bit for bit (the LoRA deltas: see logits below)
+        theirs = peft_merged.state_dict()
+        lora_changed = {m.weight_name for m in adapter.modules.values()}
+        for name in adapter.token_rows.keys() & ours.keys() - lora_changed:
+            assert torch.equal(ours[name], theirs[name]), name
+    tied = "lm_head.weight" not in ours
+    assert tied == (base_name == "tied" and not report.heads_untied)
+    mine = load_model(tmp_path / "out", dtype=ours[EMBED].dtype)
+    if tied:
+        assert mine.lm_head.weight.data_ptr() == mine.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(logits(mine), adapted, atol=1e-5 if ours[EMBED].dtype == torch.float32 else 0.05,
+                               rtol=1e-5)
+    rows = next(r for n, r in adapter.token_rows.items() if n == EMBED) if EMBED in adapter.token_rows else None
+    if rows is not None:  # the rows ARE the stored values; the other rows are the base's
+        base_embed = load_file(next(base.glob("*.safetensors")))[EMBED]
+        index = torch.tensor(rows.indices)
+        assert torch.equal(ours[EMBED][index], rows.values.to(ours[EMBED].dtype))
+        keep = torch.ones(len(base_embed), dtype=torch.bool)
+        keep[index] = False
+        assert torch.equal(ours[EMBED][keep], base_embed[keep])
+
+
+def test_lora_on_the_same_embedding(tmp_path, bases):
+    """PEFT refuses to build it (a trainable-tokens wrapper around a LoRA layer); a folder that claims it is refused."""
+    base = bases["untied"]
+    with pytest.raises(TypeError, match="cannot be applied"):
+        token_adapter(base, tmp_path / "x", lora(targets=["q_proj", "embed_tokens"], trainable_token_indices=[3]))
+    folder = peft_adapter(base, tmp_path / "a", r=4, target_modules=["q_proj", "embed_tokens"])
+    add_tokens(folder, {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.randn(1, 64)},
+               trainable_token_indices=[3])
+    out = run("merge", folder, "--into", base, "-o", tmp_path / "out", "--no-record", code=2).output
+    assert "PEFT itself refuses" in out and out.count("\n") == 1
+
+
+def add_tokens(folder, tensors, **config):
+    weights = folder / "adapter_model.safetensors"
+    save_file({**load_file(weights), **tensors}, str(weights), metadata={"format": "pt"})
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return folder
+
+
+@pytest.mark.parametrize("indices, values, message", [
+    ([3, 500], torch.randn(2, 64), "trainable tokens up to row 500 of width 64, base 128×64"),
+    ([3, 3], torch.randn(2, 64), "lists token 3 twice"),
+    ([3, 5], torch.randn(2, 32), "trainable tokens up to row 5 of width 32, base 128×64"),
+    ([3, 5], torch.randn(3, 64), "is 3×64 float32, not 2×width floating point"),
+    ([3, 5], torch.tensor([[float("nan")] * 64, [0.0] * 64]), "contains NaN or Inf"),
+    ([3, -1], torch.randn(2, 64), "not only token indices"),
+])
+def test_malformed(tmp_path, bases, indices, values, message):
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", lora(trainable_token_indices=[3, 5]))
+    add_tokens(folder, {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": values},
+               trainable_token_indices=indices)
+    out = run("merge", folder, "--into", bases["untied"], "-o", tmp_path / "out", "--no-record", code=2).output
+    assert message in out and out.startswith("error:") and out.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bare_file_refused(tmp_path, bases):
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", lora(trainable_token_indices=[3, 5]))
+    bare = tmp_path / "bare.safetensors"  # (beside its adapter_config.json, the file is read with it)
+    bare.write_bytes((folder / "adapter_model.safetensors").read_bytes())
+    out = run("inspect", bare, "--alpha", "8", code=2).output
+    assert "their token indices are only in the config" in out
+
+
+def test_weight_subtract_combine_kohya_refused(tmp_path, bases):
+    base = bases["untied"]
+    folder, _ = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5]))
+    adapter = formats.read_adapter(folder)
+    with pytest.raises(InvalidInputError, match="cannot be applied with weight 0.5"):
+        engine.merge(base, [(adapter, 0.5)], tmp_path / "out", progress=False)
+    with pytest.raises(UnsupportedAdapterError, match="cannot be subtracted.*--exact"):
+        engine.subtract(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    with pytest.raises(UnsupportedAdapterError, match="cannot be written as kohya"):
+        formats.write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    out = run("combine", folder, folder, "--method", "cat", "-o", tmp_path / "c", code=2).output
+    assert "trainable tokens" in out
+    other, _ = token_adapter(base, tmp_path / "b", lora(trainable_token_indices=[5, 9]), seed=3)
+    with pytest.raises(InvalidInputError, match="two adapters replace row 5"):
+        engine.merge(base, [(adapter, 1.0), (formats.read_adapter(other), 1.0)], tmp_path / "out", progress=False)
+    embedding_lora = formats.read_adapter(peft_adapter(base, tmp_path / "e", r=4, target_modules=["embed_tokens"]))
+    with pytest.raises(InvalidInputError, match="another adapter's LoRA; merge them separately"):
+        engine.merge(base, [(embedding_lora, 1.0), (adapter, 1.0)], tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("config", [lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1]}),
+                                    lambda: TrainableTokensConfig(token_indices=[4, 2])])
+def test_register_export_round_trip(tmp_path, bases, config):
+    config = config()
+    folder, _ = token_adapter(bases["tied"], tmp_path / "a", config)
+    registered = run("register", folder, "--name", "tok").output  # (tokens alone: no LoRA modules, no rank)
+    assert ("0 modules, rank -, alpha -" in registered) == isinstance(config, TrainableTokensConfig)
+    run("export", "tok", "--format", "peft", "-o", tmp_path / "back")
+    assert load_file(tmp_path / "back/adapter_model.safetensors").keys() == load_file(folder / "adapter_model.safetensors").keys()
+    for key, value in load_file(folder / "adapter_model.safetensors").items():
+        assert torch.equal(load_file(tmp_path / "back/adapter_model.safetensors")[key], value), key
+    config, back = (json.loads((f / "adapter_config.json").read_text()) for f in (folder, tmp_path / "back"))
+    for field in ("peft_type", "trainable_token_indices", "token_indices"):
+        assert back.get(field) == config.get(field)
+    run("merge", "tok", "--into", bases["tied"], "-o", tmp_path / "m1", "--no-record")
+    run("merge", tmp_path / "back", "--into", bases["tied"], "-o", tmp_path / "m2", "--no-record")
+    assert merged_tensors(tmp_path / "m1").keys() == merged_tensors(tmp_path / "m2").keys()
+    assert all(torch.equal(v, merged_tensors(tmp_path / "m2")[k]) for k, v in merged_tensors(tmp_path / "m1").items())
+
+
+def test_resize_keeps_rows(tmp_path, bases):
+    from loraops import algebra
+
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", lora(trainable_token_indices=[3, 5]))
+    adapter = formats.read_adapter(folder)
+    resized, _ = algebra.resize(adapter, rank=2)
+    assert resized.token_rows.keys() == adapter.token_rows.keys()
+    formats.write_adapter(resized, tmp_path / "r")
+    back = formats.read_adapter(tmp_path / "r")
+    assert torch.equal(back.token_rows[EMBED].values, adapter.token_rows[EMBED].values)
+    assert back.rank == 2
+
+
+def test_check_and_inspect(tmp_path, bases):
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", lora(trainable_token_indices=[3, 5]))
+    run("check", folder, "--base", bases["untied"])
+    out = run("check", folder, "--base", bases["tied"]).output  # same shapes: it fits
+    assert "ok" in out.lower()
+    report = json.loads(run("inspect", folder, "--json").output)
+    assert report["num_parameters"] == 2 * 64 + sum(4 * 64 * 2 for _ in range(2))
+    assert report["trainable_tokens"] == {EMBED: [3, 5]}
+    assert f"tokens      {EMBED} rows 3, 5 (replaced)" in run("inspect", folder).output
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_new_tokens_with_resized_vocabulary(tmp_path, tie):
+    """PEFT's way to add tokens: resize the vocabulary, train the new rows; save_pretrained then saves the embedding
+    layers whole as well (save_embedding_layers, on when the vocabulary grew), the tokens going in on top."""
+    source = tiny_llama(tmp_path / "source", tie=tie)
+    model = load_model(source)
+    model.resize_token_embeddings(130)
+    model.save_pretrained(tmp_path / "base")  # the base the adapter is merged into: resized
+    folder, peft_model = token_adapter(tmp_path / "base", tmp_path / "a", lora(trainable_token_indices=[128, 129]))
+    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    keys = set(load_file(folder / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.token_adapter.base_layer.weight" in keys
+    adapter = formats.read_adapter(folder)
+    assert EMBED in adapter.full_tensors and EMBED in adapter.token_rows
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    ours = merged_tensors(tmp_path / "out")
+    adapted = logits(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft_model.merge_and_unload().state_dict()
+    assert torch.equal(ours[EMBED], theirs[EMBED]) and ("lm_head.weight" in ours) == (not tie)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), adapted, atol=1e-5, rtol=1e-5)
+    formats.write_adapter(adapter, tmp_path / "back")
+    assert set(load_file(tmp_path / "back/adapter_model.safetensors")) == keys
+    assert json.loads((tmp_path / "back/adapter_config.json").read_text()).get("modules_to_save") is None
+
+
+def test_tied_head_stored_twice(tmp_path, bases):
+    """A tied model some exporter saved with its head too (byte-identical): the tokens reach both copies, as they reach
+    the one shared tensor in PEFT, and the model stays tied."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in bases["tied"].iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    state = load_file(base / "model.safetensors")
+    save_file({**state, "lm_head.weight": state[EMBED].clone()}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    folder, model = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5, 7]))
+    report = engine.merge(base, [(formats.read_adapter(folder), 1.0)], tmp_path / "out", progress=False)
+    ours = merged_tensors(tmp_path / "out")
+    assert not report.heads_untied and torch.equal(ours["lm_head.weight"], ours[EMBED])
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(model), atol=1e-5, rtol=1e-5)
