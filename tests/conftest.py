@@ -3,6 +3,7 @@ user's files or the network."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,26 @@ import pytest
 # (tests/hubserver.py), like self-hosted endpoints, does not speak Xet. loraops.hub sets it too, but in this process
 # huggingface_hub may be imported earlier (by peft/transformers in other tests). test_hub_cli checks loraops's own way.
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+
+
+def _real_home() -> tuple[Path, list | None]:
+    """The user's loraops home (as without LORAOPS_HOME) and what is in it: each path with its mtime, or None."""
+    from loraops import settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("LORAOPS_HOME", raising=False)
+        home = settings.home()
+    return home, sorted((str(p), p.stat().st_mtime_ns) for p in home.rglob("*")) if home.exists() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_home_untouched():
+    """Fails the run when any test wrote into the user's real home: a test that lost its isolated home (a
+    monkeypatch.undo() undoes isolated_home's too) once opened and migrated ~/.local/share/loraops."""
+    home, before = _real_home()
+    yield
+    if _real_home()[1] != before:
+        pytest.fail(f"the tests wrote into the real loraops home {home}: a test lost its isolated LORAOPS_HOME")
 
 
 @pytest.fixture(autouse=True)
