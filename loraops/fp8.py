@@ -213,7 +213,7 @@ def layout(manifest: Mapping[str, TensorInfo], name: str, quantization: dict | N
     if info.dtype != FP8 or method not in (None, "fp8") or len(info.shape) < 2:
         raise FormatError(f"{info.file}: {name!r} is {describe(manifest, name, quantization)}; {SUPPORTED}")
     if scale is None:
-        if method is None and quantized_siblings(name, manifest):
+        if quantized_siblings(name, manifest):  # another layout's scales (transformers' FP8Embedding: weight_scale)
             raise FormatError(f"{info.file}: {name!r} is {describe(manifest, name, quantization)}; {SUPPORTED}")
         raise FormatError(f"{info.file}: {name!r} is stored as {FP8} but its scale {scale_name(name)!r} is missing")
     if scale.dtype not in SCALE_DTYPES or (scale.dtype == "U8" and (quantization or {}).get("scale_fmt") != "ue8m0"):

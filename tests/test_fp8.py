@@ -503,6 +503,10 @@ UNSUPPORTED = "loraops merges only into float weights and fine-grained FP8 ones"
      f"'{Q}.weight_scale_inv' has shape [3, 4]; '{Q}.weight' [64, 64] in blocks of 16×24 needs [4, 3]", None),
     # the other modules of these bases keep the fine-grained layout their config.json no longer says: with --dtype,
     # which would convert every one, the first is refused
+    # quant_method fp8 but a weight_scale beside the weight (transformers' FP8Embedding): named, not "missing"
+    ("fp8-weight_scale", _compressed_tensors, None,
+     f"'{Q}.weight' is stored as F8_E4M3 with {Q}.weight_scale F32[64, 1] (config.json quant_method 'fp8'); "
+     f"{UNSUPPORTED}", None),
     ("compressed-tensors", _compressed_tensors, lambda c: c.update(
         {"quantization_config": {"quant_method": "compressed-tensors"}}),
      f"'{Q}.weight' is stored as F8_E4M3 with {Q}.weight_scale F32[64, 1] (config.json quant_method "
