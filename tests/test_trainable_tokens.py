@@ -58,12 +58,15 @@ CASES = {
     "list": ("untied", lambda: lora(trainable_token_indices=[3, 5, 7]), True),
     "list-bf16": ("bf16", lambda: lora(trainable_token_indices=[3, 5, 7]), True),
     "list-tied": ("tied", lambda: lora(trainable_token_indices=[3, 5, 7]), True),
+    # unsorted: row i of the values is token indices[i], across chunks (sorting the indices alone passed every other case)
+    "list-unsorted": ("untied", lambda: lora(trainable_token_indices=[7, 3, 11, 0, 5]), True),
     "dict-head": ("untied", lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1, 2]}), True),
     "dict-head-tied": ("tied", lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1, 2]}), False),
     "lora-head-tied": ("tied", lambda: lora(targets=["q_proj", "lm_head"], trainable_token_indices=[3, 5, 7]), False),
     "lora-other-embedding": ("untied", lambda: lora(targets=["q_proj", "lm_head"], trainable_token_indices=[3, 7]), True),
     "standalone": ("untied", lambda: TrainableTokensConfig(token_indices=[3, 5, 7]), True),
     "standalone-tied": ("tied", lambda: TrainableTokensConfig(token_indices=[3, 5, 7]), True),
+    "standalone-unsorted-tied": ("tied", lambda: TrainableTokensConfig(token_indices=[9, 2, 5]), True),
 }
 
 
