@@ -256,3 +256,24 @@ def test_tied_head_stored_twice(tmp_path, bases):
     ours = merged_tensors(tmp_path / "out")
     assert not report.heads_untied and torch.equal(ours["lm_head.weight"], ours[EMBED])
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(model), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("what", ["lora-head", "tokens-head"])
+def test_head_untied_from_fp8_embeddings(tmp_path, what):
+    """A tied model whose embeddings are fine-grained FP8: the head an adapter unties comes out FP8 with its own scale
+    (lm_head.weight_scale_inv), each tensor the FP8 encoding of the --dtype fp32 merge, the embeddings' scale theirs."""
+    from factories import fp8_model, fp8_quantize
+
+    base = fp8_model(tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16, tie=True), tmp_path / "fp8",
+                     modules=("embed_tokens", "q_proj"))
+    config = (lora(targets=["q_proj", "lm_head"]) if what == "lora-head"
+              else lora(trainable_token_indices={"embed_tokens": [3, 40], "lm_head": [5]}))
+    adapter = formats.read_adapter(token_adapter(tmp_path / "bf16", tmp_path / "a", config)[0])
+    assert engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == ["lm_head.weight"]
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "f32", dtype="fp32", progress=False)
+    ours, exact, stored = (merged_tensors(tmp_path / f) for f in ("out", "f32", "fp8"))
+    for name in (EMBED, "lm_head.weight"):  # (embeddings the adapter leaves alone are copied as stored)
+        values, inverse = ((stored[EMBED], stored[f"{EMBED}_scale_inv"]) if name == EMBED and what == "lora-head"
+                           else fp8_quantize(exact[name], (16, 24)))
+        assert torch.equal(ours[name].view(torch.uint8), values.view(torch.uint8)), name
+        assert torch.equal(ours[f"{name}_scale_inv"], inverse), name
