@@ -506,7 +506,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             raise UnsupportedAdapterError(f"DoRA module {module.name!r}: {name!r} is FP8 and stored in×out, which a "
                                           "DoRA merge does not read; convert the base first (merge --dtype bf16)")
     left_out = {n for found in scaled.values() for n in (found.scale_name, *found.companions)} if out_dtype else set()
-    encoded = {found.scale_name for found in scaled.values()} if out_dtype is None else set()
+    # (an untied head's layout is its embeddings': their scale is encoded only when they are)
+    encoded = {found.scale_name for name, found in scaled.items() if name not in heads} if out_dtype is None else set()
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
     for name, info in base.tensors.items():
         by_file.setdefault(info.file, []).append((name, info))
@@ -524,9 +525,10 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                                      replacements.get(out_name), rows.get(out_name, []), scaled=scaled.get(out_name),
                                      new_name=None if out_name == name else out_name.removeprefix(component))
                     tensors.append(tensor)
-                    if tensor.encoded:
+                    if tensor.encoded:  # an untied head's scale under its own name, not its embeddings'
                         tensors.append(_Tensor(tensor.scaled.scale_name, tensor.scaled.scale,
-                                               tensor.scaled.scale.dtype, scale_of=tensor))
+                                               tensor.scaled.scale.dtype, scale_of=tensor,
+                                               new_name=tensor.new_name and fp8.scale_name(tensor.new_name)))
             if not tensors and by_file.get(source):
                 continue  # it held only FP8 scales, moved to their weights' files or left out: no index lists it
             target = source.relative_to(base.path) if part.folder is not None else Path(source.name)
