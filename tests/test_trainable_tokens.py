@@ -151,6 +151,22 @@ def test_bare_file_refused(tmp_path, bases):
     assert "their token indices are only in the config" in out
 
 
+def test_bare_standalone_file(tmp_path, bases):
+    """A TrainableTokensConfig adapter's weights alone in a .safetensors: read as PEFT (it has no LoRA factor to be
+    recognised by), accepted with its config in the metadata, else refused for want of the indices."""
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", TrainableTokensConfig(token_indices=[9, 2]))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(tensors, str(tmp_path / "bare.safetensors"), metadata={"format": "pt"})
+    out = run("inspect", tmp_path / "bare.safetensors", code=2).output
+    assert "their token indices are only in the config" in out and out.count("\n") == 1
+    config = (folder / "adapter_config.json").read_text()
+    save_file(tensors, str(tmp_path / "meta.safetensors"), metadata={"format": "pt", "adapter_config": config})
+    assert formats.read_adapter(tmp_path / "meta.safetensors").token_rows[EMBED].indices == (9, 2)
+    run("merge", tmp_path / "meta.safetensors", "--into", bases["untied"], "-o", tmp_path / "m1", "--no-record")
+    run("merge", folder, "--into", bases["untied"], "-o", tmp_path / "m2", "--no-record")
+    assert all(torch.equal(v, merged_tensors(tmp_path / "m2")[k]) for k, v in merged_tensors(tmp_path / "m1").items())
+
+
 def test_weight_subtract_combine_kohya_refused(tmp_path, bases):
     base = bases["untied"]
     folder, _ = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5]))
