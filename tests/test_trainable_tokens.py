@@ -167,6 +167,17 @@ def test_bare_standalone_file(tmp_path, bases):
     assert all(torch.equal(v, merged_tensors(tmp_path / "m2")[k]) for k, v in merged_tensors(tmp_path / "m1").items())
 
 
+def test_diffusers_file_with_tokens_refused(tmp_path, bases):
+    """diffusers keeps no adapter_config.json, so no indices: PEFT keys behind a pipeline component with trainable
+    tokens are refused as such (not as unknown keys)."""
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", lora(trainable_token_indices=[3, 5]))
+    tensors = {k.replace("base_model.model.", "text_encoder."): v
+               for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    save_file(tensors, str(tmp_path / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    out = run("inspect", tmp_path / "pytorch_lora_weights.safetensors", code=2).output
+    assert "PEFT trainable tokens" in out and "trainable_tokens_delta" in out and out.count("\n") == 1
+
+
 def test_weight_subtract_combine_kohya_refused(tmp_path, bases):
     base = bases["untied"]
     folder, _ = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5]))
