@@ -178,6 +178,22 @@ def test_diffusers_file_with_tokens_refused(tmp_path, bases):
     assert "PEFT trainable tokens" in out and "trainable_tokens_delta" in out and out.count("\n") == 1
 
 
+def test_check_refuses_tokens_on_a_tensor_the_merge_cannot_write(tmp_path, bases):
+    """An embedding stored in a type loraops does not merge into (here I8): check says so, as the merge does, rather
+    than that the adapter fits."""
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", lora(trainable_token_indices=[3, 5]))
+    base = tmp_path / "int8"
+    base.mkdir()
+    for f in bases["untied"].iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    state = load_file(base / "model.safetensors")
+    state[EMBED] = (state[EMBED] * 100).to(torch.int8)
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    for args in (["check", folder, "--base", base], ["merge", folder, "--into", base, "-o", tmp_path / "o", "--no-record"]):
+        out = run(*args, code=2).output
+        assert f"{EMBED!r} is stored as I8" in out and out.count("\n") == 1, out
+
+
 def test_weight_subtract_combine_kohya_refused(tmp_path, bases):
     base = bases["untied"]
     folder, _ = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5]))
