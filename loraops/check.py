@@ -332,8 +332,9 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
 def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None) -> CheckReport:
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
-    ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable tokens) on a
-    quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line if not."""
+    ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
+    tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line
+    if not."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
