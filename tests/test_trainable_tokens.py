@@ -285,16 +285,18 @@ def test_new_tokens_with_resized_vocabulary(tmp_path, tie):
     assert json.loads((tmp_path / "back/adapter_config.json").read_text()).get("modules_to_save") is None
 
 
-def test_tied_head_stored_twice(tmp_path, bases):
+@pytest.mark.parametrize("config", [lambda: lora(trainable_token_indices=[3, 5, 7]),
+                                    lambda: TrainableTokensConfig(token_indices=[7, 3, 5])])
+def test_tied_head_stored_twice(tmp_path, bases, config):
     """A tied model some exporter saved with its head too (byte-identical): the tokens reach both copies, as they reach
-    the one shared tensor in PEFT, and the model stays tied."""
+    the one shared tensor in PEFT, and the model stays tied (a TrainableTokensConfig's saved copy for the head too)."""
     base = tmp_path / "base"
     base.mkdir()
     for f in bases["tied"].iterdir():
         (base / f.name).write_bytes(f.read_bytes())
     state = load_file(base / "model.safetensors")
     save_file({**state, "lm_head.weight": state[EMBED].clone()}, str(base / "model.safetensors"), metadata={"format": "pt"})
-    folder, model = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5, 7]))
+    folder, model = token_adapter(base, tmp_path / "a", config())
     report = engine.merge(base, [(formats.read_adapter(folder), 1.0)], tmp_path / "out", progress=False)
     ours = merged_tensors(tmp_path / "out")
     assert not report.heads_untied and torch.equal(ours["lm_head.weight"], ours[EMBED])
