@@ -578,14 +578,17 @@ def _head_rows(heads: dict[str, str], rows: dict[str, list[TokenRows]]) -> dict[
 
 
 def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
-    """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored) that are the
-    same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too), nor the head's copy of
-    the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's does."""
+    """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored, or stored
+    twice) that are the same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too),
+    nor the head's copy of the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's
+    does."""
     import torch
 
     copies, layers = set(), set()
     for name, rows in adapter.token_rows.items():
         source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
+        if source is None and name in base.tensors and is_head(name):  # or stored twice, byte-identical (the tie)
+            source = next((n for group in _stored_twice(base, [name]) for n in group if not is_head(n)), None)
         twin = adapter.token_rows.get(source)
         if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
             copies.add(name)
