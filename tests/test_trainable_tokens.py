@@ -79,6 +79,7 @@ def test_merge_matches_peft(tmp_path, bases, case, monkeypatch):
     adapter = formats.read_adapter(folder)
     assert adapter.token_rows and all(len(r.indices) == r.values.shape[0] for r in adapter.token_rows.values())
     report = engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.tensors_replaced >= 1 and report.tensors_converted == 0  # (tokens count as replaced, not converted)
     ours = merged_tensors(tmp_path / "out")
     adapted = logits(model)
     with warnings.catch_warnings():
