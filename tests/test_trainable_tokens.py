@@ -323,3 +323,19 @@ def test_head_untied_from_fp8_embeddings(tmp_path, what):
                            else fp8_quantize(exact[name], (16, 24)))
         assert torch.equal(ours[name].view(torch.uint8), values.view(torch.uint8)), name
         assert torch.equal(ours[f"{name}_scale_inv"], inverse), name
+
+
+@pytest.mark.parametrize("base_name, targets", [("untied", ["q_proj", "lm_head"]), ("tied", ["q_proj"])])
+def test_dora_beside_tokens(tmp_path, bases, monkeypatch, base_name, targets):
+    """A DoRA adapter with trainable tokens (magnitudes moved off their initial norms) merges to PEFT's adapted model."""
+    from peft import PeftModel
+
+    from factories import perturb_magnitudes
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * 64)
+    base = bases[base_name]
+    folder, _ = token_adapter(base, tmp_path / "a", lora(targets=targets, use_dora=True, trainable_token_indices=[7, 3, 40]))
+    perturb_magnitudes(folder)
+    model = PeftModel.from_pretrained(load_model(base), folder)
+    engine.merge(base, [(formats.read_adapter(folder), 1.0)], tmp_path / "out", progress=False)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(model), atol=1e-5, rtol=1e-5)
