@@ -355,3 +355,6 @@ def test_many_token_indices_are_validated_in_linear_time():
     assert time.perf_counter() - started < 2
     with pytest.raises(InvalidInputError, match="lists token 9 twice"):
         tokens.indices_for(Path("a"), {"trainable_token_indices": [9, 5, 7, 5, 9]}, "model.embed_tokens", "k")
+    with pytest.raises(InvalidInputError, match="holds -1, not a token index") as error:  # the culprit, not the list
+        tokens.indices_for(Path("a"), {"trainable_token_indices": [*range(10_000), -1]}, "model.embed_tokens", "k")
+    assert len(str(error.value)) < 200
