@@ -133,7 +133,7 @@ def add_tokens(folder, tensors, **config):
     ([3, 5], torch.randn(2, 32), "trainable tokens up to row 5 of width 32, base 128×64"),
     ([3, 5], torch.randn(3, 64), "is 3×64 float32, not 2×width floating point"),
     ([3, 5], torch.tensor([[float("nan")] * 64, [0.0] * 64]), "contains NaN or Inf"),
-    ([3, -1], torch.randn(2, 64), "not only token indices"),
+    ([3, -1], torch.randn(2, 64), "holds -1, not a token index"),
 ])
 def test_malformed(tmp_path, bases, indices, values, message):
     folder, _ = token_adapter(bases["untied"], tmp_path / "a", lora(trainable_token_indices=[3, 5]))
@@ -358,3 +358,5 @@ def test_many_token_indices_are_validated_in_linear_time():
     with pytest.raises(InvalidInputError, match="holds -1, not a token index") as error:  # the culprit, not the list
         tokens.indices_for(Path("a"), {"trainable_token_indices": [*range(10_000), -1]}, "model.embed_tokens", "k")
     assert len(str(error.value)) < 200
+    with pytest.raises(InvalidInputError, match="holds None, not a token index"):
+        tokens.indices_for(Path("a"), {"trainable_token_indices": [3, None]}, "model.embed_tokens", "k")
