@@ -360,3 +360,23 @@ def test_many_token_indices_are_validated_in_linear_time():
     assert len(str(error.value)) < 200
     with pytest.raises(InvalidInputError, match="holds None, not a token index"):
         tokens.indices_for(Path("a"), {"trainable_token_indices": [3, None]}, "model.embed_tokens", "k")
+
+
+@pytest.mark.parametrize("base_name", ["untied", "tied"])
+def test_two_adapters_with_disjoint_tokens(tmp_path, bases, monkeypatch, base_name):
+    """Two adapters' disjoint tokens on one embedding merge in one run as PEFT merges both adapters."""
+    from peft import PeftModel
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * 64)
+    base = bases[base_name]
+    first, _ = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[5, 3]), seed=1)
+    second, _ = token_adapter(base, tmp_path / "b", lora(targets=["v_proj"], trainable_token_indices=[9, 1]), seed=2)
+    model = PeftModel.from_pretrained(load_model(base), first, adapter_name="a")
+    model.load_adapter(second, adapter_name="b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = model.merge_and_unload(adapter_names=["a", "b"])
+    engine.merge(base, [(formats.read_adapter(first), 1.0), (formats.read_adapter(second), 1.0)], tmp_path / "out",
+                 progress=False)
+    assert torch.equal(merged_tensors(tmp_path / "out")[EMBED], theirs.state_dict()[EMBED])
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(theirs), atol=1e-5, rtol=1e-5)
