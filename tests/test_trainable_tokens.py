@@ -380,3 +380,21 @@ def test_two_adapters_with_disjoint_tokens(tmp_path, bases, monkeypatch, base_na
                  progress=False)
     assert torch.equal(merged_tensors(tmp_path / "out")[EMBED], theirs.state_dict()[EMBED])
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(theirs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("base_name, dtype, torch_dtype", [("bf16", "fp32", torch.float32), ("untied", "bf16", torch.bfloat16),
+                                                           ("untied", "fp16", torch.float16)])
+def test_dtype_conversion(tmp_path, bases, monkeypatch, base_name, dtype, torch_dtype):
+    """With --dtype the stored rows are rounded once to the output dtype (not to the base's first), the other rows are
+    the base's converted."""
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * 64)
+    folder, _ = token_adapter(bases[base_name], tmp_path / "a", lora(trainable_token_indices=[7, 3, 5]))
+    rows = formats.read_adapter(folder).token_rows[EMBED]
+    engine.merge(bases[base_name], [(formats.read_adapter(folder), 1.0)], tmp_path / "out", dtype=dtype, progress=False)
+    ours = merged_tensors(tmp_path / "out")[EMBED]
+    base = load_file(next(bases[base_name].glob("*.safetensors")))[EMBED]
+    index = torch.tensor(rows.indices)
+    assert ours.dtype == torch_dtype and torch.equal(ours[index], rows.values.to(torch_dtype))
+    keep = torch.ones(len(base), dtype=torch.bool)
+    keep[index] = False
+    assert torch.equal(ours[keep], base[keep].to(torch_dtype))
