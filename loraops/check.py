@@ -332,8 +332,9 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
 def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None) -> CheckReport:
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
-    ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module on a
-    quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line if not."""
+    ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
+    tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line
+    if not."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
@@ -379,9 +380,9 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                                 actual=[max(rows.indices) + 1, int(rows.values.shape[1])]))
     ok = not (missing or mismatches or full_mismatches or row_mismatches or res.ambiguous)
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
-        for module in bound.modules.values():
-            if module.weight_name in manifest:
-                fp8.layout(manifest, module.weight_name, quantization(module.weight_name))
+        for name in [*(module.weight_name for module in bound.modules.values()), *bound.token_rows]:
+            if name in manifest:
+                fp8.layout(manifest, name, quantization(name))
     return CheckReport(
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),

@@ -506,7 +506,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             raise UnsupportedAdapterError(f"DoRA module {module.name!r}: {name!r} is FP8 and stored in×out, which a "
                                           "DoRA merge does not read; convert the base first (merge --dtype bf16)")
     left_out = {n for found in scaled.values() for n in (found.scale_name, *found.companions)} if out_dtype else set()
-    encoded = {found.scale_name for found in scaled.values()} if out_dtype is None else set()
+    # (an untied head's layout is its embeddings': their scale is encoded only when they are)
+    encoded = {found.scale_name for name, found in scaled.items() if name not in heads} if out_dtype is None else set()
     by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
     for name, info in base.tensors.items():
         by_file.setdefault(info.file, []).append((name, info))
@@ -524,9 +525,10 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                                      replacements.get(out_name), rows.get(out_name, []), scaled=scaled.get(out_name),
                                      new_name=None if out_name == name else out_name.removeprefix(component))
                     tensors.append(tensor)
-                    if tensor.encoded:
+                    if tensor.encoded:  # an untied head's scale under its own name, not its embeddings'
                         tensors.append(_Tensor(tensor.scaled.scale_name, tensor.scaled.scale,
-                                               tensor.scaled.scale.dtype, scale_of=tensor))
+                                               tensor.scaled.scale.dtype, scale_of=tensor,
+                                               new_name=tensor.new_name and fp8.scale_name(tensor.new_name)))
             if not tensors and by_file.get(source):
                 continue  # it held only FP8 scales, moved to their weights' files or left out: no index lists it
             target = source.relative_to(base.path) if part.folder is not None else Path(source.name)
@@ -576,14 +578,17 @@ def _head_rows(heads: dict[str, str], rows: dict[str, list[TokenRows]]) -> dict[
 
 
 def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
-    """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored) that are the
-    same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too), nor the head's copy of
-    the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's does."""
+    """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored, or stored
+    twice) that are the same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too),
+    nor the head's copy of the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's
+    does."""
     import torch
 
     copies, layers = set(), set()
     for name, rows in adapter.token_rows.items():
         source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
+        if source is None and name in base.tensors and is_head(name):  # or stored twice, byte-identical (the tie)
+            source = next((n for group in _stored_twice(base, [name]) for n in group if not is_head(n)), None)
         twin = adapter.token_rows.get(source)
         if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
             copies.add(name)

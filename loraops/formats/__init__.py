@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 from .. import st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
 from ..fsutil import atomic_path, output_path, sha256_file
-from . import common, diffusers, kohya, params, peft
+from . import common, diffusers, kohya, params, peft, tokens
 from .kohya import kohya_name
 
 if TYPE_CHECKING:
@@ -56,8 +56,8 @@ def detect(path: str | Path) -> str:
         return "kohya"
     if any(diffusers.is_diffusers_key(k) for k in keys) and not any(k.startswith(peft.PREFIX) for k in keys):
         return "diffusers"
-    if any(peft.is_factor_key(k) for k in keys):
-        return "peft"
+    if any(peft.is_factor_key(k) or (k.startswith(peft.PREFIX) and tokens.is_token_key(k)) for k in keys):
+        return "peft"  # (trainable tokens alone have no factor: a TrainableTokensConfig adapter)
     common.refuse_unsupported(path, keys)
     if not keys:
         raise FormatError(f"{path}: holds no tensors")

@@ -17,7 +17,7 @@ from typing import Iterable
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
-from . import common, peft
+from . import common, peft, tokens
 
 COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -51,6 +51,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     alpha_keys = {key.removesuffix(".alpha"): key for key in parsed.others
                   if key.endswith(".alpha") and key.removesuffix(".alpha") in parsed.factors}
     others = [key for key in parsed.others if key not in alpha_keys.values()]
+    if (key := next((k for k in others if tokens.is_token_key(k)), None)) is not None:
+        raise UnsupportedAdapterError(f"{weights}: PEFT trainable tokens ({key!r}) in a diffusers file, which keeps no "
+                                      "adapter_config.json with their token indices; loraops reads them from a PEFT folder")
     if others:
         raise common.unknown_layout(weights, others, "unknown keys in a diffusers LoRA file")
     if not parsed.factors:

@@ -12,6 +12,7 @@ has no indices (they live only in adapter_config.json): refused.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -38,9 +39,10 @@ def is_token_key(key: str) -> bool:
 def _indices(path: Path, where: str, value) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         raise InvalidInputError(f"{path}: config {where}={value!r} must be a non-empty list of token indices")
-    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value):
-        raise InvalidInputError(f"{path}: config {where} holds {value!r}, not only token indices (integers ≥ 0)")
-    twice = next((i for i in value if value.count(i) > 1), None)
+    bad = [i for i in value if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if bad:  # (the culprit, not a list of thousands)
+        raise InvalidInputError(f"{path}: config {where} holds {bad[0]!r}, not a token index (an integer ≥ 0)")
+    twice = next((i for i, count in Counter(value).items() if count > 1), None)  # (not value.count: quadratic)
     if twice is not None:
         raise InvalidInputError(f"{path}: config {where} lists token {twice} twice")
     return tuple(value)
