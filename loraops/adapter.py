@@ -32,6 +32,12 @@ DORA_NOTE = "DoRA: a magnitude per output channel (merged as magnitude · (W + s
 """What `inspect`, `show` and a pushed model card say of a DoRA adapter."""
 
 
+def token_rows_phrase(tensor: str, indices) -> str:
+    """How inspect and the pushed model card name a tensor's PEFT trainable tokens: its first rows, then a count."""
+    shown = ", ".join(map(str, indices[:8])) + (f", … ({len(indices)} rows)" if len(indices) > 8 else "")
+    return f"{tensor} rows {shown} (replaced)"
+
+
 @dataclass
 class LoraModule:
     name: str

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from .adapter import DORA_NOTE
+from .adapter import DORA_NOTE, token_rows_phrase
 from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
 
 if TYPE_CHECKING:
@@ -487,6 +487,8 @@ class CardInfo:
     sha256: str | None = None
     dora: bool = False
     """A DoRA adapter (a magnitude per output channel besides B and A)."""
+    tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """PEFT trainable tokens: tensor → the rows the adapter replaces."""
 
 
 def _yaml_value(value) -> str:
@@ -502,7 +504,8 @@ def render_card(card: CardInfo) -> str:
         front.append("library_name: peft")
     if base_repo:
         front += [f"base_model: {_yaml_value(base_repo)}", "base_model_relation: adapter"]
-    tags = ["lora", "loraops"] + ([card.format] if card.format != "peft" else []) + (["dora"] if card.dora else [])
+    tags = ["lora", "loraops"] + ([card.format] if card.format != "peft" else []) + (["dora"] if card.dora else []) \
+        + (["trainable-tokens"] if card.tokens else [])
     front.append("tags:" + "".join(f"\n- {_yaml_value(t)}" for t in tags))
     lines = ["---", *front, "---", "", f"# {card.name}", ""]
     kind = {"peft": "A PEFT LoRA adapter", "kohya": "A kohya / sd-scripts LoRA"}.get(card.format, f"A {card.format} LoRA")
@@ -511,6 +514,7 @@ def render_card(card: CardInfo) -> str:
               f"| alpha | {_spread(card.alphas.values())} |", f"| target modules | {', '.join(_targets(card.ranks))} |"]
     if card.dora:
         lines.append(f"| variant | {DORA_NOTE} |")
+    lines += [f"| trainable tokens | {token_rows_phrase(f'`{name}`', indices)} |" for name, indices in card.tokens.items()]
     if card.sha256:
         lines.append(f"| sha256 | `{card.sha256}` |")
     if card.method:
@@ -728,6 +732,11 @@ def card_info(registry, record, fmt: str) -> CardInfo:
     card = CardInfo(name=record.name, format=fmt, ranks={m.name: m.rank for m in record.modules},
                     alphas={m.name: m.alpha for m in record.modules}, base_model=base_model,
                     sha256=record.weights_sha256 if fmt == record.format else None, dora=record.dora)
+    from . import formats
+
+    # the registry keeps no token rows; the stored copy's config and header say them without reading its values
+    tokens = formats.read_adapter(registry.adapter_path(record.id), values=False).token_rows
+    card.tokens = {name: rows.indices for name, rows in tokens.items()}
     if record.lineage is not None:
         card.method, card.params = record.lineage.op, dict(record.lineage.params)
         card.inputs = [CardInput(i.label, i.weight if i.weight is not None else 1.0, _input_source(registry, i))

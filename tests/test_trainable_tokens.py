@@ -235,6 +235,20 @@ def test_register_export_round_trip(tmp_path, bases, config):
     assert all(torch.equal(v, merged_tensors(tmp_path / "m2")[k]) for k, v in merged_tensors(tmp_path / "m1").items())
 
 
+def test_push_card_names_the_token_rows(tmp_path, bases):
+    """The model card pushed with an adapter of trainable tokens says which rows it replaces (a tokens-only adapter
+    read as "A PEFT LoRA adapter, modules 0" with nothing else)."""
+    from loraops import hub
+    from loraops.registry import Registry
+
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", TrainableTokensConfig(token_indices=[4, 2]))
+    with Registry.open() as reg:
+        record = reg.register_adapter(str(folder), name="tok").record
+        card = hub.render_card(hub.card_info(reg, record, "peft"))
+    front, body = card.split("---\n")[1], card.split("---\n")[2]
+    assert '- "trainable-tokens"' in front and f"| trainable tokens | `{EMBED}` rows 4, 2 (replaced) |" in body
+
+
 def test_resize_keeps_rows(tmp_path, bases):
     from loraops import algebra
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..adapter import token_rows_phrase
 from .render import DORA_NOTE, echo_json, echo_modules, human_bytes, number
 
 METADATA_SHOWN = 12
@@ -36,9 +37,7 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("parameters", f"{report.num_parameters:,}"),
         ("base model", report.base_model or "-"),
     ]
-    for name, indices in report.trainable_tokens.items():
-        shown = ", ".join(map(str, indices[:8])) + (f", … ({len(indices)} rows)" if len(indices) > 8 else "")
-        summary.append(("tokens", f"{name} rows {shown} (replaced)"))
+    summary += [("tokens", token_rows_phrase(name, indices)) for name, indices in report.trainable_tokens.items()]
     if report.full_tensors:
         summary.append(("full tensors", ", ".join(report.full_tensors)))
     width = max(len(k) for k, _ in summary)
