@@ -400,3 +400,27 @@ def test_what_is_no_adapter_is_refused_before_it_is_hashed(reg, art, monkeypatch
     monkeypatch.setattr(store, "adapter_identity", lambda *a, **k: pytest.fail("hashed before refusing"))
     with pytest.raises(LoraopsError):
         reg.add_adapter(next(Path(art["base"]).glob("*.safetensors")))
+
+
+def test_a_ctrl_c_while_the_registry_opens_is_an_interruption(monkeypatch):
+    """SQLAlchemy swallows a KeyboardInterrupt that lands while its pool closes a connection, then fails on its own
+    state: a Ctrl-C during Registry.open came out once as "cannot open the registry …: AssertionError" (exit 6).
+    Opening defers the signal and raises it once done, through the handler that was in place."""
+    import os
+    import signal
+
+    from loraops.registry import db
+
+    real_make_engine = db.make_engine
+
+    def interrupted_midway(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once by Python, were it not deferred
+        return real_make_engine(*args, **kwargs)
+
+    monkeypatch.setattr(db, "make_engine", interrupted_midway)
+    reached = []
+    monkeypatch.setattr(db, "ensure_schema", lambda engine, real=db.ensure_schema: (reached.append(1), real(engine)))
+    with pytest.raises(KeyboardInterrupt):
+        Registry.open()
+    assert reached  # the opening went on after the signal, which came at its end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

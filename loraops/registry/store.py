@@ -79,6 +79,11 @@ class Registry:
         ``create`` false, for what adds no record (reads; rm, gc, push of records that must exist): an SQLite file
         that does not exist is an error naming it (a mistyped --db), not a new empty registry — except the home's
         own registry.db, which any command creates on first use."""
+        with db.interrupts_deferred():
+            return cls._open(url, create)
+
+    @classmethod
+    def _open(cls, url: str | None, create: bool) -> "Registry":
         url = url or settings.db_url()
         must_exist = not create and url != settings.home_db_url()
         engine = db.make_engine(url, create=not must_exist)
