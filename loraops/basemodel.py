@@ -196,20 +196,30 @@ def store_digests(file: Path, digests: dict[str, str]) -> None:
 
 def _hash_file(header: Header, bar) -> dict[str, str]:
     """sha256 of each tensor of one file, read front to back."""
-    digests, buffer = {}, bytearray(8 << 20)
+    buffer = bytearray(8 << 20)
     with open(header.path, "rb", buffering=0) as handle:
-        for info in sorted(header.tensors.values(), key=lambda t: t.start):
-            digest = hashlib.sha256()
-            handle.seek(info.start)
-            hashed = 0
-            for chunk in chunks(handle, info.nbytes, buffer):
-                digest.update(chunk)
-                hashed += len(chunk)
-                bar.update(len(chunk))
-            if hashed != info.nbytes:
-                raise FormatError(f"{info.file}: truncated while hashing tensor {info.name!r}")
-            digests[info.name] = digest.hexdigest()
-    return digests
+        return {info.name: tensor_digest(info, handle, buffer, bar)
+                for info in sorted(header.tensors.values(), key=lambda t: t.start)}
+
+
+def tensor_digest(info: TensorInfo, handle=None, buffer: bytearray | None = None, bar=None) -> str:
+    """sha256 of one tensor's bytes (``handle``: its file open unbuffered; ``bar`` advanced per chunk read)."""
+    if handle is None:
+        with open(info.file, "rb", buffering=0) as own:
+            return tensor_digest(info, own, buffer, bar)
+    digest = hashlib.sha256()
+    handle.seek(info.start)
+    hashed = 0
+    if buffer is None:  # (sized to the tensor: an FP8 model's thousands of small scales)
+        buffer = bytearray(max(1, min(info.nbytes, 8 << 20)))
+    for chunk in chunks(handle, info.nbytes, buffer):
+        digest.update(chunk)
+        hashed += len(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
+    if hashed != info.nbytes:
+        raise FormatError(f"{info.file}: truncated while hashing tensor {info.name!r}")
+    return digest.hexdigest()
 
 
 def _folder_part(folder: Path, prefix: str) -> Part:

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
-from .basemodel import BaseModel, fingerprint_of, store_digests
+from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import INPUT_EMBEDDINGS, is_head, rows_shape, tied_head_source
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
@@ -405,17 +405,8 @@ def _store_digests(base: BaseModel, output: Path, files: list[_File], known: dic
             continue
         # the scales of FP8 weights that come out dequantized are left out of the output unread: small, hashed here
         left_out = [info for name, info in base.headers[source].tensors.items() if name not in digests]
-        digests.update((info.name, _digest_of(info)) for info in left_out)
+        digests.update((info.name, tensor_digest(info)) for info in left_out)
         store_digests(source, digests)
-
-
-def _digest_of(info: TensorInfo) -> str:
-    with open(info.file, "rb") as handle:
-        handle.seek(info.start)
-        data = handle.read(info.nbytes)
-    if len(data) != info.nbytes:
-        raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
-    return hashlib.sha256(data).hexdigest()
 
 
 def peak_rss() -> int:
