@@ -387,8 +387,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
         shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, token_row_mismatches=row_mismatches,
-        tied_heads=tied_heads,
-        why_missing=why_missing,
+        tied_heads=tied_heads, why_missing=why_missing,
+        token_rows=sum(len(r.indices) for r in bound.token_rows.values()),
+        token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
+                               if n not in {m.name for m in row_mismatches}),
     )
 
 

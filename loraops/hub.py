@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, token_rows_phrase
-from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
+from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError
 
 if TYPE_CHECKING:
     from .records import PullRecord, PushRecord
@@ -373,9 +373,11 @@ def _cached_commit(ref: RepoRef) -> str | None:
     return found[0] if found else None
 
 
-def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None) -> Download:
+def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None,
+                     into: Path | None = None) -> Download:
     """Fetch the adapter files of ``ref`` (see select_adapter_files) into the Hub cache, at the commit its revision
-    points to now. Offline (HF_HUB_OFFLINE=1) they come from the cache."""
+    points to now; ``into``: into that empty folder instead (huggingface_hub's local_dir, its bookkeeping in
+    ``into/.cache``), leaving no copy in the Hub cache. Offline (HF_HUB_OFFLINE=1) they come from the cache."""
     from huggingface_hub import ResolvedRevision, snapshot_download
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
@@ -389,8 +391,9 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
         else:
             info = _api(token).model_info(ref.repo_id, revision=commit)
             files = select_adapter_files([s.rfilename for s in info.siblings or []], ref, subpath)
-        folder = Path(snapshot_download(ref.repo_id, revision=revision, cache_dir=cache_dir(), token=token,
-                                        endpoint=endpoint(), allow_patterns=files, local_files_only=offline()))
+        where = {"local_dir": into} if into is not None and not offline() else {"cache_dir": cache_dir()}
+        folder = Path(snapshot_download(ref.repo_id, revision=revision, token=token, endpoint=endpoint(),
+                                        allow_patterns=files, local_files_only=offline(), **where))
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise NotFoundError(f"{ref}: {', '.join(missing)} not in the local cache ({folder})")
@@ -677,16 +680,73 @@ def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | 
     """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
     (identity) pulled again changes nothing, but for a ``base`` it is then linked to (as Registry.register_adapter
     does); a commit with other weights becomes the next version of ``name`` (default: the repo's name)."""
+    from . import formats
     from .records import PullRecord
-
     from .registry.store import check_name
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "adapter")  # before any download
-    download = download_adapter(ref, token=token, subpath=subpath)
-    done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source)
-    return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=download.commit, files=download.files,
+    if subpath:
+        check_repo_names([subpath.rstrip("/")], ref, given=True)
+    pulled = _pulled_before(registry, ref, subpath, token)
+    if pulled is not None:  # its stored copy, when intact, is the download: registered again (for --base)
+        commit, record = pulled
+        try:
+            stored = registry.intact_path(record.id)
+        except RegistryError:  # damaged: downloaded again below, which repairs it
+            pulled = None
+    if pulled is not None:
+        done = registry.register_adapter(stored, name=name, base=base, source=record.source)
+        where = record.source.partition("@")[2].partition("/")[2]
+        folder = where if stored.is_dir() else str(PurePosixPath(where).parent)
+        files = [str(PurePosixPath(folder, f.name)) if folder not in ("", ".") else f.name
+                 for f in formats.adapter_files(stored)]
+    elif offline():  # not pulled by loraops, but maybe in the Hub cache (another tool's download): copied
+        download = download_adapter(ref, token=token, subpath=subpath)
+        commit, files = download.commit, download.files
+        done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source)
+    else:
+        # Downloaded into a folder inside the blob store and moved into place: one copy on disk, none in the Hub
+        # cache; the folder goes when this ends, however it ends (what a killed process leaves is `gc`'s)
+        registry.refuse_writes()
+        with registry.blobs.scratch() as scratch:
+            download = download_adapter(ref, token=token, subpath=subpath, into=scratch)
+            commit, files = download.commit, download.files
+            done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source,
+                                             scratch=True)
+    return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
+
+
+def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | None):
+    """(commit, AdapterRecord) of the adapter a pull of ``ref`` took before, found by its recorded source, else None:
+    the registry, not the Hub cache, is where pulled adapters are kept. Only when the choice is certain: the path
+    ``subpath`` names, or without it the repo's top-level PEFT folder (what select_adapter_files takes first).
+    Offline, a commit-sha prefix is matched against the recorded commits."""
+    prefix = f"{SOURCE_PREFIX}{ref.repo_id}@"
+    pulled = [a for a in registry.list_adapters(modules=False) if (a.source or "").startswith(prefix)]
+    if not pulled:
+        return None
+    sources = {a.source[len(prefix):].partition("/")[0]: a for a in pulled}
+    try:
+        commit = resolve_commit(ref, token)
+    except NotFoundError:
+        if not (offline() and ref.revision and _SHA_PREFIX.match(ref.revision)):
+            raise
+        found = sorted(c for c in sources if c.startswith(ref.revision.lower()))
+        if len(found) > 1:
+            raise AmbiguousError(f"{ref}: {len(found)} pulled commits start with {ref.revision} "
+                                 f"({', '.join(c[:12] for c in found[:5])}); give more of the sha") from None
+        if not found:
+            raise
+        commit = found[0]
+    scope = (subpath or "").strip("/")
+    wanted = {hub_source(ref.repo_id, commit, scope)}
+    if PurePosixPath(scope).name == PEFT_WEIGHTS:  # a PEFT weights file goes with the config next to it
+        parent = str(PurePosixPath(scope).parent)
+        wanted.add(hub_source(ref.repo_id, commit, "" if parent == "." else parent))
+    record = next((a for a in pulled if a.source in wanted), None)
+    return None if record is None else (commit, record)
 
 
 def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,

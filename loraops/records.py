@@ -186,6 +186,9 @@ class AdapterRecord(Record):
     target_modules: list[str]
     dora: bool = False
     """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
+    token_rows: dict[str, int] | None = {}
+    """PEFT trainable tokens: base tensor → how many of its rows the adapter replaces ({} for none). null: not
+    recorded (a PEFT adapter registered before loraops recorded them; `loraops verify` records them)."""
     base: BaseRef | None
     base_hint: str | None
     """base_model_name_or_path as written in the adapter (PEFT), when present."""
@@ -232,6 +235,10 @@ class CheckReport(Record):
     token_row_mismatches: list[ShapeMismatch] = []
     """Trainable tokens (PEFT) whose tensor is missing from the base (expected null), of another width, or shorter
     than their largest index (actual: [largest index + 1, width])."""
+    token_rows: int = 0
+    """PEFT trainable tokens: how many rows the adapter replaces, over every tensor."""
+    token_rows_matched: int = 0
+    """Of those, the rows of tensors that fit the base (see token_row_mismatches)."""
     tied_heads: list[str] = []
     """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape: they fit, and
     a merge writes them untied (see loraops.engine)."""

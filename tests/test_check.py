@@ -86,7 +86,8 @@ def test_kohya_no_match_and_ambiguity(tmp_path):
 def test_check_report_json_schema(bases):
     data = json.loads(check(read_adapter(bases.adapter), bases.small).model_dump_json())
     assert set(data) == {"ok", "base", "matched", "modules", "missing", "ambiguous", "shape_mismatches",
-                         "full_tensor_mismatches", "token_row_mismatches", "tied_heads", "why_missing"}
+                         "full_tensor_mismatches", "token_row_mismatches", "tied_heads", "why_missing", "token_rows",
+                         "token_rows_matched"}
     assert set(data["shape_mismatches"][0]) == {"name", "tensor", "expected", "actual"}
 
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from loraops import formats, hub
 from loraops.cli import main
+from loraops.fsutil import TMP_MARK
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
 
@@ -268,3 +269,51 @@ def test_pull_from_a_subfolder_records_where_it_came_from(fake_hub, adapters):
                                               "loras/b/README.md"]
     with Registry.open() as reg:
         assert reg.get_adapter("many").source == f"hf://someone/many@{commit}/loras/b"
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_pull_keeps_one_copy_and_nothing_in_the_hub_cache(fake_hub, adapters, registry, monkeypatch):
+    """The adapter goes into the blob store only: nothing of it in HF_HOME (the Hub cache keeps at most the ref a
+    branch name resolved to), no temp folder left in the store, on success, failure or Ctrl-C; pulled again (online
+    or offline) it comes from the store, with no download."""
+    commit = fake_hub.commit_folder("someone/anime-lora", adapters["a"])
+    hf_home = Path(os.environ["HF_HOME"])
+    pulled = hub.pull(registry, "someone/anime-lora")
+    weights = (adapters["a"] / "adapter_model.safetensors").read_bytes()
+    assert (Path(pulled.adapter.path) / "adapter_model.safetensors").read_bytes() == weights
+    assert files_under(hf_home) == ["hub/models--someone--anime-lora/refs/main"]  # what `main` resolved to
+    assert not [p for p in registry.blobs.root.rglob("*") if TMP_MARK in p.name]
+
+    before = len(fake_hub.downloads("adapter_model.safetensors"))
+    assert not hub.pull(registry, "someone/anime-lora").new  # online again: from the store
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for revision in ("", "@main", f"@{commit}", f"@{commit[:7]}"):
+        again = hub.pull(registry, f"someone/anime-lora{revision}")
+        assert not again.new and again.adapter.id == pulled.adapter.id and again.commit == commit
+        assert again.files == ["adapter_model.safetensors", "adapter_config.json"]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert len(fake_hub.downloads("adapter_model.safetensors")) == before
+
+    fake_hub.commit_folder("someone/anime-lora", adapters["b"])
+    for interruption in (KeyboardInterrupt(), RuntimeError("disk on fire")):
+        def fail(*args, **kwargs):
+            raise interruption
+        with monkeypatch.context() as patched, pytest.raises(type(interruption)):
+            patched.setattr(registry, "register_adapter", fail)
+            hub.pull(registry, "someone/anime-lora")
+        assert not [p for p in registry.blobs.root.rglob("*") if TMP_MARK in p.name]
+        assert not [f for f in files_under(hf_home) if "/refs/" not in f]
+    assert len(registry.list_adapters()) == 1
+
+
+def test_pull_repairs_a_damaged_stored_copy(fake_hub, adapters, registry):
+    fake_hub.commit_folder("someone/anime-lora", adapters["a"])
+    pulled = hub.pull(registry, "someone/anime-lora")
+    stored = Path(pulled.adapter.path) / "adapter_model.safetensors"
+    stored.unlink()
+    again = hub.pull(registry, "someone/anime-lora")
+    assert not again.new and stored.read_bytes() == (adapters["a"] / "adapter_model.safetensors").read_bytes()
+    assert registry.verify() == []

@@ -24,6 +24,18 @@ def _base_label(record) -> str:
     return record.base.name if record.base else "-"
 
 
+def tokens_phrase(token_rows: dict[str, int] | None) -> str:
+    """`show`'s line for PEFT trainable tokens: "3 rows of model.embed_tokens.weight, 2 rows of lm_head.weight"."""
+    if token_rows is None:
+        return "not recorded (registered before loraops recorded them; `loraops verify` records them)"
+    return ", ".join(f"{n} row{'s' if n != 1 else ''} of {tensor}" for tensor, n in token_rows.items()) or "-"
+
+
+def format_label(record) -> str:
+    """The format as `list` and `register` show it, with what else the adapter is: DoRA, trainable tokens."""
+    return record.format + (" DoRA" if record.dora else "") + (" +tokens" if record.token_rows else "")
+
+
 def registered_again(record, name: str | None, linked: bool, previous_base) -> str:
     """What registering an adapter that is already registered did, beyond returning its record (register, pull)."""
     text = ""
@@ -55,8 +67,7 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
                    + registered_again(record, name, done.linked, done.previous_base))
         return
     click.echo(
-        f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {record.format}"
-        f"{' DoRA' if record.dora else ''}, "
+        f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {format_label(record)}, "
         f"{len(record.modules)} modules, rank {number(record.rank, len(record.modules))}, "
         f"alpha {number(record.alpha, len(record.modules))}, base {_base_label(record)}"
     )
@@ -80,7 +91,7 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
     echo_table(
         ["id", "name", "format", "rank", "alpha", "modules", "params", "base", "tags", "sha256"],
         [
-            (r.id, r.ref, r.format + (" DoRA" if r.dora else ""), number(r.rank, r.num_modules),
+            (r.id, r.ref, format_label(r), number(r.rank, r.num_modules),
              number(r.alpha, r.num_modules), r.num_modules, f"{r.num_parameters:,}",
              _base_label(r), ",".join(r.tags), r.sha256[:12])
             for r in records
@@ -104,6 +115,7 @@ def show(ref: str, as_json: bool) -> None:
         ("rank", number(r.rank, len(r.modules))), ("alpha", number(r.alpha, len(r.modules))),
         ("scale mode", "rsLoRA (alpha/sqrt(r))" if r.scale_mode == "rslora" else "classic (alpha/r)"),
         *([("variant", DORA_NOTE)] if r.dora else []),
+        *([("trainable tokens", tokens_phrase(r.token_rows))] if r.token_rows != {} else []),
         ("targets", ", ".join(r.target_modules)), ("parameters", f"{r.num_parameters:,}"),
         ("base", f"{r.base.name} ({r.base.fingerprint[:12]})" if r.base else "-"),
     ]
@@ -149,7 +161,8 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
     else:
         for report in result.reports:
             verdict = "fits" if report.ok else "does not fit"
-            click.echo(f"{result.adapter} {verdict} {report.base}: {report.matched}/{report.modules} modules match")
+            rows = f" and {report.token_rows_matched}/{report.token_rows} token rows" if report.token_rows else ""
+            click.echo(f"{result.adapter} {verdict} {report.base}: {report.matched}/{report.modules} modules{rows} match")
             if report.tied_heads:
                 click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not stored); "
                            "a merge writes it untied (an encoder-decoder model's is refused)")

@@ -230,7 +230,8 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     peft_type, r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out, target_modules,
     modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null), and
     target_parameters when set (sorted; absent otherwise, as before it was read), and trainable_token_indices /
-    token_indices when set (as they are: their order pairs indices with stored rows). So the same
+    token_indices when set (unsorted: their order pairs indices with stored rows; trainable_token_indices as the rows
+    it gives the file's token tensors, see tokens.canonical_indices, so its list and dict spellings agree). So the same
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
     base_model_name_or_path, a comment) keeps the identity. ``weights_sha256``: the weights file's sha256 when the
     caller already has it (the file is then not read)."""
@@ -242,7 +243,11 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     # a config the reader refuses has no identity: merge takes a registered adapter of the same identity for the
     # path, and merged a PiSSA-initialised copy of a registered LoRA (init_lora_weights is not hashed) as that LoRA
     peft.scale_config(config, cfg)
-    canonical = json.dumps(math_config(cfg), sort_keys=True, separators=(",", ":"))
+    math = math_config(cfg)
+    if "trainable_token_indices" in math:
+        math["trainable_token_indices"] = tokens.canonical_indices(weights, st.read_header(weights).tensors, cfg,
+                                                                    peft.PREFIX)
+    canonical = json.dumps(math, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{IDENTITY_VERSION}\n{digest}\n{canonical}".encode()).hexdigest()
 
 

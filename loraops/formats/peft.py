@@ -344,7 +344,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     rows = tokens.read_rows(weights, token_keys, tensors, raw_cfg if knows else None, PREFIX)
     return Adapter(
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
-        token_rows=rows,
+        token_rows=rows, targeted=lora_modules if cfg_file is not None else None,
         base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
@@ -366,33 +366,47 @@ def number(value: float) -> int | float:
 
 def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *, rslora: bool,
                 saved_modules: list[str], base: dict | None = None, base_model: str | None = None,
-                target_parameters: list[str] = ()) -> dict:
-    """An adapter_config.json PEFT loads unchanged, giving every module its rank and scale. The commonest rank and
-    alpha are r/lora_alpha; the others go into rank_pattern/alpha_pattern under the module's full (escaped) name,
-    so no pattern can reach another module (verified below with PEFT's matching rule). ``target_parameters``: the
-    pattern names among ``modules`` that are raw parameters (``<module>.<parameter>``, see params.parameter_factors)
-    rather than modules."""
+                target_parameters: list[str] = (), targeted: frozenset[str] | None = None) -> dict:
+    """An adapter_config.json PEFT loads unchanged, giving every module its rank and scale.
+
+    Which modules: when ``modules`` are exactly ``targeted`` (the modules the ``base`` config's targeting gave the
+    adapter it came from), that targeting as PEFT wrote it (short names like ["q_proj", "v_proj"], a regex,
+    layers_to_transform, …), so an export is the file it came from; otherwise each module's full path. Short names
+    are not derived for other module sets: PEFT applies them to every module of the model with that suffix, so they
+    would widen an adapter that covers only some layers (resized, combined, layers_to_transform) when PEFT loads it.
+
+    Ranks and alphas: the ``base`` config's r/lora_alpha/rank_pattern/alpha_pattern when they give every module its
+    own (under PEFT's matching rule); else the commonest rank and alpha are r/lora_alpha and the others go into
+    rank_pattern/alpha_pattern under the module's full (escaped) name, so no pattern can reach another module
+    (verified below). ``target_parameters``: the pattern names among ``modules`` that are raw parameters
+    (``<module>.<parameter>``, see params.parameter_factors) rather than modules."""
     ranks = {pattern_names[n]: m.rank for n, m in modules.items()}
     alphas = {pattern_names[n]: stored_alpha(m, rslora) for n, m in modules.items()}
     dora = {m.dora for m in modules.values()}
     if len(dora) > 1:
         raise FormatError("cannot write an adapter where only some modules are DoRA: PEFT's use_dora is one switch "
                           "for the whole adapter")
-    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
-    lora_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
-    rank_pattern = {re.escape(n): v for n, v in sorted(ranks.items()) if v != r}
-    alpha_pattern = {re.escape(n): number(v) for n, v in sorted(alphas.items()) if v != lora_alpha}
-    for name in ranks:
-        rk = common.pattern_key(rank_pattern, name)
-        ak = common.pattern_key(alpha_pattern, name)
-        if (rank_pattern[rk] if rk else r) != ranks[name] or (alpha_pattern[ak] if ak else lora_alpha) != number(alphas[name]):
-            raise FormatError(f"cannot express module {name!r}'s rank/alpha in a PEFT config without touching others")
     cfg = dict(base or {})
-    for stale in ("layers_to_transform", "layers_pattern", "exclude_modules", "megatron_config", "revision"):
+    kept = _patterns(cfg, ranks, alphas)
+    if kept is None:
+        r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+        lora_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
+        rank_pattern = {re.escape(n): v for n, v in sorted(ranks.items()) if v != r}
+        alpha_pattern = {re.escape(n): number(v) for n, v in sorted(alphas.items()) if v != lora_alpha}
+        if _patterns({"r": r, "lora_alpha": lora_alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern},
+                     ranks, alphas) is None:
+            raise FormatError("cannot express a module's rank/alpha in a PEFT config without touching others")
+        kept = r, lora_alpha, rank_pattern, alpha_pattern
+    r, lora_alpha, rank_pattern, alpha_pattern = kept
+    keep_targets = (targeted is not None and not target_parameters and not cfg.get("target_parameters")
+                    and cfg.get("target_modules") and set(ranks) == targeted)
+    targets = cfg.get("target_modules") if keep_targets else sorted(set(ranks) - set(target_parameters))
+    for stale in ("megatron_config", "revision") if keep_targets else \
+            ("layers_to_transform", "layers_pattern", "exclude_modules", "megatron_config", "revision"):
         cfg.pop(stale, None)
     cfg.update(
         peft_type="LORA", r=r, lora_alpha=number(lora_alpha), use_rslora=rslora, rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern, target_modules=sorted(set(ranks) - set(target_parameters)),
+        alpha_pattern=alpha_pattern, target_modules=targets,
         # (a raw parameter's share is transposed only as bound to a base that stores it in×out: PEFT has no such flag)
         fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values() if m.raw_parameter is None),
         modules_to_save=sorted(saved_modules) or None, use_dora=dora == {True},
@@ -406,6 +420,22 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
     cfg.setdefault("task_type", None)
     cfg.setdefault("init_lora_weights", True)
     return dict(sorted(cfg.items()))
+
+
+def _patterns(cfg: dict, ranks: dict[str, int], alphas: dict[str, float]):
+    """(r, lora_alpha, rank_pattern, alpha_pattern) of ``cfg`` when they give every module its rank and alpha under
+    PEFT's matching rule, else None."""
+    try:
+        r, lora_alpha = cfg.get("r", MATH_FIELDS["r"]), cfg.get("lora_alpha", MATH_FIELDS["lora_alpha"])
+        rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
+        for name in ranks:
+            rk, ak = common.pattern_key(rank_pattern, name), common.pattern_key(alpha_pattern, name)
+            if (rank_pattern[rk] if rk else r) != ranks[name] or \
+                    number(alpha_pattern[ak] if ak else lora_alpha) != number(alphas[name]):
+                return None
+    except (TypeError, ValueError, re.error):  # a malformed config: rewritten
+        return None
+    return r, lora_alpha, rank_pattern, alpha_pattern
 
 
 def factor_keys(module: LoraModule) -> tuple[str, str]:
@@ -472,7 +502,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
         cfg = lora_config(
             targets, {n: n for n in targets}, rslora=rslora, saved_modules=saved,
             base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
-            target_parameters=sorted(parameters),
+            target_parameters=sorted(parameters), targeted=adapter.targeted if adapter.format == "peft" else None,
         )
         weights_sha256 = out.close({"format": "pt"})
     biases = [name for name, key in keys.items() if key.endswith(".base_layer.bias")]

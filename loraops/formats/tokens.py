@@ -67,6 +67,23 @@ def indices_for(path: Path, config: dict | None, module: str, key: str) -> tuple
     return _indices(path, "trainable_token_indices", spec)
 
 
+def canonical_indices(path: Path, keys: Iterable[str], config: dict, prefix: str):
+    """``trainable_token_indices`` as loraops reads it against the file's keys, for the identity: the one list when
+    every token tensor gets the same indices (what the list form says, so its identities stay as they were), else
+    {module path: indices}. The list and dict spellings of the same rows are one adapter; a config that does not
+    resolve is hashed as written (the reader refuses it)."""
+    spec = config.get("trainable_token_indices")
+    modules = [TOKEN_KEY.match(k.removeprefix(prefix))["module"] for k in keys if k.startswith(prefix) and is_token_key(k)]
+    if not isinstance(spec, dict) or not modules:
+        return spec
+    try:
+        given = {module: list(indices_for(path, config, module, "")) for module in sorted(modules)}
+    except InvalidInputError:
+        return spec
+    lists = list(given.values())
+    return lists[0] if all(v == lists[0] for v in lists) else given
+
+
 def saved_layer_name(key: str, token_modules: frozenset[str]) -> str | None:
     """The base tensor a saved embedding layer beside trainable tokens replaces (``key`` without base_model.model.):
     a token module's wrapped weight (``<module>.token_adapter.base_layer.weight``, standalone ``<module>.base_layer.

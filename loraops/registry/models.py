@@ -131,6 +131,9 @@ class SqlAdapter(Base):
     target_modules: Mapped[list[str]] = mapped_column(JSON)
     dora: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """A DoRA adapter (PEFT use_dora)."""
+    token_rows: Mapped[Optional[dict[str, int]]] = mapped_column(JSON)
+    """PEFT trainable tokens: {base tensor: number of rows it replaces}, {} for none; NULL: not recorded (a PEFT
+    adapter registered before revision 0005, until `verify` or registering it again records it)."""
     base_id: Mapped[Optional[int]] = mapped_column(ForeignKey("bases.id", ondelete="SET NULL"), index=True)
     base_hint: Mapped[Optional[str]] = mapped_column(String(1024))
     """PEFT's base_model_name_or_path, as written in the adapter."""

@@ -23,7 +23,7 @@ from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryE
 from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
 from .blobs import BlobStore
 
-HEAD = "0004"
+HEAD = "0005"
 """The schema revision this code reads and writes: the newest under migrations/versions (a test checks it)."""
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -43,7 +43,7 @@ def _integer(text: str) -> int | None:
 _ADAPTER_COLUMNS = (
     "a.id, a.name, a.version, a.sha256, a.weights_sha256, a.format, a.dtype, a.size, a.num_parameters, a.rank, "
     "a.alpha, a.scale_mode, a.target_modules, a.base_id, b.name, b.fingerprint, a.base_hint, a.source, a.blob, "
-    "a.lineage_id, a.created, a.dora"
+    "a.lineage_id, a.created, a.dora, a.token_rows"
 )
 _BASE_COLUMNS = (
     "b.id, b.name, b.fingerprint, b.source, b.path, b.num_tensors, b.num_parameters, b.dtype, b.total_bytes, "
@@ -177,11 +177,13 @@ class Reader:
         lineages = self._lineages(f"SELECT a.lineage_id FROM adapters a WHERE {where}", params, any(r[19] is not None for r in rows))
         records = []
         for (id_, name, version, sha256, weights_sha256, format_, dtype, size, num_parameters, rank, alpha, scale_mode,
-             target_modules, base_id, base_name, fingerprint, base_hint, source, blob, lineage_id, created, dora) in rows:
+             target_modules, base_id, base_name, fingerprint, base_hint, source, blob, lineage_id, created, dora,
+             token_rows) in rows:
             records.append(AdapterRecord(
                 id=id_, name=name, version=version, sha256=sha256, weights_sha256=weights_sha256, format=format_,
                 dtype=dtype, size=size, num_parameters=num_parameters, rank=rank, alpha=alpha, scale_mode=scale_mode,
                 target_modules=list(_json(target_modules)), dora=bool(dora),
+                token_rows=_json(token_rows),  # None: not recorded
                 base=None if base_id is None else BaseRef(id=base_id, name=base_name, fingerprint=fingerprint),
                 base_hint=base_hint, tags=sorted(tags.get(id_, [])), source=source, path=str(self.blobs.path(blob)),
                 created=_time(created), num_modules=counts.get(id_, 0), modules=modules.get(id_, []),

@@ -432,7 +432,8 @@ class Registry:
                 format=adapter.format, dtype=str(adapter.dtype).removeprefix("torch."),
                 size=sum(f.size for f in stored), num_parameters=adapter.num_parameters, rank=adapter.rank,
                 alpha=adapter.alpha, alpha_override=alpha, scale_mode=adapter.scale_mode,
-                target_modules=adapter.target_modules, dora=adapter.dora, base_id=base_id, base_hint=adapter.base_model,
+                target_modules=adapter.target_modules, dora=adapter.dora,
+                token_rows=token_counts(adapter), base_id=base_id, base_hint=adapter.base_model,
                 source=source or str(path.resolve()), blob=key, files=[f.as_dict() for f in stored],
             )
             return self._insert_adapter(name, fields, adapter, tags, lineage)
@@ -567,6 +568,8 @@ class Registry:
             row.base_id, row.target_modules = base_id, adapter.target_modules
             s.execute(delete(SqlAdapterModule).where(SqlAdapterModule.adapter_id == row.id))
             _insert_modules(s, row.id, adapter)
+        if row.token_rows is None and adapter is not None:  # registered before they were recorded (revision 0005)
+            row.token_rows = token_counts(adapter)
         self._tag(s, row, tags)
         return Registration(self._adapter_record(s, row), False, linked, previous)
 
@@ -629,16 +632,34 @@ class Registry:
         return CheckResult.of(label, [check.check(adapter, manifest, base_name=name) for name, manifest in manifests])
 
     def verify(self, progress: bool | None = None) -> list[BlobProblem]:
-        """Re-hash every stored file against its record; return what is missing or changed."""
+        """Re-hash every stored file against its record; return what is missing or changed. The trainable tokens of
+        an adapter registered before they were recorded (revision 0005) are read from its intact stored copy and
+        recorded."""
+        from .. import formats
+
         with self.session() as s:
-            rows = [(f"{r.name}@{r.version}", r.blob, r.files) for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
-        total = sum(f["size"] for _, _, files in rows for f in files)
+            rows = [(r.id, f"{r.name}@{r.version}", r.blob, r.files, r.token_rows is None, r.alpha_override)
+                    for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
+        total = sum(f["size"] for *_, files, _, _ in rows for f in files)
         bar = settings.progress_bar(total, "verify", progress)
+        problems, tokens = [], {}
         try:
-            return [BlobProblem(label, path, problem) for label, key, files in rows
-                    for path, problem in self._stored_problems(key, files, bar)]
+            for adapter_id, label, key, files, unknown, alpha in rows:
+                found = self._stored_problems(key, files, bar)
+                problems += [BlobProblem(label, path, problem) for path, problem in found]
+                if unknown and not found:  # headers and config only: the counts, not the values
+                    tokens[adapter_id] = token_counts(formats.read_adapter(self.blobs.path(key), alpha=alpha,
+                                                                           values=False))
         finally:
             bar.close()
+        if tokens and not self.read_only:
+            def work(s: Session) -> None:
+                for adapter_id, counts in tokens.items():
+                    if (row := s.get(SqlAdapter, adapter_id)) is not None and row.token_rows is None:
+                        row.token_rows = counts
+
+            self.write("record trainable tokens", work)
+        return problems
 
     def intact_path(self, ref: str | int) -> Path:
         """The stored copy of a registered adapter, refused when a file of it is missing or no longer its recorded
@@ -798,6 +819,11 @@ def adapter_identity(path: Path, alpha: float | None, weights_sha256: str | None
 
     identity = formats.identity(path, weights_sha256=weights_sha256)
     return identity if alpha is None else hashlib.sha256(f"{identity}\nalpha={float(alpha)!r}".encode()).hexdigest()
+
+
+def token_counts(adapter: "Adapter") -> dict[str, int]:
+    """What the registry keeps of an adapter's PEFT trainable tokens: base tensor → number of rows replaced."""
+    return {name: len(rows.indices) for name, rows in adapter.token_rows.items()}
 
 
 def module_target(name: str, names_resolved: bool) -> str:
