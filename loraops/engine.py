@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import INPUT_EMBEDDINGS, is_head, rows_shape, tied_head_source
+from .check import INPUT_EMBEDDINGS, is_head, rows_shape, tied_head_source, ties_word_embeddings, unstored_head_of
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, BlockScaled
@@ -464,8 +464,10 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                                     "LoRA; merge them separately")
     rows.update(_head_rows(heads, rows))
     untied = {base.tensors[source].file for source in heads.values()}
-    for group in _stored_twice(base, terms.keys() | replacements.keys() | rows.keys()):
-        if not undo and any(is_head(name) for name in group & (terms.keys() | replacements.keys() | rows.keys())) \
+    touched = terms.keys() | replacements.keys() | rows.keys()
+    for group in _stored_twice(base, touched):
+        # a head changed, or the embeddings by a LoRA (PEFT's changes their lookup only, see _unstored_heads)
+        if not undo and any(name in touched if is_head(name) else name in terms for name in group) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
             embeddings = [name for name in group if not is_head(name) and name in rows]
@@ -485,7 +487,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     # fine-grained FP8 weights (loraops.fp8): those the adapters change, encoded again with new scales; with --dtype
     # every one, dequantized, and its scales left out
     scaled = {}
-    for name in [*terms, *replacements, *rows]:
+    for name in [*terms, *replacements, *rows, *heads]:
         source = heads.get(name, name)
         if (found := fp8.layout(base.tensors, source, base.quantization_config(source))) is not None:
             scaled[name] = found
@@ -518,7 +520,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                     tensors.append(tensor)
                     if tensor.encoded:  # an untied head's scale under its own name, not its embeddings'
                         tensors.append(_Tensor(tensor.scaled.scale_name, tensor.scaled.scale,
-                                               tensor.scaled.scale.dtype, scale_of=tensor,
+                                               tensor.scaled.scale.dtype, scale_of=tensor if tensor.decoded else None,
                                                new_name=tensor.new_name and fp8.scale_name(tensor.new_name)))
             if not tensors and by_file.get(source):
                 continue  # it held only FP8 scales, moved to their weights' files or left out: no index lists it
@@ -607,13 +609,16 @@ def _saved_layer_tensors(adapter: Adapter) -> set[str]:
 
 
 def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo: bool) -> dict[str, str]:
-    """Output heads an adapter changes that the base does not store, since it ties them to its input embeddings →
-    those embeddings. The merge writes such a head as a tensor of its own (the embeddings' values + the head's
-    changes) and unties the model's config; the embeddings get only their own changes. The merged model then
-    computes what the adapter's model computed, where changing the one shared tensor (PEFT's merge) would move the
-    input embeddings by the head's delta too."""
-    wanted = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
-              if applies(m, weight)}
+    """Output heads the base does not store, since it ties them to its input embeddings, that a merge changes apart
+    from those embeddings → those embeddings: heads an adapter changes, and the heads of embeddings a LoRA changes.
+    The merge writes such a head as a tensor of its own (the embeddings' values + the head's changes, if any) and
+    unties the model's config; the embeddings get only their own changes. The merged model then computes what the
+    adapter's model computed (PEFT's LoRA on the embeddings changes their lookup only; its head reads the shared
+    base weight), where changing the one shared tensor (PEFT's merge) would move the head by the embeddings' delta,
+    or the input embeddings by the head's."""
+    lora = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
+            if applies(m, weight)}
+    wanted = dict(lora)
     wanted.update((name, tuple(t.shape)) for adapter, _ in adapters for name, t in adapter.full_tensors.items())
     wanted.update((name, rows_shape(r, base.tensors)) for adapter, _ in adapters for name, r in adapter.token_rows.items())
     heads = {}
@@ -631,6 +636,10 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
                                 "tie_word_embeddings also decides how the output is scaled (T5-style): loraops "
                                 "does not untie it, and does not merge into tied heads")
         heads[name] = embeddings
+    for name in sorted(lora.keys() & base.tensors.keys()) if not undo else ():
+        head = unstored_head_of(name, base.tensors, base.config(name))
+        if head is not None and head not in heads:
+            heads[head] = name
     return heads
 
 
@@ -677,11 +686,8 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
 
 
 def _tie_word_embeddings(base: BaseModel, tensor: str) -> bool | None:
-    """What the config.json of the model holding ``tensor`` says of tying (a VLM's in its text_config); None when
-    it says nothing."""
-    config = base.config(tensor)
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    return config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
+    """What the config.json of the model holding ``tensor`` says of tying; None when it says nothing."""
+    return ties_word_embeddings(base.config(tensor))
 
 
 def _steps(file: _File) -> Iterable[_Copy | _Chunk]:

@@ -233,8 +233,9 @@ class CheckReport(Record):
     """Trainable tokens (PEFT) whose tensor is missing from the base (expected null), of another width, or shorter
     than their largest index (actual: [largest index + 1, width])."""
     tied_heads: list[str] = []
-    """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape: they fit, and
-    a merge writes them untied (see loraops.engine)."""
+    """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape, that an adapter
+    changes, or whose embeddings a LoRA changes (known when the base's config.json is at hand): a merge writes them
+    untied (see loraops.engine)."""
 
 
 class InspectReport(Record):

@@ -617,7 +617,8 @@ class Registry:
         if base is not None and Path(base).exists():
             model = BaseModel.open(base)
             return CheckResult.of(label, [check.check(adapter, model.tensors, base_name=str(base),
-                                                      quantization=model.quantization_config)])
+                                                      quantization=model.quantization_config,
+                                                      config=model.config)])
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base)]
