@@ -514,12 +514,16 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 convert = out_dtype is not None and (info.dtype in FLOAT_DTYPES or name in scaled)
                 component = name.removesuffix(info.name)  # a pipeline's "unet." …
                 for out_name in [name, *sorted(head for head, embeddings in heads.items() if embeddings == name)]:
-                    tensor = _Tensor(out_name, info, out_dtype if convert else info.dtype, terms.get(out_name, []),
+                    dtype = out_dtype if convert else info.dtype
+                    if out_name != name and out_dtype is None and scaled.get(out_name) is not None:
+                        dtype = _untied_head_dtype(base, name, out_name.removeprefix(component))
+                    tensor = _Tensor(out_name, info, dtype, terms.get(out_name, []),
                                      replacements.get(out_name), rows.get(out_name, []), scaled=scaled.get(out_name),
                                      new_name=None if out_name == name else out_name.removeprefix(component))
                     tensors.append(tensor)
                     if tensor.encoded:  # an untied head's scale under its own name, not its embeddings'
-                        tensors.append(_Tensor(tensor.scaled.scale_name, tensor.scaled.scale,
+                        tensors.append(_Tensor(tensor.scaled.scale_name if tensor.new_name is None
+                                               else fp8.scale_name(tensor.name), tensor.scaled.scale,
                                                tensor.scaled.scale.dtype, scale_of=tensor if tensor.decoded else None,
                                                new_name=tensor.new_name and fp8.scale_name(tensor.new_name)))
             if not tensors and by_file.get(source):
@@ -528,6 +532,18 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied,
                                dequantized=out_dtype is not None and any(t.scaled for t in tensors)))
     return files
+
+
+def _untied_head_dtype(base: BaseModel, embeddings: str, head: str) -> str:
+    """The dtype of a head untied from FP8 embeddings: FP8 (with its own scale) where transformers loads it as
+    FP8, else the model's float dtype (bf16 when its config names none). transformers skips the output head when it
+    converts Linears to FP8 (fp8.loaded_as_fp8), and on a GPU that plain Linear takes the FP8 bytes as values."""
+    config = base.config(embeddings)
+    if fp8.loaded_as_fp8(head.removesuffix(".weight"), base.quantization_config(embeddings)):
+        return base.tensors[embeddings].dtype
+    named = config.get("dtype") or config.get("torch_dtype")
+    found = DTYPE_NAMES.get(named.lower()) if isinstance(named, str) else None
+    return found if found in ("BF16", "F16", "F32") else "BF16"
 
 
 def _token_rows(adapters: list[tuple[Adapter, float]], changed_by: dict[str, set[int]],

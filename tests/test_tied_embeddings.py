@@ -132,23 +132,54 @@ def test_a_model_without_a_head_is_merged_in_place(tmp_path, tied):
     assert report.heads_untied == [] and "lm_head.weight" not in tensors(tmp_path / "out")
 
 
-@pytest.mark.parametrize("dtype", [None, "bf16"])
-def test_fp8_embeddings(tmp_path, dtype):
-    """FP8 embeddings: the untied head is their stored bytes under its own name with its own scale (FP8 out), or
-    their decoded values (--dtype)."""
+def head_loaded(path, gpu_path: bool):
+    """lm_head.weight as transformers loads the model at ``path``: on a CPU it dequantizes every FP8 weight that has
+    a scale; ``gpu_path`` takes the load path it takes on a GPU (no dequantizing: FP8Linear where it converts)."""
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    check = FineGrainedFP8HfQuantizer.validate_environment
+    if gpu_path:  # (on a CPU it switches to dequantizing; the rest of the load path is the GPU's)
+        FineGrainedFP8HfQuantizer.validate_environment = lambda self, *args, **kwargs: None
+    try:
+        model = load_model(path, torch.bfloat16)
+    finally:
+        FineGrainedFP8HfQuantizer.validate_environment = check
+    return type(model.lm_head).__name__, model.lm_head.weight.detach()
+
+
+@pytest.mark.parametrize("case", ["fp8", "fp8-head-converted", "bf16"])
+def test_fp8_embeddings(tmp_path, case):
+    """FP8 embeddings: the untied head is their decoded values in the model's dtype, since transformers does not
+    convert the output head to FP8 (a plain Linear took the FP8 bytes as values and dropped the scale on its GPU
+    load path); where the config's modules_to_not_convert leaves it converted, their stored bytes under its own name
+    with its own scale. --dtype: their decoded values. transformers loads each as those values."""
     from factories import fp8_model
+    from loraops.basemodel import BaseModel
 
     source = tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16, tie=True)
-    base = fp8_model(source, tmp_path / "fp8", modules=("embed_tokens", "q_proj"))
+    base = fp8_model(source, tmp_path / "fp8", modules=("embed_tokens", "q_proj"), block=(16, 16))
+    if case == "fp8-head-converted":
+        config = json.loads((base / "config.json").read_text())
+        config["quantization_config"]["modules_to_not_convert"] = ["k_proj", "v_proj", "o_proj", "mlp"]
+        (base / "config.json").write_text(json.dumps(config))
     adapter = formats.read_adapter(embedding_lora(source, tmp_path / "a"))
+    dtype = "bf16" if case == "bf16" else None
     report = engine.merge(base, [(adapter, 1.0)], tmp_path / "out", dtype=dtype, progress=False)
     assert report.heads_untied == ["lm_head.weight"]
+    assert report.fingerprint == BaseModel.open(tmp_path / "out").fingerprint()
     ours, stored = tensors(tmp_path / "out"), tensors(base)
-    if dtype is None:
+    engine.merge(base, [], tmp_path / "plain", dtype="bf16", progress=False)
+    decoded = tensors(tmp_path / "plain")[EMBED]  # the embeddings decoded, rounded to bf16
+    if case == "fp8-head-converted":
         assert torch.equal(ours["lm_head.weight"].view(torch.uint8), stored[EMBED].view(torch.uint8))
         assert torch.equal(ours["lm_head.weight_scale_inv"], stored[f"{EMBED}_scale_inv"])
-        assert not torch.equal(ours[f"{EMBED}_scale_inv"], stored[f"{EMBED}_scale_inv"])
     else:
-        engine.merge(base, [], tmp_path / "plain", dtype=dtype, progress=False)
-        decoded = tensors(tmp_path / "plain")
-        assert torch.equal(ours["lm_head.weight"], decoded[EMBED]) and "lm_head.weight_scale_inv" not in ours
+        assert torch.equal(ours["lm_head.weight"], decoded) and "lm_head.weight_scale_inv" not in ours
+    if case != "bf16":
+        assert not torch.equal(ours[f"{EMBED}_scale_inv"], stored[f"{EMBED}_scale_inv"])  # the embeddings re-encoded
+    for gpu_path in (False, True):
+        kind, head = head_loaded(tmp_path / "out", gpu_path)
+        if kind == "Linear":  # FP8Linear keeps the FP8 bytes and the scale, checked above
+            assert torch.equal(head, decoded), (case, gpu_path)
+        else:
+            assert case == "fp8-head-converted" and gpu_path and kind == "FP8Linear"
