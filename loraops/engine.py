@@ -429,6 +429,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     changed_by: dict[str, set[int]] = {}  # tensor → the inputs whose LoRAs change it
     replacements: dict[str, "torch.Tensor"] = {}
     replaced_by: dict[str, int] = {}
+    saved_layers: set[str] = set()  # the replacements that are PEFT saved layers under a LoRA
     position: dict[int, int] = {}  # id(module) → its adapter's place in the order given (DoRA's order matters)
     for index, (adapter, weight) in enumerate(adapters):
         for module in adapter.modules.values():
@@ -455,6 +456,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 raise InvalidInputError(f"two adapters replace {name!r} (modules_to_save); merge them separately")
             replacements[name] = tensor
             replaced_by[name] = index
+            if name in adapted:
+                saved_layers.add(name)
     rows = _token_rows(adapters, changed_by, replaced_by)
     for name, index in replaced_by.items():
         # the LoRA of the adapter that saved the layer is added on its value (PEFT's save_embedding_layers); another
@@ -462,7 +465,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         if changed_by.get(name, set()) - {index}:
             raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and changed by another's "
                                     "LoRA; merge them separately")
-    rows.update(_head_rows(heads, rows))
+    _inherit(heads, rows, replacements, saved_layers)
     untied = {base.tensors[source].file for source in heads.values()}
     touched = terms.keys() | replacements.keys() | rows.keys()
     for group in _stored_twice(base, touched):
@@ -470,9 +473,9 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         if not undo and any(name in touched if is_head(name) else name in terms for name in group) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
-            embeddings = [name for name in group if not is_head(name) and name in rows]
-            for head in (name for name in group if is_head(name) and name not in rows) if embeddings else ():
-                rows[head] = rows[embeddings[0]]  # except the tokens: see _head_rows
+            embeddings = min((name for name in group if not is_head(name)), default=None)
+            _inherit({name: embeddings for name in group if is_head(name)} if embeddings else {}, rows, replacements,
+                     saved_layers)  # but for what PEFT's tied weight carries
             continue
         shared = sorted((term for name in sorted(group) for term in terms.get(name, [])),
                         key=lambda term: position[id(term[0])])
@@ -578,12 +581,19 @@ def _token_rows(adapters: list[tuple[Adapter, float]], changed_by: dict[str, set
     return rows
 
 
-def _head_rows(heads: dict[str, str], rows: dict[str, list[TokenRows]]) -> dict[str, list[TokenRows]]:
-    """The trainable tokens of the untied heads that have none of their own: their embeddings'. PEFT ties the
-    tokens of a tied model's embeddings to its head (the head's layer, LoRA-wrapped or not, reads the embeddings'
-    weight with the tokens in place); a head given tokens of its own (trainable_token_indices={"lm_head": …} with
-    other indices) is wrapped apart and reads the base's weight."""
-    return {head: rows[source] for head, source in heads.items() if head not in rows and source in rows}
+def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacements: dict[str, "torch.Tensor"],
+             saved_layers: set[str]) -> None:
+    """Give the untied heads (head → its embeddings) what PEFT puts into the one weight a tied model's head reads,
+    where they have none of their own: the embeddings' trainable tokens (PEFT ties them to the head: its layer,
+    LoRA-wrapped or not, reads the embeddings' weight with the tokens in place), and a saved layer under the
+    embeddings' LoRA (PEFT loads it into that weight). Not a modules_to_save copy (PEFT wraps the embeddings apart),
+    and not rows for a head given tokens of its own (trainable_token_indices={"lm_head": …} with other indices: it is
+    wrapped apart and reads the base's weight)."""
+    for head, embeddings in heads.items():
+        if head not in rows and embeddings in rows:
+            rows[head] = rows[embeddings]
+        if head not in replacements and embeddings in saved_layers:
+            replacements[head] = replacements[embeddings]
 
 
 def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:

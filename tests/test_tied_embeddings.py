@@ -183,3 +183,21 @@ def test_fp8_embeddings(tmp_path, case):
             assert torch.equal(head, decoded), (case, gpu_path)
         else:
             assert case == "fp8-head-converted" and gpu_path and kind == "FP8Linear"
+
+
+def test_a_saved_embedding_layer_reaches_the_untied_head(tmp_path, tied):
+    """PEFT's saved layer under the embeddings' LoRA (save_embedding_layers), here not the base's values: PEFT loads
+    it into the one weight the head reads, so the untied head is that layer (without the embeddings' delta)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"],
+                                                        init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.base_layer.weight.add_(0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    report = engine.merge(tied, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    torch.testing.assert_close(tensors(tmp_path / "out")["lm_head.weight"], tensors(tied)[EMBED] + 0.1)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(adapted(tied, tmp_path / "a")),
+                               atol=1e-5, rtol=1e-5)
