@@ -88,12 +88,13 @@ class Reader:
         return self.execute(sql.replace("?", "%s") if self._percent else sql, tuple(params))
 
     def registered_paths(self) -> list[tuple[str, str]]:
-        """(path, what) of every registered base's files and every registered adapter's source on disk (a Hub
-        source is none), in one query: what an output must not overwrite (Registry.refuse_output_inside)."""
+        """(path, what) of every registered base's files and every registered adapter's source on disk, in one
+        query: what an output must not overwrite (refuse_output_over_registered). Both are recorded as absolute
+        paths; a source that is not one (hf://repo@commit) names no file."""
         rows = self.rows("SELECT 'base', name, NULL, path FROM bases WHERE path IS NOT NULL UNION ALL "
                          "SELECT 'adapter', name, version, source FROM adapters WHERE source IS NOT NULL")
         return [(path, f"registered base {name}" if kind == "base" else f"the source of registered adapter {name}@{version}")
-                for kind, name, version, path in rows if not path.startswith("hf://")]
+                for kind, name, version, path in rows if os.path.isabs(path)]
 
     # ---------------------------------------------------------------- adapters
 
