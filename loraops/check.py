@@ -79,6 +79,37 @@ def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) ->
     return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t), default=None)
 
 
+# config.json "architectures" of the models with an output head (a causal LM, a multimodal model's language model)
+LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# the module a causal LM wraps its decoder in, whose embeddings its head is tied to: the head sits beside it
+_LM_WRAPPER = re.compile(r"^(?P<owner>(?:.+\.)?)(?:model|transformer|backbone|gpt_neox)\.(?:.+\.)?"
+                         r"(?P<leaf>embed_tokens|wte|word_embeddings|embeddings|embed_in)\.weight$")
+
+
+def ties_word_embeddings(config: dict) -> bool | None:
+    """What a model's config.json says of tying (a multimodal model's in its text_config); None when it says
+    nothing."""
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
+
+
+def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
+    """The output head a causal LM ties to its input embeddings ``embeddings`` and does not store, named as
+    transformers saves it (lm_head.weight beside the decoder's wrapper: model.embed_tokens → lm_head,
+    language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out), or None: the
+    config.json names no class with an output head (a bare model, a classifier, or no config at all), unties it,
+    is an encoder-decoder model's (see engine._can_untie), or the head is stored."""
+    architectures = config.get("architectures") or []
+    if (ties_word_embeddings(config) is False or config.get("is_encoder_decoder") is True
+            or not any(str(a).endswith(LM_HEAD_CLASSES) for a in architectures)):
+        return None
+    found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
+    if found is None:
+        return None
+    head = found["owner"] + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight")
+    return None if head in manifest else head
+
+
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     """kohya name → the base module paths that produce it: from each module's own path (parts of fused tensors
     included), and from its diffusers path when the base is a single-file SD or FLUX.1 checkpoint (sd-scripts names
@@ -330,11 +361,13 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
 
 
 def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
-          quantization: Callable[[str], dict | None] | None = None) -> CheckReport:
+          quantization: Callable[[str], dict | None] | None = None,
+          config: Callable[[str], dict] | None = None) -> CheckReport:
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
     tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line
-    if not."""
+    if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge unties because a
+    LoRA changes their tied embeddings (unstored_head_of) are listed in tied_heads too."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
@@ -357,6 +390,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 elif fp8.quantized_siblings(module.weight_name, manifest, names := names or sorted(manifest)):
                     why_missing[name] = f"quantized, {fp8.describe(manifest, module.weight_name, None, names)}"
             continue
+        if config is not None and (head := unstored_head_of(module.weight_name, manifest, config(module.weight_name))):
+            tied_heads.append(head.removesuffix(".weight"))
         expected = tuple(info.shape) if module.fused is None else part_shape(module, info.shape)
         if expected != tuple(module.weight_shape):
             mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(expected),
@@ -387,7 +422,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
         shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, token_row_mismatches=row_mismatches,
-        tied_heads=tied_heads, why_missing=why_missing,
+        tied_heads=sorted(set(tied_heads)), why_missing=why_missing,
         token_rows=sum(len(r.indices) for r in bound.token_rows.values()),
         token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
                                if n not in {m.name for m in row_mismatches}),

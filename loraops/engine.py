@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import INPUT_EMBEDDINGS, is_head, rows_shape, tied_head_source
+from .check import INPUT_EMBEDDINGS, is_head, rows_shape, tied_head_source, ties_word_embeddings, unstored_head_of
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, BlockScaled
@@ -429,6 +429,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     changed_by: dict[str, set[int]] = {}  # tensor → the inputs whose LoRAs change it
     replacements: dict[str, "torch.Tensor"] = {}
     replaced_by: dict[str, int] = {}
+    saved_layers: set[str] = set()  # the replacements that are PEFT saved layers under a LoRA
     position: dict[int, int] = {}  # id(module) → its adapter's place in the order given (DoRA's order matters)
     for index, (adapter, weight) in enumerate(adapters):
         for module in adapter.modules.values():
@@ -455,6 +456,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 raise InvalidInputError(f"two adapters replace {name!r} (modules_to_save); merge them separately")
             replacements[name] = tensor
             replaced_by[name] = index
+            if name in adapted:
+                saved_layers.add(name)
     rows = _token_rows(adapters, changed_by, replaced_by)
     for name, index in replaced_by.items():
         # the LoRA of the adapter that saved the layer is added on its value (PEFT's save_embedding_layers); another
@@ -462,15 +465,17 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         if changed_by.get(name, set()) - {index}:
             raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and changed by another's "
                                     "LoRA; merge them separately")
-    rows.update(_head_rows(heads, rows))
+    _inherit(heads, rows, replacements, saved_layers)
     untied = {base.tensors[source].file for source in heads.values()}
-    for group in _stored_twice(base, terms.keys() | replacements.keys() | rows.keys()):
-        if not undo and any(is_head(name) for name in group & (terms.keys() | replacements.keys() | rows.keys())) \
+    touched = terms.keys() | replacements.keys() | rows.keys()
+    for group in _stored_twice(base, touched):
+        # a head changed, or the embeddings by a LoRA (PEFT's changes their lookup only, see _unstored_heads)
+        if not undo and any(name in touched if is_head(name) else name in terms for name in group) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
-            embeddings = [name for name in group if not is_head(name) and name in rows]
-            for head in (name for name in group if is_head(name) and name not in rows) if embeddings else ():
-                rows[head] = rows[embeddings[0]]  # except the tokens: see _head_rows
+            embeddings = min((name for name in group if not is_head(name)), default=None)
+            _inherit({name: embeddings for name in group if is_head(name)} if embeddings else {}, rows, replacements,
+                     saved_layers)  # but for what PEFT's tied weight carries
             continue
         shared = sorted((term for name in sorted(group) for term in terms.get(name, [])),
                         key=lambda term: position[id(term[0])])
@@ -485,7 +490,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     # fine-grained FP8 weights (loraops.fp8): those the adapters change, encoded again with new scales; with --dtype
     # every one, dequantized, and its scales left out
     scaled = {}
-    for name in [*terms, *replacements, *rows]:
+    for name in [*terms, *replacements, *rows, *heads]:
         source = heads.get(name, name)
         if (found := fp8.layout(base.tensors, source, base.quantization_config(source))) is not None:
             scaled[name] = found
@@ -512,13 +517,17 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 convert = out_dtype is not None and (info.dtype in FLOAT_DTYPES or name in scaled)
                 component = name.removesuffix(info.name)  # a pipeline's "unet." …
                 for out_name in [name, *sorted(head for head, embeddings in heads.items() if embeddings == name)]:
-                    tensor = _Tensor(out_name, info, out_dtype if convert else info.dtype, terms.get(out_name, []),
+                    dtype = out_dtype if convert else info.dtype
+                    if out_name != name and out_dtype is None and scaled.get(out_name) is not None:
+                        dtype = _untied_head_dtype(base, name, out_name.removeprefix(component))
+                    tensor = _Tensor(out_name, info, dtype, terms.get(out_name, []),
                                      replacements.get(out_name), rows.get(out_name, []), scaled=scaled.get(out_name),
                                      new_name=None if out_name == name else out_name.removeprefix(component))
                     tensors.append(tensor)
                     if tensor.encoded:  # an untied head's scale under its own name, not its embeddings'
-                        tensors.append(_Tensor(tensor.scaled.scale_name, tensor.scaled.scale,
-                                               tensor.scaled.scale.dtype, scale_of=tensor,
+                        tensors.append(_Tensor(tensor.scaled.scale_name if tensor.new_name is None
+                                               else fp8.scale_name(tensor.name), tensor.scaled.scale,
+                                               tensor.scaled.scale.dtype, scale_of=tensor if tensor.decoded else None,
                                                new_name=tensor.new_name and fp8.scale_name(tensor.new_name)))
             if not tensors and by_file.get(source):
                 continue  # it held only FP8 scales, moved to their weights' files or left out: no index lists it
@@ -526,6 +535,18 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied,
                                dequantized=out_dtype is not None and any(t.scaled for t in tensors)))
     return files
+
+
+def _untied_head_dtype(base: BaseModel, embeddings: str, head: str) -> str:
+    """The dtype of a head untied from FP8 embeddings: FP8 (with its own scale) where transformers loads it as
+    FP8, else the model's float dtype (bf16 when its config names none). transformers skips the output head when it
+    converts Linears to FP8 (fp8.loaded_as_fp8), and on a GPU that plain Linear takes the FP8 bytes as values."""
+    config = base.config(embeddings)
+    if fp8.loaded_as_fp8(head.removesuffix(".weight"), base.quantization_config(embeddings)):
+        return base.tensors[embeddings].dtype
+    named = config.get("dtype") or config.get("torch_dtype")
+    found = DTYPE_NAMES.get(named.lower()) if isinstance(named, str) else None
+    return found if found in ("BF16", "F16", "F32") else "BF16"
 
 
 def _token_rows(adapters: list[tuple[Adapter, float]], changed_by: dict[str, set[int]],
@@ -560,12 +581,19 @@ def _token_rows(adapters: list[tuple[Adapter, float]], changed_by: dict[str, set
     return rows
 
 
-def _head_rows(heads: dict[str, str], rows: dict[str, list[TokenRows]]) -> dict[str, list[TokenRows]]:
-    """The trainable tokens of the untied heads that have none of their own: their embeddings'. PEFT ties the
-    tokens of a tied model's embeddings to its head (the head's layer, LoRA-wrapped or not, reads the embeddings'
-    weight with the tokens in place); a head given tokens of its own (trainable_token_indices={"lm_head": …} with
-    other indices) is wrapped apart and reads the base's weight."""
-    return {head: rows[source] for head, source in heads.items() if head not in rows and source in rows}
+def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacements: dict[str, "torch.Tensor"],
+             saved_layers: set[str]) -> None:
+    """Give the untied heads (head → its embeddings) what PEFT puts into the one weight a tied model's head reads,
+    where they have none of their own: the embeddings' trainable tokens (PEFT ties them to the head: its layer,
+    LoRA-wrapped or not, reads the embeddings' weight with the tokens in place), and a saved layer under the
+    embeddings' LoRA (PEFT loads it into that weight). Not a modules_to_save copy (PEFT wraps the embeddings apart),
+    and not rows for a head given tokens of its own (trainable_token_indices={"lm_head": …} with other indices: it is
+    wrapped apart and reads the base's weight)."""
+    for head, embeddings in heads.items():
+        if head not in rows and embeddings in rows:
+            rows[head] = rows[embeddings]
+        if head not in replacements and embeddings in saved_layers:
+            replacements[head] = replacements[embeddings]
 
 
 def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
@@ -607,13 +635,16 @@ def _saved_layer_tensors(adapter: Adapter) -> set[str]:
 
 
 def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo: bool) -> dict[str, str]:
-    """Output heads an adapter changes that the base does not store, since it ties them to its input embeddings →
-    those embeddings. The merge writes such a head as a tensor of its own (the embeddings' values + the head's
-    changes) and unties the model's config; the embeddings get only their own changes. The merged model then
-    computes what the adapter's model computed, where changing the one shared tensor (PEFT's merge) would move the
-    input embeddings by the head's delta too."""
-    wanted = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
-              if applies(m, weight)}
+    """Output heads the base does not store, since it ties them to its input embeddings, that a merge changes apart
+    from those embeddings → those embeddings: heads an adapter changes, and the heads of embeddings a LoRA changes.
+    The merge writes such a head as a tensor of its own (the embeddings' values + the head's changes, if any) and
+    unties the model's config; the embeddings get only their own changes. The merged model then computes what the
+    adapter's model computed (PEFT's LoRA on the embeddings changes their lookup only; its head reads the shared
+    base weight), where changing the one shared tensor (PEFT's merge) would move the head by the embeddings' delta,
+    or the input embeddings by the head's."""
+    lora = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
+            if applies(m, weight)}
+    wanted = dict(lora)
     wanted.update((name, tuple(t.shape)) for adapter, _ in adapters for name, t in adapter.full_tensors.items())
     wanted.update((name, rows_shape(r, base.tensors)) for adapter, _ in adapters for name, r in adapter.token_rows.items())
     heads = {}
@@ -631,6 +662,10 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
                                 "tie_word_embeddings also decides how the output is scaled (T5-style): loraops "
                                 "does not untie it, and does not merge into tied heads")
         heads[name] = embeddings
+    for name in sorted(lora.keys() & base.tensors.keys()) if not undo else ():
+        head = unstored_head_of(name, base.tensors, base.config(name))
+        if head is not None and head not in heads:
+            heads[head] = name
     return heads
 
 
@@ -677,11 +712,8 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
 
 
 def _tie_word_embeddings(base: BaseModel, tensor: str) -> bool | None:
-    """What the config.json of the model holding ``tensor`` says of tying (a VLM's in its text_config); None when
-    it says nothing."""
-    config = base.config(tensor)
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    return config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
+    """What the config.json of the model holding ``tensor`` says of tying; None when it says nothing."""
+    return ties_word_embeddings(base.config(tensor))
 
 
 def _steps(file: _File) -> Iterable[_Copy | _Chunk]:

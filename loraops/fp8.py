@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -199,6 +200,19 @@ def scale_name(weight: str) -> str:
     """``<m>.weight`` → ``<m>.weight_scale_inv``; a fused experts parameter ``<m>.gate_up_proj`` →
     ``<m>.gate_up_proj_scale_inv``."""
     return f"{weight}_scale_inv"
+
+
+def loaded_as_fp8(module: str, quantization: dict | None) -> bool:
+    """Does transformers load the Linear ``module`` (its path in the model) of a model with this quantization_config
+    as FP8 (FP8Linear, which reads <module>.weight_scale_inv)? Without a modules_to_not_convert list it skips the
+    output head and the tied modules (quantizers.base.get_keys_to_not_convert): a plain Linear then takes an FP8
+    weight's bytes as values and drops its scale (the load path on a GPU; on a CPU it dequantizes every weight that
+    has a scale). With a list, exactly the modules it matches are skipped (quantizers_utils.should_convert_module)."""
+    skip = (quantization or {}).get("modules_to_not_convert")
+    if not isinstance(skip, list):
+        return False
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return not any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in map(str, skip))
 
 
 def layout(manifest: Mapping[str, TensorInfo], name: str, quantization: dict | None) -> BlockScaled | None:

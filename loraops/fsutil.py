@@ -12,7 +12,7 @@ import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import ConflictError, DiskSpaceError, InvalidInputError
 
@@ -60,10 +60,17 @@ def refuse_existing(path: str | Path, force: bool = False) -> None:
 def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None:
     """Refuse, even with --force, an output that is, holds or lies inside ``protected`` (a model being read, the
     registry's blob store): replacing it would destroy what the command reads or what the registry keeps."""
+    refuse_overlaps(output, [(protected, what)])
+
+
+def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, str]]) -> None:
+    """refuse_overlap for many (path, what) at once, the output resolved once."""
     # realpath, not Path.resolve(): that raises RuntimeError on a symlink loop
-    out, keep = Path(os.path.realpath(output)), Path(os.path.realpath(protected))
-    if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):
-        raise InvalidInputError(f"{output}: overlaps {what} ({protected}); write the output elsewhere")
+    out = Path(os.path.realpath(output))
+    for path, what in protected:
+        keep = Path(os.path.realpath(path))
+        if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):
+            raise InvalidInputError(f"{output}: overlaps {what} ({path}); write the output elsewhere")
 
 
 @contextlib.contextmanager

@@ -303,7 +303,13 @@ def _check_output(reg, output, record: bool, adapters: Sequence[str]) -> None:
     and a merge to record in a registry that is read-only here."""
     from .registry.blobs import BlobStore
 
-    (reg if reg is not None else BlobStore()).refuse_output_inside(output)
+    if reg is None:
+        from .registry.reads import refuse_output_over_registered
+
+        BlobStore().refuse_output_inside(output)
+        refuse_output_over_registered(output)
+    else:
+        reg.refuse_output_inside(output)
     refuse_output_over(output, [parse_weighted(a)[0] for a in adapters])
     if record and reg is not None:
         reg.refuse_writes(hint="; --no-record writes the output without recording it")

@@ -240,8 +240,9 @@ class CheckReport(Record):
     token_rows_matched: int = 0
     """Of those, the rows of tensors that fit the base (see token_row_mismatches)."""
     tied_heads: list[str] = []
-    """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape: they fit, and
-    a merge writes them untied (see loraops.engine)."""
+    """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape, that an adapter
+    changes, or whose embeddings a LoRA changes (known when the base's config.json is at hand): a merge writes them
+    untied (see loraops.engine)."""
 
 
 class InspectReport(Record):

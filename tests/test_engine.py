@@ -366,10 +366,11 @@ def tied_base_stored_twice(path):
     return state
 
 
-def test_a_tied_parameter_stored_twice_gets_the_delta_in_both_copies(tmp_path):
+def test_a_tied_parameter_stored_twice_gets_the_delta_in_the_embeddings_only(tmp_path):
     """A tied model (tie_word_embeddings) whose file also holds lm_head.weight, a byte-identical copy of the
-    embeddings (some exporters write it), and a LoRA on the embeddings only: PEFT changes the one shared tensor, so
-    both copies must change, or transformers loads the model untied with the old head."""
+    embeddings (some exporters write it), and a LoRA on the embeddings only: PEFT's adapted model changes their
+    lookup only, its head reads the base weight; so the head copy keeps it and the model comes out untied
+    (tests/test_tied_embeddings.py compares the logits)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -380,11 +381,10 @@ def test_a_tied_parameter_stored_twice_gets_the_delta_in_both_copies(tmp_path):
     adapter = formats.read_adapter(tmp_path / "a")
     engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", device="cpu")
     ours = merged_tensors(tmp_path / "out")
-    assert torch.equal(ours["lm_head.weight"], ours["model.embed_tokens.weight"])
+    assert torch.equal(ours["lm_head.weight"], state["lm_head.weight"])
     shared = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "a")
     expected = shared.merge_and_unload().state_dict()["model.embed_tokens.weight"]
     torch.testing.assert_close(ours["model.embed_tokens.weight"], expected, rtol=0, atol=1e-6)
-    assert not torch.equal(ours["lm_head.weight"], state["lm_head.weight"])
 
 
 def tied_llama(path, **save):

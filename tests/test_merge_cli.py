@@ -264,9 +264,23 @@ def test_check_and_merge_say_a_tied_head_is_written_untied(tmp_path):
         "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied "
         "(an encoder-decoder model's is refused)"]
     out = run("merge", adapter, "--into", tmp_path / "base", "-o", tmp_path / "out", "--no-record").output
-    assert out.splitlines()[1] == ("untied lm_head.weight from the input embeddings (the adapter changes the head on "
-                                   "its own): written as its own tensor, config.json says tie_word_embeddings: false")
+    assert out.splitlines()[1] == UNTIED
     assert "lm_head.weight" in tensors(tmp_path / "out")
+
+
+UNTIED = ("untied lm_head.weight from the input embeddings (the adapters change one without the other): written as "
+          "its own tensor, config.json says tie_word_embeddings: false")
+
+
+def test_check_and_merge_say_an_embeddings_lora_unties_the_head(tmp_path):
+    """A LoRA on a tied model's embeddings alone: PEFT's head reads the base weight, so the merge unties it."""
+    base = tiny_llama(tmp_path / "base", tie=True)
+    adapter = peft_adapter(base, tmp_path / "a", target_modules=["embed_tokens"])
+    assert run("check", adapter, "--base", base).output.splitlines()[1:] == [
+        "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied "
+        "(an encoder-decoder model's is refused)"]
+    out = run("merge", adapter, "--into", base, "-o", tmp_path / "out", "--no-record").output
+    assert out.splitlines()[1] == UNTIED
 
 
 def test_an_output_through_dotdot_creates_nothing_else_and_is_recorded(tmp_path, models):

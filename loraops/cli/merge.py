@@ -79,8 +79,8 @@ def _render(report, as_json: bool) -> None:
         f"{report.dtype} on {report.device}, peak memory {human_bytes(report.peak_rss_bytes)}"
     )
     if report.heads_untied:
-        click.echo(f"untied {', '.join(report.heads_untied)} from the input embeddings (the adapter changes the head "
-                   "on its own): written as its own tensor, config.json says tie_word_embeddings: false")
+        click.echo(f"untied {', '.join(report.heads_untied)} from the input embeddings (the adapters change one "
+                   "without the other): written as its own tensor, config.json says tie_word_embeddings: false")
     if report.files_left_out:
         click.echo(f"left out {', '.join(report.files_left_out)}: other copies of the base's weights, not merged")
     if report.residual is not None:

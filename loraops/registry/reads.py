@@ -17,9 +17,11 @@ import os
 import re
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
+from ..fsutil import refuse_overlaps
 from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
 from .blobs import BlobStore
 
@@ -84,6 +86,15 @@ class Reader:
     def rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[tuple]:
         """Run ``sql`` written with ``?`` placeholders (and no literal ? or %) in the driver's own style."""
         return self.execute(sql.replace("?", "%s") if self._percent else sql, tuple(params))
+
+    def registered_paths(self) -> list[tuple[str, str]]:
+        """(path, what) of every registered base's files and every registered adapter's source on disk, in one
+        query: what an output must not overwrite (refuse_output_over_registered). Both are recorded as absolute
+        paths; a source that is not one (hf://repo@commit) names no file."""
+        rows = self.rows("SELECT 'base', name, NULL, path FROM bases WHERE path IS NOT NULL UNION ALL "
+                         "SELECT 'adapter', name, version, source FROM adapters WHERE source IS NOT NULL")
+        return [(path, f"registered base {name}" if kind == "base" else f"the source of registered adapter {name}@{version}")
+                for kind, name, version, path in rows if os.path.isabs(path)]
 
     # ---------------------------------------------------------------- adapters
 
@@ -295,6 +306,23 @@ def reader(url: str | None = None) -> Iterator[Reader]:
         yield Reader.over(connection, BlobStore())
     finally:
         connection.close()
+
+
+def refuse_output_over_registered(output: str | Path, found: Reader | None = None) -> None:
+    """Refuse, even with --force, an output that is, holds or lies inside a registered base's files or a registered
+    adapter's source (Reader.registered_paths): `merge -o <base> --force` rewrote the files a base's record
+    describes, and check, subtract --exact and later merges then read other values under that record. Paths that no
+    longer exist are no obstacle (nothing is there to overwrite). Without ``found`` (a command that does not open
+    the registry, merge --no-record) the registry is read when there is one."""
+    from .. import settings
+
+    if found is None:
+        database = settings.sqlite_database()
+        if database is not None and not database.is_file():
+            return
+        with reader() as found:
+            return refuse_output_over_registered(output, found)
+    refuse_overlaps(output, ((path, what) for path, what in found.registered_paths() if os.path.lexists(path)))
 
 
 def _connect(url: str):

@@ -116,8 +116,11 @@ class Registry:
         self.engine.dispose()
 
     def refuse_output_inside(self, output: str | Path) -> None:
-        """An output over the registry's own files (its blob store, its database): see BlobStore.refuse_output_inside."""
+        """An output over the registry's own files (its blob store, its database: see BlobStore.refuse_output_inside),
+        or over what a record describes (reads.refuse_output_over_registered)."""
         self.blobs.refuse_output_inside(output, db.sqlite_file(self.engine))
+        with self.reader() as found:
+            reads.refuse_output_over_registered(output, found)
 
     def refuse_writes(self, hint: str = "") -> None:
         """Raise, before anything is copied or computed, when this registry is read-only here."""
@@ -620,7 +623,8 @@ class Registry:
         if base is not None and Path(base).exists():
             model = BaseModel.open(base)
             return CheckResult.of(label, [check.check(adapter, model.tensors, base_name=str(base),
-                                                      quantization=model.quantization_config)])
+                                                      quantization=model.quantization_config,
+                                                      config=model.config)])
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base)]

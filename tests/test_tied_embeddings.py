@@ -1,0 +1,203 @@
+"""A LoRA on the input embeddings of a tied model (tie_word_embeddings) whose head is not trained: PEFT's adapted
+model changes the embedding lookup only, its head reads the one shared base weight. The merge writes the head untied,
+as the base's values, so the merged model computes what the adapted model computes (PEFT's merge_and_unload changes
+the shared tensor, the head included)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import load_model, tiny_llama
+from test_engine import merged_tensors as tensors
+from loraops import engine, formats
+
+EMBED = "model.embed_tokens.weight"
+TOKENS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(TOKENS).logits
+
+
+def embedding_lora(base, out, **kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=kwargs.pop("targets", ["embed_tokens"]),
+                                                        init_lora_weights=False, **kwargs))
+    if kwargs.get("use_dora"):  # magnitudes off their initial norms
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1.5)
+    model.save_pretrained(out, save_embedding_layers=False)
+    return out
+
+
+def adapted(base, adapter, scale=1.0):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base), adapter)
+    if scale != 1.0:
+        for module in model.modules():
+            if hasattr(module, "set_scale"):
+                module.set_scale("default", scale)
+    return model
+
+
+@pytest.fixture
+def tied(tmp_path):
+    return tiny_llama(tmp_path / "tied", tie=True)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_embeddings_lora_merges_as_the_adapted_model(tmp_path, tied, weight):
+    adapter_path = embedding_lora(tied, tmp_path / "a")
+    expected = logits(adapted(tied, adapter_path, weight))
+    if weight == 1.0:  # why the head is not merged into the shared tensor
+        assert (logits(adapted(tied, adapter_path).merge_and_unload()) - expected).abs().max() > 1e-2
+    adapter = formats.read_adapter(adapter_path)
+    report = engine.merge(tied, [(adapter, weight)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    ours, base = tensors(tmp_path / "out"), tensors(tied)
+    assert torch.equal(ours["lm_head.weight"], base[EMBED]) and not torch.equal(ours[EMBED], base[EMBED])
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), expected, atol=1e-5, rtol=1e-5)
+    from loraops.basemodel import BaseModel
+
+    assert report.fingerprint == BaseModel.open(tmp_path / "out").fingerprint()
+
+    # subtract from the untied model takes the delta off the embeddings; the head is already the base's
+    back = engine.subtract(tmp_path / "out", [(adapter, weight)], tmp_path / "back", progress=False)
+    assert back.heads_untied == []
+    restored = tensors(tmp_path / "back")
+    assert torch.equal(restored["lm_head.weight"], base[EMBED])
+    torch.testing.assert_close(restored[EMBED], base[EMBED], atol=1e-6, rtol=0)
+
+
+def test_weight_zero_unties_nothing(tmp_path, tied):
+    adapter = formats.read_adapter(embedding_lora(tied, tmp_path / "a"))
+    report = engine.merge(tied, [(adapter, 0.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == [] and "lm_head.weight" not in tensors(tmp_path / "out")
+
+
+def test_subtract_from_a_tied_model_changes_the_shared_tensor(tmp_path, tied):
+    """The inverse of PEFT's merge_and_unload (which wrote the delta into the shared tensor): nothing to untie."""
+    adapter_path = embedding_lora(tied, tmp_path / "a")
+    adapted(tied, adapter_path).merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+    report = engine.subtract(tmp_path / "peft-merged", [(formats.read_adapter(adapter_path), 1.0)], tmp_path / "back",
+                             progress=False)
+    assert report.heads_untied == [] and "lm_head.weight" not in tensors(tmp_path / "back")
+    torch.testing.assert_close(tensors(tmp_path / "back")[EMBED], tensors(tied)[EMBED], atol=1e-6, rtol=0)
+
+
+def test_head_stored_twice_keeps_its_base_values(tmp_path, tied):
+    """A tied model an exporter saved with lm_head.weight too (byte-identical): the embeddings take the delta, the
+    head copy keeps the base's values, the config unties them."""
+    adapter_path = embedding_lora(tied, tmp_path / "a")
+    state = load_file(tied / "model.safetensors")
+    save_file({**state, "lm_head.weight": state[EMBED].clone()}, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    report = engine.merge(tied, [(formats.read_adapter(adapter_path), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(tensors(tmp_path / "out")["lm_head.weight"], state[EMBED])
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(adapted(tied, adapter_path)), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_embeddings_and_head(tmp_path, tied):
+    adapter_path = embedding_lora(tied, tmp_path / "a", targets=["embed_tokens", "lm_head"])
+    report = engine.merge(tied, [(formats.read_adapter(adapter_path), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(adapted(tied, adapter_path)), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_on_the_embeddings(tmp_path, tied):
+    adapter_path = embedding_lora(tied, tmp_path / "a", use_dora=True)
+    report = engine.merge(tied, [(formats.read_adapter(adapter_path), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    assert torch.equal(tensors(tmp_path / "out")["lm_head.weight"], tensors(tied)[EMBED])
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(adapted(tied, adapter_path)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_without_a_head_is_merged_in_place(tmp_path, tied):
+    """A config naming a class without an output head (here: a classifier's): nothing to untie."""
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    adapter = formats.read_adapter(embedding_lora(tied, tmp_path / "a"))
+    report = engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == [] and "lm_head.weight" not in tensors(tmp_path / "out")
+
+
+def head_loaded(path, gpu_path: bool):
+    """lm_head.weight as transformers loads the model at ``path``: on a CPU it dequantizes every FP8 weight that has
+    a scale; ``gpu_path`` takes the load path it takes on a GPU (no dequantizing: FP8Linear where it converts)."""
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    check = FineGrainedFP8HfQuantizer.validate_environment
+    if gpu_path:  # (on a CPU it switches to dequantizing; the rest of the load path is the GPU's)
+        FineGrainedFP8HfQuantizer.validate_environment = lambda self, *args, **kwargs: None
+    try:
+        model = load_model(path, torch.bfloat16)
+    finally:
+        FineGrainedFP8HfQuantizer.validate_environment = check
+    return type(model.lm_head).__name__, model.lm_head.weight.detach()
+
+
+@pytest.mark.parametrize("case", ["fp8", "fp8-head-converted", "bf16"])
+def test_fp8_embeddings(tmp_path, case):
+    """FP8 embeddings: the untied head is their decoded values in the model's dtype, since transformers does not
+    convert the output head to FP8 (a plain Linear took the FP8 bytes as values and dropped the scale on its GPU
+    load path); where the config's modules_to_not_convert leaves it converted, their stored bytes under its own name
+    with its own scale. --dtype: their decoded values. transformers loads each as those values."""
+    from factories import fp8_model
+    from loraops.basemodel import BaseModel
+
+    source = tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16, tie=True)
+    base = fp8_model(source, tmp_path / "fp8", modules=("embed_tokens", "q_proj"), block=(16, 16))
+    if case == "fp8-head-converted":
+        config = json.loads((base / "config.json").read_text())
+        config["quantization_config"]["modules_to_not_convert"] = ["k_proj", "v_proj", "o_proj", "mlp"]
+        (base / "config.json").write_text(json.dumps(config))
+    adapter = formats.read_adapter(embedding_lora(source, tmp_path / "a"))
+    dtype = "bf16" if case == "bf16" else None
+    report = engine.merge(base, [(adapter, 1.0)], tmp_path / "out", dtype=dtype, progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    assert report.fingerprint == BaseModel.open(tmp_path / "out").fingerprint()
+    ours, stored = tensors(tmp_path / "out"), tensors(base)
+    engine.merge(base, [], tmp_path / "plain", dtype="bf16", progress=False)
+    decoded = tensors(tmp_path / "plain")[EMBED]  # the embeddings decoded, rounded to bf16
+    if case == "fp8-head-converted":
+        assert torch.equal(ours["lm_head.weight"].view(torch.uint8), stored[EMBED].view(torch.uint8))
+        assert torch.equal(ours["lm_head.weight_scale_inv"], stored[f"{EMBED}_scale_inv"])
+    else:
+        assert torch.equal(ours["lm_head.weight"], decoded) and "lm_head.weight_scale_inv" not in ours
+    if case != "bf16":
+        assert not torch.equal(ours[f"{EMBED}_scale_inv"], stored[f"{EMBED}_scale_inv"])  # the embeddings re-encoded
+    for gpu_path in (False, True):
+        kind, head = head_loaded(tmp_path / "out", gpu_path)
+        if kind == "Linear":  # FP8Linear keeps the FP8 bytes and the scale, checked above
+            assert torch.equal(head, decoded), (case, gpu_path)
+        else:
+            assert case == "fp8-head-converted" and gpu_path and kind == "FP8Linear"
+
+
+def test_a_saved_embedding_layer_reaches_the_untied_head(tmp_path, tied):
+    """PEFT's saved layer under the embeddings' LoRA (save_embedding_layers), here not the base's values: PEFT loads
+    it into the one weight the head reads, so the untied head is that layer (without the embeddings' delta)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"],
+                                                        init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.base_layer.weight.add_(0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    report = engine.merge(tied, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    torch.testing.assert_close(tensors(tmp_path / "out")["lm_head.weight"], tensors(tied)[EMBED] + 0.1)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(adapted(tied, tmp_path / "a")),
+                               atol=1e-5, rtol=1e-5)
