@@ -63,14 +63,15 @@ def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None
     refuse_overlaps(output, [(protected, what)])
 
 
-def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, str]]) -> None:
+def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, str]],
+                    hint: str = "write the output elsewhere") -> None:
     """refuse_overlap for many (path, what) at once, the output resolved once."""
     # realpath, not Path.resolve(): that raises RuntimeError on a symlink loop
     out = Path(os.path.realpath(output))
     for path, what in protected:
         keep = Path(os.path.realpath(path))
         if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):
-            raise InvalidInputError(f"{output}: overlaps {what} ({path}); write the output elsewhere")
+            raise InvalidInputError(f"{output}: overlaps {what} ({path}); {hint}")
 
 
 @contextlib.contextmanager

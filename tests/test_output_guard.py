@@ -1,5 +1,4 @@
-"""Outputs over what the registry describes: a registered base's files or a registered adapter's source are refused
-as outputs (equal, holding them, or inside them), even with --force, for every command that writes one; nothing is
+"""Outputs over what the registry describes: a registered base's files are refused as outputs (equal, holding them, or inside them), even with --force, for every command that writes one; nothing is
 written and the record still matches its files."""
 from __future__ import annotations
 
@@ -50,18 +49,26 @@ def test_outputs_over_a_registered_base_are_refused(tmp_path, registered, args):
     argv = [a.format(base=base, other=other, link=tmp_path / "link") for a in args]
     result = run(*argv, code=2)
     assert result.output.startswith(f"error: {argv[argv.index('-o') + 1]}: overlaps registered base llama-tiny (")
+    assert result.output.rstrip().endswith("; write the output elsewhere, or forget the base first with `loraops base rm`")
     assert len(result.output.splitlines()) == 1
     assert snapshot(base) == before
     assert "fits" in run("check", "style", "--base", "llama-tiny").output
 
 
-def test_an_output_over_a_registered_adapters_source_is_refused(tmp_path, registered):
+def test_an_output_over_a_registered_adapters_source_is_allowed_with_force(tmp_path, registered):
+    """The registry reads an adapter's stored copy, never its recorded source: replacing the source with --force
+    leaves every record true."""
     adapter = registered[2]
-    before = snapshot(adapter)
-    result = run("combine", "style", "style", "--method", "cat", "-o", adapter, "--force", code=2)
-    assert snapshot(adapter) == before
-    assert result.output == (f"error: {adapter}: overlaps the source of registered adapter style@1 "
-                             f"({adapter.resolve()}); write the output elsewhere\n")
+    run("combine", "style", "style", "--method", "cat", "-o", adapter, "--force")
+    assert "fits" in run("check", "style", "--base", "llama-tiny").output
+    assert run("verify").exit_code == 0
+
+
+def test_a_registry_server_that_is_down_does_not_stop_a_merge_that_records_nothing(tmp_path, registered, monkeypatch):
+    base, other, adapter = registered
+    monkeypatch.setenv("LORAOPS_DB", "postgresql+psycopg://nobody@127.0.0.1:9/none")
+    run("merge", adapter, "--into", other, "-o", tmp_path / "out", "--no-record")
+    assert (tmp_path / "out" / "config.json").exists()
 
 
 def test_a_base_whose_folder_is_gone_is_no_obstacle(tmp_path, registered):

@@ -88,13 +88,12 @@ class Reader:
         return self.execute(sql.replace("?", "%s") if self._percent else sql, tuple(params))
 
     def registered_paths(self) -> list[tuple[str, str]]:
-        """(path, what) of every registered base's files and every registered adapter's source on disk, in one
-        query: what an output must not overwrite (refuse_output_over_registered). Both are recorded as absolute
-        paths; a source that is not one (hf://repo@commit) names no file."""
-        rows = self.rows("SELECT 'base', name, NULL, path FROM bases WHERE path IS NOT NULL UNION ALL "
-                         "SELECT 'adapter', name, version, source FROM adapters WHERE source IS NOT NULL")
-        return [(path, f"registered base {name}" if kind == "base" else f"the source of registered adapter {name}@{version}")
-                for kind, name, version, path in rows if os.path.isabs(path)]
+        """(path, what) of every registered base's files, in one query: what an output must not overwrite
+        (refuse_output_over_registered). A base is recorded by its path, not copied, so replacing its files leaves
+        its record describing other values; an adapter's recorded source is only provenance (the registry reads its
+        stored copy), so it is not here."""
+        rows = self.rows("SELECT name, path FROM bases WHERE path IS NOT NULL")
+        return [(path, f"registered base {name}") for name, path in rows if os.path.isabs(path)]
 
     # ---------------------------------------------------------------- adapters
 
@@ -309,20 +308,25 @@ def reader(url: str | None = None) -> Iterator[Reader]:
 
 
 def refuse_output_over_registered(output: str | Path, found: Reader | None = None) -> None:
-    """Refuse, even with --force, an output that is, holds or lies inside a registered base's files or a registered
-    adapter's source (Reader.registered_paths): `merge -o <base> --force` rewrote the files a base's record
-    describes, and check, subtract --exact and later merges then read other values under that record. Paths that no
-    longer exist are no obstacle (nothing is there to overwrite). Without ``found`` (a command that does not open
-    the registry, merge --no-record) the registry is read when there is one."""
+    """Refuse, even with --force, an output that is, holds or lies inside a registered base's files
+    (Reader.registered_paths): `merge -o <base> --force` rewrote the files a base's record describes, and check,
+    subtract --exact and later merges then read other values under that record. Paths that no longer exist are no
+    obstacle (nothing is there to overwrite). Without ``found`` (a command that does not open the registry, merge
+    --no-record) the registry is read when there is one and it can be reached: a registry server that is down does
+    not stop a merge that records nothing."""
     from .. import settings
 
     if found is None:
         database = settings.sqlite_database()
         if database is not None and not database.is_file():
             return
-        with reader() as found:
-            return refuse_output_over_registered(output, found)
-    refuse_overlaps(output, ((path, what) for path, what in found.registered_paths() if os.path.lexists(path)))
+        try:
+            with reader() as found:
+                return refuse_output_over_registered(output, found)
+        except RegistryError:
+            return
+    refuse_overlaps(output, ((path, what) for path, what in found.registered_paths() if os.path.lexists(path)),
+                    hint="write the output elsewhere, or forget the base first with `loraops base rm`")
 
 
 def _connect(url: str):
