@@ -44,7 +44,9 @@ def main() -> None:
     print(f"\n--exact output byte-identical to the base: {same}")
     if not same:
         sys.exit("--exact did not restore the base")
-    loraops("merge", "style", "--into", "llama-tiny", "-o", work / "merged", ok=False)  # exists: needs --force
+    loraops("merge", "style", "--into", "llama-tiny", "-o", work / "exact", ok=False)  # exists: needs --force
+    # a registered base's files are never replaced, not even with --force (its record would describe other values)
+    loraops("merge", "style", "--into", "llama-tiny", "-o", work / "merged", "--force", ok=False)
     loraops("merge", "style", "--into", work / "does-not-exist", "-o", work / "x", ok=False)
 
     print("\n--- a LoRA into an FP8 checkpoint (transformers' fine-grained FP8, DeepSeek-V3's layout) ---")
