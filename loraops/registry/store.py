@@ -552,7 +552,10 @@ class Registry:
 
         if not tags and base_id is None:
             with self.session() as s:
-                return work(s)
+                row = s.get(SqlAdapter, adapter_id)
+                # nothing to record: answered in a read transaction; else (token rows not recorded yet) a write
+                if row is None or adapter is None or row.token_rows is not None:
+                    return work(s)
         return self.write(f"update adapter id {adapter_id}", work)
 
     def _registered_again(self, s: Session, row: SqlAdapter, tags: list[str], adapter: "Adapter | None",
