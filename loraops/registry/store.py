@@ -728,7 +728,8 @@ class Registry:
             key = path.relative_to(root).as_posix()
             with self.blobs.lock(key):
                 # Re-checked under the lock: a registration of the same bytes may have started using it since.
-                if not path.exists() or path.stat().st_mtime > cutoff or (path in unused and self._blob_used(key)):
+                if not path.exists() or path.stat().st_mtime > cutoff or (path in unused and self._blob_used(key)) \
+                        or self.blobs.in_use(path):
                     continue
                 removed.append((path, _size(path)))
                 if not dry_run:
