@@ -97,3 +97,13 @@ def test_resize_keeps_the_targeting_and_peft_loads_it(tmp_path, base):
     assert written["target_modules"] == config(original)["target_modules"] and written["layers_to_transform"] == [1]
     assert written["r"] == 2 and not written["rank_pattern"]
     assert peft_load(base, tmp_path / "r")[1] == file_modules(original)
+
+
+def test_an_rslora_alpha_that_is_no_integer_is_kept_as_written(tmp_path, base):
+    """rsLoRA's alpha recovered from the scale is 12.300000000000002 at r=8: the config's own 12.3 gives every
+    module its scale, so the export is the same adapter (it was written as 12.300000000000002, another identity)."""
+    original = peft_adapter(base, tmp_path / "a", r=8, alpha=12.3, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    run("register", original, "--name", "a")
+    run("export", "a", "--format", "peft", "-o", tmp_path / "e")
+    assert config(tmp_path / "e")["lora_alpha"] == 12.3 and not config(tmp_path / "e")["alpha_pattern"]
+    assert formats.identity(tmp_path / "e") == formats.identity(original)

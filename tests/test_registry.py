@@ -424,3 +424,25 @@ def test_a_ctrl_c_while_the_registry_opens_is_an_interruption(monkeypatch):
         Registry.open()
     assert reached  # the opening went on after the signal, which came at its end
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_gc_leaves_a_scratch_folder_in_use_however_old(reg):
+    """A pull downloads into a scratch folder in the store for as long as the download takes, and the folder's mtime
+    does not change while a file deep in it grows: gc (in another process) removed it from under the download once
+    it was older than the grace period. A held one stays; one a killed process left goes."""
+    import os
+    import time
+
+    old = time.time() - 7200
+    with reg.blobs.scratch() as busy:
+        (busy / ".cache" / "huggingface").mkdir(parents=True)
+        (busy / ".cache" / "huggingface" / "adapter_model.safetensors.incomplete").write_bytes(b"partial")
+        inner = busy / ".loraops-tmp-adapter_model.safetensors.1234abcd"  # a writer's temp file inside it
+        inner.write_bytes(b"partial")
+        left = reg.blobs.root / ".loraops-tmp-scratch-killed"  # what a killed pull leaves
+        (left / ".cache").mkdir(parents=True)
+        for path in (busy, left, inner):
+            os.utime(path, (old, old))
+        assert [p for p, _ in reg.gc()] == [left]
+        assert busy.is_dir() and inner.is_file()
+    assert not busy.exists()

@@ -91,3 +91,28 @@ def test_list_and_dict_spellings_are_one_identity(tmp_path, base):
     config["trainable_token_indices"] = {"embed_tokens": [3, 7, 5]}  # other rows: another adapter
     (folder / "adapter_config.json").write_text(json.dumps(config))
     assert formats.identity(folder) != listed
+
+
+@pytest.mark.sqlite_only  # SQLite's writer lock file
+def test_registering_again_records_the_token_rows_as_a_write(tmp_path, base):
+    """Recording the rows of an adapter registered before 0005 is a write: it queues behind another writer (the
+    writer lock, Registry.write's retries) like any other, rather than committing from a read transaction."""
+    import threading
+
+    from loraops.registry.store import Registry
+
+    folder, _ = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5]))
+    run("register", folder, "--name", "tok")
+    engine = db.make_engine(settings.db_url())
+    db.downgrade(engine, "0004")
+    engine.dispose()
+    with Registry.open() as registry:
+        done = []
+        with db.writer_lock(registry.engine):  # another writer's transaction
+            worker = threading.Thread(target=lambda: done.append(registry.register_adapter(folder)))
+            worker.start()
+            worker.join(1.5)
+            assert not done, "recorded the token rows while another writer held the registry"
+        worker.join(30)
+        assert done[0].record.token_rows == {EMBED: 2} and not done[0].created
+    assert "trainable tokens  2 rows of model.embed_tokens.weight" in run("show", "tok")

@@ -424,14 +424,15 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
 
 def _patterns(cfg: dict, ranks: dict[str, int], alphas: dict[str, float]):
     """(r, lora_alpha, rank_pattern, alpha_pattern) of ``cfg`` when they give every module its rank and alpha under
-    PEFT's matching rule, else None."""
+    PEFT's matching rule, else None. Alphas are compared to a float's rounding: a module's alpha is recovered from its
+    scale (rsLoRA's 12.3/sqrt(8)·sqrt(8) is 12.300000000000002), and the config's own 12.3 gives that scale."""
     try:
         r, lora_alpha = cfg.get("r", MATH_FIELDS["r"]), cfg.get("lora_alpha", MATH_FIELDS["lora_alpha"])
         rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
         for name in ranks:
             rk, ak = common.pattern_key(rank_pattern, name), common.pattern_key(alpha_pattern, name)
             if (rank_pattern[rk] if rk else r) != ranks[name] or \
-                    number(alpha_pattern[ak] if ak else lora_alpha) != number(alphas[name]):
+                    not math.isclose(alpha_pattern[ak] if ak else lora_alpha, alphas[name], rel_tol=1e-12):
                 return None
     except (TypeError, ValueError, re.error):  # a malformed config: rewritten
         return None

@@ -92,10 +92,32 @@ class BlobStore:
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
         """A temporary folder inside the store (same filesystem: stored copies are cheap), removed afterwards; one a
-        killed process leaves is a temp file for `loraops gc`."""
+        killed process leaves is a temp file for `loraops gc`. Held (a shared flock on the folder) while in use: gc
+        leaves a held one however old it is, since a folder's mtime does not change while a file deep in it grows
+        (a download of hours into huggingface_hub's local_dir, see in_use)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=f"{TMP_MARK}scratch-") as tmp:
-            yield Path(tmp)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{TMP_MARK}scratch-"))
+        handle = os.open(tmp, os.O_RDONLY)
+        try:
+            _flock(handle, shared=True)
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.close(handle)  # (the lock goes with it, after the folder)
+
+    @staticmethod
+    def in_use(path: Path) -> bool:
+        """A scratch folder a process holds now (see scratch)."""
+        if not path.is_dir():
+            return False
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile
+            return False
+        try:
+            return not _flock(handle, shared=False, wait=False)
+        finally:
+            os.close(handle)
 
     def remove(self, key: str) -> None:
         """Remove an adapter's folder (the key may name a file inside it), and its shard folder when that is empty
@@ -125,9 +147,23 @@ class BlobStore:
                 yield from sorted(p for p in shard.iterdir() if p.is_dir() and TMP_MARK not in p.name)
 
     def temp_files(self) -> Iterator[Path]:
-        """Leftovers of interrupted copies."""
+        """Leftovers of interrupted copies (not what is inside one: a scratch folder goes whole, or not at all)."""
         if self.root.exists():
-            yield from (p for p in self.root.rglob(f"{TMP_MARK}*"))
+            yield from (p for p in self.root.rglob(f"{TMP_MARK}*")
+                        if not any(part.startswith(TMP_MARK) for part in p.relative_to(self.root).parts[:-1]))
+
+
+def _flock(handle: int, *, shared: bool, wait: bool = True) -> bool:
+    """flock ``handle``; False when ``wait`` is off and another holds it. True without fcntl (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
 
 
 def folder_of(key: str) -> str:

@@ -555,7 +555,10 @@ class Registry:
 
         if not tags and base_id is None:
             with self.session() as s:
-                return work(s)
+                row = s.get(SqlAdapter, adapter_id)
+                # nothing to record: answered in a read transaction; else (token rows not recorded yet) a write
+                if row is None or adapter is None or row.token_rows is not None:
+                    return work(s)
         return self.write(f"update adapter id {adapter_id}", work)
 
     def _registered_again(self, s: Session, row: SqlAdapter, tags: list[str], adapter: "Adapter | None",
@@ -729,7 +732,8 @@ class Registry:
             key = path.relative_to(root).as_posix()
             with self.blobs.lock(key):
                 # Re-checked under the lock: a registration of the same bytes may have started using it since.
-                if not path.exists() or path.stat().st_mtime > cutoff or (path in unused and self._blob_used(key)):
+                if not path.exists() or path.stat().st_mtime > cutoff or (path in unused and self._blob_used(key)) \
+                        or self.blobs.in_use(path):
                     continue
                 removed.append((path, _size(path)))
                 if not dry_run:
