@@ -116,3 +116,21 @@ def test_registering_again_records_the_token_rows_as_a_write(tmp_path, base):
         worker.join(30)
         assert done[0].record.token_rows == {EMBED: 2} and not done[0].created
     assert "trainable tokens  2 rows of model.embed_tokens.weight" in run("show", "tok")
+
+
+def test_verify_reports_hashes_even_when_this_reader_refuses_an_intact_stored_copy(tmp_path, base, monkeypatch):
+    """Recording the token rows is verify's extra: an intact copy the reader refuses (a stricter later version)
+    stays "not recorded", and verify still checks every file."""
+    folder, _ = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5, 7]))
+    run("register", folder, "--name", "tok")
+    engine = db.make_engine(settings.db_url())
+    db.downgrade(engine, "0004")
+    engine.dispose()
+    run("list")  # upgraded: token_rows unrecorded
+
+    def refuse(*args, **kwargs):
+        raise formats.FormatError("refused by this reader")
+
+    monkeypatch.setattr(formats, "read_adapter", refuse)
+    assert "match their sha256" in run("verify")
+    assert "not recorded" in run("show", "tok")
