@@ -116,7 +116,7 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
         if odd is not None:
             raise UnsupportedAdapterError(
                 f"{label} stores {odd} as {model.tensors[odd].dtype}: extract reads float weights; convert the FP8 "
-                f"model first (loraops merge {model.path} --dtype bf16 -o …)")
+                f"model first (loraops merge --into {model.path} --dtype bf16 -o …)")
 
 
 def _differs(base: BaseModel, tuned: BaseModel) -> dict[str, bool]:
@@ -223,8 +223,6 @@ def extract_lazily(
     ``save_modules`` stored whole. Factors in ``dtype`` (bf16, fp16, fp32; default: the tuned model's), each module's
     alpha ``alpha`` (default its rank). Everything is checked now (names, shapes, what differs); the modules are
     computed as the Derivation is iterated, one tensor pair in memory at a time."""
-    import torch
-
     from .algebra import Derivation, _factorizing, _finite, _precision, resize_rule
     from .engine import parse_dtype, peak_rss
     from .settings import resolve_device
