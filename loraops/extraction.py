@@ -168,8 +168,7 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     targets = {n.removesuffix(".weight"): _stand_in(n.removesuffix(".weight"), base.tensors[n].shape, *kinds[n], dtype)
                for n in base.tensors if n in chosen}  # in file order
     left = [n for n in base.tensors if differs[n] and n not in chosen and n not in saved]
-    skipped = [(n, "embedding" if kinds.get(n, ("",))[0] == "embedding" else "norm or bias"
-                if len(base.tensors[n].shape) < 2 else "not a module weight") for n in left]
+    skipped = [(n, _left_out(n, kinds.get(n), len(base.tensors[n].shape))) for n in left]
     if not targets and not saved:
         if not any(differs.values()):
             raise InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
@@ -178,6 +177,13 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
                                 f"({_shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
                                 "--modules, or keep tensors whole with --save-module")
     return Plan(targets, saved, skipped, sum(not d for d in differs.values()))
+
+
+def _left_out(name: str, kind: tuple[str, bool] | None, dims: int) -> str:
+    """Why a tensor that differs is not extracted."""
+    if kind is not None:
+        return "embedding" if kind[0] == "embedding" else "not in --modules"
+    return "norm or bias" if dims < 2 else "not a module weight"
 
 
 def factorize(D: "torch.Tensor", rule: "RankRule", exact: bool):

@@ -57,7 +57,7 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
     if report.skipped:
         worst = max(report.skipped, key=lambda s: s.max_abs_diff)
         kinds = sorted({s.reason for s in report.skipped})
-        click.echo(f"not extracted: {len(report.skipped)} tensors that differ but are no LoRA targets "
-                   f"({', '.join(kinds)}); largest |Δ| {worst.max_abs_diff:.3g} in {worst.name}; keep them with "
-                   "--save-module (embeddings: --modules)")
+        count = "1 tensor that differs" if len(report.skipped) == 1 else f"{len(report.skipped)} tensors that differ"
+        click.echo(f"not extracted: {count} ({', '.join(kinds)}); largest |Δ| {worst.max_abs_diff:.3g} in "
+                   f"{worst.name}; keep them with --save-module (embeddings, weights: --modules)")
     echo_saved(result)
