@@ -333,3 +333,27 @@ def test_cuda_without_cuda_is_the_device_error(peft_pair):
     assert (code, out) == (2, "error: device 'cuda' asked for, but no CUDA device is available\n")
     with Registry.open() as reg:
         assert reg.list_bases() == []
+
+
+def test_single_file_sd_checkpoint_gets_sd_scripts_names(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.diffusion_model.input_blocks.1.1.proj_in.weight": (32, 32, 1, 1),
+              "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (32, 32, 3, 3),
+              "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (48, 48)}
+    base = {n: torch.randn(s, generator=g).half() for n, s in shapes.items()}
+    tuned = {n: (t.float() + 0.05 * torch.randn(t.shape, generator=g)).half() for n, t in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    code, out = run("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "tuned.safetensors",
+                    "--rank", "48", "--format", "kohya", "-o", tmp_path / "sd.safetensors")
+    assert code == 0, out
+    keys = set(load_file(tmp_path / "sd.safetensors"))
+    assert {k.removesuffix(".alpha") for k in keys if k.endswith(".alpha")} == {
+        "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_0_resnets_0_conv1",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"}
+    code, out = run("merge", tmp_path / "sd.safetensors", "--into", tmp_path / "base.safetensors",
+                    "-o", tmp_path / "merged.safetensors")
+    assert code == 0, out
+    merged = load_file(tmp_path / "merged.safetensors")
+    for name, tensor in tuned.items():  # full rank: back to the tuned fp16 weights, give or take one fp16 rounding
+        torch.testing.assert_close(merged[name].float(), tensor.float(), rtol=2e-3, atol=2e-3)
