@@ -226,9 +226,9 @@ def extract_lazily(
 ) -> "Derivation":
     """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
     ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``),
-    ``save_modules`` stored whole. Factors in ``dtype`` (bf16, fp16, fp32; default: the tuned model's), each module's
-    alpha ``alpha`` (default its rank). Everything is checked now (names, shapes, what differs); the modules are
-    computed as the Derivation is iterated, one tensor pair in memory at a time."""
+    ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
+    the tuned model's), each module's alpha ``alpha`` (default its rank). Everything is checked now (names, shapes,
+    what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
     from .algebra import Derivation, _factorizing, _finite, _precision, resize_rule
     from .engine import parse_dtype, peak_rss
     from .settings import resolve_device
@@ -246,8 +246,7 @@ def extract_lazily(
     compute_dtype, precision = _precision(precise)
     result = Adapter(
         modules={n: m.stand_in() for n, m in work.targets.items()}, format="peft", base_model=str(base.path),
-        full_tensors={n: read_tensor(tuned.tensors[n]).to(out_dtype) if tuned.tensors[n].dtype in FLOAT_DTYPES
-                      else read_tensor(tuned.tensors[n]) for n in work.saved},
+        full_tensors={n: read_tensor(tuned.tensors[n]) for n in work.saved},  # as stored: an exact replacement
     )
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []
