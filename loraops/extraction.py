@@ -165,10 +165,11 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
             chosen += [n for n in found if differs[n] and n not in chosen]
     else:
         chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved]
+    taken = {*chosen, *saved}
     targets = {n.removesuffix(".weight"): _stand_in(n.removesuffix(".weight"), base.tensors[n].shape, *kinds[n], dtype)
-               for n in base.tensors if n in chosen}  # in file order
-    left = [n for n in base.tensors if differs[n] and n not in chosen and n not in saved]
-    skipped = [(n, _left_out(n, kinds.get(n), len(base.tensors[n].shape))) for n in left]
+               for n in base.tensors if n in taken and n not in saved}  # in file order
+    skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
+               if differs[n] and n not in taken]
     if not targets and not saved:
         if not any(differs.values()):
             raise InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
@@ -179,7 +180,7 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     return Plan(targets, saved, skipped, sum(not d for d in differs.values()))
 
 
-def _left_out(name: str, kind: tuple[str, bool] | None, dims: int) -> str:
+def _left_out(kind: tuple[str, bool] | None, dims: int) -> str:
     """Why a tensor that differs is not extracted."""
     if kind is not None:
         return "embedding" if kind[0] == "embedding" else "not in --modules"
