@@ -19,3 +19,11 @@ from .errors import (  # noqa: F401
     RegistryError,
     UnsupportedAdapterError,
 )
+
+
+def extract(base, tuned, **options):
+    """The LoRA adapter of a fine-tuned model minus its base: (Adapter, ExtractReport); see loraops.extraction
+    (imported on first call: `import loraops` stays light)."""
+    from .extraction import extract as run
+
+    return run(base, tuned, **options)

@@ -1,5 +1,6 @@
-"""Derived adapters: resolve the inputs (registry references or paths), run the algebra, and register the result
-with its base and lineage (optionally also writing it to a path). What `loraops combine/resize/export` call.
+"""Derived adapters: resolve the inputs (registry references or paths), run the algebra (or an extraction), and
+register the result with its base and lineage (optionally also writing it to a path). What `loraops
+combine/resize/export/extract` call.
 
 A path input is registered first (idempotent: the same bytes give the same record), so the lineage of every
 derived adapter points at registered inputs; when the command then fails, the inputs it registered are removed
@@ -22,6 +23,8 @@ from .references import refuse_output_over
 
 if TYPE_CHECKING:
     from .adapter import Adapter
+    from .basemodel import BaseModel
+    from .records import BaseRecord
     from .registry import Registry
 
 
@@ -183,3 +186,68 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
             adapter = reg.load_adapter(registered_for(reg, ref, base).id)
     writable(adapter, fmt)
     return write_adapter(adapter, output, fmt, force=force)
+
+
+@contextlib.contextmanager
+def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "BaseRecord"]]:
+    """``record_model`` for one command: a model is found in the registry by fingerprint, or recorded (manifest only,
+    its files staying where they are); the ones recorded are removed again if the command fails."""
+    from .merging import _free_name
+
+    recorded: list[int] = []
+
+    def record_model(model: "BaseModel") -> "BaseRecord":
+        found = reg.find_base(model.fingerprint())
+        if found is not None:
+            return found
+        record, created = reg.register_base(model.path, name=_free_name(reg, model.path))
+        if created:
+            recorded.append(record.id)
+        return record
+
+    try:
+        yield record_model
+    except BaseException:
+        for base_id in reversed(recorded):
+            with contextlib.suppress(Exception):  # the command's own error is the one to report
+                reg.remove_base(base_id)
+        raise
+
+
+def extract(
+    base: str, tuned: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
+    max_rank: int | None = None, alpha: float | None = None, modules: Sequence[str] | None = None,
+    save_modules: Sequence[str] | None = None, device: str = "auto", precise: bool = False, dtype: str | None = None,
+    name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
+) -> DerivedRecord:
+    """Extract the LoRA adapter of ``tuned`` − ``base`` (registered bases or paths) and register it against the base,
+    with lineage op "extract" (inputs: the base, role "base", and the tuned model, role "tuned", each recorded by
+    manifest and fingerprint when given by an unregistered path); see loraops.extraction."""
+    from .fsutil import refuse_overlap
+    from .merging import resolve_base
+    from .extraction import extract_lazily
+    from .registry import Registry
+
+    algebra.resize_rule(rank, dynamic, param, max_rank)
+    if fmt == "kohya" and save_modules:
+        raise InvalidInputError("kohya files cannot hold whole tensors (--save-module): use --format peft")
+    check_arguments(name, output, force, [])
+    with Registry.open() as reg, models_of(reg) as record_model:
+        (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)
+        if output is not None:
+            for model in (base_model, tuned_model):
+                refuse_overlap(output, model.path, "a model it reads")
+        derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
+                                 alpha=alpha, modules=modules, save_modules=save_modules, device=device,
+                                 precise=precise, dtype=dtype, labels=(base_label, tuned_label))
+        base_record, tuned_record = record_model(base_model), record_model(tuned_model)
+        rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
+        lineage = LineageSpec(op="extract", params={
+            **rule, "alpha": alpha, "modules": list(modules) if modules else None,
+            "save_modules": list(save_modules) if save_modules else None, "precise": precise,
+            "dtype": str(derived.adapter.dtype).removeprefix("torch."),
+        }, inputs=[LineageInput(kind="base", id=base_record.id, role="base"),
+                   LineageInput(kind="base", id=tuned_record.id, role="tuned")])
+        default = f"{tuned_record.name}-r{rank}" if rank is not None else f"{tuned_record.name}-{dynamic}{param:g}"
+        return save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,
+                    base=base_record.id, lineage=lineage)

@@ -62,6 +62,58 @@ class ResizeReport(Record):
     seconds: float
 
 
+class ExtractModuleRecord(Record):
+    """One weight an extract factorized: its delta D = W_tuned − W_base approximated at ``rank``."""
+
+    name: str
+    kind: Literal["linear", "conv", "embedding"]
+    shape: list[int]
+    """The weight's shape as stored."""
+    rank: int
+    alpha: float
+    svd: Literal["exact", "randomized"]
+    error: float
+    """Relative Frobenius error ‖D − s·B·A‖/‖D‖ before the factors are cast to the output dtype (0 when the rank
+    holds the whole delta)."""
+    fro_retained: float
+    """√(1 − error²): the share of ‖D‖ the factors keep."""
+
+
+class ExtractSkippedRecord(Record):
+    """A tensor that differs between the models but is not extracted (a norm, a bias, an embedding not asked for)."""
+
+    name: str
+    reason: str
+    max_abs_diff: float
+
+
+class ExtractReport(Record):
+    base: str
+    tuned: str
+    rank: int | None
+    dynamic: str | None
+    param: float | None
+    max_rank: int | None
+    alpha: float | None
+    """The alpha given (None: every module's rank, so every scale is 1)."""
+    device: str
+    precision: Literal["float32", "float64"]
+    dtype: str
+    """The factors' dtype as written."""
+    modules: list[ExtractModuleRecord]
+    error_max: float
+    error_mean: float
+    fro_retained_mean: float
+    identical: int
+    """Tensors equal in both models (same bytes, or the same values in two dtypes)."""
+    skipped: list[ExtractSkippedRecord]
+    saved: list[str]
+    """Tensors stored whole (--save-module: PEFT modules_to_save)."""
+    parameters: int
+    seconds: float
+    peak_rss_bytes: int
+
+
 class CombineInputRecord(Record):
     ref: str
     weight: float
@@ -322,13 +374,13 @@ class PushRecord(Record):
 
 
 class DerivedRecord(Record):
-    """A combined or resized adapter: its registry record, whether it is new, where it was also written, and the
-    operation's report (`combine/resize --json`)."""
+    """A combined, resized or extracted adapter: its registry record, whether it is new, where it was also written,
+    and the operation's report (`combine/resize/extract --json`)."""
 
     adapter: AdapterRecord
     created: bool
     output: str | None
-    report: CombineReport | ResizeReport
+    report: CombineReport | ResizeReport | ExtractReport
 
 
 class MergeInputRecord(Record):

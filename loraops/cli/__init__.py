@@ -33,6 +33,7 @@ COMMANDS = {
     "combine": "algebra:combine",
     "resize": "algebra:resize",
     "export": "algebra:export",
+    "extract": "extract:extract",
     "pull": "hub:pull",
     "push": "hub:push",
     "gc": "maintenance:gc",

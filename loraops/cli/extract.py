@@ -1,0 +1,63 @@
+"""`loraops extract`: a LoRA adapter from the difference between a fine-tuned model and its base."""
+from __future__ import annotations
+
+import click
+
+from .algebra import compute_options, echo_saved
+from .render import echo_json, echo_table, human_bytes
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+@click.command()
+@click.option("--base", "base", required=True, metavar="MODEL", help="The base model: a registered base, an HF folder or a .safetensors checkpoint.")
+@click.option("--tuned", required=True, metavar="MODEL", help="The fine-tuned model (same tensor names and shapes).")
+@click.option("--rank", type=int, help="Rank of every module.")
+@click.option("--dynamic", type=click.Choice(["sv_ratio", "sv_cumulative", "sv_fro"]), help="kohya's dynamic rank rule, per module.")
+@click.option("--param", type=float, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
+@click.option("--max-rank", type=int, help="Cap of the dynamic rank.")
+@click.option("--modules", metavar="NAMES", help="Comma-separated module names to extract (default: every 2-D and conv weight that differs, embeddings left out).")
+@click.option("--save-module", "save_modules", metavar="NAMES", help="Comma-separated modules stored whole (PEFT modules_to_save).")
+@click.option("--alpha", type=float, help="LoRA alpha of every module (default: its rank, so scale 1).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="dtype of the factors (default: the tuned model's).")
+@compute_options
+@click.option("--name", help="Registry name of the result (default: TUNED-rK or TUNED-RULEP).")
+@click.option("-o", "--output", type=click.Path(), help="Also write the adapter here (PEFT folder, or kohya .safetensors).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output layout (default peft).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + ExtractReport) as JSON.")
+def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, alpha, dtype, device, precise, name,
+            output, fmt, force, as_json) -> None:
+    """Extract the LoRA adapter of TUNED − BASE (a truncated SVD of each weight's difference), registered against
+    the base with its lineage."""
+    from .. import derive
+
+    result = derive.extract(base, tuned, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, alpha=alpha,
+                            modules=_names(modules), save_modules=_names(save_modules), device=device, precise=precise,
+                            dtype=dtype, name=name, output=output, fmt=fmt, force=force)
+    if as_json:
+        echo_json(result)
+        return
+    report = result.report
+    echo_table(
+        ["module", "kind", "shape", "rank", "alpha", "error", "fro kept"],
+        [(m.name, m.kind, "×".join(map(str, m.shape)), m.rank, f"{m.alpha:g}", f"{m.error:.2e}", f"{m.fro_retained:.2%}")
+         for m in report.modules],
+    )
+    if report.modules:
+        click.echo(f"average: relative error {report.error_mean:.2e} (max {report.error_max:.2e}), fro kept "
+                   f"{report.fro_retained_mean:.2%}")
+    click.echo(f"{len(report.modules)} modules, {report.parameters:,} parameters ({report.dtype}); {report.identical} "
+               f"tensors identical; {report.precision} on {report.device}, {report.seconds:.2f} s, peak RSS "
+               f"{human_bytes(report.peak_rss_bytes)}")
+    if report.saved:
+        click.echo(f"stored whole (modules_to_save): {', '.join(report.saved)}")
+    if report.skipped:
+        worst = max(report.skipped, key=lambda s: s.max_abs_diff)
+        kinds = sorted({s.reason for s in report.skipped})
+        count = "1 tensor that differs" if len(report.skipped) == 1 else f"{len(report.skipped)} tensors that differ"
+        click.echo(f"not extracted: {count} ({', '.join(kinds)}); largest |Δ| {worst.max_abs_diff:.3g} in "
+                   f"{worst.name}; keep them with --save-module (embeddings, weights: --modules)")
+    echo_saved(result)

@@ -1,0 +1,293 @@
+"""A LoRA adapter extracted from the difference between a fine-tuned model and its base (`loraops extract`).
+
+Per weight W that differs, D = W_tuned − W_base is formed in float32 (float64 with ``precise``), one tensor at a time,
+and factorized at the rank a RankRule gives (a fixed rank, or kohya's dynamic rules on D's singular values) with the
+algebra's SVD code: B = U_k·diag(S_k), A = V_kᵀ (S on B, as resize and combine put it), so D ≈ B·A, the best rank-k
+approximation (Eckart–Young). alpha defaults to each module's rank (scale 1); with ``alpha`` given, B is divided by
+the scale alpha/k so that the delta stays the same.
+
+Layouts (LoraModule's): a Linear's D (out×in) is B·A; a GPT-2 Conv1D's (in×out) and an Embedding's
+(num_embeddings×dim) are (B·A)ᵀ; a k×k Conv's (out×in×kh×kw) flattened to out×(in·kh·kw) is B·A, stored LoCon-style
+(A k×in×kh×kw, B out×k×1×1).
+
+Which tensors: which differ comes from the per-tensor sha256 digests of the fingerprint (cached per file: the
+registry needs them anyway), and, when the two models store a tensor in different dtypes, from its values.
+Targets are every 2-D / conv ``.weight`` that differs, embeddings only when asked for (``modules``: an embedding
+LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Tensors that
+differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped.
+Nothing here registers or writes: see loraops.derive.extract.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from .adapter import Adapter, LoraModule
+from .basemodel import BaseModel
+from .check import CONV1D_LAYERS, INPUT_EMBEDDINGS, conv1d_layout
+from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
+from .fp8 import FLOAT_DTYPES
+from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
+
+if TYPE_CHECKING:
+    import torch
+
+    from .algebra import Derivation
+    from .ops.resize import RankRule
+
+EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
+                                 "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight")
+"""Weights of nn.Embedding layers, by name (a safetensors file does not say which 2-D weight is a lookup table):
+the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP and OPT."""
+SHOWN = 3
+
+
+@dataclass
+class Plan:
+    """What an extract will do, decided from the headers and the tensor digests before any value is computed."""
+
+    targets: dict[str, LoraModule]
+    """module name → a stand-in (rank-1 factors on the meta device: its kind and layout) of the module to make."""
+    saved: list[str]
+    """Tensors stored whole (modules_to_save)."""
+    skipped: list[tuple[str, str]]
+    """(tensor, why) of the tensors that differ but are not extracted."""
+    identical: int
+
+
+def _open(model: "str | Path | BaseModel") -> BaseModel:
+    return model if isinstance(model, BaseModel) else BaseModel.open(model)
+
+
+def _shown(names: Sequence[str]) -> str:
+    return ", ".join(names[:SHOWN]) + (f" (+{len(names) - SHOWN} more)" if len(names) > SHOWN else "")
+
+
+def _matches(module: str, wanted: str) -> bool:
+    """PEFT's target_modules rule for a plain name: the module path or its last components."""
+    return module == wanted or module.endswith("." + wanted)
+
+
+def _is_embedding(name: str) -> bool:
+    return any(name == e or name.endswith("." + e) for e in EMBEDDINGS)
+
+
+def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | None:
+    """(LoRA kind, fan_in_fan_out) of a weight that can hold a LoRA, None for anything else."""
+    if not name.endswith(".weight") or len(shape) < 2:
+        return None
+    if len(shape) > 2:
+        return "conv", False
+    if _is_embedding(name):
+        return "embedding", False
+    return "linear", conv1d and name.removesuffix(".weight").rpartition(".")[2] in CONV1D_LAYERS
+
+
+def _stand_in(name: str, shape: Sequence[int], kind: str, fan_in_fan_out: bool, dtype: "torch.dtype") -> LoraModule:
+    import torch
+
+    out, rest = shape[0], tuple(shape[1:])
+    if kind == "embedding" or fan_in_fan_out:  # W holds (B·A)ᵀ
+        out, rest = shape[1], (shape[0],)
+    A = torch.empty((1, *rest), dtype=dtype, device="meta")
+    B = torch.empty((out, 1, *[1] * (len(rest) - 1)), dtype=dtype, device="meta")
+    return LoraModule(name, A=A, B=B, alpha=1.0, scale=1.0, kind=kind, fan_in_fan_out=fan_in_fan_out)  # type: ignore[arg-type]
+
+
+def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> None:
+    """The two models must be one architecture: the same tensor names and shapes (dtypes may differ); FP8 is refused."""
+    if os.path.realpath(base.path) == os.path.realpath(tuned.path):
+        raise InvalidInputError(f"base and tuned are the same model ({base.path}): nothing to extract")
+    only_base = sorted(base.tensors.keys() - tuned.tensors.keys())
+    only_tuned = sorted(tuned.tensors.keys() - base.tensors.keys())
+    shapes = [f"{n} {list(base.tensors[n].shape)} vs {list(tuned.tensors[n].shape)}"
+              for n in sorted(base.tensors.keys() & tuned.tensors.keys())
+              if tuple(base.tensors[n].shape) != tuple(tuned.tensors[n].shape)]
+    parts = [f"{what}: {_shown(names)}" for what, names in
+             ((f"only in {labels[0]}", only_base), (f"only in {labels[1]}", only_tuned), ("shapes differ", shapes)) if names]
+    if parts:
+        raise MismatchError(f"{labels[1]} is not a fine-tune of {labels[0]}'s architecture: {'; '.join(parts)}")
+    for model, label in zip((base, tuned), labels):
+        odd = next((n for n, info in model.tensors.items() if info.dtype.startswith("F8")), None)
+        if odd is not None:
+            raise UnsupportedAdapterError(
+                f"{label} stores {odd} as {model.tensors[odd].dtype}: extract reads float weights; convert the FP8 "
+                f"model first (loraops merge --into {model.path} --dtype bf16 -o …)")
+
+
+def _differs(base: BaseModel, tuned: BaseModel) -> dict[str, bool]:
+    """Whether each tensor differs: by its bytes' digest (the fingerprint's, cached per file), or by value when the
+    models store it in different dtypes (a bf16 tuned model of an fp32 base: the same values are other bytes)."""
+    import torch
+
+    from .st import read_tensor
+
+    base_digests, tuned_digests = base.tensor_digests(), tuned.tensor_digests()
+    out = {}
+    for name, info in base.tensors.items():
+        other = tuned.tensors[name]
+        if info.dtype == other.dtype or info.dtype not in FLOAT_DTYPES or other.dtype not in FLOAT_DTYPES:
+            out[name] = base_digests[name] != tuned_digests[name]
+        else:
+            b, t = read_tensor(info), read_tensor(other)
+            common = torch.promote_types(b.dtype, t.dtype)
+            out[name] = not torch.equal(b.to(common), t.to(common))
+    return out
+
+
+def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = None,
+         save_modules: Sequence[str] | None = None, dtype: "torch.dtype", labels: tuple[str, str]) -> Plan:
+    """Which weights to factorize, which tensors to store whole, what is left out; every name asked for must match."""
+    check_pair(base, tuned, labels)
+    differs = _differs(base, tuned)
+    conv1d = conv1d_layout(base.tensors)
+    kinds = {n: k for n, info in base.tensors.items() if (k := _kind(n, info.shape, conv1d)) is not None}
+    saved: list[str] = []
+    for wanted in save_modules or ():
+        found = [n for n in base.tensors if _matches(n.rpartition(".")[0], wanted)]
+        if not found:
+            raise InvalidInputError(f"--save-module {wanted}: {labels[0]} has no module by that name")
+        saved += [n for n in found if n not in saved]
+    if modules:
+        chosen: list[str] = []
+        for wanted in modules:
+            found = [n for n in kinds if _matches(n.removesuffix(".weight"), wanted) and n not in saved]
+            if not found:
+                raise InvalidInputError(f"--modules {wanted}: {labels[0]} has no 2-D or conv weight by that name "
+                                        "(norms and biases are no LoRA targets: --save-module keeps them whole)")
+            if not any(differs[n] for n in found):
+                raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(found)}) are the same in both "
+                                        "models: nothing to extract")
+            chosen += [n for n in found if differs[n] and n not in chosen]
+    else:
+        chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved]
+    taken = {*chosen, *saved}
+    targets = {n.removesuffix(".weight"): _stand_in(n.removesuffix(".weight"), base.tensors[n].shape, *kinds[n], dtype)
+               for n in base.tensors if n in taken and n not in saved}  # in file order
+    skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
+               if differs[n] and n not in taken]
+    if not targets and not saved:
+        if not any(differs.values()):
+            raise InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
+                                    "extract")
+        raise InvalidInputError(f"nothing to extract: the tensors that differ are no LoRA targets "
+                                f"({_shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
+                                "--modules, or keep tensors whole with --save-module")
+    return Plan(targets, saved, skipped, sum(not d for d in differs.values()))
+
+
+def _left_out(kind: tuple[str, bool] | None, dims: int) -> str:
+    """Why a tensor that differs is not extracted."""
+    if kind is not None:
+        return "embedding" if kind[0] == "embedding" else "not in --modules"
+    return "norm or bias" if dims < 2 else "not a module weight"
+
+
+def factorize(D: "torch.Tensor", rule: "RankRule", exact: bool):
+    """(B, A, "exact"|"randomized", relative Frobenius error) of the 2-D matrix D: a fixed rank by refactor_dense (a
+    randomized SVD for big matrices unless ``exact``), a dynamic rule on D's full spectrum (kohya's way; the rules
+    need every singular value)."""
+    import torch
+
+    from .ops.svd import Spectrum, refactor_dense
+
+    if rule.dynamic is None:
+        made = refactor_dense(D, rule.rank, exact=exact)
+        return made.B, made.A, made.svd, made.error
+    spectrum = Spectrum(*torch.linalg.svd(D, full_matrices=False))
+    k = rule.choose(spectrum.S, min(D.shape))
+    B, A = spectrum.truncate(k)
+    return B, A, "exact", spectrum.tail_error(k)
+
+
+def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel", **options) -> tuple[Adapter, ExtractReport]:
+    """``extract_lazily`` (same arguments), computed whole: (the adapter, its report)."""
+    return extract_lazily(base, tuned, **options).collect()
+
+
+def extract_lazily(
+    base: "str | Path | BaseModel",
+    tuned: "str | Path | BaseModel",
+    *,
+    rank: int | None = None,
+    dynamic: str | None = None,
+    param: float | None = None,
+    max_rank: int | None = None,
+    alpha: float | None = None,
+    modules: Sequence[str] | None = None,
+    save_modules: Sequence[str] | None = None,
+    device: str = "auto",
+    precise: bool = False,
+    dtype: str | None = None,
+    labels: tuple[str, str] | None = None,
+) -> "Derivation":
+    """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
+    ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``),
+    ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
+    the tuned model's), each module's alpha ``alpha`` (default its rank). Everything is checked now (names, shapes,
+    what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
+    from .algebra import Derivation, _factorizing, _finite, _precision, resize_rule
+    from .engine import parse_dtype, peak_rss
+    from .settings import resolve_device
+    from .st import read_tensor, torch_dtype
+
+    rule = resize_rule(rank, dynamic, param, max_rank)
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise InvalidInputError(f"alpha must be a positive number (got {alpha:g})")
+    base, tuned = _open(base), _open(tuned)
+    labels = labels or (str(base.path), str(tuned.path))
+    out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
+    work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels)
+    started = time.perf_counter()
+    target = resolve_device(device)
+    compute_dtype, precision = _precision(precise)
+    result = Adapter(
+        modules={n: m.stand_in() for n, m in work.targets.items()}, format="peft", base_model=str(base.path),
+        full_tensors={n: read_tensor(tuned.tensors[n]) for n in work.saved},  # as stored: an exact replacement
+    )
+    records: list[ExtractModuleRecord] = []
+    skipped: list[ExtractSkippedRecord] = []
+    what = f"extract of {labels[1]} − {labels[0]}"
+
+    def delta(tensor: str) -> "torch.Tensor":
+        tuned_w = read_tensor(tuned.tensors[tensor]).to(device=target, dtype=compute_dtype)
+        return tuned_w.sub_(read_tensor(base.tensors[tensor]).to(device=target, dtype=compute_dtype))
+
+    def compute() -> Iterator[LoraModule]:
+        for name, template in work.targets.items():
+            D = delta(template.weight_name)
+            M = D.reshape(D.shape[0], -1)
+            with _factorizing(what, name):
+                B, A, svd, error = factorize(M.T if template.transposed else M, rule, exact=precise)
+            del D, M
+            k = int(A.shape[0])
+            module_alpha = float(k) if alpha is None else float(alpha)
+            scale = module_alpha / k
+            module = _finite(what, template.with_factors(
+                (B / scale).to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype), module_alpha, scale))
+            records.append(ExtractModuleRecord(
+                name=name, kind=template.kind, shape=list(base.tensors[template.weight_name].shape), rank=k,
+                alpha=module_alpha, svd=svd, error=error, fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
+            del B, A
+            yield module
+        for tensor, why in work.skipped:  # (small: norms and biases, or an embedding or two)
+            D = delta(tensor)
+            skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=float(D.abs().max())))
+
+    def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
+        errors = [r.error for r in records] or [0.0]
+        return ExtractReport(
+            base=labels[0], tuned=labels[1], rank=rule.rank, dynamic=rule.dynamic, param=rule.param,
+            max_rank=rule.max_rank, alpha=alpha, device=str(target), precision=precision,
+            dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
+            error_mean=sum(errors) / len(errors),
+            fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
+            identical=work.identical, skipped=skipped, saved=work.saved, parameters=extracted.num_parameters,
+            seconds=seconds, peak_rss_bytes=peak_rss(),
+        )
+
+    return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started)

@@ -1,0 +1,359 @@
+"""`loraops extract`: exactness against float64 references, PEFT as the independent reference (merge_and_unload →
+extract → PeftModel.from_pretrained), GPT-2 Conv1D and k×k convs merged back, --save-module, the CLI's registry
+record with lineage, and one-line errors that leave nothing behind."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import loraops
+from factories import conv_embedding_model, load_model, peft_adapter, save_state_dict, tiny_gpt2, tiny_llama
+from loraops.cli import main
+from loraops.formats import read_adapter
+from loraops.ops.resize import RankRule
+from loraops.registry import Registry
+
+TARGETS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+TRUE_RANK = 6
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def state(folder):
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def with_tensors(source, dest, changes):
+    """A copy of the model folder ``source`` with some tensors replaced."""
+    shutil.copytree(source, dest)
+    tensors = {**state(source), **changes}
+    for file in dest.glob("*.safetensors"):
+        file.unlink()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """base + a known rank-6 delta per target, with spread-out singular values (so float32 and float64 agree on
+    every dynamic rule's rank): float64 deltas kept for reference."""
+    root = tmp_path_factory.mktemp("extract-synthetic")
+    base = tiny_llama(root / "base")
+    weights = state(base)
+    g = torch.Generator().manual_seed(3)
+    changes, deltas = {}, {}
+    for name in TARGETS:
+        W = weights[f"{name}.weight"].double()
+        U = torch.linalg.qr(torch.randn(W.shape[0], TRUE_RANK, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(W.shape[1], TRUE_RANK, generator=g, dtype=torch.float64)).Q
+        S = 0.05 * torch.tensor([1.0, 0.6, 0.35, 0.2, 0.1, 0.05], dtype=torch.float64)
+        tuned = (W + (U * S) @ V.T).float()
+        changes[f"{name}.weight"] = tuned
+        deltas[name] = tuned.double() - W  # the delta the float32 file really holds
+    tuned = with_tensors(base, root / "tuned", changes)
+    return base, tuned, deltas
+
+
+def relative_error(module, D):
+    return float(torch.linalg.norm(module.delta(dtype=torch.float64) - D) / torch.linalg.norm(D))
+
+
+def test_full_rank_reproduces_the_delta_and_lower_rank_is_eckart_young(synthetic):
+    base, tuned, deltas = synthetic
+    adapter, report = loraops.extract(base, tuned, rank=8, device="cpu")
+    assert sorted(adapter.modules) == sorted(TARGETS) and report.identical == len(state(base)) - len(TARGETS)
+    assert adapter.target_modules == ["down_proj", "q_proj", "v_proj"]
+    for name, D in deltas.items():
+        module = adapter.modules[name]
+        assert module.rank == 8 and module.scale == 1 and module.alpha == 8
+        assert relative_error(module, D) < 2e-6
+
+    small, report = loraops.extract(base, tuned, rank=3, device="cpu")
+    for record in report.modules:
+        D = deltas[record.name]
+        S = torch.linalg.svdvals(D)
+        optimum = float(S[3:].square().sum().sqrt() / S.square().sum().sqrt())
+        assert math.isclose(relative_error(small.modules[record.name], D), optimum, rel_tol=1e-4)
+        assert math.isclose(record.error, optimum, rel_tol=1e-4) and record.svd == "exact"
+
+    precise, _ = loraops.extract(base, tuned, rank=6, device="cpu", precise=True, dtype="fp32")
+    for name, D in deltas.items():
+        assert relative_error(precise.modules[name], D) < 1e-6
+
+
+@pytest.mark.parametrize("dynamic, param", [("sv_fro", 0.9), ("sv_ratio", 4.0), ("sv_cumulative", 0.8)])
+def test_dynamic_rules_pick_the_ranks_of_the_float64_spectrum(synthetic, dynamic, param):
+    base, tuned, deltas = synthetic
+    adapter, report = loraops.extract(base, tuned, dynamic=dynamic, param=param, max_rank=16, device="cpu")
+    rule = RankRule(dynamic=dynamic, param=param, max_rank=16)
+    for name, D in deltas.items():
+        S = torch.linalg.svdvals(D)
+        assert adapter.modules[name].rank == rule.choose(S, min(D.shape)), name
+        assert 1 < adapter.modules[name].rank < TRUE_RANK + 1
+
+
+def test_alpha_keeps_the_delta(synthetic):
+    base, tuned, deltas = synthetic
+    adapter, _ = loraops.extract(base, tuned, rank=6, alpha=2.0, device="cpu")
+    for name, D in deltas.items():
+        module = adapter.modules[name]
+        assert module.alpha == 2.0 and module.scale == pytest.approx(2 / 6)
+        assert relative_error(module, D) < 2e-6
+
+
+@pytest.fixture(scope="module")
+def peft_pair(tmp_path_factory):
+    """base, and base with a PEFT LoRA (r=4) merged by PEFT's merge_and_unload."""
+    from peft import PeftModel
+
+    root = tmp_path_factory.mktemp("extract-peft")
+    base = tiny_llama(root / "base")
+    lora = peft_adapter(base, root / "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    PeftModel.from_pretrained(load_model(base), lora).merge_and_unload().save_pretrained(root / "tuned")
+    return base, root / "tuned"
+
+
+def logits(model):
+    ids = torch.arange(24).reshape(2, 12)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_peft_loads_the_extracted_adapter_as_the_tuned_model(peft_pair, tmp_path):
+    from peft import PeftModel
+
+    base, tuned = peft_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", "-o", tmp_path / "lora")
+    assert code == 0, out
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 4 and sorted(config["target_modules"]) == [
+        "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+        "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    model = PeftModel.from_pretrained(load_model(base), tmp_path / "lora")
+    expected = load_model(tuned)
+    torch.testing.assert_close(logits(model), logits(expected), rtol=0, atol=1e-5)
+    merged = model.merge_and_unload().state_dict()
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_loraops_merge_of_the_extracted_adapter_gives_the_tuned_weights(peft_pair, tmp_path):
+    base, tuned = peft_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", "--name", "ft")
+    assert code == 0, out
+    code, out = run("merge", "ft", "--into", base, "-o", tmp_path / "merged")
+    assert code == 0, out
+    merged, expected = state(tmp_path / "merged"), state(tuned)
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_gpt2_conv1d_modules_merge_back(tmp_path):
+    from peft import PeftModel
+
+    base = tiny_gpt2(tmp_path / "base")
+    lora = peft_adapter(base, tmp_path / "lora", r=4, alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    PeftModel.from_pretrained(load_model(base), lora).merge_and_unload().save_pretrained(tmp_path / "tuned")
+    adapter, report = loraops.extract(base, tmp_path / "tuned", rank=4, device="cpu")
+    assert {m.kind for m in report.modules} == {"linear"} and all(m.fan_in_fan_out for m in adapter.modules.values())
+    expected, weights = state(tmp_path / "tuned"), state(base)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(weights[module.weight_name] + module.delta(), expected[module.weight_name],
+                                   rtol=0, atol=1e-6)
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "4", "-o", tmp_path / "x")
+    assert code == 0, out
+    model = PeftModel.from_pretrained(load_model(base), tmp_path / "x")
+    torch.testing.assert_close(logits(model), logits(load_model(tmp_path / "tuned")), rtol=0, atol=1e-5)
+
+
+def test_conv_kxk_is_locon_and_merges_back(tmp_path):
+    model = conv_embedding_model()
+    base = save_state_dict(model, tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    up, down = torch.randn(6, 2, generator=g), torch.randn(2, 8 * 9, generator=g)
+    sd["conv3.weight"] += 0.1 * (up @ down).reshape(6, 8, 3, 3)
+    sd["proj.weight"] += 0.1 * torch.randn(24, 2, generator=g) @ torch.randn(2, 16, generator=g)
+    sd["conv3.bias"] += 0.5
+    tuned = tmp_path / "tuned.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tuned))
+    adapter, report = loraops.extract(base, tuned, rank=2, device="cpu")
+    conv = adapter.modules["conv3"]
+    assert conv.kind == "conv" and tuple(conv.A.shape) == (2, 8, 3, 3) and tuple(conv.B.shape) == (6, 2, 1, 1)
+    assert [(s.name, s.reason) for s in report.skipped] == [("conv3.bias", "norm or bias")]
+    assert report.skipped[0].max_abs_diff == pytest.approx(0.5)
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--name", "c")
+    assert code == 0, out
+    assert "not extracted: 1 tensor that differs (norm or bias); largest |Δ| 0.5 in conv3.bias" in out
+    code, out = run("merge", "c", "--into", base, "-o", tmp_path / "merged.safetensors")
+    assert code == 0, out
+    merged = load_file(tmp_path / "merged.safetensors")
+    for name in ("conv3.weight", "proj.weight", "conv1.weight", "embed.weight"):
+        torch.testing.assert_close(merged[name], sd[name], rtol=0, atol=1e-6)
+
+
+def test_save_module_carries_full_tensors_peft_loads(peft_pair, tmp_path):
+    from peft import PeftModel
+
+    base, tuned = peft_pair
+    weights = state(tuned)
+    g = torch.Generator().manual_seed(1)
+    changed = with_tensors(tuned, tmp_path / "tuned2", {
+        "model.embed_tokens.weight": weights["model.embed_tokens.weight"] + 0.01 * torch.randn(128, 64, generator=g),
+        "model.norm.weight": weights["model.norm.weight"] + 0.25,
+    })
+    code, out = run("extract", "--base", base, "--tuned", changed, "--rank", "4", "--save-module", "embed_tokens",
+                    "-o", tmp_path / "lora")
+    assert code == 0, out
+    assert "stored whole (modules_to_save): model.embed_tokens.weight" in out
+    assert "not extracted: 1 tensor that differs (norm or bias); largest |Δ| 0.25 in model.norm.weight; keep them " \
+           "with --save-module" in out
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.embed_tokens"]
+    code, out = run("extract", "--base", base, "--tuned", changed, "--rank", "4", "--save-module", "embed_tokens,norm",
+                    "-o", tmp_path / "lora2")
+    assert code == 0, out and "not extracted" not in out
+    model = PeftModel.from_pretrained(load_model(base), tmp_path / "lora2")
+    torch.testing.assert_close(logits(model), logits(load_model(changed)), rtol=0, atol=1e-5)
+
+
+def test_embedding_lora_when_named(peft_pair, tmp_path):
+    base, tuned = peft_pair
+    weights = state(tuned)
+    g = torch.Generator().manual_seed(2)
+    delta = 0.1 * torch.randn(128, 3, generator=g) @ torch.randn(3, 64, generator=g)
+    changed = with_tensors(tuned, tmp_path / "tuned2",
+                           {"model.embed_tokens.weight": weights["model.embed_tokens.weight"] + delta})
+    adapter, report = loraops.extract(base, changed, rank=4, device="cpu")
+    assert "model.embed_tokens" not in adapter.modules
+    assert [(s.name, s.reason) for s in report.skipped] == [("model.embed_tokens.weight", "embedding")]
+    adapter, _ = loraops.extract(base, changed, rank=4, modules=["embed_tokens", "q_proj"], device="cpu")
+    module = adapter.modules["model.embed_tokens"]
+    assert module.kind == "embedding" and sorted(adapter.modules)[1:] == ["model.layers.0.self_attn.q_proj",
+                                                                            "model.layers.1.self_attn.q_proj"]
+    torch.testing.assert_close(module.delta(), delta, rtol=0, atol=3e-6)
+
+
+def test_cli_registers_with_lineage_json_and_kohya(peft_pair, tmp_path):
+    base, tuned = peft_pair
+    code, out = run("base", "add", base, "--name", "llama-tiny")
+    assert code == 0, out
+    code, out = run("extract", "--base", "llama-tiny", "--tuned", tuned, "--dynamic", "sv_fro", "--param", "0.9",
+                    "--max-rank", "8", "--json")
+    assert code == 0, out
+    record = json.loads(out)
+    assert record["adapter"]["name"] == "tuned-sv_fro0.9" and record["adapter"]["base"]["name"] == "llama-tiny"
+    assert record["report"]["dynamic"] == "sv_fro" and len(record["report"]["modules"]) == 6
+    code, out = run("show", "tuned-sv_fro0.9")
+    assert code == 0 and "lineage         extract(llama-tiny, tuned)" in out
+    with Registry.open() as reg:
+        lineage = reg.get_adapter("tuned-sv_fro0.9").lineage
+        assert [(i.kind, i.label, i.role) for i in lineage.inputs] == [("base", "llama-tiny", "base"),
+                                                                        ("base", "tuned", "tuned")]
+        assert lineage.params["dynamic"] == "sv_fro" and lineage.params["precise"] is False
+    code, out = run("extract", "--base", "llama-tiny", "--tuned", tuned, "--rank", "4", "--format", "kohya",
+                    "-o", tmp_path / "ft.safetensors")
+    assert code == 0, out
+    kohya = read_adapter(tmp_path / "ft.safetensors")
+    assert kohya.format == "kohya" and len(kohya.modules) == 6
+    code, out = run("merge", tmp_path / "ft.safetensors", "--into", base, "-o", tmp_path / "merged")
+    assert code == 0, out
+    merged, expected = state(tmp_path / "merged"), state(tuned)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def others(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract-others")
+    wide = tiny_llama(root / "wide", intermediate=96)
+    return wide
+
+
+def assert_nothing_left(tmp_path):
+    with Registry.open() as reg:
+        assert reg.list_adapters() == [] and reg.list_bases() == []
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("shapes", 2, "error: {wide} is not a fine-tune of {base}'s architecture: shapes differ: "
+                  "model.layers.0.mlp.down_proj.weight [64, 128] vs [64, 96], "),
+    ("identical", 2, "error: {base} and {copy} hold the same values in every tensor: nothing to extract"),
+    ("same", 2, "error: base and tuned are the same model ({base}): nothing to extract"),
+    ("modules", 2, "error: --modules q_projx: {base} has no 2-D or conv weight by that name (norms and biases are "
+                   "no LoRA targets: --save-module keeps them whole)"),
+    ("unchanged", 2, "error: --modules k_proj: its weights (model.layers.0.self_attn.k_proj.weight, "
+                     "model.layers.1.self_attn.k_proj.weight) are the same in both models: nothing to extract"),
+    ("save", 2, "error: --save-module nope: {base} has no module by that name"),
+    ("missing", 3, "error: {missing}: no such file or folder, and no base of that name in the registry"),
+])
+def test_errors_are_one_line_and_leave_nothing(peft_pair, others, tmp_path, case, code, message):
+    base, tuned = peft_pair
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    missing = tmp_path / "nowhere"
+    args = {"shapes": ["--tuned", others], "identical": ["--tuned", copy], "same": ["--tuned", base],
+            "modules": ["--tuned", tuned, "--modules", "q_projx"], "unchanged": ["--tuned", tuned, "--modules", "k_proj"],
+            "save": ["--tuned", tuned, "--save-module", "nope"], "missing": ["--tuned", missing]}[case]
+    got, out = run("extract", "--base", base, *args, "--rank", "4", "-o", tmp_path / "out")
+    expected = message.format(base=base, wide=others, copy=copy, missing=missing)
+    assert (got, out.count("\n")) == (code, 1) and out.startswith(expected), out
+    assert_nothing_left(tmp_path)
+
+
+def test_existing_output_needs_force(peft_pair, tmp_path):
+    base, tuned = peft_pair
+    (tmp_path / "out").mkdir()
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", "-o", tmp_path / "out")
+    assert code != 0 and out.count("\n") == 1 and "exists" in out, out
+    with Registry.open() as reg:
+        assert reg.list_adapters() == [] and reg.list_bases() == []
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", "-o", tmp_path / "out", "--force")
+    assert code == 0, out
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_cuda_without_cuda_is_the_device_error(peft_pair):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    base, tuned = peft_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", "--device", "cuda")
+    assert (code, out) == (2, "error: device 'cuda' asked for, but no CUDA device is available\n")
+    with Registry.open() as reg:
+        assert reg.list_bases() == []
+
+
+def test_single_file_sd_checkpoint_gets_sd_scripts_names(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.diffusion_model.input_blocks.1.1.proj_in.weight": (32, 32, 1, 1),
+              "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (32, 32, 3, 3),
+              "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (48, 48)}
+    base = {n: torch.randn(s, generator=g).half() for n, s in shapes.items()}
+    tuned = {n: (t.float() + 0.05 * torch.randn(t.shape, generator=g)).half() for n, t in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    code, out = run("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "tuned.safetensors",
+                    "--rank", "48", "--format", "kohya", "-o", tmp_path / "sd.safetensors")
+    assert code == 0, out
+    keys = set(load_file(tmp_path / "sd.safetensors"))
+    assert {k.removesuffix(".alpha") for k in keys if k.endswith(".alpha")} == {
+        "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_0_resnets_0_conv1",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"}
+    code, out = run("merge", tmp_path / "sd.safetensors", "--into", tmp_path / "base.safetensors",
+                    "-o", tmp_path / "merged.safetensors")
+    assert code == 0, out
+    merged = load_file(tmp_path / "merged.safetensors")
+    for name, tensor in tuned.items():  # full rank: back to the tuned fp16 weights, give or take one fp16 rounding
+        torch.testing.assert_close(merged[name].float(), tensor.float(), rtol=2e-3, atol=2e-3)
