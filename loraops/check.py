@@ -367,7 +367,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
     tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line
     if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge unties because a
-    LoRA changes their tied embeddings (unstored_head_of) are listed in tied_heads too."""
+    LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in tied_heads too."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
@@ -402,6 +402,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     full_mismatches = []
     for name, tensor in bound.full_tensors.items():
         info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
+        # a modules_to_save copy of the embeddings (a layer saved under their tokens is what the head reads too)
+        if config is not None and name not in bound.token_rows \
+                and (head := unstored_head_of(name, manifest, config(name))):
+            tied_heads.append(head.removesuffix(".weight"))
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))

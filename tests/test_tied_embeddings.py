@@ -201,3 +201,32 @@ def test_a_saved_embedding_layer_reaches_the_untied_head(tmp_path, tied):
     torch.testing.assert_close(tensors(tmp_path / "out")["lm_head.weight"], tensors(tied)[EMBED] + 0.1)
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(adapted(tied, tmp_path / "a")),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stored_twice", [False, True])
+def test_modules_to_save_on_the_embeddings(tmp_path, tied, stored_twice):
+    """modules_to_save=["embed_tokens"]: PEFT wraps a copy of the embeddings and its head keeps reading the shared
+    base weight, so the merge unties the head (the base's values) as for a LoRA on the embeddings alone."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                        modules_to_save=["embed_tokens"], init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.modules_to_save["default"].weight.add_(0.05)
+    model.save_pretrained(tmp_path / "a")
+    expected = logits(adapted(tied, tmp_path / "a"))
+    base = tensors(tied)[EMBED]
+    if stored_twice:
+        state = load_file(tied / "model.safetensors")
+        save_file({**state, "lm_head.weight": base.clone()}, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    report = engine.merge(tied, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    assert torch.equal(tensors(tmp_path / "out")["lm_head.weight"], base)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), expected, atol=1e-5, rtol=1e-5)
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+
+    model = BaseModel.open(tied)
+    assert check(formats.read_adapter(tmp_path / "a"), model.tensors, config=model.config).tied_heads == (
+        [] if stored_twice else ["lm_head"])
