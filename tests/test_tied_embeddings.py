@@ -230,3 +230,29 @@ def test_modules_to_save_on_the_embeddings(tmp_path, tied, stored_twice):
     model = BaseModel.open(tied)
     assert check(formats.read_adapter(tmp_path / "a"), model.tensors, config=model.config).tied_heads == (
         [] if stored_twice else ["lm_head"])
+
+
+@pytest.mark.parametrize("targets", [["c_attn"], ["wte"]])
+def test_a_checkpoint_saved_from_the_bare_model(tmp_path, targets):
+    """GPT-2's own checkpoint (and BLOOM's) is saved from the bare model: wte.weight, h.0.…, no transformer. prefix,
+    which transformers adds on load. A PEFT LoRA (transformer.h.0.attn.c_attn, transformer.wte) binds to it, and one
+    on the embeddings alone unties the head as lm_head.weight beside them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from factories import tiny_gpt2
+
+    source = tiny_gpt2(tmp_path / "source")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((source / "config.json").read_bytes())
+    save_file({n.removeprefix("transformer."): t for n, t in load_file(source / "model.safetensors").items()},
+              str(bare / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(source), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=True, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    report = engine.merge(bare, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == (["lm_head.weight"] if targets == ["wte"] else [])
+    torch.testing.assert_close(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "out")), logits(model),
+                               atol=1e-5, rtol=1e-5)
