@@ -1322,7 +1322,13 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
             placed = {t.file_name: f.target.name for f in mine for t in f.tensors}
             weight_map = {name: placed[name] for name in listed if name in placed} | placed
             if out_dtype is not None or weight_map != listed:
-                index.setdefault("metadata", {})["total_size"] = sum(t.out_nbytes for f in mine for t in f.tensors)
+                metadata = index.setdefault("metadata", {})
+                metadata["total_size"] = sum(t.out_nbytes for f in mine for t in f.tensors)
+                if isinstance(metadata.get("total_parameters"), int):  # transformers' count, by what changed
+                    metadata["total_parameters"] += (
+                        sum(math.prod(t.info.shape) for f in mine for t in f.tensors)
+                        - sum(math.prod(info.shape) for file in {source.parent / f for f in listed.values()}
+                              for info in base.headers[file].tensors.values()))
                 index["weight_map"] = weight_map
                 target.write_text(json.dumps(index, indent=2) + "\n")
                 continue

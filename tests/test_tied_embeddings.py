@@ -256,3 +256,19 @@ def test_a_checkpoint_saved_from_the_bare_model(tmp_path, targets):
     assert report.heads_untied == (["lm_head.weight"] if targets == ["wte"] else [])
     torch.testing.assert_close(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "out")), logits(model),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_index_counts_the_untied_head(tmp_path):
+    """A sharded tied model: the head goes into its embeddings' shard and the index lists it; the index's
+    total_parameters (transformers' count) grows by it, as transformers counts the merged model."""
+    from safetensors import safe_open
+
+    base = tiny_llama(tmp_path / "tied", tie=True, shard_size="40KB")
+    adapter = formats.read_adapter(embedding_lora(base, tmp_path / "a"))
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["lm_head.weight"]
+    assert shard == index["weight_map"][EMBED]
+    with safe_open(str(tmp_path / "out" / shard), "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    assert index["metadata"]["total_parameters"] == load_model(tmp_path / "out").num_parameters()
