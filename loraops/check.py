@@ -411,7 +411,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     for name, tensor in bound.full_tensors.items():
         info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
         # a modules_to_save copy of the embeddings (a layer saved under their tokens is what the head reads too)
-        if config is not None and name not in bound.token_rows \
+        if config is not None and name in manifest and name not in bound.token_rows \
                 and (head := unstored_head_of(name, manifest, config(name))):
             tied_heads.append(head.removesuffix(".weight"))
         if info is None or tuple(info.shape) != tuple(tensor.shape):
