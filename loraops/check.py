@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
@@ -81,8 +82,9 @@ def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) ->
 
 # config.json "architectures" of the models with an output head (a causal LM, a multimodal model's language model)
 LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-# the module a causal LM wraps its decoder in, whose embeddings its head is tied to: the head sits beside it
-_LM_WRAPPER = re.compile(r"^(?P<owner>(?:.+\.)?)(?:model|transformer|backbone|gpt_neox)\.(?:.+\.)?"
+# the module a causal LM wraps its decoder in, whose embeddings its head is tied to: the head sits beside it (at the
+# top level of a checkpoint saved from the bare model, which stores the embeddings there too: GPT-2's own wte)
+_LM_WRAPPER = re.compile(r"^(?:(?P<owner>(?:.+\.)?)(?:model|transformer|backbone|gpt_neox)\.(?:.+\.)?)?"
                          r"(?P<leaf>embed_tokens|wte|word_embeddings|embeddings|embed_in)\.weight$")
 
 
@@ -96,8 +98,9 @@ def ties_word_embeddings(config: dict) -> bool | None:
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
     """The output head a causal LM ties to its input embeddings ``embeddings`` and does not store, named as
     transformers saves it (lm_head.weight beside the decoder's wrapper: model.embed_tokens → lm_head,
-    language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out), or None: the
-    config.json names no class with an output head (a bare model, a classifier, or no config at all), unties it,
+    language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out, a checkpoint of
+    the bare model's wte → lm_head), or None: the config.json names no class with an output head (a bare model, a
+    classifier, or no config at all), unties it,
     is an encoder-decoder model's (see engine._can_untie), or the head is stored."""
     architectures = config.get("architectures") or []
     if (ties_word_embeddings(config) is False or config.get("is_encoder_decoder") is True
@@ -106,7 +109,7 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
     if found is None:
         return None
-    head = found["owner"] + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight")
+    head = (found["owner"] or "") + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight")
     return None if head in manifest else head
 
 
@@ -252,6 +255,11 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     candidates = [as_is, lambda n: f"model.{n}"]
     if all(n.startswith("model.") for n in wanted):
         candidates.insert(1, lambda n: n.removeprefix("model."))
+    # a checkpoint saved from the bare model lacks its base_model_prefix (GPT-2's and BLOOM's own: wte, h.0…, where
+    # PEFT says transformer.wte), the head beside it keeping its name: transformers adds the prefix on load
+    leading = Counter(n.partition(".")[0] for n in wanted if "." in n.partition(".")[2]).most_common(1)
+    if leading and leading[0][0] != "model":
+        candidates.insert(2, lambda n, prefix=f"{leading[0][0]}.": n.removeprefix(prefix))
     if aliases:
         candidates.append(checkpoint_name)
     candidates += [saved_name(rules) for rules in SAVED_LAYOUTS] + [clip_layout]
@@ -367,7 +375,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
     tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line
     if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge unties because a
-    LoRA changes their tied embeddings (unstored_head_of) are listed in tied_heads too."""
+    LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in tied_heads too."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
@@ -402,6 +410,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     full_mismatches = []
     for name, tensor in bound.full_tensors.items():
         info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
+        # a modules_to_save copy of the embeddings (a layer saved under their tokens is what the head reads too)
+        if config is not None and name in manifest and name not in bound.token_rows \
+                and (head := unstored_head_of(name, manifest, config(name))):
+            tied_heads.append(head.removesuffix(".weight"))
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))

@@ -467,10 +467,10 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                                     "LoRA; merge them separately")
     _inherit(heads, rows, replacements, saved_layers)
     untied = {base.tensors[source].file for source in heads.values()}
-    touched = terms.keys() | replacements.keys() | rows.keys()
+    touched, apart = terms.keys() | replacements.keys() | rows.keys(), _changed_apart(adapters)
     for group in _stored_twice(base, touched):
-        # a head changed, or the embeddings by a LoRA (PEFT's changes their lookup only, see _unstored_heads)
-        if not undo and any(name in touched if is_head(name) else name in terms for name in group) \
+        # a head changed, or the embeddings apart from it (see _changed_apart)
+        if not undo and any(name in touched if is_head(name) else name in apart for name in group) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
             embeddings = min((name for name in group if not is_head(name)), default=None)
@@ -636,15 +636,15 @@ def _saved_layer_tensors(adapter: Adapter) -> set[str]:
 
 def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo: bool) -> dict[str, str]:
     """Output heads the base does not store, since it ties them to its input embeddings, that a merge changes apart
-    from those embeddings → those embeddings: heads an adapter changes, and the heads of embeddings a LoRA changes.
+    from those embeddings → those embeddings: heads an adapter changes, and the heads of embeddings a LoRA or a
+    modules_to_save copy changes (_changed_apart).
     The merge writes such a head as a tensor of its own (the embeddings' values + the head's changes, if any) and
     unties the model's config; the embeddings get only their own changes. The merged model then computes what the
     adapter's model computed (PEFT's LoRA on the embeddings changes their lookup only; its head reads the shared
     base weight), where changing the one shared tensor (PEFT's merge) would move the head by the embeddings' delta,
     or the input embeddings by the head's."""
-    lora = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
-            if applies(m, weight)}
-    wanted = dict(lora)
+    wanted = {m.weight_name: m.weight_shape for adapter, weight in adapters for m in adapter.modules.values()
+              if applies(m, weight)}
     wanted.update((name, tuple(t.shape)) for adapter, _ in adapters for name, t in adapter.full_tensors.items())
     wanted.update((name, rows_shape(r, base.tensors)) for adapter, _ in adapters for name, r in adapter.token_rows.items())
     heads = {}
@@ -662,11 +662,21 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
                                 "tie_word_embeddings also decides how the output is scaled (T5-style): loraops "
                                 "does not untie it, and does not merge into tied heads")
         heads[name] = embeddings
-    for name in sorted(lora.keys() & base.tensors.keys()) if not undo else ():
+    for name in sorted(_changed_apart(adapters) & base.tensors.keys()) if not undo else ():
         head = unstored_head_of(name, base.tensors, base.config(name))
         if head is not None and head not in heads:
             heads[head] = name
     return heads
+
+
+def _changed_apart(adapters: list[tuple[Adapter, float]]) -> set[str]:
+    """The tensors a merge changes apart from a head tied to them, in PEFT's adapted model: by a LoRA (PEFT's LoRA on
+    the embeddings changes their lookup only; the head reads the shared base weight) or a modules_to_save copy
+    (PEFT wraps a copy of the embeddings; the head reads the base weight). Not trainable tokens (PEFT ties them to
+    the head) nor a saved layer under a LoRA or tokens (PEFT loads it into the shared weight: see _inherit)."""
+    return {name for adapter, weight in adapters
+            for name in [*(m.weight_name for m in adapter.modules.values() if applies(m, weight)),
+                         *(adapter.full_tensors.keys() - _saved_layer_tensors(adapter) - adapter.token_rows.keys())]}
 
 
 def _can_untie(base: BaseModel, tensor: str) -> bool:
@@ -1312,7 +1322,13 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
             placed = {t.file_name: f.target.name for f in mine for t in f.tensors}
             weight_map = {name: placed[name] for name in listed if name in placed} | placed
             if out_dtype is not None or weight_map != listed:
-                index.setdefault("metadata", {})["total_size"] = sum(t.out_nbytes for f in mine for t in f.tensors)
+                metadata = index.setdefault("metadata", {})
+                metadata["total_size"] = sum(t.out_nbytes for f in mine for t in f.tensors)
+                if isinstance(metadata.get("total_parameters"), int):  # transformers' count, by what changed
+                    metadata["total_parameters"] += (
+                        sum(math.prod(t.info.shape) for f in mine for t in f.tensors)
+                        - sum(math.prod(info.shape) for file in {source.parent / f for f in listed.values()}
+                              for info in base.headers[file].tensors.values()))
                 index["weight_map"] = weight_map
                 target.write_text(json.dumps(index, indent=2) + "\n")
                 continue

@@ -293,8 +293,8 @@ class CheckReport(Record):
     """Of those, the rows of tensors that fit the base (see token_row_mismatches)."""
     tied_heads: list[str] = []
     """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape, that an adapter
-    changes, or whose embeddings a LoRA changes (known when the base's config.json is at hand): a merge writes them
-    untied (see loraops.engine)."""
+    changes, or whose embeddings a LoRA or a modules_to_save copy changes (known when the base's config.json is at
+    hand): a merge writes them untied (see loraops.engine)."""
 
 
 class InspectReport(Record):

@@ -573,14 +573,16 @@ def test_a_tensor_replaced_by_one_adapter_and_changed_by_another_is_refused(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_tied_parameter_stored_twice_gets_a_replacement_in_both_copies(tmp_path):
-    """modules_to_save on embed_tokens of a tied model whose file also holds lm_head.weight: both copies take the
-    new value, or the output loads untied."""
+def test_a_tied_parameter_stored_twice_keeps_the_heads_copy_under_modules_to_save(tmp_path):
+    """modules_to_save on embed_tokens of a tied model whose file also holds lm_head.weight: PEFT wraps a copy of the
+    embeddings and its head reads the base weight, so the head's copy keeps the base's values and the config unties
+    them (logits against PEFT: test_tied_embeddings.test_modules_to_save_on_the_embeddings)."""
     from loraops.adapter import Adapter
 
-    tied_base_stored_twice(tmp_path / "base")
+    state = tied_base_stored_twice(tmp_path / "base")
     new = torch.randn(100, 64)
     saved = Adapter(modules={}, format="peft", full_tensors={"model.embed_tokens.weight": new})
-    engine.merge(tmp_path / "base", [(saved, 1.0)], tmp_path / "out", device="cpu")
+    report = engine.merge(tmp_path / "base", [(saved, 1.0)], tmp_path / "out", device="cpu")
     ours = merged_tensors(tmp_path / "out")
-    assert torch.equal(ours["model.embed_tokens.weight"], new) and torch.equal(ours["lm_head.weight"], new)
+    assert report.heads_untied == ["lm_head.weight"]
+    assert torch.equal(ours["model.embed_tokens.weight"], new) and torch.equal(ours["lm_head.weight"], state["lm_head.weight"])

@@ -201,3 +201,74 @@ def test_a_saved_embedding_layer_reaches_the_untied_head(tmp_path, tied):
     torch.testing.assert_close(tensors(tmp_path / "out")["lm_head.weight"], tensors(tied)[EMBED] + 0.1)
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(adapted(tied, tmp_path / "a")),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stored_twice", [False, True])
+def test_modules_to_save_on_the_embeddings(tmp_path, tied, stored_twice):
+    """modules_to_save=["embed_tokens"]: PEFT wraps a copy of the embeddings and its head keeps reading the shared
+    base weight, so the merge unties the head (the base's values) as for a LoRA on the embeddings alone."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                        modules_to_save=["embed_tokens"], init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.modules_to_save["default"].weight.add_(0.05)
+    model.save_pretrained(tmp_path / "a")
+    expected = logits(adapted(tied, tmp_path / "a"))
+    base = tensors(tied)[EMBED]
+    if stored_twice:
+        state = load_file(tied / "model.safetensors")
+        save_file({**state, "lm_head.weight": base.clone()}, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    report = engine.merge(tied, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    assert torch.equal(tensors(tmp_path / "out")["lm_head.weight"], base)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), expected, atol=1e-5, rtol=1e-5)
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+
+    model = BaseModel.open(tied)
+    assert check(formats.read_adapter(tmp_path / "a"), model.tensors, config=model.config).tied_heads == (
+        [] if stored_twice else ["lm_head"])
+
+
+@pytest.mark.parametrize("targets", [["c_attn"], ["wte"]])
+def test_a_checkpoint_saved_from_the_bare_model(tmp_path, targets):
+    """GPT-2's own checkpoint (and BLOOM's) is saved from the bare model: wte.weight, h.0.…, no transformer. prefix,
+    which transformers adds on load. A PEFT LoRA (transformer.h.0.attn.c_attn, transformer.wte) binds to it, and one
+    on the embeddings alone unties the head as lm_head.weight beside them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from factories import tiny_gpt2
+
+    source = tiny_gpt2(tmp_path / "source")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((source / "config.json").read_bytes())
+    save_file({n.removeprefix("transformer."): t for n, t in load_file(source / "model.safetensors").items()},
+              str(bare / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(source), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=True, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    report = engine.merge(bare, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == (["lm_head.weight"] if targets == ["wte"] else [])
+    torch.testing.assert_close(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "out")), logits(model),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_index_counts_the_untied_head(tmp_path):
+    """A sharded tied model: the head goes into its embeddings' shard and the index lists it; the index's
+    total_parameters (transformers' count) grows by it, as transformers counts the merged model."""
+    from safetensors import safe_open
+
+    base = tiny_llama(tmp_path / "tied", tie=True, shard_size="40KB")
+    adapter = formats.read_adapter(embedding_lora(base, tmp_path / "a"))
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["lm_head.weight"]
+    assert shard == index["weight_map"][EMBED]
+    with safe_open(str(tmp_path / "out" / shard), "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    assert index["metadata"]["total_parameters"] == load_model(tmp_path / "out").num_parameters()
