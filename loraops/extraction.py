@@ -230,7 +230,7 @@ def extract_lazily(
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
     the tuned model's), each module's alpha ``alpha`` (default its rank). Everything is checked now (names, shapes,
     what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
-    from .algebra import Derivation, _factorizing, _finite, _precision, resize_rule
+    from .algebra import Derivation, compute_precision, factorizing, finite_module, resize_rule
     from .engine import parse_dtype, peak_rss
     from .settings import resolve_device
     from .st import read_tensor, torch_dtype
@@ -244,7 +244,7 @@ def extract_lazily(
     work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels)
     started = time.perf_counter()
     target = resolve_device(device)
-    compute_dtype, precision = _precision(precise)
+    compute_dtype, precision = compute_precision(precise)
     result = Adapter(
         modules={n: m.stand_in() for n, m in work.targets.items()}, format="peft", base_model=str(base.path),
         full_tensors={n: read_tensor(tuned.tensors[n]) for n in work.saved},  # as stored: an exact replacement
@@ -261,13 +261,13 @@ def extract_lazily(
         for name, template in work.targets.items():
             D = delta(template.weight_name)
             M = D.reshape(D.shape[0], -1)
-            with _factorizing(what, name):
+            with factorizing(what, name):
                 B, A, svd, error = factorize(M.T if template.transposed else M, rule, exact=precise)
             del D, M
             k = int(A.shape[0])
             module_alpha = float(k) if alpha is None else float(alpha)
             scale = module_alpha / k
-            module = _finite(what, template.with_factors(
+            module = finite_module(what, template.with_factors(
                 (B / scale).to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype), module_alpha, scale))
             records.append(ExtractModuleRecord(
                 name=name, kind=template.kind, shape=list(base.tensors[template.weight_name].shape), rank=k,
