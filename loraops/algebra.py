@@ -9,7 +9,7 @@ import contextlib
 import functools
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from .adapter import Adapter, LoraModule
@@ -87,7 +87,8 @@ class Derivation:
     ``adapter`` is what is known before any module is computed: format, config, names, and its modules as stand-ins
     (the result's names, kinds and layouts without values, see LoraModule.stand_in; ranks are not final). Iterating
     yields the real modules (once; each checked finite as it is made), and sets ``report`` after the last;
-    ``collect`` keeps them all, for callers that want the adapter in memory."""
+    ``collect`` keeps them all, for callers that want the adapter in memory. A module the computation finds empty (an
+    extract's delta that is exactly zero) is not yielded but named in ``dropped``, which the writers read."""
 
     adapter: Adapter
     compute: Iterator[LoraModule]
@@ -96,6 +97,7 @@ class Derivation:
     seconds: float = 0.0
     """Spent computing so far (the writing in between not counted)."""
     report: Any = None
+    dropped: set[str] = field(default_factory=set)
 
     def __iter__(self) -> Iterator[LoraModule]:
         if self.compute is None:
@@ -118,13 +120,14 @@ class Derivation:
             elif resident > baseline + TRIM_ABOVE:
                 _release_freed_memory()
                 baseline = max(baseline, _rss())
-        modules = {name: done[name] for name in self.adapter.modules}
+        modules = {name: done[name] for name in self.adapter.modules if name not in self.dropped}
         self.report = self.summarize(replace(self.adapter, modules=modules), self.seconds)
 
     def collect(self) -> tuple[Adapter, Any]:
         """(the result with all its modules, the report)."""
         modules = {module.name: module for module in self}
-        return replace(self.adapter, modules={name: modules[name] for name in self.adapter.modules}), self.report
+        return replace(self.adapter, modules={name: modules[name] for name in self.adapter.modules
+                                              if name not in self.dropped}), self.report
 
 
 TRIM_ABOVE = 128 << 20

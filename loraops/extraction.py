@@ -171,13 +171,18 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
     if not targets and not saved:
-        if not any(differs.values()):
-            raise InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
-                                    "extract")
-        raise InvalidInputError(f"nothing to extract: the tensors that differ are no LoRA targets "
-                                f"({_shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
-                                "--modules, or keep tensors whole with --save-module")
+        raise _nothing_to_extract(skipped, labels)
     return Plan(targets, saved, skipped, sum(not d for d in differs.values()))
+
+
+def _nothing_to_extract(skipped: Sequence[tuple[str, str]], labels: tuple[str, str]) -> InvalidInputError:
+    """The error when no module is left to make: every tensor equal, or those that differ no LoRA targets."""
+    if not skipped:
+        return InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
+                                 "extract")
+    return InvalidInputError(f"nothing to extract: the tensors that differ are no LoRA targets "
+                             f"({_shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
+                             "--modules, or keep tensors whole with --save-module")
 
 
 def _left_out(kind: tuple[str, bool] | None, dims: int) -> str:
@@ -230,6 +235,8 @@ def extract_lazily(
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
     the tuned model's), each module's alpha ``alpha`` (default its rank). Everything is checked now (names, shapes,
     what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
+    import torch
+
     from .algebra import Derivation, compute_precision, factorizing, finite_module, resize_rule
     from .engine import parse_dtype, peak_rss
     from .settings import resolve_device
@@ -245,21 +252,33 @@ def extract_lazily(
     started = time.perf_counter()
     target = resolve_device(device)
     compute_dtype, precision = compute_precision(precise)
+
+    def finite(model: BaseModel, label: str, tensor: str) -> "torch.Tensor":
+        values = read_tensor(model.tensors[tensor])
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise InvalidInputError(f"{label} has NaN or Inf values in {tensor}: extract refuses non-finite weights "
+                                    "(a delta or a stored copy of them would carry them into the adapter)")
+        return values
+
     result = Adapter(
         modules={n: m.stand_in() for n, m in work.targets.items()}, format="peft", base_model=str(base.path),
-        full_tensors={n: read_tensor(tuned.tensors[n]) for n in work.saved},  # as stored: an exact replacement
+        full_tensors={n: finite(tuned, labels[1], n) for n in work.saved},  # as stored: an exact replacement
     )
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []
+    dropped: set[str] = set()
     what = f"extract of {labels[1]} − {labels[0]}"
 
     def delta(tensor: str) -> "torch.Tensor":
-        tuned_w = read_tensor(tuned.tensors[tensor]).to(device=target, dtype=compute_dtype)
-        return tuned_w.sub_(read_tensor(base.tensors[tensor]).to(device=target, dtype=compute_dtype))
+        tuned_w = finite(tuned, labels[1], tensor).to(device=target, dtype=compute_dtype)
+        return tuned_w.sub_(finite(base, labels[0], tensor).to(device=target, dtype=compute_dtype))
 
     def compute() -> Iterator[LoraModule]:
         for name, template in work.targets.items():
             D = delta(template.weight_name)
+            if not bool(D.any()):  # bytes that differ only in the sign of a zero: the same weight, no module
+                dropped.add(name)
+                continue
             M = D.reshape(D.shape[0], -1)
             with factorizing(what, name):
                 B, A, svd, error = factorize(M.T if template.transposed else M, rule, exact=precise)
@@ -277,6 +296,8 @@ def extract_lazily(
         for tensor, why in work.skipped:  # (small: norms and biases, or an embedding or two)
             D = delta(tensor)
             skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=float(D.abs().max())))
+        if len(dropped) == len(work.targets) and not work.saved:
+            raise _nothing_to_extract(work.skipped, labels)
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
         errors = [r.error for r in records] or [0.0]
@@ -286,8 +307,8 @@ def extract_lazily(
             dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
-            identical=work.identical, skipped=skipped, saved=work.saved, parameters=extracted.num_parameters,
-            seconds=seconds, peak_rss_bytes=peak_rss(),
+            identical=work.identical + len(dropped), skipped=skipped, saved=work.saved,
+            parameters=extracted.num_parameters, seconds=seconds, peak_rss_bytes=peak_rss(),
         )
 
-    return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started)
+    return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started, dropped=dropped)
