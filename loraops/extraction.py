@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel
-from .check import CONV1D_LAYERS, INPUT_EMBEDDINGS, conv1d_layout
+from .check import CONV1D_LAYERS, INPUT_EMBEDDINGS, conv1d_layout, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 from .fp8 import FLOAT_DTYPES
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
@@ -73,7 +73,7 @@ def _matches(module: str, wanted: str) -> bool:
 
 
 def _is_embedding(name: str) -> bool:
-    return any(name == e or name.endswith("." + e) for e in EMBEDDINGS)
+    return any(_matches(name, e) for e in EMBEDDINGS)
 
 
 def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | None:
@@ -109,6 +109,11 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
               if tuple(base.tensors[n].shape) != tuple(tuned.tensors[n].shape)]
     parts = [f"{what}: {_shown(names)}" for what, names in
              ((f"only in {labels[0]}", only_base), (f"only in {labels[1]}", only_tuned), ("shapes differ", shapes)) if names]
+    tied = next((f"{n} is a head that {labels[1 - side]} ties to its input embeddings (and so does not store)"
+                 for side, names in enumerate((only_base, only_tuned)) for n in names
+                 if tied_head_source(n, (base, tuned)[side].tensors[n].shape, (tuned, base)[side].tensors)), None)
+    if tied:  # a tied base and an untied fine-tune, or the reverse: say why the head is in one model only
+        parts.append(tied)
     if parts:
         raise MismatchError(f"{labels[1]} is not a fine-tune of {labels[0]}'s architecture: {'; '.join(parts)}")
     for model, label in zip((base, tuned), labels):

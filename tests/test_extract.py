@@ -407,3 +407,15 @@ def test_non_finite_weights_are_refused_naming_the_tensor(peft_pair, tmp_path, m
     assert (code, out) == (2, f"error: {paths[model]} has NaN or Inf values in {tensor}: extract refuses non-finite "
                               "weights (a delta or a stored copy of them would carry them into the adapter)\n")
     assert_nothing_left(tmp_path)
+
+
+def test_a_head_tied_in_one_model_and_stored_in_the_other_is_named(tmp_path):
+    base = tiny_llama(tmp_path / "base", tie=True)
+    model = load_model(base)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach() + 0.01)
+    model.save_pretrained(tmp_path / "untied")
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "untied", "--rank", "4")
+    assert (code, out) == (2, f"error: {tmp_path / 'untied'} is not a fine-tune of {base}'s architecture: only in "
+                              f"{tmp_path / 'untied'}: lm_head.weight; lm_head.weight is a head that {base} ties to its "
+                              "input embeddings (and so does not store)\n")
