@@ -30,7 +30,7 @@ from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, INPUT_EMBEDDINGS, conv1d_layout, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
-from .fp8 import FLOAT_DTYPES
+from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 
 if TYPE_CHECKING:
@@ -117,11 +117,17 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
     if parts:
         raise MismatchError(f"{labels[1]} is not a fine-tune of {labels[0]}'s architecture: {'; '.join(parts)}")
     for model, label in zip((base, tuned), labels):
-        odd = next((n for n, info in model.tensors.items() if info.dtype.startswith("F8")), None)
-        if odd is not None:
+        odd = next((n for n, info in model.tensors.items() if info.dtype.startswith("F8")
+                    or (info.dtype not in FLOAT_DTYPES and _kind(n, info.shape, False) is not None)), None)
+        if odd is None:
+            continue
+        if model.tensors[odd].dtype.startswith("F8"):
             raise UnsupportedAdapterError(
                 f"{label} stores {odd} as {model.tensors[odd].dtype}: extract reads float weights; convert the FP8 "
                 f"model first (loraops merge --into {model.path} --dtype bf16 -o …)")
+        # a quantized weight's integer codes (bitsandbytes int8/4-bit) are no values a delta can be taken of
+        raise UnsupportedAdapterError(f"{label}: {odd} is {describe(model.tensors, odd, None)}; extract reads float "
+                                      "weights: dequantize the model first")
 
 
 def _differs(base: BaseModel, tuned: BaseModel) -> dict[str, bool]:

@@ -419,3 +419,17 @@ def test_a_head_tied_in_one_model_and_stored_in_the_other_is_named(tmp_path):
     assert (code, out) == (2, f"error: {tmp_path / 'untied'} is not a fine-tune of {base}'s architecture: only in "
                               f"{tmp_path / 'untied'}: lm_head.weight; lm_head.weight is a head that {base} ties to its "
                               "input embeddings (and so does not store)\n")
+
+
+def test_a_quantized_weight_is_refused_not_extracted_from_its_integer_codes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 127, (32, 32), generator=g, dtype=torch.int8)
+    base = {"q.weight": codes, "q.SCB": torch.rand(32, generator=g), "v.weight": torch.randn(32, 32, generator=g)}
+    tuned = {**base, "q.weight": (codes.int() + 1).clamp(-127, 127).to(torch.int8)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    code, out = run("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "tuned.safetensors",
+                    "--rank", "4", "-o", tmp_path / "out")
+    assert (code, out) == (2, f"error: {tmp_path / 'base.safetensors'}: q.weight is stored as I8 with q.SCB F32[32]; "
+                              "extract reads float weights: dequantize the model first\n")
+    assert_nothing_left(tmp_path)
