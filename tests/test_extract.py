@@ -373,6 +373,8 @@ def test_a_weight_whose_bytes_differ_only_in_signed_zeros_is_identical(tmp_path)
     changed = weights["model.layers.1.self_attn.q_proj.weight"] + 0.01 * torch.randn(64, 2, generator=g) @ torch.randn(
         2, 64, generator=g)
     tuned = with_tensors(only_zeros, tmp_path / "tuned", {"model.layers.1.self_attn.q_proj.weight": changed})
+    adapter, report = loraops.extract(base, tuned, rank=2, device="cpu")
+    assert list(adapter.modules) == ["model.layers.1.self_attn.q_proj"] and report.identical == len(weights) - 1
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "out", "--json")
     assert code == 0, out
     report = json.loads(out)["report"]
