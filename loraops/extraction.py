@@ -14,7 +14,9 @@ Which tensors: which differ comes from the per-tensor sha256 digests of the fing
 registry needs them anyway), and, when the two models store a tensor in different dtypes, from its values.
 Targets are every 2-D / conv ``.weight`` that differs, embeddings only when asked for (``modules``: an embedding
 LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Tensors that
-differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped.
+differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped. A
+target whose delta turns out exactly zero (bytes that differ only in signed zeros) is dropped and counted identical;
+NaN or Inf in a tensor that is read, and quantized weights, are refused.
 Nothing here registers or writes: see loraops.derive.extract.
 """
 from __future__ import annotations
