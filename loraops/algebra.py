@@ -9,7 +9,7 @@ import contextlib
 import functools
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from .adapter import Adapter, LoraModule
@@ -17,7 +17,8 @@ from .errors import InvalidInputError, MismatchError
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
 
 
-def _precision(precise: bool):
+def compute_precision(precise: bool):
+    """(torch dtype, its name) the SVD work runs in: float64 with ``precise``, else float32."""
     import torch
 
     return (torch.float64, "float64") if precise else (torch.float32, "float32")
@@ -86,7 +87,8 @@ class Derivation:
     ``adapter`` is what is known before any module is computed: format, config, names, and its modules as stand-ins
     (the result's names, kinds and layouts without values, see LoraModule.stand_in; ranks are not final). Iterating
     yields the real modules (once; each checked finite as it is made), and sets ``report`` after the last;
-    ``collect`` keeps them all, for callers that want the adapter in memory."""
+    ``collect`` keeps them all, for callers that want the adapter in memory. A module the computation finds empty (an
+    extract's delta that is exactly zero) is not yielded but named in ``dropped``, which the writers read."""
 
     adapter: Adapter
     compute: Iterator[LoraModule]
@@ -95,6 +97,7 @@ class Derivation:
     seconds: float = 0.0
     """Spent computing so far (the writing in between not counted)."""
     report: Any = None
+    dropped: set[str] = field(default_factory=set)
 
     def __iter__(self) -> Iterator[LoraModule]:
         if self.compute is None:
@@ -117,13 +120,14 @@ class Derivation:
             elif resident > baseline + TRIM_ABOVE:
                 _release_freed_memory()
                 baseline = max(baseline, _rss())
-        modules = {name: done[name] for name in self.adapter.modules}
+        modules = {name: done[name] for name in self.adapter.modules if name not in self.dropped}
         self.report = self.summarize(replace(self.adapter, modules=modules), self.seconds)
 
     def collect(self) -> tuple[Adapter, Any]:
         """(the result with all its modules, the report)."""
         modules = {module.name: module for module in self}
-        return replace(self.adapter, modules={name: modules[name] for name in self.adapter.modules}), self.report
+        return replace(self.adapter, modules={name: modules[name] for name in self.adapter.modules
+                                              if name not in self.dropped}), self.report
 
 
 TRIM_ABOVE = 128 << 20
@@ -165,9 +169,9 @@ def _release_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def _factorizing(what: str, name: str) -> Iterator[None]:
+def factorizing(what: str, name: str) -> Iterator[None]:
     """An SVD that fails (NaN or Inf in what it factorizes: weights × scales beyond float32) is one line naming the
-    module, as a result with NaN or Inf is (_finite); it was a LinAlgError traceback."""
+    module, as a result with NaN or Inf is (finite_module); it was a LinAlgError traceback."""
     import torch
 
     try:
@@ -176,7 +180,7 @@ def _factorizing(what: str, name: str) -> Iterator[None]:
         raise InvalidInputError(f"{what}: module {name!r}: its SVD failed ({str(exc).splitlines()[0]})") from None
 
 
-def _finite(what: str, module: LoraModule) -> LoraModule:
+def finite_module(what: str, module: LoraModule) -> LoraModule:
     """A module the algebra made, refused when its values are not all finite (factors beyond what the inputs' dtype
     holds): so what loraops writes of it is never read back to check (see Registry.register_adapter's ``written``)."""
     from .formats.common import check_finite
@@ -241,7 +245,7 @@ def combine_lazily(
 
     started = time.perf_counter()
     target = resolve_device(device)
-    dtype, precision = _precision(precise)
+    dtype, precision = compute_precision(precise)
     out_dtype = adapters[0].dtype
     for adapter in adapters[1:]:
         out_dtype = torch.promote_types(out_dtype, adapter.dtype)
@@ -269,10 +273,10 @@ def combine_lazily(
                 terms.append(Term(B2.to(device=target, dtype=dtype), A2.to(device=target, dtype=dtype), scale, float(weight)))
             ranks = [m.rank for _, m in present[name]]
             k = rank or (spec.default_rank(ranks) if spec.default_rank else sum(ranks))
-            with _factorizing(what, name):
+            with factorizing(what, name):
                 made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise))
             new_rank = int(made.A.shape[0])
-            module = _finite(what, template.with_factors(
+            module = finite_module(what, template.with_factors(
                 made.B.to(device="cpu", dtype=out_dtype), made.A.to(device="cpu", dtype=out_dtype),
                 alpha=float(new_rank), scale=1.0,
             ))
@@ -378,7 +382,7 @@ def resize_lazily(
 
     started = time.perf_counter()
     target = resolve_device(device)
-    dtype, precision = _precision(precise)
+    dtype, precision = compute_precision(precise)
     result = raw.split_gate_up(replace(adapter, modules={n: m.stand_in() for n, m in adapter.modules.items()},
                                        path=None), halves)
     records = []
@@ -386,11 +390,11 @@ def resize_lazily(
     def compute() -> Iterator[LoraModule]:
         for module in adapter.modules.values():
             # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
-            with _factorizing(what, module.name):
+            with factorizing(what, module.name):
                 resized, record = resize_module(module, rule, adapter.scale_mode, target, dtype,
                                                 keep_zero_rank=module.experts > 1)
             records.append(record)
-            yield from raw.split_joined(_finite(what, resized), halves)
+            yield from raw.split_joined(finite_module(what, resized), halves)
 
     def summarize(resized: Adapter, seconds: float) -> ResizeReport:
         return ResizeReport(

@@ -192,7 +192,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
 def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "BaseRecord"]]:
     """``record_model`` for one command: a model is found in the registry by fingerprint, or recorded (manifest only,
     its files staying where they are); the ones recorded are removed again if the command fails."""
-    from .merging import _free_name
+    from .merging import free_name
 
     recorded: list[int] = []
 
@@ -200,7 +200,7 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "BaseRecord"]
         found = reg.find_base(model.fingerprint())
         if found is not None:
             return found
-        record, created = reg.register_base(model.path, name=_free_name(reg, model.path))
+        record, created = reg.register_base(model.path, name=free_name(reg, model.path))
         if created:
             recorded.append(record.id)
         return record

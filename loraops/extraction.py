@@ -14,7 +14,9 @@ Which tensors: which differ comes from the per-tensor sha256 digests of the fing
 registry needs them anyway), and, when the two models store a tensor in different dtypes, from its values.
 Targets are every 2-D / conv ``.weight`` that differs, embeddings only when asked for (``modules``: an embedding
 LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Tensors that
-differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped.
+differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped. A
+target whose delta turns out exactly zero (bytes that differ only in signed zeros) is dropped and counted identical;
+NaN or Inf in a tensor that is read, and quantized weights, are refused.
 Nothing here registers or writes: see loraops.derive.extract.
 """
 from __future__ import annotations
@@ -28,9 +30,9 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel
-from .check import CONV1D_LAYERS, INPUT_EMBEDDINGS, conv1d_layout
+from .check import CONV1D_LAYERS, INPUT_EMBEDDINGS, conv1d_layout, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
-from .fp8 import FLOAT_DTYPES
+from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 
 if TYPE_CHECKING:
@@ -73,7 +75,7 @@ def _matches(module: str, wanted: str) -> bool:
 
 
 def _is_embedding(name: str) -> bool:
-    return any(name == e or name.endswith("." + e) for e in EMBEDDINGS)
+    return any(_matches(name, e) for e in EMBEDDINGS)
 
 
 def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | None:
@@ -109,14 +111,25 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
               if tuple(base.tensors[n].shape) != tuple(tuned.tensors[n].shape)]
     parts = [f"{what}: {_shown(names)}" for what, names in
              ((f"only in {labels[0]}", only_base), (f"only in {labels[1]}", only_tuned), ("shapes differ", shapes)) if names]
+    tied = next((f"{n} is a head that {labels[1 - side]} ties to its input embeddings (and so does not store)"
+                 for side, names in enumerate((only_base, only_tuned)) for n in names
+                 if tied_head_source(n, (base, tuned)[side].tensors[n].shape, (tuned, base)[side].tensors)), None)
+    if tied:  # a tied base and an untied fine-tune, or the reverse: say why the head is in one model only
+        parts.append(tied)
     if parts:
         raise MismatchError(f"{labels[1]} is not a fine-tune of {labels[0]}'s architecture: {'; '.join(parts)}")
     for model, label in zip((base, tuned), labels):
-        odd = next((n for n, info in model.tensors.items() if info.dtype.startswith("F8")), None)
-        if odd is not None:
+        odd = next((n for n, info in model.tensors.items() if info.dtype.startswith("F8")
+                    or (info.dtype not in FLOAT_DTYPES and _kind(n, info.shape, False) is not None)), None)
+        if odd is None:
+            continue
+        if model.tensors[odd].dtype.startswith("F8"):
             raise UnsupportedAdapterError(
                 f"{label} stores {odd} as {model.tensors[odd].dtype}: extract reads float weights; convert the FP8 "
                 f"model first (loraops merge --into {model.path} --dtype bf16 -o …)")
+        # a quantized weight's integer codes (bitsandbytes int8/4-bit) are no values a delta can be taken of
+        raise UnsupportedAdapterError(f"{label}: {odd} is {describe(model.tensors, odd, None)}; extract reads float "
+                                      "weights: dequantize the model first")
 
 
 def _differs(base: BaseModel, tuned: BaseModel) -> dict[str, bool]:
@@ -171,13 +184,18 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
     if not targets and not saved:
-        if not any(differs.values()):
-            raise InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
-                                    "extract")
-        raise InvalidInputError(f"nothing to extract: the tensors that differ are no LoRA targets "
-                                f"({_shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
-                                "--modules, or keep tensors whole with --save-module")
+        raise _nothing_to_extract(skipped, labels)
     return Plan(targets, saved, skipped, sum(not d for d in differs.values()))
+
+
+def _nothing_to_extract(skipped: Sequence[tuple[str, str]], labels: tuple[str, str]) -> InvalidInputError:
+    """The error when no module is left to make: every tensor equal, or those that differ no LoRA targets."""
+    if not skipped:
+        return InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
+                                 "extract")
+    return InvalidInputError(f"nothing to extract: the tensors that differ are no LoRA targets "
+                             f"({_shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
+                             "--modules, or keep tensors whole with --save-module")
 
 
 def _left_out(kind: tuple[str, bool] | None, dims: int) -> str:
@@ -230,7 +248,9 @@ def extract_lazily(
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
     the tuned model's), each module's alpha ``alpha`` (default its rank). Everything is checked now (names, shapes,
     what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
-    from .algebra import Derivation, _factorizing, _finite, _precision, resize_rule
+    import torch
+
+    from .algebra import Derivation, compute_precision, factorizing, finite_module, resize_rule
     from .engine import parse_dtype, peak_rss
     from .settings import resolve_device
     from .st import read_tensor, torch_dtype
@@ -244,30 +264,42 @@ def extract_lazily(
     work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels)
     started = time.perf_counter()
     target = resolve_device(device)
-    compute_dtype, precision = _precision(precise)
+    compute_dtype, precision = compute_precision(precise)
+
+    def finite(model: BaseModel, label: str, tensor: str) -> "torch.Tensor":
+        values = read_tensor(model.tensors[tensor])
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise InvalidInputError(f"{label} has NaN or Inf values in {tensor}: extract refuses non-finite weights "
+                                    "(a delta or a stored copy of them would carry them into the adapter)")
+        return values
+
     result = Adapter(
         modules={n: m.stand_in() for n, m in work.targets.items()}, format="peft", base_model=str(base.path),
-        full_tensors={n: read_tensor(tuned.tensors[n]) for n in work.saved},  # as stored: an exact replacement
+        full_tensors={n: finite(tuned, labels[1], n) for n in work.saved},  # as stored: an exact replacement
     )
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []
+    dropped: set[str] = set()
     what = f"extract of {labels[1]} − {labels[0]}"
 
     def delta(tensor: str) -> "torch.Tensor":
-        tuned_w = read_tensor(tuned.tensors[tensor]).to(device=target, dtype=compute_dtype)
-        return tuned_w.sub_(read_tensor(base.tensors[tensor]).to(device=target, dtype=compute_dtype))
+        tuned_w = finite(tuned, labels[1], tensor).to(device=target, dtype=compute_dtype)
+        return tuned_w.sub_(finite(base, labels[0], tensor).to(device=target, dtype=compute_dtype))
 
     def compute() -> Iterator[LoraModule]:
         for name, template in work.targets.items():
             D = delta(template.weight_name)
+            if not bool(D.any()):  # bytes that differ only in the sign of a zero: the same weight, no module
+                dropped.add(name)
+                continue
             M = D.reshape(D.shape[0], -1)
-            with _factorizing(what, name):
+            with factorizing(what, name):
                 B, A, svd, error = factorize(M.T if template.transposed else M, rule, exact=precise)
             del D, M
             k = int(A.shape[0])
             module_alpha = float(k) if alpha is None else float(alpha)
             scale = module_alpha / k
-            module = _finite(what, template.with_factors(
+            module = finite_module(what, template.with_factors(
                 (B / scale).to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype), module_alpha, scale))
             records.append(ExtractModuleRecord(
                 name=name, kind=template.kind, shape=list(base.tensors[template.weight_name].shape), rank=k,
@@ -277,6 +309,8 @@ def extract_lazily(
         for tensor, why in work.skipped:  # (small: norms and biases, or an embedding or two)
             D = delta(tensor)
             skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=float(D.abs().max())))
+        if len(dropped) == len(work.targets) and not work.saved:
+            raise _nothing_to_extract(work.skipped, labels)
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
         errors = [r.error for r in records] or [0.0]
@@ -286,8 +320,8 @@ def extract_lazily(
             dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
-            identical=work.identical, skipped=skipped, saved=work.saved, parameters=extracted.num_parameters,
-            seconds=seconds, peak_rss_bytes=peak_rss(),
+            identical=work.identical + len(dropped), skipped=skipped, saved=work.saved,
+            parameters=extracted.num_parameters, seconds=seconds, peak_rss_bytes=peak_rss(),
         )
 
-    return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started)
+    return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started, dropped=dropped)

@@ -254,7 +254,7 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     store, or the existing entry with the same identity)."""
     source_record = reg.find_base(source.fingerprint())
     if source_record is None or not Path(source_record.path or "").exists():
-        source_record = reg.register_base(source.path, name=_free_name(reg, source.path))[0]
+        source_record = reg.register_base(source.path, name=free_name(reg, source.path))[0]
     for i in inputs:  # adapters given by path join the registry (by identity), so the lineage can name them
         if i.registry_id is None:
             i.registry_id = reg.register_adapter(i.label)[0].id
@@ -274,14 +274,14 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
           for i in inputs if i.registry_id is not None),
     ])
     try:
-        record, _ = reg.register_base(report.output, name=_free_name(reg, report.output) if name is None else name,
+        record, _ = reg.register_base(report.output, name=free_name(reg, report.output) if name is None else name,
                                       lineage=lineage)
     except LoraopsError as exc:
         raise type(exc)(f"{report.output} was written, but recording it in the registry failed: {exc}") from None
     return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint})
 
 
-def _free_name(reg, wanted: str | Path) -> str:
+def free_name(reg, wanted: str | Path) -> str:
     """A registry name for a model at ``wanted`` (its folder or file name), suffixed -2, -3… when another model
     holds it: the name is a label; the fingerprint is the identity."""
     from .registry.store import default_name

@@ -357,3 +357,81 @@ def test_single_file_sd_checkpoint_gets_sd_scripts_names(tmp_path):
     merged = load_file(tmp_path / "merged.safetensors")
     for name, tensor in tuned.items():  # full rank: back to the tuned fp16 weights, give or take one fp16 rounding
         torch.testing.assert_close(merged[name].float(), tensor.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_a_weight_whose_bytes_differ_only_in_signed_zeros_is_identical(tmp_path):
+    """The digests differ (0.0 and -0.0 are other bytes) but the delta is exactly zero: no all-zero module."""
+    base = tiny_llama(tmp_path / "base")
+    weights = state(base)
+    zeroed = weights["model.layers.0.self_attn.q_proj.weight"].clone()
+    zeroed[0, :4] = 0.0
+    base = with_tensors(base, tmp_path / "base0", {"model.layers.0.self_attn.q_proj.weight": zeroed})
+    signed = zeroed.clone()
+    signed[0, :4] = -0.0
+    only_zeros = with_tensors(base, tmp_path / "signed", {"model.layers.0.self_attn.q_proj.weight": signed})
+    g = torch.Generator().manual_seed(4)
+    changed = weights["model.layers.1.self_attn.q_proj.weight"] + 0.01 * torch.randn(64, 2, generator=g) @ torch.randn(
+        2, 64, generator=g)
+    tuned = with_tensors(only_zeros, tmp_path / "tuned", {"model.layers.1.self_attn.q_proj.weight": changed})
+    adapter, report = loraops.extract(base, tuned, rank=2, device="cpu")
+    assert list(adapter.modules) == ["model.layers.1.self_attn.q_proj"] and report.identical == len(weights) - 1
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "out", "--json")
+    assert code == 0, out
+    report = json.loads(out)["report"]
+    assert [m["name"] for m in report["modules"]] == ["model.layers.1.self_attn.q_proj"]
+    assert report["identical"] == len(weights) - 1
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+    assert set(load_file(tmp_path / "out" / "adapter_model.safetensors")) == {
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"}
+    code, out = run("extract", "--base", base, "--tuned", only_zeros, "--rank", "2", "-o", tmp_path / "none")
+    assert (code, out) == (2, f"error: {base} and {only_zeros} hold the same values in every tensor: nothing to "
+                              "extract\n")
+    assert not (tmp_path / "none").exists()
+    with Registry.open() as reg:
+        assert [a.name for a in reg.list_adapters()] == ["tuned-r2"]
+        assert sorted(b.name for b in reg.list_bases()) == ["base0", "tuned"]
+
+
+@pytest.mark.parametrize("model, tensor, value", [
+    ("tuned", "model.layers.0.self_attn.q_proj.weight", float("nan")),
+    ("base", "model.layers.0.self_attn.q_proj.weight", float("inf")),
+    ("tuned", "model.norm.weight", float("inf")),  # differs, not extracted: still refused
+])
+def test_non_finite_weights_are_refused_naming_the_tensor(peft_pair, tmp_path, model, tensor, value):
+    base, tuned = peft_pair
+    source = {"base": base, "tuned": tuned}[model]
+    broken = state(source)[tensor].clone()
+    broken.view(-1)[3] = value
+    paths = {"base": base, "tuned": tuned, model: with_tensors(source, tmp_path / "broken", {tensor: broken})}
+    code, out = run("extract", "--base", paths["base"], "--tuned", paths["tuned"], "--rank", "4", "-o", tmp_path / "out")
+    assert (code, out) == (2, f"error: {paths[model]} has NaN or Inf values in {tensor}: extract refuses non-finite "
+                              "weights (a delta or a stored copy of them would carry them into the adapter)\n")
+    assert_nothing_left(tmp_path)
+
+
+def test_a_head_tied_in_one_model_and_stored_in_the_other_is_named(tmp_path):
+    base = tiny_llama(tmp_path / "base", tie=True)
+    model = load_model(base)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach() + 0.01)
+    model.save_pretrained(tmp_path / "untied")
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "untied", "--rank", "4")
+    assert (code, out) == (2, f"error: {tmp_path / 'untied'} is not a fine-tune of {base}'s architecture: only in "
+                              f"{tmp_path / 'untied'}: lm_head.weight; lm_head.weight is a head that {base} ties to its "
+                              "input embeddings (and so does not store)\n")
+
+
+def test_a_quantized_weight_is_refused_not_extracted_from_its_integer_codes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 127, (32, 32), generator=g, dtype=torch.int8)
+    base = {"q.weight": codes, "q.SCB": torch.rand(32, generator=g), "v.weight": torch.randn(32, 32, generator=g)}
+    tuned = {**base, "q.weight": (codes.int() + 1).clamp(-127, 127).to(torch.int8)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    code, out = run("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "tuned.safetensors",
+                    "--rank", "4", "-o", tmp_path / "out")
+    assert (code, out) == (2, f"error: {tmp_path / 'base.safetensors'}: q.weight is stored as I8 with q.SCB F32[32]; "
+                              "extract reads float weights: dequantize the model first\n")
+    assert_nothing_left(tmp_path)

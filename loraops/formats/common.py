@@ -230,12 +230,14 @@ class ModuleStream:
     whole group for what it writes of any member (PEFT's factors of a fused experts parameter, kohya's joined parts
     of a fused tensor). Groups are small (one layer's experts, a tensor's q, k and v) and come whole in name order.
     ``written`` then holds a stand-in of every module written (``keep``), in the announced order: the small facts
-    (ranks, alphas) a config or header written after the tensors needs."""
+    (ranks, alphas) a config or header written after the tensors needs. A module announced but ``dropped`` by the
+    Derivation that computes them (found empty) is left out of both."""
 
     def __init__(self, adapter: "Adapter", modules: Iterable[LoraModule],
                  group_of: Callable[[LoraModule], str | None] = lambda module: None) -> None:
         self.adapter, self.modules, self.group_of = adapter, modules, group_of
         self._kept: dict[str, LoraModule] = {}
+        self.dropped: set[str] = getattr(modules, "dropped", set())  # filled as the Derivation runs: read at the end
 
     def __iter__(self) -> Iterator[list[LoraModule]]:
         sizes = Counter(key for m in self.adapter.modules.values() if (key := self.group_of(m)) is not None)
@@ -253,8 +255,8 @@ class ModuleStream:
             members.append(module)
             if len(members) == sizes[key]:
                 yield pending.pop(key)
-        if len(seen) != len(self.adapter.modules):
-            missing = next(name for name in self.adapter.modules if name not in seen)
+        missing = next((name for name in self.adapter.modules if name not in seen and name not in self.dropped), None)
+        if missing is not None:
             raise FormatError(f"{self.adapter.label}: module {missing!r} was announced and never came")
 
     def keep(self, module: LoraModule) -> None:
@@ -263,4 +265,4 @@ class ModuleStream:
 
     def written(self, order: Iterable[str]) -> dict[str, LoraModule]:
         """The stand-ins kept, in ``order`` (the names written, as the adapter announces them)."""
-        return {name: self._kept[name] for name in order}
+        return {name: self._kept[name] for name in order if name not in self.dropped}
