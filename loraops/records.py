@@ -15,11 +15,12 @@ class Record(BaseModel):
 
 
 class ModuleRecord(Record):
-    """One adapted module: `name` is its path in the base model (for an unbound kohya file, the kohya name)."""
+    """One adapted module: `name` is its path in the base model (for an unbound kohya file, the kohya name). `kind`
+    is the layer's, or loha/lokr for those; `rank` is None for a LoKr whose two factors are stored whole."""
 
     name: str
-    kind: Literal["linear", "conv", "embedding"]
-    rank: int
+    kind: Literal["linear", "conv", "embedding", "loha", "lokr"]
+    rank: int | None
     alpha: float
     scale: float
     in_features: int
@@ -28,7 +29,7 @@ class ModuleRecord(Record):
     @classmethod
     def of(cls, module) -> "ModuleRecord":
         return cls(
-            name=module.name, kind=module.kind, rank=module.rank, alpha=module.alpha, scale=module.scale,
+            name=module.name, kind=module.shown_kind, rank=module.rank, alpha=module.alpha, scale=module.scale,
             in_features=module.in_features, out_features=module.out_features,
         )
 

@@ -174,7 +174,7 @@ class Reader:
                 f"WHERE adapter_id IN ({chosen}) ORDER BY id", params
             ):
                 modules.setdefault(adapter_id, []).append(ModuleRecord(
-                    name=name, kind=kind, rank=rank, alpha=alpha, scale=scale, in_features=in_features,
+                    name=name, kind=kind, rank=rank or None, alpha=alpha, scale=scale, in_features=in_features,
                     out_features=out_features,
                 ))
             counts = {adapter_id: len(listed) for adapter_id, listed in modules.items()}
