@@ -1054,11 +1054,16 @@ class _Pipeline:
     def _module_factors(self, tensor: _Tensor, module: LoraModule):
         """(B2, A2, DoRA magnitude or None) in the compute dtype on the device, kept while one tensor's chunks are
         computed; (its Product, None, None) for a LoHa/LoKr module."""
+        import torch
+
         if self._factors_of is not tensor:
             self._factors, self._factors_of = {}, tensor
         key = id(module)
         if key not in self._factors and module.product is not None:
-            self._factors[key] = (module.product.to(self.device, self.compute_dtype), None, None)
+            # in float64, added to the accumulator in one rounding: a product takes more roundings than B·A's one
+            # fused matmul (two matmuls, then the Hadamard or Kronecker product), which in float32 left a float32
+            # output no closer to the exact result than PEFT's merge
+            self._factors[key] = (module.product.to(self.device, torch.float64), None, None)
         if key not in self._factors:
             B2, A2 = module.matrices()
             magnitude = None if module.magnitude is None else module.magnitude.to(self.device, self.compute_dtype)
