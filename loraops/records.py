@@ -187,6 +187,8 @@ class AdapterRecord(Record):
     target_modules: list[str]
     dora: bool = False
     """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
+    products: list[Literal["loha", "lokr"]] = []
+    """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (see Adapter.products)."""
     token_rows: dict[str, int] | None = {}
     """PEFT trainable tokens: base tensor → how many of its rows the adapter replaces ({} for none). null: not
     recorded (a PEFT adapter registered before loraops recorded them; `loraops verify` records them)."""
@@ -264,6 +266,8 @@ class InspectReport(Record):
     target_modules: list[str]
     dora: bool = False
     """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
+    products: list[Literal["loha", "lokr"]] = []
+    """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (see Adapter.products)."""
     num_modules: int
     num_parameters: int
     names_resolved: bool

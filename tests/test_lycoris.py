@@ -298,9 +298,15 @@ def test_refusals(tmp_path, bases):
     (tmp_path / "mixed" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidInputError, match="lora_A/lora_B keys .* in a LOHA adapter"):
         formats.read_adapter(tmp_path / "mixed")
-    save_file({"lora_unet_proj.diff": torch.ones(24, 16)}, str(tmp_path / "full.safetensors"))
-    with pytest.raises(UnsupportedAdapterError, match="full-weight difference"):
-        formats.read_adapter(tmp_path / "full.safetensors")
+    for keys, what in (({"lora_unet_proj.diff": torch.ones(24, 16)}, "full-weight difference"),
+                       ({"lora_unet_proj.a1.weight": torch.ones(2, 16), "lora_unet_proj.a2.weight": torch.ones(24, 2),
+                         "lora_unet_proj.b1.weight": torch.ones(2, 16), "lora_unet_proj.b2.weight": torch.ones(24, 2)},
+                        "LyCORIS GLoRA"),
+                       ({"lora_unet_proj.weight": torch.ones(16), "lora_unet_proj.on_input": torch.tensor(True)},
+                        r"LyCORIS \(IA\)³")):
+        save_file(keys, str(tmp_path / "other.safetensors"))
+        with pytest.raises(UnsupportedAdapterError, match=what):
+            formats.read_adapter(tmp_path / "other.safetensors")
     result = CliRunner().invoke(main, ["export", str(adapter_dir), "--format", "kohya", "-o", str(tmp_path / "x.safetensors")])
     assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "x.safetensors").exists()

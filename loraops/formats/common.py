@@ -36,6 +36,8 @@ REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
                           "lora_magnitude_vector"),
     *PRODUCT_MARKERS,
     (r"(^|\.)ia3_l(\.|$)", "an IA3 adapter (ia3_l, learned rescaling vectors)"),
+    (r"^lora_[a-z0-9]+_[^.]*\.on_input$", "a LyCORIS (IA)³ adapter (on_input, learned rescaling vectors)"),
+    (r"^lora_[a-z0-9]+_[^.]*\.(a1|a2|b1|b2|bm)\.weight$", "a LyCORIS GLoRA adapter (a1/a2/b1/b2, generalised LoRA)"),
     (r"(^|\.)(oft_r|oft_blocks|oft_diag)(\.|$)", "an OFT adapter (orthogonal finetuning)"),
     (r"(^|\.)boft_[Rs](\.|$)", "a BOFT adapter (boft_R, butterfly orthogonal finetuning)"),
     (r"(^|\.)lora_E(\.|$)", "an AdaLoRA adapter (lora_E, SVD-parametrised)"),
