@@ -319,3 +319,16 @@ def test_identity_covers_loha_alpha(tmp_path):
     (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "alpha": 12}))
     assert formats.identity(adapter_dir) != first
     assert formats.read_adapter(adapter_dir).modules["proj"].scale == 3.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_merge_matches_cpu(tmp_path, bases):
+    """The engine's product branch on CUDA: the same code, factors on the device; equal to the CPU merge within one
+    bf16 rounding (float64 matmuls on both, but in another order)."""
+    path, _ = lycoris_file(tmp_path / "lyco.safetensors", "lokr-tucker")
+    adapter = formats.read_adapter(peft_lycoris(tmp_path / "loha", "loha-tucker", torch.bfloat16))
+    inputs = [(adapter, 0.5), (formats.read_adapter(path), -1.0)]
+    for device in ("cpu", "cuda"):
+        engine.merge(bases[torch.bfloat16], inputs, tmp_path / f"{device}.safetensors", device=device, fingerprint=False)
+    cpu, cuda = merged_tensors(tmp_path / "cpu.safetensors"), merged_tensors(tmp_path / "cuda.safetensors")
+    assert all(int(ulps(cpu[k], cuda[k]).max()) <= 1 for k in cpu)

@@ -41,8 +41,9 @@ LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 def described(adapter) -> str:
     """How refusals name an adapter with LoHa/LoKr modules."""
-    kinds = " and ".join({"loha": "LoHa", "lokr": "LoKr"}[k] for k in adapter.products)
-    return f"a {kinds} adapter (its ΔW is a {'Hadamard' if kinds == 'LoHa' else 'Kronecker'} product, no low-rank B·A)"
+    names = {"loha": ("LoHa", "Hadamard"), "lokr": ("LoKr", "Kronecker")}
+    kinds, products = (" and ".join(names[k][i] for k in adapter.products) for i in (0, 1))
+    return f"a {kinds} adapter (its ΔW is a {products} product, no low-rank B·A)"
 
 
 def is_product_key(key: str) -> bool:
@@ -98,13 +99,14 @@ class Product:
         LoKr's Kronecker product is formed row by row from the rows of w1 and w2 they come from."""
         import torch
 
-        rows = rows or slice(0, self.shape[0])
+        start, stop, _ = (rows or slice(None)).indices(self.shape[0])
+        rows = slice(start, stop)
         f = self.factors
         if self.kind == "loha":
             return (f["w1a"][rows] @ f["w1b"]).mul_(f["w2a"][rows] @ f["w2b"])
         w1 = self._whole("w1")  # the small factor: a×b
         c = self._dims("w2")[0]
-        index = torch.arange(rows.start, rows.stop, device=w1.device)
+        index = torch.arange(start, stop, device=w1.device)
         i1, i2 = index // c, index % c
         w2 = f["w2"][i2] if "w2" in f else f["w2a"][i2] @ f["w2b"]
         # K[i1·c + i2, j1·d + j2] = w1[i1, j1] · w2[i2, j2]
