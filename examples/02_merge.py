@@ -2,7 +2,8 @@
 residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then a LoRA
 into an FP8 copy of that model (DeepSeek-V3's fine-grained layout), kept FP8 or dequantized to bf16. Then kohya
 LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to the checkpoints' original ones; SDXL's
-second text encoder keeps q, k and v fused in one tensor), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
+second text encoder keeps q, k and v fused in one tensor), a LyCORIS LoHa into the SD 1.x checkpoint (checked against
+LyCORIS' formula in float64), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
 in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes. A LoRA
 with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones.
 
