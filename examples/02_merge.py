@@ -2,7 +2,8 @@
 residual a bf16 round trip leaves, and `--exact`, which restores the base bit for bit from the registry. Then a LoRA
 into an FP8 copy of that model (DeepSeek-V3's fine-grained layout), kept FP8 or dequantized to bf16. Then kohya
 LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to the checkpoints' original ones; SDXL's
-second text encoder keeps q, k and v fused in one tensor), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
+second text encoder keeps q, k and v fused in one tensor), a LyCORIS LoHa into the SD 1.x checkpoint (checked against
+LyCORIS' formula in float64), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
 in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes. A LoRA
 with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones.
 
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import (FLUX, SD15, SDXL, diffusers_lora, fp8_llama, gpt_oss, llama, loraops, mixtral,  # noqa: E402
-                    named_kohya_lora, peft_lora, sd_checkpoint, workdir)
+from _build import (FLUX, SD15, SDXL, diffusers_lora, fp8_llama, gpt_oss, llama, loraops,  # noqa: E402
+                    lycoris_loha, mixtral, named_kohya_lora, peft_lora, sd_checkpoint, workdir)
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -74,6 +75,17 @@ def main() -> None:
             "--no-record")
     print(f"\nthe 3×3 conv's LoRA as loraops reads it vs LyCORIS' three convolutions: max relative |Δ output| "
           f"{tucker_gap(tucker):.0e}")
+
+    print("\n--- a LyCORIS LoHa (Hadamard product of two rank-4 products) into the SD 1.5 checkpoint ---")
+    loha = lycoris_loha(work / "sd15-loha.safetensors", SD15[1], r=4, alpha=2,
+                        metadata={"ss_network_module": "lycoris.kohya", "ss_base_model_version": "sd_v1"})
+    loraops("inspect", loha)
+    loraops("check", loha, "--base", work / "sd15-tiny.safetensors")
+    loraops("merge", f"{loha}:0.8", "--into", work / "sd15-tiny.safetensors", "-o", work / "sd15-loha-merged.safetensors",
+            "--no-record")
+    print(f"\nmerged vs W + 0.8·(alpha/r)·(w1a·w1b)⊙(w2a·w2b) in float64: max error "
+          f"{loha_gap(loha, work / 'sd15-tiny.safetensors', work / 'sd15-loha-merged.safetensors'):.1f} ulp")
+    loraops("export", loha, "--format", "kohya", "-o", work / "loha-lora.safetensors", ok=False)  # no B·A to write
 
     print("\n--- a diffusers FLUX LoRA (split q/k/v) into a FLUX.1 checkpoint that fuses them ---")
     flux = sd_checkpoint(work / "flux-tiny.safetensors", FLUX[0])
@@ -139,6 +151,28 @@ def tucker_gap(lora: Path) -> float:
     x = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     lycoris = module.scale * conv(conv(conv(x, down), mid, padding=1), up)
     return float((conv(x, module.delta(dtype=torch.float64), padding=1) - lycoris).abs().max() / lycoris.abs().max())
+
+
+def loha_gap(loha: Path, checkpoint: Path, merged: Path) -> float:
+    """The largest distance, in units of the last place of the merged dtype, between every merged tensor the LoHa
+    changed and LyCORIS' formula computed in float64 from the file's own tensors."""
+    from safetensors.torch import load_file
+
+    from loraops import check, formats, st
+
+    lycoris, base, out = load_file(loha), load_file(checkpoint), load_file(merged)
+    bound = check.bind(formats.read_adapter(loha), st.read_header(checkpoint).tensors)
+    worst = 0.0
+    for kohya, module in zip(formats.read_adapter(loha).modules, bound.modules.values()):
+        f = {p: lycoris[f"{kohya}.{p}"].double() for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")}
+        delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]) * float(f["alpha"]) / 4
+        exact = base[module.weight_name].double() + 0.8 * delta.reshape(base[module.weight_name].shape)
+        got = out[module.weight_name]
+        spacing = torch.finfo(got.dtype).eps * exact.abs().clamp_min(torch.finfo(got.dtype).tiny)
+        worst = max(worst, float(((got.double() - exact).abs() / spacing).max()))
+    if worst > 1:
+        sys.exit("the merged LoHa is not within one rounding of LyCORIS' formula")
+    return worst
 
 
 def logit_gap(base: Path, adapter: Path, merged: Path, atol: float = 1e-5) -> float:

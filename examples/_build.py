@@ -203,6 +203,24 @@ def named_kohya_lora(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, 
     return Path(out)
 
 
+def lycoris_loha(out: Path, modules: dict[str, tuple[int, ...]], *, r: int, alpha: float, metadata: dict[str, str],
+                 seed: int = 4) -> Path:
+    """A LyCORIS LoHa file with these names ({name: (out, in, *kernel)}): hada_w1_a/hada_w2_a out×r,
+    hada_w1_b/hada_w2_b r×(in·k·k) — a conv's factors flattened, as LyCORIS stores them without use_tucker."""
+    from loraops.st import write_safetensors
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out_f, in_f, *kernel) in modules.items():
+        flat = in_f * (kernel[0] * kernel[1] if kernel else 1)
+        for n in (1, 2):
+            tensors[f"{name}.hada_w{n}_a"] = torch.randn(out_f, r, generator=g) * 0.1
+            tensors[f"{name}.hada_w{n}_b"] = torch.randn(r, flat, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    write_safetensors(out, tensors, metadata)
+    return Path(out)
+
+
 def workdir(name: str) -> Path:
     """WORKDIR/<name> from the command line (default: a temp dir), with the registry in its own home there unless
     LORAOPS_HOME is set."""

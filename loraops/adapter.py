@@ -16,6 +16,10 @@ but m ⊙ (W + s·B·A) / ‖W + s·B·A‖, each output channel rescaled to its
 A module bound to one part of a fused base tensor (q, k or v of OpenCLIP's in_proj_weight or FLUX's qkv) changes only
 its block of rows: see ``LoraModule.fused``. A LoRA on a raw parameter (one expert's share of a fused MoE experts
 parameter is a plain module on that expert's own tensor) is marked: see ``LoraModule.raw_parameter``.
+
+A LoHa or LoKr module (LyCORIS, PEFT LoHaConfig/LoKrConfig) has no B·A: its ΔW is a Hadamard or Kronecker product of
+factors, held in ``LoraModule.product`` (see loraops.formats.lycoris); its A and B are meta tensors that only give the
+layout (rank×in×k…, out×rank×1…), so names, shapes and binding treat it as any module, and ``delta`` is exact.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import torch
+
+    from .formats.lycoris import Product
 
 ModuleKind = Literal["linear", "conv", "embedding"]
 
@@ -70,6 +76,8 @@ class LoraModule:
     layers store it 1×out×1×1). The merged weight is f ⊙ (W + s·B·A) with f = magnitude / ‖W + s·B·A‖, the norm taken
     per output channel over all its inputs (a row of W, a column of a transposed one): see loraops.engine. None for a
     plain LoRA."""
+    product: "Product | None" = None
+    """LoHa/LoKr: the factors whose product is ΔW/scale (formats.lycoris.Product); None for a LoRA (ΔW = scale·B·A)."""
 
     @property
     def dora(self) -> bool:
@@ -81,8 +89,21 @@ class LoraModule:
         return self.raw_parameter[2] if self.raw_parameter is not None else 1
 
     @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
+    def rank(self) -> int | None:
+        """r; None only for a LoKr whose two factors are stored whole (no inner dimension)."""
+        return self.product.rank if self.product is not None else int(self.A.shape[0])
+
+    @property
+    def shown_kind(self) -> str:
+        """What records and tables call the module: loha/lokr for those, else its layer kind."""
+        return self.product.kind if self.product is not None else self.kind
+
+    @property
+    def num_parameters(self) -> int:
+        """Its stored values (a LoHa/LoKr's as composed, a Tucker core folded in)."""
+        if self.product is not None:
+            return self.product.numel()
+        return self.A.numel() + self.B.numel() + (self.magnitude.numel() if self.dora else 0)
 
     @property
     def in_features(self) -> int:
@@ -130,6 +151,9 @@ class LoraModule:
         import torch
 
         dtype = dtype or torch.float32
+        if self.product is not None:  # (never transposed: LoHa/LoKr exist for Linear and Conv layers only)
+            out = self.product.to(device, dtype).rows(rows).mul_(self.scale)
+            return out.reshape(out.shape[0], *self.weight_shape[1:])
         B2, A2 = self.matrices()
         B2 = B2.to(device=device, dtype=dtype)
         A2 = A2.to(device=device, dtype=dtype)
@@ -157,7 +181,8 @@ class LoraModule:
         """This module without its values (factors on the meta device, same shapes and dtypes): what a writer or a
         report keeps of every module while the modules themselves come and go one at a time."""
         magnitude = None if self.magnitude is None else self.magnitude.to("meta")
-        return replace(self, A=self.A.to("meta"), B=self.B.to("meta"), magnitude=magnitude)
+        product = None if self.product is None else self.product.stand_in()
+        return replace(self, A=self.A.to("meta"), B=self.B.to("meta"), magnitude=magnitude, product=product)
 
 
 @dataclass
@@ -232,7 +257,12 @@ class Adapter:
         return others[0].dtype if others else torch.float32
 
     @property
-    def ranks(self) -> dict[str, int]:
+    def products(self) -> list[str]:
+        """The kinds of non-LoRA products among its modules (["loha"], ["lokr"], both, or [])."""
+        return sorted({m.product.kind for m in self.modules.values() if m.product is not None})
+
+    @property
+    def ranks(self) -> dict[str, int | None]:
         return {name: m.rank for name, m in self.modules.items()}
 
     @property
@@ -262,7 +292,7 @@ class Adapter:
     def num_parameters(self) -> int:
         # an expert's gate and up modules share one A (one block of a fused parameter's lora_A): counted once
         shared = {m.raw_parameter[:2]: m.A.numel() for m in self.modules.values() if m.raw_parameter is not None}
-        return (sum(m.B.numel() + (0 if m.raw_parameter else m.A.numel()) + (m.magnitude.numel() if m.dora else 0)
-                    for m in self.modules.values()) + sum(shared.values())
+        return (sum(m.num_parameters - (m.A.numel() if m.raw_parameter else 0) for m in self.modules.values())
+                + sum(shared.values())
                 + sum(t.numel() for t in self.full_tensors.values())
                 + sum(r.values.numel() for r in self.token_rows.values()))

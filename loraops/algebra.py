@@ -40,7 +40,12 @@ def _check_bases(bases: Sequence[object], labels: Sequence[str]) -> None:
 
 
 def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> None:
+    from .formats.lycoris import described
+
     for adapter, label in zip(adapters, labels):
+        if adapter.products:
+            raise InvalidInputError(f"{label} is {described(adapter)}: combine works on low-rank factors; make a LoRA "
+                                    "of it first (loraops resize --rank K), or merge the adapters into the base in turn")
         if adapter.dora:
             raise InvalidInputError(
                 f"{label} is a DoRA adapter, whose merge rescales each output channel by a norm of the base weights: "
@@ -298,6 +303,17 @@ def combine_lazily(
     return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started)
 
 
+def lora_config_of(config: dict) -> dict:
+    """A PEFT LoHaConfig/LoKrConfig's fields that a LoraConfig shares (targets, task): a resize of it is a LoRA."""
+    from .formats.lycoris import PEFT_TYPES
+
+    if str(config.get("peft_type")).upper() not in PEFT_TYPES:
+        return config
+    shared = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+              "task_type", "base_model_name_or_path", "revision", "auto_mapping")
+    return {"peft_type": "LORA", **{k: config[k] for k in shared if k in config}}
+
+
 def own_names(modules: dict[str, LoraModule], adapters: Sequence[Adapter]) -> dict[str, str]:
     """The combined adapter's own name for each module: that of the first input holding the module (an input whose
     names needed no renaming has no entries, and must still win over a later one's)."""
@@ -370,8 +386,14 @@ def resize_lazily(
     rule = resize_rule(rank, dynamic, param, max_rank)
     if not adapter.modules:
         raise InvalidInputError(f"{_label(adapter, 0)} has no LoRA modules to resize")
-    current = max(adapter.ranks.values())
-    if rank is not None and rank > current:
+    # (a LoHa/LoKr module becomes a LoRA of any rank up to its ΔW's: the SVD of its dense ΔW, see resize_module)
+    flat = next((m for m in adapter.modules.values() if m.product is not None and not m.product.kernel_known), None)
+    if flat is not None:
+        raise InvalidInputError(f"{_label(adapter, 0)}: module {flat.name!r} of a LoHa/LoKr adapter is stored "
+                                "flattened (out × in·k…), so only its base says whether it is a Linear or a convolution: "
+                                "register it against its base (--base) to resize it")
+    current = max((m.rank for m in adapter.modules.values() if m.product is None), default=None)
+    if rank is not None and current is not None and rank > current:
         raise InvalidInputError(f"rank {rank} is above the adapter's rank {current}: resize only lowers rank")
     shared = next((m for m in adapter.modules.values() if m.experts > 1), None)
     if shared is not None and rule.dynamic is not None:
@@ -383,8 +405,9 @@ def resize_lazily(
     started = time.perf_counter()
     target = resolve_device(device)
     dtype, precision = compute_precision(precise)
-    result = raw.split_gate_up(replace(adapter, modules={n: m.stand_in() for n, m in adapter.modules.items()},
-                                       path=None), halves)
+    result = raw.split_gate_up(replace(adapter, modules={n: replace(m.stand_in(), product=None)
+                                                         for n, m in adapter.modules.items()},
+                                       path=None, config=lora_config_of(adapter.config)), halves)
     records = []
 
     def compute() -> Iterator[LoraModule]:

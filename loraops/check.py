@@ -301,7 +301,7 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
     So a module is transposed when the config says so or it is a Conv1D of a Conv1D-layout base, unless the base's
     shape says otherwise (an nn.Linear stored out×in). A LoRA on the raw parameter is added as the parameter is stored
     (PEFT's ParamWrapper), whatever the layer."""
-    if module.kind != "linear" or module.fused is not None or module.raw_parameter is not None:
+    if module.kind != "linear" or module.fused is not None or module.raw_parameter is not None or module.product:
         return module
     out_f, in_f = module.out_features, module.in_features
     transposed = module.fan_in_fan_out or (conv1d and module.name.rpartition(".")[2] in CONV1D_LAYERS)
@@ -312,8 +312,17 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
 
 def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
     """kohya stores 1×1 convs as 4-D factors and sometimes targets a Linear with them (and vice versa): reshape the
-    factors to the base's kind when only the trailing 1×1 differs."""
+    factors to the base's kind when only the trailing 1×1 differs. LoHa/LoKr (PEFT's and LyCORIS') store a conv's
+    factors flattened, out × in·k…: the base's shape says the kernel."""
     shape = module.weight_shape
+    if module.product is not None:
+        module = replace(module, product=replace(module.product, kernel_known=True))
+        if len(base_shape) >= 2 and base_shape != shape and base_shape[0] == shape[0] and \
+                math.prod(base_shape[1:]) == math.prod(shape[1:]):
+            r = module.A.shape[0]
+            return replace(module, kind="conv" if len(base_shape) > 2 else "linear",
+                           A=module.A.reshape(r, *base_shape[1:]), B=module.B.reshape(shape[0], r, *[1] * (len(base_shape) - 2)))
+        return module
     if module.kind == "conv" and shape[2:] == (1, 1) and base_shape == shape[:2]:
         B2, A2 = module.matrices()
         return replace(module, kind="linear", A=A2, B=B2)
@@ -335,7 +344,7 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
             module = replace(module, fused=ldm.fused_target(new, manifest))
         info = manifest.get(module.weight_name)
         if info is not None and module.fused is None:
-            if not adapter.names_resolved:
+            if not adapter.names_resolved or module.product is not None:
                 module = fit_kind(module, tuple(info.shape))
             module = fit_orientation(module, tuple(info.shape), conv1d)
         if new in modules:

@@ -1022,6 +1022,9 @@ class _Pipeline:
                 col0, cols = module.fused_columns or (0, tensor.row_elements)
                 here = (slice(row0 - chunk.row0, row1 - chunk.row0), slice(col0, col0 + cols))
                 rows_of_module = slice(row0 - first, row1 - first)
+                if A2 is None:  # LoHa/LoKr: B2 is its Product, whose rows of ΔW are formed here (no B·A to fuse)
+                    acc2[here].add_(B2.rows(rows_of_module), alpha=coef)
+                    continue
                 if magnitude is None:
                     add_delta(acc2[here], B2, A2, module.transposed, rows_of_module, coef)
                     continue
@@ -1060,10 +1063,17 @@ class _Pipeline:
 
     def _module_factors(self, tensor: _Tensor, module: LoraModule):
         """(B2, A2, DoRA magnitude or None) in the compute dtype on the device, kept while one tensor's chunks are
-        computed."""
+        computed; (its Product, None, None) for a LoHa/LoKr module."""
+        import torch
+
         if self._factors_of is not tensor:
             self._factors, self._factors_of = {}, tensor
         key = id(module)
+        if key not in self._factors and module.product is not None:
+            # in float64, added to the accumulator in one rounding: a product takes more roundings than B·A's one
+            # fused matmul (two matmuls, then the Hadamard or Kronecker product), which in float32 left a float32
+            # output no closer to the exact result than PEFT's merge
+            self._factors[key] = (module.product.to(self.device, torch.float64), None, None)
         if key not in self._factors:
             B2, A2 = module.matrices()
             magnitude = None if module.magnitude is None else module.magnitude.to(self.device, self.compute_dtype)

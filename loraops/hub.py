@@ -480,7 +480,7 @@ class CardInfo:
 
     name: str
     format: str
-    ranks: dict[str, int]
+    ranks: dict[str, int | None]
     alphas: dict[str, float]
     base_model: str | None = None
     """A Hub repo id (front matter) or a free description (body only)."""
@@ -530,7 +530,7 @@ def render_card(card: CardInfo) -> str:
 
 
 def _spread(values) -> str:
-    values = sorted(set(values))
+    values = sorted(set(values) - {None})  # (None: a LoKr module stored whole has no rank)
     if not values:
         return "-"
     fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731

@@ -15,11 +15,12 @@ class Record(BaseModel):
 
 
 class ModuleRecord(Record):
-    """One adapted module: `name` is its path in the base model (for an unbound kohya file, the kohya name)."""
+    """One adapted module: `name` is its path in the base model (for an unbound kohya file, the kohya name). `kind`
+    is the layer's, or loha/lokr for those; `rank` is None for a LoKr whose two factors are stored whole."""
 
     name: str
-    kind: Literal["linear", "conv", "embedding"]
-    rank: int
+    kind: Literal["linear", "conv", "embedding", "loha", "lokr"]
+    rank: int | None
     alpha: float
     scale: float
     in_features: int
@@ -28,7 +29,7 @@ class ModuleRecord(Record):
     @classmethod
     def of(cls, module) -> "ModuleRecord":
         return cls(
-            name=module.name, kind=module.kind, rank=module.rank, alpha=module.alpha, scale=module.scale,
+            name=module.name, kind=module.shown_kind, rank=module.rank, alpha=module.alpha, scale=module.scale,
             in_features=module.in_features, out_features=module.out_features,
         )
 
@@ -238,6 +239,8 @@ class AdapterRecord(Record):
     target_modules: list[str]
     dora: bool = False
     """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
+    products: list[Literal["loha", "lokr"]] = []
+    """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (see Adapter.products)."""
     token_rows: dict[str, int] | None = {}
     """PEFT trainable tokens: base tensor → how many of its rows the adapter replaces ({} for none). null: not
     recorded (a PEFT adapter registered before loraops recorded them; `loraops verify` records them)."""
@@ -315,6 +318,8 @@ class InspectReport(Record):
     target_modules: list[str]
     dora: bool = False
     """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
+    products: list[Literal["loha", "lokr"]] = []
+    """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (see Adapter.products)."""
     num_modules: int
     num_parameters: int
     names_resolved: bool

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .render import DORA_NOTE, echo_fields, echo_json, echo_modules, echo_table, human_bytes, number
+from .render import (DORA_NOTE, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, number,
+                     products_note)
 
 
 def _registry(create: bool = True):
@@ -32,8 +33,12 @@ def tokens_phrase(token_rows: dict[str, int] | None) -> str:
 
 
 def format_label(record) -> str:
-    """The format as `list` and `register` show it, with what else the adapter is: DoRA, trainable tokens."""
-    return record.format + (" DoRA" if record.dora else "") + (" +tokens" if record.token_rows else "")
+    """The format as `list` and `register` show it, with what else the adapter is: DoRA, LoHa/LoKr, trainable
+    tokens."""
+    return (record.format + (" DoRA" if record.dora else "") + "".join(f" {PRODUCTS[p]}" for p in record.products)
+            + (" +tokens" if record.token_rows else ""))
+
+
 
 
 def registered_again(record, name: str | None, linked: bool, previous_base) -> str:
@@ -115,6 +120,7 @@ def show(ref: str, as_json: bool) -> None:
         ("rank", number(r.rank, len(r.modules))), ("alpha", number(r.alpha, len(r.modules))),
         ("scale mode", "rsLoRA (alpha/sqrt(r))" if r.scale_mode == "rslora" else "classic (alpha/r)"),
         *([("variant", DORA_NOTE)] if r.dora else []),
+        *([("variant", products_note(r.products))] if r.products else []),
         *([("trainable tokens", tokens_phrase(r.token_rows))] if r.token_rows != {} else []),
         ("targets", ", ".join(r.target_modules)), ("parameters", f"{r.num_parameters:,}"),
         ("base", f"{r.base.name} ({r.base.fingerprint[:12]})" if r.base else "-"),

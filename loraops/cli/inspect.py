@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..adapter import token_rows_phrase
-from .render import DORA_NOTE, echo_json, echo_modules, human_bytes, number
+from .render import DORA_NOTE, echo_json, echo_modules, human_bytes, number, products_note
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
@@ -33,6 +33,7 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("alpha", number(report.alpha, report.num_modules)),
         ("scale mode", "rsLoRA (alpha/sqrt(r))" if report.scale_mode == "rslora" else "classic (alpha/r)"),
         *([("variant", DORA_NOTE)] if report.dora else []),
+        *([("variant", products_note(report.products))] if report.products else []),
         ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
         ("parameters", f"{report.num_parameters:,}"),
         ("base model", report.base_model or "-"),

@@ -54,6 +54,15 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+PRODUCTS = {"loha": "LoHa", "lokr": "LoKr"}
+
+
+def products_note(products) -> str:
+    """What `show` and `inspect` say of an adapter with LoHa/LoKr modules."""
+    what = {"loha": "LoHa: ΔW = scale·(w1a·w1b)⊙(w2a·w2b)", "lokr": "LoKr: ΔW = scale·kron(w1, w2)"}
+    return "; ".join(what[p] for p in products) + " (merged exactly; resize --rank K makes a LoRA of it)"
+
+
 def number(value: float | None, modules: int | None = None) -> str:
     """A rank/alpha for humans: 'mixed' when modules differ (None), '-' when there are none (``modules`` 0: an adapter
     of PEFT trainable tokens alone)."""
@@ -73,5 +82,5 @@ def echo_modules(modules: Sequence[Any]) -> None:
     """The per-module table shared by `inspect` and `show` (ModuleRecord rows)."""
     echo_table(
         ["module", "kind", "rank", "alpha", "scale", "in", "out"],
-        [(m.name, m.kind, m.rank, f"{m.alpha:g}", f"{m.scale:.6g}", m.in_features, m.out_features) for m in modules],
+        [(m.name, m.kind, "-" if m.rank is None else m.rank, f"{m.alpha:g}", f"{m.scale:.6g}", m.in_features, m.out_features) for m in modules],
     )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 from .. import st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
 from ..fsutil import atomic_path, output_path, sha256_file
-from . import common, diffusers, kohya, params, peft, tokens
+from . import common, diffusers, kohya, lycoris, params, peft, tokens
 from .kohya import kohya_name
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def detect(path: str | Path) -> str:
         return "kohya"
     if any(diffusers.is_diffusers_key(k) for k in keys) and not any(k.startswith(peft.PREFIX) for k in keys):
         return "diffusers"
-    if any(peft.is_factor_key(k) or (k.startswith(peft.PREFIX) and tokens.is_token_key(k)) for k in keys):
+    if any(peft.is_factor_key(k) or (k.startswith(peft.PREFIX) and (tokens.is_token_key(k) or lycoris.is_product_key(k)))
+           for k in keys):
         return "peft"  # (trainable tokens alone have no factor: a TrainableTokensConfig adapter)
     common.refuse_unsupported(path, keys)
     if not keys:
@@ -127,6 +128,9 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         modules = (replace(m, name=own.get(m.name, m.name)) for m in modules)
         adapter = adapter.with_own_names()
     refuse_unwritable(adapter, fmt, values=False)  # the values are checked as the modules come
+    if adapter.products:
+        raise UnsupportedAdapterError(f"{adapter.label}: {lycoris.described(adapter)}, so it cannot be written as "
+                                      f"{fmt}; `loraops resize --rank K` makes a LoRA of it (an SVD of each module's ΔW)")
     writer, is_dir = WRITERS[fmt]
     dest = output_path(dest)
     if is_dir and dest.suffix == ".safetensors":
@@ -211,6 +215,8 @@ def math_config(config: dict) -> dict:
         if name == "peft_type" and isinstance(value, str):
             value = value.upper()
         out[name] = value
+    if str(config.get("peft_type")).upper() in lycoris.PEFT_TYPES:  # LoHa/LoKr's alpha (its lora_alpha is unused)
+        out["alpha"] = config.get("alpha", peft.MATH_FIELDS["lora_alpha"])
     if value := config.get("target_parameters"):  # only when set: the identities of other adapters stay as they were
         # sorted like the lists above; a malformed value as it is (hashed before the reader refuses it)
         out["target_parameters"] = sorted(value, key=str) if isinstance(value, list) else value

@@ -20,15 +20,24 @@ if TYPE_CHECKING:
 
     from ..adapter import Adapter
 
+# LoHa and LoKr keys: read from kohya/LyCORIS files and PEFT folders (formats.lycoris), refused elsewhere.
+PRODUCT_MARKERS: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)hada_[wt]\d", "a LoHa adapter (hada_w1_a/hada_w2_b, Hadamard product factors) outside a PEFT folder "
+                           "with its adapter_config.json or a kohya/LyCORIS file"),
+    (r"(^|\.)lokr_[wt]\d", "a LoKr adapter (lokr_w1/lokr_w2, Kronecker product factors) outside a PEFT folder "
+                           "with its adapter_config.json or a kohya/LyCORIS file"),
+)
+
 # Key segments of layouts whose math is not W + s·B·A (checked before anything else, so the message names them).
 # Each regex is searched in the full key; segments are dot-bounded so lora_embedding_A never reads as AdaLoRA's lora_E.
 REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
     (r"(^|\.)dora_scale$", "a LyCORIS DoRA adapter (dora_scale): LyCORIS decomposes the weight its own way (which "
                           "dimension it normalises is a training option), and loraops reads DoRA only as PEFT's "
                           "lora_magnitude_vector"),
-    (r"(^|\.)hada_[wt]\d", "a LoHa adapter (hada_w1_a/hada_w2_b, Hadamard product factors)"),
-    (r"(^|\.)lokr_[wt]\d", "a LoKr adapter (lokr_w1/lokr_w2, Kronecker product factors)"),
+    *PRODUCT_MARKERS,
     (r"(^|\.)ia3_l(\.|$)", "an IA3 adapter (ia3_l, learned rescaling vectors)"),
+    (r"^lora_[a-z0-9]+_[^.]*\.on_input$", "a LyCORIS (IA)³ adapter (on_input, learned rescaling vectors)"),
+    (r"^lora_[a-z0-9]+_[^.]*\.(a1|a2|b1|b2|bm)\.weight$", "a LyCORIS GLoRA adapter (a1/a2/b1/b2, generalised LoRA)"),
     (r"(^|\.)(oft_r|oft_blocks|oft_diag)(\.|$)", "an OFT adapter (orthogonal finetuning)"),
     (r"(^|\.)boft_[Rs](\.|$)", "a BOFT adapter (boft_R, butterfly orthogonal finetuning)"),
     (r"(^|\.)lora_E(\.|$)", "an AdaLoRA adapter (lora_E, SVD-parametrised)"),
@@ -78,10 +87,10 @@ def refuse_base_changing_init(path: Path, init) -> None:
         )
 
 
-def refuse_unsupported(path: Path, keys: Iterable[str]) -> None:
-    """Raise UnsupportedAdapterError when any key belongs to a known non-LoRA layout."""
+def refuse_unsupported(path: Path, keys: Iterable[str], markers=REFUSED_MARKERS) -> None:
+    """Raise UnsupportedAdapterError when any key belongs to a known non-LoRA layout (of ``markers``)."""
     for key in keys:
-        for marker, what in REFUSED_MARKERS:
+        for marker, what in markers:
             if re.search(marker, key):
                 raise UnsupportedAdapterError(f"{path}: {what} (key {key!r}); loraops handles plain LoRA only")
 

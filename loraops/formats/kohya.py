@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterable
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError
-from . import common
+from . import common, lycoris
 
 if TYPE_CHECKING:
     import torch
@@ -58,42 +58,55 @@ def kohya_name(module_path: str, component: str | None = None) -> str:
 
 def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped: bool = False) -> Adapter:
     header = st.read_header(path)
-    common.refuse_unsupported(path, header.tensors)
+    lycoris.refuse_unsupported(path, header.tensors)
+    # LyCORIS LoHa/LoKr modules (hada_…, lokr_…), each with its .alpha; a file may mix them with LoCon modules
+    products, keys = lycoris.group(path, header.tensors)
     found: dict[str, dict[str, str]] = {}
     unknown = []
-    for key in header.tensors:
+    for key in keys:
         match = KEY_RE.match(key)
         if match is None:
             unknown.append(key)
-            continue
-        found.setdefault(match["name"], {})[PARTS[match["part"]]] = key
+        elif match["name"] in products and match["part"] == "alpha":
+            products[match["name"]]["alpha"] = key
+        else:
+            found.setdefault(match["name"], {})[PARTS[match["part"]]] = key
     if unknown:
         raise common.unknown_layout(path, unknown, "unknown keys in a kohya LoRA file")
     for name, parts in found.items():
         if "down" not in parts and "up" not in parts:
             raise InvalidInputError(f"{path}: {next(iter(parts.values()))!r} has no lora_down/lora_up tensors")
     common.pair_factors(path, found, "down", "up")
-    if not found:
+    if not found and not products:
         raise FormatError(f"{path}: no LoRA tensors in this file")
     tensors = st.load_tensors(header, values=values, mapped=mapped)
     modules = {}
+    for name, parts in sorted(products.items()):
+        stored = parts.pop("alpha", None)
+        modules[name] = lycoris.build(path, name, parts, tensors, alpha=module_alpha(path, tensors, stored, alpha))
     for name, parts in sorted(found.items()):
         down, up = tensors[parts["down"]], tensors[parts["up"]]
-        module_alpha = alpha
-        if module_alpha is None and "alpha" in parts:
-            stored = tensors[parts["alpha"]]
-            if stored.numel() != 1:
-                raise InvalidInputError(f"{path}: {parts['alpha']!r} must hold one number, has shape {tuple(stored.shape)}")
-            module_alpha = common.check_alpha(path, float(stored.float().item()), parts["alpha"]) or None
-        elif module_alpha is not None:
-            module_alpha = common.check_alpha(path, module_alpha, "alpha")
         extra = tuple(parts[part] for part in ("mid", "alpha") if part in parts)
         if "mid" in parts:
             down = tucker_down(path, name, down, tensors[parts["mid"]], parts)
         modules[name] = common.build_module(
-            path, name, down, up, a_key=parts["down"], b_key=parts["up"], alpha=module_alpha, extra_keys=extra
+            path, name, down, up, a_key=parts["down"], b_key=parts["up"],
+            alpha=module_alpha(path, tensors, parts.get("alpha"), alpha), extra_keys=extra,
         )
-    return Adapter(modules=modules, format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
+    return Adapter(modules=dict(sorted(modules.items())), format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
+
+
+def module_alpha(path: Path, tensors: dict[str, "torch.Tensor"], key: str | None, alpha: float | None) -> float | None:
+    """A module's alpha: the caller's, else its ``.alpha`` tensor's (``key``); None when neither says or it is 0
+    (alpha = r, kohya's and LyCORIS' rule)."""
+    if alpha is not None:
+        return common.check_alpha(path, alpha, "alpha")
+    if key is None:
+        return None
+    stored = tensors[key]
+    if stored.numel() != 1:
+        raise InvalidInputError(f"{path}: {key!r} must hold one number, has shape {tuple(stored.shape)}")
+    return common.check_alpha(path, float(stored.float().item()), key) or None
 
 
 def tucker_down(path: Path, name: str, down: "torch.Tensor", mid: "torch.Tensor", keys: dict[str, str]) -> "torch.Tensor":

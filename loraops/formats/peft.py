@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
-from . import common, params, tokens
+from . import common, lycoris, params, tokens
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,8 @@ class ScaleConfig:
     """PEFT target_parameters (see loraops.formats.params)."""
     dora: bool | None = None
     """use_dora as the config says (None: it says nothing, a bare file: the magnitude keys decide)."""
+    product: str | None = None
+    """"loha"/"lokr" for a LoHaConfig/LoKrConfig adapter (peft_type LOHA/LOKR: see formats.lycoris), else None."""
 
     def alpha_for(self, name: str) -> float | None:
         key = common.pattern_key(self.alpha_pattern, name)
@@ -87,6 +89,12 @@ class ScaleConfig:
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    product = lycoris.PEFT_TYPES.get(peft_type)
+    if product is not None:  # LoHaConfig/LoKrConfig: r, alpha (not lora_alpha), rank/alpha patterns, modules_to_save
+        if alpha is None:
+            alpha = cfg.get("alpha", MATH_FIELDS["lora_alpha"])
+        cfg = {k: cfg[k] for k in ("r", "rank_pattern", "alpha_pattern", "modules_to_save", "bias") if k in cfg}
+        peft_type = "LORA"
     if peft_type in common.OTHER_PEFT_TYPES:
         raise UnsupportedAdapterError(
             f"{path}: {common.OTHER_PEFT_TYPES[peft_type]} (peft_type {peft_type}); loraops handles plain LoRA only"
@@ -137,7 +145,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         alpha=lora_alpha, r=r, rslora=bool(cfg.get("use_rslora", False)), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
-        dora=cfg["use_dora"] if "use_dora" in cfg else None,
+        dora=cfg["use_dora"] if "use_dora" in cfg else None, product=product,
     )
 
 
@@ -315,11 +323,17 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if cfg_file:  # LoraConfig's defaults, as PEFT reads the file
         raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
-    common.refuse_unsupported(weights, header.tensors)
-    parsed = parse_keys(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
+    product = cfg.product if cfg is not None else None
+    products, keys = ({}, header.tensors) if product is None else \
+        lycoris.group(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
+    (common.refuse_unsupported if product is None else lycoris.refuse_unsupported)(weights, keys)
+    parsed = parse_keys(weights, keys, lambda module: module.removeprefix(PREFIX))
+    if product is not None and parsed.factors:
+        raise InvalidInputError(f"{weights}: lora_A/lora_B keys ({next(iter(parsed.factors))!r}) in a "
+                                f"{raw_cfg['peft_type']} adapter")
     token_keys = [key for key in parsed.others if tokens.is_token_key(key)]
     parsed.others = [key for key in parsed.others if key not in token_keys]
-    lora_modules = frozenset(parsed.factors)
+    lora_modules = frozenset(parsed.factors) | frozenset(products)
     token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
                   for key in parsed.others}
@@ -328,12 +342,14 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         raise common.unknown_layout(weights, unknown)
     if len(set(full_names.values())) < len(full_names):
         raise InvalidInputError(f"{weights}: duplicate full tensors after key normalisation ({sorted(full_names)[:4]})")
-    if not parsed.factors and not full_names and not token_keys:
+    if not parsed.factors and not products and not full_names and not token_keys:
         raise FormatError(f"{weights}: no LoRA tensors in this file")
     tensors = st.load_tensors(header, values=values, mapped=mapped)
     no_config = ScaleConfig(alpha=None)
     experts = params.split_experts(weights, parsed, tensors, cfg)
     modules = build_modules(weights, parsed, tensors, lambda name: (cfg or no_config, params.pattern_name(cfg or no_config, name)))
+    modules.update((name, lycoris.build(weights, name, parts, tensors, alpha=cfg.alpha_for(name),
+                                        peft_rank=cfg.rank_for(name))) for name, parts in products.items())
     modules = dict(sorted({**params.mark_weight_targets(modules, cfg), **experts}.items()))
     full = {}
     for key, target in full_names.items():

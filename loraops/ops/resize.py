@@ -18,6 +18,7 @@ so scale' = s and the delta is the best rank-k approximation of the old one.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -26,7 +27,7 @@ from pydantic import Field, model_validator
 from ..adapter import LoraModule
 from ..records import ResizeModuleRecord
 from .params import Params
-from .svd import factored_svd
+from .svd import Spectrum, factored_svd
 
 MIN_SV = 1e-6
 
@@ -94,17 +95,26 @@ def resize_module(
     module: LoraModule, rule: RankRule, scale_mode: str, device: torch.device, dtype: torch.dtype, *,
     keep_zero_rank: bool = False,
 ) -> tuple[LoraModule, ResizeModuleRecord]:
-    """The module at its new rank (factors in the module's dtype, on the CPU) and its report line."""
-    B2, A2 = module.matrices()
-    spectrum = factored_svd(B2.to(device=device, dtype=dtype), A2.to(device=device, dtype=dtype))
-    k = rule.choose(spectrum.S, module.rank, keep_zero_rank)
+    """The module at its new rank (factors in the module's dtype, on the CPU) and its report line. A LoHa/LoKr
+    module becomes a LoRA: its dense ΔW/scale is factorized (exact SVD; its rank may be above the product's r, up to
+    the ΔW's own)."""
+    before = module.rank
+    if module.product is None:
+        B2, A2 = module.matrices()
+        spectrum = factored_svd(B2.to(device=device, dtype=dtype), A2.to(device=device, dtype=dtype))
+        current = module.rank
+    else:
+        spectrum = Spectrum(*torch.linalg.svd(module.product.to(device, dtype).rows(), full_matrices=False))
+        current = spectrum.S.numel()
+        module = replace(module, product=None)
+    k = rule.choose(spectrum.S, current, keep_zero_rank)
     B, A = spectrum.truncate(k)
     fro, total = spectrum.retained(k)
     alpha = alpha_for_scale(module.scale, k, scale_mode)
     out = module.A.dtype
     resized = module.with_factors(B.to(device="cpu", dtype=out), A.to(device="cpu", dtype=out), alpha, module.scale)
     record = ResizeModuleRecord(
-        name=module.name, kind=module.kind, rank_before=module.rank, rank_after=k, alpha_after=alpha,
+        name=module.name, kind=module.kind, rank_before=before or current, rank_after=k, alpha_after=alpha,
         fro_retained=fro, sum_retained=total,
     )
     return resized, record

@@ -174,13 +174,17 @@ class Reader:
                 f"WHERE adapter_id IN ({chosen}) ORDER BY id", params
             ):
                 modules.setdefault(adapter_id, []).append(ModuleRecord(
-                    name=name, kind=kind, rank=rank, alpha=alpha, scale=scale, in_features=in_features,
+                    name=name, kind=kind, rank=rank or None, alpha=alpha, scale=scale, in_features=in_features,
                     out_features=out_features,
                 ))
             counts = {adapter_id: len(listed) for adapter_id, listed in modules.items()}
         else:
             counts = dict(self.rows(f"SELECT adapter_id, count(*) FROM adapter_modules WHERE adapter_id IN ({chosen}) "
                                     "GROUP BY adapter_id", params))
+        products: dict[int, list[str]] = {}  # LoHa/LoKr modules, as their kind says
+        for adapter_id, kind in self.rows(f"SELECT DISTINCT adapter_id, kind FROM adapter_modules WHERE adapter_id IN "
+                                          f"({chosen}) AND kind IN ('loha', 'lokr') ORDER BY adapter_id, kind", params):
+            products.setdefault(adapter_id, []).append(kind)
         tags: dict[int, list[str]] = {}
         for adapter_id, tag in self.rows(f"SELECT adapter_id, tag FROM adapter_tags WHERE adapter_id IN ({chosen})", params):
             tags.setdefault(adapter_id, []).append(tag)
@@ -192,7 +196,7 @@ class Reader:
             records.append(AdapterRecord(
                 id=id_, name=name, version=version, sha256=sha256, weights_sha256=weights_sha256, format=format_,
                 dtype=dtype, size=size, num_parameters=num_parameters, rank=rank, alpha=alpha, scale_mode=scale_mode,
-                target_modules=list(_json(target_modules)), dora=bool(dora),
+                target_modules=list(_json(target_modules)), dora=bool(dora), products=products.get(id_, []),
                 token_rows=_json(token_rows),  # None: not recorded
                 base=None if base_id is None else BaseRef(id=base_id, name=base_name, fingerprint=fingerprint),
                 base_hint=base_hint, tags=sorted(tags.get(id_, [])), source=source, path=str(self.blobs.path(blob)),
