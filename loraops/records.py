@@ -112,6 +112,11 @@ class ExtractReport(Record):
     parameters: int
     seconds: float
     peak_rss_bytes: int
+    peft_names: dict[str, str] = {}
+    """Module (or whole tensor) name as saved → the name PEFT sees on the model transformers builds, where they
+    differ: what the PEFT output is written under (see check.memory_names)."""
+    names_warning: str | None = None
+    """Set when the model family, and so the names PEFT sees, cannot be told: the PEFT output keeps saved names."""
 
 
 class CombineInputRecord(Record):
