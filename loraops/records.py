@@ -115,8 +115,9 @@ class ExtractReport(Record):
     peft_names: dict[str, str] = {}
     """Module (or whole tensor) name as saved → the name PEFT sees on the model transformers builds, where they
     differ: what the PEFT output is written under (see check.memory_names)."""
-    names_warning: str | None = None
-    """Set when the model family, and so the names PEFT sees, cannot be told: the PEFT output keeps saved names."""
+    warnings: list[str] = []
+    """What PEFT may not load as loraops does: the model family (and so the names PEFT sees) cannot be told, or
+    per-expert modules of experts transformers holds fused."""
 
 
 class CombineInputRecord(Record):

@@ -65,6 +65,6 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
         shown = ", ".join(f"{saved} → {memory}" for saved, memory in list(report.peft_names.items())[:3])
         more = f" (+{len(report.peft_names) - 3} more)" if len(report.peft_names) > 3 else ""
         click.echo(f"PEFT names as transformers loads the base: {shown}{more}")
-    if report.names_warning and fmt != "kohya":
-        click.echo(f"warning: {report.names_warning}", err=True)
+    for warning in report.warnings if fmt != "kohya" else ():
+        click.echo(f"warning: {warning}", err=True)
     echo_saved(result)
