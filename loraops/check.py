@@ -225,7 +225,7 @@ SAVED_LAYOUTS = [
     # LLaVA and the multimodal models transformers maps like it: its llava, llava_next, video_llava, fuyu,
     # mllama and qwen2_audio mappings move a tower or projector under model. (LLaVA-NeXT/OneVision, Mistral3,
     # Gemma3, PaliGemma, InternVL, Aria, Video-LLaVA, Fuyu, Mllama, Qwen2-Audio, Voxtral, …)
-    Layout.of("LLaVA-style (language_model.model.…)",
+    Layout.of("LLaVA-style",
               "llava aria paligemma aya_vision got_ocr2 gemma3 internvl vipllava mistral3 pp_chart2table llava_next "
               "llava_next_video llava_onevision video_llava fuyu mllama qwen2_audio voxtral voxtral_realtime "
               "audioflamingo3 glmasr musicflamingo",
@@ -242,14 +242,14 @@ SAVED_LAYOUTS = [
               [*_LANGUAGE_MODEL_BACK, (r"^(encoder|projector)(?=\.|$)", r"model.\1")]),
     # DINOv3 ViT (its dinov3_vit mapping): model.layer.<i> ↔ layer.<i>, the embeddings not under model.
     Layout.of("DINOv3 ViT", "dinov3_vit", [(r"^model\.(?=layer\.\d)", "")], [(r"^(?=layer\.\d)", "model.")]),
-    Layout.of("GPT-NeoX (embed_out)", "gpt_neox GPTNeoXForCausalLM",
+    Layout.of("GPT-NeoX's embed_out", "gpt_neox GPTNeoXForCausalLM",
               [(r"^lm_head(?=\.|$)", "embed_out")], [(r"^embed_out(?=\.|$)", "lm_head")]),
     # Qwen2-VL, Qwen2.5-VL: model.language_model.… ↔ model.…, model.visual.… ↔ visual.…
     Layout.of("Qwen2-VL", "qwen2_vl qwen2_5_vl Qwen2VLForConditionalGeneration Qwen2_5_VLForConditionalGeneration",
               [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
               [(r"^model\.", "model.language_model."), (r"^visual\.", "model.visual.")]),
     # ViT and the vision encoders transformers maps like it (DeiT, BEiT, ViT-MAE, ViT-MSN, AST, I-JEPA, ViViT)
-    Layout.of("ViT-style (encoder.layer.…)", "vit deit beit vit_mae vit_msn audio-spectrogram-transformer ijepa vivit",
+    Layout.of("ViT-style", "vit deit beit vit_mae vit_msn audio-spectrogram-transformer ijepa vivit",
               [(r"(^|\.)layers\.(?=\d)", r"\1encoder.layer."), *_VIT_ATTENTION,
                (r"\.mlp\.fc1(?=\.|$)", ".intermediate.dense"), (r"\.mlp\.fc2(?=\.|$)", ".output.dense")],
               [(r"(^|\.)encoder\.layer\.(?=\d)", r"\1layers."), *_VIT_ATTENTION_BACK,
@@ -282,7 +282,7 @@ SAVED_LAYOUTS = [
                (r"(^|\.)encoder\.block\.(\d+)\.(\d+)\.", r"\1stages.\2.blocks.\3.")]),
     # Mixtral (and MiniMax): mlp.gate / mlp.experts.<e>.{gate,up,down}_proj ↔ block_sparse_moe.gate /
     # block_sparse_moe.experts.<e>.{w1,w3,w2} (the per-expert shares of fused experts, see formats.params)
-    Layout.of("Mixtral (block_sparse_moe)", "mixtral minimax minimax_m2",
+    Layout.of("Mixtral's block_sparse_moe", "mixtral minimax minimax_m2",
               [(r"\.mlp\.(?=gate(\.|$)|experts\.\d)", ".block_sparse_moe."),
                (r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"), (r"(\.experts\.\d+)\.up_proj(?=\.|$)", r"\1.w3"),
                (r"(\.experts\.\d+)\.down_proj(?=\.|$)", r"\1.w2")],
