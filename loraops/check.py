@@ -16,7 +16,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
@@ -164,59 +164,163 @@ def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
 
 
 # transformers 5 renames some models' modules in memory and saves them under their checkpoint names again (its
-# conversion_mapping.py); PEFT names an adapter's modules as they are in memory. In-memory → saved, per family; every
-# rule of a family is tried on a name in turn (each at most once), and a family's renaming is used only when it makes
-# every module of the adapter match the base.
+# conversion_mapping.py); PEFT names an adapter's modules as they are in memory. Per family: the rules in-memory →
+# saved, and their inverse saved → in-memory right next to them; every rule of a list is tried on a name in turn (each
+# at most once). check uses the forward rules only when they make every module of an adapter match the base; extract
+# (memory_names) uses the inverse ones for the families its base's config.json names.
 _VIT_ATTENTION = [(r"\.attention\.q_proj(?=\.|$)", ".attention.attention.query"),
                   (r"\.attention\.k_proj(?=\.|$)", ".attention.attention.key"),
                   (r"\.attention\.v_proj(?=\.|$)", ".attention.attention.value"),
                   (r"\.attention\.o_proj(?=\.|$)", ".attention.output.dense")]
+_VIT_ATTENTION_BACK = [(r"\.attention\.attention\.query(?=\.|$)", ".attention.q_proj"),
+                       (r"\.attention\.attention\.key(?=\.|$)", ".attention.k_proj"),
+                       (r"\.attention\.attention\.value(?=\.|$)", ".attention.v_proj"),
+                       (r"\.attention\.output\.dense(?=\.|$)", ".attention.o_proj")]
 # Swin and Segformer keep BERT's attention.self.query/key/value
 _SELF_ATTENTION = [(r"\.attention\.q_proj(?=\.|$)", ".attention.self.query"),
                    (r"\.attention\.k_proj(?=\.|$)", ".attention.self.key"),
                    (r"\.attention\.v_proj(?=\.|$)", ".attention.self.value"),
                    (r"\.attention\.o_proj(?=\.|$)", ".attention.output.dense")]
+_SELF_ATTENTION_BACK = [(r"\.attention\.self\.query(?=\.|$)", ".attention.q_proj"),
+                        (r"\.attention\.self\.key(?=\.|$)", ".attention.k_proj"),
+                        (r"\.attention\.self\.value(?=\.|$)", ".attention.v_proj"),
+                        (r"\.attention\.output\.dense(?=\.|$)", ".attention.o_proj")]
 _LANGUAGE_MODEL = [(r"^lm_head(?=\.|$)", "language_model.lm_head"),
                    (r"^model\.language_model\.", "language_model.model.")]
+_LANGUAGE_MODEL_BACK = [(r"^language_model\.lm_head(?=\.|$)", "lm_head"),
+                        (r"^language_model\.model\.", "model.language_model.")]
+_TOWERS = r"(vision_tower|multi_modal_projector|image_tower|video_tower|vision_model|vision_embed_tokens|audio_tower)"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One family's renaming: ``rules`` in-memory → saved, ``inverse`` saved → in-memory (each a list of (pattern,
+    replacement), applied in turn, each at most once), and ``families``: the config.json model_type values and
+    architectures classes transformers renames this way (its conversion_mapping.py keys and their aliases)."""
+
+    name: str
+    families: frozenset[str]
+    rules: tuple
+    inverse: tuple
+
+    @staticmethod
+    def of(name: str, families: str, rules, inverse) -> "Layout":
+        compiled = [tuple((re.compile(p), r) for p, r in rs) for rs in (rules, inverse)]
+        return Layout(name, frozenset(families.split()), *compiled)
+
+    @staticmethod
+    def _apply(rules, name: str) -> str:
+        for pattern, replacement in rules:
+            name = pattern.sub(replacement, name, count=1)
+        return name
+
+    def saved(self, name: str) -> str:
+        return self._apply(self.rules, name)
+
+    def in_memory(self, name: str) -> str:
+        return self._apply(self.inverse, name)
+
+
 SAVED_LAYOUTS = [
-    [(re.compile(p), r) for p, r in rules] for rules in (
-        # LLaVA and the multimodal models transformers maps like it: its llava, llava_next, video_llava, fuyu,
-        # mllama and qwen2_audio mappings move a tower or projector under model. (LLaVA-NeXT/OneVision, Mistral3,
-        # Gemma3, PaliGemma, InternVL, Aria, Video-LLaVA, Fuyu, Mllama, Qwen2-Audio, Voxtral, …)
-        [*_LANGUAGE_MODEL, (r"^model\.(vision_tower|multi_modal_projector|image_tower|video_tower|vision_model"
-                            r"|vision_embed_tokens|audio_tower)(?=\.|$)", r"\1")],
-        # a text model loaded from a multimodal checkpoint (transformers' qwen3_5_text PrefixChange, also Qwen3.5-MoE,
-        # Gemma3n, Apertus 1.5 text): model.… in memory ↔ model.language_model.… saved, the head as it is
-        [(r"^model\.(?!language_model\.)", "model.language_model.")],
-        # Granite Speech (its granite_speech mapping: the speech encoder and projector under model.)
-        [*_LANGUAGE_MODEL, (r"^model\.(encoder|projector)(?=\.|$)", r"\1")],
-        # DINOv3 ViT (its dinov3_vit mapping): model.layer.<i> ↔ layer.<i>, the embeddings not under model.
-        [(r"^model\.(?=layer\.\d)", "")],
-        [(r"^lm_head(?=\.|$)", "embed_out")],  # GPT-NeoX
-        # Qwen2-VL, Qwen2.5-VL: model.language_model.… ↔ model.…, model.visual.… ↔ visual.…
-        [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
-        # ViT and the vision encoders transformers maps like it (DeiT, BEiT, ViT-MAE, ViT-MSN, AST, I-JEPA, ViViT)
-        [(r"(^|\.)layers\.(?=\d)", r"\1encoder.layer."), *_VIT_ATTENTION,
-         (r"\.mlp\.fc1(?=\.|$)", ".intermediate.dense"), (r"\.mlp\.fc2(?=\.|$)", ".output.dense")],
-        # DINOv2 (its layers keep their names; a SwiGLU MLP's gate_proj and up_proj are row blocks of weights_in,
-        # see ldm.FUSED)
-        [*_VIT_ATTENTION, (r"\.mlp\.down_proj(?=\.|$)", ".mlp.weights_out")],
-        # Swin (transformers' swin mapping; its layers keep their names)
-        [*_SELF_ATTENTION, (r"(\.blocks\.\d+)\.mlp\.fc1(?=\.|$)", r"\1.intermediate.dense"),
-         (r"(\.blocks\.\d+)\.mlp\.fc2(?=\.|$)", r"\1.output.dense")],
-        # Segformer (SegformerModel, SegformerForSemanticSegmentation): stages.<s>.blocks.<b> ↔ encoder.block.<s>.<b>,
-        # stages.<s>.patch_embeddings ↔ encoder.patch_embeddings.<s>
-        [(r"(^|\.)stages\.(\d+)\.blocks\.(\d+)\.", r"\1encoder.block.\2.\3."),
-         (r"(^|\.)stages\.(\d+)\.patch_embeddings\.", r"\1encoder.patch_embeddings.\2."), *_SELF_ATTENTION,
-         (r"\.attention\.sequence_reduction\.sequence_reduction(?=\.|$)", ".attention.self.sr"),
-         (r"(\.block\.\d+\.\d+)\.mlp\.fc(?=[12](\.|$))", r"\1.mlp.dense"),
-         (r"^decode_head\.linear_projections\.", "decode_head.linear_c.")],
-        # Mixtral (and MiniMax): mlp.gate / mlp.experts.<e>.{gate,up,down}_proj ↔ block_sparse_moe.gate /
-        # block_sparse_moe.experts.<e>.{w1,w3,w2} (the per-expert shares of fused experts, see formats.params)
-        [(r"\.mlp\.(?=gate(\.|$)|experts\.\d)", ".block_sparse_moe."), (r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"),
-         (r"(\.experts\.\d+)\.up_proj(?=\.|$)", r"\1.w3"), (r"(\.experts\.\d+)\.down_proj(?=\.|$)", r"\1.w2")],
-    )
+    # LLaVA and the multimodal models transformers maps like it: its llava, llava_next, video_llava, fuyu,
+    # mllama and qwen2_audio mappings move a tower or projector under model. (LLaVA-NeXT/OneVision, Mistral3,
+    # Gemma3, PaliGemma, InternVL, Aria, Video-LLaVA, Fuyu, Mllama, Qwen2-Audio, Voxtral, …)
+    Layout.of("LLaVA-style",
+              "llava aria paligemma aya_vision got_ocr2 gemma3 internvl vipllava mistral3 pp_chart2table llava_next "
+              "llava_next_video llava_onevision video_llava fuyu mllama qwen2_audio voxtral voxtral_realtime "
+              "audioflamingo3 glmasr musicflamingo",
+              [*_LANGUAGE_MODEL, (rf"^model\.{_TOWERS}(?=\.|$)", r"\1")],
+              [*_LANGUAGE_MODEL_BACK, (rf"^{_TOWERS}(?=\.|$)", r"model.\1")]),
+    # a text model loaded from a multimodal checkpoint (transformers' qwen3_5_text PrefixChange, also Qwen3.5-MoE,
+    # Gemma3n, Apertus 1.5 text): model.… in memory ↔ model.language_model.… saved, the head as it is
+    Layout.of("text model of a multimodal checkpoint", "qwen3_5_text qwen3_5_moe_text gemma3n_text",
+              [(r"^model\.(?!language_model\.)", "model.language_model.")],
+              [(r"^model\.language_model\.", "model.")]),
+    # Granite Speech (its granite_speech mapping: the speech encoder and projector under model.)
+    Layout.of("Granite Speech", "granite_speech granite_speech_plus",
+              [*_LANGUAGE_MODEL, (r"^model\.(encoder|projector)(?=\.|$)", r"\1")],
+              [*_LANGUAGE_MODEL_BACK, (r"^(encoder|projector)(?=\.|$)", r"model.\1")]),
+    # DINOv3 ViT (its dinov3_vit mapping): model.layer.<i> ↔ layer.<i>, the embeddings not under model.
+    Layout.of("DINOv3 ViT", "dinov3_vit", [(r"^model\.(?=layer\.\d)", "")], [(r"^(?=layer\.\d)", "model.")]),
+    Layout.of("GPT-NeoX's embed_out", "gpt_neox GPTNeoXForCausalLM",
+              [(r"^lm_head(?=\.|$)", "embed_out")], [(r"^embed_out(?=\.|$)", "lm_head")]),
+    # Qwen2-VL, Qwen2.5-VL: model.language_model.… ↔ model.…, model.visual.… ↔ visual.…
+    Layout.of("Qwen2-VL", "qwen2_vl qwen2_5_vl Qwen2VLForConditionalGeneration Qwen2_5_VLForConditionalGeneration",
+              [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
+              [(r"^model\.", "model.language_model."), (r"^visual\.", "model.visual.")]),
+    # ViT and the vision encoders transformers maps like it (DeiT, BEiT, ViT-MAE, ViT-MSN, AST, I-JEPA, ViViT)
+    Layout.of("ViT-style", "vit deit beit vit_mae vit_msn audio-spectrogram-transformer ijepa vivit",
+              [(r"(^|\.)layers\.(?=\d)", r"\1encoder.layer."), *_VIT_ATTENTION,
+               (r"\.mlp\.fc1(?=\.|$)", ".intermediate.dense"), (r"\.mlp\.fc2(?=\.|$)", ".output.dense")],
+              [(r"(^|\.)encoder\.layer\.(?=\d)", r"\1layers."), *_VIT_ATTENTION_BACK,
+               (r"\.intermediate\.dense(?=\.|$)", ".mlp.fc1"), (r"\.output\.dense(?=\.|$)", ".mlp.fc2")]),
+    # DINOv2 (its layers keep their names; a SwiGLU MLP's gate_proj and up_proj are row blocks of weights_in,
+    # see ldm.FUSED)
+    Layout.of("DINOv2", "dinov2 dinov2_with_registers",
+              [*_VIT_ATTENTION, (r"\.mlp\.down_proj(?=\.|$)", ".mlp.weights_out")],
+              [*_VIT_ATTENTION_BACK, (r"\.mlp\.weights_out(?=\.|$)", ".mlp.down_proj")]),
+    # Swin (transformers' swin mapping; its layers keep their names)
+    Layout.of("Swin", "swin",
+              [*_SELF_ATTENTION, (r"(\.blocks\.\d+)\.mlp\.fc1(?=\.|$)", r"\1.intermediate.dense"),
+               (r"(\.blocks\.\d+)\.mlp\.fc2(?=\.|$)", r"\1.output.dense")],
+              [*_SELF_ATTENTION_BACK, (r"(\.blocks\.\d+)\.intermediate\.dense(?=\.|$)", r"\1.mlp.fc1"),
+               (r"(\.blocks\.\d+)\.output\.dense(?=\.|$)", r"\1.mlp.fc2")]),
+    # Segformer (SegformerModel, SegformerForSemanticSegmentation): stages.<s>.blocks.<b> ↔ encoder.block.<s>.<b>,
+    # stages.<s>.patch_embeddings ↔ encoder.patch_embeddings.<s> (the inverse in reverse order: its MLP rule needs
+    # the saved block path)
+    Layout.of("Segformer", "segformer",
+              [(r"(^|\.)stages\.(\d+)\.blocks\.(\d+)\.", r"\1encoder.block.\2.\3."),
+               (r"(^|\.)stages\.(\d+)\.patch_embeddings\.", r"\1encoder.patch_embeddings.\2."), *_SELF_ATTENTION,
+               (r"\.attention\.sequence_reduction\.sequence_reduction(?=\.|$)", ".attention.self.sr"),
+               (r"(\.block\.\d+\.\d+)\.mlp\.fc(?=[12](\.|$))", r"\1.mlp.dense"),
+               (r"^decode_head\.linear_projections\.", "decode_head.linear_c.")],
+              [(r"^decode_head\.linear_c\.", "decode_head.linear_projections."),
+               (r"(\.block\.\d+\.\d+)\.mlp\.dense(?=[12](\.|$))", r"\1.mlp.fc"),
+               (r"\.attention\.self\.sr(?=\.|$)", ".attention.sequence_reduction.sequence_reduction"),
+               *_SELF_ATTENTION_BACK,
+               (r"(^|\.)encoder\.patch_embeddings\.(\d+)\.", r"\1stages.\2.patch_embeddings."),
+               (r"(^|\.)encoder\.block\.(\d+)\.(\d+)\.", r"\1stages.\2.blocks.\3.")]),
+    # Mixtral (and MiniMax): mlp.gate / mlp.experts.<e>.{gate,up,down}_proj ↔ block_sparse_moe.gate /
+    # block_sparse_moe.experts.<e>.{w1,w3,w2} (the per-expert shares of fused experts, see formats.params)
+    Layout.of("Mixtral's block_sparse_moe", "mixtral minimax minimax_m2",
+              [(r"\.mlp\.(?=gate(\.|$)|experts\.\d)", ".block_sparse_moe."),
+               (r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"), (r"(\.experts\.\d+)\.up_proj(?=\.|$)", r"\1.w3"),
+               (r"(\.experts\.\d+)\.down_proj(?=\.|$)", r"\1.w2")],
+              [(r"\.block_sparse_moe\.(?=gate(\.|$)|experts\.\d)", ".mlp."),
+               (r"(\.experts\.\d+)\.w1(?=\.|$)", r"\1.gate_proj"), (r"(\.experts\.\d+)\.w3(?=\.|$)", r"\1.up_proj"),
+               (r"(\.experts\.\d+)\.w2(?=\.|$)", r"\1.down_proj")]),
 ]
+
+
+def memory_names(names: Iterable[str], config: Mapping) -> tuple[dict[str, str], str | None]:
+    """({saved tensor name: the name transformers 5 gives it in memory, where they differ}, a warning or None) for a
+    checkpoint holding the tensors ``names``, whose config.json is ``config`` ({} when it has none): the names PEFT
+    sees. Names alone cannot say which family a checkpoint is (Qwen2-VL's language model is saved as a Llama's;
+    BERT's layers look like ViT's and Swin's), so the family comes from config.json's model_type and architectures.
+    Its inverse rules are used only when every name is one its forward rules leave alone (a checkpoint in the saved
+    layout, not one already in the in-memory layout) and gives back exactly (forward ∘ inverse = identity). Without
+    a config.json, names are kept, with a warning when some family's rules would have renamed them."""
+    names = list(names)
+    kinds = {config.get("model_type"), *(config.get("architectures") or ())}
+    layout = next((layout for layout in SAVED_LAYOUTS if layout.families & kinds), None)
+    if layout is not None:
+        if any(layout.saved(n) != n for n in names):
+            return {}, None  # saved under the in-memory names already
+        moved = {n: layout.in_memory(n) for n in names}
+        if all(layout.saved(m) == n for n, m in moved.items()):
+            return {n: m for n, m in moved.items() if m != n}, None
+        bad = next(n for n, m in moved.items() if layout.saved(m) != n)
+        return {}, (f"cannot tell the names transformers gives {bad} in memory ({layout.name} rules do not map it "
+                    "back): PEFT module names are written as saved, and PEFT may skip some; merge with loraops")
+    if config or ldm.diffusers_names(names):  # a model of no renamed family, or a single-file SD/FLUX checkpoint
+        return {}, None
+    suspects = [layout.name for layout in SAVED_LAYOUTS
+                if any(layout.in_memory(n) != n for n in names)
+                and all(layout.saved(n) == n and layout.saved(layout.in_memory(n)) == n for n in names)]
+    if not suspects:
+        return {}, None
+    return {}, (f"no config.json to tell the model family: PEFT module names are written as saved; if transformers "
+                f"loads it under other names ({', '.join(suspects)}), PEFT skips those modules: merge with loraops")
 
 
 def clip_layout(name: str) -> str:
@@ -242,13 +346,6 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         module, _, leaf = name.rpartition(".")
         return f"{aliases[module]}.{leaf}" if module in aliases else name
 
-    def saved_name(rules):
-        def rename(name: str) -> str:
-            for pattern, replacement in rules:
-                name = pattern.sub(replacement, name, count=1)
-            return name
-        return rename
-
     def as_is(name: str) -> str:
         return name
 
@@ -262,7 +359,7 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         candidates.insert(2, lambda n, prefix=f"{leading[0][0]}.": n.removeprefix(prefix))
     if aliases:
         candidates.append(checkpoint_name)
-    candidates += [saved_name(rules) for rules in SAVED_LAYOUTS] + [clip_layout]
+    candidates += [layout.saved for layout in SAVED_LAYOUTS] + [clip_layout]
     if aliases:
         candidates.append(lambda n: checkpoint_name(clip_layout(n)))
 

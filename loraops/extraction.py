@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel
-from .check import CONV1D_LAYERS, INPUT_EMBEDDINGS, conv1d_layout, tied_head_source
+from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
@@ -273,9 +273,21 @@ def extract_lazily(
                                     "(a delta or a stored copy of them would carry them into the adapter)")
         return values
 
+    # PEFT names modules as transformers holds them in memory, which for some families is not as saved: the
+    # adapter's own names (what the PEFT writer writes) are those; bound to the base, it keeps the saved ones
+    renames, names_warning = memory_names(base.tensors, base.config(next(iter(base.tensors))))
+    own = {n: renames[m.weight_name].removesuffix(".weight") for n, m in work.targets.items() if m.weight_name in renames}
+    own.update((n, renames[n]) for n in work.saved if n in renames)
+    warnings = [names_warning] if names_warning else []
+    experts = [own.get(n, n) for n in work.targets if EXPERT_RE.match(own.get(n, n))]
+    if experts:  # (as PEFT target_parameters they would need one A per expert for gate and up together)
+        warnings.append(f"{len(experts)} per-expert module{'s' if len(experts) > 1 else ''} ({_shown(experts)}): "
+                        "transformers 5 holds a MoE layer's experts as fused parameters, so PEFT finds no module by "
+                        "these names and skips them; merge with loraops, or leave them out with --modules")
     result = Adapter(
         modules={n: m.stand_in() for n, m in work.targets.items()}, format="peft", base_model=str(base.path),
         full_tensors={n: finite(tuned, labels[1], n) for n in work.saved},  # as stored: an exact replacement
+        own_names=own,
     )
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []
@@ -322,6 +334,8 @@ def extract_lazily(
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
             identical=work.identical + len(dropped), skipped=skipped, saved=work.saved,
             parameters=extracted.num_parameters, seconds=seconds, peak_rss_bytes=peak_rss(),
+            peft_names={n: own.get(n, n) for n in [*(r.name for r in records), *work.saved]
+                        if own.get(n, n) != n}, warnings=warnings,
         )
 
     return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started, dropped=dropped)

@@ -113,6 +113,12 @@ class ExtractReport(Record):
     parameters: int
     seconds: float
     peak_rss_bytes: int
+    peft_names: dict[str, str] = {}
+    """Module (or whole tensor) name as saved → the name PEFT sees on the model transformers builds, where they
+    differ: what the PEFT output is written under (see check.memory_names)."""
+    warnings: list[str] = []
+    """What PEFT may not load as loraops does: the model family (and so the names PEFT sees) cannot be told, or
+    per-expert modules of experts transformers holds fused."""
 
 
 class CombineInputRecord(Record):

@@ -49,7 +49,8 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
     if report.modules:
         click.echo(f"average: relative error {report.error_mean:.2e} (max {report.error_max:.2e}), fro kept "
                    f"{report.fro_retained_mean:.2%}")
-    click.echo(f"{len(report.modules)} modules, {report.parameters:,} parameters ({report.dtype}); {report.identical} "
+    count = "1 module" if len(report.modules) == 1 else f"{len(report.modules)} modules"
+    click.echo(f"{count}, {report.parameters:,} parameters ({report.dtype}); {report.identical} "
                f"tensors identical; {report.precision} on {report.device}, {report.seconds:.2f} s, peak RSS "
                f"{human_bytes(report.peak_rss_bytes)}")
     if report.saved:
@@ -60,4 +61,10 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
         count = "1 tensor that differs" if len(report.skipped) == 1 else f"{len(report.skipped)} tensors that differ"
         click.echo(f"not extracted: {count} ({', '.join(kinds)}); largest |Δ| {worst.max_abs_diff:.3g} in "
                    f"{worst.name}; keep them with --save-module (embeddings, weights: --modules)")
+    if report.peft_names and fmt != "kohya":
+        shown = ", ".join(f"{saved} → {memory}" for saved, memory in list(report.peft_names.items())[:3])
+        more = f" (+{len(report.peft_names) - 3} more)" if len(report.peft_names) > 3 else ""
+        click.echo(f"PEFT names as transformers loads the base: {shown}{more}")
+    for warning in report.warnings if fmt != "kohya" else ():
+        click.echo(f"warning: {warning}", err=True)
     echo_saved(result)
