@@ -273,6 +273,30 @@ def test_resize_makes_a_lora(tmp_path, bases):
         assert err == pytest.approx((1 - record.fro_retained ** 2) ** 0.5, abs=1e-5)
 
 
+def test_resize_big_modules_by_randomized_svd(tmp_path, bases, monkeypatch):
+    """A fixed-rank resize of a LoHa/LoKr module above svd.RANDOMIZED_MIN_DIM takes refactor_dense's randomized SVD
+    (an exact one of an LLM's 4096×11008 ΔW takes minutes), its error measured, its sum(S) kept unknown (None,
+    shown '-'); --precise and the dynamic rules keep the exact spectrum."""
+    from loraops.ops import svd
+
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_DIM", 4)  # the tiny model's 24×16 Linear counts as big
+    adapter = bind(formats.read_adapter(peft_lycoris(tmp_path / "loha", "loha")), st.read_header(bases[torch.float32]).tensors)
+    small, report = algebra.resize(adapter, rank=1)  # (2·1 + oversampling < 16 columns: worth sampling)
+    record = next(r for r in report.modules if r.name == "proj")
+    assert record.rank_after == 1 and record.sum_retained is None
+    D = adapter.modules["proj"].delta().double()
+    err = float((small.modules["proj"].delta().double() - D).norm() / D.norm())
+    assert err == pytest.approx((1 - record.fro_retained ** 2) ** 0.5, abs=1e-5)
+    S = torch.linalg.svdvals(D)
+    assert err <= 1.001 * float(S[1:].norm() / S.norm())  # as good as the exact truncation
+    _, exact = algebra.resize(adapter, rank=1, precise=True)
+    _, dynamic = algebra.resize(adapter, dynamic="sv_fro", param=0.9)
+    assert None not in {r.sum_retained for r in exact.modules + dynamic.modules}
+    from loraops.cli.algebra import percent
+
+    assert percent(None) == "-" and percent(0.5) == "50.00%"
+
+
 def test_refusals(tmp_path, bases):
     adapter_dir = peft_lycoris(tmp_path / "loha", "loha")
     adapter = formats.read_adapter(adapter_dir)
