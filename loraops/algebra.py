@@ -10,7 +10,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .adapter import Adapter, LoraModule
 from .errors import InvalidInputError, MismatchError
@@ -303,6 +303,12 @@ def combine_lazily(
     return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started)
 
 
+def mean(values: Iterable[float]) -> float | None:
+    """Their mean; None when there are none."""
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
 def lora_config_of(config: dict) -> dict:
     """A PEFT LoHaConfig/LoKrConfig's fields that a LoraConfig shares (targets, task): a resize of it is a LoRA."""
     from .formats.lycoris import PEFT_TYPES
@@ -415,7 +421,7 @@ def resize_lazily(
             # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
             with factorizing(what, module.name):
                 resized, record = resize_module(module, rule, adapter.scale_mode, target, dtype,
-                                                keep_zero_rank=module.experts > 1)
+                                                keep_zero_rank=module.experts > 1, exact=precise)
             records.append(record)
             yield from raw.split_joined(finite_module(what, resized), halves)
 
@@ -424,7 +430,7 @@ def resize_lazily(
             rank=rule.rank, dynamic=rule.dynamic, param=rule.param, max_rank=rule.max_rank, device=str(target),
             precision=precision, modules=records,
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records),
-            sum_retained_mean=sum(r.sum_retained for r in records) / len(records),
+            sum_retained_mean=mean(r.sum_retained for r in records if r.sum_retained is not None),
             parameters_before=adapter.num_parameters, parameters_after=resized.num_parameters, seconds=seconds,
         )
 

@@ -44,8 +44,9 @@ class ResizeModuleRecord(Record):
     alpha_after: float
     fro_retained: float
     """‖S_k‖/‖S‖ over the singular values S of B·A: 1 − fro_retained² is the relative squared Frobenius error."""
-    sum_retained: float
-    """ΣS_k/ΣS (kohya's 'sum(S) retained')."""
+    sum_retained: float | None
+    """ΣS_k/ΣS (kohya's 'sum(S) retained'); None when a randomized SVD (a big LoHa/LoKr module at a fixed rank) gave
+    only the top singular values."""
 
 
 class ResizeReport(Record):
@@ -57,7 +58,8 @@ class ResizeReport(Record):
     precision: Literal["float32", "float64"]
     modules: list[ResizeModuleRecord]
     fro_retained_mean: float
-    sum_retained_mean: float
+    sum_retained_mean: float | None
+    """Over the modules whose sum_retained is known (None when none is)."""
     parameters_before: int
     parameters_after: int
     seconds: float

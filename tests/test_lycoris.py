@@ -238,6 +238,10 @@ def test_lycoris_inspect_and_register_show(tmp_path, bases):
     shown = json.loads(runner.invoke(main, ["show", "kron", "--json"]).output)
     assert {(m["name"], m["kind"], m["rank"]) for m in shown["modules"]} == {
         ("proj", "lokr", None), ("conv1", "lokr", None), ("conv3", "lokr", None)}
+    # a whole-factor LoKr module is stored with rank 0 (no rank): `list --rank 0` must not match it
+    for rank, names in (("0", []), ("-1", [])):
+        listed = json.loads(runner.invoke(main, ["list", "--rank", rank, "--json"]).output)
+        assert [a["name"] for a in listed] == names
     merged = runner.invoke(main, ["merge", "kron:0.5", "--into", "tiny", "-o", str(tmp_path / "out.safetensors")])
     assert merged.exit_code == 0, merged.output
 
@@ -267,6 +271,30 @@ def test_resize_makes_a_lora(tmp_path, bases):
         D = adapter.modules[name].delta().double()
         err = float((module.delta().double() - D).norm() / D.norm())
         assert err == pytest.approx((1 - record.fro_retained ** 2) ** 0.5, abs=1e-5)
+
+
+def test_resize_big_modules_by_randomized_svd(tmp_path, bases, monkeypatch):
+    """A fixed-rank resize of a LoHa/LoKr module above svd.RANDOMIZED_MIN_DIM takes refactor_dense's randomized SVD
+    (an exact one of an LLM's 4096×11008 ΔW takes minutes), its error measured, its sum(S) kept unknown (None,
+    shown '-'); --precise and the dynamic rules keep the exact spectrum."""
+    from loraops.ops import svd
+
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_DIM", 4)  # the tiny model's 24×16 Linear counts as big
+    adapter = bind(formats.read_adapter(peft_lycoris(tmp_path / "loha", "loha")), st.read_header(bases[torch.float32]).tensors)
+    small, report = algebra.resize(adapter, rank=1)  # (2·1 + oversampling < 16 columns: worth sampling)
+    record = next(r for r in report.modules if r.name == "proj")
+    assert record.rank_after == 1 and record.sum_retained is None
+    D = adapter.modules["proj"].delta().double()
+    err = float((small.modules["proj"].delta().double() - D).norm() / D.norm())
+    assert err == pytest.approx((1 - record.fro_retained ** 2) ** 0.5, abs=1e-5)
+    S = torch.linalg.svdvals(D)
+    assert err <= 1.001 * float(S[1:].norm() / S.norm())  # as good as the exact truncation
+    _, exact = algebra.resize(adapter, rank=1, precise=True)
+    _, dynamic = algebra.resize(adapter, dynamic="sv_fro", param=0.9)
+    assert None not in {r.sum_retained for r in exact.modules + dynamic.modules}
+    from loraops.cli.algebra import percent
+
+    assert percent(None) == "-" and percent(0.5) == "50.00%"
 
 
 def test_refusals(tmp_path, bases):
@@ -310,6 +338,30 @@ def test_refusals(tmp_path, bases):
     result = CliRunner().invoke(main, ["export", str(adapter_dir), "--format", "kohya", "-o", str(tmp_path / "x.safetensors")])
     assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_peft_lokr_conv1d(tmp_path):
+    """PEFT's LoKr on a Conv1d: a factored w2 is the plain Kronecker product (PEFT's delta); a whole 3-D lokr_w2 PEFT
+    multiplies as torch.kron(a×b, c×d×k), another layout: refused in one line, not merged wrong."""
+    import peft
+
+    class Audio(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(8, 12, 3)
+
+    for r, ok in ((1, True), (2, False)):  # r 1: w2 4×12 factored; r 2 ≥ max(4, 4)/2: w2 stored whole, 4×4×3
+        torch.manual_seed(0)
+        model = peft.get_peft_model(Audio(), peft.LoKrConfig(r=r, alpha=3, target_modules=["conv"], init_weights=False))
+        model.save_pretrained(tmp_path / f"r{r}")
+        if not ok:
+            with pytest.raises(InvalidInputError, match="PEFT LoKr on a Conv1d with lokr_w2 stored whole"):
+                formats.read_adapter(tmp_path / f"r{r}")
+            continue
+        save_state_dict(Audio(), tmp_path / "base.safetensors")
+        module = bind(formats.read_adapter(tmp_path / f"r{r}"), st.read_header(tmp_path / "base.safetensors").tensors)
+        expected = model.base_model.model.conv.get_delta_weight("default").detach()
+        assert torch.allclose(module.modules["conv"].delta(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_identity_covers_loha_alpha(tmp_path):

@@ -41,6 +41,11 @@ def echo_saved(result) -> None:
                f"{record.base.name if record.base else '-'}" + (f"; wrote {result.output}" if result.output else ""))
 
 
+def percent(value: float | None) -> str:
+    """A share for the resize table; '-' when unknown (sum(S) kept after a randomized SVD)."""
+    return "-" if value is None else f"{value:.2%}"
+
+
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="REF[:WEIGHT]...")
 @click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
@@ -98,9 +103,9 @@ def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, f
     echo_table(
         ["module", "kind", "rank", "new", "alpha", "fro kept", "sum(S) kept"],
         [(m.name, m.kind, m.rank_before, m.rank_after, f"{m.alpha_after:g}", f"{m.fro_retained:.2%}",
-          f"{m.sum_retained:.2%}") for m in report.modules],
+          percent(m.sum_retained)) for m in report.modules],
     )
-    click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {report.sum_retained_mean:.2%}; "
+    click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {percent(report.sum_retained_mean)}; "
                f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
                f"{report.precision} on {report.device}, {report.seconds:.2f} s")
     echo_saved(result)

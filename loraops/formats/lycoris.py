@@ -215,6 +215,11 @@ def build(path: Path, name: str, parts: dict[str, str], tensors: dict[str, "torc
             w2 = t["lokr_w2"]
             if w2.dim() < 2 or "lokr_w2_a" in t or "lokr_w2_b" in t or "lokr_t2" in t:
                 raise bad("lokr_w2 must be one c×d(×k…) tensor, without lokr_w2_a/_b/lokr_t2")
+            if peft_rank is not None and w2.dim() == 3:
+                # PEFT's make_kron widens w1 only for a 4-D w2: torch.kron(w1, c×d×k) pads w1 to 1×a×b in front,
+                # which is another ΔW than the Kronecker product of w1 and w2 (LyCORIS pads w1 behind, as here)
+                raise bad("a PEFT LoKr on a Conv1d with lokr_w2 stored whole: PEFT forms its Kronecker product "
+                          "in its own layout there (torch.kron of a×b with c×d×k), which loraops does not reproduce")
             kernel = tuple(w2.shape[2:])
             factors["w2"] = w2.flatten(1)
         else:

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from ..adapter import LoraModule
 from ..records import ResizeModuleRecord
 from .params import Params
-from .svd import Spectrum, factored_svd
+from .svd import Refactored, Spectrum, factored_svd, refactor_dense
 
 MIN_SV = 1e-6
 
@@ -93,28 +93,53 @@ def alpha_for_scale(scale: float, rank: int, scale_mode: str) -> float:
 
 def resize_module(
     module: LoraModule, rule: RankRule, scale_mode: str, device: torch.device, dtype: torch.dtype, *,
-    keep_zero_rank: bool = False,
+    keep_zero_rank: bool = False, exact: bool = False,
 ) -> tuple[LoraModule, ResizeModuleRecord]:
     """The module at its new rank (factors in the module's dtype, on the CPU) and its report line. A LoHa/LoKr
-    module becomes a LoRA: its dense ΔW/scale is factorized (exact SVD; its rank may be above the product's r, up to
-    the ΔW's own)."""
+    module becomes a LoRA: its dense ΔW/scale is factorized (``dense_spectrum``; its rank may be above the product's
+    r, up to the ΔW's own)."""
     before = module.rank
     if module.product is None:
         B2, A2 = module.matrices()
         spectrum = factored_svd(B2.to(device=device, dtype=dtype), A2.to(device=device, dtype=dtype))
         current = module.rank
     else:
-        spectrum = Spectrum(*torch.linalg.svd(module.product.to(device, dtype).rows(), full_matrices=False))
-        current = spectrum.S.numel()
+        D = module.product.to(device, dtype).rows()
+        current = min(D.shape)
         module = replace(module, product=None)
+        spectrum = dense_spectrum(D, rule, exact)
+        if not isinstance(spectrum, Spectrum):  # a randomized SVD: its top singular values only
+            B, A, error = spectrum.B, spectrum.A, spectrum.error
+            return _resized(module, B, A, before or current, math.sqrt(max(0.0, 1.0 - error * error)), None,
+                            scale_mode)
     k = rule.choose(spectrum.S, current, keep_zero_rank)
     B, A = spectrum.truncate(k)
     fro, total = spectrum.retained(k)
+    return _resized(module, B, A, before or current, fro, total, scale_mode)
+
+
+def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, fro: float, total: float | None,
+             scale_mode: str) -> tuple[LoraModule, ResizeModuleRecord]:
+    k = int(A.shape[0])
     alpha = alpha_for_scale(module.scale, k, scale_mode)
     out = module.A.dtype
     resized = module.with_factors(B.to(device="cpu", dtype=out), A.to(device="cpu", dtype=out), alpha, module.scale)
     record = ResizeModuleRecord(
-        name=module.name, kind=module.kind, rank_before=before or current, rank_after=k, alpha_after=alpha,
+        name=module.name, kind=module.kind, rank_before=before, rank_after=k, alpha_after=alpha,
         fro_retained=fro, sum_retained=total,
     )
     return resized, record
+
+
+def dense_spectrum(D: torch.Tensor, rule: RankRule, exact: bool) -> "Spectrum | Refactored":
+    """What resizes a dense ΔW (a LoHa/LoKr's, which has no factored SVD): a fixed rank by refactor_dense, as
+    extraction and combine factorize theirs (a randomized SVD with power iterations when both sides are above
+    svd.RANDOMIZED_MIN_DIM, unless ``exact``: minutes → seconds for an LLM's 4096×11008 module; returned as its
+    Refactored, whose error is measured), else the whole spectrum (kohya's dynamic rules need every singular value).
+    A zero ΔW has the one singular value 0 (rank 1, as RankRule.choose gives any zero module)."""
+    if not D.any():
+        return Spectrum(D.new_zeros(D.shape[0], 1), D.new_zeros(1), D.new_zeros(1, D.shape[1]))
+    if rule.dynamic is None:
+        made = refactor_dense(D, min(rule.rank, *D.shape), exact=exact)
+        return made if made.spectrum is None else made.spectrum
+    return Spectrum(*torch.linalg.svd(D, full_matrices=False))

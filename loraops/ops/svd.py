@@ -93,6 +93,8 @@ class Refactored:
     """"none" (exact by construction), "factored" (exact), "exact" (dense) or "randomized" (dense)."""
     error: float
     """Relative Frobenius error ‖D − B'·A'‖/‖D‖ against the exact result D of the method."""
+    spectrum: Spectrum | None = None
+    """The whole spectrum, when an exact dense SVD computed it (None otherwise)."""
 
 
 def refactor_dense(D: torch.Tensor, k: int, exact: bool = False) -> Refactored:
@@ -106,7 +108,7 @@ def refactor_dense(D: torch.Tensor, k: int, exact: bool = False) -> Refactored:
         U, S, Vh = torch.linalg.svd(D, full_matrices=False)
         spectrum = Spectrum(U, S, Vh)
         B, A = spectrum.truncate(k)
-        return Refactored(B, A, "exact", spectrum.tail_error(k))
+        return Refactored(B, A, "exact", spectrum.tail_error(k), spectrum)
     B, A = randomized_svd(D, q).truncate(k)
     norm = frobenius(D[rows] for rows in row_blocks(D.shape))
     residual = frobenius(D[rows] - B[rows] @ A for rows in row_blocks(D.shape))
