@@ -121,6 +121,8 @@ def main() -> None:
     print("\n--- PEFT trainable tokens (trainable_token_indices): three embedding rows replaced, not added to ---")
     tokens = peft_lora(small, work / "tokens", r=8, alpha=16, targets=TARGETS, seed=6, tokens=[3, 5, 7])
     loraops("inspect", tokens)
+    loraops("register", tokens, "--name", "tokens", "--base", "llama-fp32")  # the registry records the token rows
+    loraops("check", "tokens")
     loraops("merge", tokens, "--into", small, "-o", work / "tokens-merged", "--no-record")
     print(f"\nmerged model vs the PEFT model: max |Δ logits| {logit_gap(small, tokens, work / 'tokens-merged'):.0e}")
     loraops("merge", f"{tokens}:0.5", "--into", small, "-o", work / "tokens-half", "--no-record", ok=False)
