@@ -380,3 +380,17 @@ def test_extract_options_that_name_nothing_or_overflow(tmp_path, args, message):
     assert not (tmp_path / "out").exists()
     with Registry.open() as reg:
         assert reg.list_adapters() == [] and reg.list_bases() == []
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_that_is_no_regex_is_refused(tmp_path, field):
+    """PEFT matches rank_pattern/alpha_pattern keys as regexes: a key like '(' was an re.error traceback."""
+    import json
+
+    from test_formats_errors import good, peft_folder
+
+    folder = peft_folder(tmp_path / "a", good())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, field: {"(": 2}}))
+    assert cli("inspect", folder, code=2).stderr.startswith(
+        f"error: {folder}/adapter_config.json: config {field}['('] is no regular expression (missing ), ")
