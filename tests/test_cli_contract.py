@@ -362,6 +362,16 @@ def test_a_malformed_lycoris_module_is_refused(tmp_path, case, message):
      "--modules q_proj: its weights (model.layers.0.self_attn.q_proj.weight) are stored whole by --save-module: "
      "a module is either extracted or stored whole"),
     (["--alpha", "1e300"], "alpha 1e+300 is beyond what float32 holds"),
+    # checked by the sweep and fine: kept so they stay so
+    (["--alpha", "nan"], "alpha must be a positive number (got nan)"),
+    (["--rank", "0"], "bad parameters for resize: rank: Input should be greater than 0"),
+    (["--dynamic", "sv_fro", "--param", "nan"], "bad parameters for resize: param: Input should be a finite number"),
+    (["--modules", "q_proj|v_proj"], "--modules q_proj|v_proj: {base} has no 2-D or conv weight by that name (norms "
+                                     "and biases are no LoRA targets: --save-module keeps them whole)"),
+    (["--dtype", "int8"], "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main "
+                          "extract --help`)"),
+    (["--format", "diffusers"], "invalid value for '--format': 'diffusers' is not one of 'peft', 'kohya' (see `main "
+                                "extract --help`)"),
 ])
 def test_extract_options_that_name_nothing_or_overflow(tmp_path, args, message):
     """An empty --modules or --save-module list was taken as absent (every module extracted, exit 0); a module both
@@ -375,8 +385,9 @@ def test_extract_options_that_name_nothing_or_overflow(tmp_path, args, message):
     base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
     st.write_safetensors(base, {n: torch.randn(8, 8, generator=g) for n in names})
     st.write_safetensors(tuned, {n: torch.randn(8, 8, generator=g) for n in names})
-    result = cli("extract", "--base", base, "--tuned", tuned, "--rank", "2", *args, "-o", tmp_path / "out", code=2)
-    assert result.stderr == f"error: {message}\n"
+    rank = [] if "--rank" in args or "--dynamic" in args else ["--rank", "2"]
+    result = cli("extract", "--base", base, "--tuned", tuned, *rank, *args, "-o", tmp_path / "out", code=2)
+    assert result.stderr == f"error: {message.format(base=base)}\n"
     assert not (tmp_path / "out").exists()
     with Registry.open() as reg:
         assert reg.list_adapters() == [] and reg.list_bases() == []
