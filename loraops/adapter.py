@@ -37,6 +37,10 @@ ModuleKind = Literal["linear", "conv", "embedding"]
 DORA_NOTE = "DoRA: a magnitude per output channel (merged as magnitude · (W + s·B·A)/‖W + s·B·A‖)"
 """What `inspect`, `show` and a pushed model card say of a DoRA adapter."""
 
+PRODUCT_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
+PRODUCT_NOTES = {"loha": "LoHa: ΔW = scale·(w1a·w1b)⊙(w2a·w2b)", "lokr": "LoKr: ΔW = scale·kron(w1, w2)"}
+"""What `inspect`, `show` and a pushed model card say of an adapter with LoHa/LoKr modules, by Adapter.products."""
+
 
 def token_rows_phrase(tensor: str, indices) -> str:
     """How inspect and the pushed model card name a tensor's PEFT trainable tokens: its first rows, then a count."""

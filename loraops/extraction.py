@@ -32,6 +32,7 @@ from .adapter import Adapter, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
+from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 
@@ -168,7 +169,11 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     if modules:
         chosen: list[str] = []
         for wanted in modules:
-            found = [n for n in kinds if _matches(n.removesuffix(".weight"), wanted) and n not in saved]
+            matched = [n for n in kinds if _matches(n.removesuffix(".weight"), wanted)]
+            found = [n for n in matched if n not in saved]
+            if matched and not found:
+                raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(matched)}) are stored whole by "
+                                        "--save-module: a module is either extracted or stored whole")
             if not found:
                 raise InvalidInputError(f"--modules {wanted}: {labels[0]} has no 2-D or conv weight by that name "
                                         "(norms and biases are no LoRA targets: --save-module keeps them whole)")
@@ -258,6 +263,8 @@ def extract_lazily(
     rule = resize_rule(rank, dynamic, param, max_rank)
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
         raise InvalidInputError(f"alpha must be a positive number (got {alpha:g})")
+    if alpha is not None and alpha > FLOAT32_MAX:  # else refused only at the end, naming a scratch file
+        raise InvalidInputError(f"alpha {alpha:g} is beyond what float32 holds")
     base, tuned = _open(base), _open(tuned)
     labels = labels or (str(base.path), str(tuned.path))
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))

@@ -88,14 +88,13 @@ def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False) 
             tmp.mkdir()
         yield tmp
         fsync_tree(tmp)
-        if path.exists():
-            if path.is_dir() and not path.is_symlink():
-                old = temp_sibling(path)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+        if os.path.lexists(path) and (is_dir or (path.is_dir() and not path.is_symlink())):
+            # rename(2) puts no folder over a file (ENOTDIR: --force over a file failed) nor over a folder: the
+            # old one goes aside first
+            old = temp_sibling(path)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            remove(old)
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)

@@ -324,3 +324,84 @@ def test_subtract_exact_of_a_recorded_merge_whose_files_changed_says_so(tmp_path
         assert result.stderr.startswith(f"error: --exact: {model} at {merged} is recorded as a merge, but its files "
                                         "changed since (fingerprint ")
     assert not (tmp_path / "restored").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("loha-rank-0", "module 'lora_unet_proj': empty factor (lora_unet_proj.hada_w1_a 24×0, "),
+    ("lokr-empty-w1", "module 'lora_unet_proj': empty factor (lora_unet_proj.lokr_w1_a 4×0, "),
+    ("lora-and-loha", "module 'lora_unet_proj' holds both LoRA (lora_down/lora_up) and LoHa/LoKr (hada_/lokr_) "
+                      "factors: a module is one or the other"),
+])
+def test_a_malformed_lycoris_module_is_refused(tmp_path, case, message):
+    """A LoHa of rank 0 was a ZeroDivisionError traceback (alpha / r); a LoKr with an empty w1 was read (and merged)
+    as a zero ΔW; a module with LoRA and LoHa keys was merged as its LoRA alone, the LoHa dropped without a word."""
+    from safetensors.torch import load_file, save_file
+    from test_lycoris import lycoris_file
+
+    path, _ = lycoris_file(tmp_path / "lyco.safetensors", "lokr" if case.startswith("lokr") else "loha")
+    tensors, key = load_file(str(path)), "lora_unet_proj"
+    if case == "loha-rank-0":
+        tensors.update({f"{key}.hada_w{n}_{s}": torch.zeros((24, 0) if s == "a" else (0, 16)) for n in (1, 2) for s in "ab"})
+    elif case == "lokr-empty-w1":
+        tensors.update({f"{key}.lokr_w1_a": torch.zeros(4, 0), f"{key}.lokr_w1_b": torch.zeros(0, 4)})
+    else:
+        tensors.update({f"{key}.lora_down.weight": torch.ones(3, 16), f"{key}.lora_up.weight": torch.ones(24, 3)})
+    save_file(tensors, str(path))
+    base = tmp_path / "base.safetensors"
+    save_file({"proj.weight": torch.zeros(24, 16), "conv1.weight": torch.zeros(8, 4, 1, 1),
+               "conv3.weight": torch.zeros(6, 8, 3, 3)}, str(base))
+    assert cli("inspect", path, code=2).stderr.startswith(f"error: {path}: {message}")
+    cli("merge", path, "--into", base, "-o", tmp_path / "out.safetensors", "--device", "cpu", code=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "lyco.safetensors"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modules", ","], "--modules ',' names no module: give comma-separated module names"),
+    (["--save-module", ""], "--save-module '' names no module: give comma-separated module names"),
+    (["--modules", "q_proj", "--save-module", "q_proj"],
+     "--modules q_proj: its weights (model.layers.0.self_attn.q_proj.weight) are stored whole by --save-module: "
+     "a module is either extracted or stored whole"),
+    (["--alpha", "1e300"], "alpha 1e+300 is beyond what float32 holds"),
+    # checked by the sweep and fine: kept so they stay so
+    (["--alpha", "nan"], "alpha must be a positive number (got nan)"),
+    (["--rank", "0"], "bad parameters for resize: rank: Input should be greater than 0"),
+    (["--dynamic", "sv_fro", "--param", "nan"], "bad parameters for resize: param: Input should be a finite number"),
+    (["--modules", "q_proj|v_proj"], "--modules q_proj|v_proj: {base} has no 2-D or conv weight by that name (norms "
+                                     "and biases are no LoRA targets: --save-module keeps them whole)"),
+    (["--dtype", "int8"], "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main "
+                          "extract --help`)"),
+    (["--format", "diffusers"], "invalid value for '--format': 'diffusers' is not one of 'peft', 'kohya' (see `main "
+                                "extract --help`)"),
+])
+def test_extract_options_that_name_nothing_or_overflow(tmp_path, args, message):
+    """An empty --modules or --save-module list was taken as absent (every module extracted, exit 0); a module both
+    extracted and stored whole was 'has no 2-D or conv weight by that name'; --alpha 1e300 was refused only when the
+    finished adapter was checked, naming a scratch file in the blob store."""
+    from loraops import st
+    from loraops.registry import Registry
+
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    g = torch.Generator().manual_seed(0)
+    base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    st.write_safetensors(base, {n: torch.randn(8, 8, generator=g) for n in names})
+    st.write_safetensors(tuned, {n: torch.randn(8, 8, generator=g) for n in names})
+    rank = [] if "--rank" in args or "--dynamic" in args else ["--rank", "2"]
+    result = cli("extract", "--base", base, "--tuned", tuned, *rank, *args, "-o", tmp_path / "out", code=2)
+    assert result.stderr == f"error: {message.format(base=base)}\n"
+    assert not (tmp_path / "out").exists()
+    with Registry.open() as reg:
+        assert reg.list_adapters() == [] and reg.list_bases() == []
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_that_is_no_regex_is_refused(tmp_path, field):
+    """PEFT matches rank_pattern/alpha_pattern keys as regexes: a key like '(' was an re.error traceback."""
+    import json
+
+    from test_formats_errors import good, peft_folder
+
+    folder = peft_folder(tmp_path / "a", good())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, field: {"(": 2}}))
+    assert cli("inspect", folder, code=2).stderr.startswith(
+        f"error: {folder}/adapter_config.json: config {field}['('] is no regular expression (missing ), ")

@@ -244,3 +244,22 @@ def test_chunks_and_sha256_file_read_through_one_reused_buffer(tmp_path):
         f.seek(5)
         assert b"".join(bytes(c) for c in chunks(f, 20, bytearray(8))) == data[5:25]  # 8 + 8 + 4
         assert sum(len(c) for c in chunks(f)) == len(data) - 25
+
+
+@pytest.mark.parametrize("old", ["file", "folder", "dangling link"])
+@pytest.mark.parametrize("is_dir", [False, True], ids=["file", "folder"])
+def test_force_replaces_a_file_by_a_folder_and_back(tmp_path, old, is_dir):
+    """rename(2) puts no folder over a file: `merge`/`extract`/`resize -o FILE --force` of a PEFT folder ended in
+    'error: FILE: Not a directory' (the file kept, the work lost)."""
+    out = tmp_path / "out"
+    if old == "file":
+        out.write_bytes(b"old")
+    elif old == "folder":
+        out.mkdir()
+        (out / "inside").write_bytes(b"old")
+    else:
+        out.symlink_to(tmp_path / "nowhere")
+    with fsutil.atomic_path(out, force=True, is_dir=is_dir) as tmp:
+        (tmp / "new" if is_dir else tmp).write_bytes(b"new")
+    assert (out / "new" if is_dir else out).read_bytes() == b"new" and not out.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

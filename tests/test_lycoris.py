@@ -384,3 +384,18 @@ def test_cuda_merge_matches_cpu(tmp_path, bases):
         engine.merge(bases[torch.bfloat16], inputs, tmp_path / f"{device}.safetensors", device=device, fingerprint=False)
     cpu, cuda = merged_tensors(tmp_path / "cpu.safetensors"), merged_tensors(tmp_path / "cuda.safetensors")
     assert all(int(ulps(cpu[k], cuda[k]).max()) <= 1 for k in cpu)
+
+
+def test_push_card_says_loha(tmp_path):
+    """The model card pushed with a LoHa adapter said "A kohya / sd-scripts LoRA" with rank and alpha, which a
+    reader would merge as W + s·B·A: it names LoHa (tag, title line, variant row with ΔW's formula)."""
+    from loraops import hub
+    from loraops.registry import Registry
+
+    path, _ = lycoris_file(tmp_path / "loha.safetensors", "loha")
+    with Registry.open() as reg:
+        record = reg.register_adapter(str(path), name="lh").record
+        card = hub.render_card(hub.card_info(reg, record, "kohya"))
+    front, body = card.split("---\n")[1], card.split("---\n")[2]
+    assert '- "loha"' in front and "A kohya / sd-scripts LoHa, published with loraops." in body
+    assert "| variant | LoHa: ΔW = scale·(w1a·w1b)⊙(w2a·w2b) |" in body

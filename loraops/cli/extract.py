@@ -7,8 +7,15 @@ from .algebra import compute_options, echo_saved
 from .render import echo_json, echo_table, human_bytes
 
 
-def _names(text: str | None) -> list[str] | None:
-    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+def _names(text: str | None, option: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:  # taken as absent, "--modules ," extracted every module
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"{option} {text!r} names no module: give comma-separated module names")
+    return names
 
 
 @click.command()
@@ -35,7 +42,7 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
     from .. import derive
 
     result = derive.extract(base, tuned, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, alpha=alpha,
-                            modules=_names(modules), save_modules=_names(save_modules), device=device, precise=precise,
+                            modules=_names(modules, "--modules"), save_modules=_names(save_modules, "--save-module"), device=device, precise=precise,
                             dtype=dtype, name=name, output=output, fmt=fmt, force=force)
     if as_json:
         echo_json(result)

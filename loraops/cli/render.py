@@ -6,7 +6,8 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-from ..adapter import DORA_NOTE  # noqa: F401 - inspect and show say it
+from ..adapter import DORA_NOTE, PRODUCT_NOTES  # noqa: F401 - inspect and show say it
+from ..adapter import PRODUCT_NAMES as PRODUCTS  # noqa: F401 - list and register say it
 
 
 def to_jsonable(value: Any) -> Any:
@@ -54,13 +55,11 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-PRODUCTS = {"loha": "LoHa", "lokr": "LoKr"}
 
 
 def products_note(products) -> str:
     """What `show` and `inspect` say of an adapter with LoHa/LoKr modules."""
-    what = {"loha": "LoHa: ΔW = scale·(w1a·w1b)⊙(w2a·w2b)", "lokr": "LoKr: ΔW = scale·kron(w1, w2)"}
-    return "; ".join(what[p] for p in products) + " (merged exactly; resize --rank K makes a LoRA of it)"
+    return "; ".join(PRODUCT_NOTES[p] for p in products) + " (merged exactly; resize --rank K makes a LoRA of it)"
 
 
 def number(value: float | None, modules: int | None = None) -> str:

@@ -73,6 +73,10 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
             found.setdefault(match["name"], {})[PARTS[match["part"]]] = key
     if unknown:
         raise common.unknown_layout(path, unknown, "unknown keys in a kohya LoRA file")
+    both = sorted(products.keys() & found.keys())
+    if both:  # one of the two sets of factors was dropped silently: the merge was another ΔW than the file's
+        raise InvalidInputError(f"{path}: module {both[0]!r} holds both LoRA (lora_down/lora_up) and LoHa/LoKr "
+                                "(hada_/lokr_) factors: a module is one or the other")
     for name, parts in found.items():
         if "down" not in parts and "up" not in parts:
             raise InvalidInputError(f"{path}: {next(iter(parts.values()))!r} has no lora_down/lora_up tensors")

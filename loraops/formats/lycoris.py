@@ -171,6 +171,8 @@ def build(path: Path, name: str, parts: dict[str, str], tensors: dict[str, "torc
     if loha and any(p.startswith("lokr_") for p in parts):
         raise bad("mixes LoHa (hada_) and LoKr (lokr_) factors")
     t = {p: tensors[k] for p, k in parts.items()}
+    if any(not v.numel() for v in t.values()):  # a rank 0 divided its alpha by 0; an empty w1 made ΔW silently 0
+        raise bad("empty factor")
     kernel: tuple[int, ...] = ()
 
     def pair(a: str, b: str, core: str | None) -> tuple["torch.Tensor", "torch.Tensor"]:

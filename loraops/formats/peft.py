@@ -127,6 +127,12 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
             raise InvalidInputError(f"{path}: config rank_pattern[{key!r}]={value!r} must be a positive integer")
     for key, value in alpha_pattern.items():
         common.check_alpha(path, value, f"config alpha_pattern[{key!r}]")
+    for which, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key in patterns:  # PEFT matches the keys as regexes: a broken one was an re.error traceback
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise InvalidInputError(f"{path}: config {which}[{key!r}] is no regular expression ({e})") from None
     lora_alpha = cfg.get("lora_alpha")
     if alpha is not None:
         lora_alpha = alpha
