@@ -185,6 +185,26 @@ def unprivileged() -> list[str] | None:
 
 
 @pytest.mark.sqlite_only
+def test_a_registry_file_that_cannot_be_written_says_so(kohya, isolated_home):
+    """A read-only registry.db in a folder this process may write is named as such, not as "in a folder"."""
+    import subprocess
+    import sys
+
+    prefix = unprivileged()
+    if prefix is None:
+        pytest.skip("running as root without setpriv")
+    cli("register", kohya, "--name", "style")
+    database = isolated_home / "registry.db"
+    database.chmod(0o444)
+    try:
+        result = subprocess.run([*prefix, sys.executable, "-m", "loraops", "rm", "style"], capture_output=True, text=True)
+    finally:
+        database.chmod(0o644)
+    assert (result.returncode, result.stderr) == (6, f"error: the registry {database} is read-only here (this process "
+                                                     "cannot write the file): nothing can be recorded\n")
+
+
+@pytest.mark.sqlite_only
 def test_a_registry_that_opens_but_cannot_be_written_is_read_only(kohya, isolated_home):
     """With its -wal and -shm already beside it (another process has it open; a copy of a live one), a registry in a
     folder this process may not write opened and read as if writable: `rm` then failed on the writer lock's path

@@ -41,7 +41,9 @@ def test_register_list_show_check_say_the_token_rows(tmp_path, base):
     table = run("list").splitlines()
     assert [line.split()[2:4] for line in table[2:]] == [["peft", "+tokens"], ["peft", "+tokens"]]
     assert "trainable tokens  1 row of lm_head.weight, 2 rows of model.embed_tokens.weight" in run("show", "tok")
-    assert "trainable tokens  3 rows of model.embed_tokens.weight" in run("show", "alone")
+    shown = run("show", "alone")
+    assert "trainable tokens  3 rows of model.embed_tokens.weight" in shown
+    assert "\ntargets           -\n" in shown and "module " not in shown  # no empty module table
     assert json.loads(run("show", "tok", "--json"))["token_rows"] == {EMBED: 2, "lm_head.weight": 1}
     assert run("check", "tok", "--base", base).startswith(f"tok@1 fits {base}: 2/2 modules and 3/3 token rows match")
     assert run("check", "alone", "--base", base).startswith(f"alone@1 fits {base}: 0/0 modules and 3/3 token rows match")

@@ -122,7 +122,7 @@ def show(ref: str, as_json: bool) -> None:
         *([("variant", DORA_NOTE)] if r.dora else []),
         *([("variant", products_note(r.products))] if r.products else []),
         *([("trainable tokens", tokens_phrase(r.token_rows))] if r.token_rows != {} else []),
-        ("targets", ", ".join(r.target_modules)), ("parameters", f"{r.num_parameters:,}"),
+        ("targets", ", ".join(r.target_modules) or "-"), ("parameters", f"{r.num_parameters:,}"),
         ("base", f"{r.base.name} ({r.base.fingerprint[:12]})" if r.base else "-"),
     ]
     if r.base_hint:
@@ -133,8 +133,9 @@ def show(ref: str, as_json: bool) -> None:
         inputs = ", ".join(f"{i.label}" + (f"×{i.weight:g}" if i.weight is not None else "") for i in r.lineage.inputs)
         fields.append(("lineage", f"{r.lineage.op}({inputs})"))
     echo_fields(fields)
-    click.echo()
-    echo_modules(r.modules)
+    if r.modules:  # a trainable-tokens-only adapter has no LoRA module to tabulate
+        click.echo()
+        echo_modules(r.modules)
 
 
 @click.command()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import random
 import re
 import time
@@ -125,8 +126,10 @@ class Registry:
     def refuse_writes(self, hint: str = "") -> None:
         """Raise, before anything is copied or computed, when this registry is read-only here."""
         if self.read_only:
-            raise RegistryError(f"the registry {db.sqlite_file(self.engine)} is read-only here (it is in a folder "
-                                f"this process cannot write): nothing can be recorded{hint}")
+            database = db.sqlite_file(self.engine)
+            why = ("this process cannot write the file" if database is not None and os.access(database.parent, os.W_OK)
+                   else "it is in a folder this process cannot write")
+            raise RegistryError(f"the registry {database} is read-only here ({why}): nothing can be recorded{hint}")
 
     def __enter__(self) -> "Registry":
         return self
