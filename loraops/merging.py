@@ -10,6 +10,7 @@ remain onto it, which is bit-identical to having merged only those.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -253,7 +254,9 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     too (a base by its manifest and fingerprint, its files staying where they are; an adapter by a copy in the blob
     store, or the existing entry with the same identity)."""
     source_record = reg.find_base(source.fingerprint())
+    changed = None
     if source_record is None or not Path(source_record.path or "").exists():
+        changed = _stale_record_of(reg, source.path)
         source_record = reg.register_base(source.path, name=free_name(reg, source.path))[0]
     for i in inputs:  # adapters given by path join the registry (by identity), so the lineage can name them
         if i.registry_id is None:
@@ -278,7 +281,14 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
                                       lineage=lineage)
     except LoraopsError as exc:
         raise type(exc)(f"{report.output} was written, but recording it in the registry failed: {exc}") from None
-    return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint})
+    return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint, "base_changed": changed})
+
+
+def _stale_record_of(reg, path: Path) -> str | None:
+    """The name of a registered base whose recorded files are at ``path`` (their fingerprint then no longer theirs:
+    the files changed since it was registered), or None."""
+    where = os.path.realpath(path)
+    return next((b.name for b in reg.list_bases() if b.path and os.path.realpath(b.path) == where), None)
 
 
 def free_name(reg, wanted: str | Path) -> str:

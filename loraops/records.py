@@ -448,4 +448,8 @@ class MergeReport(Record):
     not copied: they would still hold the base."""
     name: str | None = None
     """Registry name the output was recorded under, when it was."""
+    base_changed: str | None = None
+    """The name of the registered base whose folder the model merged into is, when its files changed since it was
+    registered (the files merged are then recorded as a base of their own, by their fingerprint; the lineage says
+    which)."""
     fingerprint: str | None = None

@@ -308,3 +308,26 @@ def test_not_enough_disk_is_refused_before_any_adapter_is_loaded(tmp_path, model
     monkeypatch.setattr(merging, "resolve_adapter", never)
     for command in (["merge", a, "--into", base], ["subtract", a, "--from", base]):
         assert "not enough free disk" in run(*command, "-o", tmp_path / "out", "--no-record", code=5).output
+
+
+def test_a_registered_base_whose_files_changed_is_said_to_have_changed(tmp_path, models):
+    """The merge reads the files as they are now and records them by their own fingerprint (the lineage stays
+    true); the note says the registered base named is not what was read."""
+    import shutil
+
+    base = shutil.copytree(models[0], tmp_path / "base")
+    run("base", "add", base, "--name", "llama")
+    unchanged = run("merge", models[1], "--into", "llama", "-o", tmp_path / "m1").output
+    assert "note:" not in unchanged
+    shard = sorted(base.glob("*.safetensors"))[0]
+    state = load_file(shard)
+    name = next(n for n, t in state.items() if t.dim() == 2)
+    state[name] = state[name] + 1
+    from safetensors.torch import save_file
+
+    save_file(state, str(shard), metadata={"format": "pt"})
+    out = run("merge", models[1], "--into", "llama", "-o", tmp_path / "m2").output
+    assert ("note: the files of registered base llama changed since it was registered; what was read is recorded as "
+            "a base of its own (by its fingerprint), and the lineage names it") in out
+    assert "lineage      merge(llama, " in run("base", "show", "m1").output
+    assert "lineage      merge(base, " in run("base", "show", "m2").output  # the changed files, recorded anew

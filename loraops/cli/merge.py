@@ -92,5 +92,8 @@ def _render(report, as_json: bool) -> None:
                        f"(max |Δ| {r.max_abs_diff:.3g}); {r.note}")
         else:
             click.echo(f"residual: largest rounding {r.rounding_max_abs:.3g}; {r.note}")
+    if report.base_changed:
+        click.echo(f"note: the files of registered base {report.base_changed} changed since it was registered; "
+                   "what was read is recorded as a base of its own (by its fingerprint), and the lineage names it")
     if report.name:
         click.echo(f"recorded as base {report.name} (fingerprint {report.fingerprint[:12]})")
