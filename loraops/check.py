@@ -46,9 +46,10 @@ SHOWN = 5
 
 # A tied model (tie_word_embeddings) shares one tensor between its input embeddings and its output head; it stores
 # it once, as the embeddings (some exporters under both names, T5 even under three). Heads by module path suffix:
-# causal LMs, GPT-NeoX, BERT (cls.predictions.decoder), RoBERTa (lm_head.decoder), DistilBERT; Whisper's proj_out only
-# at the top level (diffusers models have a proj_out in every transformer block, and none is a head).
-TIED_HEADS = ("lm_head", "embed_out", "predictions.decoder", "lm_head.decoder", "vocab_projector")
+# causal LMs, GPT-NeoX, BERT (cls.predictions.decoder), RoBERTa (lm_head.decoder), DistilBERT, ELECTRA's generator;
+# Whisper's proj_out only at the top level (diffusers models have a proj_out in every transformer block, and none is a
+# head).
+TIED_HEADS = ("lm_head", "embed_out", "predictions.decoder", "lm_head.decoder", "vocab_projector", "generator_lm_head")
 TOP_LEVEL_HEADS = ("proj_out",)
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight",
                     "backbone.embeddings.weight")  # the last: Mamba's
@@ -80,6 +81,22 @@ def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) ->
     return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t), default=None)
 
 
+# The head a masked LM (or a BERT-style encoder built as a causal LM) ties to its <encoder>.embeddings.word_embeddings,
+# by the config.json class, as transformers 5.24 names it (its _tied_weights_keys); each checked against PEFT's
+# adapted model and loaded back (tests/test_tied_embeddings.py). Other families' heads are not inferred.
+MLM_HEADS = {
+    "cls.predictions.decoder.weight": ("BertForMaskedLM", "BertLMHeadModel", "BertForPreTraining", "DebertaForMaskedLM",
+                                       "DebertaV2ForMaskedLM", "ErnieForMaskedLM", "MegatronBertForMaskedLM",
+                                       "RoFormerForMaskedLM"),
+    "lm_head.decoder.weight": ("RobertaForMaskedLM", "RobertaForCausalLM", "XLMRobertaForMaskedLM",
+                               "XLMRobertaForCausalLM", "CamembertForMaskedLM", "CamembertForCausalLM",
+                               "XLMRobertaXLForMaskedLM", "RobertaPreLayerNormForMaskedLM", "Data2VecTextForMaskedLM",
+                               "MPNetForMaskedLM"),
+    "predictions.decoder.weight": ("AlbertForMaskedLM", "AlbertForPreTraining"),
+    "vocab_projector.weight": ("DistilBertForMaskedLM",),
+    "generator_lm_head.weight": ("ElectraForMaskedLM", "ElectraForCausalLM", "ConvBertForMaskedLM"),
+}
+_MLM_EMBEDDINGS = re.compile(r"^(?P<owner>(?:.+\.)?)[^.]+\.embeddings\.word_embeddings\.weight$")
 # config.json "architectures" of the models with an output head (a causal LM, a multimodal model's language model)
 LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 # the module a causal LM wraps its decoder in, whose embeddings its head is tied to: the head sits beside it (at the
@@ -99,18 +116,24 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     """The output head a causal LM ties to its input embeddings ``embeddings`` and does not store, named as
     transformers saves it (lm_head.weight beside the decoder's wrapper: model.embed_tokens → lm_head,
     language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out, a checkpoint of
-    the bare model's wte → lm_head), or None: the config.json names no class with an output head (a bare model, a
-    classifier, or no config at all), unties it,
-    is an encoder-decoder model's (see engine._can_untie), or the head is stored."""
-    architectures = config.get("architectures") or []
-    if (ties_word_embeddings(config) is False or config.get("is_encoder_decoder") is True
-            or not any(str(a).endswith(LM_HEAD_CLASSES) for a in architectures)):
+    the bare model's wte → lm_head; a masked LM's by its class, MLM_HEADS: bert.embeddings.word_embeddings →
+    cls.predictions.decoder), or None: the config.json names no class with an output head (a bare model, a
+    classifier, or no config at all), unties it, is an encoder-decoder model's (see engine._can_untie), or the
+    head is stored."""
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if ties_word_embeddings(config) is False or config.get("is_encoder_decoder") is True:
         return None
-    found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
-    if found is None:
+    mlm = next((head for head, classes in MLM_HEADS.items() if set(architectures) & set(classes)), None)
+    if mlm is not None:
+        found = _MLM_EMBEDDINGS.match(embeddings)
+        head = found["owner"] + mlm if found else None
+    elif any(a.endswith(LM_HEAD_CLASSES) for a in architectures):
+        found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
+        head = (found["owner"] or "") + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight") \
+            if found else None
+    else:
         return None
-    head = (found["owner"] or "") + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight")
-    return None if head in manifest else head
+    return None if head is None or head in manifest else head
 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:

@@ -666,6 +666,10 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         head = unstored_head_of(name, base.tensors, base.config(name))
         if head is not None and head not in heads:
             heads[head] = name
+    for head in list(heads):  # BERT's, RoBERTa's, ALBERT's decoder's bias is tied to its parent's: untied with it
+        owner = head.removesuffix(".decoder.weight")
+        if owner != head and f"{owner}.decoder.bias" not in base.tensors and f"{owner}.bias" in base.tensors:
+            heads[f"{owner}.decoder.bias"] = f"{owner}.bias"
     return heads
 
 

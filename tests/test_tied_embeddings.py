@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from factories import load_model, tiny_llama
 from test_engine import merged_tensors as tensors
 from loraops import engine, formats
+from loraops.check import MLM_HEADS
 
 EMBED = "model.embed_tokens.weight"
 TOKENS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -272,3 +273,45 @@ def test_sharded_index_counts_the_untied_head(tmp_path):
     with safe_open(str(tmp_path / "out" / shard), "pt") as f:
         assert "lm_head.weight" in f.keys()
     assert index["metadata"]["total_parameters"] == load_model(tmp_path / "out").num_parameters()
+
+
+ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=128,
+               max_position_embeddings=32)
+ENCODERS = {"distilbert": dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=128, max_position_embeddings=32),
+            **{family: dict(ENCODER, embedding_size=16) for family in ("albert", "electra", "convbert")}}
+
+
+@pytest.mark.parametrize("cls_name", [c for classes in MLM_HEADS.values() for c in classes])
+def test_a_masked_lms_head_is_untied(tmp_path, cls_name):
+    """A LoRA on a masked LM's word embeddings alone: the head (named by its class, as transformers ties it) is
+    written as the base's embeddings, and its decoder's bias, tied to the head's own, as that bias (random here)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    family = cls.config_class.model_type
+    torch.manual_seed(0)
+    model = cls._from_config(transformers.AutoConfig.for_model(family, **ENCODERS.get(family, ENCODER)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+    model.save_pretrained(tmp_path / "base")
+    head = next(h for h, classes in MLM_HEADS.items() if cls_name in classes)
+    assert head in cls._tied_weights_keys
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == [head]
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+    def output(m):
+        with torch.no_grad():
+            found = m.eval()(input_ids=TOKENS[:, :8] % 100 + 3)
+        return found.logits if hasattr(found, "logits") else found.prediction_logits
+
+    torch.testing.assert_close(output(merged), output(adapted_model), atol=1e-5, rtol=1e-5)
