@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     import torch
 
     from .algebra import Derivation
-    from .ops.resize import RankRule
 
 EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
                                  "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight")
@@ -210,23 +209,6 @@ def _left_out(kind: tuple[str, bool] | None, dims: int) -> str:
     return "norm or bias" if dims < 2 else "not a module weight"
 
 
-def factorize(D: "torch.Tensor", rule: "RankRule", exact: bool):
-    """(B, A, "exact"|"randomized", relative Frobenius error) of the 2-D matrix D: a fixed rank by refactor_dense (a
-    randomized SVD for big matrices unless ``exact``), a dynamic rule on D's full spectrum (kohya's way; the rules
-    need every singular value)."""
-    import torch
-
-    from .ops.svd import Spectrum, refactor_dense
-
-    if rule.dynamic is None:
-        made = refactor_dense(D, rule.rank, exact=exact)
-        return made.B, made.A, made.svd, made.error
-    spectrum = Spectrum(*torch.linalg.svd(D, full_matrices=False))
-    k = rule.choose(spectrum.S, min(D.shape))
-    B, A = spectrum.truncate(k)
-    return B, A, "exact", spectrum.tail_error(k)
-
-
 def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel", **options) -> tuple[Adapter, ExtractReport]:
     """``extract_lazily`` (same arguments), computed whole: (the adapter, its report)."""
     return extract_lazily(base, tuned, **options).collect()
@@ -257,6 +239,7 @@ def extract_lazily(
 
     from .algebra import Derivation, compute_precision, factorizing, finite_module, resize_rule
     from .engine import parse_dtype, peak_rss
+    from .ops.resize import factorize_dense
     from .settings import resolve_device
     from .st import read_tensor, torch_dtype
 
@@ -313,8 +296,10 @@ def extract_lazily(
                 continue
             M = D.reshape(D.shape[0], -1)
             with factorizing(what, name):
-                B, A, svd, error = factorize(M.T if template.transposed else M, rule, exact=precise)
-            del D, M
+                # keep_zero_rank: a fixed rank is kept for a delta however small (it is not zero: dropped above)
+                made = factorize_dense(M.T if template.transposed else M, rule, exact=precise, keep_zero_rank=True)
+            B, A, svd, error = made.B, made.A, made.svd, made.error
+            del D, M, made
             k = int(A.shape[0])
             module_alpha = float(k) if alpha is None else float(alpha)
             scale = module_alpha / k
