@@ -311,6 +311,16 @@ def test_cli_registers_with_lineage_json_and_kohya(peft_pair, tmp_path):
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
 
 
+def test_rank_above_every_module_is_capped_in_name_and_said(synthetic):
+    base, tuned, _ = synthetic
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "99999999999999999999")
+    assert code == 0, out
+    assert "--rank 99999999999999999999 capped: no module is larger than rank 64 (min(out, in))" in out
+    assert "registered tuned-r64@1" in out  # the largest module's rank (q_proj 64×64; v_proj 32×64 has 32)
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "40")
+    assert code == 0 and "capped" not in out and "registered tuned-r40@1" in out, out
+
+
 @pytest.fixture(scope="module")
 def others(tmp_path_factory):
     root = tmp_path_factory.mktemp("extract-others")
