@@ -23,6 +23,7 @@ layout (rank×in×k…, out×rank×1…), so names, shapes and binding treat it 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -204,6 +205,30 @@ class TokenRows:
     """The key the values were stored under (messages)."""
 
 
+class LazyTensors(Mapping):
+    """Full tensors read each time one is asked for (name → a function that reads it), for an adapter computed as it
+    is written (an extract's --save-module: a 70B model's embed_tokens and lm_head are 4 GB): the writer reads them
+    one at a time, and none is held while the modules are computed. Names and len without reading."""
+
+    def __init__(self, readers: "dict[str, Callable[[], torch.Tensor]]") -> None:
+        self._readers = readers
+
+    def __getitem__(self, name: str) -> "torch.Tensor":
+        return self._readers[name]()
+
+    def __contains__(self, name: object) -> bool:  # (Mapping's would read the tensor)
+        return name in self._readers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    def renamed(self, names: dict[str, str]) -> "LazyTensors":
+        return LazyTensors({names.get(n, n): read for n, read in self._readers.items()})
+
+
 @dataclass
 class Adapter:
     modules: dict[str, LoraModule]
@@ -213,8 +238,8 @@ class Adapter:
     """safetensors header metadata (kohya's ss_* keys live here)."""
     config: dict = field(default_factory=dict)
     """PEFT adapter_config.json as read ({} when there is none)."""
-    full_tensors: dict[str, "torch.Tensor"] = field(default_factory=dict)
-    """modules_to_save: base tensor name → full replacement tensor."""
+    full_tensors: "Mapping[str, torch.Tensor]" = field(default_factory=dict)
+    """modules_to_save: base tensor name → full replacement tensor (a dict, or LazyTensors read as written)."""
     base_model: str | None = None
     """base_model_name_or_path from the PEFT config, when present."""
     path: Path | None = None
@@ -241,7 +266,8 @@ class Adapter:
             return self
         names = self.own_names
         modules = {names.get(n, n): replace(m, name=names.get(n, n)) for n, m in self.modules.items()}
-        full = {names.get(n, n): t for n, t in self.full_tensors.items()}
+        full = (self.full_tensors.renamed(names) if isinstance(self.full_tensors, LazyTensors)
+                else {names.get(n, n): t for n, t in self.full_tensors.items()})
         rows = {names.get(n, n): replace(r, name=names.get(n, n)) for n, r in self.token_rows.items()}
         return replace(self, modules=modules, full_tensors=full, token_rows=rows, own_names={})
 

@@ -10,6 +10,7 @@ read as a path; anything else is looked up in the registry (name, name@version, 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -248,6 +249,11 @@ def extract(
             "dtype": str(derived.adapter.dtype).removeprefix("torch."),
         }, inputs=[LineageInput(kind="base", id=base_record.id, role="base"),
                    LineageInput(kind="base", id=tuned_record.id, role="tuned")])
-        default = f"{tuned_record.name}-r{rank}" if rank is not None else f"{tuned_record.name}-{dynamic}{param:g}"
+        # named after the ranks it gets: each module's is min(rank, out, in), so a --rank above every module's size
+        # names none of them (the report's module ranks say it too)
+        largest = max((min(m.B.shape[0], math.prod(m.A.shape[1:])) for m in derived.adapter.modules.values()),
+                      default=rank)
+        default = (f"{tuned_record.name}-r{min(rank, largest)}" if rank is not None
+                   else f"{tuned_record.name}-{dynamic}{param:g}")
         return save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,
                     base=base_record.id, lineage=lineage)

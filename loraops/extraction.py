@@ -21,14 +21,15 @@ Nothing here registers or writes: see loraops.derive.extract.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     import torch
 
     from .algebra import Derivation
-    from .ops.resize import RankRule
 
 EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
                                  "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight")
@@ -210,26 +210,10 @@ def _left_out(kind: tuple[str, bool] | None, dims: int) -> str:
     return "norm or bias" if dims < 2 else "not a module weight"
 
 
-def factorize(D: "torch.Tensor", rule: "RankRule", exact: bool):
-    """(B, A, "exact"|"randomized", relative Frobenius error) of the 2-D matrix D: a fixed rank by refactor_dense (a
-    randomized SVD for big matrices unless ``exact``), a dynamic rule on D's full spectrum (kohya's way; the rules
-    need every singular value)."""
-    import torch
-
-    from .ops.svd import Spectrum, refactor_dense
-
-    if rule.dynamic is None:
-        made = refactor_dense(D, rule.rank, exact=exact)
-        return made.B, made.A, made.svd, made.error
-    spectrum = Spectrum(*torch.linalg.svd(D, full_matrices=False))
-    k = rule.choose(spectrum.S, min(D.shape))
-    B, A = spectrum.truncate(k)
-    return B, A, "exact", spectrum.tail_error(k)
-
-
 def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel", **options) -> tuple[Adapter, ExtractReport]:
     """``extract_lazily`` (same arguments), computed whole: (the adapter, its report)."""
-    return extract_lazily(base, tuned, **options).collect()
+    adapter, report = extract_lazily(base, tuned, **options).collect()
+    return replace(adapter, full_tensors=dict(adapter.full_tensors)), report
 
 
 def extract_lazily(
@@ -257,8 +241,9 @@ def extract_lazily(
 
     from .algebra import Derivation, compute_precision, factorizing, finite_module, resize_rule
     from .engine import parse_dtype, peak_rss
+    from .ops.resize import factorize_dense
     from .settings import resolve_device
-    from .st import read_tensor, torch_dtype
+    from .st import read_row_blocks, read_tensor, torch_dtype
 
     rule = resize_rule(rank, dynamic, param, max_rank)
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
@@ -273,12 +258,17 @@ def extract_lazily(
     target = resolve_device(device)
     compute_dtype, precision = compute_precision(precise)
 
-    def finite(model: BaseModel, label: str, tensor: str) -> "torch.Tensor":
-        values = read_tensor(model.tensors[tensor])
+    def finite(model: BaseModel, label: str, tensor: str, values: "torch.Tensor | None" = None) -> "torch.Tensor":
+        values = read_tensor(model.tensors[tensor]) if values is None else values
         if values.is_floating_point() and not bool(torch.isfinite(values).all()):
             raise InvalidInputError(f"{label} has NaN or Inf values in {tensor}: extract refuses non-finite weights "
                                     "(a delta or a stored copy of them would carry them into the adapter)")
         return values
+
+    for tensor in work.saved:  # checked now, in blocks of ≤ 64 MiB; read again (whole, one at a time) as written
+        if tuned.tensors[tensor].nbytes:
+            for _, _, block in read_row_blocks(tuned.tensors[tensor]):
+                finite(tuned, labels[1], tensor, block)
 
     # PEFT names modules as transformers holds them in memory, which for some families is not as saved: the
     # adapter's own names (what the PEFT writer writes) are those; bound to the base, it keeps the saved ones
@@ -293,7 +283,8 @@ def extract_lazily(
                         "these names and skips them; merge with loraops, or leave them out with --modules")
     result = Adapter(
         modules={n: m.stand_in() for n, m in work.targets.items()}, format="peft", base_model=str(base.path),
-        full_tensors={n: finite(tuned, labels[1], n) for n in work.saved},  # as stored: an exact replacement
+        # as stored (an exact replacement), read as written: never all in memory, nor while modules are computed
+        full_tensors=LazyTensors({n: functools.partial(read_tensor, tuned.tensors[n]) for n in work.saved}),
         own_names=own,
     )
     records: list[ExtractModuleRecord] = []
@@ -313,8 +304,10 @@ def extract_lazily(
                 continue
             M = D.reshape(D.shape[0], -1)
             with factorizing(what, name):
-                B, A, svd, error = factorize(M.T if template.transposed else M, rule, exact=precise)
-            del D, M
+                # keep_zero_rank: a fixed rank is kept for a delta however small (it is not zero: dropped above)
+                made = factorize_dense(M.T if template.transposed else M, rule, exact=precise, keep_zero_rank=True)
+            B, A, svd, error = made.B, made.A, made.svd, made.error
+            del D, M, made
             k = int(A.shape[0])
             module_alpha = float(k) if alpha is None else float(alpha)
             scale = module_alpha / k
@@ -340,7 +333,8 @@ def extract_lazily(
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
             identical=work.identical + len(dropped), skipped=skipped, saved=work.saved,
-            parameters=extracted.num_parameters, seconds=seconds, peak_rss_bytes=peak_rss(),
+            parameters=replace(extracted, full_tensors={}).num_parameters  # (sizes of the full tensors: unread)
+            + sum(tuned.tensors[n].numel for n in work.saved), seconds=seconds, peak_rss_bytes=peak_rss(),
             peft_names={n: own.get(n, n) for n in [*(r.name for r in records), *work.saved]
                         if own.get(n, n) != n}, warnings=warnings,
         )

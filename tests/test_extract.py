@@ -228,6 +228,43 @@ def test_save_module_carries_full_tensors_peft_loads(peft_pair, tmp_path):
     torch.testing.assert_close(logits(model), logits(load_model(changed)), rtol=0, atol=1e-5)
 
 
+def test_save_module_tensors_are_read_as_written_one_at_a_time(synthetic, tmp_path, monkeypatch):
+    """--save-module tensors (a 70B model's embed_tokens + lm_head: 4 GB) are not held while the modules are computed:
+    the writer reads each when it writes it, and has let go of the one before (the file is the same)."""
+    import weakref
+
+    import loraops.st
+    from loraops.extraction import extract_lazily
+    from loraops.formats import write
+
+    base, tuned, _ = synthetic
+    saved = {"model.embed_tokens.weight", "lm_head.weight"}
+    read_whole, alive = [], []
+    real = loraops.st.read_tensor
+
+    def reading(info, handle=None):
+        values = real(info, handle)
+        if info.name in saved:
+            assert not [ref for ref in alive if ref() is not None], "a full tensor read while another was held"
+            read_whole.append(info.name)
+            alive.append(weakref.ref(values))
+        return values
+
+    monkeypatch.setattr(loraops.st, "read_tensor", reading)
+    derived = extract_lazily(base, tuned, rank=4, save_modules=["embed_tokens", "lm_head"], device="cpu")
+    assert read_whole == []  # checked finite in blocks, not read whole (nor kept)
+    write(derived.adapter, tmp_path / "lazy", modules=derived)
+    assert sorted(read_whole) == sorted(saved)
+    monkeypatch.setattr(loraops.st, "read_tensor", real)
+    adapter, report = loraops.extract(base, tuned, rank=4, save_modules=["embed_tokens", "lm_head"], device="cpu")
+    assert report.parameters == adapter.num_parameters and sorted(adapter.full_tensors) == sorted(saved)
+    write(adapter, tmp_path / "whole")
+    assert (tmp_path / "lazy" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
+    torch.testing.assert_close(load_file(tmp_path / "lazy" / "adapter_model.safetensors")[
+        "base_model.model.lm_head.weight"], state(tuned)["lm_head.weight"], rtol=0, atol=0)
+
+
 def test_embedding_lora_when_named(peft_pair, tmp_path):
     base, tuned = peft_pair
     weights = state(tuned)
@@ -272,6 +309,16 @@ def test_cli_registers_with_lineage_json_and_kohya(peft_pair, tmp_path):
     merged, expected = state(tmp_path / "merged"), state(tuned)
     for name, tensor in expected.items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_rank_above_every_module_is_capped_in_name_and_said(synthetic):
+    base, tuned, _ = synthetic
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "99999999999999999999")
+    assert code == 0, out
+    assert "--rank 99999999999999999999 capped: no module is larger than rank 64 (min(out, in))" in out
+    assert "registered tuned-r64@1" in out  # the largest module's rank (q_proj 64×64; v_proj 32×64 has 32)
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "40")
+    assert code == 0 and "capped" not in out and "registered tuned-r40@1" in out, out
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,9 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
     click.echo(f"{count}, {report.parameters:,} parameters ({report.dtype}); {report.identical} "
                f"tensors identical; {report.precision} on {report.device}, {report.seconds:.2f} s, peak RSS "
                f"{human_bytes(report.peak_rss_bytes)}")
+    largest = max((m.rank for m in report.modules), default=None)
+    if report.rank is not None and largest is not None and largest < report.rank:
+        click.echo(f"--rank {report.rank} capped: no module is larger than rank {largest} (min(out, in))")
     if report.saved:
         click.echo(f"stored whole (modules_to_save): {', '.join(report.saved)}")
     if report.skipped:

@@ -503,6 +503,10 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
     fused = {key for m in adapter.modules.values() if (key := params.parameter_group(m)) is not None}
     stream = common.ModuleStream(adapter, modules, params.parameter_group)
     with st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill) as out:
+        # first (the file's order is TensorWriter's): full tensors read as they are written (LazyTensors) are then
+        # spilled and gone before the modules are computed, and a Derivation's report counts them in its peak RSS
+        for name, key in keys.items():
+            out.add(PREFIX + key, adapter.full_tensors[name])
         for group in stream:
             for module in group:
                 stream.keep(module)
@@ -514,8 +518,6 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
                            for part, tensor in zip("AB", pair)]
             for key, tensor in factors:
                 out.add(key, tensor)
-        for name, key in keys.items():
-            out.add(PREFIX + key, adapter.full_tensors[name])
         standalone = tokens.standalone(adapter)
         for name, key in tokens.tensor_keys(adapter.token_rows, standalone is not None, PREFIX).items():
             out.add(key, adapter.token_rows[name].values)

@@ -96,26 +96,23 @@ def resize_module(
     keep_zero_rank: bool = False, exact: bool = False,
 ) -> tuple[LoraModule, ResizeModuleRecord]:
     """The module at its new rank (factors in the module's dtype, on the CPU) and its report line. A LoHa/LoKr
-    module becomes a LoRA: its dense ΔW/scale is factorized (``dense_spectrum``; its rank may be above the product's
+    module becomes a LoRA: its dense ΔW/scale is factorized (``factorize_dense``; its rank may be above the product's
     r, up to the ΔW's own)."""
     before = module.rank
-    if module.product is None:
-        B2, A2 = module.matrices()
-        spectrum = factored_svd(B2.to(device=device, dtype=dtype), A2.to(device=device, dtype=dtype))
-        current = module.rank
-    else:
+    if module.product is not None:
         D = module.product.to(device, dtype).rows()
-        current = min(D.shape)
-        module = replace(module, product=None)
-        spectrum = dense_spectrum(D, rule, exact)
-        if not isinstance(spectrum, Spectrum):  # a randomized SVD: its top singular values only
-            B, A, error = spectrum.B, spectrum.A, spectrum.error
-            return _resized(module, B, A, before or current, math.sqrt(max(0.0, 1.0 - error * error)), None,
-                            scale_mode)
-    k = rule.choose(spectrum.S, current, keep_zero_rank)
+        made = factorize_dense(D, rule, exact, keep_zero_rank)
+        if made.spectrum is None:  # a randomized SVD: its top singular values only, its error measured
+            fro, total = math.sqrt(max(0.0, 1.0 - made.error * made.error)), None
+        else:
+            fro, total = made.spectrum.retained(int(made.A.shape[0]))
+        return _resized(replace(module, product=None), made.B, made.A, before or min(D.shape), fro, total, scale_mode)
+    B2, A2 = module.matrices()
+    spectrum = factored_svd(B2.to(device=device, dtype=dtype), A2.to(device=device, dtype=dtype))
+    k = rule.choose(spectrum.S, module.rank, keep_zero_rank)
     B, A = spectrum.truncate(k)
     fro, total = spectrum.retained(k)
-    return _resized(module, B, A, before or current, fro, total, scale_mode)
+    return _resized(module, B, A, module.rank, fro, total, scale_mode)
 
 
 def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, fro: float, total: float | None,
@@ -131,15 +128,23 @@ def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, 
     return resized, record
 
 
-def dense_spectrum(D: torch.Tensor, rule: RankRule, exact: bool) -> "Spectrum | Refactored":
-    """What resizes a dense ΔW (a LoHa/LoKr's, which has no factored SVD): a fixed rank by refactor_dense, as
-    extraction and combine factorize theirs (a randomized SVD with power iterations when both sides are above
-    svd.RANDOMIZED_MIN_DIM, unless ``exact``: minutes → seconds for an LLM's 4096×11008 module; returned as its
-    Refactored, whose error is measured), else the whole spectrum (kohya's dynamic rules need every singular value).
-    A zero ΔW has the one singular value 0 (rank 1, as RankRule.choose gives any zero module)."""
+def factorize_dense(D: torch.Tensor, rule: RankRule, exact: bool = False, keep_zero_rank: bool = False) -> Refactored:
+    """Factors B·A ≈ D of a dense matrix at the rank ``rule`` gives: what extract does to a model's delta and resize
+    to a LoHa/LoKr's ΔW (neither has a factored SVD). A fixed rank goes through refactor_dense (a randomized SVD
+    with power iterations when both sides are above svd.RANDOMIZED_MIN_DIM, unless ``exact``: minutes → seconds for
+    an LLM's 4096×11008 module; its error measured, and no ``spectrum``); the dynamic rules need every singular
+    value, so they take the whole spectrum (kohya's way). The rank of an exact spectrum is ``rule.choose``'s, with
+    min(D.shape) as the current rank (``keep_zero_rank``: see RankRule.choose). A zero D has the one singular value
+    0 (rank 1, as RankRule.choose gives any zero module)."""
     if not D.any():
-        return Spectrum(D.new_zeros(D.shape[0], 1), D.new_zeros(1), D.new_zeros(1, D.shape[1]))
-    if rule.dynamic is None:
-        made = refactor_dense(D, min(rule.rank, *D.shape), exact=exact)
-        return made if made.spectrum is None else made.spectrum
-    return Spectrum(*torch.linalg.svd(D, full_matrices=False))
+        spectrum = Spectrum(D.new_zeros(D.shape[0], 1), D.new_zeros(1), D.new_zeros(1, D.shape[1]))
+    elif rule.dynamic is None:
+        made = refactor_dense(D, rule.rank, exact=exact)
+        if made.spectrum is None:
+            return made
+        spectrum = made.spectrum
+    else:
+        spectrum = Spectrum(*torch.linalg.svd(D, full_matrices=False))
+    k = rule.choose(spectrum.S, min(D.shape), keep_zero_rank)
+    B, A = spectrum.truncate(k)
+    return Refactored(B, A, "exact", spectrum.tail_error(k), spectrum)
