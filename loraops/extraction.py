@@ -138,7 +138,7 @@ def _differs(base: BaseModel, tuned: BaseModel) -> dict[str, bool]:
     models store it in different dtypes (a bf16 tuned model of an fp32 base: the same values are other bytes)."""
     import torch
 
-    from .st import read_tensor
+    from .st import read_paired_row_blocks, torch_dtype
 
     base_digests, tuned_digests = base.tensor_digests(), tuned.tensor_digests()
     out = {}
@@ -146,10 +146,10 @@ def _differs(base: BaseModel, tuned: BaseModel) -> dict[str, bool]:
         other = tuned.tensors[name]
         if info.dtype == other.dtype or info.dtype not in FLOAT_DTYPES or other.dtype not in FLOAT_DTYPES:
             out[name] = base_digests[name] != tuned_digests[name]
-        else:
-            b, t = read_tensor(info), read_tensor(other)
-            common = torch.promote_types(b.dtype, t.dtype)
-            out[name] = not torch.equal(b.to(common), t.to(common))
+        else:  # by row blocks: a vocabulary-sized embedding is never read whole
+            common = torch.promote_types(torch_dtype(info.dtype), torch_dtype(other.dtype))
+            out[name] = info.nbytes > 0 and any(
+                not torch.equal(b.to(common), t.to(common)) for b, t in read_paired_row_blocks(info, other))
     return out
 
 
@@ -243,7 +243,7 @@ def extract_lazily(
     from .engine import parse_dtype, peak_rss
     from .ops.resize import factorize_dense
     from .settings import resolve_device
-    from .st import read_row_blocks, read_tensor, torch_dtype
+    from .st import read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
     rule = resize_rule(rank, dynamic, param, max_rank)
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
@@ -296,6 +296,16 @@ def extract_lazily(
         tuned_w = finite(tuned, labels[1], tensor).to(device=target, dtype=compute_dtype)
         return tuned_w.sub_(finite(base, labels[0], tensor).to(device=target, dtype=compute_dtype))
 
+    def max_abs_difference(tensor: str) -> float:
+        if not tuned.tensors[tensor].nbytes:
+            return 0.0
+        largest = 0.0
+        for ours, theirs in read_paired_row_blocks(tuned.tensors[tensor], base.tensors[tensor]):
+            block = finite(tuned, labels[1], tensor, ours).to(compute_dtype)
+            block.sub_(finite(base, labels[0], tensor, theirs).to(compute_dtype))
+            largest = max(largest, float(block.abs_().max()))
+        return largest
+
     def compute() -> Iterator[LoraModule]:
         for name, template in work.targets.items():
             D = delta(template.weight_name)
@@ -318,9 +328,8 @@ def extract_lazily(
                 alpha=module_alpha, svd=svd, error=error, fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
             del B, A
             yield module
-        for tensor, why in work.skipped:  # (small: norms and biases, or an embedding or two)
-            D = delta(tensor)
-            skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=float(D.abs().max())))
+        for tensor, why in work.skipped:  # norms and biases, or a vocabulary-sized embedding: by row blocks
+            skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=max_abs_difference(tensor)))
         if len(dropped) == len(work.targets) and not work.saved:
             raise _nothing_to_extract(work.skipped, labels)
 

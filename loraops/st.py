@@ -195,14 +195,20 @@ def read_tensor(info: TensorInfo, handle=None) -> "torch.Tensor":
     return torch.frombuffer(data, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
-def read_row_blocks(info: TensorInfo) -> Iterator[tuple[int, int, "torch.Tensor"]]:
-    """(first row, end row, values) of a stored tensor in blocks of ≤ 64 MiB, so a vocabulary-sized embedding is
-    never read whole."""
+def rows_per_block(info: TensorInfo) -> int:
+    """How many rows of a stored tensor make a block of ≤ 64 MiB (read_row_blocks)."""
+    rows = info.shape[0] if info.shape else 1
+    return max(1, (64 << 20) // max(info.nbytes // max(rows, 1), 1))
+
+
+def read_row_blocks(info: TensorInfo, step: int | None = None) -> Iterator[tuple[int, int, "torch.Tensor"]]:
+    """(first row, end row, values) of a stored tensor in blocks of ``step`` rows (default: ≤ 64 MiB), so a
+    vocabulary-sized embedding is never read whole."""
     import torch
 
     rows = info.shape[0] if info.shape else 1
     row_bytes = info.nbytes // max(rows, 1)
-    step = max(1, (64 << 20) // max(row_bytes, 1))
+    step = step or rows_per_block(info)
     with open(info.file, "rb") as f:
         for row0 in range(0, rows, step):
             row1 = min(rows, row0 + step)
@@ -211,6 +217,13 @@ def read_row_blocks(info: TensorInfo) -> Iterator[tuple[int, int, "torch.Tensor"
             if f.readinto(data) != len(data):
                 raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
             yield row0, row1, torch.frombuffer(data, dtype=torch_dtype(info.dtype))
+
+
+def read_paired_row_blocks(first: TensorInfo, second: TensorInfo) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    """The same rows of two tensors of one shape (their dtypes may differ), block by block (read_row_blocks)."""
+    step = min(rows_per_block(first), rows_per_block(second))
+    for (_, _, a), (_, _, b) in zip(read_row_blocks(first, step), read_row_blocks(second, step)):
+        yield a, b
 
 
 def load_tensors(header: Header, names=None, *, values: bool = True, mapped: bool = False) -> dict[str, "torch.Tensor"]:

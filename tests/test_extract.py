@@ -265,6 +265,32 @@ def test_save_module_tensors_are_read_as_written_one_at_a_time(synthetic, tmp_pa
         "base_model.model.lm_head.weight"], state(tuned)["lm_head.weight"], rtol=0, atol=0)
 
 
+def test_an_embedding_left_out_is_compared_by_row_blocks_in_other_dtypes(synthetic, tmp_path, monkeypatch):
+    """A differing embedding that is not extracted is only reported (its largest |Δ|): a 70B model's is 4 GiB in
+    float32, so it is compared in row blocks, never read whole, also when the two models store it in other dtypes."""
+    import loraops.st
+
+    base, _, _ = synthetic
+    embed = state(base)["model.embed_tokens.weight"]
+    changed = embed.clone()
+    changed[5, 3] += 0.25
+    tuned = with_tensors(base, tmp_path / "tuned", {"model.embed_tokens.weight": changed.to(torch.bfloat16),
+                                                     "model.layers.0.self_attn.q_proj.weight":
+                                                         state(base)["model.layers.0.self_attn.q_proj.weight"] + 0.01})
+    real = loraops.st.read_tensor
+
+    def reading(info, handle=None):
+        assert info.name != "model.embed_tokens.weight", "the embedding was read whole"
+        return real(info, handle)
+
+    monkeypatch.setattr(loraops.st, "read_tensor", reading)
+    monkeypatch.setattr(loraops.st, "rows_per_block", lambda info: 7)  # several blocks even for a tiny table
+    _, report = loraops.extract(base, tuned, rank=1, device="cpu")
+    [skipped] = [s for s in report.skipped if s.name == "model.embed_tokens.weight"]
+    expected = (changed.to(torch.bfloat16).float() - embed).abs().max().item()
+    assert skipped.reason == "embedding" and skipped.max_abs_diff == pytest.approx(expected)
+
+
 def test_embedding_lora_when_named(peft_pair, tmp_path):
     base, tuned = peft_pair
     weights = state(tuned)
