@@ -446,3 +446,37 @@ def test_gc_leaves_a_scratch_folder_in_use_however_old(reg):
         assert [p for p, _ in reg.gc()] == [left]
         assert busy.is_dir() and inner.is_file()
     assert not busy.exists()
+
+
+@pytest.mark.sqlite_only
+def test_opening_waits_out_a_database_is_locked_answer_to_its_first_read(tmp_path, monkeypatch):
+    """SQLite can answer a reader "database is locked" without waiting while another connection sets up or recovers
+    the WAL (test_concurrent_registration caught it under load: `cannot open the registry …: database is locked`).
+    Opening reads the schema revision again after a short back-off; only a lock that lasts is reported."""
+    import sqlite3
+
+    from loraops.errors import RegistryError
+    from loraops.registry import db
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    db.ensure_schema(engine)
+    real, calls = db.current_revision, []
+    monkeypatch.setattr(db.time, "sleep", lambda s: None)
+
+    def locked_twice(connection):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(connection)
+
+    monkeypatch.setattr(db, "current_revision", locked_twice)
+    db.ensure_schema(engine)
+    assert len(calls) == 3
+
+    def always_locked(connection):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(db, "current_revision", always_locked)
+    with pytest.raises(RegistryError, match="cannot open the registry at .*: database is locked"):
+        db.ensure_schema(engine)
+    engine.dispose()

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import signal
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,7 @@ from ..errors import RegistryError
 from ..fsutil import file_lock, refuse_existing
 from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS  # noqa: F401 - HEAD is part of this module's API (cli/db.py)
 
+OPEN_ATTEMPTS = 7  # reading the schema revision: about 3 s of back-off in all before "database is locked" is reported
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
 _MIGRATING = threading.Lock()
 
@@ -164,11 +166,18 @@ def interrupts_deferred() -> Iterator[None]:
 
 def ensure_schema(engine: Engine) -> None:
     """Bring the database to HEAD (see the module docstring)."""
-    try:
-        with engine.connect() as connection:
-            current = current_revision(connection)
-    except Exception as exc:  # noqa: BLE001 - any driver error becomes one line naming the database
-        raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            with engine.connect() as connection:
+                current = current_revision(connection)
+            break
+        except Exception as exc:  # noqa: BLE001 - any driver error becomes one line naming the database
+            # SQLite can answer a reader "database is locked" without waiting (a connection setting up the WAL, or
+            # recovering it, while others write: seen under load with threads registering into a new registry)
+            if attempt + 1 < OPEN_ATTEMPTS and "database is locked" in str(exc).lower():
+                time.sleep(0.05 * 2 ** attempt)
+                continue
+            raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
     if current != HEAD:
         upgrade(engine)
 
