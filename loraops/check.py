@@ -22,7 +22,7 @@ from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
 from .errors import AmbiguousError, MismatchError
 from .formats import params
-from .formats.common import fmt_shape
+from .formats.common import fmt_shape, names_module
 from .records import CheckReport, ShapeMismatch
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
@@ -58,7 +58,7 @@ INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight
 def is_head(name: str) -> bool:
     """Is this module path (or its weight's name) an output head that models tie to their input embeddings?"""
     module = name.removesuffix(".weight")
-    return module in TOP_LEVEL_HEADS or any(module == head or module.endswith(f".{head}") for head in TIED_HEADS)
+    return module in TOP_LEVEL_HEADS or any(names_module(module, head) for head in TIED_HEADS)
 
 
 def shared_embeddings_of(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:

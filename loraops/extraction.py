@@ -33,7 +33,7 @@ from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
-from .formats.common import FLOAT32_MAX
+from .formats.common import FLOAT32_MAX, names_module
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 
@@ -70,13 +70,8 @@ def _shown(names: Sequence[str]) -> str:
     return ", ".join(names[:SHOWN]) + (f" (+{len(names) - SHOWN} more)" if len(names) > SHOWN else "")
 
 
-def _matches(module: str, wanted: str) -> bool:
-    """PEFT's target_modules rule for a plain name: the module path or its last components."""
-    return module == wanted or module.endswith("." + wanted)
-
-
 def _is_embedding(name: str) -> bool:
-    return any(_matches(name, e) for e in EMBEDDINGS)
+    return any(names_module(name, e) for e in EMBEDDINGS)
 
 
 def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | None:
@@ -162,14 +157,14 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     kinds = {n: k for n, info in base.tensors.items() if (k := _kind(n, info.shape, conv1d)) is not None}
     saved: list[str] = []
     for wanted in save_modules or ():
-        found = [n for n in base.tensors if _matches(n.rpartition(".")[0], wanted)]
+        found = [n for n in base.tensors if names_module(n.rpartition(".")[0], wanted)]
         if not found:
             raise InvalidInputError(f"--save-module {wanted}: {labels[0]} has no module by that name")
         saved += [n for n in found if n not in saved]
     if modules:
         chosen: list[str] = []
         for wanted in modules:
-            matched = [n for n in kinds if _matches(n.removesuffix(".weight"), wanted)]
+            matched = [n for n in kinds if names_module(n.removesuffix(".weight"), wanted)]
             found = [n for n in matched if n not in saved]
             if matched and not found:
                 raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(matched)}) are stored whole by "

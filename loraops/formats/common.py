@@ -101,6 +101,12 @@ def unknown_layout(path: Path, keys: Iterable[str], what: str = "unknown adapter
     return FormatError(f"{path}: {what}: {shown}")
 
 
+def names_module(path: str, name: str) -> bool:
+    """PEFT's rule for a plain module name (target_modules, trainable_token_indices keys): the module path itself or
+    its last dot-separated components."""
+    return path == name or path.endswith(f".{name}")
+
+
 def pattern_key(patterns: Iterable[str], name: str) -> str | None:
     """The first key of a PEFT rank_pattern/alpha_pattern that matches module ``name``, exactly as
     peft.utils.other.get_pattern_key does (0.21): the key is a regex that must match a dot-bounded suffix."""

@@ -57,7 +57,7 @@ def indices_for(path: Path, config: dict | None, module: str, key: str) -> tuple
         return _indices(path, "token_indices", config.get("token_indices"))
     spec = config.get("trainable_token_indices")
     if isinstance(spec, dict):
-        names = [name for name in spec if module == name or module.endswith(f".{name}")]
+        names = [name for name in spec if common.names_module(module, name)]
         if len(names) != 1:
             raise InvalidInputError(f"{path}: {key!r}: the config's trainable_token_indices name "
                                     f"{'no entry' if not names else 'several entries'} for module {module!r}")
