@@ -16,7 +16,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
@@ -81,22 +81,93 @@ def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) ->
     return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t), default=None)
 
 
-# The head a masked LM (or a BERT-style encoder built as a causal LM) ties to its <encoder>.embeddings.word_embeddings,
-# by the config.json class, as transformers 5.24 names it (its _tied_weights_keys); each checked against PEFT's
-# adapted model and loaded back (tests/test_tied_embeddings.py). Other families' heads are not inferred.
-MLM_HEADS = {
-    "cls.predictions.decoder.weight": ("BertForMaskedLM", "BertLMHeadModel", "BertForPreTraining", "DebertaForMaskedLM",
-                                       "DebertaV2ForMaskedLM", "ErnieForMaskedLM", "MegatronBertForMaskedLM",
-                                       "RoFormerForMaskedLM"),
-    "lm_head.decoder.weight": ("RobertaForMaskedLM", "RobertaForCausalLM", "XLMRobertaForMaskedLM",
-                               "XLMRobertaForCausalLM", "CamembertForMaskedLM", "CamembertForCausalLM",
-                               "XLMRobertaXLForMaskedLM", "RobertaPreLayerNormForMaskedLM", "Data2VecTextForMaskedLM",
-                               "MPNetForMaskedLM"),
-    "predictions.decoder.weight": ("AlbertForMaskedLM", "AlbertForPreTraining"),
-    "vocab_projector.weight": ("DistilBertForMaskedLM",),
-    "generator_lm_head.weight": ("ElectraForMaskedLM", "ElectraForCausalLM", "ConvBertForMaskedLM"),
+class TiedHead(NamedTuple):
+    """The output head a model class ties to its input embeddings, as transformers names them (its
+    _tied_weights_keys), and whether it ties the head's bias (X.decoder.bias) to its parent's (X.bias) too."""
+
+    head: str
+    embeddings: str
+    bias: bool = False
+
+
+# The heads of the classes the causal-LM rule (unstored_head_of) does not name: masked LMs, BERT-style encoders built
+# as causal LMs, causal LMs with their own names. By the config.json class, as transformers 5.24 names them; the
+# embeddings may sit under a wrapping model's prefix. Each is checked against transformers' _tied_weights_keys, loaded
+# back, and compared with PEFT's adapted model (tests/test_tied_embeddings.py).
+TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
+    "AlbertForMaskedLM": TiedHead("predictions.decoder.weight", "albert.embeddings.word_embeddings.weight", bias=True),
+    "AlbertForPreTraining": TiedHead("predictions.decoder.weight", "albert.embeddings.word_embeddings.weight", bias=True),
+    "BertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BertForPreTraining": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BertLMHeadModel": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BigBirdForCausalLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BigBirdForMaskedLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BigBirdForPreTraining": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BioGptForCausalLM": TiedHead("output_projection.weight", "biogpt.embed_tokens.weight"),
+    "BlipTextLMHeadModel": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "CamembertForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "CamembertForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "ConvBertForMaskedLM": TiedHead("generator_lm_head.weight", "convbert.embeddings.word_embeddings.weight"),
+    "Data2VecTextForCausalLM": TiedHead("lm_head.decoder.weight", "data2vec_text.embeddings.word_embeddings.weight", bias=True),
+    "Data2VecTextForMaskedLM": TiedHead("lm_head.decoder.weight", "data2vec_text.embeddings.word_embeddings.weight", bias=True),
+    "DebertaForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True),
+    "DebertaV2ForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True),
+    "DistilBertForMaskedLM": TiedHead("vocab_projector.weight", "distilbert.embeddings.word_embeddings.weight"),
+    "ElectraForCausalLM": TiedHead("generator_lm_head.weight", "electra.embeddings.word_embeddings.weight"),
+    "ElectraForMaskedLM": TiedHead("generator_lm_head.weight", "electra.embeddings.word_embeddings.weight"),
+    "ErnieForCausalLM": TiedHead("cls.predictions.decoder.weight", "ernie.embeddings.word_embeddings.weight", bias=True),
+    "ErnieForMaskedLM": TiedHead("cls.predictions.decoder.weight", "ernie.embeddings.word_embeddings.weight", bias=True),
+    "ErnieForPreTraining": TiedHead("cls.predictions.decoder.weight", "ernie.embeddings.word_embeddings.weight", bias=True),
+    "EsmForMaskedLM": TiedHead("lm_head.decoder.weight", "esm.embeddings.word_embeddings.weight"),
+    "EuroBertForMaskedLM": TiedHead("lm_head.weight", "model.embed_tokens.weight"),
+    "FNetForMaskedLM": TiedHead("cls.predictions.decoder.weight", "fnet.embeddings.word_embeddings.weight", bias=True),
+    "FNetForPreTraining": TiedHead("cls.predictions.decoder.weight", "fnet.embeddings.word_embeddings.weight", bias=True),
+    "FlaubertWithLMHeadModel": TiedHead("pred_layer.proj.weight", "transformer.embeddings.weight"),
+    "FunnelForMaskedLM": TiedHead("lm_head.weight", "funnel.embeddings.word_embeddings.weight"),
+    "GPTNeoXJapaneseForCausalLM": TiedHead("embed_out.weight", "gpt_neox_japanese.embed_in.weight"),
+    "GitForCausalLM": TiedHead("output.weight", "git.embeddings.word_embeddings.weight"),
+    "GteForMaskedLM": TiedHead("lm_head.decoder.weight", "gte.embeddings.word_embeddings.weight"),
+    "JinaEmbeddingsV3ForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "LayoutLMForMaskedLM": TiedHead("cls.predictions.decoder.weight", "layoutlm.embeddings.word_embeddings.weight", bias=True),
+    "LongformerForMaskedLM": TiedHead("lm_head.decoder.weight", "longformer.embeddings.word_embeddings.weight", bias=True),
+    "LxmertForPreTraining": TiedHead("cls.predictions.decoder.weight", "lxmert.embeddings.word_embeddings.weight"),
+    "MPNetForMaskedLM": TiedHead("lm_head.decoder.weight", "mpnet.embeddings.word_embeddings.weight", bias=True),
+    "MegatronBertForCausalLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "MegatronBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "MegatronBertForPreTraining": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "MobileBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "mobilebert.embeddings.word_embeddings.weight", bias=True),
+    "MobileBertForPreTraining": TiedHead("cls.predictions.decoder.weight", "mobilebert.embeddings.word_embeddings.weight", bias=True),
+    "ModernBertDecoderForCausalLM": TiedHead("decoder.weight", "model.embeddings.tok_embeddings.weight"),
+    "ModernBertForMaskedLM": TiedHead("decoder.weight", "model.embeddings.tok_embeddings.weight"),
+    "MraForMaskedLM": TiedHead("cls.predictions.decoder.weight", "mra.embeddings.word_embeddings.weight", bias=True),
+    "NomicBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "nomic_bert.embeddings.word_embeddings.weight", bias=True),
+    "NystromformerForMaskedLM": TiedHead("cls.predictions.decoder.weight", "nystromformer.embeddings.word_embeddings.weight", bias=True),
+    "OpenAIGPTLMHeadModel": TiedHead("lm_head.weight", "transformer.tokens_embed.weight"),
+    "RoCBertForCausalLM": TiedHead("cls.predictions.decoder.weight", "roc_bert.embeddings.word_embeddings.weight", bias=True),
+    "RoCBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "roc_bert.embeddings.word_embeddings.weight", bias=True),
+    "RoCBertForPreTraining": TiedHead("cls.predictions.decoder.weight", "roc_bert.embeddings.word_embeddings.weight", bias=True),
+    "RoFormerForCausalLM": TiedHead("cls.predictions.decoder.weight", "roformer.embeddings.word_embeddings.weight", bias=True),
+    "RoFormerForMaskedLM": TiedHead("cls.predictions.decoder.weight", "roformer.embeddings.word_embeddings.weight", bias=True),
+    "RobertaForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "RobertaForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "RobertaPreLayerNormForCausalLM": TiedHead("lm_head.decoder.weight", "roberta_prelayernorm.embeddings.word_embeddings.weight", bias=True),
+    "RobertaPreLayerNormForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta_prelayernorm.embeddings.word_embeddings.weight", bias=True),
+    "RwkvForCausalLM": TiedHead("head.weight", "rwkv.embeddings.weight"),
+    "SqueezeBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "transformer.embeddings.word_embeddings.weight", bias=True),
+    "TapasForMaskedLM": TiedHead("cls.predictions.decoder.weight", "tapas.embeddings.word_embeddings.weight", bias=True),
+    "TrOCRForCausalLM": TiedHead("output_projection.weight", "model.decoder.embed_tokens.weight"),
+    "ViltForMaskedLM": TiedHead("mlm_score.decoder.weight", "vilt.embeddings.text_embeddings.word_embeddings.weight"),
+    "VisualBertForPreTraining": TiedHead("cls.predictions.decoder.weight", "visual_bert.embeddings.word_embeddings.weight", bias=True),
+    "XLMRobertaForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "XLMRobertaForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "XLMRobertaXLForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "XLMRobertaXLForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "XLMWithLMHeadModel": TiedHead("pred_layer.proj.weight", "transformer.embeddings.weight"),
+    "XLNetLMHeadModel": TiedHead("lm_loss.weight", "transformer.word_embedding.weight"),
+    "XmodForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "XmodForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "YosoForMaskedLM": TiedHead("cls.predictions.decoder.weight", "yoso.embeddings.word_embeddings.weight", bias=True),
 }
-_MLM_EMBEDDINGS = re.compile(r"^(?P<owner>(?:.+\.)?)[^.]+\.embeddings\.word_embeddings\.weight$")
 # config.json "architectures" of the models with an output head (a causal LM, a multimodal model's language model)
 LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 # the module a causal LM wraps its decoder in, whose embeddings its head is tied to: the head sits beside it (at the
@@ -112,21 +183,26 @@ def ties_word_embeddings(config: dict) -> bool | None:
     return config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
 
 
+def _tied_head_of_class(config: dict) -> TiedHead | None:
+    return next((TIED_HEAD_OF_CLASS[str(a)] for a in config.get("architectures") or [] if str(a) in TIED_HEAD_OF_CLASS),
+                None)
+
+
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
-    """The output head a causal LM ties to its input embeddings ``embeddings`` and does not store, named as
-    transformers saves it (lm_head.weight beside the decoder's wrapper: model.embed_tokens → lm_head,
-    language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out, a checkpoint of
-    the bare model's wte → lm_head; a masked LM's by its class, MLM_HEADS: bert.embeddings.word_embeddings →
-    cls.predictions.decoder), or None: the config.json names no class with an output head (a bare model, a
-    classifier, or no config at all), unties it, is an encoder-decoder model's (see engine._can_untie), or the
-    head is stored."""
+    """The output head a model ties to its input embeddings ``embeddings`` and does not store, named as transformers
+    saves it: by its class where TIED_HEAD_OF_CLASS lists it (bert.embeddings.word_embeddings →
+    cls.predictions.decoder), else a causal LM's lm_head.weight beside the decoder's wrapper (model.embed_tokens →
+    lm_head, language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out, a
+    checkpoint of the bare model's wte → lm_head); or None: the config.json names no class with an output head (a
+    bare model, a classifier, or no config at all), unties it, is an encoder-decoder model's (see
+    engine._can_untie), or the head is stored."""
     architectures = [str(a) for a in config.get("architectures") or []]
     if ties_word_embeddings(config) is False or config.get("is_encoder_decoder") is True:
         return None
-    mlm = next((head for head, classes in MLM_HEADS.items() if set(architectures) & set(classes)), None)
-    if mlm is not None:
-        found = _MLM_EMBEDDINGS.match(embeddings)
-        head = found["owner"] + mlm if found else None
+    tied = _tied_head_of_class(config)
+    if tied is not None:
+        under_owner = embeddings == tied.embeddings or embeddings.endswith("." + tied.embeddings)
+        head = embeddings.removesuffix(tied.embeddings) + tied.head if under_owner else None
     elif any(a.endswith(LM_HEAD_CLASSES) for a in architectures):
         found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
         head = (found["owner"] or "") + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight") \
@@ -134,6 +210,17 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     else:
         return None
     return None if head is None or head in manifest else head
+
+
+def tied_decoder_bias(head: str, config: dict) -> tuple[str, str] | None:
+    """(the head's bias, the bias transformers ties it to while the head is tied), which an untied head needs
+    written as its own: BERT's cls.predictions.decoder.bias ← cls.predictions.bias; or None. By the class where
+    TIED_HEAD_OF_CLASS lists it (ESM's and LXMERT's decoders have no bias), else by the head's name."""
+    tied = _tied_head_of_class(config)
+    if tied is not None and not (tied.bias and head.endswith(tied.head)):
+        return None
+    owner = head.removesuffix(".decoder.weight")
+    return (f"{owner}.decoder.bias", f"{owner}.bias") if owner != head else None
 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:

@@ -61,7 +61,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import INPUT_EMBEDDINGS, is_head, rows_shape, tied_head_source, ties_word_embeddings, unstored_head_of
+from .check import (INPUT_EMBEDDINGS, is_head, rows_shape, tied_decoder_bias, tied_head_source, ties_word_embeddings,
+                    unstored_head_of)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, BlockScaled
@@ -333,7 +334,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         peak_rss_bytes=peak_rss(),
         residual=stats.record() if stats else None,
         files_left_out=[str(p) for p in left_out],
-        heads_untied=[t.name for f in files if f.untie for t in f.tensors if is_head(t.name)],
+        heads_untied=[t.name for f in files if f.untie for t in f.tensors  # written anew, or a stored copy
+                      if t.name.endswith(".weight") and (t.new_name is not None or is_head(t.name))],
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
 
@@ -667,9 +669,9 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         if head is not None and head not in heads:
             heads[head] = name
     for head in list(heads):  # BERT's, RoBERTa's, ALBERT's decoder's bias is tied to its parent's: untied with it
-        owner = head.removesuffix(".decoder.weight")
-        if owner != head and f"{owner}.decoder.bias" not in base.tensors and f"{owner}.bias" in base.tensors:
-            heads[f"{owner}.decoder.bias"] = f"{owner}.bias"
+        bias = tied_decoder_bias(head, base.config(heads[head]))
+        if bias is not None and bias[0] not in base.tensors and bias[1] in base.tensors:
+            heads[bias[0]] = bias[1]
     return heads
 
 

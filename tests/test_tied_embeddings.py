@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from factories import load_model, tiny_llama
 from test_engine import merged_tensors as tensors
 from loraops import engine, formats
-from loraops.check import MLM_HEADS
+from loraops.check import TIED_HEAD_OF_CLASS
 
 EMBED = "model.embed_tokens.weight"
 TOKENS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -275,43 +275,73 @@ def test_sharded_index_counts_the_untied_head(tmp_path):
     assert index["metadata"]["total_parameters"] == load_model(tmp_path / "out").num_parameters()
 
 
-ENCODER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=128,
-               max_position_embeddings=32)
-ENCODERS = {"distilbert": dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=128, max_position_embeddings=32),
-            **{family: dict(ENCODER, embedding_size=16) for family in ("albert", "electra", "convbert")}}
+# a tiny config for every class of TIED_HEAD_OF_CLASS: these sizes where the family's config has the attribute
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=128,
+            max_position_embeddings=64, embedding_size=16, d_model=32, n_layer=1, n_head=4, n_layers=1, n_heads=4,
+            emb_dim=32, d_inner=64, n_embd=32, num_heads=4, head_dim=8, num_key_value_heads=4, block_sizes=[1],
+            attention_window=[4], dim=32, hidden_dim=64, context_length=64, attention_hidden_size=32)
+TINY_FAMILY = {"esm": dict(pad_token_id=1, mask_token_id=2), "eurobert": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+               "modernbert": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                                  global_attn_every_n_layers=1, local_attention=8),
+               "modernbert-decoder": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, local_attention=8),
+               "funnel": dict(num_hidden_layers=None), "squeezebert": dict(embedding_size=32),
+               "rwkv": dict(num_hidden_layers=2), "xlnet": dict(max_position_embeddings=None)}
+NEEDS_MORE_INPUTS = {"LxmertForPreTraining", "ViltForMaskedLM"}  # visual features: checked by their weights alone
 
 
-@pytest.mark.parametrize("cls_name", [c for classes in MLM_HEADS.values() for c in classes])
-def test_a_masked_lms_head_is_untied(tmp_path, cls_name):
-    """A LoRA on a masked LM's word embeddings alone: the head (named by its class, as transformers ties it) is
-    written as the base's embeddings, and its decoder's bias, tied to the head's own, as that bias (random here)."""
+def tiny(cls):
+    family = cls.config_class.model_type
+    defaults = cls.config_class()
+    sizes = {k: v for k, v in {**TINY, **TINY_FAMILY.get(family, {})}.items()
+             if (hasattr(defaults, k) or k in TINY_FAMILY.get(family, {})) and v is not None}
+    torch.manual_seed(0)
+    return cls._from_config(cls.config_class(**sizes, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("cls_name", sorted(TIED_HEAD_OF_CLASS))
+def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
+    """A LoRA on the word embeddings alone of a model whose head TIED_HEAD_OF_CLASS names (masked LMs, BERT-style
+    causal LMs, GPT-1, XLNet, RWKV, …): the head, named as transformers ties it, is written as the base's embeddings,
+    with its decoder's bias where transformers ties that too; the merged model loads without missing or unexpected
+    keys and computes what PEFT's adapted model computes (which differs from the base's)."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
     cls = getattr(transformers, cls_name)
-    family = cls.config_class.model_type
-    torch.manual_seed(0)
-    model = cls._from_config(transformers.AutoConfig.for_model(family, **ENCODERS.get(family, ENCODER)))
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    assert cls._tied_weights_keys[tied.head] == tied.embeddings
+    assert (tied.head.removesuffix(".weight") + ".bias" in cls._tied_weights_keys) == tied.bias
+    model = tiny(cls)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_()
     model.save_pretrained(tmp_path / "base")
-    head = next(h for h, classes in MLM_HEADS.items() if cls_name in classes)
-    assert head in cls._tied_weights_keys
     torch.manual_seed(1)
+    target = tied.embeddings.removesuffix(".weight").rpartition(".")[2]
     adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False)).eval()
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
     adapted_model.save_pretrained(tmp_path / "a")
     report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
                           progress=False)
-    assert report.heads_untied == [head]
+    assert report.heads_untied == [tied.head]
     merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    base = cls.from_pretrained(tmp_path / "base")
+    weights = merged.state_dict()
+    assert torch.equal(weights[tied.head], base.state_dict()[tied.embeddings])
+    assert not torch.equal(weights[tied.embeddings], base.state_dict()[tied.embeddings])
+    if cls_name in NEEDS_MORE_INPUTS:
+        return
 
     def output(m):
+        m = m.eval()
+        if hasattr(m.base_model, "set_default_language"):  # X-MOD's adapters
+            m.base_model.set_default_language("en_XX")
         with torch.no_grad():
-            found = m.eval()(input_ids=TOKENS[:, :8] % 100 + 3)
+            found = m(input_ids=TOKENS[:, :8] % 100 + 3)
         return found.logits if hasattr(found, "logits") else found.prediction_logits
 
-    torch.testing.assert_close(output(merged), output(adapted_model), atol=1e-5, rtol=1e-5)
+    expected = output(adapted_model)
+    torch.testing.assert_close(output(merged), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(output(base), expected, atol=1e-3)
