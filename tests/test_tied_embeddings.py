@@ -205,6 +205,36 @@ def test_a_saved_embedding_layer_reaches_the_untied_head(tmp_path, tied):
 
 
 @pytest.mark.parametrize("stored_twice", [False, True])
+def test_modules_to_save_with_ensure_weight_tying(tmp_path, tied, stored_twice):
+    """modules_to_save=["embed_tokens"] with PEFT's ensure_weight_tying: PEFT wraps the head too and ties the two
+    copies, saving the trained values under both names (lm_head.weight has no modules_to_save entry of its own).
+    Both are read as replacements, and the merged model computes PEFT's adapted model (and PEFT's merge)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                        modules_to_save=["embed_tokens"], init_lora_weights=False,
+                                                        ensure_weight_tying=True))
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.modules_to_save["default"].weight.add_(0.05)
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["lm_head.weight", EMBED]
+    expected = logits(adapted(tied, tmp_path / "a"))
+    trained = tensors(tied)[EMBED] + 0.05
+    if stored_twice:
+        state = load_file(tied / "model.safetensors")
+        save_file({**state, "lm_head.weight": state[EMBED].clone()}, str(tied / "model.safetensors"),
+                  metadata={"format": "pt"})
+    engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = tensors(tmp_path / "out")
+    torch.testing.assert_close(merged["lm_head.weight"], trained)
+    torch.testing.assert_close(merged[EMBED], trained)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(load_model(tied)), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("stored_twice", [False, True])
 def test_modules_to_save_on_the_embeddings(tmp_path, tied, stored_twice):
     """modules_to_save=["embed_tokens"]: PEFT wraps a copy of the embeddings and its head keeps reading the shared
     base weight, so the merge unties the head (the base's values) as for a LoRA on the embeddings alone."""

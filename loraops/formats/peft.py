@@ -67,6 +67,9 @@ class ScaleConfig:
     """use_dora as the config says (None: it says nothing, a bare file: the magnitude keys decide)."""
     product: str | None = None
     """"loha"/"lokr" for a LoHaConfig/LoKrConfig adapter (peft_type LOHA/LOKR: see formats.lycoris), else None."""
+    ensure_weight_tying: bool = False
+    """PEFT's ensure_weight_tying: a saved module tied to another (a tied model's embeddings and head) is saved under
+    both names, the counterpart without a modules_to_save entry of its own."""
 
     def alpha_for(self, name: str) -> float | None:
         key = common.pattern_key(self.alpha_pattern, name)
@@ -152,6 +155,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         alpha_pattern=alpha_pattern, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
         dora=cfg["use_dora"] if "use_dora" in cfg else None, product=product,
+        ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
     )
 
 
@@ -284,6 +288,8 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
         return None
     if cfg.saves(module) or (param == "bias" and cfg.bias != "none"):
         return key
+    if cfg.ensure_weight_tying and cfg.modules_to_save and param == "weight" and not wrapped:
+        return key  # the tied counterpart of a saved module (the head of saved embeddings), with the same values
     return None
 
 
