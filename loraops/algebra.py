@@ -349,7 +349,9 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     for key in dict(params or {}):  # a parameter of other methods: say which, rather than "unknown parameter"
         takers = [m.name for m in METHODS.values() if key in _parameter_names(m.params)]
         if takers and key not in _parameter_names(spec.params):
-            raise InvalidInputError(f"{method} takes no {key} (it is a parameter of {', '.join(takers)})")
+            exact = key == "lambda" and "normalize" not in spec.params.model_fields  # λ·Σwτ = Σ(λw)τ
+            hint = "; scale the weights instead" if exact else ""
+            raise InvalidInputError(f"{method} takes no {key} (it is a parameter of {', '.join(takers)}){hint}")
     parsed = parse_params(spec.params, params, method)
     if rank is not None and rank <= 0:
         raise InvalidInputError(f"rank must be a positive integer (got {rank})")

@@ -154,10 +154,10 @@ def test_lambda_scales_after_normalize(inputs):
     ("dare_ties", {"density": 0.5, "epsilon": 0.1},
      "dare_ties takes no epsilon (it is a parameter of della, della_linear)"),
     ("linear", {"lambda": 0.5}, "linear takes no lambda (it is a parameter of ties, dare_ties, dare_linear, "
-                                "breadcrumbs, breadcrumbs_ties, della, della_linear)"),
+                                "breadcrumbs, breadcrumbs_ties, della, della_linear); scale the weights instead"),
     ("breadcrumbs", {"density": 0.95, "gamma": 0.1}, "bad parameters for breadcrumbs: gamma (0.1) + density (0.95) "
-                                                     "must be at most 1: the gamma largest entries are dropped, and "
-                                                     "density of them kept"),
+                                                     "must be at most 1: a gamma share of the largest magnitudes is "
+                                                     "dropped, a density share kept below them"),
     ("breadcrumbs", {"density": 1, "gamma": 0.05}, "gamma (0.05) + density (1) must be at most 1"),
     ("breadcrumbs_ties", {"density": 0.5, "gamma": 1}, "gamma: Input should be less than 1"),
     ("della", {"density": 0.1}, "bad parameters for della: density ± epsilon (-0.05 to 0.25) must lie inside (0, 1): "
@@ -223,8 +223,8 @@ def test_cli_della_end_to_end_with_lineage(files, tmp_path):
     (["-m", "ties", "--density", "0.5", "--gamma", "0.1"],
      "error: ties takes no gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)"),
     (["-m", "breadcrumbs", "--density", "0.95", "--gamma", "0.1"],
-     "error: bad parameters for breadcrumbs: gamma (0.1) + density (0.95) must be at most 1: the gamma largest entries "
-     "are dropped, and density of them kept"),
+     "error: bad parameters for breadcrumbs: gamma (0.1) + density (0.95) must be at most 1: a gamma share of the "
+     "largest magnitudes is dropped, a density share kept below them"),
     (["-m", "della", "--density", "0.9"],
      "error: bad parameters for della: density ± epsilon (0.75 to 1.05) must lie inside (0, 1): they are keep "
      "probabilities"),
@@ -232,7 +232,7 @@ def test_cli_della_end_to_end_with_lineage(files, tmp_path):
      "error: bad parameters for della_linear: density ± epsilon (-0.1 to 1.1) must lie inside (0, 1): they are keep "
      "probabilities"),
     (["-m", "cat", "--lambda", "2"], "error: cat takes no lambda (it is a parameter of ties, dare_ties, dare_linear, "
-                                     "breadcrumbs, breadcrumbs_ties, della, della_linear)"),
+                                     "breadcrumbs, breadcrumbs_ties, della, della_linear); scale the weights instead"),
 ])
 def test_cli_bad_parameters(files, args, message):
     """One line and exit 2, before any input is registered (in-process; a subprocess run shows no traceback)."""

@@ -154,8 +154,8 @@ class BreadcrumbsParams(DensityParams):
         # mergekit lowers gamma silently until the density fits; a value the user gave is not changed behind them.
         # At density 1 nothing is dropped (mergekit returns the task vector whole), so only a gamma given is refused.
         if self.gamma + self.density > 1 + 1e-9 and (self.density < 1 or "gamma" in self.model_fields_set):
-            raise ValueError(f"gamma ({self.gamma:g}) + density ({self.density:g}) must be at most 1: the gamma "
-                             "largest entries are dropped, and density of them kept")
+            raise ValueError(f"gamma ({self.gamma:g}) + density ({self.density:g}) must be at most 1: a gamma share "
+                             "of the largest magnitudes is dropped, a density share kept below them")
         return self
 
 
