@@ -1,4 +1,5 @@
-"""Adapter algebra: combine (cat, linear, ties, dare_ties), resize (fixed and kohya's dynamic rules), export.
+"""Adapter algebra: combine (cat, linear, ties, dare_ties, breadcrumbs_ties, della), resize (fixed and kohya's dynamic
+rules), export.
 
     python examples/03_algebra.py [WORKDIR]
 
@@ -57,12 +58,27 @@ def main() -> None:
             "--name", "abc")
     loraops("combine", "style", "subject", "--method", "dare_ties", "--density", "0.3", "--seed", "7",
             "--rank", "16", "--name", "ab-dare")
+    # mergekit's other sparsifiers: breadcrumbs drops each delta's gamma largest entries and its smallest, keeping
+    # density; DELLA keeps each entry with a probability from its magnitude's rank in its row (density ± epsilon) and
+    # divides the survivors by it; lambda scales the mixed result last.
+    loraops("combine", "style", "subject", "big", "--method", "breadcrumbs_ties", "--density", "0.3", "--gamma", "0.02",
+            "--rank", "16", "--name", "abc-crumbs")
+    loraops("combine", "style:0.6", "big:0.8", "--method", "della", "--density", "0.4", "--epsilon", "0.2", "--seed",
+            "3", "--lambda", "1.2", "--rank", "16", "--name", "ab-della")
+    loraops("combine", "style", "big", "--method", "della", "--density", "0.9", ok=False)  # 0.9 + 0.15 ≥ 1
     loraops("resize", "big", "--rank", "4", "-o", work / "small")
     loraops("resize", "big", "--dynamic", "sv_fro", "--param", "0.9", "--max-rank", "64")
     loraops("export", "abc", "--format", "kohya", "-o", work / "abc.safetensors")
     loraops("inspect", work / "abc.safetensors")
     loraops("resize", "big", "--rank", "32", ok=False)  # rank can only go down
     loraops("combine", "style", "subject", "--method", "ties", "--density", "1.5", ok=False)
+
+    from loraops.registry import Registry
+
+    with Registry.open() as registry:
+        lineage = registry.get_adapter("ab-della").lineage
+    print(f"\nlineage of ab-della in the registry: {lineage.op} {lineage.params}, inputs "
+          f"{[(i.label, i.weight) for i in lineage.inputs]}")
 
     for label, path, inputs in [
         ("cat", work / "style-subject", [(style, 0.7), (subject, 0.5)]),

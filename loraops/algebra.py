@@ -279,7 +279,8 @@ def combine_lazily(
             ranks = [m.rank for _, m in present[name]]
             k = rank or (spec.default_rank(ranks) if spec.default_rank else sum(ranks))
             with factorizing(what, name):
-                made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise))
+                made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
+                                                             transposed=template.transposed))
             new_rank = int(made.A.shape[0])
             module = finite_module(what, template.with_factors(
                 made.B.to(device="cpu", dtype=out_dtype), made.A.to(device="cpu", dtype=out_dtype),
@@ -331,6 +332,11 @@ def own_names(modules: dict[str, LoraModule], adapters: Sequence[Adapter]) -> di
     return names
 
 
+def _parameter_names(model) -> set[str]:
+    """The names a params model accepts (a field's alias where it has one: ``lambda``)."""
+    return {field.alias or name for name, field in model.model_fields.items()}
+
+
 def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None, weights: Sequence[float] = ()):
     """(method spec, parsed params) after checking combine's arguments alone — callers that register inputs first
     (loraops.derive) call it before touching anything."""
@@ -340,6 +346,12 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     spec = METHODS.get(method)
     if spec is None:
         raise InvalidInputError(f"unknown combine method {method!r}: use one of {', '.join(METHODS)}")
+    for key in dict(params or {}):  # a parameter of other methods: say which, rather than "unknown parameter"
+        takers = [m.name for m in METHODS.values() if key in _parameter_names(m.params)]
+        if takers and key not in _parameter_names(spec.params):
+            exact = key == "lambda" and "normalize" not in spec.params.model_fields  # λ·Σwτ = Σ(λw)τ
+            hint = "; scale the weights instead" if exact else ""
+            raise InvalidInputError(f"{method} takes no {key} (it is a parameter of {', '.join(takers)}){hint}")
     parsed = parse_params(spec.params, params, method)
     if rank is not None and rank <= 0:
         raise InvalidInputError(f"rank must be a positive integer (got {rank})")

@@ -146,7 +146,7 @@ def test_resize_dynamic_report_and_scale():
     (lambda a, b: combine([(a, 1)], "ties", {"density": 0}), InvalidInputError, "density: Input should be greater than 0"),
     (lambda a, b: combine([(a, 1)], "ties", {"density": 1.5}), InvalidInputError, "less than or equal to 1"),
     (lambda a, b: combine([(a, 1)], "ties"), InvalidInputError, "density: Field required"),
-    (lambda a, b: combine([(a, 1)], "linear", {"density": 0.5}), InvalidInputError, "density: unknown parameter"),
+    (lambda a, b: combine([(a, 1)], "linear", {"density": 0.5}), InvalidInputError, "linear takes no density (it is a parameter of ties, dare_ties, "),
     (lambda a, b: combine([(a, 1)], "linear", rank=0), InvalidInputError, "rank must be a positive integer"),
     (lambda a, b: combine([(a, 1)], "cat", rank=4), InvalidInputError, "cat keeps every input's rank"),
     (lambda a, b: combine([(a, 1), (b, 1)], "cat"), MismatchError, "different bases"),

@@ -67,7 +67,7 @@ def test_combine_json_from_registry_refs(files, reg):
     assert code == 0, out
     data = json.loads(out)
     assert data["adapter"]["name"] == "ab-dare" and data["adapter"]["format"] == "kohya" and data["output"] is None
-    assert data["report"]["params"] == {"density": 0.5, "seed": 7, "normalize": False}
+    assert data["report"]["params"] == {"density": 0.5, "seed": 7, "normalize": False, "lambda": 1.0}
     assert {m["rank"] for m in data["report"]["modules"]} == {3}
     assert data["adapter"]["lineage"]["params"]["rank"] == 3
     code, out = run("combine", "a", "b@1", "--method", "dare_ties", "--density", "0.5", "--normalize", "--json")
@@ -94,7 +94,8 @@ def test_resize_table_and_export_round_trip(files, reg, tmp_path):
 
 @pytest.mark.parametrize("args, code, message", [
     (["combine", "{a}", "--method", "mean"], 2,
-     "error: unknown combine method 'mean': use one of cat, linear, svd, ties, dare_ties, dare_linear, magnitude_prune"),
+     "error: unknown combine method 'mean': use one of cat, linear, svd, ties, dare_ties, dare_linear, breadcrumbs, "
+     "breadcrumbs_ties, della, della_linear, magnitude_prune"),
     (["combine", "{a}", "{b}", "--method", "ties", "--density", "1.5"], 2,
      "error: bad parameters for ties: density: Input should be less than or equal to 1"),
     (["combine", "{a}", "--method", "linear", "--rank", "0"], 2, "error: rank must be a positive integer (got 0)"),

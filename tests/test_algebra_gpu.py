@@ -16,7 +16,8 @@ def inputs():
 
 
 @pytest.mark.parametrize("method, params, rank", [("cat", {}, None), ("linear", {}, 6), ("ties", {"density": 0.3}, 8),
-                                                  ("magnitude_prune", {"density": 0.5}, 8)])
+                                                  ("magnitude_prune", {"density": 0.5}, 8),
+                                                  ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}, 8)])
 @pytest.mark.parametrize("precise", [False, True])
 def test_combine_on_cuda_matches_cpu(inputs, method, params, rank, precise):
     cpu, cpu_report = combine(inputs, method, params, rank=rank, device="cpu", precise=precise)
@@ -27,10 +28,27 @@ def test_combine_on_cuda_matches_cpu(inputs, method, params, rank, precise):
         torch.testing.assert_close(module.delta(), cpu.modules[name].delta(), rtol=2e-2, atol=2e-3)
 
 
-def test_dare_on_cuda_is_seeded(inputs):
-    first, _ = combine(inputs, "dare_ties", {"density": 0.5, "seed": 3}, device="cuda")
-    again, _ = combine(inputs, "dare_ties", {"density": 0.5, "seed": 3}, device="cuda")
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_masks_on_cuda_are_seeded(inputs, method):
+    first, _ = combine(inputs, method, {"density": 0.5, "seed": 3, "normalize": False}, device="cuda")
+    again, _ = combine(inputs, method, {"density": 0.5, "seed": 3, "normalize": False}, device="cuda")
     assert all(torch.equal(first.modules[n].B, again.modules[n].B) for n in first.modules)
+
+
+def test_della_on_cuda_matches_the_reference_with_cuda_draws(inputs):
+    """The same DELLA as on the CPU, from the CUDA generator's draws (one block per module here)."""
+    import combine_reference as ref
+    from loraops.ops.combine import module_seed
+
+    params = {"density": 0.5, "epsilon": 0.2, "seed": 3}
+    result, _ = combine(inputs, "della_linear", params, rank=64, device="cuda")
+    for name, module in result.modules.items():
+        want = 0
+        for i, (weight, tau) in enumerate(ref.taus(inputs, name)):
+            generator = torch.Generator("cuda").manual_seed(module_seed(3, name, i))
+            draws = torch.rand(tau.shape, generator=generator, device="cuda").cpu()
+            want = want + weight * ref.della(tau, 0.5, 0.2, draws)
+        torch.testing.assert_close(module.delta(dtype=torch.float64), want, rtol=2e-2, atol=2e-3)
 
 
 def test_resize_on_cuda_matches_cpu(inputs):

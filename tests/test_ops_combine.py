@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from combine_reference import NORMALIZED, reference
 from factories import lora_adapter
 from loraops.algebra import combine
-from loraops.ops.combine import METHODS, module_seed
+from loraops.ops.combine import METHODS
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
 
@@ -20,53 +21,17 @@ def inputs():
     return [(one, 0.7), (two, -0.4), (three, 1.2)]
 
 
-def _taus(inputs, name):
-    out = []
-    for adapter, weight in inputs:
-        module = adapter.modules.get(name)
-        ref = next(a.modules[name] for a, _ in inputs if name in a.modules)
-        out.append((weight, module.delta(dtype=torch.float64) if module else torch.zeros(ref.weight_shape, dtype=torch.float64)))
-    return out
-
-
-def _trim(tau, density):
-    k = max(1, int(density * tau.numel()))
-    threshold = tau.abs().flatten().sort(descending=True).values[k - 1]
-    return tau * (tau.abs() >= threshold)
-
-
-def _dare(tau, density, seed, name, index):
-    g = torch.Generator().manual_seed(module_seed(seed, name, index))
-    return tau * (torch.rand(tau.shape, generator=g) < density) / density
-
-
-def _elect(weighted, weights, normalize):
-    total = sum(weighted)
-    sign = torch.where(total >= 0, 1.0, -1.0).double()
-    masks = [torch.sign(t) == sign for t in weighted]
-    num = sum(t * m for t, m in zip(weighted, masks))
-    if not normalize:
-        return num
-    den = sum(w * m for w, m in zip(weights, masks))
-    return num / torch.where(den == 0, torch.ones_like(den), den)
-
-
-def reference(method, inputs, name, density=None, seed=0):
-    taus = _taus(inputs, name)
-    weights = [w for w, _ in taus]
-    if method in ("cat", "linear", "svd"):
-        return sum(w * t for w, t in taus)
-    if method in ("ties", "magnitude_prune"):
-        weighted = [w * _trim(t, density) for w, t in taus]
-    else:
-        weighted = [w * _dare(t, density, seed, name, i) for i, (w, t) in enumerate(taus)]
-    if method in ("ties", "dare_ties"):
-        return _elect(weighted, weights, normalize=method == "ties")
-    return sum(weighted)
-
-
 CASES = [("cat", {}), ("linear", {}), ("svd", {}), ("ties", {"density": 0.3}), ("magnitude_prune", {"density": 0.5}),
-         ("dare_linear", {"density": 0.4, "seed": 7}), ("dare_ties", {"density": 0.6, "seed": 3})]
+         ("dare_linear", {"density": 0.4, "seed": 7}), ("dare_ties", {"density": 0.6, "seed": 3, "lambda": 0.7}),
+         ("breadcrumbs", {"density": 0.5, "gamma": 0.1}), ("breadcrumbs_ties", {"density": 0.3, "lambda": 1.5}),
+         ("della", {"density": 0.5, "seed": 5}), ("della_linear", {"density": 0.4, "epsilon": 0.3, "seed": 2})]
+
+
+def expected(method, inputs, name, params):
+    """The float64 reference with the case's params (and the methods' defaults)."""
+    keys = {"density": "density", "seed": "seed", "gamma": "gamma", "epsilon": "epsilon", "normalize": "normalize",
+            "lambda": "lam"}
+    return reference(method, inputs, name, **{keys[k]: v for k, v in params.items()})
 
 
 def test_every_method_is_tested():
@@ -75,16 +40,16 @@ def test_every_method_is_tested():
 
 @pytest.mark.parametrize("method, params", CASES)
 def test_method_matches_float64_reference(inputs, method, params):
-    if method == "ties":  # normalized: negative weights are refused (next test)
+    if method in NORMALIZED:  # normalized: negative weights are refused (next test)
         inputs = [(adapter, abs(weight)) for adapter, weight in inputs]
     # lossless rank: the full rank of each output (element-wise results are full-rank matrices)
     rank = None if method in ("cat", "linear", "svd") else 40
     result, report = combine(inputs, method, params, rank=rank, device="cpu")
     assert set(result.modules) == {"a.q", "a.v", "b.o"}
     for name, module in result.modules.items():
-        expected = reference(method, inputs, name, params.get("density"), params.get("seed", 0))
+        want = expected(method, inputs, name, params)
         got = module.delta(dtype=torch.float64)
-        assert float((got - expected).norm() / expected.norm()) < 2e-6, name
+        assert float((got - want).norm() / want.norm()) < 2e-6, name
         assert module.scale == 1.0 and module.alpha == module.rank
     assert report.error_max < 1e-5
     assert {m.name: m.inputs for m in report.modules} == {"a.q": 3, "a.v": 3, "b.o": 1}
@@ -162,8 +127,8 @@ def test_element_wise_methods_built_in_row_blocks_match_the_reference(inputs, me
     inputs = [(adapter, abs(weight)) for adapter, weight in inputs]
     result, _ = combine(inputs, method, params, rank=40, device="cpu")
     for name, module in result.modules.items():
-        expected = reference(method, inputs, name, params.get("density"), params.get("seed", 0))
-        assert float((module.delta(dtype=torch.float64) - expected).norm() / expected.norm()) < 2e-6, name
+        want = expected(method, inputs, name, params)
+        assert float((module.delta(dtype=torch.float64) - want).norm() / want.norm()) < 2e-6, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -171,7 +136,7 @@ def test_trim_keeps_exactly_k_entries_with_ties_first_in_row_major_order(dtype, 
     """The k-th largest magnitude by radix select over the bit patterns (never a sort of the whole delta); of
     entries tied with it, the first ones in row-major order, so exactly k are kept, whatever the blocks."""
     from loraops.ops import svd
-    from loraops.ops.combine import Context, Term, kth_largest_magnitude, trim
+    from loraops.ops.combine import Context, Term, kth_largest_magnitudes, trim
 
     monkeypatch.setattr(svd, "BLOCK_ELEMENTS", 6)
     values = torch.tensor([[3.0, -1.0, 2.0, 0.0], [-2.0, 2.0, 5.0, -2.0], [1.0, 0.0, -5.0, 2.0]], dtype=dtype)
@@ -181,7 +146,7 @@ def test_trim_keeps_exactly_k_entries_with_ties_first_in_row_major_order(dtype, 
     bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
     for k, (magnitude, ties_kept) in {1: (5.0, 1), 2: (5.0, 2), 3: (3.0, 1), 5: (2.0, 2), 8: (2.0, 5), 9: (1.0, 1),
                                       12: (0.0, 2)}.items():
-        bits, kept = kth_largest_magnitude(term, k, blocks)
+        [(bits, kept)] = kth_largest_magnitudes(term, [k], blocks)
         assert (torch.tensor([bits], dtype=bits_dtype).view(dtype).item(), kept) == (magnitude, ties_kept), k
     sparsify = trim(term, 0.42, blocks, Context("m", (3, 4)), 0, None)  # k = 5
     kept = torch.cat([sparsify(term.delta(rows)) for rows in blocks])

@@ -7,7 +7,8 @@ import click
 from ..references import parse_weighted
 from .render import echo_json, echo_table
 
-METHOD_HELP = "cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, magnitude_prune"
+METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, "
+               "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune")
 
 
 base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
@@ -50,20 +51,31 @@ def percent(value: float | None) -> str:
 @click.argument("inputs", nargs=-1, required=True, metavar="REF[:WEIGHT]...")
 @click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
 @click.option("--rank", type=int, help="Output rank (linear/svd: default Σ ranks, lossless; element-wise: largest input rank).")
-@click.option("--density", type=float, help="ties, dare_*, magnitude_prune: fraction of each delta kept, in (0, 1].")
-@click.option("--seed", type=int, help="dare_*: seed of the drop masks (default 0).")
+@click.option("--density", type=float, help="Element-wise methods: fraction of each delta kept, in (0, 1].")
+@click.option("--gamma", type=float,
+              help="breadcrumbs*: fraction of each delta's largest-magnitude entries dropped (default 0.01; "
+                   "gamma + density ≤ 1).")
+@click.option("--epsilon", type=float,
+              help="della*: keep probabilities run from density − epsilon (smallest in a row) to density + epsilon "
+                   "(largest), inside (0, 1) (default 0.15).")
+@click.option("--seed", type=int, help="dare_*, della*: seed of the random masks (default 0).")
 @click.option("--normalize/--no-normalize", default=None,
-              help="ties, dare_*, magnitude_prune: divide by the weights of the inputs that contribute to each entry "
-                   "(default: on for ties, off for the others, as mergekit; PEFT's *_svd methods always divide).")
+              help="Element-wise methods: divide by the weights of the inputs that contribute to each entry "
+                   "(default: on for ties and della, off for the others, as mergekit; PEFT's *_svd methods always "
+                   "divide).")
+@click.option("--lambda", "lambda_", type=float,
+              help="mergekit's methods (ties, dare_*, breadcrumbs*, della*): scale of the mixed result, applied after "
+                   "--normalize (default 1).")
 @compute_options
 @output_options
-def combine(inputs, method, rank, density, seed, normalize, device, precise, base, output, fmt, force, name,
-            as_json) -> None:
+def combine(inputs, method, rank, density, gamma, epsilon, seed, normalize, lambda_, device, precise, base, output, fmt,
+            force, name, as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage."""
     from .. import derive
 
-    given = (("density", density), ("seed", seed), ("normalize", normalize))
+    given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("normalize", normalize),
+             ("lambda", lambda_))
     params = {key: value for key, value in given if value is not None}
     result = derive.combine([parse_weighted(text) for text in inputs], method, params, rank=rank, device=device,
                             precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)

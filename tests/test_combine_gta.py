@@ -1,0 +1,247 @@
+"""mergekit's breadcrumbs, breadcrumbs_ties, della, della_linear and lambda: their edge cases (equal magnitudes at both
+breadcrumbs thresholds, DELLA's probabilities, transposed and conv modules, unbiasedness), parameter checks, and the
+CLI end to end. (Each method against the float64 reference, by row blocks too: test_ops_combine.)"""
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import combine_reference as ref
+from factories import lora_adapter
+from loraops.algebra import combine
+from loraops.errors import InvalidInputError
+from loraops.ops import svd
+from loraops.ops.combine import (BreadcrumbsParams, Context, DellaLinearParams, Term, drop_outliers, sample_by_rank,
+                                 task_arithmetic)
+
+VALUES = [[3.0, -1.0, 2.0, 0.0], [-2.0, 2.0, 5.0, -2.0], [1.0, 0.0, -5.0, 2.0]]
+
+
+def term_of(values: torch.Tensor, weight: float = 1.0) -> Term:
+    """A term whose delta is ``values`` (B = values, A = I)."""
+    return Term(B=values, A=torch.eye(values.shape[1], dtype=values.dtype), scale=1.0, weight=weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_elements", [4, 1 << 22])
+def test_breadcrumbs_breaks_ties_in_row_major_order_at_both_thresholds(dtype, block_elements, monkeypatch):
+    """n = 12, density 0.42 keeps 5, gamma 0.1 drops 1. By decreasing magnitude: 5 (row 1), −5 (row 2), 3, then five
+    entries of magnitude 2. The upper threshold falls inside the two 5s (the first in row-major order is dropped),
+    the lower one inside the 2s (the first three are kept) — whatever the row blocks."""
+    monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
+    values = torch.tensor(VALUES, dtype=dtype)
+    term, blocks = term_of(values), svd.row_blocks(values.shape)
+    params = BreadcrumbsParams(density=0.42, gamma=0.1)
+    sparsify = drop_outliers(term, params.density, blocks, Context("m", (3, 4)), 0, params)
+    got = torch.cat([sparsify(term.delta(rows)) for rows in blocks])
+    assert got.tolist() == [[3.0, 0.0, 2.0, 0.0], [-2.0, 2.0, 0.0, 0.0], [0.0, 0.0, -5.0, 0.0]]
+    assert torch.equal(got.double(), ref.breadcrumbs(values.double(), 0.42, 0.1))
+
+
+@pytest.fixture
+def inputs():
+    shapes = {"a.q": (24, 40), "a.v": (16, 40)}
+    return [(lora_adapter(shapes, rank=3, alpha=6, seed=1), 0.7), (lora_adapter(shapes, rank=5, alpha=4, seed=2), 0.4)]
+
+
+def _same(a, b):
+    for name, module in a.modules.items():
+        torch.testing.assert_close(module.delta(dtype=torch.float64), b.modules[name].delta(dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_breadcrumbs_without_outliers_is_the_magnitude_trim(inputs):
+    """gamma·n < 1 drops no outlier: breadcrumbs is then the top-density trim. (mergekit keeps indices[n_bot:-n_top],
+    which for n_top = 0 is indices[n_bot:0]: nothing at all.)"""
+    small, _ = combine(inputs, "breadcrumbs", {"density": 0.3, "gamma": 1 / 1000}, rank=40, device="cpu")
+    prune, _ = combine(inputs, "magnitude_prune", {"density": 0.3}, rank=40, device="cpu")
+    _same(small, prune)
+    assert small.modules["a.q"].delta().abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear"])
+def test_density_one_keeps_everything_with_default_gamma_and_epsilon(inputs, method):
+    """As mergekit: density 1 returns each task vector whole, whatever the default gamma/epsilon (sign election
+    still drops the entries that disagree)."""
+    got, _ = combine(inputs, method, {"density": 1, "normalize": False}, rank=40, device="cpu")
+    for name, module in got.modules.items():
+        weighted = [w * t for w, t in ref.taus(inputs, name)]
+        want = ref.elect(weighted, [w for w, _ in inputs], False) if method in ref.CONSENSUS else sum(weighted)
+        torch.testing.assert_close(module.delta(dtype=torch.float64), want, rtol=1e-5, atol=1e-7)
+
+
+def test_della_probabilities_by_rank_with_equal_magnitudes_in_column_order(monkeypatch):
+    """Uniform draws injected at 0.5 keep exactly the entries with p > 0.5. Row [1, −1, 1, 2]: ranks 0, 1, 2, 3
+    (equal magnitudes in column order), p = 0.2, 0.4, 0.6, 0.8 at density 0.5, epsilon 0.3; survivors ÷ p."""
+    from loraops.ops import combine as ops
+
+    monkeypatch.setattr(ops, "uniforms", lambda *_: lambda shape: torch.full(shape, 0.5))
+    values = torch.tensor([[1.0, -1.0, 1.0, 2.0], [4.0, 3.0, 2.0, 1.0]], dtype=torch.float64)
+    params = DellaLinearParams(density=0.5, epsilon=0.3)
+    sparsify = sample_by_rank(term_of(values), 0.5, [slice(None)], Context("m", (2, 4)), 0, params)
+    torch.testing.assert_close(sparsify(values), torch.tensor([[0, 0, 1 / 0.6, 2 / 0.8], [4 / 0.8, 3 / 0.6, 0, 0]],
+                                                              dtype=torch.float64))
+    torch.testing.assert_close(ref.della_probabilities(values, 0.5, 0.3),
+                               torch.tensor([[0.2, 0.4, 0.6, 0.8], [0.8, 0.6, 0.4, 0.2]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("block_elements", [16, 1 << 22])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_ranks_the_rows_of_the_base_weight_as_stored(method, block_elements, monkeypatch):
+    """mergekit ranks each row of the checkpoint's tensor: an embedding's and a Conv1D's weight hold (B·A)ᵀ, so their
+    rows are B·A's columns; a conv's rows are its output channels (over in·kh·kw); a row of one entry keeps it with
+    probability density (mergekit divides 0 by 0 there)."""
+    monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
+
+    def adapter(seed):
+        linear = lora_adapter({"emb": (16, 40), "c1d": (12, 24), "one": (8, 1)}, rank=3, seed=seed)
+        modules = {"emb": replace(linear.modules["emb"], kind="embedding"),
+                   "c1d": replace(linear.modules["c1d"], fan_in_fan_out=True), "one": linear.modules["one"]}
+        conv = lora_adapter({"conv": (6, 4, 3, 3)}, rank=2, seed=seed, kind="conv").modules
+        return replace(linear, modules={**modules, **conv})
+
+    inputs = [(adapter(1), 0.6), (adapter(2), 0.9)]
+    params = {"density": 0.5, "epsilon": 0.2, "seed": 4}
+    result, _ = combine(inputs, method, params, rank=64, device="cpu")
+    assert result.modules["emb"].weight_shape == (40, 16) and result.modules["c1d"].weight_shape == (24, 12)
+    for name, module in result.modules.items():
+        want = ref.reference(method, inputs, name, density=0.5, epsilon=0.2, seed=4)
+        got = module.delta(dtype=torch.float64)
+        assert got.shape == want.shape and float((got - want).norm() / want.norm()) < 2e-6, name
+
+
+def test_della_keeps_every_entry_expectation():
+    """E[τ̃] = τ entry by entry: survivors are divided by their own keep probability. On 256×512 entries, for the
+    projection S = Σ τ̃·τ (E = Σ τ², Var = Σ τ⁴(1−p)/p) and the number kept (E = Σ p = n·density, Var = Σ p(1−p)),
+    the tolerance is 6 standard deviations, computed from the data: no seed makes it flake. Rescaling every
+    survivor by 1/density (DARE's) would be off by many deviations — the test tells the two apart."""
+    g = torch.Generator().manual_seed(0)
+    term = Term(B=torch.randn(256, 8, generator=g, dtype=torch.float64),
+                A=torch.randn(8, 512, generator=g, dtype=torch.float64), scale=0.1, weight=1.0)
+    tau = term.delta()
+    density, epsilon = 0.4, 0.25
+    p = ref.della_probabilities(tau, density, epsilon)
+    for seed in range(3):
+        params = DellaLinearParams(density=density, epsilon=epsilon, seed=seed)
+        got = task_arithmetic([term], params, Context("m", tuple(tau.shape)), sample_by_rank, consensus=False)
+        sigma = math.sqrt(float((tau ** 4 * (1 - p) / p).sum()))
+        total = float((tau ** 2).sum())
+        assert abs(float((got * tau).sum()) - total) < 6 * sigma, seed
+        kept = got != 0
+        assert abs(int(kept.sum()) - tau.numel() * density) < 6 * math.sqrt(float((p * (1 - p)).sum())), seed
+        # the same survivors rescaled by 1/density instead are biased: large entries are kept more often
+        assert abs(float((tau * kept * tau).sum()) / density - total) > 10 * sigma
+
+
+def test_lambda_scales_after_normalize(inputs):
+    """lambda multiplies the mixed result after the division by the agreeing weights: ties at lambda 0.5 is half of
+    ties, where halving every weight changes nothing (the disjoint mean divides it out)."""
+    plain, _ = combine(inputs, "ties", {"density": 0.3}, rank=40, device="cpu")
+    half, report = combine(inputs, "ties", {"density": 0.3, "lambda": 0.5}, rank=40, device="cpu")
+    lighter, _ = combine([(a, w / 2) for a, w in inputs], "ties", {"density": 0.3}, rank=40, device="cpu")
+    assert report.params == {"density": 0.3, "normalize": True, "lambda": 0.5}
+    for name, module in half.modules.items():
+        torch.testing.assert_close(module.delta(), plain.modules[name].delta() / 2, rtol=1e-5, atol=1e-7)
+    _same(lighter, plain)
+
+
+@pytest.mark.parametrize("method, params, message", [
+    ("ties", {"density": 0.5, "gamma": 0.1}, "ties takes no gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)"),
+    ("dare_ties", {"density": 0.5, "epsilon": 0.1},
+     "dare_ties takes no epsilon (it is a parameter of della, della_linear)"),
+    ("linear", {"lambda": 0.5}, "linear takes no lambda (it is a parameter of ties, dare_ties, dare_linear, "
+                                "breadcrumbs, breadcrumbs_ties, della, della_linear); scale the weights instead"),
+    ("breadcrumbs", {"density": 0.95, "gamma": 0.1}, "bad parameters for breadcrumbs: gamma (0.1) + density (0.95) "
+                                                     "must be at most 1: a gamma share of the largest magnitudes is "
+                                                     "dropped, a density share kept below them"),
+    ("breadcrumbs", {"density": 1, "gamma": 0.05}, "gamma (0.05) + density (1) must be at most 1"),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 1}, "gamma: Input should be less than 1"),
+    ("della", {"density": 0.1}, "bad parameters for della: density ± epsilon (-0.05 to 0.25) must lie inside (0, 1): "
+                                "they are keep probabilities"),
+    ("della_linear", {"density": 0.5, "epsilon": 0.5}, "density ± epsilon (0 to 1) must lie inside (0, 1)"),
+    ("della_linear", {"density": 0.5, "epsilon": -0.1}, "epsilon: Input should be greater than or equal to 0"),
+    ("della", {"density": 0.5, "lambda": float("inf")}, "lambda: Input should be a finite number"),
+    ("della", {"density": 0.5}, "della with normalize divides by the weights that agree on each entry"),
+])
+def test_bad_parameters_are_one_line(inputs, method, params, message):
+    inputs = [(inputs[0][0], 1.0), (inputs[1][0], -1.0)]  # negative: refused only where normalize is on
+    with pytest.raises(InvalidInputError, match=None) as info:
+        combine(inputs, method, params, device="cpu")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from factories import peft_adapter, tiny_llama
+
+    root = tmp_path_factory.mktemp("gta-cli")
+    base = tiny_llama(root / "base")
+    return {"base": base,
+            "a": peft_adapter(base, root / "a", seed=1, r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+            "b": peft_adapter(base, root / "b", seed=2, r=6, alpha=3, target_modules=["q_proj", "o_proj"])}
+
+
+def loraops(*args):
+    return subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_della_end_to_end_with_lineage(files, tmp_path):
+    from loraops.formats import read_adapter
+    from loraops.registry import Registry
+
+    bad = loraops("combine", files["a"], files["b"], "-m", "della", "--density", "0.5", "--gamma", "0.1")
+    assert (bad.returncode, bad.stderr, bad.stdout) == (
+        2, "error: della takes no gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)\n", "")
+    with Registry.open() as reg:
+        reg.add_base(files["base"], name="tiny")
+    run = loraops("combine", f"{files['a']}:0.6", f"{files['b']}:0.8", "-m", "della", "--density", "0.4", "--epsilon",
+                  "0.2", "--seed", "3", "--lambda", "1.5", "--rank", "8", "--name", "ab-della", "-o", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "della(density=0.4, epsilon=0.2, seed=3, normalize=True, lambda=1.5) of a@1×0.6, b@1×0.8"
+    assert lines[-1].startswith("registered ab-della@1") and lines[-1].endswith(f"wrote {tmp_path / 'out'}")
+    with Registry.open() as reg:
+        record = reg.get_adapter("ab-della")
+    assert record.lineage.op == "combine" and record.lineage.params == {
+        "method": "della", "rank": 8,
+        "params": {"density": 0.4, "epsilon": 0.2, "seed": 3, "normalize": True, "lambda": 1.5}}
+    assert [(i.label, i.weight) for i in record.lineage.inputs] == [("a@1", 0.6), ("b@1", 0.8)]
+    assert set(read_adapter(tmp_path / "out").modules) == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1)
+                                                           for p in "qvo"}
+
+    run = loraops("combine", "a", "b", "-m", "breadcrumbs_ties", "--density", "0.5", "--gamma", "0.05", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["adapter"]["lineage"]["params"]["params"] == {
+        "density": 0.5, "gamma": 0.05, "normalize": False, "lambda": 1.0}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "ties", "--density", "0.5", "--gamma", "0.1"],
+     "error: ties takes no gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)"),
+    (["-m", "breadcrumbs", "--density", "0.95", "--gamma", "0.1"],
+     "error: bad parameters for breadcrumbs: gamma (0.1) + density (0.95) must be at most 1: a gamma share of the "
+     "largest magnitudes is dropped, a density share kept below them"),
+    (["-m", "della", "--density", "0.9"],
+     "error: bad parameters for della: density ± epsilon (0.75 to 1.05) must lie inside (0, 1): they are keep "
+     "probabilities"),
+    (["-m", "della_linear", "--density", "0.5", "--epsilon", "0.6"],
+     "error: bad parameters for della_linear: density ± epsilon (-0.1 to 1.1) must lie inside (0, 1): they are keep "
+     "probabilities"),
+    (["-m", "cat", "--lambda", "2"], "error: cat takes no lambda (it is a parameter of ties, dare_ties, dare_linear, "
+                                     "breadcrumbs, breadcrumbs_ties, della, della_linear); scale the weights instead"),
+])
+def test_cli_bad_parameters(files, args, message):
+    """One line and exit 2, before any input is registered (in-process; a subprocess run shows no traceback)."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+    from loraops.registry import Registry
+
+    result = CliRunner().invoke(main, ["combine", str(files["a"]), str(files["b"]), *args])
+    assert (result.exit_code, result.output.strip()) == (2, message)
+    with Registry.open() as reg:
+        assert reg.list_adapters() == []
