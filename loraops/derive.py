@@ -190,21 +190,19 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
 
 
 @contextlib.contextmanager
-def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "BaseRecord"]]:
-    """``record_model`` for one command: a model is found in the registry by fingerprint, or recorded (manifest only,
-    its files staying where they are); the ones recorded are removed again if the command fails."""
-    from .merging import free_name
+def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRecord, str | None]"]]:
+    """``record_model`` for one command: (the record of a model, found in the registry by fingerprint or recorded
+    now, manifest only, its files staying where they are; the name of the registered base whose files it is when
+    they changed since: merging.record_read); the ones recorded are removed again if the command fails."""
+    from .merging import record_read
 
     recorded: list[int] = []
 
-    def record_model(model: "BaseModel") -> "BaseRecord":
-        found = reg.find_base(model.fingerprint())
-        if found is not None:
-            return found
-        record, created = reg.register_base(model.path, name=free_name(reg, model.path))
+    def record_model(model: "BaseModel") -> "tuple[BaseRecord, str | None]":
+        record, created, changed = record_read(reg, model)
         if created:
             recorded.append(record.id)
-        return record
+        return record, changed
 
     try:
         yield record_model
@@ -241,7 +239,7 @@ def extract(
         derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                  alpha=alpha, modules=modules, save_modules=save_modules, device=device,
                                  precise=precise, dtype=dtype, labels=(base_label, tuned_label))
-        base_record, tuned_record = record_model(base_model), record_model(tuned_model)
+        (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="extract", params={
             **rule, "alpha": alpha, "modules": list(modules) if modules else None,
@@ -255,5 +253,7 @@ def extract(
                       default=rank)
         default = (f"{tuned_record.name}-r{min(rank, largest)}" if rank is not None
                    else f"{tuned_record.name}-{dynamic}{param:g}")
-        return save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,
-                    base=base_record.id, lineage=lineage)
+        result = save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,
+                      base=base_record.id, lineage=lineage)
+    changed = [n for n in (base_changed, tuned_changed) if n is not None]
+    return result.model_copy(update={"report": result.report.model_copy(update={"base_changed": changed})})

@@ -121,6 +121,9 @@ class ExtractReport(Record):
     warnings: list[str] = []
     """What PEFT may not load as loraops does: the model family (and so the names PEFT sees) cannot be told, or
     per-expert modules of experts transformers holds fused."""
+    base_changed: list[str] = []
+    """The registered bases named (or found at the paths given) for the base or the tuned model whose files changed
+    since they were registered: what was read is recorded as a base of its own (by fingerprint), as merge does."""
 
 
 class CombineInputRecord(Record):

@@ -508,3 +508,27 @@ def test_a_quantized_weight_is_refused_not_extracted_from_its_integer_codes(tmp_
     assert (code, out) == (2, f"error: {tmp_path / 'base.safetensors'}: q.weight is stored as I8 with q.SCB F32[32]; "
                               "extract reads float weights: dequantize the model first\n")
     assert_nothing_left(tmp_path)
+
+
+def test_a_registered_model_whose_files_changed_is_said_to_have_changed(synthetic, tmp_path):
+    """As merge says it (one note per model, the same words): the files are read as they are now and recorded by
+    their own fingerprint, so the lineage names what was read, not the registered base named."""
+    base, tuned, _ = synthetic
+    base, tuned = shutil.copytree(base, tmp_path / "b"), shutil.copytree(tuned, tmp_path / "t")
+    assert run("base", "add", base, "--name", "llama")[0] == 0 and run("base", "add", tuned, "--name", "ft")[0] == 0
+    code, out = run("extract", "--base", "llama", "--tuned", "ft", "--rank", "2", "--name", "before")
+    assert code == 0 and "note:" not in out, out
+    for folder in (base, tuned):  # the same change to both: the deltas stay, the fingerprints do not
+        weights = state(folder)
+        weights["model.norm.weight"] = weights["model.norm.weight"] + 1
+        save_file(weights, str(next(folder.glob("*.safetensors"))), metadata={"format": "pt"})
+    code, out = run("extract", "--base", "llama", "--tuned", "ft", "--rank", "3", "--name", "after")  # (other bytes)
+    assert code == 0, out
+    for name in ("llama", "ft"):
+        assert (f"note: the files of registered base {name} changed since it was registered; what was read is "
+                "recorded as a base of its own (by its fingerprint), and the lineage names it\n") in out, out
+    with Registry.open() as reg:
+        assert [i.label for i in reg.get_adapter("before").lineage.inputs] == ["llama", "ft"]
+        assert [i.label for i in reg.get_adapter("after").lineage.inputs] == ["b", "t"]
+    code, out = run("extract", "--base", "llama", "--tuned", "ft", "--rank", "4", "--json", "--name", "again")
+    assert json.loads(out)["report"]["base_changed"] == []  # now recorded as they are (by path, the newest record)

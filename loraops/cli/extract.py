@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .algebra import compute_options, echo_saved
-from .render import echo_json, echo_table, human_bytes
+from .render import echo_base_changed, echo_json, echo_table, human_bytes
 
 
 def _names(text: str | None, option: str) -> list[str] | None:
@@ -77,4 +77,5 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
         click.echo(f"PEFT names as transformers loads the base: {shown}{more}")
     for warning in report.warnings if fmt != "kohya" else ():
         click.echo(f"warning: {warning}", err=True)
+    echo_base_changed(*report.base_changed)
     echo_saved(result)
