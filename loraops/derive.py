@@ -217,7 +217,8 @@ def extract(
     base: str, tuned: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, alpha: float | None = None, modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None, device: str = "auto", precise: bool = False, dtype: str | None = None,
-    name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
+    keep_rounding: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
+    force: bool = False,
 ) -> DerivedRecord:
     """Extract the LoRA adapter of ``tuned`` − ``base`` (registered bases or paths) and register it against the base,
     with lineage op "extract" (inputs: the base, role "base", and the tuned model, role "tuned", each recorded by
@@ -238,12 +239,14 @@ def extract(
                 refuse_overlap(output, model.path, "a model it reads")
         derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                  alpha=alpha, modules=modules, save_modules=save_modules, device=device,
-                                 precise=precise, dtype=dtype, labels=(base_label, tuned_label))
+                                 precise=precise, dtype=dtype, keep_rounding=keep_rounding,
+                                 labels=(base_label, tuned_label))
         (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="extract", params={
             **rule, "alpha": alpha, "modules": list(modules) if modules else None,
             "save_modules": list(save_modules) if save_modules else None, "precise": precise,
+            **({"keep_rounding": True} if keep_rounding else {}),
             "dtype": str(derived.adapter.dtype).removeprefix("torch."),
         }, inputs=[LineageInput(kind="base", id=base_record.id, role="base"),
                    LineageInput(kind="base", id=tuned_record.id, role="tuned")])

@@ -11,7 +11,9 @@ Layouts (LoraModule's): a Linear's D (out×in) is B·A; a GPT-2 Conv1D's (in×ou
 (A k×in×kh×kw, B out×k×1×1).
 
 Which tensors: which differ comes from the per-tensor sha256 digests of the fingerprint (cached per file: the
-registry needs them anyway), and, when the two models store a tensor in different dtypes, from its values.
+registry needs them anyway), and, when the two models store a tensor in different dtypes, from its values; there,
+a tensor whose every difference is within the rounding between the two dtypes is the same model saved in another
+dtype and is left out (reported; refused when it is all that differs), unless ``keep_rounding``.
 Targets are every 2-D / conv ``.weight`` that differs, embeddings only when asked for (``modules``: an embedding
 LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Tensors that
 differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped. A
@@ -47,6 +49,9 @@ EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "positi
 """Weights of nn.Embedding layers, by name (a safetensors file does not say which 2-D weight is a lookup table):
 the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP and OPT."""
 SHOWN = 3
+PRECISION = {"F64": (52, -1022), "F32": (23, -126), "F16": (10, -14), "BF16": (7, -126)}
+"""(mantissa bits, smallest normal exponent) of each float dtype: its spacing (ulp) at x is
+2^(max(⌊log2 |x|⌋, emin) − bits), subnormals included."""
 
 
 @dataclass
@@ -60,6 +65,9 @@ class Plan:
     skipped: list[tuple[str, str]]
     """(tensor, why) of the tensors that differ but are not extracted."""
     identical: int
+    rounding: list[ExtractSkippedRecord]
+    """Tensors the two models store in other dtypes that differ only by the rounding between those (left out unless
+    keep_rounding)."""
 
 
 def _open(model: "str | Path | BaseModel") -> BaseModel:
@@ -128,31 +136,63 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
                                       "weights: dequantize the model first")
 
 
-def _differs(base: BaseModel, tuned: BaseModel) -> dict[str, bool]:
-    """Whether each tensor differs: by its bytes' digest (the fingerprint's, cached per file), or by value when the
-    models store it in different dtypes (a bf16 tuned model of an fp32 base: the same values are other bytes)."""
+def _ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
+    """The spacing of ``dtype``'s values at |x| (elementwise; x ≥ 0)."""
+    import torch
+
+    bits, emin = PRECISION[dtype]
+    return torch.ldexp(torch.ones_like(x), (torch.frexp(x).exponent - 1).clamp(min=emin) - bits)
+
+
+def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[str, float]]:
+    """(whether each tensor differs, {tensor: largest |Δ|} of those that differ only by the rounding between the two
+    dtypes the models store it in). Whether it differs: by its bytes' digest (the fingerprint's, cached per file), or
+    by value when the models store it in different dtypes (a bf16 tuned model of an fp32 base: the same values are
+    other bytes). Rounding: every |Δ| within half a spacing (ulp) of each dtype at the larger of the two values, the
+    most that rounding one to the other, or both from one original, can move it (|r₁(x) − r₂(x)| ≤ ulp₁/2 + ulp₂/2);
+    a tensor within it holds nothing one of the two models does not: the other rounded (up to ties)."""
     import torch
 
     from .st import read_paired_row_blocks, torch_dtype
 
     base_digests, tuned_digests = base.tensor_digests(), tuned.tensor_digests()
-    out = {}
+    out: dict[str, bool] = {}
+    rounding: dict[str, float] = {}
     for name, info in base.tensors.items():
         other = tuned.tensors[name]
         if info.dtype == other.dtype or info.dtype not in FLOAT_DTYPES or other.dtype not in FLOAT_DTYPES:
             out[name] = base_digests[name] != tuned_digests[name]
-        else:  # by row blocks: a vocabulary-sized embedding is never read whole
-            common = torch.promote_types(torch_dtype(info.dtype), torch_dtype(other.dtype))
-            out[name] = info.nbytes > 0 and any(
-                not torch.equal(b.to(common), t.to(common)) for b, t in read_paired_row_blocks(info, other))
-    return out
+            continue
+        common = torch.promote_types(torch_dtype(info.dtype), torch_dtype(other.dtype))
+        differs, within, largest = False, True, 0.0
+        for b, t in read_paired_row_blocks(info, other) if info.nbytes else ():  # a vocabulary is never read whole
+            b, t = b.to(common), t.to(common)
+            if torch.equal(b, t):
+                continue
+            differs, diff = True, t.sub(b).abs_()
+            largest = max(largest, float(diff.max()))
+            if within:  # (NaN is never within: refused when read)
+                at = torch.maximum(b.abs(), t.abs())
+                within = bool((diff <= (_ulp(at, info.dtype) + _ulp(at, other.dtype)) / 2).all())
+        out[name] = differs
+        if differs and within:
+            rounding[name] = largest
+    return out, rounding
 
 
 def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = None,
-         save_modules: Sequence[str] | None = None, dtype: "torch.dtype", labels: tuple[str, str]) -> Plan:
-    """Which weights to factorize, which tensors to store whole, what is left out; every name asked for must match."""
+         save_modules: Sequence[str] | None = None, dtype: "torch.dtype", labels: tuple[str, str],
+         keep_rounding: bool = False) -> Plan:
+    """Which weights to factorize, which tensors to store whole, what is left out; every name asked for must match.
+    Tensors that differ only by the rounding between the dtypes the two models store them in are left out (they
+    are the same model saved in another dtype), unless ``keep_rounding``."""
     check_pair(base, tuned, labels)
-    differs = _differs(base, tuned)
+    differs, within = _differs(base, tuned)
+    identical = sum(not d for d in differs.values())
+    rounding = [] if keep_rounding else [
+        ExtractSkippedRecord(name=n, reason=f"{base.tensors[n].dtype} → {tuned.tensors[n].dtype}", max_abs_diff=d)
+        for n, d in within.items()]
+    differs.update((r.name, False) for r in rounding)
     conv1d = conv1d_layout(base.tensors)
     kinds = {n: k for n, info in base.tensors.items() if (k := _kind(n, info.shape, conv1d)) is not None}
     saved: list[str] = []
@@ -173,8 +213,10 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
                 raise InvalidInputError(f"--modules {wanted}: {labels[0]} has no 2-D or conv weight by that name "
                                         "(norms and biases are no LoRA targets: --save-module keeps them whole)")
             if not any(differs[n] for n in found):
-                raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(found)}) are the same in both "
-                                        "models: nothing to extract")
+                same = "differ only by the rounding between the two models' dtypes (--keep-rounding extracts " \
+                    "them anyway)" if any(n in within for n in found) else "are the same in both models"
+                raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(found)}) {same}: nothing to "
+                                        "extract")
             chosen += [n for n in found if differs[n] and n not in chosen]
     else:
         chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved]
@@ -183,13 +225,22 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
                for n in base.tensors if n in taken and n not in saved}  # in file order
     skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
+    work = Plan(targets, saved, skipped, identical, rounding)
     if not targets and not saved:
-        raise _nothing_to_extract(skipped, labels)
-    return Plan(targets, saved, skipped, sum(not d for d in differs.values()))
+        raise _nothing_to_extract(work, labels)
+    return work
 
 
-def _nothing_to_extract(skipped: Sequence[tuple[str, str]], labels: tuple[str, str]) -> InvalidInputError:
-    """The error when no module is left to make: every tensor equal, or those that differ no LoRA targets."""
+def _nothing_to_extract(work: Plan, labels: tuple[str, str]) -> InvalidInputError:
+    """The error when no module is left to make: every tensor equal (or equal up to dtype rounding), or those that
+    differ no LoRA targets."""
+    skipped = work.skipped
+    if not skipped and work.rounding:
+        worst = max(work.rounding, key=lambda r: r.max_abs_diff)
+        return InvalidInputError(
+            f"{labels[1]} and {labels[0]} differ only by the rounding between their dtypes ({worst.reason}; largest "
+            f"|Δ| {worst.max_abs_diff:.3g} in {worst.name}): the same model saved in another dtype, not a fine-tune; "
+            "nothing to extract (--keep-rounding extracts the rounding anyway)")
     if not skipped:
         return InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
                                  "extract")
@@ -225,12 +276,14 @@ def extract_lazily(
     device: str = "auto",
     precise: bool = False,
     dtype: str | None = None,
+    keep_rounding: bool = False,
     labels: tuple[str, str] | None = None,
 ) -> "Derivation":
     """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
     ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``),
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
-    the tuned model's), each module's alpha ``alpha`` (default its rank). Everything is checked now (names, shapes,
+    the tuned model's), each module's alpha ``alpha`` (default its rank). Tensors stored in other dtypes that differ
+    only by the rounding between those are left out (reported), unless ``keep_rounding``. Everything is checked now (names, shapes,
     what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
     import torch
 
@@ -248,7 +301,8 @@ def extract_lazily(
     base, tuned = _open(base), _open(tuned)
     labels = labels or (str(base.path), str(tuned.path))
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
-    work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels)
+    work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels,
+                keep_rounding=keep_rounding)
     started = time.perf_counter()
     target = resolve_device(device)
     compute_dtype, precision = compute_precision(precise)
@@ -326,7 +380,7 @@ def extract_lazily(
         for tensor, why in work.skipped:  # norms and biases, or a vocabulary-sized embedding: by row blocks
             skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=max_abs_difference(tensor)))
         if len(dropped) == len(work.targets) and not work.saved:
-            raise _nothing_to_extract(work.skipped, labels)
+            raise _nothing_to_extract(work, labels)
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
         errors = [r.error for r in records] or [0.0]
@@ -336,7 +390,7 @@ def extract_lazily(
             dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
-            identical=work.identical + len(dropped), skipped=skipped, saved=work.saved,
+            identical=work.identical + len(dropped), skipped=skipped, rounding=work.rounding, saved=work.saved,
             parameters=replace(extracted, full_tensors={}).num_parameters  # (sizes of the full tensors: unread)
             + sum(tuned.tensors[n].numel for n in work.saved), seconds=seconds, peak_rss_bytes=peak_rss(),
             peft_names={n: own.get(n, n) for n in [*(r.name for r in records), *work.saved]

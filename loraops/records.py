@@ -83,7 +83,8 @@ class ExtractModuleRecord(Record):
 
 
 class ExtractSkippedRecord(Record):
-    """A tensor that differs between the models but is not extracted (a norm, a bias, an embedding not asked for)."""
+    """A tensor that differs between the models but is not extracted (a norm, a bias, an embedding not asked for, a
+    difference of dtype rounding alone)."""
 
     name: str
     reason: str
@@ -112,6 +113,9 @@ class ExtractReport(Record):
     skipped: list[ExtractSkippedRecord]
     saved: list[str]
     """Tensors stored whole (--save-module: PEFT modules_to_save)."""
+    rounding: list[ExtractSkippedRecord] = []
+    """Tensors the two models store in other dtypes that differ only by the rounding between them (reason: "F32 →
+    BF16", base's → tuned's), left out (keep_rounding extracts them)."""
     parameters: int
     seconds: float
     peak_rss_bytes: int

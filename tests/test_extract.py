@@ -532,3 +532,77 @@ def test_a_registered_model_whose_files_changed_is_said_to_have_changed(syntheti
         assert [i.label for i in reg.get_adapter("after").lineage.inputs] == ["b", "t"]
     code, out = run("extract", "--base", "llama", "--tuned", "ft", "--rank", "4", "--json", "--name", "again")
     assert json.loads(out)["report"]["base_changed"] == []  # now recorded as they are (by path, the newest record)
+
+
+def in_dtype(weights, dtype):
+    return {k: v.to(dtype) for k, v in weights.items()}
+
+
+@pytest.mark.parametrize("base_dtype, tuned_dtype", [
+    (torch.float32, torch.bfloat16),   # an fp32 base re-saved in bf16: tuned = round(base)
+    (torch.bfloat16, torch.float32),   # a bf16 release and the fp32 weights it was rounded from: base = round(tuned)
+    (torch.bfloat16, torch.float16),   # both rounded from one fp32 original
+    (torch.float16, torch.bfloat16),   # the fp16 model converted to bf16
+])
+def test_a_model_saved_in_another_dtype_is_refused_as_rounding(synthetic, tmp_path, base_dtype, tuned_dtype):
+    """Not a fine-tune: every difference is within the rounding between the two dtypes; factorizing it would make
+    a LoRA of noise (every module, at any rank). --keep-rounding goes on."""
+    source, _, _ = synthetic
+    weights = state(source)
+    if (base_dtype, tuned_dtype) == (torch.float16, torch.bfloat16):
+        weights = in_dtype(weights, torch.float16)
+    base = with_tensors(source, tmp_path / "base", in_dtype(weights, base_dtype))
+    tuned = with_tensors(source, tmp_path / "tuned", in_dtype(weights, tuned_dtype))
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "out")
+    assert (code, out.count("\n")) == (2, 1) and out.startswith(
+        f"error: {tuned} and {base} differ only by the rounding between their dtypes ("), out
+    assert ("the same model saved in another dtype, not a fine-tune; nothing to extract (--keep-rounding extracts "
+            "the rounding anyway)\n") in out
+    assert_nothing_left(tmp_path)
+    if base_dtype == torch.float32:
+        code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--keep-rounding")
+        assert code == 0 and "15 modules, " in out and "rounding" not in out, out  # 14 layers + lm_head
+
+
+def test_a_fine_tune_saved_in_another_dtype_extracts_its_fine_tune_alone(synthetic, tmp_path):
+    """A bf16 fine-tune of an fp32 base: the weights it trained are extracted; the others, rounded to bf16 and
+    nothing else, are left out in one line (no module of rounding noise)."""
+    base, tuned, _ = synthetic
+    code, out = run("extract", "--base", base, "--tuned", with_tensors(base, tmp_path / "bf16", in_dtype(
+        state(tuned), torch.bfloat16)), "--rank", "6", "--json")
+    assert code == 0, out
+    report = json.loads(out)["report"]
+    assert sorted(m["name"] for m in report["modules"]) == sorted(TARGETS)
+    assert len(report["rounding"]) == len(state(base)) - len(TARGETS) - report["identical"] > 0
+    assert {r["reason"] for r in report["rounding"]} == {"F32 → BF16"}
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "bf16", "--rank", "6", "--name", "again")
+    assert code == 0, out
+    assert (f"not extracted: {len(report['rounding'])} tensors that differ only by the rounding between the models' "
+            "dtypes (F32 → BF16); largest |Δ| ") in out, out
+
+
+def test_rounding_is_bounded_by_half_a_spacing_of_each_dtype(tmp_path):
+    """The criterion (extraction._differs) holds every pair that rounding can make — one dtype rounded to the other,
+    or both from one original, subnormals and binade edges included — and nothing one spacing further."""
+    from loraops.basemodel import BaseModel
+    from loraops.extraction import _differs, _ulp
+
+    g = torch.Generator().manual_seed(0)
+    exponents = torch.randint(-40, 12, (4096,), generator=g).float()
+    x = torch.randn(4096, generator=g) * torch.exp2(exponents)
+    x = torch.cat([x, torch.exp2(torch.arange(-30, 12.0)) * (1 - 2 ** -20), torch.zeros(6)]).reshape(-1, 8)
+    pairs = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float16)]
+    for first, second in pairs:
+        for name, a, b in [("rounded", x.to(first), x.to(first).to(second)), ("both", x.to(first), x.to(second))]:
+            save_file({"w.weight": a}, str(tmp_path / "a.safetensors"))
+            save_file({"w.weight": b}, str(tmp_path / "b.safetensors"))
+            differs, rounding = _differs(BaseModel.open(tmp_path / "a.safetensors"),
+                                         BaseModel.open(tmp_path / "b.safetensors"))
+            assert differs["w.weight"] and "w.weight" in rounding, (first, second, name)
+            coarse = "BF16" if torch.bfloat16 in (first, second) else "F16"
+            bumped = b.clone()
+            bumped[3, 3] = (b[3, 3].float() + _ulp(b[3, 3].float().abs(), coarse) * 1.5).to(second)
+            save_file({"w.weight": bumped}, str(tmp_path / "b.safetensors"))
+            differs, rounding = _differs(BaseModel.open(tmp_path / "a.safetensors"),
+                                         BaseModel.open(tmp_path / "b.safetensors"))
+            assert differs["w.weight"] and "w.weight" not in rounding, (first, second, name)
