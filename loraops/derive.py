@@ -239,7 +239,7 @@ def extract(
                 refuse_overlap(output, model.path, "a model it reads")
         derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                  alpha=alpha, modules=modules, save_modules=save_modules, device=device,
-                                 precise=precise, dtype=dtype, keep_rounding=keep_rounding,
+                                 precise=precise, dtype=dtype, keep_rounding=keep_rounding, fmt=fmt or "peft",
                                  labels=(base_label, tuned_label))
         (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}

@@ -15,7 +15,9 @@ registry needs them anyway), and, when the two models store a tensor in differen
 a tensor whose every difference is within the rounding between the two dtypes is the same model saved in another
 dtype and is left out (reported; refused when it is all that differs), unless ``keep_rounding``.
 Targets are every 2-D / conv ``.weight`` that differs, embeddings only when asked for (``modules``: an embedding
-LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Tensors that
+LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Where transformers 5
+holds a weight otherwise in memory, the modules follow it (_modules_of): DINOv2's weights_in is its two halves, a MoE
+router a LoRA on its weight parameter (PEFT target_parameters). Tensors that
 differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped. A
 target whose delta turns out exactly zero (bytes that differ only in signed zeros) is dropped and counted identical;
 NaN or Inf in a tensor that is read, and quantized weights, are refused.
@@ -26,11 +28,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from . import ldm
 from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
@@ -93,7 +97,8 @@ def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | N
     return "linear", conv1d and name.removesuffix(".weight").rpartition(".")[2] in CONV1D_LAYERS
 
 
-def _stand_in(name: str, shape: Sequence[int], kind: str, fan_in_fan_out: bool, dtype: "torch.dtype") -> LoraModule:
+def _stand_in(name: str, shape: Sequence[int], kind: str, fan_in_fan_out: bool, dtype: "torch.dtype",
+              **where) -> LoraModule:
     import torch
 
     out, rest = shape[0], tuple(shape[1:])
@@ -101,7 +106,29 @@ def _stand_in(name: str, shape: Sequence[int], kind: str, fan_in_fan_out: bool, 
         out, rest = shape[1], (shape[0],)
     A = torch.empty((1, *rest), dtype=dtype, device="meta")
     B = torch.empty((out, 1, *[1] * (len(rest) - 1)), dtype=dtype, device="meta")
-    return LoraModule(name, A=A, B=B, alpha=1.0, scale=1.0, kind=kind, fan_in_fan_out=fan_in_fan_out)  # type: ignore[arg-type]
+    return LoraModule(name, A=A, B=B, alpha=1.0, scale=1.0, kind=kind, fan_in_fan_out=fan_in_fan_out,  # type: ignore[arg-type]
+                      **where)
+
+
+_ROUTER = re.compile(r"^(?P<owner>.+)\.(?:gate|router)\.weight$")
+_EXPERTS = re.compile(r"^(?P<owner>.+)\.experts\.")
+
+
+def _modules_of(tensor: str, manifest, kind: tuple[str, bool], dtype: "torch.dtype", parameters: bool,
+                experts: set[str]) -> list[LoraModule]:
+    """The stand-ins of the modules that extract makes of a weight: one, on the module the weight is saved under,
+    except where transformers 5 holds it otherwise in memory. DINOv2's SwiGLU ``mlp.weights_in`` is two modules
+    there, ``gate_proj`` and ``up_proj`` (ldm.SPLIT_ON_LOAD): one module on each half of its rows. A MoE layer's
+    router (its ``gate`` or ``router`` beside its ``experts``) is a router class of its own, which PEFT cannot wrap
+    as a module (it refuses the adapter): with ``parameters`` (a PEFT output) a LoRA on its ``weight``, PEFT's
+    ``target_parameters``, as PEFT's own conversion of Mixtral adapters makes it (formats.params)."""
+    shape = manifest[tensor].shape
+    halves = [(part, fused) for part in _split(tensor) if (fused := ldm.fused_target(part, manifest)) is not None]
+    if halves:
+        return [_stand_in(part, (fused[2], shape[1]), *kind, dtype, fused=fused) for part, fused in halves]
+    router = _ROUTER.match(tensor)
+    raw = (tensor, 0, 1) if parameters and router and router["owner"] in experts and len(shape) == 2 else None
+    return [_stand_in(tensor.removesuffix(".weight"), shape, *kind, dtype, raw_parameter=raw)]
 
 
 def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> None:
@@ -182,10 +209,11 @@ def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[s
 
 def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = None,
          save_modules: Sequence[str] | None = None, dtype: "torch.dtype", labels: tuple[str, str],
-         keep_rounding: bool = False) -> Plan:
+         keep_rounding: bool = False, parameters: bool = True) -> Plan:
     """Which weights to factorize, which tensors to store whole, what is left out; every name asked for must match.
     Tensors that differ only by the rounding between the dtypes the two models store them in are left out (they
-    are the same model saved in another dtype), unless ``keep_rounding``."""
+    are the same model saved in another dtype), unless ``keep_rounding``. ``parameters``: MoE routers as LoRAs on
+    their weight parameter (PEFT target_parameters), see _modules_of."""
     check_pair(base, tuned, labels)
     differs, within = _differs(base, tuned)
     identical = sum(not d for d in differs.values())
@@ -201,10 +229,14 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
         if not found:
             raise InvalidInputError(f"--save-module {wanted}: {labels[0]} has no module by that name")
         saved += [n for n in found if n not in saved]
+    halves: dict[str, set[str]] = {}  # a weight transformers splits (DINOv2's), of which --modules names halves alone
     if modules:
         chosen: list[str] = []
         for wanted in modules:
-            matched = [n for n in kinds if names_module(n.removesuffix(".weight"), wanted)]
+            matched = [n for n in kinds if any(names_module(m, wanted) for m in [n.removesuffix(".weight"), *_split(n)])]
+            for n in (n for n in matched if _split(n)):
+                whole = names_module(n.removesuffix(".weight"), wanted)
+                halves.setdefault(n, set()).update(m for m in _split(n) if whole or names_module(m, wanted))
             found = [n for n in matched if n not in saved]
             if matched and not found:
                 raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(matched)}) are stored whole by "
@@ -221,14 +253,24 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     else:
         chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved]
     taken = {*chosen, *saved}
-    targets = {n.removesuffix(".weight"): _stand_in(n.removesuffix(".weight"), base.tensors[n].shape, *kinds[n], dtype)
-               for n in base.tensors if n in taken and n not in saved}  # in file order
+    experts = {m["owner"] for n in base.tensors if (m := _EXPERTS.match(n))}
+    targets = {m.name: m for n in base.tensors if n in taken and n not in saved  # in file order
+               for m in _modules_of(n, base.tensors, kinds[n], dtype, parameters, experts)
+               if m.fused is None or n not in halves or m.name in halves[n]}
     skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
     work = Plan(targets, saved, skipped, identical, rounding)
     if not targets and not saved:
         raise _nothing_to_extract(work, labels)
     return work
+
+
+def _split(tensor: str) -> list[str]:
+    """The modules transformers 5 splits a saved weight into in memory (ldm.SPLIT_ON_LOAD: DINOv2's weights_in →
+    gate_proj, up_proj), or []."""
+    owner_re, suffix, parts, _ = ldm.SPLIT_ON_LOAD
+    owner = tensor.removesuffix(suffix)
+    return [f"{owner}.{part}" for part in parts] if tensor.endswith(suffix) and owner_re.search(owner) else []
 
 
 def _nothing_to_extract(work: Plan, labels: tuple[str, str]) -> InvalidInputError:
@@ -277,13 +319,15 @@ def extract_lazily(
     precise: bool = False,
     dtype: str | None = None,
     keep_rounding: bool = False,
+    fmt: str = "peft",
     labels: tuple[str, str] | None = None,
 ) -> "Derivation":
     """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
     ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``),
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
     the tuned model's), each module's alpha ``alpha`` (default its rank). Tensors stored in other dtypes that differ
-    only by the rounding between those are left out (reported), unless ``keep_rounding``. Everything is checked now (names, shapes,
+    only by the rounding between those are left out (reported), unless ``keep_rounding``. ``fmt``: the layout it
+    is for (a MoE router is a LoRA on its weight parameter in PEFT's, a plain module in kohya's). Everything is checked now (names, shapes,
     what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
     import torch
 
@@ -302,7 +346,7 @@ def extract_lazily(
     labels = labels or (str(base.path), str(tuned.path))
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
     work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels,
-                keep_rounding=keep_rounding)
+                keep_rounding=keep_rounding, parameters=fmt != "kohya")
     started = time.perf_counter()
     target = resolve_device(device)
     compute_dtype, precision = compute_precision(precise)
@@ -322,7 +366,8 @@ def extract_lazily(
     # PEFT names modules as transformers holds them in memory, which for some families is not as saved: the
     # adapter's own names (what the PEFT writer writes) are those; bound to the base, it keeps the saved ones
     renames, names_warning = memory_names(base.tensors, base.config(next(iter(base.tensors))))
-    own = {n: renames[m.weight_name].removesuffix(".weight") for n, m in work.targets.items() if m.weight_name in renames}
+    own = {n: renames[m.weight_name].removesuffix(".weight") for n, m in work.targets.items()
+           if m.fused is None and m.weight_name in renames}
     own.update((n, renames[n]) for n in work.saved if n in renames)
     warnings = [names_warning] if names_warning else []
     experts = [own.get(n, n) for n in work.targets if EXPERT_RE.match(own.get(n, n))]
@@ -358,6 +403,8 @@ def extract_lazily(
     def compute() -> Iterator[LoraModule]:
         for name, template in work.targets.items():
             D = delta(template.weight_name)
+            if template.fused is not None:  # one module on a block of the weight's rows (DINOv2's halves)
+                D = D[template.first_row:template.first_row + template.fused[2]]
             if not bool(D.any()):  # bytes that differ only in the sign of a zero: the same weight, no module
                 dropped.add(name)
                 continue
@@ -373,7 +420,7 @@ def extract_lazily(
             module = finite_module(what, template.with_factors(
                 (B / scale).to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype), module_alpha, scale))
             records.append(ExtractModuleRecord(
-                name=name, kind=template.kind, shape=list(base.tensors[template.weight_name].shape), rank=k,
+                name=name, kind=template.kind, shape=list(template.weight_shape), rank=k,
                 alpha=module_alpha, svd=svd, error=error, fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
             del B, A
             yield module
@@ -384,13 +431,16 @@ def extract_lazily(
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
         errors = [r.error for r in records] or [0.0]
+        # weights none of whose modules was made (a DINOv2 weights_in is two modules)
+        unchanged = {m.weight_name for m in work.targets.values()} - {
+            m.weight_name for n, m in work.targets.items() if n not in dropped}
         return ExtractReport(
             base=labels[0], tuned=labels[1], rank=rule.rank, dynamic=rule.dynamic, param=rule.param,
             max_rank=rule.max_rank, alpha=alpha, device=str(target), precision=precision,
             dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
-            identical=work.identical + len(dropped), skipped=skipped, rounding=work.rounding, saved=work.saved,
+            identical=work.identical + len(unchanged), skipped=skipped, rounding=work.rounding, saved=work.saved,
             parameters=replace(extracted, full_tensors={}).num_parameters  # (sizes of the full tensors: unread)
             + sum(tuned.tensors[n].numel for n in work.saved), seconds=seconds, peak_rss_bytes=peak_rss(),
             peft_names={n: own.get(n, n) for n in [*(r.name for r in records), *work.saved]
