@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -76,6 +76,35 @@ class Plan:
 
 def _open(model: "str | Path | BaseModel") -> BaseModel:
     return model if isinstance(model, BaseModel) else BaseModel.open(model)
+
+
+@dataclass
+class _Untying(BaseModel):
+    """A base that ties its output head to its input embeddings (and so does not store it), as a fine-tune that
+    untied the head is compared with it: the head under its own name, holding the embeddings' bytes. That is the
+    weight the tied model's head reads, to which PEFT's LoRA on the head adds its delta (leaving the embeddings'
+    lookup alone), and from which a merge writes the head untied (engine.untied_head_source): D = W_head(tuned) −
+    W_embeddings(base)."""
+
+    heads: dict[str, str] = field(default_factory=dict)
+    """head → the embeddings it reads."""
+
+    def tensor_digests(self, progress: bool | None = None) -> dict[str, str]:
+        digests = super().tensor_digests(progress)
+        return {**digests, **{head: digests[embeddings] for head, embeddings in self.heads.items()}}
+
+
+def _untied(base: BaseModel, tuned: BaseModel) -> BaseModel:
+    """``base`` with the heads it ties (not stored) that ``tuned`` stores, as _Untying; ``base`` itself when none."""
+    from .engine import untied_head_source
+
+    heads = {n: e for n in sorted(tuned.tensors.keys() - base.tensors.keys())
+             if (e := untied_head_source(base, n, tuned.tensors[n].shape)) is not None}
+    if not heads:
+        return base
+    view = _Untying(**{f.name: getattr(base, f.name) for f in fields(BaseModel)}, heads=heads)
+    view.tensors = {**base.tensors, **{head: replace(base.tensors[e], name=head) for head, e in heads.items()}}
+    return view
 
 
 def _shown(names: Sequence[str]) -> str:
@@ -343,10 +372,18 @@ def extract_lazily(
     if alpha is not None and alpha > FLOAT32_MAX:  # else refused only at the end, naming a scratch file
         raise InvalidInputError(f"alpha {alpha:g} is beyond what float32 holds")
     base, tuned = _open(base), _open(tuned)
+    base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings
     labels = labels or (str(base.path), str(tuned.path))
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
     work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels,
                 keep_rounding=keep_rounding, parameters=fmt != "kohya")
+    tied = base.heads if isinstance(base, _Untying) else {}
+    heads = [n for n, m in work.targets.items() if m.weight_name in tied]
+    if heads and fmt == "kohya":
+        raise UnsupportedAdapterError(
+            f"{heads[0]}: {labels[0]} ties this head to its input embeddings and does not store it, and kohya module "
+            "names are resolved against the tensors a base stores: use --format peft")
+    untied = {h: e for h, e in tied.items() if h in work.saved or any(m.weight_name == h for m in work.targets.values())}
     started = time.perf_counter()
     target = resolve_device(device)
     compute_dtype, precision = compute_precision(precise)
@@ -444,7 +481,7 @@ def extract_lazily(
             parameters=replace(extracted, full_tensors={}).num_parameters  # (sizes of the full tensors: unread)
             + sum(tuned.tensors[n].numel for n in work.saved), seconds=seconds, peak_rss_bytes=peak_rss(),
             peft_names={n: own.get(n, n) for n in [*(r.name for r in records), *work.saved]
-                        if own.get(n, n) != n}, warnings=warnings,
+                        if own.get(n, n) != n}, warnings=warnings, untied_heads=untied,
         )
 
     return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started, dropped=dropped)

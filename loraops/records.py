@@ -125,6 +125,10 @@ class ExtractReport(Record):
     warnings: list[str] = []
     """What PEFT may not load as loraops does: the model family (and so the names PEFT sees) cannot be told, or
     per-expert modules of experts transformers holds fused."""
+    untied_heads: dict[str, str] = {}
+    """Output heads the base ties to its input embeddings (and does not store) that the tuned model stores apart →
+    those embeddings: each head's module is its change from them (what PEFT's LoRA on the tied head adds; a merge
+    unties the head)."""
     base_changed: list[str] = []
     """The registered bases named (or found at the paths given) for the base or the tuned model whose files changed
     since they were registered: what was read is recorded as a base of its own (by fingerprint), as merge does."""

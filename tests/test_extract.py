@@ -484,15 +484,70 @@ def test_non_finite_weights_are_refused_naming_the_tensor(peft_pair, tmp_path, m
     assert_nothing_left(tmp_path)
 
 
-def test_a_head_tied_in_one_model_and_stored_in_the_other_is_named(tmp_path):
-    base = tiny_llama(tmp_path / "base", tie=True)
+def untied_fine_tune(base, dest, *, embeddings=False):
+    """A fine-tune of the tied model ``base`` that untied its head: lm_head stored apart and moved by a rank-3 delta
+    (and q_proj nudged; with ``embeddings`` the input embeddings moved too)."""
     model = load_model(base)
     model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach() + 0.01)
-    model.save_pretrained(tmp_path / "untied")
-    code, out = run("extract", "--base", base, "--tuned", tmp_path / "untied", "--rank", "4")
-    assert (code, out) == (2, f"error: {tmp_path / 'untied'} is not a fine-tune of {base}'s architecture: only in "
-                              f"{tmp_path / 'untied'}: lm_head.weight; lm_head.weight is a head that {base} ties to its "
+    g = torch.Generator().manual_seed(0)
+    W = model.model.embed_tokens.weight.detach()
+    model.lm_head.weight = torch.nn.Parameter(W + 0.05 * torch.randn(128, 3, generator=g) @ torch.randn(3, 64, generator=g))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight += 0.01
+        if embeddings:
+            model.model.embed_tokens.weight += 0.05 * torch.randn(128, 2, generator=g) @ torch.randn(2, 64, generator=g)
+    model.save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.parametrize("how", ["lora", "save-module", "embeddings too"])
+def test_a_fine_tune_that_untied_its_head_extracts_the_head_from_the_embeddings(tmp_path, how):
+    """A base with tied embeddings (no lm_head stored) and a fine-tune that stores its head apart: the head's delta is
+    taken from the embeddings the tied head reads (a LoRA on lm_head, or lm_head whole with --save-module). PEFT's
+    adapted base and loraops merge (which unties the head) both give the tuned logits; refused before ('only in
+    tuned: lm_head.weight')."""
+    from peft import PeftModel
+
+    base = tiny_llama(tmp_path / "base", tie=True)
+    tuned = untied_fine_tune(base, tmp_path / "tuned", embeddings=how == "embeddings too")
+    args = {"lora": [], "save-module": ["--save-module", "lm_head"],
+            "embeddings too": ["--modules", "q_proj,embed_tokens,lm_head"]}[how]
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", *args, "--name", "ex", "-o",
+                    tmp_path / "lora")
+    assert code == 0, out
+    assert (f"lm_head.weight: tied to model.embed_tokens.weight in {base}, stored apart in {tuned}: extracted as its "
+            "change from those embeddings (a merge unties it)\n") in out
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert ("lm_head" in config["target_modules"]) == (how != "save-module")
+    assert config["modules_to_save"] == (["lm_head"] if how == "save-module" else None)
+    ids = {"input_ids": torch.arange(3, 11).reshape(1, 8)}
+    with torch.no_grad():
+        expected = load_model(tuned).eval()(**ids).logits
+        peft = PeftModel.from_pretrained(load_model(base), tmp_path / "lora").eval()
+        torch.testing.assert_close(peft(**ids).logits, expected, rtol=0, atol=1e-5)
+    code, out = run("merge", "ex", "--into", base, "-o", tmp_path / "merged", "--no-record")
+    assert code == 0 and "untied lm_head.weight from the input embeddings" in out, out
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "merged").eval()(**ids).logits, expected, rtol=0, atol=1e-5)
+    if how == "lora":  # kohya names resolve against stored tensors: refused before any work, nothing left
+        code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", "--format", "kohya", "-o",
+                        tmp_path / "k.safetensors")
+        assert (code, out) == (2, f"error: lm_head: {base} ties this head to its input embeddings and does not store "
+                                  "it, and kohya module names are resolved against the tensors a base stores: use "
+                                  "--format peft\n")
+        assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_a_fine_tune_that_tied_its_head_is_named_and_refused(tmp_path):
+    """The other way round (the base stores its head, the fine-tune ties it to its embeddings): one line names it."""
+    base = tiny_llama(tmp_path / "base")
+    model = load_model(base)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "tied")
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "tied", "--rank", "4")
+    assert (code, out) == (2, f"error: {tmp_path / 'tied'} is not a fine-tune of {base}'s architecture: only in "
+                              f"{base}: lm_head.weight; lm_head.weight is a head that {tmp_path / 'tied'} ties to its "
                               "input embeddings (and so does not store)\n")
 
 
