@@ -191,6 +191,45 @@ def test_no_config_and_a_renamed_looking_checkpoint_warns(tmp_path):
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_modules"] == ["embed_out"]
 
 
+def test_no_config_and_a_plain_llama_gets_no_warning(tmp_path):
+    """A Llama's names are what Qwen2-VL saves its language model as, so the warning named Qwen2-VL for every
+    config-less Llama (and Whisper); a family is suspected only on names only its checkpoints have (Layout.marks)."""
+    from factories import tiny_llama
+
+    base = tiny_llama(tmp_path / "base", layers=1)
+    tuned = tuned_copy(base, tmp_path / "tuned", ["q_proj"])
+    code, out = run("extract", "--base", base / "model.safetensors", "--tuned", tuned / "model.safetensors",
+                    "--rank", "2")
+    assert code == 0 and "warning" not in out, out
+
+
+NO_CONFIG = {
+    "llama": (["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"], None),
+    "whisper": (["model.encoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.fc1.weight",
+                 "proj_out.weight"], None),
+    "bert": (["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.output.dense.weight",
+              "bert.encoder.layer.0.intermediate.dense.weight", "bert.encoder.layer.0.output.dense.weight"], None),
+    "t5": (["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"], None),
+    "clip": (["text_model.encoder.layers.0.self_attn.q_proj.weight", "vision_model.encoder.layers.0.mlp.fc1.weight"],
+             None),
+    "qwen2_vl": (["model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.attn.qkv.weight"], "Qwen2-VL"),
+    "vit": (["vit.encoder.layer.0.attention.attention.query.weight", "vit.encoder.layer.0.output.dense.weight"],
+            "ViT-style, DINOv2"),
+    "mixtral": (["model.layers.0.block_sparse_moe.experts.0.w1.weight", "model.layers.0.self_attn.q_proj.weight"],
+                "Mixtral's block_sparse_moe"),
+    "llava": (["language_model.model.layers.0.self_attn.q_proj.weight", "vision_tower.vision_model.encoder.layers.0."
+               "mlp.fc1.weight", "multi_modal_projector.linear_1.weight"], "LLaVA-style"),
+}
+
+
+@pytest.mark.parametrize("family", NO_CONFIG)
+def test_no_config_suspects_a_family_by_names_only_it_has(family):
+    names, suspects = NO_CONFIG[family]
+    renames, warning = memory_names(names, {})
+    assert renames == {}
+    assert (warning is None) if suspects is None else f"under other names ({suspects}), PEFT skips" in warning, warning
+
+
 def test_every_layout_inverse_undoes_its_rules():
     names = ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight",
              "vision_tower.encoder.layers.0.mlp.fc1.weight", "model.layers.0.mlp.down_proj.weight", "embed_out.weight",
