@@ -13,7 +13,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import algebra
 from .errors import InvalidInputError, MismatchError
@@ -79,6 +79,13 @@ def check_arguments(name: str | None, output: str | None, force: bool, refs: Seq
     if output is not None:
         refuse_existing(output, force)
         refuse_output_over(output, refs)
+
+
+def rank_name(stem: str, rank: int, ceilings: Iterable[int]) -> str:
+    """``<stem>-r<k>``, the default name of an adapter made at a fixed ``rank``: k is the largest rank a module gets,
+    each capped at its ceiling (the most rank a truncated SVD of its delta has: min(out, in), and a LoRA's own rank
+    when it is resized), so a --rank above every module's size names none of them (extract, resize)."""
+    return f"{stem}-r{min(rank, max(ceilings, default=rank))}"
 
 
 def common_base(inputs: Sequence[Input]) -> int | None:
@@ -164,7 +171,10 @@ def resize(
                                         device=device, precise=precise)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="resize", params=rule, inputs=[LineageInput(kind="adapter", id=source.record.id)])
-        default = f"{source.record.name}-r{rank}" if rank is not None else f"{source.record.name}-{dynamic}{param:g}"
+        default = (rank_name(source.record.name, rank, (
+            min(m.product.shape) if m.product is not None else min(m.rank, m.B.shape[0], math.prod(m.A.shape[1:]))
+            for m in source.adapter.modules.values())) if rank is not None
+            else f"{source.record.name}-{dynamic}{param:g}")
         return save(reg, resized, name=default if name is None else name, output=output, fmt=fmt, force=force,
                     base=source.record.base.id if source.record.base else None, lineage=lineage)
 
@@ -250,11 +260,8 @@ def extract(
             "dtype": str(derived.adapter.dtype).removeprefix("torch."),
         }, inputs=[LineageInput(kind="base", id=base_record.id, role="base"),
                    LineageInput(kind="base", id=tuned_record.id, role="tuned")])
-        # named after the ranks it gets: each module's is min(rank, out, in), so a --rank above every module's size
-        # names none of them (the report's module ranks say it too)
-        largest = max((min(m.B.shape[0], math.prod(m.A.shape[1:])) for m in derived.adapter.modules.values()),
-                      default=rank)
-        default = (f"{tuned_record.name}-r{min(rank, largest)}" if rank is not None
+        default = (rank_name(tuned_record.name, rank, (min(m.B.shape[0], math.prod(m.A.shape[1:]))
+                                                       for m in derived.adapter.modules.values())) if rank is not None
                    else f"{tuned_record.name}-{dynamic}{param:g}")
         result = save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,
                       base=base_record.id, lineage=lineage)

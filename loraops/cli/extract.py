@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .algebra import compute_options, echo_saved
+from .algebra import compute_options, echo_capped, echo_saved
 from .render import echo_base_changed, echo_json, echo_table, human_bytes
 
 
@@ -61,9 +61,7 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
     click.echo(f"{count}, {report.parameters:,} parameters ({report.dtype}); {report.identical} "
                f"tensors identical; {report.precision} on {report.device}, {report.seconds:.2f} s, peak RSS "
                f"{human_bytes(report.peak_rss_bytes)}")
-    largest = max((m.rank for m in report.modules), default=None)
-    if report.rank is not None and largest is not None and largest < report.rank:
-        click.echo(f"--rank {report.rank} capped: no module is larger than rank {largest} (min(out, in))")
+    echo_capped(report.rank, (m.rank for m in report.modules), "min(out, in)")
     if report.saved:
         click.echo(f"stored whole (modules_to_save): {', '.join(report.saved)}")
     if report.skipped:
