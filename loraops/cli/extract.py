@@ -71,8 +71,9 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
         click.echo(f"not extracted: {count} ({', '.join(kinds)}); largest |Δ| {worst.max_abs_diff:.3g} in "
                    f"{worst.name}; keep them with --save-module (embeddings, weights: --modules)")
     for head, embeddings in report.untied_heads.items():
-        click.echo(f"{head}: tied to {embeddings} in {report.base}, stored apart in {report.tuned}: extracted as its "
-                   "change from those embeddings (a merge unties it)")
+        how = "stored whole" if head in report.saved else "extracted as its change from those embeddings"
+        click.echo(f"{head}: tied to {embeddings} in {report.base}, stored apart in {report.tuned}: {how} (a merge "
+                   "unties it)")
     if report.rounding:
         worst = max(report.rounding, key=lambda s: s.max_abs_diff)
         count = "1 tensor" if len(report.rounding) == 1 else f"{len(report.rounding)} tensors"
