@@ -355,9 +355,10 @@ def extract_lazily(
     ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``),
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
     the tuned model's), each module's alpha ``alpha`` (default its rank). Tensors stored in other dtypes that differ
-    only by the rounding between those are left out (reported), unless ``keep_rounding``. ``fmt``: the layout it
-    is for (a MoE router is a LoRA on its weight parameter in PEFT's, a plain module in kohya's). Everything is checked now (names, shapes,
-    what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
+    only by the rounding between those are left out (reported), unless ``keep_rounding``. ``fmt``: the layout it is
+    for (a MoE router is a LoRA on its weight parameter in PEFT's, a plain module in kohya's). Everything is checked
+    now (names, shapes, what differs); the modules are computed as the Derivation is iterated, one tensor pair in
+    memory at a time."""
     import torch
 
     from .algebra import Derivation, compute_precision, factorizing, finite_module, resize_rule
@@ -377,13 +378,13 @@ def extract_lazily(
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
     work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels,
                 keep_rounding=keep_rounding, parameters=fmt != "kohya")
-    tied = base.heads if isinstance(base, _Untying) else {}
-    heads = [n for n, m in work.targets.items() if m.weight_name in tied]
-    if heads and fmt == "kohya":
+    made = {*work.saved, *(m.weight_name for m in work.targets.values())}
+    untied = {h: e for h, e in (base.heads if isinstance(base, _Untying) else {}).items() if h in made}
+    if untied and fmt == "kohya":  # (--save-module is refused for kohya before)
         raise UnsupportedAdapterError(
-            f"{heads[0]}: {labels[0]} ties this head to its input embeddings and does not store it, and kohya module "
-            "names are resolved against the tensors a base stores: use --format peft")
-    untied = {h: e for h, e in tied.items() if h in work.saved or any(m.weight_name == h for m in work.targets.values())}
+            f"{next(iter(untied)).removesuffix('.weight')}: {labels[0]} ties this head to its input embeddings and "
+            "does not store it, and kohya module names are resolved against the tensors a base stores: use --format "
+            "peft")
     started = time.perf_counter()
     target = resolve_device(device)
     compute_dtype, precision = compute_precision(precise)

@@ -140,7 +140,8 @@ def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
 
 # Fused tensors: (owner module path, tensor name suffix, parts in row order, rows of each part from the shape). A part
 # is named by the leaf of the split module it stands for (transformers' CLIP, diffusers' FLUX), so a LoRA's targets
-# read the same bound as unbound.
+# read the same bound as unbound. Owner patterns are searched (anchored with ^ where the owner starts the name: a
+# classifier's DINOv2 is under dinov2.).
 QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
 # DINOv2's SwiGLU MLP: transformers 5 splits weights_in into gate_proj and up_proj in memory (the modules PEFT wraps,
 # so extract makes one LoRA per half)
