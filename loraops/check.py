@@ -312,11 +312,19 @@ class Layout:
     families: frozenset[str]
     rules: tuple
     inverse: tuple
+    marks: "re.Pattern | None" = None
+    """Saved names only this family's checkpoints have, where the names its rules rename are common to others (a
+    Llama's are Qwen2-VL's language model's, BERT's layers look like ViT's): without a config.json the family is
+    suspected only when some name matches. None: any name its rules rename marks it."""
 
     @staticmethod
-    def of(name: str, families: str, rules, inverse) -> "Layout":
+    def of(name: str, families: str, rules, inverse, marks: str | None = None) -> "Layout":
         compiled = [tuple((re.compile(p), r) for p, r in rs) for rs in (rules, inverse)]
-        return Layout(name, frozenset(families.split()), *compiled)
+        return Layout(name, frozenset(families.split()), *compiled, re.compile(marks) if marks else None)
+
+    def marked(self, name: str) -> bool:
+        """Is a saved name one only this family's checkpoints have (``marks``)?"""
+        return bool(self.marks.search(name)) if self.marks is not None else self.in_memory(name) != name
 
     @staticmethod
     def _apply(rules, name: str) -> str:
@@ -340,7 +348,8 @@ SAVED_LAYOUTS = [
               "llava_next_video llava_onevision video_llava fuyu mllama qwen2_audio voxtral voxtral_realtime "
               "audioflamingo3 glmasr musicflamingo",
               [*_LANGUAGE_MODEL, (rf"^model\.{_TOWERS}(?=\.|$)", r"\1")],
-              [*_LANGUAGE_MODEL_BACK, (rf"^{_TOWERS}(?=\.|$)", r"model.\1")]),
+              [*_LANGUAGE_MODEL_BACK, (rf"^{_TOWERS}(?=\.|$)", r"model.\1")],
+              r"^(language_model|multi_modal_projector)\."),  # (a tower alone: CLIP's vision_model too)
     # a text model loaded from a multimodal checkpoint (transformers' qwen3_5_text PrefixChange, also Qwen3.5-MoE,
     # Gemma3n, Apertus 1.5 text): model.… in memory ↔ model.language_model.… saved, the head as it is
     Layout.of("text model of a multimodal checkpoint", "qwen3_5_text qwen3_5_moe_text gemma3n_text",
@@ -349,7 +358,8 @@ SAVED_LAYOUTS = [
     # Granite Speech (its granite_speech mapping: the speech encoder and projector under model.)
     Layout.of("Granite Speech", "granite_speech granite_speech_plus",
               [*_LANGUAGE_MODEL, (r"^model\.(encoder|projector)(?=\.|$)", r"\1")],
-              [*_LANGUAGE_MODEL_BACK, (r"^(encoder|projector)(?=\.|$)", r"model.\1")]),
+              [*_LANGUAGE_MODEL_BACK, (r"^(encoder|projector)(?=\.|$)", r"model.\1")],
+              r"^projector\."),  # (a top-level encoder alone: T5's too)
     # DINOv3 ViT (its dinov3_vit mapping): model.layer.<i> ↔ layer.<i>, the embeddings not under model.
     Layout.of("DINOv3 ViT", "dinov3_vit", [(r"^model\.(?=layer\.\d)", "")], [(r"^(?=layer\.\d)", "model.")]),
     Layout.of("GPT-NeoX's embed_out", "gpt_neox GPTNeoXForCausalLM",
@@ -357,24 +367,26 @@ SAVED_LAYOUTS = [
     # Qwen2-VL, Qwen2.5-VL: model.language_model.… ↔ model.…, model.visual.… ↔ visual.…
     Layout.of("Qwen2-VL", "qwen2_vl qwen2_5_vl Qwen2VLForConditionalGeneration Qwen2_5_VLForConditionalGeneration",
               [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
-              [(r"^model\.", "model.language_model."), (r"^visual\.", "model.visual.")]),
+              [(r"^model\.", "model.language_model."), (r"^visual\.", "model.visual.")],
+              r"^visual\."),  # (its language model is saved as any Llama's, Whisper's model.… too)
     # ViT and the vision encoders transformers maps like it (DeiT, BEiT, ViT-MAE, ViT-MSN, AST, I-JEPA, ViViT)
     Layout.of("ViT-style", "vit deit beit vit_mae vit_msn audio-spectrogram-transformer ijepa vivit",
               [(r"(^|\.)layers\.(?=\d)", r"\1encoder.layer."), *_VIT_ATTENTION,
                (r"\.mlp\.fc1(?=\.|$)", ".intermediate.dense"), (r"\.mlp\.fc2(?=\.|$)", ".output.dense")],
               [(r"(^|\.)encoder\.layer\.(?=\d)", r"\1layers."), *_VIT_ATTENTION_BACK,
-               (r"\.intermediate\.dense(?=\.|$)", ".mlp.fc1"), (r"\.output\.dense(?=\.|$)", ".mlp.fc2")]),
+               (r"\.intermediate\.dense(?=\.|$)", ".mlp.fc1"), (r"\.output\.dense(?=\.|$)", ".mlp.fc2")],
+              r"\.attention\.attention\."),  # (BERT's encoder.layer.N is renamed too, attention.self is BERT's)
     # DINOv2 (its layers keep their names; a SwiGLU MLP's gate_proj and up_proj are row blocks of weights_in,
     # see ldm.FUSED)
     Layout.of("DINOv2", "dinov2 dinov2_with_registers",
               [*_VIT_ATTENTION, (r"\.mlp\.down_proj(?=\.|$)", ".mlp.weights_out")],
-              [*_VIT_ATTENTION_BACK, (r"\.mlp\.weights_out(?=\.|$)", ".mlp.down_proj")]),
+              [*_VIT_ATTENTION_BACK, (r"\.mlp\.weights_out(?=\.|$)", ".mlp.down_proj")], r"\.attention\.attention\."),
     # Swin (transformers' swin mapping; its layers keep their names)
     Layout.of("Swin", "swin",
               [*_SELF_ATTENTION, (r"(\.blocks\.\d+)\.mlp\.fc1(?=\.|$)", r"\1.intermediate.dense"),
                (r"(\.blocks\.\d+)\.mlp\.fc2(?=\.|$)", r"\1.output.dense")],
               [*_SELF_ATTENTION_BACK, (r"(\.blocks\.\d+)\.intermediate\.dense(?=\.|$)", r"\1.mlp.fc1"),
-               (r"(\.blocks\.\d+)\.output\.dense(?=\.|$)", r"\1.mlp.fc2")]),
+               (r"(\.blocks\.\d+)\.output\.dense(?=\.|$)", r"\1.mlp.fc2")], r"\.layers\.\d+\.blocks\.\d+\."),
     # Segformer (SegformerModel, SegformerForSemanticSegmentation): stages.<s>.blocks.<b> ↔ encoder.block.<s>.<b>,
     # stages.<s>.patch_embeddings ↔ encoder.patch_embeddings.<s> (the inverse in reverse order: its MLP rule needs
     # the saved block path)
@@ -389,7 +401,8 @@ SAVED_LAYOUTS = [
                (r"\.attention\.self\.sr(?=\.|$)", ".attention.sequence_reduction.sequence_reduction"),
                *_SELF_ATTENTION_BACK,
                (r"(^|\.)encoder\.patch_embeddings\.(\d+)\.", r"\1stages.\2.patch_embeddings."),
-               (r"(^|\.)encoder\.block\.(\d+)\.(\d+)\.", r"\1stages.\2.blocks.\3.")]),
+               (r"(^|\.)encoder\.block\.(\d+)\.(\d+)\.", r"\1stages.\2.blocks.\3.")],
+              r"(^|\.)encoder\.block\.\d+\.\d+\.|^decode_head\.linear_c\."),
     # Mixtral (and MiniMax): mlp.gate / mlp.experts.<e>.{gate,up,down}_proj ↔ block_sparse_moe.gate /
     # block_sparse_moe.experts.<e>.{w1,w3,w2} (the per-expert shares of fused experts, see formats.params)
     Layout.of("Mixtral's block_sparse_moe", "mixtral minimax minimax_m2",
@@ -425,7 +438,7 @@ def memory_names(names: Iterable[str], config: Mapping) -> tuple[dict[str, str],
     if config or ldm.diffusers_names(names):  # a model of no renamed family, or a single-file SD/FLUX checkpoint
         return {}, None
     suspects = [layout.name for layout in SAVED_LAYOUTS
-                if any(layout.in_memory(n) != n for n in names)
+                if any(layout.in_memory(n) != n for n in names) and any(layout.marked(n) for n in names)
                 and all(layout.saved(n) == n and layout.saved(layout.in_memory(n)) == n for n in names)]
     if not suspects:
         return {}, None

@@ -13,7 +13,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import algebra
 from .errors import InvalidInputError, MismatchError
@@ -79,6 +79,13 @@ def check_arguments(name: str | None, output: str | None, force: bool, refs: Seq
     if output is not None:
         refuse_existing(output, force)
         refuse_output_over(output, refs)
+
+
+def rank_name(stem: str, rank: int, ceilings: Iterable[int]) -> str:
+    """``<stem>-r<k>``, the default name of an adapter made at a fixed ``rank``: k is the largest rank a module gets,
+    each capped at its ceiling (the most rank a truncated SVD of its delta has: min(out, in), and a LoRA's own rank
+    when it is resized), so a --rank above every module's size names none of them (extract, resize)."""
+    return f"{stem}-r{min(rank, max(ceilings, default=rank))}"
 
 
 def common_base(inputs: Sequence[Input]) -> int | None:
@@ -164,7 +171,10 @@ def resize(
                                         device=device, precise=precise)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="resize", params=rule, inputs=[LineageInput(kind="adapter", id=source.record.id)])
-        default = f"{source.record.name}-r{rank}" if rank is not None else f"{source.record.name}-{dynamic}{param:g}"
+        default = (rank_name(source.record.name, rank, (
+            min(m.product.shape) if m.product is not None else min(m.rank, m.B.shape[0], math.prod(m.A.shape[1:]))
+            for m in source.adapter.modules.values())) if rank is not None
+            else f"{source.record.name}-{dynamic}{param:g}")
         return save(reg, resized, name=default if name is None else name, output=output, fmt=fmt, force=force,
                     base=source.record.base.id if source.record.base else None, lineage=lineage)
 
@@ -190,21 +200,19 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
 
 
 @contextlib.contextmanager
-def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "BaseRecord"]]:
-    """``record_model`` for one command: a model is found in the registry by fingerprint, or recorded (manifest only,
-    its files staying where they are); the ones recorded are removed again if the command fails."""
-    from .merging import free_name
+def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRecord, str | None]"]]:
+    """``record_model`` for one command: (the record of a model, found in the registry by fingerprint or recorded
+    now, manifest only, its files staying where they are; the name of the registered base whose files it is when
+    they changed since: merging.record_read); the ones recorded are removed again if the command fails."""
+    from .merging import record_read
 
     recorded: list[int] = []
 
-    def record_model(model: "BaseModel") -> "BaseRecord":
-        found = reg.find_base(model.fingerprint())
-        if found is not None:
-            return found
-        record, created = reg.register_base(model.path, name=free_name(reg, model.path))
+    def record_model(model: "BaseModel") -> "tuple[BaseRecord, str | None]":
+        record, created, changed = record_read(reg, model)
         if created:
             recorded.append(record.id)
-        return record
+        return record, changed
 
     try:
         yield record_model
@@ -219,7 +227,8 @@ def extract(
     base: str, tuned: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, alpha: float | None = None, modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None, device: str = "auto", precise: bool = False, dtype: str | None = None,
-    name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
+    keep_rounding: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
+    force: bool = False,
 ) -> DerivedRecord:
     """Extract the LoRA adapter of ``tuned`` − ``base`` (registered bases or paths) and register it against the base,
     with lineage op "extract" (inputs: the base, role "base", and the tuned model, role "tuned", each recorded by
@@ -240,20 +249,21 @@ def extract(
                 refuse_overlap(output, model.path, "a model it reads")
         derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                  alpha=alpha, modules=modules, save_modules=save_modules, device=device,
-                                 precise=precise, dtype=dtype, labels=(base_label, tuned_label))
-        base_record, tuned_record = record_model(base_model), record_model(tuned_model)
+                                 precise=precise, dtype=dtype, keep_rounding=keep_rounding, fmt=fmt or "peft",
+                                 labels=(base_label, tuned_label))
+        (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="extract", params={
             **rule, "alpha": alpha, "modules": list(modules) if modules else None,
             "save_modules": list(save_modules) if save_modules else None, "precise": precise,
+            **({"keep_rounding": True} if keep_rounding else {}),
             "dtype": str(derived.adapter.dtype).removeprefix("torch."),
         }, inputs=[LineageInput(kind="base", id=base_record.id, role="base"),
                    LineageInput(kind="base", id=tuned_record.id, role="tuned")])
-        # named after the ranks it gets: each module's is min(rank, out, in), so a --rank above every module's size
-        # names none of them (the report's module ranks say it too)
-        largest = max((min(m.B.shape[0], math.prod(m.A.shape[1:])) for m in derived.adapter.modules.values()),
-                      default=rank)
-        default = (f"{tuned_record.name}-r{min(rank, largest)}" if rank is not None
+        default = (rank_name(tuned_record.name, rank, (min(m.B.shape[0], math.prod(m.A.shape[1:]))
+                                                       for m in derived.adapter.modules.values())) if rank is not None
                    else f"{tuned_record.name}-{dynamic}{param:g}")
-        return save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,
-                    base=base_record.id, lineage=lineage)
+        result = save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,
+                      base=base_record.id, lineage=lineage)
+    changed = [n for n in (base_changed, tuned_changed) if n is not None]
+    return result.model_copy(update={"report": result.report.model_copy(update={"base_changed": changed})})

@@ -651,19 +651,12 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
     wanted.update((name, rows_shape(r, base.tensors)) for adapter, _ in adapters for name, r in adapter.token_rows.items())
     heads = {}
     for name, shape in sorted(wanted.items()):
-        embeddings = tied_head_source(name, shape, base.tensors)
-        if embeddings is None:
-            continue
-        if undo:
+        if undo and (embeddings := tied_head_source(name, shape, base.tensors)) is not None:
             raise InvalidInputError(f"{name!r} is not in the model, which ties its output head to {embeddings!r}: "
                                     "there is no head to take a LoRA off")
-        if _tie_word_embeddings(base, embeddings) is False:
-            raise MismatchError(f"{name!r} is not in the base, and its config.json says tie_word_embeddings: false")
-        if not _can_untie(base, embeddings):
-            raise MismatchError(f"{name!r} is tied to {embeddings!r} in an encoder-decoder model, where "
-                                "tie_word_embeddings also decides how the output is scaled (T5-style): loraops "
-                                "does not untie it, and does not merge into tied heads")
-        heads[name] = embeddings
+        embeddings = untied_head_source(base, name, shape)
+        if embeddings is not None:
+            heads[name] = embeddings
     for name in sorted(_changed_apart(adapters) & base.tensors.keys()) if not undo else ():
         head = unstored_head_of(name, base.tensors, base.config(name))
         if head is not None and head not in heads:
@@ -673,6 +666,23 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         if bias is not None and bias[0] not in base.tensors and bias[1] in base.tensors:
             heads[bias[0]] = bias[1]
     return heads
+
+
+def untied_head_source(base: BaseModel, name: str, shape) -> str | None:
+    """The input embeddings whose values an output head ``name`` (of ``shape``) starts from when a merge writes it as a
+    tensor of its own, untied: the base ties the head to them and does not store it (tied_head_source); None when
+    the head is no such one. Refused where loraops does not untie: a config that says the head is untied, and an
+    encoder-decoder model (merge; extract of a fine-tune that untied its head)."""
+    embeddings = tied_head_source(name, shape, base.tensors)
+    if embeddings is None:
+        return None
+    if _tie_word_embeddings(base, embeddings) is False:
+        raise MismatchError(f"{name!r} is not in the base, and its config.json says tie_word_embeddings: false")
+    if not _can_untie(base, embeddings):
+        raise MismatchError(f"{name!r} is tied to {embeddings!r} in an encoder-decoder model, where "
+                            "tie_word_embeddings also decides how the output is scaled (T5-style): loraops "
+                            "does not untie it, and does not merge into tied heads")
+    return embeddings
 
 
 def _changed_apart(adapters: list[tuple[Adapter, float]]) -> set[str]:

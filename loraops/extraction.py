@@ -11,9 +11,13 @@ Layouts (LoraModule's): a Linear's D (out×in) is B·A; a GPT-2 Conv1D's (in×ou
 (A k×in×kh×kw, B out×k×1×1).
 
 Which tensors: which differ comes from the per-tensor sha256 digests of the fingerprint (cached per file: the
-registry needs them anyway), and, when the two models store a tensor in different dtypes, from its values.
+registry needs them anyway), and, when the two models store a tensor in different dtypes, from its values; there,
+a tensor whose every difference is within the rounding between the two dtypes is the same model saved in another
+dtype and is left out (reported; refused when it is all that differs), unless ``keep_rounding``.
 Targets are every 2-D / conv ``.weight`` that differs, embeddings only when asked for (``modules``: an embedding
-LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Tensors that
+LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Where transformers 5
+holds a weight otherwise in memory, the modules follow it (_modules_of): DINOv2's weights_in is its two halves, a MoE
+router a LoRA on its weight parameter (PEFT target_parameters). Tensors that
 differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped. A
 target whose delta turns out exactly zero (bytes that differ only in signed zeros) is dropped and counted identical;
 NaN or Inf in a tensor that is read, and quantized weights, are refused.
@@ -24,11 +28,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from . import ldm
 from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
@@ -47,6 +53,9 @@ EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "positi
 """Weights of nn.Embedding layers, by name (a safetensors file does not say which 2-D weight is a lookup table):
 the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP and OPT."""
 SHOWN = 3
+PRECISION = {"F64": (52, -1022), "F32": (23, -126), "F16": (10, -14), "BF16": (7, -126)}
+"""(mantissa bits, smallest normal exponent) of each float dtype: its spacing (ulp) at x is
+2^(max(⌊log2 |x|⌋, emin) − bits), subnormals included."""
 
 
 @dataclass
@@ -60,10 +69,42 @@ class Plan:
     skipped: list[tuple[str, str]]
     """(tensor, why) of the tensors that differ but are not extracted."""
     identical: int
+    rounding: list[ExtractSkippedRecord]
+    """Tensors the two models store in other dtypes that differ only by the rounding between those (left out unless
+    keep_rounding)."""
 
 
 def _open(model: "str | Path | BaseModel") -> BaseModel:
     return model if isinstance(model, BaseModel) else BaseModel.open(model)
+
+
+@dataclass
+class _Untying(BaseModel):
+    """A base that ties its output head to its input embeddings (and so does not store it), as a fine-tune that
+    untied the head is compared with it: the head under its own name, holding the embeddings' bytes. That is the
+    weight the tied model's head reads, to which PEFT's LoRA on the head adds its delta (leaving the embeddings'
+    lookup alone), and from which a merge writes the head untied (engine.untied_head_source): D = W_head(tuned) −
+    W_embeddings(base)."""
+
+    heads: dict[str, str] = field(default_factory=dict)
+    """head → the embeddings it reads."""
+
+    def tensor_digests(self, progress: bool | None = None) -> dict[str, str]:
+        digests = super().tensor_digests(progress)
+        return {**digests, **{head: digests[embeddings] for head, embeddings in self.heads.items()}}
+
+
+def _untied(base: BaseModel, tuned: BaseModel) -> BaseModel:
+    """``base`` with the heads it ties (not stored) that ``tuned`` stores, as _Untying; ``base`` itself when none."""
+    from .engine import untied_head_source
+
+    heads = {n: e for n in sorted(tuned.tensors.keys() - base.tensors.keys())
+             if (e := untied_head_source(base, n, tuned.tensors[n].shape)) is not None}
+    if not heads:
+        return base
+    view = _Untying(**{f.name: getattr(base, f.name) for f in fields(BaseModel)}, heads=heads)
+    view.tensors = {**base.tensors, **{head: replace(base.tensors[e], name=head) for head, e in heads.items()}}
+    return view
 
 
 def _shown(names: Sequence[str]) -> str:
@@ -85,7 +126,8 @@ def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | N
     return "linear", conv1d and name.removesuffix(".weight").rpartition(".")[2] in CONV1D_LAYERS
 
 
-def _stand_in(name: str, shape: Sequence[int], kind: str, fan_in_fan_out: bool, dtype: "torch.dtype") -> LoraModule:
+def _stand_in(name: str, shape: Sequence[int], kind: str, fan_in_fan_out: bool, dtype: "torch.dtype",
+              **where) -> LoraModule:
     import torch
 
     out, rest = shape[0], tuple(shape[1:])
@@ -93,7 +135,29 @@ def _stand_in(name: str, shape: Sequence[int], kind: str, fan_in_fan_out: bool, 
         out, rest = shape[1], (shape[0],)
     A = torch.empty((1, *rest), dtype=dtype, device="meta")
     B = torch.empty((out, 1, *[1] * (len(rest) - 1)), dtype=dtype, device="meta")
-    return LoraModule(name, A=A, B=B, alpha=1.0, scale=1.0, kind=kind, fan_in_fan_out=fan_in_fan_out)  # type: ignore[arg-type]
+    return LoraModule(name, A=A, B=B, alpha=1.0, scale=1.0, kind=kind, fan_in_fan_out=fan_in_fan_out,  # type: ignore[arg-type]
+                      **where)
+
+
+_ROUTER = re.compile(r"^(?P<owner>.+)\.(?:gate|router)\.weight$")
+_EXPERTS = re.compile(r"^(?P<owner>.+)\.experts\.")
+
+
+def _modules_of(tensor: str, manifest, kind: tuple[str, bool], dtype: "torch.dtype", parameters: bool,
+                experts: set[str]) -> list[LoraModule]:
+    """The stand-ins of the modules that extract makes of a weight: one, on the module the weight is saved under,
+    except where transformers 5 holds it otherwise in memory. DINOv2's SwiGLU ``mlp.weights_in`` is two modules
+    there, ``gate_proj`` and ``up_proj`` (ldm.SPLIT_ON_LOAD): one module on each half of its rows. A MoE layer's
+    router (its ``gate`` or ``router`` beside its ``experts``) is a router class of its own, which PEFT cannot wrap
+    as a module (it refuses the adapter): with ``parameters`` (a PEFT output) a LoRA on its ``weight``, PEFT's
+    ``target_parameters``, as PEFT's own conversion of Mixtral adapters makes it (formats.params)."""
+    shape = manifest[tensor].shape
+    halves = [(part, fused) for part in _split(tensor) if (fused := ldm.fused_target(part, manifest)) is not None]
+    if halves:
+        return [_stand_in(part, (fused[2], shape[1]), *kind, dtype, fused=fused) for part, fused in halves]
+    router = _ROUTER.match(tensor)
+    raw = (tensor, 0, 1) if parameters and router and router["owner"] in experts and len(shape) == 2 else None
+    return [_stand_in(tensor.removesuffix(".weight"), shape, *kind, dtype, raw_parameter=raw)]
 
 
 def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> None:
@@ -128,31 +192,64 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
                                       "weights: dequantize the model first")
 
 
-def _differs(base: BaseModel, tuned: BaseModel) -> dict[str, bool]:
-    """Whether each tensor differs: by its bytes' digest (the fingerprint's, cached per file), or by value when the
-    models store it in different dtypes (a bf16 tuned model of an fp32 base: the same values are other bytes)."""
+def _ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
+    """The spacing of ``dtype``'s values at |x| (elementwise; x ≥ 0)."""
+    import torch
+
+    bits, emin = PRECISION[dtype]
+    return torch.ldexp(torch.ones_like(x), (torch.frexp(x).exponent - 1).clamp(min=emin) - bits)
+
+
+def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[str, float]]:
+    """(whether each tensor differs, {tensor: largest |Δ|} of those that differ only by the rounding between the two
+    dtypes the models store it in). Whether it differs: by its bytes' digest (the fingerprint's, cached per file), or
+    by value when the models store it in different dtypes (a bf16 tuned model of an fp32 base: the same values are
+    other bytes). Rounding: every |Δ| within half a spacing (ulp) of each dtype at the larger of the two values, the
+    most that rounding one to the other, or both from one original, can move it (|r₁(x) − r₂(x)| ≤ ulp₁/2 + ulp₂/2);
+    a tensor within it holds nothing one of the two models does not: the other rounded (up to ties)."""
     import torch
 
     from .st import read_paired_row_blocks, torch_dtype
 
     base_digests, tuned_digests = base.tensor_digests(), tuned.tensor_digests()
-    out = {}
+    out: dict[str, bool] = {}
+    rounding: dict[str, float] = {}
     for name, info in base.tensors.items():
         other = tuned.tensors[name]
         if info.dtype == other.dtype or info.dtype not in FLOAT_DTYPES or other.dtype not in FLOAT_DTYPES:
             out[name] = base_digests[name] != tuned_digests[name]
-        else:  # by row blocks: a vocabulary-sized embedding is never read whole
-            common = torch.promote_types(torch_dtype(info.dtype), torch_dtype(other.dtype))
-            out[name] = info.nbytes > 0 and any(
-                not torch.equal(b.to(common), t.to(common)) for b, t in read_paired_row_blocks(info, other))
-    return out
+            continue
+        common = torch.promote_types(torch_dtype(info.dtype), torch_dtype(other.dtype))
+        differs, within, largest = False, True, 0.0
+        for b, t in read_paired_row_blocks(info, other) if info.nbytes else ():  # a vocabulary is never read whole
+            b, t = b.to(common), t.to(common)
+            if torch.equal(b, t):
+                continue
+            differs, diff = True, t.sub(b).abs_()
+            largest = max(largest, float(diff.max()))
+            if within:  # (NaN is never within: refused when read)
+                at = torch.maximum(b.abs(), t.abs())
+                within = bool((diff <= (_ulp(at, info.dtype) + _ulp(at, other.dtype)) / 2).all())
+        out[name] = differs
+        if differs and within:
+            rounding[name] = largest
+    return out, rounding
 
 
 def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = None,
-         save_modules: Sequence[str] | None = None, dtype: "torch.dtype", labels: tuple[str, str]) -> Plan:
-    """Which weights to factorize, which tensors to store whole, what is left out; every name asked for must match."""
+         save_modules: Sequence[str] | None = None, dtype: "torch.dtype", labels: tuple[str, str],
+         keep_rounding: bool = False, parameters: bool = True) -> Plan:
+    """Which weights to factorize, which tensors to store whole, what is left out; every name asked for must match.
+    Tensors that differ only by the rounding between the dtypes the two models store them in are left out (they
+    are the same model saved in another dtype), unless ``keep_rounding``. ``parameters``: MoE routers as LoRAs on
+    their weight parameter (PEFT target_parameters), see _modules_of."""
     check_pair(base, tuned, labels)
-    differs = _differs(base, tuned)
+    differs, within = _differs(base, tuned)
+    identical = sum(not d for d in differs.values())
+    rounding = [] if keep_rounding else [
+        ExtractSkippedRecord(name=n, reason=f"{base.tensors[n].dtype} → {tuned.tensors[n].dtype}", max_abs_diff=d)
+        for n, d in within.items()]
+    differs.update((r.name, False) for r in rounding)
     conv1d = conv1d_layout(base.tensors)
     kinds = {n: k for n, info in base.tensors.items() if (k := _kind(n, info.shape, conv1d)) is not None}
     saved: list[str] = []
@@ -161,10 +258,14 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
         if not found:
             raise InvalidInputError(f"--save-module {wanted}: {labels[0]} has no module by that name")
         saved += [n for n in found if n not in saved]
+    halves: dict[str, set[str]] = {}  # a weight transformers splits (DINOv2's), of which --modules names halves alone
     if modules:
         chosen: list[str] = []
         for wanted in modules:
-            matched = [n for n in kinds if names_module(n.removesuffix(".weight"), wanted)]
+            matched = [n for n in kinds if any(names_module(m, wanted) for m in [n.removesuffix(".weight"), *_split(n)])]
+            for n in (n for n in matched if _split(n)):
+                whole = names_module(n.removesuffix(".weight"), wanted)
+                halves.setdefault(n, set()).update(m for m in _split(n) if whole or names_module(m, wanted))
             found = [n for n in matched if n not in saved]
             if matched and not found:
                 raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(matched)}) are stored whole by "
@@ -173,23 +274,44 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
                 raise InvalidInputError(f"--modules {wanted}: {labels[0]} has no 2-D or conv weight by that name "
                                         "(norms and biases are no LoRA targets: --save-module keeps them whole)")
             if not any(differs[n] for n in found):
-                raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(found)}) are the same in both "
-                                        "models: nothing to extract")
+                same = "differ only by the rounding between the two models' dtypes (--keep-rounding extracts " \
+                    "them anyway)" if any(n in within for n in found) else "are the same in both models"
+                raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(found)}) {same}: nothing to "
+                                        "extract")
             chosen += [n for n in found if differs[n] and n not in chosen]
     else:
         chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved]
     taken = {*chosen, *saved}
-    targets = {n.removesuffix(".weight"): _stand_in(n.removesuffix(".weight"), base.tensors[n].shape, *kinds[n], dtype)
-               for n in base.tensors if n in taken and n not in saved}  # in file order
+    experts = {m["owner"] for n in base.tensors if (m := _EXPERTS.match(n))}
+    targets = {m.name: m for n in base.tensors if n in taken and n not in saved  # in file order
+               for m in _modules_of(n, base.tensors, kinds[n], dtype, parameters, experts)
+               if m.fused is None or n not in halves or m.name in halves[n]}
     skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
+    work = Plan(targets, saved, skipped, identical, rounding)
     if not targets and not saved:
-        raise _nothing_to_extract(skipped, labels)
-    return Plan(targets, saved, skipped, sum(not d for d in differs.values()))
+        raise _nothing_to_extract(work, labels)
+    return work
 
 
-def _nothing_to_extract(skipped: Sequence[tuple[str, str]], labels: tuple[str, str]) -> InvalidInputError:
-    """The error when no module is left to make: every tensor equal, or those that differ no LoRA targets."""
+def _split(tensor: str) -> list[str]:
+    """The modules transformers 5 splits a saved weight into in memory (ldm.SPLIT_ON_LOAD: DINOv2's weights_in →
+    gate_proj, up_proj), or []."""
+    owner_re, suffix, parts, _ = ldm.SPLIT_ON_LOAD
+    owner = tensor.removesuffix(suffix)
+    return [f"{owner}.{part}" for part in parts] if tensor.endswith(suffix) and owner_re.search(owner) else []
+
+
+def _nothing_to_extract(work: Plan, labels: tuple[str, str]) -> InvalidInputError:
+    """The error when no module is left to make: every tensor equal (or equal up to dtype rounding), or those that
+    differ no LoRA targets."""
+    skipped = work.skipped
+    if not skipped and work.rounding:
+        worst = max(work.rounding, key=lambda r: r.max_abs_diff)
+        return InvalidInputError(
+            f"{labels[1]} and {labels[0]} differ only by the rounding between their dtypes ({worst.reason}; largest "
+            f"|Δ| {worst.max_abs_diff:.3g} in {worst.name}): the same model saved in another dtype, not a fine-tune; "
+            "nothing to extract (--keep-rounding extracts the rounding anyway)")
     if not skipped:
         return InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
                                  "extract")
@@ -225,13 +347,18 @@ def extract_lazily(
     device: str = "auto",
     precise: bool = False,
     dtype: str | None = None,
+    keep_rounding: bool = False,
+    fmt: str = "peft",
     labels: tuple[str, str] | None = None,
 ) -> "Derivation":
     """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
     ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``),
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
-    the tuned model's), each module's alpha ``alpha`` (default its rank). Everything is checked now (names, shapes,
-    what differs); the modules are computed as the Derivation is iterated, one tensor pair in memory at a time."""
+    the tuned model's), each module's alpha ``alpha`` (default its rank). Tensors stored in other dtypes that differ
+    only by the rounding between those are left out (reported), unless ``keep_rounding``. ``fmt``: the layout it is
+    for (a MoE router is a LoRA on its weight parameter in PEFT's, a plain module in kohya's). Everything is checked
+    now (names, shapes, what differs); the modules are computed as the Derivation is iterated, one tensor pair in
+    memory at a time."""
     import torch
 
     from .algebra import Derivation, compute_precision, factorizing, finite_module, resize_rule
@@ -246,9 +373,18 @@ def extract_lazily(
     if alpha is not None and alpha > FLOAT32_MAX:  # else refused only at the end, naming a scratch file
         raise InvalidInputError(f"alpha {alpha:g} is beyond what float32 holds")
     base, tuned = _open(base), _open(tuned)
+    base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings
     labels = labels or (str(base.path), str(tuned.path))
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
-    work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels)
+    work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels,
+                keep_rounding=keep_rounding, parameters=fmt != "kohya")
+    made = {*work.saved, *(m.weight_name for m in work.targets.values())}
+    untied = {h: e for h, e in (base.heads if isinstance(base, _Untying) else {}).items() if h in made}
+    if untied and fmt == "kohya":  # (--save-module is refused for kohya before)
+        raise UnsupportedAdapterError(
+            f"{next(iter(untied)).removesuffix('.weight')}: {labels[0]} ties this head to its input embeddings and "
+            "does not store it, and kohya module names are resolved against the tensors a base stores: use --format "
+            "peft")
     started = time.perf_counter()
     target = resolve_device(device)
     compute_dtype, precision = compute_precision(precise)
@@ -268,7 +404,8 @@ def extract_lazily(
     # PEFT names modules as transformers holds them in memory, which for some families is not as saved: the
     # adapter's own names (what the PEFT writer writes) are those; bound to the base, it keeps the saved ones
     renames, names_warning = memory_names(base.tensors, base.config(next(iter(base.tensors))))
-    own = {n: renames[m.weight_name].removesuffix(".weight") for n, m in work.targets.items() if m.weight_name in renames}
+    own = {n: renames[m.weight_name].removesuffix(".weight") for n, m in work.targets.items()
+           if m.fused is None and m.weight_name in renames}
     own.update((n, renames[n]) for n in work.saved if n in renames)
     warnings = [names_warning] if names_warning else []
     experts = [own.get(n, n) for n in work.targets if EXPERT_RE.match(own.get(n, n))]
@@ -304,6 +441,8 @@ def extract_lazily(
     def compute() -> Iterator[LoraModule]:
         for name, template in work.targets.items():
             D = delta(template.weight_name)
+            if template.fused is not None:  # one module on a block of the weight's rows (DINOv2's halves)
+                D = D[template.first_row:template.first_row + template.fused[2]]
             if not bool(D.any()):  # bytes that differ only in the sign of a zero: the same weight, no module
                 dropped.add(name)
                 continue
@@ -319,28 +458,31 @@ def extract_lazily(
             module = finite_module(what, template.with_factors(
                 (B / scale).to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype), module_alpha, scale))
             records.append(ExtractModuleRecord(
-                name=name, kind=template.kind, shape=list(base.tensors[template.weight_name].shape), rank=k,
+                name=name, kind=template.kind, shape=list(template.weight_shape), rank=k,
                 alpha=module_alpha, svd=svd, error=error, fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
             del B, A
             yield module
         for tensor, why in work.skipped:  # norms and biases, or a vocabulary-sized embedding: by row blocks
             skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=max_abs_difference(tensor)))
         if len(dropped) == len(work.targets) and not work.saved:
-            raise _nothing_to_extract(work.skipped, labels)
+            raise _nothing_to_extract(work, labels)
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
         errors = [r.error for r in records] or [0.0]
+        # weights none of whose modules was made (a DINOv2 weights_in is two modules)
+        unchanged = {m.weight_name for m in work.targets.values()} - {
+            m.weight_name for n, m in work.targets.items() if n not in dropped}
         return ExtractReport(
             base=labels[0], tuned=labels[1], rank=rule.rank, dynamic=rule.dynamic, param=rule.param,
             max_rank=rule.max_rank, alpha=alpha, device=str(target), precision=precision,
             dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
-            identical=work.identical + len(dropped), skipped=skipped, saved=work.saved,
+            identical=work.identical + len(unchanged), skipped=skipped, rounding=work.rounding, saved=work.saved,
             parameters=replace(extracted, full_tensors={}).num_parameters  # (sizes of the full tensors: unread)
             + sum(tuned.tensors[n].numel for n in work.saved), seconds=seconds, peak_rss_bytes=peak_rss(),
             peft_names={n: own.get(n, n) for n in [*(r.name for r in records), *work.saved]
-                        if own.get(n, n) != n}, warnings=warnings,
+                        if own.get(n, n) != n}, warnings=warnings, untied_heads=untied,
         )
 
     return Derivation(result, compute(), summarize, seconds=time.perf_counter() - started, dropped=dropped)

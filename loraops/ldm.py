@@ -140,8 +140,13 @@ def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
 
 # Fused tensors: (owner module path, tensor name suffix, parts in row order, rows of each part from the shape). A part
 # is named by the leaf of the split module it stands for (transformers' CLIP, diffusers' FLUX), so a LoRA's targets
-# read the same bound as unbound.
+# read the same bound as unbound. Owner patterns are searched (anchored with ^ where the owner starts the name: a
+# classifier's DINOv2 is under dinov2.).
 QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
+# DINOv2's SwiGLU MLP: transformers 5 splits weights_in into gate_proj and up_proj in memory (the modules PEFT wraps,
+# so extract makes one LoRA per half)
+SPLIT_ON_LOAD = (re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"),
+                 halves)
 FUSED = (
     (re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
      ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
@@ -150,8 +155,7 @@ FUSED = (
     (re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp),
     (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds),
     (re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds),
-    # DINOv2's SwiGLU MLP (transformers 5 splits weights_in into gate_proj and up_proj in memory)
-    (re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"), halves),
+    SPLIT_ON_LOAD,
 )
 
 
@@ -226,7 +230,7 @@ def checkpoint_modules(tensors: Iterable[str]) -> list[str]:
             modules.append(tensor[: -len(".weight")])
         for owner_re, suffix, parts, _ in FUSED:
             owner = tensor[: -len(suffix)]
-            if tensor.endswith(suffix) and owner_re.match(owner):
+            if tensor.endswith(suffix) and owner_re.search(owner):
                 modules += [f"{owner}.{part}" for part in parts]
     return modules
 
@@ -279,7 +283,7 @@ def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:
     (``…attn.q_proj`` of OpenCLIP's in_proj_weight; ``…img_attn.qkv.to_k``, ``…linear1.proj_mlp`` of FLUX), else None."""
     owner, _, part = module.rpartition(".")
     for owner_re, suffix, parts, blocks in FUSED:
-        if part not in parts or not owner_re.match(owner):
+        if part not in parts or not owner_re.search(owner):
             continue
         info = manifest.get(owner + suffix)
         sizes = blocks(tuple(info.shape)) if info is not None and len(info.shape) == 2 else None

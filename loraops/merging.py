@@ -253,11 +253,7 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     """Record the output (already in place) as a derived base with its lineage. Inputs given by path are recorded
     too (a base by its manifest and fingerprint, its files staying where they are; an adapter by a copy in the blob
     store, or the existing entry with the same identity)."""
-    source_record = reg.find_base(source.fingerprint())
-    changed = None
-    if source_record is None or not Path(source_record.path or "").exists():
-        changed = _stale_record_of(reg, source.path)
-        source_record = reg.register_base(source.path, name=free_name(reg, source.path))[0]
+    source_record, _, changed = record_read(reg, source)
     for i in inputs:  # adapters given by path join the registry (by identity), so the lineage can name them
         if i.registry_id is None:
             i.registry_id = reg.register_adapter(i.label)[0].id
@@ -282,6 +278,20 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     except LoraopsError as exc:
         raise type(exc)(f"{report.output} was written, but recording it in the registry failed: {exc}") from None
     return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint, "base_changed": changed})
+
+
+def record_read(reg, model: BaseModel):
+    """(its registry record, whether it is new, changed) for a model that was read: the base with its fingerprint
+    (given its path again if its recorded files are gone), or recorded now by manifest and fingerprint (its files
+    staying where they are). ``changed`` names the registered base whose recorded files are the ones read when their
+    fingerprint is no longer its own (they changed since it was registered: what was read is a base of its own, and
+    the lineage names that one), else None: merge, subtract and extract say so (cli.render.echo_base_changed)."""
+    found = reg.find_base(model.fingerprint())
+    if found is not None and Path(found.path or "").exists():
+        return found, False, None
+    changed = _stale_record_of(reg, model.path) if found is None else None
+    record, created = reg.register_base(model.path, name=free_name(reg, model.path))
+    return record, created, changed
 
 
 def _stale_record_of(reg, path: Path) -> str | None:

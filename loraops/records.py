@@ -83,7 +83,8 @@ class ExtractModuleRecord(Record):
 
 
 class ExtractSkippedRecord(Record):
-    """A tensor that differs between the models but is not extracted (a norm, a bias, an embedding not asked for)."""
+    """A tensor that differs between the models but is not extracted (a norm, a bias, an embedding not asked for, a
+    difference of dtype rounding alone)."""
 
     name: str
     reason: str
@@ -112,6 +113,9 @@ class ExtractReport(Record):
     skipped: list[ExtractSkippedRecord]
     saved: list[str]
     """Tensors stored whole (--save-module: PEFT modules_to_save)."""
+    rounding: list[ExtractSkippedRecord] = []
+    """Tensors the two models store in other dtypes that differ only by the rounding between them (reason: "F32 →
+    BF16", base's → tuned's), left out (keep_rounding extracts them)."""
     parameters: int
     seconds: float
     peak_rss_bytes: int
@@ -121,6 +125,13 @@ class ExtractReport(Record):
     warnings: list[str] = []
     """What PEFT may not load as loraops does: the model family (and so the names PEFT sees) cannot be told, or
     per-expert modules of experts transformers holds fused."""
+    untied_heads: dict[str, str] = {}
+    """Output heads the base ties to its input embeddings (and does not store) that the tuned model stores apart →
+    those embeddings: each head's module is its change from them (what PEFT's LoRA on the tied head adds; a merge
+    unties the head)."""
+    base_changed: list[str] = []
+    """The registered bases named (or found at the paths given) for the base or the tuned model whose files changed
+    since they were registered: what was read is recorded as a base of its own (by fingerprint), as merge does."""
 
 
 class CombineInputRecord(Record):

@@ -175,3 +175,20 @@ def test_derived_adapters_keep_their_inputs_module_names(tmp_path):
             assert "lm_head" in read_adapter(tmp_path / written).modules
             loaded = PeftModel.from_pretrained(GPTNeoXForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / written)
             torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, expected, rtol=0, atol=1e-4, msg=written)
+
+
+def test_resize_is_named_after_the_ranks_its_modules_get(tmp_path):
+    """A rank-16 LoRA on modules 8 wide has a delta of rank ≤ 8: --rank 12 gives every module 8, and the default
+    name said -r12 (extract's rule, derive.rank_name: the largest rank a module gets; one line says --rank was
+    capped)."""
+    from factories import lora_adapter
+    from loraops.formats import write_adapter
+
+    adapter = lora_adapter({"m.q": (8, 32), "m.v": (32, 8)}, rank=16, alpha=16)
+    write_adapter(adapter, tmp_path / "wide", "peft")
+    code, out = run("resize", tmp_path / "wide", "--rank", "12")
+    assert code == 0, out
+    assert "--rank 12 capped: no module is larger than rank 8 (min(its rank, out, in))\n" in out
+    assert "registered wide-r8@1" in out, out
+    code, out = run("resize", tmp_path / "wide", "--rank", "6")
+    assert code == 0 and "capped" not in out and "registered wide-r6@1" in out, out

@@ -86,6 +86,9 @@ CASES = {
              "projection"], pixels),
     # fixed: DINOv2's SwiGLU gate_proj/up_proj are the two halves of its saved mlp.weights_in
     "dinov2-swiglu": ("dinov2", "Dinov2Model", dict(**VISION, mlp_ratio=2, use_swiglu_ffn=True), "all-linear", pixels),
+    # fixed: the same under a classifier's dinov2. prefix (ldm.FUSED's owner pattern was matched at the start only)
+    "dinov2-swiglu-classifier": ("dinov2", "Dinov2ForImageClassification",
+                                 dict(**VISION, mlp_ratio=2, use_swiglu_ffn=True, num_labels=3), "all-linear", pixels),
     # fixed: model.language_model.… / model.visual.… saved as model.… / visual.… (a VLM, its head and embeddings)
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", QWEN2_VL,
                  ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1",

@@ -484,15 +484,71 @@ def test_non_finite_weights_are_refused_naming_the_tensor(peft_pair, tmp_path, m
     assert_nothing_left(tmp_path)
 
 
-def test_a_head_tied_in_one_model_and_stored_in_the_other_is_named(tmp_path):
-    base = tiny_llama(tmp_path / "base", tie=True)
+def untied_fine_tune(base, dest, *, embeddings=False):
+    """A fine-tune of the tied model ``base`` that untied its head: lm_head stored apart and moved by a rank-3 delta
+    (and q_proj nudged; with ``embeddings`` the input embeddings moved too)."""
     model = load_model(base)
     model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach() + 0.01)
-    model.save_pretrained(tmp_path / "untied")
-    code, out = run("extract", "--base", base, "--tuned", tmp_path / "untied", "--rank", "4")
-    assert (code, out) == (2, f"error: {tmp_path / 'untied'} is not a fine-tune of {base}'s architecture: only in "
-                              f"{tmp_path / 'untied'}: lm_head.weight; lm_head.weight is a head that {base} ties to its "
+    g = torch.Generator().manual_seed(0)
+    W = model.model.embed_tokens.weight.detach()
+    model.lm_head.weight = torch.nn.Parameter(W + 0.05 * torch.randn(128, 3, generator=g) @ torch.randn(3, 64, generator=g))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight += 0.01
+        if embeddings:
+            model.model.embed_tokens.weight += 0.05 * torch.randn(128, 2, generator=g) @ torch.randn(2, 64, generator=g)
+    model.save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.parametrize("how", ["lora", "save-module", "embeddings too"])
+def test_a_fine_tune_that_untied_its_head_extracts_the_head_from_the_embeddings(tmp_path, how):
+    """A base with tied embeddings (no lm_head stored) and a fine-tune that stores its head apart: the head's delta is
+    taken from the embeddings the tied head reads (a LoRA on lm_head, or lm_head whole with --save-module). PEFT's
+    adapted base and loraops merge (which unties the head) both give the tuned logits; refused before ('only in
+    tuned: lm_head.weight')."""
+    from peft import PeftModel
+
+    base = tiny_llama(tmp_path / "base", tie=True)
+    tuned = untied_fine_tune(base, tmp_path / "tuned", embeddings=how == "embeddings too")
+    args = {"lora": [], "save-module": ["--save-module", "lm_head"],
+            "embeddings too": ["--modules", "q_proj,embed_tokens,lm_head"]}[how]
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", *args, "--name", "ex", "-o",
+                    tmp_path / "lora")
+    assert code == 0, out
+    said = "stored whole" if how == "save-module" else "extracted as its change from those embeddings"
+    assert (f"lm_head.weight: tied to model.embed_tokens.weight in {base}, stored apart in {tuned}: {said} (a merge "
+            "unties it)\n") in out
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert ("lm_head" in config["target_modules"]) == (how != "save-module")
+    assert config["modules_to_save"] == (["lm_head"] if how == "save-module" else None)
+    ids = {"input_ids": torch.arange(3, 11).reshape(1, 8)}
+    with torch.no_grad():
+        expected = load_model(tuned).eval()(**ids).logits
+        peft = PeftModel.from_pretrained(load_model(base), tmp_path / "lora").eval()
+        torch.testing.assert_close(peft(**ids).logits, expected, rtol=0, atol=1e-5)
+    code, out = run("merge", "ex", "--into", base, "-o", tmp_path / "merged", "--no-record")
+    assert code == 0 and "untied lm_head.weight from the input embeddings" in out, out
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "merged").eval()(**ids).logits, expected, rtol=0, atol=1e-5)
+    if how == "lora":  # kohya names resolve against stored tensors: refused before any work, nothing left
+        code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "4", "--format", "kohya", "-o",
+                        tmp_path / "k.safetensors")
+        assert (code, out) == (2, f"error: lm_head: {base} ties this head to its input embeddings and does not store "
+                                  "it, and kohya module names are resolved against the tensors a base stores: use "
+                                  "--format peft\n")
+        assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_a_fine_tune_that_tied_its_head_is_named_and_refused(tmp_path):
+    """The other way round (the base stores its head, the fine-tune ties it to its embeddings): one line names it."""
+    base = tiny_llama(tmp_path / "base")
+    model = load_model(base)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "tied")
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "tied", "--rank", "4")
+    assert (code, out) == (2, f"error: {tmp_path / 'tied'} is not a fine-tune of {base}'s architecture: only in "
+                              f"{base}: lm_head.weight; lm_head.weight is a head that {tmp_path / 'tied'} ties to its "
                               "input embeddings (and so does not store)\n")
 
 
@@ -508,3 +564,101 @@ def test_a_quantized_weight_is_refused_not_extracted_from_its_integer_codes(tmp_
     assert (code, out) == (2, f"error: {tmp_path / 'base.safetensors'}: q.weight is stored as I8 with q.SCB F32[32]; "
                               "extract reads float weights: dequantize the model first\n")
     assert_nothing_left(tmp_path)
+
+
+def test_a_registered_model_whose_files_changed_is_said_to_have_changed(synthetic, tmp_path):
+    """As merge says it (one note per model, the same words): the files are read as they are now and recorded by
+    their own fingerprint, so the lineage names what was read, not the registered base named."""
+    base, tuned, _ = synthetic
+    base, tuned = shutil.copytree(base, tmp_path / "b"), shutil.copytree(tuned, tmp_path / "t")
+    assert run("base", "add", base, "--name", "llama")[0] == 0 and run("base", "add", tuned, "--name", "ft")[0] == 0
+    code, out = run("extract", "--base", "llama", "--tuned", "ft", "--rank", "2", "--name", "before")
+    assert code == 0 and "note:" not in out, out
+    for folder in (base, tuned):  # the same change to both: the deltas stay, the fingerprints do not
+        weights = state(folder)
+        weights["model.norm.weight"] = weights["model.norm.weight"] + 1
+        save_file(weights, str(next(folder.glob("*.safetensors"))), metadata={"format": "pt"})
+    code, out = run("extract", "--base", "llama", "--tuned", "ft", "--rank", "3", "--name", "after")  # (other bytes)
+    assert code == 0, out
+    for name in ("llama", "ft"):
+        assert (f"note: the files of registered base {name} changed since it was registered; what was read is "
+                "recorded as a base of its own (by its fingerprint), and the lineage names it\n") in out, out
+    with Registry.open() as reg:
+        assert [i.label for i in reg.get_adapter("before").lineage.inputs] == ["llama", "ft"]
+        assert [i.label for i in reg.get_adapter("after").lineage.inputs] == ["b", "t"]
+    code, out = run("extract", "--base", "llama", "--tuned", "ft", "--rank", "4", "--json", "--name", "again")
+    assert json.loads(out)["report"]["base_changed"] == []  # now recorded as they are (by path, the newest record)
+
+
+def in_dtype(weights, dtype):
+    return {k: v.to(dtype) for k, v in weights.items()}
+
+
+@pytest.mark.parametrize("base_dtype, tuned_dtype", [
+    (torch.float32, torch.bfloat16),   # an fp32 base re-saved in bf16: tuned = round(base)
+    (torch.bfloat16, torch.float32),   # a bf16 release and the fp32 weights it was rounded from: base = round(tuned)
+    (torch.bfloat16, torch.float16),   # both rounded from one fp32 original
+    (torch.float16, torch.bfloat16),   # the fp16 model converted to bf16
+])
+def test_a_model_saved_in_another_dtype_is_refused_as_rounding(synthetic, tmp_path, base_dtype, tuned_dtype):
+    """Not a fine-tune: every difference is within the rounding between the two dtypes; factorizing it would make
+    a LoRA of noise (every module, at any rank). --keep-rounding goes on."""
+    source, _, _ = synthetic
+    weights = state(source)
+    if (base_dtype, tuned_dtype) == (torch.float16, torch.bfloat16):
+        weights = in_dtype(weights, torch.float16)
+    base = with_tensors(source, tmp_path / "base", in_dtype(weights, base_dtype))
+    tuned = with_tensors(source, tmp_path / "tuned", in_dtype(weights, tuned_dtype))
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "out")
+    assert (code, out.count("\n")) == (2, 1) and out.startswith(
+        f"error: {tuned} and {base} differ only by the rounding between their dtypes ("), out
+    assert ("the same model saved in another dtype, not a fine-tune; nothing to extract (--keep-rounding extracts "
+            "the rounding anyway)\n") in out
+    assert_nothing_left(tmp_path)
+    if base_dtype == torch.float32:
+        code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--keep-rounding")
+        assert code == 0 and "15 modules, " in out and "rounding" not in out, out  # 14 layers + lm_head
+
+
+def test_a_fine_tune_saved_in_another_dtype_extracts_its_fine_tune_alone(synthetic, tmp_path):
+    """A bf16 fine-tune of an fp32 base: the weights it trained are extracted; the others, rounded to bf16 and
+    nothing else, are left out in one line (no module of rounding noise)."""
+    base, tuned, _ = synthetic
+    code, out = run("extract", "--base", base, "--tuned", with_tensors(base, tmp_path / "bf16", in_dtype(
+        state(tuned), torch.bfloat16)), "--rank", "6", "--json")
+    assert code == 0, out
+    report = json.loads(out)["report"]
+    assert sorted(m["name"] for m in report["modules"]) == sorted(TARGETS)
+    assert len(report["rounding"]) == len(state(base)) - len(TARGETS) - report["identical"] > 0
+    assert {r["reason"] for r in report["rounding"]} == {"F32 → BF16"}
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "bf16", "--rank", "6", "--name", "again")
+    assert code == 0, out
+    assert (f"not extracted: {len(report['rounding'])} tensors that differ only by the rounding between the models' "
+            "dtypes (F32 → BF16); largest |Δ| ") in out, out
+
+
+def test_rounding_is_bounded_by_half_a_spacing_of_each_dtype(tmp_path):
+    """The criterion (extraction._differs) holds every pair that rounding can make — one dtype rounded to the other,
+    or both from one original, subnormals and binade edges included — and nothing one spacing further."""
+    from loraops.basemodel import BaseModel
+    from loraops.extraction import _differs, _ulp
+
+    g = torch.Generator().manual_seed(0)
+    exponents = torch.randint(-40, 12, (4096,), generator=g).float()
+    x = torch.randn(4096, generator=g) * torch.exp2(exponents)
+    x = torch.cat([x, torch.exp2(torch.arange(-30, 12.0)) * (1 - 2 ** -20), torch.zeros(6)]).reshape(-1, 8)
+    pairs = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float16)]
+    for first, second in pairs:
+        for name, a, b in [("rounded", x.to(first), x.to(first).to(second)), ("both", x.to(first), x.to(second))]:
+            save_file({"w.weight": a}, str(tmp_path / "a.safetensors"))
+            save_file({"w.weight": b}, str(tmp_path / "b.safetensors"))
+            differs, rounding = _differs(BaseModel.open(tmp_path / "a.safetensors"),
+                                         BaseModel.open(tmp_path / "b.safetensors"))
+            assert differs["w.weight"] and "w.weight" in rounding, (first, second, name)
+            coarse = "BF16" if torch.bfloat16 in (first, second) else "F16"
+            bumped = b.clone()
+            bumped[3, 3] = (b[3, 3].float() + _ulp(b[3, 3].float().abs(), coarse) * 1.5).to(second)
+            save_file({"w.weight": bumped}, str(tmp_path / "b.safetensors"))
+            differs, rounding = _differs(BaseModel.open(tmp_path / "a.safetensors"),
+                                         BaseModel.open(tmp_path / "b.safetensors"))
+            assert differs["w.weight"] and "w.weight" not in rounding, (first, second, name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
@@ -62,7 +63,8 @@ def extract_and_check(tmp_path, model_type, cls, config, changed, inputs, *, bas
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--name", "ex", "-o", tmp_path / "lora")
     assert code == 0 and "warning" not in out, out
     adapter_config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    targets = set(adapter_config["target_modules"])
+    targets = {*adapter_config["target_modules"],
+               *(p.removesuffix(".weight") for p in adapter_config.get("target_parameters") or ())}
     model_cls = getattr(transformers, cls)
     model = PeftModel.from_pretrained(model_cls.from_pretrained(base), tmp_path / "lora").eval()
     assert peft_modules(model) == targets
@@ -189,6 +191,45 @@ def test_no_config_and_a_renamed_looking_checkpoint_warns(tmp_path):
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_modules"] == ["embed_out"]
 
 
+def test_no_config_and_a_plain_llama_gets_no_warning(tmp_path):
+    """A Llama's names are what Qwen2-VL saves its language model as, so the warning named Qwen2-VL for every
+    config-less Llama (and Whisper); a family is suspected only on names only its checkpoints have (Layout.marks)."""
+    from factories import tiny_llama
+
+    base = tiny_llama(tmp_path / "base", layers=1)
+    tuned = tuned_copy(base, tmp_path / "tuned", ["q_proj"])
+    code, out = run("extract", "--base", base / "model.safetensors", "--tuned", tuned / "model.safetensors",
+                    "--rank", "2")
+    assert code == 0 and "warning" not in out, out
+
+
+NO_CONFIG = {
+    "llama": (["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"], None),
+    "whisper": (["model.encoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.fc1.weight",
+                 "proj_out.weight"], None),
+    "bert": (["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.output.dense.weight",
+              "bert.encoder.layer.0.intermediate.dense.weight", "bert.encoder.layer.0.output.dense.weight"], None),
+    "t5": (["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"], None),
+    "clip": (["text_model.encoder.layers.0.self_attn.q_proj.weight", "vision_model.encoder.layers.0.mlp.fc1.weight"],
+             None),
+    "qwen2_vl": (["model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.attn.qkv.weight"], "Qwen2-VL"),
+    "vit": (["vit.encoder.layer.0.attention.attention.query.weight", "vit.encoder.layer.0.output.dense.weight"],
+            "ViT-style, DINOv2"),
+    "mixtral": (["model.layers.0.block_sparse_moe.experts.0.w1.weight", "model.layers.0.self_attn.q_proj.weight"],
+                "Mixtral's block_sparse_moe"),
+    "llava": (["language_model.model.layers.0.self_attn.q_proj.weight", "vision_tower.vision_model.encoder.layers.0."
+               "mlp.fc1.weight", "multi_modal_projector.linear_1.weight"], "LLaVA-style"),
+}
+
+
+@pytest.mark.parametrize("family", NO_CONFIG)
+def test_no_config_suspects_a_family_by_names_only_it_has(family):
+    names, suspects = NO_CONFIG[family]
+    renames, warning = memory_names(names, {})
+    assert renames == {}
+    assert (warning is None) if suspects is None else f"under other names ({suspects}), PEFT skips" in warning, warning
+
+
 def test_every_layout_inverse_undoes_its_rules():
     names = ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight",
              "vision_tower.encoder.layers.0.mlp.fc1.weight", "model.layers.0.mlp.down_proj.weight", "embed_out.weight",
@@ -216,3 +257,51 @@ def test_qwen2_vl_gets_in_memory_names(tmp_path):
                                ["q_proj", "qkv", "lm_head"], TOKENS)
     assert sorted(config["target_modules"]) == ["lm_head", "model.language_model.layers.0.self_attn.q_proj",
                                                 "model.visual.blocks.0.attn.qkv"]
+
+
+QWEN2_MOE = dict(LM, num_experts=2, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+
+
+@pytest.mark.parametrize("model_type, cls, config", [
+    ("mixtral", "MixtralForCausalLM", dict(MIXTRAL, num_experts_per_tok=2)),
+    ("qwen2_moe", "Qwen2MoeForCausalLM", QWEN2_MOE),
+])
+def test_a_moe_router_is_a_lora_on_its_weight_parameter(tmp_path, model_type, cls, config):
+    """transformers 5 holds a MoE layer's router (mlp.gate; Mixtral saves block_sparse_moe.gate) as a router class
+    PEFT cannot wrap as a module: Qwen2-MoE's target_modules entry made PEFT refuse the whole adapter ('Target module
+    Qwen2MoeTopKRouter() is not supported'). Written as target_parameters <router>.weight, PEFT's adapted model gives
+    the tuned logits (top-2 of 2 experts: the routing weights follow the router). Qwen2-MoE's shared_expert_gate is
+    an nn.Linear and stays a module; kohya (no target_parameters) gets a plain module that loraops merges."""
+    adapter_config = extract_and_check(tmp_path, model_type, cls, config, ["gate.weight", "q_proj"], TOKENS)
+    assert adapter_config["target_parameters"] == ["model.layers.0.mlp.gate.weight"]
+    assert sorted(adapter_config["target_modules"]) == (
+        ["model.layers.0.mlp.shared_expert_gate"] if model_type == "qwen2_moe" else []) + [
+        "model.layers.0.self_attn.q_proj"]
+    code, out = run("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", "2",
+                    "--format", "kohya", "-o", tmp_path / "kohya.safetensors")
+    assert code == 0, out
+    code, out = run("merge", tmp_path / "kohya.safetensors", "--into", tmp_path / "base", "-o", tmp_path / "m2",
+                    "--no-record")
+    assert code == 0, out
+    for name, tensor in tensors(tmp_path / "tuned").items():
+        torch.testing.assert_close(tensors(tmp_path / "m2")[name], tensor, rtol=0, atol=1e-5)
+
+
+DINOV2_SWIGLU = dict(VISION, mlp_ratio=2, use_swiglu_ffn=True)
+
+
+def test_dinov2_swiglu_weights_in_is_its_two_modules(tmp_path):
+    """DINOv2 saves its SwiGLU MLP's gate_proj and up_proj as the two halves of one mlp.weights_in; transformers 5
+    splits it on load, so an extracted weights_in module made PEFT refuse the adapter (no module by that name). Each
+    half is a module of its own; --modules can name one."""
+    pixels = {"pixel_values": torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+    config = extract_and_check(tmp_path, "dinov2", "Dinov2ForImageClassification", DINOV2_SWIGLU,
+                               ["weights_in", "weights_out"], pixels)
+    assert sorted(config["target_modules"]) == ["dinov2.encoder.layer.0.mlp.down_proj",
+                                                "dinov2.encoder.layer.0.mlp.gate_proj",
+                                                "dinov2.encoder.layer.0.mlp.up_proj"]
+    code, out = run("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", "2",
+                    "--modules", "up_proj", "--json")
+    assert code == 0, out
+    assert [(m["name"], m["shape"]) for m in json.loads(out)["report"]["modules"]] == [
+        ("dinov2.encoder.layer.0.mlp.up_proj", [48, 32])]

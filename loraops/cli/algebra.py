@@ -1,6 +1,7 @@
 """`loraops combine`, `loraops resize`, `loraops export`: the adapter algebra on the command line."""
 from __future__ import annotations
 
+from typing import Iterable
 
 import click
 
@@ -40,6 +41,14 @@ def echo_saved(result) -> None:
     state = "registered" if result.created else "already registered as"
     click.echo(f"{state} {record.ref} (id {record.id}, sha256 {record.sha256[:12]}), base "
                f"{record.base.name if record.base else '-'}" + (f"; wrote {result.output}" if result.output else ""))
+
+
+def echo_capped(rank: int | None, ranks: Iterable[int], ceiling: str) -> None:
+    """One line when a fixed --rank is above the largest rank any module got (extract, resize; the default name
+    follows the ranks got: derive.rank_name)."""
+    largest = max(ranks, default=None)
+    if rank is not None and largest is not None and largest < rank:
+        click.echo(f"--rank {rank} capped: no module is larger than rank {largest} ({ceiling})")
 
 
 def percent(value: float | None) -> str:
@@ -120,6 +129,7 @@ def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, f
     click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {percent(report.sum_retained_mean)}; "
                f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
                f"{report.precision} on {report.device}, {report.seconds:.2f} s")
+    echo_capped(report.rank, (m.rank_after for m in report.modules), "min(its rank, out, in)")
     echo_saved(result)
 
 

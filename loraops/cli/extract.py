@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .algebra import compute_options, echo_saved
-from .render import echo_json, echo_table, human_bytes
+from .algebra import compute_options, echo_capped, echo_saved
+from .render import echo_base_changed, echo_json, echo_table, human_bytes
 
 
 def _names(text: str | None, option: str) -> list[str] | None:
@@ -29,21 +29,22 @@ def _names(text: str | None, option: str) -> list[str] | None:
 @click.option("--save-module", "save_modules", metavar="NAMES", help="Comma-separated modules stored whole (PEFT modules_to_save).")
 @click.option("--alpha", type=float, help="LoRA alpha of every module (default: its rank, so scale 1).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="dtype of the factors (default: the tuned model's).")
+@click.option("--keep-rounding", is_flag=True, help="Also extract tensors that differ only by the rounding between the two models' dtypes (left out by default).")
 @compute_options
 @click.option("--name", help="Registry name of the result (default: TUNED-rK or TUNED-RULEP).")
 @click.option("-o", "--output", type=click.Path(), help="Also write the adapter here (PEFT folder, or kohya .safetensors).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output layout (default peft).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + ExtractReport) as JSON.")
-def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, alpha, dtype, device, precise, name,
-            output, fmt, force, as_json) -> None:
+def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, alpha, dtype, keep_rounding, device,
+            precise, name, output, fmt, force, as_json) -> None:
     """Extract the LoRA adapter of TUNED − BASE (a truncated SVD of each weight's difference), registered against
     the base with its lineage."""
     from .. import derive
 
     result = derive.extract(base, tuned, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, alpha=alpha,
                             modules=_names(modules, "--modules"), save_modules=_names(save_modules, "--save-module"), device=device, precise=precise,
-                            dtype=dtype, name=name, output=output, fmt=fmt, force=force)
+                            dtype=dtype, keep_rounding=keep_rounding, name=name, output=output, fmt=fmt, force=force)
     if as_json:
         echo_json(result)
         return
@@ -60,9 +61,7 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
     click.echo(f"{count}, {report.parameters:,} parameters ({report.dtype}); {report.identical} "
                f"tensors identical; {report.precision} on {report.device}, {report.seconds:.2f} s, peak RSS "
                f"{human_bytes(report.peak_rss_bytes)}")
-    largest = max((m.rank for m in report.modules), default=None)
-    if report.rank is not None and largest is not None and largest < report.rank:
-        click.echo(f"--rank {report.rank} capped: no module is larger than rank {largest} (min(out, in))")
+    echo_capped(report.rank, (m.rank for m in report.modules), "min(out, in)")
     if report.saved:
         click.echo(f"stored whole (modules_to_save): {', '.join(report.saved)}")
     if report.skipped:
@@ -71,10 +70,21 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
         count = "1 tensor that differs" if len(report.skipped) == 1 else f"{len(report.skipped)} tensors that differ"
         click.echo(f"not extracted: {count} ({', '.join(kinds)}); largest |Δ| {worst.max_abs_diff:.3g} in "
                    f"{worst.name}; keep them with --save-module (embeddings, weights: --modules)")
+    for head, embeddings in report.untied_heads.items():
+        how = "stored whole" if head in report.saved else "extracted as its change from those embeddings"
+        click.echo(f"{head}: tied to {embeddings} in {report.base}, stored apart in {report.tuned}: {how} (a merge "
+                   "unties it)")
+    if report.rounding:
+        worst = max(report.rounding, key=lambda s: s.max_abs_diff)
+        count = "1 tensor" if len(report.rounding) == 1 else f"{len(report.rounding)} tensors"
+        click.echo(f"not extracted: {count} that differ only by the rounding between the models' dtypes "
+                   f"({', '.join(sorted({s.reason for s in report.rounding}))}); largest |Δ| {worst.max_abs_diff:.3g} "
+                   f"in {worst.name}; --keep-rounding extracts them")
     if report.peft_names and fmt != "kohya":
         shown = ", ".join(f"{saved} → {memory}" for saved, memory in list(report.peft_names.items())[:3])
         more = f" (+{len(report.peft_names) - 3} more)" if len(report.peft_names) > 3 else ""
         click.echo(f"PEFT names as transformers loads the base: {shown}{more}")
     for warning in report.warnings if fmt != "kohya" else ():
         click.echo(f"warning: {warning}", err=True)
+    echo_base_changed(*report.base_changed)
     echo_saved(result)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .render import echo_json, human_bytes
+from .render import echo_base_changed, echo_json, human_bytes
 
 
 def _options(fn):
@@ -92,8 +92,6 @@ def _render(report, as_json: bool) -> None:
                        f"(max |Δ| {r.max_abs_diff:.3g}); {r.note}")
         else:
             click.echo(f"residual: largest rounding {r.rounding_max_abs:.3g}; {r.note}")
-    if report.base_changed:
-        click.echo(f"note: the files of registered base {report.base_changed} changed since it was registered; "
-                   "what was read is recorded as a base of its own (by its fingerprint), and the lineage names it")
+    echo_base_changed(report.base_changed)
     if report.name:
         click.echo(f"recorded as base {report.name} (fingerprint {report.fingerprint[:12]})")

@@ -57,6 +57,14 @@ def human_bytes(n: float) -> str:
 
 
 
+def echo_base_changed(*names: str | None) -> None:
+    """merge, subtract and extract: a registered base named (or found at the path given) whose files changed since it
+    was registered (merging.record_read)."""
+    for name in filter(None, names):
+        click.echo(f"note: the files of registered base {name} changed since it was registered; what was read is "
+                   "recorded as a base of its own (by its fingerprint), and the lineage names it")
+
+
 def products_note(products) -> str:
     """What `show` and `inspect` say of an adapter with LoHa/LoKr modules."""
     return "; ".join(PRODUCT_NOTES[p] for p in products) + " (merged exactly; resize --rank K makes a LoRA of it)"
