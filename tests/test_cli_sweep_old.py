@@ -1,0 +1,39 @@
+"""Regressions of the contract sweep of the established commands (register … verify, pull/push, global options), each
+through a real `python -m loraops` process: one `error:` line and its exit code, nothing half-written, the registry
+as it was after a refused command."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import test_cli_contract
+
+kohya = test_cli_contract.kohya  # the fixture: a small kohya file
+
+
+def run(*args, code=0, cwd=None):
+    """`python -m loraops ARGS` with the loraops this test imports (a relative PYTHONPATH would not hold in ``cwd``)."""
+    import loraops
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(loraops.__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+    assert done.returncode == code, (done.stdout, done.stderr)
+    if code:
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    return done
+
+
+def test_an_output_that_names_no_file_is_refused(tmp_path, kohya):
+    """`-o .` (or '', '/') with --force was a ValueError traceback (exit 1) from the temporary sibling's name; without
+    it, '' was said to overlap the blob store, or to exist, as '.'."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for output in ("", "."):
+        done = run("export", kohya, "--format", "kohya", "-o", output, "--force", code=2, cwd=work)
+        assert done.stderr == (f"error: {output!r}: names no file or folder to write; give the output's own name "
+                               "(e.g. ./merged)\n")
+    assert list(work.iterdir()) == []
