@@ -37,3 +37,15 @@ def test_an_output_that_names_no_file_is_refused(tmp_path, kohya):
         assert done.stderr == (f"error: {output!r}: names no file or folder to write; give the output's own name "
                                "(e.g. ./merged)\n")
     assert list(work.iterdir()) == []
+
+
+def test_an_in_memory_registry_is_refused(kohya, isolated_home):
+    """`--db sqlite://` opened an in-memory registry: `register` said it registered what was gone when the command
+    ended, and `gc` — with no file to keep a store beside, its store was the home's — removed every stored adapter of
+    the home's registry."""
+    run("register", kohya, "--name", "style")
+    for url in ("sqlite://", "sqlite:///:memory:"):
+        done = run("--db", url, "gc", "--grace", "0", code=6)
+        assert done.stderr == (f"error: {url}: an in-memory SQLite database cannot hold a registry (it is gone when "
+                               "the command ends); give a file, e.g. sqlite:////path/registry.db\n")
+    assert run("verify").stdout == "all stored files of 1 adapter(s) match their sha256\n"
