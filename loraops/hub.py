@@ -17,6 +17,7 @@ included). Set HF_HUB_DISABLE_XET=0 to keep Xet.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -252,6 +253,13 @@ def check_repo_names(names: list[str], ref: RepoRef | str, *, given: bool = Fals
             raise error(f"{ref}: refusing file name {name!r}, which would escape the download folder")
 
 
+def exactly(names: list[str]) -> list[str]:
+    """huggingface_hub's allow_patterns that match these file names and nothing else: its patterns are fnmatch
+    globs, so a name holding '[', '*' or '?' matched other files, or not itself (`style [v2].safetensors` was
+    "not in the local cache" after the download)."""
+    return [glob.escape(name) for name in names]
+
+
 def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | None = None) -> list[str]:
     """The files that make the adapter in a repo listing (repo-relative names): a PEFT folder (adapter_config.json +
     adapter_model.safetensors) or one .safetensors file (kohya / diffusers), plus README.md when present.
@@ -393,7 +401,7 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
             files = select_adapter_files([s.rfilename for s in info.siblings or []], ref, subpath)
         where = {"local_dir": into} if into is not None and not offline() else {"cache_dir": cache_dir()}
         folder = Path(snapshot_download(ref.repo_id, revision=revision, token=token, endpoint=endpoint(),
-                                        allow_patterns=files, local_files_only=offline(), **where))
+                                        allow_patterns=exactly(files), local_files_only=offline(), **where))
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise NotFoundError(f"{ref}: {', '.join(missing)} not in the local cache ({folder})")
@@ -675,7 +683,8 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
     base = remote_base(ref, token=token)
     with hub_errors(ref, "download"), _progress():
         return Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,
-                                      endpoint=endpoint(), allow_patterns=base.weight_files + base.other_files))
+                                      endpoint=endpoint(),
+                                      allow_patterns=exactly(base.weight_files + base.other_files)))
 
 
 # ---- with the registry ----------------------------------------------------------------------------------------

@@ -49,3 +49,10 @@ def test_an_in_memory_registry_is_refused(kohya, isolated_home):
         assert done.stderr == (f"error: {url}: an in-memory SQLite database cannot hold a registry (it is gone when "
                                "the command ends); give a file, e.g. sqlite:////path/registry.db\n")
     assert run("verify").stdout == "all stored files of 1 adapter(s) match their sha256\n"
+
+
+def test_pull_asks_for_the_files_it_picked_by_their_exact_names(fake_hub, kohya):
+    """Picked file names were passed to huggingface_hub as globs: `style [v2].safetensors` matched nothing ('not in
+    the local cache', after a second stray line on stderr), and `st?le.safetensors` matched other files too."""
+    fake_hub.commit("someone/br", {"style [v2].safetensors": kohya.read_bytes()})
+    assert run("pull", "someone/br").stdout.startswith("pulled someone/br ")
