@@ -727,8 +727,11 @@ def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | 
         with registry.blobs.scratch() as scratch:
             download = download_adapter(ref, token=token, subpath=subpath, into=scratch)
             commit, files = download.commit, download.files
-            done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source,
-                                             scratch=True)
+            try:
+                done = registry.register_adapter(download.adapter_path, name=name, base=base,
+                                                 source=download.source, scratch=True)
+            except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
+                raise type(exc)(str(exc).replace(str(download.folder), str(ref))) from None
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 

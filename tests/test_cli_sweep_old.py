@@ -56,3 +56,10 @@ def test_pull_asks_for_the_files_it_picked_by_their_exact_names(fake_hub, kohya)
     the local cache', after a second stray line on stderr), and `st?le.safetensors` matched other files too."""
     fake_hub.commit("someone/br", {"style [v2].safetensors": kohya.read_bytes()})
     assert run("pull", "someone/br").stdout.startswith("pulled someone/br ")
+
+
+def test_a_bad_pulled_file_is_named_as_in_the_repo(fake_hub):
+    """It was named by the scratch folder it was downloaded into (gone by then)."""
+    fake_hub.commit("someone/bad", {"adapter.safetensors": b"garbage"})
+    done = run("pull", "someone/bad", code=2)
+    assert done.stderr == "error: someone/bad/adapter.safetensors: not a safetensors file (7 bytes, too short for a header)\n"
