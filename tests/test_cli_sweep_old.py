@@ -63,3 +63,11 @@ def test_a_bad_pulled_file_is_named_as_in_the_repo(fake_hub):
     fake_hub.commit("someone/bad", {"adapter.safetensors": b"garbage"})
     done = run("pull", "someone/bad", code=2)
     assert done.stderr == "error: someone/bad/adapter.safetensors: not a safetensors file (7 bytes, too short for a header)\n"
+
+
+def test_push_of_unlinked_kohya_as_peft_says_how_to_link_it(fake_hub, kohya):
+    """The message named a library function (loraops.check.bind) to a command-line user."""
+    run("register", kohya, "--name", "style")
+    done = run("push", "style", "me/style", "--format", "peft", "--token", "hf_owner", code=2)
+    assert "`loraops register FILE --base BASE`" in done.stderr
+    assert os.environ["HF_ENDPOINT"] == fake_hub.url

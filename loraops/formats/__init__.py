@@ -114,7 +114,8 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
     if fmt != "kohya" and not adapter.names_resolved:
         raise InvalidInputError(
-            f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
+            f"{adapter.label}: kohya module names are not resolved, so it cannot be written as {fmt}; bind it to a base "
+            "first (`loraops register FILE --base BASE` links a registered one; in Python, loraops.check.bind)"
         )
     from ..algebra import Derivation
 
