@@ -44,7 +44,7 @@ def inputs_of(reg: "Registry") -> Iterator[Callable[[str, "str | None"], Input]]
     except BaseException:
         for adapter_id in reversed(registered):
             with contextlib.suppress(Exception):  # the command's own error is the one to report
-                reg.remove_adapter(adapter_id)
+                reg.remove_adapter(adapter_id, undo=True)
         raise
 
 

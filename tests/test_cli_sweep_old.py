@@ -51,6 +51,13 @@ def test_an_in_memory_registry_is_refused(kohya, isolated_home):
     assert run("verify").stdout == "all stored files of 1 adapter(s) match their sha256\n"
 
 
+def test_a_refused_command_gives_back_the_version_it_took(kohya):
+    """combine/resize register a path input first and remove it again when they fail, but the version number stayed
+    taken: after a refused `resize style.safetensors --rank 9`, registering the file made style@2."""
+    run("resize", kohya, "--rank", "9", code=2)
+    assert run("register", kohya).stdout.startswith("registered style@1 ")
+
+
 def test_pull_asks_for_the_files_it_picked_by_their_exact_names(fake_hub, kohya):
     """Picked file names were passed to huggingface_hub as globs: `style [v2].safetensors` matched nothing ('not in
     the local cache', after a second stray line on stderr), and `st?le.safetensors` matched other files too."""

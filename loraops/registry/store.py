@@ -582,10 +582,12 @@ class Registry:
         self._tag(s, row, tags)
         return Registration(self._adapter_record(s, row), False, linked, previous)
 
-    def remove_adapter(self, ref: str | int, *, all_versions: bool = False) -> list[AdapterRecord]:
+    def remove_adapter(self, ref: str | int, *, all_versions: bool = False, undo: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
         ``all_versions``. Stored files go with the last record using them, its own lineage (how it was made) with it;
-        lineage that used it keeps a label."""
+        lineage that used it keeps a label. ``undo``: a registration that the failing command which made it takes
+        back (loraops.derive.inputs_of): its version number is given back to the name too, unless a later one was
+        given meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2."""
 
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
@@ -597,6 +599,10 @@ class Registry:
             s.execute(update(SqlLineageInput).where(SqlLineageInput.adapter_id.in_(ids)).values(adapter_id=None))
             for r in rows:
                 s.delete(r)
+                if undo:
+                    s.execute(update(SqlAdapterName).where(SqlAdapterName.name == r.name,
+                                                           SqlAdapterName.last_version == r.version)
+                              .values(last_version=r.version - 1).execution_options(synchronize_session=False))
             self._drop_lineage(s, [r.lineage_id for r in rows])
             return records, [r.blob for r in rows]
 
