@@ -58,6 +58,19 @@ def test_a_refused_command_gives_back_the_version_it_took(kohya):
     assert run("register", kohya).stdout.startswith("registered style@1 ")
 
 
+def test_a_name_not_used_because_the_model_is_recorded_says_so(tmp_path):
+    """`base add` of a model already recorded (same fingerprint, e.g. resharded) with another --name said only
+    'already registered as base a', where `register` says the --name was not used and why."""
+    from loraops import st
+    import torch
+
+    st.write_safetensors(tmp_path / "model.safetensors", {"w.weight": torch.ones(4, 4)})
+    run("base", "add", tmp_path / "model.safetensors", "--name", "a")
+    done = run("base", "add", tmp_path / "model.safetensors", "--name", "b")
+    assert done.stdout.endswith("; not registered again as 'b': one record per model (its fingerprint), under its "
+                                "first name\n")
+
+
 def test_pull_asks_for_the_files_it_picked_by_their_exact_names(fake_hub, kohya):
     """Picked file names were passed to huggingface_hub as globs: `style [v2].safetensors` matched nothing ('not in
     the local cache', after a second stray line on stderr), and `st?le.safetensors` matched other files too."""
