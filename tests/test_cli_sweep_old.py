@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import test_cli_contract
 
 kohya = test_cli_contract.kohya  # the fixture: a small kohya file
@@ -62,7 +64,6 @@ def test_a_name_not_used_because_the_model_is_recorded_says_so(tmp_path):
     """`base add` of a model already recorded (same fingerprint, e.g. resharded) with another --name said only
     'already registered as base a', where `register` says the --name was not used and why."""
     from loraops import st
-    import torch
 
     st.write_safetensors(tmp_path / "model.safetensors", {"w.weight": torch.ones(4, 4)})
     run("base", "add", tmp_path / "model.safetensors", "--name", "a")
@@ -91,3 +92,19 @@ def test_push_of_unlinked_kohya_as_peft_says_how_to_link_it(fake_hub, kohya):
     done = run("push", "style", "me/style", "--format", "peft", "--token", "hf_owner", code=2)
     assert "`loraops register FILE --base BASE`" in done.stderr
     assert os.environ["HF_ENDPOINT"] == fake_hub.url
+
+
+def test_a_file_without_alpha_says_where_to_give_one(tmp_path):
+    """A bare PEFT .safetensors with no alpha anywhere: `merge` told its user to pass --alpha, which merge has not
+    (only register, inspect and check have it; the registered adapter keeps it)."""
+    from loraops import st
+
+    bare = tmp_path / "bare.safetensors"
+    st.write_safetensors(bare, {"base_model.model.q.lora_A.weight": torch.ones(2, 4),
+                                "base_model.model.q.lora_B.weight": torch.ones(4, 2)})
+    st.write_safetensors(tmp_path / "base.safetensors", {"q.weight": torch.zeros(4, 4)})
+    done = run("merge", bare, "--into", tmp_path / "base.safetensors", "-o", tmp_path / "out.safetensors",
+               "--no-record", code=2)
+    assert "pass the LoRA alpha: --alpha A to `register`" in done.stderr
+    assert run("register", bare, "--alpha", "4").stdout.startswith("registered bare@1 ")
+
