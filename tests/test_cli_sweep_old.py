@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import test_cli_contract
+from test_cli_contract import MODULES
 
 kohya = test_cli_contract.kohya  # the fixture: a small kohya file
 
@@ -107,4 +108,21 @@ def test_a_file_without_alpha_says_where_to_give_one(tmp_path):
                "--no-record", code=2)
     assert "pass the LoRA alpha: --alpha A to `register`" in done.stderr
     assert run("register", bare, "--alpha", "4").stdout.startswith("registered bare@1 ")
+
+
+def test_a_refused_combine_leaves_the_base_link_of_its_input_as_it_was(tmp_path, kohya):
+    """`combine FILE --base B` links a registered FILE to B (as `register FILE --base B` does); when the command was
+    then refused (here: diffusers output cannot name the modules), the link stayed: a refused command changed the
+    registry."""
+    import json
+
+    from loraops import st
+
+    st.write_safetensors(tmp_path / "base.safetensors", {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    run("base", "add", tmp_path / "base.safetensors", "--name", "b")
+    run("register", kohya, "--name", "style")
+    run("combine", kohya, "--base", "b", "--method", "cat", "--format", "diffusers", "-o", tmp_path / "out.safetensors",
+        code=2)
+    record = json.loads(run("show", "style", "--json").stdout)
+    assert record["base"] is None and [m["name"] for m in record["modules"]] == list(MODULES)
 
