@@ -658,9 +658,13 @@ def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: st
     from .registry.store import check_name
     from .st import DTYPE_BYTES
 
+    from . import formats
+
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "base")  # before reading the Hub
     base = remote_base(ref, token=token)
+    if formats.key_layout(base.tensors) is not None:  # as `base add` of a local adapter says
+        raise InvalidInputError(f"{ref}: this is a LoRA adapter, not a base model; pull it with `loraops pull {ref}`")
     nbytes: dict[str, int] = {}
     for t in base.tensors.values():
         nbytes[t.dtype] = nbytes.get(t.dtype, 0) + math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 0)

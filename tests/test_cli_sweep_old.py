@@ -126,3 +126,13 @@ def test_a_refused_combine_leaves_the_base_link_of_its_input_as_it_was(tmp_path,
     record = json.loads(run("show", "style", "--json").stdout)
     assert record["base"] is None and [m["name"] for m in record["modules"]] == list(MODULES)
 
+
+def test_an_adapter_repo_is_not_added_as_a_base(fake_hub, kohya):
+    """`base add hub:OWNER/LORA` recorded a LoRA adapter's factors as a base model's tensors, where `base add` of the
+    same adapter on disk says what it is."""
+    fake_hub.commit("someone/style", {"style.safetensors": kohya.read_bytes()})
+    done = run("base", "add", "hub:someone/style", code=2)
+    assert done.stderr == ("error: someone/style: this is a LoRA adapter, not a base model; pull it with "
+                           "`loraops pull someone/style`\n")
+    assert run("base", "list", "--json").stdout.strip() == "[]"
+
