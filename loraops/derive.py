@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .basemodel import BaseModel
     from .records import BaseRecord
     from .registry import Registry
+    from .registry.store import Registration
 
 
 @dataclass
@@ -37,24 +38,30 @@ class Input:
 
 @contextlib.contextmanager
 def inputs_of(reg: "Registry") -> Iterator[Callable[[str, "str | None"], Input]]:
-    """``open_input`` for one command: the adapters it registers from paths are removed again if the command fails."""
-    registered: list[int] = []
+    """``open_input`` for one command: if the command fails, the adapters it registers from paths are removed again,
+    and those it linked to its --base get back the link they had."""
+    done: list[Registration] = []
     try:
-        yield lambda ref, base=None: open_input(reg, ref, base, registered)
+        yield lambda ref, base=None: open_input(reg, ref, base, done)
     except BaseException:
-        for adapter_id in reversed(registered):
+        for registration in reversed(done):
             with contextlib.suppress(Exception):  # the command's own error is the one to report
-                reg.remove_adapter(adapter_id)
+                if registration.created:
+                    reg.remove_adapter(registration.record.id, undo=True)
+                elif registration.linked:
+                    previous = registration.previous_base
+                    reg.restore_base_link(registration.record.id, previous.id if previous else None)
         raise
 
 
-def open_input(reg: "Registry", ref: str, base: str | None = None, registered: list[int] | None = None) -> Input:
-    """A registered adapter (registering a path first, its id appended to ``registered`` when it is new), loaded and
-    bound to its base."""
+def open_input(reg: "Registry", ref: str, base: str | None = None, done: list[Registration] | None = None) -> Input:
+    """A registered adapter (registering a path first — what that did appended to ``done``), loaded and bound to its
+    base."""
     if Path(ref).exists():
-        record, created, *_ = reg.register_adapter(ref, base=base)
-        if created and registered is not None:
-            registered.append(record.id)
+        registration = reg.register_adapter(ref, base=base)
+        record = registration.record
+        if done is not None and (registration.created or registration.linked):
+            done.append(registration)
     else:
         record = registered_for(reg, ref, base)
     return Input(record, reg.load_adapter(record.id))

@@ -35,8 +35,13 @@ def user_path(path: str | Path) -> str:
 def output_path(path: str | Path) -> Path:
     """Where an output given as ``path`` goes. With a '..' in it, its folder is resolved as the kernel would
     (symlinks followed), and a '..' after a folder that does not exist cancels it instead of making that folder:
-    `-o a/../b` writes b and creates nothing else. Other paths are kept as given (so messages show them so)."""
-    path = Path(path)
+    `-o a/../b` writes b and creates nothing else. Other paths are kept as given (so messages show them so).
+    A path that names no file or folder ('', '.', '/') is refused: it has no sibling to write into, and --force
+    would replace the current folder (both were a ValueError traceback)."""
+    text, path = str(path), Path(path)
+    if not path.name and ".." not in path.parts:  # Path('') is Path('.'): the text tells them apart
+        raise InvalidInputError(f"{text!r}: names no file or folder to write; give the output's own name "
+                                "(e.g. ./merged)")
     if ".." not in path.parts:
         return path
     if path.name == "..":
@@ -67,7 +72,7 @@ def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, st
                     hint: str = "write the output elsewhere") -> None:
     """refuse_overlap for many (path, what) at once, the output resolved once."""
     # realpath, not Path.resolve(): that raises RuntimeError on a symlink loop
-    out = Path(os.path.realpath(output))
+    out = Path(os.path.realpath(output_path(output)))
     for path, what in protected:
         keep = Path(os.path.realpath(path))
         if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):

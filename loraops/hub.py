@@ -17,6 +17,7 @@ included). Set HF_HUB_DISABLE_XET=0 to keep Xet.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -252,6 +253,13 @@ def check_repo_names(names: list[str], ref: RepoRef | str, *, given: bool = Fals
             raise error(f"{ref}: refusing file name {name!r}, which would escape the download folder")
 
 
+def exactly(names: list[str]) -> list[str]:
+    """huggingface_hub's allow_patterns that match these file names and nothing else: its patterns are fnmatch
+    globs, so a name holding '[', '*' or '?' matched other files, or not itself (`style [v2].safetensors` was
+    "not in the local cache" after the download)."""
+    return [glob.escape(name) for name in names]
+
+
 def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | None = None) -> list[str]:
     """The files that make the adapter in a repo listing (repo-relative names): a PEFT folder (adapter_config.json +
     adapter_model.safetensors) or one .safetensors file (kohya / diffusers), plus README.md when present.
@@ -393,7 +401,7 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
             files = select_adapter_files([s.rfilename for s in info.siblings or []], ref, subpath)
         where = {"local_dir": into} if into is not None and not offline() else {"cache_dir": cache_dir()}
         folder = Path(snapshot_download(ref.repo_id, revision=revision, token=token, endpoint=endpoint(),
-                                        allow_patterns=files, local_files_only=offline(), **where))
+                                        allow_patterns=exactly(files), local_files_only=offline(), **where))
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise NotFoundError(f"{ref}: {', '.join(missing)} not in the local cache ({folder})")
@@ -650,9 +658,13 @@ def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: st
     from .registry.store import check_name
     from .st import DTYPE_BYTES
 
+    from . import formats
+
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "base")  # before reading the Hub
     base = remote_base(ref, token=token)
+    if formats.key_layout(base.tensors) is not None:  # as `base add` of a local adapter says
+        raise InvalidInputError(f"{ref}: this is a LoRA adapter, not a base model; pull it with `loraops pull {ref}`")
     nbytes: dict[str, int] = {}
     for t in base.tensors.values():
         nbytes[t.dtype] = nbytes.get(t.dtype, 0) + math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 0)
@@ -675,7 +687,8 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
     base = remote_base(ref, token=token)
     with hub_errors(ref, "download"), _progress():
         return Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,
-                                      endpoint=endpoint(), allow_patterns=base.weight_files + base.other_files))
+                                      endpoint=endpoint(),
+                                      allow_patterns=exactly(base.weight_files + base.other_files)))
 
 
 # ---- with the registry ----------------------------------------------------------------------------------------
@@ -718,8 +731,11 @@ def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | 
         with registry.blobs.scratch() as scratch:
             download = download_adapter(ref, token=token, subpath=subpath, into=scratch)
             commit, files = download.commit, download.files
-            done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source,
-                                             scratch=True)
+            try:
+                done = registry.register_adapter(download.adapter_path, name=name, base=base,
+                                                 source=download.source, scratch=True)
+            except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
+                raise type(exc)(str(exc).replace(str(download.folder), str(ref))) from None
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 

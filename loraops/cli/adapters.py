@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .render import (DORA_NOTE, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, number,
-                     products_note)
+from .render import (DORA_NOTE, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
+                     number, products_note)
 
 
 def _registry(create: bool = True):
@@ -43,9 +43,7 @@ def format_label(record) -> str:
 
 def registered_again(record, name: str | None, linked: bool, previous_base) -> str:
     """What registering an adapter that is already registered did, beyond returning its record (register, pull)."""
-    text = ""
-    if name is not None and name != record.name:
-        text += f"; not registered again as {name!r}: one record per adapter, under its first name"
+    text = not_again(name, record.name, "adapter")
     if linked:
         text += f"; linked to base {record.base.name}" + (f" (was {previous_base.name})" if previous_base else "")
     return text

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .adapters import _reader, _registry
-from .render import echo_fields, echo_json, echo_table, human_bytes
+from .render import echo_fields, echo_json, echo_table, human_bytes, not_again
 
 
 @click.group()
@@ -38,7 +38,8 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
             f"{record.num_tensors} tensors, {record.num_parameters:,} parameters, {record.dtype}"
         )
     else:
-        click.echo(f"already registered as base {record.name} (id {record.id}, fingerprint {record.fingerprint[:12]})")
+        click.echo(f"already registered as base {record.name} (id {record.id}, fingerprint {record.fingerprint[:12]})"
+                   + not_again(name, record.name, "model (its fingerprint)"))
 
 
 @base.command("list")

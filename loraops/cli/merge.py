@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .render import echo_base_changed, echo_json, human_bytes
+from .render import echo_base_changed, echo_json, human_bytes, not_again
 
 
 def _options(fn):
@@ -34,7 +34,7 @@ def merge(adapters, base, output, dtype, device, precise, force, name, no_record
 
     report = merging.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
                           precise=precise, force=force)
-    _render_done(report, as_json)
+    _render_done(report, as_json, name)
 
 
 @click.command()
@@ -49,19 +49,19 @@ def subtract(adapters, model, exact, output, dtype, device, precise, force, name
 
     report = merging.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
                              device=device, precise=precise, force=force)
-    _render_done(report, as_json)
+    _render_done(report, as_json, name)
 
 
-def _render_done(report, as_json: bool) -> None:
+def _render_done(report, as_json: bool, name: str | None) -> None:
     """The summary of a finished run: a Ctrl-C while it prints must not say nothing was written."""
     try:
-        _render(report, as_json)
+        _render(report, as_json, name)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted after {report.output} was written in full"
                                 + (" and recorded" if report.name else "")) from None
 
 
-def _render(report, as_json: bool) -> None:
+def _render(report, as_json: bool, name: str | None) -> None:
     if as_json:
         echo_json(report)
         return
@@ -94,4 +94,5 @@ def _render(report, as_json: bool) -> None:
             click.echo(f"residual: largest rounding {r.rounding_max_abs:.3g}; {r.note}")
     echo_base_changed(report.base_changed)
     if report.name:
-        click.echo(f"recorded as base {report.name} (fingerprint {report.fingerprint[:12]})")
+        click.echo(f"recorded as base {report.name} (fingerprint {report.fingerprint[:12]})"
+                   + not_again(name, report.name, "model (its fingerprint)"))

@@ -91,3 +91,11 @@ def echo_modules(modules: Sequence[Any]) -> None:
         ["module", "kind", "rank", "alpha", "scale", "in", "out"],
         [(m.name, m.kind, "-" if m.rank is None else m.rank, f"{m.alpha:g}", f"{m.scale:.6g}", m.in_features, m.out_features) for m in modules],
     )
+
+
+def not_again(asked: str | None, recorded: str, what: str) -> str:
+    """The note for a --name that the registry did not use because the thing is already recorded under another
+    (one record per identity: an adapter's bytes, a model's fingerprint), else ""."""
+    if asked is None or asked == recorded:
+        return ""
+    return f"; not registered again as {asked!r}: one record per {what}, under its first name"

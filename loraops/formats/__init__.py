@@ -52,13 +52,9 @@ def detect(path: str | Path) -> str:
             return "diffusers"
         raise FormatError(f"{path}: a folder without {peft.CONFIG_NAME}/{peft.WEIGHTS_NAME} or {diffusers.WEIGHTS_NAME}")
     keys = list(st.read_header(path).tensors)
-    if any(kohya.is_kohya_key(k) for k in keys):
-        return "kohya"
-    if any(diffusers.is_diffusers_key(k) for k in keys) and not any(k.startswith(peft.PREFIX) for k in keys):
-        return "diffusers"
-    if any(peft.is_factor_key(k) or (k.startswith(peft.PREFIX) and (tokens.is_token_key(k) or lycoris.is_product_key(k)))
-           for k in keys):
-        return "peft"  # (trainable tokens alone have no factor: a TrainableTokensConfig adapter)
+    layout = key_layout(keys)
+    if layout is not None:
+        return layout
     common.refuse_unsupported(path, keys)
     if not keys:
         raise FormatError(f"{path}: holds no tensors")
@@ -69,6 +65,19 @@ def detect(path: str | Path) -> str:
             "diffusers (pipe.load_lora_weights) and save it again (pipe.save_lora_weights) for the current layout"
         )
     raise common.unknown_layout(path, keys, "not a LoRA adapter (unknown key layout)")
+
+
+def key_layout(keys: Iterable[str]) -> str | None:
+    """The adapter layout tensor names are in (kohya, diffusers, peft), or None when they are no adapter's."""
+    keys = list(keys)
+    if any(kohya.is_kohya_key(k) for k in keys):
+        return "kohya"
+    if any(diffusers.is_diffusers_key(k) for k in keys) and not any(k.startswith(peft.PREFIX) for k in keys):
+        return "diffusers"
+    if any(peft.is_factor_key(k) or (k.startswith(peft.PREFIX) and (tokens.is_token_key(k) or lycoris.is_product_key(k)))
+           for k in keys):
+        return "peft"  # (trainable tokens alone have no factor: a TrainableTokensConfig adapter)
+    return None
 
 
 def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool = True,
@@ -114,7 +123,8 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
     if fmt != "kohya" and not adapter.names_resolved:
         raise InvalidInputError(
-            f"{adapter.label}: kohya module names are not resolved; bind it to a base first (loraops.check.bind)"
+            f"{adapter.label}: kohya module names are not resolved, so it cannot be written as {fmt}; bind it to a base "
+            "first (`loraops register FILE --base BASE` links a registered one; in Python, loraops.check.bind)"
         )
     from ..algebra import Derivation
 

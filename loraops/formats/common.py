@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 
     from ..adapter import Adapter
 
+
+ALPHA_WANTED = ("pass the LoRA alpha: --alpha A to `register` (merge, combine… then take the registered adapter, which "
+                "keeps it), `inspect` or `check`; alpha= in Python")
+"""What to do about an adapter file that records no alpha. merge, subtract, combine, resize and export have no --alpha,
+and their users were told to pass one."""
+
+
 # LoHa and LoKr keys: read from kohya/LyCORIS files and PEFT folders (formats.lycoris), refused elsewhere.
 PRODUCT_MARKERS: tuple[tuple[str, str], ...] = (
     (r"(^|\.)hada_[wt]\d", "a LoHa adapter (hada_w1_a/hada_w2_b, Hadamard product factors) outside a PEFT folder "

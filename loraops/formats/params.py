@@ -139,7 +139,7 @@ def _experts_of(path: Path, module: str, factors: dict[str, dict[str, str]], ten
         r = A.shape[0] // experts
         alpha = cfg.alpha_for(f"{module}.{param}")
         if alpha is None:
-            raise InvalidInputError(f"{path}: no lora_alpha for {module}.{param}; pass the LoRA alpha (--alpha A)")
+            raise InvalidInputError(f"{path}: no lora_alpha for {module}.{param}; {common.ALPHA_WANTED}")
         pieces = FUSED_EXPERTS[param]
         rows = B.shape[0] // len(pieces)
         for e in range(experts):

@@ -247,8 +247,7 @@ def build_modules(
         alpha = cfg.alpha_for(pattern_name)
         if alpha is None:
             raise InvalidInputError(
-                f"{path}: no adapter_config.json and no alpha in the file's metadata; pass the LoRA alpha "
-                "(--alpha A, or alpha= in Python)"
+                f"{path}: no adapter_config.json and no alpha in the file's metadata; {common.ALPHA_WANTED}"
             )
         kind = parsed.kinds[name]
         modules[name] = common.build_module(

@@ -56,6 +56,11 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
     except Exception:  # noqa: BLE001 - never echo a string that may hold a password
         raise RegistryError("the registry URL is not a SQLAlchemy database URL (dialect[+driver]://user@host/name, "
                             "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
+    if parsed.get_backend_name() == "sqlite" and _in_memory(parsed):
+        # What it recorded was gone when the command ended, and with no file to keep a store beside, its blob store
+        # was the home's: `gc` on it removed every stored adapter of the home's registry.
+        raise RegistryError(f"{url}: an in-memory SQLite database cannot hold a registry (it is gone "
+                            "when the command ends); give a file, e.g. sqlite:////path/registry.db")
     try:
         if parsed.get_backend_name() != "sqlite":
             return _create_engine(parsed, pool_pre_ping=True)
@@ -97,6 +102,13 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _in_memory(url) -> bool:
+    """An SQLite URL of a database that lives in memory: no file (`sqlite://`), `:memory:`, or a `mode=memory` URI."""
+    database = url.database or ""
+    return (database in ("", ":memory:") or url.query.get("mode") == "memory"
+            or (database.startswith("file:") and "mode=memory" in database))
 
 
 def _create_engine(url, **options) -> Engine:

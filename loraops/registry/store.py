@@ -574,18 +574,40 @@ class Registry:
         if linked:
             if s.get(SqlBase, base_id) is None:
                 raise NotFoundError(f"base id {base_id} was removed meanwhile")
-            row.base_id, row.target_modules = base_id, adapter.target_modules
-            s.execute(delete(SqlAdapterModule).where(SqlAdapterModule.adapter_id == row.id))
-            _insert_modules(s, row.id, adapter)
+            _set_base(s, row, base_id, adapter)
         if row.token_rows is None and adapter is not None:  # registered before they were recorded (revision 0005)
             row.token_rows = token_counts(adapter)
         self._tag(s, row, tags)
         return Registration(self._adapter_record(s, row), False, linked, previous)
 
-    def remove_adapter(self, ref: str | int, *, all_versions: bool = False) -> list[AdapterRecord]:
+    def restore_base_link(self, adapter_id: int, base_id: int | None) -> None:
+        """Give a registered adapter back the base link it had (``base_id``; None: none) before a failing command
+        linked it to another (loraops.derive.inputs_of: a refused `combine a.safetensors --base B` left a linked to
+        B), its modules recorded as that link records them."""
+        from .. import check, formats
+
+        with self.session() as s:
+            row = s.get(SqlAdapter, adapter_id)
+            if row is None:
+                return
+            path, alpha = self.blobs.path(row.blob), row.alpha_override
+            manifest = self._manifest(s, base_id) if base_id is not None else None
+        adapter = formats.read_adapter(path, alpha=alpha, values=False)
+        adapter = check.bind(adapter, manifest) if manifest is not None else adapter
+
+        def work(s: Session) -> None:
+            row = s.get(SqlAdapter, adapter_id)
+            if row is not None:
+                _set_base(s, row, base_id if base_id is None or s.get(SqlBase, base_id) is not None else None, adapter)
+
+        self.write(f"restore the base link of adapter id {adapter_id}", work)
+
+    def remove_adapter(self, ref: str | int, *, all_versions: bool = False, undo: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
         ``all_versions``. Stored files go with the last record using them, its own lineage (how it was made) with it;
-        lineage that used it keeps a label."""
+        lineage that used it keeps a label. ``undo``: a registration that the failing command which made it takes
+        back (loraops.derive.inputs_of): its version number is given back to the name too, unless a later one was
+        given meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2."""
 
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
@@ -597,6 +619,10 @@ class Registry:
             s.execute(update(SqlLineageInput).where(SqlLineageInput.adapter_id.in_(ids)).values(adapter_id=None))
             for r in rows:
                 s.delete(r)
+                if undo:
+                    s.execute(update(SqlAdapterName).where(SqlAdapterName.name == r.name,
+                                                           SqlAdapterName.last_version == r.version)
+                              .values(last_version=r.version - 1).execution_options(synchronize_session=False))
             self._drop_lineage(s, [r.lineage_id for r in rows])
             return records, [r.blob for r in rows]
 
@@ -843,6 +869,14 @@ def token_counts(adapter: "Adapter") -> dict[str, int]:
 def module_target(name: str, names_resolved: bool) -> str:
     """What `list --target` matches: the last path component (kohya names before binding: the whole name)."""
     return name.rsplit(".", 1)[-1] if names_resolved else name
+
+
+def _set_base(s: Session, row: SqlAdapter, base_id: int | None, adapter: "Adapter") -> None:
+    """Link ``row`` to base ``base_id`` (None: to none), its modules recorded as ``adapter`` (bound to that base, or
+    not bound) names them."""
+    row.base_id, row.target_modules = base_id, adapter.target_modules
+    s.execute(delete(SqlAdapterModule).where(SqlAdapterModule.adapter_id == row.id))
+    _insert_modules(s, row.id, adapter)
 
 
 def _insert_modules(s: Session, adapter_id: int, adapter: "Adapter") -> None:
