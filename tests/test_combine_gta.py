@@ -245,3 +245,12 @@ def test_cli_bad_parameters(files, args, message):
     assert (result.exit_code, result.output.strip()) == (2, message)
     with Registry.open() as reg:
         assert reg.list_adapters() == []
+
+
+def test_della_epsilon_zero_keeps_every_entry_with_probability_density(inputs):
+    """epsilon 0 is in range (density ± 0 inside (0, 1), as mergekit checks it): every p is density, so DELLA's
+    survivors are DARE's (same uniforms, u < density, ÷ density). The chained 0 < d − ε < d + ε < 1 refused it."""
+    della, report = combine(inputs, "della_linear", {"density": 0.4, "epsilon": 0, "seed": 5}, rank=40, device="cpu")
+    dare, _ = combine(inputs, "dare_linear", {"density": 0.4, "seed": 5}, rank=40, device="cpu")
+    assert report.params["epsilon"] == 0
+    _same(della, dare)

@@ -168,7 +168,8 @@ class DellaParams(DensityParams):
     @model_validator(mode="after")
     def check_fits(self):
         # as mergekit: every probability density ± epsilon must be in (0, 1); at density 1 nothing is dropped
-        if not 0 < self.density - self.epsilon < self.density + self.epsilon < 1 and (
+        # (epsilon 0 is allowed: every probability is density, DARE's mask with DELLA's draws)
+        if not (0 < self.density - self.epsilon and self.density + self.epsilon < 1) and (
                 self.density < 1 or "epsilon" in self.model_fields_set):
             raise ValueError(f"density ± epsilon ({self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
                              " must lie inside (0, 1): they are keep probabilities")
