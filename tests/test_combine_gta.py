@@ -254,3 +254,17 @@ def test_della_epsilon_zero_keeps_every_entry_with_probability_density(inputs):
     dare, _ = combine(inputs, "dare_linear", {"density": 0.4, "seed": 5}, rank=40, device="cpu")
     assert report.params["epsilon"] == 0
     _same(della, dare)
+
+
+@pytest.mark.parametrize("method", ["ties", "della"])
+def test_disjoint_mean_divides_tiny_weights_out(inputs, method):
+    """With sign election the divisor is the sum of the agreeing (positive) weights: mergekit leaves only a 0
+    undivided, so the disjoint mean does not depend on the weights' scale, down to weights below 1e-8 (left
+    undivided by the |Σw| < 1e-8 rule of the methods without election, the result was 1e-9 of the mean)."""
+    params = {"density": 0.3, "seed": 1}
+    params = params if method == "della" else {"density": 0.3}
+    plain, _ = combine(inputs, method, params, rank=40, device="cpu")
+    tiny, _ = combine([(a, w * 1e-9) for a, w in inputs], method, params, rank=40, device="cpu")
+    for name, module in tiny.modules.items():  # (float32 rounding of the scaled weights may flip a near-0 sign)
+        want = plain.modules[name].delta(dtype=torch.float64)
+        assert float((module.delta(dtype=torch.float64) - want).norm() / want.norm()) < 1e-4, name

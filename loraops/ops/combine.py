@@ -354,8 +354,9 @@ def task_arithmetic(
             if divisor is not None:
                 divisor += agree * weight if consensus else weight
         if divisor is not None:
-            # mergekit: entries with no contribution (or weights summing to ~0) are left undivided.
-            divisor[divisor.abs() < 1e-8] = 1
+            # mergekit: entries with no agreeing contribution (sign election), or whose weights sum to ~0 (no
+            # election), are left undivided; agreeing weights are positive, so tiny ones still divide
+            divisor[divisor == 0 if consensus else divisor.abs() < 1e-8] = 1
             out /= divisor
         if getattr(params, "lambda_", 1.0) != 1:
             out *= params.lambda_
