@@ -92,9 +92,10 @@ def test_della_probabilities_by_rank_with_equal_magnitudes_in_column_order(monke
 @pytest.mark.parametrize("block_elements", [16, 1 << 22])
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_della_ranks_the_rows_of_the_base_weight_as_stored(method, block_elements, monkeypatch):
-    """mergekit ranks each row of the checkpoint's tensor: an embedding's and a Conv1D's weight hold (B·A)ᵀ, so their
-    rows are B·A's columns; a conv's rows are its output channels (over in·kh·kw); a row of one entry keeps it with
-    probability density (mergekit divides 0 by 0 there)."""
+    """mergekit ranks each row of the checkpoint's 2-D tensor: an embedding's and a Conv1D's weight hold (B·A)ᵀ, so
+    their rows are B·A's columns; a conv's rows are its output channels over in·kh·kw (ours: mergekit ranks a 4-D
+    tensor along its input channels only); a row of one entry keeps it with probability density (mergekit divides 0
+    by 0 there)."""
     monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
 
     def adapter(seed):
