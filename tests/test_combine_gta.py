@@ -92,9 +92,10 @@ def test_della_probabilities_by_rank_with_equal_magnitudes_in_column_order(monke
 @pytest.mark.parametrize("block_elements", [16, 1 << 22])
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_della_ranks_the_rows_of_the_base_weight_as_stored(method, block_elements, monkeypatch):
-    """mergekit ranks each row of the checkpoint's tensor: an embedding's and a Conv1D's weight hold (B·A)ᵀ, so their
-    rows are B·A's columns; a conv's rows are its output channels (over in·kh·kw); a row of one entry keeps it with
-    probability density (mergekit divides 0 by 0 there)."""
+    """mergekit ranks each row of the checkpoint's 2-D tensor: an embedding's and a Conv1D's weight hold (B·A)ᵀ, so
+    their rows are B·A's columns; a conv's rows are its output channels over in·kh·kw (ours: mergekit ranks a 4-D
+    tensor along its input channels only); a row of one entry keeps it with probability density (mergekit divides 0
+    by 0 there)."""
     monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
 
     def adapter(seed):
@@ -245,3 +246,26 @@ def test_cli_bad_parameters(files, args, message):
     assert (result.exit_code, result.output.strip()) == (2, message)
     with Registry.open() as reg:
         assert reg.list_adapters() == []
+
+
+def test_della_epsilon_zero_keeps_every_entry_with_probability_density(inputs):
+    """epsilon 0 is in range (density ± 0 inside (0, 1), as mergekit checks it): every p is density, so DELLA's
+    survivors are DARE's (same uniforms, u < density, ÷ density). The chained 0 < d − ε < d + ε < 1 refused it."""
+    della, report = combine(inputs, "della_linear", {"density": 0.4, "epsilon": 0, "seed": 5}, rank=40, device="cpu")
+    dare, _ = combine(inputs, "dare_linear", {"density": 0.4, "seed": 5}, rank=40, device="cpu")
+    assert report.params["epsilon"] == 0
+    _same(della, dare)
+
+
+@pytest.mark.parametrize("method", ["ties", "della"])
+def test_disjoint_mean_divides_tiny_weights_out(inputs, method):
+    """With sign election the divisor is the sum of the agreeing (positive) weights: mergekit leaves only a 0
+    undivided, so the disjoint mean does not depend on the weights' scale, down to weights below 1e-8 (left
+    undivided by the |Σw| < 1e-8 rule of the methods without election, the result was 1e-9 of the mean)."""
+    params = {"density": 0.3, "seed": 1}
+    params = params if method == "della" else {"density": 0.3}
+    plain, _ = combine(inputs, method, params, rank=40, device="cpu")
+    tiny, _ = combine([(a, w * 1e-9) for a, w in inputs], method, params, rank=40, device="cpu")
+    for name, module in tiny.modules.items():  # (float32 rounding of the scaled weights may flip a near-0 sign)
+        want = plain.modules[name].delta(dtype=torch.float64)
+        assert float((module.delta(dtype=torch.float64) - want).norm() / want.norm()) < 1e-4, name

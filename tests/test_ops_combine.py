@@ -151,3 +151,37 @@ def test_trim_keeps_exactly_k_entries_with_ties_first_in_row_major_order(dtype, 
     sparsify = trim(term, 0.42, blocks, Context("m", (3, 4)), 0, None)  # k = 5
     kept = torch.cat([sparsify(term.delta(rows)) for rows in blocks])
     assert kept.tolist() == [[3.0, 0.0, 2.0, 0.0], [-2.0, 0.0, 5.0, 0.0], [0.0, 0.0, -5.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radix_select_matches_a_stable_sort_on_extreme_values(dtype):
+    """The masks of ``largest`` (several ks in one select, float64's four passes) against a stable sort of the bit
+    patterns, on −0, denormals, the largest finite values, all-equal and integer-valued deltas, for k = 1, k = n
+    and others, over blocks of one row, three rows and the whole: the same entries every time."""
+    import random
+
+    from loraops.ops import combine as ops
+    from loraops.ops.svd import row_blocks
+
+    class Values(ops.Term):  # a term whose delta is given (a product would turn −0 into +0)
+        def delta(self, rows=slice(None)):
+            return self.B[rows].clone()
+
+    info = torch.finfo(dtype)
+    specials = [0.0, -0.0, info.tiny / 4, -info.tiny / 8, info.tiny, info.smallest_normal * 1e-3, 1.0, -1.0,
+                info.max, -info.max]
+    rng = random.Random(0)
+    for trial in range(12):
+        rows, cols = rng.randint(1, 5), rng.randint(1, 7)
+        n = rows * cols
+        values = [torch.tensor([rng.choice(specials) for _ in range(n)], dtype=dtype),
+                  torch.full((n,), rng.choice(specials), dtype=dtype),
+                  torch.randint(-2, 3, (n,)).to(dtype)][trial % 3].reshape(rows, cols)
+        order = torch.sort(ops._magnitude_bits(values).flatten(), descending=True, stable=True).indices
+        ks = sorted({1, n, rng.randint(1, n), rng.randint(1, n)})
+        for step in (1, 3, rows):  # (3: a partial last block)
+            blocks = row_blocks((rows, cols)) if step == rows else [slice(r, r + step) for r in range(0, rows, step)]
+            term = Values(B=values, A=values[:0], scale=1.0, weight=1.0)
+            for k, mask in zip(ks, ops.largest(term, ks, blocks)):
+                got = torch.cat([mask(ops._magnitude_bits(values[r])) for r in blocks]).flatten()
+                assert got.nonzero().flatten().tolist() == sorted(order[:k].tolist()), (trial, k, step)

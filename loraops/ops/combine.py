@@ -168,7 +168,8 @@ class DellaParams(DensityParams):
     @model_validator(mode="after")
     def check_fits(self):
         # as mergekit: every probability density ± epsilon must be in (0, 1); at density 1 nothing is dropped
-        if not 0 < self.density - self.epsilon < self.density + self.epsilon < 1 and (
+        # (epsilon 0 is allowed: every probability is density, DARE's mask with DELLA's draws)
+        if not (0 < self.density - self.epsilon and self.density + self.epsilon < 1) and (
                 self.density < 1 or "epsilon" in self.model_fields_set):
             raise ValueError(f"density ± epsilon ({self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
                              " must lie inside (0, 1): they are keep probabilities")
@@ -353,8 +354,9 @@ def task_arithmetic(
             if divisor is not None:
                 divisor += agree * weight if consensus else weight
         if divisor is not None:
-            # mergekit: entries with no contribution (or weights summing to ~0) are left undivided.
-            divisor[divisor.abs() < 1e-8] = 1
+            # mergekit: entries with no agreeing contribution (sign election), or whose weights sum to ~0 (no
+            # election), are left undivided; agreeing weights are positive, so tiny ones still divide
+            divisor[divisor == 0 if consensus else divisor.abs() < 1e-8] = 1
             out /= divisor
         if getattr(params, "lambda_", 1.0) != 1:
             out *= params.lambda_
