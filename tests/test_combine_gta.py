@@ -269,3 +269,15 @@ def test_disjoint_mean_divides_tiny_weights_out(inputs, method):
     for name, module in tiny.modules.items():  # (float32 rounding of the scaled weights may flip a near-0 sign)
         want = plain.modules[name].delta(dtype=torch.float64)
         assert float((module.delta(dtype=torch.float64) - want).norm() / want.norm()) < 1e-4, name
+
+
+def test_default_gamma_is_lowered_where_it_does_not_fit():
+    """Density 0.995 with the default gamma 0.01: as mergekit, the default drops what is left above the kept share
+    (n − ⌊density·n⌋ entries) instead of being refused; a gamma given that does not fit is refused (above)."""
+    values = torch.arange(1.0, 401.0).reshape(20, 20) * torch.tensor([1.0, -1.0]).repeat(10)
+    term, blocks = term_of(values), svd.row_blocks(values.shape)
+    params = BreadcrumbsParams(density=0.995)
+    sparsify = drop_outliers(term, params.density, blocks, Context("m", (20, 20)), 0, params)
+    got = torch.cat([sparsify(term.delta(rows)) for rows in blocks])
+    assert torch.equal(got.double(), ref.breadcrumbs(values.double(), 0.995, 0.01))
+    assert got[-1, -1] == 0 and int((got != 0).sum()) == 398

@@ -62,8 +62,8 @@ def percent(value: float | None) -> str:
 @click.option("--rank", type=int, help="Output rank (linear/svd: default Σ ranks, lossless; element-wise: largest input rank).")
 @click.option("--density", type=float, help="Element-wise methods: fraction of each delta kept, in (0, 1].")
 @click.option("--gamma", type=float,
-              help="breadcrumbs*: fraction of each delta's largest-magnitude entries dropped (default 0.01; "
-                   "gamma + density ≤ 1).")
+              help="breadcrumbs*: fraction of each delta's largest-magnitude entries dropped (default 0.01, "
+                   "lowered to 1 − density where it does not fit; a gamma given must fit: gamma + density ≤ 1).")
 @click.option("--epsilon", type=float,
               help="della*: keep probabilities run from density − epsilon (smallest in a row) to density + epsilon "
                    "(largest), inside (0, 1) (default 0.15).")

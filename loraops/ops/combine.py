@@ -151,9 +151,9 @@ class BreadcrumbsParams(DensityParams):
 
     @model_validator(mode="after")
     def check_fits(self):
-        # mergekit lowers gamma silently until the density fits; a value the user gave is not changed behind them.
-        # At density 1 nothing is dropped (mergekit returns the task vector whole), so only a gamma given is refused.
-        if self.gamma + self.density > 1 + 1e-9 and (self.density < 1 or "gamma" in self.model_fields_set):
+        # mergekit lowers gamma silently until the density fits; a value the user gave is not changed behind them,
+        # but the default (0.01) is, as there (drop_outliers drops at most n − ⌊density·n⌋): density 0.995 is no error.
+        if self.gamma + self.density > 1 + 1e-9 and "gamma" in self.model_fields_set:
             raise ValueError(f"gamma ({self.gamma:g}) + density ({self.density:g}) must be at most 1: a gamma share "
                              "of the largest magnitudes is dropped, a density share kept below them")
         return self
