@@ -191,7 +191,7 @@ def _tied_head_of_class(config: dict) -> TiedHead | None:
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
     """The output head a model ties to its input embeddings ``embeddings`` and does not store, named as transformers
     saves it: by its class where TIED_HEAD_OF_CLASS lists it (bert.embeddings.word_embeddings →
-    cls.predictions.decoder), else a causal LM's lm_head.weight beside the decoder's wrapper (model.embed_tokens →
+    cls.predictions.decoder; a checkpoint of the bare model's embeddings.word_embeddings → the same), else a causal LM's lm_head.weight beside the decoder's wrapper (model.embed_tokens →
     lm_head, language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out, a
     checkpoint of the bare model's wte → lm_head); or None: the config.json names no class with an output head (a
     bare model, a classifier, or no config at all), unties it, is an encoder-decoder model's (see
@@ -202,7 +202,10 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     tied = _tied_head_of_class(config)
     if tied is not None:
         under_owner = embeddings == tied.embeddings or embeddings.endswith("." + tied.embeddings)
-        head = embeddings.removesuffix(tied.embeddings) + tied.head if under_owner else None
+        # or a checkpoint saved from the bare model (GPT-1's own: tokens_embed.weight, h.0.…), which transformers
+        # loads with its prefix added, the head beside it
+        bare = embeddings == tied.embeddings.partition(".")[2]
+        head = embeddings.removesuffix(tied.embeddings) + tied.head if under_owner else tied.head if bare else None
     elif any(a.endswith(LM_HEAD_CLASSES) for a in architectures):
         found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
         head = (found["owner"] or "") + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight") \

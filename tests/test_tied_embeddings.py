@@ -375,3 +375,34 @@ def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
     expected = output(adapted_model)
     torch.testing.assert_close(output(merged), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(output(base), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls_name", ["OpenAIGPTLMHeadModel", "BertForMaskedLM"])
+def test_a_class_checkpoint_saved_from_the_bare_model(tmp_path, cls_name):
+    """GPT-1's own checkpoint is saved from the bare model (tokens_embed.weight, h.0.…: no transformer. prefix, which
+    transformers adds on load): a LoRA on its embeddings alone unties the head TIED_HEAD_OF_CLASS names, beside them
+    (and BERT's decoder bias beside its parent's)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    prefix = tied.embeddings.partition(".")[0] + "."
+    tiny(cls).save_pretrained(tmp_path / "source")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((tmp_path / "source" / "config.json").read_bytes())
+    save_file({n.removeprefix(prefix): t for n, t in load_file(tmp_path / "source" / "model.safetensors").items()},
+              str(bare / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    target = tied.embeddings.removesuffix(".weight").rpartition(".")[2]
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "source"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    report = engine.merge(bare, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == [tied.head]
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokens = TOKENS[:, :8] % 100 + 3
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(tokens).logits, adapted_model(tokens).logits, atol=1e-5, rtol=1e-5)
