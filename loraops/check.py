@@ -88,6 +88,9 @@ class TiedHead(NamedTuple):
     head: str
     embeddings: str
     bias: bool = False
+    flag: str | None = None
+    """A config.json switch (true when absent) that, false, builds the class without this head: DeBERTa's legacy
+    (false: the head of its original checkpoints, lm_predictions, multiplies by the embeddings' own weight)."""
 
 
 # The heads of the classes the causal-LM rule (unstored_head_of) does not name: masked LMs, BERT-style encoders built
@@ -110,8 +113,8 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "ConvBertForMaskedLM": TiedHead("generator_lm_head.weight", "convbert.embeddings.word_embeddings.weight"),
     "Data2VecTextForCausalLM": TiedHead("lm_head.decoder.weight", "data2vec_text.embeddings.word_embeddings.weight", bias=True),
     "Data2VecTextForMaskedLM": TiedHead("lm_head.decoder.weight", "data2vec_text.embeddings.word_embeddings.weight", bias=True),
-    "DebertaForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True),
-    "DebertaV2ForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True),
+    "DebertaForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True, flag="legacy"),
+    "DebertaV2ForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True, flag="legacy"),
     "DistilBertForMaskedLM": TiedHead("vocab_projector.weight", "distilbert.embeddings.word_embeddings.weight"),
     "ElectraForCausalLM": TiedHead("generator_lm_head.weight", "electra.embeddings.word_embeddings.weight"),
     "ElectraForMaskedLM": TiedHead("generator_lm_head.weight", "electra.embeddings.word_embeddings.weight"),
@@ -184,8 +187,9 @@ def ties_word_embeddings(config: dict) -> bool | None:
 
 
 def _tied_head_of_class(config: dict) -> TiedHead | None:
-    return next((TIED_HEAD_OF_CLASS[str(a)] for a in config.get("architectures") or [] if str(a) in TIED_HEAD_OF_CLASS),
+    tied = next((TIED_HEAD_OF_CLASS[str(a)] for a in config.get("architectures") or [] if str(a) in TIED_HEAD_OF_CLASS),
                 None)
+    return None if tied is not None and tied.flag is not None and config.get(tied.flag, True) is False else tied
 
 
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:

@@ -406,3 +406,29 @@ def test_a_class_checkpoint_saved_from_the_bare_model(tmp_path, cls_name):
     tokens = TOKENS[:, :8] % 100 + 3
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(tokens).logits, adapted_model(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls_name", ["DebertaForMaskedLM", "DebertaV2ForMaskedLM"])
+def test_deberta_without_its_legacy_head_has_no_head_to_untie(tmp_path, cls_name):
+    """DeBERTa's masked LM with legacy: false (the head of its original checkpoints, lm_predictions) has no decoder
+    weight: it multiplies by the embeddings' own. No head is written (transformers would call it unexpected and
+    still read the embeddings); the embeddings take the delta, as PEFT's merge does."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    model = tiny(cls)
+    model.config.legacy = False
+    cls._from_config(model.config).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == []
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    peft_merged = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), tmp_path / "a").merge_and_unload()
+    tokens = TOKENS[:, :8] % 100 + 3
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(tokens).logits, peft_merged.eval()(tokens).logits, atol=1e-5, rtol=1e-5)
