@@ -73,12 +73,21 @@ def shared_embeddings_of(weight_name: str, shape, manifest: Mapping[str, object]
 def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
     """The input embeddings a base shares with the output head ``weight_name`` that it does not store (a tied model),
     or None. Several of the head's shape (T5 stores its shared embeddings three times): the head's own sub-model's
-    first, then the shallowest."""
-    if weight_name in manifest or not weight_name.endswith(".weight") or not is_head(weight_name):
+    first, then the shallowest. A head a class names (TIED_HEAD_OF_CLASS: ModernBERT's decoder, XLNet's lm_loss,
+    BioGPT's output_projection, GPT-1's lm_head, …): that class's embeddings, beside it or saved bare."""
+    if weight_name in manifest or not weight_name.endswith(".weight"):
         return None
-    owner = weight_name.removesuffix(".weight").rpartition(".")[0]
-    candidates = [t for t, info in manifest.items() if t.endswith(INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
-    return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t), default=None)
+    if is_head(weight_name):
+        owner = weight_name.removesuffix(".weight").rpartition(".")[0]
+        candidates = [t for t, info in manifest.items()
+                      if t.endswith(INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
+        if candidates:
+            return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t))
+    named = [(weight_name.removesuffix(tied.head), tied.embeddings) for tied in TIED_HEAD_OF_CLASS.values()
+             if weight_name == tied.head or weight_name.endswith("." + tied.head)]
+    return next((source for prefix, embeddings in named
+                 for source in (prefix + embeddings, *([embeddings.partition(".")[2]] if not prefix else []))
+                 if source in manifest and tuple(manifest[source].shape) == tuple(shape)), None)
 
 
 class TiedHead(NamedTuple):

@@ -399,9 +399,14 @@ def test_a_class_checkpoint_saved_from_the_bare_model(tmp_path, cls_name):
     adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "source"), LoraConfig(
         r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
     adapted_model.save_pretrained(tmp_path / "a")
-    report = engine.merge(bare, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
-    assert report.heads_untied == [tied.head]
-    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    merged_as_adapted(cls, bare, formats.read_adapter(tmp_path / "a"), adapted_model, tied.head, tmp_path / "out")
+
+
+def merged_as_adapted(cls, base, adapter, adapted_model, head, out):
+    """Merge ``adapter`` into ``base``: ``head`` comes out untied, the merged model loads with no missing or unexpected
+    keys and computes what PEFT's ``adapted_model`` computes."""
+    assert engine.merge(base, [(adapter, 1.0)], out, progress=False).heads_untied == [head]
+    merged, info = cls.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tokens = TOKENS[:, :8] % 100 + 3
     with torch.no_grad():
@@ -432,3 +437,46 @@ def test_deberta_without_its_legacy_head_has_no_head_to_untie(tmp_path, cls_name
     tokens = TOKENS[:, :8] % 100 + 3
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(tokens).logits, peft_merged.eval()(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls_name, targets", [("ModernBertForMaskedLM", ["decoder"]), ("XLNetLMHeadModel", ["lm_loss"]),
+                                               ("OpenAIGPTLMHeadModel", ["lm_head", "tokens_embed"])])
+def test_a_lora_on_a_head_named_by_its_class(tmp_path, cls_name, targets):
+    """A LoRA on a tied head that TIED_HEAD_OF_CLASS names (not lm_head beside embed_tokens): the head is found
+    by its class's embeddings, written untied with its delta, and the merged model computes PEFT's adapted model."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+
+    cls = getattr(transformers, cls_name)
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    tiny(cls).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    base = BaseModel.open(tmp_path / "base")
+    assert check(adapter, base.tensors, config=base.config).tied_heads == [tied.head.removesuffix(".weight")]
+    merged_as_adapted(cls, tmp_path / "base", adapter, adapted_model, tied.head, tmp_path / "out")
+
+
+def test_ensure_weight_tying_on_a_head_named_by_its_class(tmp_path):
+    """BioGPT's embed_tokens in modules_to_save with ensure_weight_tying: PEFT saves the tied copy as
+    output_projection.weight (the head its class names), read as the head's replacement."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BioGptForCausalLM
+
+    tiny(BioGptForCausalLM).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(BioGptForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False,
+        ensure_weight_tying=True)).eval()
+    with torch.no_grad():
+        model.base_model.model.biogpt.embed_tokens.modules_to_save["default"].weight.add_(0.05)
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["biogpt.embed_tokens.weight", "output_projection.weight"]
+    merged_as_adapted(BioGptForCausalLM, tmp_path / "base", adapter, model, "output_projection.weight", tmp_path / "out")
