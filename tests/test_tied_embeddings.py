@@ -480,3 +480,26 @@ def test_ensure_weight_tying_on_a_head_named_by_its_class(tmp_path):
     adapter = formats.read_adapter(tmp_path / "a")
     assert sorted(adapter.full_tensors) == ["biogpt.embed_tokens.weight", "output_projection.weight"]
     merged_as_adapted(BioGptForCausalLM, tmp_path / "base", adapter, model, "output_projection.weight", tmp_path / "out")
+
+
+def test_a_decoder_stored_twice_is_untied_with_its_bias(tmp_path):
+    """A masked LM whose exporter saved the tied decoder too (byte-identical) but its bias only under the parent
+    (cls.predictions.bias): untying the decoder unties its bias as well, else transformers loads the untied model
+    with a newly initialized decoder bias."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForMaskedLM
+
+    model = tiny(BertForMaskedLM)
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()
+    model.save_pretrained(tmp_path / "base")
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    assert "cls.predictions.decoder.bias" not in state
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"].clone()
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    merged_as_adapted(BertForMaskedLM, tmp_path / "base", formats.read_adapter(tmp_path / "a"), adapted_model,
+                      "cls.predictions.decoder.weight", tmp_path / "out")
