@@ -73,12 +73,21 @@ def shared_embeddings_of(weight_name: str, shape, manifest: Mapping[str, object]
 def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
     """The input embeddings a base shares with the output head ``weight_name`` that it does not store (a tied model),
     or None. Several of the head's shape (T5 stores its shared embeddings three times): the head's own sub-model's
-    first, then the shallowest."""
-    if weight_name in manifest or not weight_name.endswith(".weight") or not is_head(weight_name):
+    first, then the shallowest. A head a class names (TIED_HEAD_OF_CLASS: ModernBERT's decoder, XLNet's lm_loss,
+    BioGPT's output_projection, GPT-1's lm_head, …): that class's embeddings, beside it or saved bare."""
+    if weight_name in manifest or not weight_name.endswith(".weight"):
         return None
-    owner = weight_name.removesuffix(".weight").rpartition(".")[0]
-    candidates = [t for t, info in manifest.items() if t.endswith(INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
-    return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t), default=None)
+    if is_head(weight_name):
+        owner = weight_name.removesuffix(".weight").rpartition(".")[0]
+        candidates = [t for t, info in manifest.items()
+                      if t.endswith(INPUT_EMBEDDINGS) and tuple(info.shape) == tuple(shape)]
+        if candidates:
+            return min(candidates, key=lambda t: (not t.startswith(owner), t.count("."), t))
+    named = [(weight_name.removesuffix(tied.head), tied.embeddings) for tied in TIED_HEAD_OF_CLASS.values()
+             if weight_name == tied.head or weight_name.endswith("." + tied.head)]
+    return next((source for prefix, embeddings in named
+                 for source in (prefix + embeddings, *([embeddings.partition(".")[2]] if not prefix else []))
+                 if source in manifest and tuple(manifest[source].shape) == tuple(shape)), None)
 
 
 class TiedHead(NamedTuple):
@@ -88,6 +97,9 @@ class TiedHead(NamedTuple):
     head: str
     embeddings: str
     bias: bool = False
+    flag: str | None = None
+    """A config.json switch (true when absent) that, false, builds the class without this head: DeBERTa's legacy
+    (false: the head of its original checkpoints, lm_predictions, multiplies by the embeddings' own weight)."""
 
 
 # The heads of the classes the causal-LM rule (unstored_head_of) does not name: masked LMs, BERT-style encoders built
@@ -110,8 +122,8 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "ConvBertForMaskedLM": TiedHead("generator_lm_head.weight", "convbert.embeddings.word_embeddings.weight"),
     "Data2VecTextForCausalLM": TiedHead("lm_head.decoder.weight", "data2vec_text.embeddings.word_embeddings.weight", bias=True),
     "Data2VecTextForMaskedLM": TiedHead("lm_head.decoder.weight", "data2vec_text.embeddings.word_embeddings.weight", bias=True),
-    "DebertaForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True),
-    "DebertaV2ForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True),
+    "DebertaForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True, flag="legacy"),
+    "DebertaV2ForMaskedLM": TiedHead("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight", bias=True, flag="legacy"),
     "DistilBertForMaskedLM": TiedHead("vocab_projector.weight", "distilbert.embeddings.word_embeddings.weight"),
     "ElectraForCausalLM": TiedHead("generator_lm_head.weight", "electra.embeddings.word_embeddings.weight"),
     "ElectraForMaskedLM": TiedHead("generator_lm_head.weight", "electra.embeddings.word_embeddings.weight"),
@@ -184,14 +196,15 @@ def ties_word_embeddings(config: dict) -> bool | None:
 
 
 def _tied_head_of_class(config: dict) -> TiedHead | None:
-    return next((TIED_HEAD_OF_CLASS[str(a)] for a in config.get("architectures") or [] if str(a) in TIED_HEAD_OF_CLASS),
+    tied = next((TIED_HEAD_OF_CLASS[str(a)] for a in config.get("architectures") or [] if str(a) in TIED_HEAD_OF_CLASS),
                 None)
+    return None if tied is not None and tied.flag is not None and config.get(tied.flag, True) is False else tied
 
 
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
     """The output head a model ties to its input embeddings ``embeddings`` and does not store, named as transformers
     saves it: by its class where TIED_HEAD_OF_CLASS lists it (bert.embeddings.word_embeddings →
-    cls.predictions.decoder), else a causal LM's lm_head.weight beside the decoder's wrapper (model.embed_tokens →
+    cls.predictions.decoder; a checkpoint of the bare model's embeddings.word_embeddings → the same), else a causal LM's lm_head.weight beside the decoder's wrapper (model.embed_tokens →
     lm_head, language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out, a
     checkpoint of the bare model's wte → lm_head); or None: the config.json names no class with an output head (a
     bare model, a classifier, or no config at all), unties it, is an encoder-decoder model's (see
@@ -202,7 +215,10 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     tied = _tied_head_of_class(config)
     if tied is not None:
         under_owner = embeddings == tied.embeddings or embeddings.endswith("." + tied.embeddings)
-        head = embeddings.removesuffix(tied.embeddings) + tied.head if under_owner else None
+        # or a checkpoint saved from the bare model (GPT-1's own: tokens_embed.weight, h.0.…), which transformers
+        # loads with its prefix added, the head beside it
+        bare = embeddings == tied.embeddings.partition(".")[2]
+        head = embeddings.removesuffix(tied.embeddings) + tied.head if under_owner else tied.head if bare else None
     elif any(a.endswith(LM_HEAD_CLASSES) for a in architectures):
         found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
         head = (found["owner"] or "") + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight") \

@@ -475,6 +475,9 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         if not undo and any(name in touched if is_head(name) else name in apart for name in group) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
+            biases = _decoder_biases(base, {name: name for name in group if is_head(name)})
+            heads.update(biases)
+            untied |= {base.tensors[parent].file for parent in biases.values()}
             embeddings = min((name for name in group if not is_head(name)), default=None)
             _inherit({name: embeddings for name in group if is_head(name)} if embeddings else {}, rows, replacements,
                      saved_layers)  # but for what PEFT's tied weight carries
@@ -661,10 +664,7 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         head = unstored_head_of(name, base.tensors, base.config(name))
         if head is not None and head not in heads:
             heads[head] = name
-    for head in list(heads):  # BERT's, RoBERTa's, ALBERT's decoder's bias is tied to its parent's: untied with it
-        bias = tied_decoder_bias(head, base.config(heads[head]))
-        if bias is not None and bias[0] not in base.tensors and bias[1] in base.tensors:
-            heads[bias[0]] = bias[1]
+    heads.update(_decoder_biases(base, heads))
     return heads
 
 
@@ -683,6 +683,18 @@ def untied_head_source(base: BaseModel, name: str, shape) -> str | None:
                             "tie_word_embeddings also decides how the output is scaled (T5-style): loraops "
                             "does not untie it, and does not merge into tied heads")
     return embeddings
+
+
+def _decoder_biases(base: BaseModel, heads: dict[str, str]) -> dict[str, str]:
+    """The biases of untied ``heads`` (→ a tensor of their model in the base) that transformers ties to their parent's
+    while the head is tied (BERT's, RoBERTa's, ALBERT's decoder's), which the base does not store → that parent's:
+    written as the head's own, or transformers loads the untied model with a newly initialized one."""
+    biases = {}
+    for head, tensor in heads.items():
+        bias = tied_decoder_bias(head, base.config(tensor))
+        if bias is not None and bias[0] not in base.tensors and bias[1] in base.tensors:
+            biases[bias[0]] = bias[1]
+    return biases
 
 
 def _changed_apart(adapters: list[tuple[Adapter, float]]) -> set[str]:

@@ -375,3 +375,131 @@ def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
     expected = output(adapted_model)
     torch.testing.assert_close(output(merged), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(output(base), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls_name", ["OpenAIGPTLMHeadModel", "BertForMaskedLM"])
+def test_a_class_checkpoint_saved_from_the_bare_model(tmp_path, cls_name):
+    """GPT-1's own checkpoint is saved from the bare model (tokens_embed.weight, h.0.…: no transformer. prefix, which
+    transformers adds on load): a LoRA on its embeddings alone unties the head TIED_HEAD_OF_CLASS names, beside them
+    (and BERT's decoder bias beside its parent's)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    prefix = tied.embeddings.partition(".")[0] + "."
+    tiny(cls).save_pretrained(tmp_path / "source")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((tmp_path / "source" / "config.json").read_bytes())
+    save_file({n.removeprefix(prefix): t for n, t in load_file(tmp_path / "source" / "model.safetensors").items()},
+              str(bare / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    target = tied.embeddings.removesuffix(".weight").rpartition(".")[2]
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "source"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    merged_as_adapted(cls, bare, formats.read_adapter(tmp_path / "a"), adapted_model, tied.head, tmp_path / "out")
+
+
+def merged_as_adapted(cls, base, adapter, adapted_model, head, out):
+    """Merge ``adapter`` into ``base``: ``head`` comes out untied, the merged model loads with no missing or unexpected
+    keys and computes what PEFT's ``adapted_model`` computes."""
+    assert engine.merge(base, [(adapter, 1.0)], out, progress=False).heads_untied == [head]
+    merged, info = cls.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokens = TOKENS[:, :8] % 100 + 3
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(tokens).logits, adapted_model(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls_name", ["DebertaForMaskedLM", "DebertaV2ForMaskedLM"])
+def test_deberta_without_its_legacy_head_has_no_head_to_untie(tmp_path, cls_name):
+    """DeBERTa's masked LM with legacy: false (the head of its original checkpoints, lm_predictions) has no decoder
+    weight: it multiplies by the embeddings' own. No head is written (transformers would call it unexpected and
+    still read the embeddings); the embeddings take the delta, as PEFT's merge does."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    model = tiny(cls)
+    model.config.legacy = False
+    cls._from_config(model.config).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == []
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    peft_merged = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), tmp_path / "a").merge_and_unload()
+    tokens = TOKENS[:, :8] % 100 + 3
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(tokens).logits, peft_merged.eval()(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls_name, targets", [("ModernBertForMaskedLM", ["decoder"]), ("XLNetLMHeadModel", ["lm_loss"]),
+                                               ("OpenAIGPTLMHeadModel", ["lm_head", "tokens_embed"])])
+def test_a_lora_on_a_head_named_by_its_class(tmp_path, cls_name, targets):
+    """A LoRA on a tied head that TIED_HEAD_OF_CLASS names (not lm_head beside embed_tokens): the head is found
+    by its class's embeddings, written untied with its delta, and the merged model computes PEFT's adapted model."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+
+    cls = getattr(transformers, cls_name)
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    tiny(cls).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    base = BaseModel.open(tmp_path / "base")
+    assert check(adapter, base.tensors, config=base.config).tied_heads == [tied.head.removesuffix(".weight")]
+    merged_as_adapted(cls, tmp_path / "base", adapter, adapted_model, tied.head, tmp_path / "out")
+
+
+def test_ensure_weight_tying_on_a_head_named_by_its_class(tmp_path):
+    """BioGPT's embed_tokens in modules_to_save with ensure_weight_tying: PEFT saves the tied copy as
+    output_projection.weight (the head its class names), read as the head's replacement."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BioGptForCausalLM
+
+    tiny(BioGptForCausalLM).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(BioGptForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False,
+        ensure_weight_tying=True)).eval()
+    with torch.no_grad():
+        model.base_model.model.biogpt.embed_tokens.modules_to_save["default"].weight.add_(0.05)
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["biogpt.embed_tokens.weight", "output_projection.weight"]
+    merged_as_adapted(BioGptForCausalLM, tmp_path / "base", adapter, model, "output_projection.weight", tmp_path / "out")
+
+
+def test_a_decoder_stored_twice_is_untied_with_its_bias(tmp_path):
+    """A masked LM whose exporter saved the tied decoder too (byte-identical) but its bias only under the parent
+    (cls.predictions.bias): untying the decoder unties its bias as well, else transformers loads the untied model
+    with a newly initialized decoder bias."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForMaskedLM
+
+    model = tiny(BertForMaskedLM)
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()
+    model.save_pretrained(tmp_path / "base")
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    assert "cls.predictions.decoder.bias" not in state
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"].clone()
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    merged_as_adapted(BertForMaskedLM, tmp_path / "base", formats.read_adapter(tmp_path / "a"), adapted_model,
+                      "cls.predictions.decoder.weight", tmp_path / "out")
