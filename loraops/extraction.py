@@ -193,20 +193,36 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
 
 
 def _ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
-    """The spacing of ``dtype``'s values at |x| (elementwise; x ≥ 0)."""
+    """The spacing of ``dtype``'s values at |x| (elementwise; x ≥ 0): the subnormals' below 2^emin, zero included."""
     import torch
 
     bits, emin = PRECISION[dtype]
-    return torch.ldexp(torch.ones_like(x), (torch.frexp(x).exponent - 1).clamp(min=emin) - bits)
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x.clamp(min=2.0 ** emin)).exponent - 1 - bits)
+
+
+def _half_gap(x: "torch.Tensor", toward: "torch.Tensor", dtype: str) -> "torch.Tensor":
+    """Half the gap between each value x of ``dtype`` and its neighbour in ``dtype`` on the side of ``toward``: how
+    far from x the reals that round to x reach that way. The spacing at |x|, but half of it from a power of two
+    toward zero (the binade below is twice as dense; not below the smallest normal, where subnormals keep its
+    spacing)."""
+    import torch
+
+    _, emin = PRECISION[dtype]
+    mantissa, exponent = torch.frexp(x)
+    inward = (toward - x).sign() * x.sign() < 0
+    halved = inward & (mantissa.abs() == 0.5) & (exponent - 1 > emin)
+    return _ulp(x.abs(), dtype).div_(torch.where(halved, 4.0, 2.0))
 
 
 def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[str, float]]:
     """(whether each tensor differs, {tensor: largest |Δ|} of those that differ only by the rounding between the two
     dtypes the models store it in). Whether it differs: by its bytes' digest (the fingerprint's, cached per file), or
     by value when the models store it in different dtypes (a bf16 tuned model of an fp32 base: the same values are
-    other bytes). Rounding: every |Δ| within half a spacing (ulp) of each dtype at the larger of the two values, the
-    most that rounding one to the other, or both from one original, can move it (|r₁(x) − r₂(x)| ≤ ulp₁/2 + ulp₂/2);
-    a tensor within it holds nothing one of the two models does not: the other rounded (up to ties)."""
+    other bytes). Rounding: every pair of values is one that rounding one to the other, or both from one original,
+    can make: the reals that round to the one (in its dtype) and those that round to the other meet, i.e. |Δ| is at
+    most half the gap from each value to its neighbour on the other's side (_half_gap; ulp₁/2 + ulp₂/2, but a
+    quarter of a spacing from a power of two toward zero). A tensor within it holds nothing one of the two models
+    does not: the other rounded (up to ties)."""
     import torch
 
     from .st import read_paired_row_blocks, torch_dtype
@@ -228,8 +244,8 @@ def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[s
             differs, diff = True, t.sub(b).abs_()
             largest = max(largest, float(diff.max()))
             if within:  # (NaN is never within: refused when read)
-                at = torch.maximum(b.abs(), t.abs())
-                within = bool((diff <= (_ulp(at, info.dtype) + _ulp(at, other.dtype)) / 2).all())
+                reach = _half_gap(b, t, info.dtype).add_(_half_gap(t, b, other.dtype))
+                within = bool((diff <= reach).all())
         out[name] = differs
         if differs and within:
             rounding[name] = largest
