@@ -236,6 +236,10 @@ def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[s
             out[name] = base_digests[name] != tuned_digests[name]
             continue
         common = torch.promote_types(torch_dtype(info.dtype), torch_dtype(other.dtype))
+        # torch rounds F64 to F16 or BF16 through F32 (twice: a tie there may go the other way), so an F64 value
+        # reaches as far as F32's rounding does
+        rounds = [("F32" if d == "F64" and {info.dtype, other.dtype} & {"F16", "BF16"} else d)
+                  for d in (info.dtype, other.dtype)]
         differs, within, largest = False, True, 0.0
         for b, t in read_paired_row_blocks(info, other) if info.nbytes else ():  # a vocabulary is never read whole
             b, t = b.to(common), t.to(common)
@@ -244,7 +248,7 @@ def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[s
             differs, diff = True, t.sub(b).abs_()
             largest = max(largest, float(diff.max()))
             if within:  # (NaN is never within: refused when read)
-                reach = _half_gap(b, t, info.dtype).add_(_half_gap(t, b, other.dtype))
+                reach = _half_gap(b, t, rounds[0]).add_(_half_gap(t, b, rounds[1]))
                 within = bool((diff <= reach).all())
         out[name] = differs
         if differs and within:

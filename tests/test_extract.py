@@ -697,3 +697,24 @@ def test_rounding_is_no_step_across_a_power_of_two(tmp_path):
     # zero's neighbours are the smallest subnormals: 2⁻¹³⁴ rounds to bf16's 0 (a tie), 1e-4 does not
     assert rounding(torch.tensor([2.0 ** -134, -(2.0 ** -134)]), torch.zeros(2, dtype=torch.bfloat16))
     assert not rounding(torch.tensor([1e-4, 0.0]), torch.zeros(2, dtype=torch.bfloat16))
+
+
+def test_an_f64_model_rounded_by_torch_to_bf16_or_fp16_is_rounding(tmp_path):
+    """torch rounds float64 to bf16 and fp16 through float32, twice: 1 + 2⁻⁸ + 2⁻⁴⁰ becomes the tie 1 + 2⁻⁸ first,
+    then 1.0 (to even), one step below what rounding it once gives. About one value in 2¹⁶ (bf16) or 2¹³ (fp16) is
+    such a tie in float32, so every large tensor of an F64 model saved in bf16 had one and was extracted as a
+    fine-tune."""
+    from loraops.basemodel import BaseModel
+    from loraops.extraction import _differs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(60, dtype=torch.float64, generator=g),
+                   torch.tensor([1 + 2 ** -8, -(0.5 + 2 ** -9), 1 + 2 ** -11, -(0.5 + 2 ** -12)],  # bf16's, fp16's ties
+                                dtype=torch.float64) * (1 + 2 ** -40)])
+    for coarse in (torch.bfloat16, torch.float16):
+        save_file({"w.weight": x.reshape(8, 8)}, str(tmp_path / "a.safetensors"))
+        save_file({"w.weight": x.reshape(8, 8).to(coarse)}, str(tmp_path / "b.safetensors"))
+        for first, second in [("a", "b"), ("b", "a")]:
+            differs, within = _differs(BaseModel.open(tmp_path / f"{first}.safetensors"),
+                                       BaseModel.open(tmp_path / f"{second}.safetensors"))
+            assert differs["w.weight"] and "w.weight" in within, (coarse, first)
