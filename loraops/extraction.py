@@ -322,9 +322,16 @@ def _split(tensor: str) -> list[str]:
     return [f"{owner}.{part}" for part in parts] if tensor.endswith(suffix) and owner_re.search(owner) else []
 
 
-def _nothing_to_extract(work: Plan, labels: tuple[str, str]) -> InvalidInputError:
-    """The error when no module is left to make: every tensor equal (or equal up to dtype rounding), or those that
-    differ no LoRA targets."""
+def _nothing_to_extract(work: Plan, labels: tuple[str, str], dropped: Sequence[str] = ()) -> InvalidInputError:
+    """The error when no module is left to make: every tensor equal (or equal up to dtype rounding), those that
+    differ no LoRA targets, or the targets' deltas all zero (``dropped``): a block of a weight's rows --modules named
+    alone (DINOv2's gate_proj) is, while the weight differs in its other rows."""
+    halves = [f"{n} (rows {m.first_row}–{m.first_row + m.fused[2]} of {m.weight_name})" for n in dropped
+              if (m := work.targets[n]).fused is not None
+              and sum(t.weight_name == m.weight_name for t in work.targets.values()) == 1]
+    if halves:
+        return InvalidInputError(f"--modules: {_shown(halves)}: the same in both models (other rows of the weight "
+                                 "differ): nothing to extract")
     skipped = work.skipped
     if not skipped and work.rounding:
         worst = max(work.rounding, key=lambda r: r.max_abs_diff)
@@ -485,7 +492,7 @@ def extract_lazily(
         for tensor, why in work.skipped:  # norms and biases, or a vocabulary-sized embedding: by row blocks
             skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=max_abs_difference(tensor)))
         if len(dropped) == len(work.targets) and not work.saved:
-            raise _nothing_to_extract(work, labels)
+            raise _nothing_to_extract(work, labels, sorted(dropped))
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
         errors = [r.error for r in records] or [0.0]
