@@ -192,26 +192,21 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
                                       "weights: dequantize the model first")
 
 
-def _ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
-    """The spacing of ``dtype``'s values at |x| (elementwise; x ≥ 0): the subnormals' below 2^emin, zero included."""
+def _half_gap(x: "torch.Tensor", toward: "torch.Tensor", dtype: str) -> "torch.Tensor":
+    """Half the gap between each value x of ``dtype`` and its neighbour in ``dtype`` on the side of ``toward``: how
+    far from x the reals that round to x reach that way. The spacing at |x| (the subnormals' below the smallest
+    normal, zero included), but half of it from a power of two toward zero (the binade below is twice as dense).
+    Computed in place where it can: it runs on blocks of 64 MiB."""
     import torch
 
     bits, emin = PRECISION[dtype]
-    return torch.ldexp(torch.ones_like(x), torch.frexp(x.clamp(min=2.0 ** emin)).exponent - 1 - bits)
-
-
-def _half_gap(x: "torch.Tensor", toward: "torch.Tensor", dtype: str) -> "torch.Tensor":
-    """Half the gap between each value x of ``dtype`` and its neighbour in ``dtype`` on the side of ``toward``: how
-    far from x the reals that round to x reach that way. The spacing at |x|, but half of it from a power of two
-    toward zero (the binade below is twice as dense; not below the smallest normal, where subnormals keep its
-    spacing)."""
-    import torch
-
-    _, emin = PRECISION[dtype]
-    mantissa, exponent = torch.frexp(x)
-    inward = (toward - x).sign() * x.sign() < 0
-    halved = inward & (mantissa.abs() == 0.5) & (exponent - 1 > emin)
-    return _ulp(x.abs(), dtype).div_(torch.where(halved, 4.0, 2.0))
+    mantissa, exponent = torch.frexp(x)  # |x| = |mantissa|·2^exponent, |mantissa| in [0.5, 1)
+    exponent.sub_(1).clamp_(min=emin).masked_fill_(mantissa == 0, emin)  # ⌊log2 |x|⌋, at least emin
+    inward = toward.sub(x).sign_().mul_(x.sign()) < 0  # (signs: a product of tiny values would underflow)
+    inward &= mantissa.abs_() == 0.5
+    inward &= exponent > emin
+    exponent.sub_(inward.to(exponent.dtype)).sub_(bits + 1)
+    return torch.ldexp(mantissa.fill_(1.0), exponent)
 
 
 def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[str, float]]:

@@ -641,7 +641,7 @@ def test_rounding_is_bounded_by_half_a_spacing_of_each_dtype(tmp_path):
     """The criterion (extraction._differs) holds every pair that rounding can make — one dtype rounded to the other,
     or both from one original, subnormals and binade edges included — and nothing one spacing further."""
     from loraops.basemodel import BaseModel
-    from loraops.extraction import _differs, _ulp
+    from loraops.extraction import _differs, _half_gap
 
     g = torch.Generator().manual_seed(0)
     exponents = torch.randint(-40, 12, (4096,), generator=g).float()
@@ -657,7 +657,8 @@ def test_rounding_is_bounded_by_half_a_spacing_of_each_dtype(tmp_path):
             assert differs["w.weight"] and "w.weight" in rounding, (first, second, name)
             coarse = "BF16" if torch.bfloat16 in (first, second) else "F16"
             bumped = b.clone()
-            bumped[3, 3] = (b[3, 3].float() + _ulp(b[3, 3].float().abs(), coarse) * 1.5).to(second)
+            v = b[3, 3].float()
+            bumped[3, 3] = (v + 3 * _half_gap(v, 2 * v, coarse)).to(second)  # 1.5 spacings outward
             save_file({"w.weight": bumped}, str(tmp_path / "b.safetensors"))
             differs, rounding = _differs(BaseModel.open(tmp_path / "a.safetensors"),
                                          BaseModel.open(tmp_path / "b.safetensors"))
