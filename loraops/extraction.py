@@ -192,21 +192,32 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
                                       "weights: dequantize the model first")
 
 
-def _ulp(x: "torch.Tensor", dtype: str) -> "torch.Tensor":
-    """The spacing of ``dtype``'s values at |x| (elementwise; x ≥ 0)."""
+def _half_gap(x: "torch.Tensor", toward: "torch.Tensor", dtype: str) -> "torch.Tensor":
+    """Half the gap between each value x of ``dtype`` and its neighbour in ``dtype`` on the side of ``toward``: how
+    far from x the reals that round to x reach that way. The spacing at |x| (the subnormals' below the smallest
+    normal, zero included), but half of it from a power of two toward zero (the binade below is twice as dense).
+    Computed in place where it can: it runs on blocks of 64 MiB."""
     import torch
 
     bits, emin = PRECISION[dtype]
-    return torch.ldexp(torch.ones_like(x), (torch.frexp(x).exponent - 1).clamp(min=emin) - bits)
+    mantissa, exponent = torch.frexp(x)  # |x| = |mantissa|·2^exponent, |mantissa| in [0.5, 1)
+    exponent.sub_(1).clamp_(min=emin).masked_fill_(mantissa == 0, emin)  # ⌊log2 |x|⌋, at least emin
+    inward = toward.sub(x).sign_().mul_(x.sign()) < 0  # (signs: a product of tiny values would underflow)
+    inward &= mantissa.abs_() == 0.5
+    inward &= exponent > emin
+    exponent.sub_(inward.to(exponent.dtype)).sub_(bits + 1)
+    return torch.ldexp(mantissa.fill_(1.0), exponent)
 
 
 def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[str, float]]:
     """(whether each tensor differs, {tensor: largest |Δ|} of those that differ only by the rounding between the two
     dtypes the models store it in). Whether it differs: by its bytes' digest (the fingerprint's, cached per file), or
     by value when the models store it in different dtypes (a bf16 tuned model of an fp32 base: the same values are
-    other bytes). Rounding: every |Δ| within half a spacing (ulp) of each dtype at the larger of the two values, the
-    most that rounding one to the other, or both from one original, can move it (|r₁(x) − r₂(x)| ≤ ulp₁/2 + ulp₂/2);
-    a tensor within it holds nothing one of the two models does not: the other rounded (up to ties)."""
+    other bytes). Rounding: every pair of values is one that rounding one to the other, or both from one original,
+    can make: the reals that round to the one (in its dtype) and those that round to the other meet, i.e. |Δ| is at
+    most half the gap from each value to its neighbour on the other's side (_half_gap; ulp₁/2 + ulp₂/2, but a
+    quarter of a spacing from a power of two toward zero). A tensor within it holds nothing one of the two models
+    does not: the other rounded (up to ties)."""
     import torch
 
     from .st import read_paired_row_blocks, torch_dtype
@@ -220,6 +231,10 @@ def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[s
             out[name] = base_digests[name] != tuned_digests[name]
             continue
         common = torch.promote_types(torch_dtype(info.dtype), torch_dtype(other.dtype))
+        # torch rounds F64 to F16 or BF16 through F32 (twice: a tie there may go the other way), so an F64 value
+        # reaches as far as F32's rounding does
+        rounds = [("F32" if d == "F64" and {info.dtype, other.dtype} & {"F16", "BF16"} else d)
+                  for d in (info.dtype, other.dtype)]
         differs, within, largest = False, True, 0.0
         for b, t in read_paired_row_blocks(info, other) if info.nbytes else ():  # a vocabulary is never read whole
             b, t = b.to(common), t.to(common)
@@ -228,8 +243,8 @@ def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[s
             differs, diff = True, t.sub(b).abs_()
             largest = max(largest, float(diff.max()))
             if within:  # (NaN is never within: refused when read)
-                at = torch.maximum(b.abs(), t.abs())
-                within = bool((diff <= (_ulp(at, info.dtype) + _ulp(at, other.dtype)) / 2).all())
+                reach = _half_gap(b, t, rounds[0]).add_(_half_gap(t, b, rounds[1]))
+                within = bool((diff <= reach).all())
         out[name] = differs
         if differs and within:
             rounding[name] = largest
@@ -302,9 +317,16 @@ def _split(tensor: str) -> list[str]:
     return [f"{owner}.{part}" for part in parts] if tensor.endswith(suffix) and owner_re.search(owner) else []
 
 
-def _nothing_to_extract(work: Plan, labels: tuple[str, str]) -> InvalidInputError:
-    """The error when no module is left to make: every tensor equal (or equal up to dtype rounding), or those that
-    differ no LoRA targets."""
+def _nothing_to_extract(work: Plan, labels: tuple[str, str], dropped: Sequence[str] = ()) -> InvalidInputError:
+    """The error when no module is left to make: every tensor equal (or equal up to dtype rounding), those that
+    differ no LoRA targets, or the targets' deltas all zero (``dropped``): a block of a weight's rows --modules named
+    alone (DINOv2's gate_proj) is, while the weight differs in its other rows."""
+    halves = [f"{n} (rows {m.first_row}–{m.first_row + m.fused[2]} of {m.weight_name})" for n in dropped
+              if (m := work.targets[n]).fused is not None
+              and sum(t.weight_name == m.weight_name for t in work.targets.values()) == 1]
+    if halves:
+        return InvalidInputError(f"--modules: {_shown(halves)}: the same in both models (other rows of the weight "
+                                 "differ): nothing to extract")
     skipped = work.skipped
     if not skipped and work.rounding:
         worst = max(work.rounding, key=lambda r: r.max_abs_diff)
@@ -465,7 +487,7 @@ def extract_lazily(
         for tensor, why in work.skipped:  # norms and biases, or a vocabulary-sized embedding: by row blocks
             skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=max_abs_difference(tensor)))
         if len(dropped) == len(work.targets) and not work.saved:
-            raise _nothing_to_extract(work, labels)
+            raise _nothing_to_extract(work, labels, sorted(dropped))
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
         errors = [r.error for r in records] or [0.0]

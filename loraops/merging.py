@@ -289,7 +289,8 @@ def record_read(reg, model: BaseModel):
     found = reg.find_base(model.fingerprint())
     if found is not None and Path(found.path or "").exists():
         return found, False, None
-    changed = _stale_record_of(reg, model.path) if found is None else None
+    # also when the base read is registered with files that are gone: those read are another base's (moved over it)
+    changed = _stale_record_of(reg, model.path)
     record, created = reg.register_base(model.path, name=free_name(reg, model.path))
     return record, created, changed
 

@@ -641,7 +641,7 @@ def test_rounding_is_bounded_by_half_a_spacing_of_each_dtype(tmp_path):
     """The criterion (extraction._differs) holds every pair that rounding can make — one dtype rounded to the other,
     or both from one original, subnormals and binade edges included — and nothing one spacing further."""
     from loraops.basemodel import BaseModel
-    from loraops.extraction import _differs, _ulp
+    from loraops.extraction import _differs, _half_gap
 
     g = torch.Generator().manual_seed(0)
     exponents = torch.randint(-40, 12, (4096,), generator=g).float()
@@ -657,8 +657,65 @@ def test_rounding_is_bounded_by_half_a_spacing_of_each_dtype(tmp_path):
             assert differs["w.weight"] and "w.weight" in rounding, (first, second, name)
             coarse = "BF16" if torch.bfloat16 in (first, second) else "F16"
             bumped = b.clone()
-            bumped[3, 3] = (b[3, 3].float() + _ulp(b[3, 3].float().abs(), coarse) * 1.5).to(second)
+            v = b[3, 3].float()
+            bumped[3, 3] = (v + 3 * _half_gap(v, 2 * v, coarse)).to(second)  # 1.5 spacings outward
             save_file({"w.weight": bumped}, str(tmp_path / "b.safetensors"))
             differs, rounding = _differs(BaseModel.open(tmp_path / "a.safetensors"),
                                          BaseModel.open(tmp_path / "b.safetensors"))
             assert differs["w.weight"] and "w.weight" not in rounding, (first, second, name)
+
+
+
+def test_rounding_is_no_step_across_a_power_of_two(tmp_path):
+    """Below a power of two a dtype's values are twice as dense: bf16's 1.0 is what every real from 1 − 2⁻⁹ to
+    1 + 2⁻⁸ rounds to, so a bf16 fine-tune saved in fp32 that moved 1.0 one step down (to 1 − 2⁻⁸) holds no rounding
+    of its base, nor does one that moved 1 − 2⁻⁸ up to 1.0. The bound took the spacing above the larger of the two
+    values on both sides and called both rounding; what rounding can make is a pair whose rounding intervals meet."""
+    from loraops.basemodel import BaseModel
+    from loraops.extraction import _differs
+
+    def rounding(first, second):
+        save_file({"w.weight": first}, str(tmp_path / "a.safetensors"))
+        save_file({"w.weight": second}, str(tmp_path / "b.safetensors"))
+        differs, within = _differs(BaseModel.open(tmp_path / "a.safetensors"), BaseModel.open(tmp_path / "b.safetensors"))
+        assert differs["w.weight"]
+        return "w.weight" in within
+
+    for coarse, bits, fine in [(torch.bfloat16, 7, torch.float32), (torch.bfloat16, 7, torch.float16),
+                               (torch.float16, 10, torch.float32), (torch.float32, 23, torch.float64)]:
+        edges = torch.tensor([1.0, 0.5, -2.0, 1024.0, 2.0 ** -12], dtype=torch.float64)
+        inward = edges - edges.sign() * torch.ldexp(edges.abs(), torch.tensor(-bits - 1))  # one coarse step down
+        for i in range(len(edges)):
+            for at, moved in [(edges, inward), (inward, edges)]:  # the fine-tune's step: inward, or outward
+                c, f = at.to(coarse), at.to(fine, copy=True)
+                f[i] = moved[i]
+                assert c[i] != f[i].to(coarse)
+                assert not rounding(c, f) and not rounding(f, c), (coarse, fine, float(at[i]), float(moved[i]))
+    # the half step (a tie, from either side) and whatever rounding makes around a power of two still are
+    x = torch.tensor([1.0 - 2 ** -9, 1.0 - 2 ** -10, 1.0 + 2 ** -9, -(1.0 - 2 ** -9), 0.5 - 2 ** -10 - 2 ** -20])
+    assert rounding(x.to(torch.float32), x.to(torch.bfloat16)) and rounding(x.to(torch.bfloat16), x.to(torch.float32))
+    assert rounding(x.to(torch.float16), x.to(torch.bfloat16)) and rounding(x.to(torch.bfloat16), x.to(torch.float16))
+    # zero's neighbours are the smallest subnormals: 2⁻¹³⁴ rounds to bf16's 0 (a tie), 1e-4 does not
+    assert rounding(torch.tensor([2.0 ** -134, -(2.0 ** -134)]), torch.zeros(2, dtype=torch.bfloat16))
+    assert not rounding(torch.tensor([1e-4, 0.0]), torch.zeros(2, dtype=torch.bfloat16))
+
+
+def test_an_f64_model_rounded_by_torch_to_bf16_or_fp16_is_rounding(tmp_path):
+    """torch rounds float64 to bf16 and fp16 through float32, twice: 1 + 2⁻⁸ + 2⁻⁴⁰ becomes the tie 1 + 2⁻⁸ first,
+    then 1.0 (to even), one step below what rounding it once gives. About one value in 2¹⁶ (bf16) or 2¹³ (fp16) is
+    such a tie in float32, so every large tensor of an F64 model saved in bf16 had one and was extracted as a
+    fine-tune."""
+    from loraops.basemodel import BaseModel
+    from loraops.extraction import _differs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(60, dtype=torch.float64, generator=g),
+                   torch.tensor([1 + 2 ** -8, -(0.5 + 2 ** -9), 1 + 2 ** -11, -(0.5 + 2 ** -12)],  # bf16's, fp16's ties
+                                dtype=torch.float64) * (1 + 2 ** -40)])
+    for coarse in (torch.bfloat16, torch.float16):
+        save_file({"w.weight": x.reshape(8, 8)}, str(tmp_path / "a.safetensors"))
+        save_file({"w.weight": x.reshape(8, 8).to(coarse)}, str(tmp_path / "b.safetensors"))
+        for first, second in [("a", "b"), ("b", "a")]:
+            differs, within = _differs(BaseModel.open(tmp_path / f"{first}.safetensors"),
+                                       BaseModel.open(tmp_path / f"{second}.safetensors"))
+            assert differs["w.weight"] and "w.weight" in within, (coarse, first)

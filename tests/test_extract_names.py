@@ -305,3 +305,20 @@ def test_dinov2_swiglu_weights_in_is_its_two_modules(tmp_path):
     assert code == 0, out
     assert [(m["name"], m["shape"]) for m in json.loads(out)["report"]["modules"]] == [
         ("dinov2.encoder.layer.0.mlp.up_proj", [48, 32])]
+
+
+def test_dinov2_a_half_named_alone_that_did_not_change_is_named(tmp_path):
+    """--modules gate_proj where only weights_in's up_proj rows changed: the gate half's delta is zero, which was
+    reported as 'hold the same values in every tensor' (the weight differs: its other rows)."""
+    base = tiny_transformers(tmp_path / "base", "dinov2", "Dinov2Model", **DINOV2_SWIGLU)
+    weights = tensors(base)
+    name = "encoder.layer.0.mlp.weights_in.weight"
+    half = weights[name].shape[0] // 2
+    weights[name] = torch.cat([weights[name][:half], weights[name][half:] + 0.05])
+    shutil.copytree(base, tmp_path / "tuned")
+    save_file(weights, str(tmp_path / "tuned" / "model.safetensors"), metadata={"format": "pt"})
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2", "--modules", "gate_proj",
+                    "-o", tmp_path / "lora")
+    assert (code, out) == (2, f"error: --modules: encoder.layer.0.mlp.gate_proj (rows 0–{half} of {name}): the same "
+                              "in both models (other rows of the weight differ): nothing to extract\n")
+    assert not (tmp_path / "lora").exists() and run("list")[1].count("\n") == 2, run("list")  # (a header only)

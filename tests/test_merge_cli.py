@@ -331,3 +331,30 @@ def test_a_registered_base_whose_files_changed_is_said_to_have_changed(tmp_path,
             "a base of its own (by its fingerprint), and the lineage names it") in out
     assert "lineage      merge(llama, " in run("base", "show", "m1").output
     assert "lineage      merge(base, " in run("base", "show", "m2").output  # the changed files, recorded anew
+
+
+
+@pytest.mark.parametrize("command", ["merge", "subtract"])
+def test_a_registered_base_whose_files_now_hold_another_moved_base_is_said_to_have_changed(tmp_path, models, command):
+    """The files of registered base llama replaced by those of another registered base whose own folder is gone
+    (moved over llama's): the command reads that other base (found by fingerprint, given llama's path), and llama's
+    files changed since it was registered, which merge said before merging.record_read and then no longer did."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = shutil.copytree(models[0], tmp_path / "base")
+    other = shutil.copytree(models[0], tmp_path / "other")
+    shard = sorted(other.glob("*.safetensors"))[0]
+    state = load_file(shard)
+    name = next(n for n, t in state.items() if t.dim() == 2)
+    save_file({**state, name: state[name] + 1}, str(shard), metadata={"format": "pt"})
+    run("base", "add", base, "--name", "llama")
+    run("base", "add", other, "--name", "other")
+    shutil.rmtree(base)
+    other.rename(base)
+    into = "--into" if command == "merge" else "--from"
+    out = run(command, models[1], into, "llama", "-o", tmp_path / "out").output
+    assert ("note: the files of registered base llama changed since it was registered; what was read is recorded as "
+            "a base of its own (by its fingerprint), and the lineage names it") in out, out
+    assert f"lineage      {command}(other, " in run("base", "show", "out").output
