@@ -428,6 +428,15 @@ SAVED_LAYOUTS = [
               [(r"\.block_sparse_moe\.(?=gate(\.|$)|experts\.\d)", ".mlp."),
                (r"(\.experts\.\d+)\.w1(?=\.|$)", r"\1.gate_proj"), (r"(\.experts\.\d+)\.w3(?=\.|$)", r"\1.up_proj"),
                (r"(\.experts\.\d+)\.w2(?=\.|$)", r"\1.down_proj")]),
+    # PhiMoE: Mixtral's layout, its router renamed too (transformers' phimoe mapping: block_sparse_moe.gate ↔
+    # mlp.router)
+    Layout.of("PhiMoE's block_sparse_moe", "phimoe",
+              [(r"\.mlp\.router(?=\.|$)", ".block_sparse_moe.gate"), (r"\.mlp\.(?=experts\.\d)", ".block_sparse_moe."),
+               (r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"), (r"(\.experts\.\d+)\.up_proj(?=\.|$)", r"\1.w3"),
+               (r"(\.experts\.\d+)\.down_proj(?=\.|$)", r"\1.w2")],
+              [(r"\.block_sparse_moe\.gate(?=\.|$)", ".mlp.router"), (r"\.block_sparse_moe\.(?=experts\.\d)", ".mlp."),
+               (r"(\.experts\.\d+)\.w1(?=\.|$)", r"\1.gate_proj"), (r"(\.experts\.\d+)\.w3(?=\.|$)", r"\1.up_proj"),
+               (r"(\.experts\.\d+)\.w2(?=\.|$)", r"\1.down_proj")]),
 ]
 
 

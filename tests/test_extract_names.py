@@ -265,6 +265,7 @@ QWEN2_MOE = dict(LM, num_experts=2, num_experts_per_tok=2, moe_intermediate_size
 @pytest.mark.parametrize("model_type, cls, config", [
     ("mixtral", "MixtralForCausalLM", dict(MIXTRAL, num_experts_per_tok=2)),
     ("qwen2_moe", "Qwen2MoeForCausalLM", QWEN2_MOE),
+    ("phimoe", "PhimoeForCausalLM", dict(MIXTRAL, num_experts_per_tok=2)),
 ])
 def test_a_moe_router_is_a_lora_on_its_weight_parameter(tmp_path, model_type, cls, config):
     """transformers 5 holds a MoE layer's router (mlp.gate; Mixtral saves block_sparse_moe.gate) as a router class
@@ -273,7 +274,8 @@ def test_a_moe_router_is_a_lora_on_its_weight_parameter(tmp_path, model_type, cl
     the tuned logits (top-2 of 2 experts: the routing weights follow the router). Qwen2-MoE's shared_expert_gate is
     an nn.Linear and stays a module; kohya (no target_parameters) gets a plain module that loraops merges."""
     adapter_config = extract_and_check(tmp_path, model_type, cls, config, ["gate.weight", "q_proj"], TOKENS)
-    assert adapter_config["target_parameters"] == ["model.layers.0.mlp.gate.weight"]
+    router = "router" if model_type == "phimoe" else "gate"  # (PhiMoE's block_sparse_moe.gate is mlp.router in memory)
+    assert adapter_config["target_parameters"] == [f"model.layers.0.mlp.{router}.weight"]
     assert sorted(adapter_config["target_modules"]) == (
         ["model.layers.0.mlp.shared_expert_gate"] if model_type == "qwen2_moe" else []) + [
         "model.layers.0.self_attn.q_proj"]
