@@ -607,10 +607,19 @@ class Registry:
         ``all_versions``. Stored files go with the last record using them, its own lineage (how it was made) with it;
         lineage that used it keeps a label. ``undo``: a registration that the failing command which made it takes
         back (loraops.derive.inputs_of): its version number is given back to the name too, unless a later one was
-        given meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2."""
+        given meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2. Unless another
+        record's lineage used it meanwhile (another process derived from it): then it is that record's input, and
+        stays (removed, its number would later name other bytes under that lineage's label); returns []."""
 
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
+            if undo:
+                # the row locked first (PostgreSQL): a lineage row being inserted that refers to it is committed
+                # before this looks, or waits until the row is gone
+                s.execute(select(SqlAdapter.id).where(SqlAdapter.id == row.id).with_for_update())
+                used = select(SqlLineageInput.id).where(SqlLineageInput.adapter_id == row.id).limit(1)
+                if s.scalar(used) is not None:
+                    return [], []
             rows = [row]
             if all_versions:
                 rows = list(s.scalars(select(SqlAdapter).where(SqlAdapter.name == row.name).order_by(SqlAdapter.version)))
