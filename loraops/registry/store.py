@@ -580,10 +580,11 @@ class Registry:
         self._tag(s, row, tags)
         return Registration(self._adapter_record(s, row), False, linked, previous)
 
-    def restore_base_link(self, adapter_id: int, base_id: int | None) -> None:
+    def restore_base_link(self, adapter_id: int, base_id: int | None, *, linked_to: int) -> None:
         """Give a registered adapter back the base link it had (``base_id``; None: none) before a failing command
-        linked it to another (loraops.derive.inputs_of: a refused `combine a.safetensors --base B` left a linked to
-        B), its modules recorded as that link records them."""
+        linked it to base ``linked_to`` (loraops.derive.inputs_of: a refused `combine a.safetensors --base B` left a
+        linked to B), its modules recorded as that link records them. Only while it is still linked to
+        ``linked_to``: a link another process set meanwhile (`register a.safetensors --base C`) is that one's."""
         from .. import check, formats
 
         with self.session() as s:
@@ -596,8 +597,8 @@ class Registry:
         adapter = check.bind(adapter, manifest) if manifest is not None else adapter
 
         def work(s: Session) -> None:
-            row = s.get(SqlAdapter, adapter_id)
-            if row is not None:
+            row = s.get(SqlAdapter, adapter_id, with_for_update=True)
+            if row is not None and row.base_id == linked_to:
                 _set_base(s, row, base_id if base_id is None or s.get(SqlBase, base_id) is not None else None, adapter)
 
         self.write(f"restore the base link of adapter id {adapter_id}", work)
