@@ -225,8 +225,9 @@ def test_a_failed_command_takes_back_only_what_no_other_writer_used(reg, art, tm
 
 
 def test_a_failed_command_gives_back_only_the_base_link_it_set(reg, art, tmp_path):
-    """A failing `combine FILE --base B` of a registered FILE gives it back the link it had (none, or another base),
-    but not over a link another writer set meanwhile (`register FILE --base C`)."""
+    """A failing `combine FILE --base B` of a registered FILE gives it back the link it had (none, or another base:
+    none if that one was removed meanwhile), but not over a link another writer set meanwhile
+    (`register FILE --base C`)."""
     reg.add_base(art["base"], name="llama-tiny")
     for seed in (8, 9):  # same shapes, other weights
         reg.add_base(tiny_llama(tmp_path / f"twin{seed}", seed=seed), name=f"twin{seed}")
@@ -239,6 +240,9 @@ def test_a_failed_command_gives_back_only_the_base_link_it_set(reg, art, tmp_pat
     failing(reg, lambda open_input: open_input(str(art["kohya"]), "llama-tiny"),
             lambda _: reg.register_adapter(art["kohya"], base="twin9"))
     assert reg.get_adapter("style").base.name == "twin9"
+    failing(reg, lambda open_input: open_input(str(art["kohya"]), "llama-tiny"),
+            lambda _: reg.remove_base("twin9", force=True))
+    assert reg.get_adapter("style").base is None
 
 
 def lineage_rows(reg: Registry) -> tuple[int, int]:

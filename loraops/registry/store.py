@@ -592,6 +592,8 @@ class Registry:
             if row is None:
                 return
             path, alpha = self.blobs.path(row.blob), row.alpha_override
+            if base_id is not None and s.get(SqlBase, base_id) is None:
+                base_id = None  # removed meanwhile: no link to give back (its empty manifest binds nothing)
             manifest = self._manifest(s, base_id) if base_id is not None else None
         adapter = formats.read_adapter(path, alpha=alpha, values=False)
         adapter = check.bind(adapter, manifest) if manifest is not None else adapter
