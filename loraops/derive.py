@@ -50,7 +50,8 @@ def inputs_of(reg: "Registry") -> Iterator[Callable[[str, "str | None"], Input]]
                     reg.remove_adapter(registration.record.id, undo=True)
                 elif registration.linked:
                     previous = registration.previous_base
-                    reg.restore_base_link(registration.record.id, previous.id if previous else None)
+                    reg.restore_base_link(registration.record.id, previous.id if previous else None,
+                                          linked_to=registration.record.base.id)
         raise
 
 

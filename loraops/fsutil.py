@@ -36,16 +36,15 @@ def output_path(path: str | Path) -> Path:
     """Where an output given as ``path`` goes. With a '..' in it, its folder is resolved as the kernel would
     (symlinks followed), and a '..' after a folder that does not exist cancels it instead of making that folder:
     `-o a/../b` writes b and creates nothing else. Other paths are kept as given (so messages show them so).
-    A path that names no file or folder ('', '.', '/') is refused: it has no sibling to write into, and --force
-    would replace the current folder (both were a ValueError traceback)."""
+    A path that names no file or folder of its own ('', '.', '/', one ending in '..') is refused: '.' and '/' have
+    no sibling to write into (a ValueError traceback), and with --force `-o ..` replaced the folder holding the
+    current one, both with all they held, by the output (meant, as `cp x ..` reads it, to go into it)."""
     text, path = str(path), Path(path)
-    if not path.name and ".." not in path.parts:  # Path('') is Path('.'): the text tells them apart
+    if path.name in ("", ".."):  # Path('') is Path('.'): the text tells them apart
         raise InvalidInputError(f"{text!r}: names no file or folder to write; give the output's own name "
                                 "(e.g. ./merged)")
     if ".." not in path.parts:
         return path
-    if path.name == "..":
-        return Path(os.path.realpath(path))
     return Path(os.path.realpath(path.parent)) / path.name
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import unquote
 
 ENV_HOME = "LORAOPS_HOME"
 ENV_DB = "LORAOPS_DB"
@@ -54,14 +56,42 @@ def blobs_dir() -> Path:
     return home() / "blobs"
 
 
-def sqlite_database() -> Path | None:
-    """The registry's file when db_url() is a plain SQLite URL (sqlite:///PATH), else None (a server, memory)."""
-    url = db_url()
-    if url.startswith("sqlite:///") and "?" not in url:
-        database = Path(url[len("sqlite:///"):]).expanduser()
-        if database.name not in ("", ":memory:"):
-            return database
-    return None
+def sqlite_database(url: str | None = None) -> Path | None:
+    """The file of the SQLite registry at ``url`` (default: db_url()), else None (a server, or an SQLite database in
+    no file: see sqlite_file)."""
+    url = url or db_url()
+    scheme, _, rest = url.partition("://")
+    if scheme.partition("+")[0] != "sqlite":
+        return None
+    if rest.startswith("/") and not any(c in rest for c in "?%"):  # sqlite:///PATH, read as SQLAlchemy reads it
+        return sqlite_file(rest[1:], {})
+    from sqlalchemy.engine import make_url  # (only for the rarer forms: `list` of a plain URL imports no SQLAlchemy)
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL: opening the registry says so
+        return None
+    return sqlite_file(parsed.database, parsed.query)
+
+
+def sqlite_file(database: str | None, query: Mapping[str, Any]) -> Path | None:
+    """The file an SQLite URL's database part and query (as SQLAlchemy parses them) open, or None when it opens no
+    file of its own: an in-memory database (`sqlite://`, `:memory:`, a `file:` URI with mode=memory or vfs=memdb) or
+    SQLite's private temporary one (`file:` with no path). A `file:` name is a URI only with uri=true; without it the
+    driver opens a file of that very name. Other SQLite URLs than `sqlite:///PATH` kept the home's blob store, so
+    `gc` on them removed every adapter the home's registry had stored."""
+    database = database or ""
+    if database.startswith("file:") and str(query.get("uri", "")).lower() in ("true", "yes", "on", "y", "t", "1"):
+        path = database[len("file:"):]
+        if path.startswith("//"):  # file://localhost/path, file:///path
+            _authority, slash, rest = path[2:].partition("/")
+            path = slash + rest
+        if query.get("mode") == "memory" or query.get("vfs") == "memdb":
+            return None
+        database = unquote(path)
+    if database in ("", ":memory:"):
+        return None
+    return Path(database).expanduser()
 
 
 def progress_enabled() -> bool:

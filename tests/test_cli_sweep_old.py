@@ -108,6 +108,12 @@ def test_a_file_without_alpha_says_where_to_give_one(tmp_path):
                "--no-record", code=2)
     assert "pass the LoRA alpha: --alpha A to `register`" in done.stderr
     assert run("register", bare, "--alpha", "4").stdout.startswith("registered bare@1 ")
+    # the file again is read again (its identity without the alpha is not the registered one): the message must
+    # say to give the registered adapter by name, as what follows does
+    again = run("merge", bare, "--into", tmp_path / "base.safetensors", "-o", tmp_path / "out.safetensors",
+                "--no-record", code=2)
+    assert "give them the name@version `register` printed, not the file" in again.stderr
+    run("merge", "bare@1", "--into", tmp_path / "base.safetensors", "-o", tmp_path / "out.safetensors", "--no-record")
 
 
 def test_a_refused_combine_leaves_the_base_link_of_its_input_as_it_was(tmp_path, kohya):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import threading
 
 import pytest
@@ -228,6 +229,21 @@ def test_an_output_through_a_missing_folder_and_dotdot_creates_only_the_output(t
     (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
     write(tmp_path / "link" / ".." / "d")
     assert (tmp_path / "real" / "d").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("output", ["", ".", "./", "/", "..", "../", "sub/..", "sub/../..", "/.."])
+def test_an_output_that_names_no_file_of_its_own_is_refused(tmp_path, monkeypatch, output):
+    """Not even with --force: `-o ..` replaced the folder holding the current one, with everything in it, by the
+    output (`cp x ..` writes into it); '.' and '/' have no sibling to write into."""
+    work = tmp_path / "top" / "work"
+    (work / "sub").mkdir(parents=True)
+    (tmp_path / "top" / "keep").write_bytes(b"x")
+    monkeypatch.chdir(work)
+    with pytest.raises(fsutil.InvalidInputError, match=f"^{re.escape(repr(output))}: names no file or folder"):
+        with fsutil.atomic_path(output, force=True) as tmp:
+            tmp.write_bytes(b"x")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "top", "top/keep", "top/work", "top/work/sub"]
 
 
 def test_chunks_and_sha256_file_read_through_one_reused_buffer(tmp_path):

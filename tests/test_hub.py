@@ -354,3 +354,15 @@ def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):
             hub.download_adapter("someone/lora")
         assert "\n" not in str(info.value)
         server.shutdown()
+
+
+def test_exactly_picks_each_name_and_no_other():
+    """huggingface_hub reads allow_patterns as fnmatch globs (after turning backslashes into '/', which
+    check_repo_names refuses in names first): each escaped name must pick itself alone from a listing of look-alikes."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = ["style [v2].safetensors", "style v.safetensors", "a[b]c.safetensors", "abc.safetensors", "x]y[z.bin",
+             "a[!b].st", "a!.st", "ac.st", "st?le.safetensors", "style.safetensors", "*.safetensors", "[", "]",
+             "sub/[x]/y.safetensors", "sub/x/y.safetensors", "a[^b].st", "a[[]b.st", "a[b.st"]
+    for name in names:
+        assert list(filter_repo_objects(names, allow_patterns=hub.exactly([name]))) == [name], name

@@ -35,7 +35,7 @@ def snapshot(folder):
     ["merge", "style", "--into", "{other}", "-o", "{base}", "--force"],
     ["merge", "style", "--into", "{other}", "-o", "{base}", "--force", "--no-record"],  # no registry opened for it
     ["merge", "style", "--into", "{other}", "-o", "{base}/sub"],
-    ["merge", "style", "--into", "{other}", "-o", "{base}/..", "--force", "--no-record"],  # holds the base
+    ["merge", "style", "--into", "{other}", "-o", "{holder}", "--force", "--no-record"],  # holds the base
     ["subtract", "style", "--from", "{other}", "-o", "{base}", "--force"],
     ["resize", "style", "--rank", "2", "-o", "{base}/r"],
     ["combine", "style", "style", "--method", "cat", "-o", "{base}/c"],
@@ -46,7 +46,7 @@ def test_outputs_over_a_registered_base_are_refused(tmp_path, registered, args):
     base, other, _ = registered
     (tmp_path / "link").symlink_to(base)
     before = snapshot(base)
-    argv = [a.format(base=base, other=other, link=tmp_path / "link") for a in args]
+    argv = [a.format(base=base, other=other, link=tmp_path / "link", holder=base.parent) for a in args]
     result = run(*argv, code=2)
     assert result.output.startswith(f"error: {argv[argv.index('-o') + 1]}: overlaps registered base llama-tiny (")
     assert result.output.rstrip().endswith("; write the output elsewhere, or forget the base first with `loraops base rm`")

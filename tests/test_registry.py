@@ -191,6 +191,60 @@ def test_ids_of_removed_adapters_and_bases_are_never_reused(reg, art):
     assert reg.add_adapter(art["ad1"]).id > adapter.id
 
 
+def failing(reg: Registry, *steps):
+    """Run ``steps`` (each given the command's open_input) in a command that then fails (derive.inputs_of)."""
+    from loraops.derive import inputs_of
+
+    with pytest.raises(RuntimeError), inputs_of(reg) as open_input:
+        for step in steps:
+            step(open_input)
+        raise RuntimeError("the command fails")
+
+
+def test_a_failed_command_takes_back_only_what_no_other_writer_used(reg, art, tmp_path):
+    """A failing command removes the path inputs it registered and gives their numbers back, but a number another
+    writer was given meanwhile stays given, and an input another writer derived from meanwhile stays (removed, its
+    number would later name other bytes under the label in that record's lineage)."""
+    mine, other, third = (kohya_file(tmp_path / f"{n}.safetensors", KOHYA_MODULES, seed=i) for i, n in enumerate("abc"))
+    failing(reg, lambda open_input: open_input(str(mine)))
+    assert reg.list_adapters() == []
+    failing(reg, lambda open_input: open_input(str(mine)), lambda _: reg.add_adapter(other, name="a"))
+    assert [a.ref for a in reg.list_adapters()] == ["a@2"]
+    assert reg.add_adapter(mine).ref == "a@3"  # not a@2 again
+
+    taken = []
+
+    def derive_from_it(_):
+        spec = LineageSpec(op="resize", inputs=[LineageInput(kind="adapter", id=taken[0].id)])
+        reg.add_adapter(art["ad1"], name="derived", lineage=spec)
+
+    failing(reg, lambda open_input: taken.append(open_input(str(art["kohya"])).record), derive_from_it)
+    assert reg.get_adapter("style").id == taken[0].id
+    assert reg.get_adapter("derived").lineage.inputs[0].id == taken[0].id
+    assert reg.add_adapter(third, name="style").ref == "style@2"
+
+
+def test_a_failed_command_gives_back_only_the_base_link_it_set(reg, art, tmp_path):
+    """A failing `combine FILE --base B` of a registered FILE gives it back the link it had (none, or another base:
+    none if that one was removed meanwhile), but not over a link another writer set meanwhile
+    (`register FILE --base C`)."""
+    reg.add_base(art["base"], name="llama-tiny")
+    for seed in (8, 9):  # same shapes, other weights
+        reg.add_base(tiny_llama(tmp_path / f"twin{seed}", seed=seed), name=f"twin{seed}")
+    style = reg.add_adapter(art["kohya"])
+    failing(reg, lambda open_input: open_input(str(art["kohya"]), "llama-tiny"))
+    assert reg.get_adapter("style") == style
+    style = reg.register_adapter(art["kohya"], base="twin8").record
+    failing(reg, lambda open_input: open_input(str(art["kohya"]), "llama-tiny"))
+    assert reg.get_adapter("style") == style
+    failing(reg, lambda open_input: open_input(str(art["kohya"]), "llama-tiny"),
+            lambda _: reg.register_adapter(art["kohya"], base="twin9"))
+    assert reg.get_adapter("style").base.name == "twin9"
+    failing(reg, lambda open_input: open_input(str(art["kohya"]), "llama-tiny"),
+            lambda _: reg.remove_base("twin9", force=True))
+    assert reg.get_adapter("style").base is None
+
+
 def lineage_rows(reg: Registry) -> tuple[int, int]:
     with reg.reader() as r:
         return tuple(r.rows(f"SELECT count(*) FROM {table}")[0][0] for table in ("lineage", "lineage_inputs"))

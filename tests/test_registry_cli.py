@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from factories import kohya_file, peft_adapter, tiny_llama
-from loraops import st
+from loraops import settings, st
 from loraops.cli import main
 from loraops.registry import Registry, db
 from test_registry import KOHYA_MODULES, snapshot
@@ -373,6 +373,37 @@ def test_a_second_sqlite_registry_keeps_its_own_blob_store(art, isolated_home, t
     cli("--db", second, "rm", "other")
     cli("--db", second, "gc", "--grace", "0")
     assert cli("--db", first, "verify").output.startswith("all stored files of 1 adapter(s) match")
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("form", ["sqlite+pysqlite:///{}", "sqlite:///{}?timeout=5", "sqlite:///file:{}?uri=true",
+                                  "sqlite:///file://{}?uri=true", "sqlite:///file:{}?uri=true&mode=rwc"])
+def test_every_url_of_an_sqlite_file_keeps_its_own_blob_store(art, tmp_path, form):
+    """Only `sqlite:///PATH` put the store beside the file: any other URL of an SQLite file (a driver named, a
+    query, a file: URI) used the home's store, and `gc` on it removed every adapter the home's registry stored."""
+    cli("register", art["ad1"], "--name", "home")
+    second = form.format(tmp_path / "sp ace.db").replace(" ", "%20")
+    cli("--db", second, "register", art["kohya"], "--name", "other")
+    assert (tmp_path / "sp ace.db").is_file() and (tmp_path / "sp ace.db.blobs").is_dir()
+    assert cli("--db", second, "gc", "--grace", "0").output == "removed 0 item(s), 0 B\n"
+    assert cli("--db", settings.home_db_url(), "verify").output.startswith("all stored files of 1 adapter(s) match")
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite+pysqlite://", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true",
+                                 "sqlite:///file:x?mode=memory&uri=true", "sqlite:///file:x?vfs=memdb&uri=true",
+                                 "sqlite:///file:?uri=true"])
+def test_an_sqlite_database_in_no_file_is_refused(art, url, tmp_path, monkeypatch):
+    """In memory, or SQLite's private temporary database (an empty file: URI): what was recorded there was gone
+    with the command, and with no file to keep a store beside, `gc` there removed the home's stored adapters.
+    The file: URI forms (uri=true) were taken for files, and `register` said it registered."""
+    cli("register", art["ad1"], "--name", "home")
+    monkeypatch.chdir(tmp_path)
+    for command in (["register", art["kohya"]], ["gc", "--grace", "0"]):
+        result = cli("--db", url, *command, code=6)
+        assert result.output.startswith(f"error: {url}: an in-memory SQLite database cannot hold a registry")
+    assert list(tmp_path.iterdir()) == []
+    assert cli("--db", settings.home_db_url(), "verify").output.startswith("all stored files of 1 adapter(s) match")
 
 
 def test_a_damaged_stored_copy_is_not_used_and_registering_the_original_repairs_it(art):

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from ..adapter import Adapter
 
 
-ALPHA_WANTED = ("pass the LoRA alpha: --alpha A to `register` (merge, combine… then take the registered adapter, which "
-                "keeps it), `inspect` or `check`; alpha= in Python")
+ALPHA_WANTED = ("pass the LoRA alpha: --alpha A to `register`, `inspect` or `check` (merge, combine… take it from the "
+                "registered adapter: give them the name@version `register` printed, not the file); alpha= in Python")
 """What to do about an adapter file that records no alpha. merge, subtract, combine, resize and export have no --alpha,
-and their users were told to pass one."""
+and their users were told to pass one; given the file again after `register --alpha`, they read the file (its
+identity without the alpha is not the registered one), so the registered adapter has to be given by name."""
 
 
 # LoHa and LoKr keys: read from kohya/LyCORIS files and PEFT folders (formats.lycoris), refused elsewhere.

@@ -16,12 +16,13 @@ import time
 import warnings
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SAWarning
 
+from .. import settings
 from ..errors import RegistryError
 from ..fsutil import file_lock, refuse_existing
 from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS  # noqa: F401 - HEAD is part of this module's API (cli/db.py)
@@ -56,7 +57,8 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
     except Exception:  # noqa: BLE001 - never echo a string that may hold a password
         raise RegistryError("the registry URL is not a SQLAlchemy database URL (dialect[+driver]://user@host/name, "
                             "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
-    if parsed.get_backend_name() == "sqlite" and _in_memory(parsed):
+    file = settings.sqlite_file(parsed.database, parsed.query) if parsed.get_backend_name() == "sqlite" else None
+    if parsed.get_backend_name() == "sqlite" and file is None:
         # What it recorded was gone when the command ended, and with no file to keep a store beside, its blob store
         # was the home's: `gc` on it removed every stored adapter of the home's registry.
         raise RegistryError(f"{url}: an in-memory SQLite database cannot hold a registry (it is gone "
@@ -65,7 +67,7 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         if parsed.get_backend_name() != "sqlite":
             return _create_engine(parsed, pool_pre_ping=True)
         if read_only:
-            database = Path(parsed.database).expanduser().resolve()
+            database = file.resolve()
             # immutable: SQLite then needs no -shm beside the file, but also ignores a -wal, whose commits a
             # reader must see: plain read-only while one exists (a writer is running, or crashed)
             query = {"mode": "ro", "uri": "true"}
@@ -79,10 +81,9 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
                             f"({_first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - an unknown dialect, a bad option: one line naming the database
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: {_first_line(exc)}") from None
-    if create and parsed.database and parsed.database != ":memory:":
-        database = Path(parsed.database).expanduser()
-        refuse_existing(database, force=True)  # a file in the way of its folder: named (mkdir said "File exists")
-        database.parent.mkdir(parents=True, exist_ok=True)
+    if create and file is not None:
+        refuse_existing(file, force=True)  # a file in the way of its folder: named (mkdir said "File exists")
+        file.parent.mkdir(parents=True, exist_ok=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -102,13 +103,6 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
-
-
-def _in_memory(url) -> bool:
-    """An SQLite URL of a database that lives in memory: no file (`sqlite://`), `:memory:`, or a `mode=memory` URI."""
-    database = url.database or ""
-    return (database in ("", ":memory:") or url.query.get("mode") == "memory"
-            or (database.startswith("file:") and "mode=memory" in database))
 
 
 def _create_engine(url, **options) -> Engine:
@@ -132,10 +126,9 @@ def writer_lock(engine: Engine):
 
 def sqlite_file(engine: Engine) -> Path | None:
     """The file of an SQLite registry (a read-only one's URL names it file:PATH), else None."""
-    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
-    if not database or database == ":memory:":
+    if engine.url.get_backend_name() != "sqlite":
         return None
-    return Path(unquote(database.removeprefix("file:")) if database.startswith("file:") else database).expanduser()
+    return settings.sqlite_file(engine.url.database, engine.url.query)
 
 
 def writer(engine: Engine) -> Engine:

@@ -580,10 +580,11 @@ class Registry:
         self._tag(s, row, tags)
         return Registration(self._adapter_record(s, row), False, linked, previous)
 
-    def restore_base_link(self, adapter_id: int, base_id: int | None) -> None:
+    def restore_base_link(self, adapter_id: int, base_id: int | None, *, linked_to: int) -> None:
         """Give a registered adapter back the base link it had (``base_id``; None: none) before a failing command
-        linked it to another (loraops.derive.inputs_of: a refused `combine a.safetensors --base B` left a linked to
-        B), its modules recorded as that link records them."""
+        linked it to base ``linked_to`` (loraops.derive.inputs_of: a refused `combine a.safetensors --base B` left a
+        linked to B), its modules recorded as that link records them. Only while it is still linked to
+        ``linked_to``: a link another process set meanwhile (`register a.safetensors --base C`) is that one's."""
         from .. import check, formats
 
         with self.session() as s:
@@ -591,13 +592,15 @@ class Registry:
             if row is None:
                 return
             path, alpha = self.blobs.path(row.blob), row.alpha_override
+            if base_id is not None and s.get(SqlBase, base_id) is None:
+                base_id = None  # removed meanwhile: no link to give back (its empty manifest binds nothing)
             manifest = self._manifest(s, base_id) if base_id is not None else None
         adapter = formats.read_adapter(path, alpha=alpha, values=False)
         adapter = check.bind(adapter, manifest) if manifest is not None else adapter
 
         def work(s: Session) -> None:
-            row = s.get(SqlAdapter, adapter_id)
-            if row is not None:
+            row = s.get(SqlAdapter, adapter_id, with_for_update=True)
+            if row is not None and row.base_id == linked_to:
                 _set_base(s, row, base_id if base_id is None or s.get(SqlBase, base_id) is not None else None, adapter)
 
         self.write(f"restore the base link of adapter id {adapter_id}", work)
@@ -607,10 +610,19 @@ class Registry:
         ``all_versions``. Stored files go with the last record using them, its own lineage (how it was made) with it;
         lineage that used it keeps a label. ``undo``: a registration that the failing command which made it takes
         back (loraops.derive.inputs_of): its version number is given back to the name too, unless a later one was
-        given meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2."""
+        given meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2. Unless another
+        record's lineage used it meanwhile (another process derived from it): then it is that record's input, and
+        stays (removed, its number would later name other bytes under that lineage's label); returns []."""
 
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
+            if undo:
+                # the row locked first (PostgreSQL): a lineage row being inserted that refers to it is committed
+                # before this looks, or waits until the row is gone
+                s.execute(select(SqlAdapter.id).where(SqlAdapter.id == row.id).with_for_update())
+                used = select(SqlLineageInput.id).where(SqlLineageInput.adapter_id == row.id).limit(1)
+                if s.scalar(used) is not None:
+                    return [], []
             rows = [row]
             if all_versions:
                 rows = list(s.scalars(select(SqlAdapter).where(SqlAdapter.name == row.name).order_by(SqlAdapter.version)))
