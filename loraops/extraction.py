@@ -435,6 +435,7 @@ def extract_lazily(
                         "these names and skips them; merge with loraops, or leave them out with --modules")
     result = Adapter(
         modules={n: m.stand_in() for n, m in work.targets.items()}, format=fmt, base_model=str(base.path),
+        metadata=ldm.sd_scripts_metadata(base.tensors),
         # as stored (an exact replacement), read as written: never all in memory, nor while modules are computed
         full_tensors=LazyTensors({n: functools.partial(read_tensor, tuned.tensors[n]) for n in work.saved}),
         own_names=own,

@@ -356,3 +356,18 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
         return None
     component, path = name.split(".", 1)
     return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path
+
+
+def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
+    """The header fields sd-scripts' extract_lora_from_models.py writes that a single-file SD checkpoint's tensors
+    decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way, input_blocks…, even
+    when no text-encoder module says SDXL), SD 1.x's, and SD 2.x's ss_v2 (its version string also says whether it
+    is v-parameterized, which the tensors do not)."""
+    names = list(tensors)
+    if any(n.startswith("conditioner.embedders.") for n in names):
+        return {"ss_base_model_version": "sdxl_base_v1-0"}
+    if any(n.startswith("cond_stage_model.model.") for n in names):
+        return {"ss_v2": "True"}
+    if any(n.startswith("cond_stage_model.transformer.") for n in names):
+        return {"ss_base_model_version": "sd_v1"}
+    return {}

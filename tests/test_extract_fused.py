@@ -154,3 +154,19 @@ def test_flux_qkv_stays_one_module_as_sd_scripts_extracts_it(tmp_path):
     merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
     for name in changes:
         torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6)
+
+
+def test_an_sdxl_unet_alone_gets_sd_scripts_sdxl_names(tmp_path):
+    """sd-scripts names SDXL's UNet by the checkpoint's own paths (lora_unet_input_blocks_4_1_proj_in), SD 1.x/2.x's
+    by diffusers blocks. The kohya writer knew SDXL from text-encoder modules only, so a fine-tune that changed the
+    UNet alone got SD 1.x names (lora_unet_down_blocks_1_attentions_0_proj_in); extract now records the base's
+    version as sd-scripts' extract does (ss_base_model_version sdxl_base_v1-0)."""
+    proj_in = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    base, tuned = pair(tmp_path, SDXL_TEXT, {proj_in: (0, low_rank(8, 8, 2, 7))})
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "u.safetensors")
+    assert code == 0, out
+    assert kohya_modules(tmp_path / "u.safetensors") == ["lora_unet_input_blocks_4_1_proj_in"]
+    code, out = run("merge", tmp_path / "u.safetensors", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
+    assert code == 0, out
+    torch.testing.assert_close(load_file(tmp_path / "m.safetensors")[proj_in], load_file(tuned)[proj_in], rtol=0,
+                               atol=2e-6)
