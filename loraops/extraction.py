@@ -495,8 +495,8 @@ def extract_lazily(
         if len(dropped) == len(work.targets) and not work.saved:
             parts = sorted(n for n in dropped if work.targets[n].fused is not None)
             if parts:  # --modules q_proj of an in_proj_weight whose k and v rows alone changed
-                raise InvalidInputError(f"nothing to extract: {_shown(parts)} are the same in both models (the fused "
-                                        "weights they are rows of differ only in other rows, or in signed zeros)")
+                raise InvalidInputError(f"nothing to extract: the rows of {_shown(parts)} are the same in both models "
+                                        "(their fused weights differ only in other rows, or in signed zeros)")
             raise _nothing_to_extract(work, labels)
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:

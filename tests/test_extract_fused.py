@@ -114,8 +114,8 @@ def test_modules_selects_parts_and_dynamic_ranks_are_per_third(tmp_path):
 def test_a_part_asked_for_whose_rows_are_unchanged_is_an_error(tmp_path):
     base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V)
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--modules", "q_proj")
-    assert (code, out) == (2, f"error: nothing to extract: {TE2}.q_proj are the same in both models (the fused weights "
-                              "they are rows of differ only in other rows, or in signed zeros)\n")
+    assert (code, out) == (2, f"error: nothing to extract: the rows of {TE2}.q_proj are the same in both models (their "
+                              "fused weights differ only in other rows, or in signed zeros)\n")
     with Registry.open() as reg:
         assert reg.list_adapters() == [] and reg.list_bases() == []
 
