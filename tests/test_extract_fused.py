@@ -170,3 +170,38 @@ def test_an_sdxl_unet_alone_gets_sd_scripts_sdxl_names(tmp_path):
     assert code == 0, out
     torch.testing.assert_close(load_file(tmp_path / "m.safetensors")[proj_in], load_file(tuned)[proj_in], rtol=0,
                                atol=2e-6)
+
+
+def test_diffusers_reads_the_sdxl_extract_as_the_tuned_text_encoder(tmp_path):
+    """An independent reference for names and rows together: diffusers converts the checkpoints' OpenCLIP
+    encoder to transformers' CLIPTextModel (convert_open_clip_checkpoint) and the kohya file to PEFT keys on it (as
+    load_lora_weights does for an SDXL pipeline); base + scale·B·A is the tuned encoder on every weight."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    changes = {**K_AND_V, f"{TE2}.in_proj_bias": (0, torch.full((48,), 0.01)),
+               "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (0, low_rank(40, D, 2, 8))}
+    base, tuned = pair(tmp_path, SDXL_TEXT, changes)
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", str(D), "-o", tmp_path / "x.safetensors")
+    assert code == 0, out
+    lora, alphas = _convert_non_diffusers_lora_to_diffusers(load_file(tmp_path / "x.safetensors"))
+    lora = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+        {k.removeprefix("text_encoder_2."): v for k, v in lora.items() if k.startswith("text_encoder_2.")}))
+    assert set(alphas.values()) == {float(D)}  # alpha = rank: scale 1
+    text_model = SimpleNamespace(config=SimpleNamespace(hidden_size=D))
+    before, after = (convert_open_clip_checkpoint(text_model, load_file(p), prefix="conditioner.embedders.1.model.")
+                     for p in (base, tuned))
+    modules = {k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}
+    assert modules == {f"text_model.encoder.layers.0.{m}" for m in ("self_attn.k_proj", "self_attn.v_proj",
+                                                                     "self_attn.out_proj", "mlp.fc1")}
+    for key, weight in before.items():
+        if not key.endswith(".weight"):
+            continue
+        module = key.removesuffix(".weight")
+        if module in modules:
+            B, A = lora[f"{module}.lora_B.weight"], lora[f"{module}.lora_A.weight"]
+            weight = weight + B @ A
+        torch.testing.assert_close(weight, after[key], rtol=0, atol=2e-6, msg=key)
