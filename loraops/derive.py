@@ -247,8 +247,6 @@ def extract(
     from .registry import Registry
 
     algebra.resize_rule(rank, dynamic, param, max_rank)
-    if fmt == "kohya" and save_modules:
-        raise InvalidInputError("kohya files cannot hold whole tensors (--save-module): use --format peft")
     check_arguments(name, output, force, [])
     with Registry.open() as reg, models_of(reg) as record_model:
         (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)
@@ -257,7 +255,7 @@ def extract(
                 refuse_overlap(output, model.path, "a model it reads")
         derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                  alpha=alpha, modules=modules, save_modules=save_modules, device=device,
-                                 precise=precise, dtype=dtype, keep_rounding=keep_rounding, fmt=fmt or "peft",
+                                 precise=precise, dtype=dtype, keep_rounding=keep_rounding, fmt=fmt,
                                  labels=(base_label, tuned_label))
         (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
         rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}

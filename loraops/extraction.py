@@ -15,12 +15,15 @@ registry needs them anyway), and, when the two models store a tensor in differen
 a tensor whose every difference is within the rounding between the two dtypes is the same model saved in another
 dtype and is left out (reported; refused when it is all that differs), unless ``keep_rounding``.
 Targets are every 2-D / conv ``.weight`` that differs, embeddings only when asked for (``modules``: an embedding
-LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). Where transformers 5
-holds a weight otherwise in memory, the modules follow it (_modules_of): DINOv2's weights_in is its two halves, a MoE
-router a LoRA on its weight parameter (PEFT target_parameters). Tensors that
-differ and are none of these (norms, biases, embeddings not asked for) are reported, never silently dropped. A
-target whose delta turns out exactly zero (bytes that differ only in signed zeros) is dropped and counted identical;
-NaN or Inf in a tensor that is read, and quantized weights, are refused.
+LoRA, PEFT's lora_embedding_A/B); ``save_modules`` stores modules whole (PEFT modules_to_save). A fused tensor no
+module holds whole is one module per part, each factorized on its rows (_modules_of, ldm.split: OpenCLIP's
+in_proj_weight is q_proj, k_proj, v_proj; DINOv2's weights_in gate_proj, up_proj); a MoE router is a LoRA on its
+weight parameter (PEFT target_parameters). Tensors that differ and are none of these (norms, biases, embeddings not
+asked for) are reported, never silently dropped. A target whose delta turns out exactly zero (bytes that differ only
+in signed zeros; a part whose rows are unchanged) is dropped, and a weight none of whose modules is left is counted
+identical; NaN or Inf in a tensor that is read, and quantized weights, are refused.
+A single-file SD/SDXL/FLUX/SD3 checkpoint's adapter is a kohya one (sd-scripts' names): PEFT has no model of its
+module paths (OpenCLIP's q/k/v are no module anywhere), so it is refused there.
 Nothing here registers or writes: see loraops.derive.extract.
 """
 from __future__ import annotations
@@ -116,8 +119,9 @@ def _is_embedding(name: str) -> bool:
 
 
 def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | None:
-    """(LoRA kind, fan_in_fan_out) of a weight that can hold a LoRA, None for anything else."""
-    if not name.endswith(".weight") or len(shape) < 2:
+    """(LoRA kind, fan_in_fan_out) of a weight that can hold a LoRA (or whose parts can: ldm.split), None for anything
+    else."""
+    if len(shape) < 2 or not (name.endswith(".weight") or ldm.split(name, shape)):
         return None
     if len(shape) > 2:
         return "conv", False
@@ -146,15 +150,17 @@ _EXPERTS = re.compile(r"^(?P<owner>.+)\.experts\.")
 def _modules_of(tensor: str, manifest, kind: tuple[str, bool], dtype: "torch.dtype", parameters: bool,
                 experts: set[str]) -> list[LoraModule]:
     """The stand-ins of the modules that extract makes of a weight: one, on the module the weight is saved under,
-    except where transformers 5 holds it otherwise in memory. DINOv2's SwiGLU ``mlp.weights_in`` is two modules
-    there, ``gate_proj`` and ``up_proj`` (ldm.SPLIT_ON_LOAD): one module on each half of its rows. A MoE layer's
+    except for a fused tensor no module holds whole (ldm.split): one module on each part's rows, as kohya and
+    transformers name them — OpenCLIP's ``attn.in_proj_weight`` (SD 2.x, SDXL's second text encoder) is ``attn.q_proj``,
+    ``k_proj``, ``v_proj``; DINOv2's SwiGLU ``mlp.weights_in``, which transformers 5 splits on load, ``gate_proj`` and
+    ``up_proj``. And where transformers 5 holds a weight otherwise in memory: a MoE layer's
     router (its ``gate`` or ``router`` beside its ``experts``) is a router class of its own, which PEFT cannot wrap
     as a module (it refuses the adapter): with ``parameters`` (a PEFT output) a LoRA on its ``weight``, PEFT's
     ``target_parameters``, as PEFT's own conversion of Mixtral adapters makes it (formats.params)."""
     shape = manifest[tensor].shape
-    halves = [(part, fused) for part in _split(tensor) if (fused := ldm.fused_target(part, manifest)) is not None]
-    if halves:
-        return [_stand_in(part, (fused[2], shape[1]), *kind, dtype, fused=fused) for part, fused in halves]
+    parts = ldm.split(tensor, shape)
+    if parts:
+        return [_stand_in(part, (fused[2], shape[1]), *kind, dtype, fused=fused) for part, fused in parts]
     router = _ROUTER.match(tensor)
     raw = (tensor, 0, 1) if parameters and router and router["owner"] in experts and len(shape) == 2 else None
     return [_stand_in(tensor.removesuffix(".weight"), shape, *kind, dtype, raw_parameter=raw)]
@@ -273,14 +279,16 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
         if not found:
             raise InvalidInputError(f"--save-module {wanted}: {labels[0]} has no module by that name")
         saved += [n for n in found if n not in saved]
-    halves: dict[str, set[str]] = {}  # a weight transformers splits (DINOv2's), of which --modules names halves alone
+    parts = {n: [m for m, _ in split] for n in kinds if (split := ldm.split(n, base.tensors[n].shape))}
+    named: dict[str, set[str]] = {}  # a fused tensor's parts --modules names (q_proj alone of OpenCLIP's in_proj)
     if modules:
         chosen: list[str] = []
         for wanted in modules:
-            matched = [n for n in kinds if any(names_module(m, wanted) for m in [n.removesuffix(".weight"), *_split(n)])]
-            for n in (n for n in matched if _split(n)):
+            matched = [n for n in kinds
+                       if any(names_module(m, wanted) for m in [n.removesuffix(".weight"), *parts.get(n, ())])]
+            for n in (n for n in matched if n in parts):
                 whole = names_module(n.removesuffix(".weight"), wanted)
-                halves.setdefault(n, set()).update(m for m in _split(n) if whole or names_module(m, wanted))
+                named.setdefault(n, set()).update(m for m in parts[n] if whole or names_module(m, wanted))
             found = [n for n in matched if n not in saved]
             if matched and not found:
                 raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(matched)}) are stored whole by "
@@ -300,21 +308,13 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     experts = {m["owner"] for n in base.tensors if (m := _EXPERTS.match(n))}
     targets = {m.name: m for n in base.tensors if n in taken and n not in saved  # in file order
                for m in _modules_of(n, base.tensors, kinds[n], dtype, parameters, experts)
-               if m.fused is None or n not in halves or m.name in halves[n]}
+               if m.fused is None or n not in named or m.name in named[n]}
     skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
     work = Plan(targets, saved, skipped, identical, rounding)
     if not targets and not saved:
         raise _nothing_to_extract(work, labels)
     return work
-
-
-def _split(tensor: str) -> list[str]:
-    """The modules transformers 5 splits a saved weight into in memory (ldm.SPLIT_ON_LOAD: DINOv2's weights_in →
-    gate_proj, up_proj), or []."""
-    owner_re, suffix, parts, _ = ldm.SPLIT_ON_LOAD
-    owner = tensor.removesuffix(suffix)
-    return [f"{owner}.{part}" for part in parts] if tensor.endswith(suffix) and owner_re.search(owner) else []
 
 
 def _nothing_to_extract(work: Plan, labels: tuple[str, str], dropped: Sequence[str] = ()) -> InvalidInputError:
@@ -349,6 +349,24 @@ def _left_out(kind: tuple[str, bool] | None, dims: int) -> str:
     return "norm or bias" if dims < 2 else "not a module weight"
 
 
+def _layout(base: BaseModel, fmt: str | None, save_modules: Sequence[str] | None, label: str) -> str:
+    """The layout the adapter is for: ``fmt``, by default kohya for a single-file SD/SDXL/FLUX/SD3 checkpoint and
+    peft for any other model. PEFT is refused for such a checkpoint: its module paths (LDM's input_blocks…, OpenCLIP's
+    resblocks, whose q/k/v are rows of one in_proj_weight) are no model's that PEFT loads; kohya names are
+    sd-scripts', which A1111, ComfyUI, sd-scripts and diffusers load. A kohya file holds no whole tensors."""
+    checkpoint = bool(ldm.diffusers_names(base.tensors))
+    fmt = fmt or ("kohya" if checkpoint else "peft")
+    if checkpoint and fmt != "kohya":
+        raise InvalidInputError(f"--format {fmt}: {label} is a single-file SD/FLUX checkpoint, whose module paths no "
+                                "model PEFT loads has (OpenCLIP's q, k, v are rows of one in_proj_weight): use "
+                                "--format kohya (sd-scripts' names, the default for such a base)")
+    if fmt == "kohya" and save_modules:
+        raise InvalidInputError("kohya files cannot hold whole tensors (--save-module)" + (
+            f": {label} is a single-file SD/FLUX checkpoint, whose adapters are kohya files" if checkpoint
+            else ": use --format peft"))
+    return fmt
+
+
 def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel", **options) -> tuple[Adapter, ExtractReport]:
     """``extract_lazily`` (same arguments), computed whole: (the adapter, its report)."""
     adapter, report = extract_lazily(base, tuned, **options).collect()
@@ -370,7 +388,7 @@ def extract_lazily(
     precise: bool = False,
     dtype: str | None = None,
     keep_rounding: bool = False,
-    fmt: str = "peft",
+    fmt: str | None = None,
     labels: tuple[str, str] | None = None,
 ) -> "Derivation":
     """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
@@ -378,7 +396,8 @@ def extract_lazily(
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
     the tuned model's), each module's alpha ``alpha`` (default its rank). Tensors stored in other dtypes that differ
     only by the rounding between those are left out (reported), unless ``keep_rounding``. ``fmt``: the layout it is
-    for (a MoE router is a LoRA on its weight parameter in PEFT's, a plain module in kohya's). Everything is checked
+    for (a MoE router is a LoRA on its weight parameter in PEFT's, a plain module in kohya's); by default kohya for
+    a single-file SD/FLUX checkpoint (where PEFT is refused: _layout), else peft. Everything is checked
     now (names, shapes, what differs); the modules are computed as the Derivation is iterated, one tensor pair in
     memory at a time."""
     import torch
@@ -397,6 +416,7 @@ def extract_lazily(
     base, tuned = _open(base), _open(tuned)
     base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings
     labels = labels or (str(base.path), str(tuned.path))
+    fmt = _layout(base, fmt, save_modules, labels[0])
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
     work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels,
                 keep_rounding=keep_rounding, parameters=fmt != "kohya")
@@ -436,7 +456,8 @@ def extract_lazily(
                         "transformers 5 holds a MoE layer's experts as fused parameters, so PEFT finds no module by "
                         "these names and skips them; merge with loraops, or leave them out with --modules")
     result = Adapter(
-        modules={n: m.stand_in() for n, m in work.targets.items()}, format="peft", base_model=str(base.path),
+        modules={n: m.stand_in() for n, m in work.targets.items()}, format=fmt, base_model=str(base.path),
+        metadata=ldm.sd_scripts_metadata(base.tensors),
         # as stored (an exact replacement), read as written: never all in memory, nor while modules are computed
         full_tensors=LazyTensors({n: functools.partial(read_tensor, tuned.tensors[n]) for n in work.saved}),
         own_names=own,
@@ -461,11 +482,17 @@ def extract_lazily(
         return largest
 
     def compute() -> Iterator[LoraModule]:
+        fused: dict[str, "torch.Tensor"] = {}  # a fused weight's delta, kept while its parts (in a row) are made
         for name, template in work.targets.items():
-            D = delta(template.weight_name)
-            if template.fused is not None:  # one module on a block of the weight's rows (DINOv2's halves)
-                D = D[template.first_row:template.first_row + template.fused[2]]
-            if not bool(D.any()):  # bytes that differ only in the sign of a zero: the same weight, no module
+            if template.fused is None:
+                fused.clear()
+                D = delta(template.weight_name)
+            else:  # one module on a block of the weight's rows (OpenCLIP's q, k, v; DINOv2's halves)
+                if template.weight_name not in fused:
+                    fused.clear()
+                    fused[template.weight_name] = delta(template.weight_name)
+                D = fused[template.weight_name][template.first_row:template.first_row + template.fused[2]]
+            if not bool(D.any()):  # bytes that differ only in the sign of a zero (or in other parts' rows): no module
                 dropped.add(name)
                 continue
             M = D.reshape(D.shape[0], -1)
@@ -484,6 +511,7 @@ def extract_lazily(
                 alpha=module_alpha, svd=svd, error=error, fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
             del B, A
             yield module
+        fused.clear()
         for tensor, why in work.skipped:  # norms and biases, or a vocabulary-sized embedding: by row blocks
             skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=max_abs_difference(tensor)))
         if len(dropped) == len(work.targets) and not work.saved:
@@ -491,7 +519,7 @@ def extract_lazily(
 
     def summarize(extracted: Adapter, seconds: float) -> ExtractReport:
         errors = [r.error for r in records] or [0.0]
-        # weights none of whose modules was made (a DINOv2 weights_in is two modules)
+        # weights none of whose modules was made (an OpenCLIP in_proj_weight is three modules)
         unchanged = {m.weight_name for m in work.targets.values()} - {
             m.weight_name for n, m in work.targets.items() if n not in dropped}
         return ExtractReport(

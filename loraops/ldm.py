@@ -9,6 +9,7 @@ diffusers path, so both name styles bind to either kind of base, and names bound
 
     diffusers_names(tensors) -> {diffusers module path: checkpoint module path}     (binding LoRAs to a checkpoint)
     fused_target(module, manifest) -> (tensor, first row, rows, all rows) | None  (q/k/v inside a fused tensor)
+    split(tensor, shape) -> [(part module, its rows as fused_target gives them)]  (the modules extract makes of one)
     sd_scripts_name(module, sdxl) -> (component, path) | None                      (naming them back, as sd-scripts)
     clip_paths(path) -> [path, the same CLIP module in the other saved layout]   (transformers 4 vs 5)
 
@@ -24,12 +25,16 @@ stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's in
 SD3 in ``x_block.attn.qkv``, ``x_block.attn2.qkv`` (SD3.5) and ``context_block.attn.qkv``.
 A LoRA trained on the split modules binds to a *part* of such a tensor, named by the owner's path and the split
 module's leaf (``…attn.q_proj``, ``…img_attn.qkv.to_q``, ``…linear1.proj_mlp``) — names of no tensor: fused_target
-says which rows of which tensor a part changes.
+says which rows of which tensor a part changes. FUSED is the one table of them, for binding, merging, extracting
+(split: one module per part where no module holds the tensor whole, so OpenCLIP's q/k/v but not FLUX's qkv, which
+sd-scripts trains and extracts as one Linear) and writing kohya names (parts of a whole one joined).
 """
 from __future__ import annotations
 
+import itertools
 import re
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 UNET_PREFIX = "model.diffusion_model."
 RESNET = {
@@ -138,25 +143,77 @@ def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
     return [hidden] * 3 + [shape[0] - 3 * hidden] if shape[0] > 3 * hidden else None
 
 
-# Fused tensors: (owner module path, tensor name suffix, parts in row order, rows of each part from the shape). A part
-# is named by the leaf of the split module it stands for (transformers' CLIP, diffusers' FLUX), so a LoRA's targets
-# read the same bound as unbound. Owner patterns are searched (anchored with ^ where the owner starts the name: a
-# classifier's DINOv2 is under dinov2.).
+@dataclass(frozen=True)
+class Fused:
+    """A tensor that holds the weights of several modules (its parts) as blocks of its rows. A part is named by the
+    owner's path and the leaf of the split module it stands for (transformers' CLIP, diffusers' FLUX), so a LoRA's
+    targets read the same bound as unbound."""
+
+    owner: re.Pattern
+    """The owner module's path, searched (anchored with ^ where the owner starts the name: a classifier's DINOv2 is
+    under dinov2.)."""
+    suffix: str
+    """The tensor's name after the owner's path."""
+    parts: tuple[str, ...]
+    """The parts' leaves, in row order."""
+    sizes: Callable[[tuple[int, ...]], "list[int] | None"]
+    """Rows of each part, from the tensor's shape (None: a shape that does not split so)."""
+    whole: bool = False
+    """The tensor is one nn.Linear's weight in the model the checkpoint is trained as (Black Forest Labs' FLUX,
+    SD3's MMDiT), which sd-scripts trains and extracts whole (flux_extract_lora.py): extract keeps it one module, and
+    a LoRA on its parts is written to kohya joined. Otherwise (OpenCLIP's in_proj_weight, a parameter of
+    nn.MultiheadAttention; DINOv2's weights_in, which transformers 5 splits on load) the parts are the modules LoRA
+    trainers see: extract makes one module of each."""
+
+    def owner_of(self, tensor: str) -> str | None:
+        """The owner's path when ``tensor`` is one of these, else None."""
+        owner = tensor.removesuffix(self.suffix)
+        return owner if tensor.endswith(self.suffix) and self.owner.search(owner) else None
+
+    def rows(self, tensor: str, shape: Sequence[int]) -> list[tuple[str, tuple[str, int, int, int]]] | None:
+        """[(part module path, (tensor, first row, rows, the tensor's rows))] of one of these tensors of ``shape``,
+        None for another tensor, or a shape that does not split so."""
+        owner = self.owner_of(tensor)
+        sizes = self.sizes(tuple(shape)) if owner is not None and len(shape) == 2 else None
+        if sizes is None:
+            return None
+        firsts = itertools.accumulate(sizes, initial=0)
+        return [(f"{owner}.{part}", (tensor, first, rows, sum(sizes)))
+                for part, first, rows in zip(self.parts, firsts, sizes)]
+
+
 QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
-# DINOv2's SwiGLU MLP: transformers 5 splits weights_in into gate_proj and up_proj in memory (the modules PEFT wraps,
-# so extract makes one LoRA per half)
-SPLIT_ON_LOAD = (re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"),
-                 halves)
 FUSED = (
-    (re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
-     ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
-    (re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds),
-    (re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds),
-    (re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp),
-    (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds),
-    (re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds),
-    SPLIT_ON_LOAD,
+    Fused(re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
+          ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds, whole=True),
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
+    Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True),
+    Fused(re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds, whole=True),
+    Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
+    # DINOv2's SwiGLU MLP: transformers 5 splits weights_in into gate_proj and up_proj in memory
+    Fused(re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"), halves),
 )
+
+
+def fused(tensor: str) -> Fused | None:
+    """The entry of FUSED that ``tensor`` is one of, or None."""
+    return next((entry for entry in FUSED if entry.owner_of(tensor) is not None), None)
+
+
+def parts(tensor: str) -> list[str]:
+    """The module paths of a fused tensor's parts (``…attn.in_proj_weight`` → ``…attn.q_proj``, ``…attn.k_proj``,
+    ``…attn.v_proj``), [] for any other tensor."""
+    entry = fused(tensor)
+    return [] if entry is None else [f"{entry.owner_of(tensor)}.{part}" for part in entry.parts]
+
+
+def split(tensor: str, shape: Sequence[int]) -> list[tuple[str, tuple[str, int, int, int]]]:
+    """The modules extract makes of a fused tensor that no module holds whole, each with its rows (as fused_target
+    gives them): OpenCLIP's in_proj_weight → q_proj, k_proj, v_proj; DINOv2's weights_in → gate_proj, up_proj. []
+    for any other tensor, for FLUX's and SD3's (Fused.whole), and for a shape that does not split."""
+    entry = fused(tensor)
+    return [] if entry is None or entry.whole else entry.rows(tensor, shape) or []
 
 
 def unet_path(ldm: str) -> str | None:
@@ -228,10 +285,7 @@ def checkpoint_modules(tensors: Iterable[str]) -> list[str]:
     for tensor in tensors:
         if tensor.endswith(".weight"):
             modules.append(tensor[: -len(".weight")])
-        for owner_re, suffix, parts, _ in FUSED:
-            owner = tensor[: -len(suffix)]
-            if tensor.endswith(suffix) and owner_re.search(owner):
-                modules += [f"{owner}.{part}" for part in parts]
+        modules += parts(tensor)
     return modules
 
 
@@ -282,16 +336,10 @@ def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:
     """(fused tensor, first row, rows, the tensor's rows) for a part of a fused tensor the checkpoint has
     (``…attn.q_proj`` of OpenCLIP's in_proj_weight; ``…img_attn.qkv.to_k``, ``…linear1.proj_mlp`` of FLUX), else None."""
     owner, _, part = module.rpartition(".")
-    for owner_re, suffix, parts, blocks in FUSED:
-        if part not in parts or not owner_re.search(owner):
-            continue
-        info = manifest.get(owner + suffix)
-        sizes = blocks(tuple(info.shape)) if info is not None and len(info.shape) == 2 else None
-        if sizes is None:
-            return None
-        index = parts.index(part)
-        return owner + suffix, sum(sizes[:index]), sizes[index], sum(sizes)
-    return None
+    entry = next((e for e in FUSED if part in e.parts and e.owner.search(owner)), None)
+    info = None if entry is None else manifest.get(owner + entry.suffix)
+    blocks = None if info is None else entry.rows(owner + entry.suffix, info.shape)
+    return None if blocks is None else dict(blocks)[module]
 
 
 def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
@@ -308,3 +356,18 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
         return None
     component, path = name.split(".", 1)
     return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path
+
+
+def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
+    """The header fields sd-scripts' extract_lora_from_models.py writes that a single-file SD checkpoint's tensors
+    decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way, input_blocks…, even
+    when no text-encoder module says SDXL), SD 1.x's, and SD 2.x's ss_v2 (its version string also says whether it
+    is v-parameterized, which the tensors do not)."""
+    names = list(tensors)
+    if any(n.startswith("conditioner.embedders.") for n in names):
+        return {"ss_base_model_version": "sdxl_base_v1-0"}
+    if any(n.startswith("cond_stage_model.model.") for n in names):
+        return {"ss_v2": "True"}
+    if any(n.startswith("cond_stage_model.transformer.") for n in names):
+        return {"ss_base_model_version": "sd_v1"}
+    return {}

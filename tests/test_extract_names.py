@@ -216,7 +216,7 @@ NO_CONFIG = {
     "vit": (["vit.encoder.layer.0.attention.attention.query.weight", "vit.encoder.layer.0.output.dense.weight"],
             "ViT-style, DINOv2"),
     "mixtral": (["model.layers.0.block_sparse_moe.experts.0.w1.weight", "model.layers.0.self_attn.q_proj.weight"],
-                "Mixtral's block_sparse_moe"),
+                "Mixtral's block_sparse_moe, PhiMoE's block_sparse_moe"),
     "llava": (["language_model.model.layers.0.self_attn.q_proj.weight", "vision_tower.vision_model.encoder.layers.0."
                "mlp.fc1.weight", "multi_modal_projector.linear_1.weight"], "LLaVA-style"),
 }

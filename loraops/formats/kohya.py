@@ -195,9 +195,10 @@ def factors(module: LoraModule) -> tuple["torch.Tensor", "torch.Tensor"]:
 
 def part_of(module: LoraModule) -> str | None:
     """The fused FLUX/SD3 tensor a module is one part of (``…img_attn.qkv.to_q``, ``…linear1.proj_mlp``: sd-scripts has
-    no names for them), else None. The parts of each are written joined into one module on the whole tensor, which
+    no names for them, it trains the tensor as one Linear: ldm.Fused.whole), else None. The parts of each are written joined into one module on the whole tensor, which
     every kohya loader knows (``join``)."""
-    return module.fused[0] if module.fused is not None and ldm.in_dit_block(module.name) else None
+    entry = None if module.fused is None else ldm.fused(module.fused[0])
+    return module.fused[0] if entry is not None and entry.whole else None
 
 
 def joined_names(adapter: Adapter) -> dict[str, LoraModule]:
