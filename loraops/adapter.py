@@ -49,7 +49,7 @@ METHOD_NAMES = {"adalora": "AdaLoRA", "vera": "VeRA"}
 METHOD_NOTES = {
     "adalora": "AdaLoRA: ΔW = scale·B·diag(E)·A, read as the LoRA B' = B·diag(E), A",
     "vera": "VeRA: ΔW = diag(λ_b)·vera_B[:out]·diag(λ_d)·vera_A[:, :in], read as the LoRA "
-            "B' = diag(λ_b)·vera_B[:out]·diag(λ_d), A = vera_A[:, :in] (not bound to a base: in = vera_A's width)",
+            "B' = diag(λ_b)·vera_B[:out]·diag(λ_d), A = vera_A[:, :in]",
 }
 """What `inspect`, `show` and a pushed model card say of an adapter read from PEFT AdaLoRA/VeRA, by Adapter.methods."""
 

@@ -258,7 +258,7 @@ def test_subtract_round_trip_and_combine(tmp_path, bases):
     report = engine.subtract(tmp_path / "m", both, tmp_path / "back", reference=base, fingerprint=False)
     assert report.residual.max_abs_diff < 1e-6
     # combine: cat is exact on the plain LoRA each equals (a VeRA adapter bound to its base first)
-    with pytest.raises(InvalidInputError, match="VeRA adapter takes as many columns of the shared vera_A"):
+    with pytest.raises(InvalidInputError, match="VeRA adapter takes the first columns of the shared vera_A"):
         algebra.combine(both, "cat")
     cat, _ = algebra.combine([(adalora, 0.8), (bind(vera, manifest), -0.5)], "cat")
     bound = {a: bind(x, manifest) for a, x in (("a", adalora), ("v", vera))}
@@ -318,7 +318,7 @@ def test_cli_end_to_end(tmp_path, bases):
         ("q_proj", 64), ("v_proj", 64), ("down_proj", 128)}  # bound: each layer's own width of vera_A
     text = run("show", "ada")
     assert "AdaLoRA (lora_alpha/(init_r + 1e-5)" in text and "AdaLoRA: ΔW = scale·B·diag(E)·A" in text
-    assert "vera_A (128)" in run("export", vera, "--format", "peft", "-o", tmp_path / "x", code=2)  # no base: widths?
+    assert "vera_A (of 128)" in run("export", vera, "--format", "peft", "-o", tmp_path / "x", code=2)  # no base: widths?
     run("export", vera, "--format", "kohya", "-o", tmp_path / "vera.safetensors", "--base", "llama")
     from peft import PeftModel
 
@@ -385,3 +385,32 @@ def test_identity_and_refusals(tmp_path, bases):
     save_file(tensors, lora / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UnsupportedAdapterError, match="an AdaLoRA adapter"):
         formats.read_adapter(lora)
+
+
+def test_inspect_show_and_card_say_the_method(tmp_path, bases):
+    """inspect and show name the method (module kind, variant line, AdaLoRA's scale rule); an unbound VeRA adapter's
+    `in` column is vera_A's width, which they say; the pushed card says AdaLoRA/VeRA as pushed, and LoRA when the
+    adapter is pushed in another layout (then the plain LoRA it equals)."""
+    from loraops import hub
+    from loraops.registry import Registry
+
+    base = bases[torch.float32]
+    vera = vera_adapter(base, tmp_path / "vera")
+    ada = adalora_adapter(base, tmp_path / "ada")
+    inspected = CliRunner().invoke(main, ["inspect", str(vera)]).output
+    assert "not bound to a base, the `in` column is vera_A's width" in inspected
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(ada), "--json"]).output)
+    assert report["methods"] == ["adalora"] and report["products"] == []
+    assert {m["kind"] for m in report["modules"]} == {"adalora"}
+    assert {m["alpha"] for m in report["modules"]} == {16.0}
+    with Registry.open() as reg:
+        reg.add_base(str(base), name="llama")
+        record = reg.register_adapter(str(vera), name="v", base="llama").record
+        card = hub.render_card(hub.card_info(reg, record, "peft"))
+        kohya_card = hub.render_card(hub.card_info(reg, record, "kohya"))
+        unbound = reg.register_adapter(str(ada), name="a").record
+    assert '- "vera"' in card and "A PEFT VeRA adapter" in card and "| variant | VeRA: ΔW = " in card
+    assert "vera" not in kohya_card.split("---\n")[1] and "A kohya / sd-scripts LoRA" in kohya_card
+    shown = CliRunner().invoke(main, ["show", "v"]).output
+    assert "VeRA: ΔW" in shown and "not bound to a base" not in shown
+    assert "peft AdaLoRA" in CliRunner().invoke(main, ["list"]).output and unbound.methods == ["adalora"]

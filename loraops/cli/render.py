@@ -80,7 +80,9 @@ def variants(record) -> list[tuple[str, str]]:
     if record.products:
         lines.append("; ".join(PRODUCT_NOTES[p] for p in record.products)
                      + " (merged exactly; resize --rank K makes a LoRA of it)")
-    lines += [f"{METHOD_NOTES[m]} (merged exactly; export writes that LoRA)" for m in record.methods]
+    unbound = getattr(record, "base", None) is None  # (an inspected file never is; a registered one with a base is)
+    lines += [METHOD_NOTES[m] + (" (not bound to a base, the `in` column is vera_A's width)" if m == "vera" and unbound
+                                 else "") + " (merged exactly; export writes that LoRA)" for m in record.methods]
     return [("variant", line) for line in lines]
 
 

@@ -250,8 +250,9 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     peft_type, r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out, target_modules,
     modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null), LoHa/LoKr's alpha
     and AdaLoRA's init_r (its ranknum divides the scale), target_parameters when set (sorted; absent otherwise, as
-    before it was read), and trainable_token_indices / token_indices when set (unsorted: their order pairs indices with stored rows; trainable_token_indices as the rows
-    it gives the file's token tensors, see tokens.canonical_indices, so its list and dict spellings agree). So the same
+    before it was read), and trainable_token_indices / token_indices when set (unsorted: their order pairs indices
+    with stored rows; trainable_token_indices as the rows it gives the file's token tensors, see
+    tokens.canonical_indices, so its list and dict spellings agree). So the same
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
     base_model_name_or_path, a comment) keeps the identity. ``weights_sha256``: the weights file's sha256 when the
     caller already has it (the file is then not read)."""

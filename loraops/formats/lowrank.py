@@ -250,6 +250,7 @@ def refuse_unbound(adapter: "Adapter", label: str, what: str) -> None:
     module = next((m for m in adapter.modules.values() if not m.inputs_known), None)
     if module is not None:
         raise InvalidInputError(
-            f"{label}: module {module.name!r} of a {METHOD_NAMES['vera']} adapter takes as many columns of the shared "
-            f"vera_A ({module.in_features}) as its layer has inputs, which only its base says, so it cannot be {what} "
-            "unbound: give --base BASE (or register it with --base); in Python, loraops.check.bind it to the base")
+            f"{label}: module {module.name!r} of a {METHOD_NAMES['vera']} adapter takes the first columns of the shared "
+            f"vera_A (of {module.in_features}), as many as its layer has inputs, which only its base says: bind it to "
+            f"its base before it is {what} (give --base BASE, or register it with --base; in Python, "
+            "loraops.check.bind)")
