@@ -365,14 +365,8 @@ def test_identity_and_refusals(tmp_path, bases):
         formats.read_adapter(tmp_path / "bare.safetensors")
 
     vera = vera_adapter(base, tmp_path / "vera")
-    cfg = json.loads((vera / "adapter_config.json").read_text())
     with pytest.raises(InvalidInputError, match="a VeRA adapter has no alpha"):
         formats.read_adapter(vera, alpha=8)
-    (vera / "adapter_config.json").write_text(json.dumps({**cfg, "save_projection": False}))
-    result = CliRunner().invoke(main, ["inspect", str(vera)])
-    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-    assert "saved without its projections (save_projection: false)" in result.output
-    (vera / "adapter_config.json").write_text(json.dumps(cfg))
     weights = {k: v for k, v in load_file(vera / "adapter_model.safetensors").items() if "vera_B" not in k}
     save_file(weights, vera / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(InvalidInputError, match="no 'base_model.vera_B' in the file, though the config says "
@@ -414,3 +408,25 @@ def test_inspect_show_and_card_say_the_method(tmp_path, bases):
     shown = CliRunner().invoke(main, ["show", "v"]).output
     assert "VeRA: ΔW" in shown and "not bound to a base" not in shown
     assert "peft AdaLoRA" in CliRunner().invoke(main, ["list"]).output and unbound.methods == ["adalora"]
+
+
+def test_vera_without_projections_is_refused_and_resaved_with_them(tmp_path, bases):
+    """save_projection=False: PEFT regenerates vera_A/vera_B from projection_prng_key, which loraops does not: refused
+    in one line. The recipe in the docs (load it with PEFT, make the projections persistent, save_projection=True)
+    gives a file loraops merges to that adapter's logits."""
+    from peft import PeftModel
+
+    base = bases[torch.float32]
+    bare = vera_adapter(base, tmp_path / "bare", save_projection=False)
+    result = CliRunner().invoke(main, ["inspect", str(bare)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "saved without its projections (save_projection: false)" in result.output
+    model = PeftModel.from_pretrained(load_model(base), bare)
+    for shared in (model.base_model.vera_A, model.base_model.vera_B):
+        shared.persistent = True
+        for key in list(shared):
+            shared[key] = shared[key]  # registered again, now persistent: saved with the adapter
+    model.peft_config["default"].save_projection = True
+    model.save_pretrained(tmp_path / "saved")
+    engine.merge(base, [(formats.read_adapter(tmp_path / "saved"), 1.0)], tmp_path / "m", fingerprint=False)
+    assert float((logits(tmp_path / "m") - logits(base, bare)).abs().max()) < 1e-5
