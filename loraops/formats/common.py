@@ -42,6 +42,8 @@ ADALORA_MARKER = (r"(^|\.)lora_E(\.|$)", "an AdaLoRA adapter (lora_E, SVD-parame
 VERA_MARKER = (r"(^|\.)vera_lambda_[bd](\.|$)", "a VeRA adapter (vera_lambda_b/_d, shared random projections) "
                                                 "outside a PEFT folder with its adapter_config.json")
 
+READ_ELSEWHERE = (*PRODUCT_MARKERS, ADALORA_MARKER, VERA_MARKER)
+
 # Key segments of layouts whose math is not W + s·B·A (checked before anything else, so the message names them).
 # Each regex is searched in the full key; segments are dot-bounded so lora_embedding_A never reads as AdaLoRA's lora_E.
 REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
@@ -106,7 +108,9 @@ def refuse_unsupported(path: Path, keys: Iterable[str], markers=REFUSED_MARKERS)
     for key in keys:
         for marker, what in markers:
             if re.search(marker, key):
-                raise UnsupportedAdapterError(f"{path}: {what} (key {key!r}); loraops handles plain LoRA only")
+                # (a layout read from elsewhere, a PEFT folder or a kohya file, says so itself)
+                tail = "" if (marker, what) in READ_ELSEWHERE else "; loraops handles plain LoRA only"
+                raise UnsupportedAdapterError(f"{path}: {what} (key {key!r}){tail}")
 
 
 def unknown_layout(path: Path, keys: Iterable[str], what: str = "unknown adapter key layout") -> FormatError:
