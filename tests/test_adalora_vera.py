@@ -219,6 +219,22 @@ def test_deltas_are_peft_get_delta_weight(tmp_path, bases):
                 assert module.in_features == layer.in_features
 
 
+def test_adalora_as_initialised_changes_nothing(tmp_path, bases):
+    """PEFT initialises E to zero: an AdaLoRA adapter saved before training is read (every module at init_r) and
+    merges to the base, bit for bit."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    base = bases[torch.bfloat16]
+    model = get_peft_model(load_model(base), AdaLoraConfig(init_r=INIT_R, target_modules=TARGETS, total_step=10))
+    model.save_pretrained(tmp_path / "adapter")
+    adapter = formats.read_adapter(tmp_path / "adapter")
+    assert set(adapter.ranks.values()) == {INIT_R} and len(adapter.modules) == 6
+    assert all(not m.delta().any() for m in adapter.modules.values())
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "m", fingerprint=False)
+    merged, original = merged_tensors(tmp_path / "m"), merged_tensors(base / "model.safetensors")
+    assert merged.keys() == original.keys() and all(torch.equal(merged[k], original[k]) for k in original)
+
+
 def test_budget_allocation_by_peft(tmp_path, bases):
     """An adapter trained a few steps with PEFT's own update_and_allocate (rank_pattern as its RankAllocator writes
     it, some modules shrunk): read at the kept ranks, and merged to PEFT's adapted model's logits."""
