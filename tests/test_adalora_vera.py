@@ -145,6 +145,7 @@ def logits(model_dir, adapter_dir=None, dtype=torch.float32):
         return model.eval()(TOKENS).logits.float()
 
 
+@pytest.mark.no_registry
 @pytest.mark.parametrize("kind", ["adalora", "vera"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_merge_matches_peft(tmp_path, bases, kind, dtype):
@@ -187,6 +188,7 @@ def test_merge_matches_peft(tmp_path, bases, kind, dtype):
         assert float((got - expected).abs().max()) <= 2 * peft_gap + 1e-6
 
 
+@pytest.mark.no_registry
 def test_deltas_are_peft_get_delta_weight(tmp_path, bases):
     """delta() of every bound module is PEFT's get_delta_weight: AdaLoRA and VeRA on Llama (three layer shapes) and
     on GPT-2's Conv1D layers (fan_in_fan_out, in×out), AdaLoRA on a Conv2d (A stored r×(in·kh·kw)); a VeRA module's
@@ -219,6 +221,7 @@ def test_deltas_are_peft_get_delta_weight(tmp_path, bases):
                 assert module.in_features == layer.in_features
 
 
+@pytest.mark.no_registry
 def test_adalora_as_initialised_changes_nothing(tmp_path, bases):
     """PEFT initialises E to zero: an AdaLoRA adapter saved before training is read (every module at init_r) and
     merges to the base, bit for bit."""
@@ -235,6 +238,7 @@ def test_adalora_as_initialised_changes_nothing(tmp_path, bases):
     assert merged.keys() == original.keys() and all(torch.equal(merged[k], original[k]) for k in original)
 
 
+@pytest.mark.no_registry
 def test_budget_allocation_by_peft(tmp_path, bases):
     """An adapter trained a few steps with PEFT's own update_and_allocate (rank_pattern as its RankAllocator writes
     it, some modules shrunk): read at the kept ranks, and merged to PEFT's adapted model's logits."""
@@ -264,6 +268,7 @@ def test_budget_allocation_by_peft(tmp_path, bases):
     assert float((logits(tmp_path / "merged") - logits(base, tmp_path / "adapter")).abs().max()) < 1e-5
 
 
+@pytest.mark.no_registry
 def test_subtract_round_trip_and_combine(tmp_path, bases):
     base = bases[torch.float32]
     manifest = st.read_header(base / "model.safetensors").tensors
@@ -285,6 +290,7 @@ def test_subtract_round_trip_and_combine(tmp_path, bases):
     assert not cat.methods
 
 
+@pytest.mark.no_registry
 def test_export_is_a_lora_peft_loads(tmp_path, bases):
     """An exported (and a full-rank resized) AdaLoRA/VeRA adapter is a PEFT LoRA: its config a LoraConfig, its
     logits those of the original adapter's model."""
@@ -349,6 +355,7 @@ def test_cli_end_to_end(tmp_path, bases):
     assert float((logits(base, tmp_path / "vera-lora") - logits(base, vera)).abs().max()) < 1e-5
 
 
+@pytest.mark.no_registry
 def test_identity_and_refusals(tmp_path, bases):
     base = bases[torch.float32]
     ada = adalora_adapter(base, tmp_path / "ada", masks=MASKS)
@@ -426,6 +433,7 @@ def test_inspect_show_and_card_say_the_method(tmp_path, bases):
     assert "peft AdaLoRA" in CliRunner().invoke(main, ["list"]).output and unbound.methods == ["adalora"]
 
 
+@pytest.mark.no_registry
 def test_vera_without_projections_is_refused_and_resaved_with_them(tmp_path, bases):
     """save_projection=False: PEFT regenerates vera_A/vera_B from projection_prng_key, which loraops does not: refused
     in one line. The recipe in the docs (load it with PEFT, make the projections persistent, save_projection=True)
