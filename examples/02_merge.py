@@ -5,7 +5,8 @@ LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to t
 second text encoder keeps q, k and v fused in one tensor), a LyCORIS LoHa into the SD 1.x checkpoint (checked against
 LyCORIS' formula in float64), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
 in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes. A LoRA
-with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones.
+with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones. PEFT AdaLoRA
+(after its budget allocation) and VeRA adapters, read, merged and exported as the plain LoRAs they equal.
 
     python examples/02_merge.py [WORKDIR]
 
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import (FLUX, SD15, SDXL, diffusers_lora, fp8_llama, gpt_oss, llama, loraops,  # noqa: E402
-                    lycoris_loha, mixtral, named_kohya_lora, peft_lora, sd_checkpoint, workdir)
+from _build import (FLUX, SD15, SDXL, adalora, diffusers_lora, fp8_llama, gpt_oss, llama, loraops,  # noqa: E402
+                    lycoris_loha, mixtral, named_kohya_lora, peft_lora, sd_checkpoint, vera, workdir)
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -127,6 +128,21 @@ def main() -> None:
     print(f"\nmerged model vs the PEFT model: max |Δ logits| {logit_gap(small, tokens, work / 'tokens-merged'):.0e}")
     loraops("merge", f"{tokens}:0.5", "--into", small, "-o", work / "tokens-half", "--no-record", ok=False)
 
+    print("\n--- PEFT AdaLoRA (after its budget allocation) and VeRA (shared random projections): plain LoRAs ---")
+    ada = adalora(small, work / "adalora", init_r=6, alpha=16, targets=TARGETS)
+    shared = vera(small, work / "vera", r=32, targets=TARGETS)
+    loraops("inspect", ada)
+    loraops("register", shared, "--name", "vera", "--base", "llama-fp32")  # bound: each layer's width of vera_A
+    loraops("show", "vera")
+    for adapter in (ada, shared):
+        merged = work / f"{adapter.name}-merged"
+        loraops("merge", adapter, "--into", small, "-o", merged, "--no-record")
+        print(f"\nmerged {adapter.name} vs the PEFT model: max |Δ logits| {logit_gap(small, adapter, merged):.0e}")
+    loraops("export", "vera", "--format", "peft", "-o", work / "vera-lora")  # a LoraConfig folder, same ΔW
+    print(f"\nthe exported LoRA vs the VeRA adapter under PEFT: max |Δ logits| "
+          f"{logit_gap(small, shared, work / 'vera-lora', as_adapter=True):.0e}")
+    loraops("export", shared, "--format", "peft", "-o", work / "vera-unbound", ok=False)  # widths need the base
+
     print("\n--- the same merge through the Python API ---")
     from loraops import engine, formats
 
@@ -177,8 +193,9 @@ def loha_gap(loha: Path, checkpoint: Path, merged: Path) -> float:
     return worst
 
 
-def logit_gap(base: Path, adapter: Path, merged: Path, atol: float = 1e-5) -> float:
-    """How far the merged model's logits are from the adapter's model (PEFT, unmerged) on the same tokens."""
+def logit_gap(base: Path, adapter: Path, merged: Path, atol: float = 1e-5, as_adapter: bool = False) -> float:
+    """How far the merged model's logits are from the adapter's model (PEFT, unmerged) on the same tokens
+    (``as_adapter``: ``merged`` is another adapter of the base, under PEFT too)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -186,7 +203,9 @@ def logit_gap(base: Path, adapter: Path, merged: Path, atol: float = 1e-5) -> fl
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*_pattern keys did not match any targeted module")  # see _build
         expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()(tokens).logits
-        got = AutoModelForCausalLM.from_pretrained(merged).eval()(tokens).logits
+        model = (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), merged) if as_adapter
+                 else AutoModelForCausalLM.from_pretrained(merged))
+        got = model.eval()(tokens).logits
     if not torch.allclose(got, expected, atol=atol):
         sys.exit(f"the merged {merged.name} does not compute what the adapter's model computes")
     return float((got - expected).abs().max())

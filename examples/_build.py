@@ -103,6 +103,47 @@ def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str]
     return Path(out)
 
 
+def adalora(base: Path, out: Path, *, init_r: int, alpha: float, targets: list[str], seed: int = 7) -> Path:
+    """A PEFT AdaLoRA adapter trained a few steps on the tokens 3…14 with PEFT's own budget allocation
+    (update_and_allocate: the config's rank_pattern, each module saved at the rank it keeps), E moved off PEFT's zeros
+    first so the first steps have gradients to rank by."""
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AdaLoraConfig(init_r=init_r, target_r=init_r // 2, lora_alpha=alpha, target_modules=targets,
+                           total_step=10, tinit=1, tfinal=2)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_E" in name:
+                param.normal_()
+    tokens = torch.arange(3, 15).unsqueeze(0)
+    model.train()
+    for step in range(1, 9):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        model.base_model.update_and_allocate(step)
+        model.zero_grad()
+    model.save_pretrained(out)
+    return Path(out)
+
+
+def vera(base: Path, out: Path, *, r: int, targets: list[str], seed: int = 8) -> Path:
+    """A PEFT VeRA adapter (its shared vera_A/vera_B saved, as by default), λ_b and λ_d moved off PEFT's zeros and
+    d_initial, as training moves them."""
+    from peft import VeraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), VeraConfig(r=r, target_modules=targets))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vera_lambda" in name:
+                param.normal_()
+    model.save_pretrained(out)
+    return Path(out)
+
+
 def kohya_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str], seed: int = 2) -> Path:
     """A kohya/sd-scripts style file (lora_down/lora_up/alpha, ss_* metadata) for the base's modules named in
     ``targets``, with names in kohya's underscore form."""

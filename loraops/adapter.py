@@ -20,6 +20,9 @@ parameter is a plain module on that expert's own tensor) is marked: see ``LoraMo
 A LoHa or LoKr module (LyCORIS, PEFT LoHaConfig/LoKrConfig) has no B·A: its ΔW is a Hadamard or Kronecker product of
 factors, held in ``LoraModule.product`` (see loraops.formats.lycoris); its A and B are meta tensors that only give the
 layout (rank×in×k…, out×rank×1…), so names, shapes and binding treat it as any module, and ``delta`` is exact.
+
+A PEFT AdaLoRA or VeRA module is exactly low rank: it is read as the plain LoRA module it equals, its diagonal factors
+folded into B (see loraops.formats.lowrank), and ``method`` says where it came from.
 """
 from __future__ import annotations
 
@@ -41,6 +44,14 @@ DORA_NOTE = "DoRA: a magnitude per output channel (merged as magnitude · (W + s
 PRODUCT_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
 PRODUCT_NOTES = {"loha": "LoHa: ΔW = scale·(w1a·w1b)⊙(w2a·w2b)", "lokr": "LoKr: ΔW = scale·kron(w1, w2)"}
 """What `inspect`, `show` and a pushed model card say of an adapter with LoHa/LoKr modules, by Adapter.products."""
+
+METHOD_NAMES = {"adalora": "AdaLoRA", "vera": "VeRA"}
+METHOD_NOTES = {
+    "adalora": "AdaLoRA: ΔW = scale·B·diag(E)·A, read as the LoRA B' = B·diag(E), A",
+    "vera": "VeRA: ΔW = diag(λ_b)·vera_B[:out]·diag(λ_d)·vera_A[:, :in], read as the LoRA "
+            "B' = diag(λ_b)·vera_B[:out]·diag(λ_d), A = vera_A[:, :in]",
+}
+"""What `inspect`, `show` and a pushed model card say of an adapter read from PEFT AdaLoRA/VeRA, by Adapter.methods."""
 
 
 def token_rows_phrase(tensor: str, indices) -> str:
@@ -83,6 +94,12 @@ class LoraModule:
     plain LoRA."""
     product: "Product | None" = None
     """LoHa/LoKr: the factors whose product is ΔW/scale (formats.lycoris.Product); None for a LoRA (ΔW = scale·B·A)."""
+    method: str | None = None
+    """"adalora"/"vera": the PEFT method this plain LoRA module was read from (formats.lowrank); None otherwise, and for
+    any module the algebra makes."""
+    inputs_known: bool = True
+    """False for a VeRA module not bound to a base: its layer takes the first in_features columns of the shared
+    vera_A, and only the base says how many, so its A is still all of vera_A (cut when bound: formats.lowrank)."""
 
     @property
     def dora(self) -> bool:
@@ -100,8 +117,8 @@ class LoraModule:
 
     @property
     def shown_kind(self) -> str:
-        """What records and tables call the module: loha/lokr for those, else its layer kind."""
-        return self.product.kind if self.product is not None else self.kind
+        """What records and tables call the module: loha/lokr for those, adalora/vera for those, else its layer kind."""
+        return self.product.kind if self.product is not None else self.method or self.kind
 
     @property
     def num_parameters(self) -> int:
@@ -180,7 +197,8 @@ class LoraModule:
             B = B2.reshape(B2.shape[0], r, *[1] * (self.A.dim() - 2))
         else:
             A, B = A2, B2
-        return replace(self, A=A.contiguous(), B=B.contiguous(), alpha=float(alpha), scale=float(scale), source_keys=())
+        return replace(self, A=A.contiguous(), B=B.contiguous(), alpha=float(alpha), scale=float(scale), source_keys=(),
+                       method=None)
 
     def stand_in(self) -> "LoraModule":
         """This module without its values (factors on the meta device, same shapes and dtypes): what a writer or a
@@ -279,8 +297,9 @@ class Adapter:
     @property
     def dtype(self) -> "torch.dtype":
         first = next(iter(self.modules.values()), None)
-        if first is not None:  # B's: a composed Tucker down factor (formats.kohya.tucker_down) is kept in float32
-            return first.B.dtype
+        if first is not None:  # the narrower factor's: one composed on read is kept in float32 (a Tucker down factor,
+            # formats.kohya.tucker_down; an AdaLoRA's or VeRA's B, formats.lowrank), whatever the file's dtype
+            return min(first.B.dtype, first.A.dtype, key=lambda dtype: dtype.itemsize)
         import torch
 
         others = [*self.full_tensors.values(), *(r.values for r in self.token_rows.values())]
@@ -290,6 +309,11 @@ class Adapter:
     def products(self) -> list[str]:
         """The kinds of non-LoRA products among its modules (["loha"], ["lokr"], both, or [])."""
         return sorted({m.product.kind for m in self.modules.values() if m.product is not None})
+
+    @property
+    def methods(self) -> list[str]:
+        """The PEFT methods its modules were read from as plain LoRA (["adalora"], ["vera"] or [])."""
+        return sorted({m.method for m in self.modules.values() if m.method is not None})
 
     @property
     def ranks(self) -> dict[str, int | None]:

@@ -40,6 +40,7 @@ def _check_bases(bases: Sequence[object], labels: Sequence[str]) -> None:
 
 
 def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> None:
+    from .formats import lowrank
     from .formats.lycoris import described
 
     for adapter, label in zip(adapters, labels):
@@ -67,6 +68,7 @@ def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> Non
                 f"{label} carries full replacement tensors (modules_to_save or saved layers: {names}); a weighted "
                 f"combination of replaced weights is not defined, so combine refuses them: {how}"
             )
+        lowrank.refuse_unbound(adapter, label, "combined")
     if len({a.names_resolved for a in adapters}) > 1:
         raise MismatchError("some inputs have unresolved kohya module names: bind them to their base first")
 
@@ -310,17 +312,6 @@ def mean(values: Iterable[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def lora_config_of(config: dict) -> dict:
-    """A PEFT LoHaConfig/LoKrConfig's fields that a LoraConfig shares (targets, task): a resize of it is a LoRA."""
-    from .formats.lycoris import PEFT_TYPES
-
-    if str(config.get("peft_type")).upper() not in PEFT_TYPES:
-        return config
-    shared = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-              "task_type", "base_model_name_or_path", "revision", "auto_mapping")
-    return {"peft_type": "LORA", **{k: config[k] for k in shared if k in config}}
-
-
 def own_names(modules: dict[str, LoraModule], adapters: Sequence[Adapter]) -> dict[str, str]:
     """The combined adapter's own name for each module: that of the first input holding the module (an input whose
     names needed no renaming has no entries, and must still win over a later one's)."""
@@ -397,7 +388,9 @@ def resize_lazily(
     checked now; the modules are computed as the Derivation is iterated. A DoRA module keeps its magnitude as it is:
     its merge takes the norms of W + the new ΔW (as PEFT does), so each output channel keeps its learned norm and only
     the direction's update is truncated."""
+    from .formats import lowrank
     from .formats import params as raw
+    from .formats.peft import lora_config_of
     from .ops.resize import resize_module
     from .settings import resolve_device
 
@@ -410,6 +403,7 @@ def resize_lazily(
         raise InvalidInputError(f"{_label(adapter, 0)}: module {flat.name!r} of a LoHa/LoKr adapter is stored "
                                 "flattened (out × in·k…), so only its base says whether it is a Linear or a convolution: "
                                 "register it against its base (--base) to resize it")
+    lowrank.refuse_unbound(adapter, _label(adapter, 0), "resized")
     current = max((m.rank for m in adapter.modules.values() if m.product is None), default=None)
     if rank is not None and current is not None and rank > current:
         raise InvalidInputError(f"rank {rank} is above the adapter's rank {current}: resize only lowers rank")

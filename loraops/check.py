@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
 from .errors import AmbiguousError, MismatchError
-from .formats import params
+from .formats import lowrank, params
 from .formats.common import fmt_shape, names_module
 from .records import CheckReport, ShapeMismatch
 
@@ -557,11 +557,12 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
 
 def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
     """kohya stores 1×1 convs as 4-D factors and sometimes targets a Linear with them (and vice versa): reshape the
-    factors to the base's kind when only the trailing 1×1 differs. LoHa/LoKr (PEFT's and LyCORIS') store a conv's
-    factors flattened, out × in·k…: the base's shape says the kernel."""
+    factors to the base's kind when only the trailing 1×1 differs. LoHa/LoKr (PEFT's and LyCORIS') and PEFT's AdaLoRA
+    store a conv's factors flattened, out × in·k…: the base's shape says the kernel."""
     shape = module.weight_shape
-    if module.product is not None:
-        module = replace(module, product=replace(module.product, kernel_known=True))
+    if module.product is not None or module.method == "adalora":
+        if module.product is not None:
+            module = replace(module, product=replace(module.product, kernel_known=True))
         if len(base_shape) >= 2 and base_shape != shape and base_shape[0] == shape[0] and \
                 math.prod(base_shape[1:]) == math.prod(shape[1:]):
             r = module.A.shape[0]
@@ -589,7 +590,8 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
             module = replace(module, fused=ldm.fused_target(new, manifest))
         info = manifest.get(module.weight_name)
         if info is not None and module.fused is None:
-            if not adapter.names_resolved or module.product is not None:
+            module = lowrank.fit_inputs(module, tuple(info.shape))
+            if not adapter.names_resolved or module.product is not None or module.method == "adalora":
                 module = fit_kind(module, tuple(info.shape))
             module = fit_orientation(module, tuple(info.shape), conv1d)
         if new in modules:

@@ -187,9 +187,11 @@ def resize(
                     base=source.record.base.id if source.record.base else None, lineage=lineage)
 
 
-def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None) -> Path:
+def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None) -> tuple[Path, list[str]]:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
-    registered base) resolves kohya names of an unregistered file."""
+    registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths). Returns where it
+    went, and the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA they equal — another adapter,
+    of another identity, which only `register` records (`resize --rank <its rank>` converts with a lineage)."""
     from . import check
     from .formats import read_adapter, write_adapter
     from .registry import Registry
@@ -204,7 +206,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
         else:
             adapter = reg.load_adapter(registered_for(reg, ref, base).id)
     writable(adapter, fmt)
-    return write_adapter(adapter, output, fmt, force=force)
+    return write_adapter(adapter, output, fmt, force=force), adapter.methods
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from .adapter import DORA_NOTE, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
+from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
 from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError
 
 if TYPE_CHECKING:
@@ -502,6 +502,8 @@ class CardInfo:
     """PEFT trainable tokens: tensor → the rows the adapter replaces."""
     products: list[str] = field(default_factory=list)
     """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (no LoRA B·A)."""
+    methods: list[str] = field(default_factory=list)
+    """AdaLoRA/VeRA: the PEFT methods its modules come from (a PEFT LoRA loader would not load those files)."""
 
 
 def _yaml_value(value) -> str:
@@ -518,11 +520,11 @@ def render_card(card: CardInfo) -> str:
     if base_repo:
         front += [f"base_model: {_yaml_value(base_repo)}", "base_model_relation: adapter"]
     tags = ["lora", "loraops"] + ([card.format] if card.format != "peft" else []) + (["dora"] if card.dora else []) \
-        + (["trainable-tokens"] if card.tokens else []) + card.products
+        + (["trainable-tokens"] if card.tokens else []) + card.products + card.methods
     front.append("tags:" + "".join(f"\n- {_yaml_value(t)}" for t in tags))
     lines = ["---", *front, "---", "", f"# {card.name}", ""]
     # a LoHa/LoKr card said "LoRA": a reader would merge it as W + s·B·A
-    what = " and ".join(PRODUCT_NAMES[p] for p in card.products) or "LoRA"
+    what = " and ".join([*(PRODUCT_NAMES[p] for p in card.products), *(METHOD_NAMES[m] for m in card.methods)]) or "LoRA"
     kind = {"peft": f"A PEFT {what} adapter", "kohya": f"A kohya / sd-scripts {what}"}.get(card.format,
                                                                                         f"A {card.format} {what}")
     lines.append(f"{kind}{f' for `{card.base_model}`' if card.base_model else ''}, published with loraops.")
@@ -531,6 +533,7 @@ def render_card(card: CardInfo) -> str:
     if card.dora:
         lines.append(f"| variant | {DORA_NOTE} |")
     lines += [f"| variant | {PRODUCT_NOTES[p]} |" for p in card.products]
+    lines += [f"| variant | {METHOD_NOTES[m]} |" for m in card.methods]
     lines += [f"| trainable tokens | {token_rows_phrase(f'`{name}`', indices)} |" for name, indices in card.tokens.items()]
     if card.sha256:
         lines.append(f"| sha256 | `{card.sha256}` |")
@@ -814,7 +817,9 @@ def card_info(registry, record, fmt: str) -> CardInfo:
     card = CardInfo(name=record.name, format=fmt, ranks={m.name: m.rank for m in record.modules},
                     alphas={m.name: m.alpha for m in record.modules}, base_model=base_model,
                     sha256=record.weights_sha256 if fmt == record.format else None, dora=record.dora,
-                    products=list(record.products))
+                    products=list(record.products),
+                    # written in another layout, an AdaLoRA/VeRA adapter is the plain LoRA it equals
+                    methods=list(record.methods) if fmt == record.format else [])
     from . import formats
 
     # the registry keeps no token rows; the stored copy's config and header say them without reading its values

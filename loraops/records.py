@@ -16,10 +16,11 @@ class Record(BaseModel):
 
 class ModuleRecord(Record):
     """One adapted module: `name` is its path in the base model (for an unbound kohya file, the kohya name). `kind`
-    is the layer's, or loha/lokr for those; `rank` is None for a LoKr whose two factors are stored whole."""
+    is the layer's, or loha/lokr for those, or adalora/vera for a module read from those as plain LoRA; `rank` is None
+    for a LoKr whose two factors are stored whole."""
 
     name: str
-    kind: Literal["linear", "conv", "embedding", "loha", "lokr"]
+    kind: Literal["linear", "conv", "embedding", "loha", "lokr", "adalora", "vera"]
     rank: int | None
     alpha: float
     scale: float
@@ -260,6 +261,8 @@ class AdapterRecord(Record):
     """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
     products: list[Literal["loha", "lokr"]] = []
     """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (see Adapter.products)."""
+    methods: list[Literal["adalora", "vera"]] = []
+    """The PEFT methods (AdaLoRA, VeRA) its modules were read from as the plain LoRA each equals (Adapter.methods)."""
     token_rows: dict[str, int] | None = {}
     """PEFT trainable tokens: base tensor → how many of its rows the adapter replaces ({} for none). null: not
     recorded (a PEFT adapter registered before loraops recorded them; `loraops verify` records them)."""
@@ -339,6 +342,8 @@ class InspectReport(Record):
     """A DoRA adapter (PEFT use_dora): its modules also have a magnitude per output channel (see Adapter.dora)."""
     products: list[Literal["loha", "lokr"]] = []
     """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (see Adapter.products)."""
+    methods: list[Literal["adalora", "vera"]] = []
+    """The PEFT methods (AdaLoRA, VeRA) its modules were read from as the plain LoRA each equals (Adapter.methods)."""
     num_modules: int
     num_parameters: int
     names_resolved: bool

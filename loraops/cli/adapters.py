@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .render import (DORA_NOTE, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
-                     number, products_note)
+from .render import (METHODS, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
+                     number, scale_mode, variants)
 
 
 def _registry(create: bool = True):
@@ -33,9 +33,10 @@ def tokens_phrase(token_rows: dict[str, int] | None) -> str:
 
 
 def format_label(record) -> str:
-    """The format as `list` and `register` show it, with what else the adapter is: DoRA, LoHa/LoKr, trainable
-    tokens."""
+    """The format as `list` and `register` show it, with what else the adapter is: DoRA, LoHa/LoKr, AdaLoRA/VeRA,
+    trainable tokens."""
     return (record.format + (" DoRA" if record.dora else "") + "".join(f" {PRODUCTS[p]}" for p in record.products)
+            + "".join(f" {METHODS[m]}" for m in record.methods)
             + (" +tokens" if record.token_rows else ""))
 
 
@@ -116,9 +117,8 @@ def show(ref: str, as_json: bool) -> None:
         ("name", r.ref), ("id", r.id), ("sha256", r.sha256), ("weights sha256", r.weights_sha256),
         ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),
         ("rank", number(r.rank, len(r.modules))), ("alpha", number(r.alpha, len(r.modules))),
-        ("scale mode", "rsLoRA (alpha/sqrt(r))" if r.scale_mode == "rslora" else "classic (alpha/r)"),
-        *([("variant", DORA_NOTE)] if r.dora else []),
-        *([("variant", products_note(r.products))] if r.products else []),
+        ("scale mode", scale_mode(r)),
+        *variants(r),
         *([("trainable tokens", tokens_phrase(r.token_rows))] if r.token_rows != {} else []),
         ("targets", ", ".join(r.target_modules) or "-"), ("parameters", f"{r.num_parameters:,}"),
         ("base", f"{r.base.name} ({r.base.fingerprint[:12]})" if r.base else "-"),

@@ -6,7 +6,7 @@ from typing import Iterable
 import click
 
 from ..references import parse_weighted
-from .render import echo_json, echo_table
+from .render import METHODS, echo_json, echo_table
 
 METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, "
                "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune")
@@ -141,7 +141,11 @@ def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, f
 @base_option
 def export(ref, fmt, output, force, base) -> None:
     """Write an adapter (registry reference or path) in another layout, same deltas. An unregistered kohya file
-    needs --base to be written as PEFT."""
+    needs --base to be written as PEFT (and a VeRA file in any layout). PEFT AdaLoRA and VeRA adapters are written as
+    the plain LoRA they equal."""
     from .. import derive
 
-    click.echo(f"wrote {derive.export(ref, fmt, output, force=force, base=base)}")
+    path, methods = derive.export(ref, fmt, output, force=force, base=base)
+    plain = " and ".join(METHODS[m] for m in methods)
+    click.echo(f"wrote {path}" + (f": a plain LoRA with the {plain} adapter's ΔW (another adapter, of another "
+                                  "identity; `register` it to record it)" if methods else ""))

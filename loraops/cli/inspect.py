@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..adapter import token_rows_phrase
-from .render import DORA_NOTE, echo_json, echo_modules, human_bytes, number, products_note
+from .render import echo_json, echo_modules, human_bytes, number, scale_mode, variants
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
@@ -31,9 +31,8 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("modules", str(report.num_modules)),
         ("rank", number(report.rank, report.num_modules)),
         ("alpha", number(report.alpha, report.num_modules)),
-        ("scale mode", "rsLoRA (alpha/sqrt(r))" if report.scale_mode == "rslora" else "classic (alpha/r)"),
-        *([("variant", DORA_NOTE)] if report.dora else []),
-        *([("variant", products_note(report.products))] if report.products else []),
+        ("scale mode", scale_mode(report)),
+        *variants(report),
         ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
         ("parameters", f"{report.num_parameters:,}"),
         ("base model", report.base_model or "-"),

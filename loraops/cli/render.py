@@ -6,7 +6,8 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-from ..adapter import DORA_NOTE, PRODUCT_NOTES  # noqa: F401 - inspect and show say it
+from ..adapter import DORA_NOTE, METHOD_NOTES, PRODUCT_NOTES
+from ..adapter import METHOD_NAMES as METHODS  # noqa: F401 - list and register say it
 from ..adapter import PRODUCT_NAMES as PRODUCTS  # noqa: F401 - list and register say it
 
 
@@ -65,9 +66,24 @@ def echo_base_changed(*names: str | None) -> None:
                    "recorded as a base of its own (by its fingerprint), and the lineage names it")
 
 
-def products_note(products) -> str:
-    """What `show` and `inspect` say of an adapter with LoHa/LoKr modules."""
-    return "; ".join(PRODUCT_NOTES[p] for p in products) + " (merged exactly; resize --rank K makes a LoRA of it)"
+def scale_mode(record) -> str:
+    """How `show` and `inspect` say an adapter's (an AdapterRecord's or InspectReport's) scales are made."""
+    if "adalora" in record.methods:
+        return "AdaLoRA (lora_alpha/(init_r + 1e-5), as PEFT's ranknum)"
+    return "rsLoRA (alpha/sqrt(r))" if record.scale_mode == "rslora" else "classic (alpha/r)"
+
+
+def variants(record) -> list[tuple[str, str]]:
+    """The `variant` lines `show` and `inspect` give an adapter (an AdapterRecord or InspectReport): DoRA, LoHa/LoKr
+    modules, AdaLoRA/VeRA modules."""
+    lines = [DORA_NOTE] if record.dora else []
+    if record.products:
+        lines.append("; ".join(PRODUCT_NOTES[p] for p in record.products)
+                     + " (merged exactly; resize --rank K makes a LoRA of it)")
+    unbound = getattr(record, "base", None) is None  # (an inspected file never is; a registered one with a base is)
+    lines += [METHOD_NOTES[m] + (" (not bound to a base, the `in` column is vera_A's width)" if m == "vera" and unbound
+                                 else "") + " (merged exactly; export writes that LoRA)" for m in record.methods]
+    return [("variant", line) for line in lines]
 
 
 def number(value: float | None, modules: int | None = None) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable
 from .. import st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
 from ..fsutil import atomic_path, output_path, sha256_file
-from . import common, diffusers, kohya, lycoris, params, peft, tokens
+from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
 from .kohya import kohya_name
 
 if TYPE_CHECKING:
@@ -161,7 +161,9 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True) -> N
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
     be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
     ``values`` False, only what the modules' names and shapes say). DoRA adapters, as kohya: sd-scripts' LoRA has no
-    magnitude. Callers that compute an adapter to write it (combine, resize) ask first about their inputs."""
+    magnitude. A VeRA adapter not bound to a base (formats.lowrank.refuse_unbound). Callers that compute an adapter to
+    write it (combine, resize) ask first about their inputs."""
+    lowrank.refuse_unbound(adapter, adapter.label, f"written as {fmt}")
     if fmt == "kohya" and adapter.dora:
         raise UnsupportedAdapterError(
             f"{adapter.label}: a DoRA adapter (lora_magnitude_vector) cannot be written as kohya: sd-scripts' LoRA "
@@ -227,6 +229,8 @@ def math_config(config: dict) -> dict:
         out[name] = value
     if str(config.get("peft_type")).upper() in lycoris.PEFT_TYPES:  # LoHa/LoKr's alpha (its lora_alpha is unused)
         out["alpha"] = config.get("alpha", peft.MATH_FIELDS["lora_alpha"])
+    if str(config.get("peft_type")).upper() == "ADALORA":  # its ranknum, which divides the scale
+        out["init_r"] = config.get("init_r", lowrank.INIT_R)
     if value := config.get("target_parameters"):  # only when set: the identities of other adapters stay as they were
         # sorted like the lists above; a malformed value as it is (hashed before the reader refuses it)
         out["target_parameters"] = sorted(value, key=str) if isinstance(value, list) else value
@@ -244,10 +248,11 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
         "loraops-peft-identity-v1\\n" + <sha256 hex of the weights file bytes> + "\\n" + <canonical JSON>
     where the canonical JSON (sorted keys, separators "," and ":") holds the config fields that change the math:
     peft_type, r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out, target_modules,
-    modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null), and
-    target_parameters when set (sorted; absent otherwise, as before it was read), and trainable_token_indices /
-    token_indices when set (unsorted: their order pairs indices with stored rows; trainable_token_indices as the rows
-    it gives the file's token tensors, see tokens.canonical_indices, so its list and dict spellings agree). So the same
+    modules_to_save, use_dora (absent ones as PEFT's defaults, lists sorted, empty lists as null), LoHa/LoKr's alpha
+    and AdaLoRA's init_r (its ranknum divides the scale), target_parameters when set (sorted; absent otherwise, as
+    before it was read), and trainable_token_indices / token_indices when set (unsorted: their order pairs indices
+    with stored rows; trainable_token_indices as the rows it gives the file's token tensors, see
+    tokens.canonical_indices, so its list and dict spellings agree). So the same
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
     base_model_name_or_path, a comment) keeps the identity. ``weights_sha256``: the weights file's sha256 when the
     caller already has it (the file is then not read)."""

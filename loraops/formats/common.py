@@ -36,6 +36,15 @@ PRODUCT_MARKERS: tuple[tuple[str, str], ...] = (
                            "with its adapter_config.json or a kohya/LyCORIS file"),
 )
 
+# AdaLoRA and VeRA keys: read from PEFT folders (formats.lowrank), refused elsewhere (their scale and layout are in the
+# config).
+ADALORA_MARKER = (r"(^|\.)lora_E(\.|$)", "an AdaLoRA adapter (lora_E, SVD-parametrised) outside a PEFT folder with "
+                                          "its adapter_config.json (its scale needs lora_alpha and init_r)")
+VERA_MARKER = (r"(^|\.)vera_lambda_[bd](\.|$)", "a VeRA adapter (vera_lambda_b/_d, shared random projections) "
+                                                "outside a PEFT folder with its adapter_config.json")
+
+READ_ELSEWHERE = (*PRODUCT_MARKERS, ADALORA_MARKER, VERA_MARKER)
+
 # Key segments of layouts whose math is not W + s·B·A (checked before anything else, so the message names them).
 # Each regex is searched in the full key; segments are dot-bounded so lora_embedding_A never reads as AdaLoRA's lora_E.
 REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
@@ -48,8 +57,8 @@ REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
     (r"^lora_[a-z0-9]+_[^.]*\.(a1|a2|b1|b2|bm)\.weight$", "a LyCORIS GLoRA adapter (a1/a2/b1/b2, generalised LoRA)"),
     (r"(^|\.)(oft_r|oft_blocks|oft_diag)(\.|$)", "an OFT adapter (orthogonal finetuning)"),
     (r"(^|\.)boft_[Rs](\.|$)", "a BOFT adapter (boft_R, butterfly orthogonal finetuning)"),
-    (r"(^|\.)lora_E(\.|$)", "an AdaLoRA adapter (lora_E, SVD-parametrised)"),
-    (r"(^|\.)vera_lambda_[bd](\.|$)", "a VeRA adapter (vera_lambda, shared random projections)"),
+    ADALORA_MARKER,
+    VERA_MARKER,
     (r"(^|\.)(lora_B|lora_up)\.bias$", "a LoRA with a bias on its up factor (PEFT lora_bias)"),
     (r"\.diff(_b)?$", "a full-weight difference file (.diff/.diff_b keys, LyCORIS 'full')"),
     (r"(^|\.)[wb]_norm$", "a LyCORIS norm-layer adapter (w_norm/b_norm)"),
@@ -58,7 +67,7 @@ REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
 # PEFT peft_type values that are known and are not LoRA.
 OTHER_PEFT_TYPES = {
     "LOHA": "a LoHa adapter", "LOKR": "a LoKr adapter", "IA3": "an IA3 adapter", "OFT": "an OFT adapter",
-    "BOFT": "a BOFT adapter", "ADALORA": "an AdaLoRA adapter", "VERA": "a VeRA adapter", "FOURIERFT": "a FourierFT adapter",
+    "BOFT": "a BOFT adapter", "FOURIERFT": "a FourierFT adapter",
     "PROMPT_TUNING": "a prompt-tuning adapter", "PREFIX_TUNING": "a prefix-tuning adapter",
     "P_TUNING": "a p-tuning adapter", "LN_TUNING": "a LayerNorm-tuning adapter", "POLY": "a Poly adapter",
     "HRA": "an HRA adapter", "BONE": "a Bone adapter", "VBLORA": "a VB-LoRA adapter", "XLORA": "an X-LoRA adapter",
@@ -100,7 +109,9 @@ def refuse_unsupported(path: Path, keys: Iterable[str], markers=REFUSED_MARKERS)
     for key in keys:
         for marker, what in markers:
             if re.search(marker, key):
-                raise UnsupportedAdapterError(f"{path}: {what} (key {key!r}); loraops handles plain LoRA only")
+                # (a layout read from elsewhere, a PEFT folder or a kohya file, says so itself)
+                tail = "" if (marker, what) in READ_ELSEWHERE else "; loraops handles plain LoRA only"
+                raise UnsupportedAdapterError(f"{path}: {what} (key {key!r}){tail}")
 
 
 def unknown_layout(path: Path, keys: Iterable[str], what: str = "unknown adapter key layout") -> FormatError:

@@ -68,6 +68,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         if alpha is None and "lora_alpha" not in cfg:
             cfg = {**cfg, "lora_alpha": None}
         configs[component] = peft.scale_config(weights, cfg, alpha)
+        if configs[component].method is not None:  # (its lora_A/lora_B would be read with LoRA's scale)
+            raise UnsupportedAdapterError(f"{weights}: a {cfg['peft_type']} config in a diffusers file; loraops reads "
+                                          "AdaLoRA and VeRA adapters from PEFT folders only")
         if configs[component].target_parameters:
             raise UnsupportedAdapterError(f"{weights}: a LoRA on raw parameters (target_parameters) in a diffusers file; "
                                           "loraops reads those only from a PEFT folder")

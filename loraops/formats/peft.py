@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
-from . import common, lycoris, params, tokens
+from . import common, lowrank, lycoris, params, tokens
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +33,10 @@ PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 FACTOR_PARTS = {"lora_A": ("A", "linear"), "lora_B": ("B", "linear"),
                 "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding")}
 FACTOR_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>(\.[^.]+)*)$")
-MAGNITUDE_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_magnitude_vector)(?P<rest>(\.[^.]+)*)$")
-"""DoRA's magnitude (``<module>.lora_magnitude_vector`` as PEFT saves it), with the factors' optional segments."""
+PART_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_magnitude_vector|lora_E)(?P<rest>(\.[^.]+)*)$")
+"""DoRA's magnitude (``<module>.lora_magnitude_vector`` as PEFT saves it) and AdaLoRA's singular values
+(``<module>.lora_E``, see formats.lowrank), with the factors' optional segments."""
+OTHER_PARTS = {"lora_magnitude_vector": "magnitude", "lora_E": "E"}
 
 # Config fields that change the math (or the modules touched): hashed into a PEFT folder's identity, with
 # PEFT's defaults for absent ones so an explicit default and an absent field hash alike.
@@ -67,6 +69,9 @@ class ScaleConfig:
     """use_dora as the config says (None: it says nothing, a bare file: the magnitude keys decide)."""
     product: str | None = None
     """"loha"/"lokr" for a LoHaConfig/LoKrConfig adapter (peft_type LOHA/LOKR: see formats.lycoris), else None."""
+    method: str | None = None
+    """"adalora"/"vera" for an AdaLoraConfig/VeraConfig adapter (see formats.lowrank), else None; ``r`` is then
+    AdaLoRA's init_r or VeRA's r."""
     ensure_weight_tying: bool = False
     """PEFT's ensure_weight_tying: a saved module tied to another (a tied model's embeddings and head) is saved under
     both names, the counterpart without a modules_to_save entry of its own."""
@@ -97,6 +102,12 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         if alpha is None:
             alpha = cfg.get("alpha", MATH_FIELDS["lora_alpha"])
         cfg = {k: cfg[k] for k in ("r", "rank_pattern", "alpha_pattern", "modules_to_save", "bias") if k in cfg}
+        peft_type = "LORA"
+    method = lowrank.PEFT_TYPES.get(peft_type)
+    if method is not None:  # AdaLoraConfig/VeraConfig: their LoraConfig-like fields (scales: formats.lowrank)
+        if method == "vera" and alpha is not None:
+            raise InvalidInputError(f"{path}: --alpha: a VeRA adapter has no alpha (its ΔW has no scale)")
+        cfg = lowrank.config_fields(path, method, cfg)
         peft_type = "LORA"
     if peft_type in common.OTHER_PEFT_TYPES:
         raise UnsupportedAdapterError(
@@ -154,7 +165,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         alpha=lora_alpha, r=r, rslora=bool(cfg.get("use_rslora", False)), rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
-        dora=cfg["use_dora"] if "use_dora" in cfg else None, product=product,
+        dora=cfg["use_dora"] if "use_dora" in cfg else None, product=product, method=method,
         ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
     )
 
@@ -199,7 +210,7 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
     others: list[str] = []
     adapter_names: set[str] = set()
     for key in keys:
-        match = FACTOR_RE.match(key) or MAGNITUDE_RE.match(key)
+        match = FACTOR_RE.match(key) or PART_RE.match(key)
         if match is None:
             others.append(key)
             continue
@@ -209,7 +220,7 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
         if len(segments) > 1:  # at most one adapter-name segment
             raise common.unknown_layout(path, [key], "unknown LoRA key layout")
         adapter_names.update(segments)
-        which, kind = FACTOR_PARTS.get(match["part"], ("magnitude", None))
+        which, kind = FACTOR_PARTS.get(match["part"]) or (OTHER_PARTS[match["part"]], None)
         name = module_name(match["module"])
         parts = factors.setdefault(name, {})
         if which in parts:
@@ -224,7 +235,8 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
     common.pair_factors(path, factors, "A", "B")
     for name, parts in factors.items():
         if "A" not in parts:
-            raise InvalidInputError(f"{path}: {parts['magnitude']!r} has no lora_A/lora_B tensors for module {name!r}")
+            raise InvalidInputError(f"{path}: {next(iter(parts.values()))!r} has no lora_A/lora_B tensors for module "
+                                    f"{name!r}")
     return ParsedKeys(factors, kinds, others)
 
 
@@ -335,16 +347,22 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     product = cfg.product if cfg is not None else None
+    method = cfg.method if cfg is not None else None
     products, keys = ({}, header.tensors) if product is None else \
         lycoris.group(weights, header.tensors, lambda module: module.removeprefix(PREFIX))
-    (common.refuse_unsupported if product is None else lycoris.refuse_unsupported)(weights, keys)
+    lambdas, projections, keys = ({}, {}, keys) if method != "vera" else \
+        lowrank.vera_group(keys, lambda module: module.removeprefix(PREFIX))
+    if method is not None:
+        lowrank.refuse_unsupported(weights, keys, method)
+    else:
+        (common.refuse_unsupported if product is None else lycoris.refuse_unsupported)(weights, keys)
     parsed = parse_keys(weights, keys, lambda module: module.removeprefix(PREFIX))
-    if product is not None and parsed.factors:
+    if (product is not None or method == "vera") and parsed.factors:
         raise InvalidInputError(f"{weights}: lora_A/lora_B keys ({next(iter(parsed.factors))!r}) in a "
                                 f"{raw_cfg['peft_type']} adapter")
     token_keys = [key for key in parsed.others if tokens.is_token_key(key)]
     parsed.others = [key for key in parsed.others if key not in token_keys]
-    lora_modules = frozenset(parsed.factors) | frozenset(products)
+    lora_modules = frozenset(parsed.factors) | frozenset(products) | frozenset(lambdas)
     token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
                   for key in parsed.others}
@@ -353,12 +371,20 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         raise common.unknown_layout(weights, unknown)
     if len(set(full_names.values())) < len(full_names):
         raise InvalidInputError(f"{weights}: duplicate full tensors after key normalisation ({sorted(full_names)[:4]})")
-    if not parsed.factors and not products and not full_names and not token_keys:
+    if not parsed.factors and not products and not lambdas and not full_names and not token_keys:
         raise FormatError(f"{weights}: no LoRA tensors in this file")
     tensors = st.load_tensors(header, values=values, mapped=mapped)
     no_config = ScaleConfig(alpha=None)
     experts = params.split_experts(weights, parsed, tensors, cfg)
-    modules = build_modules(weights, parsed, tensors, lambda name: (cfg or no_config, params.pattern_name(cfg or no_config, name)))
+    if method == "adalora":
+        modules = lowrank.adalora_modules(weights, parsed.factors, tensors, raw_cfg, init_r=cfg.r, alpha=cfg.alpha,
+                                          fan_in_fan_out=cfg.fan_in_fan_out, prefix=PREFIX)
+    else:
+        modules = build_modules(weights, parsed, tensors,
+                                lambda name: (cfg or no_config, params.pattern_name(cfg or no_config, name)))
+    if method == "vera":
+        modules.update(lowrank.vera_modules(weights, lambdas, projections, tensors, r=cfg.r,
+                                            fan_in_fan_out=cfg.fan_in_fan_out))
     modules.update((name, lycoris.build(weights, name, parts, tensors, alpha=cfg.alpha_for(name),
                                         peft_rank=cfg.rank_for(name))) for name, parts in products.items())
     modules = dict(sorted({**params.mark_weight_targets(modules, cfg), **experts}.items()))
@@ -378,6 +404,20 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
+
+
+def lora_config_of(config: dict) -> dict:
+    """The config of a LoRA written from another PEFT method's adapter (LoHa/LoKr resized; AdaLoRA or VeRA exported,
+    resized, combined): the fields a LoraConfig shares (targets, task, modules_to_save, bias), others left behind
+    (PEFT's LoraConfig would not load AdaLoRA's init_r or VeRA's projection_prng_key). A LoRA's own, unchanged."""
+    if str(config.get("peft_type")).upper() not in (*lycoris.PEFT_TYPES, *lowrank.PEFT_TYPES):
+        return config
+    shared = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+              "task_type", "base_model_name_or_path", "revision", "auto_mapping")
+    out = {"peft_type": "LORA", **{k: config[k] for k in shared if k in config}}
+    if isinstance(bias := config.get("bias"), str):  # "vera_only", "hada_only": the adapted layers' biases
+        out["bias"] = "lora_only" if bias.endswith("_only") else bias
+    return out
 
 
 def stored_alpha(module: LoraModule, rslora: bool) -> float:
@@ -531,7 +571,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
         targets = {**{n: m for n, m in written.items() if m.raw_parameter is None}, **parameters}
         cfg = lora_config(
             targets, {n: n for n in targets}, rslora=rslora, saved_modules=saved,
-            base=adapter.config if adapter.format == "peft" else None, base_model=adapter.base_model,
+            base=lora_config_of(adapter.config) if adapter.format == "peft" else None, base_model=adapter.base_model,
             target_parameters=sorted(parameters), targeted=adapter.targeted if adapter.format == "peft" else None,
         )
         weights_sha256 = out.close({"format": "pt"})

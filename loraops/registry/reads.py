@@ -183,9 +183,11 @@ class Reader:
             counts = dict(self.rows(f"SELECT adapter_id, count(*) FROM adapter_modules WHERE adapter_id IN ({chosen}) "
                                     "GROUP BY adapter_id", params))
         products: dict[int, list[str]] = {}  # LoHa/LoKr modules, as their kind says
+        methods: dict[int, list[str]] = {}  # AdaLoRA/VeRA modules read as plain LoRA, as their kind says
         for adapter_id, kind in self.rows(f"SELECT DISTINCT adapter_id, kind FROM adapter_modules WHERE adapter_id IN "
-                                          f"({chosen}) AND kind IN ('loha', 'lokr') ORDER BY adapter_id, kind", params):
-            products.setdefault(adapter_id, []).append(kind)
+                                          f"({chosen}) AND kind IN ('loha', 'lokr', 'adalora', 'vera') "
+                                          "ORDER BY adapter_id, kind", params):
+            (products if kind in ("loha", "lokr") else methods).setdefault(adapter_id, []).append(kind)
         tags: dict[int, list[str]] = {}
         for adapter_id, tag in self.rows(f"SELECT adapter_id, tag FROM adapter_tags WHERE adapter_id IN ({chosen})", params):
             tags.setdefault(adapter_id, []).append(tag)
@@ -198,6 +200,7 @@ class Reader:
                 id=id_, name=name, version=version, sha256=sha256, weights_sha256=weights_sha256, format=format_,
                 dtype=dtype, size=size, num_parameters=num_parameters, rank=rank, alpha=alpha, scale_mode=scale_mode,
                 target_modules=list(_json(target_modules)), dora=bool(dora), products=products.get(id_, []),
+                methods=methods.get(id_, []),
                 token_rows=_json(token_rows),  # None: not recorded
                 base=None if base_id is None else BaseRef(id=base_id, name=base_name, fingerprint=fingerprint),
                 base_hint=base_hint, tags=sorted(tags.get(id_, [])), source=source, path=str(self.blobs.path(blob)),
