@@ -356,6 +356,27 @@ def test_cli_end_to_end(tmp_path, bases):
 
 
 @pytest.mark.no_registry
+def test_lora_alpha_not_positive_is_the_kept_rank(tmp_path, bases):
+    """PEFT's SVD layers take scaling = the module's rank (the kept one, after a rank_pattern) for any lora_alpha ≤ 0:
+    a negative lora_alpha is read so (it was refused as a negative alpha), a null one refused in one line (it was a
+    TypeError traceback)."""
+    from peft import PeftModel
+
+    base = bases[torch.float32]
+    ada = adalora_adapter(base, tmp_path / "ada", masks=MASKS, alpha=-3)
+    model = PeftModel.from_pretrained(load_model(base), ada)
+    adapter = formats.read_adapter(ada)
+    assert adapter.modules["model.layers.0.self_attn.q_proj"].alpha == 2  # its mask keeps 2 of 6
+    for name, module in adapter.modules.items():
+        ref = model.base_model.model.get_submodule(name).get_delta_weight("default").double()
+        assert torch.allclose(module.delta(dtype=torch.float64), ref, rtol=1e-5, atol=1e-7), name
+    config = json.loads((ada / "adapter_config.json").read_text())
+    (ada / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": None}))
+    with pytest.raises(InvalidInputError, match="config lora_alpha=null must be a number"):
+        formats.read_adapter(ada)
+
+
+@pytest.mark.no_registry
 def test_identity_and_refusals(tmp_path, bases):
     base = bases[torch.float32]
     ada = adalora_adapter(base, tmp_path / "ada", masks=MASKS)

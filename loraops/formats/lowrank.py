@@ -76,6 +76,14 @@ def config_fields(path: Path, method: str, cfg: dict) -> dict:
                                           "modules only; loraops does not guess its math")
         r = cfg.get("init_r", INIT_R)
         what = "init_r"
+        if "lora_alpha" in cfg:
+            lora_alpha = cfg["lora_alpha"]
+            if lora_alpha is None:  # (PEFT's SVD layers compare it with 0: a TypeError)
+                raise InvalidInputError(f"{path}: config lora_alpha=null must be a number")
+            if isinstance(lora_alpha, (int, float)) and not isinstance(lora_alpha, bool) and lora_alpha < 0:
+                # PEFT's SVD layers read any lora_alpha ≤ 0 as "scaling = the module's rank" (adalora_modules), which
+                # LoRA's alpha check would refuse as negative
+                cfg = {**cfg, "lora_alpha": 0}
         # (lora_alpha; layer_replication for the LoRA checks to refuse; r, rank_pattern and alpha_pattern are LoRA's
         # fields, which AdaLoRA does not read)
         kept = ("lora_alpha", "fan_in_fan_out", "modules_to_save", "bias", "layer_replication")
