@@ -358,6 +358,9 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path
 
 
+VERSION_KEYS = ("ss_base_model_version", "ss_v2")  # the header fields sd_scripts_metadata decides
+
+
 def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
     """The header fields sd-scripts' extract_lora_from_models.py writes that a single-file SD checkpoint's tensors
     decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way, input_blocks…, even
@@ -371,3 +374,10 @@ def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
         return {"ss_base_model_version": "sd_v1"}
     return {}
+
+
+def versioned(metadata: dict[str, str], tensors: Iterable[str]) -> dict[str, str]:
+    """``metadata`` of an adapter bound to a base of ``tensors``, with the fields sd_scripts_metadata gives for that
+    base where it has none (a diffusers file; a kohya file of a trainer that writes no ss_* header): the kohya writer
+    names SDXL's UNet by them."""
+    return {**metadata, **{k: v for k, v in sd_scripts_metadata(tensors).items() if not metadata.get(k)}}

@@ -488,6 +488,33 @@ def test_registered_against_a_checkpoint_then_resized_and_exported_keeps_sd_scri
     assert "6/6 modules match" in run("check", tmp_path / "small.safetensors", "--base", "sdxl").output
 
 
+def test_an_sdxl_unet_lora_without_sd_scripts_metadata_is_written_with_sdxl_names(tmp_path):
+    """SDXL's UNet has sd-scripts names of its own (lora_unet_input_blocks_4_1_…), which the kohya writer picks when
+    the adapter says SDXL. A diffusers SDXL LoRA on the UNet alone (no ss_* header, no text-encoder module) exported
+    to kohya against an SDXL checkpoint, and a combine of two SDXL UNet LoRAs (whose header combine does not keep),
+    were written with SD 1.x names (lora_unet_down_blocks_1_attentions_0_proj_in): binding takes the version from the
+    base, as extract does (ldm.sd_scripts_metadata), and combine keeps what its inputs agree on."""
+    from loraops.st import read_header
+
+    def written(path):
+        header = read_header(path)
+        names = {k.rsplit(".", 2)[0] for k in header.tensors if k.endswith("lora_up.weight")}
+        return names, header.metadata["ss_base_model_version"]
+
+    base = checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT)
+    run("base", "add", base, "--name", "sdxl")
+    diffusers_lora = formats.write_adapter(factories.lora_adapter(
+        {"unet.down_blocks.1.attentions.0.proj_in": (8, 8)}, fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")
+    run("export", diffusers_lora, "--format", "kohya", "-o", tmp_path / "k.safetensors", "--base", "sdxl")
+    assert written(tmp_path / "k.safetensors") == ({"lora_unet_input_blocks_4_1_proj_in"}, "sdxl_base_v1-0")
+    for name, seed in (("a", 1), ("b", 2)):
+        run("register", factories.kohya_file(tmp_path / f"{name}.safetensors", {"lora_unet_input_blocks_4_1_proj_in":
+                                                                                 ((8,), (8,))}, seed=seed),
+            "--name", name, "--base", "sdxl")
+    run("combine", "a", "b", "--method", "cat", "-o", tmp_path / "ab.safetensors")
+    assert written(tmp_path / "ab.safetensors") == ({"lora_unet_input_blocks_4_1_proj_in"}, "sdxl_base_v1-0")
+
+
 # FLUX.1 in Black Forest Labs' layout, tiny: hidden 16, MLP 64, one double and one single block.
 FLUX = {
     "img_in.weight": (16, 8), "txt_in.weight": (16, 12), "final_layer.linear.weight": (8, 16),
