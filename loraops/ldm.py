@@ -109,8 +109,9 @@ DIT_BLOCKS = {  # original block name → (diffusers block name, {path inside th
 DIT_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks|joint_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
 DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
+FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
 DIT_MARKS = (
-    (re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$"), FLUX_TOP),
+    (FLUX_MARK, FLUX_TOP),
     (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"), SD3_TOP),
 )
 
@@ -362,11 +363,13 @@ VERSION_KEYS = ("ss_base_model_version", "ss_v2")  # the header fields sd_script
 
 
 def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
-    """The header fields sd-scripts' extract_lora_from_models.py writes that a single-file SD checkpoint's tensors
-    decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way, input_blocks…, even
-    when no text-encoder module says SDXL), SD 1.x's, and SD 2.x's ss_v2 (its version string also says whether it
-    is v-parameterized, which the tensors do not)."""
+    """The header fields sd-scripts' extract_lora_from_models.py and flux_extract_lora.py write that a single-file
+    checkpoint's tensors decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way,
+    input_blocks…, even when no text-encoder module says SDXL), SD 1.x's, FLUX.1's (flux1), and SD 2.x's ss_v2 (its
+    version string also says whether it is v-parameterized, which the tensors do not)."""
     names = list(tensors)
+    if any(FLUX_MARK.match(n) for n in names):
+        return {"ss_base_model_version": "flux1"}
     if any(n.startswith("conditioner.embedders.") for n in names):
         return {"ss_base_model_version": "sdxl_base_v1-0"}
     if any(n.startswith("cond_stage_model.model.") for n in names):
