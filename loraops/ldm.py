@@ -209,12 +209,14 @@ def parts(tensor: str) -> list[str]:
     return [] if entry is None else [f"{entry.owner_of(tensor)}.{part}" for part in entry.parts]
 
 
-def split(tensor: str, shape: Sequence[int]) -> list[tuple[str, tuple[str, int, int, int]]]:
-    """The modules extract makes of a fused tensor that no module holds whole, each with its rows (as fused_target
-    gives them): OpenCLIP's in_proj_weight → q_proj, k_proj, v_proj; DINOv2's weights_in → gate_proj, up_proj. []
-    for any other tensor, for FLUX's and SD3's (Fused.whole), and for a shape that does not split."""
+def split(tensor: str, shape: Sequence[int], *, whole: bool = False) -> list[tuple[str, tuple[str, int, int, int]]]:
+    """The parts of a fused tensor, each with its rows (as fused_target gives them), when its Fused.whole is
+    ``whole``. False: the modules extract makes of a tensor that no module holds whole (OpenCLIP's in_proj_weight →
+    q_proj, k_proj, v_proj; DINOv2's weights_in → gate_proj, up_proj). True: FLUX's and SD3's, one Linear each,
+    which diffusers names only in parts (``…img_attn.qkv.weight`` → ``…img_attn.qkv.to_q``, to_k, to_v). [] for any
+    other tensor, and for a shape that does not split."""
     entry = fused(tensor)
-    return [] if entry is None or entry.whole else entry.rows(tensor, shape) or []
+    return [] if entry is None or entry.whole != whole else entry.rows(tensor, shape) or []
 
 
 def unet_path(ldm: str) -> str | None:

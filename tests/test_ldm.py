@@ -641,6 +641,42 @@ def test_flux_loras_round_trip_through_kohya_and_diffusers(tmp_path):
     assert sorted(as_diffusers.modules) == sorted(FLUX_LORA)
 
 
+def test_a_kohya_flux_lora_on_whole_fused_tensors_is_written_as_diffusers_parts(tmp_path):
+    """sd-scripts trains FLUX's qkv and linear1 as one Linear each (lora_unet_double_blocks_0_img_attn_qkv), which
+    diffusers names only in parts (to_q, to_k, to_v, proj_mlp). Written as diffusers, such a module was refused ("no
+    pipeline component prefix"), so neither an sd-scripts FLUX LoRA nor loraops' own kohya export of a diffusers one
+    could be written as diffusers. Each part is A and its rows of B, as diffusers' own converter splits it: the same
+    delta on every tensor, and a diffusers LoRA through kohya comes back as it was (its parts, ranks and deltas)."""
+    from loraops import engine
+
+    base = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    manifest = load_file(base)
+    kohya_flux = {"lora_unet_double_blocks_0_img_attn_qkv": ((16,), (48,)), "lora_unet_single_blocks_0_linear1": ((16,), (112,)),
+                  "lora_unet_single_blocks_0_linear2": ((80,), (16,))}
+    kohya = formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors", kohya_flux, alpha=3.0))
+    as_diffusers = formats.read_adapter(formats.write_adapter(check.bind(kohya, manifest), tmp_path / "d.safetensors",
+                                                              "diffusers"))
+    blocks = "transformer.transformer_blocks.0.attn", "transformer.single_transformer_blocks.0"
+    assert sorted(as_diffusers.modules) == sorted([*(f"{blocks[0]}.to_{p}" for p in "qkv"),
+                                                   *(f"{blocks[1]}.attn.to_{p}" for p in "qkv"),
+                                                   f"{blocks[1]}.proj_mlp", f"{blocks[1]}.proj_out"])
+    for out, adapter in (("from-kohya", kohya), ("from-diffusers", as_diffusers)):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / f"{out}.safetensors", device="cpu")
+    from_kohya, from_diffusers = (load_file(tmp_path / f"{out}.safetensors") for out in ("from-kohya", "from-diffusers"))
+    for tensor, merged in from_kohya.items():  # (fp16: an ulp apart where float32 sums land on both sides of one)
+        torch.testing.assert_close(from_diffusers[tensor], merged, rtol=1e-3, atol=1e-3, msg=tensor)
+
+    original = formats.read_adapter(formats.write_adapter(factories.lora_adapter(FLUX_LORA, fmt="diffusers"),
+                                                          tmp_path / "o.safetensors", "diffusers"))
+    through_kohya = formats.read_adapter(formats.write_adapter(check.bind(original, manifest), tmp_path / "ok.safetensors",
+                                                               "kohya"))
+    back = formats.read_adapter(formats.write_adapter(check.bind(through_kohya, manifest), tmp_path / "okd.safetensors",
+                                                      "diffusers"))
+    assert {n: m.rank for n, m in back.modules.items()} == {n: m.rank for n, m in original.modules.items()}
+    for name, module in original.modules.items():
+        torch.testing.assert_close(back.modules[name].delta(), module.delta(), rtol=1e-6, atol=1e-7)
+
+
 def test_merge_into_a_single_file_checkpoint_equals_diffusers_fuse_lora(tmp_path):
     """End to end against an independent implementation: a LoRA made by PEFT on a tiny diffusers UNet and saved by
     diffusers, merged by loraops into the same UNet saved as a single-file checkpoint (original names), equals what
