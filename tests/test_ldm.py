@@ -647,7 +647,10 @@ def test_a_kohya_flux_lora_on_whole_fused_tensors_is_written_as_diffusers_parts(
     pipeline component prefix"), so neither an sd-scripts FLUX LoRA nor loraops' own kohya export of a diffusers one
     could be written as diffusers. Each part is A and its rows of B, as diffusers' own converter splits it: the same
     delta on every tensor, and a diffusers LoRA through kohya comes back as it was (its parts, ranks and deltas)."""
+    from dataclasses import replace
+
     from loraops import engine
+    from loraops.errors import FormatError
 
     base = checkpoint(tmp_path / "flux.safetensors", FLUX)
     manifest = load_file(base)
@@ -675,6 +678,12 @@ def test_a_kohya_flux_lora_on_whole_fused_tensors_is_written_as_diffusers_parts(
     assert {n: m.rank for n, m in back.modules.items()} == {n: m.rank for n, m in original.modules.items()}
     for name, module in original.modules.items():
         torch.testing.assert_close(back.modules[name].delta(), module.delta(), rtol=1e-6, atol=1e-7)
+    # a LoRA on the whole qkv beside one on its to_q (a combine of the two): refused, as the kohya writer refuses it
+    whole, to_q = check.bind(through_kohya, manifest), "double_blocks.0.img_attn.qkv.to_q"
+    mixed = replace(whole, modules={**whole.modules, to_q: check.bind(original, manifest).modules[to_q]})
+    with pytest.raises(FormatError, match="two modules are both the pipeline's 'transformer.transformer_blocks.0.attn"
+                                          ".to_q'; merge them first"):
+        formats.write_adapter(mixed, tmp_path / "mixed.safetensors", "diffusers")
 
 
 def test_merge_into_a_single_file_checkpoint_equals_diffusers_fuse_lora(tmp_path):

@@ -124,13 +124,14 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
     translated from a single-file SD, FLUX.1 or SD3 checkpoint's (``model.diffusion_model.input_blocks.1.1…`` →
     ``unet.down_blocks.0.attentions.0…``)."""
     top = ldm.dit_top(adapter.modules)
+    listed = [part.name for module in adapter.modules.values() for part in parts(module)]  # a part and a whole: twice
     names: dict[str, str] = {}
-    for name in (part.name for module in adapter.modules.values() for part in parts(module)):
+    for name in listed:
         target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top)
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
         names[name] = target
-    target, count = Counter(names.values()).most_common(1)[0] if names else (None, 0)
+    target, count = Counter(names[name] for name in listed).most_common(1)[0] if names else (None, 0)
     if count > 1:
         raise FormatError(f"{adapter.label}: two modules are both the pipeline's {target!r}; merge them first")
     return names
