@@ -349,14 +349,15 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     """(diffusers component, path) that sd-scripts names a checkpoint module by, or None outside the parts
     translated. sd-scripts builds SD 1.x/2.x UNets with diffusers block names but SDXL's with the original ones
     (``lora_unet_input_blocks_4_1_…``), calls SDXL's first text encoder ``lora_te1`` even alone, and names FLUX.1 and
-    SD3 modules by their original paths (``lora_unet_double_blocks_0_img_attn_qkv``; a part of a fused tensor has no
-    sd-scripts name and keeps its checkpoint path)."""
+    SD3 modules by their original paths (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_img_in``, also
+    behind ComfyUI's ``model.diffusion_model.``; a part of a fused tensor has no sd-scripts name and keeps its
+    checkpoint path)."""
     path = module.removeprefix(UNET_PREFIX)
     if (sdxl and module.startswith(UNET_PREFIX)) or in_dit_block(module):
         return "unet", path
     name = diffusers_name(module)
-    if name is None:
-        return None
+    if name is None:  # behind the UNet's prefix and no SD UNet module: a DiT's embedders and final layer
+        return ("unet", path) if module.startswith(UNET_PREFIX) else None
     component, path = name.split(".", 1)
     return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path
 

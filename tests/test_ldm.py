@@ -641,6 +641,16 @@ def test_flux_loras_round_trip_through_kohya_and_diffusers(tmp_path):
     assert sorted(as_diffusers.modules) == sorted(FLUX_LORA)
 
 
+def test_kohya_flux_names_are_written_back_the_same_behind_comfyuis_prefix(tmp_path):
+    """sd-scripts names a FLUX module by its Black Forest Labs path (lora_unet_img_in), which a checkpoint saved by
+    ComfyUI keeps behind model.diffusion_model.: the modules outside the blocks (img_in, final_layer.linear, …) were
+    written back as lora_unet_model_diffusion_model_img_in, a name no FLUX loader knows (extract's too)."""
+    manifest = load_file(checkpoint(tmp_path / "flux.safetensors", {f"model.diffusion_model.{k}": v for k, v in FLUX.items()}))
+    kohya_flux = {"lora_unet_img_in": ((8,), (16,)), "lora_unet_final_layer_linear": ((16,), (8,)),
+                  "lora_unet_double_blocks_0_img_attn_qkv": ((16,), (48,))}
+    assert kohya_round_trip(tmp_path, kohya_flux, manifest) == set(kohya_flux)
+
+
 def test_a_kohya_flux_lora_on_whole_fused_tensors_is_written_as_diffusers_parts(tmp_path):
     """sd-scripts trains FLUX's qkv and linear1 as one Linear each (lora_unet_double_blocks_0_img_attn_qkv), which
     diffusers names only in parts (to_q, to_k, to_v, proj_mlp). Written as diffusers, such a module was refused ("no
