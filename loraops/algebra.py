@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from . import ldm
 from .adapter import Adapter, LoraModule
 from .errors import InvalidInputError, MismatchError
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
@@ -263,6 +264,9 @@ def combine_lazily(
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
         own_names=own_names(templates, adapters),
+        # the base's version (SDXL's UNet has kohya names of its own), where every input says the same
+        metadata={k: v for k in ldm.VERSION_KEYS if (v := adapters[0].metadata.get(k))
+                  and all(a.metadata.get(k) == v for a in adapters)},
     ), halves)
     records: list[CombineModuleRecord] = []
     what = f"{method} of {', '.join(labels)}"

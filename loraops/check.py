@@ -603,7 +603,8 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
     if adapter.names_resolved:  # kohya names are not module paths: written back, they come from the bound ones
         renames = [*res.names.items(), *res.full.items(), *res.rows.items()]
         own = {new: adapter.own_names.get(old, old) for old, new in renames if adapter.own_names.get(old, old) != new}
-    return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, names_resolved=True, own_names=own)
+    return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, names_resolved=True, own_names=own,
+                   metadata=ldm.versioned(adapter.metadata, manifest))
 
 
 def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:

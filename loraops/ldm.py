@@ -109,8 +109,9 @@ DIT_BLOCKS = {  # original block name → (diffusers block name, {path inside th
 DIT_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks|joint_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
 DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
+FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
 DIT_MARKS = (
-    (re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$"), FLUX_TOP),
+    (FLUX_MARK, FLUX_TOP),
     (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"), SD3_TOP),
 )
 
@@ -208,12 +209,14 @@ def parts(tensor: str) -> list[str]:
     return [] if entry is None else [f"{entry.owner_of(tensor)}.{part}" for part in entry.parts]
 
 
-def split(tensor: str, shape: Sequence[int]) -> list[tuple[str, tuple[str, int, int, int]]]:
-    """The modules extract makes of a fused tensor that no module holds whole, each with its rows (as fused_target
-    gives them): OpenCLIP's in_proj_weight → q_proj, k_proj, v_proj; DINOv2's weights_in → gate_proj, up_proj. []
-    for any other tensor, for FLUX's and SD3's (Fused.whole), and for a shape that does not split."""
+def split(tensor: str, shape: Sequence[int], *, whole: bool = False) -> list[tuple[str, tuple[str, int, int, int]]]:
+    """The parts of a fused tensor, each with its rows (as fused_target gives them), when its Fused.whole is
+    ``whole``. False: the modules extract makes of a tensor that no module holds whole (OpenCLIP's in_proj_weight →
+    q_proj, k_proj, v_proj; DINOv2's weights_in → gate_proj, up_proj). True: FLUX's and SD3's, one Linear each,
+    which diffusers names only in parts (``…img_attn.qkv.weight`` → ``…img_attn.qkv.to_q``, to_k, to_v). [] for any
+    other tensor, and for a shape that does not split."""
     entry = fused(tensor)
-    return [] if entry is None or entry.whole else entry.rows(tensor, shape) or []
+    return [] if entry is None or entry.whole != whole else entry.rows(tensor, shape) or []
 
 
 def unet_path(ldm: str) -> str | None:
@@ -346,24 +349,30 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     """(diffusers component, path) that sd-scripts names a checkpoint module by, or None outside the parts
     translated. sd-scripts builds SD 1.x/2.x UNets with diffusers block names but SDXL's with the original ones
     (``lora_unet_input_blocks_4_1_…``), calls SDXL's first text encoder ``lora_te1`` even alone, and names FLUX.1 and
-    SD3 modules by their original paths (``lora_unet_double_blocks_0_img_attn_qkv``; a part of a fused tensor has no
-    sd-scripts name and keeps its checkpoint path)."""
+    SD3 modules by their original paths (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_img_in``, also
+    behind ComfyUI's ``model.diffusion_model.``; a part of a fused tensor has no sd-scripts name and keeps its
+    checkpoint path)."""
     path = module.removeprefix(UNET_PREFIX)
     if (sdxl and module.startswith(UNET_PREFIX)) or in_dit_block(module):
         return "unet", path
     name = diffusers_name(module)
-    if name is None:
-        return None
+    if name is None:  # behind the UNet's prefix and no SD UNet module: a DiT's embedders and final layer
+        return ("unet", path) if module.startswith(UNET_PREFIX) else None
     component, path = name.split(".", 1)
     return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path
 
 
+VERSION_KEYS = ("ss_base_model_version", "ss_v2")  # the header fields sd_scripts_metadata decides
+
+
 def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
-    """The header fields sd-scripts' extract_lora_from_models.py writes that a single-file SD checkpoint's tensors
-    decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way, input_blocks…, even
-    when no text-encoder module says SDXL), SD 1.x's, and SD 2.x's ss_v2 (its version string also says whether it
-    is v-parameterized, which the tensors do not)."""
+    """The header fields sd-scripts' extract_lora_from_models.py and flux_extract_lora.py write that a single-file
+    checkpoint's tensors decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way,
+    input_blocks…, even when no text-encoder module says SDXL), SD 1.x's, FLUX.1's (flux1), and SD 2.x's ss_v2 (its
+    version string also says whether it is v-parameterized, which the tensors do not)."""
     names = list(tensors)
+    if any(FLUX_MARK.match(n) for n in names):
+        return {"ss_base_model_version": "flux1"}
     if any(n.startswith("conditioner.embedders.") for n in names):
         return {"ss_base_model_version": "sdxl_base_v1-0"}
     if any(n.startswith("cond_stage_model.model.") for n in names):
@@ -371,3 +380,10 @@ def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
         return {"ss_base_model_version": "sd_v1"}
     return {}
+
+
+def versioned(metadata: dict[str, str], tensors: Iterable[str]) -> dict[str, str]:
+    """``metadata`` of an adapter bound to a base of ``tensors``, with the fields sd_scripts_metadata gives for that
+    base where it has none (a diffusers file; a kohya file of a trainer that writes no ss_* header): the kohya writer
+    names SDXL's UNet by them."""
+    return {**metadata, **{k: v for k, v in sd_scripts_metadata(tensors).items() if not metadata.get(k)}}

@@ -72,9 +72,11 @@ BEFORE = {
     "kohya": {"out.safetensors": "2e9a8b64948affc8d1bfaea37987626ad3433ff06afc3545aa2a020a1cefb84c"},
     "diffusers": {"out.safetensors": "5339201261e54dbc60ccee3907de177ce0cbf7295677aaeccf2ea7757f03d7bf"},
 }
-# identities of fixed_adapter combined by cat as below, registered before this change (main at 0449d05)
+# identities of fixed_adapter combined by cat as below, registered before this change (main at 0449d05); the kohya
+# one's header since keeps its inputs' ss_base_model_version (sd_v1; the same bytes after the header, sshs_model_hash
+# 5bb83805…)
 CAT_PEFT_BEFORE = "43f4c173b35053af5284dc3aa9a48496df6ffb9b0f06e28f829a7c9f5335f39e"
-CAT_KOHYA_BEFORE = "969924df35eb560d29f99c3a2271a7a45a69a232bcb76e412bf8277fbdadf61e"
+CAT_KOHYA_BEFORE = "2f10147c2f136751f35e5807b5fd17bd819d62e3a2c1ffd517f08c09aa6f43b6"
 
 
 def previous_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],

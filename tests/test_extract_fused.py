@@ -19,6 +19,7 @@ from test_cli_sweep_old import run as cli
 from test_extract import run
 from test_ldm import FLUX, SDXL_TEXT
 from loraops.registry import Registry
+from loraops.st import read_header
 
 TE2 = "conditioner.embedders.1.model.transformer.resblocks.0.attn"
 IN_PROJ = f"{TE2}.in_proj_weight"
@@ -149,6 +150,7 @@ def test_flux_qkv_stays_one_module_as_sd_scripts_extracts_it(tmp_path):
         ("double_blocks.0.img_attn.qkv", [48, 16]), ("single_blocks.0.linear1", [112, 16])]
     assert kohya_modules(tmp_path / "f.safetensors") == ["lora_unet_double_blocks_0_img_attn_qkv",
                                                          "lora_unet_single_blocks_0_linear1"]
+    assert read_header(tmp_path / "f.safetensors").metadata["ss_base_model_version"] == "flux1"  # as sd-scripts'
     code, out = run("merge", tmp_path / "f.safetensors", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
     assert code == 0, out
     merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)

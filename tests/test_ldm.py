@@ -488,6 +488,33 @@ def test_registered_against_a_checkpoint_then_resized_and_exported_keeps_sd_scri
     assert "6/6 modules match" in run("check", tmp_path / "small.safetensors", "--base", "sdxl").output
 
 
+def test_an_sdxl_unet_lora_without_sd_scripts_metadata_is_written_with_sdxl_names(tmp_path):
+    """SDXL's UNet has sd-scripts names of its own (lora_unet_input_blocks_4_1_…), which the kohya writer picks when
+    the adapter says SDXL. A diffusers SDXL LoRA on the UNet alone (no ss_* header, no text-encoder module) exported
+    to kohya against an SDXL checkpoint, and a combine of two SDXL UNet LoRAs (whose header combine does not keep),
+    were written with SD 1.x names (lora_unet_down_blocks_1_attentions_0_proj_in): binding takes the version from the
+    base, as extract does (ldm.sd_scripts_metadata), and combine keeps what its inputs agree on."""
+    from loraops.st import read_header
+
+    def written(path):
+        header = read_header(path)
+        names = {k.rsplit(".", 2)[0] for k in header.tensors if k.endswith("lora_up.weight")}
+        return names, header.metadata["ss_base_model_version"]
+
+    base = checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT)
+    run("base", "add", base, "--name", "sdxl")
+    diffusers_lora = formats.write_adapter(factories.lora_adapter(
+        {"unet.down_blocks.1.attentions.0.proj_in": (8, 8)}, fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")
+    run("export", diffusers_lora, "--format", "kohya", "-o", tmp_path / "k.safetensors", "--base", "sdxl")
+    assert written(tmp_path / "k.safetensors") == ({"lora_unet_input_blocks_4_1_proj_in"}, "sdxl_base_v1-0")
+    for name, seed in (("a", 1), ("b", 2)):
+        run("register", factories.kohya_file(tmp_path / f"{name}.safetensors", {"lora_unet_input_blocks_4_1_proj_in":
+                                                                                 ((8,), (8,))}, seed=seed),
+            "--name", name, "--base", "sdxl")
+    run("combine", "a", "b", "--method", "cat", "-o", tmp_path / "ab.safetensors")
+    assert written(tmp_path / "ab.safetensors") == ({"lora_unet_input_blocks_4_1_proj_in"}, "sdxl_base_v1-0")
+
+
 # FLUX.1 in Black Forest Labs' layout, tiny: hidden 16, MLP 64, one double and one single block.
 FLUX = {
     "img_in.weight": (16, 8), "txt_in.weight": (16, 12), "final_layer.linear.weight": (8, 16),
@@ -612,6 +639,61 @@ def test_flux_loras_round_trip_through_kohya_and_diffusers(tmp_path):
         assert torch.allclose(rebound.modules[tensor].delta(dtype=torch.float64), expected, rtol=1e-12, atol=0)
     as_diffusers = formats.read_adapter(formats.write_adapter(bound, tmp_path / "d-out.safetensors", "diffusers"))
     assert sorted(as_diffusers.modules) == sorted(FLUX_LORA)
+
+
+def test_kohya_flux_names_are_written_back_the_same_behind_comfyuis_prefix(tmp_path):
+    """sd-scripts names a FLUX module by its Black Forest Labs path (lora_unet_img_in), which a checkpoint saved by
+    ComfyUI keeps behind model.diffusion_model.: the modules outside the blocks (img_in, final_layer.linear, …) were
+    written back as lora_unet_model_diffusion_model_img_in, a name no FLUX loader knows (extract's too)."""
+    manifest = load_file(checkpoint(tmp_path / "flux.safetensors", {f"model.diffusion_model.{k}": v for k, v in FLUX.items()}))
+    kohya_flux = {"lora_unet_img_in": ((8,), (16,)), "lora_unet_final_layer_linear": ((16,), (8,)),
+                  "lora_unet_double_blocks_0_img_attn_qkv": ((16,), (48,))}
+    assert kohya_round_trip(tmp_path, kohya_flux, manifest) == set(kohya_flux)
+
+
+def test_a_kohya_flux_lora_on_whole_fused_tensors_is_written_as_diffusers_parts(tmp_path):
+    """sd-scripts trains FLUX's qkv and linear1 as one Linear each (lora_unet_double_blocks_0_img_attn_qkv), which
+    diffusers names only in parts (to_q, to_k, to_v, proj_mlp). Written as diffusers, such a module was refused ("no
+    pipeline component prefix"), so neither an sd-scripts FLUX LoRA nor loraops' own kohya export of a diffusers one
+    could be written as diffusers. Each part is A and its rows of B, as diffusers' own converter splits it: the same
+    delta on every tensor, and a diffusers LoRA through kohya comes back as it was (its parts, ranks and deltas)."""
+    from dataclasses import replace
+
+    from loraops import engine
+    from loraops.errors import FormatError
+
+    base = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    manifest = load_file(base)
+    kohya_flux = {"lora_unet_double_blocks_0_img_attn_qkv": ((16,), (48,)), "lora_unet_single_blocks_0_linear1": ((16,), (112,)),
+                  "lora_unet_single_blocks_0_linear2": ((80,), (16,))}
+    kohya = formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors", kohya_flux, alpha=3.0))
+    as_diffusers = formats.read_adapter(formats.write_adapter(check.bind(kohya, manifest), tmp_path / "d.safetensors",
+                                                              "diffusers"))
+    blocks = "transformer.transformer_blocks.0.attn", "transformer.single_transformer_blocks.0"
+    assert sorted(as_diffusers.modules) == sorted([*(f"{blocks[0]}.to_{p}" for p in "qkv"),
+                                                   *(f"{blocks[1]}.attn.to_{p}" for p in "qkv"),
+                                                   f"{blocks[1]}.proj_mlp", f"{blocks[1]}.proj_out"])
+    for out, adapter in (("from-kohya", kohya), ("from-diffusers", as_diffusers)):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / f"{out}.safetensors", device="cpu")
+    from_kohya, from_diffusers = (load_file(tmp_path / f"{out}.safetensors") for out in ("from-kohya", "from-diffusers"))
+    for tensor, merged in from_kohya.items():  # (fp16: an ulp apart where float32 sums land on both sides of one)
+        torch.testing.assert_close(from_diffusers[tensor], merged, rtol=1e-3, atol=1e-3, msg=tensor)
+
+    original = formats.read_adapter(formats.write_adapter(factories.lora_adapter(FLUX_LORA, fmt="diffusers"),
+                                                          tmp_path / "o.safetensors", "diffusers"))
+    through_kohya = formats.read_adapter(formats.write_adapter(check.bind(original, manifest), tmp_path / "ok.safetensors",
+                                                               "kohya"))
+    back = formats.read_adapter(formats.write_adapter(check.bind(through_kohya, manifest), tmp_path / "okd.safetensors",
+                                                      "diffusers"))
+    assert {n: m.rank for n, m in back.modules.items()} == {n: m.rank for n, m in original.modules.items()}
+    for name, module in original.modules.items():
+        torch.testing.assert_close(back.modules[name].delta(), module.delta(), rtol=1e-6, atol=1e-7)
+    # a LoRA on the whole qkv beside one on its to_q (a combine of the two): refused, as the kohya writer refuses it
+    whole, to_q = check.bind(through_kohya, manifest), "double_blocks.0.img_attn.qkv.to_q"
+    mixed = replace(whole, modules={**whole.modules, to_q: check.bind(original, manifest).modules[to_q]})
+    with pytest.raises(FormatError, match="two modules are both the pipeline's 'transformer.transformer_blocks.0.attn"
+                                          ".to_q'; merge them first"):
+        formats.write_adapter(mixed, tmp_path / "mixed.safetensors", "diffusers")
 
 
 def test_merge_into_a_single_file_checkpoint_equals_diffusers_fuse_lora(tmp_path):

@@ -100,17 +100,41 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     )
 
 
+def parts(module: LoraModule) -> list[LoraModule]:
+    """The modules a LoRA is written as: itself, but a LoRA on a whole FLUX/SD3 fused tensor (its qkv or linear1,
+    which sd-scripts trains as one Linear: lora_unet_double_blocks_0_img_attn_qkv) as the parts diffusers names
+    (to_q, to_k, to_v, proj_mlp), each A and its rows of B, as diffusers' own conversion of kohya FLUX LoRAs splits
+    it: the same delta. A rank component whose B is zero in a part's rows is left out of that part, and a part with
+    none is no module: the parts the kohya writer joined (B block-diagonal) come back as they were. Stand-ins (no
+    values) are split by name only."""
+    split = [] if module.fused is not None or module.kind != "linear" or module.transposed or module.dora else ldm.split(
+        module.weight_name, module.weight_shape, whole=True)
+    if not split:
+        return [module]
+    out = []
+    for part, (_, first, rows, _) in split:
+        B = module.B[first:first + rows]
+        used = None if B.is_meta else B.any(dim=0)
+        if used is None:
+            out.append(replace(module, name=part, B=B))
+        elif bool(used.any()):
+            out.append(replace(module, name=part, A=module.A[used], B=B[:, used].contiguous()))
+    return out
+
+
 def pipeline_names(adapter: Adapter) -> dict[str, str]:
-    """Module name → its pipeline name: as it is, or translated from a single-file SD, FLUX.1 or SD3 checkpoint's
-    (``model.diffusion_model.input_blocks.1.1…`` → ``unet.down_blocks.0.attentions.0…``)."""
+    """Module name (a part's, for a LoRA on a whole fused tensor: ``parts``) → its pipeline name: as it is, or
+    translated from a single-file SD, FLUX.1 or SD3 checkpoint's (``model.diffusion_model.input_blocks.1.1…`` →
+    ``unet.down_blocks.0.attentions.0…``)."""
     top = ldm.dit_top(adapter.modules)
+    listed = [part.name for module in adapter.modules.values() for part in parts(module)]  # a part and a whole: twice
     names: dict[str, str] = {}
-    for name in adapter.modules:
+    for name in listed:
         target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top)
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
         names[name] = target
-    target, count = Counter(names.values()).most_common(1)[0] if names else (None, 0)
+    target, count = Counter(names[name] for name in listed).most_common(1)[0] if names else (None, 0)
     if count > 1:
         raise FormatError(f"{adapter.label}: two modules are both the pipeline's {target!r}; merge them first")
     return names
@@ -124,14 +148,17 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
     rslora = adapter.scale_mode == "rslora"
     names = pipeline_names(adapter)
     stream = common.ModuleStream(adapter, modules)
+    kept = set()
     with st.TensorWriter(dest, spill=spill) as out:
         for (module,) in stream:
-            module = replace(module, name=names[module.name], fused=None)
-            for key, tensor in peft.module_tensors(module, ""):
-                out.add(key, tensor)
-            stream.keep(module)
+            for part in parts(module):
+                part = replace(part, name=names[part.name], fused=None)
+                for key, tensor in peft.module_tensors(part, ""):
+                    out.add(key, tensor)
+                stream.keep(part)
+                kept.add(part.name)
         by_component: dict[str, dict] = {}
-        for name, module in stream.written(names.values()).items():
+        for name, module in stream.written(n for n in names.values() if n in kept).items():
             by_component.setdefault(component_of(name), {})[name] = module
         packed = {}
         for component, members in by_component.items():
