@@ -266,6 +266,7 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     their weight parameter (PEFT target_parameters), see _modules_of."""
     check_pair(base, tuned, labels)
     differs, within = _differs(base, tuned)
+    checkpoint = bool(ldm.diffusers_names(base.tensors))  # a single-file SD/FLUX checkpoint (its VAE left out)
     identical = sum(not d for d in differs.values())
     rounding = [] if keep_rounding else [
         ExtractSkippedRecord(name=n, reason=f"{base.tensors[n].dtype} → {tuned.tensors[n].dtype}", max_abs_diff=d)
@@ -303,13 +304,14 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
                                         "extract")
             chosen += [n for n in found if differs[n] and n not in chosen]
     else:
-        chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved]
+        chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved
+                  and not _in_vae(n, checkpoint)]
     taken = {*chosen, *saved}
     experts = {m["owner"] for n in base.tensors if (m := _EXPERTS.match(n))}
     targets = {m.name: m for n in base.tensors if n in taken and n not in saved  # in file order
                for m in _modules_of(n, base.tensors, kinds[n], dtype, parameters, experts)
                if m.fused is None or n not in named or m.name in named[n]}
-    skipped = [(n, _left_out(kinds.get(n), len(info.shape))) for n, info in base.tensors.items()
+    skipped = [(n, _left_out(kinds.get(n), len(info.shape), _in_vae(n, checkpoint))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
     work = Plan(targets, saved, skipped, identical, rounding)
     if not targets and not saved:
@@ -342,8 +344,15 @@ def _nothing_to_extract(work: Plan, labels: tuple[str, str], dropped: Sequence[s
                              "--modules, or keep tensors whole with --save-module")
 
 
-def _left_out(kind: tuple[str, bool] | None, dims: int) -> str:
+def _in_vae(tensor: str, checkpoint: bool) -> bool:
+    """Is this a single-file SD/FLUX checkpoint's VAE weight, which extract leaves out unless --modules names it?"""
+    return checkpoint and tensor.startswith(ldm.VAE_PREFIXES)
+
+
+def _left_out(kind: tuple[str, bool] | None, dims: int, vae: bool = False) -> str:
     """Why a tensor that differs is not extracted."""
+    if vae:
+        return "VAE: no LoRA loader applies it; --modules extracts it"
     if kind is not None:
         return "embedding" if kind[0] == "embedding" else "not in --modules"
     return "norm or bias" if dims < 2 else "not a module weight"

@@ -362,6 +362,12 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path
 
 
+# a single-file checkpoint's VAE (the LDM/SGM first_stage_model, ComfyUI's bundled vae.): no LoRA loader applies a
+# LoRA to it (sd-scripts, A1111, ComfyUI, diffusers load UNet/DiT and text-encoder modules), and kohya's extract
+# leaves it out
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
 VERSION_KEYS = ("ss_base_model_version", "ss_v2")  # the header fields sd_scripts_metadata decides
 
 

@@ -207,3 +207,18 @@ def test_diffusers_reads_the_sdxl_extract_as_the_tuned_text_encoder(tmp_path):
             B, A = lora[f"{module}.lora_B.weight"], lora[f"{module}.lora_A.weight"]
             weight = weight + B @ A
         torch.testing.assert_close(weight, after[key], rtol=0, atol=2e-6, msg=key)
+
+
+def test_a_checkpoints_vae_is_left_out_unless_named(tmp_path):
+    """A checkpoint with another VAE baked in (first_stage_model.…): no LoRA loader applies a LoRA to the VAE and
+    kohya's extract leaves it out, so extract does too, naming it; --modules can still ask for it."""
+    vae = "first_stage_model.decoder.conv_in.weight"
+    shapes = {**SDXL_TEXT, vae: (4, 4, 3, 3)}
+    changes = {**K_AND_V, vae: (0, torch.full((4, 4, 3, 3), 0.1))}
+    base, tuned = pair(tmp_path, shapes, changes)
+    _, report = loraops.extract(base, tuned, rank=4)
+    assert [m.name.rpartition(".")[2] for m in report.modules] == ["k_proj", "v_proj", "out_proj"]
+    assert [(s.name, s.reason) for s in report.skipped] == [
+        (vae, "VAE: no LoRA loader applies it; --modules extracts it")]
+    _, report = loraops.extract(base, tuned, rank=4, modules=["conv_in"])
+    assert [m.name for m in report.modules] == ["first_stage_model.decoder.conv_in"]
