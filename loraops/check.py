@@ -315,6 +315,11 @@ _LANGUAGE_MODEL = [(r"^lm_head(?=\.|$)", "language_model.lm_head"),
                    (r"^model\.language_model\.", "language_model.model.")]
 _LANGUAGE_MODEL_BACK = [(r"^language_model\.lm_head(?=\.|$)", "lm_head"),
                         (r"^language_model\.model\.", "model.language_model.")]
+# Mixtral's per-expert weights (and PhiMoE's): experts.<e>.{gate,up,down}_proj ↔ experts.<e>.{w1,w3,w2}
+_EXPERT_WEIGHTS = [(r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"), (r"(\.experts\.\d+)\.up_proj(?=\.|$)", r"\1.w3"),
+                   (r"(\.experts\.\d+)\.down_proj(?=\.|$)", r"\1.w2")]
+_EXPERT_WEIGHTS_BACK = [(r"(\.experts\.\d+)\.w1(?=\.|$)", r"\1.gate_proj"), (r"(\.experts\.\d+)\.w3(?=\.|$)", r"\1.up_proj"),
+                        (r"(\.experts\.\d+)\.w2(?=\.|$)", r"\1.down_proj")]
 _TOWERS = r"(vision_tower|multi_modal_projector|image_tower|video_tower|vision_model|vision_embed_tokens|audio_tower)"
 
 
@@ -422,21 +427,15 @@ SAVED_LAYOUTS = [
     # Mixtral (and MiniMax): mlp.gate / mlp.experts.<e>.{gate,up,down}_proj ↔ block_sparse_moe.gate /
     # block_sparse_moe.experts.<e>.{w1,w3,w2} (the per-expert shares of fused experts, see formats.params)
     Layout.of("Mixtral's block_sparse_moe", "mixtral minimax minimax_m2",
-              [(r"\.mlp\.(?=gate(\.|$)|experts\.\d)", ".block_sparse_moe."),
-               (r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"), (r"(\.experts\.\d+)\.up_proj(?=\.|$)", r"\1.w3"),
-               (r"(\.experts\.\d+)\.down_proj(?=\.|$)", r"\1.w2")],
-              [(r"\.block_sparse_moe\.(?=gate(\.|$)|experts\.\d)", ".mlp."),
-               (r"(\.experts\.\d+)\.w1(?=\.|$)", r"\1.gate_proj"), (r"(\.experts\.\d+)\.w3(?=\.|$)", r"\1.up_proj"),
-               (r"(\.experts\.\d+)\.w2(?=\.|$)", r"\1.down_proj")]),
+              [(r"\.mlp\.(?=gate(\.|$)|experts\.\d)", ".block_sparse_moe."), *_EXPERT_WEIGHTS],
+              [(r"\.block_sparse_moe\.(?=gate(\.|$)|experts\.\d)", ".mlp."), *_EXPERT_WEIGHTS_BACK]),
     # PhiMoE: Mixtral's layout, its router renamed too (transformers' phimoe mapping: block_sparse_moe.gate ↔
     # mlp.router)
     Layout.of("PhiMoE's block_sparse_moe", "phimoe",
               [(r"\.mlp\.router(?=\.|$)", ".block_sparse_moe.gate"), (r"\.mlp\.(?=experts\.\d)", ".block_sparse_moe."),
-               (r"(\.experts\.\d+)\.gate_proj(?=\.|$)", r"\1.w1"), (r"(\.experts\.\d+)\.up_proj(?=\.|$)", r"\1.w3"),
-               (r"(\.experts\.\d+)\.down_proj(?=\.|$)", r"\1.w2")],
+               *_EXPERT_WEIGHTS],
               [(r"\.block_sparse_moe\.gate(?=\.|$)", ".mlp.router"), (r"\.block_sparse_moe\.(?=experts\.\d)", ".mlp."),
-               (r"(\.experts\.\d+)\.w1(?=\.|$)", r"\1.gate_proj"), (r"(\.experts\.\d+)\.w3(?=\.|$)", r"\1.up_proj"),
-               (r"(\.experts\.\d+)\.w2(?=\.|$)", r"\1.down_proj")]),
+               *_EXPERT_WEIGHTS_BACK]),
 ]
 
 

@@ -259,14 +259,14 @@ def _differs(base: BaseModel, tuned: BaseModel) -> tuple[dict[str, bool], dict[s
 
 def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = None,
          save_modules: Sequence[str] | None = None, dtype: "torch.dtype", labels: tuple[str, str],
-         keep_rounding: bool = False, parameters: bool = True) -> Plan:
+         keep_rounding: bool = False, parameters: bool = True, checkpoint: bool = False) -> Plan:
     """Which weights to factorize, which tensors to store whole, what is left out; every name asked for must match.
     Tensors that differ only by the rounding between the dtypes the two models store them in are left out (they
     are the same model saved in another dtype), unless ``keep_rounding``. ``parameters``: MoE routers as LoRAs on
-    their weight parameter (PEFT target_parameters), see _modules_of."""
+    their weight parameter (PEFT target_parameters), see _modules_of. ``checkpoint``: the base is a single-file
+    SD/FLUX checkpoint, whose VAE is left out unless --modules names it."""
     check_pair(base, tuned, labels)
     differs, within = _differs(base, tuned)
-    checkpoint = bool(ldm.diffusers_names(base.tensors))  # a single-file SD/FLUX checkpoint (its VAE left out)
     identical = sum(not d for d in differs.values())
     rounding = [] if keep_rounding else [
         ExtractSkippedRecord(name=n, reason=f"{base.tensors[n].dtype} → {tuned.tensors[n].dtype}", max_abs_diff=d)
@@ -358,12 +358,11 @@ def _left_out(kind: tuple[str, bool] | None, dims: int, vae: bool = False) -> st
     return "norm or bias" if dims < 2 else "not a module weight"
 
 
-def _layout(base: BaseModel, fmt: str | None, save_modules: Sequence[str] | None, label: str) -> str:
+def _layout(checkpoint: bool, fmt: str | None, save_modules: Sequence[str] | None, label: str) -> str:
     """The layout the adapter is for: ``fmt``, by default kohya for a single-file SD/SDXL/FLUX/SD3 checkpoint and
     peft for any other model. PEFT is refused for such a checkpoint: its module paths (LDM's input_blocks…, OpenCLIP's
     resblocks, whose q/k/v are rows of one in_proj_weight) are no model's that PEFT loads; kohya names are
     sd-scripts', which A1111, ComfyUI, sd-scripts and diffusers load. A kohya file holds no whole tensors."""
-    checkpoint = bool(ldm.diffusers_names(base.tensors))
     fmt = fmt or ("kohya" if checkpoint else "peft")
     if checkpoint and fmt != "kohya":
         raise InvalidInputError(f"--format {fmt}: {label} is a single-file SD/FLUX checkpoint, whose module paths no "
@@ -425,10 +424,11 @@ def extract_lazily(
     base, tuned = _open(base), _open(tuned)
     base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings
     labels = labels or (str(base.path), str(tuned.path))
-    fmt = _layout(base, fmt, save_modules, labels[0])
+    checkpoint = bool(ldm.diffusers_names(base.tensors))  # a single-file SD/FLUX checkpoint
+    fmt = _layout(checkpoint, fmt, save_modules, labels[0])
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
     work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels,
-                keep_rounding=keep_rounding, parameters=fmt != "kohya")
+                keep_rounding=keep_rounding, parameters=fmt != "kohya", checkpoint=checkpoint)
     made = {*work.saved, *(m.weight_name for m in work.targets.values())}
     untied = {h: e for h, e in (base.heads if isinstance(base, _Untying) else {}).items() if h in made}
     if untied and fmt == "kohya":  # (--save-module is refused for kohya before)
