@@ -52,9 +52,11 @@ if TYPE_CHECKING:
     from .algebra import Derivation
 
 EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
-                                 "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight")
+                                 "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight",
+                                 "relative_attention_bias.weight")
 """Weights of nn.Embedding layers, by name (a safetensors file does not say which 2-D weight is a lookup table):
-the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP and OPT."""
+the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP, OPT and T5 (its
+relative position buckets: SD3's and FLUX's T5-XXL)."""
 SHOWN = 3
 PRECISION = {"F64": (52, -1022), "F32": (23, -126), "F16": (10, -14), "BF16": (7, -126)}
 """(mantissa bits, smallest normal exponent) of each float dtype: its spacing (ulp) at x is

@@ -2,10 +2,12 @@
 FLUX.1's and SD3's — seen under diffusers names.
 
 LoRAs name modules the diffusers way: sd-scripts builds SD 1.x/2.x UNets with diffusers block names
-(``lora_unet_down_blocks_0_attentions_0_…``) and every text encoder as transformers' CLIP; diffusers-trained LoRAs
+(``lora_unet_down_blocks_0_attentions_0_…``) and every text encoder as the transformers model it loads it into; diffusers-trained LoRAs
 use ``unet.down_blocks.0.…``. A single-file checkpoint names the same UNet modules ``input_blocks.1.1.…`` and keeps
-the OpenCLIP text encoders (SD 2.x, SDXL's second) in OpenCLIP's layout. This module gives every checkpoint module its
-diffusers path, so both name styles bind to either kind of base, and names bound modules back as sd-scripts does:
+the OpenCLIP text encoders (SD 2.x, SDXL's second, the SDXL refiner's) in OpenCLIP's layout; SD3's three (and a
+ComfyUI FLUX checkpoint's) are saved under transformers' names behind ``text_encoders.<clip_l|clip_g|t5xxl>.
+transformer.`` (TEXT_ENCODERS). This module gives every checkpoint module its diffusers path, so both name styles
+bind to either kind of base, and names bound modules back as sd-scripts does:
 
     diffusers_names(tensors) -> {diffusers module path: checkpoint module path}     (binding LoRAs to a checkpoint)
     fused_target(module, manifest) -> (tensor, first row, rows, all rows) | None  (q/k/v inside a fused tensor)
@@ -47,16 +49,50 @@ UNET_TOP = {
     "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
 }
 BLOCK_RE = re.compile(r"^(?P<kind>input_blocks|output_blocks|middle_block)\.(?P<n>\d+)\.(?:(?P<m>\d+)\.)?(?P<rest>.+)$")
-# checkpoint prefix of a CLIP text encoder saved with transformers' names → its diffusers component
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A text encoder inside a single-file checkpoint: where its tensors are, and what diffusers and sd-scripts call
+    it."""
+
+    prefix: str
+    """Its tensors' prefix in the checkpoint."""
+    component: str
+    """Its diffusers pipeline component (text_encoder, text_encoder_2, text_encoder_3)."""
+    sd_scripts: str
+    """The component sd-scripts names its modules by: text_encoder (lora_te_), text_encoder_1 (lora_te1_: SDXL's
+    first, even alone; SD3's and FLUX's CLIP-L), text_encoder_2 (lora_te2_), text_encoder_3 (lora_te3_: the T5)."""
+    open_clip: bool = False
+    """Saved in OpenCLIP's layout (transformer.resblocks.N.…, q, k and v fused in attn.in_proj_weight), which
+    diffusers and sd-scripts load as transformers' CLIPTextModel; otherwise saved with transformers' names."""
+
+    def path(self, module: str) -> str | None:
+        """The module's path inside its transformers model (None: an OpenCLIP module LoRAs do not target)."""
+        rest = module[len(self.prefix):]
+        return open_clip_path(rest) if self.open_clip else rest
+
+
 TEXT_ENCODERS = (
-    ("cond_stage_model.transformer.", "text_encoder"),  # SD 1.x
-    ("conditioner.embedders.0.transformer.", "text_encoder"),  # SDXL's first (CLIP ViT-L)
+    TextEncoder("cond_stage_model.transformer.", "text_encoder", "text_encoder"),  # SD 1.x (CLIP ViT-L)
+    TextEncoder("cond_stage_model.model.", "text_encoder", "text_encoder", open_clip=True),  # SD 2.x (OpenCLIP ViT-H)
+    TextEncoder("conditioner.embedders.0.transformer.", "text_encoder", "text_encoder_1"),  # SDXL's first (CLIP ViT-L)
+    TextEncoder("conditioner.embedders.1.model.", "text_encoder_2", "text_encoder_2", open_clip=True),  # SDXL's bigG
+    # the SDXL refiner's only encoder, OpenCLIP bigG: its diffusers pipeline has it as text_encoder_2 alone
+    TextEncoder("conditioner.embedders.0.model.", "text_encoder_2", "text_encoder_2", open_clip=True),
+    # SD3's three (and the CLIP-L and T5 of a FLUX checkpoint ComfyUI saved), as sd-scripts' lora_sd3.py and
+    # lora_flux.py name them: lora_te1_ CLIP-L, lora_te2_ CLIP-G, lora_te3_ T5-XXL, each by its transformers path
+    TextEncoder("text_encoders.clip_l.transformer.", "text_encoder", "text_encoder_1"),
+    TextEncoder("text_encoders.clip_g.transformer.", "text_encoder_2", "text_encoder_2"),
+    TextEncoder("text_encoders.t5xxl.transformer.", "text_encoder_3", "text_encoder_3"),
 )
-# checkpoint prefix of an OpenCLIP text encoder → its diffusers component (named as transformers' CLIPTextModel)
-OPEN_CLIP = (
-    ("cond_stage_model.model.", "text_encoder"),  # SD 2.x (OpenCLIP ViT-H)
-    ("conditioner.embedders.1.model.", "text_encoder_2"),  # SDXL's second (OpenCLIP ViT-bigG)
-)
+
+
+def text_encoder(module: str) -> TextEncoder | None:
+    """The text encoder a checkpoint module (or tensor) path is in, or None."""
+    return next((encoder for encoder in TEXT_ENCODERS if module.startswith(encoder.prefix)), None)
+
+
 OPEN_CLIP_LAYER_RE = re.compile(r"^transformer\.resblocks\.(?P<layer>\d+)\.(?P<rest>.+)$")
 OPEN_CLIP_MODULES = {
     "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
@@ -185,7 +221,8 @@ class Fused:
 
 QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
 FUSED = (
-    Fused(re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
+    Fused(re.compile("^(?:" + "|".join(re.escape(e.prefix) for e in TEXT_ENCODERS if e.open_clip)
+                     + r")transformer\.resblocks\.\d+\.attn$"),
           ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds, whole=True),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
@@ -325,14 +362,9 @@ def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | N
     if module.startswith(UNET_PREFIX):
         path = unet_path(module[len(UNET_PREFIX):])
         return None if path is None else f"unet.{path}"
-    for prefix, component in TEXT_ENCODERS:
-        if module.startswith(prefix):
-            return f"{component}.{module[len(prefix):]}"
-    for prefix, component in OPEN_CLIP:
-        if module.startswith(prefix):
-            path = open_clip_path(module[len(prefix):])
-            return None if path is None else f"{component}.{path}"
-    return None
+    encoder = text_encoder(module)
+    path = None if encoder is None else encoder.path(module)
+    return None if path is None else f"{encoder.component}.{path}"
 
 
 def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:
@@ -348,18 +380,22 @@ def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:
 def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     """(diffusers component, path) that sd-scripts names a checkpoint module by, or None outside the parts
     translated. sd-scripts builds SD 1.x/2.x UNets with diffusers block names but SDXL's with the original ones
-    (``lora_unet_input_blocks_4_1_…``), calls SDXL's first text encoder ``lora_te1`` even alone, and names FLUX.1 and
-    SD3 modules by their original paths (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_img_in``, also
-    behind ComfyUI's ``model.diffusion_model.``; a part of a fused tensor has no sd-scripts name and keeps its
-    checkpoint path)."""
+    (``lora_unet_input_blocks_4_1_…``), names text encoders as TEXT_ENCODERS says (SDXL's first ``lora_te1`` even
+    alone, SD3's ``lora_te1``/``lora_te2``/``lora_te3``), and FLUX.1 and SD3 modules by their original paths
+    (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_img_in``, also behind ComfyUI's
+    ``model.diffusion_model.``; a part of a fused tensor has no sd-scripts name and keeps its checkpoint path)."""
     path = module.removeprefix(UNET_PREFIX)
     if (sdxl and module.startswith(UNET_PREFIX)) or in_dit_block(module):
         return "unet", path
+    encoder = text_encoder(module)
+    if encoder is not None:
+        path = encoder.path(module)
+        return None if path is None else (encoder.sd_scripts, path)
     name = diffusers_name(module)
     if name is None:  # behind the UNet's prefix and no SD UNet module: a DiT's embedders and final layer
         return ("unet", path) if module.startswith(UNET_PREFIX) else None
     component, path = name.split(".", 1)
-    return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path
+    return component, path
 
 
 # a single-file checkpoint's VAE (the LDM/SGM first_stage_model, ComfyUI's bundled vae.): no LoRA loader applies a

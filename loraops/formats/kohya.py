@@ -47,13 +47,17 @@ def kohya_name(module_path: str, component: str | None = None) -> str:
     """The kohya name of a module: ``kohya_name("down_blocks.0.attentions.0.proj_in", "unet")`` →
     ``lora_unet_down_blocks_0_attentions_0_proj_in``; ``kohya_name("model.layers.0.self_attn.q_proj")`` →
     ``lora_unet_model_layers_0_self_attn_q_proj``. ``component`` "text_encoder_1" gives SDXL's ``lora_te1_``."""
+    return f"{kohya_prefix(component)}_{module_path.replace('.', '_')}"
+
+
+def kohya_prefix(component: str | None) -> str:
+    """The kohya prefix of a diffusers component (None: a plain model); "text_encoder_1" is ``lora_te1``, the name
+    sd-scripts gives a first text encoder that has others (SDXL's, SD3's CLIP-L) even when it is named alone."""
     if component == "text_encoder_1":
-        prefix = "lora_te1"
-    elif component in KOHYA_PREFIXES:
-        prefix = KOHYA_PREFIXES[component]
-    else:
-        raise InvalidInputError(f"no kohya prefix for component {component!r} (known: {sorted(filter(None, KOHYA_PREFIXES))})")
-    return f"{prefix}_{module_path.replace('.', '_')}"
+        return "lora_te1"
+    if component in KOHYA_PREFIXES:
+        return KOHYA_PREFIXES[component]
+    raise InvalidInputError(f"no kohya prefix for component {component!r} (known: {sorted(filter(None, KOHYA_PREFIXES))})")
 
 
 def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped: bool = False) -> Adapter:

@@ -1,0 +1,125 @@
+"""sd-scripts' names and header of what extract makes of single-file SD3 / SDXL / SD 2.x / FLUX checkpoints.
+
+The reference for names is sd-scripts' own rule, run here on the transformers models it loads the text encoders
+into (networks/lora_sd3.py, lora_flux.py: every nn.Linear inside a CLIPAttention, CLIPMLP, T5Attention or
+T5DenseGatedActDense, named ``<prefix>_<path in the model with _>``, prefix lora_te1 CLIP-L, lora_te2 CLIP-G,
+lora_te3 T5-XXL); the checkpoints hold those models' own tensors behind SD3's prefixes
+(``text_encoders.clip_l.transformer.``…), as sd-scripts' sd3_utils.py and diffusers' single-file loader read them.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_extract import run
+from test_ldm import sd3_heights
+
+TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")  # lora_sd3.py
+
+
+def sd_scripts_names(prefix, model):
+    """{kohya name: the Linear's path in ``model``}, as sd-scripts' LoRANetwork.create_modules names them."""
+    names = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ in TARGETS:
+            for child, linear in module.named_modules():
+                if type(linear).__name__ == "Linear":
+                    names[f"{prefix}.{name}.{child}".replace(".", "_")] = f"{name}.{child}"
+    return names
+
+
+def sd3_text_encoders():
+    """SD3's three text encoders, tiny and seeded: {checkpoint prefix: (sd-scripts prefix, model)}."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = dict(intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=32,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return {
+        "text_encoders.clip_l.transformer.": ("lora_te1", CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=8, projection_dim=8, **clip))),
+        "text_encoders.clip_g.transformer.": ("lora_te2", CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=12, projection_dim=12, **clip))),
+        "text_encoders.t5xxl.transformer.": ("lora_te3", T5EncoderModel(T5Config(
+            d_model=8, d_kv=4, d_ff=16, num_layers=2, num_heads=2, vocab_size=32, feed_forward_proj="gated-gelu"))),
+    }
+
+
+def test_sd3_text_encoders_get_sd_scripts_names_and_merge_back(tmp_path):
+    """An SD3 checkpoint (ComfyUI's layout: MMDiT behind model.diffusion_model.) whose text encoders and one joint
+    block changed: every text-encoder Linear is one module named as sd-scripts names it (lora_te1_/lora_te2_/
+    lora_te3_, not lora_unet_text_encoders_…), its up·down the change of the tensor sd-scripts' name says; T5's
+    relative_attention_bias, an nn.Embedding, is left out as embeddings are; merged back (the kohya file bound to
+    the checkpoint again), the tuned tensors."""
+    encoders = sd3_text_encoders()
+    base = {f"model.diffusion_model.{m}.weight": torch.randn(h, 8) for m, h in sd3_heights().items()}
+    reference = {}  # kohya name → checkpoint tensor
+    for prefix, (kohya, model) in encoders.items():
+        base.update({prefix + k: v.detach().clone() for k, v in model.state_dict().items()})
+        reference.update({name: f"{prefix}{path}.weight" for name, path in sd_scripts_names(kohya, model).items()})
+    del base["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"]  # saved once, as shared.weight
+    g = torch.Generator().manual_seed(1)
+    qkv = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
+    bias = "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    tuned = {k: v.clone() for k, v in base.items()}
+    for name in [*reference.values(), qkv, bias]:
+        tuned[name] += 0.1 * torch.randn(tuned[name].shape, generator=g)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+
+    code, out = run("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "tuned.safetensors",
+                    "--rank", "16", "-o", tmp_path / "x.safetensors", "--json")
+    assert code == 0, out
+    assert [(s["name"], s["reason"]) for s in json.loads(out)["report"]["skipped"]] == [(bias, "embedding")]
+    lora = load_file(tmp_path / "x.safetensors")
+    written = {k.removesuffix(".lora_up.weight") for k in lora if k.endswith(".lora_up.weight")}
+    assert written == {*reference, "lora_unet_joint_blocks_0_x_block_attn_qkv"}
+    for name, tensor in reference.items():
+        delta = lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"]  # alpha = rank: scale 1
+        torch.testing.assert_close(delta, tuned[tensor] - base[tensor], rtol=0, atol=2e-6, msg=name)
+
+    code, out = run("merge", tmp_path / "x.safetensors", "--into", tmp_path / "base.safetensors",
+                    "-o", tmp_path / "m.safetensors", "--no-record")
+    assert code == 0 and f"{len(reference) + 1} tensors merged" in out, out
+    merged = load_file(tmp_path / "m.safetensors")
+    for name in [*reference.values(), qkv]:
+        torch.testing.assert_close(merged[name], tuned[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_the_sdxl_refiners_openclip_is_split_and_named_as_text_encoder_2(tmp_path):
+    """The SDXL refiner keeps its only text encoder, OpenCLIP bigG, under conditioner.embedders.0.model.: its
+    in_proj_weight is q, k, v as SDXL's second encoder's is (a module each), named lora_te2_ (its diffusers pipeline
+    calls it text_encoder_2, which diffusers' kohya loader gives lora_te2_), and merged back into its rows."""
+    from test_extract_fused import K_AND_V, kohya_modules, pair
+    from test_ldm import SDXL_TEXT
+
+    refiner = "conditioner.embedders.0.model."
+    base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V, prefix=refiner)
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "16", "-o", tmp_path / "x.safetensors")
+    assert code == 0, out
+    assert kohya_modules(tmp_path / "x.safetensors") == [
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj", "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
+        "lora_te2_text_model_encoder_layers_0_self_attn_v_proj"]
+    code, out = run("merge", tmp_path / "x.safetensors", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
+    assert code == 0, out
+    merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
+    for name in want:
+        torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_sd3_text_encoder_files_written_before_still_bind(tmp_path):
+    """A kohya file extract wrote before (text encoders as lora_unet_text_encoders_clip_l_transformer_…) still binds
+    to the SD3 checkpoint, beside sd-scripts' lora_te1_ names for the same module."""
+    import factories
+    from loraops import check, formats
+
+    encoders = sd3_text_encoders()
+    prefix, (_, model) = next(iter(encoders.items()))
+    manifest = {prefix + k: v for k, v in model.state_dict().items()}
+    path = "text_model_encoder_layers_0_self_attn_q_proj"
+    for name in (f"lora_te1_{path}", f"lora_unet_text_encoders_clip_l_transformer_{path}"):
+        lora = factories.kohya_file(tmp_path / f"{name}.safetensors", {name: ((8,), (8,))})
+        bound = check.bind(formats.read_adapter(lora), manifest)
+        assert list(bound.modules) == [f"{prefix}text_model.encoder.layers.0.self_attn.q_proj"], name
