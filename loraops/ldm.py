@@ -407,11 +407,17 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 VERSION_KEYS = ("ss_base_model_version", "ss_v2")  # the header fields sd_scripts_metadata decides
 
 
+# SDXL's UNet (base and refiner) by its structure: the size/crop embedding (diffusers' add_embedding), which SD 1.x/2.x
+# UNets do not have (SD 2.x unCLIP's class embedding has this name too, but its checkpoint keeps its text encoder)
+SDXL_UNET_MARK = UNET_PREFIX + "label_emb."
+
+
 def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
     """The header fields sd-scripts' extract_lora_from_models.py and flux_extract_lora.py write that a single-file
     checkpoint's tensors decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way,
-    input_blocks…, even when no text-encoder module says SDXL), SD 1.x's, FLUX.1's (flux1), and SD 2.x's ss_v2 (its
-    version string also says whether it is v-parameterized, which the tensors do not)."""
+    input_blocks…, even when no text-encoder module says SDXL; known by its text encoders or, for a UNet alone, by
+    SDXL_UNET_MARK), SD 1.x's, FLUX.1's (flux1), and SD 2.x's ss_v2 (its version string also says whether it is
+    v-parameterized, which the tensors do not)."""
     names = list(tensors)
     if any(FLUX_MARK.match(n) for n in names):
         return {"ss_base_model_version": "flux1"}
@@ -421,6 +427,8 @@ def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
         return {"ss_v2": "True"}
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
         return {"ss_base_model_version": "sd_v1"}
+    if any(n.startswith(SDXL_UNET_MARK) for n in names):
+        return {"ss_base_model_version": "sdxl_base_v1-0"}
     return {}
 
 

@@ -123,3 +123,52 @@ def test_sd3_text_encoder_files_written_before_still_bind(tmp_path):
         lora = factories.kohya_file(tmp_path / f"{name}.safetensors", {name: ((8,), (8,))})
         bound = check.bind(formats.read_adapter(lora), manifest)
         assert list(bound.modules) == [f"{prefix}text_model.encoder.layers.0.self_attn.q_proj"], name
+
+
+def unet_checkpoint(layout):
+    """A tiny diffusers UNet of ``layout`` (test_ldm.SD15 / SDXL) as a single-file checkpoint holding the UNet alone,
+    under the original names diffusers' conversion table gives it."""
+    from test_ldm import diffusers_unet, reference_checkpoint_name, reference_table
+
+    torch.manual_seed(0)
+    unet, _ = diffusers_unet(layout)
+    table = reference_table(**layout)
+    out = {}
+    for key, value in unet.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        out[f"model.diffusion_model.{reference_checkpoint_name(module, table)}.{leaf}"] = value.detach().clone()
+    return out
+
+
+def test_an_sdxl_checkpoint_of_the_unet_alone_gets_sdxl_names_and_header(tmp_path):
+    """SDXL is known by its UNet's structure (label_emb: the size/crop embedding SD 1.x/2.x lack), not by its text
+    encoders: a checkpoint of the UNet alone got SD 1.x names (lora_unet_down_blocks_1_attentions_0_proj_in) and no
+    ss_base_model_version; sd-scripts names SDXL's UNet by the checkpoint's own paths. An SD 1.x UNet alone keeps
+    diffusers block names."""
+    from test_ldm import SD15, SDXL
+
+    from loraops.st import read_header
+
+    changed = {"sdxl": ["input_blocks.4.1.proj_in", "label_emb.0.0", "output_blocks.2.2.conv"],
+               "sd15": ["input_blocks.1.1.proj_in", "output_blocks.11.1.transformer_blocks.0.attn2.to_k"]}
+    for layout, id_ in ((SDXL, "sdxl"), (SD15, "sd15")):
+        base = unet_checkpoint(layout)
+        tuned = {k: v.clone() for k, v in base.items()}
+        g = torch.Generator().manual_seed(2)
+        for module in changed[id_]:
+            tensor = f"model.diffusion_model.{module}.weight"
+            tuned[tensor] += 0.1 * torch.randn(tuned[tensor].shape, generator=g)
+        save_file(base, str(tmp_path / f"{id_}.safetensors"))
+        save_file(tuned, str(tmp_path / f"{id_}-ft.safetensors"))
+        code, out = run("extract", "--base", tmp_path / f"{id_}.safetensors", "--tuned", tmp_path / f"{id_}-ft.safetensors",
+                        "--rank", "2", "-o", tmp_path / f"{id_}-x.safetensors")
+        assert code == 0, out
+        header = read_header(tmp_path / f"{id_}-x.safetensors")
+        names = sorted(k.removesuffix(".lora_up.weight") for k in header.tensors if k.endswith(".lora_up.weight"))
+        if id_ == "sdxl":
+            assert names == sorted(f"lora_unet_{m.replace('.', '_')}" for m in changed[id_])
+            assert header.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+        else:
+            assert names == ["lora_unet_down_blocks_0_attentions_0_proj_in",
+                             "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k"]
+            assert header.metadata["ss_base_model_version"] == ""  # SD 1.x or 2.x: its UNet alone does not say
