@@ -146,10 +146,8 @@ DIT_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks|joint_blocks)\
 DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
 FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
-DIT_MARKS = (
-    (FLUX_MARK, FLUX_TOP),
-    (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"), SD3_TOP),
-)
+SD3_MARK = re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$")
+DIT_MARKS = ((FLUX_MARK, FLUX_TOP), (SD3_MARK, SD3_TOP))
 
 
 # transformers 5 saves a CLIP text encoder without its "text_model." level (encoder.layers.0.…), transformers 4 —
@@ -404,27 +402,30 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 
-VERSION_KEYS = ("ss_base_model_version", "ss_v2")  # the header fields sd_scripts_metadata decides
-
-
+# the header fields sd_scripts_metadata decides
+VERSION_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module")
 # SDXL's UNet (base and refiner) by its structure: the size/crop embedding (diffusers' add_embedding), which SD 1.x/2.x
 # UNets do not have (SD 2.x unCLIP's class embedding has this name too, but its checkpoint keeps its text encoder)
 SDXL_UNET_MARK = UNET_PREFIX + "label_emb."
 
 
 def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
-    """The header fields sd-scripts' extract_lora_from_models.py and flux_extract_lora.py write that a single-file
-    checkpoint's tensors decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way,
-    input_blocks…, even when no text-encoder module says SDXL; known by its text encoders or, for a UNet alone, by
-    SDXL_UNET_MARK), SD 1.x's, FLUX.1's (flux1), and SD 2.x's ss_v2 (its version string also says whether it is
-    v-parameterized, which the tensors do not)."""
+    """The header fields sd-scripts writes that a single-file checkpoint's tensors decide, as its
+    extract_lora_from_models.py and flux_extract_lora.py write them: ss_base_model_version — SDXL's (by which the
+    kohya writer names its UNet the SDXL way, input_blocks…, even when no text-encoder module says SDXL; known by its
+    text encoders or, for a UNet alone, by SDXL_UNET_MARK), SD 1.x's, SD 2.x's ``sd_v2_v`` with ss_v2 (the tensors do
+    not say whether it is v-parameterized; sd-scripts' extract takes --v_parameterization to default to --v2),
+    FLUX.1's ``flux1``; and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as its
+    lora_sd3.py; SD3's version string, the MMDiT's model type, is not read off the tensors)."""
     names = list(tensors)
     if any(FLUX_MARK.match(n) for n in names):
-        return {"ss_base_model_version": "flux1"}
+        return {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+    if any(SD3_MARK.match(n) for n in names):
+        return {"ss_network_module": "networks.lora_sd3"}
     if any(n.startswith("conditioner.embedders.") for n in names):
         return {"ss_base_model_version": "sdxl_base_v1-0"}
     if any(n.startswith("cond_stage_model.model.") for n in names):
-        return {"ss_v2": "True"}
+        return {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
         return {"ss_base_model_version": "sd_v1"}
     if any(n.startswith(SDXL_UNET_MARK) for n in names):
@@ -435,5 +436,8 @@ def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
 def versioned(metadata: dict[str, str], tensors: Iterable[str]) -> dict[str, str]:
     """``metadata`` of an adapter bound to a base of ``tensors``, with the fields sd_scripts_metadata gives for that
     base where it has none (a diffusers file; a kohya file of a trainer that writes no ss_* header): the kohya writer
-    names SDXL's UNet by them."""
-    return {**metadata, **{k: v for k, v in sd_scripts_metadata(tensors).items() if not metadata.get(k)}}
+    names SDXL's UNet by them. The base's network module replaces the adapter's own: what the kohya writer writes is
+    sd-scripts' plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that
+    loraops wrote for FLUX before)."""
+    base = sd_scripts_metadata(tensors)
+    return {**metadata, **{k: v for k, v in base.items() if k == "ss_network_module" or not metadata.get(k)}}

@@ -172,3 +172,59 @@ def test_an_sdxl_checkpoint_of_the_unet_alone_gets_sdxl_names_and_header(tmp_pat
             assert names == ["lora_unet_down_blocks_0_attentions_0_proj_in",
                              "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k"]
             assert header.metadata["ss_base_model_version"] == ""  # SD 1.x or 2.x: its UNet alone does not say
+
+
+def test_sd2_header_is_sd_scripts_extracts_default_sd_v2_v(tmp_path):
+    """sd-scripts' extract_lora_from_models.py --v2 writes ss_base_model_version from
+    model_util.get_model_version_str_for_sd1_sd2(v2, v_parameterization), v_parameterization defaulting to v2:
+    ``sd_v2_v`` with ss_v2 True (was empty)."""
+    from test_extract_fused import K_AND_V, pair
+    from test_ldm import SDXL_TEXT
+
+    from loraops.st import read_header
+
+    base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V, prefix="cond_stage_model.model.")
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "x.safetensors")
+    assert code == 0, out
+    metadata = read_header(tmp_path / "x.safetensors").metadata
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"], metadata["ss_network_module"]) == (
+        "sd_v2_v", "True", "networks.lora")
+
+
+def test_flux_and_sd3_files_name_sd_scripts_network_module(tmp_path):
+    """sd-scripts writes ss_network_module networks.lora_flux for FLUX (flux_extract_lora.py, lora_flux.py) and
+    networks.lora_sd3 for SD3 (lora_sd3.py), not networks.lora: extract does, and so does every kohya file of an
+    adapter bound to such a base — one whose header says networks.lora (as loraops wrote FLUX files before) or
+    LyCORIS' network, exported, and a combine of the two."""
+    from test_extract_fused import low_rank, pair
+    from test_ldm import FLUX
+
+    import factories
+    from loraops.st import read_header
+
+    sd3 = {f"model.diffusion_model.{m}.weight": (h, 8) for m, h in sd3_heights().items()}
+    for name, shapes, tensor, network in (
+            ("flux", FLUX, "double_blocks.0.img_attn.qkv.weight", "networks.lora_flux"),
+            ("sd3", sd3, "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "networks.lora_sd3")):
+        folder = tmp_path / name
+        folder.mkdir()
+        base, tuned = pair(folder, shapes, {tensor: (0, low_rank(shapes[tensor][0], shapes[tensor][1], 2, 5))})
+        assert run("base", "add", base, "--name", name)[0] == 0
+        code, out = run("extract", "--base", name, "--tuned", tuned, "--rank", "2", "-o", folder / "x.safetensors")
+        assert code == 0, out
+        assert read_header(folder / "x.safetensors").metadata["ss_network_module"] == network, name
+
+    for name, module in (("old", "networks.lora"), ("lyco", "lycoris.kohya")):
+        factories.kohya_file(tmp_path / f"{name}.safetensors", {"lora_unet_double_blocks_0_img_attn_proj": ((16,), (16,))},
+                             metadata={"ss_network_module": module, "ss_base_model_version": "flux1"})
+        code, out = run("register", tmp_path / f"{name}.safetensors", "--name", name, "--base", "flux")
+        assert code == 0, out
+        assert run("export", name, "--format", "kohya", "-o", tmp_path / f"{name}-k.safetensors")[0] == 0
+        assert read_header(tmp_path / f"{name}-k.safetensors").metadata["ss_network_module"] == "networks.lora_flux"
+    assert run("combine", "old", "lyco", "--method", "cat", "-o", tmp_path / "c.safetensors")[0] == 0
+    assert read_header(tmp_path / "c.safetensors").metadata["ss_network_module"] == "networks.lora_flux"
+    # read unbound, a file keeps the sd-scripts network it names (LyCORIS' is none: a plain LoRA is written)
+    for name, network in (("x", "networks.lora_flux"), ("lyco", "networks.lora")):
+        source = tmp_path / "flux" / "x.safetensors" if name == "x" else tmp_path / "lyco.safetensors"
+        assert run("export", source, "--format", "kohya", "-o", tmp_path / f"{name}-unbound.safetensors")[0] == 0
+        assert read_header(tmp_path / f"{name}-unbound.safetensors").metadata["ss_network_module"] == network

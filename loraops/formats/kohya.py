@@ -34,6 +34,9 @@ KOHYA_PREFIXES = {
 }
 # the parts of a diffusers pipeline base whose module names begin with their component
 PIPELINE_COMPONENTS = ("unet", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
+# sd-scripts' plain LoRA networks (SD 1.x/2.x/XL, FLUX.1, SD3): the ss_network_module a written file says, by the
+# adapter's metadata (a bound adapter's is its base's: ldm.versioned); any other (LyCORIS') is networks.lora
+NETWORK_MODULES = ("networks.lora", "networks.lora_flux", "networks.lora_sd3")
 HASH_KEY = "sshs_model_hash"
 
 
@@ -273,7 +276,8 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             ranks.add(module.rank)
             alphas.add(alpha)
         metadata = {
-            "ss_network_module": "networks.lora",
+            "ss_network_module": network if (network := adapter.metadata.get("ss_network_module")) in NETWORK_MODULES
+            else "networks.lora",
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
             "ss_network_args": json.dumps(conv_args),
