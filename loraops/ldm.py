@@ -199,6 +199,10 @@ class Fused:
     a LoRA on its parts is written to kohya joined. Otherwise (OpenCLIP's in_proj_weight, a parameter of
     nn.MultiheadAttention; DINOv2's weights_in, which transformers 5 splits on load) the parts are the modules LoRA
     trainers see: extract makes one module of each."""
+    peft: bool = True
+    """A LoRA on a part can be written as PEFT. Not on OpenCLIP's q, k, v: rows of nn.MultiheadAttention's
+    in_proj_weight, a parameter, so no model PEFT wraps has a module of that path (transformers' CLIPTextModel,
+    which has them, names them text_model.encoder.layers.N.self_attn.q_proj: the diffusers and kohya names)."""
 
     def owner_of(self, tensor: str) -> str | None:
         """The owner's path when ``tensor`` is one of these, else None."""
@@ -221,7 +225,7 @@ QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_pro
 FUSED = (
     Fused(re.compile("^(?:" + "|".join(re.escape(e.prefix) for e in TEXT_ENCODERS if e.open_clip)
                      + r")transformer\.resblocks\.\d+\.attn$"),
-          ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
+          ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds, peft=False),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds, whole=True),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
     Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True),

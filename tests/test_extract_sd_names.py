@@ -228,3 +228,64 @@ def test_flux_and_sd3_files_name_sd_scripts_network_module(tmp_path):
         source = tmp_path / "flux" / "x.safetensors" if name == "x" else tmp_path / "lyco.safetensors"
         assert run("export", source, "--format", "kohya", "-o", tmp_path / f"{name}-unbound.safetensors")[0] == 0
         assert read_header(tmp_path / f"{name}-unbound.safetensors").metadata["ss_network_module"] == network
+
+
+def test_peft_is_refused_for_openclip_parts_alone_and_by_every_command_that_writes(tmp_path):
+    """PEFT names modules, and OpenCLIP's q/k/v are rows of one in_proj_weight, a module of no model PEFT wraps: an
+    adapter holding them is refused as PEFT by export, resize, combine and extract alike, in one line naming them
+    (before, extract refused PEFT for every single-file checkpoint and the others wrote it). Anything else of such a
+    checkpoint (LDM UNet paths, CLIP's own modules, OpenCLIP's out_proj and MLP) is written as PEFT, and reads back
+    bound to the checkpoint as the same deltas. A combine of kohya inputs stays kohya without --format."""
+    import factories
+    from test_extract_fused import low_rank, pair
+    from test_ldm import KOHYA_SDXL_TEXT, SDXL_TEXT, checkpoint
+
+    from loraops import check, formats
+    from loraops.registry import Registry
+
+    base = checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT)
+    assert run("base", "add", base, "--name", "sdxl")[0] == 0
+    parts = {k: v for k, v in KOHYA_SDXL_TEXT.items() if k.endswith(("_q_proj", "_v_proj")) and "lora_te2" in k}
+    plain = {k: v for k, v in KOHYA_SDXL_TEXT.items() if k not in parts}
+    for name, modules in (("parts", KOHYA_SDXL_TEXT), ("parts2", KOHYA_SDXL_TEXT), ("plain", plain)):
+        lora = factories.kohya_file(tmp_path / f"{name}.safetensors", modules, seed=len(name))
+        assert run("register", lora, "--name", name, "--base", "sdxl")[0] == 0
+    te2 = "conditioner.embedders.1.model.transformer.resblocks.0.attn"
+    refused = (f"{te2}.q_proj, {te2}.v_proj: rows of a fused tensor ({te2}.in_proj_weight) that no model PEFT wraps "
+               "holds as a module, so it cannot be written as peft: use --format kohya\n")
+    commands = {"export": ["export", "{}", "--format", "peft", "-o", tmp_path / "{}-export"],
+                "resize": ["resize", "{}", "--rank", "2", "--format", "peft", "-o", tmp_path / "{}-resize"],
+                "combine": ["combine", "{}", "{}", "--method", "cat", "--format", "peft", "-o", tmp_path / "{}-combine"]}
+    with Registry.open() as reg:
+        before = len(reg.list_adapters())
+    for command, args in commands.items():
+        code, out = run(*(str(a).replace("{}", "parts") for a in args))
+        assert (code, out) == (2, f"error: parts@1: {refused}"), command
+        assert not (tmp_path / f"parts-{command}").exists()
+        code, out = run(*(str(a).replace("{}", "plain") for a in args))
+        assert code == 0, (command, out)
+        written = formats.read_adapter(tmp_path / f"plain-{command}")
+        assert written.format == "peft" and all(not n.startswith("lora_") for n in written.modules), command
+    with Registry.open() as reg:
+        assert len(reg.list_adapters()) == before + 2  # plain's resize and combine
+    manifest = load_file(base)
+    exported = check.bind(formats.read_adapter(tmp_path / "plain-export"), manifest)
+    source = check.bind(formats.read_adapter(tmp_path / "plain.safetensors"), manifest)
+    assert sorted(exported.modules) == sorted(source.modules)
+    for name, module in source.modules.items():
+        torch.testing.assert_close(exported.modules[name].delta(), module.delta(), rtol=0, atol=1e-6, msg=name)
+    code, out = run("combine", "parts", "parts2", "--method", "cat", "-o", tmp_path / "kohya.safetensors")
+    assert code == 0 and formats.detect(tmp_path / "kohya.safetensors") == "kohya", out
+
+    proj_in = "model.diffusion_model.input_blocks.4.1.proj_in.weight"  # extract: a UNet change, as PEFT
+    folder = tmp_path / "extract"
+    folder.mkdir()
+    base, tuned = pair(folder, SDXL_TEXT, {proj_in: (0, low_rank(8, 8, 2, 7))})
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", folder / "p")
+    assert code == 0, out
+    config = json.loads((folder / "p" / "adapter_config.json").read_text())
+    assert config["target_modules"] == [proj_in.removesuffix(".weight")]
+    code, out = run("merge", folder / "p", "--into", base, "-o", folder / "m.safetensors", "--no-record")
+    assert code == 0, out
+    torch.testing.assert_close(load_file(folder / "m.safetensors")[proj_in], load_file(tuned)[proj_in], rtol=0,
+                               atol=2e-6)

@@ -33,7 +33,7 @@ def _names(text: str | None, option: str) -> list[str] | None:
 @compute_options
 @click.option("--name", help="Registry name of the result (default: TUNED-rK or TUNED-RULEP).")
 @click.option("-o", "--output", type=click.Path(), help="Also write the adapter here (PEFT folder, or kohya .safetensors).")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output layout (default peft; kohya for a single-file SD/SDXL/FLUX checkpoint, where peft is refused).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output layout (default peft; kohya for a single-file SD/SDXL/FLUX/SD3 checkpoint).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + ExtractReport) as JSON.")
 def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, alpha, dtype, keep_rounding, device,
