@@ -77,6 +77,9 @@ class Plan:
     rounding: list[ExtractSkippedRecord]
     """Tensors the two models store in other dtypes that differ only by the rounding between those (left out unless
     keep_rounding)."""
+    rounding_targets: list[str] = field(default_factory=list)
+    """Of ``rounding``, the weights keep_rounding would extract: those the selection takes (not norms, biases,
+    embeddings not asked for, weights outside --modules, a checkpoint's VAE)."""
 
 
 def _open(model: "str | Path | BaseModel") -> BaseModel:
@@ -281,7 +284,7 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     parts = {n: [m for m, _ in split] for n in kinds if (split := ldm.split(n, base.tensors[n].shape))}
     named: dict[str, set[str]] = {}  # a fused tensor's parts --modules names (q_proj alone of OpenCLIP's in_proj)
     if modules:
-        chosen: list[str] = []
+        selected: list[str] = []  # the weights asked for, whether they differ or not
         for wanted in modules:
             matched = [n for n in kinds
                        if any(names_module(m, wanted) for m in [n.removesuffix(".weight"), *parts.get(n, ())])]
@@ -300,18 +303,19 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
                     "them anyway)" if any(n in within for n in found) else "are the same in both models"
                 raise InvalidInputError(f"--modules {wanted}: its weights ({shown(found)}) {same}: nothing to "
                                         "extract")
-            chosen += [n for n in found if differs[n] and n not in chosen]
+            selected += [n for n in found if n not in selected]
     else:
-        chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved
-                  and not _in_vae(n, checkpoint)]
-    taken = {*chosen, *saved}
+        selected = [n for n, (kind, _) in kinds.items() if kind != "embedding" and n not in saved
+                    and not _in_vae(n, checkpoint)]
+    taken = {*(n for n in selected if differs[n]), *saved}
     experts = {m["owner"] for n in base.tensors if (m := _EXPERTS.match(n))}
     targets = {m.name: m for n in base.tensors if n in taken and n not in saved  # in file order
                for m in _modules_of(n, base.tensors, kinds[n], dtype, parameters, experts)
                if m.fused is None or n not in named or m.name in named[n]}
     skipped = [(n, _left_out(kinds.get(n), len(info.shape), _in_vae(n, checkpoint))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
-    work = Plan(targets, saved, skipped, identical, rounding)
+    selected = set(selected)
+    work = Plan(targets, saved, skipped, identical, rounding, [r.name for r in rounding if r.name in selected])
     if not targets and not saved:
         raise _nothing_to_extract(work, labels)
     return work
@@ -333,7 +337,7 @@ def _nothing_to_extract(work: Plan, labels: tuple[str, str], dropped: Sequence[s
         return InvalidInputError(
             f"{labels[1]} and {labels[0]} differ only by the rounding between their dtypes ({worst.reason}; largest "
             f"|Δ| {worst.max_abs_diff:.3g} in {worst.name}): the same model saved in another dtype, not a fine-tune; "
-            "nothing to extract (--keep-rounding extracts the rounding anyway)")
+            "nothing to extract" + (" (--keep-rounding extracts the rounding anyway)" if work.rounding_targets else ""))
     if not skipped:
         return InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
                                  "extract")
@@ -532,7 +536,8 @@ def extract_lazily(
             dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
-            identical=work.identical + len(unchanged), skipped=skipped, rounding=work.rounding, saved=work.saved,
+            identical=work.identical + len(unchanged), skipped=skipped, rounding=work.rounding,
+            rounding_targets=work.rounding_targets, saved=work.saved,
             parameters=replace(extracted, full_tensors={}).num_parameters  # (sizes of the full tensors: unread)
             + sum(tuned.tensors[n].numel for n in work.saved), seconds=seconds, peak_rss_bytes=peak_rss(),
             peft_names={n: own.get(n, n) for n in [*(r.name for r in records), *work.saved]
