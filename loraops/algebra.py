@@ -208,6 +208,12 @@ def combine(inputs: Sequence[tuple[Adapter, float]], method: str, params: "dict[
     return combine_lazily(inputs, method, params, **options).collect()
 
 
+def combined_format(adapters: Sequence[Adapter]) -> str:
+    """The layout of a combination: the inputs' when they share one, else peft."""
+    formats = {a.format for a in adapters}
+    return formats.pop() if len(formats) == 1 else "peft"
+
+
 def combine_lazily(
     inputs: Sequence[tuple[Adapter, float]],
     method: str,
@@ -257,10 +263,9 @@ def combine_lazily(
     out_dtype = adapters[0].dtype
     for adapter in adapters[1:]:
         out_dtype = torch.promote_types(out_dtype, adapter.dtype)
-    formats = {a.format for a in adapters}
     result = raw.split_gate_up(Adapter(
         modules={name: template.stand_in() for name, template in templates.items()},
-        format=formats.pop() if len(formats) == 1 else "peft", base_model=next((h for h in hints if h), None),
+        format=combined_format(adapters), base_model=next((h for h in hints if h), None),
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
         own_names=own_names(templates, adapters),

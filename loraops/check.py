@@ -23,11 +23,13 @@ from .adapter import Adapter, LoraModule, TokenRows
 from .errors import AmbiguousError, MismatchError
 from .formats import lowrank, params
 from .formats.common import fmt_shape, names_module
+from .formats.kohya import kohya_prefix
 from .records import CheckReport, ShapeMismatch
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
-# "<component>."), single-file SD/SDXL checkpoints (original LDM names), and any plain model ("": the whole model is
-# "the network", lora_unet_, as sd-scripts names the denoiser of every architecture).
+# "<component>."), single-file SD/SDXL/SD3/FLUX checkpoints (original names; their text encoders as sd-scripts names
+# them, ldm.TEXT_ENCODERS), and any plain model ("": the whole model is "the network", lora_unet_, as sd-scripts
+# names the denoiser of every architecture).
 KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("unet.", ("lora_unet",)),
     ("transformer.", ("lora_unet",)),
@@ -36,10 +38,7 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("text_encoder_2.", ("lora_te2",)),
     ("text_encoder_3.", ("lora_te3",)),
     ("model.diffusion_model.", ("lora_unet",)),
-    ("cond_stage_model.transformer.", ("lora_te",)),
-    ("cond_stage_model.model.", ("lora_te",)),
-    ("conditioner.embedders.0.transformer.", ("lora_te1",)),
-    ("conditioner.embedders.1.model.", ("lora_te2",)),
+    *((encoder.prefix, (kohya_prefix(encoder.sd_scripts),)) for encoder in ldm.TEXT_ENCODERS),
     ("", ("lora_unet",)),
 )
 SHOWN = 5

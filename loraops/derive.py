@@ -145,8 +145,9 @@ def combine(
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
+        written = fmt or algebra.combined_format([i.adapter for i in inputs])
         for i in inputs:  # before the work: what could not be written is refused first
-            refuse_unwritable(i.adapter, fmt or "peft")  # a LoRA on raw parameters is always a PEFT one
+            refuse_unwritable(i.adapter, written)
         base_id = common_base(inputs)
         combined = algebra.combine_lazily(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,

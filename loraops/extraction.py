@@ -22,8 +22,8 @@ weight parameter (PEFT target_parameters). Tensors that differ and are none of t
 asked for) are reported, never silently dropped. A target whose delta turns out exactly zero (bytes that differ only
 in signed zeros; a part whose rows are unchanged) is dropped, and a weight none of whose modules is left is counted
 identical; NaN or Inf in a tensor that is read, and quantized weights, are refused.
-A single-file SD/SDXL/FLUX/SD3 checkpoint's adapter is a kohya one (sd-scripts' names): PEFT has no model of its
-module paths (OpenCLIP's q/k/v are no module anywhere), so it is refused there.
+A single-file SD/SDXL/FLUX/SD3 checkpoint's adapter is a kohya one (sd-scripts' names) by default; as PEFT, one that
+holds OpenCLIP's q/k/v parts is refused as it is written (no model PEFT wraps has them as modules).
 Nothing here registers or writes: see loraops.derive.extract.
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
-from .formats.common import FLOAT32_MAX, names_module
+from .formats import refuse_unwritable
+from .formats.common import FLOAT32_MAX, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 
@@ -52,10 +53,11 @@ if TYPE_CHECKING:
     from .algebra import Derivation
 
 EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
-                                 "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight")
+                                 "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight",
+                                 "relative_attention_bias.weight")
 """Weights of nn.Embedding layers, by name (a safetensors file does not say which 2-D weight is a lookup table):
-the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP and OPT."""
-SHOWN = 3
+the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP, OPT and T5 (its
+relative position buckets: SD3's and FLUX's T5-XXL)."""
 PRECISION = {"F64": (52, -1022), "F32": (23, -126), "F16": (10, -14), "BF16": (7, -126)}
 """(mantissa bits, smallest normal exponent) of each float dtype: its spacing (ulp) at x is
 2^(max(⌊log2 |x|⌋, emin) − bits), subnormals included."""
@@ -75,6 +77,9 @@ class Plan:
     rounding: list[ExtractSkippedRecord]
     """Tensors the two models store in other dtypes that differ only by the rounding between those (left out unless
     keep_rounding)."""
+    rounding_targets: list[str] = field(default_factory=list)
+    """Of ``rounding``, the weights keep_rounding would extract: those the selection takes (not norms, biases,
+    embeddings not asked for, weights outside --modules, a checkpoint's VAE)."""
 
 
 def _open(model: "str | Path | BaseModel") -> BaseModel:
@@ -108,10 +113,6 @@ def _untied(base: BaseModel, tuned: BaseModel) -> BaseModel:
     view = _Untying(**{f.name: getattr(base, f.name) for f in fields(BaseModel)}, heads=heads)
     view.tensors = {**base.tensors, **{head: replace(base.tensors[e], name=head) for head, e in heads.items()}}
     return view
-
-
-def _shown(names: Sequence[str]) -> str:
-    return ", ".join(names[:SHOWN]) + (f" (+{len(names) - SHOWN} more)" if len(names) > SHOWN else "")
 
 
 def _is_embedding(name: str) -> bool:
@@ -175,7 +176,7 @@ def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> No
     shapes = [f"{n} {list(base.tensors[n].shape)} vs {list(tuned.tensors[n].shape)}"
               for n in sorted(base.tensors.keys() & tuned.tensors.keys())
               if tuple(base.tensors[n].shape) != tuple(tuned.tensors[n].shape)]
-    parts = [f"{what}: {_shown(names)}" for what, names in
+    parts = [f"{what}: {shown(names)}" for what, names in
              ((f"only in {labels[0]}", only_base), (f"only in {labels[1]}", only_tuned), ("shapes differ", shapes)) if names]
     tied = next((f"{n} is a head that {labels[1 - side]} ties to its input embeddings (and so does not store)"
                  for side, names in enumerate((only_base, only_tuned)) for n in names
@@ -283,7 +284,7 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     parts = {n: [m for m, _ in split] for n in kinds if (split := ldm.split(n, base.tensors[n].shape))}
     named: dict[str, set[str]] = {}  # a fused tensor's parts --modules names (q_proj alone of OpenCLIP's in_proj)
     if modules:
-        chosen: list[str] = []
+        selected: list[str] = []  # the weights asked for, whether they differ or not
         for wanted in modules:
             matched = [n for n in kinds
                        if any(names_module(m, wanted) for m in [n.removesuffix(".weight"), *parts.get(n, ())])]
@@ -292,7 +293,7 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
                 named.setdefault(n, set()).update(m for m in parts[n] if whole or names_module(m, wanted))
             found = [n for n in matched if n not in saved]
             if matched and not found:
-                raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(matched)}) are stored whole by "
+                raise InvalidInputError(f"--modules {wanted}: its weights ({shown(matched)}) are stored whole by "
                                         "--save-module: a module is either extracted or stored whole")
             if not found:
                 raise InvalidInputError(f"--modules {wanted}: {labels[0]} has no 2-D or conv weight by that name "
@@ -300,20 +301,21 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
             if not any(differs[n] for n in found):
                 same = "differ only by the rounding between the two models' dtypes (--keep-rounding extracts " \
                     "them anyway)" if any(n in within for n in found) else "are the same in both models"
-                raise InvalidInputError(f"--modules {wanted}: its weights ({_shown(found)}) {same}: nothing to "
+                raise InvalidInputError(f"--modules {wanted}: its weights ({shown(found)}) {same}: nothing to "
                                         "extract")
-            chosen += [n for n in found if differs[n] and n not in chosen]
+            selected += [n for n in found if n not in selected]
     else:
-        chosen = [n for n, (kind, _) in kinds.items() if kind != "embedding" and differs[n] and n not in saved
-                  and not _in_vae(n, checkpoint)]
-    taken = {*chosen, *saved}
+        selected = [n for n, (kind, _) in kinds.items() if kind != "embedding" and n not in saved
+                    and not _in_vae(n, checkpoint)]
+    taken = {*(n for n in selected if differs[n]), *saved}
     experts = {m["owner"] for n in base.tensors if (m := _EXPERTS.match(n))}
     targets = {m.name: m for n in base.tensors if n in taken and n not in saved  # in file order
                for m in _modules_of(n, base.tensors, kinds[n], dtype, parameters, experts)
                if m.fused is None or n not in named or m.name in named[n]}
     skipped = [(n, _left_out(kinds.get(n), len(info.shape), _in_vae(n, checkpoint))) for n, info in base.tensors.items()
                if differs[n] and n not in taken]
-    work = Plan(targets, saved, skipped, identical, rounding)
+    selected = set(selected)
+    work = Plan(targets, saved, skipped, identical, rounding, [r.name for r in rounding if r.name in selected])
     if not targets and not saved:
         raise _nothing_to_extract(work, labels)
     return work
@@ -327,7 +329,7 @@ def _nothing_to_extract(work: Plan, labels: tuple[str, str], dropped: Sequence[s
               if (m := work.targets[n]).fused is not None
               and sum(t.weight_name == m.weight_name for t in work.targets.values()) == 1]
     if halves:
-        return InvalidInputError(f"--modules: {_shown(halves)}: the same in both models (other rows of the weight "
+        return InvalidInputError(f"--modules: {shown(halves)}: the same in both models (other rows of the weight "
                                  "differ): nothing to extract")
     skipped = work.skipped
     if not skipped and work.rounding:
@@ -335,12 +337,12 @@ def _nothing_to_extract(work: Plan, labels: tuple[str, str], dropped: Sequence[s
         return InvalidInputError(
             f"{labels[1]} and {labels[0]} differ only by the rounding between their dtypes ({worst.reason}; largest "
             f"|Δ| {worst.max_abs_diff:.3g} in {worst.name}): the same model saved in another dtype, not a fine-tune; "
-            "nothing to extract (--keep-rounding extracts the rounding anyway)")
+            "nothing to extract" + (" (--keep-rounding extracts the rounding anyway)" if work.rounding_targets else ""))
     if not skipped:
         return InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
                                  "extract")
     return InvalidInputError(f"nothing to extract: the tensors that differ are no LoRA targets "
-                             f"({_shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
+                             f"({shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
                              "--modules, or keep tensors whole with --save-module")
 
 
@@ -359,19 +361,15 @@ def _left_out(kind: tuple[str, bool] | None, dims: int, vae: bool = False) -> st
 
 
 def _layout(checkpoint: bool, fmt: str | None, save_modules: Sequence[str] | None, label: str) -> str:
-    """The layout the adapter is for: ``fmt``, by default kohya for a single-file SD/SDXL/FLUX/SD3 checkpoint and
-    peft for any other model. PEFT is refused for such a checkpoint: its module paths (LDM's input_blocks…, OpenCLIP's
-    resblocks, whose q/k/v are rows of one in_proj_weight) are no model's that PEFT loads; kohya names are
-    sd-scripts', which A1111, ComfyUI, sd-scripts and diffusers load. A kohya file holds no whole tensors."""
+    """The layout the adapter is for: ``fmt``, by default kohya for a single-file SD/SDXL/FLUX/SD3 checkpoint (sd-scripts'
+    names, which A1111, ComfyUI, sd-scripts and diffusers load) and peft for any other model. A kohya file holds no
+    whole tensors. (What PEFT cannot hold, OpenCLIP's q/k/v parts, is refused as the adapter is written:
+    formats.refuse_unwritable.)"""
     fmt = fmt or ("kohya" if checkpoint else "peft")
-    if checkpoint and fmt != "kohya":
-        raise InvalidInputError(f"--format {fmt}: {label} is a single-file SD/FLUX checkpoint, whose module paths no "
-                                "model PEFT loads has (OpenCLIP's q, k, v are rows of one in_proj_weight): use "
-                                "--format kohya (sd-scripts' names, the default for such a base)")
     if fmt == "kohya" and save_modules:
         raise InvalidInputError("kohya files cannot hold whole tensors (--save-module)" + (
-            f": {label} is a single-file SD/FLUX checkpoint, whose adapters are kohya files" if checkpoint
-            else ": use --format peft"))
+            f": {label} is a single-file SD/FLUX checkpoint, whose adapters are kohya files by default: use --format peft"
+            if checkpoint else ": use --format peft"))
     return fmt
 
 
@@ -405,7 +403,7 @@ def extract_lazily(
     the tuned model's), each module's alpha ``alpha`` (default its rank). Tensors stored in other dtypes that differ
     only by the rounding between those are left out (reported), unless ``keep_rounding``. ``fmt``: the layout it is
     for (a MoE router is a LoRA on its weight parameter in PEFT's, a plain module in kohya's); by default kohya for
-    a single-file SD/FLUX checkpoint (where PEFT is refused: _layout), else peft. Everything is checked
+    a single-file SD/FLUX checkpoint, else peft. Everything is checked
     now (names, shapes, what differs); the modules are computed as the Derivation is iterated, one tensor pair in
     memory at a time."""
     import torch
@@ -461,7 +459,7 @@ def extract_lazily(
     warnings = [names_warning] if names_warning else []
     experts = [own.get(n, n) for n in work.targets if EXPERT_RE.match(own.get(n, n))]
     if experts:  # (as PEFT target_parameters they would need one A per expert for gate and up together)
-        warnings.append(f"{len(experts)} per-expert module{'s' if len(experts) > 1 else ''} ({_shown(experts)}): "
+        warnings.append(f"{len(experts)} per-expert module{'s' if len(experts) > 1 else ''} ({shown(experts)}): "
                         "transformers 5 holds a MoE layer's experts as fused parameters, so PEFT finds no module by "
                         "these names and skips them; merge with loraops, or leave them out with --modules")
     result = Adapter(
@@ -471,10 +469,11 @@ def extract_lazily(
         full_tensors=LazyTensors({n: functools.partial(read_tensor, tuned.tensors[n]) for n in work.saved}),
         own_names=own,
     )
+    what = f"extract of {labels[1]} − {labels[0]}"
+    refuse_unwritable(result, fmt, values=False, label=what)  # before any module is computed
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []
     dropped: set[str] = set()
-    what = f"extract of {labels[1]} − {labels[0]}"
 
     def delta(tensor: str) -> "torch.Tensor":
         tuned_w = finite(tuned, labels[1], tensor).to(device=target, dtype=compute_dtype)
@@ -537,7 +536,8 @@ def extract_lazily(
             dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
-            identical=work.identical + len(unchanged), skipped=skipped, rounding=work.rounding, saved=work.saved,
+            identical=work.identical + len(unchanged), skipped=skipped, rounding=work.rounding,
+            rounding_targets=work.rounding_targets, saved=work.saved,
             parameters=replace(extracted, full_tensors={}).num_parameters  # (sizes of the full tensors: unread)
             + sum(tuned.tensors[n].numel for n in work.saved), seconds=seconds, peak_rss_bytes=peak_rss(),
             peft_names={n: own.get(n, n) for n in [*(r.name for r in records), *work.saved]

@@ -2,10 +2,12 @@
 FLUX.1's and SD3's — seen under diffusers names.
 
 LoRAs name modules the diffusers way: sd-scripts builds SD 1.x/2.x UNets with diffusers block names
-(``lora_unet_down_blocks_0_attentions_0_…``) and every text encoder as transformers' CLIP; diffusers-trained LoRAs
+(``lora_unet_down_blocks_0_attentions_0_…``) and every text encoder as the transformers model it loads it into; diffusers-trained LoRAs
 use ``unet.down_blocks.0.…``. A single-file checkpoint names the same UNet modules ``input_blocks.1.1.…`` and keeps
-the OpenCLIP text encoders (SD 2.x, SDXL's second) in OpenCLIP's layout. This module gives every checkpoint module its
-diffusers path, so both name styles bind to either kind of base, and names bound modules back as sd-scripts does:
+the OpenCLIP text encoders (SD 2.x, SDXL's second, the SDXL refiner's) in OpenCLIP's layout; SD3's three (and a
+ComfyUI FLUX checkpoint's) are saved under transformers' names behind ``text_encoders.<clip_l|clip_g|t5xxl>.
+transformer.`` (TEXT_ENCODERS). This module gives every checkpoint module its diffusers path, so both name styles
+bind to either kind of base, and names bound modules back as sd-scripts does:
 
     diffusers_names(tensors) -> {diffusers module path: checkpoint module path}     (binding LoRAs to a checkpoint)
     fused_target(module, manifest) -> (tensor, first row, rows, all rows) | None  (q/k/v inside a fused tensor)
@@ -47,16 +49,50 @@ UNET_TOP = {
     "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
 }
 BLOCK_RE = re.compile(r"^(?P<kind>input_blocks|output_blocks|middle_block)\.(?P<n>\d+)\.(?:(?P<m>\d+)\.)?(?P<rest>.+)$")
-# checkpoint prefix of a CLIP text encoder saved with transformers' names → its diffusers component
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A text encoder inside a single-file checkpoint: where its tensors are, and what diffusers and sd-scripts call
+    it."""
+
+    prefix: str
+    """Its tensors' prefix in the checkpoint."""
+    component: str
+    """Its diffusers pipeline component (text_encoder, text_encoder_2, text_encoder_3)."""
+    sd_scripts: str
+    """The component sd-scripts names its modules by: text_encoder (lora_te_), text_encoder_1 (lora_te1_: SDXL's
+    first, even alone; SD3's and FLUX's CLIP-L), text_encoder_2 (lora_te2_), text_encoder_3 (lora_te3_: the T5)."""
+    open_clip: bool = False
+    """Saved in OpenCLIP's layout (transformer.resblocks.N.…, q, k and v fused in attn.in_proj_weight), which
+    diffusers and sd-scripts load as transformers' CLIPTextModel; otherwise saved with transformers' names."""
+
+    def path(self, module: str) -> str | None:
+        """The module's path inside its transformers model (None: an OpenCLIP module LoRAs do not target)."""
+        rest = module[len(self.prefix):]
+        return open_clip_path(rest) if self.open_clip else rest
+
+
 TEXT_ENCODERS = (
-    ("cond_stage_model.transformer.", "text_encoder"),  # SD 1.x
-    ("conditioner.embedders.0.transformer.", "text_encoder"),  # SDXL's first (CLIP ViT-L)
+    TextEncoder("cond_stage_model.transformer.", "text_encoder", "text_encoder"),  # SD 1.x (CLIP ViT-L)
+    TextEncoder("cond_stage_model.model.", "text_encoder", "text_encoder", open_clip=True),  # SD 2.x (OpenCLIP ViT-H)
+    TextEncoder("conditioner.embedders.0.transformer.", "text_encoder", "text_encoder_1"),  # SDXL's first (CLIP ViT-L)
+    TextEncoder("conditioner.embedders.1.model.", "text_encoder_2", "text_encoder_2", open_clip=True),  # SDXL's bigG
+    # the SDXL refiner's only encoder, OpenCLIP bigG: its diffusers pipeline has it as text_encoder_2 alone
+    TextEncoder("conditioner.embedders.0.model.", "text_encoder_2", "text_encoder_2", open_clip=True),
+    # SD3's three (and the CLIP-L and T5 of a FLUX checkpoint ComfyUI saved), as sd-scripts' lora_sd3.py and
+    # lora_flux.py name them: lora_te1_ CLIP-L, lora_te2_ CLIP-G, lora_te3_ T5-XXL, each by its transformers path
+    TextEncoder("text_encoders.clip_l.transformer.", "text_encoder", "text_encoder_1"),
+    TextEncoder("text_encoders.clip_g.transformer.", "text_encoder_2", "text_encoder_2"),
+    TextEncoder("text_encoders.t5xxl.transformer.", "text_encoder_3", "text_encoder_3"),
 )
-# checkpoint prefix of an OpenCLIP text encoder → its diffusers component (named as transformers' CLIPTextModel)
-OPEN_CLIP = (
-    ("cond_stage_model.model.", "text_encoder"),  # SD 2.x (OpenCLIP ViT-H)
-    ("conditioner.embedders.1.model.", "text_encoder_2"),  # SDXL's second (OpenCLIP ViT-bigG)
-)
+
+
+def text_encoder(module: str) -> TextEncoder | None:
+    """The text encoder a checkpoint module (or tensor) path is in, or None."""
+    return next((encoder for encoder in TEXT_ENCODERS if module.startswith(encoder.prefix)), None)
+
+
 OPEN_CLIP_LAYER_RE = re.compile(r"^transformer\.resblocks\.(?P<layer>\d+)\.(?P<rest>.+)$")
 OPEN_CLIP_MODULES = {
     "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
@@ -110,10 +146,8 @@ DIT_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks|joint_blocks)\
 DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
 FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
-DIT_MARKS = (
-    (FLUX_MARK, FLUX_TOP),
-    (re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$"), SD3_TOP),
-)
+SD3_MARK = re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$")
+DIT_MARKS = ((FLUX_MARK, FLUX_TOP), (SD3_MARK, SD3_TOP))
 
 
 # transformers 5 saves a CLIP text encoder without its "text_model." level (encoder.layers.0.…), transformers 4 —
@@ -165,6 +199,10 @@ class Fused:
     a LoRA on its parts is written to kohya joined. Otherwise (OpenCLIP's in_proj_weight, a parameter of
     nn.MultiheadAttention; DINOv2's weights_in, which transformers 5 splits on load) the parts are the modules LoRA
     trainers see: extract makes one module of each."""
+    peft: bool = True
+    """A LoRA on a part can be written as PEFT. Not on OpenCLIP's q, k, v: rows of nn.MultiheadAttention's
+    in_proj_weight, a parameter, so no model PEFT wraps has a module of that path (transformers' CLIPTextModel,
+    which has them, names them text_model.encoder.layers.N.self_attn.q_proj: the diffusers and kohya names)."""
 
     def owner_of(self, tensor: str) -> str | None:
         """The owner's path when ``tensor`` is one of these, else None."""
@@ -185,8 +223,9 @@ class Fused:
 
 QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
 FUSED = (
-    Fused(re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.1)\.model\.transformer\.resblocks\.\d+\.attn$"),
-          ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds),
+    Fused(re.compile("^(?:" + "|".join(re.escape(e.prefix) for e in TEXT_ENCODERS if e.open_clip)
+                     + r")transformer\.resblocks\.\d+\.attn$"),
+          ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds, peft=False),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds, whole=True),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
     Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True),
@@ -325,14 +364,9 @@ def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | N
     if module.startswith(UNET_PREFIX):
         path = unet_path(module[len(UNET_PREFIX):])
         return None if path is None else f"unet.{path}"
-    for prefix, component in TEXT_ENCODERS:
-        if module.startswith(prefix):
-            return f"{component}.{module[len(prefix):]}"
-    for prefix, component in OPEN_CLIP:
-        if module.startswith(prefix):
-            path = open_clip_path(module[len(prefix):])
-            return None if path is None else f"{component}.{path}"
-    return None
+    encoder = text_encoder(module)
+    path = None if encoder is None else encoder.path(module)
+    return None if path is None else f"{encoder.component}.{path}"
 
 
 def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:
@@ -348,18 +382,22 @@ def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:
 def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     """(diffusers component, path) that sd-scripts names a checkpoint module by, or None outside the parts
     translated. sd-scripts builds SD 1.x/2.x UNets with diffusers block names but SDXL's with the original ones
-    (``lora_unet_input_blocks_4_1_…``), calls SDXL's first text encoder ``lora_te1`` even alone, and names FLUX.1 and
-    SD3 modules by their original paths (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_img_in``, also
-    behind ComfyUI's ``model.diffusion_model.``; a part of a fused tensor has no sd-scripts name and keeps its
-    checkpoint path)."""
+    (``lora_unet_input_blocks_4_1_…``), names text encoders as TEXT_ENCODERS says (SDXL's first ``lora_te1`` even
+    alone, SD3's ``lora_te1``/``lora_te2``/``lora_te3``), and FLUX.1 and SD3 modules by their original paths
+    (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_img_in``, also behind ComfyUI's
+    ``model.diffusion_model.``; a part of a fused tensor has no sd-scripts name and keeps its checkpoint path)."""
     path = module.removeprefix(UNET_PREFIX)
     if (sdxl and module.startswith(UNET_PREFIX)) or in_dit_block(module):
         return "unet", path
+    encoder = text_encoder(module)
+    if encoder is not None:
+        path = encoder.path(module)
+        return None if path is None else (encoder.sd_scripts, path)
     name = diffusers_name(module)
     if name is None:  # behind the UNet's prefix and no SD UNet module: a DiT's embedders and final layer
         return ("unet", path) if module.startswith(UNET_PREFIX) else None
     component, path = name.split(".", 1)
-    return ("text_encoder_1" if module.startswith("conditioner.") and component == "text_encoder" else component), path
+    return component, path
 
 
 # a single-file checkpoint's VAE (the LDM/SGM first_stage_model, ComfyUI's bundled vae.): no LoRA loader applies a
@@ -368,28 +406,42 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 
-VERSION_KEYS = ("ss_base_model_version", "ss_v2")  # the header fields sd_scripts_metadata decides
+# the header fields sd_scripts_metadata decides
+VERSION_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module")
+# SDXL's UNet (base and refiner) by its structure: the size/crop embedding (diffusers' add_embedding), which SD 1.x/2.x
+# UNets do not have (SD 2.x unCLIP's class embedding has this name too, but its checkpoint keeps its text encoder)
+SDXL_UNET_MARK = UNET_PREFIX + "label_emb."
 
 
 def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
-    """The header fields sd-scripts' extract_lora_from_models.py and flux_extract_lora.py write that a single-file
-    checkpoint's tensors decide: SDXL's ss_base_model_version (by which the kohya writer names its UNet the SDXL way,
-    input_blocks…, even when no text-encoder module says SDXL), SD 1.x's, FLUX.1's (flux1), and SD 2.x's ss_v2 (its
-    version string also says whether it is v-parameterized, which the tensors do not)."""
+    """The header fields sd-scripts writes that a single-file checkpoint's tensors decide, as its
+    extract_lora_from_models.py and flux_extract_lora.py write them: ss_base_model_version — SDXL's (by which the
+    kohya writer names its UNet the SDXL way, input_blocks…, even when no text-encoder module says SDXL; known by its
+    text encoders or, for a UNet alone, by SDXL_UNET_MARK), SD 1.x's, SD 2.x's ``sd_v2_v`` with ss_v2 (the tensors do
+    not say whether it is v-parameterized; sd-scripts' extract takes --v_parameterization to default to --v2),
+    FLUX.1's ``flux1``; and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as its
+    lora_sd3.py; SD3's version string, the MMDiT's model type, is not read off the tensors)."""
     names = list(tensors)
     if any(FLUX_MARK.match(n) for n in names):
-        return {"ss_base_model_version": "flux1"}
+        return {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+    if any(SD3_MARK.match(n) for n in names):
+        return {"ss_network_module": "networks.lora_sd3"}
     if any(n.startswith("conditioner.embedders.") for n in names):
         return {"ss_base_model_version": "sdxl_base_v1-0"}
     if any(n.startswith("cond_stage_model.model.") for n in names):
-        return {"ss_v2": "True"}
+        return {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
         return {"ss_base_model_version": "sd_v1"}
+    if any(n.startswith(SDXL_UNET_MARK) for n in names):
+        return {"ss_base_model_version": "sdxl_base_v1-0"}
     return {}
 
 
 def versioned(metadata: dict[str, str], tensors: Iterable[str]) -> dict[str, str]:
     """``metadata`` of an adapter bound to a base of ``tensors``, with the fields sd_scripts_metadata gives for that
     base where it has none (a diffusers file; a kohya file of a trainer that writes no ss_* header): the kohya writer
-    names SDXL's UNet by them."""
-    return {**metadata, **{k: v for k, v in sd_scripts_metadata(tensors).items() if not metadata.get(k)}}
+    names SDXL's UNet by them. The base's network module replaces the adapter's own: what the kohya writer writes is
+    sd-scripts' plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that
+    loraops wrote for FLUX before)."""
+    base = sd_scripts_metadata(tensors)
+    return {**metadata, **{k: v for k, v in base.items() if k == "ss_network_module" or not metadata.get(k)}}

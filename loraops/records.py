@@ -116,7 +116,10 @@ class ExtractReport(Record):
     """Tensors stored whole (--save-module: PEFT modules_to_save)."""
     rounding: list[ExtractSkippedRecord] = []
     """Tensors the two models store in other dtypes that differ only by the rounding between them (reason: "F32 →
-    BF16", base's → tuned's), left out (keep_rounding extracts them)."""
+    BF16", base's → tuned's), left out."""
+    rounding_targets: list[str] = []
+    """Of ``rounding``, the weights keep_rounding would extract (the others are norms, biases, embeddings not asked
+    for, weights outside --modules, a checkpoint's VAE: not extracted either way)."""
     parameters: int
     seconds: float
     peak_rss_bytes: int

@@ -637,6 +637,33 @@ def test_a_fine_tune_saved_in_another_dtype_extracts_its_fine_tune_alone(synthet
             "dtypes (F32 → BF16); largest |Δ| ") in out, out
 
 
+def test_the_rounding_line_counts_what_keep_rounding_would_add(synthetic, tmp_path):
+    """The line said "--keep-rounding extracts them" of every tensor that differs only by rounding, norms, embeddings
+    and weights outside --modules included. It counts what --keep-rounding does add: checked against the modules a
+    --keep-rounding run makes beyond the fine-tune's. Where none would be added (only norms rounded), neither the line
+    nor the refusal of such a pair says --keep-rounding extracts anything."""
+    base, tuned, _ = synthetic
+    bf16 = with_tensors(base, tmp_path / "bf16", in_dtype(state(tuned), torch.bfloat16))
+    for extra in ([], ["--modules", "q_proj"]):
+        code, out = run("extract", "--base", base, "--tuned", bf16, "--rank", "6", "--json", *extra)
+        assert code == 0, out
+        report = json.loads(out)["report"]
+        code, out = run("extract", "--base", base, "--tuned", bf16, "--rank", "6", "--json", "--keep-rounding", *extra)
+        assert code == 0, out
+        added = {m["name"] for m in json.loads(out)["report"]["modules"]} - {m["name"] for m in report["modules"]}
+        assert sorted(f"{n}.weight" for n in added) == sorted(report["rounding_targets"])
+        assert 0 < len(added) < len(report["rounding"]), extra  # the embeddings (and more) are no targets
+        code, out = run("extract", "--base", base, "--tuned", bf16, "--rank", "6", "--name", f"r{len(extra)}", *extra)
+        assert code == 0 and "rounding between the models' dtypes (F32 → BF16); largest |Δ| " in out, out
+        assert out.count(f"; --keep-rounding extracts {len(added)} of them\n") == 1, out
+
+    weights = {k: v.to(torch.bfloat16).float() if v.dim() > 1 else v + 1e-3 for k, v in state(base).items()}
+    exact = with_tensors(base, tmp_path / "exact", weights)  # every weight bf16-exact, the norms not
+    code, out = run("extract", "--base", exact, "--tuned", with_tensors(base, tmp_path / "norms-bf16", in_dtype(
+        weights, torch.bfloat16)), "--rank", "2")
+    assert code == 2 and out.endswith("the same model saved in another dtype, not a fine-tune; nothing to extract\n"), out
+
+
 def test_rounding_is_bounded_by_half_a_spacing_of_each_dtype(tmp_path):
     """The criterion (extraction._differs) holds every pair that rounding can make — one dtype rounded to the other,
     or both from one original, subnormals and binade edges included — and nothing one spacing further."""

@@ -4,7 +4,7 @@ OpenCLIP (SD 2.x's text encoder, SDXL's second) stores q, k and v as the three r
 ``attn.in_proj_weight``: extract makes one module per changed third, named as kohya's extract_lora_from_models.py
 names the transformers modules it loads (``lora_te2_text_model_encoder_layers_N_self_attn_q_proj``; ``lora_te_…`` for
 SD 2.x), and ``loraops merge`` of the result puts each back into its rows. FLUX's qkv stays one module, as sd-scripts'
-flux_extract_lora.py makes it. PEFT output is refused for such checkpoints (kohya is their default).
+flux_extract_lora.py makes it. kohya is such checkpoints' default; PEFT output holding OpenCLIP's q/k/v is refused.
 """
 from __future__ import annotations
 
@@ -121,17 +121,20 @@ def test_a_part_asked_for_whose_rows_are_unchanged_is_an_error(tmp_path):
         assert reg.list_adapters() == [] and reg.list_bases() == []
 
 
-def test_peft_output_and_whole_tensors_are_refused_for_a_single_file_checkpoint(tmp_path):
-    """A PEFT adapter would name LDM / OpenCLIP module paths, which no model PEFT loads has (q/k/v are no modules
-    there): refused in one line, before any work, nothing registered or written."""
+def test_peft_output_of_openclip_parts_and_whole_tensors_as_kohya_are_refused(tmp_path):
+    """OpenCLIP's q/k/v are rows of one in_proj_weight: a PEFT adapter would name modules no model PEFT wraps has.
+    Refused in one line naming them, before any module is computed, nothing registered or written; so is
+    --save-module with the kohya default (a kohya file holds no whole tensors)."""
     base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V)
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", tmp_path / "p")
-    assert (code, out) == (2, f"error: --format peft: {base} is a single-file SD/FLUX checkpoint, whose module paths "
-                              "no model PEFT loads has (OpenCLIP's q, k, v are rows of one in_proj_weight): use "
-                              "--format kohya (sd-scripts' names, the default for such a base)\n")
+    # (q's rows did not change, which is known only once its delta is computed: named with the others)
+    assert (code, out) == (2, f"error: extract of {tuned} − {base}: {TE2}.q_proj, {TE2}.k_proj, {TE2}.v_proj: rows of a "
+                              f"fused tensor "
+                              f"({IN_PROJ}) that no model PEFT wraps holds as a module, so it cannot be written as "
+                              "peft: use --format kohya\n")
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--save-module", "out_proj")
     assert (code, out) == (2, f"error: kohya files cannot hold whole tensors (--save-module): {base} is a single-file "
-                              "SD/FLUX checkpoint, whose adapters are kohya files\n")
+                              "SD/FLUX checkpoint, whose adapters are kohya files by default: use --format peft\n")
     assert not (tmp_path / "p").exists()
     with Registry.open() as reg:
         assert reg.list_adapters() == [] and reg.list_bases() == []

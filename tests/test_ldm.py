@@ -137,8 +137,11 @@ def loraops_rows(diffusers_names, manifest):
     return out
 
 
-@pytest.mark.parametrize("prefix", ["cond_stage_model.model.", "conditioner.embedders.1.model."], ids=["sd2", "sdxl"])
+@pytest.mark.parametrize("prefix", ["cond_stage_model.model.", "conditioner.embedders.1.model.",
+                                    "conditioner.embedders.0.model."], ids=["sd2", "sdxl", "sdxl-refiner"])
 def test_openclip_names_agree_with_diffusers_converter(prefix):
+    """diffusers' convert_open_clip_checkpoint (create_diffusers_clip_model_from_ldm calls it with each of these
+    prefixes; the refiner's bigG is its pipeline's text_encoder_2)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     d = 8

@@ -33,7 +33,7 @@ def _names(text: str | None, option: str) -> list[str] | None:
 @compute_options
 @click.option("--name", help="Registry name of the result (default: TUNED-rK or TUNED-RULEP).")
 @click.option("-o", "--output", type=click.Path(), help="Also write the adapter here (PEFT folder, or kohya .safetensors).")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output layout (default peft; kohya for a single-file SD/SDXL/FLUX checkpoint, where peft is refused).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output layout (default peft; kohya for a single-file SD/SDXL/FLUX/SD3 checkpoint).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + ExtractReport) as JSON.")
 def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, alpha, dtype, keep_rounding, device,
@@ -77,9 +77,12 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
     if report.rounding:
         worst = max(report.rounding, key=lambda s: s.max_abs_diff)
         count = "1 tensor" if len(report.rounding) == 1 else f"{len(report.rounding)} tensors"
+        adds = len(report.rounding_targets)  # the others are no targets (norms, outside --modules…) either way
+        hint = ("" if not adds else "; --keep-rounding extracts them" if adds == len(report.rounding)
+                else f"; --keep-rounding extracts {adds} of them")
         click.echo(f"not extracted: {count} that differ only by the rounding between the models' dtypes "
                    f"({', '.join(sorted({s.reason for s in report.rounding}))}); largest |Δ| {worst.max_abs_diff:.3g} "
-                   f"in {worst.name}; --keep-rounding extracts them")
+                   f"in {worst.name}{hint}")
     if report.peft_names and fmt != "kohya":
         shown = ", ".join(f"{saved} → {memory}" for saved, memory in list(report.peft_names.items())[:3])
         more = f" (+{len(report.peft_names) - 3} more)" if len(report.peft_names) > 3 else ""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from .. import st
+from .. import ldm, st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
 from ..fsutil import atomic_path, output_path, sha256_file
 from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
@@ -156,22 +156,33 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
     return write(adapter, dest, fmt, force=force).path
 
 
-def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True) -> None:
+def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, label: str | None = None) -> None:
     """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
     be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
     ``values`` False, only what the modules' names and shapes say). DoRA adapters, as kohya: sd-scripts' LoRA has no
-    magnitude. A VeRA adapter not bound to a base (formats.lowrank.refuse_unbound). Callers that compute an adapter to
-    write it (combine, resize) ask first about their inputs."""
-    lowrank.refuse_unbound(adapter, adapter.label, f"written as {fmt}")
+    magnitude. A VeRA adapter not bound to a base (formats.lowrank.refuse_unbound). As PEFT, a LoRA on a part of a
+    fused tensor that no model PEFT wraps holds as a module (ldm.Fused.peft: OpenCLIP's q, k, v, rows of one
+    in_proj_weight, of a single-file SD 2.x / SDXL checkpoint). Callers that compute an adapter to write it (combine,
+    resize) ask first about their inputs, extract about what it will make. ``label``: how messages name the adapter
+    (default: adapter.label)."""
+    label = label or adapter.label
+    lowrank.refuse_unbound(adapter, label, f"written as {fmt}")
+    parts = [m for m in adapter.modules.values() if fmt == "peft" and m.fused is not None
+             and (entry := ldm.fused(m.fused[0])) is not None and not entry.peft]
+    if parts:
+        raise UnsupportedAdapterError(
+            f"{label}: {common.shown([m.name for m in parts])}: rows of a fused tensor ({parts[0].fused[0]}) that no "
+            "model PEFT wraps holds as a module, so it cannot be written as peft: use --format kohya"
+        )
     if fmt == "kohya" and adapter.dora:
         raise UnsupportedAdapterError(
-            f"{adapter.label}: a DoRA adapter (lora_magnitude_vector) cannot be written as kohya: sd-scripts' LoRA "
+            f"{label}: a DoRA adapter (lora_magnitude_vector) cannot be written as kohya: sd-scripts' LoRA "
             "has no magnitude, and LyCORIS' dora_scale decomposes the weight its own way; write it as peft or diffusers"
         )
     if fmt != "peft" and adapter.token_rows:
         raise UnsupportedAdapterError(
-            f"{adapter.label}: an adapter with PEFT trainable tokens (rows of {next(iter(adapter.token_rows))!r}) "
+            f"{label}: an adapter with PEFT trainable tokens (rows of {next(iter(adapter.token_rows))!r}) "
             f"cannot be written as {fmt}, which has no place for them; write it as peft"
         )
     module = next((m for m in adapter.modules.values() if m.raw_parameter is not None), None)
@@ -179,10 +190,10 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True) -> N
         return
     if fmt != "peft":
         raise UnsupportedAdapterError(
-            f"{adapter.label}: module {module.name!r} comes from a LoRA on the raw parameter "
+            f"{label}: module {module.name!r} comes from a LoRA on the raw parameter "
             f"{module.raw_parameter[0]!r} (PEFT target_parameters); loraops writes such adapters only as PEFT, not {fmt}"
         )
-    (params.expert_layout if values else params.expert_shares)(adapter.label, adapter.with_own_names().modules)
+    (params.expert_layout if values else params.expert_shares)(label, adapter.with_own_names().modules)
 
 
 def _peft_parts(path: Path) -> tuple[Path, Path | None]:

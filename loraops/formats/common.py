@@ -10,7 +10,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from ..adapter import LoraModule, ModuleKind
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
@@ -118,6 +118,11 @@ def unknown_layout(path: Path, keys: Iterable[str], what: str = "unknown adapter
     keys = sorted(keys)
     shown = ", ".join(repr(k) for k in keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
     return FormatError(f"{path}: {what}: {shown}")
+
+
+def shown(names: Sequence[str], count: int = 3) -> str:
+    """The first ``count`` names, and how many more there are."""
+    return ", ".join(names[:count]) + (f" (+{len(names) - count} more)" if len(names) > count else "")
 
 
 def names_module(path: str, name: str) -> bool:

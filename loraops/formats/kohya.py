@@ -34,6 +34,9 @@ KOHYA_PREFIXES = {
 }
 # the parts of a diffusers pipeline base whose module names begin with their component
 PIPELINE_COMPONENTS = ("unet", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
+# sd-scripts' plain LoRA networks (SD 1.x/2.x/XL, FLUX.1, SD3): the ss_network_module a written file says, by the
+# adapter's metadata (a bound adapter's is its base's: ldm.versioned); any other (LyCORIS') is networks.lora
+NETWORK_MODULES = ("networks.lora", "networks.lora_flux", "networks.lora_sd3")
 HASH_KEY = "sshs_model_hash"
 
 
@@ -47,13 +50,17 @@ def kohya_name(module_path: str, component: str | None = None) -> str:
     """The kohya name of a module: ``kohya_name("down_blocks.0.attentions.0.proj_in", "unet")`` →
     ``lora_unet_down_blocks_0_attentions_0_proj_in``; ``kohya_name("model.layers.0.self_attn.q_proj")`` →
     ``lora_unet_model_layers_0_self_attn_q_proj``. ``component`` "text_encoder_1" gives SDXL's ``lora_te1_``."""
+    return f"{kohya_prefix(component)}_{module_path.replace('.', '_')}"
+
+
+def kohya_prefix(component: str | None) -> str:
+    """The kohya prefix of a diffusers component (None: a plain model); "text_encoder_1" is ``lora_te1``, the name
+    sd-scripts gives a first text encoder that has others (SDXL's, SD3's CLIP-L) even when it is named alone."""
     if component == "text_encoder_1":
-        prefix = "lora_te1"
-    elif component in KOHYA_PREFIXES:
-        prefix = KOHYA_PREFIXES[component]
-    else:
-        raise InvalidInputError(f"no kohya prefix for component {component!r} (known: {sorted(filter(None, KOHYA_PREFIXES))})")
-    return f"{prefix}_{module_path.replace('.', '_')}"
+        return "lora_te1"
+    if component in KOHYA_PREFIXES:
+        return KOHYA_PREFIXES[component]
+    raise InvalidInputError(f"no kohya prefix for component {component!r} (known: {sorted(filter(None, KOHYA_PREFIXES))})")
 
 
 def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped: bool = False) -> Adapter:
@@ -269,7 +276,8 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             ranks.add(module.rank)
             alphas.add(alpha)
         metadata = {
-            "ss_network_module": "networks.lora",
+            "ss_network_module": network if (network := adapter.metadata.get("ss_network_module")) in NETWORK_MODULES
+            else "networks.lora",
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
             "ss_network_args": json.dumps(conv_args),

@@ -1,0 +1,291 @@
+"""sd-scripts' names and header of what extract makes of single-file SD3 / SDXL / SD 2.x / FLUX checkpoints.
+
+The reference for names is sd-scripts' own rule, run here on the transformers models it loads the text encoders
+into (networks/lora_sd3.py, lora_flux.py: every nn.Linear inside a CLIPAttention, CLIPMLP, T5Attention or
+T5DenseGatedActDense, named ``<prefix>_<path in the model with _>``, prefix lora_te1 CLIP-L, lora_te2 CLIP-G,
+lora_te3 T5-XXL); the checkpoints hold those models' own tensors behind SD3's prefixes
+(``text_encoders.clip_l.transformer.``…), as sd-scripts' sd3_utils.py and diffusers' single-file loader read them.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_extract import run
+from test_ldm import sd3_heights
+
+TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")  # lora_sd3.py
+
+
+def sd_scripts_names(prefix, model):
+    """{kohya name: the Linear's path in ``model``}, as sd-scripts' LoRANetwork.create_modules names them."""
+    names = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ in TARGETS:
+            for child, linear in module.named_modules():
+                if type(linear).__name__ == "Linear":
+                    names[f"{prefix}.{name}.{child}".replace(".", "_")] = f"{name}.{child}"
+    return names
+
+
+def sd3_text_encoders():
+    """SD3's three text encoders, tiny and seeded: {checkpoint prefix: (sd-scripts prefix, model)}."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = dict(intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, vocab_size=32,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return {
+        "text_encoders.clip_l.transformer.": ("lora_te1", CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=8, projection_dim=8, **clip))),
+        "text_encoders.clip_g.transformer.": ("lora_te2", CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=12, projection_dim=12, **clip))),
+        "text_encoders.t5xxl.transformer.": ("lora_te3", T5EncoderModel(T5Config(
+            d_model=8, d_kv=4, d_ff=16, num_layers=2, num_heads=2, vocab_size=32, feed_forward_proj="gated-gelu"))),
+    }
+
+
+def test_sd3_text_encoders_get_sd_scripts_names_and_merge_back(tmp_path):
+    """An SD3 checkpoint (ComfyUI's layout: MMDiT behind model.diffusion_model.) whose text encoders and one joint
+    block changed: every text-encoder Linear is one module named as sd-scripts names it (lora_te1_/lora_te2_/
+    lora_te3_, not lora_unet_text_encoders_…), its up·down the change of the tensor sd-scripts' name says; T5's
+    relative_attention_bias, an nn.Embedding, is left out as embeddings are; merged back (the kohya file bound to
+    the checkpoint again), the tuned tensors."""
+    encoders = sd3_text_encoders()
+    base = {f"model.diffusion_model.{m}.weight": torch.randn(h, 8) for m, h in sd3_heights().items()}
+    reference = {}  # kohya name → checkpoint tensor
+    for prefix, (kohya, model) in encoders.items():
+        base.update({prefix + k: v.detach().clone() for k, v in model.state_dict().items()})
+        reference.update({name: f"{prefix}{path}.weight" for name, path in sd_scripts_names(kohya, model).items()})
+    del base["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"]  # saved once, as shared.weight
+    g = torch.Generator().manual_seed(1)
+    qkv = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
+    bias = "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    tuned = {k: v.clone() for k, v in base.items()}
+    for name in [*reference.values(), qkv, bias]:
+        tuned[name] += 0.1 * torch.randn(tuned[name].shape, generator=g)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+
+    code, out = run("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "tuned.safetensors",
+                    "--rank", "16", "-o", tmp_path / "x.safetensors", "--json")
+    assert code == 0, out
+    assert [(s["name"], s["reason"]) for s in json.loads(out)["report"]["skipped"]] == [(bias, "embedding")]
+    lora = load_file(tmp_path / "x.safetensors")
+    written = {k.removesuffix(".lora_up.weight") for k in lora if k.endswith(".lora_up.weight")}
+    assert written == {*reference, "lora_unet_joint_blocks_0_x_block_attn_qkv"}
+    for name, tensor in reference.items():
+        delta = lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"]  # alpha = rank: scale 1
+        torch.testing.assert_close(delta, tuned[tensor] - base[tensor], rtol=0, atol=2e-6, msg=name)
+
+    code, out = run("merge", tmp_path / "x.safetensors", "--into", tmp_path / "base.safetensors",
+                    "-o", tmp_path / "m.safetensors", "--no-record")
+    assert code == 0 and f"{len(reference) + 1} tensors merged" in out, out
+    merged = load_file(tmp_path / "m.safetensors")
+    for name in [*reference.values(), qkv]:
+        torch.testing.assert_close(merged[name], tuned[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_the_sdxl_refiners_openclip_is_split_and_named_as_text_encoder_2(tmp_path):
+    """The SDXL refiner keeps its only text encoder, OpenCLIP bigG, under conditioner.embedders.0.model.: its
+    in_proj_weight is q, k, v as SDXL's second encoder's is (a module each), named lora_te2_ (its diffusers pipeline
+    calls it text_encoder_2, which diffusers' kohya loader gives lora_te2_), and merged back into its rows."""
+    from test_extract_fused import K_AND_V, kohya_modules, pair
+    from test_ldm import SDXL_TEXT
+
+    refiner = "conditioner.embedders.0.model."
+    base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V, prefix=refiner)
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "16", "-o", tmp_path / "x.safetensors")
+    assert code == 0, out
+    assert kohya_modules(tmp_path / "x.safetensors") == [
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj", "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
+        "lora_te2_text_model_encoder_layers_0_self_attn_v_proj"]
+    code, out = run("merge", tmp_path / "x.safetensors", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
+    assert code == 0, out
+    merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
+    for name in want:
+        torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_sd3_text_encoder_files_written_before_still_bind(tmp_path):
+    """A kohya file extract wrote before (text encoders as lora_unet_text_encoders_clip_l_transformer_…) still binds
+    to the SD3 checkpoint, beside sd-scripts' lora_te1_ names for the same module."""
+    import factories
+    from loraops import check, formats
+
+    encoders = sd3_text_encoders()
+    prefix, (_, model) = next(iter(encoders.items()))
+    manifest = {prefix + k: v for k, v in model.state_dict().items()}
+    path = "text_model_encoder_layers_0_self_attn_q_proj"
+    for name in (f"lora_te1_{path}", f"lora_unet_text_encoders_clip_l_transformer_{path}"):
+        lora = factories.kohya_file(tmp_path / f"{name}.safetensors", {name: ((8,), (8,))})
+        bound = check.bind(formats.read_adapter(lora), manifest)
+        assert list(bound.modules) == [f"{prefix}text_model.encoder.layers.0.self_attn.q_proj"], name
+
+
+def unet_checkpoint(layout):
+    """A tiny diffusers UNet of ``layout`` (test_ldm.SD15 / SDXL) as a single-file checkpoint holding the UNet alone,
+    under the original names diffusers' conversion table gives it."""
+    from test_ldm import diffusers_unet, reference_checkpoint_name, reference_table
+
+    torch.manual_seed(0)
+    unet, _ = diffusers_unet(layout)
+    table = reference_table(**layout)
+    out = {}
+    for key, value in unet.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        out[f"model.diffusion_model.{reference_checkpoint_name(module, table)}.{leaf}"] = value.detach().clone()
+    return out
+
+
+def test_an_sdxl_checkpoint_of_the_unet_alone_gets_sdxl_names_and_header(tmp_path):
+    """SDXL is known by its UNet's structure (label_emb: the size/crop embedding SD 1.x/2.x lack), not by its text
+    encoders: a checkpoint of the UNet alone got SD 1.x names (lora_unet_down_blocks_1_attentions_0_proj_in) and no
+    ss_base_model_version; sd-scripts names SDXL's UNet by the checkpoint's own paths. An SD 1.x UNet alone keeps
+    diffusers block names."""
+    from test_ldm import SD15, SDXL
+
+    from loraops.st import read_header
+
+    changed = {"sdxl": ["input_blocks.4.1.proj_in", "label_emb.0.0", "output_blocks.2.2.conv"],
+               "sd15": ["input_blocks.1.1.proj_in", "output_blocks.11.1.transformer_blocks.0.attn2.to_k"]}
+    for layout, id_ in ((SDXL, "sdxl"), (SD15, "sd15")):
+        base = unet_checkpoint(layout)
+        tuned = {k: v.clone() for k, v in base.items()}
+        g = torch.Generator().manual_seed(2)
+        for module in changed[id_]:
+            tensor = f"model.diffusion_model.{module}.weight"
+            tuned[tensor] += 0.1 * torch.randn(tuned[tensor].shape, generator=g)
+        save_file(base, str(tmp_path / f"{id_}.safetensors"))
+        save_file(tuned, str(tmp_path / f"{id_}-ft.safetensors"))
+        code, out = run("extract", "--base", tmp_path / f"{id_}.safetensors", "--tuned", tmp_path / f"{id_}-ft.safetensors",
+                        "--rank", "2", "-o", tmp_path / f"{id_}-x.safetensors")
+        assert code == 0, out
+        header = read_header(tmp_path / f"{id_}-x.safetensors")
+        names = sorted(k.removesuffix(".lora_up.weight") for k in header.tensors if k.endswith(".lora_up.weight"))
+        if id_ == "sdxl":
+            assert names == sorted(f"lora_unet_{m.replace('.', '_')}" for m in changed[id_])
+            assert header.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+        else:
+            assert names == ["lora_unet_down_blocks_0_attentions_0_proj_in",
+                             "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k"]
+            assert header.metadata["ss_base_model_version"] == ""  # SD 1.x or 2.x: its UNet alone does not say
+
+
+def test_sd2_header_is_sd_scripts_extracts_default_sd_v2_v(tmp_path):
+    """sd-scripts' extract_lora_from_models.py --v2 writes ss_base_model_version from
+    model_util.get_model_version_str_for_sd1_sd2(v2, v_parameterization), v_parameterization defaulting to v2:
+    ``sd_v2_v`` with ss_v2 True (was empty)."""
+    from test_extract_fused import K_AND_V, pair
+    from test_ldm import SDXL_TEXT
+
+    from loraops.st import read_header
+
+    base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V, prefix="cond_stage_model.model.")
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "x.safetensors")
+    assert code == 0, out
+    metadata = read_header(tmp_path / "x.safetensors").metadata
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"], metadata["ss_network_module"]) == (
+        "sd_v2_v", "True", "networks.lora")
+
+
+def test_flux_and_sd3_files_name_sd_scripts_network_module(tmp_path):
+    """sd-scripts writes ss_network_module networks.lora_flux for FLUX (flux_extract_lora.py, lora_flux.py) and
+    networks.lora_sd3 for SD3 (lora_sd3.py), not networks.lora: extract does, and so does every kohya file of an
+    adapter bound to such a base — one whose header says networks.lora (as loraops wrote FLUX files before) or
+    LyCORIS' network, exported, and a combine of the two."""
+    from test_extract_fused import low_rank, pair
+    from test_ldm import FLUX
+
+    import factories
+    from loraops.st import read_header
+
+    sd3 = {f"model.diffusion_model.{m}.weight": (h, 8) for m, h in sd3_heights().items()}
+    for name, shapes, tensor, network in (
+            ("flux", FLUX, "double_blocks.0.img_attn.qkv.weight", "networks.lora_flux"),
+            ("sd3", sd3, "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "networks.lora_sd3")):
+        folder = tmp_path / name
+        folder.mkdir()
+        base, tuned = pair(folder, shapes, {tensor: (0, low_rank(shapes[tensor][0], shapes[tensor][1], 2, 5))})
+        assert run("base", "add", base, "--name", name)[0] == 0
+        code, out = run("extract", "--base", name, "--tuned", tuned, "--rank", "2", "-o", folder / "x.safetensors")
+        assert code == 0, out
+        assert read_header(folder / "x.safetensors").metadata["ss_network_module"] == network, name
+
+    for name, module in (("old", "networks.lora"), ("lyco", "lycoris.kohya")):
+        factories.kohya_file(tmp_path / f"{name}.safetensors", {"lora_unet_double_blocks_0_img_attn_proj": ((16,), (16,))},
+                             metadata={"ss_network_module": module, "ss_base_model_version": "flux1"})
+        code, out = run("register", tmp_path / f"{name}.safetensors", "--name", name, "--base", "flux")
+        assert code == 0, out
+        assert run("export", name, "--format", "kohya", "-o", tmp_path / f"{name}-k.safetensors")[0] == 0
+        assert read_header(tmp_path / f"{name}-k.safetensors").metadata["ss_network_module"] == "networks.lora_flux"
+    assert run("combine", "old", "lyco", "--method", "cat", "-o", tmp_path / "c.safetensors")[0] == 0
+    assert read_header(tmp_path / "c.safetensors").metadata["ss_network_module"] == "networks.lora_flux"
+    # read unbound, a file keeps the sd-scripts network it names (LyCORIS' is none: a plain LoRA is written)
+    for name, network in (("x", "networks.lora_flux"), ("lyco", "networks.lora")):
+        source = tmp_path / "flux" / "x.safetensors" if name == "x" else tmp_path / "lyco.safetensors"
+        assert run("export", source, "--format", "kohya", "-o", tmp_path / f"{name}-unbound.safetensors")[0] == 0
+        assert read_header(tmp_path / f"{name}-unbound.safetensors").metadata["ss_network_module"] == network
+
+
+def test_peft_is_refused_for_openclip_parts_alone_and_by_every_command_that_writes(tmp_path):
+    """PEFT names modules, and OpenCLIP's q/k/v are rows of one in_proj_weight, a module of no model PEFT wraps: an
+    adapter holding them is refused as PEFT by export, resize, combine and extract alike, in one line naming them
+    (before, extract refused PEFT for every single-file checkpoint and the others wrote it). Anything else of such a
+    checkpoint (LDM UNet paths, CLIP's own modules, OpenCLIP's out_proj and MLP) is written as PEFT, and reads back
+    bound to the checkpoint as the same deltas. A combine of kohya inputs stays kohya without --format."""
+    import factories
+    from test_extract_fused import low_rank, pair
+    from test_ldm import KOHYA_SDXL_TEXT, SDXL_TEXT, checkpoint
+
+    from loraops import check, formats
+    from loraops.registry import Registry
+
+    base = checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT)
+    assert run("base", "add", base, "--name", "sdxl")[0] == 0
+    parts = {k: v for k, v in KOHYA_SDXL_TEXT.items() if k.endswith(("_q_proj", "_v_proj")) and "lora_te2" in k}
+    plain = {k: v for k, v in KOHYA_SDXL_TEXT.items() if k not in parts}
+    for name, modules in (("parts", KOHYA_SDXL_TEXT), ("parts2", KOHYA_SDXL_TEXT), ("plain", plain)):
+        lora = factories.kohya_file(tmp_path / f"{name}.safetensors", modules, seed=len(name))
+        assert run("register", lora, "--name", name, "--base", "sdxl")[0] == 0
+    te2 = "conditioner.embedders.1.model.transformer.resblocks.0.attn"
+    refused = (f"{te2}.q_proj, {te2}.v_proj: rows of a fused tensor ({te2}.in_proj_weight) that no model PEFT wraps "
+               "holds as a module, so it cannot be written as peft: use --format kohya\n")
+    commands = {"export": ["export", "{}", "--format", "peft", "-o", tmp_path / "{}-export"],
+                "resize": ["resize", "{}", "--rank", "2", "--format", "peft", "-o", tmp_path / "{}-resize"],
+                "combine": ["combine", "{}", "{}", "--method", "cat", "--format", "peft", "-o", tmp_path / "{}-combine"]}
+    with Registry.open() as reg:
+        before = len(reg.list_adapters())
+    for command, args in commands.items():
+        code, out = run(*(str(a).replace("{}", "parts") for a in args))
+        assert (code, out) == (2, f"error: parts@1: {refused}"), command
+        assert not (tmp_path / f"parts-{command}").exists()
+        code, out = run(*(str(a).replace("{}", "plain") for a in args))
+        assert code == 0, (command, out)
+        written = formats.read_adapter(tmp_path / f"plain-{command}")
+        assert written.format == "peft" and all(not n.startswith("lora_") for n in written.modules), command
+    with Registry.open() as reg:
+        assert len(reg.list_adapters()) == before + 2  # plain's resize and combine
+    manifest = load_file(base)
+    exported = check.bind(formats.read_adapter(tmp_path / "plain-export"), manifest)
+    source = check.bind(formats.read_adapter(tmp_path / "plain.safetensors"), manifest)
+    assert sorted(exported.modules) == sorted(source.modules)
+    for name, module in source.modules.items():
+        torch.testing.assert_close(exported.modules[name].delta(), module.delta(), rtol=0, atol=1e-6, msg=name)
+    code, out = run("combine", "parts", "parts2", "--method", "cat", "-o", tmp_path / "kohya.safetensors")
+    assert code == 0 and formats.detect(tmp_path / "kohya.safetensors") == "kohya", out
+
+    proj_in = "model.diffusion_model.input_blocks.4.1.proj_in.weight"  # extract: a UNet change, as PEFT
+    folder = tmp_path / "extract"
+    folder.mkdir()
+    base, tuned = pair(folder, SDXL_TEXT, {proj_in: (0, low_rank(8, 8, 2, 7))})
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", folder / "p")
+    assert code == 0, out
+    config = json.loads((folder / "p" / "adapter_config.json").read_text())
+    assert config["target_modules"] == [proj_in.removesuffix(".weight")]
+    code, out = run("merge", folder / "p", "--into", base, "-o", folder / "m.safetensors", "--no-record")
+    assert code == 0, out
+    torch.testing.assert_close(load_file(folder / "m.safetensors")[proj_in], load_file(tuned)[proj_in], rtol=0,
+                               atol=2e-6)
