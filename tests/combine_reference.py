@@ -49,8 +49,9 @@ def uniform_draws(seed, name, index, shape):
     return torch.rand(shape, generator=torch.Generator().manual_seed(module_seed(seed, name, index)))
 
 
-def dare(tau, density, draws):
-    return tau * (draws < density) / density
+def dare(tau, density, draws, rescale=True):
+    """Bernoulli(density) by the uniform draws (u < density); survivors ÷ density (mergekit's rescale)."""
+    return tau * (draws < density) / (density if rescale else 1)
 
 
 def della_probabilities(tau, density, epsilon):
@@ -66,15 +67,16 @@ def della_probabilities(tau, density, epsilon):
     return ((density - epsilon) + norm * 2 * epsilon).reshape(tau.shape)
 
 
-def della(tau, density, epsilon, draws):
-    """Bernoulli(p) by the same uniform draws (u < p), survivors divided by their own p."""
+def della(tau, density, epsilon, draws, rescale=True):
+    """Bernoulli(p) by the same uniform draws (u < p), survivors divided by their own p (mergekit's rescale)."""
     p = della_probabilities(tau, density, epsilon)
-    return tau * (draws.reshape(tau.shape) < p) / p
+    return tau * (draws.reshape(tau.shape) < p) / (p if rescale else 1)
 
 
-def elect(weighted, weights, normalize):
-    """Sign election by Σ wτ (0 counts as +), disjoint sum; normalized by the agreeing weights (0 → 1)."""
-    total = sum(weighted)
+def elect(weighted, weights, normalize, consensus="sum"):
+    """mergekit's get_mask and mix: the majority sign of Σ wτ (sum) or of Σ sign(wτ) (count), 0 counting as +;
+    disjoint sum of the entries of that sign (0 agrees with neither); normalized by the agreeing weights (0 → 1)."""
+    total = sum(weighted) if consensus == "sum" else sum(torch.sign(t) for t in weighted)
     sign = torch.where(total >= 0, 1.0, -1.0).double()
     masks = [torch.sign(t) == sign for t in weighted]
     num = sum(t * m for t, m in zip(weighted, masks))
@@ -88,7 +90,8 @@ CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 NORMALIZED = {"ties", "della"}  # normalize's default
 
 
-def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.15, normalize=None, lam=1.0):
+def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.15, normalize=None, lam=1.0,
+              rescale=True, consensus="sum"):
     """The module's combined delta, in the base weight's layout: DELLA ranks the rows of that layout (and loraops
     draws its uniforms there); DARE's draws are in the B·A layout, the same one for all but transposed modules."""
     pairs = taus(inputs, name)
@@ -100,13 +103,14 @@ def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.
     elif method.startswith("breadcrumbs"):
         sparse = [breadcrumbs(t, density, gamma) for _, t in pairs]
     elif method.startswith("dare"):
-        sparse = [dare(t, density, uniform_draws(seed, name, i, t.shape)) for i, (_, t) in enumerate(pairs)]
+        sparse = [dare(t, density, uniform_draws(seed, name, i, t.shape), rescale) for i, (_, t) in enumerate(pairs)]
     else:
-        sparse = [della(t, density, epsilon, uniform_draws(seed, name, i, t.shape)) for i, (_, t) in enumerate(pairs)]
+        sparse = [della(t, density, epsilon, uniform_draws(seed, name, i, t.shape), rescale)
+                  for i, (_, t) in enumerate(pairs)]
     weighted = [w * t for w, t in zip(weights, sparse)]
     normalize = method in NORMALIZED if normalize is None else normalize
     if method in CONSENSUS:
-        mixed = elect(weighted, weights, normalize)
+        mixed = elect(weighted, weights, normalize, consensus)
     else:
         mixed = sum(weighted)
         if normalize:

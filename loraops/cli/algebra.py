@@ -68,6 +68,12 @@ def percent(value: float | None) -> str:
               help="della*: keep probabilities run from density − epsilon (smallest in a row) to density + epsilon "
                    "(largest), inside (0, 1) (default 0.15).")
 @click.option("--seed", type=int, help="dare_*, della*: seed of the random masks (default 0).")
+@click.option("--rescale/--no-rescale", default=None,
+              help="dare_*, della*: divide the kept entries by their keep probability (DARE's 1/density, DELLA's 1/p; "
+                   "default on, as mergekit; --no-rescale is mergekit's rescale: false).")
+@click.option("--consensus", type=click.Choice(["sum", "count"]),
+              help="Sign-elected methods (ties, dare_ties, breadcrumbs_ties, della): elect each entry's sign from the "
+                   "weighted sum of the deltas (sum, the default, TIES') or from a count of their signs (count).")
 @click.option("--normalize/--no-normalize", default=None,
               help="Element-wise methods: divide by the weights of the inputs that contribute to each entry "
                    "(default: on for ties and della, off for the others, as mergekit; PEFT's *_svd methods always "
@@ -77,14 +83,14 @@ def percent(value: float | None) -> str:
                    "--normalize (default 1).")
 @compute_options
 @output_options
-def combine(inputs, method, rank, density, gamma, epsilon, seed, normalize, lambda_, device, precise, base, output, fmt,
-            force, name, as_json) -> None:
+def combine(inputs, method, rank, density, gamma, epsilon, seed, rescale, consensus, normalize, lambda_, device, precise,
+            base, output, fmt, force, name, as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage."""
     from .. import derive
 
-    given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("normalize", normalize),
-             ("lambda", lambda_))
+    given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("rescale", rescale),
+             ("consensus", consensus), ("normalize", normalize), ("lambda", lambda_))
     params = {key: value for key, value in given if value is not None}
     result = derive.combine([parse_weighted(text) for text in inputs], method, params, rank=rank, device=device,
                             precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)

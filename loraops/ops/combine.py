@@ -33,10 +33,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, replace
-from typing import Annotated, Callable, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_serializer, model_validator
 
 from .params import Params
 from .svd import Refactored, refactor_dense, refactor_product, row_blocks
@@ -83,21 +83,46 @@ class Method:
     run: MethodFn
     default_rank: Callable[[list[int]], int] | None
     """Rank used when the caller gives none, from the present inputs' ranks; None: the method fixes the rank."""
+    weights_scale: bool = True
+    """Multiplying every weight by λ multiplies the result by λ (where normalize is off): what a method without
+    ``lambda`` tells the user to do instead."""
+    check_weights: Callable[[str, Sequence[float]], None] | None = None
+    """Refuses input counts or weights the method has no meaning for (InvalidInputError), before any work."""
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(*names: str, params: type[Params], default_rank: Callable[[list[int]], int] | None):
+def register(*names: str, params: type[Params], default_rank: Callable[[list[int]], int] | None,
+             weights_scale: bool = True, check_weights: Callable[[str, Sequence[float]], None] | None = None):
     def decorate(fn: MethodFn) -> MethodFn:
         for name in names:
-            METHODS[name] = Method(name, params, fn, default_rank)
+            METHODS[name] = Method(name, params, fn, default_rank, weights_scale, check_weights)
         return fn
 
     return decorate
 
 
-class NoParams(Params):
+class CombineParams(Params):
+    """Base of the combine methods' parameters. Options added after results were recorded (``consensus``,
+    ``rescale``) are dumped (report, lineage) only when they differ from their default, which is what every method
+    did before them: so one computation has one record, before and after."""
+
+    model_config = ConfigDict(serialize_by_alias=True)  # "lambda", a Python keyword, is held as lambda_
+
+    @model_serializer(mode="wrap")
+    def _omit_later_defaults(self, handler):
+        data = handler(self)
+        for name, default in LATER_DEFAULTS.items():
+            if name in data and data[name] == default:
+                del data[name]
+        return data
+
+
+LATER_DEFAULTS = {"consensus": "sum", "rescale": True}
+
+
+class NoParams(CombineParams):
     pass
 
 
@@ -121,23 +146,32 @@ def linear(terms: list[Term], params: Params, rank: int, ctx: Context) -> Refact
 # ---- element-wise methods (generalized task arithmetic on dense deltas) -------------------------------------------
 
 
-class DensityParams(Params):
-    model_config = ConfigDict(serialize_by_alias=True)  # "lambda", a Python keyword, is held as lambda_
+class DensityParams(CombineParams):
     density: float = Field(gt=0, le=1, description="fraction of each task vector's entries kept")
 
 
 Lambda = Annotated[float, Field(alias="lambda", description="mergekit's scale of the mixed result, after normalize")]
+Consensus = Annotated[Literal["sum", "count"], Field(
+    description="sign election: the sign of Σ wᵢτᵢ (sum, TIES') or of Σ sign(wᵢτᵢ) (count: one vote per input)")]
+Rescale = Annotated[bool, Field(description="divide the survivors by their keep probability (DARE's 1/density, "
+                                            "DELLA's 1/p)")]
 
 
 class TiesParams(DensityParams):
+    consensus: Consensus = "sum"
     normalize: bool = True
     lambda_: Lambda = 1.0
 
 
 class DareParams(DensityParams):
     seed: int = 0
+    rescale: Rescale = True
     normalize: bool = False
     lambda_: Lambda = 1.0
+
+
+class DareTiesParams(DareParams):
+    consensus: Consensus = "sum"
 
 
 class PruneParams(DensityParams):
@@ -159,10 +193,15 @@ class BreadcrumbsParams(DensityParams):
         return self
 
 
-class DellaParams(DensityParams):
+class BreadcrumbsTiesParams(BreadcrumbsParams):
+    consensus: Consensus = "sum"
+
+
+class DellaLinearParams(DensityParams):
     epsilon: float = Field(0.15, ge=0, description="half-width of the keep probabilities around density")
     seed: int = 0
-    normalize: bool = True
+    rescale: Rescale = True
+    normalize: bool = False
     lambda_: Lambda = 1.0
 
     @model_validator(mode="after")
@@ -176,8 +215,9 @@ class DellaParams(DensityParams):
         return self
 
 
-class DellaLinearParams(DellaParams):
-    normalize: bool = False
+class DellaParams(DellaLinearParams):
+    normalize: bool = True
+    consensus: Consensus = "sum"
 
 
 Sparsifier = Callable[[torch.Tensor], torch.Tensor]
@@ -197,8 +237,9 @@ def trim(term: Term, density: float, blocks: list[slice], ctx: Context, index: i
     to the smallest kept magnitude, the first in row-major order (torch.topk, as mergekit uses, keeps any)."""
     if density >= 1:
         return _unchanged
-    top = largest(term, [max(1, int(density * math.prod(ctx.shape)))], blocks)[0]
-    return lambda block: torch.where(top(_magnitude_bits(block)), block, _zero(block))
+    [top] = kth_largest_magnitudes(term.delta, [max(1, int(density * math.prod(ctx.shape)))], blocks, term.A)
+    mask = top.mask()
+    return lambda block: torch.where(mask(_magnitude_bits(block)), block, _zero(block))
 
 
 def drop_outliers(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
@@ -213,7 +254,7 @@ def drop_outliers(term: Term, density: float, blocks: list[slice], ctx: Context,
     dropped = min(int(params.gamma * n), n - kept)
     if not dropped:
         return trim(term, density, blocks, ctx, index, params)
-    outliers, top = largest(term, [dropped, dropped + kept], blocks)
+    outliers, top = (k.mask() for k in kth_largest_magnitudes(term.delta, [dropped, dropped + kept], blocks, term.A))
 
     def sparsify(block: torch.Tensor) -> torch.Tensor:
         bits = _magnitude_bits(block)
@@ -227,40 +268,46 @@ def _magnitude_bits(block: torch.Tensor) -> torch.Tensor:
     return block.abs().view(torch.int64 if block.dtype == torch.float64 else torch.int32)
 
 
-def largest(term: Term, ks: Sequence[int], blocks: list[slice]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """For each k (1 ≤ k ≤ n), a mask of the term's k largest-magnitude entries, to be called on the bit patterns
-    of its delta's row blocks in order: entries above the k-th magnitude, and of those equal to it the first ones
-    in row-major order, so that exactly k are kept whatever the blocks."""
-    masks = []
-    for threshold, equal_kept in kth_largest_magnitudes(term, ks, blocks):
-        remaining = [equal_kept]
+@dataclass(frozen=True)
+class Largest:
+    """Where the k largest magnitudes of a matrix end: the bit pattern of the k-th, and how many entries equal to it
+    are among the k."""
 
-        def mask(bits: torch.Tensor, threshold: int = threshold, remaining: list[int] = remaining) -> torch.Tensor:
-            equal = bits == threshold
+    threshold: int
+    equal_kept: int
+
+    def mask(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A mask of the k largest, to be called on the bit patterns of the matrix's row blocks in order (once each):
+        entries above the k-th magnitude, and of those equal to it the first ones in row-major order, so that exactly
+        k are kept whatever the blocks."""
+        remaining = [self.equal_kept]
+
+        def mask(bits: torch.Tensor) -> torch.Tensor:
+            equal = bits == self.threshold
             count = int(equal.sum())
             if count > remaining[0]:
                 equal &= (equal.reshape(-1).cumsum(0) <= remaining[0]).reshape(equal.shape)
             remaining[0] -= min(count, remaining[0])
-            return (bits > threshold) | equal
+            return (bits > self.threshold) | equal
 
-        masks.append(mask)
-    return masks
+        return mask
 
 
-def kth_largest_magnitudes(term: Term, ks: Sequence[int], blocks: list[slice]) -> list[tuple[int, int]]:
-    """For each k, (bit pattern of the k-th largest |entry| of the term's delta, how many entries equal to it are
-    among the k largest). Exact, by a radix select on the bit patterns, 16 bits a pass (two passes in float32, four
-    in float64), each recomputing the delta block by block, once for all the ks: neither the whole delta nor a sort
-    of it is ever held."""
-    width = term.A.element_size() * 8
+def kth_largest_magnitudes(values: Callable[[slice], torch.Tensor], ks: Sequence[int], blocks: list[slice],
+                           like: torch.Tensor) -> list[Largest]:
+    """For each k (1 ≤ k ≤ n), where the k largest |entries| of a matrix end; ``values(rows)`` computes its row blocks
+    (a term's delta, the variance across inputs), with ``like``'s dtype and device. Exact, by a radix select on the
+    bit patterns, 16 bits a pass (two passes in float32, four in float64), each recomputing the matrix block by
+    block, once for all the ks: neither the whole matrix nor a sort of it is ever held."""
+    width = like.element_size() * 8
     prefixes, wanted = [0] * len(ks), list(ks)
-    ones = torch.ones((), dtype=torch.int64, device=term.A.device)
+    ones = torch.ones((), dtype=torch.int64, device=like.device)
     for shift in range(width - 16, -1, -16):
         high = shift + 16  # the digits above this pass's, fixed by the passes before it
-        counts = {p >> high if high < width else 0: torch.zeros(1 << 16, dtype=torch.int64, device=term.A.device)
+        counts = {p >> high if high < width else 0: torch.zeros(1 << 16, dtype=torch.int64, device=like.device)
                   for p in prefixes}  # one histogram per prefix found so far (ks with the same prefix share it)
         for rows in blocks:
-            pattern = _magnitude_bits(term.delta(rows)).reshape(-1)
+            pattern = _magnitude_bits(values(rows)).reshape(-1)
             upper = pattern >> high if high < width else None
             for prefix, hist in counts.items():
                 part = pattern if upper is None else pattern[upper == prefix]  # entries under this prefix
@@ -272,7 +319,7 @@ def kth_largest_magnitudes(term: Term, ks: Sequence[int], blocks: list[slice]) -
             j = int(torch.searchsorted(at_least, torch.tensor([wanted[i]], device=at_least.device)))
             wanted[i] -= int(at_least[j - 1]) if j else 0
             prefixes[i] |= (0xFFFF - j) << shift
-    return list(zip(prefixes, wanted))
+    return [Largest(prefix, equal) for prefix, equal in zip(prefixes, wanted)]
 
 
 def module_seed(seed: int, module: str, index: int) -> int:
@@ -283,7 +330,7 @@ def module_seed(seed: int, module: str, index: int) -> int:
 
 
 def uniforms(term: Term, ctx: Context, index: int,
-             params: DareParams | DellaParams) -> Callable[[torch.Size], torch.Tensor]:
+             params: DareParams | DellaLinearParams) -> Callable[[torch.Size], torch.Tensor]:
     """The uniform draws of one input's random mask, block after block, in float32 from a generator on the compute
     device seeded per module and input (on the CPU the same numbers as one draw of the whole shape): reproducible
     on one device, but CPU and CUDA generators draw different numbers. Drawing on the CPU for every device was
@@ -298,19 +345,20 @@ def uniforms(term: Term, ctx: Context, index: int,
 def drop_and_rescale(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
                      params: DareParams) -> Sparsifier:
     """DARE: drop each entry with probability 1 − density (uniform draw ≥ density), rescale the survivors by
-    1/density."""
+    1/density (``rescale``; mergekit's rescale: false keeps them as they are)."""
     if density >= 1:
         return _unchanged
     draw = uniforms(term, ctx, index, params)
-    return lambda block: torch.where(draw(block.shape) < density, block / density, _zero(block))
+    divisor = density if params.rescale else 1
+    return lambda block: torch.where(draw(block.shape) < density, block / divisor, _zero(block))
 
 
 def sample_by_rank(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
-                   params: DellaParams) -> Sparsifier:
+                   params: DellaLinearParams) -> Sparsifier:
     """DELLA's MagPrune (mergekit's rank_magnitude_sampling): in each row, the entry of magnitude rank r (0 for the
     smallest, equal magnitudes ranked in column order) of m is kept with probability
     p = density − epsilon + 2·epsilon·r/(m − 1) (density for a row of one), by a uniform draw < p as DARE's, and
-    divided by p: each entry keeps its expectation. Rows are whole in every block."""
+    divided by p (``rescale``): each entry keeps its expectation. Rows are whole in every block."""
     if density >= 1:
         return _unchanged
     draw = uniforms(term, ctx, index, params)
@@ -326,38 +374,55 @@ def sample_by_rank(term: Term, density: float, blocks: list[slice], ctx: Context
             order = _magnitude_bits(block).argsort(dim=1, stable=True)
             p = torch.empty_like(block).scatter_(1, order, by_rank.expand_as(order))
             del order
-        return torch.where(draw(block.shape) < p, block / p, _zero(block))
+        return torch.where(draw(block.shape) < p, block / p if params.rescale else block, _zero(block))
 
     return sparsify
+
+
+def elected_positive(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
+    """Where the elected sign is + (ties to +): the sign of Σ wᵢτᵢ (``sum``, TIES'), or of Σ sign(wᵢτᵢ) (``count``:
+    one vote per input that has the entry), as mergekit's get_mask."""
+    if consensus == "count":
+        return sum(torch.sign(tau) for tau in weighted) >= 0
+    return sum(weighted) >= 0
+
+
+def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], consensus: str | None, normalize: bool,
+        voters: list[torch.Tensor] | None = None) -> None:
+    """One block of mergekit's mix, into ``out``: Σ τᵢ (already weighted), of the entries whose sign agrees with the
+    one elected from ``voters`` (default: the τᵢ) when ``consensus``; divided, when ``normalize``, by the weights
+    that contribute to each entry."""
+    out.zero_()
+    divisor = torch.zeros_like(out) if normalize else None
+    if consensus:
+        elected = elected_positive(taus if voters is None else voters, consensus)
+    for weight, tau in zip(weights, taus):
+        if consensus:
+            agree = ((tau > 0) == elected) & (tau != 0)
+            tau = tau * agree
+        out += tau
+        if divisor is not None:
+            divisor += agree * weight if consensus else weight
+    if divisor is not None:
+        # mergekit: entries with no agreeing contribution (sign election), or whose weights sum to ~0 (no
+        # election), are left undivided; agreeing weights are positive, so tiny ones still divide
+        divisor[divisor == 0 if consensus else divisor.abs() < 1e-8] = 1
+        out /= divisor
 
 
 def task_arithmetic(
     terms: list[Term], params: DensityParams, ctx: Context, sparsifier: Callable[..., Sparsifier], consensus: bool
 ) -> torch.Tensor:
     """mergekit's generalized task arithmetic on one module: sparsify each τᵢ, weight, optionally keep only the
-    entries that agree with the elected sign (sign of Σ wᵢτᵢ, ties to +), sum, optionally normalize. Every step is
-    per entry, so the result is made row block by row block (see the module docstring)."""
+    entries that agree with the elected sign, sum, optionally normalize. Every step is per entry, so the result is
+    made row block by row block (see the module docstring)."""
     blocks = row_blocks(ctx.shape)
     sparsify = [sparsifier(t, params.density, blocks, ctx, i, params) for i, t in enumerate(terms)]
     mixed = torch.empty(ctx.shape, dtype=terms[0].A.dtype, device=terms[0].A.device)
     for rows in blocks:
-        weighted = [(t.weight, s(t.delta(rows)).mul_(t.weight)) for t, s in zip(terms, sparsify)]
-        out = mixed[rows].zero_()
-        divisor = torch.zeros_like(out) if params.normalize else None
-        if consensus:
-            elected = sum(tau for _, tau in weighted) >= 0
-        for weight, tau in weighted:
-            if consensus:
-                agree = ((tau > 0) == elected) & (tau != 0)
-                tau = tau * agree
-            out += tau
-            if divisor is not None:
-                divisor += agree * weight if consensus else weight
-        if divisor is not None:
-            # mergekit: entries with no agreeing contribution (sign election), or whose weights sum to ~0 (no
-            # election), are left undivided; agreeing weights are positive, so tiny ones still divide
-            divisor[divisor == 0 if consensus else divisor.abs() < 1e-8] = 1
-            out /= divisor
+        out = mixed[rows]
+        mix(out, [s(t.delta(rows)).mul_(t.weight) for t, s in zip(terms, sparsify)], [t.weight for t in terms],
+            params.consensus if consensus else None, params.normalize)
         if getattr(params, "lambda_", 1.0) != 1:
             out *= params.lambda_
     return mixed
@@ -378,10 +443,10 @@ def _elementwise(sparsifier: Callable[..., Sparsifier], consensus: bool, by_rows
 
 
 register("ties", params=TiesParams, default_rank=max)(_elementwise(trim, consensus=True))
-register("dare_ties", params=DareParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=True))
+register("dare_ties", params=DareTiesParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=True))
 register("dare_linear", params=DareParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=False))
 register("breadcrumbs", params=BreadcrumbsParams, default_rank=max)(_elementwise(drop_outliers, consensus=False))
-register("breadcrumbs_ties", params=BreadcrumbsParams, default_rank=max)(_elementwise(drop_outliers, consensus=True))
+register("breadcrumbs_ties", params=BreadcrumbsTiesParams, default_rank=max)(_elementwise(drop_outliers, consensus=True))
 register("della", params=DellaParams, default_rank=max)(_elementwise(sample_by_rank, consensus=True, by_rows=True))
 register("della_linear", params=DellaLinearParams, default_rank=max)(
     _elementwise(sample_by_rank, consensus=False, by_rows=True))
