@@ -3,15 +3,12 @@ breadcrumbs thresholds, DELLA's probabilities, transposed and conv modules, unbi
 CLI end to end. (Each method against the float64 reference, by row blocks too: test_ops_combine.)"""
 import json
 import math
-import subprocess
-import sys
-from dataclasses import replace
 
 import pytest
 import torch
 
 import combine_reference as ref
-from factories import lora_adapter
+from factories import combine_inputs, layouts_adapter, lora_adapter, loraops_run as loraops
 from loraops.algebra import combine
 from loraops.errors import InvalidInputError
 from loraops.ops import svd
@@ -97,15 +94,7 @@ def test_della_ranks_the_rows_of_the_base_weight_as_stored(method, block_element
     tensor along its input channels only); a row of one entry keeps it with probability density (mergekit divides 0
     by 0 there)."""
     monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
-
-    def adapter(seed):
-        linear = lora_adapter({"emb": (16, 40), "c1d": (12, 24), "one": (8, 1)}, rank=3, seed=seed)
-        modules = {"emb": replace(linear.modules["emb"], kind="embedding"),
-                   "c1d": replace(linear.modules["c1d"], fan_in_fan_out=True), "one": linear.modules["one"]}
-        conv = lora_adapter({"conv": (6, 4, 3, 3)}, rank=2, seed=seed, kind="conv").modules
-        return replace(linear, modules={**modules, **conv})
-
-    inputs = [(adapter(1), 0.6), (adapter(2), 0.9)]
+    inputs = [(layouts_adapter(1), 0.6), (layouts_adapter(2), 0.9)]
     params = {"density": 0.5, "epsilon": 0.2, "seed": 4}
     result, _ = combine(inputs, method, params, rank=64, device="cpu")
     assert result.modules["emb"].weight_shape == (40, 16) and result.modules["c1d"].weight_shape == (24, 12)
@@ -170,7 +159,7 @@ def test_lambda_scales_after_normalize(inputs):
     ("ties", {"density": 0.5, "rescale": False},
      "ties takes no rescale (it is a parameter of dare_ties, dare_linear, della, della_linear)"),
     ("breadcrumbs", {"density": 0.5, "consensus": "count"},
-     "breadcrumbs takes no consensus (it is a parameter of ties, dare_ties, breadcrumbs_ties, della)"),
+     "breadcrumbs takes no consensus (it is a parameter of ties, dare_ties, breadcrumbs_ties, della, sce)"),
     ("dare_ties", {"density": 0.5, "consensus": "vote"}, "bad parameters for dare_ties: consensus: Input should be "
                                                          "'sum' or 'count'"),
 ])
@@ -183,17 +172,7 @@ def test_bad_parameters_are_one_line(inputs, method, params, message):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from factories import peft_adapter, tiny_llama
-
-    root = tmp_path_factory.mktemp("gta-cli")
-    base = tiny_llama(root / "base")
-    return {"base": base,
-            "a": peft_adapter(base, root / "a", seed=1, r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-            "b": peft_adapter(base, root / "b", seed=2, r=6, alpha=3, target_modules=["q_proj", "o_proj"])}
-
-
-def loraops(*args):
-    return subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], capture_output=True, text=True)
+    return combine_inputs(tmp_path_factory.mktemp("gta-cli"))
 
 
 def test_cli_della_end_to_end_with_lineage(files, tmp_path):
@@ -268,7 +247,7 @@ def test_cli_no_rescale_and_count_consensus_with_lineage(files):
     (["-m", "ties", "--density", "0.5", "--no-rescale"],
      "error: ties takes no rescale (it is a parameter of dare_ties, dare_linear, della, della_linear)"),
     (["-m", "della_linear", "--density", "0.5", "--consensus", "count"],
-     "error: della_linear takes no consensus (it is a parameter of ties, dare_ties, breadcrumbs_ties, della)"),
+     "error: della_linear takes no consensus (it is a parameter of ties, dare_ties, breadcrumbs_ties, della, sce)"),
     (["-m", "ties", "--density", "0.5", "--consensus", "vote"],
      "error: invalid value for '--consensus': 'vote' is not one of 'sum', 'count' (see `loraops combine --help`)"),
 ])

@@ -25,19 +25,28 @@ weight still counts where a method normalizes by the weights).
                       rank_magnitude_sampling, the DELLA paper's MagPrune); elect sign; disjoint mean (normalize=True).
   ``della_linear``    sample and rescale as DELLA; Σ wᵢτ̃ᵢ.
   ``magnitude_prune`` trim as TIES; Σ wᵢτ̂ᵢ (PEFT's method; no sign election).
+  ``sce``             on τᵢ' = wᵢτᵢ: keep the entries of largest variance across the inputs (select_topk), weigh each
+                      input by its Σ τᵢ'² there, elect sign, disjoint mean with those weights (mergekit's SCE).
   ``normalize`` divides by the summed weights of the contributing entries, as mergekit does; ``lambda`` (mergekit's
-  methods) scales the mixed result last, after that division.
+  methods) scales the mixed result last, after that division. ``consensus`` elects the sign from Σ wᵢτᵢ (sum) or from
+  a vote of their signs (count); ``rescale`` (DARE, DELLA) divides the survivors by their keep probability.
+* vector-wise methods, on each module's τᵢ as one vector or as rows/columns of the base weight: the result is a
+  combination Σ cᵢτᵢ with a coefficient per vector, computed from inner products of the factors (never a dense
+  delta) and re-factorized exactly from the cat factors (lossless at rank Σ rᵢ).
+  ``nuslerp``         two inputs: spherical interpolation of τ₁ and τ₂ at t = w₂/(w₁ + w₂) (mergekit's, with a base).
+  ``model_stock``     t·mean(wᵢτᵢ), t from the mean angle between the wᵢτᵢ (mergekit's, the base at ΔW = 0).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from dataclasses import dataclass, replace
-from typing import Annotated, Callable, Literal, Sequence
+from typing import Annotated, Callable, Iterator, Literal, Sequence
 
 import torch
 from pydantic import ConfigDict, Field, model_serializer, model_validator
 
+from ..errors import InvalidInputError
 from .params import Params
 from .svd import Refactored, refactor_dense, refactor_product, row_blocks
 
@@ -442,12 +451,188 @@ def _elementwise(sparsifier: Callable[..., Sparsifier], consensus: bool, by_rows
     return run
 
 
+class SceParams(CombineParams):
+    select_topk: float = Field(1.0, gt=0, le=1, description="fraction of the entries kept: those whose weighted task "
+                                                            "vectors vary most across the inputs")
+    consensus: Consensus = "sum"
+
+
+def sce(terms: list[Term], params: SceParams, rank: int, ctx: Context) -> Refactored:
+    """mergekit's SCE (FuseChat's select, calculate, erase) on the weighted task vectors τᵢ' = wᵢτᵢ: keep the entries
+    of the ⌊select_topk·z⌋ (at least 1) largest variances across the inputs, z being the entries whose variance is
+    not 0 (population variance; equal variances in row-major order), zero elsewhere in every τᵢ'; each input's
+    coefficient cᵢ = Σ τᵢ'² over the kept entries, normalized to sum 1; elect each entry's sign from the τᵢ'
+    (consensus) and take the disjoint mean Σ cᵢmᵢτᵢ' / Σ cᵢmᵢ (left undivided where no input agrees).
+
+    Made row block by row block: a pass counts the entries that vary, a radix select finds the variance threshold
+    (2 passes in float32), a pass sums the cᵢ, a last one mixes; each recomputes the inputs' deltas from the factors."""
+    blocks = row_blocks(ctx.shape)
+    like = terms[0].A
+    mixed = torch.zeros(ctx.shape, dtype=like.dtype, device=like.device)
+
+    def weighted(rows: slice) -> list[torch.Tensor]:
+        return [t.delta(rows).mul_(t.weight) for t in terms]
+
+    def variance(rows: slice, taus: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return torch.var(torch.stack(weighted(rows) if taus is None else taus), dim=0, unbiased=False)
+
+    top = None
+    if params.select_topk < 1:
+        varying = sum(int(torch.count_nonzero(variance(rows))) for rows in blocks)
+        if not varying:  # one input, or equal ones: mergekit selects nothing, and the module comes out zero
+            return refactor_dense(mixed, rank, exact=ctx.exact)
+        [top] = kth_largest_magnitudes(variance, [max(1, int(params.select_topk * varying))], blocks, like)
+
+    def selected() -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        """Each row block's τᵢ', zero outside the selected entries (a fresh mask each pass: it counts ties)."""
+        keep = top.mask() if top is not None else None
+        for rows in blocks:
+            taus = weighted(rows)
+            if keep is not None:
+                kept = keep(_magnitude_bits(variance(rows, taus)))
+                taus = [torch.where(kept, tau, _zero(tau)) for tau in taus]
+            yield rows, taus
+
+    sums = [0.0] * len(terms)
+    for _, taus in selected():
+        for i, tau in enumerate(taus):
+            sums[i] += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+    if not sum(sums):  # nothing kept is nonzero
+        return refactor_dense(mixed, rank, exact=ctx.exact)
+    coefficients = [c / sum(sums) for c in sums]
+    for rows, taus in selected():
+        mix(mixed[rows], [tau * c for tau, c in zip(taus, coefficients)], coefficients, params.consensus, True,
+            voters=taus)
+    return refactor_dense(mixed, rank, exact=ctx.exact)
+
+
+# ---- vector-wise methods (factors only: a combination of the τᵢ scaled per vector) --------------------------
+
+
+Vectors = Literal["module", "rows", "columns"]
+"""What a vector-wise method takes as one vector of a module's B·A: all of it, each row, each column."""
+
+
+def _vectors(ctx: Context, weight_rows: bool) -> Vectors:
+    """The rows of the base weight as stored (weight_rows), or its columns, as vectors of B·A: a transposed module's
+    weight (an embedding, a Conv1D) holds (B·A)ᵀ, so its rows are B·A's columns."""
+    return "rows" if weight_rows != ctx.transposed else "columns"
+
+
+def inner_products(a: Term, b: Term, vectors: Vectors) -> torch.Tensor:
+    """⟨wₐτₐ, w_bτ_b⟩ of each vector (a 0-d tensor for the module, one per row or column), in float64 from the factors
+    (r×r products; the dense deltas are never formed)."""
+    Ba, Aa, Bb, Ab = (x.double() for x in (a.B, a.A, b.B, b.A))
+    factor = a.scale * a.weight * b.scale * b.weight
+    if vectors == "module":
+        products = ((Ba.T @ Bb) * (Aa @ Ab.T)).sum()
+    elif vectors == "rows":
+        products = ((Ba @ (Aa @ Ab.T)) * Bb).sum(dim=1)
+    else:
+        products = ((Aa.T @ (Ba.T @ Bb)) * Ab.T).sum(dim=1)
+    return products * factor
+
+
+def cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
+    """dot / (norm_a·norm_b) clamped to [−1, 1], 0 where a vector is zero (mergekit's: 0, by its norm clamps)."""
+    norms = norm_a * norm_b
+    return torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1), 0).clamp(-1, 1)
+
+
+def combination(terms: list[Term], coefficients: list[torch.Tensor], vectors: Vectors, rank: int) -> Refactored:
+    """Σ cᵢ·wᵢτᵢ with cᵢ a number per vector, re-factorized to rank k from the cat factors (a row's coefficient scales
+    Bᵢ's row, a column's Aᵢ's column): exact, lossless at Σ rᵢ."""
+    Bs, As = [], []
+    for t, c in zip(terms, coefficients):
+        c = c.to(t.B.dtype)
+        B, A = t.B * (t.scale * t.weight), t.A
+        if vectors == "columns":
+            A = A * c
+        else:
+            B = B * (c[:, None] if vectors == "rows" else c)
+        Bs.append(B)
+        As.append(A)
+    return refactor_product(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rank)
+
+
+def exactly_two(method: str, weights: Sequence[float]) -> None:
+    if len(weights) != 2:
+        raise InvalidInputError(f"{method} interpolates between exactly two adapters (got {len(weights)})")
+    if min(weights) < 0 or not sum(weights):
+        raise InvalidInputError(f"{method}'s weights only place the point t = w₂/(w₁ + w₂) between the two task "
+                                f"vectors: give weights ≥ 0, not both 0 (got {weights[0]:g} and {weights[1]:g})")
+
+
+class NuslerpParams(CombineParams):
+    flatten: bool = Field(True, description="one vector per module (mergekit's nuslerp_flatten); off: per row or "
+                                            "column")
+    row_wise: bool = Field(False, description="with flatten off: the columns of the weight (dim 0 vectors, mergekit's "
+                                              "nuslerp_row_wise) instead of its rows")
+
+    @model_validator(mode="after")
+    def check_fits(self):
+        if self.row_wise and self.flatten:  # (mergekit ignores it there)
+            raise ValueError("row_wise applies only with flatten off (--no-flatten): a flattened module is one vector")
+        return self
+
+
+def nuslerp(terms: list[Term], params: NuslerpParams, rank: int, ctx: Context) -> Refactored:
+    """mergekit's nuslerp with a base: the spherical interpolation of the two task vectors τ₁, τ₂ at
+    t = w₂/(w₁ + w₂), as vectors of the whole module (flatten), of each row of the base weight, or of each column
+    (row_wise): with θ the angle between them, (sin((1−t)θ)·τ₁ + sin(tθ)·τ₂)/sin θ, or (1−t)·τ₁ + t·τ₂ where they
+    are parallel or opposite; a zero vector is at θ = π/2 from any other. The weights only place t: the task vectors
+    are not scaled by them. (mergekit lerps where sin θ < 1e-8: in float64, where cos θ rounds to ±1. A cosine from
+    the factors carries a few more roundings — two vectors of one entry, always parallel or opposite, came out at
+    −1 + 1e-16 and were divided by sin θ ≈ 1e-8 — so the lerp is taken where |cos θ| > 1 − 1e-12.)"""
+    first, second = (replace(term, weight=1.0) for term in terms)
+    t = terms[1].weight / (terms[0].weight + terms[1].weight)
+    vectors = "module" if params.flatten else _vectors(ctx, weight_rows=not params.row_wise)
+    norm1, norm2 = (inner_products(x, x, vectors).sqrt() for x in (first, second))
+    cos = cosine(inner_products(first, second, vectors), norm1, norm2)
+    theta = torch.acos(cos)
+    parallel = 1 - cos.abs() < 1e-12
+    safe = torch.where(parallel, 1, torch.sin(theta))
+    c1 = torch.where(parallel, 1 - t, torch.sin((1 - t) * theta) / safe)
+    c2 = torch.where(parallel, t, torch.sin(t * theta) / safe)
+    return combination([first, second], [c1, c2], vectors, rank)
+
+
+class ModelStockParams(CombineParams):
+    filter_wise: bool = Field(False, description="one ratio per row of the base weight instead of per module")
+
+
+def at_least_two(method: str, weights: Sequence[float]) -> None:
+    if len(weights) < 2:
+        raise InvalidInputError(f"{method} needs at least two adapters (got {len(weights)}): its ratio comes from the "
+                                "angles between their task vectors")
+
+
+def model_stock(terms: list[Term], params: ModelStockParams, rank: int, ctx: Context) -> Refactored:
+    """mergekit's model_stock with the base at ΔW = 0, on the weighted task vectors τᵢ' = wᵢτᵢ: cos θ the mean of the
+    cosines between every two of the N τᵢ' (a zero vector: 0), t = N·cos θ / (1 + (N − 1)·cos θ), the result
+    t·Σ τᵢ'/N; per module, or per row of the base weight (filter_wise). Where 1 + (N − 1)·cos θ is 0 (the unit
+    vectors cancel out; it is never below 0), to 1e-12 for the roundings of the cosines, t is 0: the base."""
+    vectors = _vectors(ctx, weight_rows=True) if params.filter_wise else "module"
+    norms = [inner_products(x, x, vectors).sqrt() for x in terms]
+    n = len(terms)
+    cosines = [cosine(inner_products(terms[i], terms[j], vectors), norms[i], norms[j])
+               for i in range(n) for j in range(i + 1, n)]
+    cos = torch.stack(cosines).mean(dim=0)
+    denominator = 1 + (n - 1) * cos
+    ratio = torch.where(denominator > 1e-12, n * cos / torch.where(denominator > 1e-12, denominator, 1), 0)
+    return combination(terms, [ratio / n] * n, vectors, rank)
+
+
 register("ties", params=TiesParams, default_rank=max)(_elementwise(trim, consensus=True))
 register("dare_ties", params=DareTiesParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=True))
 register("dare_linear", params=DareParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=False))
 register("breadcrumbs", params=BreadcrumbsParams, default_rank=max)(_elementwise(drop_outliers, consensus=False))
-register("breadcrumbs_ties", params=BreadcrumbsTiesParams, default_rank=max)(_elementwise(drop_outliers, consensus=True))
+register("breadcrumbs_ties", params=BreadcrumbsTiesParams, default_rank=max)(
+    _elementwise(drop_outliers, consensus=True))
 register("della", params=DellaParams, default_rank=max)(_elementwise(sample_by_rank, consensus=True, by_rows=True))
 register("della_linear", params=DellaLinearParams, default_rank=max)(
     _elementwise(sample_by_rank, consensus=False, by_rows=True))
 register("magnitude_prune", params=PruneParams, default_rank=max)(_elementwise(trim, consensus=False))
+register("sce", params=SceParams, default_rank=max)(sce)
+register("nuslerp", params=NuslerpParams, default_rank=sum, weights_scale=False, check_weights=exactly_two)(nuslerp)
+register("model_stock", params=ModelStockParams, default_rank=sum, check_weights=at_least_two)(model_stock)
