@@ -1,5 +1,5 @@
-"""Adapter algebra: combine (cat, linear, ties, dare_ties, breadcrumbs_ties, della), resize (fixed and kohya's dynamic
-rules), export.
+"""Adapter algebra: combine (cat, linear, ties, dare_ties, breadcrumbs_ties, della, nuslerp), resize (fixed and kohya's
+dynamic rules), export.
 
     python examples/03_algebra.py [WORKDIR]
 
@@ -72,6 +72,9 @@ def main() -> None:
     loraops("inspect", work / "abc.safetensors")
     loraops("resize", "big", "--rank", "32", ok=False)  # rank can only go down
     loraops("combine", "style", "subject", "--method", "ties", "--density", "1.5", ok=False)
+    # nuslerp: the spherical interpolation of two deltas (here of each output channel's row, at t = 0.5), from the
+    # factors alone: the result is a combination of the two, so the default rank (16 + 8) is lossless.
+    loraops("combine", "style", "big", "--method", "nuslerp", "--no-flatten", "--name", "ab-nuslerp")
 
     from loraops.registry import Registry
 

@@ -337,6 +337,13 @@ def _parameter_names(model) -> set[str]:
     return {field.alias or name for name, field in model.model_fields.items()}
 
 
+def _scales_with_weights(spec, params: dict[str, Any]) -> bool:
+    """Whether multiplying every weight by λ multiplies the method's result by λ with these parameters (λ·Σwτ = Σ(λw)τ;
+    with normalize on, the weights divide out)."""
+    normalize = spec.params.model_fields.get("normalize")
+    return spec.weights_scale and not params.get("normalize", normalize is not None and normalize.default)
+
+
 def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None, weights: Sequence[float] = ()):
     """(method spec, parsed params) after checking combine's arguments alone — callers that register inputs first
     (loraops.derive) call it before touching anything."""
@@ -346,13 +353,15 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     spec = METHODS.get(method)
     if spec is None:
         raise InvalidInputError(f"unknown combine method {method!r}: use one of {', '.join(METHODS)}")
-    for key in dict(params or {}):  # a parameter of other methods: say which, rather than "unknown parameter"
+    given = dict(params or {})
+    for key in given:  # a parameter of other methods: say which, rather than "unknown parameter"
         takers = [m.name for m in METHODS.values() if key in _parameter_names(m.params)]
         if takers and key not in _parameter_names(spec.params):
-            exact = key == "lambda" and "normalize" not in spec.params.model_fields  # λ·Σwτ = Σ(λw)τ
-            hint = "; scale the weights instead" if exact else ""
+            hint = "; scale the weights instead" if key == "lambda" and _scales_with_weights(spec, given) else ""
             raise InvalidInputError(f"{method} takes no {key} (it is a parameter of {', '.join(takers)}){hint}")
     parsed = parse_params(spec.params, params, method)
+    if spec.check_weights is not None:
+        spec.check_weights(method, list(weights))
     if rank is not None and rank <= 0:
         raise InvalidInputError(f"rank must be a positive integer (got {rank})")
     if rank is not None and spec.default_rank is None:

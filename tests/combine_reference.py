@@ -49,8 +49,9 @@ def uniform_draws(seed, name, index, shape):
     return torch.rand(shape, generator=torch.Generator().manual_seed(module_seed(seed, name, index)))
 
 
-def dare(tau, density, draws):
-    return tau * (draws < density) / density
+def dare(tau, density, draws, rescale=True):
+    """Bernoulli(density) by the uniform draws (u < density); survivors ÷ density (mergekit's rescale)."""
+    return tau * (draws < density) / (density if rescale else 1)
 
 
 def della_probabilities(tau, density, epsilon):
@@ -66,17 +67,20 @@ def della_probabilities(tau, density, epsilon):
     return ((density - epsilon) + norm * 2 * epsilon).reshape(tau.shape)
 
 
-def della(tau, density, epsilon, draws):
-    """Bernoulli(p) by the same uniform draws (u < p), survivors divided by their own p."""
+def della(tau, density, epsilon, draws, rescale=True):
+    """Bernoulli(p) by the same uniform draws (u < p), survivors divided by their own p (mergekit's rescale)."""
     p = della_probabilities(tau, density, epsilon)
-    return tau * (draws.reshape(tau.shape) < p) / p
+    return tau * (draws.reshape(tau.shape) < p) / (p if rescale else 1)
 
 
-def elect(weighted, weights, normalize):
-    """Sign election by Σ wτ (0 counts as +), disjoint sum; normalized by the agreeing weights (0 → 1)."""
-    total = sum(weighted)
+def elect(weighted, weights, normalize, consensus="sum", voters=None):
+    """mergekit's get_mask and mix: the majority sign of Σ wτ (sum) or of Σ sign(wτ) (count) of the voters (default:
+    the weighted τ), 0 counting as +; disjoint sum of the entries of that sign (0 agrees with neither); normalized by
+    the agreeing weights (0 → 1)."""
+    voters = weighted if voters is None else voters
+    total = sum(voters) if consensus == "sum" else sum(torch.sign(t) for t in voters)
     sign = torch.where(total >= 0, 1.0, -1.0).double()
-    masks = [torch.sign(t) == sign for t in weighted]
+    masks = [torch.sign(t) == sign for t in voters]
     num = sum(t * m for t, m in zip(weighted, masks))
     if not normalize:
         return num
@@ -84,29 +88,95 @@ def elect(weighted, weights, normalize):
     return num / torch.where(den == 0, torch.ones_like(den), den)
 
 
+def sce(weighted, select_topk, consensus="sum"):
+    """mergekit's sce on the weighted task vectors: keep the entries of the ⌊select_topk·z⌋ (≥ 1) largest variances
+    across the inputs (z: the entries whose variance is not 0; equal ones in row-major order), zero elsewhere; the
+    matrix-level coefficients mean(τ²), normalized to sum 1 (uniform if all 0); mergekit's sign election; the
+    disjoint mean with those coefficients (0 → 1)."""
+    stacked = torch.stack(weighted)
+    if select_topk < 1:
+        variance = stacked.var(dim=0, unbiased=False)
+        varying = int(torch.count_nonzero(variance))
+        k = max(1, int(select_topk * varying)) if varying else 0
+        stacked = stacked * (kept(variance, descending(variance)[:k]) != 0)
+    means = (stacked ** 2).flatten(1).mean(dim=1)
+    coefficients = means / means.sum() if means.sum() > 0 else torch.full_like(means, 1 / len(means))
+    return elect([coefficients[i] * t for i, t in enumerate(stacked)], list(coefficients), True, consensus,
+                 voters=list(stacked))
+
+
+def nuslerp(t, v0, v1, dim=-1, flatten=False, eps=1e-8):
+    """mergekit's nuslerp of two task vectors as it is written (its norms clamped at 1e-7, lerp where sin θ < eps),
+    on the weight seen as a matrix (a conv's out × in·kh·kw): flatten, or vectors along ``dim`` (-1: rows, 0:
+    columns)."""
+    shape = v0.shape
+    v0, v1 = v0.reshape(shape[0], -1), v1.reshape(shape[0], -1)
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.T, v1.T
+
+    def unit(x):
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    theta = torch.acos((unit(v0) * unit(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1))
+    sin_theta = torch.sin(theta)
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    res = torch.where(sin_theta.abs() < eps, (1 - t) * v0 + t * v1, res)
+    if dim != -1 and not flatten:
+        res = res.T
+    return res.reshape(shape)
+
+
+def model_stock(taus, filter_wise=False):
+    """mergekit's model_stock with the base's weight at 0, as it is written (norm products clamped at 1e-6): the mean
+    of the pairwise cosines, t = N·cos/(1 + (N − 1)·cos), t·mean(τ); per row of the weight seen as a matrix
+    (filter_wise) or of the flattened weight."""
+    shape = taus[0].shape
+    vectors = [t.reshape(shape[0], -1) if filter_wise else t.reshape(-1) for t in taus]
+    cosines = []
+    for i, a in enumerate(vectors):
+        for b in vectors[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(taus)
+    t = n * cos / (1 + (n - 1) * cos)
+    return (t * sum(vectors) / n).reshape(shape)
+
+
 CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 NORMALIZED = {"ties", "della"}  # normalize's default
 
 
-def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.15, normalize=None, lam=1.0):
+def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.15, normalize=None, lam=1.0,
+              rescale=True, consensus="sum", select_topk=1.0, flatten=True, row_wise=False, filter_wise=False):
     """The module's combined delta, in the base weight's layout: DELLA ranks the rows of that layout (and loraops
     draws its uniforms there); DARE's draws are in the B·A layout, the same one for all but transposed modules."""
     pairs = taus(inputs, name)
     weights = [w for w, _ in pairs]
     if method in ("cat", "linear", "svd"):
         return sum(w * t for w, t in pairs)
+    if method == "sce":
+        return sce([w * t for w, t in pairs], select_topk, consensus)
+    if method == "nuslerp":  # mergekit's t from the weights; the task vectors themselves unweighted
+        (w1, tau1), (w2, tau2) = pairs
+        return nuslerp(w2 / (w1 + w2), tau1, tau2, dim=0 if row_wise else -1, flatten=flatten)
+    if method == "model_stock":
+        return model_stock([w * t for w, t in pairs], filter_wise)
     if method in ("ties", "magnitude_prune"):
         sparse = [trim(t, density) for _, t in pairs]
     elif method.startswith("breadcrumbs"):
         sparse = [breadcrumbs(t, density, gamma) for _, t in pairs]
     elif method.startswith("dare"):
-        sparse = [dare(t, density, uniform_draws(seed, name, i, t.shape)) for i, (_, t) in enumerate(pairs)]
+        sparse = [dare(t, density, uniform_draws(seed, name, i, t.shape), rescale) for i, (_, t) in enumerate(pairs)]
     else:
-        sparse = [della(t, density, epsilon, uniform_draws(seed, name, i, t.shape)) for i, (_, t) in enumerate(pairs)]
+        sparse = [della(t, density, epsilon, uniform_draws(seed, name, i, t.shape), rescale)
+                  for i, (_, t) in enumerate(pairs)]
     weighted = [w * t for w, t in zip(weights, sparse)]
     normalize = method in NORMALIZED if normalize is None else normalize
     if method in CONSENSUS:
-        mixed = elect(weighted, weights, normalize)
+        mixed = elect(weighted, weights, normalize, consensus)
     else:
         mixed = sum(weighted)
         if normalize:

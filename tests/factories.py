@@ -171,6 +171,36 @@ def lora_adapter(shapes: dict[str, tuple[int, ...]], *, rank: int = 4, alpha: fl
     return Adapter(modules=modules, format=fmt, base_model=base_model, scale_mode=scale_mode)
 
 
+def layouts_adapter(seed: int):
+    """An in-memory adapter with a module of each layout: an embedding and a GPT-2 Conv1D (weights stored (B·A)ᵀ),
+    a 3×3 conv, and a Linear of one input feature."""
+    from dataclasses import replace
+
+    linear = lora_adapter({"emb": (16, 40), "c1d": (12, 24), "one": (8, 1)}, rank=3, seed=seed)
+    modules = {"emb": replace(linear.modules["emb"], kind="embedding"),
+               "c1d": replace(linear.modules["c1d"], fan_in_fan_out=True), "one": linear.modules["one"]}
+    conv = lora_adapter({"conv": (6, 4, 3, 3)}, rank=2, seed=seed, kind="conv").modules
+    return replace(linear, modules={**modules, **conv})
+
+
+def combine_inputs(root: Path) -> dict[str, Path]:
+    """A tiny Llama ("base") and three PEFT adapters on it, for the combine CLI tests: "a" (q_proj, v_proj; r 4),
+    "b" (q_proj, o_proj; r 6), "c" (q_proj; r 2)."""
+    base = tiny_llama(root / "base")
+    return {"base": base,
+            "a": peft_adapter(base, root / "a", seed=1, r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+            "b": peft_adapter(base, root / "b", seed=2, r=6, alpha=3, target_modules=["q_proj", "o_proj"]),
+            "c": peft_adapter(base, root / "c", seed=3, r=2, alpha=2, target_modules=["q_proj"])}
+
+
+def loraops_run(*args):
+    """`python -m loraops ARGS` in a subprocess (what a user runs: no traceback may reach them)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], capture_output=True, text=True)
+
+
 def conv_peft_adapter(out: Path, *, seed: int = 1, r: int = 4, alpha: float = 8,
                       target_modules: list[str] | None = None, **lora_kwargs: Any) -> Path:
     """A PEFT adapter made by peft on conv_embedding_model() (Embedding, Linear, 1×1 and 3×3 Conv2d)."""

@@ -17,9 +17,14 @@ def inputs():
 
 @pytest.mark.parametrize("method, params, rank", [("cat", {}, None), ("linear", {}, 6), ("ties", {"density": 0.3}, 8),
                                                   ("magnitude_prune", {"density": 0.5}, 8),
-                                                  ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}, 8)])
+                                                  ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}, 8),
+                                                  ("sce", {"select_topk": 0.3, "consensus": "count"}, 8),
+                                                  ("nuslerp", {"flatten": False}, None),
+                                                  ("model_stock", {"filter_wise": True}, 6)])
 @pytest.mark.parametrize("precise", [False, True])
 def test_combine_on_cuda_matches_cpu(inputs, method, params, rank, precise):
+    if method == "nuslerp":  # (its weights place t: ≥ 0)
+        inputs = [(adapter, abs(weight)) for adapter, weight in inputs]
     cpu, cpu_report = combine(inputs, method, params, rank=rank, device="cpu", precise=precise)
     gpu, gpu_report = combine(inputs, method, params, rank=rank, device="cuda", precise=precise)
     assert gpu_report.device.startswith("cuda") and gpu.ranks == cpu.ranks

@@ -3,20 +3,17 @@ breadcrumbs thresholds, DELLA's probabilities, transposed and conv modules, unbi
 CLI end to end. (Each method against the float64 reference, by row blocks too: test_ops_combine.)"""
 import json
 import math
-import subprocess
-import sys
-from dataclasses import replace
 
 import pytest
 import torch
 
 import combine_reference as ref
-from factories import lora_adapter
+from factories import combine_inputs, layouts_adapter, lora_adapter, loraops_run as loraops
 from loraops.algebra import combine
 from loraops.errors import InvalidInputError
 from loraops.ops import svd
-from loraops.ops.combine import (BreadcrumbsParams, Context, DellaLinearParams, Term, drop_outliers, sample_by_rank,
-                                 task_arithmetic)
+from loraops.ops.combine import (BreadcrumbsParams, Context, DellaLinearParams, TiesParams, Term, drop_outliers,
+                                 sample_by_rank, task_arithmetic, trim)
 
 VALUES = [[3.0, -1.0, 2.0, 0.0], [-2.0, 2.0, 5.0, -2.0], [1.0, 0.0, -5.0, 2.0]]
 
@@ -97,15 +94,7 @@ def test_della_ranks_the_rows_of_the_base_weight_as_stored(method, block_element
     tensor along its input channels only); a row of one entry keeps it with probability density (mergekit divides 0
     by 0 there)."""
     monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
-
-    def adapter(seed):
-        linear = lora_adapter({"emb": (16, 40), "c1d": (12, 24), "one": (8, 1)}, rank=3, seed=seed)
-        modules = {"emb": replace(linear.modules["emb"], kind="embedding"),
-                   "c1d": replace(linear.modules["c1d"], fan_in_fan_out=True), "one": linear.modules["one"]}
-        conv = lora_adapter({"conv": (6, 4, 3, 3)}, rank=2, seed=seed, kind="conv").modules
-        return replace(linear, modules={**modules, **conv})
-
-    inputs = [(adapter(1), 0.6), (adapter(2), 0.9)]
+    inputs = [(layouts_adapter(1), 0.6), (layouts_adapter(2), 0.9)]
     params = {"density": 0.5, "epsilon": 0.2, "seed": 4}
     result, _ = combine(inputs, method, params, rank=64, device="cpu")
     assert result.modules["emb"].weight_shape == (40, 16) and result.modules["c1d"].weight_shape == (24, 12)
@@ -167,6 +156,12 @@ def test_lambda_scales_after_normalize(inputs):
     ("della_linear", {"density": 0.5, "epsilon": -0.1}, "epsilon: Input should be greater than or equal to 0"),
     ("della", {"density": 0.5, "lambda": float("inf")}, "lambda: Input should be a finite number"),
     ("della", {"density": 0.5}, "della with normalize divides by the weights that agree on each entry"),
+    ("ties", {"density": 0.5, "rescale": False},
+     "ties takes no rescale (it is a parameter of dare_ties, dare_linear, della, della_linear)"),
+    ("breadcrumbs", {"density": 0.5, "consensus": "count"},
+     "breadcrumbs takes no consensus (it is a parameter of ties, dare_ties, breadcrumbs_ties, della, sce)"),
+    ("dare_ties", {"density": 0.5, "consensus": "vote"}, "bad parameters for dare_ties: consensus: Input should be "
+                                                         "'sum' or 'count'"),
 ])
 def test_bad_parameters_are_one_line(inputs, method, params, message):
     inputs = [(inputs[0][0], 1.0), (inputs[1][0], -1.0)]  # negative: refused only where normalize is on
@@ -177,17 +172,7 @@ def test_bad_parameters_are_one_line(inputs, method, params, message):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from factories import peft_adapter, tiny_llama
-
-    root = tmp_path_factory.mktemp("gta-cli")
-    base = tiny_llama(root / "base")
-    return {"base": base,
-            "a": peft_adapter(base, root / "a", seed=1, r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-            "b": peft_adapter(base, root / "b", seed=2, r=6, alpha=3, target_modules=["q_proj", "o_proj"])}
-
-
-def loraops(*args):
-    return subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], capture_output=True, text=True)
+    return combine_inputs(tmp_path_factory.mktemp("gta-cli"))
 
 
 def test_cli_della_end_to_end_with_lineage(files, tmp_path):
@@ -220,6 +205,28 @@ def test_cli_della_end_to_end_with_lineage(files, tmp_path):
         "density": 0.5, "gamma": 0.05, "normalize": False, "lambda": 1.0}
 
 
+def test_cli_no_rescale_and_count_consensus_with_lineage(files):
+    """--no-rescale and --consensus count are recorded (report, lineage); at their defaults they are not, as before
+    they existed (one computation, one record)."""
+    from loraops.registry import Registry
+
+    with Registry.open() as reg:
+        reg.add_base(files["base"], name="tiny")
+    run = loraops("combine", files["a"], files["b"], "-m", "dare_ties", "--density", "0.5", "--seed", "2",
+                  "--no-rescale", "--consensus", "count", "--name", "ab-counted")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == ("dare_ties(density=0.5, seed=2, rescale=False, normalize=False, lambda=1.0, "
+                                          "consensus=count) of a@1×1, b@1×1")
+    run = loraops("combine", "a", "b", "-m", "dare_ties", "--density", "0.5", "--rescale", "--consensus", "sum",
+                  "--name", "ab-default")
+    assert run.stdout.splitlines()[0] == "dare_ties(density=0.5, seed=0, normalize=False, lambda=1.0) of a@1×1, b@1×1"
+    with Registry.open() as reg:
+        counted, default = reg.get_adapter("ab-counted"), reg.get_adapter("ab-default")
+    assert counted.lineage.params["params"] == {"density": 0.5, "seed": 2, "rescale": False, "normalize": False,
+                                                "lambda": 1.0, "consensus": "count"}
+    assert default.lineage.params["params"] == {"density": 0.5, "seed": 0, "normalize": False, "lambda": 1.0}
+
+
 @pytest.mark.parametrize("args, message", [
     (["-m", "ties", "--density", "0.5", "--gamma", "0.1"],
      "error: ties takes no gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)"),
@@ -234,6 +241,15 @@ def test_cli_della_end_to_end_with_lineage(files, tmp_path):
      "probabilities"),
     (["-m", "cat", "--lambda", "2"], "error: cat takes no lambda (it is a parameter of ties, dare_ties, dare_linear, "
                                      "breadcrumbs, breadcrumbs_ties, della, della_linear); scale the weights instead"),
+    (["-m", "magnitude_prune", "--density", "0.5", "--lambda", "2"],
+     "error: magnitude_prune takes no lambda (it is a parameter of ties, dare_ties, dare_linear, breadcrumbs, "
+     "breadcrumbs_ties, della, della_linear); scale the weights instead"),
+    (["-m", "ties", "--density", "0.5", "--no-rescale"],
+     "error: ties takes no rescale (it is a parameter of dare_ties, dare_linear, della, della_linear)"),
+    (["-m", "della_linear", "--density", "0.5", "--consensus", "count"],
+     "error: della_linear takes no consensus (it is a parameter of ties, dare_ties, breadcrumbs_ties, della, sce)"),
+    (["-m", "ties", "--density", "0.5", "--consensus", "vote"],
+     "error: invalid value for '--consensus': 'vote' is not one of 'sum', 'count' (see `loraops combine --help`)"),
 ])
 def test_cli_bad_parameters(files, args, message):
     """One line and exit 2, before any input is registered (in-process; a subprocess run shows no traceback)."""
@@ -242,7 +258,7 @@ def test_cli_bad_parameters(files, args, message):
     from loraops.cli import main
     from loraops.registry import Registry
 
-    result = CliRunner().invoke(main, ["combine", str(files["a"]), str(files["b"]), *args])
+    result = CliRunner().invoke(main, ["combine", str(files["a"]), str(files["b"]), *args], prog_name="loraops")
     assert (result.exit_code, result.output.strip()) == (2, message)
     with Registry.open() as reg:
         assert reg.list_adapters() == []
@@ -281,3 +297,46 @@ def test_default_gamma_is_lowered_where_it_does_not_fit():
     got = torch.cat([sparsify(term.delta(rows)) for rows in blocks])
     assert torch.equal(got.double(), ref.breadcrumbs(values.double(), 0.995, 0.01))
     assert got[-1, -1] == 0 and int((got != 0).sum()) == 398
+
+
+@pytest.mark.parametrize("params, hint", [({"density": 0.5, "lambda": 2}, True),
+                                          ({"density": 0.5, "lambda": 2, "normalize": False}, True),
+                                          ({"density": 0.5, "lambda": 2, "normalize": True}, False)])
+def test_magnitude_prune_lambda_says_to_scale_the_weights(inputs, params, hint):
+    """As for cat and linear: without normalize, λ·Σwτ = Σ(λw)τ, so the error says what to do instead; with normalize
+    the weights divide out, and the hint would be wrong."""
+    with pytest.raises(InvalidInputError) as info:
+        combine(inputs, "magnitude_prune", params, device="cpu")
+    takers = "ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear"
+    assert str(info.value) == (f"magnitude_prune takes no lambda (it is a parameter of {takers})"
+                               + ("; scale the weights instead" if hint else ""))
+
+
+@pytest.mark.parametrize("method, extra", [("dare_linear", {}), ("della_linear", {"epsilon": 0.2})])
+def test_no_rescale_keeps_the_survivors_as_they_are(inputs, method, extra):
+    """mergekit's rescale: false: the same entries survive (same draws), undivided. DARE's survivors are then exactly
+    density × the rescaled ones; DELLA's are each τ's own entries (its p differs per entry)."""
+    params = {"density": 0.4, "seed": 3, **extra}
+    plain, report = combine(inputs, method, {**params, "rescale": False}, rank=40, device="cpu")
+    rescaled, _ = combine(inputs, method, params, rank=40, device="cpu")
+    assert report.params["rescale"] is False
+    for name, module in plain.modules.items():
+        got = module.delta(dtype=torch.float64)
+        if method == "dare_linear":
+            want = rescaled.modules[name].delta(dtype=torch.float64) * 0.4
+        else:
+            want = ref.reference(method, inputs, name, density=0.4, epsilon=0.2, seed=3, rescale=False)
+        assert float((got - want).norm() / want.norm()) < 2e-6, name
+
+
+def test_consensus_count_elects_by_votes():
+    """Three inputs on one entry: +1, +1 and −5. The sum elects − (−3): only −5 is kept; the count elects + (two
+    votes to one): +1 and +1 are kept, −5 dropped. Normalized: the disjoint mean of the agreeing entries."""
+    values = [torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, -3.0]]), torch.tensor([[-5.0, 4.0]])]
+    terms = [term_of(v) for v in values]
+    for consensus, want in (("sum", [[-5.0, 3.0]]), ("count", [[1.0, 3.0]])):
+        params = TiesParams(density=1, consensus=consensus)
+        got = task_arithmetic(terms, params, Context("m", (1, 2)), trim, consensus=True)
+        assert got.tolist() == want, consensus
+        reference = ref.elect(values, [1.0] * 3, True, consensus)
+        assert reference.tolist() == want, consensus

@@ -9,7 +9,8 @@ from ..references import parse_weighted
 from .render import METHODS, echo_json, echo_table
 
 METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, "
-               "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune")
+               "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp (two adapters, "
+               "spherical), model_stock")
 
 
 base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
@@ -59,7 +60,8 @@ def percent(value: float | None) -> str:
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="REF[:WEIGHT]...")
 @click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
-@click.option("--rank", type=int, help="Output rank (linear/svd: default Σ ranks, lossless; element-wise: largest input rank).")
+@click.option("--rank", type=int, help="Output rank (linear/svd, nuslerp, model_stock: default Σ ranks, lossless; "
+                                       "element-wise, sce: largest input rank).")
 @click.option("--density", type=float, help="Element-wise methods: fraction of each delta kept, in (0, 1].")
 @click.option("--gamma", type=float,
               help="breadcrumbs*: fraction of each delta's largest-magnitude entries dropped (default 0.01, "
@@ -68,6 +70,24 @@ def percent(value: float | None) -> str:
               help="della*: keep probabilities run from density − epsilon (smallest in a row) to density + epsilon "
                    "(largest), inside (0, 1) (default 0.15).")
 @click.option("--seed", type=int, help="dare_*, della*: seed of the random masks (default 0).")
+@click.option("--rescale/--no-rescale", default=None,
+              help="dare_*, della*: divide the kept entries by their keep probability (DARE's 1/density, DELLA's 1/p; "
+                   "default on, as mergekit; --no-rescale is mergekit's rescale: false).")
+@click.option("--consensus", type=click.Choice(["sum", "count"]),
+              help="Sign-elected methods (ties, dare_ties, breadcrumbs_ties, della, sce): elect each entry's sign from "
+                   "the weighted sum of the deltas (sum, the default, TIES') or from a count of their signs (count).")
+@click.option("--select-topk", type=float,
+              help="sce: fraction of the entries kept, those whose weighted deltas vary most across the inputs, in "
+                   "(0, 1] (default 1: all).")
+@click.option("--flatten/--no-flatten", default=None,
+              help="nuslerp: interpolate each module's delta as one vector (default), or each row of the base weight "
+                   "(--no-flatten).")
+@click.option("--row-wise", is_flag=True, default=None,
+              help="nuslerp --no-flatten: interpolate each column of the base weight instead (mergekit's "
+                   "nuslerp_row_wise: vectors along its first dimension).")
+@click.option("--filter-wise", is_flag=True, default=None,
+              help="model_stock: one interpolation ratio per row of the base weight (output channel) instead of one "
+                   "per module.")
 @click.option("--normalize/--no-normalize", default=None,
               help="Element-wise methods: divide by the weights of the inputs that contribute to each entry "
                    "(default: on for ties and della, off for the others, as mergekit; PEFT's *_svd methods always "
@@ -77,14 +97,15 @@ def percent(value: float | None) -> str:
                    "--normalize (default 1).")
 @compute_options
 @output_options
-def combine(inputs, method, rank, density, gamma, epsilon, seed, normalize, lambda_, device, precise, base, output, fmt,
-            force, name, as_json) -> None:
+def combine(inputs, method, rank, density, gamma, epsilon, seed, rescale, consensus, select_topk, flatten, row_wise,
+            filter_wise, normalize, lambda_, device, precise, base, output, fmt, force, name, as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage."""
     from .. import derive
 
-    given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("normalize", normalize),
-             ("lambda", lambda_))
+    given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("rescale", rescale),
+             ("consensus", consensus), ("select_topk", select_topk), ("flatten", flatten), ("row_wise", row_wise),
+             ("filter_wise", filter_wise), ("normalize", normalize), ("lambda", lambda_))
     params = {key: value for key, value in given if value is not None}
     result = derive.combine([parse_weighted(text) for text in inputs], method, params, rank=rank, device=device,
                             precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)

@@ -25,19 +25,28 @@ weight still counts where a method normalizes by the weights).
                       rank_magnitude_sampling, the DELLA paper's MagPrune); elect sign; disjoint mean (normalize=True).
   ``della_linear``    sample and rescale as DELLA; Σ wᵢτ̃ᵢ.
   ``magnitude_prune`` trim as TIES; Σ wᵢτ̂ᵢ (PEFT's method; no sign election).
+  ``sce``             on τᵢ' = wᵢτᵢ: keep the entries of largest variance across the inputs (select_topk), weigh each
+                      input by its Σ τᵢ'² there, elect sign, disjoint mean with those weights (mergekit's SCE).
   ``normalize`` divides by the summed weights of the contributing entries, as mergekit does; ``lambda`` (mergekit's
-  methods) scales the mixed result last, after that division.
+  methods) scales the mixed result last, after that division. ``consensus`` elects the sign from Σ wᵢτᵢ (sum) or from
+  a vote of their signs (count); ``rescale`` (DARE, DELLA) divides the survivors by their keep probability.
+* vector-wise methods, on each module's τᵢ as one vector or as rows/columns of the base weight: the result is a
+  combination Σ cᵢτᵢ with a coefficient per vector, computed from inner products of the factors (never a dense
+  delta) and re-factorized exactly from the cat factors (lossless at rank Σ rᵢ).
+  ``nuslerp``         two inputs: spherical interpolation of τ₁ and τ₂ at t = w₂/(w₁ + w₂) (mergekit's, with a base).
+  ``model_stock``     t·mean(wᵢτᵢ), t from the mean angle between the wᵢτᵢ (mergekit's, the base at ΔW = 0).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from dataclasses import dataclass, replace
-from typing import Annotated, Callable, Sequence
+from typing import Annotated, Callable, Iterator, Literal, Sequence
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_serializer, model_validator
 
+from ..errors import InvalidInputError
 from .params import Params
 from .svd import Refactored, refactor_dense, refactor_product, row_blocks
 
@@ -83,21 +92,46 @@ class Method:
     run: MethodFn
     default_rank: Callable[[list[int]], int] | None
     """Rank used when the caller gives none, from the present inputs' ranks; None: the method fixes the rank."""
+    weights_scale: bool = True
+    """Multiplying every weight by λ multiplies the result by λ (where normalize is off): what a method without
+    ``lambda`` tells the user to do instead."""
+    check_weights: Callable[[str, Sequence[float]], None] | None = None
+    """Refuses input counts or weights the method has no meaning for (InvalidInputError), before any work."""
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(*names: str, params: type[Params], default_rank: Callable[[list[int]], int] | None):
+def register(*names: str, params: type[Params], default_rank: Callable[[list[int]], int] | None,
+             weights_scale: bool = True, check_weights: Callable[[str, Sequence[float]], None] | None = None):
     def decorate(fn: MethodFn) -> MethodFn:
         for name in names:
-            METHODS[name] = Method(name, params, fn, default_rank)
+            METHODS[name] = Method(name, params, fn, default_rank, weights_scale, check_weights)
         return fn
 
     return decorate
 
 
-class NoParams(Params):
+class CombineParams(Params):
+    """Base of the combine methods' parameters. Options added after results were recorded (``consensus``,
+    ``rescale``) are dumped (report, lineage) only when they differ from their default, which is what every method
+    did before them: so one computation has one record, before and after."""
+
+    model_config = ConfigDict(serialize_by_alias=True)  # "lambda", a Python keyword, is held as lambda_
+
+    @model_serializer(mode="wrap")
+    def _omit_later_defaults(self, handler):
+        data = handler(self)
+        for name, default in LATER_DEFAULTS.items():
+            if name in data and data[name] == default:
+                del data[name]
+        return data
+
+
+LATER_DEFAULTS = {"consensus": "sum", "rescale": True}
+
+
+class NoParams(CombineParams):
     pass
 
 
@@ -121,23 +155,32 @@ def linear(terms: list[Term], params: Params, rank: int, ctx: Context) -> Refact
 # ---- element-wise methods (generalized task arithmetic on dense deltas) -------------------------------------------
 
 
-class DensityParams(Params):
-    model_config = ConfigDict(serialize_by_alias=True)  # "lambda", a Python keyword, is held as lambda_
+class DensityParams(CombineParams):
     density: float = Field(gt=0, le=1, description="fraction of each task vector's entries kept")
 
 
 Lambda = Annotated[float, Field(alias="lambda", description="mergekit's scale of the mixed result, after normalize")]
+Consensus = Annotated[Literal["sum", "count"], Field(
+    description="sign election: the sign of Σ wᵢτᵢ (sum, TIES') or of Σ sign(wᵢτᵢ) (count: one vote per input)")]
+Rescale = Annotated[bool, Field(description="divide the survivors by their keep probability (DARE's 1/density, "
+                                            "DELLA's 1/p)")]
 
 
 class TiesParams(DensityParams):
+    consensus: Consensus = "sum"
     normalize: bool = True
     lambda_: Lambda = 1.0
 
 
 class DareParams(DensityParams):
     seed: int = 0
+    rescale: Rescale = True
     normalize: bool = False
     lambda_: Lambda = 1.0
+
+
+class DareTiesParams(DareParams):
+    consensus: Consensus = "sum"
 
 
 class PruneParams(DensityParams):
@@ -159,10 +202,15 @@ class BreadcrumbsParams(DensityParams):
         return self
 
 
-class DellaParams(DensityParams):
+class BreadcrumbsTiesParams(BreadcrumbsParams):
+    consensus: Consensus = "sum"
+
+
+class DellaLinearParams(DensityParams):
     epsilon: float = Field(0.15, ge=0, description="half-width of the keep probabilities around density")
     seed: int = 0
-    normalize: bool = True
+    rescale: Rescale = True
+    normalize: bool = False
     lambda_: Lambda = 1.0
 
     @model_validator(mode="after")
@@ -176,8 +224,9 @@ class DellaParams(DensityParams):
         return self
 
 
-class DellaLinearParams(DellaParams):
-    normalize: bool = False
+class DellaParams(DellaLinearParams):
+    normalize: bool = True
+    consensus: Consensus = "sum"
 
 
 Sparsifier = Callable[[torch.Tensor], torch.Tensor]
@@ -197,8 +246,9 @@ def trim(term: Term, density: float, blocks: list[slice], ctx: Context, index: i
     to the smallest kept magnitude, the first in row-major order (torch.topk, as mergekit uses, keeps any)."""
     if density >= 1:
         return _unchanged
-    top = largest(term, [max(1, int(density * math.prod(ctx.shape)))], blocks)[0]
-    return lambda block: torch.where(top(_magnitude_bits(block)), block, _zero(block))
+    [top] = kth_largest_magnitudes(term.delta, [max(1, int(density * math.prod(ctx.shape)))], blocks, term.A)
+    mask = top.mask()
+    return lambda block: torch.where(mask(_magnitude_bits(block)), block, _zero(block))
 
 
 def drop_outliers(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
@@ -213,7 +263,7 @@ def drop_outliers(term: Term, density: float, blocks: list[slice], ctx: Context,
     dropped = min(int(params.gamma * n), n - kept)
     if not dropped:
         return trim(term, density, blocks, ctx, index, params)
-    outliers, top = largest(term, [dropped, dropped + kept], blocks)
+    outliers, top = (k.mask() for k in kth_largest_magnitudes(term.delta, [dropped, dropped + kept], blocks, term.A))
 
     def sparsify(block: torch.Tensor) -> torch.Tensor:
         bits = _magnitude_bits(block)
@@ -227,40 +277,46 @@ def _magnitude_bits(block: torch.Tensor) -> torch.Tensor:
     return block.abs().view(torch.int64 if block.dtype == torch.float64 else torch.int32)
 
 
-def largest(term: Term, ks: Sequence[int], blocks: list[slice]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """For each k (1 ≤ k ≤ n), a mask of the term's k largest-magnitude entries, to be called on the bit patterns
-    of its delta's row blocks in order: entries above the k-th magnitude, and of those equal to it the first ones
-    in row-major order, so that exactly k are kept whatever the blocks."""
-    masks = []
-    for threshold, equal_kept in kth_largest_magnitudes(term, ks, blocks):
-        remaining = [equal_kept]
+@dataclass(frozen=True)
+class Largest:
+    """Where the k largest magnitudes of a matrix end: the bit pattern of the k-th, and how many entries equal to it
+    are among the k."""
 
-        def mask(bits: torch.Tensor, threshold: int = threshold, remaining: list[int] = remaining) -> torch.Tensor:
-            equal = bits == threshold
+    threshold: int
+    equal_kept: int
+
+    def mask(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A mask of the k largest, to be called on the bit patterns of the matrix's row blocks in order (once each):
+        entries above the k-th magnitude, and of those equal to it the first ones in row-major order, so that exactly
+        k are kept whatever the blocks."""
+        remaining = [self.equal_kept]
+
+        def mask(bits: torch.Tensor) -> torch.Tensor:
+            equal = bits == self.threshold
             count = int(equal.sum())
             if count > remaining[0]:
                 equal &= (equal.reshape(-1).cumsum(0) <= remaining[0]).reshape(equal.shape)
             remaining[0] -= min(count, remaining[0])
-            return (bits > threshold) | equal
+            return (bits > self.threshold) | equal
 
-        masks.append(mask)
-    return masks
+        return mask
 
 
-def kth_largest_magnitudes(term: Term, ks: Sequence[int], blocks: list[slice]) -> list[tuple[int, int]]:
-    """For each k, (bit pattern of the k-th largest |entry| of the term's delta, how many entries equal to it are
-    among the k largest). Exact, by a radix select on the bit patterns, 16 bits a pass (two passes in float32, four
-    in float64), each recomputing the delta block by block, once for all the ks: neither the whole delta nor a sort
-    of it is ever held."""
-    width = term.A.element_size() * 8
+def kth_largest_magnitudes(values: Callable[[slice], torch.Tensor], ks: Sequence[int], blocks: list[slice],
+                           like: torch.Tensor) -> list[Largest]:
+    """For each k (1 ≤ k ≤ n), where the k largest |entries| of a matrix end; ``values(rows)`` computes its row blocks
+    (a term's delta, the variance across inputs), with ``like``'s dtype and device. Exact, by a radix select on the
+    bit patterns, 16 bits a pass (two passes in float32, four in float64), each recomputing the matrix block by
+    block, once for all the ks: neither the whole matrix nor a sort of it is ever held."""
+    width = like.element_size() * 8
     prefixes, wanted = [0] * len(ks), list(ks)
-    ones = torch.ones((), dtype=torch.int64, device=term.A.device)
+    ones = torch.ones((), dtype=torch.int64, device=like.device)
     for shift in range(width - 16, -1, -16):
         high = shift + 16  # the digits above this pass's, fixed by the passes before it
-        counts = {p >> high if high < width else 0: torch.zeros(1 << 16, dtype=torch.int64, device=term.A.device)
+        counts = {p >> high if high < width else 0: torch.zeros(1 << 16, dtype=torch.int64, device=like.device)
                   for p in prefixes}  # one histogram per prefix found so far (ks with the same prefix share it)
         for rows in blocks:
-            pattern = _magnitude_bits(term.delta(rows)).reshape(-1)
+            pattern = _magnitude_bits(values(rows)).reshape(-1)
             upper = pattern >> high if high < width else None
             for prefix, hist in counts.items():
                 part = pattern if upper is None else pattern[upper == prefix]  # entries under this prefix
@@ -272,7 +328,7 @@ def kth_largest_magnitudes(term: Term, ks: Sequence[int], blocks: list[slice]) -
             j = int(torch.searchsorted(at_least, torch.tensor([wanted[i]], device=at_least.device)))
             wanted[i] -= int(at_least[j - 1]) if j else 0
             prefixes[i] |= (0xFFFF - j) << shift
-    return list(zip(prefixes, wanted))
+    return [Largest(prefix, equal) for prefix, equal in zip(prefixes, wanted)]
 
 
 def module_seed(seed: int, module: str, index: int) -> int:
@@ -283,7 +339,7 @@ def module_seed(seed: int, module: str, index: int) -> int:
 
 
 def uniforms(term: Term, ctx: Context, index: int,
-             params: DareParams | DellaParams) -> Callable[[torch.Size], torch.Tensor]:
+             params: DareParams | DellaLinearParams) -> Callable[[torch.Size], torch.Tensor]:
     """The uniform draws of one input's random mask, block after block, in float32 from a generator on the compute
     device seeded per module and input (on the CPU the same numbers as one draw of the whole shape): reproducible
     on one device, but CPU and CUDA generators draw different numbers. Drawing on the CPU for every device was
@@ -298,19 +354,20 @@ def uniforms(term: Term, ctx: Context, index: int,
 def drop_and_rescale(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
                      params: DareParams) -> Sparsifier:
     """DARE: drop each entry with probability 1 − density (uniform draw ≥ density), rescale the survivors by
-    1/density."""
+    1/density (``rescale``; mergekit's rescale: false keeps them as they are)."""
     if density >= 1:
         return _unchanged
     draw = uniforms(term, ctx, index, params)
-    return lambda block: torch.where(draw(block.shape) < density, block / density, _zero(block))
+    divisor = density if params.rescale else 1
+    return lambda block: torch.where(draw(block.shape) < density, block / divisor, _zero(block))
 
 
 def sample_by_rank(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
-                   params: DellaParams) -> Sparsifier:
+                   params: DellaLinearParams) -> Sparsifier:
     """DELLA's MagPrune (mergekit's rank_magnitude_sampling): in each row, the entry of magnitude rank r (0 for the
     smallest, equal magnitudes ranked in column order) of m is kept with probability
     p = density − epsilon + 2·epsilon·r/(m − 1) (density for a row of one), by a uniform draw < p as DARE's, and
-    divided by p: each entry keeps its expectation. Rows are whole in every block."""
+    divided by p (``rescale``): each entry keeps its expectation. Rows are whole in every block."""
     if density >= 1:
         return _unchanged
     draw = uniforms(term, ctx, index, params)
@@ -326,38 +383,55 @@ def sample_by_rank(term: Term, density: float, blocks: list[slice], ctx: Context
             order = _magnitude_bits(block).argsort(dim=1, stable=True)
             p = torch.empty_like(block).scatter_(1, order, by_rank.expand_as(order))
             del order
-        return torch.where(draw(block.shape) < p, block / p, _zero(block))
+        return torch.where(draw(block.shape) < p, block / p if params.rescale else block, _zero(block))
 
     return sparsify
+
+
+def elected_positive(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
+    """Where the elected sign is + (ties to +): the sign of Σ wᵢτᵢ (``sum``, TIES'), or of Σ sign(wᵢτᵢ) (``count``:
+    one vote per input that has the entry), as mergekit's get_mask."""
+    if consensus == "count":
+        return sum(torch.sign(tau) for tau in weighted) >= 0
+    return sum(weighted) >= 0
+
+
+def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], consensus: str | None, normalize: bool,
+        voters: list[torch.Tensor] | None = None) -> None:
+    """One block of mergekit's mix, into ``out``: Σ τᵢ (already weighted), of the entries whose sign agrees with the
+    one elected from ``voters`` (default: the τᵢ) when ``consensus``; divided, when ``normalize``, by the weights
+    that contribute to each entry."""
+    out.zero_()
+    divisor = torch.zeros_like(out) if normalize else None
+    if consensus:
+        elected = elected_positive(taus if voters is None else voters, consensus)
+    for weight, tau in zip(weights, taus):
+        if consensus:
+            agree = ((tau > 0) == elected) & (tau != 0)
+            tau = tau * agree
+        out += tau
+        if divisor is not None:
+            divisor += agree * weight if consensus else weight
+    if divisor is not None:
+        # mergekit: entries with no agreeing contribution (sign election), or whose weights sum to ~0 (no
+        # election), are left undivided; agreeing weights are positive, so tiny ones still divide
+        divisor[divisor == 0 if consensus else divisor.abs() < 1e-8] = 1
+        out /= divisor
 
 
 def task_arithmetic(
     terms: list[Term], params: DensityParams, ctx: Context, sparsifier: Callable[..., Sparsifier], consensus: bool
 ) -> torch.Tensor:
     """mergekit's generalized task arithmetic on one module: sparsify each τᵢ, weight, optionally keep only the
-    entries that agree with the elected sign (sign of Σ wᵢτᵢ, ties to +), sum, optionally normalize. Every step is
-    per entry, so the result is made row block by row block (see the module docstring)."""
+    entries that agree with the elected sign, sum, optionally normalize. Every step is per entry, so the result is
+    made row block by row block (see the module docstring)."""
     blocks = row_blocks(ctx.shape)
     sparsify = [sparsifier(t, params.density, blocks, ctx, i, params) for i, t in enumerate(terms)]
     mixed = torch.empty(ctx.shape, dtype=terms[0].A.dtype, device=terms[0].A.device)
     for rows in blocks:
-        weighted = [(t.weight, s(t.delta(rows)).mul_(t.weight)) for t, s in zip(terms, sparsify)]
-        out = mixed[rows].zero_()
-        divisor = torch.zeros_like(out) if params.normalize else None
-        if consensus:
-            elected = sum(tau for _, tau in weighted) >= 0
-        for weight, tau in weighted:
-            if consensus:
-                agree = ((tau > 0) == elected) & (tau != 0)
-                tau = tau * agree
-            out += tau
-            if divisor is not None:
-                divisor += agree * weight if consensus else weight
-        if divisor is not None:
-            # mergekit: entries with no agreeing contribution (sign election), or whose weights sum to ~0 (no
-            # election), are left undivided; agreeing weights are positive, so tiny ones still divide
-            divisor[divisor == 0 if consensus else divisor.abs() < 1e-8] = 1
-            out /= divisor
+        out = mixed[rows]
+        mix(out, [s(t.delta(rows)).mul_(t.weight) for t, s in zip(terms, sparsify)], [t.weight for t in terms],
+            params.consensus if consensus else None, params.normalize)
         if getattr(params, "lambda_", 1.0) != 1:
             out *= params.lambda_
     return mixed
@@ -377,12 +451,188 @@ def _elementwise(sparsifier: Callable[..., Sparsifier], consensus: bool, by_rows
     return run
 
 
+class SceParams(CombineParams):
+    select_topk: float = Field(1.0, gt=0, le=1, description="fraction of the entries kept: those whose weighted task "
+                                                            "vectors vary most across the inputs")
+    consensus: Consensus = "sum"
+
+
+def sce(terms: list[Term], params: SceParams, rank: int, ctx: Context) -> Refactored:
+    """mergekit's SCE (FuseChat's select, calculate, erase) on the weighted task vectors τᵢ' = wᵢτᵢ: keep the entries
+    of the ⌊select_topk·z⌋ (at least 1) largest variances across the inputs, z being the entries whose variance is
+    not 0 (population variance; equal variances in row-major order), zero elsewhere in every τᵢ'; each input's
+    coefficient cᵢ = Σ τᵢ'² over the kept entries, normalized to sum 1; elect each entry's sign from the τᵢ'
+    (consensus) and take the disjoint mean Σ cᵢmᵢτᵢ' / Σ cᵢmᵢ (left undivided where no input agrees).
+
+    Made row block by row block: a pass counts the entries that vary, a radix select finds the variance threshold
+    (2 passes in float32), a pass sums the cᵢ, a last one mixes; each recomputes the inputs' deltas from the factors."""
+    blocks = row_blocks(ctx.shape)
+    like = terms[0].A
+    mixed = torch.zeros(ctx.shape, dtype=like.dtype, device=like.device)
+
+    def weighted(rows: slice) -> list[torch.Tensor]:
+        return [t.delta(rows).mul_(t.weight) for t in terms]
+
+    def variance(rows: slice, taus: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return torch.var(torch.stack(weighted(rows) if taus is None else taus), dim=0, unbiased=False)
+
+    top = None
+    if params.select_topk < 1:
+        varying = sum(int(torch.count_nonzero(variance(rows))) for rows in blocks)
+        if not varying:  # one input, or equal ones: mergekit selects nothing, and the module comes out zero
+            return refactor_dense(mixed, rank, exact=ctx.exact)
+        [top] = kth_largest_magnitudes(variance, [max(1, int(params.select_topk * varying))], blocks, like)
+
+    def selected() -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        """Each row block's τᵢ', zero outside the selected entries (a fresh mask each pass: it counts ties)."""
+        keep = top.mask() if top is not None else None
+        for rows in blocks:
+            taus = weighted(rows)
+            if keep is not None:
+                kept = keep(_magnitude_bits(variance(rows, taus)))
+                taus = [torch.where(kept, tau, _zero(tau)) for tau in taus]
+            yield rows, taus
+
+    sums = [0.0] * len(terms)
+    for _, taus in selected():
+        for i, tau in enumerate(taus):
+            sums[i] += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+    if not sum(sums):  # nothing kept is nonzero
+        return refactor_dense(mixed, rank, exact=ctx.exact)
+    coefficients = [c / sum(sums) for c in sums]
+    for rows, taus in selected():
+        mix(mixed[rows], [tau * c for tau, c in zip(taus, coefficients)], coefficients, params.consensus, True,
+            voters=taus)
+    return refactor_dense(mixed, rank, exact=ctx.exact)
+
+
+# ---- vector-wise methods (factors only: a combination of the τᵢ scaled per vector) --------------------------
+
+
+Vectors = Literal["module", "rows", "columns"]
+"""What a vector-wise method takes as one vector of a module's B·A: all of it, each row, each column."""
+
+
+def _vectors(ctx: Context, weight_rows: bool) -> Vectors:
+    """The rows of the base weight as stored (weight_rows), or its columns, as vectors of B·A: a transposed module's
+    weight (an embedding, a Conv1D) holds (B·A)ᵀ, so its rows are B·A's columns."""
+    return "rows" if weight_rows != ctx.transposed else "columns"
+
+
+def inner_products(a: Term, b: Term, vectors: Vectors) -> torch.Tensor:
+    """⟨wₐτₐ, w_bτ_b⟩ of each vector (a 0-d tensor for the module, one per row or column), in float64 from the factors
+    (r×r products; the dense deltas are never formed)."""
+    Ba, Aa, Bb, Ab = (x.double() for x in (a.B, a.A, b.B, b.A))
+    factor = a.scale * a.weight * b.scale * b.weight
+    if vectors == "module":
+        products = ((Ba.T @ Bb) * (Aa @ Ab.T)).sum()
+    elif vectors == "rows":
+        products = ((Ba @ (Aa @ Ab.T)) * Bb).sum(dim=1)
+    else:
+        products = ((Aa.T @ (Ba.T @ Bb)) * Ab.T).sum(dim=1)
+    return products * factor
+
+
+def cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
+    """dot / (norm_a·norm_b) clamped to [−1, 1], 0 where a vector is zero (mergekit's: 0, by its norm clamps)."""
+    norms = norm_a * norm_b
+    return torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1), 0).clamp(-1, 1)
+
+
+def combination(terms: list[Term], coefficients: list[torch.Tensor], vectors: Vectors, rank: int) -> Refactored:
+    """Σ cᵢ·wᵢτᵢ with cᵢ a number per vector, re-factorized to rank k from the cat factors (a row's coefficient scales
+    Bᵢ's row, a column's Aᵢ's column): exact, lossless at Σ rᵢ."""
+    Bs, As = [], []
+    for t, c in zip(terms, coefficients):
+        c = c.to(t.B.dtype)
+        B, A = t.B * (t.scale * t.weight), t.A
+        if vectors == "columns":
+            A = A * c
+        else:
+            B = B * (c[:, None] if vectors == "rows" else c)
+        Bs.append(B)
+        As.append(A)
+    return refactor_product(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rank)
+
+
+def exactly_two(method: str, weights: Sequence[float]) -> None:
+    if len(weights) != 2:
+        raise InvalidInputError(f"{method} interpolates between exactly two adapters (got {len(weights)})")
+    if min(weights) < 0 or not sum(weights):
+        raise InvalidInputError(f"{method}'s weights only place the point t = w₂/(w₁ + w₂) between the two task "
+                                f"vectors: give weights ≥ 0, not both 0 (got {weights[0]:g} and {weights[1]:g})")
+
+
+class NuslerpParams(CombineParams):
+    flatten: bool = Field(True, description="one vector per module (mergekit's nuslerp_flatten); off: per row or "
+                                            "column")
+    row_wise: bool = Field(False, description="with flatten off: the columns of the weight (dim 0 vectors, mergekit's "
+                                              "nuslerp_row_wise) instead of its rows")
+
+    @model_validator(mode="after")
+    def check_fits(self):
+        if self.row_wise and self.flatten:  # (mergekit ignores it there)
+            raise ValueError("row_wise applies only with flatten off (--no-flatten): a flattened module is one vector")
+        return self
+
+
+def nuslerp(terms: list[Term], params: NuslerpParams, rank: int, ctx: Context) -> Refactored:
+    """mergekit's nuslerp with a base: the spherical interpolation of the two task vectors τ₁, τ₂ at
+    t = w₂/(w₁ + w₂), as vectors of the whole module (flatten), of each row of the base weight, or of each column
+    (row_wise): with θ the angle between them, (sin((1−t)θ)·τ₁ + sin(tθ)·τ₂)/sin θ, or (1−t)·τ₁ + t·τ₂ where they
+    are parallel or opposite; a zero vector is at θ = π/2 from any other. The weights only place t: the task vectors
+    are not scaled by them. (mergekit lerps where sin θ < 1e-8: in float64, where cos θ rounds to ±1. A cosine from
+    the factors carries a few more roundings — two vectors of one entry, always parallel or opposite, came out at
+    −1 + 1e-16 and were divided by sin θ ≈ 1e-8 — so the lerp is taken where |cos θ| > 1 − 1e-12.)"""
+    first, second = (replace(term, weight=1.0) for term in terms)
+    t = terms[1].weight / (terms[0].weight + terms[1].weight)
+    vectors = "module" if params.flatten else _vectors(ctx, weight_rows=not params.row_wise)
+    norm1, norm2 = (inner_products(x, x, vectors).sqrt() for x in (first, second))
+    cos = cosine(inner_products(first, second, vectors), norm1, norm2)
+    theta = torch.acos(cos)
+    parallel = 1 - cos.abs() < 1e-12
+    safe = torch.where(parallel, 1, torch.sin(theta))
+    c1 = torch.where(parallel, 1 - t, torch.sin((1 - t) * theta) / safe)
+    c2 = torch.where(parallel, t, torch.sin(t * theta) / safe)
+    return combination([first, second], [c1, c2], vectors, rank)
+
+
+class ModelStockParams(CombineParams):
+    filter_wise: bool = Field(False, description="one ratio per row of the base weight instead of per module")
+
+
+def at_least_two(method: str, weights: Sequence[float]) -> None:
+    if len(weights) < 2:
+        raise InvalidInputError(f"{method} needs at least two adapters (got {len(weights)}): its ratio comes from the "
+                                "angles between their task vectors")
+
+
+def model_stock(terms: list[Term], params: ModelStockParams, rank: int, ctx: Context) -> Refactored:
+    """mergekit's model_stock with the base at ΔW = 0, on the weighted task vectors τᵢ' = wᵢτᵢ: cos θ the mean of the
+    cosines between every two of the N τᵢ' (a zero vector: 0), t = N·cos θ / (1 + (N − 1)·cos θ), the result
+    t·Σ τᵢ'/N; per module, or per row of the base weight (filter_wise). Where 1 + (N − 1)·cos θ is 0 (the unit
+    vectors cancel out; it is never below 0), to 1e-12 for the roundings of the cosines, t is 0: the base."""
+    vectors = _vectors(ctx, weight_rows=True) if params.filter_wise else "module"
+    norms = [inner_products(x, x, vectors).sqrt() for x in terms]
+    n = len(terms)
+    cosines = [cosine(inner_products(terms[i], terms[j], vectors), norms[i], norms[j])
+               for i in range(n) for j in range(i + 1, n)]
+    cos = torch.stack(cosines).mean(dim=0)
+    denominator = 1 + (n - 1) * cos
+    ratio = torch.where(denominator > 1e-12, n * cos / torch.where(denominator > 1e-12, denominator, 1), 0)
+    return combination(terms, [ratio / n] * n, vectors, rank)
+
+
 register("ties", params=TiesParams, default_rank=max)(_elementwise(trim, consensus=True))
-register("dare_ties", params=DareParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=True))
+register("dare_ties", params=DareTiesParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=True))
 register("dare_linear", params=DareParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=False))
 register("breadcrumbs", params=BreadcrumbsParams, default_rank=max)(_elementwise(drop_outliers, consensus=False))
-register("breadcrumbs_ties", params=BreadcrumbsParams, default_rank=max)(_elementwise(drop_outliers, consensus=True))
+register("breadcrumbs_ties", params=BreadcrumbsTiesParams, default_rank=max)(
+    _elementwise(drop_outliers, consensus=True))
 register("della", params=DellaParams, default_rank=max)(_elementwise(sample_by_rank, consensus=True, by_rows=True))
 register("della_linear", params=DellaLinearParams, default_rank=max)(
     _elementwise(sample_by_rank, consensus=False, by_rows=True))
 register("magnitude_prune", params=PruneParams, default_rank=max)(_elementwise(trim, consensus=False))
+register("sce", params=SceParams, default_rank=max)(sce)
+register("nuslerp", params=NuslerpParams, default_rank=sum, weights_scale=False, check_weights=exactly_two)(nuslerp)
+register("model_stock", params=ModelStockParams, default_rank=sum, check_weights=at_least_two)(model_stock)

@@ -1,0 +1,225 @@
+"""mergekit's sce, nuslerp and model_stock on the task vectors ΔW: their edge cases (equal variances at the select
+threshold, zero and parallel vectors, the endpoints of t, cancelling task vectors), transposed and conv modules, the
+checks of their inputs and parameters, and the CLI end to end. (Each against the float64 reference, by row blocks too:
+test_ops_combine.)"""
+from dataclasses import replace
+
+import pytest
+import torch
+
+import combine_reference as ref
+from factories import combine_inputs, layouts_adapter, lora_adapter, loraops_run as loraops
+from loraops.algebra import combine
+from loraops.errors import InvalidInputError
+from loraops.ops import svd
+from loraops.ops.combine import Context, SceParams, Term, sce
+
+
+def values_term(values: torch.Tensor, weight: float = 1.0) -> Term:
+    """A term whose delta is ``values`` (B = values, A = I)."""
+    return Term(B=values, A=torch.eye(values.shape[1], dtype=values.dtype), scale=1.0, weight=weight)
+
+
+@pytest.mark.parametrize("block_elements", [4, 1 << 22])
+def test_sce_selects_equal_variances_in_row_major_order(block_elements, monkeypatch):
+    """Two inputs, the second zero: the variance of an entry is τ²/4. |τ| = 3, 2, 2, 2, 2, 1, …: of z = 10 entries
+    that vary, select_topk 0.3 keeps 3, the 3 and the first two 2s in row-major order, whatever the row blocks;
+    the rest is zero, and the single contributing input comes out whole there."""
+    monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
+    values = torch.tensor([[1.0, -2.0, 0.0], [2.0, 3.0, -2.0], [0.0, 2.0, 1.0], [1.0, -1.0, 1.0]])
+    terms = [values_term(values), values_term(torch.zeros_like(values))]
+    made = sce(terms, SceParams(select_topk=0.3), 3, Context("m", (4, 3), exact=True))
+    got = made.B @ made.A
+    want = torch.tensor([[0.0, -2.0, 0.0], [2.0, 3.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ref.sce([values.double(), torch.zeros(4, 3, dtype=torch.float64)], 0.3),
+                               want.double())
+
+
+@pytest.fixture
+def inputs():
+    shapes = {"a.q": (24, 40), "a.v": (16, 40)}
+    return [(lora_adapter(shapes, rank=3, alpha=6, seed=1), 0.7), (lora_adapter(shapes, rank=5, alpha=4, seed=2), 0.4)]
+
+
+def test_sce_of_equal_inputs_selects_nothing(inputs):
+    """No entry varies across equal inputs: mergekit's select keeps none of them (k = 0), and the module comes out
+    zero; without select (select_topk 1) it is the input itself (its coefficient divides out)."""
+    same = [(inputs[0][0], 1.0), (inputs[0][0], 1.0)]
+    nothing, _ = combine(same, "sce", {"select_topk": 0.5}, rank=40, device="cpu")
+    whole, _ = combine(same, "sce", {}, rank=40, device="cpu")
+    for name, module in inputs[0][0].modules.items():
+        assert not nothing.modules[name].delta().any()
+        torch.testing.assert_close(whole.modules[name].delta(), module.delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_sce_scales_with_the_weights_and_takes_no_lambda(inputs):
+    """SCE runs on the weighted task vectors: the selection, the coefficients (normalized) and the election do not
+    change when every weight is halved, so the result halves — which is what the lambda error tells the user to do."""
+    plain, report = combine(inputs, "sce", {"select_topk": 0.4}, rank=40, device="cpu")
+    half, _ = combine([(a, w / 2) for a, w in inputs], "sce", {"select_topk": 0.4}, rank=40, device="cpu")
+    assert report.params == {"select_topk": 0.4}  # (consensus sum: recorded only when not the default)
+    for name, module in half.modules.items():
+        torch.testing.assert_close(module.delta(), plain.modules[name].delta() / 2, rtol=1e-5, atol=1e-7)
+    with pytest.raises(InvalidInputError, match=r"^sce takes no lambda \(it is a parameter of .*\); scale the "
+                                                r"weights instead$"):
+        combine(inputs, "sce", {"lambda": 2}, device="cpu")
+
+
+def test_sce_negative_weight_subtracts(inputs):
+    """The coefficients are mean squares (≥ 0), so a negative weight keeps its sign through the mean: A:1 with
+    A:−1 cancels everywhere (no sign agrees with both); sce(A:−1) is −A."""
+    negated, _ = combine([(inputs[0][0], -1.0)], "sce", {}, rank=40, device="cpu")
+    for name, module in inputs[0][0].modules.items():
+        torch.testing.assert_close(negated.modules[name].delta(), -module.delta(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("sce", {"select_topk": 0.35}), ("sce", {"select_topk": 0.6, "consensus": "count"}), ("nuslerp", {}),
+    ("nuslerp", {"flatten": False}), ("nuslerp", {"flatten": False, "row_wise": True}), ("model_stock", {}),
+    ("model_stock", {"filter_wise": True})])
+@pytest.mark.parametrize("block_elements", [16, 1 << 22])
+def test_transposed_and_conv_modules_match_the_reference(method, params, block_elements, monkeypatch):
+    """mergekit works on the checkpoint's tensor: an embedding's and a Conv1D's weight hold (B·A)ᵀ, so their rows (the
+    vectors of nuslerp without flatten, of model_stock's filter_wise) are B·A's columns; a conv's rows are its
+    output channels over in·kh·kw (ours: mergekit's last dimension is kw there, see the docs); sce's selection does
+    not depend on the row blocks."""
+    monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
+    inputs = [(layouts_adapter(1), 0.6), (layouts_adapter(2), 0.9)]
+    result, _ = combine(inputs, method, params, rank=64, device="cpu")
+    assert result.modules["emb"].weight_shape == (40, 16) and result.modules["c1d"].weight_shape == (24, 12)
+    for name, module in result.modules.items():
+        want = ref.reference(method, inputs, name, **params)
+        got = module.delta(dtype=torch.float64)
+        assert got.shape == want.shape and float((got - want).norm()) <= 2e-6 * float(want.norm()), name
+
+
+def pair(first, second):
+    return [(lora_adapter({"m": (12, 20)}, rank=4, seed=1), first), (lora_adapter({"m": (12, 20)}, rank=3, seed=2),
+                                                                     second)]
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_nuslerp_endpoints_and_lossless_rank(flatten):
+    """t = w₂/(w₁ + w₂): weights 1, 0 give τ₁ and 0, 1 give τ₂, unscaled by the weights; the result is a combination
+    of the two, so the default rank (r₁ + r₂) is lossless and the factored SVD exact."""
+    params = {"flatten": flatten}
+    inputs = pair(1, 0)
+    first, report = combine(inputs, "nuslerp", params, device="cpu")
+    assert first.ranks == {"m": 7} and {m.svd for m in report.modules} == {"factored"} and report.error_max < 1e-6
+    second, _ = combine(pair(0, 3), "nuslerp", params, device="cpu")
+    for got, (adapter, _) in ((first, inputs[0]), (second, inputs[1])):
+        torch.testing.assert_close(got.modules["m"].delta(), adapter.modules["m"].delta(), rtol=1e-5, atol=1e-6)
+    same, _ = combine(pair(2, 2), "nuslerp", params, device="cpu")
+    halves, _ = combine(pair(1, 1), "nuslerp", params, device="cpu")
+    torch.testing.assert_close(same.modules["m"].delta(), halves.modules["m"].delta())
+
+
+def test_nuslerp_of_parallel_and_zero_vectors():
+    """τ₂ = 2·τ₁ is parallel (sin θ = 0): the lerp (1 − t)·τ₁ + t·τ₂; a zero task vector (a module one input
+    lacks) is at θ = π/2: sin((1 − t)·π/2)·τ₁ = cos(t·π/2)·τ₁, as mergekit."""
+    one = lora_adapter({"m": (12, 20), "only": (8, 20)}, rank=4, seed=1)
+    double = replace(one, modules={"m": replace(one.modules["m"], B=one.modules["m"].B * 2)})
+    result, _ = combine([(one, 1.0), (double, 3.0)], "nuslerp", {}, device="cpu")
+    tau = one.modules["m"].delta(dtype=torch.float64)
+    t = 0.75
+    torch.testing.assert_close(result.modules["m"].delta(dtype=torch.float64), (1 - t) * tau + t * 2 * tau,
+                               rtol=1e-5, atol=1e-6)
+    only = one.modules["only"].delta(dtype=torch.float64)
+    torch.testing.assert_close(result.modules["only"].delta(dtype=torch.float64),
+                               torch.cos(torch.tensor(t * torch.pi / 2, dtype=torch.float64)) * only,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_model_stock_ratios():
+    """N = 2: equal task vectors (cos 1) give t = 1, their mean; exactly opposite ones make 1 + (N − 1)·cos = 0, where
+    mergekit divides by zero: ours keeps the base (ΔW = 0), finite."""
+    one = lora_adapter({"m": (12, 20)}, rank=4, seed=1)
+    same, _ = combine([(one, 1.0), (one, 1.0)], "model_stock", {}, device="cpu")
+    torch.testing.assert_close(same.modules["m"].delta(), one.modules["m"].delta(), rtol=1e-5, atol=1e-6)
+    opposite, _ = combine([(one, 1.0), (one, -2.0)], "model_stock", {"filter_wise": True}, device="cpu")
+    assert not opposite.modules["m"].delta().any()
+
+
+@pytest.mark.parametrize("method, weights, params, message", [
+    ("nuslerp", [1, 1, 1], {}, "nuslerp interpolates between exactly two adapters (got 3)"),
+    ("nuslerp", [1], {}, "nuslerp interpolates between exactly two adapters (got 1)"),
+    ("nuslerp", [1, -0.5], {}, "nuslerp's weights only place the point t = w₂/(w₁ + w₂) between the two task vectors: "
+                               "give weights ≥ 0, not both 0 (got 1 and -0.5)"),
+    ("nuslerp", [0, 0], {}, "give weights ≥ 0, not both 0 (got 0 and 0)"),
+    ("nuslerp", [1, 1], {"row_wise": True}, "bad parameters for nuslerp: row_wise applies only with flatten off "
+                                            "(--no-flatten): a flattened module is one vector"),
+    ("nuslerp", [1, 1], {"lambda": 2}, "nuslerp takes no lambda (it is a parameter of ties, dare_ties, dare_linear, "
+                                       "breadcrumbs, breadcrumbs_ties, della, della_linear)"),
+    ("model_stock", [1], {}, "model_stock needs at least two adapters (got 1): its ratio comes from the angles between "
+                             "their task vectors"),
+    ("model_stock", [1, 1], {"flatten": False}, "model_stock takes no flatten (it is a parameter of nuslerp)"),
+    ("sce", [1, 1], {"select_topk": 0}, "bad parameters for sce: select_topk: Input should be greater than 0"),
+    ("sce", [1, 1], {"density": 0.5}, "sce takes no density (it is a parameter of ties,"),
+])
+def test_bad_inputs_and_parameters_are_one_line(method, weights, params, message):
+    adapter = lora_adapter({"m": (12, 20)}, rank=4, seed=1)
+    with pytest.raises(InvalidInputError) as info:
+        combine([(adapter, w) for w in weights], method, params, device="cpu")
+    text = str(info.value)
+    assert (text.startswith(message) if message.endswith(",") else message in text) and "\n" not in text
+    if method == "nuslerp" and "lambda" in params:
+        assert text == message  # the weights only place t: scaling them is no substitute
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return combine_inputs(tmp_path_factory.mktemp("mergekit-cli"))
+
+
+def test_cli_end_to_end_with_lineage(files):
+    from loraops.registry import Registry
+
+    with Registry.open() as reg:
+        reg.add_base(files["base"], name="tiny")
+    runs = {
+        "abc-sce": (["sce", "--select-topk", "0.3", "--consensus", "count"],
+                    "sce(select_topk=0.3, consensus=count) of a@1×1, b@1×0.5, c@1×1",
+                    {"select_topk": 0.3, "consensus": "count"}),
+        "ab-nuslerp": (["nuslerp", "--no-flatten", "--row-wise"],
+                       "nuslerp(flatten=False, row_wise=True) of a@1×1, b@1×0.5", {"flatten": False, "row_wise": True}),
+        "abc-stock": (["model_stock", "--filter-wise", "--rank", "6"],
+                      "model_stock(filter_wise=True) of a@1×1, b@1×0.5, c@1×1", {"filter_wise": True}),
+    }
+    for name, (args, first, params) in runs.items():
+        refs = [f"{files['a']}", f"{files['b']}:0.5"] + ([str(files["c"])] if name.startswith("abc") else [])
+        run = loraops("combine", *refs, "-m", *args, "--name", name)
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert lines[0] == first and lines[-1].startswith(f"registered {name}@1"), lines
+        with Registry.open() as reg:
+            record = reg.get_adapter(name)
+        assert record.lineage.params["params"] == params and record.lineage.params["method"] == args[0]
+    run = loraops("combine", "a", "b", "c", "-m", "model_stock", "--rank", "5")  # (v_proj: a's rank 4 alone)
+    assert run.stdout.splitlines()[0] == "model_stock(filter_wise=False) of a@1×1, b@1×1, c@1×1"
+    assert run.stdout.splitlines()[1].startswith("6 modules, rank 4–5, ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{a}", "{b}", "{c}", "-m", "nuslerp"], "error: nuslerp interpolates between exactly two adapters (got 3)"),
+    (["{a}", "-m", "model_stock"], "error: model_stock needs at least two adapters (got 1): its ratio comes from the "
+                                   "angles between their task vectors"),
+    (["{a}", "{b}", "-m", "nuslerp", "--row-wise"], "error: bad parameters for nuslerp: row_wise applies only with "
+                                                    "flatten off (--no-flatten): a flattened module is one vector"),
+    (["{a}", "{b}", "-m", "ties", "--density", "0.5", "--select-topk", "0.5"],
+     "error: ties takes no select_topk (it is a parameter of sce)"),
+    (["{a}", "{b}", "-m", "sce", "--filter-wise"],
+     "error: sce takes no filter_wise (it is a parameter of model_stock)"),
+])
+def test_cli_bad_inputs(files, args, message):
+    """One line and exit 2, before any input is registered."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+    from loraops.registry import Registry
+
+    argv = ["combine", *(a.format(**{k: str(v) for k, v in files.items()}) for a in args)]
+    result = CliRunner().invoke(main, argv, prog_name="loraops")
+    assert (result.exit_code, result.output.strip()) == (2, message)
+    with Registry.open() as reg:
+        assert reg.list_adapters() == []
