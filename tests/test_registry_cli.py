@@ -444,3 +444,40 @@ def test_an_interrupt_in_clicks_own_code_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(click.Context, "_close_with_exception_info", interrupted_close)
     assert exit_status(["list"]) == 130
     assert capsys.readouterr().err.endswith("error: interrupted\n")
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("form", ["sqlite:///~/reg.db", "sqlite:///file:~/reg.db?uri=true"])
+def test_a_tilde_in_an_sqlite_url_is_the_home_folder(art, tmp_path, monkeypatch, form):
+    """`--db sqlite:///~/reg.db` opened ./~/reg.db (a folder named '~' in the current one) while the blob store went
+    beside ~/reg.db: the engine, the store, the read-only checks and `list`'s plain reads now all open the same file."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    missing = cli("--db", form, "list", code=6)  # a command that only reads names the file it looked for
+    assert missing.stderr.startswith(f"error: no registry at {home}/reg.db: the file does not exist")
+    cli("--db", form, "register", art["kohya"], "--name", "style")
+    assert (home / "reg.db").is_file() and (home / "reg.db.blobs").is_dir() and list(elsewhere.iterdir()) == []
+    assert [row.split()[1] for row in cli("--db", form, "list").output.splitlines()[2:]] == ["style@1"]
+    assert cli("--db", form, "verify").output.startswith("all stored files of 1 adapter(s) match")
+    current = cli("--db", form, "db", "current").output
+    assert str(home / "reg.db") in current and current.endswith(f": revision {db.HEAD} (head)\n")
+    if "?" not in form:  # `list` of a plain URL reads the file straight over sqlite3 (registry/reads.py)
+        code = ("import sys; from loraops.cli import main\n"
+                "try: main(['list'])\n"
+                "except SystemExit as e: assert not e.code, e.code\n"
+                "assert 'sqlalchemy' not in sys.modules\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
+            **os.environ, "LORAOPS_DB": form, "PYTHONPATH": str(Path(settings.__file__).parents[1])})
+        assert done.returncode == 0 and "style@1" in done.stdout, done.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.sqlite_only
+def test_a_tilde_of_no_user_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("--db", "sqlite:///~no-such-user-here/reg.db", "register", "x", code=6)
+    assert result.stderr == ("error: ~no-such-user-here/reg.db: the registry path starts with ~no-such-user-here, "
+                             "which names no user's home folder here; give the full path\n")
+    assert list(tmp_path.iterdir()) == []

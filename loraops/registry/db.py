@@ -73,8 +73,10 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
             query = {"mode": "ro", "uri": "true"}
             if not database.with_name(database.name + "-wal").exists():
                 query["immutable"] = "1"
-            parsed = parsed.set(database=f"file:{quote(str(database))}", query=query)
+            parsed = parsed.set(database=_uri(database), query=query)
             create = False
+        else:  # the file settings.sqlite_file names (a leading ~ expanded), which the blob store is kept beside
+            parsed = parsed.set(database=_uri(file) if settings.sqlite_uri(parsed.database, parsed.query) else str(file))
         engine = _create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: its database driver is not installed "
@@ -103,6 +105,10 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _uri(file: Path) -> str:
+    return f"file:{quote(str(file))}"
 
 
 def _create_engine(url, **options) -> Engine:
