@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .. import st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
-from ..fsutil import atomic_path, output_path, sha256_file
+from ..fsutil import atomic_path, output_path, refuse_misnamed_output, sha256_file
 from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
 from .kohya import kohya_name
 
@@ -142,10 +142,9 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         raise UnsupportedAdapterError(f"{adapter.label}: {lycoris.described(adapter)}, so it cannot be written as "
                                       f"{fmt}; `loraops resize --rank K` makes a LoRA of it (an SVD of each module's ΔW)")
     writer, is_dir = WRITERS[fmt]
+    refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=", or --format kohya/diffusers for "
+                           "one .safetensors file" if is_dir else ", or --format peft for a folder")
     dest = output_path(dest)
-    if is_dir and dest.suffix == ".safetensors":
-        raise InvalidInputError(f"{dest}: a {fmt} adapter is a folder (adapter_config.json + {peft.WEIGHTS_NAME}); "
-                                "give a folder name, or --format kohya/diffusers for one .safetensors file")
     with atomic_path(dest, force=force, is_dir=is_dir) as tmp:
         hashes = writer(adapter, modules, tmp, spill=spill)
     return Written(dest, hashes if is_dir else {dest.name: hashes[tmp.name]}, checked)
