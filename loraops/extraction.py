@@ -42,7 +42,7 @@ from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
-from .formats.common import FLOAT32_MAX, names_module
+from .formats.common import FLOAT32_MAX, given_alpha, names_module
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 
@@ -417,8 +417,7 @@ def extract_lazily(
     from .st import read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
     rule = resize_rule(rank, dynamic, param, max_rank)
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise InvalidInputError(f"alpha must be a positive number (got {alpha:g})")
+    given_alpha(alpha)
     if alpha is not None and alpha > FLOAT32_MAX:  # else refused only at the end, naming a scratch file
         raise InvalidInputError(f"alpha {alpha:g} is beyond what float32 holds")
     base, tuned = _open(base), _open(tuned)

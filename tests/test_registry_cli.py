@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from factories import kohya_file, peft_adapter, tiny_llama
 from loraops import settings, st
 from loraops.cli import main
+from loraops.errors import InvalidInputError
 from loraops.registry import Registry, db
 from test_registry import KOHYA_MODULES, snapshot
 
@@ -481,3 +482,40 @@ def test_a_tilde_of_no_user_is_one_line(tmp_path, monkeypatch):
     assert result.stderr == ("error: ~no-such-user-here/reg.db: the registry path starts with ~no-such-user-here, "
                              "which names no user's home folder here; give the full path\n")
     assert list(tmp_path.iterdir()) == []
+
+
+ALPHA_ZERO = ("alpha must be a positive number (got 0): an alpha of 0 means alpha = rank in a kohya file but a scale "
+              "of 0 in PEFT, so loraops takes neither; give the rank itself for scale 1 (--alpha 8 for rank 8), or "
+              "leave --alpha out")
+ALPHA_NEGATIVE = "alpha must be a positive number (got -2): to negate an adapter, weight it -1 in merge or combine (NAME:-1)"
+
+
+@pytest.mark.parametrize("alpha, says", [("0", ALPHA_ZERO), ("-0.0", ALPHA_ZERO.replace("got 0", "got -0")),
+                                         ("-2", ALPHA_NEGATIVE)])
+@pytest.mark.parametrize("command", [["register", "{kohya}"], ["register", "{ad1}"], ["check", "{kohya}"],
+                                     ["inspect", "{kohya}"], ["extract", "--base", "{base}", "--tuned", "{other}",
+                                                              "--rank", "2"]])
+def test_alpha_zero_or_negative_is_refused_by_every_command_that_takes_it(art, command, alpha, says):
+    """`--alpha 0` on a kohya file gave scale 0, while the file's own alpha of 0 means alpha = rank (sd-scripts):
+    the same number meant two things. An alpha given must be above 0, in one line that says what to give; nothing
+    is recorded."""
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    argv = [a.format(**art) for a in command]
+    result = cli(*argv, "--alpha", alpha, code=2)
+    assert result.stderr == f"error: {says}\n"
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+    with pytest.raises(InvalidInputError, match=r"^alpha must be a positive number \(got 0\): an alpha of 0 means"):
+        Registry.open().register_adapter(art["kohya"], alpha=0)
+
+
+def test_an_alpha_override_of_zero_recorded_before_is_still_read_as_recorded(art):
+    """A registry row from before the refusal (register --alpha 0) keeps loading as it was recorded: scale 0."""
+    from sqlalchemy import text
+
+    cli("register", art["kohya"], "--name", "style", "--alpha", "4")
+    with Registry.open() as reg:
+        with reg.engine.begin() as connection:
+            connection.execute(text("UPDATE adapters SET alpha_override = 0"))
+        assert {m.scale for m in reg.load_adapter("style").modules.values()} == {0.0}

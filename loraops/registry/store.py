@@ -387,6 +387,7 @@ class Registry:
         if written is not None and written.path.resolve() != path.resolve():
             raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
                                     "adapter's; register it without `written`")
+        formats.common.given_alpha(alpha)
         formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
         files = formats.adapter_files(path)
         known = {} if written is None else written.sha256
@@ -656,6 +657,7 @@ class Registry:
         from .. import check, formats
         from ..basemodel import BaseModel
 
+        formats.common.given_alpha(alpha)
         if Path(ref_or_path).exists():
             adapter, label, base_id = formats.read_adapter(ref_or_path, alpha=alpha, values=False), str(ref_or_path), None
         else:
