@@ -519,3 +519,26 @@ def test_an_alpha_override_of_zero_recorded_before_is_still_read_as_recorded(art
         with reg.engine.begin() as connection:
             connection.execute(text("UPDATE adapters SET alpha_override = 0"))
         assert {m.scale for m in reg.load_adapter("style").modules.values()} == {0.0}
+
+
+@pytest.mark.parametrize("tag, says", [
+    ("a,b", "bad tag 'a,b': a tag holds no comma (`list` joins tags with commas); give each tag its own --tag"),
+    (",", "bad tag ',': a tag holds no comma (`list` joins tags with commas); give each tag its own --tag"),
+    ("", "bad tag '': a tag is one word of at most 255 characters"),
+    ("  ", "bad tag '  ': a tag is one word of at most 255 characters"),
+    ("two words", "bad tag 'two words': a tag is one word of at most 255 characters"),
+])
+def test_a_tag_with_a_comma_or_no_word_is_refused(art, tag, says):
+    """`list` prints an adapter's tags comma-joined and `list --tag` matches one whole tag: a tag 'a,b' was shown as
+    two tags that neither --tag a nor --tag b found. Refused in one line naming the tag as given; nothing recorded,
+    for a new adapter or one registered again."""
+    cli("register", art["kohya"], "--name", "style", "--tag", "ok")
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    for adapter in (art["kohya"], art["ad1"]):
+        assert cli("register", adapter, "--tag", "fine", "--tag", tag, code=2).stderr == f"error: {says}\n"
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+        with pytest.raises(InvalidInputError, match="^bad tag"):
+            reg.add_tags("style", [tag])
+    assert [r.split()[-2] for r in cli("list", "--tag", "ok").output.splitlines()[2:]] == ["ok"]
