@@ -51,7 +51,13 @@ def detect(path: str | Path) -> str:
         if (path / diffusers.WEIGHTS_NAME).is_file():
             return "diffusers"
         raise FormatError(f"{path}: a folder without {peft.CONFIG_NAME}/{peft.WEIGHTS_NAME} or {diffusers.WEIGHTS_NAME}")
-    keys = list(st.read_header(path).tensors)
+    return layout_of_keys(path, list(st.read_header(path).tensors))
+
+
+def layout_of_keys(path: str | Path, keys: list[str], hint: str = "") -> str:
+    """The layout of an adapter file holding tensors named ``keys``, or the one-line error that says why it is none
+    (``path`` names the file in it; ``hint`` ends the message for names that are no adapter's at all). Also for a
+    file not downloaded yet, from its header on the Hub (hub.download_adapter)."""
     layout = key_layout(keys)
     if layout is not None:
         return layout
@@ -64,7 +70,7 @@ def detect(path: str | Path) -> str:
             f"{path}: an older diffusers LoRA layout (attention-processor keys such as {old!r}); load it with "
             "diffusers (pipe.load_lora_weights) and save it again (pipe.save_lora_weights) for the current layout"
         )
-    raise common.unknown_layout(path, keys, "not a LoRA adapter (unknown key layout)")
+    raise FormatError(f"{common.unknown_layout(path, keys, 'not a LoRA adapter (unknown key layout)')}{hint}")
 
 
 def key_layout(keys: Iterable[str]) -> str | None:
