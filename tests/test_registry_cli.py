@@ -503,10 +503,11 @@ def test_alpha_zero_or_negative_is_refused_by_every_command_that_takes_it(art, c
         before = snapshot(reg)
     argv = [a.format(**art) for a in command]
     result = cli(*argv, "--alpha", alpha, code=2)
-    assert result.stderr == f"error: {says}\n"
+    where = "" if command[0] == "extract" else f"{argv[1]}: --alpha: "  # the adapter it was given for
+    assert result.stderr == f"error: {where}{says}\n"
     with Registry.open() as reg:
         assert snapshot(reg) == before
-    with pytest.raises(InvalidInputError, match=r"^alpha must be a positive number \(got 0\): an alpha of 0 means"):
+    with pytest.raises(InvalidInputError, match=r": --alpha: alpha must be a positive number \(got 0\): an alpha of 0"):
         Registry.open().register_adapter(art["kohya"], alpha=0)
 
 

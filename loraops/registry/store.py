@@ -387,7 +387,7 @@ class Registry:
         if written is not None and written.path.resolve() != path.resolve():
             raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
                                     "adapter's; register it without `written`")
-        formats.common.given_alpha(alpha)
+        formats.common.given_alpha(alpha, path)
         tags = clean_tags(tags)  # what the arguments alone refuse, before the adapter is read or hashed
         formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
         files = formats.adapter_files(path)
@@ -657,7 +657,7 @@ class Registry:
         from .. import check, formats
         from ..basemodel import BaseModel
 
-        formats.common.given_alpha(alpha)
+        formats.common.given_alpha(alpha, ref_or_path)
         if Path(ref_or_path).exists():
             adapter, label, base_id = formats.read_adapter(ref_or_path, alpha=alpha, values=False), str(ref_or_path), None
         else:
