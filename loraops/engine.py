@@ -66,8 +66,8 @@ from .check import (INPUT_EMBEDDINGS, is_head, rows_shape, tied_decoder_bias, ti
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, BlockScaled
-from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_overlap,
-                     remove_stale_temps)
+from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
+                     refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, read_row_blocks, torch_dtype
 
@@ -280,6 +280,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     reference = reference if reference is None or isinstance(reference, BaseModel) else BaseModel.open(reference)
     out_dtype = parse_dtype(dtype)
     dev = settings.resolve_device(device)
+    refuse_misnamed(base, output, operation)
     output = output_path(output)
     refuse_overlap(output, base.path, "the model it reads")
     if reference is not None:
@@ -367,6 +368,17 @@ def applies(module: LoraModule, weight: float) -> bool:
     """Does ``module`` at ``weight`` change its tensor? A DoRA module always does: at weight 0 it still rescales each
     output channel to its magnitude (PEFT's set_scale(0) too)."""
     return module.dora or weight * module.scale != 0
+
+
+VERBS = {"merge": "merging into", "subtract": "subtracting from", "restore": "restoring"}
+
+
+def refuse_misnamed(model: BaseModel, output: str | Path, operation: str) -> None:
+    """The output of ``operation`` on ``model`` is of the model's kind: a folder of a folder model, one file of a
+    single-file one; named as the other kind, it is refused (fsutil.refuse_misnamed_output)."""
+    kind = "single-file" if model.is_single_file else "folder"
+    refuse_misnamed_output(output, is_dir=not model.is_single_file,
+                           what=f"the output of {VERBS[operation]} the {kind} model {model.path.name}")
 
 
 def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> None:

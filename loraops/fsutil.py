@@ -48,6 +48,19 @@ def output_path(path: str | Path) -> Path:
     return Path(os.path.realpath(path.parent)) / path.name
 
 
+def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, instead: str = "") -> None:
+    """Refuse an output named as the other kind of thing than the one written there: a folder whose name ends in
+    .safetensors (`merge --into FOLDER -o x.safetensors` made a folder of that name), or one file named as a folder,
+    with a trailing '/' (`-o out/` made a file named out). ``what`` is what is written (e.g. "a peft adapter"),
+    ``instead`` an alternative the user has (", or --format kohya for one file"). Checked before anything is read."""
+    text = str(output)
+    if is_dir and Path(text).suffix.lower() == ".safetensors":
+        raise InvalidInputError(f"{text}: {what} is a folder, not one .safetensors file; give a folder name{instead}")
+    if not is_dir and text.endswith(("/", os.sep, "/.")):
+        raise InvalidInputError(f"{text}: {what} is one file, not a folder; give a file name (…/name.safetensors)"
+                                f"{instead}")
+
+
 def refuse_existing(path: str | Path, force: bool = False) -> None:
     """Raise ConflictError when ``path`` exists and ``force`` is not set, InvalidInputError when its folder cannot
     be made because a file is in the way (also usable before a long computation)."""

@@ -263,8 +263,17 @@ def exactly(names: list[str]) -> list[str]:
 def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | None = None) -> list[str]:
     """The files that make the adapter in a repo listing (repo-relative names): a PEFT folder (adapter_config.json +
     adapter_model.safetensors) or one .safetensors file (kohya / diffusers), plus README.md when present.
-    ``subpath`` narrows the search to a folder or names the file."""
-    check_repo_names(names, ref)
+    ``subpath`` narrows the search to a folder or names the file. The names that would land outside the download
+    folder are refused (check_repo_names): anywhere in the listing without ``subpath``, where the choice scans it;
+    with it, only among the files picked — a bad name elsewhere in the repo blocked `pull --file` of a good one."""
+    if not subpath:
+        check_repo_names(names, ref)
+    picked = _select(names, ref, subpath)
+    check_repo_names(picked, ref)
+    return picked
+
+
+def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[str]:
     scope = (subpath or "").strip("/")
     parent = str(PurePosixPath(scope).parent) if "/" in scope else ""
     if scope in names and PurePosixPath(scope).name == PEFT_WEIGHTS:
@@ -290,7 +299,7 @@ def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | No
             if not weights:
                 below = _peft_folders_below(names, prefix)
                 if len(below) == 1:  # the only adapter there is, one level or more down
-                    return select_adapter_files(names, ref, below[0])
+                    return _select(names, ref, below[0])
                 if below:
                     where = f"in {folder}/" if folder else "at the top level"
                     listed = ", ".join(below[:10]) + (", …" if len(below) > 10 else "")
@@ -397,8 +406,10 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
         if offline():
             files = select_adapter_files(_cached_names(ref, commit), ref, subpath)
         else:
-            info = _api(token).model_info(ref.repo_id, revision=commit)
-            files = select_adapter_files([s.rfilename for s in info.siblings or []], ref, subpath)
+            api = _api(token)
+            files = select_adapter_files([s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings
+                                          or []], ref, subpath)
+            _refuse_remote_non_adapter(api, ref, commit, files)
         where = {"local_dir": into} if into is not None and not offline() else {"cache_dir": cache_dir()}
         folder = Path(snapshot_download(ref.repo_id, revision=revision, token=token, endpoint=endpoint(),
                                         allow_patterns=exactly(files), local_files_only=offline(), **where))
@@ -406,6 +417,31 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     if missing:
         raise NotFoundError(f"{ref}: {', '.join(missing)} not in the local cache ({folder})")
     return Download(ref, commit, files, folder)
+
+
+def _refuse_remote_non_adapter(api, ref: RepoRef, commit: str, files: list[str]) -> None:
+    """A lone .safetensors picked (no PEFT config beside it: kohya, diffusers — or a model's weights) is judged by its
+    header on the Hub (HTTP ranges: parse_safetensors_file_metadata), as the file itself would be once downloaded
+    (formats.layout_of_keys), before it is downloaded: a base model's repo came down whole, gigabytes, only to be
+    refused as no adapter. A header the client cannot parse (or an empty file) is left to the download, whose reader
+    says exactly what is wrong with it."""
+    from huggingface_hub.errors import HfHubHTTPError, SafetensorsParsingError
+
+    from . import formats
+
+    if any(PurePosixPath(f).name == ADAPTER_CONFIG for f in files):
+        return
+    name = next(f for f in files if f.endswith(".safetensors"))
+    try:
+        header = api.parse_safetensors_file_metadata(ref.repo_id, name, revision=commit)
+    except SafetensorsParsingError:
+        return
+    except HfHubHTTPError as exc:
+        if exc.response is not None and exc.response.status_code == 416:  # an empty file has no range to read
+            return
+        raise
+    formats.layout_of_keys(f"{ref}/{name}", list(header.tensors), hint=f"; if it is a model, `loraops base add "
+                           f"hub:{ref}` records it as a base (nothing was downloaded)")
 
 
 def _cached_names(ref: RepoRef, commit: str) -> list[str]:

@@ -11,7 +11,7 @@ def inspect_path(path: str | Path, alpha: float | None = None) -> InspectReport:
     from . import formats
 
     path = Path(path)
-    adapter = formats.read_adapter(path, alpha=alpha, values=False)
+    adapter = formats.read_adapter(path, alpha=formats.common.given_alpha(alpha, path), values=False)
     files = formats.adapter_files(path)
     return InspectReport(
         path=str(path), format=adapter.format, identity=formats.identity(path), files=[str(f) for f in files],

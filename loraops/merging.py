@@ -91,18 +91,21 @@ def resolve_base(reg, ref: str | Path) -> tuple[BaseModel, str]:
     return BaseModel.open(reg.base_path(record.id)), record.name
 
 
-def _streamed_early(ref: str | Path) -> tuple[BaseModel, str] | None:
+def _streamed_early(ref: str | Path, output: str | Path, operation: str) -> tuple[BaseModel, str] | None:
     """A model given by path, opened and already coming into the page cache (BaseModel.prefetch) before the registry
     loads (SQLAlchemy alone takes ~0.35 s) and torch (~1 s): the disk works while the process starts up. The engine
     stops the prefetch when its own reading starts."""
-    return _streamed(None, ref, None) if Path(ref).exists() else None
+    return _streamed(None, ref, None, output, operation) if Path(ref).exists() else None
 
 
-def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None) -> tuple[BaseModel, str]:
-    """The model to stream, prefetching (what _streamed_early opened, or now, by registry reference)."""
+def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None, output: str | Path,
+              operation: str) -> tuple[BaseModel, str]:
+    """The model to stream, prefetching (what _streamed_early opened, or now, by registry reference) once its
+    output is known to be named as what it writes (a folder, or one file)."""
     if early is not None:
         return early
     model, label = resolve_base(reg, ref)
+    engine.refuse_misnamed(model, output, operation)
     model.prefetch()
     return model, label
 
@@ -160,13 +163,13 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     if not adapters and options.get("dtype") is None:
         raise InvalidInputError("no adapter to merge: give at least one, or --dtype to convert the base alone "
                                 "(an FP8 model to bf16, say)")
-    early = _streamed_early(base)
+    early = _streamed_early(base, output, "merge")
     model, reg = early[0] if early else None, None
     try:
         reg = _open_registry(record or _references(base, adapters), create=record)
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record, adapters)
-        model, _ = _streamed(reg, base, early)
+        model, _ = _streamed(reg, base, early, output, "merge")
         engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
@@ -188,15 +191,18 @@ def subtract(model: str | Path, adapters: Sequence[str], output: str | Path, *, 
 
 def _subtract(model, adapters, output, *, exact, name, record, **options) -> MergeReport:
     streamed = not exact  # --exact copies or re-merges the recorded base: the merged model itself is not read
-    early = _streamed_early(model) if streamed else None
+    early = _streamed_early(model, output, "subtract") if streamed else None
     merged, reg = early[0] if early else None, None
     try:
         reg = _open_registry(record or exact or _references(model, adapters), create=record)
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record, adapters)
-        merged, label = _streamed(reg, model, early) if streamed else resolve_base(reg, model)
         if streamed:
+            merged, label = _streamed(reg, model, early, output, "subtract")
             engine.check_room(merged, output, options.get("dtype"))
+        else:  # a recorded merge has its base's kind, which the restored output has
+            merged, label = resolve_base(reg, model)
+            engine.refuse_misnamed(merged, output, "restore")
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
@@ -463,6 +469,7 @@ def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
     import time
 
     started = time.perf_counter()
+    engine.refuse_misnamed(model, output, "restore")
     refuse_overlap(output, model.path, "the recorded base it restores")
     size = model.total_bytes + sum((model.path / p).stat().st_size for p in model.other_files())
     ensure_free_space(output.parent, size, output.name)

@@ -60,11 +60,11 @@ def sqlite_database(url: str | None = None) -> Path | None:
     """The file of the SQLite registry at ``url`` (default: db_url()), else None (a server, or an SQLite database in
     no file: see sqlite_file)."""
     url = url or db_url()
-    scheme, _, rest = url.partition("://")
-    if scheme.partition("+")[0] != "sqlite":
+    if url.partition("://")[0].partition("+")[0] != "sqlite":
         return None
-    if rest.startswith("/") and not any(c in rest for c in "?%"):  # sqlite:///PATH, read as SQLAlchemy reads it
-        return sqlite_file(rest[1:], {})
+    plain = plain_sqlite_file(url)
+    if plain is not None:
+        return plain
     from sqlalchemy.engine import make_url  # (only for the rarer forms: `list` of a plain URL imports no SQLAlchemy)
 
     try:
@@ -74,14 +74,26 @@ def sqlite_database(url: str | None = None) -> Path | None:
     return sqlite_file(parsed.database, parsed.query)
 
 
+def plain_sqlite_file(url: str) -> Path | None:
+    """The file of a plain ``sqlite[+driver]:///PATH`` URL (no query, no %-escapes), read as SQLAlchemy reads it
+    but without importing it (`list` reads such a registry over sqlite3), else None."""
+    scheme, _, rest = url.partition("://")
+    if scheme.partition("+")[0] != "sqlite" or not rest.startswith("/") or any(c in rest for c in "?%"):
+        return None
+    return sqlite_file(rest[1:], {})
+
+
 def sqlite_file(database: str | None, query: Mapping[str, Any]) -> Path | None:
     """The file an SQLite URL's database part and query (as SQLAlchemy parses them) open, or None when it opens no
     file of its own: an in-memory database (`sqlite://`, `:memory:`, a `file:` URI with mode=memory or vfs=memdb) or
     SQLite's private temporary one (`file:` with no path). A `file:` name is a URI only with uri=true; without it the
     driver opens a file of that very name. Other SQLite URLs than `sqlite:///PATH` kept the home's blob store, so
-    `gc` on them removed every adapter the home's registry had stored."""
+    `gc` on them removed every adapter the home's registry had stored. A leading ~ or ~user is a home folder, in
+    both forms (sqlite:///~/reg.db): the driver alone opened ./~/reg.db, so the engine is given this very file
+    (registry.db.make_engine), and every other use (the blob store beside it, the read-only checks, the plain reads)
+    asks this function."""
     database = database or ""
-    if database.startswith("file:") and str(query.get("uri", "")).lower() in ("true", "yes", "on", "y", "t", "1"):
+    if sqlite_uri(database, query):
         path = database[len("file:"):]
         if path.startswith("//"):  # file://localhost/path, file:///path
             _authority, slash, rest = path[2:].partition("/")
@@ -91,7 +103,19 @@ def sqlite_file(database: str | None, query: Mapping[str, Any]) -> Path | None:
         database = unquote(path)
     if database in ("", ":memory:"):
         return None
-    return Path(database).expanduser()
+    try:
+        return Path(database).expanduser()
+    except RuntimeError:  # ~name of no user on this system
+        from .errors import RegistryError
+
+        raise RegistryError(f"{database}: the registry path starts with {database.split('/')[0]}, which names no "
+                            "user's home folder here; give the full path") from None
+
+
+def sqlite_uri(database: str | None, query: Mapping[str, Any]) -> bool:
+    """Is an SQLite URL's database part a `file:` URI (with uri=true), rather than the name of a file?"""
+    return (database or "").startswith("file:") and str(query.get("uri", "")).lower() in ("true", "yes", "on", "y",
+                                                                                          "t", "1")
 
 
 def progress_enabled() -> bool:

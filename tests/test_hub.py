@@ -153,6 +153,78 @@ def test_names_escaping_the_folder_are_refused(fake_hub, name, tmp_path):
     assert not any(tmp_path.parent.rglob("evil.safetensors"))
 
 
+def _safetensors(tmp_path: Path, name: str, tensors: dict) -> bytes:
+    import torch
+
+    from loraops import st
+
+    st.write_safetensors(tmp_path / name, {k: torch.zeros(shape) for k, shape in tensors.items()})
+    return (tmp_path / name).read_bytes()
+
+
+MODEL_TENSORS = {"model.embed_tokens.weight": (64, 8), "model.layers.0.self_attn.q_proj.weight": (8, 8),
+                 "lm_head.weight": (64, 8)}
+
+
+def test_a_models_repo_is_refused_from_its_header_before_anything_is_downloaded(fake_hub, tmp_path):
+    """`pull` of a base model's repo (a lone model.safetensors) downloaded the whole file — gigabytes — before reading
+    it and refusing it as no adapter. Its header is read first, with HTTP ranges, and judged as the downloaded file
+    would be."""
+    weights = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
+    fake_hub.commit("meta/tiny", {"model.safetensors": weights, "config.json": b"{}"})
+    into = tmp_path / "into"
+    into.mkdir()
+    with pytest.raises(FormatError) as caught:
+        hub.download_adapter("meta/tiny@main", into=into)
+    assert str(caught.value) == (
+        "meta/tiny@main/model.safetensors: not a LoRA adapter (unknown key layout): 'lm_head.weight', "
+        "'model.embed_tokens.weight', 'model.layers.0.self_attn.q_proj.weight'; if it is a model, `loraops base add "
+        "hub:meta/tiny@main` records it as a base (nothing was downloaded)")
+    reads = fake_hub.downloads("model.safetensors")
+    assert reads and all(r["range"] is not None for r in reads)  # the header's range only, never the whole file
+    assert list(into.iterdir()) == [] and not any(hub.cache_dir().rglob("model.safetensors"))
+
+
+def test_an_adapter_file_is_judged_by_its_header_then_downloaded(fake_hub, tmp_path):
+    """A kohya file passes the header check and is downloaded; one in a layout loraops refuses is refused from its
+    header with the message the downloaded file would get; a file whose header the client cannot parse is left to
+    the download (the reader then says what is wrong with it)."""
+    kohya = _safetensors(tmp_path, "style.safetensors", {"lora_unet_x_q.lora_down.weight": (2, 8),
+                                                         "lora_unet_x_q.lora_up.weight": (8, 2)})
+    fake_hub.commit("someone/style", {"style.safetensors": kohya})
+    assert hub.download_adapter("someone/style").adapter_path.read_bytes() == kohya
+    assert [r["range"] is None for r in fake_hub.downloads("style.safetensors")] == [False, True]
+    oft = _safetensors(tmp_path, "oft.safetensors", {"transformer.h.0.attn.ia3_l": (8,)})  # (IA)³
+    fake_hub.commit("someone/oft", {"oft.safetensors": oft})
+    from loraops import formats
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "oft.safetensors").write_bytes(oft)
+    with pytest.raises(FormatError) as local:
+        formats.detect(tmp_path / "local" / "oft.safetensors")
+    with pytest.raises(FormatError) as remote:
+        hub.download_adapter("someone/oft")
+    assert str(remote.value) == str(local.value).replace(str(tmp_path / "local"), "someone/oft")
+    assert all(r["range"] is not None for r in fake_hub.downloads("oft.safetensors"))
+
+
+@pytest.mark.parametrize("bad", ["../evil.safetensors", "a\\..\\evil.safetensors", "/etc/evil.safetensors"])
+def test_file_picks_the_named_file_past_a_bad_name_elsewhere(fake_hub, bad, tmp_path):
+    """A name loraops refuses anywhere in the listing blocked `pull --file` of another file; with --file only the
+    files picked (and the config a PEFT weights file needs) are judged. Without --file the listing still is."""
+    peft = {"good/adapter_config.json": b"{}", "good/adapter_model.safetensors": b"w"}
+    fake_hub.commit("someone/mixed", {bad: b"x", "style.safetensors": b"k" * 16, **peft})
+    assert hub.download_adapter("someone/mixed", subpath="style.safetensors").files == ["style.safetensors"]
+    assert hub.download_adapter("someone/mixed", subpath="good/adapter_model.safetensors").files == sorted(peft)
+    assert hub.download_adapter("someone/mixed", subpath="good").files == sorted(peft)
+    with pytest.raises(HubError, match=r"refusing file name .* would escape the download folder"):
+        hub.download_adapter("someone/mixed")
+    fake_hub.commit("someone/mixed", {"sub/a\\b.safetensors": b"x"})  # the one picked in a folder: still judged
+    with pytest.raises(HubError, match=r"^someone/mixed: refusing file name 'sub/a\\\\b.safetensors'"):
+        hub.download_adapter("someone/mixed", subpath="sub")
+    assert not any(tmp_path.parent.rglob("evil.safetensors"))
+
+
 # ---- errors ----------------------------------------------------------------------------------------------------
 
 

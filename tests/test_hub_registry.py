@@ -317,3 +317,29 @@ def test_pull_repairs_a_damaged_stored_copy(fake_hub, adapters, registry):
     again = hub.pull(registry, "someone/anime-lora")
     assert not again.new and stored.read_bytes() == (adapters["a"] / "adapter_model.safetensors").read_bytes()
     assert registry.verify() == []
+
+
+def test_pull_of_a_base_models_repo_is_refused_before_its_weights_come_down(fake_hub, adapters, registry):
+    """The whole model.safetensors was downloaded (into the store's scratch folder) before `pull` refused it as no
+    adapter; its header, read with HTTP ranges, decides it now, and the line says how to add it as a base."""
+    base = adapters["base"]
+    fake_hub.commit("meta/tiny", {n: (base / n).read_bytes() for n in ("model.safetensors", "config.json")})
+    result = CliRunner().invoke(main, ["pull", "meta/tiny"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: meta/tiny/model.safetensors: not a LoRA adapter (unknown key layout): ")
+    assert result.stderr.endswith("; if it is a model, `loraops base add hub:meta/tiny` records it as a base (nothing "
+                                  "was downloaded)\n") and len(result.stderr.splitlines()) == 1
+    assert all(r["range"] is not None for r in fake_hub.downloads("model.safetensors"))
+    assert registry.list_adapters() == [] and not any(TMP_MARK in p.name for p in registry.blobs.root.iterdir())
+
+
+def test_pull_file_is_not_blocked_by_a_bad_name_elsewhere_in_the_repo(fake_hub, adapters, registry):
+    """A file name loraops refuses (it would land outside the download folder) anywhere in the repo blocked `pull
+    --file` of another file; only what --file picks is judged now."""
+    files = {f"good/{n}": (adapters["a"] / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+    commit = fake_hub.commit("someone/mixed", {"../evil.safetensors": b"x", **files})
+    blocked = CliRunner().invoke(main, ["pull", "someone/mixed"])
+    assert blocked.exit_code == 7 and "refusing file name '../evil.safetensors'" in blocked.stderr
+    pulled = CliRunner().invoke(main, ["pull", "someone/mixed", "--file", "good", "--name", "good"])
+    assert pulled.exit_code == 0, pulled.output
+    assert registry.get_adapter("good").source == f"hf://someone/mixed@{commit}/good"

@@ -49,6 +49,36 @@ def test_parse_weighted(tmp_path):
         parse_weighted(f"{odd}:abc")
 
 
+@pytest.mark.parametrize("tail", ["1_0", "inf", "-Infinity", "nan", " 1", "1 ", "\t2", "\u0661", "+1_000.5"])
+def test_a_weight_python_reads_but_not_written_plainly_is_refused(tail):
+    """float() takes '1_0' (10), 'inf', 'nan', ' 1', other scripts' digits: they were weights (or, for inf/nan, said
+    'must be a finite number'). Only decimal and scientific numbers are weights now; the rest is one line naming the
+    input."""
+    with pytest.raises(InvalidInputError, match=r"must be a number written plainly \(like 0.7, -1 or 2e-3\)$") as caught:
+        parse_weighted(f"style:{tail}")
+    assert str(caught.value).startswith(repr(f"style:{tail}"))
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("style:0.7", ("style", 0.7)), ("c:-0.2", ("c", -0.2)), ("name@3:0.5", ("name@3", 0.5)), ("s:+.5", ("s", 0.5)),
+    ("s:5.", ("s", 5.0)), ("s:2E-3", ("s", 0.002)), ("s:1e+2", ("s", 100.0)), ("s:-0", ("s", -0.0)),
+    ("hub:owner/name", ("hub:owner/name", 1.0)), ("hub:owner/name@v1:0.5", ("hub:owner/name@v1", 0.5)),
+    ("s:0x10", ("s:0x10", 1.0)), ("dir:with:colons", ("dir:with:colons", 1.0)),
+])
+def test_plain_weights_and_names_with_colons(text, parsed):
+    assert parse_weighted(text) == parsed
+
+
+def test_a_badly_written_weight_is_one_line_before_anything_is_done(tmp_path, models):
+    base, a, _ = models
+    result = run("merge", f"{a}:1_0", "--into", base, "-o", tmp_path / "out", code=2)
+    assert result.output == (f"error: '{a}:1_0': the weight after ':' must be a number written plainly (like 0.7, "
+                             "-1 or 2e-3)\n")
+    result = run("combine", "x:inf", "y", "--method", "cat", code=2)
+    assert result.output == "error: 'x:inf': the weight after ':' must be a number written plainly (like 0.7, -1 or 2e-3)\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_subtract_round_trip_and_exact(tmp_path, models):
     base, a, b = models
     out = tmp_path / "blend"

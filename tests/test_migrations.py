@@ -145,6 +145,69 @@ def test_newer_revision_is_refused():
     assert shown.endswith(f"revision f00d (written by a newer loraops; this one's head is {db.HEAD}: upgrade loraops)\n")
 
 
+def _schema(eng) -> dict:
+    insp = inspect(eng)
+    return {t: sorted(c["name"] for c in insp.get_columns(t)) for t in insp.get_table_names()}
+
+
+@pytest.mark.empty_db
+@pytest.mark.parametrize("lose", ["DROP TABLE alembic_version", "DELETE FROM alembic_version"])
+def test_tables_without_a_recorded_revision_are_said_so_and_stamped_after_a_check(lose):
+    """`db current` called a registry "empty" when its tables were there and only alembic_version was lost, and every
+    open (`db upgrade` too) ran the first migration over them: "cannot migrate …: table bases already exists". It
+    says what it is; nothing migrates it; `db stamp` records the head revision once the tables are checked to be
+    exactly head's, and refuses an older schema."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    def cli(*args, code=0):
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == code, (result.output, result.exception)
+        return result
+
+    eng = engine()
+    url = eng.url.render_as_string(hide_password=True)
+    cli("db", "upgrade")
+    with eng.begin() as c:
+        c.execute(text(lose))
+    before = _schema(eng)
+    said = (f"holds loraops' tables (adapter_modules, adapter_names, adapter_tags, adapters, …) but records no schema "
+            f"revision (its alembic_version table was dropped or emptied), so no command migrates it; `loraops db "
+            f"stamp` records revision {db.HEAD} once it has checked that the tables are exactly that revision's, else "
+            f"restore alembic_version from a backup")
+    assert cli("db", "current").output == f"{url}: revision none (it {said})\n"
+    for args in (["db", "upgrade"], ["list"], ["gc"]):
+        assert cli(*args, code=6).stderr == f"error: the registry at {url} {said}\n"
+    assert _schema(eng) == before
+    assert cli("db", "stamp").output == f"{url}: recorded revision {db.HEAD} (head); its tables are that revision's\n"
+    assert revision_of(eng) == db.HEAD and cli("list").exit_code == 0
+    assert cli("db", "stamp", code=6).stderr == (f"error: the registry at {url} already records revision {db.HEAD}; "
+                                                 "`loraops db upgrade` migrates it\n")
+
+    db.downgrade(eng, revisions()[-2])  # an older schema, its revision lost: stamping it head would skip a migration
+    with eng.begin() as c:
+        c.execute(text(lose))
+    refused = cli("db", "stamp", code=6).stderr
+    assert refused.startswith(f"error: the registry at {url}: its tables are not those of revision {db.HEAD} (1 "
+                              "difference(s), the first: ('add_column', ") and refused.endswith(
+        "restore its alembic_version table from a backup\n")
+    assert revision_of(eng) is None
+
+
+@pytest.mark.empty_db
+def test_stamp_of_an_empty_registry_says_to_upgrade():
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    db.ensure_schema(engine())
+    db.downgrade(engine(), "base")  # every table gone (alembic_version emptied)
+    result = CliRunner().invoke(main, ["db", "stamp"])
+    assert result.exit_code == 6 and result.stderr.endswith("holds no loraops tables; `loraops db upgrade` creates them\n")
+    assert CliRunner().invoke(main, ["db", "upgrade"]).exit_code == 0 and revision_of(engine()) == db.HEAD
+
+
 @pytest.mark.sqlite_only
 def test_sqlite_pragmas():
     with Registry.open() as reg, reg.engine.connect() as c:

@@ -76,3 +76,69 @@ def test_a_base_whose_folder_is_gone_is_no_obstacle(tmp_path, registered):
     shutil.rmtree(base)
     run("merge", "style", "--into", other, "-o", base, "--no-record")
     assert (base / "config.json").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["merge", "style", "--into", "{base}", "-o", "{out}/x.safetensors"],
+     "the output of merging into the folder model llama-tiny is a folder, not one .safetensors file; give a folder name"),
+    (["merge", "nope", "--into", "{base}", "-o", "{out}/x.SafeTensors/", "--no-record"],  # before the adapters
+     "the output of merging into the folder model llama-tiny is a folder, not one .safetensors file; give a folder name"),
+    (["subtract", "style", "--from", "{base}", "-o", "{out}/x.safetensors"],
+     "the output of subtracting from the folder model llama-tiny is a folder, not one .safetensors file; give a "
+     "folder name"),
+    (["subtract", "style", "--from", "{base}", "-o", "{out}/x.safetensors", "--exact"],
+     "the output of restoring the folder model llama-tiny is a folder, not one .safetensors file; give a folder name"),
+    (["merge", "--dtype", "bf16", "--into", "{single}", "-o", "{out}/folder/"],
+     "the output of merging into the single-file model single.safetensors is one file, not a folder; give a file "
+     "name (…/name.safetensors)"),
+    (["merge", "--dtype", "bf16", "--into", "{single}", "-o", "{out}/folder/.", "--no-record"],
+     "the output of merging into the single-file model single.safetensors is one file, not a folder; give a file "
+     "name (…/name.safetensors)"),
+    (["export", "style", "--format", "kohya", "-o", "{out}/folder/"],  # export's rule, the same one
+     "a kohya adapter is one file, not a folder; give a file name (…/name.safetensors), or --format peft for a folder"),
+    (["export", "style", "--format", "peft", "-o", "{out}/x.safetensors"],
+     "a peft adapter is a folder, not one .safetensors file; give a folder name, or --format kohya/diffusers for one "
+     ".safetensors file"),
+])
+def test_an_output_named_as_the_other_kind_is_refused_before_anything_is_read(tmp_path, registered, monkeypatch, args,
+                                                                               says):
+    """`merge --into FOLDER -o x.safetensors` wrote a folder named x.safetensors, and a single-file model's output
+    given as `-o folder/` a file named folder: refused in one line as `export` refused a PEFT folder named
+    *.safetensors (one rule, fsutil.refuse_misnamed_output), before the model is read (no prefetch) or an adapter
+    loaded."""
+    import torch
+
+    from loraops import st
+    from loraops.basemodel import BaseModel
+
+    base, _, _ = registered
+    single = tmp_path / "single.safetensors"
+    st.write_safetensors(single, {"q.weight": torch.zeros(4, 4)})
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def no_reading(self):
+        raise AssertionError("the model was read before the output's name was checked")
+
+    monkeypatch.setattr(BaseModel, "prefetch", no_reading)
+    argv = [a.format(base=base, single=single, out=out) for a in args]
+    result = run(*argv, code=2)
+    assert result.output == f"error: {argv[argv.index('-o') + 1]}: {says}\n"
+    assert list(out.iterdir()) == []
+
+
+def test_the_engine_refuses_a_misnamed_output_too(tmp_path):
+    """Library callers of engine.merge/subtract get the same rule as the commands."""
+    import torch
+
+    from loraops import engine, st
+    from loraops.errors import InvalidInputError
+
+    single = tmp_path / "single.safetensors"
+    st.write_safetensors(single, {"q.weight": torch.zeros(4, 4)})
+    base = tiny_llama(tmp_path / "llama-tiny")
+    with pytest.raises(InvalidInputError, match=r"/folder/: the output of merging into the single-file model"):
+        engine.merge(single, [], f"{tmp_path}/folder/", dtype="bf16")
+    with pytest.raises(InvalidInputError, match=r"x.safetensors: the output of subtracting from the folder model"):
+        engine.subtract(base, [], tmp_path / "x.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-tiny", "single.safetensors"]

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from factories import kohya_file, peft_adapter, tiny_llama
 from loraops import settings, st
 from loraops.cli import main
+from loraops.errors import InvalidInputError
 from loraops.registry import Registry, db
 from test_registry import KOHYA_MODULES, snapshot
 
@@ -444,3 +445,101 @@ def test_an_interrupt_in_clicks_own_code_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(click.Context, "_close_with_exception_info", interrupted_close)
     assert exit_status(["list"]) == 130
     assert capsys.readouterr().err.endswith("error: interrupted\n")
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("form", ["sqlite:///~/reg.db", "sqlite:///file:~/reg.db?uri=true"])
+def test_a_tilde_in_an_sqlite_url_is_the_home_folder(art, tmp_path, monkeypatch, form):
+    """`--db sqlite:///~/reg.db` opened ./~/reg.db (a folder named '~' in the current one) while the blob store went
+    beside ~/reg.db: the engine, the store, the read-only checks and `list`'s plain reads now all open the same file."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    missing = cli("--db", form, "list", code=6)  # a command that only reads names the file it looked for
+    assert missing.stderr.startswith(f"error: no registry at {home}/reg.db: the file does not exist")
+    cli("--db", form, "register", art["kohya"], "--name", "style")
+    assert (home / "reg.db").is_file() and (home / "reg.db.blobs").is_dir() and list(elsewhere.iterdir()) == []
+    assert [row.split()[1] for row in cli("--db", form, "list").output.splitlines()[2:]] == ["style@1"]
+    assert cli("--db", form, "verify").output.startswith("all stored files of 1 adapter(s) match")
+    current = cli("--db", form, "db", "current").output
+    assert str(home / "reg.db") in current and current.endswith(f": revision {db.HEAD} (head)\n")
+    if "?" not in form:  # `list` of a plain URL reads the file straight over sqlite3 (registry/reads.py)
+        code = ("import sys; from loraops.cli import main\n"
+                "try: main(['list'])\n"
+                "except SystemExit as e: assert not e.code, e.code\n"
+                "assert 'sqlalchemy' not in sys.modules\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
+            **os.environ, "LORAOPS_DB": form, "PYTHONPATH": str(Path(settings.__file__).parents[1])})
+        assert done.returncode == 0 and "style@1" in done.stdout, done.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.sqlite_only
+def test_a_tilde_of_no_user_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("--db", "sqlite:///~no-such-user-here/reg.db", "register", "x", code=6)
+    assert result.stderr == ("error: ~no-such-user-here/reg.db: the registry path starts with ~no-such-user-here, "
+                             "which names no user's home folder here; give the full path\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+ALPHA_ZERO = ("alpha must be a positive number (got 0): an alpha of 0 means alpha = rank in a kohya file but a scale "
+              "of 0 in PEFT, so loraops takes neither; give the rank itself for scale 1 (--alpha 8 for rank 8), or "
+              "leave --alpha out")
+ALPHA_NEGATIVE = "alpha must be a positive number (got -2): to negate an adapter, weight it -1 in merge or combine (NAME:-1)"
+
+
+@pytest.mark.parametrize("alpha, says", [("0", ALPHA_ZERO), ("-0.0", ALPHA_ZERO.replace("got 0", "got -0")),
+                                         ("-2", ALPHA_NEGATIVE)])
+@pytest.mark.parametrize("command", [["register", "{kohya}"], ["register", "{ad1}"], ["check", "{kohya}"],
+                                     ["inspect", "{kohya}"], ["extract", "--base", "{base}", "--tuned", "{other}",
+                                                              "--rank", "2"]])
+def test_alpha_zero_or_negative_is_refused_by_every_command_that_takes_it(art, command, alpha, says):
+    """`--alpha 0` on a kohya file gave scale 0, while the file's own alpha of 0 means alpha = rank (sd-scripts):
+    the same number meant two things. An alpha given must be above 0, in one line that says what to give; nothing
+    is recorded."""
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    argv = [a.format(**art) for a in command]
+    result = cli(*argv, "--alpha", alpha, code=2)
+    where = "" if command[0] == "extract" else f"{argv[1]}: --alpha: "  # the adapter it was given for
+    assert result.stderr == f"error: {where}{says}\n"
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+    with pytest.raises(InvalidInputError, match=r": --alpha: alpha must be a positive number \(got 0\): an alpha of 0"):
+        Registry.open().register_adapter(art["kohya"], alpha=0)
+
+
+def test_an_alpha_override_of_zero_recorded_before_is_still_read_as_recorded(art):
+    """A registry row from before the refusal (register --alpha 0) keeps loading as it was recorded: scale 0."""
+    from sqlalchemy import text
+
+    cli("register", art["kohya"], "--name", "style", "--alpha", "4")
+    with Registry.open() as reg:
+        with reg.engine.begin() as connection:
+            connection.execute(text("UPDATE adapters SET alpha_override = 0"))
+        assert {m.scale for m in reg.load_adapter("style").modules.values()} == {0.0}
+
+
+@pytest.mark.parametrize("tag, says", [
+    ("a,b", "bad tag 'a,b': a tag holds no comma (`list` joins tags with commas); give each tag its own --tag"),
+    (",", "bad tag ',': a tag holds no comma (`list` joins tags with commas); give each tag its own --tag"),
+    ("", "bad tag '': a tag is one word of at most 255 characters"),
+    ("  ", "bad tag '  ': a tag is one word of at most 255 characters"),
+    ("two words", "bad tag 'two words': a tag is one word of at most 255 characters"),
+])
+def test_a_tag_with_a_comma_or_no_word_is_refused(art, tag, says):
+    """`list` prints an adapter's tags comma-joined and `list --tag` matches one whole tag: a tag 'a,b' was shown as
+    two tags that neither --tag a nor --tag b found. Refused in one line naming the tag as given; nothing recorded,
+    for a new adapter or one registered again."""
+    cli("register", art["kohya"], "--name", "style", "--tag", "ok")
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    for adapter in (art["kohya"], art["ad1"]):
+        assert cli("register", adapter, "--tag", "fine", "--tag", tag, code=2).stderr == f"error: {says}\n"
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+        with pytest.raises(InvalidInputError, match="^bad tag"):
+            reg.add_tags("style", [tag])
+    assert [r.split()[-2] for r in cli("list", "--tag", "ok").output.splitlines()[2:]] == ["ok"]

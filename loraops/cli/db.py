@@ -42,10 +42,13 @@ def current() -> None:
     try:
         with regdb.connected(engine) as connection:
             revision = regdb.current_revision(connection)
+            tables = regdb.unversioned_tables(connection) if revision is None else []
     finally:
         engine.dispose()
     if revision == regdb.HEAD:
         state = "(head)"
+    elif tables:
+        state = f"(it {regdb.unversioned(tables)})"
     elif revision is None:
         state = f"(empty; head is {regdb.HEAD}: any command creates it, or `loraops db upgrade`)"
     elif not regdb.known_revision(revision):
@@ -53,6 +56,19 @@ def current() -> None:
     else:
         state = f"(head is {regdb.HEAD}: run `loraops db upgrade`)"
     click.echo(f"{_url(engine)}: revision {revision or 'none'} {state}")
+
+
+@db.command()
+def stamp() -> None:
+    """Record this loraops' schema revision in a registry whose tables are there but whose revision record was lost
+    (checked: its tables must be exactly this revision's)."""
+    regdb, engine = _engine(create=False)
+    try:
+        regdb.refuse_missing(engine)
+        regdb.stamp(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"{_url(engine)}: recorded revision {regdb.HEAD} (head); its tables are that revision's")
 
 
 def _url(engine) -> str:

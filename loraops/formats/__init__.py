@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .. import ldm, st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
-from ..fsutil import atomic_path, output_path, sha256_file
+from ..fsutil import atomic_path, output_path, refuse_misnamed_output, sha256_file
 from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
 from .kohya import kohya_name
 
@@ -51,7 +51,13 @@ def detect(path: str | Path) -> str:
         if (path / diffusers.WEIGHTS_NAME).is_file():
             return "diffusers"
         raise FormatError(f"{path}: a folder without {peft.CONFIG_NAME}/{peft.WEIGHTS_NAME} or {diffusers.WEIGHTS_NAME}")
-    keys = list(st.read_header(path).tensors)
+    return layout_of_keys(path, list(st.read_header(path).tensors))
+
+
+def layout_of_keys(path: str | Path, keys: list[str], hint: str = "") -> str:
+    """The layout of an adapter file holding tensors named ``keys``, or the one-line error that says why it is none
+    (``path`` names the file in it; ``hint`` ends the message for names that are no adapter's at all). Also for a
+    file not downloaded yet, from its header on the Hub (hub.download_adapter)."""
     layout = key_layout(keys)
     if layout is not None:
         return layout
@@ -64,7 +70,7 @@ def detect(path: str | Path) -> str:
             f"{path}: an older diffusers LoRA layout (attention-processor keys such as {old!r}); load it with "
             "diffusers (pipe.load_lora_weights) and save it again (pipe.save_lora_weights) for the current layout"
         )
-    raise common.unknown_layout(path, keys, "not a LoRA adapter (unknown key layout)")
+    raise FormatError(f"{common.unknown_layout(path, keys, 'not a LoRA adapter (unknown key layout)')}{hint}")
 
 
 def key_layout(keys: Iterable[str]) -> str | None:
@@ -142,10 +148,9 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         raise UnsupportedAdapterError(f"{adapter.label}: {lycoris.described(adapter)}, so it cannot be written as "
                                       f"{fmt}; `loraops resize --rank K` makes a LoRA of it (an SVD of each module's ΔW)")
     writer, is_dir = WRITERS[fmt]
+    refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=", or --format kohya/diffusers for "
+                           "one .safetensors file" if is_dir else ", or --format peft for a folder")
     dest = output_path(dest)
-    if is_dir and dest.suffix == ".safetensors":
-        raise InvalidInputError(f"{dest}: a {fmt} adapter is a folder (adapter_config.json + {peft.WEIGHTS_NAME}); "
-                                "give a folder name, or --format kohya/diffusers for one .safetensors file")
     with atomic_path(dest, force=force, is_dir=is_dir) as tmp:
         hashes = writer(adapter, modules, tmp, spill=spill)
     return Written(dest, hashes if is_dir else {dest.name: hashes[tmp.name]}, checked)

@@ -168,6 +168,29 @@ FLOAT32_MAX = 3.4028234663852886e38
 alphas) in float32."""
 
 
+def given_alpha(alpha: float | None, where: str | Path | None = None) -> float | None:
+    """An alpha the user gives: `register`/`check`/`inspect --alpha` (every module's, replacing what the file says)
+    and `extract --alpha` (the extracted adapter's); alpha= to the library calls behind them. It must be a number
+    above 0. Not 0: a kohya file's stored alpha of 0 means alpha = rank (sd-scripts, LyCORIS), while PEFT's
+    lora_alpha 0 scales every module by 0, and `--alpha 0` on a kohya file gave scale 0 where the same 0 in the file
+    gave scale 1; the rank itself says alpha = rank in every layout. Not negative: a weight of -1 negates an adapter.
+    (A stored --alpha override of 0 from before is still read as it was recorded: check_alpha.) ``where`` starts
+    the message: the adapter it is given for, as other refusals of it do."""
+    if alpha is None:
+        return None
+    number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if number and math.isfinite(alpha) and alpha > 0:
+        return float(alpha)
+    why = ""
+    if number and alpha == 0:
+        why = (": an alpha of 0 means alpha = rank in a kohya file but a scale of 0 in PEFT, so loraops takes neither; "
+               "give the rank itself for scale 1 (--alpha 8 for rank 8), or leave --alpha out")
+    elif number and alpha < 0:
+        why = ": to negate an adapter, weight it -1 in merge or combine (NAME:-1)"
+    shown = f"{alpha:g}" if number else repr(alpha)
+    raise InvalidInputError(f"{f'{where}: --alpha: ' if where else ''}alpha must be a positive number (got {shown}){why}")
+
+
 def check_alpha(path: Path, alpha: object, where: str) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise InvalidInputError(f"{path}: {where}: alpha {alpha!r} is not a finite number")

@@ -73,8 +73,10 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
             query = {"mode": "ro", "uri": "true"}
             if not database.with_name(database.name + "-wal").exists():
                 query["immutable"] = "1"
-            parsed = parsed.set(database=f"file:{quote(str(database))}", query=query)
+            parsed = parsed.set(database=_uri(database), query=query)
             create = False
+        else:  # the file settings.sqlite_file names (a leading ~ expanded), which the blob store is kept beside
+            parsed = parsed.set(database=_uri(file) if settings.sqlite_uri(parsed.database, parsed.query) else str(file))
         engine = _create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: its database driver is not installed "
@@ -103,6 +105,10 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _uri(file: Path) -> str:
+    return f"file:{quote(str(file))}"
 
 
 def _create_engine(url, **options) -> Engine:
@@ -140,6 +146,51 @@ def current_revision(connection: Connection) -> str | None:
     if not inspect(connection).has_table("alembic_version"):
         return None
     return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def unversioned_tables(connection: Connection) -> list[str]:
+    """loraops' tables in a database that records no schema revision (call it when current_revision is None): its
+    alembic_version table was dropped or emptied. [] for a database that is empty of them."""
+    from .models import Base
+
+    return sorted(set(inspect(connection).get_table_names()) & set(Base.metadata.tables))
+
+
+def unversioned(tables: list[str]) -> str:
+    """What a database with loraops' tables but no recorded revision is, and what to do about it."""
+    shown = ", ".join(tables[:4]) + (", …" if len(tables) > 4 else "")
+    return (f"holds loraops' tables ({shown}) but records no schema revision (its alembic_version table was dropped "
+            f"or emptied), so no command migrates it; `loraops db stamp` records revision {HEAD} once it has checked "
+            "that the tables are exactly that revision's, else restore alembic_version from a backup")
+
+
+def stamp(engine: Engine) -> None:
+    """Record revision HEAD in a database that holds loraops' tables but no revision (see unversioned), after
+    checking that its tables are exactly HEAD's (Alembic's autogenerate comparison, as `alembic check` makes it): an
+    older schema stamped as HEAD would never get the migrations it lacks."""
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from .models import Base
+
+    config = alembic_config()
+    with _MIGRATING, _migrating(engine) as connection:
+        current = current_revision(connection)
+        if current is not None:
+            raise RegistryError(f"the registry at {_safe(engine)} already records revision {current}; "
+                                "`loraops db upgrade` migrates it")
+        if not unversioned_tables(connection):
+            raise RegistryError(f"the registry at {_safe(engine)} holds no loraops tables; `loraops db upgrade` creates "
+                                "them")
+        differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
+                                       Base.metadata)
+        if differences:
+            raise RegistryError(f"the registry at {_safe(engine)}: its tables are not those of revision {HEAD} "
+                                f"({len(differences)} difference(s), the first: {str(differences[0])[:200]}); "
+                                "restore its alembic_version table from a backup")
+        config.attributes["connection"] = connection
+        command.stamp(config, "head")
 
 
 @contextlib.contextmanager
@@ -198,11 +249,12 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     try:
         # Alembic's migration context is process-global: one migration at a time per process, too.
         with _MIGRATING, _migrating(engine) as connection:
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             current = current_revision(connection)
             if revision == "head" and current == HEAD:
                 return
+            tables = unversioned_tables(connection) if current is None else []
+            if tables:  # Alembic would create its first revision's tables over them (a driver error, at best)
+                raise RegistryError(f"the registry at {_safe(engine)} {unversioned(tables)}")
             if current is not None and not _known(script, current):
                 raise RegistryError(
                     f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
@@ -240,7 +292,7 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 @contextlib.contextmanager
 def _migrating(engine: Engine) -> Iterator[Connection]:
-    """A write transaction for a migration. On SQLite, foreign-key enforcement is off inside it: Alembic alters an
+    """A write transaction for a migration, holding the migration lock. On SQLite, foreign-key enforcement is off inside it: Alembic alters an
     SQLite table by copying it, dropping the original and renaming the copy, and with enforcement on, dropping
     `adapters` deletes every module and tag row (ON DELETE CASCADE) and dropping `bases` unlinks every adapter
     (SET NULL). The pragma only takes effect outside a transaction, so it is set before BEGIN; the keys are checked
@@ -251,6 +303,8 @@ def _migrating(engine: Engine) -> Iterator[Connection]:
         if sqlite:
             connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
         with connection.begin():
+            if connection.dialect.name == "postgresql":  # (SQLite: the write lock BEGIN IMMEDIATE took)
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             # rows that were already broken (a hand edit with the sqlite3 shell, whose keys are off) are not ours
             before = set(connection.exec_driver_sql("PRAGMA foreign_key_check").all()) if sqlite else set()
             yield connection

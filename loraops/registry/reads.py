@@ -340,13 +340,15 @@ def refuse_output_over_registered(output: str | Path, found: Reader | None = Non
 def _connect(url: str):
     """A driver connection in a read transaction when ``url`` is SQLite or PostgreSQL and its schema is at HEAD,
     else None (then Registry.open creates, migrates, refuses, or reports the error in its own words)."""
+    from .. import settings
+
     scheme, _, rest = url.partition("://")
     dialect, _, driver = scheme.partition("+")
     connection = None
     try:
         if dialect == "sqlite" and driver in ("", "pysqlite"):
-            path = rest[1:]  # sqlite:///relative.db, sqlite:////absolute.db (as SQLAlchemy reads them)
-            if not rest.startswith("/") or path == ":memory:" or any(c in path for c in "?%") or not os.path.isfile(path):
+            path = settings.plain_sqlite_file(url)  # (the rarer forms of SQLite URLs go through SQLAlchemy)
+            if path is None or not path.is_file():
                 return None
             import sqlite3
 

@@ -387,6 +387,8 @@ class Registry:
         if written is not None and written.path.resolve() != path.resolve():
             raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
                                     "adapter's; register it without `written`")
+        formats.common.given_alpha(alpha, path)
+        tags = clean_tags(tags)  # what the arguments alone refuse, before the adapter is read or hashed
         formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
         files = formats.adapter_files(path)
         known = {} if written is None else written.sha256
@@ -399,7 +401,6 @@ class Registry:
         if written is None or not written.checked:
             formats.check_values(path)
         name = check_name(default_name(path) if name is None else name, "adapter")
-        tags = clean_tags(tags)
 
         adapter, base_id = self._bind_base(adapter, base)
         self.refuse_writes()  # before the copy into the store
@@ -656,6 +657,7 @@ class Registry:
         from .. import check, formats
         from ..basemodel import BaseModel
 
+        formats.common.given_alpha(alpha, ref_or_path)
         if Path(ref_or_path).exists():
             adapter, label, base_id = formats.read_adapter(ref_or_path, alpha=alpha, values=False), str(ref_or_path), None
         else:
@@ -942,11 +944,17 @@ def check_name(name: str, what: str) -> str:
 
 
 def clean_tags(tags: Iterable[str]) -> list[str]:
+    """Tags as given, stripped, without repeats. A tag is one word with no comma: `list` shows an adapter's tags
+    comma-joined and `list --tag` matches one whole tag, so 'a,b' was listed as two tags that neither --tag a nor
+    --tag b found."""
     out = []
-    for tag in tags:
-        tag = tag.strip()
+    for given in tags:
+        tag = given.strip()
         if not tag or len(tag) > 255 or any(c.isspace() for c in tag):
-            raise InvalidInputError(f"bad tag {tag!r}: a tag is one word of at most 255 characters")
+            raise InvalidInputError(f"bad tag {given!r}: a tag is one word of at most 255 characters")
+        if "," in tag:
+            raise InvalidInputError(f"bad tag {given!r}: a tag holds no comma (`list` joins tags with commas); give "
+                                    "each tag its own --tag")
         if tag not in out:
             out.append(tag)
     return out
