@@ -1,4 +1,5 @@
-"""The registry tour: base add, register (a PEFT folder and a kohya file), list, show, check, inspect, rm, db current.
+"""The registry tour: base add, register (a PEFT folder and a kohya file), list, show, check, inspect, rm, db current,
+db stamp.
 
     python examples/01_registry.py [WORKDIR]
 
@@ -8,6 +9,9 @@ $LORAOPS_HOME (the demo command points it at demo-output/home).
 """
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -44,6 +48,17 @@ def main() -> None:
     loraops("gc", "--grace", "0")  # the removed chat-lora@1's stored files are already gone: rm takes them
     loraops("db", "current")
     loraops("show", "chat-lora@1", ok=False)
+
+    # A copy of the registry whose revision record was lost (a partial restore dropped alembic_version): every command
+    # refuses it rather than migrating over its tables, and db stamp records head once the tables are head's.
+    restored = work / "restored.db"
+    shutil.copy(Path(os.environ["LORAOPS_HOME"]) / "registry.db", restored)
+    with sqlite3.connect(restored) as db:
+        db.execute("DROP TABLE alembic_version")
+    url = f"sqlite:///{restored}"
+    loraops("--db", url, "list", ok=False)
+    loraops("--db", url, "db", "stamp")
+    loraops("--db", url, "db", "current")
 
 
 if __name__ == "__main__":
