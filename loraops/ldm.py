@@ -419,29 +419,34 @@ def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
     kohya writer names its UNet the SDXL way, input_blocks…, even when no text-encoder module says SDXL; known by its
     text encoders or, for a UNet alone, by SDXL_UNET_MARK), SD 1.x's, SD 2.x's ``sd_v2_v`` with ss_v2 (the tensors do
     not say whether it is v-parameterized; sd-scripts' extract takes --v_parameterization to default to --v2),
-    FLUX.1's ``flux1``; and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as its
-    lora_sd3.py; SD3's version string, the MMDiT's model type, is not read off the tensors)."""
+    FLUX.1's ``flux1``, each with its ss_v2 (sd-scripts writes the two together, and reads SD 2.x from ss_v2 alone);
+    and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as its lora_sd3.py; SD3's
+    version string, the MMDiT's model type, is not read off the tensors)."""
     names = list(tensors)
     if any(FLUX_MARK.match(n) for n in names):
-        return {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+        return {"ss_base_model_version": "flux1", "ss_v2": "False", "ss_network_module": "networks.lora_flux"}
     if any(SD3_MARK.match(n) for n in names):
         return {"ss_network_module": "networks.lora_sd3"}
     if any(n.startswith("conditioner.embedders.") for n in names):
-        return {"ss_base_model_version": "sdxl_base_v1-0"}
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
     if any(n.startswith("cond_stage_model.model.") for n in names):
         return {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
-        return {"ss_base_model_version": "sd_v1"}
+        return {"ss_base_model_version": "sd_v1", "ss_v2": "False"}
     if any(n.startswith(SDXL_UNET_MARK) for n in names):
-        return {"ss_base_model_version": "sdxl_base_v1-0"}
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
     return {}
 
 
 def versioned(metadata: dict[str, str], tensors: Iterable[str]) -> dict[str, str]:
     """``metadata`` of an adapter bound to a base of ``tensors``, with the fields sd_scripts_metadata gives for that
     base where it has none (a diffusers file; a kohya file of a trainer that writes no ss_* header): the kohya writer
-    names SDXL's UNet by them. The base's network module replaces the adapter's own: what the kohya writer writes is
-    sd-scripts' plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that
-    loraops wrote for FLUX before)."""
+    names SDXL's UNet by them. A file that names no version takes ss_v2 with the base's version, whatever it says
+    (loraops writes "False" where it cannot place an adapter): "sd_v2_v" beside ss_v2 "False" reads as SD 1.x to
+    sd-scripts. The base's network module replaces the adapter's own: what the kohya writer writes is sd-scripts'
+    plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that loraops wrote
+    for FLUX before)."""
     base = sd_scripts_metadata(tensors)
-    return {**metadata, **{k: v for k, v in base.items() if k == "ss_network_module" or not metadata.get(k)}}
+    placed = bool(metadata.get("ss_base_model_version")) or "ss_base_model_version" not in base
+    return {**metadata, **{k: v for k, v in base.items()
+                           if k == "ss_network_module" or not placed or not metadata.get(k)}}

@@ -289,3 +289,35 @@ def test_peft_is_refused_for_openclip_parts_alone_and_by_every_command_that_writ
     assert code == 0, out
     torch.testing.assert_close(load_file(folder / "m.safetensors")[proj_in], load_file(tuned)[proj_in], rtol=0,
                                atol=2e-6)
+
+
+def test_an_sd2_header_says_v2_wherever_it_says_sd_v2_v(tmp_path):
+    """sd-scripts reads SD 2.x from ss_v2 alone (svd_merge_lora.py: ``v2 == "True"`` picks the modelspec
+    architecture; A1111 likewise), and writes ss_base_model_version and ss_v2 together. A kohya file with no version
+    and ss_v2 "False" — what loraops writes for an adapter it cannot place (here: a diffusers SD 2.x LoRA exported
+    unbound) — bound to an SD 2.x checkpoint took sd_v2_v from the base but kept its ss_v2 "False": a header that says
+    SD 2.x and SD 1.x at once. The base decides both when the file names no version; a version the file names is
+    kept with its own ss_v2."""
+    import factories
+    from test_extract_fused import pair
+    from test_ldm import SDXL_TEXT
+
+    from loraops import formats
+    from loraops.st import read_header
+
+    base, _ = pair(tmp_path, SDXL_TEXT, {}, prefix="cond_stage_model.model.")
+    assert run("base", "add", base, "--name", "sd2")[0] == 0
+    diffusers_lora = formats.write_adapter(factories.lora_adapter(
+        {"text_encoder.text_model.encoder.layers.0.mlp.fc1": (40, 16)}, fmt="diffusers"), tmp_path / "d.safetensors",
+        "diffusers")
+    assert run("export", diffusers_lora, "--format", "kohya", "-o", tmp_path / "unplaced.safetensors")[0] == 0
+    unplaced = read_header(tmp_path / "unplaced.safetensors").metadata
+    assert (unplaced["ss_base_model_version"], unplaced["ss_v2"]) == ("", "False")
+    named = factories.kohya_file(tmp_path / "named.safetensors", {"lora_te_text_model_encoder_layers_0_mlp_fc1": (
+        (16,), (40,))}, metadata={"ss_base_model_version": "sd_v2", "ss_v2": "True"})
+    for source, want in ((tmp_path / "unplaced.safetensors", ("sd_v2_v", "True")), (named, ("sd_v2", "True"))):
+        out = tmp_path / f"{source.stem}-bound.safetensors"
+        code, text = run("export", source, "--format", "kohya", "--base", "sd2", "-o", out)
+        assert code == 0, text
+        metadata = read_header(out).metadata
+        assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == want, source.stem
