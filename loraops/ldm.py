@@ -66,6 +66,9 @@ class TextEncoder:
     open_clip: bool = False
     """Saved in OpenCLIP's layout (transformer.resblocks.N.…, q, k and v fused in attn.in_proj_weight), which
     diffusers and sd-scripts load as transformers' CLIPTextModel; otherwise saved with transformers' names."""
+    flux_component: str | None = None
+    """Its component in diffusers' FluxPipeline where that differs from ``component`` (SD3's): T5-XXL is its
+    text_encoder_2."""
 
     def path(self, module: str) -> str | None:
         """The module's path inside its transformers model (None: an OpenCLIP module LoRAs do not target)."""
@@ -84,7 +87,7 @@ TEXT_ENCODERS = (
     # lora_flux.py name them: lora_te1_ CLIP-L, lora_te2_ CLIP-G, lora_te3_ T5-XXL, each by its transformers path
     TextEncoder("text_encoders.clip_l.transformer.", "text_encoder", "text_encoder_1"),
     TextEncoder("text_encoders.clip_g.transformer.", "text_encoder_2", "text_encoder_2"),
-    TextEncoder("text_encoders.t5xxl.transformer.", "text_encoder_3", "text_encoder_3"),
+    TextEncoder("text_encoders.t5xxl.transformer.", "text_encoder_3", "text_encoder_3", flux_component="text_encoder_2"),
 )
 
 
@@ -349,15 +352,19 @@ def in_dit_block(module: str) -> bool:
     return DIT_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) is not None
 
 
-def dit_top(modules: Iterable[str]) -> dict[str, str] | None:
-    """The top-level names of the DiT family whose blocks these bound module paths include (None: no DiT blocks)."""
+def dit_top(modules: Iterable[str], metadata: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The top-level names of the DiT family whose blocks these bound module paths include, or that ``metadata`` (a
+    bound adapter's: versioned) names — FLUX.1's flux1, for an adapter of its text encoders alone (None: neither)."""
     kinds = {m["kind"] for m in (DIT_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) for module in modules) if m}
+    if not kinds and (metadata or {}).get("ss_base_model_version") == "flux1":
+        return FLUX_TOP
     return SD3_TOP if "joint_blocks" in kinds else FLUX_TOP if kinds else None
 
 
 def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | None:
     """The diffusers path of a checkpoint module (component included), or None outside the parts translated.
-    ``top``: the DiT family's top-level names, when the checkpoint is known to be of it (see dit_path)."""
+    ``top``: the DiT family's top-level names, when the checkpoint is known to be of it (see dit_path; FLUX_TOP also
+    names its T5 as FluxPipeline does)."""
     path = dit_path(module.removeprefix(UNET_PREFIX), top)
     if path is not None:
         return f"transformer.{path}"
@@ -366,7 +373,9 @@ def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | N
         return None if path is None else f"unet.{path}"
     encoder = text_encoder(module)
     path = None if encoder is None else encoder.path(module)
-    return None if path is None else f"{encoder.component}.{path}"
+    if path is None:
+        return None
+    return f"{(top is FLUX_TOP and encoder.flux_component) or encoder.component}.{path}"
 
 
 def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:

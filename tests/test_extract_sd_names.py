@@ -321,3 +321,60 @@ def test_an_sd2_header_says_v2_wherever_it_says_sd_v2_v(tmp_path):
         assert code == 0, text
         metadata = read_header(out).metadata
         assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == want, source.stem
+
+
+def pipeline_component(pipeline, cls):
+    """The component of a diffusers pipeline that holds a model of class ``cls`` (by its __init__ annotation)."""
+    import inspect
+
+    (name,) = [p.name for p in inspect.signature(pipeline.__init__).parameters.values() if p.annotation is cls]
+    return name
+
+
+def test_a_flux_checkpoints_t5_is_its_pipelines_text_encoder_2(tmp_path):
+    """diffusers' FluxPipeline holds CLIP-L as text_encoder and T5-XXL as text_encoder_2 (SD3's pipeline: T5 is
+    text_encoder_3), and its single-file loader fills them from text_encoders.clip_l./t5xxl.transformer. of a
+    ComfyUI FLUX checkpoint. The T5 of such a checkpoint was named text_encoder_3 as SD3's is: a diffusers file of
+    it held keys no FLUX pipeline has, and a diffusers FLUX LoRA on text_encoder_2 did not bind. Written as diffusers
+    (also a T5-only adapter, which holds no FLUX module to tell the family by) and bound back, the same kohya file."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from loraops import check, formats
+    from test_ldm import FLUX
+
+    t5 = pipeline_component(FluxPipeline, T5EncoderModel)
+    assert (pipeline_component(FluxPipeline, CLIPTextModel), t5) == ("text_encoder", "text_encoder_2")
+    assert pipeline_component(StableDiffusion3Pipeline, T5EncoderModel) == "text_encoder_3"
+    encoders = {k: v for k, v in sd3_text_encoders().items() if "clip_g" not in k}
+    base = {f"model.diffusion_model.{k}": torch.randn(s, generator=torch.Generator().manual_seed(3))
+            for k, s in FLUX.items()}
+    for prefix, (_, model) in encoders.items():
+        base.update({prefix + k: v.detach().clone() for k, v in model.state_dict().items()})
+    del base["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"]
+    save_file(base, str(tmp_path / "flux.safetensors"))
+    assert run("base", "add", tmp_path / "flux.safetensors", "--name", "flux")[0] == 0
+    clip = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    t5_q = "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"
+    for name, changed in (("both", [clip, t5_q]), ("t5", [t5_q])):
+        tuned = {k: v.clone() for k, v in base.items()}
+        for module in changed:
+            tuned[f"{module}.weight"] += 0.1
+        save_file(tuned, str(tmp_path / f"{name}.safetensors"))
+        kohya = tmp_path / f"{name}-x.safetensors"
+        code, out = run("extract", "--base", "flux", "--tuned", tmp_path / f"{name}.safetensors", "--rank", "1",
+                        "-o", kohya, "--name", name)
+        assert code == 0, out
+        code, out = run("export", name, "--format", "diffusers", "-o", tmp_path / f"{name}-d.safetensors")
+        assert code == 0, out
+        written = {k.rsplit(".", 2)[0] for k in load_file(tmp_path / f"{name}-d.safetensors")}
+        want = {f"{t5}.encoder.block.0.layer.0.SelfAttention.q"}
+        if clip in changed:
+            want.add("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")
+        assert written == want, name
+        back = check.bind(formats.read_adapter(tmp_path / f"{name}-d.safetensors"), load_file(tmp_path / "flux.safetensors"))
+        assert sorted(back.modules) == sorted(changed), name
+        code, out = run("export", tmp_path / f"{name}-d.safetensors", "--format", "kohya", "--base", "flux",
+                        "-o", tmp_path / f"{name}-k.safetensors")
+        assert code == 0, out
+        assert sorted(load_file(tmp_path / f"{name}-k.safetensors")) == sorted(load_file(kohya)), name
