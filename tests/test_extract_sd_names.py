@@ -378,3 +378,28 @@ def test_a_flux_checkpoints_t5_is_its_pipelines_text_encoder_2(tmp_path):
                         "-o", tmp_path / f"{name}-k.safetensors")
         assert code == 0, out
         assert sorted(load_file(tmp_path / f"{name}-k.safetensors")) == sorted(load_file(kohya)), name
+
+
+def test_an_sd2_unclip_checkpoint_keeps_sd2_names_beside_its_label_emb(tmp_path):
+    """SD 2.x unCLIP's UNet has a label_emb too (its image-embedding class embedding), where SDXL's UNet is known by
+    it: its OpenCLIP text encoder decides first, so it stays SD 2.x — diffusers block names (sd-scripts' for SD 2.x)
+    and sd_v2_v, not SDXL's checkpoint paths and sdxl_base_v1-0."""
+    from test_extract_fused import low_rank, pair
+    from test_ldm import SDXL_TEXT
+
+    from loraops.st import read_header
+
+    shapes = {**SDXL_TEXT, "model.diffusion_model.label_emb.0.0.weight": (8, 4)}
+    proj_in = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    base, tuned = pair(tmp_path, shapes, {proj_in: (0, low_rank(8, 8, 2, 5))})
+    sd2 = {}
+    for path in (base, tuned):  # SD 2.x's layout: OpenCLIP under cond_stage_model.model., no CLIP-L
+        sd2[path] = {k.replace("conditioner.embedders.1.model.", "cond_stage_model.model."): v
+                     for k, v in load_file(path).items() if not k.startswith("conditioner.embedders.0.")}
+        save_file(sd2[path], str(path))
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "x.safetensors")
+    assert code == 0, out
+    header = read_header(tmp_path / "x.safetensors")
+    assert {k.rsplit(".", 2)[0] for k in header.tensors if k.endswith(".lora_up.weight")} == {
+        "lora_unet_down_blocks_1_attentions_0_proj_in"}
+    assert (header.metadata["ss_base_model_version"], header.metadata["ss_v2"]) == ("sd_v2_v", "True")
