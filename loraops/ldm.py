@@ -66,6 +66,9 @@ class TextEncoder:
     open_clip: bool = False
     """Saved in OpenCLIP's layout (transformer.resblocks.N.…, q, k and v fused in attn.in_proj_weight), which
     diffusers and sd-scripts load as transformers' CLIPTextModel; otherwise saved with transformers' names."""
+    flux_component: str | None = None
+    """Its component in diffusers' FluxPipeline where that differs from ``component`` (SD3's): T5-XXL is its
+    text_encoder_2."""
 
     def path(self, module: str) -> str | None:
         """The module's path inside its transformers model (None: an OpenCLIP module LoRAs do not target)."""
@@ -84,7 +87,7 @@ TEXT_ENCODERS = (
     # lora_flux.py name them: lora_te1_ CLIP-L, lora_te2_ CLIP-G, lora_te3_ T5-XXL, each by its transformers path
     TextEncoder("text_encoders.clip_l.transformer.", "text_encoder", "text_encoder_1"),
     TextEncoder("text_encoders.clip_g.transformer.", "text_encoder_2", "text_encoder_2"),
-    TextEncoder("text_encoders.t5xxl.transformer.", "text_encoder_3", "text_encoder_3"),
+    TextEncoder("text_encoders.t5xxl.transformer.", "text_encoder_3", "text_encoder_3", flux_component="text_encoder_2"),
 )
 
 
@@ -349,15 +352,19 @@ def in_dit_block(module: str) -> bool:
     return DIT_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) is not None
 
 
-def dit_top(modules: Iterable[str]) -> dict[str, str] | None:
-    """The top-level names of the DiT family whose blocks these bound module paths include (None: no DiT blocks)."""
+def dit_top(modules: Iterable[str], metadata: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The top-level names of the DiT family whose blocks these bound module paths include, or that ``metadata`` (a
+    bound adapter's: versioned) names — FLUX.1's flux1, for an adapter of its text encoders alone (None: neither)."""
     kinds = {m["kind"] for m in (DIT_BLOCK_RE.match(module.removeprefix(UNET_PREFIX)) for module in modules) if m}
+    if not kinds and (metadata or {}).get("ss_base_model_version") == "flux1":
+        return FLUX_TOP
     return SD3_TOP if "joint_blocks" in kinds else FLUX_TOP if kinds else None
 
 
 def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | None:
     """The diffusers path of a checkpoint module (component included), or None outside the parts translated.
-    ``top``: the DiT family's top-level names, when the checkpoint is known to be of it (see dit_path)."""
+    ``top``: the DiT family's top-level names, when the checkpoint is known to be of it (see dit_path; FLUX_TOP also
+    names its T5 as FluxPipeline does)."""
     path = dit_path(module.removeprefix(UNET_PREFIX), top)
     if path is not None:
         return f"transformer.{path}"
@@ -366,7 +373,9 @@ def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | N
         return None if path is None else f"unet.{path}"
     encoder = text_encoder(module)
     path = None if encoder is None else encoder.path(module)
-    return None if path is None else f"{encoder.component}.{path}"
+    if path is None:
+        return None
+    return f"{(top is FLUX_TOP and encoder.flux_component) or encoder.component}.{path}"
 
 
 def fused_target(module: str, manifest) -> tuple[str, int, int, int] | None:
@@ -419,29 +428,34 @@ def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
     kohya writer names its UNet the SDXL way, input_blocks…, even when no text-encoder module says SDXL; known by its
     text encoders or, for a UNet alone, by SDXL_UNET_MARK), SD 1.x's, SD 2.x's ``sd_v2_v`` with ss_v2 (the tensors do
     not say whether it is v-parameterized; sd-scripts' extract takes --v_parameterization to default to --v2),
-    FLUX.1's ``flux1``; and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as its
-    lora_sd3.py; SD3's version string, the MMDiT's model type, is not read off the tensors)."""
+    FLUX.1's ``flux1``, each with its ss_v2 (sd-scripts writes the two together, and reads SD 2.x from ss_v2 alone);
+    and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as its lora_sd3.py; SD3's
+    version string, the MMDiT's model type, is not read off the tensors)."""
     names = list(tensors)
     if any(FLUX_MARK.match(n) for n in names):
-        return {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+        return {"ss_base_model_version": "flux1", "ss_v2": "False", "ss_network_module": "networks.lora_flux"}
     if any(SD3_MARK.match(n) for n in names):
         return {"ss_network_module": "networks.lora_sd3"}
     if any(n.startswith("conditioner.embedders.") for n in names):
-        return {"ss_base_model_version": "sdxl_base_v1-0"}
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
     if any(n.startswith("cond_stage_model.model.") for n in names):
         return {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
-        return {"ss_base_model_version": "sd_v1"}
+        return {"ss_base_model_version": "sd_v1", "ss_v2": "False"}
     if any(n.startswith(SDXL_UNET_MARK) for n in names):
-        return {"ss_base_model_version": "sdxl_base_v1-0"}
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
     return {}
 
 
 def versioned(metadata: dict[str, str], tensors: Iterable[str]) -> dict[str, str]:
     """``metadata`` of an adapter bound to a base of ``tensors``, with the fields sd_scripts_metadata gives for that
     base where it has none (a diffusers file; a kohya file of a trainer that writes no ss_* header): the kohya writer
-    names SDXL's UNet by them. The base's network module replaces the adapter's own: what the kohya writer writes is
-    sd-scripts' plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that
-    loraops wrote for FLUX before)."""
+    names SDXL's UNet by them. A file that names no version takes ss_v2 with the base's version, whatever it says
+    (loraops writes "False" where it cannot place an adapter): "sd_v2_v" beside ss_v2 "False" reads as SD 1.x to
+    sd-scripts. The base's network module replaces the adapter's own: what the kohya writer writes is sd-scripts'
+    plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that loraops wrote
+    for FLUX before)."""
     base = sd_scripts_metadata(tensors)
-    return {**metadata, **{k: v for k, v in base.items() if k == "ss_network_module" or not metadata.get(k)}}
+    placed = bool(metadata.get("ss_base_model_version")) or "ss_base_model_version" not in base
+    return {**metadata, **{k: v for k, v in base.items()
+                           if k == "ss_network_module" or not placed or not metadata.get(k)}}

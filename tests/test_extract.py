@@ -656,6 +656,12 @@ def test_the_rounding_line_counts_what_keep_rounding_would_add(synthetic, tmp_pa
         code, out = run("extract", "--base", base, "--tuned", bf16, "--rank", "6", "--name", f"r{len(extra)}", *extra)
         assert code == 0 and "rounding between the models' dtypes (F32 → BF16); largest |Δ| " in out, out
         assert out.count(f"; --keep-rounding extracts {len(added)} of them\n") == 1, out
+    # every rounded tensor a weight it would extract (norms and embeddings bf16-exact on both sides): "them"
+    exact = {k: v.to(torch.bfloat16).float() if v.dim() == 1 or "embed" in k else v for k, v in state(base).items()}
+    fine_tuned = {**exact, **{k: v for k, v in state(tuned).items() if k.removesuffix(".weight") in TARGETS}}
+    code, out = run("extract", "--base", with_tensors(base, tmp_path / "exact-embeddings", exact), "--tuned", with_tensors(
+        base, tmp_path / "ft-bf16", in_dtype(fine_tuned, torch.bfloat16)), "--rank", "6", "--name", "all")
+    assert code == 0 and out.count("; --keep-rounding extracts them\n") == 1, out
 
     weights = {k: v.to(torch.bfloat16).float() if v.dim() > 1 else v + 1e-3 for k, v in state(base).items()}
     exact = with_tensors(base, tmp_path / "exact", weights)  # every weight bf16-exact, the norms not

@@ -289,3 +289,117 @@ def test_peft_is_refused_for_openclip_parts_alone_and_by_every_command_that_writ
     assert code == 0, out
     torch.testing.assert_close(load_file(folder / "m.safetensors")[proj_in], load_file(tuned)[proj_in], rtol=0,
                                atol=2e-6)
+
+
+def test_an_sd2_header_says_v2_wherever_it_says_sd_v2_v(tmp_path):
+    """sd-scripts reads SD 2.x from ss_v2 alone (svd_merge_lora.py: ``v2 == "True"`` picks the modelspec
+    architecture; A1111 likewise), and writes ss_base_model_version and ss_v2 together. A kohya file with no version
+    and ss_v2 "False" — what loraops writes for an adapter it cannot place (here: a diffusers SD 2.x LoRA exported
+    unbound) — bound to an SD 2.x checkpoint took sd_v2_v from the base but kept its ss_v2 "False": a header that says
+    SD 2.x and SD 1.x at once. The base decides both when the file names no version; a version the file names is
+    kept with its own ss_v2."""
+    import factories
+    from test_extract_fused import pair
+    from test_ldm import SDXL_TEXT
+
+    from loraops import formats
+    from loraops.st import read_header
+
+    base, _ = pair(tmp_path, SDXL_TEXT, {}, prefix="cond_stage_model.model.")
+    assert run("base", "add", base, "--name", "sd2")[0] == 0
+    diffusers_lora = formats.write_adapter(factories.lora_adapter(
+        {"text_encoder.text_model.encoder.layers.0.mlp.fc1": (40, 16)}, fmt="diffusers"), tmp_path / "d.safetensors",
+        "diffusers")
+    assert run("export", diffusers_lora, "--format", "kohya", "-o", tmp_path / "unplaced.safetensors")[0] == 0
+    unplaced = read_header(tmp_path / "unplaced.safetensors").metadata
+    assert (unplaced["ss_base_model_version"], unplaced["ss_v2"]) == ("", "False")
+    named = factories.kohya_file(tmp_path / "named.safetensors", {"lora_te_text_model_encoder_layers_0_mlp_fc1": (
+        (16,), (40,))}, metadata={"ss_base_model_version": "sd_v2", "ss_v2": "True"})
+    for source, want in ((tmp_path / "unplaced.safetensors", ("sd_v2_v", "True")), (named, ("sd_v2", "True"))):
+        out = tmp_path / f"{source.stem}-bound.safetensors"
+        code, text = run("export", source, "--format", "kohya", "--base", "sd2", "-o", out)
+        assert code == 0, text
+        metadata = read_header(out).metadata
+        assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == want, source.stem
+
+
+def pipeline_component(pipeline, cls):
+    """The component of a diffusers pipeline that holds a model of class ``cls`` (by its __init__ annotation)."""
+    import inspect
+
+    (name,) = [p.name for p in inspect.signature(pipeline.__init__).parameters.values() if p.annotation is cls]
+    return name
+
+
+def test_a_flux_checkpoints_t5_is_its_pipelines_text_encoder_2(tmp_path):
+    """diffusers' FluxPipeline holds CLIP-L as text_encoder and T5-XXL as text_encoder_2 (SD3's pipeline: T5 is
+    text_encoder_3), and its single-file loader fills them from text_encoders.clip_l./t5xxl.transformer. of a
+    ComfyUI FLUX checkpoint. The T5 of such a checkpoint was named text_encoder_3 as SD3's is: a diffusers file of
+    it held keys no FLUX pipeline has, and a diffusers FLUX LoRA on text_encoder_2 did not bind. Written as diffusers
+    (also a T5-only adapter, which holds no FLUX module to tell the family by) and bound back, the same kohya file."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from loraops import check, formats
+    from test_ldm import FLUX
+
+    t5 = pipeline_component(FluxPipeline, T5EncoderModel)
+    assert (pipeline_component(FluxPipeline, CLIPTextModel), t5) == ("text_encoder", "text_encoder_2")
+    assert pipeline_component(StableDiffusion3Pipeline, T5EncoderModel) == "text_encoder_3"
+    encoders = {k: v for k, v in sd3_text_encoders().items() if "clip_g" not in k}
+    base = {f"model.diffusion_model.{k}": torch.randn(s, generator=torch.Generator().manual_seed(3))
+            for k, s in FLUX.items()}
+    for prefix, (_, model) in encoders.items():
+        base.update({prefix + k: v.detach().clone() for k, v in model.state_dict().items()})
+    del base["text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"]
+    save_file(base, str(tmp_path / "flux.safetensors"))
+    assert run("base", "add", tmp_path / "flux.safetensors", "--name", "flux")[0] == 0
+    clip = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    t5_q = "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"
+    for name, changed in (("both", [clip, t5_q]), ("t5", [t5_q])):
+        tuned = {k: v.clone() for k, v in base.items()}
+        for module in changed:
+            tuned[f"{module}.weight"] += 0.1
+        save_file(tuned, str(tmp_path / f"{name}.safetensors"))
+        kohya = tmp_path / f"{name}-x.safetensors"
+        code, out = run("extract", "--base", "flux", "--tuned", tmp_path / f"{name}.safetensors", "--rank", "1",
+                        "-o", kohya, "--name", name)
+        assert code == 0, out
+        code, out = run("export", name, "--format", "diffusers", "-o", tmp_path / f"{name}-d.safetensors")
+        assert code == 0, out
+        written = {k.rsplit(".", 2)[0] for k in load_file(tmp_path / f"{name}-d.safetensors")}
+        want = {f"{t5}.encoder.block.0.layer.0.SelfAttention.q"}
+        if clip in changed:
+            want.add("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")
+        assert written == want, name
+        back = check.bind(formats.read_adapter(tmp_path / f"{name}-d.safetensors"), load_file(tmp_path / "flux.safetensors"))
+        assert sorted(back.modules) == sorted(changed), name
+        code, out = run("export", tmp_path / f"{name}-d.safetensors", "--format", "kohya", "--base", "flux",
+                        "-o", tmp_path / f"{name}-k.safetensors")
+        assert code == 0, out
+        assert sorted(load_file(tmp_path / f"{name}-k.safetensors")) == sorted(load_file(kohya)), name
+
+
+def test_an_sd2_unclip_checkpoint_keeps_sd2_names_beside_its_label_emb(tmp_path):
+    """SD 2.x unCLIP's UNet has a label_emb too (its image-embedding class embedding), where SDXL's UNet is known by
+    it: its OpenCLIP text encoder decides first, so it stays SD 2.x — diffusers block names (sd-scripts' for SD 2.x)
+    and sd_v2_v, not SDXL's checkpoint paths and sdxl_base_v1-0."""
+    from test_extract_fused import low_rank, pair
+    from test_ldm import SDXL_TEXT
+
+    from loraops.st import read_header
+
+    shapes = {**SDXL_TEXT, "model.diffusion_model.label_emb.0.0.weight": (8, 4)}
+    proj_in = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    base, tuned = pair(tmp_path, shapes, {proj_in: (0, low_rank(8, 8, 2, 5))})
+    sd2 = {}
+    for path in (base, tuned):  # SD 2.x's layout: OpenCLIP under cond_stage_model.model., no CLIP-L
+        sd2[path] = {k.replace("conditioner.embedders.1.model.", "cond_stage_model.model."): v
+                     for k, v in load_file(path).items() if not k.startswith("conditioner.embedders.0.")}
+        save_file(sd2[path], str(path))
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", tmp_path / "x.safetensors")
+    assert code == 0, out
+    header = read_header(tmp_path / "x.safetensors")
+    assert {k.rsplit(".", 2)[0] for k in header.tensors if k.endswith(".lora_up.weight")} == {
+        "lora_unet_down_blocks_1_attentions_0_proj_in"}
+    assert (header.metadata["ss_base_model_version"], header.metadata["ss_v2"]) == ("sd_v2_v", "True")

@@ -126,7 +126,7 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
     """Module name (a part's, for a LoRA on a whole fused tensor: ``parts``) → its pipeline name: as it is, or
     translated from a single-file SD, FLUX.1 or SD3 checkpoint's (``model.diffusion_model.input_blocks.1.1…`` →
     ``unet.down_blocks.0.attentions.0…``)."""
-    top = ldm.dit_top(adapter.modules)
+    top = ldm.dit_top(adapter.modules, adapter.metadata)
     listed = [part.name for module in adapter.modules.values() for part in parts(module)]  # a part and a whole: twice
     names: dict[str, str] = {}
     for name in listed:
