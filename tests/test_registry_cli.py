@@ -543,3 +543,21 @@ def test_a_tag_with_a_comma_or_no_word_is_refused(art, tag, says):
         with pytest.raises(InvalidInputError, match="^bad tag"):
             reg.add_tags("style", [tag])
     assert [r.split()[-2] for r in cli("list", "--tag", "ok").output.splitlines()[2:]] == ["ok"]
+
+
+@pytest.mark.parametrize("args, kind, how", [
+    (["export", "{kohya}", "--format", "peft", "-o", "{dir}/out", "--base", "{base}"], "base", "loraops base add"),
+    (["register", "{kohya}", "--base", "{base}"], "base", "loraops base add"),
+    (["base", "show", "{base}"], "base", "loraops base add"),
+    (["show", "{kohya}"], "adapter", "loraops register"),
+])
+def test_an_existing_path_where_only_a_registered_one_is_taken_is_not_said_missing(art, tmp_path, args, kind, how):
+    """`--base PATH` of export/register (and show of a path) take registered references only: an existing path was
+    said to be 'no such file or folder', sending the user to check a path that is there."""
+    paths = {"kohya": art["kohya"], "base": art["base"], "dir": tmp_path}
+    given = [a.format(**paths) for a in args]
+    ref = art["base"] if kind == "base" else art["kohya"]
+    err = cli(*given, code=3).stderr
+    assert err == (f"error: {ref}: no {kind} of that name in the registry, and a path is not taken here, only a "
+                   f"registered {kind}: `{how} {ref}` records it\n"), err
+    assert not (tmp_path / "out").exists()

@@ -372,6 +372,10 @@ def _connect(url: str):
 
 def _missing(kind: str, ref: str, hint: str) -> NotFoundError:
     if looks_like_path(ref):
+        if os.path.exists(ref):  # the commands that take paths never ask the registry for an existing one
+            how = "loraops base add" if kind == "base" else "loraops register"
+            return NotFoundError(f"{ref}: no {kind} of that name in the registry, and a path is not taken here, only "
+                                 f"a registered {kind}: `{how} {ref}` records it")
         return NotFoundError(f"{ref}: no such file or folder, and no {kind} of that name in the registry")
     return NotFoundError(f"no {kind} {ref!r} in the registry ({hint})")
 
