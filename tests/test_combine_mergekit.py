@@ -141,6 +141,35 @@ def test_model_stock_ratios():
     assert not opposite.modules["m"].delta().any()
 
 
+@pytest.mark.parametrize("method, params", [("nuslerp", {"flatten": False}), ("nuslerp", {}),
+                                            ("model_stock", {"filter_wise": True}), ("model_stock", {})])
+def test_angles_of_small_task_vectors_are_exact(method, params):
+    """The angles do not depend on the task vectors' size (mergekit's absolute clamps, of each norm at 1e-7 in nuslerp
+    and of two norms' product at 1e-6 in model_stock, are deliberately not taken: docs/algebra.md): task vectors
+    scaled by 1e-8 (rows of norm below 1e-7) give 1e-8 × the result."""
+    inputs = pair(1, 2)
+    small = [(replace(a, modules={n: replace(m, scale=m.scale * 1e-8) for n, m in a.modules.items()}), w)
+             for a, w in inputs]
+    plain, _ = combine(inputs, method, params, device="cpu", precise=True)
+    scaled, _ = combine(small, method, params, device="cpu", precise=True)
+    rows = small[0][0].modules["m"].delta(dtype=torch.float64).norm(dim=1)
+    assert float(rows.max()) < 1e-7  # (so that both of mergekit's clamps would bite)
+    want = plain.modules["m"].delta(dtype=torch.float64) * 1e-8
+    got = scaled.modules["m"].delta(dtype=torch.float64)
+    assert float((got - want).norm()) <= 2e-6 * float(want.norm())  # (the float32 factors' rounding)
+
+
+def test_sce_of_modules_that_are_zero_in_every_input():
+    """A module every input leaves at zero (PEFT initializes B to 0; an adapter saved before training has it so):
+    its coefficients would be 0/0 — it comes out zero, as in mergekit (uniform coefficients, nothing to mix)."""
+    adapter = lora_adapter({"m": (12, 20), "z": (8, 20)}, rank=4, seed=1)
+    untrained = replace(adapter, modules={**adapter.modules, "z": replace(adapter.modules["z"],
+                                                                          B=torch.zeros_like(adapter.modules["z"].B))})
+    for params in ({}, {"select_topk": 0.5}):
+        result, _ = combine([(untrained, 1.0), (untrained, 0.5)], "sce", params, device="cpu")
+        assert not result.modules["z"].delta().any(), params
+
+
 @pytest.mark.parametrize("method, weights, params, message", [
     ("nuslerp", [1, 1, 1], {}, "nuslerp interpolates between exactly two adapters (got 3)"),
     ("nuslerp", [1], {}, "nuslerp interpolates between exactly two adapters (got 1)"),
