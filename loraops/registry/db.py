@@ -183,8 +183,10 @@ def stamp(engine: Engine) -> None:
         if not unversioned_tables(connection):
             raise RegistryError(f"the registry at {_safe(engine)} holds no loraops tables; `loraops db upgrade` creates "
                                 "them")
-        differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
-                                       Base.metadata)
+        # only loraops' own tables: a database shared with other software holds tables the models lack
+        ours = {"compare_type": True, "include_name": lambda name, kind, _parents: kind != "table"
+                or name in Base.metadata.tables}
+        differences = compare_metadata(MigrationContext.configure(connection, opts=ours), Base.metadata)
         if differences:
             raise RegistryError(f"the registry at {_safe(engine)}: its tables are not those of revision {HEAD} "
                                 f"({len(differences)} difference(s), the first: {str(differences[0])[:200]}); "
