@@ -240,6 +240,22 @@ def test_stamp_judges_loraops_tables_only():
 
 
 @pytest.mark.sqlite_only
+def test_stamp_of_a_file_that_is_no_database_is_one_line(tmp_path):
+    """`db stamp` let the driver's error out as a traceback (exit 1) where `db upgrade` and `db current` say one
+    line: a file that is no SQLite database, an unreachable server, a locked or read-only file."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    bad = tmp_path / "reg.db"
+    bad.write_bytes(b"not a database, only text " * 8)
+    url = f"sqlite:///{bad}"
+    result = CliRunner().invoke(main, ["--db", url, "db", "stamp"])
+    assert result.exit_code == 6, result.exception
+    assert result.stderr == f"error: cannot stamp the registry at {url}: (sqlite3.DatabaseError) file is not a database\n"
+    assert bad.read_bytes() == b"not a database, only text " * 8
+
+@pytest.mark.sqlite_only
 def test_sqlite_pragmas():
     with Registry.open() as reg, reg.engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

@@ -175,7 +175,7 @@ def stamp(engine: Engine) -> None:
     from .models import Base
 
     config = alembic_config()
-    with _MIGRATING, _migrating(engine) as connection:
+    with _migration(engine, "stamp") as connection:
         current = current_revision(connection)
         if current is not None:
             raise RegistryError(f"the registry at {_safe(engine)} already records revision {current}; "
@@ -248,25 +248,32 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
     config = alembic_config()
     script = ScriptDirectory.from_config(config)
+    with _migration(engine, "migrate") as connection:
+        current = current_revision(connection)
+        if revision == "head" and current == HEAD:
+            return
+        tables = unversioned_tables(connection) if current is None else []
+        if tables:  # Alembic would create its first revision's tables over them (a driver error, at best)
+            raise RegistryError(f"the registry at {_safe(engine)} {unversioned(tables)}")
+        if current is not None and not _known(script, current):
+            raise RegistryError(
+                f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
+            )
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+@contextlib.contextmanager
+def _migration(engine: Engine, verb: str) -> Iterator[Connection]:
+    """_migrating, one at a time in this process too (Alembic's migration context is process-global), with any
+    driver or Alembic error one line naming the database ("cannot {verb} the registry at …")."""
     try:
-        # Alembic's migration context is process-global: one migration at a time per process, too.
         with _MIGRATING, _migrating(engine) as connection:
-            current = current_revision(connection)
-            if revision == "head" and current == HEAD:
-                return
-            tables = unversioned_tables(connection) if current is None else []
-            if tables:  # Alembic would create its first revision's tables over them (a driver error, at best)
-                raise RegistryError(f"the registry at {_safe(engine)} {unversioned(tables)}")
-            if current is not None and not _known(script, current):
-                raise RegistryError(
-                    f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
-                )
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            yield connection
     except RegistryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any driver/alembic error becomes one line naming the database
-        raise RegistryError(f"cannot migrate the registry at {_safe(engine)}: {_first_line(exc)}") from None
+        raise RegistryError(f"cannot {verb} the registry at {_safe(engine)}: {_first_line(exc)}") from None
 
 
 def known_revision(revision: str) -> bool:
