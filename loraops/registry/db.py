@@ -75,7 +75,8 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
                 query["immutable"] = "1"
             parsed = parsed.set(database=_uri(database), query=query)
             create = False
-        else:  # the file settings.sqlite_file names (a leading ~ expanded), which the blob store is kept beside
+        elif file.is_absolute():  # the file settings.sqlite_file names (a leading ~ expanded), the store's neighbour
+            # (a relative path stays as written: str(Path('./~/reg.db')) is '~/reg.db', which reads as a home)
             parsed = parsed.set(database=_uri(file) if settings.sqlite_uri(parsed.database, parsed.query) else str(file))
         engine = _create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
