@@ -126,8 +126,10 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
         record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written)
         return DerivedRecord(adapter=record, created=created, output=str(written.path), report=derived.report)
     with reg.blobs.scratch() as tmp:
-        written = write(adapter, Path(tmp) / (name.replace("/", "-") + (".safetensors" if fmt != "peft" else "")), fmt,
-                        modules=derived)
+        # a one-file adapter is stored under its file name; a folder's name is not kept (and a name is only a name:
+        # a peft folder named after --name ab.safetensors was refused as misnamed)
+        scratch = "adapter" if fmt == "peft" else name.replace("/", "-") + ".safetensors"
+        written = write(adapter, Path(tmp) / scratch, fmt, modules=derived)
         record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
                                                    source=f"loraops {lineage.op}", scratch=True, written=written)
     return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)

@@ -103,6 +103,8 @@ def sqlite_file(database: str | None, query: Mapping[str, Any]) -> Path | None:
         database = unquote(path)
     if database in ("", ":memory:"):
         return None
+    if not database.startswith("~"):  # (Path would drop a './' and expand the ~ of ./~/reg.db, a folder named ~)
+        return Path(database)
     try:
         return Path(database).expanduser()
     except RuntimeError:  # ~name of no user on this system

@@ -145,6 +145,16 @@ def test_a_derived_adapter_is_moved_into_the_store_not_copied(files, reg, monkey
     assert reg.verify() == [] and not [p for p in reg.blobs.root.iterdir() if "scratch" in p.name]
 
 
+@pytest.mark.parametrize("name", ["ab.safetensors", "ab.SafeTensors"])
+def test_a_name_ending_in_safetensors_is_only_a_name(files, reg, name):
+    """Without -o the result was written into a scratch folder named after --name, so a peft result named
+    'ab.safetensors' (any case) was refused as a folder named like a file — an error about a path the user never
+    gave (…/blobs/.loraops-tmp-scratch-…/ab.safetensors). The name is a name; the stored folder is loraops' own."""
+    code, out = run("combine", files["a"], files["b"], "--name", name)
+    assert code == 0, out
+    assert reg.get_adapter(name).format == "peft" and reg.verify() == []
+
+
 def test_derived_adapters_keep_their_inputs_module_names(tmp_path):
     """A registered adapter is bound to its base, whose saved names can differ from the ones PEFT gave the modules
     (transformers 5 holds GPT-NeoX's head as lm_head, saves it as embed_out). What resize, combine and export write

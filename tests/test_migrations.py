@@ -208,6 +208,53 @@ def test_stamp_of_an_empty_registry_says_to_upgrade():
     assert CliRunner().invoke(main, ["db", "upgrade"]).exit_code == 0 and revision_of(engine()) == db.HEAD
 
 
+
+@pytest.mark.empty_db
+def test_stamp_judges_loraops_tables_only():
+    """A registry in a database that also holds another application's tables (a PostgreSQL database shared with
+    other software) was refused by `db stamp` as "not those of revision …" (Alembic's comparison lists every table
+    the models lack as one to remove), telling the user to restore alembic_version from a backup. Only loraops'
+    own tables are compared; a difference in them is still refused."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    eng = engine()
+    db.ensure_schema(eng)
+    with eng.begin() as c:
+        c.execute(text("CREATE TABLE other_app (id INTEGER PRIMARY KEY, note VARCHAR(20))"))
+        c.execute(text("INSERT INTO other_app VALUES (1, 'kept')"))
+        c.execute(text("DROP TABLE alembic_version"))
+    result = CliRunner().invoke(main, ["db", "stamp"])
+    assert result.exit_code == 0, result.output
+    assert revision_of(eng) == db.HEAD
+    with eng.connect() as c:
+        assert c.execute(text("SELECT note FROM other_app")).scalar() == "kept"
+
+    with eng.begin() as c:  # one of loraops' own indexes gone: still refused, despite the foreign table beside it
+        c.execute(text("DROP TABLE alembic_version"))
+        c.execute(text("DROP INDEX ix_adapters_rank"))
+    refused = CliRunner().invoke(main, ["db", "stamp"])
+    assert refused.exit_code == 6 and "the first: ('add_index', Index('ix_adapters_rank'" in refused.stderr
+    assert revision_of(eng) is None
+
+
+@pytest.mark.sqlite_only
+def test_stamp_of_a_file_that_is_no_database_is_one_line(tmp_path):
+    """`db stamp` let the driver's error out as a traceback (exit 1) where `db upgrade` and `db current` say one
+    line: a file that is no SQLite database, an unreachable server, a locked or read-only file."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    bad = tmp_path / "reg.db"
+    bad.write_bytes(b"not a database, only text " * 8)
+    url = f"sqlite:///{bad}"
+    result = CliRunner().invoke(main, ["--db", url, "db", "stamp"])
+    assert result.exit_code == 6, result.exception
+    assert result.stderr == f"error: cannot stamp the registry at {url}: (sqlite3.DatabaseError) file is not a database\n"
+    assert bad.read_bytes() == b"not a database, only text " * 8
+
 @pytest.mark.sqlite_only
 def test_sqlite_pragmas():
     with Registry.open() as reg, reg.engine.connect() as c:

@@ -476,6 +476,22 @@ def test_a_tilde_in_an_sqlite_url_is_the_home_folder(art, tmp_path, monkeypatch,
 
 
 @pytest.mark.sqlite_only
+@pytest.mark.parametrize("form", ["sqlite:///./~/reg.db", "sqlite:///./~nobody-here/reg.db",
+                                  "sqlite:///file:./~/reg.db?uri=true"])
+def test_a_tilde_after_dot_slash_is_a_folder_of_that_name(art, tmp_path, monkeypatch, form):
+    """Only a leading ~ is a home: `./~/reg.db` names a folder called '~' in the current one, the way to say so
+    (pathlib dropped the './', and the registry went to the home folder, or ~nobody-here was "no user")."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    folder = elsewhere / form.split("./")[1].split("/")[0]
+    cli("--db", form, "register", art["kohya"], "--name", "style")
+    assert (folder / "reg.db").is_file() and (folder / "reg.db.blobs").is_dir() and list(home.iterdir()) == []
+    assert [row.split()[1] for row in cli("--db", form, "list").output.splitlines()[2:]] == ["style@1"]
+
+
+@pytest.mark.sqlite_only
 def test_a_tilde_of_no_user_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cli("--db", "sqlite:///~no-such-user-here/reg.db", "register", "x", code=6)

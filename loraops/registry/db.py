@@ -75,7 +75,8 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
                 query["immutable"] = "1"
             parsed = parsed.set(database=_uri(database), query=query)
             create = False
-        else:  # the file settings.sqlite_file names (a leading ~ expanded), which the blob store is kept beside
+        elif file.is_absolute():  # the file settings.sqlite_file names (a leading ~ expanded), the store's neighbour
+            # (a relative path stays as written: str(Path('./~/reg.db')) is '~/reg.db', which reads as a home)
             parsed = parsed.set(database=_uri(file) if settings.sqlite_uri(parsed.database, parsed.query) else str(file))
         engine = _create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
@@ -175,7 +176,7 @@ def stamp(engine: Engine) -> None:
     from .models import Base
 
     config = alembic_config()
-    with _MIGRATING, _migrating(engine) as connection:
+    with _migration(engine, "stamp") as connection:
         current = current_revision(connection)
         if current is not None:
             raise RegistryError(f"the registry at {_safe(engine)} already records revision {current}; "
@@ -183,8 +184,10 @@ def stamp(engine: Engine) -> None:
         if not unversioned_tables(connection):
             raise RegistryError(f"the registry at {_safe(engine)} holds no loraops tables; `loraops db upgrade` creates "
                                 "them")
-        differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
-                                       Base.metadata)
+        # only loraops' own tables: a database shared with other software holds tables the models lack
+        ours = {"compare_type": True, "include_name": lambda name, kind, _parents: kind != "table"
+                or name in Base.metadata.tables}
+        differences = compare_metadata(MigrationContext.configure(connection, opts=ours), Base.metadata)
         if differences:
             raise RegistryError(f"the registry at {_safe(engine)}: its tables are not those of revision {HEAD} "
                                 f"({len(differences)} difference(s), the first: {str(differences[0])[:200]}); "
@@ -246,25 +249,32 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
     config = alembic_config()
     script = ScriptDirectory.from_config(config)
+    with _migration(engine, "migrate") as connection:
+        current = current_revision(connection)
+        if revision == "head" and current == HEAD:
+            return
+        tables = unversioned_tables(connection) if current is None else []
+        if tables:  # Alembic would create its first revision's tables over them (a driver error, at best)
+            raise RegistryError(f"the registry at {_safe(engine)} {unversioned(tables)}")
+        if current is not None and not _known(script, current):
+            raise RegistryError(
+                f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
+            )
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+@contextlib.contextmanager
+def _migration(engine: Engine, verb: str) -> Iterator[Connection]:
+    """_migrating, one at a time in this process too (Alembic's migration context is process-global), with any
+    driver or Alembic error one line naming the database ("cannot {verb} the registry at …")."""
     try:
-        # Alembic's migration context is process-global: one migration at a time per process, too.
         with _MIGRATING, _migrating(engine) as connection:
-            current = current_revision(connection)
-            if revision == "head" and current == HEAD:
-                return
-            tables = unversioned_tables(connection) if current is None else []
-            if tables:  # Alembic would create its first revision's tables over them (a driver error, at best)
-                raise RegistryError(f"the registry at {_safe(engine)} {unversioned(tables)}")
-            if current is not None and not _known(script, current):
-                raise RegistryError(
-                    f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
-                )
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            yield connection
     except RegistryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any driver/alembic error becomes one line naming the database
-        raise RegistryError(f"cannot migrate the registry at {_safe(engine)}: {_first_line(exc)}") from None
+        raise RegistryError(f"cannot {verb} the registry at {_safe(engine)}: {_first_line(exc)}") from None
 
 
 def known_revision(revision: str) -> bool:
