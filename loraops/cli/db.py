@@ -1,4 +1,4 @@
-"""`loraops db upgrade | current`: the registry schema (every other command upgrades it by itself, too)."""
+"""`loraops db upgrade | current | stamp`: the registry schema (every other command upgrades it by itself, too)."""
 from __future__ import annotations
 
 import click
@@ -65,10 +65,13 @@ def stamp() -> None:
     regdb, engine = _engine(create=False)
     try:
         regdb.refuse_missing(engine)
-        regdb.stamp(engine)
+        recorded = regdb.stamp(engine)
     finally:
         engine.dispose()
-    click.echo(f"{_url(engine)}: recorded revision {regdb.HEAD} (head); its tables are that revision's")
+    if recorded:
+        click.echo(f"{_url(engine)}: recorded revision {regdb.HEAD} (head); its tables are that revision's")
+    else:
+        click.echo(f"{_url(engine)}: already at revision {regdb.HEAD} (head): nothing to stamp")
 
 
 def _url(engine) -> str:

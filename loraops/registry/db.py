@@ -165,10 +165,10 @@ def unversioned(tables: list[str]) -> str:
             "that the tables are exactly that revision's, else restore alembic_version from a backup")
 
 
-def stamp(engine: Engine) -> None:
+def stamp(engine: Engine) -> bool:
     """Record revision HEAD in a database that holds loraops' tables but no revision (see unversioned), after
     checking that its tables are exactly HEAD's (Alembic's autogenerate comparison, as `alembic check` makes it): an
-    older schema stamped as HEAD would never get the migrations it lacks."""
+    older schema stamped as HEAD would never get the migrations it lacks. False when it records HEAD already."""
     from alembic import command
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -179,6 +179,8 @@ def stamp(engine: Engine) -> None:
     with _migration(engine, "stamp") as connection:
         current = current_revision(connection)
         if current is not None:
+            if current == HEAD:
+                return False
             raise RegistryError(f"the registry at {_safe(engine)} already records revision {current}; "
                                 "`loraops db upgrade` migrates it")
         if not unversioned_tables(connection):
@@ -194,6 +196,7 @@ def stamp(engine: Engine) -> None:
                                 "restore its alembic_version table from a backup")
         config.attributes["connection"] = connection
         command.stamp(config, "head")
+    return True
 
 
 @contextlib.contextmanager
