@@ -239,6 +239,18 @@ def tied_decoder_bias(head: str, config: dict) -> tuple[str, str] | None:
     return (f"{owner}.decoder.bias", f"{owner}.bias") if owner != head else None
 
 
+def stored_tied_bias(name: str, shape, manifest: Mapping[str, object]) -> str | None:
+    """The bias the base stores for a tied head's decoder bias ``name`` that it does not store (BERT's
+    cls.predictions.decoder.bias is cls.predictions.bias, RoBERTa's lm_head.decoder.bias lm_head.bias, while the
+    head is tied: one parameter, which PEFT's bias="all" saves under both names and bias="lora_only" on the decoder
+    under the decoder's), or None."""
+    pair = tied_decoder_bias(name.removesuffix(".bias") + ".weight", {}) if name.endswith(".bias") else None
+    if pair is None or name in manifest or not is_head(pair[0].removesuffix(".bias")):
+        return None
+    parent = manifest.get(pair[1])
+    return pair[1] if parent is not None and tuple(parent.shape) == tuple(shape) else None
+
+
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     """kohya name → the base module paths that produce it: from each module's own path (parts of fused tensors
     included), and from its diffusers path when the base is a single-file SD or FLUX.1 checkpoint (sd-scripts names
@@ -284,7 +296,8 @@ def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
         return res
     rename = renaming(adapter, manifest)
     res.names = {n: rename(n) for n in adapter.modules}
-    res.full = {n: rename(n) for n in adapter.full_tensors}
+    res.full = {n: stored_tied_bias(rename(n), adapter.full_tensors[n].shape, manifest) or rename(n)
+                for n in adapter.full_tensors}
     res.rows = {n: rename(n) for n in adapter.token_rows}
     return res
 
@@ -514,7 +527,8 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         module = tensor.removesuffix(".weight")
         return (tensor in manifest or ldm.fused_target(module, manifest) is not None
                 or params.stored_fused(module, manifest) is not None
-                or (tied and tied_head_source(tensor, shape, manifest) is not None))
+                or (tied and (tied_head_source(tensor, shape, manifest) or stored_tied_bias(tensor, shape, manifest))
+                    is not None))
 
     # a head the base stores under another name (GPT-NeoX's embed_out) before one it would share with its embeddings
     for tied in (False, True):
@@ -596,11 +610,20 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
         if new in modules:
             raise MismatchError(f"{adapter.label}: two adapter modules resolve to base module {new!r}")
         modules[new] = module
-    full = {res.full[n]: t for n, t in adapter.full_tensors.items()}
+    # one adapter tensor per base tensor, the one under its own name first: PEFT's bias="all" saves a tied decoder's
+    # bias under the decoder's name too (stored_tied_bias)
+    full_names = {}
+    for old, new in sorted(res.full.items(), key=lambda item: item[0] != item[1]):
+        full_names.setdefault(new, old)
+    full = {new: adapter.full_tensors[old] for old, new in res.full.items() if full_names[new] == old}
+    for old, new in res.full.items():
+        if full_names[new] != old and not full[new].equal(adapter.full_tensors[old]):
+            raise MismatchError(f"{adapter.label}: {old!r} and {full_names[new]!r} are one tensor of the base "
+                                f"({new!r}), with different values")
     rows = {res.rows[n]: replace(r, name=res.rows[n]) for n, r in adapter.token_rows.items()}
     own = {}
     if adapter.names_resolved:  # kohya names are not module paths: written back, they come from the bound ones
-        renames = [*res.names.items(), *res.full.items(), *res.rows.items()]
+        renames = [*res.names.items(), *((old, new) for new, old in full_names.items()), *res.rows.items()]
         own = {new: adapter.own_names.get(old, old) for old, new in renames if adapter.own_names.get(old, old) != new}
     return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, names_resolved=True, own_names=own,
                    metadata=ldm.versioned(adapter.metadata, manifest))

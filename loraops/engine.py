@@ -479,8 +479,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             heads.update(biases)
             untied |= {base.tensors[parent].file for parent in biases.values()}
             embeddings = min((name for name in group if not is_head(name)), default=None)
-            _inherit({name: embeddings for name in group if is_head(name)} if embeddings else {}, rows, replacements,
-                     saved_layers)  # but for what PEFT's tied weight carries
+            _inherit({**({name: embeddings for name in group if is_head(name)} if embeddings else {}), **biases}, rows,
+                     replacements, saved_layers)  # but for what PEFT's tied weight carries
             continue
         shared = sorted((term for name in sorted(group) for term in terms.get(name, [])),
                         key=lambda term: position[id(term[0])])
@@ -593,11 +593,13 @@ def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacemen
     LoRA-wrapped or not, reads the embeddings' weight with the tokens in place), and a saved layer under the
     embeddings' LoRA (PEFT loads it into that weight). Not a modules_to_save copy (PEFT wraps the embeddings apart),
     and not rows for a head given tokens of its own (trainable_token_indices={"lm_head": …} with other indices: it is
-    wrapped apart and reads the base's weight)."""
+    wrapped apart and reads the base's weight). And an untied decoder's bias (→ the bias transformers ties it to,
+    _decoder_biases) gets that bias' new value: PEFT's bias="all"/"lora_only" trains the one parameter both are."""
     for head, embeddings in heads.items():
         if head not in rows and embeddings in rows:
             rows[head] = rows[embeddings]
-        if head not in replacements and embeddings in saved_layers:
+        if head not in replacements and embeddings in replacements \
+                and (embeddings in saved_layers or head.endswith(".bias")):
             replacements[head] = replacements[embeddings]
 
 

@@ -328,6 +328,16 @@ def tiny(cls):
     return cls._from_config(cls.config_class(**sizes, tie_word_embeddings=True))
 
 
+def saved_with_biases(cls, path):
+    """A tiny ``cls`` saved to ``path``, its biases random (not zeros: a lost or stale bias shows)."""
+    model = tiny(cls)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+    model.save_pretrained(path)
+
+
 @pytest.mark.parametrize("cls_name", sorted(TIED_HEAD_OF_CLASS))
 def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
     """A LoRA on the word embeddings alone of a model whose head TIED_HEAD_OF_CLASS names (masked LMs, BERT-style
@@ -341,12 +351,7 @@ def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
     tied = TIED_HEAD_OF_CLASS[cls_name]
     assert cls._tied_weights_keys[tied.head] == tied.embeddings
     assert (tied.head.removesuffix(".weight") + ".bias" in cls._tied_weights_keys) == tied.bias
-    model = tiny(cls)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_()
-    model.save_pretrained(tmp_path / "base")
+    saved_with_biases(cls, tmp_path / "base")
     torch.manual_seed(1)
     target = tied.embeddings.removesuffix(".weight").rpartition(".")[2]
     adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
@@ -482,10 +487,11 @@ def test_ensure_weight_tying_on_a_head_named_by_its_class(tmp_path):
     merged_as_adapted(BioGptForCausalLM, tmp_path / "base", adapter, model, "output_projection.weight", tmp_path / "out")
 
 
-def test_a_decoder_stored_twice_is_untied_with_its_bias(tmp_path):
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_a_decoder_stored_twice_is_untied_with_its_bias(tmp_path, bias):
     """A masked LM whose exporter saved the tied decoder too (byte-identical) but its bias only under the parent
     (cls.predictions.bias): untying the decoder unties its bias as well, else transformers loads the untied model
-    with a newly initialized decoder bias."""
+    with a newly initialized decoder bias; trained (bias="all"), with the trained values."""
     from peft import LoraConfig, get_peft_model
     from transformers import BertForMaskedLM
 
@@ -499,7 +505,81 @@ def test_a_decoder_stored_twice_is_untied_with_its_bias(tmp_path):
     save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
     torch.manual_seed(1)
     adapted_model = get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False)).eval()
+        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False, bias=bias)).eval()
+    with torch.no_grad():
+        adapted_model.cls.predictions.bias.add_(0.5 if bias == "all" else 0)  # trained: saved under both names
     adapted_model.save_pretrained(tmp_path / "a")
     merged_as_adapted(BertForMaskedLM, tmp_path / "base", formats.read_adapter(tmp_path / "a"), adapted_model,
                       "cls.predictions.decoder.weight", tmp_path / "out")
+
+
+@pytest.mark.parametrize("cls_name, bias, targets", [
+    ("BertForMaskedLM", "all", ["query", "value"]), ("RobertaForMaskedLM", "all", ["query"]),
+    ("BertForMaskedLM", "all", ["word_embeddings"]), ("BertForMaskedLM", "lora_only", ["decoder"]),
+    ("RobertaForMaskedLM", "lora_only", ["decoder", "query"])])
+def test_a_trained_tied_decoder_bias(tmp_path, cls_name, bias, targets):
+    """PEFT's bias="all" saves a masked LM's tied decoder bias under both names (cls.predictions.bias and
+    cls.predictions.decoder.bias: one parameter), bias="lora_only" on the decoder under the decoder's; the base stores
+    only the parent. Both bind to it: a tied merge matches PEFT's merge, and an untied head (a LoRA on the decoder or
+    on the embeddings alone) takes the trained bias, so the merged model computes PEFT's adapted model."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    parent = tied.head.removesuffix(".decoder.weight") + ".bias"
+    saved_with_biases(cls, tmp_path / "base")
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, bias=bias, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, param in adapted_model.named_parameters():
+            if param.requires_grad and name.endswith("bias"):
+                param.add_(0.5)  # trained: each key PEFT saves holds it
+    adapted_model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    head_untied = targets != ["query", "value"] and targets != ["query"]
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ([tied.head] if head_untied else [])
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    trained = adapted_model.get_output_embeddings().bias if bias == "all" else \
+        adapted_model.get_output_embeddings().base_layer.bias
+    torch.testing.assert_close(merged.get_output_embeddings().bias, trained, atol=0, rtol=0)
+    tokens = TOKENS[:, :8] % 100 + 3
+    with torch.no_grad():
+        expected = adapted_model(input_ids=tokens).logits
+        torch.testing.assert_close(merged.eval()(input_ids=tokens).logits, expected, atol=1e-5, rtol=1e-5)
+        if not head_untied:
+            peft_merged = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), tmp_path / "a").merge_and_unload()
+            torch.testing.assert_close(load_file(tmp_path / "out" / "model.safetensors")[parent],
+                                       peft_merged.state_dict()[parent], atol=0, rtol=0)
+
+
+def test_a_tied_decoder_bias_bound_is_written_back_as_peft_saved_it(tmp_path):
+    """Bound to the base's parent bias, a lora_only decoder bias is written back under the decoder's wrapped layer
+    (the key PEFT loads), and two keys of the one parameter with different values are refused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForMaskedLM
+
+    from loraops.basemodel import BaseModel
+    from loraops.check import bind
+    from loraops.errors import MismatchError
+
+    tiny(BertForMaskedLM).save_pretrained(tmp_path / "base")
+    manifest = BaseModel.open(tmp_path / "base").tensors
+    get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["decoder"], bias="lora_only")).save_pretrained(tmp_path / "a")
+    bound = bind(formats.read_adapter(tmp_path / "a"), manifest)
+    assert list(bound.full_tensors) == ["cls.predictions.bias"]
+    formats.write(bound, tmp_path / "again", "peft")
+    assert "base_model.model.cls.predictions.decoder.base_layer.bias" in load_file(tmp_path / "again" / "adapter_model.safetensors")
+
+    get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query"], bias="all")).save_pretrained(tmp_path / "b")
+    weights = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    weights["base_model.model.cls.predictions.decoder.bias"] += 1
+    save_file(weights, str(tmp_path / "b" / "adapter_model.safetensors"))
+    with pytest.raises(MismatchError, match="'cls.predictions.decoder.bias' and 'cls.predictions.bias' are one tensor "
+                                            "of the base"):
+        bind(formats.read_adapter(tmp_path / "b"), manifest)
