@@ -201,6 +201,23 @@ def _tied_head_of_class(config: dict) -> TiedHead | None:
     return None if tied is not None and tied.flag is not None and config.get(tied.flag, True) is False else tied
 
 
+def is_tied_head(name: str, config: dict) -> bool:
+    """Is this module path (or its weight's name) an output head tied to the input embeddings: by path (is_head), or
+    the head the model's class ties (TIED_HEAD_OF_CLASS: XLNet's lm_loss, ModernBERT's decoder, RWKV's head, …)?"""
+    tied = _tied_head_of_class(config)
+    return is_head(name) or (tied is not None and names_module(name.removesuffix(".weight"),
+                                                               tied.head.removesuffix(".weight")))
+
+
+def is_tied_embeddings(name: str, config: dict) -> bool:
+    """Is this tensor input embeddings a head may be tied to: by name (INPUT_EMBEDDINGS), or the embeddings the model's
+    class ties its head to (XLNet's word_embedding, ModernBERT's tok_embeddings; in a checkpoint of the bare model
+    too)?"""
+    tied = _tied_head_of_class(config)
+    return name.endswith(INPUT_EMBEDDINGS) or (tied is not None and (
+        names_module(name, tied.embeddings) or name == tied.embeddings.partition(".")[2]))
+
+
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
     """The output head a model ties to its input embeddings ``embeddings`` and does not store, named as transformers
     saves it: by its class where TIED_HEAD_OF_CLASS lists it (bert.embeddings.word_embeddings →

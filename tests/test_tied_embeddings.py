@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from factories import load_model, tiny_llama
 from test_engine import merged_tensors as tensors
 from loraops import engine, formats
-from loraops.check import TIED_HEAD_OF_CLASS
+from loraops.check import INPUT_EMBEDDINGS, TIED_HEAD_OF_CLASS, is_head
 
 EMBED = "model.embed_tokens.weight"
 TOKENS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -409,13 +409,18 @@ def test_a_class_checkpoint_saved_from_the_bare_model(tmp_path, cls_name):
 
 def merged_as_adapted(cls, base, adapter, adapted_model, head, out):
     """Merge ``adapter`` into ``base``: ``head`` comes out untied, the merged model loads with no missing or unexpected
-    keys and computes what PEFT's ``adapted_model`` computes."""
+    keys and computes what PEFT's ``adapted_model`` computes, also once tied again as its config says (transformers
+    leaves a head stored apart with other values untied on load, whatever the config, but ties it by the config in
+    tie_weights(): after resize_token_embeddings, …)."""
     assert engine.merge(base, [(adapter, 1.0)], out, progress=False).heads_untied == [head]
     merged, info = cls.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tokens = TOKENS[:, :8] % 100 + 3
     with torch.no_grad():
-        torch.testing.assert_close(merged.eval()(tokens).logits, adapted_model(tokens).logits, atol=1e-5, rtol=1e-5)
+        expected = adapted_model(tokens).logits
+        torch.testing.assert_close(merged.eval()(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+        merged.tie_weights()
+        torch.testing.assert_close(merged(tokens).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls_name", ["DebertaForMaskedLM", "DebertaV2ForMaskedLM"])
@@ -583,3 +588,31 @@ def test_a_tied_decoder_bias_bound_is_written_back_as_peft_saved_it(tmp_path):
     with pytest.raises(MismatchError, match="'cls.predictions.decoder.bias' and 'cls.predictions.bias' are one tensor "
                                             "of the base"):
         bind(formats.read_adapter(tmp_path / "b"), manifest)
+
+
+@pytest.mark.parametrize("cls_name", sorted(c for c, t in TIED_HEAD_OF_CLASS.items() if c not in NEEDS_MORE_INPUTS and (
+    not is_head(t.head) or not t.embeddings.endswith(INPUT_EMBEDDINGS))))
+def test_a_head_only_its_class_names_stored_twice(tmp_path, cls_name):
+    """A tied model saved with its head too (byte-identical), a head or embeddings only TIED_HEAD_OF_CLASS names
+    (XLNet's lm_loss and word_embedding, ModernBERT's decoder and tok_embeddings, RWKV's head, …): a LoRA on the
+    embeddings alone unties them as for lm_head — the head copy keeps the base's values and config.json says
+    tie_word_embeddings: false, so transformers computes PEFT's adapted model, also after tie_weights()."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    tiny(cls).save_pretrained(tmp_path / "base")
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    assert tied.head not in state
+    state[tied.head] = state[tied.embeddings].clone()
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    target = tied.embeddings.removesuffix(".weight").rpartition(".")[2]
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    merged_as_adapted(cls, tmp_path / "base", formats.read_adapter(tmp_path / "a"), adapted_model, tied.head,
+                      tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[tied.head], state[tied.embeddings])
