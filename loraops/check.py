@@ -92,18 +92,32 @@ def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) ->
 
 class TiedHead(NamedTuple):
     """The output head a model class ties to its input embeddings, as transformers names them (its
-    _tied_weights_keys), and whether it ties the head's bias (X.decoder.bias) to its parent's (X.bias) too."""
+    _tied_weights_keys)."""
 
     head: str
     embeddings: str
-    bias: bool = False
+    bias: bool | tuple[str, str] = False
+    """The bias the class ties too, only while the head is tied: True for the head's own, to its parent's
+    (X.decoder.bias → X.bias); or (that bias, the one it is tied to) for another's (LUKE's word head: lm_head.bias →
+    lm_head.decoder.bias)."""
     flag: str | None = None
     """A config.json switch (true when absent) that, false, builds the class without this head: DeBERTa's legacy
     (false: the head of its original checkpoints, lm_predictions, multiplies by the embeddings' own weight)."""
 
+    def tied_bias(self) -> tuple[str, str] | None:
+        """(the bias the class ties while the head is tied, the bias it ties it to), or None."""
+        return _decoder_bias(self.head) if self.bias is True else self.bias or None
+
+
+def _decoder_bias(head: str) -> tuple[str, str] | None:
+    """A head X.decoder's bias and its parent's (X.decoder.bias, X.bias), or None for a head of another name."""
+    owner = head.removesuffix(".decoder.weight")
+    return (f"{owner}.decoder.bias", f"{owner}.bias") if owner != head else None
+
 
 # The heads of the classes the causal-LM rule (unstored_head_of) does not name: masked LMs, BERT-style encoders built
-# as causal LMs, causal LMs with their own names. By the config.json class, as transformers 5.24 names them; the
+# as causal LMs, causal LMs with their own names, multimodal wrappers (BLIP, BridgeTower, ModernVBERT, IDEFICS), LUKE's
+# entity head. By the config.json class, as transformers 5.24 names them; the
 # embeddings may sit under a wrapping model's prefix. Each is checked against transformers' _tied_weights_keys, loaded
 # back, and compared with PEFT's adapted model (tests/test_tied_embeddings.py).
 TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
@@ -111,12 +125,17 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "AlbertForPreTraining": TiedHead("predictions.decoder.weight", "albert.embeddings.word_embeddings.weight", bias=True),
     "BertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BertForPreTraining": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BertGenerationDecoder": TiedHead("lm_head.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BertLMHeadModel": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BigBirdForCausalLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BigBirdForMaskedLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BigBirdForPreTraining": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BioGptForCausalLM": TiedHead("output_projection.weight", "biogpt.embed_tokens.weight"),
+    "BlipForConditionalGeneration": TiedHead("text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight", bias=True),
+    "BlipForQuestionAnswering": TiedHead("text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight", bias=True),
     "BlipTextLMHeadModel": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BridgeTowerForMaskedLM": TiedHead("mlm_score.decoder.weight", "bridgetower.text_model.embeddings.word_embeddings.weight"),
+    "CTRLLMHeadModel": TiedHead("lm_head.weight", "transformer.w.weight"),
     "CamembertForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "CamembertForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "ConvBertForMaskedLM": TiedHead("generator_lm_head.weight", "convbert.embeddings.word_embeddings.weight"),
@@ -136,12 +155,17 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "FNetForPreTraining": TiedHead("cls.predictions.decoder.weight", "fnet.embeddings.word_embeddings.weight", bias=True),
     "FlaubertWithLMHeadModel": TiedHead("pred_layer.proj.weight", "transformer.embeddings.weight"),
     "FunnelForMaskedLM": TiedHead("lm_head.weight", "funnel.embeddings.word_embeddings.weight"),
+    "GPT2DoubleHeadsModel": TiedHead("lm_head.weight", "transformer.wte.weight"),
     "GPTNeoXJapaneseForCausalLM": TiedHead("embed_out.weight", "gpt_neox_japanese.embed_in.weight"),
     "GitForCausalLM": TiedHead("output.weight", "git.embeddings.word_embeddings.weight"),
     "GteForMaskedLM": TiedHead("lm_head.decoder.weight", "gte.embeddings.word_embeddings.weight"),
+    "IdeficsForVisionText2Text": TiedHead("lm_head.weight", "model.embed_tokens.weight"),
+    "IBertForMaskedLM": TiedHead("lm_head.decoder.weight", "ibert.embeddings.word_embeddings.weight", bias=True),
     "JinaEmbeddingsV3ForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "LayoutLMForMaskedLM": TiedHead("cls.predictions.decoder.weight", "layoutlm.embeddings.word_embeddings.weight", bias=True),
     "LongformerForMaskedLM": TiedHead("lm_head.decoder.weight", "longformer.embeddings.word_embeddings.weight", bias=True),
+    "LukeForMaskedLM": TiedHead("entity_predictions.decoder.weight", "luke.entity_embeddings.entity_embeddings.weight",
+                                bias=("lm_head.bias", "lm_head.decoder.bias")),
     "LxmertForPreTraining": TiedHead("cls.predictions.decoder.weight", "lxmert.embeddings.word_embeddings.weight"),
     "MPNetForMaskedLM": TiedHead("lm_head.decoder.weight", "mpnet.embeddings.word_embeddings.weight", bias=True),
     "MegatronBertForCausalLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
@@ -151,6 +175,7 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "MobileBertForPreTraining": TiedHead("cls.predictions.decoder.weight", "mobilebert.embeddings.word_embeddings.weight", bias=True),
     "ModernBertDecoderForCausalLM": TiedHead("decoder.weight", "model.embeddings.tok_embeddings.weight"),
     "ModernBertForMaskedLM": TiedHead("decoder.weight", "model.embeddings.tok_embeddings.weight"),
+    "ModernVBertForMaskedLM": TiedHead("lm_head.weight", "model.text_model.embeddings.tok_embeddings.weight"),
     "MraForMaskedLM": TiedHead("cls.predictions.decoder.weight", "mra.embeddings.word_embeddings.weight", bias=True),
     "NomicBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "nomic_bert.embeddings.word_embeddings.weight", bias=True),
     "NystromformerForMaskedLM": TiedHead("cls.predictions.decoder.weight", "nystromformer.embeddings.word_embeddings.weight", bias=True),
@@ -168,8 +193,10 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "SqueezeBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "transformer.embeddings.word_embeddings.weight", bias=True),
     "TapasForMaskedLM": TiedHead("cls.predictions.decoder.weight", "tapas.embeddings.word_embeddings.weight", bias=True),
     "TrOCRForCausalLM": TiedHead("output_projection.weight", "model.decoder.embed_tokens.weight"),
+    "UltraVBertForMaskedLM": TiedHead("lm_head.weight", "model.text_model.embed_tokens.weight"),
     "ViltForMaskedLM": TiedHead("mlm_score.decoder.weight", "vilt.embeddings.text_embeddings.word_embeddings.weight"),
     "VisualBertForPreTraining": TiedHead("cls.predictions.decoder.weight", "visual_bert.embeddings.word_embeddings.weight", bias=True),
+    "VisualBertForRegionToPhraseAlignment": TiedHead("cls.predictions.decoder.weight", "visual_bert.embeddings.word_embeddings.weight", bias=True),
     "XLMRobertaForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "XLMRobertaForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "XLMRobertaXLForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
@@ -202,20 +229,23 @@ def _tied_head_of_class(config: dict) -> TiedHead | None:
 
 
 def is_tied_head(name: str, config: dict) -> bool:
-    """Is this module path (or its weight's name) an output head tied to the input embeddings: by path (is_head), or
-    the head the model's class ties (TIED_HEAD_OF_CLASS: XLNet's lm_loss, ModernBERT's decoder, RWKV's head, …)?"""
+    """Is this module path (or its weight's name) an output head tied to the input embeddings: the head the model's
+    class ties where TIED_HEAD_OF_CLASS lists it (XLNet's lm_loss, ModernBERT's decoder, LUKE's entity head — not its
+    word head, which LUKE does not tie), else by path (is_head)?"""
     tied = _tied_head_of_class(config)
-    return is_head(name) or (tied is not None and names_module(name.removesuffix(".weight"),
-                                                               tied.head.removesuffix(".weight")))
+    if tied is None:
+        return is_head(name)
+    return names_module(name.removesuffix(".weight"), tied.head.removesuffix(".weight"))
 
 
 def is_tied_embeddings(name: str, config: dict) -> bool:
-    """Is this tensor input embeddings a head may be tied to: by name (INPUT_EMBEDDINGS), or the embeddings the model's
-    class ties its head to (XLNet's word_embedding, ModernBERT's tok_embeddings; in a checkpoint of the bare model
-    too)?"""
+    """Are these input embeddings a head may be tied to: those the model's class ties its head to where
+    TIED_HEAD_OF_CLASS lists it (XLNet's word_embedding, ModernBERT's tok_embeddings; in a checkpoint of the bare
+    model too), else by name (INPUT_EMBEDDINGS)?"""
     tied = _tied_head_of_class(config)
-    return name.endswith(INPUT_EMBEDDINGS) or (tied is not None and (
-        names_module(name, tied.embeddings) or name == tied.embeddings.partition(".")[2]))
+    if tied is None:
+        return name.endswith(INPUT_EMBEDDINGS)
+    return names_module(name, tied.embeddings) or name == tied.embeddings.partition(".")[2]
 
 
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
@@ -246,26 +276,28 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
 
 
 def tied_decoder_bias(head: str, config: dict) -> tuple[str, str] | None:
-    """(the head's bias, the bias transformers ties it to while the head is tied), which an untied head needs
+    """(a bias transformers ties only while ``head`` is tied, the bias it ties it to), which an untied head needs
     written as its own: BERT's cls.predictions.decoder.bias ← cls.predictions.bias; or None. By the class where
-    TIED_HEAD_OF_CLASS lists it (ESM's and LXMERT's decoders have no bias), else by the head's name."""
+    TIED_HEAD_OF_CLASS lists it (ESM's and LXMERT's decoders have no bias; LUKE's entity head unties its word head's
+    lm_head.bias ← lm_head.decoder.bias), else by the head's name."""
     tied = _tied_head_of_class(config)
-    if tied is not None and not (tied.bias and head.endswith(tied.head)):
-        return None
-    owner = head.removesuffix(".decoder.weight")
-    return (f"{owner}.decoder.bias", f"{owner}.bias") if owner != head else None
+    if tied is None:
+        return _decoder_bias(head)
+    pair = tied.tied_bias() if head.endswith(tied.head) else None
+    prefix = head.removesuffix(tied.head)
+    return None if pair is None else (prefix + pair[0], prefix + pair[1])
 
 
 def stored_tied_bias(name: str, shape, manifest: Mapping[str, object]) -> str | None:
-    """The bias the base stores for a tied head's decoder bias ``name`` that it does not store (BERT's
-    cls.predictions.decoder.bias is cls.predictions.bias, RoBERTa's lm_head.decoder.bias lm_head.bias, while the
-    head is tied: one parameter, which PEFT's bias="all" saves under both names and bias="lora_only" on the decoder
-    under the decoder's), or None."""
-    pair = tied_decoder_bias(name.removesuffix(".bias") + ".weight", {}) if name.endswith(".bias") else None
-    if pair is None or name in manifest or not is_head(pair[0].removesuffix(".bias")):
+    """The bias the base stores for a tied bias ``name`` that it does not store (BERT's cls.predictions.decoder.bias
+    is cls.predictions.bias, RoBERTa's lm_head.decoder.bias lm_head.bias, while the head is tied: one parameter,
+    which PEFT's bias="all" saves under both names and bias="lora_only" on the decoder under the decoder's), or
+    None. By the pairs TIED_HEAD_OF_CLASS names, under any prefix."""
+    if name in manifest:
         return None
-    parent = manifest.get(pair[1])
-    return pair[1] if parent is not None and tuple(parent.shape) == tuple(shape) else None
+    pairs = {tied.tied_bias() for tied in TIED_HEAD_OF_CLASS.values() if tied.bias}
+    parents = [name.removesuffix(bias) + parent for bias, parent in pairs if names_module(name, bias)]
+    return next((p for p in parents if p in manifest and tuple(manifest[p].shape) == tuple(shape)), None)
 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:

@@ -316,7 +316,37 @@ TINY_FAMILY = {"esm": dict(pad_token_id=1, mask_token_id=2), "eurobert": dict(pa
                "modernbert-decoder": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, local_attention=8),
                "funnel": dict(num_hidden_layers=None), "squeezebert": dict(embedding_size=32),
                "rwkv": dict(num_hidden_layers=2), "xlnet": dict(max_position_embeddings=None)}
-NEEDS_MORE_INPUTS = {"LxmertForPreTraining", "ViltForMaskedLM"}  # visual features: checked by their weights alone
+# the multimodal wrappers' towers, as tiny
+_TEXT = {k: TINY[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                              "max_position_embeddings")}
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+               patch_size=16)
+TINY_FAMILY.update({
+    "blip": dict(text_config=dict(_TEXT, encoder_hidden_size=32, bos_token_id=1, eos_token_id=2, sep_token_id=3),
+                 vision_config=_VISION, projection_dim=32, image_text_hidden_size=32),
+    "bridgetower": dict(text_config=_TEXT, vision_config=dict(hidden_size=64, num_hidden_layers=1, image_size=32,
+                                                              patch_size=16)),
+    "ctrl": dict(dff=64, n_positions=64),
+    "idefics": dict(vision_config=dict(embed_dim=32, image_size=28, patch_size=14, num_hidden_layers=1,
+                                       num_attention_heads=4, intermediate_size=64),
+                    perceiver_config=dict(resampler_n_latents=4, resampler_depth=1, resampler_n_heads=4,
+                                          resampler_head_dim=8)),
+    "luke": dict(entity_vocab_size=64, entity_emb_size=16),
+    "modernvbert": dict(text_config=dict(_TEXT, **TINY_FAMILY["modernbert"]), vision_config=_VISION,
+                        pixel_shuffle_factor=2, image_token_id=120),
+    "ultravbert": dict(text_config=dict(_TEXT, num_key_value_heads=4, head_dim=8, layer_types=["full_attention"],
+                                        prediction_head_size=32, sliding_window=8),
+                       vision_config=_VISION, pixel_shuffle_factor=2, image_token_id=120),
+})
+_PIXELS = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+MORE_INPUTS = {"BlipForConditionalGeneration": dict(pixel_values=_PIXELS),
+               "BridgeTowerForMaskedLM": dict(pixel_values=_PIXELS),
+               "IdeficsForVisionText2Text": dict(pixel_values=_PIXELS[:, None, :, :28, :28],
+                                                 image_attention_mask=torch.ones(1, 8, 1, dtype=torch.long)),
+               "LukeForMaskedLM": dict(entity_ids=torch.tensor([[5, 9, 17]]), entity_position_ids=torch.tensor([[[1, -1], [2, 3], [5, -1]]]))}
+NO_LORA_ON_EMBEDDINGS = {"IBertForMaskedLM"}  # (PEFT cannot wrap its QuantEmbedding, nor its QuantLinears)
+NEEDS_MORE_INPUTS = {"LxmertForPreTraining", "ViltForMaskedLM", "VisualBertForRegionToPhraseAlignment",
+                     "BlipForQuestionAnswering"}  # visual features: checked by their weights alone
 
 
 def tiny(cls):
@@ -349,13 +379,20 @@ def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
 
     cls = getattr(transformers, cls_name)
     tied = TIED_HEAD_OF_CLASS[cls_name]
-    assert cls._tied_weights_keys[tied.head] == tied.embeddings
-    assert (tied.head.removesuffix(".weight") + ".bias" in cls._tied_weights_keys) == tied.bias
+    keys = cls._tied_weights_keys
+    assert keys[tied.head].removesuffix("$") == tied.embeddings  # (a regex: IBert's ends with $)
+    assert {k: v for k, v in keys.items() if k.endswith(".bias")} == dict([tied.tied_bias()] if tied.bias else [])
     saved_with_biases(cls, tmp_path / "base")
     torch.manual_seed(1)
-    target = tied.embeddings.removesuffix(".weight").rpartition(".")[2]
-    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    target = tied.embeddings.removesuffix(".weight")  # (LUKE's entity_embeddings.entity_embeddings: the whole path)
+    if cls_name in NO_LORA_ON_EMBEDDINGS:  # a copy of them trained instead, which the head does not read either
+        adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["lm_head.dense"], modules_to_save=[target], init_lora_weights=False)).eval()
+        with torch.no_grad():
+            adapted_model.get_submodule(target).modules_to_save["default"].weight.add_(0.05)
+    else:
+        adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+            r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
     adapted_model.save_pretrained(tmp_path / "a")
     report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
                           progress=False)
@@ -368,18 +405,21 @@ def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
     assert not torch.equal(weights[tied.embeddings], base.state_dict()[tied.embeddings])
     if cls_name in NEEDS_MORE_INPUTS:
         return
+    expected = class_logits(cls_name, adapted_model)
+    torch.testing.assert_close(class_logits(cls_name, merged), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(class_logits(cls_name, base), expected, atol=1e-3)
 
-    def output(m):
-        m = m.eval()
-        if hasattr(m.base_model, "set_default_language"):  # X-MOD's adapters
-            m.base_model.set_default_language("en_XX")
-        with torch.no_grad():
-            found = m(input_ids=TOKENS[:, :8] % 100 + 3)
-        return found.logits if hasattr(found, "logits") else found.prediction_logits
 
-    expected = output(adapted_model)
-    torch.testing.assert_close(output(merged), expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(output(base), expected, atol=1e-3)
+def class_logits(cls_name, model):
+    """The logits of a model of a TIED_HEAD_OF_CLASS class (or PEFT's model of one) on TOKENS, with the inputs it
+    needs besides (MORE_INPUTS); LUKE's of its entity head."""
+    model = model.eval()
+    if hasattr(model.base_model, "set_default_language"):  # X-MOD's adapters
+        model.base_model.set_default_language("en_XX")
+    with torch.no_grad():
+        found = model(input_ids=TOKENS[:, :8] % 100 + 3, **MORE_INPUTS.get(cls_name, {}))
+    return found.entity_logits if cls_name == "LukeForMaskedLM" else \
+        found.logits if hasattr(found, "logits") else found.prediction_logits
 
 
 @pytest.mark.parametrize("cls_name", ["OpenAIGPTLMHeadModel", "BertForMaskedLM"])
@@ -415,12 +455,10 @@ def merged_as_adapted(cls, base, adapter, adapted_model, head, out):
     assert engine.merge(base, [(adapter, 1.0)], out, progress=False).heads_untied == [head]
     merged, info = cls.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    tokens = TOKENS[:, :8] % 100 + 3
-    with torch.no_grad():
-        expected = adapted_model(tokens).logits
-        torch.testing.assert_close(merged.eval()(tokens).logits, expected, atol=1e-5, rtol=1e-5)
-        merged.tie_weights()
-        torch.testing.assert_close(merged(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+    expected = class_logits(cls.__name__, adapted_model)
+    torch.testing.assert_close(class_logits(cls.__name__, merged), expected, atol=1e-5, rtol=1e-5)
+    merged.tie_weights()
+    torch.testing.assert_close(class_logits(cls.__name__, merged), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls_name", ["DebertaForMaskedLM", "DebertaV2ForMaskedLM"])
@@ -608,9 +646,8 @@ def test_a_head_only_its_class_names_stored_twice(tmp_path, cls_name):
     state[tied.head] = state[tied.embeddings].clone()
     save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
     torch.manual_seed(1)
-    target = tied.embeddings.removesuffix(".weight").rpartition(".")[2]
     adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+        r=4, lora_alpha=8, target_modules=[tied.embeddings.removesuffix(".weight")], init_lora_weights=False)).eval()
     adapted_model.save_pretrained(tmp_path / "a")
     merged_as_adapted(cls, tmp_path / "base", formats.read_adapter(tmp_path / "a"), adapted_model, tied.head,
                       tmp_path / "out")
