@@ -98,8 +98,10 @@ class LoraModule:
     """"adalora"/"vera": the PEFT method this plain LoRA module was read from (formats.lowrank); None otherwise, and for
     any module the algebra makes."""
     inputs_known: bool = True
-    """False for a VeRA module not bound to a base: its layer takes the first in_features columns of the shared
-    vera_A, and only the base says how many, so its A is still all of vera_A (cut when bound: formats.lowrank)."""
+    """False for a VeRA or AdaLoRA module not bound to a base, whose layer's inputs only the base says (see
+    formats.lowrank): a VeRA layer takes the first in_features columns of the shared vera_A, so its A is still all of
+    vera_A (cut when bound); an AdaLoRA Conv2d's A is stored r × in·kh·kw, read as a Linear's (made the conv when
+    bound: check.fit_kind)."""
 
     @property
     def dora(self) -> bool:
@@ -117,8 +119,9 @@ class LoraModule:
 
     @property
     def shown_kind(self) -> str:
-        """What records and tables call the module: loha/lokr for those, adalora/vera for those, else its layer kind."""
-        return self.product.kind if self.product is not None else self.method or self.kind
+        """What records and tables call the module: loha/lokr for those, else its layer kind (an AdaLoRA/VeRA module's
+        too: the plain LoRA it is read as; Adapter.methods names the method)."""
+        return self.product.kind if self.product is not None else self.kind
 
     @property
     def num_parameters(self) -> int:

@@ -625,10 +625,11 @@ def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
     if module.product is not None or module.method == "adalora":
         if module.product is not None:
             module = replace(module, product=replace(module.product, kernel_known=True))
-        if len(base_shape) >= 2 and base_shape != shape and base_shape[0] == shape[0] and \
-                math.prod(base_shape[1:]) == math.prod(shape[1:]):
+        if base_shape in (shape, shape[::-1]):  # a Linear (a Conv1D stored in×out: fit_orientation's business)
+            return replace(module, inputs_known=True)
+        if len(base_shape) >= 2 and base_shape[0] == shape[0] and math.prod(base_shape[1:]) == math.prod(shape[1:]):
             r = module.A.shape[0]
-            return replace(module, kind="conv" if len(base_shape) > 2 else "linear",
+            return replace(module, kind="conv" if len(base_shape) > 2 else "linear", inputs_known=True,
                            A=module.A.reshape(r, *base_shape[1:]), B=module.B.reshape(shape[0], r, *[1] * (len(base_shape) - 2)))
         return module
     if module.kind == "conv" and shape[2:] == (1, 1) and base_shape == shape[:2]:
