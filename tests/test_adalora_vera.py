@@ -154,6 +154,7 @@ def test_merge_matches_peft(tmp_path, bases, kind, dtype):
     adapter_dir = make(kind, bases[dtype], tmp_path / "adapter", dtype)
     adapter = formats.read_adapter(adapter_dir)
     assert adapter.methods == [kind] and {(m.method, m.shown_kind) for m in adapter.modules.values()} == {(kind, "linear")}
+    assert adapter.dtype == dtype  # the file's (B' is float32: composed on read)
     if kind == "adalora":  # the masked-out module is left out; the others at their kept rank, ranknum init_r
         assert "model.layers.0.mlp.down_proj" not in adapter.modules
         assert adapter.ranks["model.layers.0.self_attn.q_proj"] == 2

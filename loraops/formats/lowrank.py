@@ -32,7 +32,8 @@ refused: PEFT draws them from projection_prng_key with torch's CPU generator, si
 targeted layer (even B's values depend on that width), which loraops does not reproduce.
 
 B' is formed in float64 and kept in float32 (float64 if a factor is stored so), never rounded back to a half-precision
-file dtype; A keeps the file's, which Adapter.dtype reports.
+file dtype; A keeps the file's. ``LoraModule.stored_dtype`` is the file's (the type holding all of a module's stored
+tensors), which Adapter.dtype reports.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from ..adapter import LoraModule
+from ..adapter import LoraModule, widest_dtype
 from ..errors import InvalidInputError, UnsupportedAdapterError
 from . import common
 
@@ -178,7 +179,8 @@ def adalora_modules(path: Path, factors: dict[str, dict[str, str]], tensors: dic
         if not B.is_floating_point():  # (build_module says so too, but the fold comes first)
             raise InvalidInputError(f"{path}: module {name!r}: factors must be floating point, not {B.dtype}")
         module = common.build_module(path, name, A, fold(B, E.reshape(1, -1)), a_key=parts["A"], b_key=parts["B"],
-                                     alpha=None, kind="linear", fan_in_fan_out=fan_in_fan_out, extra_keys=(parts["E"],))
+                                     alpha=None, kind="linear", fan_in_fan_out=fan_in_fan_out, extra_keys=(parts["E"],),
+                                     stored=(A, B, E))
         scaling = alpha if alpha > 0 else float(rank)
         modules[name] = replace(module, alpha=scaling, scale=scaling / (init_r + RANKNUM_EPS), method="adalora",
                                 inputs_known=False)
@@ -236,6 +238,7 @@ def vera_modules(path: Path, lambdas: dict[str, dict[str, str]], projections: di
         modules[name] = LoraModule(
             name=name, A=A, B=folded, alpha=float(r), scale=1.0, kind="linear", fan_in_fan_out=fan_in_fan_out,
             source_keys=(parts["b"], parts["d"], projections["A"], projections["B"]), method="vera", inputs_known=False,
+            stored_dtype=widest_dtype(A.dtype, B.dtype, b.dtype, d.dtype),
         )
     return modules
 
