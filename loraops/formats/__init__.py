@@ -161,8 +161,8 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True) -> N
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
     be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
     ``values`` False, only what the modules' names and shapes say). DoRA adapters, as kohya: sd-scripts' LoRA has no
-    magnitude. A VeRA or AdaLoRA adapter not bound to a base (formats.lowrank.refuse_unbound). Callers that compute an adapter to
-    write it (combine, resize) ask first about their inputs."""
+    magnitude. A VeRA or AdaLoRA adapter not bound to a base (formats.lowrank.refuse_unbound). Callers that compute an
+    adapter to write it (combine, resize) ask first about their inputs."""
     lowrank.refuse_unbound(adapter, adapter.label, f"written as {fmt}")
     if fmt == "kohya" and adapter.dora:
         raise UnsupportedAdapterError(
