@@ -597,6 +597,16 @@ def test_a_trained_tied_decoder_bias(tmp_path, cls_name, bias, targets):
             peft_merged = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), tmp_path / "a").merge_and_unload()
             torch.testing.assert_close(load_file(tmp_path / "out" / "model.safetensors")[parent],
                                        peft_merged.state_dict()[parent], atol=0, rtol=0)
+    # written back as PEFT (bound to the base or not), PEFT loads it to the same model: the trained biases of layers
+    # without a LoRA go as bias="all" keys, not as modules_to_save (whose weights PEFT would look for)
+    from loraops.basemodel import BaseModel
+    from loraops.check import bind
+
+    for label, written in (("unbound", adapter), ("bound", bind(adapter, BaseModel.open(tmp_path / "base").tensors))):
+        again = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"),
+                                          formats.write_adapter(written, tmp_path / label)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(input_ids=tokens).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_tied_decoder_bias_bound_is_written_back_as_peft_saved_it(tmp_path):
