@@ -26,6 +26,7 @@ folded into B (see loraops.formats.lowrank), and ``method`` says where it came f
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,6 +59,22 @@ def token_rows_phrase(tensor: str, indices) -> str:
     """How inspect and the pushed model card name a tensor's PEFT trainable tokens: its first rows, then a count."""
     shown = ", ".join(map(str, indices[:8])) + (f", … ({len(indices)} rows)" if len(indices) > 8 else "")
     return f"{tensor} rows {shown} (replaced)"
+
+
+def widest_dtype(*dtypes: "torch.dtype") -> "torch.dtype":
+    """The dtype that holds the values of all of ``dtypes``: torch's promotion (bfloat16 and float16 → float32), and
+    for float8 types, which torch promotes with nothing, the wider type (two float8 kinds: float16 holds both)."""
+    import torch
+
+    def wider(a: "torch.dtype", b: "torch.dtype") -> "torch.dtype":
+        if a == b:
+            return a
+        try:
+            return torch.promote_types(a, b)
+        except RuntimeError:  # "Promotion for Float8 Types is not supported"
+            return max(a, b, key=lambda dtype: dtype.itemsize) if a.itemsize != b.itemsize else torch.float16
+
+    return functools.reduce(wider, dtypes)
 
 
 @dataclass
@@ -97,9 +114,15 @@ class LoraModule:
     method: str | None = None
     """"adalora"/"vera": the PEFT method this plain LoRA module was read from (formats.lowrank); None otherwise, and for
     any module the algebra makes."""
+    stored_dtype: "torch.dtype | None" = None
+    """The dtype its file stores its factors in, where one was composed on read and kept in float32 (float64 when a
+    factor is stored so) whatever the file's: AdaLoRA's and VeRA's B' (formats.lowrank), a Tucker down factor
+    (formats.kohya.tucker_down). None: A's and B's own (see ``dtype``)."""
     inputs_known: bool = True
-    """False for a VeRA module not bound to a base: its layer takes the first in_features columns of the shared
-    vera_A, and only the base says how many, so its A is still all of vera_A (cut when bound: formats.lowrank)."""
+    """False for a VeRA or AdaLoRA module not bound to a base, whose layer's inputs only the base says (see
+    formats.lowrank): a VeRA layer takes the first in_features columns of the shared vera_A, so its A is still all of
+    vera_A (cut when bound); an AdaLoRA Conv2d's A is stored r × in·kh·kw, read as a Linear's (made the conv when
+    bound: check.fit_kind)."""
 
     @property
     def dora(self) -> bool:
@@ -116,9 +139,16 @@ class LoraModule:
         return self.product.rank if self.product is not None else int(self.A.shape[0])
 
     @property
+    def dtype(self) -> "torch.dtype":
+        """The dtype its factors are stored in: ``stored_dtype``, else the wider of A's and B's (a file may keep B in
+        float32 beside a bf16 A: both are what it holds). What inspect reports and combine and resize write."""
+        return self.stored_dtype or widest_dtype(self.A.dtype, self.B.dtype)
+
+    @property
     def shown_kind(self) -> str:
-        """What records and tables call the module: loha/lokr for those, adalora/vera for those, else its layer kind."""
-        return self.product.kind if self.product is not None else self.method or self.kind
+        """What records and tables call the module: loha/lokr for those, else its layer kind (an AdaLoRA/VeRA module's
+        too: the plain LoRA it is read as; Adapter.methods names the method)."""
+        return self.product.kind if self.product is not None else self.kind
 
     @property
     def num_parameters(self) -> int:
@@ -198,7 +228,7 @@ class LoraModule:
         else:
             A, B = A2, B2
         return replace(self, A=A.contiguous(), B=B.contiguous(), alpha=float(alpha), scale=float(scale), source_keys=(),
-                       method=None)
+                       method=None, stored_dtype=None)
 
     def stand_in(self) -> "LoraModule":
         """This module without its values (factors on the meta device, same shapes and dtypes): what a writer or a
@@ -296,10 +326,10 @@ class Adapter:
 
     @property
     def dtype(self) -> "torch.dtype":
-        first = next(iter(self.modules.values()), None)
-        if first is not None:  # the narrower factor's: one composed on read is kept in float32 (a Tucker down factor,
-            # formats.kohya.tucker_down; an AdaLoRA's or VeRA's B, formats.lowrank), whatever the file's dtype
-            return min(first.B.dtype, first.A.dtype, key=lambda dtype: dtype.itemsize)
+        """The dtype its modules' factors are stored in (the type that holds each module's: LoraModule.dtype), else
+        its full tensors' (an adapter of modules_to_save or trainable tokens alone)."""
+        if self.modules:
+            return widest_dtype(*(m.dtype for m in self.modules.values()))
         import torch
 
         others = [*self.full_tensors.values(), *(r.values for r in self.token_rows.values())]

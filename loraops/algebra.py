@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import ldm
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, widest_dtype
 from .errors import InvalidInputError, MismatchError
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
 
@@ -231,8 +231,6 @@ def combine_lazily(
     the same-base check; by default their base_model_name_or_path hints are compared. An expert's gate and up
     modules of a LoRA on fused MoE experts are combined jointly (``params.join_gate_up``), so they keep one A.
     Everything is checked now; the modules are computed as the Derivation is iterated."""
-    import torch
-
     from .formats import params as raw
     from .ops.combine import Context, Term
     from .settings import resolve_device
@@ -260,9 +258,7 @@ def combine_lazily(
     started = time.perf_counter()
     target = resolve_device(device)
     dtype, precision = compute_precision(precise)
-    out_dtype = adapters[0].dtype
-    for adapter in adapters[1:]:
-        out_dtype = torch.promote_types(out_dtype, adapter.dtype)
+    out_dtype = widest_dtype(*(adapter.dtype for adapter in adapters))
     result = raw.split_gate_up(Adapter(
         modules={name: template.stand_in() for name, template in templates.items()},
         format=combined_format(adapters), base_model=next((h for h in hints if h), None),

@@ -91,18 +91,32 @@ def tied_head_source(weight_name: str, shape, manifest: Mapping[str, object]) ->
 
 class TiedHead(NamedTuple):
     """The output head a model class ties to its input embeddings, as transformers names them (its
-    _tied_weights_keys), and whether it ties the head's bias (X.decoder.bias) to its parent's (X.bias) too."""
+    _tied_weights_keys)."""
 
     head: str
     embeddings: str
-    bias: bool = False
+    bias: bool | tuple[str, str] = False
+    """The bias the class ties too, only while the head is tied: True for the head's own, to its parent's
+    (X.decoder.bias → X.bias); or (that bias, the one it is tied to) for another's (LUKE's word head: lm_head.bias →
+    lm_head.decoder.bias)."""
     flag: str | None = None
     """A config.json switch (true when absent) that, false, builds the class without this head: DeBERTa's legacy
     (false: the head of its original checkpoints, lm_predictions, multiplies by the embeddings' own weight)."""
 
+    def tied_bias(self) -> tuple[str, str] | None:
+        """(the bias the class ties while the head is tied, the bias it ties it to), or None."""
+        return _decoder_bias(self.head) if self.bias is True else self.bias or None
+
+
+def _decoder_bias(head: str) -> tuple[str, str] | None:
+    """A head X.decoder's bias and its parent's (X.decoder.bias, X.bias), or None for a head of another name."""
+    owner = head.removesuffix(".decoder.weight")
+    return (f"{owner}.decoder.bias", f"{owner}.bias") if owner != head else None
+
 
 # The heads of the classes the causal-LM rule (unstored_head_of) does not name: masked LMs, BERT-style encoders built
-# as causal LMs, causal LMs with their own names. By the config.json class, as transformers 5.24 names them; the
+# as causal LMs, causal LMs with their own names, multimodal wrappers (BLIP, BridgeTower, ModernVBERT, IDEFICS), LUKE's
+# entity head. By the config.json class, as transformers 5.24 names them; the
 # embeddings may sit under a wrapping model's prefix. Each is checked against transformers' _tied_weights_keys, loaded
 # back, and compared with PEFT's adapted model (tests/test_tied_embeddings.py).
 TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
@@ -110,12 +124,17 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "AlbertForPreTraining": TiedHead("predictions.decoder.weight", "albert.embeddings.word_embeddings.weight", bias=True),
     "BertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BertForPreTraining": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BertGenerationDecoder": TiedHead("lm_head.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BertLMHeadModel": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BigBirdForCausalLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BigBirdForMaskedLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BigBirdForPreTraining": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BioGptForCausalLM": TiedHead("output_projection.weight", "biogpt.embed_tokens.weight"),
+    "BlipForConditionalGeneration": TiedHead("text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight", bias=True),
+    "BlipForQuestionAnswering": TiedHead("text_decoder.cls.predictions.decoder.weight", "text_decoder.bert.embeddings.word_embeddings.weight", bias=True),
     "BlipTextLMHeadModel": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
+    "BridgeTowerForMaskedLM": TiedHead("mlm_score.decoder.weight", "bridgetower.text_model.embeddings.word_embeddings.weight"),
+    "CTRLLMHeadModel": TiedHead("lm_head.weight", "transformer.w.weight"),
     "CamembertForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "CamembertForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "ConvBertForMaskedLM": TiedHead("generator_lm_head.weight", "convbert.embeddings.word_embeddings.weight"),
@@ -135,12 +154,17 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "FNetForPreTraining": TiedHead("cls.predictions.decoder.weight", "fnet.embeddings.word_embeddings.weight", bias=True),
     "FlaubertWithLMHeadModel": TiedHead("pred_layer.proj.weight", "transformer.embeddings.weight"),
     "FunnelForMaskedLM": TiedHead("lm_head.weight", "funnel.embeddings.word_embeddings.weight"),
+    "GPT2DoubleHeadsModel": TiedHead("lm_head.weight", "transformer.wte.weight"),
     "GPTNeoXJapaneseForCausalLM": TiedHead("embed_out.weight", "gpt_neox_japanese.embed_in.weight"),
     "GitForCausalLM": TiedHead("output.weight", "git.embeddings.word_embeddings.weight"),
     "GteForMaskedLM": TiedHead("lm_head.decoder.weight", "gte.embeddings.word_embeddings.weight"),
+    "IdeficsForVisionText2Text": TiedHead("lm_head.weight", "model.embed_tokens.weight"),
+    "IBertForMaskedLM": TiedHead("lm_head.decoder.weight", "ibert.embeddings.word_embeddings.weight", bias=True),
     "JinaEmbeddingsV3ForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "LayoutLMForMaskedLM": TiedHead("cls.predictions.decoder.weight", "layoutlm.embeddings.word_embeddings.weight", bias=True),
     "LongformerForMaskedLM": TiedHead("lm_head.decoder.weight", "longformer.embeddings.word_embeddings.weight", bias=True),
+    "LukeForMaskedLM": TiedHead("entity_predictions.decoder.weight", "luke.entity_embeddings.entity_embeddings.weight",
+                                bias=("lm_head.bias", "lm_head.decoder.bias")),
     "LxmertForPreTraining": TiedHead("cls.predictions.decoder.weight", "lxmert.embeddings.word_embeddings.weight"),
     "MPNetForMaskedLM": TiedHead("lm_head.decoder.weight", "mpnet.embeddings.word_embeddings.weight", bias=True),
     "MegatronBertForCausalLM": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
@@ -150,6 +174,7 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "MobileBertForPreTraining": TiedHead("cls.predictions.decoder.weight", "mobilebert.embeddings.word_embeddings.weight", bias=True),
     "ModernBertDecoderForCausalLM": TiedHead("decoder.weight", "model.embeddings.tok_embeddings.weight"),
     "ModernBertForMaskedLM": TiedHead("decoder.weight", "model.embeddings.tok_embeddings.weight"),
+    "ModernVBertForMaskedLM": TiedHead("lm_head.weight", "model.text_model.embeddings.tok_embeddings.weight"),
     "MraForMaskedLM": TiedHead("cls.predictions.decoder.weight", "mra.embeddings.word_embeddings.weight", bias=True),
     "NomicBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "nomic_bert.embeddings.word_embeddings.weight", bias=True),
     "NystromformerForMaskedLM": TiedHead("cls.predictions.decoder.weight", "nystromformer.embeddings.word_embeddings.weight", bias=True),
@@ -167,8 +192,10 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "SqueezeBertForMaskedLM": TiedHead("cls.predictions.decoder.weight", "transformer.embeddings.word_embeddings.weight", bias=True),
     "TapasForMaskedLM": TiedHead("cls.predictions.decoder.weight", "tapas.embeddings.word_embeddings.weight", bias=True),
     "TrOCRForCausalLM": TiedHead("output_projection.weight", "model.decoder.embed_tokens.weight"),
+    "UltraVBertForMaskedLM": TiedHead("lm_head.weight", "model.text_model.embed_tokens.weight"),
     "ViltForMaskedLM": TiedHead("mlm_score.decoder.weight", "vilt.embeddings.text_embeddings.word_embeddings.weight"),
     "VisualBertForPreTraining": TiedHead("cls.predictions.decoder.weight", "visual_bert.embeddings.word_embeddings.weight", bias=True),
+    "VisualBertForRegionToPhraseAlignment": TiedHead("cls.predictions.decoder.weight", "visual_bert.embeddings.word_embeddings.weight", bias=True),
     "XLMRobertaForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "XLMRobertaForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "XLMRobertaXLForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
@@ -200,6 +227,26 @@ def _tied_head_of_class(config: dict) -> TiedHead | None:
     return None if tied is not None and tied.flag is not None and config.get(tied.flag, True) is False else tied
 
 
+def is_tied_head(name: str, config: dict) -> bool:
+    """Is this module path (or its weight's name) an output head tied to the input embeddings: the head the model's
+    class ties where TIED_HEAD_OF_CLASS lists it (XLNet's lm_loss, ModernBERT's decoder, LUKE's entity head — not its
+    word head, which LUKE does not tie), else by path (is_head)?"""
+    tied = _tied_head_of_class(config)
+    if tied is None:
+        return is_head(name)
+    return names_module(name.removesuffix(".weight"), tied.head.removesuffix(".weight"))
+
+
+def is_tied_embeddings(name: str, config: dict) -> bool:
+    """Are these input embeddings a head may be tied to: those the model's class ties its head to where
+    TIED_HEAD_OF_CLASS lists it (XLNet's word_embedding, ModernBERT's tok_embeddings; in a checkpoint of the bare
+    model too), else by name (INPUT_EMBEDDINGS)?"""
+    tied = _tied_head_of_class(config)
+    if tied is None:
+        return name.endswith(INPUT_EMBEDDINGS)
+    return names_module(name, tied.embeddings) or name == tied.embeddings.partition(".")[2]
+
+
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
     """The output head a model ties to its input embeddings ``embeddings`` and does not store, named as transformers
     saves it: by its class where TIED_HEAD_OF_CLASS lists it (bert.embeddings.word_embeddings →
@@ -228,14 +275,28 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
 
 
 def tied_decoder_bias(head: str, config: dict) -> tuple[str, str] | None:
-    """(the head's bias, the bias transformers ties it to while the head is tied), which an untied head needs
+    """(a bias transformers ties only while ``head`` is tied, the bias it ties it to), which an untied head needs
     written as its own: BERT's cls.predictions.decoder.bias ← cls.predictions.bias; or None. By the class where
-    TIED_HEAD_OF_CLASS lists it (ESM's and LXMERT's decoders have no bias), else by the head's name."""
+    TIED_HEAD_OF_CLASS lists it (ESM's and LXMERT's decoders have no bias; LUKE's entity head unties its word head's
+    lm_head.bias ← lm_head.decoder.bias), else by the head's name."""
     tied = _tied_head_of_class(config)
-    if tied is not None and not (tied.bias and head.endswith(tied.head)):
+    if tied is None:
+        return _decoder_bias(head)
+    pair = tied.tied_bias() if head.endswith(tied.head) else None
+    prefix = head.removesuffix(tied.head)
+    return None if pair is None else (prefix + pair[0], prefix + pair[1])
+
+
+def stored_tied_bias(name: str, shape, manifest: Mapping[str, object]) -> str | None:
+    """The bias the base stores for a tied bias ``name`` that it does not store (BERT's cls.predictions.decoder.bias
+    is cls.predictions.bias, RoBERTa's lm_head.decoder.bias lm_head.bias, while the head is tied: one parameter,
+    which PEFT's bias="all" saves under both names and bias="lora_only" on the decoder under the decoder's), or
+    None. By the pairs TIED_HEAD_OF_CLASS names, under any prefix."""
+    if name in manifest:
         return None
-    owner = head.removesuffix(".decoder.weight")
-    return (f"{owner}.decoder.bias", f"{owner}.bias") if owner != head else None
+    pairs = {tied.tied_bias() for tied in TIED_HEAD_OF_CLASS.values() if tied.bias}
+    parents = [name.removesuffix(bias) + parent for bias, parent in pairs if names_module(name, bias)]
+    return next((p for p in parents if p in manifest and tuple(manifest[p].shape) == tuple(shape)), None)
 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
@@ -283,7 +344,8 @@ def resolve(adapter: Adapter, manifest: Mapping[str, object]) -> Resolution:
         return res
     rename = renaming(adapter, manifest)
     res.names = {n: rename(n) for n in adapter.modules}
-    res.full = {n: rename(n) for n in adapter.full_tensors}
+    res.full = {n: stored_tied_bias(rename(n), adapter.full_tensors[n].shape, manifest) or rename(n)
+                for n in adapter.full_tensors}
     res.rows = {n: rename(n) for n in adapter.token_rows}
     return res
 
@@ -513,7 +575,8 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         module = tensor.removesuffix(".weight")
         return (tensor in manifest or ldm.fused_target(module, manifest) is not None
                 or params.stored_fused(module, manifest) is not None
-                or (tied and tied_head_source(tensor, shape, manifest) is not None))
+                or (tied and (tied_head_source(tensor, shape, manifest) or stored_tied_bias(tensor, shape, manifest))
+                    is not None))
 
     # a head the base stores under another name (GPT-NeoX's embed_out) before one it would share with its embeddings
     for tied in (False, True):
@@ -561,10 +624,11 @@ def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
     if module.product is not None or module.method == "adalora":
         if module.product is not None:
             module = replace(module, product=replace(module.product, kernel_known=True))
-        if len(base_shape) >= 2 and base_shape != shape and base_shape[0] == shape[0] and \
-                math.prod(base_shape[1:]) == math.prod(shape[1:]):
+        if base_shape in (shape, shape[::-1]):  # a Linear (a Conv1D stored in×out: fit_orientation's business)
+            return replace(module, inputs_known=True)
+        if len(base_shape) >= 2 and base_shape[0] == shape[0] and math.prod(base_shape[1:]) == math.prod(shape[1:]):
             r = module.A.shape[0]
-            return replace(module, kind="conv" if len(base_shape) > 2 else "linear",
+            return replace(module, kind="conv" if len(base_shape) > 2 else "linear", inputs_known=True,
                            A=module.A.reshape(r, *base_shape[1:]), B=module.B.reshape(shape[0], r, *[1] * (len(base_shape) - 2)))
         return module
     if module.kind == "conv" and shape[2:] == (1, 1) and base_shape == shape[:2]:
@@ -595,11 +659,20 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
         if new in modules:
             raise MismatchError(f"{adapter.label}: two adapter modules resolve to base module {new!r}")
         modules[new] = module
-    full = {res.full[n]: t for n, t in adapter.full_tensors.items()}
+    # one adapter tensor per base tensor, the one under its own name first: PEFT's bias="all" saves a tied decoder's
+    # bias under the decoder's name too (stored_tied_bias)
+    full_names = {}
+    for old, new in sorted(res.full.items(), key=lambda item: item[0] != item[1]):
+        full_names.setdefault(new, old)
+    full = {new: adapter.full_tensors[old] for old, new in res.full.items() if full_names[new] == old}
+    for old, new in res.full.items():
+        if full_names[new] != old and not full[new].equal(adapter.full_tensors[old]):
+            raise MismatchError(f"{adapter.label}: {old!r} and {full_names[new]!r} are one tensor of the base "
+                                f"({new!r}), with different values")
     rows = {res.rows[n]: replace(r, name=res.rows[n]) for n, r in adapter.token_rows.items()}
     own = {}
     if adapter.names_resolved:  # kohya names are not module paths: written back, they come from the bound ones
-        renames = [*res.names.items(), *res.full.items(), *res.rows.items()]
+        renames = [*res.names.items(), *((old, new) for new, old in full_names.items()), *res.rows.items()]
         own = {new: adapter.own_names.get(old, old) for old, new in renames if adapter.own_names.get(old, old) != new}
     return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, names_resolved=True, own_names=own,
                    metadata=ldm.versioned(adapter.metadata, manifest))

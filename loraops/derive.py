@@ -192,8 +192,8 @@ def resize(
 
 def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None) -> tuple[Path, list[str]]:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
-    registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths). Returns where it
-    went, and the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA they equal — another adapter,
+    registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths, an AdaLoRA file's
+    layer kinds). Returns where it went, and the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA they equal — another adapter,
     of another identity, which only `register` records (`resize --rank <its rank>` converts with a lineage)."""
     from . import check
     from .formats import read_adapter, write_adapter

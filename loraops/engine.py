@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (INPUT_EMBEDDINGS, is_head, rows_shape, tied_decoder_bias, tied_head_source, ties_word_embeddings,
-                    unstored_head_of)
+from .check import (is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias, tied_head_source,
+                    ties_word_embeddings, unstored_head_of)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, BlockScaled
@@ -336,7 +336,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         residual=stats.record() if stats else None,
         files_left_out=[str(p) for p in left_out],
         heads_untied=[t.name for f in files if f.untie for t in f.tensors  # written anew, or a stored copy
-                      if t.name.endswith(".weight") and (t.new_name is not None or is_head(t.name))],
+                      if t.name.endswith(".weight") and (t.new_name is not None or _is_head(base, t.name))],
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
 
@@ -484,15 +484,16 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     touched, apart = terms.keys() | replacements.keys() | rows.keys(), _changed_apart(adapters)
     for group in _stored_twice(base, touched):
         # a head changed, or the embeddings apart from it (see _changed_apart)
-        if not undo and any(name in touched if is_head(name) else name in apart for name in group) \
+        group_heads = {name for name in group if _is_head(base, name)}
+        if not undo and any(name in touched if name in group_heads else name in apart for name in group) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
-            biases = _decoder_biases(base, {name: name for name in group if is_head(name)})
+            biases = _decoder_biases(base, {name: name for name in group_heads})
             heads.update(biases)
             untied |= {base.tensors[parent].file for parent in biases.values()}
-            embeddings = min((name for name in group if not is_head(name)), default=None)
-            _inherit({name: embeddings for name in group if is_head(name)} if embeddings else {}, rows, replacements,
-                     saved_layers)  # but for what PEFT's tied weight carries
+            embeddings = min(group - group_heads, default=None)
+            _inherit({**({name: embeddings for name in group_heads} if embeddings else {}), **biases}, rows,
+                     replacements, saved_layers)  # but for what PEFT's tied weight carries
             continue
         shared = sorted((term for name in sorted(group) for term in terms.get(name, [])),
                         key=lambda term: position[id(term[0])])
@@ -605,11 +606,13 @@ def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacemen
     LoRA-wrapped or not, reads the embeddings' weight with the tokens in place), and a saved layer under the
     embeddings' LoRA (PEFT loads it into that weight). Not a modules_to_save copy (PEFT wraps the embeddings apart),
     and not rows for a head given tokens of its own (trainable_token_indices={"lm_head": …} with other indices: it is
-    wrapped apart and reads the base's weight)."""
+    wrapped apart and reads the base's weight). And an untied decoder's bias (→ the bias transformers ties it to,
+    _decoder_biases) gets that bias' new value: PEFT's bias="all"/"lora_only" trains the one parameter both are."""
     for head, embeddings in heads.items():
         if head not in rows and embeddings in rows:
             rows[head] = rows[embeddings]
-        if head not in replacements and embeddings in saved_layers:
+        if head not in replacements and embeddings in replacements \
+                and (embeddings in saved_layers or head.endswith(".bias")):
             replacements[head] = replacements[embeddings]
 
 
@@ -623,8 +626,8 @@ def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
     copies, layers = set(), set()
     for name, rows in adapter.token_rows.items():
         source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
-        if source is None and name in base.tensors and is_head(name):  # or stored twice, byte-identical (the tie)
-            source = next((n for group in _stored_twice(base, [name]) for n in group if not is_head(n)), None)
+        if source is None and name in base.tensors and _is_head(base, name):  # or stored twice, byte-identical (the tie)
+            source = next((n for group in _stored_twice(base, [name]) for n in group if not _is_head(base, n)), None)
         twin = adapter.token_rows.get(source)
         if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
             copies.add(name)
@@ -745,9 +748,9 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
     head still the base's (transformers re-ties only equal tensors), where PEFT changed the one shared tensor."""
     import torch
 
-    candidates = [n for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)]
+    candidates = [n for n in base.tensors if is_tied_embeddings(n, base.config(n))]
     if not base.is_single_file:
-        candidates += [n for n in base.tensors if is_head(n) and n.endswith(".weight")
+        candidates += [n for n in base.tensors if _is_head(base, n) and n.endswith(".weight")
                        and _tie_word_embeddings(base, n) is not False]
     groups = []
     for name in set(touched) & set(candidates):
@@ -759,6 +762,11 @@ def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
         if twins and not any(name in group for group in groups):
             groups.append({name, *twins})
     return groups
+
+
+def _is_head(base: BaseModel, tensor: str) -> bool:
+    """Is this tensor of the base an output head its model ties to the input embeddings (by path, or by its class)?"""
+    return is_tied_head(tensor, base.config(tensor))
 
 
 def _tie_word_embeddings(base: BaseModel, tensor: str) -> bool | None:

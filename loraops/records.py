@@ -16,11 +16,11 @@ class Record(BaseModel):
 
 class ModuleRecord(Record):
     """One adapted module: `name` is its path in the base model (for an unbound kohya file, the kohya name). `kind`
-    is the layer's, or loha/lokr for those, or adalora/vera for a module read from those as plain LoRA; `rank` is None
-    for a LoKr whose two factors are stored whole."""
+    is the layer's (an AdaLoRA/VeRA module's too: the adapter's `methods` name those), or loha/lokr for those; `rank`
+    is None for a LoKr whose two factors are stored whole."""
 
     name: str
-    kind: Literal["linear", "conv", "embedding", "loha", "lokr", "adalora", "vera"]
+    kind: Literal["linear", "conv", "embedding", "loha", "lokr"]
     rank: int | None
     alpha: float
     scale: float

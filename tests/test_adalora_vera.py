@@ -153,7 +153,8 @@ def test_merge_matches_peft(tmp_path, bases, kind, dtype):
     formula), untouched ones bit-identical; the merged model computes PEFT's adapted model's logits."""
     adapter_dir = make(kind, bases[dtype], tmp_path / "adapter", dtype)
     adapter = formats.read_adapter(adapter_dir)
-    assert adapter.methods == [kind] and {m.shown_kind for m in adapter.modules.values()} == {kind}
+    assert adapter.methods == [kind] and {(m.method, m.shown_kind) for m in adapter.modules.values()} == {(kind, "linear")}
+    assert adapter.dtype == dtype  # the file's (B' is float32: composed on read)
     if kind == "adalora":  # the masked-out module is left out; the others at their kept rank, ranknum init_r
         assert "model.layers.0.mlp.down_proj" not in adapter.modules
         assert adapter.ranks["model.layers.0.self_attn.q_proj"] == 2
@@ -278,10 +279,13 @@ def test_subtract_round_trip_and_combine(tmp_path, bases):
     engine.merge(base, both, tmp_path / "m", fingerprint=False)
     report = engine.subtract(tmp_path / "m", both, tmp_path / "back", reference=base, fingerprint=False)
     assert report.residual.max_abs_diff < 1e-6
-    # combine: cat is exact on the plain LoRA each equals (a VeRA adapter bound to its base first)
+    # combine: cat is exact on the plain LoRA each equals (each bound to its base first)
     with pytest.raises(InvalidInputError, match="VeRA adapter takes the first columns of the shared vera_A"):
-        algebra.combine(both, "cat")
-    cat, _ = algebra.combine([(adalora, 0.8), (bind(vera, manifest), -0.5)], "cat")
+        algebra.combine([(bind(adalora, manifest), 0.8), (vera, -0.5)], "cat")
+    with pytest.raises(InvalidInputError, match=r"AdaLoRA adapter has an A of \d+ columns, a Linear's inputs or a "
+                                                "convolution's flattened"):
+        algebra.combine([(adalora, 0.8), (bind(vera, manifest), -0.5)], "cat")
+    cat, _ = algebra.combine([(bind(adalora, manifest), 0.8), (bind(vera, manifest), -0.5)], "cat")
     bound = {a: bind(x, manifest) for a, x in (("a", adalora), ("v", vera))}
     for name, module in cat.modules.items():
         expected = sum(w * b.modules[name].delta(dtype=torch.float64)
@@ -335,7 +339,7 @@ def test_cli_end_to_end(tmp_path, bases):
     out = loraops("export", "vera", "--format", "peft", "-o", tmp_path / "vera-lora")
     assert "a plain LoRA with the VeRA adapter's ΔW" in out
     shown = json.loads(run("show", "vera", "--json"))
-    assert shown["methods"] == ["vera"] and {m["kind"] for m in shown["modules"]} == {"vera"}
+    assert shown["methods"] == ["vera"] and {m["kind"] for m in shown["modules"]} == {"linear"}
     assert {(m["name"].rpartition(".")[2], m["in_features"]) for m in shown["modules"]} == {
         ("q_proj", 64), ("v_proj", 64), ("down_proj", 128)}  # bound: each layer's own width of vera_A
     text = run("show", "ada")
@@ -426,8 +430,8 @@ def test_identity_and_refusals(tmp_path, bases):
 
 
 def test_inspect_show_and_card_say_the_method(tmp_path, bases):
-    """inspect and show name the method (module kind, variant line, AdaLoRA's scale rule); an unbound VeRA adapter's
-    `in` column is vera_A's width, which they say; the pushed card says AdaLoRA/VeRA as pushed, and LoRA when the
+    """inspect and show name the method (variant line, AdaLoRA's scale rule; each module's kind is its layer's, as a
+    LoRA's); an unbound VeRA adapter's `in` column is vera_A's width, which they say; the pushed card says AdaLoRA/VeRA as pushed, and LoRA when the
     adapter is pushed in another layout (then the plain LoRA it equals)."""
     from loraops import hub
     from loraops.registry import Registry
@@ -439,7 +443,7 @@ def test_inspect_show_and_card_say_the_method(tmp_path, bases):
     assert "not bound to a base, the `in` column is vera_A's width" in inspected
     report = json.loads(CliRunner().invoke(main, ["inspect", str(ada), "--json"]).output)
     assert report["methods"] == ["adalora"] and report["products"] == []
-    assert {m["kind"] for m in report["modules"]} == {"adalora"}
+    assert {m["kind"] for m in report["modules"]} == {"linear"}
     assert {m["alpha"] for m in report["modules"]} == {16.0}
     with Registry.open() as reg:
         reg.add_base(str(base), name="llama")
@@ -475,3 +479,52 @@ def test_vera_without_projections_is_refused_and_resaved_with_them(tmp_path, bas
     model.save_pretrained(tmp_path / "saved")
     engine.merge(base, [(formats.read_adapter(tmp_path / "saved"), 1.0)], tmp_path / "m", fingerprint=False)
     assert float((logits(tmp_path / "m") - logits(base, bare)).abs().max()) < 1e-5
+
+
+def test_adalora_on_convs(tmp_path):
+    """An AdaLoRA Conv2d's A is stored r×(in·kh·kw): unbound it reads as a linear module of in·kh·kw inputs (inspect
+    says so), and writing it then is refused in one line (written flat, PEFT would not load it: it cannot be told from
+    a Linear without the base); with --base it is written as a conv LoRA that PEFT loads to the AdaLoRA adapter's
+    outputs. Registered with its base, show says each module's layer kind (conv, linear), as for a LoRA."""
+    from peft import PeftModel
+    from sqlalchemy import text
+
+    from loraops import settings
+    from loraops.registry import db
+
+    base = save_state_dict(conv_embedding_model(), tmp_path / "conv.safetensors")
+    ada = adalora_adapter(None, tmp_path / "ada", model=conv_embedding_model(), targets=["proj", "conv3"])
+
+    def run(*args, code=0):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == code, result.output
+        return result.output
+
+    inspected = json.loads(run("inspect", ada, "--json"))
+    assert {(m["name"], m["kind"], m["in_features"]) for m in inspected["modules"]} == {
+        ("conv3", "linear", 8 * 3 * 3), ("proj", "linear", 16)}
+    assert "a Conv2d's module reads as a linear one of in·kh·kw inputs" in run("inspect", ada)
+    refused = run("export", ada, "--format", "peft", "-o", tmp_path / "flat", code=2)
+    assert refused.count("\n") == 1 and "AdaLoRA adapter has an A of" in refused and "--base BASE" in refused
+    assert not (tmp_path / "flat").exists()
+    run("base", "add", base, "--name", "conv")
+    run("export", ada, "--format", "peft", "-o", tmp_path / "lora", "--base", "conv")
+    ids, image = torch.arange(5).unsqueeze(0), torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(conv_embedding_model(), ada)(ids, image)
+        exported = PeftModel.from_pretrained(conv_embedding_model(), tmp_path / "lora")
+        assert {type(m).__name__ for n, m in exported.named_modules() if n.endswith(("conv3", "proj"))} == {"Conv2d", "Linear"}
+        for got, want in zip(exported(ids, image), expected):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    run("register", ada, "--name", "ada", "--base", "conv")
+    shown = json.loads(run("show", "ada", "--json"))
+    assert shown["methods"] == ["adalora"]
+    assert {(m["name"], m["kind"], m["in_features"]) for m in shown["modules"]} == {("conv3", "conv", 8), ("proj", "linear", 16)}
+    assert "peft AdaLoRA" in run("list")
+    # a registry written before revision 0006 kept the method in the module's kind: the upgrade makes it the layer's
+    engine = db.make_engine(settings.db_url())
+    db.downgrade(engine, "0005")
+    with engine.connect() as c:
+        assert set(c.execute(text("SELECT kind FROM adapter_modules")).scalars()) == {"adalora"}
+    engine.dispose()
+    assert json.loads(run("show", "ada", "--json")) == shown  # opened: upgraded to head

@@ -153,6 +153,7 @@ def test_tucker_locon_reads_as_the_conv_it_equals(conv_base, dtype, tmp_path):
     conv3 = adapter.modules["lora_unet_conv3"]
     assert conv3.A.shape == (4, 8, 3, 3) and conv3.rank == 4 and conv3.scale == 0.5
     assert conv3.A.dtype == torch.float32  # the composition is not rounded back to bfloat16
+    assert adapter.dtype == dtype  # the file's
     assert "lora_unet_conv3.lora_mid.weight" in conv3.source_keys
     assert read_adapter(path, values=False).modules["lora_unet_conv3"].A.shape == (4, 8, 3, 3)  # inspect and check
     conv = torch.nn.functional.conv2d

@@ -108,6 +108,32 @@ def test_bf16_adapter_keeps_dtype(llama, tmp_path):
     assert adapter.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("wide", ["lora_B", "lora_A"])
+def test_factors_of_two_dtypes_are_reported_and_written_in_the_wider(llama, tmp_path, wide):
+    """A file that keeps one factor in float32 beside a bf16 other: its dtype is float32 (inspect's, the registry's),
+    and combine and resize write float32, so a float32 factor keeps every bit (cat folds the scale, 16/4, into B)."""
+    from click.testing import CliRunner
+
+    from loraops import algebra
+    from loraops.cli import main
+    from loraops.formats import write_adapter
+
+    path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj", "v_proj"], r=4)
+    weights = path / "adapter_model.safetensors"
+    stored = {k: v if wide in k else v.to(torch.bfloat16) for k, v in load_file(weights).items()}
+    save_file(stored, str(weights), metadata={"format": "pt"})
+    adapter = read_adapter(path)
+    assert adapter.dtype == torch.float32
+    assert json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)["dtype"] == "float32"
+    combined, _ = algebra.combine([(adapter, 1.0)], "cat")
+    written = load_file(write_adapter(combined, tmp_path / "cat") / "adapter_model.safetensors")
+    assert written.keys() == stored.keys()
+    assert all(torch.equal(written[k], stored[k].float() * (4 if "lora_B" in k else 1)) for k in stored)
+    resized, _ = algebra.resize(adapter, rank=4)
+    written = load_file(write_adapter(resized, tmp_path / "resized") / "adapter_model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.float32}
+
+
 def test_adapter_name_segment_tolerated(llama, tmp_path):
     path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj", "v_proj"])
     plain = read_adapter(path)

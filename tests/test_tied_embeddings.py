@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from factories import load_model, tiny_llama
 from test_engine import merged_tensors as tensors
 from loraops import engine, formats
-from loraops.check import TIED_HEAD_OF_CLASS
+from loraops.check import INPUT_EMBEDDINGS, TIED_HEAD_OF_CLASS, is_head
 
 EMBED = "model.embed_tokens.weight"
 TOKENS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -316,7 +316,37 @@ TINY_FAMILY = {"esm": dict(pad_token_id=1, mask_token_id=2), "eurobert": dict(pa
                "modernbert-decoder": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, local_attention=8),
                "funnel": dict(num_hidden_layers=None), "squeezebert": dict(embedding_size=32),
                "rwkv": dict(num_hidden_layers=2), "xlnet": dict(max_position_embeddings=None)}
-NEEDS_MORE_INPUTS = {"LxmertForPreTraining", "ViltForMaskedLM"}  # visual features: checked by their weights alone
+# the multimodal wrappers' towers, as tiny
+_TEXT = {k: TINY[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                              "max_position_embeddings")}
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+               patch_size=16)
+TINY_FAMILY.update({
+    "blip": dict(text_config=dict(_TEXT, encoder_hidden_size=32, bos_token_id=1, eos_token_id=2, sep_token_id=3),
+                 vision_config=_VISION, projection_dim=32, image_text_hidden_size=32),
+    "bridgetower": dict(text_config=_TEXT, vision_config=dict(hidden_size=64, num_hidden_layers=1, image_size=32,
+                                                              patch_size=16)),
+    "ctrl": dict(dff=64, n_positions=64),
+    "idefics": dict(vision_config=dict(embed_dim=32, image_size=28, patch_size=14, num_hidden_layers=1,
+                                       num_attention_heads=4, intermediate_size=64),
+                    perceiver_config=dict(resampler_n_latents=4, resampler_depth=1, resampler_n_heads=4,
+                                          resampler_head_dim=8)),
+    "luke": dict(entity_vocab_size=64, entity_emb_size=16),
+    "modernvbert": dict(text_config=dict(_TEXT, **TINY_FAMILY["modernbert"]), vision_config=_VISION,
+                        pixel_shuffle_factor=2, image_token_id=120),
+    "ultravbert": dict(text_config=dict(_TEXT, num_key_value_heads=4, head_dim=8, layer_types=["full_attention"],
+                                        prediction_head_size=32, sliding_window=8),
+                       vision_config=_VISION, pixel_shuffle_factor=2, image_token_id=120),
+})
+_PIXELS = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+MORE_INPUTS = {"BlipForConditionalGeneration": dict(pixel_values=_PIXELS),
+               "BridgeTowerForMaskedLM": dict(pixel_values=_PIXELS),
+               "IdeficsForVisionText2Text": dict(pixel_values=_PIXELS[:, None, :, :28, :28],
+                                                 image_attention_mask=torch.ones(1, 8, 1, dtype=torch.long)),
+               "LukeForMaskedLM": dict(entity_ids=torch.tensor([[5, 9, 17]]), entity_position_ids=torch.tensor([[[1, -1], [2, 3], [5, -1]]]))}
+NO_LORA_ON_EMBEDDINGS = {"IBertForMaskedLM"}  # (PEFT cannot wrap its QuantEmbedding, nor its QuantLinears)
+NEEDS_MORE_INPUTS = {"LxmertForPreTraining", "ViltForMaskedLM", "VisualBertForRegionToPhraseAlignment",
+                     "BlipForQuestionAnswering"}  # visual features: checked by their weights alone
 
 
 def tiny(cls):
@@ -326,6 +356,16 @@ def tiny(cls):
              if (hasattr(defaults, k) or k in TINY_FAMILY.get(family, {})) and v is not None}
     torch.manual_seed(0)
     return cls._from_config(cls.config_class(**sizes, tie_word_embeddings=True))
+
+
+def saved_with_biases(cls, path):
+    """A tiny ``cls`` saved to ``path``, its biases random (not zeros: a lost or stale bias shows)."""
+    model = tiny(cls)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+    model.save_pretrained(path)
 
 
 @pytest.mark.parametrize("cls_name", sorted(TIED_HEAD_OF_CLASS))
@@ -339,18 +379,20 @@ def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
 
     cls = getattr(transformers, cls_name)
     tied = TIED_HEAD_OF_CLASS[cls_name]
-    assert cls._tied_weights_keys[tied.head] == tied.embeddings
-    assert (tied.head.removesuffix(".weight") + ".bias" in cls._tied_weights_keys) == tied.bias
-    model = tiny(cls)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_()
-    model.save_pretrained(tmp_path / "base")
+    keys = cls._tied_weights_keys
+    assert keys[tied.head].removesuffix("$") == tied.embeddings  # (a regex: IBert's ends with $)
+    assert {k: v for k, v in keys.items() if k.endswith(".bias")} == dict([tied.tied_bias()] if tied.bias else [])
+    saved_with_biases(cls, tmp_path / "base")
     torch.manual_seed(1)
-    target = tied.embeddings.removesuffix(".weight").rpartition(".")[2]
-    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    target = tied.embeddings.removesuffix(".weight")  # (LUKE's entity_embeddings.entity_embeddings: the whole path)
+    if cls_name in NO_LORA_ON_EMBEDDINGS:  # a copy of them trained instead, which the head does not read either
+        adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["lm_head.dense"], modules_to_save=[target], init_lora_weights=False)).eval()
+        with torch.no_grad():
+            adapted_model.get_submodule(target).modules_to_save["default"].weight.add_(0.05)
+    else:
+        adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+            r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
     adapted_model.save_pretrained(tmp_path / "a")
     report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
                           progress=False)
@@ -363,18 +405,21 @@ def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
     assert not torch.equal(weights[tied.embeddings], base.state_dict()[tied.embeddings])
     if cls_name in NEEDS_MORE_INPUTS:
         return
+    expected = class_logits(cls_name, adapted_model)
+    torch.testing.assert_close(class_logits(cls_name, merged), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(class_logits(cls_name, base), expected, atol=1e-3)
 
-    def output(m):
-        m = m.eval()
-        if hasattr(m.base_model, "set_default_language"):  # X-MOD's adapters
-            m.base_model.set_default_language("en_XX")
-        with torch.no_grad():
-            found = m(input_ids=TOKENS[:, :8] % 100 + 3)
-        return found.logits if hasattr(found, "logits") else found.prediction_logits
 
-    expected = output(adapted_model)
-    torch.testing.assert_close(output(merged), expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(output(base), expected, atol=1e-3)
+def class_logits(cls_name, model):
+    """The logits of a model of a TIED_HEAD_OF_CLASS class (or PEFT's model of one) on TOKENS, with the inputs it
+    needs besides (MORE_INPUTS); LUKE's of its entity head."""
+    model = model.eval()
+    if hasattr(model.base_model, "set_default_language"):  # X-MOD's adapters
+        model.base_model.set_default_language("en_XX")
+    with torch.no_grad():
+        found = model(input_ids=TOKENS[:, :8] % 100 + 3, **MORE_INPUTS.get(cls_name, {}))
+    return found.entity_logits if cls_name == "LukeForMaskedLM" else \
+        found.logits if hasattr(found, "logits") else found.prediction_logits
 
 
 @pytest.mark.parametrize("cls_name", ["OpenAIGPTLMHeadModel", "BertForMaskedLM"])
@@ -404,13 +449,16 @@ def test_a_class_checkpoint_saved_from_the_bare_model(tmp_path, cls_name):
 
 def merged_as_adapted(cls, base, adapter, adapted_model, head, out):
     """Merge ``adapter`` into ``base``: ``head`` comes out untied, the merged model loads with no missing or unexpected
-    keys and computes what PEFT's ``adapted_model`` computes."""
+    keys and computes what PEFT's ``adapted_model`` computes, also once tied again as its config says (transformers
+    leaves a head stored apart with other values untied on load, whatever the config, but ties it by the config in
+    tie_weights(): after resize_token_embeddings, …)."""
     assert engine.merge(base, [(adapter, 1.0)], out, progress=False).heads_untied == [head]
     merged, info = cls.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    tokens = TOKENS[:, :8] % 100 + 3
-    with torch.no_grad():
-        torch.testing.assert_close(merged.eval()(tokens).logits, adapted_model(tokens).logits, atol=1e-5, rtol=1e-5)
+    expected = class_logits(cls.__name__, adapted_model)
+    torch.testing.assert_close(class_logits(cls.__name__, merged), expected, atol=1e-5, rtol=1e-5)
+    merged.tie_weights()
+    torch.testing.assert_close(class_logits(cls.__name__, merged), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls_name", ["DebertaForMaskedLM", "DebertaV2ForMaskedLM"])
@@ -482,10 +530,11 @@ def test_ensure_weight_tying_on_a_head_named_by_its_class(tmp_path):
     merged_as_adapted(BioGptForCausalLM, tmp_path / "base", adapter, model, "output_projection.weight", tmp_path / "out")
 
 
-def test_a_decoder_stored_twice_is_untied_with_its_bias(tmp_path):
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_a_decoder_stored_twice_is_untied_with_its_bias(tmp_path, bias):
     """A masked LM whose exporter saved the tied decoder too (byte-identical) but its bias only under the parent
     (cls.predictions.bias): untying the decoder unties its bias as well, else transformers loads the untied model
-    with a newly initialized decoder bias."""
+    with a newly initialized decoder bias; trained (bias="all"), with the trained values."""
     from peft import LoraConfig, get_peft_model
     from transformers import BertForMaskedLM
 
@@ -499,7 +548,118 @@ def test_a_decoder_stored_twice_is_untied_with_its_bias(tmp_path):
     save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
     torch.manual_seed(1)
     adapted_model = get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False)).eval()
+        r=4, lora_alpha=8, target_modules=["word_embeddings"], init_lora_weights=False, bias=bias)).eval()
+    with torch.no_grad():
+        adapted_model.cls.predictions.bias.add_(0.5 if bias == "all" else 0)  # trained: saved under both names
     adapted_model.save_pretrained(tmp_path / "a")
     merged_as_adapted(BertForMaskedLM, tmp_path / "base", formats.read_adapter(tmp_path / "a"), adapted_model,
                       "cls.predictions.decoder.weight", tmp_path / "out")
+
+
+@pytest.mark.parametrize("cls_name, bias, targets", [
+    ("BertForMaskedLM", "all", ["query", "value"]), ("RobertaForMaskedLM", "all", ["query"]),
+    ("BertForMaskedLM", "all", ["word_embeddings"]), ("BertForMaskedLM", "lora_only", ["decoder"]),
+    ("RobertaForMaskedLM", "lora_only", ["decoder", "query"])])
+def test_a_trained_tied_decoder_bias(tmp_path, cls_name, bias, targets):
+    """PEFT's bias="all" saves a masked LM's tied decoder bias under both names (cls.predictions.bias and
+    cls.predictions.decoder.bias: one parameter), bias="lora_only" on the decoder under the decoder's; the base stores
+    only the parent. Both bind to it: a tied merge matches PEFT's merge, and an untied head (a LoRA on the decoder or
+    on the embeddings alone) takes the trained bias, so the merged model computes PEFT's adapted model."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    parent = tied.head.removesuffix(".decoder.weight") + ".bias"
+    saved_with_biases(cls, tmp_path / "base")
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, bias=bias, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, param in adapted_model.named_parameters():
+            if param.requires_grad and name.endswith("bias"):
+                param.add_(0.5)  # trained: each key PEFT saves holds it
+    adapted_model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    head_untied = targets != ["query", "value"] and targets != ["query"]
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ([tied.head] if head_untied else [])
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    trained = adapted_model.get_output_embeddings().bias if bias == "all" else \
+        adapted_model.get_output_embeddings().base_layer.bias
+    torch.testing.assert_close(merged.get_output_embeddings().bias, trained, atol=0, rtol=0)
+    tokens = TOKENS[:, :8] % 100 + 3
+    with torch.no_grad():
+        expected = adapted_model(input_ids=tokens).logits
+        torch.testing.assert_close(merged.eval()(input_ids=tokens).logits, expected, atol=1e-5, rtol=1e-5)
+        if not head_untied:
+            peft_merged = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), tmp_path / "a").merge_and_unload()
+            torch.testing.assert_close(load_file(tmp_path / "out" / "model.safetensors")[parent],
+                                       peft_merged.state_dict()[parent], atol=0, rtol=0)
+    # written back as PEFT (bound to the base or not), PEFT loads it to the same model: the trained biases of layers
+    # without a LoRA go as bias="all" keys, not as modules_to_save (whose weights PEFT would look for)
+    from loraops.basemodel import BaseModel
+    from loraops.check import bind
+
+    for label, written in (("unbound", adapter), ("bound", bind(adapter, BaseModel.open(tmp_path / "base").tensors))):
+        again = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"),
+                                          formats.write_adapter(written, tmp_path / label)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(input_ids=tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tied_decoder_bias_bound_is_written_back_as_peft_saved_it(tmp_path):
+    """Bound to the base's parent bias, a lora_only decoder bias is written back under the decoder's wrapped layer
+    (the key PEFT loads), and two keys of the one parameter with different values are refused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForMaskedLM
+
+    from loraops.basemodel import BaseModel
+    from loraops.check import bind
+    from loraops.errors import MismatchError
+
+    tiny(BertForMaskedLM).save_pretrained(tmp_path / "base")
+    manifest = BaseModel.open(tmp_path / "base").tensors
+    get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["decoder"], bias="lora_only")).save_pretrained(tmp_path / "a")
+    bound = bind(formats.read_adapter(tmp_path / "a"), manifest)
+    assert list(bound.full_tensors) == ["cls.predictions.bias"]
+    formats.write(bound, tmp_path / "again", "peft")
+    assert "base_model.model.cls.predictions.decoder.base_layer.bias" in load_file(tmp_path / "again" / "adapter_model.safetensors")
+
+    get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query"], bias="all")).save_pretrained(tmp_path / "b")
+    weights = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    weights["base_model.model.cls.predictions.decoder.bias"] += 1
+    save_file(weights, str(tmp_path / "b" / "adapter_model.safetensors"))
+    with pytest.raises(MismatchError, match="'cls.predictions.decoder.bias' and 'cls.predictions.bias' are one tensor "
+                                            "of the base"):
+        bind(formats.read_adapter(tmp_path / "b"), manifest)
+
+
+@pytest.mark.parametrize("cls_name", sorted(c for c, t in TIED_HEAD_OF_CLASS.items() if c not in NEEDS_MORE_INPUTS and (
+    not is_head(t.head) or not t.embeddings.endswith(INPUT_EMBEDDINGS))))
+def test_a_head_only_its_class_names_stored_twice(tmp_path, cls_name):
+    """A tied model saved with its head too (byte-identical), a head or embeddings only TIED_HEAD_OF_CLASS names
+    (XLNet's lm_loss and word_embedding, ModernBERT's decoder and tok_embeddings, RWKV's head, …): a LoRA on the
+    embeddings alone unties them as for lm_head — the head copy keeps the base's values and config.json says
+    tie_word_embeddings: false, so transformers computes PEFT's adapted model, also after tie_weights()."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    tied = TIED_HEAD_OF_CLASS[cls_name]
+    tiny(cls).save_pretrained(tmp_path / "base")
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    assert tied.head not in state
+    state[tied.head] = state[tied.embeddings].clone()
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[tied.embeddings.removesuffix(".weight")], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    merged_as_adapted(cls, tmp_path / "base", formats.read_adapter(tmp_path / "a"), adapted_model, tied.head,
+                      tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[tied.head], state[tied.embeddings])

@@ -73,6 +73,10 @@ def scale_mode(record) -> str:
     return "rsLoRA (alpha/sqrt(r))" if record.scale_mode == "rslora" else "classic (alpha/r)"
 
 
+UNBOUND_NOTES = {"vera": " (not bound to a base, the `in` column is vera_A's width)",
+                 "adalora": " (not bound to a base, a Conv2d's module reads as a linear one of in·kh·kw inputs)"}
+
+
 def variants(record) -> list[tuple[str, str]]:
     """The `variant` lines `show` and `inspect` give an adapter (an AdapterRecord or InspectReport): DoRA, LoHa/LoKr
     modules, AdaLoRA/VeRA modules."""
@@ -81,8 +85,8 @@ def variants(record) -> list[tuple[str, str]]:
         lines.append("; ".join(PRODUCT_NOTES[p] for p in record.products)
                      + " (merged exactly; resize --rank K makes a LoRA of it)")
     unbound = getattr(record, "base", None) is None  # (an inspected file never is; a registered one with a base is)
-    lines += [METHOD_NOTES[m] + (" (not bound to a base, the `in` column is vera_A's width)" if m == "vera" and unbound
-                                 else "") + " (merged exactly; export writes that LoRA)" for m in record.methods]
+    lines += [METHOD_NOTES[m] + (UNBOUND_NOTES[m] if unbound else "") + " (merged exactly; export writes that LoRA)"
+              for m in record.methods]
     return [("variant", line) for line in lines]
 
 

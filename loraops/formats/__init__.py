@@ -166,7 +166,7 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
     be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
     ``values`` False, only what the modules' names and shapes say). DoRA adapters, as kohya: sd-scripts' LoRA has no
-    magnitude. A VeRA adapter not bound to a base (formats.lowrank.refuse_unbound). As PEFT, a LoRA on a part of a
+    magnitude. A VeRA or AdaLoRA adapter not bound to a base (formats.lowrank.refuse_unbound). As PEFT, a LoRA on a part of a
     fused tensor that no model PEFT wraps holds as a module (ldm.Fused.peft: OpenCLIP's q, k, v, rows of one
     in_proj_weight, of a single-file SD 2.x / SDXL checkpoint). Callers that compute an adapter to write it (combine,
     resize) ask first about their inputs, extract about what it will make. ``label``: how messages name the adapter

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
-from ..adapter import LoraModule, ModuleKind
+from ..adapter import LoraModule, ModuleKind, widest_dtype
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
 
 if TYPE_CHECKING:
@@ -222,11 +222,12 @@ def fmt_shape(shape) -> str:
 def build_module(
     path: Path, name: str, A: "torch.Tensor", B: "torch.Tensor", *, a_key: str, b_key: str, alpha: float | None,
     rslora: bool = False, kind: ModuleKind | None = None, fan_in_fan_out: bool = False, extra_keys: tuple[str, ...] = (),
-    magnitude: "torch.Tensor | None" = None, magnitude_key: str = "",
+    magnitude: "torch.Tensor | None" = None, magnitude_key: str = "", stored: Iterable["torch.Tensor"] = (),
 ) -> LoraModule:
     """A validated LoraModule from stored factors. ``kind`` None means linear or conv by the number of dims;
     ``alpha`` None means alpha = r (kohya's rule for a missing alpha); ``magnitude``: a DoRA module's, as stored
-    (PEFT's shape for the kind: see ``magnitude_shape``)."""
+    (PEFT's shape for the kind: see ``magnitude_shape``); ``stored``: where a factor was composed on read, every
+    tensor of the file the module is made of (its LoraModule.stored_dtype is theirs)."""
     def bad(why: str) -> InvalidInputError:
         return InvalidInputError(
             f"{path}: module {name!r}: {why} ({a_key} {fmt_shape(A.shape)}, {b_key} {fmt_shape(B.shape)})"
@@ -265,6 +266,7 @@ def build_module(
     return LoraModule(
         name=name, A=A, B=B, alpha=alpha, scale=lora_scale(alpha, rank, rslora), kind=kind,
         fan_in_fan_out=fan_in_fan_out, source_keys=(a_key, b_key, *extra_keys), magnitude=magnitude,
+        stored_dtype=widest_dtype(*(t.dtype for t in stored)) if stored else None,
     )
 
 

@@ -98,11 +98,13 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     for name, parts in sorted(found.items()):
         down, up = tensors[parts["down"]], tensors[parts["up"]]
         extra = tuple(parts[part] for part in ("mid", "alpha") if part in parts)
+        stored = ()
         if "mid" in parts:
+            stored = (down, tensors[parts["mid"]], up)
             down = tucker_down(path, name, down, tensors[parts["mid"]], parts)
         modules[name] = common.build_module(
             path, name, down, up, a_key=parts["down"], b_key=parts["up"],
-            alpha=module_alpha(path, tensors, parts.get("alpha"), alpha), extra_keys=extra,
+            alpha=module_alpha(path, tensors, parts.get("alpha"), alpha), extra_keys=extra, stored=stored,
         )
     return Adapter(modules=dict(sorted(modules.items())), format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
 

@@ -12,8 +12,10 @@ load PEFT shrinks the module to the kept rank and copies ranknum back (resize_mo
 stays init_r. Read as B' = B·diag(E), A as stored, scale = scaling/(init_r + 1e-5) (PEFT's model computes with the
 1e-5, so it is kept), alpha = scaling. A module with every triplet masked (rank 0: 0×in and out×0 tensors) changes
 nothing and is left out; one whose E is all zero is read (its ΔW is zero). A Conv2d's A is r×(in·kh·kw), flattened as
-PEFT stores it: read as a Linear until bound to a base, whose shape makes it the conv (check.fit_kind). PEFT has no
-AdaLoRA for embeddings, and its AdaLoraConfig refuses DoRA.
+PEFT stores it: read as a Linear until bound to a base, whose shape makes it the conv (check.fit_kind), so until then
+``LoraModule.inputs_known`` is false and what needs the layer's layout (writing, resize, combine) is refused
+(``refuse_unbound``): nothing in the file tells a Linear from a convolution, nor in from kh·kw. PEFT has no AdaLoRA for
+embeddings, and its AdaLoraConfig refuses DoRA.
 
 VeRA (VeraConfig, peft_type VERA): keys ``<module>.vera_lambda_b`` (out), ``.vera_lambda_d`` (r) and the frozen
 random projections all modules share, ``base_model.vera_A`` (r × the widest targeted layer's inputs) and
@@ -30,7 +32,8 @@ refused: PEFT draws them from projection_prng_key with torch's CPU generator, si
 targeted layer (even B's values depend on that width), which loraops does not reproduce.
 
 B' is formed in float64 and kept in float32 (float64 if a factor is stored so), never rounded back to a half-precision
-file dtype; A keeps the file's, which Adapter.dtype reports.
+file dtype; A keeps the file's. ``LoraModule.stored_dtype`` is the file's (the type holding all of a module's stored
+tensors), which Adapter.dtype reports.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from ..adapter import METHOD_NAMES, LoraModule
+from ..adapter import LoraModule, widest_dtype
 from ..errors import InvalidInputError, UnsupportedAdapterError
 from . import common
 
@@ -176,9 +179,11 @@ def adalora_modules(path: Path, factors: dict[str, dict[str, str]], tensors: dic
         if not B.is_floating_point():  # (build_module says so too, but the fold comes first)
             raise InvalidInputError(f"{path}: module {name!r}: factors must be floating point, not {B.dtype}")
         module = common.build_module(path, name, A, fold(B, E.reshape(1, -1)), a_key=parts["A"], b_key=parts["B"],
-                                     alpha=None, kind="linear", fan_in_fan_out=fan_in_fan_out, extra_keys=(parts["E"],))
+                                     alpha=None, kind="linear", fan_in_fan_out=fan_in_fan_out, extra_keys=(parts["E"],),
+                                     stored=(A, B, E))
         scaling = alpha if alpha > 0 else float(rank)
-        modules[name] = replace(module, alpha=scaling, scale=scaling / (init_r + RANKNUM_EPS), method="adalora")
+        modules[name] = replace(module, alpha=scaling, scale=scaling / (init_r + RANKNUM_EPS), method="adalora",
+                                inputs_known=False)
     return modules
 
 
@@ -233,6 +238,7 @@ def vera_modules(path: Path, lambdas: dict[str, dict[str, str]], projections: di
         modules[name] = LoraModule(
             name=name, A=A, B=folded, alpha=float(r), scale=1.0, kind="linear", fan_in_fan_out=fan_in_fan_out,
             source_keys=(parts["b"], parts["d"], projections["A"], projections["B"]), method="vera", inputs_known=False,
+            stored_dtype=widest_dtype(A.dtype, B.dtype, b.dtype, d.dtype),
         )
     return modules
 
@@ -241,7 +247,7 @@ def fit_inputs(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
     """A VeRA module bound to a base tensor of ``base_shape``: A cut to the layer's inputs, vera_A's first columns
     (PEFT's vera_A[:, :in]). Left as it is when the tensor is no out×in (Linear) or in×out (Conv1D) matrix of its
     outputs and at most vera_A's width: check then reports the misfit."""
-    if module.inputs_known or len(base_shape) != 2:
+    if module.method != "vera" or module.inputs_known or len(base_shape) != 2:
         return module
     rows, cols = base_shape
     out, width = module.out_features, module.in_features
@@ -253,12 +259,18 @@ def fit_inputs(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
 
 
 def refuse_unbound(adapter: "Adapter", label: str, what: str) -> None:
-    """A VeRA module not bound to a base (LoraModule.inputs_known false) cannot be ``what`` (written, resized,
-    combined): how many columns of vera_A its layer takes, only the base says."""
+    """A VeRA or AdaLoRA module not bound to a base (LoraModule.inputs_known false) cannot be ``what`` (written,
+    resized, combined): how many columns of vera_A a VeRA layer takes, and whether an AdaLoRA layer is a Linear or a
+    convolution (its A stored flattened, r × in·kh·kw), only the base says."""
     module = next((m for m in adapter.modules.values() if not m.inputs_known), None)
-    if module is not None:
-        raise InvalidInputError(
-            f"{label}: module {module.name!r} of a {METHOD_NAMES['vera']} adapter takes the first columns of the shared "
-            f"vera_A (of {module.in_features}), as many as its layer has inputs, which only its base says: bind it to "
-            f"its base before it is {what} (give --base BASE, or register it with --base; in Python, "
-            "loraops.check.bind)")
+    if module is None:
+        return
+    if module.method == "vera":
+        why = (f"a VeRA adapter takes the first columns of the shared vera_A (of {module.in_features}), as many as its "
+               "layer has inputs, which only its base says")
+    else:
+        why = (f"an AdaLoRA adapter has an A of {module.in_features} columns, a Linear's inputs or a convolution's "
+               "flattened (in·kh·kw, as PEFT stores a Conv2d's), which only its base tells apart")
+    raise InvalidInputError(f"{label}: module {module.name!r} of {why}: bind it "
+                            f"to its base before it is {what} (give --base BASE, or register it with --base; in Python, "
+                            "loraops.check.bind)")

@@ -544,7 +544,12 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
     rslora = adapter.scale_mode == "rslora"
     keys = full_tensor_keys(adapter)
     layers = tokens.saved_layer_keys(adapter)  # (PEFT's save_embedding_layers, not modules_to_save)
-    saved = sorted({name.rpartition(".")[0] for name, key in keys.items() if key == name and name not in layers})
+    # a bias saved without its layer's weight is a trained one (bias="all"), not a modules_to_save layer: PEFT loads
+    # a saved module's every parameter, and fails on the missing weight
+    biases_alone = {name for name, key in keys.items() if key == name and name.endswith(".bias")
+                    and f"{name.removesuffix('.bias')}.weight" not in adapter.full_tensors}
+    saved = sorted({name.rpartition(".")[0] for name, key in keys.items()
+                    if key == name and name not in layers and name not in biases_alone})
     fused = {key for m in adapter.modules.values() if (key := params.parameter_group(m)) is not None}
     stream = common.ModuleStream(adapter, modules, params.parameter_group)
     with st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill) as out:
@@ -578,7 +583,9 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
     biases = [name for name, key in keys.items() if key.endswith(".base_layer.bias")]
     # a bias saved with its whole layer (save_embedding_layers: Phi's lm_head) says nothing about training biases
     trained = [name for name in biases if f"{name.rpartition('.')[0]}.weight" not in adapter.full_tensors]
-    if trained:
+    if biases_alone:
+        cfg["bias"] = "all"
+    elif trained:
         cfg["bias"] = cfg["bias"] if cfg["bias"] != "none" else "lora_only"
     elif not biases:
         cfg["bias"] = "none"

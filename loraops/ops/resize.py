@@ -119,7 +119,7 @@ def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, 
              scale_mode: str) -> tuple[LoraModule, ResizeModuleRecord]:
     k = int(A.shape[0])
     alpha = alpha_for_scale(module.scale, k, scale_mode)
-    out = module.A.dtype
+    out = module.dtype  # (the file's: a factor composed on read in float32 is not written so)
     resized = module.with_factors(B.to(device="cpu", dtype=out), A.to(device="cpu", dtype=out), alpha, module.scale)
     record = ResizeModuleRecord(
         name=module.name, kind=module.kind, rank_before=before, rank_after=k, alpha_after=alpha,

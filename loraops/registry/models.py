@@ -174,6 +174,9 @@ class SqlAdapterModule(Base):
     target: Mapped[str] = mapped_column(String(255), index=True)
     """Last component of the module path (q_proj, c_attn, ...): what `list --target` matches."""
     kind: Mapped[str] = mapped_column(String(16))
+    """The layer's (linear, conv, embedding), or loha/lokr for those (LoraModule.shown_kind)."""
+    method: Mapped[Optional[str]] = mapped_column(String(16))
+    """adalora/vera: the PEFT method the module was read from as the plain LoRA it equals (LoraModule.method)."""
     rank: Mapped[int] = mapped_column(Integer)
     alpha: Mapped[float] = mapped_column(Float)
     scale: Mapped[float] = mapped_column(Float)

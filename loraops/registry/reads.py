@@ -25,7 +25,7 @@ from ..fsutil import refuse_overlaps
 from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
 from .blobs import BlobStore
 
-HEAD = "0005"
+HEAD = "0006"
 """The schema revision this code reads and writes: the newest under migrations/versions (a test checks it)."""
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -183,11 +183,13 @@ class Reader:
             counts = dict(self.rows(f"SELECT adapter_id, count(*) FROM adapter_modules WHERE adapter_id IN ({chosen}) "
                                     "GROUP BY adapter_id", params))
         products: dict[int, list[str]] = {}  # LoHa/LoKr modules, as their kind says
-        methods: dict[int, list[str]] = {}  # AdaLoRA/VeRA modules read as plain LoRA, as their kind says
         for adapter_id, kind in self.rows(f"SELECT DISTINCT adapter_id, kind FROM adapter_modules WHERE adapter_id IN "
-                                          f"({chosen}) AND kind IN ('loha', 'lokr', 'adalora', 'vera') "
-                                          "ORDER BY adapter_id, kind", params):
-            (products if kind in ("loha", "lokr") else methods).setdefault(adapter_id, []).append(kind)
+                                          f"({chosen}) AND kind IN ('loha', 'lokr') ORDER BY adapter_id, kind", params):
+            products.setdefault(adapter_id, []).append(kind)
+        methods: dict[int, list[str]] = {}  # AdaLoRA/VeRA modules read as plain LoRA, as their method says
+        for adapter_id, method in self.rows(f"SELECT DISTINCT adapter_id, method FROM adapter_modules WHERE adapter_id "
+                                            f"IN ({chosen}) AND method IS NOT NULL ORDER BY adapter_id, method", params):
+            methods.setdefault(adapter_id, []).append(method)
         tags: dict[int, list[str]] = {}
         for adapter_id, tag in self.rows(f"SELECT adapter_id, tag FROM adapter_tags WHERE adapter_id IN ({chosen})", params):
             tags.setdefault(adapter_id, []).append(tag)

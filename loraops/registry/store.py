@@ -904,8 +904,8 @@ def module_fields(adapter: "Adapter") -> list[dict]:
     """The adapter_modules rows of an adapter, as bound (a kohya file bound to a base: under the base's names)."""
     return [
         # (rank 0: a LoKr whose factors are stored whole has none; the column predates it and is NOT NULL)
-        dict(name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.shown_kind, rank=m.rank or 0,
-             alpha=m.alpha, scale=m.scale, in_features=m.in_features, out_features=m.out_features)
+        dict(name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.shown_kind, method=m.method,
+             rank=m.rank or 0, alpha=m.alpha, scale=m.scale, in_features=m.in_features, out_features=m.out_features)
         for m in adapter.modules.values()
     ]
 
