@@ -175,6 +175,13 @@ class LoraModule:
         return self.fused[1] if self.fused else 0
 
     @property
+    def spatial(self) -> bool:
+        """A convolution whose kernel is larger than 1 (3×3, …): what --conv-rank sets (kohya's LoCon conv modules).
+        A 1×1 convolution is a Linear over the channels, ranked like one (sd-scripts' networks/lora.py gives it the
+        network's dim, not conv_dim)."""
+        return self.kind == "conv" and any(k > 1 for k in self.A.shape[2:])
+
+    @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the base tensor this module changes (of its rows in that tensor, when fused)."""
         if self.kind == "conv":

@@ -371,12 +371,20 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
 
 
 def resize_rule(rank: int | None = None, dynamic: str | None = None, param: float | None = None,
-                max_rank: int | None = None):
+                max_rank: int | None = None, conv_rank: int | None = None):
     """resize's rank rule, checked (see combine_arguments)."""
     from .ops.params import parse_params
     from .ops.resize import RankRule
 
-    return parse_params(RankRule, {"rank": rank, "dynamic": dynamic, "param": param, "max_rank": max_rank}, "resize")
+    return parse_params(RankRule, {"rank": rank, "dynamic": dynamic, "param": param, "max_rank": max_rank,
+                                   "conv_rank": conv_rank}, "resize")
+
+
+def refuse_idle_conv_rank(rule, modules: Iterable[LoraModule], label: str) -> None:
+    """A conv_rank where no module is a k×k convolution would change nothing: refused (resize, extract)."""
+    if rule.conv_rank is not None and not any(m.spatial for m in modules):
+        raise InvalidInputError(f"conv rank {rule.conv_rank}: {label} has no k×k convolution (a conv with a kernel "
+                                "larger than 1×1) for it to rank")
 
 
 def resize(adapter: Adapter, **options) -> tuple[Adapter, ResizeReport]:
@@ -390,11 +398,13 @@ def resize_lazily(
     dynamic: str | None = None,
     param: float | None = None,
     max_rank: int | None = None,
+    conv_rank: int | None = None,
     device: str = "auto",
     precise: bool = False,
 ) -> Derivation:
     """Lower the rank of every module: to ``rank``, or by a kohya ``dynamic`` rule (sv_ratio, sv_cumulative,
-    sv_fro) with ``param``, capped at ``max_rank`` and at each module's own rank. The scale of every module is
+    sv_fro) with ``param``, capped at ``max_rank`` and at each module's own rank; ``conv_rank`` is the k×k
+    convolutions' rank in place of ``rank`` (their cap in place of ``max_rank``: RankRule). The scale of every module is
     kept (alpha follows), so each delta becomes its best approximation at the new rank. Modules already at or
     below ``rank`` keep their rank (re-orthogonalized, same delta). An expert's gate and up modules of a LoRA on
     fused MoE experts are resized jointly (``params.join_gate_up``), so they keep one A; such an adapter needs a fixed
@@ -408,7 +418,7 @@ def resize_lazily(
     from .ops.resize import resize_module
     from .settings import resolve_device
 
-    rule = resize_rule(rank, dynamic, param, max_rank)
+    rule = resize_rule(rank, dynamic, param, max_rank, conv_rank)
     if not adapter.modules:
         raise InvalidInputError(f"{_label(adapter, 0)} has no LoRA modules to resize")
     # (a LoHa/LoKr module becomes a LoRA of any rank up to its ΔW's: the SVD of its dense ΔW, see resize_module)
@@ -418,9 +428,15 @@ def resize_lazily(
                                 "flattened (out × in·k…), so only its base says whether it is a Linear or a convolution: "
                                 "register it against its base (--base) to resize it")
     lowrank.refuse_unbound(adapter, _label(adapter, 0), "resized")
-    current = max((m.rank for m in adapter.modules.values() if m.product is None), default=None)
-    if rank is not None and current is not None and rank > current:
-        raise InvalidInputError(f"rank {rank} is above the adapter's rank {current}: resize only lowers rank")
+    refuse_idle_conv_rank(rule, adapter.modules.values(), _label(adapter, 0))
+    if rule.dynamic is None:  # resize only lowers rank (a dynamic rule's caps may be above any rank)
+        for what, given, ranks in (("rank", rule.rank, "rank"), ("conv rank", rule.conv_rank, "k×k convolutions' rank")):
+            current = max((m.rank for m in adapter.modules.values() if m.product is None
+                           and (m.spatial if what == "conv rank" else rule.conv_rank is None or not m.spatial)),
+                          default=None)
+            if given is not None and current is not None and given > current:
+                raise InvalidInputError(f"{what} {given} is above the adapter's {ranks} {current}: resize only lowers "
+                                        "rank")
     shared = next((m for m in adapter.modules.values() if m.experts > 1), None)
     if shared is not None and rule.dynamic is not None:
         raise InvalidInputError(f"{_label(adapter, 0)}: a LoRA on the fused experts {shared.raw_parameter[0]} has one "
@@ -447,7 +463,8 @@ def resize_lazily(
 
     def summarize(resized: Adapter, seconds: float) -> ResizeReport:
         return ResizeReport(
-            rank=rule.rank, dynamic=rule.dynamic, param=rule.param, max_rank=rule.max_rank, device=str(target),
+            rank=rule.rank, dynamic=rule.dynamic, param=rule.param, max_rank=rule.max_rank, conv_rank=rule.conv_rank,
+            device=str(target),
             precision=precision, modules=records,
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records),
             sum_retained_mean=mean(r.sum_retained for r in records if r.sum_retained is not None),

@@ -25,6 +25,7 @@ from .references import refuse_output_over
 if TYPE_CHECKING:
     from .adapter import Adapter
     from .basemodel import BaseModel
+    from .ops.resize import RankRule
     from .records import BaseRecord
     from .registry import Registry
     from .registry.store import Registration
@@ -89,11 +90,27 @@ def check_arguments(name: str | None, output: str | None, force: bool, refs: Seq
         refuse_output_over(output, refs)
 
 
-def rank_name(stem: str, rank: int, ceilings: Iterable[int]) -> str:
-    """``<stem>-r<k>``, the default name of an adapter made at a fixed ``rank``: k is the largest rank a module gets,
-    each capped at its ceiling (the most rank a truncated SVD of its delta has: min(out, in), and a LoRA's own rank
-    when it is resized), so a --rank above every module's size names none of them (extract, resize)."""
-    return f"{stem}-r{min(rank, max(ceilings, default=rank))}"
+def rank_name(stem: str, rule: "RankRule", ceilings: Iterable[tuple[int, bool]]) -> str:
+    """The default name of an adapter made by ``rule`` (extract, resize): ``<stem>-r<k>`` for a fixed rank, k the
+    largest rank a module gets, each capped at its ceiling (the most rank a truncated SVD of its delta has: min(out,
+    in), and a LoRA's own rank when it is resized), so a --rank above every module's size names none of them;
+    ``<stem>-<rule><param>`` for a dynamic rule; and ``-conv<c>`` after it for a conv_rank, c the largest rank (cap) a
+    k×k convolution gets. ``ceilings``: (ceiling, whether a k×k convolution) of every module."""
+    ceilings = list(ceilings)
+
+    def largest(rank: int, spatial: bool | None) -> int:
+        return min(rank, max((c for c, s in ceilings if spatial in (None, s)), default=rank))
+
+    name = (f"{stem}-{rule.dynamic}{rule.param:g}" if rule.dynamic is not None
+            else f"{stem}-r{largest(rule.rank, None if rule.conv_rank is None else False)}")
+    return name if rule.conv_rank is None else f"{name}-conv{largest(rule.conv_rank, True)}"
+
+
+def lineage_rule(rule: "RankRule") -> dict[str, Any]:
+    """What the lineage records of a rank rule (resize, extract): the rank, or the dynamic rule; conv_rank when given."""
+    recorded = {"rank": rule.rank} if rule.dynamic is None else {"dynamic": rule.dynamic, "param": rule.param,
+                                                                  "max_rank": rule.max_rank}
+    return recorded if rule.conv_rank is None else {**recorded, "conv_rank": rule.conv_rank}
 
 
 def common_base(inputs: Sequence[Input]) -> int | None:
@@ -167,25 +184,25 @@ def combine(
 
 def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
-    max_rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
-    output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
+    max_rank: int | None = None, conv_rank: int | None = None, device: str = "auto", precise: bool = False,
+    name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
+    base: str | None = None,
 ) -> DerivedRecord:
     """Resize a registered adapter or a path and register the result; see algebra.resize."""
     from .registry import Registry
 
-    algebra.resize_rule(rank, dynamic, param, max_rank)
+    rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
     check_arguments(name, output, force, [ref])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
         resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
-                                        device=device, precise=precise)
-        rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
-        lineage = LineageSpec(op="resize", params=rule, inputs=[LineageInput(kind="adapter", id=source.record.id)])
-        default = (rank_name(source.record.name, rank, (
-            min(m.product.shape) if m.product is not None else min(m.rank, m.B.shape[0], math.prod(m.A.shape[1:]))
-            for m in source.adapter.modules.values())) if rank is not None
-            else f"{source.record.name}-{dynamic}{param:g}")
+                                        conv_rank=conv_rank, device=device, precise=precise)
+        lineage = LineageSpec(op="resize", params=lineage_rule(rule),
+                              inputs=[LineageInput(kind="adapter", id=source.record.id)])
+        default = rank_name(source.record.name, rule, (
+            (min(m.product.shape) if m.product is not None else min(m.rank, m.B.shape[0], math.prod(m.A.shape[1:])),
+             m.spatial) for m in source.adapter.modules.values()))
         return save(reg, resized, name=default if name is None else name, output=output, fmt=fmt, force=force,
                     base=source.record.base.id if source.record.base else None, lineage=lineage)
 
@@ -238,7 +255,8 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
 
 def extract(
     base: str, tuned: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
-    max_rank: int | None = None, alpha: float | None = None, modules: Sequence[str] | None = None,
+    max_rank: int | None = None, conv_rank: int | None = None, alpha: float | None = None,
+    modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None, device: str = "auto", precise: bool = False, dtype: str | None = None,
     keep_rounding: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
     force: bool = False,
@@ -251,7 +269,7 @@ def extract(
     from .extraction import extract_lazily
     from .registry import Registry
 
-    algebra.resize_rule(rank, dynamic, param, max_rank)
+    rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
     check_arguments(name, output, force, [])
     with Registry.open() as reg, models_of(reg) as record_model:
         (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)
@@ -259,21 +277,19 @@ def extract(
             for model in (base_model, tuned_model):
                 refuse_overlap(output, model.path, "a model it reads")
         derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
-                                 alpha=alpha, modules=modules, save_modules=save_modules, device=device,
+                                 conv_rank=conv_rank, alpha=alpha, modules=modules, save_modules=save_modules, device=device,
                                  precise=precise, dtype=dtype, keep_rounding=keep_rounding, fmt=fmt,
                                  labels=(base_label, tuned_label))
         (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
-        rule = {"rank": rank} if rank is not None else {"dynamic": dynamic, "param": param, "max_rank": max_rank}
         lineage = LineageSpec(op="extract", params={
-            **rule, "alpha": alpha, "modules": list(modules) if modules else None,
+            **lineage_rule(rule), "alpha": alpha, "modules": list(modules) if modules else None,
             "save_modules": list(save_modules) if save_modules else None, "precise": precise,
             **({"keep_rounding": True} if keep_rounding else {}),
             "dtype": str(derived.adapter.dtype).removeprefix("torch."),
         }, inputs=[LineageInput(kind="base", id=base_record.id, role="base"),
                    LineageInput(kind="base", id=tuned_record.id, role="tuned")])
-        default = (rank_name(tuned_record.name, rank, (min(m.B.shape[0], math.prod(m.A.shape[1:]))
-                                                       for m in derived.adapter.modules.values())) if rank is not None
-                   else f"{tuned_record.name}-{dynamic}{param:g}")
+        default = rank_name(tuned_record.name, rule, ((min(m.B.shape[0], math.prod(m.A.shape[1:])), m.spatial)
+                                                      for m in derived.adapter.modules.values()))
         result = save(reg, derived, name=default if name is None else name, output=output, fmt=fmt, force=force,
                       base=base_record.id, lineage=lineage)
     changed = [n for n in (base_changed, tuned_changed) if n is not None]

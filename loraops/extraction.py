@@ -387,6 +387,7 @@ def extract_lazily(
     dynamic: str | None = None,
     param: float | None = None,
     max_rank: int | None = None,
+    conv_rank: int | None = None,
     alpha: float | None = None,
     modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None,
@@ -398,7 +399,8 @@ def extract_lazily(
     labels: tuple[str, str] | None = None,
 ) -> "Derivation":
     """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
-    ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``),
+    ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``;
+    ``conv_rank``: the k×k convolutions' rank, or their cap, in place of those: RankRule),
     ``save_modules`` stored whole (as the tuned model stores them). Factors in ``dtype`` (bf16, fp16, fp32; default:
     the tuned model's), each module's alpha ``alpha`` (default its rank). Tensors stored in other dtypes that differ
     only by the rounding between those are left out (reported), unless ``keep_rounding``. ``fmt``: the layout it is
@@ -408,13 +410,13 @@ def extract_lazily(
     memory at a time."""
     import torch
 
-    from .algebra import Derivation, compute_precision, factorizing, finite_module, resize_rule
+    from .algebra import Derivation, compute_precision, factorizing, finite_module, refuse_idle_conv_rank, resize_rule
     from .engine import parse_dtype, peak_rss
     from .ops.resize import factorize_dense
     from .settings import resolve_device
     from .st import read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
-    rule = resize_rule(rank, dynamic, param, max_rank)
+    rule = resize_rule(rank, dynamic, param, max_rank, conv_rank)
     given_alpha(alpha)
     if alpha is not None and alpha > FLOAT32_MAX:  # else refused only at the end, naming a scratch file
         raise InvalidInputError(f"alpha {alpha:g} is beyond what float32 holds")
@@ -470,6 +472,7 @@ def extract_lazily(
     )
     what = f"extract of {labels[1]} − {labels[0]}"
     refuse_unwritable(result, fmt, values=False, label=what)  # before any module is computed
+    refuse_idle_conv_rank(rule, work.targets.values(), f"the {what}")
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []
     dropped: set[str] = set()
@@ -505,7 +508,8 @@ def extract_lazily(
             M = D.reshape(D.shape[0], -1)
             with factorizing(what, name):
                 # keep_zero_rank: a fixed rank is kept for a delta however small (it is not zero: dropped above)
-                made = factorize_dense(M.T if template.transposed else M, rule, exact=precise, keep_zero_rank=True)
+                made = factorize_dense(M.T if template.transposed else M, rule.for_module(template), exact=precise,
+                                       keep_zero_rank=True)
             B, A, svd, error = made.B, made.A, made.svd, made.error
             del D, M, made
             k = int(A.shape[0])
@@ -514,7 +518,7 @@ def extract_lazily(
             module = finite_module(what, template.with_factors(
                 (B / scale).to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype), module_alpha, scale))
             records.append(ExtractModuleRecord(
-                name=name, kind=template.kind, shape=list(template.weight_shape), rank=k,
+                name=name, kind=template.kind, spatial=template.spatial, shape=list(template.weight_shape), rank=k,
                 alpha=module_alpha, svd=svd, error=error, fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
             del B, A
             yield module
@@ -531,7 +535,7 @@ def extract_lazily(
             m.weight_name for n, m in work.targets.items() if n not in dropped}
         return ExtractReport(
             base=labels[0], tuned=labels[1], rank=rule.rank, dynamic=rule.dynamic, param=rule.param,
-            max_rank=rule.max_rank, alpha=alpha, device=str(target), precision=precision,
+            max_rank=rule.max_rank, conv_rank=rule.conv_rank, alpha=alpha, device=str(target), precision=precision,
             dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,

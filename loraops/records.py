@@ -40,6 +40,8 @@ class ResizeModuleRecord(Record):
 
     name: str
     kind: Literal["linear", "conv", "embedding"]
+    spatial: bool = False
+    """A k×k convolution (kernel larger than 1): one of the modules a conv_rank ranks."""
     rank_before: int
     rank_after: int
     alpha_after: float
@@ -55,6 +57,8 @@ class ResizeReport(Record):
     dynamic: str | None
     param: float | None
     max_rank: int | None
+    conv_rank: int | None = None
+    """The k×k convolutions' rank (their cap, with a dynamic rule); None: the same rule as every module."""
     device: str
     precision: Literal["float32", "float64"]
     modules: list[ResizeModuleRecord]
@@ -71,6 +75,8 @@ class ExtractModuleRecord(Record):
 
     name: str
     kind: Literal["linear", "conv", "embedding"]
+    spatial: bool = False
+    """A k×k convolution (kernel larger than 1): one of the modules a conv_rank ranks."""
     shape: list[int]
     """The weight's shape as stored."""
     rank: int
@@ -99,6 +105,8 @@ class ExtractReport(Record):
     dynamic: str | None
     param: float | None
     max_rank: int | None
+    conv_rank: int | None = None
+    """The k×k convolutions' rank (their cap, with a dynamic rule); None: the same rule as every module."""
     alpha: float | None
     """The alpha given (None: every module's rank, so every scale is 1)."""
     device: str

@@ -12,6 +12,8 @@ METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), 
                "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp (two adapters, "
                "spherical), model_stock")
 
+CONV_RANK_HELP = ("Rank of the k×k convolutions (kernel larger than 1×1; kohya's LoCon conv modules), --rank being the "
+                  "others'; with --dynamic, their cap in place of --max-rank (default: the same rule for every module).")
 
 base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
 
@@ -44,12 +46,19 @@ def echo_saved(result) -> None:
                f"{record.base.name if record.base else '-'}" + (f"; wrote {result.output}" if result.output else ""))
 
 
-def echo_capped(rank: int | None, ranks: Iterable[int], ceiling: str) -> None:
-    """One line when a fixed --rank is above the largest rank any module got (extract, resize; the default name
-    follows the ranks got: derive.rank_name)."""
-    largest = max(ranks, default=None)
-    if rank is not None and largest is not None and largest < rank:
-        click.echo(f"--rank {rank} capped: no module is larger than rank {largest} ({ceiling})")
+def echo_capped(report, ranks: Iterable[tuple[int, bool]], ceiling: str) -> None:
+    """One line for each fixed rank (--rank, --conv-rank) above the largest rank any module it ranks got (extract,
+    resize; the default name follows the ranks got: derive.rank_name). ``ranks``: (rank got, whether a k×k
+    convolution) of every module."""
+    if report.dynamic is not None:
+        return
+    ranks = list(ranks)
+    separate = report.conv_rank is not None
+    for option, rank, which, modules in (("--rank", report.rank, "module", None if not separate else False),
+                                         ("--conv-rank", report.conv_rank, "k×k convolution", True)):
+        largest = max((r for r, spatial in ranks if modules in (None, spatial)), default=None)
+        if rank is not None and largest is not None and largest < rank:
+            click.echo(f"{option} {rank} capped: no {which} is larger than rank {largest} ({ceiling})")
 
 
 def percent(value: float | None) -> str:
@@ -125,18 +134,21 @@ def combine(inputs, method, rank, density, gamma, epsilon, seed, rescale, consen
 
 @click.command()
 @click.argument("ref")
-@click.option("--rank", type=int, help="New rank of every module (rank can only go down).")
+@click.option("--rank", type=int, help="New rank of every module (of all but the k×k convolutions with --conv-rank; rank can only go down).")
 @click.option("--dynamic", type=click.Choice(["sv_ratio", "sv_cumulative", "sv_fro"]), help="kohya's dynamic rank rule.")
 @click.option("--param", type=float, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
 @click.option("--max-rank", type=int, help="Cap of the dynamic rank.")
+@click.option("--conv-rank", type=int, help=CONV_RANK_HELP)
 @compute_options
 @output_options
-def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, fmt, force, name, as_json) -> None:
+def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base, output, fmt, force, name,
+           as_json) -> None:
     """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta); the
     result is registered with its lineage."""
     from .. import derive
 
-    result = derive.resize(ref, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, device=device,
+    result = derive.resize(ref, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, conv_rank=conv_rank,
+                           device=device,
                            precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
     if as_json:
         echo_json(result)
@@ -150,7 +162,7 @@ def resize(ref, rank, dynamic, param, max_rank, device, precise, base, output, f
     click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {percent(report.sum_retained_mean)}; "
                f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
                f"{report.precision} on {report.device}, {report.seconds:.2f} s")
-    echo_capped(report.rank, (m.rank_after for m in report.modules), "min(its rank, out, in)")
+    echo_capped(report, ((m.rank_after, m.spatial) for m in report.modules), "min(its rank, out, in)")
     echo_saved(result)
 
 

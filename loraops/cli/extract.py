@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .algebra import compute_options, echo_capped, echo_saved
+from .algebra import CONV_RANK_HELP, compute_options, echo_capped, echo_saved
 from .render import echo_base_changed, echo_json, echo_table, human_bytes
 
 
@@ -21,10 +21,11 @@ def _names(text: str | None, option: str) -> list[str] | None:
 @click.command()
 @click.option("--base", "base", required=True, metavar="MODEL", help="The base model: a registered base, an HF folder or a .safetensors checkpoint.")
 @click.option("--tuned", required=True, metavar="MODEL", help="The fine-tuned model (same tensor names and shapes).")
-@click.option("--rank", type=int, help="Rank of every module.")
+@click.option("--rank", type=int, help="Rank of every module (of all but the k×k convolutions with --conv-rank).")
 @click.option("--dynamic", type=click.Choice(["sv_ratio", "sv_cumulative", "sv_fro"]), help="kohya's dynamic rank rule, per module.")
 @click.option("--param", type=float, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
 @click.option("--max-rank", type=int, help="Cap of the dynamic rank.")
+@click.option("--conv-rank", type=int, help=CONV_RANK_HELP)
 @click.option("--modules", metavar="NAMES", help="Comma-separated module names to extract (default: every 2-D and conv weight that differs, embeddings left out).")
 @click.option("--save-module", "save_modules", metavar="NAMES", help="Comma-separated modules stored whole (PEFT modules_to_save).")
 @click.option("--alpha", type=float, help="LoRA alpha of every module (default: its rank, so scale 1).")
@@ -36,13 +37,14 @@ def _names(text: str | None, option: str) -> list[str] | None:
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output layout (default peft; kohya for a single-file SD/SDXL/FLUX/SD3 checkpoint).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + ExtractReport) as JSON.")
-def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, alpha, dtype, keep_rounding, device,
+def extract(base, tuned, rank, dynamic, param, max_rank, conv_rank, modules, save_modules, alpha, dtype, keep_rounding, device,
             precise, name, output, fmt, force, as_json) -> None:
     """Extract the LoRA adapter of TUNED − BASE (a truncated SVD of each weight's difference), registered against
     the base with its lineage."""
     from .. import derive
 
-    result = derive.extract(base, tuned, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, alpha=alpha,
+    result = derive.extract(base, tuned, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, conv_rank=conv_rank,
+                            alpha=alpha,
                             modules=_names(modules, "--modules"), save_modules=_names(save_modules, "--save-module"), device=device, precise=precise,
                             dtype=dtype, keep_rounding=keep_rounding, name=name, output=output, fmt=fmt, force=force)
     if as_json:
@@ -61,7 +63,7 @@ def extract(base, tuned, rank, dynamic, param, max_rank, modules, save_modules, 
     click.echo(f"{count}, {report.parameters:,} parameters ({report.dtype}); {report.identical} "
                f"tensors identical; {report.precision} on {report.device}, {report.seconds:.2f} s, peak RSS "
                f"{human_bytes(report.peak_rss_bytes)}")
-    echo_capped(report.rank, (m.rank for m in report.modules), "min(out, in)")
+    echo_capped(report, ((m.rank, m.spatial) for m in report.modules), "min(out, in)")
     if report.saved:
         click.echo(f"stored whole (modules_to_save): {', '.join(report.saved)}")
     if report.skipped:

@@ -269,14 +269,15 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             out.add(f"{key}.lora_up.weight", up)
             out.add(f"{key}.alpha", torch.tensor(peft.stored_alpha(module, rslora=False), dtype=torch.float32))
             stream.keep(module)
-        ranks, alphas, conv_args = set(), set(), {}
-        for module in stream.written(joined).values():
-            alpha = peft.stored_alpha(module, rslora=False)
-            if module.kind == "conv" and any(d != 1 for d in module.A.shape[2:]):
-                # sd-scripts LoCon records the k×k convs' dim/alpha in the network args
-                conv_args = {"conv_dim": str(module.rank), "conv_alpha": str(peft.number(alpha))}
-            ranks.add(module.rank)
-            alphas.add(alpha)
+        written = list(stream.written(joined).values())
+        conv_args = {}
+        for module in written:
+            if module.spatial:  # sd-scripts LoCon records the k×k convs' dim/alpha in the network args
+                conv_args = {"conv_dim": str(module.rank),
+                             "conv_alpha": str(peft.number(peft.stored_alpha(module, rslora=False)))}
+        # and network_dim/alpha are the other modules' (resize_lora.py --new_conv_rank: ss_network_dim = --new_rank)
+        others = [m for m in written if not m.spatial] or written
+        ranks, alphas = {m.rank for m in others}, {peft.stored_alpha(m, rslora=False) for m in others}
         metadata = {
             "ss_network_module": network if (network := adapter.metadata.get("ss_network_module")) in NETWORK_MODULES
             else "networks.lora",

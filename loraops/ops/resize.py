@@ -51,12 +51,15 @@ DynamicRule = Literal["sv_ratio", "sv_cumulative", "sv_fro"]
 
 class RankRule(Params):
     """How to choose each module's new rank: a fixed ``rank``, or a kohya ``dynamic`` rule with ``param``
-    (sv_ratio: p ≥ 1; sv_cumulative, sv_fro: 0 < p ≤ 1) capped by ``max_rank``."""
+    (sv_ratio: p ≥ 1; sv_cumulative, sv_fro: 0 < p ≤ 1) capped by ``max_rank``. ``conv_rank``: the k×k convolutions'
+    own (LoraModule.spatial; sd-scripts' --new_conv_rank, --conv_dim): their fixed rank in place of ``rank``, or with
+    a dynamic rule their cap in place of ``max_rank`` (kohya's --new_conv_rank caps their dynamic rank)."""
 
     rank: int | None = Field(None, gt=0)
     dynamic: DynamicRule | None = None
     param: float | None = None
     max_rank: int | None = Field(None, gt=0)
+    conv_rank: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_rule(self) -> "RankRule":
@@ -73,6 +76,13 @@ class RankRule(Params):
         if self.dynamic != "sv_ratio" and not 0 < self.param <= 1:
             raise ValueError(f"{self.dynamic} param is a fraction in (0, 1] (got {self.param:g})")
         return self
+
+    def for_module(self, module: LoraModule) -> "RankRule":
+        """The rule that ranks ``module``: with a ``conv_rank``, a k×k convolution's has it as its rank (or cap)."""
+        if self.conv_rank is None or not module.spatial:
+            return self
+        limit = "rank" if self.dynamic is None else "max_rank"
+        return self.model_copy(update={limit: self.conv_rank, "conv_rank": None})
 
     def choose(self, S: torch.Tensor, current: int, keep_zero_rank: bool = False) -> int:
         """The new rank for a module of rank ``current`` whose B·A has singular values S (``keep_zero_rank``: a zero
@@ -99,6 +109,7 @@ def resize_module(
     module becomes a LoRA: its dense ΔW/scale is factorized (``factorize_dense``; its rank may be above the product's
     r, up to the ΔW's own)."""
     before = module.rank
+    rule = rule.for_module(module)
     if module.product is not None:
         D = module.product.to(device, dtype).rows()
         made = factorize_dense(D, rule, exact, keep_zero_rank)
@@ -122,7 +133,7 @@ def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, 
     out = module.dtype  # (the file's: a factor composed on read in float32 is not written so)
     resized = module.with_factors(B.to(device="cpu", dtype=out), A.to(device="cpu", dtype=out), alpha, module.scale)
     record = ResizeModuleRecord(
-        name=module.name, kind=module.kind, rank_before=before, rank_after=k, alpha_after=alpha,
+        name=module.name, kind=module.kind, spatial=module.spatial, rank_before=before, rank_after=k, alpha_after=alpha,
         fro_retained=fro, sum_retained=total,
     )
     return resized, record

@@ -1,0 +1,236 @@
+"""--conv-rank (kohya's --new_conv_rank / --conv_dim): k×k convolutions get their own rank in resize and extract.
+Each module against a float64 truncated SVD of its delta at the rank it should get, the results loaded by PEFT
+(rank_pattern) and compared by outputs, kohya files' per-module alphas, lineage, default names, one-line errors."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from factories import (conv_embedding_model, conv_peft_adapter, kohya_file, lora_adapter, peft_delta_weights,
+                       save_state_dict)
+from loraops.adapter import LoraModule
+from loraops.cli import main
+from loraops.formats import read_adapter, write_adapter
+from loraops.ops.resize import RankRule, resize_module
+from loraops.registry import Registry
+
+CONV3 = "conv3"  # conv_embedding_model's 3×3 Conv2d (8 → 6); conv1 is 1×1 (4 → 8), proj a Linear (16 → 24)
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def truncated(D: torch.Tensor, k: int) -> torch.Tensor:
+    """The best rank-k approximation of D (flattened to out × in·k…), in float64, in D's shape."""
+    M = D.double().reshape(D.shape[0], -1)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return ((U[:, :k] * S[:k]) @ Vh[:k]).reshape(D.shape)
+
+
+def outputs(model, ids, image):
+    with torch.no_grad():
+        return model(ids, image)
+
+
+def model_with(deltas: dict[str, torch.Tensor]):
+    """conv_embedding_model() with ``deltas`` added to its weights (the reference of a merged adapter)."""
+    model = conv_embedding_model()
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = model.get_submodule(name).weight
+            weight += delta.to(weight.dtype).reshape(weight.shape)
+    return model
+
+
+INPUTS = (torch.arange(5).unsqueeze(0), torch.randn(1, 4, 7, 7, generator=torch.Generator().manual_seed(9)))
+
+
+def assert_peft_equals(folder, expected: dict[str, torch.Tensor]):
+    """PEFT loads ``folder`` on conv_embedding_model(): its deltas and its outputs are the expected deltas'."""
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(conv_embedding_model(), folder).eval()
+    deltas = peft_delta_weights(loaded)
+    assert deltas.keys() == expected.keys()
+    for name, delta in expected.items():
+        torch.testing.assert_close(deltas[name].double(), delta.reshape(deltas[name].shape), rtol=1e-5, atol=1e-6)
+    for got, want in zip(outputs(loaded, *INPUTS), outputs(model_with(expected), *INPUTS)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def _conv_module(rank=5, seed=0, kernel=(3, 3)) -> LoraModule:
+    g = torch.Generator().manual_seed(seed)
+    return LoraModule("c", A=torch.randn(rank, 4, *kernel, generator=g, dtype=torch.float64),
+                      B=torch.randn(7, rank, 1, 1, generator=g, dtype=torch.float64), alpha=2.5, scale=0.5,
+                      kind="conv")
+
+
+def test_rule_ranks_kxk_convolutions_by_conv_rank_and_keeps_the_scale():
+    """A 3×3 conv gets conv_rank, a 1×1 conv and a Linear get rank (sd-scripts' networks/lora.py ranks a 1×1 conv
+    as a Linear); each is the float64 truncated SVD of its delta at that rank, with the module's scale."""
+    rule = RankRule(rank=3, conv_rank=2)
+    g = torch.Generator().manual_seed(1)
+    linear = LoraModule("l", A=torch.randn(5, 9, generator=g, dtype=torch.float64),
+                        B=torch.randn(7, 5, generator=g, dtype=torch.float64), alpha=2.5, scale=0.5)
+    for module, k in ((_conv_module(), 2), (_conv_module(kernel=(1, 1)), 3), (linear, 3)):
+        resized, record = resize_module(module, rule, "classic", torch.device("cpu"), torch.float64)
+        assert (resized.rank, record.rank_after, record.spatial) == (k, k, k == 2)
+        assert resized.scale == 0.5 and resized.alpha == 0.5 * k
+        torch.testing.assert_close(resized.delta(dtype=torch.float64), truncated(module.delta(dtype=torch.float64), k),
+                                   rtol=0, atol=1e-12)
+
+
+def test_with_a_dynamic_rule_conv_rank_caps_the_convolutions_as_max_rank_the_others():
+    """kohya's --new_conv_rank is the convolutions' hard limit of a dynamic rank (--new_rank the others')."""
+    rule = RankRule(dynamic="sv_fro", param=1.0, max_rank=4, conv_rank=2)  # sv_fro 1: every singular value
+    conv, _ = resize_module(_conv_module(), rule, "classic", torch.device("cpu"), torch.float64)
+    flat, _ = resize_module(_conv_module(kernel=(1, 1)), rule, "classic", torch.device("cpu"), torch.float64)
+    assert (conv.rank, flat.rank) == (2, 4)
+
+
+def test_resize_conv_rank_as_peft_loads_with_rank_pattern_and_lineage(tmp_path):
+    source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
+    original = read_adapter(source)
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2", "--precise", "-o", tmp_path / "out")
+    assert code == 0, out
+    assert "registered src-r3-conv2@1" in out and "capped" not in out
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert [config["r"], *config["rank_pattern"].values()] == [3, 2]
+    expected = {name: truncated(m.delta(dtype=torch.float64), 2 if name == CONV3 else 3)
+                for name, m in original.modules.items()}
+    assert_peft_equals(tmp_path / "out", expected)
+    with Registry.open() as reg:
+        record = reg.get_adapter("src-r3-conv2")
+        assert record.lineage.op == "resize" and record.lineage.params == {"rank": 3, "conv_rank": 2}
+    code, out = run("resize", source, "--rank", "3", "--json")
+    assert code == 0, out
+    plain = json.loads(out)
+    assert plain["adapter"]["name"] == "src-r3" and plain["report"]["conv_rank"] is None
+    assert {m["name"]: m["rank_after"] for m in plain["report"]["modules"]}[CONV3] == 3
+    with Registry.open() as reg:
+        assert reg.get_adapter("src-r3").lineage.params == {"rank": 3}  # as before: no conv_rank recorded
+
+
+def test_resize_dynamic_with_conv_rank_is_named_and_recorded(tmp_path):
+    source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
+    code, out = run("resize", source, "--dynamic", "sv_fro", "--param", "1", "--conv-rank", "1", "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["adapter"]["name"] == "src-sv_fro1-conv1" and result["report"]["conv_rank"] == 1
+    assert {m["name"]: (m["rank_after"], m["spatial"]) for m in result["report"]["modules"]} == {
+        "embed": (4, False), "proj": (4, False), "conv1": (4, False), CONV3: (1, True)}
+    with Registry.open() as reg:
+        assert reg.get_adapter("src-sv_fro1-conv1").lineage.params == {
+            "dynamic": "sv_fro", "param": 1.0, "max_rank": None, "conv_rank": 1}
+
+
+def test_resize_kohya_writes_each_modules_rank_and_alpha(tmp_path):
+    """sd-scripts reads each module's rank from its lora_down and its scale from its own .alpha."""
+    source = kohya_file(tmp_path / "k.safetensors", {"lora_unet_a_proj": ((10,), (12,)),
+                                                    "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1))}, rank=4, alpha=2.0)
+    original = read_adapter(source)
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2", "--precise", "-o", tmp_path / "r.safetensors")
+    assert code == 0, out
+    tensors = load_file(tmp_path / "r.safetensors")
+    assert tensors["lora_unet_a_conv.lora_down.weight"].shape == (2, 6, 3, 3)
+    assert tensors["lora_unet_a_conv.lora_up.weight"].shape == (5, 2, 1, 1)
+    assert tensors["lora_unet_a_proj.lora_down.weight"].shape == (3, 10)
+    # scale 2/4 kept: alpha = 0.5 · the new rank
+    assert (float(tensors["lora_unet_a_conv.alpha"]), float(tensors["lora_unet_a_proj.alpha"])) == (1.0, 1.5)
+    # the network args have the convolutions' dim/alpha, network_dim/alpha the others' (sd-scripts' LoCon metadata)
+    metadata = read_adapter(tmp_path / "r.safetensors").metadata
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("3", "1.5")
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    resized = read_adapter(tmp_path / "r.safetensors")
+    for name, module in original.modules.items():
+        k = 2 if module.spatial else 3
+        torch.testing.assert_close(resized.modules[name].delta(dtype=torch.float64),
+                                   truncated(module.delta(dtype=torch.float64), k), rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def conv_pair(tmp_path):
+    """conv_embedding_model() and a fine-tune of it with a rank-4 change in proj, conv1 and conv3."""
+    model = conv_embedding_model()
+    base = save_state_dict(model, tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("proj.weight", "conv1.weight", "conv3.weight"):
+        weight = state[name]
+        M = torch.randn(weight.shape[0], 4, generator=g) @ torch.randn(4, weight[0].numel(), generator=g)
+        weight += 0.1 * M.reshape(weight.shape)
+    tuned = tmp_path / "tuned.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tuned))
+    deltas = {name.removesuffix(".weight"): (state[name].double() - model.state_dict()[name].double())
+              for name in ("proj.weight", "conv1.weight", "conv3.weight")}
+    return base, tuned, deltas
+
+
+def test_extract_conv_rank_is_the_truncated_svd_peft_loads_and_lineage(conv_pair, tmp_path):
+    base, tuned, deltas = conv_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "3", "--conv-rank", "2", "--precise",
+                    "-o", tmp_path / "out")
+    assert code == 0, out
+    assert "registered tuned-r3-conv2@1" in out and "capped" not in out
+    extracted = read_adapter(tmp_path / "out")
+    assert {n: m.rank for n, m in extracted.modules.items()} == {"proj": 3, "conv1": 3, CONV3: 2}
+    expected = {name: truncated(D, 2 if name == CONV3 else 3) for name, D in deltas.items()}
+    assert_peft_equals(tmp_path / "out", expected)
+    with Registry.open() as reg:
+        params = reg.get_adapter("tuned-r3-conv2").lineage.params
+        assert (params["rank"], params["conv_rank"]) == (3, 2)
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "3", "--json")
+    assert code == 0, out
+    plain = json.loads(out)
+    assert plain["report"]["conv_rank"] is None and [m["spatial"] for m in plain["report"]["modules"]].count(True) == 1
+    with Registry.open() as reg:
+        assert "conv_rank" not in reg.get_adapter(plain["adapter"]["name"]).lineage.params
+
+
+def test_extract_conv_rank_above_the_convolutions_is_capped_in_name_and_said(conv_pair):
+    """conv3's delta (6 × 8·3·3) has rank ≤ 6: --conv-rank 9 gives it 6, and the name says so."""
+    base, tuned, _ = conv_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--conv-rank", "9")
+    assert code == 0, out
+    assert "--conv-rank 9 capped: no k×k convolution is larger than rank 6 (min(out, in))\n" in out
+    assert "--rank 2 capped" not in out and "registered tuned-r2-conv6@1" in out, out
+
+
+def assert_nothing_registered():
+    with Registry.open() as reg:
+        assert reg.list_adapters() == [] and reg.list_bases() == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rank", "2", "--conv-rank", "0"], "error: bad parameters for resize: conv_rank: Input should be greater than 0"),
+    (["--rank", "2", "--conv-rank", "5"],
+     "error: conv rank 5 is above the adapter's k×k convolutions' rank 4: resize only lowers rank"),
+])
+def test_resize_errors_are_one_line(tmp_path, args, message):
+    source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
+    code, out = run("resize", source, *args, "-o", tmp_path / "out")
+    assert (code != 0, out.count("\n")) == (True, 1) and out == message + "\n", out
+    assert not (tmp_path / "out").exists()
+    assert_nothing_registered()
+
+
+def test_conv_rank_without_a_kxk_convolution_is_refused(conv_pair, tmp_path):
+    """A --conv-rank that would rank nothing (only Linears and 1×1 convs) is refused, not ignored as sd-scripts does."""
+    only_flat = lora_adapter({"proj": (24, 16)}, rank=4)
+    write_adapter(only_flat, tmp_path / "flat", "peft")
+    code, out = run("resize", tmp_path / "flat", "--rank", "2", "--conv-rank", "2")
+    assert code != 0 and out == ("error: conv rank 2: flat@1 has no k×k convolution (a conv with a kernel larger "
+                                 "than 1×1) for it to rank\n"), out
+    assert_nothing_registered()
+    base, tuned, _ = conv_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--modules", "proj,conv1", "--rank", "2",
+                    "--conv-rank", "2", "-o", tmp_path / "out")
+    assert code != 0 and out.count("\n") == 1 and out.startswith("error: conv rank 2: the extract of ") and \
+        "has no k×k convolution" in out, out
+    assert not (tmp_path / "out").exists()
+    assert_nothing_registered()
+
