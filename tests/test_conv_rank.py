@@ -234,3 +234,75 @@ def test_conv_rank_without_a_kxk_convolution_is_refused(conv_pair, tmp_path):
     assert not (tmp_path / "out").exists()
     assert_nothing_registered()
 
+
+
+def _kohya_convs_of_ranks(path, ranks: dict[str, int], linear: int = 4):
+    """A kohya file with a Linear (rank ``linear``) and 3×3 convs of the given ranks (at most 5), each with alpha
+    rank/2."""
+    shapes = {"lora_unet_a_proj": ((10,), (12,)), **{name: ((6, 3, 3), (5, 1, 1)) for name in ranks}}
+    tensors = load_file(kohya_file(path, shapes, rank=5, alpha=2.0))
+    for name, k in {"lora_unet_a_proj": linear, **ranks}.items():
+        tensors[f"{name}.lora_down.weight"] = tensors[f"{name}.lora_down.weight"][:k].contiguous()
+        tensors[f"{name}.lora_up.weight"] = tensors[f"{name}.lora_up.weight"][:, :k].contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(k / 2)
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
+    return path
+
+
+def test_kohya_metadata_of_convs_of_different_ranks_is_dynamic(tmp_path):
+    """conv_dim/conv_alpha are one value only when every k×k conv has it (as ss_network_dim/alpha for the others):
+    convs of ranks 2 and 3 (a dynamic resize's) are "Dynamic", not the last conv's rank."""
+    source = _kohya_convs_of_ranks(tmp_path / "k.safetensors", {"lora_unet_b_conv": 3, "lora_unet_c_conv": 2})
+    code, out = run("export", source, "--format", "kohya", "-o", tmp_path / "out.safetensors")
+    assert code == 0, out
+    metadata = read_adapter(tmp_path / "out.safetensors").metadata
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "2")
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "Dynamic", "conv_alpha": "Dynamic"}
+    same = _kohya_convs_of_ranks(tmp_path / "same.safetensors", {"lora_unet_b_conv": 2, "lora_unet_c_conv": 2})
+    code, out = run("export", same, "--format", "kohya", "-o", tmp_path / "same-out.safetensors")
+    assert code == 0, out
+    assert json.loads(read_adapter(tmp_path / "same-out.safetensors").metadata["ss_network_args"]) == {
+        "conv_dim": "2", "conv_alpha": "1"}
+
+
+@pytest.mark.parametrize("linear, conv, args, message", [
+    # --rank is checked against the Linear alone, --conv-rank against the convs alone, whichever group is larger
+    (4, 2, ["--rank", "5", "--conv-rank", "2"], "error: rank 5 is above the adapter's rank 4: resize only lowers rank"),
+    (4, 2, ["--rank", "4", "--conv-rank", "3"],
+     "error: conv rank 3 is above the adapter's k×k convolutions' rank 2: resize only lowers rank"),
+    (2, 4, ["--rank", "3", "--conv-rank", "2"], "error: rank 3 is above the adapter's rank 2: resize only lowers rank"),
+])
+def test_resize_checks_each_group_against_its_own_rank(tmp_path, linear, conv, args, message):
+    source = _kohya_convs_of_ranks(tmp_path / "k.safetensors", {"lora_unet_b_conv": conv}, linear)
+    code, out = run("resize", source, *args)
+    assert code != 0 and out == message + "\n", out
+    assert_nothing_registered()
+
+
+def test_resize_rank_between_the_groups_ranks_is_accepted(tmp_path):
+    """--rank 3 on a rank-4 Linear with rank-2 convs and --conv-rank 2: each group at or below its own rank."""
+    source = _kohya_convs_of_ranks(tmp_path / "k.safetensors", {"lora_unet_b_conv": 2})
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2", "--json")
+    assert code == 0, out
+    assert {m["name"]: m["rank_after"] for m in json.loads(out)["report"]["modules"]} == {
+        "lora_unet_a_proj": 3, "lora_unet_b_conv": 2}
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "1")
+    assert code == 0 and "capped" not in out, out
+
+
+def test_capped_lines_count_each_group_and_not_a_dynamic_rule(conv_pair):
+    """extract: --rank 20 is capped by the largest Linear/1×1 conv (proj: min(24, 16) = 16), not by conv3; a dynamic
+    rule's --conv-rank is a cap of a rule, and says nothing when no conv reaches it."""
+    base, tuned, _ = conv_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "20", "--conv-rank", "2")
+    assert code == 0, out
+    assert "--rank 20 capped: no module is larger than rank 16 (min(out, in))\n" in out and "--conv-rank" not in out
+    assert "registered tuned-r16-conv2@1" in out, out
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--modules", "conv1,conv3", "--rank", "20",
+                    "--conv-rank", "5")  # conv1 (1×1, 4 → 8) is at most rank 4, conv3 gets 5
+    assert code == 0, out
+    assert "--rank 20 capped: no module is larger than rank 4 (min(out, in))\n" in out and "--conv-rank" not in out
+    assert "registered tuned-r4-conv5@1" in out, out
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--dynamic", "sv_fro", "--param", "0.5",
+                    "--conv-rank", "9")
+    assert code == 0 and "capped" not in out, out

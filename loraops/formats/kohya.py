@@ -270,19 +270,23 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             out.add(f"{key}.alpha", torch.tensor(peft.stored_alpha(module, rslora=False), dtype=torch.float32))
             stream.keep(module)
         written = list(stream.written(joined).values())
-        conv_args = {}
-        for module in written:
-            if module.spatial:  # sd-scripts LoCon records the k×k convs' dim/alpha in the network args
-                conv_args = {"conv_dim": str(module.rank),
-                             "conv_alpha": str(peft.number(peft.stored_alpha(module, rslora=False)))}
-        # and network_dim/alpha are the other modules' (resize_lora.py --new_conv_rank: ss_network_dim = --new_rank)
-        others = [m for m in written if not m.spatial] or written
-        ranks, alphas = {m.rank for m in others}, {peft.stored_alpha(m, rslora=False) for m in others}
+
+        def dim_alpha(group: list[LoraModule]) -> tuple[str, str]:
+            """The group's rank and alpha, each "Dynamic" unless every module has the same (sd-scripts' mark)."""
+            ranks, alphas = {m.rank for m in group}, {peft.stored_alpha(m, rslora=False) for m in group}
+            return (str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+                    str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic")
+
+        # sd-scripts' LoCon: network_dim/alpha are the modules other than k×k convs', the convs' are conv_dim/alpha in
+        # the network args (resize_lora.py --new_conv_rank: ss_network_dim = --new_rank)
+        convs = [m for m in written if m.spatial]
+        dim, alpha = dim_alpha([m for m in written if not m.spatial] or written)
+        conv_args = dict(zip(("conv_dim", "conv_alpha"), dim_alpha(convs))) if convs else {}
         metadata = {
             "ss_network_module": network if (network := adapter.metadata.get("ss_network_module")) in NETWORK_MODULES
             else "networks.lora",
-            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-            "ss_network_alpha": str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+            "ss_network_dim": dim,
+            "ss_network_alpha": alpha,
             "ss_network_args": json.dumps(conv_args),
             "ss_base_model_version": adapter.metadata.get("ss_base_model_version", ""),
             "ss_v2": adapter.metadata.get("ss_v2", "False"),
