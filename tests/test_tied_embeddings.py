@@ -638,6 +638,31 @@ def test_a_tied_decoder_bias_bound_is_written_back_as_peft_saved_it(tmp_path):
         bind(formats.read_adapter(tmp_path / "b"), manifest)
 
 
+def test_a_tied_decoder_bias_registers_with_its_base(tmp_path):
+    """`register --base` reads the adapter's headers only (values=False, meta tensors): a bias="all" masked-LM
+    adapter, which saves the tied decoder bias under both names, is recorded against its base (it was a traceback:
+    the two keys' values compared on the meta device); `show` lists it linked."""
+    from click.testing import CliRunner
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForMaskedLM
+
+    from loraops.basemodel import BaseModel
+    from loraops.check import bind
+    from loraops.cli import main
+
+    saved_with_biases(BertForMaskedLM, tmp_path / "base")
+    get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query"], bias="all")).save_pretrained(tmp_path / "a")
+    headers = bind(formats.read_adapter(tmp_path / "a", values=False), BaseModel.open(tmp_path / "base").tensors)
+    assert "cls.predictions.bias" in headers.full_tensors and "cls.predictions.decoder.bias" not in headers.full_tensors
+    for args in (["base", "add", tmp_path / "base", "--name", "bert"],
+                 ["register", tmp_path / "a", "--name", "a", "--base", "bert"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    shown = json.loads(CliRunner().invoke(main, ["show", "a", "--json"]).output)
+    assert shown["base"]["name"] == "bert"
+
+
 @pytest.mark.parametrize("cls_name", sorted(c for c, t in TIED_HEAD_OF_CLASS.items() if c not in NEEDS_MORE_INPUTS and (
     not is_head(t.head) or not t.embeddings.endswith(INPUT_EMBEDDINGS))))
 def test_a_head_only_its_class_names_stored_twice(tmp_path, cls_name):
