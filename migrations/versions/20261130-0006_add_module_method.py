@@ -23,7 +23,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # a plain ALTER TABLE ADD COLUMN (SQLite has it): a batch operation would copy the table and drop its AUTOINCREMENT
+    # a plain ALTER TABLE ADD COLUMN (SQLite has it): no need for a batch operation's copy of the table
     op.add_column("adapter_modules", sa.Column("method", sa.String(16), nullable=True))
     op.execute("UPDATE adapter_modules SET method = kind, kind = 'linear' WHERE kind IN ('adalora', 'vera')")
     conn = op.get_bind()
@@ -38,6 +38,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("UPDATE adapter_modules SET kind = method WHERE method IS NOT NULL")
-    # SQLite recreates the table to drop a column: keep its AUTOINCREMENT (revision 0003)
+    # SQLite recreates the table to drop a column (adapter_modules has no AUTOINCREMENT to lose: revision 0003 gave
+    # it to adapters, bases and lineage only)
     with op.batch_alter_table("adapter_modules") as batch:
         batch.drop_column("method")
