@@ -135,6 +135,13 @@ def test_peft_output_of_openclip_parts_and_whole_tensors_as_kohya_are_refused(tm
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--save-module", "out_proj")
     assert (code, out) == (2, f"error: kohya files cannot hold whole tensors (--save-module): {base} is a single-file "
                               "SD/FLUX checkpoint, whose adapters are kohya files by default: use --format peft\n")
+    # following that advice met PEFT's refusal, which sent the user back to kohya: say the way out that keeps both
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--save-module", "out_proj",
+                    "--format", "peft", "-o", tmp_path / "p")
+    assert (code, out) == (2, f"error: extract of {tuned} − {base}: {TE2}.q_proj, {TE2}.k_proj, {TE2}.v_proj: rows of a "
+                              f"fused tensor ({IN_PROJ}) that no model PEFT wraps holds as a module, and a kohya file "
+                              "holds no whole tensors (--save-module): leave those modules out with --modules, or leave "
+                              "--save-module out and write kohya\n")
     assert not (tmp_path / "p").exists()
     with Registry.open() as reg:
         assert reg.list_adapters() == [] and reg.list_bases() == []

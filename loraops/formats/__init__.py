@@ -161,6 +161,12 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
     return write(adapter, dest, fmt, force=force).path
 
 
+def peft_unwritable_parts(adapter: "Adapter") -> list["LoraModule"]:
+    """The modules on a part of a fused tensor that no model PEFT wraps holds as a module (ldm.Fused.peft)."""
+    return [m for m in adapter.modules.values()
+            if m.fused is not None and (entry := ldm.fused(m.fused[0])) is not None and not entry.peft]
+
+
 def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, label: str | None = None) -> None:
     """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
@@ -173,8 +179,7 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
     (default: adapter.label)."""
     label = label or adapter.label
     lowrank.refuse_unbound(adapter, label, f"written as {fmt}")
-    parts = [m for m in adapter.modules.values() if fmt == "peft" and m.fused is not None
-             and (entry := ldm.fused(m.fused[0])) is not None and not entry.peft]
+    parts = peft_unwritable_parts(adapter) if fmt == "peft" else []
     if parts:
         raise UnsupportedAdapterError(
             f"{label}: {common.shown([m.name for m in parts])}: rows of a fused tensor ({parts[0].fused[0]}) that no "
