@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 ENV_HOME = "LORAOPS_HOME"
 ENV_DB = "LORAOPS_DB"
@@ -38,8 +38,10 @@ def db_url() -> str:
 
 
 def home_db_url() -> str:
-    """The home's own registry (SQLite at <home>/registry.db), which any command creates on first use."""
-    return f"sqlite:///{home() / 'registry.db'}"
+    """The home's own registry (SQLite at <home>/registry.db), which any command creates on first use. The path is
+    %-escaped: SQLAlchemy decodes %XX in a URL's database and ends it at '?', so a home named `50%20off` or `a?b`
+    opened another file."""
+    return f"sqlite:///{quote(str(home() / 'registry.db'))}"
 
 
 def blobs_dir() -> Path:

@@ -577,3 +577,16 @@ def test_an_existing_path_where_only_a_registered_one_is_taken_is_not_said_missi
     assert err == (f"error: {ref}: no {kind} of that name in the registry, and a path is not taken here, only a "
                    f"registered {kind}: `{how} {ref}` records it\n"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_home_whose_name_holds_url_characters_keeps_its_registry_inside(art, tmp_path, monkeypatch):
+    """The home's registry URL is built from its path: SQLAlchemy decodes %XX there and ends the path at '?', so a
+    LORAOPS_HOME named `50%20off?x` opened (and created) `50 off` beside it instead."""
+    home = tmp_path / "50%20off?x"
+    monkeypatch.setenv("LORAOPS_HOME", str(home))
+    cli("base", "add", art["base"], "--name", "llama-tiny")
+    cli("register", art["kohya"], "--base", "llama-tiny")
+    assert (home / "registry.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [home.name]
+    assert "llama-tiny" in cli("list").output and cli("db", "current").exit_code == 0
+    with Registry.open() as reg:
+        assert [r.name for r in reg.list_adapters()] == ["style"]
