@@ -590,3 +590,12 @@ def test_a_home_whose_name_holds_url_characters_keeps_its_registry_inside(art, t
     assert "llama-tiny" in cli("list").output and cli("db", "current").exit_code == 0
     with Registry.open() as reg:
         assert [r.name for r in reg.list_adapters()] == ["style"]
+
+
+def test_check_alpha_of_a_registered_adapter_is_refused_not_ignored(art):
+    cli("base", "add", art["base"], "--name", "llama-tiny")
+    cli("register", art["kohya"], "--name", "anime", "--base", "llama-tiny")
+    assert cli("check", "anime", "--alpha", "4", code=2).stderr == (
+        "error: anime@1: --alpha applies to an adapter given by path; a registered adapter is read with the alpha it "
+        "was registered with (register it again with --alpha to change that)\n")
+    assert cli("check", art["kohya"], "--base", "llama-tiny", "--alpha", "4").exit_code == 0  # a path: used

@@ -664,6 +664,10 @@ class Registry:
             with self.session() as s:
                 row = self._find_adapter(s, ref_or_path)
                 label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
+            if alpha is not None:  # (it was silently left unused)
+                raise InvalidInputError(f"{label}: --alpha applies to an adapter given by path; a registered adapter "
+                                        "is read with the alpha it was registered with (register it again with "
+                                        "--alpha to change that)")
             self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_adapter(self.blobs.path(blob), alpha=override, values=False)
         if base is not None and Path(base).exists():
