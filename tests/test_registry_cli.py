@@ -579,6 +579,7 @@ def test_an_existing_path_where_only_a_registered_one_is_taken_is_not_said_missi
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.sqlite_only  # the home's own SQLite registry (the PostgreSQL pass sets LORAOPS_DB)
 def test_a_home_whose_name_holds_url_characters_keeps_its_registry_inside(art, tmp_path, monkeypatch):
     """The home's registry URL is built from its path: SQLAlchemy decodes %XX there and ends the path at '?', so a
     LORAOPS_HOME named `50%20off?x` opened (and created) `50 off` beside it instead."""
