@@ -430,10 +430,11 @@ def resize_lazily(
     lowrank.refuse_unbound(adapter, _label(adapter, 0), "resized")
     refuse_idle_conv_rank(rule, adapter.modules.values(), _label(adapter, 0))
     if rule.dynamic is None:  # resize only lowers rank (a dynamic rule's caps may be above any rank)
-        for what, given, ranks in (("rank", rule.rank, "rank"), ("conv rank", rule.conv_rank, "k×k convolutions' rank")):
-            current = max((m.rank for m in adapter.modules.values() if m.product is None
-                           and (m.spatial if what == "conv rank" else rule.conv_rank is None or not m.spatial)),
-                          default=None)
+        lora = [m for m in adapter.modules.values() if m.product is None]
+        for what, given, ranks, group in (
+                ("rank", rule.rank, "rank", [m for m in lora if rule.conv_rank is None or not m.spatial]),
+                ("conv rank", rule.conv_rank, "k×k convolutions' rank", [m for m in lora if m.spatial])):
+            current = max((m.rank for m in group), default=None)
             if given is not None and current is not None and given > current:
                 raise InvalidInputError(f"{what} {given} is above the adapter's {ranks} {current}: resize only lowers "
                                         "rank")

@@ -42,7 +42,7 @@ from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
-from .formats import peft_unwritable_parts, refuse_unwritable
+from .formats import refuse_unwritable
 from .formats.common import FLOAT32_MAX, given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
@@ -471,13 +471,10 @@ def extract_lazily(
         own_names=own,
     )
     what = f"extract of {labels[1]} − {labels[0]}"
-    if fmt == "peft" and save_modules and (parts := peft_unwritable_parts(result)):
-        # kohya, the way out PEFT's refusal names, holds no whole tensors: say the way out that keeps them
-        raise UnsupportedAdapterError(
-            f"{what}: {shown([m.name for m in parts])}: rows of a fused tensor ({parts[0].fused[0]}) that no model "
-            "PEFT wraps holds as a module, and a kohya file holds no whole tensors (--save-module): leave those "
-            "modules out with --modules, or leave --save-module out and write kohya")
-    refuse_unwritable(result, fmt, values=False, label=what)  # before any module is computed
+    # before any module is computed; kohya, the way out PEFT's refusal names, holds no whole tensors (--save-module)
+    kept_whole = ("and a kohya file holds no whole tensors (--save-module): leave those modules out with --modules, or "
+                  "leave --save-module out and write kohya")
+    refuse_unwritable(result, fmt, values=False, label=what, peft_way_out=kept_whole if save_modules else None)
     refuse_idle_conv_rank(rule, work.targets.values(), f"the {what}")
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []

@@ -161,13 +161,8 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
     return write(adapter, dest, fmt, force=force).path
 
 
-def peft_unwritable_parts(adapter: "Adapter") -> list["LoraModule"]:
-    """The modules on a part of a fused tensor that no model PEFT wraps holds as a module (ldm.Fused.peft)."""
-    return [m for m in adapter.modules.values()
-            if m.fused is not None and (entry := ldm.fused(m.fused[0])) is not None and not entry.peft]
-
-
-def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, label: str | None = None) -> None:
+def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, label: str | None = None,
+                      peft_way_out: str | None = None) -> None:
     """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
     be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
@@ -176,14 +171,16 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
     fused tensor that no model PEFT wraps holds as a module (ldm.Fused.peft: OpenCLIP's q, k, v, rows of one
     in_proj_weight, of a single-file SD 2.x / SDXL checkpoint). Callers that compute an adapter to write it (combine,
     resize) ask first about their inputs, extract about what it will make. ``label``: how messages name the adapter
-    (default: adapter.label)."""
+    (default: adapter.label); ``peft_way_out``: what the refusal of such parts says to do (extract's differs)."""
     label = label or adapter.label
     lowrank.refuse_unbound(adapter, label, f"written as {fmt}")
-    parts = peft_unwritable_parts(adapter) if fmt == "peft" else []
+    parts = [m for m in adapter.modules.values() if fmt == "peft" and m.fused is not None
+             and (entry := ldm.fused(m.fused[0])) is not None and not entry.peft]
     if parts:
         raise UnsupportedAdapterError(
             f"{label}: {common.shown([m.name for m in parts])}: rows of a fused tensor ({parts[0].fused[0]}) that no "
-            "model PEFT wraps holds as a module, so it cannot be written as peft: use --format kohya"
+            f"model PEFT wraps holds as a module, "
+            f"{peft_way_out or 'so it cannot be written as peft: use --format kohya'}"
         )
     if fmt == "kohya" and adapter.dora:
         raise UnsupportedAdapterError(
