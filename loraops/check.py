@@ -12,6 +12,7 @@ that no base module or several base modules produce is an error, never a silent 
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import Counter
@@ -214,11 +215,29 @@ _LM_WRAPPER = re.compile(r"^(?:(?P<owner>(?:.+\.)?)(?:model|transformer|backbone
                          r"(?P<leaf>embed_tokens|wte|word_embeddings|embeddings|embed_in)\.weight$")
 
 
+# the sub-configs of a composite model's text model (transformers' PreTrainedConfig.get_text_config names them)
+TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder")
+
+
+def _tie_flags(config: dict) -> list[dict]:
+    """The levels of a config.json that may say tie_word_embeddings: its top and its text model's sub-configs."""
+    return [config, *(sub for key in TEXT_CONFIGS if isinstance(sub := config.get(key), dict))]
+
+
 def ties_word_embeddings(config: dict) -> bool | None:
-    """What a model's config.json says of tying (a multimodal model's in its text_config); None when it says
-    nothing."""
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    return config.get("tie_word_embeddings", text_config.get("tie_word_embeddings"))
+    """What a model's config.json says of tying: true when its top level or a text model's sub-config says so, as
+    transformers ties (each sub-model by its own config: BLIP's text decoder by its text_config; LLaVA's and
+    Qwen2-VL's configs take a text_config's true up); false when they say only false; None when they say nothing."""
+    said = [level["tie_word_embeddings"] for level in _tie_flags(config) if "tie_word_embeddings" in level]
+    return any(said) if said else None
+
+
+def untied(config: dict) -> dict:
+    """``config`` (a config.json) saying that nothing is tied, at every level ties_word_embeddings reads."""
+    config = copy.deepcopy(config)
+    for level in _tie_flags(config):
+        level["tie_word_embeddings"] = False
+    return config
 
 
 def _tied_head_of_class(config: dict) -> TiedHead | None:

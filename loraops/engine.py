@@ -62,7 +62,7 @@ from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias, tied_head_source,
-                    ties_word_embeddings, unstored_head_of)
+                    ties_word_embeddings, unstored_head_of, untied)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .fp8 import FLOAT_DTYPES, BlockScaled
@@ -1409,7 +1409,5 @@ def _edited_config(path: Path, dtype: str | None, untie: bool, dequantized: bool
     if dequantized:
         config.pop("quantization_config", None)
     if untie:
-        config["tie_word_embeddings"] = False
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"]["tie_word_embeddings"] = False
+        config = untied(config)
     return json.dumps(config, indent=2, sort_keys=True) + "\n"

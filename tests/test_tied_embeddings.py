@@ -688,3 +688,41 @@ def test_a_head_only_its_class_names_stored_twice(tmp_path, cls_name):
                       tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[tied.head], state[tied.embeddings])
+
+
+_LLAVA = dict(text_config=dict(_TEXT, model_type="llama", num_key_value_heads=4), image_token_index=120,
+              vision_config=dict(_VISION, model_type="clip_vision_model", projection_dim=32))
+
+
+@pytest.mark.parametrize("cls_name, top, text, head, target", [
+    ("BlipForConditionalGeneration", False, True, "text_decoder.cls.predictions.decoder.weight",
+     "text_decoder.bert.embeddings.word_embeddings"),
+    ("BlipForConditionalGeneration", True, False, "text_decoder.cls.predictions.decoder.weight",
+     "text_decoder.bert.embeddings.word_embeddings"),
+    ("LlavaForConditionalGeneration", False, True, "language_model.lm_head.weight", "embed_tokens")])
+def test_a_composite_model_tied_by_its_text_config(tmp_path, cls_name, top, text, head, target):
+    """A composite model's config.json says tie_word_embeddings at its top level and in its text config, and
+    transformers ties the head when either says so: BLIP's text decoder is a model of its own that ties by its
+    text_config (the wrapper by its top level); LLaVA's config takes a text_config's true up (a save from before
+    transformers 5 kept it there). A LoRA on the word embeddings alone unties the head whichever level says it is
+    tied; the merged config says false at both."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, cls_name)
+    torch.manual_seed(0)
+    sizes = TINY_FAMILY["blip"] if cls_name.startswith("Blip") else _LLAVA
+    cls._from_config(cls.config_class(**sizes, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["tie_word_embeddings"], config["text_config"]["tie_word_embeddings"] = top, text
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    assert head not in load_file(tmp_path / "base" / "model.safetensors")
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    merged_as_adapted(cls, tmp_path / "base", formats.read_adapter(tmp_path / "a"), adapted_model, head,
+                      tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
+
