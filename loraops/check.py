@@ -103,6 +103,9 @@ class TiedHead(NamedTuple):
     flag: str | None = None
     """A config.json switch (true when absent) that, false, builds the class without this head: DeBERTa's legacy
     (false: the head of its original checkpoints, lm_predictions, multiplies by the embeddings' own weight)."""
+    switch: str = "tie_word_embeddings"
+    """The config.json key transformers ties it by (true when absent): CSM's tie_codebooks_embeddings, which its
+    config reads in place of a tie_word_embeddings it ignores."""
 
     def tied_bias(self) -> tuple[str, str] | None:
         """(the bias the class ties while the head is tied, the bias it ties it to), or None."""
@@ -136,6 +139,10 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "BlipTextLMHeadModel": TiedHead("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", bias=True),
     "BridgeTowerForMaskedLM": TiedHead("mlm_score.decoder.weight", "bridgetower.text_model.embeddings.word_embeddings.weight"),
     "CTRLLMHeadModel": TiedHead("lm_head.weight", "transformer.w.weight"),
+    # no output head: the backbone's audio embeddings read the depth decoder's (its lm_head is its own, the depth
+    # decoder's head a codebooks_head parameter)
+    "CsmForConditionalGeneration": TiedHead("backbone_model.embed_tokens.embed_audio_tokens.weight",
+                                            "depth_decoder.model.embed_tokens.weight", switch="tie_codebooks_embeddings"),
     "CamembertForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "CamembertForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "ConvBertForMaskedLM": TiedHead("generator_lm_head.weight", "convbert.embeddings.word_embeddings.weight"),
@@ -227,16 +234,23 @@ def _tie_flags(config: dict) -> list[dict]:
 def ties_word_embeddings(config: dict) -> bool | None:
     """What a model's config.json says of tying: true when its top level or a text model's sub-config says so, as
     transformers ties (each sub-model by its own config: BLIP's text decoder by its text_config; LLaVA's and
-    Qwen2-VL's configs take a text_config's true up); false when they say only false; None when they say nothing."""
+    Qwen2-VL's configs take a text_config's true up); false when they say only false; None when they say nothing.
+    A class TIED_HEAD_OF_CLASS ties by another key (CSM): that key's value."""
+    tied = _tied_head_of_class(config)
+    if tied is not None and tied.switch != "tie_word_embeddings":
+        return config.get(tied.switch)
     said = [level["tie_word_embeddings"] for level in _tie_flags(config) if "tie_word_embeddings" in level]
     return any(said) if said else None
 
 
 def untied(config: dict) -> dict:
-    """``config`` (a config.json) saying that nothing is tied, at every level ties_word_embeddings reads."""
+    """``config`` (a config.json) saying that nothing is tied, at every level and by every key ties_word_embeddings
+    reads."""
     config = copy.deepcopy(config)
     for level in _tie_flags(config):
         level["tie_word_embeddings"] = False
+    if (tied := _tied_head_of_class(config)) is not None:
+        config[tied.switch] = False
     return config
 
 

@@ -332,6 +332,17 @@ TINY_FAMILY.update({
                     perceiver_config=dict(resampler_n_latents=4, resampler_depth=1, resampler_n_heads=4,
                                           resampler_head_dim=8)),
     "luke": dict(entity_vocab_size=64, entity_emb_size=16),
+    "csm": dict(num_codebooks=4, text_vocab_size=64, pad_token_id=0, codebook_pad_token_id=127, codebook_eos_token_id=0,
+                bos_token_id=1, audio_token_id=2, audio_eos_token_id=3,
+                depth_decoder_config=dict(num_codebooks=4, backbone_hidden_size=32, max_position_embeddings=8,
+                                          **{k: TINY[k] for k in ("hidden_size", "intermediate_size", "vocab_size",
+                                                                  "num_hidden_layers", "num_attention_heads",
+                                                                  "num_key_value_heads", "head_dim")}),
+                codec_config=dict(model_type="mimi", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=4, head_dim=8, codebook_size=32,
+                                  codebook_dim=32, num_filters=4, upsampling_ratios=[2, 2], num_residual_layers=1,
+                                  num_quantizers=4, num_semantic_quantizers=1, upsample_groups=32, sliding_window=8,
+                                  max_position_embeddings=64)),
     "modernvbert": dict(text_config=dict(_TEXT, **TINY_FAMILY["modernbert"]), vision_config=_VISION,
                         pixel_shuffle_factor=2, image_token_id=120),
     "ultravbert": dict(text_config=dict(_TEXT, num_key_value_heads=4, head_dim=8, layer_types=["full_attention"],
@@ -346,7 +357,8 @@ MORE_INPUTS = {"BlipForConditionalGeneration": dict(pixel_values=_PIXELS),
                "LukeForMaskedLM": dict(entity_ids=torch.tensor([[5, 9, 17]]), entity_position_ids=torch.tensor([[[1, -1], [2, 3], [5, -1]]]))}
 NO_LORA_ON_EMBEDDINGS = {"IBertForMaskedLM"}  # (PEFT cannot wrap its QuantEmbedding, nor its QuantLinears)
 NEEDS_MORE_INPUTS = {"LxmertForPreTraining", "ViltForMaskedLM", "VisualBertForRegionToPhraseAlignment",
-                     "BlipForQuestionAnswering"}  # visual features: checked by their weights alone
+                     "BlipForQuestionAnswering",  # visual features: checked by their weights alone
+                     "CsmForConditionalGeneration"}  # audio frames: test_csm_ties_its_backbone_audio_embeddings_…
 
 
 def tiny(cls):
@@ -726,3 +738,50 @@ def test_a_composite_model_tied_by_its_text_config(tmp_path, cls_name, top, text
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
 
+
+def csm_logits(model):
+    """The backbone's logits on audio frames (which read the backbone's audio embeddings) and the depth decoder's on
+    codebook tokens (which read its own embeddings)."""
+    frames = torch.randint(0, 32, (1, 5, 4), generator=torch.Generator().manual_seed(0))
+    model = model.eval()
+    with torch.no_grad():
+        backbone = model(input_ids=frames).logits
+        depth = model.get_submodule("depth_decoder")(input_ids=frames[:, 0], backbone_last_hidden_state=torch.ones(1, 32)).logits
+    return backbone, depth
+
+
+@pytest.mark.parametrize("target", ["depth_decoder.model.embed_tokens", "backbone_model.embed_tokens.embed_audio_tokens"])
+def test_csm_ties_its_backbone_audio_embeddings_to_the_depth_decoder(tmp_path, target):
+    """CSM ties no output head: its _tied_weights_keys tie the backbone's audio embeddings to the depth decoder's
+    embeddings (its lm_head is its own, the depth decoder's head a codebooks_head parameter), by
+    tie_codebooks_embeddings (its config ignores tie_word_embeddings, which CSM's own checkpoints save false). A LoRA
+    on either changes that one's lookup only in PEFT's model, so the merge writes the backbone's audio embeddings
+    untied (not a depth_decoder.lm_head the model does not have) and says tie_codebooks_embeddings: false."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import CsmForConditionalGeneration
+
+    head = "backbone_model.embed_tokens.embed_audio_tokens.weight"
+    assert CsmForConditionalGeneration._tied_weights_keys == {head: "depth_decoder.model.embed_tokens.weight"}
+    tiny(CsmForConditionalGeneration).save_pretrained(tmp_path / "base")
+    assert head not in load_file(tmp_path / "base" / "model.safetensors")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["tie_codebooks_embeddings"] is True
+    (tmp_path / "base" / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=False)))
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(CsmForConditionalGeneration.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == [head]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_codebooks_embeddings"] is False
+    merged, info = CsmForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected = csm_logits(adapted_model)
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(csm_logits(
+        CsmForConditionalGeneration.from_pretrained(tmp_path / "base")), expected))
+    for got, want in zip(csm_logits(merged), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    merged.tie_weights()
+    for got, want in zip(csm_logits(merged), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
