@@ -683,12 +683,12 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
             module = params.bind_fused(module, manifest)
         elif f"{new}.weight" not in manifest:
             module = replace(module, fused=ldm.fused_target(new, manifest))
-        info = manifest.get(module.weight_name)
-        if info is not None and module.fused is None:
-            module = lowrank.fit_inputs(module, tuple(info.shape))
+        shape = bound_shape(module, manifest)
+        if shape is not None:
+            module = lowrank.fit_inputs(module, shape)
             if not adapter.names_resolved or module.product is not None or module.method == "adalora":
-                module = fit_kind(module, tuple(info.shape))
-            module = fit_orientation(module, tuple(info.shape), conv1d)
+                module = fit_kind(module, shape)
+            module = fit_orientation(module, shape, conv1d)
         if new in modules:
             raise MismatchError(f"{adapter.label}: two adapter modules resolve to base module {new!r}")
         modules[new] = module
@@ -762,7 +762,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             continue
         if config is not None and (head := unstored_head_of(module.weight_name, manifest, config(module.weight_name))):
             tied_heads.append(head.removesuffix(".weight"))
-        expected = tuple(info.shape) if module.fused is None else part_shape(module, info.shape)
+        expected = bound_shape(module, manifest)
         if expected != tuple(module.weight_shape):
             mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(expected),
                                             actual=list(module.weight_shape)))
@@ -801,6 +801,17 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
                                if n not in {m.name for m in row_mismatches}),
     )
+
+
+def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int, ...] | None:
+    """The shape of the base weight ``module`` is bound to: its tensor's, its part's of a fused tensor
+    (LoraModule.fused), or that of the embeddings a head the base does not store is tied to (tied_head_source); None
+    when the base has none."""
+    info = manifest.get(module.weight_name)
+    if info is not None:
+        return tuple(info.shape) if module.fused is None else part_shape(module, info.shape)
+    source = tied_head_source(module.weight_name, module.weight_shape, manifest)
+    return None if source is None else tuple(manifest[source].shape)
 
 
 def part_shape(module: LoraModule, shape) -> tuple[int, int]:

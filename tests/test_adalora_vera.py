@@ -51,12 +51,14 @@ def adalora_adapter(base, out, *, masks: dict[str, list[bool]] | None = None, dt
     return out
 
 
-def vera_adapter(base, out, *, dtype=None, seed=1, targets=TARGETS, r=16, **kwargs):
-    """A PEFT VeRA adapter on the model at ``base``, λ_b and λ_d moved off PEFT's zeros and d_initial."""
+def vera_adapter(base, out, *, dtype=None, seed=1, targets=TARGETS, r=16, model=None, **kwargs):
+    """A PEFT VeRA adapter on the model at ``base`` (or ``model``), λ_b and λ_d moved off PEFT's zeros and
+    d_initial."""
     from peft import VeraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(load_model(base), VeraConfig(r=r, target_modules=targets, **kwargs))
+    peft_model = get_peft_model(load_model(base) if model is None else model,
+                                VeraConfig(r=r, target_modules=targets, **kwargs))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "vera_lambda" in name:
@@ -528,3 +530,67 @@ def test_adalora_on_convs(tmp_path):
         assert set(c.execute(text("SELECT kind FROM adapter_modules")).scalars()) == {"adalora"}
     engine.dispose()
     assert json.loads(run("show", "ada", "--json")) == shown  # opened: upgraded to head
+
+
+def _dinov2_swiglu(path):
+    """A tiny DINOv2 with a SwiGLU MLP: gate_proj and up_proj in memory are the halves of the saved mlp.weights_in
+    (an ldm.FUSED tensor)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=8,
+                             mlp_ratio=2, use_swiglu_ffn=True)).save_pretrained(path)
+    return path
+
+
+def loha_adapter(base, out, *, model, targets):
+    from peft import LoHaConfig, get_peft_model
+
+    torch.manual_seed(1)
+    get_peft_model(model, LoHaConfig(r=4, target_modules=targets, init_weights=False)).save_pretrained(out)
+    return out
+
+
+PIXELS = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+BOUND_APART = {  # a base, its model class, the adapter's targets
+    "tied head": (lambda path: tiny_llama(path, tie=True), "AutoModelForCausalLM", ["q_proj", "lm_head"]),
+    # (down_proj: VeRA's vera_A is as wide as its 48 inputs, the halves of weights_in take 32)
+    "fused part": (_dinov2_swiglu, "Dinov2Model", ["q_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+
+
+@pytest.mark.parametrize("case, method", [("tied head", "adalora"), ("fused part", "adalora"), ("fused part", "vera"),
+                                          ("fused part", "loha")])
+def test_a_module_bound_to_a_tied_head_or_a_fused_part(tmp_path, case, method):
+    """An AdaLoRA, VeRA or LoHa module on a head the base does not store (tied to its embeddings) or on a part of a
+    tensor the base stores fused (DINOv2's SwiGLU gate_proj/up_proj, rows of weights_in) is fitted to its layer when
+    bound, as one on a tensor of its own: AdaLoRA's gets its kind (it was refused as unbound by `export --base`),
+    VeRA's its inputs (it was a misfit: all of vera_A's width), LoHa's its kernel (resize refused it as stored
+    flattened). The export (AdaLoRA's and VeRA's the LoRA each equals) loads in PEFT to the adapter's outputs."""
+    import transformers
+    from peft import PeftModel
+
+    from loraops.basemodel import BaseModel
+
+    make_base, cls_name, targets = BOUND_APART[case]
+    base = make_base(tmp_path / "base")
+    cls = getattr(transformers, cls_name)
+    make = {"adalora": adalora_adapter, "vera": vera_adapter, "loha": loha_adapter}[method]
+    adapter = make(None, tmp_path / "adapter", model=cls.from_pretrained(base), targets=targets)
+    bound = bind(formats.read_adapter(adapter), BaseModel.open(base).tensors)
+    assert {(m.kind, m.inputs_known, m.product is None or m.product.kernel_known)
+            for m in bound.modules.values()} == {("linear", True, True)}
+    written = ["export", adapter] if method != "loha" else ["resize", adapter, "--rank", "16"]
+    for args in (["base", "add", base, "--name", "base"],
+                 [*written, "--format", "peft", "-o", tmp_path / "lora", "--base", "base"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+
+    def outputs(adapter):
+        model = PeftModel.from_pretrained(cls.from_pretrained(base), adapter).eval()
+        with torch.no_grad():
+            found = model(TOKENS) if case == "tied head" else model(pixel_values=PIXELS)
+        return found.logits if case == "tied head" else found.last_hidden_state
+
+    torch.testing.assert_close(outputs(tmp_path / "lora"), outputs(adapter), atol=1e-5, rtol=1e-5)
+
