@@ -594,3 +594,35 @@ def test_a_module_bound_to_a_tied_head_or_a_fused_part(tmp_path, case, method):
 
     torch.testing.assert_close(outputs(tmp_path / "lora"), outputs(adapter), atol=1e-5, rtol=1e-5)
 
+
+@pytest.mark.parametrize("method", ["adalora", "vera"])
+def test_show_after_the_base_is_removed(tmp_path, bases, method):
+    """An adapter registered with its base keeps the module rows its base gave it when the base is removed
+    (`base rm --force`): an AdaLoRA conv stays `conv` with its channels as `in`, a VeRA module its layer's width. The
+    variant line says so, not that the rows read as a file without a base does (a Conv2d read as a linear module,
+    vera_A's width in the `in` column), which the table contradicted; an adapter registered without a base still
+    says that."""
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def adapter(seed):
+        if method == "adalora":
+            return adalora_adapter(None, tmp_path / f"ada{seed}", model=conv_embedding_model(), targets=["proj", "conv3"],
+                                   seed=seed)
+        return vera_adapter(base, tmp_path / f"vera{seed}", seed=seed)
+
+    base = save_state_dict(conv_embedding_model(), tmp_path / "conv.safetensors") if method == "adalora" \
+        else bases[torch.float32]
+    run("base", "add", base, "--name", "base")
+    run("register", adapter(1), "--name", "bound", "--base", "base")
+    rows = json.loads(run("show", "bound", "--json"))["modules"]
+    run("base", "rm", "base", "--force")
+    run("register", adapter(2), "--name", "unbound")
+    shown = json.loads(run("show", "bound", "--json"))
+    assert shown["base"] is None and shown["modules"] == rows
+    assert "conv" in {m["kind"] for m in rows} if method == "adalora" else len({m["in_features"] for m in rows}) > 1
+    assert "not bound to a base" not in run("show", "bound")
+    assert "its base was removed: the rows are as bound to it" in run("show", "bound")
+    assert "not bound to a base" in run("show", "unbound")

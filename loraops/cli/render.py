@@ -75,6 +75,17 @@ def scale_mode(record) -> str:
 
 UNBOUND_NOTES = {"vera": " (not bound to a base, the `in` column is vera_A's width)",
                  "adalora": " (not bound to a base, a Conv2d's module reads as a linear one of in·kh·kw inputs)"}
+BASE_REMOVED_NOTE = (" (its base was removed: the rows are as bound to it; writing, resizing or combining it needs "
+                     "--base)")
+
+
+def rows_read_unbound(record, method: str) -> bool:
+    """Are the module rows of ``record`` what the adapter's file gives without a base (UNBOUND_NOTES says how)? Not
+    those a registered adapter kept when its base was removed (`base rm --force`): an AdaLoRA conv's kind, VeRA
+    modules' own widths. (Bound rows that read the same, Linear layers as wide as vera_A, are both.)"""
+    if method == "adalora":
+        return all(m.kind != "conv" for m in record.modules)
+    return len({m.in_features for m in record.modules}) <= 1
 
 
 def variants(record) -> list[tuple[str, str]]:
@@ -85,7 +96,8 @@ def variants(record) -> list[tuple[str, str]]:
         lines.append("; ".join(PRODUCT_NOTES[p] for p in record.products)
                      + " (merged exactly; resize --rank K makes a LoRA of it)")
     unbound = getattr(record, "base", None) is None  # (an inspected file never is; a registered one with a base is)
-    lines += [METHOD_NOTES[m] + (UNBOUND_NOTES[m] if unbound else "") + " (merged exactly; export writes that LoRA)"
+    lines += [METHOD_NOTES[m] + ("" if not unbound else UNBOUND_NOTES[m] if rows_read_unbound(record, m)
+                                 else BASE_REMOVED_NOTE) + " (merged exactly; export writes that LoRA)"
               for m in record.methods]
     return [("variant", line) for line in lines]
 
