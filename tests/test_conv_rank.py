@@ -115,6 +115,21 @@ def test_resize_conv_rank_as_peft_loads_with_rank_pattern_and_lineage(tmp_path):
         assert reg.get_adapter("src-r3").lineage.params == {"rank": 3}  # as before: no conv_rank recorded
 
 
+def test_resize_table_names_each_convolutions_kernel(tmp_path):
+    """The table's kind tells a 1×1 conv (ranked by --rank) from a 3×3 one (by --conv-rank); --json has the kernel
+    beside spatial (null for the other layers)."""
+    source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2")
+    assert code == 0, out
+    kinds = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:6]}
+    assert kinds == {"embed": "embedding", "proj": "linear", "conv1": "conv1x1", CONV3: "conv3x3"}, out
+    code, out = run("resize", source, "--rank", "3", "--json")
+    assert code == 0, out
+    assert {m["name"]: (m["kind"], m["kernel"], m["spatial"]) for m in json.loads(out)["report"]["modules"]} == {
+        "embed": ("embedding", None, False), "proj": ("linear", None, False), "conv1": ("conv", [1, 1], False),
+        CONV3: ("conv", [3, 3], True)}
+
+
 def test_resize_dynamic_with_conv_rank_is_named_and_recorded(tmp_path):
     source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
     code, out = run("resize", source, "--dynamic", "sv_fro", "--param", "1", "--conv-rank", "1", "--json")

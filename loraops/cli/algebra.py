@@ -6,7 +6,7 @@ from typing import Iterable
 import click
 
 from ..references import parse_weighted
-from .render import METHODS, echo_json, echo_table
+from .render import METHODS, echo_json, echo_table, layer_kind
 
 METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, "
                "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp (two adapters, "
@@ -162,7 +162,7 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
     report = result.report
     echo_table(
         ["module", "kind", "rank", "new", "alpha", "fro kept", "sum(S) kept"],
-        [(m.name, m.kind, m.rank_before, m.rank_after, f"{m.alpha_after:g}", f"{m.fro_retained:.2%}",
+        [(m.name, layer_kind(m.kind, m.kernel), m.rank_before, m.rank_after, f"{m.alpha_after:g}", f"{m.fro_retained:.2%}",
           percent(m.sum_retained)) for m in report.modules],
     )
     click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {percent(report.sum_retained_mean)}; "
