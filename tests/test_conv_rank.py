@@ -156,10 +156,11 @@ def test_resize_kohya_writes_each_modules_rank_and_alpha(tmp_path):
     assert tensors["lora_unet_a_proj.lora_down.weight"].shape == (3, 10)
     # scale 2/4 kept: alpha = 0.5 · the new rank
     assert (float(tensors["lora_unet_a_conv.alpha"]), float(tensors["lora_unet_a_proj.alpha"])) == (1.0, 1.5)
-    # the network args have the convolutions' dim/alpha, network_dim/alpha the others' (sd-scripts' LoCon metadata)
+    # the network args have the convolutions' dim/alpha, network_dim/alpha the others' (sd-scripts' LoCon metadata);
+    # dims as ints, alphas as Python floats, as sd-scripts' resize_lora.py and extract_lora_from_models.py write them
     metadata = read_adapter(tmp_path / "r.safetensors").metadata
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("3", "1.5")
-    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     resized = read_adapter(tmp_path / "r.safetensors")
     for name, module in original.modules.items():
         k = 2 if module.spatial else 3
@@ -271,13 +272,13 @@ def test_kohya_metadata_of_convs_of_different_ranks_is_dynamic(tmp_path):
     code, out = run("export", source, "--format", "kohya", "-o", tmp_path / "out.safetensors")
     assert code == 0, out
     metadata = read_adapter(tmp_path / "out.safetensors").metadata
-    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "2")
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "2.0")
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "Dynamic", "conv_alpha": "Dynamic"}
     same = _kohya_convs_of_ranks(tmp_path / "same.safetensors", {"lora_unet_b_conv": 2, "lora_unet_c_conv": 2})
     code, out = run("export", same, "--format", "kohya", "-o", tmp_path / "same-out.safetensors")
     assert code == 0, out
     assert json.loads(read_adapter(tmp_path / "same-out.safetensors").metadata["ss_network_args"]) == {
-        "conv_dim": "2", "conv_alpha": "1"}
+        "conv_dim": "2", "conv_alpha": "1.0"}
 
 
 @pytest.mark.parametrize("linear, conv, args, message", [

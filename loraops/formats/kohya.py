@@ -272,10 +272,12 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
         written = list(stream.written(joined).values())
 
         def dim_alpha(group: list[LoraModule]) -> tuple[str, str]:
-            """The group's rank and alpha, each "Dynamic" unless every module has the same (sd-scripts' mark)."""
+            """The group's rank and alpha, each "Dynamic" unless every module has the same (sd-scripts' mark); the
+            rank an int, the alpha a Python float ("4", "2.0"), as sd-scripts' resize_lora.py and
+            extract_lora_from_models.py write them (str(new_rank), str(float(alpha)))."""
             ranks, alphas = {m.rank for m in group}, {peft.stored_alpha(m, rslora=False) for m in group}
             return (str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-                    str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic")
+                    str(float(alphas.pop())) if len(alphas) == 1 else "Dynamic")
 
         # sd-scripts' LoCon: network_dim/alpha are the modules other than k×k convs', the convs' are conv_dim/alpha in
         # the network args (resize_lora.py --new_conv_rank: ss_network_dim = --new_rank)
