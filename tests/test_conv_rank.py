@@ -281,6 +281,49 @@ def test_kohya_metadata_of_convs_of_different_ranks_is_dynamic(tmp_path):
         "conv_dim": "2", "conv_alpha": "1.0"}
 
 
+SOURCE_ARGS = {
+    # how it was trained and which blocks it trained: true of what resize or export writes
+    "rank_dropout": "0.1", "module_dropout": "0.05", "loraplus_lr_ratio": "16", "down_lr_weight": "sine",
+    "train_blocks": "single", "split_qkv": "True",
+    # its ranks and alphas (the written modules' are in each module; conv_dim/conv_alpha are made anew)
+    "conv_dim": "4", "conv_alpha": "2", "block_dims": "4,4,4", "in_dims": "[4,0,0,0,0]", "img_attn_dim": "8",
+    # LyCORIS' arguments: the file is written as sd-scripts' networks.lora, which has none of them
+    "algo": "locon", "use_tucker": True, "preset": "full", "dropout": "0.1",
+}
+KEPT_ARGS = {"rank_dropout": "0.1", "module_dropout": "0.05", "loraplus_lr_ratio": "16", "down_lr_weight": "sine",
+             "train_blocks": "single", "split_qkv": "True"}
+
+
+@pytest.mark.parametrize("module", ["lycoris.kohya", "networks.lora"])
+def test_kohya_writer_keeps_the_source_network_args_that_stay_true(tmp_path, module):
+    """resize: the source's training settings stay, its ranks/alphas and LyCORIS' algo do not; conv_dim/conv_alpha
+    are the written convs'. export of a file without k×k convs: no conv_dim/conv_alpha at all (the source's claimed
+    some). Whatever network the source names: the written one is networks.lora."""
+    source = kohya_file(tmp_path / "k.safetensors", {"lora_unet_a_proj": ((10,), (12,)),
+                                                    "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1))}, rank=4, alpha=2.0,
+                        metadata={"ss_network_module": module, "ss_network_args": json.dumps(SOURCE_ARGS)})
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2", "-o", tmp_path / "r.safetensors")
+    assert code == 0, out
+    metadata = read_adapter(tmp_path / "r.safetensors").metadata
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert json.loads(metadata["ss_network_args"]) == {**KEPT_ARGS, "conv_dim": "2", "conv_alpha": "1.0"}
+    flat = kohya_file(tmp_path / "flat.safetensors", {"lora_unet_a_proj": ((10,), (12,))},
+                      metadata={"ss_network_module": module, "ss_network_args": json.dumps(SOURCE_ARGS)})
+    code, out = run("export", flat, "--format", "kohya", "-o", tmp_path / "flat-out.safetensors")
+    assert code == 0, out
+    assert json.loads(read_adapter(tmp_path / "flat-out.safetensors").metadata["ss_network_args"]) == KEPT_ARGS
+
+
+@pytest.mark.parametrize("args", ["not json", "null", '["conv_dim", "4"]', ""])
+def test_kohya_writer_ignores_network_args_that_are_no_dict(tmp_path, args):
+    """LyCORIS writes "null" for no arguments; anything but a JSON object is no arguments (never a failed write)."""
+    flat = kohya_file(tmp_path / "flat.safetensors", {"lora_unet_a_proj": ((10,), (12,))},
+                      metadata={"ss_network_args": args})
+    code, out = run("export", flat, "--format", "kohya", "-o", tmp_path / "out.safetensors")
+    assert code == 0, out
+    assert read_adapter(tmp_path / "out.safetensors").metadata["ss_network_args"] == "{}"
+
+
 @pytest.mark.parametrize("linear, conv, args, message", [
     # --rank is checked against the Linear alone, --conv-rank against the convs alone, whichever group is larger
     (4, 2, ["--rank", "5", "--conv-rank", "2"], "error: rank 5 is above the adapter's rank 4: resize only lowers rank"),
