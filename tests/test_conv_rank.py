@@ -216,6 +216,21 @@ def test_extract_conv_rank_above_the_convolutions_is_capped_in_name_and_said(con
     assert "--rank 2 capped" not in out and "registered tuned-r2-conv6@1" in out, out
 
 
+def test_a_conv_only_adapter_is_named_by_its_conv_rank_alone(conv_pair, tmp_path):
+    """--rank ranks no module of an adapter of k×k convs only (it is required beside --conv-rank): the name says
+    -conv<C> alone, not -r<R> of a rank no module has; a dynamic rule still ranks the convs, and stays in the name."""
+    source = _kohya_convs_of_ranks(tmp_path / "k.safetensors", {"lora_unet_b_conv": 4}, linear=0)
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2")
+    assert code == 0, out
+    assert "registered k-conv2@1" in out, out
+    code, out = run("resize", source, "--dynamic", "sv_fro", "--param", "1", "--conv-rank", "1")
+    assert code == 0 and "registered k-sv_fro1-conv1@1" in out, out
+    base, tuned, _ = conv_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--modules", "conv3", "--rank", "3", "--conv-rank",
+                    "2")
+    assert code == 0 and "registered tuned-conv2@1" in out, out
+
+
 def assert_nothing_registered():
     with Registry.open() as reg:
         assert reg.list_adapters() == [] and reg.list_bases() == []
@@ -253,11 +268,13 @@ def test_conv_rank_without_a_kxk_convolution_is_refused(conv_pair, tmp_path):
 
 
 def _kohya_convs_of_ranks(path, ranks: dict[str, int], linear: int = 4):
-    """A kohya file with a Linear (rank ``linear``) and 3×3 convs of the given ranks (at most 5), each with alpha
-    rank/2."""
+    """A kohya file with a Linear (rank ``linear``; 0: none) and 3×3 convs of the given ranks (at most 5), each with
+    alpha rank/2."""
     shapes = {"lora_unet_a_proj": ((10,), (12,)), **{name: ((6, 3, 3), (5, 1, 1)) for name in ranks}}
     tensors = load_file(kohya_file(path, shapes, rank=5, alpha=2.0))
-    for name, k in {"lora_unet_a_proj": linear, **ranks}.items():
+    if not linear:  # no Linear at all
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_unet_a_proj.")}
+    for name, k in {**({"lora_unet_a_proj": linear} if linear else {}), **ranks}.items():
         tensors[f"{name}.lora_down.weight"] = tensors[f"{name}.lora_down.weight"][:k].contiguous()
         tensors[f"{name}.lora_up.weight"] = tensors[f"{name}.lora_up.weight"][:, :k].contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(k / 2)
