@@ -259,6 +259,7 @@ Sparsification = Callable[[], Sparsifier]
 
 
 def _passes(sparsifier: Sparsifier) -> Sparsification:
+    """The sparsification of a sparsifier that keeps no state: every pass is that one."""
     return lambda: sparsifier
 
 
