@@ -175,11 +175,16 @@ class LoraModule:
         return self.fused[1] if self.fused else 0
 
     @property
+    def kernel(self) -> tuple[int, ...] | None:
+        """A convolution's kernel size ((3, 3), (1, 1), …); None for any other layer."""
+        return tuple(int(k) for k in self.A.shape[2:]) if self.kind == "conv" else None
+
+    @property
     def spatial(self) -> bool:
         """A convolution whose kernel is larger than 1 (3×3, …): what --conv-rank sets (kohya's LoCon conv modules).
         A 1×1 convolution is a Linear over the channels, ranked like one (sd-scripts' networks/lora.py gives it the
         network's dim, not conv_dim)."""
-        return self.kind == "conv" and any(k > 1 for k in self.A.shape[2:])
+        return self.kernel is not None and any(k > 1 for k in self.kernel)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

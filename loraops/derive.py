@@ -95,14 +95,20 @@ def rank_name(stem: str, rule: "RankRule", ceilings: Iterable[tuple[int, bool]])
     largest rank a module gets, each capped at its ceiling (the most rank a truncated SVD of its delta has: min(out,
     in), and a LoRA's own rank when it is resized), so a --rank above every module's size names none of them;
     ``<stem>-<rule><param>`` for a dynamic rule; and ``-conv<c>`` after it for a conv_rank, c the largest rank (cap) a
-    k×k convolution gets. ``ceilings``: (ceiling, whether a k×k convolution) of every module."""
+    k×k convolution gets — alone, with a fixed rank that ranks no module (only k×k convolutions). ``ceilings``:
+    (ceiling, whether a k×k convolution) of every module."""
     ceilings = list(ceilings)
 
-    def largest(rank: int, spatial: bool | None) -> int:
-        return min(rank, max((c for c, s in ceilings if spatial in (None, s)), default=rank))
+    def largest(rank: int, spatial: bool | None) -> int | None:
+        """The largest rank ``rank`` gives a module of the group (None: the group has none)."""
+        group = [c for c, s in ceilings if spatial in (None, s)]
+        return min(rank, max(group)) if group else None
 
-    name = (f"{stem}-{rule.dynamic}{rule.param:g}" if rule.dynamic is not None
-            else f"{stem}-r{largest(rule.rank, None if rule.conv_rank is None else False)}")
+    if rule.dynamic is not None:
+        name = f"{stem}-{rule.dynamic}{rule.param:g}"
+    else:
+        k = largest(rule.rank, None if rule.conv_rank is None else False)
+        name = stem if k is None else f"{stem}-r{k}"
     return name if rule.conv_rank is None else f"{name}-conv{largest(rule.conv_rank, True)}"
 
 

@@ -42,6 +42,8 @@ class ResizeModuleRecord(Record):
     kind: Literal["linear", "conv", "embedding"]
     spatial: bool = False
     """A k×k convolution (kernel larger than 1): one of the modules a conv_rank ranks."""
+    kernel: tuple[int, ...] | None = None
+    """A convolution's kernel size ([3, 3], [1, 1]); None for the other layers."""
     rank_before: int
     rank_after: int
     alpha_after: float

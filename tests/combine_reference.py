@@ -73,6 +73,19 @@ def della(tau, density, epsilon, draws, rescale=True):
     return tau * (draws.reshape(tau.shape) < p) / (p if rescale else 1)
 
 
+def rescaled_masked(tau, masked, norm):
+    """mergekit's rescaled_masked_tensor (sparsify.py, RescaleNorm): the sparsified task vector times ‖τ‖/‖masked‖ in
+    the norm l1 (Σ|x|), l2 or linf (max |x|) of the whole tensor (loraops: of the module); as it is where either norm
+    is below mergekit's eps, 1e-7."""
+    if norm is None:
+        return masked
+    measure = {"l1": lambda x: x.abs().sum(), "l2": lambda x: x.norm(), "linf": lambda x: x.abs().max()}[norm]
+    before, after = measure(tau), measure(masked)
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
 def elect(weighted, weights, normalize, consensus="sum", voters=None):
     """mergekit's get_mask and mix: the majority sign of Σ wτ (sum) or of Σ sign(wτ) (count) of the voters (default:
     the weighted τ), 0 counting as +; disjoint sum of the entries of that sign (0 agrees with neither); normalized by
@@ -150,9 +163,12 @@ NORMALIZED = {"ties", "della"}  # normalize's default
 
 
 def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.15, normalize=None, lam=1.0,
-              rescale=True, consensus="sum", select_topk=1.0, flatten=True, row_wise=False, filter_wise=False):
+              rescale=True, consensus="sum", select_topk=1.0, flatten=True, row_wise=False, filter_wise=False,
+              rescale_norm=None):
     """The module's combined delta, in the base weight's layout: DELLA ranks the rows of that layout (and loraops
-    draws its uniforms there); DARE's draws are in the B·A layout, the same one for all but transposed modules."""
+    draws its uniforms there); DARE's draws are in the B·A layout, the same one for all but transposed modules.
+    ``rescale_norm``: mergekit's current rescale, each sparsified τ (DARE's and DELLA's survivors undivided) brought
+    back to the norm of the whole τ."""
     pairs = taus(inputs, name)
     weights = [w for w, _ in pairs]
     if method in ("cat", "linear", "svd"):
@@ -169,10 +185,12 @@ def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.
     elif method.startswith("breadcrumbs"):
         sparse = [breadcrumbs(t, density, gamma) for _, t in pairs]
     elif method.startswith("dare"):
-        sparse = [dare(t, density, uniform_draws(seed, name, i, t.shape), rescale) for i, (_, t) in enumerate(pairs)]
-    else:
-        sparse = [della(t, density, epsilon, uniform_draws(seed, name, i, t.shape), rescale)
+        sparse = [dare(t, density, uniform_draws(seed, name, i, t.shape), rescale and not rescale_norm)
                   for i, (_, t) in enumerate(pairs)]
+    else:
+        sparse = [della(t, density, epsilon, uniform_draws(seed, name, i, t.shape), rescale and not rescale_norm)
+                  for i, (_, t) in enumerate(pairs)]
+    sparse = [rescaled_masked(t, s, rescale_norm) for (_, t), s in zip(pairs, sparse)]
     weighted = [w * t for w, t in zip(weights, sparse)]
     normalize = method in NORMALIZED if normalize is None else normalize
     if method in CONSENSUS:

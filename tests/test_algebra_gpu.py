@@ -18,6 +18,7 @@ def inputs():
 @pytest.mark.parametrize("method, params, rank", [("cat", {}, None), ("linear", {}, 6), ("ties", {"density": 0.3}, 8),
                                                   ("magnitude_prune", {"density": 0.5}, 8),
                                                   ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}, 8),
+                                                  ("ties", {"density": 0.3, "rescale_norm": "l2"}, 8),
                                                   ("sce", {"select_topk": 0.3, "consensus": "count"}, 8),
                                                   ("nuslerp", {"flatten": False}, None),
                                                   ("model_stock", {"filter_wise": True}, 6)])
@@ -40,19 +41,22 @@ def test_random_masks_on_cuda_are_seeded(inputs, method):
     assert all(torch.equal(first.modules[n].B, again.modules[n].B) for n in first.modules)
 
 
-def test_della_on_cuda_matches_the_reference_with_cuda_draws(inputs):
-    """The same DELLA as on the CPU, from the CUDA generator's draws (one block per module here)."""
+@pytest.mark.parametrize("norm", [None, "l1"])
+def test_della_on_cuda_matches_the_reference_with_cuda_draws(inputs, norm, device="cuda"):
+    """The same DELLA as on the CPU, from the CUDA generator's draws (one block per module here); with a rescale_norm,
+    its norms' pass and the mix draw the same numbers (each from a fresh generator)."""
     import combine_reference as ref
     from loraops.ops.combine import module_seed
 
-    params = {"density": 0.5, "epsilon": 0.2, "seed": 3}
-    result, _ = combine(inputs, "della_linear", params, rank=64, device="cuda")
+    params = {"density": 0.5, "epsilon": 0.2, "seed": 3, **({"rescale_norm": norm} if norm else {})}
+    result, _ = combine(inputs, "della_linear", params, rank=64, device=device)
     for name, module in result.modules.items():
         want = 0
         for i, (weight, tau) in enumerate(ref.taus(inputs, name)):
-            generator = torch.Generator("cuda").manual_seed(module_seed(3, name, i))
-            draws = torch.rand(tau.shape, generator=generator, device="cuda").cpu()
-            want = want + weight * ref.della(tau, 0.5, 0.2, draws)
+            generator = torch.Generator(device).manual_seed(module_seed(3, name, i))
+            draws = torch.rand(tau.shape, generator=generator, device=device).cpu()
+            sparse = ref.della(tau, 0.5, 0.2, draws, rescale=norm is None)
+            want = want + weight * ref.rescaled_masked(tau, sparse, norm)
         torch.testing.assert_close(module.delta(dtype=torch.float64), want, rtol=2e-2, atol=2e-3)
 
 

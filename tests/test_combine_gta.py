@@ -33,7 +33,7 @@ def test_breadcrumbs_breaks_ties_in_row_major_order_at_both_thresholds(dtype, bl
     values = torch.tensor(VALUES, dtype=dtype)
     term, blocks = term_of(values), svd.row_blocks(values.shape)
     params = BreadcrumbsParams(density=0.42, gamma=0.1)
-    sparsify = drop_outliers(term, params.density, blocks, Context("m", (3, 4)), 0, params)
+    sparsify = drop_outliers(term, params.density, blocks, Context("m", (3, 4)), 0, params)()
     got = torch.cat([sparsify(term.delta(rows)) for rows in blocks])
     assert got.tolist() == [[3.0, 0.0, 2.0, 0.0], [-2.0, 2.0, 0.0, 0.0], [0.0, 0.0, -5.0, 0.0]]
     assert torch.equal(got.double(), ref.breadcrumbs(values.double(), 0.42, 0.1))
@@ -79,7 +79,7 @@ def test_della_probabilities_by_rank_with_equal_magnitudes_in_column_order(monke
     monkeypatch.setattr(ops, "uniforms", lambda *_: lambda shape: torch.full(shape, 0.5))
     values = torch.tensor([[1.0, -1.0, 1.0, 2.0], [4.0, 3.0, 2.0, 1.0]], dtype=torch.float64)
     params = DellaLinearParams(density=0.5, epsilon=0.3)
-    sparsify = sample_by_rank(term_of(values), 0.5, [slice(None)], Context("m", (2, 4)), 0, params)
+    sparsify = sample_by_rank(term_of(values), 0.5, [slice(None)], Context("m", (2, 4)), 0, params)()
     torch.testing.assert_close(sparsify(values), torch.tensor([[0, 0, 1 / 0.6, 2 / 0.8], [4 / 0.8, 3 / 0.6, 0, 0]],
                                                               dtype=torch.float64))
     torch.testing.assert_close(ref.della_probabilities(values, 0.5, 0.3),
@@ -293,7 +293,7 @@ def test_default_gamma_is_lowered_where_it_does_not_fit():
     values = torch.arange(1.0, 401.0).reshape(20, 20) * torch.tensor([1.0, -1.0]).repeat(10)
     term, blocks = term_of(values), svd.row_blocks(values.shape)
     params = BreadcrumbsParams(density=0.995)
-    sparsify = drop_outliers(term, params.density, blocks, Context("m", (20, 20)), 0, params)
+    sparsify = drop_outliers(term, params.density, blocks, Context("m", (20, 20)), 0, params)()
     got = torch.cat([sparsify(term.delta(rows)) for rows in blocks])
     assert torch.equal(got.double(), ref.breadcrumbs(values.double(), 0.995, 0.01))
     assert got[-1, -1] == 0 and int((got != 0).sum()) == 398
@@ -340,3 +340,86 @@ def test_consensus_count_elects_by_votes():
         assert got.tolist() == want, consensus
         reference = ref.elect(values, [1.0] * 3, True, consensus)
         assert reference.tolist() == want, consensus
+
+
+@pytest.mark.parametrize("block_elements", [4, 1 << 22])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm, ratio", [("l1", 25 / 17), ("l2", 9 / math.sqrt(67)), ("linf", 1.0)])
+def test_rescale_norm_brings_the_trimmed_vector_back_to_the_whole_norm(norm, ratio, dtype, block_elements, monkeypatch):
+    """mergekit's rescaled_masked_tensor by hand: the top 5 of VALUES (the first of the equal 2s in row-major order,
+    whatever the row blocks: the norm's pass and the mix's each start a fresh mask) are 3, 2, −2, 5, −5; Σ|x| 25 → 17,
+    Σx² 81 → 67, max 5 → 5. The factor is computed before the weight (0.5) is applied."""
+    monkeypatch.setattr(svd, "BLOCK_ELEMENTS", block_elements)
+    values = torch.tensor(VALUES, dtype=dtype)
+    params = TiesParams(density=0.42, rescale_norm=norm, normalize=False)
+    got = task_arithmetic([term_of(values, 0.5)], params, Context("m", (3, 4)), trim, consensus=False)
+    kept = torch.tensor([[3.0, 0.0, 2.0, 0.0], [-2.0, 0.0, 5.0, 0.0], [0.0, 0.0, -5.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), kept * 0.5 * ratio)
+    torch.testing.assert_close(got.double(), 0.5 * ref.rescaled_masked(values.double(), ref.trim(values.double(), 0.42),
+                                                                        norm))
+
+
+@pytest.mark.parametrize("scale, rescaled", [(1e-9, False), (1e-7, True)])
+def test_rescale_norm_leaves_a_vector_below_mergekits_eps_as_sparsified(scale, rescaled):
+    """mergekit returns the masked tensor as it is where ‖τ‖ or ‖τ̂‖ is below 1e-7 (here max |x| 5e-9); 5e-7 is above:
+    rescaled (l1: 25/17)."""
+    values = torch.tensor(VALUES, dtype=torch.float64) * scale
+    params = TiesParams(density=0.42, rescale_norm="l1", normalize=False)
+    got = task_arithmetic([term_of(values)], params, Context("m", (3, 4)), trim, consensus=False)
+    trimmed = ref.trim(values, 0.42)
+    torch.testing.assert_close(got, trimmed * (25 / 17 if rescaled else 1))
+    torch.testing.assert_close(got, ref.rescaled_masked(values, trimmed, "l1"))
+
+
+def test_rescale_norm_replaces_dellas_division_by_p(inputs):
+    """della_linear with a rescale_norm is mergekit's current della_linear: the survivors (the same draws) undivided,
+    then brought back to τ's norm; the division by each p is not applied on top (not a scaled --rescale result)."""
+    params = {"density": 0.4, "epsilon": 0.2, "seed": 3}
+    normed, report = combine(inputs, "della_linear", {**params, "rescale_norm": "l1"}, rank=40, device="cpu")
+    assert report.params == {**params, "rescale_norm": "l1", "normalize": False, "lambda": 1.0}
+    for name, module in normed.modules.items():
+        got = module.delta(dtype=torch.float64)
+        want = ref.reference("della_linear", inputs, name, rescale_norm="l1", **params)
+        assert float((got - want).norm() / want.norm()) < 2e-6, name
+        divided = sum(w * ref.rescaled_masked(t, ref.della(t, 0.4, 0.2, ref.uniform_draws(3, name, i, t.shape)), "l1")
+                      for i, (w, t) in enumerate(ref.taus(inputs, name)))
+        assert float((got - divided).norm() / want.norm()) > 1e-2, name
+
+
+@pytest.mark.parametrize("method, params, message", [
+    ("magnitude_prune", {"density": 0.5, "rescale_norm": "l1"}, "magnitude_prune takes no rescale_norm (it is a "
+     "parameter of ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear)"),
+    ("dare_linear", {"density": 0.5, "rescale": False, "rescale_norm": "l2"},
+     "bad parameters for dare_linear: rescale_norm is a way to rescale the survivors (in place of the division by "
+     "their keep probability); it cannot go with rescale off"),
+    ("ties", {"density": 0.5, "rescale_norm": "l3"},
+     "bad parameters for ties: rescale_norm: Input should be 'l1', 'l2' or 'linf'"),
+])
+def test_rescale_norm_bad_parameters(inputs, method, params, message):
+    with pytest.raises(InvalidInputError) as info:
+        combine(inputs, method, params, device="cpu")
+    assert str(info.value) == message
+
+
+def test_cli_rescale_norm_with_lineage(files):
+    """--rescale-norm is recorded (report, lineage) where given, and nowhere otherwise (test above: one computation,
+    one record as before it existed); --no-rescale with it is one line, before anything is registered."""
+    from loraops.registry import Registry
+
+    run = loraops("combine", files["a"], files["b"], "-m", "dare_linear", "--density", "0.5", "--no-rescale",
+                  "--rescale-norm", "l1")
+    assert (run.returncode, run.stderr) == (2, "error: bad parameters for dare_linear: rescale_norm is a way to "
+                                               "rescale the survivors (in place of the division by their keep "
+                                               "probability); it cannot go with rescale off\n")
+    with Registry.open() as reg:
+        assert reg.list_adapters() == []
+        reg.add_base(files["base"], name="tiny")
+    run = loraops("combine", files["a"], files["b"], "-m", "breadcrumbs_ties", "--density", "0.5", "--rescale-norm",
+                  "linf", "--name", "ab-normed")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == ("breadcrumbs_ties(density=0.5, rescale_norm=linf, gamma=0.01, "
+                                          "normalize=False, lambda=1.0) of a@1×1, b@1×1")
+    with Registry.open() as reg:
+        record = reg.get_adapter("ab-normed")
+    assert record.lineage.params["params"] == {"density": 0.5, "rescale_norm": "linf", "gamma": 0.01,
+                                               "normalize": False, "lambda": 1.0}

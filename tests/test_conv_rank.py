@@ -115,6 +115,21 @@ def test_resize_conv_rank_as_peft_loads_with_rank_pattern_and_lineage(tmp_path):
         assert reg.get_adapter("src-r3").lineage.params == {"rank": 3}  # as before: no conv_rank recorded
 
 
+def test_resize_table_names_each_convolutions_kernel(tmp_path):
+    """The table's kind tells a 1×1 conv (ranked by --rank) from a 3×3 one (by --conv-rank); --json has the kernel
+    beside spatial (null for the other layers)."""
+    source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2")
+    assert code == 0, out
+    kinds = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:6]}
+    assert kinds == {"embed": "embedding", "proj": "linear", "conv1": "conv1x1", CONV3: "conv3x3"}, out
+    code, out = run("resize", source, "--rank", "3", "--json")
+    assert code == 0, out
+    assert {m["name"]: (m["kind"], m["kernel"], m["spatial"]) for m in json.loads(out)["report"]["modules"]} == {
+        "embed": ("embedding", None, False), "proj": ("linear", None, False), "conv1": ("conv", [1, 1], False),
+        CONV3: ("conv", [3, 3], True)}
+
+
 def test_resize_dynamic_with_conv_rank_is_named_and_recorded(tmp_path):
     source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
     code, out = run("resize", source, "--dynamic", "sv_fro", "--param", "1", "--conv-rank", "1", "--json")
@@ -141,10 +156,11 @@ def test_resize_kohya_writes_each_modules_rank_and_alpha(tmp_path):
     assert tensors["lora_unet_a_proj.lora_down.weight"].shape == (3, 10)
     # scale 2/4 kept: alpha = 0.5 · the new rank
     assert (float(tensors["lora_unet_a_conv.alpha"]), float(tensors["lora_unet_a_proj.alpha"])) == (1.0, 1.5)
-    # the network args have the convolutions' dim/alpha, network_dim/alpha the others' (sd-scripts' LoCon metadata)
+    # the network args have the convolutions' dim/alpha, network_dim/alpha the others' (sd-scripts' LoCon metadata);
+    # dims as ints, alphas as Python floats, as sd-scripts' resize_lora.py and extract_lora_from_models.py write them
     metadata = read_adapter(tmp_path / "r.safetensors").metadata
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("3", "1.5")
-    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     resized = read_adapter(tmp_path / "r.safetensors")
     for name, module in original.modules.items():
         k = 2 if module.spatial else 3
@@ -200,6 +216,21 @@ def test_extract_conv_rank_above_the_convolutions_is_capped_in_name_and_said(con
     assert "--rank 2 capped" not in out and "registered tuned-r2-conv6@1" in out, out
 
 
+def test_a_conv_only_adapter_is_named_by_its_conv_rank_alone(conv_pair, tmp_path):
+    """--rank ranks no module of an adapter of k×k convs only (it is required beside --conv-rank): the name says
+    -conv<C> alone, not -r<R> of a rank no module has; a dynamic rule still ranks the convs, and stays in the name."""
+    source = _kohya_convs_of_ranks(tmp_path / "k.safetensors", {"lora_unet_b_conv": 4}, linear=0)
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2")
+    assert code == 0, out
+    assert "registered k-conv2@1" in out, out
+    code, out = run("resize", source, "--dynamic", "sv_fro", "--param", "1", "--conv-rank", "1")
+    assert code == 0 and "registered k-sv_fro1-conv1@1" in out, out
+    base, tuned, _ = conv_pair
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--modules", "conv3", "--rank", "3", "--conv-rank",
+                    "2")
+    assert code == 0 and "registered tuned-conv2@1" in out, out
+
+
 def assert_nothing_registered():
     with Registry.open() as reg:
         assert reg.list_adapters() == [] and reg.list_bases() == []
@@ -237,11 +268,13 @@ def test_conv_rank_without_a_kxk_convolution_is_refused(conv_pair, tmp_path):
 
 
 def _kohya_convs_of_ranks(path, ranks: dict[str, int], linear: int = 4):
-    """A kohya file with a Linear (rank ``linear``) and 3×3 convs of the given ranks (at most 5), each with alpha
-    rank/2."""
+    """A kohya file with a Linear (rank ``linear``; 0: none) and 3×3 convs of the given ranks (at most 5), each with
+    alpha rank/2."""
     shapes = {"lora_unet_a_proj": ((10,), (12,)), **{name: ((6, 3, 3), (5, 1, 1)) for name in ranks}}
     tensors = load_file(kohya_file(path, shapes, rank=5, alpha=2.0))
-    for name, k in {"lora_unet_a_proj": linear, **ranks}.items():
+    if not linear:  # no Linear at all
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_unet_a_proj.")}
+    for name, k in {**({"lora_unet_a_proj": linear} if linear else {}), **ranks}.items():
         tensors[f"{name}.lora_down.weight"] = tensors[f"{name}.lora_down.weight"][:k].contiguous()
         tensors[f"{name}.lora_up.weight"] = tensors[f"{name}.lora_up.weight"][:, :k].contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(k / 2)
@@ -256,13 +289,56 @@ def test_kohya_metadata_of_convs_of_different_ranks_is_dynamic(tmp_path):
     code, out = run("export", source, "--format", "kohya", "-o", tmp_path / "out.safetensors")
     assert code == 0, out
     metadata = read_adapter(tmp_path / "out.safetensors").metadata
-    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "2")
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "2.0")
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "Dynamic", "conv_alpha": "Dynamic"}
     same = _kohya_convs_of_ranks(tmp_path / "same.safetensors", {"lora_unet_b_conv": 2, "lora_unet_c_conv": 2})
     code, out = run("export", same, "--format", "kohya", "-o", tmp_path / "same-out.safetensors")
     assert code == 0, out
     assert json.loads(read_adapter(tmp_path / "same-out.safetensors").metadata["ss_network_args"]) == {
-        "conv_dim": "2", "conv_alpha": "1"}
+        "conv_dim": "2", "conv_alpha": "1.0"}
+
+
+SOURCE_ARGS = {
+    # how it was trained and which blocks it trained: true of what resize or export writes
+    "rank_dropout": "0.1", "module_dropout": "0.05", "loraplus_lr_ratio": "16", "down_lr_weight": "sine",
+    "train_blocks": "single", "split_qkv": "True",
+    # its ranks and alphas (the written modules' are in each module; conv_dim/conv_alpha are made anew)
+    "conv_dim": "4", "conv_alpha": "2", "block_dims": "4,4,4", "in_dims": "[4,0,0,0,0]", "img_attn_dim": "8",
+    # LyCORIS' arguments: the file is written as sd-scripts' networks.lora, which has none of them
+    "algo": "locon", "use_tucker": True, "preset": "full", "dropout": "0.1",
+}
+KEPT_ARGS = {"rank_dropout": "0.1", "module_dropout": "0.05", "loraplus_lr_ratio": "16", "down_lr_weight": "sine",
+             "train_blocks": "single", "split_qkv": "True"}
+
+
+@pytest.mark.parametrize("module", ["lycoris.kohya", "networks.lora"])
+def test_kohya_writer_keeps_the_source_network_args_that_stay_true(tmp_path, module):
+    """resize: the source's training settings stay, its ranks/alphas and LyCORIS' algo do not; conv_dim/conv_alpha
+    are the written convs'. export of a file without k×k convs: no conv_dim/conv_alpha at all (the source's claimed
+    some). Whatever network the source names: the written one is networks.lora."""
+    source = kohya_file(tmp_path / "k.safetensors", {"lora_unet_a_proj": ((10,), (12,)),
+                                                    "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1))}, rank=4, alpha=2.0,
+                        metadata={"ss_network_module": module, "ss_network_args": json.dumps(SOURCE_ARGS)})
+    code, out = run("resize", source, "--rank", "3", "--conv-rank", "2", "-o", tmp_path / "r.safetensors")
+    assert code == 0, out
+    metadata = read_adapter(tmp_path / "r.safetensors").metadata
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert json.loads(metadata["ss_network_args"]) == {**KEPT_ARGS, "conv_dim": "2", "conv_alpha": "1.0"}
+    flat = kohya_file(tmp_path / "flat.safetensors", {"lora_unet_a_proj": ((10,), (12,))},
+                      metadata={"ss_network_module": module, "ss_network_args": json.dumps(SOURCE_ARGS)})
+    code, out = run("export", flat, "--format", "kohya", "-o", tmp_path / "flat-out.safetensors")
+    assert code == 0, out
+    assert json.loads(read_adapter(tmp_path / "flat-out.safetensors").metadata["ss_network_args"]) == KEPT_ARGS
+
+
+@pytest.mark.parametrize("args", ["not json", "null", '["conv_dim", "4"]', ""])
+def test_kohya_writer_ignores_network_args_that_are_no_dict(tmp_path, args):
+    """LyCORIS writes "null" for no arguments; anything but a JSON object is no arguments (never a failed write)."""
+    flat = kohya_file(tmp_path / "flat.safetensors", {"lora_unet_a_proj": ((10,), (12,))},
+                      metadata={"ss_network_args": args})
+    code, out = run("export", flat, "--format", "kohya", "-o", tmp_path / "out.safetensors")
+    assert code == 0, out
+    assert read_adapter(tmp_path / "out.safetensors").metadata["ss_network_args"] == "{}"
 
 
 @pytest.mark.parametrize("linear, conv, args, message", [

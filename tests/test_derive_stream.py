@@ -69,14 +69,16 @@ def fixed_adapter(fmt: str) -> Adapter:
 BEFORE = {
     "peft": {"adapter_config.json": "8d2134515602b69b557599ee70555ac613e12b2e2f926cb62ed3cd8ce9940b5f",
              "adapter_model.safetensors": "a98e90aa00304d3a7fdd74c9225b47d63c3427e44604d0a0d668e90daf7ec767"},
-    "kohya": {"out.safetensors": "2e9a8b64948affc8d1bfaea37987626ad3433ff06afc3545aa2a020a1cefb84c"},
+    # (its header's conv_alpha since written "8.0", as sd-scripts does; the same bytes after the header,
+    # sshs_model_hash f930299f…)
+    "kohya": {"out.safetensors": "01c7a2a5e0f6f44354ed4c207cd80fb1a612542e6c6579cb609c7026d6e9015f"},
     "diffusers": {"out.safetensors": "5339201261e54dbc60ccee3907de177ce0cbf7295677aaeccf2ea7757f03d7bf"},
 }
 # identities of fixed_adapter combined by cat as below, registered before this change (main at 0449d05); the kohya
 # one's header since keeps its inputs' ss_base_model_version (sd_v1; the same bytes after the header, sshs_model_hash
-# 5bb83805…)
+# 5bb83805…), and its alphas are written as floats ("8.0", as sd-scripts does)
 CAT_PEFT_BEFORE = "43f4c173b35053af5284dc3aa9a48496df6ffb9b0f06e28f829a7c9f5335f39e"
-CAT_KOHYA_BEFORE = "2f10147c2f136751f35e5807b5fd17bd819d62e3a2c1ffd517f08c09aa6f43b6"
+CAT_KOHYA_BEFORE = "855a08f4017d106e6c447990bdd11a6903befb598d5b78394f01e1fb5ee7fa22"
 
 
 def previous_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],

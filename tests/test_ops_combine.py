@@ -32,6 +32,14 @@ CASES = [("cat", {}), ("linear", {}), ("svd", {}), ("ties", {"density": 0.3}), (
          ("breadcrumbs_ties", {"density": 0.3, "consensus": "count"}),
          ("della", {"density": 0.5, "seed": 5, "rescale": False, "consensus": "count"}),
          ("della_linear", {"density": 0.4, "epsilon": 0.3, "seed": 2, "rescale": False}),
+         # mergekit's current rescale (rescale_norm; its config's rescale: true is l1)
+         ("ties", {"density": 0.3, "rescale_norm": "l1"}),
+         ("dare_linear", {"density": 0.4, "seed": 7, "rescale_norm": "l2"}),
+         ("dare_ties", {"density": 0.6, "seed": 3, "rescale_norm": "linf"}),
+         ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "rescale_norm": "l1"}),
+         ("breadcrumbs_ties", {"density": 0.3, "rescale_norm": "l2"}),
+         ("della", {"density": 0.5, "seed": 5, "rescale_norm": "l1"}),
+         ("della_linear", {"density": 0.4, "epsilon": 0.3, "seed": 2, "rescale_norm": "linf"}),
          ("sce", {"select_topk": 0.3}), ("sce", {}), ("sce", {"select_topk": 0.5, "consensus": "count"}),
          ("nuslerp", {}), ("nuslerp", {"flatten": False}), ("nuslerp", {"flatten": False, "row_wise": True}),
          ("model_stock", {}), ("model_stock", {"filter_wise": True})]
@@ -42,7 +50,8 @@ def expected(method, inputs, name, params):
     """The float64 reference with the case's params (and the methods' defaults)."""
     keys = {"density": "density", "seed": "seed", "gamma": "gamma", "epsilon": "epsilon", "normalize": "normalize",
             "lambda": "lam", "rescale": "rescale", "consensus": "consensus", "select_topk": "select_topk",
-            "flatten": "flatten", "row_wise": "row_wise", "filter_wise": "filter_wise"}
+            "flatten": "flatten", "row_wise": "row_wise", "filter_wise": "filter_wise",
+            "rescale_norm": "rescale_norm"}
     return reference(method, inputs, name, **{keys[k]: v for k, v in params.items()})
 
 
@@ -50,7 +59,8 @@ def test_every_method_is_tested():
     assert {name for name, _ in CASES} == set(METHODS)
 
 
-@pytest.mark.parametrize("method, params", CASES)
+@pytest.mark.parametrize("method, params", CASES,
+                         ids=[",".join([method, *(f"{k}={v}" for k, v in params.items())]) for method, params in CASES])
 def test_method_matches_float64_reference(inputs, method, params):
     if method in NORMALIZED | TWO:  # normalized: negative weights are refused (next test); nuslerp's place t
         inputs = [(adapter, abs(weight)) for adapter, weight in inputs[-2 if method in TWO else 0:]]
@@ -161,7 +171,7 @@ def test_trim_keeps_exactly_k_entries_with_ties_first_in_row_major_order(dtype, 
         [top] = kth_largest_magnitudes(term.delta, [k], blocks, term.A)
         assert (torch.tensor([top.threshold], dtype=bits_dtype).view(dtype).item(), top.equal_kept) == (
             magnitude, ties_kept), k
-    sparsify = trim(term, 0.42, blocks, Context("m", (3, 4)), 0, None)  # k = 5
+    sparsify = trim(term, 0.42, blocks, Context("m", (3, 4)), 0, None)()  # k = 5
     kept = torch.cat([sparsify(term.delta(rows)) for rows in blocks])
     assert kept.tolist() == [[3.0, 0.0, 2.0, 0.0], [-2.0, 0.0, 5.0, 0.0], [0.0, 0.0, -5.0, 0.0]]
 

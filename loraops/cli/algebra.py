@@ -6,7 +6,7 @@ from typing import Iterable
 import click
 
 from ..references import parse_weighted
-from .render import METHODS, echo_json, echo_table
+from .render import METHODS, echo_json, echo_table, layer_kind
 
 METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, "
                "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp (two adapters, "
@@ -81,7 +81,11 @@ def percent(value: float | None) -> str:
 @click.option("--seed", type=int, help="dare_*, della*: seed of the random masks (default 0).")
 @click.option("--rescale/--no-rescale", default=None,
               help="dare_*, della*: divide the kept entries by their keep probability (DARE's 1/density, DELLA's 1/p; "
-                   "default on, as mergekit; --no-rescale is mergekit's rescale: false).")
+                   "default on, the papers' and mergekit 2024's; --no-rescale is mergekit's rescale: false).")
+@click.option("--rescale-norm", type=click.Choice(["l1", "l2", "linf"]),
+              help="mergekit's methods (ties, dare_*, breadcrumbs*, della*): multiply each sparsified delta by "
+                   "‖delta‖/‖sparsified‖ in this norm, per module (mergekit's current rescale, per tensor; its "
+                   "rescale: true is l1); for dare_* and della* in place of the division by the keep probability.")
 @click.option("--consensus", type=click.Choice(["sum", "count"]),
               help="Sign-elected methods (ties, dare_ties, breadcrumbs_ties, della, sce): elect each entry's sign from "
                    "the weighted sum of the deltas (sum, the default, TIES') or from a count of their signs (count).")
@@ -106,15 +110,17 @@ def percent(value: float | None) -> str:
                    "--normalize (default 1).")
 @compute_options
 @output_options
-def combine(inputs, method, rank, density, gamma, epsilon, seed, rescale, consensus, select_topk, flatten, row_wise,
-            filter_wise, normalize, lambda_, device, precise, base, output, fmt, force, name, as_json) -> None:
+def combine(inputs, method, rank, density, gamma, epsilon, seed, rescale, rescale_norm, consensus, select_topk, flatten,
+            row_wise, filter_wise, normalize, lambda_, device, precise, base, output, fmt, force, name,
+            as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage."""
     from .. import derive
 
     given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("rescale", rescale),
-             ("consensus", consensus), ("select_topk", select_topk), ("flatten", flatten), ("row_wise", row_wise),
-             ("filter_wise", filter_wise), ("normalize", normalize), ("lambda", lambda_))
+             ("rescale_norm", rescale_norm), ("consensus", consensus), ("select_topk", select_topk),
+             ("flatten", flatten), ("row_wise", row_wise), ("filter_wise", filter_wise), ("normalize", normalize),
+             ("lambda", lambda_))
     params = {key: value for key, value in given if value is not None}
     result = derive.combine([parse_weighted(text) for text in inputs], method, params, rank=rank, device=device,
                             precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
@@ -156,7 +162,7 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
     report = result.report
     echo_table(
         ["module", "kind", "rank", "new", "alpha", "fro kept", "sum(S) kept"],
-        [(m.name, m.kind, m.rank_before, m.rank_after, f"{m.alpha_after:g}", f"{m.fro_retained:.2%}",
+        [(m.name, layer_kind(m.kind, m.kernel), m.rank_before, m.rank_after, f"{m.alpha_after:g}", f"{m.fro_retained:.2%}",
           percent(m.sum_retained)) for m in report.modules],
     )
     click.echo(f"average: fro kept {report.fro_retained_mean:.2%}, sum(S) kept {percent(report.sum_retained_mean)}; "

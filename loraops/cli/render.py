@@ -117,6 +117,12 @@ def echo_fields(fields: Sequence[tuple[str, Any]]) -> None:
         click.echo(f"{key.ljust(width)}  {value}")
 
 
+def layer_kind(kind: str, kernel: Sequence[int] | None) -> str:
+    """A layer kind for a table, a convolution's with its kernel (conv1x1, conv3x3): the kernel says which rank
+    (--rank or --conv-rank) the conv takes."""
+    return f"{kind}{'x'.join(map(str, kernel))}" if kernel else kind
+
+
 def echo_modules(modules: Sequence[Any]) -> None:
     """The per-module table shared by `inspect` and `show` (ModuleRecord rows)."""
     echo_table(

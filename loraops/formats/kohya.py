@@ -38,6 +38,18 @@ PIPELINE_COMPONENTS = ("unet", "prior", "text_encoder", "text_encoder_2", "text_
 # adapter's metadata (a bound adapter's is its base's: ldm.versioned); any other (LyCORIS') is networks.lora
 NETWORK_MODULES = ("networks.lora", "networks.lora_flux", "networks.lora_sd3")
 HASH_KEY = "sshs_model_hash"
+# The arguments of sd-scripts' LoRA networks (lora.py, lora_flux.py, lora_sd3.py) that stay true of the source's
+# modules written anew, resized or not: how it was trained (dropouts, LoRA+ ratios, block learning-rate weights, GGPO)
+# and which blocks and encoders it trained. A written file keeps these of its source's ss_network_args and no others:
+# its ranks and alphas (conv_dim, block_dims, in_dims, img_attn_dim, …: each written module has its own, and
+# conv_dim/conv_alpha are made from them) and any other network's arguments (LyCORIS' algo, preset, use_tucker, …:
+# the file is written as sd-scripts' plain LoRA network, lora_mid composed away) would no longer be true.
+KEPT_NETWORK_ARGS = frozenset({
+    "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+    "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "ggpo_beta", "ggpo_sigma",
+    "train_blocks", "train_double_block_indices", "train_single_block_indices", "train_block_indices", "train_t5xxl",
+    "split_qkv",
+})
 
 
 def is_kohya_key(key: str) -> bool:
@@ -272,10 +284,12 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
         written = list(stream.written(joined).values())
 
         def dim_alpha(group: list[LoraModule]) -> tuple[str, str]:
-            """The group's rank and alpha, each "Dynamic" unless every module has the same (sd-scripts' mark)."""
+            """The group's rank and alpha, each "Dynamic" unless every module has the same (sd-scripts' mark); the
+            rank an int, the alpha a Python float ("4", "2.0"), as sd-scripts' resize_lora.py and
+            extract_lora_from_models.py write them (str(new_rank), str(float(alpha)))."""
             ranks, alphas = {m.rank for m in group}, {peft.stored_alpha(m, rslora=False) for m in group}
             return (str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-                    str(peft.number(alphas.pop())) if len(alphas) == 1 else "Dynamic")
+                    str(float(alphas.pop())) if len(alphas) == 1 else "Dynamic")
 
         # sd-scripts' LoCon: network_dim/alpha are the modules other than k×k convs', the convs' are conv_dim/alpha in
         # the network args (resize_lora.py --new_conv_rank: ss_network_dim = --new_rank)
@@ -287,11 +301,21 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             else "networks.lora",
             "ss_network_dim": dim,
             "ss_network_alpha": alpha,
-            "ss_network_args": json.dumps(conv_args),
+            "ss_network_args": json.dumps({**kept_network_args(adapter.metadata), **conv_args}),
             "ss_base_model_version": adapter.metadata.get("ss_base_model_version", ""),
             "ss_v2": adapter.metadata.get("ss_v2", "False"),
         }
         return {dest.name: out.close(metadata, hash_key=HASH_KEY)}
+
+
+def kept_network_args(metadata: dict[str, str]) -> dict:
+    """The source's ss_network_args that a written file keeps (KEPT_NETWORK_ARGS); none where they are no JSON object
+    (LyCORIS writes "null")."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        return {}
+    return {k: v for k, v in args.items() if k in KEPT_NETWORK_ARGS} if isinstance(args, dict) else {}
 
 
 def data_hash(path: Path) -> str:

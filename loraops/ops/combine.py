@@ -29,7 +29,9 @@ weight still counts where a method normalizes by the weights).
                       input by its Σ τᵢ'² there, elect sign, disjoint mean with those weights (mergekit's SCE).
   ``normalize`` divides by the summed weights of the contributing entries, as mergekit does; ``lambda`` (mergekit's
   methods) scales the mixed result last, after that division. ``consensus`` elects the sign from Σ wᵢτᵢ (sum) or from
-  a vote of their signs (count); ``rescale`` (DARE, DELLA) divides the survivors by their keep probability.
+  a vote of their signs (count); ``rescale`` (DARE, DELLA) divides the survivors by their keep probability;
+  ``rescale_norm`` (mergekit's methods; mergekit's current rescale) instead multiplies each sparsified τ̂ᵢ by
+  ‖τᵢ‖/‖τ̂ᵢ‖ in l1, l2 or linf over the module, before the weights.
 * vector-wise methods, on each module's τᵢ as one vector or as rows/columns of the base weight: the result is a
   combination Σ cᵢτᵢ with a coefficient per vector, computed from inner products of the factors (never a dense
   delta) and re-factorized exactly from the cat factors (lossless at rank Σ rᵢ).
@@ -114,8 +116,8 @@ def register(*names: str, params: type[Params], default_rank: Callable[[list[int
 
 class CombineParams(Params):
     """Base of the combine methods' parameters. Options added after results were recorded (``consensus``,
-    ``rescale``) are dumped (report, lineage) only when they differ from their default, which is what every method
-    did before them: so one computation has one record, before and after."""
+    ``rescale``, ``rescale_norm``) are dumped (report, lineage) only when they differ from their default, which is what
+    every method did before them: so one computation has one record, before and after."""
 
     model_config = ConfigDict(serialize_by_alias=True)  # "lambda", a Python keyword, is held as lambda_
 
@@ -128,7 +130,7 @@ class CombineParams(Params):
         return data
 
 
-LATER_DEFAULTS = {"consensus": "sum", "rescale": True}
+LATER_DEFAULTS = {"consensus": "sum", "rescale": True, "rescale_norm": None}
 
 
 class NoParams(CombineParams):
@@ -166,13 +168,33 @@ Rescale = Annotated[bool, Field(description="divide the survivors by their keep 
                                             "DELLA's 1/p)")]
 
 
-class TiesParams(DensityParams):
+class MergekitParams(DensityParams):
+    """The parameters of mergekit's sparsifying methods (all the element-wise ones but PEFT's magnitude_prune)."""
+
+    rescale_norm: Literal["l1", "l2", "linf"] | None = Field(None, description=(
+        "mergekit's current rescale: each sparsified task vector multiplied by ‖τ‖/‖τ̂‖ in this norm (over the "
+        "module), in place of DARE's and DELLA's division by the keep probability"))
+
+    @model_validator(mode="after")
+    def check_rescale(self):
+        if self.rescale_norm is not None and getattr(self, "rescale", True) is False:
+            raise ValueError("rescale_norm is a way to rescale the survivors (in place of the division by their keep "
+                             "probability); it cannot go with rescale off")
+        return self
+
+
+def divides_by_keep_probability(params: "DareParams | DellaLinearParams") -> bool:
+    """DARE's and DELLA's own rescale (1/density, 1/p): on unless turned off, or replaced by a norm's."""
+    return params.rescale and params.rescale_norm is None
+
+
+class TiesParams(MergekitParams):
     consensus: Consensus = "sum"
     normalize: bool = True
     lambda_: Lambda = 1.0
 
 
-class DareParams(DensityParams):
+class DareParams(MergekitParams):
     seed: int = 0
     rescale: Rescale = True
     normalize: bool = False
@@ -187,7 +209,7 @@ class PruneParams(DensityParams):
     normalize: bool = False
 
 
-class BreadcrumbsParams(DensityParams):
+class BreadcrumbsParams(MergekitParams):
     gamma: float = Field(0.01, ge=0, lt=1, description="fraction of the largest-magnitude entries dropped")
     normalize: bool = False
     lambda_: Lambda = 1.0
@@ -206,7 +228,7 @@ class BreadcrumbsTiesParams(BreadcrumbsParams):
     consensus: Consensus = "sum"
 
 
-class DellaLinearParams(DensityParams):
+class DellaLinearParams(MergekitParams):
     epsilon: float = Field(0.15, ge=0, description="half-width of the keep probabilities around density")
     seed: int = 0
     rescale: Rescale = True
@@ -230,7 +252,15 @@ class DellaParams(DellaLinearParams):
 
 
 Sparsifier = Callable[[torch.Tensor], torch.Tensor]
-"""One input's sparsification, called on its delta's row blocks in order (it may keep state across them)."""
+"""One pass of one input's sparsification, called on its delta's row blocks in order (it may keep state across
+them)."""
+Sparsification = Callable[[], Sparsifier]
+"""One input's sparsification: each call a fresh pass, which keeps the same entries (same masks, same draws)."""
+
+
+def _passes(sparsifier: Sparsifier) -> Sparsification:
+    """The sparsification of a sparsifier that keeps no state: every pass is that one."""
+    return lambda: sparsifier
 
 
 def _unchanged(block: torch.Tensor) -> torch.Tensor:
@@ -241,35 +271,45 @@ def _zero(block: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=block.dtype, device=block.device)
 
 
-def trim(term: Term, density: float, blocks: list[slice], ctx: Context, index: int, params: Params) -> Sparsifier:
+def trim(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
+         params: Params) -> Sparsification:
     """Keep the ⌊density·n⌋ (at least 1) largest-magnitude entries of one task vector (TIES' trim); of entries equal
     to the smallest kept magnitude, the first in row-major order (torch.topk, as mergekit uses, keeps any)."""
     if density >= 1:
-        return _unchanged
+        return _passes(_unchanged)
     [top] = kth_largest_magnitudes(term.delta, [max(1, int(density * math.prod(ctx.shape)))], blocks, term.A)
-    mask = top.mask()
-    return lambda block: torch.where(mask(_magnitude_bits(block)), block, _zero(block))
+
+    def new_pass() -> Sparsifier:
+        mask = top.mask()
+        return lambda block: torch.where(mask(_magnitude_bits(block)), block, _zero(block))
+
+    return new_pass
 
 
 def drop_outliers(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
-                  params: BreadcrumbsParams) -> Sparsifier:
+                  params: BreadcrumbsParams) -> Sparsification:
     """Model Breadcrumbs (mergekit's magnitude_outliers): of the entries in order of decreasing magnitude, drop the
     first ⌊gamma·n⌋ and keep the next ⌊density·n⌋ (at least 1); equal magnitudes are ordered row-major, as in trim.
     Two exact thresholds over the whole module (one radix select), then a mask per row block."""
     if density >= 1:
-        return _unchanged
+        return _passes(_unchanged)
     n = math.prod(ctx.shape)
     kept = max(1, int(density * n))
     dropped = min(int(params.gamma * n), n - kept)
     if not dropped:
         return trim(term, density, blocks, ctx, index, params)
-    outliers, top = (k.mask() for k in kth_largest_magnitudes(term.delta, [dropped, dropped + kept], blocks, term.A))
+    largest = kth_largest_magnitudes(term.delta, [dropped, dropped + kept], blocks, term.A)
 
-    def sparsify(block: torch.Tensor) -> torch.Tensor:
-        bits = _magnitude_bits(block)
-        return torch.where(top(bits) & ~outliers(bits), block, _zero(block))
+    def new_pass() -> Sparsifier:
+        outliers, top = (k.mask() for k in largest)
 
-    return sparsify
+        def sparsify(block: torch.Tensor) -> torch.Tensor:
+            bits = _magnitude_bits(block)
+            return torch.where(top(bits) & ~outliers(bits), block, _zero(block))
+
+        return sparsify
+
+    return new_pass
 
 
 def _magnitude_bits(block: torch.Tensor) -> torch.Tensor:
@@ -352,40 +392,50 @@ def uniforms(term: Term, ctx: Context, index: int,
 
 
 def drop_and_rescale(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
-                     params: DareParams) -> Sparsifier:
+                     params: DareParams) -> Sparsification:
     """DARE: drop each entry with probability 1 − density (uniform draw ≥ density), rescale the survivors by
-    1/density (``rescale``; mergekit's rescale: false keeps them as they are)."""
+    1/density (``rescale``; mergekit's rescale: false keeps them as they are, and so does a ``rescale_norm``)."""
     if density >= 1:
-        return _unchanged
-    draw = uniforms(term, ctx, index, params)
-    divisor = density if params.rescale else 1
-    return lambda block: torch.where(draw(block.shape) < density, block / divisor, _zero(block))
+        return _passes(_unchanged)
+    divisor = density if divides_by_keep_probability(params) else 1
+
+    def new_pass() -> Sparsifier:
+        draw = uniforms(term, ctx, index, params)
+        return lambda block: torch.where(draw(block.shape) < density, block / divisor, _zero(block))
+
+    return new_pass
 
 
 def sample_by_rank(term: Term, density: float, blocks: list[slice], ctx: Context, index: int,
-                   params: DellaLinearParams) -> Sparsifier:
+                   params: DellaLinearParams) -> Sparsification:
     """DELLA's MagPrune (mergekit's rank_magnitude_sampling): in each row, the entry of magnitude rank r (0 for the
     smallest, equal magnitudes ranked in column order) of m is kept with probability
     p = density − epsilon + 2·epsilon·r/(m − 1) (density for a row of one), by a uniform draw < p as DARE's, and
-    divided by p (``rescale``): each entry keeps its expectation. Rows are whole in every block."""
+    divided by p (``rescale``, not with a ``rescale_norm``): each entry keeps its expectation. Rows are whole in every
+    block."""
     if density >= 1:
-        return _unchanged
-    draw = uniforms(term, ctx, index, params)
+        return _passes(_unchanged)
     low, span = density - params.epsilon, 2 * params.epsilon
+    divides = divides_by_keep_probability(params)
 
-    def sparsify(block: torch.Tensor) -> torch.Tensor:
-        cols = block.shape[1]
-        if cols == 1:
-            p = torch.full_like(block, density)
-        else:  # the probabilities in rank order, put where each rank's entry is (sorting the bit patterns: a third
-            # faster than the floats, same order)
-            by_rank = torch.arange(cols, dtype=block.dtype, device=block.device).mul_(span / (cols - 1)).add_(low)
-            order = _magnitude_bits(block).argsort(dim=1, stable=True)
-            p = torch.empty_like(block).scatter_(1, order, by_rank.expand_as(order))
-            del order
-        return torch.where(draw(block.shape) < p, block / p if params.rescale else block, _zero(block))
+    def new_pass() -> Sparsifier:
+        draw = uniforms(term, ctx, index, params)
 
-    return sparsify
+        def sparsify(block: torch.Tensor) -> torch.Tensor:
+            cols = block.shape[1]
+            if cols == 1:
+                p = torch.full_like(block, density)
+            else:  # the probabilities in rank order, put where each rank's entry is (sorting the bit patterns: a
+                # third faster than the floats, same order)
+                by_rank = torch.arange(cols, dtype=block.dtype, device=block.device).mul_(span / (cols - 1)).add_(low)
+                order = _magnitude_bits(block).argsort(dim=1, stable=True)
+                p = torch.empty_like(block).scatter_(1, order, by_rank.expand_as(order))
+                del order
+            return torch.where(draw(block.shape) < p, block / p if divides else block, _zero(block))
+
+        return sparsify
+
+    return new_pass
 
 
 def elected_positive(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
@@ -419,25 +469,50 @@ def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], c
         out /= divisor
 
 
+RESCALE_NORM_ORDERS = {"l1": 1, "l2": 2, "linf": math.inf}
+RESCALE_EPS = 1e-7
+"""mergekit's: a task vector, or its sparsified one, with a norm below it is left as sparsified."""
+
+
+def norm_ratio(term: Term, sparsification: Sparsification, blocks: list[slice], norm: str) -> float:
+    """mergekit's rescaled_masked_tensor factor ‖τ‖/‖τ̂‖ of one task vector τ and its sparsified τ̂, in the norm l1,
+    l2 or linf over the module (mergekit: over its tensor), 1 where either is below RESCALE_EPS. One pass of the
+    sparsification over the row blocks; each block's norm in float64, the module's the same norm of theirs."""
+    order = RESCALE_NORM_ORDERS[norm]
+    sparsify = sparsification()
+    whole, kept = [], []
+    for rows in blocks:
+        block = term.delta(rows)
+        whole.append(torch.linalg.vector_norm(block, order, dtype=torch.float64))
+        kept.append(torch.linalg.vector_norm(sparsify(block), order, dtype=torch.float64))
+    before, after = (float(torch.linalg.vector_norm(torch.stack(parts), order)) for parts in (whole, kept))
+    return 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+
+
 def task_arithmetic(
-    terms: list[Term], params: DensityParams, ctx: Context, sparsifier: Callable[..., Sparsifier], consensus: bool
+    terms: list[Term], params: DensityParams, ctx: Context, sparsifier: Callable[..., Sparsification],
+    consensus: bool
 ) -> torch.Tensor:
-    """mergekit's generalized task arithmetic on one module: sparsify each τᵢ, weight, optionally keep only the
-    entries that agree with the elected sign, sum, optionally normalize. Every step is per entry, so the result is
-    made row block by row block (see the module docstring)."""
+    """mergekit's generalized task arithmetic on one module: sparsify each τᵢ (and bring it back to τᵢ's norm, with
+    a ``rescale_norm``: a pass of its own), weight, optionally keep only the entries that agree with the elected sign,
+    sum, optionally normalize. Every step is per entry, so the result is made row block by row block (see the module
+    docstring)."""
     blocks = row_blocks(ctx.shape)
-    sparsify = [sparsifier(t, params.density, blocks, ctx, i, params) for i, t in enumerate(terms)]
+    sparsifications = [sparsifier(t, params.density, blocks, ctx, i, params) for i, t in enumerate(terms)]
+    norm = getattr(params, "rescale_norm", None)
+    factors = [t.weight * (norm_ratio(t, s, blocks, norm) if norm else 1.0) for t, s in zip(terms, sparsifications)]
+    sparsify = [s() for s in sparsifications]
     mixed = torch.empty(ctx.shape, dtype=terms[0].A.dtype, device=terms[0].A.device)
     for rows in blocks:
         out = mixed[rows]
-        mix(out, [s(t.delta(rows)).mul_(t.weight) for t, s in zip(terms, sparsify)], [t.weight for t in terms],
+        mix(out, [s(t.delta(rows)).mul_(f) for t, s, f in zip(terms, sparsify, factors)], [t.weight for t in terms],
             params.consensus if consensus else None, params.normalize)
         if getattr(params, "lambda_", 1.0) != 1:
             out *= params.lambda_
     return mixed
 
 
-def _elementwise(sparsifier: Callable[..., Sparsifier], consensus: bool, by_rows: bool = False) -> MethodFn:
+def _elementwise(sparsifier: Callable[..., Sparsification], consensus: bool, by_rows: bool = False) -> MethodFn:
     """A method from a sparsifier. ``by_rows``: the sparsifier works on the rows of the base weight as stored (as
     mergekit's does on the checkpoint's tensor), so a transposed module's terms are transposed too — its delta
     (B·A)ᵀ = Aᵀ·Bᵀ is built by rows of the weight — and the result is transposed back (a view) for the SVD."""

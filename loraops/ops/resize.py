@@ -133,8 +133,8 @@ def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, 
     out = module.dtype  # (the file's: a factor composed on read in float32 is not written so)
     resized = module.with_factors(B.to(device="cpu", dtype=out), A.to(device="cpu", dtype=out), alpha, module.scale)
     record = ResizeModuleRecord(
-        name=module.name, kind=module.kind, spatial=module.spatial, rank_before=before, rank_after=k, alpha_after=alpha,
-        fro_retained=fro, sum_retained=total,
+        name=module.name, kind=module.kind, spatial=module.spatial, kernel=module.kernel, rank_before=before,
+        rank_after=k, alpha_after=alpha, fro_retained=fro, sum_retained=total,
     )
     return resized, record
 
