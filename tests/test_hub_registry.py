@@ -343,3 +343,23 @@ def test_pull_file_is_not_blocked_by_a_bad_name_elsewhere_in_the_repo(fake_hub, 
     pulled = CliRunner().invoke(main, ["pull", "someone/mixed", "--file", "good", "--name", "good"])
     assert pulled.exit_code == 0, pulled.output
     assert registry.get_adapter("good").source == f"hf://someone/mixed@{commit}/good"
+
+
+@pytest.mark.parametrize("command", [["merge", "{a}", "--into", "tiny"], ["subtract", "{a}", "--from", "tiny"],
+                                     ["subtract", "{a}", "--from", "tiny", "--exact"]])
+def test_a_misnamed_output_is_refused_before_a_hub_base_is_downloaded(fake_hub, adapters, tmp_path, command):
+    """`merge --into` a base recorded from the Hub with `-o x.safetensors` downloaded the whole base, then refused the
+    output's name: a Hub base comes down as a folder, which is known from its record, so the name is refused first
+    and nothing is asked of the Hub."""
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny", "--name", "tiny"]).exit_code == 0
+    before = len(fake_hub.requests)
+    out = tmp_path / "x.safetensors"
+    result = runner.invoke(main, [a.format(a=adapters["a"]) for a in command] + ["-o", str(out)])
+    verb = {"merge": "merging into", "subtract": "subtracting from"}[command[0]] if "--exact" not in command \
+        else "restoring"
+    assert (result.exit_code, result.output) == (2, f"error: {out}: the output of {verb} the folder model tiny is a "
+                                                    "folder, not one .safetensors file; give a folder name\n")
+    assert fake_hub.requests[before:] == []  # not even asked where main is now
+    assert not out.exists() and not any(hub.cache_dir().rglob("*.safetensors"))

@@ -309,7 +309,7 @@ class Registry:
         """Where the base's files are on disk (refused when they are gone). A base recorded from the Hub without
         its files (source hf://repo@commit) is downloaded into the Hub cache and attached here, on first use."""
         base = self.get_base(ref)
-        if (not base.path or not Path(base.path).exists()) and base.source.startswith("hf://"):
+        if _downloads(base):
             from .. import hub
 
             files = hub.download_base(base.source)
@@ -320,6 +320,14 @@ class Registry:
         if not base.path or not Path(base.path).exists():
             raise NotFoundError(f"base {base.name!r}: its files are no longer at {base.path}; `loraops base add` them again")
         return Path(base.path)
+
+    def base_is_single_file(self, ref: str | int) -> bool | None:
+        """Whether base_path gives one file (True) or a folder (False), known from the record alone: nothing is read
+        or downloaded (a base from the Hub comes down as its snapshot folder). None when its files are gone."""
+        base = self.get_base(ref)
+        if _downloads(base):
+            return False
+        return Path(base.path).is_file() if base.path and Path(base.path).exists() else None
 
     def find_base(self, fingerprint: str) -> BaseRecord | None:
         """The registered base with exactly this fingerprint, if any (e.g. the pristine base of a merged model)."""
@@ -865,6 +873,11 @@ def retryable(exc: DBAPIError) -> bool:
         return True
     text = str(exc.orig).lower()
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
+
+
+def _downloads(base: BaseRecord) -> bool:
+    """Is this a base recorded from the Hub whose files base_path downloads (none are attached, or they are gone)?"""
+    return (not base.path or not Path(base.path).exists()) and base.source.startswith("hf://")
 
 
 def _first_line(exc: BaseException) -> str:
