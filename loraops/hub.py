@@ -294,17 +294,20 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
             picked = [prefix + ADAPTER_CONFIG, prefix + PEFT_WEIGHTS]
         else:
             weights = [prefix + n for n in here if n.endswith(".safetensors")]
-            if len(weights) > 1:
-                raise AmbiguousError(f"{ref}: several .safetensors files ({', '.join(weights)}); pick one with --file")
+            if len(weights) > 1:  # (a sharded model's, maybe, with its LoRA in a folder below)
+                below = _peft_folders_below(names, prefix)
+                also = f", or the PEFT adapter folder {below[0]}" if len(below) == 1 else \
+                    f", or one of the PEFT adapter folders {_listed(below)}" if below else ""
+                raise AmbiguousError(f"{ref}: several .safetensors files ({', '.join(weights)}); pick one with "
+                                     f"--file{also}")
             if not weights:
                 below = _peft_folders_below(names, prefix)
                 if len(below) == 1:  # the only adapter there is, one level or more down
                     return _select(names, ref, below[0])
                 if below:
                     where = f"in {folder}/" if folder else "at the top level"
-                    listed = ", ".join(below[:10]) + (", …" if len(below) > 10 else "")
                     raise AmbiguousError(f"{ref}: no adapter {where}, but {len(below)} PEFT adapter folders below it "
-                                         f"({listed}); pick one with --file FOLDER")
+                                         f"({_listed(below)}); pick one with --file FOLDER")
                 shown = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
                 where = f" in {folder}/" if folder else ""
                 raise NotFoundError(f"{ref}: nothing adapter-like{where} (no adapter_config.json + "
@@ -314,6 +317,10 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
     if card in names:
         picked.append(card)
     return picked
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (", …" if len(names) > 10 else "")
 
 
 def _peft_folders_below(names: list[str], prefix: str) -> list[str]:
@@ -407,9 +414,9 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
             files = select_adapter_files(_cached_names(ref, commit), ref, subpath)
         else:
             api = _api(token)
-            files = select_adapter_files([s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings
-                                          or []], ref, subpath)
-            _refuse_remote_non_adapter(api, ref, commit, files)
+            names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
+            files = select_adapter_files(names, ref, subpath)
+            _refuse_remote_non_adapter(api, ref, commit, files, names)
         where = {"local_dir": into} if into is not None and not offline() else {"cache_dir": cache_dir()}
         folder = Path(snapshot_download(ref.repo_id, revision=revision, token=token, endpoint=endpoint(),
                                         allow_patterns=exactly(files), local_files_only=offline(), **where))
@@ -419,12 +426,13 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     return Download(ref, commit, files, folder)
 
 
-def _refuse_remote_non_adapter(api, ref: RepoRef, commit: str, files: list[str]) -> None:
+def _refuse_remote_non_adapter(api, ref: RepoRef, commit: str, files: list[str], names: list[str]) -> None:
     """A lone .safetensors picked (no PEFT config beside it: kohya, diffusers — or a model's weights) is judged by its
     header on the Hub (HTTP ranges: parse_safetensors_file_metadata), as the file itself would be once downloaded
     (formats.layout_of_keys), before it is downloaded: a base model's repo came down whole, gigabytes, only to be
     refused as no adapter. A header the client cannot parse (or an empty file) is left to the download, whose reader
-    says exactly what is wrong with it."""
+    says exactly what is wrong with it. Refused, it names the PEFT adapters in folders below it in the listing
+    ``names`` (a fine-tune's repo with its LoRA in a subfolder), which --file picks."""
     from huggingface_hub.errors import HfHubHTTPError, SafetensorsParsingError
 
     from . import formats
@@ -440,8 +448,18 @@ def _refuse_remote_non_adapter(api, ref: RepoRef, commit: str, files: list[str])
         if exc.response is not None and exc.response.status_code == 416:  # an empty file has no range to read
             return
         raise
-    formats.layout_of_keys(f"{ref}/{name}", list(header.tensors), hint=f"; if it is a model, `loraops base add "
-                           f"hub:{ref}` records it as a base (nothing was downloaded)")
+    base_hint = f"`loraops base add hub:{ref}` records it as a base (nothing was downloaded)"
+    folder = str(PurePosixPath(name).parent)
+    below = _peft_folders_below(names, "" if folder == "." else f"{folder}/")
+    if len(below) == 1:
+        hint = (f"; the PEFT adapter in {below[0]}/ is pulled with `loraops pull {ref} --file {below[0]}`; if "
+                f"{PurePosixPath(name).name} is a model, {base_hint}")
+    elif below:
+        hint = (f"; {len(below)} PEFT adapter folders are below it ({_listed(below)}): pick one with `loraops pull "
+                f"{ref} --file FOLDER`; if {PurePosixPath(name).name} is a model, {base_hint}")
+    else:
+        hint = f"; if it is a model, {base_hint}"
+    formats.layout_of_keys(f"{ref}/{name}", list(header.tensors), hint=hint)
 
 
 def _cached_names(ref: RepoRef, commit: str) -> list[str]:

@@ -185,6 +185,35 @@ def test_a_models_repo_is_refused_from_its_header_before_anything_is_downloaded(
     assert list(into.iterdir()) == [] and not any(hub.cache_dir().rglob("model.safetensors"))
 
 
+def test_a_models_repo_with_adapters_in_subfolders_names_them(fake_hub, tmp_path):
+    """A model at the top of a repo and PEFT adapters in subfolders (a common layout for a fine-tune and its LoRA):
+    `pull` said to `base add` the model, not that the adapter the user came for is taken with --file."""
+    weights = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
+    peft = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}
+    fake_hub.commit("meta/tuned", {"model.safetensors": weights, **{f"lora/{n}": b for n, b in peft.items()}})
+    with pytest.raises(FormatError) as one:
+        hub.download_adapter("meta/tuned")
+    assert str(one.value).endswith(
+        "; the PEFT adapter in lora/ is pulled with `loraops pull meta/tuned --file lora`; if model.safetensors is a "
+        "model, `loraops base add hub:meta/tuned` records it as a base (nothing was downloaded)")
+    fake_hub.commit("meta/tuned", {f"runs/x/{n}": b for n, b in peft.items()})
+    with pytest.raises(FormatError) as two:
+        hub.download_adapter("meta/tuned@main")
+    assert str(two.value).endswith(
+        "; 2 PEFT adapter folders are below it (lora, runs/x): pick one with `loraops pull meta/tuned@main --file "
+        "FOLDER`; if model.safetensors is a model, `loraops base add hub:meta/tuned@main` records it as a base "
+        "(nothing was downloaded)")
+    assert all(r["range"] is not None for r in fake_hub.downloads("model.safetensors"))
+    assert hub.download_adapter("meta/tuned", subpath="lora").files == ["lora/adapter_config.json",
+                                                                        "lora/adapter_model.safetensors"]
+    shards = {f"model-0000{i}-of-00002.safetensors": weights for i in (1, 2)}
+    fake_hub.commit("meta/sharded", {**shards, **{f"lora/{n}": b for n, b in peft.items()}})
+    with pytest.raises(AmbiguousError, match=r"^meta/sharded: several .safetensors files \(model-00001-of-00002."
+                                             r"safetensors, model-00002-of-00002.safetensors\); pick one with --file, "
+                                             r"or the PEFT adapter folder lora$"):
+        hub.download_adapter("meta/sharded")
+
+
 def test_an_adapter_file_is_judged_by_its_header_then_downloaded(fake_hub, tmp_path):
     """A kohya file passes the header check and is downloaded; one in a layout loraops refuses is refused from its
     header with the message the downloaded file would get; a file whose header the client cannot parse is left to
