@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
 from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError
+from .st import DTYPE_BYTES, MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     from .records import PullRecord, PushRecord
@@ -416,7 +417,7 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
             api = _api(token)
             names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
             files = select_adapter_files(names, ref, subpath)
-            _refuse_remote_non_adapter(api, ref, commit, files, names)
+            _refuse_remote_non_adapter(ref, commit, files, names, token)
         where = {"local_dir": into} if into is not None and not offline() else {"cache_dir": cache_dir()}
         folder = Path(snapshot_download(ref.repo_id, revision=revision, token=token, endpoint=endpoint(),
                                         allow_patterns=exactly(files), local_files_only=offline(), **where))
@@ -426,28 +427,23 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     return Download(ref, commit, files, folder)
 
 
-def _refuse_remote_non_adapter(api, ref: RepoRef, commit: str, files: list[str], names: list[str]) -> None:
+def _refuse_remote_non_adapter(ref: RepoRef, commit: str, files: list[str], names: list[str],
+                               token: str | None) -> None:
     """A lone .safetensors picked (no PEFT config beside it: kohya, diffusers — or a model's weights) is judged by its
-    header on the Hub (HTTP ranges: parse_safetensors_file_metadata), as the file itself would be once downloaded
+    header on the Hub (HTTP ranges: remote_header), as the file itself would be once downloaded
     (formats.layout_of_keys), before it is downloaded: a base model's repo came down whole, gigabytes, only to be
     refused as no adapter. A header the client cannot parse (or an empty file) is left to the download, whose reader
     says exactly what is wrong with it. Refused, it names the PEFT adapters in folders below it in the listing
     ``names`` (a fine-tune's repo with its LoRA in a subfolder), which --file picks."""
-    from huggingface_hub.errors import HfHubHTTPError, SafetensorsParsingError
-
     from . import formats
 
     if any(PurePosixPath(f).name == ADAPTER_CONFIG for f in files):
         return
     name = next(f for f in files if f.endswith(".safetensors"))
     try:
-        header = api.parse_safetensors_file_metadata(ref.repo_id, name, revision=commit)
-    except SafetensorsParsingError:
+        tensors = remote_header(ref, name, commit, token)
+    except FormatError:
         return
-    except HfHubHTTPError as exc:
-        if exc.response is not None and exc.response.status_code == 416:  # an empty file has no range to read
-            return
-        raise
     base_hint = f"`loraops base add hub:{ref}` records it as a base (nothing was downloaded)"
     folder = str(PurePosixPath(name).parent)
     below = _peft_folders_below(names, "" if folder == "." else f"{folder}/")
@@ -459,7 +455,64 @@ def _refuse_remote_non_adapter(api, ref: RepoRef, commit: str, files: list[str],
                 f"{ref} --file FOLDER`; if {PurePosixPath(name).name} is a model, {base_hint}")
     else:
         hint = f"; if it is a model, {base_hint}"
-    formats.layout_of_keys(f"{ref}/{name}", list(header.tensors), hint=hint)
+    formats.layout_of_keys(f"{ref}/{name}", list(tensors), hint=hint)
+
+
+HEADER_PROBE = 100_000
+"""The bytes a safetensors header is first read with over HTTP, as huggingface_hub does: most headers fit in it."""
+
+
+def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor: (dtype, shape)} from the safetensors header of the repo file ``name`` at ``commit``, read with HTTP
+    ranges (the weights are not downloaded). huggingface_hub's parse_safetensors_file_metadata reads whole answers:
+    an endpoint that ignores ranges (some mirrors, plain file servers: 200 and the whole file) sent it a model's
+    gigabytes to read its header. Here the answer is streamed and closed once the header is in. A file with no
+    safetensors header (too short, a pickle, an empty file's 416) is a FormatError naming it."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(ref.repo_id, name, revision=commit, endpoint=endpoint())
+    asked = build_hf_headers(token=token, library_name="loraops")
+    where = f"{ref}/{name}"
+
+    def read(start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of the file (fewer at its end), asked as a range; a 200 answer is the whole file."""
+        with get_session().stream("GET", url, headers={**asked, "Range": f"bytes={start}-{stop - 1}"},
+                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+            if response.status_code == 416:  # no byte at start: an empty file
+                return b""
+            if response.status_code >= 400:
+                response.read()
+                hf_raise_for_status(response)
+            skip = 0 if response.status_code == 206 else start
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) >= skip + stop - start:
+                    break
+        return bytes(data[skip:skip + stop - start])
+
+    head = read(0, HEADER_PROBE)
+    length = int.from_bytes(head[:8], "little")
+    if len(head) < 8 or length > MAX_HEADER_BYTES:
+        raise FormatError(f"{where}: not a safetensors file (no header of a readable size)")
+    if len(head) < 8 + length:
+        head += read(len(head), 8 + length)
+    try:
+        header = json.loads(head[8:8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{where}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{where}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    tensors = {}
+    for tensor, entry in header.items():
+        dtype, shape = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
+        dims = shape if isinstance(shape, list) else [None]
+        if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise FormatError(f"{where}: corrupt safetensors header (tensor {tensor!r}: {entry!r:.80})")
+        tensors[tensor] = (dtype, tuple(shape))
+    return tensors
 
 
 def _cached_names(ref: RepoRef, commit: str) -> list[str]:
@@ -697,12 +750,11 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
             raise FormatError(f"{ref}: {exc}") from None
         tensors: dict[str, RemoteTensor] = {}
         for name in files:
-            meta = api.parse_safetensors_file_metadata(ref.repo_id, name, revision=commit)
-            for tensor, info in meta.tensors.items():
+            for tensor, (dtype, shape) in remote_header(ref, name, commit, token).items():
                 full = layout[name] + tensor
                 if full in tensors:
                     raise FormatError(f"{ref}: tensor {tensor!r} is in both {tensors[full].file} and {name}")
-                tensors[full] = RemoteTensor(full, info.dtype, tuple(info.shape), name)
+                tensors[full] = RemoteTensor(full, dtype, shape, name)
     weights = set(files)
     others = [n for n in names if n not in weights and not n.endswith(OTHER_WEIGHT_SUFFIXES)]
     return RemoteBase(ref, commit, files, others, tensors)
@@ -713,7 +765,6 @@ def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: st
     works at once; the weights are downloaded when something needs them (Registry.base_path). Returns (BaseRecord,
     whether it is new)."""
     from .registry.store import check_name
-    from .st import DTYPE_BYTES
 
     from . import formats
 

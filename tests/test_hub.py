@@ -237,6 +237,31 @@ def test_an_adapter_file_is_judged_by_its_header_then_downloaded(fake_hub, tmp_p
     assert all(r["range"] is not None for r in fake_hub.downloads("oft.safetensors"))
 
 
+@pytest.mark.parametrize("ignore_ranges", [True, False])
+def test_an_endpoint_that_ignores_ranges_sends_little_more_than_the_header(fake_hub, tmp_path, ignore_ranges):
+    """An endpoint that ignores HTTP ranges (some mirrors, plain file servers) answers the header check's ranged
+    reads with the whole file (200): the client read all of it, a model's gigabytes, to judge its header, for
+    `pull` and for `base add hub:`. The answer is now streamed and closed once the header is in, whether it is in
+    the first 100 kB read or needs a second read (a header of 2,000 tensors here)."""
+    size = 64 * 2**20
+    many = {f"model.layers.{i}.mlp.experts.gate_proj.weight": (1,) for i in range(2000)}
+    weights = _safetensors(tmp_path, "model.safetensors", {**MODEL_TENSORS, **many, "model.big.weight": (size // 4,)})
+    header_end = 8 + int.from_bytes(weights[:8], "little")
+    assert header_end > 100_001
+    fake_hub.commit("meta/big", {"model.safetensors": weights, "config.json": b"{}"})
+    fake_hub.ignore_ranges = ignore_ranges
+    with pytest.raises(FormatError, match=r"^meta/big/model.safetensors: not a LoRA adapter .* `loraops base add "
+                                          r"hub:meta/big` records it"):
+        hub.download_adapter("meta/big")
+    base = hub.remote_base("hub:meta/big")
+    assert base.tensors["model.big.weight"].shape == (size // 4,) and len(base.tensors) == len(MODEL_TENSORS) + 2001
+    gets = fake_hub.downloads("model.safetensors")
+    assert len(gets) == 4  # the first 100 kB, then the rest of the header; for pull, then for base add
+    # what was read, and what the socket buffers took before the connection closed (~4 MB at most, measured)
+    assert all(r["sent"] < size / 8 for r in gets)
+    assert not any(hub.cache_dir().rglob("model.safetensors"))
+
+
 @pytest.mark.parametrize("bad", ["../evil.safetensors", "a\\..\\evil.safetensors", "/etc/evil.safetensors"])
 def test_file_picks_the_named_file_past_a_bad_name_elsewhere(fake_hub, bad, tmp_path):
     """A name loraops refuses anywhere in the listing blocked `pull --file` of another file; with --file only the
