@@ -80,9 +80,14 @@ def parse_repo_ref(text: str) -> RepoRef:
     repo_id = repo_id.strip("/")
     if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", ".git")):
         raise InvalidInputError(f"{text!r} is not a Hub repo id (expected owner/name[@revision])")
-    if sep and (not revision or revision != revision.strip() or ".." in revision.split("/")):
+    if sep and not good_revision(revision):
         raise InvalidInputError(f"{text!r}: empty or invalid revision after '@'")
     return RepoRef(repo_id, revision or None)
+
+
+def good_revision(revision: str) -> bool:
+    """Could this name a branch, tag or commit: not empty, no blank at an end, no '..' part."""
+    return bool(revision) and revision == revision.strip() and ".." not in revision.split("/")
 
 
 def hub_source(repo_id: str, commit: str, path: str = "") -> str:
@@ -185,7 +190,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise NotFoundError(f"{ref}: file not found ({_server_message(exc)})") from None
     except (hf.LocalEntryNotFoundError, hf.RevisionResolutionError, hf.OfflineModeIsEnabled) as exc:
         if offline():
-            raise _not_cached(ref) from None
+            raise _not_cached(ref, action) from None
         raise HubError(_unreachable(action, ref, exc)) from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
@@ -231,9 +236,11 @@ def _unreachable(action: str, ref: RepoRef | str, exc: BaseException) -> str:
     return f"cannot reach the Hub at {endpoint()} to {action} {ref} ({_root_cause(exc)}); {hint}"
 
 
-def _not_cached(ref: RepoRef | str) -> NotFoundError:
-    return NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
-                         "pull it once online first")
+def _not_cached(ref: RepoRef | str, action: str = "pull") -> NotFoundError:
+    """``action`` "download" is a base's (download_base), whose weights come down on first use: it is not pulled."""
+    way = "its weights download on first use: run this once online first" if action == "download" else \
+        "pull it once online first"
+    return NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; {way}")
 
 
 def _xet_hint(action: str, ref: RepoRef | str) -> str:
@@ -550,6 +557,9 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     ref = parse_repo_ref(repo_id)
     if ref.revision:
         raise InvalidInputError(f"{repo_id}: give the branch with --revision, not @")
+    if revision is not None and not good_revision(revision):  # `--revision "$UNSET"` pushed to main
+        raise InvalidInputError(f"{repo_id}: --revision {revision!r} is no branch name (empty, blank at an end, or a "
+                                "'..' part); leave it out to push to main")
     check_repo_names(list(files), ref)
     branch = revision or "main"
     if offline():

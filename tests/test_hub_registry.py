@@ -363,3 +363,36 @@ def test_a_misnamed_output_is_refused_before_a_hub_base_is_downloaded(fake_hub, 
                                                     "folder, not one .safetensors file; give a folder name\n")
     assert fake_hub.requests[before:] == []  # not even asked where main is now
     assert not out.exists() and not any(hub.cache_dir().rglob("*.safetensors"))
+
+
+def test_odd_uses_of_a_base_recorded_from_the_hub(fake_hub, adapters, tmp_path, monkeypatch):
+    """`base rm` of a base known by its Hub manifest only said "its files at None are untouched"; a merge into it
+    offline, before its weights came down, said to `pull` it (bases are not pulled: they download on first use)."""
+    commit = fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny", "--name", "tiny"]).exit_code == 0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = runner.invoke(main, ["merge", str(adapters["a"]), "--into", "tiny", "-o", str(tmp_path / "m")])
+    assert (offline.exit_code, offline.output) == (3, (
+        f"error: meta/tiny@{commit} is not in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
+        "its weights download on first use: run this once online first\n"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    removed = runner.invoke(main, ["base", "rm", "tiny"])
+    assert (removed.exit_code, removed.output) == (0, (
+        f"removed base tiny (id 1); it had no files on disk (its manifest came from hf://meta/tiny@{commit})\n"))
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny", "--name", "tiny"]).exit_code == 0
+    with Registry.open() as reg:
+        path = reg.base_path("tiny")
+    removed = runner.invoke(main, ["base", "rm", "tiny"])
+    assert removed.output == f"removed base tiny (id 2); its files at {path} are untouched\n"
+
+
+def test_push_refuses_a_branch_that_is_no_name(fake_hub, adapters, registry):
+    """`push --revision ""` (a script's unset variable) pushed to main."""
+    registry.add_adapter(adapters["a"], name="anime")
+    for bad in ("", " dev", "a/../b"):
+        result = CliRunner().invoke(main, ["push", "anime", "me/anime", "--revision", bad, "--token", "hf_owner"])
+        assert (result.exit_code, result.output) == (2, (
+            f"error: me/anime: --revision {bad!r} is no branch name (empty, blank at an end, or a '..' part); leave "
+            "it out to push to main\n"))
+    assert "me/anime" not in fake_hub.repos

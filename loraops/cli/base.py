@@ -87,4 +87,8 @@ def rm(ref: str, force: bool) -> None:
     """Forget a base model (its files are not touched)."""
     with _registry(create=False) as reg:
         record = reg.remove_base(ref, force=force)
-    click.echo(f"removed base {record.name} (id {record.id}); its files at {record.path} are untouched")
+    if record.path is None:  # a base from the Hub whose weights never came down
+        click.echo(f"removed base {record.name} (id {record.id}); it had no files on disk (its manifest came from "
+                   f"{record.source})")
+    else:
+        click.echo(f"removed base {record.name} (id {record.id}); its files at {record.path} are untouched")
