@@ -104,6 +104,16 @@ def parse_hub_source(source: str | None) -> RepoRef | None:
     return parse_repo_ref(f"{repo}@{rest.split('/')[0]}" if at else repo)
 
 
+def pull_again(source: str | None) -> str | None:
+    """The `loraops pull` that downloads again what a pull recorded as ``source`` (hub_source: the repo at its commit,
+    and the path in it as --file), which repairs a damaged stored copy; None for a source not from the Hub."""
+    ref = parse_hub_source(source)
+    if ref is None:
+        return None
+    path = source.partition("@")[2].partition("/")[2]
+    return f"loraops pull {ref}" + (f" --file {path}" if path else "")
+
+
 def is_commit_sha(revision: str | None) -> bool:
     return bool(revision and _SHA.match(revision))
 

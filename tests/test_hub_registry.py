@@ -396,3 +396,28 @@ def test_push_refuses_a_branch_that_is_no_name(fake_hub, adapters, registry):
             f"error: me/anime: --revision {bad!r} is no branch name (empty, blank at an end, or a '..' part); leave "
             "it out to push to main\n"))
     assert "me/anime" not in fake_hub.repos
+
+
+def test_a_damaged_pulled_adapter_is_repaired_by_pulling_it_again(fake_hub, adapters):
+    """verify and push said to `register` the original of a damaged stored copy: a pulled adapter has none on disk.
+    They name the `pull` that downloads it again (repo, commit and --file), which repairs it."""
+    fake_hub.commit_folder("someone/many", adapters["a"], prefix="loras/a/")
+    commit = fake_hub.commit_folder("someone/many", adapters["b"], prefix="loras/b/")
+    runner = CliRunner()
+    assert runner.invoke(main, ["pull", "someone/many", "--file", "loras/b", "--name", "b"]).exit_code == 0
+    with Registry.open() as reg:
+        stored = Path(reg.get_adapter("b").path) / "adapter_model.safetensors"
+    stored.unlink()
+    again = f"loraops pull someone/many@{commit} --file loras/b"
+    verified = runner.invoke(main, ["verify"])
+    assert (verified.exit_code, verified.stdout, verified.stderr) == (6, (
+        f"b@1: {stored}: missing\n"
+        f"b@1: pulled from the Hub: `{again}` downloads it again\n"),
+        "error: 1 stored file(s) missing or changed; re-register those adapters from their originals, or pull again "
+        "those from the Hub\n")
+    pushed = runner.invoke(main, ["push", "b", "me/b", "--token", "hf_owner"])
+    assert (pushed.exit_code, pushed.output) == (6, (
+        f"error: adapter b@1: its stored copy {stored} is missing, so it is not used; `{again}` downloads it again "
+        "to repair it (`loraops verify` checks all)\n"))
+    assert runner.invoke(main, again.split()[1:]).exit_code == 0
+    assert runner.invoke(main, ["verify"]).exit_code == 0

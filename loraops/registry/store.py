@@ -65,6 +65,8 @@ class BlobProblem:
     adapter: str
     file: str
     problem: str
+    pull_again: str | None = None
+    """For an adapter pulled from the Hub, the `loraops pull` that repairs it (hub.pull_again)."""
 
 
 class Registry:
@@ -700,15 +702,15 @@ class Registry:
         from .. import formats
 
         with self.session() as s:
-            rows = [(r.id, f"{r.name}@{r.version}", r.blob, r.files, r.token_rows is None, r.alpha_override)
+            rows = [(r.id, f"{r.name}@{r.version}", r.blob, r.files, r.token_rows is None, r.alpha_override, r.source)
                     for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
-        total = sum(f["size"] for *_, files, _, _ in rows for f in files)
+        total = sum(f["size"] for *_, files, _, _, _ in rows for f in files)
         bar = settings.progress_bar(total, "verify", progress)
         problems, tokens = [], {}
         try:
-            for adapter_id, label, key, files, unknown, alpha in rows:
+            for adapter_id, label, key, files, unknown, alpha, source in rows:
                 found = self._stored_problems(key, files, bar)
-                problems += [BlobProblem(label, path, problem) for path, problem in found]
+                problems += [BlobProblem(label, path, problem, _pull_again(source)) for path, problem in found]
                 if unknown and not found:  # headers and config only: the counts, not the values
                     try:
                         adapter = formats.read_adapter(self.blobs.path(key), alpha=alpha, values=False)
@@ -741,8 +743,10 @@ class Registry:
         if problems:
             where, what = problems[0]
             state = what if what == "missing" else f"changed ({what})"
+            again = _pull_again(row.source)
+            repair = f"`{again}` downloads it again" if again else "`loraops register` its original again"
             raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
-                                "used; `loraops register` its original again to repair it (`loraops verify` checks all)")
+                                f"used; {repair} to repair it (`loraops verify` checks all)")
 
     def _stored_problems(self, key: str, files: list[dict], progress=None,
                          contents: bool = True) -> list[tuple[str, str]]:
@@ -873,6 +877,12 @@ def retryable(exc: DBAPIError) -> bool:
         return True
     text = str(exc.orig).lower()
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
+
+
+def _pull_again(source: str | None) -> str | None:
+    from ..hub import pull_again
+
+    return pull_again(source)
 
 
 def _downloads(base: BaseRecord) -> bool:
