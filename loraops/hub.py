@@ -515,6 +515,9 @@ def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> di
         raise FormatError(f"{where}: not a safetensors file (no header of a readable size)")
     if len(head) < 8 + length:
         head += read(len(head), 8 + length)
+    if len(head) < 8 + length:
+        raise FormatError(f"{where}: truncated or not a safetensors file (header of {length} bytes, file of "
+                          f"{len(head)})")
     try:
         header = json.loads(head[8:8 + length])
     except (UnicodeDecodeError, json.JSONDecodeError):

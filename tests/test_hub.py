@@ -464,6 +464,24 @@ def test_remote_base_pipeline_and_pickles(fake_hub):
     assert json.loads(fake_hub.files("sd/pipe")["model_index.json"]) == {}
 
 
+@pytest.mark.parametrize("ignore_ranges", [False, True])
+def test_a_remote_header_that_is_not_one_is_refused_in_one_line(fake_hub, tmp_path, ignore_ranges):
+    """`base add hub:` of a repo whose weights file is no safetensors file: one line naming the file, as the local
+    reader would; pull leaves such a file to its download (the reader there says what is wrong)."""
+    good = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
+    fake_hub.ignore_ranges = ignore_ranges
+    length = int.from_bytes(good[:8], "little")
+    cases = {b"abc": "not a safetensors file (no header of a readable size)",
+             good[:40]: f"truncated or not a safetensors file (header of {length} bytes, file of 40)",
+             b"\x02" + b"\0" * 7 + b"[]": "not a safetensors file (header is not a JSON object)",
+             b"\x07" + b"\0" * 7 + b'{"a":1}': "corrupt safetensors header (tensor 'a': 1)"}
+    for n, (data, says) in enumerate(cases.items()):
+        fake_hub.commit(f"meta/bad{n}", {"model.safetensors": data})
+        with pytest.raises(FormatError) as caught:
+            hub.remote_base(f"meta/bad{n}")
+        assert str(caught.value) == f"meta/bad{n}/model.safetensors: {says}"
+
+
 def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):
     """A plain web server at HF_ENDPOINT (a wrong mirror URL): still one line, never a traceback."""
     import functools
