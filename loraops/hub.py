@@ -78,6 +78,9 @@ def parse_repo_ref(text: str) -> RepoRef:
             ref = ref[len(prefix):]
     repo_id, sep, revision = ref.partition("@")
     repo_id = repo_id.strip("/")
+    kind = {"datasets": "dataset", "spaces": "Space"}.get(repo_id.split("/")[0]) if repo_id.count("/") == 2 else None
+    if kind:
+        raise InvalidInputError(f"{text!r} is a {kind} repo: loraops reads model repos (owner/name[@revision])")
     if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", ".git")):
         raise InvalidInputError(f"{text!r} is not a Hub repo id (expected owner/name[@revision])")
     if sep and not good_revision(revision):

@@ -47,6 +47,15 @@ def test_parse_repo_ref_refuses(text):
         hub.parse_repo_ref(text)
 
 
+@pytest.mark.parametrize("text, kind", [("datasets/someone/data", "dataset"), ("hub:spaces/someone/app@main", "Space"),
+                                        ("https://huggingface.co/datasets/someone/data", "dataset")])
+def test_a_dataset_or_space_is_named_as_such(text, kind):
+    """A dataset's or Space's id (or URL) was "not a Hub repo id": it is one, of a kind loraops does not read."""
+    with pytest.raises(InvalidInputError) as caught:
+        hub.parse_repo_ref(text)
+    assert str(caught.value) == f"{text!r} is a {kind} repo: loraops reads model repos (owner/name[@revision])"
+
+
 # ---- pull ------------------------------------------------------------------------------------------------------
 
 
