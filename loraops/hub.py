@@ -928,10 +928,20 @@ def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: b
         files: dict[str, Path | bytes] = {p.name: p for p in paths}
         files[CARD] = render_card(card_info(registry, record, fmt)).encode()
         # an adapter already at the repo's root under the names pull looks for first would shadow this one
-        done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
-                      revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES)
+        try:
+            done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
+                          revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES)
+        except KeyboardInterrupt:  # ("nothing was written" is not known: the commit may have been made)
+            raise KeyboardInterrupt(f"interrupted while pushing {record.ref} to {repo_id}@{revision or 'main'}, "
+                                    "before the Hub confirmed a commit; push again (files the Hub already has are "
+                                    "not committed twice)") from None
     if not create_pr:
-        registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
+        try:
+            registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted after {done.repo_id}@{done.revision} got commit {done.commit[:12]} "
+                                    f"with {record.ref}, before the registry recorded it as a tag; push again to "
+                                    "record it (the Hub makes no second commit)") from None
     return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
                       commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 

@@ -421,3 +421,30 @@ def test_a_damaged_pulled_adapter_is_repaired_by_pulling_it_again(fake_hub, adap
         "to repair it (`loraops verify` checks all)\n"))
     assert runner.invoke(main, again.split()[1:]).exit_code == 0
     assert runner.invoke(main, ["verify"]).exit_code == 0
+
+
+def test_a_push_interrupted_says_what_the_hub_has(fake_hub, adapters, registry, monkeypatch):
+    """A Ctrl-C after the Hub made the commit, before the registry recorded it as a tag, said "nothing was written";
+    one during the upload says the commit was not confirmed. Pushing again records the tag, with no second commit."""
+    registry.add_adapter(adapters["a"], name="anime")
+    runner = CliRunner()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(hub, "upload", interrupt)
+        during = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
+    assert (during.exit_code, during.output) == (130, (
+        "error: interrupted while pushing anime@1 to me/anime@main, before the Hub confirmed a commit; push again "
+        "(files the Hub already has are not committed twice)\n"))
+    with monkeypatch.context() as patched:
+        patched.setattr(Registry, "add_tags", interrupt)
+        after = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
+    commit = fake_hub.repos["me/anime"].branches["main"]
+    assert (after.exit_code, after.output) == (130, (
+        f"error: interrupted after me/anime@main got commit {commit[:12]} with anime@1, before the registry recorded it "
+        "as a tag; push again to record it (the Hub makes no second commit)\n"))
+    again = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
+    assert again.output.startswith("nothing to push: ")
+    assert registry.get_adapter("anime").tags == [f"hf://me/anime@{commit}"]
