@@ -376,9 +376,14 @@ VERBS = {"merge": "merging into", "subtract": "subtracting from", "restore": "re
 def refuse_misnamed(model: BaseModel, output: str | Path, operation: str) -> None:
     """The output of ``operation`` on ``model`` is of the model's kind: a folder of a folder model, one file of a
     single-file one; named as the other kind, it is refused (fsutil.refuse_misnamed_output)."""
-    kind = "single-file" if model.is_single_file else "folder"
-    refuse_misnamed_output(output, is_dir=not model.is_single_file,
-                           what=f"the output of {VERBS[operation]} the {kind} model {model.path.name}")
+    refuse_misnamed_kind(model.is_single_file, model.path.name, output, operation)
+
+
+def refuse_misnamed_kind(single_file: bool, label: str, output: str | Path, operation: str) -> None:
+    """refuse_misnamed for a model known by its kind and label only, before it is opened (or downloaded)."""
+    kind = "single-file" if single_file else "folder"
+    refuse_misnamed_output(output, is_dir=not single_file,
+                           what=f"the output of {VERBS[operation]} the {kind} model {label}")
 
 
 def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> None:

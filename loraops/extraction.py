@@ -43,7 +43,7 @@ from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 from .formats import refuse_unwritable
-from .formats.common import FLOAT32_MAX, given_alpha, names_module, shown
+from .formats.common import given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 
@@ -417,9 +417,7 @@ def extract_lazily(
     from .st import read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank)
-    given_alpha(alpha)
-    if alpha is not None and alpha > FLOAT32_MAX:  # else refused only at the end, naming a scratch file
-        raise InvalidInputError(f"alpha {alpha:g} is beyond what float32 holds")
+    given_alpha(alpha)  # (one beyond float32 was refused only at the end, naming a scratch file)
     base, tuned = _open(base), _open(tuned)
     base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings
     labels = labels or (str(base.path), str(tuned.path))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
 from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError
+from .st import DTYPE_BYTES, MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     from .records import PullRecord, PushRecord
@@ -77,11 +78,19 @@ def parse_repo_ref(text: str) -> RepoRef:
             ref = ref[len(prefix):]
     repo_id, sep, revision = ref.partition("@")
     repo_id = repo_id.strip("/")
+    kind = {"datasets": "dataset", "spaces": "Space"}.get(repo_id.split("/")[0]) if repo_id.count("/") == 2 else None
+    if kind:
+        raise InvalidInputError(f"{text!r} is a {kind} repo: loraops reads model repos (owner/name[@revision])")
     if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", ".git")):
         raise InvalidInputError(f"{text!r} is not a Hub repo id (expected owner/name[@revision])")
-    if sep and (not revision or revision != revision.strip() or ".." in revision.split("/")):
+    if sep and not good_revision(revision):
         raise InvalidInputError(f"{text!r}: empty or invalid revision after '@'")
     return RepoRef(repo_id, revision or None)
+
+
+def good_revision(revision: str) -> bool:
+    """Could this name a branch, tag or commit: not empty, no blank at an end, no '..' part."""
+    return bool(revision) and revision == revision.strip() and ".." not in revision.split("/")
 
 
 def hub_source(repo_id: str, commit: str, path: str = "") -> str:
@@ -96,6 +105,16 @@ def parse_hub_source(source: str | None) -> RepoRef | None:
         return None
     repo, at, rest = source.partition("@")
     return parse_repo_ref(f"{repo}@{rest.split('/')[0]}" if at else repo)
+
+
+def pull_again(source: str | None) -> str | None:
+    """The `loraops pull` that downloads again what a pull recorded as ``source`` (hub_source: the repo at its commit,
+    and the path in it as --file), which repairs a damaged stored copy; None for a source not from the Hub."""
+    ref = parse_hub_source(source)
+    if ref is None:
+        return None
+    path = source.partition("@")[2].partition("/")[2]
+    return f"loraops pull {ref}" + (f" --file {path}" if path else "")
 
 
 def is_commit_sha(revision: str | None) -> bool:
@@ -184,7 +203,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise NotFoundError(f"{ref}: file not found ({_server_message(exc)})") from None
     except (hf.LocalEntryNotFoundError, hf.RevisionResolutionError, hf.OfflineModeIsEnabled) as exc:
         if offline():
-            raise _not_cached(ref) from None
+            raise _not_cached(ref, action) from None
         raise HubError(_unreachable(action, ref, exc)) from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
@@ -230,9 +249,11 @@ def _unreachable(action: str, ref: RepoRef | str, exc: BaseException) -> str:
     return f"cannot reach the Hub at {endpoint()} to {action} {ref} ({_root_cause(exc)}); {hint}"
 
 
-def _not_cached(ref: RepoRef | str) -> NotFoundError:
-    return NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
-                         "pull it once online first")
+def _not_cached(ref: RepoRef | str, action: str = "pull") -> NotFoundError:
+    """``action`` "download" is a base's (download_base), whose weights come down on first use: it is not pulled."""
+    way = "its weights download on first use: run this once online first" if action == "download" else \
+        "pull it once online first"
+    return NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; {way}")
 
 
 def _xet_hint(action: str, ref: RepoRef | str) -> str:
@@ -294,17 +315,20 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
             picked = [prefix + ADAPTER_CONFIG, prefix + PEFT_WEIGHTS]
         else:
             weights = [prefix + n for n in here if n.endswith(".safetensors")]
-            if len(weights) > 1:
-                raise AmbiguousError(f"{ref}: several .safetensors files ({', '.join(weights)}); pick one with --file")
+            if len(weights) > 1:  # (a sharded model's, maybe, with its LoRA in a folder below)
+                below = _peft_folders_below(names, prefix)
+                also = f", or the PEFT adapter folder {below[0]}" if len(below) == 1 else \
+                    f", or one of the PEFT adapter folders {_listed(below)}" if below else ""
+                raise AmbiguousError(f"{ref}: several .safetensors files ({', '.join(weights)}); pick one with "
+                                     f"--file{also}")
             if not weights:
                 below = _peft_folders_below(names, prefix)
                 if len(below) == 1:  # the only adapter there is, one level or more down
                     return _select(names, ref, below[0])
                 if below:
                     where = f"in {folder}/" if folder else "at the top level"
-                    listed = ", ".join(below[:10]) + (", …" if len(below) > 10 else "")
                     raise AmbiguousError(f"{ref}: no adapter {where}, but {len(below)} PEFT adapter folders below it "
-                                         f"({listed}); pick one with --file FOLDER")
+                                         f"({_listed(below)}); pick one with --file FOLDER")
                 shown = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
                 where = f" in {folder}/" if folder else ""
                 raise NotFoundError(f"{ref}: nothing adapter-like{where} (no adapter_config.json + "
@@ -314,6 +338,10 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
     if card in names:
         picked.append(card)
     return picked
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (", …" if len(names) > 10 else "")
 
 
 def _peft_folders_below(names: list[str], prefix: str) -> list[str]:
@@ -407,9 +435,9 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
             files = select_adapter_files(_cached_names(ref, commit), ref, subpath)
         else:
             api = _api(token)
-            files = select_adapter_files([s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings
-                                          or []], ref, subpath)
-            _refuse_remote_non_adapter(api, ref, commit, files)
+            names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
+            files = select_adapter_files(names, ref, subpath)
+            _refuse_remote_non_adapter(ref, commit, files, names, token)
         where = {"local_dir": into} if into is not None and not offline() else {"cache_dir": cache_dir()}
         folder = Path(snapshot_download(ref.repo_id, revision=revision, token=token, endpoint=endpoint(),
                                         allow_patterns=exactly(files), local_files_only=offline(), **where))
@@ -419,29 +447,95 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     return Download(ref, commit, files, folder)
 
 
-def _refuse_remote_non_adapter(api, ref: RepoRef, commit: str, files: list[str]) -> None:
+def _refuse_remote_non_adapter(ref: RepoRef, commit: str, files: list[str], names: list[str],
+                               token: str | None) -> None:
     """A lone .safetensors picked (no PEFT config beside it: kohya, diffusers — or a model's weights) is judged by its
-    header on the Hub (HTTP ranges: parse_safetensors_file_metadata), as the file itself would be once downloaded
+    header on the Hub (HTTP ranges: remote_header), as the file itself would be once downloaded
     (formats.layout_of_keys), before it is downloaded: a base model's repo came down whole, gigabytes, only to be
     refused as no adapter. A header the client cannot parse (or an empty file) is left to the download, whose reader
-    says exactly what is wrong with it."""
-    from huggingface_hub.errors import HfHubHTTPError, SafetensorsParsingError
-
+    says exactly what is wrong with it. Refused, it names the PEFT adapters in folders below it in the listing
+    ``names`` (a fine-tune's repo with its LoRA in a subfolder), which --file picks."""
     from . import formats
 
     if any(PurePosixPath(f).name == ADAPTER_CONFIG for f in files):
         return
     name = next(f for f in files if f.endswith(".safetensors"))
     try:
-        header = api.parse_safetensors_file_metadata(ref.repo_id, name, revision=commit)
-    except SafetensorsParsingError:
+        tensors = remote_header(ref, name, commit, token)
+    except FormatError:
         return
-    except HfHubHTTPError as exc:
-        if exc.response is not None and exc.response.status_code == 416:  # an empty file has no range to read
-            return
-        raise
-    formats.layout_of_keys(f"{ref}/{name}", list(header.tensors), hint=f"; if it is a model, `loraops base add "
-                           f"hub:{ref}` records it as a base (nothing was downloaded)")
+    base_hint = f"`loraops base add hub:{ref}` records it as a base (nothing was downloaded)"
+    folder = str(PurePosixPath(name).parent)
+    below = _peft_folders_below(names, "" if folder == "." else f"{folder}/")
+    if len(below) == 1:
+        hint = (f"; the PEFT adapter in {below[0]}/ is pulled with `loraops pull {ref} --file {below[0]}`; if "
+                f"{PurePosixPath(name).name} is a model, {base_hint}")
+    elif below:
+        hint = (f"; {len(below)} PEFT adapter folders are below it ({_listed(below)}): pick one with `loraops pull "
+                f"{ref} --file FOLDER`; if {PurePosixPath(name).name} is a model, {base_hint}")
+    else:
+        hint = f"; if it is a model, {base_hint}"
+    formats.layout_of_keys(f"{ref}/{name}", list(tensors), hint=hint)
+
+
+HEADER_PROBE = 100_000
+"""The bytes a safetensors header is first read with over HTTP, as huggingface_hub does: most headers fit in it."""
+
+
+def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor: (dtype, shape)} from the safetensors header of the repo file ``name`` at ``commit``, read with HTTP
+    ranges (the weights are not downloaded). huggingface_hub's parse_safetensors_file_metadata reads whole answers:
+    an endpoint that ignores ranges (some mirrors, plain file servers: 200 and the whole file) sent it a model's
+    gigabytes to read its header. Here the answer is streamed and closed once the header is in. A file with no
+    safetensors header (too short, a pickle, an empty file's 416) is a FormatError naming it."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(ref.repo_id, name, revision=commit, endpoint=endpoint())
+    asked = build_hf_headers(token=token, library_name="loraops")
+    where = f"{ref}/{name}"
+
+    def read(start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of the file (fewer at its end), asked as a range; a 200 answer is the whole file."""
+        with get_session().stream("GET", url, headers={**asked, "Range": f"bytes={start}-{stop - 1}"},
+                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+            if response.status_code == 416:  # no byte at start: an empty file
+                return b""
+            if response.status_code >= 400:
+                response.read()
+                hf_raise_for_status(response)
+            skip = 0 if response.status_code == 206 else start
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) >= skip + stop - start:
+                    break
+        return bytes(data[skip:skip + stop - start])
+
+    head = read(0, HEADER_PROBE)
+    length = int.from_bytes(head[:8], "little")
+    if len(head) < 8 or length > MAX_HEADER_BYTES:
+        raise FormatError(f"{where}: not a safetensors file (no header of a readable size)")
+    if len(head) < 8 + length:
+        head += read(len(head), 8 + length)
+    if len(head) < 8 + length:
+        raise FormatError(f"{where}: truncated or not a safetensors file (header of {length} bytes, file of "
+                          f"{len(head)})")
+    try:
+        header = json.loads(head[8:8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{where}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{where}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    tensors = {}
+    for tensor, entry in header.items():
+        dtype, shape = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
+        dims = shape if isinstance(shape, list) else [None]
+        if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise FormatError(f"{where}: corrupt safetensors header (tensor {tensor!r}: {entry!r:.80})")
+        tensors[tensor] = (dtype, tuple(shape))
+    return tensors
 
 
 def _cached_names(ref: RepoRef, commit: str) -> list[str]:
@@ -479,6 +573,9 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     ref = parse_repo_ref(repo_id)
     if ref.revision:
         raise InvalidInputError(f"{repo_id}: give the branch with --revision, not @")
+    if revision is not None and not good_revision(revision):  # `--revision "$UNSET"` pushed to main
+        raise InvalidInputError(f"{repo_id}: --revision {revision!r} is no branch name (empty, blank at an end, or a "
+                                "'..' part); leave it out to push to main")
     check_repo_names(list(files), ref)
     branch = revision or "main"
     if offline():
@@ -679,12 +776,11 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
             raise FormatError(f"{ref}: {exc}") from None
         tensors: dict[str, RemoteTensor] = {}
         for name in files:
-            meta = api.parse_safetensors_file_metadata(ref.repo_id, name, revision=commit)
-            for tensor, info in meta.tensors.items():
+            for tensor, (dtype, shape) in remote_header(ref, name, commit, token).items():
                 full = layout[name] + tensor
                 if full in tensors:
                     raise FormatError(f"{ref}: tensor {tensor!r} is in both {tensors[full].file} and {name}")
-                tensors[full] = RemoteTensor(full, info.dtype, tuple(info.shape), name)
+                tensors[full] = RemoteTensor(full, dtype, shape, name)
     weights = set(files)
     others = [n for n in names if n not in weights and not n.endswith(OTHER_WEIGHT_SUFFIXES)]
     return RemoteBase(ref, commit, files, others, tensors)
@@ -695,7 +791,6 @@ def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: st
     works at once; the weights are downloaded when something needs them (Registry.base_path). Returns (BaseRecord,
     whether it is new)."""
     from .registry.store import check_name
-    from .st import DTYPE_BYTES
 
     from . import formats
 
@@ -833,10 +928,20 @@ def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: b
         files: dict[str, Path | bytes] = {p.name: p for p in paths}
         files[CARD] = render_card(card_info(registry, record, fmt)).encode()
         # an adapter already at the repo's root under the names pull looks for first would shadow this one
-        done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
-                      revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES)
+        try:
+            done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
+                          revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES)
+        except KeyboardInterrupt:  # ("nothing was written" is not known: the commit may have been made)
+            raise KeyboardInterrupt(f"interrupted while pushing {record.ref} to {repo_id}@{revision or 'main'}, "
+                                    "before the Hub confirmed a commit; push again (files the Hub already has are "
+                                    "not committed twice)") from None
     if not create_pr:
-        registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
+        try:
+            registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted after {done.repo_id}@{done.revision} got commit {done.commit[:12]} "
+                                    f"with {record.ref}, before the registry recorded it as a tag; push again to "
+                                    "record it (the Hub makes no second commit)") from None
     return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
                       commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 

@@ -83,11 +83,20 @@ def _registered(reg, sha: str):
     return record if record.sha256 == sha else None
 
 
-def resolve_base(reg, ref: str | Path) -> tuple[BaseModel, str]:
-    """(the model, its label): a path, or a registered base whose files are still where they were."""
+def resolve_base(reg, ref: str | Path, output: str | Path | None = None,
+                 operation: str = "merge") -> tuple[BaseModel, str]:
+    """(the model, its label): a path, or a registered base whose files are still where they were. With ``output``,
+    an output named as the other kind of model (engine.refuse_misnamed) is refused first: a registered base's kind
+    is known from its record, before its files are opened or, for a base from the Hub, downloaded."""
     if Path(ref).exists() or reg is None:
-        return BaseModel.open(ref), str(ref)
+        model = BaseModel.open(ref)
+        if output is not None:
+            engine.refuse_misnamed(model, output, operation)
+        return model, str(ref)
     record = reg.get_base(str(ref))
+    single_file = reg.base_is_single_file(record.id) if output is not None else None
+    if single_file is not None:
+        engine.refuse_misnamed_kind(single_file, record.name, output, operation)
     return BaseModel.open(reg.base_path(record.id)), record.name
 
 
@@ -104,8 +113,7 @@ def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None, output:
     output is known to be named as what it writes (a folder, or one file)."""
     if early is not None:
         return early
-    model, label = resolve_base(reg, ref)
-    engine.refuse_misnamed(model, output, operation)
+    model, label = resolve_base(reg, ref, output, operation)
     model.prefetch()
     return model, label
 
@@ -201,8 +209,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
             merged, label = _streamed(reg, model, early, output, "subtract")
             engine.check_room(merged, output, options.get("dtype"))
         else:  # a recorded merge has its base's kind, which the restored output has
-            merged, label = resolve_base(reg, model)
-            engine.refuse_misnamed(merged, output, "restore")
+            merged, label = resolve_base(reg, model, output, "restore")
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:

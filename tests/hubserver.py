@@ -2,8 +2,8 @@
 
 It speaks the subset of the Hub API that huggingface_hub 2.x calls for what loraops does: repo create, model info
 at a revision (with siblings and sha), tree listing, refs, resolve (HEAD and GET, with X-Repo-Commit, ETag,
-X-Linked-Etag/Size, Content-Length and byte ranges), preupload + NDJSON commit (regular files inline, LFS files
-through the LFS batch endpoint and a basic PUT), branches, tags, pull requests (refs/pr/N), tokens, private and
+X-Linked-Etag/Size, Content-Length and byte ranges, or whole files whatever the Range: `ignore_ranges`), preupload
++ NDJSON commit (regular files inline, LFS files through the LFS batch endpoint and a basic PUT), branches, tags, pull requests (refs/pr/N), tokens, private and
 gated repos, and the X-Error-Code headers the client maps to its exceptions. It does NOT speak Xet: like a
 self-hosted or mirror endpoint, its xet-token routes answer 404.
 
@@ -99,6 +99,9 @@ class FakeHub:
         self.tokens = dict(tokens or {"hf_owner": "me", "hf_other": "someone"})
         self.repos: dict[str, Repo] = {}
         self.requests: list[dict] = []
+        self.ignore_ranges = False
+        """Answer file GETs with the whole file (200) whatever their Range asks, as some mirrors and plain file
+        servers do; `sent` then counts what went out before the client closed the connection."""
         self.lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
@@ -263,9 +266,15 @@ class _HubHandler(BaseHTTPRequestHandler):
         if "Content-Length" not in headers:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if not head:
-            self.wfile.write(body)
-            self.entry["sent"] = len(body)
+        if head:
+            return
+        chunk = 64 * 1024  # in pieces: a client that closes the connection early stops the count
+        try:
+            for start in range(0, len(body), chunk):
+                self.wfile.write(body[start:start + chunk])
+                self.entry["sent"] += len(body[start:start + chunk])
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
     def _send_json(self, status: int, data, headers: dict[str, str] | None = None, head: bool = False) -> None:
         self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})}, head)
@@ -432,7 +441,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         if method == "HEAD":
             return self._send(200, b"", {**headers, "Content-Length": str(blob.size)}, head=True)
         data = self.hub.blob_bytes(blob)
-        wanted = self.headers.get("Range")
+        wanted = None if self.hub.ignore_ranges else self.headers.get("Range")
         if wanted and wanted.startswith("bytes="):
             first, _, last = wanted[6:].split(",")[0].partition("-")
             start, end = (int(first), int(last) if last else blob.size - 1) if first else (blob.size - int(last),

@@ -304,9 +304,15 @@ def test_gc_refuses_a_grace_that_is_no_age(grace):
 def test_a_token_that_cannot_be_sent_is_bad_input(token):
     """`--token "$UNSET"` was reported as 'cannot reach the Hub … (LocalProtocolError: Illegal header value b'Bearer ')',
     exit 7, and a check of the network."""
-    for args in (["pull", "me/style"], ["push", "style", "me/style"]):
+    for args in (["pull", "me/style"], ["push", "style", "me/style"], ["base", "add", "hub:me/base"]):
         result = cli(*args, "--token", token, code=2)
         assert result.stderr.startswith("error: --token is empty or holds a control character (a newline?)")
+
+
+def test_a_token_for_a_base_given_by_path_is_refused(tmp_path):
+    """`base add PATH --token T` left the token silently unused (it is for hub: bases only)."""
+    assert cli("base", "add", tmp_path, "--token", "hf_abc", code=2).stderr == (
+        f"error: {tmp_path}: --token is for a base added from the Hub (hub:OWNER/NAME); a path is read from disk\n")
 
 
 @pytest.mark.sqlite_only

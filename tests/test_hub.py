@@ -47,6 +47,15 @@ def test_parse_repo_ref_refuses(text):
         hub.parse_repo_ref(text)
 
 
+@pytest.mark.parametrize("text, kind", [("datasets/someone/data", "dataset"), ("hub:spaces/someone/app@main", "Space"),
+                                        ("https://huggingface.co/datasets/someone/data", "dataset")])
+def test_a_dataset_or_space_is_named_as_such(text, kind):
+    """A dataset's or Space's id (or URL) was "not a Hub repo id": it is one, of a kind loraops does not read."""
+    with pytest.raises(InvalidInputError) as caught:
+        hub.parse_repo_ref(text)
+    assert str(caught.value) == f"{text!r} is a {kind} repo: loraops reads model repos (owner/name[@revision])"
+
+
 # ---- pull ------------------------------------------------------------------------------------------------------
 
 
@@ -185,6 +194,35 @@ def test_a_models_repo_is_refused_from_its_header_before_anything_is_downloaded(
     assert list(into.iterdir()) == [] and not any(hub.cache_dir().rglob("model.safetensors"))
 
 
+def test_a_models_repo_with_adapters_in_subfolders_names_them(fake_hub, tmp_path):
+    """A model at the top of a repo and PEFT adapters in subfolders (a common layout for a fine-tune and its LoRA):
+    `pull` said to `base add` the model, not that the adapter the user came for is taken with --file."""
+    weights = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
+    peft = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}
+    fake_hub.commit("meta/tuned", {"model.safetensors": weights, **{f"lora/{n}": b for n, b in peft.items()}})
+    with pytest.raises(FormatError) as one:
+        hub.download_adapter("meta/tuned")
+    assert str(one.value).endswith(
+        "; the PEFT adapter in lora/ is pulled with `loraops pull meta/tuned --file lora`; if model.safetensors is a "
+        "model, `loraops base add hub:meta/tuned` records it as a base (nothing was downloaded)")
+    fake_hub.commit("meta/tuned", {f"runs/x/{n}": b for n, b in peft.items()})
+    with pytest.raises(FormatError) as two:
+        hub.download_adapter("meta/tuned@main")
+    assert str(two.value).endswith(
+        "; 2 PEFT adapter folders are below it (lora, runs/x): pick one with `loraops pull meta/tuned@main --file "
+        "FOLDER`; if model.safetensors is a model, `loraops base add hub:meta/tuned@main` records it as a base "
+        "(nothing was downloaded)")
+    assert all(r["range"] is not None for r in fake_hub.downloads("model.safetensors"))
+    assert hub.download_adapter("meta/tuned", subpath="lora").files == ["lora/adapter_config.json",
+                                                                        "lora/adapter_model.safetensors"]
+    shards = {f"model-0000{i}-of-00002.safetensors": weights for i in (1, 2)}
+    fake_hub.commit("meta/sharded", {**shards, **{f"lora/{n}": b for n, b in peft.items()}})
+    with pytest.raises(AmbiguousError, match=r"^meta/sharded: several .safetensors files \(model-00001-of-00002."
+                                             r"safetensors, model-00002-of-00002.safetensors\); pick one with --file, "
+                                             r"or the PEFT adapter folder lora$"):
+        hub.download_adapter("meta/sharded")
+
+
 def test_an_adapter_file_is_judged_by_its_header_then_downloaded(fake_hub, tmp_path):
     """A kohya file passes the header check and is downloaded; one in a layout loraops refuses is refused from its
     header with the message the downloaded file would get; a file whose header the client cannot parse is left to
@@ -206,6 +244,31 @@ def test_an_adapter_file_is_judged_by_its_header_then_downloaded(fake_hub, tmp_p
         hub.download_adapter("someone/oft")
     assert str(remote.value) == str(local.value).replace(str(tmp_path / "local"), "someone/oft")
     assert all(r["range"] is not None for r in fake_hub.downloads("oft.safetensors"))
+
+
+@pytest.mark.parametrize("ignore_ranges", [True, False])
+def test_an_endpoint_that_ignores_ranges_sends_little_more_than_the_header(fake_hub, tmp_path, ignore_ranges):
+    """An endpoint that ignores HTTP ranges (some mirrors, plain file servers) answers the header check's ranged
+    reads with the whole file (200): the client read all of it, a model's gigabytes, to judge its header, for
+    `pull` and for `base add hub:`. The answer is now streamed and closed once the header is in, whether it is in
+    the first 100 kB read or needs a second read (a header of 2,000 tensors here)."""
+    size = 64 * 2**20
+    many = {f"model.layers.{i}.mlp.experts.gate_proj.weight": (1,) for i in range(2000)}
+    weights = _safetensors(tmp_path, "model.safetensors", {**MODEL_TENSORS, **many, "model.big.weight": (size // 4,)})
+    header_end = 8 + int.from_bytes(weights[:8], "little")
+    assert header_end > 100_001
+    fake_hub.commit("meta/big", {"model.safetensors": weights, "config.json": b"{}"})
+    fake_hub.ignore_ranges = ignore_ranges
+    with pytest.raises(FormatError, match=r"^meta/big/model.safetensors: not a LoRA adapter .* `loraops base add "
+                                          r"hub:meta/big` records it"):
+        hub.download_adapter("meta/big")
+    base = hub.remote_base("hub:meta/big")
+    assert base.tensors["model.big.weight"].shape == (size // 4,) and len(base.tensors) == len(MODEL_TENSORS) + 2001
+    gets = fake_hub.downloads("model.safetensors")
+    assert len(gets) == 4  # the first 100 kB, then the rest of the header; for pull, then for base add
+    # what was read, and what the socket buffers took before the connection closed (~4 MB at most, measured)
+    assert all(r["sent"] < size / 8 for r in gets)
+    assert not any(hub.cache_dir().rglob("model.safetensors"))
 
 
 @pytest.mark.parametrize("bad", ["../evil.safetensors", "a\\..\\evil.safetensors", "/etc/evil.safetensors"])
@@ -408,6 +471,24 @@ def test_remote_base_pipeline_and_pickles(fake_hub):
     with pytest.raises(FormatError, match=r"^old/model: no .safetensors weights \(only pickle files: pytorch_model.bin"):
         hub.remote_base("old/model")
     assert json.loads(fake_hub.files("sd/pipe")["model_index.json"]) == {}
+
+
+@pytest.mark.parametrize("ignore_ranges", [False, True])
+def test_a_remote_header_that_is_not_one_is_refused_in_one_line(fake_hub, tmp_path, ignore_ranges):
+    """`base add hub:` of a repo whose weights file is no safetensors file: one line naming the file, as the local
+    reader would; pull leaves such a file to its download (the reader there says what is wrong)."""
+    good = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
+    fake_hub.ignore_ranges = ignore_ranges
+    length = int.from_bytes(good[:8], "little")
+    cases = {b"abc": "not a safetensors file (no header of a readable size)",
+             good[:40]: f"truncated or not a safetensors file (header of {length} bytes, file of 40)",
+             b"\x02" + b"\0" * 7 + b"[]": "not a safetensors file (header is not a JSON object)",
+             b"\x07" + b"\0" * 7 + b'{"a":1}': "corrupt safetensors header (tensor 'a': 1)"}
+    for n, (data, says) in enumerate(cases.items()):
+        fake_hub.commit(f"meta/bad{n}", {"model.safetensors": data})
+        with pytest.raises(FormatError) as caught:
+            hub.remote_base(f"meta/bad{n}")
+        assert str(caught.value) == f"meta/bad{n}/model.safetensors: {says}"
 
 
 def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):

@@ -343,3 +343,108 @@ def test_pull_file_is_not_blocked_by_a_bad_name_elsewhere_in_the_repo(fake_hub, 
     pulled = CliRunner().invoke(main, ["pull", "someone/mixed", "--file", "good", "--name", "good"])
     assert pulled.exit_code == 0, pulled.output
     assert registry.get_adapter("good").source == f"hf://someone/mixed@{commit}/good"
+
+
+@pytest.mark.parametrize("command", [["merge", "{a}", "--into", "tiny"], ["subtract", "{a}", "--from", "tiny"],
+                                     ["subtract", "{a}", "--from", "tiny", "--exact"]])
+def test_a_misnamed_output_is_refused_before_a_hub_base_is_downloaded(fake_hub, adapters, tmp_path, command):
+    """`merge --into` a base recorded from the Hub with `-o x.safetensors` downloaded the whole base, then refused the
+    output's name: a Hub base comes down as a folder, which is known from its record, so the name is refused first
+    and nothing is asked of the Hub."""
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny", "--name", "tiny"]).exit_code == 0
+    before = len(fake_hub.requests)
+    out = tmp_path / "x.safetensors"
+    result = runner.invoke(main, [a.format(a=adapters["a"]) for a in command] + ["-o", str(out)])
+    verb = {"merge": "merging into", "subtract": "subtracting from"}[command[0]] if "--exact" not in command \
+        else "restoring"
+    assert (result.exit_code, result.output) == (2, f"error: {out}: the output of {verb} the folder model tiny is a "
+                                                    "folder, not one .safetensors file; give a folder name\n")
+    assert fake_hub.requests[before:] == []  # not even asked where main is now
+    assert not out.exists() and not any(hub.cache_dir().rglob("*.safetensors"))
+
+
+def test_odd_uses_of_a_base_recorded_from_the_hub(fake_hub, adapters, tmp_path, monkeypatch):
+    """`base rm` of a base known by its Hub manifest only said "its files at None are untouched"; a merge into it
+    offline, before its weights came down, said to `pull` it (bases are not pulled: they download on first use)."""
+    commit = fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny", "--name", "tiny"]).exit_code == 0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = runner.invoke(main, ["merge", str(adapters["a"]), "--into", "tiny", "-o", str(tmp_path / "m")])
+    assert (offline.exit_code, offline.output) == (3, (
+        f"error: meta/tiny@{commit} is not in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
+        "its weights download on first use: run this once online first\n"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    removed = runner.invoke(main, ["base", "rm", "tiny"])
+    assert (removed.exit_code, removed.output) == (0, (
+        f"removed base tiny (id 1); it had no files on disk (its manifest came from hf://meta/tiny@{commit})\n"))
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny", "--name", "tiny"]).exit_code == 0
+    with Registry.open() as reg:
+        path = reg.base_path("tiny")
+    removed = runner.invoke(main, ["base", "rm", "tiny"])
+    assert removed.output == f"removed base tiny (id 2); its files at {path} are untouched\n"
+
+
+def test_push_refuses_a_branch_that_is_no_name(fake_hub, adapters, registry):
+    """`push --revision ""` (a script's unset variable) pushed to main."""
+    registry.add_adapter(adapters["a"], name="anime")
+    for bad in ("", " dev", "a/../b"):
+        result = CliRunner().invoke(main, ["push", "anime", "me/anime", "--revision", bad, "--token", "hf_owner"])
+        assert (result.exit_code, result.output) == (2, (
+            f"error: me/anime: --revision {bad!r} is no branch name (empty, blank at an end, or a '..' part); leave "
+            "it out to push to main\n"))
+    assert "me/anime" not in fake_hub.repos
+
+
+def test_a_damaged_pulled_adapter_is_repaired_by_pulling_it_again(fake_hub, adapters):
+    """verify and push said to `register` the original of a damaged stored copy: a pulled adapter has none on disk.
+    They name the `pull` that downloads it again (repo, commit and --file), which repairs it."""
+    fake_hub.commit_folder("someone/many", adapters["a"], prefix="loras/a/")
+    commit = fake_hub.commit_folder("someone/many", adapters["b"], prefix="loras/b/")
+    runner = CliRunner()
+    assert runner.invoke(main, ["pull", "someone/many", "--file", "loras/b", "--name", "b"]).exit_code == 0
+    with Registry.open() as reg:
+        stored = Path(reg.get_adapter("b").path) / "adapter_model.safetensors"
+    stored.unlink()
+    again = f"loraops pull someone/many@{commit} --file loras/b"
+    verified = runner.invoke(main, ["verify"])
+    assert (verified.exit_code, verified.stdout, verified.stderr) == (6, (
+        f"b@1: {stored}: missing\n"
+        f"b@1: pulled from the Hub: `{again}` downloads it again\n"),
+        "error: 1 stored file(s) missing or changed; re-register those adapters from their originals, or pull again "
+        "those from the Hub\n")
+    pushed = runner.invoke(main, ["push", "b", "me/b", "--token", "hf_owner"])
+    assert (pushed.exit_code, pushed.output) == (6, (
+        f"error: adapter b@1: its stored copy {stored} is missing, so it is not used; `{again}` downloads it again "
+        "to repair it (`loraops verify` checks all)\n"))
+    assert runner.invoke(main, again.split()[1:]).exit_code == 0
+    assert runner.invoke(main, ["verify"]).exit_code == 0
+
+
+def test_a_push_interrupted_says_what_the_hub_has(fake_hub, adapters, registry, monkeypatch):
+    """A Ctrl-C after the Hub made the commit, before the registry recorded it as a tag, said "nothing was written";
+    one during the upload says the commit was not confirmed. Pushing again records the tag, with no second commit."""
+    registry.add_adapter(adapters["a"], name="anime")
+    runner = CliRunner()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(hub, "upload", interrupt)
+        during = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
+    assert (during.exit_code, during.output) == (130, (
+        "error: interrupted while pushing anime@1 to me/anime@main, before the Hub confirmed a commit; push again "
+        "(files the Hub already has are not committed twice)\n"))
+    with monkeypatch.context() as patched:
+        patched.setattr(Registry, "add_tags", interrupt)
+        after = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
+    commit = fake_hub.repos["me/anime"].branches["main"]
+    assert (after.exit_code, after.output) == (130, (
+        f"error: interrupted after me/anime@main got commit {commit[:12]} with anime@1, before the registry recorded it "
+        "as a tag; push again to record it (the Hub makes no second commit)\n"))
+    again = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
+    assert again.output.startswith("nothing to push: ")
+    assert registry.get_adapter("anime").tags == [f"hf://me/anime@{commit}"]

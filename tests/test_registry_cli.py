@@ -504,17 +504,22 @@ ALPHA_ZERO = ("alpha must be a positive number (got 0): an alpha of 0 means alph
               "of 0 in PEFT, so loraops takes neither; give the rank itself for scale 1 (--alpha 8 for rank 8), or "
               "leave --alpha out")
 ALPHA_NEGATIVE = "alpha must be a positive number (got -2): to negate an adapter, weight it -1 in merge or combine (NAME:-1)"
+ALPHA_HUGE = "alpha 1e+300 is beyond what float32 holds"
+ALPHA_TINY = ("alpha 1e-50 is below what float32 holds (its smallest normal number is 1.2e-38): a kohya file stores "
+              "alphas in float32, where this one would be 0, which means alpha = rank")
 
 
 @pytest.mark.parametrize("alpha, says", [("0", ALPHA_ZERO), ("-0.0", ALPHA_ZERO.replace("got 0", "got -0")),
-                                         ("-2", ALPHA_NEGATIVE)])
+                                         ("-2", ALPHA_NEGATIVE), ("1e300", ALPHA_HUGE), ("1e-50", ALPHA_TINY)])
 @pytest.mark.parametrize("command", [["register", "{kohya}"], ["register", "{ad1}"], ["check", "{kohya}"],
                                      ["inspect", "{kohya}"], ["extract", "--base", "{base}", "--tuned", "{other}",
                                                               "--rank", "2"]])
-def test_alpha_zero_or_negative_is_refused_by_every_command_that_takes_it(art, command, alpha, says):
+def test_an_alpha_not_positive_or_out_of_float32_is_refused_by_every_command_that_takes_it(art, command, alpha, says):
     """`--alpha 0` on a kohya file gave scale 0, while the file's own alpha of 0 means alpha = rank (sd-scripts):
     the same number meant two things. An alpha given must be above 0, in one line that says what to give; nothing
-    is recorded."""
+    is recorded. It must be a number float32 holds, one rule (formats.common.given_alpha) for every command:
+    `--alpha 1e-50` was registered with scale 5e-51, and its kohya export stored alpha 0 (float32), read back as
+    alpha = rank, scale 1."""
     with Registry.open() as reg:
         before = snapshot(reg)
     argv = [a.format(**art) for a in command]

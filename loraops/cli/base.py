@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .adapters import _reader, _registry
+from .hub import check_token
 from .render import echo_fields, echo_json, echo_table, human_bytes, not_again
 
 
@@ -15,11 +16,17 @@ def base() -> None:
 @base.command("add")
 @click.argument("path", type=click.Path())
 @click.option("--name", help="Registry name (default: the folder or file name).")
-@click.option("--token", help="hub: only — Hub token for this call (default: $HF_TOKEN or the saved login).")
+@click.option("--token", help="hub: only — Hub token for this call (default: $HF_TOKEN or the saved login).",
+              callback=check_token)
 @click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
 def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
     """Record a base model: an HF folder (sharded safetensors + index), a diffusers pipeline, or one .safetensors;
     or hub:OWNER/NAME[@REV], read from the safetensors headers on the Hub (weights downloaded on first use)."""
+    if token is not None and not path.startswith("hub:"):  # (it was left unused)
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"{path}: --token is for a base added from the Hub (hub:OWNER/NAME); a path is read "
+                                "from disk")
     with _registry() as reg:
         if path.startswith("hub:"):
             from .. import hub
@@ -87,4 +94,8 @@ def rm(ref: str, force: bool) -> None:
     """Forget a base model (its files are not touched)."""
     with _registry(create=False) as reg:
         record = reg.remove_base(ref, force=force)
-    click.echo(f"removed base {record.name} (id {record.id}); its files at {record.path} are untouched")
+    if record.path is None:  # a base from the Hub whose weights never came down
+        click.echo(f"removed base {record.name} (id {record.id}); it had no files on disk (its manifest came from "
+                   f"{record.source})")
+    else:
+        click.echo(f"removed base {record.name} (id {record.id}); its files at {record.path} are untouched")

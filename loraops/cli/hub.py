@@ -9,7 +9,7 @@ from .render import echo_json
 TOKEN_HELP = "Hub token for this call (default: $HF_TOKEN, else the token saved by `hf auth login`)."
 
 
-def _token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def check_token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A token that cannot go in an HTTP header (`--token "$UNSET"`, a pasted newline) is bad input: the Hub client
     failed on it as 'cannot reach the Hub … Illegal header value'."""
     if value is not None and (not value.strip() or not value.isprintable()):
@@ -25,7 +25,7 @@ def _token(ctx: click.Context, param: click.Parameter, value: str | None) -> str
 @click.option("--name", help="Registry name (default: the repo's name). Another commit with other weights becomes its next version.")
 @click.option("--file", "subpath", metavar="PATH", help="The adapter inside the repo: a folder or a .safetensors file.")
 @click.option("--base", help="A registered base the adapter must fit (links an adapter already registered to it).")
-@click.option("--token", help=TOKEN_HELP, callback=_token)
+@click.option("--token", help=TOKEN_HELP, callback=check_token)
 @click.option("--json", "as_json", is_flag=True, help="Print the PullRecord as JSON.")
 def pull(repo: str, name: str | None, subpath: str | None, base: str | None, token: str | None, as_json: bool) -> None:
     """Download an adapter from the Hub (a branch, tag or commit; HF_HUB_OFFLINE=1: from the cache) and register
@@ -54,7 +54,7 @@ def pull(repo: str, name: str | None, subpath: str | None, base: str | None, tok
 @click.option("--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch.")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
               help="Layout to upload (default: the adapter's own, byte for byte).")
-@click.option("--token", help=TOKEN_HELP, callback=_token)
+@click.option("--token", help=TOKEN_HELP, callback=check_token)
 @click.option("--json", "as_json", is_flag=True, help="Print the PushRecord as JSON.")
 def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt: str | None, token: str | None,
          as_json: bool) -> None:

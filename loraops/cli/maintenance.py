@@ -35,8 +35,10 @@ def verify() -> None:
         count = len(reg.list_adapters(modules=False))
     for p in problems:
         click.echo(f"{p.adapter}: {p.file}: {p.problem}")
+    pulled = {p.adapter: p.pull_again for p in problems if p.pull_again}  # (they have no original on disk)
+    for adapter, again in pulled.items():
+        click.echo(f"{adapter}: pulled from the Hub: `{again}` downloads it again")
     if problems:
-        raise RegistryError(
-            f"{len(problems)} stored file(s) missing or changed; re-register those adapters from their originals"
-        )
+        raise RegistryError(f"{len(problems)} stored file(s) missing or changed; re-register those adapters from their "
+                            "originals" + (", or pull again those from the Hub" if pulled else ""))
     click.echo(f"all stored files of {count} adapter(s) match their sha256")

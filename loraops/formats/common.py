@@ -166,6 +166,8 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest float32: alphas and merge coefficients beyond it overflow where loraops computes (and kohya stores
 alphas) in float32."""
+FLOAT32_TINY = 1.1754943508222875e-38
+"""The smallest normal float32: a kohya alpha below it keeps few bits or none (stored as 0: alpha = rank)."""
 
 
 def given_alpha(alpha: float | None, where: str | Path | None = None) -> float | None:
@@ -174,13 +176,21 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
     above 0. Not 0: a kohya file's stored alpha of 0 means alpha = rank (sd-scripts, LyCORIS), while PEFT's
     lora_alpha 0 scales every module by 0, and `--alpha 0` on a kohya file gave scale 0 where the same 0 in the file
     gave scale 1; the rank itself says alpha = rank in every layout. Not negative: a weight of -1 negates an adapter.
-    (A stored --alpha override of 0 from before is still read as it was recorded: check_alpha.) ``where`` starts
-    the message: the adapter it is given for, as other refusals of it do."""
+    (A stored --alpha override of 0 from before is still read as it was recorded: check_alpha.) And a number float32
+    holds as a normal number, where loraops computes and kohya files store alphas: 1e-50 was registered, and its
+    kohya export stored 0. ``where`` starts the message: the adapter it is given for, as other refusals of it do."""
     if alpha is None:
         return None
     number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-    if number and math.isfinite(alpha) and alpha > 0:
+    prefix = f"{where}: --alpha: " if where else ""
+    if number and FLOAT32_TINY <= alpha <= FLOAT32_MAX:  # (NaN is neither)
         return float(alpha)
+    if number and alpha > FLOAT32_MAX and math.isfinite(alpha):
+        raise InvalidInputError(f"{prefix}alpha {alpha:g} is beyond what float32 holds")
+    if number and 0 < alpha < FLOAT32_TINY:
+        raise InvalidInputError(f"{prefix}alpha {alpha:g} is below what float32 holds (its smallest normal number is "
+                                f"{FLOAT32_TINY:.2g}): a kohya file stores alphas in float32, where this one would be "
+                                "0, which means alpha = rank")
     why = ""
     if number and alpha == 0:
         why = (": an alpha of 0 means alpha = rank in a kohya file but a scale of 0 in PEFT, so loraops takes neither; "
@@ -188,7 +198,7 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
     elif number and alpha < 0:
         why = ": to negate an adapter, weight it -1 in merge or combine (NAME:-1)"
     shown = f"{alpha:g}" if number else repr(alpha)
-    raise InvalidInputError(f"{f'{where}: --alpha: ' if where else ''}alpha must be a positive number (got {shown}){why}")
+    raise InvalidInputError(f"{prefix}alpha must be a positive number (got {shown}){why}")
 
 
 def check_alpha(path: Path, alpha: object, where: str) -> float:

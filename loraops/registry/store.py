@@ -65,6 +65,8 @@ class BlobProblem:
     adapter: str
     file: str
     problem: str
+    pull_again: str | None = None
+    """For an adapter pulled from the Hub, the `loraops pull` that repairs it (hub.pull_again)."""
 
 
 class Registry:
@@ -309,7 +311,7 @@ class Registry:
         """Where the base's files are on disk (refused when they are gone). A base recorded from the Hub without
         its files (source hf://repo@commit) is downloaded into the Hub cache and attached here, on first use."""
         base = self.get_base(ref)
-        if (not base.path or not Path(base.path).exists()) and base.source.startswith("hf://"):
+        if _downloads(base):
             from .. import hub
 
             files = hub.download_base(base.source)
@@ -320,6 +322,14 @@ class Registry:
         if not base.path or not Path(base.path).exists():
             raise NotFoundError(f"base {base.name!r}: its files are no longer at {base.path}; `loraops base add` them again")
         return Path(base.path)
+
+    def base_is_single_file(self, ref: str | int) -> bool | None:
+        """Whether base_path gives one file (True) or a folder (False), known from the record alone: nothing is read
+        or downloaded (a base from the Hub comes down as its snapshot folder). None when its files are gone."""
+        base = self.get_base(ref)
+        if _downloads(base):
+            return False
+        return Path(base.path).is_file() if base.path and Path(base.path).exists() else None
 
     def find_base(self, fingerprint: str) -> BaseRecord | None:
         """The registered base with exactly this fingerprint, if any (e.g. the pristine base of a merged model)."""
@@ -692,15 +702,15 @@ class Registry:
         from .. import formats
 
         with self.session() as s:
-            rows = [(r.id, f"{r.name}@{r.version}", r.blob, r.files, r.token_rows is None, r.alpha_override)
+            rows = [(r.id, f"{r.name}@{r.version}", r.blob, r.files, r.token_rows is None, r.alpha_override, r.source)
                     for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
-        total = sum(f["size"] for *_, files, _, _ in rows for f in files)
+        total = sum(f["size"] for *_, files, _, _, _ in rows for f in files)
         bar = settings.progress_bar(total, "verify", progress)
         problems, tokens = [], {}
         try:
-            for adapter_id, label, key, files, unknown, alpha in rows:
+            for adapter_id, label, key, files, unknown, alpha, source in rows:
                 found = self._stored_problems(key, files, bar)
-                problems += [BlobProblem(label, path, problem) for path, problem in found]
+                problems += [BlobProblem(label, path, problem, _pull_again(source)) for path, problem in found]
                 if unknown and not found:  # headers and config only: the counts, not the values
                     try:
                         adapter = formats.read_adapter(self.blobs.path(key), alpha=alpha, values=False)
@@ -733,8 +743,10 @@ class Registry:
         if problems:
             where, what = problems[0]
             state = what if what == "missing" else f"changed ({what})"
+            again = _pull_again(row.source)
+            repair = f"`{again}` downloads it again" if again else "`loraops register` its original again"
             raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
-                                "used; `loraops register` its original again to repair it (`loraops verify` checks all)")
+                                f"used; {repair} to repair it (`loraops verify` checks all)")
 
     def _stored_problems(self, key: str, files: list[dict], progress=None,
                          contents: bool = True) -> list[tuple[str, str]]:
@@ -865,6 +877,17 @@ def retryable(exc: DBAPIError) -> bool:
         return True
     text = str(exc.orig).lower()
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
+
+
+def _pull_again(source: str | None) -> str | None:
+    from ..hub import pull_again
+
+    return pull_again(source)
+
+
+def _downloads(base: BaseRecord) -> bool:
+    """Is this a base recorded from the Hub whose files base_path downloads (none are attached, or they are gone)?"""
+    return (not base.path or not Path(base.path).exists()) and base.source.startswith("hf://")
 
 
 def _first_line(exc: BaseException) -> str:
