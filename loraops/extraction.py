@@ -471,10 +471,11 @@ def extract_lazily(
         own_names=own,
     )
     what = f"extract of {labels[1]} − {labels[0]}"
-    # before any module is computed; kohya, the way out PEFT's refusal names, holds no whole tensors (--save-module)
-    kept_whole = ("and a kohya file holds no whole tensors (--save-module): leave those modules out with --modules, or "
-                  "leave --save-module out and write kohya")
-    refuse_unwritable(result, fmt, values=False, label=what, peft_way_out=kept_whole if save_modules else None)
+    # before any module is computed; kohya, extract's way out of PEFT's refusal, holds no whole tensors (--save-module)
+    way_out = ("and a kohya file holds no whole tensors (--save-module): leave those modules out with --modules, or "
+               "leave --save-module out and write kohya") if save_modules else \
+        "so it cannot be written as peft: use --format kohya"
+    refuse_unwritable(result, fmt, values=False, label=what, peft_way_out=way_out)
     refuse_idle_conv_rank(rule, work.targets.values(), f"the {what}")
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []

@@ -203,9 +203,13 @@ class Fused:
     nn.MultiheadAttention; DINOv2's weights_in, which transformers 5 splits on load) the parts are the modules LoRA
     trainers see: extract makes one module of each."""
     peft: bool = True
-    """A LoRA on a part can be written as PEFT. Not on OpenCLIP's q, k, v: rows of nn.MultiheadAttention's
-    in_proj_weight, a parameter, so no model PEFT wraps has a module of that path (transformers' CLIPTextModel,
-    which has them, names them text_model.encoder.layers.N.self_attn.q_proj: the diffusers and kohya names)."""
+    """A part's path (owner and leaf) is a module of a model PEFT wraps, so a LoRA on the part can be written as PEFT
+    under it (DINOv2's gate_proj: transformers 5's). Not OpenCLIP's q, k, v: rows of nn.MultiheadAttention's
+    in_proj_weight, a parameter (transformers' CLIPTextModel, which has them, names them
+    text_model.encoder.layers.N.self_attn.q_proj: the diffusers and kohya names); nor FLUX's and SD3's, rows of one
+    Linear in the model the checkpoint is of (diffusers' FluxTransformer2DModel, which has them, names them
+    transformer_blocks.N.attn.to_q). Under such names the part is written only as the adapter's own
+    (formats.peft_unwritable_parts)."""
 
     def owner_of(self, tensor: str) -> str | None:
         """The owner's path when ``tensor`` is one of these, else None."""
@@ -229,11 +233,15 @@ FUSED = (
     Fused(re.compile("^(?:" + "|".join(re.escape(e.prefix) for e in TEXT_ENCODERS if e.open_clip)
                      + r")transformer\.resblocks\.\d+\.attn$"),
           ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds, peft=False),
-    Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds, whole=True),
-    Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
-    Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True),
-    Fused(re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds, whole=True),
-    Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds, whole=True, peft=False),
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
+          peft=False),
+    Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True,
+          peft=False),
+    Fused(re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds, whole=True,
+          peft=False),
+    Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
+          peft=False),
     # DINOv2's SwiGLU MLP: transformers 5 splits weights_in into gate_proj and up_proj in memory
     Fused(re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"), halves),
 )

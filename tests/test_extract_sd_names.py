@@ -252,7 +252,7 @@ def test_peft_is_refused_for_openclip_parts_alone_and_by_every_command_that_writ
         assert run("register", lora, "--name", name, "--base", "sdxl")[0] == 0
     te2 = "conditioner.embedders.1.model.transformer.resblocks.0.attn"
     refused = (f"{te2}.q_proj, {te2}.v_proj: rows of a fused tensor ({te2}.in_proj_weight) that no model PEFT wraps "
-               "holds as a module, so it cannot be written as peft: use --format kohya\n")
+               "holds as a module, so it cannot be written as peft: use --format kohya or diffusers\n")
     commands = {"export": ["export", "{}", "--format", "peft", "-o", tmp_path / "{}-export"],
                 "resize": ["resize", "{}", "--rank", "2", "--format", "peft", "-o", tmp_path / "{}-resize"],
                 "combine": ["combine", "{}", "{}", "--method", "cat", "--format", "peft", "-o", tmp_path / "{}-combine"]}
@@ -403,3 +403,82 @@ def test_an_sd2_unclip_checkpoint_keeps_sd2_names_beside_its_label_emb(tmp_path)
     assert {k.rsplit(".", 2)[0] for k in header.tensors if k.endswith(".lora_up.weight")} == {
         "lora_unet_down_blocks_1_attentions_0_proj_in"}
     assert (header.metadata["ss_base_model_version"], header.metadata["ss_v2"]) == ("sd_v2_v", "True")
+
+
+def test_peft_refuses_fused_parts_only_under_the_checkpoints_part_names(tmp_path):
+    """PEFT names modules. A LoRA on FLUX's split q/k/v bound to a Black Forest Labs checkpoint is written as PEFT
+    under the adapter's own names — a diffusers LoRA's (transformer.transformer_blocks.0.attn.to_q), byte for byte
+    what its unbound export writes — but one whose own names are the checkpoint's part paths (a PEFT file of
+    double_blocks.0.img_attn.qkv.to_q, as loraops wrote a bound diffusers FLUX LoRA before it kept own names) was
+    written so again: names of no module of any model PEFT wraps (BFL's qkv and linear1 are one Linear each). It is
+    refused in one line naming the ways out, which both work: kohya joins the parts into the fused tensor, diffusers
+    names them as the pipeline does. By the same rule a diffusers LoRA on OpenCLIP's q/k/v, refused once bound to
+    an SDXL checkpoint (while its unbound export wrote it), is written under its own names too."""
+    import factories
+    from test_ldm import FLUX, FLUX_LORA, SDXL_TEXT, checkpoint
+
+    from loraops import check, formats
+    from loraops.st import read_header
+
+    flux = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    assert run("base", "add", flux, "--name", "flux")[0] == 0
+    old = formats.write_adapter(factories.lora_adapter({
+        "double_blocks.0.img_attn.qkv.to_q": (16, 16), "single_blocks.0.linear1.proj_mlp": (64, 16),
+        "double_blocks.0.img_attn.proj": (16, 16)}), tmp_path / "old", "peft")
+    code, out = run("export", old, "--base", "flux", "--format", "peft", "-o", tmp_path / "old-peft")
+    assert (code, out) == (2, f"error: {old}: double_blocks.0.img_attn.qkv.to_q, single_blocks.0.linear1.proj_mlp: "
+                              "rows of a fused tensor (double_blocks.0.img_attn.qkv.weight) that no model PEFT wraps "
+                              "holds as a module, so it cannot be written as peft: use --format kohya or diffusers\n")
+    assert not (tmp_path / "old-peft").exists()
+    manifest = load_file(flux)
+    source = check.bind(formats.read_adapter(old), manifest)
+    for fmt, want in (("diffusers", {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_out.0",
+                                     "transformer.single_transformer_blocks.0.proj_mlp"}),
+                      ("kohya", {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
+                                 "lora_unet_double_blocks_0_img_attn_proj"})):
+        out = tmp_path / f"old.{fmt}.safetensors"
+        assert run("export", old, "--base", "flux", "--format", fmt, "-o", out)[0] == 0
+        assert {k.rsplit(".", 2)[0] for k in load_file(out) if k.endswith(("lora_A.weight", "lora_down.weight"))} == want
+        back = check.bind(formats.read_adapter(out), manifest)
+        for name, module in source.modules.items():  # (kohya: the parts joined into their tensor)
+            tensor = module.fused[0].removesuffix(".weight") if module.fused else name
+            delta = back.modules[name].delta() if name in back.modules else \
+                back.modules[tensor].delta()[module.first_row:module.first_row + module.weight_shape[0]]
+            torch.testing.assert_close(delta, module.delta(), rtol=0, atol=1e-6, msg=(fmt, name))
+
+    sdxl = checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT)
+    assert run("base", "add", sdxl, "--name", "sdxl")[0] == 0
+    openclip = {"text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj": (16, 16),
+                "text_encoder_2.text_model.encoder.layers.0.self_attn.out_proj": (16, 16)}
+    for name, (modules, base) in {"flux": (FLUX_LORA, "flux"), "openclip": (openclip, "sdxl")}.items():
+        lora = formats.write_adapter(factories.lora_adapter(modules, fmt="diffusers"),
+                                     tmp_path / f"{name}-lora.safetensors", "diffusers")
+        for bound, extra in ((True, ["--base", base]), (False, [])):
+            code, out = run("export", lora, "--format", "peft", "-o", tmp_path / f"{name}-{bound}", *extra)
+            assert code == 0, out
+        written = [(json.loads((tmp_path / f"{name}-{bound}" / "adapter_config.json").read_text()),
+                    load_file(tmp_path / f"{name}-{bound}" / "adapter_model.safetensors")) for bound in (True, False)]
+        assert written[0][0] == written[1][0] and written[0][0]["target_modules"] == sorted(modules), name
+        assert written[0][1].keys() == written[1][1].keys()
+        assert all(torch.equal(written[0][1][k], written[1][1][k]) for k in written[0][1]), name
+        assert read_header(tmp_path / f"{name}-True" / "adapter_model.safetensors").metadata == {"format": "pt"}
+
+
+def test_extract_as_peft_of_a_flux_checkpoint_keeps_qkv_whole(tmp_path):
+    """extract makes one module of FLUX's qkv and linear1 (sd-scripts' flux_extract_lora.py does), a Linear of Black
+    Forest Labs' model, so PEFT output holds no part and is written; merged back, the tuned tensors."""
+    from test_extract_fused import low_rank, pair
+    from test_ldm import FLUX
+
+    changes = {"double_blocks.0.img_attn.qkv.weight": (0, low_rank(48, 16, 2, 5)),
+               "single_blocks.0.linear1.weight": (16, low_rank(96, 16, 2, 6))}
+    base, tuned = pair(tmp_path, FLUX, changes)
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", tmp_path / "p")
+    assert code == 0, out
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]
+    code, out = run("merge", tmp_path / "p", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
+    assert code == 0, out
+    merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
+    for name in changes:
+        torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6)
