@@ -151,6 +151,10 @@ DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model
 FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
 SD3_MARK = re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$")
 DIT_MARKS = ((FLUX_MARK, FLUX_TOP), (SD3_MARK, SD3_TOP))
+# the MMDiT's q/k RMS norms (SD3.5) and its x blocks' second attention (SD3.5 Medium), by which sd-scripts tells its
+# model type (sd3_utils.analyze_state_dict_state)
+SD3_QK_NORM = re.compile(DIT + r"joint_blocks\.0\.context_block\.attn\.ln_k\.weight$")
+SD3_X_ATTN2 = re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2\.ln_k\.weight$")
 
 
 # transformers 5 saves a CLIP text encoder without its "text_model." level (encoder.layers.0.…), transformers 4 —
@@ -436,14 +440,20 @@ def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
     kohya writer names its UNet the SDXL way, input_blocks…, even when no text-encoder module says SDXL; known by its
     text encoders or, for a UNet alone, by SDXL_UNET_MARK), SD 1.x's, SD 2.x's ``sd_v2_v`` with ss_v2 (the tensors do
     not say whether it is v-parameterized; sd-scripts' extract takes --v_parameterization to default to --v2),
-    FLUX.1's ``flux1``, each with its ss_v2 (sd-scripts writes the two together, and reads SD 2.x from ss_v2 alone);
-    and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as its lora_sd3.py; SD3's
-    version string, the MMDiT's model type, is not read off the tensors)."""
+    FLUX.1's ``flux1``, SD3's MMDiT model type (``medium``, ``5-large``, ``5-medium``), each with its ss_v2 (sd-scripts
+    writes the two together, and reads SD 2.x from ss_v2 alone); and the network module of FLUX.1 (networks.lora_flux)
+    and SD3 (networks.lora_sd3, as its lora_sd3.py)."""
     names = list(tensors)
     if any(FLUX_MARK.match(n) for n in names):
         return {"ss_base_model_version": "flux1", "ss_v2": "False", "ss_network_module": "networks.lora_flux"}
     if any(SD3_MARK.match(n) for n in names):
-        return {"ss_network_module": "networks.lora_sd3"}
+        # sd-scripts (sd3 branch) records the MMDiT's model type: sd3_train_network.py's load_target_model returns
+        # mmdit.model_type as the model version that train_network.py writes as ss_base_model_version, and
+        # sd3_utils.analyze_state_dict_state sets it "5-large" / "5-medium" with q/k norms (without / with x-block
+        # attn2), else "medium" (SD3 Medium); ss_v2 is its args.v2, False
+        version = ("5-medium" if any(SD3_X_ATTN2.match(n) for n in names) else "5-large") \
+            if any(SD3_QK_NORM.match(n) for n in names) else "medium"
+        return {"ss_base_model_version": version, "ss_v2": "False", "ss_network_module": "networks.lora_sd3"}
     if any(n.startswith("conditioner.embedders.") for n in names):
         return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
     if any(n.startswith("cond_stage_model.model.") for n in names):

@@ -482,3 +482,39 @@ def test_extract_as_peft_of_a_flux_checkpoint_keeps_qkv_whole(tmp_path):
     merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
     for name in changes:
         torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6)
+
+
+def test_sd3_headers_name_the_mmdit_model_type_as_sd_scripts_does(tmp_path):
+    """sd-scripts writes an SD3 LoRA's ss_base_model_version as the MMDiT's model type (sd3_train_network.py returns
+    mmdit.model_type as the model version, which train_network.py records), read off the checkpoint by
+    sd3_utils.analyze_state_dict_state: "medium" without q/k RMS norms (SD3 Medium), "5-large" with them
+    (joint_blocks.0.context_block.attn.ln_k), "5-medium" when x blocks also have a second attention
+    (x_block.attn2.ln_k: SD3.5 Medium). It was empty. extract records it, and a diffusers SD3 LoRA exported to kohya
+    against the checkpoint takes it from there."""
+    from test_extract_fused import low_rank, pair
+
+    import factories
+    from loraops import formats
+    from loraops.st import read_header
+
+    norms = {"medium": {}, "5-large": {"joint_blocks.0.context_block.attn.ln_k.weight": (4,)},
+             "5-medium": {"joint_blocks.0.context_block.attn.ln_k.weight": (4,), "joint_blocks.0.x_block.attn2.ln_k.weight": (4,)}}
+    qkv = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
+    lora = formats.write_adapter(factories.lora_adapter({"transformer.transformer_blocks.0.attn.to_k": (8, 8)},
+                                                        fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")
+    for version, extra in norms.items():
+        folder = tmp_path / version
+        folder.mkdir()
+        shapes = {f"model.diffusion_model.{m}.weight": (h, 8) for m, h in sd3_heights(dual=(0,) if "attn2" in str(extra)
+                                                                                        else ()).items()}
+        shapes.update({f"model.diffusion_model.{k}": v for k, v in extra.items()})
+        base, tuned = pair(folder, shapes, {qkv: (0, low_rank(24, 8, 2, 5))})
+        assert run("base", "add", base, "--name", f"sd3-{version}")[0] == 0
+        code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", folder / "x.safetensors")
+        assert code == 0, out
+        code, out = run("export", lora, "--format", "kohya", "--base", f"sd3-{version}", "-o", folder / "k.safetensors")
+        assert code == 0, out
+        for written in ("x", "k"):
+            metadata = read_header(folder / f"{written}.safetensors").metadata
+            assert (metadata["ss_base_model_version"], metadata["ss_v2"], metadata["ss_network_module"]) == (
+                version, "False", "networks.lora_sd3"), (version, written)
