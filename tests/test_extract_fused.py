@@ -162,7 +162,8 @@ def test_peft_output_is_written_when_openclips_in_proj_differs_only_in_signed_ze
 
 def test_flux_qkv_stays_one_module_as_sd_scripts_extracts_it(tmp_path):
     """FLUX's img_attn.qkv and linear1 are Linear weights of Black Forest Labs' model; sd-scripts'
-    flux_extract_lora.py factorizes each whole (lora_unet_double_blocks_0_img_attn_qkv), and so does extract."""
+    flux_extract_lora.py factorizes each whole (lora_unet_double_blocks_0_img_attn_qkv), and so does extract. As
+    PEFT too (a Linear of Black Forest Labs' model: no part, which PEFT would refuse)."""
     changes = {"double_blocks.0.img_attn.qkv.weight": (0, low_rank(48, 16, 2, 5)),
                "single_blocks.0.linear1.weight": (0, low_rank(112, 16, 2, 6))}
     base, tuned = pair(tmp_path, FLUX, changes)
@@ -174,11 +175,17 @@ def test_flux_qkv_stays_one_module_as_sd_scripts_extracts_it(tmp_path):
     assert kohya_modules(tmp_path / "f.safetensors") == ["lora_unet_double_blocks_0_img_attn_qkv",
                                                          "lora_unet_single_blocks_0_linear1"]
     assert read_header(tmp_path / "f.safetensors").metadata["ss_base_model_version"] == "flux1"  # as sd-scripts'
-    code, out = run("merge", tmp_path / "f.safetensors", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", tmp_path / "p")
     assert code == 0, out
-    merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
-    for name in changes:
-        torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6)
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["target_modules"] == [
+        "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]
+    want = load_file(tuned)
+    for adapter in (tmp_path / "f.safetensors", tmp_path / "p"):
+        code, out = run("merge", adapter, "--into", base, "-o", tmp_path / f"m-{adapter.stem}.safetensors", "--no-record")
+        assert code == 0, out
+        merged = load_file(tmp_path / f"m-{adapter.stem}.safetensors")
+        for name in changes:
+            torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6)
 
 
 def test_an_sdxl_unet_alone_gets_sd_scripts_sdxl_names(tmp_path):

@@ -481,26 +481,6 @@ def test_peft_refuses_fused_parts_only_under_the_checkpoints_part_names(tmp_path
         assert read_header(tmp_path / f"{name}-True" / "adapter_model.safetensors").metadata == {"format": "pt"}
 
 
-def test_extract_as_peft_of_a_flux_checkpoint_keeps_qkv_whole(tmp_path):
-    """extract makes one module of FLUX's qkv and linear1 (sd-scripts' flux_extract_lora.py does), a Linear of Black
-    Forest Labs' model, so PEFT output holds no part and is written; merged back, the tuned tensors."""
-    from test_extract_fused import low_rank, pair
-    from test_ldm import FLUX
-
-    changes = {"double_blocks.0.img_attn.qkv.weight": (0, low_rank(48, 16, 2, 5)),
-               "single_blocks.0.linear1.weight": (16, low_rank(96, 16, 2, 6))}
-    base, tuned = pair(tmp_path, FLUX, changes)
-    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", tmp_path / "p")
-    assert code == 0, out
-    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]
-    code, out = run("merge", tmp_path / "p", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
-    assert code == 0, out
-    merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
-    for name in changes:
-        torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6)
-
-
 def test_sd3_headers_name_the_mmdit_model_type_as_sd_scripts_does(tmp_path):
     """sd-scripts writes an SD3 LoRA's ss_base_model_version as the MMDiT's model type (sd3_train_network.py returns
     mmdit.model_type as the model version, which train_network.py records), read off the checkpoint by
