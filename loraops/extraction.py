@@ -42,7 +42,7 @@ from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
-from .formats import refuse_unwritable
+from .formats import peft_unwritable_parts, refuse_unwritable
 from .formats.common import given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
@@ -469,18 +469,26 @@ def extract_lazily(
         own_names=own,
     )
     what = f"extract of {labels[1]} − {labels[0]}"
-    # before any module is computed; kohya, the way out PEFT's refusal names, holds no whole tensors (--save-module)
-    kept_whole = ("and a kohya file holds no whole tensors (--save-module): leave those modules out with --modules, or "
-                  "leave --save-module out and write kohya")
-    refuse_unwritable(result, fmt, values=False, label=what, peft_way_out=kept_whole if save_modules else None)
-    refuse_idle_conv_rank(rule, work.targets.values(), f"the {what}")
-    records: list[ExtractModuleRecord] = []
-    skipped: list[ExtractSkippedRecord] = []
-    dropped: set[str] = set()
+    # before any module is computed; kohya, extract's way out of PEFT's refusal, holds no whole tensors (--save-module)
+    way_out = ("and a kohya file holds no whole tensors (--save-module): leave those modules out with --modules, or "
+               "leave --save-module out and write kohya") if save_modules else \
+        "so it cannot be written as peft: use --format kohya"
 
     def delta(tensor: str) -> "torch.Tensor":
         tuned_w = finite(tuned, labels[1], tensor).to(device=target, dtype=compute_dtype)
         return tuned_w.sub_(finite(base, labels[0], tensor).to(device=target, dtype=compute_dtype))
+
+    if fmt == "peft":  # of the parts PEFT refuses, those whose rows did not change are no modules (compute drops them)
+        weight_delta = functools.lru_cache(maxsize=1)(delta)  # (a fused weight's parts come in a row)
+        unchanged = {m.name for m in peft_unwritable_parts(result)
+                     if not bool(weight_delta(m.weight_name)[m.first_row:m.first_row + m.fused[2]].any())}
+        del weight_delta
+        result = replace(result, modules={n: m for n, m in result.modules.items() if n not in unchanged})
+    refuse_unwritable(result, fmt, values=False, label=what, peft_way_out=way_out)
+    refuse_idle_conv_rank(rule, work.targets.values(), f"the {what}")
+    records: list[ExtractModuleRecord] = []
+    skipped: list[ExtractSkippedRecord] = []
+    dropped: set[str] = set()
 
     def max_abs_difference(tensor: str) -> float:
         if not tuned.tensors[tensor].nbytes:

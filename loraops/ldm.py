@@ -13,11 +13,13 @@ bind to either kind of base, and names bound modules back as sd-scripts does:
     fused_target(module, manifest) -> (tensor, first row, rows, all rows) | None  (q/k/v inside a fused tensor)
     split(tensor, shape) -> [(part module, its rows as fused_target gives them)]  (the modules extract makes of one)
     sd_scripts_name(module, sdxl) -> (component, path) | None                      (naming them back, as sd-scripts)
+    is_sdxl(names, metadata) -> bool | None       (whose UNet: SDXL's or SD 1.x/2.x's, which are named differently)
     clip_paths(path) -> [path, the same CLIP module in the other saved layout]   (transformers 4 vs 5)
 
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
 resnets per down block and three per up block (SD 1.x, 2.x, XL), which is diffusers' conversion table
-(scripts/convert_diffusers_to_original_stable_diffusion.py) generalised to blocks with or without attentions.
+(scripts/convert_diffusers_to_original_stable_diffusion.py) generalised to blocks with or without attentions; only
+label_emb depends on the family (SDXL's add_embedding, SD 2.x unCLIP's class_embedding).
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
 ``transformer.`` names as diffusers' single-file converters do.
@@ -36,7 +38,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 UNET_PREFIX = "model.diffusion_model."
 RESNET = {
@@ -45,9 +47,11 @@ RESNET = {
 }
 UNET_TOP = {
     "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-    "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
     "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
 }
+# SDXL's size/crop embedding (diffusers' add_embedding), or SD 2.x unCLIP's image-embedding class embedding
+# (class_embedding), as diffusers' convert_ldm_unet_checkpoint names it by the UNet's family
+LABEL_EMB = {"label_emb.0.0": "linear_1", "label_emb.0.2": "linear_2"}
 BLOCK_RE = re.compile(r"^(?P<kind>input_blocks|output_blocks|middle_block)\.(?P<n>\d+)\.(?:(?P<m>\d+)\.)?(?P<rest>.+)$")
 
 
@@ -151,6 +155,10 @@ DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model
 FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
 SD3_MARK = re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn\.qkv\.weight$")
 DIT_MARKS = ((FLUX_MARK, FLUX_TOP), (SD3_MARK, SD3_TOP))
+# the MMDiT's q/k RMS norms (SD3.5) and its x blocks' second attention (SD3.5 Medium), by which sd-scripts tells its
+# model type (sd3_utils.analyze_state_dict_state)
+SD3_QK_NORM = re.compile(DIT + r"joint_blocks\.0\.context_block\.attn\.ln_k\.weight$")
+SD3_X_ATTN2 = re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2\.ln_k\.weight$")
 
 
 # transformers 5 saves a CLIP text encoder without its "text_model." level (encoder.layers.0.…), transformers 4 —
@@ -203,9 +211,13 @@ class Fused:
     nn.MultiheadAttention; DINOv2's weights_in, which transformers 5 splits on load) the parts are the modules LoRA
     trainers see: extract makes one module of each."""
     peft: bool = True
-    """A LoRA on a part can be written as PEFT. Not on OpenCLIP's q, k, v: rows of nn.MultiheadAttention's
-    in_proj_weight, a parameter, so no model PEFT wraps has a module of that path (transformers' CLIPTextModel,
-    which has them, names them text_model.encoder.layers.N.self_attn.q_proj: the diffusers and kohya names)."""
+    """A part's path (owner and leaf) is a module of a model PEFT wraps, so a LoRA on the part can be written as PEFT
+    under it (DINOv2's gate_proj: transformers 5's). Not OpenCLIP's q, k, v: rows of nn.MultiheadAttention's
+    in_proj_weight, a parameter (transformers' CLIPTextModel, which has them, names them
+    text_model.encoder.layers.N.self_attn.q_proj: the diffusers and kohya names); nor FLUX's and SD3's, rows of one
+    Linear in the model the checkpoint is of (diffusers' FluxTransformer2DModel, which has them, names them
+    transformer_blocks.N.attn.to_q). Under such names the part is written only as the adapter's own
+    (formats.peft_unwritable_parts)."""
 
     def owner_of(self, tensor: str) -> str | None:
         """The owner's path when ``tensor`` is one of these, else None."""
@@ -229,11 +241,15 @@ FUSED = (
     Fused(re.compile("^(?:" + "|".join(re.escape(e.prefix) for e in TEXT_ENCODERS if e.open_clip)
                      + r")transformer\.resblocks\.\d+\.attn$"),
           ".in_proj_weight", ("q_proj", "k_proj", "v_proj"), thirds, peft=False),
-    Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds, whole=True),
-    Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
-    Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True),
-    Fused(re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds, whole=True),
-    Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True),
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv$"), ".weight", QKV, thirds, whole=True, peft=False),
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
+          peft=False),
+    Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True,
+          peft=False),
+    Fused(re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds, whole=True,
+          peft=False),
+    Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
+          peft=False),
     # DINOv2's SwiGLU MLP: transformers 5 splits weights_in into gate_proj and up_proj in memory
     Fused(re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"), halves),
 )
@@ -261,12 +277,15 @@ def split(tensor: str, shape: Sequence[int], *, whole: bool = False) -> list[tup
     return [] if entry is None or entry.whole != whole else entry.rows(tensor, shape) or []
 
 
-def unet_path(ldm: str) -> str | None:
+def unet_path(ldm: str, sdxl: bool | None = None) -> str | None:
     """The diffusers path of an LDM UNet module path (relative to ``model.diffusion_model.``), or None for a path
     outside the blocks this translation knows. ``input_blocks.4.1.proj_in`` → ``down_blocks.1.attentions.0.proj_in``.
-    """
+    ``sdxl``: the UNet's family (is_sdxl), which names label_emb: False (SD 2.x unCLIP) class_embedding, else SDXL's
+    add_embedding."""
     if ldm in UNET_TOP:
         return UNET_TOP[ldm]
+    if ldm in LABEL_EMB:
+        return f"{'class_embedding' if sdxl is False else 'add_embedding'}.{LABEL_EMB[ldm]}"
     match = BLOCK_RE.match(ldm)
     if match is None:
         return None
@@ -339,9 +358,10 @@ def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     module path} for the tensors of a single-file SD, FLUX.1 or SD3 checkpoint; empty for any other base."""
     tensors = list(tensors)
     top = next((top for mark, top in DIT_MARKS if any(mark.match(t) for t in tensors)), None)
+    sdxl = is_sdxl(tensors)
     out = {}
     for module in checkpoint_modules(tensors):
-        name = diffusers_name(module, top=top)
+        name = diffusers_name(module, top=top, sdxl=sdxl)
         if name is not None:
             out[name] = module
     return out
@@ -361,15 +381,15 @@ def dit_top(modules: Iterable[str], metadata: dict[str, str] | None = None) -> d
     return SD3_TOP if "joint_blocks" in kinds else FLUX_TOP if kinds else None
 
 
-def diffusers_name(module: str, *, top: dict[str, str] | None = None) -> str | None:
+def diffusers_name(module: str, *, top: dict[str, str] | None = None, sdxl: bool | None = None) -> str | None:
     """The diffusers path of a checkpoint module (component included), or None outside the parts translated.
     ``top``: the DiT family's top-level names, when the checkpoint is known to be of it (see dit_path; FLUX_TOP also
-    names its T5 as FluxPipeline does)."""
+    names its T5 as FluxPipeline does); ``sdxl``: the SD UNet's family (see unet_path)."""
     path = dit_path(module.removeprefix(UNET_PREFIX), top)
     if path is not None:
         return f"transformer.{path}"
     if module.startswith(UNET_PREFIX):
-        path = unet_path(module[len(UNET_PREFIX):])
+        path = unet_path(module[len(UNET_PREFIX):], sdxl)
         return None if path is None else f"unet.{path}"
     encoder = text_encoder(module)
     path = None if encoder is None else encoder.path(module)
@@ -402,7 +422,7 @@ def sd_scripts_name(module: str, *, sdxl: bool) -> tuple[str, str] | None:
     if encoder is not None:
         path = encoder.path(module)
         return None if path is None else (encoder.sd_scripts, path)
-    name = diffusers_name(module)
+    name = diffusers_name(module, sdxl=sdxl)
     if name is None:  # behind the UNet's prefix and no SD UNet module: a DiT's embedders and final layer
         return ("unet", path) if module.startswith(UNET_PREFIX) else None
     component, path = name.split(".", 1)
@@ -417,37 +437,81 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 # the header fields sd_scripts_metadata decides
 VERSION_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_module")
-# SDXL's UNet (base and refiner) by its structure: the size/crop embedding (diffusers' add_embedding), which SD 1.x/2.x
-# UNets do not have (SD 2.x unCLIP's class embedding has this name too, but its checkpoint keeps its text encoder)
-SDXL_UNET_MARK = UNET_PREFIX + "label_emb."
+# sd-scripts' only SDXL version (sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0), the refiner's too: sd-scripts builds
+# SDXL's UNet in the base's shape alone (it trains no refiner LoRA and has no refiner version), A1111 files a LoRA
+# under SDXL by the "sdxl_" prefix alone (extensions-builtin/Lora/network.py, detect_version), ComfyUI reads no
+# version; the SAI model spec's stable-diffusion-xl-v1-refiner is a modelspec.architecture, which loraops does not write
+SDXL = {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
+SD1 = {"ss_base_model_version": "sd_v1", "ss_v2": "False"}
+SD2 = {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}
+# SD UNet modules (or their tensors), under the checkpoint's names, that only SDXL's UNet (base or refiner) has: a
+# transformer block more than one layer deep (SD 1.x/2.x have one everywhere; SDXL base 2 and 10, the refiner 4), or
+# attention in the first output level (the base's: output_blocks 0–2, whose upsampler then sits in slot 2, where an
+# SD UNet's output_blocks.2.1.conv is the upsampler); and that only SD 1.x/2.x's has: attention in the first input
+# level or the last output level (input_blocks 1–2, output_blocks 9–11: SDXL has none there, base or refiner)
+SDXL_UNET = re.compile(re.escape(UNET_PREFIX) + r"(?:(?:input_blocks|middle_block|output_blocks)\.[\d.]*"
+                       r"transformer_blocks\.[1-9]|output_blocks\.[0-2]\.(?:1\.(?!conv(?:\.|$))|2\.))")
+SD_UNET = re.compile(re.escape(UNET_PREFIX) + r"(?:input_blocks\.[12]|output_blocks\.(?:9|10|11))\.1\.")
+# the tensor whose width tells SD 2.x's UNet from 1.x's (its cross-attention reads OpenCLIP-H's 1024-wide context,
+# 1.x CLIP-L's 768), as diffusers' single-file loader tells them (CHECKPOINT_KEY_NAMES["v2"])
+SD2_CONTEXT = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
 
 
-def sd_scripts_metadata(tensors: Iterable[str]) -> dict[str, str]:
-    """The header fields sd-scripts writes that a single-file checkpoint's tensors decide, as its
-    extract_lora_from_models.py and flux_extract_lora.py write them: ss_base_model_version — SDXL's (by which the
-    kohya writer names its UNet the SDXL way, input_blocks…, even when no text-encoder module says SDXL; known by its
-    text encoders or, for a UNet alone, by SDXL_UNET_MARK), SD 1.x's, SD 2.x's ``sd_v2_v`` with ss_v2 (the tensors do
-    not say whether it is v-parameterized; sd-scripts' extract takes --v_parameterization to default to --v2),
-    FLUX.1's ``flux1``, each with its ss_v2 (sd-scripts writes the two together, and reads SD 2.x from ss_v2 alone);
-    and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as its lora_sd3.py; SD3's
-    version string, the MMDiT's model type, is not read off the tensors)."""
+def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> bool | None:
+    """Is the SD UNet of a single-file checkpoint (its tensor names) or of an adapter (its bound module names and
+    header) SDXL's, base or refiner? sd-scripts names SDXL's UNet modules by their checkpoint paths and SD 1.x/2.x's
+    by diffusers blocks, and diffusers names SDXL's label_emb add_embedding, unCLIP's class_embedding. Known by the
+    text encoders (SDXL's conditioner., SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET,
+    SD_UNET), else by ``metadata``: the version it records (ss_base_model_version "sdxl…" or another;
+    modelspec.architecture "stable-diffusion-xl…"). None: nothing says (an adapter of a few UNet modules that every
+    one of these UNets has, label_emb included, with no version recorded)."""
+    names = list(names)
+    for sdxl, encoders in ((True, "conditioner."), (False, "cond_stage_model.")):
+        if any(n.startswith(encoders) for n in names):
+            return sdxl
+    for sdxl, structure in ((True, SDXL_UNET), (False, SD_UNET)):
+        if any(structure.match(n) for n in names):
+            return sdxl
+    metadata = metadata or {}
+    if metadata.get("ss_base_model_version"):
+        return metadata["ss_base_model_version"].startswith("sdxl")
+    return True if metadata.get("modelspec.architecture", "").startswith("stable-diffusion-xl") else None
+
+
+def sd_scripts_metadata(tensors: Mapping[str, object]) -> dict[str, str]:
+    """The header fields sd-scripts writes that a single-file checkpoint's tensors (name → anything with a shape)
+    decide, as its extract_lora_from_models.py and flux_extract_lora.py write them: ss_base_model_version — SDXL's
+    (by which the kohya writer names its UNet the SDXL way, input_blocks…, even when no text-encoder module says
+    SDXL: is_sdxl), SD 1.x's, SD 2.x's ``sd_v2_v`` with ss_v2 (the tensors do not say whether it is
+    v-parameterized; sd-scripts' extract takes --v_parameterization to default to --v2) — for an SD UNet alone, 2.x
+    by SD2_CONTEXT, else 1.x, as diffusers' single-file loader tells them —, FLUX.1's ``flux1``, SD3's MMDiT model
+    type (``medium``, ``5-large``, ``5-medium``), each with its ss_v2 (sd-scripts writes the two together, and reads
+    SD 2.x from ss_v2 alone); and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as
+    its lora_sd3.py)."""
     names = list(tensors)
     if any(FLUX_MARK.match(n) for n in names):
         return {"ss_base_model_version": "flux1", "ss_v2": "False", "ss_network_module": "networks.lora_flux"}
     if any(SD3_MARK.match(n) for n in names):
-        return {"ss_network_module": "networks.lora_sd3"}
-    if any(n.startswith("conditioner.embedders.") for n in names):
-        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
+        # sd-scripts (sd3 branch) records the MMDiT's model type: sd3_train_network.py's load_target_model returns
+        # mmdit.model_type as the model version that train_network.py writes as ss_base_model_version, and
+        # sd3_utils.analyze_state_dict_state sets it "5-large" / "5-medium" with q/k norms (without / with x-block
+        # attn2), else "medium" (SD3 Medium); ss_v2 is its args.v2, False
+        version = ("5-medium" if any(SD3_X_ATTN2.match(n) for n in names) else "5-large") \
+            if any(SD3_QK_NORM.match(n) for n in names) else "medium"
+        return {"ss_base_model_version": version, "ss_v2": "False", "ss_network_module": "networks.lora_sd3"}
+    sdxl = is_sdxl(names)
+    if sdxl:
+        return dict(SDXL)
     if any(n.startswith("cond_stage_model.model.") for n in names):
-        return {"ss_base_model_version": "sd_v2_v", "ss_v2": "True"}
+        return dict(SD2)
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
-        return {"ss_base_model_version": "sd_v1", "ss_v2": "False"}
-    if any(n.startswith(SDXL_UNET_MARK) for n in names):
-        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
+        return dict(SD1)
+    if sdxl is False:  # an SD UNet alone
+        return dict(SD2 if tuple(getattr(tensors.get(SD2_CONTEXT), "shape", ()))[-1:] == (1024,) else SD1)
     return {}
 
 
-def versioned(metadata: dict[str, str], tensors: Iterable[str]) -> dict[str, str]:
+def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[str, str]:
     """``metadata`` of an adapter bound to a base of ``tensors``, with the fields sd_scripts_metadata gives for that
     base where it has none (a diffusers file; a kohya file of a trainer that writes no ss_* header): the kohya writer
     names SDXL's UNet by them. A file that names no version takes ss_v2 with the base's version, whatever it says

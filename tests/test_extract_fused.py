@@ -123,12 +123,12 @@ def test_a_part_asked_for_whose_rows_are_unchanged_is_an_error(tmp_path):
 
 def test_peft_output_of_openclip_parts_and_whole_tensors_as_kohya_are_refused(tmp_path):
     """OpenCLIP's q/k/v are rows of one in_proj_weight: a PEFT adapter would name modules no model PEFT wraps has.
-    Refused in one line naming them, before any module is computed, nothing registered or written; so is
-    --save-module with the kohya default (a kohya file holds no whole tensors)."""
+    Refused in one line naming those whose rows changed (k, v: q's were named too, before its rows were compared),
+    before any module is computed, nothing registered or written; so is --save-module with the kohya default (a
+    kohya file holds no whole tensors)."""
     base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V)
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", tmp_path / "p")
-    # (q's rows did not change, which is known only once its delta is computed: named with the others)
-    assert (code, out) == (2, f"error: extract of {tuned} − {base}: {TE2}.q_proj, {TE2}.k_proj, {TE2}.v_proj: rows of a "
+    assert (code, out) == (2, f"error: extract of {tuned} − {base}: {TE2}.k_proj, {TE2}.v_proj: rows of a "
                               f"fused tensor "
                               f"({IN_PROJ}) that no model PEFT wraps holds as a module, so it cannot be written as "
                               "peft: use --format kohya\n")
@@ -138,7 +138,7 @@ def test_peft_output_of_openclip_parts_and_whole_tensors_as_kohya_are_refused(tm
     # following that advice met PEFT's refusal, which sent the user back to kohya: say the way out that keeps both
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--save-module", "out_proj",
                     "--format", "peft", "-o", tmp_path / "p")
-    assert (code, out) == (2, f"error: extract of {tuned} − {base}: {TE2}.q_proj, {TE2}.k_proj, {TE2}.v_proj: rows of a "
+    assert (code, out) == (2, f"error: extract of {tuned} − {base}: {TE2}.k_proj, {TE2}.v_proj: rows of a "
                               f"fused tensor ({IN_PROJ}) that no model PEFT wraps holds as a module, and a kohya file "
                               "holds no whole tensors (--save-module): leave those modules out with --modules, or leave "
                               "--save-module out and write kohya\n")
@@ -147,9 +147,23 @@ def test_peft_output_of_openclip_parts_and_whole_tensors_as_kohya_are_refused(tm
         assert reg.list_adapters() == [] and reg.list_bases() == []
 
 
+def test_peft_output_is_written_when_openclips_in_proj_differs_only_in_signed_zeros(tmp_path):
+    """An in_proj_weight whose bytes differ only in the sign of a zero has no changed part (each one's delta is
+    zero, and the compute drops it): PEFT output of the rest is written, where every part was named and refused."""
+    base, tuned = pair(tmp_path, SDXL_TEXT, {f"{TE2}.out_proj.weight": (0, low_rank(D, D, 2, 3))})
+    for path, zero in ((base, 0.0), (tuned, -0.0)):
+        state = load_file(path)
+        state[IN_PROJ][D, 0] = zero
+        save_file(state, str(path))
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", tmp_path / "p")
+    assert code == 0, out
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["target_modules"] == [f"{TE2}.out_proj"]
+
+
 def test_flux_qkv_stays_one_module_as_sd_scripts_extracts_it(tmp_path):
     """FLUX's img_attn.qkv and linear1 are Linear weights of Black Forest Labs' model; sd-scripts'
-    flux_extract_lora.py factorizes each whole (lora_unet_double_blocks_0_img_attn_qkv), and so does extract."""
+    flux_extract_lora.py factorizes each whole (lora_unet_double_blocks_0_img_attn_qkv), and so does extract. As
+    PEFT too (a Linear of Black Forest Labs' model: no part, which PEFT would refuse)."""
     changes = {"double_blocks.0.img_attn.qkv.weight": (0, low_rank(48, 16, 2, 5)),
                "single_blocks.0.linear1.weight": (0, low_rank(112, 16, 2, 6))}
     base, tuned = pair(tmp_path, FLUX, changes)
@@ -161,11 +175,17 @@ def test_flux_qkv_stays_one_module_as_sd_scripts_extracts_it(tmp_path):
     assert kohya_modules(tmp_path / "f.safetensors") == ["lora_unet_double_blocks_0_img_attn_qkv",
                                                          "lora_unet_single_blocks_0_linear1"]
     assert read_header(tmp_path / "f.safetensors").metadata["ss_base_model_version"] == "flux1"  # as sd-scripts'
-    code, out = run("merge", tmp_path / "f.safetensors", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "peft", "-o", tmp_path / "p")
     assert code == 0, out
-    merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
-    for name in changes:
-        torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6)
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["target_modules"] == [
+        "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]
+    want = load_file(tuned)
+    for adapter in (tmp_path / "f.safetensors", tmp_path / "p"):
+        code, out = run("merge", adapter, "--into", base, "-o", tmp_path / f"m-{adapter.stem}.safetensors", "--no-record")
+        assert code == 0, out
+        merged = load_file(tmp_path / f"m-{adapter.stem}.safetensors")
+        for name in changes:
+            torch.testing.assert_close(merged[name], want[name], rtol=0, atol=2e-6)
 
 
 def test_an_sdxl_unet_alone_gets_sd_scripts_sdxl_names(tmp_path):

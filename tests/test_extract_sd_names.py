@@ -91,9 +91,13 @@ def test_sd3_text_encoders_get_sd_scripts_names_and_merge_back(tmp_path):
 def test_the_sdxl_refiners_openclip_is_split_and_named_as_text_encoder_2(tmp_path):
     """The SDXL refiner keeps its only text encoder, OpenCLIP bigG, under conditioner.embedders.0.model.: its
     in_proj_weight is q, k, v as SDXL's second encoder's is (a module each), named lora_te2_ (its diffusers pipeline
-    calls it text_encoder_2, which diffusers' kohya loader gives lora_te2_), and merged back into its rows."""
+    calls it text_encoder_2, which diffusers' kohya loader gives lora_te2_), and merged back into its rows. Its
+    header says sdxl_base_v1-0, deliberately (see ldm.SDXL: sd-scripts has no other SDXL version, A1111 reads the
+    "sdxl_" prefix alone)."""
     from test_extract_fused import K_AND_V, kohya_modules, pair
     from test_ldm import SDXL_TEXT
+
+    from loraops.st import read_header
 
     refiner = "conditioner.embedders.0.model."
     base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V, prefix=refiner)
@@ -102,6 +106,7 @@ def test_the_sdxl_refiners_openclip_is_split_and_named_as_text_encoder_2(tmp_pat
     assert kohya_modules(tmp_path / "x.safetensors") == [
         "lora_te2_text_model_encoder_layers_0_self_attn_k_proj", "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
         "lora_te2_text_model_encoder_layers_0_self_attn_v_proj"]
+    assert read_header(tmp_path / "x.safetensors").metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     code, out = run("merge", tmp_path / "x.safetensors", "--into", base, "-o", tmp_path / "m.safetensors", "--no-record")
     assert code == 0, out
     merged, want = load_file(tmp_path / "m.safetensors"), load_file(tuned)
@@ -171,7 +176,9 @@ def test_an_sdxl_checkpoint_of_the_unet_alone_gets_sdxl_names_and_header(tmp_pat
         else:
             assert names == ["lora_unet_down_blocks_0_attentions_0_proj_in",
                              "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k"]
-            assert header.metadata["ss_base_model_version"] == ""  # SD 1.x or 2.x: its UNet alone does not say
+            # SD 1.x by its cross-attention's context width (not SD 2.x's 1024), as diffusers' single-file loader
+            # tells an SD UNet's version; sd-scripts' extract writes sd_v1 too, unless told --v2 (it wrote "")
+            assert header.metadata["ss_base_model_version"] == "sd_v1"
 
 
 def test_sd2_header_is_sd_scripts_extracts_default_sd_v2_v(tmp_path):
@@ -252,7 +259,7 @@ def test_peft_is_refused_for_openclip_parts_alone_and_by_every_command_that_writ
         assert run("register", lora, "--name", name, "--base", "sdxl")[0] == 0
     te2 = "conditioner.embedders.1.model.transformer.resblocks.0.attn"
     refused = (f"{te2}.q_proj, {te2}.v_proj: rows of a fused tensor ({te2}.in_proj_weight) that no model PEFT wraps "
-               "holds as a module, so it cannot be written as peft: use --format kohya\n")
+               "holds as a module, so it cannot be written as peft: use --format kohya or diffusers\n")
     commands = {"export": ["export", "{}", "--format", "peft", "-o", tmp_path / "{}-export"],
                 "resize": ["resize", "{}", "--rank", "2", "--format", "peft", "-o", tmp_path / "{}-resize"],
                 "combine": ["combine", "{}", "{}", "--method", "cat", "--format", "peft", "-o", tmp_path / "{}-combine"]}
@@ -381,17 +388,22 @@ def test_a_flux_checkpoints_t5_is_its_pipelines_text_encoder_2(tmp_path):
 
 
 def test_an_sd2_unclip_checkpoint_keeps_sd2_names_beside_its_label_emb(tmp_path):
-    """SD 2.x unCLIP's UNet has a label_emb too (its image-embedding class embedding), where SDXL's UNet is known by
-    it: its OpenCLIP text encoder decides first, so it stays SD 2.x — diffusers block names (sd-scripts' for SD 2.x)
-    and sd_v2_v, not SDXL's checkpoint paths and sdxl_base_v1-0."""
+    """SD 2.x unCLIP's UNet has a label_emb too (its image-embedding class embedding), as SDXL's UNet has (the
+    size/crop embedding): its OpenCLIP text encoder decides, so it stays SD 2.x — diffusers block names (sd-scripts'
+    for SD 2.x) and sd_v2_v, not SDXL's checkpoint paths and sdxl_base_v1-0 — and its label_emb is diffusers'
+    class_embedding, as diffusers' convert_ldm_unet_checkpoint names an unCLIP UNet's (it was SDXL's add_embedding):
+    the kohya file's lora_unet_class_embedding_linear_1, a diffusers export's unet.class_embedding.linear_1, both
+    bound back to the label_emb."""
     from test_extract_fused import low_rank, pair
     from test_ldm import SDXL_TEXT
 
+    from loraops import check, formats
     from loraops.st import read_header
 
-    shapes = {**SDXL_TEXT, "model.diffusion_model.label_emb.0.0.weight": (8, 4)}
+    label_emb = "model.diffusion_model.label_emb.0.0.weight"
+    shapes = {**SDXL_TEXT, label_emb: (8, 4)}
     proj_in = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
-    base, tuned = pair(tmp_path, shapes, {proj_in: (0, low_rank(8, 8, 2, 5))})
+    base, tuned = pair(tmp_path, shapes, {proj_in: (0, low_rank(8, 8, 2, 5)), label_emb: (0, low_rank(8, 4, 2, 6))})
     sd2 = {}
     for path in (base, tuned):  # SD 2.x's layout: OpenCLIP under cond_stage_model.model., no CLIP-L
         sd2[path] = {k.replace("conditioner.embedders.1.model.", "cond_stage_model.model."): v
@@ -401,5 +413,165 @@ def test_an_sd2_unclip_checkpoint_keeps_sd2_names_beside_its_label_emb(tmp_path)
     assert code == 0, out
     header = read_header(tmp_path / "x.safetensors")
     assert {k.rsplit(".", 2)[0] for k in header.tensors if k.endswith(".lora_up.weight")} == {
-        "lora_unet_down_blocks_1_attentions_0_proj_in"}
+        "lora_unet_down_blocks_1_attentions_0_proj_in", "lora_unet_class_embedding_linear_1"}
     assert (header.metadata["ss_base_model_version"], header.metadata["ss_v2"]) == ("sd_v2_v", "True")
+    bound = check.bind(formats.read_adapter(tmp_path / "x.safetensors"), sd2[base])
+    diffusers = formats.read_adapter(formats.write_adapter(bound, tmp_path / "d.safetensors", "diffusers"))
+    assert sorted(diffusers.modules) == ["unet.class_embedding.linear_1", "unet.down_blocks.1.attentions.0.proj_in"]
+    assert sorted(check.bind(diffusers, sd2[base]).modules) == sorted(bound.modules) == sorted(
+        t.removesuffix(".weight") for t in (label_emb, proj_in))
+
+
+def test_peft_refuses_fused_parts_only_under_the_checkpoints_part_names(tmp_path):
+    """PEFT names modules. A LoRA on FLUX's split q/k/v bound to a Black Forest Labs checkpoint is written as PEFT
+    under the adapter's own names — a diffusers LoRA's (transformer.transformer_blocks.0.attn.to_q), byte for byte
+    what its unbound export writes — but one whose own names are the checkpoint's part paths (a PEFT file of
+    double_blocks.0.img_attn.qkv.to_q, as loraops wrote a bound diffusers FLUX LoRA before it kept own names) was
+    written so again: names of no module of any model PEFT wraps (BFL's qkv and linear1 are one Linear each). It is
+    refused in one line naming the ways out, which both work: kohya joins the parts into the fused tensor, diffusers
+    names them as the pipeline does. By the same rule a diffusers LoRA on OpenCLIP's q/k/v, refused once bound to
+    an SDXL checkpoint (while its unbound export wrote it), is written under its own names too."""
+    import factories
+    from test_ldm import FLUX, FLUX_LORA, SDXL_TEXT, checkpoint
+
+    from loraops import check, formats
+    from loraops.st import read_header
+
+    flux = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    assert run("base", "add", flux, "--name", "flux")[0] == 0
+    old = formats.write_adapter(factories.lora_adapter({
+        "double_blocks.0.img_attn.qkv.to_q": (16, 16), "single_blocks.0.linear1.proj_mlp": (64, 16),
+        "double_blocks.0.img_attn.proj": (16, 16)}), tmp_path / "old", "peft")
+    code, out = run("export", old, "--base", "flux", "--format", "peft", "-o", tmp_path / "old-peft")
+    assert (code, out) == (2, f"error: {old}: double_blocks.0.img_attn.qkv.to_q, single_blocks.0.linear1.proj_mlp: "
+                              "rows of a fused tensor (double_blocks.0.img_attn.qkv.weight) that no model PEFT wraps "
+                              "holds as a module, so it cannot be written as peft: use --format kohya or diffusers\n")
+    assert not (tmp_path / "old-peft").exists()
+    manifest = load_file(flux)
+    source = check.bind(formats.read_adapter(old), manifest)
+    for fmt, want in (("diffusers", {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_out.0",
+                                     "transformer.single_transformer_blocks.0.proj_mlp"}),
+                      ("kohya", {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
+                                 "lora_unet_double_blocks_0_img_attn_proj"})):
+        out = tmp_path / f"old.{fmt}.safetensors"
+        assert run("export", old, "--base", "flux", "--format", fmt, "-o", out)[0] == 0
+        assert {k.rsplit(".", 2)[0] for k in load_file(out) if k.endswith(("lora_A.weight", "lora_down.weight"))} == want
+        back = check.bind(formats.read_adapter(out), manifest)
+        for name, module in source.modules.items():  # (kohya: the parts joined into their tensor)
+            tensor = module.fused[0].removesuffix(".weight") if module.fused else name
+            delta = back.modules[name].delta() if name in back.modules else \
+                back.modules[tensor].delta()[module.first_row:module.first_row + module.weight_shape[0]]
+            torch.testing.assert_close(delta, module.delta(), rtol=0, atol=1e-6, msg=(fmt, name))
+
+    sdxl = checkpoint(tmp_path / "sdxl.safetensors", SDXL_TEXT)
+    assert run("base", "add", sdxl, "--name", "sdxl")[0] == 0
+    openclip = {"text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj": (16, 16),
+                "text_encoder_2.text_model.encoder.layers.0.self_attn.out_proj": (16, 16)}
+    for name, (modules, base) in {"flux": (FLUX_LORA, "flux"), "openclip": (openclip, "sdxl")}.items():
+        lora = formats.write_adapter(factories.lora_adapter(modules, fmt="diffusers"),
+                                     tmp_path / f"{name}-lora.safetensors", "diffusers")
+        for bound, extra in ((True, ["--base", base]), (False, [])):
+            code, out = run("export", lora, "--format", "peft", "-o", tmp_path / f"{name}-{bound}", *extra)
+            assert code == 0, out
+        written = [(json.loads((tmp_path / f"{name}-{bound}" / "adapter_config.json").read_text()),
+                    load_file(tmp_path / f"{name}-{bound}" / "adapter_model.safetensors")) for bound in (True, False)]
+        assert written[0][0] == written[1][0] and written[0][0]["target_modules"] == sorted(modules), name
+        assert written[0][1].keys() == written[1][1].keys()
+        assert all(torch.equal(written[0][1][k], written[1][1][k]) for k in written[0][1]), name
+        assert read_header(tmp_path / f"{name}-True" / "adapter_model.safetensors").metadata == {"format": "pt"}
+
+
+def test_sd3_headers_name_the_mmdit_model_type_as_sd_scripts_does(tmp_path):
+    """sd-scripts writes an SD3 LoRA's ss_base_model_version as the MMDiT's model type (sd3_train_network.py returns
+    mmdit.model_type as the model version, which train_network.py records), read off the checkpoint by
+    sd3_utils.analyze_state_dict_state: "medium" without q/k RMS norms (SD3 Medium), "5-large" with them
+    (joint_blocks.0.context_block.attn.ln_k), "5-medium" when x blocks also have a second attention
+    (x_block.attn2.ln_k: SD3.5 Medium). It was empty. extract records it, and a diffusers SD3 LoRA exported to kohya
+    against the checkpoint takes it from there."""
+    from test_extract_fused import low_rank, pair
+
+    import factories
+    from loraops import formats
+    from loraops.st import read_header
+
+    norms = {"medium": {}, "5-large": {"joint_blocks.0.context_block.attn.ln_k.weight": (4,)},
+             "5-medium": {"joint_blocks.0.context_block.attn.ln_k.weight": (4,), "joint_blocks.0.x_block.attn2.ln_k.weight": (4,)}}
+    qkv = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
+    lora = formats.write_adapter(factories.lora_adapter({"transformer.transformer_blocks.0.attn.to_k": (8, 8)},
+                                                        fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")
+    for version, extra in norms.items():
+        folder = tmp_path / version
+        folder.mkdir()
+        shapes = {f"model.diffusion_model.{m}.weight": (h, 8) for m, h in sd3_heights(dual=(0,) if "attn2" in str(extra)
+                                                                                        else ()).items()}
+        shapes.update({f"model.diffusion_model.{k}": v for k, v in extra.items()})
+        base, tuned = pair(folder, shapes, {qkv: (0, low_rank(24, 8, 2, 5))})
+        assert run("base", "add", base, "--name", f"sd3-{version}")[0] == 0
+        code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "-o", folder / "x.safetensors")
+        assert code == 0, out
+        code, out = run("export", lora, "--format", "kohya", "--base", f"sd3-{version}", "-o", folder / "k.safetensors")
+        assert code == 0, out
+        for written in ("x", "k"):
+            metadata = read_header(folder / f"{written}.safetensors").metadata
+            assert (metadata["ss_base_model_version"], metadata["ss_v2"], metadata["ss_network_module"]) == (
+                version, "False", "networks.lora_sd3"), (version, written)
+
+
+def test_a_peft_adapter_of_an_sd_unet_is_named_for_its_family_by_its_structure_or_refused(tmp_path):
+    """A PEFT adapter of a single-file SDXL checkpoint's UNet alone (extract --format peft: the checkpoint's own
+    names, no header) exported to kohya without --base got SD 1.x names (lora_unet_down_blocks_1_attentions_0_proj_in)
+    and an empty version: sd-scripts names SDXL's UNet by the checkpoint's paths. Its SDXL-ness is read off what it
+    holds (ldm.is_sdxl: here output_blocks.2.2.conv, the upsampler behind attention in the first output level, which
+    no SD 1.x/2.x UNet has), and the header says sdxl_base_v1-0. One of modules every SD-family UNet has (proj_in of
+    input_blocks.4.1, label_emb) cannot be placed without its checkpoint: refused in one line, nothing written, and
+    written with --base. An SD 1.x adapter's attention in the first input level says SD 1.x/2.x: diffusers blocks."""
+    from test_ldm import SD15, SDXL
+
+    from loraops.st import read_header
+
+    def extracted(layout, name, changed, unet):
+        folder = tmp_path / name
+        folder.mkdir()
+        base = unet_checkpoint(layout)
+        tuned = {k: v.clone() for k, v in base.items()}
+        for module in changed:
+            tuned[f"model.diffusion_model.{module}.weight"] += 0.1
+        save_file(base, str(folder / "base.safetensors"))
+        save_file(tuned, str(folder / "tuned.safetensors"))
+        assert run("base", "add", folder / "base.safetensors", "--name", unet)[0] == 0  # (or already there)
+        code, out = run("extract", "--base", unet, "--tuned", folder / "tuned.safetensors",
+                        "--rank", "1", "--format", "peft", "-o", folder / "peft", "--name", name)
+        assert code == 0, out
+        return folder
+
+    def kohya(path):
+        header = read_header(path)
+        return (sorted(k.removesuffix(".lora_up.weight") for k in header.tensors if k.endswith(".lora_up.weight")),
+                header.metadata["ss_base_model_version"])
+
+    sdxl = extracted(SDXL, "sdxl", ["input_blocks.4.1.proj_in", "label_emb.0.0", "output_blocks.2.2.conv"], "sdxl-unet")
+    code, out = run("export", sdxl / "peft", "--format", "kohya", "-o", sdxl / "k.safetensors")
+    assert code == 0, out
+    assert kohya(sdxl / "k.safetensors") == (["lora_unet_input_blocks_4_1_proj_in", "lora_unet_label_emb_0_0",
+                                              "lora_unet_output_blocks_2_2_conv"], "sdxl_base_v1-0")
+
+    unplaced = extracted(SDXL, "unplaced", ["input_blocks.4.1.proj_in", "label_emb.0.0"], "sdxl-unet")
+    code, out = run("export", unplaced / "peft", "--format", "kohya", "-o", unplaced / "k.safetensors")
+    unet = "model.diffusion_model."
+    assert (code, out) == (2, f"error: {unplaced / 'peft'}: {unet}input_blocks.4.1.proj_in, {unet}label_emb.0.0: modules "
+                              "of an SD UNet, which sd-scripts names one way for SDXL (lora_unet_input_blocks_…) and "
+                              "another for SD 1.x/2.x (lora_unet_down_blocks_…), and neither these modules nor the "
+                              "adapter's header say which it is: give its checkpoint as --base (or register it with "
+                              "--base)\n")
+    assert not (unplaced / "k.safetensors").exists()
+    code, out = run("export", unplaced / "peft", "--format", "kohya", "--base", "sdxl-unet", "-o",
+                    unplaced / "k.safetensors")
+    assert code == 0, out
+    assert kohya(unplaced / "k.safetensors") == (["lora_unet_input_blocks_4_1_proj_in", "lora_unet_label_emb_0_0"],
+                                                 "sdxl_base_v1-0")
+
+    sd15 = extracted(SD15, "sd15", ["input_blocks.1.1.proj_in", "input_blocks.4.0.in_layers.2"], "sd15-unet")
+    code, out = run("export", sd15 / "peft", "--format", "kohya", "-o", sd15 / "k.safetensors")
+    assert code == 0, out
+    assert kohya(sd15 / "k.safetensors") == (["lora_unet_down_blocks_0_attentions_0_proj_in",
+                                              "lora_unet_down_blocks_1_resnets_0_conv1"], "")

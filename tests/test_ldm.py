@@ -21,6 +21,10 @@ from test_merge_cli import run
 
 SD15 = dict(down=4, attention_down=lambda i: i < 3, attention_up=lambda i: i > 0, upsampler_slot=lambda i: 1 if i == 0 else 2)
 SDXL = dict(down=3, attention_down=lambda i: i > 0, attention_up=lambda i: i < 2, upsampler_slot=lambda i: 2)
+# the SDXL refiner's UNet: four levels, attention (4 deep) in the middle two only
+REFINER = dict(down=4, attention_down=lambda i: i in (1, 2), attention_up=lambda i: i in (1, 2),
+               upsampler_slot=lambda i: 2 if i in (1, 2) else 1)
+UNCLIP = dict(SD15)  # SD 2.x unCLIP: SD's blocks, and a label_emb (the image embedding's class embedding)
 
 
 def reference_table(down, attention_down, attention_up, upsampler_slot):
@@ -48,7 +52,8 @@ def reference_checkpoint_name(diffusers: str, table) -> str:
     """diffusers → checkpoint module path, as the conversion script does it (on tensor names, so on path + ".")."""
     top = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
            "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+           "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2"}
     if diffusers in top:
         return top[diffusers]
     name = diffusers + "."
@@ -66,23 +71,34 @@ def diffusers_unet(layout):
 
     common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=16,
                   norm_num_groups=8, attention_head_dim=4)
-    if layout is SD15:
-        return UNet2DConditionModel(**common, block_out_channels=(8, 16, 16, 16),
+    size_embedding = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
+                          projection_class_embeddings_input_dim=16 + 6 * 4)
+    if layout is SD15 or layout is UNCLIP:
+        unclip = dict(class_embed_type="projection", projection_class_embeddings_input_dim=12) if layout is UNCLIP else {}
+        return UNet2DConditionModel(**common, block_out_channels=(8, 16, 16, 16), **unclip,
                                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3), {"layers_per_block": 2}
-    return UNet2DConditionModel(**common, block_out_channels=(8, 16, 16), transformer_layers_per_block=(1, 2, 2),
+                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3), \
+            {"layers_per_block": 2, "class_embed_type": unclip.get("class_embed_type")}
+    if layout is REFINER:
+        return UNet2DConditionModel(**common, **size_embedding, block_out_channels=(8, 16, 16, 16),
+                                    transformer_layers_per_block=(1, 2, 2, 1),
+                                    down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",)), \
+            {"layers_per_block": 2, "addition_embed_type": "text_time"}
+    return UNet2DConditionModel(**common, **size_embedding, block_out_channels=(8, 16, 16),
+                                transformer_layers_per_block=(1, 2, 2),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                                addition_embed_type="text_time", addition_time_embed_dim=4,
-                                projection_class_embeddings_input_dim=16 + 6 * 4), \
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")), \
         {"layers_per_block": 2, "addition_embed_type": "text_time"}
 
 
-@pytest.mark.parametrize("layout", [SD15, SDXL], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("layout", [SD15, SDXL, REFINER, UNCLIP], ids=["sd15", "sdxl", "sdxl-refiner", "sd2-unclip"])
 def test_unet_paths_agree_with_diffusers_single_file_converter(layout):
     """A tiny diffusers UNet of each layout, its tensors renamed to the original layout, converted back by diffusers'
     single-file loader: the converter must rebuild exactly the model's keys (so the checkpoint is complete and
-    rightly named), and each converted weight's source must be what loraops.ldm.unet_path names."""
+    rightly named), and each converted weight's source must be what loraops.ldm.diffusers_names names — label_emb
+    too, which the converter makes SDXL's add_embedding or unCLIP's class_embedding (it was add_embedding for both).
+    Which UNet it is (ldm.is_sdxl) is read off its structure, and no module of one says the other."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     torch.manual_seed(0)
@@ -100,10 +116,13 @@ def test_unet_paths_agree_with_diffusers_single_file_converter(layout):
     names = {i: n for n, i in ids.items()}
     weights = [key for key in converted if key.endswith(".weight")]
     assert len(weights) > 300
+    ours = ldm.diffusers_names(original)
     for key in weights:
         source = names[int(converted[key].flatten()[0])]
-        assert ldm.unet_path(source.removeprefix("model.diffusion_model.").removesuffix(".weight")) == \
-            key.removesuffix(".weight"), (source, key)
+        assert ours[f"unet.{key.removesuffix('.weight')}"] == source.removesuffix(".weight"), (source, key)
+    sdxl = layout is SDXL or layout is REFINER
+    assert ldm.is_sdxl(original) is sdxl
+    assert {ldm.is_sdxl([name]) for name in original} == {None, sdxl}
 
 
 def labelled(shapes):
@@ -158,6 +177,21 @@ def test_openclip_names_agree_with_diffusers_converter(prefix):
                  for key, t in converted.items() if key.endswith(".weight")}
     manifest = {name: SimpleNamespace(shape=shape) for name, shape in shapes.items()}
     assert loraops_rows(ldm.diffusers_names(manifest), manifest) == reference
+
+
+@pytest.mark.parametrize("width", [768, 1024, 16])
+def test_an_sd_unet_alones_version_is_told_by_its_context_width_as_diffusers_tells_it(width):
+    """An SD 1.x/2.x UNet saved without its text encoder says its version by its cross-attention's context width
+    (OpenCLIP-H's 1024 for SD 2.x): as diffusers' single-file loader tells v1 from v2 (infer_diffusers_model_type),
+    so an extract of it records sd_v1 or sd_v2_v as sd-scripts' extract does (it wrote no version)."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    unet = {f"model.diffusion_model.{n}.weight": torch.empty(shape, device="meta") for n, shape in [
+        ("input_blocks.1.1.proj_in", (320, 320, 1, 1)), ("input_blocks.2.1.transformer_blocks.0.attn2.to_k", (320, width)),
+        ("output_blocks.11.0.skip_connection", (320, 640, 1, 1))]}
+    header = ldm.sd_scripts_metadata(unet)
+    assert {"v1": ("sd_v1", "False"), "v2": ("sd_v2_v", "True")}[infer_diffusers_model_type(unet)] == (
+        header["ss_base_model_version"], header["ss_v2"])
 
 
 def test_paths_outside_the_known_blocks_are_not_translated():

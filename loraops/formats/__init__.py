@@ -161,26 +161,40 @@ def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, fo
     return write(adapter, dest, fmt, force=force).path
 
 
+def peft_unwritable_parts(adapter: "Adapter") -> list["LoraModule"]:
+    """The modules of ``adapter`` that PEFT cannot hold: LoRAs on a part of a fused tensor written under the part's
+    checkpoint path (``adapter.own_names`` give the written names of a bound adapter) where no model PEFT wraps has a
+    module of that path (ldm.Fused.peft: OpenCLIP's q, k, v; FLUX's and SD3's qkv and linear1 parts). Under the
+    adapter's own names a part is a module of the model it was trained on (a diffusers LoRA's
+    ``transformer.transformer_blocks.0.attn.to_q``, ``text_encoder_2.…self_attn.k_proj``): written as unbound."""
+    parts = []
+    for module in adapter.modules.values():
+        entry = None if module.fused is None else ldm.fused(module.fused[0])
+        written = adapter.own_names.get(module.name, module.name)
+        if entry is not None and not entry.peft and written.rpartition(".")[0] == entry.owner_of(module.fused[0]):
+            parts.append(module)
+    return parts
+
+
 def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, label: str | None = None,
                       peft_way_out: str | None = None) -> None:
     """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
     be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
     ``values`` False, only what the modules' names and shapes say). DoRA adapters, as kohya: sd-scripts' LoRA has no
-    magnitude. A VeRA or AdaLoRA adapter not bound to a base (formats.lowrank.refuse_unbound). As PEFT, a LoRA on a part of a
-    fused tensor that no model PEFT wraps holds as a module (ldm.Fused.peft: OpenCLIP's q, k, v, rows of one
-    in_proj_weight, of a single-file SD 2.x / SDXL checkpoint). Callers that compute an adapter to write it (combine,
-    resize) ask first about their inputs, extract about what it will make. ``label``: how messages name the adapter
-    (default: adapter.label); ``peft_way_out``: what the refusal of such parts says to do (extract's differs)."""
+    magnitude. A VeRA or AdaLoRA adapter not bound to a base (formats.lowrank.refuse_unbound). As PEFT, the parts of
+    fused tensors peft_unwritable_parts gives (kohya joins or names them, diffusers names them as its pipeline does).
+    Callers that compute an adapter to write it (combine, resize) ask first about their inputs, extract about what it
+    will make. ``label``: how messages name the adapter (default: adapter.label); ``peft_way_out``: what the refusal
+    of such parts says to do (extract's differs)."""
     label = label or adapter.label
     lowrank.refuse_unbound(adapter, label, f"written as {fmt}")
-    parts = [m for m in adapter.modules.values() if fmt == "peft" and m.fused is not None
-             and (entry := ldm.fused(m.fused[0])) is not None and not entry.peft]
+    parts = peft_unwritable_parts(adapter) if fmt == "peft" else []
     if parts:
         raise UnsupportedAdapterError(
             f"{label}: {common.shown([m.name for m in parts])}: rows of a fused tensor ({parts[0].fused[0]}) that no "
             f"model PEFT wraps holds as a module, "
-            f"{peft_way_out or 'so it cannot be written as peft: use --format kohya'}"
+            f"{peft_way_out or 'so it cannot be written as peft: use --format kohya or diffusers'}"
         )
     if fmt == "kohya" and adapter.dora:
         raise UnsupportedAdapterError(

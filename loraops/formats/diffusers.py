@@ -126,11 +126,11 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
     """Module name (a part's, for a LoRA on a whole fused tensor: ``parts``) → its pipeline name: as it is, or
     translated from a single-file SD, FLUX.1 or SD3 checkpoint's (``model.diffusion_model.input_blocks.1.1…`` →
     ``unet.down_blocks.0.attentions.0…``)."""
-    top = ldm.dit_top(adapter.modules, adapter.metadata)
+    top, sdxl = ldm.dit_top(adapter.modules, adapter.metadata), ldm.is_sdxl(adapter.modules, adapter.metadata)
     listed = [part.name for module in adapter.modules.values() for part in parts(module)]  # a part and a whole: twice
     names: dict[str, str] = {}
     for name in listed:
-        target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top)
+        target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top, sdxl=sdxl)
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
         names[name] = target

@@ -168,22 +168,19 @@ def component_of(adapter: Adapter, name: str, *, sdxl: bool = False) -> tuple[st
     return None, name
 
 
-def is_sdxl(adapter: Adapter) -> bool:
-    """An SDXL adapter, as sd-scripts records it (ss_base_model_version "sdxl_…", modelspec.architecture
-    "stable-diffusion-xl…") or as its module names show (SDXL checkpoints keep text encoders under conditioner.)."""
-    return (
-        adapter.metadata.get("ss_base_model_version", "").startswith("sdxl")
-        or adapter.metadata.get("modelspec.architecture", "").startswith("stable-diffusion-xl")
-        or any(name.startswith("conditioner.") for name in adapter.modules)
-    )
-
-
 def kohya_names(adapter: Adapter) -> dict[str, str]:
     """adapter module name → kohya name: unbound names as they are; bound ones as sd-scripts would name them."""
     if not adapter.names_resolved:
         return {name: name for name in adapter.modules}
-    sdxl = is_sdxl(adapter)
-    split = {name: component_of(adapter, name, sdxl=sdxl) for name in adapter.modules}
+    sdxl = ldm.is_sdxl(adapter.modules, adapter.metadata)
+    split = {name: component_of(adapter, name, sdxl=bool(sdxl)) for name in adapter.modules}
+    unplaced = [n for n, named in split.items() if sdxl is None and component_of(adapter, n, sdxl=True) != named]
+    if unplaced:  # sd-scripts loads the names of the other family nowhere: a guess is not written
+        raise FormatError(
+            f"{adapter.label}: {common.shown(unplaced)}: modules of an SD UNet, which sd-scripts names one way for SDXL "
+            "(lora_unet_input_blocks_…) and another for SD 1.x/2.x (lora_unet_down_blocks_…), and neither these modules "
+            "nor the adapter's header say which it is: give its checkpoint as --base (or register it with --base)"
+        )
     components = {component for component, _ in split.values()}
     if "transformer" in components:
         # sd-scripts, ComfyUI and diffusers' kohya converter know a FLUX/SD3 transformer only by the original
@@ -302,7 +299,9 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
             "ss_network_dim": dim,
             "ss_network_alpha": alpha,
             "ss_network_args": json.dumps({**kept_network_args(adapter.metadata), **conv_args}),
-            "ss_base_model_version": adapter.metadata.get("ss_base_model_version", ""),
+            # an SDXL adapter whose header names no version (a PEFT file's), known by its modules: sd-scripts' SDXL's
+            "ss_base_model_version": adapter.metadata.get("ss_base_model_version") or (
+                ldm.SDXL["ss_base_model_version"] if ldm.is_sdxl(adapter.modules, adapter.metadata) else ""),
             "ss_v2": adapter.metadata.get("ss_v2", "False"),
         }
         return {dest.name: out.close(metadata, hash_key=HASH_KEY)}
