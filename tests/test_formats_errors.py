@@ -144,6 +144,18 @@ CASES = {
         FormatError, "an older diffusers LoRA layout"),
     "not-safetensors": (lambda d: raw(d / "x.safetensors", b"hello world, not a tensor file"),
                         FormatError, "not a safetensors file"),
+    # JSON has no bound on an integer's digits: a number beyond any float, or past Python's 4300-digit limit for
+    # reading one, was an OverflowError / ValueError traceback
+    "alpha-pattern-beyond-float": (lambda d: peft_folder(d / "a", good(), alpha_pattern={"q": 10**400}),
+                                   InvalidInputError, r"alpha_pattern\['q'\]: alpha about 1e\+400 is beyond what float32"),
+    "config-number-too-long": (lambda d: peft_folder(d / "a", good()).joinpath("adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 1' + "0" * 5000 + '}') and d / "a", FormatError,
+        r"adapter config is not JSON \(a number of more than 4300 digits\)"),
+    "metadata-config-number-too-long": (lambda d: write(d / "x.safetensors", good(), {
+        "adapter_config": '{"lora_alpha": 1' + "0" * 5000 + '}'}), InvalidInputError, "no alpha in the file's metadata"),
+    "header-number-too-long": (lambda d: raw(d / "x.safetensors", len(h := (
+        '{"a.lora_A.weight": {"dtype": "F32", "shape": [1' + "0" * 5000 + '], "data_offsets": [0, 4]}}').encode()
+    ).to_bytes(8, "little") + h + bytes(4)), FormatError, r"not a safetensors file \(header is not JSON\)"),
     "unknown-kohya-key": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,
                                                                  "lora_unet_a.lora_up.weight": B, "lora_unet_a.scale": A}),
                           FormatError, "unknown keys in a kohya"),

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,7 @@ def metadata_config(metadata: dict[str, str]) -> dict | None:
         if key in metadata:
             try:
                 cfg = json.loads(metadata[key])
-            except json.JSONDecodeError:
+            except ValueError:  # (not JSON, or a number past Python's 4300-digit limit for reading one)
                 cfg = None
             if isinstance(cfg, dict):
                 return cfg
@@ -323,6 +324,9 @@ def load_config(path: Path) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: adapter config is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError:  # JSON has no bound on digits, Python's int() has (sys.get_int_max_str_digits)
+        raise FormatError(f"{path}: adapter config is not JSON (a number of more than {sys.get_int_max_str_digits()} "
+                          "digits)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from None
     if not isinstance(cfg, dict):
