@@ -120,11 +120,40 @@ def test_kohya_writes_rslora_scale_as_true_alpha(llama, tmp_path):
 
 
 def test_kohya_round_trip_of_fan_in_fan_out_modules(tmp_path):
+    from peft import PeftModel
+
     gpt2 = factories.tiny_gpt2(tmp_path / "gpt2")
-    adapter = read_adapter(factories.peft_adapter(gpt2, tmp_path / "a", target_modules=["c_attn", "c_proj"],
-                                                  fan_in_fan_out=True))
+    src = factories.peft_adapter(gpt2, tmp_path / "a", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    adapter = read_adapter(src)
     back = bind(read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya")), manifest(gpt2))
     assert_same_deltas(adapter, back)  # same delta on the same stored (in×out) tensor
+    # bound, the Conv1D modules are in PEFT's layout again: written as PEFT, they load (were lora_A 4×192 for c_attn,
+    # whose Conv1D takes 64 inputs: PEFT refused the file) with the source's deltas, and kohya gets the same file
+    assert all(m.fan_in_fan_out for m in back.modules.values())
+    deltas = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(gpt2), write_adapter(back, tmp_path / "p")))
+    assert sorted(deltas) == sorted(adapter.modules)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
+    again = write_adapter(back, tmp_path / "k2.safetensors", "kohya")
+    assert (tmp_path / "k2.safetensors").read_bytes() == (tmp_path / "k.safetensors").read_bytes() and again
+
+
+def test_kohya_round_trip_of_embedding_modules(llama, tmp_path):
+    """An embedding's LoRA is written to kohya transposed (kohya has no embedding convention); bound to its base it is
+    an embedding module again: written as PEFT it was lora_A/lora_B on an nn.Embedding, keys PEFT's embedding layer
+    does not have, so PEFT loaded the adapter with that module's factors left at their initial values (a warning)."""
+    from peft import PeftModel
+
+    src = factories.peft_adapter(llama, tmp_path / "a", target_modules=["embed_tokens", "q_proj"])
+    adapter = replace(read_adapter(src), full_tensors={})  # (PEFT saves the embedding layer beside: kohya holds none)
+    back = bind(read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya")), manifest(llama))
+    assert back.modules["model.embed_tokens"].kind == "embedding"
+    assert_same_deltas(adapter, back)
+    model = PeftModel.from_pretrained(factories.load_model(llama), write_adapter(back, tmp_path / "p"))
+    deltas = factories.peft_delta_weights(model)
+    assert sorted(deltas) == sorted(adapter.modules)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
 
 
 def test_diffusers_round_trip(tmp_path):
