@@ -156,6 +156,13 @@ CASES = {
     "header-number-too-long": (lambda d: raw(d / "x.safetensors", len(h := (
         '{"a.lora_A.weight": {"dtype": "F32", "shape": [1' + "0" * 5000 + '], "data_offsets": [0, 4]}}').encode()
     ).to_bytes(8, "little") + h + bytes(4)), FormatError, r"not a safetensors file \(header is not JSON\)"),
+    # PEFT wraps only what the config's targeting selects (tests/test_formats_peft.py: against PEFT's own matching)
+    "untargeted-module": (lambda d: peft_folder(d / "a", good(), target_modules=["k", "v"]), InvalidInputError,
+                          "module 'layer.q' has LoRA weights that the config's target_modules leaves out"),
+    "targeting-not-regex": (lambda d: peft_folder(d / "a", good(), target_modules=["q"], exclude_modules="(q"),
+                            InvalidInputError, "config targeting holds no regular expression"),
+    "targeting-of-another-type": (lambda d: peft_folder(d / "a", good(), target_modules=5), InvalidInputError,
+                                  "config target_modules=5 is none of the values PEFT takes"),
     "unknown-kohya-key": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,
                                                                  "lora_unet_a.lora_up.weight": B, "lora_unet_a.scale": A}),
                           FormatError, "unknown keys in a kohya"),
