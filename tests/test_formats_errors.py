@@ -163,6 +163,10 @@ CASES = {
                             InvalidInputError, "config targeting holds no regular expression"),
     "targeting-of-another-type": (lambda d: peft_folder(d / "a", good(), target_modules=5), InvalidInputError,
                                   "config target_modules=5 is none of the values PEFT takes"),
+    "named-adapters-only": (lambda d: (d / "a").mkdir() or peft_folder(d / "a" / "style", good()).parent, FormatError,
+                            r"a/style\)$"),  # PEFT's save_pretrained of an adapter not named "default"
+    "config-file": (lambda d: peft_folder(d / "a", good()) / "adapter_config.json", FormatError,
+                    "a PEFT adapter's config, not the adapter: give its folder"),
     "unknown-kohya-key": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,
                                                                  "lora_unet_a.lora_up.weight": B, "lora_unet_a.scale": A}),
                           FormatError, "unknown keys in a kohya"),
