@@ -156,6 +156,28 @@ def test_kohya_round_trip_of_embedding_modules(llama, tmp_path):
         torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
 
 
+def test_kohya_round_trip_of_an_embedding_by_any_name_and_convs(tmp_path):
+    """An embedding layer named as no model loraops knows ('embed'): the kohya file marks its module (loraops_embeddings
+    in the header), so bound back it is an embedding module all the same, and PEFT loads the PEFT file written of it
+    with the source's deltas; the 1×1 and 3×3 conv modules come back as they were."""
+    from peft import PeftModel
+
+    src = factories.conv_peft_adapter(tmp_path / "a", target_modules=["embed", "proj", "conv1", "conv3"])
+    adapter = read_adapter(src)
+    kohya = write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    assert json.loads(st.read_header(kohya).metadata["loraops_embeddings"]) == ["lora_unet_embed"]
+    base = factories.save_state_dict(factories.conv_embedding_model(), tmp_path / "base.safetensors")
+    back = bind(read_adapter(kohya), st.read_header(base).tensors)
+    assert back.modules["embed"].kind == "embedding"
+    assert_same_deltas(adapter, back)
+    deltas = factories.peft_delta_weights(PeftModel.from_pretrained(factories.conv_embedding_model(),
+                                                                    write_adapter(back, tmp_path / "p")))
+    assert sorted(deltas) == sorted(adapter.modules)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
+    assert write_adapter(back, tmp_path / "k2.safetensors", "kohya").read_bytes() == kohya.read_bytes()
+
+
 def test_diffusers_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     modules = {"unet.down_blocks.0.attentions.0.proj_in": (8, 16), "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (12, 12)}
