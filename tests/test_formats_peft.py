@@ -298,3 +298,17 @@ def test_layers_left_out_by_an_edited_config_are_refused_not_merged(llama, tmp_p
     with pytest.raises(InvalidInputError, match="config layers_to_transform='1' is none of the values PEFT takes"):
         (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": "1"}))
         read_adapter(path)
+
+
+def test_tied_modules_peft_adds_beside_the_targeting_are_read(tmp_path):
+    """ensure_weight_tying on a tied model's targeted embeddings: PEFT takes lm_head out of target_modules, wraps it
+    anyway (tied to embed_tokens' LoRA) and saves its factors, so a module outside the targeting is PEFT's own there."""
+    from peft import LoraConfig, get_peft_model
+
+    base = factories.tiny_llama(tmp_path / "tied", tie=True)
+    model = get_peft_model(factories.load_model(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"], ensure_weight_tying=True,
+        init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    assert "lm_head" not in json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
+    assert {"lm_head", "model.embed_tokens"} <= set(read_adapter(tmp_path / "a").modules)

@@ -177,10 +177,11 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     ``check_target_module_exists``, followed here rule for rule) and loads the file's other factors into nothing (a
     warning), so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
-    per model type) or "all-linear" (its Linear layers)."""
+    per model type), "all-linear" (its Linear layers), or ensure_weight_tying (PEFT also wraps, whatever the
+    targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors)."""
     targets, excluded = cfg.get("target_modules"), cfg.get("exclude_modules") or None
     layers, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern") or None
-    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear":
+    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or cfg.get("ensure_weight_tying"):
         return
     for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
                               ("layers_to_transform", layers, True), ("layers_pattern", patterns, False)):
