@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import factories
-from loraops import st
+from loraops import algebra, st
 from loraops.check import bind
 from loraops.errors import ConflictError, FormatError, InvalidInputError
 from loraops.formats import detect, read_adapter, write_adapter
@@ -136,6 +136,10 @@ def test_kohya_round_trip_of_fan_in_fan_out_modules(tmp_path):
         torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
     again = write_adapter(back, tmp_path / "k2.safetensors", "kohya")
     assert (tmp_path / "k2.safetensors").read_bytes() == (tmp_path / "k.safetensors").read_bytes() and again
+    # and it combines with the PEFT source (was 'module … differs between inputs: linear (64, 192) … linear (64, 192)')
+    both, _ = algebra.combine([(adapter, 1.0), (back, -1.0)], "cat")
+    for name, module in both.modules.items():
+        torch.testing.assert_close(module.delta(), torch.zeros_like(module.delta()), atol=1e-6, rtol=0, msg=name)
 
 
 def test_kohya_round_trip_of_embedding_modules(llama, tmp_path):
