@@ -187,7 +187,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
                               ("layers_to_transform", layers, True), ("layers_pattern", patterns, False)):
         if value is not None and not _names_or_pattern(value, ints):
             raise InvalidInputError(f"{path}: config {name}={value!r} is none of the values PEFT takes")
-    layers = [layers] if isinstance(layers, int) else layers or None
+    layers = frozenset([layers] if isinstance(layers, int) else layers or ()) or None
     saved = cfg.get("modules_to_save") or []
     try:
         saved_res = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in ([saved] if isinstance(saved, str) else saved)]
@@ -200,12 +200,15 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     except re.error as e:
         raise InvalidInputError(f"{path}: config targeting holds no regular expression ({e})") from None
 
+    targets, excluded = (v if isinstance(v, str) or v is None else frozenset(v) for v in (targets, excluded))
+
     def names(entries, key: str) -> bool:
         """PEFT's match of a module key against target_modules or exclude_modules: a regex matching it whole, or a
-        list holding it or a dot-bounded suffix of it."""
+        list holding it or a dot-bounded suffix of it (looked up, not scanned: an export lists every module's path)."""
         if isinstance(entries, str):
             return re.fullmatch(entries, key) is not None
-        return key in entries or any(key.endswith(f".{entry}") for entry in entries)
+        parts = key.split(".")
+        return any(".".join(parts[i:]) in entries for i in range(len(parts)))
 
     def left_out_by(key: str) -> str | None:
         if excluded is not None and names(excluded, key):
