@@ -257,7 +257,7 @@ TARGETING = [  # (config fields, module keys of the file): PEFT's check_target_m
 
 @pytest.mark.parametrize("fields, keys", TARGETING)
 def test_modules_the_config_does_not_target_are_refused_as_peft_matches(fields, keys, tmp_path):
-    """PEFT wraps only the modules its config's targeting selects and loads the file's other factors into nothing; a
+    """PEFT wraps only the modules its config's targeting selects and leaves the file's other factors unused; a
     config edited to leave layers out (layers_to_transform, exclude_modules, a narrower target_modules) was read with
     every module of the file, so merge, export… added LoRAs the PEFT model does not have. Each file module must be one
     PEFT's own check_target_module_exists selects, else the read is refused naming it."""

@@ -174,8 +174,8 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
 def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     """Refuse a module with LoRA weights that the config's targeting leaves out. PEFT wraps only the modules its
     target_modules, layers_to_transform/layers_pattern, exclude_modules and modules_to_save select (0.21's
-    ``check_target_module_exists``, followed here rule for rule) and loads the file's other factors into nothing (a
-    warning), so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
+    ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
+    a warning, so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
     per model type), "all-linear" (its Linear layers), or ensure_weight_tying (PEFT also wraps, whatever the
     targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors)."""
