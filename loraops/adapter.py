@@ -312,7 +312,7 @@ class Adapter:
     """The registry reference (name@version) of an adapter loaded from the registry."""
     targeted: frozenset[str] | None = None
     """A PEFT folder's LoRA modules as read (names as in its file), all of which its config's targeting
-    (target_modules, layers_to_transform, …) matched in the model PEFT made it on: the PEFT writer keeps that
+    (target_modules, layers_to_transform, …) selects (formats.peft.refuse_untargeted): the PEFT writer keeps that
     targeting when it writes exactly these modules (see formats.peft.lora_config)."""
     own_names: dict[str, str] = field(default_factory=dict)
     """Module (and full tensor) name after binding to a base → the name this adapter gave it, where binding renamed

@@ -24,7 +24,7 @@ from .adapter import Adapter, LoraModule, TokenRows
 from .errors import AmbiguousError, MismatchError
 from .formats import lowrank, params
 from .formats.common import fmt_shape, names_module
-from .formats.kohya import kohya_prefix
+from .formats.kohya import embedding_names, kohya_prefix
 from .records import CheckReport, ShapeMismatch
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
@@ -53,6 +53,16 @@ TIED_HEADS = ("lm_head", "embed_out", "predictions.decoder", "lm_head.decoder", 
 TOP_LEVEL_HEADS = ("proj_out",)
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight",
                     "backbone.embeddings.weight")  # the last: Mamba's
+EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
+                                 "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight",
+                                 "relative_attention_bias.weight")
+"""Weights of nn.Embedding layers, by name (a safetensors file does not say which 2-D weight is a lookup table):
+the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP, OPT and T5 (its
+relative position buckets: SD3's and FLUX's T5-XXL)."""
+
+
+def is_embedding(weight_name: str) -> bool:
+    return any(names_module(weight_name, e) for e in EMBEDDINGS)
 
 
 def is_head(name: str) -> bool:
@@ -633,17 +643,31 @@ def conv1d_layout(manifest: Mapping[str, object]) -> bool:
     return False
 
 
-def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: bool) -> LoraModule:
+def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: bool, *, stored: bool = False,
+                    embedding: bool = False) -> LoraModule:
     """Whether W holds B·A or (B·A)ᵀ is the base layer's business, as in PEFT (a Conv1D is fan_in_fan_out whatever
     the config says, an nn.Linear never is), but PEFT saves one fan_in_fan_out for the whole adapter: the value set
     by the last layer it wrapped, so a GPT-2 adapter on c_proj and lm_head says false, and a bare file says nothing.
     So a module is transposed when the config says so or it is a Conv1D of a Conv1D-layout base, unless the base's
     shape says otherwise (an nn.Linear stored out×in). A LoRA on the raw parameter is added as the parameter is stored
-    (PEFT's ParamWrapper), whatever the layer."""
+    (PEFT's ParamWrapper), whatever the layer.
+
+    ``stored``: the factors give the delta as the base stores it (kohya's: up·down, no transposed convention, so the
+    kohya writer writes a Conv1D's or an embedding's module as Bᵀ/Aᵀ). On a Conv1D or an embedding (by its weight's
+    name, or ``embedding``: the file says so, formats.kohya.EMBEDDINGS_KEY) such a module is put in PEFT's layout, A = upᵀ (r × the layer's inputs), B = downᵀ, the same delta: as read, the PEFT file written
+    of it had a Conv1D's lora_A as wide as its outputs (PEFT refused it), or lora_A/lora_B on an nn.Embedding, whose
+    LoRA PEFT keeps in lora_embedding_A/B (it loaded the file without that module's factors)."""
     if module.kind != "linear" or module.fused is not None or module.raw_parameter is not None or module.product:
         return module
+    conv1d_layer = conv1d and module.name.rpartition(".")[2] in CONV1D_LAYERS
+    if stored:
+        embedding = embedding or is_embedding(module.weight_name)
+        if module.transposed or module.weight_shape != base_shape or not (embedding or conv1d_layer):
+            return module
+        return replace(module, A=module.B.T.contiguous(), B=module.A.T.contiguous(),
+                       kind="embedding" if embedding else "linear", fan_in_fan_out=not embedding)
     out_f, in_f = module.out_features, module.in_features
-    transposed = module.fan_in_fan_out or (conv1d and module.name.rpartition(".")[2] in CONV1D_LAYERS)
+    transposed = module.fan_in_fan_out or conv1d_layer
     if out_f != in_f and base_shape == (out_f, in_f):
         transposed = False
     return module if transposed == module.fan_in_fan_out else replace(module, fan_in_fan_out=transposed)
@@ -676,7 +700,8 @@ def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
 def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -> Adapter:
     modules = {}
     # PEFT keys carry PEFT's fan_in_fan_out convention; kohya factors are always in the stored weight's layout
-    conv1d = adapter.format in ("peft", "diffusers") and conv1d_layout(manifest)
+    conv1d, stored = conv1d_layout(manifest), adapter.format == "kohya"
+    embeddings = embedding_names(adapter.metadata) if stored else frozenset()
     for old, new in res.names.items():
         module = replace(adapter.modules[old], name=new, fused=None, fused_columns=None)
         if module.experts > 1:
@@ -688,7 +713,7 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
             module = lowrank.fit_inputs(module, shape)
             if not adapter.names_resolved or module.product is not None or module.method == "adalora":
                 module = fit_kind(module, shape)
-            module = fit_orientation(module, shape, conv1d)
+            module = fit_orientation(module, shape, conv1d, stored=stored, embedding=old in embeddings)
         if new in modules:
             raise MismatchError(f"{adapter.label}: two adapter modules resolve to base module {new!r}")
         modules[new] = module

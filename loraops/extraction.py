@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 from . import ldm
 from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
-from .check import CONV1D_LAYERS, EXPERT_RE, INPUT_EMBEDDINGS, conv1d_layout, memory_names, tied_head_source
+from .check import CONV1D_LAYERS, EXPERT_RE, conv1d_layout, is_embedding, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 from .formats import peft_unwritable_parts, refuse_unwritable
 from .formats.common import given_alpha, names_module, shown
@@ -52,12 +52,6 @@ if TYPE_CHECKING:
 
     from .algebra import Derivation
 
-EMBEDDINGS = INPUT_EMBEDDINGS + ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
-                                 "token_type_embeddings.weight", "token_embedding.weight", "position_embedding.weight",
-                                 "relative_attention_bias.weight")
-"""Weights of nn.Embedding layers, by name (a safetensors file does not say which 2-D weight is a lookup table):
-the input embeddings loraops knows, and the position/token-type tables of GPT-2, BERT, CLIP, OPT and T5 (its
-relative position buckets: SD3's and FLUX's T5-XXL)."""
 PRECISION = {"F64": (52, -1022), "F32": (23, -126), "F16": (10, -14), "BF16": (7, -126)}
 """(mantissa bits, smallest normal exponent) of each float dtype: its spacing (ulp) at x is
 2^(max(⌊log2 |x|⌋, emin) − bits), subnormals included."""
@@ -115,10 +109,6 @@ def _untied(base: BaseModel, tuned: BaseModel) -> BaseModel:
     return view
 
 
-def _is_embedding(name: str) -> bool:
-    return any(names_module(name, e) for e in EMBEDDINGS)
-
-
 def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | None:
     """(LoRA kind, fan_in_fan_out) of a weight that can hold a LoRA (or whose parts can: ldm.split), None for anything
     else."""
@@ -126,7 +116,7 @@ def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | N
         return None
     if len(shape) > 2:
         return "conv", False
-    if _is_embedding(name):
+    if is_embedding(name):
         return "embedding", False
     return "linear", conv1d and name.removesuffix(".weight").rpartition(".")[2] in CONV1D_LAYERS
 

@@ -113,7 +113,7 @@ def read_header(path: str | Path) -> Header:
         raw = f.read(length)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # (JSONDecodeError, UnicodeDecodeError, and a number past Python's 4300-digit limit)
         raise FormatError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: not a safetensors file (header is not a JSON object)")

@@ -144,6 +144,29 @@ CASES = {
         FormatError, "an older diffusers LoRA layout"),
     "not-safetensors": (lambda d: raw(d / "x.safetensors", b"hello world, not a tensor file"),
                         FormatError, "not a safetensors file"),
+    # JSON has no bound on an integer's digits: a number beyond any float, or past Python's 4300-digit limit for
+    # reading one, was an OverflowError / ValueError traceback
+    "alpha-pattern-beyond-float": (lambda d: peft_folder(d / "a", good(), alpha_pattern={"q": 10**400}),
+                                   InvalidInputError, r"alpha_pattern\['q'\]: alpha about 1e\+400 is beyond what float32"),
+    "config-number-too-long": (lambda d: peft_folder(d / "a", good()).joinpath("adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 1' + "0" * 5000 + '}') and d / "a", FormatError,
+        r"adapter config is not JSON \(a number of more than 4300 digits\)"),
+    "metadata-config-number-too-long": (lambda d: write(d / "x.safetensors", good(), {
+        "adapter_config": '{"lora_alpha": 1' + "0" * 5000 + '}'}), InvalidInputError, "no alpha in the file's metadata"),
+    "header-number-too-long": (lambda d: raw(d / "x.safetensors", len(h := (
+        '{"a.lora_A.weight": {"dtype": "F32", "shape": [1' + "0" * 5000 + '], "data_offsets": [0, 4]}}').encode()
+    ).to_bytes(8, "little") + h + bytes(4)), FormatError, r"not a safetensors file \(header is not JSON\)"),
+    # PEFT wraps only what the config's targeting selects (tests/test_formats_peft.py: against PEFT's own matching)
+    "untargeted-module": (lambda d: peft_folder(d / "a", good(), target_modules=["k", "v"]), InvalidInputError,
+                          "module 'layer.q' has LoRA weights that the config's target_modules leaves out"),
+    "targeting-not-regex": (lambda d: peft_folder(d / "a", good(), target_modules=["q"], exclude_modules="(q"),
+                            InvalidInputError, "config targeting holds no regular expression"),
+    "targeting-of-another-type": (lambda d: peft_folder(d / "a", good(), target_modules=5), InvalidInputError,
+                                  "config target_modules=5 is none of the values PEFT takes"),
+    "named-adapters-only": (lambda d: (d / "a").mkdir() or peft_folder(d / "a" / "style", good()).parent, FormatError,
+                            r"a/style\)$"),  # PEFT's save_pretrained of an adapter not named "default"
+    "config-file": (lambda d: peft_folder(d / "a", good()) / "adapter_config.json", FormatError,
+                    "a PEFT adapter's config, not the adapter: give its folder"),
     "unknown-kohya-key": (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A,
                                                                  "lora_unet_a.lora_up.weight": B, "lora_unet_a.scale": A}),
                           FormatError, "unknown keys in a kohya"),

@@ -231,3 +231,84 @@ def test_pattern_key_matches_peft_first_key_rule_with_precompiled_patterns():
         for chosen in itertools.permutations(keys, size):
             for name in names:
                 assert pattern_key(chosen, name) == peft_rule(chosen, name), (chosen, name)
+
+
+TARGETING = [  # (config fields, module keys of the file): PEFT's check_target_module_exists decides each key
+    ({"target_modules": ["q_proj", "v_proj"]}, ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]),
+    ({"target_modules": ["model.layers.0.self_attn.q_proj"]}, ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
+    ({"target_modules": "q_proj"}, ["model.layers.0.self_attn.q_proj"]),  # a string is a regex matching the whole key
+    ({"target_modules": r".*\.1\.self_attn\.(q|v)_proj"}, ["model.layers.1.self_attn.v_proj", "model.layers.0.self_attn.q_proj"]),
+    ({"target_modules": ["q_proj"], "layers_to_transform": [1]}, ["model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.q_proj"]),
+    ({"target_modules": ["q_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+     ["model.layers.0.self_attn.q_proj", "model.layers.10.self_attn.q_proj"]),
+    ({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["h", "blocks"]},
+     ["model.layers.0.self_attn.q_proj", "transformer.h.0.attn.q_proj"]),
+    ({"target_modules": ["q_proj"], "layers_to_transform": []}, ["model.layers.7.self_attn.q_proj"]),
+    ({"target_modules": ["model.layers.0.self_attn.q_proj"], "layers_to_transform": [1]}, ["model.layers.0.self_attn.q_proj"]),
+    ({"target_modules": ["q_proj", "k_proj"], "exclude_modules": ["layers.0.self_attn.k_proj"]},
+     ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.0.self_attn.k_proj"]),
+    ({"target_modules": ["q_proj"], "exclude_modules": r".*\.0\..*"}, ["model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.q_proj"]),
+    ({"target_modules": ["dense", "out_proj"], "modules_to_save": ["classifier"]},
+     ["model.layers.0.attention.dense", "classifier.dense", "classifier.out_proj"]),
+    ({"target_modules": "all-linear"}, ["model.layers.0.self_attn.q_proj", "lm_head"]),  # only the model can say
+    ({}, ["model.layers.0.self_attn.q_proj"]),  # no target_modules: PEFT's defaults for the model type
+]
+
+
+@pytest.mark.parametrize("fields, keys", TARGETING)
+def test_modules_the_config_does_not_target_are_refused_as_peft_matches(fields, keys, tmp_path):
+    """PEFT wraps only the modules its config's targeting selects and leaves the file's other factors unused; a
+    config edited to leave layers out (layers_to_transform, exclude_modules, a narrower target_modules) was read with
+    every module of the file, so merge, export… added LoRAs the PEFT model does not have. Each file module must be one
+    PEFT's own check_target_module_exists selects, else the read is refused naming it."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
+    config = SimpleNamespace(**{"target_modules": None, "target_parameters": None, "exclude_modules": None,
+                                "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, **fields})
+    for key in keys:
+        folder = tmp_path / key
+        folder.mkdir()
+        save_file({f"base_model.model.{key}.lora_A.weight": torch.ones(2, 4),
+                   f"base_model.model.{key}.lora_B.weight": torch.ones(4, 2)}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **fields}))
+        found = check_target_module_exists(config, key) if fields.get("target_modules") not in (None, "all-linear") else True
+        if found and not isinstance(found, _ExcludedModule):
+            assert list(read_adapter(folder).modules) == [key]
+        else:
+            with pytest.raises(InvalidInputError, match=f"module '{key}' has LoRA weights that the config's .* leaves out"):
+                read_adapter(folder)
+
+
+def test_layers_left_out_by_an_edited_config_are_refused_not_merged(llama, tmp_path):
+    """A PEFT adapter on both layers whose config is then edited to layers_to_transform [1]: PEFT loads layer 1's LoRAs
+    only (the checks below); loraops read all four modules, so its merge was not PEFT's model. Refused, naming one."""
+    from peft import PeftModel
+
+    path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj", "v_proj"])
+    assert len(read_adapter(path).modules) == 4
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": [1]}))
+    loaded = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(llama), path))
+    assert sorted(loaded) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    with pytest.raises(InvalidInputError, match="'model.layers.0.self_attn.q_proj' has LoRA weights that the config's "
+                                                "layers_to_transform leaves out"):
+        read_adapter(path)
+    with pytest.raises(InvalidInputError, match="config layers_to_transform='1' is none of the values PEFT takes"):
+        (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": "1"}))
+        read_adapter(path)
+
+
+def test_tied_modules_peft_adds_beside_the_targeting_are_read(tmp_path):
+    """ensure_weight_tying on a tied model's targeted embeddings: PEFT takes lm_head out of target_modules, wraps it
+    anyway (tied to embed_tokens' LoRA) and saves its factors, so a module outside the targeting is PEFT's own there."""
+    from peft import LoraConfig, get_peft_model
+
+    base = factories.tiny_llama(tmp_path / "tied", tie=True)
+    model = get_peft_model(factories.load_model(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"], ensure_weight_tying=True,
+        init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    assert "lm_head" not in json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
+    assert {"lm_head", "model.embed_tokens"} <= set(read_adapter(tmp_path / "a").modules)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import factories
-from loraops import st
+from loraops import algebra, st
 from loraops.check import bind
 from loraops.errors import ConflictError, FormatError, InvalidInputError
 from loraops.formats import detect, read_adapter, write_adapter
@@ -120,11 +120,66 @@ def test_kohya_writes_rslora_scale_as_true_alpha(llama, tmp_path):
 
 
 def test_kohya_round_trip_of_fan_in_fan_out_modules(tmp_path):
+    from peft import PeftModel
+
     gpt2 = factories.tiny_gpt2(tmp_path / "gpt2")
-    adapter = read_adapter(factories.peft_adapter(gpt2, tmp_path / "a", target_modules=["c_attn", "c_proj"],
-                                                  fan_in_fan_out=True))
+    src = factories.peft_adapter(gpt2, tmp_path / "a", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    adapter = read_adapter(src)
     back = bind(read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya")), manifest(gpt2))
     assert_same_deltas(adapter, back)  # same delta on the same stored (in×out) tensor
+    # bound, the Conv1D modules are in PEFT's layout again: written as PEFT, they load (were lora_A 4×192 for c_attn,
+    # whose Conv1D takes 64 inputs: PEFT refused the file) with the source's deltas, and kohya gets the same file
+    assert all(m.fan_in_fan_out for m in back.modules.values())
+    deltas = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(gpt2), write_adapter(back, tmp_path / "p")))
+    assert sorted(deltas) == sorted(adapter.modules)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
+    again = write_adapter(back, tmp_path / "k2.safetensors", "kohya")
+    assert (tmp_path / "k2.safetensors").read_bytes() == (tmp_path / "k.safetensors").read_bytes() and again
+    # and it combines with the PEFT source (was 'module … differs between inputs: linear (64, 192) … linear (64, 192)')
+    both, _ = algebra.combine([(adapter, 1.0), (back, -1.0)], "cat")
+    for name, module in both.modules.items():
+        torch.testing.assert_close(module.delta(), torch.zeros_like(module.delta()), atol=1e-6, rtol=0, msg=name)
+
+
+def test_kohya_round_trip_of_embedding_modules(llama, tmp_path):
+    """An embedding's LoRA is written to kohya transposed (kohya has no embedding convention); bound to its base it is
+    an embedding module again: written as PEFT it was lora_A/lora_B on an nn.Embedding, keys PEFT's embedding layer
+    does not have, so PEFT loaded the adapter with that module's factors left at their initial values (a warning)."""
+    from peft import PeftModel
+
+    src = factories.peft_adapter(llama, tmp_path / "a", target_modules=["embed_tokens", "q_proj"])
+    adapter = replace(read_adapter(src), full_tensors={})  # (PEFT saves the embedding layer beside: kohya holds none)
+    back = bind(read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya")), manifest(llama))
+    assert back.modules["model.embed_tokens"].kind == "embedding"
+    assert_same_deltas(adapter, back)
+    model = PeftModel.from_pretrained(factories.load_model(llama), write_adapter(back, tmp_path / "p"))
+    deltas = factories.peft_delta_weights(model)
+    assert sorted(deltas) == sorted(adapter.modules)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
+
+
+def test_kohya_round_trip_of_an_embedding_by_any_name_and_convs(tmp_path):
+    """An embedding layer named as no model loraops knows ('embed'): the kohya file marks its module (loraops_embeddings
+    in the header), so bound back it is an embedding module all the same, and PEFT loads the PEFT file written of it
+    with the source's deltas; the 1×1 and 3×3 conv modules come back as they were."""
+    from peft import PeftModel
+
+    src = factories.conv_peft_adapter(tmp_path / "a", target_modules=["embed", "proj", "conv1", "conv3"])
+    adapter = read_adapter(src)
+    kohya = write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    assert json.loads(st.read_header(kohya).metadata["loraops_embeddings"]) == ["lora_unet_embed"]
+    base = factories.save_state_dict(factories.conv_embedding_model(), tmp_path / "base.safetensors")
+    back = bind(read_adapter(kohya), st.read_header(base).tensors)
+    assert back.modules["embed"].kind == "embedding"
+    assert_same_deltas(adapter, back)
+    deltas = factories.peft_delta_weights(PeftModel.from_pretrained(factories.conv_embedding_model(),
+                                                                    write_adapter(back, tmp_path / "p")))
+    assert sorted(deltas) == sorted(adapter.modules)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
+    assert write_adapter(back, tmp_path / "k2.safetensors", "kohya").read_bytes() == kohya.read_bytes()
 
 
 def test_diffusers_round_trip(tmp_path):

@@ -50,7 +50,14 @@ def detect(path: str | Path) -> str:
             return "peft"
         if (path / diffusers.WEIGHTS_NAME).is_file():
             return "diffusers"
-        raise FormatError(f"{path}: a folder without {peft.CONFIG_NAME}/{peft.WEIGHTS_NAME} or {diffusers.WEIGHTS_NAME}")
+        # PEFT's save_pretrained puts an adapter not named "default" in a subfolder of that name
+        named = sorted(sub.name for sub in path.iterdir() if (sub / peft.CONFIG_NAME).is_file())
+        raise FormatError(f"{path}: a folder without {peft.CONFIG_NAME}/{peft.WEIGHTS_NAME} or {diffusers.WEIGHTS_NAME}"
+                          + (f"; it holds PEFT adapters in subfolders, as PEFT saves named ones: give one of them "
+                             f"({', '.join(str(path / name) for name in named[:3])}{', …' if len(named) > 3 else ''})"
+                             if named else ""))
+    if path.name == peft.CONFIG_NAME:
+        raise FormatError(f"{path}: a PEFT adapter's config, not the adapter: give its folder ({path.parent})")
     return layout_of_keys(path, list(st.read_header(path).tensors))
 
 

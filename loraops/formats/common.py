@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
@@ -202,13 +203,21 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
 
 
 def check_alpha(path: Path, alpha: object, where: str) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    # (a JSON integer may be beyond any float: math.isfinite and :g raised OverflowError on it)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or isinstance(alpha, float) and not math.isfinite(alpha):
         raise InvalidInputError(f"{path}: {where}: alpha {alpha!r} is not a finite number")
     if alpha < 0:
-        raise InvalidInputError(f"{path}: {where}: negative alpha {alpha}")
+        raise InvalidInputError(f"{path}: {where}: negative alpha {_shown(alpha)}")
     if alpha > FLOAT32_MAX:  # merged, it overflowed float32 (a traceback); written, it became an inf alpha
-        raise InvalidInputError(f"{path}: {where}: alpha {alpha:g} is beyond what float32 holds")
+        raise InvalidInputError(f"{path}: {where}: alpha {_shown(alpha)} is beyond what float32 holds")
     return float(alpha)
+
+
+def _shown(number: int | float) -> str:
+    """A number as messages show it (%g), also an integer beyond any float."""
+    if abs(number) <= sys.float_info.max:
+        return f"{number:g}"
+    return f"about {'-' if number < 0 else ''}1e+{int(math.log10(abs(number)))}"
 
 
 def check_finite(path: Path, key: str, tensor: "torch.Tensor") -> None:

@@ -50,6 +50,10 @@ KEPT_NETWORK_ARGS = frozenset({
     "train_blocks", "train_double_block_indices", "train_single_block_indices", "train_block_indices", "train_t5xxl",
     "split_qkv",
 })
+EMBEDDINGS_KEY = "loraops_embeddings"
+"""Header metadata naming (JSON list) the modules of an embedding layer: kohya has no embedding convention, so they
+are written transposed like a linear one on the stored table, and nothing else in the file tells them from one
+(binding puts them back in PEFT's layout: check.fit_orientation)."""
 
 
 def is_kohya_key(key: str) -> bool:
@@ -119,6 +123,15 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
             alpha=module_alpha(path, tensors, parts.get("alpha"), alpha), extra_keys=extra, stored=stored,
         )
     return Adapter(modules=dict(sorted(modules.items())), format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
+
+
+def embedding_names(metadata: dict[str, str]) -> frozenset[str]:
+    """The modules the header marks as an embedding's (EMBEDDINGS_KEY); none where it says nothing readable."""
+    try:
+        names = json.loads(metadata.get(EMBEDDINGS_KEY, "[]"))
+    except ValueError:
+        return frozenset()
+    return frozenset(n for n in names if isinstance(n, str)) if isinstance(names, list) else frozenset()
 
 
 def module_alpha(path: Path, tensors: dict[str, "torch.Tensor"], key: str | None, alpha: float | None) -> float | None:
@@ -304,6 +317,8 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
                 ldm.SDXL["ss_base_model_version"] if ldm.is_sdxl(adapter.modules, adapter.metadata) else ""),
             "ss_v2": adapter.metadata.get("ss_v2", "False"),
         }
+        if embeddings := sorted(names[m.name] for m in written if m.kind == "embedding"):
+            metadata[EMBEDDINGS_KEY] = json.dumps(embeddings)
         return {dest.name: out.close(metadata, hash_key=HASH_KEY)}
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,72 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     )
 
 
+def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
+    """Refuse a module with LoRA weights that the config's targeting leaves out. PEFT wraps only the modules its
+    target_modules, layers_to_transform/layers_pattern, exclude_modules and modules_to_save select (0.21's
+    ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
+    a warning, so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
+    some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
+    per model type), "all-linear" (its Linear layers), or ensure_weight_tying (PEFT also wraps, whatever the
+    targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors)."""
+    targets, excluded = cfg.get("target_modules"), cfg.get("exclude_modules") or None
+    layers, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern") or None
+    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or cfg.get("ensure_weight_tying"):
+        return
+    for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
+                              ("layers_to_transform", layers, True), ("layers_pattern", patterns, False)):
+        if value is not None and not _names_or_pattern(value, ints):
+            raise InvalidInputError(f"{path}: config {name}={value!r} is none of the values PEFT takes")
+    layers = frozenset([layers] if isinstance(layers, int) else layers or ()) or None
+    saved = cfg.get("modules_to_save") or []
+    try:
+        saved_res = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in ([saved] if isinstance(saved, str) else saved)]
+        layer_res = [re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
+                     for p in ([patterns] if isinstance(patterns, str) else patterns)] if patterns else \
+            [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
+        for pattern in (targets, excluded):
+            if isinstance(pattern, str):
+                re.compile(pattern)
+    except re.error as e:
+        raise InvalidInputError(f"{path}: config targeting holds no regular expression ({e})") from None
+
+    targets, excluded = (v if isinstance(v, str) or v is None else frozenset(v) for v in (targets, excluded))
+
+    def names(entries, key: str) -> bool:
+        """PEFT's match of a module key against target_modules or exclude_modules: a regex matching it whole, or a
+        list holding it or a dot-bounded suffix of it (looked up, not scanned: an export lists every module's path)."""
+        if isinstance(entries, str):
+            return re.fullmatch(entries, key) is not None
+        parts = key.split(".")
+        return any(".".join(parts[i:]) in entries for i in range(len(parts)))
+
+    def left_out_by(key: str) -> str | None:
+        if excluded is not None and names(excluded, key):
+            return "exclude_modules"
+        if any(r.match(key) for r in saved_res):
+            return "modules_to_save (PEFT wraps no module it saves whole)"
+        if not names(targets, key):
+            return "target_modules"
+        if isinstance(targets, str) or key in targets or layers is None:
+            return None
+        index = next((match["idx"] for r in layer_res if (match := r.match(key))), None)
+        return None if index is not None and int(index) in layers else "layers_to_transform"
+
+    for module in modules:
+        if (why := left_out_by(module)) is not None:
+            raise InvalidInputError(
+                f"{path}: module {module!r} has LoRA weights that the config's {why} leaves out: PEFT would load the "
+                f"adapter without them; correct the config, or remove the module's tensors"
+            )
+
+
+def _names_or_pattern(value, ints: bool) -> bool:
+    """A targeting field of a form PEFT takes: a list of names or one regex (layers_to_transform: of indices, or one)."""
+    kind = int if ints else str
+    one = isinstance(value, kind) and not isinstance(value, bool)
+    return one or isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
 def _text(value) -> str | None:
     """A free-text config field (a hint only): kept when it is a non-empty string, else ignored."""
     return value if isinstance(value, str) and value else None
@@ -182,7 +249,7 @@ def metadata_config(metadata: dict[str, str]) -> dict | None:
         if key in metadata:
             try:
                 cfg = json.loads(metadata[key])
-            except json.JSONDecodeError:
+            except ValueError:  # (not JSON, or a number past Python's 4300-digit limit for reading one)
                 cfg = None
             if isinstance(cfg, dict):
                 return cfg
@@ -323,6 +390,9 @@ def load_config(path: Path) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: adapter config is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError:  # JSON has no bound on digits, Python's int() has (sys.get_int_max_str_digits)
+        raise FormatError(f"{path}: adapter config is not JSON (a number of more than {sys.get_int_max_str_digits()} "
+                          "digits)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from None
     if not isinstance(cfg, dict):
@@ -388,6 +458,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     modules.update((name, lycoris.build(weights, name, parts, tensors, alpha=cfg.alpha_for(name),
                                         peft_rank=cfg.rank_for(name))) for name, parts in products.items())
     modules = dict(sorted({**params.mark_weight_targets(modules, cfg), **experts}.items()))
+    if cfg_file is not None:
+        refuse_untargeted(cfg_file, raw_cfg, [name for name, m in modules.items() if m.raw_parameter is None])
     full = {}
     for key, target in full_names.items():
         common.check_finite(weights, key, tensors[key])
