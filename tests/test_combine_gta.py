@@ -12,8 +12,8 @@ from factories import combine_inputs, layouts_adapter, lora_adapter, loraops_run
 from loraops.algebra import combine
 from loraops.errors import InvalidInputError
 from loraops.ops import svd
-from loraops.ops.combine import (BreadcrumbsParams, Context, DellaLinearParams, TiesParams, Term, drop_outliers,
-                                 sample_by_rank, task_arithmetic, trim)
+from loraops.ops.combine import (METHODS, BreadcrumbsParams, Context, DellaLinearParams, TiesParams, Term,
+                                 drop_and_rescale, drop_outliers, sample_by_rank, task_arithmetic, trim)
 
 VALUES = [[3.0, -1.0, 2.0, 0.0], [-2.0, 2.0, 5.0, -2.0], [1.0, 0.0, -5.0, 2.0]]
 
@@ -359,16 +359,31 @@ def test_rescale_norm_brings_the_trimmed_vector_back_to_the_whole_norm(norm, rat
                                                                         norm))
 
 
-@pytest.mark.parametrize("scale, rescaled", [(1e-9, False), (1e-7, True)])
+@pytest.mark.parametrize("scale, rescaled", [(1e-9, False), (5e-9, False), (1e-8, True), (1e-7, True)])
 def test_rescale_norm_leaves_a_vector_below_mergekits_eps_as_sparsified(scale, rescaled):
-    """mergekit returns the masked tensor as it is where ‖τ‖ or ‖τ̂‖ is below 1e-7 (here max |x| 5e-9); 5e-7 is above:
-    rescaled (l1: 25/17)."""
+    """mergekit returns the masked tensor as it is where ‖τ‖ or ‖τ̂‖ is below 1e-7; l1 norms 25·scale and 17·scale:
+    both below at 1e-9, only the sparsified one at 5e-9 (1.25e-7 and 8.5e-8), neither at 1e-8 (rescaled: 25/17)."""
     values = torch.tensor(VALUES, dtype=torch.float64) * scale
     params = TiesParams(density=0.42, rescale_norm="l1", normalize=False)
     got = task_arithmetic([term_of(values)], params, Context("m", (3, 4)), trim, consensus=False)
     trimmed = ref.trim(values, 0.42)
-    torch.testing.assert_close(got, trimmed * (25 / 17 if rescaled else 1))
-    torch.testing.assert_close(got, ref.rescaled_masked(values, trimmed, "l1"))
+    # relative only: entries of 1e-8 are all within assert_close's default absolute tolerance (1e-7)
+    torch.testing.assert_close(got, trimmed * (25 / 17 if rescaled else 1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, ref.rescaled_masked(values, trimmed, "l1"), rtol=1e-12, atol=0)
+
+
+def test_rescale_norm_of_a_dare_that_drops_every_entry_is_zero(monkeypatch):
+    """Every draw ≥ density: nothing survives, ‖τ̂‖ = 0 and the module comes out zero (mergekit's eps edge), not
+    0·‖τ‖/0 = NaN."""
+    from loraops.ops import combine as ops
+
+    monkeypatch.setattr(ops, "uniforms", lambda *_: lambda shape: torch.full(shape, 0.9))
+    values = torch.tensor(VALUES, dtype=torch.float64)
+    for method in ("dare_linear", "della_linear"):
+        params = METHODS[method].params(density=0.5, rescale_norm="l2")
+        sparsifier = drop_and_rescale if method == "dare_linear" else sample_by_rank
+        got = task_arithmetic([term_of(values)], params, Context("m", (3, 4)), sparsifier, consensus=False)
+        assert torch.equal(got, torch.zeros_like(values)), method
 
 
 def test_rescale_norm_replaces_dellas_division_by_p(inputs):

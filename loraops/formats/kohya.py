@@ -42,13 +42,14 @@ HASH_KEY = "sshs_model_hash"
 # modules written anew, resized or not: how it was trained (dropouts, LoRA+ ratios, block learning-rate weights, GGPO)
 # and which blocks and encoders it trained. A written file keeps these of its source's ss_network_args and no others:
 # its ranks and alphas (conv_dim, block_dims, in_dims, img_attn_dim, …: each written module has its own, and
-# conv_dim/conv_alpha are made from them) and any other network's arguments (LyCORIS' algo, preset, use_tucker, …:
-# the file is written as sd-scripts' plain LoRA network, lora_mid composed away) would no longer be true.
+# conv_dim/conv_alpha are made from them), how its modules are laid out (lora_flux's split_qkv: a LoRA of one rank
+# per part of qkv, down stacked and up block-diagonal, which a resize makes one LoRA of any rank) and any other
+# network's arguments (LyCORIS' algo, preset, use_tucker, …: the file is written as sd-scripts' plain LoRA network,
+# lora_mid composed away) would no longer be true.
 KEPT_NETWORK_ARGS = frozenset({
     "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
     "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "ggpo_beta", "ggpo_sigma",
     "train_blocks", "train_double_block_indices", "train_single_block_indices", "train_block_indices", "train_t5xxl",
-    "split_qkv",
 })
 EMBEDDINGS_KEY = "loraops_embeddings"
 """Header metadata naming (JSON list) the modules of an embedding layer: kohya has no embedding convention, so they
@@ -324,12 +325,17 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
 
 def kept_network_args(metadata: dict[str, str]) -> dict:
     """The source's ss_network_args that a written file keeps (KEPT_NETWORK_ARGS); none where they are no JSON object
-    (LyCORIS writes "null")."""
+    (LyCORIS writes "null"), or hold Python's NaN/Infinity (no JSON: written back, a strict reader could not parse
+    the header's value)."""
     try:
-        args = json.loads(metadata.get("ss_network_args") or "{}")
+        args = json.loads(metadata.get("ss_network_args") or "{}", parse_constant=_no_json_constant)
     except ValueError:
         return {}
     return {k: v for k, v in args.items() if k in KEPT_NETWORK_ARGS} if isinstance(args, dict) else {}
+
+
+def _no_json_constant(name: str):
+    raise ValueError(f"{name} is no JSON")
 
 
 def data_hash(path: Path) -> str:
