@@ -289,6 +289,37 @@ def test_a_checkpoint_saved_from_the_bare_model(tmp_path, targets):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_a_head_in_an_adapter_that_says_fan_in_fan_out(tmp_path):
+    """PEFT saves one fan_in_fan_out per adapter, and loraops writes true for a GPT-2 LoRA on its Conv1D c_attn and
+    its nn.Linear lm_head (`export --base`). Read back, lm_head's module says transposed (in×out) until bound; bound to
+    the tied base, which does not store the head, it is found by its embeddings as an out×in Linear (as PEFT, which
+    sets fan_in_fan_out false for an nn.Linear), not refused as "not in base"."""
+    from click.testing import CliRunner
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from factories import tiny_gpt2
+    from loraops.cli import main
+
+    base = tiny_gpt2(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    for args in (["base", "add", base, "--name", "gpt2"],
+                 ["export", tmp_path / "a", "--format", "peft", "-o", tmp_path / "exported", "--base", "gpt2"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    expected = logits(model)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base),
+                                                                tmp_path / "exported")), expected)
+    report = engine.merge(base, [(formats.read_adapter(tmp_path / "exported"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    torch.testing.assert_close(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "out")), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_sharded_index_counts_the_untied_head(tmp_path):
     """A sharded tied model: the head goes into its embeddings' shard and the index lists it; the index's
     total_parameters (transformers' count) grows by it, as transformers counts the merged model."""
