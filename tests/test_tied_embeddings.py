@@ -770,6 +770,44 @@ def test_a_composite_model_tied_by_its_text_config(tmp_path, cls_name, top, text
     assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
 
 
+def test_an_encoder_decoder_tied_by_its_decoder_config(tmp_path):
+    """A VisionEncoderDecoderModel is saved with tie_word_embeddings false at its top level (its __init__ sets it) and
+    its GPT-2 decoder's own config true: transformers ties the decoder's head by that sub-config (the decoder is a
+    PreTrainedModel of its own). With the head stored twice, a LoRA on the decoder's embeddings reaches both copies,
+    as in PEFT's merge_and_unload (an encoder-decoder model is not untied), so the merged model loads tied; changing
+    one copy left the head the base's (transformers does not tie copies that differ)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    torch.manual_seed(0)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16,
+                  patch_size=8),
+        GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32, add_cross_attention=True,
+                   is_decoder=True), decoder_start_token_id=0, pad_token_id=0)
+    VisionEncoderDecoderModel(config).save_pretrained(tmp_path / "base")
+    saved = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert (saved["tie_word_embeddings"], saved["decoder"]["tie_word_embeddings"]) == (False, True)
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    save_file({**state, "decoder.lm_head.weight": state["decoder.transformer.wte.weight"].clone()},
+              str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    get_peft_model(VisionEncoderDecoderModel.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["wte"], init_lora_weights=False)).save_pretrained(tmp_path / "a")
+
+    def outputs(model):
+        with torch.no_grad():
+            return model.eval()(pixel_values=_PIXELS[:, :, :16, :16], decoder_input_ids=TOKENS[:, :6] % 64).logits
+
+    expected = outputs(PeftModel.from_pretrained(VisionEncoderDecoderModel.from_pretrained(tmp_path / "base"),
+                                                 tmp_path / "a").merge_and_unload())
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    merged = tensors(tmp_path / "out")
+    assert torch.equal(merged["decoder.lm_head.weight"], merged["decoder.transformer.wte.weight"])
+    torch.testing.assert_close(outputs(VisionEncoderDecoderModel.from_pretrained(tmp_path / "out")), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
 def csm_logits(model):
     """The backbone's logits on audio frames (which read the backbone's audio embeddings) and the depth decoder's on
     codebook tokens (which read its own embeddings)."""
