@@ -835,7 +835,10 @@ def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int
     info = manifest.get(module.weight_name)
     if info is not None:
         return tuple(info.shape) if module.fused is None else part_shape(module, info.shape)
-    source = tied_head_source(module.weight_name, module.weight_shape, manifest)
+    # a head is an nn.Linear, out×in, whatever the adapter's one fan_in_fan_out says (a GPT-2 LoRA on c_attn and
+    # lm_head says true: fit_orientation)
+    head = (module.out_features, module.in_features) if module.kind == "linear" else module.weight_shape
+    source = tied_head_source(module.weight_name, head, manifest)
     return None if source is None else tuple(manifest[source].shape)
 
 

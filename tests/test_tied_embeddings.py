@@ -289,6 +289,37 @@ def test_a_checkpoint_saved_from_the_bare_model(tmp_path, targets):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_a_head_in_an_adapter_that_says_fan_in_fan_out(tmp_path):
+    """PEFT saves one fan_in_fan_out per adapter, and loraops writes true for a GPT-2 LoRA on its Conv1D c_attn and
+    its nn.Linear lm_head (`export --base`). Read back, lm_head's module says transposed (in×out) until bound; bound to
+    the tied base, which does not store the head, it is found by its embeddings as an out×in Linear (as PEFT, which
+    sets fan_in_fan_out false for an nn.Linear), not refused as "not in base"."""
+    from click.testing import CliRunner
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from factories import tiny_gpt2
+    from loraops.cli import main
+
+    base = tiny_gpt2(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    for args in (["base", "add", base, "--name", "gpt2"],
+                 ["export", tmp_path / "a", "--format", "peft", "-o", tmp_path / "exported", "--base", "gpt2"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "exported" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    expected = logits(model)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base),
+                                                                tmp_path / "exported")), expected)
+    report = engine.merge(base, [(formats.read_adapter(tmp_path / "exported"), 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    torch.testing.assert_close(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "out")), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_sharded_index_counts_the_untied_head(tmp_path):
     """A sharded tied model: the head goes into its embeddings' shard and the index lists it; the index's
     total_parameters (transformers' count) grows by it, as transformers counts the merged model."""
@@ -415,6 +446,8 @@ def test_a_tied_head_named_by_its_class_is_untied(tmp_path, cls_name):
     weights = merged.state_dict()
     assert torch.equal(weights[tied.head], base.state_dict()[tied.embeddings])
     assert not torch.equal(weights[tied.embeddings], base.state_dict()[tied.embeddings])
+    merged.tie_weights()  # as its config says: untied (ViLT's config cannot say so: docs/architectures.md)
+    assert torch.equal(merged.state_dict()[tied.head], weights[tied.head]) is (cls_name != "ViltForMaskedLM")
     if cls_name in NEEDS_MORE_INPUTS:
         return
     expected = class_logits(cls_name, adapted_model)
@@ -737,6 +770,44 @@ def test_a_composite_model_tied_by_its_text_config(tmp_path, cls_name, top, text
                       tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
+
+
+def test_an_encoder_decoder_tied_by_its_decoder_config(tmp_path):
+    """A VisionEncoderDecoderModel is saved with tie_word_embeddings false at its top level (its __init__ sets it) and
+    its GPT-2 decoder's own config true: transformers ties the decoder's head by that sub-config (the decoder is a
+    PreTrainedModel of its own). With the head stored twice, a LoRA on the decoder's embeddings reaches both copies,
+    as in PEFT's merge_and_unload (an encoder-decoder model is not untied), so the merged model loads tied; changing
+    one copy left the head the base's (transformers does not tie copies that differ)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    torch.manual_seed(0)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16,
+                  patch_size=8),
+        GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32, add_cross_attention=True,
+                   is_decoder=True), decoder_start_token_id=0, pad_token_id=0)
+    VisionEncoderDecoderModel(config).save_pretrained(tmp_path / "base")
+    saved = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert (saved["tie_word_embeddings"], saved["decoder"]["tie_word_embeddings"]) == (False, True)
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    save_file({**state, "decoder.lm_head.weight": state["decoder.transformer.wte.weight"].clone()},
+              str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    get_peft_model(VisionEncoderDecoderModel.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["wte"], init_lora_weights=False)).save_pretrained(tmp_path / "a")
+
+    def outputs(model):
+        with torch.no_grad():
+            return model.eval()(pixel_values=_PIXELS[:, :, :16, :16], decoder_input_ids=TOKENS[:, :6] % 64).logits
+
+    expected = outputs(PeftModel.from_pretrained(VisionEncoderDecoderModel.from_pretrained(tmp_path / "base"),
+                                                 tmp_path / "a").merge_and_unload())
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    merged = tensors(tmp_path / "out")
+    assert torch.equal(merged["decoder.lm_head.weight"], merged["decoder.transformer.wte.weight"])
+    torch.testing.assert_close(outputs(VisionEncoderDecoderModel.from_pretrained(tmp_path / "out")), expected,
+                               atol=1e-5, rtol=1e-5)
 
 
 def csm_logits(model):
