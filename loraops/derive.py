@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import algebra
 from .errors import InvalidInputError, MismatchError
 from .formats import refuse_unwritable
-from .fsutil import refuse_existing
+from .fsutil import output_path, refuse_existing
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
 from .references import refuse_output_over
 
@@ -46,14 +46,20 @@ def inputs_of(reg: "Registry") -> Iterator[Callable[[str, "str | None"], Input]]
         yield lambda ref, base=None: open_input(reg, ref, base, done)
     except BaseException:
         for registration in reversed(done):
-            with contextlib.suppress(Exception):  # the command's own error is the one to report
-                if registration.created:
-                    reg.remove_adapter(registration.record.id, undo=True)
-                elif registration.linked:
-                    previous = registration.previous_base
-                    reg.restore_base_link(registration.record.id, previous.id if previous else None,
-                                          linked_to=registration.record.base.id)
+            take_back(reg, registration)
         raise
+
+
+def take_back(reg: "Registry", registration: "Registration") -> None:
+    """Undo what one register_adapter of a failing command did: remove the adapter it created, or give the one it
+    linked to a base its previous link back."""
+    with contextlib.suppress(Exception):  # the command's own error is the one to report
+        if registration.created:
+            reg.remove_adapter(registration.record.id, undo=True)
+        elif registration.linked:
+            previous = registration.previous_base
+            reg.restore_base_link(registration.record.id, previous.id if previous else None,
+                                  linked_to=registration.record.base.id)
 
 
 def open_input(reg: "Registry", ref: str, base: str | None = None, done: list[Registration] | None = None) -> Input:
@@ -137,17 +143,32 @@ def writable(adapter: "Adapter", fmt: str) -> None:
 def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: str | None, fmt: str | None,
          force: bool, base: int | None, lineage: LineageSpec) -> DerivedRecord:
     """Compute ``derived`` while it is written, module by module (to ``output``, or a scratch folder in the blob
-    store), and register it: from the hashes taken as it was written, its values checked as they were computed."""
-    from .formats import write
+    store), and register it: from the hashes taken as it was written, its values checked as they were computed.
+    ``output`` lands (replaces an old one with ``force``) only once the registration committed, and the registration
+    is taken back when it cannot land: one outcome, or none."""
+    from .formats import staged_write, write
 
     adapter = derived.adapter
     fmt = fmt or adapter.format
     writable(adapter, fmt)
     if output is not None:
         reg.refuse_output_inside(output)
-        written = write(adapter, output, fmt, force=force, modules=derived)
-        record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written)
-        return DerivedRecord(adapter=record, created=created, output=str(written.path), report=derived.report)
+        final = output_path(output)
+        done: list[Registration] = []
+        staged_id = None
+        try:
+            with staged_write(adapter, final, fmt, force=force, modules=derived) as staged:
+                # the record names where the output will be, not its staged path
+                done.append(reg.register_adapter(staged.path, name=name, base=base, lineage=lineage, written=staged,
+                                                 source=str(final.parent.resolve() / final.name)))
+                staged_id = _file_id(staged.path)
+        except BaseException:
+            if staged_id is None or _file_id(final) != staged_id:  # else a Ctrl-C came after it landed: it stays
+                for registration in done:
+                    take_back(reg, registration)
+            raise
+        record, created, *_ = done[0]
+        return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)
     with reg.blobs.scratch() as tmp:
         # a one-file adapter is stored under its file name; a folder's name is not kept (and a name is only a name:
         # a peft folder named after --name ab.safetensors was refused as misnamed)
@@ -156,6 +177,14 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
         record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
                                                    source=f"loraops {lineage.op}", scratch=True, written=written)
     return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def combine(

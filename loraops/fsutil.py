@@ -28,7 +28,10 @@ def user_path(path: str | Path) -> str:
     parts = list(Path(path).parts)
     for i, part in enumerate(parts):
         if part.startswith(TMP_MARK):
-            return str(Path(*parts[:i], part[len(TMP_MARK):].rpartition(".")[0], *parts[i + 1:]))
+            name, rest = part[len(TMP_MARK):].rpartition(".")[0], parts[i + 1:]
+            if rest[:1] == [name]:  # the output under its own name inside its temp folder (atomic_path keep_name)
+                rest = rest[1:]
+            return str(Path(*parts[:i], name, *rest))
     return str(path)
 
 
@@ -92,32 +95,45 @@ def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, st
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False,
+                keep_name: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write into; on success it replaces ``path`` (refused when ``path``
-    exists unless ``force``); on any error it is removed. For folders, the temp folder is created for you. The
-    output goes to output_path(path)."""
+    exists unless ``force``); on any error, raised in the block or by the rename, it is removed and an old ``path``
+    is left as it was. For folders, the temp folder is created for you. The output goes to output_path(path).
+    ``keep_name``: what is yielded has ``path``'s own name, inside a temporary sibling folder: for what reads the
+    name (a registration, which the block runs before the rename, so the output lands only if it commits)."""
     path = output_path(path)
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
+    holder = temp_sibling(path)
+    tmp = holder / path.name if keep_name else holder
     try:  # from the mkdir on: a Ctrl-C right after it must not leave the folder
+        if keep_name:
+            holder.mkdir()
         if is_dir:
             tmp.mkdir()
         yield tmp
         fsync_tree(tmp)
         if os.path.lexists(path) and (is_dir or (path.is_dir() and not path.is_symlink())):
             # rename(2) puts no folder over a file (ENOTDIR: --force over a file failed) nor over a folder: the
-            # old one goes aside first
+            # old one goes aside first, and comes back if the new one cannot take its place
             old = temp_sibling(path)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
             remove(old)
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
-        remove(tmp)
+        remove(holder)
         raise
+    if keep_name:
+        with contextlib.suppress(OSError):  # empty now: the output landed whatever this does
+            holder.rmdir()
 
 
 @contextlib.contextmanager

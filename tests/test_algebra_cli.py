@@ -1,13 +1,17 @@
 """`loraops combine / resize / export` through the CLI: registration with lineage, outputs, tables, --json,
 one-line errors."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from factories import peft_adapter, tiny_llama
+from loraops import fsutil
 from loraops.cli import main
+from loraops.errors import InvalidInputError
 from loraops.formats import kohya_name, read_adapter
 from loraops.registry import Registry
 
@@ -202,3 +206,117 @@ def test_resize_is_named_after_the_ranks_its_modules_get(tmp_path):
     assert "registered wide-r8@1" in out, out
     code, out = run("resize", tmp_path / "wide", "--rank", "6")
     assert code == 0 and "capped" not in out and "registered wide-r6@1" in out, out
+
+
+# `combine/resize/extract -o OUT`: the output and its registration are one outcome. OUT lands (replaces an old OUT
+# under --force) only once the registration commits; when the registration fails (an error, Ctrl-C) or the rename
+# after it does, the old OUT is untouched, no temporary sibling stays, and the registry is as it was.
+
+# (command line before -o, whether OUT is a folder)
+COMMANDS = {
+    "combine": (lambda f: ["combine", f"{f['a']}:0.7", f"{f['b']}:-0.5"], True),
+    "resize": (lambda f: ["resize", f["b"], "--rank", "2", "--format", "kohya"], False),
+    "extract": (lambda f: ["extract", "--base", f["base"], "--tuned", f["other"], "--rank", "2"], True),
+}
+
+
+def tree(path):
+    """Every file under ``path`` (or ``path`` itself) with its bytes."""
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def registry_state():
+    with Registry.open() as reg:
+        return sorted(a.ref for a in reg.list_adapters()), sorted(b.name for b in reg.list_bases())
+
+
+def old_output(out, is_dir):
+    if is_dir:
+        out.mkdir()
+        (out / "adapter_model.safetensors").write_bytes(b"old weights")
+    else:
+        out.write_bytes(b"old file")
+    return tree(out)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "force"])
+@pytest.mark.parametrize("failure", ["invalid", "interrupt", "rename"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_failed_registration_leaves_no_output(files, tmp_path, monkeypatch, command, failure, force):
+    args, is_dir = COMMANDS[command]
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    out = folder / "out"
+    before = old_output(out, is_dir) if force else None
+    state = registry_state()
+
+    if failure == "rename":  # the registration commits, then the rename into place fails
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(src).parent.name.startswith(fsutil.TMP_MARK) and str(dst) == str(out):  # the staged output
+                raise PermissionError(13, "Permission denied", str(dst))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(fsutil.os, "replace", replace)
+    else:
+        real_register = Registry.register_adapter
+
+        def register_adapter(self, path, **kwargs):
+            if kwargs.get("lineage") is None:  # an input given by path: registered as usual
+                return real_register(self, path, **kwargs)
+            raise InvalidInputError("refused for the test") if failure == "invalid" else KeyboardInterrupt
+
+        monkeypatch.setattr(Registry, "register_adapter", register_adapter)
+
+    code, output = run(*args(files), "-o", out, *(["--force"] if force else []))
+    assert code != 0
+    assert len(output.splitlines()) == 1 and output.startswith("error: "), output
+    if force:
+        assert tree(out) == before
+    else:
+        assert not os.path.lexists(out)
+    assert [p.name for p in folder.iterdir()] == (["out"] if force else [])  # no temporary sibling
+    assert registry_state() == state
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "force"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_the_record_names_the_output_not_its_staged_path(files, tmp_path, command, force):
+    args, is_dir = COMMANDS[command]
+    out = tmp_path / "out"
+    if force:
+        old_output(out, is_dir)
+    code, output = run(*args(files), "-o", out, *(["--force"] if force else []), "--name", "derived")
+    assert code == 0, output
+    assert output.splitlines()[-1].endswith(f"wrote {out}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with Registry.open() as reg:
+        record = reg.get_adapter("derived")
+        assert record.source == str(out.resolve())
+    stored = Path(record.path)
+    assert fsutil.TMP_MARK not in str(stored)
+    if is_dir:
+        assert tree(stored) == tree(out)
+    else:  # a one-file adapter is stored under its output's name
+        assert stored.name == "out" and stored.read_bytes() == out.read_bytes()
+
+
+def test_a_ctrl_c_after_the_output_landed_keeps_its_record(files, tmp_path, monkeypatch):
+    """Interrupted between the rename and the return: the output is in place and registered, so its record stays."""
+    out = tmp_path / "out"
+    real_fsync_dir = fsutil.fsync_dir
+
+    def fsync_dir(path):
+        if path == tmp_path:  # the output's folder, synced after the rename
+            raise KeyboardInterrupt
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(fsutil, "fsync_dir", fsync_dir)
+    code, output = run(*COMMANDS["combine"][0](files), "-o", out, "--name", "landed")
+    assert code != 0 and len(output.splitlines()) == 1, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with Registry.open() as reg:
+        assert tree(Path(reg.get_adapter("landed").path)) == tree(out)

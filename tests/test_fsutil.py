@@ -279,3 +279,15 @@ def test_force_replaces_a_file_by_a_folder_and_back(tmp_path, old, is_dir):
         (tmp / "new" if is_dir else tmp).write_bytes(b"new")
     assert (out / "new" if is_dir else out).read_bytes() == b"new" and not out.is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("is_dir", [False, True], ids=["file", "folder"])
+def test_keep_name_stages_the_output_under_its_own_name(tmp_path, is_dir):
+    """What reads the output's name before the rename (a registration) sees the name it will have; messages about
+    the staged path name the output."""
+    out = tmp_path / "out.safetensors"
+    with fsutil.atomic_path(out, is_dir=is_dir, keep_name=True) as tmp:
+        assert tmp.name == out.name and tmp.parent.name.startswith(fsutil.TMP_MARK)
+        assert fsutil.user_path(tmp / "f" if is_dir else tmp) == str(out / "f" if is_dir else out)
+        (tmp / "f" if is_dir else tmp).write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]

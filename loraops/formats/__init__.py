@@ -12,12 +12,13 @@ One module per layout (peft.py, kohya.py, diffusers.py); what they share is in c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .. import ldm, st
 from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
@@ -132,6 +133,18 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
     ``modules``: the adapter's modules as they are computed (a loraops.algebra.Derivation), each written as it comes
     and then dropped, so the whole result is never in memory; ``adapter.modules`` then only announces them (stand-ins
     without values do, see common.ModuleStream). By default, the adapter's own modules."""
+    with staged_write(adapter, dest, fmt, force=force, modules=modules) as staged:
+        pass
+    return replace(staged, path=output_path(dest))
+
+
+@contextlib.contextmanager
+def staged_write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
+                 modules: "Iterable[LoraModule] | None" = None) -> Iterator[Written]:
+    """``write``, the output renamed to ``dest`` only when the block ends without an error: it is given what was
+    written, at its staged path (``dest``'s own name, inside a temporary sibling folder), for a step that must
+    succeed for the output to land (its registration: loraops.derive.save). On any error, in the block or by the
+    rename, nothing appears at ``dest`` and an old ``dest`` (--force) stays as it was."""
     if fmt not in WRITERS:
         raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
     if fmt != "kohya" and not adapter.names_resolved:
@@ -157,10 +170,8 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
     writer, is_dir = WRITERS[fmt]
     refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=", or --format kohya/diffusers for "
                            "one .safetensors file" if is_dir else ", or --format peft for a folder")
-    dest = output_path(dest)
-    with atomic_path(dest, force=force, is_dir=is_dir) as tmp:
-        hashes = writer(adapter, modules, tmp, spill=spill)
-    return Written(dest, hashes if is_dir else {dest.name: hashes[tmp.name]}, checked)
+    with atomic_path(dest, force=force, is_dir=is_dir, keep_name=True) as tmp:
+        yield Written(tmp, writer(adapter, modules, tmp, spill=spill), checked)
 
 
 def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:
