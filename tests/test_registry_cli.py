@@ -507,7 +507,7 @@ ALPHA_ZERO = ("alpha must be a positive number (got 0): an alpha of 0 means alph
 ALPHA_NEGATIVE = "alpha must be a positive number (got -2): to negate an adapter, weight it -1 in merge or combine (NAME:-1)"
 ALPHA_HUGE = "alpha 1e+300 is beyond what float32 holds"
 ALPHA_TINY = ("alpha 1e-50 is below what float32 holds (its smallest normal number is 1.2e-38): a kohya file stores "
-              "alphas in float32, where this one would be 0, which means alpha = rank")
+              "alphas in float32, where this one would lose its precision or be 0 (alpha = rank)")
 
 
 @pytest.mark.parametrize("alpha, says", [("0", ALPHA_ZERO), ("-0.0", ALPHA_ZERO.replace("got 0", "got -0")),
