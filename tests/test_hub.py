@@ -122,6 +122,20 @@ def test_kohya_single_file_and_choices(fake_hub):
     assert hub.download_adapter("someone/style").source.endswith("/style.safetensors")
 
 
+def test_the_pull_that_repairs_a_pulled_file_quotes_its_path(fake_hub):
+    """hub.pull_again (the repair verify and a damaged stored copy name) gave a path with a blank or a bracket
+    unquoted (`--file loras/my style [v2].safetensors`), which a shell splits: it did not run as printed."""
+    import shlex
+
+    name = "loras/my style [v2].safetensors"
+    commit = fake_hub.commit("someone/style", {name: b"k" * 32})
+    source = hub.download_adapter("someone/style", subpath=name).source
+    again = hub.pull_again(source)
+    assert again == f"loraops pull someone/style@{commit} --file 'loras/my style [v2].safetensors'"
+    _, _, ref, _, path = shlex.split(again)
+    assert hub.download_adapter(ref, subpath=path).source == source
+
+
 def test_peft_folders_in_subfolders_are_listed(fake_hub):
     """No adapter at the root (or in the folder asked for), PEFT folders below it: the only one is taken, several are
     listed in one line."""
