@@ -497,12 +497,53 @@ def test_a_remote_header_that_is_not_one_is_refused_in_one_line(fake_hub, tmp_pa
     cases = {b"abc": "not a safetensors file (no header of a readable size)",
              good[:40]: f"truncated or not a safetensors file (header of {length} bytes, file of 40)",
              b"\x02" + b"\0" * 7 + b"[]": "not a safetensors file (header is not a JSON object)",
-             b"\x07" + b"\0" * 7 + b'{"a":1}': "corrupt safetensors header (tensor 'a': 1)"}
+             b"\x07" + b"\0" * 7 + b'{"a":1}': "corrupt safetensors header (tensor 'a': 1)",
+             _header({"a": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]}}):
+                 "corrupt safetensors header (tensor 'a': {'dtype': 'C128', 'shape': [1], 'data_offsets': [0, 16]})",
+             _header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}):
+                 "corrupt safetensors header (tensor 'a': {'dtype': 'F32', 'shape': [-1], 'data_offsets': [0, 0]})"}
     for n, (data, says) in enumerate(cases.items()):
         fake_hub.commit(f"meta/bad{n}", {"model.safetensors": data})
         with pytest.raises(FormatError) as caught:
             hub.remote_base(f"meta/bad{n}")
         assert str(caught.value) == f"meta/bad{n}/model.safetensors: {says}"
+
+
+def _header(header: dict) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def test_a_remote_header_that_claims_over_100_mb_is_refused_from_the_first_read(fake_hub, tmp_path):
+    """A file whose first 8 bytes say a header of more than 100 MB (the limit of the safetensors library; here a
+    PyTorch zip named .safetensors) is refused from the first ranged read: the second read asked for the header it
+    claims, the whole file."""
+    import torch
+
+    torch.save(torch.zeros(2**18), tmp_path / "model.pt")
+    fake_hub.commit("meta/zip", {"model.safetensors": (tmp_path / "model.pt").read_bytes()})
+    with pytest.raises(FormatError) as caught:
+        hub.remote_base("meta/zip")
+    assert str(caught.value) == "meta/zip/model.safetensors: not a safetensors file (no header of a readable size)"
+    assert [r["range"] for r in fake_hub.downloads("model.safetensors")] == ["bytes=0-99999"]
+
+
+def test_a_remote_header_is_read_with_the_callers_token(fake_hub, tmp_path, monkeypatch):
+    """`base add hub:` reads the headers as the caller: a gated repo's refusal is said as gated (the Hub's error
+    answer is not read as a header), a private repo is read with the token given or HF_TOKEN."""
+    weights = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
+    fake_hub.create("corp/gated", gated=True)
+    fake_hub.commit("corp/gated", {"model.safetensors": weights})
+    with pytest.raises(HubError, match=r"^corp/gated is gated: accept its conditions at "):
+        hub.remote_base("corp/gated", token="hf_other")
+    assert fake_hub.downloads("model.safetensors")  # (refused reading the header, not before)
+    fake_hub.repos["corp/gated"].granted.add("someone")
+    assert hub.remote_base("corp/gated", token="hf_other").tensors.keys() == MODEL_TENSORS.keys()
+    fake_hub.create("me/private", private=True)
+    fake_hub.commit("me/private", {"model.safetensors": weights})
+    assert hub.remote_base("me/private", token="hf_owner").tensors.keys() == MODEL_TENSORS.keys()
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    assert hub.remote_base("me/private").tensors.keys() == MODEL_TENSORS.keys()
 
 
 def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):
