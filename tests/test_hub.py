@@ -285,6 +285,23 @@ def test_an_endpoint_that_ignores_ranges_sends_little_more_than_the_header(fake_
     assert not any(hub.cache_dir().rglob("model.safetensors"))
 
 
+@pytest.mark.parametrize("ignore_ranges", [False, True])
+def test_a_header_behind_the_hubs_redirect_is_read_with_ranges(fake_hub, tmp_path, ignore_ranges):
+    """The Hub answers a weights file's resolve URL with a redirect to its CDN (LFS, Xet): the header's reads follow
+    it with their Range, the second read of a large header too, for `base add hub:` and pull's check."""
+    many = {f"model.layers.{i}.mlp.experts.gate_proj.weight": (1,) for i in range(2000)}
+    weights = _safetensors(tmp_path, "model.safetensors", {**MODEL_TENSORS, **many})
+    header_end = 8 + int.from_bytes(weights[:8], "little")
+    fake_hub.commit("meta/big", {"model.safetensors": weights})
+    fake_hub.redirect_files, fake_hub.ignore_ranges = True, ignore_ranges
+    assert len(hub.remote_base("meta/big").tensors) == len(MODEL_TENSORS) + 2000
+    with pytest.raises(FormatError, match=r"^meta/big/model.safetensors: not a LoRA adapter "):
+        hub.download_adapter("meta/big")
+    cdn = [r["range"] for r in fake_hub.requests if r["path"].startswith("/cdn/")]
+    assert cdn == ["bytes=0-99999", f"bytes=100000-{header_end - 1}"] * 2
+    assert not any(hub.cache_dir().rglob("model.safetensors"))
+
+
 @pytest.mark.parametrize("bad", ["../evil.safetensors", "a\\..\\evil.safetensors", "/etc/evil.safetensors"])
 def test_file_picks_the_named_file_past_a_bad_name_elsewhere(fake_hub, bad, tmp_path):
     """A name loraops refuses anywhere in the listing blocked `pull --file` of another file; with --file only the
