@@ -285,6 +285,14 @@ def test_an_endpoint_that_ignores_ranges_sends_little_more_than_the_header(fake_
     assert not any(hub.cache_dir().rglob("model.safetensors"))
 
 
+def test_a_remote_header_of_a_file_named_with_url_characters(fake_hub, tmp_path):
+    """A repo path with a blank, '#', '?' or non-ASCII letters is escaped in the header's URL (a '#' cut it short)."""
+    name = "sub dir/ü mödel #1?.safetensors"
+    commit = fake_hub.commit("meta/odd", {name: _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)})
+    assert hub.remote_header(hub.RepoRef("meta/odd"), name, commit, None).keys() == MODEL_TENSORS.keys()
+    assert [r["path"] for r in fake_hub.downloads()] == [f"/meta/odd/resolve/{commit}/{name}"]
+
+
 @pytest.mark.parametrize("ignore_ranges", [False, True])
 def test_a_header_behind_the_hubs_redirect_is_read_with_ranges(fake_hub, tmp_path, ignore_ranges):
     """The Hub answers a weights file's resolve URL with a redirect to its CDN (LFS, Xet): the header's reads follow
