@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -114,7 +115,7 @@ def pull_again(source: str | None) -> str | None:
     if ref is None:
         return None
     path = source.partition("@")[2].partition("/")[2]
-    return f"loraops pull {ref}" + (f" --file {path}" if path else "")
+    return f"loraops pull {ref}" + (f" --file {shlex.quote(path)}" if path else "")  # (runs as shown in a shell)
 
 
 def is_commit_sha(revision: str | None) -> bool:

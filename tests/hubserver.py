@@ -2,7 +2,8 @@
 
 It speaks the subset of the Hub API that huggingface_hub 2.x calls for what loraops does: repo create, model info
 at a revision (with siblings and sha), tree listing, refs, resolve (HEAD and GET, with X-Repo-Commit, ETag,
-X-Linked-Etag/Size, Content-Length and byte ranges, or whole files whatever the Range: `ignore_ranges`), preupload
+X-Linked-Etag/Size, Content-Length and byte ranges, or whole files whatever the Range: `ignore_ranges`; file GETs
+redirected to a CDN path: `redirect_files`), preupload
 + NDJSON commit (regular files inline, LFS files through the LFS batch endpoint and a basic PUT), branches, tags, pull requests (refs/pr/N), tokens, private and
 gated repos, and the X-Error-Code headers the client maps to its exceptions. It does NOT speak Xet: like a
 self-hosted or mirror endpoint, its xet-token routes answer 404.
@@ -102,6 +103,9 @@ class FakeHub:
         self.ignore_ranges = False
         """Answer file GETs with the whole file (200) whatever their Range asks, as some mirrors and plain file
         servers do; `sent` then counts what went out before the client closed the connection."""
+        self.redirect_files = False
+        """Answer file GETs with a 302 to the file's bytes at /cdn/<sha256>, as the Hub sends LFS and Xet files to
+        its CDN (which answers ranges, or ignores them with ignore_ranges)."""
         self.lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
@@ -328,6 +332,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._resolve(method, f"{s[0]}/{s[1]}", s[3], "/".join(s[4:]))
         if len(s) == 6 and s[1].endswith(".git") and s[2:] == ["info", "lfs", "objects", "batch"]:
             return self._lfs_batch(f"{s[0]}/{s[1][:-4]}", json.loads(body))
+        if s[:1] == ["cdn"] and len(s) == 2 and method == "GET" and (self.hub.root / "blobs" / s[1]).is_file():
+            data = (self.hub.root / "blobs" / s[1]).read_bytes()
+            return self._send_ranged(data, {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
         if s[:1] == ["lfs-upload"] and method == "PUT":
             return self._lfs_put(s[1], body)
         if s[:1] == ["lfs-verify"] and method == "POST":
@@ -440,17 +447,21 @@ class _HubHandler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(blob.size)})
         if method == "HEAD":
             return self._send(200, b"", {**headers, "Content-Length": str(blob.size)}, head=True)
-        data = self.hub.blob_bytes(blob)
+        if self.hub.redirect_files:
+            return self._send(302, b"", {**headers, "Location": f"{self.hub.url}/cdn/{blob.sha256}"})
+        self._send_ranged(self.hub.blob_bytes(blob), headers)
+
+    def _send_ranged(self, data: bytes, headers: dict[str, str]) -> None:
+        """The bytes the request's Range asks for (206, or 416 past the end), else all of them (200)."""
         wanted = None if self.hub.ignore_ranges else self.headers.get("Range")
         if wanted and wanted.startswith("bytes="):
+            size = len(data)
             first, _, last = wanted[6:].split(",")[0].partition("-")
-            start, end = (int(first), int(last) if last else blob.size - 1) if first else (blob.size - int(last),
-                                                                                           blob.size - 1)
-            end = min(end, blob.size - 1)
-            if start >= blob.size:
-                return self._send(416, b"", {"Content-Range": f"bytes */{blob.size}"})
-            headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
-            return self._send(206, data[start:end + 1], headers)
+            start, end = (int(first), int(last) if last else size - 1) if first else (size - int(last), size - 1)
+            end = min(end, size - 1)
+            if start >= size:
+                return self._send(416, b"", {"Content-Range": f"bytes */{size}"})
+            return self._send(206, data[start:end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{size}"})
         self._send(200, data, headers)
 
     def _commit(self, repo: Repo, revision: str, body: bytes) -> None:

@@ -206,3 +206,28 @@ def test_identity_of_a_malformed_adapter_is_hashed_or_refused_in_one_line(case, 
         assert len(identity(path)) == 64
     except LoraopsError as exc:
         assert "\n" not in str(exc)
+
+
+ALPHA_TINY = ("alpha 1e-50 is below what float32 holds (its smallest normal number is 1.2e-38): a kohya file stores "
+              "alphas in float32, where this one would lose its precision or be 0 (alpha = rank)")
+TINY = torch.tensor(1e-50, dtype=torch.float64)
+Q = "transformer.transformer_blocks.0.attn.to_q"
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda d: peft_folder(d / "a", good(), lora_alpha=1e-50), "config lora_alpha"),
+    (lambda d: peft_folder(d / "a", good(), alpha_pattern={"layer.q": 1e-50}), "config alpha_pattern['layer.q']"),
+    (lambda d: write(d / "x.safetensors", {"lora_unet_a.lora_down.weight": A, "lora_unet_a.lora_up.weight": B,
+                                           "lora_unet_a.alpha": TINY}), "lora_unet_a.alpha"),
+    (lambda d: write(d / "x.safetensors", {f"{Q}.lora_A.weight": A, f"{Q}.lora_B.weight": B, f"{Q}.alpha": TINY}),
+     f"{Q}.alpha"),
+])
+def test_an_alpha_below_float32_in_a_file_is_refused_as_one_given(tmp_path, make, where):
+    """A file's alpha follows the rule of one given (given_alpha): a kohya or diffusers file's float64 alpha of 1e-50
+    was read through float32, as 0, i.e. alpha = rank (scale 1); a PEFT config's lora_alpha 1e-50 was read, and its
+    kohya export stored 0 (float32), read back as alpha = rank."""
+    path = make(tmp_path)
+    with pytest.raises(InvalidInputError) as info:
+        read_adapter(path)
+    shown = path / "adapter_config.json" if path.is_dir() else path
+    assert str(info.value) == f"{shown}: {where}: {ALPHA_TINY}"

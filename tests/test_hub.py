@@ -122,6 +122,20 @@ def test_kohya_single_file_and_choices(fake_hub):
     assert hub.download_adapter("someone/style").source.endswith("/style.safetensors")
 
 
+def test_the_pull_that_repairs_a_pulled_file_quotes_its_path(fake_hub):
+    """hub.pull_again (the repair verify and a damaged stored copy name) gave a path with a blank or a bracket
+    unquoted (`--file loras/my style [v2].safetensors`), which a shell splits: it did not run as printed."""
+    import shlex
+
+    name = "loras/my style [v2].safetensors"
+    commit = fake_hub.commit("someone/style", {name: b"k" * 32})
+    source = hub.download_adapter("someone/style", subpath=name).source
+    again = hub.pull_again(source)
+    assert again == f"loraops pull someone/style@{commit} --file 'loras/my style [v2].safetensors'"
+    _, _, ref, _, path = shlex.split(again)
+    assert hub.download_adapter(ref, subpath=path).source == source
+
+
 def test_peft_folders_in_subfolders_are_listed(fake_hub):
     """No adapter at the root (or in the folder asked for), PEFT folders below it: the only one is taken, several are
     listed in one line."""
@@ -268,6 +282,31 @@ def test_an_endpoint_that_ignores_ranges_sends_little_more_than_the_header(fake_
     assert len(gets) == 4  # the first 100 kB, then the rest of the header; for pull, then for base add
     # what was read, and what the socket buffers took before the connection closed (~4 MB at most, measured)
     assert all(r["sent"] < size / 8 for r in gets)
+    assert not any(hub.cache_dir().rglob("model.safetensors"))
+
+
+def test_a_remote_header_of_a_file_named_with_url_characters(fake_hub, tmp_path):
+    """A repo path with a blank, '#', '?' or non-ASCII letters is escaped in the header's URL (a '#' cut it short)."""
+    name = "sub dir/ü mödel #1?.safetensors"
+    commit = fake_hub.commit("meta/odd", {name: _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)})
+    assert hub.remote_header(hub.RepoRef("meta/odd"), name, commit, None).keys() == MODEL_TENSORS.keys()
+    assert [r["path"] for r in fake_hub.downloads()] == [f"/meta/odd/resolve/{commit}/{name}"]
+
+
+@pytest.mark.parametrize("ignore_ranges", [False, True])
+def test_a_header_behind_the_hubs_redirect_is_read_with_ranges(fake_hub, tmp_path, ignore_ranges):
+    """The Hub answers a weights file's resolve URL with a redirect to its CDN (LFS, Xet): the header's reads follow
+    it with their Range, the second read of a large header too, for `base add hub:` and pull's check."""
+    many = {f"model.layers.{i}.mlp.experts.gate_proj.weight": (1,) for i in range(2000)}
+    weights = _safetensors(tmp_path, "model.safetensors", {**MODEL_TENSORS, **many})
+    header_end = 8 + int.from_bytes(weights[:8], "little")
+    fake_hub.commit("meta/big", {"model.safetensors": weights})
+    fake_hub.redirect_files, fake_hub.ignore_ranges = True, ignore_ranges
+    assert len(hub.remote_base("meta/big").tensors) == len(MODEL_TENSORS) + 2000
+    with pytest.raises(FormatError, match=r"^meta/big/model.safetensors: not a LoRA adapter "):
+        hub.download_adapter("meta/big")
+    cdn = [r["range"] for r in fake_hub.requests if r["path"].startswith("/cdn/")]
+    assert cdn == ["bytes=0-99999", f"bytes=100000-{header_end - 1}"] * 2
     assert not any(hub.cache_dir().rglob("model.safetensors"))
 
 
@@ -483,12 +522,53 @@ def test_a_remote_header_that_is_not_one_is_refused_in_one_line(fake_hub, tmp_pa
     cases = {b"abc": "not a safetensors file (no header of a readable size)",
              good[:40]: f"truncated or not a safetensors file (header of {length} bytes, file of 40)",
              b"\x02" + b"\0" * 7 + b"[]": "not a safetensors file (header is not a JSON object)",
-             b"\x07" + b"\0" * 7 + b'{"a":1}': "corrupt safetensors header (tensor 'a': 1)"}
+             b"\x07" + b"\0" * 7 + b'{"a":1}': "corrupt safetensors header (tensor 'a': 1)",
+             _header({"a": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]}}):
+                 "corrupt safetensors header (tensor 'a': {'dtype': 'C128', 'shape': [1], 'data_offsets': [0, 16]})",
+             _header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}):
+                 "corrupt safetensors header (tensor 'a': {'dtype': 'F32', 'shape': [-1], 'data_offsets': [0, 0]})"}
     for n, (data, says) in enumerate(cases.items()):
         fake_hub.commit(f"meta/bad{n}", {"model.safetensors": data})
         with pytest.raises(FormatError) as caught:
             hub.remote_base(f"meta/bad{n}")
         assert str(caught.value) == f"meta/bad{n}/model.safetensors: {says}"
+
+
+def _header(header: dict) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def test_a_remote_header_that_claims_over_100_mb_is_refused_from_the_first_read(fake_hub, tmp_path):
+    """A file whose first 8 bytes say a header of more than 100 MB (the limit of the safetensors library; here a
+    PyTorch zip named .safetensors) is refused from the first ranged read: the second read asked for the header it
+    claims, the whole file."""
+    import torch
+
+    torch.save(torch.zeros(2**18), tmp_path / "model.pt")
+    fake_hub.commit("meta/zip", {"model.safetensors": (tmp_path / "model.pt").read_bytes()})
+    with pytest.raises(FormatError) as caught:
+        hub.remote_base("meta/zip")
+    assert str(caught.value) == "meta/zip/model.safetensors: not a safetensors file (no header of a readable size)"
+    assert [r["range"] for r in fake_hub.downloads("model.safetensors")] == ["bytes=0-99999"]
+
+
+def test_a_remote_header_is_read_with_the_callers_token(fake_hub, tmp_path, monkeypatch):
+    """`base add hub:` reads the headers as the caller: a gated repo's refusal is said as gated (the Hub's error
+    answer is not read as a header), a private repo is read with the token given or HF_TOKEN."""
+    weights = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
+    fake_hub.create("corp/gated", gated=True)
+    fake_hub.commit("corp/gated", {"model.safetensors": weights})
+    with pytest.raises(HubError, match=r"^corp/gated is gated: accept its conditions at "):
+        hub.remote_base("corp/gated", token="hf_other")
+    assert fake_hub.downloads("model.safetensors")  # (refused reading the header, not before)
+    fake_hub.repos["corp/gated"].granted.add("someone")
+    assert hub.remote_base("corp/gated", token="hf_other").tensors.keys() == MODEL_TENSORS.keys()
+    fake_hub.create("me/private", private=True)
+    fake_hub.commit("me/private", {"model.safetensors": weights})
+    assert hub.remote_base("me/private", token="hf_owner").tensors.keys() == MODEL_TENSORS.keys()
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    assert hub.remote_base("me/private").tensors.keys() == MODEL_TENSORS.keys()
 
 
 def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):

@@ -142,3 +142,25 @@ def test_the_engine_refuses_a_misnamed_output_too(tmp_path):
     with pytest.raises(InvalidInputError, match=r"x.safetensors: the output of subtracting from the folder model"):
         engine.subtract(base, [], tmp_path / "x.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-tiny", "single.safetensors"]
+
+
+def test_a_registered_bases_kind_is_known_from_its_record(tmp_path):
+    """A registered base's output is judged by the base's kind as recorded (Registry.base_is_single_file, before its
+    files are opened): a single-file base takes `-o x.safetensors` and refuses `-o folder/`, naming the base as
+    registered; one whose file is gone says so, whatever the output's name."""
+    import torch
+
+    from loraops import st
+
+    single = tmp_path / "single.safetensors"
+    st.write_safetensors(single, {"q.weight": torch.zeros(4, 4)})
+    run("base", "add", single, "--name", "one")
+    run("merge", "--dtype", "bf16", "--into", "one", "-o", tmp_path / "out.safetensors", "--no-record")
+    assert (tmp_path / "out.safetensors").is_file()
+    refused = run("merge", "--dtype", "bf16", "--into", "one", "-o", f"{tmp_path}/folder/", code=2)
+    assert refused.output == (f"error: {tmp_path}/folder/: the output of merging into the single-file model one is one "
+                              "file, not a folder; give a file name (…/name.safetensors)\n")
+    single.unlink()
+    gone = run("merge", "--dtype", "bf16", "--into", "one", "-o", tmp_path / "x.safetensors", code=3)
+    assert gone.output == f"error: base 'one': its files are no longer at {single}; `loraops base add` them again\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]

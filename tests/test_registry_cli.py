@@ -3,6 +3,7 @@ input that changes nothing (no record, no blob)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -506,7 +507,7 @@ ALPHA_ZERO = ("alpha must be a positive number (got 0): an alpha of 0 means alph
 ALPHA_NEGATIVE = "alpha must be a positive number (got -2): to negate an adapter, weight it -1 in merge or combine (NAME:-1)"
 ALPHA_HUGE = "alpha 1e+300 is beyond what float32 holds"
 ALPHA_TINY = ("alpha 1e-50 is below what float32 holds (its smallest normal number is 1.2e-38): a kohya file stores "
-              "alphas in float32, where this one would be 0, which means alpha = rank")
+              "alphas in float32, where this one would lose its precision or be 0 (alpha = rank)")
 
 
 @pytest.mark.parametrize("alpha, says", [("0", ALPHA_ZERO), ("-0.0", ALPHA_ZERO.replace("got 0", "got -0")),
@@ -530,6 +531,25 @@ def test_an_alpha_not_positive_or_out_of_float32_is_refused_by_every_command_tha
         assert snapshot(reg) == before
     with pytest.raises(InvalidInputError, match=r": --alpha: alpha must be a positive number \(got 0\): an alpha of 0"):
         Registry.open().register_adapter(art["kohya"], alpha=0)
+
+
+@pytest.mark.parametrize("alpha", ["1e-10", "1.1754943508222875e-38", "3.4028234663852886e38"])
+@pytest.mark.parametrize("adapter, fmt", [("kohya", "kohya"), ("ad1", "kohya"), ("ad1", "peft")])
+def test_an_alpha_the_rule_takes_is_written_as_given(art, tmp_path, alpha, adapter, fmt):
+    """The ends of what given_alpha takes (float32's smallest normal number and its largest) are taken, and every
+    alpha it takes is written as given: one below 1e-9 was written as 0 (peft.stored_alpha rounded an alpha within
+    1e-9 of an integer to it), which a kohya file reads as alpha = rank (scale 1 where 2.5e-11 was registered) and
+    PEFT as a scale of 0."""
+    from loraops import formats
+
+    cli("register", art[adapter], "--name", "style", "--alpha", alpha)
+    with Registry.open() as reg:
+        scales = {m.scale for m in reg.load_adapter("style").modules.values()}
+    assert scales == {float(alpha) / 4}  # rank 4
+    out = tmp_path / ("style.safetensors" if fmt == "kohya" else "style")
+    cli("export", "style", "--format", fmt, "-o", out)
+    written = {m.scale for m in formats.read_adapter(out, values=False).modules.values()}
+    assert len(written) == 1 and math.isclose(written.pop(), float(alpha) / 4, rel_tol=1e-7)  # (kohya: float32)
 
 
 def test_an_alpha_override_of_zero_recorded_before_is_still_read_as_recorded(art):

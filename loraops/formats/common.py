@@ -186,12 +186,8 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
     prefix = f"{where}: --alpha: " if where else ""
     if number and FLOAT32_TINY <= alpha <= FLOAT32_MAX:  # (NaN is neither)
         return float(alpha)
-    if number and alpha > FLOAT32_MAX and math.isfinite(alpha):
-        raise InvalidInputError(f"{prefix}alpha {alpha:g} is beyond what float32 holds")
-    if number and 0 < alpha < FLOAT32_TINY:
-        raise InvalidInputError(f"{prefix}alpha {alpha:g} is below what float32 holds (its smallest normal number is "
-                                f"{FLOAT32_TINY:.2g}): a kohya file stores alphas in float32, where this one would be "
-                                "0, which means alpha = rank")
+    if number and (beyond := _beyond_float32(alpha)):
+        raise InvalidInputError(f"{prefix}{beyond}")
     why = ""
     if number and alpha == 0:
         why = (": an alpha of 0 means alpha = rank in a kohya file but a scale of 0 in PEFT, so loraops takes neither; "
@@ -202,14 +198,26 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
     raise InvalidInputError(f"{prefix}alpha must be a positive number (got {shown}){why}")
 
 
+def _beyond_float32(alpha: float) -> str | None:
+    """Why a finite alpha (0 and negative ones aside) is not one float32 holds as a normal number, else None."""
+    if alpha > FLOAT32_MAX and (isinstance(alpha, int) or math.isfinite(alpha)):  # merged, it overflowed float32;
+        return f"alpha {_shown(alpha)} is beyond what float32 holds"  # written, it became inf
+    if 0 < alpha < FLOAT32_TINY:
+        return (f"alpha {alpha:g} is below what float32 holds (its smallest normal number is {FLOAT32_TINY:.2g}): a "
+                "kohya file stores alphas in float32, where this one would lose its precision or be 0 (alpha = rank)")
+    return None
+
+
 def check_alpha(path: Path, alpha: object, where: str) -> float:
+    """An alpha a file records (or a stored --alpha override): given_alpha's rule, but for 0, which a file may
+    record (alpha = rank in kohya and diffusers files)."""
     # (a JSON integer may be beyond any float: math.isfinite and :g raised OverflowError on it)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or isinstance(alpha, float) and not math.isfinite(alpha):
         raise InvalidInputError(f"{path}: {where}: alpha {alpha!r} is not a finite number")
     if alpha < 0:
         raise InvalidInputError(f"{path}: {where}: negative alpha {_shown(alpha)}")
-    if alpha > FLOAT32_MAX:  # merged, it overflowed float32 (a traceback); written, it became an inf alpha
-        raise InvalidInputError(f"{path}: {where}: alpha {_shown(alpha)} is beyond what float32 holds")
+    if beyond := _beyond_float32(alpha):  # 1e-50 in a PEFT config was read, and its kohya export stored 0
+        raise InvalidInputError(f"{path}: {where}: {beyond}")
     return float(alpha)
 
 

@@ -88,7 +88,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
                     raise InvalidInputError(f"{weights}: {alpha_keys[name]!r} must hold one number, has shape "
                                             f"{tuple(stored.shape)}")
                 # 0 means r, as in kohya files
-                module_alpha = common.check_alpha(weights, float(stored.float().item()), alpha_keys[name]) or module_alpha
+                module_alpha = common.check_alpha(weights, float(stored.double().item()), alpha_keys[name]) or module_alpha
             cfg = peft.ScaleConfig(alpha=module_alpha, rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out, dora=cfg.dora)
         return cfg, rest
 

@@ -496,7 +496,8 @@ def stored_alpha(module: LoraModule, rslora: bool) -> float:
     """The alpha that gives this module's scale under PEFT's rule (modules made by the algebra may carry a scale
     that is not alpha/r, e.g. cat's scale 1)."""
     alpha = module.scale * (math.sqrt(module.rank) if rslora else module.rank)
-    return float(round(alpha)) if math.isclose(alpha, round(alpha), rel_tol=0, abs_tol=1e-9) else alpha
+    nearest = round(alpha)  # not 0: an alpha under 1e-9 was written as 0 (alpha = rank in kohya, scale 0 in PEFT)
+    return float(nearest) if nearest and math.isclose(alpha, nearest, rel_tol=0, abs_tol=1e-9) else alpha
 
 
 def number(value: float) -> int | float:
