@@ -7,6 +7,7 @@ came from; loraops reads the block structure off the path instead, and the two m
 """
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,6 +124,20 @@ def test_unet_paths_agree_with_diffusers_single_file_converter(layout):
     sdxl = layout is SDXL or layout is REFINER
     assert ldm.is_sdxl(original) is sdxl
     assert {ldm.is_sdxl([name]) for name in original} == {None, sdxl}
+    # each rule, read off the diffusers model rather than the checkpoint's paths: a transformer block past the first
+    # and the first up level's attentions (and its upsampler behind them) say SDXL; the first down level's and the
+    # last up level's attentions say SD 1.x/2.x; no other module says anything
+    last_up = f"up_blocks.{len(unet.up_blocks) - 1}.attentions."
+    first_up_attends = hasattr(unet.up_blocks[0], "attentions")
+
+    def says(key):
+        if re.search(r"\.transformer_blocks\.[1-9]", key) or key.startswith("up_blocks.0.attentions.") or (
+                first_up_attends and key.startswith("up_blocks.0.upsamplers.")):
+            return True
+        return False if key.startswith(("down_blocks.0.attentions.", last_up)) else None
+
+    assert {key: ldm.is_sdxl([names[int(converted[key].flatten()[0])]]) for key in weights} == {
+        key: says(key) for key in weights}
 
 
 def labelled(shapes):
