@@ -567,6 +567,27 @@ def test_an_sdxl_unet_lora_without_sd_scripts_metadata_is_written_with_sdxl_name
     assert written(tmp_path / "ab.safetensors") == ({"lora_unet_input_blocks_4_1_proj_in"}, "sdxl_base_v1-0")
 
 
+def test_an_sd_unet_adapter_whose_modules_do_not_say_is_placed_by_the_version_its_header_records(tmp_path):
+    """An adapter of UNet modules every SD-family UNet has (proj_in of input_blocks.4.1) is SDXL's or SD 1.x/2.x's
+    as its header records (ldm.is_sdxl): sd-scripts' ss_base_model_version, else the SAI model spec's
+    modelspec.architecture (stable-diffusion-xl-v1-base, stable-diffusion-v1, stable-diffusion-v2-768-v), which
+    sd-scripts writes beside it and other trainers alone. A header of SD 1.x's model spec was refused with "neither
+    these modules nor the adapter's header say which it is"."""
+    from dataclasses import replace
+
+    from loraops.st import read_header
+
+    xl, sd = "lora_unet_input_blocks_4_1_proj_in", "lora_unet_down_blocks_1_attentions_0_proj_in"
+    for metadata, name in [({"ss_base_model_version": "sdxl_base_v1-0"}, xl), ({"ss_base_model_version": "sd_v1"}, sd),
+                           ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, xl),
+                           ({"modelspec.architecture": "stable-diffusion-v1/lora"}, sd),
+                           ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, sd)]:
+        adapter = replace(factories.lora_adapter({"model.diffusion_model.input_blocks.4.1.proj_in": (8, 8)}),
+                          metadata=metadata)
+        written = formats.write_adapter(adapter, tmp_path / "k.safetensors", "kohya", force=True)
+        assert {k.rsplit(".", 2)[0] for k in read_header(written).tensors} == {name}, metadata
+
+
 # FLUX.1 in Black Forest Labs' layout, tiny: hidden 16, MLP 64, one double and one single block.
 FLUX = {
     "img_in.weight": (16, 8), "txt_in.weight": (16, 12), "final_layer.linear.weight": (8, 16),
