@@ -355,7 +355,8 @@ def checkpoint_modules(tensors: Iterable[str]) -> list[str]:
 
 def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     """{diffusers module path ("unet.down_blocks.0…", "text_encoder.text_model…", "transformer.…"): checkpoint
-    module path} for the tensors of a single-file SD, FLUX.1 or SD3 checkpoint; empty for any other base."""
+    module path} for the tensors of a single-file SD, FLUX.1 or SD3 checkpoint; empty for any other base. The names
+    adapters are bound by: an SD 2.x unCLIP label_emb also under the add_embedding name loraops once wrote for it."""
     tensors = list(tensors)
     top = next((top for mark, top in DIT_MARKS if any(mark.match(t) for t in tensors)), None)
     sdxl = is_sdxl(tensors)
@@ -364,6 +365,9 @@ def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
         name = diffusers_name(module, top=top, sdxl=sdxl)
         if name is not None:
             out[name] = module
+        if sdxl is False and name is not None and name.startswith("unet.class_embedding."):
+            # unCLIP's label_emb under SDXL's name too, which loraops wrote for it before (no SD 1.x/2.x module has it)
+            out[diffusers_name(module, sdxl=True)] = module
     return out
 
 

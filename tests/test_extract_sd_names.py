@@ -422,6 +422,41 @@ def test_an_sd2_unclip_checkpoint_keeps_sd2_names_beside_its_label_emb(tmp_path)
         t.removesuffix(".weight") for t in (label_emb, proj_in))
 
 
+def test_unclips_label_emb_under_the_sdxl_name_loraops_wrote_before_still_binds(tmp_path):
+    """loraops wrote SD 2.x unCLIP's label_emb under SDXL's add_embedding (lora_unet_add_embedding_linear_1,
+    unet.add_embedding.linear_1) until it named it class_embedding, as diffusers does. Such files, and adapters
+    registered from them, no longer bound to their checkpoint ("match no base module"): read, the old name is still
+    the label_emb (an SD 1.x/2.x UNet has no add_embedding, so it names no other module), and written again it is
+    class_embedding."""
+    import factories
+    from test_ldm import SDXL_TEXT, checkpoint
+
+    from loraops import check, formats
+    from loraops.st import read_header
+
+    label_emb, proj_in = "model.diffusion_model.label_emb.0.0", "model.diffusion_model.input_blocks.4.1.proj_in"
+    unclip = {k.replace("conditioner.embedders.1.model.", "cond_stage_model.model."): v for k, v in SDXL_TEXT.items()
+              if not k.startswith("conditioner.embedders.0.")}
+    base = checkpoint(tmp_path / "unclip.safetensors", {**unclip, f"{label_emb}.weight": (8, 4)})
+    manifest = load_file(base)
+    assert run("base", "add", base, "--name", "unclip")[0] == 0
+    kohya = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_add_embedding_linear_1": ((4,), (8,)),
+                                                              "lora_unet_down_blocks_1_attentions_0_proj_in": ((8,), (8,))})
+    diffusers = formats.write_adapter(factories.lora_adapter({"unet.add_embedding.linear_1": (8, 4),
+                                                              "unet.down_blocks.1.attentions.0.proj_in": (8, 8)},
+                                                             fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")
+    for name, lora, old in (("k", kohya, "lora_unet_add_embedding_linear_1"), ("d", diffusers, "unet.add_embedding.linear_1")):
+        source = formats.read_adapter(lora)
+        bound = check.bind(source, manifest)
+        assert sorted(bound.modules) == [proj_in, label_emb]
+        torch.testing.assert_close(bound.modules[label_emb].delta(), source.modules[old].delta(), rtol=0, atol=0)
+        assert run("register", lora, "--name", name, "--base", "unclip")[0] == 0
+        code, out = run("export", name, "--format", "kohya", "-o", tmp_path / f"{name}-again.safetensors")
+        assert code == 0, out
+        assert {k.rsplit(".", 2)[0] for k in read_header(tmp_path / f"{name}-again.safetensors").tensors} == {
+            "lora_unet_class_embedding_linear_1", "lora_unet_down_blocks_1_attentions_0_proj_in"}
+
+
 def test_peft_refuses_fused_parts_only_under_the_checkpoints_part_names(tmp_path):
     """PEFT names modules. A LoRA on FLUX's split q/k/v bound to a Black Forest Labs checkpoint is written as PEFT
     under the adapter's own names — a diffusers LoRA's (transformer.transformer_blocks.0.attn.to_q), byte for byte
