@@ -559,7 +559,8 @@ def test_a_peft_adapter_of_an_sd_unet_is_named_for_its_family_by_its_structure_o
     holds (ldm.is_sdxl: here output_blocks.2.2.conv, the upsampler behind attention in the first output level, which
     no SD 1.x/2.x UNet has), and the header says sdxl_base_v1-0. One of modules every SD-family UNet has (proj_in of
     input_blocks.4.1, label_emb) cannot be placed without its checkpoint: refused in one line, nothing written, and
-    written with --base. An SD 1.x adapter's attention in the first input level says SD 1.x/2.x: diffusers blocks."""
+    written with --base; as diffusers too, whose label_emb is SDXL's add_embedding or unCLIP's class_embedding (it
+    was written add_embedding). An SD 1.x adapter's attention in the first input level says SD 1.x/2.x: diffusers blocks."""
     from test_ldm import SD15, SDXL
 
     from loraops.st import read_header
@@ -591,19 +592,26 @@ def test_a_peft_adapter_of_an_sd_unet_is_named_for_its_family_by_its_structure_o
                                               "lora_unet_output_blocks_2_2_conv"], "sdxl_base_v1-0")
 
     unplaced = extracted(SDXL, "unplaced", ["input_blocks.4.1.proj_in", "label_emb.0.0"], "sdxl-unet")
-    code, out = run("export", unplaced / "peft", "--format", "kohya", "-o", unplaced / "k.safetensors")
     unet = "model.diffusion_model."
-    assert (code, out) == (2, f"error: {unplaced / 'peft'}: {unet}input_blocks.4.1.proj_in, {unet}label_emb.0.0: modules "
-                              "of an SD UNet, which sd-scripts names one way for SDXL (lora_unet_input_blocks_…) and "
-                              "another for SD 1.x/2.x (lora_unet_down_blocks_…), and neither these modules nor the "
-                              "adapter's header say which it is: give its checkpoint as --base (or register it with "
-                              "--base)\n")
-    assert not (unplaced / "k.safetensors").exists()
-    code, out = run("export", unplaced / "peft", "--format", "kohya", "--base", "sdxl-unet", "-o",
-                    unplaced / "k.safetensors")
-    assert code == 0, out
-    assert kohya(unplaced / "k.safetensors") == (["lora_unet_input_blocks_4_1_proj_in", "lora_unet_label_emb_0_0"],
-                                                 "sdxl_base_v1-0")
+    # diffusers names label_emb by the family too (SDXL's add_embedding, unCLIP's class_embedding): the same refusal
+    # for it alone, where SDXL's name was written as a guess; proj_in has one diffusers name in every SD UNet
+    refused = {"kohya": (f"{unet}input_blocks.4.1.proj_in, {unet}label_emb.0.0", "sd-scripts names one way for SDXL "
+                         "(lora_unet_input_blocks_…) and another for SD 1.x/2.x (lora_unet_down_blocks_…)"),
+               "diffusers": (f"{unet}label_emb.0.0", "diffusers names one way for SDXL (unet.add_embedding) and another "
+                             "for SD 2.x unCLIP (unet.class_embedding)")}
+    for fmt, (modules, naming) in refused.items():
+        written = unplaced / f"{fmt}.safetensors"
+        code, out = run("export", unplaced / "peft", "--format", fmt, "-o", written)
+        assert (code, out) == (2, f"error: {unplaced / 'peft'}: {modules}: modules of an SD UNet, which {naming}, and "
+                                  "neither these modules nor the adapter's header say which it is: give its checkpoint "
+                                  "as --base (or register it with --base)\n")
+        assert not written.exists()
+        code, out = run("export", unplaced / "peft", "--format", fmt, "--base", "sdxl-unet", "-o", written)
+        assert code == 0, out
+    assert kohya(unplaced / "kohya.safetensors") == (["lora_unet_input_blocks_4_1_proj_in", "lora_unet_label_emb_0_0"],
+                                                     "sdxl_base_v1-0")
+    assert {k.rsplit(".", 2)[0] for k in read_header(unplaced / "diffusers.safetensors").tensors} == {
+        "unet.add_embedding.linear_1", "unet.down_blocks.1.attentions.0.proj_in"}
 
     sd15 = extracted(SD15, "sd15", ["input_blocks.1.1.proj_in", "input_blocks.4.0.in_layers.2"], "sd15-unet")
     code, out = run("export", sd15 / "peft", "--format", "kohya", "-o", sd15 / "k.safetensors")
