@@ -9,6 +9,7 @@ lora_te3 T5-XXL); the checkpoints hold those models' own tensors behind SD3's pr
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -514,6 +515,47 @@ def test_peft_refuses_fused_parts_only_under_the_checkpoints_part_names(tmp_path
         assert written[0][1].keys() == written[1][1].keys()
         assert all(torch.equal(written[0][1][k], written[1][1][k]) for k in written[0][1]), name
         assert read_header(tmp_path / f"{name}-True" / "adapter_model.safetensors").metadata == {"format": "pt"}
+
+
+def test_peft_refuses_a_part_of_every_flux_and_sd3_fused_tensor_under_its_checkpoint_path():
+    """Each FLUX and SD3 fused tensor is one Linear of the model its checkpoint is of (ldm.Fused.peft False): bound,
+    an adapter named by the checkpoint path of a part of any of them — FLUX's img_attn and txt_attn qkv and linear1,
+    SD3's x blocks' attn and attn2 qkv and context blocks' qkv — holds modules PEFT cannot (only img_attn's and
+    linear1's were tested)."""
+    import factories
+    from test_ldm import FLUX
+
+    from loraops import check, formats
+
+    sd3 = {f"{module}.weight": SimpleNamespace(shape=(rows, 8)) for module, rows in sd3_heights().items()}
+    flux = {name: SimpleNamespace(shape=shape) for name, shape in FLUX.items()}
+    for manifest, parts in ((flux, {"double_blocks.0.img_attn.qkv.to_q": (16, 16), "single_blocks.0.linear1.proj_mlp": (64, 16),
+                                    "double_blocks.0.txt_attn.qkv.add_k_proj": (16, 16)}),
+                            (sd3, {"joint_blocks.0.x_block.attn.qkv.to_q": (8, 8), "joint_blocks.0.x_block.attn2.qkv.to_v": (8, 8),
+                                   "joint_blocks.0.context_block.attn.qkv.add_k_proj": (8, 8)})):
+        bound = check.bind(factories.lora_adapter(parts), manifest)
+        assert all(module.fused is not None for module in bound.modules.values())
+        assert sorted(module.name for module in formats.peft_unwritable_parts(bound)) == sorted(parts)
+
+
+def test_resize_and_combine_write_a_bound_diffusers_loras_parts_as_peft_under_its_own_names(tmp_path):
+    """resize and combine ask PEFT's question of their bound inputs before computing (formats.refuse_unwritable):
+    a diffusers FLUX LoRA's parts, bound to the checkpoint's double_blocks.0.img_attn.qkv.to_q, are its own
+    transformer.transformer_blocks.0.attn.to_q, and the PEFT output holds them so, as its export does."""
+    import factories
+    from test_ldm import FLUX, FLUX_LORA, checkpoint
+
+    from loraops import formats
+
+    assert run("base", "add", checkpoint(tmp_path / "flux.safetensors", FLUX), "--name", "flux")[0] == 0
+    for name, seed in (("a", 1), ("b", 2)):
+        lora = formats.write_adapter(factories.lora_adapter(FLUX_LORA, fmt="diffusers", seed=seed),
+                                     tmp_path / f"{name}.safetensors", "diffusers")
+        assert run("register", lora, "--name", name, "--base", "flux")[0] == 0
+    for command in (["resize", "a", "--rank", "2"], ["combine", "a", "b", "--method", "cat"]):
+        code, out = run(*command, "--format", "peft", "-o", tmp_path / command[0])
+        assert code == 0, out
+        assert json.loads((tmp_path / command[0] / "adapter_config.json").read_text())["target_modules"] == sorted(FLUX_LORA)
 
 
 def test_sd3_headers_name_the_mmdit_model_type_as_sd_scripts_does(tmp_path):
