@@ -468,13 +468,13 @@ def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> boo
     """Is the SD UNet of a single-file checkpoint (its tensor names) or of an adapter (its bound module names and
     header) SDXL's, base or refiner? sd-scripts names SDXL's UNet modules by their checkpoint paths and SD 1.x/2.x's
     by diffusers blocks, and diffusers names SDXL's label_emb add_embedding, unCLIP's class_embedding. Known by the
-    text encoders (SDXL's conditioner., SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET,
-    SD_UNET), else by ``metadata``: the version it records (ss_base_model_version "sdxl…" or another; the SAI model
-    spec's modelspec.architecture "stable-diffusion-xl…", or SD 1.x/2.x's "stable-diffusion-v1…"/"…-v2…"). None:
-    nothing says (an adapter of a few UNet modules that every one of these UNets has, label_emb included, with no
-    version recorded)."""
+    text encoders (SDXL's conditioner.embedders., not any conditioner.: Stable Audio's conditioner.conditioners.;
+    SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET, SD_UNET), else by ``metadata``: the
+    version it records (ss_base_model_version "sdxl…" or another; the SAI model spec's modelspec.architecture
+    "stable-diffusion-xl…", or SD 1.x/2.x's "stable-diffusion-v1…"/"…-v2…"). None: nothing says (an adapter of a few
+    UNet modules that every one of these UNets has, label_emb included, with no version recorded)."""
     names = list(names)
-    for sdxl, encoders in ((True, "conditioner."), (False, "cond_stage_model.")):
+    for sdxl, encoders in ((True, "conditioner.embedders."), (False, "cond_stage_model.")):
         if any(n.startswith(encoders) for n in names):
             return sdxl
     for sdxl, structure in ((True, SDXL_UNET), (False, SD_UNET)):

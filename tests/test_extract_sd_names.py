@@ -182,6 +182,23 @@ def test_an_sdxl_checkpoint_of_the_unet_alone_gets_sdxl_names_and_header(tmp_pat
             assert header.metadata["ss_base_model_version"] == "sd_v1"
 
 
+def test_a_model_with_a_conditioner_of_its_own_is_no_sdxl(tmp_path):
+    """Whose UNet a checkpoint holds is told by SDXL's text encoders (conditioner.embedders.), not by any
+    "conditioner.": Stable Audio's (stable-audio-tools: conditioner.conditioners.prompt.model.… its T5, the DiT under
+    model.model.) extract was recorded as sdxl_base_v1-0, where it recorded no version."""
+    from test_extract_fused import low_rank, pair
+
+    from loraops.st import read_header
+
+    t5 = "conditioner.conditioners.prompt.model.encoder.block.0.layer.0.SelfAttention.q.weight"
+    dit = "model.model.transformer.layers.0.self_attn.to_qkv.weight"
+    base, tuned = pair(tmp_path, {t5: (8, 8), dit: (24, 8)}, {t5: (0, low_rank(8, 8, 2, 1)), dit: (0, low_rank(24, 8, 2, 2))})
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "kohya", "-o",
+                    tmp_path / "x.safetensors")
+    assert code == 0, out
+    assert read_header(tmp_path / "x.safetensors").metadata["ss_base_model_version"] == ""
+
+
 def test_sd2_header_is_sd_scripts_extracts_default_sd_v2_v(tmp_path):
     """sd-scripts' extract_lora_from_models.py --v2 writes ss_base_model_version from
     model_util.get_model_version_str_for_sd1_sd2(v2, v_parameterization), v_parameterization defaulting to v2:
