@@ -355,7 +355,8 @@ def checkpoint_modules(tensors: Iterable[str]) -> list[str]:
 
 def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     """{diffusers module path ("unet.down_blocks.0…", "text_encoder.text_model…", "transformer.…"): checkpoint
-    module path} for the tensors of a single-file SD, FLUX.1 or SD3 checkpoint; empty for any other base."""
+    module path} for the tensors of a single-file SD, FLUX.1 or SD3 checkpoint; empty for any other base. The names
+    adapters are bound by: an SD 2.x unCLIP label_emb also under the add_embedding name loraops once wrote for it."""
     tensors = list(tensors)
     top = next((top for mark, top in DIT_MARKS if any(mark.match(t) for t in tensors)), None)
     sdxl = is_sdxl(tensors)
@@ -364,6 +365,9 @@ def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
         name = diffusers_name(module, top=top, sdxl=sdxl)
         if name is not None:
             out[name] = module
+        if sdxl is False and name is not None and name.startswith("unet.class_embedding."):
+            # unCLIP's label_emb under SDXL's name too, which loraops wrote for it before (no SD 1.x/2.x module has it)
+            out[diffusers_name(module, sdxl=True)] = module
     return out
 
 
@@ -455,18 +459,22 @@ SD_UNET = re.compile(re.escape(UNET_PREFIX) + r"(?:input_blocks\.[12]|output_blo
 # the tensor whose width tells SD 2.x's UNet from 1.x's (its cross-attention reads OpenCLIP-H's 1024-wide context,
 # 1.x CLIP-L's 768), as diffusers' single-file loader tells them (CHECKPOINT_KEY_NAMES["v2"])
 SD2_CONTEXT = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+# the SAI model spec's architectures of SD 1.x/2.x and SDXL (stable-diffusion-v1, stable-diffusion-v2-768-v,
+# stable-diffusion-xl-v1-base, each with its "/lora" suffix in a LoRA), as sd-scripts' sai_model_spec.py names them
+SD_ARCHITECTURE = re.compile(r"stable-diffusion-(v[12]|xl)(?:[-/]|$)")
 
 
 def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> bool | None:
     """Is the SD UNet of a single-file checkpoint (its tensor names) or of an adapter (its bound module names and
     header) SDXL's, base or refiner? sd-scripts names SDXL's UNet modules by their checkpoint paths and SD 1.x/2.x's
     by diffusers blocks, and diffusers names SDXL's label_emb add_embedding, unCLIP's class_embedding. Known by the
-    text encoders (SDXL's conditioner., SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET,
-    SD_UNET), else by ``metadata``: the version it records (ss_base_model_version "sdxl…" or another;
-    modelspec.architecture "stable-diffusion-xl…"). None: nothing says (an adapter of a few UNet modules that every
-    one of these UNets has, label_emb included, with no version recorded)."""
+    text encoders (SDXL's conditioner.embedders., not any conditioner.: Stable Audio's conditioner.conditioners.;
+    SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET, SD_UNET), else by ``metadata``: the
+    version it records (ss_base_model_version "sdxl…" or another; the SAI model spec's modelspec.architecture
+    "stable-diffusion-xl…", or SD 1.x/2.x's "stable-diffusion-v1…"/"…-v2…"). None: nothing says (an adapter of a few
+    UNet modules that every one of these UNets has, label_emb included, with no version recorded)."""
     names = list(names)
-    for sdxl, encoders in ((True, "conditioner."), (False, "cond_stage_model.")):
+    for sdxl, encoders in ((True, "conditioner.embedders."), (False, "cond_stage_model.")):
         if any(n.startswith(encoders) for n in names):
             return sdxl
     for sdxl, structure in ((True, SDXL_UNET), (False, SD_UNET)):
@@ -475,7 +483,8 @@ def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> boo
     metadata = metadata or {}
     if metadata.get("ss_base_model_version"):
         return metadata["ss_base_model_version"].startswith("sdxl")
-    return True if metadata.get("modelspec.architecture", "").startswith("stable-diffusion-xl") else None
+    architecture = SD_ARCHITECTURE.match(metadata.get("modelspec.architecture", ""))
+    return None if architecture is None else architecture[1] == "xl"
 
 
 def sd_scripts_metadata(tensors: Mapping[str, object]) -> dict[str, str]:

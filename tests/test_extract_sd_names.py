@@ -9,6 +9,7 @@ lora_te3 T5-XXL); the checkpoints hold those models' own tensors behind SD3's pr
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -179,6 +180,23 @@ def test_an_sdxl_checkpoint_of_the_unet_alone_gets_sdxl_names_and_header(tmp_pat
             # SD 1.x by its cross-attention's context width (not SD 2.x's 1024), as diffusers' single-file loader
             # tells an SD UNet's version; sd-scripts' extract writes sd_v1 too, unless told --v2 (it wrote "")
             assert header.metadata["ss_base_model_version"] == "sd_v1"
+
+
+def test_a_model_with_a_conditioner_of_its_own_is_no_sdxl(tmp_path):
+    """Whose UNet a checkpoint holds is told by SDXL's text encoders (conditioner.embedders.), not by any
+    "conditioner.": Stable Audio's (stable-audio-tools: conditioner.conditioners.prompt.model.… its T5, the DiT under
+    model.model.) extract was recorded as sdxl_base_v1-0, where it recorded no version."""
+    from test_extract_fused import low_rank, pair
+
+    from loraops.st import read_header
+
+    t5 = "conditioner.conditioners.prompt.model.encoder.block.0.layer.0.SelfAttention.q.weight"
+    dit = "model.model.transformer.layers.0.self_attn.to_qkv.weight"
+    base, tuned = pair(tmp_path, {t5: (8, 8), dit: (24, 8)}, {t5: (0, low_rank(8, 8, 2, 1)), dit: (0, low_rank(24, 8, 2, 2))})
+    code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", "--format", "kohya", "-o",
+                    tmp_path / "x.safetensors")
+    assert code == 0, out
+    assert read_header(tmp_path / "x.safetensors").metadata["ss_base_model_version"] == ""
 
 
 def test_sd2_header_is_sd_scripts_extracts_default_sd_v2_v(tmp_path):
@@ -422,6 +440,41 @@ def test_an_sd2_unclip_checkpoint_keeps_sd2_names_beside_its_label_emb(tmp_path)
         t.removesuffix(".weight") for t in (label_emb, proj_in))
 
 
+def test_unclips_label_emb_under_the_sdxl_name_loraops_wrote_before_still_binds(tmp_path):
+    """loraops wrote SD 2.x unCLIP's label_emb under SDXL's add_embedding (lora_unet_add_embedding_linear_1,
+    unet.add_embedding.linear_1) until it named it class_embedding, as diffusers does. Such files, and adapters
+    registered from them, no longer bound to their checkpoint ("match no base module"): read, the old name is still
+    the label_emb (an SD 1.x/2.x UNet has no add_embedding, so it names no other module), and written again it is
+    class_embedding."""
+    import factories
+    from test_ldm import SDXL_TEXT, checkpoint
+
+    from loraops import check, formats
+    from loraops.st import read_header
+
+    label_emb, proj_in = "model.diffusion_model.label_emb.0.0", "model.diffusion_model.input_blocks.4.1.proj_in"
+    unclip = {k.replace("conditioner.embedders.1.model.", "cond_stage_model.model."): v for k, v in SDXL_TEXT.items()
+              if not k.startswith("conditioner.embedders.0.")}
+    base = checkpoint(tmp_path / "unclip.safetensors", {**unclip, f"{label_emb}.weight": (8, 4)})
+    manifest = load_file(base)
+    assert run("base", "add", base, "--name", "unclip")[0] == 0
+    kohya = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_add_embedding_linear_1": ((4,), (8,)),
+                                                              "lora_unet_down_blocks_1_attentions_0_proj_in": ((8,), (8,))})
+    diffusers = formats.write_adapter(factories.lora_adapter({"unet.add_embedding.linear_1": (8, 4),
+                                                              "unet.down_blocks.1.attentions.0.proj_in": (8, 8)},
+                                                             fmt="diffusers"), tmp_path / "d.safetensors", "diffusers")
+    for name, lora, old in (("k", kohya, "lora_unet_add_embedding_linear_1"), ("d", diffusers, "unet.add_embedding.linear_1")):
+        source = formats.read_adapter(lora)
+        bound = check.bind(source, manifest)
+        assert sorted(bound.modules) == [proj_in, label_emb]
+        torch.testing.assert_close(bound.modules[label_emb].delta(), source.modules[old].delta(), rtol=0, atol=0)
+        assert run("register", lora, "--name", name, "--base", "unclip")[0] == 0
+        code, out = run("export", name, "--format", "kohya", "-o", tmp_path / f"{name}-again.safetensors")
+        assert code == 0, out
+        assert {k.rsplit(".", 2)[0] for k in read_header(tmp_path / f"{name}-again.safetensors").tensors} == {
+            "lora_unet_class_embedding_linear_1", "lora_unet_down_blocks_1_attentions_0_proj_in"}
+
+
 def test_peft_refuses_fused_parts_only_under_the_checkpoints_part_names(tmp_path):
     """PEFT names modules. A LoRA on FLUX's split q/k/v bound to a Black Forest Labs checkpoint is written as PEFT
     under the adapter's own names — a diffusers LoRA's (transformer.transformer_blocks.0.attn.to_q), byte for byte
@@ -481,6 +534,47 @@ def test_peft_refuses_fused_parts_only_under_the_checkpoints_part_names(tmp_path
         assert read_header(tmp_path / f"{name}-True" / "adapter_model.safetensors").metadata == {"format": "pt"}
 
 
+def test_peft_refuses_a_part_of_every_flux_and_sd3_fused_tensor_under_its_checkpoint_path():
+    """Each FLUX and SD3 fused tensor is one Linear of the model its checkpoint is of (ldm.Fused.peft False): bound,
+    an adapter named by the checkpoint path of a part of any of them — FLUX's img_attn and txt_attn qkv and linear1,
+    SD3's x blocks' attn and attn2 qkv and context blocks' qkv — holds modules PEFT cannot (only img_attn's and
+    linear1's were tested)."""
+    import factories
+    from test_ldm import FLUX
+
+    from loraops import check, formats
+
+    sd3 = {f"{module}.weight": SimpleNamespace(shape=(rows, 8)) for module, rows in sd3_heights().items()}
+    flux = {name: SimpleNamespace(shape=shape) for name, shape in FLUX.items()}
+    for manifest, parts in ((flux, {"double_blocks.0.img_attn.qkv.to_q": (16, 16), "single_blocks.0.linear1.proj_mlp": (64, 16),
+                                    "double_blocks.0.txt_attn.qkv.add_k_proj": (16, 16)}),
+                            (sd3, {"joint_blocks.0.x_block.attn.qkv.to_q": (8, 8), "joint_blocks.0.x_block.attn2.qkv.to_v": (8, 8),
+                                   "joint_blocks.0.context_block.attn.qkv.add_k_proj": (8, 8)})):
+        bound = check.bind(factories.lora_adapter(parts), manifest)
+        assert all(module.fused is not None for module in bound.modules.values())
+        assert sorted(module.name for module in formats.peft_unwritable_parts(bound)) == sorted(parts)
+
+
+def test_resize_and_combine_write_a_bound_diffusers_loras_parts_as_peft_under_its_own_names(tmp_path):
+    """resize and combine ask PEFT's question of their bound inputs before computing (formats.refuse_unwritable):
+    a diffusers FLUX LoRA's parts, bound to the checkpoint's double_blocks.0.img_attn.qkv.to_q, are its own
+    transformer.transformer_blocks.0.attn.to_q, and the PEFT output holds them so, as its export does."""
+    import factories
+    from test_ldm import FLUX, FLUX_LORA, checkpoint
+
+    from loraops import formats
+
+    assert run("base", "add", checkpoint(tmp_path / "flux.safetensors", FLUX), "--name", "flux")[0] == 0
+    for name, seed in (("a", 1), ("b", 2)):
+        lora = formats.write_adapter(factories.lora_adapter(FLUX_LORA, fmt="diffusers", seed=seed),
+                                     tmp_path / f"{name}.safetensors", "diffusers")
+        assert run("register", lora, "--name", name, "--base", "flux")[0] == 0
+    for command in (["resize", "a", "--rank", "2"], ["combine", "a", "b", "--method", "cat"]):
+        code, out = run(*command, "--format", "peft", "-o", tmp_path / command[0])
+        assert code == 0, out
+        assert json.loads((tmp_path / command[0] / "adapter_config.json").read_text())["target_modules"] == sorted(FLUX_LORA)
+
+
 def test_sd3_headers_name_the_mmdit_model_type_as_sd_scripts_does(tmp_path):
     """sd-scripts writes an SD3 LoRA's ss_base_model_version as the MMDiT's model type (sd3_train_network.py returns
     mmdit.model_type as the model version, which train_network.py records), read off the checkpoint by
@@ -524,7 +618,8 @@ def test_a_peft_adapter_of_an_sd_unet_is_named_for_its_family_by_its_structure_o
     holds (ldm.is_sdxl: here output_blocks.2.2.conv, the upsampler behind attention in the first output level, which
     no SD 1.x/2.x UNet has), and the header says sdxl_base_v1-0. One of modules every SD-family UNet has (proj_in of
     input_blocks.4.1, label_emb) cannot be placed without its checkpoint: refused in one line, nothing written, and
-    written with --base. An SD 1.x adapter's attention in the first input level says SD 1.x/2.x: diffusers blocks."""
+    written with --base; as diffusers too, whose label_emb is SDXL's add_embedding or unCLIP's class_embedding (it
+    was written add_embedding). An SD 1.x adapter's attention in the first input level says SD 1.x/2.x: diffusers blocks."""
     from test_ldm import SD15, SDXL
 
     from loraops.st import read_header
@@ -556,19 +651,26 @@ def test_a_peft_adapter_of_an_sd_unet_is_named_for_its_family_by_its_structure_o
                                               "lora_unet_output_blocks_2_2_conv"], "sdxl_base_v1-0")
 
     unplaced = extracted(SDXL, "unplaced", ["input_blocks.4.1.proj_in", "label_emb.0.0"], "sdxl-unet")
-    code, out = run("export", unplaced / "peft", "--format", "kohya", "-o", unplaced / "k.safetensors")
     unet = "model.diffusion_model."
-    assert (code, out) == (2, f"error: {unplaced / 'peft'}: {unet}input_blocks.4.1.proj_in, {unet}label_emb.0.0: modules "
-                              "of an SD UNet, which sd-scripts names one way for SDXL (lora_unet_input_blocks_…) and "
-                              "another for SD 1.x/2.x (lora_unet_down_blocks_…), and neither these modules nor the "
-                              "adapter's header say which it is: give its checkpoint as --base (or register it with "
-                              "--base)\n")
-    assert not (unplaced / "k.safetensors").exists()
-    code, out = run("export", unplaced / "peft", "--format", "kohya", "--base", "sdxl-unet", "-o",
-                    unplaced / "k.safetensors")
-    assert code == 0, out
-    assert kohya(unplaced / "k.safetensors") == (["lora_unet_input_blocks_4_1_proj_in", "lora_unet_label_emb_0_0"],
-                                                 "sdxl_base_v1-0")
+    # diffusers names label_emb by the family too (SDXL's add_embedding, unCLIP's class_embedding): the same refusal
+    # for it alone, where SDXL's name was written as a guess; proj_in has one diffusers name in every SD UNet
+    refused = {"kohya": (f"{unet}input_blocks.4.1.proj_in, {unet}label_emb.0.0", "sd-scripts names one way for SDXL "
+                         "(lora_unet_input_blocks_…) and another for SD 1.x/2.x (lora_unet_down_blocks_…)"),
+               "diffusers": (f"{unet}label_emb.0.0", "diffusers names one way for SDXL (unet.add_embedding) and another "
+                             "for SD 2.x unCLIP (unet.class_embedding)")}
+    for fmt, (modules, naming) in refused.items():
+        written = unplaced / f"{fmt}.safetensors"
+        code, out = run("export", unplaced / "peft", "--format", fmt, "-o", written)
+        assert (code, out) == (2, f"error: {unplaced / 'peft'}: {modules}: modules of an SD UNet, which {naming}, and "
+                                  "neither these modules nor the adapter's header say which it is: give its checkpoint "
+                                  "as --base (or register it with --base)\n")
+        assert not written.exists()
+        code, out = run("export", unplaced / "peft", "--format", fmt, "--base", "sdxl-unet", "-o", written)
+        assert code == 0, out
+    assert kohya(unplaced / "kohya.safetensors") == (["lora_unet_input_blocks_4_1_proj_in", "lora_unet_label_emb_0_0"],
+                                                     "sdxl_base_v1-0")
+    assert {k.rsplit(".", 2)[0] for k in read_header(unplaced / "diffusers.safetensors").tensors} == {
+        "unet.add_embedding.linear_1", "unet.down_blocks.1.attentions.0.proj_in"}
 
     sd15 = extracted(SD15, "sd15", ["input_blocks.1.1.proj_in", "input_blocks.4.0.in_layers.2"], "sd15-unet")
     code, out = run("export", sd15 / "peft", "--format", "kohya", "-o", sd15 / "k.safetensors")

@@ -7,6 +7,7 @@ came from; loraops reads the block structure off the path instead, and the two m
 """
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,6 +124,20 @@ def test_unet_paths_agree_with_diffusers_single_file_converter(layout):
     sdxl = layout is SDXL or layout is REFINER
     assert ldm.is_sdxl(original) is sdxl
     assert {ldm.is_sdxl([name]) for name in original} == {None, sdxl}
+    # each rule, read off the diffusers model rather than the checkpoint's paths: a transformer block past the first
+    # and the first up level's attentions (and its upsampler behind them) say SDXL; the first down level's and the
+    # last up level's attentions say SD 1.x/2.x; no other module says anything
+    last_up = f"up_blocks.{len(unet.up_blocks) - 1}.attentions."
+    first_up_attends = hasattr(unet.up_blocks[0], "attentions")
+
+    def says(key):
+        if re.search(r"\.transformer_blocks\.[1-9]", key) or key.startswith("up_blocks.0.attentions.") or (
+                first_up_attends and key.startswith("up_blocks.0.upsamplers.")):
+            return True
+        return False if key.startswith(("down_blocks.0.attentions.", last_up)) else None
+
+    assert {key: ldm.is_sdxl([names[int(converted[key].flatten()[0])]]) for key in weights} == {
+        key: says(key) for key in weights}
 
 
 def labelled(shapes):
@@ -550,6 +565,27 @@ def test_an_sdxl_unet_lora_without_sd_scripts_metadata_is_written_with_sdxl_name
             "--name", name, "--base", "sdxl")
     run("combine", "a", "b", "--method", "cat", "-o", tmp_path / "ab.safetensors")
     assert written(tmp_path / "ab.safetensors") == ({"lora_unet_input_blocks_4_1_proj_in"}, "sdxl_base_v1-0")
+
+
+def test_an_sd_unet_adapter_whose_modules_do_not_say_is_placed_by_the_version_its_header_records(tmp_path):
+    """An adapter of UNet modules every SD-family UNet has (proj_in of input_blocks.4.1) is SDXL's or SD 1.x/2.x's
+    as its header records (ldm.is_sdxl): sd-scripts' ss_base_model_version, else the SAI model spec's
+    modelspec.architecture (stable-diffusion-xl-v1-base, stable-diffusion-v1, stable-diffusion-v2-768-v), which
+    sd-scripts writes beside it and other trainers alone. A header of SD 1.x's model spec was refused with "neither
+    these modules nor the adapter's header say which it is"."""
+    from dataclasses import replace
+
+    from loraops.st import read_header
+
+    xl, sd = "lora_unet_input_blocks_4_1_proj_in", "lora_unet_down_blocks_1_attentions_0_proj_in"
+    for metadata, name in [({"ss_base_model_version": "sdxl_base_v1-0"}, xl), ({"ss_base_model_version": "sd_v1"}, sd),
+                           ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, xl),
+                           ({"modelspec.architecture": "stable-diffusion-v1/lora"}, sd),
+                           ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, sd)]:
+        adapter = replace(factories.lora_adapter({"model.diffusion_model.input_blocks.4.1.proj_in": (8, 8)}),
+                          metadata=metadata)
+        written = formats.write_adapter(adapter, tmp_path / "k.safetensors", "kohya", force=True)
+        assert {k.rsplit(".", 2)[0] for k in read_header(written).tensors} == {name}, metadata
 
 
 # FLUX.1 in Black Forest Labs' layout, tiny: hidden 16, MLP 64, one double and one single block.

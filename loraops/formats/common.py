@@ -126,6 +126,17 @@ def shown(names: Sequence[str], count: int = 3) -> str:
     return ", ".join(names[:count]) + (f" (+{len(names) - count} more)" if len(names) > count else "")
 
 
+def refuse_unplaced(adapter: "Adapter", modules: Sequence[str], naming: str) -> None:
+    """Refuse to write ``modules``, SD UNet modules whose written names depend on whose UNet it is, SDXL's or
+    SD 1.x/2.x's, when neither the adapter's modules nor its header say (ldm.is_sdxl None): a guess would be loaded by
+    one family's loaders and by none of the other's. ``naming``: who names them how."""
+    if modules:
+        raise FormatError(
+            f"{adapter.label}: {shown(list(modules))}: modules of an SD UNet, which {naming}, and neither these modules "
+            "nor the adapter's header say which it is: give its checkpoint as --base (or register it with --base)"
+        )
+
+
 def names_module(path: str, name: str) -> bool:
     """PEFT's rule for a plain module name (target_modules, trainable_token_indices keys): the module path itself or
     its last dot-separated components."""

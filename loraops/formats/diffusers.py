@@ -134,6 +134,10 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
         names[name] = target
+    common.refuse_unplaced(adapter, [n for n in listed if sdxl is None and component_of(n) is None
+                                     and names[n] != ldm.diffusers_name(n, top=top, sdxl=False)],
+                           "diffusers names one way for SDXL (unet.add_embedding) and another for SD 2.x unCLIP "
+                           "(unet.class_embedding)")
     target, count = Counter(names[name] for name in listed).most_common(1)[0] if names else (None, 0)
     if count > 1:
         raise FormatError(f"{adapter.label}: two modules are both the pipeline's {target!r}; merge them first")

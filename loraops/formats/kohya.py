@@ -188,13 +188,10 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
         return {name: name for name in adapter.modules}
     sdxl = ldm.is_sdxl(adapter.modules, adapter.metadata)
     split = {name: component_of(adapter, name, sdxl=bool(sdxl)) for name in adapter.modules}
-    unplaced = [n for n, named in split.items() if sdxl is None and component_of(adapter, n, sdxl=True) != named]
-    if unplaced:  # sd-scripts loads the names of the other family nowhere: a guess is not written
-        raise FormatError(
-            f"{adapter.label}: {common.shown(unplaced)}: modules of an SD UNet, which sd-scripts names one way for SDXL "
-            "(lora_unet_input_blocks_…) and another for SD 1.x/2.x (lora_unet_down_blocks_…), and neither these modules "
-            "nor the adapter's header say which it is: give its checkpoint as --base (or register it with --base)"
-        )
+    common.refuse_unplaced(adapter, [n for n, named in split.items()
+                                     if sdxl is None and component_of(adapter, n, sdxl=True) != named],
+                           "sd-scripts names one way for SDXL (lora_unet_input_blocks_…) and another for SD 1.x/2.x "
+                           "(lora_unet_down_blocks_…)")
     components = {component for component, _ in split.values()}
     if "transformer" in components:
         # sd-scripts, ComfyUI and diffusers' kohya converter know a FLUX/SD3 transformer only by the original
