@@ -346,6 +346,16 @@ def build_modules(
     return modules
 
 
+def saved_layer_tensors(adapter: Adapter) -> set[str]:
+    """The tensors a PEFT saved layer under a LoRA (save_embedding_layers) can hold: each module's weight, and its
+    bias when the adapter trains no biases (PEFT saves the wrapped layer whole: Phi's and GPT-J's lm_head)."""
+    names = {module.weight_name for module in adapter.modules.values()}
+    if (adapter.config.get("bias") or "none") == "none":  # PEFT's default, also when the config says null
+        names |= {f"{module.name}.bias" for module in adapter.modules.values()
+                  if module.fused is None and module.weight_name in adapter.full_tensors}
+    return names
+
+
 def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[str] = frozenset(),
                      token_modules: frozenset[str] = frozenset()) -> str | None:
     """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases, a LoRA layer's whole wrapped
