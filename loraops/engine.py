@@ -68,7 +68,7 @@ from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
 from .fp8 import FLOAT_DTYPES, BlockScaled
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
-                     refuse_overlap, remove_stale_temps)
+                     read_json, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, read_row_blocks, torch_dtype
 
@@ -1379,7 +1379,7 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
         mine = [f for f in files if f.target.parent == rel.parent]
         untie = rel.parent in untied
         if source in index_files:
-            index = json.loads(source.read_text())
+            index = read_json(source, "safetensors index")
             listed = index.get("weight_map", {})
             placed = {t.file_name: f.target.name for f in mine for t in f.tensors}
             weight_map = {name: placed[name] for name in listed if name in placed} | placed
@@ -1401,11 +1401,7 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
 
 
 def _edited_config(path: Path, dtype: str | None, untie: bool, dequantized: bool) -> str:
-    text = path.read_text()
-    try:
-        config = json.loads(text)
-    except ValueError:
-        return text
+    config = read_json(path, "model config")
     if dtype is not None:
         name = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
