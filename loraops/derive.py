@@ -278,8 +278,7 @@ def without_unchanged_layers(reg: "Registry", adapter: "Adapter", fmt: str,
     file cannot hold and which carry nothing; refused when any full tensor is left (formats.refuse_full_tensors)."""
     from dataclasses import replace
 
-    from .formats import refuse_full_tensors
-    from .formats.peft import saved_layer_tensors
+    from .formats.peft import refuse_full_tensors, saved_layer_tensors
 
     if not adapter.full_tensors:
         return adapter, []
@@ -291,7 +290,7 @@ def without_unchanged_layers(reg: "Registry", adapter: "Adapter", fmt: str,
         same = unchanged_saved_layers(BaseModel.open(reg.base_path(base)), adapter)
     adapter = replace(adapter, full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in same})
     if adapter.full_tensors:
-        refuse_full_tensors(adapter, fmt, adapter.label, base=base)
+        refuse_full_tensors(adapter, fmt, base=base)
     return adapter, same
 
 

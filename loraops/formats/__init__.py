@@ -224,8 +224,6 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
             f"{label}: an adapter with PEFT trainable tokens (rows of {next(iter(adapter.token_rows))!r}) "
             f"cannot be written as {fmt}, which has no place for them; write it as peft"
         )
-    if fmt != "peft" and adapter.full_tensors:
-        refuse_full_tensors(adapter, fmt, label)
     module = next((m for m in adapter.modules.values() if m.raw_parameter is not None), None)
     if module is None:
         return
@@ -235,25 +233,6 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
             f"{module.raw_parameter[0]!r} (PEFT target_parameters); loraops writes such adapters only as PEFT, not {fmt}"
         )
     (params.expert_layout if values else params.expert_shares)(label, adapter.with_own_names().modules)
-
-
-def refuse_full_tensors(adapter: "Adapter", fmt: str, label: str, *, base: str | None = None) -> None:
-    """Full tensors (modules_to_save, PEFT's saved embedding layers) cannot be written as kohya or diffusers, which
-    hold only low-rank factors. A saved embedding layer (save_embedding_layers, on by default when a LoRA targets the
-    embeddings) is named as what it is: export leaves it out where it holds its base's values (``base``: the base
-    it was compared with, where it was)."""
-    names = sorted(adapter.full_tensors)
-    layers = [n for n in names if n in peft.saved_layer_tensors(adapter)]
-    if not layers:
-        raise FormatError(f"{label}: {fmt} files cannot hold full replacement tensors "
-                          f"(modules_to_save: {common.shown(names)}); write it as peft")
-    if base is None:
-        why = ("bound to no base, so loraops cannot tell it carries nothing (it is left out when it equals the "
-               "base's: give --base BASE)")
-    else:
-        why = f"which differs from base {base}'s, so it carries trained values"
-    raise FormatError(f"{label}: {common.shown(layers)}: PEFT's saved embedding layer (save_embedding_layers, saved "
-                      f"whole beside the LoRA), {why}; a {fmt} file cannot hold a full tensor: write it as peft")
 
 
 def _peft_parts(path: Path) -> tuple[Path, Path | None]:

@@ -276,6 +276,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
 
     from . import peft  # the alpha that reproduces a module's scale is the same rule with rsLoRA off
 
+    peft.refuse_full_tensors(adapter, "kohya")
     joined = joined_names(adapter)
     names = kohya_names(replace(adapter, modules=joined))
     stream = common.ModuleStream(adapter, modules, part_of)

@@ -356,6 +356,27 @@ def saved_layer_tensors(adapter: Adapter) -> set[str]:
     return names
 
 
+def refuse_full_tensors(adapter: Adapter, fmt: str, *, base: str | None = None) -> None:
+    """Full tensors (modules_to_save, PEFT's saved embedding layers) cannot be written as kohya or diffusers, which
+    hold only low-rank factors. A saved embedding layer (save_embedding_layers, on by default when a LoRA targets the
+    embeddings) is named as what it is: export leaves it out where it holds its base's values (``base``: the base
+    it was compared with, where it was)."""
+    names = sorted(adapter.full_tensors)
+    layers = [n for n in names if n in saved_layer_tensors(adapter)]
+    if not names:
+        return
+    if not layers:
+        raise FormatError(f"{adapter.label}: {fmt} files cannot hold full replacement tensors "
+                          f"(modules_to_save: {common.shown(names)}); write it as peft")
+    if base is None:
+        why = ("bound to no base, so loraops cannot tell it carries nothing (it is left out when it equals the "
+               "base's: give --base BASE)")
+    else:
+        why = f"which differs from base {base}'s, so it carries trained values"
+    raise FormatError(f"{adapter.label}: {common.shown(layers)}: PEFT's saved embedding layer (save_embedding_layers, "
+                      f"saved whole beside the LoRA), {why}; a {fmt} file cannot hold a full tensor: write it as peft")
+
+
 def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[str] = frozenset(),
                      token_modules: frozenset[str] = frozenset()) -> str | None:
     """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases, a LoRA layer's whole wrapped
