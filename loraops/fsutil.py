@@ -33,13 +33,12 @@ def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:
     except UnicodeDecodeError:
         raise FormatError(f"{name}: {what} is not JSON (not UTF-8 text)") from None
     except ValueError:  # JSON has no bound on digits, Python's int() has (sys.get_int_max_str_digits)
-        raise FormatError(f"{name}: {what} is not JSON loraops reads (a number of more than "
-                          f"{sys.get_int_max_str_digits()} digits)") from None
+        raise FormatError(f"{name}: {what} is not JSON (a number of more than {sys.get_int_max_str_digits()} "
+                          "digits)") from None
     except RecursionError:
-        raise FormatError(f"{name}: {what} is not JSON loraops reads (nested deeper than Python's recursion "
-                          "limit)") from None
+        raise FormatError(f"{name}: {what} is not JSON (nested deeper than Python's recursion limit)") from None
     except OSError as exc:
-        raise FormatError(f"{name}: unreadable {what} ({exc.strerror or exc.__class__.__name__})") from None
+        raise FormatError(f"{name}: unreadable {what} ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{name}: {what} is not a JSON object")
     return data

@@ -80,8 +80,8 @@ def test_pickle_only_folder(tmp_path):
 
 
 CORRUPT_JSON = {"not JSON": ('{"weight_map": ', "is not JSON (Expecting value at line 1 column 16)"),
-                "5000 digits": ('{"n": 1' + "0" * 5000 + "}", "is not JSON loraops reads (a number of more than 4300 digits)"),
-                "deep": ("[" * 100_000, "is not JSON loraops reads (nested deeper than Python's recursion limit)"),
+                "5000 digits": ('{"n": 1' + "0" * 5000 + "}", "is not JSON (a number of more than 4300 digits)"),
+                "deep": ("[" * 100_000, "is not JSON (nested deeper than Python's recursion limit)"),
                 "not UTF-8": (b'{"a": "\xff"}', "is not JSON (not UTF-8 text)"),
                 "a list": ("[]", "is not a JSON object")}
 

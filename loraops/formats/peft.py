@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
+from ..fsutil import read_json
 from . import common, lowrank, lycoris, params, tokens
 
 if TYPE_CHECKING:
@@ -405,6 +405,11 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
 # -- reading ---------------------------------------------------------------------------------------------------
 
 
+def load_config(path: Path) -> dict:
+    """adapter_config.json as a dict (fsutil.read_json: one line where it is no JSON object Python reads)."""
+    return read_json(path, "adapter config")
+
+
 def weights_file(folder: Path) -> Path:
     """The safetensors weights of a PEFT folder; a pickle-only folder is refused with a conversion hint."""
     weights = folder / WEIGHTS_NAME
@@ -414,21 +419,6 @@ def weights_file(folder: Path) -> Path:
         if (folder / name).is_file():
             st.read_header(folder / name)  # raises the pickle message naming the file
     raise FormatError(f"{folder}: no {WEIGHTS_NAME} in this folder (not a PEFT adapter?)")
-
-
-def load_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: adapter config is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except ValueError:  # JSON has no bound on digits, Python's int() has (sys.get_int_max_str_digits)
-        raise FormatError(f"{path}: adapter config is not JSON (a number of more than {sys.get_int_max_str_digits()} "
-                          "digits)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from None
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{path}: adapter config is not a JSON object")
-    return cfg
 
 
 def config_path(path: Path) -> Path | None:
