@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import FormatError, NotFoundError
-from .fsutil import Prefetcher, chunks
+from .fsutil import Prefetcher, chunks, read_json
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -157,11 +157,8 @@ class BaseModel:
             return {}
         folder = self.tensors[tensor].file.parent
         if folder not in self._configs:
-            try:
-                config = json.loads((folder / "config.json").read_text())
-            except (OSError, ValueError):
-                config = {}
-            self._configs[folder] = config if isinstance(config, dict) else {}
+            path = folder / "config.json"
+            self._configs[folder] = read_json(path, "model config") if path.exists() else {}
         return self._configs[folder]
 
     def quantization_config(self, tensor: str) -> dict | None:
@@ -229,11 +226,11 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         index = indexes[0] if len(indexes) == 1 else index
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "safetensors index")["weight_map"]
             if not all(isinstance(shard, str) for shard in weight_map.values()):
                 raise TypeError
             shard_names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise FormatError(f"{index}: not a valid safetensors index (no weight_map of tensor names to shard file "
                               "names)") from None
         files = []
@@ -270,7 +267,7 @@ def _pipeline_parts(folder: Path) -> list[Part]:
 
 
 def _check_index(part: Part, headers: dict[Path, Header]) -> None:
-    weight_map = json.loads(part.index_file.read_text())["weight_map"]
+    weight_map = read_json(part.index_file, "safetensors index")["weight_map"]  # (as _folder_part read it)
     for name, shard in weight_map.items():
         header = headers.get(part.folder / shard)
         if header is None or name not in header.tensors:

@@ -242,11 +242,14 @@ def resize(
                     base=source.record.base.id if source.record.base else None, lineage=lineage)
 
 
-def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None) -> tuple[Path, list[str]]:
+def export(ref: str, fmt: str, output: str, *, force: bool = False,
+           base: str | None = None) -> tuple[Path, list[str], list[str]]:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
     registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths, an AdaLoRA file's
-    layer kinds). Returns where it went, and the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA they equal — another adapter,
-    of another identity, which only `register` records (`resize --rank <its rank>` converts with a lineage)."""
+    layer kinds). Returns where it went, the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA
+    they equal — another adapter, of another identity, which only `register` records (`resize --rank <its rank>`
+    converts with a lineage) — and the PEFT saved embedding layers it left out of a kohya or diffusers file, which
+    hold the base's values (they replace nothing: the same ΔW, the same merge)."""
     from . import check
     from .formats import read_adapter, write_adapter
     from .registry import Registry
@@ -259,9 +262,36 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
             if base is not None:
                 adapter = check.require_fit(adapter, reg.base_manifest(base), base_name=base)
         else:
-            adapter = reg.load_adapter(registered_for(reg, ref, base).id)
+            record = registered_for(reg, ref, base)
+            adapter = reg.load_adapter(record.id)
+            base = base or (record.base.name if record.base is not None else None)
+        left_out = []
+        if fmt != "peft":
+            adapter, left_out = without_unchanged_layers(reg, adapter, fmt, base)
     writable(adapter, fmt)
-    return write_adapter(adapter, output, fmt, force=force), adapter.methods
+    return write_adapter(adapter, output, fmt, force=force), adapter.methods, left_out
+
+
+def without_unchanged_layers(reg: "Registry", adapter: "Adapter", fmt: str,
+                             base: str | None) -> tuple["Adapter", list[str]]:
+    """``adapter`` without the PEFT saved embedding layers that hold the base's values, which a kohya or diffusers
+    file cannot hold and which carry nothing; refused when any full tensor is left (formats.refuse_full_tensors)."""
+    from dataclasses import replace
+
+    from .formats.peft import refuse_full_tensors, saved_layer_tensors
+
+    if not adapter.full_tensors:
+        return adapter, []
+    same = []
+    if base is not None and saved_layer_tensors(adapter) & adapter.full_tensors.keys():
+        from .basemodel import BaseModel
+        from .engine import unchanged_saved_layers
+
+        same = unchanged_saved_layers(BaseModel.open(reg.base_path(base)), adapter)
+    adapter = replace(adapter, full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in same})
+    if adapter.full_tensors:
+        refuse_full_tensors(adapter, fmt, base=base)
+    return adapter, same
 
 
 @contextlib.contextmanager

@@ -65,9 +65,10 @@ from .check import (is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_b
                     ties_word_embeddings, unstored_head_of, untied)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
+from .formats.peft import saved_layer_tensors
 from .fp8 import FLOAT_DTYPES, BlockScaled
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
-                     refuse_overlap, remove_stale_temps)
+                     read_json, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, read_row_blocks, torch_dtype
 
@@ -459,7 +460,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
                 changed_by.setdefault(module.weight_name, set()).add(index)
                 position[id(module)] = index
-        adapted = _saved_layer_tensors(adapter)
+        adapted = saved_layer_tensors(adapter)
         for name, tensor in adapter.full_tensors.items():
             # PEFT's saved layer under a LoRA (save_embedding_layers): untouched by training it replaces nothing;
             # a subtract takes the LoRA's delta back off and leaves the layer as the merge made it
@@ -649,16 +650,6 @@ def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
                    full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in layers})
 
 
-def _saved_layer_tensors(adapter: Adapter) -> set[str]:
-    """The tensors a PEFT saved layer under a LoRA (save_embedding_layers) can hold: each module's weight, and its
-    bias when the adapter trains no biases (PEFT saves the wrapped layer whole: Phi's and GPT-J's lm_head)."""
-    names = {module.weight_name for module in adapter.modules.values()}
-    if (adapter.config.get("bias") or "none") == "none":  # PEFT's default, also when the config says null
-        names |= {f"{module.name}.bias" for module in adapter.modules.values()
-                  if module.fused is None and module.weight_name in adapter.full_tensors}
-    return names
-
-
 def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo: bool) -> dict[str, str]:
     """Output heads the base does not store, since it ties them to its input embeddings, that a merge changes apart
     from those embeddings → those embeddings: heads an adapter changes, and the heads of embeddings a LoRA or a
@@ -724,7 +715,7 @@ def _changed_apart(adapters: list[tuple[Adapter, float]]) -> set[str]:
     the head) nor a saved layer under a LoRA or tokens (PEFT loads it into the shared weight: see _inherit)."""
     return {name for adapter, weight in adapters
             for name in [*(m.weight_name for m in adapter.modules.values() if applies(m, weight)),
-                         *(adapter.full_tensors.keys() - _saved_layer_tensors(adapter) - adapter.token_rows.keys())]}
+                         *(adapter.full_tensors.keys() - saved_layer_tensors(adapter) - adapter.token_rows.keys())]}
 
 
 def _can_untie(base: BaseModel, tensor: str) -> bool:
@@ -745,6 +736,14 @@ def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:
     narrow = tensor.dtype if tensor.element_size() < DTYPE_BYTES[info.dtype] else torch_dtype(info.dtype)
     return all(torch.equal(flat[row0:row1].reshape(-1).to(narrow), stored.to(narrow))
                for row0, row1, stored in read_row_blocks(info))
+
+
+def unchanged_saved_layers(base: BaseModel, adapter: Adapter) -> list[str]:
+    """The adapter's PEFT saved layers under a LoRA (save_embedding_layers) that hold the base's values (as a merge
+    compares them: _same_as_base; a tied head's against its embeddings): they replace nothing."""
+    return sorted(name for name in saved_layer_tensors(adapter) & adapter.full_tensors.keys()
+                  if _same_as_base(base, tied_head_source(name, tuple(adapter.full_tensors[name].shape), base.tensors)
+                                   or name, adapter.full_tensors[name]))
 
 
 def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
@@ -1380,7 +1379,7 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
         mine = [f for f in files if f.target.parent == rel.parent]
         untie = rel.parent in untied
         if source in index_files:
-            index = json.loads(source.read_text())
+            index = read_json(source, "safetensors index")
             listed = index.get("weight_map", {})
             placed = {t.file_name: f.target.name for f in mine for t in f.tensors}
             weight_map = {name: placed[name] for name in listed if name in placed} | placed
@@ -1402,11 +1401,7 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
 
 
 def _edited_config(path: Path, dtype: str | None, untie: bool, dequantized: bool) -> str:
-    text = path.read_text()
-    try:
-        config = json.loads(text)
-    except ValueError:
-        return text
+    config = read_json(path, "model config")
     if dtype is not None:
         name = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:

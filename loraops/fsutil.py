@@ -5,18 +5,43 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import json
 import mmap
 import os
 import shutil
+import sys
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import ConflictError, DiskSpaceError, InvalidInputError
+from .errors import ConflictError, DiskSpaceError, FormatError, InvalidInputError
 
 TMP_MARK = ".loraops-tmp-"
+
+
+def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:
+    """The JSON object in a file of a model (its config.json, its safetensors index; one from the Hub): one line
+    (FormatError) where it is unreadable, no JSON (also a number past Python's 4300-digit limit, or nesting past its
+    recursion limit) or no object. ``name``: how the message names the file (default: its path)."""
+    name = name or str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{name}: {what} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise FormatError(f"{name}: {what} is not JSON (not UTF-8 text)") from None
+    except ValueError:  # JSON has no bound on digits, Python's int() has (sys.get_int_max_str_digits)
+        raise FormatError(f"{name}: {what} is not JSON (a number of more than {sys.get_int_max_str_digits()} "
+                          "digits)") from None
+    except RecursionError:
+        raise FormatError(f"{name}: {what} is not JSON (nested deeper than Python's recursion limit)") from None
+    except OSError as exc:
+        raise FormatError(f"{name}: unreadable {what} ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{name}: {what} is not a JSON object")
+    return data
 
 
 def temp_sibling(path: Path) -> Path:

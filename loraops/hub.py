@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
 from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError
+from .fsutil import read_json
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
@@ -524,7 +525,7 @@ def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> di
                           f"{len(head)})")
     try:
         header = json.loads(head[8:8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # (UnicodeDecodeError, JSONDecodeError; int()'s digit limit; deep nesting)
         raise FormatError(f"{where}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{where}: not a safetensors file (header is not a JSON object)")
@@ -769,7 +770,7 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
         def read_index(name: str) -> dict:
             path = hf_hub_download(ref.repo_id, name, revision=commit, cache_dir=cache_dir(), token=token,
                                    endpoint=endpoint())
-            return json.loads(Path(path).read_text())
+            return read_json(path, "safetensors index", name=name)
 
         try:
             files, layout = weight_layout(names, read_index)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from safetensors.torch import save_file
 
 from loraops.basemodel import BaseModel
 from loraops.errors import FormatError, NotFoundError
-from tests.factories import tiny_llama
+from tests.factories import peft_adapter, tiny_llama
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
 
@@ -56,7 +57,7 @@ def test_missing_shard_and_bad_index(tmp_path):
         BaseModel.open(folder)
     for bad in ([], {"weight_map": {"model.norm.weight": 5}}, {"weight_map": {"a": shard, "b": None}}):
         (folder / "model.safetensors.index.json").write_text(json.dumps(bad))
-        with pytest.raises(FormatError, match="not a valid safetensors index"):  # a number for a shard: TypeError
+        with pytest.raises(FormatError, match="not a valid safetensors index|index is not a JSON object"):  # a number for a shard: TypeError
             BaseModel.open(folder)
 
 
@@ -76,3 +77,40 @@ def test_pickle_only_folder(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
     with pytest.raises(FormatError, match="pickle"):
         BaseModel.open(tmp_path)
+
+
+CORRUPT_JSON = {"not JSON": ('{"weight_map": ', "is not JSON (Expecting value at line 1 column 16)"),
+                "5000 digits": ('{"n": 1' + "0" * 5000 + "}", "is not JSON (a number of more than 4300 digits)"),
+                "deep": ("[" * 100_000, "is not JSON (nested deeper than Python's recursion limit)"),
+                "not UTF-8": (b'{"a": "\xff"}', "is not JSON (not UTF-8 text)"),
+                "a list": ("[]", "is not a JSON object")}
+
+
+@pytest.mark.parametrize("corrupt", CORRUPT_JSON)
+def test_a_corrupt_index_or_config_is_one_line(tmp_path, corrupt):
+    """A base's safetensors index or config.json that Python's json cannot read (a number past its 4300-digit limit,
+    nesting past its recursion limit) was a traceback, and a corrupt config.json was read as {} (its
+    tie_word_embeddings, its dtype for a merge's --dtype edit unknown): one FormatError naming the file."""
+    from loraops.cli import main
+    from click.testing import CliRunner
+
+    text, says = CORRUPT_JSON[corrupt]
+    folder = tiny_llama(tmp_path / "m", shard_size="60KB")
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    index = folder / "model.safetensors.index.json"
+    good = index.read_bytes()
+    (index.write_bytes if isinstance(text, bytes) else index.write_text)(text)
+    with pytest.raises(FormatError, match="^" + re.escape(f"{index}: safetensors index {says}")):
+        BaseModel.open(folder)
+    index.write_bytes(good)
+    config = folder / "config.json"
+    (config.write_bytes if isinstance(text, bytes) else config.write_text)(text)
+    base = BaseModel.open(folder)
+    with pytest.raises(FormatError, match="^" + re.escape(f"{config}: model config {says}")):
+        base.config("lm_head.weight")
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record",
+                                       "--dtype", "bf16"])
+    assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+    assert result.output == f"error: {config}: model config {says}\n"
+    assert not out.exists()

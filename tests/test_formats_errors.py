@@ -231,3 +231,15 @@ def test_an_alpha_below_float32_in_a_file_is_refused_as_one_given(tmp_path, make
         read_adapter(path)
     shown = path / "adapter_config.json" if path.is_dir() else path
     assert str(info.value) == f"{shown}: {where}: {ALPHA_TINY}"
+
+
+def test_an_adapter_config_nested_past_pythons_recursion_limit_is_one_line(tmp_path):
+    """json.loads raised RecursionError (a traceback) on an adapter_config.json of 100,000 '['."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    st.write_safetensors(folder / "adapter_model.safetensors", {"base_model.model.q.lora_A.weight": torch.zeros(2, 4),
+                                                                "base_model.model.q.lora_B.weight": torch.zeros(4, 2)})
+    (folder / "adapter_config.json").write_text("[" * 100_000)
+    with pytest.raises(FormatError, match=r"adapter_config.json: adapter config is not JSON \(nested deeper than "
+                                          r"Python's recursion limit\)$"):
+        read_adapter(folder)

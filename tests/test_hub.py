@@ -599,3 +599,20 @@ def test_exactly_picks_each_name_and_no_other():
              "sub/[x]/y.safetensors", "sub/x/y.safetensors", "a[^b].st", "a[[]b.st", "a[b.st"]
     for name in names:
         assert list(filter_repo_objects(names, allow_patterns=hub.exactly([name]))) == [name], name
+
+
+@pytest.mark.parametrize("corrupt", ["not JSON", "5000 digits", "deep"])
+def test_a_corrupt_index_or_header_on_the_hub_is_one_line(fake_hub, tmp_path, corrupt):
+    """A Hub base's safetensors index that Python's json cannot read was a traceback (JSONDecodeError, the 4300-digit
+    limit's ValueError, RecursionError), and so were the last two in a safetensors header read by ranges: one
+    FormatError naming the repo's file."""
+    text = {"not JSON": b'{"weight_map": ', "5000 digits": b'{"n": 1' + b"0" * 5000 + b"}",
+            "deep": b"[" * 100_000}[corrupt]
+    weights = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
+    fake_hub.commit("meta/index", {"model.safetensors": weights, "model.safetensors.index.json": text})
+    with pytest.raises(FormatError, match=r"^meta/index: model.safetensors.index.json: safetensors index is not JSON"):
+        hub.remote_base("meta/index")
+    fake_hub.commit("meta/header", {"model.safetensors": len(text).to_bytes(8, "little") + text})
+    with pytest.raises(FormatError, match=r"^meta/header/model.safetensors: not a safetensors file \(header is not "
+                                          r"JSON\)$"):
+        hub.remote_base("meta/header")

@@ -184,7 +184,10 @@ def export(ref, fmt, output, force, base) -> None:
     the plain LoRA they equal."""
     from .. import derive
 
-    path, methods = derive.export(ref, fmt, output, force=force, base=base)
+    path, methods, left_out = derive.export(ref, fmt, output, force=force, base=base)
+    if left_out:
+        click.echo(f"left out {', '.join(left_out)}: PEFT's saved embedding layer (save_embedding_layers), the "
+                   "base's own values, which replace nothing")
     plain = " and ".join(METHODS[m] for m in methods)
     click.echo(f"wrote {path}" + (f": a plain LoRA with the {plain} adapter's ΔW (another adapter, of another "
                                   "identity; `register` it to record it)" if methods else ""))

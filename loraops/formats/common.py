@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import struct
 import sys
 from collections import Counter
 from pathlib import Path
@@ -182,6 +183,15 @@ FLOAT32_TINY = 1.1754943508222875e-38
 """The smallest normal float32: a kohya alpha below it keeps few bits or none (stored as 0: alpha = rank)."""
 
 
+def overflows_float32(value: float) -> bool:
+    """Does float32 round ``value`` to ±inf? Not for what rounds to its largest number (3.4028235e38, as numpy
+    prints float32's max, is above FLOAT32_MAX); an int beyond any float does."""
+    try:
+        return math.isinf(struct.unpack("<f", struct.pack("<f", float(value)))[0])
+    except OverflowError:  # (struct refuses a finite value float32 rounds to inf; float() an int beyond any float)
+        return True
+
+
 def given_alpha(alpha: float | None, where: str | Path | None = None) -> float | None:
     """An alpha the user gives: `register`/`check`/`inspect --alpha` (every module's, replacing what the file says)
     and `extract --alpha` (the extracted adapter's); alpha= to the library calls behind them. It must be a number
@@ -195,7 +205,7 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
         return None
     number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
     prefix = f"{where}: --alpha: " if where else ""
-    if number and FLOAT32_TINY <= alpha <= FLOAT32_MAX:  # (NaN is neither)
+    if number and FLOAT32_TINY <= alpha and not overflows_float32(alpha):  # (NaN is neither)
         return float(alpha)
     if number and (beyond := _beyond_float32(alpha)):
         raise InvalidInputError(f"{prefix}{beyond}")
@@ -211,7 +221,7 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
 
 def _beyond_float32(alpha: float) -> str | None:
     """Why a finite alpha (0 and negative ones aside) is not one float32 holds as a normal number, else None."""
-    if alpha > FLOAT32_MAX and (isinstance(alpha, int) or math.isfinite(alpha)):  # merged, it overflowed float32;
+    if (isinstance(alpha, int) or math.isfinite(alpha)) and overflows_float32(alpha):  # merged, it overflowed float32;
         return f"alpha {_shown(alpha)} is beyond what float32 holds"  # written, it became inf
     if 0 < alpha < FLOAT32_TINY:
         return (f"alpha {alpha:g} is below what float32 holds (its smallest normal number is {FLOAT32_TINY:.2g}): a "
@@ -233,9 +243,10 @@ def check_alpha(path: Path, alpha: object, where: str) -> float:
 
 
 def _shown(number: int | float) -> str:
-    """A number as messages show it (%g), also an integer beyond any float."""
+    """A number as messages show it (%g to 9 digits, which tell float32s apart: 3.4028236e+38 beyond its max,
+    not 3.40282e+38), also an integer beyond any float."""
     if abs(number) <= sys.float_info.max:
-        return f"{number:g}"
+        return f"{number:.9g}"
     return f"about {'-' if number < 0 else ''}1e+{int(math.log10(abs(number)))}"
 
 

@@ -147,8 +147,7 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
 def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool) -> dict[str, str]:
     """One .safetensors with component-prefixed PEFT keys and the per-component LoraConfig in the header, written
     from ``modules`` as they come (see common.ModuleStream, st.TensorWriter); returns its sha256."""
-    if adapter.full_tensors:
-        raise FormatError("diffusers LoRA files cannot hold full replacement tensors (modules_to_save)")
+    peft.refuse_full_tensors(adapter, "diffusers")
     rslora = adapter.scale_mode == "rslora"
     names = pipeline_names(adapter)
     stream = common.ModuleStream(adapter, modules)

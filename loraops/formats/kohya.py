@@ -273,12 +273,9 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
 
     from . import peft  # the alpha that reproduces a module's scale is the same rule with rsLoRA off
 
+    peft.refuse_full_tensors(adapter, "kohya")
     joined = joined_names(adapter)
     names = kohya_names(replace(adapter, modules=joined))
-    if adapter.full_tensors:
-        raise FormatError(
-            f"kohya files cannot hold full replacement tensors (modules_to_save: {sorted(adapter.full_tensors)[:3]})"
-        )
     stream = common.ModuleStream(adapter, modules, part_of)
     with st.TensorWriter(dest, spill=spill) as out:
         for group in stream:

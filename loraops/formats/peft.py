@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
+from ..fsutil import read_json
 from . import common, lowrank, lycoris, params, tokens
 
 if TYPE_CHECKING:
@@ -346,6 +346,37 @@ def build_modules(
     return modules
 
 
+def saved_layer_tensors(adapter: Adapter) -> set[str]:
+    """The tensors a PEFT saved layer under a LoRA (save_embedding_layers) can hold: each module's weight, and its
+    bias when the adapter trains no biases (PEFT saves the wrapped layer whole: Phi's and GPT-J's lm_head)."""
+    names = {module.weight_name for module in adapter.modules.values()}
+    if (adapter.config.get("bias") or "none") == "none":  # PEFT's default, also when the config says null
+        names |= {f"{module.name}.bias" for module in adapter.modules.values()
+                  if module.fused is None and module.weight_name in adapter.full_tensors}
+    return names
+
+
+def refuse_full_tensors(adapter: Adapter, fmt: str, *, base: str | None = None) -> None:
+    """Full tensors (modules_to_save, PEFT's saved embedding layers) cannot be written as kohya or diffusers, which
+    hold only low-rank factors. A saved embedding layer (save_embedding_layers, on by default when a LoRA targets the
+    embeddings) is named as what it is: export leaves it out where it holds its base's values (``base``: the base
+    it was compared with, where it was)."""
+    names = sorted(adapter.full_tensors)
+    layers = [n for n in names if n in saved_layer_tensors(adapter)]
+    if not names:
+        return
+    if not layers:
+        raise FormatError(f"{adapter.label}: {fmt} files cannot hold full replacement tensors "
+                          f"(modules_to_save: {common.shown(names)}); write it as peft")
+    if base is None:
+        why = ("bound to no base, so loraops cannot tell it carries nothing (it is left out when it equals the "
+               "base's: give --base BASE)")
+    else:
+        why = f"which differs from base {base}'s, so it carries trained values"
+    raise FormatError(f"{adapter.label}: {common.shown(layers)}: PEFT's saved embedding layer (save_embedding_layers, "
+                      f"saved whole beside the LoRA), {why}; a {fmt} file cannot hold a full tensor: write it as peft")
+
+
 def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[str] = frozenset(),
                      token_modules: frozenset[str] = frozenset()) -> str | None:
     """The base tensor a non-LoRA PEFT key replaces (modules_to_save, trained biases, a LoRA layer's whole wrapped
@@ -374,6 +405,11 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
 # -- reading ---------------------------------------------------------------------------------------------------
 
 
+def load_config(path: Path) -> dict:
+    """adapter_config.json as a dict (fsutil.read_json: one line where it is no JSON object Python reads)."""
+    return read_json(path, "adapter config")
+
+
 def weights_file(folder: Path) -> Path:
     """The safetensors weights of a PEFT folder; a pickle-only folder is refused with a conversion hint."""
     weights = folder / WEIGHTS_NAME
@@ -383,21 +419,6 @@ def weights_file(folder: Path) -> Path:
         if (folder / name).is_file():
             st.read_header(folder / name)  # raises the pickle message naming the file
     raise FormatError(f"{folder}: no {WEIGHTS_NAME} in this folder (not a PEFT adapter?)")
-
-
-def load_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: adapter config is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except ValueError:  # JSON has no bound on digits, Python's int() has (sys.get_int_max_str_digits)
-        raise FormatError(f"{path}: adapter config is not JSON (a number of more than {sys.get_int_max_str_digits()} "
-                          "digits)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from None
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{path}: adapter config is not a JSON object")
-    return cfg
 
 
 def config_path(path: Path) -> Path | None:

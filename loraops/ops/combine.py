@@ -177,9 +177,11 @@ class MergekitParams(DensityParams):
 
     @model_validator(mode="after")
     def check_rescale(self):
-        if self.rescale_norm is not None and getattr(self, "rescale", True) is False:
+        # rescale given (on or off) with a norm: on, it would be ignored (the norm replaces the division); the
+        # default (rescale on, not given) is what a norm replaces
+        if self.rescale_norm is not None and "rescale" in self.model_fields_set:
             raise ValueError("rescale_norm is a way to rescale the survivors (in place of the division by their keep "
-                             "probability); it cannot go with rescale off")
+                             f"probability); it cannot go with rescale {'on' if self.rescale else 'off'}")
         return self
 
 

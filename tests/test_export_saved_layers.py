@@ -1,0 +1,79 @@
+"""Export of a PEFT adapter with a LoRA on the embeddings as kohya: PEFT saves the embedding layer whole beside the
+LoRA by default (save_embedding_layers="auto"), which a kohya file cannot hold. Where it is the base's own values it
+carries nothing and is left out; where it differs, export refuses and says what the tensor is."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import peft_adapter, peft_delta_weights, tiny_llama
+from test_engine import merged_tensors
+from test_merge_cli import run
+from loraops import check, formats
+from loraops.registry import Registry
+
+EMBED_LAYER = "base_model.model.model.embed_tokens.base_layer.weight"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """(base folder, a PEFT adapter with a LoRA on embed_tokens and q_proj, saved with PEFT's default
+    save_embedding_layers), the base registered as "tiny"."""
+    base = tiny_llama(tmp_path / "base")
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        adapter = peft_adapter(base, tmp_path / "emb", target_modules=["embed_tokens", "q_proj"])
+    assert EMBED_LAYER in load_file(adapter / "adapter_model.safetensors")
+    run("base", "add", base, "--name", "tiny")
+    return base, adapter
+
+
+def test_kohya_export_leaves_out_an_unchanged_saved_layer(tmp_path, saved):
+    from peft import PeftModel
+
+    from factories import load_model
+
+    base, adapter = saved
+    out = tmp_path / "k.safetensors"
+    result = run("export", adapter, "--format", "kohya", "-o", out, "--base", "tiny")
+    assert "left out model.embed_tokens.weight: PEFT's saved embedding layer" in result.output
+    with Registry.open() as reg:
+        bound = check.require_fit(formats.read_adapter(out), reg.base_manifest("tiny"), base_name="tiny")
+    assert not bound.full_tensors
+    reference = peft_delta_weights(PeftModel.from_pretrained(load_model(base), adapter))  # PEFT's own ΔW
+    assert {m.name for m in bound.modules.values()} == reference.keys()
+    for module in bound.modules.values():
+        torch.testing.assert_close(module.delta(), reference[module.name], rtol=1e-6, atol=1e-7)
+    run("merge", adapter, "--into", base, "-o", tmp_path / "from-peft", "--no-record")
+    run("merge", out, "--into", base, "-o", tmp_path / "from-kohya", "--no-record")
+    peft_merge, kohya_merge = merged_tensors(tmp_path / "from-peft"), merged_tensors(tmp_path / "from-kohya")
+    assert peft_merge.keys() == kohya_merge.keys()
+    assert not torch.equal(peft_merge["model.embed_tokens.weight"], load_file(base / "model.safetensors")[
+        "model.embed_tokens.weight"])  # (the embedding LoRA was merged)
+    for name in peft_merge:
+        assert torch.equal(peft_merge[name], kohya_merge[name]), name
+
+
+def test_kohya_export_of_a_registered_adapter_uses_its_base(tmp_path, saved):
+    _, adapter = saved
+    run("register", adapter, "--base", "tiny", "--name", "emb")
+    result = run("export", "emb", "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert "left out model.embed_tokens.weight" in result.output
+    assert (tmp_path / "k.safetensors").is_file()
+
+
+def test_a_changed_or_unbound_saved_layer_is_refused_by_name(tmp_path, saved):
+    _, adapter = saved
+    weights = adapter / "adapter_model.safetensors"
+    out = tmp_path / "k.safetensors"
+    unbound = run("export", adapter, "--format", "kohya", "-o", out, code=2).output
+    assert f"error: {adapter}: model.embed_tokens.weight: PEFT's saved embedding layer (save_embedding_layers" in unbound
+    assert "--base BASE" in unbound and "modules_to_save" not in unbound
+    tensors = load_file(weights)
+    tensors[EMBED_LAYER][3, 5] += 1  # trained: it carries values the LoRA does not
+    save_file(tensors, weights, metadata={"format": "pt"})
+    changed = run("export", adapter, "--format", "kohya", "-o", out, "--base", "tiny", code=2).output
+    assert changed.count("\n") == 1 and changed.startswith(f"error: {adapter}: model.embed_tokens.weight: PEFT's "
+                                                           "saved embedding layer (save_embedding_layers")
+    assert "differs from base tiny's" in changed and "modules_to_save" not in changed
+    assert not out.exists()
