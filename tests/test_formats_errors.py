@@ -163,6 +163,9 @@ CASES = {
                             InvalidInputError, "config targeting holds no regular expression"),
     "targeting-of-another-type": (lambda d: peft_folder(d / "a", good(), target_modules=5), InvalidInputError,
                                   "config target_modules=5 is none of the values PEFT takes"),
+    "targeting-list-of-another-type": (lambda d: peft_folder(d / "a", good(), target_modules=["q"],
+                                                             layers_to_transform=[0, "1"]), InvalidInputError,
+                                       r"config layers_to_transform=\[0, '1'\] is none of the values PEFT takes"),
     "named-adapters-only": (lambda d: (d / "a").mkdir() or peft_folder(d / "a" / "style", good()).parent, FormatError,
                             r"a/style\)$"),  # PEFT's save_pretrained of an adapter not named "default"
     "config-file": (lambda d: peft_folder(d / "a", good()) / "adapter_config.json", FormatError,

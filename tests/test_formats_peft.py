@@ -250,7 +250,13 @@ TARGETING = [  # (config fields, module keys of the file): PEFT's check_target_m
     ({"target_modules": ["q_proj"], "exclude_modules": r".*\.0\..*"}, ["model.layers.1.self_attn.q_proj", "model.layers.0.self_attn.q_proj"]),
     ({"target_modules": ["dense", "out_proj"], "modules_to_save": ["classifier"]},
      ["model.layers.0.attention.dense", "classifier.dense", "classifier.out_proj"]),
+    ({"target_modules": r"model\.layers\.\d+\.self_attn\.q"}, ["model.layers.0.self_attn.q_proj"]),  # whole key only
+    # no layers_pattern: the first numbered component is the layer, not an expert's index after it
+    ({"target_modules": ["w1"], "layers_to_transform": [1]},
+     ["model.layers.1.block_sparse_moe.experts.0.w1", "model.layers.0.block_sparse_moe.experts.1.w1"]),
+    ({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": "layers"}, ["layers.0.attn.q_proj"]),
     ({"target_modules": "all-linear"}, ["model.layers.0.self_attn.q_proj", "lm_head"]),  # only the model can say
+    ({"target_modules": "ALL-Linear"}, ["lm_head"]),  # (as PEFT reads it, in any case)
     ({}, ["model.layers.0.self_attn.q_proj"]),  # no target_modules: PEFT's defaults for the model type
 ]
 
@@ -273,7 +279,8 @@ def test_modules_the_config_does_not_target_are_refused_as_peft_matches(fields, 
         save_file({f"base_model.model.{key}.lora_A.weight": torch.ones(2, 4),
                    f"base_model.model.{key}.lora_B.weight": torch.ones(4, 2)}, str(folder / "adapter_model.safetensors"))
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **fields}))
-        found = check_target_module_exists(config, key) if fields.get("target_modules") not in (None, "all-linear") else True
+        model_decides = str(fields.get("target_modules")).lower() in ("none", "all-linear")
+        found = True if model_decides else check_target_module_exists(config, key)
         if found and not isinstance(found, _ExcludedModule):
             assert list(read_adapter(folder).modules) == [key]
         else:
@@ -298,6 +305,45 @@ def test_layers_left_out_by_an_edited_config_are_refused_not_merged(llama, tmp_p
     with pytest.raises(InvalidInputError, match="config layers_to_transform='1' is none of the values PEFT takes"):
         (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": "1"}))
         read_adapter(path)
+
+
+def test_a_regex_with_layers_is_refused_as_peft_refuses_it(llama, tmp_path):
+    """LoraConfig refuses layers_to_transform beside a target_modules regex; read with the regex alone, a config edited
+    so (to leave a layer out) merged every layer."""
+    from peft import PeftModel
+
+    path = factories.peft_adapter(llama, tmp_path / "a", target_modules=".*q_proj")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": [1]}))
+    with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+        PeftModel.from_pretrained(factories.load_model(llama), path)
+    with pytest.raises(InvalidInputError, match=r"adapter_config.json: config layers_to_transform=\[1\] beside "
+                                                r"target_modules '\.\*q_proj', a regex: PEFT's LoraConfig refuses that"):
+        read_adapter(path)
+
+
+@pytest.mark.parametrize("method, fields, edited", [
+    # LoHaConfig takes layers beside a regex, and PEFT selects by the regex alone
+    ("LoHaConfig", {"target_modules": r".*\.(q|k)_proj", "layers_to_transform": [1], "layers_pattern": "layers"}, {}),
+    # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps k_proj (was refused: a false
+    # "the config's exclude_modules leaves out")
+    ("VeraConfig", {"target_modules": ["q_proj", "k_proj"]}, {"exclude_modules": ["k_proj"]}),
+], ids=["loha-regex-with-layers", "vera-exclude-modules"])
+def test_targeting_fields_a_method_does_not_use_are_not_applied(method, fields, edited, llama, tmp_path):
+    """The targeting is what PEFT's config class of the adapter's method reads: loraops reads exactly the modules PEFT
+    wraps."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(0)
+    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(r=4, **fields)).save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, **edited}))
+    model = peft.PeftModel.from_pretrained(factories.load_model(llama), tmp_path / "a")
+    wrapped = [name.removeprefix("base_model.model.") for name, layer in model.named_modules()
+               if isinstance(layer, BaseTunerLayer)]
+    assert len(wrapped) == 4
+    assert sorted(read_adapter(tmp_path / "a").modules) == sorted(wrapped)
 
 
 def test_tied_modules_peft_adds_beside_the_targeting_are_read(tmp_path):

@@ -127,6 +127,8 @@ def test_kohya_round_trip_of_fan_in_fan_out_modules(tmp_path):
     adapter = read_adapter(src)
     back = bind(read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya")), manifest(gpt2))
     assert_same_deltas(adapter, back)  # same delta on the same stored (in×out) tensor
+    # binding what is bound changes nothing (the square c_proj, its factors swapped again, would add ΔWᵀ)
+    assert_same_deltas(adapter, bind(back, manifest(gpt2)))
     # bound, the Conv1D modules are in PEFT's layout again: written as PEFT, they load (were lora_A 4×192 for c_attn,
     # whose Conv1D takes 64 inputs: PEFT refused the file) with the source's deltas, and kohya gets the same file
     assert all(m.fan_in_fan_out for m in back.modules.values())
@@ -150,14 +152,40 @@ def test_kohya_round_trip_of_embedding_modules(llama, tmp_path):
 
     src = factories.peft_adapter(llama, tmp_path / "a", target_modules=["embed_tokens", "q_proj"])
     adapter = replace(read_adapter(src), full_tensors={})  # (PEFT saves the embedding layer beside: kohya holds none)
-    back = bind(read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya")), manifest(llama))
-    assert back.modules["model.embed_tokens"].kind == "embedding"
+    kohya = write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    back = bind(read_adapter(kohya), manifest(llama))
+    assert layouts(back) == layouts(adapter)  # the embedding module an embedding module again, q_proj as it was
     assert_same_deltas(adapter, back)
+    # a kohya file that does not list its embedding modules (written before loraops_embeddings, or by another tool):
+    # embed_tokens is known by its name
+    header = st.read_header(kohya)
+    unmarked = tmp_path / "unmarked.safetensors"
+    st.write_safetensors(unmarked, st.load_tensors(header),
+                         {k: v for k, v in header.metadata.items() if k != "loraops_embeddings"})
+    assert layouts(bind(read_adapter(unmarked), manifest(llama))) == layouts(adapter)
     model = PeftModel.from_pretrained(factories.load_model(llama), write_adapter(back, tmp_path / "p"))
     deltas = factories.peft_delta_weights(model)
     assert sorted(deltas) == sorted(adapter.modules)
     for name, module in adapter.modules.items():
         torch.testing.assert_close(deltas[name], module.delta(), **TOL, msg=name)
+
+
+def layouts(adapter):
+    return {name: (module.kind, module.fan_in_fan_out) for name, module in adapter.modules.items()}
+
+
+@pytest.mark.parametrize("listed", ["lora_unet_embed", "5", '{"lora_unet_embed": 1}'])
+def test_a_kohya_header_that_lists_no_embedding_modules_marks_none(listed, tmp_path):
+    """loraops_embeddings that is no JSON list of names is read as marking no module (a linear module on the
+    embedding's stored table: the same delta), not a traceback."""
+    adapter = read_adapter(factories.conv_peft_adapter(tmp_path / "a", target_modules=["embed", "proj"]))
+    header = st.read_header(write_adapter(adapter, tmp_path / "k.safetensors", "kohya"))
+    kohya = tmp_path / "listed.safetensors"
+    st.write_safetensors(kohya, st.load_tensors(header), {**header.metadata, "loraops_embeddings": listed})
+    base = factories.save_state_dict(factories.conv_embedding_model(), tmp_path / "base.safetensors")
+    back = bind(read_adapter(kohya), st.read_header(base).tensors)
+    assert layouts(back) == {"embed": ("linear", False), "proj": ("linear", False)}
+    assert_same_deltas(adapter, back)
 
 
 def test_kohya_round_trip_of_an_embedding_by_any_name_and_convs(tmp_path):

@@ -179,8 +179,16 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
     per model type), "all-linear" (its Linear layers), or ensure_weight_tying (PEFT also wraps, whatever the
     targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors)."""
-    targets, excluded = cfg.get("target_modules"), cfg.get("exclude_modules") or None
-    layers, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern") or None
+    peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    targets, layers, patterns = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps the modules it names
+    excluded = (cfg.get("exclude_modules") if peft_type != "VERA" else None) or None
+    if isinstance(targets, str) and peft_type in ("LORA", "ADALORA"):  # (LoHa's, LoKr's, VeRA's take it, unused)
+        for name, value in (("layers_to_transform", layers), ("layers_pattern", patterns)):
+            if value is not None:
+                raise InvalidInputError(f"{path}: config {name}={value!r} beside target_modules {targets!r}, a regex: "
+                                        f"PEFT's LoraConfig refuses that ({name} selects among a list of names)")
+    patterns = patterns or None
     if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or cfg.get("ensure_weight_tying"):
         return
     for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
