@@ -205,10 +205,10 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
         return None
     number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
     prefix = f"{where}: --alpha: " if where else ""
-    if number and FLOAT32_TINY <= alpha and not overflows_float32(alpha):  # (NaN is neither)
+    if number and alpha > 0 and (isinstance(alpha, int) or math.isfinite(alpha)):  # (NaN is not above 0)
+        if beyond := _beyond_float32(alpha):
+            raise InvalidInputError(f"{prefix}{beyond}")
         return float(alpha)
-    if number and (beyond := _beyond_float32(alpha)):
-        raise InvalidInputError(f"{prefix}{beyond}")
     why = ""
     if number and alpha == 0:
         why = (": an alpha of 0 means alpha = rank in a kohya file but a scale of 0 in PEFT, so loraops takes neither; "
@@ -220,8 +220,8 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
 
 
 def _beyond_float32(alpha: float) -> str | None:
-    """Why a finite alpha (0 and negative ones aside) is not one float32 holds as a normal number, else None."""
-    if (isinstance(alpha, int) or math.isfinite(alpha)) and overflows_float32(alpha):  # merged, it overflowed float32;
+    """Why a finite alpha of 0 or above is not one float32 holds as a normal number (0 aside), else None."""
+    if overflows_float32(alpha):  # merged, it overflowed float32;
         return f"alpha {_shown(alpha)} is beyond what float32 holds"  # written, it became inf
     if 0 < alpha < FLOAT32_TINY:
         return (f"alpha {alpha:g} is below what float32 holds (its smallest normal number is {FLOAT32_TINY:.2g}): a "
