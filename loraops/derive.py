@@ -195,7 +195,7 @@ def combine(
     """Combine registered adapters or paths (with weights) and register the result; see algebra.combine."""
     from .registry import Registry
 
-    _, parsed = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
+    arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
@@ -209,7 +209,7 @@ def combine(
                                                                           for i in inputs],
         )
         lineage = LineageSpec(
-            op="combine", params={"method": method, "params": parsed.model_dump(), "rank": rank},
+            op="combine", params={"method": method, "params": arguments.record(), "rank": rank},
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
