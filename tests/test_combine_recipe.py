@@ -272,3 +272,24 @@ def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc,
     assert run.returncode != 0 and run.stderr.startswith(want) and len(run.stderr.splitlines()) == 1, run.stderr
     with Registry.open() as reg:
         assert [a.name for a in reg.list_adapters()] == []
+
+
+def test_base_model_is_the_inputs_registered_base_or_their_hint():
+    """A registered base matches by its name or where it was added from; an unregistered one by the adapter's
+    base_model_name_or_path (a trailing / aside); an input that names no base is taken as it is."""
+    from types import SimpleNamespace as NS
+
+    from loraops.derive import check_base_model
+    from loraops.errors import MismatchError
+
+    registered = NS(record=NS(ref="a@1", base=NS(name="tiny", source="/models/tiny/", path=None)),
+                    adapter=NS(base_model="org/tiny"))
+    hinted = NS(record=NS(ref="b@1", base=None), adapter=NS(base_model="org/tiny/"))
+    unknown = NS(record=NS(ref="c@1", base=None), adapter=NS(base_model=None))
+    for name in ("tiny", "/models/tiny", "org/tiny"):
+        check_base_model([registered, unknown], name)
+    check_base_model([hinted, unknown], "org/tiny")
+    with pytest.raises(MismatchError, match=r"^base_model 'tiny': b@1 is for org/tiny/, and a recipe combines"):
+        check_base_model([hinted], "tiny")
+    with pytest.raises(MismatchError, match=r"^base_model 'org/other': a@1 is for tiny,"):
+        check_base_model([registered], "org/other")
