@@ -237,7 +237,9 @@ def combine_lazily(
 
     if not inputs:
         raise InvalidInputError("combine needs at least one adapter")
-    spec, parsed = combine_arguments(method, params, rank, [weight for _, weight in inputs])
+    arguments = combine_arguments(method, params, rank, [weight for _, weight in inputs])
+    spec, parsed = arguments.spec, arguments.params
+    owns = arguments.own or [None] * len(inputs)
     adapters = [adapter for adapter, _ in inputs]
     labels = list(labels) if labels is not None else [_label(a, i) for i, a in enumerate(adapters)]
     hints = [a.base_model.rstrip("/") if a.base_model else None for a in adapters]
@@ -276,13 +278,14 @@ def combine_lazily(
         for name, template in templates.items():
             B0, A0 = template.matrices()
             terms = []
-            for adapter, (_, weight) in zip(adapters, inputs):
+            for adapter, (_, weight), own in zip(adapters, inputs, owns):
                 module = adapter.modules.get(name)
                 if module is None:  # a zero delta: rank-0 factors
                     B2, A2, scale = B0[:, :0], A0[:0], 0.0
                 else:
                     (B2, A2), scale = module.matrices(), module.scale
-                terms.append(Term(B2.to(device=target, dtype=dtype), A2.to(device=target, dtype=dtype), scale, float(weight)))
+                terms.append(Term(B2.to(device=target, dtype=dtype), A2.to(device=target, dtype=dtype), scale, float(weight),
+                                  own))
             ranks = [m.rank for _, m in present[name]]
             k = rank or (spec.default_rank(ranks) if spec.default_rank else sum(ranks))
             with factorizing(what, name):
@@ -301,7 +304,7 @@ def combine_lazily(
     def summarize(combined: Adapter, seconds: float) -> CombineReport:
         errors = [r.error for r in records]
         return CombineReport(
-            method=method, params=parsed.model_dump(),
+            method=method, params=arguments.record(),
             inputs=[CombineInputRecord(ref=label, weight=float(w), rank=a.rank, modules=len(a.modules))
                     for (a, w), label in zip(inputs, labels)],
             device=str(target), precision=precision, modules=records, error_max=max(errors),
@@ -340,9 +343,56 @@ def _scales_with_weights(spec, params: dict[str, Any]) -> bool:
     return spec.weights_scale and not params.get("normalize", normalize is not None and normalize.default)
 
 
-def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None, weights: Sequence[float] = ()):
-    """(method spec, parsed params) after checking combine's arguments alone — callers that register inputs first
-    (loraops.derive) call it before touching anything."""
+PER_INPUT = ("density", "gamma", "epsilon")
+"""The parameters an element-wise method takes per input (mergekit's per-model parameters, beside the weight): a
+list of one value per input in place of one value for all."""
+
+
+@dataclass(frozen=True)
+class CombineArguments:
+    """combine's checked arguments: the method, its parameters and, where density, gamma or epsilon differ between
+    the inputs, each input's own."""
+
+    spec: Any
+    params: Any
+    """The method's parameters (with the first input's own values where they differ per input)."""
+    own: list | None = None
+    """Each input's parameters (``Term.params``), or None when every input takes ``params``."""
+
+    def record(self) -> dict[str, Any]:
+        """The parameters as the report and the lineage record them: one value each, or the list of each input's
+        where they differ (the same record as before per-input values existed when they do not)."""
+        data = self.params.model_dump()
+        for key in set(PER_INPUT) & set(data) if self.own else ():
+            values = [own.model_dump()[key] for own in self.own]
+            if any(v != values[0] for v in values):
+                data[key] = values
+        return data
+
+
+def _per_input(given: dict[str, Any], count: int) -> dict[str, list]:
+    """The PER_INPUT parameters given as lists, checked against the number of inputs; a list of one repeated value
+    is that value (``given`` is changed in place: so one computation has one record and one result)."""
+    lists = {}
+    for key in PER_INPUT:
+        values = given.get(key)
+        if not isinstance(values, (list, tuple)):
+            continue
+        if len(values) != count:
+            raise InvalidInputError(f"{key} has {len(values)} values for {count} adapters: give one value, or one "
+                                    "per adapter")
+        if all(v == values[0] for v in values):
+            given[key] = values[0]
+        else:
+            lists[key] = list(values)
+            del given[key]
+    return lists
+
+
+def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None,
+                      weights: Sequence[float] = ()) -> CombineArguments:
+    """The checked arguments of combine alone — callers that register inputs first (loraops.derive) call it before
+    touching anything. density, gamma and epsilon may be lists of one value per input (``weights``)."""
     from .ops.combine import METHODS
     from .ops.params import parse_params
 
@@ -355,7 +405,10 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         if takers and key not in _parameter_names(spec.params):
             hint = "; scale the weights instead" if key == "lambda" and _scales_with_weights(spec, given) else ""
             raise InvalidInputError(f"{method} takes no {key} (it is a parameter of {', '.join(takers)}){hint}")
-    parsed = parse_params(spec.params, params, method)
+    lists = _per_input(given, len(weights))
+    own = [parse_params(spec.params, {**given, **{key: values[i] for key, values in lists.items()}},
+                        f"{method} (adapter {i + 1})") for i in range(len(weights))] if lists else None
+    parsed = own[0] if own else parse_params(spec.params, given, method)
     if spec.check_weights is not None:
         spec.check_weights(method, list(weights))
     if rank is not None and rank <= 0:
@@ -367,7 +420,7 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         # divide by almost nothing (mergekit's semantics, but not what a negative weight says elsewhere)
         raise InvalidInputError(f"{method} with normalize divides by the weights that agree on each entry, so a "
                                 "negative weight would not subtract: use --no-normalize, or the linear method")
-    return spec, parsed
+    return CombineArguments(spec, parsed, own)
 
 
 def resize_rule(rank: int | None = None, dynamic: str | None = None, param: float | None = None,

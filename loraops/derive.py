@@ -85,6 +85,21 @@ def registered_for(reg: "Registry", ref: str, base: str | None) -> "AdapterRecor
     return record
 
 
+def check_base_model(inputs: Sequence[Input], base_model: str) -> None:
+    """Every input is for ``base_model``: it names the input's registered base (its name, or where it was added from)
+    or equals the adapter's own base_model_name_or_path. An input that names no base at all is taken as it is."""
+    want = base_model.rstrip("/")
+    for i in inputs:
+        base = i.record.base
+        known = {name.rstrip("/") for name in (base.name, base.source, base.path) if name} if base else set()
+        if i.adapter.base_model:
+            known.add(i.adapter.base_model.rstrip("/"))
+        if known and want not in known:
+            raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for "
+                                f"{base.name if base else i.adapter.base_model}, and a recipe combines task vectors "
+                                "over the adapters' own base")
+
+
 def check_arguments(name: str | None, output: str | None, force: bool, refs: Sequence[str]) -> None:
     """What can be refused before any input is registered (a failed command changes nothing)."""
     from .registry.store import check_name
@@ -190,12 +205,13 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 def combine(
     refs: Sequence[tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *, rank: int | None = None,
     device: str = "auto", precise: bool = False, name: str | None = None, output: str | None = None,
-    fmt: str | None = None, force: bool = False, base: str | None = None,
+    fmt: str | None = None, force: bool = False, base: str | None = None, base_model: str | None = None,
 ) -> DerivedRecord:
-    """Combine registered adapters or paths (with weights) and register the result; see algebra.combine."""
+    """Combine registered adapters or paths (with weights) and register the result; see algebra.combine.
+    ``base_model`` (a recipe's): the base every input must be for (see check_base_model)."""
     from .registry import Registry
 
-    _, parsed = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
+    arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
@@ -203,13 +219,15 @@ def combine(
         for i in inputs:  # before the work: what could not be written is refused first
             refuse_unwritable(i.adapter, written)
         base_id = common_base(inputs)
+        if base_model is not None:
+            check_base_model(inputs, base_model)
         combined = algebra.combine_lazily(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
                                                                           for i in inputs],
         )
         lineage = LineageSpec(
-            op="combine", params={"method": method, "params": parsed.model_dump(), "rank": rank},
+            op="combine", params={"method": method, "params": arguments.record(), "rank": rank},
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"

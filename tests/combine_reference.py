@@ -191,13 +191,43 @@ def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.
         sparse = [della(t, density, epsilon, uniform_draws(seed, name, i, t.shape), rescale and not rescale_norm)
                   for i, (_, t) in enumerate(pairs)]
     sparse = [rescaled_masked(t, s, rescale_norm) for (_, t), s in zip(pairs, sparse)]
+    return mixed(method, weights, sparse, normalize, lam, consensus)
+
+
+def mixed(method, weights, sparse, normalize, lam, consensus):
+    """mergekit's GTATask after the sparsification: weighted, sign-elected where the method elects, summed, divided
+    by the (agreeing) weights where it normalizes (default: the method's), times lambda."""
     weighted = [w * t for w, t in zip(weights, sparse)]
     normalize = method in NORMALIZED if normalize is None else normalize
     if method in CONSENSUS:
-        mixed = elect(weighted, weights, normalize, consensus)
+        mix = elect(weighted, weights, normalize, consensus)
     else:
-        mixed = sum(weighted)
+        mix = sum(weighted)
         if normalize:
             total = sum(weights)
-            mixed = mixed / (total if abs(total) >= 1e-8 else 1)
-    return mixed * lam
+            mix = mix / (total if abs(total) >= 1e-8 else 1)
+    return mix * lam
+
+
+def per_model_reference(method, inputs, name, per_model, seed=0, normalize=None, lam=1.0, rescale=True,
+                        consensus="sum", rescale_norm=None):
+    """mergekit's generalized task arithmetic with per-model parameters, as its GTATask.execute runs: each model's
+    task vector is sparsified with that model's own density (and gamma for magnitude_outliers, epsilon for DELLA's
+    magprune), then weighted, sign-elected and mixed with the merge's parameters, and scaled by lambda.
+    ``per_model``: one dict per input with its density and, where the method takes them, gamma and epsilon."""
+    pairs = taus(inputs, name)
+    sparse = []
+    for i, ((_, tau), own) in enumerate(zip(pairs, per_model)):
+        density = own["density"]
+        divide = rescale and not rescale_norm
+        if method in ("ties", "magnitude_prune"):
+            s = trim(tau, density) if density < 1 else tau
+        elif method.startswith("breadcrumbs"):
+            s = breadcrumbs(tau, density, own.get("gamma", 0.01)) if density < 1 else tau
+        elif method.startswith("dare"):
+            s = dare(tau, density, uniform_draws(seed, name, i, tau.shape), divide) if density < 1 else tau
+        else:
+            s = (della(tau, density, own.get("epsilon", 0.15), uniform_draws(seed, name, i, tau.shape), divide)
+                 if density < 1 else tau)
+        sparse.append(rescaled_masked(tau, s, rescale_norm) if density < 1 else s)
+    return mixed(method, [w for w, _ in pairs], sparse, normalize, lam, consensus)

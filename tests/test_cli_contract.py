@@ -57,7 +57,7 @@ def test_a_newline_in_a_path_stays_on_the_error_line(tmp_path, kohya):
     (["merge", "a", "--into", "b", "-o", "c", "--dtype", "int8"],
      "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main merge --help`)"),
     (["resize", "a", "--rank", "abc"], "invalid value for '--rank': 'abc' is not a valid integer (see `main resize --help`)"),
-    (["combine"], "missing argument 'REF[:WEIGHT]...' (see `main combine --help`)"),
+    (["combine"], "give the adapters to combine (REF[:WEIGHT]...), or --recipe (see `main combine --help`)"),
     (["base", "bogus"], "no such command 'bogus' (see `main base --help`)"),
     (["list", "--rank"], "option '--rank' requires an argument"),
 ])

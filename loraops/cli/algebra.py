@@ -66,8 +66,30 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
+RECIPE_OWNS = ("inputs", "method", "density", "gamma", "epsilon", "rescale", "rescale_norm", "select_topk", "flatten",
+               "row_wise", "filter_wise", "normalize", "lambda_")
+"""combine's arguments a recipe gives: given beside --recipe, they are refused (the recipe is the one description of
+the combination; its lineage says what was computed)."""
+
+
+def recipe_arguments(ctx: click.Context, path: str):
+    """The recipe at ``path``, after refusing the options it replaces."""
+    from ..recipe import read_recipe
+
+    for name in RECIPE_OWNS:
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+            option = next(p for p in ctx.command.params if p.name == name)
+            shown = "the adapters (REF[:WEIGHT])" if name == "inputs" else "/".join(option.opts[-1:] + option.secondary_opts)
+            raise click.UsageError(f"{shown} given with --recipe: the recipe gives the adapters, the method and its "
+                                   "parameters (edit the recipe instead)")
+    return read_recipe(path)
+
+
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, metavar="REF[:WEIGHT]...")
+@click.argument("inputs", nargs=-1, metavar="REF[:WEIGHT]...")
+@click.option("--recipe", type=click.Path(dir_okay=False),
+              help="A mergekit YAML configuration (merge_method, models with per-model weight/density/gamma/epsilon, "
+                   "parameters, base_model, dtype) in place of the adapters, --method and its parameters.")
 @click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
 @click.option("--rank", type=int, help="Output rank (linear/svd, nuslerp, model_stock: default Σ ranks, lossless; "
                                        "element-wise, sce: largest input rank).")
@@ -110,11 +132,12 @@ def percent(value: float | None) -> str:
                    "--normalize (default 1).")
 @compute_options
 @output_options
-def combine(inputs, method, rank, density, gamma, epsilon, seed, rescale, rescale_norm, consensus, select_topk, flatten,
-            row_wise, filter_wise, normalize, lambda_, device, precise, base, output, fmt, force, name,
-            as_json) -> None:
+@click.pass_context
+def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, rescale, rescale_norm, consensus,
+            select_topk, flatten, row_wise, filter_wise, normalize, lambda_, device, precise, base, output, fmt, force,
+            name, as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
-    registered with its lineage."""
+    registered with its lineage; or the adapters of a mergekit recipe (--recipe)."""
     from .. import derive
 
     given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("rescale", rescale),
@@ -122,8 +145,16 @@ def combine(inputs, method, rank, density, gamma, epsilon, seed, rescale, rescal
              ("flatten", flatten), ("row_wise", row_wise), ("filter_wise", filter_wise), ("normalize", normalize),
              ("lambda", lambda_))
     params = {key: value for key, value in given if value is not None}
-    result = derive.combine([parse_weighted(text) for text in inputs], method, params, rank=rank, device=device,
-                            precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
+    refs, base_model = None, None
+    if recipe is not None:
+        read = recipe_arguments(ctx, recipe)
+        method, refs, base_model, precise = read.method, read.inputs, read.base_model, precise or read.precise
+        params = {**read.params, **params}  # params holds only what no recipe gives (seed, consensus)
+    elif not inputs:
+        raise click.UsageError("give the adapters to combine (REF[:WEIGHT]...), or --recipe")
+    result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
+                            device=device, precise=precise, name=name, output=output, fmt=fmt, force=force, base=base,
+                            base_model=base_model)
     if as_json:
         echo_json(result)
         return

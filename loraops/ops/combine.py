@@ -62,6 +62,9 @@ class Term:
     A: torch.Tensor
     scale: float
     weight: float
+    params: Params | None = None
+    """This input's own parameters, where its density, gamma or epsilon differ from the others' (mergekit's per-model
+    parameters); None: the method's."""
 
     @property
     def rank(self) -> int:
@@ -498,9 +501,11 @@ def task_arithmetic(
     """mergekit's generalized task arithmetic on one module: sparsify each τᵢ (and bring it back to τᵢ's norm, with
     a ``rescale_norm``: a pass of its own), weight, optionally keep only the entries that agree with the elected sign,
     sum, optionally normalize. Every step is per entry, so the result is made row block by row block (see the module
-    docstring)."""
+    docstring). Each τᵢ is sparsified with its own parameters where it has them (Term.params), as mergekit sparsifies
+    each model's task vector with that model's density, gamma and epsilon; the mix takes the method's."""
     blocks = row_blocks(ctx.shape)
-    sparsifications = [sparsifier(t, params.density, blocks, ctx, i, params) for i, t in enumerate(terms)]
+    owns = [t.params or params for t in terms]
+    sparsifications = [sparsifier(t, own.density, blocks, ctx, i, own) for i, (t, own) in enumerate(zip(terms, owns))]
     norm = getattr(params, "rescale_norm", None)
     factors = [t.weight * (norm_ratio(t, s, blocks, norm) if norm else 1.0) for t, s in zip(terms, sparsifications)]
     sparsify = [s() for s in sparsifications]
@@ -520,7 +525,7 @@ def _elementwise(sparsifier: Callable[..., Sparsification], consensus: bool, by_
     (B·A)ᵀ = Aᵀ·Bᵀ is built by rows of the weight — and the result is transposed back (a view) for the SVD."""
     def run(terms: list[Term], params: DensityParams, rank: int, ctx: Context) -> Refactored:
         if by_rows and ctx.transposed:
-            flipped = [Term(t.A.T, t.B.T, t.scale, t.weight) for t in terms]
+            flipped = [Term(t.A.T, t.B.T, t.scale, t.weight, t.params) for t in terms]
             mixed = task_arithmetic(flipped, params, replace(ctx, shape=ctx.shape[::-1]), sparsifier, consensus)
             return refactor_dense(mixed.T, rank, exact=ctx.exact)
         return refactor_dense(task_arithmetic(terms, params, ctx, sparsifier, consensus), rank, exact=ctx.exact)

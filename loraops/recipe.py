@@ -1,0 +1,238 @@
+"""mergekit merge configurations (YAML) read as a `combine`: the subset that means something for LoRA task vectors
+over one base, mapped onto combine's methods and parameters as mergekit computes them; everything else is refused in
+one line naming it (docs/algebra.md, "Recipes").
+
+mergekit's semantics kept here (its config.py, merge_methods/registry.py and generalized_task_arithmetic.py):
+- a model's parameter falls back to the top-level ``parameters`` (weight, density, gamma, epsilon there are every
+  model's default);
+- a model that is the ``base_model`` contributes no task vector (mergekit skips it), so listing it is harmless;
+- ``weight`` is required where mergekit requires it; ``density`` defaults to 1 (nothing dropped);
+- ``rescale`` (default on for dare_* and della*, off for ties and breadcrumbs*) is its current rescale, the l1 norm
+  of each task vector (``rescale_norm: l1``); off, DARE's and DELLA's survivors are kept undivided;
+- ``task_arithmetic`` and ``linear`` are weighted sums (loraops' linear) with the weights folded: λ·wᵢ, and divided
+  by Σw where they normalize;
+- ``int8_mask`` changes only the dtype of mergekit's sign mask: accepted, it changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError
+from .references import WEIGHT
+
+ELEMENT_WISE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+DIVIDES_BY_DEFAULT = {"dare_ties", "dare_linear", "della", "della_linear"}
+"""mergekit's methods whose ``rescale`` defaults to on."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a mergekit method takes: per-model parameters (with mergekit's required weight or not) and top-level
+    ones, each top-level one mapped to combine's parameter name (None: accepted, no effect on the result)."""
+
+    per_model: tuple[str, ...]
+    top: dict[str, str | None]
+    weighted: bool = True
+    needs_base: bool = False
+
+
+GTA_TOP = {"normalize": "normalize", "rescale": "rescale", "lambda": "lambda", "int8_mask": None}
+METHODS: dict[str, MethodSpec] = {
+    **{m: MethodSpec(("weight", "density") + (("gamma",) if m.startswith("breadcrumbs") else ())
+                     + (("epsilon",) if m.startswith("della") else ()), GTA_TOP) for m in sorted(ELEMENT_WISE)},
+    "task_arithmetic": MethodSpec(("weight",), {"normalize": "normalize", "lambda": "lambda", "int8_mask": None}),
+    "linear": MethodSpec(("weight",), {"normalize": "normalize"}),
+    "sce": MethodSpec((), {"select_topk": "select_topk", "int8_mask": None}, weighted=False),
+    "nuslerp": MethodSpec(("weight",), {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"},
+                          needs_base=True),
+    "model_stock": MethodSpec((), {"filter_wise": "filter_wise"}, weighted=False, needs_base=True),
+}
+BOOLEAN = {"normalize", "rescale", "int8_mask", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise"}
+TENSOR_PARAMETERS = ("weight", "density", "gamma", "epsilon")
+REFUSED_TOP = {
+    "slices": "layer slices are not supported: a recipe combines whole adapters (list them under models)",
+    "tokenizer_source": "tokenizer options have no meaning for a LoRA adapter",
+    "tokenizer": "tokenizer options have no meaning for a LoRA adapter",
+    "chat_template": "a chat template has no meaning for a LoRA adapter",
+    "out_dtype": "the result is written in the adapters' dtype (dtype: float64 computes in float64)",
+}
+DTYPES = {"float32": False, "bfloat16": False, "float16": False, "float64": True}
+"""mergekit's dtype → whether loraops computes in float64 (--precise); the others compute in float32 as always."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A mergekit configuration as combine's arguments."""
+
+    merge_method: str
+    """mergekit's name of the method."""
+    method: str
+    """combine's method."""
+    inputs: list[tuple[str, float]]
+    params: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+    precise: bool = False
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """The recipe in a YAML file; a file that cannot be read or parsed is one InvalidInputError line."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path}: cannot read the recipe ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InvalidInputError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_recipe(data, str(path))
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """A parsed YAML document as a Recipe (see the module docstring); refusals name the key."""
+    def refuse(message: str) -> InvalidInputError:
+        return InvalidInputError(f"{source}: {message}")
+
+    if not isinstance(data, dict):
+        raise refuse("a recipe is a mapping with merge_method and models (mergekit's format)")
+    for key in data:
+        if key in REFUSED_TOP:
+            raise refuse(f"{key}: {REFUSED_TOP[key]}")
+        if key not in ("merge_method", "models", "parameters", "base_model", "dtype"):
+            raise refuse(f"unknown key {key!r} (a recipe takes merge_method, models, parameters, base_model, dtype)")
+    name = data.get("merge_method")
+    if not isinstance(name, str):
+        raise refuse("merge_method is missing (give one of " + ", ".join(METHODS) + ")")
+    spec = METHODS.get(name)
+    if spec is None:
+        raise refuse(f"merge_method {name!r} is not supported for LoRA adapters (use one of {', '.join(METHODS)})")
+    base_model = data.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        raise refuse("base_model must be a name or path (the adapters' base)")
+    if spec.needs_base and base_model is None:
+        raise refuse(f"{name} needs a base_model (mergekit's {name} without one works on whole weights, not on task "
+                     "vectors): give the adapters' base")
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise refuse(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+    top = _parameters(data.get("parameters"), "parameters", refuse)
+    for key in top:
+        if key not in spec.top and key not in spec.per_model:
+            raise refuse(f"parameters: {name} takes no {key!r} (it takes {_takes(spec)})")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise refuse("models must be a list of {model: REF, parameters: {...}}")
+    refs, per_model, base_weights = [], [], []
+    for i, entry in enumerate(models, 1):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            raise refuse(f"{where}: give model: REF (a registry reference or a path to an adapter)")
+        for key in entry:
+            if key not in ("model", "parameters"):
+                raise refuse(f"{where}: {key!r} is not supported (a model takes model and parameters)")
+        own = _parameters(entry.get("parameters"), f"{where}.parameters", refuse)
+        for key in own:
+            if key not in spec.per_model:
+                raise refuse(f"{where}.parameters: {name} takes no per-model {key!r}"
+                             + (f" (it takes {', '.join(spec.per_model)})" if spec.per_model else ""))
+        if base_model is not None and entry["model"] == base_model:
+            # mergekit's task-vector methods skip the base; its linear averages it in: a zero task vector whose
+            # weight still counts in Σw
+            if name == "linear":
+                weight = own.get("weight", top.get("weight"))
+                if weight is None:
+                    raise refuse(f"{where} (the base_model) has no weight: mergekit's linear averages it in and "
+                                 "requires one")
+                base_weights.append(float(weight))
+            continue
+        refs.append(entry["model"])
+        per_model.append({key: own.get(key, top.get(key)) for key in spec.per_model
+                          if own.get(key, top.get(key)) is not None})
+    if not refs:
+        raise refuse("models lists no adapter besides the base_model")
+    for i, own in enumerate(per_model, 1):
+        if spec.weighted and "weight" not in own:
+            raise refuse(f"models[{i}] ({refs[i - 1]}) has no weight: mergekit's {name} requires one (per model or "
+                         "under parameters)")
+
+    weights = [float(own.get("weight", 1.0)) for own in per_model]
+    params: dict[str, Any] = {}
+    for key in ("density", "gamma", "epsilon"):
+        if key in spec.per_model:
+            values = [own.get(key, 1.0 if key == "density" else None) for own in per_model]
+            if any(v is not None for v in values):
+                if None in values:  # a model without it: mergekit's own default for that model
+                    default = {"gamma": 0.01, "epsilon": 0.15}[key]
+                    values = [default if v is None else v for v in values]
+                params[key] = values
+    for key, value in top.items():
+        target = spec.top.get(key)
+        if target is not None:
+            params[target] = value
+    method, weights = _mapped(name, params, weights, sum(base_weights), refuse)
+    return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False))
+
+
+def _takes(spec: MethodSpec) -> str:
+    return ", ".join(dict.fromkeys([*spec.per_model, *spec.top])) or "no parameters"
+
+
+def _parameters(values: Any, where: str, refuse) -> dict[str, Any]:
+    """A parameters mapping with plain values: numbers (a number written as text, as YAML 1.1 reads 1e-2, is read as
+    mergekit's pydantic reads it) and booleans; gradients (lists) and conditional values (mappings) are refused."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise refuse(f"{where} must be a mapping of names to values")
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, list):
+            raise refuse(f"{where}.{key}: a gradient (a list of values across the layers) is not supported: give one "
+                         "value")
+        if isinstance(value, dict):
+            raise refuse(f"{where}.{key}: conditional values (filter/value) are not supported: give one value")
+        if key in BOOLEAN:
+            if not isinstance(value, bool):
+                raise refuse(f"{where}.{key} must be true or false (got {value!r})")
+        elif isinstance(value, str) and WEIGHT.fullmatch(value):
+            value = float(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise refuse(f"{where}.{key} must be a number (got {value!r})")
+        out[key] = value
+    return out
+
+
+def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight: float,
+            refuse) -> tuple[str, list[float]]:
+    """combine's method and weights for mergekit's ``name``, ``params`` turned into combine's in place;
+    ``base_weight``: linear's weight of the base, which counts in Σw."""
+    if name in ELEMENT_WISE:
+        rescale = params.pop("rescale", name in DIVIDES_BY_DEFAULT)
+        if rescale:
+            params["rescale_norm"] = "l1"
+        elif name in DIVIDES_BY_DEFAULT:
+            params["rescale"] = False
+        return name, weights
+    if name in ("task_arithmetic", "linear"):
+        normalize = params.pop("normalize", name == "linear")
+        factor = float(params.pop("lambda", 1.0))
+        total = sum(weights) + base_weight
+        if normalize:
+            if name == "linear" and total == 0:
+                raise refuse("linear with normalize divides by the sum of the weights, which is 0")
+            if abs(total) >= 1e-8:  # mergekit's task_arithmetic leaves a sum below 1e-8 undivided
+                factor /= total
+        elif name == "linear" and abs(total - 1) > 1e-9:
+            raise refuse(f"linear without normalize sums whole models (Σw·base + Σwτ), a task vector over the base "
+                         f"only when the weights sum to 1 (they sum to {total:g})")
+        return "linear", [w * factor for w in weights]
+    return name, weights

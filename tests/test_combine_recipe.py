@@ -1,0 +1,295 @@
+"""`loraops combine --recipe`: mergekit YAML configurations read as combine's arguments (loraops.recipe) — the
+mapping of each supported method and parameter, each refusal in one line, the result against the float64
+transcription of mergekit's per-model task arithmetic, and the CLI end to end."""
+import json
+
+import pytest
+import torch
+import yaml
+
+import combine_reference as ref
+from factories import combine_inputs, lora_adapter, loraops_run as loraops
+from loraops.algebra import combine
+from loraops.errors import InvalidInputError
+from loraops.recipe import parse_recipe, read_recipe
+
+
+def recipe(method, *models, **top):
+    """A recipe document: models as (ref, parameters or None)."""
+    doc = {"merge_method": method, "models": [{"model": m} if p is None else {"model": m, "parameters": p}
+                                               for m, p in models]}
+    doc.update(top)
+    return doc
+
+
+def test_element_wise_per_model_parameters_and_the_base_entry():
+    """Per-model density; the top-level parameters are every model's default (mergekit's fallback); the base, listed
+    as mergekit's examples do, is no input; ties' rescale is off by default."""
+    read = parse_recipe(recipe("ties", ("base", None), ("a", {"weight": 0.7, "density": 0.3}), ("b", {"weight": 0.5}),
+                               base_model="base", parameters={"density": 0.8, "normalize": False, "int8_mask": True}))
+    assert (read.method, read.inputs, read.base_model, read.precise) == ("ties", [("a", 0.7), ("b", 0.5)], "base", False)
+    assert read.params == {"density": [0.3, 0.8], "normalize": False}
+
+
+@pytest.mark.parametrize("method, top, params", [
+    ("dare_ties", {}, {"rescale_norm": "l1"}),  # mergekit's current default rescale: the l1 norm
+    ("dare_linear", {"rescale": False}, {"rescale": False}),
+    ("della", {"lambda": 1.2}, {"rescale_norm": "l1", "lambda": 1.2}),
+    ("ties", {"rescale": True}, {"rescale_norm": "l1"}),
+    ("breadcrumbs", {}, {}),
+    ("breadcrumbs_ties", {"rescale": False}, {}),
+])
+def test_rescale_is_mergekit_current_one(method, top, params):
+    read = parse_recipe(recipe(method, ("a", {"weight": 1, "density": 0.5}), ("b", {"weight": 2, "density": 0.5}),
+                               parameters=top))
+    assert read.params == {"density": [0.5, 0.5], **params}
+
+
+def test_gamma_and_epsilon_per_model_with_mergekit_defaults():
+    crumbs = parse_recipe(recipe("breadcrumbs", ("a", {"weight": 1, "density": 0.5, "gamma": 0.1}),
+                                 ("b", {"weight": 1, "density": 0.4})))
+    assert crumbs.params == {"density": [0.5, 0.4], "gamma": [0.1, 0.01]}
+    della = parse_recipe(recipe("della_linear", ("a", {"weight": 1, "epsilon": 0.05}), ("b", {"weight": 1}),
+                                parameters={"density": "5e-1"}))  # YAML 1.1 reads 5e-1 as text; mergekit a number
+    assert della.params == {"density": [0.5, 0.5], "epsilon": [0.05, 0.15], "rescale_norm": "l1"}
+
+
+@pytest.mark.parametrize("doc, inputs", [
+    (recipe("task_arithmetic", ("a", {"weight": 0.5}), ("b", {"weight": 1.5}), parameters={"lambda": 2}),
+     [("a", 1.0), ("b", 3.0)]),
+    (recipe("task_arithmetic", ("a", {"weight": 0.5}), ("b", {"weight": 1.5}),
+            parameters={"lambda": 2, "normalize": True}), [("a", 0.5), ("b", 1.5)]),
+    (recipe("linear", ("a", {"weight": 1}), ("b", {"weight": 3})), [("a", 0.25), ("b", 0.75)]),
+    (recipe("linear", ("base", {"weight": 2}), ("a", {"weight": 1}), ("b", {"weight": 1}), base_model="base"),
+     [("a", 0.25), ("b", 0.25)]),  # mergekit's linear averages the listed base in: a zero task vector
+    (recipe("linear", ("a", {"weight": 0.25}), ("b", {"weight": 0.75}), parameters={"normalize": False}),
+     [("a", 0.25), ("b", 0.75)]),
+])
+def test_weighted_sums_fold_lambda_and_normalize_into_the_weights(doc, inputs):
+    read = parse_recipe(doc)
+    assert (read.method, read.params) == ("linear", {}) and [r for r, _ in read.inputs] == [r for r, _ in inputs]
+    assert [w for _, w in read.inputs] == pytest.approx([w for _, w in inputs])
+
+
+def test_vector_methods_and_dtype():
+    nuslerp = parse_recipe(recipe("nuslerp", ("a", {"weight": 1}), ("b", {"weight": 3}), base_model="base",
+                                  parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True}, dtype="float64"))
+    assert (nuslerp.params, nuslerp.inputs, nuslerp.precise) == ({"flatten": False, "row_wise": True},
+                                                                 [("a", 1.0), ("b", 3.0)], True)
+    stock = parse_recipe(recipe("model_stock", ("base", None), ("a", None), ("b", None), base_model="base",
+                                parameters={"filter_wise": True}, dtype="bfloat16"))
+    assert (stock.params, stock.inputs, stock.precise) == ({"filter_wise": True}, [("a", 1.0), ("b", 1.0)], False)
+    sce = parse_recipe(recipe("sce", ("a", None), ("b", None), parameters={"select_topk": 0.5}))
+    assert (sce.method, sce.params) == ("sce", {"select_topk": 0.5})
+
+
+TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}]}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ([1, 2], "r: a recipe is a mapping with merge_method and models (mergekit's format)"),
+    ({**TIES, "slices": []}, "r: slices: layer slices are not supported: a recipe combines whole adapters"),
+    ({**TIES, "tokenizer_source": "base"}, "r: tokenizer_source: tokenizer options have no meaning for a LoRA adapter"),
+    ({**TIES, "out_dtype": "float16"}, "r: out_dtype: the result is written in the adapters' dtype"),
+    ({**TIES, "name": "x"}, "r: unknown key 'name' (a recipe takes merge_method, models, parameters, base_model, "
+                            "dtype)"),
+    ({"models": TIES["models"]}, "r: merge_method is missing (give one of "),
+    ({**TIES, "merge_method": "slerp"}, "r: merge_method 'slerp' is not supported for LoRA adapters (use one of "),
+    ({**TIES, "merge_method": "magnitude_prune"}, "r: merge_method 'magnitude_prune' is not supported"),
+    ({**TIES, "dtype": "int8"}, "r: dtype 'int8' is not one of float32, bfloat16, float16, float64"),
+    ({**TIES, "base_model": 3}, "r: base_model must be a name or path (the adapters' base)"),
+    ({**TIES, "models": "a"}, "r: models must be a list of {model: REF, parameters: {...}}"),
+    ({**TIES, "models": [{"model": "a", "layer_range": [0, 4]}]},
+     "r: models[1]: 'layer_range' is not supported (a model takes model and parameters)"),
+    ({**TIES, "models": [{"parameters": {}}]}, "r: models[1]: give model: REF"),
+    ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "density": [0.1, 0.9]}}]},
+     "r: models[1].parameters.density: a gradient (a list of values across the layers) is not supported: give one "
+     "value"),
+    ({**TIES, "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.2}]}},
+     "r: parameters.density: a gradient (a list of values across the layers) is not supported"),
+    ({**TIES, "parameters": {"density": {"filter": "mlp", "value": 0.5}}},
+     "r: parameters.density: conditional values (filter/value) are not supported: give one value"),
+    ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}}]},
+     "r: models[1].parameters: ties takes no per-model 'gamma' (it takes weight, density)"),
+    ({**TIES, "parameters": {"select_topk": 0.5}},
+     "r: parameters: ties takes no 'select_topk' (it takes weight, density, normalize, rescale, lambda, int8_mask)"),
+    ({**TIES, "parameters": {"normalize": "yes"}}, "r: parameters.normalize must be true or false (got 'yes')"),
+    ({**TIES, "parameters": {"lambda": True}}, "r: parameters.lambda must be a number (got True)"),
+    ({**TIES, "models": [{"model": "a", "parameters": {"density": 0.5}}]},
+     "r: models[1] (a) has no weight: mergekit's ties requires one (per model or under parameters)"),
+    ({**TIES, "base_model": "a"}, "r: models lists no adapter besides the base_model"),
+    ({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+     "r: nuslerp needs a base_model (mergekit's nuslerp without one works on whole weights"),
+    ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+     "r: models[1].parameters: model_stock takes no per-model 'weight'"),
+    ({"merge_method": "linear", "parameters": {"normalize": False},
+      "models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": 1}}]},
+     "r: linear without normalize sums whole models (Σw·base + Σwτ), a task vector over the base only when the "
+     "weights sum to 1 (they sum to 2)"),
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                           {"model": "b", "parameters": {"weight": -1}}]},
+     "r: linear with normalize divides by the sum of the weights, which is 0"),
+    ({"merge_method": "linear", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                                             {"model": "b"}]},
+     "r: models[2] (the base_model) has no weight: mergekit's linear averages it in and requires one"),
+])
+def test_refusals_are_one_line_naming_the_key(doc, message):
+    with pytest.raises(InvalidInputError) as caught:
+        parse_recipe(doc, "r")
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("merge_method: ties\nmodels: [a\n", "not valid YAML at line 3, column 1: expected ',' or ']'"),
+    ("merge_method: ties\n  models: x\n", "not valid YAML at line 2, column 9: mapping values are not allowed here"),
+    ("\tmerge_method: ties\n", "not valid YAML at line 1, column 1: found character '\\t' that cannot start any "
+                               "token"),
+    ("", "a recipe is a mapping with merge_method and models"),
+])
+def test_bad_yaml_is_one_line(tmp_path, text, message):
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    with pytest.raises(InvalidInputError) as caught:
+        read_recipe(path)
+    assert str(caught.value).startswith(f"{path}: {message}") and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_a_missing_or_binary_recipe_is_one_line(tmp_path):
+    with pytest.raises(InvalidInputError, match=r"cannot read the recipe \(No such file or directory\)$"):
+        read_recipe(tmp_path / "none.yml")
+    (tmp_path / "bin.yml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(InvalidInputError, match="cannot read the recipe"):
+        read_recipe(tmp_path / "bin.yml")
+
+
+def adapters():
+    f64 = torch.float64
+    return {"a": lora_adapter({"x": (24, 40), "y": (16, 16)}, rank=4, seed=1, dtype=f64),
+            "b": lora_adapter({"x": (24, 40), "y": (16, 16)}, rank=3, seed=2, dtype=f64),
+            "c": lora_adapter({"x": (24, 40)}, rank=5, seed=3, dtype=f64)}
+
+
+@pytest.mark.parametrize("method, models, top, own, options", [
+    ("dare_ties", {"a": {"weight": 0.7, "density": 0.3}, "b": {"weight": 1.1, "density": 0.6},
+                   "c": {"weight": 0.4, "density": 0.9}}, {}, [{"density": d} for d in (0.3, 0.6, 0.9)],
+     {"rescale_norm": "l1"}),
+    ("breadcrumbs_ties", {"a": {"weight": 1.0, "gamma": 0.05}, "b": {"weight": 0.5, "gamma": 0.2},
+                          "c": {"weight": 0.8}}, {"density": 0.5, "rescale": True},
+     [{"density": 0.5, "gamma": g} for g in (0.05, 0.2, 0.01)], {"rescale_norm": "l1"}),
+    ("della", {"a": {"weight": 1.0, "density": 0.4, "epsilon": 0.1}, "b": {"weight": 0.6, "density": 0.7},
+               "c": {"weight": 0.3, "density": 0.5, "epsilon": 0.3}}, {"rescale": False, "lambda": 0.9},
+     [{"density": 0.4, "epsilon": 0.1}, {"density": 0.7, "epsilon": 0.15}, {"density": 0.5, "epsilon": 0.3}],
+     {"rescale": False, "lam": 0.9}),
+])
+def test_a_recipe_computes_mergekit_per_model_task_arithmetic(method, models, top, own, options):
+    """The recipe's arguments give what mergekit's GTATask computes with those per-model parameters (float64)."""
+    made = adapters()
+    read = parse_recipe(recipe(method, *models.items(), parameters=top))
+    inputs = [(made[r], w) for r, w in read.inputs]
+    result, _ = combine(inputs, read.method, read.params, rank=40, precise=True)
+    for name, module in result.modules.items():
+        want = ref.per_model_reference(method, inputs, name, own, **options)
+        assert float((module.delta(dtype=torch.float64) - want).norm()) <= 1e-7 * float(want.norm()), name
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return combine_inputs(tmp_path_factory.mktemp("recipe-cli"))
+
+
+def write(path, doc):
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_cli_end_to_end(files, tmp_path):
+    """A recipe with the base listed and per-model densities: combined, written and registered with the per-input
+    values in its lineage; the output is mergekit's per-model result."""
+    from loraops.formats import read_adapter
+    from loraops.registry import Registry
+
+    doc = recipe("ties", (str(files["base"]), None), (str(files["a"]), {"weight": 0.7, "density": 0.3}),
+                 (str(files["b"]), {"weight": 0.5, "density": 0.8}), base_model=str(files["base"]),
+                 parameters={"normalize": True, "int8_mask": True}, dtype="float64")
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--rank", "64", "--name", "ab-recipe",
+                  "-o", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "ties(density=[0.3, 0.8], normalize=True, lambda=1.0) of a@1×0.7, b@1×0.5", lines
+    assert lines[1].endswith("float64 on cpu, " + lines[1].rsplit(", ", 1)[1])
+    assert lines[-1].startswith("registered ab-recipe@1") and lines[-1].endswith(f"wrote {tmp_path / 'out'}")
+    with Registry.open() as reg:
+        record = reg.get_adapter("ab-recipe")
+    assert record.lineage.params["params"] == {"density": [0.3, 0.8], "normalize": True, "lambda": 1.0}
+    inputs = [(read_adapter(files["a"]), 0.7), (read_adapter(files["b"]), 0.5)]
+    out = read_adapter(tmp_path / "out")
+    for name, module in out.modules.items():
+        want = ref.per_model_reference("ties", inputs, name, [{"density": 0.3}, {"density": 0.8}])
+        assert float((module.delta(dtype=torch.float64) - want).norm()) <= 2e-6 * float(want.norm()), name
+    shown = json.loads(loraops("show", "ab-recipe", "--json").stdout)
+    assert shown["lineage"]["params"]["params"]["density"] == [0.3, 0.8]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--density", "0.5"], "error: --density given with --recipe: the recipe gives the adapters, the method and its "
+                           "parameters (edit the recipe instead)"),
+    (["-m", "dare_ties"], "error: --method given with --recipe"),
+    (["--no-normalize"], "error: --normalize/--no-normalize given with --recipe"),
+    (["{a}:0.5"], "error: the adapters (REF[:WEIGHT]) given with --recipe"),
+])
+def test_cli_options_the_recipe_gives_are_refused(files, tmp_path, extra, message):
+    doc = recipe("ties", (str(files["a"]), {"weight": 1, "density": 0.5}))
+    argv = ["combine", "--recipe", write(tmp_path / "r.yml", doc), *(a.format(a=files["a"]) for a in extra)]
+    run = loraops(*argv)
+    assert run.returncode == 2 and run.stderr.startswith(message) and len(run.stderr.splitlines()) == 1, run.stderr
+
+
+def test_cli_options_beside_the_recipe_apply(files, tmp_path):
+    """--seed and --consensus (which no recipe gives) apply with it."""
+    doc = recipe("dare_ties", (str(files["a"]), {"weight": 1, "density": 0.5}), (str(files["c"]), {"weight": 1}))
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--seed", "3", "--consensus", "count")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == ("dare_ties(density=[0.5, 1.0], rescale_norm=l1, seed=3, normalize=False, "
+                                          "lambda=1.0, consensus=count) of a@1×1, c@1×1")
+
+
+@pytest.mark.parametrize("doc, message", [
+    (lambda f: recipe("ties", (str(f["a"]), {"weight": 1, "density": 0.5}), base_model="other/model"),
+     "error: base_model 'other/model': a@1 is for {base}, and a recipe combines task vectors over the adapters' own "
+     "base"),
+    (lambda f: recipe("ties", (str(f["a"]), {"weight": 1, "density": [0.5, 0.2]})),
+     "error: {path}: models[1].parameters.density: a gradient"),
+    (lambda f: recipe("breadcrumbs", (str(f["a"]), {"weight": 1, "density": 0.5, "gamma": 0.6}),
+                      (str(f["b"]), {"weight": 1, "density": 0.5})),
+     "error: bad parameters for breadcrumbs (adapter 1): gamma (0.6) + density (0.5) must be at most 1"),
+])
+def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc, message):
+    from loraops.registry import Registry
+
+    path = write(tmp_path / "r.yml", doc(files))
+    run = loraops("combine", "--recipe", path)
+    want = message.format(base=files["base"], path=path)
+    assert run.returncode != 0 and run.stderr.startswith(want) and len(run.stderr.splitlines()) == 1, run.stderr
+    with Registry.open() as reg:
+        assert [a.name for a in reg.list_adapters()] == []
+
+
+def test_base_model_is_the_inputs_registered_base_or_their_hint():
+    """A registered base matches by its name or where it was added from; an unregistered one by the adapter's
+    base_model_name_or_path (a trailing / aside); an input that names no base is taken as it is."""
+    from types import SimpleNamespace as NS
+
+    from loraops.derive import check_base_model
+    from loraops.errors import MismatchError
+
+    registered = NS(record=NS(ref="a@1", base=NS(name="tiny", source="/models/tiny/", path=None)),
+                    adapter=NS(base_model="org/tiny"))
+    hinted = NS(record=NS(ref="b@1", base=None), adapter=NS(base_model="org/tiny/"))
+    unknown = NS(record=NS(ref="c@1", base=None), adapter=NS(base_model=None))
+    for name in ("tiny", "/models/tiny", "org/tiny"):
+        check_base_model([registered, unknown], name)
+    check_base_model([hinted, unknown], "org/tiny")
+    with pytest.raises(MismatchError, match=r"^base_model 'tiny': b@1 is for org/tiny/, and a recipe combines"):
+        check_base_model([hinted], "tiny")
+    with pytest.raises(MismatchError, match=r"^base_model 'org/other': a@1 is for tiny,"):
+        check_base_model([registered], "org/other")
