@@ -234,6 +234,10 @@ _LM_WRAPPER = re.compile(r"^(?:(?P<owner>(?:.+\.)?)(?:model|transformer|backbone
 
 # the sub-configs of a composite model's text model (transformers' PreTrainedConfig.get_text_config names them)
 TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder")
+# model types whose config derives the decoder's output scaling (d_model**-0.5 before the head) from
+# tie_word_embeddings when it does not say scale_decoder_outputs (configs saved before transformers 5): a T5 as
+# InstructBLIP's or BLIP-2's text_config
+SCALES_BY_TIE = ("t5", "umt5", "longt5", "pop2piano")
 
 
 def _tie_flags(config: dict) -> list[dict]:
@@ -255,9 +259,12 @@ def ties_word_embeddings(config: dict) -> bool | None:
 
 def untied(config: dict) -> dict:
     """``config`` (a config.json) saying that nothing is tied, at every level and by every key ties_word_embeddings
-    reads."""
+    reads, and computing what it did: a T5-family level that scaled its decoder's output because it was tied says
+    so (scale_decoder_outputs), as its config read it."""
     config = copy.deepcopy(config)
     for level in _tie_flags(config):
+        if level.get("model_type") in SCALES_BY_TIE and "scale_decoder_outputs" not in level:
+            level["scale_decoder_outputs"] = level.get("tie_word_embeddings") is not False
         level["tie_word_embeddings"] = False
     if (tied := _tied_head_of_class(config)) is not None:
         config[tied.switch] = False

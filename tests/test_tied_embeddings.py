@@ -856,3 +856,56 @@ def test_csm_ties_its_backbone_audio_embeddings_to_the_depth_decoder(tmp_path, t
     merged.tie_weights()
     for got, want in zip(csm_logits(merged), expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+_INSTRUCTBLIP_T5 = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+                       patch_size=8),
+    qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=128, encoder_hidden_size=32),
+    text_config=dict(model_type="t5", d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=128),
+    num_query_tokens=4, image_token_index=120)
+
+
+def instructblip_logits(model):
+    with torch.no_grad():
+        return model.eval()(pixel_values=_PIXELS[:, :, :16, :16], qformer_input_ids=TOKENS[:, :6] % 100 + 3,
+                            input_ids=torch.cat([torch.full((1, 4), 120), TOKENS[:, :6] % 100 + 3], 1),
+                            decoder_input_ids=TOKENS[:, 6:11] % 100 + 3).logits
+
+
+@pytest.mark.parametrize("saves_scaling", [True, False])
+def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, saves_scaling):
+    """InstructBLIP with a T5 language model, its head tied to language_model.shared: T5's config scales the
+    decoder's output by d_model**-0.5 when tied, read from tie_word_embeddings where the config does not say
+    scale_decoder_outputs (saved before transformers 5). A LoRA on the head unties it; the merged config says the
+    scaling as the base's config read it, so the merged model computes what PEFT's merge_and_unload of the head
+    untied in memory computes, and what PEFT's adapted model computes."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration as cls
+
+    torch.manual_seed(0)
+    cls._from_config(InstructBlipConfig(**_INSTRUCTBLIP_T5)).save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["text_config"]["scale_decoder_outputs"] is True
+    if not saves_scaling:
+        del config["text_config"]["scale_decoder_outputs"]
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q", "language_model.lm_head"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    untied_in_memory = cls.from_pretrained(tmp_path / "base")
+    head = untied_in_memory.language_model.lm_head
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    expected = instructblip_logits(PeftModel.from_pretrained(untied_in_memory, tmp_path / "a").merge_and_unload())
+    torch.testing.assert_close(instructblip_logits(adapted_model), expected, atol=1e-5, rtol=1e-5)
+
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == ["language_model.lm_head.weight"]
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(instructblip_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert (text["tie_word_embeddings"], text["scale_decoder_outputs"]) == (False, True)
