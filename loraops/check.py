@@ -232,8 +232,10 @@ _LM_WRAPPER = re.compile(r"^(?:(?P<owner>(?:.+\.)?)(?:model|transformer|backbone
                          r"(?P<leaf>embed_tokens|wte|word_embeddings|embeddings|embed_in)\.weight$")
 
 
-# the sub-configs of a composite model's text model (transformers' PreTrainedConfig.get_text_config names them)
-TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder")
+# the sub-configs of a composite model's text model (transformers' PreTrainedConfig.get_text_config names them), and
+# Qwen-Omni's thinker: a sub-model that ties its lm_head by its own config's flag (transformers reads that flag, not
+# its text_config's, which ties nothing)
+TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder", "thinker_config")
 # model types whose config derives the decoder's output scaling (d_model**-0.5 before the head) from
 # tie_word_embeddings when it does not say scale_decoder_outputs (configs saved before transformers 5): a T5 as
 # InstructBLIP's or BLIP-2's text_config

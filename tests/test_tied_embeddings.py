@@ -909,3 +909,51 @@ def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, saves_scalin
     torch.testing.assert_close(instructblip_logits(merged), expected, atol=1e-5, rtol=1e-5)
     text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
     assert (text["tie_word_embeddings"], text["scale_decoder_outputs"]) == (False, True)
+
+
+_OMNI_THINKER = dict(
+    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=160,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                       fullatt_block_indexes=[0], patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
+    audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=32,
+                      num_mel_bins=8, max_source_positions=16, n_window=4),
+    audio_token_index=150, image_token_index=151, video_token_index=152, tie_word_embeddings=True)
+
+
+def test_qwen_omni_ties_by_its_thinker_config(tmp_path):
+    """Qwen2.5-Omni's thinker is a sub-model that ties its lm_head by thinker_config's tie_word_embeddings (the top
+    level says nothing). A LoRA on the thinker's head unties it and the merged thinker_config says false, so the
+    merged model computes what PEFT's adapted model computes also once tied again by its config (tie_weights(), as
+    after resize_token_embeddings), where a thinker_config still saying true tied the base's embeddings back in."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration as cls
+
+    from loraops.check import ties_word_embeddings, untied
+
+    assert ties_word_embeddings({"thinker_config": {"tie_word_embeddings": False}}) is False
+    assert untied({"thinker_config": {"tie_word_embeddings": True}})["thinker_config"]["tie_word_embeddings"] is False
+    torch.manual_seed(0)
+    cls._from_config(Qwen2_5OmniConfig(thinker_config=_OMNI_THINKER, enable_audio_output=False)).save_pretrained(
+        tmp_path / "base")
+    torch.save({}, tmp_path / "base" / "spk_dict.pt")  # (the talker's voices, which from_pretrained loads)
+    assert "thinker.lm_head.weight" not in load_file(tmp_path / "base" / "model.safetensors")
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["thinker.lm_head"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+
+    def thinker_logits(model):
+        with torch.no_grad():
+            return model.eval().thinker(input_ids=TOKENS[:, :8] % 100 + 3).logits
+
+    expected = thinker_logits(adapted_model.base_model.model)
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == ["thinker.lm_head.weight"]
+    merged = cls.from_pretrained(tmp_path / "out")  # (its from_pretrained cannot give loading info)
+    torch.testing.assert_close(thinker_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    merged.tie_weights()
+    torch.testing.assert_close(thinker_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["thinker_config"]["tie_word_embeddings"] is False
