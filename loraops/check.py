@@ -846,8 +846,13 @@ def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int
         return tuple(info.shape) if module.fused is None else part_shape(module, info.shape)
     # a head is an nn.Linear, out×in, whatever the adapter's one fan_in_fan_out says (a GPT-2 LoRA on c_attn and
     # lm_head says true: fit_orientation)
-    head = (module.out_features, module.in_features) if module.kind == "linear" else module.weight_shape
-    source = tied_head_source(module.weight_name, head, manifest)
+    heads = [(module.out_features, module.in_features) if module.kind == "linear" else module.weight_shape]
+    if module.method == "vera" and not module.inputs_known:
+        # a VeRA layer takes the first in_features columns of the shared vera_A, as wide as the widest targeted layer
+        # (PEFT's vera_A[:, :in]): the head's inputs are any up to that width, the widest first (lowrank.fit_inputs)
+        heads += sorted({tuple(info.shape) for info in manifest.values() if len(info.shape) == 2
+                         and info.shape[0] == module.out_features and info.shape[1] < module.in_features}, reverse=True)
+    source = next((found for head in heads if (found := tied_head_source(module.weight_name, head, manifest))), None)
     return None if source is None else tuple(manifest[source].shape)
 
 
