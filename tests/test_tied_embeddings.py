@@ -957,3 +957,36 @@ def test_qwen_omni_ties_by_its_thinker_config(tmp_path):
     merged.tie_weights()
     torch.testing.assert_close(thinker_logits(merged), expected, atol=1e-5, rtol=1e-5)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["thinker_config"]["tie_word_embeddings"] is False
+
+
+# transformers classes with an output head, not in TIED_HEAD_OF_CLASS, whose tied pair the causal-LM rule does not
+# name, and why that is harmless
+RULE_EXCEPTIONS = {
+    "BltForCausalLM": "ties its embeddings to its head (the head is what a tied checkpoint stores)",
+    "Qwen3OmniMoeTalkerForConditionalGeneration": "its codec_head and codec_embedding: names no rule reads",
+}
+
+
+def test_the_causal_lm_rule_names_the_head_transformers_ties():
+    """For a class TIED_HEAD_OF_CLASS does not list, unstored_head_of names the head tied to the embeddings by rule
+    (lm_head beside the decoder's wrapper). transformers says which head a class ties by its class attribute
+    _tied_weights_keys (in memory names, no model built): for each of its classes with an output head that declares
+    tied keys the rule names that head (GPT-NeoX's by its checkpoint name, embed_out), but for encoder-decoder
+    configs (never untied) and RULE_EXCEPTIONS. (Classes whose sub-model ties declare nothing at the top level:
+    BLIP-2, Mllama, Qwen2.5-Omni, …; and remote code is not covered: docs/readme-tiedh.md.)"""
+    import transformers
+
+    from loraops.check import LM_HEAD_CLASSES, unstored_head_of
+
+    agreed = 0
+    for name in sorted(n for n in dir(transformers) if n.endswith(LM_HEAD_CLASSES) and n not in TIED_HEAD_OF_CLASS):
+        cls = getattr(transformers, name)
+        for head, embeddings in (getattr(cls, "_tied_weights_keys", None) or {}).items():
+            if not head.endswith(".weight"):
+                continue
+            named = unstored_head_of(embeddings, {}, {"architectures": [name]})
+            if named in {head, "embed_out.weight" if embeddings.endswith("embed_in.weight") else head}:
+                agreed += 1
+            else:
+                assert name in RULE_EXCEPTIONS or cls.config_class().is_encoder_decoder, (name, head, embeddings, named)
+    assert agreed >= 220
