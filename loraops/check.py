@@ -232,8 +232,14 @@ _LM_WRAPPER = re.compile(r"^(?:(?P<owner>(?:.+\.)?)(?:model|transformer|backbone
                          r"(?P<leaf>embed_tokens|wte|word_embeddings|embeddings|embed_in)\.weight$")
 
 
-# the sub-configs of a composite model's text model (transformers' PreTrainedConfig.get_text_config names them)
-TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder")
+# the sub-configs of a composite model's text model (transformers' PreTrainedConfig.get_text_config names them), and
+# Qwen-Omni's thinker: a sub-model that ties its lm_head by its own config's flag (transformers reads that flag, not
+# its text_config's, which ties nothing)
+TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder", "thinker_config")
+# model types whose config derives the decoder's output scaling (d_model**-0.5 before the head) from
+# tie_word_embeddings when it does not say scale_decoder_outputs (configs saved before transformers 5): a T5 as
+# InstructBLIP's or BLIP-2's text_config
+SCALES_BY_TIE = ("t5", "umt5", "longt5", "pop2piano")
 
 
 def _tie_flags(config: dict) -> list[dict]:
@@ -255,9 +261,12 @@ def ties_word_embeddings(config: dict) -> bool | None:
 
 def untied(config: dict) -> dict:
     """``config`` (a config.json) saying that nothing is tied, at every level and by every key ties_word_embeddings
-    reads."""
+    reads, and computing what it did: a T5-family level that scaled its decoder's output because it was tied says
+    so (scale_decoder_outputs), as its config read it."""
     config = copy.deepcopy(config)
     for level in _tie_flags(config):
+        if level.get("model_type") in SCALES_BY_TIE and "scale_decoder_outputs" not in level:
+            level["scale_decoder_outputs"] = level.get("tie_word_embeddings") is not False
         level["tie_word_embeddings"] = False
     if (tied := _tied_head_of_class(config)) is not None:
         config[tied.switch] = False
@@ -837,8 +846,13 @@ def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int
         return tuple(info.shape) if module.fused is None else part_shape(module, info.shape)
     # a head is an nn.Linear, out×in, whatever the adapter's one fan_in_fan_out says (a GPT-2 LoRA on c_attn and
     # lm_head says true: fit_orientation)
-    head = (module.out_features, module.in_features) if module.kind == "linear" else module.weight_shape
-    source = tied_head_source(module.weight_name, head, manifest)
+    heads = [(module.out_features, module.in_features) if module.kind == "linear" else module.weight_shape]
+    if module.method == "vera" and not module.inputs_known:
+        # a VeRA layer takes the first in_features columns of the shared vera_A, as wide as the widest targeted layer
+        # (PEFT's vera_A[:, :in]): the head's inputs are any up to that width, the widest first (lowrank.fit_inputs)
+        heads += sorted({tuple(info.shape) for info in manifest.values() if len(info.shape) == 2
+                         and info.shape[0] == module.out_features and info.shape[1] < module.in_features}, reverse=True)
+    source = next((found for head in heads if (found := tied_head_source(module.weight_name, head, manifest))), None)
     return None if source is None else tuple(manifest[source].shape)
 
 

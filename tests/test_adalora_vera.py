@@ -554,13 +554,17 @@ def loha_adapter(base, out, *, model, targets):
 PIXELS = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 BOUND_APART = {  # a base, its model class, the adapter's targets
     "tied head": (lambda path: tiny_llama(path, tie=True), "AutoModelForCausalLM", ["q_proj", "lm_head"]),
+    # (down_proj: VeRA's vera_A is as wide as its 128 inputs, the head takes the embeddings' 64)
+    "tied head, wider vera_A": (lambda path: tiny_llama(path, tie=True), "AutoModelForCausalLM",
+                                ["q_proj", "down_proj", "lm_head"]),
     # (down_proj: VeRA's vera_A is as wide as its 48 inputs, the halves of weights_in take 32)
     "fused part": (_dinov2_swiglu, "Dinov2Model", ["q_proj", "gate_proj", "up_proj", "down_proj"]),
 }
 
 
-@pytest.mark.parametrize("case, method", [("tied head", "adalora"), ("fused part", "adalora"), ("fused part", "vera"),
-                                          ("fused part", "loha")])
+@pytest.mark.parametrize("case, method", [("tied head", "adalora"), ("tied head", "vera"),
+                                          ("tied head, wider vera_A", "vera"), ("fused part", "adalora"),
+                                          ("fused part", "vera"), ("fused part", "loha")])
 def test_a_module_bound_to_a_tied_head_or_a_fused_part(tmp_path, case, method):
     """An AdaLoRA, VeRA or LoHa module on a head the base does not store (tied to its embeddings) or on a part of a
     tensor the base stores fused (DINOv2's SwiGLU gate_proj/up_proj, rows of weights_in) is fitted to its layer when
@@ -589,10 +593,16 @@ def test_a_module_bound_to_a_tied_head_or_a_fused_part(tmp_path, case, method):
     def outputs(adapter):
         model = PeftModel.from_pretrained(cls.from_pretrained(base), adapter).eval()
         with torch.no_grad():
-            found = model(TOKENS) if case == "tied head" else model(pixel_values=PIXELS)
-        return found.logits if case == "tied head" else found.last_hidden_state
+            found = model(TOKENS) if case.startswith("tied head") else model(pixel_values=PIXELS)
+        return found.logits if case.startswith("tied head") else found.last_hidden_state
 
     torch.testing.assert_close(outputs(tmp_path / "lora"), outputs(adapter), atol=1e-5, rtol=1e-5)
+    if case.startswith("tied head"):  # merged untied, the head's own module fitted as in the export
+        assert engine.merge(base, [(formats.read_adapter(adapter), 1.0)], tmp_path / "merged",
+                            progress=False).heads_untied == ["lm_head.weight"]
+        with torch.no_grad():
+            merged = cls.from_pretrained(tmp_path / "merged").eval()(TOKENS).logits
+        torch.testing.assert_close(merged, outputs(adapter), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["adalora", "vera"])

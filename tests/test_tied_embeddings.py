@@ -856,3 +856,137 @@ def test_csm_ties_its_backbone_audio_embeddings_to_the_depth_decoder(tmp_path, t
     merged.tie_weights()
     for got, want in zip(csm_logits(merged), expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+_INSTRUCTBLIP_T5 = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
+                       patch_size=8),
+    qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=128, encoder_hidden_size=32),
+    text_config=dict(model_type="t5", d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=128),
+    num_query_tokens=4, image_token_index=120)
+
+
+def instructblip_logits(model):
+    with torch.no_grad():
+        return model.eval()(pixel_values=_PIXELS[:, :, :16, :16], qformer_input_ids=TOKENS[:, :6] % 100 + 3,
+                            input_ids=torch.cat([torch.full((1, 4), 120), TOKENS[:, :6] % 100 + 3], 1),
+                            decoder_input_ids=TOKENS[:, 6:11] % 100 + 3).logits
+
+
+@pytest.mark.parametrize("saves_scaling", [True, False])
+def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, saves_scaling):
+    """InstructBLIP with a T5 language model, its head tied to language_model.shared: T5's config scales the
+    decoder's output by d_model**-0.5 when tied, read from tie_word_embeddings where the config does not say
+    scale_decoder_outputs (saved before transformers 5). A LoRA on the head unties it; the merged config says the
+    scaling as the base's config read it, so the merged model computes what PEFT's merge_and_unload of the head
+    untied in memory computes, and what PEFT's adapted model computes."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration as cls
+
+    torch.manual_seed(0)
+    cls._from_config(InstructBlipConfig(**_INSTRUCTBLIP_T5)).save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["text_config"]["scale_decoder_outputs"] is True
+    if not saves_scaling:
+        del config["text_config"]["scale_decoder_outputs"]
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q", "language_model.lm_head"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    untied_in_memory = cls.from_pretrained(tmp_path / "base")
+    head = untied_in_memory.language_model.lm_head
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    expected = instructblip_logits(PeftModel.from_pretrained(untied_in_memory, tmp_path / "a").merge_and_unload())
+    torch.testing.assert_close(instructblip_logits(adapted_model), expected, atol=1e-5, rtol=1e-5)
+
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == ["language_model.lm_head.weight"]
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(instructblip_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert (text["tie_word_embeddings"], text["scale_decoder_outputs"]) == (False, True)
+
+
+_OMNI_THINKER = dict(
+    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=160,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                       fullatt_block_indexes=[0], patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
+    audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=32,
+                      num_mel_bins=8, max_source_positions=16, n_window=4),
+    audio_token_index=150, image_token_index=151, video_token_index=152, tie_word_embeddings=True)
+
+
+def test_qwen_omni_ties_by_its_thinker_config(tmp_path):
+    """Qwen2.5-Omni's thinker is a sub-model that ties its lm_head by thinker_config's tie_word_embeddings (the top
+    level says nothing). A LoRA on the thinker's head unties it and the merged thinker_config says false, so the
+    merged model computes what PEFT's adapted model computes also once tied again by its config (tie_weights(), as
+    after resize_token_embeddings), where a thinker_config still saying true tied the base's embeddings back in."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration as cls
+
+    from loraops.check import ties_word_embeddings, untied
+
+    assert ties_word_embeddings({"thinker_config": {"tie_word_embeddings": False}}) is False
+    assert untied({"thinker_config": {"tie_word_embeddings": True}})["thinker_config"]["tie_word_embeddings"] is False
+    torch.manual_seed(0)
+    cls._from_config(Qwen2_5OmniConfig(thinker_config=_OMNI_THINKER, enable_audio_output=False)).save_pretrained(
+        tmp_path / "base")
+    torch.save({}, tmp_path / "base" / "spk_dict.pt")  # (the talker's voices, which from_pretrained loads)
+    assert "thinker.lm_head.weight" not in load_file(tmp_path / "base" / "model.safetensors")
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["thinker.lm_head"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+
+    def thinker_logits(model):
+        with torch.no_grad():
+            return model.eval().thinker(input_ids=TOKENS[:, :8] % 100 + 3).logits
+
+    expected = thinker_logits(adapted_model.base_model.model)
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == ["thinker.lm_head.weight"]
+    merged = cls.from_pretrained(tmp_path / "out")  # (its from_pretrained cannot give loading info)
+    torch.testing.assert_close(thinker_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    merged.tie_weights()
+    torch.testing.assert_close(thinker_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["thinker_config"]["tie_word_embeddings"] is False
+
+
+# transformers classes with an output head, not in TIED_HEAD_OF_CLASS, whose tied pair the causal-LM rule does not
+# name, and why that is harmless
+RULE_EXCEPTIONS = {
+    "BltForCausalLM": "ties its embeddings to its head (the head is what a tied checkpoint stores)",
+    "Qwen3OmniMoeTalkerForConditionalGeneration": "its codec_head and codec_embedding: names no rule reads",
+}
+
+
+def test_the_causal_lm_rule_names_the_head_transformers_ties():
+    """For a class TIED_HEAD_OF_CLASS does not list, unstored_head_of names the head tied to the embeddings by rule
+    (lm_head beside the decoder's wrapper). transformers says which head a class ties by its class attribute
+    _tied_weights_keys (in memory names, no model built): for each of its classes with an output head that declares
+    tied keys the rule names that head (GPT-NeoX's by its checkpoint name, embed_out), but for encoder-decoder
+    configs (never untied) and RULE_EXCEPTIONS. (Classes whose sub-model ties declare nothing at the top level:
+    BLIP-2, Mllama, Qwen2.5-Omni, …; and remote code is not covered: docs/readme-tiedh.md.)"""
+    import transformers
+
+    from loraops.check import LM_HEAD_CLASSES, unstored_head_of
+
+    agreed = 0
+    for name in sorted(n for n in dir(transformers) if n.endswith(LM_HEAD_CLASSES) and n not in TIED_HEAD_OF_CLASS):
+        cls = getattr(transformers, name)
+        for head, embeddings in (getattr(cls, "_tied_weights_keys", None) or {}).items():
+            if not head.endswith(".weight"):
+                continue
+            named = unstored_head_of(embeddings, {}, {"architectures": [name]})
+            if named in {head, "embed_out.weight" if embeddings.endswith("embed_in.weight") else head}:
+                agreed += 1
+            else:
+                assert name in RULE_EXCEPTIONS or cls.config_class().is_encoder_decoder, (name, head, embeddings, named)
+    assert agreed >= 220
