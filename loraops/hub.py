@@ -29,7 +29,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
-from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError
+from .errors import (AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError,
+                     reworded)
 from .fsutil import read_json
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES
 
@@ -871,7 +872,7 @@ def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | 
                 done = registry.register_adapter(download.adapter_path, name=name, base=base,
                                                  source=download.source, scratch=True)
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
-                raise type(exc)(str(exc).replace(str(download.folder), str(ref))) from None
+                raise reworded(exc, str(download.folder), str(ref)) from None
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 
