@@ -57,6 +57,7 @@ PIPELINE_INDEX = "model_index.json"
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
+_PR_REF = re.compile(r"^refs/pr/([1-9][0-9]*)$")
 
 
 # ---- references ----------------------------------------------------------------------------------------------
@@ -118,6 +119,12 @@ def pull_again(source: str | None) -> str | None:
         return None
     path = source.partition("@")[2].partition("/")[2]
     return f"loraops pull {ref}" + (f" --file {shlex.quote(path)}" if path else "")  # (runs as shown in a shell)
+
+
+def pull_request(revision: str | None) -> int | None:
+    """N of a pull request's ref ``refs/pr/N``, else None."""
+    found = _PR_REF.match(revision or "")
+    return int(found.group(1)) if found else None
 
 
 def is_commit_sha(revision: str | None) -> bool:
@@ -569,9 +576,11 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
            revision: str | None = None, create_pr: bool = False, token: str | None = None,
            remove: Iterable[str] = ()) -> Upload:
     """One atomic commit of ``files`` (repo path → local file or bytes) to ``repo_id``, creating the repo (private if
-    asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead.
-    The repo paths in ``remove`` that the branch holds are deleted in the same commit."""
+    asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead, and
+    a ``revision`` ``refs/pr/N`` adds it to that open pull request. The repo paths in ``remove`` that the branch
+    holds are deleted in the same commit."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.errors import RevisionNotFoundError
 
     ref = parse_repo_ref(repo_id)
     if ref.revision:
@@ -581,13 +590,23 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
                                 "'..' part); leave it out to push to main")
     check_repo_names(list(files), ref)
     branch = revision or "main"
+    number = pull_request(branch)
+    if number is not None and create_pr:
+        raise InvalidInputError(f"--create-pr opens a new pull request, and --revision {branch} is one already: give "
+                                "one of them (--revision refs/pr/N alone adds the commit to that pull request)")
     if offline():
         raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set")
     api = _api(token)
     target = RepoRef(ref.repo_id, branch)
     with hub_errors(target, "push to"), _progress():
         api.create_repo(ref.repo_id, private=private, exist_ok=True)
-        if branch != "main":
+        if number is not None:  # a pull request's ref is made by the Hub when it is opened, never as a branch
+            try:
+                api.repo_info(ref.repo_id, revision=branch)
+            except RevisionNotFoundError:
+                raise NotFoundError(f"{ref.repo_id} has no pull request {number}: open one with --create-pr "
+                                    "(refs/pr/N pushes to an open one)") from None
+        elif branch != "main":
             api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
@@ -604,7 +623,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
                                      create_pr=create_pr)
         finally:
             hub_log.setLevel(level)
-    return Upload(ref.repo_id, branch, info.oid, info.commit_url, info.pr_url, changed=info.oid != head)
+    pr_url = info.pr_url or (f"{endpoint()}/{ref.repo_id}/discussions/{number}" if number is not None else None)
+    return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head)
 
 
 # ---- model card ------------------------------------------------------------------------------------------------
@@ -938,7 +958,7 @@ def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: b
             raise KeyboardInterrupt(f"interrupted while pushing {record.ref} to {repo_id}@{revision or 'main'}, "
                                     "before the Hub confirmed a commit; push again (files the Hub already has are "
                                     "not committed twice)") from None
-    if not create_pr:
+    if not create_pr and pull_request(done.revision) is None:  # (a pull request's commit is no branch's yet)
         try:
             registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
         except KeyboardInterrupt:

@@ -94,6 +94,32 @@ def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
     assert "adapter_model.safetensors" in fake_hub.files("me/kohya", "refs/pr/1")
 
 
+def test_push_to_an_open_pull_request(fake_hub, adapters, registry):
+    """`--revision refs/pr/N` adds a commit to that open pull request (huggingface_hub's create_commit(revision=
+    "refs/pr/N")), not a branch of that name; main stays as it was, and no tag is recorded (as for --create-pr)."""
+    registry.add_adapter(adapters["a"], name="anime")
+    registry.add_adapter(adapters["b"], name="other")
+    hub.push(registry, "anime", "me/prs", token="hf_owner")
+    main_files = fake_hub.files("me/prs")
+    opened = hub.push(registry, "other", "me/prs", create_pr=True, token="hf_owner")
+    code = CliRunner().invoke(main, ["push", "anime", "me/prs", "--revision", "refs/pr/1", "--token", "hf_owner"])
+    assert code.exit_code == 0, code.output
+    head = fake_hub.repos["me/prs"].prs[1]
+    assert head != opened.commit and code.output.splitlines()[0] == (
+        f"pushed anime@1 (peft) to me/prs@refs/pr/1: commit {head[:12]}")
+    assert code.output.splitlines()[-1].endswith("/me/prs/discussions/1")
+    assert fake_hub.files("me/prs", "refs/pr/1") == main_files  # anime again, over other in the PR
+    assert fake_hub.files("me/prs") == main_files and set(fake_hub.repos["me/prs"].branches) == {"main"}
+    assert f"hf://me/prs@{head}" not in registry.get_adapter("anime").tags
+
+    missing = CliRunner().invoke(main, ["push", "anime", "me/prs", "--revision", "refs/pr/7", "--token", "hf_owner"])
+    assert missing.exit_code == 3 and missing.output == (
+        "error: me/prs has no pull request 7: open one with --create-pr (refs/pr/N pushes to an open one)\n")
+    both = CliRunner().invoke(main, ["push", "anime", "me/prs", "--revision", "refs/pr/1", "--create-pr",
+                                     "--token", "hf_owner"])
+    assert both.exit_code == 2 and both.output.startswith("error: --create-pr opens a new pull request"), both.output
+
+
 def test_push_derived_adapter_renders_its_lineage(fake_hub, adapters, registry):
     style_commit = fake_hub.commit_folder("someone/style", adapters["a"])
     style = hub.pull(registry, "someone/style").adapter
