@@ -197,7 +197,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
     from huggingface_hub import errors as hf
 
     where = endpoint()
-    login = "log in with `hf auth login`, set HF_TOKEN or pass --token"
+    login = LOGIN
     try:
         yield
     except LoraopsError:
@@ -236,6 +236,10 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise HubError(f"{where} does not answer like a Hugging Face Hub ({_first_line(exc)})") from None
     except (RuntimeError, ValueError, OSError) as exc:  # anything else the client raises: still one line
         raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
+
+
+LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass --token"
+"""How a refusal for credentials ends (hub_errors)."""
 
 
 def _repo_id(ref: RepoRef | str) -> str:

@@ -220,6 +220,30 @@ def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, r
     assert registry.base_path("tiny") == path
 
 
+def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapters, tmp_path, monkeypatch):
+    """`base add hub: --token` keeps no token (loraops stores none): it says so, and the first use that downloads the
+    weights, refused without credentials, says how to give them (HF_TOKEN or the saved login), not `--token`, which
+    `merge` has not; with HF_TOKEN set it downloads."""
+    fake_hub.create("me/tiny", private=True)
+    commit = fake_hub.commit_folder("me/tiny", adapters["base"])
+    runner = CliRunner()
+    added = runner.invoke(main, ["base", "add", "hub:me/tiny", "--token", "hf_owner"])
+    assert added.exit_code == 0, added.output
+    assert added.output.endswith("manifest only, weights download on first use, with HF_TOKEN or the saved login "
+                                 "(the token given here is not kept)\n"), added.output
+    merge = ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m")]
+    refused = runner.invoke(main, merge)
+    assert (refused.exit_code, refused.output) == (3, (
+        f"error: repository me/tiny not found on {fake_hub.url} (if it is private, set HF_TOKEN or log in with "
+        "`hf auth login`: base tiny's weights download on first use, and the token given to `base add --token` "
+        "was not kept)\n"))
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    merged = runner.invoke(main, merge)
+    assert merged.exit_code == 0, merged.output
+    with Registry.open() as reg:
+        assert reg.get_base("tiny").path == str(hub.cache_dir().resolve() / "models--me--tiny" / "snapshots" / commit)
+
+
 def test_show_prints_the_hub_source(fake_hub, adapters):
     commit = fake_hub.commit_folder("someone/anime-lora", adapters["a"])
     runner = CliRunner()
