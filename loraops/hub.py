@@ -57,6 +57,7 @@ PIPELINE_INDEX = "model_index.json"
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
+_DTYPE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")  # how safetensors names its dtypes
 _PR_REF = re.compile(r"^refs/pr/([1-9][0-9]*)$")
 
 
@@ -546,6 +547,9 @@ def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> di
     for tensor, entry in header.items():
         dtype, shape = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
         dims = shape if isinstance(shape, list) else [None]
+        if isinstance(dtype, str) and dtype not in DTYPE_BYTES and _DTYPE_NAME.match(dtype):  # C64, F6_E2M3, …
+            raise FormatError(f"{where}: tensor {tensor!r} is of dtype {dtype}, which loraops does not support (it "
+                              f"reads {', '.join(DTYPE_BYTES)})")
         if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
             raise FormatError(f"{where}: corrupt safetensors header (tensor {tensor!r}: {entry!r:.80})")
         tensors[tensor] = (dtype, tuple(shape))
