@@ -17,6 +17,7 @@ included). Set HF_HUB_DISABLE_XET=0 to keep Xet.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -29,8 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
-from .errors import (AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError,
-                     reworded)
+from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
+                     NotFoundError, RegistryError, reworded)
 from .fsutil import read_json
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES
 
@@ -235,8 +236,26 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise FormatError(f"{ref}: {_first_line(exc)}") from None
     except hf.FileMetadataError as exc:
         raise HubError(f"{where} does not answer like a Hugging Face Hub ({_first_line(exc)})") from None
-    except (RuntimeError, ValueError, OSError) as exc:  # anything else the client raises: still one line
+    except OSError as exc:
+        if exc.filename is None:
+            raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
+        raise _local_error(exc, action, ref) from None
+    except (RuntimeError, ValueError) as exc:  # anything else the client raises: still one line
         raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
+
+
+def _local_error(exc: OSError, action: str, ref: RepoRef | str) -> LoraopsError:
+    """A refusal of the local file system (the Hub cache, a download folder) while doing ``action``: no Hub error,
+    one line naming the path."""
+    path = Path(exc.filename)
+    cache = cache_dir()
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # (a file where its mkdir, or a path through it, wants a folder)
+        where = f"the Hub cache ({cache}) is damaged" if cache in path.parents else "it is in the way"
+        return InvalidInputError(f"cannot {action} {ref}: {path} (or a folder above it) is a file where "
+                                 f"huggingface_hub keeps a folder: {where}; move that file away and run this again")
+    error = DiskSpaceError if exc.errno == errno.ENOSPC else InvalidInputError
+    return error(f"cannot {action} {ref}: {path}: {exc.strerror or _first_line(exc)}"
+                 + (f" (in the Hub cache, {cache})" if cache in path.parents else ""))
 
 
 LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass --token"

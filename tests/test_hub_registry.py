@@ -94,6 +94,19 @@ def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
     assert "adapter_model.safetensors" in fake_hub.files("me/kohya", "refs/pr/1")
 
 
+def test_a_removed_inputs_card_line_says_what_is_known(fake_hub, adapters, registry):
+    """An input removed from the registry keeps its label and sha256 in the lineage; the card shows them: its name
+    and a sha256 (the Hub source went with its record)."""
+    fake_hub.commit_folder("someone/style", adapters["a"])
+    style = hub.pull(registry, "someone/style").adapter
+    derived = registry.add_adapter(adapters["c"], name="mix", lineage=LineageSpec(
+        op="linear", inputs=[LineageInput(kind="adapter", id=style.id, weight=0.7)]))
+    registry.remove_adapter(style.ref, force=True)
+    hub.push(registry, derived.ref, "me/mix", token="hf_owner")
+    card = fake_hub.files("me/mix")["README.md"].decode()
+    assert f"| style@1 | 0.7 | removed from the registry; sha256 {style.sha256[:16]}… |" in card, card
+
+
 def test_push_to_an_open_pull_request(fake_hub, adapters, registry):
     """`--revision refs/pr/N` adds a commit to that open pull request (huggingface_hub's create_commit(revision=
     "refs/pr/N")), not a branch of that name; main stays as it was, and no tag is recorded (as for --create-pr)."""
@@ -242,6 +255,23 @@ def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapt
     assert merged.exit_code == 0, merged.output
     with Registry.open() as reg:
         assert reg.get_base("tiny").path == str(hub.cache_dir().resolve() / "models--me--tiny" / "snapshots" / commit)
+
+
+def test_a_damaged_hub_cache_is_one_clear_line(fake_hub, adapters, tmp_path):
+    """The Hub cache's `blobs` folder of a repo is a file (a damaged cache): a first-use download said the client's
+    `[Errno 17] File exists: '…' (FileExistsError: [Errno 17] …)` as a Hub error (exit 7); it is the local cache."""
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny"]).exit_code == 0
+    blobs = hub.cache_dir() / "models--meta--tiny" / "blobs"
+    blobs.parent.mkdir(parents=True, exist_ok=True)
+    blobs.write_text("not a folder")
+    merged = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m")])
+    commit = fake_hub.repos["meta/tiny"].branches["main"]
+    assert (merged.exit_code, merged.output) == (2, (
+        f"error: cannot download meta/tiny@{commit}: {blobs} (or a folder above it) is a file where huggingface_hub "
+        f"keeps a folder: the Hub cache ({hub.cache_dir()}) is damaged; move that file away and run this again\n"))
+    assert not (tmp_path / "m").exists()
 
 
 def test_show_prints_the_hub_source(fake_hub, adapters):
