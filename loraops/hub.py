@@ -1024,9 +1024,14 @@ def card_info(registry, record, fmt: str) -> CardInfo:
 
 
 def _input_source(registry, item) -> str | None:
-    """A lineage input's public origin: its Hub source when it came from the Hub, else its sha256."""
-    if item.kind == "adapter" and item.id is not None:
-        source = registry.get_adapter(item.id).source
-        if parse_hub_source(source):
-            return source
-    return f"sha256 {item.sha256[:16]}…" if item.sha256 else None
+    """A lineage input's public origin: its Hub source when it came from the Hub (an adapter pulled, a base added
+    with hub:), else its sha256; an input removed from the registry since is said to be, with the sha256 its lineage
+    keeps (its record, and the source with it, is gone)."""
+    if item.id is not None:
+        record = registry.get_adapter(item.id) if item.kind == "adapter" else registry.get_base(item.id)
+        if parse_hub_source(record.source):
+            return record.source
+    sha256 = f"sha256 {item.sha256[:16]}…" if item.sha256 else None
+    if item.id is None:
+        return "; ".join(filter(None, ["removed from the registry", sha256]))
+    return sha256

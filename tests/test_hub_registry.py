@@ -95,16 +95,21 @@ def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
 
 
 def test_a_removed_inputs_card_line_says_what_is_known(fake_hub, adapters, registry):
-    """An input removed from the registry keeps its label and sha256 in the lineage; the card shows them: its name
-    and a sha256 (the Hub source went with its record)."""
+    """An input removed from the registry keeps its label and sha256 in the lineage; the card says it was removed,
+    with them (its Hub source went with its record), where it showed a sha256 as if it were a local file. A base
+    input added from the Hub shows its hf:// source, as an adapter pulled does."""
     fake_hub.commit_folder("someone/style", adapters["a"])
+    base_commit = fake_hub.commit_folder("meta/tiny", adapters["base"])
     style = hub.pull(registry, "someone/style").adapter
+    base, _ = hub.add_base(registry, "hub:meta/tiny")
     derived = registry.add_adapter(adapters["c"], name="mix", lineage=LineageSpec(
-        op="linear", inputs=[LineageInput(kind="adapter", id=style.id, weight=0.7)]))
-    registry.remove_adapter(style.ref, force=True)
+        op="linear", inputs=[LineageInput(kind="adapter", id=style.id, weight=0.7),
+                             LineageInput(kind="base", id=base.id, role="base")]))
+    registry.remove_adapter(style.ref)
     hub.push(registry, derived.ref, "me/mix", token="hf_owner")
     card = fake_hub.files("me/mix")["README.md"].decode()
     assert f"| style@1 | 0.7 | removed from the registry; sha256 {style.sha256[:16]}… |" in card, card
+    assert f"| tiny | 1 | hf://meta/tiny@{base_commit} |" in card, card
 
 
 def test_push_to_an_open_pull_request(fake_hub, adapters, registry):
