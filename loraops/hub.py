@@ -422,13 +422,35 @@ def resolve_commit(ref: RepoRef, token: str | None = None) -> str:
     """The commit sha a ref points to now (from the cache when offline)."""
     if is_commit_sha(ref.revision):
         return ref.revision
-    cached = _cached_commit(ref) if offline() else None
-    if cached is not None:
-        return cached
+    if offline():
+        cached = _cached_commit(ref)
+        if cached is not None:
+            return cached
+        with hub_errors(ref, "resolve"):
+            return _api(token).resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=cache_dir(),
+                                                local_files_only=True).resolved
+    # Online, the Hub answers or this fails in one line: resolve_revision falls back on the cache's ref when the Hub
+    # cannot be reached, printing huggingface_hub's own "Could not reach the Hub" line (also in a program that
+    # imported it with HF_HUB_OFFLINE=1 and unset it since); HF_HUB_OFFLINE=1 is what uses the cache
     with hub_errors(ref, "resolve"):
-        resolved = _api(token).resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=cache_dir(),
-                                                local_files_only=offline())
-    return resolved.resolved
+        commit = _api(token).repo_info(ref.repo_id, revision=ref.revision).sha
+    _remember_ref(ref, commit)
+    return commit
+
+
+def _remember_ref(ref: RepoRef, commit: str) -> None:
+    """Record in the Hub cache what ``ref``'s revision resolved to (refs/<revision>, the default branch's as main),
+    as resolve_revision does, for HF_HUB_OFFLINE=1 later; best effort, as there (a read-only cache records none)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    revision = ref.revision or "main"
+    if revision == commit:
+        return
+    path = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "refs" / revision
+    with contextlib.suppress(OSError):
+        if not path.is_file() or path.read_text() != commit:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(commit)
 
 
 def _cached_commit(ref: RepoRef) -> str | None:

@@ -207,6 +207,37 @@ def test_cli_subprocess_saved_login_and_xet_default(fake_hub, adapters, tmp_path
     assert "adapter_model.safetensors" in fake_hub.files("me/anime")
 
 
+def test_huggingface_hubs_own_offline_line_is_not_printed(fake_hub, adapters):
+    """With a pulled adapter's ref in the cache, a Hub that cannot be reached made huggingface_hub's resolve_revision
+    fall back on that ref, printing its own `Could not reach the Hub (…). Using cached commit hash for …` — also in a
+    program that imported huggingface_hub with HF_HUB_OFFLINE=1 and unset it (its `offline mode is enabled`), while
+    loraops, reading the environment at call time, asked the Hub. loraops's line is the only one; HF_HUB_OFFLINE=1
+    is what uses the cache."""
+    fake_hub.commit_folder("someone/a", adapters["a"])
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    cli = "import sys; from loraops.cli import main; sys.argv[0] = 'loraops'; main()"
+    imported_offline = ("import os; os.environ['HF_HUB_OFFLINE'] = '1'; import huggingface_hub.constants; "
+                        "del os.environ['HF_HUB_OFFLINE']; " + cli)
+
+    def run(code, **more):
+        return subprocess.run([sys.executable, "-c", code, "pull", "someone/a"], env={**env, **more},
+                              capture_output=True, text=True, timeout=300)
+
+    assert run(cli).returncode == 0
+    down = run(cli, HF_ENDPOINT="http://127.0.0.1:9")
+    assert (down.returncode, down.stdout) == (7, ""), down.stderr
+    assert down.stderr.startswith("error: cannot reach the Hub at http://127.0.0.1:9 to resolve someone/a (") and \
+        down.stderr.endswith("); set HF_HUB_OFFLINE=1 to use what is already in the local cache\n") and \
+        len(down.stderr.splitlines()) == 1, down.stderr
+    stale = run(imported_offline)
+    assert (stale.returncode, stale.stdout) == (7, ""), stale.stderr
+    assert stale.stderr.startswith(f"error: cannot reach the Hub at {fake_hub.url} to resolve someone/a (") and \
+        "offline mode is enabled" in stale.stderr and len(stale.stderr.splitlines()) == 1, stale.stderr
+    offline = run(cli, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    assert (offline.returncode, offline.stderr) == (0, ""), offline.stderr
+    assert offline.stdout.startswith("already registered: someone/a (commit ")
+
+
 def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, registry):
     from loraops.basemodel import BaseModel
 
