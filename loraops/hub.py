@@ -249,13 +249,14 @@ def _local_error(exc: OSError, action: str, ref: RepoRef | str) -> LoraopsError:
     one line naming the path."""
     path = Path(exc.filename)
     cache = cache_dir()
+    in_cache = any(folder in path.parents for folder in (cache, cache.resolve()))  # (huggingface_hub resolves it)
     if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # (a file where its mkdir, or a path through it, wants a folder)
-        where = f"the Hub cache ({cache}) is damaged" if cache in path.parents else "it is in the way"
+        where = f"the Hub cache ({cache}) is damaged" if in_cache else "it is in the way"
         return InvalidInputError(f"cannot {action} {ref}: {path} (or a folder above it) is a file where "
                                  f"huggingface_hub keeps a folder: {where}; move that file away and run this again")
     error = DiskSpaceError if exc.errno == errno.ENOSPC else InvalidInputError
     return error(f"cannot {action} {ref}: {path}: {exc.strerror or _first_line(exc)}"
-                 + (f" (in the Hub cache, {cache})" if cache in path.parents else ""))
+                 + (f" (in the Hub cache, {cache})" if in_cache else ""))
 
 
 LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass --token"
