@@ -65,3 +65,9 @@ class HubError(LoraopsError, ConnectionError):
     """A Hugging Face Hub request that failed (no network, unauthorized, gated, ...)."""
 
     exit_code = 7
+
+
+def reworded(exc: LoraopsError, where: str, said: str) -> LoraopsError:
+    """``exc`` (same type) with ``where`` — a path only loraops knows, a staged output or a scratch folder, gone once
+    the command ends — said as ``said``, what the user asked for."""
+    return type(exc)(str(exc).replace(where, said))

@@ -17,6 +17,7 @@ included). Set HF_HUB_DISABLE_XET=0 to keep Xet.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -29,7 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
-from .errors import AmbiguousError, FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError, RegistryError
+from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
+                     NotFoundError, RegistryError, reworded)
 from .fsutil import read_json
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES
 
@@ -56,6 +58,8 @@ PIPELINE_INDEX = "model_index.json"
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
+_DTYPE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")  # how safetensors names its dtypes
+_PR_REF = re.compile(r"^refs/pr/([1-9][0-9]*)$")
 
 
 # ---- references ----------------------------------------------------------------------------------------------
@@ -117,6 +121,12 @@ def pull_again(source: str | None) -> str | None:
         return None
     path = source.partition("@")[2].partition("/")[2]
     return f"loraops pull {ref}" + (f" --file {shlex.quote(path)}" if path else "")  # (runs as shown in a shell)
+
+
+def pull_request(revision: str | None) -> int | None:
+    """N of a pull request's ref ``refs/pr/N``, else None."""
+    found = _PR_REF.match(revision or "")
+    return int(found.group(1)) if found else None
 
 
 def is_commit_sha(revision: str | None) -> bool:
@@ -189,7 +199,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
     from huggingface_hub import errors as hf
 
     where = endpoint()
-    login = "log in with `hf auth login`, set HF_TOKEN or pass --token"
+    login = LOGIN
     try:
         yield
     except LoraopsError:
@@ -226,8 +236,31 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise FormatError(f"{ref}: {_first_line(exc)}") from None
     except hf.FileMetadataError as exc:
         raise HubError(f"{where} does not answer like a Hugging Face Hub ({_first_line(exc)})") from None
-    except (RuntimeError, ValueError, OSError) as exc:  # anything else the client raises: still one line
+    except OSError as exc:
+        if exc.filename is None:
+            raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
+        raise _local_error(exc, action, ref) from None
+    except (RuntimeError, ValueError) as exc:  # anything else the client raises: still one line
         raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
+
+
+def _local_error(exc: OSError, action: str, ref: RepoRef | str) -> LoraopsError:
+    """A refusal of the local file system (the Hub cache, a download folder) while doing ``action``: no Hub error,
+    one line naming the path."""
+    path = Path(exc.filename)
+    cache = cache_dir()
+    in_cache = any(folder in path.parents for folder in (cache, cache.resolve()))  # (huggingface_hub resolves it)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # (a file where its mkdir, or a path through it, wants a folder)
+        where = f"the Hub cache ({cache}) is damaged" if in_cache else "it is in the way"
+        return InvalidInputError(f"cannot {action} {ref}: {path} (or a folder above it) is a file where "
+                                 f"huggingface_hub keeps a folder: {where}; move that file away and run this again")
+    error = DiskSpaceError if exc.errno == errno.ENOSPC else InvalidInputError
+    return error(f"cannot {action} {ref}: {path}: {exc.strerror or _first_line(exc)}"
+                 + (f" (in the Hub cache, {cache})" if in_cache else ""))
+
+
+LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass --token"
+"""How a refusal for credentials ends (hub_errors)."""
 
 
 def _repo_id(ref: RepoRef | str) -> str:
@@ -390,13 +423,35 @@ def resolve_commit(ref: RepoRef, token: str | None = None) -> str:
     """The commit sha a ref points to now (from the cache when offline)."""
     if is_commit_sha(ref.revision):
         return ref.revision
-    cached = _cached_commit(ref) if offline() else None
-    if cached is not None:
-        return cached
+    if offline():
+        cached = _cached_commit(ref)
+        if cached is not None:
+            return cached
+        with hub_errors(ref, "resolve"):
+            return _api(token).resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=cache_dir(),
+                                                local_files_only=True).resolved
+    # Online, the Hub answers or this fails in one line: resolve_revision falls back on the cache's ref when the Hub
+    # cannot be reached, printing huggingface_hub's own "Could not reach the Hub" line (also in a program that
+    # imported it with HF_HUB_OFFLINE=1 and unset it since); HF_HUB_OFFLINE=1 is what uses the cache
     with hub_errors(ref, "resolve"):
-        resolved = _api(token).resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=cache_dir(),
-                                                local_files_only=offline())
-    return resolved.resolved
+        commit = _api(token).repo_info(ref.repo_id, revision=ref.revision).sha
+    _remember_ref(ref, commit)
+    return commit
+
+
+def _remember_ref(ref: RepoRef, commit: str) -> None:
+    """Record in the Hub cache what ``ref``'s revision resolved to (refs/<revision>, the default branch's as main),
+    as resolve_revision does, for HF_HUB_OFFLINE=1 later; best effort, as there (a read-only cache records none)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    revision = ref.revision or "main"
+    if revision == commit:
+        return
+    path = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "refs" / revision
+    with contextlib.suppress(OSError):
+        if not path.is_file() or path.read_text() != commit:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(commit)
 
 
 def _cached_commit(ref: RepoRef) -> str | None:
@@ -534,6 +589,9 @@ def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> di
     for tensor, entry in header.items():
         dtype, shape = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
         dims = shape if isinstance(shape, list) else [None]
+        if isinstance(dtype, str) and dtype not in DTYPE_BYTES and _DTYPE_NAME.match(dtype):  # C64, F6_E2M3, …
+            raise FormatError(f"{where}: tensor {tensor!r} is of dtype {dtype}, which loraops does not support (it "
+                              f"reads {', '.join(DTYPE_BYTES)})")
         if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
             raise FormatError(f"{where}: corrupt safetensors header (tensor {tensor!r}: {entry!r:.80})")
         tensors[tensor] = (dtype, tuple(shape))
@@ -568,9 +626,11 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
            revision: str | None = None, create_pr: bool = False, token: str | None = None,
            remove: Iterable[str] = ()) -> Upload:
     """One atomic commit of ``files`` (repo path → local file or bytes) to ``repo_id``, creating the repo (private if
-    asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead.
-    The repo paths in ``remove`` that the branch holds are deleted in the same commit."""
+    asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead, and
+    a ``revision`` ``refs/pr/N`` adds it to that open pull request. The repo paths in ``remove`` that the branch
+    holds are deleted in the same commit."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.errors import RevisionNotFoundError
 
     ref = parse_repo_ref(repo_id)
     if ref.revision:
@@ -580,13 +640,23 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
                                 "'..' part); leave it out to push to main")
     check_repo_names(list(files), ref)
     branch = revision or "main"
+    number = pull_request(branch)
+    if number is not None and create_pr:
+        raise InvalidInputError(f"--create-pr opens a new pull request, and --revision {branch} is one already: give "
+                                "one of them (--revision refs/pr/N alone adds the commit to that pull request)")
     if offline():
         raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set")
     api = _api(token)
     target = RepoRef(ref.repo_id, branch)
     with hub_errors(target, "push to"), _progress():
         api.create_repo(ref.repo_id, private=private, exist_ok=True)
-        if branch != "main":
+        if number is not None:  # a pull request's ref is made by the Hub when it is opened, never as a branch
+            try:
+                api.repo_info(ref.repo_id, revision=branch)
+            except RevisionNotFoundError:
+                raise NotFoundError(f"{ref.repo_id} has no pull request {number}: open one with --create-pr "
+                                    "(refs/pr/N pushes to an open one)") from None
+        elif branch != "main":
             api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
@@ -603,7 +673,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
                                      create_pr=create_pr)
         finally:
             hub_log.setLevel(level)
-    return Upload(ref.repo_id, branch, info.oid, info.commit_url, info.pr_url, changed=info.oid != head)
+    pr_url = info.pr_url or (f"{endpoint()}/{ref.repo_id}/discussions/{number}" if number is not None else None)
+    return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head)
 
 
 # ---- model card ------------------------------------------------------------------------------------------------
@@ -871,7 +942,7 @@ def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | 
                 done = registry.register_adapter(download.adapter_path, name=name, base=base,
                                                  source=download.source, scratch=True)
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
-                raise type(exc)(str(exc).replace(str(download.folder), str(ref))) from None
+                raise reworded(exc, str(download.folder), str(ref)) from None
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 
@@ -937,7 +1008,7 @@ def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: b
             raise KeyboardInterrupt(f"interrupted while pushing {record.ref} to {repo_id}@{revision or 'main'}, "
                                     "before the Hub confirmed a commit; push again (files the Hub already has are "
                                     "not committed twice)") from None
-    if not create_pr:
+    if not create_pr and pull_request(done.revision) is None:  # (a pull request's commit is no branch's yet)
         try:
             registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
         except KeyboardInterrupt:
@@ -976,9 +1047,14 @@ def card_info(registry, record, fmt: str) -> CardInfo:
 
 
 def _input_source(registry, item) -> str | None:
-    """A lineage input's public origin: its Hub source when it came from the Hub, else its sha256."""
-    if item.kind == "adapter" and item.id is not None:
-        source = registry.get_adapter(item.id).source
-        if parse_hub_source(source):
-            return source
-    return f"sha256 {item.sha256[:16]}…" if item.sha256 else None
+    """A lineage input's public origin: its Hub source when it came from the Hub (an adapter pulled, a base added
+    with hub:), else its sha256; an input removed from the registry since is said to be, with the sha256 its lineage
+    keeps (its record, and the source with it, is gone)."""
+    if item.id is not None:
+        record = registry.get_adapter(item.id) if item.kind == "adapter" else registry.get_base(item.id)
+        if parse_hub_source(record.source):
+            return record.source
+    sha256 = f"sha256 {item.sha256[:16]}…" if item.sha256 else None
+    if item.id is None:
+        return "; ".join(filter(None, ["removed from the registry", sha256]))
+    return sha256

@@ -187,6 +187,8 @@ class FakeHub:
     def branch(self, repo_id: str, branch: str, revision: str = "main") -> None:
         with self.lock:
             repo = self.repos[repo_id]
+            if branch.startswith("refs/"):  # (refs/pr/N is a pull request's, made by a commit with create_pr)
+                raise HubHTTPError(400, f"Invalid reference for a branch: {branch}")
             if branch in repo.branches:
                 raise HubHTTPError(409, f"Reference refs/heads/{branch} already exists")
             repo.branches[branch] = repo.resolve(revision).sha
@@ -490,8 +492,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             number = max(repo.prs, default=0) + 1
             repo.prs[number] = base
             branch, pr_url = f"refs/pr/{number}", f"{self.hub.url}/{repo.repo_id}/discussions/{number}"
-        elif revision not in repo.branches:
-            raise HubHTTPError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        elif revision not in repo.branches and not (revision.startswith("refs/pr/") and repo.ref(revision)):
+            raise HubHTTPError(404, f"Invalid rev id: {revision}", "RevisionNotFound")  # (a commit to an open PR: ok)
         sha = self.hub.commit(repo.repo_id, files, blobs=blobs, branch=branch, message=header.get("summary", ""),
                               delete=tuple(delete), parent=header.get("parentCommit"))
         self._send_json(200, {"success": True, "commitOid": sha, "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}",

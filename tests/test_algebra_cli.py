@@ -320,3 +320,25 @@ def test_a_ctrl_c_after_the_output_landed_keeps_its_record(files, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with Registry.open() as reg:
         assert tree(Path(reg.get_adapter("landed").path)) == tree(out)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_registry_error_while_staged_names_the_output(files, tmp_path, monkeypatch, command):
+    """The output changed under the registration (here: its weights truncated): the refusal names OUT, the path the
+    user gave, not the staged `.loraops-tmp-OUT…/OUT` that is gone once the command ends."""
+    args, _ = COMMANDS[command]
+    out = tmp_path / "out"
+    real_register = Registry.register_adapter
+
+    def register_adapter(self, path, **kwargs):
+        if kwargs.get("lineage") is not None:  # the derived output, at its staged path
+            weights = next(p for p in ([path] if Path(path).is_file() else Path(path).iterdir())
+                           if p.name.endswith(".safetensors") or p == path)
+            weights.write_bytes(weights.read_bytes()[:40])
+        return real_register(self, path, **kwargs)
+
+    monkeypatch.setattr(Registry, "register_adapter", register_adapter)
+    code, output = run(*args(files), "-o", out)
+    assert code != 0 and len(output.splitlines()) == 1 and output.startswith("error: "), output
+    assert fsutil.TMP_MARK not in output and f"{out}" in output, output
+    assert not os.path.lexists(out)

@@ -94,6 +94,50 @@ def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
     assert "adapter_model.safetensors" in fake_hub.files("me/kohya", "refs/pr/1")
 
 
+def test_a_removed_inputs_card_line_says_what_is_known(fake_hub, adapters, registry):
+    """An input removed from the registry keeps its label and sha256 in the lineage; the card says it was removed,
+    with them (its Hub source went with its record), where it showed a sha256 as if it were a local file. A base
+    input added from the Hub shows its hf:// source, as an adapter pulled does."""
+    fake_hub.commit_folder("someone/style", adapters["a"])
+    base_commit = fake_hub.commit_folder("meta/tiny", adapters["base"])
+    style = hub.pull(registry, "someone/style").adapter
+    base, _ = hub.add_base(registry, "hub:meta/tiny")
+    derived = registry.add_adapter(adapters["c"], name="mix", lineage=LineageSpec(
+        op="linear", inputs=[LineageInput(kind="adapter", id=style.id, weight=0.7),
+                             LineageInput(kind="base", id=base.id, role="base")]))
+    registry.remove_adapter(style.ref)
+    hub.push(registry, derived.ref, "me/mix", token="hf_owner")
+    card = fake_hub.files("me/mix")["README.md"].decode()
+    assert f"| style@1 | 0.7 | removed from the registry; sha256 {style.sha256[:16]}… |" in card, card
+    assert f"| tiny | 1 | hf://meta/tiny@{base_commit} |" in card, card
+
+
+def test_push_to_an_open_pull_request(fake_hub, adapters, registry):
+    """`--revision refs/pr/N` adds a commit to that open pull request (huggingface_hub's create_commit(revision=
+    "refs/pr/N")), not a branch of that name; main stays as it was, and no tag is recorded (as for --create-pr)."""
+    registry.add_adapter(adapters["a"], name="anime")
+    registry.add_adapter(adapters["b"], name="other")
+    hub.push(registry, "anime", "me/prs", token="hf_owner")
+    main_files = fake_hub.files("me/prs")
+    opened = hub.push(registry, "other", "me/prs", create_pr=True, token="hf_owner")
+    code = CliRunner().invoke(main, ["push", "anime", "me/prs", "--revision", "refs/pr/1", "--token", "hf_owner"])
+    assert code.exit_code == 0, code.output
+    head = fake_hub.repos["me/prs"].prs[1]
+    assert head != opened.commit and code.output.splitlines()[0] == (
+        f"pushed anime@1 (peft) to me/prs@refs/pr/1: commit {head[:12]}")
+    assert code.output.splitlines()[-1].endswith("/me/prs/discussions/1")
+    assert fake_hub.files("me/prs", "refs/pr/1") == main_files  # anime again, over other in the PR
+    assert fake_hub.files("me/prs") == main_files and set(fake_hub.repos["me/prs"].branches) == {"main"}
+    assert f"hf://me/prs@{head}" not in registry.get_adapter("anime").tags
+
+    missing = CliRunner().invoke(main, ["push", "anime", "me/prs", "--revision", "refs/pr/7", "--token", "hf_owner"])
+    assert missing.exit_code == 3 and missing.output == (
+        "error: me/prs has no pull request 7: open one with --create-pr (refs/pr/N pushes to an open one)\n")
+    both = CliRunner().invoke(main, ["push", "anime", "me/prs", "--revision", "refs/pr/1", "--create-pr",
+                                     "--token", "hf_owner"])
+    assert both.exit_code == 2 and both.output.startswith("error: --create-pr opens a new pull request"), both.output
+
+
 def test_push_derived_adapter_renders_its_lineage(fake_hub, adapters, registry):
     style_commit = fake_hub.commit_folder("someone/style", adapters["a"])
     style = hub.pull(registry, "someone/style").adapter
@@ -163,6 +207,37 @@ def test_cli_subprocess_saved_login_and_xet_default(fake_hub, adapters, tmp_path
     assert "adapter_model.safetensors" in fake_hub.files("me/anime")
 
 
+def test_huggingface_hubs_own_offline_line_is_not_printed(fake_hub, adapters):
+    """With a pulled adapter's ref in the cache, a Hub that cannot be reached made huggingface_hub's resolve_revision
+    fall back on that ref, printing its own `Could not reach the Hub (…). Using cached commit hash for …` — also in a
+    program that imported huggingface_hub with HF_HUB_OFFLINE=1 and unset it (its `offline mode is enabled`), while
+    loraops, reading the environment at call time, asked the Hub. loraops's line is the only one; HF_HUB_OFFLINE=1
+    is what uses the cache."""
+    fake_hub.commit_folder("someone/a", adapters["a"])
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    cli = "import sys; from loraops.cli import main; sys.argv[0] = 'loraops'; main()"
+    imported_offline = ("import os; os.environ['HF_HUB_OFFLINE'] = '1'; import huggingface_hub.constants; "
+                        "del os.environ['HF_HUB_OFFLINE']; " + cli)
+
+    def run(code, **more):
+        return subprocess.run([sys.executable, "-c", code, "pull", "someone/a"], env={**env, **more},
+                              capture_output=True, text=True, timeout=300)
+
+    assert run(cli).returncode == 0
+    down = run(cli, HF_ENDPOINT="http://127.0.0.1:9")
+    assert (down.returncode, down.stdout) == (7, ""), down.stderr
+    assert down.stderr.startswith("error: cannot reach the Hub at http://127.0.0.1:9 to resolve someone/a (") and \
+        down.stderr.endswith("); set HF_HUB_OFFLINE=1 to use what is already in the local cache\n") and \
+        len(down.stderr.splitlines()) == 1, down.stderr
+    stale = run(imported_offline)
+    assert (stale.returncode, stale.stdout) == (7, ""), stale.stderr
+    assert stale.stderr.startswith(f"error: cannot reach the Hub at {fake_hub.url} to resolve someone/a (") and \
+        "offline mode is enabled" in stale.stderr and len(stale.stderr.splitlines()) == 1, stale.stderr
+    offline = run(cli, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    assert (offline.returncode, offline.stderr) == (0, ""), offline.stderr
+    assert offline.stdout.startswith("already registered: someone/a (commit ")
+
+
 def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, registry):
     from loraops.basemodel import BaseModel
 
@@ -192,6 +267,47 @@ def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, r
     assert record.path == str(path.resolve()) and record.fingerprint == local.fingerprint()
     assert any(r["range"] is None for r in base_weight_gets())
     assert registry.base_path("tiny") == path
+
+
+def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapters, tmp_path, monkeypatch):
+    """`base add hub: --token` keeps no token (loraops stores none): it says so, and the first use that downloads the
+    weights, refused without credentials, says how to give them (HF_TOKEN or the saved login), not `--token`, which
+    `merge` has not; with HF_TOKEN set it downloads."""
+    fake_hub.create("me/tiny", private=True)
+    commit = fake_hub.commit_folder("me/tiny", adapters["base"])
+    runner = CliRunner()
+    added = runner.invoke(main, ["base", "add", "hub:me/tiny", "--token", "hf_owner"])
+    assert added.exit_code == 0, added.output
+    assert added.output.endswith("manifest only, weights download on first use, with HF_TOKEN or the saved login "
+                                 "(the token given here is not kept)\n"), added.output
+    merge = ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m")]
+    refused = runner.invoke(main, merge)
+    assert (refused.exit_code, refused.output) == (3, (
+        f"error: repository me/tiny not found on {fake_hub.url} (if it is private, set HF_TOKEN or log in with "
+        "`hf auth login`: base tiny's weights download on first use, and the token given to `base add --token` "
+        "was not kept)\n"))
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    merged = runner.invoke(main, merge)
+    assert merged.exit_code == 0, merged.output
+    with Registry.open() as reg:
+        assert reg.get_base("tiny").path == str(hub.cache_dir().resolve() / "models--me--tiny" / "snapshots" / commit)
+
+
+def test_a_damaged_hub_cache_is_one_clear_line(fake_hub, adapters, tmp_path):
+    """The Hub cache's `blobs` folder of a repo is a file (a damaged cache): a first-use download said the client's
+    `[Errno 17] File exists: '…' (FileExistsError: [Errno 17] …)` as a Hub error (exit 7); it is the local cache."""
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny"]).exit_code == 0
+    blobs = hub.cache_dir() / "models--meta--tiny" / "blobs"
+    blobs.parent.mkdir(parents=True, exist_ok=True)
+    blobs.write_text("not a folder")
+    merged = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m")])
+    commit = fake_hub.repos["meta/tiny"].branches["main"]
+    assert (merged.exit_code, merged.output) == (2, (
+        f"error: cannot download meta/tiny@{commit}: {blobs} (or a folder above it) is a file where huggingface_hub "
+        f"keeps a folder: the Hub cache ({hub.cache_dir()}) is damaged; move that file away and run this again\n"))
+    assert not (tmp_path / "m").exists()
 
 
 def test_show_prints_the_hub_source(fake_hub, adapters):

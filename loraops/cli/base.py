@@ -38,7 +38,8 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
         echo_json(record)
     elif created and record.path is None:
         click.echo(f"added base {record.name} (id {record.id}) from {record.source}: {record.num_tensors} tensors, "
-                   f"{record.num_parameters:,} parameters, {record.dtype}; manifest only, weights download on first use")
+                   f"{record.num_parameters:,} parameters, {record.dtype}; manifest only, weights download on first use"
+                   + (", with HF_TOKEN or the saved login (the token given here is not kept)" if token else ""))
     elif created:
         click.echo(
             f"added base {record.name} (id {record.id}, fingerprint {record.fingerprint[:12]}): "

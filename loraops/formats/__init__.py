@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .. import ldm, st
-from ..errors import FormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
+from ..errors import FormatError, InvalidInputError, LoraopsError, NotFoundError, UnsupportedAdapterError, reworded
 from ..fsutil import atomic_path, output_path, refuse_misnamed_output, sha256_file
 from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
 from .kohya import kohya_name
@@ -170,8 +170,15 @@ def staged_write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, for
     writer, is_dir = WRITERS[fmt]
     refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=", or --format kohya/diffusers for "
                            "one .safetensors file" if is_dir else ", or --format peft for a folder")
-    with atomic_path(dest, force=force, is_dir=is_dir, keep_name=True) as tmp:
-        yield Written(tmp, writer(adapter, modules, tmp, spill=spill), checked)
+    staged = None
+    try:
+        with atomic_path(dest, force=force, is_dir=is_dir, keep_name=True) as staged:
+            yield Written(staged, writer(adapter, modules, staged, spill=spill), checked)
+    except LoraopsError as exc:  # (the block's too: its registration) said of the output asked for, not of its
+        # staged path, gone now
+        if staged is None:
+            raise
+        raise reworded(exc, str(staged), str(output_path(dest))) from None
 
 
 def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:

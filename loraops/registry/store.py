@@ -28,7 +28,8 @@ from sqlalchemy.orm import Session
 
 from .. import settings
 from ..fsutil import remove, sha256_file
-from ..errors import ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError
+from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
+                      RegistryError, reworded)
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
@@ -307,14 +308,22 @@ class Registry:
         with self.session() as s:
             return self._manifest(s, self._find_base(s, ref).id)
 
-    def base_path(self, ref: str | int) -> Path:
+    def base_path(self, ref: str | int, *, token: str | None = None) -> Path:
         """Where the base's files are on disk (refused when they are gone). A base recorded from the Hub without
-        its files (source hf://repo@commit) is downloaded into the Hub cache and attached here, on first use."""
+        its files (source hf://repo@commit) is downloaded into the Hub cache and attached here, on first use, with
+        ``token``, else HF_TOKEN's or the saved login's: the token given to `base add hub: --token` is not kept."""
         base = self.get_base(ref)
         if _downloads(base):
             from .. import hub
 
-            files = hub.download_base(base.source)
+            try:
+                files = hub.download_base(base.source, token=token)
+            except LoraopsError as exc:  # (no --token where this runs: a merge)
+                if token is not None:
+                    raise
+                raise reworded(exc, hub.LOGIN, f"set HF_TOKEN or log in with `hf auth login`: base {base.name}'s "
+                               "weights download on first use, and the token given to `base add --token` was not "
+                               "kept") from None
             try:
                 return Path(self.attach_base_files(base.id, files).path)
             except ConflictError:  # the same weights are registered as another base too: these files serve as they are
