@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine_helpers import adapter_of, reference64, ulps
-from factories import (conv_embedding_model, load_model, peft_adapter, save_state_dict, tiny_gpt2,
-                       tiny_llama)
+from factories import (conv_embedding_model, load_model, peft_adapter, roberta_classifier_adapter, save_state_dict,
+                       tiny_gpt2, tiny_llama)
 from loraops import engine, formats
 from loraops.adapter import LoraModule
 from loraops.basemodel import BaseModel
@@ -469,19 +469,7 @@ def test_roberta_sequence_classification_head_merges_like_peft(tmp_path):
     """PEFT's sequence-classification recipe (task_type SEQ_CLS) saves the whole classifier head, a module with
     submodules (dense, out_proj), because modules_to_save=["classifier"] wraps it: loraops read those keys as an
     unknown layout."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           vocab_size=100, max_position_embeddings=64, num_labels=3)
-    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "base")
-    model = get_peft_model(RobertaForSequenceClassification.from_pretrained(tmp_path / "base"), LoraConfig(
-        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False))
-    with torch.no_grad():  # "training" the head
-        for param in model.base_model.model.classifier.modules_to_save["default"].parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path / "a")
+    _, _, model = roberta_classifier_adapter(tmp_path)
     adapter = formats.read_adapter(tmp_path / "a")
     assert sorted(adapter.full_tensors) == ["classifier.dense.bias", "classifier.dense.weight",
                                             "classifier.out_proj.bias", "classifier.out_proj.weight"]

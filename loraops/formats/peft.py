@@ -47,6 +47,27 @@ MATH_FIELDS = {
 }
 
 
+TASK_SAVED = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+"""The modules PEFT's task models (PeftModelForSequenceClassification, …ForTokenClassification,
+…ForQuestionAnswering) add to modules_to_save when they load an adapter of that task_type, whatever the config lists."""
+
+
+def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
+    """The modules_to_save entries of a PEFT config for the modules ``saved`` whole (their full paths). PEFT wraps
+    every module whose path ends with an entry, a module inside a wrapped one too, and two wrappers on one tensor fail
+    its load (KeyError): so a module inside one that another entry, or the task's own (TASK_SAVED: RoBERTa's
+    classifier.dense under SEQ_CLS's "classifier"), wraps is left to that one, and the task's entries are written, as
+    PEFT writes them."""
+    implied = TASK_SAVED.get(str(task_type).upper(), ())
+    entries = {*saved, *implied}
+
+    def inside_another(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]).endswith(e) for i in range(1, len(parts)) for e in entries)
+
+    return sorted({*implied, *(name for name in saved if not inside_another(name))}) or None
+
+
 def is_factor_key(key: str) -> bool:
     return FACTOR_RE.match(key) is not None
 
@@ -578,7 +599,7 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
         alpha_pattern=alpha_pattern, target_modules=targets,
         # (a raw parameter's share is transposed only as bound to a base that stores it in×out: PEFT has no such flag)
         fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values() if m.raw_parameter is None),
-        modules_to_save=sorted(saved_modules) or None, use_dora=dora == {True},
+        modules_to_save=modules_to_save(saved_modules, cfg.get("task_type")), use_dora=dora == {True},
         base_model_name_or_path=base_model, inference_mode=True,
     )
     cfg.pop("target_parameters", None)
