@@ -314,3 +314,24 @@ def test_sequence_classification_head_export_loads_in_peft(tmp_path):
     assert merged.keys() == expected.keys()
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_layers_pattern_without_layers_to_transform_is_not_written(llama, tmp_path):
+    """Older PEFT saved layers_pattern without layers_to_transform; PEFT reads it only to find the layer index that
+    list holds, so alone it selects nothing (every targeted layer is wrapped, as the test's PEFT load of the config
+    without it shows), and PEFT 0.21's LoraConfig refuses it: an export kept it and PEFT could not load the export."""
+    from peft import PeftModel
+
+    source = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj", "v_proj"])
+    expected = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(llama), source))
+    cfg = json.loads((source / "adapter_config.json").read_text())
+    (source / "adapter_config.json").write_text(json.dumps({**cfg, "layers_pattern": "layers"}))
+    with pytest.raises(ValueError, match="When `layers_pattern` is specified, `layers_to_transform` must also be"):
+        PeftModel.from_pretrained(factories.load_model(llama), source)
+    out = write_adapter(read_adapter(source), tmp_path / "out")
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["layers_pattern"] is None and sorted(written["target_modules"]) == ["q_proj", "v_proj"]
+    loaded = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(llama), out))
+    assert loaded.keys() == expected.keys() and len(loaded) == 4
+    for name, delta in loaded.items():
+        torch.testing.assert_close(delta, expected[name], rtol=0, atol=0)

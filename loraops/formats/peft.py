@@ -602,6 +602,10 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
         modules_to_save=modules_to_save(saved_modules, cfg.get("task_type")), use_dora=dora == {True},
         base_model_name_or_path=base_model, inference_mode=True,
     )
+    if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
+        # alone it selects nothing (PEFT reads it only to find the layer index layers_to_transform lists) and PEFT
+        # 0.21's config refuses it, which older PEFT saved: the written config says what PEFT applied, nothing
+        cfg["layers_pattern"] = None
     cfg.pop("target_parameters", None)
     if target_parameters:
         cfg["target_parameters"] = sorted(target_parameters)
