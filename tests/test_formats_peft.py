@@ -346,6 +346,29 @@ def test_targeting_fields_a_method_does_not_use_are_not_applied(method, fields, 
     assert sorted(read_adapter(tmp_path / "a").modules) == sorted(wrapped)
 
 
+@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "VeraConfig"])
+def test_ensure_weight_tying_is_no_field_of_loha_lokr_vera(method, llama, tmp_path):
+    """ensure_weight_tying is a LoraConfig field (LoHaConfig(ensure_weight_tying=True) is a TypeError): in a LoHa, LoKr
+    or VeRA config PEFT drops it (a warning) and wraps what the targeting selects, no more. It made loraops skip the
+    targeting check, so a module the config leaves out was read, merged and exported."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(0)
+    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(r=4, target_modules=["q_proj", "k_proj"])
+                        ).save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+        {**cfg, "target_modules": ["q_proj"], "ensure_weight_tying": True}))
+    model = peft.PeftModel.from_pretrained(factories.load_model(llama), tmp_path / "a")
+    wrapped = [name.removeprefix("base_model.model.") for name, layer in model.named_modules()
+               if isinstance(layer, BaseTunerLayer)]
+    assert wrapped == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    with pytest.raises(InvalidInputError, match="module 'model.layers.0.self_attn.k_proj' has LoRA weights that the "
+                                                "config's target_modules leaves out"):
+        read_adapter(tmp_path / "a")
+
+
 def test_tied_modules_peft_adds_beside_the_targeting_are_read(tmp_path):
     """ensure_weight_tying on a tied model's targeted embeddings: PEFT takes lm_head out of target_modules, wraps it
     anyway (tied to embed_tokens' LoRA) and saves its factors, so a module outside the targeting is PEFT's own there."""

@@ -68,6 +68,11 @@ def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
     return sorted({*implied, *(name for name in saved if not inside_another(name))}) or None
 
 
+LORA_CONFIG_TYPES = ("LORA", "ADALORA")
+"""The peft_types whose config is a LoraConfig (AdaLoraConfig subclasses it): PEFT drops the fields only LoraConfig has
+(layers beside a regex checked, ensure_weight_tying) from the other methods' configs, with a warning."""
+
+
 def is_factor_key(key: str) -> bool:
     return FACTOR_RE.match(key) is not None
 
@@ -198,19 +203,21 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
     a warning, so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
-    per model type), "all-linear" (its Linear layers), or ensure_weight_tying (PEFT also wraps, whatever the
-    targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors)."""
+    per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying (PEFT also wraps, whatever the
+    targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors; a LoHa,
+    LoKr or VeRA config has no such field, PEFT drops it)."""
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
     targets, layers, patterns = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps the modules it names
     excluded = (cfg.get("exclude_modules") if peft_type != "VERA" else None) or None
-    if isinstance(targets, str) and peft_type in ("LORA", "ADALORA"):  # (LoHa's, LoKr's, VeRA's take it, unused)
+    if isinstance(targets, str) and peft_type in LORA_CONFIG_TYPES:  # (LoHa's, LoKr's, VeRA's take it, unused)
         for name, value in (("layers_to_transform", layers), ("layers_pattern", patterns)):
             if value is not None:
                 raise InvalidInputError(f"{path}: config {name}={value!r} beside target_modules {targets!r}, a regex: "
                                         f"PEFT's LoraConfig refuses that ({name} selects among a list of names)")
     patterns = patterns or None
-    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or cfg.get("ensure_weight_tying"):
+    tying = cfg.get("ensure_weight_tying") and peft_type in LORA_CONFIG_TYPES
+    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or tying:
         return
     for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
                               ("layers_to_transform", layers, True), ("layers_pattern", patterns, False)):
