@@ -368,7 +368,8 @@ def build_modules(
         modules[name] = common.build_module(
             path, name, tensors[parts["A"]], tensors[parts["B"]], a_key=parts["A"], b_key=parts["B"], alpha=alpha,
             rslora=cfg.rslora, kind="embedding" if kind == "embedding" else None,
-            fan_in_fan_out=cfg.fan_in_fan_out and kind == "linear" and tensors[parts["A"]].dim() == 2,
+            fan_in_fan_out=common.peft_fan_in_fan_out(cfg.fan_in_fan_out, name) and kind == "linear"
+            and tensors[parts["A"]].dim() == 2,
             magnitude=tensors[parts["magnitude"]] if "magnitude" in parts else None, magnitude_key=parts.get("magnitude", ""),
         )
     switches: dict[str | None, set[bool]] = {}
