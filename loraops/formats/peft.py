@@ -197,6 +197,11 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     )
 
 
+OLD_LAYER_RE = re.compile(r".*\.[^.]*\.(?P<idx>\d+)\.")
+"""PEFT's layer-index regex without layers_pattern before huggingface/peft#3318: greedy, it took a name's last number,
+in a MoE layer an expert's index (model.layers.1.mlp.experts.0.up_proj: 0), where PEFT now takes the first."""
+
+
 def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     """Refuse a module with LoRA weights that the config's targeting leaves out. PEFT wraps only the modules its
     target_modules, layers_to_transform/layers_pattern, exclude_modules and modules_to_save select (0.21's
@@ -258,11 +263,23 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
         index = next((match["idx"] for r in layer_res if (match := r.match(key))), None)
         return None if index is not None and int(index) in layers else "layers_to_transform"
 
+    def trained_then(key: str) -> str:
+        """Why a module layers_to_transform leaves out can be in the file: PEFT's old regex took it."""
+        greedy = None if patterns else OLD_LAYER_RE.match(key)
+        if greedy is None or int(greedy["idx"]) not in layers:
+            return ""
+        version = _text(cfg.get("peft_version"))
+        recorded = f" (this config records peft_version {version})" if version else ""
+        return (f". PEFT before huggingface/peft#3318 took the name's last number, {greedy['idx']}, for its layer "
+                f"index, so an adapter trained then has it{recorded}; to load it as trained, list the modules by full "
+                f"name in target_modules, without layers_to_transform")
+
     for module in modules:
         if (why := left_out_by(module)) is not None:
             raise InvalidInputError(
                 f"{path}: module {module!r} has LoRA weights that the config's {why} leaves out: PEFT would load the "
                 f"adapter without them; correct the config, or remove the module's tensors"
+                + (trained_then(module) if why == "layers_to_transform" else "")
             )
 
 
