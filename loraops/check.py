@@ -23,7 +23,7 @@ from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
 from .errors import AmbiguousError, MismatchError
 from .formats import lowrank, params
-from .formats.common import fmt_shape, names_module
+from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
 from .records import CheckReport, ShapeMismatch
 
@@ -638,10 +638,6 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     return as_is
 
 
-# transformers' Conv1D layers (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP): weights stored in×out.
-CONV1D_LAYERS = ("c_attn", "q_attn", "c_proj", "c_fc")
-
-
 def conv1d_layout(manifest: Mapping[str, object]) -> bool:
     """Does the base store its c_attn/c_fc projections as transformers' Conv1D (in×out)? Both widen (out is 2–4× in),
     so in×out storage puts the smaller dimension first (GPT-2's c_attn: 768×2304); an nn.Linear puts the larger
@@ -658,7 +654,9 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
     the config says, an nn.Linear never is), but PEFT saves one fan_in_fan_out for the whole adapter: the value set
     by the last layer it wrapped, so a GPT-2 adapter on c_proj and lm_head says false, and a bare file says nothing.
     So a module is transposed when the config says so or it is a Conv1D of a Conv1D-layout base, unless the base's
-    shape says otherwise (an nn.Linear stored out×in). A LoRA on the raw parameter is added as the parameter is stored
+    shape says otherwise (an nn.Linear stored out×in); a square one, whose shape cannot say, only when it is such a
+    Conv1D (a fan_in_fan_out set by hand in a Llama adapter's config transposed its square q_proj, which PEFT, resetting
+    the flag for an nn.Linear, does not). A LoRA on the raw parameter is added as the parameter is stored
     (PEFT's ParamWrapper), whatever the layer.
 
     ``stored``: the factors give the delta as the base stores it (kohya's: up·down, no transposed convention, so the
@@ -668,7 +666,7 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
     LoRA PEFT keeps in lora_embedding_A/B (it loaded the file without that module's factors)."""
     if module.kind != "linear" or module.fused is not None or module.raw_parameter is not None or module.product:
         return module
-    conv1d_layer = conv1d and module.name.rpartition(".")[2] in CONV1D_LAYERS
+    conv1d_layer = conv1d and conv1d_named(module.name)
     if stored:
         embedding = embedding or is_embedding(module.weight_name)
         if module.transposed or module.weight_shape != base_shape or not (embedding or conv1d_layer):
@@ -679,6 +677,8 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
     transposed = module.fan_in_fan_out or conv1d_layer
     if out_f != in_f and base_shape == (out_f, in_f):
         transposed = False
+    elif out_f == in_f:  # the shape cannot tell: the layer's class (PEFT sets a Linear's flag false, a Conv1D's true)
+        transposed = conv1d_layer
     return module if transposed == module.fan_in_fan_out else replace(module, fan_in_fan_out=transposed)
 
 

@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 from . import ldm
 from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
-from .check import CONV1D_LAYERS, EXPERT_RE, conv1d_layout, is_embedding, memory_names, tied_head_source
+from .check import EXPERT_RE, conv1d_layout, is_embedding, memory_names, tied_head_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 from .formats import peft_unwritable_parts, refuse_unwritable
-from .formats.common import given_alpha, names_module, shown
+from .formats.common import conv1d_named, given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 
@@ -118,7 +118,7 @@ def _kind(name: str, shape: Sequence[int], conv1d: bool) -> tuple[str, bool] | N
         return "conv", False
     if is_embedding(name):
         return "embedding", False
-    return "linear", conv1d and name.removesuffix(".weight").rpartition(".")[2] in CONV1D_LAYERS
+    return "linear", conv1d and conv1d_named(name.removesuffix(".weight"))
 
 
 def _stand_in(name: str, shape: Sequence[int], kind: str, fan_in_fan_out: bool, dtype: "torch.dtype",

@@ -227,6 +227,26 @@ def peft_delta_weights(peft_model) -> dict[str, torch.Tensor]:
     return out
 
 
+def roberta_classifier_adapter(root: Path, *, seed: int = 0):
+    """A tiny RobertaForSequenceClassification (``root/base``) and a PEFT SEQ_CLS LoRA on it (``root/a``: query and
+    value, modules_to_save the whole classifier head, a module with submodules dense and out_proj, its parameters
+    moved off the base's as by training); returns (base, adapter folder, the PeftModel)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           vocab_size=100, max_position_embeddings=64, num_labels=3)
+    RobertaForSequenceClassification(config).save_pretrained(root / "base")
+    model = get_peft_model(RobertaForSequenceClassification.from_pretrained(root / "base"), LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False))
+    with torch.no_grad():
+        for param in model.base_model.model.classifier.modules_to_save["default"].parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(root / "a")
+    return root / "base", root / "a", model
+
+
 def tiny_transformers(path: Path, model_type: str, cls_name: str, *, seed: int = 0, **config: Any) -> Path:
     """A random transformers model of any family, from its config (``AutoConfig.for_model(model_type, **config)``;
     nested text_config/vision_config as dicts), built as ``cls_name`` and saved with save_pretrained."""

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine_helpers import adapter_of, reference64, ulps
-from factories import (conv_embedding_model, load_model, peft_adapter, save_state_dict, tiny_gpt2,
-                       tiny_llama)
+from factories import (conv_embedding_model, load_model, peft_adapter, peft_delta_weights, roberta_classifier_adapter,
+                       save_state_dict, tiny_gpt2, tiny_llama)
 from loraops import engine, formats
 from loraops.adapter import LoraModule
 from loraops.basemodel import BaseModel
@@ -126,6 +126,55 @@ def test_gpt2_fan_in_fan_out_matches_peft(tmp_path):
     ours, peft_state, base_state, terms = peft_case(tmp_path, base, {"a": kwargs}, {"a": 1.0})
     assert any(m.fan_in_fan_out for ts in terms.values() for m, _ in ts)
     assert_parity(ours, peft_state, base_state, terms)
+
+
+class LinearsNamedLikeConv1D(torch.nn.Module):
+    """Qwen-1's attention: nn.Linear layers under Conv1D's names, c_attn widening (stored out×in, the larger dimension
+    first: no Conv1D layout, check.conv1d_layout) and a square c_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.Module()
+        self.attn.c_attn = torch.nn.Linear(16, 48)
+        self.attn.c_proj = torch.nn.Linear(16, 16)
+
+
+@pytest.mark.parametrize("model", ["llama", "linears-named-like-conv1d"])
+def test_fan_in_fan_out_set_by_hand_on_linear_layers_is_reset_as_peft_does(model, tmp_path):
+    """fan_in_fan_out: true set by hand in the config of an adapter on nn.Linear layers: PEFT sets it false for each
+    (a warning) and merges B·A; loraops added (B·A)ᵀ to the square ones (the shape corrected only the others), read
+    so (Llama's q_proj: its delta unbound, as a kohya export without a base writes it, too) or bound so (a square
+    Linear named c_proj, as Conv1D layers are named)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    if model == "llama":
+        base, targets = tiny_llama(tmp_path / "base"), ["q_proj", "k_proj"]
+        fresh = lambda: load_model(base)  # noqa: E731
+    else:
+        base, targets = save_state_dict(LinearsNamedLikeConv1D(), tmp_path / "base.safetensors"), ["c_attn", "c_proj"]
+
+        def fresh():
+            linears = LinearsNamedLikeConv1D()
+            linears.load_state_dict(load_file(base))
+            return linears
+    get_peft_model(fresh(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        peft_model = PeftModel.from_pretrained(fresh(), tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    if model == "llama":
+        deltas = peft_delta_weights(peft_model)
+        for name, module in adapter.modules.items():
+            torch.testing.assert_close(module.delta(), deltas[name], rtol=0, atol=1e-6, msg=name)
+    out = tmp_path / ("out" if model == "llama" else "out.safetensors")
+    engine.merge(base, [(adapter, 1.0)], out, device="cpu")
+    ours, expected, original = merged_tensors(out), peft_model.merge_and_unload().state_dict(), merged_tensors(base)
+    assert sum(not torch.equal(ours[n], original[n]) for n in ours) == (4 if model == "llama" else 2)
+    for name in ours:
+        torch.testing.assert_close(ours[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_embedding_and_conv_kinds_match_peft(tmp_path):
@@ -469,19 +518,7 @@ def test_roberta_sequence_classification_head_merges_like_peft(tmp_path):
     """PEFT's sequence-classification recipe (task_type SEQ_CLS) saves the whole classifier head, a module with
     submodules (dense, out_proj), because modules_to_save=["classifier"] wraps it: loraops read those keys as an
     unknown layout."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           vocab_size=100, max_position_embeddings=64, num_labels=3)
-    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "base")
-    model = get_peft_model(RobertaForSequenceClassification.from_pretrained(tmp_path / "base"), LoraConfig(
-        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False))
-    with torch.no_grad():  # "training" the head
-        for param in model.base_model.model.classifier.modules_to_save["default"].parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path / "a")
+    _, _, model = roberta_classifier_adapter(tmp_path)
     adapter = formats.read_adapter(tmp_path / "a")
     assert sorted(adapter.full_tensors) == ["classifier.dense.bias", "classifier.dense.weight",
                                             "classifier.out_proj.bias", "classifier.out_proj.weight"]

@@ -307,6 +307,36 @@ def test_layers_left_out_by_an_edited_config_are_refused_not_merged(llama, tmp_p
         read_adapter(path)
 
 
+@pytest.mark.parametrize("version", ["0.17.1", None])
+def test_a_moe_adapter_of_the_old_greedy_layer_regex_is_refused_saying_so(version, tmp_path):
+    """Before huggingface/peft#3318 PEFT took a name's last number for its layer (no layers_pattern): with
+    layers_to_transform [0] it trained expert 0 of every layer. PEFT now reads layer 1 there and loads the adapter
+    without it; loraops refuses it as before, now saying why the file has it and what loads it as trained."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    keys = ["model.layers.0.block_sparse_moe.experts.0.w1", "model.layers.1.block_sparse_moe.experts.0.w1"]
+    fields = {"target_modules": ["w1"], "layers_to_transform": [0]}
+    config = SimpleNamespace(target_modules=["w1"], layers_to_transform=[0], layers_pattern=None)
+    assert [bool(check_target_module_exists(config, key)) for key in keys] == [True, False]
+    save_file({f"base_model.model.{key}.lora_{part}.weight": torch.ones(2, 2) for key in keys for part in "AB"},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, **fields, **({"peft_version": version} if version else {})}))
+    with pytest.raises(InvalidInputError) as refused:
+        read_adapter(tmp_path)
+    recorded = f" (this config records peft_version {version})" if version else ""
+    assert str(refused.value).endswith(
+        f"module '{keys[1]}' has LoRA weights that the config's layers_to_transform leaves out: PEFT would load the "
+        "adapter without them; correct the config, or remove the module's tensors. PEFT before huggingface/peft#3318 "
+        f"took the name's last number, 0, for its layer index, so an adapter trained then has it{recorded}; to load "
+        "it as trained, list the modules by full name in target_modules, without layers_to_transform")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": keys, "layers_to_transform": None}))
+    assert sorted(read_adapter(tmp_path).modules) == keys
+
+
 def test_a_regex_with_layers_is_refused_as_peft_refuses_it(llama, tmp_path):
     """LoraConfig refuses layers_to_transform beside a target_modules regex; read with the regex alone, a config edited
     so (to leave a layer out) merged every layer."""
@@ -344,6 +374,29 @@ def test_targeting_fields_a_method_does_not_use_are_not_applied(method, fields, 
                if isinstance(layer, BaseTunerLayer)]
     assert len(wrapped) == 4
     assert sorted(read_adapter(tmp_path / "a").modules) == sorted(wrapped)
+
+
+@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "VeraConfig"])
+def test_ensure_weight_tying_is_no_field_of_loha_lokr_vera(method, llama, tmp_path):
+    """ensure_weight_tying is a LoraConfig field (LoHaConfig(ensure_weight_tying=True) is a TypeError): in a LoHa, LoKr
+    or VeRA config PEFT drops it (a warning) and wraps what the targeting selects, no more. It made loraops skip the
+    targeting check, so a module the config leaves out was read, merged and exported."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(0)
+    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(r=4, target_modules=["q_proj", "k_proj"])
+                        ).save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+        {**cfg, "target_modules": ["q_proj"], "ensure_weight_tying": True}))
+    model = peft.PeftModel.from_pretrained(factories.load_model(llama), tmp_path / "a")
+    wrapped = [name.removeprefix("base_model.model.") for name, layer in model.named_modules()
+               if isinstance(layer, BaseTunerLayer)]
+    assert wrapped == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    with pytest.raises(InvalidInputError, match="module 'model.layers.0.self_attn.k_proj' has LoRA weights that the "
+                                                "config's target_modules leaves out"):
+        read_adapter(tmp_path / "a")
 
 
 def test_tied_modules_peft_adds_beside_the_targeting_are_read(tmp_path):

@@ -292,3 +292,46 @@ def test_a_diffusers_flux_lora_is_not_written_under_made_up_kohya_names(tmp_path
     with pytest.raises(FormatError, match="no kohya names of its own: bind it to a single-file FLUX/SD3 checkpoint"):
         write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_sequence_classification_head_export_loads_in_peft(tmp_path):
+    """PEFT's SEQ_CLS model adds "classifier" to modules_to_save itself: the export listed classifier.dense and
+    classifier.out_proj (the saved tensors' modules), PEFT wrapped them inside the wrapped classifier and its load
+    failed (KeyError 'base_model.model.classifier.dense.weight'). Written as PEFT writes it, it loads with the
+    original's outputs and merged weights."""
+    from peft import PeftModel
+    from transformers import RobertaForSequenceClassification
+
+    base, source, _ = factories.roberta_classifier_adapter(tmp_path)
+    out = write_adapter(read_adapter(source), tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+    ids = torch.arange(12).reshape(2, 6) + 3
+    models = [PeftModel.from_pretrained(RobertaForSequenceClassification.from_pretrained(base), folder).eval()
+              for folder in (source, out)]
+    torch.testing.assert_close(models[1](ids).logits, models[0](ids).logits, rtol=0, atol=0)
+    expected = models[0].merge_and_unload().state_dict()
+    merged = models[1].merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_layers_pattern_without_layers_to_transform_is_not_written(llama, tmp_path):
+    """Older PEFT saved layers_pattern without layers_to_transform; PEFT reads it only to find the layer index that
+    list holds, so alone it selects nothing (every targeted layer is wrapped, as the test's PEFT load of the config
+    without it shows), and PEFT 0.21's LoraConfig refuses it: an export kept it and PEFT could not load the export."""
+    from peft import PeftModel
+
+    source = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj", "v_proj"])
+    expected = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(llama), source))
+    cfg = json.loads((source / "adapter_config.json").read_text())
+    (source / "adapter_config.json").write_text(json.dumps({**cfg, "layers_pattern": "layers"}))
+    with pytest.raises(ValueError, match="When `layers_pattern` is specified, `layers_to_transform` must also be"):
+        PeftModel.from_pretrained(factories.load_model(llama), source)
+    out = write_adapter(read_adapter(source), tmp_path / "out")
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["layers_pattern"] is None and sorted(written["target_modules"]) == ["q_proj", "v_proj"]
+    loaded = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(llama), out))
+    assert loaded.keys() == expected.keys() and len(loaded) == 4
+    for name, delta in loaded.items():
+        torch.testing.assert_close(delta, expected[name], rtol=0, atol=0)

@@ -268,6 +268,24 @@ def fmt_shape(shape) -> str:
     return "×".join(str(int(d)) for d in shape) or "scalar"
 
 
+CONV1D_LAYERS = ("c_attn", "q_attn", "c_proj", "c_fc")
+"""The names of transformers' Conv1D layers (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP: weights stored
+in×out); every other layer PEFT gives lora_A/lora_B on a 2-D weight is an nn.Linear (or a raw parameter)."""
+
+
+def conv1d_named(name: str) -> bool:
+    return name.rpartition(".")[2] in CONV1D_LAYERS
+
+
+def peft_fan_in_fan_out(configured: bool, name: str) -> bool:
+    """A PEFT module's fan_in_fan_out: the config's one flag applies to the Conv1D layers only. PEFT decides it per
+    layer (LoRA, AdaLoRA and VeRA alike): an nn.Linear is set false, with a warning, a Conv1D true, whatever the
+    config says; a square nn.Linear read with a hand-set true was transposed. (A Conv1D whose config says false, as
+    PEFT saves a GPT-2 adapter whose last wrapped layer is its lm_head, is found as one when bound to its base:
+    check.fit_orientation.)"""
+    return configured and conv1d_named(name)
+
+
 def build_module(
     path: Path, name: str, A: "torch.Tensor", B: "torch.Tensor", *, a_key: str, b_key: str, alpha: float | None,
     rslora: bool = False, kind: ModuleKind | None = None, fan_in_fan_out: bool = False, extra_keys: tuple[str, ...] = (),

@@ -179,7 +179,8 @@ def adalora_modules(path: Path, factors: dict[str, dict[str, str]], tensors: dic
         if not B.is_floating_point():  # (build_module says so too, but the fold comes first)
             raise InvalidInputError(f"{path}: module {name!r}: factors must be floating point, not {B.dtype}")
         module = common.build_module(path, name, A, fold(B, E.reshape(1, -1)), a_key=parts["A"], b_key=parts["B"],
-                                     alpha=None, kind="linear", fan_in_fan_out=fan_in_fan_out, extra_keys=(parts["E"],),
+                                     alpha=None, kind="linear", extra_keys=(parts["E"],),
+                                     fan_in_fan_out=common.peft_fan_in_fan_out(fan_in_fan_out, name),
                                      stored=(A, B, E))
         scaling = alpha if alpha > 0 else float(rank)
         modules[name] = replace(module, alpha=scaling, scale=scaling / (init_r + RANKNUM_EPS), method="adalora",
@@ -236,7 +237,8 @@ def vera_modules(path: Path, lambdas: dict[str, dict[str, str]], projections: di
         folded = fold(B[: b.shape[0]], b.reshape(-1, 1), d.reshape(1, -1))
         common.check_finite(path, f"{name} (λ_b·vera_B·λ_d)", folded)  # (huge λs overflow float32)
         modules[name] = LoraModule(
-            name=name, A=A, B=folded, alpha=float(r), scale=1.0, kind="linear", fan_in_fan_out=fan_in_fan_out,
+            name=name, A=A, B=folded, alpha=float(r), scale=1.0, kind="linear",
+            fan_in_fan_out=common.peft_fan_in_fan_out(fan_in_fan_out, name),
             source_keys=(parts["b"], parts["d"], projections["A"], projections["B"]), method="vera", inputs_known=False,
             stored_dtype=widest_dtype(A.dtype, B.dtype, b.dtype, d.dtype),
         )

@@ -47,6 +47,32 @@ MATH_FIELDS = {
 }
 
 
+TASK_SAVED = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+"""The modules PEFT's task models (PeftModelForSequenceClassification, …ForTokenClassification,
+…ForQuestionAnswering) add to modules_to_save when they load an adapter of that task_type, whatever the config lists."""
+
+
+def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
+    """The modules_to_save entries of a PEFT config for the modules ``saved`` whole (their full paths). PEFT wraps
+    every module whose path ends with an entry, a module inside a wrapped one too, and two wrappers on one tensor fail
+    its load (KeyError): so a module inside one that another entry, or the task's own (TASK_SAVED: RoBERTa's
+    classifier.dense under SEQ_CLS's "classifier"), wraps is left to that one, and the task's entries are written, as
+    PEFT writes them."""
+    implied = TASK_SAVED.get(str(task_type).upper(), ())
+    entries = {*saved, *implied}
+
+    def inside_another(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]).endswith(e) for i in range(1, len(parts)) for e in entries)
+
+    return sorted({*implied, *(name for name in saved if not inside_another(name))}) or None
+
+
+LORA_CONFIG_TYPES = ("LORA", "ADALORA")
+"""The peft_types whose config is a LoraConfig (AdaLoraConfig subclasses it): PEFT drops the fields only LoraConfig has
+(layers beside a regex checked, ensure_weight_tying) from the other methods' configs, with a warning."""
+
+
 def is_factor_key(key: str) -> bool:
     return FACTOR_RE.match(key) is not None
 
@@ -171,25 +197,32 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     )
 
 
+OLD_LAYER_RE = re.compile(r".*\.[^.]*\.(?P<idx>\d+)\.")
+"""PEFT's layer-index regex without layers_pattern before huggingface/peft#3318: greedy, it took a name's last number,
+in a MoE layer an expert's index (model.layers.1.mlp.experts.0.up_proj: 0), where PEFT now takes the first."""
+
+
 def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     """Refuse a module with LoRA weights that the config's targeting leaves out. PEFT wraps only the modules its
     target_modules, layers_to_transform/layers_pattern, exclude_modules and modules_to_save select (0.21's
     ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
     a warning, so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
-    per model type), "all-linear" (its Linear layers), or ensure_weight_tying (PEFT also wraps, whatever the
-    targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors)."""
+    per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying (PEFT also wraps, whatever the
+    targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors; a LoHa,
+    LoKr or VeRA config has no such field, PEFT drops it)."""
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
     targets, layers, patterns = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps the modules it names
     excluded = (cfg.get("exclude_modules") if peft_type != "VERA" else None) or None
-    if isinstance(targets, str) and peft_type in ("LORA", "ADALORA"):  # (LoHa's, LoKr's, VeRA's take it, unused)
+    if isinstance(targets, str) and peft_type in LORA_CONFIG_TYPES:  # (LoHa's, LoKr's, VeRA's take it, unused)
         for name, value in (("layers_to_transform", layers), ("layers_pattern", patterns)):
             if value is not None:
                 raise InvalidInputError(f"{path}: config {name}={value!r} beside target_modules {targets!r}, a regex: "
                                         f"PEFT's LoraConfig refuses that ({name} selects among a list of names)")
     patterns = patterns or None
-    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or cfg.get("ensure_weight_tying"):
+    tying = cfg.get("ensure_weight_tying") and peft_type in LORA_CONFIG_TYPES
+    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or tying:
         return
     for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
                               ("layers_to_transform", layers, True), ("layers_pattern", patterns, False)):
@@ -230,11 +263,23 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
         index = next((match["idx"] for r in layer_res if (match := r.match(key))), None)
         return None if index is not None and int(index) in layers else "layers_to_transform"
 
+    def trained_then(key: str) -> str:
+        """Why a module layers_to_transform leaves out can be in the file: PEFT's old regex took it."""
+        greedy = None if patterns else OLD_LAYER_RE.match(key)
+        if greedy is None or int(greedy["idx"]) not in layers:
+            return ""
+        version = _text(cfg.get("peft_version"))
+        recorded = f" (this config records peft_version {version})" if version else ""
+        return (f". PEFT before huggingface/peft#3318 took the name's last number, {greedy['idx']}, for its layer "
+                f"index, so an adapter trained then has it{recorded}; to load it as trained, list the modules by full "
+                f"name in target_modules, without layers_to_transform")
+
     for module in modules:
         if (why := left_out_by(module)) is not None:
             raise InvalidInputError(
                 f"{path}: module {module!r} has LoRA weights that the config's {why} leaves out: PEFT would load the "
                 f"adapter without them; correct the config, or remove the module's tensors"
+                + (trained_then(module) if why == "layers_to_transform" else "")
             )
 
 
@@ -340,7 +385,8 @@ def build_modules(
         modules[name] = common.build_module(
             path, name, tensors[parts["A"]], tensors[parts["B"]], a_key=parts["A"], b_key=parts["B"], alpha=alpha,
             rslora=cfg.rslora, kind="embedding" if kind == "embedding" else None,
-            fan_in_fan_out=cfg.fan_in_fan_out and kind == "linear" and tensors[parts["A"]].dim() == 2,
+            fan_in_fan_out=common.peft_fan_in_fan_out(cfg.fan_in_fan_out, name) and kind == "linear"
+            and tensors[parts["A"]].dim() == 2,
             magnitude=tensors[parts["magnitude"]] if "magnitude" in parts else None, magnitude_key=parts.get("magnitude", ""),
         )
     switches: dict[str | None, set[bool]] = {}
@@ -578,9 +624,13 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
         alpha_pattern=alpha_pattern, target_modules=targets,
         # (a raw parameter's share is transposed only as bound to a base that stores it in×out: PEFT has no such flag)
         fan_in_fan_out=any(m.fan_in_fan_out for m in modules.values() if m.raw_parameter is None),
-        modules_to_save=sorted(saved_modules) or None, use_dora=dora == {True},
+        modules_to_save=modules_to_save(saved_modules, cfg.get("task_type")), use_dora=dora == {True},
         base_model_name_or_path=base_model, inference_mode=True,
     )
+    if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
+        # alone it selects nothing (PEFT reads it only to find the layer index layers_to_transform lists) and PEFT
+        # 0.21's config refuses it, which older PEFT saved: the written config says what PEFT applied, nothing
+        cfg["layers_pattern"] = None
     cfg.pop("target_parameters", None)
     if target_parameters:
         cfg["target_parameters"] = sorted(target_parameters)
