@@ -48,6 +48,9 @@ RESNET = {
 UNET_TOP = {
     "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
     "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+    # the SD x4 upscaler's noise-level embedding (an nn.Embedding), AudioLDM's FiLM projection: each diffusers'
+    # class_embedding (single_file_utils.convert_ldm_unet_checkpoint, scripts/convert_original_audioldm_to_diffusers.py)
+    "label_emb": "class_embedding", "film_emb": "class_embedding",
 }
 # SDXL's size/crop embedding (diffusers' add_embedding), or SD 2.x unCLIP's image-embedding class embedding
 # (class_embedding), as diffusers' convert_ldm_unet_checkpoint names it by the UNet's family
@@ -359,9 +362,11 @@ def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     adapters are bound by: an SD 2.x unCLIP label_emb also under the add_embedding name loraops once wrote for it."""
     tensors = list(tensors)
     top = next((top for mark, top in DIT_MARKS if any(mark.match(t) for t in tensors)), None)
-    sdxl = is_sdxl(tensors)
+    sdxl, other = is_sdxl(tensors), other_unet(tensors)
     out = {}
     for module in checkpoint_modules(tensors):
+        if other is not None and not other.diffusers and module.startswith(UNET_PREFIX):
+            continue  # (its diffusers names are not SD's: none rather than false ones)
         name = diffusers_name(module, top=top, sdxl=sdxl)
         if name is not None:
             out[name] = module
@@ -464,6 +469,46 @@ SD2_CONTEXT = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.we
 SD_ARCHITECTURE = re.compile(r"stable-diffusion-(v[12]|xl)(?:[-/]|$)")
 
 
+@dataclass(frozen=True)
+class OtherUnet:
+    """An SD-family UNet (the LDM/SGM UNetModel) that is none of SD 1.x/2.x/XL: sd-scripts trains none of them and has
+    no version for them, and is_sdxl's structural rules do not hold for them (the x4 upscaler's and AudioLDM's first
+    output level attends, as SDXL's does)."""
+
+    name: str
+    """What messages call it, and what the header records (OTHER_UNET_KEY) for an adapter bound to it."""
+    mark: re.Pattern
+    """Checkpoint module or tensor paths only this UNet has."""
+    diffusers: bool
+    """diffusers' UNet of it names its blocks by SD's conversion (unet_path); Stable Video Diffusion's
+    UNetSpatioTemporalConditionModel does not (resnets.N.spatial_res_block, temporal_transformer_blocks)."""
+
+
+_UNET = re.escape(UNET_PREFIX)
+OTHER_UNETS = (  # AudioLDM before the upscaler: its fourth level widens too (input_blocks.10.0.skip_connection)
+    # sgm's VideoResBlock and SpatialVideoTransformer: time_stack, time_mixer
+    OtherUnet("Stable Video Diffusion", re.compile(_UNET + r"(?:.+\.)?(?:time_stack|time_mixer)(?:\.|$)"), False),
+    OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)"), True),  # its FiLM projection (class_embedding)
+    # its noise-level label_emb, an nn.Embedding, and the tensor diffusers' single-file loader tells it by
+    # (CHECKPOINT_KEY_NAMES["upscale"]: the widening into its fourth level, which no SD 1.x/2.x/XL UNet has)
+    OtherUnet("SD x4 upscaler", re.compile(_UNET + r"(?:label_emb(?:\.weight)?|input_blocks\.10\.0\.skip_connection"
+                                           r"(?:\.\w+)?)$"), True),
+)
+OTHER_UNET_KEY = "loraops_unet"
+"""Header metadata naming (OtherUnet.name) the UNet of OTHER_UNETS an adapter was bound to: the few modules of an
+adapter may not say it, and what they say otherwise (is_sdxl) would be false."""
+
+
+def other_unet(names: Iterable[str], metadata: dict[str, str] | None = None) -> OtherUnet | None:
+    """The UNet of OTHER_UNETS a checkpoint's tensor names, or an adapter's bound module names or its header
+    (OTHER_UNET_KEY), say; else None."""
+    recorded = (metadata or {}).get(OTHER_UNET_KEY)
+    if recorded:
+        return next((unet for unet in OTHER_UNETS if unet.name == recorded), None)
+    names = list(names)
+    return next((unet for unet in OTHER_UNETS if any(unet.mark.match(n) for n in names)), None)
+
+
 def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> bool | None:
     """Is the SD UNet of a single-file checkpoint (its tensor names) or of an adapter (its bound module names and
     header) SDXL's, base or refiner? sd-scripts names SDXL's UNet modules by their checkpoint paths and SD 1.x/2.x's
@@ -472,8 +517,11 @@ def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> boo
     SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET, SD_UNET), else by ``metadata``: the
     version it records (ss_base_model_version "sdxl…" or another; the SAI model spec's modelspec.architecture
     "stable-diffusion-xl…", or SD 1.x/2.x's "stable-diffusion-v1…"/"…-v2…"). None: nothing says (an adapter of a few
-    UNet modules that every one of these UNets has, label_emb included, with no version recorded)."""
+    UNet modules that every one of these UNets has, label_emb included, with no version recorded; and the UNets of
+    OTHER_UNETS, which are neither)."""
     names = list(names)
+    if other_unet(names, metadata) is not None:
+        return None
     for sdxl, encoders in ((True, "conditioner.embedders."), (False, "cond_stage_model.")):
         if any(n.startswith(encoders) for n in names):
             return sdxl
@@ -498,6 +546,9 @@ def sd_scripts_metadata(tensors: Mapping[str, object]) -> dict[str, str]:
     SD 2.x from ss_v2 alone); and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as
     its lora_sd3.py)."""
     names = list(tensors)
+    other = other_unet(names)
+    if other is not None:  # no sd-scripts version: the UNet recorded for the writers instead (OTHER_UNET_KEY)
+        return {OTHER_UNET_KEY: other.name}
     if any(FLUX_MARK.match(n) for n in names):
         return {"ss_base_model_version": "flux1", "ss_v2": "False", "ss_network_module": "networks.lora_flux"}
     if any(SD3_MARK.match(n) for n in names):
@@ -527,8 +578,8 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
     (loraops writes "False" where it cannot place an adapter): "sd_v2_v" beside ss_v2 "False" reads as SD 1.x to
     sd-scripts. The base's network module replaces the adapter's own: what the kohya writer writes is sd-scripts'
     plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that loraops wrote
-    for FLUX before)."""
+    for FLUX before); so does the base's UNet of OTHER_UNETS (OTHER_UNET_KEY)."""
     base = sd_scripts_metadata(tensors)
     placed = bool(metadata.get("ss_base_model_version")) or "ss_base_model_version" not in base
     return {**metadata, **{k: v for k, v in base.items()
-                           if k == "ss_network_module" or not placed or not metadata.get(k)}}
+                           if k in ("ss_network_module", OTHER_UNET_KEY) or not placed or not metadata.get(k)}}

@@ -187,9 +187,12 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     if not adapter.names_resolved:
         return {name: name for name in adapter.modules}
     sdxl = ldm.is_sdxl(adapter.modules, adapter.metadata)
-    split = {name: component_of(adapter, name, sdxl=bool(sdxl)) for name in adapter.modules}
+    # a UNet of no sd-scripts model (the x4 upscaler's, SVD's, AudioLDM's): by its checkpoint paths, as SDXL's, which
+    # ComfyUI applies to any UNet it loads (lora_unet_ + the path)
+    by_path = bool(sdxl) or ldm.other_unet(adapter.modules, adapter.metadata) is not None
+    split = {name: component_of(adapter, name, sdxl=by_path) for name in adapter.modules}
     common.refuse_unplaced(adapter, [n for n, named in split.items()
-                                     if sdxl is None and component_of(adapter, n, sdxl=True) != named],
+                                     if sdxl is None and not by_path and component_of(adapter, n, sdxl=True) != named],
                            "sd-scripts names one way for SDXL (lora_unet_input_blocks_…) and another for SD 1.x/2.x "
                            "(lora_unet_down_blocks_…)")
     components = {component for component, _ in split.values()}
