@@ -344,9 +344,13 @@ def stored_tied_bias(name: str, shape, manifest: Mapping[str, object]) -> str | 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     """kohya name → the base module paths that produce it: from each module's own path (parts of fused tensors
-    included), and from its diffusers path when the base is a single-file SD or FLUX.1 checkpoint (sd-scripts names
-    SD 1.x/2.x UNets the diffusers way)."""
-    named = [(module, module) for module in ldm.checkpoint_modules(manifest)] + list(ldm.diffusers_names(manifest).items())
+    included), from its diffusers path when the base is a single-file SD or FLUX.1 checkpoint (sd-scripts names
+    SD 1.x/2.x UNets the diffusers way), and from its checkpoint path when the base is a pipeline (sd-scripts names
+    SDXL's UNet so)."""
+    modules = ldm.checkpoint_modules(manifest)
+    # a pipeline's UNet at its checkpoint paths too, by which sd-scripts names SDXL's
+    named = [(module, module) for module in modules] + list(ldm.diffusers_names(manifest).items()) + [
+        (path, module) for module, path in ldm.checkpoint_paths(modules, whole=True).items()]
     forms: dict[str, set[str]] = {}
     for name, module in named:
         for base_prefix, kohya_prefixes in KOHYA_BASE_PREFIXES:

@@ -321,6 +321,66 @@ def resnet(prefix: str, rest: str) -> str | None:
     return f"{prefix}.{RESNET[rest]}" if rest in RESNET else None
 
 
+DIFFUSERS_UNET = "unet."
+DIFFUSERS_BLOCK_RE = re.compile(r"^(?P<kind>down_blocks|up_blocks|mid_block)\.(?:(?P<level>\d+)\.)?"
+                                r"(?P<part>resnets|attentions|downsamplers|upsamplers)\.(?P<slot>\d+)\.(?P<rest>.+)$")
+# the top-level modules back (label_emb by SDXL's name alone: class_embedding is also the x4 upscaler's label_emb and
+# AudioLDM's film_emb)
+UNET_TOP_BACK = {diffusers: path for path, diffusers in UNET_TOP.items() if diffusers != "class_embedding"} | {
+    f"add_embedding.{diffusers}": path for path, diffusers in LABEL_EMB.items()}
+RESNET_BACK = {diffusers: path for path, diffusers in RESNET.items()}
+
+
+def checkpoint_paths(names: Iterable[str], *, whole: bool = False) -> dict[str, str]:
+    """{diffusers UNet module name ("unet.down_blocks.1.attentions.0.proj_in"): its checkpoint path
+    ("model.diffusion_model.input_blocks.4.1.proj_in")} for the SD-family diffusers UNet names among ``names`` (an
+    adapter's modules, or a pipeline's tensors): unet_path's inverse, SDXL's add_embedding as label_emb. An up level's
+    upsampler sits behind its attention (output_blocks.N.2.conv) where ``names`` show that level's attentions, else,
+    in a ``whole`` UNet (a pipeline's: no attention there), as output_blocks.N.1.conv; in an adapter that shows none
+    it is left out: SDXL base's first up level attends, the refiner's does not."""
+    names = [n.removesuffix(".weight") for n in names if n.startswith(DIFFUSERS_UNET)]
+    attends = {int(m["level"]) for n in names if (m := DIFFUSERS_BLOCK_RE.match(n[len(DIFFUSERS_UNET):]))
+               and m["kind"] == "up_blocks" and m["part"] == "attentions"}
+
+    def upsampler_slot(level: int) -> int | None:
+        return 2 if level in attends else 1 if whole else None
+
+    paths = {name: checkpoint_unet_path(name[len(DIFFUSERS_UNET):], upsampler_slot) for name in names}
+    return {name: UNET_PREFIX + path for name, path in paths.items() if path is not None}
+
+
+def checkpoint_unet_path(path: str, upsampler_slot: Callable[[int], "int | None"]) -> str | None:
+    """The LDM path (relative to model.diffusion_model.) of an SD-family diffusers UNet module path, or None outside
+    the blocks unet_path translates. ``upsampler_slot``: where an up level's upsampler sits in its last output block
+    (None: not known)."""
+    if path in UNET_TOP_BACK:
+        return UNET_TOP_BACK[path]
+    match = DIFFUSERS_BLOCK_RE.match(path)
+    if match is None:
+        return None
+    kind, part, slot, rest = match["kind"], match["part"], int(match["slot"]), match["rest"]
+    level = None if match["level"] is None else int(match["level"])
+    if part == "resnets":
+        if rest not in RESNET_BACK:
+            return None
+        rest = RESNET_BACK[rest]
+    if (kind == "mid_block") != (level is None):
+        return None
+    if kind == "mid_block":
+        if part == "resnets" and slot < 2:
+            return f"middle_block.{2 * slot}.{rest}"
+        return f"middle_block.1.{rest}" if (part, slot) == ("attentions", 0) else None
+    held = {"resnets": 0, "attentions": 1}.get(part)
+    if kind == "down_blocks":
+        if held is not None:
+            return f"input_blocks.{3 * level + slot + 1}.{held}.{rest}" if slot < 2 else None
+        return f"input_blocks.{3 * level + 3}.0.op" if (part, slot, rest) == ("downsamplers", 0, "conv") else None
+    if held is not None:
+        return f"output_blocks.{3 * level + slot}.{held}.{rest}" if slot < 3 else None
+    where = upsampler_slot(level) if (part, slot, rest) == ("upsamplers", 0, "conv") else None
+    return None if where is None else f"output_blocks.{3 * level + 2}.{where}.conv"
+
+
 def open_clip_path(path: str) -> str | None:
     """transformers' CLIP path of an OpenCLIP text-encoder module path: ``transformer.resblocks.3.mlp.c_fc`` →
     ``text_model.encoder.layers.3.mlp.fc1``; None for the modules LoRAs do not target."""
@@ -464,6 +524,8 @@ SD_UNET = re.compile(re.escape(UNET_PREFIX) + r"(?:input_blocks\.[12]|output_blo
 # the tensor whose width tells SD 2.x's UNet from 1.x's (its cross-attention reads OpenCLIP-H's 1024-wide context,
 # 1.x CLIP-L's 768), as diffusers' single-file loader tells them (CHECKPOINT_KEY_NAMES["v2"])
 SD2_CONTEXT = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+# (and a pipeline's)
+SD2_CONTEXTS = (SD2_CONTEXT, DIFFUSERS_UNET + "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight")
 # the SAI model spec's architectures of SD 1.x/2.x and SDXL (stable-diffusion-v1, stable-diffusion-v2-768-v,
 # stable-diffusion-xl-v1-base, each with its "/lora" suffix in a LoRA), as sd-scripts' sai_model_spec.py names them
 SD_ARCHITECTURE = re.compile(r"stable-diffusion-(v[12]|xl)(?:[-/]|$)")
@@ -486,9 +548,13 @@ class OtherUnet:
 
 _UNET = re.escape(UNET_PREFIX)
 OTHER_UNETS = (  # AudioLDM before the upscaler: its fourth level widens too (input_blocks.10.0.skip_connection)
-    # sgm's VideoResBlock and SpatialVideoTransformer: time_stack, time_mixer
-    OtherUnet("Stable Video Diffusion", re.compile(_UNET + r"(?:.+\.)?(?:time_stack|time_mixer)(?:\.|$)"), False),
-    OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)"), True),  # its FiLM projection (class_embedding)
+    # sgm's VideoResBlock and SpatialVideoTransformer: time_stack, time_mixer; diffusers' SpatioTemporalResBlock and
+    # TransformerSpatioTemporalModel: spatial_res_block, temporal_res_block, temporal_transformer_blocks, …
+    OtherUnet("Stable Video Diffusion", re.compile(
+        rf"(?:{_UNET}(?:.+\.)?(?:time_stack|time_mixer)|unet\.(?:.+\.)?(?:spatial_res_block|temporal_res_block|"
+        r"temporal_transformer_blocks|time_pos_embed|time_mixer))(?:\.|$)"), False),
+    # its FiLM projection, diffusers' class_embedding: a Linear (the x4 upscaler's is an Embedding)
+    OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)|unet\.class_embedding\.bias$"), True),
     # its noise-level label_emb, an nn.Embedding, and the tensor diffusers' single-file loader tells it by
     # (CHECKPOINT_KEY_NAMES["upscale"]: the widening into its fourth level, which no SD 1.x/2.x/XL UNet has)
     OtherUnet("SD x4 upscaler", re.compile(_UNET + r"(?:label_emb(?:\.weight)?|input_blocks\.10\.0\.skip_connection"
@@ -506,6 +572,7 @@ def other_unet(names: Iterable[str], metadata: dict[str, str] | None = None) -> 
     if recorded:
         return next((unet for unet in OTHER_UNETS if unet.name == recorded), None)
     names = list(names)
+    names += checkpoint_paths(names).values()  # a pipeline's (or a diffusers LoRA's) UNet at its checkpoint paths
     return next((unet for unet in OTHER_UNETS if any(unet.mark.match(n) for n in names)), None)
 
 
@@ -514,7 +581,9 @@ def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> boo
     header) SDXL's, base or refiner? sd-scripts names SDXL's UNet modules by their checkpoint paths and SD 1.x/2.x's
     by diffusers blocks, and diffusers names SDXL's label_emb add_embedding, unCLIP's class_embedding. Known by the
     text encoders (SDXL's conditioner.embedders., not any conditioner.: Stable Audio's conditioner.conditioners.;
-    SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET, SD_UNET), else by ``metadata``: the
+    SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET, SD_UNET; a diffusers-named UNet's,
+    unet.…, at its checkpoint paths: checkpoint_paths), else by SDXL's second text encoder beside a diffusers-named
+    UNet (text_encoder_2.), else by ``metadata``: the
     version it records (ss_base_model_version "sdxl…" or another; the SAI model spec's modelspec.architecture
     "stable-diffusion-xl…", or SD 1.x/2.x's "stable-diffusion-v1…"/"…-v2…"). None: nothing says (an adapter of a few
     UNet modules that every one of these UNets has, label_emb included, with no version recorded; and the UNets of
@@ -525,9 +594,12 @@ def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> boo
     for sdxl, encoders in ((True, "conditioner.embedders."), (False, "cond_stage_model.")):
         if any(n.startswith(encoders) for n in names):
             return sdxl
+    names += checkpoint_paths(names).values()  # a diffusers LoRA's or a pipeline's UNet (unet.…) at its paths
     for sdxl, structure in ((True, SDXL_UNET), (False, SD_UNET)):
         if any(structure.match(n) for n in names):
             return sdxl
+    if any(n.startswith(DIFFUSERS_UNET) for n in names) and any(n.startswith("text_encoder_2.") for n in names):
+        return True  # SDXL's second text encoder beside a diffusers UNet (SD3's has no UNet)
     metadata = metadata or {}
     if metadata.get("ss_base_model_version"):
         return metadata["ss_base_model_version"].startswith("sdxl")
@@ -566,8 +638,9 @@ def sd_scripts_metadata(tensors: Mapping[str, object]) -> dict[str, str]:
         return dict(SD2)
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
         return dict(SD1)
-    if sdxl is False:  # an SD UNet alone
-        return dict(SD2 if tuple(getattr(tensors.get(SD2_CONTEXT), "shape", ()))[-1:] == (1024,) else SD1)
+    if sdxl is False:  # an SD UNet alone, or a pipeline's
+        widths = {tuple(getattr(tensors.get(name), "shape", ()))[-1:] for name in SD2_CONTEXTS}
+        return dict(SD2 if (1024,) in widths else SD1)
     return {}
 
 

@@ -144,3 +144,143 @@ def test_an_x4_upscaler_unet_alone_is_extracted_under_its_paths_with_no_version(
     header = read_header(tmp_path / "k.safetensors")
     assert [k for k in header.tensors if k.endswith(".lora_up.weight")] == ["lora_unet_output_blocks_0_1_proj_in.lora_up.weight"]
     assert header.metadata["ss_base_model_version"] == ""
+
+
+# --- diffusers-named SD UNets at their checkpoint paths (ldm.checkpoint_paths): SDXL's kohya names without --base
+
+
+@pytest.mark.parametrize("layout", ["sd15", "sdxl", "sdxl-refiner", "sd2-unclip"])
+def test_diffusers_unet_names_go_back_to_the_paths_of_diffusers_conversion_table(layout):
+    """Each module of a tiny diffusers UNet of each layout goes back to the checkpoint path diffusers' conversion
+    script gives it (test_ldm's reference table), unet_path's inverse; an adapter's upsampler only where its level's
+    attention says where it sits. Whose UNet the diffusers names are is told as the checkpoint's."""
+    from test_ldm import REFINER, SD15, SDXL, UNCLIP, diffusers_unet
+
+    layout = {"sd15": SD15, "sdxl": SDXL, "sdxl-refiner": REFINER, "sd2-unclip": UNCLIP}[layout]
+    unet, _ = diffusers_unet(layout)
+    table = reference_table(**layout)
+    modules = [f"unet.{k.removesuffix('.weight')}" for k in unet.state_dict() if k.endswith(".weight")]
+    expected = {m: f"model.diffusion_model.{reference_checkpoint_name(m[5:], table)}" for m in modules
+                if not m.startswith("unet.class_embedding")}  # (SDXL's add_embedding alone goes back: label_emb)
+    assert ldm.checkpoint_paths(modules, whole=True) == expected
+    attending = {m for m in modules if ".upsamplers." not in m or m.replace("upsamplers.0.conv", "attentions.0.proj_in")
+                 .rsplit(".", 1)[0] + ".proj_in" in modules}
+    adapter = ldm.checkpoint_paths(modules)
+    assert adapter == {m: p for m, p in expected.items() if m in attending}
+    assert ldm.is_sdxl(modules) is (layout is SDXL or layout is REFINER)
+
+
+def diffusers_lora(path, modules, metadata=None):
+    """A diffusers LoRA file of rank 1 on {module: (out, in)}."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (out, in_) in modules.items():
+        tensors[f"{module}.lora_A.weight"] = torch.randn(1, in_, generator=g)
+        tensors[f"{module}.lora_B.weight"] = torch.randn(out, 1, generator=g)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_a_diffusers_sdxl_lora_is_written_to_kohya_under_sdxl_names_or_refused(tmp_path):
+    """A diffusers SDXL LoRA exported to kohya without --base kept diffusers block names
+    (lora_unet_down_blocks_1_attentions_0_…), which sd-scripts does not load for SDXL: its structure (a transformer
+    block past the first; the second text encoder beside the UNet) says SDXL, so it gets the checkpoint's paths
+    (lora_unet_input_blocks_4_1_…) and SDXL's header, and binds back to an SDXL checkpoint as the same modules. One
+    whose modules do not say is refused asking for --base; an SD 1.x one keeps diffusers block names."""
+    from test_extract_sd_names import unet_checkpoint
+    from test_ldm import SDXL
+
+    from loraops.st import read_header
+
+    def kohya(source, out):
+        code, text = run("export", source, "--format", "kohya", "-o", out)
+        assert code == 0, text
+        header = read_header(out)
+        return (sorted(k.removesuffix(".lora_up.weight") for k in header.tensors if k.endswith(".lora_up.weight")),
+                header.metadata["ss_base_model_version"])
+
+    deep, to_k = (f"unet.down_blocks.1.attentions.0.transformer_blocks.{n}.{leaf}" for n, leaf in ((1, "attn1.to_q"),
+                                                                                                  (0, "attn2.to_k")))
+    lora = diffusers_lora(tmp_path / "sdxl.safetensors", {deep: (16, 16), to_k: (16, 16)})
+    assert kohya(lora, tmp_path / "k.safetensors") == (
+        ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k",
+         "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"], "sdxl_base_v1-0")
+    save_file(unet_checkpoint(SDXL), str(tmp_path / "base.safetensors"))
+    assert run("base", "add", tmp_path / "base.safetensors", "--name", "sdxl-unet")[0] == 0
+    code, text = run("export", tmp_path / "k.safetensors", "--base", "sdxl-unet", "--format", "diffusers", "-o",
+                     tmp_path / "back.safetensors")
+    assert code == 0, text
+    assert sorted(k.rsplit(".", 2)[0] for k in read_header(tmp_path / "back.safetensors").tensors) == sorted(
+        [deep, to_k] * 2)
+
+    encoders = diffusers_lora(tmp_path / "te2.safetensors", {
+        "unet.mid_block.attentions.0.proj_in": (16, 16),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": (8, 8)})
+    assert kohya(encoders, tmp_path / "k2.safetensors") == (
+        ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_middle_block_1_proj_in"], "sdxl_base_v1-0")
+
+    unplaced = diffusers_lora(tmp_path / "mid.safetensors", {"unet.mid_block.attentions.0.proj_in": (16, 16)})
+    code, text = run("export", unplaced, "--format", "kohya", "-o", tmp_path / "k3.safetensors")
+    assert (code, text) == (2, f"error: {unplaced}: unet.mid_block.attentions.0.proj_in: modules of an SD UNet, which "
+                               "sd-scripts names one way for SDXL (lora_unet_input_blocks_…) and another for SD 1.x/2.x "
+                               "(lora_unet_down_blocks_…), and neither these modules nor the adapter's header say which "
+                               "it is: give its checkpoint as --base (or register it with --base)\n")
+    assert not (tmp_path / "k3.safetensors").exists()
+
+    sd15 = diffusers_lora(tmp_path / "sd15.safetensors", {"unet.down_blocks.0.attentions.0.proj_in": (8, 8),
+                                                          "unet.mid_block.attentions.0.proj_in": (16, 16)})
+    assert kohya(sd15, tmp_path / "k4.safetensors") == (
+        ["lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_mid_block_attentions_0_proj_in"], "")
+
+
+@pytest.mark.parametrize("layout,width,version", [("sd15", 768, "sd_v1"), ("sd15", 1024, "sd_v2_v"),
+                                                  ("sdxl", 16, "sdxl_base_v1-0"), ("x4", 16, "")])
+def test_a_pipelines_unet_says_its_version_as_the_checkpoints_does(layout, width, version):
+    """A diffusers pipeline's UNet (unet.…) is read as its single-file checkpoint is: SDXL's by its structure, SD 2.x's
+    by its cross-attention's 1024-wide context; the x4 upscaler's (its widening fourth level) is none of them. A
+    pipeline said no version before, so an SDXL adapter bound to one was written to kohya under SD 1.x's names."""
+    from types import SimpleNamespace
+
+    from test_ldm import SD15, SDXL, diffusers_unet
+
+    if layout == "x4":
+        state = {key: value for key, value in tiny_unet("x4").values()}
+    else:
+        state = diffusers_unet({"sd15": SD15, "sdxl": SDXL}[layout])[0].state_dict()
+    manifest = {f"unet.{k}": SimpleNamespace(shape=tuple(v.shape)) for k, v in state.items()}
+    context = "unet.down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight"
+    if context in manifest:
+        manifest[context] = SimpleNamespace(shape=(8, width))
+    assert ldm.sd_scripts_metadata(manifest).get("ss_base_model_version", "") == version
+
+
+def test_sd_scripts_sdxl_names_bind_to_an_sdxl_pipeline_and_are_written_back(tmp_path):
+    """sd-scripts' SDXL names (lora_unet_input_blocks_4_1_…, the checkpoint's paths) bind to an SDXL pipeline's
+    unet.down_blocks.1.attentions.0.… (they bound to no module of it) and are written back as they were; a diffusers
+    block name of it (as ComfyUI and diffusers' converter also take) binds too and is written under sd-scripts'."""
+    from types import SimpleNamespace
+
+    from test_ldm import SDXL, diffusers_unet, kohya_round_trip
+
+    from loraops import check, formats
+    import factories
+
+    manifest = {f"unet.{k}": SimpleNamespace(shape=tuple(v.shape))
+                for k, v in diffusers_unet(SDXL)[0].state_dict().items()}
+    sd_scripts = {"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": ((16,), (16,)),
+                  "lora_unet_output_blocks_2_1_proj_in": ((16, 1, 1), (16, 1, 1)),
+                  "lora_unet_output_blocks_2_2_conv": ((16, 3, 3), (16, 1, 1))}
+    assert kohya_round_trip(tmp_path, sd_scripts, manifest) == set(sd_scripts)
+    bound = check.bind(formats.read_adapter(factories.kohya_file(tmp_path / "k.safetensors", sd_scripts)), manifest)
+    assert sorted(bound.modules) == ["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+                                     "unet.up_blocks.0.attentions.2.proj_in", "unet.up_blocks.0.upsamplers.0.conv"]
+    # the first up level's upsampler alone: behind attention (SDXL base: output_blocks.2.2) or not (the refiner's
+    # output_blocks.2.1), which the bound modules do not say: refused, not guessed
+    upsampler = {k: v for k, v in sd_scripts.items() if k.endswith("_conv") or "input_blocks" in k}
+    with pytest.raises(Exception, match="unet.up_blocks.0.upsamplers.0.conv: diffusers UNet modules whose checkpoint "
+                                        "path, by which sd-scripts names SDXL's UNet, the adapter's modules do not say"):
+        kohya_round_trip(tmp_path, upsampler, manifest)
+    diffusers_named = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q": ((16,), (16,))}
+    assert kohya_round_trip(tmp_path, diffusers_named, manifest) == {
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"}
+
