@@ -51,6 +51,10 @@ UNET_TOP = {
     # the SD x4 upscaler's noise-level embedding (an nn.Embedding), AudioLDM's FiLM projection: each diffusers'
     # class_embedding (single_file_utils.convert_ldm_unet_checkpoint, scripts/convert_original_audioldm_to_diffusers.py)
     "label_emb": "class_embedding", "film_emb": "class_embedding",
+    # LCM's guidance-scale projection: no entry in diffusers' conversion table
+    # (scripts/convert_diffusers_to_original_stable_diffusion.py), which keeps an unmapped key as it is, so a single-file
+    # LCM checkpoint holds it under its diffusers path; sd-scripts' UNet has no such module
+    "time_embedding.cond_proj": "time_embedding.cond_proj",
 }
 # SDXL's size/crop embedding (diffusers' add_embedding), or SD 2.x unCLIP's image-embedding class embedding
 # (class_embedding), as diffusers' convert_ldm_unet_checkpoint names it by the UNet's family

@@ -284,3 +284,45 @@ def test_sd_scripts_sdxl_names_bind_to_an_sdxl_pipeline_and_are_written_back(tmp
     assert kohya_round_trip(tmp_path, diffusers_named, manifest) == {
         "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"}
 
+
+
+def test_lcms_guidance_projection_keeps_its_diffusers_path_in_a_checkpoint(tmp_path):
+    """An LCM UNet's time_embedding.cond_proj (diffusers' TimestepEmbedding cond_proj: the guidance-scale embedding)
+    has no entry in diffusers' conversion table (scripts/convert_diffusers_to_original_stable_diffusion.py keeps an
+    unmapped key as it is, as test_ldm's reference does), so a single-file LCM checkpoint holds it at
+    model.diffusion_model.time_embedding.cond_proj; sd-scripts has no module of it. A diffusers LoRA on it did not
+    bind to such a checkpoint; it does, and goes to kohya and back under that one path."""
+    from diffusers import UNet2DConditionModel
+    from test_ldm import SD15
+
+    from loraops.st import read_header
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=16,
+                                norm_num_groups=8, attention_head_dim=4, block_out_channels=(8, 16, 16, 16),
+                                time_cond_proj_dim=6, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    table = reference_table(**SD15)
+    checkpoint = {}
+    for key, value in unet.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        checkpoint[f"model.diffusion_model.{reference_checkpoint_name(module, table)}.{leaf}"] = value.detach().clone()
+    cond_proj = "model.diffusion_model.time_embedding.cond_proj"
+    assert f"{cond_proj}.weight" in checkpoint
+    assert ldm.diffusers_names(checkpoint)["unet.time_embedding.cond_proj"] == cond_proj
+    assert ldm.checkpoint_paths(["unet.time_embedding.cond_proj"]) == {"unet.time_embedding.cond_proj": cond_proj}
+
+    save_file(checkpoint, str(tmp_path / "lcm.safetensors"))
+    assert run("base", "add", tmp_path / "lcm.safetensors", "--name", "lcm")[0] == 0
+    lora = diffusers_lora(tmp_path / "d.safetensors", {"unet.time_embedding.cond_proj": (8, 6),
+                                                       "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (8, 16)})
+    code, out = run("export", lora, "--base", "lcm", "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 0, out
+    assert sorted(k for k in read_header(tmp_path / "k.safetensors").tensors if k.endswith("lora_up.weight")) == [
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight",
+        "lora_unet_time_embedding_cond_proj.lora_up.weight"]
+    code, out = run("export", tmp_path / "k.safetensors", "--base", "lcm", "--format", "diffusers", "-o",
+                    tmp_path / "back.safetensors")
+    assert code == 0, out
+    assert {k.rsplit(".", 2)[0] for k in read_header(tmp_path / "back.safetensors").tensors} == {
+        "unet.time_embedding.cond_proj", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"}
