@@ -614,6 +614,9 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         candidates.insert(2, lambda n, prefix=f"{leading[0][0]}.": n.removeprefix(prefix))
     if aliases:
         candidates.append(checkpoint_name)
+        # a PEFT adapter of a diffusers transformer alone (FLUX's, SD3's): named without the pipeline's component,
+        # as diffusers' load_lora_adapter(prefix=None) and PEFT take it on that model
+        candidates.append(lambda n: checkpoint_name(f"transformer.{n}"))
     candidates += [layout.saved for layout in SAVED_LAYOUTS] + [clip_layout]
     if aliases:
         candidates.append(lambda n: checkpoint_name(clip_layout(n)))

@@ -326,3 +326,31 @@ def test_lcms_guidance_projection_keeps_its_diffusers_path_in_a_checkpoint(tmp_p
     assert code == 0, out
     assert {k.rsplit(".", 2)[0] for k in read_header(tmp_path / "back.safetensors").tensors} == {
         "unet.time_embedding.cond_proj", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"}
+
+
+def test_a_peft_flux_transformer_adapter_binds_to_a_bfl_checkpoint_as_its_diffusers_file_does(tmp_path):
+    """A PEFT adapter of diffusers' FluxTransformer2DModel alone names its modules without the pipeline's
+    transformer. (transformer_blocks.0.attn.to_q: what PEFT and diffusers' load_lora_adapter(prefix=None) take on
+    that model). It did not bind to a Black Forest Labs checkpoint; it binds as the same LoRA in a diffusers file does
+    (transformer.…), q/k/v to rows of the fused qkv, and merges to the same tensors."""
+    from safetensors.torch import load_file
+    from test_ldm import FLUX, FLUX_LORA, checkpoint
+
+    import factories
+    from loraops import check, engine, formats
+
+    base = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    manifest = load_file(base)
+    diffusers_file = formats.read_adapter(formats.write_adapter(factories.lora_adapter(FLUX_LORA, fmt="diffusers"),
+                                                                tmp_path / "d.safetensors", "diffusers"))
+    bare = {name.removeprefix("transformer."): shape for name, shape in FLUX_LORA.items()}
+    peft_folder = formats.read_adapter(formats.write_adapter(factories.lora_adapter(bare, fmt="peft"),
+                                                             tmp_path / "peft", "peft"))
+    bound, reference = check.bind(peft_folder, manifest), check.bind(diffusers_file, manifest)
+    assert {n: m.fused for n, m in bound.modules.items()} == {n: m.fused for n, m in reference.modules.items()}
+    assert bound.modules["double_blocks.0.img_attn.qkv.to_v"].fused == ("double_blocks.0.img_attn.qkv.weight", 32, 16, 48)
+    engine.merge(base, [(peft_folder, 0.5)], tmp_path / "peft.safetensors", device="cpu")
+    engine.merge(base, [(diffusers_file, 0.5)], tmp_path / "diffusers.safetensors", device="cpu")
+    merged, expected = load_file(tmp_path / "peft.safetensors"), load_file(tmp_path / "diffusers.safetensors")
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert not torch.equal(merged["img_in.weight"], manifest["img_in.weight"])
