@@ -333,6 +333,18 @@ DIFFUSERS_BLOCK_RE = re.compile(r"^(?P<kind>down_blocks|up_blocks|mid_block)\.(?
 UNET_TOP_BACK = {diffusers: path for path, diffusers in UNET_TOP.items() if diffusers != "class_embedding"} | {
     f"add_embedding.{diffusers}": path for path, diffusers in LABEL_EMB.items()}
 RESNET_BACK = {diffusers: path for path, diffusers in RESNET.items()}
+# every module (and tensor) of an SD-family diffusers UNet (two resnets per down level, three per up level, attention
+# in Transformer2DModels): a UNet with any other (DeepFloyd IF's or Kandinsky's three resnets per level and bare
+# attention processors, SVD's spatial/temporal blocks) is no SD UNet to these rules
+_RESNET = r"(?:norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut)"
+_TRANSFORMER = (r"(?:norm|proj_in|proj_out|transformer_blocks\.\d+\.(?:norm[123]|attn[12]\.(?:to_[qkv]|to_out\.0)|"
+                r"ff\.net\.(?:0\.proj|2)))")
+SD_DIFFUSERS_UNET = re.compile(
+    r"(?:time_embedding\.(?:linear_[12]|cond_proj)|conv_in|conv_out|conv_norm_out|add_embedding\.linear_[12]|"
+    r"class_embedding(?:\.linear_[12])?|"
+    rf"down_blocks\.\d+\.(?:resnets\.[01]\.{_RESNET}|attentions\.[01]\.{_TRANSFORMER}|downsamplers\.0\.conv)|"
+    rf"up_blocks\.\d+\.(?:resnets\.[012]\.{_RESNET}|attentions\.[012]\.{_TRANSFORMER}|upsamplers\.0\.conv)|"
+    rf"mid_block\.(?:resnets\.[01]\.{_RESNET}|attentions\.0\.{_TRANSFORMER}))$")
 
 
 def checkpoint_paths(names: Iterable[str], *, whole: bool = False) -> dict[str, str]:
@@ -341,8 +353,11 @@ def checkpoint_paths(names: Iterable[str], *, whole: bool = False) -> dict[str, 
     adapter's modules, or a pipeline's tensors): unet_path's inverse, SDXL's add_embedding as label_emb. An up level's
     upsampler sits behind its attention (output_blocks.N.2.conv) where ``names`` show that level's attentions, else,
     in a ``whole`` UNet (a pipeline's: no attention there), as output_blocks.N.1.conv; in an adapter that shows none
-    it is left out: SDXL base's first up level attends, the refiner's does not."""
-    names = [n.removesuffix(".weight") for n in names if n.startswith(DIFFUSERS_UNET)]
+    it is left out: SDXL base's first up level attends, the refiner's does not. None at all where any of them is no
+    SD-family UNet's module (SD_DIFFUSERS_UNET)."""
+    names = [re.sub(r"\.(?:weight|bias)$", "", n) for n in names if n.startswith(DIFFUSERS_UNET)]
+    if not all(SD_DIFFUSERS_UNET.match(n[len(DIFFUSERS_UNET):]) for n in names):
+        return {}
     attends = {int(m["level"]) for n in names if (m := DIFFUSERS_BLOCK_RE.match(n[len(DIFFUSERS_UNET):]))
                and m["kind"] == "up_blocks" and m["part"] == "attentions"}
 
@@ -602,8 +617,8 @@ def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> boo
     for sdxl, structure in ((True, SDXL_UNET), (False, SD_UNET)):
         if any(structure.match(n) for n in names):
             return sdxl
-    if any(n.startswith(DIFFUSERS_UNET) for n in names) and any(n.startswith("text_encoder_2.") for n in names):
-        return True  # SDXL's second text encoder beside a diffusers UNet (SD3's has no UNet)
+    if any(n.startswith(UNET_PREFIX) for n in names) and any(n.startswith("text_encoder_2.") for n in names):
+        return True  # SDXL's second text encoder beside a diffusers SD UNet (SD3's has no UNet)
     metadata = metadata or {}
     if metadata.get("ss_base_model_version"):
         return metadata["ss_base_model_version"].startswith("sdxl")

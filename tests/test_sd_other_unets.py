@@ -354,3 +354,31 @@ def test_a_peft_flux_transformer_adapter_binds_to_a_bfl_checkpoint_as_its_diffus
     merged, expected = load_file(tmp_path / "peft.safetensors"), load_file(tmp_path / "diffusers.safetensors")
     assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
     assert not torch.equal(merged["img_in.weight"], manifest["img_in.weight"])
+
+
+def test_a_diffusers_unet_of_other_blocks_is_judged_by_none_of_sds_rules(tmp_path):
+    """A diffusers UNet whose blocks are not SD's (DeepFloyd IF's and Kandinsky's: three resnets per level, attention
+    processors without a Transformer2DModel) is no SD UNet: its first up level's attention does not make it SDXL, a
+    pipeline of it says no version, and a diffusers LoRA of it keeps diffusers block names in kohya, unrefused."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from loraops.st import read_header
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=3, norm_num_groups=8,
+                                cross_attention_dim=16, attention_head_dim=4, block_out_channels=(8, 16),
+                                down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                                mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                                up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"))
+    manifest = {f"unet.{k}": SimpleNamespace(shape=tuple(v.shape)) for k, v in unet.state_dict().items()}
+    attention = "unet.up_blocks.0.attentions.0.to_q"
+    assert f"{attention}.weight" in manifest
+    assert ldm.checkpoint_paths(manifest, whole=True) == {}
+    assert ldm.is_sdxl(manifest) is None and ldm.sd_scripts_metadata(manifest) == {}
+    lora = diffusers_lora(tmp_path / "if.safetensors", {attention: (16, 16)})
+    code, out = run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 0, out
+    assert [k for k in read_header(tmp_path / "k.safetensors").tensors if k.endswith("lora_up.weight")] == [
+        "lora_unet_up_blocks_0_attentions_0_to_q.lora_up.weight"]
