@@ -353,7 +353,7 @@ def checkpoint_paths(names: Iterable[str], *, whole: bool = False) -> dict[str, 
     adapter's modules, or a pipeline's tensors): unet_path's inverse, SDXL's add_embedding as label_emb. An up level's
     upsampler sits behind its attention (output_blocks.N.2.conv) where ``names`` show that level's attentions, else,
     in a ``whole`` UNet (a pipeline's: no attention there), as output_blocks.N.1.conv; in an adapter that shows none
-    it is left out: SDXL base's first up level attends, the refiner's does not. None at all where any of them is no
+    it is left out: SDXL base's first up level attends, the refiner's does not. Nothing at all where any of them is no
     SD-family UNet's module (SD_DIFFUSERS_UNET)."""
     names = [re.sub(r"\.(?:weight|bias)$", "", n) for n in names if n.startswith(DIFFUSERS_UNET)]
     if not all(SD_DIFFUSERS_UNET.match(n[len(DIFFUSERS_UNET):]) for n in names):
@@ -673,5 +673,6 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
     for FLUX before); so does the base's UNet of OTHER_UNETS (OTHER_UNET_KEY)."""
     base = sd_scripts_metadata(tensors)
     placed = bool(metadata.get("ss_base_model_version")) or "ss_base_model_version" not in base
+    metadata = {k: v for k, v in metadata.items() if k != OTHER_UNET_KEY}  # (the base says, or nothing does)
     return {**metadata, **{k: v for k, v in base.items()
                            if k in ("ss_network_module", OTHER_UNET_KEY) or not placed or not metadata.get(k)}}

@@ -382,3 +382,16 @@ def test_a_diffusers_unet_of_other_blocks_is_judged_by_none_of_sds_rules(tmp_pat
     assert code == 0, out
     assert [k for k in read_header(tmp_path / "k.safetensors").tensors if k.endswith("lora_up.weight")] == [
         "lora_unet_up_blocks_0_attentions_0_to_q.lora_up.weight"]
+
+
+def test_the_unet_recorded_in_a_header_is_the_bound_bases_alone():
+    """OTHER_UNET_KEY says which base an adapter was bound to: bound to another base, the record goes (it kept saying
+    x4 upscaler, and an SDXL adapter was written with no version and no refusal where its modules did not say)."""
+    from test_extract_sd_names import unet_checkpoint
+    from test_ldm import SDXL
+
+    recorded = {ldm.OTHER_UNET_KEY: "SD x4 upscaler", "ss_network_dim": "4"}
+    assert ldm.versioned(recorded, unet_checkpoint(SDXL)) == {
+        "ss_network_dim": "4", "ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
+    assert ldm.versioned({}, {name: value for name, (_, value) in tiny_unet("x4").items()}) == {
+        ldm.OTHER_UNET_KEY: "SD x4 upscaler"}
