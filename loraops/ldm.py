@@ -14,6 +14,8 @@ bind to either kind of base, and names bound modules back as sd-scripts does:
     split(tensor, shape) -> [(part module, its rows as fused_target gives them)]  (the modules extract makes of one)
     sd_scripts_name(module, sdxl) -> (component, path) | None                      (naming them back, as sd-scripts)
     is_sdxl(names, metadata) -> bool | None       (whose UNet: SDXL's or SD 1.x/2.x's, which are named differently)
+    other_unet(names, metadata) -> OtherUnet | None  (the x4 upscaler's, SVD's, AudioLDM's: neither, no sd-scripts model)
+    checkpoint_paths(names) -> {diffusers UNet module: checkpoint module path}    (diffusers_names' UNet part, inverse)
     clip_paths(path) -> [path, the same CLIP module in the other saved layout]   (transformers 4 vs 5)
 
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
