@@ -353,9 +353,13 @@ def stored_tied_bias(name: str, shape, manifest: Mapping[str, object]) -> str | 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     """kohya name → the base module paths that produce it: from each module's own path (parts of fused tensors
-    included), and from its diffusers path when the base is a single-file SD or FLUX.1 checkpoint (sd-scripts names
-    SD 1.x/2.x UNets the diffusers way)."""
-    named = [(module, module) for module in ldm.checkpoint_modules(manifest)] + list(ldm.diffusers_names(manifest).items())
+    included), from its diffusers path when the base is a single-file SD or FLUX.1 checkpoint (sd-scripts names
+    SD 1.x/2.x UNets the diffusers way), and from its checkpoint path when the base is a pipeline (sd-scripts names
+    SDXL's UNet so)."""
+    modules = ldm.checkpoint_modules(manifest)
+    # a pipeline's UNet at its checkpoint paths too, by which sd-scripts names SDXL's
+    named = [(module, module) for module in modules] + list(ldm.diffusers_names(manifest).items()) + [
+        (path, module) for module, path in ldm.checkpoint_paths(modules, whole=True).items()]
     forms: dict[str, set[str]] = {}
     for name, module in named:
         for base_prefix, kohya_prefixes in KOHYA_BASE_PREFIXES:
@@ -619,6 +623,9 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         candidates.insert(2, lambda n, prefix=f"{leading[0][0]}.": n.removeprefix(prefix))
     if aliases:
         candidates.append(checkpoint_name)
+        # a PEFT adapter of a diffusers transformer alone (FLUX's, SD3's): named without the pipeline's component,
+        # as diffusers' load_lora_adapter(prefix=None) and PEFT take it on that model
+        candidates.append(lambda n: checkpoint_name(f"transformer.{n}"))
     candidates += [layout.saved for layout in SAVED_LAYOUTS] + [clip_layout]
     if aliases:
         candidates.append(lambda n: checkpoint_name(clip_layout(n)))

@@ -14,6 +14,8 @@ bind to either kind of base, and names bound modules back as sd-scripts does:
     split(tensor, shape) -> [(part module, its rows as fused_target gives them)]  (the modules extract makes of one)
     sd_scripts_name(module, sdxl) -> (component, path) | None                      (naming them back, as sd-scripts)
     is_sdxl(names, metadata) -> bool | None       (whose UNet: SDXL's or SD 1.x/2.x's, which are named differently)
+    other_unet(names, metadata) -> OtherUnet | None  (the x4 upscaler's, SVD's, AudioLDM's: neither, no sd-scripts model)
+    checkpoint_paths(names) -> {diffusers UNet module: checkpoint module path}    (diffusers_names' UNet part, inverse)
     clip_paths(path) -> [path, the same CLIP module in the other saved layout]   (transformers 4 vs 5)
 
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
@@ -48,6 +50,13 @@ RESNET = {
 UNET_TOP = {
     "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
     "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+    # the SD x4 upscaler's noise-level embedding (an nn.Embedding), AudioLDM's FiLM projection: each diffusers'
+    # class_embedding (single_file_utils.convert_ldm_unet_checkpoint, scripts/convert_original_audioldm_to_diffusers.py)
+    "label_emb": "class_embedding", "film_emb": "class_embedding",
+    # LCM's guidance-scale projection: no entry in diffusers' conversion table
+    # (scripts/convert_diffusers_to_original_stable_diffusion.py), which keeps an unmapped key as it is, so a single-file
+    # LCM checkpoint holds it under its diffusers path; sd-scripts' UNet has no such module
+    "time_embedding.cond_proj": "time_embedding.cond_proj",
 }
 # SDXL's size/crop embedding (diffusers' add_embedding), or SD 2.x unCLIP's image-embedding class embedding
 # (class_embedding), as diffusers' convert_ldm_unet_checkpoint names it by the UNet's family
@@ -318,6 +327,81 @@ def resnet(prefix: str, rest: str) -> str | None:
     return f"{prefix}.{RESNET[rest]}" if rest in RESNET else None
 
 
+DIFFUSERS_UNET = "unet."
+DIFFUSERS_BLOCK_RE = re.compile(r"^(?P<kind>down_blocks|up_blocks|mid_block)\.(?:(?P<level>\d+)\.)?"
+                                r"(?P<part>resnets|attentions|downsamplers|upsamplers)\.(?P<slot>\d+)\.(?P<rest>.+)$")
+# the top-level modules back (label_emb by SDXL's name alone: class_embedding is also the x4 upscaler's label_emb and
+# AudioLDM's film_emb)
+UNET_TOP_BACK = {diffusers: path for path, diffusers in UNET_TOP.items() if diffusers != "class_embedding"} | {
+    f"add_embedding.{diffusers}": path for path, diffusers in LABEL_EMB.items()}
+RESNET_BACK = {diffusers: path for path, diffusers in RESNET.items()}
+# every module (and tensor) of an SD-family diffusers UNet (two resnets per down level, three per up level, attention
+# in Transformer2DModels): a UNet with any other (DeepFloyd IF's or Kandinsky's three resnets per level and bare
+# attention processors, SVD's spatial/temporal blocks) is no SD UNet to these rules
+_RESNET = r"(?:norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut)"
+_TRANSFORMER = (r"(?:norm|proj_in|proj_out|transformer_blocks\.\d+\.(?:norm[123]|attn[12]\.(?:to_[qkv]|to_out\.0)|"
+                r"ff\.net\.(?:0\.proj|2)))")
+SD_DIFFUSERS_UNET = re.compile(
+    r"(?:time_embedding\.(?:linear_[12]|cond_proj)|conv_in|conv_out|conv_norm_out|add_embedding\.linear_[12]|"
+    r"class_embedding(?:\.linear_[12])?|"
+    rf"down_blocks\.\d+\.(?:resnets\.[01]\.{_RESNET}|attentions\.[01]\.{_TRANSFORMER}|downsamplers\.0\.conv)|"
+    rf"up_blocks\.\d+\.(?:resnets\.[012]\.{_RESNET}|attentions\.[012]\.{_TRANSFORMER}|upsamplers\.0\.conv)|"
+    rf"mid_block\.(?:resnets\.[01]\.{_RESNET}|attentions\.0\.{_TRANSFORMER}))$")
+
+
+def checkpoint_paths(names: Iterable[str], *, whole: bool = False) -> dict[str, str]:
+    """{diffusers UNet module name ("unet.down_blocks.1.attentions.0.proj_in"): its checkpoint path
+    ("model.diffusion_model.input_blocks.4.1.proj_in")} for the SD-family diffusers UNet names among ``names`` (an
+    adapter's modules, or a pipeline's tensors): unet_path's inverse, SDXL's add_embedding as label_emb. An up level's
+    upsampler sits behind its attention (output_blocks.N.2.conv) where ``names`` show that level's attentions, else,
+    in a ``whole`` UNet (a pipeline's: no attention there), as output_blocks.N.1.conv; in an adapter that shows none
+    it is left out: SDXL base's first up level attends, the refiner's does not. Nothing at all where any of them is no
+    SD-family UNet's module (SD_DIFFUSERS_UNET)."""
+    names = [re.sub(r"\.(?:weight|bias)$", "", n) for n in names if n.startswith(DIFFUSERS_UNET)]
+    if not all(SD_DIFFUSERS_UNET.match(n[len(DIFFUSERS_UNET):]) for n in names):
+        return {}
+    attends = {int(m["level"]) for n in names if (m := DIFFUSERS_BLOCK_RE.match(n[len(DIFFUSERS_UNET):]))
+               and m["kind"] == "up_blocks" and m["part"] == "attentions"}
+
+    def upsampler_slot(level: int) -> int | None:
+        return 2 if level in attends else 1 if whole else None
+
+    paths = {name: checkpoint_unet_path(name[len(DIFFUSERS_UNET):], upsampler_slot) for name in names}
+    return {name: UNET_PREFIX + path for name, path in paths.items() if path is not None}
+
+
+def checkpoint_unet_path(path: str, upsampler_slot: Callable[[int], "int | None"]) -> str | None:
+    """The LDM path (relative to model.diffusion_model.) of an SD-family diffusers UNet module path, or None outside
+    the blocks unet_path translates. ``upsampler_slot``: where an up level's upsampler sits in its last output block
+    (None: not known)."""
+    if path in UNET_TOP_BACK:
+        return UNET_TOP_BACK[path]
+    match = DIFFUSERS_BLOCK_RE.match(path)
+    if match is None:
+        return None
+    kind, part, slot, rest = match["kind"], match["part"], int(match["slot"]), match["rest"]
+    level = None if match["level"] is None else int(match["level"])
+    if part == "resnets":
+        if rest not in RESNET_BACK:
+            return None
+        rest = RESNET_BACK[rest]
+    if (kind == "mid_block") != (level is None):
+        return None
+    if kind == "mid_block":
+        if part == "resnets" and slot < 2:
+            return f"middle_block.{2 * slot}.{rest}"
+        return f"middle_block.1.{rest}" if (part, slot) == ("attentions", 0) else None
+    held = {"resnets": 0, "attentions": 1}.get(part)
+    if kind == "down_blocks":
+        if held is not None:
+            return f"input_blocks.{3 * level + slot + 1}.{held}.{rest}" if slot < 2 else None
+        return f"input_blocks.{3 * level + 3}.0.op" if (part, slot, rest) == ("downsamplers", 0, "conv") else None
+    if held is not None:
+        return f"output_blocks.{3 * level + slot}.{held}.{rest}" if slot < 3 else None
+    where = upsampler_slot(level) if (part, slot, rest) == ("upsamplers", 0, "conv") else None
+    return None if where is None else f"output_blocks.{3 * level + 2}.{where}.conv"
+
+
 def open_clip_path(path: str) -> str | None:
     """transformers' CLIP path of an OpenCLIP text-encoder module path: ``transformer.resblocks.3.mlp.c_fc`` →
     ``text_model.encoder.layers.3.mlp.fc1``; None for the modules LoRAs do not target."""
@@ -359,9 +443,11 @@ def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     adapters are bound by: an SD 2.x unCLIP label_emb also under the add_embedding name loraops once wrote for it."""
     tensors = list(tensors)
     top = next((top for mark, top in DIT_MARKS if any(mark.match(t) for t in tensors)), None)
-    sdxl = is_sdxl(tensors)
+    sdxl, other = is_sdxl(tensors), other_unet(tensors)
     out = {}
     for module in checkpoint_modules(tensors):
+        if other is not None and not other.diffusers and module.startswith(UNET_PREFIX):
+            continue  # (its diffusers names are not SD's: none rather than false ones)
         name = diffusers_name(module, top=top, sdxl=sdxl)
         if name is not None:
             out[name] = module
@@ -459,9 +545,56 @@ SD_UNET = re.compile(re.escape(UNET_PREFIX) + r"(?:input_blocks\.[12]|output_blo
 # the tensor whose width tells SD 2.x's UNet from 1.x's (its cross-attention reads OpenCLIP-H's 1024-wide context,
 # 1.x CLIP-L's 768), as diffusers' single-file loader tells them (CHECKPOINT_KEY_NAMES["v2"])
 SD2_CONTEXT = UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+# (and a pipeline's)
+SD2_CONTEXTS = (SD2_CONTEXT, DIFFUSERS_UNET + "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight")
 # the SAI model spec's architectures of SD 1.x/2.x and SDXL (stable-diffusion-v1, stable-diffusion-v2-768-v,
 # stable-diffusion-xl-v1-base, each with its "/lora" suffix in a LoRA), as sd-scripts' sai_model_spec.py names them
 SD_ARCHITECTURE = re.compile(r"stable-diffusion-(v[12]|xl)(?:[-/]|$)")
+
+
+@dataclass(frozen=True)
+class OtherUnet:
+    """An SD-family UNet (the LDM/SGM UNetModel) that is none of SD 1.x/2.x/XL: sd-scripts trains none of them and has
+    no version for them, and is_sdxl's structural rules do not hold for them (the x4 upscaler's and AudioLDM's first
+    output level attends, as SDXL's does)."""
+
+    name: str
+    """What messages call it, and what the header records (OTHER_UNET_KEY) for an adapter bound to it."""
+    mark: re.Pattern
+    """Checkpoint module or tensor paths only this UNet has."""
+    diffusers: bool
+    """diffusers' UNet of it names its blocks by SD's conversion (unet_path); Stable Video Diffusion's
+    UNetSpatioTemporalConditionModel does not (resnets.N.spatial_res_block, temporal_transformer_blocks)."""
+
+
+_UNET = re.escape(UNET_PREFIX)
+OTHER_UNETS = (  # AudioLDM before the upscaler: its fourth level widens too (input_blocks.10.0.skip_connection)
+    # sgm's VideoResBlock and SpatialVideoTransformer: time_stack, time_mixer; diffusers' SpatioTemporalResBlock and
+    # TransformerSpatioTemporalModel: spatial_res_block, temporal_res_block, temporal_transformer_blocks, …
+    OtherUnet("Stable Video Diffusion", re.compile(
+        rf"(?:{_UNET}(?:.+\.)?(?:time_stack|time_mixer)|unet\.(?:.+\.)?(?:spatial_res_block|temporal_res_block|"
+        r"temporal_transformer_blocks|time_pos_embed|time_mixer))(?:\.|$)"), False),
+    # its FiLM projection, diffusers' class_embedding: a Linear (the x4 upscaler's is an Embedding)
+    OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)|unet\.class_embedding\.bias$"), True),
+    # its noise-level label_emb, an nn.Embedding, and the tensor diffusers' single-file loader tells it by
+    # (CHECKPOINT_KEY_NAMES["upscale"]: the widening into its fourth level, which no SD 1.x/2.x/XL UNet has)
+    OtherUnet("SD x4 upscaler", re.compile(_UNET + r"(?:label_emb(?:\.weight)?|input_blocks\.10\.0\.skip_connection"
+                                           r"(?:\.\w+)?)$"), True),
+)
+OTHER_UNET_KEY = "loraops_unet"
+"""Header metadata naming (OtherUnet.name) the UNet of OTHER_UNETS an adapter was bound to: the few modules of an
+adapter may not say it, and what they say otherwise (is_sdxl) would be false."""
+
+
+def other_unet(names: Iterable[str], metadata: dict[str, str] | None = None) -> OtherUnet | None:
+    """The UNet of OTHER_UNETS a checkpoint's tensor names, or an adapter's bound module names or its header
+    (OTHER_UNET_KEY), say; else None."""
+    recorded = (metadata or {}).get(OTHER_UNET_KEY)
+    if recorded:
+        return next((unet for unet in OTHER_UNETS if unet.name == recorded), None)
+    names = list(names)
+    names += checkpoint_paths(names).values()  # a pipeline's (or a diffusers LoRA's) UNet at its checkpoint paths
+    return next((unet for unet in OTHER_UNETS if any(unet.mark.match(n) for n in names)), None)
 
 
 def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> bool | None:
@@ -469,17 +602,25 @@ def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> boo
     header) SDXL's, base or refiner? sd-scripts names SDXL's UNet modules by their checkpoint paths and SD 1.x/2.x's
     by diffusers blocks, and diffusers names SDXL's label_emb add_embedding, unCLIP's class_embedding. Known by the
     text encoders (SDXL's conditioner.embedders., not any conditioner.: Stable Audio's conditioner.conditioners.;
-    SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET, SD_UNET), else by ``metadata``: the
+    SD 1.x/2.x's cond_stage_model.), else by the UNet's structure (SDXL_UNET, SD_UNET; a diffusers-named UNet's,
+    unet.…, at its checkpoint paths: checkpoint_paths), else by SDXL's second text encoder beside a diffusers-named
+    UNet (text_encoder_2.), else by ``metadata``: the
     version it records (ss_base_model_version "sdxl…" or another; the SAI model spec's modelspec.architecture
     "stable-diffusion-xl…", or SD 1.x/2.x's "stable-diffusion-v1…"/"…-v2…"). None: nothing says (an adapter of a few
-    UNet modules that every one of these UNets has, label_emb included, with no version recorded)."""
+    UNet modules that every one of these UNets has, label_emb included, with no version recorded; and the UNets of
+    OTHER_UNETS, which are neither)."""
     names = list(names)
+    if other_unet(names, metadata) is not None:
+        return None
     for sdxl, encoders in ((True, "conditioner.embedders."), (False, "cond_stage_model.")):
         if any(n.startswith(encoders) for n in names):
             return sdxl
+    names += checkpoint_paths(names).values()  # a diffusers LoRA's or a pipeline's UNet (unet.…) at its paths
     for sdxl, structure in ((True, SDXL_UNET), (False, SD_UNET)):
         if any(structure.match(n) for n in names):
             return sdxl
+    if any(n.startswith(UNET_PREFIX) for n in names) and any(n.startswith("text_encoder_2.") for n in names):
+        return True  # SDXL's second text encoder beside a diffusers SD UNet (SD3's has no UNet)
     metadata = metadata or {}
     if metadata.get("ss_base_model_version"):
         return metadata["ss_base_model_version"].startswith("sdxl")
@@ -498,6 +639,9 @@ def sd_scripts_metadata(tensors: Mapping[str, object]) -> dict[str, str]:
     SD 2.x from ss_v2 alone); and the network module of FLUX.1 (networks.lora_flux) and SD3 (networks.lora_sd3, as
     its lora_sd3.py)."""
     names = list(tensors)
+    other = other_unet(names)
+    if other is not None:  # no sd-scripts version: the UNet recorded for the writers instead (OTHER_UNET_KEY)
+        return {OTHER_UNET_KEY: other.name}
     if any(FLUX_MARK.match(n) for n in names):
         return {"ss_base_model_version": "flux1", "ss_v2": "False", "ss_network_module": "networks.lora_flux"}
     if any(SD3_MARK.match(n) for n in names):
@@ -515,8 +659,9 @@ def sd_scripts_metadata(tensors: Mapping[str, object]) -> dict[str, str]:
         return dict(SD2)
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
         return dict(SD1)
-    if sdxl is False:  # an SD UNet alone
-        return dict(SD2 if tuple(getattr(tensors.get(SD2_CONTEXT), "shape", ()))[-1:] == (1024,) else SD1)
+    if sdxl is False:  # an SD UNet alone, or a pipeline's
+        widths = {tuple(getattr(tensors.get(name), "shape", ()))[-1:] for name in SD2_CONTEXTS}
+        return dict(SD2 if (1024,) in widths else SD1)
     return {}
 
 
@@ -527,8 +672,9 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
     (loraops writes "False" where it cannot place an adapter): "sd_v2_v" beside ss_v2 "False" reads as SD 1.x to
     sd-scripts. The base's network module replaces the adapter's own: what the kohya writer writes is sd-scripts'
     plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that loraops wrote
-    for FLUX before)."""
+    for FLUX before); so does the base's UNet of OTHER_UNETS (OTHER_UNET_KEY)."""
     base = sd_scripts_metadata(tensors)
     placed = bool(metadata.get("ss_base_model_version")) or "ss_base_model_version" not in base
+    metadata = {k: v for k, v in metadata.items() if k != OTHER_UNET_KEY}  # (the base says, or nothing does)
     return {**metadata, **{k: v for k, v in base.items()
-                           if k == "ss_network_module" or not placed or not metadata.get(k)}}
+                           if k in ("ss_network_module", OTHER_UNET_KEY) or not placed or not metadata.get(k)}}

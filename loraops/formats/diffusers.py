@@ -128,6 +128,13 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
     ``unet.down_blocks.0.attentions.0…``)."""
     top, sdxl = ldm.dit_top(adapter.modules, adapter.metadata), ldm.is_sdxl(adapter.modules, adapter.metadata)
     listed = [part.name for module in adapter.modules.values() for part in parts(module)]  # a part and a whole: twice
+    other = ldm.other_unet(adapter.modules, adapter.metadata)
+    if other is not None and not other.diffusers:
+        unet = [n for n in listed if n.startswith(ldm.UNET_PREFIX)]
+        if unet:
+            raise UnsupportedAdapterError(
+                f"{adapter.label}: {common.shown(unet)}: modules of {other.name}'s UNet, whose diffusers names are not "
+                "SD's (loraops translates no other): write it as kohya or peft (its checkpoint's own names)")
     names: dict[str, str] = {}
     for name in listed:
         target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top, sdxl=sdxl)

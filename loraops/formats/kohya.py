@@ -187,11 +187,30 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     if not adapter.names_resolved:
         return {name: name for name in adapter.modules}
     sdxl = ldm.is_sdxl(adapter.modules, adapter.metadata)
-    split = {name: component_of(adapter, name, sdxl=bool(sdxl)) for name in adapter.modules}
-    common.refuse_unplaced(adapter, [n for n, named in split.items()
-                                     if sdxl is None and component_of(adapter, n, sdxl=True) != named],
+    other = ldm.other_unet(adapter.modules, adapter.metadata)
+    # a UNet of no sd-scripts model (the x4 upscaler's, SVD's, AudioLDM's): by its checkpoint paths, as SDXL's, which
+    # ComfyUI applies to any UNet it loads (lora_unet_ + the path)
+    by_path = bool(sdxl) or other is not None
+    # a diffusers-named UNet (a diffusers LoRA's, a pipeline's) at the checkpoint paths named so (none for SVD's, whose
+    # diffusers blocks are not SD's)
+    at_path = ldm.checkpoint_paths(adapter.modules) if other is None or other.diffusers else {}
+
+    def named(name: str, by_path: bool) -> tuple[str | None, str]:
+        return component_of(adapter, at_path[name], sdxl=True) if by_path and name in at_path else \
+            component_of(adapter, name, sdxl=by_path)
+
+    split = {name: named(name, by_path) for name in adapter.modules}
+    common.refuse_unplaced(adapter, [n for n, parts in split.items()
+                                     if sdxl is None and not by_path and named(n, True) != parts],
                            "sd-scripts names one way for SDXL (lora_unet_input_blocks_…) and another for SD 1.x/2.x "
                            "(lora_unet_down_blocks_…)")
+    unplaced = [n for n in adapter.modules if by_path and n.startswith(ldm.DIFFUSERS_UNET) and n not in at_path]
+    if unplaced:
+        raise FormatError(
+            f"{adapter.label}: {common.shown(unplaced)}: diffusers UNet modules whose checkpoint path, by which "
+            f"sd-scripts names {'SDXL' if sdxl else other.name}'s UNet, the adapter's modules do not say (an up "
+            "level's upsampler: behind its attention or not; a class_embedding): bind it to its single-file "
+            "checkpoint (--base), or write it as diffusers")
     components = {component for component, _ in split.values()}
     if "transformer" in components:
         # sd-scripts, ComfyUI and diffusers' kohya converter know a FLUX/SD3 transformer only by the original
