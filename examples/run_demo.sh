@@ -16,11 +16,5 @@ for script in examples/[0-9][0-9]_*.py; do
   echo "################ $script"
   python "$script" "$ROOT/demo-output"
 done
-# Unnumbered examples, one a step.
-for script in examples/combine_recipe.py; do
-  echo
-  echo "################ $script"
-  python "$script" "$ROOT/demo-output"
-done
 echo
 echo "demo finished: everything it made is under demo-output/"

@@ -1,6 +1,6 @@
 """combine --recipe: a mergekit YAML configuration, with per-model weights and densities, run on LoRA adapters.
 
-    python examples/combine_recipe.py [WORKDIR]
+    python examples/06_recipe.py [WORKDIR]
 
 Builds a tiny Llama-style base and three PEFT adapters in WORKDIR (default: a temp dir), writes mergekit recipes for
 them (the base listed as mergekit's examples list it, one density per model), and runs them through the real CLI
@@ -81,7 +81,7 @@ def main() -> None:
 
     from loraops.formats import read_adapter
 
-    work = workdir("combine_recipe")
+    work = workdir("06_recipe")
     print(f"building a base and three adapters in {work} ...")
     base = llama(work / "llama-tiny")
     style = peft_lora(base, work / "style", r=8, alpha=16, targets=["q_proj", "v_proj"], seed=1)
