@@ -62,6 +62,8 @@ def test_gamma_and_epsilon_per_model_with_mergekit_defaults():
      [("a", 1.0), ("b", 3.0)]),
     (recipe("task_arithmetic", ("a", {"weight": 0.5}), ("b", {"weight": 1.5}),
             parameters={"lambda": 2, "normalize": True}), [("a", 0.5), ("b", 1.5)]),
+    (recipe("task_arithmetic", ("a", {"weight": 1}), ("b", {"weight": -1}), parameters={"normalize": True}),
+     [("a", 1.0), ("b", -1.0)]),  # mergekit leaves a sum of weights below 1e-8 undivided
     (recipe("linear", ("a", {"weight": 1}), ("b", {"weight": 3})), [("a", 0.25), ("b", 0.75)]),
     (recipe("linear", ("base", {"weight": 2}), ("a", {"weight": 1}), ("b", {"weight": 1}), base_model="base"),
      [("a", 0.25), ("b", 0.25)]),  # mergekit's linear averages the listed base in: a zero task vector
