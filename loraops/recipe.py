@@ -250,4 +250,6 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
             raise refuse(f"linear without normalize sums whole models (Σw·base + Σwτ), a task vector over the base "
                          f"only when the weights sum to 1 (they sum to {total:g})")
         return "linear", [w * factor for w in weights]
+    if name == "nuslerp" and params.get("flatten", True):
+        params.pop("row_wise", None)  # mergekit flattens before it looks at row_wise (combine refuses the pair)
     return name, weights

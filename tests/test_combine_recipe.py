@@ -350,3 +350,16 @@ def test_linear_averages_an_unlisted_base_model_in_with_the_top_level_weight():
     with pytest.raises(InvalidInputError, match=r"^r: base_model \(not in models\) has no weight: mergekit's linear "
                                                 r"averages it in"):
         parse_recipe(recipe("linear", ("a", {"weight": 1}), ("b", {"weight": 1}), base_model="base"), "r")
+
+
+def test_nuslerp_row_wise_without_flatten_off_is_ignored_as_mergekit_ignores_it():
+    """mergekit's nuslerp flattens before it looks at nuslerp_row_wise (flatten is on by default): such a recipe
+    runs as the flattened nuslerp, not a refusal."""
+    read = parse_recipe(recipe("nuslerp", ("a", {"weight": 1}), ("b", {"weight": 2}), base_model="base",
+                               parameters={"nuslerp_row_wise": True}))
+    assert read.params == {}
+    made = adapters()
+    combine([(made[r], w) for r, w in read.inputs], read.method, read.params)
+    both = parse_recipe(recipe("nuslerp", ("a", {"weight": 1}), ("b", {"weight": 2}), base_model="base",
+                               parameters={"nuslerp_row_wise": True, "nuslerp_flatten": False}))
+    assert both.params == {"flatten": False, "row_wise": True}
