@@ -372,7 +372,8 @@ class CombineArguments:
 
 def _per_input(given: dict[str, Any], count: int) -> dict[str, list]:
     """The PER_INPUT parameters given as lists, checked against the number of inputs; a list of one repeated value
-    is that value (``given`` is changed in place: so one computation has one record and one result)."""
+    is that value, None in a list that input's default (``given`` is changed in place: so one computation has one
+    record and one result)."""
     lists = {}
     for key in PER_INPUT:
         values = given.get(key)
@@ -383,6 +384,8 @@ def _per_input(given: dict[str, Any], count: int) -> dict[str, list]:
                                     "per adapter")
         if all(v == values[0] for v in values):
             given[key] = values[0]
+            if values[0] is None:
+                del given[key]
         else:
             lists[key] = list(values)
             del given[key]
@@ -406,7 +409,8 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
             hint = "; scale the weights instead" if key == "lambda" and _scales_with_weights(spec, given) else ""
             raise InvalidInputError(f"{method} takes no {key} (it is a parameter of {', '.join(takers)}){hint}")
     lists = _per_input(given, len(weights))
-    own = [parse_params(spec.params, {**given, **{key: values[i] for key, values in lists.items()}},
+    own = [parse_params(spec.params, {**given, **{key: values[i] for key, values in lists.items()
+                                                  if values[i] is not None}},
                         f"{method} (adapter {i + 1})") for i in range(len(weights))] if lists else None
     parsed = own[0] if own else parse_params(spec.params, given, method)
     if spec.check_weights is not None:

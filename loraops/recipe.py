@@ -15,6 +15,7 @@ mergekit's semantics kept here (its config.py, merge_methods/registry.py and gen
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,13 +130,17 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise refuse("models must be a list of {model: REF, parameters: {...}}")
-    refs, per_model, base_weights = [], [], []
+    refs, per_model, base_weights, listed = [], [], [], set()
     for i, entry in enumerate(models, 1):
         where = f"models[{i}]"
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise refuse(f"{where}: give model: REF (a registry reference or a path to an adapter)")
+        if entry["model"] in listed:
+            raise refuse(f"{where}: {entry['model']!r} is listed twice (mergekit merges a model once, with its first "
+                         "entry's parameters): list it once")
+        listed.add(entry["model"])
         for key in entry:
             if key not in ("model", "parameters"):
                 raise refuse(f"{where}: {key!r} is not supported (a model takes model and parameters)")
@@ -157,6 +162,12 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         refs.append(entry["model"])
         per_model.append({key: own.get(key, top.get(key)) for key in spec.per_model
                           if own.get(key, top.get(key)) is not None})
+    if name == "linear" and base_model is not None and base_model not in listed:
+        # mergekit's planner adds it as a source without parameters: the top-level weight is its weight
+        if top.get("weight") is None:
+            raise refuse("base_model (not in models) has no weight: mergekit's linear averages it in and requires one "
+                         "(list it under models with a weight, or give a top-level weight)")
+        base_weights.append(float(top["weight"]))
     if not refs:
         raise refuse("models lists no adapter besides the base_model")
     for i, own in enumerate(per_model, 1):
@@ -166,13 +177,15 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
     weights = [float(own.get("weight", 1.0)) for own in per_model]
     params: dict[str, Any] = {}
-    for key in ("density", "gamma", "epsilon"):
+    densities = [own.get("density", 1.0) for own in per_model]
+    if "density" in spec.per_model:
+        params["density"] = densities
+    for key in ("gamma", "epsilon"):
         if key in spec.per_model:
-            values = [own.get(key, 1.0 if key == "density" else None) for own in per_model]
+            # None: the method's default for that model (mergekit's, lowered where it does not fit); a model kept
+            # whole ignores its value, as mergekit's sparsify returns it before reading them
+            values = [own.get(key) if density < 1 else None for own, density in zip(per_model, densities)]
             if any(v is not None for v in values):
-                if None in values:  # a model without it: mergekit's own default for that model
-                    default = {"gamma": 0.01, "epsilon": 0.15}[key]
-                    values = [default if v is None else v for v in values]
                 params[key] = values
     for key, value in top.items():
         target = spec.top.get(key)
@@ -207,6 +220,8 @@ def _parameters(values: Any, where: str, refuse) -> dict[str, Any]:
             value = float(value)
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise refuse(f"{where}.{key} must be a number (got {value!r})")
+        if not isinstance(value, bool) and not math.isfinite(value):
+            raise refuse(f"{where}.{key} must be a finite number (got {value!r})")
         out[key] = value
     return out
 
@@ -235,4 +250,6 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
             raise refuse(f"linear without normalize sums whole models (Σw·base + Σwτ), a task vector over the base "
                          f"only when the weights sum to 1 (they sum to {total:g})")
         return "linear", [w * factor for w in weights]
+    if name == "nuslerp" and params.get("flatten", True):
+        params.pop("row_wise", None)  # mergekit flattens before it looks at row_wise (combine refuses the pair)
     return name, weights

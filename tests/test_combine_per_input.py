@@ -111,3 +111,18 @@ def test_bad_per_input_parameters_are_one_line(inputs, method, params, message):
     with pytest.raises(InvalidInputError, match=None) as caught:
         combine(inputs, method, params)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_none_in_a_list_is_that_inputs_default(inputs):
+    """None: the method's default for that input — breadcrumbs' 0.01 lowered where it does not fit (density 0.995,
+    where a given 0.01 is refused), as one value left out; a list of None is the parameter left out."""
+    result, report = combine(inputs, "breadcrumbs", {"density": [0.4, 0.995, 0.5], "gamma": [0.1, None, 0.2]},
+                             rank=40, precise=True)
+    assert report.params["gamma"] == [0.1, 0.01, 0.2]
+    own = [{"density": 0.4, "gamma": 0.1}, {"density": 0.995, "gamma": 0.01}, {"density": 0.5, "gamma": 0.2}]
+    for name, module in result.modules.items():
+        want = ref.per_model_reference("breadcrumbs", inputs, name, own)
+        assert float((module.delta(dtype=torch.float64) - want).norm()) <= 1e-7 * float(want.norm()), name
+    left_out, _ = combine(inputs, "della", {"density": 0.5})
+    nones, _ = combine(inputs, "della", {"density": 0.5, "epsilon": [None] * 3})
+    assert factor_bytes(nones) == factor_bytes(left_out)

@@ -46,12 +46,15 @@ def test_rescale_is_mergekit_current_one(method, top, params):
 
 
 def test_gamma_and_epsilon_per_model_with_mergekit_defaults():
+    """A model without gamma/epsilon takes the method's default (None in the list: 0.01, 0.15)."""
     crumbs = parse_recipe(recipe("breadcrumbs", ("a", {"weight": 1, "density": 0.5, "gamma": 0.1}),
                                  ("b", {"weight": 1, "density": 0.4})))
-    assert crumbs.params == {"density": [0.5, 0.4], "gamma": [0.1, 0.01]}
+    assert crumbs.params == {"density": [0.5, 0.4], "gamma": [0.1, None]}
     della = parse_recipe(recipe("della_linear", ("a", {"weight": 1, "epsilon": 0.05}), ("b", {"weight": 1}),
                                 parameters={"density": "5e-1"}))  # YAML 1.1 reads 5e-1 as text; mergekit a number
-    assert della.params == {"density": [0.5, 0.5], "epsilon": [0.05, 0.15], "rescale_norm": "l1"}
+    assert della.params == {"density": [0.5, 0.5], "epsilon": [0.05, None], "rescale_norm": "l1"}
+    _, report = combine([(lora_adapter({"x": (8, 8)}, seed=s), 1) for s in (1, 2)], della.method, della.params)
+    assert report.params["epsilon"] == [0.05, 0.15]
 
 
 @pytest.mark.parametrize("doc, inputs", [
@@ -59,6 +62,8 @@ def test_gamma_and_epsilon_per_model_with_mergekit_defaults():
      [("a", 1.0), ("b", 3.0)]),
     (recipe("task_arithmetic", ("a", {"weight": 0.5}), ("b", {"weight": 1.5}),
             parameters={"lambda": 2, "normalize": True}), [("a", 0.5), ("b", 1.5)]),
+    (recipe("task_arithmetic", ("a", {"weight": 1}), ("b", {"weight": -1}), parameters={"normalize": True}),
+     [("a", 1.0), ("b", -1.0)]),  # mergekit leaves a sum of weights below 1e-8 undivided
     (recipe("linear", ("a", {"weight": 1}), ("b", {"weight": 3})), [("a", 0.25), ("b", 0.75)]),
     (recipe("linear", ("base", {"weight": 2}), ("a", {"weight": 1}), ("b", {"weight": 1}), base_model="base"),
      [("a", 0.25), ("b", 0.25)]),  # mergekit's linear averages the listed base in: a zero task vector
@@ -293,3 +298,68 @@ def test_base_model_is_the_inputs_registered_base_or_their_hint():
         check_base_model([hinted], "tiny")
     with pytest.raises(MismatchError, match=r"^base_model 'org/other': a@1 is for tiny,"):
         check_base_model([registered], "org/other")
+
+
+@pytest.mark.parametrize("method, models, top, own", [
+    # a model kept whole (density 1, mergekit's default) ignores its gamma/epsilon, as mergekit's sparsify returns
+    # the task vector before reading them
+    ("breadcrumbs", {"a": {"weight": 1.0, "density": 0.5, "gamma": 0.1}, "b": {"weight": 0.5, "gamma": 0.05}}, {},
+     [{"density": 0.5, "gamma": 0.1}, {"density": 1.0}]),
+    ("breadcrumbs_ties", {"a": {"weight": 1.0, "density": 0.5}, "b": {"weight": 0.5}}, {"gamma": 0.2},
+     [{"density": 0.5, "gamma": 0.2}, {"density": 1.0}]),
+    ("della", {"a": {"weight": 1.0, "epsilon": 0.1}, "b": {"weight": 0.6, "density": 0.5}}, {},
+     [{"density": 1.0}, {"density": 0.5, "epsilon": 0.15}]),
+    # a model without gamma takes mergekit's default 0.01, lowered where it does not fit (density 0.995)
+    ("breadcrumbs", {"a": {"weight": 1.0, "density": 0.5, "gamma": 0.1}, "b": {"weight": 0.5, "density": 0.995}},
+     {}, [{"density": 0.5, "gamma": 0.1}, {"density": 0.995, "gamma": 0.01}]),
+])
+def test_parameters_a_model_does_not_use_are_not_checked(method, models, top, own):
+    """mergekit runs these recipes; they give its per-model result."""
+    made = adapters()
+    read = parse_recipe(recipe(method, *models.items(), parameters=top))
+    inputs = [(made[r], w) for r, w in read.inputs]
+    result, _ = combine(inputs, read.method, read.params, rank=40, precise=True)
+    for name, module in result.modules.items():
+        want = ref.per_model_reference(method, inputs, name, own, rescale_norm=read.params.get("rescale_norm"))
+        assert float((module.delta(dtype=torch.float64) - want).norm()) <= 1e-7 * float(want.norm()), name
+
+
+@pytest.mark.parametrize("models, message", [
+    ([{"model": "a", "parameters": {"weight": 1, "density": 0.5}}, {"model": "b", "parameters": {"weight": 1}},
+      {"model": "a", "parameters": {"weight": 2, "density": 0.2}}],
+     "r: models[3]: 'a' is listed twice (mergekit merges a model once, with its first entry's parameters): list it "
+     "once"),
+    ([{"model": "a", "parameters": {"weight": float("inf")}}], "r: models[1].parameters.weight must be a finite "
+                                                               "number (got inf)"),
+    ([{"model": "a", "parameters": {"weight": "1e400"}}], "r: models[1].parameters.weight must be a finite number"),
+    ([{"model": "a", "parameters": {"weight": 1, "density": float("nan")}}],
+     "r: models[1].parameters.density must be a finite number (got nan)"),
+])
+def test_models_listed_twice_and_non_finite_numbers_are_refused(models, message):
+    with pytest.raises(InvalidInputError) as caught:
+        parse_recipe({"merge_method": "ties", "models": models}, "r")
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_linear_averages_an_unlisted_base_model_in_with_the_top_level_weight():
+    """mergekit's planner adds a base_model missing from models as a source without parameters: linear weighs it by
+    the top-level weight (a zero task vector that counts in Σw), and fails without one."""
+    read = parse_recipe(recipe("linear", ("a", None), ("b", {"weight": 2}), base_model="base",
+                               parameters={"weight": 1}))
+    assert read.inputs == [("a", pytest.approx(0.25)), ("b", pytest.approx(0.5))]
+    with pytest.raises(InvalidInputError, match=r"^r: base_model \(not in models\) has no weight: mergekit's linear "
+                                                r"averages it in"):
+        parse_recipe(recipe("linear", ("a", {"weight": 1}), ("b", {"weight": 1}), base_model="base"), "r")
+
+
+def test_nuslerp_row_wise_without_flatten_off_is_ignored_as_mergekit_ignores_it():
+    """mergekit's nuslerp flattens before it looks at nuslerp_row_wise (flatten is on by default): such a recipe
+    runs as the flattened nuslerp, not a refusal."""
+    read = parse_recipe(recipe("nuslerp", ("a", {"weight": 1}), ("b", {"weight": 2}), base_model="base",
+                               parameters={"nuslerp_row_wise": True}))
+    assert read.params == {}
+    made = adapters()
+    combine([(made[r], w) for r, w in read.inputs], read.method, read.params)
+    both = parse_recipe(recipe("nuslerp", ("a", {"weight": 1}), ("b", {"weight": 2}), base_model="base",
+                               parameters={"nuslerp_row_wise": True, "nuslerp_flatten": False}))
+    assert both.params == {"flatten": False, "row_wise": True}

@@ -1,0 +1,171 @@
+"""Random recipes (methods, per-model and top-level values, negative weights, normalize/rescale on and off, the base
+listed or not) through parse_recipe and combine, against a transcription of mergekit's current code written apart from
+combine_reference: its planner (parameter fallback, the base skipped or averaged in), registry.py's defaults,
+sparsify.py (rescale as the l1 norm; no division by the keep probability), GTATask.execute and LinearMergeTask, in
+float64 on the dense deltas (DARE's and DELLA's draws are loraops' seeded ones)."""
+import random
+
+import torch
+
+from factories import lora_adapter
+from loraops.algebra import combine
+from loraops.errors import InvalidInputError
+from loraops.ops.combine import module_seed
+from loraops.recipe import parse_recipe
+
+GTA = {  # consensus, sparsification, default normalize, default rescale (mergekit registry.py)
+    "task_arithmetic": (None, None, False, False),
+    "ties": ("sum", "magnitude", True, False),
+    "dare_ties": ("sum", "random", False, True),
+    "dare_linear": (None, "random", False, True),
+    "breadcrumbs": (None, "magnitude_outliers", False, False),
+    "breadcrumbs_ties": ("sum", "magnitude_outliers", False, False),
+    "della": ("sum", "della_magprune", True, True),
+    "della_linear": (None, "della_magprune", False, True),
+}
+
+
+def draws(seed, name, index, shape):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(module_seed(seed, name, index))).double()
+
+
+def rescaled(t, mask, norm):
+    masked = t * mask
+    if norm is None:
+        return masked
+    before, after = t.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def sparsify(t, method, density, gamma, epsilon, norm, u):
+    if density >= 1:
+        return t
+    n = t.numel()
+    if method == "magnitude":
+        k = int(density * n)
+        mask = torch.zeros(n, dtype=t.dtype)
+        mask[torch.argsort(t.abs().view(-1), descending=True)[:k]] = 1
+        return rescaled(t, mask.view(t.shape), norm)
+    if method == "magnitude_outliers":
+        target, n_top = int(density * n), int(gamma * n)
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_top += n_bot
+            n_bot = 0
+        idx = torch.sort(t.abs().view(-1)).indices
+        mask = torch.zeros(n, dtype=t.dtype)
+        mask[idx[n_bot:n - n_top]] = 1
+        return rescaled(t, mask.view(t.shape), norm)
+    if method == "random":
+        return rescaled(t, (u < density).to(t.dtype), norm)
+    assert method == "della_magprune"
+    assert 0 < density - epsilon and density + epsilon < 1
+    ranks = torch.argsort(t.abs(), dim=1).argsort(dim=1).double() + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    p = (density - epsilon) + rank_norm * 2 * epsilon
+    return rescaled(t, (u < p).to(t.dtype), norm)
+
+
+def param(doc, entry, key, default):
+    own = (entry.get("parameters") or {})
+    if key in own:
+        return own[key]
+    return (doc.get("parameters") or {}).get(key, default)
+
+
+def mergekit_delta(doc, adapters, name, seed=0):
+    """The merged weight minus the base for one module, dense float64."""
+    method = doc["merge_method"]
+    base = doc.get("base_model")
+    top = doc.get("parameters") or {}
+    entries = [e for e in doc["models"] if e["model"] != base]
+    taus = [adapters[e["model"]].modules[name].delta(dtype=torch.float64) for e in entries]
+    weights = [float(param(doc, e, "weight", None)) for e in entries]
+    if method == "linear":
+        total = sum(weights) + sum(float(param(doc, e, "weight", None)) for e in doc["models"] if e["model"] == base)
+        if base is not None and all(e["model"] != base for e in doc["models"]):
+            total += top["weight"]
+        mixed = sum(w * t for w, t in zip(weights, taus))
+        return mixed / total if top.get("normalize", True) else mixed
+    consensus, sparsification, dnorm, drescale = GTA[method]
+    norm = "l1" if top.get("rescale", drescale) else None
+    deltas = []
+    for i, (e, t) in enumerate(zip(entries, taus)):
+        if sparsification:
+            t = sparsify(t, sparsification, float(param(doc, e, "density", 1.0)), float(param(doc, e, "gamma", 0.01)),
+                         float(param(doc, e, "epsilon", 0.15)), norm, draws(seed, name, i, t.shape))
+        deltas.append(t)
+    deltas = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=torch.float64).view(-1, 1, 1)
+    weighted = deltas * w
+    if consensus:
+        majority = (weighted.sum(0) >= 0).double() * 2 - 1
+        mask = (weighted.sign() == majority).double()
+        mixed = (weighted * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(0)
+        divisor = w.sum(0).expand_as(mixed).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if top.get("normalize", dnorm):
+        mixed = mixed / divisor
+    lam = top.get("lambda", 1.0)
+    return mixed * lam
+
+
+def random_doc(rng, names):
+    method = rng.choice(list(GTA) + ["linear"])
+    models = []
+    with_base = rng.random() < 0.5
+    if with_base:
+        models.append({"model": "base", "parameters": {"weight": 0.5}} if method == "linear" else {"model": "base"})
+    for m in names:
+        p = {"weight": round(rng.uniform(-1, 2) if rng.random() < 0.3 else rng.uniform(0.1, 2), 3)}
+        if GTA.get(method, (0, None))[1] and rng.random() < 0.8:
+            p["density"] = round(rng.uniform(0.3, 0.8), 3)
+        if method.startswith("breadcrumbs") and rng.random() < 0.6:
+            p["gamma"] = round(rng.uniform(0, 0.15), 3)
+        if method.startswith("della") and rng.random() < 0.6:
+            p["epsilon"] = round(rng.uniform(0.01, 0.25), 3)
+        models.append({"model": m, "parameters": p})
+    top = {}
+    if rng.random() < 0.5:
+        top["normalize"] = rng.random() < 0.5
+    if method in GTA and method != "task_arithmetic" and rng.random() < 0.4:
+        top["rescale"] = rng.random() < 0.5
+    if method in GTA and rng.random() < 0.3:
+        top["lambda"] = round(rng.uniform(0.5, 1.5), 3)
+    if method in GTA and GTA[method][1] and rng.random() < 0.3:
+        top["density"] = round(rng.uniform(0.3, 0.8), 3)
+    doc = {"merge_method": method, "models": models, "parameters": top}
+    if with_base or rng.random() < 0.3:
+        doc["base_model"] = "base"
+        if method == "linear" and not with_base:
+            top["weight"] = 1.0
+    return doc
+
+
+def test_random_recipes_compute_what_mergekit_computes():
+    f64 = torch.float64
+    adapters = {m: lora_adapter({"x": (12, 20), "y": (9, 7)}, rank=3, seed=s, dtype=f64)
+                for s, m in enumerate("abc", 1)}
+    rng = random.Random(7)
+    checked = 0
+    for _ in range(60):
+        doc = random_doc(rng, rng.sample("abc", rng.choice([2, 3])))
+        try:
+            read = parse_recipe(doc)
+            result, _ = combine([(adapters[r], w) for r, w in read.inputs], read.method, read.params, rank=40,
+                                device="cpu", precise=True)
+        except InvalidInputError as exc:  # only what loraops refuses by design (docs/readme-recipe.md)
+            assert any(reason in str(exc) for reason in ("negative weight", "sum to", "density ± epsilon")), (doc, exc)
+            continue
+        for name, module in result.modules.items():
+            want = mergekit_delta(doc, adapters, name)
+            assert float((module.delta(dtype=f64) - want).norm()) <= 1e-7 * float(want.norm()), (doc, name)
+        checked += 1
+    assert checked >= 40
