@@ -161,7 +161,7 @@ def test_random_recipes_compute_what_mergekit_computes():
             read = parse_recipe(doc)
             result, _ = combine([(adapters[r], w) for r, w in read.inputs], read.method, read.params, rank=40,
                                 device="cpu", precise=True)
-        except InvalidInputError as exc:  # only what loraops refuses by design (docs/readme-recipe.md)
+        except InvalidInputError as exc:  # only what loraops refuses by design (docs/recipes.md)
             assert any(reason in str(exc) for reason in ("negative weight", "sum to", "density ± epsilon")), (doc, exc)
             continue
         for name, module in result.modules.items():
