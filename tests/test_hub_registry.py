@@ -1,6 +1,7 @@
 """pull / push wired to the registry, library and CLI, against the local Hub over real HTTP."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from loraops import formats, hub
 from loraops.cli import main
+from loraops.errors import FormatError, HubError, InvalidInputError
 from loraops.fsutil import TMP_MARK
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
@@ -423,6 +425,82 @@ def test_pull_keeps_one_copy_and_nothing_in_the_hub_cache(fake_hub, adapters, re
         assert not [p for p in registry.blobs.root.rglob("*") if TMP_MARK in p.name]
         assert not [f for f in files_under(hf_home) if "/refs/" not in f]
     assert len(registry.list_adapters()) == 1
+
+
+def test_a_failed_pull_leaves_the_ref_that_offline_pulls_use(fake_hub, adapters, registry, monkeypatch):
+    """A pull (or `base add hub:`) that fails after the Hub resolved its branch — the network gone mid-download, a
+    file refused — recorded the new commit as the branch's ref in the Hub cache all the same: an offline pull, which
+    found the commit pulled before, then said the repo is not in the local cache. The ref is recorded once the
+    pull succeeded; huggingface_hub's own reader (resolve_revision, offline) agrees."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    first = fake_hub.commit_folder("someone/y", adapters["a"])
+    hub.pull(registry, "someone/y")
+    fake_hub.commit_folder("someone/y", adapters["b"])
+    ref = hub.cache_dir() / "models--someone--y" / "refs" / "main"
+
+    def down(*args, **kwargs):
+        raise httpx2.ConnectError("network down")
+
+    def refused(*args, **kwargs):
+        raise FormatError("a bad file")
+
+    with monkeypatch.context() as patched, pytest.raises(HubError, match="network down"):
+        patched.setattr(huggingface_hub, "snapshot_download", down)
+        hub.pull(registry, "someone/y")
+    assert ref.read_text() == first
+    with monkeypatch.context() as patched, pytest.raises(FormatError):
+        patched.setattr(registry, "register_adapter", refused)
+        hub.pull(registry, "someone/y")
+    assert ref.read_text() == first
+    base = adapters["base"]
+    fake_hub.commit("meta/lora-like", {"model.safetensors": (adapters["a"] / "adapter_model.safetensors").read_bytes(),
+                                       "config.json": (base / "config.json").read_bytes()})
+    with pytest.raises(InvalidInputError, match="this is a LoRA adapter"):
+        hub.add_base(registry, "hub:meta/lora-like")
+    assert not (hub.cache_dir() / "models--meta--lora-like" / "refs").exists()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = hub.pull(registry, "someone/y")
+    assert not again.new and again.commit == first
+    assert HfApi().resolve_revision("someone/y", cache_dir=hub.cache_dir(), local_files_only=True).resolved == first
+
+
+def test_the_refs_recorded_are_huggingface_hubs(fake_hub, adapters, registry, tmp_path, monkeypatch):
+    """What a pull records in the Hub cache's refs/ for each kind of revision (the default branch, a tag, a branch
+    with a slash, a pull request's refs/pr/N, a sha prefix; none for a full sha) is what huggingface_hub's
+    resolve_revision writes in a cache of its own, byte for byte; and a write that fails midway (a full disk)
+    leaves the ref it had, never a truncated one."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    first = fake_hub.commit_folder("someone/x", adapters["a"])
+    fake_hub.tag("someone/x", "v1")
+    fake_hub.branch("someone/x", "feat/slash")
+    fake_hub.commit_folder("someone/x", adapters["b"], branch="feat/slash")
+    api = HfApi(endpoint=fake_hub.url, token="hf_other")
+    api.create_commit("someone/x", [CommitOperationAdd("note.txt", b"hi")], commit_message="m", create_pr=True)
+    theirs = tmp_path / "their-cache"
+    for n, revision in enumerate([None, "v1", "feat/slash", "refs/pr/1", first[:10], first]):
+        api.resolve_revision("someone/x", revision=revision, cache_dir=theirs)
+        hub.pull(registry, f"someone/x@{revision}" if revision else "someone/x", name=f"x{n}")
+
+    def refs(cache: Path) -> dict[str, bytes]:
+        folder = cache / "models--someone--x" / "refs"
+        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    assert refs(hub.cache_dir()) == refs(theirs) and set(refs(theirs)) == {
+        "main", "v1", "feat/slash", "refs/pr/1", first[:10]}
+
+    def disk_full(self, data, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    hub.remember_ref(hub.RepoRef("someone/x", "v1"), "0" * 40)
+    assert refs(hub.cache_dir()) == refs(theirs)
 
 
 def test_pull_repairs_a_damaged_stored_copy(fake_hub, adapters, registry):
