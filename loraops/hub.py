@@ -657,15 +657,17 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     api = _api(token)
     target = RepoRef(ref.repo_id, branch)
     with hub_errors(target, "push to"), _progress():
-        api.create_repo(ref.repo_id, private=private, exist_ok=True)
-        if number is not None:  # a pull request's ref is made by the Hub when it is opened, never as a branch
+        if number is not None:  # a pull request's ref is made by the Hub when it is opened, never as a branch; no
+            # repo is made (public, by default) only to find it has no pull request
             try:
                 api.repo_info(ref.repo_id, revision=branch)
             except RevisionNotFoundError:
                 raise NotFoundError(f"{ref.repo_id} has no pull request {number}: open one with --create-pr "
                                     "(refs/pr/N pushes to an open one)") from None
-        elif branch != "main":
-            api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
+        else:
+            api.create_repo(ref.repo_id, private=private, exist_ok=True)
+            if branch != "main":
+                api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
         remove = set(remove) - set(files)

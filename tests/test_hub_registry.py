@@ -138,6 +138,9 @@ def test_push_to_an_open_pull_request(fake_hub, adapters, registry):
     both = CliRunner().invoke(main, ["push", "anime", "me/prs", "--revision", "refs/pr/1", "--create-pr",
                                      "--token", "hf_owner"])
     assert both.exit_code == 2 and both.output.startswith("error: --create-pr opens a new pull request"), both.output
+    absent = CliRunner().invoke(main, ["push", "anime", "me/none", "--revision", "refs/pr/1", "--token", "hf_owner"])
+    assert absent.exit_code == 3 and absent.output.startswith("error: repository me/none not found on "), absent.output
+    assert "me/none" not in fake_hub.repos  # (no repo made, public, only to find it has no pull request)
 
 
 def test_push_derived_adapter_renders_its_lineage(fake_hub, adapters, registry):
