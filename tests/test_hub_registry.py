@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from loraops import formats, hub
 from loraops.cli import main
-from loraops.errors import FormatError, HubError, InvalidInputError
+from loraops.errors import FormatError, HubError, InvalidInputError, NotFoundError
 from loraops.fsutil import TMP_MARK
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
@@ -296,6 +296,21 @@ def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapt
     assert merged.exit_code == 0, merged.output
     with Registry.open() as reg:
         assert reg.get_base("tiny").path == str(hub.cache_dir().resolve() / "models--me--tiny" / "snapshots" / commit)
+
+
+def test_registry_base_path_downloads_a_private_base_with_the_token_given(fake_hub, adapters, registry):
+    """`Registry.base_path(ref, token=…)` (Python's way to give the first-use download a token, as loraops keeps
+    none) downloads with that token, HF_TOKEN unset; a token the Hub refuses is said as such, not as the token given
+    to `base add --token` that was not kept."""
+    fake_hub.create("me/tiny", private=True)
+    commit = fake_hub.commit_folder("me/tiny", adapters["base"])
+    hub.add_base(registry, "hub:me/tiny", token="hf_owner")
+    with pytest.raises(NotFoundError) as refused:
+        registry.base_path("tiny", token="hf_other")
+    assert str(refused.value) == (f"repository me/tiny not found on {fake_hub.url} (if it is private, "
+                                  f"{hub.LOGIN})")
+    assert registry.base_path("tiny", token="hf_owner") == hub.cache_dir().resolve() / "models--me--tiny" / \
+        "snapshots" / commit
 
 
 def test_a_damaged_hub_cache_is_one_clear_line(fake_hub, adapters, tmp_path):
