@@ -95,8 +95,10 @@ def parse_repo_ref(text: str) -> RepoRef:
 
 
 def good_revision(revision: str) -> bool:
-    """Could this name a branch, tag or commit: not empty, no blank at an end, no '..' part."""
-    return bool(revision) and revision == revision.strip() and ".." not in revision.split("/")
+    """Could this name a branch, tag or commit: not empty, no blank at an end, no '..' part, no '/' first (git's
+    rules; its Hub cache ref, refs/<revision>, stays inside refs/)."""
+    return (bool(revision) and revision == revision.strip() and ".." not in revision.split("/")
+            and not revision.startswith("/"))
 
 
 def hub_source(repo_id: str, commit: str, path: str = "") -> str:
@@ -644,8 +646,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     if ref.revision:
         raise InvalidInputError(f"{repo_id}: give the branch with --revision, not @")
     if revision is not None and not good_revision(revision):  # `--revision "$UNSET"` pushed to main
-        raise InvalidInputError(f"{repo_id}: --revision {revision!r} is no branch name (empty, blank at an end, or a "
-                                "'..' part); leave it out to push to main")
+        raise InvalidInputError(f"{repo_id}: --revision {revision!r} is no branch name (empty, blank at an end, a "
+                                "'..' part or a '/' first); leave it out to push to main")
     check_repo_names(list(files), ref)
     branch = revision or "main"
     number = pull_request(branch)

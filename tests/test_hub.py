@@ -41,8 +41,12 @@ def test_parse_repo_ref(text, repo_id, revision):
     assert hub.parse_repo_ref(text) == hub.RepoRef(repo_id, revision)
 
 
-@pytest.mark.parametrize("text", ["", "a/b/c", "someone/lora@", "../x", "someone/x..y", "someone/lo ra", "a--b/c"])
+@pytest.mark.parametrize("text", ["", "a/b/c", "someone/lora@", "../x", "someone/x..y", "someone/lo ra", "a--b/c",
+                                  "someone/lora@/home/me/.bashrc"])
 def test_parse_repo_ref_refuses(text):
+    """(A revision that starts with '/' names no branch, tag or commit — git refuses such a ref — and, recorded as
+    the Hub cache's refs/<revision> once pulled, as huggingface_hub records it, it was that absolute path: a Hub
+    answering any revision had loraops write a commit sha over the file there.)"""
     with pytest.raises(InvalidInputError):
         hub.parse_repo_ref(text)
 

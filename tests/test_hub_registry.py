@@ -602,11 +602,11 @@ def test_odd_uses_of_a_base_recorded_from_the_hub(fake_hub, adapters, tmp_path, 
 def test_push_refuses_a_branch_that_is_no_name(fake_hub, adapters, registry):
     """`push --revision ""` (a script's unset variable) pushed to main."""
     registry.add_adapter(adapters["a"], name="anime")
-    for bad in ("", " dev", "a/../b"):
+    for bad in ("", " dev", "a/../b", "/dev"):
         result = CliRunner().invoke(main, ["push", "anime", "me/anime", "--revision", bad, "--token", "hf_owner"])
         assert (result.exit_code, result.output) == (2, (
-            f"error: me/anime: --revision {bad!r} is no branch name (empty, blank at an end, or a '..' part); leave "
-            "it out to push to main\n"))
+            f"error: me/anime: --revision {bad!r} is no branch name (empty, blank at an end, a '..' part or a '/' "
+            "first); leave it out to push to main\n"))
     assert "me/anime" not in fake_hub.repos
 
 
