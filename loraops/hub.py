@@ -442,9 +442,9 @@ def resolve_commit(ref: RepoRef, token: str | None = None) -> str:
 
 def remember_ref(ref: RepoRef, commit: str) -> None:
     """Record in the Hub cache what ``ref``'s revision resolved to (refs/<revision>, the default branch's as main),
-    as resolve_revision does, for HF_HUB_OFFLINE=1 later: once a pull (or base add) succeeded, so that one that
-    failed midway leaves the commit an offline pull finds as it was. Written whole or not at all (a temp file
-    renamed, as huggingface_hub writes it: a reader never sees an empty ref); best effort, as there."""
+    as resolve_revision does, for HF_HUB_OFFLINE=1 later: once a pull, a download or a base add succeeded, so
+    one that failed midway leaves the commit an offline pull finds as it was. Written whole or not at all (a temp
+    file renamed, as huggingface_hub writes it: a reader never sees an empty ref); best effort, as there."""
     import uuid
 
     from huggingface_hub.file_download import repo_folder_name
@@ -511,6 +511,8 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise NotFoundError(f"{ref}: {', '.join(missing)} not in the local cache ({folder})")
+    if into is None:  # (into a folder of pull's: pull records it once registered)
+        remember_ref(ref, commit)
     return Download(ref, commit, files, folder)
 
 
