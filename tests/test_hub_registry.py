@@ -521,6 +521,27 @@ def test_the_refs_recorded_are_huggingface_hubs(fake_hub, adapters, registry, tm
     assert refs(hub.cache_dir()) == refs(theirs)
 
 
+def test_an_offline_pull_reads_a_cache_huggingface_hub_made(fake_hub, adapters, registry, monkeypatch):
+    """A repo huggingface_hub's snapshot_download put in the Hub cache (transformers, diffusers) pulls offline at
+    each kind of revision it cached: the default branch, a tag, a branch with a slash, refs/pr/N, a sha, a prefix."""
+    from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
+
+    first = fake_hub.commit_folder("someone/x", adapters["a"])
+    fake_hub.tag("someone/x", "v1")
+    fake_hub.branch("someone/x", "feat/slash")
+    slash = fake_hub.commit_folder("someone/x", adapters["b"], branch="feat/slash")
+    pr = HfApi(endpoint=fake_hub.url, token="hf_other").create_commit(
+        "someone/x", [CommitOperationAdd("adapter_model.safetensors", adapters["c"] / "adapter_model.safetensors"),
+                      CommitOperationAdd("adapter_config.json", adapters["c"] / "adapter_config.json")],
+        commit_message="c", create_pr=True).oid
+    for revision in (None, "v1", "feat/slash", "refs/pr/1"):
+        snapshot_download("someone/x", revision=revision, cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for n, (revision, commit) in enumerate([("", first), ("@v1", first), ("@feat/slash", slash),
+                                            ("@refs/pr/1", pr), (f"@{first}", first), (f"@{first[:8]}", first)]):
+        assert hub.pull(registry, f"someone/x{revision}", name=f"x{n}").commit == commit, revision
+
+
 def test_pull_repairs_a_damaged_stored_copy(fake_hub, adapters, registry):
     fake_hub.commit_folder("someone/anime-lora", adapters["a"])
     pulled = hub.pull(registry, "someone/anime-lora")
