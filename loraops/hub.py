@@ -95,8 +95,10 @@ def parse_repo_ref(text: str) -> RepoRef:
 
 
 def good_revision(revision: str) -> bool:
-    """Could this name a branch, tag or commit: not empty, no blank at an end, no '..' part."""
-    return bool(revision) and revision == revision.strip() and ".." not in revision.split("/")
+    """Could this name a branch, tag or commit: not empty, no blank at an end, no '..' part, no '/' first (git's
+    rules; its Hub cache ref, refs/<revision>, stays inside refs/)."""
+    return (bool(revision) and revision == revision.strip() and ".." not in revision.split("/")
+            and not revision.startswith("/"))
 
 
 def hub_source(repo_id: str, commit: str, path: str = "") -> str:
@@ -433,25 +435,33 @@ def resolve_commit(ref: RepoRef, token: str | None = None) -> str:
     # Online, the Hub answers or this fails in one line: resolve_revision falls back on the cache's ref when the Hub
     # cannot be reached, printing huggingface_hub's own "Could not reach the Hub" line (also in a program that
     # imported it with HF_HUB_OFFLINE=1 and unset it since); HF_HUB_OFFLINE=1 is what uses the cache
+    # (remember_ref records the answer once what asked for it succeeded)
     with hub_errors(ref, "resolve"):
-        commit = _api(token).repo_info(ref.repo_id, revision=ref.revision).sha
-    _remember_ref(ref, commit)
-    return commit
+        return _api(token).repo_info(ref.repo_id, revision=ref.revision).sha
 
 
-def _remember_ref(ref: RepoRef, commit: str) -> None:
+def remember_ref(ref: RepoRef, commit: str) -> None:
     """Record in the Hub cache what ``ref``'s revision resolved to (refs/<revision>, the default branch's as main),
-    as resolve_revision does, for HF_HUB_OFFLINE=1 later; best effort, as there (a read-only cache records none)."""
+    as resolve_revision does, for HF_HUB_OFFLINE=1 later: once a pull, a download or a base add succeeded, so
+    one that failed midway leaves the commit an offline pull finds as it was. Written whole or not at all (a temp
+    file renamed, as huggingface_hub writes it: a reader never sees an empty ref); best effort, as there."""
+    import uuid
+
     from huggingface_hub.file_download import repo_folder_name
 
     revision = ref.revision or "main"
-    if revision == commit:
+    if offline() or revision == commit:
         return
     path = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "refs" / revision
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with contextlib.suppress(OSError):
         if not path.is_file() or path.read_text() != commit:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(commit)
+            try:
+                tmp.write_text(commit)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def _cached_commit(ref: RepoRef) -> str | None:
@@ -501,6 +511,8 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise NotFoundError(f"{ref}: {', '.join(missing)} not in the local cache ({folder})")
+    if into is None:  # (into a folder of pull's: pull records it once registered)
+        remember_ref(ref, commit)
     return Download(ref, commit, files, folder)
 
 
@@ -636,8 +648,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     if ref.revision:
         raise InvalidInputError(f"{repo_id}: give the branch with --revision, not @")
     if revision is not None and not good_revision(revision):  # `--revision "$UNSET"` pushed to main
-        raise InvalidInputError(f"{repo_id}: --revision {revision!r} is no branch name (empty, blank at an end, or a "
-                                "'..' part); leave it out to push to main")
+        raise InvalidInputError(f"{repo_id}: --revision {revision!r} is no branch name (empty, blank at an end, a "
+                                "'..' part or a '/' first); leave it out to push to main")
     check_repo_names(list(files), ref)
     branch = revision or "main"
     number = pull_request(branch)
@@ -649,15 +661,17 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     api = _api(token)
     target = RepoRef(ref.repo_id, branch)
     with hub_errors(target, "push to"), _progress():
-        api.create_repo(ref.repo_id, private=private, exist_ok=True)
-        if number is not None:  # a pull request's ref is made by the Hub when it is opened, never as a branch
+        if number is not None:  # a pull request's ref is made by the Hub when it is opened, never as a branch; no
+            # repo is made (public, by default) only to find it has no pull request
             try:
                 api.repo_info(ref.repo_id, revision=branch)
             except RevisionNotFoundError:
                 raise NotFoundError(f"{ref.repo_id} has no pull request {number}: open one with --create-pr "
                                     "(refs/pr/N pushes to an open one)") from None
-        elif branch != "main":
-            api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
+        else:
+            api.create_repo(ref.repo_id, private=private, exist_ok=True)
+            if branch != "main":
+                api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
         remove = set(remove) - set(files)
@@ -875,10 +889,12 @@ def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: st
     nbytes: dict[str, int] = {}
     for t in base.tensors.values():
         nbytes[t.dtype] = nbytes.get(t.dtype, 0) + math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 0)
-    return registry.register_manifest_base(
+    added = registry.register_manifest_base(
         name=name, source=base.source,
         tensors={n: (t.dtype, t.shape) for n, t in base.tensors.items()},
         dtype=max(nbytes, key=nbytes.get), total_bytes=sum(nbytes.values()))
+    remember_ref(ref, base.commit)
+    return added
 
 
 def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
@@ -893,9 +909,11 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
             return Path(snapshot_download(ref.repo_id, revision=commit, cache_dir=cache_dir(), local_files_only=True))
     base = remote_base(ref, token=token)
     with hub_errors(ref, "download"), _progress():
-        return Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,
-                                      endpoint=endpoint(),
-                                      allow_patterns=exactly(base.weight_files + base.other_files)))
+        folder = Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,
+                                        endpoint=endpoint(),
+                                        allow_patterns=exactly(base.weight_files + base.other_files)))
+    remember_ref(ref, base.commit)
+    return folder
 
 
 # ---- with the registry ----------------------------------------------------------------------------------------
@@ -943,6 +961,7 @@ def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | 
                                                  source=download.source, scratch=True)
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
                 raise reworded(exc, str(download.folder), str(ref)) from None
+    remember_ref(ref, commit)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 

@@ -41,8 +41,12 @@ def test_parse_repo_ref(text, repo_id, revision):
     assert hub.parse_repo_ref(text) == hub.RepoRef(repo_id, revision)
 
 
-@pytest.mark.parametrize("text", ["", "a/b/c", "someone/lora@", "../x", "someone/x..y", "someone/lo ra", "a--b/c"])
+@pytest.mark.parametrize("text", ["", "a/b/c", "someone/lora@", "../x", "someone/x..y", "someone/lo ra", "a--b/c",
+                                  "someone/lora@/home/me/.bashrc"])
 def test_parse_repo_ref_refuses(text):
+    """(A revision that starts with '/' names no branch, tag or commit — git refuses such a ref — and, recorded as
+    the Hub cache's refs/<revision> once pulled, as huggingface_hub records it, it was that absolute path: a Hub
+    answering any revision had loraops write a commit sha over the file there.)"""
     with pytest.raises(InvalidInputError):
         hub.parse_repo_ref(text)
 
@@ -529,6 +533,8 @@ def test_a_remote_header_that_is_not_one_is_refused_in_one_line(fake_hub, tmp_pa
                  "F8_E5M2, F8_E8M0, I64, I32, I16, I8, U64, U32, U16, U8, BOOL)",
              _header({"a": {"dtype": 5, "shape": [1], "data_offsets": [0, 8]}}):
                  "corrupt safetensors header (tensor 'a': {'dtype': 5, 'shape': [1], 'data_offsets': [0, 8]})",
+             _header({"a": {"dtype": "f32 ", "shape": [1], "data_offsets": [0, 4]}}):  # no dtype's name
+                 "corrupt safetensors header (tensor 'a': {'dtype': 'f32 ', 'shape': [1], 'data_offsets': [0, 4]})",
              _header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}):
                  "corrupt safetensors header (tensor 'a': {'dtype': 'F32', 'shape': [-1], 'data_offsets': [0, 0]})"}
     for n, (data, says) in enumerate(cases.items()):

@@ -1,6 +1,7 @@
 """pull / push wired to the registry, library and CLI, against the local Hub over real HTTP."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from loraops import formats, hub
 from loraops.cli import main
+from loraops.errors import FormatError, HubError, InvalidInputError, NotFoundError
 from loraops.fsutil import TMP_MARK
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
@@ -136,6 +138,9 @@ def test_push_to_an_open_pull_request(fake_hub, adapters, registry):
     both = CliRunner().invoke(main, ["push", "anime", "me/prs", "--revision", "refs/pr/1", "--create-pr",
                                      "--token", "hf_owner"])
     assert both.exit_code == 2 and both.output.startswith("error: --create-pr opens a new pull request"), both.output
+    absent = CliRunner().invoke(main, ["push", "anime", "me/none", "--revision", "refs/pr/1", "--token", "hf_owner"])
+    assert absent.exit_code == 3 and absent.output.startswith("error: repository me/none not found on "), absent.output
+    assert "me/none" not in fake_hub.repos  # (no repo made, public, only to find it has no pull request)
 
 
 def test_push_derived_adapter_renders_its_lineage(fake_hub, adapters, registry):
@@ -293,6 +298,21 @@ def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapt
         assert reg.get_base("tiny").path == str(hub.cache_dir().resolve() / "models--me--tiny" / "snapshots" / commit)
 
 
+def test_registry_base_path_downloads_a_private_base_with_the_token_given(fake_hub, adapters, registry):
+    """`Registry.base_path(ref, token=…)` (Python's way to give the first-use download a token, as loraops keeps
+    none) downloads with that token, HF_TOKEN unset; a token the Hub refuses is said as such, not as the token given
+    to `base add --token` that was not kept."""
+    fake_hub.create("me/tiny", private=True)
+    commit = fake_hub.commit_folder("me/tiny", adapters["base"])
+    hub.add_base(registry, "hub:me/tiny", token="hf_owner")
+    with pytest.raises(NotFoundError) as refused:
+        registry.base_path("tiny", token="hf_other")
+    assert str(refused.value) == (f"repository me/tiny not found on {fake_hub.url} (if it is private, "
+                                  f"{hub.LOGIN})")
+    assert registry.base_path("tiny", token="hf_owner") == hub.cache_dir().resolve() / "models--me--tiny" / \
+        "snapshots" / commit
+
+
 def test_a_damaged_hub_cache_is_one_clear_line(fake_hub, adapters, tmp_path):
     """The Hub cache's `blobs` folder of a repo is a file (a damaged cache): a first-use download said the client's
     `[Errno 17] File exists: '…' (FileExistsError: [Errno 17] …)` as a Hub error (exit 7); it is the local cache."""
@@ -425,6 +445,103 @@ def test_pull_keeps_one_copy_and_nothing_in_the_hub_cache(fake_hub, adapters, re
     assert len(registry.list_adapters()) == 1
 
 
+def test_a_failed_pull_leaves_the_ref_that_offline_pulls_use(fake_hub, adapters, registry, monkeypatch):
+    """A pull (or `base add hub:`) that fails after the Hub resolved its branch — the network gone mid-download, a
+    file refused — recorded the new commit as the branch's ref in the Hub cache all the same: an offline pull, which
+    found the commit pulled before, then said the repo is not in the local cache. The ref is recorded once the
+    pull succeeded; huggingface_hub's own reader (resolve_revision, offline) agrees."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    first = fake_hub.commit_folder("someone/y", adapters["a"])
+    hub.pull(registry, "someone/y")
+    fake_hub.commit_folder("someone/y", adapters["b"])
+    ref = hub.cache_dir() / "models--someone--y" / "refs" / "main"
+
+    def down(*args, **kwargs):
+        raise httpx2.ConnectError("network down")
+
+    def refused(*args, **kwargs):
+        raise FormatError("a bad file")
+
+    with monkeypatch.context() as patched, pytest.raises(HubError, match="network down"):
+        patched.setattr(huggingface_hub, "snapshot_download", down)
+        hub.pull(registry, "someone/y")
+    assert ref.read_text() == first
+    with monkeypatch.context() as patched, pytest.raises(FormatError):
+        patched.setattr(registry, "register_adapter", refused)
+        hub.pull(registry, "someone/y")
+    assert ref.read_text() == first
+    base = adapters["base"]
+    fake_hub.commit("meta/lora-like", {"model.safetensors": (adapters["a"] / "adapter_model.safetensors").read_bytes(),
+                                       "config.json": (base / "config.json").read_bytes()})
+    with pytest.raises(InvalidInputError, match="this is a LoRA adapter"):
+        hub.add_base(registry, "hub:meta/lora-like")
+    assert not (hub.cache_dir() / "models--meta--lora-like" / "refs").exists()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = hub.pull(registry, "someone/y")
+    assert not again.new and again.commit == first
+    assert HfApi().resolve_revision("someone/y", cache_dir=hub.cache_dir(), local_files_only=True).resolved == first
+
+
+def test_the_refs_recorded_are_huggingface_hubs(fake_hub, adapters, registry, tmp_path, monkeypatch):
+    """What a pull records in the Hub cache's refs/ for each kind of revision (the default branch, a tag, a branch
+    with a slash, a pull request's refs/pr/N, a sha prefix; none for a full sha) is what huggingface_hub's
+    resolve_revision writes in a cache of its own, byte for byte; and a write that fails midway (a full disk)
+    leaves the ref it had, never a truncated one."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    first = fake_hub.commit_folder("someone/x", adapters["a"])
+    fake_hub.tag("someone/x", "v1")
+    fake_hub.branch("someone/x", "feat/slash")
+    fake_hub.commit_folder("someone/x", adapters["b"], branch="feat/slash")
+    api = HfApi(endpoint=fake_hub.url, token="hf_other")
+    api.create_commit("someone/x", [CommitOperationAdd("note.txt", b"hi")], commit_message="m", create_pr=True)
+    theirs = tmp_path / "their-cache"
+    for n, revision in enumerate([None, "v1", "feat/slash", "refs/pr/1", first[:10], first]):
+        api.resolve_revision("someone/x", revision=revision, cache_dir=theirs)
+        hub.pull(registry, f"someone/x@{revision}" if revision else "someone/x", name=f"x{n}")
+
+    def refs(cache: Path) -> dict[str, bytes]:
+        folder = cache / "models--someone--x" / "refs"
+        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    assert refs(hub.cache_dir()) == refs(theirs) and set(refs(theirs)) == {
+        "main", "v1", "feat/slash", "refs/pr/1", first[:10]}
+
+    def disk_full(self, data, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    hub.remember_ref(hub.RepoRef("someone/x", "v1"), "0" * 40)
+    assert refs(hub.cache_dir()) == refs(theirs)
+
+
+def test_an_offline_pull_reads_a_cache_huggingface_hub_made(fake_hub, adapters, registry, monkeypatch):
+    """A repo huggingface_hub's snapshot_download put in the Hub cache (transformers, diffusers) pulls offline at
+    each kind of revision it cached: the default branch, a tag, a branch with a slash, refs/pr/N, a sha, a prefix."""
+    from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
+
+    first = fake_hub.commit_folder("someone/x", adapters["a"])
+    fake_hub.tag("someone/x", "v1")
+    fake_hub.branch("someone/x", "feat/slash")
+    slash = fake_hub.commit_folder("someone/x", adapters["b"], branch="feat/slash")
+    pr = HfApi(endpoint=fake_hub.url, token="hf_other").create_commit(
+        "someone/x", [CommitOperationAdd("adapter_model.safetensors", adapters["c"] / "adapter_model.safetensors"),
+                      CommitOperationAdd("adapter_config.json", adapters["c"] / "adapter_config.json")],
+        commit_message="c", create_pr=True).oid
+    for revision in (None, "v1", "feat/slash", "refs/pr/1"):
+        snapshot_download("someone/x", revision=revision, cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for n, (revision, commit) in enumerate([("", first), ("@v1", first), ("@feat/slash", slash),
+                                            ("@refs/pr/1", pr), (f"@{first}", first), (f"@{first[:8]}", first)]):
+        assert hub.pull(registry, f"someone/x{revision}", name=f"x{n}").commit == commit, revision
+
+
 def test_pull_repairs_a_damaged_stored_copy(fake_hub, adapters, registry):
     fake_hub.commit_folder("someone/anime-lora", adapters["a"])
     pulled = hub.pull(registry, "someone/anime-lora")
@@ -506,11 +623,11 @@ def test_odd_uses_of_a_base_recorded_from_the_hub(fake_hub, adapters, tmp_path, 
 def test_push_refuses_a_branch_that_is_no_name(fake_hub, adapters, registry):
     """`push --revision ""` (a script's unset variable) pushed to main."""
     registry.add_adapter(adapters["a"], name="anime")
-    for bad in ("", " dev", "a/../b"):
+    for bad in ("", " dev", "a/../b", "/dev"):
         result = CliRunner().invoke(main, ["push", "anime", "me/anime", "--revision", bad, "--token", "hf_owner"])
         assert (result.exit_code, result.output) == (2, (
-            f"error: me/anime: --revision {bad!r} is no branch name (empty, blank at an end, or a '..' part); leave "
-            "it out to push to main\n"))
+            f"error: me/anime: --revision {bad!r} is no branch name (empty, blank at an end, a '..' part or a '/' "
+            "first); leave it out to push to main\n"))
     assert "me/anime" not in fake_hub.repos
 
 
