@@ -376,16 +376,26 @@ def test_targeting_fields_a_method_does_not_use_are_not_applied(method, fields, 
     assert sorted(read_adapter(tmp_path / "a").modules) == sorted(wrapped)
 
 
-@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "VeraConfig"])
-def test_ensure_weight_tying_is_no_field_of_loha_lokr_vera(method, llama, tmp_path):
+ADALORA_SCHEDULE = {"init_r": 4, "target_r": 4, "total_step": 10}
+
+
+@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig"])
+def test_ensure_weight_tying_adds_no_module_beside_the_targeting_but_in_a_lora(method, llama, tmp_path):
     """ensure_weight_tying is a LoraConfig field (LoHaConfig(ensure_weight_tying=True) is a TypeError): in a LoHa, LoKr
-    or VeRA config PEFT drops it (a warning) and wraps what the targeting selects, no more. It made loraops skip the
-    targeting check, so a module the config leaves out was read, merged and exported."""
+    or VeRA config PEFT drops it (a warning) and wraps what the targeting selects, no more. AdaLoraConfig inherits it,
+    but the only layers it adds are those tied to a targeted embedding, and AdaLoRA wraps no embedding (PEFT refuses
+    the config). It made loraops skip the targeting check, so a module the config leaves out was read, merged and
+    exported."""
     import peft
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    settings = ADALORA_SCHEDULE if method == "AdaLoraConfig" else {"r": 4}
+    if method == "AdaLoraConfig":
+        with pytest.raises(ValueError, match="Target module Embedding.* is not supported"):
+            peft.get_peft_model(factories.load_model(llama), peft.AdaLoraConfig(
+                **settings, target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True))
     torch.manual_seed(0)
-    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(r=4, target_modules=["q_proj", "k_proj"])
+    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(**settings, target_modules=["q_proj", "k_proj"])
                         ).save_pretrained(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
