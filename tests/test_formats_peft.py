@@ -337,19 +337,46 @@ def test_a_moe_adapter_of_the_old_greedy_layer_regex_is_refused_saying_so(versio
     assert sorted(read_adapter(tmp_path).modules) == keys
 
 
-def test_a_regex_with_layers_is_refused_as_peft_refuses_it(llama, tmp_path):
-    """LoraConfig refuses layers_to_transform beside a target_modules regex; read with the regex alone, a config edited
-    so (to leave a layer out) merged every layer."""
-    from peft import PeftModel
+def test_a_moe_module_left_out_under_a_layers_pattern_gets_no_greedy_regex_note(tmp_path):
+    """With layers_pattern PEFT's layer regex, old and new, takes the number after the pattern (the layer's, 1 here):
+    such an adapter never held the module, so the refusal does not say the old regex took the expert's index."""
+    from types import SimpleNamespace
 
-    path = factories.peft_adapter(llama, tmp_path / "a", target_modules=".*q_proj")
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": [1]}))
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    keys = ["model.layers.0.block_sparse_moe.experts.0.w1", "model.layers.1.block_sparse_moe.experts.0.w1"]
+    fields = {"target_modules": ["w1"], "layers_to_transform": [0], "layers_pattern": "layers"}
+    assert [bool(check_target_module_exists(SimpleNamespace(**fields), key)) for key in keys] == [True, False]
+    save_file({f"base_model.model.{key}.lora_{part}.weight": torch.ones(2, 2) for key in keys for part in "AB"},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, **fields}))
+    with pytest.raises(InvalidInputError) as refused:
+        read_adapter(tmp_path)
+    assert str(refused.value).endswith(f"module '{keys[1]}' has LoRA weights that the config's layers_to_transform "
+                                       "leaves out: PEFT would load the adapter without them; correct the config, or "
+                                       "remove the module's tensors")
+
+
+ADALORA_SCHEDULE = {"init_r": 4, "target_r": 4, "total_step": 10}
+
+
+@pytest.mark.parametrize("method", ["LoraConfig", "AdaLoraConfig"])
+def test_a_regex_with_layers_is_refused_as_peft_refuses_it(method, llama, tmp_path):
+    """LoraConfig, and AdaLoraConfig with it, refuse layers_to_transform beside a target_modules regex; read with the
+    regex alone, a config edited so (to leave a layer out) merged every layer."""
+    import peft
+
+    settings = ADALORA_SCHEDULE if method == "AdaLoraConfig" else {"r": 4}
     with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
-        PeftModel.from_pretrained(factories.load_model(llama), path)
+        getattr(peft, method)(**settings, target_modules=".*q_proj", layers_to_transform=[1])
+    torch.manual_seed(0)
+    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(**settings, target_modules=".*q_proj")
+                        ).save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": [1]}))
     with pytest.raises(InvalidInputError, match=r"adapter_config.json: config layers_to_transform=\[1\] beside "
                                                 r"target_modules '\.\*q_proj', a regex: PEFT's LoraConfig refuses that"):
-        read_adapter(path)
+        read_adapter(tmp_path / "a")
 
 
 @pytest.mark.parametrize("method, fields, edited", [
@@ -374,9 +401,6 @@ def test_targeting_fields_a_method_does_not_use_are_not_applied(method, fields, 
                if isinstance(layer, BaseTunerLayer)]
     assert len(wrapped) == 4
     assert sorted(read_adapter(tmp_path / "a").modules) == sorted(wrapped)
-
-
-ADALORA_SCHEDULE = {"init_r": 4, "target_r": 4, "total_step": 10}
 
 
 @pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig"])
