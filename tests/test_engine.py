@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from engine_helpers import adapter_of, reference64, ulps
 from factories import (conv_embedding_model, load_model, peft_adapter, peft_delta_weights, roberta_classifier_adapter,
-                       save_state_dict, tiny_gpt2, tiny_llama)
+                       save_state_dict, tiny_gpt2, tiny_llama, tiny_transformers)
 from loraops import engine, formats
 from loraops.adapter import LoraModule
 from loraops.basemodel import BaseModel
@@ -120,12 +120,22 @@ def test_weighted_adapters_with_negative_weight_match_peft_cat(tmp_path, llama_b
     assert_parity(ours, peft_state, base_state, terms)
 
 
-def test_gpt2_fan_in_fan_out_matches_peft(tmp_path):
-    base = tiny_gpt2(tmp_path / "gpt2")
-    kwargs = {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}
+@pytest.mark.parametrize("cross_attention", [False, True])
+def test_gpt2_fan_in_fan_out_matches_peft(cross_attention, tmp_path):
+    """GPT-2's Conv1D layers, with cross-attention (a GPT-2 decoder of an encoder-decoder model) its square q_attn too,
+    which only its name tells from an nn.Linear (formats.common.CONV1D_LAYERS)."""
+    if cross_attention:
+        base = tiny_transformers(tmp_path / "gpt2", "gpt2", "GPT2LMHeadModel", n_embd=64, n_layer=2, n_head=4,
+                                 vocab_size=128, n_positions=64, add_cross_attention=True)
+    else:
+        base = tiny_gpt2(tmp_path / "gpt2")
+    kwargs = {"target_modules": ["c_attn", "c_proj", "c_fc", *(["q_attn"] if cross_attention else [])],
+              "fan_in_fan_out": True}
     ours, peft_state, base_state, terms = peft_case(tmp_path, base, {"a": kwargs}, {"a": 1.0})
     assert any(m.fan_in_fan_out for ts in terms.values() for m, _ in ts)
     assert_parity(ours, peft_state, base_state, terms)
+    for name in terms:  # (the parity's reference is our modules': it cannot see an orientation they all share)
+        torch.testing.assert_close(ours[name], peft_state[name], rtol=0, atol=1e-5, msg=name)
 
 
 class LinearsNamedLikeConv1D(torch.nn.Module):

@@ -299,8 +299,13 @@ def test_layers_left_out_by_an_edited_config_are_refused_not_merged(llama, tmp_p
     (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": [1]}))
     loaded = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(llama), path))
     assert sorted(loaded) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    # (no note on PEFT's old greedy layer regex: it took layer 0 too, and a module another field leaves out is not its)
     with pytest.raises(InvalidInputError, match="'model.layers.0.self_attn.q_proj' has LoRA weights that the config's "
-                                                "layers_to_transform leaves out"):
+                                                "layers_to_transform leaves out: .* remove the module's tensors$"):
+        read_adapter(path)
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": [0, 1], "target_modules": ["q_proj"]}))
+    with pytest.raises(InvalidInputError, match="'model.layers.0.self_attn.v_proj' has LoRA weights that the config's "
+                                                "target_modules leaves out: .* remove the module's tensors$"):
         read_adapter(path)
     with pytest.raises(InvalidInputError, match="config layers_to_transform='1' is none of the values PEFT takes"):
         (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": "1"}))
@@ -337,19 +342,46 @@ def test_a_moe_adapter_of_the_old_greedy_layer_regex_is_refused_saying_so(versio
     assert sorted(read_adapter(tmp_path).modules) == keys
 
 
-def test_a_regex_with_layers_is_refused_as_peft_refuses_it(llama, tmp_path):
-    """LoraConfig refuses layers_to_transform beside a target_modules regex; read with the regex alone, a config edited
-    so (to leave a layer out) merged every layer."""
-    from peft import PeftModel
+def test_a_moe_module_left_out_under_a_layers_pattern_gets_no_greedy_regex_note(tmp_path):
+    """With layers_pattern PEFT's layer regex, old and new, takes the number after the pattern (the layer's, 1 here):
+    such an adapter never held the module, so the refusal does not say the old regex took the expert's index."""
+    from types import SimpleNamespace
 
-    path = factories.peft_adapter(llama, tmp_path / "a", target_modules=".*q_proj")
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": [1]}))
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    keys = ["model.layers.0.block_sparse_moe.experts.0.w1", "model.layers.1.block_sparse_moe.experts.0.w1"]
+    fields = {"target_modules": ["w1"], "layers_to_transform": [0], "layers_pattern": "layers"}
+    assert [bool(check_target_module_exists(SimpleNamespace(**fields), key)) for key in keys] == [True, False]
+    save_file({f"base_model.model.{key}.lora_{part}.weight": torch.ones(2, 2) for key in keys for part in "AB"},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, **fields}))
+    with pytest.raises(InvalidInputError) as refused:
+        read_adapter(tmp_path)
+    assert str(refused.value).endswith(f"module '{keys[1]}' has LoRA weights that the config's layers_to_transform "
+                                       "leaves out: PEFT would load the adapter without them; correct the config, or "
+                                       "remove the module's tensors")
+
+
+ADALORA_SCHEDULE = {"init_r": 4, "target_r": 4, "total_step": 10}
+
+
+@pytest.mark.parametrize("method", ["LoraConfig", "AdaLoraConfig"])
+def test_a_regex_with_layers_is_refused_as_peft_refuses_it(method, llama, tmp_path):
+    """LoraConfig, and AdaLoraConfig with it, refuse layers_to_transform beside a target_modules regex; read with the
+    regex alone, a config edited so (to leave a layer out) merged every layer."""
+    import peft
+
+    settings = ADALORA_SCHEDULE if method == "AdaLoraConfig" else {"r": 4}
     with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
-        PeftModel.from_pretrained(factories.load_model(llama), path)
+        getattr(peft, method)(**settings, target_modules=".*q_proj", layers_to_transform=[1])
+    torch.manual_seed(0)
+    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(**settings, target_modules=".*q_proj")
+                        ).save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "layers_to_transform": [1]}))
     with pytest.raises(InvalidInputError, match=r"adapter_config.json: config layers_to_transform=\[1\] beside "
                                                 r"target_modules '\.\*q_proj', a regex: PEFT's LoraConfig refuses that"):
-        read_adapter(path)
+        read_adapter(tmp_path / "a")
 
 
 @pytest.mark.parametrize("method, fields, edited", [
@@ -376,16 +408,23 @@ def test_targeting_fields_a_method_does_not_use_are_not_applied(method, fields, 
     assert sorted(read_adapter(tmp_path / "a").modules) == sorted(wrapped)
 
 
-@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "VeraConfig"])
-def test_ensure_weight_tying_is_no_field_of_loha_lokr_vera(method, llama, tmp_path):
+@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "VeraConfig", "AdaLoraConfig"])
+def test_ensure_weight_tying_adds_no_module_beside_the_targeting_but_in_a_lora(method, llama, tmp_path):
     """ensure_weight_tying is a LoraConfig field (LoHaConfig(ensure_weight_tying=True) is a TypeError): in a LoHa, LoKr
-    or VeRA config PEFT drops it (a warning) and wraps what the targeting selects, no more. It made loraops skip the
-    targeting check, so a module the config leaves out was read, merged and exported."""
+    or VeRA config PEFT drops it (a warning) and wraps what the targeting selects, no more. AdaLoraConfig inherits it,
+    but the only layers it adds are those tied to a targeted embedding, and AdaLoRA wraps no embedding (PEFT refuses
+    the config). It made loraops skip the targeting check, so a module the config leaves out was read, merged and
+    exported."""
     import peft
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    settings = ADALORA_SCHEDULE if method == "AdaLoraConfig" else {"r": 4}
+    if method == "AdaLoraConfig":
+        with pytest.raises(ValueError, match="Target module Embedding.* is not supported"):
+            peft.get_peft_model(factories.load_model(llama), peft.AdaLoraConfig(
+                **settings, target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True))
     torch.manual_seed(0)
-    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(r=4, target_modules=["q_proj", "k_proj"])
+    peft.get_peft_model(factories.load_model(llama), getattr(peft, method)(**settings, target_modules=["q_proj", "k_proj"])
                         ).save_pretrained(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(

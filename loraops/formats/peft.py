@@ -70,7 +70,7 @@ def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
 
 LORA_CONFIG_TYPES = ("LORA", "ADALORA")
 """The peft_types whose config is a LoraConfig (AdaLoraConfig subclasses it): PEFT drops the fields only LoraConfig has
-(layers beside a regex checked, ensure_weight_tying) from the other methods' configs, with a warning."""
+(layers beside a regex checked) from the other methods' configs, with a warning."""
 
 
 def is_factor_key(key: str) -> bool:
@@ -210,7 +210,8 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
     per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying (PEFT also wraps, whatever the
     targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors; a LoHa,
-    LoKr or VeRA config has no such field, PEFT drops it)."""
+    LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
+    so PEFT refuses a config that targets one and no tied layer is added)."""
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
     targets, layers, patterns = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps the modules it names
@@ -221,7 +222,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
                 raise InvalidInputError(f"{path}: config {name}={value!r} beside target_modules {targets!r}, a regex: "
                                         f"PEFT's LoraConfig refuses that ({name} selects among a list of names)")
     patterns = patterns or None
-    tying = cfg.get("ensure_weight_tying") and peft_type in LORA_CONFIG_TYPES
+    tying = cfg.get("ensure_weight_tying") and peft_type == "LORA"
     if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or tying:
         return
     for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
