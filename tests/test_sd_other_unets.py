@@ -233,6 +233,24 @@ def test_a_diffusers_sdxl_lora_is_written_to_kohya_under_sdxl_names_or_refused(t
         ["lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_mid_block_attentions_0_proj_in"], "")
 
 
+def test_a_diffusers_sdxl_loras_first_text_encoder_alone_is_lora_te1_as_bound_to_its_checkpoint(tmp_path):
+    """A diffusers SDXL LoRA (its UNet says SDXL) on the first text encoder but not the second was written to kohya
+    under SDXL's UNet names and header beside SD 1.x's lora_te_, where sd-scripts (and loraops bound to the SDXL
+    checkpoint) name SDXL's first encoder lora_te1_."""
+    from loraops.st import read_header
+
+    lora = diffusers_lora(tmp_path / "sdxl.safetensors", {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (16, 16),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (12, 12)})
+    code, text = run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 0, text
+    header = read_header(tmp_path / "k.safetensors")
+    assert sorted(k.removesuffix(".lora_up.weight") for k in header.tensors if k.endswith(".lora_up.weight")) == [
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"]
+    assert header.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
 @pytest.mark.parametrize("layout,width,version", [("sd15", 768, "sd_v1"), ("sd15", 1024, "sd_v2_v"),
                                                   ("sdxl", 16, "sdxl_base_v1-0"), ("x4", 16, "")])
 def test_a_pipelines_unet_says_its_version_as_the_checkpoints_does(layout, width, version):
