@@ -123,6 +123,38 @@ def test_stable_video_diffusion_is_no_sdxl_and_gets_no_diffusers_names(tmp_path)
     assert not written.exists()
 
 
+@pytest.mark.parametrize("kind", ["svd", "x4"])
+def test_a_pipeline_of_svd_or_the_x4_upscaler_is_extracted_as_any_pipeline_is(tmp_path, kind):
+    """A diffusers pipeline of one of OTHER_UNETS is no single-file checkpoint: extract writes PEFT by default under
+    its own names, as for any pipeline (an SVD pipeline was refused: its diffusers UNet modules have no checkpoint
+    path for the kohya names extract then defaulted to; the x4 upscaler's was written as kohya)."""
+    import json
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    if kind == "svd":
+        torch.manual_seed(0)
+        state = UNetSpatioTemporalConditionModel(
+            sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+            cross_attention_dim=16, num_attention_heads=(2, 2), projection_class_embeddings_input_dim=12,
+            addition_time_embed_dim=4, down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")).state_dict()
+    else:
+        state = dict(tiny_unet("x4").values())
+    module = f"down_blocks.{0 if kind == 'svd' else 1}.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert f"{module}.weight" in state
+    for name, bump in (("base", 0.0), ("tuned", 0.1)):
+        (tmp_path / name / "unet").mkdir(parents=True)
+        save_file({k: v + bump if k == f"{module}.weight" else v for k, v in state.items()},
+                  str(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors"))
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet"]}))
+    assert ldm.other_unet(f"unet.{k}" for k in state) is not None  # (its UNet is told)
+    code, out = run("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", "1",
+                    "-o", tmp_path / "x")
+    assert code == 0, out
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
 def test_an_x4_upscaler_unet_alone_is_extracted_under_its_paths_with_no_version(tmp_path):
     """The x4 upscaler's UNet alone was SDXL's by its structure (attention in the first output level): header
     sdxl_base_v1-0. Its kohya names are its checkpoint paths, what ComfyUI applies to it; no version, and an adapter of
