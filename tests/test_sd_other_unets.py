@@ -67,6 +67,13 @@ def test_the_x4_upscaler_and_audioldm_are_no_sd_or_sdxl_and_keep_their_diffusers
         key: source.removesuffix(".weight") for key, source in sources.items()}
 
     assert ldm.other_unet(original).name == {"x4": "SD x4 upscaler", "audioldm": "AudioLDM"}[kind]
+    # told by its own module alone (an adapter bound to it), and its pipeline's UNet the same (AudioLDM's by its
+    # class_embedding's bias: its fourth level widens as the upscaler's does)
+    assert ldm.other_unet([own]) == ldm.other_unet([f"unet.{key}" for key, _ in original.values()]) == \
+        ldm.other_unet(original)
+    # its class_embedding is the upscaler's label_emb or AudioLDM's film_emb: no checkpoint path by the name alone
+    modules = {f"unet.{key.rsplit('.', 1)[0]}" for key, _ in original.values()}
+    assert set(ldm.checkpoint_paths(modules)) == modules - {"unet.class_embedding"}
     assert ldm.is_sdxl(original) is None
     assert ldm.sd_scripts_metadata(original) == {ldm.OTHER_UNET_KEY: ldm.other_unet(original).name}
     # beside a cond_stage_model. (the upscaler's OpenCLIP-H, AudioLDM's CLAP) it was SD 2.x's sd_v2_v
