@@ -433,6 +433,11 @@ def test_a_diffusers_unet_of_other_blocks_is_judged_by_none_of_sds_rules(tmp_pat
     attention = "unet.up_blocks.0.attentions.0.to_q"
     assert f"{attention}.weight" in manifest
     assert ldm.checkpoint_paths(manifest, whole=True) == {}
+    # its resnets alone (a conv LoRA of it) neither: a third resnet in a down level, a fourth in an up level
+    resnets = [name for name in manifest if ".resnets." in name]
+    assert {".resnets.2.", ".resnets.3."} <= {name[name.index(".resnets."):][:11] for name in resnets}
+    for level in ("unet.down_blocks.", "unet.up_blocks."):
+        assert ldm.checkpoint_paths(name for name in resnets if name.startswith(level)) == {}
     assert ldm.is_sdxl(manifest) is None and ldm.sd_scripts_metadata(manifest) == {}
     lora = diffusers_lora(tmp_path / "if.safetensors", {attention: (16, 16)})
     code, out = run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors")
