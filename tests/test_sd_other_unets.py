@@ -67,6 +67,13 @@ def test_the_x4_upscaler_and_audioldm_are_no_sd_or_sdxl_and_keep_their_diffusers
         key: source.removesuffix(".weight") for key, source in sources.items()}
 
     assert ldm.other_unet(original).name == {"x4": "SD x4 upscaler", "audioldm": "AudioLDM"}[kind]
+    # told by its own module alone (an adapter bound to it), and its pipeline's UNet the same (AudioLDM's by its
+    # class_embedding's bias: its fourth level widens as the upscaler's does)
+    assert ldm.other_unet([own]) == ldm.other_unet([f"unet.{key}" for key, _ in original.values()]) == \
+        ldm.other_unet(original)
+    # its class_embedding is the upscaler's label_emb or AudioLDM's film_emb: no checkpoint path by the name alone
+    modules = {f"unet.{key.rsplit('.', 1)[0]}" for key, _ in original.values()}
+    assert set(ldm.checkpoint_paths(modules)) == modules - {"unet.class_embedding"}
     assert ldm.is_sdxl(original) is None
     assert ldm.sd_scripts_metadata(original) == {ldm.OTHER_UNET_KEY: ldm.other_unet(original).name}
     # beside a cond_stage_model. (the upscaler's OpenCLIP-H, AudioLDM's CLAP) it was SD 2.x's sd_v2_v
@@ -121,6 +128,38 @@ def test_stable_video_diffusion_is_no_sdxl_and_gets_no_diffusers_names(tmp_path)
         "modules of Stable Video Diffusion's UNet, whose diffusers names are not SD's (loraops translates no other): "
         "write it as kohya or peft (its checkpoint's own names)"]), out
     assert not written.exists()
+
+
+@pytest.mark.parametrize("kind", ["svd", "x4"])
+def test_a_pipeline_of_svd_or_the_x4_upscaler_is_extracted_as_any_pipeline_is(tmp_path, kind):
+    """A diffusers pipeline of one of OTHER_UNETS is no single-file checkpoint: extract writes PEFT by default under
+    its own names, as for any pipeline (an SVD pipeline was refused: its diffusers UNet modules have no checkpoint
+    path for the kohya names extract then defaulted to; the x4 upscaler's was written as kohya)."""
+    import json
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    if kind == "svd":
+        torch.manual_seed(0)
+        state = UNetSpatioTemporalConditionModel(
+            sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+            cross_attention_dim=16, num_attention_heads=(2, 2), projection_class_embeddings_input_dim=12,
+            addition_time_embed_dim=4, down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")).state_dict()
+    else:
+        state = dict(tiny_unet("x4").values())
+    module = f"down_blocks.{0 if kind == 'svd' else 1}.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert f"{module}.weight" in state
+    for name, bump in (("base", 0.0), ("tuned", 0.1)):
+        (tmp_path / name / "unet").mkdir(parents=True)
+        save_file({k: v + bump if k == f"{module}.weight" else v for k, v in state.items()},
+                  str(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors"))
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet"]}))
+    assert ldm.other_unet(f"unet.{k}" for k in state) is not None  # (its UNet is told)
+    code, out = run("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", "1",
+                    "-o", tmp_path / "x")
+    assert code == 0, out
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 def test_an_x4_upscaler_unet_alone_is_extracted_under_its_paths_with_no_version(tmp_path):
@@ -231,6 +270,24 @@ def test_a_diffusers_sdxl_lora_is_written_to_kohya_under_sdxl_names_or_refused(t
                                                           "unet.mid_block.attentions.0.proj_in": (16, 16)})
     assert kohya(sd15, tmp_path / "k4.safetensors") == (
         ["lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_mid_block_attentions_0_proj_in"], "")
+
+
+def test_a_diffusers_sdxl_loras_first_text_encoder_alone_is_lora_te1_as_bound_to_its_checkpoint(tmp_path):
+    """A diffusers SDXL LoRA (its UNet says SDXL) on the first text encoder but not the second was written to kohya
+    under SDXL's UNet names and header beside SD 1.x's lora_te_, where sd-scripts (and loraops bound to the SDXL
+    checkpoint) name SDXL's first encoder lora_te1_."""
+    from loraops.st import read_header
+
+    lora = diffusers_lora(tmp_path / "sdxl.safetensors", {
+        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (16, 16),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (12, 12)})
+    code, text = run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 0, text
+    header = read_header(tmp_path / "k.safetensors")
+    assert sorted(k.removesuffix(".lora_up.weight") for k in header.tensors if k.endswith(".lora_up.weight")) == [
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"]
+    assert header.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
 @pytest.mark.parametrize("layout,width,version", [("sd15", 768, "sd_v1"), ("sd15", 1024, "sd_v2_v"),
@@ -376,6 +433,11 @@ def test_a_diffusers_unet_of_other_blocks_is_judged_by_none_of_sds_rules(tmp_pat
     attention = "unet.up_blocks.0.attentions.0.to_q"
     assert f"{attention}.weight" in manifest
     assert ldm.checkpoint_paths(manifest, whole=True) == {}
+    # its resnets alone (a conv LoRA of it) neither: a third resnet in a down level, a fourth in an up level
+    resnets = [name for name in manifest if ".resnets." in name]
+    assert {".resnets.2.", ".resnets.3."} <= {name[name.index(".resnets."):][:11] for name in resnets}
+    for level in ("unet.down_blocks.", "unet.up_blocks."):
+        assert ldm.checkpoint_paths(name for name in resnets if name.startswith(level)) == {}
     assert ldm.is_sdxl(manifest) is None and ldm.sd_scripts_metadata(manifest) == {}
     lora = diffusers_lora(tmp_path / "if.safetensors", {attention: (16, 16)})
     code, out = run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors")
