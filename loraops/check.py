@@ -238,7 +238,7 @@ _LM_WRAPPER = re.compile(r"^(?:(?P<owner>(?:.+\.)?)(?:model|transformer|backbone
 TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder", "thinker_config")
 # model types whose config derives the decoder's output scaling (d_model**-0.5 before the head) from
 # tie_word_embeddings when it does not say scale_decoder_outputs (configs saved before transformers 5): a T5 as
-# InstructBLIP's or BLIP-2's text_config
+# InstructBLIP's text_config (BLIP-2's config says is_encoder_decoder at the top: not untied)
 SCALES_BY_TIE = ("t5", "umt5", "longt5", "pop2piano")
 
 
