@@ -852,7 +852,11 @@ def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int
         # (PEFT's vera_A[:, :in]): the head's inputs are any up to that width, the widest first (lowrank.fit_inputs)
         heads += sorted({tuple(info.shape) for info in manifest.values() if len(info.shape) == 2
                          and info.shape[0] == module.out_features and info.shape[1] < module.in_features}, reverse=True)
-    source = next((found for head in heads if (found := tied_head_source(module.weight_name, head, manifest))), None)
+    sources = [found for head in heads if (found := tied_head_source(module.weight_name, head, manifest))]
+    # the head's own model's embeddings before wider ones elsewhere (InstructBLIP's Q-Former's), as tied_head_source
+    # prefers them among embeddings of one shape
+    owner = module.weight_name.removesuffix(".weight").rpartition(".")[0]
+    source = min(sources, key=lambda found: not found.startswith(owner), default=None)
     return None if source is None else tuple(manifest[source].shape)
 
 
