@@ -238,7 +238,7 @@ _LM_WRAPPER = re.compile(r"^(?:(?P<owner>(?:.+\.)?)(?:model|transformer|backbone
 TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder", "thinker_config")
 # model types whose config derives the decoder's output scaling (d_model**-0.5 before the head) from
 # tie_word_embeddings when it does not say scale_decoder_outputs (configs saved before transformers 5): a T5 as
-# InstructBLIP's or BLIP-2's text_config
+# InstructBLIP's text_config (BLIP-2's config says is_encoder_decoder at the top: not untied)
 SCALES_BY_TIE = ("t5", "umt5", "longt5", "pop2piano")
 
 
@@ -859,7 +859,11 @@ def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int
         # (PEFT's vera_A[:, :in]): the head's inputs are any up to that width, the widest first (lowrank.fit_inputs)
         heads += sorted({tuple(info.shape) for info in manifest.values() if len(info.shape) == 2
                          and info.shape[0] == module.out_features and info.shape[1] < module.in_features}, reverse=True)
-    source = next((found for head in heads if (found := tied_head_source(module.weight_name, head, manifest))), None)
+    sources = [found for head in heads if (found := tied_head_source(module.weight_name, head, manifest))]
+    # the head's own model's embeddings before wider ones elsewhere (InstructBLIP's Q-Former's), as tied_head_source
+    # prefers them among embeddings of one shape
+    owner = module.weight_name.removesuffix(".weight").rpartition(".")[0]
+    source = min(sources, key=lambda found: not found.startswith(owner), default=None)
     return None if source is None else tuple(manifest[source].shape)
 
 

@@ -605,6 +605,42 @@ def test_a_module_bound_to_a_tied_head_or_a_fused_part(tmp_path, case, method):
         torch.testing.assert_close(merged, outputs(adapter), atol=1e-5, rtol=1e-5)
 
 
+def test_a_vera_tied_head_binds_to_its_own_model_s_embeddings(tmp_path):
+    """A VeRA module on an unstored tied head takes vera_A's first columns, as many as the embeddings it is tied to
+    are wide: those of the head's own model (InstructBLIP's language model), not wider ones elsewhere with as many
+    rows (its Q-Former's word embeddings, here of the same vocabulary size), which it was bound to (the merged head
+    Q-Former-wide, a model transformers does not load). Merged: PEFT's adapted model's logits."""
+    from peft import PeftModel
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration as cls
+
+    from loraops.basemodel import BaseModel
+
+    config = InstructBlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=16, patch_size=8),
+        qformer_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                            vocab_size=128, encoder_hidden_size=32),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True),
+        num_query_tokens=4, image_token_index=120)
+    torch.manual_seed(0)
+    cls._from_config(config).save_pretrained(tmp_path / "base")
+    # (down_proj: vera_A 128 wide, wider than both embeddings)
+    adapter = vera_adapter(None, tmp_path / "a", model=cls.from_pretrained(tmp_path / "base"),
+                           targets=["language_model.lm_head", "down_proj"])
+    bound = bind(formats.read_adapter(adapter), BaseModel.open(tmp_path / "base").tensors)
+    assert bound.modules["language_model.lm_head"].weight_shape == (128, 32)
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(pixel_values=PIXELS, qformer_input_ids=TOKENS[:, :6],
+                                input_ids=torch.cat([torch.full((1, 4), 120), TOKENS[:, :6]], 1)).logits
+
+    engine.merge(tmp_path / "base", [(formats.read_adapter(adapter), 1.0)], tmp_path / "merged", progress=False)
+    expected = logits(PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), adapter))
+    torch.testing.assert_close(logits(cls.from_pretrained(tmp_path / "merged")), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["adalora", "vera"])
 def test_show_after_the_base_is_removed(tmp_path, bases, method):
     """An adapter registered with its base keeps the module rows its base gave it when the base is removed

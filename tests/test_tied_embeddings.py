@@ -874,21 +874,24 @@ def instructblip_logits(model):
                             decoder_input_ids=TOKENS[:, 6:11] % 100 + 3).logits
 
 
-@pytest.mark.parametrize("saves_scaling", [True, False])
-def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, saves_scaling):
+@pytest.mark.parametrize("scaling", ["saved", "derived", "saved off"])
+def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling):
     """InstructBLIP with a T5 language model, its head tied to language_model.shared: T5's config scales the
     decoder's output by d_model**-0.5 when tied, read from tie_word_embeddings where the config does not say
     scale_decoder_outputs (saved before transformers 5). A LoRA on the head unties it; the merged config says the
     scaling as the base's config read it, so the merged model computes what PEFT's merge_and_unload of the head
-    untied in memory computes, and what PEFT's adapted model computes."""
+    untied in memory computes, and what PEFT's adapted model computes. ("saved off": a T5 made with
+    tie_word_embeddings false, as T5 v1.1 and FLAN-T5 are, which transformers 5 saves tied, its scaling off.)"""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration as cls
 
     torch.manual_seed(0)
-    cls._from_config(InstructBlipConfig(**_INSTRUCTBLIP_T5)).save_pretrained(tmp_path / "base")
+    text_config = {**_INSTRUCTBLIP_T5["text_config"], **({"tie_word_embeddings": False} if scaling == "saved off" else {})}
+    cls._from_config(InstructBlipConfig(**{**_INSTRUCTBLIP_T5, "text_config": text_config})).save_pretrained(tmp_path / "base")
     config = json.loads((tmp_path / "base" / "config.json").read_text())
-    assert config["text_config"]["scale_decoder_outputs"] is True
-    if not saves_scaling:
+    scales = scaling != "saved off"
+    assert (config["text_config"]["tie_word_embeddings"], config["text_config"]["scale_decoder_outputs"]) == (True, scales)
+    if scaling == "derived":
         del config["text_config"]["scale_decoder_outputs"]
         (tmp_path / "base" / "config.json").write_text(json.dumps(config))
     torch.manual_seed(1)
@@ -908,7 +911,40 @@ def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, saves_scalin
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(instructblip_logits(merged), expected, atol=1e-5, rtol=1e-5)
     text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
-    assert (text["tie_word_embeddings"], text["scale_decoder_outputs"]) == (False, True)
+    assert (text["tie_word_embeddings"], text["scale_decoder_outputs"]) == (False, scales)
+
+
+def test_untied_keeps_the_output_scaling_each_config_reads():
+    """untied writes scale_decoder_outputs where transformers derives it from tie_word_embeddings (the T5 family,
+    SCALES_BY_TIE: every config class of the installed transformers that has the attribute), as that config read it:
+    a level saying it keeps it, one saying false (T5 v1.1, FLAN-T5, a T5 saved by transformers 5 from one) keeps
+    false, and no other model type gets the key."""
+    from transformers import CONFIG_MAPPING
+
+    from loraops.check import SCALES_BY_TIE, untied
+
+    def scales(model_type):
+        try:
+            return hasattr(CONFIG_MAPPING[model_type](), "scale_decoder_outputs")
+        except Exception:  # (a few configs have no valid defaults: none of the T5 family)
+            return False
+
+    scaling = {mt for mt in CONFIG_MAPPING if scales(mt)}
+    assert scaling == set(SCALES_BY_TIE)
+    absent = object()
+    for model_type in [*SCALES_BY_TIE, "mt5", "switch_transformers", "llama"]:
+        for tie in (absent, True, False):
+            for scale in (absent, True, False):
+                level = {"model_type": model_type, **({} if tie is absent else {"tie_word_embeddings": tie}),
+                         **({} if scale is absent else {"scale_decoder_outputs": scale})}
+                written = untied({"text_config": level})["text_config"]
+                assert written["tie_word_embeddings"] is False
+                if model_type not in scaling:
+                    assert written == {**level, "tie_word_embeddings": False}
+                    continue
+                cls = CONFIG_MAPPING[model_type]
+                assert (cls.from_dict(written).scale_decoder_outputs == cls.from_dict(level).scale_decoder_outputs), \
+                    (level, written)
 
 
 _OMNI_THINKER = dict(
