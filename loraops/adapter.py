@@ -123,6 +123,10 @@ class LoraModule:
     formats.lowrank): a VeRA layer takes the first in_features columns of the shared vera_A, so its A is still all of
     vera_A (cut when bound); an AdaLoRA Conv2d's A is stored r × in·kh·kw, read as a Linear's (made the conv when
     bound: check.fit_kind)."""
+    orientation_known: bool = True
+    """False for a PEFT module named as a Conv1D layer whose fan_in_fan_out neither its config nor its adapter settles
+    (formats.peft.settled_orientation): whether W holds B·A or (B·A)ᵀ is its base layer's class, said when bound
+    (check.fit_orientation). Until then it cannot be written in a layout that fixes orientation (kohya, diffusers)."""
 
     @property
     def dora(self) -> bool:

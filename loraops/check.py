@@ -686,7 +686,9 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
         transposed = False
     elif out_f == in_f:  # the shape cannot tell: the layer's class (PEFT sets a Linear's flag false, a Conv1D's true)
         transposed = conv1d_layer
-    return module if transposed == module.fan_in_fan_out else replace(module, fan_in_fan_out=transposed)
+    if transposed == module.fan_in_fan_out and module.orientation_known:
+        return module
+    return replace(module, fan_in_fan_out=transposed, orientation_known=True)
 
 
 def fit_kind(module: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:

@@ -374,3 +374,108 @@ def test_layers_pattern_without_layers_to_transform_is_not_written(llama, tmp_pa
     assert loaded.keys() == expected.keys() and len(loaded) == 4
     for name, delta in loaded.items():
         torch.testing.assert_close(delta, expected[name], rtol=0, atol=0)
+
+
+GPT2_HEAD_TARGETS = r".*(c_attn|attn\.c_proj|lm_head)"
+
+
+def conv1d_family(tmp_path, model_type, cls_name, targets, **config):
+    """A tiny untied ``model_type`` base, a PEFT LoRA on ``targets`` made by PEFT, and PEFT's own delta of each
+    module in the base weight's layout (what its merge_and_unload adds)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = config or dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    base = factories.tiny_transformers(tmp_path / "base", model_type, cls_name, vocab_size=128,
+                                       tie_word_embeddings=False, **config)
+    torch.manual_seed(1)
+    get_peft_model(factories.load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                          init_lora_weights=False)).save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    deltas = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a"))
+    return base, tmp_path / "a", deltas
+
+
+def assert_peft_deltas(adapter, deltas):
+    """``adapter`` (a kohya file read back and bound) adds PEFT's delta to every base tensor."""
+    assert sorted(adapter.modules) == sorted(deltas)
+    for name, module in adapter.modules.items():
+        torch.testing.assert_close(module.delta(), deltas[name], **TOL, msg=name)
+
+
+def test_unbound_gpt2_adapter_with_a_head_is_refused_as_kohya_or_diffusers(tmp_path):
+    """PEFT saves a GPT-2 LoRA on c_attn, attn.c_proj and lm_head with fan_in_fan_out false (lm_head's, wrapped last),
+    and its factors are shaped as an nn.Linear's would be: unbound, nothing says its Conv1D modules are transposed.
+    Written to kohya it held the square c_proj's ΔW untransposed (merged, c_proj got ΔWᵀ, not PEFT's ΔW); now it is
+    refused in one line asking for a base, and bound to one it is written with PEFT's deltas."""
+    from loraops.errors import UnsupportedAdapterError
+
+    base, folder, deltas = conv1d_family(tmp_path, "gpt2", "GPT2LMHeadModel", GPT2_HEAD_TARGETS)
+    assert json.loads((folder / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    adapter = read_adapter(folder)
+    for fmt in ("kohya", "diffusers"):
+        with pytest.raises(UnsupportedAdapterError, match=rf"attn\.c_attn.*only their base says.*--base.* as {fmt}$"):
+            write_adapter(adapter, tmp_path / f"{fmt}.safetensors", fmt)
+        assert not (tmp_path / f"{fmt}.safetensors").exists()
+    write_adapter(adapter, tmp_path / "p")  # as PEFT: PEFT itself decides per layer
+    bound = bind(adapter, manifest(base))
+    kohya = write_adapter(bound, tmp_path / "kohya.safetensors", "kohya")
+    assert_peft_deltas(bind(read_adapter(kohya), manifest(base)), deltas)
+    # a combination of unbound inputs keeps the doubt (its modules announce it), bound it has none
+    both, _ = algebra.combine([(adapter, 1.0), (adapter, 1.0)], "cat")
+    with pytest.raises(UnsupportedAdapterError, match="--base"):
+        write_adapter(both, tmp_path / "both.safetensors", "kohya")
+    write_adapter(algebra.combine([(bound, 1.0), (bound, 1.0)], "cat")[0], tmp_path / "both.safetensors", "kohya")
+
+
+def test_bare_gpt2_file_is_refused_as_kohya_unbound(tmp_path):
+    """A bare PEFT file (no config, no flag) of Conv1D-named modules: whether they are GPT-2's Conv1D or GPT-BigCode's
+    nn.Linear, only the base says (before: written untransposed, GPT-2's c_attn then misfit its base in×out and its
+    square c_proj merged ΔWᵀ). Kohya and diffusers files written of it bound hold PEFT's deltas."""
+    import shutil
+
+    from loraops.errors import UnsupportedAdapterError
+
+    base, folder, deltas = conv1d_family(tmp_path, "gpt2", "GPT2LMHeadModel", ["c_attn", "c_proj"])
+    shutil.copy(folder / "adapter_model.safetensors", tmp_path / "bare.safetensors")
+    bare = read_adapter(tmp_path / "bare.safetensors", alpha=8)
+    for fmt in ("kohya", "diffusers"):
+        with pytest.raises(UnsupportedAdapterError, match="--base"):
+            write_adapter(bare, tmp_path / f"{fmt}.safetensors", fmt)
+        written = write_adapter(bind(bare, manifest(base)), tmp_path / f"{fmt}.safetensors", fmt)
+        assert_peft_deltas(bind(read_adapter(written), manifest(base)), deltas)
+    # with its config (fan_in_fan_out true: PEFT saw a Conv1D) it is settled unbound
+    kohya = write_adapter(read_adapter(folder), tmp_path / "k2.safetensors", "kohya")
+    assert_peft_deltas(bind(read_adapter(kohya), manifest(base)), deltas)
+
+
+BIGCODE = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)
+
+
+@pytest.mark.parametrize("model_type, cls_name, config", [
+    ("gpt_bigcode", "GPTBigCodeForCausalLM", {**BIGCODE, "multi_query": False}),
+    ("gpt_bigcode", "GPTBigCodeForCausalLM", {**BIGCODE, "multi_query": True}),
+    ("gpt_neo", "GPTNeoForCausalLM", dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global"], 2]],
+                                          max_position_embeddings=64)),
+    ("starcoder2", "Starcoder2ForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=64)),
+])
+def test_linear_family_under_conv1d_names_is_settled_unbound_unless_a_head_is_targeted(model_type, cls_name, config,
+                                                                                      tmp_path):
+    """GPT-BigCode, GPT-Neo and Starcoder2 keep nn.Linear layers under Conv1D names (c_attn, c_proj, c_fc; GPT-Neo's
+    and Starcoder2's MLP): PEFT saves false, and with no other layer targeted that false is theirs, so the adapter is
+    written as kohya unbound with PEFT's deltas. With another linear layer targeted too (lm_head, attention's q_proj)
+    the false may be that layer's (as GPT-2's lm_head's): refused unbound, written bound with PEFT's deltas."""
+    from loraops.errors import UnsupportedAdapterError
+
+    conv1d_named = r".*\.(c_attn|c_proj|c_fc)"
+    base, folder, deltas = conv1d_family(tmp_path / "a", model_type, cls_name, conv1d_named, **config)
+    assert json.loads((folder / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    kohya = write_adapter(read_adapter(folder), tmp_path / "k.safetensors", "kohya")
+    assert_peft_deltas(bind(read_adapter(kohya), manifest(base)), deltas)
+
+    base, folder, deltas = conv1d_family(tmp_path / "b", model_type, cls_name, r".*(c_fc|c_proj|q_proj|lm_head)",
+                                         **config)
+    with pytest.raises(UnsupportedAdapterError, match="--base"):
+        write_adapter(read_adapter(folder), tmp_path / "k2.safetensors", "kohya")
+    kohya = write_adapter(bind(read_adapter(folder), manifest(base)), tmp_path / "k2.safetensors", "kohya")
+    assert_peft_deltas(bind(read_adapter(kohya), manifest(base)), deltas)

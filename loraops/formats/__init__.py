@@ -221,6 +221,12 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
             f"model PEFT wraps holds as a module, "
             f"{peft_way_out or 'so it cannot be written as peft: use --format kohya or diffusers'}"
         )
+    unsettled = [m.name for m in adapter.modules.values() if not m.orientation_known]
+    if fmt != "peft" and unsettled:
+        raise UnsupportedAdapterError(
+            f"{label}: {common.shown(unsettled)}: Conv1D-named modules whose orientation (fan_in_fan_out) only their "
+            f"base says, which the {fmt} layout fixes; give --base (a registered base) to write it as {fmt}"
+        )
     if fmt == "kohya" and adapter.dora:
         raise UnsupportedAdapterError(
             f"{label}: a DoRA adapter (lora_magnitude_vector) cannot be written as kohya: sd-scripts' LoRA "

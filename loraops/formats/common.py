@@ -282,7 +282,7 @@ def peft_fan_in_fan_out(configured: bool, name: str) -> bool:
     layer (LoRA, AdaLoRA and VeRA alike): an nn.Linear is set false, with a warning, a Conv1D true, whatever the
     config says; a square nn.Linear read with a hand-set true was transposed. (A Conv1D whose config says false, as
     PEFT saves a GPT-2 adapter whose last wrapped layer is its lm_head, is found as one when bound to its base:
-    check.fit_orientation.)"""
+    check.fit_orientation; unbound, it is marked unsettled: formats.peft.settled_orientation.)"""
     return configured and conv1d_named(name)
 
 

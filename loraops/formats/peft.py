@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -534,6 +534,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     modules.update((name, lycoris.build(weights, name, parts, tensors, alpha=cfg.alpha_for(name),
                                         peft_rank=cfg.rank_for(name))) for name, parts in products.items())
     modules = dict(sorted({**params.mark_weight_targets(modules, cfg), **experts}.items()))
+    if product is None and method is None:
+        modules = settled_orientation(modules, raw_cfg)
     if cfg_file is not None:
         refuse_untargeted(cfg_file, raw_cfg, [name for name, m in modules.items() if m.raw_parameter is None])
     full = {}
@@ -549,6 +551,21 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
+
+
+def settled_orientation(modules: dict[str, LoraModule], config: dict | None) -> dict[str, LoraModule]:
+    """``modules`` with those named as Conv1D layers marked LoraModule.orientation_known false where nothing read
+    settles their fan_in_fan_out. PEFT decides it per layer (Conv1D: true, nn.Linear: false) and saves the last wrapped
+    layer's: true says that layer, and so the adapter's model, is a Conv1D one (GPT-2); false where every 2-D LoRA
+    module is Conv1D-named says they are nn.Linear (GPT-BigCode, GPT-Neo, Starcoder2); false beside another layer
+    (GPT-2's lm_head, saved last) or no flag at all (a bare file) says nothing of them. The factors cannot say either:
+    PEFT's lora_A is r × the layer's inputs, lora_B its outputs × r, for a Conv1D as for an nn.Linear."""
+    linear = [m for m in modules.values() if m.kind == "linear" and m.raw_parameter is None and m.product is None]
+    conv1d = [m for m in linear if common.conv1d_named(m.name)]
+    flag = (config or {}).get("fan_in_fan_out")
+    if not conv1d or flag is True or (flag is False and len(conv1d) == len(linear)):
+        return modules
+    return {**modules, **{m.name: replace(m, orientation_known=False) for m in conv1d}}
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
