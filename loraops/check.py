@@ -323,7 +323,24 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
             if found else None
     else:
         return None
-    return None if head is None or head in manifest else head
+    if head is None or head in manifest:
+        return None
+    if (remote := _remote_code_class(config)) is not None and tied is None:
+        raise MismatchError(
+            f"{embeddings!r} is tied to an output head the base does not store, and {remote} is remote code (its "
+            f"config.json's auto_map): loraops cannot tell which head it reads them as (a transformers causal LM's "
+            f"would be {head!r}); merge into a copy of the base that stores its head (tie_word_embeddings: false)")
+    return head
+
+
+def _remote_code_class(config: dict) -> str | None:
+    """The class of config.json's architectures that its auto_map loads from the model's own code (ChatGLM's
+    modeling_chatglm.ChatGLMForConditionalGeneration, InternLM2's …), or None: transformers' own classes, whose heads
+    the causal-LM rule names."""
+    auto_map = config.get("auto_map")
+    loaded = {str(ref).rpartition(".")[2] for refs in (auto_map.values() if isinstance(auto_map, dict) else ())
+              for ref in (refs if isinstance(refs, list) else [refs]) if ref}
+    return next((str(a) for a in config.get("architectures") or [] if str(a) in loaded), None)
 
 
 def tied_decoder_bias(head: str, config: dict) -> tuple[str, str] | None:

@@ -1026,3 +1026,43 @@ def test_the_causal_lm_rule_names_the_head_transformers_ties():
             else:
                 assert name in RULE_EXCEPTIONS or cls.config_class().is_encoder_decoder, (name, head, embeddings, named)
     assert agreed >= 220
+
+
+@pytest.mark.parametrize("case", ["remote", "remote head stored", "transformers class"])
+def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, case):
+    """A tied model's config.json whose auto_map loads its class from the model's own code (ChatGLM's output head is
+    transformer.output_layer, InternLM2's output): the causal-LM rule's lm_head may be no module of it, a tensor the
+    model never reads. A LoRA on its embeddings is refused in one line (merge, check), unless the base stores the head
+    the rule names (then it is that model's head); the same config without auto_map is untied by rule."""
+    from factories import loraops_run
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+    from loraops.errors import MismatchError
+
+    adapter_path = embedding_lora(tied, tmp_path / "a")
+    config = json.loads((tied / "config.json").read_text())
+    if case != "transformers class":
+        config["architectures"] = ["ChatGLMForConditionalGeneration"]
+        config["auto_map"] = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                              "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+    (tied / "config.json").write_text(json.dumps(config))
+    if case == "remote head stored":
+        state = load_file(tied / "model.safetensors")
+        save_file({**state, "lm_head.weight": state[EMBED].clone()}, str(tied / "model.safetensors"),
+                  metadata={"format": "pt"})
+    adapter, base = formats.read_adapter(adapter_path), BaseModel.open(tied)
+    if case == "remote":
+        with pytest.raises(MismatchError, match="ChatGLMForConditionalGeneration is remote code"):
+            engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+        with pytest.raises(MismatchError, match="cannot tell which head"):
+            check(adapter, base.tensors, config=base.config)
+        result = loraops_run("merge", adapter_path, "--into", tied, "-o", tmp_path / "cli")
+        assert result.returncode != 0 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+        return
+    report = engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert check(adapter, base.tensors, config=base.config).ok
+    merged = tensors(tmp_path / "out")
+    assert torch.equal(merged["lm_head.weight"], load_file(tied / "model.safetensors")[EMBED])
+    assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
