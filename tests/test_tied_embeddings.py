@@ -1066,3 +1066,59 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     merged = tensors(tmp_path / "out")
     assert torch.equal(merged["lm_head.weight"], load_file(tied / "model.safetensors")[EMBED])
     assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
+
+
+@pytest.mark.parametrize("model, method", [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera")])
+def test_a_kohya_export_of_an_unstored_tied_head_reads_back(tmp_path, model, method):
+    """`export --format kohya` names a LoRA on a head the base does not store (tied) by its path, lora_unet_lm_head;
+    check, merge and export read such a name back only from the tensors the base stores ("not in base"). Now it binds
+    to the head as the PEFT name does: PEFT → kohya → merge equals PEFT → merge and PEFT's adapted model (a VeRA one
+    too, exported as the LoRA it equals)."""
+    from click.testing import CliRunner
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from factories import tiny_gpt2
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+    from loraops.cli import main
+    from test_adalora_vera import vera_adapter
+
+    base = tiny_llama(tmp_path / "base", tie=True) if model == "llama" else tiny_gpt2(tmp_path / "base")
+    assert "lm_head.weight" not in load_file(base / "model.safetensors")
+    targets = ["q_proj", "down_proj", "lm_head"] if model == "llama" else ["c_attn", "lm_head"]
+    if method == "vera":  # (vera_A as wide as down_proj's inputs, wider than the head's)
+        peft_path = vera_adapter(None, tmp_path / "peft", model=AutoModelForCausalLM.from_pretrained(base),
+                                 targets=targets)
+    else:
+        torch.manual_seed(1)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, fan_in_fan_out=model == "gpt2")
+        ).save_pretrained(tmp_path / "peft")
+        peft_path = tmp_path / "peft"
+    for args in (["base", "add", base, "--name", "base"],
+                 ["export", peft_path, "--format", "kohya", "-o", tmp_path / "k.safetensors", "--base", "base"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    assert "lora_unet_lm_head.lora_down.weight" in load_file(tmp_path / "k.safetensors")
+    kohya = formats.read_adapter(tmp_path / "k.safetensors")
+    manifest = BaseModel.open(base)
+    assert check(kohya, manifest.tensors, config=manifest.config).ok
+
+    merged = {}
+    for name, adapter in (("peft", formats.read_adapter(peft_path)), ("kohya", kohya)):
+        report = engine.merge(base, [(adapter, 1.0)], tmp_path / name / "out", progress=False)
+        assert report.heads_untied == ["lm_head.weight"]
+        merged[name] = tensors(tmp_path / name / "out")
+    assert merged["peft"].keys() == merged["kohya"].keys()
+    for name, tensor in merged["peft"].items():
+        torch.testing.assert_close(merged["kohya"][name], tensor, atol=1e-6, rtol=0)
+    expected = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), peft_path))
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "kohya" / "out")), expected,
+                               atol=1e-5, rtol=1e-5)
+    # and back to PEFT, bound to the base: the head under its own name again
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "k.safetensors"), "--format", "peft",
+                                       "-o", str(tmp_path / "back"), "--base", "base"])
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                                                tmp_path / "back")), expected, atol=1e-5, rtol=1e-5)
