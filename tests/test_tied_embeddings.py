@@ -1009,7 +1009,7 @@ def test_the_causal_lm_rule_names_the_head_transformers_ties():
     _tied_weights_keys (in memory names, no model built): for each of its classes with an output head that declares
     tied keys the rule names that head (GPT-NeoX's by its checkpoint name, embed_out), but for encoder-decoder
     configs (never untied) and RULE_EXCEPTIONS. (Classes whose sub-model ties declare nothing at the top level:
-    BLIP-2, Mllama, Qwen2.5-Omni, …; and remote code is not covered: docs/readme-tiedh.md.)"""
+    BLIP-2, Mllama, Qwen2.5-Omni, …; remote code is refused: test_a_remote_code_model_whose_head_the_rule_cannot_name.)"""
     import transformers
 
     from loraops.check import LM_HEAD_CLASSES, unstored_head_of
