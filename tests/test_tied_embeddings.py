@@ -1056,9 +1056,10 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
             engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
         with pytest.raises(MismatchError, match="cannot tell which head"):
             check(adapter, base.tensors, config=base.config)
-        result = loraops_run("merge", adapter_path, "--into", tied, "-o", tmp_path / "cli")
-        assert result.returncode != 0 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied]):
+            result = loraops_run(*args)
+            assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
         return
     report = engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
