@@ -318,12 +318,36 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
         bare = embeddings == tied.embeddings.partition(".")[2]
         head = embeddings.removesuffix(tied.embeddings) + tied.head if under_owner else tied.head if bare else None
     elif any(a.endswith(LM_HEAD_CLASSES) for a in architectures):
-        found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
-        head = (found["owner"] or "") + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight") \
-            if found else None
+        head = _causal_lm_head(embeddings)
     else:
         return None
-    return None if head is None or head in manifest else head
+    if head is None or head in manifest:
+        return None
+    if (remote := _remote_code_class(config)) is not None and tied is None:
+        raise MismatchError(
+            f"{embeddings!r} is tied to an output head the base does not store, and {remote} is remote code (its "
+            f"config.json's auto_map): loraops cannot tell which head it reads them as (a transformers causal LM's "
+            f"would be {head!r}); merge into a copy of the base that stores its head (tie_word_embeddings: false)")
+    return head
+
+
+def _causal_lm_head(embeddings: str) -> str | None:
+    """The head a causal LM ties to ``embeddings``, by rule: lm_head.weight beside the decoder's wrapper (GPT-NeoX's
+    embed_out.weight beside embed_in), or None."""
+    found = _LM_WRAPPER.match(embeddings) if embeddings.endswith(INPUT_EMBEDDINGS) else None
+    if found is None:
+        return None
+    return (found["owner"] or "") + ("embed_out.weight" if found["leaf"] == "embed_in" else "lm_head.weight")
+
+
+def _remote_code_class(config: dict) -> str | None:
+    """The class of config.json's architectures that its auto_map loads from the model's own code (ChatGLM's
+    modeling_chatglm.ChatGLMForConditionalGeneration, InternLM2's …), or None: transformers' own classes, whose heads
+    the causal-LM rule names."""
+    auto_map = config.get("auto_map")
+    loaded = {str(ref).rpartition(".")[2] for refs in (auto_map.values() if isinstance(auto_map, dict) else ())
+              for ref in (refs if isinstance(refs, list) else [refs]) if ref}
+    return next((str(a) for a in config.get("architectures") or [] if str(a) in loaded), None)
 
 
 def tied_decoder_bias(head: str, config: dict) -> tuple[str, str] | None:
@@ -360,6 +384,7 @@ def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     # a pipeline's UNet at its checkpoint paths too, by which sd-scripts names SDXL's
     named = [(module, module) for module in modules] + list(ldm.diffusers_names(manifest).items()) + [
         (path, module) for module, path in ldm.checkpoint_paths(modules, whole=True).items()]
+    named += [(head, head) for head in unstored_tied_heads(manifest)]
     forms: dict[str, set[str]] = {}
     for name, module in named:
         for base_prefix, kohya_prefixes in KOHYA_BASE_PREFIXES:
@@ -370,6 +395,27 @@ def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
                     for kohya_prefix in kohya_prefixes:
                         forms.setdefault(f"{kohya_prefix}_{path.replace('.', '_')}", set()).add(module)
     return forms
+
+
+def unstored_tied_heads(manifest: Mapping[str, object]) -> list[str]:
+    """The module paths of the output heads a tied base does not store that a PEFT name binds to (tied_head_source),
+    by its embeddings: the causal-LM rule's (lm_head beside the decoder's wrapper, GPT-NeoX's embed_out) and the heads
+    TIED_HEAD_OF_CLASS names beside their class's embeddings. The kohya writer names such a module by its path
+    (lora_unet_lm_head), which no stored tensor gives."""
+    heads = {}
+    named = tuple({".".join(tied.embeddings.split(".")[-2:]) for tied in TIED_HEAD_OF_CLASS.values()})
+    for embeddings, info in manifest.items():
+        if not embeddings.endswith(INPUT_EMBEDDINGS + named):
+            continue
+        if (head := _causal_lm_head(embeddings)) is not None:
+            heads[head] = info.shape
+        for tied in TIED_HEAD_OF_CLASS.values():
+            if names_module(embeddings, tied.embeddings):
+                heads[embeddings.removesuffix(tied.embeddings) + tied.head] = info.shape
+            elif embeddings == tied.embeddings.partition(".")[2]:  # a checkpoint of the bare model
+                heads[tied.head] = info.shape
+    return sorted(head.removesuffix(".weight") for head, shape in heads.items()
+                  if tied_head_source(head, shape, manifest) is not None)
 
 
 @dataclass

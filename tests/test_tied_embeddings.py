@@ -1009,7 +1009,7 @@ def test_the_causal_lm_rule_names_the_head_transformers_ties():
     _tied_weights_keys (in memory names, no model built): for each of its classes with an output head that declares
     tied keys the rule names that head (GPT-NeoX's by its checkpoint name, embed_out), but for encoder-decoder
     configs (never untied) and RULE_EXCEPTIONS. (Classes whose sub-model ties declare nothing at the top level:
-    BLIP-2, Mllama, Qwen2.5-Omni, …; and remote code is not covered: docs/readme-tiedh.md.)"""
+    BLIP-2, Mllama, Qwen2.5-Omni, …; remote code is refused: test_a_remote_code_model_whose_head_the_rule_cannot_name.)"""
     import transformers
 
     from loraops.check import LM_HEAD_CLASSES, unstored_head_of
@@ -1026,3 +1026,100 @@ def test_the_causal_lm_rule_names_the_head_transformers_ties():
             else:
                 assert name in RULE_EXCEPTIONS or cls.config_class().is_encoder_decoder, (name, head, embeddings, named)
     assert agreed >= 220
+
+
+@pytest.mark.parametrize("case", ["remote", "remote head stored", "transformers class"])
+def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, case):
+    """A tied model's config.json whose auto_map loads its class from the model's own code (ChatGLM's output head is
+    transformer.output_layer, InternLM2's output): the causal-LM rule's lm_head may be no module of it, a tensor the
+    model never reads. A LoRA on its embeddings is refused in one line (merge, check), unless the base stores the head
+    the rule names (then it is that model's head); the same config without auto_map is untied by rule."""
+    from factories import loraops_run
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+    from loraops.errors import MismatchError
+
+    adapter_path = embedding_lora(tied, tmp_path / "a")
+    config = json.loads((tied / "config.json").read_text())
+    if case != "transformers class":
+        config["architectures"] = ["ChatGLMForConditionalGeneration"]
+        config["auto_map"] = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                              "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+    (tied / "config.json").write_text(json.dumps(config))
+    if case == "remote head stored":
+        state = load_file(tied / "model.safetensors")
+        save_file({**state, "lm_head.weight": state[EMBED].clone()}, str(tied / "model.safetensors"),
+                  metadata={"format": "pt"})
+    adapter, base = formats.read_adapter(adapter_path), BaseModel.open(tied)
+    if case == "remote":
+        with pytest.raises(MismatchError, match="ChatGLMForConditionalGeneration is remote code"):
+            engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+        with pytest.raises(MismatchError, match="cannot tell which head"):
+            check(adapter, base.tensors, config=base.config)
+        for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied]):
+            result = loraops_run(*args)
+            assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+        return
+    report = engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert check(adapter, base.tensors, config=base.config).ok
+    merged = tensors(tmp_path / "out")
+    assert torch.equal(merged["lm_head.weight"], load_file(tied / "model.safetensors")[EMBED])
+    assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
+
+
+@pytest.mark.parametrize("model, method", [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera")])
+def test_a_kohya_export_of_an_unstored_tied_head_reads_back(tmp_path, model, method):
+    """`export --format kohya` names a LoRA on a head the base does not store (tied) by its path, lora_unet_lm_head;
+    check, merge and export read such a name back only from the tensors the base stores ("not in base"). Now it binds
+    to the head as the PEFT name does: PEFT → kohya → merge equals PEFT → merge and PEFT's adapted model (a VeRA one
+    too, exported as the LoRA it equals)."""
+    from click.testing import CliRunner
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from factories import tiny_gpt2
+    from loraops.basemodel import BaseModel
+    from loraops.check import check
+    from loraops.cli import main
+    from test_adalora_vera import vera_adapter
+
+    base = tiny_llama(tmp_path / "base", tie=True) if model == "llama" else tiny_gpt2(tmp_path / "base")
+    assert "lm_head.weight" not in load_file(base / "model.safetensors")
+    targets = ["q_proj", "down_proj", "lm_head"] if model == "llama" else ["c_attn", "lm_head"]
+    if method == "vera":  # (vera_A as wide as down_proj's inputs, wider than the head's)
+        peft_path = vera_adapter(None, tmp_path / "peft", model=AutoModelForCausalLM.from_pretrained(base),
+                                 targets=targets)
+    else:
+        torch.manual_seed(1)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, fan_in_fan_out=model == "gpt2")
+        ).save_pretrained(tmp_path / "peft")
+        peft_path = tmp_path / "peft"
+    for args in (["base", "add", base, "--name", "base"],
+                 ["export", peft_path, "--format", "kohya", "-o", tmp_path / "k.safetensors", "--base", "base"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    assert "lora_unet_lm_head.lora_down.weight" in load_file(tmp_path / "k.safetensors")
+    kohya = formats.read_adapter(tmp_path / "k.safetensors")
+    manifest = BaseModel.open(base)
+    assert check(kohya, manifest.tensors, config=manifest.config).ok
+
+    merged = {}
+    for name, adapter in (("peft", formats.read_adapter(peft_path)), ("kohya", kohya)):
+        report = engine.merge(base, [(adapter, 1.0)], tmp_path / name / "out", progress=False)
+        assert report.heads_untied == ["lm_head.weight"]
+        merged[name] = tensors(tmp_path / name / "out")
+    assert merged["peft"].keys() == merged["kohya"].keys()
+    for name, tensor in merged["peft"].items():
+        torch.testing.assert_close(merged["kohya"][name], tensor, atol=1e-6, rtol=0)
+    expected = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), peft_path))
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "kohya" / "out")), expected,
+                               atol=1e-5, rtol=1e-5)
+    # and back to PEFT, bound to the base: the head under its own name again
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "k.safetensors"), "--format", "peft",
+                                       "-o", str(tmp_path / "back"), "--base", "base"])
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                                                tmp_path / "back")), expected, atol=1e-5, rtol=1e-5)
