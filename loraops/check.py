@@ -508,12 +508,15 @@ SAVED_LAYOUTS = [
               [(r"^model\.", "model.language_model."), (r"^visual\.", "model.visual.")],
               r"^visual\."),  # (its language model is saved as any Llama's, Whisper's model.… too)
     # Qwen2.5-Omni (its Qwen2_5OmniThinkerForConditionalGeneration mapping, within the whole model's thinker.):
-    # thinker.model.language_model.… ↔ thinker.model.…, thinker.model.{audio_tower,visual}.… ↔ thinker.{…}.…
-    Layout.of("Qwen2.5-Omni", "qwen2_5_omni Qwen2_5OmniForConditionalGeneration",
-              [(r"^thinker\.model\.language_model\.", "thinker.model."),
-               (r"^thinker\.model\.(audio_tower|visual)(?=\.|$)", r"thinker.\1")],
-              [(r"^thinker\.model\.", "thinker.model.language_model."),
-               (r"^thinker\.(audio_tower|visual)(?=\.|$)", r"thinker.model.\1")]),
+    # [thinker.]model.language_model.… ↔ [thinker.]model.…, [thinker.]model.{audio_tower,visual}.… ↔ [thinker.]{…}.…
+    # (marked by thinker. or its vision tower's separate q/k/v: a thinker's model.… alone is any Llama's)
+    Layout.of("Qwen2.5-Omni", "qwen2_5_omni qwen2_5_omni_thinker Qwen2_5OmniForConditionalGeneration "
+              "Qwen2_5OmniThinkerForConditionalGeneration",
+              [(r"^(thinker\.)?model\.language_model\.", r"\1model."),
+               (r"^(thinker\.)?model\.(audio_tower|visual)(?=\.|$)", r"\1\2")],
+              [(r"^(thinker\.)?model\.", r"\1model.language_model."),
+               (r"^(thinker\.)?(audio_tower|visual)(?=\.|$)", r"\1model.\2")],
+              r"^thinker\.(model|audio_tower|visual)\.|^visual\.blocks\.\d+\.attn\.q(\.|$)"),
     # ViT and the vision encoders transformers maps like it (DeiT, BEiT, ViT-MAE, ViT-MSN, AST, I-JEPA, ViViT)
     Layout.of("ViT-style", "vit deit beit vit_mae vit_msn audio-spectrogram-transformer ijepa vivit",
               [(r"(^|\.)layers\.(?=\d)", r"\1encoder.layer."), *_VIT_ATTENTION,

@@ -240,7 +240,8 @@ def test_every_layout_inverse_undoes_its_rules():
              "model.layers.0.block_sparse_moe.experts.1.w3.weight", "encoder.layers.0.attn.weight",
              "decode_head.linear_c.0.proj.weight", "segformer.encoder.patch_embeddings.1.proj.weight",
              "thinker.model.layers.0.self_attn.q_proj.weight", "thinker.audio_tower.layers.0.fc1.weight",
-             "thinker.visual.blocks.0.attn.q.weight", "thinker.lm_head.weight"]
+             "thinker.visual.blocks.0.attn.q.weight", "thinker.lm_head.weight",
+             "audio_tower.layers.0.fc1.weight", "visual.blocks.0.attn.q.weight"]
     for layout in SAVED_LAYOUTS:
         for name in names:
             if layout.saved(name) == name:  # a name in this layout's saved form

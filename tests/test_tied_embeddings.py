@@ -5,6 +5,7 @@ the shared tensor, the head included)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -995,23 +996,31 @@ def test_qwen_omni_ties_by_its_thinker_config(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["thinker_config"]["tie_word_embeddings"] is False
 
 
-def test_qwen_omni_adapters_bind_to_its_saved_thinker_names(tmp_path):
+@pytest.mark.parametrize("thinker", ["thinker.", ""])
+def test_qwen_omni_adapters_bind_to_its_saved_thinker_names(tmp_path, thinker):
     """transformers 5 holds Qwen2.5-Omni's thinker as thinker.model.language_model.…, thinker.model.audio_tower.…
     and thinker.model.visual.…, which PEFT saves, but stores thinker.model.…, thinker.audio_tower.…,
-    thinker.visual.… (its conversion_mapping): a LoRA on all three binds (it did not: "modules do not fit"), and the
-    merged model equals PEFT's merge_and_unload on every tensor and in its thinker's logits."""
+    thinker.visual.… (its conversion_mapping; the thinker saved alone, Qwen2_5OmniThinkerForConditionalGeneration,
+    the same without thinker.): a LoRA on all three binds (it did not: "modules do not fit"), and the merged model
+    equals PEFT's merge_and_unload on every tensor and in its thinker's logits."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration as cls
+    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerConfig,
+                              Qwen2_5OmniThinkerForConditionalGeneration)
 
     torch.manual_seed(0)
-    cls._from_config(Qwen2_5OmniConfig(thinker_config=_OMNI_THINKER, enable_audio_output=False)).save_pretrained(
-        tmp_path / "base")
-    torch.save({}, tmp_path / "base" / "spk_dict.pt")  # (the talker's voices, which from_pretrained loads)
-    assert "thinker.audio_tower.layers.0.fc1.weight" in load_file(tmp_path / "base" / "model.safetensors")
+    if thinker:
+        cls = Qwen2_5OmniForConditionalGeneration
+        cls._from_config(Qwen2_5OmniConfig(thinker_config=_OMNI_THINKER, enable_audio_output=False)).save_pretrained(
+            tmp_path / "base")
+        torch.save({}, tmp_path / "base" / "spk_dict.pt")  # (the talker's voices, which from_pretrained loads)
+    else:
+        cls = Qwen2_5OmniThinkerForConditionalGeneration
+        cls._from_config(Qwen2_5OmniThinkerConfig(**_OMNI_THINKER)).save_pretrained(tmp_path / "base")
+    assert f"{thinker}audio_tower.layers.0.fc1.weight" in load_file(tmp_path / "base" / "model.safetensors")
     torch.manual_seed(1)
     adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=False,
-        target_modules=r"thinker\.model\.(language_model\.layers\.0\.self_attn\.q_proj|"
+        target_modules=re.escape(thinker) + r"model\.(language_model\.layers\.0\.self_attn\.q_proj|"
                        r"audio_tower\.layers\.0\.fc1|visual\.blocks\.0\.attn\.q|visual\.blocks\.0\.mlp\.up_proj)")).eval()
     adapted_model.save_pretrained(tmp_path / "a")
     adapter = formats.read_adapter(tmp_path / "a")
@@ -1019,7 +1028,8 @@ def test_qwen_omni_adapters_bind_to_its_saved_thinker_names(tmp_path):
 
     def thinker_logits(model):
         with torch.no_grad():
-            return model.eval().thinker(input_ids=TOKENS[:, :8] % 100 + 3).logits
+            model = model.eval().thinker if thinker else model.eval()
+            return model(input_ids=TOKENS[:, :8] % 100 + 3).logits
 
     expected = thinker_logits(adapted_model.base_model.model)
     reference = adapted_model.merge_and_unload().state_dict()
