@@ -219,6 +219,8 @@ NO_CONFIG = {
                 "Mixtral's block_sparse_moe, PhiMoE's block_sparse_moe"),
     "llava": (["language_model.model.layers.0.self_attn.q_proj.weight", "vision_tower.vision_model.encoder.layers.0."
                "mlp.fc1.weight", "multi_modal_projector.linear_1.weight"], "LLaVA-style"),
+    "qwen2_5_omni": (["thinker.model.layers.0.self_attn.q_proj.weight", "thinker.audio_tower.layers.0.fc1.weight",
+                      "thinker.lm_head.weight"], "Qwen2.5-Omni"),
 }
 
 
