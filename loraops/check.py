@@ -553,6 +553,16 @@ SAVED_LAYOUTS = [
               [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
               [(r"^model\.", "model.language_model."), (r"^visual\.", "model.visual.")],
               r"^visual\."),  # (its language model is saved as any Llama's, Whisper's model.… too)
+    # Qwen2.5-Omni (its Qwen2_5OmniThinkerForConditionalGeneration mapping, within the whole model's thinker.):
+    # [thinker.]model.language_model.… ↔ [thinker.]model.…, [thinker.]model.{audio_tower,visual}.… ↔ [thinker.]{…}.…
+    # (marked by thinker. or its vision tower's separate q/k/v: a thinker's model.… alone is any Llama's)
+    Layout.of("Qwen2.5-Omni", "qwen2_5_omni qwen2_5_omni_thinker Qwen2_5OmniForConditionalGeneration "
+              "Qwen2_5OmniThinkerForConditionalGeneration",
+              [(r"^(thinker\.)?model\.language_model\.", r"\1model."),
+               (r"^(thinker\.)?model\.(audio_tower|visual)(?=\.|$)", r"\1\2")],
+              [(r"^(thinker\.)?model\.", r"\1model.language_model."),
+               (r"^(thinker\.)?(audio_tower|visual)(?=\.|$)", r"\1model.\2")],
+              r"^thinker\.(model|audio_tower|visual)\.|^visual\.blocks\.\d+\.attn\.q(\.|$)"),
     # ViT and the vision encoders transformers maps like it (DeiT, BEiT, ViT-MAE, ViT-MSN, AST, I-JEPA, ViViT)
     Layout.of("ViT-style", "vit deit beit vit_mae vit_msn audio-spectrogram-transformer ijepa vivit",
               [(r"(^|\.)layers\.(?=\d)", r"\1encoder.layer."), *_VIT_ATTENTION,
@@ -633,10 +643,20 @@ def memory_names(names: Iterable[str], config: Mapping) -> tuple[dict[str, str],
                 f"loads it under other names ({', '.join(suspects)}), PEFT skips those modules: merge with loraops")
 
 
-def clip_layout(name: str) -> str:
-    """A pipeline's text-encoder module or tensor name in CLIP's other saved layout (see ldm.clip_paths)."""
-    component, dot, rest = name.partition(".")
-    return f"{component}.{ldm.clip_paths(rest)[-1]}" if dot and component.startswith("text_encoder") else name
+def clip_layout(names: Iterable[str]):
+    """A renaming of a pipeline's text-encoder module or tensor names into the CLIP layout (ldm.clip_paths) each
+    text encoder has among ``names``, a pipeline's: per component, as transformers 5 saves SDXL's CLIPTextModel
+    (text_encoder) without text_model. and its CLIPTextModelWithProjection (text_encoder_2) with it."""
+    with_level = {component for component, _, rest in (n.partition(".") for n in names)
+                  if component.startswith("text_encoder") and rest.startswith("text_model.")}
+
+    def rename(name: str) -> str:
+        component, dot, rest = name.partition(".")
+        if not (dot and component.startswith("text_encoder")) or len(ldm.clip_paths(rest)) == 1:
+            return name
+        stored = component in with_level
+        return name if rest.startswith("text_model.") == stored else f"{component}.{ldm.clip_paths(rest)[-1]}"
+    return rename
 
 
 def renaming(adapter: Adapter, manifest: Mapping[str, object]):
@@ -672,9 +692,9 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         # a PEFT adapter of a diffusers transformer alone (FLUX's, SD3's): named without the pipeline's component,
         # as diffusers' load_lora_adapter(prefix=None) and PEFT take it on that model
         candidates.append(lambda n: checkpoint_name(f"transformer.{n}"))
-    candidates += [layout.saved for layout in SAVED_LAYOUTS] + [clip_layout]
+    candidates += [layout.saved for layout in SAVED_LAYOUTS] + [clip_layout(manifest)]
     if aliases:
-        candidates.append(lambda n: checkpoint_name(clip_layout(n)))
+        candidates.append(lambda n, to_aliases=clip_layout(aliases): checkpoint_name(to_aliases(n)))
 
     def present(tensor: str, shape, tied: bool) -> bool:
         module = tensor.removesuffix(".weight")

@@ -219,6 +219,8 @@ NO_CONFIG = {
                 "Mixtral's block_sparse_moe, PhiMoE's block_sparse_moe"),
     "llava": (["language_model.model.layers.0.self_attn.q_proj.weight", "vision_tower.vision_model.encoder.layers.0."
                "mlp.fc1.weight", "multi_modal_projector.linear_1.weight"], "LLaVA-style"),
+    "qwen2_5_omni": (["thinker.model.layers.0.self_attn.q_proj.weight", "thinker.audio_tower.layers.0.fc1.weight",
+                      "thinker.lm_head.weight"], "Qwen2.5-Omni"),
 }
 
 
@@ -238,7 +240,10 @@ def test_every_layout_inverse_undoes_its_rules():
              "swin.encoder.layers.0.blocks.0.attention.self.key.weight", "layer.0.attention.o_proj.weight",
              "segformer.encoder.block.0.0.mlp.dense1.weight", "segformer.encoder.block.1.0.attention.self.sr.weight",
              "model.layers.0.block_sparse_moe.experts.1.w3.weight", "encoder.layers.0.attn.weight",
-             "decode_head.linear_c.0.proj.weight", "segformer.encoder.patch_embeddings.1.proj.weight"]
+             "decode_head.linear_c.0.proj.weight", "segformer.encoder.patch_embeddings.1.proj.weight",
+             "thinker.model.layers.0.self_attn.q_proj.weight", "thinker.audio_tower.layers.0.fc1.weight",
+             "thinker.visual.blocks.0.attn.q.weight", "thinker.lm_head.weight",
+             "audio_tower.layers.0.fc1.weight", "visual.blocks.0.attn.q.weight"]
     for layout in SAVED_LAYOUTS:
         for name in names:
             if layout.saved(name) == name:  # a name in this layout's saved form

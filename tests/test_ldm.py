@@ -341,6 +341,71 @@ def test_clip_text_encoders_saved_by_transformers_5_bind_both_name_styles(tmp_pa
         "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj"]
 
 
+def test_sdxl_text_encoders_each_bind_in_their_own_clip_layout(tmp_path):
+    """transformers 5 saves CLIPTextModel (SDXL's text_encoder) without text_model. but CLIPTextModelWithProjection
+    (its text_encoder_2) with it: one pipeline holds both layouts, so a LoRA on both encoders binds only when each
+    component is renamed to the layout that component is stored in (one flip for all left text_encoder_2 unbound)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    config = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            vocab_size=50, max_position_embeddings=20, projection_dim=8, bos_token_id=0, eos_token_id=1)
+    info = SimpleNamespace
+    pipeline = {f"{component}.{name}": info(shape=tuple(tensor.shape))
+                for component, model in (("text_encoder", CLIPTextModel(config)),
+                                         ("text_encoder_2", CLIPTextModelWithProjection(config)))
+                for name, tensor in model.state_dict().items()}
+    pipeline["unet.down_blocks.0.attentions.0.proj_in.weight"] = info(shape=(8, 16))
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj.weight" in pipeline  # the layouts being tested
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight" in pipeline
+    q_proj = "encoder.layers.0.self_attn.q_proj"
+    transformers_4_names = factories.lora_adapter({f"text_encoder.text_model.{q_proj}": (16, 16),
+                                                   f"text_encoder_2.text_model.{q_proj}": (16, 16),
+                                                   "unet.down_blocks.0.attentions.0.proj_in": (16, 8)}, fmt="diffusers")
+    assert sorted(check.bind(transformers_4_names, pipeline).modules) == [
+        f"text_encoder.{q_proj}", f"text_encoder_2.text_model.{q_proj}", "unet.down_blocks.0.attentions.0.proj_in"]
+    # the reverse: a LoRA trained on a transformers 5 pipeline, bound to a hub (transformers 4) pipeline
+    transformers_5_names = factories.lora_adapter({f"text_encoder.{q_proj}": (16, 16),
+                                                   f"text_encoder_2.text_model.{q_proj}": (16, 16)}, fmt="diffusers")
+    hub = {f"{component}.text_model.{q_proj}.weight": info(shape=(16, 16))
+           for component in ("text_encoder", "text_encoder_2")}
+    assert sorted(check.bind(transformers_5_names, hub).modules) == [
+        f"text_encoder.text_model.{q_proj}", f"text_encoder_2.text_model.{q_proj}"]
+
+
+def test_a_diffusers_sdxl_lora_merges_into_a_transformers_5_pipeline_as_diffusers_loads_it(tmp_path):
+    """End to end on the mixed layouts above: a diffusers LoRA on both SDXL text encoders (text_model. names), merged
+    into a pipeline saved by transformers 5, gives each encoder the outputs diffusers' load_lora_into_text_encoder
+    gives it."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from loraops import engine
+    config = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            vocab_size=50, max_position_embeddings=20, projection_dim=8, bos_token_id=0, eos_token_id=1)
+    encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    torch.manual_seed(0)
+    for component, cls in encoders.items():
+        cls(config).save_pretrained(tmp_path / "pipe" / component)
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    lora = {f"{component}.text_model.encoder.layers.0.{module}.{factor}.weight":
+            torch.randn(shape) * 0.3
+            for component in encoders for module in ("self_attn.q_proj", "mlp.fc1")
+            for factor, shape in (("lora_A", (4, 16)), ("lora_B", (32 if module == "mlp.fc1" else 16, 4)))}
+    save_file(lora, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    engine.merge(tmp_path / "pipe", [(formats.read_adapter(tmp_path / "pytorch_lora_weights.safetensors"), 1.0)],
+                 tmp_path / "out", progress=False)
+    tokens = torch.tensor([[0, 5, 7, 9, 1]])
+    for component, cls in encoders.items():
+        adapted = cls.from_pretrained(tmp_path / "pipe" / component)
+        StableDiffusionXLPipeline.load_lora_into_text_encoder(
+            {k: v for k, v in lora.items() if k.startswith(f"{component}.")}, network_alphas=None,
+            text_encoder=adapted, prefix=component)
+        merged = cls.from_pretrained(tmp_path / "out" / component)
+        with torch.no_grad():
+            expected, actual = adapted(tokens)[0], merged(tokens)[0]
+            assert not torch.allclose(expected, cls.from_pretrained(tmp_path / "pipe" / component)(tokens)[0])
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_kohya_sd15_lora_into_single_file_checkpoint(tmp_path):
     base = sd15_checkpoint(tmp_path / "sd15.safetensors")
     lora = factories.kohya_file(tmp_path / "k.safetensors", KOHYA_SD15, rank=4, alpha=2.0)

@@ -5,6 +5,7 @@ the shared tensor, the head included)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from factories import load_model, tiny_llama
 from test_engine import merged_tensors as tensors
-from loraops import engine, formats
+from loraops import check, engine, formats
 from loraops.check import INPUT_EMBEDDINGS, TIED_HEAD_OF_CLASS, is_head
 
 EMBED = "model.embed_tokens.weight"
@@ -993,6 +994,55 @@ def test_qwen_omni_ties_by_its_thinker_config(tmp_path):
     merged.tie_weights()
     torch.testing.assert_close(thinker_logits(merged), expected, atol=1e-5, rtol=1e-5)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["thinker_config"]["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("thinker", ["thinker.", ""])
+def test_qwen_omni_adapters_bind_to_its_saved_thinker_names(tmp_path, thinker):
+    """transformers 5 holds Qwen2.5-Omni's thinker as thinker.model.language_model.…, thinker.model.audio_tower.…
+    and thinker.model.visual.…, which PEFT saves, but stores thinker.model.…, thinker.audio_tower.…,
+    thinker.visual.… (its conversion_mapping; the thinker saved alone, Qwen2_5OmniThinkerForConditionalGeneration,
+    the same without thinker.): a LoRA on all three binds (it did not: "modules do not fit"), and the merged model
+    equals PEFT's merge_and_unload on every tensor and in its thinker's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerConfig,
+                              Qwen2_5OmniThinkerForConditionalGeneration)
+
+    torch.manual_seed(0)
+    if thinker:
+        cls = Qwen2_5OmniForConditionalGeneration
+        cls._from_config(Qwen2_5OmniConfig(thinker_config=_OMNI_THINKER, enable_audio_output=False)).save_pretrained(
+            tmp_path / "base")
+        torch.save({}, tmp_path / "base" / "spk_dict.pt")  # (the talker's voices, which from_pretrained loads)
+    else:
+        cls = Qwen2_5OmniThinkerForConditionalGeneration
+        cls._from_config(Qwen2_5OmniThinkerConfig(**_OMNI_THINKER)).save_pretrained(tmp_path / "base")
+    assert f"{thinker}audio_tower.layers.0.fc1.weight" in load_file(tmp_path / "base" / "model.safetensors")
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=re.escape(thinker) + r"model\.(language_model\.layers\.0\.self_attn\.q_proj|"
+                       r"audio_tower\.layers\.0\.fc1|visual\.blocks\.0\.attn\.q|visual\.blocks\.0\.mlp\.up_proj)")).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert len(adapter.modules) == 4 and any("language_model" in name for name in adapter.modules)
+
+    def thinker_logits(model):
+        with torch.no_grad():
+            model = model.eval().thinker if thinker else model.eval()
+            return model(input_ids=TOKENS[:, :8] % 100 + 3).logits
+
+    expected = thinker_logits(adapted_model.base_model.model)
+    reference = adapted_model.merge_and_unload().state_dict()
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = cls.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(thinker_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    state = merged.state_dict()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(state[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
+    # extract's inverse: the names PEFT sees, from the saved ones
+    saved = list(load_file(tmp_path / "base" / "model.safetensors"))
+    in_memory, warning = check.memory_names(saved, json.loads((tmp_path / "base" / "config.json").read_text()))
+    assert warning is None and {in_memory.get(name, name) for name in saved} <= set(state)
 
 
 # transformers classes with an output head, not in TIED_HEAD_OF_CLASS, whose tied pair the causal-LM rule does not
