@@ -85,12 +85,12 @@ def registered_for(reg: "Registry", ref: str, base: str | None) -> "AdapterRecor
     return record
 
 
-def check_base_model(inputs: Sequence[Input], base_model: str) -> None:
+def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) -> None:
     """Every input is for ``base_model``: it names the input's registered base (its name, or where it was added from)
     or equals the adapter's own base_model_name_or_path. An input that names no base at all is taken as it is."""
     want = base_model.rstrip("/")
     for i in inputs:
-        base = i.record.base
+        base = reg.get_base(i.record.base.id) if i.record.base else None  # (the record's BaseRef has no source)
         known = {name.rstrip("/") for name in (base.name, base.source, base.path) if name} if base else set()
         if i.adapter.base_model:
             known.add(i.adapter.base_model.rstrip("/"))
@@ -220,7 +220,7 @@ def combine(
             refuse_unwritable(i.adapter, written)
         base_id = common_base(inputs)
         if base_model is not None:
-            check_base_model(inputs, base_model)
+            check_base_model(reg, inputs, base_model)
         combined = algebra.combine_lazily(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
