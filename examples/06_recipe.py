@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import loraops, workdir, llama, peft_lora  # noqa: E402
+from _build import algebra_inputs, loraops, workdir  # noqa: E402
 
 TIES = """\
 merge_method: ties
@@ -83,10 +83,8 @@ def main() -> None:
 
     work = workdir("06_recipe")
     print(f"building a base and three adapters in {work} ...")
-    base = llama(work / "llama-tiny")
-    style = peft_lora(base, work / "style", r=8, alpha=16, targets=["q_proj", "v_proj"], seed=1)
-    subject = peft_lora(base, work / "subject", r=4, alpha=4, targets=["q_proj", "k_proj", "v_proj"], seed=2)
-    big = peft_lora(base, work / "big", r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"], seed=3)
+    base, style, subject, big = algebra_inputs(work)
+    loraops("base", "add", base)
     for adapter in (style, subject, big):
         loraops("register", adapter)
 

@@ -103,6 +103,16 @@ def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str]
     return Path(out)
 
 
+def algebra_inputs(work: Path) -> tuple[Path, Path, Path, Path]:
+    """The algebra examples' tiny Llama base and three PEFT adapters on it, of ranks 8, 4 and 16 over growing sets of
+    attention layers: (base, style, subject, big)."""
+    base = llama(work / "llama-tiny")
+    style = peft_lora(base, work / "style", r=8, alpha=16, targets=["q_proj", "v_proj"], seed=1)
+    subject = peft_lora(base, work / "subject", r=4, alpha=4, targets=["q_proj", "k_proj", "v_proj"], seed=2)
+    big = peft_lora(base, work / "big", r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"], seed=3)
+    return base, style, subject, big
+
+
 def adalora(base: Path, out: Path, *, init_r: int, alpha: float, targets: list[str], seed: int = 7) -> Path:
     """A PEFT AdaLoRA adapter trained a few steps on the tokens 3…14 with PEFT's own budget allocation
     (update_and_allocate: the config's rank_pattern, each module saved at the rank it keeps), E moved off PEFT's zeros
