@@ -1,6 +1,6 @@
 """mergekit merge configurations (YAML) read as a `combine`: the subset that means something for LoRA task vectors
 over one base, mapped onto combine's methods and parameters as mergekit computes them; everything else is refused in
-one line naming it (docs/algebra.md, "Recipes").
+one line naming it (docs/recipes.md).
 
 mergekit's semantics kept here (its config.py, merge_methods/registry.py and generalized_task_arithmetic.py):
 - a model's parameter falls back to the top-level ``parameters`` (weight, density, gamma, epsilon there are every
