@@ -296,7 +296,16 @@ def is_tied_embeddings(name: str, config: dict) -> bool:
     tied = _tied_head_of_class(config)
     if tied is None:
         return name.endswith(INPUT_EMBEDDINGS)
-    return names_module(name, tied.embeddings) or name == tied.embeddings.partition(".")[2]
+    return _class_head(tied, name) is not None
+
+
+def _class_head(tied: TiedHead, embeddings: str) -> str | None:
+    """The head ``tied``'s class ties to ``embeddings``: beside them, or the class's own path where they are a
+    checkpoint saved from the bare model (GPT-1's own: tokens_embed.weight, h.0.…, which transformers loads with its
+    prefix added, the head beside it); None where they are not the class's embeddings."""
+    if names_module(embeddings, tied.embeddings):
+        return embeddings.removesuffix(tied.embeddings) + tied.head
+    return tied.head if embeddings == tied.embeddings.partition(".")[2] else None
 
 
 def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: dict) -> str | None:
@@ -312,11 +321,7 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
         return None
     tied = _tied_head_of_class(config)
     if tied is not None:
-        under_owner = embeddings == tied.embeddings or embeddings.endswith("." + tied.embeddings)
-        # or a checkpoint saved from the bare model (GPT-1's own: tokens_embed.weight, h.0.…), which transformers
-        # loads with its prefix added, the head beside it
-        bare = embeddings == tied.embeddings.partition(".")[2]
-        head = embeddings.removesuffix(tied.embeddings) + tied.head if under_owner else tied.head if bare else None
+        head = _class_head(tied, embeddings)
     elif any(a.endswith(LM_HEAD_CLASSES) for a in architectures):
         head = _causal_lm_head(embeddings)
     else:
@@ -410,10 +415,8 @@ def unstored_tied_heads(manifest: Mapping[str, object]) -> list[str]:
         if (head := _causal_lm_head(embeddings)) is not None:
             heads[head] = info.shape
         for tied in TIED_HEAD_OF_CLASS.values():
-            if names_module(embeddings, tied.embeddings):
-                heads[embeddings.removesuffix(tied.embeddings) + tied.head] = info.shape
-            elif embeddings == tied.embeddings.partition(".")[2]:  # a checkpoint of the bare model
-                heads[tied.head] = info.shape
+            if (head := _class_head(tied, embeddings)) is not None:
+                heads[head] = info.shape
     return sorted(head.removesuffix(".weight") for head, shape in heads.items()
                   if tied_head_source(head, shape, manifest) is not None)
 
