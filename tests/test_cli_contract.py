@@ -431,3 +431,19 @@ def test_a_pattern_that_is_no_regex_is_refused(tmp_path, field):
     (folder / "adapter_config.json").write_text(json.dumps({**config, field: {"(": 2}}))
     assert cli("inspect", folder, code=2).stderr.startswith(
         f"error: {folder}/adapter_config.json: config {field}['('] is no regular expression (missing ), ")
+
+
+def test_an_error_line_comes_after_what_was_said_before_it(tmp_path):
+    """With stdout and stderr sent to one file, a Ctrl-C that cut the flush of a merge's summary (click.echo writes,
+    then flushes) left the summary in stdout's buffer: it landed after the error line that said the interrupt, and
+    the log read as if the error came first (the summary is written here without its flush)."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log"
+    said = "import sys, loraops.cli as cli; sys.stdout.write('merged\\n'); cli.say_error('error: interrupted')"
+    with log.open("w") as out:
+        subprocess.run([sys.executable, "-c", said], stdout=out, stderr=subprocess.STDOUT, check=True,
+                       env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+                            "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert log.read_text().splitlines() == ["merged", "error: interrupted"]

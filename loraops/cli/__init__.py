@@ -75,9 +75,17 @@ def interrupted() -> int:
     return 128 + _interrupt[0]
 
 
+def say_error(line: str) -> None:
+    """Write ``line`` on stderr after what is already said on stdout: with both sent to one file (`> log 2>&1`),
+    stdout is block-buffered and its summary would otherwise land after the error line that followed it."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    click.echo(line, err=True)
+
+
 def fail(message: str, code: int) -> None:
     """Say ``message`` as the one `error:` line on stderr and exit with ``code``."""
-    click.echo(f"error: {one_line(message)}", err=True)
+    say_error(f"error: {one_line(message)}")
     raise click.exceptions.Exit(code)
 
 
@@ -102,7 +110,7 @@ class LoraopsGroup(click.Group):
         try:
             return super().make_context(*args, **kwargs)
         except KeyboardInterrupt:  # while the options are read: click would say "Aborted!" and exit 1
-            click.echo(INTERRUPTED, err=True)
+            say_error(INTERRUPTED)
             raise click.exceptions.Exit(interrupted()) from None
         except click.UsageError as exc:
             usage_error(exc)
@@ -161,7 +169,7 @@ def exit_status(args: list[str] | None = None) -> int:
     except SystemExit as exc:
         code = exc.code
     except (KeyboardInterrupt, click.exceptions.Abort):  # outside the command's own handling
-        print("error: interrupted", file=sys.stderr)
+        say_error("error: interrupted")
         code = interrupted()
     finally:
         signal.signal(signal.SIGTERM, previous)
