@@ -131,6 +131,16 @@ def pull_request(revision: str | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _not_a_pull_request(revision: str) -> str:
+    """Why a revision under refs/ that pull_request does not read is refused as a push target."""
+    digits = revision.removeprefix("refs/pr/")
+    if revision.startswith("refs/pr/") and digits.isdigit() and digits.isascii():
+        return ("is no pull request: the Hub numbers them from 1, written without leading zeros"
+                + (f" (refs/pr/{int(digits)})" if int(digits) else ""))
+    return ("is no branch name: the Hub keeps refs/ for its own refs (a pull request is refs/pr/N); give a branch's "
+            "plain name")
+
+
 def is_commit_sha(revision: str | None) -> bool:
     return bool(revision and _SHA.match(revision))
 
@@ -653,6 +663,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     check_repo_names(list(files), ref)
     branch = revision or "main"
     number = pull_request(branch)
+    if number is None and branch.startswith("refs/"):  # no branch the Hub makes (it refused one once the repo was made)
+        raise InvalidInputError(f"{repo_id}: --revision {branch!r} {_not_a_pull_request(branch)}")
     if number is not None and create_pr:
         raise InvalidInputError(f"--create-pr opens a new pull request, and --revision {branch} is one already: give "
                                 "one of them (--revision refs/pr/N alone adds the commit to that pull request)")

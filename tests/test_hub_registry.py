@@ -631,6 +631,24 @@ def test_push_refuses_a_branch_that_is_no_name(fake_hub, adapters, registry):
     assert "me/anime" not in fake_hub.repos
 
 
+def test_push_refuses_a_ref_that_is_no_pull_request(fake_hub, adapters, registry):
+    """`--revision refs/pr/0` or `refs/pr/01` (or any other name under refs/) was taken for a branch: the repo was
+    created, then the Hub refused the branch (400). Pull requests are refs/pr/N, N from 1 in plain decimals, as the
+    Hub names them (huggingface_hub passes the name through): refused in one line before anything is asked."""
+    registry.add_adapter(adapters["a"], name="anime")
+    expected = {"refs/pr/0": "is no pull request: the Hub numbers them from 1, written without leading zeros",
+                "refs/pr/01": "is no pull request: the Hub numbers them from 1, written without leading zeros "
+                              "(refs/pr/1)",
+                "refs/pr/x": "is no branch name: the Hub keeps refs/ for its own refs (a pull request is refs/pr/N); "
+                             "give a branch's plain name",
+                "refs/heads/dev": "is no branch name: the Hub keeps refs/ for its own refs (a pull request is "
+                                  "refs/pr/N); give a branch's plain name"}
+    for revision, why in expected.items():
+        result = CliRunner().invoke(main, ["push", "anime", "me/new", "--revision", revision, "--token", "hf_owner"])
+        assert (result.exit_code, result.output) == (2, f"error: me/new: --revision {revision!r} {why}\n")
+    assert "me/new" not in fake_hub.repos and not fake_hub.requests
+
+
 def test_a_damaged_pulled_adapter_is_repaired_by_pulling_it_again(fake_hub, adapters):
     """verify and push said to `register` the original of a damaged stored copy: a pulled adapter has none on disk.
     They name the `pull` that downloads it again (repo, commit and --file), which repairs it."""
