@@ -652,7 +652,6 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     a ``revision`` ``refs/pr/N`` adds it to that open pull request. The repo paths in ``remove`` that the branch
     holds are deleted in the same commit."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-    from huggingface_hub.errors import RevisionNotFoundError
 
     ref = parse_repo_ref(repo_id)
     if ref.revision:
@@ -673,13 +672,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
     api = _api(token)
     target = RepoRef(ref.repo_id, branch)
     with hub_errors(target, "push to"), _progress():
-        if number is not None:  # a pull request's ref is made by the Hub when it is opened, never as a branch; no
-            # repo is made (public, by default) only to find it has no pull request
-            try:
-                api.repo_info(ref.repo_id, revision=branch)
-            except RevisionNotFoundError:
-                raise NotFoundError(f"{ref.repo_id} has no pull request {number}: open one with --create-pr "
-                                    "(refs/pr/N pushes to an open one)") from None
+        if number is not None:  # a pull request's ref is made by the Hub when it is opened, never as a branch
+            _refuse_unless_open(api, ref.repo_id, number)
         else:
             api.create_repo(ref.repo_id, private=private, exist_ok=True)
             if branch != "main":
@@ -701,6 +695,30 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
             hub_log.setLevel(level)
     pr_url = info.pr_url or (f"{endpoint()}/{ref.repo_id}/discussions/{number}" if number is not None else None)
     return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head)
+
+
+def _refuse_unless_open(api, repo_id: str, number: int) -> None:
+    """Refuse a push to pull request ``number`` unless it is open (or a draft), from its status on the Hub
+    (get_discussion_details): a closed or merged one keeps its refs/pr/N until someone deletes it, and what the Hub
+    answers to a commit there is not documented, so it is not asked. No repo is made (public, by default) only to
+    find it has no such pull request."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        thread = api.get_discussion_details(repo_id, number)
+    except RepositoryNotFoundError:
+        raise
+    except HfHubHTTPError as exc:
+        if exc.response is None or exc.response.status_code != 404:
+            raise
+        thread = None
+    if thread is None or not thread.is_pull_request:
+        what = f"has no pull request {number}" if thread is None else f"#{number} is a discussion, not a pull request"
+        raise NotFoundError(f"{repo_id} {what}: open one with --create-pr (refs/pr/N pushes to an open one)")
+    if thread.status in ("closed", "merged"):
+        again = "reopen it on the Hub or " if thread.status == "closed" else ""
+        raise InvalidInputError(f"{repo_id} pull request {number} is {thread.status}: nothing pushed; {again}open "
+                                "another with --create-pr")
 
 
 # ---- model card ------------------------------------------------------------------------------------------------

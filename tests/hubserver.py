@@ -4,8 +4,9 @@ It speaks the subset of the Hub API that huggingface_hub 2.x calls for what lora
 at a revision (with siblings and sha), tree listing, refs, resolve (HEAD and GET, with X-Repo-Commit, ETag,
 X-Linked-Etag/Size, Content-Length and byte ranges, or whole files whatever the Range: `ignore_ranges`; file GETs
 redirected to a CDN path: `redirect_files`), preupload
-+ NDJSON commit (regular files inline, LFS files through the LFS batch endpoint and a basic PUT), branches, tags, pull requests (refs/pr/N), tokens, private and
-gated repos, and the X-Error-Code headers the client maps to its exceptions. It does NOT speak Xet: like a
++ NDJSON commit (regular files inline, LFS files through the LFS batch endpoint and a basic PUT), branches, tags, pull requests (refs/pr/N), discussions and
+pull requests' status (`set_status`: open, draft, closed, merged; a closed or merged one's ref can be deleted, as the
+Hub's "Delete ref" does; `/api/models/{repo}/discussions/{num}`), tokens, private and gated repos, and the X-Error-Code headers the client maps to its exceptions. It does NOT speak Xet: like a
 self-hosted or mirror endpoint, its xet-token routes answer 404.
 
 Repos are real commits in a content-addressed store: blobs by sha256 on disk, commits as {path: blob} snapshots
@@ -60,6 +61,23 @@ class Commit:
 
 
 @dataclass
+class Thread:
+    """A discussion or pull request (one number space, as on the Hub). A pull request's commits are on refs/pr/N
+    (Repo.prs) until its ref is deleted, which the Hub offers once it is closed or merged. A commit to the ref of a
+    closed or merged one is accepted here, as by a git ref: what the Hub answers is not documented."""
+
+    num: int
+    title: str
+    author: str
+    pull_request: bool
+    base: str | None = None
+    """The branch a pull request targets."""
+    status: str = "open"
+    """open, closed, merged, or draft (a pull request opened empty, before it is published)."""
+    date: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()))
+
+
+@dataclass
 class Repo:
     repo_id: str
     private: bool = False
@@ -68,6 +86,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     prs: dict[int, str] = field(default_factory=dict)
+    threads: dict[int, Thread] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
 
     @property
@@ -176,6 +195,32 @@ class FakeHub:
         files = {prefix + (p.name if folder.is_file() else p.relative_to(folder).as_posix()): p.read_bytes()
                  for p in paths}
         return self.commit(repo_id, files, **kwargs)
+
+    def open_pr(self, repo_id: str, base: str = "main", *, author: str = "someone", title: str = "update") -> int:
+        """A new pull request against ``base`` (its ref at base's head, no commit of its own yet); its number."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            number = max(repo.threads, default=0) + 1
+            repo.threads[number] = Thread(number, title, author, pull_request=True, base=base)
+            repo.prs[number] = repo.resolve(base).sha
+            return number
+
+    def open_discussion(self, repo_id: str, *, author: str = "someone", title: str = "question") -> int:
+        with self.lock:
+            repo = self.repos[repo_id]
+            number = max(repo.threads, default=0) + 1
+            repo.threads[number] = Thread(number, title, author, pull_request=False)
+            return number
+
+    def set_status(self, repo_id: str, number: int, status: str, *, delete_ref: bool = False) -> None:
+        """Close, merge (the status only: nothing lands on the base branch) or reopen a discussion or pull request;
+        ``delete_ref`` also deletes a closed or merged pull request's refs/pr/N, as the Hub's "Delete ref" does."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            repo.threads[number].status = status
+            if delete_ref:
+                assert status in ("closed", "merged"), "the Hub deletes the ref of a closed or merged pull request only"
+                del repo.prs[number]
 
     def tag(self, repo_id: str, tag: str, revision: str = "main") -> None:
         with self.lock:
@@ -376,6 +421,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                                         for n, sha in names.items()]
             return self._send_json(200, {"branches": refs("heads", repo.branches), "tags": refs("tags", repo.tags),
                                          "converts": []})
+        if method == "GET" and len(rest) == 2 and rest[0] == "discussions":
+            return self._send_json(200, self._thread(self._repo(repo_id), rest[1]))
         if method == "POST" and rest[:1] == ["preupload"]:
             repo = self._repo(repo_id, write=True)
             head = repo.ref(rest[1])
@@ -400,6 +447,18 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._send_json(200, {})
         # Xet token routes (and anything else) are unknown here: a Hub endpoint without Xet.
         raise HubHTTPError(404, f"Sorry, we can't find the page you are looking for ({self.path})")
+
+    def _thread(self, repo: Repo, number: str) -> dict:
+        """GET /api/models/{repo}/discussions/{num}, what huggingface_hub's get_discussion_details reads."""
+        thread = repo.threads.get(int(number)) if number.isdigit() else None
+        if thread is None:
+            raise HubHTTPError(404, "Discussion not found")
+        details = {"num": thread.num, "title": thread.title, "status": thread.status, "author": {"name": thread.author},
+                   "createdAt": thread.date, "isPullRequest": thread.pull_request, "events": [],
+                   "repo": {"name": repo.repo_id, "type": "model"}}
+        if thread.pull_request:
+            details.update(changes={"base": f"refs/heads/{thread.base}"}, filesWithConflicts=[], diff="")
+        return details
 
     def _model_info(self, repo: Repo, commit: Commit, blobs: bool) -> dict:
         siblings = []
@@ -488,9 +547,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             raise HubHTTPError(400, "Invalid path in commit")
         branch, pr_url = revision, None
         if self.query.get("create_pr") == "1":
-            base = repo.resolve(revision).sha
-            number = max(repo.prs, default=0) + 1
-            repo.prs[number] = base
+            number = self.hub.open_pr(repo.repo_id, revision, author=self._user(), title=header.get("summary", ""))
             branch, pr_url = f"refs/pr/{number}", f"{self.hub.url}/{repo.repo_id}/discussions/{number}"
         elif revision not in repo.branches and not (revision.startswith("refs/pr/") and repo.ref(revision)):
             raise HubHTTPError(404, f"Invalid rev id: {revision}", "RevisionNotFound")  # (a commit to an open PR: ok)

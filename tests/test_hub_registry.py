@@ -143,6 +143,39 @@ def test_push_to_an_open_pull_request(fake_hub, adapters, registry):
     assert "me/none" not in fake_hub.repos  # (no repo made, public, only to find it has no pull request)
 
 
+@pytest.mark.parametrize("status, delete_ref, hint", [
+    ("closed", False, "reopen it on the Hub or open another with --create-pr"),
+    ("merged", False, "open another with --create-pr"),
+    ("merged", True, "open another with --create-pr"),  # its ref deleted since, as the Hub offers
+])
+def test_push_to_a_closed_or_merged_pull_request_pushes_nothing(fake_hub, adapters, registry, status, delete_ref, hint):
+    """A closed or merged pull request keeps its refs/pr/N (until someone deletes it) and took the commit: the push
+    said `pushed` to a pull request nobody looks at any more. Its status is asked first; nothing is uploaded. A draft
+    takes commits (that is what it is for); a discussion's number is no pull request."""
+    registry.add_adapter(adapters["a"], name="anime")
+    registry.add_adapter(adapters["b"], name="other")
+    hub.push(registry, "anime", "me/prs", token="hf_owner")
+    hub.push(registry, "other", "me/prs", create_pr=True, token="hf_owner")
+    head = fake_hub.repos["me/prs"].prs[1]
+    fake_hub.set_status("me/prs", 1, status, delete_ref=delete_ref)
+    asked = len(fake_hub.requests)
+    push = ["push", "anime", "me/prs", "--revision", "refs/pr/1", "--token", "hf_owner"]
+    result = CliRunner().invoke(main, push)
+    assert (result.exit_code, result.output) == (2, f"error: me/prs pull request 1 is {status}: nothing pushed; "
+                                                    f"{hint}\n")
+    assert fake_hub.repos["me/prs"].prs.get(1) == (None if delete_ref else head)
+    assert not [r for r in fake_hub.requests[asked:] if r["method"] != "GET"]  # no preupload, upload or commit
+
+    draft = fake_hub.open_pr("me/prs")
+    fake_hub.set_status("me/prs", draft, "draft")
+    assert CliRunner().invoke(main, push[:4] + [f"refs/pr/{draft}"] + push[5:]).exit_code == 0
+    assert fake_hub.files("me/prs", f"refs/pr/{draft}") == fake_hub.files("me/prs")
+    question = fake_hub.open_discussion("me/prs")
+    asked = CliRunner().invoke(main, push[:4] + [f"refs/pr/{question}"] + push[5:])
+    assert (asked.exit_code, asked.output) == (3, f"error: me/prs #{question} is a discussion, not a pull request: "
+                                                  "open one with --create-pr (refs/pr/N pushes to an open one)\n")
+
+
 def test_push_derived_adapter_renders_its_lineage(fake_hub, adapters, registry):
     style_commit = fake_hub.commit_folder("someone/style", adapters["a"])
     style = hub.pull(registry, "someone/style").adapter
