@@ -227,7 +227,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise NotFoundError(f"{ref}: file not found ({_server_message(exc)})") from None
     except (hf.LocalEntryNotFoundError, hf.RevisionResolutionError, hf.OfflineModeIsEnabled) as exc:
         if offline():
-            raise _not_cached(ref, action) from None
+            raise _not_cached(ref, action, partly=isinstance(exc, hf.IncompleteSnapshotError)) from None
         raise HubError(_unreachable(action, ref, exc)) from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
@@ -296,11 +296,13 @@ def _unreachable(action: str, ref: RepoRef | str, exc: BaseException) -> str:
     return f"cannot reach the Hub at {endpoint()} to {action} {ref} ({_root_cause(exc)}); {hint}"
 
 
-def _not_cached(ref: RepoRef | str, action: str = "pull") -> NotFoundError:
-    """``action`` "download" is a base's (download_base), whose weights come down on first use: it is not pulled."""
+def _not_cached(ref: RepoRef | str, action: str = "pull", partly: bool = False) -> NotFoundError:
+    """``action`` "download" is a base's (download_base), whose weights come down on first use: it is not pulled.
+    ``partly``: a snapshot that lacks files (a download that stopped midway)."""
     way = "its weights download on first use: run this once online first" if action == "download" else \
         "pull it once online first"
-    return NotFoundError(f"{ref} is not in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; {way}")
+    where = "only partly" if partly else "not"
+    return NotFoundError(f"{ref} is {where} in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; {way}")
 
 
 def _xet_hint(action: str, ref: RepoRef | str) -> str:
@@ -509,7 +511,10 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     revision = ResolvedRevision(resolved=commit, initial=ref.revision, repo_id=ref.repo_id)
     with hub_errors(ref, "pull"), _progress():
         if offline():
-            files = select_adapter_files(_cached_names(ref, commit), ref, subpath)
+            names = _cached_names(ref, commit)
+            if names is None:
+                raise _not_cached(ref)
+            files = select_adapter_files(names, ref, subpath)
         else:
             api = _api(token)
             names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
@@ -620,15 +625,15 @@ def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> di
     return tensors
 
 
-def _cached_names(ref: RepoRef, commit: str) -> list[str]:
-    """The repo listing at ``commit`` as huggingface_hub cached it with the last download (offline)."""
+def _cached_names(ref: RepoRef, commit: str) -> list[str] | None:
+    """The repo listing at ``commit`` as huggingface_hub cached it with a download (offline); None without one."""
     from huggingface_hub import get_cached_repo_tree
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
     try:
         return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=commit, cache_dir=cache_dir())]
     except CachedRepoTreeNotFoundError:
-        raise _not_cached(ref) from None
+        return None
 
 
 # ---- push ------------------------------------------------------------------------------------------------------
@@ -871,8 +876,6 @@ def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, st
 def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
     """Read a Hub base model's manifest (names, dtypes, shapes) from its safetensors headers with HTTP range
     requests: the weights are not downloaded."""
-    from huggingface_hub import hf_hub_download
-
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     if offline():
         raise HubError(f"cannot read the manifest of {ref} with HF_HUB_OFFLINE=1 set; add the base from a local "
@@ -881,14 +884,8 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
     api = _api(token)
     with hub_errors(ref, "read"), _progress():
         names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
-
-        def read_index(name: str) -> dict:
-            path = hf_hub_download(ref.repo_id, name, revision=commit, cache_dir=cache_dir(), token=token,
-                                   endpoint=endpoint())
-            return read_json(path, "safetensors index", name=name)
-
         try:
-            files, layout = weight_layout(names, read_index)
+            files, layout = weight_layout(names, _index_reader(ref, commit, token))
         except FormatError as exc:
             raise FormatError(f"{ref}: {exc}") from None
         tensors: dict[str, RemoteTensor] = {}
@@ -901,6 +898,18 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
     weights = set(files)
     others = [n for n in names if n not in weights and not n.endswith(OTHER_WEIGHT_SUFFIXES)]
     return RemoteBase(ref, commit, files, others, tensors)
+
+
+def _index_reader(ref: RepoRef, commit: str, token: str | None):
+    """weight_layout's read_index for the repo at ``commit``: a safetensors index's JSON, through the Hub cache."""
+    from huggingface_hub import hf_hub_download
+
+    def read_index(name: str) -> dict:
+        path = hf_hub_download(ref.repo_id, name, revision=commit, cache_dir=cache_dir(), token=token,
+                               endpoint=endpoint(), local_files_only=offline())
+        return read_json(path, "safetensors index", name=name)
+
+    return read_index
 
 
 def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None):
@@ -934,9 +943,16 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     if offline():
+        # The snapshot must hold the safetensors weights, the files loraops reads: asked for all the repo's files,
+        # huggingface_hub called it incomplete for other weight formats (.bin, .gguf) loraops never downloads, or
+        # a README `hf download --include` left out. Without the listing huggingface_hub caches with a download,
+        # the snapshot is taken as it is (attach_base_files checks its tensors)
         commit = resolve_commit(ref, token)
         with hub_errors(ref, "download"):
-            return Path(snapshot_download(ref.repo_id, revision=commit, cache_dir=cache_dir(), local_files_only=True))
+            names = _cached_names(ref, commit)
+            weights = None if names is None else exactly(weight_layout(names, _index_reader(ref, commit, token))[0])
+            return Path(snapshot_download(ref.repo_id, revision=commit, cache_dir=cache_dir(), local_files_only=True,
+                                          allow_patterns=weights))
     base = remote_base(ref, token=token)
     with hub_errors(ref, "download"), _progress():
         folder = Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,

@@ -307,6 +307,56 @@ def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, r
     assert registry.base_path("tiny") == path
 
 
+def test_an_offline_base_needs_its_weights_in_the_cache_and_no_other_file(fake_hub, adapters, tmp_path, monkeypatch):
+    """Offline, a Hub base's weights come from the cache snapshot of its commit (a download that ran online, or
+    `hf download --include`): huggingface_hub was asked for the whole snapshot and called it incomplete for the
+    repo's pytorch_model.bin, which loraops never downloads (or for the .gitattributes `hf download --include` left
+    out), so the base was "not in the local Hub cache". It is asked for the safetensors weights, what loraops reads;
+    a snapshot without all of them (a download stopped midway) is said to be only partly in the cache, and the base
+    stays without files."""
+    from huggingface_hub import snapshot_download
+
+    files = {p.name: p.read_bytes() for p in adapters["base"].iterdir() if p.is_file()}
+    commit = fake_hub.commit("meta/tiny", {**files, "pytorch_model.bin": b"a pickle"})
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny"]).exit_code == 0
+    folder = Path(snapshot_download("meta/tiny", cache_dir=hub.cache_dir(), endpoint=fake_hub.url,
+                                    allow_patterns=["*.safetensors", "*.json"]))
+    (folder / "model.safetensors").rename(folder.parent / "aside")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    merge = ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o"]
+    partly = runner.invoke(main, merge + [str(tmp_path / "m1")])
+    assert (partly.exit_code, partly.output) == (3, (
+        f"error: meta/tiny@{commit} is only partly in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 "
+        "is set; its weights download on first use: run this once online first\n"))
+    with Registry.open() as reg:
+        assert reg.get_base("tiny").path is None
+    (folder.parent / "aside").rename(folder / "model.safetensors")
+    merged = runner.invoke(main, merge + [str(tmp_path / "m2")])
+    assert merged.exit_code == 0, merged.output
+    with Registry.open() as reg:
+        assert reg.get_base("tiny").path == str(folder.resolve())
+
+
+def test_an_offline_pull_of_a_ref_moved_to_a_partial_snapshot(fake_hub, adapters, registry, monkeypatch):
+    """Another tool's download that stopped midway moved the branch's ref (huggingface_hub writes refs/ before it
+    downloads) to a commit whose snapshot lacks the adapter's weights: an offline pull says so, and does not go
+    around the ref to the older snapshot it has in full (the branch is not there any more)."""
+    from huggingface_hub import snapshot_download
+
+    fake_hub.commit_folder("someone/x", adapters["a"])
+    snapshot_download("someone/x", cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    fake_hub.commit_folder("someone/x", adapters["b"])
+    folder = Path(snapshot_download("someone/x", cache_dir=hub.cache_dir(), endpoint=fake_hub.url))
+    (folder / "adapter_model.safetensors").unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["pull", "someone/x"])
+    assert (result.exit_code, result.output) == (3, (
+        f"error: someone/x is only partly in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
+        "pull it once online first\n"))
+    assert not registry.list_adapters()
+
+
 def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapters, tmp_path, monkeypatch):
     """`base add hub: --token` keeps no token (loraops stores none): it says so, and the first use that downloads the
     weights, refused without credentials, says how to give them (HF_TOKEN or the saved login), not `--token`, which
