@@ -705,8 +705,8 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
 def _refuse_unless_open(api, repo_id: str, number: int) -> None:
     """Refuse a push to pull request ``number`` unless it is open (or a draft), from its status on the Hub
     (get_discussion_details): a closed or merged one keeps its refs/pr/N until someone deletes it, and what the Hub
-    answers to a commit there is not documented, so it is not asked. No repo is made (public, by default) only to
-    find it has no such pull request."""
+    answers to a commit there is not documented, so loraops does not find out by pushing. No repo is made (public,
+    by default) only to find it has no such pull request."""
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     try:
@@ -945,7 +945,7 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
     if offline():
         # The snapshot must hold the safetensors weights, the files loraops reads: asked for all the repo's files,
         # huggingface_hub called it incomplete for other weight formats (.bin, .gguf) loraops never downloads, or
-        # a README `hf download --include` left out. Without the listing huggingface_hub caches with a download,
+        # a .gitattributes `hf download --include` left out. Without the listing huggingface_hub caches with a download,
         # the snapshot is taken as it is (attach_base_files checks its tensors)
         commit = resolve_commit(ref, token)
         with hub_errors(ref, "download"):
