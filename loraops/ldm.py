@@ -349,22 +349,30 @@ SD_DIFFUSERS_UNET = re.compile(
     rf"mid_block\.(?:resnets\.[01]\.{_RESNET}|attentions\.0\.{_TRANSFORMER}))$")
 
 
-def checkpoint_paths(names: Iterable[str], *, whole: bool = False) -> dict[str, str]:
+def attending_up_levels(names: Iterable[str]) -> set[int]:
+    """The up levels of a diffusers UNet (``up_blocks.N``) that ``names`` show attentions of."""
+    return {int(m["level"]) for n in names if (m := DIFFUSERS_BLOCK_RE.match(n.removeprefix(DIFFUSERS_UNET)))
+            and m["kind"] == "up_blocks" and m["part"] == "attentions"}
+
+
+def checkpoint_paths(names: Iterable[str], *, whole: bool = False,
+                     attending: Iterable[int] | None = None) -> dict[str, str]:
     """{diffusers UNet module name ("unet.down_blocks.1.attentions.0.proj_in"): its checkpoint path
     ("model.diffusion_model.input_blocks.4.1.proj_in")} for the SD-family diffusers UNet names among ``names`` (an
     adapter's modules, or a pipeline's tensors): unet_path's inverse, SDXL's add_embedding as label_emb. An up level's
-    upsampler sits behind its attention (output_blocks.N.2.conv) where ``names`` show that level's attentions, else,
-    in a ``whole`` UNet (a pipeline's: no attention there), as output_blocks.N.1.conv; in an adapter that shows none
-    it is left out: SDXL base's first up level attends, the refiner's does not. Nothing at all where any of them is no
-    SD-family UNet's module (SD_DIFFUSERS_UNET)."""
+    upsampler sits behind its attention (output_blocks.N.2.conv) where that level attends, else as
+    output_blocks.N.1.conv. Which levels attend: ``attending`` where given (the bound base's: up_attention), else
+    those ``names`` show attentions of — all of them in a ``whole`` UNet (a pipeline's); in an adapter that shows none
+    of a level its upsampler is left out: SDXL base's first up level attends, the refiner's does not. Nothing at all
+    where any of them is no SD-family UNet's module (SD_DIFFUSERS_UNET)."""
     names = [re.sub(r"\.(?:weight|bias)$", "", n) for n in names if n.startswith(DIFFUSERS_UNET)]
     if not all(SD_DIFFUSERS_UNET.match(n[len(DIFFUSERS_UNET):]) for n in names):
         return {}
-    attends = {int(m["level"]) for n in names if (m := DIFFUSERS_BLOCK_RE.match(n[len(DIFFUSERS_UNET):]))
-               and m["kind"] == "up_blocks" and m["part"] == "attentions"}
+    known = attending is not None
+    attends = set(attending) if known else attending_up_levels(names)
 
     def upsampler_slot(level: int) -> int | None:
-        return 2 if level in attends else 1 if whole else None
+        return 2 if level in attends else 1 if whole or known else None
 
     paths = {name: checkpoint_unet_path(name[len(DIFFUSERS_UNET):], upsampler_slot) for name in names}
     return {name: UNET_PREFIX + path for name, path in paths.items() if path is not None}
@@ -581,9 +589,21 @@ OTHER_UNETS = (  # AudioLDM before the upscaler: its fourth level widens too (in
     OtherUnet("SD x4 upscaler", re.compile(_UNET + r"(?:label_emb(?:\.weight)?|input_blocks\.10\.0\.skip_connection"
                                            r"(?:\.\w+)?)$"), True),
 )
+UP_ATTENTION_KEY = "loraops_unet_up_attention"
+"""Header metadata of an adapter bound to a diffusers pipeline whose UNet sd-scripts names by checkpoint paths
+(SDXL's, base or refiner; the x4 upscaler's, AudioLDM's, SVD's): its up levels that attend, comma-separated (""
+for none). Where an up level's upsampler sits (output_blocks.N.2.conv behind attention, else .1.conv) depends on
+it, and an adapter of the upsampler alone does not say (up_attention)."""
 OTHER_UNET_KEY = "loraops_unet"
 """Header metadata naming (OtherUnet.name) the UNet of OTHER_UNETS an adapter was bound to: the few modules of an
 adapter may not say it, and what they say otherwise (is_sdxl) would be false."""
+
+
+def up_attention(metadata: dict[str, str] | None) -> list[int] | None:
+    """The up levels the header says (UP_ATTENTION_KEY) the bound pipeline's UNet attends in, None where it says
+    nothing."""
+    recorded = (metadata or {}).get(UP_ATTENTION_KEY)
+    return None if recorded is None else [int(level) for level in recorded.split(",") if level]
 
 
 def other_unet(names: Iterable[str], metadata: dict[str, str] | None = None) -> OtherUnet | None:
@@ -672,9 +692,15 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
     (loraops writes "False" where it cannot place an adapter): "sd_v2_v" beside ss_v2 "False" reads as SD 1.x to
     sd-scripts. The base's network module replaces the adapter's own: what the kohya writer writes is sd-scripts'
     plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that loraops wrote
-    for FLUX before); so does the base's UNet of OTHER_UNETS (OTHER_UNET_KEY)."""
+    for FLUX before); so does the base's UNet of OTHER_UNETS (OTHER_UNET_KEY), and a pipeline base's attending up
+    levels (UP_ATTENTION_KEY) where sd-scripts names its UNet by checkpoint paths."""
     base = sd_scripts_metadata(tensors)
     placed = bool(metadata.get("ss_base_model_version")) or "ss_base_model_version" not in base
-    metadata = {k: v for k, v in metadata.items() if k != OTHER_UNET_KEY}  # (the base says, or nothing does)
+    # (the base says, or nothing does)
+    metadata = {k: v for k, v in metadata.items() if k not in (OTHER_UNET_KEY, UP_ATTENTION_KEY)}
+    if base.get("ss_base_model_version", "").startswith("sdxl") or OTHER_UNET_KEY in base:
+        pipeline = [name for name in tensors if name.startswith(DIFFUSERS_UNET)]
+        if checkpoint_paths(pipeline, whole=True):
+            metadata[UP_ATTENTION_KEY] = ",".join(map(str, sorted(attending_up_levels(pipeline))))
     return {**metadata, **{k: v for k, v in base.items()
                            if k in ("ss_network_module", OTHER_UNET_KEY) or not placed or not metadata.get(k)}}

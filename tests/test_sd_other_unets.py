@@ -332,14 +332,39 @@ def test_sd_scripts_sdxl_names_bind_to_an_sdxl_pipeline_and_are_written_back(tmp
     assert sorted(bound.modules) == ["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
                                      "unet.up_blocks.0.attentions.2.proj_in", "unet.up_blocks.0.upsamplers.0.conv"]
     # the first up level's upsampler alone: behind attention (SDXL base: output_blocks.2.2) or not (the refiner's
-    # output_blocks.2.1), which the bound modules do not say: refused, not guessed
+    # output_blocks.2.1), which the bound modules do not say but the bound pipeline does (its header records it)
     upsampler = {k: v for k, v in sd_scripts.items() if k.endswith("_conv") or "input_blocks" in k}
-    with pytest.raises(Exception, match="unet.up_blocks.0.upsamplers.0.conv: diffusers UNet modules whose checkpoint "
-                                        "path, by which sd-scripts names SDXL's UNet, the adapter's modules do not say"):
-        kohya_round_trip(tmp_path, upsampler, manifest)
+    assert kohya_round_trip(tmp_path, upsampler, manifest) == set(upsampler)
     diffusers_named = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q": ((16,), (16,))}
     assert kohya_round_trip(tmp_path, diffusers_named, manifest) == {
         "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"}
+
+
+def test_an_sdxl_pipeline_bound_upsampler_without_its_levels_attention_is_written_where_the_base_has_it(tmp_path):
+    """A diffusers LoRA on the first up level's upsampler (and nothing of that level's attention) bound to an SDXL base
+    or refiner pipeline was refused for kohya: its modules do not say whether the upsampler sits behind attention
+    (the base's output_blocks.2.2.conv) or not (the refiner's output_blocks.2.1.conv). The bound pipeline says: it
+    goes under the checkpoint path of that base (binding records it: ldm.UP_ATTENTION_KEY), which binds back to the
+    same module."""
+    from types import SimpleNamespace
+
+    from test_ldm import REFINER, SDXL, diffusers_unet
+
+    from loraops import check, formats
+    from loraops.st import read_header
+
+    for layout, path in ((SDXL, "output_blocks_2_2_conv"), (REFINER, "output_blocks_2_1_conv")):
+        manifest = {f"unet.{k}": SimpleNamespace(shape=tuple(v.shape))
+                    for k, v in diffusers_unet(layout)[0].state_dict().items()}
+        lora = diffusers_lora(tmp_path / f"{path}.safetensors", {
+            "unet.up_blocks.0.upsamplers.0.conv": (16, 16 * 9),
+            "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (16, 16)})
+        bound = check.bind(formats.read_adapter(lora), manifest)
+        out = formats.write_adapter(bound, tmp_path / f"k-{path}.safetensors", "kohya")
+        assert sorted(k.removesuffix(".lora_up.weight") for k in read_header(out).tensors if k.endswith("lora_up.weight")) \
+            == ["lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", f"lora_unet_{path}"]
+        back = check.bind(formats.read_adapter(out), manifest)
+        assert sorted(back.modules) == sorted(bound.modules)
 
 
 

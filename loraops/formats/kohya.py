@@ -193,7 +193,8 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     by_path = bool(sdxl) or other is not None
     # a diffusers-named UNet (a diffusers LoRA's, a pipeline's) at the checkpoint paths named so (none for SVD's, whose
     # diffusers blocks are not SD's)
-    at_path = ldm.checkpoint_paths(adapter.modules) if other is None or other.diffusers else {}
+    at_path = ldm.checkpoint_paths(adapter.modules, attending=ldm.up_attention(adapter.metadata)) \
+        if other is None or other.diffusers else {}
 
     def named(name: str, by_path: bool) -> tuple[str | None, str]:
         return component_of(adapter, at_path[name], sdxl=True) if by_path and name in at_path else \
