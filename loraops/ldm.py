@@ -286,11 +286,21 @@ def split(tensor: str, shape: Sequence[int], *, whole: bool = False) -> list[tup
     return [] if entry is None or entry.whole != whole else entry.rows(tensor, shape) or []
 
 
-def unet_path(ldm: str, sdxl: bool | None = None) -> str | None:
+# Stable Video Diffusion's UNet (sgm's VideoUNet) in diffusers' UNetSpatioTemporalConditionModel, as diffusers'
+# scripts/convert_svd_to_diffusers.py converts it: SD's table, but a VideoResBlock is a SpatioTemporalResBlock (its
+# own layers → spatial_res_block, its time_stack ResBlock → temporal_res_block) and a SpatialVideoTransformer's
+# time_stack is temporal_transformer_blocks, its time_pos_embed Sequential a TimestepEmbedding (diffusers prefix →
+# checkpoint prefix, inside a resnet or an attention)
+VIDEO_RESNET = {"spatial_res_block.": "", "temporal_res_block.": "time_stack."}
+VIDEO_ATTENTION = {"temporal_transformer_blocks.": "time_stack.", "time_pos_embed.linear_1": "time_pos_embed.0",
+                   "time_pos_embed.linear_2": "time_pos_embed.2"}
+
+
+def unet_path(ldm: str, sdxl: bool | None = None, *, video: bool = False) -> str | None:
     """The diffusers path of an LDM UNet module path (relative to ``model.diffusion_model.``), or None for a path
     outside the blocks this translation knows. ``input_blocks.4.1.proj_in`` → ``down_blocks.1.attentions.0.proj_in``.
     ``sdxl``: the UNet's family (is_sdxl), which names label_emb: False (SD 2.x unCLIP) class_embedding, else SDXL's
-    add_embedding."""
+    add_embedding (SVD's too); ``video``: Stable Video Diffusion's UNet (VIDEO_RESNET, VIDEO_ATTENTION)."""
     if ldm in UNET_TOP:
         return UNET_TOP[ldm]
     if ldm in LABEL_EMB:
@@ -302,7 +312,8 @@ def unet_path(ldm: str, sdxl: bool | None = None) -> str | None:
     if kind == "middle_block":  # resnet, attention, resnet; no sub-index
         if match["m"] is not None:
             rest = f"{match['m']}.{rest}"
-        return f"mid_block.attentions.0.{rest}" if n == 1 else resnet(f"mid_block.resnets.{n // 2}", rest)
+        return f"mid_block.attentions.0.{attention(rest)}" if n == 1 else \
+            resnet(f"mid_block.resnets.{n // 2}", rest, video)
     if match["m"] is None:
         return None
     m = int(match["m"])
@@ -313,18 +324,29 @@ def unet_path(ldm: str, sdxl: bool | None = None) -> str | None:
         if slot == 2:
             return f"down_blocks.{block}.downsamplers.0.conv" if (m, rest) == (0, "op") else None
         if m == 0:
-            return resnet(f"down_blocks.{block}.resnets.{slot}", rest)
-        return f"down_blocks.{block}.attentions.{slot}.{rest}" if m == 1 else None
+            return resnet(f"down_blocks.{block}.resnets.{slot}", rest, video)
+        return f"down_blocks.{block}.attentions.{slot}.{attention(rest)}" if m == 1 else None
     block, slot = divmod(n, 3)  # output blocks: three (resnet, attention?) slots, the last ends with the upsampler
     if m == 0:
-        return resnet(f"up_blocks.{block}.resnets.{slot}", rest)
+        return resnet(f"up_blocks.{block}.resnets.{slot}", rest, video)
     if rest == "conv" and slot == 2:  # an Upsample's only weight; a transformer block has no direct "conv"
         return f"up_blocks.{block}.upsamplers.0.conv"
-    return f"up_blocks.{block}.attentions.{slot}.{rest}" if m == 1 else None
+    return f"up_blocks.{block}.attentions.{slot}.{attention(rest)}" if m == 1 else None
 
 
-def resnet(prefix: str, rest: str) -> str | None:
+def resnet(prefix: str, rest: str, video: bool = False) -> str | None:
+    """A resnet's module: SD's ResBlock, or (``video``) SVD's VideoResBlock, its time_stack included."""
+    if video:
+        block = "temporal_res_block." if rest.startswith(VIDEO_RESNET["temporal_res_block."]) else "spatial_res_block."
+        return resnet(prefix + "." + block[:-1], rest.removeprefix(VIDEO_RESNET[block]))
     return f"{prefix}.{RESNET[rest]}" if rest in RESNET else None
+
+
+def attention(rest: str) -> str:
+    """A module inside an attention (a SpatialTransformer's keeps its name; SVD's time_stack and time_pos_embed are
+    renamed: VIDEO_ATTENTION, whose names no other UNet has)."""
+    return next((diffusers + rest[len(ldm):] for diffusers, ldm in VIDEO_ATTENTION.items() if rest.startswith(ldm)),
+                rest)
 
 
 DIFFUSERS_UNET = "unet."
@@ -336,11 +358,11 @@ UNET_TOP_BACK = {diffusers: path for path, diffusers in UNET_TOP.items() if diff
     f"add_embedding.{diffusers}": path for path, diffusers in LABEL_EMB.items()}
 RESNET_BACK = {diffusers: path for path, diffusers in RESNET.items()}
 # every module (and tensor) of an SD-family diffusers UNet (two resnets per down level, three per up level, attention
-# in Transformer2DModels): a UNet with any other (DeepFloyd IF's or Kandinsky's three resnets per level and bare
-# attention processors, SVD's spatial/temporal blocks) is no SD UNet to these rules
-_RESNET = r"(?:norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut)"
-_TRANSFORMER = (r"(?:norm|proj_in|proj_out|transformer_blocks\.\d+\.(?:norm[123]|attn[12]\.(?:to_[qkv]|to_out\.0)|"
-                r"ff\.net\.(?:0\.proj|2)))")
+# in Transformer2DModels; SVD's spatio-temporal ones: VIDEO_RESNET, VIDEO_ATTENTION): a UNet with any other (DeepFloyd
+# IF's or Kandinsky's three resnets per level and bare attention processors) is no SD UNet to these rules
+_RESNET = r"(?:(?:spatial|temporal)_res_block\.)?(?:norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut)"
+_TRANSFORMER = (r"(?:norm|proj_in|proj_out|time_pos_embed\.linear_[12]|(?:temporal_)?transformer_blocks\.\d+\."
+                r"(?:norm_in|norm[123]|attn[12]\.(?:to_[qkv]|to_out\.0)|ff(?:_in)?\.net\.(?:0\.proj|2)))")
 SD_DIFFUSERS_UNET = re.compile(
     r"(?:time_embedding\.(?:linear_[12]|cond_proj)|conv_in|conv_out|conv_norm_out|add_embedding\.linear_[12]|"
     r"class_embedding(?:\.linear_[12])?|"
@@ -390,9 +412,13 @@ def checkpoint_unet_path(path: str, upsampler_slot: Callable[[int], "int | None"
     kind, part, slot, rest = match["kind"], match["part"], int(match["slot"]), match["rest"]
     level = None if match["level"] is None else int(match["level"])
     if part == "resnets":
-        if rest not in RESNET_BACK:
+        video = next((prefix for prefix in VIDEO_RESNET if rest.startswith(prefix)), "")  # SVD's
+        if rest[len(video):] not in RESNET_BACK:
             return None
-        rest = RESNET_BACK[rest]
+        rest = VIDEO_RESNET.get(video, "") + RESNET_BACK[rest[len(video):]]
+    elif part == "attentions":
+        rest = next((ldm + rest[len(diffusers):] for diffusers, ldm in VIDEO_ATTENTION.items()
+                     if rest.startswith(diffusers)), rest)
     if (kind == "mid_block") != (level is None):
         return None
     if kind == "mid_block":
@@ -453,10 +479,9 @@ def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     top = next((top for mark, top in DIT_MARKS if any(mark.match(t) for t in tensors)), None)
     sdxl, other = is_sdxl(tensors), other_unet(tensors)
     out = {}
+    video = other is not None and other.video
     for module in checkpoint_modules(tensors):
-        if other is not None and not other.diffusers and module.startswith(UNET_PREFIX):
-            continue  # (its diffusers names are not SD's: none rather than false ones)
-        name = diffusers_name(module, top=top, sdxl=sdxl)
+        name = diffusers_name(module, top=top, sdxl=sdxl, video=video)
         if name is not None:
             out[name] = module
         if sdxl is False and name is not None and name.startswith("unet.class_embedding."):
@@ -479,15 +504,16 @@ def dit_top(modules: Iterable[str], metadata: dict[str, str] | None = None) -> d
     return SD3_TOP if "joint_blocks" in kinds else FLUX_TOP if kinds else None
 
 
-def diffusers_name(module: str, *, top: dict[str, str] | None = None, sdxl: bool | None = None) -> str | None:
+def diffusers_name(module: str, *, top: dict[str, str] | None = None, sdxl: bool | None = None,
+                   video: bool = False) -> str | None:
     """The diffusers path of a checkpoint module (component included), or None outside the parts translated.
     ``top``: the DiT family's top-level names, when the checkpoint is known to be of it (see dit_path; FLUX_TOP also
-    names its T5 as FluxPipeline does); ``sdxl``: the SD UNet's family (see unet_path)."""
+    names its T5 as FluxPipeline does); ``sdxl``, ``video``: the SD UNet's family (see unet_path)."""
     path = dit_path(module.removeprefix(UNET_PREFIX), top)
     if path is not None:
         return f"transformer.{path}"
     if module.startswith(UNET_PREFIX):
-        path = unet_path(module[len(UNET_PREFIX):], sdxl)
+        path = unet_path(module[len(UNET_PREFIX):], sdxl, video=video)
         return None if path is None else f"unet.{path}"
     encoder = text_encoder(module)
     path = None if encoder is None else encoder.path(module)
@@ -570,9 +596,10 @@ class OtherUnet:
     """What messages call it, and what the header records (OTHER_UNET_KEY) for an adapter bound to it."""
     mark: re.Pattern
     """Checkpoint module or tensor paths only this UNet has."""
-    diffusers: bool
-    """diffusers' UNet of it names its blocks by SD's conversion (unet_path); Stable Video Diffusion's
-    UNetSpatioTemporalConditionModel does not (resnets.N.spatial_res_block, temporal_transformer_blocks)."""
+    video: bool = False
+    """Stable Video Diffusion's: diffusers' UNetSpatioTemporalConditionModel names its blocks by SD's conversion with
+    its own resnets and temporal attention (unet_path's ``video``: resnets.N.spatial_res_block,
+    temporal_transformer_blocks); the others' diffusers UNets are UNet2DConditionModels, named by SD's conversion."""
 
 
 _UNET = re.escape(UNET_PREFIX)
@@ -581,13 +608,13 @@ OTHER_UNETS = (  # AudioLDM before the upscaler: its fourth level widens too (in
     # TransformerSpatioTemporalModel: spatial_res_block, temporal_res_block, temporal_transformer_blocks, …
     OtherUnet("Stable Video Diffusion", re.compile(
         rf"(?:{_UNET}(?:.+\.)?(?:time_stack|time_mixer)|unet\.(?:.+\.)?(?:spatial_res_block|temporal_res_block|"
-        r"temporal_transformer_blocks|time_pos_embed|time_mixer))(?:\.|$)"), False),
+        r"temporal_transformer_blocks|time_pos_embed|time_mixer))(?:\.|$)"), video=True),
     # its FiLM projection, diffusers' class_embedding: a Linear (the x4 upscaler's is an Embedding)
-    OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)|unet\.class_embedding\.bias$"), True),
+    OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)|unet\.class_embedding\.bias$")),
     # its noise-level label_emb, an nn.Embedding, and the tensor diffusers' single-file loader tells it by
     # (CHECKPOINT_KEY_NAMES["upscale"]: the widening into its fourth level, which no SD 1.x/2.x/XL UNet has)
     OtherUnet("SD x4 upscaler", re.compile(_UNET + r"(?:label_emb(?:\.weight)?|input_blocks\.10\.0\.skip_connection"
-                                           r"(?:\.\w+)?)$"), True),
+                                           r"(?:\.\w+)?)$")),
 )
 UP_ATTENTION_KEY = "loraops_unet_up_attention"
 """Header metadata of an adapter bound to a diffusers pipeline whose UNet sd-scripts names by checkpoint paths

@@ -93,16 +93,14 @@ SVD = {f"model.diffusion_model.{name}": shape for name, shape in {
 }.items()} | {"conditioner.embedders.0.open_clip.model.visual.transformer.resblocks.0.mlp.c_fc.weight": (16, 8)}
 
 
-def test_stable_video_diffusion_is_no_sdxl_and_gets_no_diffusers_names(tmp_path):
-    """SVD was SDXL by its conditioner.embedders. (sdxl_base_v1-0, SDXL's names), and its modules got SD's diffusers
-    names, which diffusers' UNetSpatioTemporalConditionModel does not have (its resnets are spatial_res_block /
-    temporal_res_block, its time_stack temporal_transformer_blocks). No version, no diffusers names; extract writes
-    kohya under the checkpoint's paths (what ComfyUI applies), and the diffusers writer refuses it in one line."""
+def test_stable_video_diffusion_is_no_sdxl_and_keeps_its_own_names_in_kohya(tmp_path):
+    """SVD was SDXL by its conditioner.embedders. (sdxl_base_v1-0, SDXL's names). No version; extract writes kohya
+    under the checkpoint's paths (what ComfyUI applies), and the diffusers writer names them as diffusers'
+    UNetSpatioTemporalConditionModel does (test_svd_modules_bind_under_diffusers_names checks that translation)."""
     from loraops.st import read_header
 
     assert ldm.is_sdxl(SVD) is None
     assert ldm.sd_scripts_metadata(SVD) == {ldm.OTHER_UNET_KEY: "Stable Video Diffusion"}
-    assert not any(name.startswith("unet.") for name in ldm.diffusers_names(SVD))
 
     g = torch.Generator().manual_seed(0)
     base = {name: torch.randn(shape, generator=g) for name, shape in SVD.items()}
@@ -123,11 +121,95 @@ def test_stable_video_diffusion_is_no_sdxl_and_gets_no_diffusers_names(tmp_path)
     assert run("base", "add", tmp_path / "svd.safetensors", "--name", "svd")[0] == 0
     written = tmp_path / "d.safetensors"
     code, out = run("export", tmp_path / "x.safetensors", "--base", "svd", "--format", "diffusers", "-o", written)
-    assert (code, out.splitlines()[-1:]) == (2, [
-        f"error: {tmp_path / 'x.safetensors'}: model.diffusion_model.{changed[1]}, model.diffusion_model.{changed[0]}: "
-        "modules of Stable Video Diffusion's UNet, whose diffusers names are not SD's (loraops translates no other): "
-        "write it as kohya or peft (its checkpoint's own names)"]), out
-    assert not written.exists()
+    assert code == 0, out
+    assert {k.rsplit(".", 2)[0] for k in read_header(written).tensors} == {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.temporal_transformer_blocks.0.attn1.to_q"}
+
+
+# diffusers' scripts/convert_svd_to_diffusers.py on top of SD's conversion: the renames it makes inside a resnet
+# (its spatial part: the ResBlock's own layers; its temporal part: time_stack) and inside an attention
+SVD_SCRIPT_RENAMES = ((".spatial_res_block.", "."), (".temporal_res_block.", ".time_stack."),
+                      (".temporal_transformer_blocks.", ".time_stack."), (".time_pos_embed.linear_1", ".time_pos_embed.0"),
+                      (".time_pos_embed.linear_2", ".time_pos_embed.2"))
+# the tiny SVD UNet's layout: attention in the first down level and the last up level; so the first up level's
+# upsampler sits without it (output_blocks.2.1.conv)
+SVD_LAYOUT = dict(down=2, attention_down=lambda i: i == 0, attention_up=lambda i: i == 1,
+                  upsampler_slot=lambda i: 2 if i == 1 else 1)
+
+
+def tiny_svd_unet():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(0)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        cross_attention_dim=16, num_attention_heads=(2, 2), projection_class_embeddings_input_dim=12,
+        addition_time_embed_dim=4, down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"))
+
+
+def svd_checkpoint_name(module):
+    """The checkpoint module path of a diffusers SVD UNet module, as diffusers' conversion script relates them."""
+    for diffusers, original in SVD_SCRIPT_RENAMES:
+        module = module.replace(diffusers, original)
+    return "model.diffusion_model." + reference_checkpoint_name(module, reference_table(**SVD_LAYOUT))
+
+
+def test_svd_modules_bind_under_diffusers_names(tmp_path):
+    """A diffusers-named SVD LoRA (unet.…spatial_res_block…, …temporal_transformer_blocks…) bound to no module of an
+    SVD single-file checkpoint: every module of diffusers' UNetSpatioTemporalConditionModel now has the checkpoint
+    path diffusers' conversion script gives it, and back; a LoRA on them binds, merges into the tensors of those paths
+    (compared with W + scale·B·A), and goes to kohya under the checkpoint's paths, bound or not, and back to diffusers
+    under its own names."""
+    from safetensors.torch import load_file
+
+    from loraops import check, engine, formats
+    from loraops.st import read_header
+
+    unet = tiny_svd_unet()
+    modules = {f"unet.{k.removesuffix('.weight')}": svd_checkpoint_name(k.removesuffix(".weight"))
+               for k in unet.state_dict() if k.endswith(".weight")}
+    checkpoint = {}
+    for key, value in unet.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        if f"unet.{module}" in modules:  # (time_mixer.mix_factor, a parameter, is no module)
+            checkpoint[f"{modules[f'unet.{module}']}.{leaf}"] = value.detach().clone()
+    checkpoint["model.diffusion_model.input_blocks.1.0.time_mixer.mix_factor"] = torch.ones(1)  # (sgm's, no module)
+    assert ldm.other_unet(checkpoint).name == "Stable Video Diffusion"
+    assert {name: path for name, path in ldm.diffusers_names(checkpoint).items() if name.startswith("unet.")} == modules
+    assert ldm.checkpoint_paths(modules, whole=True) == modules
+
+    base = tmp_path / "svd.safetensors"
+    save_file(checkpoint, str(base))
+    shapes = {name: tuple(unet.state_dict()[f"{name[5:]}.weight"].shape) for name in (
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.temporal_transformer_blocks.0.attn1.to_q",
+        "unet.mid_block.attentions.0.time_pos_embed.linear_1",
+        "unet.down_blocks.0.resnets.1.temporal_res_block.time_emb_proj",
+        "unet.mid_block.resnets.0.spatial_res_block.time_emb_proj",
+        "unet.up_blocks.1.attentions.2.temporal_transformer_blocks.0.ff_in.net.2")}
+    lora = diffusers_lora(tmp_path / "d.safetensors", shapes)
+    adapter = formats.read_adapter(lora)
+    bound = check.bind(adapter, load_file(base))
+    assert sorted(bound.modules) == sorted(modules[name] for name in shapes)
+
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "merged.safetensors", device="cpu")
+    merged = load_file(tmp_path / "merged.safetensors")
+    for name, module in adapter.modules.items():
+        tensor = f"{modules[name]}.weight"
+        expected = checkpoint[tensor].double() + module.scale * module.B.double() @ module.A.double()
+        assert torch.allclose(merged[tensor].double(), expected, atol=1e-5), name
+    assert sum(not torch.equal(merged[k], checkpoint[k]) for k in checkpoint) == len(shapes)
+
+    kohya_names = {f"lora_unet_{modules[name].removeprefix('model.diffusion_model.').replace('.', '_')}"
+                   for name in shapes}
+    for source, out in ((bound, "bound.safetensors"), (adapter, "unbound.safetensors")):
+        written = formats.write_adapter(source, tmp_path / out, "kohya")
+        assert {k.rsplit(".", 2)[0] for k in read_header(written).tensors if k.endswith("weight")} == kohya_names
+    back = formats.write_adapter(check.bind(formats.read_adapter(tmp_path / "bound.safetensors"), load_file(base)),
+                                 tmp_path / "back.safetensors", "diffusers")
+    assert {k.rsplit(".", 2)[0] for k in read_header(back).tensors} == set(shapes)
 
 
 @pytest.mark.parametrize("kind", ["svd", "x4"])

@@ -191,10 +191,8 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     # a UNet of no sd-scripts model (the x4 upscaler's, SVD's, AudioLDM's): by its checkpoint paths, as SDXL's, which
     # ComfyUI applies to any UNet it loads (lora_unet_ + the path)
     by_path = bool(sdxl) or other is not None
-    # a diffusers-named UNet (a diffusers LoRA's, a pipeline's) at the checkpoint paths named so (none for SVD's, whose
-    # diffusers blocks are not SD's)
-    at_path = ldm.checkpoint_paths(adapter.modules, attending=ldm.up_attention(adapter.metadata)) \
-        if other is None or other.diffusers else {}
+    # a diffusers-named UNet (a diffusers LoRA's, a pipeline's) at the checkpoint paths named so
+    at_path = ldm.checkpoint_paths(adapter.modules, attending=ldm.up_attention(adapter.metadata))
 
     def named(name: str, by_path: bool) -> tuple[str | None, str]:
         return component_of(adapter, at_path[name], sdxl=True) if by_path and name in at_path else \
