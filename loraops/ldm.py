@@ -603,19 +603,41 @@ class OtherUnet:
 
 
 _UNET = re.escape(UNET_PREFIX)
-OTHER_UNETS = (  # AudioLDM before the upscaler: its fourth level widens too (input_blocks.10.0.skip_connection)
+OTHER_UNETS = (
     # sgm's VideoResBlock and SpatialVideoTransformer: time_stack, time_mixer; diffusers' SpatioTemporalResBlock and
     # TransformerSpatioTemporalModel: spatial_res_block, temporal_res_block, temporal_transformer_blocks, …
     OtherUnet("Stable Video Diffusion", re.compile(
         rf"(?:{_UNET}(?:.+\.)?(?:time_stack|time_mixer)|unet\.(?:.+\.)?(?:spatial_res_block|temporal_res_block|"
         r"temporal_transformer_blocks|time_pos_embed|time_mixer))(?:\.|$)"), video=True),
-    # its FiLM projection, diffusers' class_embedding: a Linear (the x4 upscaler's is an Embedding)
-    OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)|unet\.class_embedding\.bias$")),
-    # its noise-level label_emb, an nn.Embedding, and the tensor diffusers' single-file loader tells it by
-    # (CHECKPOINT_KEY_NAMES["upscale"]: the widening into its fourth level, which no SD 1.x/2.x/XL UNet has)
-    OtherUnet("SD x4 upscaler", re.compile(_UNET + r"(?:label_emb(?:\.weight)?|input_blocks\.10\.0\.skip_connection"
-                                           r"(?:\.\w+)?)$")),
+    # its FiLM projection, diffusers' class_embedding: a Linear, with a bias (the x4 upscaler's is an Embedding)
+    AUDIOLDM := OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)|unet\.class_embedding\.bias$")),
+    # its noise-level label_emb, an nn.Embedding (diffusers' class_embedding: a weight and no bias)
+    X4 := OtherUnet("SD x4 upscaler", re.compile(_UNET + r"label_emb(?:\.weight)?$")),
+    # the tensor diffusers' single-file loader tells the upscaler by (CHECKPOINT_KEY_NAMES["upscale"]: the widening
+    # into its fourth level, which no SD 1.x/2.x/XL UNet has), which AudioLDM's has too: which of them, tell_widening
+    X4_OR_AUDIOLDM := OtherUnet("SD x4 upscaler or AudioLDM", re.compile(
+        _UNET + r"input_blocks\.10\.0\.skip_connection(?:\.\w+)?$")),
 )
+# a diffusers UNet's cross-attention key and value projections (their input: what the attention reads)
+CONTEXT_PROJECTION = re.compile(r"^unet\..+\.attn2\.to_[kv](?:\.weight)?$")
+
+
+def tell_widening(names: Sequence[str], modules: Mapping[str, object]) -> OtherUnet:
+    """Which UNet whose fourth level widens (X4_OR_AUDIOLDM's mark) a diffusers UNet's tensor or module names are (an
+    adapter's modules with their shapes), by what differs: the class embedding (the x4 upscaler's noise-level
+    nn.Embedding, a weight alone; AudioLDM's FiLM Linear, whose bias is its mark) and what cross-attention reads —
+    AudioLDM's its own level's features (diffusers' conversion sets cross_attention_dim to block_out_channels: key
+    and value map a level's width to itself, one width per level), the upscaler's one text context for every level.
+    X4_OR_AUDIOLDM itself where nothing there says."""
+    embedding = getattr(modules.get(DIFFUSERS_UNET + "class_embedding"), "kind", None)
+    if embedding in ("linear", "embedding") or DIFFUSERS_UNET + "class_embedding.weight" in names:
+        return AUDIOLDM if embedding == "linear" else X4
+    shapes = [tuple(getattr(m, "weight_shape", None) or getattr(m, "shape", ())) for n, m in modules.items()
+              if CONTEXT_PROJECTION.match(n)]
+    shapes = [shape for shape in shapes if len(shape) == 2]
+    if any(out != width for out, width in shapes):
+        return X4
+    return AUDIOLDM if len({width for _, width in shapes}) > 1 else X4_OR_AUDIOLDM
 UP_ATTENTION_KEY = "loraops_unet_up_attention"
 """Header metadata of an adapter bound to a diffusers pipeline whose UNet sd-scripts names by checkpoint paths
 (SDXL's, base or refiner; the x4 upscaler's, AudioLDM's, SVD's): its up levels that attend, comma-separated (""
@@ -634,14 +656,16 @@ def up_attention(metadata: dict[str, str] | None) -> list[int] | None:
 
 
 def other_unet(names: Iterable[str], metadata: dict[str, str] | None = None) -> OtherUnet | None:
-    """The UNet of OTHER_UNETS a checkpoint's tensor names, or an adapter's bound module names or its header
-    (OTHER_UNET_KEY), say; else None."""
+    """The UNet of OTHER_UNETS a checkpoint's tensor names, or an adapter's bound module names (with their shapes, as
+    the adapter's modules: tell_widening) or its header (OTHER_UNET_KEY), say; else None."""
     recorded = (metadata or {}).get(OTHER_UNET_KEY)
     if recorded:
         return next((unet for unet in OTHER_UNETS if unet.name == recorded), None)
+    modules = names if isinstance(names, Mapping) else {}
     names = list(names)
     names += checkpoint_paths(names).values()  # a pipeline's (or a diffusers LoRA's) UNet at its checkpoint paths
-    return next((unet for unet in OTHER_UNETS if any(unet.mark.match(n) for n in names)), None)
+    unet = next((unet for unet in OTHER_UNETS if any(unet.mark.match(n) for n in names)), None)
+    return tell_widening(names, modules) if unet is X4_OR_AUDIOLDM else unet
 
 
 def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> bool | None:

@@ -19,8 +19,12 @@ from test_ldm import reference_checkpoint_name, reference_table
 
 # four levels, attention in the last three (the x4 upscaler's attention_resolutions [2, 4, 8]; AudioLDM's [8, 4, 2])
 LAYOUT = dict(down=4, attention_down=lambda i: i > 0, attention_up=lambda i: i < 3, upsampler_slot=lambda i: 2)
-OWN = {"x4": ("label_emb", {"num_class_embeds": 5}),
-       "audioldm": ("film_emb", {"class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 6})}
+# the upscaler's attention reads one text context (1024 wide in the real one) at every level; AudioLDM's its own
+# level's features (its conversion script's cross_attention_dim = block_out_channels), and its FiLM embedding is
+# concatenated to the time embedding (extra_film_use_concat)
+OWN = {"x4": ("label_emb", {"num_class_embeds": 5, "cross_attention_dim": 16}),
+       "audioldm": ("film_emb", {"class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 6,
+                                 "cross_attention_dim": (8, 16, 16, 24), "class_embeddings_concat": True})}
 
 
 def tiny_unet(kind):
@@ -30,7 +34,7 @@ def tiny_unet(kind):
     torch.manual_seed(0)
     own, config = OWN[kind]
     unet = UNet2DConditionModel(sample_size=8, in_channels=7 if kind == "x4" else 8, out_channels=4, layers_per_block=2,
-                                cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4,
+                                norm_num_groups=8, attention_head_dim=4,
                                 block_out_channels=(8, 16, 16, 24), **config,
                                 down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
                                 up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",))
@@ -80,6 +84,42 @@ def test_the_x4_upscaler_and_audioldm_are_no_sd_or_sdxl_and_keep_their_diffusers
     encoder = {"x4": "cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight",
                "audioldm": "cond_stage_model.model.text_branch.encoder.layer.0.attention.self.query.weight"}[kind]
     assert ldm.sd_scripts_metadata({**original, encoder: None}) == ldm.sd_scripts_metadata(original)
+
+
+def test_a_diffusers_adapter_of_audioldm_or_the_x4_upscaler_is_told_by_what_differs(tmp_path):
+    """A diffusers adapter on AudioLDM's fourth level's widening (down_blocks.3.resnets.0.conv_shortcut) was the x4
+    upscaler's (diffusers' single-file loader tells the upscaler by it, but AudioLDM's widens too), so messages named
+    the wrong model. What differs tells them: the class embedding (AudioLDM's a Linear, the upscaler's an Embedding)
+    and what cross-attention reads (AudioLDM's key/value map each level's width to itself; the upscaler's read one
+    context: a projection from another width, even where a level is as wide as the context). Where nothing does, the
+    messages name both."""
+    from loraops import formats
+
+    shapes = {kind: {f"unet.{key.removesuffix('.weight')}": tuple(value.shape) for key, value in tiny_unet(kind).values()
+                     if key.endswith(".weight") and value.dim() >= 2} for kind in OWN}
+    widening, level1, level3 = ("unet.down_blocks.3.resnets.0.conv_shortcut",
+                                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+                                "unet.down_blocks.3.attentions.0.transformer_blocks.0.attn2.to_k")
+
+    def told(kind, *modules):
+        lora = diffusers_lora(tmp_path / f"{kind}-{len(modules)}.safetensors",
+                              {m: shapes[kind][m][:2] for m in modules})
+        return ldm.other_unet(formats.read_adapter(lora).modules).name
+
+    assert told("audioldm", widening, level1, level3) == "AudioLDM"  # (it was the upscaler)
+    assert told("x4", widening, level1, level3) == "SD x4 upscaler"
+    assert told("x4", widening, level1) == "SD x4 upscaler or AudioLDM"  # (level 1 is as wide as the context)
+    assert told("audioldm", widening) == told("x4", widening) == "SD x4 upscaler or AudioLDM"
+    assert told("audioldm", widening, "unet.class_embedding") == "AudioLDM"
+
+    # the message of a module the kohya writer cannot place names it
+    lora = diffusers_lora(tmp_path / "film.safetensors", {m: shapes["audioldm"][m][:2] for m in (widening, level1, level3)}
+                          | {"unet.up_blocks.1.upsamplers.0.conv": (16, 16)})
+    code, out = run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert (code, out) == (2, f"error: {lora}: unet.up_blocks.1.upsamplers.0.conv: diffusers UNet modules whose "
+                              "checkpoint path, by which sd-scripts names the AudioLDM UNet, the adapter's modules do not "
+                              "say (an up level's upsampler: behind its attention or not; a class_embedding): bind it to "
+                              "its single-file checkpoint (--base), or write it as diffusers\n")
 
 
 # Stable Video Diffusion's UNet (sgm's VideoUNet): VideoResBlocks and SpatialVideoTransformers, each with a time_stack

@@ -207,7 +207,7 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     if unplaced:
         raise FormatError(
             f"{adapter.label}: {common.shown(unplaced)}: diffusers UNet modules whose checkpoint path, by which "
-            f"sd-scripts names {'SDXL' if sdxl else other.name}'s UNet, the adapter's modules do not say (an up "
+            f"sd-scripts names the {'SDXL' if sdxl else other.name} UNet, the adapter's modules do not say (an up "
             "level's upsampler: behind its attention or not; a class_embedding): bind it to its single-file "
             "checkpoint (--base), or write it as diffusers")
     components = {component for component, _ in split.values()}
