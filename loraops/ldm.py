@@ -21,7 +21,8 @@ bind to either kind of base, and names bound modules back as sd-scripts does:
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
 resnets per down block and three per up block (SD 1.x, 2.x, XL), which is diffusers' conversion table
 (scripts/convert_diffusers_to_original_stable_diffusion.py) generalised to blocks with or without attentions; only
-label_emb depends on the family (SDXL's add_embedding, SD 2.x unCLIP's class_embedding).
+label_emb depends on the family (SDXL's add_embedding, SD 2.x unCLIP's class_embedding), and Stable Video Diffusion's
+resnets and attentions hold spatio-temporal parts (VIDEO_RESNET, VIDEO_ATTENTION).
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
 ``transformer.`` names as diffusers' single-file converters do.
@@ -639,9 +640,9 @@ def tell_widening(names: Sequence[str], modules: Mapping[str, object]) -> OtherU
         return X4
     return AUDIOLDM if len({width for _, width in shapes}) > 1 else X4_OR_AUDIOLDM
 UP_ATTENTION_KEY = "loraops_unet_up_attention"
-"""Header metadata of an adapter bound to a diffusers pipeline whose UNet sd-scripts names by checkpoint paths
-(SDXL's, base or refiner; the x4 upscaler's, AudioLDM's, SVD's): its up levels that attend, comma-separated (""
-for none). Where an up level's upsampler sits (output_blocks.N.2.conv behind attention, else .1.conv) depends on
+"""Metadata of an adapter bound to a diffusers pipeline whose UNet sd-scripts names by checkpoint paths (SDXL's, base
+or refiner; the x4 upscaler's, AudioLDM's, SVD's), in memory (no writer writes it): the up levels that attend,
+comma-separated ("" for none). Where an up level's upsampler sits (output_blocks.N.2.conv behind attention, else .1.conv) depends on
 it, and an adapter of the upsampler alone does not say (up_attention)."""
 OTHER_UNET_KEY = "loraops_unet"
 """Header metadata naming (OtherUnet.name) the UNet of OTHER_UNETS an adapter was bound to: the few modules of an
