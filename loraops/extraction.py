@@ -411,8 +411,8 @@ def extract_lazily(
     base, tuned = _open(base), _open(tuned)
     base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings
     labels = labels or (str(base.path), str(tuned.path))
-    # a single-file SD/FLUX checkpoint (or one of a UNet loraops gives no diffusers names: Stable Video Diffusion's;
-    # by its checkpoint tensors alone, as other_unet also tells a pipeline's UNet)
+    # a single-file SD/FLUX checkpoint (or one of OTHER_UNETS' UNets, however few of its tensors translate; by its
+    # checkpoint tensors alone, as other_unet also tells a pipeline's UNet)
     checkpoint = bool(ldm.diffusers_names(base.tensors)) or ldm.other_unet(
         n for n in base.tensors if n.startswith(ldm.UNET_PREFIX)) is not None
     fmt = _layout(checkpoint, fmt, save_modules, labels[0])

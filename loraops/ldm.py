@@ -21,7 +21,8 @@ bind to either kind of base, and names bound modules back as sd-scripts does:
 The UNet translation is structural (read off the LDM path, not a table per model), for the SD-family UNets: two
 resnets per down block and three per up block (SD 1.x, 2.x, XL), which is diffusers' conversion table
 (scripts/convert_diffusers_to_original_stable_diffusion.py) generalised to blocks with or without attentions; only
-label_emb depends on the family (SDXL's add_embedding, SD 2.x unCLIP's class_embedding).
+label_emb depends on the family (SDXL's add_embedding, SD 2.x unCLIP's class_embedding), and Stable Video Diffusion's
+resnets and attentions hold spatio-temporal parts (VIDEO_RESNET, VIDEO_ATTENTION).
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
 ``transformer.`` names as diffusers' single-file converters do.
@@ -286,11 +287,21 @@ def split(tensor: str, shape: Sequence[int], *, whole: bool = False) -> list[tup
     return [] if entry is None or entry.whole != whole else entry.rows(tensor, shape) or []
 
 
-def unet_path(ldm: str, sdxl: bool | None = None) -> str | None:
+# Stable Video Diffusion's UNet (sgm's VideoUNet) in diffusers' UNetSpatioTemporalConditionModel, as diffusers'
+# scripts/convert_svd_to_diffusers.py converts it: SD's table, but a VideoResBlock is a SpatioTemporalResBlock (its
+# own layers → spatial_res_block, its time_stack ResBlock → temporal_res_block) and a SpatialVideoTransformer's
+# time_stack is temporal_transformer_blocks, its time_pos_embed Sequential a TimestepEmbedding (diffusers prefix →
+# checkpoint prefix, inside a resnet or an attention)
+VIDEO_RESNET = {"spatial_res_block.": "", "temporal_res_block.": "time_stack."}
+VIDEO_ATTENTION = {"temporal_transformer_blocks.": "time_stack.", "time_pos_embed.linear_1": "time_pos_embed.0",
+                   "time_pos_embed.linear_2": "time_pos_embed.2"}
+
+
+def unet_path(ldm: str, sdxl: bool | None = None, *, video: bool = False) -> str | None:
     """The diffusers path of an LDM UNet module path (relative to ``model.diffusion_model.``), or None for a path
     outside the blocks this translation knows. ``input_blocks.4.1.proj_in`` → ``down_blocks.1.attentions.0.proj_in``.
     ``sdxl``: the UNet's family (is_sdxl), which names label_emb: False (SD 2.x unCLIP) class_embedding, else SDXL's
-    add_embedding."""
+    add_embedding (SVD's too); ``video``: Stable Video Diffusion's UNet (VIDEO_RESNET, VIDEO_ATTENTION)."""
     if ldm in UNET_TOP:
         return UNET_TOP[ldm]
     if ldm in LABEL_EMB:
@@ -302,7 +313,8 @@ def unet_path(ldm: str, sdxl: bool | None = None) -> str | None:
     if kind == "middle_block":  # resnet, attention, resnet; no sub-index
         if match["m"] is not None:
             rest = f"{match['m']}.{rest}"
-        return f"mid_block.attentions.0.{rest}" if n == 1 else resnet(f"mid_block.resnets.{n // 2}", rest)
+        return f"mid_block.attentions.0.{attention(rest)}" if n == 1 else \
+            resnet(f"mid_block.resnets.{n // 2}", rest, video)
     if match["m"] is None:
         return None
     m = int(match["m"])
@@ -313,18 +325,29 @@ def unet_path(ldm: str, sdxl: bool | None = None) -> str | None:
         if slot == 2:
             return f"down_blocks.{block}.downsamplers.0.conv" if (m, rest) == (0, "op") else None
         if m == 0:
-            return resnet(f"down_blocks.{block}.resnets.{slot}", rest)
-        return f"down_blocks.{block}.attentions.{slot}.{rest}" if m == 1 else None
+            return resnet(f"down_blocks.{block}.resnets.{slot}", rest, video)
+        return f"down_blocks.{block}.attentions.{slot}.{attention(rest)}" if m == 1 else None
     block, slot = divmod(n, 3)  # output blocks: three (resnet, attention?) slots, the last ends with the upsampler
     if m == 0:
-        return resnet(f"up_blocks.{block}.resnets.{slot}", rest)
+        return resnet(f"up_blocks.{block}.resnets.{slot}", rest, video)
     if rest == "conv" and slot == 2:  # an Upsample's only weight; a transformer block has no direct "conv"
         return f"up_blocks.{block}.upsamplers.0.conv"
-    return f"up_blocks.{block}.attentions.{slot}.{rest}" if m == 1 else None
+    return f"up_blocks.{block}.attentions.{slot}.{attention(rest)}" if m == 1 else None
 
 
-def resnet(prefix: str, rest: str) -> str | None:
+def resnet(prefix: str, rest: str, video: bool = False) -> str | None:
+    """A resnet's module: SD's ResBlock, or (``video``) SVD's VideoResBlock, its time_stack included."""
+    if video:
+        block = "temporal_res_block." if rest.startswith(VIDEO_RESNET["temporal_res_block."]) else "spatial_res_block."
+        return resnet(prefix + "." + block[:-1], rest.removeprefix(VIDEO_RESNET[block]))
     return f"{prefix}.{RESNET[rest]}" if rest in RESNET else None
+
+
+def attention(rest: str) -> str:
+    """A module inside an attention (a SpatialTransformer's keeps its name; SVD's time_stack and time_pos_embed are
+    renamed: VIDEO_ATTENTION, whose names no other UNet has)."""
+    return next((diffusers + rest[len(ldm):] for diffusers, ldm in VIDEO_ATTENTION.items() if rest.startswith(ldm)),
+                rest)
 
 
 DIFFUSERS_UNET = "unet."
@@ -336,11 +359,11 @@ UNET_TOP_BACK = {diffusers: path for path, diffusers in UNET_TOP.items() if diff
     f"add_embedding.{diffusers}": path for path, diffusers in LABEL_EMB.items()}
 RESNET_BACK = {diffusers: path for path, diffusers in RESNET.items()}
 # every module (and tensor) of an SD-family diffusers UNet (two resnets per down level, three per up level, attention
-# in Transformer2DModels): a UNet with any other (DeepFloyd IF's or Kandinsky's three resnets per level and bare
-# attention processors, SVD's spatial/temporal blocks) is no SD UNet to these rules
-_RESNET = r"(?:norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut)"
-_TRANSFORMER = (r"(?:norm|proj_in|proj_out|transformer_blocks\.\d+\.(?:norm[123]|attn[12]\.(?:to_[qkv]|to_out\.0)|"
-                r"ff\.net\.(?:0\.proj|2)))")
+# in Transformer2DModels; SVD's spatio-temporal ones: VIDEO_RESNET, VIDEO_ATTENTION): a UNet with any other (DeepFloyd
+# IF's or Kandinsky's three resnets per level and bare attention processors) is no SD UNet to these rules
+_RESNET = r"(?:(?:spatial|temporal)_res_block\.)?(?:norm1|conv1|time_emb_proj|norm2|conv2|conv_shortcut)"
+_TRANSFORMER = (r"(?:norm|proj_in|proj_out|time_pos_embed\.linear_[12]|(?:temporal_)?transformer_blocks\.\d+\."
+                r"(?:norm_in|norm[123]|attn[12]\.(?:to_[qkv]|to_out\.0)|ff(?:_in)?\.net\.(?:0\.proj|2)))")
 SD_DIFFUSERS_UNET = re.compile(
     r"(?:time_embedding\.(?:linear_[12]|cond_proj)|conv_in|conv_out|conv_norm_out|add_embedding\.linear_[12]|"
     r"class_embedding(?:\.linear_[12])?|"
@@ -349,22 +372,30 @@ SD_DIFFUSERS_UNET = re.compile(
     rf"mid_block\.(?:resnets\.[01]\.{_RESNET}|attentions\.0\.{_TRANSFORMER}))$")
 
 
-def checkpoint_paths(names: Iterable[str], *, whole: bool = False) -> dict[str, str]:
+def attending_up_levels(names: Iterable[str]) -> set[int]:
+    """The up levels of a diffusers UNet (``up_blocks.N``) that ``names`` show attentions of."""
+    return {int(m["level"]) for n in names if (m := DIFFUSERS_BLOCK_RE.match(n.removeprefix(DIFFUSERS_UNET)))
+            and m["kind"] == "up_blocks" and m["part"] == "attentions"}
+
+
+def checkpoint_paths(names: Iterable[str], *, whole: bool = False,
+                     attending: Iterable[int] | None = None) -> dict[str, str]:
     """{diffusers UNet module name ("unet.down_blocks.1.attentions.0.proj_in"): its checkpoint path
     ("model.diffusion_model.input_blocks.4.1.proj_in")} for the SD-family diffusers UNet names among ``names`` (an
     adapter's modules, or a pipeline's tensors): unet_path's inverse, SDXL's add_embedding as label_emb. An up level's
-    upsampler sits behind its attention (output_blocks.N.2.conv) where ``names`` show that level's attentions, else,
-    in a ``whole`` UNet (a pipeline's: no attention there), as output_blocks.N.1.conv; in an adapter that shows none
-    it is left out: SDXL base's first up level attends, the refiner's does not. Nothing at all where any of them is no
-    SD-family UNet's module (SD_DIFFUSERS_UNET)."""
+    upsampler sits behind its attention (output_blocks.N.2.conv) where that level attends, else as
+    output_blocks.N.1.conv. Which levels attend: ``attending`` where given (the bound base's: up_attention), else
+    those ``names`` show attentions of — all of them in a ``whole`` UNet (a pipeline's); in an adapter that shows none
+    of a level its upsampler is left out: SDXL base's first up level attends, the refiner's does not. Nothing at all
+    where any of them is no SD-family UNet's module (SD_DIFFUSERS_UNET)."""
     names = [re.sub(r"\.(?:weight|bias)$", "", n) for n in names if n.startswith(DIFFUSERS_UNET)]
     if not all(SD_DIFFUSERS_UNET.match(n[len(DIFFUSERS_UNET):]) for n in names):
         return {}
-    attends = {int(m["level"]) for n in names if (m := DIFFUSERS_BLOCK_RE.match(n[len(DIFFUSERS_UNET):]))
-               and m["kind"] == "up_blocks" and m["part"] == "attentions"}
+    known = attending is not None
+    attends = set(attending) if known else attending_up_levels(names)
 
     def upsampler_slot(level: int) -> int | None:
-        return 2 if level in attends else 1 if whole else None
+        return 2 if level in attends else 1 if whole or known else None
 
     paths = {name: checkpoint_unet_path(name[len(DIFFUSERS_UNET):], upsampler_slot) for name in names}
     return {name: UNET_PREFIX + path for name, path in paths.items() if path is not None}
@@ -382,9 +413,13 @@ def checkpoint_unet_path(path: str, upsampler_slot: Callable[[int], "int | None"
     kind, part, slot, rest = match["kind"], match["part"], int(match["slot"]), match["rest"]
     level = None if match["level"] is None else int(match["level"])
     if part == "resnets":
-        if rest not in RESNET_BACK:
+        video = next((prefix for prefix in VIDEO_RESNET if rest.startswith(prefix)), "")  # SVD's
+        if rest[len(video):] not in RESNET_BACK:
             return None
-        rest = RESNET_BACK[rest]
+        rest = VIDEO_RESNET.get(video, "") + RESNET_BACK[rest[len(video):]]
+    elif part == "attentions":
+        rest = next((ldm + rest[len(diffusers):] for diffusers, ldm in VIDEO_ATTENTION.items()
+                     if rest.startswith(diffusers)), rest)
     if (kind == "mid_block") != (level is None):
         return None
     if kind == "mid_block":
@@ -445,10 +480,9 @@ def diffusers_names(tensors: Iterable[str]) -> dict[str, str]:
     top = next((top for mark, top in DIT_MARKS if any(mark.match(t) for t in tensors)), None)
     sdxl, other = is_sdxl(tensors), other_unet(tensors)
     out = {}
+    video = other is not None and other.video
     for module in checkpoint_modules(tensors):
-        if other is not None and not other.diffusers and module.startswith(UNET_PREFIX):
-            continue  # (its diffusers names are not SD's: none rather than false ones)
-        name = diffusers_name(module, top=top, sdxl=sdxl)
+        name = diffusers_name(module, top=top, sdxl=sdxl, video=video)
         if name is not None:
             out[name] = module
         if sdxl is False and name is not None and name.startswith("unet.class_embedding."):
@@ -471,15 +505,16 @@ def dit_top(modules: Iterable[str], metadata: dict[str, str] | None = None) -> d
     return SD3_TOP if "joint_blocks" in kinds else FLUX_TOP if kinds else None
 
 
-def diffusers_name(module: str, *, top: dict[str, str] | None = None, sdxl: bool | None = None) -> str | None:
+def diffusers_name(module: str, *, top: dict[str, str] | None = None, sdxl: bool | None = None,
+                   video: bool = False) -> str | None:
     """The diffusers path of a checkpoint module (component included), or None outside the parts translated.
     ``top``: the DiT family's top-level names, when the checkpoint is known to be of it (see dit_path; FLUX_TOP also
-    names its T5 as FluxPipeline does); ``sdxl``: the SD UNet's family (see unet_path)."""
+    names its T5 as FluxPipeline does); ``sdxl``, ``video``: the SD UNet's family (see unet_path)."""
     path = dit_path(module.removeprefix(UNET_PREFIX), top)
     if path is not None:
         return f"transformer.{path}"
     if module.startswith(UNET_PREFIX):
-        path = unet_path(module[len(UNET_PREFIX):], sdxl)
+        path = unet_path(module[len(UNET_PREFIX):], sdxl, video=video)
         return None if path is None else f"unet.{path}"
     encoder = text_encoder(module)
     path = None if encoder is None else encoder.path(module)
@@ -562,39 +597,76 @@ class OtherUnet:
     """What messages call it, and what the header records (OTHER_UNET_KEY) for an adapter bound to it."""
     mark: re.Pattern
     """Checkpoint module or tensor paths only this UNet has."""
-    diffusers: bool
-    """diffusers' UNet of it names its blocks by SD's conversion (unet_path); Stable Video Diffusion's
-    UNetSpatioTemporalConditionModel does not (resnets.N.spatial_res_block, temporal_transformer_blocks)."""
+    video: bool = False
+    """Stable Video Diffusion's: diffusers' UNetSpatioTemporalConditionModel names its blocks by SD's conversion with
+    its own resnets and temporal attention (unet_path's ``video``: resnets.N.spatial_res_block,
+    temporal_transformer_blocks); the others' diffusers UNets are UNet2DConditionModels, named by SD's conversion."""
 
 
 _UNET = re.escape(UNET_PREFIX)
-OTHER_UNETS = (  # AudioLDM before the upscaler: its fourth level widens too (input_blocks.10.0.skip_connection)
+OTHER_UNETS = (
     # sgm's VideoResBlock and SpatialVideoTransformer: time_stack, time_mixer; diffusers' SpatioTemporalResBlock and
     # TransformerSpatioTemporalModel: spatial_res_block, temporal_res_block, temporal_transformer_blocks, …
     OtherUnet("Stable Video Diffusion", re.compile(
         rf"(?:{_UNET}(?:.+\.)?(?:time_stack|time_mixer)|unet\.(?:.+\.)?(?:spatial_res_block|temporal_res_block|"
-        r"temporal_transformer_blocks|time_pos_embed|time_mixer))(?:\.|$)"), False),
-    # its FiLM projection, diffusers' class_embedding: a Linear (the x4 upscaler's is an Embedding)
-    OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)|unet\.class_embedding\.bias$"), True),
-    # its noise-level label_emb, an nn.Embedding, and the tensor diffusers' single-file loader tells it by
-    # (CHECKPOINT_KEY_NAMES["upscale"]: the widening into its fourth level, which no SD 1.x/2.x/XL UNet has)
-    OtherUnet("SD x4 upscaler", re.compile(_UNET + r"(?:label_emb(?:\.weight)?|input_blocks\.10\.0\.skip_connection"
-                                           r"(?:\.\w+)?)$"), True),
+        r"temporal_transformer_blocks|time_pos_embed|time_mixer))(?:\.|$)"), video=True),
+    # its FiLM projection, diffusers' class_embedding: a Linear, with a bias (the x4 upscaler's is an Embedding)
+    AUDIOLDM := OtherUnet("AudioLDM", re.compile(_UNET + r"film_emb(?:\.|$)|unet\.class_embedding\.bias$")),
+    # its noise-level label_emb, an nn.Embedding (diffusers' class_embedding: a weight and no bias)
+    X4 := OtherUnet("SD x4 upscaler", re.compile(_UNET + r"label_emb(?:\.weight)?$")),
+    # the tensor diffusers' single-file loader tells the upscaler by (CHECKPOINT_KEY_NAMES["upscale"]: the widening
+    # into its fourth level, which no SD 1.x/2.x/XL UNet has), which AudioLDM's has too: which of them, tell_widening
+    X4_OR_AUDIOLDM := OtherUnet("SD x4 upscaler or AudioLDM", re.compile(
+        _UNET + r"input_blocks\.10\.0\.skip_connection(?:\.\w+)?$")),
 )
+# a diffusers UNet's cross-attention key and value projections (their input: what the attention reads)
+CONTEXT_PROJECTION = re.compile(r"^unet\..+\.attn2\.to_[kv](?:\.weight)?$")
+
+
+def tell_widening(names: Sequence[str], modules: Mapping[str, object]) -> OtherUnet:
+    """Which UNet whose fourth level widens (X4_OR_AUDIOLDM's mark) a diffusers UNet's tensor or module names are (an
+    adapter's modules with their shapes), by what differs: the class embedding (the x4 upscaler's noise-level
+    nn.Embedding, a weight alone; AudioLDM's FiLM Linear, whose bias is its mark) and what cross-attention reads —
+    AudioLDM's its own level's features (diffusers' conversion sets cross_attention_dim to block_out_channels: key
+    and value map a level's width to itself, one width per level), the upscaler's one text context for every level.
+    X4_OR_AUDIOLDM itself where nothing there says."""
+    embedding = getattr(modules.get(DIFFUSERS_UNET + "class_embedding"), "kind", None)
+    if embedding in ("linear", "embedding") or DIFFUSERS_UNET + "class_embedding.weight" in names:
+        return AUDIOLDM if embedding == "linear" else X4
+    shapes = [tuple(getattr(m, "weight_shape", None) or getattr(m, "shape", ())) for n, m in modules.items()
+              if CONTEXT_PROJECTION.match(n)]
+    shapes = [shape for shape in shapes if len(shape) == 2]
+    if any(out != width for out, width in shapes):
+        return X4
+    return AUDIOLDM if len({width for _, width in shapes}) > 1 else X4_OR_AUDIOLDM
+UP_ATTENTION_KEY = "loraops_unet_up_attention"
+"""Metadata of an adapter bound to a diffusers pipeline whose UNet sd-scripts names by checkpoint paths (SDXL's, base
+or refiner; the x4 upscaler's, AudioLDM's, SVD's), in memory (no writer writes it): the up levels that attend,
+comma-separated ("" for none). Where an up level's upsampler sits (output_blocks.N.2.conv behind attention, else .1.conv) depends on
+it, and an adapter of the upsampler alone does not say (up_attention)."""
 OTHER_UNET_KEY = "loraops_unet"
 """Header metadata naming (OtherUnet.name) the UNet of OTHER_UNETS an adapter was bound to: the few modules of an
 adapter may not say it, and what they say otherwise (is_sdxl) would be false."""
 
 
+def up_attention(metadata: dict[str, str] | None) -> list[int] | None:
+    """The up levels the header says (UP_ATTENTION_KEY) the bound pipeline's UNet attends in, None where it says
+    nothing."""
+    recorded = (metadata or {}).get(UP_ATTENTION_KEY)
+    return None if recorded is None else [int(level) for level in recorded.split(",") if level]
+
+
 def other_unet(names: Iterable[str], metadata: dict[str, str] | None = None) -> OtherUnet | None:
-    """The UNet of OTHER_UNETS a checkpoint's tensor names, or an adapter's bound module names or its header
-    (OTHER_UNET_KEY), say; else None."""
+    """The UNet of OTHER_UNETS a checkpoint's tensor names, or an adapter's bound module names (with their shapes, as
+    the adapter's modules: tell_widening) or its header (OTHER_UNET_KEY), say; else None."""
     recorded = (metadata or {}).get(OTHER_UNET_KEY)
     if recorded:
         return next((unet for unet in OTHER_UNETS if unet.name == recorded), None)
+    modules = names if isinstance(names, Mapping) else {}
     names = list(names)
     names += checkpoint_paths(names).values()  # a pipeline's (or a diffusers LoRA's) UNet at its checkpoint paths
-    return next((unet for unet in OTHER_UNETS if any(unet.mark.match(n) for n in names)), None)
+    unet = next((unet for unet in OTHER_UNETS if any(unet.mark.match(n) for n in names)), None)
+    return tell_widening(names, modules) if unet is X4_OR_AUDIOLDM else unet
 
 
 def is_sdxl(names: Iterable[str], metadata: dict[str, str] | None = None) -> bool | None:
@@ -672,9 +744,15 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
     (loraops writes "False" where it cannot place an adapter): "sd_v2_v" beside ss_v2 "False" reads as SD 1.x to
     sd-scripts. The base's network module replaces the adapter's own: what the kohya writer writes is sd-scripts'
     plain LoRA for the base's family, whatever network the file names (LyCORIS', or networks.lora that loraops wrote
-    for FLUX before); so does the base's UNet of OTHER_UNETS (OTHER_UNET_KEY)."""
+    for FLUX before); so does the base's UNet of OTHER_UNETS (OTHER_UNET_KEY), and a pipeline base's attending up
+    levels (UP_ATTENTION_KEY) where sd-scripts names its UNet by checkpoint paths."""
     base = sd_scripts_metadata(tensors)
     placed = bool(metadata.get("ss_base_model_version")) or "ss_base_model_version" not in base
-    metadata = {k: v for k, v in metadata.items() if k != OTHER_UNET_KEY}  # (the base says, or nothing does)
+    # (the base says, or nothing does)
+    metadata = {k: v for k, v in metadata.items() if k not in (OTHER_UNET_KEY, UP_ATTENTION_KEY)}
+    if base.get("ss_base_model_version", "").startswith("sdxl") or OTHER_UNET_KEY in base:
+        pipeline = [name for name in tensors if name.startswith(DIFFUSERS_UNET)]
+        if checkpoint_paths(pipeline, whole=True):
+            metadata[UP_ATTENTION_KEY] = ",".join(map(str, sorted(attending_up_levels(pipeline))))
     return {**metadata, **{k: v for k, v in base.items()
                            if k in ("ss_network_module", OTHER_UNET_KEY) or not placed or not metadata.get(k)}}

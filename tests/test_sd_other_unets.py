@@ -19,8 +19,12 @@ from test_ldm import reference_checkpoint_name, reference_table
 
 # four levels, attention in the last three (the x4 upscaler's attention_resolutions [2, 4, 8]; AudioLDM's [8, 4, 2])
 LAYOUT = dict(down=4, attention_down=lambda i: i > 0, attention_up=lambda i: i < 3, upsampler_slot=lambda i: 2)
-OWN = {"x4": ("label_emb", {"num_class_embeds": 5}),
-       "audioldm": ("film_emb", {"class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 6})}
+# the upscaler's attention reads one text context (1024 wide in the real one) at every level; AudioLDM's its own
+# level's features (its conversion script's cross_attention_dim = block_out_channels), and its FiLM embedding is
+# concatenated to the time embedding (extra_film_use_concat)
+OWN = {"x4": ("label_emb", {"num_class_embeds": 5, "cross_attention_dim": 16}),
+       "audioldm": ("film_emb", {"class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 6,
+                                 "cross_attention_dim": (8, 16, 16, 24), "class_embeddings_concat": True})}
 
 
 def tiny_unet(kind):
@@ -30,7 +34,7 @@ def tiny_unet(kind):
     torch.manual_seed(0)
     own, config = OWN[kind]
     unet = UNet2DConditionModel(sample_size=8, in_channels=7 if kind == "x4" else 8, out_channels=4, layers_per_block=2,
-                                cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4,
+                                norm_num_groups=8, attention_head_dim=4,
                                 block_out_channels=(8, 16, 16, 24), **config,
                                 down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
                                 up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",))
@@ -82,6 +86,42 @@ def test_the_x4_upscaler_and_audioldm_are_no_sd_or_sdxl_and_keep_their_diffusers
     assert ldm.sd_scripts_metadata({**original, encoder: None}) == ldm.sd_scripts_metadata(original)
 
 
+def test_a_diffusers_adapter_of_audioldm_or_the_x4_upscaler_is_told_by_what_differs(tmp_path):
+    """A diffusers adapter on AudioLDM's fourth level's widening (down_blocks.3.resnets.0.conv_shortcut) was the x4
+    upscaler's (diffusers' single-file loader tells the upscaler by it, but AudioLDM's widens too), so messages named
+    the wrong model. What differs tells them: the class embedding (AudioLDM's a Linear, the upscaler's an Embedding)
+    and what cross-attention reads (AudioLDM's key/value map each level's width to itself; the upscaler's read one
+    context: a projection from another width, even where a level is as wide as the context). Where nothing does, the
+    messages name both."""
+    from loraops import formats
+
+    shapes = {kind: {f"unet.{key.removesuffix('.weight')}": tuple(value.shape) for key, value in tiny_unet(kind).values()
+                     if key.endswith(".weight") and value.dim() >= 2} for kind in OWN}
+    widening, level1, level3 = ("unet.down_blocks.3.resnets.0.conv_shortcut",
+                                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+                                "unet.down_blocks.3.attentions.0.transformer_blocks.0.attn2.to_k")
+
+    def told(kind, *modules):
+        lora = diffusers_lora(tmp_path / f"{kind}-{len(modules)}.safetensors",
+                              {m: shapes[kind][m][:2] for m in modules})
+        return ldm.other_unet(formats.read_adapter(lora).modules).name
+
+    assert told("audioldm", widening, level1, level3) == "AudioLDM"  # (it was the upscaler)
+    assert told("x4", widening, level1, level3) == "SD x4 upscaler"
+    assert told("x4", widening, level1) == "SD x4 upscaler or AudioLDM"  # (level 1 is as wide as the context)
+    assert told("audioldm", widening) == told("x4", widening) == "SD x4 upscaler or AudioLDM"
+    assert told("audioldm", widening, "unet.class_embedding") == "AudioLDM"
+
+    # the message of a module the kohya writer cannot place names it
+    lora = diffusers_lora(tmp_path / "film.safetensors", {m: shapes["audioldm"][m][:2] for m in (widening, level1, level3)}
+                          | {"unet.up_blocks.1.upsamplers.0.conv": (16, 16)})
+    code, out = run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert (code, out) == (2, f"error: {lora}: unet.up_blocks.1.upsamplers.0.conv: diffusers UNet modules whose "
+                              "checkpoint path, by which sd-scripts names the AudioLDM UNet, the adapter's modules do not "
+                              "say (an up level's upsampler: behind its attention or not; a class_embedding): bind it to "
+                              "its single-file checkpoint (--base), or write it as diffusers\n")
+
+
 # Stable Video Diffusion's UNet (sgm's VideoUNet): VideoResBlocks and SpatialVideoTransformers, each with a time_stack
 # and a time_mixer; its image encoder under conditioner.embedders.
 SVD = {f"model.diffusion_model.{name}": shape for name, shape in {
@@ -93,16 +133,14 @@ SVD = {f"model.diffusion_model.{name}": shape for name, shape in {
 }.items()} | {"conditioner.embedders.0.open_clip.model.visual.transformer.resblocks.0.mlp.c_fc.weight": (16, 8)}
 
 
-def test_stable_video_diffusion_is_no_sdxl_and_gets_no_diffusers_names(tmp_path):
-    """SVD was SDXL by its conditioner.embedders. (sdxl_base_v1-0, SDXL's names), and its modules got SD's diffusers
-    names, which diffusers' UNetSpatioTemporalConditionModel does not have (its resnets are spatial_res_block /
-    temporal_res_block, its time_stack temporal_transformer_blocks). No version, no diffusers names; extract writes
-    kohya under the checkpoint's paths (what ComfyUI applies), and the diffusers writer refuses it in one line."""
+def test_stable_video_diffusion_is_no_sdxl_and_keeps_its_own_names_in_kohya(tmp_path):
+    """SVD was SDXL by its conditioner.embedders. (sdxl_base_v1-0, SDXL's names). No version; extract writes kohya
+    under the checkpoint's paths (what ComfyUI applies), and the diffusers writer names them as diffusers'
+    UNetSpatioTemporalConditionModel does (test_svd_modules_bind_under_diffusers_names checks that translation)."""
     from loraops.st import read_header
 
     assert ldm.is_sdxl(SVD) is None
     assert ldm.sd_scripts_metadata(SVD) == {ldm.OTHER_UNET_KEY: "Stable Video Diffusion"}
-    assert not any(name.startswith("unet.") for name in ldm.diffusers_names(SVD))
 
     g = torch.Generator().manual_seed(0)
     base = {name: torch.randn(shape, generator=g) for name, shape in SVD.items()}
@@ -123,11 +161,95 @@ def test_stable_video_diffusion_is_no_sdxl_and_gets_no_diffusers_names(tmp_path)
     assert run("base", "add", tmp_path / "svd.safetensors", "--name", "svd")[0] == 0
     written = tmp_path / "d.safetensors"
     code, out = run("export", tmp_path / "x.safetensors", "--base", "svd", "--format", "diffusers", "-o", written)
-    assert (code, out.splitlines()[-1:]) == (2, [
-        f"error: {tmp_path / 'x.safetensors'}: model.diffusion_model.{changed[1]}, model.diffusion_model.{changed[0]}: "
-        "modules of Stable Video Diffusion's UNet, whose diffusers names are not SD's (loraops translates no other): "
-        "write it as kohya or peft (its checkpoint's own names)"]), out
-    assert not written.exists()
+    assert code == 0, out
+    assert {k.rsplit(".", 2)[0] for k in read_header(written).tensors} == {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.temporal_transformer_blocks.0.attn1.to_q"}
+
+
+# diffusers' scripts/convert_svd_to_diffusers.py on top of SD's conversion: the renames it makes inside a resnet
+# (its spatial part: the ResBlock's own layers; its temporal part: time_stack) and inside an attention
+SVD_SCRIPT_RENAMES = ((".spatial_res_block.", "."), (".temporal_res_block.", ".time_stack."),
+                      (".temporal_transformer_blocks.", ".time_stack."), (".time_pos_embed.linear_1", ".time_pos_embed.0"),
+                      (".time_pos_embed.linear_2", ".time_pos_embed.2"))
+# the tiny SVD UNet's layout: attention in the first down level and the last up level; so the first up level's
+# upsampler sits without it (output_blocks.2.1.conv)
+SVD_LAYOUT = dict(down=2, attention_down=lambda i: i == 0, attention_up=lambda i: i == 1,
+                  upsampler_slot=lambda i: 2 if i == 1 else 1)
+
+
+def tiny_svd_unet():
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(0)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        cross_attention_dim=16, num_attention_heads=(2, 2), projection_class_embeddings_input_dim=12,
+        addition_time_embed_dim=4, down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"))
+
+
+def svd_checkpoint_name(module):
+    """The checkpoint module path of a diffusers SVD UNet module, as diffusers' conversion script relates them."""
+    for diffusers, original in SVD_SCRIPT_RENAMES:
+        module = module.replace(diffusers, original)
+    return "model.diffusion_model." + reference_checkpoint_name(module, reference_table(**SVD_LAYOUT))
+
+
+def test_svd_modules_bind_under_diffusers_names(tmp_path):
+    """A diffusers-named SVD LoRA (unet.…spatial_res_block…, …temporal_transformer_blocks…) bound to no module of an
+    SVD single-file checkpoint: every module of diffusers' UNetSpatioTemporalConditionModel now has the checkpoint
+    path diffusers' conversion script gives it, and back; a LoRA on them binds, merges into the tensors of those paths
+    (compared with W + scale·B·A), and goes to kohya under the checkpoint's paths, bound or not, and back to diffusers
+    under its own names."""
+    from safetensors.torch import load_file
+
+    from loraops import check, engine, formats
+    from loraops.st import read_header
+
+    unet = tiny_svd_unet()
+    modules = {f"unet.{k.removesuffix('.weight')}": svd_checkpoint_name(k.removesuffix(".weight"))
+               for k in unet.state_dict() if k.endswith(".weight")}
+    checkpoint = {}
+    for key, value in unet.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        if f"unet.{module}" in modules:  # (time_mixer.mix_factor, a parameter, is no module)
+            checkpoint[f"{modules[f'unet.{module}']}.{leaf}"] = value.detach().clone()
+    checkpoint["model.diffusion_model.input_blocks.1.0.time_mixer.mix_factor"] = torch.ones(1)  # (sgm's, no module)
+    assert ldm.other_unet(checkpoint).name == "Stable Video Diffusion"
+    assert {name: path for name, path in ldm.diffusers_names(checkpoint).items() if name.startswith("unet.")} == modules
+    assert ldm.checkpoint_paths(modules, whole=True) == modules
+
+    base = tmp_path / "svd.safetensors"
+    save_file(checkpoint, str(base))
+    shapes = {name: tuple(unet.state_dict()[f"{name[5:]}.weight"].shape) for name in (
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.temporal_transformer_blocks.0.attn1.to_q",
+        "unet.mid_block.attentions.0.time_pos_embed.linear_1",
+        "unet.down_blocks.0.resnets.1.temporal_res_block.time_emb_proj",
+        "unet.mid_block.resnets.0.spatial_res_block.time_emb_proj",
+        "unet.up_blocks.1.attentions.2.temporal_transformer_blocks.0.ff_in.net.2")}
+    lora = diffusers_lora(tmp_path / "d.safetensors", shapes)
+    adapter = formats.read_adapter(lora)
+    bound = check.bind(adapter, load_file(base))
+    assert sorted(bound.modules) == sorted(modules[name] for name in shapes)
+
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "merged.safetensors", device="cpu")
+    merged = load_file(tmp_path / "merged.safetensors")
+    for name, module in adapter.modules.items():
+        tensor = f"{modules[name]}.weight"
+        expected = checkpoint[tensor].double() + module.scale * module.B.double() @ module.A.double()
+        assert torch.allclose(merged[tensor].double(), expected, atol=1e-5), name
+    assert sum(not torch.equal(merged[k], checkpoint[k]) for k in checkpoint) == len(shapes)
+
+    kohya_names = {f"lora_unet_{modules[name].removeprefix('model.diffusion_model.').replace('.', '_')}"
+                   for name in shapes}
+    for source, out in ((bound, "bound.safetensors"), (adapter, "unbound.safetensors")):
+        written = formats.write_adapter(source, tmp_path / out, "kohya")
+        assert {k.rsplit(".", 2)[0] for k in read_header(written).tensors if k.endswith("weight")} == kohya_names
+    back = formats.write_adapter(check.bind(formats.read_adapter(tmp_path / "bound.safetensors"), load_file(base)),
+                                 tmp_path / "back.safetensors", "diffusers")
+    assert {k.rsplit(".", 2)[0] for k in read_header(back).tensors} == set(shapes)
 
 
 @pytest.mark.parametrize("kind", ["svd", "x4"])
@@ -332,14 +454,39 @@ def test_sd_scripts_sdxl_names_bind_to_an_sdxl_pipeline_and_are_written_back(tmp
     assert sorted(bound.modules) == ["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
                                      "unet.up_blocks.0.attentions.2.proj_in", "unet.up_blocks.0.upsamplers.0.conv"]
     # the first up level's upsampler alone: behind attention (SDXL base: output_blocks.2.2) or not (the refiner's
-    # output_blocks.2.1), which the bound modules do not say: refused, not guessed
+    # output_blocks.2.1), which the bound modules do not say but the bound pipeline does (its header records it)
     upsampler = {k: v for k, v in sd_scripts.items() if k.endswith("_conv") or "input_blocks" in k}
-    with pytest.raises(Exception, match="unet.up_blocks.0.upsamplers.0.conv: diffusers UNet modules whose checkpoint "
-                                        "path, by which sd-scripts names SDXL's UNet, the adapter's modules do not say"):
-        kohya_round_trip(tmp_path, upsampler, manifest)
+    assert kohya_round_trip(tmp_path, upsampler, manifest) == set(upsampler)
     diffusers_named = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q": ((16,), (16,))}
     assert kohya_round_trip(tmp_path, diffusers_named, manifest) == {
         "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"}
+
+
+def test_an_sdxl_pipeline_bound_upsampler_without_its_levels_attention_is_written_where_the_base_has_it(tmp_path):
+    """A diffusers LoRA on the first up level's upsampler (and nothing of that level's attention) bound to an SDXL base
+    or refiner pipeline was refused for kohya: its modules do not say whether the upsampler sits behind attention
+    (the base's output_blocks.2.2.conv) or not (the refiner's output_blocks.2.1.conv). The bound pipeline says: it
+    goes under the checkpoint path of that base (binding records it: ldm.UP_ATTENTION_KEY), which binds back to the
+    same module."""
+    from types import SimpleNamespace
+
+    from test_ldm import REFINER, SDXL, diffusers_unet
+
+    from loraops import check, formats
+    from loraops.st import read_header
+
+    for layout, path in ((SDXL, "output_blocks_2_2_conv"), (REFINER, "output_blocks_2_1_conv")):
+        manifest = {f"unet.{k}": SimpleNamespace(shape=tuple(v.shape))
+                    for k, v in diffusers_unet(layout)[0].state_dict().items()}
+        lora = diffusers_lora(tmp_path / f"{path}.safetensors", {
+            "unet.up_blocks.0.upsamplers.0.conv": (16, 16 * 9),
+            "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (16, 16)})
+        bound = check.bind(formats.read_adapter(lora), manifest)
+        out = formats.write_adapter(bound, tmp_path / f"k-{path}.safetensors", "kohya")
+        assert sorted(k.removesuffix(".lora_up.weight") for k in read_header(out).tensors if k.endswith("lora_up.weight")) \
+            == ["lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", f"lora_unet_{path}"]
+        back = check.bind(formats.read_adapter(out), manifest)
+        assert sorted(back.modules) == sorted(bound.modules)
 
 
 

@@ -129,19 +129,14 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
     top, sdxl = ldm.dit_top(adapter.modules, adapter.metadata), ldm.is_sdxl(adapter.modules, adapter.metadata)
     listed = [part.name for module in adapter.modules.values() for part in parts(module)]  # a part and a whole: twice
     other = ldm.other_unet(adapter.modules, adapter.metadata)
-    if other is not None and not other.diffusers:
-        unet = [n for n in listed if n.startswith(ldm.UNET_PREFIX)]
-        if unet:
-            raise UnsupportedAdapterError(
-                f"{adapter.label}: {common.shown(unet)}: modules of {other.name}'s UNet, whose diffusers names are not "
-                "SD's (loraops translates no other): write it as kohya or peft (its checkpoint's own names)")
+    video = other is not None and other.video
     names: dict[str, str] = {}
     for name in listed:
-        target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top, sdxl=sdxl)
+        target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top, sdxl=sdxl, video=video)
         if target is None:
             raise FormatError(f"module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)})")
         names[name] = target
-    common.refuse_unplaced(adapter, [n for n in listed if sdxl is None and component_of(n) is None
+    common.refuse_unplaced(adapter, [n for n in listed if sdxl is None and other is None and component_of(n) is None
                                      and names[n] != ldm.diffusers_name(n, top=top, sdxl=False)],
                            "diffusers names one way for SDXL (unet.add_embedding) and another for SD 2.x unCLIP "
                            "(unet.class_embedding)")

@@ -191,9 +191,8 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     # a UNet of no sd-scripts model (the x4 upscaler's, SVD's, AudioLDM's): by its checkpoint paths, as SDXL's, which
     # ComfyUI applies to any UNet it loads (lora_unet_ + the path)
     by_path = bool(sdxl) or other is not None
-    # a diffusers-named UNet (a diffusers LoRA's, a pipeline's) at the checkpoint paths named so (none for SVD's, whose
-    # diffusers blocks are not SD's)
-    at_path = ldm.checkpoint_paths(adapter.modules) if other is None or other.diffusers else {}
+    # a diffusers-named UNet (a diffusers LoRA's, a pipeline's) at the checkpoint paths named so
+    at_path = ldm.checkpoint_paths(adapter.modules, attending=ldm.up_attention(adapter.metadata))
 
     def named(name: str, by_path: bool) -> tuple[str | None, str]:
         return component_of(adapter, at_path[name], sdxl=True) if by_path and name in at_path else \
@@ -208,7 +207,7 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     if unplaced:
         raise FormatError(
             f"{adapter.label}: {common.shown(unplaced)}: diffusers UNet modules whose checkpoint path, by which "
-            f"sd-scripts names {'SDXL' if sdxl else other.name}'s UNet, the adapter's modules do not say (an up "
+            f"sd-scripts names the {'SDXL' if sdxl else other.name} UNet, the adapter's modules do not say (an up "
             "level's upsampler: behind its attention or not; a class_embedding): bind it to its single-file "
             "checkpoint (--base), or write it as diffusers")
     components = {component for component, _ in split.values()}
