@@ -177,14 +177,13 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
     weights = [float(own.get("weight", 1.0)) for own in per_model]
     params: dict[str, Any] = {}
-    densities = [own.get("density", 1.0) for own in per_model]
     if "density" in spec.per_model:
-        params["density"] = densities
+        params["density"] = [own.get("density", 1.0) for own in per_model]
     for key in ("gamma", "epsilon"):
         if key in spec.per_model:
             # None: the method's default for that model (mergekit's, lowered where it does not fit); a model kept
-            # whole ignores its value, as mergekit's sparsify returns it before reading them
-            values = [own.get(key) if density < 1 else None for own, density in zip(per_model, densities)]
+            # whole (density 1) ignores its value, as mergekit's sparsify returns it before reading them
+            values = [own.get(key) for own in per_model]
             if any(v is not None for v in values):
                 params[key] = values
     for key, value in top.items():

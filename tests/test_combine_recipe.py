@@ -372,3 +372,29 @@ def test_nuslerp_row_wise_without_flatten_off_is_ignored_as_mergekit_ignores_it(
     both = parse_recipe(recipe("nuslerp", ("a", {"weight": 1}), ("b", {"weight": 2}), base_model="base",
                                parameters={"nuslerp_row_wise": True, "nuslerp_flatten": False}))
     assert both.params == {"flatten": False, "row_wise": True}
+
+
+def test_density_one_with_epsilon_runs_alike_on_the_command_line_and_in_a_recipe(files, tmp_path):
+    """mergekit's della returns a task vector kept whole (density 1) before it reads epsilon: --density 1 --epsilon
+    0.3 runs (it was refused) as the recipe with those values does — the same record and the same adapter — and the
+    report says no epsilon applied; beside a model that is sparsified, the kept-whole one shows none (it showed the
+    default 0.15 for both)."""
+    cli = loraops_ok("combine", files["a"], files["b"], "-m", "della", "--density", "1", "--epsilon", "0.3",
+                        "--rescale-norm", "l1", "--name", "whole")
+    shown = "della(density=1.0, rescale_norm=l1, epsilon=None, seed=0, normalize=True, lambda=1.0) of a@1×1, b@1×1"
+    assert cli.splitlines()[0] == shown, cli
+    doc = recipe("della", (str(files["a"]), {"weight": 1, "density": 1, "epsilon": 0.3}),
+                 (str(files["b"]), {"weight": 1}), parameters={"epsilon": 0.3})
+    read = loraops_ok("combine", "--recipe", write(tmp_path / "whole.yml", doc)).splitlines()
+    assert read[0] == shown and read[-1].startswith("already registered as whole@1"), read
+    doc = recipe("della", (str(files["a"]), {"weight": 1, "density": 1, "epsilon": 0.3}),
+                 (str(files["b"]), {"weight": 1, "density": 0.5}))
+    mixed = loraops_ok("combine", "--recipe", write(tmp_path / "mixed.yml", doc), "--json")
+    assert json.loads(mixed)["report"]["params"]["epsilon"] == [None, 0.15]
+
+
+def loraops_ok(*args) -> str:
+    """stdout of a loraops command that must succeed."""
+    run = loraops(*args)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
