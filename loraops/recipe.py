@@ -11,7 +11,9 @@ mergekit's semantics kept here (its config.py, merge_methods/registry.py and gen
   of each task vector (``rescale_norm: l1``); off, DARE's and DELLA's survivors are kept undivided;
 - ``task_arithmetic`` and ``linear`` are weighted sums (loraops' linear) with the weights folded: λ·wᵢ, and divided
   by Σw where they normalize;
-- ``int8_mask`` changes only the dtype of mergekit's sign mask: accepted, it changes nothing.
+- ``int8_mask`` changes only the dtype of mergekit's sign mask: accepted, it changes nothing;
+- ``base_model`` is read as mergekit's ModelReference.parse reads a reference: ``PATH[@REVISION][+LORA[@REVISION]]``
+  (model_reference); a base with a LoRA merged into it is no adapter's base, so it is refused.
 """
 from __future__ import annotations
 
@@ -61,6 +63,47 @@ REFUSED_TOP = {
 }
 DTYPES = {"float32": False, "bfloat16": False, "float16": False, "float64": True}
 """mergekit's dtype → whether loraops computes in float64 (--precise); the others compute in float32 as always."""
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """A model as mergekit names one (its ModelReference): a path or Hub id, the revision after ``@``, and the LoRA
+    merged into it after ``+`` (as written, its own revision included)."""
+
+    path: str
+    revision: str | None = None
+    lora: str | None = None
+
+
+def model_reference(text: str) -> ModelReference:
+    """``text`` read as mergekit's ModelReference.parse reads it (one ``+`` at most, one ``@`` in each part at
+    most); what it cannot read is one InvalidInputError line."""
+    parts = text.split("+")
+    if len(parts) > 2:
+        raise InvalidInputError(f"{text!r} has more than one '+' (mergekit reads MODEL+LORA)")
+    for part in parts:
+        path, at, revision = part.partition("@")
+        if "@" in revision:
+            raise InvalidInputError(f"{text!r}: more than one '@' in {part!r} (mergekit reads PATH@REVISION)")
+        if not path or (at and not revision):
+            raise InvalidInputError(f"{text!r}: an empty {'path' if not path else 'revision'} in {part!r}")
+    path, _, revision = parts[0].partition("@")
+    return ModelReference(path, revision or None, parts[1] if len(parts) == 2 else None)
+
+
+def base_reference(text: str) -> ModelReference:
+    """A recipe's ``base_model`` (model_reference); a base with a LoRA merged into it is refused: mergekit would take
+    every task vector over that merged model, and each adapter's ΔW is over the base alone."""
+    try:
+        ref = model_reference(text)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"base_model {exc}") from None
+    if ref.lora is not None:
+        model = text.partition("+")[0]
+        raise InvalidInputError(f"base_model {text!r} is {model} with the LoRA {ref.lora} merged into it (mergekit's "
+                                "MODEL+LORA), which no adapter's ΔW is taken over: give the adapters' base alone "
+                                f"(base_model: {model})")
+    return ref
 
 
 @dataclass(frozen=True)
@@ -116,6 +159,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     base_model = data.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise refuse("base_model must be a name or path (the adapters' base)")
+    if base_model is not None:
+        try:
+            base_reference(base_model)
+        except InvalidInputError as exc:
+            raise refuse(str(exc)) from None
     if spec.needs_base and base_model is None:
         raise refuse(f"{name} needs a base_model (mergekit's {name} without one works on whole weights, not on task "
                      "vectors): give the adapters' base")

@@ -2,6 +2,8 @@
 mapping of each supported method and parameter, each refusal in one line, the result against the float64
 transcription of mergekit's per-model task arithmetic, and the CLI end to end."""
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -291,7 +293,8 @@ def test_base_model_is_the_inputs_registered_base_or_their_hint(files, tmp_path)
 
     assert loraops("base", "add", files["base"], "--name", "tiny").returncode == 0
     assert loraops("register", files["a"], "--base", "tiny").returncode == 0
-    for i, name in enumerate(("tiny", str(files["base"]), str(files["base"]) + "/")):
+    for i, name in enumerate(("tiny", str(files["base"]), str(files["base"]) + "/", os.path.relpath(files["base"]),
+                              "./" + os.path.relpath(files["base"]) + "/", f"{files['base']}@main")):
         doc = recipe("ties", (str(files["a"]), {"weight": 1, "density": 0.5}), base_model=name)
         run = loraops("combine", "--recipe", write(tmp_path / f"r{i}.yml", doc), "--name", f"ok{i}")
         assert run.returncode == 0, run.stderr
@@ -303,6 +306,7 @@ def test_base_model_is_the_inputs_registered_base_or_their_hint(files, tmp_path)
         assert sorted(a.name for a in reg.list_adapters()) == ["a", "ok0"]  # (ok1, ok2: the same bytes as ok0)
 
     hinted = NS(record=NS(ref="b@1", base=None), adapter=NS(base_model="org/tiny/"))
+    check_base_model(None, [hinted], "org/tiny@v2")  # a revision where loraops knows no commit: the name decides
     unknown = NS(record=NS(ref="c@1", base=None), adapter=NS(base_model=None))
     check_base_model(None, [hinted, unknown], "org/tiny")
     with pytest.raises(MismatchError, match=r"^base_model 'tiny': b@1 is for org/tiny/, and a recipe combines"):
@@ -398,3 +402,49 @@ def loraops_ok(*args) -> str:
     run = loraops(*args)
     assert run.returncode == 0, run.stderr
     return run.stdout
+
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("base_model, message", [
+    ("org/llama", None),
+    ("org/llama/", None),
+    ("llama", None),
+    (f"org/llama@{SHA}", None),
+    ("org/llama@0123456", None),  # a short commit, as git abbreviates it
+    ("org/llama@main", "base_model 'org/llama@main': h@1 is for llama, pulled at commit 0123456789ab, and revision "
+                       "'main' is not that commit (loraops does not look a branch or tag up: give the commit, or no "
+                       "revision)"),
+    ("org/llama@fedc", "base_model 'org/llama@fedc': h@1 is for llama, pulled at commit 0123456789ab, and revision"),
+    ("org/other@0123456", "base_model 'org/other@0123456': h@1 is for llama, and a recipe combines task vectors"),
+    ("org/llama+style", "base_model 'org/llama+style' is org/llama with the LoRA style merged into it (mergekit's "
+                        "MODEL+LORA), which no adapter's ΔW is taken over: give the adapters' base alone (base_model: "
+                        "org/llama)"),
+    ("org/llama@a@b", "base_model 'org/llama@a@b': more than one '@' in 'org/llama@a@b' (mergekit reads "
+                      "PATH@REVISION)"),
+    ("a+b+c", "base_model 'a+b+c' has more than one '+' (mergekit reads MODEL+LORA)"),
+    ("org/llama@", "base_model 'org/llama@': an empty revision in 'org/llama@'"),
+])
+def test_base_model_is_read_as_mergekit_reads_a_model_reference(base_model, message):
+    """base_model is mergekit's PATH[@REVISION][+LORA]: the Hub id of a base pulled from the Hub (source
+    hf://org/llama@<commit>) names it, at its commit (or a prefix of it) or without a revision; a branch, another
+    commit, or a LoRA merged into the base (no adapter's ΔW is over that) is refused in one line, in the recipe
+    itself where no registry is needed (it was compared as a plain string)."""
+    from types import SimpleNamespace as NS
+
+    from loraops.derive import check_base_model
+    from loraops.errors import LoraopsError
+
+    base = NS(name="llama", source=f"hf://org/llama@{SHA}", path=None)
+    pulled = NS(record=NS(ref="h@1", base=NS(id=7)), adapter=NS(base_model=None))
+    registry = NS(get_base=lambda i: {7: base}[i])
+    if message is None:
+        check_base_model(registry, [pulled], base_model)
+        return
+    with pytest.raises(LoraopsError) as caught:
+        check_base_model(registry, [pulled], base_model)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+    if "h@1" not in message:  # refused by its text alone: by the recipe, before anything is opened
+        with pytest.raises(InvalidInputError, match="^r: " + re.escape(message)):
+            parse_recipe(recipe("ties", ("a", {"weight": 1}), base_model=base_model), "r")
