@@ -86,23 +86,25 @@ def registered_for(reg: "Registry", ref: str, base: str | None) -> "AdapterRecor
 
 
 def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) -> None:
-    """Every input is for ``base_model``, a reference as mergekit reads one (recipe.base_reference): its path names
-    the input's registered base (its name, or the folder or Hub id it was added from) or the adapter's own
-    base_model_name_or_path, a folder however it is written (``./x``, ``x/``); a revision must be the commit a base
-    pulled from the Hub was recorded at (where loraops knows none, the name decides). An input that names no base at
-    all is taken as it is."""
+    """Every input is for ``base_model``: as a whole, or else read as mergekit reads a model reference
+    (recipe.base_reference: ``PATH[@REVISION]``), its path names the input's registered base (its name, or the
+    folder or Hub id it was added from) or the adapter's own base_model_name_or_path, a folder however it is written
+    (``./x``, ``x/``); a revision must be the commit a base pulled from the Hub was recorded at (where loraops knows
+    none, the path decides). An input that names no base at all is taken as it is."""
     from .hub import parse_hub_source
     from .recipe import base_reference
 
-    want = base_reference(base_model)
     for i in inputs:
         base = reg.get_base(i.record.base.id) if i.record.base else None  # (the record's BaseRef has no source)
         known = [name for name in (base.name, base.source, base.path) if name] if base else []
         if i.adapter.base_model:
             known.append(i.adapter.base_model)
+        if not known or any(_names(base_model, name) for name in known):  # ('+' and '@' may be in a name or path)
+            continue
+        want = base_reference(base_model)
         named = [name for name in known if _names(want.path, name)]
         shown = base.name if base else i.adapter.base_model
-        if known and not named:
+        if not named:
             raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, and a recipe combines "
                                 "task vectors over the adapters' own base")
         commits = {ref.revision for ref in map(parse_hub_source, named) if ref is not None and ref.revision}

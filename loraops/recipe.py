@@ -92,8 +92,9 @@ def model_reference(text: str) -> ModelReference:
 
 
 def base_reference(text: str) -> ModelReference:
-    """A recipe's ``base_model`` (model_reference); a base with a LoRA merged into it is refused: mergekit would take
-    every task vector over that merged model, and each adapter's ΔW is over the base alone."""
+    """A recipe's ``base_model`` that names no base as a whole (registry names and folders may hold ``+``), read as
+    mergekit reads it (model_reference); a base with a LoRA merged into it is refused: mergekit would take every task
+    vector over that merged model, and each adapter's ΔW is over the base alone."""
     try:
         ref = model_reference(text)
     except InvalidInputError as exc:
@@ -159,11 +160,6 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     base_model = data.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise refuse("base_model must be a name or path (the adapters' base)")
-    if base_model is not None:
-        try:
-            base_reference(base_model)
-        except InvalidInputError as exc:
-            raise refuse(str(exc)) from None
     if spec.needs_base and base_model is None:
         raise refuse(f"{name} needs a base_model (mergekit's {name} without one works on whole weights, not on task "
                      "vectors): give the adapters' base")
