@@ -13,7 +13,8 @@ mergekit's semantics kept here (its config.py, merge_methods/registry.py and gen
   by Σw where they normalize;
 - ``int8_mask`` changes only the dtype of mergekit's sign mask: accepted, it changes nothing;
 - ``base_model`` is read as mergekit's ModelReference.parse reads a reference: ``PATH[@REVISION][+LORA[@REVISION]]``
-  (model_reference); a base with a LoRA merged into it is no adapter's base, so it is refused.
+  (model_reference) where it names no base as a whole; a base with a LoRA merged into it is no adapter's base, so
+  it is refused (base_reference, called by derive.check_base_model, which knows the registry).
 """
 from __future__ import annotations
 
