@@ -19,6 +19,7 @@ mergekit's semantics kept here (its config.py, merge_methods/registry.py and gen
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,10 +183,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             entry = {"model": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise refuse(f"{where}: give model: REF (a registry reference or a path to an adapter)")
-        if entry["model"] in listed:
+        model = _adapter_of(entry["model"], base_model)
+        if model in listed:
             raise refuse(f"{where}: {entry['model']!r} is listed twice (mergekit merges a model once, with its first "
                          "entry's parameters): list it once")
-        listed.add(entry["model"])
+        listed.add(model)
         for key in entry:
             if key not in ("model", "parameters"):
                 raise refuse(f"{where}: {key!r} is not supported (a model takes model and parameters)")
@@ -194,7 +196,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             if key not in spec.per_model:
                 raise refuse(f"{where}.parameters: {name} takes no per-model {key!r}"
                              + (f" (it takes {', '.join(spec.per_model)})" if spec.per_model else ""))
-        if base_model is not None and entry["model"] == base_model:
+        if base_model is not None and model == base_model:
             # mergekit's task-vector methods skip the base; its linear averages it in: a zero task vector whose
             # weight still counts in Σw
             if name == "linear":
@@ -204,7 +206,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                                  "requires one")
                 base_weights.append(float(weight))
             continue
-        refs.append(entry["model"])
+        refs.append(model)
         per_model.append({key: own.get(key, top.get(key)) for key in spec.per_model
                           if own.get(key, top.get(key)) is not None})
     if name == "linear" and base_model is not None and base_model not in listed:
@@ -237,6 +239,20 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             params[target] = value
     method, weights = _mapped(name, params, weights, sum(base_weights), refuse)
     return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False))
+
+
+def _adapter_of(model: str, base_model: str | None) -> str:
+    """The adapter a model entry names: mergekit's ``MODEL+LORA`` where MODEL is the base_model as the recipe writes
+    it (that model with the LoRA merged in, whose task vector over the base is the LoRA's ΔW), else the entry as
+    written (combine's REF: a registry name may hold '+', as combine's default names do)."""
+    if base_model is None or "+" not in model:
+        return model
+    try:
+        ref = model_reference(model)
+    except InvalidInputError:
+        return model
+    written = model.partition("+")[0]
+    return ref.lora if os.path.normpath(written) == os.path.normpath(base_model) else model
 
 
 def _takes(spec: MethodSpec) -> str:

@@ -450,3 +450,21 @@ def test_base_model_is_read_as_mergekit_reads_a_model_reference(base_model, mess
     with pytest.raises(LoraopsError) as caught:
         check_base_model(registry, [pulled], base_model)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_a_model_written_base_plus_lora_is_that_lora(files, tmp_path):
+    """mergekit lists a LoRA as MODEL+LORA (the base with the LoRA merged in: over the base, its task vector is the
+    LoRA's ΔW): where MODEL is the base_model as written (./x and x/ alike), the entry is the adapter LORA (it was
+    read as an adapter named 'MODEL+LORA': not found); anything else stays combine's REF, as a registry name such as
+    combine's default a+b-ties may hold '+'."""
+    read = parse_recipe(recipe("ties", ("org/base", None), ("org/base+style@2", {"weight": 1}),
+                               ("./org/base/+sub/x", {"weight": 0.5}), ("a+b-ties", {"weight": 2}),
+                               ("other+c", {"weight": 3}), base_model="org/base"))
+    assert read.inputs == [("style@2", 1.0), ("sub/x", 0.5), ("a+b-ties", 2.0), ("other+c", 3.0)]
+    with pytest.raises(InvalidInputError, match=r"^r: models\[2\]: 'org/base\+a' is listed twice"):
+        parse_recipe(recipe("ties", ("a", {"weight": 1}), ("org/base+a", {"weight": 1}), base_model="org/base"), "r")
+    base = str(files["base"])
+    doc = recipe("ties", (base, None), (f"{base}+{files['a']}", {"weight": 1, "density": 0.5}),
+                 (f"{base}/+{files['b']}", {"weight": 0.5}), base_model=base)
+    lines = loraops_ok("combine", "--recipe", write(tmp_path / "plus.yml", doc), "--name", "plus").splitlines()
+    assert lines[0] == "ties(density=[0.5, 1.0], normalize=True, lambda=1.0) of a@1×1, b@1×0.5", lines
