@@ -86,18 +86,50 @@ def registered_for(reg: "Registry", ref: str, base: str | None) -> "AdapterRecor
 
 
 def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) -> None:
-    """Every input is for ``base_model``: it names the input's registered base (its name, or where it was added from)
-    or equals the adapter's own base_model_name_or_path. An input that names no base at all is taken as it is."""
-    want = base_model.rstrip("/")
+    """Every input is for ``base_model``: as a whole, or else read as mergekit reads a model reference
+    (recipe.base_reference: ``PATH[@REVISION]``), its path names the input's registered base (its name, or the
+    folder or Hub id it was added from) or the adapter's own base_model_name_or_path, a folder however it is written
+    (``./x``, ``x/``); a revision must be the commit a base pulled from the Hub was recorded at (where loraops knows
+    none, the path decides). An input that names no base at all is taken as it is."""
+    from .hub import parse_hub_source
+    from .recipe import base_reference
+
     for i in inputs:
         base = reg.get_base(i.record.base.id) if i.record.base else None  # (the record's BaseRef has no source)
-        known = {name.rstrip("/") for name in (base.name, base.source, base.path) if name} if base else set()
+        known = [name for name in (base.name, base.source, base.path) if name] if base else []
         if i.adapter.base_model:
-            known.add(i.adapter.base_model.rstrip("/"))
-        if known and want not in known:
-            raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for "
-                                f"{base.name if base else i.adapter.base_model}, and a recipe combines task vectors "
-                                "over the adapters' own base")
+            known.append(i.adapter.base_model)
+        if not known or any(_names(base_model, name) for name in known):  # ('+' and '@' may be in a name or path)
+            continue
+        want = base_reference(base_model)
+        named = [name for name in known if _names(want.path, name)]
+        shown = base.name if base else i.adapter.base_model
+        if not named:
+            raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, and a recipe combines "
+                                "task vectors over the adapters' own base")
+        commits = {ref.revision for ref in map(parse_hub_source, named) if ref is not None and ref.revision}
+        if want.revision and commits and not any(len(want.revision) >= 4 and c.lower().startswith(
+                want.revision.lower()) for c in commits):
+            raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, pulled at commit "
+                                f"{min(commits)[:12]}, and revision {want.revision!r} is not that commit (loraops "
+                                "does not look a branch or tag up: give the commit, or no revision)")
+
+
+def _names(path: str, name: str) -> bool:
+    """Whether a model path or Hub id (a recipe's) names what a base was recorded under (``name``: its name, a
+    folder, an ``hf://`` source, or an adapter's base_model_name_or_path)."""
+    import os
+
+    from .hub import parse_hub_source
+
+    hub = parse_hub_source(name) if name.startswith("hf://") else None
+    if hub is not None:
+        return os.path.normpath(path) == hub.repo_id
+    if os.path.normpath(path) == os.path.normpath(name):
+        return True
+    with contextlib.suppress(OSError, ValueError):  # a folder written another way (relative, ~, a link)
+        return Path(name).is_absolute() and Path(path).expanduser().resolve() == Path(name).resolve()
+    return False
 
 
 def check_arguments(name: str | None, output: str | None, force: bool, refs: Sequence[str]) -> None:

@@ -11,11 +11,15 @@ mergekit's semantics kept here (its config.py, merge_methods/registry.py and gen
   of each task vector (``rescale_norm: l1``); off, DARE's and DELLA's survivors are kept undivided;
 - ``task_arithmetic`` and ``linear`` are weighted sums (loraops' linear) with the weights folded: λ·wᵢ, and divided
   by Σw where they normalize;
-- ``int8_mask`` changes only the dtype of mergekit's sign mask: accepted, it changes nothing.
+- ``int8_mask`` changes only the dtype of mergekit's sign mask: accepted, it changes nothing;
+- ``base_model`` is read as mergekit's ModelReference.parse reads a reference: ``PATH[@REVISION][+LORA[@REVISION]]``
+  (model_reference) where it names no base as a whole; a base with a LoRA merged into it is no adapter's base, so
+  it is refused (base_reference, called by derive.check_base_model, which knows the registry).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,48 @@ REFUSED_TOP = {
 }
 DTYPES = {"float32": False, "bfloat16": False, "float16": False, "float64": True}
 """mergekit's dtype → whether loraops computes in float64 (--precise); the others compute in float32 as always."""
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """A model as mergekit names one (its ModelReference): a path or Hub id, the revision after ``@``, and the LoRA
+    merged into it after ``+`` (as written, its own revision included)."""
+
+    path: str
+    revision: str | None = None
+    lora: str | None = None
+
+
+def model_reference(text: str) -> ModelReference:
+    """``text`` read as mergekit's ModelReference.parse reads it (one ``+`` at most, one ``@`` in each part at
+    most); what it cannot read is one InvalidInputError line."""
+    parts = text.split("+")
+    if len(parts) > 2:
+        raise InvalidInputError(f"{text!r} has more than one '+' (mergekit reads MODEL+LORA)")
+    for part in parts:
+        path, at, revision = part.partition("@")
+        if "@" in revision:
+            raise InvalidInputError(f"{text!r}: more than one '@' in {part!r} (mergekit reads PATH@REVISION)")
+        if not path or (at and not revision):
+            raise InvalidInputError(f"{text!r}: an empty {'path' if not path else 'revision'} in {part!r}")
+    path, _, revision = parts[0].partition("@")
+    return ModelReference(path, revision or None, parts[1] if len(parts) == 2 else None)
+
+
+def base_reference(text: str) -> ModelReference:
+    """A recipe's ``base_model`` that names no base as a whole (registry names and folders may hold ``+``), read as
+    mergekit reads it (model_reference); a base with a LoRA merged into it is refused: mergekit would take every task
+    vector over that merged model, and each adapter's ΔW is over the base alone."""
+    try:
+        ref = model_reference(text)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"base_model {exc}") from None
+    if ref.lora is not None:
+        model = text.partition("+")[0]
+        raise InvalidInputError(f"base_model {text!r} is {model} with the LoRA {ref.lora} merged into it (mergekit's "
+                                "MODEL+LORA), which no adapter's ΔW is taken over: give the adapters' base alone "
+                                f"(base_model: {model})")
+    return ref
 
 
 @dataclass(frozen=True)
@@ -137,10 +183,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             entry = {"model": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise refuse(f"{where}: give model: REF (a registry reference or a path to an adapter)")
-        if entry["model"] in listed:
+        model = _adapter_of(entry["model"], base_model)
+        if model in listed:
             raise refuse(f"{where}: {entry['model']!r} is listed twice (mergekit merges a model once, with its first "
                          "entry's parameters): list it once")
-        listed.add(entry["model"])
+        listed.add(model)
         for key in entry:
             if key not in ("model", "parameters"):
                 raise refuse(f"{where}: {key!r} is not supported (a model takes model and parameters)")
@@ -149,7 +196,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             if key not in spec.per_model:
                 raise refuse(f"{where}.parameters: {name} takes no per-model {key!r}"
                              + (f" (it takes {', '.join(spec.per_model)})" if spec.per_model else ""))
-        if base_model is not None and entry["model"] == base_model:
+        if base_model is not None and model == base_model:
             # mergekit's task-vector methods skip the base; its linear averages it in: a zero task vector whose
             # weight still counts in Σw
             if name == "linear":
@@ -159,7 +206,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                                  "requires one")
                 base_weights.append(float(weight))
             continue
-        refs.append(entry["model"])
+        refs.append(model)
         per_model.append({key: own.get(key, top.get(key)) for key in spec.per_model
                           if own.get(key, top.get(key)) is not None})
     if name == "linear" and base_model is not None and base_model not in listed:
@@ -177,14 +224,13 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
     weights = [float(own.get("weight", 1.0)) for own in per_model]
     params: dict[str, Any] = {}
-    densities = [own.get("density", 1.0) for own in per_model]
     if "density" in spec.per_model:
-        params["density"] = densities
+        params["density"] = [own.get("density", 1.0) for own in per_model]
     for key in ("gamma", "epsilon"):
         if key in spec.per_model:
             # None: the method's default for that model (mergekit's, lowered where it does not fit); a model kept
-            # whole ignores its value, as mergekit's sparsify returns it before reading them
-            values = [own.get(key) if density < 1 else None for own, density in zip(per_model, densities)]
+            # whole (density 1) ignores its value, as mergekit's sparsify returns it before reading them
+            values = [own.get(key) for own in per_model]
             if any(v is not None for v in values):
                 params[key] = values
     for key, value in top.items():
@@ -193,6 +239,20 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             params[target] = value
     method, weights = _mapped(name, params, weights, sum(base_weights), refuse)
     return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False))
+
+
+def _adapter_of(model: str, base_model: str | None) -> str:
+    """The adapter a model entry names: mergekit's ``MODEL+LORA`` where MODEL is the base_model as the recipe writes
+    it (that model with the LoRA merged in, whose task vector over the base is the LoRA's ΔW), else the entry as
+    written (combine's REF: a registry name may hold '+', as combine's default names do)."""
+    if base_model is None or "+" not in model:
+        return model
+    try:
+        ref = model_reference(model)
+    except InvalidInputError:
+        return model
+    written = model.partition("+")[0]
+    return ref.lora if os.path.normpath(written) == os.path.normpath(base_model) else model
 
 
 def _takes(spec: MethodSpec) -> str:

@@ -60,11 +60,14 @@ def test_breadcrumbs_without_outliers_is_the_magnitude_trim(inputs):
     assert small.modules["a.q"].delta().abs().sum() > 0
 
 
-@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear"])
-def test_density_one_keeps_everything_with_default_gamma_and_epsilon(inputs, method):
-    """As mergekit: density 1 returns each task vector whole, whatever the default gamma/epsilon (sign election
-    still drops the entries that disagree)."""
-    got, _ = combine(inputs, method, {"density": 1, "normalize": False}, rank=40, device="cpu")
+@pytest.mark.parametrize("method, given", [
+    ("breadcrumbs", {}), ("breadcrumbs_ties", {"gamma": 0.05}), ("della", {}), ("della_linear", {"epsilon": 0.3})])
+def test_density_one_keeps_everything_whatever_gamma_and_epsilon(inputs, method, given):
+    """As mergekit: density 1 returns each task vector whole before gamma or epsilon is read, the default or one
+    given that would not fit a lower density (sign election still drops the entries that disagree); the report says
+    that none applied."""
+    got, report = combine(inputs, method, {"density": 1, "normalize": False, **given}, rank=40, device="cpu")
+    assert report.params["gamma" if method.startswith("breadcrumbs") else "epsilon"] is None
     for name, module in got.modules.items():
         weighted = [w * t for w, t in ref.taus(inputs, name)]
         want = ref.elect(weighted, [w for w, _ in inputs], False) if method in ref.CONSENSUS else sum(weighted)
@@ -148,7 +151,6 @@ def test_lambda_scales_after_normalize(inputs):
     ("breadcrumbs", {"density": 0.95, "gamma": 0.1}, "bad parameters for breadcrumbs: gamma (0.1) + density (0.95) "
                                                      "must be at most 1: a gamma share of the largest magnitudes is "
                                                      "dropped, a density share kept below them"),
-    ("breadcrumbs", {"density": 1, "gamma": 0.05}, "gamma (0.05) + density (1) must be at most 1"),
     ("breadcrumbs_ties", {"density": 0.5, "gamma": 1}, "gamma: Input should be less than 1"),
     ("della", {"density": 0.1}, "bad parameters for della: density ± epsilon (-0.05 to 0.25) must lie inside (0, 1): "
                                 "they are keep probabilities"),

@@ -2,6 +2,7 @@
 mapping of each supported method and parameter, each refusal in one line, the result against the float64
 transcription of mergekit's per-model task arithmetic, and the CLI end to end."""
 import json
+import os
 
 import pytest
 import torch
@@ -262,6 +263,9 @@ def test_cli_options_beside_the_recipe_apply(files, tmp_path):
     (lambda f: recipe("ties", (str(f["a"]), {"weight": 1, "density": 0.5}), base_model="other/model"),
      "error: base_model 'other/model': a@1 is for {base}, and a recipe combines task vectors over the adapters' own "
      "base"),
+    (lambda f: recipe("ties", (str(f["a"]), {"weight": 1, "density": 0.5}), base_model=f"{f['base']}+{f['c']}"),
+     "error: base_model '{base}+{c}' is {base} with the LoRA {c} merged into it (mergekit's MODEL+LORA), which no "
+     "adapter's ΔW is taken over: give the adapters' base alone (base_model: {base})"),
     (lambda f: recipe("ties", (str(f["a"]), {"weight": 1, "density": [0.5, 0.2]})),
      "error: {path}: models[1].parameters.density: a gradient"),
     (lambda f: recipe("breadcrumbs", (str(f["a"]), {"weight": 1, "density": 0.5, "gamma": 0.6}),
@@ -273,7 +277,7 @@ def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc,
 
     path = write(tmp_path / "r.yml", doc(files))
     run = loraops("combine", "--recipe", path)
-    want = message.format(base=files["base"], path=path)
+    want = message.format(base=files["base"], c=files["c"], path=path)
     assert run.returncode != 0 and run.stderr.startswith(want) and len(run.stderr.splitlines()) == 1, run.stderr
     with Registry.open() as reg:
         assert [a.name for a in reg.list_adapters()] == []
@@ -291,7 +295,8 @@ def test_base_model_is_the_inputs_registered_base_or_their_hint(files, tmp_path)
 
     assert loraops("base", "add", files["base"], "--name", "tiny").returncode == 0
     assert loraops("register", files["a"], "--base", "tiny").returncode == 0
-    for i, name in enumerate(("tiny", str(files["base"]), str(files["base"]) + "/")):
+    for i, name in enumerate(("tiny", str(files["base"]), str(files["base"]) + "/", os.path.relpath(files["base"]),
+                              "./" + os.path.relpath(files["base"]) + "/", f"{files['base']}@main")):
         doc = recipe("ties", (str(files["a"]), {"weight": 1, "density": 0.5}), base_model=name)
         run = loraops("combine", "--recipe", write(tmp_path / f"r{i}.yml", doc), "--name", f"ok{i}")
         assert run.returncode == 0, run.stderr
@@ -303,6 +308,7 @@ def test_base_model_is_the_inputs_registered_base_or_their_hint(files, tmp_path)
         assert sorted(a.name for a in reg.list_adapters()) == ["a", "ok0"]  # (ok1, ok2: the same bytes as ok0)
 
     hinted = NS(record=NS(ref="b@1", base=None), adapter=NS(base_model="org/tiny/"))
+    check_base_model(None, [hinted], "org/tiny@v2")  # a revision where loraops knows no commit: the name decides
     unknown = NS(record=NS(ref="c@1", base=None), adapter=NS(base_model=None))
     check_base_model(None, [hinted, unknown], "org/tiny")
     with pytest.raises(MismatchError, match=r"^base_model 'tiny': b@1 is for org/tiny/, and a recipe combines"):
@@ -372,3 +378,93 @@ def test_nuslerp_row_wise_without_flatten_off_is_ignored_as_mergekit_ignores_it(
     both = parse_recipe(recipe("nuslerp", ("a", {"weight": 1}), ("b", {"weight": 2}), base_model="base",
                                parameters={"nuslerp_row_wise": True, "nuslerp_flatten": False}))
     assert both.params == {"flatten": False, "row_wise": True}
+
+
+def test_density_one_with_epsilon_runs_alike_on_the_command_line_and_in_a_recipe(files, tmp_path):
+    """mergekit's della returns a task vector kept whole (density 1) before it reads epsilon: --density 1 --epsilon
+    0.3 runs (it was refused) as the recipe with those values does — the same record and the same adapter — and the
+    report says no epsilon applied; beside a model that is sparsified, the kept-whole one shows none (it showed the
+    default 0.15 for both)."""
+    cli = loraops_ok("combine", files["a"], files["b"], "-m", "della", "--density", "1", "--epsilon", "0.3",
+                        "--rescale-norm", "l1", "--name", "whole")
+    shown = "della(density=1.0, rescale_norm=l1, epsilon=None, seed=0, normalize=True, lambda=1.0) of a@1×1, b@1×1"
+    assert cli.splitlines()[0] == shown, cli
+    doc = recipe("della", (str(files["a"]), {"weight": 1, "density": 1, "epsilon": 0.3}),
+                 (str(files["b"]), {"weight": 1}), parameters={"epsilon": 0.3})
+    read = loraops_ok("combine", "--recipe", write(tmp_path / "whole.yml", doc)).splitlines()
+    assert read[0] == shown and read[-1].startswith("already registered as whole@1"), read
+    doc = recipe("della", (str(files["a"]), {"weight": 1, "density": 1, "epsilon": 0.3}),
+                 (str(files["b"]), {"weight": 1, "density": 0.5}))
+    mixed = loraops_ok("combine", "--recipe", write(tmp_path / "mixed.yml", doc), "--json")
+    assert json.loads(mixed)["report"]["params"]["epsilon"] == [None, 0.15]
+
+
+def loraops_ok(*args) -> str:
+    """stdout of a loraops command that must succeed."""
+    run = loraops(*args)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("base_model, message", [
+    ("org/llama", None),
+    ("org/llama/", None),
+    ("llama", None),
+    (f"org/llama@{SHA}", None),
+    ("org/llama@0123456", None),  # a short commit, as git abbreviates it
+    ("org/llama@main", "base_model 'org/llama@main': h@1 is for llama, pulled at commit 0123456789ab, and revision "
+                       "'main' is not that commit (loraops does not look a branch or tag up: give the commit, or no "
+                       "revision)"),
+    ("org/llama@fedc", "base_model 'org/llama@fedc': h@1 is for llama, pulled at commit 0123456789ab, and revision"),
+    ("org/other@0123456", "base_model 'org/other@0123456': h@1 is for llama, and a recipe combines task vectors"),
+    ("org/llama+style", "base_model 'org/llama+style' is org/llama with the LoRA style merged into it (mergekit's "
+                        "MODEL+LORA), which no adapter's ΔW is taken over: give the adapters' base alone (base_model: "
+                        "org/llama)"),
+    ("org/llama@a@b", "base_model 'org/llama@a@b': more than one '@' in 'org/llama@a@b' (mergekit reads "
+                      "PATH@REVISION)"),
+    ("a+b+c", "base_model 'a+b+c' has more than one '+' (mergekit reads MODEL+LORA)"),
+    ("org/llama@", "base_model 'org/llama@': an empty revision in 'org/llama@'"),
+])
+def test_base_model_is_read_as_mergekit_reads_a_model_reference(base_model, message):
+    """base_model is mergekit's PATH[@REVISION][+LORA]: the Hub id of a base pulled from the Hub (source
+    hf://org/llama@<commit>) names it, at its commit (or a prefix of it) or without a revision; a branch, another
+    commit, or a LoRA merged into the base (no adapter's ΔW is over that) is refused in one line, in the recipe
+    (it was compared as a plain string). A name or folder that holds '+' or '@' names its base as a whole."""
+    from types import SimpleNamespace as NS
+
+    from loraops.derive import check_base_model
+    from loraops.errors import LoraopsError
+
+    base = NS(name="llama", source=f"hf://org/llama@{SHA}", path=None)
+    pulled = NS(record=NS(ref="h@1", base=NS(id=7)), adapter=NS(base_model=None))
+    registry = NS(get_base=lambda i: {7: base}[i])
+    if message is None:
+        check_base_model(registry, [pulled], base_model)
+        return
+    merged = NS(record=NS(ref="m@1", base=NS(id=8)), adapter=NS(base_model=None))
+    whole = {8: NS(name=base_model, source="/models/x", path="/models/x")}
+    check_base_model(NS(get_base=lambda i: whole[i]), [merged], base_model)  # e.g. a merged base named llama+style
+    with pytest.raises(LoraopsError) as caught:
+        check_base_model(registry, [pulled], base_model)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_a_model_written_base_plus_lora_is_that_lora(files, tmp_path):
+    """mergekit lists a LoRA as MODEL+LORA (the base with the LoRA merged in: over the base, its task vector is the
+    LoRA's ΔW): where MODEL is the base_model as written (./x and x/ alike), the entry is the adapter LORA (it was
+    read as an adapter named 'MODEL+LORA': not found); anything else stays combine's REF, as a registry name such as
+    combine's default a+b-ties may hold '+'."""
+    read = parse_recipe(recipe("ties", ("org/base", None), ("org/base+style@2", {"weight": 1}),
+                               ("./org/base/+sub/x", {"weight": 0.5}), ("a+b-ties", {"weight": 2}),
+                               ("other+c", {"weight": 3}), base_model="org/base"))
+    assert read.inputs == [("style@2", 1.0), ("sub/x", 0.5), ("a+b-ties", 2.0), ("other+c", 3.0)]
+    with pytest.raises(InvalidInputError, match=r"^r: models\[2\]: 'org/base\+a' is listed twice"):
+        parse_recipe(recipe("ties", ("a", {"weight": 1}), ("org/base+a", {"weight": 1}), base_model="org/base"), "r")
+    base = str(files["base"])
+    doc = recipe("ties", (base, None), (f"{base}+{files['a']}", {"weight": 1, "density": 0.5}),
+                 (f"{base}/+{files['b']}", {"weight": 0.5}), base_model=base)
+    lines = loraops_ok("combine", "--recipe", write(tmp_path / "plus.yml", doc), "--name", "plus").splitlines()
+    assert lines[0] == "ties(density=[0.5, 1.0], normalize=True, lambda=1.0) of a@1×1, b@1×0.5", lines

@@ -130,10 +130,16 @@ class CombineParams(Params):
         for name, default in LATER_DEFAULTS.items():
             if name in data and data[name] == default:
                 del data[name]
+        if getattr(self, "density", 0) >= 1:
+            # a task vector kept whole is returned before gamma or epsilon is read (as mergekit's sparsify): the
+            # record says none applied, rather than a value that changed nothing
+            data.update({name: None for name in WHOLE_IGNORES if name in data})
         return data
 
 
 LATER_DEFAULTS = {"consensus": "sum", "rescale": True, "rescale_norm": None}
+WHOLE_IGNORES = ("gamma", "epsilon")
+"""The parameters of how entries are dropped, which a density of 1 (nothing dropped) leaves without effect."""
 
 
 class NoParams(CombineParams):
@@ -223,7 +229,8 @@ class BreadcrumbsParams(MergekitParams):
     def check_fits(self):
         # mergekit lowers gamma silently until the density fits; a value the user gave is not changed behind them,
         # but the default (0.01) is, as there (drop_outliers drops at most n − ⌊density·n⌋): density 0.995 is no error.
-        if self.gamma + self.density > 1 + 1e-9 and "gamma" in self.model_fields_set:
+        # At density 1 nothing is dropped and gamma is never read (mergekit's magnitude_outliers returns first).
+        if self.gamma + self.density > 1 + 1e-9 and "gamma" in self.model_fields_set and self.density < 1:
             raise ValueError(f"gamma ({self.gamma:g}) + density ({self.density:g}) must be at most 1: a gamma share "
                              "of the largest magnitudes is dropped, a density share kept below them")
         return self
@@ -242,10 +249,10 @@ class DellaLinearParams(MergekitParams):
 
     @model_validator(mode="after")
     def check_fits(self):
-        # as mergekit: every probability density ± epsilon must be in (0, 1); at density 1 nothing is dropped
-        # (epsilon 0 is allowed: every probability is density, DARE's mask with DELLA's draws)
-        if not (0 < self.density - self.epsilon and self.density + self.epsilon < 1) and (
-                self.density < 1 or "epsilon" in self.model_fields_set):
+        # as mergekit: every probability density ± epsilon must be in (0, 1); at density 1 nothing is dropped and
+        # epsilon, given or not, is never read (its della_magprune returns first) (epsilon 0 is allowed: every
+        # probability is density, DARE's mask with DELLA's draws)
+        if not (0 < self.density - self.epsilon and self.density + self.epsilon < 1) and self.density < 1:
             raise ValueError(f"density ± epsilon ({self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
                              " must lie inside (0, 1): they are keep probabilities")
         return self
