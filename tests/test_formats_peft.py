@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import factories
 from loraops.errors import InvalidInputError
-from loraops.formats import adapter_files, detect, identity, read_adapter
+from loraops.formats import adapter_files, detect, identity, read_adapter, write_adapter
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
 
@@ -450,3 +450,54 @@ def test_tied_modules_peft_adds_beside_the_targeting_are_read(tmp_path):
     model.save_pretrained(tmp_path / "a")
     assert "lm_head" not in json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
     assert {"lm_head", "model.embed_tokens"} <= set(read_adapter(tmp_path / "a").modules)
+
+
+def null_modules_to_save(folder):
+    """The folder's config with ``"modules_to_save": null``, as PEFT before its task models wrote their entries into
+    the config saved a task adapter (beside the head's tensors)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": None}))
+    return folder
+
+
+def head_of(model) -> list[str]:
+    """The modules a loaded PEFT model saves whole (its ModulesToSaveWrappers)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return sorted(name.removeprefix("base_model.model.") for name, module in model.named_modules()
+                  if isinstance(module, ModulesToSaveWrapper))
+
+
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
+def test_a_task_head_under_a_null_modules_to_save_merges_as_peft_loads_it(task, model_type, cls_name, config,
+                                                                          targets, tmp_path):
+    """PEFT's task models (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) add their head to modules_to_save when they load an
+    adapter, whatever its config lists: a config with "modules_to_save": null beside the head's tensors (as older
+    PEFT saved it) loads with the head saved whole. loraops refused it (an unknown adapter key layout); it reads the
+    head as PEFT does, full tensors in place of the base's, and its merge is PEFT's merge_and_unload."""
+    from peft import PeftModel
+
+    from loraops import engine
+
+    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    null_modules_to_save(folder)
+    model = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+    heads, entries = head_of(model), model.peft_config["default"].modules_to_save  # PEFT's own entries, added on load
+    assert heads and entries
+    adapter = read_adapter(folder)
+    assert adapter.full_tensors and all(any(name.startswith(f"{head}.") for head in heads) for name in adapter.full_tensors)
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    expected = model.merge_and_unload().state_dict()
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+    base_state = load_file(base / "model.safetensors")
+    assert not any(torch.equal(merged[name], base_state[name]) for name in adapter.full_tensors)  # the trained head
+    # exported, its config lists the entries PEFT added (as PEFT 0.21 saves them), and PEFT merges it the same
+    out = write_adapter(adapter, tmp_path / "export")
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == sorted(entries)
+    exported = PeftModel.from_pretrained(model_cls.from_pretrained(base), out).merge_and_unload().state_dict()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+

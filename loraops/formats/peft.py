@@ -52,13 +52,31 @@ TASK_SAVED = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 …ForQuestionAnswering) add to modules_to_save when they load an adapter of that task_type, whatever the config lists."""
 
 
+def task_saved(task_type) -> tuple[str, ...]:
+    """The modules_to_save entries the task model of ``task_type`` adds (TASK_SAVED). Only PEFT's own spelling: its
+    config refuses any other ("seq_cls"), and PeftModel.from_pretrained picks the task model by that exact value."""
+    return TASK_SAVED.get(task_type, ()) if isinstance(task_type, str) else ()
+
+
+def saved_entries(cfg: dict) -> list[str]:
+    """The modules_to_save a PEFT model loads a config with: the config's own (one string as a list), and the task's
+    (task_saved), which older PEFT did not write into the config (it saved ``"modules_to_save": null`` beside the
+    classifier's tensors) and PEFT adds on load all the same. A config without modules_to_save (a trainable-tokens
+    adapter's TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists."""
+    own = cfg.get("modules_to_save") or []
+    own = [own] if isinstance(own, str) else own
+    if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE or not isinstance(own, list):
+        return own
+    return [*own, *(m for m in task_saved(cfg.get("task_type")) if m not in own)]
+
+
 def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
     """The modules_to_save entries of a PEFT config for the modules ``saved`` whole (their full paths). PEFT wraps
     every module whose path ends with an entry, a module inside a wrapped one too, and two wrappers on one tensor fail
     its load (KeyError): so a module inside one that another entry, or the task's own (TASK_SAVED: RoBERTa's
     classifier.dense under SEQ_CLS's "classifier"), wraps is left to that one, and the task's entries are written, as
     PEFT writes them."""
-    implied = TASK_SAVED.get(str(task_type).upper(), ())
+    implied = task_saved(task_type)
     entries = {*saved, *implied}
 
     def inside_another(name: str) -> bool:
@@ -124,6 +142,7 @@ class ScaleConfig:
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    modules_to_save = saved_entries(cfg)  # (before the fields of another method are narrowed to LoRA's below)
     product = lycoris.PEFT_TYPES.get(peft_type)
     if product is not None:  # LoHaConfig/LoKrConfig: r, alpha (not lora_alpha), rank/alpha patterns, modules_to_save
         if alpha is None:
@@ -179,9 +198,6 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         lora_alpha = alpha
     if lora_alpha is not None:
         lora_alpha = common.check_alpha(path, lora_alpha, "config lora_alpha")
-    modules_to_save = cfg.get("modules_to_save") or []
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
     if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
         raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module names")
     target_parameters = params.check_entries(path, cfg["target_parameters"]) if cfg.get("target_parameters") else []
