@@ -258,6 +258,10 @@ TARGETING = [  # (config fields, module keys of the file): PEFT's check_target_m
     ({"target_modules": "all-linear"}, ["model.layers.0.self_attn.q_proj", "lm_head"]),  # only the model can say
     ({"target_modules": "ALL-Linear"}, ["lm_head"]),  # (as PEFT reads it, in any case)
     ({}, ["model.layers.0.self_attn.q_proj"]),  # no target_modules: PEFT's defaults for the model type
+    # whatever the model's targeting selects, PEFT wraps nothing modules_to_save names (was read: the check stopped
+    # where only the model can say)
+    ({"modules_to_save": ["lm_head"]}, ["model.layers.0.self_attn.q_proj", "lm_head"]),
+    ({"target_modules": "all-linear", "modules_to_save": ["classifier"]}, ["layers.0.dense", "classifier.dense"]),
 ]
 
 
@@ -280,7 +284,10 @@ def test_modules_the_config_does_not_target_are_refused_as_peft_matches(fields, 
                    f"base_model.model.{key}.lora_B.weight": torch.ones(4, 2)}, str(folder / "adapter_model.safetensors"))
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **fields}))
         model_decides = str(fields.get("target_modules")).lower() in ("none", "all-linear")
-        found = True if model_decides else check_target_module_exists(config, key)
+        # where only the model can say what the targeting selects, it may select any module: PEFT's check of one
+        # its targeting selected
+        found = check_target_module_exists(SimpleNamespace(**{**vars(config), "target_modules": [key]})
+                                           if model_decides else config, key)
         if found and not isinstance(found, _ExcludedModule):
             assert list(read_adapter(folder).modules) == [key]
         else:
@@ -501,3 +508,49 @@ def test_a_task_head_under_a_null_modules_to_save_merges_as_peft_loads_it(task, 
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
 
+
+@pytest.mark.parametrize("targeting", ["listed", "defaults"])
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
+def test_a_lora_on_a_task_head_is_refused_as_peft_loads_none(task, model_type, cls_name, config, targets,
+                                                               targeting, tmp_path):
+    """A LoRA on the head the task model saves whole (score, classifier, qa_outputs), its config listing no
+    modules_to_save (as older PEFT saved it): loraops read the factors and merged them. PEFT never loads them: its
+    SEQ_CLS model adds the head to modules_to_save before it wraps anything, and check_target_module_exists wraps no
+    module modules_to_save names, so it loads the adapter without them; its TOKEN_CLS and QUESTION_ANS models add it
+    after, so a head target_modules lists is wrapped by the LoRA and then their ModulesToSaveWrapper refuses it (a
+    TypeError), and a head it does not list (PEFT's defaults for the model type, "defaults" here) is left out.
+    loraops now refuses them in one line. (PEFT cannot load the head's factors without its saved tensors either: its
+    load of the wrapped head fails, a KeyError; so they are kept.)"""
+    import torch.nn as nn
+    from peft import PeftModel
+
+    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    expected = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder).merge_and_unload().state_dict()
+    heads = head_of(PeftModel.from_pretrained(model_cls.from_pretrained(base), folder))
+    linears = {name: m for name, m in model_cls.from_pretrained(base).named_modules()
+               if isinstance(m, nn.Linear) and any(name == h or name.startswith(f"{h}.") for h in heads)}
+    tensors = load_file(folder / "adapter_model.safetensors")
+    torch.manual_seed(2)
+    for name, m in linears.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(4, m.in_features)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, 4)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({
+        **cfg, "modules_to_save": None, "target_modules": [*targets, *linears] if targeting == "listed" else None}))
+    (entry,) = heads  # the module the task's entry names, which PEFT wraps
+    with pytest.raises(InvalidInputError, match=rf"module '{sorted(linears)[0]}' has LoRA weights, but the model of "
+                                                rf"task_type {task} saves '{entry}' whole \(PEFT adds it to "
+                                                r"modules_to_save\) and PEFT loads no LoRA on a module it saves whole"):
+        read_adapter(folder)
+    if task != "SEQ_CLS" and targeting == "listed":
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*lora"):
+            PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+        return
+    model = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+    assert head_of(model) == heads and not any("lora_A" in n and any(f".{h}." in n for h in heads)
+                                               for n, _ in model.named_parameters())
+    merged = model.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in merged.items():  # the head's factors unused: its trained tensors as they were saved
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)

@@ -227,7 +227,11 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying (PEFT also wraps, whatever the
     targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors; a LoHa,
     LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
-    so PEFT refuses a config that targets one and no tied layer is added)."""
+    so PEFT refuses a config that targets one and no tied layer is added). A module its modules_to_save saves whole
+    (the task's own entries too, see saved_entries) is refused whatever the targeting: PEFT's check excludes it before
+    it looks at target_modules."""
+    modules = list(modules)
+    _refuse_saved(path, cfg, modules)
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
     targets, layers, patterns = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps the modules it names
@@ -246,9 +250,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
         if value is not None and not _names_or_pattern(value, ints):
             raise InvalidInputError(f"{path}: config {name}={value!r} is none of the values PEFT takes")
     layers = frozenset([layers] if isinstance(layers, int) else layers or ()) or None
-    saved = cfg.get("modules_to_save") or []
     try:
-        saved_res = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in ([saved] if isinstance(saved, str) else saved)]
         layer_res = [re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
                      for p in ([patterns] if isinstance(patterns, str) else patterns)] if patterns else \
             [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
@@ -271,8 +273,6 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     def left_out_by(key: str) -> str | None:
         if excluded is not None and names(excluded, key):
             return "exclude_modules"
-        if any(r.match(key) for r in saved_res):
-            return "modules_to_save (PEFT wraps no module it saves whole)"
         if not names(targets, key):
             return "target_modules"
         if isinstance(targets, str) or key in targets or layers is None:
@@ -293,11 +293,37 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
 
     for module in modules:
         if (why := left_out_by(module)) is not None:
-            raise InvalidInputError(
-                f"{path}: module {module!r} has LoRA weights that the config's {why} leaves out: PEFT would load the "
-                f"adapter without them; correct the config, or remove the module's tensors"
-                + (trained_then(module) if why == "layers_to_transform" else "")
-            )
+            raise _left_out(path, module, why, trained_then(module) if why == "layers_to_transform" else "")
+
+
+def _refuse_saved(path: Path, cfg: dict, modules: list[str]) -> None:
+    """Refuse a module with LoRA weights inside one that modules_to_save (saved_entries) names: PEFT's
+    check_target_module_exists wraps none (its regex, each entry dot-bounded), whatever the targeting, so it loads
+    the adapter without them. An entry only the task adds (the config may list none, as older PEFT wrote it) is named
+    with its task: PEFT 0.21's SEQ_CLS model adds it before it wraps anything, and so leaves such a LoRA out, but its
+    TOKEN_CLS and QUESTION_ANS models after, so one the targeting selects fails their load (a TypeError: a
+    ModulesToSaveWrapper around a LoRA layer) and only one it does not is left out: no LoRA of PEFT's on it either way."""
+    entries, own = saved_entries(cfg), saved_entries({**cfg, "task_type": None})
+    try:
+        matchers = [(m, re.compile(rf"(^|.*\.){m}($|\..*)")) for m in entries]
+    except re.error as e:
+        raise InvalidInputError(f"{path}: config modules_to_save holds no regular expression ({e})") from None
+    for module in modules:
+        entry = next((m for m, matcher in matchers if matcher.match(module)), None)
+        if entry is None:
+            continue
+        if entry in own:
+            raise _left_out(path, module, "modules_to_save (PEFT wraps no module it saves whole)")
+        raise InvalidInputError(f"{path}: module {module!r} has LoRA weights, but the model of task_type "
+                                f"{cfg['task_type']} saves {entry!r} whole (PEFT adds it to modules_to_save) and "
+                                f"PEFT loads no LoRA on a module it saves whole; correct the config, or remove the "
+                                f"module's tensors")
+
+
+def _left_out(path: Path, module: str, why: str, note: str = "") -> InvalidInputError:
+    return InvalidInputError(f"{path}: module {module!r} has LoRA weights that the config's {why} leaves out: PEFT "
+                             f"would load the adapter without them; correct the config, or remove the module's "
+                             f"tensors{note}")
 
 
 def _names_or_pattern(value, ints: bool) -> bool:
