@@ -258,6 +258,39 @@ def tiny_transformers(path: Path, model_type: str, cls_name: str, *, seed: int =
     return Path(path)
 
 
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+             "vocab_size": 100, "max_position_embeddings": 64}
+TINY_LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 64, "vocab_size": 100, "pad_token_id": 0}
+TASK_MODELS = [  # (task_type, model_type, class, config, LoRA targets): a tiny model of each PEFT task model's head
+    ("SEQ_CLS", "roberta", "RobertaForSequenceClassification", TINY_BERT, ["query", "value"]),  # classifier.dense/out_proj
+    ("SEQ_CLS", "llama", "LlamaForSequenceClassification", TINY_LLAMA, ["q_proj", "v_proj"]),  # score
+    ("TOKEN_CLS", "bert", "BertForTokenClassification", TINY_BERT, ["query", "value"]),  # classifier
+    ("QUESTION_ANS", "bert", "BertForQuestionAnswering", TINY_BERT, ["query", "value"]),  # qa_outputs
+]
+
+
+def task_adapter(root: Path, task: str, model_type: str, cls_name: str, config: dict, targets: list[str], *,
+                 seed: int = 1):
+    """A tiny ``cls_name`` model (``root/base``) and a PEFT LoRA of ``task`` on it (``root/a``), made by
+    get_peft_model: PEFT's task model saves its head whole (modules_to_save), moved here off the base's values as by
+    training. Returns (base, adapter folder, the model class)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_transformers(root / "base", model_type, cls_name, **config)
+    model_cls = getattr(transformers, cls_name)
+    torch.manual_seed(seed)
+    model = get_peft_model(model_cls.from_pretrained(base), LoraConfig(
+        task_type=task, r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(root / "a")
+    return base, root / "a", model_cls
+
+
 def fp8_quantize(w: torch.Tensor, block: tuple[int, int] | None, *, ue8m0: bool = False):
     """(FP8 values, float32 inverse scales) of a weight (out×in, or E×out×in) in transformers' fine-grained layout,
     quantized as its Fp8Quantize does (per block amax, scale = 448 / amax, stored 1 / scale; ue8m0: the inverse

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import factories
 from loraops.errors import InvalidInputError
-from loraops.formats import adapter_files, detect, identity, read_adapter
+from loraops.formats import adapter_files, detect, identity, read_adapter, write_adapter
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
 
@@ -258,6 +258,10 @@ TARGETING = [  # (config fields, module keys of the file): PEFT's check_target_m
     ({"target_modules": "all-linear"}, ["model.layers.0.self_attn.q_proj", "lm_head"]),  # only the model can say
     ({"target_modules": "ALL-Linear"}, ["lm_head"]),  # (as PEFT reads it, in any case)
     ({}, ["model.layers.0.self_attn.q_proj"]),  # no target_modules: PEFT's defaults for the model type
+    # whatever the model's targeting selects, PEFT wraps nothing modules_to_save names (was read: the check stopped
+    # where only the model can say)
+    ({"modules_to_save": ["lm_head"]}, ["model.layers.0.self_attn.q_proj", "lm_head"]),
+    ({"target_modules": "all-linear", "modules_to_save": ["classifier"]}, ["layers.0.dense", "classifier.dense"]),
 ]
 
 
@@ -280,7 +284,10 @@ def test_modules_the_config_does_not_target_are_refused_as_peft_matches(fields, 
                    f"base_model.model.{key}.lora_B.weight": torch.ones(4, 2)}, str(folder / "adapter_model.safetensors"))
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **fields}))
         model_decides = str(fields.get("target_modules")).lower() in ("none", "all-linear")
-        found = True if model_decides else check_target_module_exists(config, key)
+        # where only the model can say what the targeting selects, it may select any module: PEFT's check of one
+        # its targeting selected
+        found = check_target_module_exists(SimpleNamespace(**{**vars(config), "target_modules": [key]})
+                                           if model_decides else config, key)
         if found and not isinstance(found, _ExcludedModule):
             assert list(read_adapter(folder).modules) == [key]
         else:
@@ -450,3 +457,100 @@ def test_tied_modules_peft_adds_beside_the_targeting_are_read(tmp_path):
     model.save_pretrained(tmp_path / "a")
     assert "lm_head" not in json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
     assert {"lm_head", "model.embed_tokens"} <= set(read_adapter(tmp_path / "a").modules)
+
+
+def null_modules_to_save(folder):
+    """The folder's config with ``"modules_to_save": null``, as PEFT before its task models wrote their entries into
+    the config saved a task adapter (beside the head's tensors)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": None}))
+    return folder
+
+
+def head_of(model) -> list[str]:
+    """The modules a loaded PEFT model saves whole (its ModulesToSaveWrappers)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return sorted(name.removeprefix("base_model.model.") for name, module in model.named_modules()
+                  if isinstance(module, ModulesToSaveWrapper))
+
+
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
+def test_a_task_head_under_a_null_modules_to_save_merges_as_peft_loads_it(task, model_type, cls_name, config,
+                                                                          targets, tmp_path):
+    """PEFT's task models (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) add their head to modules_to_save when they load an
+    adapter, whatever its config lists: a config with "modules_to_save": null beside the head's tensors (as older
+    PEFT saved it) loads with the head saved whole. loraops refused it (an unknown adapter key layout); it reads the
+    head as PEFT does, full tensors in place of the base's, and its merge is PEFT's merge_and_unload."""
+    from peft import PeftModel
+
+    from loraops import engine
+
+    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    null_modules_to_save(folder)
+    model = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+    heads, entries = head_of(model), model.peft_config["default"].modules_to_save  # PEFT's own entries, added on load
+    assert heads and entries
+    adapter = read_adapter(folder)
+    assert adapter.full_tensors and all(any(name.startswith(f"{head}.") for head in heads) for name in adapter.full_tensors)
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    expected = model.merge_and_unload().state_dict()
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+    base_state = load_file(base / "model.safetensors")
+    assert not any(torch.equal(merged[name], base_state[name]) for name in adapter.full_tensors)  # the trained head
+    # exported, its config lists the entries PEFT added (as PEFT 0.21 saves them), and PEFT merges it the same
+    out = write_adapter(adapter, tmp_path / "export")
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == sorted(entries)
+    exported = PeftModel.from_pretrained(model_cls.from_pretrained(base), out).merge_and_unload().state_dict()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("targeting", ["listed", "defaults"])
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
+def test_a_lora_on_a_task_head_is_refused_as_peft_loads_none(task, model_type, cls_name, config, targets,
+                                                               targeting, tmp_path):
+    """A LoRA on the head the task model saves whole (score, classifier, qa_outputs), its config listing no
+    modules_to_save (as older PEFT saved it): loraops read the factors and merged them. PEFT never loads them: its
+    SEQ_CLS model adds the head to modules_to_save before it wraps anything, and check_target_module_exists wraps no
+    module modules_to_save names, so it loads the adapter without them; its TOKEN_CLS and QUESTION_ANS models add it
+    after, so a head target_modules lists is wrapped by the LoRA and then their ModulesToSaveWrapper refuses it (a
+    TypeError), and a head it does not list (PEFT's defaults for the model type, "defaults" here) is left out.
+    loraops now refuses them in one line. (PEFT cannot load the head's factors without its saved tensors either: its
+    load of the wrapped head fails, a KeyError; so they are kept.)"""
+    import torch.nn as nn
+    from peft import PeftModel
+
+    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    expected = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder).merge_and_unload().state_dict()
+    heads = head_of(PeftModel.from_pretrained(model_cls.from_pretrained(base), folder))
+    linears = {name: m for name, m in model_cls.from_pretrained(base).named_modules()
+               if isinstance(m, nn.Linear) and any(name == h or name.startswith(f"{h}.") for h in heads)}
+    tensors = load_file(folder / "adapter_model.safetensors")
+    torch.manual_seed(2)
+    for name, m in linears.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(4, m.in_features)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, 4)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({
+        **cfg, "modules_to_save": None, "target_modules": [*targets, *linears] if targeting == "listed" else None}))
+    (entry,) = heads  # the module the task's entry names, which PEFT wraps
+    with pytest.raises(InvalidInputError, match=rf"module '{sorted(linears)[0]}' has LoRA weights, but the model of "
+                                                rf"task_type {task} saves '{entry}' whole \(PEFT adds it to "
+                                                r"modules_to_save\) and PEFT loads no LoRA on a module it saves whole"):
+        read_adapter(folder)
+    if task != "SEQ_CLS" and targeting == "listed":
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*lora"):
+            PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+        return
+    model = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+    assert head_of(model) == heads and not any("lora_A" in n and any(f".{h}." in n for h in heads)
+                                               for n, _ in model.named_parameters())
+    merged = model.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in merged.items():  # the head's factors unused: its trained tensors as they were saved
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)

@@ -316,40 +316,20 @@ def test_sequence_classification_head_export_loads_in_peft(tmp_path):
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
 
 
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-             "vocab_size": 100, "max_position_embeddings": 64}
-TINY_LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "intermediate_size": 64, "vocab_size": 100, "pad_token_id": 0}
-
-
-@pytest.mark.parametrize("task, model_type, cls_name, config, targets", [
-    ("TOKEN_CLS", "bert", "BertForTokenClassification", TINY_BERT, ["query", "value"]),
-    ("QUESTION_ANS", "bert", "BertForQuestionAnswering", TINY_BERT, ["query", "value"]),
-    ("SEQ_CLS", "llama", "LlamaForSequenceClassification", TINY_LLAMA, ["q_proj", "v_proj"]),
-])
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
 def test_task_heads_are_written_as_peft_writes_them(task, model_type, cls_name, config, targets, tmp_path):
     """Each task model of PEFT adds its head to modules_to_save itself (TOKEN_CLS: classifier and score, QUESTION_ANS:
     qa_outputs) and saves the list so; the export lists the same entries and PEFT loads it with the original's
     outputs (the head trained, as by the task's recipe)."""
-    import transformers
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
-    base = factories.tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
-    model_cls = getattr(transformers, cls_name)
-    torch.manual_seed(1)
-    model = get_peft_model(model_cls.from_pretrained(base), LoraConfig(
-        task_type=task, r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".modules_to_save." in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path / "a")
-    out = write_adapter(read_adapter(tmp_path / "a"), tmp_path / "out")
-    source_cfg, written = (json.loads((folder / "adapter_config.json").read_text()) for folder in (tmp_path / "a", out))
+    base, source, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    out = write_adapter(read_adapter(source), tmp_path / "out")
+    source_cfg, written = (json.loads((folder / "adapter_config.json").read_text()) for folder in (source, out))
     assert sorted(written["modules_to_save"]) == sorted(source_cfg["modules_to_save"])
     ids = torch.arange(12).reshape(2, 6) + 3
     outputs = [PeftModel.from_pretrained(model_cls.from_pretrained(base), folder).eval()(ids)
-               for folder in (tmp_path / "a", out)]
+               for folder in (source, out)]
     for name in ("logits", "start_logits", "end_logits"):
         if getattr(outputs[0], name, None) is not None:
             torch.testing.assert_close(getattr(outputs[1], name), getattr(outputs[0], name), rtol=0, atol=0)

@@ -52,13 +52,31 @@ TASK_SAVED = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 …ForQuestionAnswering) add to modules_to_save when they load an adapter of that task_type, whatever the config lists."""
 
 
+def task_saved(task_type) -> tuple[str, ...]:
+    """The modules_to_save entries the task model of ``task_type`` adds (TASK_SAVED). Only PEFT's own spelling: its
+    config refuses any other ("seq_cls"), and PeftModel.from_pretrained picks the task model by that exact value."""
+    return TASK_SAVED.get(task_type, ()) if isinstance(task_type, str) else ()
+
+
+def saved_entries(cfg: dict) -> list[str]:
+    """The modules_to_save a PEFT model loads a config with: the config's own (one string as a list), and the task's
+    (task_saved), which older PEFT did not write into the config (it saved ``"modules_to_save": null`` beside the
+    classifier's tensors) and PEFT adds on load all the same. A config without modules_to_save (a trainable-tokens
+    adapter's TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists."""
+    own = cfg.get("modules_to_save") or []
+    own = [own] if isinstance(own, str) else own
+    if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE or not isinstance(own, list):
+        return own
+    return [*own, *(m for m in task_saved(cfg.get("task_type")) if m not in own)]
+
+
 def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
     """The modules_to_save entries of a PEFT config for the modules ``saved`` whole (their full paths). PEFT wraps
     every module whose path ends with an entry, a module inside a wrapped one too, and two wrappers on one tensor fail
     its load (KeyError): so a module inside one that another entry, or the task's own (TASK_SAVED: RoBERTa's
     classifier.dense under SEQ_CLS's "classifier"), wraps is left to that one, and the task's entries are written, as
     PEFT writes them."""
-    implied = TASK_SAVED.get(str(task_type).upper(), ())
+    implied = task_saved(task_type)
     entries = {*saved, *implied}
 
     def inside_another(name: str) -> bool:
@@ -124,6 +142,7 @@ class ScaleConfig:
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    modules_to_save = saved_entries(cfg)  # (before the fields of another method are narrowed to LoRA's below)
     product = lycoris.PEFT_TYPES.get(peft_type)
     if product is not None:  # LoHaConfig/LoKrConfig: r, alpha (not lora_alpha), rank/alpha patterns, modules_to_save
         if alpha is None:
@@ -179,9 +198,6 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         lora_alpha = alpha
     if lora_alpha is not None:
         lora_alpha = common.check_alpha(path, lora_alpha, "config lora_alpha")
-    modules_to_save = cfg.get("modules_to_save") or []
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
     if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
         raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module names")
     target_parameters = params.check_entries(path, cfg["target_parameters"]) if cfg.get("target_parameters") else []
@@ -211,7 +227,11 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying (PEFT also wraps, whatever the
     targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors; a LoHa,
     LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
-    so PEFT refuses a config that targets one and no tied layer is added)."""
+    so PEFT refuses a config that targets one and no tied layer is added). A module its modules_to_save saves whole
+    (the task's own entries too, see saved_entries) is refused whatever the targeting: PEFT's check excludes it before
+    it looks at target_modules."""
+    modules = list(modules)
+    _refuse_saved(path, cfg, modules)
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
     targets, layers, patterns = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps the modules it names
@@ -230,9 +250,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
         if value is not None and not _names_or_pattern(value, ints):
             raise InvalidInputError(f"{path}: config {name}={value!r} is none of the values PEFT takes")
     layers = frozenset([layers] if isinstance(layers, int) else layers or ()) or None
-    saved = cfg.get("modules_to_save") or []
     try:
-        saved_res = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in ([saved] if isinstance(saved, str) else saved)]
         layer_res = [re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
                      for p in ([patterns] if isinstance(patterns, str) else patterns)] if patterns else \
             [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
@@ -255,8 +273,6 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     def left_out_by(key: str) -> str | None:
         if excluded is not None and names(excluded, key):
             return "exclude_modules"
-        if any(r.match(key) for r in saved_res):
-            return "modules_to_save (PEFT wraps no module it saves whole)"
         if not names(targets, key):
             return "target_modules"
         if isinstance(targets, str) or key in targets or layers is None:
@@ -277,11 +293,37 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
 
     for module in modules:
         if (why := left_out_by(module)) is not None:
-            raise InvalidInputError(
-                f"{path}: module {module!r} has LoRA weights that the config's {why} leaves out: PEFT would load the "
-                f"adapter without them; correct the config, or remove the module's tensors"
-                + (trained_then(module) if why == "layers_to_transform" else "")
-            )
+            raise _left_out(path, module, why, trained_then(module) if why == "layers_to_transform" else "")
+
+
+def _refuse_saved(path: Path, cfg: dict, modules: list[str]) -> None:
+    """Refuse a module with LoRA weights inside one that modules_to_save (saved_entries) names: PEFT's
+    check_target_module_exists wraps none (its regex, each entry dot-bounded), whatever the targeting, so it loads
+    the adapter without them. An entry only the task adds (the config may list none, as older PEFT wrote it) is named
+    with its task: PEFT 0.21's SEQ_CLS model adds it before it wraps anything, and so leaves such a LoRA out, but its
+    TOKEN_CLS and QUESTION_ANS models after, so one the targeting selects fails their load (a TypeError: a
+    ModulesToSaveWrapper around a LoRA layer) and only one it does not is left out: no LoRA of PEFT's on it either way."""
+    entries, own = saved_entries(cfg), saved_entries({**cfg, "task_type": None})
+    try:
+        matchers = [(m, re.compile(rf"(^|.*\.){m}($|\..*)")) for m in entries]
+    except re.error as e:
+        raise InvalidInputError(f"{path}: config modules_to_save holds no regular expression ({e})") from None
+    for module in modules:
+        entry = next((m for m, matcher in matchers if matcher.match(module)), None)
+        if entry is None:
+            continue
+        if entry in own:
+            raise _left_out(path, module, "modules_to_save (PEFT wraps no module it saves whole)")
+        raise InvalidInputError(f"{path}: module {module!r} has LoRA weights, but the model of task_type "
+                                f"{cfg['task_type']} saves {entry!r} whole (PEFT adds it to modules_to_save) and "
+                                f"PEFT loads no LoRA on a module it saves whole; correct the config, or remove the "
+                                f"module's tensors")
+
+
+def _left_out(path: Path, module: str, why: str, note: str = "") -> InvalidInputError:
+    return InvalidInputError(f"{path}: module {module!r} has LoRA weights that the config's {why} leaves out: PEFT "
+                             f"would load the adapter without them; correct the config, or remove the module's "
+                             f"tensors{note}")
 
 
 def _names_or_pattern(value, ints: bool) -> bool:
