@@ -1083,7 +1083,8 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     """A tied model's config.json whose auto_map loads its class from the model's own code (ChatGLM's output head is
     transformer.output_layer, InternLM2's output): the causal-LM rule's lm_head may be no module of it, a tensor the
     model never reads. A LoRA on its embeddings is refused in one line (merge, check), unless the base stores the head
-    the rule names (then it is that model's head); the same config without auto_map is untied by rule."""
+    the rule names (then it is that model's head); the same config without auto_map is untied by rule. A base
+    given as registered is refused alike."""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
     from loraops.check import check
@@ -1106,7 +1107,11 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
             engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
         with pytest.raises(MismatchError, match="cannot tell which head"):
             check(adapter, base.tensors, config=base.config)
-        for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied]):
+        assert loraops_run("base", "add", tied, "--name", "registered").returncode == 0
+        # a registered base as its path: check reads the config.json merge reads (from the base's recorded folder)
+        for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied],
+                     ["merge", adapter_path, "--into", "registered", "-o", tmp_path / "cli"],
+                     ["check", adapter_path, "--base", "registered"]):
             result = loraops_run(*args)
             assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
