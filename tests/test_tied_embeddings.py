@@ -869,27 +869,38 @@ _INSTRUCTBLIP_T5 = dict(
 
 
 def instructblip_logits(model):
+    # (BLIP-2 has no Q-Former text input)
+    qformer = {"qformer_input_ids": TOKENS[:, :6] % 100 + 3} if model.config.model_type == "instructblip" else {}
     with torch.no_grad():
-        return model.eval()(pixel_values=_PIXELS[:, :, :16, :16], qformer_input_ids=TOKENS[:, :6] % 100 + 3,
+        return model.eval()(pixel_values=_PIXELS[:, :, :16, :16], **qformer,
                             input_ids=torch.cat([torch.full((1, 4), 120), TOKENS[:, :6] % 100 + 3], 1),
                             decoder_input_ids=TOKENS[:, 6:11] % 100 + 3).logits
 
 
+@pytest.mark.parametrize("model", ["instructblip", "blip-2"])
 @pytest.mark.parametrize("scaling", ["saved", "derived", "saved off"])
-def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling):
-    """InstructBLIP with a T5 language model, its head tied to language_model.shared: T5's config scales the
+def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling, model):
+    """InstructBLIP or BLIP-2 with a T5 language model, its head tied to language_model.shared: T5's config scales the
     decoder's output by d_model**-0.5 when tied, read from tie_word_embeddings where the config does not say
     scale_decoder_outputs (saved before transformers 5). A LoRA on the head unties it; the merged config says the
     scaling as the base's config read it, so the merged model computes what PEFT's merge_and_unload of the head
     untied in memory computes, and what PEFT's adapted model computes. ("saved off": a T5 made with
-    tie_word_embeddings false, as T5 v1.1 and FLAN-T5 are, which transformers 5 saves tied, its scaling off.)"""
+    tie_word_embeddings false, as T5 v1.1 and FLAN-T5 are, which transformers 5 saves tied, its scaling off.)
+    BLIP-2's config copies the T5's is_encoder_decoder: true to its top level; it was refused as an encoder-decoder
+    model (which check did not say)."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration as cls
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration)
 
+    from loraops.basemodel import BaseModel
+
+    cls, config_cls = ((InstructBlipForConditionalGeneration, InstructBlipConfig) if model == "instructblip"
+                       else (Blip2ForConditionalGeneration, Blip2Config))
     torch.manual_seed(0)
     text_config = {**_INSTRUCTBLIP_T5["text_config"], **({"tie_word_embeddings": False} if scaling == "saved off" else {})}
-    cls._from_config(InstructBlipConfig(**{**_INSTRUCTBLIP_T5, "text_config": text_config})).save_pretrained(tmp_path / "base")
+    cls._from_config(config_cls(**{**_INSTRUCTBLIP_T5, "text_config": text_config})).save_pretrained(tmp_path / "base")
     config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config.get("is_encoder_decoder", False) is (model == "blip-2")
     scales = scaling != "saved off"
     assert (config["text_config"]["tie_word_embeddings"], config["text_config"]["scale_decoder_outputs"]) == (True, scales)
     if scaling == "derived":
@@ -905,6 +916,9 @@ def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling):
     expected = instructblip_logits(PeftModel.from_pretrained(untied_in_memory, tmp_path / "a").merge_and_unload())
     torch.testing.assert_close(instructblip_logits(adapted_model), expected, atol=1e-5, rtol=1e-5)
 
+    base = BaseModel.open(tmp_path / "base")
+    found = check.check(formats.read_adapter(tmp_path / "a"), base.tensors, config=base.config)
+    assert found.ok and found.tied_heads == ["language_model.lm_head"]
     report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
                           progress=False)
     assert report.heads_untied == ["language_model.lm_head.weight"]
