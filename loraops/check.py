@@ -348,14 +348,30 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
         head = _causal_lm_head(embeddings)
     else:
         return None
+    remote = _remote_code_class(config) if tied is None else None
+    if head is None and remote is not None and _may_be_tied_embeddings(embeddings, manifest, config):
+        raise MismatchError(
+            f"{embeddings!r} may be tied to an output head the base does not store, and {remote} is remote code (its "
+            f"config.json's auto_map): loraops cannot tell which head reads them, nor that none does; merge into a "
+            f"copy of the base that stores its head (tie_word_embeddings: false)")
     if head is None or head in manifest:
         return None
-    if (remote := _remote_code_class(config)) is not None and tied is None:
+    if remote is not None:
         raise MismatchError(
             f"{embeddings!r} is tied to an output head the base does not store, and {remote} is remote code (its "
             f"config.json's auto_map): loraops cannot tell which head it reads them as (a transformers causal LM's "
             f"would be {head!r}); merge into a copy of the base that stores its head (tie_word_embeddings: false)")
     return head
+
+
+def _may_be_tied_embeddings(tensor: str, manifest: Mapping[str, object], config: dict) -> bool:
+    """Might a model of remote code read ``tensor`` as the input embeddings it ties an unstored head to (InternLM2's
+    model.tok_embeddings, its head output)? A table with a row per token of its config's vocabulary, and no other
+    tensor of its shape stored outside the model's numbered blocks (which would be that head)."""
+    shape = tuple(manifest[tensor].shape)
+    vocabulary = {level.get(key) for level in _tie_flags(config) for key in ("vocab_size", "padded_vocab_size")}
+    return len(shape) == 2 and shape[0] in vocabulary - {None} and not any(
+        tuple(info.shape) == shape and not re.search(r"\.\d+\.", name) for name, info in manifest.items() if name != tensor)
 
 
 def _causal_lm_head(embeddings: str) -> str | None:

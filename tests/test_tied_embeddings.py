@@ -1138,6 +1138,55 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
 
 
+@pytest.mark.parametrize("case", ["tied", "tied, unsaid", "head stored"])
+def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, tied, case):
+    """InternLM2's remote code names its input embeddings model.tok_embeddings and its head output: names the
+    causal-LM rule does not read, so a LoRA on those embeddings of a tied base (no head stored; tie_word_embeddings
+    true, or unsaid: its config class's default is then the model's own) was merged into the one tensor its head
+    reads too, where PEFT's adapted model changes the lookup only. Refused in one line, by merge and check alike,
+    as where the rule names a head the model may not have (ChatGLM's); the base storing its head merges."""
+    from factories import loraops_run
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    embeddings = "model.tok_embeddings.weight"
+    state = {name.replace("embed_tokens", "tok_embeddings"): t for name, t in load_file(tied / "model.safetensors").items()}
+    if case == "head stored":
+        state["output.weight"] = torch.randn_like(state[embeddings])
+    save_file(state, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    config = {**json.loads((tied / "config.json").read_text()), "architectures": ["InternLM2ForCausalLM"],
+              "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                           "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+              "tie_word_embeddings": case == "tied"}
+    if case == "tied, unsaid":
+        del config["tie_word_embeddings"]
+    (tied / "config.json").write_text(json.dumps(config))
+    adapter_path = embedding_lora(tiny_llama(tmp_path / "llama", tie=True), tmp_path / "a")
+    lora = load_file(adapter_path / "adapter_model.safetensors")
+    save_file({name.replace("embed_tokens", "tok_embeddings"): t for name, t in lora.items()},
+              str(adapter_path / "adapter_model.safetensors"))
+    adapter_config = adapter_path / "adapter_config.json"
+    adapter_config.write_text(adapter_config.read_text().replace("embed_tokens", "tok_embeddings"))
+    adapter, base = formats.read_adapter(adapter_path), BaseModel.open(tied)
+    if case != "head stored":
+        with pytest.raises(MismatchError, match="InternLM2ForCausalLM is remote code"):
+            engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+        with pytest.raises(MismatchError, match=f"{embeddings!r} may be tied to an output head"):
+            check.check(adapter, base.tensors, config=base.config)
+        for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied]):
+            result = loraops_run(*args)
+            assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+        assert check.check(adapter, base.tensors).ok  # (the manifest alone cannot tell)
+        return
+    assert check.check(adapter, base.tensors, config=base.config).ok
+    report = engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = tensors(tmp_path / "out")
+    assert report.heads_untied == [] and torch.equal(merged["output.weight"], state["output.weight"])
+    assert not torch.equal(merged[embeddings], state[embeddings])
+
+
 @pytest.mark.parametrize("model, method", [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera")])
 def test_a_kohya_export_of_an_unstored_tied_head_reads_back(tmp_path, model, method):
     """`export --format kohya` names a LoRA on a head the base does not store (tied) by its path, lora_unet_lm_head;
