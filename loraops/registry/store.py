@@ -895,10 +895,11 @@ def _pull_again(source: str | None) -> str | None:
     return pull_again(source)
 
 
-def _configs_at(path: str | None) -> dict[str, Callable[[str], dict | None]]:
-    """check.check's ``config`` and ``quantization`` for a registered base, read from its files where they still are
-    (the config.json merge reads: a tied head it would refuse is refused by check too); none where its files are gone
-    or unreadable (a base from the Hub not downloaded yet): check then goes by the recorded manifest alone."""
+def _configs_at(path: str | None) -> dict[str, Callable[[str], dict]]:
+    """check.check's ``config`` for a registered base, read from its files where they still are (the config.json merge
+    reads: a tied head it would refuse is refused by check too); none where its files are gone or unreadable (a base
+    from the Hub not downloaded yet): check then goes by the recorded manifest alone. (Not ``quantization``: its
+    layout checks read a file's headers, which a recorded manifest does not hold.)"""
     from ..basemodel import BaseModel
 
     if not path or not Path(path).exists():
@@ -907,14 +908,7 @@ def _configs_at(path: str | None) -> dict[str, Callable[[str], dict | None]]:
         model = BaseModel.open(path)
     except LoraopsError:  # what merge would say of them; check reports what the recorded manifest says
         return {}
-
-    def config(tensor: str) -> dict:
-        return model.config(tensor) if tensor in model.tensors else {}
-
-    def quantization(tensor: str) -> dict | None:
-        return model.quantization_config(tensor) if tensor in model.tensors else None
-
-    return {"config": config, "quantization": quantization}
+    return {"config": lambda tensor: model.config(tensor) if tensor in model.tensors else {}}
 
 
 def _downloads(base: BaseRecord) -> bool:
