@@ -273,6 +273,28 @@ def untied(config: dict) -> dict:
     return config
 
 
+def can_untie(config: dict) -> bool:
+    """May a model of this config.json come out with its output head untied? Not an encoder-decoder model: some
+    (Switch Transformers, UDOP, and T5 before transformers 5) scale their decoder's output when tied. But a composite
+    model whose config copies its T5-family text model's is_encoder_decoder to the top (BLIP-2 with a T5): untied
+    writes that text model's scaling (SCALES_BY_TIE), as for InstructBLIP's, whose config does not copy it."""
+    if config.get("is_encoder_decoder") is not True:
+        return True
+    return any(isinstance(sub := config.get(key), dict) and sub.get("model_type") in SCALES_BY_TIE for key in TEXT_CONFIGS)
+
+
+def untie_refusal(embeddings: str, config: dict) -> str | None:
+    """Why a merge does not write an output head tied to ``embeddings`` (not stored) untied, phrased to follow
+    "'<head>' is ", or None: the config (``config``, of the model holding them) says the head is untied, or the
+    model may not be untied (can_untie)."""
+    if ties_word_embeddings(config) is False:
+        return "not in the base, and its config.json says tie_word_embeddings: false"
+    if not can_untie(config):
+        return (f"tied to {embeddings!r} in an encoder-decoder model, where tie_word_embeddings also decides how "
+                "the output is scaled (T5-style): loraops does not untie it, and does not merge into tied heads")
+    return None
+
+
 def _tied_head_of_class(config: dict) -> TiedHead | None:
     tied = next((TIED_HEAD_OF_CLASS[str(a)] for a in config.get("architectures") or [] if str(a) in TIED_HEAD_OF_CLASS),
                 None)
@@ -314,10 +336,10 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     cls.predictions.decoder; a checkpoint of the bare model's embeddings.word_embeddings → the same), else a causal LM's lm_head.weight beside the decoder's wrapper (model.embed_tokens →
     lm_head, language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out, a
     checkpoint of the bare model's wte → lm_head); or None: the config.json names no class with an output head (a
-    bare model, a classifier, or no config at all), unties it, is an encoder-decoder model's (see
-    engine._can_untie), or the head is stored."""
+    bare model, a classifier, or no config at all), unties it, is an encoder-decoder model's (can_untie), or
+    the head is stored."""
     architectures = [str(a) for a in config.get("architectures") or []]
-    if ties_word_embeddings(config) is False or config.get("is_encoder_decoder") is True:
+    if ties_word_embeddings(config) is False or not can_untie(config):
         return None
     tied = _tied_head_of_class(config)
     if tied is not None:
@@ -326,14 +348,30 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
         head = _causal_lm_head(embeddings)
     else:
         return None
+    remote = _remote_code_class(config) if tied is None else None
+    if head is None and remote is not None and _may_be_tied_embeddings(embeddings, manifest, config):
+        raise MismatchError(
+            f"{embeddings!r} may be tied to an output head the base does not store, and {remote} is remote code (its "
+            f"config.json's auto_map): loraops cannot tell which head reads them, nor that none does; merge into a "
+            f"copy of the base that stores its head (tie_word_embeddings: false)")
     if head is None or head in manifest:
         return None
-    if (remote := _remote_code_class(config)) is not None and tied is None:
+    if remote is not None:
         raise MismatchError(
             f"{embeddings!r} is tied to an output head the base does not store, and {remote} is remote code (its "
             f"config.json's auto_map): loraops cannot tell which head it reads them as (a transformers causal LM's "
             f"would be {head!r}); merge into a copy of the base that stores its head (tie_word_embeddings: false)")
     return head
+
+
+def _may_be_tied_embeddings(tensor: str, manifest: Mapping[str, object], config: dict) -> bool:
+    """Might a model of remote code read ``tensor`` as the input embeddings it ties an unstored head to (InternLM2's
+    model.tok_embeddings, its head output)? A table with a row per token of its config's vocabulary, and no other
+    tensor of its shape stored outside the model's numbered blocks (which would be that head)."""
+    shape = tuple(manifest[tensor].shape)
+    vocabulary = {level.get(key) for level in _tie_flags(config) for key in ("vocab_size", "padded_vocab_size")}
+    return len(shape) == 2 and shape[0] in vocabulary - {None} and not any(
+        tuple(info.shape) == shape and not re.search(r"\.\d+\.", name) for name, info in manifest.items() if name != tensor)
 
 
 def _causal_lm_head(embeddings: str) -> str | None:
@@ -855,11 +893,20 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
     names = None  # the manifest's names sorted, when a missing module's quantized tensors are looked for
     tied_heads = []
+
+    def refused(head: str, shape) -> str | None:
+        """Why a merge refuses to untie ``head``, a tied head the base does not store (untie_refusal), or None."""
+        source = tied_head_source(head, shape, manifest) if config is not None else None
+        return None if source is None else untie_refusal(source, config(source))
+
     miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
         info = manifest.get(module.weight_name)
         if info is None:
-            if tied_head_source(module.weight_name, module.weight_shape, manifest) is not None:
+            if (why := refused(module.weight_name, module.weight_shape)) is not None:
+                missing.append(name)
+                why_missing[name] = why
+            elif tied_head_source(module.weight_name, module.weight_shape, manifest) is not None:
                 tied_heads.append(name)
                 matched += 1
             else:
@@ -883,6 +930,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     mismatches += miscounted.values()
     full_mismatches = []
     for name, tensor in bound.full_tensors.items():
+        if (why := refused(name, tensor.shape)) is not None:
+            missing.append(name)
+            why_missing[name] = why
+            continue
         info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
         # a modules_to_save copy of the embeddings (a layer saved under their tokens is what the head reads too)
         if config is not None and name in manifest and name not in bound.token_rows \
@@ -894,6 +945,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     row_mismatches = []
     for name, rows in bound.token_rows.items():
         shape = rows_shape(rows, manifest)
+        if (why := refused(name, shape)) is not None:
+            missing.append(name)
+            why_missing[name] = why
+            continue
         info = manifest.get(name) or manifest.get(tied_head_source(name, shape, manifest))
         base = None if info is None else list(info.shape)
         if base is None or len(base) != 2 or base[1] != rows.values.shape[1] or max(rows.indices) >= base[0]:

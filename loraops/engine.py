@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias, tied_head_source,
-                    ties_word_embeddings, unstored_head_of, untied)
+from .check import (can_untie, is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias, tied_head_source,
+                    ties_word_embeddings, unstored_head_of, untie_refusal, untied)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
@@ -685,14 +685,8 @@ def untied_head_source(base: BaseModel, name: str, shape) -> str | None:
     the head is no such one. Refused where loraops does not untie: a config that says the head is untied, and an
     encoder-decoder model (merge; extract of a fine-tune that untied its head)."""
     embeddings = tied_head_source(name, shape, base.tensors)
-    if embeddings is None:
-        return None
-    if _tie_word_embeddings(base, embeddings) is False:
-        raise MismatchError(f"{name!r} is not in the base, and its config.json says tie_word_embeddings: false")
-    if not _can_untie(base, embeddings):
-        raise MismatchError(f"{name!r} is tied to {embeddings!r} in an encoder-decoder model, where "
-                            "tie_word_embeddings also decides how the output is scaled (T5-style): loraops "
-                            "does not untie it, and does not merge into tied heads")
+    if embeddings is not None and (why := untie_refusal(embeddings, base.config(embeddings))) is not None:
+        raise MismatchError(f"{name!r} is {why}")
     return embeddings
 
 
@@ -719,9 +713,8 @@ def _changed_apart(adapters: list[tuple[Adapter, float]]) -> set[str]:
 
 
 def _can_untie(base: BaseModel, tensor: str) -> bool:
-    """May the model holding ``tensor`` come out with tie_word_embeddings false? Not an encoder-decoder one: some
-    (Switch Transformers, UDOP, and T5 before transformers 5) scale their decoder's output when tied."""
-    return base.config(tensor).get("is_encoder_decoder") is not True
+    """May the model holding ``tensor`` come out with tie_word_embeddings false (check.can_untie)?"""
+    return can_untie(base.config(tensor))
 
 
 def _same_as_base(base: BaseModel, name: str, tensor: "torch.Tensor") -> bool:

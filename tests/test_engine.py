@@ -510,18 +510,29 @@ def test_a_tied_head_lora_at_weight_zero_unties_nothing(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
-def test_a_lora_on_the_tied_head_of_an_encoder_decoder_model_is_refused(tmp_path):
+@pytest.mark.parametrize("config, why", [
+    ({"is_encoder_decoder": True}, "in an encoder-decoder model, where tie_word_embeddings also decides"),
+    ({"tie_word_embeddings": False}, "not in the base, and its config.json says tie_word_embeddings: false")])
+def test_a_lora_on_the_tied_head_of_an_encoder_decoder_model_is_refused(tmp_path, config, why):
     """Some encoder-decoder models scale their decoder output by tie_word_embeddings (Switch Transformers, UDOP, T5
-    before transformers 5): untying them would change what they compute."""
+    before transformers 5): untying them would change what they compute. A head the base does not store whose config
+    says it is untied is no tied head. check, given the config.json, says what merge says (it said "fits")."""
+    from loraops import check
     from loraops.adapter import Adapter, LoraModule
+    from loraops.basemodel import BaseModel
 
     base = tied_llama(tmp_path / "base")
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "is_encoder_decoder": True}))
+    (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()), **config}))
     head = LoraModule(name="lm_head", A=torch.randn(4, 64), B=torch.randn(100, 4), alpha=4.0, scale=1.0)
-    with pytest.raises(MismatchError, match="in an encoder-decoder model, where tie_word_embeddings also decides"):
-        engine.merge(base, [(Adapter(modules={"lm_head": head}, format="peft"), 1.0)], tmp_path / "out", device="cpu")
+    adapter = Adapter(modules={"lm_head": head}, format="peft")
+    with pytest.raises(MismatchError, match=why):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
+    model = BaseModel.open(base)
+    report = check.check(adapter, model.tensors, config=model.config)
+    assert not report.ok and report.tied_heads == [] and report.missing == ["lm_head"]
+    assert why in check.misfits(report)[0]
+    assert check.check(adapter, model.tensors).ok  # (the manifest alone cannot tell)
 
 
 def test_roberta_sequence_classification_head_merges_like_peft(tmp_path):

@@ -869,27 +869,38 @@ _INSTRUCTBLIP_T5 = dict(
 
 
 def instructblip_logits(model):
+    # (BLIP-2 has no Q-Former text input)
+    qformer = {"qformer_input_ids": TOKENS[:, :6] % 100 + 3} if model.config.model_type == "instructblip" else {}
     with torch.no_grad():
-        return model.eval()(pixel_values=_PIXELS[:, :, :16, :16], qformer_input_ids=TOKENS[:, :6] % 100 + 3,
+        return model.eval()(pixel_values=_PIXELS[:, :, :16, :16], **qformer,
                             input_ids=torch.cat([torch.full((1, 4), 120), TOKENS[:, :6] % 100 + 3], 1),
                             decoder_input_ids=TOKENS[:, 6:11] % 100 + 3).logits
 
 
+@pytest.mark.parametrize("model", ["instructblip", "blip-2"])
 @pytest.mark.parametrize("scaling", ["saved", "derived", "saved off"])
-def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling):
-    """InstructBLIP with a T5 language model, its head tied to language_model.shared: T5's config scales the
+def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling, model):
+    """InstructBLIP or BLIP-2 with a T5 language model, its head tied to language_model.shared: T5's config scales the
     decoder's output by d_model**-0.5 when tied, read from tie_word_embeddings where the config does not say
     scale_decoder_outputs (saved before transformers 5). A LoRA on the head unties it; the merged config says the
     scaling as the base's config read it, so the merged model computes what PEFT's merge_and_unload of the head
     untied in memory computes, and what PEFT's adapted model computes. ("saved off": a T5 made with
-    tie_word_embeddings false, as T5 v1.1 and FLAN-T5 are, which transformers 5 saves tied, its scaling off.)"""
+    tie_word_embeddings false, as T5 v1.1 and FLAN-T5 are, which transformers 5 saves tied, its scaling off.)
+    BLIP-2's config copies the T5's is_encoder_decoder: true to its top level; it was refused as an encoder-decoder
+    model (which check did not say)."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration as cls
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration)
 
+    from loraops.basemodel import BaseModel
+
+    cls, config_cls = ((InstructBlipForConditionalGeneration, InstructBlipConfig) if model == "instructblip"
+                       else (Blip2ForConditionalGeneration, Blip2Config))
     torch.manual_seed(0)
     text_config = {**_INSTRUCTBLIP_T5["text_config"], **({"tie_word_embeddings": False} if scaling == "saved off" else {})}
-    cls._from_config(InstructBlipConfig(**{**_INSTRUCTBLIP_T5, "text_config": text_config})).save_pretrained(tmp_path / "base")
+    cls._from_config(config_cls(**{**_INSTRUCTBLIP_T5, "text_config": text_config})).save_pretrained(tmp_path / "base")
     config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config.get("is_encoder_decoder", False) is (model == "blip-2")
     scales = scaling != "saved off"
     assert (config["text_config"]["tie_word_embeddings"], config["text_config"]["scale_decoder_outputs"]) == (True, scales)
     if scaling == "derived":
@@ -905,6 +916,9 @@ def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling):
     expected = instructblip_logits(PeftModel.from_pretrained(untied_in_memory, tmp_path / "a").merge_and_unload())
     torch.testing.assert_close(instructblip_logits(adapted_model), expected, atol=1e-5, rtol=1e-5)
 
+    base = BaseModel.open(tmp_path / "base")
+    found = check.check(formats.read_adapter(tmp_path / "a"), base.tensors, config=base.config)
+    assert found.ok and found.tied_heads == ["language_model.lm_head"]
     report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
                           progress=False)
     assert report.heads_untied == ["language_model.lm_head.weight"]
@@ -1083,7 +1097,8 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     """A tied model's config.json whose auto_map loads its class from the model's own code (ChatGLM's output head is
     transformer.output_layer, InternLM2's output): the causal-LM rule's lm_head may be no module of it, a tensor the
     model never reads. A LoRA on its embeddings is refused in one line (merge, check), unless the base stores the head
-    the rule names (then it is that model's head); the same config without auto_map is untied by rule."""
+    the rule names (then it is that model's head); the same config without auto_map is untied by rule. A base
+    given as registered is refused alike."""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
     from loraops.check import check
@@ -1106,7 +1121,11 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
             engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
         with pytest.raises(MismatchError, match="cannot tell which head"):
             check(adapter, base.tensors, config=base.config)
-        for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied]):
+        assert loraops_run("base", "add", tied, "--name", "registered").returncode == 0
+        # a registered base as its path: check reads the config.json merge reads (from the base's recorded folder)
+        for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied],
+                     ["merge", adapter_path, "--into", "registered", "-o", tmp_path / "cli"],
+                     ["check", adapter_path, "--base", "registered"]):
             result = loraops_run(*args)
             assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -1117,6 +1136,55 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     merged = tensors(tmp_path / "out")
     assert torch.equal(merged["lm_head.weight"], load_file(tied / "model.safetensors")[EMBED])
     assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
+
+
+@pytest.mark.parametrize("case", ["tied", "tied, unsaid", "head stored"])
+def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, tied, case):
+    """InternLM2's remote code names its input embeddings model.tok_embeddings and its head output: names the
+    causal-LM rule does not read, so a LoRA on those embeddings of a tied base (no head stored; tie_word_embeddings
+    true, or unsaid: its config class's default is then the model's own) was merged into the one tensor its head
+    reads too, where PEFT's adapted model changes the lookup only. Refused in one line, by merge and check alike,
+    as where the rule names a head the model may not have (ChatGLM's); the base storing its head merges."""
+    from factories import loraops_run
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    embeddings = "model.tok_embeddings.weight"
+    state = {name.replace("embed_tokens", "tok_embeddings"): t for name, t in load_file(tied / "model.safetensors").items()}
+    if case == "head stored":
+        state["output.weight"] = torch.randn_like(state[embeddings])
+    save_file(state, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    config = {**json.loads((tied / "config.json").read_text()), "architectures": ["InternLM2ForCausalLM"],
+              "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                           "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+              "tie_word_embeddings": case == "tied"}
+    if case == "tied, unsaid":
+        del config["tie_word_embeddings"]
+    (tied / "config.json").write_text(json.dumps(config))
+    adapter_path = embedding_lora(tiny_llama(tmp_path / "llama", tie=True), tmp_path / "a")
+    lora = load_file(adapter_path / "adapter_model.safetensors")
+    save_file({name.replace("embed_tokens", "tok_embeddings"): t for name, t in lora.items()},
+              str(adapter_path / "adapter_model.safetensors"))
+    adapter_config = adapter_path / "adapter_config.json"
+    adapter_config.write_text(adapter_config.read_text().replace("embed_tokens", "tok_embeddings"))
+    adapter, base = formats.read_adapter(adapter_path), BaseModel.open(tied)
+    if case != "head stored":
+        with pytest.raises(MismatchError, match="InternLM2ForCausalLM is remote code"):
+            engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+        with pytest.raises(MismatchError, match=f"{embeddings!r} may be tied to an output head"):
+            check.check(adapter, base.tensors, config=base.config)
+        for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied]):
+            result = loraops_run(*args)
+            assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+        assert check.check(adapter, base.tensors).ok  # (the manifest alone cannot tell)
+        return
+    assert check.check(adapter, base.tensors, config=base.config).ok
+    report = engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = tensors(tmp_path / "out")
+    assert report.heads_untied == [] and torch.equal(merged["output.weight"], state["output.weight"])
+    assert not torch.equal(merged[embeddings], state[embeddings])
 
 
 @pytest.mark.parametrize("model, method", [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera")])

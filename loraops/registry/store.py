@@ -701,8 +701,9 @@ class Registry:
                 rows = [s.get(SqlBase, base_id)]
             else:
                 rows = list(s.scalars(select(SqlBase).order_by(SqlBase.name)))
-            manifests = [(r.name, self._manifest(s, r.id)) for r in rows]
-        return CheckResult.of(label, [check.check(adapter, manifest, base_name=name) for name, manifest in manifests])
+            manifests = [(r.name, self._manifest(s, r.id), r.path) for r in rows]
+        return CheckResult.of(label, [check.check(adapter, manifest, base_name=name, **_configs_at(path))
+                                      for name, manifest, path in manifests])
 
     def verify(self, progress: bool | None = None) -> list[BlobProblem]:
         """Re-hash every stored file against its record; return what is missing or changed. The trainable tokens of
@@ -892,6 +893,22 @@ def _pull_again(source: str | None) -> str | None:
     from ..hub import pull_again
 
     return pull_again(source)
+
+
+def _configs_at(path: str | None) -> dict[str, Callable[[str], dict]]:
+    """check.check's ``config`` for a registered base, read from its files where they still are (the config.json merge
+    reads: a tied head it would refuse is refused by check too); none where its files are gone or unreadable (a base
+    from the Hub not downloaded yet): check then goes by the recorded manifest alone. (Not ``quantization``: its
+    layout checks read a file's headers, which a recorded manifest does not hold.)"""
+    from ..basemodel import BaseModel
+
+    if not path or not Path(path).exists():
+        return {}
+    try:
+        model = BaseModel.open(path)
+    except LoraopsError:  # what merge would say of them; check reports what the recorded manifest says
+        return {}
+    return {"config": lambda tensor: model.config(tensor) if tensor in model.tensors else {}}
 
 
 def _downloads(base: BaseRecord) -> bool:
