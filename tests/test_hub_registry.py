@@ -401,6 +401,22 @@ def test_an_offline_pull_of_a_ref_moved_to_a_partial_snapshot(fake_hub, adapters
     assert not registry.list_adapters()
 
 
+def test_an_offline_pull_of_files_fetched_one_by_one(fake_hub, adapters, registry, monkeypatch):
+    """An adapter's files fetched one by one (hf_hub_download, as PEFT's from_pretrained does) leave no repo listing in
+    the cache: offline, loraops cannot tell which files make the adapter, and says it is not in the local Hub cache."""
+    from huggingface_hub import hf_hub_download
+
+    fake_hub.commit_folder("someone/x", adapters["a"])
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        hf_hub_download("someone/x", name, cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["pull", "someone/x"])
+    assert (result.exit_code, result.output) == (3, (
+        f"error: someone/x is not in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
+        "pull it once online first\n"))
+    assert not registry.list_adapters()
+
+
 def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapters, tmp_path, monkeypatch):
     """`base add hub: --token` keeps no token (loraops stores none): it says so, and the first use that downloads the
     weights, refused without credentials, says how to give them (HF_TOKEN or the saved login), not `--token`, which
