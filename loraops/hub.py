@@ -873,6 +873,16 @@ def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, st
     return list(layout), layout
 
 
+def base_reads(names: list[str], weights: list[str]) -> list[str]:
+    """The files of a repo listing that loraops.basemodel reads as a base: its ``weights`` (weight_layout), and what
+    says how to read them where the repo has it: a pipeline's model_index.json, and in each weights folder its
+    config.json (tied heads, FP8 scales; a merged model's config) and safetensors index."""
+    folders = {str(PurePosixPath(w).parent) for w in weights}
+    beside = [n for n in names if str(PurePosixPath(n).parent) in folders
+              and (PurePosixPath(n).name == "config.json" or n.endswith(INDEX_SUFFIX))]
+    return list(weights) + sorted(set(beside) - set(weights)) + ([PIPELINE_INDEX] if PIPELINE_INDEX in names else [])
+
+
 def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
     """Read a Hub base model's manifest (names, dtypes, shapes) from its safetensors headers with HTTP range
     requests: the weights are not downloaded."""
@@ -940,19 +950,25 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
     """Download a Hub base model (its safetensors weights and the small files around them, no other weight
     formats) into the Hub cache, with progress; returns the snapshot folder. Offline: from the cache."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
     if offline():
-        # The snapshot must hold the safetensors weights, the files loraops reads: asked for all the repo's files,
-        # huggingface_hub called it incomplete for other weight formats (.bin, .gguf) loraops never downloads, or
-        # a .gitattributes `hf download --include` left out. Without the listing huggingface_hub caches with a download,
-        # the snapshot is taken as it is (attach_base_files checks its tensors)
+        # The snapshot must hold the files loraops reads (base_reads): asked for all the repo's files, huggingface_hub
+        # called it incomplete for other weight formats (.bin, .gguf) loraops never downloads, or a .gitattributes
+        # `hf download --include` left out. Without the listing huggingface_hub caches with a download, the snapshot
+        # is taken as it is (attach_base_files checks its tensors)
         commit = resolve_commit(ref, token)
         with hub_errors(ref, "download"):
-            names = _cached_names(ref, commit)
-            weights = None if names is None else exactly(weight_layout(names, _index_reader(ref, commit, token))[0])
+            names, needed = _cached_names(ref, commit), None
+            if names is not None:
+                try:
+                    weights = weight_layout(names, _index_reader(ref, commit, token))[0]
+                except LocalEntryNotFoundError:  # an index the listing cached with the download names
+                    raise _not_cached(ref, "download", partly=True) from None
+                needed = exactly(base_reads(names, weights))
             return Path(snapshot_download(ref.repo_id, revision=commit, cache_dir=cache_dir(), local_files_only=True,
-                                          allow_patterns=weights))
+                                          allow_patterns=needed))
     base = remote_base(ref, token=token)
     with hub_errors(ref, "download"), _progress():
         folder = Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,

@@ -611,6 +611,27 @@ def test_exactly_picks_each_name_and_no_other():
         assert list(filter_repo_objects(names, allow_patterns=hub.exactly([name]))) == [name], name
 
 
+def test_an_offline_base_needs_what_basemodel_reads_of_it():
+    """Offline, a Hub base's snapshot must hold what loraops.basemodel reads: the weights, a pipeline's
+    model_index.json (without it the folder is not read as a pipeline), and each weights folder's config.json
+    and safetensors index; not the other weight formats, the tokenizer, or a folder with no weights loraops reads."""
+    names = ["model_index.json", "README.md", ".gitattributes", "config.json", "scheduler/scheduler_config.json",
+             "unet/config.json", "unet/diffusion_pytorch_model.safetensors.index.json",
+             "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+             "unet/diffusion_pytorch_model-00002-of-00002.safetensors", "unet/diffusion_pytorch_model.bin",
+             "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json",
+             "vae/config.json", "vae/diffusion_pytorch_model.bin"]
+    index = {"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                            "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}
+    weights = hub.weight_layout(names, lambda name: index)[0]
+    assert sorted(hub.base_reads(names, weights)) == sorted([
+        "model_index.json", "text_encoder/config.json", "text_encoder/model.safetensors", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors.index.json", "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors"])
+    plain = ["config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json"]
+    assert hub.base_reads(plain, ["model.safetensors"]) == ["model.safetensors", "config.json"]
+
+
 @pytest.mark.parametrize("corrupt", ["not JSON", "5000 digits", "deep"])
 def test_a_corrupt_index_or_header_on_the_hub_is_one_line(fake_hub, tmp_path, corrupt):
     """A Hub base's safetensors index that Python's json cannot read was a traceback (JSONDecodeError, the 4300-digit

@@ -338,6 +338,50 @@ def test_an_offline_base_needs_its_weights_in_the_cache_and_no_other_file(fake_h
         assert reg.get_base("tiny").path == str(folder.resolve())
 
 
+def test_an_offline_sharded_base_needs_the_files_that_say_how_to_read_its_weights(fake_hub, adapters, tmp_path,
+                                                                                 monkeypatch):
+    """Offline, a Hub base's snapshot needs its weights and what loraops reads beside them: the safetensors index and
+    config.json (its tied head, FP8 scales, and the merged model's own config). A snapshot without config.json (`hf
+    download --include "*.safetensors" "*.index.json"`, or a download stopped midway) was taken: the merge wrote a
+    model without config.json, computed without the base's config. A snapshot without its index is partly there
+    too (it was "not in the local Hub cache"). The Hub is not asked for anything offline."""
+    from factories import tiny_llama
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    base = tiny_llama(tmp_path / "sharded", shard_size="100KB")
+    files = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    assert len([n for n in files if n.endswith(".safetensors")]) > 1
+    commit = fake_hub.commit("meta/sharded", files)
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/sharded"]).exit_code == 0
+    folder = Path(snapshot_download("meta/sharded", cache_dir=hub.cache_dir(), endpoint=fake_hub.url,
+                                    allow_patterns=["*.safetensors", "*.index.json"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    merge = ["merge", f"{adapters['a']}:0.5", "--into", "sharded", "-o"]
+    partly = (f"error: meta/sharded@{commit} is only partly in the local Hub cache ({hub.cache_dir()}) and "
+              "HF_HUB_OFFLINE=1 is set; its weights download on first use: run this once online first\n")
+    result = runner.invoke(main, merge + [str(tmp_path / "m1")])
+    assert (result.exit_code, result.output) == (3, partly)
+    assert not (tmp_path / "m1").exists()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    hf_hub_download("meta/sharded", "config.json", revision=commit, cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.rename(tmp_path / "aside")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked = len(fake_hub.requests)
+    result = runner.invoke(main, merge + [str(tmp_path / "m2")])
+    assert (result.exit_code, result.output) == (3, partly)
+    (tmp_path / "aside").rename(shard)
+    (folder / "model.safetensors.index.json").rename(tmp_path / "aside")
+    result = runner.invoke(main, merge + [str(tmp_path / "m3")])
+    assert (result.exit_code, result.output) == (3, partly)
+    (tmp_path / "aside").rename(folder / "model.safetensors.index.json")
+    result = runner.invoke(main, merge + [str(tmp_path / "m3")])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "m3").iterdir()} >= {"config.json", "model.safetensors.index.json"}
+    assert len(fake_hub.requests) == asked  # (offline: the index is read from the cache, nothing asked)
+
+
 def test_an_offline_pull_of_a_ref_moved_to_a_partial_snapshot(fake_hub, adapters, registry, monkeypatch):
     """Another tool's download that stopped midway moved the branch's ref (huggingface_hub writes refs/ before it
     downloads) to a commit whose snapshot lacks the adapter's weights: an offline pull says so, and does not go
@@ -353,6 +397,22 @@ def test_an_offline_pull_of_a_ref_moved_to_a_partial_snapshot(fake_hub, adapters
     result = CliRunner().invoke(main, ["pull", "someone/x"])
     assert (result.exit_code, result.output) == (3, (
         f"error: someone/x is only partly in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
+        "pull it once online first\n"))
+    assert not registry.list_adapters()
+
+
+def test_an_offline_pull_of_files_fetched_one_by_one(fake_hub, adapters, registry, monkeypatch):
+    """An adapter's files fetched one by one (hf_hub_download, as PEFT's from_pretrained does) leave no repo listing in
+    the cache: offline, loraops cannot tell which files make the adapter, and says it is not in the local Hub cache."""
+    from huggingface_hub import hf_hub_download
+
+    fake_hub.commit_folder("someone/x", adapters["a"])
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        hf_hub_download("someone/x", name, cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["pull", "someone/x"])
+    assert (result.exit_code, result.output) == (3, (
+        f"error: someone/x is not in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
         "pull it once online first\n"))
     assert not registry.list_adapters()
 
