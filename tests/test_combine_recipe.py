@@ -58,6 +58,16 @@ def test_gamma_and_epsilon_per_model_with_mergekit_defaults():
     assert report.params["epsilon"] == [0.05, 0.15]
 
 
+
+def test_a_model_kept_whole_takes_any_gamma_or_epsilon():
+    """mergekit reads no gamma/epsilon for a model kept whole (density 1), so none is checked there, its range
+    included (gamma: 1 on such a model ran before the recipe passed the values on, then was refused)."""
+    for method, key, value in (("breadcrumbs", "gamma", 1), ("della_linear", "epsilon", 2)):
+        read = parse_recipe(recipe(method, ("a", {"weight": 1, "density": 1, key: value}),
+                                   ("b", {"weight": 1, "density": 0.5})))
+        _, report = combine([(lora_adapter({"x": (8, 8)}, seed=s), 1) for s in (1, 2)], read.method, read.params)
+        assert report.params[key] == [None, {"gamma": 0.01, "epsilon": 0.15}[key]], report.params
+
 @pytest.mark.parametrize("doc, inputs", [
     (recipe("task_arithmetic", ("a", {"weight": 0.5}), ("b", {"weight": 1.5}), parameters={"lambda": 2}),
      [("a", 1.0), ("b", 3.0)]),
