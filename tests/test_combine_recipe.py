@@ -11,7 +11,7 @@ import yaml
 import combine_reference as ref
 from factories import combine_inputs, lora_adapter, loraops_run as loraops
 from loraops.algebra import combine
-from loraops.errors import InvalidInputError
+from loraops.errors import InvalidInputError, MismatchError
 from loraops.recipe import parse_recipe, read_recipe
 
 
@@ -429,6 +429,8 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
                        "'main' is not that commit (loraops does not look a branch or tag up: give the commit, or no "
                        "revision)"),
     ("org/llama@fedc", "base_model 'org/llama@fedc': h@1 is for llama, pulled at commit 0123456789ab, and revision"),
+    ("llama@main", "base_model 'llama@main': h@1 is for llama, pulled at commit 0123456789ab, and revision 'main' is "
+                   "not that commit"),  # the registry name at a branch: the commit is known all the same
     ("org/other@0123456", "base_model 'org/other@0123456': h@1 is for llama, and a recipe combines task vectors"),
     ("org/llama+style", "base_model 'org/llama+style' is org/llama with the LoRA style merged into it (mergekit's "
                         "MODEL+LORA), which no adapter's ΔW is taken over: give the adapters' base alone (base_model: "
@@ -478,3 +480,28 @@ def test_a_model_written_base_plus_lora_is_that_lora(files, tmp_path):
                  (f"{base}/+{files['b']}", {"weight": 0.5}), base_model=base)
     lines = loraops_ok("combine", "--recipe", write(tmp_path / "plus.yml", doc), "--name", "plus").splitlines()
     assert lines[0] == "ties(density=[0.5, 1.0], normalize=True, lambda=1.0) of a@1×1, b@1×0.5", lines
+
+
+def test_a_base_model_that_exists_on_disk_is_the_model_it_holds(files, tmp_path, monkeypatch):
+    """mergekit reads an existing folder as the model it holds (whatever the revision): a folder ./llama shadows the
+    registered base named llama — accepted only where it holds that base's tensors (a copy, or the base moved since it
+    was added; it was accepted by name whatever it held, and refused once moved); a registry name that no folder
+    shadows still names its base."""
+    from types import SimpleNamespace as NS
+
+    from loraops.basemodel import BaseModel
+    from loraops.derive import check_base_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama").symlink_to(files["base"])
+    fingerprint = BaseModel.open(files["base"]).fingerprint()
+    pulled = NS(record=NS(ref="h@1", base=NS(id=7)), adapter=NS(base_model=None))
+    other = NS(name="llama", source=f"hf://org/llama@{SHA}", path="/gone/llama", fingerprint="0" * 64)
+    for base_model in ("llama", "./llama/", "llama@main"):
+        with pytest.raises(MismatchError, match=r"^base_model '.*': .*llama/? exists and is read as the model it holds "
+                                                r"\(as mergekit reads it\), which is not h@1's base llama \(/gone/llama\)$"):
+            check_base_model(NS(get_base=lambda i: other), [pulled], base_model)
+    moved = NS(name="tiny", source="/gone/tiny", path="/gone/tiny", fingerprint=fingerprint)
+    for base_model in ("llama", str(tmp_path / "llama") + "@main", "tiny"):
+        check_base_model(NS(get_base=lambda i: moved), [pulled], base_model)
+    check_base_model(NS(get_base=lambda i: other), [pulled], "org/llama")  # no such folder: the Hub id
