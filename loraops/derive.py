@@ -93,11 +93,13 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
     (recipe.base_reference: ``PATH[@REVISION]``), its path names the input's registered base (its name, or the
     folder or Hub id it was added from) or the adapter's own base_model_name_or_path, a folder however it is written
     (``./x``, ``x/``); a revision must be the commit a base pulled from the Hub was recorded at (where loraops knows
-    none, the path decides). An input that names no base at all is taken as it is."""
+    none, the path decides). An input that names no base at all is taken as it is; base_model is still refused where
+    it is what no base is (a LoRA merged in, what mergekit cannot read) unless it names an input's base as a whole."""
     from .hub import parse_hub_source
     from .recipe import base_reference
 
     on_disk = _on_disk(base_model)
+    named_whole = on_disk is not None
     for i in inputs:
         base = reg.get_base(i.record.base.id) if i.record.base else None  # (the record's BaseRef has no source)
         known = [name for name in (base.name, base.source, base.path) if name] if base else []
@@ -110,7 +112,10 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
                                     f"(as mergekit reads it), which is not {i.record.ref}'s base {base.name} "
                                     f"({base.path or base.source})")
             continue
-        if not known or any(_names(base_model, name) for name in known):  # ('+' and '@' may be in a name or path)
+        if not known:
+            continue
+        if any(_names(base_model, name) for name in known):  # ('+' and '@' may be in a name or path)
+            named_whole = True
             continue
         want = base_reference(base_model)
         if not any(_names(want.path, name) for name in known):
@@ -122,6 +127,8 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
             raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, pulled at commit "
                                 f"{min(commits)[:12]}, and revision {want.revision!r} is not that commit (loraops "
                                 "does not look a branch or tag up: give the commit, or no revision)")
+    if not named_whole:
+        base_reference(base_model)  # a base with a LoRA merged in, or what mergekit cannot read, where no input tells
 
 
 def _on_disk(base_model: str) -> str | None:

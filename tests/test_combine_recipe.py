@@ -323,6 +323,10 @@ def test_base_model_is_the_inputs_registered_base_or_their_hint(files, tmp_path)
     check_base_model(None, [hinted, unknown], "org/tiny")
     with pytest.raises(MismatchError, match=r"^base_model 'tiny': b@1 is for org/tiny/, and a recipe combines"):
         check_base_model(None, [hinted], "tiny")
+    for doc in ("org/tiny+style", "org/tiny@a@b"):  # what no base is, refused though no input names its base
+        with pytest.raises(InvalidInputError, match=r"^base_model 'org/tiny(\+style' is org/tiny with the LoRA|@a@b': "
+                                                    r"more than one)"):
+            check_base_model(None, [unknown], doc)
 
 
 @pytest.mark.parametrize("method, models, top, own", [
