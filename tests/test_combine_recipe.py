@@ -479,6 +479,11 @@ def test_a_model_written_base_plus_lora_is_that_lora(files, tmp_path):
     assert read.inputs == [("style@2", 1.0), ("sub/x", 0.5), ("a+b-ties", 2.0), ("other+c", 3.0)]
     with pytest.raises(InvalidInputError, match=r"^r: models\[2\]: 'org/base\+a' is listed twice"):
         parse_recipe(recipe("ties", ("a", {"weight": 1}), ("org/base+a", {"weight": 1}), base_model="org/base"), "r")
+    (tmp_path / "llama").symlink_to(files["base"])
+    (tmp_path / "llama+style").symlink_to(files["a"])  # an adapter folder whose name is BASE+LORA: matched whole
+    whole = str(tmp_path / "llama+style")
+    assert parse_recipe(recipe("ties", (whole, {"weight": 1}), base_model=str(tmp_path / "llama"))).inputs == [
+        (whole, 1.0)]
     base = str(files["base"])
     doc = recipe("ties", (base, None), (f"{base}+{files['a']}", {"weight": 1, "density": 0.5}),
                  (f"{base}/+{files['b']}", {"weight": 0.5}), base_model=base)
