@@ -429,6 +429,8 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
     ("llama", None),
     (f"org/llama@{SHA}", None),
     ("org/llama@0123456", None),  # a short commit, as git abbreviates it
+    ("org/llama@012", "base_model 'org/llama@012': h@1 is for llama, pulled at commit 0123456789ab, and revision "
+                      "'012' is not that commit"),  # shorter than git's shortest abbreviation (4)
     ("org/llama@main", "base_model 'org/llama@main': h@1 is for llama, pulled at commit 0123456789ab, and revision "
                        "'main' is not that commit (loraops does not look a branch or tag up: give the commit, or no "
                        "revision)"),
@@ -475,8 +477,9 @@ def test_a_model_written_base_plus_lora_is_that_lora(files, tmp_path):
     combine's default a+b-ties may hold '+'."""
     read = parse_recipe(recipe("ties", ("org/base", None), ("org/base+style@2", {"weight": 1}),
                                ("./org/base/+sub/x", {"weight": 0.5}), ("a+b-ties", {"weight": 2}),
-                               ("other+c", {"weight": 3}), base_model="org/base"))
-    assert read.inputs == [("style@2", 1.0), ("sub/x", 0.5), ("a+b-ties", 2.0), ("other+c", 3.0)]
+                               ("other+c", {"weight": 3}), ("org/base+x+y", {"weight": 4}), base_model="org/base"))
+    assert read.inputs == [("style@2", 1.0), ("sub/x", 0.5), ("a+b-ties", 2.0), ("other+c", 3.0),
+                           ("org/base+x+y", 4.0)]  # (what mergekit cannot read stays as written: not found later)
     with pytest.raises(InvalidInputError, match=r"^r: models\[2\]: 'org/base\+a' is listed twice"):
         parse_recipe(recipe("ties", ("a", {"weight": 1}), ("org/base+a", {"weight": 1}), base_model="org/base"), "r")
     (tmp_path / "llama").symlink_to(files["base"])
