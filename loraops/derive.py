@@ -86,33 +86,79 @@ def registered_for(reg: "Registry", ref: str, base: str | None) -> "AdapterRecor
 
 
 def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) -> None:
-    """Every input is for ``base_model``: as a whole, or else read as mergekit reads a model reference
+    """Every input is for ``base_model``. A file or folder that exists (the whole text, else its path read as mergekit
+    reads a model reference: recipe.model_reference) is the model it holds, as mergekit reads it, whatever a registry
+    name it shares says: it must be the input's registered base (its folder, or the same tensors: a copy, a base moved
+    since), whatever the revision. Otherwise, as a whole or else read as mergekit reads a reference
     (recipe.base_reference: ``PATH[@REVISION]``), its path names the input's registered base (its name, or the
     folder or Hub id it was added from) or the adapter's own base_model_name_or_path, a folder however it is written
     (``./x``, ``x/``); a revision must be the commit a base pulled from the Hub was recorded at (where loraops knows
-    none, the path decides). An input that names no base at all is taken as it is."""
+    none, the path decides). An input that names no base at all is taken as it is; base_model is still refused where
+    it is what no base is (a LoRA merged in, what mergekit cannot read) unless it names an input's base as a whole."""
     from .hub import parse_hub_source
     from .recipe import base_reference
 
+    on_disk = _on_disk(base_model)
+    named_whole = on_disk is not None
     for i in inputs:
         base = reg.get_base(i.record.base.id) if i.record.base else None  # (the record's BaseRef has no source)
         known = [name for name in (base.name, base.source, base.path) if name] if base else []
         if i.adapter.base_model:
             known.append(i.adapter.base_model)
-        if not known or any(_names(base_model, name) for name in known):  # ('+' and '@' may be in a name or path)
+        shown = base.name if base else i.adapter.base_model
+        if base is not None and on_disk is not None:
+            if not _holds(on_disk, base):
+                raise MismatchError(f"base_model {base_model!r}: {on_disk} exists and is read as the model it holds "
+                                    f"(as mergekit reads it), which is not {i.record.ref}'s base {base.name} "
+                                    f"({base.path or base.source})")
+            continue
+        if not known:
+            continue
+        if any(_names(base_model, name) for name in known):  # ('+' and '@' may be in a name or path)
+            named_whole = True
             continue
         want = base_reference(base_model)
-        named = [name for name in known if _names(want.path, name)]
-        shown = base.name if base else i.adapter.base_model
-        if not named:
+        if not any(_names(want.path, name) for name in known):
             raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, and a recipe combines "
                                 "task vectors over the adapters' own base")
-        commits = {ref.revision for ref in map(parse_hub_source, named) if ref is not None and ref.revision}
+        commits = {ref.revision for ref in map(parse_hub_source, known) if ref is not None and ref.revision}
         if want.revision and commits and not any(len(want.revision) >= 4 and c.lower().startswith(
                 want.revision.lower()) for c in commits):
             raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, pulled at commit "
                                 f"{min(commits)[:12]}, and revision {want.revision!r} is not that commit (loraops "
                                 "does not look a branch or tag up: give the commit, or no revision)")
+    if not named_whole:
+        base_reference(base_model)  # a base with a LoRA merged in, or what mergekit cannot read, where no input tells
+
+
+def _on_disk(base_model: str) -> str | None:
+    """The existing file or folder a recipe's base_model names (the whole text, else the path of the model reference
+    it is, without a LoRA merged in), which mergekit reads whatever the revision; None where none exists."""
+    from .recipe import model_reference
+
+    if Path(base_model).expanduser().exists():
+        return base_model
+    with contextlib.suppress(InvalidInputError):
+        ref = model_reference(base_model)
+        if ref.lora is None and Path(ref.path).expanduser().exists():
+            return ref.path
+    return None
+
+
+def _holds(path: str, base: "BaseRecord") -> bool:
+    """Whether the file or folder at ``path`` is the registered ``base``: its own, or the same tensors (a copy, or the
+    base moved since it was added; only then are they read)."""
+    from .basemodel import BaseModel
+    from .errors import LoraopsError
+
+    where = Path(path).expanduser()
+    with contextlib.suppress(OSError):
+        if base.path and where.samefile(base.path):
+            return True
+    try:
+        return BaseModel.open(where).fingerprint() == base.fingerprint
+    except (LoraopsError, OSError):
+        return False
 
 
 def _names(path: str, name: str) -> bool:

@@ -244,8 +244,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 def _adapter_of(model: str, base_model: str | None) -> str:
     """The adapter a model entry names: mergekit's ``MODEL+LORA`` where MODEL is the base_model as the recipe writes
     it (that model with the LoRA merged in, whose task vector over the base is the LoRA's ΔW), else the entry as
-    written (combine's REF: a registry name may hold '+', as combine's default names do)."""
-    if base_model is None or "+" not in model:
+    written (combine's REF: a registry name may hold '+', as combine's default names do), and a file or folder that
+    exists under the whole text (an adapter saved as llama+style beside its base llama) is that one."""
+    if base_model is None or "+" not in model or Path(model).exists():
         return model
     try:
         ref = model_reference(model)

@@ -61,11 +61,12 @@ def test_breadcrumbs_without_outliers_is_the_magnitude_trim(inputs):
 
 
 @pytest.mark.parametrize("method, given", [
-    ("breadcrumbs", {}), ("breadcrumbs_ties", {"gamma": 0.05}), ("della", {}), ("della_linear", {"epsilon": 0.3})])
+    ("breadcrumbs", {}), ("breadcrumbs_ties", {"gamma": 0.05}), ("della", {}), ("della_linear", {"epsilon": 0.3}),
+    ("breadcrumbs", {"gamma": 1}), ("della", {"epsilon": -0.2}), ("della_linear", {"epsilon": 3})])
 def test_density_one_keeps_everything_whatever_gamma_and_epsilon(inputs, method, given):
     """As mergekit: density 1 returns each task vector whole before gamma or epsilon is read, the default or one
-    given that would not fit a lower density (sign election still drops the entries that disagree); the report says
-    that none applied."""
+    given that would not fit a lower density, even outside the range a lower one needs (sign election still drops
+    the entries that disagree); the report says that none applied."""
     got, report = combine(inputs, method, {"density": 1, "normalize": False, **given}, rank=40, device="cpu")
     assert report.params["gamma" if method.startswith("breadcrumbs") else "epsilon"] is None
     for name, module in got.modules.items():

@@ -11,7 +11,7 @@ import yaml
 import combine_reference as ref
 from factories import combine_inputs, lora_adapter, loraops_run as loraops
 from loraops.algebra import combine
-from loraops.errors import InvalidInputError
+from loraops.errors import InvalidInputError, MismatchError
 from loraops.recipe import parse_recipe, read_recipe
 
 
@@ -57,6 +57,16 @@ def test_gamma_and_epsilon_per_model_with_mergekit_defaults():
     _, report = combine([(lora_adapter({"x": (8, 8)}, seed=s), 1) for s in (1, 2)], della.method, della.params)
     assert report.params["epsilon"] == [0.05, 0.15]
 
+
+
+def test_a_model_kept_whole_takes_any_gamma_or_epsilon():
+    """mergekit reads no gamma/epsilon for a model kept whole (density 1), so none is checked there, its range
+    included (gamma: 1 on such a model ran before the recipe passed the values on, then was refused)."""
+    for method, key, value in (("breadcrumbs", "gamma", 1), ("della_linear", "epsilon", 2)):
+        read = parse_recipe(recipe(method, ("a", {"weight": 1, "density": 1, key: value}),
+                                   ("b", {"weight": 1, "density": 0.5})))
+        _, report = combine([(lora_adapter({"x": (8, 8)}, seed=s), 1) for s in (1, 2)], read.method, read.params)
+        assert report.params[key] == [None, {"gamma": 0.01, "epsilon": 0.15}[key]], report.params
 
 @pytest.mark.parametrize("doc, inputs", [
     (recipe("task_arithmetic", ("a", {"weight": 0.5}), ("b", {"weight": 1.5}), parameters={"lambda": 2}),
@@ -313,6 +323,10 @@ def test_base_model_is_the_inputs_registered_base_or_their_hint(files, tmp_path)
     check_base_model(None, [hinted, unknown], "org/tiny")
     with pytest.raises(MismatchError, match=r"^base_model 'tiny': b@1 is for org/tiny/, and a recipe combines"):
         check_base_model(None, [hinted], "tiny")
+    for doc in ("org/tiny+style", "org/tiny@a@b"):  # what no base is, refused though no input names its base
+        with pytest.raises(InvalidInputError, match=r"^base_model 'org/tiny(\+style' is org/tiny with the LoRA|@a@b': "
+                                                    r"more than one)"):
+            check_base_model(None, [unknown], doc)
 
 
 @pytest.mark.parametrize("method, models, top, own", [
@@ -415,10 +429,14 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
     ("llama", None),
     (f"org/llama@{SHA}", None),
     ("org/llama@0123456", None),  # a short commit, as git abbreviates it
+    ("org/llama@012", "base_model 'org/llama@012': h@1 is for llama, pulled at commit 0123456789ab, and revision "
+                      "'012' is not that commit"),  # shorter than git's shortest abbreviation (4)
     ("org/llama@main", "base_model 'org/llama@main': h@1 is for llama, pulled at commit 0123456789ab, and revision "
                        "'main' is not that commit (loraops does not look a branch or tag up: give the commit, or no "
                        "revision)"),
     ("org/llama@fedc", "base_model 'org/llama@fedc': h@1 is for llama, pulled at commit 0123456789ab, and revision"),
+    ("llama@main", "base_model 'llama@main': h@1 is for llama, pulled at commit 0123456789ab, and revision 'main' is "
+                   "not that commit"),  # the registry name at a branch: the commit is known all the same
     ("org/other@0123456", "base_model 'org/other@0123456': h@1 is for llama, and a recipe combines task vectors"),
     ("org/llama+style", "base_model 'org/llama+style' is org/llama with the LoRA style merged into it (mergekit's "
                         "MODEL+LORA), which no adapter's ΔW is taken over: give the adapters' base alone (base_model: "
@@ -459,12 +477,43 @@ def test_a_model_written_base_plus_lora_is_that_lora(files, tmp_path):
     combine's default a+b-ties may hold '+'."""
     read = parse_recipe(recipe("ties", ("org/base", None), ("org/base+style@2", {"weight": 1}),
                                ("./org/base/+sub/x", {"weight": 0.5}), ("a+b-ties", {"weight": 2}),
-                               ("other+c", {"weight": 3}), base_model="org/base"))
-    assert read.inputs == [("style@2", 1.0), ("sub/x", 0.5), ("a+b-ties", 2.0), ("other+c", 3.0)]
+                               ("other+c", {"weight": 3}), ("org/base+x+y", {"weight": 4}), base_model="org/base"))
+    assert read.inputs == [("style@2", 1.0), ("sub/x", 0.5), ("a+b-ties", 2.0), ("other+c", 3.0),
+                           ("org/base+x+y", 4.0)]  # (what mergekit cannot read stays as written: not found later)
     with pytest.raises(InvalidInputError, match=r"^r: models\[2\]: 'org/base\+a' is listed twice"):
         parse_recipe(recipe("ties", ("a", {"weight": 1}), ("org/base+a", {"weight": 1}), base_model="org/base"), "r")
+    (tmp_path / "llama").symlink_to(files["base"])
+    (tmp_path / "llama+style").symlink_to(files["a"])  # an adapter folder whose name is BASE+LORA: matched whole
+    whole = str(tmp_path / "llama+style")
+    assert parse_recipe(recipe("ties", (whole, {"weight": 1}), base_model=str(tmp_path / "llama"))).inputs == [
+        (whole, 1.0)]
     base = str(files["base"])
     doc = recipe("ties", (base, None), (f"{base}+{files['a']}", {"weight": 1, "density": 0.5}),
                  (f"{base}/+{files['b']}", {"weight": 0.5}), base_model=base)
     lines = loraops_ok("combine", "--recipe", write(tmp_path / "plus.yml", doc), "--name", "plus").splitlines()
     assert lines[0] == "ties(density=[0.5, 1.0], normalize=True, lambda=1.0) of a@1×1, b@1×0.5", lines
+
+
+def test_a_base_model_that_exists_on_disk_is_the_model_it_holds(files, tmp_path, monkeypatch):
+    """mergekit reads an existing folder as the model it holds (whatever the revision): a folder ./llama shadows the
+    registered base named llama — accepted only where it holds that base's tensors (a copy, or the base moved since it
+    was added; it was accepted by name whatever it held, and refused once moved); a registry name that no folder
+    shadows still names its base."""
+    from types import SimpleNamespace as NS
+
+    from loraops.basemodel import BaseModel
+    from loraops.derive import check_base_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama").symlink_to(files["base"])
+    fingerprint = BaseModel.open(files["base"]).fingerprint()
+    pulled = NS(record=NS(ref="h@1", base=NS(id=7)), adapter=NS(base_model=None))
+    other = NS(name="llama", source=f"hf://org/llama@{SHA}", path="/gone/llama", fingerprint="0" * 64)
+    for base_model in ("llama", "./llama/", "llama@main"):
+        with pytest.raises(MismatchError, match=r"^base_model '.*': .*llama/? exists and is read as the model it holds "
+                                                r"\(as mergekit reads it\), which is not h@1's base llama \(/gone/llama\)$"):
+            check_base_model(NS(get_base=lambda i: other), [pulled], base_model)
+    moved = NS(name="tiny", source="/gone/tiny", path="/gone/tiny", fingerprint=fingerprint)
+    for base_model in ("llama", str(tmp_path / "llama") + "@main", "tiny"):
+        check_base_model(NS(get_base=lambda i: moved), [pulled], base_model)
+    check_base_model(NS(get_base=lambda i: other), [pulled], "org/llama")  # no such folder: the Hub id

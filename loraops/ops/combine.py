@@ -124,6 +124,16 @@ class CombineParams(Params):
 
     model_config = ConfigDict(serialize_by_alias=True)  # "lambda", a Python keyword, is held as lambda_
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unread_when_whole(cls, data):
+        # a task vector kept whole is returned before gamma or epsilon is read (mergekit's sparsify), so at density 1
+        # their value is not checked, its range included (a recipe's gamma: 1 on such a model runs in mergekit)
+        if isinstance(data, dict) and _number(data.get("density")) and data["density"] >= 1:
+            return {key: value for key, value in data.items()
+                    if not (key in WHOLE_IGNORES and key in cls.model_fields and _number(value))}
+        return data
+
     @model_serializer(mode="wrap")
     def _omit_later_defaults(self, handler):
         data = handler(self)
@@ -140,6 +150,11 @@ class CombineParams(Params):
 LATER_DEFAULTS = {"consensus": "sum", "rescale": True, "rescale_norm": None}
 WHOLE_IGNORES = ("gamma", "epsilon")
 """The parameters of how entries are dropped, which a density of 1 (nothing dropped) leaves without effect."""
+
+
+def _number(value) -> bool:
+    """A finite number as given (not a bool, not text: those are left to the fields' own checks)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class NoParams(CombineParams):
