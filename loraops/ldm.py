@@ -751,7 +751,9 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
     # (the base says, or nothing does)
     metadata = {k: v for k, v in metadata.items() if k not in (OTHER_UNET_KEY, UP_ATTENTION_KEY)}
     if base.get("ss_base_model_version", "").startswith("sdxl") or OTHER_UNET_KEY in base:
-        pipeline = [name for name in tensors if name.startswith(DIFFUSERS_UNET)]
+        # its modules, not its tensors: SVD's UNet also holds parameters of no module (time_mixer.mix_factor), which
+        # checkpoint_paths takes for a UNet of other blocks
+        pipeline = [name for name in checkpoint_modules(tensors) if name.startswith(DIFFUSERS_UNET)]
         if checkpoint_paths(pipeline, whole=True):
             metadata[UP_ATTENTION_KEY] = ",".join(map(str, sorted(attending_up_levels(pipeline))))
     return {**metadata, **{k: v for k, v in base.items()
