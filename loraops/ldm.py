@@ -651,9 +651,11 @@ adapter may not say it, and what they say otherwise (is_sdxl) would be false."""
 
 def up_attention(metadata: dict[str, str] | None) -> list[int] | None:
     """The up levels the header says (UP_ATTENTION_KEY) the bound pipeline's UNet attends in, None where it says
-    nothing."""
+    nothing, or nothing binding would record (a file's header that has the key: no writer writes it)."""
     recorded = (metadata or {}).get(UP_ATTENTION_KEY)
-    return None if recorded is None else [int(level) for level in recorded.split(",") if level]
+    if not isinstance(recorded, str) or not re.fullmatch(r"(?:\d+(?:,\d+)*)?", recorded):
+        return None
+    return [int(level) for level in recorded.split(",") if level]
 
 
 def other_unet(names: Iterable[str], metadata: dict[str, str] | None = None) -> OtherUnet | None:

@@ -550,6 +550,21 @@ def test_an_sdxl_pipeline_bound_upsampler_without_its_levels_attention_is_writte
         assert sorted(back.modules) == sorted(bound.modules)
 
 
+def test_an_up_attention_record_in_a_files_header_that_binding_would_not_write_is_no_record(tmp_path):
+    """ldm.UP_ATTENTION_KEY is binding's record, which no writer writes; a file whose header has it malformed ("x")
+    made the kohya export end in a ValueError traceback. It is read as no record: the upsampler whose place the
+    adapter does not say is refused in one line, as without it."""
+    modules = {"unet.up_blocks.0.upsamplers.0.conv": (16, 16 * 9),
+               "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (16, 16)}
+    plain = diffusers_lora(tmp_path / "plain.safetensors", modules)
+    code, refused = run("export", plain, "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 2 and refused.startswith(f"error: {plain}: unet.up_blocks.0.upsamplers.0.conv: diffusers UNet "), refused
+    for value in ("x", "0,", "1;2"):
+        lora = diffusers_lora(tmp_path / "plain.safetensors", modules, {ldm.UP_ATTENTION_KEY: value})
+        assert run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors") == (code, refused), value
+    assert not (tmp_path / "k.safetensors").exists()
+
+
 
 def test_lcms_guidance_projection_keeps_its_diffusers_path_in_a_checkpoint(tmp_path):
     """An LCM UNet's time_embedding.cond_proj (diffusers' TimestepEmbedding cond_proj: the guidance-scale embedding)
