@@ -536,11 +536,14 @@ def test_an_sdxl_pipeline_bound_upsampler_without_its_levels_attention_is_writte
     from loraops import check, formats
     from loraops.st import read_header
 
-    for layout, path in ((SDXL, "output_blocks_2_2_conv"), (REFINER, "output_blocks_2_1_conv")):
+    # (the refiner's second up level attends: its upsampler sits behind attention, as in SD's table)
+    for layout, level, path in ((SDXL, 0, "output_blocks_2_2_conv"), (REFINER, 0, "output_blocks_2_1_conv"),
+                                (REFINER, 1, "output_blocks_5_2_conv")):
         manifest = {f"unet.{k}": SimpleNamespace(shape=tuple(v.shape))
                     for k, v in diffusers_unet(layout)[0].state_dict().items()}
+        upsampler = f"unet.up_blocks.{level}.upsamplers.0.conv"
         lora = diffusers_lora(tmp_path / f"{path}.safetensors", {
-            "unet.up_blocks.0.upsamplers.0.conv": (16, 16 * 9),
+            upsampler: manifest[f"{upsampler}.weight"].shape,
             "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (16, 16)})
         bound = check.bind(formats.read_adapter(lora), manifest)
         out = formats.write_adapter(bound, tmp_path / f"k-{path}.safetensors", "kohya")
