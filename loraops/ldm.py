@@ -651,9 +651,11 @@ adapter may not say it, and what they say otherwise (is_sdxl) would be false."""
 
 def up_attention(metadata: dict[str, str] | None) -> list[int] | None:
     """The up levels the header says (UP_ATTENTION_KEY) the bound pipeline's UNet attends in, None where it says
-    nothing."""
+    nothing, or nothing binding would record (a file's header that has the key: no writer writes it)."""
     recorded = (metadata or {}).get(UP_ATTENTION_KEY)
-    return None if recorded is None else [int(level) for level in recorded.split(",") if level]
+    if not isinstance(recorded, str) or not re.fullmatch(r"(?:\d+(?:,\d+)*)?", recorded):
+        return None
+    return [int(level) for level in recorded.split(",") if level]
 
 
 def other_unet(names: Iterable[str], metadata: dict[str, str] | None = None) -> OtherUnet | None:
@@ -751,7 +753,9 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
     # (the base says, or nothing does)
     metadata = {k: v for k, v in metadata.items() if k not in (OTHER_UNET_KEY, UP_ATTENTION_KEY)}
     if base.get("ss_base_model_version", "").startswith("sdxl") or OTHER_UNET_KEY in base:
-        pipeline = [name for name in tensors if name.startswith(DIFFUSERS_UNET)]
+        # its modules, not its tensors: SVD's UNet also holds parameters of no module (time_mixer.mix_factor), which
+        # checkpoint_paths takes for a UNet of other blocks
+        pipeline = [name for name in checkpoint_modules(tensors) if name.startswith(DIFFUSERS_UNET)]
         if checkpoint_paths(pipeline, whole=True):
             metadata[UP_ATTENTION_KEY] = ",".join(map(str, sorted(attending_up_levels(pipeline))))
     return {**metadata, **{k: v for k, v in base.items()

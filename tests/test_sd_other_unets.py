@@ -196,6 +196,20 @@ def svd_checkpoint_name(module):
     return "model.diffusion_model." + reference_checkpoint_name(module, reference_table(**SVD_LAYOUT))
 
 
+def svd_checkpoint():
+    """(the tiny diffusers SVD UNet, {its diffusers module: checkpoint path}, its single-file checkpoint's tensors)."""
+    unet = tiny_svd_unet()
+    modules = {f"unet.{k.removesuffix('.weight')}": svd_checkpoint_name(k.removesuffix(".weight"))
+               for k in unet.state_dict() if k.endswith(".weight")}
+    checkpoint = {}
+    for key, value in unet.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        if f"unet.{module}" in modules:  # (time_mixer.mix_factor, a parameter, is no module)
+            checkpoint[f"{modules[f'unet.{module}']}.{leaf}"] = value.detach().clone()
+    checkpoint["model.diffusion_model.input_blocks.1.0.time_mixer.mix_factor"] = torch.ones(1)  # (sgm's, no module)
+    return unet, modules, checkpoint
+
+
 def test_svd_modules_bind_under_diffusers_names(tmp_path):
     """A diffusers-named SVD LoRA (unet.…spatial_res_block…, …temporal_transformer_blocks…) bound to no module of an
     SVD single-file checkpoint: every module of diffusers' UNetSpatioTemporalConditionModel now has the checkpoint
@@ -207,15 +221,7 @@ def test_svd_modules_bind_under_diffusers_names(tmp_path):
     from loraops import check, engine, formats
     from loraops.st import read_header
 
-    unet = tiny_svd_unet()
-    modules = {f"unet.{k.removesuffix('.weight')}": svd_checkpoint_name(k.removesuffix(".weight"))
-               for k in unet.state_dict() if k.endswith(".weight")}
-    checkpoint = {}
-    for key, value in unet.state_dict().items():
-        module, leaf = key.rsplit(".", 1)
-        if f"unet.{module}" in modules:  # (time_mixer.mix_factor, a parameter, is no module)
-            checkpoint[f"{modules[f'unet.{module}']}.{leaf}"] = value.detach().clone()
-    checkpoint["model.diffusion_model.input_blocks.1.0.time_mixer.mix_factor"] = torch.ones(1)  # (sgm's, no module)
+    unet, modules, checkpoint = svd_checkpoint()
     assert ldm.other_unet(checkpoint).name == "Stable Video Diffusion"
     assert {name: path for name, path in ldm.diffusers_names(checkpoint).items() if name.startswith("unet.")} == modules
     assert ldm.checkpoint_paths(modules, whole=True) == modules
@@ -250,6 +256,61 @@ def test_svd_modules_bind_under_diffusers_names(tmp_path):
     back = formats.write_adapter(check.bind(formats.read_adapter(tmp_path / "bound.safetensors"), load_file(base)),
                                  tmp_path / "back.safetensors", "diffusers")
     assert {k.rsplit(".", 2)[0] for k in read_header(back).tensors} == set(shapes)
+
+
+def test_svd_convolutions_and_embeddings_merge_at_their_checkpoint_tensors(tmp_path):
+    """The layers test_svd_modules_bind_under_diffusers_names merges none of: a temporal resnet's Conv3d (kernel
+    3×1×1), a spatial resnet's 3×3 and 1×1 convolutions, conv_in, conv_out, the down- and upsampler (the first up
+    level's, without attention: output_blocks.2.1.conv), the time and added-condition embeddings. Each merges into
+    the checkpoint tensor diffusers' conversion script puts it at, as W + w·scale·B·A in float64, and goes to kohya
+    under that tensor's path."""
+    from safetensors.torch import load_file
+
+    from loraops import check, engine, formats
+    from loraops.st import read_header
+
+    unet, modules, checkpoint = svd_checkpoint()
+    base = tmp_path / "svd.safetensors"
+    save_file(checkpoint, str(base))
+    names = ["unet.down_blocks.0.resnets.0.temporal_res_block.conv1", "unet.up_blocks.0.resnets.0.temporal_res_block.conv2",
+             "unet.down_blocks.0.resnets.0.spatial_res_block.conv1", "unet.up_blocks.0.resnets.0.spatial_res_block.conv_shortcut",
+             "unet.conv_in", "unet.conv_out", "unet.down_blocks.0.downsamplers.0.conv", "unet.up_blocks.0.upsamplers.0.conv",
+             "unet.time_embedding.linear_1", "unet.add_embedding.linear_2"]
+    shapes = {name: tuple(unet.state_dict()[f"{name[5:]}.weight"].shape) for name in names}
+    assert shapes["unet.down_blocks.0.resnets.0.temporal_res_block.conv1"][2:] == (3, 1, 1)
+    adapter = formats.read_adapter(diffusers_lora(tmp_path / "d.safetensors", shapes))
+    engine.merge(base, [(adapter, 0.5)], tmp_path / "merged.safetensors", device="cpu")
+    merged = load_file(tmp_path / "merged.safetensors")
+    for name, module in adapter.modules.items():
+        tensor = f"{modules[name]}.weight"
+        B, A = module.B.double().flatten(1), module.A.double().flatten(1)
+        expected = checkpoint[tensor].double() + 0.5 * module.scale * (B @ A).reshape(checkpoint[tensor].shape)
+        assert torch.allclose(merged[tensor].double(), expected, atol=1e-5), name
+    assert sum(not torch.equal(merged[k], checkpoint[k]) for k in checkpoint) == len(names)
+    assert modules["unet.up_blocks.0.upsamplers.0.conv"] == "model.diffusion_model.output_blocks.2.1.conv"
+
+    written = formats.write_adapter(check.bind(adapter, load_file(base)), tmp_path / "k.safetensors", "kohya")
+    assert {k.removesuffix(".lora_up.weight") for k in read_header(written).tensors if k.endswith(".lora_up.weight")} \
+        == {f"lora_unet_{modules[name].removeprefix('model.diffusion_model.').replace('.', '_')}" for name in names}
+
+
+def test_an_svd_pipeline_bound_upsampler_without_its_levels_attention_is_written_where_the_pipeline_has_it(tmp_path):
+    """An SVD pipeline's UNet holds parameters of no module (time_mixer.mix_factor), so it was not taken for an
+    SD-family diffusers UNet when binding recorded which up levels attend (ldm.UP_ATTENTION_KEY): a LoRA on the
+    first up level's upsampler (no attention there) bound to the pipeline was refused for kohya; it goes under the
+    checkpoint path the pipeline gives it (output_blocks.2.1.conv) and binds back."""
+    from loraops import check, formats
+    from loraops.st import read_header
+
+    pipeline = {f"unet.{k}": v for k, v in tiny_svd_unet().state_dict().items()}
+    assert any(k.endswith(".time_mixer.mix_factor") for k in pipeline)
+    upsampler = "unet.up_blocks.0.upsamplers.0.conv"
+    lora = diffusers_lora(tmp_path / "d.safetensors", {upsampler: tuple(pipeline[f"{upsampler}.weight"].shape)})
+    bound = check.bind(formats.read_adapter(lora), pipeline)
+    written = formats.write_adapter(bound, tmp_path / "k.safetensors", "kohya")
+    assert [k for k in read_header(written).tensors if k.endswith(".lora_up.weight")] == [
+        "lora_unet_output_blocks_2_1_conv.lora_up.weight"]
+    assert sorted(check.bind(formats.read_adapter(written), pipeline).modules) == [upsampler]
 
 
 @pytest.mark.parametrize("kind", ["svd", "x4"])
@@ -332,12 +393,12 @@ def test_diffusers_unet_names_go_back_to_the_paths_of_diffusers_conversion_table
 
 
 def diffusers_lora(path, modules, metadata=None):
-    """A diffusers LoRA file of rank 1 on {module: (out, in)}."""
+    """A diffusers LoRA file of rank 1 on {module: (out, in)}, or a convolution's weight shape (out, in, *kernel)."""
     g = torch.Generator().manual_seed(0)
     tensors = {}
-    for module, (out, in_) in modules.items():
-        tensors[f"{module}.lora_A.weight"] = torch.randn(1, in_, generator=g)
-        tensors[f"{module}.lora_B.weight"] = torch.randn(out, 1, generator=g)
+    for module, (out, in_, *kernel) in modules.items():
+        tensors[f"{module}.lora_A.weight"] = torch.randn(1, in_, *kernel, generator=g)
+        tensors[f"{module}.lora_B.weight"] = torch.randn(out, 1, *[1] * len(kernel), generator=g)
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -475,11 +536,14 @@ def test_an_sdxl_pipeline_bound_upsampler_without_its_levels_attention_is_writte
     from loraops import check, formats
     from loraops.st import read_header
 
-    for layout, path in ((SDXL, "output_blocks_2_2_conv"), (REFINER, "output_blocks_2_1_conv")):
+    # (the refiner's second up level attends: its upsampler sits behind attention, as in SD's table)
+    for layout, level, path in ((SDXL, 0, "output_blocks_2_2_conv"), (REFINER, 0, "output_blocks_2_1_conv"),
+                                (REFINER, 1, "output_blocks_5_2_conv")):
         manifest = {f"unet.{k}": SimpleNamespace(shape=tuple(v.shape))
                     for k, v in diffusers_unet(layout)[0].state_dict().items()}
+        upsampler = f"unet.up_blocks.{level}.upsamplers.0.conv"
         lora = diffusers_lora(tmp_path / f"{path}.safetensors", {
-            "unet.up_blocks.0.upsamplers.0.conv": (16, 16 * 9),
+            upsampler: manifest[f"{upsampler}.weight"].shape,
             "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (16, 16)})
         bound = check.bind(formats.read_adapter(lora), manifest)
         out = formats.write_adapter(bound, tmp_path / f"k-{path}.safetensors", "kohya")
@@ -487,6 +551,21 @@ def test_an_sdxl_pipeline_bound_upsampler_without_its_levels_attention_is_writte
             == ["lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", f"lora_unet_{path}"]
         back = check.bind(formats.read_adapter(out), manifest)
         assert sorted(back.modules) == sorted(bound.modules)
+
+
+def test_an_up_attention_record_in_a_files_header_that_binding_would_not_write_is_no_record(tmp_path):
+    """ldm.UP_ATTENTION_KEY is binding's record, which no writer writes; a file whose header has it malformed ("x")
+    made the kohya export end in a ValueError traceback. It is read as no record: the upsampler whose place the
+    adapter does not say is refused in one line, as without it."""
+    modules = {"unet.up_blocks.0.upsamplers.0.conv": (16, 16 * 9),
+               "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q": (16, 16)}
+    plain = diffusers_lora(tmp_path / "plain.safetensors", modules)
+    code, refused = run("export", plain, "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 2 and refused.startswith(f"error: {plain}: unet.up_blocks.0.upsamplers.0.conv: diffusers UNet "), refused
+    for value in ("x", "0,", "1;2"):
+        lora = diffusers_lora(tmp_path / "plain.safetensors", modules, {ldm.UP_ATTENTION_KEY: value})
+        assert run("export", lora, "--format", "kohya", "-o", tmp_path / "k.safetensors") == (code, refused), value
+    assert not (tmp_path / "k.safetensors").exists()
 
 
 
