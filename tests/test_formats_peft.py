@@ -601,3 +601,25 @@ def test_distilbert_pre_classifier_is_saved_whole_under_seq_cls_as_peft_saves_it
     plain = get_peft_model(model_cls.from_pretrained(base), LoraConfig(r=4, target_modules=["q_lin", "pre_classifier"]))
     plain.save_pretrained(tmp_path / "plain")
     assert "pre_classifier" in read_adapter(tmp_path / "plain").modules
+
+
+@pytest.mark.parametrize("task_type", ["seq_cls", "Token_Cls", ["SEQ_CLS"], None])
+def test_a_task_type_not_spelled_as_peft_spells_it_adds_no_head(task_type, tmp_path):
+    """PEFT picks its task model by task_type's exact value (0.21's config refuses any other); loraops adds a task's
+    head to modules_to_save only for that spelling, reading and writing alike. A LoRA on a module named classifier
+    under another spelling is read as any module, and the export, which keeps the spelling, reads back the same: the
+    writer upper-cased it and listed classifier/score, so the export's LoRA on classifier was refused. A task_type
+    that is no string (a list) was a TypeError traceback had task_saved looked it up."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    save_file({f"base_model.model.{m}.{p}.weight": torch.ones(*shape) for m in ("classifier", "layers.0.dense")
+               for p, shape in (("lora_A", (2, 4)), ("lora_B", (4, 2)))}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["classifier", "dense"],
+        "modules_to_save": None, "task_type": task_type}))
+    adapter = read_adapter(folder)
+    assert sorted(adapter.modules) == ["classifier", "layers.0.dense"] and not adapter.full_tensors
+    out = write_adapter(adapter, tmp_path / "out")
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["task_type"] == task_type and written["modules_to_save"] is None
+    assert sorted(read_adapter(out).modules) == sorted(adapter.modules)
