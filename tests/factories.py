@@ -262,6 +262,8 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4
              "vocab_size": 100, "max_position_embeddings": 64}
 TINY_LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "intermediate_size": 64, "vocab_size": 100, "pad_token_id": 0}
+TINY_DISTILBERT = {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64, "vocab_size": 100,
+                   "max_position_embeddings": 64}
 TASK_MODELS = [  # (task_type, model_type, class, config, LoRA targets): a tiny model of each PEFT task model's head
     ("SEQ_CLS", "roberta", "RobertaForSequenceClassification", TINY_BERT, ["query", "value"]),  # classifier.dense/out_proj
     ("SEQ_CLS", "llama", "LlamaForSequenceClassification", TINY_LLAMA, ["q_proj", "v_proj"]),  # score

@@ -554,3 +554,72 @@ def test_a_lora_on_a_task_head_is_refused_as_peft_loads_none(task, model_type, c
     assert merged.keys() == expected.keys()
     for name, tensor in merged.items():  # the head's factors unused: its trained tensors as they were saved
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_distilbert_pre_classifier_is_saved_whole_under_seq_cls_as_peft_saves_it(tmp_path):
+    """PEFT wraps every module whose name ends with a modules_to_save entry, as a plain string: under SEQ_CLS's
+    "classifier", DistilBERT's pre_classifier too (its regex that keeps LoRAs off saved modules is dot-bounded and
+    does not see it). A PEFT SEQ_CLS adapter saves pre_classifier whole: loraops merges it as PEFT does, and its export
+    lists modules_to_save as PEFT wrote them (it added "pre_classifier"). A LoRA on pre_classifier, which PEFT cannot
+    load (its ModulesToSaveWrapper refuses the LoRA layer, a TypeError), was read and merged; now refused in one line.
+    Without modules_to_save (no task), such a LoRA is PEFT's and is read."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loraops import engine
+
+    base, folder, model_cls = factories.task_adapter(tmp_path, "SEQ_CLS", "distilbert",
+                                                     "DistilBertForSequenceClassification", factories.TINY_DISTILBERT,
+                                                     ["q_lin", "v_lin"])
+    model = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+    assert head_of(model) == ["classifier", "pre_classifier"]
+    adapter = read_adapter(folder)
+    assert {"pre_classifier.weight", "pre_classifier.bias"} <= adapter.full_tensors.keys()
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    expected = model.merge_and_unload().state_dict()
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+    out = write_adapter(adapter, tmp_path / "export")
+    written = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(written) == sorted(json.loads((folder / "adapter_config.json").read_text())["modules_to_save"])
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    torch.manual_seed(2)
+    tensors["base_model.model.pre_classifier.lora_A.weight"] = torch.randn(4, 32)
+    tensors["base_model.model.pre_classifier.lora_B.weight"] = torch.randn(32, 4)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    for saved in (cfg["modules_to_save"], None):  # as PEFT 0.21 saves it, and as older PEFT did
+        (folder / "adapter_config.json").write_text(json.dumps({
+            **cfg, "modules_to_save": saved, "target_modules": ["q_lin", "v_lin", "pre_classifier"]}))
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*lora"):
+            PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+        with pytest.raises(InvalidInputError, match="module 'pre_classifier' has LoRA weights, but .* saves every "
+                                                    "module whose name ends with 'classifier' whole"):
+            read_adapter(folder)
+
+    plain = get_peft_model(model_cls.from_pretrained(base), LoraConfig(r=4, target_modules=["q_lin", "pre_classifier"]))
+    plain.save_pretrained(tmp_path / "plain")
+    assert "pre_classifier" in read_adapter(tmp_path / "plain").modules
+
+
+@pytest.mark.parametrize("task_type", ["seq_cls", "Token_Cls", ["SEQ_CLS"], None])
+def test_a_task_type_not_spelled_as_peft_spells_it_adds_no_head(task_type, tmp_path):
+    """PEFT picks its task model by task_type's exact value (0.21's config refuses any other); loraops adds a task's
+    head to modules_to_save only for that spelling, reading and writing alike. A LoRA on a module named classifier
+    under another spelling is read as any module, and the export, which keeps the spelling, reads back the same: the
+    writer upper-cased it and listed classifier/score, so the export's LoRA on classifier was refused. A task_type
+    that is no string (a list) was a TypeError traceback had task_saved looked it up."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    save_file({f"base_model.model.{m}.{p}.weight": torch.ones(*shape) for m in ("classifier", "layers.0.dense")
+               for p, shape in (("lora_A", (2, 4)), ("lora_B", (4, 2)))}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["classifier", "dense"],
+        "modules_to_save": None, "task_type": task_type}))
+    adapter = read_adapter(folder)
+    assert sorted(adapter.modules) == ["classifier", "layers.0.dense"] and not adapter.full_tensors
+    out = write_adapter(adapter, tmp_path / "out")
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["task_type"] == task_type and written["modules_to_save"] is None
+    assert sorted(read_adapter(out).modules) == sorted(adapter.modules)

@@ -73,15 +73,14 @@ def saved_entries(cfg: dict) -> list[str]:
 def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
     """The modules_to_save entries of a PEFT config for the modules ``saved`` whole (their full paths). PEFT wraps
     every module whose path ends with an entry, a module inside a wrapped one too, and two wrappers on one tensor fail
-    its load (KeyError): so a module inside one that another entry, or the task's own (TASK_SAVED: RoBERTa's
-    classifier.dense under SEQ_CLS's "classifier"), wraps is left to that one, and the task's entries are written, as
-    PEFT writes them."""
+    its load (KeyError): so a module that another entry, or the task's own (TASK_SAVED), wraps or lies in is left to
+    that one (RoBERTa's classifier.dense and DistilBERT's pre_classifier under SEQ_CLS's "classifier"), and the
+    task's entries are written, as PEFT writes them."""
     implied = task_saved(task_type)
     entries = {*saved, *implied}
 
     def inside_another(name: str) -> bool:
-        parts = name.split(".")
-        return any(".".join(parts[:i]).endswith(e) for i in range(1, len(parts)) for e in entries)
+        return wrapping_entry(entries - {name}, name) is not None
 
     return sorted({*implied, *(name for name in saved if not inside_another(name))}) or None
 
@@ -132,11 +131,17 @@ class ScaleConfig:
         return int(self.rank_pattern[key]) if key is not None else self.r or MATH_FIELDS["r"]
 
     def saves(self, module: str) -> bool:
-        """Is ``module`` (or a module it lies in) one PEFT saves whole? PEFT wraps every module whose name ends
-        with an entry, as a plain string ("classifier" wraps RoBERTa's classifier head, whose dense and out_proj
-        are saved; "norm" also wraps input_layernorm), and saves the wrapped module's parameters under it."""
-        parts = module.split(".")
-        return any(".".join(parts[:i]).endswith(m) for i in range(1, len(parts) + 1) for m in self.modules_to_save)
+        """Is ``module`` (or a module it lies in) one PEFT saves whole? See wrapping_entry."""
+        return wrapping_entry(self.modules_to_save, module) is not None
+
+
+def wrapping_entry(entries: Iterable[str], module: str) -> str | None:
+    """The modules_to_save entry by which PEFT saves ``module`` (or a module it lies in) whole, or None. PEFT's
+    _set_trainable wraps every module whose name ends with an entry, as a plain string ("classifier" wraps RoBERTa's
+    classifier head, whose dense and out_proj are saved, and DistilBERT's pre_classifier too; "norm" also wraps
+    input_layernorm), and saves the wrapped module's parameters under it."""
+    parts = module.split(".")
+    return next((m for i in range(1, len(parts) + 1) for m in entries if ".".join(parts[:i]).endswith(m)), None)
 
 
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
@@ -302,7 +307,9 @@ def _refuse_saved(path: Path, cfg: dict, modules: list[str]) -> None:
     the adapter without them. An entry only the task adds (the config may list none, as older PEFT wrote it) is named
     with its task: PEFT 0.21's SEQ_CLS model adds it before it wraps anything, and so leaves such a LoRA out, but its
     TOKEN_CLS and QUESTION_ANS models after, so one the targeting selects fails their load (a TypeError: a
-    ModulesToSaveWrapper around a LoRA layer) and only one it does not is left out: no LoRA of PEFT's on it either way."""
+    ModulesToSaveWrapper around a LoRA layer) and only one it does not is left out: no LoRA of PEFT's on it either way.
+    So does a module whose name only ends with an entry (DistilBERT's pre_classifier, "classifier"): the regex lets
+    the targeting wrap it, and then PEFT saves it whole too (wrapping_entry), the same TypeError."""
     entries, own = saved_entries(cfg), saved_entries({**cfg, "task_type": None})
     try:
         matchers = [(m, re.compile(rf"(^|.*\.){m}($|\..*)")) for m in entries]
@@ -310,14 +317,18 @@ def _refuse_saved(path: Path, cfg: dict, modules: list[str]) -> None:
         raise InvalidInputError(f"{path}: config modules_to_save holds no regular expression ({e})") from None
     for module in modules:
         entry = next((m for m, matcher in matchers if matcher.match(module)), None)
+        if entry is not None and entry in own:
+            raise _left_out(path, module, "modules_to_save (PEFT wraps no module it saves whole)")
+        what = repr(entry)
+        if entry is None and (entry := wrapping_entry(entries, module)) is not None:
+            what = f"every module whose name ends with {entry!r}"
         if entry is None:
             continue
-        if entry in own:
-            raise _left_out(path, module, "modules_to_save (PEFT wraps no module it saves whole)")
-        raise InvalidInputError(f"{path}: module {module!r} has LoRA weights, but the model of task_type "
-                                f"{cfg['task_type']} saves {entry!r} whole (PEFT adds it to modules_to_save) and "
-                                f"PEFT loads no LoRA on a module it saves whole; correct the config, or remove the "
-                                f"module's tensors")
+        saver = "the config's modules_to_save" if entry in own else f"the model of task_type {cfg['task_type']}"
+        added = "" if entry in own else " (PEFT adds it to modules_to_save)"
+        raise InvalidInputError(f"{path}: module {module!r} has LoRA weights, but {saver} saves {what} whole{added} "
+                                f"and PEFT loads no LoRA on a module it saves whole; correct the config, or remove "
+                                f"the module's tensors")
 
 
 def _left_out(path: Path, module: str, why: str, note: str = "") -> InvalidInputError:
