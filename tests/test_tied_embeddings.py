@@ -1101,7 +1101,7 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     given as registered is refused alike."""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
-    from loraops.check import check
+    from loraops.check import check, misfits
     from loraops.errors import MismatchError
 
     adapter_path = embedding_lora(tied, tmp_path / "a")
@@ -1119,15 +1119,17 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     if case == "remote":
         with pytest.raises(MismatchError, match="ChatGLMForConditionalGeneration is remote code"):
             engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
-        with pytest.raises(MismatchError, match="cannot tell which head"):
-            check(adapter, base.tensors, config=base.config)
+        report = check(adapter, base.tensors, config=base.config)  # (a misfit, with merge's reason: never raised)
+        assert not report.ok and report.missing == ["model.embed_tokens"] and report.tied_heads == []
+        assert "cannot tell which head" in misfits(report)[0]
         assert loraops_run("base", "add", tied, "--name", "registered").returncode == 0
         # a registered base as its path: check reads the config.json merge reads (from the base's recorded folder)
         for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied],
                      ["merge", adapter_path, "--into", "registered", "-o", tmp_path / "cli"],
                      ["check", adapter_path, "--base", "registered"]):
             result = loraops_run(*args)
-            assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
+            assert result.returncode != 0 and result.stderr.startswith("error: ")
+            assert "remote code" in (result.stdout if args[0] == "check" else result.stderr)
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
         return
@@ -1136,6 +1138,28 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     merged = tensors(tmp_path / "out")
     assert torch.equal(merged["lm_head.weight"], load_file(tied / "model.safetensors")[EMBED])
     assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_check_against_every_registered_base_reports_a_remote_code_refusal_as_a_misfit(tmp_path, tied, saved):
+    """`check ADAPTER` with no base (none recorded) reports each registered base. A tied remote-code base whose
+    embeddings an adapter's LoRA (or modules_to_save copy) changes is one merge refuses: check, reading its
+    config.json, ended with that error (naming no base) instead of saying which bases the adapter fits."""
+    from factories import loraops_run
+
+    remote = tiny_llama(tmp_path / "remote", tie=True, seed=5)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "architectures": ["ChatGLMForConditionalGeneration"],
+                                                    "auto_map": {"AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
+    targets = dict(targets=["q_proj"], modules_to_save=["embed_tokens"]) if saved else {}
+    adapter_path = embedding_lora(tied, tmp_path / "a", **targets)
+    for path, name in ((tied, "plain"), (remote, "remote")):
+        assert loraops_run("base", "add", path, "--name", name).returncode == 0
+    result = loraops_run("check", adapter_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{adapter_path} fits plain" in result.stdout
+    refused = result.stdout.split(f"{adapter_path} does not fit remote", 1)[1]
+    assert "model.embed_tokens" in refused and "ChatGLMForConditionalGeneration is remote code" in refused
 
 
 @pytest.mark.parametrize("case", ["tied", "tied, unsaid", "head stored"])
@@ -1171,11 +1195,13 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     if case != "head stored":
         with pytest.raises(MismatchError, match="InternLM2ForCausalLM is remote code"):
             engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
-        with pytest.raises(MismatchError, match=f"{embeddings!r} may be tied to an output head"):
-            check.check(adapter, base.tensors, config=base.config)
+        report = check.check(adapter, base.tensors, config=base.config)
+        assert not report.ok and report.missing == ["model.tok_embeddings"]
+        assert f"{embeddings!r} may be tied to an output head" in check.misfits(report)[0]
         for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied]):
             result = loraops_run(*args)
-            assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
+            assert result.returncode != 0 and result.stderr.startswith("error: ")
+            assert "remote code" in (result.stdout if args[0] == "check" else result.stderr)
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
         assert check.check(adapter, base.tensors).ok  # (the manifest alone cannot tell)
