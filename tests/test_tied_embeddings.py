@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import load_model, tiny_llama
+from factories import LLAMA_TARGETS, load_model, tiny_llama
 from test_engine import merged_tensors as tensors
 from loraops import check, engine, formats
 from loraops.check import INPUT_EMBEDDINGS, TIED_HEAD_OF_CLASS, is_head
@@ -1211,6 +1211,23 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     merged = tensors(tmp_path / "out")
     assert report.heads_untied == [] and torch.equal(merged["output.weight"], state["output.weight"])
     assert not torch.equal(merged[embeddings], state[embeddings])
+
+
+def test_a_remote_code_tied_model_merges_loras_off_its_embeddings(tmp_path, tied):
+    """The refusal of a remote-code model's possible tied embeddings (InternLM2's) reads only a table of a row per
+    token: LoRAs on every other layer of such a tied base (its MLP's up_proj as tall as the vocabulary, the input
+    embeddings of its shape beside it) fit and merge, untying nothing."""
+    from loraops.basemodel import BaseModel
+
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "architectures": ["InternLM2ForCausalLM"],
+                                                  "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}))
+    adapter = formats.read_adapter(embedding_lora(tied, tmp_path / "a", targets=LLAMA_TARGETS))
+    base = BaseModel.open(tied)
+    assert tuple(base.tensors["model.layers.0.mlp.up_proj.weight"].shape) == tuple(base.tensors[EMBED].shape)
+    found = check.check(adapter, base.tensors, config=base.config)
+    assert found.ok and found.tied_heads == []
+    assert engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
 
 
 @pytest.mark.parametrize("model, method", [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera")])
