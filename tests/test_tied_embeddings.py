@@ -1162,6 +1162,30 @@ def test_check_against_every_registered_base_reports_a_remote_code_refusal_as_a_
     assert "model.embed_tokens" in refused and "ChatGLMForConditionalGeneration is remote code" in refused
 
 
+@pytest.mark.parametrize("case", ["moved", "bad config.json"])
+def test_check_goes_by_the_recorded_manifest_of_a_base_whose_files_it_cannot_read(tmp_path, tied, case):
+    """check reads a registered base's config.json from its recorded folder; where the folder is gone, or its
+    config.json is no JSON, it goes by the recorded manifest (the tied head untied by rule is then not listed). A bad
+    config.json, read only when check asked for it, ended `check ADAPTER` against every registered base in its error."""
+    import shutil
+
+    from factories import loraops_run
+
+    adapter_path = embedding_lora(tied, tmp_path / "a")
+    other = tiny_llama(tmp_path / "other", tie=True, seed=5)
+    for path, name in ((tied, "tied"), (other, "other")):
+        assert loraops_run("base", "add", path, "--name", name).returncode == 0
+    if case == "moved":
+        shutil.move(tied, tmp_path / "elsewhere")
+    else:
+        (tied / "config.json").write_text("{not JSON")
+    for args in ([], ["--base", "tied"]):
+        result = loraops_run("check", adapter_path, *args)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert f"{adapter_path} fits tied: 1/1 modules match\n" in result.stdout
+    assert f"{adapter_path} fits other" in loraops_run("check", adapter_path).stdout
+
+
 @pytest.mark.parametrize("case", ["tied", "tied, unsaid", "head stored"])
 def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, tied, case):
     """InternLM2's remote code names its input embeddings model.tok_embeddings and its head output: names the
