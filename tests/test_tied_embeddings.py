@@ -1096,9 +1096,9 @@ def test_the_causal_lm_rule_names_the_head_transformers_ties():
 def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, case):
     """A tied model's config.json whose auto_map loads its class from the model's own code (ChatGLM's output head is
     transformer.output_layer, InternLM2's output): the causal-LM rule's lm_head may be no module of it, a tensor the
-    model never reads. A LoRA on its embeddings is refused in one line (merge, check), unless the base stores the head
-    the rule names (then it is that model's head); the same config without auto_map is untied by rule. A base
-    given as registered is refused alike."""
+    model never reads. A LoRA on its embeddings is refused by merge in one line, a misfit with that reason to check,
+    unless the base stores the head the rule names (then it is that model's head); the same config without auto_map
+    is untied by rule. A base given as registered is refused alike."""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
     from loraops.check import check, misfits
@@ -1191,8 +1191,9 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     """InternLM2's remote code names its input embeddings model.tok_embeddings and its head output: names the
     causal-LM rule does not read, so a LoRA on those embeddings of a tied base (no head stored; tie_word_embeddings
     true, or unsaid: its config class's default is then the model's own) was merged into the one tensor its head
-    reads too, where PEFT's adapted model changes the lookup only. Refused in one line, by merge and check alike,
-    as where the rule names a head the model may not have (ChatGLM's); the base storing its head merges."""
+    reads too, where PEFT's adapted model changes the lookup only. Refused by merge in one line (check: a misfit,
+    with that reason), as where the rule names a head the model may not have (ChatGLM's); the base storing its head
+    merges."""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
     from loraops.errors import MismatchError
