@@ -887,7 +887,9 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
     tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line
     if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge unties because a
-    LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in tied_heads too."""
+    LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in tied_heads too, and
+    what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's embeddings) is missing,
+    with merge's reason."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
@@ -898,6 +900,20 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         """Why a merge refuses to untie ``head``, a tied head the base does not store (untie_refusal), or None."""
         source = tied_head_source(head, shape, manifest) if config is not None else None
         return None if source is None else untie_refusal(source, config(source))
+
+    def unties_head(tensor: str, name: str) -> bool:
+        """List the head a merge unties because ``tensor`` changes (unstored_head_of) in tied_heads; False where merge
+        refuses to change ``tensor`` (remote code): ``name`` is then missing, with merge's reason. (Raised, it
+        ended a check against every registered base at the first such base.)"""
+        try:
+            head = unstored_head_of(tensor, manifest, config(tensor)) if config is not None else None
+        except MismatchError as refusal:
+            missing.append(name)
+            why_missing[name] = str(refusal)
+            return False
+        if head is not None:
+            tied_heads.append(head.removesuffix(".weight"))
+        return True
 
     miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
@@ -919,8 +935,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 elif fp8.quantized_siblings(module.weight_name, manifest, names := names or sorted(manifest)):
                     why_missing[name] = f"quantized, {fp8.describe(manifest, module.weight_name, None, names)}"
             continue
-        if config is not None and (head := unstored_head_of(module.weight_name, manifest, config(module.weight_name))):
-            tied_heads.append(head.removesuffix(".weight"))
+        if not unties_head(module.weight_name, name):
+            continue
         expected = bound_shape(module, manifest)
         if expected != tuple(module.weight_shape):
             mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(expected),
@@ -934,11 +950,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             missing.append(name)
             why_missing[name] = why
             continue
-        info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
         # a modules_to_save copy of the embeddings (a layer saved under their tokens is what the head reads too)
-        if config is not None and name in manifest and name not in bound.token_rows \
-                and (head := unstored_head_of(name, manifest, config(name))):
-            tied_heads.append(head.removesuffix(".weight"))
+        if name in manifest and name not in bound.token_rows and not unties_head(name, name):
+            continue
+        info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))

@@ -535,6 +535,31 @@ def test_a_lora_on_the_tied_head_of_an_encoder_decoder_model_is_refused(tmp_path
     assert check.check(adapter, model.tensors).ok  # (the manifest alone cannot tell)
 
 
+@pytest.mark.parametrize("config, why", [
+    ({"is_encoder_decoder": True}, "in an encoder-decoder model, where tie_word_embeddings also decides"),
+    ({"tie_word_embeddings": False}, "not in the base, and its config.json says tie_word_embeddings: false")])
+@pytest.mark.parametrize("kind", ["modules_to_save", "trainable tokens"])
+def test_a_saved_head_or_head_tokens_merge_will_not_untie_do_not_fit(tmp_path, config, why, kind):
+    """A modules_to_save copy of a tied head the base does not store, or trainable tokens on it: check, given the
+    config.json, says what merge says, as for a LoRA on the head."""
+    from loraops import check
+    from loraops.adapter import Adapter, TokenRows
+    from loraops.basemodel import BaseModel
+
+    base = tied_llama(tmp_path / "base")
+    (base / "config.json").write_text(json.dumps({**json.loads((base / "config.json").read_text()), **config}))
+    if kind == "modules_to_save":
+        adapter = Adapter(modules={}, format="peft", full_tensors={"lm_head.weight": torch.randn(100, 64)})
+    else:
+        rows = TokenRows(name="lm_head.weight", indices=(3, 7), values=torch.randn(2, 64))
+        adapter = Adapter(modules={}, format="peft", token_rows={"lm_head.weight": rows})
+    with pytest.raises(MismatchError, match=why):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    model = BaseModel.open(base)
+    report = check.check(adapter, model.tensors, config=model.config)
+    assert not report.ok and report.missing == ["lm_head.weight"] and why in check.misfits(report)[0]
+
+
 def test_roberta_sequence_classification_head_merges_like_peft(tmp_path):
     """PEFT's sequence-classification recipe (task_type SEQ_CLS) saves the whole classifier head, a module with
     submodules (dense, out_proj), because modules_to_save=["classifier"] wraps it: loraops read those keys as an

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import load_model, tiny_llama
+from factories import LLAMA_TARGETS, load_model, tiny_llama
 from test_engine import merged_tensors as tensors
 from loraops import check, engine, formats
 from loraops.check import INPUT_EMBEDDINGS, TIED_HEAD_OF_CLASS, is_head
@@ -1096,12 +1096,12 @@ def test_the_causal_lm_rule_names_the_head_transformers_ties():
 def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, case):
     """A tied model's config.json whose auto_map loads its class from the model's own code (ChatGLM's output head is
     transformer.output_layer, InternLM2's output): the causal-LM rule's lm_head may be no module of it, a tensor the
-    model never reads. A LoRA on its embeddings is refused in one line (merge, check), unless the base stores the head
-    the rule names (then it is that model's head); the same config without auto_map is untied by rule. A base
-    given as registered is refused alike."""
+    model never reads. A LoRA on its embeddings is refused by merge in one line, a misfit with that reason to check,
+    unless the base stores the head the rule names (then it is that model's head); the same config without auto_map
+    is untied by rule. A base given as registered is refused alike."""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
-    from loraops.check import check
+    from loraops.check import check, misfits
     from loraops.errors import MismatchError
 
     adapter_path = embedding_lora(tied, tmp_path / "a")
@@ -1119,15 +1119,17 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     if case == "remote":
         with pytest.raises(MismatchError, match="ChatGLMForConditionalGeneration is remote code"):
             engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
-        with pytest.raises(MismatchError, match="cannot tell which head"):
-            check(adapter, base.tensors, config=base.config)
+        report = check(adapter, base.tensors, config=base.config)  # (a misfit, with merge's reason: never raised)
+        assert not report.ok and report.missing == ["model.embed_tokens"] and report.tied_heads == []
+        assert "cannot tell which head" in misfits(report)[0]
         assert loraops_run("base", "add", tied, "--name", "registered").returncode == 0
         # a registered base as its path: check reads the config.json merge reads (from the base's recorded folder)
         for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied],
                      ["merge", adapter_path, "--into", "registered", "-o", tmp_path / "cli"],
                      ["check", adapter_path, "--base", "registered"]):
             result = loraops_run(*args)
-            assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
+            assert result.returncode != 0 and result.stderr.startswith("error: ")
+            assert "remote code" in (result.stdout if args[0] == "check" else result.stderr)
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
         return
@@ -1138,13 +1140,60 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
 
 
+@pytest.mark.parametrize("saved", [False, True])
+def test_check_against_every_registered_base_reports_a_remote_code_refusal_as_a_misfit(tmp_path, tied, saved):
+    """`check ADAPTER` with no base (none recorded) reports each registered base. A tied remote-code base whose
+    embeddings an adapter's LoRA (or modules_to_save copy) changes is one merge refuses: check, reading its
+    config.json, ended with that error (naming no base) instead of saying which bases the adapter fits."""
+    from factories import loraops_run
+
+    remote = tiny_llama(tmp_path / "remote", tie=True, seed=5)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "architectures": ["ChatGLMForConditionalGeneration"],
+                                                    "auto_map": {"AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
+    targets = dict(targets=["q_proj"], modules_to_save=["embed_tokens"]) if saved else {}
+    adapter_path = embedding_lora(tied, tmp_path / "a", **targets)
+    for path, name in ((tied, "plain"), (remote, "remote")):
+        assert loraops_run("base", "add", path, "--name", name).returncode == 0
+    result = loraops_run("check", adapter_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{adapter_path} fits plain" in result.stdout
+    refused = result.stdout.split(f"{adapter_path} does not fit remote", 1)[1]
+    assert "model.embed_tokens" in refused and "ChatGLMForConditionalGeneration is remote code" in refused
+
+
+@pytest.mark.parametrize("case", ["moved", "bad config.json"])
+def test_check_goes_by_the_recorded_manifest_of_a_base_whose_files_it_cannot_read(tmp_path, tied, case):
+    """check reads a registered base's config.json from its recorded folder; where the folder is gone, or its
+    config.json is no JSON, it goes by the recorded manifest (the tied head untied by rule is then not listed). A bad
+    config.json, read only when check asked for it, ended `check ADAPTER` against every registered base in its error."""
+    import shutil
+
+    from factories import loraops_run
+
+    adapter_path = embedding_lora(tied, tmp_path / "a")
+    other = tiny_llama(tmp_path / "other", tie=True, seed=5)
+    for path, name in ((tied, "tied"), (other, "other")):
+        assert loraops_run("base", "add", path, "--name", name).returncode == 0
+    if case == "moved":
+        shutil.move(tied, tmp_path / "elsewhere")
+    else:
+        (tied / "config.json").write_text("{not JSON")
+    for args in ([], ["--base", "tied"]):
+        result = loraops_run("check", adapter_path, *args)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert f"{adapter_path} fits tied: 1/1 modules match\n" in result.stdout
+    assert f"{adapter_path} fits other" in loraops_run("check", adapter_path).stdout
+
+
 @pytest.mark.parametrize("case", ["tied", "tied, unsaid", "head stored"])
 def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, tied, case):
     """InternLM2's remote code names its input embeddings model.tok_embeddings and its head output: names the
     causal-LM rule does not read, so a LoRA on those embeddings of a tied base (no head stored; tie_word_embeddings
     true, or unsaid: its config class's default is then the model's own) was merged into the one tensor its head
-    reads too, where PEFT's adapted model changes the lookup only. Refused in one line, by merge and check alike,
-    as where the rule names a head the model may not have (ChatGLM's); the base storing its head merges."""
+    reads too, where PEFT's adapted model changes the lookup only. Refused by merge in one line (check: a misfit,
+    with that reason), as where the rule names a head the model may not have (ChatGLM's); the base storing its head
+    merges."""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
     from loraops.errors import MismatchError
@@ -1171,11 +1220,13 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     if case != "head stored":
         with pytest.raises(MismatchError, match="InternLM2ForCausalLM is remote code"):
             engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
-        with pytest.raises(MismatchError, match=f"{embeddings!r} may be tied to an output head"):
-            check.check(adapter, base.tensors, config=base.config)
+        report = check.check(adapter, base.tensors, config=base.config)
+        assert not report.ok and report.missing == ["model.tok_embeddings"]
+        assert f"{embeddings!r} may be tied to an output head" in check.misfits(report)[0]
         for args in (["merge", adapter_path, "--into", tied, "-o", tmp_path / "cli"], ["check", adapter_path, "--base", tied]):
             result = loraops_run(*args)
-            assert result.returncode != 0 and result.stderr.startswith("error: ") and "remote code" in result.stderr
+            assert result.returncode != 0 and result.stderr.startswith("error: ")
+            assert "remote code" in (result.stdout if args[0] == "check" else result.stderr)
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
         assert check.check(adapter, base.tensors).ok  # (the manifest alone cannot tell)
@@ -1185,6 +1236,23 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     merged = tensors(tmp_path / "out")
     assert report.heads_untied == [] and torch.equal(merged["output.weight"], state["output.weight"])
     assert not torch.equal(merged[embeddings], state[embeddings])
+
+
+def test_a_remote_code_tied_model_merges_loras_off_its_embeddings(tmp_path, tied):
+    """The refusal of a remote-code model's possible tied embeddings (InternLM2's) reads only a table of a row per
+    token: LoRAs on every other layer of such a tied base (its MLP's up_proj as tall as the vocabulary, the input
+    embeddings of its shape beside it) fit and merge, untying nothing."""
+    from loraops.basemodel import BaseModel
+
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "architectures": ["InternLM2ForCausalLM"],
+                                                  "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}))
+    adapter = formats.read_adapter(embedding_lora(tied, tmp_path / "a", targets=LLAMA_TARGETS))
+    base = BaseModel.open(tied)
+    assert tuple(base.tensors["model.layers.0.mlp.up_proj.weight"].shape) == tuple(base.tensors[EMBED].shape)
+    found = check.check(adapter, base.tensors, config=base.config)
+    assert found.ok and found.tied_heads == []
+    assert engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
 
 
 @pytest.mark.parametrize("model, method", [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera")])

@@ -906,6 +906,8 @@ def _configs_at(path: str | None) -> dict[str, Callable[[str], dict]]:
         return {}
     try:
         model = BaseModel.open(path)
+        for tensor in model.tensors:  # read now (BaseModel.config reads one when asked): a bad one is said here
+            model.config(tensor)
     except LoraopsError:  # what merge would say of them; check reports what the recorded manifest says
         return {}
     return {"config": lambda tensor: model.config(tensor) if tensor in model.tensors else {}}
