@@ -1,0 +1,107 @@
+"""A PEFT LoRA on the ``shared`` embeddings of T5 and BART (target_modules=["shared", …]). transformers 5 ties
+shared.weight to the encoder's and decoder's embed_tokens and to lm_head, but they are modules of their own: PEFT's
+wrapper of ``shared`` is never called by the forward, so the adapted model computes as if the LoRA were not there,
+and training leaves it at its zero init (it gets no gradient). loraops merges it into shared.weight, the tensor it
+names, as PEFT's merge_and_unload does: a trained one changes nothing, so the merged model computes what the adapted
+model computes; a nonzero one (loraops extract --modules shared of a fine-tune that changed shared.weight) changes the
+lookups and the head, as the fine-tune did."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from test_extract import run
+from loraops import engine, formats
+
+INPUT = torch.tensor([[5, 6, 7, 8, 9, 10]])
+DECODER_INPUT = torch.tensor([[0, 3, 4, 11]])
+
+
+def tiny(kind):
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                   num_heads=4, decoder_start_token_id=0)), ["shared", "q"]
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)), ["shared", "q_proj"]
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=INPUT, decoder_input_ids=DECODER_INPUT).logits
+
+
+def adapted(tmp_path, kind, **lora):
+    """The base saved, and PEFT's adapted model of a LoRA on shared and the queries, saved."""
+    from peft import LoraConfig, get_peft_model
+
+    base, targets = tiny(kind)
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **lora))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_a_nonzero_lora_on_shared_merges_into_the_tied_tensor(tmp_path, kind):
+    """A nonzero LoRA on shared (init_lora_weights=False): the adapted model's forward does not apply it, PEFT's
+    merge_and_unload adds it to the tied tensor; loraops' merged checkpoint, loaded by transformers, computes what
+    PEFT's merge computes (not the adapted model: documented in docs/architectures.md)."""
+    model = adapted(tmp_path, kind, init_lora_weights=False)
+    model.save_pretrained(tmp_path / "a")
+    shared = "shared" if kind == "t5" else "model.shared"
+    with_shared = logits(model)
+    peft_merged = logits(copy.deepcopy(model).merge_and_unload())
+    with torch.no_grad():
+        model.base_model.model.get_submodule(shared).lora_embedding_B["default"].zero_()
+    assert torch.equal(with_shared, logits(model))  # the adapted model's forward never reads it
+    assert (peft_merged - with_shared).abs().max() > 1
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", device="cpu")
+    merged = type(model.base_model.model).from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(merged), peft_merged, rtol=0, atol=1e-4)
+
+
+def test_extract_of_shared_merges_back_to_the_fine_tune(tmp_path):
+    """extract --modules shared of a T5 fine-tune that changed its tied embeddings, merged back into the base: the
+    fine-tune's output (the reason a nonzero LoRA on shared is merged into the tied tensor, not refused)."""
+    base, _ = tiny("t5")
+    base.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        base.shared.weight += 0.1 * torch.randn_like(base.shared.weight)
+    base.save_pretrained(tmp_path / "tuned")
+    code, out = run("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--modules", "shared",
+                    "--rank", "32", "-o", tmp_path / "x")
+    assert code == 0, out
+    code, out = run("merge", tmp_path / "x", "--into", tmp_path / "base", "-o", tmp_path / "out")
+    assert code == 0, out
+    merged = type(base).from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(merged), logits(base), rtol=0, atol=1e-5)
+    assert (logits(merged) - logits(type(base).from_pretrained(tmp_path / "base"))).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_a_trained_lora_on_shared_merges_as_the_adapted_model(tmp_path, kind):
+    """Trained as PEFT trains it (PEFT zeroes an embedding LoRA's A, a linear one's B; an AdamW step with weight decay), the LoRA on shared stays zero and
+    the queries' do not: the merged checkpoint, loaded by transformers, computes what the adapted model computes."""
+    model = adapted(tmp_path, kind)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    for _ in range(2):
+        model(input_ids=INPUT, decoder_input_ids=DECODER_INPUT, labels=DECODER_INPUT).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    shared = "shared" if kind == "t5" else "model.shared"
+    changed = {name for name, m in adapter.modules.items() if m.A.any() and m.B.any()}
+    assert shared not in changed and changed
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    merged = type(model.base_model.model).from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5)
+    assert (expected - logits(tiny(kind)[0])).abs().max() > 1e-3  # (the queries' LoRA changed something)
