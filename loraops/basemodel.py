@@ -268,12 +268,18 @@ def _refuse_shards_without_index(folder: Path, files: list[Path]) -> None:
     if not shards:
         return
     stem, total = shards[0]["stem"], shards[0]["total"]
+    # a variant's shards (model.fp16-00001-of-00002.safetensors) have their index as transformers' _add_variant names
+    # it, model.safetensors.index.fp16.json, which loraops does not read: the shards are read as they are, as before
+    name, dot, variant = stem.rpartition(".")
+    index_name = f"{name}.safetensors.index.{variant}.json" if dot else f"{stem}.safetensors.index.json"
+    if (folder / index_name).exists():
+        return
     present = {m["n"] for m in shards if (m["stem"], m["total"]) == (stem, total)}
     missing = [f"{stem}-{n:0{len(total)}d}-of-{total}.safetensors" for n in range(1, int(total) + 1)
                if f"{n:0{len(total)}d}" not in present]
     also = f", and {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing too" if missing else ""
     any_shard = f"{stem}-{'N'.rjust(len(total), '0')}-of-{total}.safetensors"
-    raise FormatError(f"{folder}: shards {any_shard} but no {stem}.safetensors.index.json{also}: the index is missing "
+    raise FormatError(f"{folder}: shards {any_shard} but no {index_name}{also}: the index is missing "
                       "(an interrupted copy?)")
 
 

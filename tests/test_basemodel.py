@@ -142,3 +142,17 @@ def test_a_pipeline_component_with_shards_but_no_index_is_refused(tmp_path):
             "unet: shards diffusion_pytorch_model-0000N-of-00002.safetensors but no "
             "diffusion_pytorch_model.safetensors.index.json: the index is missing")):
         BaseModel.open(tmp_path / "pipe")
+
+
+def test_a_variants_shards_with_their_variant_index_are_read_as_before(tmp_path):
+    """transformers names a variant's index model.safetensors.index.fp16.json (_add_variant): it is there, so the
+    shards are not refused as missing one; without it the line names that index."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for n in (1, 2):
+        save_file({f"w{n}": torch.zeros(2, 2)}, str(folder / f"model.fp16-0000{n}-of-00002.safetensors"))
+    with pytest.raises(FormatError, match=re.escape("but no model.safetensors.index.fp16.json: the index is missing")):
+        BaseModel.open(folder)
+    (folder / "model.safetensors.index.fp16.json").write_text(json.dumps({"weight_map": {
+        "w1": "model.fp16-00001-of-00002.safetensors", "w2": "model.fp16-00002-of-00002.safetensors"}}))
+    assert set(BaseModel.open(folder).tensors) == {"w1", "w2"}
