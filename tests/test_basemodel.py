@@ -114,3 +114,45 @@ def test_a_corrupt_index_or_config_is_one_line(tmp_path, corrupt):
     assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
     assert result.output == f"error: {config}: model config {says}\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("remove", [(), (2,)])
+def test_shards_without_their_index_are_refused(tmp_path, remove):
+    """transformers and diffusers find shards only through the index (never by a glob): read as they are, the shards
+    of an interrupted copy merged into an output folder without an index, which from_pretrained does not load."""
+    folder = tiny_llama(tmp_path / "m", shard_size="60KB")
+    (folder / "model.safetensors.index.json").unlink()
+    total = len(list(folder.glob("model-*-of-*.safetensors")))
+    for n in remove:
+        (folder / f"model-{n:05d}-of-{total:05d}.safetensors").unlink()
+    also = f", and model-00002-of-{total:05d}.safetensors missing too" if remove else ""
+    with pytest.raises(FormatError, match=re.escape(
+            f"{folder}: shards model-0000N-of-{total:05d}.safetensors but no model.safetensors.index.json{also}: "
+            "the index is missing (an interrupted copy?)")):
+        BaseModel.open(folder)
+
+
+def test_a_pipeline_component_with_shards_but_no_index_is_refused(tmp_path):
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    for n in (1, 2):
+        save_file({f"conv{n}.weight": torch.zeros(2, 2)},
+                  str(tmp_path / f"pipe/unet/diffusion_pytorch_model-0000{n}-of-00002.safetensors"))
+    with pytest.raises(FormatError, match=re.escape(
+            "unet: shards diffusion_pytorch_model-0000N-of-00002.safetensors but no "
+            "diffusion_pytorch_model.safetensors.index.json: the index is missing")):
+        BaseModel.open(tmp_path / "pipe")
+
+
+def test_a_variants_shards_with_their_variant_index_are_read_as_before(tmp_path):
+    """transformers names a variant's index model.safetensors.index.fp16.json (_add_variant): it is there, so the
+    shards are not refused as missing one; without it the line names that index."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for n in (1, 2):
+        save_file({f"w{n}": torch.zeros(2, 2)}, str(folder / f"model.fp16-0000{n}-of-00002.safetensors"))
+    with pytest.raises(FormatError, match=re.escape("but no model.safetensors.index.fp16.json: the index is missing")):
+        BaseModel.open(folder)
+    (folder / "model.safetensors.index.fp16.json").write_text(json.dumps({"weight_map": {
+        "w1": "model.fp16-00001-of-00002.safetensors", "w2": "model.fp16-00002-of-00002.safetensors"}}))
+    assert set(BaseModel.open(folder).tensors) == {"w1", "w2"}

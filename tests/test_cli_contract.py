@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from factories import kohya_file
+from factories import kohya_file, peft_adapter, tiny_llama
 from loraops.cli import main
 
 MODULES = {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))}
@@ -447,3 +447,22 @@ def test_an_error_line_comes_after_what_was_said_before_it(tmp_path):
                        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
                             "PYTHONPATH": str(Path(__file__).parents[1])})
     assert log.read_text().splitlines() == ["merged", "error: interrupted"]
+
+
+def test_a_base_folder_of_shards_without_their_index_is_refused(tmp_path):
+    """The shards were read as they are: `base add` recorded the folder, `check` passed, and `merge` wrote an output
+    folder of shards without an index, which transformers' from_pretrained does not load."""
+    base = tiny_llama(tmp_path / "base", shard_size="60KB")
+    adapter = peft_adapter(base, tmp_path / "adapter")
+    cli("base", "add", base, "--name", "recorded")  # while it was whole
+    (base / "model.safetensors.index.json").unlink()
+    total = len(list(base.glob("model-*-of-*.safetensors")))
+    line = (f"error: {base}: shards model-0000N-of-{total:05d}.safetensors but no model.safetensors.index.json: the "
+            "index is missing (an interrupted copy?)\n")
+    bases = cli("base", "list", "--json").stdout
+    assert cli("base", "add", base, "--name", "again", code=2).stderr == line
+    assert cli("check", adapter, "--base", base, code=2).stderr == line
+    for into in (base, "recorded"):
+        assert cli("merge", adapter, "--into", into, "-o", tmp_path / "out", "--device", "cpu", code=2).stderr == line
+    assert not (tmp_path / "out").exists() and cli("base", "list", "--json").stdout == bases
+    assert [p.name for p in tmp_path.iterdir() if p.name not in ("base", "adapter")] == []
