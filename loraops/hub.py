@@ -296,13 +296,16 @@ def _unreachable(action: str, ref: RepoRef | str, exc: BaseException) -> str:
     return f"cannot reach the Hub at {endpoint()} to {action} {ref} ({_root_cause(exc)}); {hint}"
 
 
-def _not_cached(ref: RepoRef | str, action: str = "pull", partly: bool = False) -> NotFoundError:
+def _not_cached(ref: RepoRef | str, action: str = "pull", partly: bool = False,
+                lacking: str | None = None) -> NotFoundError:
     """``action`` "download" is a base's (download_base), whose weights come down on first use: it is not pulled.
-    ``partly``: a snapshot that lacks files (a download that stopped midway)."""
+    ``partly``: a snapshot that lacks files (a download that stopped midway); ``lacking`` says which, when known."""
     way = "its weights download on first use: run this once online first" if action == "download" else \
         "pull it once online first"
     where = "only partly" if partly else "not"
-    return NotFoundError(f"{ref} is {where} in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is set; {way}")
+    detail = f" ({lacking})" if lacking else ""
+    return NotFoundError(f"{ref} is {where} in the local Hub cache ({cache_dir()}) and HF_HUB_OFFLINE=1 is "
+                         f"set{detail}; {way}")
 
 
 def _xet_hint(action: str, ref: RepoRef | str) -> str:
@@ -512,9 +515,8 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     with hub_errors(ref, "pull"), _progress():
         if offline():
             names = _cached_names(ref, commit)
-            if names is None:
-                raise _not_cached(ref)
-            files = select_adapter_files(names, ref, subpath)
+            files = _snapshot_adapter_files(ref, commit, subpath) if names is None else \
+                select_adapter_files(names, ref, subpath)
         else:
             api = _api(token)
             names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
@@ -623,6 +625,37 @@ def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> di
             raise FormatError(f"{where}: corrupt safetensors header (tensor {tensor!r}: {entry!r:.80})")
         tensors[tensor] = (dtype, tuple(shape))
     return tensors
+
+
+def _snapshot_adapter_files(ref: RepoRef, commit: str, subpath: str | None) -> list[str]:
+    """Offline, without the repo listing huggingface_hub caches with snapshot_download (files fetched one by one with
+    hf_hub_download, as PEFT's from_pretrained does: adapter_config.json, then adapter_model.safetensors): the
+    adapter files in the cache snapshot of ``commit`` where they alone decide what select_adapter_files takes online,
+    whatever else the repo holds — the file ``subpath`` names, or a complete PEFT adapter in the folder it names (the
+    top level without it), which is taken first. README.md beside it only when it is there (pull reads no card).
+    Else a refusal that says what the snapshot lacks."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshot = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "snapshots" / commit
+    names = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) \
+        if snapshot.is_dir() else []
+    scope = (subpath or "").strip("/")
+    if scope in names and PurePosixPath(scope).name != PEFT_WEIGHTS:
+        return select_adapter_files(names, ref, scope)
+    folder = str(PurePosixPath(scope).parent) if scope in names else scope  # a PEFT weights file: its folder
+    prefix = "" if folder in ("", ".") else f"{folder}/"
+    peft = [prefix + ADAPTER_CONFIG, prefix + PEFT_WEIGHTS]
+    if all(n in names for n in peft):
+        return select_adapter_files(names, ref, prefix.rstrip("/") or None)
+    if not names:
+        raise _not_cached(ref)
+    have = [n for n in peft if n in names]
+    lacking = f"has {have[0]} but no {next(n for n in peft if n not in names)}" if have else \
+        f"has no {peft[0]} or {peft[1]}"
+    below = _peft_folders_below(names, prefix) if not have else []
+    hint = f"; the PEFT adapter in {below[0]}/ is pulled with --file {below[0]}" if len(below) == 1 else \
+        f"; PEFT adapters are in {_listed(below)}: pick one with --file FOLDER" if below else ""
+    raise _not_cached(ref, partly=True, lacking=f"its snapshot of commit {commit[:12]} {lacking}{hint}")
 
 
 def _cached_names(ref: RepoRef, commit: str) -> list[str] | None:

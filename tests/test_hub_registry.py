@@ -403,18 +403,80 @@ def test_an_offline_pull_of_a_ref_moved_to_a_partial_snapshot(fake_hub, adapters
 
 def test_an_offline_pull_of_files_fetched_one_by_one(fake_hub, adapters, registry, monkeypatch):
     """An adapter's files fetched one by one (hf_hub_download, as PEFT's from_pretrained does) leave no repo listing in
-    the cache: offline, loraops cannot tell which files make the adapter, and says it is not in the local Hub cache."""
+    the cache: offline, the snapshot's complete top-level PEFT adapter is what a pull online takes first whatever else
+    the repo holds, so it is pulled from there (it said the repo was not in the local Hub cache), and registered as an
+    online pull registers it: the same record, source hf://REPO@COMMIT. The repo's README.md, which PEFT does not
+    fetch, is not listed as pulled. `--file` naming a file of the snapshot is pulled from there too."""
     from huggingface_hub import hf_hub_download
 
-    fake_hub.commit_folder("someone/x", adapters["a"])
+    commit = fake_hub.commit_folder("someone/x", adapters["a"])
+    assert "README.md" in fake_hub.files("someone/x")  # (what an online pull also fetches)
+    online = hub.pull(registry, "someone/x")
+    assert online.files == ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    registry.remove_adapter(online.adapter.id)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         hf_hub_download("someone/x", name, cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked = len(fake_hub.requests)
     result = CliRunner().invoke(main, ["pull", "someone/x"])
-    assert (result.exit_code, result.output) == (3, (
-        f"error: someone/x is not in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
-        "pull it once online first\n"))
+    [offline] = registry.list_adapters()
+    assert (result.exit_code, result.output) == (0, (
+        f"pulled someone/x (commit {commit[:12]}) as {offline.ref}\n"
+        f"  source  hf://someone/x@{commit}\n"
+        "  files   adapter_config.json, adapter_model.safetensors\n"))
+    registered = {"id", "version", "created"}  # (a version number is not used twice: this one is the next)
+    assert registry.get_adapter(offline.id).model_dump(exclude=registered) == \
+        online.adapter.model_dump(exclude=registered)
+    assert len(fake_hub.requests) == asked
+
+    registry.remove_adapter(offline.id)
+    pulled = CliRunner().invoke(main, ["pull", "someone/x", "--file", "adapter_model.safetensors"])
+    assert pulled.exit_code == 0, pulled.output
+    assert registry.get_adapter("x").source == f"hf://someone/x@{commit}"
+
+
+def snapshot_lacks(repo: str, lacking: str) -> str:
+    """An offline pull's refusal of a cached snapshot that holds no complete adapter, saying what it lacks."""
+    return (f"error: {repo} is only partly in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set "
+            f"({lacking}); pull it once online first\n")
+
+
+def test_an_offline_pull_of_a_snapshot_without_the_weights(fake_hub, adapters, registry, monkeypatch):
+    """Files fetched one by one, no listing cached, and only adapter_config.json among them (a fetch stopped before
+    the weights): an offline pull says what the snapshot lacks, in one line, and registers nothing; so does --file
+    naming a folder whose adapter is not there."""
+    from huggingface_hub import hf_hub_download
+
+    commit = fake_hub.commit_folder("someone/x", adapters["a"])
+    hf_hub_download("someone/x", "adapter_config.json", cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["pull", "someone/x"])
+    assert (result.exit_code, result.output) == (3, snapshot_lacks(
+        "someone/x", f"its snapshot of commit {commit[:12]} has adapter_config.json but no adapter_model.safetensors"))
+    result = CliRunner().invoke(main, ["pull", "someone/x", "--file", "loras/b"])
+    assert (result.exit_code, result.output) == (3, snapshot_lacks(
+        "someone/x", f"its snapshot of commit {commit[:12]} has no loras/b/adapter_config.json or "
+        "loras/b/adapter_model.safetensors"))
     assert not registry.list_adapters()
+
+
+def test_an_offline_pull_of_a_subfolder_fetched_one_by_one(fake_hub, adapters, registry, monkeypatch):
+    """PEFT's from_pretrained(repo, subfolder=…) fetches loras/b/'s files one by one: with no listing, an offline pull
+    cannot know that folder holds the repo's only adapter (what a pull online takes then), so it refuses and names
+    it; `--file loras/b` pulls it, with the source an online pull records."""
+    from huggingface_hub import hf_hub_download
+
+    commit = fake_hub.commit_folder("someone/deep", adapters["a"], prefix="loras/b/")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        hf_hub_download("someone/deep", name, subfolder="loras/b", cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["pull", "someone/deep"])
+    assert (result.exit_code, result.output) == (3, snapshot_lacks(
+        "someone/deep", f"its snapshot of commit {commit[:12]} has no adapter_config.json or "
+        "adapter_model.safetensors; the PEFT adapter in loras/b/ is pulled with --file loras/b"))
+    result = CliRunner().invoke(main, ["pull", "someone/deep", "--file", "loras/b"])
+    assert result.exit_code == 0, result.output
+    assert registry.get_adapter("deep").source == f"hf://someone/deep@{commit}/loras/b"
 
 
 def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapters, tmp_path, monkeypatch):
