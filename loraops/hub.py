@@ -642,8 +642,9 @@ def _snapshot_adapter_files(ref: RepoRef, commit: str, subpath: str | None) -> l
     scope = (subpath or "").strip("/")
     if scope in names and PurePosixPath(scope).name != PEFT_WEIGHTS:
         return select_adapter_files(names, ref, scope)
-    folder = str(PurePosixPath(scope).parent) if scope in names else scope  # a PEFT weights file: its folder
-    prefix = "" if folder in ("", ".") else f"{folder}/"
+    # a PEFT weights file: its folder, as _select takes it (`--file .` is no folder of the listing there, so not here)
+    folder = (str(PurePosixPath(scope).parent) if "/" in scope else "") if scope in names else scope
+    prefix = f"{folder}/" if folder else ""
     peft = [prefix + ADAPTER_CONFIG, prefix + PEFT_WEIGHTS]
     if all(n in names for n in peft):
         return select_adapter_files(names, ref, prefix.rstrip("/") or None)

@@ -904,3 +904,41 @@ def test_a_push_interrupted_says_what_the_hub_has(fake_hub, adapters, registry, 
     again = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
     assert again.output.startswith("nothing to push: ")
     assert registry.get_adapter("anime").tags == [f"hf://me/anime@{commit}"]
+
+
+def test_an_offline_pull_fetched_one_by_one_takes_what_online_takes(fake_hub, adapters, registry, monkeypatch,
+                                                                      tmp_path):
+    """A repo whose top level holds a PEFT adapter and a kohya file, its files fetched one by one (no listing
+    cached): offline, `--file style.safetensors` takes that file as online (the same record); `--file
+    adapter_model.safetensors` with only the weights cached is refused (online takes them with the config beside
+    them, which the cache lacks); `--file .`, which online finds nothing adapter-like in, is refused too, not read as
+    the top level."""
+    from huggingface_hub import hf_hub_download
+
+    from factories import kohya_file
+
+    kohya = kohya_file(tmp_path / "style.safetensors", {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))})
+    fake_hub.commit_folder("someone/x", adapters["a"])
+    commit = fake_hub.commit_folder("someone/x", kohya)
+    online = hub.pull(registry, "someone/x", subpath="style.safetensors")
+    registry.remove_adapter(online.adapter.id)
+    dot = CliRunner().invoke(main, ["pull", "someone/x", "--file", "."])
+    assert dot.exit_code != 0 and not registry.list_adapters(), dot.output
+    for name in ("style.safetensors", "adapter_model.safetensors"):
+        hf_hub_download("someone/x", name, cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    result = CliRunner().invoke(main, ["pull", "someone/x", "--file", "style.safetensors"])
+    assert result.exit_code == 0, result.output
+    [offline] = registry.list_adapters()
+    registered = {"id", "version", "created"}
+    assert registry.get_adapter(offline.id).model_dump(exclude=registered) == \
+        online.adapter.model_dump(exclude=registered)
+    registry.remove_adapter(offline.id)
+
+    result = CliRunner().invoke(main, ["pull", "someone/x", "--file", "adapter_model.safetensors"])
+    assert (result.exit_code, result.output) == (3, snapshot_lacks(
+        "someone/x", f"its snapshot of commit {commit[:12]} has adapter_model.safetensors but no adapter_config.json"))
+    hf_hub_download("someone/x", "adapter_config.json", cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
+    result = CliRunner().invoke(main, ["pull", "someone/x", "--file", "."])
+    assert result.exit_code == 3 and not registry.list_adapters(), result.output
