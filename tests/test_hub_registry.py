@@ -942,3 +942,24 @@ def test_an_offline_pull_fetched_one_by_one_takes_what_online_takes(fake_hub, ad
     hf_hub_download("someone/x", "adapter_config.json", cache_dir=hub.cache_dir(), endpoint=fake_hub.url)
     result = CliRunner().invoke(main, ["pull", "someone/x", "--file", "."])
     assert result.exit_code == 3 and not registry.list_adapters(), result.output
+
+
+def test_an_offline_pull_of_a_snapshot_link_to_a_missing_blob(fake_hub, adapters, registry, monkeypatch):
+    """A snapshot link whose blob is gone (a cache cleaned by hand) is no file of the snapshot: the offline pull says
+    the snapshot lacks it; a commit with no snapshot at all is not in the cache."""
+    from huggingface_hub import hf_hub_download
+
+    commit = fake_hub.commit_folder("someone/x", adapters["a"])
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        path = Path(hf_hub_download("someone/x", name, cache_dir=hub.cache_dir(), endpoint=fake_hub.url))
+    path.resolve().unlink()  # the weights' blob
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["pull", "someone/x"])
+    assert (result.exit_code, result.output) == (3, snapshot_lacks(
+        "someone/x", f"its snapshot of commit {commit[:12]} has adapter_config.json but no adapter_model.safetensors"))
+    other = "0123456789abcdef0123456789abcdef01234567"
+    result = CliRunner().invoke(main, ["pull", f"someone/x@{other}"])
+    assert (result.exit_code, result.output) == (3, (
+        f"error: someone/x@{other} is not in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
+        "pull it once online first\n"))
+    assert not registry.list_adapters()
