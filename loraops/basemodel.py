@@ -252,7 +252,9 @@ def _folder_part(folder: Path, prefix: str) -> Part:
             raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
         return Part(prefix, folder, files, index)
     files = sorted(folder.glob("*.safetensors"))
-    _refuse_shards_without_index(folder, files)
+    problem = shards_without_index([p.name for p in folder.iterdir()])
+    if problem:
+        raise FormatError(f"{folder}: {problem}")
     if not files:
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise FormatError(f"{folder}: holds only pickle weights (.bin/.pt); convert them to safetensors first")
@@ -260,27 +262,27 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     return Part(prefix, folder, files)
 
 
-def _refuse_shards_without_index(folder: Path, files: list[Path]) -> None:
-    """Shards are only a model together with their index: transformers and diffusers find them through it (never
-    by a glob), so a folder of shards without one (an interrupted copy, a snapshot without the index) does not load,
-    and a merge of it would write an output that does not load either."""
-    shards = [m for m in (SHARD_NAME.fullmatch(f.name) for f in files) if m]
+def shards_without_index(names: list[str]) -> str | None:
+    """What is wrong with a folder of these file ``names`` that holds shards but not their index, else None.
+    Shards are only a model together with their index: transformers and diffusers find them through it (never by a
+    glob), so a folder of shards without one (an interrupted copy, a snapshot without the index) does not load, and
+    a merge of it would write an output that does not load either. (Also a Hub base's listing: hub.weight_layout.)"""
+    shards = [m for m in (SHARD_NAME.fullmatch(n) for n in sorted(names)) if m]
     if not shards:
-        return
+        return None
     stem, total = shards[0]["stem"], shards[0]["total"]
     # a variant's shards (model.fp16-00001-of-00002.safetensors) have their index as transformers' _add_variant names
     # it, model.safetensors.index.fp16.json, which loraops does not read: the shards are read as they are, as before
     name, dot, variant = stem.rpartition(".")
     index_name = f"{name}.safetensors.index.{variant}.json" if dot else f"{stem}.safetensors.index.json"
-    if (folder / index_name).exists():
-        return
+    if index_name in names:
+        return None
     present = {m["n"] for m in shards if (m["stem"], m["total"]) == (stem, total)}
     missing = [f"{stem}-{n:0{len(total)}d}-of-{total}.safetensors" for n in range(1, int(total) + 1)
                if f"{n:0{len(total)}d}" not in present]
     also = f", and {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing too" if missing else ""
     any_shard = f"{stem}-{'N'.rjust(len(total), '0')}-of-{total}.safetensors"
-    raise FormatError(f"{folder}: shards {any_shard} but no {index_name}{also}: the index is missing "
-                      "(an interrupted copy?)")
+    return f"shards {any_shard} but no {index_name}{also}: the index is missing (an interrupted copy?)"
 
 
 def _pipeline_parts(folder: Path) -> list[Part]:

@@ -892,7 +892,12 @@ def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, st
                 raise FormatError(f"{index}: not a valid safetensors index (no weight_map)") from None
             check_repo_names([prefix + s for s in shards], index)
             return [prefix + s for s in shards]
+        problem = shards_without_index([n[len(prefix):] for n in here])
+        if problem:
+            raise FormatError(f"{folder}: {problem}" if folder else problem)
         return [n for n in here if n.endswith(".safetensors")]
+
+    from .basemodel import shards_without_index
 
     check_repo_names(names, "repo")
     if PIPELINE_INDEX in names:

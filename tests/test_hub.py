@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -647,3 +648,29 @@ def test_a_corrupt_index_or_header_on_the_hub_is_one_line(fake_hub, tmp_path, co
     with pytest.raises(FormatError, match=r"^meta/header/model.safetensors: not a safetensors file \(header is not "
                                           r"JSON\)$"):
         hub.remote_base("meta/header")
+
+
+def test_a_hub_base_of_shards_without_their_index_is_refused_as_a_local_one(fake_hub, tmp_path):
+    """`base add hub:` read a repo's shards without their index by headers as they are (weight_layout), which the
+    same folder downloaded is refused for (basemodel): the base was recorded and `check` passed, to fail at the
+    first merge. Refused the same, and before the weights are fetched (also a pipeline's component)."""
+    from factories import tiny_llama
+
+    from loraops.basemodel import BaseModel
+
+    folder = tiny_llama(tmp_path / "base", shard_size="200KB")
+    (folder / "model.safetensors.index.json").unlink()
+    with pytest.raises(FormatError) as local:
+        BaseModel.open(folder)
+    fake_hub.commit_folder("meta/tiny", folder)
+    with pytest.raises(FormatError) as remote:
+        hub.remote_base("meta/tiny")
+    assert str(remote.value) == "meta/tiny: " + str(local.value).removeprefix(f"{folder}: ")
+    assert not fake_hub.downloads(".safetensors")
+
+    names = ["model_index.json", "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+             "unet/diffusion_pytorch_model-00002-of-00002.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+    with pytest.raises(FormatError, match=re.escape(
+            "unet: shards diffusion_pytorch_model-0000N-of-00002.safetensors but no "
+            "diffusion_pytorch_model.safetensors.index.json: the index is missing")):
+        hub.weight_layout(names, lambda name: {})
