@@ -156,3 +156,16 @@ def test_a_variants_shards_with_their_variant_index_are_read_as_before(tmp_path)
     (folder / "model.safetensors.index.fp16.json").write_text(json.dumps({"weight_map": {
         "w1": "model.fp16-00001-of-00002.safetensors", "w2": "model.fp16-00002-of-00002.safetensors"}}))
     assert set(BaseModel.open(folder).tensors) == {"w1", "w2"}
+
+
+def test_the_missing_shards_named_are_those_of_the_same_set(tmp_path):
+    """The line names the first three shards missing from the set (its total), not counting a shard of another
+    total (a copy of an older sharding), and says there are more."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name in ("model-00001-of-00005.safetensors", "model-00002-of-00003.safetensors"):
+        save_file({name: torch.zeros(2)}, str(folder / name))
+    with pytest.raises(FormatError, match=re.escape(
+            "but no model.safetensors.index.json, and model-00002-of-00005.safetensors, "
+            "model-00003-of-00005.safetensors, model-00004-of-00005.safetensors ... missing too: the index")):
+        BaseModel.open(folder)
