@@ -247,7 +247,9 @@ def _folder_part(folder: Path, prefix: str) -> Part:
             files.append(folder / name)
         # a shard of the same set that the index does not list: its tensors would be missing from the model
         stem = index.name.removesuffix(".index.json").removesuffix(".safetensors")
-        unlisted = sorted(p.name for p in folder.glob(f"{stem}-*-of-*.safetensors") if p.name not in shard_names)
+        # (by SHARD_NAME, not a glob: diffusers' legacy variant shards, NAME-00001-of-00002.fp16.safetensors, matched)
+        unlisted = sorted(p.name for p in folder.glob(f"{stem}-*-of-*.safetensors") if p.name not in shard_names
+                          and (m := SHARD_NAME.fullmatch(p.name)) and m["stem"] == stem)
         if unlisted:
             raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
         return Part(prefix, folder, files, index)

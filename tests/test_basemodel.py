@@ -169,3 +169,20 @@ def test_the_missing_shards_named_are_those_of_the_same_set(tmp_path):
             "but no model.safetensors.index.json, and model-00002-of-00005.safetensors, "
             "model-00003-of-00005.safetensors, model-00004-of-00005.safetensors ... missing too: the index")):
         BaseModel.open(folder)
+
+
+def test_diffusers_legacy_variant_shards_beside_an_index_are_not_its_unlisted_shards(tmp_path):
+    """diffusers' legacy variant shards (diffusion_pytorch_model-00001-of-00002.fp16.safetensors, with their own
+    index diffusion_pytorch_model.safetensors.fp16.index.json: _check_legacy_sharding_variant_format) match the glob
+    diffusion_pytorch_model-*-of-*.safetensors: the folder's own index was refused for "not listing" them."""
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    weight_map = {}
+    for n in (1, 2):
+        shard = f"diffusion_pytorch_model-0000{n}-of-00002.safetensors"
+        save_file({f"w{n}": torch.zeros(2)}, str(folder / shard))
+        save_file({f"w{n}": torch.zeros(2, dtype=torch.float16)},
+                  str(folder / f"diffusion_pytorch_model-0000{n}-of-00002.fp16.safetensors"))
+        weight_map[f"w{n}"] = shard
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert {n: t.dtype for n, t in BaseModel.open(folder).tensors.items()} == {"w1": "F32", "w2": "F32"}
