@@ -879,6 +879,8 @@ def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, st
     pipeline (model_index.json) has one part per component folder (tensor prefix '<component>.'); a folder uses its
     safetensors index when there is one, else every .safetensors in it. ``read_index(name)`` returns an index's
     JSON. Returns (files, {file: tensor-name prefix})."""
+    from .basemodel import shards_without_index
+
     def folder_files(folder: str) -> list[str]:
         prefix = f"{folder}/" if folder else ""
         here = sorted(n for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
@@ -896,8 +898,6 @@ def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, st
         if problem:
             raise FormatError(f"{folder}: {problem}" if folder else problem)
         return [n for n in here if n.endswith(".safetensors")]
-
-    from .basemodel import shards_without_index
 
     check_repo_names(names, "repo")
     if PIPELINE_INDEX in names:

@@ -639,6 +639,8 @@ def tell_widening(names: Sequence[str], modules: Mapping[str, object]) -> OtherU
     if any(out != width for out, width in shapes):
         return X4
     return AUDIOLDM if len({width for _, width in shapes}) > 1 else X4_OR_AUDIOLDM
+
+
 UP_ATTENTION_KEY = "loraops_unet_up_attention"
 """Metadata of an adapter bound to a diffusers pipeline whose UNet sd-scripts names by checkpoint paths (SDXL's, base
 or refiner; the x4 upscaler's, AudioLDM's, SVD's), in memory (no writer writes it): the up levels that attend,
