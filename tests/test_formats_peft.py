@@ -671,6 +671,33 @@ def test_a_string_modules_to_save_is_refused_as_peft_reads_its_characters(task, 
         identity(folder)
 
 
+def test_a_task_adapter_hashes_the_modules_it_saves_not_their_spelling(tmp_path):
+    """A task adapter's identity hashes the modules_to_save PEFT loads it with (saved_entries): older PEFT's
+    ``"modules_to_save": null`` and PEFT 0.21's ``["classifier", "score"]`` beside the same weights are one adapter
+    (they were two). PEFT 0.21's spelling keeps the identity it had (the documented formula, recomputed here); without
+    a task the two spellings still differ, as they save different modules."""
+    import hashlib
+
+    _, folder, _ = factories.task_adapter(tmp_path, *factories.TASK_MODELS[0])
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier", "score"]
+    weights = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+    fields = {"peft_type": "LORA", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": False,
+              "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
+              "target_modules": sorted(cfg["target_modules"]), "modules_to_save": ["classifier", "score"],
+              "use_dora": False}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    saved = identity(folder)
+    assert saved == hashlib.sha256(f"loraops-peft-identity-v1\n{weights}\n{canonical}".encode()).hexdigest()
+    assert identity(null_modules_to_save(folder)) == saved
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["classifier"]}))
+    assert identity(folder) == saved
+    for task_type in (None, "CAUSAL_LM"):
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, "task_type": task_type}))
+        listed = identity(folder)
+        assert identity(null_modules_to_save(folder)) != listed
+
+
 @pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
 def test_a_task_adapter_without_its_head_keeps_the_base_head(task, model_type, cls_name, config, targets, tmp_path):
     """A deliberate difference: PEFT 0.21 cannot load a task adapter whose file lacks the head its task model saves
