@@ -3,6 +3,7 @@ get_delta_weight (the parity test), for every layer kind and scale rule PEFT has
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -603,23 +604,121 @@ def test_distilbert_pre_classifier_is_saved_whole_under_seq_cls_as_peft_saves_it
     assert "pre_classifier" in read_adapter(tmp_path / "plain").modules
 
 
-@pytest.mark.parametrize("task_type", ["seq_cls", "Token_Cls", ["SEQ_CLS"], None])
-def test_a_task_type_not_spelled_as_peft_spells_it_adds_no_head(task_type, tmp_path):
-    """PEFT picks its task model by task_type's exact value (0.21's config refuses any other); loraops adds a task's
-    head to modules_to_save only for that spelling, reading and writing alike. A LoRA on a module named classifier
-    under another spelling is read as any module, and the export, which keeps the spelling, reads back the same: the
-    writer upper-cased it and listed classifier/score, so the export's LoRA on classifier was refused. A task_type
-    that is no string (a list) was a TypeError traceback had task_saved looked it up."""
-    folder = tmp_path / "a"
+def classifier_folder(folder, task_type):
+    """A hand-made PEFT folder with LoRAs on ``classifier`` and ``layers.0.dense``, of ``task_type``."""
     folder.mkdir()
     save_file({f"base_model.model.{m}.{p}.weight": torch.ones(*shape) for m in ("classifier", "layers.0.dense")
                for p, shape in (("lora_A", (2, 4)), ("lora_B", (4, 2)))}, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["classifier", "dense"],
         "modules_to_save": None, "task_type": task_type}))
-    adapter = read_adapter(folder)
+    return folder
+
+
+@pytest.mark.parametrize("task_type", ["seq_cls", "Token_Cls", ["SEQ_CLS"], ""])
+def test_a_task_type_peft_does_not_know_is_refused_as_peft_refuses_it(task_type, tmp_path):
+    """PeftConfig's __post_init__ refuses a task_type that is not one of its TaskType values, exactly spelled (every
+    method's config, at load): loraops read such a folder as one without a task. Refused in one line, by the reader
+    and by the identity (so `register` refuses it too)."""
+    from peft import LoraConfig
+
+    folder = classifier_folder(tmp_path / "a", task_type)
+    with pytest.raises(ValueError, match="Invalid task type"):
+        LoraConfig.from_pretrained(folder)
+    message = (rf"adapter_config.json: config task_type={re.escape(repr(task_type))} is none of PEFT's task types "
+               r"\(SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION\), which its config "
+               r"refuses$")
+    with pytest.raises(InvalidInputError, match=message):
+        read_adapter(folder)
+    with pytest.raises(InvalidInputError, match=message):
+        identity(folder)
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_a_task_type_without_a_head_adds_none(task_type, tmp_path):
+    """Only PEFT's SEQ_CLS, TOKEN_CLS and QUESTION_ANS models add a head to modules_to_save: under another task (or
+    none) a LoRA on a module named classifier is read as any module, and the export keeps the task and lists no
+    modules_to_save, so it reads back the same."""
+    adapter = read_adapter(classifier_folder(tmp_path / "a", task_type))
     assert sorted(adapter.modules) == ["classifier", "layers.0.dense"] and not adapter.full_tensors
     out = write_adapter(adapter, tmp_path / "out")
     written = json.loads((out / "adapter_config.json").read_text())
     assert written["task_type"] == task_type and written["modules_to_save"] is None
     assert sorted(read_adapter(out).modules) == sorted(adapter.modules)
+
+
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets",
+                         [factories.TASK_MODELS[0], factories.TASK_MODELS[3]])
+def test_a_string_modules_to_save_is_refused_as_peft_reads_its_characters(task, model_type, cls_name, config,
+                                                                          targets, tmp_path):
+    """modules_to_save is a list in every PEFT config; given one string ("classifier"), PEFT's task models fail on it
+    (SEQ_CLS: an AttributeError, str has no extend) or wrap every module whose name ends with one of its characters
+    (a TypeError on the first LoRA layer's ModuleDict). loraops read it as a list of that one name. Refused in one
+    line, by the reader and by the identity."""
+    from peft import PeftModel
+
+    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    entry = cfg["modules_to_save"][0]
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": entry}))
+    with pytest.raises(AttributeError if task == "SEQ_CLS" else TypeError):
+        PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+    message = (rf"adapter_config.json: config modules_to_save='{entry}' must be a list of module names \(PEFT reads "
+               r"a string as its characters\)$")
+    with pytest.raises(InvalidInputError, match=message):
+        read_adapter(folder)
+    with pytest.raises(InvalidInputError, match=message):
+        identity(folder)
+
+
+def test_a_task_adapter_hashes_the_modules_it_saves_not_their_spelling(tmp_path):
+    """A task adapter's identity hashes the modules_to_save PEFT loads it with (saved_entries): older PEFT's
+    ``"modules_to_save": null`` and PEFT 0.21's ``["classifier", "score"]`` beside the same weights are one adapter
+    (they were two). PEFT 0.21's spelling keeps the identity it had (the documented formula, recomputed here); without
+    a task the two spellings still differ, as they save different modules."""
+    import hashlib
+
+    _, folder, _ = factories.task_adapter(tmp_path, *factories.TASK_MODELS[0])
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier", "score"]
+    weights = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+    fields = {"peft_type": "LORA", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": False,
+              "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
+              "target_modules": sorted(cfg["target_modules"]), "modules_to_save": ["classifier", "score"],
+              "use_dora": False}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    saved = identity(folder)
+    assert saved == hashlib.sha256(f"loraops-peft-identity-v1\n{weights}\n{canonical}".encode()).hexdigest()
+    assert identity(null_modules_to_save(folder)) == saved
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["classifier"]}))
+    assert identity(folder) == saved
+    for task_type in (None, "CAUSAL_LM"):
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, "task_type": task_type}))
+        listed = identity(folder)
+        assert identity(null_modules_to_save(folder)) != listed
+
+
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
+def test_a_task_adapter_without_its_head_keeps_the_base_head(task, model_type, cls_name, config, targets, tmp_path):
+    """A deliberate difference: PEFT 0.21 cannot load a task adapter whose file lacks the head its task model saves
+    whole (a KeyError on the head's tensor); loraops reads the LoRAs, as the file has nothing to say of the head, and
+    the merge keeps the base's head: PEFT's merge of the adapter with its head, the head's tensors the base's."""
+    from peft import PeftModel
+
+    from loraops import engine
+
+    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    expected = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder).merge_and_unload().state_dict()
+    tensors = load_file(folder / "adapter_model.safetensors")
+    heads = {k.removeprefix("base_model.model.") for k in tensors if "lora_" not in k}
+    assert heads
+    save_file({k: v for k, v in tensors.items() if "lora_" in k}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(KeyError, match="base_model.model."):
+        PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+    adapter = read_adapter(folder)
+    assert not adapter.full_tensors and adapter.modules
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    merged, base_state = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, base_state[name] if name in heads else expected[name], rtol=0, atol=1e-6,
+                                   msg=name)

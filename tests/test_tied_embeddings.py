@@ -15,6 +15,7 @@ from factories import LLAMA_TARGETS, load_model, tiny_llama
 from test_engine import merged_tensors as tensors
 from loraops import check, engine, formats
 from loraops.check import INPUT_EMBEDDINGS, TIED_HEAD_OF_CLASS, is_head
+from loraops.errors import InvalidInputError
 
 EMBED = "model.embed_tokens.weight"
 TOKENS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -233,6 +234,37 @@ def test_modules_to_save_with_ensure_weight_tying(tmp_path, tied, stored_twice):
     torch.testing.assert_close(merged[EMBED], trained)
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits(load_model(tied)), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "lm_head"]])
+def test_a_lora_on_the_head_ensure_weight_tying_saves_whole_is_refused(tmp_path, tied, targets):
+    """modules_to_save=["embed_tokens"] with ensure_weight_tying: PEFT saves the tied head whole too (lm_head.weight,
+    its modules_to_tie, with no modules_to_save entry), so it loads no LoRA on it: one target_modules leaves out is
+    left out (ensure_weight_tying made loraops skip that check), and one it lists fails PEFT's load (a TypeError: a
+    ModulesToSaveWrapper around the LoRA layer). loraops read and merged the head's factors; refused in one line."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(1)
+    get_peft_model(load_model(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                modules_to_save=["embed_tokens"], init_lora_weights=False,
+                                                ensure_weight_tying=True)).save_pretrained(tmp_path / "a")
+    weights, config = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
+    state = load_file(weights)
+    assert "base_model.model.lm_head.weight" in state
+    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)}, str(weights))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": targets}))
+    if "lm_head" in targets:
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*lora"):
+            PeftModel.from_pretrained(load_model(tied), tmp_path / "a")
+    else:
+        model = PeftModel.from_pretrained(load_model(tied), tmp_path / "a")
+        assert not any("lm_head" in name and "lora_" in name for name, _ in model.named_parameters())
+    with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights, but the config's "
+                                                r"ensure_weight_tying saves it whole \(tied to a module "
+                                                r"modules_to_save saves, its weight 'lm_head.weight' is in the file\) "
+                                                r"and PEFT loads no LoRA on a module it saves whole"):
+        formats.read_adapter(tmp_path / "a")
 
 
 @pytest.mark.parametrize("stored_twice", [False, True])

@@ -47,6 +47,9 @@ MATH_FIELDS = {
 }
 
 
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+"""PEFT 0.21's TaskType values: its PeftConfig refuses any other task_type (another spelling, "seq_cls", too)."""
+
 TASK_SAVED = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 """The modules PEFT's task models (PeftModelForSequenceClassification, …ForTokenClassification,
 …ForQuestionAnswering) add to modules_to_save when they load an adapter of that task_type, whatever the config lists."""
@@ -59,12 +62,12 @@ def task_saved(task_type) -> tuple[str, ...]:
 
 
 def saved_entries(cfg: dict) -> list[str]:
-    """The modules_to_save a PEFT model loads a config with: the config's own (one string as a list), and the task's
-    (task_saved), which older PEFT did not write into the config (it saved ``"modules_to_save": null`` beside the
-    classifier's tensors) and PEFT adds on load all the same. A config without modules_to_save (a trainable-tokens
-    adapter's TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists."""
+    """The modules_to_save a PEFT model loads a config with: the config's own, and the task's (task_saved), which
+    older PEFT did not write into the config (it saved ``"modules_to_save": null`` beside the classifier's tensors)
+    and PEFT adds on load all the same. A config without modules_to_save (a trainable-tokens adapter's
+    TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists. What is no
+    list (one string, which PEFT iterates by character) is returned as it is, for scale_config to refuse."""
     own = cfg.get("modules_to_save") or []
-    own = [own] if isinstance(own, str) else own
     if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE or not isinstance(own, list):
         return own
     return [*own, *(m for m in task_saved(cfg.get("task_type")) if m not in own)]
@@ -147,6 +150,10 @@ def wrapping_entry(entries: Iterable[str], module: str) -> str | None:
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    task_type = cfg.get("task_type")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise InvalidInputError(f"{path}: config task_type={task_type!r} is none of PEFT's task types "
+                                f"({', '.join(TASK_TYPES)}), which its config refuses")
     modules_to_save = saved_entries(cfg)  # (before the fields of another method are narrowed to LoRA's below)
     product = lycoris.PEFT_TYPES.get(peft_type)
     if product is not None:  # LoHaConfig/LoKrConfig: r, alpha (not lora_alpha), rank/alpha patterns, modules_to_save
@@ -204,7 +211,9 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     if lora_alpha is not None:
         lora_alpha = common.check_alpha(path, lora_alpha, "config lora_alpha")
     if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
-        raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module names")
+        strings = " (PEFT reads a string as its characters)" if isinstance(modules_to_save, str) else ""
+        raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module "
+                                f"names{strings}")
     target_parameters = params.check_entries(path, cfg["target_parameters"]) if cfg.get("target_parameters") else []
     if target_parameters and cfg.get("use_dora"):
         raise UnsupportedAdapterError(f"{path}: DoRA on raw parameters (use_dora with target_parameters), which PEFT "
@@ -223,7 +232,7 @@ OLD_LAYER_RE = re.compile(r".*\.[^.]*\.(?P<idx>\d+)\.")
 in a MoE layer an expert's index (model.layers.1.mlp.experts.0.up_proj: 0), where PEFT now takes the first."""
 
 
-def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
+def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys: Iterable[str] = ()) -> None:
     """Refuse a module with LoRA weights that the config's targeting leaves out. PEFT wraps only the modules its
     target_modules, layers_to_transform/layers_pattern, exclude_modules and modules_to_save select (0.21's
     ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
@@ -234,9 +243,10 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
     LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
     so PEFT refuses a config that targets one and no tied layer is added). A module its modules_to_save saves whole
     (the task's own entries too, see saved_entries) is refused whatever the targeting: PEFT's check excludes it before
-    it looks at target_modules."""
+    it looks at target_modules, and so is one a LoRA's ensure_weight_tying saves whole (``saved_keys``: the file's
+    full-tensor keys, without PEFT's prefix: the tied head's weight is among them, see _refuse_saved)."""
     modules = list(modules)
-    _refuse_saved(path, cfg, modules)
+    _refuse_saved(path, cfg, modules, frozenset(saved_keys))
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
     targets, layers, patterns = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps the modules it names
@@ -301,7 +311,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str]) -> None:
             raise _left_out(path, module, why, trained_then(module) if why == "layers_to_transform" else "")
 
 
-def _refuse_saved(path: Path, cfg: dict, modules: list[str]) -> None:
+def _refuse_saved(path: Path, cfg: dict, modules: list[str], saved_keys: frozenset[str]) -> None:
     """Refuse a module with LoRA weights inside one that modules_to_save (saved_entries) names: PEFT's
     check_target_module_exists wraps none (its regex, each entry dot-bounded), whatever the targeting, so it loads
     the adapter without them. An entry only the task adds (the config may list none, as older PEFT wrote it) is named
@@ -309,8 +319,12 @@ def _refuse_saved(path: Path, cfg: dict, modules: list[str]) -> None:
     TOKEN_CLS and QUESTION_ANS models after, so one the targeting selects fails their load (a TypeError: a
     ModulesToSaveWrapper around a LoRA layer) and only one it does not is left out: no LoRA of PEFT's on it either way.
     So does a module whose name only ends with an entry (DistilBERT's pre_classifier, "classifier"): the regex lets
-    the targeting wrap it, and then PEFT saves it whole too (wrapping_entry), the same TypeError."""
+    the targeting wrap it, and then PEFT saves it whole too (wrapping_entry), the same TypeError. And so does the
+    module tied to a saved embedding under a LoRA's ensure_weight_tying (a tied lm_head): PEFT saves it whole too (its
+    modules_to_tie, which the config does not list: its weight is saved as a plain key, ``saved_keys``), and leaves a
+    LoRA on it out, or, one the targeting selects, fails its load (the same TypeError)."""
     entries, own = saved_entries(cfg), saved_entries({**cfg, "task_type": None})
+    tying = cfg.get("ensure_weight_tying") and str(cfg.get("peft_type") or "LORA").upper() == "LORA"
     try:
         matchers = [(m, re.compile(rf"(^|.*\.){m}($|\..*)")) for m in entries]
     except re.error as e:
@@ -322,13 +336,19 @@ def _refuse_saved(path: Path, cfg: dict, modules: list[str]) -> None:
         what = repr(entry)
         if entry is None and (entry := wrapping_entry(entries, module)) is not None:
             what = f"every module whose name ends with {entry!r}"
+        if entry is None and tying and (weight := f"{module}.weight") in saved_keys:
+            raise _saved_whole(path, module, f"the config's ensure_weight_tying saves it whole (tied to a module "
+                                             f"modules_to_save saves, its weight {weight!r} is in the file)")
         if entry is None:
             continue
         saver = "the config's modules_to_save" if entry in own else f"the model of task_type {cfg['task_type']}"
         added = "" if entry in own else " (PEFT adds it to modules_to_save)"
-        raise InvalidInputError(f"{path}: module {module!r} has LoRA weights, but {saver} saves {what} whole{added} "
-                                f"and PEFT loads no LoRA on a module it saves whole; correct the config, or remove "
-                                f"the module's tensors")
+        raise _saved_whole(path, module, f"{saver} saves {what} whole{added}")
+
+
+def _saved_whole(path: Path, module: str, why: str) -> InvalidInputError:
+    return InvalidInputError(f"{path}: module {module!r} has LoRA weights, but {why} and PEFT loads no LoRA on a "
+                             f"module it saves whole; correct the config, or remove the module's tensors")
 
 
 def _left_out(path: Path, module: str, why: str, note: str = "") -> InvalidInputError:
@@ -590,7 +610,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if product is None and method is None:
         modules = settled_orientation(modules, raw_cfg)
     if cfg_file is not None:
-        refuse_untargeted(cfg_file, raw_cfg, [name for name, m in modules.items() if m.raw_parameter is None])
+        refuse_untargeted(cfg_file, raw_cfg, [name for name, m in modules.items() if m.raw_parameter is None],
+                          [key.removeprefix(PREFIX) for key in full_names])
     full = {}
     for key, target in full_names.items():
         common.check_finite(weights, key, tensors[key])
