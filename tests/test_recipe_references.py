@@ -1,13 +1,15 @@
 """Recipes: how a reference's Hub revision names a pulled base's commit (a branch or tag the Hub cache recorded before
 a commit prefix), a LoRA's Hub revision said in recipe terms, a model entry naming the base written another way, and
 a density above 1 kept whole as mergekit keeps it."""
+import os
 from types import SimpleNamespace as NS
 
 import pytest
 import yaml
 
-from factories import combine_inputs
+from factories import combine_inputs, loraops_run as loraops
 from loraops.errors import InvalidInputError, MismatchError
+from loraops.recipe import parse_recipe
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 OTHER = "fedcba9876543210fedcba9876543210fedcba98"
@@ -79,3 +81,68 @@ def test_a_branch_the_hub_cache_recorded_is_read_before_a_commit_prefix():
         check(f"org/llama@{SHA.upper()}")  # 40 digits in upper case: no full sha (huggingface_hub's), no prefix
     with pytest.raises(InvalidInputError, match=r"^base_model 'org/llama@\.\./x': invalid revision"):
         check("org/llama@../x")  # never a path out of the cache's refs/
+
+
+def test_a_lora_revision_is_said_in_recipe_terms(files, tmp_path):
+    """`BASE+path/lora@v2` (mergekit: the LoRA path/lora at the Hub revision v2) was refused with combine's 'the part
+    after @ must be a version number'; the recipe says what is wrong: a recipe's LoRA is a registry reference or a
+    path, and the revision is a Hub one it does not fetch. `@2` stays the registry version."""
+    with pytest.raises(InvalidInputError) as caught:
+        parse_recipe(recipe("ties", ("org/base+path/lora@v2", {"weight": 1}), base_model="org/base"), "r.yml")
+    assert str(caught.value) == (
+        "r.yml: models[1]: 'org/base+path/lora@v2' names the LoRA path/lora at revision 'v2', a Hub revision (as "
+        "mergekit reads it), which a recipe does not fetch: a recipe's LoRA is a registry reference (NAME or "
+        "NAME@VERSION, a version number) or a path (loraops pull path/lora@v2 registers it)")
+    with pytest.raises(InvalidInputError, match=r"^r.yml: models\[1\]: 'style@main' names the model style at "
+                                                r"revision 'main'"):
+        parse_recipe(recipe("ties", ("style@main", {"weight": 1})), "r.yml")
+    assert parse_recipe(recipe("ties", ("org/base+style@2", {"weight": 1}), base_model="org/base")).inputs == [
+        ("style@2", 1.0)]
+    doc = recipe("ties", (f"{files['base']}+org/lora@v2", {"weight": 1}), base_model=str(files["base"]))
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc))
+    assert run.returncode != 0 and len(run.stderr.splitlines()) == 1, run.stderr
+    assert "names the LoRA org/lora at revision 'v2'" in run.stderr and "version number'" not in run.stderr
+
+
+def test_a_model_entry_naming_the_base_another_way_is_the_base(files, tmp_path, monkeypatch):
+    """mergekit skips the model equal to the base (its task vector is zero); `./base` beside `base_model: base` (or
+    the base's folder by another path) was read as an adapter path (the base is none: refused). It is the base: no
+    input, and for linear its weight counts in Σw as the base's does."""
+    (tmp_path / "llama").symlink_to(files["base"])
+    entry = "./" + os.path.relpath(tmp_path / "llama") + "/"  # (the CLI runs in this folder: no chdir before it)
+    doc = recipe("ties", (entry, None), (str(files["a"]), {"weight": 1, "density": 0.5}), base_model=str(files["base"]))
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--name", "based")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "ties(density=0.5, normalize=True, lambda=1.0) of a@1×1", run.stdout
+    monkeypatch.chdir(tmp_path)
+    for entry in ("./llama", "llama/", str(tmp_path / "llama"), str(files["base"])):
+        read = parse_recipe(recipe("ties", (entry, None), ("a", {"weight": 1}), base_model="llama"))
+        assert read.inputs == [("a", 1.0)], entry
+        read = parse_recipe(recipe("linear", (entry, {"weight": 1}), ("a", {"weight": 3}), base_model="./llama/"))
+        assert read.inputs == [("a", 0.75)], entry
+    read = parse_recipe(recipe("ties", ("./org/x", None), ("a", {"weight": 1}), base_model="org/x"))  # no such folder
+    assert read.inputs == [("a", 1.0)]
+    with pytest.raises(InvalidInputError, match=r"models\[2\]: '\./llama/' is listed twice"):
+        parse_recipe(recipe("linear", ("llama", {"weight": 1}), ("./llama/", {"weight": 1}), ("a", {"weight": 1}),
+                            base_model="llama"), "r")
+
+
+def test_a_recipe_density_above_one_keeps_the_model_whole_as_density_one(files, tmp_path):
+    """mergekit's sparsify returns a task vector whole at density ≥ 1; a recipe's density above 1 was refused. It is
+    density 1: the same bytes and the same record (gamma/epsilon not applied: None). The command line's --density
+    keeps its range (0, 1]."""
+    read = parse_recipe(recipe("breadcrumbs", ("a", {"weight": 1, "density": 1.5, "gamma": 0.3}),
+                               ("b", {"weight": 1, "density": 0.5}), parameters={"density": 2}))
+    assert read.params == {"density": [1.0, 0.5], "gamma": [0.3, None]}
+    assert parse_recipe(recipe("ties", ("a", {"weight": 1}), parameters={"density": 3})).params == {"density": [1.0]}
+    one = recipe("della", (str(files["a"]), {"weight": 1, "density": 1}), (str(files["b"]), {"weight": 1}),
+                 parameters={"density": 1})
+    above = recipe("della", (str(files["a"]), {"weight": 1, "density": 1.25, "epsilon": 0.5}),
+                   (str(files["b"]), {"weight": 1}), parameters={"density": 7})
+    first = loraops("combine", "--recipe", write(tmp_path / "one.yml", one), "--name", "one")
+    second = loraops("combine", "--recipe", write(tmp_path / "above.yml", above), "--name", "above")
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
+    assert second.stdout.splitlines()[0] == first.stdout.splitlines()[0], (first.stdout, second.stdout)
+    assert second.stdout.splitlines()[-1].startswith("already registered as one@1"), second.stdout
+    cli = loraops("combine", str(files["a"]), str(files["b"]), "-m", "ties", "--density", "1.5")
+    assert cli.returncode != 0 and "density" in cli.stderr and len(cli.stderr.splitlines()) == 1, cli.stderr
