@@ -285,9 +285,10 @@ def _refuse_hub_revision(written: str, model: str, where: str, refuse) -> None:
     if not at or (revision.isascii() and revision.isdigit()) or Path(model).exists():
         return
     what = "model" if model == written else "LoRA"
+    pull = "" if "+" in model else f" (loraops pull {model} registers it)"  # (MODEL+LORA over another model: none)
     raise refuse(f"{where}: {written!r} names the {what} {name} at revision {revision!r}, a Hub revision (as mergekit "
                  f"reads it), which a recipe does not fetch: a recipe's {what} is a registry reference (NAME or "
-                 f"NAME@VERSION, a version number) or a path (loraops pull {model} registers it)")
+                 f"NAME@VERSION, a version number) or a path{pull}")
 
 
 def _takes(spec: MethodSpec) -> str:

@@ -96,6 +96,9 @@ def test_a_lora_revision_is_said_in_recipe_terms(files, tmp_path):
     with pytest.raises(InvalidInputError, match=r"^r.yml: models\[1\]: 'style@main' names the model style at "
                                                 r"revision 'main'"):
         parse_recipe(recipe("ties", ("style@main", {"weight": 1})), "r.yml")
+    with pytest.raises(InvalidInputError) as caught:  # over another model than the base: no LoRA to pull alone
+        parse_recipe(recipe("ties", ("other+org/lora@v2", {"weight": 1}), base_model="org/base"), "r.yml")
+    assert str(caught.value).endswith("registry reference (NAME or NAME@VERSION, a version number) or a path")
     assert parse_recipe(recipe("ties", ("org/base+style@2", {"weight": 1}), base_model="org/base")).inputs == [
         ("style@2", 1.0)]
     doc = recipe("ties", (f"{files['base']}+org/lora@v2", {"weight": 1}), base_model=str(files["base"]))
