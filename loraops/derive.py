@@ -25,6 +25,7 @@ from .references import refuse_output_over
 if TYPE_CHECKING:
     from .adapter import Adapter
     from .basemodel import BaseModel
+    from .hub import RepoRef
     from .ops.resize import RankRule
     from .records import BaseRecord
     from .registry import Registry
@@ -92,10 +93,11 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
     since), whatever the revision. Otherwise, as a whole or else read as mergekit reads a reference
     (recipe.base_reference: ``PATH[@REVISION]``), its path names the input's registered base (its name, or the
     folder or Hub id it was added from) or the adapter's own base_model_name_or_path, a folder however it is written
-    (``./x``, ``x/``); a revision must be the commit a base pulled from the Hub was recorded at (where loraops knows
-    none, the path decides). An input that names no base at all is taken as it is; base_model is still refused where
+    (``./x``, ``x/``); a revision must name the commit a base pulled from the Hub was recorded at, as loraops resolves a
+    revision offline (_not_the_commit: a full sha, else a branch or tag the Hub cache recorded, else a commit prefix;
+    where loraops knows no commit, the path decides). An input that names no base at all is taken as it is; base_model is still refused where
     it is what no base is (a LoRA merged in, what mergekit cannot read) unless it names an input's base as a whole."""
-    from .hub import parse_hub_source
+    from .hub import good_revision, parse_hub_source
     from .recipe import base_reference
 
     on_disk = _on_disk(base_model)
@@ -121,14 +123,38 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
         if not any(_names(want.path, name) for name in known):
             raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, and a recipe combines "
                                 "task vectors over the adapters' own base")
-        commits = {ref.revision for ref in map(parse_hub_source, known) if ref is not None and ref.revision}
-        if want.revision and commits and not any(len(want.revision) >= 4 and c.lower().startswith(
-                want.revision.lower()) for c in commits):
-            raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, pulled at commit "
-                                f"{min(commits)[:12]}, and revision {want.revision!r} is not that commit (loraops "
-                                "does not look a branch or tag up: give the commit, or no revision)")
+        pulled = sorted({ref for ref in map(parse_hub_source, known) if ref is not None and ref.revision},
+                        key=lambda ref: ref.revision)
+        if want.revision and pulled:
+            if not good_revision(want.revision):
+                raise InvalidInputError(f"base_model {base_model!r}: invalid revision {want.revision!r}")
+            why = [_not_the_commit(want.revision, ref) for ref in pulled]
+            if None not in why:
+                raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, pulled at commit "
+                                    f"{pulled[0].revision[:12]}, and revision {want.revision!r} {why[0]}")
     if not named_whole:
         base_reference(base_model)  # a base with a LoRA merged in, or what mergekit cannot read, where no input tells
+
+
+def _not_the_commit(revision: str, pulled: "RepoRef") -> str | None:
+    """Why ``revision`` does not name the commit a base was pulled at (``pulled``: its Hub id at that commit), read as
+    loraops resolves a revision without the network (hub.resolve_commit offline): a full commit sha is that commit
+    (huggingface_hub's rule); otherwise a branch or tag the Hub cache recorded under that exact name (hub.cached_ref:
+    one resolved here before, by the pull itself among others) is read before a commit prefix, as git and the Hub
+    read a name that could be either; otherwise 4 to 39 hex digits, in either case, are a prefix of the commit.
+    None where it names that commit."""
+    from .hub import RepoRef, cached_ref, is_commit_prefix, is_commit_sha
+
+    if is_commit_sha(revision):
+        return None if revision == pulled.revision else "is not that commit"
+    named = cached_ref(RepoRef(pulled.repo_id, revision))
+    if named is not None:
+        return None if named == pulled.revision else (
+            f"is the branch or tag {revision}, at commit {named[:12]} as the Hub cache last resolved it (a branch or "
+            "tag is read before a commit prefix, as git and the Hub read a name): give the commit, or no revision")
+    if is_commit_prefix(revision) and pulled.revision.startswith(revision.lower()):
+        return None
+    return "is not that commit (loraops does not look a branch or tag up: give the commit, or no revision)"
 
 
 def _on_disk(base_model: str) -> str | None:

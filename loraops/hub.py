@@ -145,6 +145,25 @@ def is_commit_sha(revision: str | None) -> bool:
     return bool(revision and _SHA.match(revision))
 
 
+def is_commit_prefix(revision: str | None) -> bool:
+    """A revision that may abbreviate a commit sha: 4 to 39 hex digits, in either case (as git reads one)."""
+    return bool(revision and _SHA_PREFIX.match(revision))
+
+
+def cached_ref(ref: RepoRef) -> str | None:
+    """The commit the Hub cache recorded for ``ref``'s revision as a name — a branch or tag resolved here before (by a
+    pull, a download, a base add: refs/<revision>, as huggingface_hub reads it offline) — else None. This name is read
+    before a commit prefix, as git and the Hub read a name that could be either."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    path = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "refs" / (ref.revision or "main")
+    if not path.is_file():
+        return None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return path.read_text().strip()
+    return ""  # (a ref that cannot be read names no commit, and still a branch or tag)
+
+
 # ---- environment ---------------------------------------------------------------------------------------------
 
 
@@ -485,11 +504,10 @@ def _cached_commit(ref: RepoRef) -> str | None:
     cache has a ref of (a branch or tag that looks like one) is left to it."""
     from huggingface_hub.file_download import repo_folder_name
 
-    if not ref.revision or not _SHA_PREFIX.match(ref.revision):
+    if not is_commit_prefix(ref.revision):
         return None
-    repo = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
-    snapshots = repo / "snapshots"
-    if (repo / "refs" / ref.revision).is_file() or not snapshots.is_dir():
+    snapshots = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "snapshots"
+    if cached_ref(ref) is not None or not snapshots.is_dir():
         return None
     prefix = ref.revision.lower()
     found = sorted(p.name for p in snapshots.iterdir() if is_commit_sha(p.name) and p.name.startswith(prefix))

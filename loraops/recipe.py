@@ -5,8 +5,13 @@ one line naming it (docs/recipes.md).
 mergekit's semantics kept here (its config.py, merge_methods/registry.py and generalized_task_arithmetic.py):
 - a model's parameter falls back to the top-level ``parameters`` (weight, density, gamma, epsilon there are every
   model's default);
-- a model that is the ``base_model`` contributes no task vector (mergekit skips it), so listing it is harmless;
-- ``weight`` is required where mergekit requires it; ``density`` defaults to 1 (nothing dropped);
+- a model that is the ``base_model`` contributes no task vector (mergekit skips it), so listing it is harmless; it is
+  the base however its path is written or linked (_is_base), where mergekit, comparing the text, reads a zero task
+  vector;
+- ``weight`` is required where mergekit requires it; ``density`` defaults to 1 (nothing dropped), and above 1 is 1
+  (mergekit's sparsify keeps a task vector whole at any density ≥ 1);
+- a model at a revision that is no registry version (``org/lora@v2``: mergekit's Hub revision) is refused in recipe
+  terms (_refuse_hub_revision);
 - ``rescale`` (default on for dare_* and della*, off for ties and breadcrumbs*) is its current rescale, the l1 norm
   of each task vector (``rescale_norm: l1``); off, DARE's and DELLA's survivors are kept undivided;
 - ``task_arithmetic`` and ``linear`` are weighted sums (loraops' linear) with the weights folded: λ·wᵢ, and divided
@@ -18,6 +23,7 @@ mergekit's semantics kept here (its config.py, merge_methods/registry.py and gen
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -176,7 +182,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise refuse("models must be a list of {model: REF, parameters: {...}}")
-    refs, per_model, base_weights, listed = [], [], [], set()
+    refs, per_model, base_weights, listed, base_listed = [], [], [], set(), False
     for i, entry in enumerate(models, 1):
         where = f"models[{i}]"
         if isinstance(entry, str):
@@ -184,10 +190,12 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise refuse(f"{where}: give model: REF (a registry reference or a path to an adapter)")
         model = _adapter_of(entry["model"], base_model)
-        if model in listed:
+        is_base = base_model is not None and _is_base(model, base_model)
+        if (base_listed if is_base else model in listed):
             raise refuse(f"{where}: {entry['model']!r} is listed twice (mergekit merges a model once, with its first "
                          "entry's parameters): list it once")
         listed.add(model)
+        base_listed = base_listed or is_base
         for key in entry:
             if key not in ("model", "parameters"):
                 raise refuse(f"{where}: {key!r} is not supported (a model takes model and parameters)")
@@ -196,7 +204,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             if key not in spec.per_model:
                 raise refuse(f"{where}.parameters: {name} takes no per-model {key!r}"
                              + (f" (it takes {', '.join(spec.per_model)})" if spec.per_model else ""))
-        if base_model is not None and model == base_model:
+        if is_base:
             # mergekit's task-vector methods skip the base; its linear averages it in: a zero task vector whose
             # weight still counts in Σw
             if name == "linear":
@@ -206,10 +214,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                                  "requires one")
                 base_weights.append(float(weight))
             continue
+        _refuse_hub_revision(entry["model"], model, where, refuse)
         refs.append(model)
         per_model.append({key: own.get(key, top.get(key)) for key in spec.per_model
                           if own.get(key, top.get(key)) is not None})
-    if name == "linear" and base_model is not None and base_model not in listed:
+    if name == "linear" and base_model is not None and not base_listed:
         # mergekit's planner adds it as a source without parameters: the top-level weight is its weight
         if top.get("weight") is None:
             raise refuse("base_model (not in models) has no weight: mergekit's linear averages it in and requires one "
@@ -225,7 +234,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     weights = [float(own.get("weight", 1.0)) for own in per_model]
     params: dict[str, Any] = {}
     if "density" in spec.per_model:
-        params["density"] = [own.get("density", 1.0) for own in per_model]
+        # mergekit's sparsify returns a task vector whole at any density ≥ 1: density 1, with its record
+        params["density"] = [min(own.get("density", 1.0), 1.0) for own in per_model]
     for key in ("gamma", "epsilon"):
         if key in spec.per_model:
             # None: the method's default for that model (mergekit's, lowered where it does not fit); a model kept
@@ -253,7 +263,32 @@ def _adapter_of(model: str, base_model: str | None) -> str:
     except InvalidInputError:
         return model
     written = model.partition("+")[0]
-    return ref.lora if os.path.normpath(written) == os.path.normpath(base_model) else model
+    return ref.lora if _is_base(written, base_model) else model
+
+
+def _is_base(model: str, base_model: str) -> bool:
+    """Whether a model entry names the base_model: the same text however a path is written (``./x``, ``x/``), or the
+    same file or folder (an absolute path, a link). mergekit compares the text, and reads a base written another way
+    as one more model, whose task vector is zero (docs/recipes.md: where its weight would still count)."""
+    if os.path.normpath(model) == os.path.normpath(base_model):
+        return True
+    with contextlib.suppress(OSError, ValueError):
+        return Path(model).expanduser().samefile(Path(base_model).expanduser())
+    return False
+
+
+def _refuse_hub_revision(written: str, model: str, where: str, refuse) -> None:
+    """A model (or the LoRA of ``BASE+LORA``) at a revision that is no registry version (``org/lora@v2``, which
+    mergekit reads as a Hub revision) is refused in recipe terms, before combine reads it as a bad version number; a
+    file or folder of that name is read as it is."""
+    name, at, revision = model.rpartition("@")
+    if not at or (revision.isascii() and revision.isdigit()) or Path(model).exists():
+        return
+    what = "model" if model == written else "LoRA"
+    pull = "" if "+" in model else f" (loraops pull {model} registers it)"  # (MODEL+LORA over another model: none)
+    raise refuse(f"{where}: {written!r} names the {what} {name} at revision {revision!r}, a Hub revision (as mergekit "
+                 f"reads it), which a recipe does not fetch: a recipe's {what} is a registry reference (NAME or "
+                 f"NAME@VERSION, a version number) or a path{pull}")
 
 
 def _takes(spec: MethodSpec) -> str:

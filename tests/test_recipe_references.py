@@ -1,0 +1,151 @@
+"""Recipes: how a reference's Hub revision names a pulled base's commit (a branch or tag the Hub cache recorded before
+a commit prefix), a LoRA's Hub revision said in recipe terms, a model entry naming the base written another way, and
+a density above 1 kept whole as mergekit keeps it."""
+import os
+from types import SimpleNamespace as NS
+
+import pytest
+import yaml
+
+from factories import combine_inputs, loraops_run as loraops
+from loraops.errors import InvalidInputError, MismatchError
+from loraops.recipe import parse_recipe
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def recipe(method, *models, **top):
+    doc = {"merge_method": method, "models": [{"model": m} if p is None else {"model": m, "parameters": p}
+                                               for m, p in models]}
+    doc.update(top)
+    return doc
+
+
+def write(path, doc):
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return combine_inputs(tmp_path_factory.mktemp("recipe-refs"))
+
+
+def cached_ref(repo_id: str, name: str, commit: str) -> None:
+    """A branch or tag ``name`` of ``repo_id`` as the Hub cache records one that was resolved (refs/<name>)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    from loraops.hub import cache_dir
+
+    path = cache_dir() / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(commit)
+
+
+def check(base_model: str) -> None:
+    from loraops.derive import check_base_model
+
+    base = NS(name="llama", source=f"hf://org/llama@{SHA}", path=None)
+    pulled = NS(record=NS(ref="h@1", base=NS(id=7)), adapter=NS(base_model=None))
+    check_base_model(NS(get_base=lambda i: base), [pulled], base_model)
+
+
+def test_a_branch_the_hub_cache_recorded_is_read_before_a_commit_prefix():
+    """A revision that could be a branch or a commit prefix (`beef`, all hex) is read as loraops resolves a pulled
+    model's revision offline (hub.resolve_commit) and as git and huggingface_hub read a name: a branch or tag the Hub
+    cache recorded under that exact name first (it was taken as a prefix of the commit whatever the branch held),
+    else a commit prefix of at least 4 hex digits in any case (`BEEF`: git reads an abbreviation so; a branch of
+    that name is another one). A branch pulled from (refs/<branch>: its commit) names the base (it was refused)."""
+    check("org/llama@0123")  # no such branch here: a prefix of the commit
+    check("org/llama@0123456789AB")  # a prefix in upper case, as git reads one
+    cached_ref("org/llama", "0123", OTHER)  # a branch named 0123, at another commit
+    with pytest.raises(MismatchError) as caught:
+        check("org/llama@0123")
+    assert str(caught.value) == (
+        "base_model 'org/llama@0123': h@1 is for llama, pulled at commit 0123456789ab, and revision '0123' is the "
+        "branch or tag 0123, at commit fedcba987654 as the Hub cache last resolved it (a branch or tag is read before "
+        "a commit prefix, as git and the Hub read a name): give the commit, or no revision")
+    check("org/llama@0123456789AB")  # not the branch 0123: a prefix still
+    cached_ref("org/llama", "v1", SHA)  # the branch the base was pulled from
+    check("org/llama@v1")
+    check("llama@v1")  # the registry name at that branch: the same repo's branch
+    cached_ref("org/other", "v2", SHA)  # another repo's branch of that name says nothing of this one
+    with pytest.raises(MismatchError, match=r"^base_model 'org/llama@v2': h@1 is for llama, pulled at commit "
+                                            r"0123456789ab, and revision 'v2' is not that commit \(loraops does not "
+                                            r"look a branch or tag up"):
+        check("org/llama@v2")
+    with pytest.raises(MismatchError, match=r"revision 'V1' is not that commit"):
+        check("org/llama@V1")  # branch names are exact: V1 is not v1
+    with pytest.raises(MismatchError, match=r"revision '0123456789ABCDEF0123456789ABCDEF01234567' is not that commit"):
+        check(f"org/llama@{SHA.upper()}")  # 40 digits in upper case: no full sha (huggingface_hub's), no prefix
+    with pytest.raises(InvalidInputError, match=r"^base_model 'org/llama@\.\./x': invalid revision"):
+        check("org/llama@../x")  # never a path out of the cache's refs/
+
+
+def test_a_lora_revision_is_said_in_recipe_terms(files, tmp_path):
+    """`BASE+path/lora@v2` (mergekit: the LoRA path/lora at the Hub revision v2) was refused with combine's 'the part
+    after @ must be a version number'; the recipe says what is wrong: a recipe's LoRA is a registry reference or a
+    path, and the revision is a Hub one it does not fetch. `@2` stays the registry version."""
+    with pytest.raises(InvalidInputError) as caught:
+        parse_recipe(recipe("ties", ("org/base+path/lora@v2", {"weight": 1}), base_model="org/base"), "r.yml")
+    assert str(caught.value) == (
+        "r.yml: models[1]: 'org/base+path/lora@v2' names the LoRA path/lora at revision 'v2', a Hub revision (as "
+        "mergekit reads it), which a recipe does not fetch: a recipe's LoRA is a registry reference (NAME or "
+        "NAME@VERSION, a version number) or a path (loraops pull path/lora@v2 registers it)")
+    with pytest.raises(InvalidInputError, match=r"^r.yml: models\[1\]: 'style@main' names the model style at "
+                                                r"revision 'main'"):
+        parse_recipe(recipe("ties", ("style@main", {"weight": 1})), "r.yml")
+    with pytest.raises(InvalidInputError) as caught:  # over another model than the base: no LoRA to pull alone
+        parse_recipe(recipe("ties", ("other+org/lora@v2", {"weight": 1}), base_model="org/base"), "r.yml")
+    assert str(caught.value).endswith("registry reference (NAME or NAME@VERSION, a version number) or a path")
+    assert parse_recipe(recipe("ties", ("org/base+style@2", {"weight": 1}), base_model="org/base")).inputs == [
+        ("style@2", 1.0)]
+    doc = recipe("ties", (f"{files['base']}+org/lora@v2", {"weight": 1}), base_model=str(files["base"]))
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc))
+    assert run.returncode != 0 and len(run.stderr.splitlines()) == 1, run.stderr
+    assert "names the LoRA org/lora at revision 'v2'" in run.stderr and "version number'" not in run.stderr
+
+
+def test_a_model_entry_naming_the_base_another_way_is_the_base(files, tmp_path, monkeypatch):
+    """mergekit skips the model equal to the base (its task vector is zero); `./base` beside `base_model: base` (or
+    the base's folder by another path) was read as an adapter path (the base is none: refused). It is the base: no
+    input, and for linear its weight counts in Σw as the base's does."""
+    (tmp_path / "llama").symlink_to(files["base"])
+    entry = "./" + os.path.relpath(tmp_path / "llama") + "/"  # (the CLI runs in this folder: no chdir before it)
+    doc = recipe("ties", (entry, None), (str(files["a"]), {"weight": 1, "density": 0.5}), base_model=str(files["base"]))
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--name", "based")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "ties(density=0.5, normalize=True, lambda=1.0) of a@1×1", run.stdout
+    monkeypatch.chdir(tmp_path)
+    for entry in ("./llama", "llama/", str(tmp_path / "llama"), str(files["base"])):
+        read = parse_recipe(recipe("ties", (entry, None), ("a", {"weight": 1}), base_model="llama"))
+        assert read.inputs == [("a", 1.0)], entry
+        read = parse_recipe(recipe("linear", (entry, {"weight": 1}), ("a", {"weight": 3}), base_model="./llama/"))
+        assert read.inputs == [("a", 0.75)], entry
+    read = parse_recipe(recipe("ties", ("./org/x", None), ("a", {"weight": 1}), base_model="org/x"))  # no such folder
+    assert read.inputs == [("a", 1.0)]
+    with pytest.raises(InvalidInputError, match=r"models\[2\]: '\./llama/' is listed twice"):
+        parse_recipe(recipe("linear", ("llama", {"weight": 1}), ("./llama/", {"weight": 1}), ("a", {"weight": 1}),
+                            base_model="llama"), "r")
+
+
+def test_a_recipe_density_above_one_keeps_the_model_whole_as_density_one(files, tmp_path):
+    """mergekit's sparsify returns a task vector whole at density ≥ 1; a recipe's density above 1 was refused. It is
+    density 1: the same bytes and the same record (gamma/epsilon not applied: None). The command line's --density
+    keeps its range (0, 1]."""
+    read = parse_recipe(recipe("breadcrumbs", ("a", {"weight": 1, "density": 1.5, "gamma": 0.3}),
+                               ("b", {"weight": 1, "density": 0.5}), parameters={"density": 2}))
+    assert read.params == {"density": [1.0, 0.5], "gamma": [0.3, None]}
+    assert parse_recipe(recipe("ties", ("a", {"weight": 1}), parameters={"density": 3})).params == {"density": [1.0]}
+    one = recipe("della", (str(files["a"]), {"weight": 1, "density": 1}), (str(files["b"]), {"weight": 1}),
+                 parameters={"density": 1})
+    above = recipe("della", (str(files["a"]), {"weight": 1, "density": 1.25, "epsilon": 0.5}),
+                   (str(files["b"]), {"weight": 1}), parameters={"density": 7})
+    first = loraops("combine", "--recipe", write(tmp_path / "one.yml", one), "--name", "one")
+    second = loraops("combine", "--recipe", write(tmp_path / "above.yml", above), "--name", "above")
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
+    assert second.stdout.splitlines()[0] == first.stdout.splitlines()[0], (first.stdout, second.stdout)
+    assert second.stdout.splitlines()[-1].startswith("already registered as one@1"), second.stdout
+    cli = loraops("combine", str(files["a"]), str(files["b"]), "-m", "ties", "--density", "1.5")
+    assert cli.returncode != 0 and "density" in cli.stderr and len(cli.stderr.splitlines()) == 1, cli.stderr
