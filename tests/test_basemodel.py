@@ -280,3 +280,20 @@ def test_a_merge_of_a_lone_variant_rewrites_its_index(tmp_path):
     assert total == json.loads((folder / index).read_text())["metadata"]["total_size"] // 2
     merged = AutoModelForCausalLM.from_pretrained(out, variant="fp16")
     assert merged.dtype == torch.bfloat16
+
+
+def test_a_merge_leaves_out_the_index_of_the_variant_shards_it_leaves_out(tmp_path):
+    """A variant's files beside the default weights are other copies of the base (not merged: left out of the
+    output); its index was copied, listing shards the output does not hold (variant= then failed on them)."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, variant="fp16", max_shard_size="60KB")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
