@@ -2,7 +2,8 @@
 
 Layouts understood:
   * one ``.safetensors`` checkpoint (SD-style single file, or any state dict);
-  * a Hugging Face folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``;
+  * a Hugging Face folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``, as
+    from_pretrained reads it without variant= (folder_weights: a variant's files only where they are all it holds);
   * a diffusers pipeline folder (``model_index.json``): one such folder per component; tensor names are then
     prefixed ``<component>.`` ("unet.down_blocks.0...."), which is how diffusers-style adapter keys name them.
 
