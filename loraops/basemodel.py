@@ -319,15 +319,12 @@ def shards_without_index(files: list[str], names: list[str]) -> str | None:
     shards whose index it lacks, else None. Shards are only a model together with their index: transformers and
     diffusers find them through it (never by a glob), so a folder of shards without one (an interrupted copy, a
     snapshot without the index) does not load, and a merge of it would write an output that does not load either.
-    Every set read is looked at (by its name and total), the first without its index named."""
-    sets: dict[tuple[str, str, str], set[str]] = {}
-    for name in sorted(files):
-        if (index := index_of(name)) is not None and index not in names:
-            match = SHARD_NAME.fullmatch(name)
-            sets.setdefault((match["stem"], match["total"], match["tail"]), set()).add(match["n"])
-    if not sets:
+    Every set read is looked at (by its name and total); the line names the first without its index."""
+    unindexed = [match for match in map(SHARD_NAME.fullmatch, sorted(files))
+                 if match and index_of(match[0]) not in (None, *names)]
+    if not unindexed:
         return None
-    (stem, total, tail), present = next(iter(sets.items()))
+    stem, total, tail = unindexed[0]["stem"], unindexed[0]["total"], unindexed[0]["tail"]
     shard = lambda n: f"{stem}-{str(n).rjust(len(total), '0')}-of-{total}{tail}"  # noqa: E731
     missing = [shard(n) for n in range(1, int(total) + 1) if shard(n) not in files]
     also = f", and {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing too" if missing else ""
