@@ -2,7 +2,8 @@
 
 Layouts understood:
   * one ``.safetensors`` checkpoint (SD-style single file, or any state dict);
-  * a Hugging Face folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``;
+  * a Hugging Face folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``, as
+    from_pretrained reads it without variant= (folder_weights: a variant's files only where they are all it holds);
   * a diffusers pipeline folder (``model_index.json``): one such folder per component; tensor names are then
     prefixed ``<component>.`` ("unet.down_blocks.0...."), which is how diffusers-style adapter keys name them.
 
@@ -28,9 +29,15 @@ from .fsutil import Prefetcher, chunks, read_json
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+INDEX_SUFFIX = ".safetensors.index.json"
 PIPELINE_INDEX = "model_index.json"
-SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<n>\d+)-of-(?P<total>\d+)\.safetensors")
-"""How transformers/diffusers name a shard (huggingface_hub's split_*_state_dict_into_shards)."""
+SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<n>\d+)-of-(?P<total>\d+)(?P<tail>(?:\.[^.]+)?\.safetensors)")
+"""How transformers/diffusers name a shard (huggingface_hub's split_*_state_dict_into_shards); ``tail`` is
+.safetensors, or .VARIANT.safetensors for diffusers' legacy variant shards (see VARIANT_FILE)."""
+VARIANT_FILE = re.compile(r"(?P<name>model|diffusion_pytorch_model)"
+                          r"(?:\.(?P<variant>[^.]+?)(?:-\d+-of-\d+)?|-\d+-of-\d+\.(?P<legacy>[^.]+))\.safetensors")
+"""A variant's weights file: transformers' and diffusers' weights names (SAFE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME)
+as _add_variant names them, or as diffusers named a variant's shards before (its legacy format, the legacy group)."""
 
 
 @dataclass
@@ -223,68 +230,105 @@ def tensor_digest(info: TensorInfo, handle=None, buffer: bytearray | None = None
 
 
 def _folder_part(folder: Path, prefix: str) -> Part:
-    index = folder / INDEX_NAME
-    if not index.exists():
-        indexes = sorted(folder.glob("*.safetensors.index.json"))
-        index = indexes[0] if len(indexes) == 1 else index
-    if index.exists():
-        try:
-            weight_map = read_json(index, "safetensors index")["weight_map"]
-            if not all(isinstance(shard, str) for shard in weight_map.values()):
-                raise TypeError
-            shard_names = sorted(set(weight_map.values()))
-        except (KeyError, TypeError, AttributeError):
-            raise FormatError(f"{index}: not a valid safetensors index (no weight_map of tensor names to shard file "
-                              "names)") from None
-        files = []
-        for name in shard_names:
-            # Lexical check, not resolve(): in the Hugging Face cache every file is a symlink into ../../blobs.
-            shard = Path(os.path.normpath(folder.absolute() / name))
-            if Path(os.path.normpath(folder.absolute())) not in shard.parents:
-                raise FormatError(f"{index}: shard {name!r} points outside the folder")
-            if not shard.exists():
-                raise NotFoundError(f"{folder / name}: shard listed in {index.name} is missing")
-            files.append(folder / name)
-        # a shard of the same set that the index does not list: its tensors would be missing from the model
-        stem = index.name.removesuffix(".index.json").removesuffix(".safetensors")
-        # (by SHARD_NAME, not a glob: diffusers' legacy variant shards, NAME-00001-of-00002.fp16.safetensors, matched)
-        unlisted = sorted(p.name for p in folder.glob(f"{stem}-*-of-*.safetensors") if p.name not in shard_names
-                          and (m := SHARD_NAME.fullmatch(p.name)) and m["stem"] == stem)
-        if unlisted:
-            raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
-        return Part(prefix, folder, files, index)
-    files = sorted(folder.glob("*.safetensors"))
-    problem = shards_without_index([p.name for p in folder.iterdir()])
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    try:
+        index_name, file_names = folder_weights(names)
+    except FormatError as exc:
+        raise FormatError(f"{folder}: {exc}") from None
+    if index_name is None:
+        if not file_names:
+            if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+                raise FormatError(f"{folder}: holds only pickle weights (.bin/.pt); convert them to safetensors "
+                                  "first")
+            raise FormatError(f"{folder}: no .safetensors weights found")
+        return Part(prefix, folder, [folder / name for name in file_names])
+    index = folder / index_name
+    try:
+        weight_map = read_json(index, "safetensors index")["weight_map"]
+        if not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise TypeError
+        shard_names = sorted(set(weight_map.values()))
+    except (KeyError, TypeError, AttributeError):
+        raise FormatError(f"{index}: not a valid safetensors index (no weight_map of tensor names to shard file "
+                          "names)") from None
+    files = []
+    for name in shard_names:
+        # Lexical check, not resolve(): in the Hugging Face cache every file is a symlink into ../../blobs.
+        shard = Path(os.path.normpath(folder.absolute() / name))
+        if Path(os.path.normpath(folder.absolute())) not in shard.parents:
+            raise FormatError(f"{index}: shard {name!r} points outside the folder")
+        if not shard.exists():
+            raise NotFoundError(f"{folder / name}: shard listed in {index.name} is missing")
+        files.append(folder / name)
+    # a shard of the same set that the index does not list: its tensors would be missing from the model
+    unlisted = [name for name in names if name not in shard_names and index_of(name) == index_name]
+    if unlisted:
+        raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
+    return Part(prefix, folder, files, index)
+
+
+def folder_weights(names: list[str]) -> tuple[str | None, list[str]]:
+    """Which of a folder's file ``names`` hold its weights, as from_pretrained (transformers', diffusers') reads
+    them by default, without variant=: (the safetensors index they are read through, []) or (None, the
+    .safetensors files). The index: model.safetensors.index.json, else the folder's only one (diffusers'
+    diffusion_pytorch_model.safetensors.index.json). Without one, the .safetensors files but a variant's
+    (model.fp16.safetensors: from_pretrained reads them only when asked for that variant); a folder of one
+    variant only, which loads only as that variant, is read as it: through its index where it has one. Raises a
+    FormatError (not naming the folder) for a set of shards that would be read without its index."""
+    names = sorted(names)
+    indexes = [name for name in names if name.endswith(INDEX_SUFFIX)]
+    if INDEX_NAME in names or len(indexes) == 1:
+        return (INDEX_NAME if INDEX_NAME in names else indexes[0]), []
+    files = [name for name in names if name.endswith(".safetensors")]
+    default = [name for name in files if variant_of(name) is None]
+    if not default and len({variant_of(name) for name in files}) == 1:
+        lone_index = {index_of(name) for name in files} & set(names)
+        if len(lone_index) == 1:
+            return lone_index.pop(), []
+    files = default or files
+    problem = shards_without_index(files, names)
     if problem:
-        raise FormatError(f"{folder}: {problem}")
-    if not files:
-        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-            raise FormatError(f"{folder}: holds only pickle weights (.bin/.pt); convert them to safetensors first")
-        raise FormatError(f"{folder}: no .safetensors weights found")
-    return Part(prefix, folder, files)
+        raise FormatError(problem)
+    return None, files
 
 
-def shards_without_index(names: list[str]) -> str | None:
-    """What is wrong with a folder of these file ``names`` that holds shards but not their index, else None.
-    Shards are only a model together with their index: transformers and diffusers find them through it (never by a
-    glob), so a folder of shards without one (an interrupted copy, a snapshot without the index) does not load, and
-    a merge of it would write an output that does not load either. (Also a Hub base's listing: hub.weight_layout.)"""
-    shards = [m for m in (SHARD_NAME.fullmatch(n) for n in sorted(names)) if m]
-    if not shards:
+def variant_of(name: str) -> str | None:
+    """The variant (fp16, ema, ...) of a weights file named as from_pretrained names them (_add_variant:
+    model.fp16.safetensors, model.fp16-00001-of-00002.safetensors; diffusers' legacy
+    diffusion_pytorch_model-00001-of-00002.fp16.safetensors), else None."""
+    match = VARIANT_FILE.fullmatch(name)
+    return match and (match["variant"] or match["legacy"])
+
+
+def index_of(name: str) -> str | None:
+    """The name of the index that lists ``name`` when it is a shard, else None: model-00001-of-00002.safetensors's
+    is model.safetensors.index.json; a variant's, as _add_variant names it, model.fp16-00001-of-00002.safetensors's
+    model.safetensors.index.fp16.json; diffusers' legacy diffusion_pytorch_model-00001-of-00002.fp16.safetensors's
+    diffusion_pytorch_model.safetensors.fp16.index.json (_fetch_index_file_legacy)."""
+    match, variant = SHARD_NAME.fullmatch(name), variant_of(name)
+    if match is None or (match["tail"] != ".safetensors" and variant is None):
         return None
-    stem, total = shards[0]["stem"], shards[0]["total"]
-    # a variant's shards (model.fp16-00001-of-00002.safetensors) have their index as transformers' _add_variant names
-    # it, model.safetensors.index.fp16.json, which loraops does not read: the shards are read as they are, as before
-    name, dot, variant = stem.rpartition(".")
-    index_name = f"{name}.safetensors.index.{variant}.json" if dot else f"{stem}.safetensors.index.json"
-    if index_name in names:
+    if match["tail"] != ".safetensors":
+        return f"{match['stem']}.safetensors.{variant}.index.json"
+    stem = match["stem"].removesuffix(f".{variant}")
+    return f"{stem}.safetensors.index.{variant}.json" if variant else f"{stem}{INDEX_SUFFIX}"
+
+
+def shards_without_index(files: list[str], names: list[str]) -> str | None:
+    """What is wrong with reading the .safetensors ``files`` of a folder of these file ``names`` when some are
+    shards whose index it lacks, else None. Shards are only a model together with their index: transformers and
+    diffusers find them through it (never by a glob), so a folder of shards without one (an interrupted copy, a
+    snapshot without the index) does not load, and a merge of it would write an output that does not load either.
+    Every set read is looked at (by its name and total); the line names the first without its index."""
+    unindexed = [match for match in map(SHARD_NAME.fullmatch, sorted(files))
+                 if match and index_of(match[0]) not in (None, *names)]
+    if not unindexed:
         return None
-    present = {m["n"] for m in shards if (m["stem"], m["total"]) == (stem, total)}
-    missing = [f"{stem}-{n:0{len(total)}d}-of-{total}.safetensors" for n in range(1, int(total) + 1)
-               if f"{n:0{len(total)}d}" not in present]
+    stem, total, tail = unindexed[0]["stem"], unindexed[0]["total"], unindexed[0]["tail"]
+    shard = lambda n: f"{stem}-{str(n).rjust(len(total), '0')}-of-{total}{tail}"  # noqa: E731
+    missing = [shard(n) for n in range(1, int(total) + 1) if shard(n) not in files]
     also = f", and {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing too" if missing else ""
-    any_shard = f"{stem}-{'N'.rjust(len(total), '0')}-of-{total}.safetensors"
-    return f"shards {any_shard} but no {index_name}{also}: the index is missing (an interrupted copy?)"
+    return f"shards {shard('N')} but no {index_of(shard(1))}{also}: the index is missing (an interrupted copy?)"
 
 
 def _pipeline_parts(folder: Path) -> list[Part]:

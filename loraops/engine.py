@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
-from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
+from .basemodel import BaseModel, fingerprint_of, index_of, store_digests, tensor_digest
 from .check import (can_untie, is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias, tied_head_source,
                     ties_word_embeddings, unstored_head_of, untie_refusal, untied)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
@@ -1356,6 +1356,9 @@ def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
     others = base.other_files()
     left_out = [rel for rel in others if (base.path / rel).parent in folders and WEIGHT_COPY.search(rel.name)
                 and not rel.name.endswith(".json")]
+    # the index of shards left out (a variant's, model.safetensors.index.fp16.json) would list files the output lacks
+    indexes = {rel.with_name(index) for rel in left_out if (index := index_of(rel.name))}
+    left_out += [rel for rel in others if rel in indexes]
     return [rel for rel in others if rel not in left_out], left_out
 
 

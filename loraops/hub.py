@@ -894,28 +894,26 @@ class RemoteBase:
 
 def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, str]]:
     """Which files hold a base's weights, by the rules of loraops.basemodel, on a repo listing: a diffusers
-    pipeline (model_index.json) has one part per component folder (tensor prefix '<component>.'); a folder uses its
-    safetensors index when there is one, else every .safetensors in it. ``read_index(name)`` returns an index's
-    JSON. Returns (files, {file: tensor-name prefix})."""
-    from .basemodel import shards_without_index
+    pipeline (model_index.json) has one part per component folder (tensor prefix '<component>.'); in a folder, the
+    files basemodel.folder_weights chooses (what from_pretrained reads by default), through their index where they
+    have one. ``read_index(name)`` returns an index's JSON. Returns (files, {file: tensor-name prefix})."""
+    from .basemodel import folder_weights
 
     def folder_files(folder: str) -> list[str]:
         prefix = f"{folder}/" if folder else ""
-        here = sorted(n for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
-        indexes = [n for n in here if n.endswith(INDEX_SUFFIX)]
-        index = prefix + "model" + INDEX_SUFFIX if prefix + "model" + INDEX_SUFFIX in here else \
-            (indexes[0] if len(indexes) == 1 else None)
+        here = sorted(n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
+        try:
+            index, files = folder_weights(here)
+        except FormatError as exc:
+            raise FormatError(f"{folder}: {exc}" if folder else str(exc)) from None
         if index:
+            index = prefix + index
             try:
-                shards = sorted(set(read_index(index)["weight_map"].values()))
+                files = sorted(set(read_index(index)["weight_map"].values()))
             except (KeyError, TypeError, AttributeError):
                 raise FormatError(f"{index}: not a valid safetensors index (no weight_map)") from None
-            check_repo_names([prefix + s for s in shards], index)
-            return [prefix + s for s in shards]
-        problem = shards_without_index([n[len(prefix):] for n in here])
-        if problem:
-            raise FormatError(f"{folder}: {problem}" if folder else problem)
-        return [n for n in here if n.endswith(".safetensors")]
+            check_repo_names([prefix + s for s in files], index)
+        return [prefix + s for s in files]
 
     check_repo_names(names, "repo")
     if PIPELINE_INDEX in names:
@@ -934,9 +932,12 @@ def base_reads(names: list[str], weights: list[str]) -> list[str]:
     """The files of a repo listing that loraops.basemodel reads as a base: its ``weights`` (weight_layout), and what
     says how to read them where the repo has it: a pipeline's model_index.json, and in each weights folder its
     config.json (tied heads, FP8 scales; a merged model's config) and safetensors index."""
+    from .basemodel import index_of
+
     folders = {str(PurePosixPath(w).parent) for w in weights}
+    indexes = {str(PurePosixPath(w).with_name(index)) for w in weights if (index := index_of(PurePosixPath(w).name))}
     beside = [n for n in names if str(PurePosixPath(n).parent) in folders
-              and (PurePosixPath(n).name == "config.json" or n.endswith(INDEX_SUFFIX))]
+              and (PurePosixPath(n).name == "config.json" or n.endswith(INDEX_SUFFIX) or n in indexes)]
     return list(weights) + sorted(set(beside) - set(weights)) + ([PIPELINE_INDEX] if PIPELINE_INDEX in names else [])
 
 

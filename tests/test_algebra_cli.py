@@ -342,3 +342,35 @@ def test_a_registry_error_while_staged_names_the_output(files, tmp_path, monkeyp
     assert code != 0 and len(output.splitlines()) == 1 and output.startswith("error: "), output
     assert fsutil.TMP_MARK not in output and f"{out}" in output, output
     assert not os.path.lexists(out)
+
+
+def test_an_unbound_export_refusal_names_the_commands_that_bind_it(tmp_path):
+    """Starcoder2's q_proj and lm_head beside its MLP's c_fc/c_proj (PEFT's saved false is the head's): an adapter
+    of no recorded class is refused as kohya unbound, and the line gives the commands that write it: `base add` of the
+    model its config names (base_model_name_or_path), then the export with --base; once that base is registered,
+    the export alone. Run as given, they write PEFT's deltas."""
+    import re
+    import shlex
+
+    from test_formats_write import LINEAR_FAMILY, assert_peft_deltas, conv1d_family, manifest
+
+    from loraops.check import bind
+
+    config = LINEAR_FAMILY[-1][2]
+    base, folder, deltas = conv1d_family(tmp_path, "starcoder2", "Starcoder2ForCausalLM",
+                                         r".*(c_fc|c_proj|q_proj|lm_head)", **config)
+    out = tmp_path / "k.safetensors"
+    runner = CliRunner()
+    export = ["export", str(folder), "--format", "kohya", "-o", str(out)]
+    result = runner.invoke(main, export)
+    assert result.exit_code != 0 and result.output.startswith("error: ") and result.output.count("\n") == 1, \
+        result.output
+    commands = re.findall(r"`([^`]+)`", result.output)
+    assert commands == [f"loraops base add {base} --name base",
+                        f"loraops export {folder} --format kohya -o {out} --base base"], result.output
+    assert runner.invoke(main, shlex.split(commands[0])[1:]).exit_code == 0
+    result = runner.invoke(main, export)
+    assert re.findall(r"`([^`]+)`", result.output) == commands[1:], result.output
+    result = runner.invoke(main, shlex.split(commands[1])[1:])
+    assert result.exit_code == 0, result.output
+    assert_peft_deltas(bind(read_adapter(out), manifest(base)), deltas)

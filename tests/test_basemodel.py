@@ -186,3 +186,114 @@ def test_diffusers_legacy_variant_shards_beside_an_index_are_not_its_unlisted_sh
         weight_map[f"w{n}"] = shard
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert {n: t.dtype for n, t in BaseModel.open(folder).tensors.items()} == {"w1": "F32", "w2": "F32"}
+
+
+def _shards(folder, stem, total, n_values=None, legacy_variant=None, dtype=torch.float32):
+    """Shards of one set, NAME-0000n-of-0000total.safetensors (diffusers' legacy: ….VARIANT.safetensors), each one
+    tensor w<n>; returns {tensor: shard} as its index lists them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = {}
+    for n in n_values or range(1, total + 1):
+        shard = f"{stem}-{n:05d}-of-{total:05d}" + (f".{legacy_variant}" if legacy_variant else "") + ".safetensors"
+        save_file({f"w{n}": torch.zeros(2, dtype=dtype)}, str(folder / shard))
+        listed[f"w{n}"] = shard
+    return listed
+
+
+def test_every_shard_set_read_needs_its_index_not_the_first_only(tmp_path):
+    """Only variants (no default weights): every set is read, so every set needs its index. The rule looked at the
+    first set only: bf16's with its index passed the folder, fp16's without one were read unindexed beside it."""
+    folder = tmp_path / "m"
+    listed = _shards(folder, "model.bf16", 2)
+    (folder / "model.safetensors.index.bf16.json").write_text(json.dumps({"weight_map": listed}))
+    _shards(folder, "model.fp16", 2)
+    with pytest.raises(FormatError, match=re.escape(
+            f"{folder}: shards model.fp16-0000N-of-00002.safetensors but no model.safetensors.index.fp16.json: ")):
+        BaseModel.open(folder)
+
+
+def test_a_default_load_reads_no_variant_files(tmp_path):
+    """from_pretrained without variant= reads model.safetensors (transformers) or diffusion_pytorch_model.safetensors
+    (diffusers), never a variant's files beside them: the base is what it loads. Both were read (each tensor twice:
+    refused), and a variant's shards without their index refused the folder."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_llama(tmp_path / "m")
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).save_pretrained(
+        folder, variant="fp16", max_shard_size="60KB")
+    assert (folder / "model.safetensors.index.fp16.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    base = BaseModel.open(folder)
+    assert base.files == [folder / "model.safetensors"]
+    assert {n: t.dtype for n, t in base.tensors.items()} == {n: "F32" for n in loaded}
+    (folder / "model.safetensors.index.fp16.json").unlink()
+    assert BaseModel.open(folder).files == [folder / "model.safetensors"]
+
+    unet = tmp_path / "pipe" / "unet"
+    unet.mkdir(parents=True)
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(unet / "diffusion_pytorch_model.safetensors"))
+    save_file({"w": torch.zeros(2, dtype=torch.float16)}, str(unet / "diffusion_pytorch_model.fp16.safetensors"))
+    _shards(unet, "diffusion_pytorch_model", 2, legacy_variant="ema")
+    assert BaseModel.open(tmp_path / "pipe").files == [unet / "diffusion_pytorch_model.safetensors"]
+
+
+@pytest.mark.parametrize("index", ["model.safetensors.index.fp16.json",
+                                   "diffusion_pytorch_model.safetensors.fp16.index.json"])
+def test_a_lone_variant_is_read_through_its_index(tmp_path, index):
+    """A folder of one variant only loads with variant= (transformers' and diffusers' _add_variant naming, or
+    diffusers' legacy shards), through that variant's index: read through it too, so a shard it does not list is
+    refused (it was read by glob) and a merge rewrites the index for its output (it was copied as it was)."""
+    folder = tmp_path / "m"
+    legacy = index.endswith(".fp16.index.json")
+    stem = index.split(".")[0]
+    listed = _shards(folder, stem if legacy else f"{stem}.fp16", 2, legacy_variant="fp16" if legacy else None)
+    (folder / index).write_text(json.dumps({"weight_map": listed}))
+    base = BaseModel.open(folder)
+    assert base.parts[0].index_file == folder / index and set(base.tensors) == {"w1", "w2"}
+    (folder / index).write_text(json.dumps({"weight_map": {"w1": listed["w1"]}}))
+    with pytest.raises(FormatError, match=re.escape(f"{folder / index}: does not list {listed['w2']}, a shard")):
+        BaseModel.open(folder)
+    (folder / index).unlink()  # (diffusers' legacy shards were read by glob without it)
+    with pytest.raises(FormatError, match=re.escape(f"shards {listed['w1'].replace('00001', '0000N')} but no {index}")):
+        BaseModel.open(folder)
+
+
+def test_a_merge_of_a_lone_variant_rewrites_its_index(tmp_path):
+    """Read through its index, a lone variant's merge (--dtype) writes that index for its output, which
+    from_pretrained(variant=) then loads; the index was copied as it was (the base's sizes, a stale total_size)."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+
+    default = tiny_llama(tmp_path / "default")
+    adapter = peft_adapter(default, tmp_path / "a", target_modules=["q_proj"])
+    folder = tmp_path / "fp16"
+    AutoModelForCausalLM.from_pretrained(default).save_pretrained(folder, variant="fp16", max_shard_size="60KB")
+    index = "model.safetensors.index.fp16.json"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record",
+                                       "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    total = json.loads((out / index).read_text())["metadata"]["total_size"]
+    assert total == json.loads((folder / index).read_text())["metadata"]["total_size"] // 2
+    merged = AutoModelForCausalLM.from_pretrained(out, variant="fp16")
+    assert merged.dtype == torch.bfloat16
+
+
+def test_a_merge_leaves_out_the_index_of_the_variant_shards_it_leaves_out(tmp_path):
+    """A variant's files beside the default weights are other copies of the base (not merged: left out of the
+    output); its index was copied, listing shards the output does not hold (variant= then failed on them)."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, variant="fp16", max_shard_size="60KB")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]

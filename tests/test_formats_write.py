@@ -359,9 +359,10 @@ def test_layers_pattern_without_layers_to_transform_is_not_written(llama, tmp_pa
 GPT2_HEAD_TARGETS = r".*(c_attn|attn\.c_proj|lm_head)"
 
 
-def conv1d_family(tmp_path, model_type, cls_name, targets, **config):
+def conv1d_family(tmp_path, model_type, cls_name, targets, task_type="CAUSAL_LM", **config):
     """A tiny untied ``model_type`` base, a PEFT LoRA on ``targets`` made by PEFT, and PEFT's own delta of each
-    module in the base weight's layout (what its merge_and_unload adds)."""
+    module in the base weight's layout (what its merge_and_unload adds). ``task_type`` None: PEFT records the model's
+    class in the config (auto_mapping)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     config = config or dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)
@@ -369,7 +370,7 @@ def conv1d_family(tmp_path, model_type, cls_name, targets, **config):
                                        tie_word_embeddings=False, **config)
     torch.manual_seed(1)
     get_peft_model(factories.load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                          init_lora_weights=False)).save_pretrained(tmp_path / "a", save_embedding_layers=False)
+                                                          init_lora_weights=False, task_type=task_type)).save_pretrained(tmp_path / "a", save_embedding_layers=False)
     deltas = factories.peft_delta_weights(PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a"))
     return base, tmp_path / "a", deltas
 
@@ -430,7 +431,7 @@ def test_bare_gpt2_file_is_refused_as_kohya_unbound(tmp_path):
 BIGCODE = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)
 
 
-@pytest.mark.parametrize("model_type, cls_name, config", [
+LINEAR_FAMILY = [
     ("gpt_bigcode", "GPTBigCodeForCausalLM", {**BIGCODE, "multi_query": False}),
     ("gpt_bigcode", "GPTBigCodeForCausalLM", {**BIGCODE, "multi_query": True}),
     ("gpt_neo", "GPTNeoForCausalLM", dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global"], 2]],
@@ -438,7 +439,10 @@ BIGCODE = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)
     ("starcoder2", "Starcoder2ForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                  num_attention_heads=4, num_key_value_heads=2,
                                                  max_position_embeddings=64)),
-])
+]
+
+
+@pytest.mark.parametrize("model_type, cls_name, config", LINEAR_FAMILY)
 def test_linear_family_under_conv1d_names_is_settled_unbound_unless_a_head_is_targeted(model_type, cls_name, config,
                                                                                       tmp_path):
     """GPT-BigCode, GPT-Neo and Starcoder2 keep nn.Linear layers under Conv1D names (c_attn, c_proj, c_fc; GPT-Neo's
@@ -459,3 +463,43 @@ def test_linear_family_under_conv1d_names_is_settled_unbound_unless_a_head_is_ta
         write_adapter(read_adapter(folder), tmp_path / "k2.safetensors", "kohya")
     kohya = write_adapter(bind(read_adapter(folder), manifest(base)), tmp_path / "k2.safetensors", "kohya")
     assert_peft_deltas(bind(read_adapter(kohya), manifest(base)), deltas)
+
+
+@pytest.mark.parametrize("model_type, cls_name, config", [
+    ("gpt2", "GPT2LMHeadModel", {}),
+    ("gpt_bigcode", "GPTBigCodeForCausalLM", {**BIGCODE, "multi_query": True}),
+    *[case for case in LINEAR_FAMILY if case[0] != "gpt_bigcode"],
+])
+def test_the_model_class_peft_records_settles_conv1d_named_modules_unbound(model_type, cls_name, config, tmp_path):
+    """An adapter saved without a task_type has its model's class in its config (auto_mapping: PEFT's
+    save_pretrained): transformers' class says whether its Conv1D-named layers are Conv1D (GPT-2) or nn.Linear
+    (GPT-BigCode, GPT-Neo, Starcoder2), where the false PEFT saves for a head or q_proj wrapped last does not. Such an
+    adapter on the Conv1D-named layers and others is written as kohya unbound, with PEFT's deltas (it was refused)."""
+    targets = r".*(c_attn|c_fc|c_proj|q_proj|lm_head)"
+    base, folder, deltas = conv1d_family(tmp_path, model_type, cls_name, targets, task_type=None, **config)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert saved["fan_in_fan_out"] is False and saved["auto_mapping"]["base_model_class"] == cls_name
+    kohya = write_adapter(read_adapter(folder), tmp_path / "k.safetensors", "kohya")
+    assert_peft_deltas(bind(read_adapter(kohya), manifest(base)), deltas)
+
+
+def test_the_conv1d_and_linear_model_lists_are_transformers_own():
+    """Every transformers model that has a layer of a Conv1D name (c_attn, q_attn, c_proj, c_fc) is in one list, by
+    what its modeling source makes that layer: Conv1D(...) or nn.Linear(...)."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    from loraops.formats.common import CONV1D_LAYERS
+    from loraops.formats.peft import CONV1D_MODELS, LINEAR_MODELS
+
+    made = {}
+    for source in Path(transformers.__file__).parent.glob("models/*/modeling_*.py"):
+        if source.stem != f"modeling_{source.parent.name}":
+            continue
+        layers = re.findall(rf"self\.(?:{'|'.join(CONV1D_LAYERS)}) = (Conv1D|nn\.Linear)\(", source.read_text())
+        if layers:
+            made[source.parent.name] = set(layers)
+    assert made == {**{m: {"Conv1D"} for m in CONV1D_MODELS}, **{m: {"nn.Linear"} for m in LINEAR_MODELS}}
+

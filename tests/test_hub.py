@@ -674,3 +674,20 @@ def test_a_hub_base_of_shards_without_their_index_is_refused_as_a_local_one(fake
             "unet: shards diffusion_pytorch_model-0000N-of-00002.safetensors but no "
             "diffusion_pytorch_model.safetensors.index.json: the index is missing")):
         hub.weight_layout(names, lambda name: {})
+
+
+def test_a_hub_base_reads_the_weights_a_local_one_does_not_its_variants():
+    """A repo's variants (SD 1.5's unet/diffusion_pytorch_model.fp16.safetensors beside its default weights) were
+    read with the default weights (each tensor twice: refused); a repo of one variant only is read through that
+    variant's index, which an offline snapshot then needs."""
+    names = ["model_index.json", "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"]
+    assert hub.weight_layout(names, lambda name: {})[1] == {
+        "unet/diffusion_pytorch_model.safetensors": "unet.", "vae/diffusion_pytorch_model.fp16.safetensors": "vae."}
+    shards = ["model.fp16-00001-of-00002.safetensors", "model.fp16-00002-of-00002.safetensors"]
+    names = ["config.json", "model.safetensors.index.fp16.json", *shards]
+    read = []
+    index = {"weight_map": {"a": shards[0], "b": shards[1]}}
+    weights = hub.weight_layout(names, lambda name: read.append(name) or index)[0]
+    assert weights == shards and read == ["model.safetensors.index.fp16.json"]
+    assert hub.base_reads(names, weights) == [*shards, "config.json", "model.safetensors.index.fp16.json"]

@@ -202,7 +202,7 @@ def peft_unwritable_parts(adapter: "Adapter") -> list["LoraModule"]:
 
 
 def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, label: str | None = None,
-                      peft_way_out: str | None = None) -> None:
+                      peft_way_out: str | None = None, base_way_out: str | None = None) -> None:
     """LoRAs on raw parameters (PEFT target_parameters) that cannot be written as ``fmt``: only PEFT can hold them
     (as target_parameters again: as per-module keys transformers 5 has no module by those names, and a Conv1D's would
     be transposed), and only in PEFT's wrapper layout (params.expert_layout, under the adapter's own names; with
@@ -211,7 +211,8 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
     fused tensors peft_unwritable_parts gives (kohya joins or names them, diffusers names them as its pipeline does).
     Callers that compute an adapter to write it (combine, resize) ask first about their inputs, extract about what it
     will make. ``label``: how messages name the adapter (default: adapter.label); ``peft_way_out``: what the refusal
-    of such parts says to do (extract's differs)."""
+    of such parts says to do (extract's differs); ``base_way_out``: what the refusal of modules whose orientation only
+    their base says says to do (export names its commands)."""
     label = label or adapter.label
     lowrank.refuse_unbound(adapter, label, f"written as {fmt}")
     parts = peft_unwritable_parts(adapter) if fmt == "peft" else []
@@ -225,7 +226,8 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
     if fmt != "peft" and unsettled:
         raise UnsupportedAdapterError(
             f"{label}: {common.shown(unsettled)}: Conv1D-named modules whose orientation (fan_in_fan_out) only their "
-            f"base says, which the {fmt} layout fixes; give --base (a registered base) to write it as {fmt}"
+            f"base says, which the {fmt} layout fixes; "
+            f"{base_way_out or f'give --base (a registered base) to write it as {fmt}'}"
         )
     if fmt == "kohya" and adapter.dora:
         raise UnsupportedAdapterError(

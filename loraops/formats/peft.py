@@ -218,9 +218,11 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     if target_parameters and cfg.get("use_dora"):
         raise UnsupportedAdapterError(f"{path}: DoRA on raw parameters (use_dora with target_parameters), which PEFT "
                                       "itself refuses; loraops does not guess its math")
+    recorded = recorded_class_fan_in_fan_out(cfg)  # (what the model's class says over the last layer's flag)
     return ScaleConfig(
         alpha=lora_alpha, r=r, rslora=bool(cfg.get("use_rslora", False)), rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)) if recorded is None else recorded,
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
         dora=cfg["use_dora"] if "use_dora" in cfg else None, product=product, method=method,
         ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
@@ -632,14 +634,34 @@ def settled_orientation(modules: dict[str, LoraModule], config: dict | None) -> 
     settles their fan_in_fan_out. PEFT decides it per layer (Conv1D: true, nn.Linear: false) and saves the last wrapped
     layer's: true says that layer, and so the adapter's model, is a Conv1D one (GPT-2); false where every 2-D LoRA
     module is Conv1D-named says they are nn.Linear (GPT-BigCode, GPT-Neo, Starcoder2); false beside another layer
-    (GPT-2's lm_head, saved last) or no flag at all (a bare file) says nothing of them. The factors cannot say either:
-    PEFT's lora_A is r × the layer's inputs, lora_B its outputs × r, for a Conv1D as for an nn.Linear."""
+    (GPT-2's lm_head, saved last) or no flag at all (a bare file) says nothing of them, unless the config records the
+    model's class (recorded_class_fan_in_fan_out). The factors cannot say either: PEFT's lora_A is r × the layer's
+    inputs, lora_B its outputs × r, for a Conv1D as for an nn.Linear."""
     linear = [m for m in modules.values() if m.kind == "linear" and m.raw_parameter is None and m.product is None]
     conv1d = [m for m in linear if common.conv1d_named(m.name)]
     flag = (config or {}).get("fan_in_fan_out")
-    if not conv1d or flag is True or (flag is False and len(conv1d) == len(linear)):
+    if (not conv1d or flag is True or (flag is False and len(conv1d) == len(linear))
+            or recorded_class_fan_in_fan_out(config) is not None):
         return modules
     return {**modules, **{m.name: replace(m, orientation_known=False) for m in conv1d}}
+
+
+CONV1D_MODELS = frozenset({"gpt2", "openai", "imagegpt", "decision_transformer", "clvp"})
+"""transformers' models whose Conv1D-named layers (common.CONV1D_LAYERS) are its Conv1D (stored in × out)."""
+LINEAR_MODELS = frozenset({"gpt_bigcode", "gpt_neo", "starcoder2"})
+"""transformers' models whose Conv1D-named layers are nn.Linear. (Both lists: every transformers model with a layer of
+those names, tests/test_formats_write.py checks against the installed transformers' source.)"""
+
+
+def recorded_class_fan_in_fan_out(config: dict | None) -> bool | None:
+    """The fan_in_fan_out of the Conv1D-named layers of the model class PEFT recorded in the config (auto_mapping's
+    parent_library, saved for an adapter without a task_type): true for a CONV1D_MODELS class, false for a
+    LINEAR_MODELS one; None where none is recorded, or one of another model or library (remote code)."""
+    mapping = (config or {}).get("auto_mapping")
+    library = mapping.get("parent_library") if isinstance(mapping, dict) else None
+    match = re.fullmatch(r"transformers\.models\.(\w+)\.modeling_\1", library) if isinstance(library, str) else None
+    model = match[1] if match else None
+    return True if model in CONV1D_MODELS else False if model in LINEAR_MODELS else None
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
