@@ -698,6 +698,27 @@ def test_a_task_adapter_hashes_the_modules_it_saves_not_their_spelling(tmp_path)
         assert identity(null_modules_to_save(folder)) != listed
 
 
+def test_a_task_type_adds_no_head_to_a_trainable_tokens_identity(tmp_path):
+    """PEFT's task models add their head to modules_to_save only where the config has that field, which
+    TrainableTokensConfig has not: a SEQ_CLS trainable-tokens adapter saves no head. Its identity (modules_to_save as
+    PEFT loads it, saved_entries) is then the one it had before task entries were hashed, that of the same folder
+    without a task_type; hashing the task's entries would re-identify every such adapter."""
+    import transformers
+    from peft import TrainableTokensConfig, get_peft_model
+
+    _, model_type, cls_name, config, _ = factories.TASK_MODELS[1]
+    base = factories.tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    model = get_peft_model(getattr(transformers, cls_name).from_pretrained(base),
+                           TrainableTokensConfig(task_type="SEQ_CLS", token_indices=[1, 2]))
+    model.save_pretrained(tmp_path / "a")
+    assert not hasattr(model.peft_config["default"], "modules_to_save")
+    assert not any("score" in key for key in load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    tasked = identity(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "task_type": None}))
+    assert identity(tmp_path / "a") == tasked
+
+
 @pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
 def test_a_task_adapter_without_its_head_keeps_the_base_head(task, model_type, cls_name, config, targets, tmp_path):
     """A deliberate difference: PEFT 0.21 cannot load a task adapter whose file lacks the head its task model saves
