@@ -149,3 +149,24 @@ def test_a_recipe_density_above_one_keeps_the_model_whole_as_density_one(files, 
     assert second.stdout.splitlines()[-1].startswith("already registered as one@1"), second.stdout
     cli = loraops("combine", str(files["a"]), str(files["b"]), "-m", "ties", "--density", "1.5")
     assert cli.returncode != 0 and "density" in cli.stderr and len(cli.stderr.splitlines()) == 1, cli.stderr
+
+
+def test_a_revision_no_cache_ref_holds_is_not_that_commit():
+    """A revision the Hub cache can hold no ref of (a name too long for a file) is no branch or tag resolved here: it
+    is refused as another revision is, not with the file system's error about a path in the cache; a ref that holds
+    no commit sha (empty, garbage, upper case: what huggingface_hub did not write) names no commit, said so, not as
+    'at commit ' followed by nothing or by what looks like the commit."""
+    from loraops.hub import RepoRef, cached_ref as read_ref
+
+    for name, held in (("empty", ""), ("garbage", "not a commit"), ("upper", SHA.upper())):
+        cached_ref("org/llama", name, held)
+        with pytest.raises(MismatchError) as caught:
+            check(f"org/llama@{name}")
+        assert str(caught.value) == (
+            f"base_model 'org/llama@{name}': h@1 is for llama, pulled at commit 0123456789ab, and revision {name!r} is "
+            f"the branch or tag {name}, whose Hub cache ref holds no commit sha: give the commit, or no revision")
+    long = "v" * 300  # (refs/ exists now: the name itself is what the file system refuses)
+    assert read_ref(RepoRef("org/llama", long)) is None
+    with pytest.raises(MismatchError, match=rf"^base_model 'org/llama@{long}': h@1 is for llama, pulled at commit "
+                                            rf"0123456789ab, and revision '{long}' is not that commit \(loraops"):
+        check(f"org/llama@{long}")
