@@ -170,3 +170,17 @@ def test_a_revision_no_cache_ref_holds_is_not_that_commit():
     with pytest.raises(MismatchError, match=rf"^base_model 'org/llama@{long}': h@1 is for llama, pulled at commit "
                                             rf"0123456789ab, and revision '{long}' is not that commit \(loraops"):
         check(f"org/llama@{long}")
+
+
+def test_what_a_recipe_entry_holding_at_or_plus_names(files, tmp_path, monkeypatch):
+    """A file or folder whose whole name holds '@' is read as it is (no Hub revision); a revision of digits that are
+    not ASCII is no registry version (combine reads none) and is refused in recipe terms; `BASE+LORA` where BASE is
+    the base_model's folder by another path (a link) is the LoRA, as `./x+LORA` beside `base_model: x` is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x@v2").mkdir()
+    assert parse_recipe(recipe("ties", ("x@v2", {"weight": 1}))).inputs == [("x@v2", 1.0)]
+    with pytest.raises(InvalidInputError, match=r"^r: models\[1\]: 'style@١' names the model style at revision '١'"):
+        parse_recipe(recipe("ties", ("style@١", {"weight": 1})), "r")
+    (tmp_path / "llama").symlink_to(files["base"])
+    read = parse_recipe(recipe("ties", ("llama+style@2", {"weight": 1}), base_model=str(files["base"])))
+    assert read.inputs == [("style@2", 1.0)]
