@@ -184,3 +184,18 @@ def test_what_a_recipe_entry_holding_at_or_plus_names(files, tmp_path, monkeypat
     (tmp_path / "llama").symlink_to(files["base"])
     read = parse_recipe(recipe("ties", ("llama+style@2", {"weight": 1}), base_model=str(files["base"])))
     assert read.inputs == [("style@2", 1.0)]
+
+
+def test_a_hub_revision_in_model_plus_lora_over_another_model_names_its_part():
+    """`MODEL+LORA` over another model than the base_model, read as mergekit reads it: a revision after the LoRA is
+    the LoRA's (it was said to be the model `other+org/lora`'s), one after the model is the model's (it was
+    'the model other at revision main+lora'); no `loraops pull` hint (no such repo to pull alone)."""
+    tail = ("a Hub revision (as mergekit reads it), which a recipe does not fetch: a recipe's {} is a registry "
+            "reference (NAME or NAME@VERSION, a version number) or a path")
+    for written, said in (("other+org/lora@v2", "the LoRA org/lora at revision 'v2'"),
+                          ("other@main+org/lora", "the model other at revision 'main'"),
+                          ("other@main+org/lora@v2", "the model other at revision 'main'")):
+        with pytest.raises(InvalidInputError) as caught:
+            parse_recipe(recipe("ties", (written, {"weight": 1}), base_model="org/base"), "r")
+        what = said.split()[1]
+        assert str(caught.value) == f"r: models[1]: {written!r} names {said}, " + tail.format(what), written
