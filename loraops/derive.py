@@ -148,6 +148,9 @@ def _not_the_commit(revision: str, pulled: "RepoRef") -> str | None:
     if is_commit_sha(revision):
         return None if revision == pulled.revision else "is not that commit"
     named = cached_ref(RepoRef(pulled.repo_id, revision))
+    if named is not None and not is_commit_sha(named):  # (not what huggingface_hub writes: empty, garbage)
+        return (f"is the branch or tag {revision}, whose Hub cache ref holds no commit sha: give the commit, or no "
+                "revision")
     if named is not None:
         return None if named == pulled.revision else (
             f"is the branch or tag {revision}, at commit {named[:12]} as the Hub cache last resolved it (a branch or "

@@ -157,7 +157,7 @@ def cached_ref(ref: RepoRef) -> str | None:
     from huggingface_hub.file_download import repo_folder_name
 
     path = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "refs" / (ref.revision or "main")
-    if not path.is_file():
+    if not os.path.isfile(path):  # (False, not an error, for a name no file can have: too long, a NUL in it)
         return None
     with contextlib.suppress(OSError, UnicodeDecodeError):
         return path.read_text().strip()

@@ -280,11 +280,23 @@ def _is_base(model: str, base_model: str) -> bool:
 def _refuse_hub_revision(written: str, model: str, where: str, refuse) -> None:
     """A model (or the LoRA of ``BASE+LORA``) at a revision that is no registry version (``org/lora@v2``, which
     mergekit reads as a Hub revision) is refused in recipe terms, before combine reads it as a bad version number; a
-    file or folder of that name is read as it is."""
-    name, at, revision = model.rpartition("@")
-    if not at or (revision.isascii() and revision.isdigit()) or Path(model).exists():
+    file or folder of that name is read as it is. ``MODEL+LORA`` over another model than the base is read as mergekit
+    reads it: a revision is its model's or its LoRA's."""
+    if Path(model).exists():
         return
-    what = "model" if model == written else "LoRA"
+    try:
+        ref = model_reference(model)
+    except InvalidInputError:
+        return  # (what mergekit cannot read either: combine's REF says what is wrong)
+    parts = [("model" if model == written else "LoRA", ref.path, ref.revision)]
+    if ref.lora is not None:
+        lora, _, lora_revision = ref.lora.partition("@")
+        parts.append(("LoRA", lora, lora_revision))
+    hub = [(what, name, revision) for what, name, revision in parts
+           if revision and not (revision.isascii() and revision.isdigit())]
+    if not hub:
+        return
+    what, name, revision = hub[0]
     pull = "" if "+" in model else f" (loraops pull {model} registers it)"  # (MODEL+LORA over another model: none)
     raise refuse(f"{where}: {written!r} names the {what} {name} at revision {revision!r}, a Hub revision (as mergekit "
                  f"reads it), which a recipe does not fetch: a recipe's {what} is a registry reference (NAME or "

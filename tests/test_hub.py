@@ -691,3 +691,18 @@ def test_a_hub_base_reads_the_weights_a_local_one_does_not_its_variants():
     weights = hub.weight_layout(names, lambda name: read.append(name) or index)[0]
     assert weights == shards and read == ["model.safetensors.index.fp16.json"]
     assert hub.base_reads(names, weights) == [*shards, "config.json", "model.safetensors.index.fp16.json"]
+
+
+def test_offline_a_branch_named_like_a_commit_prefix_is_the_branch(monkeypatch):
+    """Offline, a revision that could be a branch or a commit prefix (`beef`) is the branch where the Hub cache
+    recorded one (refs/beef), as huggingface_hub and git read a name, though a cached snapshot's commit starts with
+    it; without that ref it is the prefix. One rule with a recipe's base_model revision (hub.cached_ref)."""
+    branch, snapshot = "1" * 40, "beef" + "2" * 36
+    repo = hub.cache_dir() / "models--someone--x"
+    for commit in (branch, snapshot):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.resolve_commit(hub.RepoRef("someone/x", "beef")) == snapshot
+    (repo / "refs").mkdir()
+    (repo / "refs" / "beef").write_text(branch)
+    assert hub.resolve_commit(hub.RepoRef("someone/x", "beef")) == branch

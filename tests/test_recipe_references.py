@@ -149,3 +149,53 @@ def test_a_recipe_density_above_one_keeps_the_model_whole_as_density_one(files, 
     assert second.stdout.splitlines()[-1].startswith("already registered as one@1"), second.stdout
     cli = loraops("combine", str(files["a"]), str(files["b"]), "-m", "ties", "--density", "1.5")
     assert cli.returncode != 0 and "density" in cli.stderr and len(cli.stderr.splitlines()) == 1, cli.stderr
+
+
+def test_a_revision_no_cache_ref_holds_is_not_that_commit():
+    """A revision the Hub cache can hold no ref of (a name too long for a file) is no branch or tag resolved here: it
+    is refused as another revision is, not with the file system's error about a path in the cache; a ref that holds
+    no commit sha (empty, garbage, upper case: what huggingface_hub did not write) names no commit, said so, not as
+    'at commit ' followed by nothing or by what looks like the commit."""
+    from loraops.hub import RepoRef, cached_ref as read_ref
+
+    for name, held in (("empty", ""), ("garbage", "not a commit"), ("upper", SHA.upper())):
+        cached_ref("org/llama", name, held)
+        with pytest.raises(MismatchError) as caught:
+            check(f"org/llama@{name}")
+        assert str(caught.value) == (
+            f"base_model 'org/llama@{name}': h@1 is for llama, pulled at commit 0123456789ab, and revision {name!r} is "
+            f"the branch or tag {name}, whose Hub cache ref holds no commit sha: give the commit, or no revision")
+    long = "v" * 300  # (refs/ exists now: the name itself is what the file system refuses)
+    assert read_ref(RepoRef("org/llama", long)) is None
+    with pytest.raises(MismatchError, match=rf"^base_model 'org/llama@{long}': h@1 is for llama, pulled at commit "
+                                            rf"0123456789ab, and revision '{long}' is not that commit \(loraops"):
+        check(f"org/llama@{long}")
+
+
+def test_what_a_recipe_entry_holding_at_or_plus_names(files, tmp_path, monkeypatch):
+    """A file or folder whose whole name holds '@' is read as it is (no Hub revision); a revision of digits that are
+    not ASCII is no registry version (combine reads none) and is refused in recipe terms; `BASE+LORA` where BASE is
+    the base_model's folder by another path (a link) is the LoRA, as `./x+LORA` beside `base_model: x` is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x@v2").mkdir()
+    assert parse_recipe(recipe("ties", ("x@v2", {"weight": 1}))).inputs == [("x@v2", 1.0)]
+    with pytest.raises(InvalidInputError, match=r"^r: models\[1\]: 'style@١' names the model style at revision '١'"):
+        parse_recipe(recipe("ties", ("style@١", {"weight": 1})), "r")
+    (tmp_path / "llama").symlink_to(files["base"])
+    read = parse_recipe(recipe("ties", ("llama+style@2", {"weight": 1}), base_model=str(files["base"])))
+    assert read.inputs == [("style@2", 1.0)]
+
+
+def test_a_hub_revision_in_model_plus_lora_over_another_model_names_its_part():
+    """`MODEL+LORA` over another model than the base_model, read as mergekit reads it: a revision after the LoRA is
+    the LoRA's (it was said to be the model `other+org/lora`'s), one after the model is the model's (it was
+    'the model other at revision main+lora'); no `loraops pull` hint (no such repo to pull alone)."""
+    tail = ("a Hub revision (as mergekit reads it), which a recipe does not fetch: a recipe's {} is a registry "
+            "reference (NAME or NAME@VERSION, a version number) or a path")
+    for written, said in (("other+org/lora@v2", "the LoRA org/lora at revision 'v2'"),
+                          ("other@main+org/lora", "the model other at revision 'main'"),
+                          ("other@main+org/lora@v2", "the model other at revision 'main'")):
+        with pytest.raises(InvalidInputError) as caught:
+            parse_recipe(recipe("ties", (written, {"weight": 1}), base_model="org/base"), "r")
+        what = said.split()[1]
+        assert str(caught.value) == f"r: models[1]: {written!r} names {said}, " + tail.format(what), written
