@@ -275,12 +275,13 @@ def untied(config: dict) -> dict:
 
 def can_untie(config: dict) -> bool:
     """May a model of this config.json come out with its output head untied? Not an encoder-decoder model: some
-    (Switch Transformers, UDOP, and T5 before transformers 5) scale their decoder's output when tied. But a composite
-    model whose config copies its T5-family text model's is_encoder_decoder to the top (BLIP-2 with a T5): untied
-    writes that text model's scaling (SCALES_BY_TIE), as for InstructBLIP's, whose config does not copy it."""
+    (Switch Transformers, UDOP) scale their decoder's output when tied, others (BART, Whisper) are not checked
+    against transformers untied. But a T5-family one (SCALES_BY_TIE) is: untied writes its scaling, at the top level
+    (T5ForConditionalGeneration) or in a composite model's text config (BLIP-2 with a T5 copies the T5's
+    is_encoder_decoder to its top)."""
     if config.get("is_encoder_decoder") is not True:
         return True
-    return any(isinstance(sub := config.get(key), dict) and sub.get("model_type") in SCALES_BY_TIE for key in TEXT_CONFIGS)
+    return any(level.get("model_type") in SCALES_BY_TIE for level in _tie_flags(config))
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:
@@ -290,8 +291,9 @@ def untie_refusal(embeddings: str, config: dict) -> str | None:
     if ties_word_embeddings(config) is False:
         return "not in the base, and its config.json says tie_word_embeddings: false"
     if not can_untie(config):
-        return (f"tied to {embeddings!r} in an encoder-decoder model, where tie_word_embeddings also decides how "
-                "the output is scaled (T5-style): loraops does not untie it, and does not merge into tied heads")
+        return (f"tied to {embeddings!r} in an encoder-decoder model not of the T5 family: loraops unties only "
+                "T5's, UMT5's, LongT5's and Pop2Piano's (writing how tie_word_embeddings scaled their output), and "
+                "does not merge into tied heads")
     return None
 
 

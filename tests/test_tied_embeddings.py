@@ -929,6 +929,54 @@ def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling, mod
     assert (text["tie_word_embeddings"], text["scale_decoder_outputs"]) == (False, scales)
 
 
+def t5_logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=TOKENS[:, :6] % 100 + 3, decoder_input_ids=TOKENS[:, 6:11] % 100 + 3).logits
+
+
+@pytest.mark.parametrize("layout", ["saved", "derived", "three copies"])
+def test_a_t5_at_the_top_level_unties_its_head_as_blip_2s(tmp_path, layout):
+    """A T5ForConditionalGeneration, its head tied to shared: a LoRA on lm_head was refused as an encoder-decoder
+    model's, where the same T5 inside BLIP-2 or InstructBLIP is untied (its scaling written). Untied as there, it
+    computes what PEFT's adapted model computes, loaded by transformers with nothing missing. ("derived": a config
+    from before transformers 5, without scale_decoder_outputs; "three copies": a checkpoint from before transformers
+    5, shared.weight stored also as the encoder's and decoder's embed_tokens.)"""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from loraops.basemodel import BaseModel
+
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(**_INSTRUCTBLIP_T5["text_config"])).save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert (config["is_encoder_decoder"], config["tie_word_embeddings"], config["scale_decoder_outputs"]) == (True, True, True)
+    if layout == "derived":
+        del config["scale_decoder_outputs"]
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    if layout == "three copies":
+        state = load_file(tmp_path / "base" / "model.safetensors")
+        assert "lm_head.weight" not in state
+        state.update({f"{side}.embed_tokens.weight": state["shared.weight"].clone() for side in ("encoder", "decoder")})
+        save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(T5ForConditionalGeneration.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q", "lm_head"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    expected = t5_logits(adapted_model)
+
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, base.tensors, config=base.config)
+    assert found.ok and found.tied_heads == ["lm_head"]
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    merged, info = T5ForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(t5_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["tie_word_embeddings"], written["scale_decoder_outputs"]) == (False, True)
+    assert (t5_logits(merged) - t5_logits(T5ForConditionalGeneration.from_pretrained(tmp_path / "base"))).abs().max() > 1e-3
+
+
 def test_untied_keeps_the_output_scaling_each_config_reads():
     """untied writes scale_decoder_outputs where transformers derives it from tie_word_embeddings (the T5 family,
     SCALES_BY_TIE: every config class of the installed transformers that has the attribute), as that config read it:
