@@ -368,12 +368,28 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
 
 def _may_be_tied_embeddings(tensor: str, manifest: Mapping[str, object], config: dict) -> bool:
     """Might a model of remote code read ``tensor`` as the input embeddings it ties an unstored head to (InternLM2's
-    model.tok_embeddings, its head output)? A table with a row per token of its config's vocabulary, and no other
+    model.tok_embeddings, its head output)? A table of input embeddings by its name (_names_input_embeddings), with a
+    row per token of its config's vocabulary where the config says one (a model's MLP may be as tall: it is no
+    table), by its name alone where it says none (the remote config class's default is the model's); and no other
     tensor of its shape stored outside the model's numbered blocks (which would be that head)."""
     shape = tuple(manifest[tensor].shape)
-    vocabulary = {level.get(key) for level in _tie_flags(config) for key in ("vocab_size", "padded_vocab_size")}
-    return len(shape) == 2 and shape[0] in vocabulary - {None} and not any(
-        tuple(info.shape) == shape and not re.search(r"\.\d+\.", name) for name, info in manifest.items() if name != tensor)
+    vocabulary = {level.get(key) for level in _tie_flags(config) for key in ("vocab_size", "padded_vocab_size")} - {None}
+    if len(shape) != 2 or not _names_input_embeddings(tensor) or (vocabulary and shape[0] not in vocabulary):
+        return False
+    return not any(tuple(info.shape) == shape and not _IN_BLOCK.search(name) for name, info in manifest.items()
+                   if name != tensor)
+
+
+_IN_BLOCK = re.compile(r"\.\d+\.")
+"""A tensor of a model's numbered blocks (model.layers.0.…)."""
+
+
+def _names_input_embeddings(tensor: str) -> bool:
+    """Does remote code's tensor name say it is a table of input embeddings: outside the numbered blocks, its module
+    named for embeddings (InternLM2's tok_embeddings, ChatGLM's word_embeddings, Qwen's and Phi-1's wte, RWKV's
+    emb), not for positions or token types?"""
+    leaf = tensor.removesuffix(".weight").rpartition(".")[2]
+    return not _IN_BLOCK.search(tensor) and ("emb" in leaf or leaf == "wte") and not re.search("pos|type", leaf)
 
 
 def _causal_lm_head(embeddings: str) -> str | None:

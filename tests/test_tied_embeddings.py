@@ -1234,14 +1234,15 @@ def test_check_goes_by_the_recorded_manifest_of_a_base_whose_files_it_cannot_rea
     assert f"{adapter_path} fits other" in loraops_run("check", adapter_path).stdout
 
 
-@pytest.mark.parametrize("case", ["tied", "tied, unsaid", "head stored"])
+@pytest.mark.parametrize("case", ["tied", "tied, unsaid", "tied, no vocabulary", "head stored"])
 def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, tied, case):
     """InternLM2's remote code names its input embeddings model.tok_embeddings and its head output: names the
     causal-LM rule does not read, so a LoRA on those embeddings of a tied base (no head stored; tie_word_embeddings
     true, or unsaid: its config class's default is then the model's own) was merged into the one tensor its head
     reads too, where PEFT's adapted model changes the lookup only. Refused by merge in one line (check: a misfit,
     with that reason), as where the rule names a head the model may not have (ChatGLM's); the base storing its head
-    merges."""
+    merges. ("no vocabulary": a config.json that does not say vocab_size, its remote config class's default then the
+    model's: the embeddings are told by their name alone, and were merged.)"""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
     from loraops.errors import MismatchError
@@ -1254,9 +1255,11 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     config = {**json.loads((tied / "config.json").read_text()), "architectures": ["InternLM2ForCausalLM"],
               "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
                            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
-              "tie_word_embeddings": case == "tied"}
+              "tie_word_embeddings": case != "head stored"}
     if case == "tied, unsaid":
         del config["tie_word_embeddings"]
+    if case == "tied, no vocabulary":
+        del config["vocab_size"]
     (tied / "config.json").write_text(json.dumps(config))
     adapter_path = embedding_lora(tiny_llama(tmp_path / "llama", tie=True), tmp_path / "a")
     lora = load_file(adapter_path / "adapter_model.safetensors")
@@ -1286,18 +1289,24 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     assert not torch.equal(merged[embeddings], state[embeddings])
 
 
-def test_a_remote_code_tied_model_merges_loras_off_its_embeddings(tmp_path, tied):
-    """The refusal of a remote-code model's possible tied embeddings (InternLM2's) reads only a table of a row per
-    token: LoRAs on every other layer of such a tied base (its MLP's up_proj as tall as the vocabulary, the input
-    embeddings of its shape beside it) fit and merge, untying nothing."""
+@pytest.mark.parametrize("vocabulary", ["one", "padded"])
+def test_a_remote_code_tied_model_merges_loras_off_its_embeddings(tmp_path, vocabulary):
+    """The refusal of a remote-code model's possible tied embeddings (InternLM2's) reads only a table of embeddings,
+    by its name and a row per token: LoRAs on every other layer of such a tied base (its MLP's up_proj as tall as the
+    vocabulary) fit and merge, untying nothing. ("padded": the embeddings have a row per token of
+    padded_vocab_size, as ChatGLM's, the MLP one per token of vocab_size: no tensor of the MLP's shape beside it,
+    the MLP was refused as the embeddings.)"""
     from loraops.basemodel import BaseModel
 
+    tied = tiny_llama(tmp_path / "tied", tie=True, vocab=136 if vocabulary == "padded" else 128)
+    adapter = formats.read_adapter(embedding_lora(tied, tmp_path / "a", targets=LLAMA_TARGETS))
     config = json.loads((tied / "config.json").read_text())
+    if vocabulary == "padded":
+        config.update(vocab_size=128, padded_vocab_size=136)
     (tied / "config.json").write_text(json.dumps({**config, "architectures": ["InternLM2ForCausalLM"],
                                                   "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}))
-    adapter = formats.read_adapter(embedding_lora(tied, tmp_path / "a", targets=LLAMA_TARGETS))
     base = BaseModel.open(tied)
-    assert tuple(base.tensors["model.layers.0.mlp.up_proj.weight"].shape) == tuple(base.tensors[EMBED].shape)
+    assert base.tensors["model.layers.0.mlp.up_proj.weight"].shape[0] == 128
     found = check.check(adapter, base.tensors, config=base.config)
     assert found.ok and found.tied_heads == []
     assert engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
