@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
-from .errors import AmbiguousError, MismatchError
+from .errors import AmbiguousError, FormatError, MismatchError
 from .formats import lowrank, params
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
@@ -903,11 +903,11 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
           config: Callable[[str], dict] | None = None) -> CheckReport:
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
-    tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line
-    if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge unties because a
-    LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in tied_heads too, and
-    what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's embeddings) is missing,
-    with merge's reason."""
+    tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): missing, with
+    merge's reason, if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge
+    unties because a LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in
+    tied_heads too, and what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's
+    embeddings) is missing, with merge's reason."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
@@ -989,9 +989,17 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                                 actual=[max(rows.indices) + 1, int(rows.values.shape[1])]))
     ok = not (missing or mismatches or full_mismatches or row_mismatches or res.ambiguous)
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
-        for name in [*(module.weight_name for module in bound.modules.values()), *bound.token_rows]:
-            if name in manifest:
-                fp8.layout(manifest, name, quantization(name))
+        for name, weight in [*((n, module.weight_name) for n, module in bound.modules.items()),
+                             *((n, n) for n in bound.token_rows)]:
+            try:
+                if weight in manifest:
+                    fp8.layout(manifest, weight, quantization(weight))
+            except FormatError as refusal:  # merge's reason; a misfit of this base (not the end of a check of all)
+                missing.append(name)
+                why_missing[name] = str(refusal)
+                if name in bound.modules:
+                    matched -= 1
+        ok = not missing
     return CheckReport(
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
@@ -999,7 +1007,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         tied_heads=sorted(set(tied_heads)), why_missing=why_missing,
         token_rows=sum(len(r.indices) for r in bound.token_rows.values()),
         token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
-                               if n not in {m.name for m in row_mismatches}),
+                               if n not in {m.name for m in row_mismatches} and n not in why_missing),
     )
 
 

@@ -1188,6 +1188,35 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
 
 
+def test_check_against_a_registered_base_whose_files_cannot_be_read(tmp_path, tied, monkeypatch):
+    """A registered base whose files are where they were recorded but cannot be read now (an OSError: a permission,
+    a failing disk) is checked by its recorded manifest, that base alone, as one whose files are gone: the error
+    ended `check ADAPTER` against every registered base. (The read is made to fail: the tests run as root, whom
+    file permissions do not stop.)"""
+    from pathlib import Path
+
+    from loraops import basemodel
+    from loraops.registry import Registry
+
+    other = tiny_llama(tmp_path / "other", seed=5)
+    adapter_path = embedding_lora(tied, tmp_path / "a", targets=["q_proj"])
+    read_json = basemodel.read_json
+
+    def unreadable(path, *args, **kwargs):
+        if Path(path).resolve().parent == tied.resolve():
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_json(path, *args, **kwargs)
+
+    with Registry.open() as registry:
+        registry.add_base(tied, name="tied")
+        registry.add_base(other, name="other")
+        monkeypatch.setattr(basemodel, "read_json", unreadable)
+        every = registry.check_adapter(adapter_path)
+        named = registry.check_adapter(adapter_path, "tied")
+    assert sorted(report.base for report in every.reports) == ["other", "tied"] and sorted(every.fits) == ["other", "tied"]
+    assert named.fits == ["tied"]
+
+
 @pytest.mark.parametrize("saved", [False, True])
 def test_check_against_every_registered_base_reports_a_remote_code_refusal_as_a_misfit(tmp_path, tied, saved):
     """`check ADAPTER` with no base (none recorded) reports each registered base. A tied remote-code base whose
