@@ -991,9 +991,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
         for name, weight in [*((n, module.weight_name) for n, module in bound.modules.items()),
                              *((n, n) for n in bound.token_rows)]:
+            if weight not in manifest:
+                continue
             try:
-                if weight in manifest:
-                    fp8.layout(manifest, weight, quantization(weight))
+                fp8.layout(manifest, weight, quantization(weight))
             except FormatError as refusal:  # merge's reason; a misfit of this base (not the end of a check of all)
                 missing.append(name)
                 why_missing[name] = str(refusal)

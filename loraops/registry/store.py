@@ -701,8 +701,12 @@ class Registry:
             else:
                 rows = list(s.scalars(select(SqlBase).order_by(SqlBase.name)))
             manifests = [(r.name, self._manifest(s, r.id), r.path) for r in rows]
-        return CheckResult.of(label, [check.check(adapter, manifest, base_name=name) if (model := _files_at(path)) is None
-                                      else _check_files(adapter, model, name) for name, manifest, path in manifests])
+        reports = []
+        for name, manifest, path in manifests:
+            model = _files_at(path)
+            reports.append(check.check(adapter, manifest, base_name=name) if model is None
+                           else _check_files(adapter, model, name))
+        return CheckResult.of(label, reports)
 
     def verify(self, progress: bool | None = None) -> list[BlobProblem]:
         """Re-hash every stored file against its record; return what is missing or changed. The trainable tokens of
