@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
-from .errors import AmbiguousError, MismatchError
+from .errors import AmbiguousError, FormatError, MismatchError
 from .formats import lowrank, params
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
@@ -275,12 +275,13 @@ def untied(config: dict) -> dict:
 
 def can_untie(config: dict) -> bool:
     """May a model of this config.json come out with its output head untied? Not an encoder-decoder model: some
-    (Switch Transformers, UDOP, and T5 before transformers 5) scale their decoder's output when tied. But a composite
-    model whose config copies its T5-family text model's is_encoder_decoder to the top (BLIP-2 with a T5): untied
-    writes that text model's scaling (SCALES_BY_TIE), as for InstructBLIP's, whose config does not copy it."""
+    (Switch Transformers, UDOP) scale their decoder's output when tied, others (BART, Whisper) are not checked
+    against transformers untied. But a T5-family one (SCALES_BY_TIE) is: untied writes its scaling, at the top level
+    (T5ForConditionalGeneration) or in a composite model's text config (BLIP-2 with a T5 copies the T5's
+    is_encoder_decoder to its top)."""
     if config.get("is_encoder_decoder") is not True:
         return True
-    return any(isinstance(sub := config.get(key), dict) and sub.get("model_type") in SCALES_BY_TIE for key in TEXT_CONFIGS)
+    return any(level.get("model_type") in SCALES_BY_TIE for level in _tie_flags(config))
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:
@@ -290,8 +291,9 @@ def untie_refusal(embeddings: str, config: dict) -> str | None:
     if ties_word_embeddings(config) is False:
         return "not in the base, and its config.json says tie_word_embeddings: false"
     if not can_untie(config):
-        return (f"tied to {embeddings!r} in an encoder-decoder model, where tie_word_embeddings also decides how "
-                "the output is scaled (T5-style): loraops does not untie it, and does not merge into tied heads")
+        return (f"tied to {embeddings!r} in an encoder-decoder model not of the T5 family: loraops unties only "
+                "T5's, UMT5's, LongT5's and Pop2Piano's (writing how tie_word_embeddings scaled their output), and "
+                "does not merge into tied heads")
     return None
 
 
@@ -366,12 +368,28 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
 
 def _may_be_tied_embeddings(tensor: str, manifest: Mapping[str, object], config: dict) -> bool:
     """Might a model of remote code read ``tensor`` as the input embeddings it ties an unstored head to (InternLM2's
-    model.tok_embeddings, its head output)? A table with a row per token of its config's vocabulary, and no other
+    model.tok_embeddings, its head output)? A table of input embeddings by its name (_names_input_embeddings), with a
+    row per token of its config's vocabulary where the config says one (a model's MLP may be as tall: it is no
+    table), by its name alone where it says none (the remote config class's default is the model's); and no other
     tensor of its shape stored outside the model's numbered blocks (which would be that head)."""
     shape = tuple(manifest[tensor].shape)
-    vocabulary = {level.get(key) for level in _tie_flags(config) for key in ("vocab_size", "padded_vocab_size")}
-    return len(shape) == 2 and shape[0] in vocabulary - {None} and not any(
-        tuple(info.shape) == shape and not re.search(r"\.\d+\.", name) for name, info in manifest.items() if name != tensor)
+    vocabulary = {level.get(key) for level in _tie_flags(config) for key in ("vocab_size", "padded_vocab_size")} - {None}
+    if len(shape) != 2 or not _names_input_embeddings(tensor) or (vocabulary and shape[0] not in vocabulary):
+        return False
+    return not any(tuple(info.shape) == shape and not _IN_BLOCK.search(name) for name, info in manifest.items()
+                   if name != tensor)
+
+
+_IN_BLOCK = re.compile(r"\.\d+\.")
+"""A tensor of a model's numbered blocks (model.layers.0.…)."""
+
+
+def _names_input_embeddings(tensor: str) -> bool:
+    """Does remote code's tensor name say it is a table of input embeddings: outside the numbered blocks, its module
+    named for embeddings (InternLM2's tok_embeddings, ChatGLM's word_embeddings, Qwen's and Phi-1's wte, RWKV's
+    emb), not for positions or token types?"""
+    leaf = tensor.removesuffix(".weight").rpartition(".")[2]
+    return not _IN_BLOCK.search(tensor) and ("emb" in leaf or leaf == "wte") and not re.search("pos|type", leaf)
 
 
 def _causal_lm_head(embeddings: str) -> str | None:
@@ -885,11 +903,11 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
           config: Callable[[str], dict] | None = None) -> CheckReport:
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
-    tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): a FormatError line
-    if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge unties because a
-    LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in tied_heads too, and
-    what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's embeddings) is missing,
-    with merge's reason."""
+    tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): missing, with
+    merge's reason, if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge
+    unties because a LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in
+    tied_heads too, and what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's
+    embeddings) is missing, with merge's reason."""
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
@@ -971,9 +989,18 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                                 actual=[max(rows.indices) + 1, int(rows.values.shape[1])]))
     ok = not (missing or mismatches or full_mismatches or row_mismatches or res.ambiguous)
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
-        for name in [*(module.weight_name for module in bound.modules.values()), *bound.token_rows]:
-            if name in manifest:
-                fp8.layout(manifest, name, quantization(name))
+        for name, weight in [*((n, module.weight_name) for n, module in bound.modules.items()),
+                             *((n, n) for n in bound.token_rows)]:
+            if weight not in manifest:
+                continue
+            try:
+                fp8.layout(manifest, weight, quantization(weight))
+            except FormatError as refusal:  # merge's reason; a misfit of this base (not the end of a check of all)
+                missing.append(name)
+                why_missing[name] = str(refusal)
+                if name in bound.modules:
+                    matched -= 1
+        ok = not missing
     return CheckReport(
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
@@ -981,7 +1008,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         tied_heads=sorted(set(tied_heads)), why_missing=why_missing,
         token_rows=sum(len(r.indices) for r in bound.token_rows.values()),
         token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
-                               if n not in {m.name for m in row_mismatches}),
+                               if n not in {m.name for m in row_mismatches} and n not in why_missing),
     )
 
 

@@ -489,9 +489,10 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     untied = {base.tensors[source].file for source in heads.values()}
     touched, apart = terms.keys() | replacements.keys() | rows.keys(), _changed_apart(adapters)
     for group in _stored_twice(base, touched):
-        # a head changed, or the embeddings apart from it (see _changed_apart)
+        # a head changed, or the embeddings apart from it (see _changed_apart); copies of the embeddings alone (T5's
+        # shared and each side's embed_tokens, saved before transformers 5) are one parameter that no config unties
         group_heads = {name for name in group if _is_head(base, name)}
-        if not undo and any(name in touched if name in group_heads else name in apart for name in group) \
+        if not undo and group_heads and any(name in touched if name in group_heads else name in apart for name in group) \
                 and _can_untie(base, min(group)):
             untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
             biases = _decoder_biases(base, {name: name for name in group_heads})

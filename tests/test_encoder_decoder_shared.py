@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from test_extract import run
 from loraops import engine, formats
@@ -47,13 +48,20 @@ def adapted(tmp_path, kind, **lora):
     return model
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
+@pytest.mark.parametrize("kind", ["t5", "bart", "t5, three copies"])
 def test_a_nonzero_lora_on_shared_merges_into_the_tied_tensor(tmp_path, kind):
     """A nonzero LoRA on shared (init_lora_weights=False): the adapted model's forward does not apply it, PEFT's
     merge_and_unload adds it to the tied tensor; loraops' merged checkpoint, loaded by transformers, computes what
-    PEFT's merge computes (not the adapted model: documented in docs/architectures.md)."""
+    PEFT's merge computes (not the adapted model: documented in docs/architectures.md). ("three copies": a T5
+    checkpoint from before transformers 5, shared.weight stored also as each side's embed_tokens: every copy gets the
+    change, the T5 being one that may be untied.)"""
+    copies, kind = kind.endswith("three copies"), kind.partition(",")[0]
     model = adapted(tmp_path, kind, init_lora_weights=False)
     model.save_pretrained(tmp_path / "a")
+    if copies:
+        state = load_file(tmp_path / "base" / "model.safetensors")
+        state.update({f"{side}.embed_tokens.weight": state["shared.weight"].clone() for side in ("encoder", "decoder")})
+        save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
     shared = "shared" if kind == "t5" else "model.shared"
     with_shared = logits(model)
     peft_merged = logits(copy.deepcopy(model).merge_and_unload())

@@ -532,6 +532,23 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, models, case, state_e
         assert not (tmp_path / "out").exists()
 
 
+def test_check_of_a_registered_quantized_base_reads_its_files(tmp_path, models):
+    """check --base NAME of a registered base whose files are at hand checks the quantized layout merge reads from
+    them, as check --base PATH does (the recorded manifest holds no file headers: it said "fits" where merge
+    refuses); and checked against every registered base, one base merge would refuse does not fit, the others are
+    still checked."""
+    bad = _rewrite(models.fp8, tmp_path / "bnb", _bnb_int8, lambda c: c.update({"quantization_config": {"quant_method": "bitsandbytes"}}))
+    message = f"'{Q}.weight' is stored as I8 with {Q}.SCB F32[64] (config.json quant_method 'bitsandbytes'); {UNSUPPORTED}"
+    cli("base", "add", bad, "--name", "bnb")
+    cli("base", "add", models.fp8, "--name", "fp8")
+    by_name = cli("check", models.q_only, "--base", "bnb", code=2).output
+    assert message in by_name and "does not fit bnb: 0/2 modules match" in by_name
+    assert "0/2 modules match" in cli("check", models.q_only, "--base", bad, code=2).output
+    assert "fits fp8: 2/2 modules match" in cli("check", models.q_only, "--base", "fp8").output
+    every = cli("check", models.q_only).output
+    assert "fits fp8: 2/2 modules match" in every and "does not fit bnb" in every and message in every
+
+
 def test_dtype_refuses_fp8_weights_it_cannot_read_even_untouched(tmp_path, models):
     bad = _rewrite(models.fp8, tmp_path / "bad", lambda s: s.pop("model.layers.1.mlp.gate_proj.weight_scale_inv"))
     cli("merge", models.adapter, "--into", bad, "-o", tmp_path / "out", "--no-record")  # gate_proj: untouched, copied

@@ -292,7 +292,8 @@ def test_check_and_merge_say_a_tied_head_is_written_untied(tmp_path):
     adapter = peft_adapter(tmp_path / "base", tmp_path / "a", target_modules=["q_proj", "lm_head"])
     assert run("check", adapter, "--base", tmp_path / "base").output.splitlines()[1:] == [
         "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied "
-        "(an encoder-decoder model's is refused, but a T5's inside BLIP-2 or InstructBLIP)"]
+        "(an encoder-decoder model's is refused, but a T5-family one's: T5, UMT5, LongT5, Pop2Piano, alone or inside "
+        "BLIP-2 or InstructBLIP)"]
     out = run("merge", adapter, "--into", tmp_path / "base", "-o", tmp_path / "out", "--no-record").output
     assert out.splitlines()[1] == UNTIED
     assert "lm_head.weight" in tensors(tmp_path / "out")
@@ -308,7 +309,8 @@ def test_check_and_merge_say_an_embeddings_lora_unties_the_head(tmp_path):
     adapter = peft_adapter(base, tmp_path / "a", target_modules=["embed_tokens"])
     assert run("check", adapter, "--base", base).output.splitlines()[1:] == [
         "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied "
-        "(an encoder-decoder model's is refused, but a T5's inside BLIP-2 or InstructBLIP)"]
+        "(an encoder-decoder model's is refused, but a T5-family one's: T5, UMT5, LongT5, Pop2Piano, alone or inside "
+        "BLIP-2 or InstructBLIP)"]
     out = run("merge", adapter, "--into", base, "-o", tmp_path / "out", "--no-record").output
     assert out.splitlines()[1] == UNTIED
 

@@ -961,6 +961,54 @@ def test_a_t5_text_config_untied_keeps_its_output_scaling(tmp_path, scaling, mod
     assert (text["tie_word_embeddings"], text["scale_decoder_outputs"]) == (False, scales)
 
 
+def t5_logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=TOKENS[:, :6] % 100 + 3, decoder_input_ids=TOKENS[:, 6:11] % 100 + 3).logits
+
+
+@pytest.mark.parametrize("layout", ["saved", "derived", "three copies"])
+def test_a_t5_at_the_top_level_unties_its_head_as_blip_2s(tmp_path, layout):
+    """A T5ForConditionalGeneration, its head tied to shared: a LoRA on lm_head was refused as an encoder-decoder
+    model's, where the same T5 inside BLIP-2 or InstructBLIP is untied (its scaling written). Untied as there, it
+    computes what PEFT's adapted model computes, loaded by transformers with nothing missing. ("derived": a config
+    from before transformers 5, without scale_decoder_outputs; "three copies": a checkpoint from before transformers
+    5, shared.weight stored also as the encoder's and decoder's embed_tokens.)"""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from loraops.basemodel import BaseModel
+
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(**_INSTRUCTBLIP_T5["text_config"])).save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert (config["is_encoder_decoder"], config["tie_word_embeddings"], config["scale_decoder_outputs"]) == (True, True, True)
+    if layout == "derived":
+        del config["scale_decoder_outputs"]
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    if layout == "three copies":
+        state = load_file(tmp_path / "base" / "model.safetensors")
+        assert "lm_head.weight" not in state
+        state.update({f"{side}.embed_tokens.weight": state["shared.weight"].clone() for side in ("encoder", "decoder")})
+        save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    adapted_model = get_peft_model(T5ForConditionalGeneration.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q", "lm_head"], init_lora_weights=False)).eval()
+    adapted_model.save_pretrained(tmp_path / "a")
+    expected = t5_logits(adapted_model)
+
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, base.tensors, config=base.config)
+    assert found.ok and found.tied_heads == ["lm_head"]
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    merged, info = T5ForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(t5_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["tie_word_embeddings"], written["scale_decoder_outputs"]) == (False, True)
+    assert (t5_logits(merged) - t5_logits(T5ForConditionalGeneration.from_pretrained(tmp_path / "base"))).abs().max() > 1e-3
+
+
 def test_untied_keeps_the_output_scaling_each_config_reads():
     """untied writes scale_decoder_outputs where transformers derives it from tie_word_embeddings (the T5 family,
     SCALES_BY_TIE: every config class of the installed transformers that has the attribute), as that config read it:
@@ -1172,6 +1220,35 @@ def test_a_remote_code_model_whose_head_the_rule_cannot_name(tmp_path, tied, cas
     assert report.heads_untied == ["lm_head.weight"]  # (one stored twice is untied too: written as its own tensor)
 
 
+def test_check_against_a_registered_base_whose_files_cannot_be_read(tmp_path, tied, monkeypatch):
+    """A registered base whose files are where they were recorded but cannot be read now (an OSError: a permission,
+    a failing disk) is checked by its recorded manifest, that base alone, as one whose files are gone: the error
+    ended `check ADAPTER` against every registered base. (The read is made to fail: the tests run as root, whom
+    file permissions do not stop.)"""
+    from pathlib import Path
+
+    from loraops import basemodel
+    from loraops.registry import Registry
+
+    other = tiny_llama(tmp_path / "other", seed=5)
+    adapter_path = embedding_lora(tied, tmp_path / "a", targets=["q_proj"])
+    read_json = basemodel.read_json
+
+    def unreadable(path, *args, **kwargs):
+        if Path(path).resolve().parent == tied.resolve():
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_json(path, *args, **kwargs)
+
+    with Registry.open() as registry:
+        registry.add_base(tied, name="tied")
+        registry.add_base(other, name="other")
+        monkeypatch.setattr(basemodel, "read_json", unreadable)
+        every = registry.check_adapter(adapter_path)
+        named = registry.check_adapter(adapter_path, "tied")
+    assert sorted(report.base for report in every.reports) == ["other", "tied"] and sorted(every.fits) == ["other", "tied"]
+    assert named.fits == ["tied"]
+
+
 @pytest.mark.parametrize("saved", [False, True])
 def test_check_against_every_registered_base_reports_a_remote_code_refusal_as_a_misfit(tmp_path, tied, saved):
     """`check ADAPTER` with no base (none recorded) reports each registered base. A tied remote-code base whose
@@ -1218,14 +1295,15 @@ def test_check_goes_by_the_recorded_manifest_of_a_base_whose_files_it_cannot_rea
     assert f"{adapter_path} fits other" in loraops_run("check", adapter_path).stdout
 
 
-@pytest.mark.parametrize("case", ["tied", "tied, unsaid", "head stored"])
+@pytest.mark.parametrize("case", ["tied", "tied, unsaid", "tied, no vocabulary", "head stored"])
 def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, tied, case):
     """InternLM2's remote code names its input embeddings model.tok_embeddings and its head output: names the
     causal-LM rule does not read, so a LoRA on those embeddings of a tied base (no head stored; tie_word_embeddings
     true, or unsaid: its config class's default is then the model's own) was merged into the one tensor its head
     reads too, where PEFT's adapted model changes the lookup only. Refused by merge in one line (check: a misfit,
     with that reason), as where the rule names a head the model may not have (ChatGLM's); the base storing its head
-    merges."""
+    merges. ("no vocabulary": a config.json that does not say vocab_size, its remote config class's default then the
+    model's: the embeddings are told by their name alone, and were merged.)"""
     from factories import loraops_run
     from loraops.basemodel import BaseModel
     from loraops.errors import MismatchError
@@ -1238,9 +1316,11 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     config = {**json.loads((tied / "config.json").read_text()), "architectures": ["InternLM2ForCausalLM"],
               "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
                            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
-              "tie_word_embeddings": case == "tied"}
+              "tie_word_embeddings": case != "head stored"}
     if case == "tied, unsaid":
         del config["tie_word_embeddings"]
+    if case == "tied, no vocabulary":
+        del config["vocab_size"]
     (tied / "config.json").write_text(json.dumps(config))
     adapter_path = embedding_lora(tiny_llama(tmp_path / "llama", tie=True), tmp_path / "a")
     lora = load_file(adapter_path / "adapter_model.safetensors")
@@ -1270,18 +1350,24 @@ def test_a_remote_code_model_whose_embeddings_the_rule_does_not_name(tmp_path, t
     assert not torch.equal(merged[embeddings], state[embeddings])
 
 
-def test_a_remote_code_tied_model_merges_loras_off_its_embeddings(tmp_path, tied):
-    """The refusal of a remote-code model's possible tied embeddings (InternLM2's) reads only a table of a row per
-    token: LoRAs on every other layer of such a tied base (its MLP's up_proj as tall as the vocabulary, the input
-    embeddings of its shape beside it) fit and merge, untying nothing."""
+@pytest.mark.parametrize("vocabulary", ["one", "padded"])
+def test_a_remote_code_tied_model_merges_loras_off_its_embeddings(tmp_path, vocabulary):
+    """The refusal of a remote-code model's possible tied embeddings (InternLM2's) reads only a table of embeddings,
+    by its name and a row per token: LoRAs on every other layer of such a tied base (its MLP's up_proj as tall as the
+    vocabulary) fit and merge, untying nothing. ("padded": the embeddings have a row per token of
+    padded_vocab_size, as ChatGLM's, the MLP one per token of vocab_size: no tensor of the MLP's shape beside it,
+    the MLP was refused as the embeddings.)"""
     from loraops.basemodel import BaseModel
 
+    tied = tiny_llama(tmp_path / "tied", tie=True, vocab=136 if vocabulary == "padded" else 128)
+    adapter = formats.read_adapter(embedding_lora(tied, tmp_path / "a", targets=LLAMA_TARGETS))
     config = json.loads((tied / "config.json").read_text())
+    if vocabulary == "padded":
+        config.update(vocab_size=128, padded_vocab_size=136)
     (tied / "config.json").write_text(json.dumps({**config, "architectures": ["InternLM2ForCausalLM"],
                                                   "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}))
-    adapter = formats.read_adapter(embedding_lora(tied, tmp_path / "a", targets=LLAMA_TARGETS))
     base = BaseModel.open(tied)
-    assert tuple(base.tensors["model.layers.0.mlp.up_proj.weight"].shape) == tuple(base.tensors[EMBED].shape)
+    assert base.tensors["model.layers.0.mlp.up_proj.weight"].shape[0] == 128
     found = check.check(adapter, base.tensors, config=base.config)
     assert found.ok and found.tied_heads == []
     assert engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []

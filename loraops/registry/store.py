@@ -38,6 +38,8 @@ from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBa
 if TYPE_CHECKING:
     from .. import formats
     from ..adapter import Adapter
+    from ..basemodel import BaseModel
+    from ..records import CheckReport
 
 RETRIES = 10
 RETRY_BACKOFF_S = 0.02
@@ -690,10 +692,7 @@ class Registry:
             self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_adapter(self.blobs.path(blob), alpha=override, values=False)
         if base is not None and Path(base).exists():
-            model = BaseModel.open(base)
-            return CheckResult.of(label, [check.check(adapter, model.tensors, base_name=str(base),
-                                                      quantization=model.quantization_config,
-                                                      config=model.config)])
+            return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))])
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base)]
@@ -702,8 +701,12 @@ class Registry:
             else:
                 rows = list(s.scalars(select(SqlBase).order_by(SqlBase.name)))
             manifests = [(r.name, self._manifest(s, r.id), r.path) for r in rows]
-        return CheckResult.of(label, [check.check(adapter, manifest, base_name=name, **_configs_at(path))
-                                      for name, manifest, path in manifests])
+        reports = []
+        for name, manifest, path in manifests:
+            model = _files_at(path)
+            reports.append(check.check(adapter, manifest, base_name=name) if model is None
+                           else _check_files(adapter, model, name))
+        return CheckResult.of(label, reports)
 
     def verify(self, progress: bool | None = None) -> list[BlobProblem]:
         """Re-hash every stored file against its record; return what is missing or changed. The trainable tokens of
@@ -895,22 +898,31 @@ def _pull_again(source: str | None) -> str | None:
     return pull_again(source)
 
 
-def _configs_at(path: str | None) -> dict[str, Callable[[str], dict]]:
-    """check.check's ``config`` for a registered base, read from its files where they still are (the config.json merge
-    reads: a tied head it would refuse is refused by check too); none where its files are gone or unreadable (a base
-    from the Hub not downloaded yet): check then goes by the recorded manifest alone. (Not ``quantization``: its
-    layout checks read a file's headers, which a recorded manifest does not hold.)"""
+def _files_at(path: str | None) -> "BaseModel | None":
+    """A registered base's files, read where they still are (with every config.json: a bad one is said here), for
+    check to read what merge reads: their tensors' headers (a quantized layout merge cannot write does not fit) and
+    config.json (a tied head it would refuse is refused by check too). None where they are gone or unreadable (a base
+    from the Hub not downloaded yet, a file now unreadable or damaged): check then goes by the recorded manifest
+    alone, for that base only."""
     from ..basemodel import BaseModel
 
     if not path or not Path(path).exists():
-        return {}
+        return None
     try:
         model = BaseModel.open(path)
-        for tensor in model.tensors:  # read now (BaseModel.config reads one when asked): a bad one is said here
+        for tensor in model.tensors:  # read now (BaseModel.config reads one when asked)
             model.config(tensor)
-    except LoraopsError:  # what merge would say of them; check reports what the recorded manifest says
-        return {}
-    return {"config": lambda tensor: model.config(tensor) if tensor in model.tensors else {}}
+    except (LoraopsError, OSError):  # what merge would say of them; check reports what the recorded manifest says
+        return None
+    return model
+
+
+def _check_files(adapter: "Adapter", model: "BaseModel", name: str) -> "CheckReport":
+    """check.check against a base's files, as merge reads them: its headers, config.json and quantization."""
+    from .. import check
+
+    return check.check(adapter, model.tensors, base_name=name, quantization=model.quantization_config,
+                       config=model.config)
 
 
 def _downloads(base: BaseRecord) -> bool:
