@@ -297,3 +297,25 @@ def test_a_merge_leaves_out_the_index_of_the_variant_shards_it_leaves_out(tmp_pa
     result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_a_merge_leaves_out_every_index_of_weights_it_does_not_write(tmp_path):
+    """An index beside the merged weights lists other copies of them, which the output does not hold: a variant's
+    whose shards are not there (a Hub snapshot downloads the variant's index, a .json, but not its shards), and
+    pytorch_model.bin.index.json (its .bin shards are left out). Copied, variant= / use_safetensors=False loaded
+    from_pretrained a folder that lists missing files."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    missing = {"weight_map": {"lm_head.weight": "model.fp16-00001-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.fp16.json").write_text(json.dumps(missing))
+    (folder / "pytorch_model-00001-of-00001.bin").write_bytes(b"pickle")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00001.bin"}}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert not list(out.glob("*index*")) and (out / "model.safetensors").exists()
