@@ -394,7 +394,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
         if fmt != "peft":
             adapter, left_out = without_unchanged_layers(reg, adapter, fmt, base)
         if base is None and Path(ref).exists():  # (a registered adapter takes --base only once recorded against it)
-            refuse_unwritable(adapter, fmt, base_way_out=export_with_base(reg, adapter, ref, fmt, output))
+            refuse_unwritable(adapter, fmt, base_way_out=export_with_base(reg, adapter, ref, fmt, output, force))
     writable(adapter, fmt)
     return write_adapter(adapter, output, fmt, force=force), adapter.methods, left_out
 
@@ -407,22 +407,25 @@ def _repo_id(text: str) -> str | None:
     return None
 
 
-def export_with_base(reg: "Registry", adapter: "Adapter", ref: str, fmt: str, output: str) -> str:
+def export_with_base(reg: "Registry", adapter: "Adapter", ref: str, fmt: str, output: str, force: bool) -> str:
     """The commands that export ``ref`` bound to its base: `loraops export … --base NAME` with the registered base its
     PEFT config's base_model_name_or_path names, else after the `loraops base add` that registers that model (a folder
-    that exists, else a Hub id), else after one for the base it was trained on (which only the user knows)."""
+    that exists, else a Hub id) under a name no other base holds, else after one for the base it was trained on
+    (which only the user knows). The export is the one given (``force``: its --force), bound."""
     import shlex
+
+    from .merging import free_name
 
     named = adapter.base_model
     bases = [b.name for b in reg.list_bases()
              if named and any(_names(named, n) for n in (b.name, b.source, b.path) if n)]
-    export = f"loraops export {shlex.quote(ref)} --format {fmt} -o {shlex.quote(output)} --base "
+    export = f"loraops export {shlex.quote(ref)} --format {fmt} -o {shlex.quote(output)}{' --force' * force} --base "
     if len(bases) == 1:
         return f"run `{export}{shlex.quote(bases[0])}`"
-    if named and Path(named).expanduser().exists():
-        add, name = shlex.quote(named), Path(named).expanduser().resolve().name
+    if named and Path(named).expanduser().exists():  # (expanded: the shell does not expand a quoted ~)
+        add, name = shlex.quote(str(Path(named).expanduser())), free_name(reg, Path(named).expanduser())
     elif named and (repo_id := _repo_id(named)):
-        add, name = f"hub:{repo_id}", repo_id.split("/")[-1]
+        add, name = f"hub:{repo_id}", free_name(reg, repo_id.split("/")[-1])
     else:
         return (f"register its base first, then run `{export}NAME` (`loraops base add <its base model's folder, or "
                 "hub:OWNER/NAME> --name NAME`)")

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
-from .basemodel import BaseModel, fingerprint_of, index_of, store_digests, tensor_digest
+from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (can_untie, is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias, tied_head_source,
                     ties_word_embeddings, unstored_head_of, untie_refusal, untied)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
@@ -1348,6 +1348,10 @@ def _copy(item: _Copy, source: ReadAhead, out: DirectFileWriter, *, hashing: boo
 # (a sentence-transformers 2_Dense/, an mm_projector.bin) are not the merged model's and are copied.
 WEIGHT_COPY = re.compile(r"^((pytorch_|tf_|flax_|diffusion_pytorch_)?model|consolidated)([-.][^/]*)?"
                          r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|\.gguf$")
+WEIGHT_INDEX = re.compile(r"^((pytorch_|diffusion_pytorch_)?model|consolidated)\.(safetensors|bin)\.([^/]+\.)?index"
+                          r"(\.[^/]+)?\.json$")
+"""The index of such a copy's shards, as transformers and diffusers name it (with a variant: _add_variant's
+model.safetensors.index.fp16.json, diffusers' legacy diffusion_pytorch_model.safetensors.fp16.index.json)."""
 
 
 def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
@@ -1357,9 +1361,11 @@ def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
     others = base.other_files()
     left_out = [rel for rel in others if (base.path / rel).parent in folders and WEIGHT_COPY.search(rel.name)
                 and not rel.name.endswith(".json")]
-    # the index of shards left out (a variant's, model.safetensors.index.fp16.json) would list files the output lacks
-    indexes = {rel.with_name(index) for rel in left_out if (index := index_of(rel.name))}
-    left_out += [rel for rel in others if rel in indexes]
+    # an index other than the merged weights' lists other copies (a variant's model.safetensors.index.fp16.json, whose
+    # shards a Hub snapshot lacks; pytorch_model.bin.index.json): the output does not hold the files it lists
+    indexes = {part.index_file for part in base.parts}
+    left_out += [rel for rel in others if (base.path / rel).parent in folders and WEIGHT_INDEX.search(rel.name)
+                 and base.path / rel not in indexes]
     return [rel for rel in others if rel not in left_out], left_out
 
 

@@ -374,3 +374,47 @@ def test_an_unbound_export_refusal_names_the_commands_that_bind_it(tmp_path):
     result = runner.invoke(main, shlex.split(commands[1])[1:])
     assert result.exit_code == 0, result.output
     assert_peft_deltas(bind(read_adapter(out), manifest(base)), deltas)
+
+
+def test_the_commands_an_unbound_export_refusal_names_run_as_given(tmp_path, monkeypatch):
+    """The named commands work as printed: a base folder given as ~/… (PEFT's base_model_name_or_path as the user
+    gave it) is named expanded (quoted, the shell would not expand it); a folder name that is no registry name
+    ('tiny base') gives its cleaned form; a name another model holds gives a free one (-2); an export given --force
+    keeps it. Each of these printed a command that failed."""
+    import re
+    import shlex
+
+    from test_formats_write import LINEAR_FAMILY, assert_peft_deltas, conv1d_family, manifest
+
+    from loraops.check import bind
+
+    home = tmp_path / "my home"
+    config = LINEAR_FAMILY[-1][2]
+    base, folder, deltas = conv1d_family(home, "starcoder2", "Starcoder2ForCausalLM",
+                                         r".*(c_fc|c_proj|q_proj|lm_head)", **config)
+    base = base.rename(home / "tiny base")
+    monkeypatch.setenv("HOME", str(home))
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    names_base = lambda named: {**adapter_config, "base_model_name_or_path": named}  # noqa: E731
+    (folder / "adapter_config.json").write_text(json.dumps(names_base("~/tiny base")))
+    runner = CliRunner()
+    other = tiny_llama(tmp_path / "other")
+    assert runner.invoke(main, ["base", "add", str(other), "--name", "tiny-base"]).exit_code == 0
+    out = tmp_path / "out dir" / "k.safetensors"
+    out.parent.mkdir()
+    result = runner.invoke(main, ["export", str(folder), "--format", "kohya", "-o", str(out)])
+    assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+    commands = re.findall(r"`([^`]+)`", result.output)
+    assert len(commands) == 2, result.output
+    for command in commands:
+        ran = runner.invoke(main, shlex.split(command)[1:])
+        assert ran.exit_code == 0, (command, ran.output)
+    assert_peft_deltas(bind(read_adapter(out), manifest(base)), deltas)
+    # a Hub id whose name two bases hold already (tiny-base, tiny-base-2); the export given --force (its output exists)
+    (folder / "adapter_config.json").write_text(json.dumps(names_base("o/tiny-base")))
+    result = runner.invoke(main, ["export", str(folder), "--format", "kohya", "-o", str(out), "--force"])
+    assert re.findall(r"`([^`]+)`", result.output) == [
+        "loraops base add hub:o/tiny-base --name tiny-base-3",
+        f"loraops export {shlex.quote(str(folder))} --format kohya -o {shlex.quote(str(out))} --force "
+        "--base tiny-base-3"
+    ], result.output

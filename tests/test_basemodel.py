@@ -297,3 +297,45 @@ def test_a_merge_leaves_out_the_index_of_the_variant_shards_it_leaves_out(tmp_pa
     result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_a_merge_leaves_out_every_index_of_weights_it_does_not_write(tmp_path):
+    """An index beside the merged weights lists other copies of them, which the output does not hold: a variant's
+    whose shards are not there (a Hub snapshot downloads the variant's index, a .json, but not its shards), and
+    pytorch_model.bin.index.json (its .bin shards are left out). Copied, variant= / use_safetensors=False loaded
+    from_pretrained a folder that lists missing files."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    missing = {"weight_map": {"lm_head.weight": "model.fp16-00001-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.fp16.json").write_text(json.dumps(missing))
+    (folder / "pytorch_model-00001-of-00001.bin").write_bytes(b"pickle")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00001.bin"}}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert not list(out.glob("*index*")) and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("names, read", [
+    # SD/SDXL/Flux single-file checkpoints: their dots and dashes are no variant's or shard's
+    (["sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors"],
+     ["sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors"]),
+    (["v1-5-pruned.safetensors"], ["v1-5-pruned.safetensors"]),
+    (["flux1-dev-00001-of-00002.fp8.safetensors"], ["flux1-dev-00001-of-00002.fp8.safetensors"]),
+    # diffusers' unet/ of SD 1.5: fp16 and non_ema variants beside the default weights
+    (["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+      "diffusion_pytorch_model.non_ema.safetensors"], ["diffusion_pytorch_model.safetensors"]),
+    (["model.safetensors", "model.fp16.safetensors", "model.safetensors.index.fp16.json"], ["model.safetensors"]),
+])
+def test_folder_weights_of_real_layouts(names, read):
+    """What folder_weights reads of layouts as published: a name not from_pretrained's weights name (model,
+    diffusion_pytorch_model) is never a variant, and a shard only by its -N-of-M.safetensors ending (a checkpoint
+    named …-00001-of-00002.fp8.safetensors is read as a file, not refused for an index named after no variant)."""
+    from loraops.basemodel import folder_weights
+
+    assert folder_weights(names) == (None, read)

@@ -485,7 +485,9 @@ def test_the_model_class_peft_records_settles_conv1d_named_modules_unbound(model
 
 def test_the_conv1d_and_linear_model_lists_are_transformers_own():
     """Every transformers model that has a layer of a Conv1D name (c_attn, q_attn, c_proj, c_fc) is in one list, by
-    what its modeling source makes that layer: Conv1D(...) or nn.Linear(...)."""
+    what its sources make that layer: Conv1D(...) or nn.Linear(...), as an attribute or a named child (BridgeTower's
+    ("c_fc", nn.Linear(...)) in an OrderedDict), in any of the model's modules (IDEFICS's perceiver.py): a model
+    whose sources name such a layer but make none of them as the test reads fails it, rather than go unlisted."""
     import re
     from pathlib import Path
 
@@ -494,12 +496,15 @@ def test_the_conv1d_and_linear_model_lists_are_transformers_own():
     from loraops.formats.common import CONV1D_LAYERS
     from loraops.formats.peft import CONV1D_MODELS, LINEAR_MODELS
 
+    names = "|".join(CONV1D_LAYERS)
     made = {}
-    for source in Path(transformers.__file__).parent.glob("models/*/modeling_*.py"):
-        if source.stem != f"modeling_{source.parent.name}":
+    for source in Path(transformers.__file__).parent.glob("models/*/*.py"):
+        if source.stem.startswith(("modular_", "configuration_", "convert_")):
             continue
-        layers = re.findall(rf"self\.(?:{'|'.join(CONV1D_LAYERS)}) = (Conv1D|nn\.Linear)\(", source.read_text())
-        if layers:
-            made[source.parent.name] = set(layers)
+        text = source.read_text()
+        if not re.search(rf"\b(?:{names})\b", text):
+            continue
+        layers = re.findall(rf"(?:self\.(?:{names}) =|\(\s*[\"'](?:{names})[\"'],) (Conv1D|nn\.Linear)\(", text)
+        assert layers, f"{source}: names a Conv1D-named layer but makes none as this test reads"
+        made.setdefault(source.parent.name, set()).update(layers)
     assert made == {**{m: {"Conv1D"} for m in CONV1D_MODELS}, **{m: {"nn.Linear"} for m in LINEAR_MODELS}}
-

@@ -648,7 +648,7 @@ def settled_orientation(modules: dict[str, LoraModule], config: dict | None) -> 
 
 CONV1D_MODELS = frozenset({"gpt2", "openai", "imagegpt", "decision_transformer", "clvp"})
 """transformers' models whose Conv1D-named layers (common.CONV1D_LAYERS) are its Conv1D (stored in × out)."""
-LINEAR_MODELS = frozenset({"gpt_bigcode", "gpt_neo", "starcoder2"})
+LINEAR_MODELS = frozenset({"gpt_bigcode", "gpt_neo", "starcoder2", "bridgetower", "idefics"})
 """transformers' models whose Conv1D-named layers are nn.Linear. (Both lists: every transformers model with a layer of
 those names, tests/test_formats_write.py checks against the installed transformers' source.)"""
 
