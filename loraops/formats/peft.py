@@ -65,12 +65,25 @@ def saved_entries(cfg: dict) -> list[str]:
     """The modules_to_save a PEFT model loads a config with: the config's own, and the task's (task_saved), which
     older PEFT did not write into the config (it saved ``"modules_to_save": null`` beside the classifier's tensors)
     and PEFT adds on load all the same. A config without modules_to_save (a trainable-tokens adapter's
-    TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists. What is no
-    list (one string, which PEFT iterates by character) is returned as it is, for scale_config to refuse."""
-    own = cfg.get("modules_to_save") or []
-    if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE or not isinstance(own, list):
+    TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists; PEFT drops
+    the field from it (a warning), whatever its value, and so is one here that is no list of names (a list of names
+    is kept: it is hashed into the identities such folders have). A false value (``""``, ``false``, ``{}``) is no
+    module, as PEFT skips it, unless a task model extends it with its head (which fails on anything but a list).
+    What is no list (one string, which PEFT iterates by character) is returned as it is, for scale_config to refuse."""
+    own = cfg.get("modules_to_save")
+    if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE:
+        return own if module_names(own) else []
+    task = task_saved(cfg.get("task_type"))
+    if own is None or not own and not task:
+        own = []
+    if not isinstance(own, list):
         return own
-    return [*own, *(m for m in task_saved(cfg.get("task_type")) if m not in own)]
+    return [*own, *(m for m in task if m not in own)]
+
+
+def module_names(value) -> bool:
+    """Is ``value`` a modules_to_save of the form PEFT takes, a list of module names?"""
+    return isinstance(value, list) and all(isinstance(m, str) for m in value)
 
 
 def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
@@ -217,10 +230,11 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         lora_alpha = alpha
     if lora_alpha is not None:
         lora_alpha = common.check_alpha(path, lora_alpha, "config lora_alpha")
-    if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
-        strings = " (PEFT reads a string as its characters)" if isinstance(modules_to_save, str) else ""
+    if not module_names(modules_to_save):
+        why = (f" or null (PEFT's {task_type} model adds its head to it, and fails on this one)" if not modules_to_save
+               else " (PEFT reads a string as its characters)" if isinstance(modules_to_save, str) else "")
         raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module "
-                                f"names{strings}")
+                                f"names{why}")
     target_parameters = params.check_entries(path, cfg["target_parameters"]) if cfg.get("target_parameters") else []
     if target_parameters and cfg.get("use_dora"):
         raise UnsupportedAdapterError(f"{path}: DoRA on raw parameters (use_dora with target_parameters), which PEFT "
