@@ -672,3 +672,55 @@ def test_show_after_the_base_is_removed(tmp_path, bases, method):
     assert "not bound to a base" not in run("show", "bound")
     assert "its base was removed: the rows are as bound to it" in run("show", "bound")
     assert "not bound to a base" in run("show", "unbound")
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("head", ["saved whole", "with a LoRA too"])
+def test_adalora_ensure_weight_tying_saves_the_tied_head_whole(tmp_path, head):
+    """AdaLoraConfig inherits LoraConfig's ensure_weight_tying, and AdaLoraModel LoraModel's tying: with the tied
+    embeddings in modules_to_save, PEFT saves the head whole too (lm_head.weight, its modules_to_tie, no entry of its
+    own) and loads the folder. loraops dropped the field from an AdaLoRA config and refused the folder as an unknown
+    key layout; it reads the head as for a LoRA, and the merge computes PEFT's adapted model. The identity is the
+    one it had (ensure_weight_tying is not hashed). An AdaLoRA on that head, which the targeting lists, fails PEFT's
+    load (a TypeError: a ModulesToSaveWrapper around the LoRA layer), and is refused as for a LoRA."""
+    from peft import PeftModel
+
+    tied = tiny_llama(tmp_path / "tied", tie=True)
+    targets = ["q_proj"] if head == "saved whole" else ["q_proj", "lm_head"]
+    model = load_model(tied)
+    ada = adalora_adapter(None, tmp_path / "ada", model=model, targets=["q_proj"],
+                          modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    config_path = ada / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["ensure_weight_tying"] and config["peft_type"] == "ADALORA"
+    assert "base_model.model.lm_head.weight" in load_file(ada / "adapter_model.safetensors")
+    embed = "model.embed_tokens.weight"
+    if head == "with a LoRA too":
+        weights = ada / "adapter_model.safetensors"
+        state = load_file(weights)
+        save_file({**state, **{f"base_model.model.lm_head.lora_{part}": torch.randn(shape) for part, shape in
+                               (("A", (INIT_R, 64)), ("E", (INIT_R, 1)), ("B", (128, INIT_R)))}}, str(weights))
+        config_path.write_text(json.dumps({**config, "target_modules": targets}))
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*lora"):
+            PeftModel.from_pretrained(load_model(tied), ada)
+        with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights, but the config's "
+                                                    r"ensure_weight_tying saves it whole"):
+            formats.read_adapter(ada)
+        return
+    with torch.no_grad():  # the trained embeddings (PEFT's modules_to_save copy), moved off the base's
+        trained = load_model(tied).model.embed_tokens.weight + 0.05
+    state = load_file(ada / "adapter_model.safetensors")
+    save_file({**state, f"base_model.model.{embed}": trained, "base_model.model.lm_head.weight": trained.clone()},
+              str(ada / "adapter_model.safetensors"))
+    adapter = formats.read_adapter(ada)
+    assert sorted(adapter.full_tensors) == ["lm_head.weight", embed]
+    identity = formats.identity(ada)
+    config_path.write_text(json.dumps({**config, "ensure_weight_tying": False}))
+    assert formats.identity(ada) == identity
+    config_path.write_text(json.dumps(config))
+    expected = logits(tied, ada)
+    assert not torch.allclose(logits(tied), expected, atol=1e-2)
+    engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    torch.testing.assert_close(merged["lm_head.weight"], trained)
+    torch.testing.assert_close(logits(tmp_path / "out"), expected, atol=1e-5, rtol=1e-5)

@@ -655,20 +655,49 @@ def test_a_string_modules_to_save_is_refused_as_peft_reads_its_characters(task, 
     (SEQ_CLS: an AttributeError, str has no extend) or wrap every module whose name ends with one of its characters
     (a TypeError on the first LoRA layer's ModuleDict). loraops read it as a list of that one name. Refused in one
     line, by the reader and by the identity."""
+    refused_as_peft_fails(tmp_path, (task, model_type, cls_name, config, targets), lambda entries: entries[0],
+                          AttributeError if task == "SEQ_CLS" else TypeError,
+                          r"\(PEFT reads a string as its characters\)")
+
+
+def refused_as_peft_fails(tmp_path, task_model, edit, peft_error, why):
+    """A task adapter of ``task_model`` (factories.TASK_MODELS) whose modules_to_save is ``edit`` of the list PEFT
+    wrote: PEFT fails to load it (``peft_error``), and the reader and the identity refuse it in one line, the value
+    followed by ``why`` (a regex)."""
     from peft import PeftModel
 
-    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    base, folder, model_cls = factories.task_adapter(tmp_path, *task_model)
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    entry = cfg["modules_to_save"][0]
-    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": entry}))
-    with pytest.raises(AttributeError if task == "SEQ_CLS" else TypeError):
+    value = edit(cfg["modules_to_save"])
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": value}))
+    with pytest.raises(peft_error):
         PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
-    message = (rf"adapter_config.json: config modules_to_save='{entry}' must be a list of module names \(PEFT reads "
-               r"a string as its characters\)$")
+    message = rf"adapter_config.json: config modules_to_save={re.escape(repr(value))} must be a list of module names " \
+              rf"{why}$"
     with pytest.raises(InvalidInputError, match=message):
         read_adapter(folder)
     with pytest.raises(InvalidInputError, match=message):
         identity(folder)
+
+
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets",
+                         [factories.TASK_MODELS[0], factories.TASK_MODELS[2], factories.TASK_MODELS[3]])
+@pytest.mark.parametrize("value", ["", False, {}])
+def test_a_false_modules_to_save_fails_a_task_model_and_is_refused(task, model_type, cls_name, config, targets,
+                                                                   value, tmp_path):
+    """A modules_to_save that is false but no list ("", false, {}): PEFT reads it as no module where nothing adds to
+    it, but its SEQ_CLS, TOKEN_CLS and QUESTION_ANS models extend it with their head and fail to load (an
+    AttributeError). loraops read it as null, the head's entries added. Refused in one line naming the field, by the
+    reader and by the identity; without such a task it is still read as null, with the identity it had."""
+    refused_as_peft_fails(tmp_path, (task, model_type, cls_name, config, targets), lambda entries: value,
+                          AttributeError,
+                          rf"or null \(PEFT's {task} model adds its head to it, and fails on this one\)")
+    untasked = classifier_folder(tmp_path / "untasked", None)
+    nulled = identity(untasked)
+    cfg = json.loads((untasked / "adapter_config.json").read_text())
+    (untasked / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": value}))
+    assert identity(untasked) == nulled
+    assert sorted(read_adapter(untasked).modules) == ["classifier", "layers.0.dense"]
 
 
 def test_a_task_adapter_hashes_the_modules_it_saves_not_their_spelling(tmp_path):

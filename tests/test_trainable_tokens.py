@@ -416,3 +416,32 @@ def test_dtype_conversion(tmp_path, bases, monkeypatch, base_name, dtype, torch_
     keep = torch.ones(len(base), dtype=torch.bool)
     keep[index] = False
     assert torch.equal(ours[keep], base[keep].to(torch_dtype))
+
+
+@pytest.mark.parametrize("value", ["lm_head", "", False, ["embed_tokens", 1], 5])
+def test_standalone_modules_to_save_that_is_no_list_of_names_is_ignored_as_peft_drops_it(tmp_path, bases, value):
+    """TrainableTokensConfig has no modules_to_save: PEFT drops the field (a warning: unexpected keyword arguments)
+    and loads the folder, whatever its value. loraops refused a hand-edited one that is no list of names as a list
+    "PEFT reads as its characters", which it does not here. Read as PEFT reads it, without the field: the same rows
+    and the identity of the folder without it. A list of names (read before, hashed into existing identities) keeps
+    the identity it had."""
+    from peft import PeftModel
+
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", TrainableTokensConfig(token_indices=[3, 5]))
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert "modules_to_save" not in config
+    plain, rows = formats.identity(folder), formats.read_adapter(folder).token_rows
+    listed = {**config, "modules_to_save": ["lm_head"]}
+    config_path.write_text(json.dumps(listed))
+    listed_identity = formats.identity(folder)
+    assert listed_identity != plain
+    config_path.write_text(json.dumps({**config, "modules_to_save": value}))
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['modules_to_save'\] for class "
+                                         r"TrainableTokensConfig, these are ignored"):
+        model = PeftModel.from_pretrained(load_model(bases["untied"]), folder)
+    assert not hasattr(model.peft_config["default"], "modules_to_save")
+    adapter = formats.read_adapter(folder)
+    assert adapter.token_rows.keys() == rows.keys() and not adapter.full_tensors
+    assert all(torch.equal(adapter.token_rows[k].values, rows[k].values) for k in rows)
+    assert formats.identity(folder) == plain

@@ -65,12 +65,25 @@ def saved_entries(cfg: dict) -> list[str]:
     """The modules_to_save a PEFT model loads a config with: the config's own, and the task's (task_saved), which
     older PEFT did not write into the config (it saved ``"modules_to_save": null`` beside the classifier's tensors)
     and PEFT adds on load all the same. A config without modules_to_save (a trainable-tokens adapter's
-    TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists. What is no
-    list (one string, which PEFT iterates by character) is returned as it is, for scale_config to refuse."""
-    own = cfg.get("modules_to_save") or []
-    if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE or not isinstance(own, list):
+    TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists; PEFT drops
+    the field from it (a warning), whatever its value, and so is one here that is no list of names (a list of names
+    is kept: it is hashed into the identities such folders have). A false value (``""``, ``false``, ``{}``) is no
+    module, as PEFT skips it, unless a task model extends it with its head (which fails on anything but a list).
+    What is no list (one string, which PEFT iterates by character) is returned as it is, for scale_config to refuse."""
+    own = cfg.get("modules_to_save")
+    if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE:
+        return own if module_names(own) else []
+    task = task_saved(cfg.get("task_type"))
+    if own is None or not own and not task:
+        own = []
+    if not isinstance(own, list):
         return own
-    return [*own, *(m for m in task_saved(cfg.get("task_type")) if m not in own)]
+    return [*own, *(m for m in task if m not in own)]
+
+
+def module_names(value) -> bool:
+    """Is ``value`` a modules_to_save of the form PEFT takes, a list of module names?"""
+    return isinstance(value, list) and all(isinstance(m, str) for m in value)
 
 
 def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
@@ -91,6 +104,12 @@ def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
 LORA_CONFIG_TYPES = ("LORA", "ADALORA")
 """The peft_types whose config is a LoraConfig (AdaLoraConfig subclasses it): PEFT drops the fields only LoraConfig has
 (layers beside a regex checked) from the other methods' configs, with a warning."""
+
+
+def ties_weights(cfg: dict) -> bool:
+    """The config's ensure_weight_tying as PEFT reads it: a LoraConfig's field, AdaLoraConfig's too (AdaLoraModel
+    inherits LoraModel's tying), dropped from the other methods' configs (LORA_CONFIG_TYPES)."""
+    return bool(cfg.get("ensure_weight_tying")) and str(cfg.get("peft_type") or "LORA").upper() in LORA_CONFIG_TYPES
 
 
 def is_factor_key(key: str) -> bool:
@@ -149,6 +168,7 @@ def wrapping_entry(entries: Iterable[str], module: str) -> str | None:
 
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
+    tying = ties_weights(cfg)  # (before the fields of another method are narrowed to LoRA's below)
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
     task_type = cfg.get("task_type")
     if task_type is not None and task_type not in TASK_TYPES:
@@ -210,10 +230,11 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         lora_alpha = alpha
     if lora_alpha is not None:
         lora_alpha = common.check_alpha(path, lora_alpha, "config lora_alpha")
-    if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
-        strings = " (PEFT reads a string as its characters)" if isinstance(modules_to_save, str) else ""
+    if not module_names(modules_to_save):
+        why = (f" or null (PEFT's {task_type} model adds its head to it, and fails on this one)" if not modules_to_save
+               else " (PEFT reads a string as its characters)" if isinstance(modules_to_save, str) else "")
         raise InvalidInputError(f"{path}: config modules_to_save={modules_to_save!r} must be a list of module "
-                                f"names{strings}")
+                                f"names{why}")
     target_parameters = params.check_entries(path, cfg["target_parameters"]) if cfg.get("target_parameters") else []
     if target_parameters and cfg.get("use_dora"):
         raise UnsupportedAdapterError(f"{path}: DoRA on raw parameters (use_dora with target_parameters), which PEFT "
@@ -225,7 +246,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)) if recorded is None else recorded,
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
         dora=cfg["use_dora"] if "use_dora" in cfg else None, product=product, method=method,
-        ensure_weight_tying=bool(cfg.get("ensure_weight_tying", False)),
+        ensure_weight_tying=tying,
     )
 
 
@@ -243,10 +264,11 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
     per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying (PEFT also wraps, whatever the
     targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors; a LoHa,
     LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
-    so PEFT refuses a config that targets one and no tied layer is added). A module its modules_to_save saves whole
-    (the task's own entries too, see saved_entries) is refused whatever the targeting: PEFT's check excludes it before
-    it looks at target_modules, and so is one a LoRA's ensure_weight_tying saves whole (``saved_keys``: the file's
-    full-tensor keys, without PEFT's prefix: the tied head's weight is among them, see _refuse_saved)."""
+    so PEFT refuses a config that targets one and no tied LoRA layer is added). A module its modules_to_save saves
+    whole (the task's own entries too, see saved_entries) is refused whatever the targeting: PEFT's check excludes it
+    before it looks at target_modules, and so is one a LoRA's or AdaLoRA's ensure_weight_tying saves whole
+    (``saved_keys``: the file's full-tensor keys, without PEFT's prefix: the tied head's weight is among them, see
+    _refuse_saved)."""
     modules = list(modules)
     _refuse_saved(path, cfg, modules, frozenset(saved_keys))
     peft_type = str(cfg.get("peft_type") or "LORA").upper()
@@ -259,7 +281,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
                 raise InvalidInputError(f"{path}: config {name}={value!r} beside target_modules {targets!r}, a regex: "
                                         f"PEFT's LoraConfig refuses that ({name} selects among a list of names)")
     patterns = patterns or None
-    tying = cfg.get("ensure_weight_tying") and peft_type == "LORA"
+    tying = ties_weights(cfg) and peft_type == "LORA"  # (AdaLoRA's ties no LoRA layer: it wraps no embedding)
     if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or tying:
         return
     for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
@@ -322,11 +344,12 @@ def _refuse_saved(path: Path, cfg: dict, modules: list[str], saved_keys: frozens
     ModulesToSaveWrapper around a LoRA layer) and only one it does not is left out: no LoRA of PEFT's on it either way.
     So does a module whose name only ends with an entry (DistilBERT's pre_classifier, "classifier"): the regex lets
     the targeting wrap it, and then PEFT saves it whole too (wrapping_entry), the same TypeError. And so does the
-    module tied to a saved embedding under a LoRA's ensure_weight_tying (a tied lm_head): PEFT saves it whole too (its
-    modules_to_tie, which the config does not list: its weight is saved as a plain key, ``saved_keys``), and leaves a
-    LoRA on it out, or, one the targeting selects, fails its load (the same TypeError)."""
+    module tied to a saved embedding under a LoRA's or AdaLoRA's ensure_weight_tying (a tied lm_head): PEFT saves it
+    whole too (its modules_to_tie, which the config does not list: its weight is saved as a plain key,
+    ``saved_keys``), and leaves a LoRA on it out, or, one the targeting selects, fails its load (the same
+    TypeError)."""
     entries, own = saved_entries(cfg), saved_entries({**cfg, "task_type": None})
-    tying = cfg.get("ensure_weight_tying") and str(cfg.get("peft_type") or "LORA").upper() == "LORA"
+    tying = ties_weights(cfg)
     try:
         matchers = [(m, re.compile(rf"(^|.*\.){m}($|\..*)")) for m in entries]
     except re.error as e:
