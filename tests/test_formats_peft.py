@@ -185,6 +185,19 @@ def test_config_without_lora_alpha_takes_peft_default(llama, tmp_path):
     assert identity(path) == explicit
 
 
+def test_config_with_null_lora_alpha_is_refused_as_such(llama, tmp_path):
+    """``"lora_alpha": null`` is no default (PEFT divides it by r and fails): refused naming the config, not as a file
+    without adapter_config.json (which the message said of a folder that has one); --alpha still supplies one."""
+    path = factories.peft_adapter(llama, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"])
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": None}))
+    with pytest.raises(InvalidInputError) as err:
+        read_adapter(path)
+    assert "adapter_config.json: config lora_alpha is null" in str(err.value)
+    assert "no adapter_config.json" not in str(err.value)
+    assert all(m.scale == 3.0 for m in read_adapter(path, alpha=12).modules.values())
+
+
 def test_identity_covers_math_config_fields_only(llama, tmp_path):
     path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj"])
     first = identity(path)

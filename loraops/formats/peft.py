@@ -545,6 +545,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if cfg_file:  # LoraConfig's defaults, as PEFT reads the file
         raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
+    if cfg_file and cfg.alpha is None and cfg.product is None and cfg.method is None:  # (absent, it is LoraConfig's 8)
+        raise InvalidInputError(f"{cfg_file}: config lora_alpha is null, which PEFT cannot read (it divides it by r); "
+                                f"set it there, or {common.ALPHA_WANTED}")
     product = cfg.product if cfg is not None else None
     method = cfg.method if cfg is not None else None
     products, keys = ({}, header.tensors) if product is None else \
