@@ -66,8 +66,12 @@ def output_path(path: str | Path) -> Path:
     `-o a/../b` writes b and creates nothing else. Other paths are kept as given (so messages show them so).
     A path that names no file or folder of its own ('', '.', '/', one ending in '..') is refused: '.' and '/' have
     no sibling to write into (a ValueError traceback), and with --force `-o ..` replaced the folder holding the
-    current one, both with all they held, by the output (meant, as `cp x ..` reads it, to go into it)."""
+    current one, both with all they held, by the output (meant, as `cp x ..` reads it, to go into it). '-' is
+    refused too: it wrote a file named '-' where the user asked for standard output."""
     text, path = str(path), Path(path)
+    if text == "-":  # standard output to other tools; an output here is files, never a stream
+        raise InvalidInputError("'-': loraops writes no output to standard output; give the output's name (a path "
+                                "that ends in /- for one called '-')")
     if path.name in ("", ".."):  # Path('') is Path('.'): the text tells them apart
         raise InvalidInputError(f"{text!r}: names no file or folder to write; give the output's own name "
                                 "(e.g. ./merged)")

@@ -246,6 +246,20 @@ def test_an_output_that_names_no_file_of_its_own_is_refused(tmp_path, monkeypatc
         "top", "top/keep", "top/work", "top/work/sub"]
 
 
+def test_a_dash_output_is_refused_as_no_stdout(tmp_path, monkeypatch):
+    """`-o -` wrote a file (or a folder) named '-' in the current folder, where `-` means standard output to every
+    other tool (kohya's, safetensors-cli's, tar); a longer path still names a file called '-' (not './-', which
+    pathlib makes '-')."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(fsutil.InvalidInputError, match=r"^'-': loraops writes no output to standard output"):
+        with fsutil.atomic_path("-") as tmp:
+            tmp.write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+    with fsutil.atomic_path(tmp_path / "-") as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "-").read_bytes() == b"x"
+
+
 def test_chunks_and_sha256_file_read_through_one_reused_buffer(tmp_path):
     import hashlib
 
