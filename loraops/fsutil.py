@@ -80,6 +80,17 @@ def output_path(path: str | Path) -> Path:
     return Path(os.path.realpath(path.parent)) / path.name
 
 
+def refuse_unrecordable(path: str | Path) -> None:
+    """Refuse a path the registry cannot record: it records paths as UTF-8 text (SQLite's and PostgreSQL's), and a
+    name with other bytes (a folder copied from an old Latin-1 system) was a UnicodeEncodeError traceback from the
+    database driver, after a merge's output was already in place. Checked before any work."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{path}: the path is not UTF-8 text, which the registry records paths as; rename "
+                                "it") from None
+
+
 def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, instead: str = "") -> None:
     """Refuse an output named as the other kind of thing than the one written there: a folder whose name ends in
     .safetensors (`merge --into FOLDER -o x.safetensors` made a folder of that name), or one file named as a folder,
