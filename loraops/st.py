@@ -112,9 +112,12 @@ def read_header(path: str | Path) -> Header:
             raise FormatError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
         raw = f.read(length)
     try:
-        header = json.loads(raw, object_pairs_hook=_unique_members)
+        header = json.loads(raw, object_pairs_hook=_header_members)
     except _DuplicateMember as dup:
         raise FormatError(f"{path}: corrupt safetensors header (it names {dup.args[0]!r} twice)") from None
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"{path}: corrupt safetensors header ({exc.object!r} is not Unicode text: a lone surrogate "
+                          "escape)") from None
     except ValueError:  # (JSONDecodeError, UnicodeDecodeError, and a number past Python's 4300-digit limit)
         raise FormatError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
@@ -145,7 +148,14 @@ class _DuplicateMember(Exception):
     """A JSON object of the header names a member twice (json.loads would keep the last one silently)."""
 
 
-def _unique_members(pairs: list[tuple[str, object]]) -> dict:
+def _header_members(pairs: list[tuple[str, object]]) -> dict:
+    """A header object's members, refused as the safetensors library refuses them: one named twice, and text with a
+    lone surrogate escape ("\\udcff": JSON that json.loads reads, but no Unicode text; the registry cannot store it)
+    raise the error read_header names."""
+    for key, value in pairs:
+        key.encode()
+        if isinstance(value, str):
+            value.encode()
     members = dict(pairs)
     if len(members) < len(pairs):
         seen: set[str] = set()

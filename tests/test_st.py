@@ -63,6 +63,10 @@ def _dup(path, members: bytes, data: bytes):
         (lambda p: _dup(p, b'"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
                            b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}', b"\0" * 8), "'a' twice"),
         (lambda p: _dup(p, b'"__metadata__":{"k":"1"},"__metadata__":{"k":"2"}', b""), "'__metadata__' twice"),
+        # a lone surrogate escape is JSON Python reads but no Unicode text (safetensors refuses it; SQLite cannot store it)
+        (lambda p: _dup(p, b'"__metadata__":{"k":"x\\udcffy"}', b""), "not Unicode text"),
+        (lambda p: _dup(p, b'"a\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}', b"\0" * 4),
+         "not Unicode text"),
         (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 20), "pickle"),
         (lambda p: p.write_bytes(b"\x80\x02" + b"\0" * 20), "pickle"),
     ],
