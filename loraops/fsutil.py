@@ -41,6 +41,11 @@ def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:
         raise FormatError(f"{name}: unreadable {what} ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{name}: {what} is not a JSON object")
+    try:  # a lone surrogate escape ("\udcff"), which json reads but no database (nor the safetensors library) takes
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"{name}: {what} holds text that is not Unicode "
+                          f"({exc.object[max(0, exc.start - 20):exc.end + 20]!r}: a lone surrogate escape)") from None
     return data
 
 

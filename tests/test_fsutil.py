@@ -305,3 +305,12 @@ def test_keep_name_stages_the_output_under_its_own_name(tmp_path, is_dir):
         assert fsutil.user_path(tmp / "f" if is_dir else tmp) == str(out / "f" if is_dir else out)
         (tmp / "f" if is_dir else tmp).write_bytes(b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_json_with_a_lone_surrogate_escape_is_refused_in_one_line(tmp_path):
+    """"\\udcff" is JSON that json.loads reads, but no Unicode text: an adapter_config.json's base_model_name_or_path
+    holding one was a UnicodeEncodeError traceback from the database driver at `register` (asked for that base)."""
+    path = tmp_path / "adapter_config.json"
+    path.write_text('{"base_model_name_or_path": "\\udcff/models/llama", "r": 4}')
+    with pytest.raises(fsutil.FormatError, match=r"adapter config holds text that is not Unicode \('.*udcff/models"):
+        fsutil.read_json(path, "adapter config")
