@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import hashlib
 import json
 import mmap
@@ -49,8 +50,22 @@ def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:
     return data
 
 
+NAME_MAX = 255
+"""The bytes a file name may have (Linux, macOS, Windows' 255 UTF-16 units)."""
+
+
+def temp_stem(name: str) -> str:
+    """The part of a temporary sibling's name that comes from its output's ``name``: the name itself, cut short
+    where the sibling's name (mark, name, '.' and 8 hex digits) would exceed NAME_MAX bytes, so any name the file
+    system takes can be written (a 242-byte name was "File name too long")."""
+    room = NAME_MAX - len(TMP_MARK) - 9
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return name
+
+
 def temp_sibling(path: Path) -> Path:
-    return path.with_name(f"{TMP_MARK}{path.name}.{uuid.uuid4().hex[:8]}")
+    return path.with_name(f"{TMP_MARK}{temp_stem(path.name)}.{uuid.uuid4().hex[:8]}")
 
 
 def user_path(path: str | Path) -> str:
@@ -59,8 +74,8 @@ def user_path(path: str | Path) -> str:
     for i, part in enumerate(parts):
         if part.startswith(TMP_MARK):
             name, rest = part[len(TMP_MARK):].rpartition(".")[0], parts[i + 1:]
-            if rest[:1] == [name]:  # the output under its own name inside its temp folder (atomic_path keep_name)
-                rest = rest[1:]
+            if rest and temp_stem(rest[0]) == name:  # the output under its own name inside its temp folder
+                name, rest = rest[0], rest[1:]       # (atomic_path keep_name), which names it whole
             return str(Path(*parts[:i], name, *rest))
     return str(path)
 
@@ -532,7 +547,7 @@ def remove_stale_temps(path: str | Path, idle_s: float = 300) -> list[Path]:
     path = Path(path)
     cutoff = time.time() - idle_s
     removed = []
-    for tmp in path.parent.glob(f"{TMP_MARK}{path.name}.*") if path.parent.exists() else []:
+    for tmp in path.parent.glob(f"{TMP_MARK}{glob.escape(temp_stem(path.name))}.*") if path.parent.exists() else []:
         entries = [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]
         try:
             newest = max(e.stat().st_mtime for e in entries)

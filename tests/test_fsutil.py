@@ -314,3 +314,21 @@ def test_json_with_a_lone_surrogate_escape_is_refused_in_one_line(tmp_path):
     path.write_text('{"base_model_name_or_path": "\\udcff/models/llama", "r": 4}')
     with pytest.raises(fsutil.FormatError, match=r"adapter config holds text that is not Unicode \('.*udcff/models"):
         fsutil.read_json(path, "adapter config")
+
+
+@pytest.mark.parametrize("is_dir, keep_name", [(False, False), (True, False), (False, True)])
+def test_an_output_name_the_filesystem_takes_is_written_however_long(tmp_path, is_dir, keep_name):
+    """A name of 234–255 bytes is one the filesystem takes, but its temporary sibling's (.loraops-tmp-NAME.xxxxxxxx)
+    was not: `-o` with it was "File name too long". The sibling's name is shortened to fit; what is staged under
+    the output's own name (keep_name) is still shown as the output, and a killed run's sibling is still found."""
+    out = tmp_path / ("é" * 90 + "x" * 50 + ".safetensors")  # 152 characters, 242 bytes
+    assert len(os.fsencode(out.name)) == 242
+    with fsutil.atomic_path(out, is_dir=is_dir, keep_name=keep_name) as tmp:
+        assert len(os.fsencode(tmp.parent.name if keep_name else tmp.name)) <= 255
+        assert fsutil.user_path(tmp) == str(out) if keep_name else str(out).startswith(fsutil.user_path(tmp))
+        (tmp / "f").write_bytes(b"x") if is_dir else tmp.write_bytes(b"x")
+    assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    stale = fsutil.temp_sibling(out)
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    assert fsutil.remove_stale_temps(out) == [stale] and not stale.exists()
