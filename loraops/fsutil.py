@@ -42,12 +42,18 @@ def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:
         raise FormatError(f"{name}: unreadable {what} ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{name}: {what} is not a JSON object")
-    try:  # a lone surrogate escape ("\udcff"), which json reads but no database (nor the safetensors library) takes
+    refuse_lone_surrogates(data, f"{name}: {what}")
+    return data
+
+
+def refuse_lone_surrogates(data: object, where: str) -> None:
+    """Refuse JSON that holds a lone surrogate escape ("\udcff"), which json reads but no database (nor the
+    safetensors library) takes: one FormatError line starting with ``where`` ("FILE: what"), showing where it is."""
+    try:
         json.dumps(data, ensure_ascii=False).encode()
     except UnicodeEncodeError as exc:
-        raise FormatError(f"{name}: {what} holds text that is not Unicode "
+        raise FormatError(f"{where} holds text that is not Unicode "
                           f"({exc.object[max(0, exc.start - 20):exc.end + 20]!r}: a lone surrogate escape)") from None
-    return data
 
 
 NAME_MAX = 255

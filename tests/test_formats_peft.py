@@ -198,6 +198,19 @@ def test_config_with_null_lora_alpha_is_refused_as_such(llama, tmp_path):
     assert all(m.scale == 3.0 for m in read_adapter(path, alpha=12).modules.values())
 
 
+def test_a_config_in_the_metadata_with_a_lone_surrogate_is_refused(tmp_path):
+    """A bare PEFT file's ``adapter_config`` metadata (JSON in a metadata string) whose base_model_name_or_path held
+    "\\udcff" was read, and `register` then failed with a UnicodeEncodeError traceback from the database driver."""
+    from loraops.errors import FormatError
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    config = json.dumps({"r": 2, "lora_alpha": 4, "base_model_name_or_path": "\udcff/models/llama"})
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 8), f"{key}.lora_B.weight": torch.ones(8, 2)},
+              str(tmp_path / "a.safetensors"), metadata={"adapter_config": config})
+    with pytest.raises(FormatError, match=r"a.safetensors: its metadata's adapter_config holds text that is not Unicode"):
+        read_adapter(tmp_path / "a.safetensors")
+
+
 def test_identity_covers_math_config_fields_only(llama, tmp_path):
     path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj"])
     first = identity(path)
