@@ -355,7 +355,7 @@ class _DigestCache:
 
     @staticmethod
     def _entry(file: Path) -> Path:
-        key = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:32]
+        key = hashlib.sha256(os.fsencode(file.resolve())).hexdigest()[:32]  # (a path need not be UTF-8)
         return settings.home() / "cache" / "digests" / f"{key}.json"
 
     @staticmethod

@@ -1094,7 +1094,7 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
-        _refuse_overflow(tensor, out)
+        _refuse_overflow(tensor, out, merged=True)
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1195,14 +1195,21 @@ def _base_blocks(tensor: _Tensor):
             yield first + row0, values[row0 : row0 + step]
 
 
-def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor") -> None:
-    """A value beyond float16's ±65504 rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So a
-    float16 output that overflows stops the merge, with nothing written. (bfloat16 has float32's range; FP8 is clamped.)"""
+def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", merged: bool = False) -> None:
+    """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
+    an output that overflows stops the merge, with nothing written: float16's ±65504 whatever made the value, and,
+    where LoRA deltas were added (``merged``), float32's and bfloat16's ±3.4e38, which weights × scales float32 holds
+    still pass on factors above 1 (a copied or converted tensor keeps an inf its model stores, e.g. in a mask buffer).
+    (FP8 is clamped.)"""
     import torch
 
-    if out.dtype == torch.float16 and bool(torch.isinf(out).any()):
-        raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond float16's range (±65504); merge "
-                                "with --dtype bf16 or fp32")
+    checked = (torch.float16, torch.bfloat16, torch.float32) if merged else (torch.float16,)
+    if out.dtype not in checked or not bool(torch.isinf(out).any()):
+        return
+    dtype = str(out.dtype).removeprefix("torch.")
+    hint = "merge with --dtype bf16 or fp32" if dtype == "float16" else "the adapters' weights × scales are too large"
+    raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
+                            f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")
 
 
 def compute_threads(other_stages: int, default: int) -> int:

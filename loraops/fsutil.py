@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import hashlib
 import json
 import mmap
@@ -41,11 +42,36 @@ def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:
         raise FormatError(f"{name}: unreadable {what} ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{name}: {what} is not a JSON object")
+    refuse_lone_surrogates(data, f"{name}: {what}")
     return data
 
 
+def refuse_lone_surrogates(data: object, where: str) -> None:
+    """Refuse JSON that holds a lone surrogate escape ("\udcff"), which json reads but no database (nor the
+    safetensors library) takes: one FormatError line starting with ``where`` ("FILE: what"), showing where it is."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"{where} holds text that is not Unicode "
+                          f"({exc.object[max(0, exc.start - 20):exc.end + 20]!r}: a lone surrogate escape)") from None
+
+
+NAME_MAX = 255
+"""The bytes a file name may have (Linux, macOS, Windows' 255 UTF-16 units)."""
+
+
+def temp_stem(name: str) -> str:
+    """The part of a temporary sibling's name that comes from its output's ``name``: the name itself, cut short
+    where the sibling's name (mark, name, '.' and 8 hex digits) would exceed NAME_MAX bytes, so any name the file
+    system takes can be written (a 242-byte name was "File name too long")."""
+    room = NAME_MAX - len(TMP_MARK) - 9
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return name
+
+
 def temp_sibling(path: Path) -> Path:
-    return path.with_name(f"{TMP_MARK}{path.name}.{uuid.uuid4().hex[:8]}")
+    return path.with_name(f"{TMP_MARK}{temp_stem(path.name)}.{uuid.uuid4().hex[:8]}")
 
 
 def user_path(path: str | Path) -> str:
@@ -54,8 +80,8 @@ def user_path(path: str | Path) -> str:
     for i, part in enumerate(parts):
         if part.startswith(TMP_MARK):
             name, rest = part[len(TMP_MARK):].rpartition(".")[0], parts[i + 1:]
-            if rest[:1] == [name]:  # the output under its own name inside its temp folder (atomic_path keep_name)
-                rest = rest[1:]
+            if rest and temp_stem(rest[0]) == name:  # the output under its own name inside its temp folder
+                name, rest = rest[0], rest[1:]       # (atomic_path keep_name), which names it whole
             return str(Path(*parts[:i], name, *rest))
     return str(path)
 
@@ -66,14 +92,29 @@ def output_path(path: str | Path) -> Path:
     `-o a/../b` writes b and creates nothing else. Other paths are kept as given (so messages show them so).
     A path that names no file or folder of its own ('', '.', '/', one ending in '..') is refused: '.' and '/' have
     no sibling to write into (a ValueError traceback), and with --force `-o ..` replaced the folder holding the
-    current one, both with all they held, by the output (meant, as `cp x ..` reads it, to go into it)."""
+    current one, both with all they held, by the output (meant, as `cp x ..` reads it, to go into it). '-' is
+    refused too: it wrote a file named '-' where the user asked for standard output."""
     text, path = str(path), Path(path)
+    if text == "-":  # standard output to other tools; an output here is files, never a stream
+        raise InvalidInputError("'-': loraops writes no output to standard output; give the output's name (a path "
+                                "that ends in /- for one called '-')")
     if path.name in ("", ".."):  # Path('') is Path('.'): the text tells them apart
         raise InvalidInputError(f"{text!r}: names no file or folder to write; give the output's own name "
                                 "(e.g. ./merged)")
     if ".." not in path.parts:
         return path
     return Path(os.path.realpath(path.parent)) / path.name
+
+
+def refuse_unrecordable(path: str | Path) -> None:
+    """Refuse a path the registry cannot record: it records paths as UTF-8 text (SQLite's and PostgreSQL's), and a
+    name with other bytes (a folder copied from an old Latin-1 system) was a UnicodeEncodeError traceback from the
+    database driver, after a merge's output was already in place. Checked before any work."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{path}: the path is not UTF-8 text, which the registry records paths as; rename "
+                                "it") from None
 
 
 def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, instead: str = "") -> None:
@@ -512,7 +553,7 @@ def remove_stale_temps(path: str | Path, idle_s: float = 300) -> list[Path]:
     path = Path(path)
     cutoff = time.time() - idle_s
     removed = []
-    for tmp in path.parent.glob(f"{TMP_MARK}{path.name}.*") if path.parent.exists() else []:
+    for tmp in path.parent.glob(f"{TMP_MARK}{glob.escape(temp_stem(path.name))}.*") if path.parent.exists() else []:
         entries = [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]
         try:
             newest = max(e.stat().st_mtime for e in entries)

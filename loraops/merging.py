@@ -21,7 +21,7 @@ from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
                      UnsupportedAdapterError)
-from .fsutil import atomic_path, ensure_free_space, refuse_overlap
+from .fsutil import atomic_path, ensure_free_space, refuse_overlap, refuse_unrecordable
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted, refuse_output_over  # noqa: F401 - parse_weighted is part of this module's API
 
@@ -176,7 +176,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
     try:
         reg = _open_registry(record or _references(base, adapters), create=record)
         _check_name_free(reg if record else None, name)
-        _check_output(reg, output, record, adapters)
+        _check_output(reg, output, record, base, adapters)
         model, _ = _streamed(reg, base, early, output, "merge")
         engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
         inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
@@ -204,7 +204,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
     try:
         reg = _open_registry(record or exact or _references(model, adapters), create=record)
         _check_name_free(reg if record else None, name)
-        _check_output(reg, output, record, adapters)
+        _check_output(reg, output, record, model, adapters)
         if streamed:
             merged, label = _streamed(reg, model, early, output, "subtract")
             engine.check_room(merged, output, options.get("dtype"))
@@ -332,9 +332,10 @@ def _name_taken(reg, name: str) -> bool:
     return any(b.name == name for b in reg.list_bases())
 
 
-def _check_output(reg, output, record: bool, adapters: Sequence[str]) -> None:
+def _check_output(reg, output, record: bool, model: str | Path, adapters: Sequence[str]) -> None:
     """Refusals before any work: an output over the registry's files (opened or not) or over an adapter it reads,
-    and a merge to record in a registry that is read-only here."""
+    and a merge to record in a registry that is read-only here, or under a path it cannot record (the output's, or
+    that of a model or adapter given by path, which the record registers)."""
     from .registry.blobs import BlobStore
 
     if reg is None:
@@ -344,9 +345,12 @@ def _check_output(reg, output, record: bool, adapters: Sequence[str]) -> None:
         refuse_output_over_registered(output)
     else:
         reg.refuse_output_inside(output)
-    refuse_output_over(output, [parse_weighted(a)[0] for a in adapters])
+    refs = [parse_weighted(a)[0] for a in adapters]
+    refuse_output_over(output, refs)
     if record and reg is not None:
         reg.refuse_writes(hint="; --no-record writes the output without recording it")
+        for path in [output, *(ref for ref in [model, *refs] if Path(ref).exists())]:
+            refuse_unrecordable(Path(path).resolve())
 
 
 def _check_name_free(reg, name: str | None) -> None:

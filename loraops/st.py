@@ -112,7 +112,12 @@ def read_header(path: str | Path) -> Header:
             raise FormatError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
         raw = f.read(length)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_header_members)
+    except _DuplicateMember as dup:
+        raise FormatError(f"{path}: corrupt safetensors header (it names {dup.args[0]!r} twice)") from None
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"{path}: corrupt safetensors header ({exc.object!r} is not Unicode text: a lone surrogate "
+                          "escape)") from None
     except ValueError:  # (JSONDecodeError, UnicodeDecodeError, and a number past Python's 4300-digit limit)
         raise FormatError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
@@ -125,11 +130,37 @@ def read_header(path: str | Path) -> Header:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         tensors[name] = _tensor_info(path, name, entry, data_offset, data_size)
-    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.nbytes)
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-        if start < end:
-            raise FormatError(f"{path}: corrupt safetensors file (tensors {first!r} and {second!r} overlap)")
+    # the tensors' bytes must cover the data back to back, as the safetensors library requires of a file it loads
+    position, previous = data_offset, None
+    for start, end, name in sorted((t.start, t.end, t.name) for t in tensors.values()):
+        if start < position:
+            raise FormatError(f"{path}: corrupt safetensors file (tensors {previous!r} and {name!r} overlap)")
+        if start > position:
+            raise FormatError(f"{path}: corrupt safetensors file (bytes {position - data_offset}–{start - data_offset} "
+                              "of its data belong to no tensor)")
+        position, previous = end, name
+    if position < size:
+        raise FormatError(f"{path}: corrupt safetensors file ({size - position} bytes after the last tensor's data)")
     return Header(path=path, tensors=tensors, metadata=dict(metadata), data_offset=data_offset, file_size=size)
+
+
+class _DuplicateMember(Exception):
+    """A JSON object of the header names a member twice (json.loads would keep the last one silently)."""
+
+
+def _header_members(pairs: list[tuple[str, object]]) -> dict:
+    """A header object's members, refused as the safetensors library refuses them: one named twice, and text with a
+    lone surrogate escape ("\\udcff": JSON that json.loads reads, but no Unicode text; the registry cannot store it)
+    raise the error read_header names."""
+    for key, value in pairs:
+        key.encode()
+        if isinstance(value, str):
+            value.encode()
+    members = dict(pairs)
+    if len(members) < len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateMember(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return members
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_offset: int, data_size: int) -> TensorInfo:

@@ -129,6 +129,20 @@ def test_a_float16_output_that_overflows_is_refused(how, tmp_path):
     assert torch.isfinite(load_file(tmp_path / "b.safetensors")["lin.weight"].float()).all()
 
 
+@pytest.mark.parametrize("dtype, precise", [(None, False), (None, True), ("bf16", False)])
+def test_a_float32_or_bfloat16_output_that_overflows_is_refused(dtype, precise, tmp_path):
+    """An alpha float32 holds (3.4e38, as `register --alpha` takes it) times factors above 1 merges to values beyond
+    float32's range: they were written as inf with exit 0 (only float16 outputs were checked), a model that computes
+    inf/NaN. The merge stops instead, with nothing written, as for float16."""
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": torch.ones(6, 4)}, str(base))
+    module = LoraModule("lin", torch.full((1, 4), 10.0), torch.full((6, 1), 10.0), alpha=3.4e38, scale=3.4e38)
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with values beyond (float32|bfloat16)'s range"):
+        engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                     precise=precise, device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+
+
 def test_existing_output_is_refused_unless_force(tmp_path, sharded):
     base, _ = sharded
     out = tmp_path / "out"

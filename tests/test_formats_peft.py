@@ -186,6 +186,32 @@ def test_config_without_lora_alpha_takes_peft_default(llama, tmp_path):
     assert identity(path) == explicit
 
 
+def test_config_with_null_lora_alpha_is_refused_as_such(llama, tmp_path):
+    """``"lora_alpha": null`` is no default (PEFT divides it by r and fails): refused naming the config, not as a file
+    without adapter_config.json (which the message said of a folder that has one); --alpha still supplies one."""
+    path = factories.peft_adapter(llama, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"])
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": None}))
+    with pytest.raises(InvalidInputError) as err:
+        read_adapter(path)
+    assert "adapter_config.json: config lora_alpha is null" in str(err.value)
+    assert "no adapter_config.json" not in str(err.value)
+    assert all(m.scale == 3.0 for m in read_adapter(path, alpha=12).modules.values())
+
+
+def test_a_config_in_the_metadata_with_a_lone_surrogate_is_refused(tmp_path):
+    """A bare PEFT file's ``adapter_config`` metadata (JSON in a metadata string) whose base_model_name_or_path held
+    "\\udcff" was read, and `register` then failed with a UnicodeEncodeError traceback from the database driver."""
+    from loraops.errors import FormatError
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    config = json.dumps({"r": 2, "lora_alpha": 4, "base_model_name_or_path": "\udcff/models/llama"})
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 8), f"{key}.lora_B.weight": torch.ones(8, 2)},
+              str(tmp_path / "a.safetensors"), metadata={"adapter_config": config})
+    with pytest.raises(FormatError, match=r"a.safetensors: its metadata's adapter_config holds text that is not Unicode"):
+        read_adapter(tmp_path / "a.safetensors")
+
+
 def test_identity_covers_math_config_fields_only(llama, tmp_path):
     path = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj"])
     first = identity(path)

@@ -246,6 +246,20 @@ def test_an_output_that_names_no_file_of_its_own_is_refused(tmp_path, monkeypatc
         "top", "top/keep", "top/work", "top/work/sub"]
 
 
+def test_a_dash_output_is_refused_as_no_stdout(tmp_path, monkeypatch):
+    """`-o -` wrote a file (or a folder) named '-' in the current folder, where `-` means standard output to every
+    other tool (kohya's, safetensors-cli's, tar); a longer path still names a file called '-' (not './-', which
+    pathlib makes '-')."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(fsutil.InvalidInputError, match=r"^'-': loraops writes no output to standard output"):
+        with fsutil.atomic_path("-") as tmp:
+            tmp.write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
+    with fsutil.atomic_path(tmp_path / "-") as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "-").read_bytes() == b"x"
+
+
 def test_chunks_and_sha256_file_read_through_one_reused_buffer(tmp_path):
     import hashlib
 
@@ -291,3 +305,30 @@ def test_keep_name_stages_the_output_under_its_own_name(tmp_path, is_dir):
         assert fsutil.user_path(tmp / "f" if is_dir else tmp) == str(out / "f" if is_dir else out)
         (tmp / "f" if is_dir else tmp).write_bytes(b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_json_with_a_lone_surrogate_escape_is_refused_in_one_line(tmp_path):
+    """"\\udcff" is JSON that json.loads reads, but no Unicode text: an adapter_config.json's base_model_name_or_path
+    holding one was a UnicodeEncodeError traceback from the database driver at `register` (asked for that base)."""
+    path = tmp_path / "adapter_config.json"
+    path.write_text('{"base_model_name_or_path": "\\udcff/models/llama", "r": 4}')
+    with pytest.raises(fsutil.FormatError, match=r"adapter config holds text that is not Unicode \('.*udcff/models"):
+        fsutil.read_json(path, "adapter config")
+
+
+@pytest.mark.parametrize("is_dir, keep_name", [(False, False), (True, False), (False, True)])
+def test_an_output_name_the_filesystem_takes_is_written_however_long(tmp_path, is_dir, keep_name):
+    """A name of 234–255 bytes is one the filesystem takes, but its temporary sibling's (.loraops-tmp-NAME.xxxxxxxx)
+    was not: `-o` with it was "File name too long". The sibling's name is shortened to fit; what is staged under
+    the output's own name (keep_name) is still shown as the output, and a killed run's sibling is still found."""
+    out = tmp_path / ("é" * 90 + "x" * 50 + ".safetensors")  # 152 characters, 242 bytes
+    assert len(os.fsencode(out.name)) == 242
+    with fsutil.atomic_path(out, is_dir=is_dir, keep_name=keep_name) as tmp:
+        assert len(os.fsencode(tmp.parent.name if keep_name else tmp.name)) <= 255
+        assert fsutil.user_path(tmp) == str(out) if keep_name else str(out).startswith(fsutil.user_path(tmp))
+        (tmp / "f").write_bytes(b"x") if is_dir else tmp.write_bytes(b"x")
+    assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    stale = fsutil.temp_sibling(out)
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    assert fsutil.remove_stale_temps(out) == [stale] and not stale.exists()

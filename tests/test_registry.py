@@ -534,3 +534,40 @@ def test_opening_waits_out_a_database_is_locked_answer_to_its_first_read(tmp_pat
     with pytest.raises(RegistryError, match="cannot open the registry at .*: database is locked"):
         db.ensure_schema(engine)
     engine.dispose()
+
+
+def test_paths_that_are_not_utf8_are_refused_in_one_line_with_nothing_written(reg, art, tmp_path):
+    """A file or folder name with bytes that are not UTF-8 (os.fsdecode makes them surrogates): recording it was a
+    UnicodeEncodeError traceback from the database driver — after a merge's output was in place, and in the base
+    digest cache's key before that. Now refused before any work, nothing written or recorded; a merge that records
+    nothing still works."""
+    from safetensors.torch import load_file, save
+
+    from loraops import derive, merging
+    from loraops.basemodel import BaseModel
+
+    odd = tmp_path / os.fsdecode(b"odd-\xff")
+    odd.mkdir()
+    base = Path(shutil.copytree(art["base"], odd / "llama"))
+    kohya = Path(shutil.copy(art["kohya"], odd / "style.safetensors"))
+    tuned = Path(shutil.copytree(art["base"], odd / "tuned", ignore=shutil.ignore_patterns("*.safetensors")))
+    weights = load_file(art["base"] / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"] += 0.1
+    (tuned / "model.safetensors").write_bytes(save(weights, metadata={"format": "pt"}))  # (safetensors wants UTF-8)
+    reg.add_base(art["base"], name="llama")
+    before = snapshot(reg)
+    for call in (lambda: reg.add_base(base, name="odd"),
+                 lambda: reg.register_adapter(kohya, base="llama"),
+                 lambda: merging.merge("llama", [str(kohya)], tmp_path / "m1"),
+                 lambda: merging.merge(str(base), [str(art["kohya"])], tmp_path / "m2"),
+                 lambda: merging.merge("llama", [str(art["kohya"])], odd / "m3"),
+                 lambda: derive.extract(str(base), str(tuned), rank=2, output=tmp_path / "x")):
+        with pytest.raises(InvalidInputError, match="not UTF-8") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert snapshot(reg) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [odd.name]
+    assert sorted(p.name for p in odd.iterdir()) == ["llama", "style.safetensors", "tuned"]
+    merging.merge(str(base), [str(kohya)], odd / "m4", record=False)
+    assert BaseModel.open(base).fingerprint() == BaseModel.open(art["base"]).fingerprint()  # (its digest cache's key)
+    assert (odd / "m4" / "model.safetensors").is_file() and snapshot(reg) == before

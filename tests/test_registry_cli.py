@@ -306,6 +306,23 @@ def test_commands_that_add_no_record_refuse_a_missing_registry_file(tmp_path, co
 
 
 @pytest.mark.no_registry
+@pytest.mark.parametrize("command", [["list"], ["show", "x"], ["base", "list"], ["gc"]])
+def test_commands_that_add_no_record_refuse_an_empty_file_as_registry(tmp_path, command):
+    """An empty file is what SQLite opens as an empty database: `--db sqlite:///notes.txt list` (an empty file, a
+    0-byte placeholder) wrote the registry's tables into it (139 KB) and listed nothing, as a missing file would have
+    been created; it is refused as one, and left as it was."""
+    empty = tmp_path / "notes.txt"
+    empty.write_bytes(b"")
+    result = cli("--db", f"sqlite:///{empty}", *command, code=6)
+    assert result.output == (f"error: no registry at {empty}: the file is empty (a mistyped --db or LORAOPS_DB? "
+                             "a command that records creates it, as does `loraops db upgrade`)\n")
+    assert empty.read_bytes() == b"" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert cli("--db", f"sqlite:///{empty}", "db", "current").output.endswith(": no registry there yet (a command "
+                                                                              "that records creates it, as does "
+                                                                              "`loraops db upgrade`)\n")
+
+
+@pytest.mark.no_registry
 def test_commands_that_record_create_the_registry_file(tmp_path, art):
     url = f"sqlite:///{tmp_path}/new/registry.db"
     assert cli("--db", url, "register", art["ad1"]).output.startswith("registered ad1@1")

@@ -28,6 +28,13 @@ def test_reads_a_real_file(tmp_path):
     torch.testing.assert_close(loaded["b"], t["b"])
 
 
+def _dup(path, members: bytes, data: bytes):
+    """A header whose JSON object lists ``members`` (raw, so a key can appear twice: json.dumps cannot write that)."""
+    blob = b"{" + members + b"}"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -47,6 +54,19 @@ def test_reads_a_real_file(tmp_path):
             ),
             "overlap",
         ),
+        # what the safetensors library refuses (its validate()): data no tensor covers, a name given twice
+        (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "bytes 0–4"),
+        (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                            "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, b"\0" * 12), "bytes 4–8"),
+        (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+         "4 bytes after the last tensor"),
+        (lambda p: _dup(p, b'"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+                           b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}', b"\0" * 8), "'a' twice"),
+        (lambda p: _dup(p, b'"__metadata__":{"k":"1"},"__metadata__":{"k":"2"}', b""), "'__metadata__' twice"),
+        # a lone surrogate escape is JSON Python reads but no Unicode text (safetensors refuses it; SQLite cannot store it)
+        (lambda p: _dup(p, b'"__metadata__":{"k":"x\\udcffy"}', b""), "not Unicode text"),
+        (lambda p: _dup(p, b'"a\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}', b"\0" * 4),
+         "not Unicode text"),
         (lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 20), "pickle"),
         (lambda p: p.write_bytes(b"\x80\x02" + b"\0" * 20), "pickle"),
     ],

@@ -61,7 +61,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     unprefixed = [n for n in parsed.factors if component_of(n) is None]
     if unprefixed:
         raise common.unknown_layout(weights, unprefixed, f"modules without a pipeline component ({', '.join(COMPONENTS)})")
-    raw = peft.metadata_config(header.metadata) or {}
+    raw = peft.metadata_config(header) or {}
     configs = {}
     for component in {component_of(n) for n in parsed.factors}:
         cfg = component_config(raw, component)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
-from ..fsutil import read_json
+from ..fsutil import read_json, refuse_lone_surrogates
 from . import common, lowrank, lycoris, params, tokens
 
 if TYPE_CHECKING:
@@ -394,9 +394,10 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def metadata_config(metadata: dict[str, str]) -> dict | None:
+def metadata_config(header: st.Header) -> dict | None:
     """A LoRA config carried in safetensors header metadata: diffusers' ``lora_adapter_metadata`` (a JSON
     LoraConfig, possibly with component-prefixed keys), an ``adapter_config`` JSON, or a bare ``lora_alpha``/``alpha``."""
+    metadata = header.metadata
     for key in ("lora_adapter_metadata", "adapter_config"):
         if key in metadata:
             try:
@@ -404,6 +405,7 @@ def metadata_config(metadata: dict[str, str]) -> dict | None:
             except ValueError:  # (not JSON, or a number past Python's 4300-digit limit for reading one)
                 cfg = None
             if isinstance(cfg, dict):
+                refuse_lone_surrogates(cfg, f"{header.path}: its metadata's {key}")
                 return cfg
     for key in ("lora_alpha", "alpha"):
         if key in metadata:
@@ -586,10 +588,13 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if path.is_dir() and cfg_file is None:
         raise FormatError(f"{path}: no {CONFIG_NAME} in this PEFT folder")
     header = st.read_header(weights)
-    raw_cfg = load_config(cfg_file) if cfg_file else metadata_config(header.metadata)
+    raw_cfg = load_config(cfg_file) if cfg_file else metadata_config(header)
     if cfg_file:  # LoraConfig's defaults, as PEFT reads the file
         raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
+    if cfg_file and cfg.alpha is None and cfg.product is None and cfg.method is None:  # (absent, it is LoraConfig's 8)
+        raise InvalidInputError(f"{cfg_file}: config lora_alpha is null, which PEFT cannot read (it divides it by r); "
+                                f"set it there, or {common.ALPHA_WANTED}")
     product = cfg.product if cfg is not None else None
     method = cfg.method if cfg is not None else None
     products, keys = ({}, header.tensors) if product is None else \

@@ -361,9 +361,10 @@ def unwritable(engine: Engine) -> bool:
 
 
 def missing_sqlite_file(engine: Engine) -> bool:
-    """An SQLite registry whose file does not exist yet (connecting would create it)."""
+    """An SQLite registry whose file does not exist yet (connecting would create it), or is empty (what SQLite opens
+    as an empty database: a mistyped path to an empty file, which opening the registry filled with its tables)."""
     path = sqlite_file(engine)
-    return path is not None and not path.exists()
+    return path is not None and (not path.exists() or (path.is_file() and path.stat().st_size == 0))
 
 
 CREATED_BY = "a command that records creates it, as does `loraops db upgrade`"
@@ -373,7 +374,8 @@ def refuse_missing(engine: Engine) -> None:
     """One RegistryError line naming the file, for an SQLite registry that does not exist, where creating it would
     only hide a mistyped URL (commands that add no record)."""
     if missing_sqlite_file(engine):
-        raise RegistryError(f"no registry at {sqlite_file(engine)}: the file does not exist (a mistyped --db or "
+        why = "is empty" if sqlite_file(engine).exists() else "does not exist"
+        raise RegistryError(f"no registry at {sqlite_file(engine)}: the file {why} (a mistyped --db or "
                             f"LORAOPS_DB? {CREATED_BY})")
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import settings
-from ..fsutil import remove, sha256_file
+from ..fsutil import refuse_unrecordable, remove, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
@@ -168,6 +168,10 @@ class Registry:
             except DBAPIError as exc:
                 if not retryable(exc):
                     raise RegistryError(f"could not {what}: {_first_line(exc.orig or exc)}") from None
+            except UnicodeEncodeError as exc:  # text from a path whose name is not UTF-8 (a source, a base hint)
+                raise InvalidInputError(f"could not {what}: it holds text that is not UTF-8 "
+                                        f"({exc.object[max(0, exc.start - 40):exc.end + 40]!r}), which the registry "
+                                        "cannot record (a path with other bytes in its name? rename it)") from None
             time.sleep(random.uniform(0, min(1.0, RETRY_BACKOFF_S * 2 ** attempt)))
         raise RegistryError(f"could not {what}: the registry kept changing under it ({RETRIES} tries; concurrent writers?)")
 
@@ -204,6 +208,7 @@ class Registry:
         from ..basemodel import BaseModel
 
         self.refuse_writes()
+        refuse_unrecordable(Path(path).resolve())
         model = BaseModel.open(path)
         if _is_an_adapter(Path(path)):
             raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model; register it with "
@@ -409,6 +414,7 @@ class Registry:
             raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
                                     "adapter's; register it without `written`")
         formats.common.given_alpha(alpha, path)
+        refuse_unrecordable(source or path.resolve())
         tags = clean_tags(tags)  # what the arguments alone refuse, before the adapter is read or hashed
         formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
         files = formats.adapter_files(path)
