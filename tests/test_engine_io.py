@@ -143,6 +143,28 @@ def test_a_float32_or_bfloat16_output_that_overflows_is_refused(dtype, precise, 
     assert nothing_left(tmp_path / "o.safetensors")
 
 
+@pytest.mark.parametrize("dtype, top_exponent", [(torch.float32, 127 - 23), (torch.bfloat16, 127 - 7)])
+def test_the_overflow_scan_is_skipped_only_where_no_delta_can_overflow(dtype, top_exponent, tmp_path):
+    """The scan for inf runs only where the deltas' bound (Σ|wᵢsᵢ|·max‖Bᵢ‖·max‖Aⱼ‖) reaches half the dtype's last
+    step below its max (a scan of every merged byte made a bfloat16 merge 1.5× slower): at the top of the
+    range, a delta just below that half step rounds to the max, unscanned, and one of a whole step overflows and is
+    refused. Rank 1, so the bound is the delta itself."""
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": torch.full((6, 4), torch.finfo(dtype).max, dtype=dtype)}, str(base))
+
+    def lora(exponent):
+        half = 2.0 ** (exponent / 2)
+        return Adapter({"lin": LoraModule("lin", torch.full((1, 4), half), torch.full((6, 1), half), alpha=1.0,
+                                          scale=1.0)}, "peft")
+
+    engine.merge(base, [(lora(top_exponent - 2), 1.0)], tmp_path / "o.safetensors", device="cpu")
+    assert torch.equal(load_file(tmp_path / "o.safetensors")["lin.weight"], torch.full((6, 4), torch.finfo(dtype).max,
+                                                                                        dtype=dtype))
+    with pytest.raises(InvalidInputError, match="comes out with values beyond"):
+        engine.merge(base, [(lora(top_exponent), 1.0)], tmp_path / "x.safetensors", device="cpu")
+    assert nothing_left(tmp_path / "x.safetensors")
+
+
 def test_existing_output_is_refused_unless_force(tmp_path, sharded):
     base, _ = sharded
     out = tmp_path / "out"
