@@ -1130,8 +1130,8 @@ class _Pipeline:
 
     def _may_overflow(self, tensor: _Tensor) -> bool:
         """Whether the tensor's deltas can carry a finite weight past float32's or bfloat16's range, so that its
-        chunks are scanned for inf: a scan of every merged byte made a bfloat16 merge 1.5× slower (512 MiB,
-        2 cores: torch's isinf on CPU). |ΔW_ij| ≤ Σ |wᵢsᵢ|·‖B_i‖·‖A_j‖ (Cauchy–Schwarz, which bounds the matmul's partial sums
+        chunks are scanned for inf: a scan of every merged byte made a bfloat16 merge 1.5× slower (512 MiB, 2 cores:
+        torch's isinf on CPU). |ΔW_ij| ≤ Σ |wᵢsᵢ|·‖B_i‖·‖A_j‖ (Cauchy–Schwarz, which bounds the matmul's partial sums
         too), and a finite value moved by less than half the dtype's last step below its max rounds to that max at
         most. LoHa/LoKr products, DoRA's rescaling and trainable-token rows are scanned; made once per tensor."""
         import torch
