@@ -428,13 +428,13 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
 
 
 def resize_rule(rank: int | None = None, dynamic: str | None = None, param: float | None = None,
-                max_rank: int | None = None, conv_rank: int | None = None):
-    """resize's rank rule, checked (see combine_arguments)."""
+                max_rank: int | None = None, conv_rank: int | None = None, what: str = "resize"):
+    """resize's rank rule (extract's too: ``what`` names the command in the error), checked (see combine_arguments)."""
     from .ops.params import parse_params
     from .ops.resize import RankRule
 
     return parse_params(RankRule, {"rank": rank, "dynamic": dynamic, "param": param, "max_rank": max_rank,
-                                   "conv_rank": conv_rank}, "resize")
+                                   "conv_rank": conv_rank}, what)
 
 
 def refuse_idle_conv_rank(rule, modules: Iterable[LoraModule], label: str) -> None:

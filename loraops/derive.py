@@ -494,7 +494,7 @@ def extract(
     from .extraction import extract_lazily
     from .registry import Registry
 
-    rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
+    rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
     check_arguments(name, output, force, [])
     with Registry.open() as reg, models_of(reg) as record_model:
         (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)

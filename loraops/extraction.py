@@ -406,7 +406,7 @@ def extract_lazily(
     from .settings import resolve_device
     from .st import read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
-    rule = resize_rule(rank, dynamic, param, max_rank, conv_rank)
+    rule = resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
     given_alpha(alpha)  # (one beyond float32 was refused only at the end, naming a scratch file)
     base, tuned = _open(base), _open(tuned)
     base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings

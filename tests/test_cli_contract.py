@@ -390,8 +390,8 @@ def test_a_malformed_lycoris_module_is_refused(tmp_path, case, message):
     (["--alpha", "1e300"], "alpha 1e+300 is beyond what float32 holds"),
     # checked by the sweep and fine: kept so they stay so
     (["--alpha", "nan"], "alpha must be a positive number (got nan)"),
-    (["--rank", "0"], "bad parameters for resize: rank: Input should be greater than 0"),
-    (["--dynamic", "sv_fro", "--param", "nan"], "bad parameters for resize: param: Input should be a finite number"),
+    (["--rank", "0"], "bad parameters for extract: rank: Input should be greater than 0"),
+    (["--dynamic", "sv_fro", "--param", "nan"], "bad parameters for extract: param: Input should be a finite number"),
     (["--modules", "q_proj|v_proj"], "--modules q_proj|v_proj: {base} has no 2-D or conv weight by that name (norms "
                                      "and biases are no LoRA targets: --save-module keeps them whole)"),
     (["--dtype", "int8"], "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main "
