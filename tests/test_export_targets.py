@@ -107,3 +107,14 @@ def test_an_rslora_alpha_that_is_no_integer_is_kept_as_written(tmp_path, base):
     run("export", "a", "--format", "peft", "-o", tmp_path / "e")
     assert config(tmp_path / "e")["lora_alpha"] == 12.3 and not config(tmp_path / "e")["alpha_pattern"]
     assert formats.identity(tmp_path / "e") == formats.identity(original)
+
+
+def test_a_language_models_adapter_exported_as_diffusers_says_which_format_it_needs(base, tmp_path):
+    """The diffusers format names a pipeline's components: a language model's adapter was refused with "module
+    'model.layers.0.self_attn.q_proj' has no pipeline component prefix", naming neither the adapter nor what to do."""
+    adapter = peft_adapter(base, tmp_path / "a", target_modules=["q_proj"])
+    result = CliRunner().invoke(main, ["export", str(adapter), "--format", "diffusers", "-o", str(tmp_path / "d")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {adapter}: module 'model.layers.0.self_attn.q_proj' has no pipeline "
+                                    "component prefix") and "--format peft or kohya" in result.output, result.output
+    assert not (tmp_path / "d").exists()
