@@ -1441,6 +1441,31 @@ def test_a_remote_code_tied_model_merges_loras_off_its_embeddings(tmp_path, voca
     assert engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
 
 
+def test_a_remote_code_tied_model_without_a_vocabulary_merges_a_lora_on_its_positions(tmp_path):
+    """Told by name alone (a remote-code config that does not say vocab_size), the possible tied embeddings are a
+    table named for input embeddings, not for positions: a LoRA on an OPT-style model's embed_positions (a table
+    of its own shape, which no head reads) fits and merges, untying nothing."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from loraops.basemodel import BaseModel
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
+                             max_position_embeddings=64, word_embed_proj_dim=32)).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    get_peft_model(OPTForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "embed_positions"], init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    del config["vocab_size"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps({
+        **config, "architectures": ["MyOPTForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_my.MyOPTForCausalLM"}}))
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, base.tensors, config=base.config)
+    assert found.ok and found.tied_heads == [], found
+    assert engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
+
+
 @pytest.mark.parametrize("model, method", [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera")])
 def test_a_kohya_export_of_an_unstored_tied_head_reads_back(tmp_path, model, method):
     """`export --format kohya` names a LoRA on a head the base does not store (tied) by its path, lora_unet_lm_head;
