@@ -999,12 +999,15 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                                 actual=[max(rows.indices) + 1, int(rows.values.shape[1])]))
     ok = not (missing or mismatches or full_mismatches or row_mismatches or res.ambiguous)
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
-        for name, weight in [*((n, module.weight_name) for n, module in bound.modules.items()),
-                             *((n, n) for n in bound.token_rows)]:
-            if weight not in manifest:
+        # (a head the base does not store is written from its embeddings: theirs is the layout merge reads)
+        for name, weight, shape in [*((n, m.weight_name, m.weight_shape) for n, m in bound.modules.items()),
+                                    *((n, n, rows_shape(rows, manifest)) for n, rows in bound.token_rows.items()),
+                                    *((n, n, tensor.shape) for n, tensor in bound.full_tensors.items())]:
+            if (source := weight if weight in manifest else tied_head_source(weight, shape, manifest)) is None \
+                    or name in why_missing:
                 continue
             try:
-                fp8.layout(manifest, weight, quantization(weight))
+                fp8.layout(manifest, source, quantization(source))
             except FormatError as refusal:  # merge's reason; a misfit of this base (not the end of a check of all)
                 missing.append(name)
                 why_missing[name] = str(refusal)
