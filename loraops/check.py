@@ -340,17 +340,10 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     checkpoint of the bare model's wte → lm_head); or None: the config.json names no class with an output head (a
     bare model, a classifier, or no config at all), unties it, is an encoder-decoder model's (can_untie), or
     the head is stored."""
-    architectures = [str(a) for a in config.get("architectures") or []]
-    if ties_word_embeddings(config) is False or not can_untie(config):
+    if ties_word_embeddings(config) is False or not can_untie(config) or not _names_heads(config):
         return None
-    tied = _tied_head_of_class(config)
-    if tied is not None:
-        head = _class_head(tied, embeddings)
-    elif any(a.endswith(LM_HEAD_CLASSES) for a in architectures):
-        head = _causal_lm_head(embeddings)
-    else:
-        return None
-    remote = _remote_code_class(config) if tied is None else None
+    head = head_tied_to(embeddings, config)
+    remote = _remote_code_class(config) if _tied_head_of_class(config) is None else None
     if head is None and remote is not None and _may_be_tied_embeddings(embeddings, manifest, config):
         raise MismatchError(
             f"{embeddings!r} may be tied to an output head the base does not store, and {remote} is remote code (its "
@@ -390,6 +383,23 @@ def _names_input_embeddings(tensor: str) -> bool:
     emb), not for positions or token types?"""
     leaf = tensor.removesuffix(".weight").rpartition(".")[2]
     return not _IN_BLOCK.search(tensor) and ("emb" in leaf or leaf == "wte") and not re.search("pos|type", leaf)
+
+
+def head_tied_to(embeddings: str, config: dict) -> str | None:
+    """The output head a model of this config.json ties to its input embeddings ``embeddings``, stored or not, named
+    as transformers saves it: by its class where TIED_HEAD_OF_CLASS lists it, else a causal LM's beside the decoder's
+    wrapper; None where the config names no class with an output head, or the rule names none of these embeddings
+    (T5's shared: its head is tied to them, but PEFT's LoRA on them is no lookup its adapted model makes)."""
+    tied = _tied_head_of_class(config)
+    if tied is not None:
+        return _class_head(tied, embeddings)
+    return _causal_lm_head(embeddings) if _names_heads(config) else None
+
+
+def _names_heads(config: dict) -> bool:
+    """Does this config.json name a class whose output head a rule names (TIED_HEAD_OF_CLASS, a causal LM's)?"""
+    return _tied_head_of_class(config) is not None or any(
+        str(a).endswith(LM_HEAD_CLASSES) for a in config.get("architectures") or [])
 
 
 def _causal_lm_head(embeddings: str) -> str | None:
@@ -989,12 +999,15 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                                 actual=[max(rows.indices) + 1, int(rows.values.shape[1])]))
     ok = not (missing or mismatches or full_mismatches or row_mismatches or res.ambiguous)
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
-        for name, weight in [*((n, module.weight_name) for n, module in bound.modules.items()),
-                             *((n, n) for n in bound.token_rows)]:
-            if weight not in manifest:
+        # (a head the base does not store is written from its embeddings: theirs is the layout merge reads)
+        for name, weight, shape in [*((n, m.weight_name, m.weight_shape) for n, m in bound.modules.items()),
+                                    *((n, n, rows_shape(rows, manifest)) for n, rows in bound.token_rows.items()),
+                                    *((n, n, tensor.shape) for n, tensor in bound.full_tensors.items())]:
+            if (source := weight if weight in manifest else tied_head_source(weight, shape, manifest)) is None \
+                    or name in why_missing:
                 continue
             try:
-                fp8.layout(manifest, weight, quantization(weight))
+                fp8.layout(manifest, source, quantization(source))
             except FormatError as refusal:  # merge's reason; a misfit of this base (not the end of a check of all)
                 missing.append(name)
                 why_missing[name] = str(refusal)

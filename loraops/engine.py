@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (can_untie, is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias, tied_head_source,
-                    ties_word_embeddings, unstored_head_of, untie_refusal, untied)
+from .check import (can_untie, head_tied_to, is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias,
+                    tied_head_source, ties_word_embeddings, unstored_head_of, untie_refusal, untied)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
@@ -489,29 +489,33 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     untied = {base.tensors[source].file for source in heads.values()}
     touched, apart = terms.keys() | replacements.keys() | rows.keys(), _changed_apart(adapters)
     for group in _stored_twice(base, touched):
-        # a head changed, or the embeddings apart from it (see _changed_apart); copies of the embeddings alone (T5's
-        # shared and each side's embed_tokens, saved before transformers 5) are one parameter that no config unties
+        # a head changed, or the embeddings it is tied to apart from it (see _changed_apart; as where it is not
+        # stored: unstored_head_of). Copies of the embeddings (T5's shared and each side's embed_tokens, saved before
+        # transformers 5) are one parameter that no config unties: they share their changes
         group_heads = {name for name in group if _is_head(base, name)}
-        if not undo and group_heads and any(name in touched if name in group_heads else name in apart for name in group) \
-                and _can_untie(base, min(group)):
-            untied |= {base.tensors[name].file for name in group}  # each copy keeps its own changes
+        untie = not undo and _can_untie(base, min(group)) and any(
+            name in touched if name in group_heads else name in apart and head_tied_to(name, base.config(name)) in group_heads
+            for name in group)
+        one = group - group_heads if untie else group
+        shared = sorted((term for name in sorted(one) for term in terms.get(name, [])),
+                        key=lambda term: position[id(term[0])])
+        replacement = next((replacements[name] for name in sorted(one) if name in replacements), None)
+        shared_rows = [r for name in sorted(one) for r in rows.get(name, [])]
+        for name in one:
+            if shared:
+                terms[name] = shared
+            if shared_rows:
+                rows[name] = shared_rows
+            if replacement is not None:
+                replacements[name] = replacement
+        if untie:
+            untied |= {base.tensors[name].file for name in group}  # each head keeps its own changes
             biases = _decoder_biases(base, {name: name for name in group_heads})
             heads.update(biases)
             untied |= {base.tensors[parent].file for parent in biases.values()}
             embeddings = min(group - group_heads, default=None)
             _inherit({**({name: embeddings for name in group_heads} if embeddings else {}), **biases}, rows,
                      replacements, saved_layers)  # but for what PEFT's tied weight carries
-            continue
-        shared = sorted((term for name in sorted(group) for term in terms.get(name, [])),
-                        key=lambda term: position[id(term[0])])
-        replacement = next((replacements[name] for name in sorted(group) if name in replacements), None)
-        shared_rows = [r for name in sorted(group) for r in rows.get(name, [])]
-        for name in group:
-            terms[name] = shared
-            if shared_rows:
-                rows[name] = shared_rows
-            if replacement is not None:
-                replacements[name] = replacement
     # fine-grained FP8 weights (loraops.fp8): those the adapters change, encoded again with new scales; with --dtype
     # every one, dequantized, and its scales left out
     scaled = {}

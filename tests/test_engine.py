@@ -446,6 +446,38 @@ def test_a_tied_parameter_stored_twice_gets_the_delta_in_the_embeddings_only(tmp
     torch.testing.assert_close(ours["model.embed_tokens.weight"], expected, rtol=0, atol=1e-6)
 
 
+def test_tensors_equal_by_coincidence_are_not_one_parameter(tmp_path):
+    """Only a tied head and its input embeddings are copies of one parameter (_stored_twice): tensors a model stores
+    byte-identical by coincidence (two layers' q_proj alike, every RMSNorm's weight of ones beside a head stored
+    twice) each keep their own changes: a LoRA on one layer's q_proj and a modules_to_save copy of the final norm
+    reach nothing else, as in PEFT's merge_and_unload."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    state = tied_base_stored_twice(tmp_path / "base")
+    state["model.layers.1.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"].clone()
+    save_file(state, str(tmp_path / "base" / "model.safetensors"), metadata={"format": "pt"})
+    norms = [name for name in state if name.endswith("norm.weight")]
+    assert len(norms) > 1 and all(torch.equal(state[name], torch.ones_like(state[name])) for name in norms)
+    torch.manual_seed(1)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], layers_to_transform=[0], modules_to_save=["norm"],
+        init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.model.norm.modules_to_save["default"].weight.mul_(3)
+    model.save_pretrained(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", device="cpu")
+    ours = merged_tensors(tmp_path / "out")
+    expected = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "a") \
+        .merge_and_unload().state_dict()
+    for name in [*norms, "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]:
+        torch.testing.assert_close(ours[name], expected[name], rtol=0, atol=1e-6)
+    assert torch.equal(ours["model.layers.1.self_attn.q_proj.weight"], state["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(ours["model.norm.weight"], 3 * state["model.norm.weight"])
+    assert sum(not torch.equal(ours[name], state[name]) for name in norms) == 1
+
+
 def tied_llama(path, **save):
     from transformers import LlamaConfig, LlamaForCausalLM
 

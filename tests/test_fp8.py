@@ -549,6 +549,28 @@ def test_check_of_a_registered_quantized_base_reads_its_files(tmp_path, models):
     assert "fits fp8: 2/2 modules match" in every and "does not fit bnb" in every and message in every
 
 
+@pytest.mark.parametrize("case", ["modules_to_save", "tied head"])
+def test_check_says_what_merge_refuses_of_a_tensor_no_lora_module_names(tmp_path, models, case):
+    """check reads the quantized layout of every tensor merge writes, as merge does: a modules_to_save copy of a
+    weight stored as bitsandbytes' I8, and a LoRA on a tied head the base does not store, whose embeddings (what the
+    untied head is written from) are I8. check said "fits" (it read only the weights a LoRA module or trainable
+    tokens name, and a head's only where stored), merge refused."""
+    if case == "modules_to_save":
+        base, adapter = _rewrite(models.fp8, tmp_path / "base", _bnb_int8), peft_adapter(
+            models.base, tmp_path / "a", r=2, target_modules=["k_proj"], modules_to_save=["q_proj"])
+        message = f"'{Q}.weight' is stored as I8 with {Q}.SCB F32[64] (config.json quant_method 'fp8'); {UNSUPPORTED}"
+    else:
+        tied = tiny_llama(tmp_path / "tied", tie=True)
+        adapter = peft_adapter(tied, tmp_path / "a", r=2, target_modules=["q_proj", "lm_head"])
+        base = _rewrite(tied, tmp_path / "base", lambda s: s.update(
+            {"model.embed_tokens.weight": s["model.embed_tokens.weight"].to(torch.int8)}),
+            lambda c: c.update({"quantization_config": {"quant_method": "bitsandbytes"}}))
+        message = f"'model.embed_tokens.weight' is stored as I8 (config.json quant_method 'bitsandbytes'); {UNSUPPORTED}"
+    assert message in cli("merge", adapter, "--into", base, "-o", tmp_path / "out", "--no-record", code=2).output
+    checked = cli("check", adapter, "--base", base, code=2).output
+    assert message in checked and "does not fit" in checked, checked
+
+
 def test_dtype_refuses_fp8_weights_it_cannot_read_even_untouched(tmp_path, models):
     bad = _rewrite(models.fp8, tmp_path / "bad", lambda s: s.pop("model.layers.1.mlp.gate_proj.weight_scale_inv"))
     cli("merge", models.adapter, "--into", bad, "-o", tmp_path / "out", "--no-record")  # gate_proj: untouched, copied

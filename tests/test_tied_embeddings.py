@@ -1009,6 +1009,74 @@ def test_a_t5_at_the_top_level_unties_its_head_as_blip_2s(tmp_path, layout):
     assert (t5_logits(merged) - t5_logits(T5ForConditionalGeneration.from_pretrained(tmp_path / "base"))).abs().max() > 1e-3
 
 
+_T5_FAMILY = {"t5": ("T5Config", "T5ForConditionalGeneration"), "umt5": ("UMT5Config", "UMT5ForConditionalGeneration"),
+              "longt5": ("LongT5Config", "LongT5ForConditionalGeneration")}
+
+
+def t5_family_base(path, kind="t5", stored=()):
+    """A tiny T5-family model (transformers 5's save: shared.weight, the head tied to it), also storing ``stored``
+    as byte-identical copies of shared.weight (as older checkpoints and some exporters write them); its class."""
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in _T5_FAMILY[kind])
+    torch.manual_seed(0)
+    model_class(config_class(**_INSTRUCTBLIP_T5["text_config"])).save_pretrained(path)
+    if stored:
+        state = load_file(path / "model.safetensors")
+        state.update({name: state["shared.weight"].clone() for name in stored})
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return model_class
+
+
+def t5_lora(model_class, base, out, targets):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(model_class.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).eval()
+    model.save_pretrained(out)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["umt5", "longt5"])
+def test_every_t5_family_model_at_the_top_level_unties_its_head(tmp_path, kind):
+    """UMT5 and LongT5 (their configs derive the output scaling from tie_word_embeddings, as T5's): a LoRA on the
+    tied lm_head merges untied, its scaling written, to PEFT's adapted model's logits."""
+    model_class = t5_family_base(tmp_path / "base", kind)
+    expected = t5_logits(t5_lora(model_class, tmp_path / "base", tmp_path / "a", ["q", "lm_head"]))
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    merged, info = model_class.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and merged.config.scale_decoder_outputs is True
+    torch.testing.assert_close(t5_logits(merged), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["q", "shared"], ["q", "shared", "lm_head"], ["q", "lm_head"]])
+def test_a_t5_storing_its_head_among_copies_of_shared_merges_as_one_storing_shared_once(tmp_path, targets):
+    """A T5 checkpoint storing shared.weight also as each side's embed_tokens and as lm_head (byte-identical, the
+    config tied) is the model saved with shared.weight alone: a merge of one adapter gives both the same model.
+    shared and each side's embed_tokens are one parameter (transformers ties them whatever the config says): a LoRA
+    on shared goes into every copy; and, as where the head is not stored, it does not untie the head (the rule
+    names no head of shared: PEFT's merge_and_unload's). Each copy kept its own changes: the LoRA on shared went
+    into shared.weight alone, which the loaded model does not read (its embed_tokens no longer equal to it)."""
+    model_class = t5_family_base(tmp_path / "once")
+    t5_family_base(tmp_path / "copies", stored=["encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                                                 "lm_head.weight"])
+    t5_lora(model_class, tmp_path / "once", tmp_path / "a", targets)
+    for layout in ("once", "copies"):
+        engine.merge(tmp_path / layout, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / f"out-{layout}",
+                     progress=False)
+    once, copies = tensors(tmp_path / "out-once"), tensors(tmp_path / "out-copies")
+    for side in ("encoder", "decoder"):
+        assert torch.equal(copies[f"{side}.embed_tokens.weight"], copies["shared.weight"])
+    assert torch.equal(copies["lm_head.weight"], once.get("lm_head.weight", once["shared.weight"]))
+    assert all(torch.equal(copies[name], value) for name, value in once.items())
+    merged = model_class.from_pretrained(tmp_path / "out-copies")
+    torch.testing.assert_close(t5_logits(merged), t5_logits(model_class.from_pretrained(tmp_path / "out-once")),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_untied_keeps_the_output_scaling_each_config_reads():
     """untied writes scale_decoder_outputs where transformers derives it from tie_word_embeddings (the T5 family,
     SCALES_BY_TIE: every config class of the installed transformers that has the attribute), as that config read it:
@@ -1371,6 +1439,31 @@ def test_a_remote_code_tied_model_merges_loras_off_its_embeddings(tmp_path, voca
     found = check.check(adapter, base.tensors, config=base.config)
     assert found.ok and found.tied_heads == []
     assert engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
+
+
+def test_a_remote_code_tied_model_without_a_vocabulary_merges_a_lora_on_its_positions(tmp_path):
+    """Told by name alone (a remote-code config that does not say vocab_size), the possible tied embeddings are a
+    table named for input embeddings, not for positions: a LoRA on an OPT-style model's embed_positions (a table
+    of its own shape, which no head reads) fits and merges, untying nothing."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from loraops.basemodel import BaseModel
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
+                             max_position_embeddings=64, word_embed_proj_dim=32)).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    get_peft_model(OPTForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "embed_positions"], init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    del config["vocab_size"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps({
+        **config, "architectures": ["MyOPTForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_my.MyOPTForCausalLM"}}))
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, base.tensors, config=base.config)
+    assert found.ok and found.tied_heads == [], found
+    assert engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
 
 
 @pytest.mark.parametrize("model, method", [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera")])
