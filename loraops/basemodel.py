@@ -38,6 +38,9 @@ VARIANT_FILE = re.compile(r"(?P<name>model|diffusion_pytorch_model)"
                           r"(?:\.(?P<variant>[^.]+?)(?:-\d+-of-\d+)?|-\d+-of-\d+\.(?P<legacy>[^.]+))\.safetensors")
 """A variant's weights file: transformers' and diffusers' weights names (SAFE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME)
 as _add_variant names them, or as diffusers named a variant's shards before (its legacy format, the legacy group)."""
+WEIGHTS_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+"""The one file from_pretrained reads where a folder has it (transformers' SAFE_WEIGHTS_NAME, diffusers'
+SAFETENSORS_WEIGHTS_NAME): another .safetensors beside it (Mistral's consolidated.safetensors) is no part of it."""
 
 
 @dataclass
@@ -271,8 +274,8 @@ def folder_weights(names: list[str]) -> tuple[str | None, list[str]]:
     """Which of a folder's file ``names`` hold its weights, as from_pretrained (transformers', diffusers') reads
     them by default, without variant=: (the safetensors index they are read through, []) or (None, the
     .safetensors files). The index: model.safetensors.index.json, else the folder's only one (diffusers'
-    diffusion_pytorch_model.safetensors.index.json). Without one, the .safetensors files but a variant's
-    (model.fp16.safetensors: from_pretrained reads them only when asked for that variant); a folder of one
+    diffusion_pytorch_model.safetensors.index.json). Without one, model.safetensors (diffusion_pytorch_model's)
+    where the folder has it, else the .safetensors files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for that variant); a folder of one
     variant only, which loads only as that variant, is read as it: through its index where it has one. Raises a
     FormatError (not naming the folder) for a set of shards that would be read without its index."""
     names = sorted(names)
@@ -285,7 +288,7 @@ def folder_weights(names: list[str]) -> tuple[str | None, list[str]]:
         lone_index = {index_of(name) for name in files} & set(names)
         if len(lone_index) == 1:
             return lone_index.pop(), []
-    files = default or files
+    files = [name for name in default if name in WEIGHTS_NAMES] or default or files
     problem = shards_without_index(files, names)
     if problem:
         raise FormatError(problem)

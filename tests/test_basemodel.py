@@ -331,6 +331,9 @@ def test_a_merge_leaves_out_every_index_of_weights_it_does_not_write(tmp_path):
     (["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
       "diffusion_pytorch_model.non_ema.safetensors"], ["diffusion_pytorch_model.safetensors"]),
     (["model.safetensors", "model.fp16.safetensors", "model.safetensors.index.fp16.json"], ["model.safetensors"]),
+    # Mistral's repos: its own format's consolidated.safetensors beside transformers' weights, which read only theirs
+    (["consolidated.safetensors", "model.safetensors"], ["model.safetensors"]),
+    (["consolidated.safetensors"], ["consolidated.safetensors"]),
 ])
 def test_folder_weights_of_real_layouts(names, read):
     """What folder_weights reads of layouts as published: a name not from_pretrained's weights name (model,
@@ -339,3 +342,21 @@ def test_folder_weights_of_real_layouts(names, read):
     from loraops.basemodel import folder_weights
 
     assert folder_weights(names) == (None, read)
+
+
+def test_mistrals_consolidated_weights_beside_transformers_are_left_out(tmp_path):
+    """A Mistral repo's consolidated.safetensors (its own format's copy of the weights) beside model.safetensors was
+    read as more of the base: the merge wrote it through unmerged, a model Mistral-format loaders (vLLM's
+    --load-format mistral) load without the LoRA. transformers reads model.safetensors alone, and so does loraops."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, str(folder / "consolidated.safetensors"))
+    assert not any(name.startswith("layers.") for name in BaseModel.open(folder).tensors)
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert "consolidated.safetensors" in result.output and not (out / "consolidated.safetensors").exists()
