@@ -1145,7 +1145,8 @@ class _Pipeline:
         may = True
         finfo = torch.finfo(torch_dtype(tensor.out_dtype))
         weights = tensor.replacement.dtype if tensor.replacement is not None else torch_dtype(tensor.info.dtype)
-        if not tensor.token_rows and tensor.scaled is None and torch.finfo(weights).max <= finfo.max \
+        if not tensor.token_rows and tensor.scaled is None and weights.is_floating_point \
+                and torch.finfo(weights).max <= finfo.max \
                 and all(module.product is None and module.magnitude is None for module, _ in tensor.terms):
             quarter_last_step = math.ldexp(finfo.eps, math.frexp(finfo.max)[1] - 3)  # float32: 2⁻²³·2¹²⁵ = 2¹⁰²
             bound = 0.0

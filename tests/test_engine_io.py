@@ -145,10 +145,10 @@ def test_a_float32_or_bfloat16_output_that_overflows_is_refused(dtype, precise, 
 
 @pytest.mark.parametrize("dtype, top_exponent", [(torch.float32, 127 - 23), (torch.bfloat16, 127 - 7)])
 def test_the_overflow_scan_is_skipped_only_where_no_delta_can_overflow(dtype, top_exponent, tmp_path):
-    """The scan for inf runs only where the deltas' bound (Σ|wᵢsᵢ|·max‖Bᵢ‖·max‖Aⱼ‖) reaches half the dtype's last
-    step below its max (a scan of every merged byte made a bfloat16 merge 1.5× slower): at the top of the
-    range, a delta just below that half step rounds to the max, unscanned, and one of a whole step overflows and is
-    refused. Rank 1, so the bound is the delta itself."""
+    """The scan for inf runs only where the deltas' bound (Σ|wᵢsᵢ|·max‖Bᵢ‖·max‖Aⱼ‖) reaches a quarter of the dtype's
+    last step below its max (a scan of every merged byte made a bfloat16 merge 1.5× slower): at the top of the
+    range, a delta of a quarter step rounds to the max, and one of a whole step overflows and is refused. Rank 1,
+    so the bound is the delta itself."""
     base = tmp_path / "m.safetensors"
     save_file({"lin.weight": torch.full((6, 4), torch.finfo(dtype).max, dtype=dtype)}, str(base))
 
