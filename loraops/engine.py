@@ -1137,22 +1137,28 @@ class _Pipeline:
         chunks are scanned for inf: a scan of every merged byte made a bfloat16 merge 1.5× slower (512 MiB, 2 cores:
         torch's isinf on CPU). |ΔW_ij| ≤ Σ |wᵢsᵢ|·‖B_i‖·‖A_j‖ (Cauchy–Schwarz, which bounds the matmul's partial sums
         too), and a finite value moved by less than half the dtype's last step below its max rounds to that max at
-        most. LoHa/LoKr products, DoRA's rescaling and trainable-token rows are scanned; made once per tensor."""
+        most; the bound must stay under a quarter step, as the sum is rounded twice where the work dtype is wider
+        (float32 then bf16; float64 then float32 with --precise: just under half a step rounded to the tie, then to
+        inf), and the weight must be one of the output's range (not a float32 weight or FP8 blocks × scales going
+        out as bf16, nor a replacement in a wider dtype). LoHa/LoKr products, DoRA's rescaling and trainable-token
+        rows are scanned; made once per tensor."""
         import torch
 
         if self._may_overflow_of[0] is tensor:
             return self._may_overflow_of[1]
         may = True
-        if not tensor.token_rows and all(module.product is None and module.magnitude is None
-                                         for module, _ in tensor.terms):
-            finfo = torch.finfo(torch_dtype(tensor.out_dtype))
-            half_last_step = math.ldexp(finfo.eps, math.frexp(finfo.max)[1] - 2)  # float32: 2⁻²³·2¹²⁶ = 2¹⁰³
+        finfo = torch.finfo(torch_dtype(tensor.out_dtype))
+        weights = tensor.replacement.dtype if tensor.replacement is not None else torch_dtype(tensor.info.dtype)
+        if not tensor.token_rows and tensor.scaled is None and weights.is_floating_point \
+                and torch.finfo(weights).max <= finfo.max \
+                and all(module.product is None and module.magnitude is None for module, _ in tensor.terms):
+            quarter_last_step = math.ldexp(finfo.eps, math.frexp(finfo.max)[1] - 3)  # float32: 2⁻²³·2¹²⁵ = 2¹⁰²
             bound = 0.0
             for module, coef in tensor.terms:
                 B2, A2 = module.matrices()
                 bound += abs(coef) * float(torch.linalg.vector_norm(B2.double(), dim=1).max()) * float(
                     torch.linalg.vector_norm(A2.double(), dim=0).max())
-            may = not bound < half_last_step
+            may = not bound < quarter_last_step
         self._may_overflow_of = (tensor, may)
         return may
 

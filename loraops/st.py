@@ -174,6 +174,13 @@ def _tensor_info(path: Path, name: str, entry: object, data_offset: int, data_si
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise bad(f"bad shape {shape!r}")
+    # the safetensors library counts elements (then bits) in 64 bits, each product checked, refusing an empty tensor
+    # too where a partial product overflows; 0 bytes would pass the size check below
+    count = 1
+    for factor in [*shape, 8 * DTYPE_BYTES[dtype]]:  # the elements, then their bits
+        count *= factor
+        if factor >= 2 ** 64 or count >= 2 ** 64:
+            raise bad(f"shape {shape!r} has more elements than 64 bits count")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2

@@ -145,10 +145,10 @@ def test_a_float32_or_bfloat16_output_that_overflows_is_refused(dtype, precise, 
 
 @pytest.mark.parametrize("dtype, top_exponent", [(torch.float32, 127 - 23), (torch.bfloat16, 127 - 7)])
 def test_the_overflow_scan_is_skipped_only_where_no_delta_can_overflow(dtype, top_exponent, tmp_path):
-    """The scan for inf runs only where the deltas' bound (Σ|wᵢsᵢ|·max‖Bᵢ‖·max‖Aⱼ‖) reaches half the dtype's last
-    step below its max (a scan of every merged byte made a bfloat16 merge 1.5× slower): at the top of the
-    range, a delta just below that half step rounds to the max, unscanned, and one of a whole step overflows and is
-    refused. Rank 1, so the bound is the delta itself."""
+    """The scan for inf runs only where the deltas' bound (Σ|wᵢsᵢ|·max‖Bᵢ‖·max‖Aⱼ‖) reaches a quarter of the dtype's
+    last step below its max (a scan of every merged byte made a bfloat16 merge 1.5× slower): at the top of the
+    range, a delta of a quarter step rounds to the max, and one of a whole step overflows and is refused. Rank 1,
+    so the bound is the delta itself."""
     base = tmp_path / "m.safetensors"
     save_file({"lin.weight": torch.full((6, 4), torch.finfo(dtype).max, dtype=dtype)}, str(base))
 
@@ -163,6 +163,29 @@ def test_the_overflow_scan_is_skipped_only_where_no_delta_can_overflow(dtype, to
     with pytest.raises(InvalidInputError, match="comes out with values beyond"):
         engine.merge(base, [(lora(top_exponent), 1.0)], tmp_path / "x.safetensors", device="cpu")
     assert nothing_left(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("base_dtype, dtype, precise, a, b", [
+    # bf16 out of a float32 sum: max + (2¹¹⁹ − 2¹⁰⁰) rounds in float32 to max + 2¹¹⁹, which bf16 rounds (a tie, to even) to inf
+    (torch.bfloat16, None, False, 2.0 ** 60, 2.0 ** 59 - 2.0 ** 40),
+    # float32 out of a float64 sum (--precise): max + (2¹⁰³ − 2⁷³) rounds in float64 to max + 2¹⁰³, a tie again
+    (torch.float32, None, True, 32767 * 2.0 ** 36, 32769 * 2.0 ** 37),
+    # a float32 weight beyond bf16's range merged with --dtype bf16: a tiny delta, the weight itself overflows
+    (torch.float32, "bf16", False, 1.0, 1.0),
+])
+def test_the_overflow_scan_is_not_skipped_where_rounding_or_the_base_can_overflow(base_dtype, dtype, precise, a, b,
+                                                                                  tmp_path):
+    """Where the inf scan is skipped (the deltas' bound below half the output's last step below its max), nothing may
+    overflow: a delta just below that half step still overflowed when the sum was rounded twice (float32, then bf16;
+    float64 with --precise, then float32), and a weight of the base's dtype need not fit the output's (--dtype). Each
+    was written as inf with exit 0."""
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": torch.full((6, 4), torch.finfo(base_dtype).max, dtype=base_dtype)}, str(base))
+    module = LoraModule("lin", torch.full((1, 4), a), torch.full((6, 1), b), alpha=1.0, scale=1.0)
+    with pytest.raises(InvalidInputError, match="comes out with values beyond"):
+        engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                     precise=precise, device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
 
 
 def test_existing_output_is_refused_unless_force(tmp_path, sharded):

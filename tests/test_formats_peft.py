@@ -798,3 +798,24 @@ def test_a_task_adapter_without_its_head_keeps_the_base_head(task, model_type, c
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, base_state[name] if name in heads else expected[name], rtol=0, atol=1e-6,
                                    msg=name)
+
+
+def test_a_loha_configs_ensure_weight_tying_reads_no_tied_head(tmp_path):
+    """PEFT drops ensure_weight_tying from a LoHa (LoKr, VeRA) config, so it saves no tied head beside saved
+    embeddings: a plain lm_head.weight in such a file is no layout of PEFT's and is refused, not read as the head's
+    new value (as the field, kept, made it)."""
+    import peft
+
+    from loraops.errors import FormatError
+
+    base = factories.tiny_llama(tmp_path / "tied", tie=True)
+    peft.get_peft_model(factories.load_model(base), peft.LoHaConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])).save_pretrained(tmp_path / "a")
+    config = tmp_path / "a" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "ensure_weight_tying": True}))
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    save_file({**state, "base_model.model.lm_head.weight": state["base_model.model.model.embed_tokens.weight"] + 0.05},
+              str(weights))
+    with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.lm_head.weight'"):
+        read_adapter(tmp_path / "a")

@@ -20,7 +20,7 @@ from loraops import engine, formats
 from loraops.basemodel import BaseModel, fingerprint_of
 from loraops.cli import main
 from loraops.fp8 import BlockScaled
-from loraops.errors import FormatError
+from loraops.errors import FormatError, InvalidInputError
 from loraops.st import TensorInfo, read_header
 from test_engine import unit_of_rounding
 
@@ -590,3 +590,16 @@ def test_cuda_merge_matches_cpu(tmp_path, models):
         gap = (dequantized64(gpu, name) - dequantized64(cpu, name)).abs()
         spread = fp8_dequantize(torch.ones_like(cpu[name], dtype=torch.float32), cpu[f"{name}_scale_inv"], BLOCK)
         assert bool((gap <= fp8_unit(dequantized64(cpu, name) / spread) * spread * 1.01).all()), name
+
+
+def test_weights_decoded_beyond_bf16s_range_are_refused_with_dtype_bf16(tmp_path, models):
+    """FP8 blocks × their scales can exceed bf16's range while the LoRA's delta is tiny: the inf scan may not be
+    skipped on the delta's bound alone (the FP8 dtype's own range says nothing of the decoded weight's), or the
+    merge wrote inf with exit 0."""
+    def huge(state):
+        state[f"{Q}.weight"] = torch.ones_like(state[f"{Q}.weight"].float()).to(torch.float8_e4m3fn)
+        state[f"{Q}.weight_scale_inv"] = torch.full(state[f"{Q}.weight_scale_inv"].shape, 3.4e38)
+
+    fp8 = _rewrite(models.fp8, tmp_path / "huge", huge)
+    with pytest.raises(InvalidInputError, match=f"'{Q}.weight' comes out with values beyond bfloat16's range"):
+        engine.merge(fp8, [(formats.read_adapter(models.q_only), 1.0)], tmp_path / "out", dtype="bf16", device="cpu")

@@ -332,3 +332,17 @@ def test_an_output_name_the_filesystem_takes_is_written_however_long(tmp_path, i
     stale.write_bytes(b"x")
     os.utime(stale, (0, 0))
     assert fsutil.remove_stale_temps(out) == [stale] and not stale.exists()
+
+
+@pytest.mark.parametrize("out_name, other_name", [("m[1]", "m1"), ("m*", "mx"), ("x", "x.safetensors"),
+                                                  ("x.safetensors", "x.safetensors.bak")])
+def test_stale_temps_of_another_output_are_left_alone(tmp_path, out_name, other_name):
+    """The cleanup before a write removes what a killed run to *this* output left: not the temporary sibling of an
+    output whose name a glob would match (a name with [ ] * ? in it, or this one plus a suffix)."""
+    stale = fsutil.temp_sibling(tmp_path / out_name)
+    other = fsutil.temp_sibling(tmp_path / other_name)
+    for path in (stale, other):
+        path.write_bytes(b"x")
+        os.utime(path, (0, 0))
+    assert fsutil.remove_stale_temps(tmp_path / out_name) == [stale]
+    assert other.exists() and not stale.exists()

@@ -55,6 +55,12 @@ def _dup(path, members: bytes, data: bytes):
             "overlap",
         ),
         # what the safetensors library refuses (its validate()): data no tensor covers, a name given twice
+        # an empty tensor whose element count overflows 64 bits (the library's checked product) or a dimension that
+        # no u64 holds: 0 bytes, so the sizes agreed, and loraops copied it into outputs no loader could open
+        (lambda p: _raw(p, {"z": {"dtype": "F32", "shape": [2 ** 40, 2 ** 40, 0], "data_offsets": [0, 0]}}),
+         "more elements than 64 bits count"),
+        (lambda p: _raw(p, {"z": {"dtype": "F32", "shape": [0, 2 ** 70], "data_offsets": [0, 0]}}),
+         "more elements than 64 bits count"),
         (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "bytes 0–4"),
         (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
                             "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, b"\0" * 12), "bytes 4–8"),
