@@ -338,7 +338,10 @@ def test_what_peft_target_parameters_cannot_hold_is_refused(tmp_path, qwen_adapt
 @pytest.mark.no_registry
 def test_a_raw_weight_of_a_conv1d_is_added_as_stored(tmp_path):
     """target_parameters on GPT-2's Conv1D weights (in×out): PEFT adds B·A to the parameter as stored, where a LoRA on
-    the module is transposed. The square c_proj is where a transposed merge would still fit the shapes."""
+    the module is transposed. The square c_proj is where a transposed merge would still fit the shapes. The model
+    class PEFT records (auto_mapping: gpt2, whose Conv1D layers are fan_in_fan_out) settles the LoRA modules' layout,
+    not the raw parameters' (it transposed them: c_fc did not fit its base). (Beside a LoRA on c_attn, PEFT refuses:
+    "lora.ParamWrapper does not work with fan_in_fan_out".)"""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
 

@@ -70,11 +70,12 @@ def pattern_name(cfg: "ScaleConfig", module: str) -> str:
 
 def mark_weight_targets(modules: dict[str, LoraModule], cfg: "ScaleConfig | None") -> dict[str, LoraModule]:
     """Modules whose 2-D ``weight`` is a target parameter, marked as such: PEFT adds their B·A to the parameter as
-    stored, so a GPT-2 Conv1D's is not transposed as a LoRA on the module would be."""
+    stored, so a GPT-2 Conv1D's is not transposed as a LoRA on the module would be (whatever fan_in_fan_out the
+    config, or the model class it records, gives its Conv1D-named layers)."""
     if cfg is None or not cfg.target_parameters:
         return modules
-    return {name: replace(m, raw_parameter=(f"{name}.weight", 0, 1)) if targets(cfg.target_parameters, name, "weight")
-            else m for name, m in modules.items()}
+    return {name: replace(m, raw_parameter=(f"{name}.weight", 0, 1), fan_in_fan_out=False)
+            if targets(cfg.target_parameters, name, "weight") else m for name, m in modules.items()}
 
 
 def unwrap(name: str) -> tuple[str, int]:
