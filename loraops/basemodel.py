@@ -275,9 +275,10 @@ def folder_weights(names: list[str]) -> tuple[str | None, list[str]]:
     them by default, without variant=: (the safetensors index they are read through, []) or (None, the
     .safetensors files). The index: model.safetensors.index.json, else the folder's only one (diffusers'
     diffusion_pytorch_model.safetensors.index.json). Without one, model.safetensors (diffusion_pytorch_model's)
-    where the folder has it, else the .safetensors files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for that variant); a folder of one
-    variant only, which loads only as that variant, is read as it: through its index where it has one. Raises a
-    FormatError (not naming the folder) for a set of shards that would be read without its index."""
+    where the folder has it, else the .safetensors files but a variant's (model.fp16.safetensors: from_pretrained
+    reads them only when asked for that variant); a folder of one variant only, which loads only as that variant,
+    is read as it: through its index where it has one. Raises a FormatError (not naming the folder) for a set of
+    shards that would be read without its index."""
     names = sorted(names)
     indexes = [name for name in names if name.endswith(INDEX_SUFFIX)]
     if INDEX_NAME in names or len(indexes) == 1:

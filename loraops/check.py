@@ -366,7 +366,8 @@ def _may_be_tied_embeddings(tensor: str, manifest: Mapping[str, object], config:
     table), by its name alone where it says none (the remote config class's default is the model's); and no other
     tensor of its shape stored outside the model's numbered blocks (which would be that head)."""
     shape = tuple(manifest[tensor].shape)
-    vocabulary = {level.get(key) for level in _tie_flags(config) for key in ("vocab_size", "padded_vocab_size")} - {None}
+    vocabulary = {level.get(key) for level in _tie_flags(config)
+                  for key in ("vocab_size", "padded_vocab_size")} - {None}
     if len(shape) != 2 or not _names_input_embeddings(tensor) or (vocabulary and shape[0] not in vocabulary):
         return False
     return not any(tuple(info.shape) == shape and not _IN_BLOCK.search(name) for name, info in manifest.items()

@@ -95,8 +95,9 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
     folder or Hub id it was added from) or the adapter's own base_model_name_or_path, a folder however it is written
     (``./x``, ``x/``); a revision must name the commit a base pulled from the Hub was recorded at, as loraops resolves a
     revision offline (_not_the_commit: a full sha, else a branch or tag the Hub cache recorded, else a commit prefix;
-    where loraops knows no commit, the path decides). An input that names no base at all is taken as it is; base_model is still refused where
-    it is what no base is (a LoRA merged in, what mergekit cannot read) unless it names an input's base as a whole."""
+    where loraops knows no commit, the path decides). An input that names no base at all is taken as it is;
+    base_model is still refused where it is what no base is (a LoRA merged in, what mergekit cannot read) unless it
+    names an input's base as a whole."""
     from .hub import good_revision, parse_hub_source
     from .recipe import base_reference
 

@@ -494,8 +494,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         # transformers 5) are one parameter that no config unties: they share their changes
         group_heads = {name for name in group if _is_head(base, name)}
         untie = not undo and _can_untie(base, min(group)) and any(
-            name in touched if name in group_heads else name in apart and head_tied_to(name, base.config(name)) in group_heads
-            for name in group)
+            name in touched if name in group_heads
+            else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group)
         one = group - group_heads if untie else group
         shared = sorted((term for name in sorted(one) for term in terms.get(name, [])),
                         key=lambda term: position[id(term[0])])
@@ -1099,7 +1099,7 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
-        _refuse_overflow(tensor, out, merged=self._may_overflow(tensor))
+        _refuse_overflow(tensor, out, may_overflow=self._may_overflow(tensor))
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1230,15 +1230,15 @@ def _base_blocks(tensor: _Tensor):
             yield first + row0, values[row0 : row0 + step]
 
 
-def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", merged: bool = False) -> None:
+def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = False) -> None:
     """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
     an output that overflows stops the merge, with nothing written: float16's ±65504 whatever made the value, and,
-    where LoRA deltas were added (``merged``), float32's and bfloat16's ±3.4e38, which weights × scales float32 holds
-    still pass on factors above 1 (a copied or converted tensor keeps an inf its model stores, e.g. in a mask buffer).
-    (FP8 is clamped.)"""
+    where LoRA deltas added may carry values past it (``may_overflow``: _Pipeline._may_overflow), float32's and
+    bfloat16's ±3.4e38, which weights × scales float32 holds still pass on factors above 1 (a copied or converted
+    tensor keeps an inf its model stores, e.g. in a mask buffer). (FP8 is clamped.)"""
     import torch
 
-    checked = (torch.float16, torch.bfloat16, torch.float32) if merged else (torch.float16,)
+    checked = (torch.float16, torch.bfloat16, torch.float32) if may_overflow else (torch.float16,)
     if out.dtype not in checked or not bool(torch.isinf(out).any()):
         return
     dtype = str(out.dtype).removeprefix("torch.")
@@ -1400,14 +1400,12 @@ def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
     """(the folder's other files the output gets, the other copies of the merged weights it does not), relative
     to the base: a copy is named like a weights file and lies in the folder of weights that are merged."""
     folders = {part.folder for part in base.parts if part.folder is not None}
-    others = base.other_files()
-    left_out = [rel for rel in others if (base.path / rel).parent in folders and WEIGHT_COPY.search(rel.name)
-                and not rel.name.endswith(".json")]
-    # an index other than the merged weights' lists other copies (a variant's model.safetensors.index.fp16.json, whose
-    # shards a Hub snapshot lacks; pytorch_model.bin.index.json): the output does not hold the files it lists
-    indexes = {part.index_file for part in base.parts}
-    left_out += [rel for rel in others if (base.path / rel).parent in folders and WEIGHT_INDEX.search(rel.name)
-                 and base.path / rel not in indexes]
+    others, indexes = base.other_files(), {part.index_file for part in base.parts}
+    # and an index other than the merged weights' lists other copies (a variant's model.safetensors.index.fp16.json,
+    # whose shards a Hub snapshot lacks; pytorch_model.bin.index.json): the output does not hold the files it lists
+    left_out = [rel for rel in others if (base.path / rel).parent in folders
+                and (WEIGHT_COPY.search(rel.name) and not rel.name.endswith(".json")
+                     or WEIGHT_INDEX.search(rel.name) and base.path / rel not in indexes)]
     return [rel for rel in others if rel not in left_out], left_out
 
 

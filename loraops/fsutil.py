@@ -553,7 +553,8 @@ def remove_stale_temps(path: str | Path, idle_s: float = 300) -> list[Path]:
     path = Path(path)
     cutoff = time.time() - idle_s
     removed = []
-    # temp_sibling's name exactly: a '.*' tail also took the siblings of outputs named this plus a suffix (x.bak's for x)
+    # temp_sibling's name exactly: a '.*' tail also took the siblings of outputs named this plus a suffix (x.bak's
+    # for x)
     pattern = f"{TMP_MARK}{glob.escape(temp_stem(path.name))}.{'[0-9a-f]' * 8}"
     for tmp in path.parent.glob(pattern) if path.parent.exists() else []:
         entries = [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]

@@ -170,8 +170,8 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
             click.echo(f"{result.adapter} {verdict} {report.base}: {report.matched}/{report.modules} modules{rows} match")
             if report.tied_heads:
                 click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not stored); "
-                           "a merge writes it untied (an encoder-decoder model's is refused, but a T5-family one's: T5, UMT5, "
-                           "LongT5, Pop2Piano, alone or inside BLIP-2 or InstructBLIP)")
+                           "a merge writes it untied (an encoder-decoder model's is refused, but a T5-family one's: "
+                           "T5, UMT5, LongT5, Pop2Piano, alone or inside BLIP-2 or InstructBLIP)")
             if not report.ok:
                 for problem in misfits(report):
                     click.echo(f"  {problem}")

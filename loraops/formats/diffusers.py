@@ -134,9 +134,9 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
     for name in listed:
         target = name if component_of(name) is not None else ldm.diffusers_name(name, top=top, sdxl=sdxl, video=video)
         if target is None:
-            raise FormatError(f"{adapter.label}: module {name!r} has no pipeline component prefix ({', '.join(COMPONENTS)}):"
-                              " the diffusers format is a pipeline's (a language model's adapter: --format peft or "
-                              "kohya)")
+            raise FormatError(f"{adapter.label}: module {name!r} has no pipeline component prefix "
+                              f"({', '.join(COMPONENTS)}): the diffusers format is a pipeline's (a language model's "
+                              "adapter: --format peft or kohya)")
         names[name] = target
     common.refuse_unplaced(adapter, [n for n in listed if sdxl is None and other is None and component_of(n) is None
                                      and names[n] != ldm.diffusers_name(n, top=top, sdxl=False)],
