@@ -149,9 +149,10 @@ class _DuplicateMember(Exception):
 
 
 def _header_members(pairs: list[tuple[str, object]]) -> dict:
-    """A header object's members, refused as the safetensors library refuses them: one named twice, and text with a
-    lone surrogate escape ("\\udcff": JSON that json.loads reads, but no Unicode text; the registry cannot store it)
-    raise the error read_header names."""
+    """A header object's members. Text with a lone surrogate escape ("\\udcff": JSON that json.loads reads, but no
+    Unicode text; the registry cannot store it) is refused as the safetensors library refuses it; a member named twice
+    is refused more strictly than the library, which keeps the last (a writer's bug, which other readers may read as
+    the first). Both raise the error read_header names."""
     for key, value in pairs:
         key.encode()
         if isinstance(value, str):
