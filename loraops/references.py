@@ -11,8 +11,24 @@ from .fsutil import refuse_overlap
 
 
 WEIGHT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-"""A weight as written on a command line: decimal or scientific, ASCII digits only. Python's float() also takes
-'1_0', 'inf', 'nan', ' 1' and other scripts' digits, which were accepted as weights."""
+"""A number as written on a command line (a weight, --alpha, --density …): decimal or scientific, ASCII digits only.
+Python's float() also takes '1_0', 'inf', 'nan', ' 1' and other scripts' digits, which were accepted."""
+INTEGER = re.compile(r"[+-]?[0-9]+")
+"""An integer as written on a command line (--rank, --seed …); Python's int() also takes '1_0', ' 1' and other
+scripts' digits."""
+PLAINLY = "written plainly (like 0.7, -1 or 2e-3)"
+
+
+def parse_number(text: str, integer: bool = False) -> float | int:
+    """``text`` as a command-line number, else InvalidInputError: written plainly (WEIGHT, or INTEGER) and finite."""
+    if (INTEGER if integer else WEIGHT).fullmatch(text):
+        value = int(text) if integer else float(text)
+        if math.isfinite(value):
+            return value
+    elif not (_python_number(text) and not math.isfinite(float(text))):
+        kind = "an integer written plainly (like 8)" if integer else f"a number {PLAINLY}"
+        raise InvalidInputError(f"{text!r} is not {kind}")
+    raise InvalidInputError(f"{text!r} is not a finite number")
 
 
 def parse_weighted(text: str) -> tuple[str, float]:
@@ -29,8 +45,7 @@ def parse_weighted(text: str) -> tuple[str, float]:
             raise InvalidInputError(f"{text!r}: the weight must be a finite number")
         return head, weight
     if _python_number(tail) or Path(head).exists():
-        raise InvalidInputError(f"{text!r}: the weight after ':' must be a number written plainly (like 0.7, -1 or "
-                                "2e-3)")
+        raise InvalidInputError(f"{text!r}: the weight after ':' must be a number {PLAINLY}")
     return text, 1.0
 
 

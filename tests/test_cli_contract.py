@@ -283,21 +283,57 @@ def test_a_refused_config_is_refused_even_when_its_weights_are_registered(tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["combine", "a", "b", "-m", "ties", "--density", "nan"],
-     "bad parameters for ties: density: Input should be a finite number"),
+     "invalid value for '--density': 'nan' is not a finite number (see `main combine --help`)"),
     (["resize", "a", "--dynamic", "sv_fro", "--param", "inf"],
-     "bad parameters for resize: param: Input should be a finite number"),
+     "invalid value for '--param': 'inf' is not a finite number (see `main resize --help`)"),
 ])
 def test_nan_and_inf_parameters_are_called_what_they_are(args, message):
     """A NaN density was refused as 'Input should be less than or equal to 1', an Inf resize param as 'sv_fro needs a
-    param' (one was given)."""
+    param' (one was given). They are now refused where the option is read (cli.FLOAT)."""
     assert cli(*args, code=2).stderr == f"error: {message}\n"
 
 
-@pytest.mark.parametrize("grace", ["nan", "-1"])
-def test_gc_refuses_a_grace_that_is_no_age(grace):
+@pytest.mark.parametrize("grace, message", [
+    ("nan", "invalid value for '--grace': 'nan' is not a finite number (see `main gc --help`)"),
+    ("-1", "--grace -1: give a number of seconds ≥ 0"),
+])
+def test_gc_refuses_a_grace_that_is_no_age(grace, message):
     """--grace nan kept nothing (every comparison with NaN is false), so it removed what a registration in progress
     was writing, as --grace 0 does; and a negative grace was taken."""
-    assert cli("gc", "--grace", grace, code=2).stderr == f"error: --grace {grace}: give a number of seconds ≥ 0\n"
+    assert cli("gc", "--grace", grace, code=2).stderr == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1_0", "'1_0' is not a number written plainly (like 0.7, -1 or 2e-3)"),
+    (" 1 ", "' 1 ' is not a number written plainly (like 0.7, -1 or 2e-3)"),
+    ("\u0661", "'\u0661' is not a number written plainly (like 0.7, -1 or 2e-3)"),
+    ("nan", "'nan' is not a finite number"),
+    ("-Infinity", "'-Infinity' is not a finite number"),
+    ("1e400", "'1e400' is not a finite number"),
+])
+@pytest.mark.parametrize("command", [["inspect", "x"], ["register", "x"], ["check", "x"],
+                                     ["extract", "--base", "b", "--tuned", "t", "--rank", "2"]])
+def test_a_float_option_takes_plain_finite_numbers_only(command, value, message):
+    """--alpha (and every float option: cli.FLOAT) took Python's spellings: '1_0' as 10, ' 1 ' as 1, 'nan' and 'inf'
+    as themselves, far from the one line saying so."""
+    result = cli(*command, "--alpha", value, code=2)
+    assert result.stderr == f"error: invalid value for '--alpha': {message} (see `main {command[0]} --help`)\n"
+
+
+@pytest.mark.parametrize("args", [["list", "--rank", "1_0"], ["list", "--rank", " 8"], ["list", "--rank", "8.0"],
+                                  ["combine", "a", "--seed", "1_000"], ["resize", "a", "--rank", "\u0968"]])
+def test_an_integer_option_takes_plain_integers_only(args):
+    """click's INT is Python's int(): '1_0' was 10, ' 8' was 8 (cli.INT)."""
+    result = cli(*args, code=2)
+    assert result.stderr == (f"error: invalid value for '{args[-2]}': {args[-1]!r} is not an integer written plainly "
+                             f"(like 8) (see `main {args[0]} --help`)\n")
+
+
+def test_plain_numbers_are_still_read():
+    from loraops.references import parse_number
+
+    assert [parse_number(t) for t in ("0.7", "-1", "2e-3", ".5", "+3.", "1E+2")] == [0.7, -1.0, 0.002, 0.5, 3.0, 100.0]
+    assert [parse_number(t, integer=True) for t in ("8", "-3", "+0", "007")] == [8, -3, 0, 7]
 
 
 @pytest.mark.parametrize("token", ["", "hf_abc\n"])
@@ -389,9 +425,8 @@ def test_a_malformed_lycoris_module_is_refused(tmp_path, case, message):
      "a module is either extracted or stored whole"),
     (["--alpha", "1e300"], "alpha 1e+300 is beyond what float32 holds"),
     # checked by the sweep and fine: kept so they stay so
-    (["--alpha", "nan"], "alpha must be a positive number (got nan)"),
     (["--rank", "0"], "bad parameters for extract: rank: Input should be greater than 0"),
-    (["--dynamic", "sv_fro", "--param", "nan"], "bad parameters for extract: param: Input should be a finite number"),
+    (["--dynamic", "sv_fro", "--param", "0"], "bad parameters for extract: sv_fro param is a fraction in (0, 1] (got 0)"),
     (["--modules", "q_proj|v_proj"], "--modules q_proj|v_proj: {base} has no 2-D or conv weight by that name (norms "
                                      "and biases are no LoRA targets: --save-module keeps them whole)"),
     (["--dtype", "int8"], "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main "

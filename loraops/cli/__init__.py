@@ -89,6 +89,28 @@ def fail(message: str, code: int) -> None:
     raise click.exceptions.Exit(code)
 
 
+class Number(click.ParamType):
+    """A numeric option (--alpha, --rank, --grace …) as references.parse_number reads it: plainly written and finite;
+    click's FLOAT and INT take Python's spellings ('1_0', ' 1 ', 'nan', 'inf')."""
+
+    def __init__(self, integer: bool) -> None:
+        self.integer = integer
+        self.name = "integer" if integer else "float"
+
+    def convert(self, value, param, ctx):
+        from ..references import parse_number
+
+        if not isinstance(value, str):  # a default, already a number
+            return value
+        try:
+            return parse_number(value, self.integer)
+        except LoraopsError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+FLOAT, INT = Number(integer=False), Number(integer=True)
+
+
 class LoraopsGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name in COMMANDS if self.get_command(ctx, name) is not None]

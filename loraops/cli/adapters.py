@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from . import FLOAT, INT
 from .render import (METHODS, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
                      number, scale_mode, variants)
 
@@ -55,7 +56,7 @@ def registered_again(record, name: str | None, linked: bool, previous_base) -> s
 @click.option("--name", help="Registry name (default: the folder or file name). Same name, other bytes → next version.")
 @click.option("--base", "base", metavar="BASE", help="Registered base it is for (it must fit); links (or re-links) an adapter already registered.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag it (repeatable).")
-@click.option("--alpha", type=float, help="LoRA alpha: for a file that does not record one, or replacing the one it records (part of its identity).")
+@click.option("--alpha", type=FLOAT, help="LoRA alpha: for a file that does not record one, or replacing the one it records (part of its identity).")
 @click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
 def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...], alpha: float | None,
              as_json: bool) -> None:
@@ -79,7 +80,7 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
 
 @click.command("list")
 @click.option("--base", metavar="BASE", help="Only adapters recorded against this base.")
-@click.option("--rank", type=int, help="Only adapters with a module of this rank.")
+@click.option("--rank", type=INT, help="Only adapters with a module of this rank.")
 @click.option("--target", metavar="MODULE", help="Only adapters with a module named so (q_proj, c_attn, ...).")
 @click.option("--tag", help="Only adapters with this tag.")
 @click.option("--name", help="Only versions of this name.")
@@ -150,7 +151,7 @@ def rm(ref: str, all_versions: bool) -> None:
 @click.command()
 @click.argument("ref_or_path")
 @click.option("--base", metavar="BASE", help="A registered base, or a base model path.")
-@click.option("--alpha", type=float, help="LoRA alpha: for a file that does not record one, or replacing the one it records.")
+@click.option("--alpha", type=FLOAT, help="LoRA alpha: for a file that does not record one, or replacing the one it records.")
 @click.option("--json", "as_json", is_flag=True, help="Print the CheckResult as JSON.")
 def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool) -> None:
     """Check that an adapter fits a base: every module by name and shape, or each mismatch.

@@ -5,6 +5,7 @@ from typing import Iterable
 
 import click
 
+from . import FLOAT, INT
 from ..references import parse_weighted
 from .render import METHODS, echo_json, echo_table, layer_kind
 
@@ -91,16 +92,16 @@ def recipe_arguments(ctx: click.Context, path: str):
               help="A mergekit YAML configuration (merge_method, models with per-model weight/density/gamma/epsilon, "
                    "parameters, base_model, dtype) in place of the adapters, --method and its parameters.")
 @click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
-@click.option("--rank", type=int, help="Output rank (linear/svd, nuslerp, model_stock: default Σ ranks, lossless; "
+@click.option("--rank", type=INT, help="Output rank (linear/svd, nuslerp, model_stock: default Σ ranks, lossless; "
                                        "element-wise, sce: largest input rank).")
-@click.option("--density", type=float, help="Element-wise methods: fraction of each delta kept, in (0, 1].")
-@click.option("--gamma", type=float,
+@click.option("--density", type=FLOAT, help="Element-wise methods: fraction of each delta kept, in (0, 1].")
+@click.option("--gamma", type=FLOAT,
               help="breadcrumbs*: fraction of each delta's largest-magnitude entries dropped (default 0.01, "
                    "lowered to 1 − density where it does not fit; a gamma given must fit: gamma + density ≤ 1).")
-@click.option("--epsilon", type=float,
+@click.option("--epsilon", type=FLOAT,
               help="della*: keep probabilities run from density − epsilon (smallest in a row) to density + epsilon "
                    "(largest), inside (0, 1) (default 0.15).")
-@click.option("--seed", type=int, help="dare_*, della*: seed of the random masks (default 0).")
+@click.option("--seed", type=INT, help="dare_*, della*: seed of the random masks (default 0).")
 @click.option("--rescale/--no-rescale", default=None,
               help="dare_*, della*: divide the kept entries by their keep probability (DARE's 1/density, DELLA's 1/p; "
                    "default on, the papers' and mergekit 2024's; --no-rescale is mergekit's rescale: false).")
@@ -111,7 +112,7 @@ def recipe_arguments(ctx: click.Context, path: str):
 @click.option("--consensus", type=click.Choice(["sum", "count"]),
               help="Sign-elected methods (ties, dare_ties, breadcrumbs_ties, della, sce): elect each entry's sign from "
                    "the weighted sum of the deltas (sum, the default, TIES') or from a count of their signs (count).")
-@click.option("--select-topk", type=float,
+@click.option("--select-topk", type=FLOAT,
               help="sce: fraction of the entries kept, those whose weighted deltas vary most across the inputs, in "
                    "(0, 1] (default 1: all).")
 @click.option("--flatten/--no-flatten", default=None,
@@ -127,7 +128,7 @@ def recipe_arguments(ctx: click.Context, path: str):
               help="Element-wise methods: divide by the weights of the inputs that contribute to each entry "
                    "(default: on for ties and della, off for the others, as mergekit; PEFT's *_svd methods always "
                    "divide).")
-@click.option("--lambda", "lambda_", type=float,
+@click.option("--lambda", "lambda_", type=FLOAT,
               help="mergekit's methods (ties, dare_*, breadcrumbs*, della*): scale of the mixed result, applied after "
                    "--normalize (default 1).")
 @compute_options
@@ -171,11 +172,11 @@ def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, re
 
 @click.command()
 @click.argument("ref")
-@click.option("--rank", type=int, help="New rank of every module (of all but the k×k convolutions with --conv-rank; rank can only go down).")
+@click.option("--rank", type=INT, help="New rank of every module (of all but the k×k convolutions with --conv-rank; rank can only go down).")
 @click.option("--dynamic", type=click.Choice(["sv_ratio", "sv_cumulative", "sv_fro"]), help="kohya's dynamic rank rule.")
-@click.option("--param", type=float, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
-@click.option("--max-rank", type=int, help="Cap of the dynamic rank.")
-@click.option("--conv-rank", type=int, help=CONV_RANK_HELP)
+@click.option("--param", type=FLOAT, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
+@click.option("--max-rank", type=INT, help="Cap of the dynamic rank.")
+@click.option("--conv-rank", type=INT, help=CONV_RANK_HELP)
 @compute_options
 @output_options
 def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base, output, fmt, force, name,

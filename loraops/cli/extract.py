@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from . import FLOAT, INT
 from .algebra import CONV_RANK_HELP, compute_options, echo_capped, echo_saved
 from .render import echo_base_changed, echo_json, echo_table, human_bytes
 
@@ -21,14 +22,14 @@ def _names(text: str | None, option: str) -> list[str] | None:
 @click.command()
 @click.option("--base", "base", required=True, metavar="MODEL", help="The base model: a registered base, an HF folder or a .safetensors checkpoint.")
 @click.option("--tuned", required=True, metavar="MODEL", help="The fine-tuned model (same tensor names and shapes).")
-@click.option("--rank", type=int, help="Rank of every module (of all but the k×k convolutions with --conv-rank).")
+@click.option("--rank", type=INT, help="Rank of every module (of all but the k×k convolutions with --conv-rank).")
 @click.option("--dynamic", type=click.Choice(["sv_ratio", "sv_cumulative", "sv_fro"]), help="kohya's dynamic rank rule, per module.")
-@click.option("--param", type=float, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
-@click.option("--max-rank", type=int, help="Cap of the dynamic rank.")
-@click.option("--conv-rank", type=int, help=CONV_RANK_HELP)
+@click.option("--param", type=FLOAT, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
+@click.option("--max-rank", type=INT, help="Cap of the dynamic rank.")
+@click.option("--conv-rank", type=INT, help=CONV_RANK_HELP)
 @click.option("--modules", metavar="NAMES", help="Comma-separated module names to extract (default: every 2-D and conv weight that differs, embeddings left out).")
 @click.option("--save-module", "save_modules", metavar="NAMES", help="Comma-separated modules stored whole (PEFT modules_to_save).")
-@click.option("--alpha", type=float, help="LoRA alpha of every module (default: its rank, so scale 1).")
+@click.option("--alpha", type=FLOAT, help="LoRA alpha of every module (default: its rank, so scale 1).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="dtype of the factors (default: the tuned model's).")
 @click.option("--keep-rounding", is_flag=True, help="Also extract tensors that differ only by the rounding between the two models' dtypes (left out by default).")
 @compute_options

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from . import FLOAT
 from ..adapter import token_rows_phrase
 from .render import echo_json, echo_modules, human_bytes, number, scale_mode, variants
 
@@ -12,7 +13,7 @@ VALUE_WIDTH = 60
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--alpha", type=float, help="LoRA alpha: for a bare PEFT .safetensors that does not record one, or replacing the one a file records.")
+@click.option("--alpha", type=FLOAT, help="LoRA alpha: for a bare PEFT .safetensors that does not record one, or replacing the one a file records.")
 @click.option("--json", "as_json", is_flag=True, help="Print the InspectReport record as JSON.")
 def inspect(path: str, alpha: float | None, as_json: bool) -> None:
     """Show an adapter's format, modules, ranks, alphas, scales, dtype, parameters and metadata."""

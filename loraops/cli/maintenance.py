@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import click
 
+from . import FLOAT
 from .adapters import _registry
 from .render import human_bytes
 
 
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
-@click.option("--grace", type=float, default=3600, show_default=True, metavar="SECONDS",
+@click.option("--grace", type=FLOAT, default=3600, show_default=True, metavar="SECONDS",
               help="Keep anything younger than this (a registration may be in progress).")
 def gc(dry_run: bool, grace: float) -> None:
     """Remove stored adapter files no record uses, and leftovers of interrupted copies."""
     from ..errors import InvalidInputError
 
-    if not grace >= 0:  # NaN too: it compared as "old" to everything, a registration in progress included
+    if grace < 0:  # (NaN, which compared as "old" to everything, is refused where the option is read: FLOAT)
         raise InvalidInputError(f"--grace {grace:g}: give a number of seconds ≥ 0")
     with _registry(create=False) as reg:
         found = reg.gc(grace_s=grace, dry_run=dry_run)
