@@ -28,6 +28,13 @@ DTYPE_BYTES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
 
+UNSUPPORTED_DTYPES = {
+    "C64": "complex64", "F4": "4-bit float, E2M1", "F6_E2M3": "6-bit float, E2M3", "F6_E3M2": "6-bit float, E3M2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+"""The safetensors library's other dtypes (0.8's Dtype): valid files whose tensors loraops does not read, refused
+as that rather than as an unknown dtype."""
+
 TORCH_DTYPE_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
@@ -111,10 +118,13 @@ def read_header(path: str | Path) -> Header:
         if 8 + length > size:
             raise FormatError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
         raw = f.read(length)
+    if raw.startswith(b"\xef\xbb\xbf"):  # json.loads(bytes) skips it; the safetensors library does not
+        raise FormatError(f"{path}: not a safetensors file (header starts with a byte order mark; its JSON must not)")
     try:
-        header = json.loads(raw, object_pairs_hook=_header_members)
-    except _DuplicateMember as dup:
-        raise FormatError(f"{path}: corrupt safetensors header (it names {dup.args[0]!r} twice)") from None
+        header = json.loads(raw.decode(), object_pairs_hook=_header_members, parse_int=_header_int,
+                            parse_constant=_header_constant)
+    except _Refused as refused:
+        raise FormatError(f"{path}: corrupt safetensors header ({refused.args[0]})") from None
     except UnicodeEncodeError as exc:
         raise FormatError(f"{path}: corrupt safetensors header ({exc.object!r} is not Unicode text: a lone surrogate "
                           "escape)") from None
@@ -144,8 +154,8 @@ def read_header(path: str | Path) -> Header:
     return Header(path=path, tensors=tensors, metadata=dict(metadata), data_offset=data_offset, file_size=size)
 
 
-class _DuplicateMember(Exception):
-    """A JSON object of the header names a member twice (json.loads would keep the last one silently)."""
+class _Refused(Exception):
+    """JSON that json.loads reads but the safetensors library refuses (or reads otherwise); its argument says why."""
 
 
 def _header_members(pairs: list[tuple[str, object]]) -> dict:
@@ -160,8 +170,20 @@ def _header_members(pairs: list[tuple[str, object]]) -> dict:
     members = dict(pairs)
     if len(members) < len(pairs):
         seen: set[str] = set()
-        raise _DuplicateMember(next(key for key, _ in pairs if key in seen or seen.add(key)))
+        raise _Refused(f"it names {next(key for key, _ in pairs if key in seen or seen.add(key))!r} twice")
     return members
+
+
+def _header_int(text: str) -> int:
+    """An integer of the header: '-0' is a float to the safetensors library (it refuses it as a size or offset)."""
+    if text == "-0":
+        raise _Refused("-0 is no size or offset")
+    return int(text)
+
+
+def _header_constant(text: str):
+    """NaN, Infinity, -Infinity: Python's JSON extensions, which the safetensors library refuses anywhere."""
+    raise _Refused(f"{text} is not JSON")
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_offset: int, data_size: int) -> TensorInfo:
@@ -171,6 +193,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_offset: int, data_si
     if not isinstance(entry, dict):
         raise bad("entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype in UNSUPPORTED_DTYPES:
+        raise FormatError(f"{path}: tensor {name!r} is {dtype} ({UNSUPPORTED_DTYPES[dtype]}): loraops does not support "
+                          "tensors of that dtype")
     if dtype not in DTYPE_BYTES:
         raise bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

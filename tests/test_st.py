@@ -1,4 +1,5 @@
 import json
+import re
 import struct
 
 import pytest
@@ -110,3 +111,68 @@ def test_write_is_byte_stable_and_aligned(tmp_path):
     with safe_open(tmp_path / "one.safetensors", "pt") as f:
         for name, tensor in tensors.items():
             assert torch.equal(f.get_tensor(name), tensor)
+
+
+GOOD_HEADER = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+
+
+def _library_reads(path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt"):
+            return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"\xef\xbb\xbf" + GOOD_HEADER, "header starts with a byte order mark"),
+    (GOOD_HEADER.replace(b"[0,4]", b"[-0,4]"), "-0 is no size or offset"),
+    (GOOD_HEADER.replace(b"[1]", b"[-0]").replace(b"[0,4]", b"[0,0]"), "-0 is no size or offset"),
+    (GOOD_HEADER.replace(b'"dtype"', b'"x":NaN,"dtype"'), "NaN is not JSON"),
+    (GOOD_HEADER.replace(b'"dtype"', b'"x":-Infinity,"dtype"'), "-Infinity is not JSON"),
+    (GOOD_HEADER.decode().encode("utf-16-le"), "header is not JSON"),
+])
+def test_a_header_the_safetensors_library_refuses_is_refused(tmp_path, blob, message):
+    """json.loads(bytes) skipped a UTF-8 byte order mark (and read UTF-16), read -0 as the integer 0 and took NaN and
+    Infinity: headers the safetensors library refuses (serde_json: no BOM, -0 is a float, no NaN) were accepted."""
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + (b"" if b"[0,0]" in blob else b"\0" * 4))
+    assert not _library_reads(path)
+    with pytest.raises(FormatError) as err:
+        read_header(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+@pytest.mark.parametrize("blob", [GOOD_HEADER, b" " + GOOD_HEADER, GOOD_HEADER.replace(b'"dtype"', b'"x":1,"dtype"'),
+                                  b'{"__metadata__":null,' + GOOD_HEADER[1:]])
+def test_a_header_the_library_reads_is_read(tmp_path, blob):
+    path = tmp_path / "fine.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 4)
+    assert _library_reads(path)
+    assert list(read_header(path).tensors) == ["a"]
+
+
+def _library_dtypes(folder) -> list[str]:
+    """The dtypes the installed safetensors library knows, as its refusal of an unknown one lists them."""
+    path = _raw(folder / "x.safetensors", {"a": {"dtype": "Q7", "shape": [0], "data_offsets": [0, 0]}})
+    from safetensors import safe_open
+
+    with pytest.raises(Exception) as err:
+        safe_open(path, "pt")
+    return re.findall(r"`(\w+)`", str(err.value).split("expected one of", 1)[1])
+
+
+def test_every_dtype_of_the_library_is_read_or_named(tmp_path):
+    """A C64 (complex64) tensor, a valid file, was called an 'unknown dtype' in a 'corrupt safetensors header'."""
+    from loraops.st import DTYPE_BYTES, UNSUPPORTED_DTYPES
+
+    known = _library_dtypes(tmp_path)
+    assert "C64" in known and "F8_E8M0" in known
+    assert sorted(known) == sorted([*DTYPE_BYTES, *UNSUPPORTED_DTYPES])
+    save_file({"z": torch.zeros(2, dtype=torch.complex64)}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(FormatError) as err:
+        read_header(tmp_path / "c.safetensors")
+    assert str(err.value) == (f"{tmp_path / 'c.safetensors'}: tensor 'z' is C64 (complex64): loraops does not support "
+                              "tensors of that dtype")
