@@ -501,3 +501,10 @@ def test_a_base_folder_of_shards_without_their_index_is_refused(tmp_path):
         assert cli("merge", adapter, "--into", into, "-o", tmp_path / "out", "--device", "cpu", code=2).stderr == line
     assert not (tmp_path / "out").exists() and cli("base", "list", "--json").stdout == bases
     assert [p.name for p in tmp_path.iterdir() if p.name not in ("base", "adapter")] == []
+
+
+def test_a_missing_choice_is_said_on_one_line():
+    """`export X -o -` without --format said "missing option '--format'. Choose from:\\n\\tpeft,\\n\\tkohya,…" with the
+    newlines and tabs escaped into the one line (click lists the choices one a line)."""
+    assert cli("export", "X", "-o", "-", code=2).stderr == (
+        "error: missing option '--format': choose from peft, kohya, diffusers (see `main export --help`)\n")

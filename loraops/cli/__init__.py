@@ -58,6 +58,10 @@ def usage_error(exc: click.UsageError) -> None:
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # `loraops base` alone: the help, as click shows it
         raise exc
     message = exc.format_message().rstrip(".")
+    if isinstance(exc, click.MissingParameter) and isinstance(getattr(exc.param, "type", None), click.Choice):
+        # click lists the choices one a line ("Choose from:\n\tpeft,\n\tkohya…"), escaped into '\n\t' by one_line
+        missing = message.partition(". ")[0]
+        message = f"{missing}: choose from {', '.join(map(str, exc.param.type.choices))}"
     hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
     fail(f"{message[:1].lower()}{message[1:]}{hint}", exc.exit_code)
 
