@@ -562,7 +562,8 @@ def test_paths_that_are_not_utf8_are_refused_in_one_line_with_nothing_written(re
                  lambda: merging.merge(str(base), [str(art["kohya"])], tmp_path / "m2"),
                  lambda: merging.merge("llama", [str(art["kohya"])], odd / "m3"),
                  lambda: derive.extract(str(base), str(tuned), rank=2, output=tmp_path / "x")):
-        with pytest.raises(InvalidInputError, match="not UTF-8") as err:
+        with pytest.raises(InvalidInputError, match="the path is not UTF-8 text, which the registry records paths "
+                                                    "as; rename it$") as err:  # (refused up front: refuse_unrecordable)
             call()
         assert "\n" not in str(err.value)
     assert snapshot(reg) == before
@@ -571,3 +572,14 @@ def test_paths_that_are_not_utf8_are_refused_in_one_line_with_nothing_written(re
     merging.merge(str(base), [str(kohya)], odd / "m4", record=False)
     assert BaseModel.open(base).fingerprint() == BaseModel.open(art["base"]).fingerprint()  # (its digest cache's key)
     assert (odd / "m4" / "model.safetensors").is_file() and snapshot(reg) == before
+
+
+def test_text_that_is_not_utf8_is_refused_by_the_write_itself(reg, art):
+    """The registry's own guard (Registry.write), behind the paths' (refuse_unrecordable, above): other text from the
+    command line, such as a tag from argv with bytes that are not UTF-8, was the driver's UnicodeEncodeError."""
+    before = snapshot(reg)
+    with pytest.raises(InvalidInputError) as err:
+        reg.register_adapter(art["kohya"], tags=[os.fsdecode(b"t\xff")])
+    assert str(err.value) == ("could not register 'style': it holds text that is not UTF-8 ('t\\udcff'), which the "
+                              "registry cannot record (a path with other bytes in its name? rename it)")
+    assert snapshot(reg) == before
