@@ -177,14 +177,19 @@ def _release_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def factorizing(what: str, name: str) -> Iterator[None]:
-    """An SVD that fails (NaN or Inf in what it factorizes: weights × scales beyond float32) is one line naming the
-    module, as a result with NaN or Inf is (finite_module); it was a LinAlgError traceback."""
+def factorizing(what: str, name: str, precision: str) -> Iterator[None]:
+    """An SVD that fails is one line naming the module, as a result with NaN or Inf is (finite_module); it was a
+    LinAlgError traceback. Its usual cause, NaN or Inf in what it factorizes, comes from weights × values beyond
+    what the ``precision`` it computes in holds: said so, not as torch's "failed to converge"."""
     import torch
 
     try:
         yield
     except torch.linalg.LinAlgError as exc:
+        if "non-finite" in str(exc):
+            hint = "; --precise computes in float64" if precision == "float32" else ""
+            raise InvalidInputError(f"{what}: module {name!r}: its values go beyond what {precision} holds (weights "
+                                    f"or values too large?{hint}), so it cannot be factorized") from None
         raise InvalidInputError(f"{what}: module {name!r}: its SVD failed ({str(exc).splitlines()[0]})") from None
 
 
@@ -288,7 +293,7 @@ def combine_lazily(
                                   own))
             ranks = [m.rank for _, m in present[name]]
             k = rank or (spec.default_rank(ranks) if spec.default_rank else sum(ranks))
-            with factorizing(what, name):
+            with factorizing(what, name, precision):
                 made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
                                                              transposed=template.transposed))
             new_rank = int(made.A.shape[0])
@@ -513,7 +518,7 @@ def resize_lazily(
     def compute() -> Iterator[LoraModule]:
         for module in adapter.modules.values():
             # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
-            with factorizing(what, module.name):
+            with factorizing(what, module.name, precision):
                 resized, record = resize_module(module, rule, adapter.scale_mode, target, dtype,
                                                 keep_zero_rank=module.experts > 1, exact=precise)
             records.append(record)

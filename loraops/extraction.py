@@ -508,7 +508,7 @@ def extract_lazily(
                 dropped.add(name)
                 continue
             M = D.reshape(D.shape[0], -1)
-            with factorizing(what, name):
+            with factorizing(what, name, precision):
                 # keep_zero_rank: a fixed rank is kept for a delta however small (it is not zero: dropped above)
                 made = factorize_dense(M.T if template.transposed else M, rule.for_module(template), exact=precise,
                                        keep_zero_rank=True)

@@ -238,14 +238,16 @@ def test_a_registry_that_opens_but_cannot_be_written_is_read_only(kohya, isolate
     (["merge", "{k}:1e39", "--into", "{base}", "-o", "{out}", "--no-record", "--device", "cpu"],
      "{k}: weight 1e+39 × scale 0.5 of module 'model.layers.0.self_attn.q_proj' is beyond what float32 holds"),
     (["combine", "{k}:1e300", "{k}:1e300", "-m", "linear", "--device", "cpu"],
-     "linear of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its SVD failed (linalg.svd: "),
+     "linear of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
+     "float32 holds (weights or values too large?; --precise computes in float64), so it cannot be factorized\n"),
     (["combine", "{k}:1e300", "{k}:1e300", "-m", "ties", "--density", "0.5", "--rank", "2", "--device", "cpu"],
-     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its SVD failed (linalg.svd: "),
+     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
+     "float32 holds (weights or values too large?; --precise computes in float64), so it cannot be factorized\n"),
 ])
 def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, message):
     """An alpha of 1e300 was registered, then a merge of it was a RuntimeError traceback from addmm_ (its export
     wrote alpha inf); so was a merge weight × scale past float32; combine linear/ties of such weights was a
-    LinAlgError traceback from the SVD."""
+    LinAlgError traceback from the SVD, then "its SVD failed (… non-finite values)", which named no cause."""
     from loraops import st
 
     base = tmp_path / "base.safetensors"
@@ -254,6 +256,21 @@ def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, m
     result = cli(*[a.format(**names) for a in args], code=2)
     assert result.stderr.startswith(f"error: {message.format(**names)}")
     assert not (tmp_path / "out").exists()
+
+
+def test_ties_precise_takes_weights_past_float32(tmp_path, kohya):
+    """ties --precise with two weights of 1e39 said its SVD failed: normalize's divisor summed bool × weight, which
+    torch makes float32 (inf past 3.4e38, then inf/inf = NaN) even in float64. The weights cancel in the division:
+    the result is that of weights 1."""
+    from safetensors.torch import load_file
+
+    for weight, out in (("1e39", "huge"), ("1", "ones")):
+        cli("combine", f"{kohya}:{weight}", f"{kohya}:{weight}", "-m", "ties", "--density", "0.5", "--rank", "2",
+            "--precise", "--device", "cpu", "-o", tmp_path / f"{out}.safetensors", "--name", out)
+    huge, ones = (load_file(tmp_path / f"{out}.safetensors") for out in ("huge", "ones"))
+    assert huge.keys() == ones.keys()
+    for name in huge:
+        torch.testing.assert_close(huge[name], ones[name])
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -209,3 +209,16 @@ def test_radix_select_matches_a_stable_sort_on_extreme_values(dtype):
                 mask = top.mask()
                 got = torch.cat([mask(ops._magnitude_bits(values[r])) for r in blocks]).flatten()
                 assert got.nonzero().flatten().tolist() == sorted(order[:k].tolist()), (trial, k, step)
+
+
+def test_mix_normalizes_in_the_dtype_it_computes_in():
+    """The sign-elected divisor was Σ agree × weight with agree a bool tensor, which torch makes float32: in float64
+    (--precise) the weights were rounded to float32 (0.1 → 0.10000000149), and a weight past 3.4e38 became inf."""
+    from loraops.ops.combine import mix
+
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(8, 8, generator=g, dtype=torch.float64).abs() for _ in range(2)]  # all agree: +
+    for weights in ([0.1, 0.3], [1e39, 3e39]):
+        out = torch.empty(8, 8, dtype=torch.float64)
+        mix(out, [t * w for t, w in zip(taus, weights)], weights, "sum", normalize=True)
+        assert torch.equal(out, (taus[0] * weights[0] + taus[1] * weights[1]) / (0.0 + weights[0] + weights[1]))

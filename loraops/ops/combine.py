@@ -488,7 +488,9 @@ def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], c
             tau = tau * agree
         out += tau
         if divisor is not None:
-            divisor += agree * weight if consensus else weight
+            # (agree as the divisor's dtype first: bool × float is float32, which cut float64's weights to float32
+            # and made weights past 3.4e38 inf, a NaN result)
+            divisor += agree.to(divisor.dtype) * weight if consensus else weight
     if divisor is not None:
         # mergekit: entries with no agreeing contribution (sign election), or whose weights sum to ~0 (no
         # election), are left undivided; agreeing weights are positive, so tiny ones still divide
