@@ -218,6 +218,8 @@ def test_bad_input_changes_nothing(art, tmp_path):
     assert cli("register", art["kohya"], "--base", "nope", code=3).stderr == \
         "error: no base 'nope' in the registry (see `loraops base list`)\n"
     err = cli("register", art["kohya"], "--base", "llama-tiny", "--name", "other", "--alpha", "1e400", code=2).stderr
+    assert err.startswith("error: invalid value for '--alpha': '1e400' is not a finite number")  # (cli.FLOAT)
+    err = cli("register", art["kohya"], "--base", "llama-tiny", "--name", "other", "--alpha", "1e300", code=2).stderr
     assert err.startswith(f"error: {art['kohya']}: ")
     with Registry.open() as reg:
         assert snapshot(reg) == before
