@@ -3,6 +3,7 @@ line `error: …` on stderr and its documented exit code (never a traceback), an
 outputs land by rename, and the registry changes in one transaction or not at all."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -56,7 +57,8 @@ def test_a_newline_in_a_path_stays_on_the_error_line(tmp_path, kohya):
 @pytest.mark.parametrize("args, message", [
     (["merge", "a", "--into", "b", "-o", "c", "--dtype", "int8"],
      "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main merge --help`)"),
-    (["resize", "a", "--rank", "abc"], "invalid value for '--rank': 'abc' is not a valid integer (see `main resize --help`)"),
+    (["resize", "a", "--rank", "abc"],
+     "invalid value for '--rank': 'abc' is not an integer written plainly (like 8) (see `main resize --help`)"),
     (["combine"], "give the adapters to combine (REF[:WEIGHT]...), or --recipe (see `main combine --help`)"),
     (["base", "bogus"], "no such command 'bogus' (see `main base --help`)"),
     (["list", "--rank"], "option '--rank' requires an argument"),
@@ -525,3 +527,31 @@ def test_a_missing_choice_is_said_on_one_line():
     newlines and tabs escaped into the one line (click lists the choices one a line)."""
     assert cli("export", "X", "-o", "-", code=2).stderr == (
         "error: missing option '--format': choose from peft, kohya, diffusers (see `main export --help`)\n")
+
+
+@pytest.mark.sqlite_only
+def test_another_applications_database_is_refused_and_left_as_it_was(tmp_path, kohya):
+    """`--db` naming another application's SQLite file: every command, `list` included, wrote loraops' tables into
+    it (and switched it to WAL). Now refused in one line, its bytes unchanged and nothing made beside it; once it is
+    meant to hold a registry too, `db upgrade` creates loraops' tables there and the commands take it."""
+    import sqlite3
+
+    database = tmp_path / "notes.db"
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        connection.execute("INSERT INTO notes (body) VALUES ('keep me')")
+        connection.commit()
+    before = database.read_bytes()
+    url = f"sqlite:///{database}"
+    for args in (["list"], ["show", "x"], ["check", kohya], ["base", "list"], ["verify"], ["gc", "--dry-run"],
+                 ["rm", "x"], ["db", "current"], ["db", "stamp"], ["register", kohya]):
+        result = cli("--db", url, *args, code=6)
+        assert result.stderr == (f"error: the database at {url} is not a loraops registry (it holds other tables: "
+                                 "notes); nothing was changed in it: give --db a loraops registry or a new file\n")
+        assert database.read_bytes() == before, args
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db", "style.safetensors"], args
+    cli("--db", url, "db", "upgrade")
+    cli("--db", url, "register", kohya)
+    assert "style" in cli("--db", url, "list").stdout
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        assert connection.execute("SELECT body FROM notes").fetchall() == [("keep me",)]

@@ -40,6 +40,7 @@ def current() -> None:
         click.echo(f"{_url(engine)}: no registry there yet ({regdb.CREATED_BY})")
         return
     try:
+        regdb.refuse_foreign(engine)
         with regdb.connected(engine) as connection:
             revision = regdb.current_revision(connection)
             tables = regdb.unversioned_tables(connection) if revision is None else []
@@ -65,6 +66,7 @@ def stamp() -> None:
     regdb, engine = _engine(create=False)
     try:
         regdb.refuse_missing(engine)
+        regdb.refuse_foreign(engine)
         recorded = regdb.stamp(engine)
     finally:
         engine.dispose()

@@ -379,6 +379,42 @@ def refuse_missing(engine: Engine) -> None:
                             f"LORAOPS_DB? {CREATED_BY})")
 
 
+def refuse_foreign(engine: Engine) -> None:
+    """One RegistryError line for a database that holds tables, none of them loraops' (another application's file
+    given to --db or LORAOPS_DB): opening it as a registry wrote loraops' tables into it (and, SQLite, switched it to
+    WAL, which rewrites its header), even for a command that only reads. Checked before the engine first connects;
+    SQLite's file is read over a read-only connection of its own, which changes nothing. A database shared with other
+    software, once it holds loraops' tables, is no foreign one; `loraops db upgrade` (which does not check) creates
+    them beside the others when that is meant."""
+    from .models import Base
+
+    tables = set(_table_names(engine)) - {"alembic_version"}
+    if tables and not tables & set(Base.metadata.tables):
+        shown = ", ".join(sorted(tables)[:4]) + (", …" if len(tables) > 4 else "")
+        raise RegistryError(f"the database at {_safe(engine)} is not a loraops registry (it holds other tables: "
+                            f"{shown}); nothing was changed in it: give --db a loraops registry or a new file")
+
+
+def _table_names(engine: Engine) -> list[str]:
+    path = sqlite_file(engine)
+    if path is None:
+        with connected(engine) as connection:
+            return inspect(connection).get_table_names()
+    if engine.url.database.startswith("file:") or missing_sqlite_file(engine) or not path.is_file():
+        return []  # (a URI-form URL, or nothing there yet: the engine's own connection says what is wrong)
+    import sqlite3
+
+    try:
+        connection = sqlite3.connect(f"{_uri(path.resolve())}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        try:
+            return [name for (name,) in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return []  # (not a database, unreadable: the engine's own connection says so in its words)
+
+
 def _safe(engine: Engine) -> str:
     return _safe_url(engine.url)
 

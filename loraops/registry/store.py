@@ -95,6 +95,11 @@ class Registry:
         engine = db.make_engine(url, create=not must_exist)
         if must_exist:
             db.refuse_missing(engine)
+        try:
+            db.refuse_foreign(engine)
+        except BaseException:
+            engine.dispose()
+            raise
         first = None
         if not db.unwritable(engine):
             try:
