@@ -390,3 +390,15 @@ def test_a_registered_base_whose_files_now_hold_another_moved_base_is_said_to_ha
     assert ("note: the files of registered base llama changed since it was registered; what was read is recorded as "
             "a base of its own (by its fingerprint), and the lineage names it") in out, out
     assert f"lineage      {command}(other, " in run("base", "show", "out").output
+
+
+def test_check_against_a_base_that_is_a_fifo_is_one_line(tmp_path, models):
+    """check --base PATH on a path that exists but is no file or folder (a FIFO): one error line naming it, exit 2
+    (it said only "<path>: Not a directory")."""
+    import os
+
+    _, adapter, _ = models
+    os.mkfifo(tmp_path / "pipe")
+    result = run("check", adapter, "--base", tmp_path / "pipe", code=2)
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'pipe'}: neither a file nor a folder (a FIFO, a socket or a device), not a base model"]
