@@ -164,3 +164,19 @@ def test_bart_and_mt5_are_untied_at_the_top_level_only():
     assert check.untied_side_embeddings("model.shared.weight", {"model_type": "bart"}) == [
         "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"]
     assert check.untied_side_embeddings("language_model.model.shared.weight", {"model_type": "blip-2"}) == []
+
+
+def test_a_sharded_bart_lists_its_side_embeddings_in_the_index(tmp_path):
+    """Sharded: each side's embed_tokens is written in shared's shard, and the index names it there (else
+    transformers would not find it)."""
+    cls = tiny(tmp_path / "one", "bart")
+    cls.from_pretrained(tmp_path / "one").save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) > 1
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "lm_head"])
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {index[f"model.{side}.embed_tokens.weight"] for side in ("encoder", "decoder")} == {
+        index["model.shared.weight"]}
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
