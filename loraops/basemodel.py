@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import settings
-from .errors import FormatError, NotFoundError
+from .errors import FormatError, InvalidInputError, NotFoundError
 from .fsutil import Prefetcher, chunks, read_json
 from .st import Header, TensorInfo, read_header
 
@@ -73,7 +73,9 @@ class BaseModel:
             if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
                 read_header(path)  # raises the pickle message
             parts = [Part("", None, [path])]
-        elif (path / PIPELINE_INDEX).exists():
+        elif not path.is_dir():
+            raise FormatError(f"{path}: neither a file nor a folder (a FIFO, a socket or a device), not a base model")
+        elif _exists(path / PIPELINE_INDEX):
             parts = _pipeline_parts(path)
         else:
             parts = [_folder_part(path, "")]
@@ -232,8 +234,24 @@ def tensor_digest(info: TensorInfo, handle=None, buffer: bytearray | None = None
     return digest.hexdigest()
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError as exc:  # a folder the user may not search (chmod 000): EACCES, not "no such file"
+        raise _unreadable(path.parent, exc) from None
+
+
+def _unreadable(folder: Path, exc: OSError) -> InvalidInputError:
+    """A base folder the file system refuses to list or search (no permission): the folder named and why, in one
+    line (the file system's own message named a file inside it, or nothing)."""
+    return InvalidInputError(f"{folder}: cannot read this folder ({exc.strerror or exc})")
+
+
 def _folder_part(folder: Path, prefix: str) -> Part:
-    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    try:
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise _unreadable(folder, exc) from None
     try:
         index_name, file_names = folder_weights(names)
     except FormatError as exc:

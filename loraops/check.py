@@ -26,6 +26,7 @@ from .formats import lowrank, params
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
 from .records import CheckReport, ShapeMismatch
+from .st import read_row_blocks
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
 # "<component>."), single-file SD/SDXL/SD3/FLUX checkpoints (original names; their text encoders as sd-scripts names
@@ -71,10 +72,14 @@ def is_head(name: str) -> bool:
     return module in TOP_LEVEL_HEADS or any(names_module(module, head) for head in TIED_HEADS)
 
 
+SIDE_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+"""An encoder-decoder model's per-side input embeddings, which transformers ties to its shared.weight beside them."""
+
+
 def shared_embeddings_of(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
     """T5's and BART's encoder.embed_tokens / decoder.embed_tokens, not stored: the shared embeddings of their shape
     that the base stores instead (encoder-decoder models save them once, as shared.weight), or None."""
-    if not re.search(r"(^|\.)(encoder|decoder)\.embed_tokens\.weight$", weight_name):
+    if not any(names_module(weight_name, side) for side in SIDE_EMBEDDINGS):
         return None
     return next((t for t, info in manifest.items() if t.endswith("shared.weight") and tuple(info.shape) == tuple(shape)),
                 None)
@@ -240,6 +245,15 @@ TEXT_CONFIGS = ("text_config", "decoder", "generator", "text_encoder", "thinker_
 # tie_word_embeddings when it does not say scale_decoder_outputs (configs saved before transformers 5): a T5 as
 # InstructBLIP's text_config (BLIP-2's config says is_encoder_decoder at the top: not untied)
 SCALES_BY_TIE = ("t5", "umt5", "longt5", "pop2piano")
+# encoder-decoder model types whose shared embeddings transformers ties to each side's embed_tokens only while
+# tie_word_embeddings is true (transformers 5 ties nothing of a config saying false): untied, their checkpoint stores
+# those too (untied_side_embeddings). Each checked against PEFT's adapted model (tests/test_tied_embeddings.py);
+# no config of theirs reads tie_word_embeddings for anything but tying (Marian's: resizing).
+UNTIES_SIDE_EMBEDDINGS = ("bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small", "m2m_100", "led", "bigbird_pegasus")
+# encoder-decoder model types a merge may untie at a config's top level only (BLIP-2 with a BART would need its
+# side embeddings written under its text model, which is not checked): those above, and mT5 (whose config forces
+# tie_word_embeddings true in transformers 5 and scales nothing: its head loads untied by its own values)
+UNTIED_AT_THE_TOP = ("mt5", *UNTIES_SIDE_EMBEDDINGS)
 
 
 def _tie_flags(config: dict) -> list[dict]:
@@ -275,13 +289,28 @@ def untied(config: dict) -> dict:
 
 def can_untie(config: dict) -> bool:
     """May a model of this config.json come out with its output head untied? Not an encoder-decoder model: some
-    (Switch Transformers, UDOP) scale their decoder's output when tied, others (BART, Whisper) are not checked
+    (Switch Transformers, UDOP) scale their decoder's output when tied, others (Whisper, ProphetNet) are not checked
     against transformers untied. But a T5-family one (SCALES_BY_TIE) is: untied writes its scaling, at the top level
     (T5ForConditionalGeneration) or in a composite model's text config (BLIP-2 with a T5 copies the T5's
-    is_encoder_decoder to its top)."""
-    if config.get("is_encoder_decoder") is not True:
+    is_encoder_decoder to its top); and one of UNTIED_AT_THE_TOP at the top level: mT5, BART and its kin (untied, the
+    merge writes each side's embed_tokens: untied_side_embeddings)."""
+    if config.get("is_encoder_decoder") is not True or config.get("model_type") in UNTIED_AT_THE_TOP:
         return True
     return any(level.get("model_type") in SCALES_BY_TIE for level in _tie_flags(config))
+
+
+def untied_side_embeddings(shared: str, config: dict) -> list[str]:
+    """The tensors an untied model of this config.json (one of UNTIES_SIDE_EMBEDDINGS at its top level) reads as
+    each side's input embeddings that transformers tied to ``shared`` (X.shared.weight) while it was tied: X.encoder.
+    and X.decoder.embed_tokens.weight, which its checkpoint must then store (as ``shared``'s values); none for
+    another model, or another tensor."""
+    if config.get("model_type") not in UNTIES_SIDE_EMBEDDINGS or not names_module(shared, "shared.weight"):
+        return []
+    return [shared.removesuffix("shared.weight") + side for side in SIDE_EMBEDDINGS]
+
+
+UNTIED_FAMILIES = ("T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, BART's, mBART's, PLBart's, Pegasus's, Marian's, "
+                   "Blenderbot's, M2M-100's, LED's and BigBird-Pegasus's")
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:
@@ -291,9 +320,8 @@ def untie_refusal(embeddings: str, config: dict) -> str | None:
     if ties_word_embeddings(config) is False:
         return "not in the base, and its config.json says tie_word_embeddings: false"
     if not can_untie(config):
-        return (f"tied to {embeddings!r} in an encoder-decoder model not of the T5 family: loraops unties only "
-                "T5's, UMT5's, LongT5's and Pop2Piano's (writing how tie_word_embeddings scaled their output), and "
-                "does not merge into tied heads")
+        return (f"tied to {embeddings!r} in an encoder-decoder model loraops does not untie: it unties only "
+                f"{UNTIED_FAMILIES}, and does not merge into tied heads")
     return None
 
 
@@ -420,6 +448,46 @@ def _remote_code_class(config: dict) -> str | None:
     loaded = {str(ref).rpartition(".")[2] for refs in (auto_map.values() if isinstance(auto_map, dict) else ())
               for ref in (refs if isinstance(refs, list) else [refs]) if ref}
     return next((str(a) for a in config.get("architectures") or [] if str(a) in loaded), None)
+
+
+def stored_twice(manifest: Mapping[str, object], config: Callable[[str], dict], touched: Iterable[str], *,
+                 heads: bool = True) -> list[set[str]]:
+    """Groups of the base's tensors (``manifest``: read from its files; ``config``: tensor → its model's config.json)
+    that are one tied parameter stored more than once (byte-identical copies), among those ``touched``: a change to
+    one must reach every copy, or the loaded model comes out untied, its head still the base's (transformers re-ties
+    only equal tensors), where PEFT changed the one shared tensor. ``heads``: the tied heads among the copies too
+    (not those of a single-file checkpoint, which has no config to tie them)."""
+    import torch
+
+    candidates = [n for n in manifest if is_tied_embeddings(n, config(n))]
+    if heads:
+        candidates += [n for n in manifest if is_tied_head(n, config(n)) and n.endswith(".weight")
+                       and ties_word_embeddings(config(n)) is not False]
+    groups = []
+    for name in set(touched) & set(candidates):
+        info = manifest[name]
+        twins = {other for other in candidates if other != name and manifest[other].shape == info.shape
+                 and manifest[other].dtype == info.dtype}
+        twins = {other for other in twins if all(torch.equal(a, b) for (_, _, a), (_, _, b)
+                                                 in zip(read_row_blocks(info), read_row_blocks(manifest[other])))}
+        if twins and not any(name in group for group in groups):
+            groups.append({name, *twins})
+    return groups
+
+
+def untied_stored_head(tensor: str, manifest: Mapping[str, object], config: Callable[[str], dict]) -> str | None:
+    """The head stored byte-identical to its input embeddings (the tie, as some exporters save it) that a merge
+    writes untied because ``tensor`` changes apart from the other copies: ``tensor`` itself, such a head, or the head
+    the rule ties to ``tensor`` (head_tied_to) among its copies; None where the model may not be untied (can_untie)
+    or there is no such head."""
+    own = config(tensor) if tensor in manifest else None
+    if own is None or not (is_tied_head(tensor, own) or is_tied_embeddings(tensor, own)) or not can_untie(own):
+        return None  # (before stored_twice looks through the whole manifest: once per module checked)
+    group = next(iter(stored_twice(manifest, config, [tensor])), set())
+    heads = {name for name in group if is_tied_head(name, config(name))}
+    if not group - heads:
+        return None
+    return tensor if tensor in heads else next((h for h in heads if h == head_tied_to(tensor, config(tensor))), None)
 
 
 def tied_decoder_bias(head: str, config: dict) -> tuple[str, str] | None:
@@ -940,6 +1008,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             missing.append(name)
             why_missing[name] = str(refusal)
             return False
+        if head is None and config is not None:  # or stored twice, byte-identical to its embeddings
+            head = untied_stored_head(tensor, manifest, config)
         if head is not None:
             tied_heads.append(head.removesuffix(".weight"))
         return True

@@ -61,10 +61,11 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (can_untie, head_tied_to, is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias,
-                    tied_head_source, ties_word_embeddings, unstored_head_of, untie_refusal, untied)
+from .check import (SIDE_EMBEDDINGS, can_untie, head_tied_to, is_tied_head, rows_shape,
+                    stored_twice, tied_decoder_bias, tied_head_source, unstored_head_of, untie_refusal, untied,
+                    untied_side_embeddings)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
-from .formats.common import FLOAT32_MAX
+from .formats.common import FLOAT32_MAX, names_module
 from .formats.peft import saved_layer_tensors
 from .fp8 import FLOAT_DTYPES, BlockScaled
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
@@ -337,7 +338,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         residual=stats.record() if stats else None,
         files_left_out=[str(p) for p in left_out],
         heads_untied=[t.name for f in files if f.untie for t in f.tensors  # written anew, or a stored copy
-                      if t.name.endswith(".weight") and (t.new_name is not None or _is_head(base, t.name))],
+                      if t.name.endswith(".weight") and (t.new_name is not None or _is_head(base, t.name))
+                      and not any(names_module(t.name, side) for side in SIDE_EMBEDDINGS)],  # (BART's, untied)
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
 
@@ -516,6 +518,11 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             embeddings = min(group - group_heads, default=None)
             _inherit({**({name: embeddings for name in group_heads} if embeddings else {}), **biases}, rows,
                      replacements, saved_layers)  # but for what PEFT's tied weight carries
+    for side, shared in _untied_side_embeddings(base, untied).items():
+        heads[side] = shared  # written as a copy of shared, with its changes: one parameter in the adapter's model
+        for changes in (terms, rows, replacements):
+            if shared in changes:
+                changes[side] = changes[shared]
     # fine-grained FP8 weights (loraops.fp8): those the adapters change, encoded again with new scales; with --dtype
     # every one, dequantized, and its scales left out
     scaled = {}
@@ -564,6 +571,15 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             files.append(_File(source, target, tensors, base.headers[source].metadata, untie=source in untied,
                                dequantized=out_dtype is not None and any(t.scaled for t in tensors)))
     return files
+
+
+def _untied_side_embeddings(base: BaseModel, untied: set[Path]) -> dict[str, str]:
+    """Each side's input embeddings that a model coming out untied (a file of its folder in ``untied``) reads apart
+    from its shared embeddings, which the base does not store (BART's: transformers ties them to model.shared only
+    while tied, check.untied_side_embeddings) → those shared embeddings."""
+    folders = {file.parent for file in untied}
+    return {side: name for name, info in base.tensors.items() if info.file.parent in folders
+            for side in untied_side_embeddings(name, base.config(name)) if side not in base.tensors}
 
 
 def _untied_head_dtype(base: BaseModel, embeddings: str, head: str) -> str:
@@ -745,35 +761,13 @@ def unchanged_saved_layers(base: BaseModel, adapter: Adapter) -> list[str]:
 
 
 def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
-    """Groups of the base's tensors that are one tied parameter stored more than once (byte-identical copies), among
-    those a merge touches: a change to one must reach every copy, or the loaded model comes out untied, its
-    head still the base's (transformers re-ties only equal tensors), where PEFT changed the one shared tensor."""
-    import torch
-
-    candidates = [n for n in base.tensors if is_tied_embeddings(n, base.config(n))]
-    if not base.is_single_file:
-        candidates += [n for n in base.tensors if _is_head(base, n) and n.endswith(".weight")
-                       and _tie_word_embeddings(base, n) is not False]
-    groups = []
-    for name in set(touched) & set(candidates):
-        info = base.tensors[name]
-        twins = {other for other in candidates if other != name and base.tensors[other].shape == info.shape
-                 and base.tensors[other].dtype == info.dtype}
-        twins = {other for other in twins
-                 if all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(read_row_blocks(info), read_row_blocks(base.tensors[other])))}
-        if twins and not any(name in group for group in groups):
-            groups.append({name, *twins})
-    return groups
+    """check.stored_twice in ``base`` (a single-file checkpoint's heads left out: it has no config to tie them)."""
+    return stored_twice(base.tensors, base.config, touched, heads=not base.is_single_file)
 
 
 def _is_head(base: BaseModel, tensor: str) -> bool:
     """Is this tensor of the base an output head its model ties to the input embeddings (by path, or by its class)?"""
     return is_tied_head(tensor, base.config(tensor))
-
-
-def _tie_word_embeddings(base: BaseModel, tensor: str) -> bool | None:
-    """What the config.json of the model holding ``tensor`` says of tying; None when it says nothing."""
-    return ties_word_embeddings(base.config(tensor))
 
 
 def _steps(file: _File) -> Iterable[_Copy | _Chunk]:

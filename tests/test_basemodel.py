@@ -1,12 +1,14 @@
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from loraops.basemodel import BaseModel
-from loraops.errors import FormatError, NotFoundError
+from loraops.errors import FormatError, InvalidInputError, NotFoundError
 from tests.factories import peft_adapter, tiny_llama
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
@@ -360,3 +362,39 @@ def test_mistrals_consolidated_weights_beside_transformers_are_left_out(tmp_path
     result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
     assert result.exit_code == 0, result.output
     assert "consolidated.safetensors" in result.output and not (out / "consolidated.safetensors").exists()
+
+
+def test_a_base_that_is_neither_file_nor_folder_is_one_line(tmp_path):
+    """A FIFO given as the base (it exists, for root too): it was listed as a folder, and the file system's
+    NotADirectoryError ("Not a directory") was all the user saw."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(FormatError, match=r"pipe: neither a file nor a folder \(a FIFO, a socket or a device\)"):
+        BaseModel.open(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize("refused", ["iterdir", "exists"])
+def test_a_base_folder_it_may_not_read_is_one_line(tmp_path, monkeypatch, refused):
+    """A folder without read or search permission (chmod 000; root reads it anyway, so the refusal is the file
+    system's PermissionError raised where the folder is listed or searched): a typed error naming the folder."""
+    folder = tiny_llama(tmp_path / "base")
+    original = getattr(Path, refused)
+
+    def refuse(self, *args, **kwargs):
+        if (self if refused == "iterdir" else self.parent) == folder:  # (listing it, or searching it for a file)
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, refused, refuse)
+    with pytest.raises(InvalidInputError, match=re.escape(f"{folder}: cannot read this folder (Permission denied)")):
+        BaseModel.open(folder)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 folder")
+def test_a_base_folder_without_permission_is_one_line(tmp_path):
+    folder = tiny_llama(tmp_path / "base")
+    folder.chmod(0)
+    try:
+        with pytest.raises(InvalidInputError, match="cannot read this folder"):
+            BaseModel.open(folder)
+    finally:
+        folder.chmod(0o755)

@@ -291,14 +291,17 @@ def test_check_and_merge_say_a_tied_head_is_written_untied(tmp_path):
                                  num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
     adapter = peft_adapter(tmp_path / "base", tmp_path / "a", target_modules=["q_proj", "lm_head"])
     assert run("check", adapter, "--base", tmp_path / "base").output.splitlines()[1:] == [
-        "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied "
-        "(an encoder-decoder model's is refused, but a T5-family one's: T5, UMT5, LongT5, Pop2Piano, alone or inside "
-        "BLIP-2 or InstructBLIP)"]
+TIED_HEAD_LINE]
     out = run("merge", adapter, "--into", tmp_path / "base", "-o", tmp_path / "out", "--no-record").output
     assert out.splitlines()[1] == UNTIED
     assert "lm_head.weight" in tensors(tmp_path / "out")
 
 
+TIED_HEAD_LINE = (
+    "  lm_head: tied to the input embeddings in this base (not stored, or stored as a copy of them); a merge writes it "
+    "untied (an encoder-decoder model's only where loraops unties it: T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, "
+    "BART's, mBART's, PLBart's, Pegasus's, Marian's, Blenderbot's, M2M-100's, LED's and BigBird-Pegasus's, alone or "
+    "inside BLIP-2 or InstructBLIP)")
 UNTIED = ("untied lm_head.weight from the input embeddings (the adapters change one without the other): written as "
           "its own tensor, config.json says tie_word_embeddings: false")
 
@@ -308,9 +311,7 @@ def test_check_and_merge_say_an_embeddings_lora_unties_the_head(tmp_path):
     base = tiny_llama(tmp_path / "base", tie=True)
     adapter = peft_adapter(base, tmp_path / "a", target_modules=["embed_tokens"])
     assert run("check", adapter, "--base", base).output.splitlines()[1:] == [
-        "  lm_head: tied to the input embeddings in this base (not stored); a merge writes it untied "
-        "(an encoder-decoder model's is refused, but a T5-family one's: T5, UMT5, LongT5, Pop2Piano, alone or inside "
-        "BLIP-2 or InstructBLIP)"]
+TIED_HEAD_LINE]
     out = run("merge", adapter, "--into", base, "-o", tmp_path / "out", "--no-record").output
     assert out.splitlines()[1] == UNTIED
 
@@ -390,3 +391,15 @@ def test_a_registered_base_whose_files_now_hold_another_moved_base_is_said_to_ha
     assert ("note: the files of registered base llama changed since it was registered; what was read is recorded as "
             "a base of its own (by its fingerprint), and the lineage names it") in out, out
     assert f"lineage      {command}(other, " in run("base", "show", "out").output
+
+
+def test_check_against_a_base_that_is_a_fifo_is_one_line(tmp_path, models):
+    """check --base PATH on a path that exists but is no file or folder (a FIFO): one error line naming it, exit 2
+    (it said only "<path>: Not a directory")."""
+    import os
+
+    _, adapter, _ = models
+    os.mkfifo(tmp_path / "pipe")
+    result = run("check", adapter, "--base", tmp_path / "pipe", code=2)
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'pipe'}: neither a file nor a folder (a FIFO, a socket or a device), not a base model"]

@@ -1,0 +1,182 @@
+"""BART and its kin (mBART, PLBart, Pegasus, Marian, Blenderbot, Blenderbot-small, M2M-100, LED, BigBird-Pegasus) and
+mT5: a LoRA on the output head tied to the shared embeddings was refused as an encoder-decoder model's. transformers
+5 ties BART's lm_head and each side's embed_tokens to model.shared only while tie_word_embeddings is true, so an
+untied merge writes the head (its LoRA in) and each side's embed_tokens (copies of shared). Each is compared with
+PEFT's adapted model, loaded back by transformers with nothing missing or unexpected."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraops import check, engine, formats
+from loraops.basemodel import BaseModel
+from loraops.errors import MismatchError
+
+SMALL = dict(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)
+T5_SMALL = dict(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8)
+MODELS = {
+    "bart": ("BartConfig", "BartForConditionalGeneration", SMALL),
+    "mbart": ("MBartConfig", "MBartForConditionalGeneration", SMALL),
+    "plbart": ("PLBartConfig", "PLBartForConditionalGeneration", SMALL),
+    "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", SMALL),
+    "marian": ("MarianConfig", "MarianMTModel", dict(SMALL, decoder_vocab_size=64, pad_token_id=63)),
+    "marian, unshared": ("MarianConfig", "MarianMTModel", dict(SMALL, decoder_vocab_size=64, pad_token_id=63,
+                                                               share_encoder_decoder_embeddings=False)),
+    "blenderbot": ("BlenderbotConfig", "BlenderbotForConditionalGeneration", SMALL),
+    "blenderbot-small": ("BlenderbotSmallConfig", "BlenderbotSmallForConditionalGeneration", SMALL),
+    "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", SMALL),
+    "led": ("LEDConfig", "LEDForConditionalGeneration", dict(SMALL, max_encoder_position_embeddings=32,
+                                                             max_decoder_position_embeddings=32, attention_window=[4])),
+    "bigbird_pegasus": ("BigBirdPegasusConfig", "BigBirdPegasusForConditionalGeneration",
+                        dict(SMALL, attention_type="original_full")),
+    "mt5": ("MT5Config", "MT5ForConditionalGeneration", T5_SMALL),
+    "t5": ("T5Config", "T5ForConditionalGeneration", T5_SMALL),
+}
+INPUT, DECODER_INPUT = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[0, 3, 4, 11]])
+
+
+def tiny(path, kind, head=None):
+    """A tiny model of ``kind`` saved by transformers 5 (the head not stored), or storing ``head``: "twice" (a copy
+    byte-identical to the shared embeddings, as older exporters wrote it); its class."""
+    import transformers
+
+    config_name, class_name, config = MODELS[kind]
+    cls = getattr(transformers, class_name)
+    torch.manual_seed(0)
+    cls(getattr(transformers, config_name)(**config, decoder_start_token_id=0)).save_pretrained(path)
+    if head == "twice":
+        state = load_file(path / "model.safetensors")
+        state["lm_head.weight"] = state[next(n for n in state if n.endswith("shared.weight"))].clone()
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return cls
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=INPUT, decoder_input_ids=DECODER_INPUT).logits
+
+
+def lora(cls, base, out, targets, **config):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(cls.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                 **{"init_lora_weights": False, **config})).eval()
+    model.save_pretrained(out)
+    return model
+
+
+def merged_as_adapted(tmp_path, cls, adapted):
+    """Merge the adapter saved at tmp_path/a into tmp_path/base: check says the head is untied, the merge unties it,
+    and the merged model loads with nothing missing and computes the adapted model's logits. Its tensors."""
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, base.tensors, config=base.config)
+    assert found.ok, check.misfits(found)
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > 1e-2
+    return load_file(tmp_path / "out" / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_a_lora_on_the_tied_head_unties_it(tmp_path, kind):
+    """A LoRA on lm_head (and the queries): written untied, each side's embed_tokens stored as shared's copy where
+    the untied config no longer ties them to it (mT5's config forces the tie: its head loads untied by its values)."""
+    cls = tiny(tmp_path / "base", kind)
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q" if kind.endswith("t5") else "q_proj", "lm_head"])
+    merged = merged_as_adapted(tmp_path, cls, adapted)
+    shared = next((n for n in merged if n.endswith("shared.weight")), None)
+    if not kind.endswith("t5") and shared is not None:
+        for side in ("encoder", "decoder"):
+            assert torch.equal(merged[shared.replace("shared", f"{side}.embed_tokens")], merged[shared])
+
+
+@pytest.mark.parametrize("kind", ["bart", "mt5", "t5"])
+def test_a_head_stored_twice_is_untied_and_listed(tmp_path, kind):
+    """The head stored byte-identical to the shared embeddings (the tie, as older exporters save it): merged untied
+    as where it is not stored, and check lists it among the tied heads as there."""
+    cls = tiny(tmp_path / "base", kind, head="twice")
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q" if kind.endswith("t5") else "q_proj", "lm_head"])
+    merged_as_adapted(tmp_path, cls, adapted)
+    base = BaseModel.open(tmp_path / "base")
+    assert check.check(formats.read_adapter(tmp_path / "a"), base.tensors, config=base.config).tied_heads == ["lm_head"]
+
+
+def test_a_lora_on_shared_and_the_head_gives_each_its_own(tmp_path):
+    """A LoRA on shared as PEFT trains it (its A starts at zero and gets no gradient: shared's forward is never
+    called) with one on lm_head: the adapted model's logits. A nonzero one on shared (extract --modules shared) goes
+    into shared and each side's embed_tokens, as where nothing is untied (tests/test_encoder_decoder_shared.py); the
+    head gets its own LoRA alone, on the base's values."""
+    cls = tiny(tmp_path / "base", "bart")
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["shared", "lm_head"], init_lora_weights=True)
+    with torch.no_grad():  # (PEFT's default init leaves the head's LoRA zero too: give it a trained-like B)
+        adapted.base_model.model.lm_head.lora_B["default"].weight.normal_()
+    adapted.save_pretrained(tmp_path / "a")
+    merged_as_adapted(tmp_path, cls, adapted)
+
+    adapted = lora(cls, tmp_path / "base", tmp_path / "nonzero", ["shared", "lm_head"])
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "nonzero"), 1.0)], tmp_path / "out2",
+                 progress=False)
+    base, merged = load_file(tmp_path / "base" / "model.safetensors"), load_file(tmp_path / "out2" / "model.safetensors")
+    model = adapted.base_model.model
+    shared = base["model.shared.weight"] + model.model.shared.get_delta_weight("default")
+    torch.testing.assert_close(merged["model.shared.weight"], shared, atol=1e-6, rtol=0)
+    for side in ("encoder", "decoder"):
+        assert torch.equal(merged[f"model.{side}.embed_tokens.weight"], merged["model.shared.weight"])
+    torch.testing.assert_close(merged["lm_head.weight"],
+                               base["model.shared.weight"] + model.lm_head.get_delta_weight("default"), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["whisper", "switch_transformers", "udop"])
+def test_other_encoder_decoder_models_stay_refused(tmp_path, model_type):
+    """An encoder-decoder model not checked against transformers untied (Whisper's proj_out; Switch Transformers and
+    UDOP scale their decoder's output when tied): a LoRA on its tied head is refused, by check too, naming the
+    families loraops unties."""
+    from loraops.adapter import Adapter, LoraModule
+
+    tiny(tmp_path / "base", "bart")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    head = LoraModule(name="lm_head", A=torch.randn(4, 32), B=torch.randn(64, 4), alpha=4.0, scale=1.0)
+    adapter = Adapter(modules={"lm_head": head}, format="peft")
+    why = "in an encoder-decoder model loraops does not untie: it unties only T5's"
+    with pytest.raises(MismatchError, match=why):
+        engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    base = BaseModel.open(tmp_path / "base")
+    assert why in check.misfits(check.check(adapter, base.tensors, config=base.config))[0]
+
+
+def test_bart_and_mt5_are_untied_at_the_top_level_only():
+    """A BART or mT5 as a composite model's text model (BLIP-2 with a BART) is not untied: its side embeddings would
+    have to be written under the text model (untied_side_embeddings reads the top level), which is not checked."""
+    for model_type in ("bart", "mt5", "t5"):
+        assert check.can_untie({"is_encoder_decoder": True, "model_type": model_type})
+        assert check.can_untie({"is_encoder_decoder": True, "model_type": "blip-2",
+                                "text_config": {"model_type": model_type}}) is (model_type == "t5")
+    assert check.untied_side_embeddings("model.shared.weight", {"model_type": "bart"}) == [
+        "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"]
+    assert check.untied_side_embeddings("language_model.model.shared.weight", {"model_type": "blip-2"}) == []
+
+
+def test_a_sharded_bart_lists_its_side_embeddings_in_the_index(tmp_path):
+    """Sharded: each side's embed_tokens is written in shared's shard, and the index names it there (else
+    transformers would not find it)."""
+    cls = tiny(tmp_path / "one", "bart")
+    cls.from_pretrained(tmp_path / "one").save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) > 1
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "lm_head"])
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {index[f"model.{side}.embed_tokens.weight"] for side in ("encoder", "decoder")} == {
+        index["model.shared.weight"]}
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
