@@ -65,20 +65,28 @@ def saved_entries(cfg: dict) -> list[str]:
     """The modules_to_save a PEFT model loads a config with: the config's own, and the task's (task_saved), which
     older PEFT did not write into the config (it saved ``"modules_to_save": null`` beside the classifier's tensors)
     and PEFT adds on load all the same. A config without modules_to_save (a trainable-tokens adapter's
-    TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists; PEFT drops
-    the field from it (a warning), whatever its value, and so is one here that is no list of names (a list of names
-    is kept: it is hashed into the identities such folders have). A false value (``""``, ``false``, ``{}``) is no
-    module, as PEFT skips it, unless a task model extends it with its head (which fails on anything but a list).
-    What is no list (one string, which PEFT iterates by character) is returned as it is, for scale_config to refuse."""
+    TrainableTokensConfig) saves none: PEFT drops the field from it (a warning), whatever its value, and its task
+    models add their head only where the field exists (identity_entries hashes a list of names all the same).
+    A false value (``""``, ``false``, ``{}``) is no module, as PEFT skips it, unless a task model extends it with
+    its head (which fails on anything but a list). What is no list (one string, which PEFT iterates by character)
+    is returned as it is, for scale_config to refuse."""
     own = cfg.get("modules_to_save")
-    if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE:
-        return own if module_names(own) else []
+    if tokens.is_standalone(cfg):
+        return []
     task = task_saved(cfg.get("task_type"))
     if own is None or not own and not task:
         own = []
     if not isinstance(own, list):
         return own
     return [*own, *(m for m in task if m not in own)]
+
+
+def identity_entries(cfg: dict) -> list[str]:
+    """The modules_to_save an identity hashes: saved_entries, but a trainable-tokens config's list of names as written.
+    PEFT drops that list (see saved_entries), and so does the reader; folders registered with one were hashed with it,
+    and keep that identity."""
+    own = cfg.get("modules_to_save")
+    return own if tokens.is_standalone(cfg) and module_names(own) else saved_entries(cfg)
 
 
 def module_names(value) -> bool:
