@@ -160,6 +160,13 @@ class ScaleConfig:
         key = common.pattern_key(self.rank_pattern, name)
         return int(self.rank_pattern[key]) if key is not None else self.r or MATH_FIELDS["r"]
 
+    def ties_saved_embeddings(self) -> bool:
+        """Does PEFT save a module tied to the embeddings modules_to_save saves (ensure_weight_tying)? Only where an
+        entry is named as PEFT's EMBEDDING_LAYER_NAMES (tokens.EMBEDDING_LAYERS) are: its _check_tied_modules takes
+        GPT-2's "wte" for no embeddings, warns that no tied module is added, and saves no head."""
+        return self.ensure_weight_tying and any(m.rpartition(".")[2] in tokens.EMBEDDING_LAYERS
+                                                for m in self.modules_to_save)
+
     def saves(self, module: str) -> bool:
         """Is ``module`` (or a module it lies in) one PEFT saves whole? See wrapping_entry."""
         return wrapping_entry(self.modules_to_save, module) is not None
@@ -560,7 +567,7 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
         return None
     if cfg.saves(module) or (param == "bias" and cfg.bias != "none"):
         return key
-    if cfg.ensure_weight_tying and cfg.modules_to_save and param == "weight" and not wrapped:
+    if cfg.ties_saved_embeddings() and param == "weight" and not wrapped:
         return key  # the tied counterpart of a saved module (the head of saved embeddings), with the same values
     return None
 
