@@ -572,6 +572,21 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
     return None
 
 
+def _unknown_layout(weights: Path, keys: list[str], configured: bool, lora_modules: frozenset[str]) -> FormatError:
+    """The refusal of keys full_tensor_name does not place, saying so where they are whole tensors of modules beside
+    a config (``configured``) that saves none of them. PEFT's load is not strict: it puts such a tensor in place of the
+    model's own of that name (where the model has one unwrapped), modules_to_save or not; loraops does not take the
+    file's word over the config's (a head dropped from modules_to_save on purpose would come back)."""
+    error = common.unknown_layout(weights, keys)
+    modules = sorted({key.removeprefix(PREFIX).rpartition(".")[0] for key in keys})
+    if not configured or not all(re.fullmatch(rf"{re.escape(PREFIX)}[^.].*\.(weight|bias)", key) for key in keys) \
+            or any(".modules_to_save." in m or ".base_layer" in m or m in lora_modules for m in modules):
+        return error
+    return FormatError(f"{error}: whole tensors of modules the config's modules_to_save does not name "
+                       f"({common.shown(modules)}), which PEFT's load (not strict) would put over the model's own; "
+                       f"list them in modules_to_save to read them as saved whole, or remove them")
+
+
 # -- reading ---------------------------------------------------------------------------------------------------
 
 
@@ -632,7 +647,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
                   for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
-        raise common.unknown_layout(weights, unknown)
+        raise _unknown_layout(weights, unknown, cfg_file is not None, lora_modules)
     if len(set(full_names.values())) < len(full_names):
         raise InvalidInputError(f"{weights}: duplicate full tensors after key normalisation ({sorted(full_names)[:4]})")
     if not parsed.factors and not products and not lambdas and not full_names and not token_keys:
