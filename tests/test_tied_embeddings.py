@@ -1520,3 +1520,33 @@ def test_a_kohya_export_of_an_unstored_tied_head_reads_back(tmp_path, model, met
     assert result.exit_code == 0, result.output
     torch.testing.assert_close(logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
                                                                 tmp_path / "back")), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("base_name", ["tied", "untied"])
+def test_a_lora_on_the_head_beside_saved_embeddings_without_their_tied_copy_is_refused(tmp_path, tied, base_name):
+    """modules_to_save=["embed_tokens"] with ensure_weight_tying, a LoRA on lm_head that target_modules leaves out, and
+    no lm_head.weight in the file (PEFT saves it only on a tied model): ensure_weight_tying made loraops skip the
+    targeting check, so the head's factors were read and merged. PEFT adds tied LoRA layers only for targeted
+    embeddings (not saved ones), so the targeting decides: on a tied base PEFT fails to load the file (a KeyError on
+    the head's weight), on an untied one it loads it without the head's LoRA. Refused in one line either way."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tied if base_name == "tied" else tiny_llama(tmp_path / "untied")
+    torch.manual_seed(1)
+    get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                modules_to_save=["embed_tokens"], init_lora_weights=False,
+                                                ensure_weight_tying=True)).save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    state.pop("base_model.model.lm_head.weight", None)
+    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)}, str(weights))
+    if base_name == "tied":
+        with pytest.raises(KeyError, match="base_model.model.lm_head.weight"):
+            PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    else:
+        model = PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+        assert not any("lm_head" in name and "lora_" in name for name, _ in model.named_parameters())
+    with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
+                                                r"leaves out"):
+        formats.read_adapter(tmp_path / "a")

@@ -120,6 +120,30 @@ def ties_weights(cfg: dict) -> bool:
     return bool(cfg.get("ensure_weight_tying")) and str(cfg.get("peft_type") or "LORA").upper() in LORA_CONFIG_TYPES
 
 
+def names_embedding_layer(entry: str) -> bool:
+    """Is this modules_to_save or target_modules entry one PEFT's ensure_weight_tying takes for the embeddings: its
+    last name one of EMBEDDING_LAYER_NAMES (tokens.EMBEDDING_LAYERS; GPT-2's "wte" is not)?"""
+    return entry.rpartition(".")[2] in tokens.EMBEDDING_LAYERS
+
+
+def ties_targeted_embeddings(cfg: dict) -> bool:
+    """Does PEFT add, beside the targeting, LoRA layers on the modules a model ties to targeted embeddings (a tied
+    lm_head)? A LoRA's ensure_weight_tying with target_modules naming an embedding layer (names_embedding_layer, a
+    regex matching "embed_tokens" or "lm_head" whole), unless modules_to_save names one: PEFT then ties the saved
+    copies instead (_check_tied_modules), and the targeting alone decides which modules get a LoRA."""
+    targets = cfg.get("target_modules")
+    if not (ties_weights(cfg) and str(cfg.get("peft_type") or "LORA").upper() == "LORA") or not targets:
+        return False
+    if any(map(names_embedding_layer, (m for m in saved_entries(cfg) if isinstance(m, str)))):
+        return False
+    if isinstance(targets, str):
+        try:
+            return any(re.fullmatch(targets, m) for m in tokens.EMBEDDING_LAYERS)
+        except re.error:  # (refused by refuse_untargeted, in its words)
+            return False
+    return isinstance(targets, list) and any(map(names_embedding_layer, (m for m in targets if isinstance(m, str))))
+
+
 def is_factor_key(key: str) -> bool:
     return FACTOR_RE.match(key) is not None
 
@@ -164,8 +188,7 @@ class ScaleConfig:
         """Does PEFT save a module tied to the embeddings modules_to_save saves (ensure_weight_tying)? Only where an
         entry is named as PEFT's EMBEDDING_LAYER_NAMES (tokens.EMBEDDING_LAYERS) are: its _check_tied_modules takes
         GPT-2's "wte" for no embeddings, warns that no tied module is added, and saves no head."""
-        return self.ensure_weight_tying and any(m.rpartition(".")[2] in tokens.EMBEDDING_LAYERS
-                                                for m in self.modules_to_save)
+        return self.ensure_weight_tying and any(map(names_embedding_layer, self.modules_to_save))
 
     def saves(self, module: str) -> bool:
         """Is ``module`` (or a module it lies in) one PEFT saves whole? See wrapping_entry."""
@@ -276,8 +299,9 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
     ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
     a warning, so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
-    per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying (PEFT also wraps, whatever the
-    targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors; a LoHa,
+    per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying on targeted embeddings
+    (ties_targeted_embeddings: PEFT also wraps, whatever the targeting, the layers the model ties to them: a tied
+    lm_head, saved with its own factors; not beside embeddings modules_to_save names, nor GPT-2's wte; a LoHa,
     LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
     so PEFT refuses a config that targets one and no tied LoRA layer is added). A module its modules_to_save saves
     whole (the task's own entries too, see saved_entries) is refused whatever the targeting: PEFT's check excludes it
@@ -296,8 +320,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
                 raise InvalidInputError(f"{path}: config {name}={value!r} beside target_modules {targets!r}, a regex: "
                                         f"PEFT's LoraConfig refuses that ({name} selects among a list of names)")
     patterns = patterns or None
-    tying = ties_weights(cfg) and peft_type == "LORA"  # (AdaLoRA's ties no LoRA layer: it wraps no embedding)
-    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or tying:
+    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or ties_targeted_embeddings(cfg):
         return
     for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
                               ("layers_to_transform", layers, True), ("layers_pattern", patterns, False)):
