@@ -236,20 +236,28 @@ def test_modules_to_save_with_ensure_weight_tying(tmp_path, tied, stored_twice):
     assert not torch.allclose(logits(load_model(tied)), expected, atol=1e-2)
 
 
+def saved_embeddings_adapter(base, folder):
+    """PEFT's LoRA on q_proj with modules_to_save=["embed_tokens"] and ensure_weight_tying, saved to ``folder``; its
+    weights file's tensors."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                modules_to_save=["embed_tokens"], init_lora_weights=False,
+                                                ensure_weight_tying=True)).save_pretrained(folder)
+    return load_file(folder / "adapter_model.safetensors")
+
+
 @pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "lm_head"]])
 def test_a_lora_on_the_head_ensure_weight_tying_saves_whole_is_refused(tmp_path, tied, targets):
     """modules_to_save=["embed_tokens"] with ensure_weight_tying: PEFT saves the tied head whole too (lm_head.weight,
     its modules_to_tie, with no modules_to_save entry), so it loads no LoRA on it: one target_modules leaves out is
     left out (ensure_weight_tying made loraops skip that check), and one it lists fails PEFT's load (a TypeError: a
     ModulesToSaveWrapper around the LoRA layer). loraops read and merged the head's factors; refused in one line."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
-    torch.manual_seed(1)
-    get_peft_model(load_model(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                modules_to_save=["embed_tokens"], init_lora_weights=False,
-                                                ensure_weight_tying=True)).save_pretrained(tmp_path / "a")
+    state = saved_embeddings_adapter(tied, tmp_path / "a")
     weights, config = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
-    state = load_file(weights)
     assert "base_model.model.lm_head.weight" in state
     save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
                "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)}, str(weights))
@@ -1529,15 +1537,11 @@ def test_a_lora_on_the_head_beside_saved_embeddings_without_their_tied_copy_is_r
     targeting check, so the head's factors were read and merged. PEFT adds tied LoRA layers only for targeted
     embeddings (not saved ones), so the targeting decides: on a tied base PEFT fails to load the file (a KeyError on
     the head's weight), on an untied one it loads it without the head's LoRA. Refused in one line either way."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     base = tied if base_name == "tied" else tiny_llama(tmp_path / "untied")
-    torch.manual_seed(1)
-    get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                modules_to_save=["embed_tokens"], init_lora_weights=False,
-                                                ensure_weight_tying=True)).save_pretrained(tmp_path / "a")
+    state = saved_embeddings_adapter(base, tmp_path / "a")
     weights = tmp_path / "a" / "adapter_model.safetensors"
-    state = load_file(weights)
     state.pop("base_model.model.lm_head.weight", None)
     save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
                "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)}, str(weights))
