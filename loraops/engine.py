@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (can_untie, head_tied_to, is_tied_embeddings, is_tied_head, rows_shape, tied_decoder_bias,
-                    tied_head_source, ties_word_embeddings, unstored_head_of, untie_refusal, untied)
+from .check import (can_untie, head_tied_to, is_tied_embeddings, is_tied_head, rows_shape, saved_tie_refusal,
+                    tied_decoder_bias, tied_head_source, ties_word_embeddings, unstored_head_of, untie_refusal, untied)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
@@ -438,7 +438,11 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
     """The adapter bound to ``base`` (kohya names resolved), or one MismatchError line listing what does not fit."""
     from .check import require_fit
 
-    return require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config)
+    bound = require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config)
+    for name, module in bound.modules.items():
+        if (why := saved_tie_refusal(bound, module, base.tensors, base.config)) is not None:
+            raise MismatchError(f"{adapter.label}: {name!r} is {why}")
+    return bound
 
 
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,

@@ -1554,3 +1554,42 @@ def test_a_lora_on_the_head_beside_saved_embeddings_without_their_tied_copy_is_r
     with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
                                                 r"leaves out"):
         formats.read_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("base_name", ["tied", "untied"])
+def test_a_targeted_head_beside_saved_embeddings_is_refused_where_the_base_ties_it(tmp_path, tied, base_name):
+    """modules_to_save=["embed_tokens"] with ensure_weight_tying and a LoRA on lm_head that target_modules lists, the
+    file without lm_head.weight (PEFT saves that copy only on a tied model): on an untied base PEFT loads the head's
+    LoRA, on a tied one it wraps the head whole (its modules_to_tie) and fails (a TypeError). Only the base tells
+    them apart: check (with the base's config) and merge refuse it on the tied base, and merge the untied one."""
+    from peft import PeftModel
+
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    base = tied if base_name == "tied" else tiny_llama(tmp_path / "untied")
+    state = saved_embeddings_adapter(base, tmp_path / "a")
+    state.pop("base_model.model.lm_head.weight", None)
+    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)},
+              str(tmp_path / "a" / "adapter_model.safetensors"))
+    config = tmp_path / "a" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": ["q_proj", "lm_head"]}))
+    adapter = formats.read_adapter(tmp_path / "a")
+    model = BaseModel.open(base)
+    report = check.check(adapter, model.tensors, config=model.config)
+    if base_name == "untied":
+        assert report.ok
+        peft_model = PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+        assert any("lm_head.lora_A" in name for name, _ in peft_model.named_parameters())
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+        return
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*lora"):
+        PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    why = ("the head this base ties to 'model.embed_tokens.weight', which the adapter's ensure_weight_tying saves whole "
+           "(modules_to_save): PEFT saves the head whole too and loads no LoRA on it (this file lacks the head's copy: "
+           "PEFT fails to load it on this base)")
+    assert not report.ok and report.missing == ["lm_head"] and report.why_missing["lm_head"] == why
+    with pytest.raises(MismatchError, match=re.escape(f"'lm_head' is {why}")):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

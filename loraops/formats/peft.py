@@ -126,6 +126,12 @@ def names_embedding_layer(entry: str) -> bool:
     return entry.rpartition(".")[2] in tokens.EMBEDDING_LAYERS
 
 
+def ties_saved_embeddings(cfg: dict) -> bool:
+    """ScaleConfig.ties_saved_embeddings of a config as read (``{}`` for an adapter of another format: False)."""
+    return ScaleConfig(alpha=None, modules_to_save=[m for m in saved_entries(cfg) if isinstance(m, str)],
+                       ensure_weight_tying=ties_weights(cfg)).ties_saved_embeddings()
+
+
 def ties_targeted_embeddings(cfg: dict) -> bool:
     """Does PEFT add, beside the targeting, LoRA layers on the modules a model ties to targeted embeddings (a tied
     lm_head)? A LoRA's ensure_weight_tying with target_modules naming an embedding layer (names_embedding_layer, a
