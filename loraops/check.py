@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
 from .errors import AmbiguousError, FormatError, MismatchError
-from .formats import lowrank, params
+from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
 from .records import CheckReport, ShapeMismatch
@@ -311,6 +311,25 @@ def untied_side_embeddings(shared: str, config: dict) -> list[str]:
 
 UNTIED_FAMILIES = ("T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, BART's, mBART's, PLBart's, Pegasus's, Marian's, "
                    "Blenderbot's, M2M-100's, LED's and BigBird-Pegasus's")
+
+
+def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[str, object],
+                      config: Callable[[str], dict]) -> str | None:
+    """Why PEFT loads no LoRA ``module`` of a PEFT ``adapter`` on this base (``config``: tensor → its model's
+    config.json), phrased to follow "'<module>' is ", or None: it is on the head the base ties to embeddings the
+    adapter's ensure_weight_tying saves whole (modules_to_save). PEFT then saves that head whole too (its
+    modules_to_tie); the reader refuses a LoRA beside the head's saved copy, and a file without that copy (an untied
+    base's, or edited) is refused here, where the base says the head is tied: PEFT fails to load it (a TypeError where
+    the targeting selects the head, a KeyError on its weight where not)."""
+    if adapter.format != "peft" or not peft.ties_saved_embeddings(adapter.config):
+        return None
+    for embeddings in adapter.full_tensors.keys() & manifest.keys():
+        tied = config(embeddings)
+        if ties_word_embeddings(tied) is not False and head_tied_to(embeddings, tied) == module.weight_name:
+            return (f"the head this base ties to {embeddings!r}, which the adapter's ensure_weight_tying saves whole "
+                    f"(modules_to_save): PEFT saves the head whole too and loads no LoRA on it (this file lacks the "
+                    f"head's copy: PEFT fails to load it on this base)")
+    return None
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:
@@ -1016,6 +1035,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
 
     miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
+        if config is not None and (why := saved_tie_refusal(bound, module, manifest, config)) is not None:
+            missing.append(name)
+            why_missing[name] = why
+            continue
         info = manifest.get(module.weight_name)
         if info is None:
             if (why := refused(module.weight_name, module.weight_shape)) is not None:

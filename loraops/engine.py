@@ -62,8 +62,7 @@ from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (SIDE_EMBEDDINGS, can_untie, head_tied_to, is_tied_head, rows_shape,
-                    stored_twice, tied_decoder_bias, tied_head_source, unstored_head_of, untie_refusal, untied,
-                    untied_side_embeddings)
+                    saved_tie_refusal, stored_twice, tied_decoder_bias, tied_head_source, unstored_head_of, untie_refusal, untied, untied_side_embeddings)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX, names_module
 from .formats.peft import saved_layer_tensors
@@ -440,7 +439,11 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
     """The adapter bound to ``base`` (kohya names resolved), or one MismatchError line listing what does not fit."""
     from .check import require_fit
 
-    return require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config)
+    bound = require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config)
+    for name, module in bound.modules.items():
+        if (why := saved_tie_refusal(bound, module, base.tensors, base.config)) is not None:
+            raise MismatchError(f"{adapter.label}: {name!r} is {why}")
+    return bound
 
 
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,

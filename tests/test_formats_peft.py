@@ -819,3 +819,61 @@ def test_a_loha_configs_ensure_weight_tying_reads_no_tied_head(tmp_path):
               str(weights))
     with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.lm_head.weight'"):
         read_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("entry", ["wte", "transformer.wte"])
+def test_ensure_weight_tying_reads_no_tied_head_beside_embeddings_peft_does_not_name_so(tmp_path, entry):
+    """PEFT ties a module to saved embeddings (ensure_weight_tying) only where a modules_to_save entry is named as its
+    EMBEDDING_LAYER_NAMES (embed_tokens, lm_head): GPT-2's wte is not, so PEFT warns that no tied module is added and
+    saves no head. loraops took any plain weight beside such a config for the tied head's new value; a plain
+    lm_head.weight there is no layout of PEFT's and is refused, as for a config without ensure_weight_tying."""
+    import warnings
+
+    import peft
+
+    from loraops.errors import FormatError
+
+    base = factories.tiny_gpt2(tmp_path / "gpt2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
+            r=4, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=[entry], ensure_weight_tying=True,
+            init_lora_weights=False))
+    assert any("no tied modules are added" in str(w.message) for w in caught)
+    model.save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    assert [k for k in state if "lora_" not in k] == ["base_model.model.transformer.wte.weight"]
+    assert sorted(read_adapter(tmp_path / "a").full_tensors) == ["transformer.wte.weight"]
+    save_file({**state, "base_model.model.lm_head.weight": state["base_model.model.transformer.wte.weight"] + 0.05},
+              str(weights))
+    with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.lm_head.weight'"):
+        read_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("value", [None, [], "", False, {}])
+def test_a_head_beside_a_false_modules_to_save_is_refused_saying_what_it_is(llama, tmp_path, value):
+    """A non-task folder whose modules_to_save is null or false (a head dropped from the list by hand) beside the
+    head's tensor: PEFT does not ignore it, its load is not strict and puts the file's lm_head.weight over the model's
+    own, whatever the list says. loraops does not take the file's word over the config's: refused as before, but
+    saying what the tensor is and what to do (it said only "unknown adapter key layout"). Listed, it is read."""
+    from peft import PeftModel
+
+    from loraops.errors import FormatError
+
+    folder = factories.peft_adapter(llama, tmp_path / "a", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    weights, config_path = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    state = load_file(weights)
+    trained = state["base_model.model.lm_head.weight"] + 1
+    save_file({**state, "base_model.model.lm_head.weight": trained}, str(weights))
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "modules_to_save": value}))
+    model = PeftModel.from_pretrained(factories.load_model(llama), folder)
+    assert torch.equal(model.base_model.model.lm_head.weight, trained)
+    with pytest.raises(FormatError, match=r"unknown adapter key layout: 'base_model.model.lm_head.weight': whole "
+                                          r"tensors of modules the config's modules_to_save does not name \(lm_head\), "
+                                          r"which PEFT's load \(not strict\) would put over the model's own; list them "
+                                          r"in modules_to_save to read them as saved whole, or remove them$"):
+        read_adapter(folder)
+    config_path.write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    assert torch.equal(read_adapter(folder).full_tensors["lm_head.weight"], trained)

@@ -236,20 +236,28 @@ def test_modules_to_save_with_ensure_weight_tying(tmp_path, tied, stored_twice):
     assert not torch.allclose(logits(load_model(tied)), expected, atol=1e-2)
 
 
+def saved_embeddings_adapter(base, folder):
+    """PEFT's LoRA on q_proj with modules_to_save=["embed_tokens"] and ensure_weight_tying, saved to ``folder``; its
+    weights file's tensors."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    get_peft_model(load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                modules_to_save=["embed_tokens"], init_lora_weights=False,
+                                                ensure_weight_tying=True)).save_pretrained(folder)
+    return load_file(folder / "adapter_model.safetensors")
+
+
 @pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "lm_head"]])
 def test_a_lora_on_the_head_ensure_weight_tying_saves_whole_is_refused(tmp_path, tied, targets):
     """modules_to_save=["embed_tokens"] with ensure_weight_tying: PEFT saves the tied head whole too (lm_head.weight,
     its modules_to_tie, with no modules_to_save entry), so it loads no LoRA on it: one target_modules leaves out is
     left out (ensure_weight_tying made loraops skip that check), and one it lists fails PEFT's load (a TypeError: a
     ModulesToSaveWrapper around the LoRA layer). loraops read and merged the head's factors; refused in one line."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
-    torch.manual_seed(1)
-    get_peft_model(load_model(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                modules_to_save=["embed_tokens"], init_lora_weights=False,
-                                                ensure_weight_tying=True)).save_pretrained(tmp_path / "a")
+    state = saved_embeddings_adapter(tied, tmp_path / "a")
     weights, config = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
-    state = load_file(weights)
     assert "base_model.model.lm_head.weight" in state
     save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
                "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)}, str(weights))
@@ -1520,3 +1528,68 @@ def test_a_kohya_export_of_an_unstored_tied_head_reads_back(tmp_path, model, met
     assert result.exit_code == 0, result.output
     torch.testing.assert_close(logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
                                                                 tmp_path / "back")), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("base_name", ["tied", "untied"])
+def test_a_lora_on_the_head_beside_saved_embeddings_without_their_tied_copy_is_refused(tmp_path, tied, base_name):
+    """modules_to_save=["embed_tokens"] with ensure_weight_tying, a LoRA on lm_head that target_modules leaves out, and
+    no lm_head.weight in the file (PEFT saves it only on a tied model): ensure_weight_tying made loraops skip the
+    targeting check, so the head's factors were read and merged. PEFT adds tied LoRA layers only for targeted
+    embeddings (not saved ones), so the targeting decides: on a tied base PEFT fails to load the file (a KeyError on
+    the head's weight), on an untied one it loads it without the head's LoRA. Refused in one line either way."""
+    from peft import PeftModel
+
+    base = tied if base_name == "tied" else tiny_llama(tmp_path / "untied")
+    state = saved_embeddings_adapter(base, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state.pop("base_model.model.lm_head.weight", None)
+    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)}, str(weights))
+    if base_name == "tied":
+        with pytest.raises(KeyError, match="base_model.model.lm_head.weight"):
+            PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    else:
+        model = PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+        assert not any("lm_head" in name and "lora_" in name for name, _ in model.named_parameters())
+    with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
+                                                r"leaves out"):
+        formats.read_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("base_name", ["tied", "untied"])
+def test_a_targeted_head_beside_saved_embeddings_is_refused_where_the_base_ties_it(tmp_path, tied, base_name):
+    """modules_to_save=["embed_tokens"] with ensure_weight_tying and a LoRA on lm_head that target_modules lists, the
+    file without lm_head.weight (PEFT saves that copy only on a tied model): on an untied base PEFT loads the head's
+    LoRA, on a tied one it wraps the head whole (its modules_to_tie) and fails (a TypeError). Only the base tells
+    them apart: check (with the base's config) and merge refuse it on the tied base, and merge the untied one."""
+    from peft import PeftModel
+
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    base = tied if base_name == "tied" else tiny_llama(tmp_path / "untied")
+    state = saved_embeddings_adapter(base, tmp_path / "a")
+    state.pop("base_model.model.lm_head.weight", None)
+    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)},
+              str(tmp_path / "a" / "adapter_model.safetensors"))
+    config = tmp_path / "a" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": ["q_proj", "lm_head"]}))
+    adapter = formats.read_adapter(tmp_path / "a")
+    model = BaseModel.open(base)
+    report = check.check(adapter, model.tensors, config=model.config)
+    if base_name == "untied":
+        assert report.ok
+        peft_model = PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+        assert any("lm_head.lora_A" in name for name, _ in peft_model.named_parameters())
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+        return
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type .*lora"):
+        PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    why = ("the head this base ties to 'model.embed_tokens.weight', which the adapter's ensure_weight_tying saves whole "
+           "(modules_to_save): PEFT saves the head whole too and loads no LoRA on it (this file lacks the head's copy: "
+           "PEFT fails to load it on this base)")
+    assert not report.ok and report.missing == ["lm_head"] and report.why_missing["lm_head"] == why
+    with pytest.raises(MismatchError, match=re.escape(f"'lm_head' is {why}")):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -445,3 +445,52 @@ def test_standalone_modules_to_save_that_is_no_list_of_names_is_ignored_as_peft_
     assert adapter.token_rows.keys() == rows.keys() and not adapter.full_tensors
     assert all(torch.equal(adapter.token_rows[k].values, rows[k].values) for k in rows)
     assert formats.identity(folder) == plain
+
+
+@pytest.mark.parametrize("value", [5, "lm_head", ["lm_head"]])
+def test_a_standalone_with_saved_layers_exports_whatever_modules_to_save_it_carries(tmp_path, value):
+    """Where the embedding layers saved beside tokens go when written (tokens.saved_layer_keys) depended on the
+    config's raw modules_to_save, which PEFT drops from a TrainableTokensConfig: a number there (the reader ignores
+    it) ended the export of a resized-vocabulary adapter in a TypeError. It takes the reader's value
+    (peft.saved_entries): the folder goes back as the TrainableTokensConfig it is, with the same keys and rows."""
+    source = tiny_llama(tmp_path / "source")
+    model = load_model(source)
+    model.resize_token_embeddings(130)
+    model.save_pretrained(tmp_path / "base")
+    folder, peft_model = token_adapter(tmp_path / "base", tmp_path / "a", TrainableTokensConfig(token_indices=[128, 129]))
+    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    config_path = folder / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": value}))
+    adapter = formats.read_adapter(folder)
+    assert EMBED in adapter.full_tensors and EMBED in adapter.token_rows
+    out = formats.write_adapter(adapter, tmp_path / "back")
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "TRAINABLE_TOKENS"
+    assert load_file(out / "adapter_model.safetensors").keys() == load_file(folder / "adapter_model.safetensors").keys()
+    back = formats.read_adapter(out)
+    assert torch.equal(back.full_tensors[EMBED], adapter.full_tensors[EMBED])
+    assert torch.equal(back.token_rows[EMBED].values, adapter.token_rows[EMBED].values)
+
+
+def test_a_standalone_list_modules_to_save_is_read_as_peft_drops_it_and_keeps_its_identity(tmp_path, bases):
+    """A list of names in a TrainableTokensConfig's modules_to_save: PEFT drops the field, so it saves nothing whole.
+    loraops read the list (a plain ``model.norm.weight`` beside the tokens became the norm's replacement). It reads
+    the folder as without the field (that tensor: the same refusal), and hashes the list as before: identities of
+    folders registered with one stay as they were (the documented formula, recomputed here)."""
+    import hashlib
+
+    from loraops.errors import FormatError
+
+    folder, _ = token_adapter(bases["untied"], tmp_path / "a", TrainableTokensConfig(token_indices=[3, 5]))
+    weights, config_path = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    save_file({**load_file(weights), "base_model.model.model.norm.weight": torch.ones(64) * 2}, str(weights))
+    with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.model.norm.weight'"):
+        formats.read_adapter(folder)
+    config_path.write_text(json.dumps({**config, "modules_to_save": ["model.norm"]}))
+    with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.model.norm.weight'"):
+        formats.read_adapter(folder)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    fields = {**formats.math_config({**config, "modules_to_save": None}), "modules_to_save": ["model.norm"]}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    assert formats.identity(folder) == hashlib.sha256(
+        f"loraops-peft-identity-v1\n{digest}\n{canonical}".encode()).hexdigest()

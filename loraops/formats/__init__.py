@@ -285,7 +285,7 @@ def math_config(config: dict) -> dict:
     out = {}
     for name, default in peft.MATH_FIELDS.items():
         # modules_to_save as PEFT loads it (a task model adds its head): older PEFT's null and 0.21's list are one
-        value = peft.saved_entries(config) if name == "modules_to_save" else config.get(name, default)
+        value = peft.identity_entries(config) if name == "modules_to_save" else config.get(name, default)
         if isinstance(value, list):  # strings as PEFT writes them; anything else (a broken config) after them
             value = sorted(value, key=lambda v: (0, v) if isinstance(v, str) else (1, json.dumps(v, sort_keys=True)))
         if name in ("modules_to_save", "target_modules") and not value:
@@ -314,7 +314,7 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
         "loraops-peft-identity-v1\\n" + <sha256 hex of the weights file bytes> + "\\n" + <canonical JSON>
     where the canonical JSON (sorted keys, separators "," and ":") holds the config fields that change the math:
     peft_type, r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out, target_modules,
-    modules_to_save (as PEFT loads it, a task model's entries included: peft.saved_entries), use_dora (absent ones as
+    modules_to_save (as PEFT loads it, a task model's entries included: peft.identity_entries), use_dora (absent ones as
     PEFT's defaults, lists sorted, empty lists as null), LoHa/LoKr's alpha
     and AdaLoRA's init_r (its ranknum divides the scale), target_parameters when set (sorted; absent otherwise, as
     before it was read), and trainable_token_indices / token_indices when set (unsorted: their order pairs indices

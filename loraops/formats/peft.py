@@ -65,20 +65,28 @@ def saved_entries(cfg: dict) -> list[str]:
     """The modules_to_save a PEFT model loads a config with: the config's own, and the task's (task_saved), which
     older PEFT did not write into the config (it saved ``"modules_to_save": null`` beside the classifier's tensors)
     and PEFT adds on load all the same. A config without modules_to_save (a trainable-tokens adapter's
-    TrainableTokensConfig) gets no task entries: PEFT's task models add them only where the field exists; PEFT drops
-    the field from it (a warning), whatever its value, and so is one here that is no list of names (a list of names
-    is kept: it is hashed into the identities such folders have). A false value (``""``, ``false``, ``{}``) is no
-    module, as PEFT skips it, unless a task model extends it with its head (which fails on anything but a list).
-    What is no list (one string, which PEFT iterates by character) is returned as it is, for scale_config to refuse."""
+    TrainableTokensConfig) saves none: PEFT drops the field from it (a warning), whatever its value, and its task
+    models add their head only where the field exists (identity_entries hashes a list of names all the same).
+    A false value (``""``, ``false``, ``{}``) is no module, as PEFT skips it, unless a task model extends it with
+    its head (which fails on anything but a list). What is no list (one string, which PEFT iterates by character)
+    is returned as it is, for scale_config to refuse."""
     own = cfg.get("modules_to_save")
-    if str(cfg.get("peft_type") or "LORA").upper() == tokens.STANDALONE:
-        return own if module_names(own) else []
+    if tokens.is_standalone(cfg):
+        return []
     task = task_saved(cfg.get("task_type"))
     if own is None or not own and not task:
         own = []
     if not isinstance(own, list):
         return own
     return [*own, *(m for m in task if m not in own)]
+
+
+def identity_entries(cfg: dict) -> list[str]:
+    """The modules_to_save an identity hashes: saved_entries, but a trainable-tokens config's list of names as written.
+    PEFT drops that list (see saved_entries), and so does the reader; folders registered with one were hashed with it,
+    and keep that identity."""
+    own = cfg.get("modules_to_save")
+    return own if tokens.is_standalone(cfg) and module_names(own) else saved_entries(cfg)
 
 
 def module_names(value) -> bool:
@@ -110,6 +118,36 @@ def ties_weights(cfg: dict) -> bool:
     """The config's ensure_weight_tying as PEFT reads it: a LoraConfig's field, AdaLoraConfig's too (AdaLoraModel
     inherits LoraModel's tying), dropped from the other methods' configs (LORA_CONFIG_TYPES)."""
     return bool(cfg.get("ensure_weight_tying")) and str(cfg.get("peft_type") or "LORA").upper() in LORA_CONFIG_TYPES
+
+
+def names_embedding_layer(entry: str) -> bool:
+    """Is this modules_to_save or target_modules entry one PEFT's ensure_weight_tying takes for the embeddings: its
+    last name one of EMBEDDING_LAYER_NAMES (tokens.EMBEDDING_LAYERS; GPT-2's "wte" is not)?"""
+    return entry.rpartition(".")[2] in tokens.EMBEDDING_LAYERS
+
+
+def ties_saved_embeddings(cfg: dict) -> bool:
+    """ScaleConfig.ties_saved_embeddings of a config as read (``{}`` for an adapter of another format: False)."""
+    return ScaleConfig(alpha=None, modules_to_save=[m for m in saved_entries(cfg) if isinstance(m, str)],
+                       ensure_weight_tying=ties_weights(cfg)).ties_saved_embeddings()
+
+
+def ties_targeted_embeddings(cfg: dict) -> bool:
+    """Does PEFT add, beside the targeting, LoRA layers on the modules a model ties to targeted embeddings (a tied
+    lm_head)? A LoRA's ensure_weight_tying with target_modules naming an embedding layer (names_embedding_layer, a
+    regex matching "embed_tokens" or "lm_head" whole), unless modules_to_save names one: PEFT then ties the saved
+    copies instead (_check_tied_modules), and the targeting alone decides which modules get a LoRA."""
+    targets = cfg.get("target_modules")
+    if not (ties_weights(cfg) and str(cfg.get("peft_type") or "LORA").upper() == "LORA") or not targets:
+        return False
+    if any(map(names_embedding_layer, (m for m in saved_entries(cfg) if isinstance(m, str)))):
+        return False
+    if isinstance(targets, str):
+        try:
+            return any(re.fullmatch(targets, m) for m in tokens.EMBEDDING_LAYERS)
+        except re.error:  # (refused by refuse_untargeted, in its words)
+            return False
+    return isinstance(targets, list) and any(map(names_embedding_layer, (m for m in targets if isinstance(m, str))))
 
 
 def is_factor_key(key: str) -> bool:
@@ -151,6 +189,12 @@ class ScaleConfig:
         expert of a LoRA on fused experts."""
         key = common.pattern_key(self.rank_pattern, name)
         return int(self.rank_pattern[key]) if key is not None else self.r or MATH_FIELDS["r"]
+
+    def ties_saved_embeddings(self) -> bool:
+        """Does PEFT save a module tied to the embeddings modules_to_save saves (ensure_weight_tying)? Only where an
+        entry is named as PEFT's EMBEDDING_LAYER_NAMES (tokens.EMBEDDING_LAYERS) are: its _check_tied_modules takes
+        GPT-2's "wte" for no embeddings, warns that no tied module is added, and saves no head."""
+        return self.ensure_weight_tying and any(map(names_embedding_layer, self.modules_to_save))
 
     def saves(self, module: str) -> bool:
         """Is ``module`` (or a module it lies in) one PEFT saves whole? See wrapping_entry."""
@@ -261,8 +305,9 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
     ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
     a warning, so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
-    per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying (PEFT also wraps, whatever the
-    targeting, the layers the model ties to targeted embeddings: a tied lm_head, saved with its own factors; a LoHa,
+    per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying on targeted embeddings
+    (ties_targeted_embeddings: PEFT also wraps, whatever the targeting, the layers the model ties to them: a tied
+    lm_head, saved with its own factors; not beside embeddings modules_to_save names, nor GPT-2's wte; a LoHa,
     LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
     so PEFT refuses a config that targets one and no tied LoRA layer is added). A module its modules_to_save saves
     whole (the task's own entries too, see saved_entries) is refused whatever the targeting: PEFT's check excludes it
@@ -281,8 +326,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
                 raise InvalidInputError(f"{path}: config {name}={value!r} beside target_modules {targets!r}, a regex: "
                                         f"PEFT's LoraConfig refuses that ({name} selects among a list of names)")
     patterns = patterns or None
-    tying = ties_weights(cfg) and peft_type == "LORA"  # (AdaLoRA's ties no LoRA layer: it wraps no embedding)
-    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or tying:
+    if targets is None or isinstance(targets, str) and targets.lower() == "all-linear" or ties_targeted_embeddings(cfg):
         return
     for name, value, ints in (("target_modules", targets, False), ("exclude_modules", excluded, False),
                               ("layers_to_transform", layers, True), ("layers_pattern", patterns, False)):
@@ -552,9 +596,24 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
         return None
     if cfg.saves(module) or (param == "bias" and cfg.bias != "none"):
         return key
-    if cfg.ensure_weight_tying and cfg.modules_to_save and param == "weight" and not wrapped:
+    if cfg.ties_saved_embeddings() and param == "weight" and not wrapped:
         return key  # the tied counterpart of a saved module (the head of saved embeddings), with the same values
     return None
+
+
+def _unknown_layout(weights: Path, keys: list[str], configured: bool, lora_modules: frozenset[str]) -> FormatError:
+    """The refusal of keys full_tensor_name does not place, saying so where they are whole tensors of modules beside
+    a config (``configured``) that saves none of them. PEFT's load is not strict: it puts such a tensor in place of the
+    model's own of that name (where the model has one unwrapped), modules_to_save or not; loraops does not take the
+    file's word over the config's (a head dropped from modules_to_save on purpose would come back)."""
+    error = common.unknown_layout(weights, keys)
+    modules = sorted({key.removeprefix(PREFIX).rpartition(".")[0] for key in keys})
+    if not configured or not all(re.fullmatch(rf"{re.escape(PREFIX)}[^.].*\.(weight|bias)", key) for key in keys) \
+            or any(".modules_to_save." in m or ".base_layer" in m or m in lora_modules for m in modules):
+        return error
+    return FormatError(f"{error}: whole tensors of modules the config's modules_to_save does not name "
+                       f"({common.shown(modules)}), which PEFT's load (not strict) would put over the model's own; "
+                       f"list them in modules_to_save to read them as saved whole, or remove them")
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -617,7 +676,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
                   for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
-        raise common.unknown_layout(weights, unknown)
+        raise _unknown_layout(weights, unknown, cfg_file is not None, lora_modules)
     if len(set(full_names.values())) < len(full_names):
         raise InvalidInputError(f"{weights}: duplicate full tensors after key normalisation ({sorted(full_names)[:4]})")
     if not parsed.factors and not products and not lambdas and not full_names and not token_keys:

@@ -53,7 +53,7 @@ def indices_for(path: Path, config: dict | None, module: str, key: str) -> tuple
     if config is None:
         raise InvalidInputError(f"{path}: trainable tokens ({key!r}) without an adapter_config.json: their token "
                                 "indices are only in the config; read the PEFT folder")
-    if _is_standalone(config):
+    if is_standalone(config):
         return _indices(path, "token_indices", config.get("token_indices"))
     spec = config.get("trainable_token_indices")
     if isinstance(spec, dict):
@@ -99,13 +99,13 @@ def saved_layer_name(key: str, token_modules: frozenset[str]) -> str | None:
 def saved_layer_keys(adapter: "Adapter") -> dict[str, str]:
     """Where the saved embedding layers among an adapter's full tensors go in a PEFT file (tensor → key, without
     base_model.model.), as saved_layer_name reads them back; not modules_to_save (an adapter's own config may say a
-    layer is one: it stays one)."""
+    layer is one: it stays one), as the reader takes the config's (peft.saved_entries)."""
     if not adapter.token_rows:
         return {}
-    from .peft import ScaleConfig
+    from .peft import ScaleConfig, saved_entries
 
-    saves = ScaleConfig(alpha=None, modules_to_save=list(adapter.config.get("modules_to_save") or [])).saves
-    wrapper = "" if _is_standalone(adapter.config) else "token_adapter."
+    saves = ScaleConfig(alpha=None, modules_to_save=saved_entries(adapter.config)).saves
+    wrapper = "" if is_standalone(adapter.config) else "token_adapter."
     keys = {}
     for name in adapter.full_tensors:
         module = name.removesuffix(".weight")
@@ -116,7 +116,8 @@ def saved_layer_keys(adapter: "Adapter") -> dict[str, str]:
     return keys
 
 
-def _is_standalone(config: dict) -> bool:
+def is_standalone(config: dict) -> bool:
+    """Is this a TrainableTokensConfig (peft_type TRAINABLE_TOKENS)?"""
     return str(config.get("peft_type") or "").upper() == STANDALONE
 
 
@@ -142,7 +143,7 @@ def standalone(adapter: "Adapter") -> dict | None:
     """The TrainableTokensConfig to write ``adapter`` back with, when it is one (no LoRA modules, read from such a
     config): its own, as read. None: it is written as a LoRA with trainable_token_indices."""
     config = adapter.config if adapter.format == "peft" else {}
-    if adapter.modules or adapter.full_tensors.keys() - saved_layer_keys(adapter).keys() or not _is_standalone(config):
+    if adapter.modules or adapter.full_tensors.keys() - saved_layer_keys(adapter).keys() or not is_standalone(config):
         return None
     indices = {r.indices for r in adapter.token_rows.values()}
     if indices != {tuple(config.get("token_indices") or ())}:
