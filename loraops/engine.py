@@ -61,8 +61,9 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (SIDE_EMBEDDINGS, can_untie, head_tied_to, is_tied_head, rows_shape,
-                    saved_tie_refusal, stored_twice, tied_decoder_bias, tied_head_source, unstored_head_of, untie_refusal, untied, untied_side_embeddings)
+from .check import (SIDE_EMBEDDINGS, can_untie, head_tied_to, is_tied_head, rows_shape, saved_tie_refusal,
+                    stored_twice, tied_decoder_bias, tied_head_source, unstored_head_of, untie_refusal, untied,
+                    untied_side_embeddings)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX, names_module
 from .formats.peft import saved_layer_tensors
