@@ -410,7 +410,8 @@ def _repo_id(text: str) -> str | None:
 
 def export_with_base(reg: "Registry", adapter: "Adapter", ref: str, fmt: str, output: str, force: bool) -> str:
     """The commands that export ``ref`` bound to its base: `loraops export … --base NAME` with the registered base its
-    PEFT config's base_model_name_or_path names, else after the `loraops base add` that registers that model (a folder
+    PEFT config's base_model_name_or_path names (the bases it names, where it names several), else after the
+    `loraops base add` that registers that model (a folder
     that exists, else a Hub id) under a name no other base holds, else after one for the base it was trained on
     (which only the user knows). The export is the one given (``force``: its --force), bound."""
     import shlex
@@ -423,6 +424,9 @@ def export_with_base(reg: "Registry", adapter: "Adapter", ref: str, fmt: str, ou
     export = f"loraops export {shlex.quote(ref)} --format {fmt} -o {shlex.quote(output)}{' --force' * force} --base "
     if len(bases) == 1:
         return f"run `{export}{shlex.quote(bases[0])}`"
+    if bases:  # (registered already: a base add of it would add nothing)
+        return (f"its base_model_name_or_path {named!r} names the registered bases {', '.join(bases)}: run "
+                f"`{export}NAME` with NAME the one it was trained on")
     if named and Path(named).expanduser().exists():  # (expanded: the shell does not expand a quoted ~)
         add, name = shlex.quote(str(Path(named).expanduser())), free_name(reg, Path(named).expanduser())
     elif named and (repo_id := _repo_id(named)):
