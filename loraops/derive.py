@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import algebra
-from .errors import InvalidInputError, MismatchError
+from .errors import AmbiguousError, InvalidInputError, MismatchError
 from .formats import refuse_unwritable
 from .fsutil import output_path, refuse_existing
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
@@ -129,7 +129,10 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
         if want.revision and pulled:
             if not good_revision(want.revision):
                 raise InvalidInputError(f"base_model {base_model!r}: invalid revision {want.revision!r}")
-            why = [_not_the_commit(want.revision, ref) for ref in pulled]
+            try:
+                why = [_not_the_commit(want.revision, ref) for ref in pulled]
+            except AmbiguousError as exc:
+                raise AmbiguousError(f"base_model {base_model!r}: {exc}") from None
             if None not in why:
                 raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, pulled at commit "
                                     f"{pulled[0].revision[:12]}, and revision {want.revision!r} {why[0]}")
@@ -142,9 +145,10 @@ def _not_the_commit(revision: str, pulled: "RepoRef") -> str | None:
     loraops resolves a revision without the network (hub.resolve_commit offline): a full commit sha is that commit
     (huggingface_hub's rule); otherwise a branch or tag the Hub cache recorded under that exact name (hub.cached_ref:
     one resolved here before, by the pull itself among others) is read before a commit prefix, as git and the Hub
-    read a name that could be either; otherwise 4 to 39 hex digits, in either case, are a prefix of the commit.
+    read a name that could be either; otherwise 4 to 39 hex digits, in either case, are a prefix of the commit, and
+    one that other cached snapshots' commits start with too is refused (an AmbiguousError, hub.refuse_ambiguous).
     None where it names that commit."""
-    from .hub import RepoRef, cached_ref, is_commit_prefix, is_commit_sha
+    from .hub import RepoRef, cached_commits, cached_ref, is_commit_prefix, is_commit_sha, refuse_ambiguous
 
     if is_commit_sha(revision):
         return None if revision == pulled.revision else "is not that commit"
@@ -156,8 +160,14 @@ def _not_the_commit(revision: str, pulled: "RepoRef") -> str | None:
         return None if named == pulled.revision else (
             f"is the branch or tag {revision}, at commit {named[:12]} as the Hub cache last resolved it (a branch or "
             "tag is read before a commit prefix, as git and the Hub read a name): give the commit, or no revision")
-    if is_commit_prefix(revision) and pulled.revision.startswith(revision.lower()):
-        return None
+    if is_commit_prefix(revision):
+        ref = RepoRef(pulled.repo_id, revision)
+        found = set(cached_commits(ref))
+        if pulled.revision.startswith(revision.lower()):
+            found.add(pulled.revision)
+        refuse_ambiguous(ref, sorted(found))  # (as an offline pull refuses it)
+        if pulled.revision in found:
+            return None
     return "is not that commit (loraops does not look a branch or tag up: give the commit, or no revision)"
 
 

@@ -499,23 +499,33 @@ def remember_ref(ref: RepoRef, commit: str) -> None:
 
 
 def _cached_commit(ref: RepoRef) -> str | None:
-    """Offline, a commit-sha prefix: the one cached snapshot whose commit starts with it. Online the Hub resolves
-    prefixes, but huggingface_hub's cache knows only full shas and the names it resolved (refs/), so a prefix the
-    cache has a ref of (a branch or tag that looks like one) is left to it."""
+    """Offline, a commit-sha prefix: the one cached snapshot whose commit starts with it (refuse_ambiguous)."""
+    found = cached_commits(ref)
+    refuse_ambiguous(ref, found)
+    return found[0] if found else None
+
+
+def cached_commits(ref: RepoRef) -> list[str]:
+    """The commits of the cached snapshots that ``ref``'s revision, a commit-sha prefix, abbreviates. Online the Hub
+    resolves prefixes, but huggingface_hub's cache knows only full shas and the names it resolved (refs/), so a
+    prefix the cache has a ref of (a branch or tag that looks like one) abbreviates none here."""
     from huggingface_hub.file_download import repo_folder_name
 
     if not is_commit_prefix(ref.revision):
-        return None
+        return []
     snapshots = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "snapshots"
     if cached_ref(ref) is not None or not snapshots.is_dir():
-        return None
+        return []
     prefix = ref.revision.lower()
-    found = sorted(p.name for p in snapshots.iterdir() if is_commit_sha(p.name) and p.name.startswith(prefix))
-    if len(found) > 1:
-        raise AmbiguousError(f"{ref}: {len(found)} cached commits start with {ref.revision} "
-                             f"({', '.join(c[:12] for c in found[:5])}{', …' if len(found) > 5 else ''}); "
+    return sorted(p.name for p in snapshots.iterdir() if is_commit_sha(p.name) and p.name.startswith(prefix))
+
+
+def refuse_ambiguous(ref: RepoRef, commits: list[str]) -> None:
+    """A commit prefix is refused where it abbreviates several known ``commits`` (as git refuses one)."""
+    if len(commits) > 1:
+        raise AmbiguousError(f"{ref}: {len(commits)} cached commits start with {ref.revision} "
+                             f"({', '.join(c[:12] for c in commits[:5])}{', …' if len(commits) > 5 else ''}); "
                              "give more of the sha")
-    return found[0] if found else None
 
 
 def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None,

@@ -2,13 +2,14 @@
 a commit prefix), a LoRA's Hub revision said in recipe terms, a model entry naming the base written another way, and
 a density above 1 kept whole as mergekit keeps it."""
 import os
+import re
 from types import SimpleNamespace as NS
 
 import pytest
 import yaml
 
 from factories import combine_inputs, loraops_run as loraops
-from loraops.errors import InvalidInputError, MismatchError
+from loraops.errors import AmbiguousError, InvalidInputError, MismatchError
 from loraops.recipe import parse_recipe
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -81,6 +82,28 @@ def test_a_branch_the_hub_cache_recorded_is_read_before_a_commit_prefix():
         check(f"org/llama@{SHA.upper()}")  # 40 digits in upper case: no full sha (huggingface_hub's), no prefix
     with pytest.raises(InvalidInputError, match=r"^base_model 'org/llama@\.\./x': invalid revision"):
         check("org/llama@../x")  # never a path out of the cache's refs/
+
+
+def test_a_commit_prefix_several_cached_commits_start_with_is_refused_as_a_pull_refuses_it(monkeypatch):
+    """A base_model revision that is a prefix of the pulled commit and of another cached snapshot's was taken for the
+    pulled commit; an offline pull of the same revision refuses it as ambiguous, and so does the recipe (one rule:
+    hub.refuse_ambiguous). More of the sha names the commit."""
+    from loraops import hub
+
+    snapshots = hub.cache_dir() / "models--org--llama" / "snapshots"
+    for commit in (SHA, "0123" + "f" * 36):
+        (snapshots / commit).mkdir(parents=True, exist_ok=True)
+    says = "org/llama@0123: 2 cached commits start with 0123 (0123456789ab, 0123ffffffff); give more of the sha"
+    with pytest.raises(AmbiguousError) as caught:
+        check("org/llama@0123")
+    assert str(caught.value) == f"base_model 'org/llama@0123': {says}"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AmbiguousError, match="^" + re.escape(says) + "$"):
+        hub.resolve_commit(hub.RepoRef("org/llama", "0123"))
+    check("org/llama@01234")
+    (snapshots / SHA).rmdir()  # (the pulled commit need not be cached: it is known)
+    with pytest.raises(AmbiguousError):
+        check("org/llama@0123")
 
 
 def test_a_lora_revision_is_said_in_recipe_terms(files, tmp_path):
