@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import algebra
 from .errors import AmbiguousError, InvalidInputError, MismatchError
 from .formats import refuse_unwritable
-from .fsutil import output_path, refuse_existing
+from .fsutil import output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
 from .references import refuse_output_over
 
@@ -66,7 +66,7 @@ def take_back(reg: "Registry", registration: "Registration") -> None:
 def open_input(reg: "Registry", ref: str, base: str | None = None, done: list[Registration] | None = None) -> Input:
     """A registered adapter (registering a path first — what that did appended to ``done``), loaded and bound to its
     base."""
-    if Path(ref).exists():
+    if path_exists(ref):
         registration = reg.register_adapter(ref, base=base)
         record = registration.record
         if done is not None and (registration.created or registration.linked):
@@ -176,11 +176,11 @@ def _on_disk(base_model: str) -> str | None:
     it is, without a LoRA merged in), which mergekit reads whatever the revision; None where none exists."""
     from .recipe import model_reference
 
-    if Path(base_model).expanduser().exists():
+    if path_exists(Path(base_model).expanduser()):
         return base_model
     with contextlib.suppress(InvalidInputError):
         ref = model_reference(base_model)
-        if ref.lora is None and Path(ref.path).expanduser().exists():
+        if ref.lora is None and path_exists(Path(ref.path).expanduser()):
             return ref.path
     return None
 
@@ -393,7 +393,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
     check_arguments(None, output, force, [ref])
     with Registry.open(create=False) as reg:
         reg.refuse_output_inside(output)
-        if Path(ref).exists():
+        if path_exists(ref):
             adapter = read_adapter(ref)
             if base is not None:
                 adapter = check.require_fit(adapter, reg.base_manifest(base), base_name=base)
@@ -404,7 +404,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
         left_out = []
         if fmt != "peft":
             adapter, left_out = without_unchanged_layers(reg, adapter, fmt, base)
-        if base is None and Path(ref).exists():  # (a registered adapter takes --base only once recorded against it)
+        if base is None and path_exists(ref):  # (a registered adapter takes --base only once recorded against it)
             refuse_unwritable(adapter, fmt, base_way_out=export_with_base(reg, adapter, ref, fmt, output, force))
     writable(adapter, fmt)
     return write_adapter(adapter, output, fmt, force=force), adapter.methods, left_out
@@ -437,7 +437,7 @@ def export_with_base(reg: "Registry", adapter: "Adapter", ref: str, fmt: str, ou
     if bases:  # (registered already: a base add of it would add nothing)
         return (f"its base_model_name_or_path {named!r} names the registered bases {', '.join(bases)}: run "
                 f"`{export}NAME` with NAME the one it was trained on")
-    if named and Path(named).expanduser().exists():  # (expanded: the shell does not expand a quoted ~)
+    if named and path_exists(Path(named).expanduser()):  # (expanded: the shell does not expand a quoted ~)
         add, name = shlex.quote(str(Path(named).expanduser())), free_name(reg, Path(named).expanduser())
     elif named and (repo_id := _repo_id(named)):
         add, name = f"hub:{repo_id}", free_name(reg, repo_id.split("/")[-1])

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError
+from .fsutil import path_exists
 from .references import WEIGHT
 
 ELEMENT_WISE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
@@ -256,7 +257,7 @@ def _adapter_of(model: str, base_model: str | None) -> str:
     it (that model with the LoRA merged in, whose task vector over the base is the LoRA's ΔW), else the entry as
     written (combine's REF: a registry name may hold '+', as combine's default names do), and a file or folder that
     exists under the whole text (an adapter saved as llama+style beside its base llama) is that one."""
-    if base_model is None or "+" not in model or Path(model).exists():
+    if base_model is None or "+" not in model or path_exists(model):
         return model
     try:
         ref = model_reference(model)
@@ -282,7 +283,7 @@ def _refuse_hub_revision(written: str, model: str, where: str, refuse) -> None:
     mergekit reads as a Hub revision) is refused in recipe terms, before combine reads it as a bad version number; a
     file or folder of that name is read as it is. ``MODEL+LORA`` over another model than the base is read as mergekit
     reads it: a revision is its model's or its LoRA's."""
-    if Path(model).exists():
+    if path_exists(model):
         return
     try:
         ref = model_reference(model)

@@ -106,6 +106,25 @@ def test_a_commit_prefix_several_cached_commits_start_with_is_refused_as_a_pull_
         check("org/llama@0123")
 
 
+def test_a_model_entry_too_long_for_a_file_name_is_read_as_a_registry_reference(files, tmp_path):
+    """A model entry no file can be named (a part longer than the file system takes) got the OS's 'File name too
+    long' (an OSError out of parse_recipe); it is no path, so it is read as a registry reference: the registry's one
+    line where no adapter has it, and the adapter where one does (a 255-character name at @1 is longer than a file
+    name, and a registry reference)."""
+    long = "a" * 300
+    assert parse_recipe(recipe("ties", (long, {"weight": 1}), (str(files["a"]), {"weight": 1}),
+                               base_model="org/base")).inputs[0] == (long, 1.0)
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", recipe("ties", (long, {"weight": 1}),
+                                                                          (str(files["b"]), {"weight": 1}))))
+    assert run.returncode == 3 and run.stderr == f"error: no adapter {long!r} in the registry (give a name, " \
+        "name@version, id or sha256 prefix of 6+ hex digits)\n", run.stderr
+    name = "n" * 255
+    assert loraops("register", files["a"], "--name", name).returncode == 0
+    doc = recipe("ties", (f"{name}@1", {"weight": 1}), (str(files["b"]), {"weight": 1}))
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--name", "long")
+    assert run.returncode == 0, run.stderr
+
+
 def test_a_lora_revision_is_said_in_recipe_terms(files, tmp_path):
     """`BASE+path/lora@v2` (mergekit: the LoRA path/lora at the Hub revision v2) was refused with combine's 'the part
     after @ must be a version number'; the recipe says what is wrong: a recipe's LoRA is a registry reference or a
