@@ -172,6 +172,22 @@ def test_a_model_entry_naming_the_base_another_way_is_the_base(files, tmp_path, 
                             base_model="llama"), "r")
 
 
+def test_a_model_entry_that_is_the_registered_base_folder_of_a_registry_name_base_model_is_the_base(files, tmp_path):
+    """`base_model: llama` (a registry name) with the base's folder listed by its own path: it was read as an adapter
+    path (a model folder: refused). It is the base (the CLI gives parse_recipe the registry's folders of the base
+    base_model names): no input, and for linear its weight counts in Σw as the base's does."""
+    from loraops.derive import registered_base_folders
+
+    doc = recipe("linear", (str(files["base"]), {"weight": 1}), (str(files["a"]), {"weight": 3}), base_model="llama")
+    assert loraops("base", "add", files["base"], "--name", "llama").returncode == 0
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--name", "based")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "linear of a@1×0.75", run.stdout
+    assert registered_base_folders("llama@2") == [str(files["base"].resolve())]  # (a registry version, read whole)
+    with pytest.raises(InvalidInputError, match="base_model .not in models. has no weight"):
+        parse_recipe(doc)  # (no registry given: the folder is one more model, and the base is not listed)
+
+
 def test_a_recipe_density_above_one_keeps_the_model_whole_as_density_one(files, tmp_path):
     """mergekit's sparsify returns a task vector whole at density ≥ 1; a recipe's density above 1 was refused. It is
     density 1: the same bytes and the same record (gamma/epsilon not applied: None). The command line's --density
