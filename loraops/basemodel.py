@@ -3,7 +3,8 @@
 Layouts understood:
   * one ``.safetensors`` checkpoint (SD-style single file, or any state dict);
   * a Hugging Face folder: ``model.safetensors`` or shards listed in ``model.safetensors.index.json``, as
-    from_pretrained reads it without variant= (folder_weights: a variant's files only where they are all it holds);
+    from_pretrained reads it without variant= (folder_weights: config.json's transformers_weights first, a variant's
+    files only where they are all it holds);
   * a diffusers pipeline folder (``model_index.json``): one such folder per component; tensor names are then
     prefixed ``<component>.`` ("unet.down_blocks.0...."), which is how diffusers-style adapter keys name them.
 
@@ -252,8 +253,10 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     except OSError as exc:
         raise _unreadable(folder, exc) from None
+    # read before the weights, as from_pretrained does: its transformers_weights names them
+    config = read_json(folder / "config.json", "model config") if "config.json" in names else None
     try:
-        index_name, file_names = folder_weights(names)
+        index_name, file_names = folder_weights(names, config)
     except FormatError as exc:
         raise FormatError(f"{folder}: {exc}") from None
     if index_name is None:
@@ -288,30 +291,61 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     return Part(prefix, folder, files, index)
 
 
-def folder_weights(names: list[str]) -> tuple[str | None, list[str]]:
+def folder_weights(names: list[str], config: dict | None = None) -> tuple[str | None, list[str]]:
     """Which of a folder's file ``names`` hold its weights, as from_pretrained (transformers', diffusers') reads
     them by default, without variant=: (the safetensors index they are read through, []) or (None, the
-    .safetensors files). The index: model.safetensors.index.json, else the folder's only one (diffusers'
-    diffusion_pytorch_model.safetensors.index.json). Without one, model.safetensors (diffusion_pytorch_model's)
-    where the folder has it, else the .safetensors files but a variant's (model.fp16.safetensors: from_pretrained
-    reads them only when asked for that variant); a folder of one variant only, which loads only as that variant,
-    is read as it: through its index where it has one. Raises a FormatError (not naming the folder) for a set of
-    shards that would be read without its index."""
+    .safetensors files). ``config``: the folder's config.json, whose transformers_weights names the file
+    transformers reads before any other (explicit_weights). Else model.safetensors where the folder has it, before
+    model.safetensors.index.json (transformers' order: the two are copies); else the index: that one, or the
+    folder's only one (diffusers' diffusion_pytorch_model.safetensors.index.json, which diffusers reads before its
+    single file). Without one, diffusion_pytorch_model.safetensors where the folder has it, else the .safetensors
+    files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for that variant); a
+    folder of one variant only, which loads only as that variant, is read as it: through its index where it has
+    one; a folder of several variants and no default weights is refused (from_pretrained needs variant= there).
+    Raises a FormatError (not naming the folder) for these refusals and for a set of shards that would be read
+    without its index."""
     names = sorted(names)
+    explicit = explicit_weights(config or {}, names)
+    if explicit is not None:
+        return (explicit, []) if explicit.endswith(INDEX_SUFFIX) else (None, [explicit])
     indexes = [name for name in names if name.endswith(INDEX_SUFFIX)]
-    if INDEX_NAME in names or len(indexes) == 1:
+    if "model.safetensors" not in names and (INDEX_NAME in names or len(indexes) == 1):
         return (INDEX_NAME if INDEX_NAME in names else indexes[0]), []
     files = [name for name in names if name.endswith(".safetensors")]
     default = [name for name in files if variant_of(name) is None]
-    if not default and len({variant_of(name) for name in files}) == 1:
+    variants = sorted({variant_of(name) for name in files} - {None})
+    if not default and len(variants) == 1:
         lone_index = {index_of(name) for name in files} & set(names)
         if len(lone_index) == 1:
             return lone_index.pop(), []
+    if not default and len(variants) > 1:
+        raise FormatError(f"no default weights, only the variants {', '.join(variants)}, which from_pretrained loads "
+                          "only with variant=: give one variant's .safetensors file, or a folder holding only its "
+                          "files, as the base")
     files = [name for name in default if name in WEIGHTS_NAMES] or default or files
     problem = shards_without_index(files, names)
     if problem:
         raise FormatError(problem)
     return None, files
+
+
+def explicit_weights(config: dict, names: list[str]) -> str | None:
+    """The weights file a folder's config.json names in ``transformers_weights``, which transformers' from_pretrained
+    reads before any other (a .safetensors file or a .safetensors.index.json inside the folder), else None.
+    loraops takes a file of the folder itself; what transformers refuses, another name, or a file the folder
+    (its file ``names``) lacks is a FormatError."""
+    named = config.get("transformers_weights")
+    if named is None:
+        return None
+    if not isinstance(named, str) or not named.endswith((".safetensors", INDEX_SUFFIX)):
+        raise FormatError(f"config.json's transformers_weights {named!r} is neither a .safetensors file nor a "
+                          f"{INDEX_SUFFIX} (transformers refuses it too)")
+    if named != os.path.basename(named):
+        raise FormatError(f"config.json's transformers_weights {named!r} is not a file name of the folder itself "
+                          "(loraops reads weights beside their config.json)")
+    if named not in names:
+        raise FormatError(f"config.json's transformers_weights names {named}, which the folder does not hold")
+    return named
 
 
 def variant_of(name: str) -> str | None:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import algebra
-from .errors import InvalidInputError, MismatchError
+from .errors import AmbiguousError, InvalidInputError, MismatchError
 from .formats import refuse_unwritable
-from .fsutil import output_path, refuse_existing
+from .fsutil import output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
 from .references import refuse_output_over
 
@@ -66,7 +66,7 @@ def take_back(reg: "Registry", registration: "Registration") -> None:
 def open_input(reg: "Registry", ref: str, base: str | None = None, done: list[Registration] | None = None) -> Input:
     """A registered adapter (registering a path first — what that did appended to ``done``), loaded and bound to its
     base."""
-    if Path(ref).exists():
+    if path_exists(ref):
         registration = reg.register_adapter(ref, base=base)
         record = registration.record
         if done is not None and (registration.created or registration.linked):
@@ -129,7 +129,10 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
         if want.revision and pulled:
             if not good_revision(want.revision):
                 raise InvalidInputError(f"base_model {base_model!r}: invalid revision {want.revision!r}")
-            why = [_not_the_commit(want.revision, ref) for ref in pulled]
+            try:
+                why = [_not_the_commit(want.revision, ref) for ref in pulled]
+            except AmbiguousError as exc:
+                raise AmbiguousError(f"base_model {base_model!r}: {exc}") from None
             if None not in why:
                 raise MismatchError(f"base_model {base_model!r}: {i.record.ref} is for {shown}, pulled at commit "
                                     f"{pulled[0].revision[:12]}, and revision {want.revision!r} {why[0]}")
@@ -137,14 +140,29 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
         base_reference(base_model)  # a base with a LoRA merged in, or what mergekit cannot read, where no input tells
 
 
+def registered_base_folders(base_model: str) -> list[str]:
+    """The folders of the registered bases a recipe's base_model names by their name or Hub id (as a whole, or the
+    path of the reference it is), for recipe.parse_recipe's base_folders."""
+    from .recipe import model_reference
+    from .registry import Registry
+
+    names = [base_model]
+    with contextlib.suppress(InvalidInputError):
+        names.append(model_reference(base_model).path)
+    with Registry.open() as reg:  # (as combine opens it next)
+        return [b.path for b in reg.list_bases()
+                if b.path and any(_names(name, known) for name in names for known in (b.name, b.source) if known)]
+
+
 def _not_the_commit(revision: str, pulled: "RepoRef") -> str | None:
     """Why ``revision`` does not name the commit a base was pulled at (``pulled``: its Hub id at that commit), read as
     loraops resolves a revision without the network (hub.resolve_commit offline): a full commit sha is that commit
     (huggingface_hub's rule); otherwise a branch or tag the Hub cache recorded under that exact name (hub.cached_ref:
     one resolved here before, by the pull itself among others) is read before a commit prefix, as git and the Hub
-    read a name that could be either; otherwise 4 to 39 hex digits, in either case, are a prefix of the commit.
+    read a name that could be either; otherwise 4 to 39 hex digits, in either case, are a prefix of the commit, and
+    one that other cached snapshots' commits start with too is refused (an AmbiguousError, hub.refuse_ambiguous).
     None where it names that commit."""
-    from .hub import RepoRef, cached_ref, is_commit_prefix, is_commit_sha
+    from .hub import RepoRef, cached_commits, cached_ref, is_commit_prefix, is_commit_sha, refuse_ambiguous
 
     if is_commit_sha(revision):
         return None if revision == pulled.revision else "is not that commit"
@@ -156,8 +174,14 @@ def _not_the_commit(revision: str, pulled: "RepoRef") -> str | None:
         return None if named == pulled.revision else (
             f"is the branch or tag {revision}, at commit {named[:12]} as the Hub cache last resolved it (a branch or "
             "tag is read before a commit prefix, as git and the Hub read a name): give the commit, or no revision")
-    if is_commit_prefix(revision) and pulled.revision.startswith(revision.lower()):
-        return None
+    if is_commit_prefix(revision):
+        ref = RepoRef(pulled.repo_id, revision)
+        found = set(cached_commits(ref))
+        if pulled.revision.startswith(revision.lower()):
+            found.add(pulled.revision)
+        refuse_ambiguous(ref, sorted(found))  # (as an offline pull refuses it)
+        if pulled.revision in found:
+            return None
     return "is not that commit (loraops does not look a branch or tag up: give the commit, or no revision)"
 
 
@@ -166,11 +190,11 @@ def _on_disk(base_model: str) -> str | None:
     it is, without a LoRA merged in), which mergekit reads whatever the revision; None where none exists."""
     from .recipe import model_reference
 
-    if Path(base_model).expanduser().exists():
+    if path_exists(Path(base_model).expanduser()):
         return base_model
     with contextlib.suppress(InvalidInputError):
         ref = model_reference(base_model)
-        if ref.lora is None and Path(ref.path).expanduser().exists():
+        if ref.lora is None and path_exists(Path(ref.path).expanduser()):
             return ref.path
     return None
 
@@ -383,7 +407,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
     check_arguments(None, output, force, [ref])
     with Registry.open(create=False) as reg:
         reg.refuse_output_inside(output)
-        if Path(ref).exists():
+        if path_exists(ref):
             adapter = read_adapter(ref)
             if base is not None:
                 adapter = check.require_fit(adapter, reg.base_manifest(base), base_name=base)
@@ -394,7 +418,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
         left_out = []
         if fmt != "peft":
             adapter, left_out = without_unchanged_layers(reg, adapter, fmt, base)
-        if base is None and Path(ref).exists():  # (a registered adapter takes --base only once recorded against it)
+        if base is None and path_exists(ref):  # (a registered adapter takes --base only once recorded against it)
             refuse_unwritable(adapter, fmt, base_way_out=export_with_base(reg, adapter, ref, fmt, output, force))
     writable(adapter, fmt)
     return write_adapter(adapter, output, fmt, force=force), adapter.methods, left_out
@@ -410,7 +434,8 @@ def _repo_id(text: str) -> str | None:
 
 def export_with_base(reg: "Registry", adapter: "Adapter", ref: str, fmt: str, output: str, force: bool) -> str:
     """The commands that export ``ref`` bound to its base: `loraops export … --base NAME` with the registered base its
-    PEFT config's base_model_name_or_path names, else after the `loraops base add` that registers that model (a folder
+    PEFT config's base_model_name_or_path names (the bases it names, where it names several), else after the
+    `loraops base add` that registers that model (a folder
     that exists, else a Hub id) under a name no other base holds, else after one for the base it was trained on
     (which only the user knows). The export is the one given (``force``: its --force), bound."""
     import shlex
@@ -423,7 +448,10 @@ def export_with_base(reg: "Registry", adapter: "Adapter", ref: str, fmt: str, ou
     export = f"loraops export {shlex.quote(ref)} --format {fmt} -o {shlex.quote(output)}{' --force' * force} --base "
     if len(bases) == 1:
         return f"run `{export}{shlex.quote(bases[0])}`"
-    if named and Path(named).expanduser().exists():  # (expanded: the shell does not expand a quoted ~)
+    if bases:  # (registered already: a base add of it would add nothing)
+        return (f"its base_model_name_or_path {named!r} names the registered bases {', '.join(bases)}: run "
+                f"`{export}NAME` with NAME the one it was trained on")
+    if named and path_exists(Path(named).expanduser()):  # (expanded: the shell does not expand a quoted ~)
         add, name = shlex.quote(str(Path(named).expanduser())), free_name(reg, Path(named).expanduser())
     elif named and (repo_id := _repo_id(named)):
         add, name = f"hub:{repo_id}", free_name(reg, repo_id.split("/")[-1])

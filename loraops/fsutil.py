@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -20,6 +21,17 @@ from typing import Callable, Iterable, Iterator
 from .errors import ConflictError, DiskSpaceError, FormatError, InvalidInputError
 
 TMP_MARK = ".loraops-tmp-"
+
+
+def path_exists(path: str | Path) -> bool:
+    """Path.exists(), and False for text no file can be named (a part longer than the file system takes:
+    ENAMETOOLONG), as for a missing one: a reference that may be a path or a registry name is then read as a name."""
+    try:
+        return Path(path).exists()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise
 
 
 def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:

@@ -499,23 +499,33 @@ def remember_ref(ref: RepoRef, commit: str) -> None:
 
 
 def _cached_commit(ref: RepoRef) -> str | None:
-    """Offline, a commit-sha prefix: the one cached snapshot whose commit starts with it. Online the Hub resolves
-    prefixes, but huggingface_hub's cache knows only full shas and the names it resolved (refs/), so a prefix the
-    cache has a ref of (a branch or tag that looks like one) is left to it."""
+    """Offline, a commit-sha prefix: the one cached snapshot whose commit starts with it (refuse_ambiguous)."""
+    found = cached_commits(ref)
+    refuse_ambiguous(ref, found)
+    return found[0] if found else None
+
+
+def cached_commits(ref: RepoRef) -> list[str]:
+    """The commits of the cached snapshots that ``ref``'s revision, a commit-sha prefix, abbreviates. Online the Hub
+    resolves prefixes, but huggingface_hub's cache knows only full shas and the names it resolved (refs/), so a
+    prefix the cache has a ref of (a branch or tag that looks like one) abbreviates none here."""
     from huggingface_hub.file_download import repo_folder_name
 
     if not is_commit_prefix(ref.revision):
-        return None
+        return []
     snapshots = cache_dir() / repo_folder_name(repo_id=ref.repo_id, repo_type="model") / "snapshots"
     if cached_ref(ref) is not None or not snapshots.is_dir():
-        return None
+        return []
     prefix = ref.revision.lower()
-    found = sorted(p.name for p in snapshots.iterdir() if is_commit_sha(p.name) and p.name.startswith(prefix))
-    if len(found) > 1:
-        raise AmbiguousError(f"{ref}: {len(found)} cached commits start with {ref.revision} "
-                             f"({', '.join(c[:12] for c in found[:5])}{', …' if len(found) > 5 else ''}); "
+    return sorted(p.name for p in snapshots.iterdir() if is_commit_sha(p.name) and p.name.startswith(prefix))
+
+
+def refuse_ambiguous(ref: RepoRef, commits: list[str]) -> None:
+    """A commit prefix is refused where it abbreviates several known ``commits`` (as git refuses one)."""
+    if len(commits) > 1:
+        raise AmbiguousError(f"{ref}: {len(commits)} cached commits start with {ref.revision} "
+                             f"({', '.join(c[:12] for c in commits[:5])}{', …' if len(commits) > 5 else ''}); "
                              "give more of the sha")
-    return found[0] if found else None
 
 
 def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None,
@@ -896,14 +906,15 @@ def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, st
     """Which files hold a base's weights, by the rules of loraops.basemodel, on a repo listing: a diffusers
     pipeline (model_index.json) has one part per component folder (tensor prefix '<component>.'); in a folder, the
     files basemodel.folder_weights chooses (what from_pretrained reads by default), through their index where they
-    have one. ``read_index(name)`` returns an index's JSON. Returns (files, {file: tensor-name prefix})."""
+    have one (or the file config.json's transformers_weights names). ``read_index(name)`` returns an index's (or the
+    config's) JSON. Returns (files, {file: tensor-name prefix})."""
     from .basemodel import folder_weights
 
     def folder_files(folder: str) -> list[str]:
         prefix = f"{folder}/" if folder else ""
         here = sorted(n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
         try:
-            index, files = folder_weights(here)
+            index, files = folder_weights(here, read_index(prefix + "config.json") if "config.json" in here else None)
         except FormatError as exc:
             raise FormatError(f"{folder}: {exc}" if folder else str(exc)) from None
         if index:
@@ -969,13 +980,14 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
 
 
 def _index_reader(ref: RepoRef, commit: str, token: str | None):
-    """weight_layout's read_index for the repo at ``commit``: a safetensors index's JSON, through the Hub cache."""
+    """weight_layout's read_index for the repo at ``commit``: a safetensors index's (or config.json's) JSON, through
+    the Hub cache."""
     from huggingface_hub import hf_hub_download
 
     def read_index(name: str) -> dict:
         path = hf_hub_download(ref.repo_id, name, revision=commit, cache_dir=cache_dir(), token=token,
                                endpoint=endpoint(), local_files_only=offline())
-        return read_json(path, "safetensors index", name=name)
+        return read_json(path, "model config" if name.endswith("config.json") else "safetensors index", name=name)
 
     return read_index
 
@@ -1025,8 +1037,11 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
                 except LocalEntryNotFoundError:  # an index the listing cached with the download names
                     raise _not_cached(ref, "download", partly=True) from None
                 needed = exactly(base_reads(names, weights))
-            return Path(snapshot_download(ref.repo_id, revision=commit, cache_dir=cache_dir(), local_files_only=True,
-                                          allow_patterns=needed))
+            folder = Path(snapshot_download(ref.repo_id, revision=commit, cache_dir=cache_dir(),
+                                            local_files_only=True, allow_patterns=needed))
+        if not any(folder.rglob("*.safetensors")):  # (what base add read of it only: config.json, an index)
+            raise _not_cached(ref, "download")
+        return folder
     base = remote_base(ref, token=token)
     with hub_errors(ref, "download"), _progress():
         folder = Path(snapshot_download(ref.repo_id, revision=base.commit, cache_dir=cache_dir(), token=token,

@@ -28,9 +28,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import InvalidInputError
+from .fsutil import path_exists
 from .references import WEIGHT
 
 ELEMENT_WISE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
@@ -129,8 +130,9 @@ class Recipe:
     precise: bool = False
 
 
-def read_recipe(path: str | Path) -> Recipe:
-    """The recipe in a YAML file; a file that cannot be read or parsed is one InvalidInputError line."""
+def read_recipe(path: str | Path, base_folders: Callable[[str], list[str]] | None = None) -> Recipe:
+    """The recipe in a YAML file (``base_folders``: see parse_recipe); a file that cannot be read or parsed is one
+    InvalidInputError line."""
     import yaml
 
     try:
@@ -144,11 +146,13 @@ def read_recipe(path: str | Path) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InvalidInputError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(data, str(path), base_folders)
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """A parsed YAML document as a Recipe (see the module docstring); refusals name the key."""
+def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str], list[str]] | None = None) -> Recipe:
+    """A parsed YAML document as a Recipe (see the module docstring); refusals name the key. ``base_folders``: the
+    folders of the registered bases a base_model names (derive.registered_base_folders): a model entry that is one
+    of them, by its own path, is the base too (the registry is the caller's: this reads no registry)."""
     def refuse(message: str) -> InvalidInputError:
         return InvalidInputError(f"{source}: {message}")
 
@@ -171,6 +175,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if spec.needs_base and base_model is None:
         raise refuse(f"{name} needs a base_model (mergekit's {name} without one works on whole weights, not on task "
                      "vectors): give the adapters' base")
+    bases = [base_model, *(base_folders(base_model) if base_folders else [])] if base_model is not None else []
     dtype = data.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise refuse(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -189,8 +194,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             entry = {"model": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise refuse(f"{where}: give model: REF (a registry reference or a path to an adapter)")
-        model = _adapter_of(entry["model"], base_model)
-        is_base = base_model is not None and _is_base(model, base_model)
+        model = _adapter_of(entry["model"], bases)
+        is_base = _is_base(model, bases)
         if (base_listed if is_base else model in listed):
             raise refuse(f"{where}: {entry['model']!r} is listed twice (mergekit merges a model once, with its first "
                          "entry's parameters): list it once")
@@ -251,29 +256,33 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False))
 
 
-def _adapter_of(model: str, base_model: str | None) -> str:
+def _adapter_of(model: str, bases: list[str]) -> str:
     """The adapter a model entry names: mergekit's ``MODEL+LORA`` where MODEL is the base_model as the recipe writes
     it (that model with the LoRA merged in, whose task vector over the base is the LoRA's ΔW), else the entry as
     written (combine's REF: a registry name may hold '+', as combine's default names do), and a file or folder that
-    exists under the whole text (an adapter saved as llama+style beside its base llama) is that one."""
-    if base_model is None or "+" not in model or Path(model).exists():
+    exists under the whole text (an adapter saved as llama+style beside its base llama) is that one. ``bases``: the
+    base_model and its registered folders ([] without a base_model)."""
+    if not bases or "+" not in model or path_exists(model):
         return model
     try:
         ref = model_reference(model)
     except InvalidInputError:
         return model
     written = model.partition("+")[0]
-    return ref.lora if _is_base(written, base_model) else model
+    return ref.lora if _is_base(written, bases) else model
 
 
-def _is_base(model: str, base_model: str) -> bool:
-    """Whether a model entry names the base_model: the same text however a path is written (``./x``, ``x/``), or the
-    same file or folder (an absolute path, a link). mergekit compares the text, and reads a base written another way
-    as one more model, whose task vector is zero (docs/recipes.md: where its weight would still count)."""
-    if os.path.normpath(model) == os.path.normpath(base_model):
-        return True
-    with contextlib.suppress(OSError, ValueError):
-        return Path(model).expanduser().samefile(Path(base_model).expanduser())
+def _is_base(model: str, bases: list[str]) -> bool:
+    """Whether a model entry names the base_model (or a registered folder of it, ``bases``): the same text however a
+    path is written (``./x``, ``x/``), or the same file or folder (an absolute path, a link). mergekit compares the
+    text, and reads a base written another way as one more model, whose task vector is zero (docs/recipes.md: where
+    its weight would still count)."""
+    for base in bases:
+        if os.path.normpath(model) == os.path.normpath(base):
+            return True
+        with contextlib.suppress(OSError, ValueError):
+            if Path(model).expanduser().samefile(Path(base).expanduser()):
+                return True
     return False
 
 
@@ -282,7 +291,7 @@ def _refuse_hub_revision(written: str, model: str, where: str, refuse) -> None:
     mergekit reads as a Hub revision) is refused in recipe terms, before combine reads it as a bad version number; a
     file or folder of that name is read as it is. ``MODEL+LORA`` over another model than the base is read as mergekit
     reads it: a revision is its model's or its LoRA's."""
-    if Path(model).exists():
+    if path_exists(model):
         return
     try:
         ref = model_reference(model)

@@ -376,6 +376,36 @@ def test_an_unbound_export_refusal_names_the_commands_that_bind_it(tmp_path):
     assert_peft_deltas(bind(read_adapter(out), manifest(base)), deltas)
 
 
+def test_an_unbound_export_whose_base_names_several_registered_bases_names_them(tmp_path, monkeypatch):
+    """base_model_name_or_path naming several registered bases (a base's name, and another's folder by a relative
+    path): the refusal said to `base add` that folder, registered already; it names the bases and the export to run
+    with the one chosen, which then works."""
+    import re
+    import shlex
+
+    from test_formats_write import LINEAR_FAMILY, conv1d_family
+
+    config = LINEAR_FAMILY[-1][2]
+    base, folder, _ = conv1d_family(tmp_path, "starcoder2", "Starcoder2ForCausalLM",
+                                    r".*(c_fc|c_proj|q_proj|lm_head)", **config)
+    monkeypatch.chdir(base.parent)
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": base.name}))
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", str(base), "--name", "star"]).exit_code == 0
+    assert runner.invoke(main, ["base", "add", str(tiny_llama(tmp_path / "o")), "--name", base.name]).exit_code == 0
+    out = tmp_path / "k.safetensors"
+    result = runner.invoke(main, ["export", str(folder), "--format", "kohya", "-o", str(out)])
+    assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+    export = f"loraops export {folder} --format kohya -o {out} --base "
+    assert result.output.endswith(f"its base_model_name_or_path {base.name!r} names the registered bases "
+                                  f"{base.name}, star: run `{export}NAME` with NAME the one it was trained on\n"), \
+        result.output
+    assert "base add" not in result.output
+    command = re.findall(r"`([^`]+)`", result.output)[-1].replace("NAME", "star")
+    assert runner.invoke(main, shlex.split(command)[1:]).exit_code == 0 and out.exists()
+
+
 def test_the_commands_an_unbound_export_refusal_names_run_as_given(tmp_path, monkeypatch):
     """The named commands work as printed: a base folder given as ~/… (PEFT's base_model_name_or_path as the user
     gave it) is named expanded (quoted, the shell would not expand it); a folder name that is no registry name

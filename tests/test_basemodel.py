@@ -92,7 +92,8 @@ CORRUPT_JSON = {"not JSON": ('{"weight_map": ', "is not JSON (Expecting value at
 def test_a_corrupt_index_or_config_is_one_line(tmp_path, corrupt):
     """A base's safetensors index or config.json that Python's json cannot read (a number past its 4300-digit limit,
     nesting past its recursion limit) was a traceback, and a corrupt config.json was read as {} (its
-    tie_word_embeddings, its dtype for a merge's --dtype edit unknown): one FormatError naming the file."""
+    tie_word_embeddings, its dtype for a merge's --dtype edit unknown): one FormatError naming the file, when the base
+    is opened (its transformers_weights says which weights are the base's)."""
     from loraops.cli import main
     from click.testing import CliRunner
 
@@ -107,9 +108,8 @@ def test_a_corrupt_index_or_config_is_one_line(tmp_path, corrupt):
     index.write_bytes(good)
     config = folder / "config.json"
     (config.write_bytes if isinstance(text, bytes) else config.write_text)(text)
-    base = BaseModel.open(folder)
     with pytest.raises(FormatError, match="^" + re.escape(f"{config}: model config {says}")):
-        base.config("lm_head.weight")
+        BaseModel.open(folder)  # (read before the weights, as from_pretrained reads it: its transformers_weights)
     out = tmp_path / "merged"
     result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record",
                                        "--dtype", "bf16"])
@@ -202,16 +202,97 @@ def _shards(folder, stem, total, n_values=None, legacy_variant=None, dtype=torch
     return listed
 
 
-def test_every_shard_set_read_needs_its_index_not_the_first_only(tmp_path):
-    """Only variants (no default weights): every set is read, so every set needs its index. The rule looked at the
-    first set only: bf16's with its index passed the folder, fp16's without one were read unindexed beside it."""
+def test_several_variants_without_default_weights_are_refused_naming_them(tmp_path):
+    """Only variants (no default weights): from_pretrained without variant= loads none of them. Every set was read,
+    so each tensor came twice, refused as 'also appears in' another file (or, shards of one set without their index,
+    for that); one line names the variants and what to give instead."""
+    from transformers import AutoModelForCausalLM
+
     folder = tmp_path / "m"
     listed = _shards(folder, "model.bf16", 2)
     (folder / "model.safetensors.index.bf16.json").write_text(json.dumps({"weight_map": listed}))
     _shards(folder, "model.fp16", 2)
-    with pytest.raises(FormatError, match=re.escape(
-            f"{folder}: shards model.fp16-0000N-of-00002.safetensors but no model.safetensors.index.fp16.json: ")):
+    (folder / "config.json").write_text((tiny_llama(tmp_path / "ref") / "config.json").read_text())
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    says = ("no default weights, only the variants bf16, fp16, which from_pretrained loads only with variant=: give "
+            "one variant's .safetensors file, or a folder holding only its files, as the base")
+    with pytest.raises(FormatError, match="^" + re.escape(f"{folder}: {says}") + "$"):
         BaseModel.open(folder)
+    single = tmp_path / "s"
+    single.mkdir()
+    save_file({"w": torch.zeros(2)}, str(single / "model.ema.safetensors"))
+    save_file({"w": torch.zeros(2, dtype=torch.float16)}, str(single / "model.fp16.safetensors"))
+    with pytest.raises(FormatError, match=re.escape(f"{single}: no default weights, only the variants ema, fp16,")):
+        BaseModel.open(single)
+    assert BaseModel.open(single / "model.fp16.safetensors").dtype == "F16"  # (what the line says to give)
+
+
+def test_model_safetensors_is_read_before_its_index_as_transformers_does(tmp_path):
+    """transformers reads model.safetensors before model.safetensors.index.json (diffusers reads its index first);
+    loraops read the index's shards. Copies give the same fingerprint either way; where they differ, the base is
+    what transformers loads, and a merge writes model.safetensors alone (the shards and index are left out)."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    copy = tiny_llama(tmp_path / "copy", shard_size="60KB")
+    for file in copy.glob("model*"):
+        (folder / file.name).write_bytes(file.read_bytes())  # the same weights, sharded
+    base = BaseModel.open(folder)
+    assert base.files == [folder / "model.safetensors"]
+    assert base.fingerprint() == BaseModel.open(copy).fingerprint()
+    other = tiny_llama(tmp_path / "other", seed=1, shard_size="60KB")
+    for file in other.glob("model-*"):
+        (folder / file.name).write_bytes(file.read_bytes())  # shards of other weights
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    single = load_file(str(folder / "model.safetensors"))
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in single.items())
+    assert BaseModel.open(folder).fingerprint() == base.fingerprint()
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_config_transformers_weights_names_the_weights(tmp_path):
+    """config.json's transformers_weights names the file transformers' from_pretrained reads before any other; it was
+    ignored (model.safetensors read). A name transformers refuses, one outside the folder, or a file the folder lacks
+    is one line; the Hub layout reads it the same way."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    (folder / "custom.safetensors").write_bytes((tiny_llama(tmp_path / "o", seed=1) / "model.safetensors").read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "custom.safetensors"}))
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    custom = load_file(str(folder / "custom.safetensors"))
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in custom.items())
+    assert BaseModel.open(folder).files == [folder / "custom.safetensors"]
+    names = ["config.json", "custom.safetensors", "model.safetensors"]
+    assert hub.weight_layout(names, lambda name: json.loads((folder / name).read_text()))[0] == ["custom.safetensors"]
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["custom.safetensors"]
+    AutoModelForCausalLM.from_pretrained(out)
+    for named, says in (("weights.bin", "is neither a .safetensors file nor a .safetensors.index.json"),
+                        ("../m/custom.safetensors", "is not a file name of the folder itself"),
+                        ("gone.safetensors", "names gone.safetensors, which the folder does not hold")):
+        (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": named}))
+        with pytest.raises(FormatError, match=re.escape(f"{folder}: config.json's transformers_weights ")
+                           + ".*" + re.escape(says)):
+            BaseModel.open(folder)
 
 
 def test_a_default_load_reads_no_variant_files(tmp_path):

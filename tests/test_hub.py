@@ -640,8 +640,9 @@ def test_a_corrupt_index_or_header_on_the_hub_is_one_line(fake_hub, tmp_path, co
     FormatError naming the repo's file."""
     text = {"not JSON": b'{"weight_map": ', "5000 digits": b'{"n": 1' + b"0" * 5000 + b"}",
             "deep": b"[" * 100_000}[corrupt]
-    weights = _safetensors(tmp_path, "model.safetensors", MODEL_TENSORS)
-    fake_hub.commit("meta/index", {"model.safetensors": weights, "model.safetensors.index.json": text})
+    shard = "model-00001-of-00001.safetensors"  # (beside model.safetensors, the index is not read: transformers')
+    weights = _safetensors(tmp_path, shard, MODEL_TENSORS)
+    fake_hub.commit("meta/index", {shard: weights, "model.safetensors.index.json": text})
     with pytest.raises(FormatError, match=r"^meta/index: model.safetensors.index.json: safetensors index is not JSON"):
         hub.remote_base("meta/index")
     fake_hub.commit("meta/header", {"model.safetensors": len(text).to_bytes(8, "little") + text})
@@ -689,7 +690,7 @@ def test_a_hub_base_reads_the_weights_a_local_one_does_not_its_variants():
     read = []
     index = {"weight_map": {"a": shards[0], "b": shards[1]}}
     weights = hub.weight_layout(names, lambda name: read.append(name) or index)[0]
-    assert weights == shards and read == ["model.safetensors.index.fp16.json"]
+    assert weights == shards and read == ["config.json", "model.safetensors.index.fp16.json"]  # (transformers_weights)
     assert hub.base_reads(names, weights) == [*shards, "config.json", "model.safetensors.index.fp16.json"]
 
 

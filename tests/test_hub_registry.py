@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -356,6 +357,7 @@ def test_an_offline_sharded_base_needs_the_files_that_say_how_to_read_its_weight
     assert runner.invoke(main, ["base", "add", "hub:meta/sharded"]).exit_code == 0
     folder = Path(snapshot_download("meta/sharded", cache_dir=hub.cache_dir(), endpoint=fake_hub.url,
                                     allow_patterns=["*.safetensors", "*.index.json"]))
+    (folder / "config.json").unlink()  # (base add read it: its transformers_weights)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     merge = ["merge", f"{adapters['a']}:0.5", "--into", "sharded", "-o"]
     partly = (f"error: meta/sharded@{commit} is only partly in the local Hub cache ({hub.cache_dir()}) and "
@@ -525,12 +527,14 @@ def test_a_damaged_hub_cache_is_one_clear_line(fake_hub, adapters, tmp_path):
     runner = CliRunner()
     assert runner.invoke(main, ["base", "add", "hub:meta/tiny"]).exit_code == 0
     blobs = hub.cache_dir() / "models--meta--tiny" / "blobs"
+    # (base add downloaded config.json into it, and the download reads it again first: its transformers_weights)
+    shutil.rmtree(blobs, ignore_errors=True)
     blobs.parent.mkdir(parents=True, exist_ok=True)
     blobs.write_text("not a folder")
     merged = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m")])
     commit = fake_hub.repos["meta/tiny"].branches["main"]
     assert (merged.exit_code, merged.output) == (2, (
-        f"error: cannot download meta/tiny@{commit}: {blobs} (or a folder above it) is a file where huggingface_hub "
+        f"error: cannot read meta/tiny@{commit}: {blobs} (or a folder above it) is a file where huggingface_hub "
         f"keeps a folder: the Hub cache ({hub.cache_dir()}) is damaged; move that file away and run this again\n"))
     assert not (tmp_path / "m").exists()
 

@@ -261,15 +261,20 @@ def test_a_registered_adapter_is_named_by_its_reference_in_errors(tmp_path, mode
 
 
 def test_other_copies_of_the_weights_are_left_out(tmp_path, models):
-    """A folder with an index's shards and also a model.safetensors / pytorch_model.bin: only the shards are merged,
-    so the other copies, which still hold the base (and which loaders may prefer), are not copied — and the summary
-    says so."""
+    """A folder with an index's shards and also a model.safetensors / pytorch_model.bin: model.safetensors is merged
+    (transformers reads it before the index), so the other copies, which still hold the base, are not copied — and
+    the summary says so."""
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     base, a, _ = models
     folder = tmp_path / "base"
     shutil.copytree(base, folder)
-    (folder / "model.safetensors").write_bytes(b"stale copy")
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert shards
+    save_file({n: t for shard in shards for n, t in load_file(str(folder / shard)).items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "pytorch_model.bin").write_bytes(b"stale pickle")
     (folder / "notes.txt").write_text("kept")
     (folder / "mm_projector.bin").write_bytes(b"another module's weights")
@@ -277,9 +282,11 @@ def test_other_copies_of_the_weights_are_left_out(tmp_path, models):
     (folder / "2_Dense" / "model.safetensors").write_bytes(b"a sentence-transformers layer")
     out = tmp_path / "out"
     result = run("merge", a, "--into", folder, "-o", out, "--no-record", "--device", "cpu")
-    assert "left out model.safetensors, pytorch_model.bin: other copies of the base's weights, not merged" in result.output
-    assert not (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
-    assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors.index.json").exists()
+    copies = ", ".join([*shards, "model.safetensors.index.json", "pytorch_model.bin"])
+    assert f"left out {copies}: other copies of the base's weights, not merged" in result.output, result.output
+    assert not any(out.glob("model-*")) and not (out / "pytorch_model.bin").exists()
+    assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors").exists()
+    assert not (out / "model.safetensors.index.json").exists()
     assert (out / "mm_projector.bin").exists() and (out / "2_Dense" / "model.safetensors").exists()
 
 

@@ -2,13 +2,14 @@
 a commit prefix), a LoRA's Hub revision said in recipe terms, a model entry naming the base written another way, and
 a density above 1 kept whole as mergekit keeps it."""
 import os
+import re
 from types import SimpleNamespace as NS
 
 import pytest
 import yaml
 
 from factories import combine_inputs, loraops_run as loraops
-from loraops.errors import InvalidInputError, MismatchError
+from loraops.errors import AmbiguousError, InvalidInputError, MismatchError
 from loraops.recipe import parse_recipe
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -83,6 +84,47 @@ def test_a_branch_the_hub_cache_recorded_is_read_before_a_commit_prefix():
         check("org/llama@../x")  # never a path out of the cache's refs/
 
 
+def test_a_commit_prefix_several_cached_commits_start_with_is_refused_as_a_pull_refuses_it(monkeypatch):
+    """A base_model revision that is a prefix of the pulled commit and of another cached snapshot's was taken for the
+    pulled commit; an offline pull of the same revision refuses it as ambiguous, and so does the recipe (one rule:
+    hub.refuse_ambiguous). More of the sha names the commit."""
+    from loraops import hub
+
+    snapshots = hub.cache_dir() / "models--org--llama" / "snapshots"
+    for commit in (SHA, "0123" + "f" * 36):
+        (snapshots / commit).mkdir(parents=True, exist_ok=True)
+    says = "org/llama@0123: 2 cached commits start with 0123 (0123456789ab, 0123ffffffff); give more of the sha"
+    with pytest.raises(AmbiguousError) as caught:
+        check("org/llama@0123")
+    assert str(caught.value) == f"base_model 'org/llama@0123': {says}"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AmbiguousError, match="^" + re.escape(says) + "$"):
+        hub.resolve_commit(hub.RepoRef("org/llama", "0123"))
+    check("org/llama@01234")
+    (snapshots / SHA).rmdir()  # (the pulled commit need not be cached: it is known)
+    with pytest.raises(AmbiguousError):
+        check("org/llama@0123")
+
+
+def test_a_model_entry_too_long_for_a_file_name_is_read_as_a_registry_reference(files, tmp_path):
+    """A model entry no file can be named (a part longer than the file system takes) got the OS's 'File name too
+    long' (an OSError out of parse_recipe); it is no path, so it is read as a registry reference: the registry's one
+    line where no adapter has it, and the adapter where one does (a 255-character name at @1 is longer than a file
+    name, and a registry reference)."""
+    long = "a" * 300
+    assert parse_recipe(recipe("ties", (long, {"weight": 1}), (str(files["a"]), {"weight": 1}),
+                               base_model="org/base")).inputs[0] == (long, 1.0)
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", recipe("ties", (long, {"weight": 1}),
+                                                                          (str(files["b"]), {"weight": 1}))))
+    assert run.returncode == 3 and run.stderr == f"error: no adapter {long!r} in the registry (give a name, " \
+        "name@version, id or sha256 prefix of 6+ hex digits)\n", run.stderr
+    name = "n" * 255
+    assert loraops("register", files["a"], "--name", name).returncode == 0
+    doc = recipe("ties", (f"{name}@1", {"weight": 1}), (str(files["b"]), {"weight": 1}))
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--name", "long")
+    assert run.returncode == 0, run.stderr
+
+
 def test_a_lora_revision_is_said_in_recipe_terms(files, tmp_path):
     """`BASE+path/lora@v2` (mergekit: the LoRA path/lora at the Hub revision v2) was refused with combine's 'the part
     after @ must be a version number'; the recipe says what is wrong: a recipe's LoRA is a registry reference or a
@@ -128,6 +170,22 @@ def test_a_model_entry_naming_the_base_another_way_is_the_base(files, tmp_path, 
     with pytest.raises(InvalidInputError, match=r"models\[2\]: '\./llama/' is listed twice"):
         parse_recipe(recipe("linear", ("llama", {"weight": 1}), ("./llama/", {"weight": 1}), ("a", {"weight": 1}),
                             base_model="llama"), "r")
+
+
+def test_a_model_entry_that_is_the_registered_base_folder_of_a_registry_name_base_model_is_the_base(files, tmp_path):
+    """`base_model: llama` (a registry name) with the base's folder listed by its own path: it was read as an adapter
+    path (a model folder: refused). It is the base (the CLI gives parse_recipe the registry's folders of the base
+    base_model names): no input, and for linear its weight counts in Σw as the base's does."""
+    from loraops.derive import registered_base_folders
+
+    doc = recipe("linear", (str(files["base"]), {"weight": 1}), (str(files["a"]), {"weight": 3}), base_model="llama")
+    assert loraops("base", "add", files["base"], "--name", "llama").returncode == 0
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--name", "based")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "linear of a@1×0.75", run.stdout
+    assert registered_base_folders("llama@2") == [str(files["base"].resolve())]  # (a registry version, read whole)
+    with pytest.raises(InvalidInputError, match="base_model .not in models. has no weight"):
+        parse_recipe(doc)  # (no registry given: the folder is one more model, and the base is not listed)
 
 
 def test_a_recipe_density_above_one_keeps_the_model_whole_as_density_one(files, tmp_path):

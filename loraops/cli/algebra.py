@@ -75,6 +75,7 @@ the combination; its lineage says what was computed)."""
 
 def recipe_arguments(ctx: click.Context, path: str):
     """The recipe at ``path``, after refusing the options it replaces."""
+    from .. import derive
     from ..recipe import read_recipe
 
     for name in RECIPE_OWNS:
@@ -83,7 +84,7 @@ def recipe_arguments(ctx: click.Context, path: str):
             shown = "the adapters (REF[:WEIGHT])" if name == "inputs" else "/".join(option.opts[-1:] + option.secondary_opts)
             raise click.UsageError(f"{shown} given with --recipe: the recipe gives the adapters, the method and its "
                                    "parameters (edit the recipe instead)")
-    return read_recipe(path)
+    return read_recipe(path, derive.registered_base_folders)
 
 
 @click.command()
