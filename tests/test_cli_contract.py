@@ -348,10 +348,20 @@ def test_an_integer_option_takes_plain_integers_only(args):
                              f"(like 8) (see `main {args[0]} --help`)\n")
 
 
+def test_an_integer_past_pythons_digit_limit_is_refused_in_one_line():
+    """int() refuses more than 4300 digits with a ValueError, which cli.INT let through as a traceback (click's INT
+    had said it in one line)."""
+    digits = "9" * 5000
+    result = cli("list", "--rank", digits, code=2)
+    assert result.stderr == (f"error: invalid value for '--rank': '{digits[:12]}…' (5000 digits) is too large "
+                             "(see `main list --help`)\n")
+
+
 def test_plain_numbers_are_still_read():
     from loraops.references import parse_number
 
-    assert [parse_number(t) for t in ("0.7", "-1", "2e-3", ".5", "+3.", "1E+2")] == [0.7, -1.0, 0.002, 0.5, 3.0, 100.0]
+    assert [parse_number(t) for t in ("0.7", "-1", "2e-3", ".5", "+3.", "1E+2", "5.", "1e-3", "-0.5")] == [
+        0.7, -1.0, 0.002, 0.5, 3.0, 100.0, 5.0, 0.001, -0.5]
     assert [parse_number(t, integer=True) for t in ("8", "-3", "+0", "007")] == [8, -3, 0, 7]
 
 
