@@ -245,6 +245,11 @@ def test_a_registry_that_opens_but_cannot_be_written_is_read_only(kohya, isolate
     (["combine", "{k}:1e300", "{k}:1e300", "-m", "ties", "--density", "0.5", "--rank", "2", "--device", "cpu"],
      "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
      "float32 holds (weights or values too large?; --precise computes in float64), so it cannot be factorized\n"),
+    # the weights' sum past float64, which normalize divided by (inf: a result of zeros, written)
+    (["combine", "{k}:1e308", "{k}:1e308", "-m", "ties", "--density", "0.5", "--rank", "2", "--precise", "--device",
+      "cpu", "-o", "{out}"],
+     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
+     "float64 holds (weights or values too large?), so it cannot be factorized\n"),
 ])
 def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, message):
     """An alpha of 1e300 was registered, then a merge of it was a RuntimeError traceback from addmm_ (its export
