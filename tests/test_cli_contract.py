@@ -570,3 +570,27 @@ def test_another_applications_database_is_refused_and_left_as_it_was(tmp_path, k
     assert "style" in cli("--db", url, "list").stdout
     with contextlib.closing(sqlite3.connect(database)) as connection:
         assert connection.execute("SELECT body FROM notes").fetchall() == [("keep me",)]
+
+
+@pytest.mark.sqlite_only
+def test_another_alembic_applications_database_at_loraops_revision_is_refused(tmp_path):
+    """Another application migrated by Alembic records its own revision in alembic_version; one numbered as loraops'
+    head ('0006') took list and show past the foreign-database check (their fast read trusts the revision), to an
+    OperationalError traceback (no such table: adapters)."""
+    import sqlite3
+
+    from loraops.registry.reads import HEAD
+
+    database = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY)")
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        connection.execute("INSERT INTO alembic_version VALUES (?)", (HEAD,))
+        connection.commit()
+    before = database.read_bytes()
+    url = f"sqlite:///{database}"
+    for args in (["list"], ["show", "x"], ["base", "list"]):
+        assert cli("--db", url, *args, code=6).stderr == (
+            f"error: the database at {url} is not a loraops registry (it holds other tables: notes); nothing was "
+            "changed in it: give --db a loraops registry or a new file\n")
+        assert database.read_bytes() == before, args
