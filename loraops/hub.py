@@ -649,7 +649,7 @@ def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> di
         if isinstance(dtype, str) and dtype not in DTYPE_BYTES and _DTYPE_NAME.match(dtype):  # C64, F6_E2M3, …
             raise FormatError(f"{where}: tensor {tensor!r} is of dtype {dtype}, which loraops does not support (it "
                               f"reads {', '.join(DTYPE_BYTES)})")
-        if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
             raise FormatError(f"{where}: corrupt safetensors header (tensor {tensor!r}: {entry!r:.80})")
         tensors[tensor] = (dtype, tuple(shape))
     return tensors

@@ -22,7 +22,10 @@ PLAINLY = "written plainly (like 0.7, -1 or 2e-3)"
 def parse_number(text: str, integer: bool = False) -> float | int:
     """``text`` as a command-line number, else InvalidInputError: written plainly (WEIGHT, or INTEGER) and finite."""
     if (INTEGER if integer else WEIGHT).fullmatch(text):
-        value = int(text) if integer else float(text)
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:  # (int(): more digits than Python converts, 4300 by default)
+            raise InvalidInputError(f"'{text[:12]}…' ({len(text)} digits) is too large") from None
         if math.isfinite(value):
             return value
     elif not (_python_number(text) and not math.isfinite(float(text))):

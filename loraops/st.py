@@ -122,7 +122,10 @@ def read_header(path: str | Path) -> Header:
         raise FormatError(f"{path}: not a safetensors file (header starts with a byte order mark; its JSON must not)")
     try:
         header = json.loads(raw.decode(), object_pairs_hook=_header_members, parse_int=_header_int,
-                            parse_constant=_header_constant)
+                            parse_float=_header_float, parse_constant=_header_constant)
+        _refuse_deep(header)
+    except RecursionError:  # (Python's JSON nests about 1000 deep)
+        raise FormatError(f"{path}: corrupt safetensors header (it nests deeper than {MAX_HEADER_DEPTH})") from None
     except _Refused as refused:
         raise FormatError(f"{path}: corrupt safetensors header ({refused.args[0]})") from None
     except UnicodeEncodeError as exc:
@@ -174,11 +177,39 @@ def _header_members(pairs: list[tuple[str, object]]) -> dict:
     return members
 
 
-def _header_int(text: str) -> int:
-    """An integer of the header: '-0' is a float to the safetensors library (it refuses it as a size or offset)."""
+def _header_int(text: str) -> int | float:
+    """An integer of the header as the safetensors library (serde_json) reads it: '-0' is a float, refused where a size
+    or offset is read, taken elsewhere; one past float64 (a 400-digit integer) is out of range anywhere."""
     if text == "-0":
-        raise _Refused("-0 is no size or offset")
-    return int(text)
+        return -0.0
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise _Refused(f"{text[:12]}… ({len(text)} digits) is beyond float64") from None
+    return value
+
+
+def _header_float(text: str) -> float:
+    """A number of the header: one past float64 ('1e999', which Python reads as inf) is out of range to the library."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"{text} is beyond float64")
+    return value
+
+
+MAX_HEADER_DEPTH = 127
+"""How deep the safetensors library's JSON (serde_json) nests arrays and objects, the header itself counted."""
+
+
+def _refuse_deep(header: object) -> None:
+    level, depth = ([header] if isinstance(header, (dict, list)) else []), 0
+    while level:  # (level by level, without recursion: a walk per value cost a third of the parse)
+        depth += 1
+        if depth > MAX_HEADER_DEPTH:
+            raise _Refused(f"it nests deeper than {MAX_HEADER_DEPTH}")
+        level = [child for value in level for child in (value.values() if isinstance(value, dict) else value)
+                 if isinstance(child, (dict, list))]
 
 
 def _header_constant(text: str):
@@ -193,6 +224,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_offset: int, data_si
     if not isinstance(entry, dict):
         raise bad("entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"unknown dtype {dtype!r}")
     if dtype in UNSUPPORTED_DTYPES:
         raise FormatError(f"{path}: tensor {name!r} is {dtype} ({UNSUPPORTED_DTYPES[dtype]}): loraops does not support "
                           "tensors of that dtype")

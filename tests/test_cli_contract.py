@@ -245,6 +245,11 @@ def test_a_registry_that_opens_but_cannot_be_written_is_read_only(kohya, isolate
     (["combine", "{k}:1e300", "{k}:1e300", "-m", "ties", "--density", "0.5", "--rank", "2", "--device", "cpu"],
      "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
      "float32 holds (weights or values too large?; --precise computes in float64), so it cannot be factorized\n"),
+    # the weights' sum past float64, which normalize divided by (inf: a result of zeros, written)
+    (["combine", "{k}:1e308", "{k}:1e308", "-m", "ties", "--density", "0.5", "--rank", "2", "--precise", "--device",
+      "cpu", "-o", "{out}"],
+     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
+     "float64 holds (weights or values too large?), so it cannot be factorized\n"),
 ])
 def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, message):
     """An alpha of 1e300 was registered, then a merge of it was a RuntimeError traceback from addmm_ (its export
@@ -348,10 +353,20 @@ def test_an_integer_option_takes_plain_integers_only(args):
                              f"(like 8) (see `main {args[0]} --help`)\n")
 
 
+def test_an_integer_past_pythons_digit_limit_is_refused_in_one_line():
+    """int() refuses more than 4300 digits with a ValueError, which cli.INT let through as a traceback (click's INT
+    had said it in one line)."""
+    digits = "9" * 5000
+    result = cli("list", "--rank", digits, code=2)
+    assert result.stderr == (f"error: invalid value for '--rank': '{digits[:12]}…' (5000 digits) is too large "
+                             "(see `main list --help`)\n")
+
+
 def test_plain_numbers_are_still_read():
     from loraops.references import parse_number
 
-    assert [parse_number(t) for t in ("0.7", "-1", "2e-3", ".5", "+3.", "1E+2")] == [0.7, -1.0, 0.002, 0.5, 3.0, 100.0]
+    assert [parse_number(t) for t in ("0.7", "-1", "2e-3", ".5", "+3.", "1E+2", "5.", "1e-3", "-0.5")] == [
+        0.7, -1.0, 0.002, 0.5, 3.0, 100.0, 5.0, 0.001, -0.5]
     assert [parse_number(t, integer=True) for t in ("8", "-3", "+0", "007")] == [8, -3, 0, 7]
 
 
@@ -555,3 +570,27 @@ def test_another_applications_database_is_refused_and_left_as_it_was(tmp_path, k
     assert "style" in cli("--db", url, "list").stdout
     with contextlib.closing(sqlite3.connect(database)) as connection:
         assert connection.execute("SELECT body FROM notes").fetchall() == [("keep me",)]
+
+
+@pytest.mark.sqlite_only
+def test_another_alembic_applications_database_at_loraops_revision_is_refused(tmp_path):
+    """Another application migrated by Alembic records its own revision in alembic_version; one numbered as loraops'
+    head ('0006') took list and show past the foreign-database check (their fast read trusts the revision), to an
+    OperationalError traceback (no such table: adapters)."""
+    import sqlite3
+
+    from loraops.registry.reads import HEAD
+
+    database = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY)")
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        connection.execute("INSERT INTO alembic_version VALUES (?)", (HEAD,))
+        connection.commit()
+    before = database.read_bytes()
+    url = f"sqlite:///{database}"
+    for args in (["list"], ["show", "x"], ["base", "list"]):
+        assert cli("--db", url, *args, code=6).stderr == (
+            f"error: the database at {url} is not a loraops registry (it holds other tables: notes); nothing was "
+            "changed in it: give --db a loraops registry or a new file\n")
+        assert database.read_bytes() == before, args

@@ -534,6 +534,8 @@ def test_a_remote_header_that_is_not_one_is_refused_in_one_line(fake_hub, tmp_pa
                  "F8_E5M2, F8_E8M0, I64, I32, I16, I8, U64, U32, U16, U8, BOOL)",
              _header({"a": {"dtype": 5, "shape": [1], "data_offsets": [0, 8]}}):
                  "corrupt safetensors header (tensor 'a': {'dtype': 5, 'shape': [1], 'data_offsets': [0, 8]})",
+             _header({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}):  # (a TypeError traceback)
+                 "corrupt safetensors header (tensor 'a': {'dtype': ['F32'], 'shape': [1], 'data_offsets': [0, 4]})",
              _header({"a": {"dtype": "f32 ", "shape": [1], "data_offsets": [0, 4]}}):  # no dtype's name
                  "corrupt safetensors header (tensor 'a': {'dtype': 'f32 ', 'shape': [1], 'data_offsets': [0, 4]})",
              _header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}):

@@ -222,3 +222,16 @@ def test_mix_normalizes_in_the_dtype_it_computes_in():
         out = torch.empty(8, 8, dtype=torch.float64)
         mix(out, [t * w for t, w in zip(taus, weights)], weights, "sum", normalize=True)
         assert torch.equal(out, (taus[0] * weights[0] + taus[1] * weights[1]) / (0.0 + weights[0] + weights[1]))
+
+
+def test_mix_refuses_weights_whose_sum_is_past_its_dtype():
+    """Weights of 1e308 (float64) or 2e38 (float32) sum to inf: the division made every entry they both contribute to
+    0, a result of zeros written silently. Those entries are NaN now, which the checks after refuse."""
+    from loraops.ops.combine import mix
+
+    for dtype, weight in ((torch.float64, 1e308), (torch.float32, 2e38)):
+        taus = [torch.full((4, 4), 0.25 * weight, dtype=dtype)] * 2  # (finite: the weighted τ of 0.25 each)
+        for consensus in ("sum", None):
+            out = torch.empty(4, 4, dtype=dtype)
+            mix(out, taus, [weight, weight], consensus, normalize=True)
+            assert out.isnan().all(), (dtype, consensus)

@@ -128,11 +128,20 @@ def _library_reads(path) -> bool:
 
 @pytest.mark.parametrize("blob, message", [
     (b"\xef\xbb\xbf" + GOOD_HEADER, "header starts with a byte order mark"),
-    (GOOD_HEADER.replace(b"[0,4]", b"[-0,4]"), "-0 is no size or offset"),
-    (GOOD_HEADER.replace(b"[1]", b"[-0]").replace(b"[0,4]", b"[0,0]"), "-0 is no size or offset"),
+    (GOOD_HEADER.replace(b"[0,4]", b"[-0,4]"), "bad data_offsets [-0.0, 4]"),
+    (GOOD_HEADER.replace(b"[1]", b"[-0]").replace(b"[0,4]", b"[0,0]"), "bad shape [-0.0]"),
     (GOOD_HEADER.replace(b'"dtype"', b'"x":NaN,"dtype"'), "NaN is not JSON"),
     (GOOD_HEADER.replace(b'"dtype"', b'"x":-Infinity,"dtype"'), "-Infinity is not JSON"),
     (GOOD_HEADER.decode().encode("utf-16-le"), "header is not JSON"),
+    # serde_json: a number past float64 is out of range (Python reads 1e999 as inf, a 400-digit integer as itself)
+    (GOOD_HEADER.replace(b'"dtype"', b'"x":1e999,"dtype"'), "1e999 is beyond float64"),
+    (GOOD_HEADER.replace(b'"dtype"', b'"x":-' + b"9" * 400 + b',"dtype"'), "beyond float64"),
+    # serde_json nests 127 deep at most; Python, about 1000, then a RecursionError traceback
+    (GOOD_HEADER.replace(b'"dtype"', b'"x":' + b"[" * 126 + b"]" * 126 + b',"dtype"'), "nests deeper than 127"),
+    (GOOD_HEADER.replace(b'"dtype"', b'"x":' + b"[" * 100000 + b"]" * 100000 + b',"dtype"'), "nests deeper than 127"),
+    # (a TypeError traceback: a list is no dict key)
+    (GOOD_HEADER.replace(b'"F32"', b'["F32"]'), "unknown dtype ['F32']"),
+    (GOOD_HEADER.replace(b'"F32"', b'{"F32":1}'), "unknown dtype {'F32': 1}"),
 ])
 def test_a_header_the_safetensors_library_refuses_is_refused(tmp_path, blob, message):
     """json.loads(bytes) skipped a UTF-8 byte order mark (and read UTF-16), read -0 as the integer 0 and took NaN and
@@ -146,7 +155,12 @@ def test_a_header_the_safetensors_library_refuses_is_refused(tmp_path, blob, mes
 
 
 @pytest.mark.parametrize("blob", [GOOD_HEADER, b" " + GOOD_HEADER, GOOD_HEADER.replace(b'"dtype"', b'"x":1,"dtype"'),
-                                  b'{"__metadata__":null,' + GOOD_HEADER[1:]])
+                                  b'{"__metadata__":null,' + GOOD_HEADER[1:],
+                                  # -0 is a float, refused only where a size or offset is read
+                                  GOOD_HEADER.replace(b'"dtype"', b'"x":-0,"dtype"'),
+                                  GOOD_HEADER.replace(b'"dtype"', b'"x":[1e-999,' + b"9" * 300 + b'],"dtype"'),
+                                  GOOD_HEADER.replace(b'"dtype"', b'"x":' + b"[" * 125 + b"]" * 125 + b',"dtype"'),
+                                  b'{"__metadata__":{"k":"caf\\u00e9 \\/ \\" \\n \xc3\xa9"},' + GOOD_HEADER[1:]])
 def test_a_header_the_library_reads_is_read(tmp_path, blob):
     path = tmp_path / "fine.safetensors"
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 4)

@@ -496,6 +496,9 @@ def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], c
         # election), are left undivided; agreeing weights are positive, so tiny ones still divide
         divisor[divisor == 0 if consensus else divisor.abs() < 1e-8] = 1
         out /= divisor
+        if sum(map(abs, weights)) > torch.finfo(out.dtype).max:
+            # weights summing past the dtype: an inf divisor made its entries 0, a result of zeros; NaN is refused
+            out[divisor.isinf()] = math.nan
 
 
 RESCALE_NORM_ORDERS = {"l1": 1, "l2": 2, "linf": math.inf}

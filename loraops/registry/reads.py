@@ -362,7 +362,10 @@ def _connect(url: str):
             connection = psycopg.connect(f"postgresql://{rest}")
         else:
             return None
-        revision = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+        # (adapters named too, in the same round trip: another application's Alembic revision can read as HEAD; with
+        # no loraops table, Registry.open refuses its database as foreign)
+        revision = connection.execute("SELECT version_num FROM alembic_version "
+                                      "WHERE NOT EXISTS (SELECT 1 FROM adapters WHERE 1 = 0)").fetchone()
     except Exception:  # noqa: BLE001 - no driver, no such table, cannot connect: the full path knows what to do
         revision = None
     if revision is None or revision[0] != HEAD:
