@@ -562,7 +562,8 @@ def test_another_applications_database_is_refused_and_left_as_it_was(tmp_path, k
                  ["rm", "x"], ["db", "current"], ["db", "stamp"], ["register", kohya]):
         result = cli("--db", url, *args, code=6)
         assert result.stderr == (f"error: the database at {url} is not a loraops registry (it holds other tables: "
-                                 "notes); nothing was changed in it: give --db a loraops registry or a new file\n")
+                                 "notes); nothing was changed in it: give --db a loraops registry or a new file, or run "
+                                 "`loraops --db URL db upgrade` to add loraops' tables beside its own\n")
         assert database.read_bytes() == before, args
         assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db", "style.safetensors"], args
     cli("--db", url, "db", "upgrade")
@@ -592,5 +593,6 @@ def test_another_alembic_applications_database_at_loraops_revision_is_refused(tm
     for args in (["list"], ["show", "x"], ["base", "list"]):
         assert cli("--db", url, *args, code=6).stderr == (
             f"error: the database at {url} is not a loraops registry (it holds other tables: notes); nothing was "
-            "changed in it: give --db a loraops registry or a new file\n")
+            "changed in it: give --db a loraops registry or a new file, or run `loraops --db URL db upgrade` to add "
+            "loraops' tables beside its own\n")
         assert database.read_bytes() == before, args

@@ -392,7 +392,8 @@ def refuse_foreign(engine: Engine) -> None:
     if tables and not tables & set(Base.metadata.tables):
         shown = ", ".join(sorted(tables)[:4]) + (", …" if len(tables) > 4 else "")
         raise RegistryError(f"the database at {_safe(engine)} is not a loraops registry (it holds other tables: "
-                            f"{shown}); nothing was changed in it: give --db a loraops registry or a new file")
+                            f"{shown}); nothing was changed in it: give --db a loraops registry or a new file, or run "
+                            f"`loraops --db URL db upgrade` to add loraops' tables beside its own")
 
 
 def _table_names(engine: Engine) -> list[str]:
