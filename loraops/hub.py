@@ -33,7 +33,7 @@ from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODU
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
 from .fsutil import read_json
-from .st import DTYPE_BYTES, MAX_HEADER_BYTES
+from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
 if TYPE_CHECKING:
     from .records import PullRecord, PushRecord
@@ -58,7 +58,6 @@ PIPELINE_INDEX = "model_index.json"
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
-_DTYPE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")  # how safetensors names its dtypes
 _PR_REF = re.compile(r"^refs/pr/([1-9][0-9]*)$")
 
 
@@ -635,24 +634,9 @@ def remote_header(ref: RepoRef, name: str, commit: str, token: str | None) -> di
     if len(head) < 8 + length:
         raise FormatError(f"{where}: truncated or not a safetensors file (header of {length} bytes, file of "
                           f"{len(head)})")
-    try:
-        header = json.loads(head[8:8 + length])
-    except (ValueError, RecursionError):  # (UnicodeDecodeError, JSONDecodeError; int()'s digit limit; deep nesting)
-        raise FormatError(f"{where}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{where}: not a safetensors file (header is not a JSON object)")
+    header = parse_header(head[8:8 + length], where)
     header.pop("__metadata__", None)
-    tensors = {}
-    for tensor, entry in header.items():
-        dtype, shape = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
-        dims = shape if isinstance(shape, list) else [None]
-        if isinstance(dtype, str) and dtype not in DTYPE_BYTES and _DTYPE_NAME.match(dtype):  # C64, F6_E2M3, …
-            raise FormatError(f"{where}: tensor {tensor!r} is of dtype {dtype}, which loraops does not support (it "
-                              f"reads {', '.join(DTYPE_BYTES)})")
-        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-            raise FormatError(f"{where}: corrupt safetensors header (tensor {tensor!r}: {entry!r:.80})")
-        tensors[tensor] = (dtype, tuple(shape))
-    return tensors
+    return {tensor: tensor_dtype_shape(where, tensor, entry) for tensor, entry in header.items()}
 
 
 def _snapshot_adapter_files(ref: RepoRef, commit: str, subpath: str | None) -> list[str]:

@@ -118,23 +118,7 @@ def read_header(path: str | Path) -> Header:
         if 8 + length > size:
             raise FormatError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
         raw = f.read(length)
-    if raw.startswith(b"\xef\xbb\xbf"):  # json.loads(bytes) skips it; the safetensors library does not
-        raise FormatError(f"{path}: not a safetensors file (header starts with a byte order mark; its JSON must not)")
-    try:
-        header = json.loads(raw.decode(), object_pairs_hook=_header_members, parse_int=_header_int,
-                            parse_float=_header_float, parse_constant=_header_constant)
-        _refuse_deep(header)
-    except RecursionError:  # (Python's JSON nests about 1000 deep)
-        raise FormatError(f"{path}: corrupt safetensors header (it nests deeper than {MAX_HEADER_DEPTH})") from None
-    except _Refused as refused:
-        raise FormatError(f"{path}: corrupt safetensors header ({refused.args[0]})") from None
-    except UnicodeEncodeError as exc:
-        raise FormatError(f"{path}: corrupt safetensors header ({exc.object!r} is not Unicode text: a lone surrogate "
-                          "escape)") from None
-    except ValueError:  # (JSONDecodeError, UnicodeDecodeError, and a number past Python's 4300-digit limit)
-        raise FormatError(f"{path}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header = parse_header(raw, path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise FormatError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
@@ -155,6 +139,29 @@ def read_header(path: str | Path) -> Header:
     if position < size:
         raise FormatError(f"{path}: corrupt safetensors file ({size - position} bytes after the last tensor's data)")
     return Header(path=path, tensors=tensors, metadata=dict(metadata), data_offset=data_offset, file_size=size)
+
+
+def parse_header(raw: bytes, where: object) -> dict:
+    """The JSON object of a safetensors header (``raw``: the bytes after its length), read as the safetensors library
+    reads it, or a FormatError naming ``where`` (a file, or a Hub file read by ranges)."""
+    if raw.startswith(b"\xef\xbb\xbf"):  # json.loads(bytes) skips it; the safetensors library does not
+        raise FormatError(f"{where}: not a safetensors file (header starts with a byte order mark; its JSON must not)")
+    try:
+        header = json.loads(raw.decode(), object_pairs_hook=_header_members, parse_int=_header_int,
+                            parse_float=_header_float, parse_constant=_header_constant)
+        _refuse_deep(header)
+    except RecursionError:  # (Python's JSON nests about 1000 deep)
+        raise FormatError(f"{where}: corrupt safetensors header (it nests deeper than {MAX_HEADER_DEPTH})") from None
+    except _Refused as refused:
+        raise FormatError(f"{where}: corrupt safetensors header ({refused.args[0]})") from None
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"{where}: corrupt safetensors header ({exc.object!r} is not Unicode text: a lone surrogate "
+                          "escape)") from None
+    except ValueError:  # (JSONDecodeError, UnicodeDecodeError, and a number past Python's 4300-digit limit)
+        raise FormatError(f"{where}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{where}: not a safetensors file (header is not a JSON object)")
+    return header
 
 
 class _Refused(Exception):
@@ -218,41 +225,51 @@ def _header_constant(text: str):
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_offset: int, data_size: int) -> TensorInfo:
-    def bad(why: str) -> FormatError:
-        return FormatError(f"{path}: corrupt safetensors header (tensor {name!r}: {why})")
-
-    if not isinstance(entry, dict):
-        raise bad("entry is not an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str):
-        raise bad(f"unknown dtype {dtype!r}")
-    if dtype in UNSUPPORTED_DTYPES:
-        raise FormatError(f"{path}: tensor {name!r} is {dtype} ({UNSUPPORTED_DTYPES[dtype]}): loraops does not support "
-                          "tensors of that dtype")
-    if dtype not in DTYPE_BYTES:
-        raise bad(f"unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise bad(f"bad shape {shape!r}")
-    # the safetensors library counts elements (then bits) in 64 bits, each product checked, refusing an empty tensor
-    # too where a partial product overflows; 0 bytes would pass the size check below
-    count = 1
-    for factor in [*shape, 8 * DTYPE_BYTES[dtype]]:  # the elements, then their bits
-        count *= factor
-        if factor >= 2 ** 64 or count >= 2 ** 64:
-            raise bad(f"shape {shape!r} has more elements than 64 bits count")
+    dtype, shape = tensor_dtype_shape(path, name, entry)
+    offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise bad(f"bad data_offsets {offsets!r}")
+        raise _corrupt(path, name, f"bad data_offsets {offsets!r}")
     if offsets[1] > data_size:
-        raise bad(f"data ends at byte {offsets[1]}, past the end of the file (truncated?)")
+        raise _corrupt(path, name, f"data ends at byte {offsets[1]}, past the end of the file (truncated?)")
     expected = math.prod(shape) * DTYPE_BYTES[dtype]
     if offsets[1] - offsets[0] != expected:
-        raise bad(f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {tuple(shape)} ({expected} expected)")
-    return TensorInfo(name, dtype, tuple(shape), data_offset + offsets[0], data_offset + offsets[1], path)
+        raise _corrupt(path, name, f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape} ({expected} "
+                                   "expected)")
+    return TensorInfo(name, dtype, shape, data_offset + offsets[0], data_offset + offsets[1], path)
+
+
+def tensor_dtype_shape(where: object, name: str, entry: object) -> tuple[str, tuple[int, ...]]:
+    """The dtype and shape of header entry ``name``, checked as the safetensors library checks them (a dtype it knows
+    that loraops does not read named so), or a FormatError naming ``where``."""
+    if not isinstance(entry, dict):
+        raise _corrupt(where, name, "entry is not an object")
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    if not isinstance(dtype, str):
+        raise _corrupt(where, name, f"unknown dtype {dtype!r}")
+    if dtype in UNSUPPORTED_DTYPES:
+        raise FormatError(f"{where}: tensor {name!r} is {dtype} ({UNSUPPORTED_DTYPES[dtype]}): loraops does not "
+                          "support tensors of that dtype")
+    if dtype not in DTYPE_BYTES:
+        raise _corrupt(where, name, f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _corrupt(where, name, f"bad shape {shape!r}")
+    # the safetensors library counts elements (then bits) in 64 bits, each product checked, refusing an empty tensor
+    # too where a partial product overflows; 0 bytes would pass the size check of its data
+    count = 1
+    for factor in [*shape, 8 * DTYPE_BYTES[dtype]]:  # the elements, then their bits
+        count *= factor
+        if factor >= 2 ** 64 or count >= 2 ** 64:
+            raise _corrupt(where, name, f"shape {shape!r} has more elements than 64 bits count")
+    return dtype, tuple(shape)
+
+
+def _corrupt(where: object, name: str, why: str) -> FormatError:
+    return FormatError(f"{where}: corrupt safetensors header (tensor {name!r}: {why})")
 
 
 def header_bytes(entries, metadata: dict[str, str] | None = None, *, ensure_ascii: bool = False) -> bytes:
