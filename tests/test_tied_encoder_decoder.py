@@ -180,3 +180,21 @@ def test_a_sharded_bart_lists_its_side_embeddings_in_the_index(tmp_path):
     merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"]
     torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_merge_into_the_untied_model_changes_each_side_alone(tmp_path):
+    """The untied merge stores BART's shared and each side's embed_tokens as byte-identical copies, which its config
+    (tie_word_embeddings: false) makes three parameters: a LoRA on each side's embed_tokens merged into that model
+    changes that side alone, as in PEFT's adapted model (it was summed into all three, as if they were one)."""
+    cls = tiny(tmp_path / "base", "bart")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "lm_head"])
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "untied", progress=False)
+    adapted = lora(cls, tmp_path / "untied", tmp_path / "sides", ["embed_tokens"])
+    engine.merge(tmp_path / "untied", [(formats.read_adapter(tmp_path / "sides"), 1.0)], tmp_path / "out",
+                 progress=False)
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    untied, out = load_file(tmp_path / "untied" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["model.shared.weight"], untied["model.shared.weight"])
+
