@@ -198,3 +198,20 @@ def test_a_second_merge_into_the_untied_model_changes_each_side_alone(tmp_path):
     untied, out = load_file(tmp_path / "untied" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(out["model.shared.weight"], untied["model.shared.weight"])
 
+
+def test_the_untied_merge_is_subtracted_against_its_pristine_base(tmp_path):
+    """merge + subtract of an untied BART, compared with the pristine base (as `subtract` does for a recorded merge
+    taken off whole): the head and each side's embed_tokens, which that base does not store, are compared with the
+    shared embeddings they were tied to (it was refused: "cannot serve as the pristine base ('lm_head.weight'
+    differs)")."""
+    cls = tiny(tmp_path / "base", "bart")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["shared", "q_proj", "lm_head"])
+    adapter = formats.read_adapter(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "merged", progress=False)
+    report = engine.subtract(tmp_path / "merged", [(adapter, 1.0)], tmp_path / "back", progress=False,
+                             reference=tmp_path / "base")
+    assert report.residual.compared_to == str(tmp_path / "base")
+    assert report.residual.max_abs_diff < 1e-5
+    back, base = load_file(tmp_path / "back" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    for name in ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
+        torch.testing.assert_close(back[name], base["model.shared.weight"], atol=1e-5, rtol=0)
