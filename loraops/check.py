@@ -310,7 +310,7 @@ def untied_side_embeddings(shared: str, config: dict) -> list[str]:
 
 
 UNTIED_FAMILIES = ("T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, BART's, mBART's, PLBart's, Pegasus's, Marian's, "
-                   "Blenderbot's, M2M-100's, LED's and BigBird-Pegasus's")
+                   "Blenderbot's, Blenderbot-small's, M2M-100's, LED's and BigBird-Pegasus's")
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:
