@@ -215,3 +215,17 @@ def test_the_untied_merge_is_subtracted_against_its_pristine_base(tmp_path):
     back, base = load_file(tmp_path / "back" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
     for name in ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
         torch.testing.assert_close(back[name], base["model.shared.weight"], atol=1e-5, rtol=0)
+
+
+def test_a_head_stored_twice_that_is_not_untied_is_not_listed(tmp_path):
+    """A head stored byte-identical to the shared embeddings of an encoder-decoder model loraops does not untie: the
+    merge changes both copies alike (one tied parameter) and check does not list it as a head the merge unties."""
+    tiny(tmp_path / "base", "bart", head="twice")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "model_type": "switch_transformers"}))
+    lora(tiny(tmp_path / "bart", "bart"), tmp_path / "bart", tmp_path / "a", ["lm_head"])
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    assert check.check(adapter, base.tensors, config=base.config).tied_heads == []
+    assert engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(merged["lm_head.weight"], merged["model.shared.weight"])
