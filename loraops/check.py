@@ -310,7 +310,7 @@ def untied_side_embeddings(shared: str, config: dict) -> list[str]:
 
 
 UNTIED_FAMILIES = ("T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, BART's, mBART's, PLBart's, Pegasus's, Marian's, "
-                   "Blenderbot's, M2M-100's, LED's and BigBird-Pegasus's")
+                   "Blenderbot's, Blenderbot-small's, M2M-100's, LED's and BigBird-Pegasus's")
 
 
 def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[str, object],
@@ -478,7 +478,7 @@ def stored_twice(manifest: Mapping[str, object], config: Callable[[str], dict], 
     (not those of a single-file checkpoint, which has no config to tie them)."""
     import torch
 
-    candidates = [n for n in manifest if is_tied_embeddings(n, config(n))]
+    candidates = [n for n in manifest if is_tied_embeddings(n, config(n)) and not embeddings_untied(config(n))]
     if heads:
         candidates += [n for n in manifest if is_tied_head(n, config(n)) and n.endswith(".weight")
                        and ties_word_embeddings(config(n)) is not False]
@@ -492,6 +492,15 @@ def stored_twice(manifest: Mapping[str, object], config: Callable[[str], dict], 
         if twins and not any(name in group for group in groups):
             groups.append({name, *twins})
     return groups
+
+
+def embeddings_untied(config: dict) -> bool:
+    """Does a model of this config.json hold its shared embeddings and each side's as parameters of their own: one of
+    UNTIES_SIDE_EMBEDDINGS saying tie_word_embeddings: false (as the untied merge writes it; transformers 5 ties
+    nothing of it), whose byte-identical copies are three parameters, not one stored thrice. Its shared is read by
+    nothing: a change to it reaches each side (as in the tied model, and so a subtract takes off what the untied
+    merge put into the copies); a side's own change stays its own."""
+    return config.get("model_type") in UNTIES_SIDE_EMBEDDINGS and ties_word_embeddings(config) is False
 
 
 def untied_stored_head(tensor: str, manifest: Mapping[str, object], config: Callable[[str], dict]) -> str | None:

@@ -61,9 +61,9 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (SIDE_EMBEDDINGS, can_untie, head_tied_to, is_tied_head, rows_shape, saved_tie_refusal,
-                    stored_twice, tied_decoder_bias, tied_head_source, unstored_head_of, untie_refusal, untied,
-                    untied_side_embeddings)
+from .check import (SIDE_EMBEDDINGS, can_untie, embeddings_untied, head_tied_to, is_tied_head, rows_shape,
+                    saved_tie_refusal, shared_embeddings_of, stored_twice, tied_decoder_bias, tied_head_source,
+                    unstored_head_of, untie_refusal, untied, untied_side_embeddings)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX, names_module
 from .formats.peft import saved_layer_tensors
@@ -289,13 +289,12 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         refuse_overlap(output, reference.path, "the pristine base it compares with")
     adapters = [(fit(adapter, base), weight) for adapter, weight in adapters]
     files = _plan(base, adapters, out_dtype, undo=operation == "subtract")
-    if reference is not None:
-        _check_reference(reference, files)
+    compared = _check_reference(reference, files) if reference is not None else {}
     copied, left_out = _other_files(base)
     _ensure_room(base, files, copied, output)
     tensors = [t for f in files for t in f.tensors]
     compute_dtype = torch.float64 if precise or any("F64" in (t.info.dtype, t.out_dtype) for t in tensors) else torch.float32
-    stats = _Residual(reference) if operation == "subtract" else None
+    stats = _Residual(reference, compared) if operation == "subtract" else None
     if fingerprint:
         known = base.cached_digests()
         for tensor in tensors:
@@ -522,6 +521,13 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             embeddings = min(group - group_heads, default=None)
             _inherit({**({name: embeddings for name in group_heads} if embeddings else {}), **biases}, rows,
                      replacements, saved_layers)  # but for what PEFT's tied weight carries
+    for shared in [name for name in touched if name in base.tensors and embeddings_untied(base.config(name))]:
+        for side in (s for s in untied_side_embeddings(shared, base.config(shared)) if s in base.tensors):
+            if shared in terms:  # shared's change is the lookups' (check.embeddings_untied); each side's, its own
+                terms[side] = [*terms.get(side, []), *terms[shared]]
+            for changes in (rows, replacements):
+                if shared in changes and side not in changes:
+                    changes[side] = changes[shared]
     for side, shared in _untied_side_embeddings(base, untied).items():
         heads[side] = shared  # written as a copy of shared, with its changes: one parameter in the adapter's model
         for changes in (terms, rows, replacements):
@@ -1266,8 +1272,9 @@ def add_delta(acc2: "torch.Tensor", B2: "torch.Tensor", A2: "torch.Tensor", tran
 class _Residual:
     """Running residual statistics of a subtract (see ResidualRecord)."""
 
-    def __init__(self, reference: BaseModel | None) -> None:
+    def __init__(self, reference: BaseModel | None, compared: dict[str, str]) -> None:
         self.reference = reference
+        self.compared = compared  # each touched tensor → the reference's tensor it should come back to
         self.elements = 0
         self.differing = 0
         self.max_diff = 0.0
@@ -1285,8 +1292,8 @@ class _Residual:
         self.elements += out.numel()
         if self.reference is None:
             return
-        info = self.reference.tensors[tensor.name]
-        found, scales = self._reference_scales(tensor.name)
+        info = self.reference.tensors[self.compared[tensor.name]]
+        found, scales = self._reference_scales(self.compared[tensor.name])
         # an FP8 reference is decoded by its whole block rows, which the chunk need not hold (a --dtype output's)
         unit = found.row_unit if found is not None else 1
         row0, row1 = chunk.row0 // unit * unit, min(-(-chunk.row1 // unit) * unit, tensor.rows)
@@ -1334,12 +1341,21 @@ class _Residual:
                               rounding_max_abs=self.rounding, note=note)
 
 
-def _check_reference(reference: BaseModel, files: list[_File]) -> None:
+def _check_reference(reference: BaseModel, files: list[_File]) -> dict[str, str]:
+    """Each tensor the subtract changes → the pristine base's tensor it should come back to: its own, or, for one an
+    untied merge wrote (a head, BART's side embed_tokens), the embeddings it was tied to, which that base stores
+    instead."""
+    compared = {}
     for tensor in (t for f in files for t in f.tensors if t.terms):
-        info = reference.tensors.get(tensor.name)
-        if info is None or info.shape != tensor.info.shape:
+        shape = tensor.info.shape
+        name = (tensor.name if tensor.name in reference.tensors else
+                tied_head_source(tensor.name, shape, reference.tensors)
+                or shared_embeddings_of(tensor.name, shape, reference.tensors))
+        if name is None or reference.tensors[name].shape != shape:
             raise MismatchError(f"{reference.path}: cannot serve as the pristine base ({tensor.name!r} differs)")
-        fp8.layout(reference.tensors, tensor.name, reference.quantization_config(tensor.name))
+        fp8.layout(reference.tensors, name, reference.quantization_config(name))
+        compared[tensor.name] = name
+    return compared
 
 
 # -- file helpers ---------------------------------------------------------------------------------------------------

@@ -180,3 +180,52 @@ def test_a_sharded_bart_lists_its_side_embeddings_in_the_index(tmp_path):
     merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"]
     torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_merge_into_the_untied_model_changes_each_side_alone(tmp_path):
+    """The untied merge stores BART's shared and each side's embed_tokens as byte-identical copies, which its config
+    (tie_word_embeddings: false) makes three parameters: a LoRA on each side's embed_tokens merged into that model
+    changes that side alone, as in PEFT's adapted model (it was summed into all three, as if they were one)."""
+    cls = tiny(tmp_path / "base", "bart")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "lm_head"])
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "untied", progress=False)
+    adapted = lora(cls, tmp_path / "untied", tmp_path / "sides", ["embed_tokens"])
+    engine.merge(tmp_path / "untied", [(formats.read_adapter(tmp_path / "sides"), 1.0)], tmp_path / "out",
+                 progress=False)
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    untied, out = load_file(tmp_path / "untied" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["model.shared.weight"], untied["model.shared.weight"])
+
+
+def test_the_untied_merge_is_subtracted_against_its_pristine_base(tmp_path):
+    """merge + subtract of an untied BART, compared with the pristine base (as `subtract` does for a recorded merge
+    taken off whole): the head and each side's embed_tokens, which that base does not store, are compared with the
+    shared embeddings they were tied to (it was refused: "cannot serve as the pristine base ('lm_head.weight'
+    differs)")."""
+    cls = tiny(tmp_path / "base", "bart")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["shared", "q_proj", "lm_head"])
+    adapter = formats.read_adapter(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "merged", progress=False)
+    report = engine.subtract(tmp_path / "merged", [(adapter, 1.0)], tmp_path / "back", progress=False,
+                             reference=tmp_path / "base")
+    assert report.residual.compared_to == str(tmp_path / "base")
+    assert report.residual.max_abs_diff < 1e-5
+    back, base = load_file(tmp_path / "back" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    for name in ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
+        torch.testing.assert_close(back[name], base["model.shared.weight"], atol=1e-5, rtol=0)
+
+
+def test_a_head_stored_twice_that_is_not_untied_is_not_listed(tmp_path):
+    """A head stored byte-identical to the shared embeddings of an encoder-decoder model loraops does not untie: the
+    merge changes both copies alike (one tied parameter) and check does not list it as a head the merge unties."""
+    tiny(tmp_path / "base", "bart", head="twice")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "model_type": "switch_transformers"}))
+    lora(tiny(tmp_path / "bart", "bart"), tmp_path / "bart", tmp_path / "a", ["lm_head"])
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    assert check.check(adapter, base.tensors, config=base.config).tied_heads == []
+    assert engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(merged["lm_head.weight"], merged["model.shared.weight"])
