@@ -1593,3 +1593,34 @@ def test_a_targeted_head_beside_saved_embeddings_is_refused_where_the_base_ties_
     with pytest.raises(MismatchError, match=re.escape(f"'lm_head' is {why}")):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gpt2_head_ensure_weight_tying_saves_with_wte_merges_as_peft_loads_it(tmp_path):
+    """GPT-2's modules_to_save=["lm_head"] with ensure_weight_tying: PEFT ties the head to the input embeddings and
+    writes the embeddings' own path into the config (modules_to_save=["transformer.wte"], whose last name is none of
+    EMBEDDING_LAYER_NAMES), saving the head whole beside them (lm_head.weight). PEFT loads that folder (the head's copy
+    by its non-strict load) as trained; loraops refused the head's copy (only names ending embed_tokens/lm_head
+    counted as saved embeddings). It merges as PEFT's adapted model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from factories import tiny_gpt2
+
+    base = tiny_gpt2(tmp_path / "gpt2")
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                        modules_to_save=["lm_head"], ensure_weight_tying=True,
+                                                        init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.transformer.wte.modules_to_save["default"].weight.add_(torch.randn(128, 64) * 0.1)
+    trained = logits(model)
+    model.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["modules_to_save"] == ["transformer.wte"]
+    state = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert sorted(k for k in state if "lora_" not in k) == ["base_model.model.lm_head.weight",
+                                                              "base_model.model.transformer.wte.weight"]
+    expected = logits(PeftModel.from_pretrained(load_model(base), tmp_path / "a"))
+    torch.testing.assert_close(expected, trained)
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), expected,
+                               atol=1e-5, rtol=1e-5)
