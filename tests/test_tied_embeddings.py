@@ -1624,3 +1624,28 @@ def test_a_gpt2_head_ensure_weight_tying_saves_with_wte_merges_as_peft_loads_it(
     engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), expected,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_a_gpt2_head_lora_ensure_weight_tying_saves_beside_wte_targets_is_refused_as_peft_loads_none(tmp_path):
+    """GPT-2's target_modules=["c_attn", "lm_head"] with ensure_weight_tying: PEFT swaps lm_head for the input
+    embeddings' path in the config it saves (["c_attn", "transformer.wte"]) and saves the head's tied LoRA. Loading
+    that config, PEFT takes "wte" for no embeddings (EMBEDDING_LAYER_NAMES), so it adds no tied layer and leaves the
+    head's factors out. ensure_weight_tying skips the targeting check only for targets named as those layers; here
+    the head's factors are refused as any a config leaves out (they were merged: not PEFT's model)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from factories import tiny_gpt2
+
+    base = tiny_gpt2(tmp_path / "gpt2")
+    torch.manual_seed(1)
+    get_peft_model(load_model(base), LoraConfig(r=4, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True,
+                                                ensure_weight_tying=True, init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["c_attn", "transformer.wte"]
+    assert "base_model.model.lm_head.lora_A.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    assert not any("lm_head" in name and "lora_" in name for name, _ in model.named_parameters())
+    with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
+                                                r"leaves out"):
+        formats.read_adapter(tmp_path / "a")
