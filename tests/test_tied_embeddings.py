@@ -1649,3 +1649,35 @@ def test_a_gpt2_head_lora_ensure_weight_tying_saves_beside_wte_targets_is_refuse
     with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
                                                 r"leaves out"):
         formats.read_adapter(tmp_path / "a")
+
+
+def test_ensure_weight_tying_with_a_regex_follows_whether_peft_matches_the_embeddings_by_name(tmp_path, tied):
+    """A regex target_modules with ensure_weight_tying: PEFT ties a LoRA on the head to targeted embeddings only where
+    the regex matches "embed_tokens" or "lm_head" themselves (r".*(q_proj|embed_tokens)" does, r".*\\.(…)" does not).
+    Tied, the head's LoRA outside the regex merges as PEFT's adapted model; untied, one added by hand is refused as
+    one the config leaves out (PEFT loads none)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def saved(targets, folder):
+        torch.manual_seed(1)
+        get_peft_model(load_model(tied), LoraConfig(r=4, target_modules=targets, ensure_weight_tying=True,
+                                                    init_lora_weights=False)).save_pretrained(folder)
+        return load_file(folder / "adapter_model.safetensors")
+
+    assert "base_model.model.lm_head.lora_A.weight" in saved(r".*(q_proj|embed_tokens)", tmp_path / "a")
+    expected = logits(PeftModel.from_pretrained(load_model(tied), tmp_path / "a"))
+    engine.merge(tied, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), expected,
+                               atol=1e-4, rtol=1e-4)
+
+    state = saved(r".*\.(q_proj|embed_tokens)", tmp_path / "b")
+    assert not any(key.startswith("base_model.model.lm_head.lora_") for key in state)
+    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)},
+              str(tmp_path / "b" / "adapter_model.safetensors"))
+    model = PeftModel.from_pretrained(load_model(tied), tmp_path / "b")
+    assert not any("lm_head" in name and "lora_" in name for name, _ in model.named_parameters())
+    with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
+                                                r"leaves out"):
+        formats.read_adapter(tmp_path / "b")
