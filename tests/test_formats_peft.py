@@ -822,16 +822,18 @@ def test_a_loha_configs_ensure_weight_tying_reads_no_tied_head(tmp_path):
 
 
 @pytest.mark.parametrize("entry", ["wte", "transformer.wte"])
-def test_ensure_weight_tying_reads_no_tied_head_beside_embeddings_peft_does_not_name_so(tmp_path, entry):
+def test_ensure_weight_tying_beside_embeddings_peft_does_not_name_so_reads_a_head_as_peft_loads_it(tmp_path, entry):
     """PEFT ties a module to saved embeddings (ensure_weight_tying) only where a modules_to_save entry is named as its
     EMBEDDING_LAYER_NAMES (embed_tokens, lm_head): GPT-2's wte is not, so PEFT warns that no tied module is added and
-    saves no head. loraops took any plain weight beside such a config for the tied head's new value; a plain
-    lm_head.weight there is no layout of PEFT's and is refused, as for a config without ensure_weight_tying."""
+    saves no head. A plain lm_head.weight there all the same is the layout PEFT saves for modules_to_save=["lm_head"]
+    (its config then says ["transformer.wte"]), and PEFT's load (not strict) puts it over the head: read as the head's
+    replacement, it merges as PEFT's adapted model."""
     import warnings
 
     import peft
+    from transformers import AutoModelForCausalLM
 
-    from loraops.errors import FormatError
+    from loraops import engine
 
     base = factories.tiny_gpt2(tmp_path / "gpt2")
     with warnings.catch_warnings(record=True) as caught:
@@ -845,10 +847,15 @@ def test_ensure_weight_tying_reads_no_tied_head_beside_embeddings_peft_does_not_
     state = load_file(weights)
     assert [k for k in state if "lora_" not in k] == ["base_model.model.transformer.wte.weight"]
     assert sorted(read_adapter(tmp_path / "a").full_tensors) == ["transformer.wte.weight"]
-    save_file({**state, "base_model.model.lm_head.weight": state["base_model.model.transformer.wte.weight"] + 0.05},
-              str(weights))
-    with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.lm_head.weight'"):
-        read_adapter(tmp_path / "a")
+    head = state["base_model.model.transformer.wte.weight"] + 0.05
+    save_file({**state, "base_model.model.lm_head.weight": head}, str(weights))
+    assert torch.equal(read_adapter(tmp_path / "a").full_tensors["lm_head.weight"], head)
+    tokens = torch.tensor([[1, 5, 9, 20]])
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a").eval()(tokens).logits
+        engine.merge(base, [(read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(tokens).logits
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("value", [None, [], "", False, {}])

@@ -1593,3 +1593,91 @@ def test_a_targeted_head_beside_saved_embeddings_is_refused_where_the_base_ties_
     with pytest.raises(MismatchError, match=re.escape(f"'lm_head' is {why}")):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gpt2_head_ensure_weight_tying_saves_with_wte_merges_as_peft_loads_it(tmp_path):
+    """GPT-2's modules_to_save=["lm_head"] with ensure_weight_tying: PEFT ties the head to the input embeddings and
+    writes the embeddings' own path into the config (modules_to_save=["transformer.wte"], whose last name is none of
+    EMBEDDING_LAYER_NAMES), saving the head whole beside them (lm_head.weight). PEFT loads that folder (the head's copy
+    by its non-strict load) as trained; loraops refused the head's copy (only names ending embed_tokens/lm_head
+    counted as saved embeddings). It merges as PEFT's adapted model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from factories import tiny_gpt2
+
+    base = tiny_gpt2(tmp_path / "gpt2")
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                        modules_to_save=["lm_head"], ensure_weight_tying=True,
+                                                        init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.transformer.wte.modules_to_save["default"].weight.add_(torch.randn(128, 64) * 0.1)
+    trained = logits(model)
+    model.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["modules_to_save"] == ["transformer.wte"]
+    state = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert sorted(k for k in state if "lora_" not in k) == ["base_model.model.lm_head.weight",
+                                                              "base_model.model.transformer.wte.weight"]
+    expected = logits(PeftModel.from_pretrained(load_model(base), tmp_path / "a"))
+    torch.testing.assert_close(expected, trained)
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_gpt2_head_lora_ensure_weight_tying_saves_beside_wte_targets_is_refused_as_peft_loads_none(tmp_path):
+    """GPT-2's target_modules=["c_attn", "lm_head"] with ensure_weight_tying: PEFT swaps lm_head for the input
+    embeddings' path in the config it saves (["c_attn", "transformer.wte"]) and saves the head's tied LoRA. Loading
+    that config, PEFT takes "wte" for no embeddings (EMBEDDING_LAYER_NAMES), so it adds no tied layer and leaves the
+    head's factors out. ensure_weight_tying skips the targeting check only for targets named as those layers; here
+    the head's factors are refused as any a config leaves out (they were merged: not PEFT's model)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from factories import tiny_gpt2
+
+    base = tiny_gpt2(tmp_path / "gpt2")
+    torch.manual_seed(1)
+    get_peft_model(load_model(base), LoraConfig(r=4, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True,
+                                                ensure_weight_tying=True, init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["c_attn", "transformer.wte"]
+    assert "base_model.model.lm_head.lora_A.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    assert not any("lm_head" in name and "lora_" in name for name, _ in model.named_parameters())
+    with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
+                                                r"leaves out"):
+        formats.read_adapter(tmp_path / "a")
+
+
+def test_ensure_weight_tying_with_a_regex_follows_whether_peft_matches_the_embeddings_by_name(tmp_path, tied):
+    """A regex target_modules with ensure_weight_tying: PEFT ties a LoRA on the head to targeted embeddings only where
+    the regex matches "embed_tokens" or "lm_head" themselves (r".*(q_proj|embed_tokens)" does, r".*\\.(…)" does not).
+    Tied, the head's LoRA outside the regex merges as PEFT's adapted model; untied, one added by hand is refused as
+    one the config leaves out (PEFT loads none)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def saved(targets, folder):
+        torch.manual_seed(1)
+        get_peft_model(load_model(tied), LoraConfig(r=4, target_modules=targets, ensure_weight_tying=True,
+                                                    init_lora_weights=False)).save_pretrained(folder)
+        return load_file(folder / "adapter_model.safetensors")
+
+    assert "base_model.model.lm_head.lora_A.weight" in saved(r".*(q_proj|embed_tokens)", tmp_path / "a")
+    expected = logits(PeftModel.from_pretrained(load_model(tied), tmp_path / "a"))
+    engine.merge(tied, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), expected,
+                               atol=1e-4, rtol=1e-4)
+
+    state = saved(r".*\.(q_proj|embed_tokens)", tmp_path / "b")
+    assert not any(key.startswith("base_model.model.lm_head.lora_") for key in state)
+    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)},
+              str(tmp_path / "b" / "adapter_model.safetensors"))
+    model = PeftModel.from_pretrained(load_model(tied), tmp_path / "b")
+    assert not any("lm_head" in name and "lora_" in name for name, _ in model.named_parameters())
+    with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
+                                                r"leaves out"):
+        formats.read_adapter(tmp_path / "b")

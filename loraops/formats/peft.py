@@ -191,9 +191,11 @@ class ScaleConfig:
         return int(self.rank_pattern[key]) if key is not None else self.r or MATH_FIELDS["r"]
 
     def ties_saved_embeddings(self) -> bool:
-        """Does PEFT save a module tied to the embeddings modules_to_save saves (ensure_weight_tying)? Only where an
-        entry is named as PEFT's EMBEDDING_LAYER_NAMES (tokens.EMBEDDING_LAYERS) are: its _check_tied_modules takes
-        GPT-2's "wte" for no embeddings, warns that no tied module is added, and saves no head."""
+        """Does PEFT, loading this config, tie a module to the embeddings modules_to_save saves (ensure_weight_tying)?
+        Only where an entry is named as PEFT's EMBEDDING_LAYER_NAMES (tokens.EMBEDDING_LAYERS) are: its
+        _check_tied_modules takes GPT-2's "wte" for no embeddings and warns that no tied module is added. (Saving, it
+        may have tied them all the same: the config it writes names the embeddings by their path, GPT-2's
+        "transformer.wte", whatever the entry that tied them; the reader takes the head's copy beside any.)"""
         return self.ensure_weight_tying and any(map(names_embedding_layer, self.modules_to_save))
 
     def saves(self, module: str) -> bool:
@@ -596,8 +598,11 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
         return None
     if cfg.saves(module) or (param == "bias" and cfg.bias != "none"):
         return key
-    if cfg.ties_saved_embeddings() and param == "weight" and not wrapped:
-        return key  # the tied counterpart of a saved module (the head of saved embeddings), with the same values
+    if cfg.ensure_weight_tying and cfg.modules_to_save and param == "weight" and not wrapped:
+        # the tied counterpart of a saved module (the head of saved embeddings), with the same values. Not only beside
+        # entries ties_saved_embeddings takes: PEFT writes the input embeddings' own path into the config it saves
+        # (GPT-2's modules_to_save=["lm_head"] goes out as ["transformer.wte"] beside the head's copy)
+        return key
     return None
 
 
