@@ -332,20 +332,22 @@ def folder_weights(names: list[str], config: dict | None = None) -> tuple[str | 
 def explicit_weights(config: dict, names: list[str]) -> str | None:
     """The weights file a folder's config.json names in ``transformers_weights``, which transformers' from_pretrained
     reads before any other (a .safetensors file or a .safetensors.index.json inside the folder), else None.
-    loraops takes a file of the folder itself; what transformers refuses, another name, or a file the folder
-    (its file ``names``) lacks is a FormatError."""
+    loraops takes a file of the folder itself (also written ./x.safetensors: the name is normalized); what
+    transformers refuses, a path to another folder, or a file the folder (its file ``names``) lacks is a
+    FormatError."""
     named = config.get("transformers_weights")
     if named is None:
         return None
     if not isinstance(named, str) or not named.endswith((".safetensors", INDEX_SUFFIX)):
         raise FormatError(f"config.json's transformers_weights {named!r} is neither a .safetensors file nor a "
-                          f"{INDEX_SUFFIX} (transformers refuses it too)")
-    if named != os.path.basename(named):
+                          f"{INDEX_SUFFIX} (loraops reads safetensors weights only)")
+    name = os.path.normpath(named)  # (transformers joins it to the folder: ./x.safetensors is x.safetensors)
+    if name != os.path.basename(name):
         raise FormatError(f"config.json's transformers_weights {named!r} is not a file name of the folder itself "
                           "(loraops reads weights beside their config.json)")
-    if named not in names:
+    if name not in names:
         raise FormatError(f"config.json's transformers_weights names {named}, which the folder does not hold")
-    return named
+    return name
 
 
 def variant_of(name: str) -> str | None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
-from .fsutil import read_json
+from .fsutil import path_exists, read_json
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
 if TYPE_CHECKING:
@@ -1164,7 +1164,7 @@ def card_info(registry, record, fmt: str) -> CardInfo:
     if record.base is not None:
         hub_base = parse_hub_source(registry.get_base(record.base.id).source)
         base_model = hub_base.repo_id if hub_base else base_model or record.base.name
-    if base_model and Path(base_model).expanduser().exists():
+    if base_model and path_exists(Path(base_model).expanduser()):
         base_model = None  # a local path means nothing to the Hub's readers
     card = CardInfo(name=record.name, format=fmt, ranks={m.name: m.rank for m in record.modules},
                     alphas={m.name: m.alpha for m in record.modules}, base_model=base_model,

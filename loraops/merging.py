@@ -21,7 +21,7 @@ from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
                      UnsupportedAdapterError)
-from .fsutil import atomic_path, ensure_free_space, refuse_overlap, refuse_unrecordable
+from .fsutil import atomic_path, ensure_free_space, path_exists, refuse_overlap, refuse_unrecordable
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted, refuse_output_over  # noqa: F401 - parse_weighted is part of this module's API
 
@@ -44,7 +44,7 @@ def resolve_adapter(reg, ref: str, weight: float) -> Input:
     the stored copy is damaged, the file is read as it is."""
     from . import formats
 
-    if Path(ref).exists():
+    if path_exists(ref):
         sha = formats.identity(ref)
         registry_id = _registered_id(reg, sha)
         adapter = _stored_copy(reg, registry_id, ref) if registry_id is not None else None
@@ -88,7 +88,7 @@ def resolve_base(reg, ref: str | Path, output: str | Path | None = None,
     """(the model, its label): a path, or a registered base whose files are still where they were. With ``output``,
     an output named as the other kind of model (engine.refuse_misnamed) is refused first: a registered base's kind
     is known from its record, before its files are opened or, for a base from the Hub, downloaded."""
-    if Path(ref).exists() or reg is None:
+    if path_exists(ref) or reg is None:
         model = BaseModel.open(ref)
         if output is not None:
             engine.refuse_misnamed(model, output, operation)
@@ -104,7 +104,7 @@ def _streamed_early(ref: str | Path, output: str | Path, operation: str) -> tupl
     """A model given by path, opened and already coming into the page cache (BaseModel.prefetch) before the registry
     loads (SQLAlchemy alone takes ~0.35 s) and torch (~1 s): the disk works while the process starts up. The engine
     stops the prefetch when its own reading starts."""
-    return _streamed(None, ref, None, output, operation) if Path(ref).exists() else None
+    return _streamed(None, ref, None, output, operation) if path_exists(ref) else None
 
 
 def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None, output: str | Path,
@@ -250,7 +250,7 @@ def _open_registry(wanted: bool, create: bool):
 def _references(model, adapters) -> bool:
     """Does the model or any adapter argument (REF[:W]) name a registry entry rather than an existing path?
     (--no-record still reads the registry to resolve those.)"""
-    return not Path(model).exists() or any(not Path(parse_weighted(a)[0]).exists() for a in adapters)
+    return not path_exists(model) or any(not path_exists(parse_weighted(a)[0]) for a in adapters)
 
 
 def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:
@@ -349,7 +349,7 @@ def _check_output(reg, output, record: bool, model: str | Path, adapters: Sequen
     refuse_output_over(output, refs)
     if record and reg is not None:
         reg.refuse_writes(hint="; --no-record writes the output without recording it")
-        for path in [output, *(ref for ref in [model, *refs] if Path(ref).exists())]:
+        for path in [output, *(ref for ref in [model, *refs] if path_exists(ref))]:
             refuse_unrecordable(Path(path).resolve())
 
 
@@ -467,7 +467,7 @@ def _recorded_adapter(reg, entry: dict) -> Input:
         found = resolve_adapter(reg, entry["sha256"], entry["weight"])
     except LoraopsError:
         found = None
-        if Path(entry["label"]).exists() and formats.identity(entry["label"]) == entry["sha256"]:
+        if path_exists(entry["label"]) and formats.identity(entry["label"]) == entry["sha256"]:
             found = resolve_adapter(reg, entry["label"], entry["weight"])
     if found is None:
         raise NotFoundError(f"--exact: adapter {entry['label']} (sha256 {entry['sha256'][:12]}), which stays merged, "

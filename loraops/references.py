@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import InvalidInputError
-from .fsutil import refuse_overlap
+from .fsutil import path_exists, refuse_overlap
 
 
 WEIGHT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
@@ -40,14 +40,14 @@ def parse_weighted(text: str) -> tuple[str, float]:
     that Python would read as a number but is not written plainly (WEIGHT) is refused, as is any tail after an
     existing path: either way a weight was meant."""
     head, sep, tail = text.rpartition(":")
-    if not sep or not head or Path(text).exists():
+    if not sep or not head or path_exists(text):
         return text, 1.0
     if WEIGHT.fullmatch(tail):
         weight = float(tail)
         if not math.isfinite(weight):
             raise InvalidInputError(f"{text!r}: the weight must be a finite number")
         return head, weight
-    if _python_number(tail) or Path(head).exists():
+    if _python_number(tail) or path_exists(head):
         raise InvalidInputError(f"{text!r}: the weight after ':' must be a number {PLAINLY}")
     return text, 1.0
 
@@ -64,5 +64,5 @@ def refuse_output_over(output: str | Path, refs: Iterable[str]) -> None:
     """An output that is, holds or lies inside an adapter given by path is refused, even with --force (which
     replaced the user's adapter with the result), as an output over the base a merge reads is."""
     for ref in refs:
-        if Path(ref).exists():
+        if path_exists(ref):
             refuse_overlap(output, ref, "the adapter it reads")

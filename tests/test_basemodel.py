@@ -295,6 +295,45 @@ def test_config_transformers_weights_names_the_weights(tmp_path):
             BaseModel.open(folder)
 
 
+def test_transformers_weights_naming_an_index_or_a_dot_path_reads_what_transformers_loads(tmp_path):
+    """transformers_weights may name an index (its shards are the weights) and may be written as a path inside the
+    folder (./custom.safetensors, which transformers joins to the folder and loads); the index was untested and the
+    ./ form refused as 'not a file name of the folder itself'. A merge of the index writes its shards, which load."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+
+    def loads(folder, files):
+        loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        assert all(torch.equal(loaded[name], tensor) for file in files for name, tensor in load_file(str(file)).items())
+        return loaded
+
+    folder = tiny_llama(tmp_path / "m")
+    other = tiny_llama(tmp_path / "o", seed=1, shard_size="60KB")
+    index = json.loads((other / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        (folder / shard.replace("model-", "custom-")).write_bytes((other / shard).read_bytes())
+    weight_map = {name: shard.replace("model-", "custom-") for name, shard in index["weight_map"].items()}
+    (folder / "custom.safetensors.index.json").write_text(json.dumps(index | {"weight_map": weight_map}))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "custom.safetensors.index.json"}))
+    shards = sorted(folder / shard for shard in set(weight_map.values()))
+    base = loads(folder, shards)
+    assert BaseModel.open(folder).files == shards
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    merged = loads(out, sorted(out.glob("custom-*.safetensors")))
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    (folder / "custom.safetensors").write_bytes((other / shards[0].name.replace("custom-", "model-")).read_bytes())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "./custom.safetensors"}))
+    loads(folder, [folder / "custom.safetensors"])
+    assert BaseModel.open(folder).files == [folder / "custom.safetensors"]
+
+
 def test_a_default_load_reads_no_variant_files(tmp_path):
     """from_pretrained without variant= reads model.safetensors (transformers) or diffusion_pytorch_model.safetensors
     (diffusers), never a variant's files beside them: the base is what it loads. Both were read (each tensor twice:

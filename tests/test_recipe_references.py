@@ -125,6 +125,26 @@ def test_a_model_entry_too_long_for_a_file_name_is_read_as_a_registry_reference(
     assert run.returncode == 0, run.stderr
 
 
+
+def test_a_reference_too_long_for_a_file_name_is_a_registry_reference_on_the_command_line(files, tmp_path):
+    """What a recipe's model entry does (above), the command line does too, where the docs say it does (combine,
+    export) and in merge, check and resize: a 255-character name at @1 is no path, so it resolves; it was the OS's
+    'File name too long' (references.parse_weighted and refuse_output_over, merging and the registry still asked
+    the file system with Path.exists, which raises it)."""
+    name = "l" * 255
+    assert loraops("register", files["a"], "--name", name).returncode == 0
+    ref = f"{name}@1"
+    for args in (("combine", ref, files["b"], "-o", tmp_path / "c", "--name", "long-combined"),
+                 ("combine", f"{ref}:0.5", files["b"], "--name", "long-weighted"),
+                 ("export", ref, "--format", "kohya", "-o", tmp_path / "k.safetensors"),
+                 ("merge", ref, "--into", files["base"], "-o", tmp_path / "m", "--no-record"),
+                 ("check", ref, "--base", files["base"]),
+                 ("resize", ref, "--rank", "2", "-o", tmp_path / "r", "--name", "long-r2")):
+        run = loraops(*args)
+        assert run.returncode == 0, (args[0], run.stderr)
+    run = loraops("combine", "a" * 300, files["b"], "-o", tmp_path / "c2")
+    assert run.returncode == 3 and run.stderr.startswith(f"error: no adapter {'a' * 300!r} in the registry"), run.stderr
+
 def test_a_lora_revision_is_said_in_recipe_terms(files, tmp_path):
     """`BASE+path/lora@v2` (mergekit: the LoRA path/lora at the Hub revision v2) was refused with combine's 'the part
     after @ must be a version number'; the recipe says what is wrong: a recipe's LoRA is a registry reference or a

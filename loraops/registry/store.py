@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import settings
-from ..fsutil import refuse_unrecordable, remove, sha256_file
+from ..fsutil import path_exists, refuse_unrecordable, remove, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
@@ -690,7 +690,7 @@ class Registry:
         from ..basemodel import BaseModel
 
         formats.common.given_alpha(alpha, ref_or_path)
-        if Path(ref_or_path).exists():
+        if path_exists(ref_or_path):
             adapter, label, base_id = formats.read_adapter(ref_or_path, alpha=alpha, values=False), str(ref_or_path), None
         else:
             with self.session() as s:
@@ -702,7 +702,7 @@ class Registry:
                                         "--alpha to change that)")
             self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_adapter(self.blobs.path(blob), alpha=override, values=False)
-        if base is not None and Path(base).exists():
+        if base is not None and path_exists(base):
             return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))])
         with self.session() as s:
             if base is not None:
