@@ -249,7 +249,8 @@ SCALES_BY_TIE = ("t5", "umt5", "longt5", "pop2piano")
 # tie_word_embeddings is true (transformers 5 ties nothing of a config saying false): untied, their checkpoint stores
 # those too (untied_side_embeddings). Each checked against PEFT's adapted model (tests/test_tied_embeddings.py);
 # no config of theirs reads tie_word_embeddings for anything but tying (Marian's: resizing).
-UNTIES_SIDE_EMBEDDINGS = ("bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small", "m2m_100", "led", "bigbird_pegasus")
+UNTIES_SIDE_EMBEDDINGS = ("bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small", "m2m_100",
+                          "led", "bigbird_pegasus")
 # encoder-decoder model types a merge may untie at a config's top level only (BLIP-2 with a BART would need its
 # side embeddings written under its text model, which is not checked): those above, and mT5 (whose config forces
 # tie_word_embeddings true in transformers 5 and scales nothing: its head loads untied by its own values)

@@ -172,7 +172,8 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
             if report.tied_heads:
                 click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not stored, "
                            "or stored as a copy of them); a merge writes it untied (an encoder-decoder model's only "
-                           f"where loraops unties it: {UNTIED_FAMILIES}; a T5-family one's inside BLIP-2 or InstructBLIP too)")
+                           f"where loraops unties it: {UNTIED_FAMILIES}; a T5-family one's inside BLIP-2 or "
+                           "InstructBLIP too)")
             if not report.ok:
                 for problem in misfits(report):
                     click.echo(f"  {problem}")
