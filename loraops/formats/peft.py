@@ -114,10 +114,15 @@ LORA_CONFIG_TYPES = ("LORA", "ADALORA")
 (layers beside a regex checked) from the other methods' configs, with a warning."""
 
 
+def peft_type_of(cfg: dict) -> str:
+    """The config's peft_type, upper-case (LoraConfig's "LORA" where it says none)."""
+    return str(cfg.get("peft_type") or "LORA").upper()
+
+
 def ties_weights(cfg: dict) -> bool:
     """The config's ensure_weight_tying as PEFT reads it: a LoraConfig's field, AdaLoraConfig's too (AdaLoraModel
     inherits LoraModel's tying), dropped from the other methods' configs (LORA_CONFIG_TYPES)."""
-    return bool(cfg.get("ensure_weight_tying")) and str(cfg.get("peft_type") or "LORA").upper() in LORA_CONFIG_TYPES
+    return bool(cfg.get("ensure_weight_tying")) and peft_type_of(cfg) in LORA_CONFIG_TYPES
 
 
 def names_embedding_layer(entry: str) -> bool:
@@ -127,9 +132,17 @@ def names_embedding_layer(entry: str) -> bool:
 
 
 def ties_saved_embeddings(cfg: dict) -> bool:
-    """ScaleConfig.ties_saved_embeddings of a config as read (``{}`` for an adapter of another format: False)."""
-    return ScaleConfig(alpha=None, modules_to_save=[m for m in saved_entries(cfg) if isinstance(m, str)],
-                       ensure_weight_tying=ties_weights(cfg)).ties_saved_embeddings()
+    """Does PEFT, loading this config (``{}`` for an adapter of another format: False), tie a module to the embeddings
+    modules_to_save saves (ensure_weight_tying)? Only where an entry is named as PEFT's EMBEDDING_LAYER_NAMES
+    (tokens.EMBEDDING_LAYERS) are: its _check_tied_modules takes GPT-2's "wte" for no embeddings and warns that no
+    tied module is added. (Saving, it may have tied them all the same: the config it writes names the embeddings by
+    their path, GPT-2's "transformer.wte", whatever the entry that tied them; the reader takes the head's copy beside
+    any: full_tensor_name.)"""
+    return ties_weights(cfg) and _saves_named_embeddings(cfg)
+
+
+def _saves_named_embeddings(cfg: dict) -> bool:
+    return any(map(names_embedding_layer, (m for m in saved_entries(cfg) if isinstance(m, str))))
 
 
 def ties_targeted_embeddings(cfg: dict) -> bool:
@@ -138,9 +151,9 @@ def ties_targeted_embeddings(cfg: dict) -> bool:
     regex matching "embed_tokens" or "lm_head" whole), unless modules_to_save names one: PEFT then ties the saved
     copies instead (_check_tied_modules), and the targeting alone decides which modules get a LoRA."""
     targets = cfg.get("target_modules")
-    if not (ties_weights(cfg) and str(cfg.get("peft_type") or "LORA").upper() == "LORA") or not targets:
+    if not (ties_weights(cfg) and peft_type_of(cfg) == "LORA") or not targets:
         return False
-    if any(map(names_embedding_layer, (m for m in saved_entries(cfg) if isinstance(m, str)))):
+    if _saves_named_embeddings(cfg):
         return False
     if isinstance(targets, str):
         try:
@@ -190,14 +203,6 @@ class ScaleConfig:
         key = common.pattern_key(self.rank_pattern, name)
         return int(self.rank_pattern[key]) if key is not None else self.r or MATH_FIELDS["r"]
 
-    def ties_saved_embeddings(self) -> bool:
-        """Does PEFT, loading this config, tie a module to the embeddings modules_to_save saves (ensure_weight_tying)?
-        Only where an entry is named as PEFT's EMBEDDING_LAYER_NAMES (tokens.EMBEDDING_LAYERS) are: its
-        _check_tied_modules takes GPT-2's "wte" for no embeddings and warns that no tied module is added. (Saving, it
-        may have tied them all the same: the config it writes names the embeddings by their path, GPT-2's
-        "transformer.wte", whatever the entry that tied them; the reader takes the head's copy beside any.)"""
-        return self.ensure_weight_tying and any(map(names_embedding_layer, self.modules_to_save))
-
     def saves(self, module: str) -> bool:
         """Is ``module`` (or a module it lies in) one PEFT saves whole? See wrapping_entry."""
         return wrapping_entry(self.modules_to_save, module) is not None
@@ -215,7 +220,7 @@ def wrapping_entry(entries: Iterable[str], module: str) -> str | None:
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
     tying = ties_weights(cfg)  # (before the fields of another method are narrowed to LoRA's below)
-    peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    peft_type = peft_type_of(cfg)
     task_type = cfg.get("task_type")
     if task_type is not None and task_type not in TASK_TYPES:
         raise InvalidInputError(f"{path}: config task_type={task_type!r} is none of PEFT's task types "
@@ -318,7 +323,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
     _refuse_saved)."""
     modules = list(modules)
     _refuse_saved(path, cfg, modules, frozenset(saved_keys))
-    peft_type = str(cfg.get("peft_type") or "LORA").upper()
+    peft_type = peft_type_of(cfg)
     targets, layers, patterns = cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     # VeraConfig has no exclude_modules: PEFT drops the field (a warning) and wraps the modules it names
     excluded = (cfg.get("exclude_modules") if peft_type != "VERA" else None) or None
