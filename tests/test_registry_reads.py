@@ -155,3 +155,44 @@ def test_list_table_counts_modules_without_loading_them(monkeypatch, tmp_path):
     monkeypatch.setattr(ModuleRecord, "__init__", no_module_records)
     table = runner.invoke(main, ["list"]).output.splitlines()
     assert table[2].split()[5] == str(listed[0]["num_modules"])
+
+
+def _foreign_wal_database(path) -> None:
+    """Another application's SQLite file in WAL mode whose last commit is still in its -wal (not checkpointed: the
+    application is running, or was killed)."""
+    import shutil
+    import sqlite3
+
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA wal_autocheckpoint=0")
+    connection.execute("CREATE TABLE notes (body TEXT)")
+    connection.execute("INSERT INTO notes VALUES ('keep me')")
+    connection.commit()
+    for suffix in ("", "-wal"):  # copied while open: closing the last connection would checkpoint
+        shutil.copy(f"{path}{suffix}", f"{path}.copy{suffix}")
+    connection.close()
+    for suffix in ("", "-wal"):
+        shutil.move(f"{path}.copy{suffix}", f"{path}{suffix}")
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("form", ["plain", "file: URI"])
+def test_a_foreign_wal_database_is_refused_with_its_bytes_and_wal_untouched(tmp_path, form):
+    """`list` of another application's WAL database: the fast read's read-write connection, closing, folded the
+    -wal into the file before Registry.open refused it ('nothing was changed in it' was not so); given as a `file:`
+    URI (sqlite:///file:PATH?mode=rw&uri=true) it was not checked at all and got loraops' tables. Both forms are
+    refused in one line, the file and its -wal byte for byte as they were."""
+    from test_registry_cli import cli
+
+    database = tmp_path / "notes.db"
+    _foreign_wal_database(database)
+    wal = tmp_path / "notes.db-wal"
+    before = database.read_bytes(), wal.read_bytes()
+    assert before[1]
+    url = f"sqlite:///{database}" if form == "plain" else f"sqlite:///file:{database}?mode=rw&uri=true"
+    for args in (["list"], ["base", "list"], ["show", "x"]):
+        result = cli("--db", url, *args, code=6)
+        assert result.output.count("\n") == 1 and "is not a loraops registry (it holds other tables: notes)" in \
+            result.output, result.output
+        assert (database.read_bytes(), wal.read_bytes()) == before, args

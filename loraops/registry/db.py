@@ -16,7 +16,6 @@ import time
 import warnings
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import quote
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -25,7 +24,8 @@ from sqlalchemy.exc import SAWarning
 from .. import settings
 from ..errors import RegistryError
 from ..fsutil import file_lock, refuse_existing
-from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS  # noqa: F401 - HEAD is part of this module's API (cli/db.py)
+# (HEAD is part of this module's API: cli/db.py)
+from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, connect_read_only, sqlite_uri_of  # noqa: F401
 
 OPEN_ATTEMPTS = 7  # reading the schema revision: about 3 s of back-off in all before "database is locked" is reported
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
@@ -73,11 +73,12 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
             query = {"mode": "ro", "uri": "true"}
             if not database.with_name(database.name + "-wal").exists():
                 query["immutable"] = "1"
-            parsed = parsed.set(database=_uri(database), query=query)
+            parsed = parsed.set(database=sqlite_uri_of(database), query=query)
             create = False
         elif file.is_absolute():  # the file settings.sqlite_file names (a leading ~ expanded), the store's neighbour
             # (a relative path stays as written: str(Path('./~/reg.db')) is '~/reg.db', which reads as a home)
-            parsed = parsed.set(database=_uri(file) if settings.sqlite_uri(parsed.database, parsed.query) else str(file))
+            uri = settings.sqlite_uri(parsed.database, parsed.query)
+            parsed = parsed.set(database=sqlite_uri_of(file) if uri else str(file))
         engine = _create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     except ImportError as exc:
         raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: its database driver is not installed "
@@ -106,10 +107,6 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
-
-
-def _uri(file: Path) -> str:
-    return f"file:{quote(str(file))}"
 
 
 def _create_engine(url, **options) -> Engine:
@@ -401,12 +398,12 @@ def _table_names(engine: Engine) -> list[str]:
     if path is None:
         with connected(engine) as connection:
             return inspect(connection).get_table_names()
-    if engine.url.database.startswith("file:") or missing_sqlite_file(engine) or not path.is_file():
-        return []  # (a URI-form URL, or nothing there yet: the engine's own connection says what is wrong)
+    if missing_sqlite_file(engine) or not path.is_file():
+        return []  # (nothing there yet: the engine's own connection says what is wrong)
     import sqlite3
 
     try:
-        connection = sqlite3.connect(f"{_uri(path.resolve())}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        connection = connect_read_only(path)  # (also of a file: URI's file, which may say mode=rw)
         try:
             return [name for (name,) in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]

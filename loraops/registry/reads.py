@@ -19,6 +19,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
+from urllib.parse import quote
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..fsutil import refuse_overlaps
@@ -352,9 +353,7 @@ def _connect(url: str):
             path = settings.plain_sqlite_file(url)  # (the rarer forms of SQLite URLs go through SQLAlchemy)
             if path is None or not path.is_file():
                 return None
-            import sqlite3
-
-            connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            connection = connect_read_only(path)
             connection.execute("BEGIN")  # one snapshot for every query of the command
         elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2"):
             import psycopg
@@ -373,6 +372,21 @@ def _connect(url: str):
             connection.close()
         return None
     return connection
+
+
+def sqlite_uri_of(file: Path) -> str:
+    """The SQLite `file:` URI naming ``file``."""
+    return f"file:{quote(str(file))}"
+
+
+def connect_read_only(file: Path):
+    """A sqlite3 connection (autocommit) that reads the SQLite ``file`` and cannot change it: a read-write
+    connection, closing last, folds the -wal into the file (checkpoint), which rewrote another application's database
+    given to --db before it was refused as no registry."""
+    import sqlite3
+
+    return sqlite3.connect(f"{sqlite_uri_of(file.resolve())}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+                           isolation_level=None)
 
 
 def _missing(kind: str, ref: str, hint: str) -> NotFoundError:
