@@ -291,7 +291,13 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     return Part(prefix, folder, files, index)
 
 
-def folder_weights(names: list[str], config: dict | None = None) -> tuple[str | None, list[str]]:
+def give_one_variant(variants: list[str]) -> str:
+    """What a local base of several variants and no default weights is to be given as instead."""
+    return "give one variant's .safetensors file, or a folder holding only its files, as the base"
+
+
+def folder_weights(names: list[str], config: dict | None = None,
+                   several_variants=give_one_variant) -> tuple[str | None, list[str]]:
     """Which of a folder's file ``names`` hold its weights, as from_pretrained (transformers', diffusers') reads
     them by default, without variant=: (the safetensors index they are read through, []) or (None, the
     .safetensors files). ``config``: the folder's config.json, whose transformers_weights names the file
@@ -302,8 +308,9 @@ def folder_weights(names: list[str], config: dict | None = None) -> tuple[str | 
     files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for that variant); a
     folder of one variant only, which loads only as that variant, is read as it: through its index where it has
     one; a folder of several variants and no default weights is refused (from_pretrained needs variant= there).
-    Raises a FormatError (not naming the folder) for these refusals and for a set of shards that would be read
-    without its index."""
+    Raises a FormatError (not naming the folder) for these refusals (``several_variants``(the variants): what to
+    give instead, which depends on the kind of reference: a Hub one names no file) and for a set of shards that would
+    be read without its index."""
     names = sorted(names)
     explicit = explicit_weights(config or {}, names)
     if explicit is not None:
@@ -320,8 +327,7 @@ def folder_weights(names: list[str], config: dict | None = None) -> tuple[str | 
             return lone_index.pop(), []
     if not default and len(variants) > 1:
         raise FormatError(f"no default weights, only the variants {', '.join(variants)}, which from_pretrained loads "
-                          "only with variant=: give one variant's .safetensors file, or a folder holding only its "
-                          "files, as the base")
+                          f"only with variant=: {several_variants(variants)}")
     files = [name for name in default if name in WEIGHTS_NAMES] or default or files
     problem = shards_without_index(files, names)
     if problem:

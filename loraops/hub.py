@@ -886,19 +886,27 @@ class RemoteBase:
         return hub_source(self.ref.repo_id, self.commit)
 
 
-def weight_layout(names: list[str], read_index) -> tuple[list[str], dict[str, str]]:
+def weight_layout(names: list[str], read_index, download: str = "hf download REPO") -> tuple[list[str], dict[str, str]]:
     """Which files hold a base's weights, by the rules of loraops.basemodel, on a repo listing: a diffusers
     pipeline (model_index.json) has one part per component folder (tensor prefix '<component>.'); in a folder, the
     files basemodel.folder_weights chooses (what from_pretrained reads by default), through their index where they
     have one (or the file config.json's transformers_weights names). ``read_index(name)`` returns an index's (or the
-    config's) JSON. Returns (files, {file: tensor-name prefix})."""
+    config's) JSON. ``download``: the command that downloads the repo, for the refusal of a folder of several
+    variants (a Hub reference names no file: the hint leaves out all variants but one). Returns (files, {file:
+    tensor-name prefix})."""
     from .basemodel import folder_weights
 
     def folder_files(folder: str) -> list[str]:
         prefix = f"{folder}/" if folder else ""
         here = sorted(n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
+        def give_one_variant(variants: list[str]) -> str:
+            others = "".join(f" --exclude '{prefix}*.{variant}*'" for variant in variants[1:])
+            return (f"a Hub reference cannot name one; download the repo without the other variants' files "
+                    f"({download}{others} --local-dir DIR) and give DIR as the base")
+
         try:
-            index, files = folder_weights(here, read_index(prefix + "config.json") if "config.json" in here else None)
+            config = read_index(prefix + "config.json") if "config.json" in here else None
+            index, files = folder_weights(here, config, give_one_variant)
         except FormatError as exc:
             raise FormatError(f"{folder}: {exc}" if folder else str(exc)) from None
         if index:
@@ -948,7 +956,8 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
     with hub_errors(ref, "read"), _progress():
         names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
         try:
-            files, layout = weight_layout(names, _index_reader(ref, commit, token))
+            files, layout = weight_layout(names, _index_reader(ref, commit, token),
+                                          f"hf download {ref.repo_id} --revision {commit}")
         except FormatError as exc:
             raise FormatError(f"{ref}: {exc}") from None
         tensors: dict[str, RemoteTensor] = {}

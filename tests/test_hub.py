@@ -718,3 +718,35 @@ def test_offline_a_branch_named_like_a_commit_prefix_is_the_branch(monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "beef").write_text(branch)
     assert hub.resolve_commit(hub.RepoRef("someone/x", "beef")) == branch
+
+
+def test_a_hub_base_of_several_variants_is_told_what_a_hub_reference_can_do(fake_hub, tmp_path):
+    """A repo of several variants and no default weights: the refusal told a `hub:` user to give one variant's file,
+    which a Hub reference cannot name. It names the download that leaves out the other variants' files, whose
+    folder is then read as the lone variant (a pipeline's component, with its folder)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loraops.basemodel import BaseModel
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2, dtype=torch.bfloat16)}, str(folder / "model.bf16.safetensors"))
+    save_file({"w": torch.zeros(2, dtype=torch.float16)}, str(folder / "model.fp16.safetensors"))
+    fake_hub.commit_folder("meta/variants", folder)
+    with pytest.raises(FormatError) as remote:
+        hub.remote_base("meta/variants")
+    commit = hub.resolve_commit(hub.parse_repo_ref("meta/variants"), None)
+    assert str(remote.value) == (
+        "meta/variants: no default weights, only the variants bf16, fp16, which from_pretrained loads only with "
+        f"variant=: a Hub reference cannot name one; download the repo without the other variants' files (hf download "
+        f"meta/variants --revision {commit} --exclude '*.fp16*' --local-dir DIR) and give DIR as the base")
+    (folder / "model.fp16.safetensors").unlink()  # what that download leaves
+    assert BaseModel.open(folder).dtype == "BF16"
+    names = ["model_index.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.ema.safetensors"]
+    with pytest.raises(FormatError, match=re.escape(
+            "unet: no default weights, only the variants ema, fp16, non_ema, which from_pretrained loads only with "
+            "variant=: a Hub reference cannot name one; download the repo without the other variants' files (hf "
+            "download REPO --exclude 'unet/*.fp16*' --exclude 'unet/*.non_ema*' --local-dir DIR)")):
+        hub.weight_layout(names, lambda name: {})
