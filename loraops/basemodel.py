@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import FormatError, InvalidInputError, NotFoundError
-from .fsutil import Prefetcher, chunks, read_json
+from .fsutil import Prefetcher, chunks, read_json, read_model_config
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -174,7 +174,7 @@ class BaseModel:
         folder = self.tensors[tensor].file.parent
         if folder not in self._configs:
             path = folder / "config.json"
-            self._configs[folder] = read_json(path, "model config") if path.exists() else {}
+            self._configs[folder] = read_model_config(path) if path.exists() else {}
         return self._configs[folder]
 
     def quantization_config(self, tensor: str) -> dict | None:
@@ -254,7 +254,7 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     except OSError as exc:
         raise _unreadable(folder, exc) from None
     # read before the weights, as from_pretrained does: its transformers_weights names them
-    config = read_json(folder / "config.json", "model config") if "config.json" in names else None
+    config = read_model_config(folder / "config.json") if "config.json" in names else None
     try:
         index_name, file_names = folder_weights(names, config)
     except FormatError as exc:

@@ -69,7 +69,7 @@ from .formats.common import FLOAT32_MAX, names_module
 from .formats.peft import saved_layer_tensors
 from .fp8 import FLOAT_DTYPES, BlockScaled
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
-                     read_json, refuse_overlap, remove_stale_temps)
+                     read_json, read_model_config, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .st import DTYPE_BYTES, TensorInfo, header_bytes, read_row_blocks, torch_dtype
 
@@ -1458,7 +1458,7 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
 
 
 def _edited_config(path: Path, dtype: str | None, untie: bool, dequantized: bool) -> str:
-    config = read_json(path, "model config")
+    config = read_model_config(path)
     if dtype is not None:
         name = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:

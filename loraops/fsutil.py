@@ -34,10 +34,12 @@ def path_exists(path: str | Path) -> bool:
         raise
 
 
-def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:
+def read_json(path: str | Path, what: str, *, name: str | None = None, refuse_surrogates: bool = True) -> dict:
     """The JSON object in a file of a model (its config.json, its safetensors index; one from the Hub): one line
     (FormatError) where it is unreadable, no JSON (also a number past Python's 4300-digit limit, or nesting past its
-    recursion limit) or no object. ``name``: how the message names the file (default: its path)."""
+    recursion limit) or no object, or that holds a lone surrogate escape (refuse_lone_surrogates) unless
+    ``refuse_surrogates`` is false (read_model_config). ``name``: how the message names the file (default: its
+    path)."""
     name = name or str(path)
     try:
         data = json.loads(Path(path).read_text())
@@ -54,8 +56,15 @@ def read_json(path: str | Path, what: str, *, name: str | None = None) -> dict:
         raise FormatError(f"{name}: unreadable {what} ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise FormatError(f"{name}: {what} is not a JSON object")
-    refuse_lone_surrogates(data, f"{name}: {what}")
+    if refuse_surrogates:
+        refuse_lone_surrogates(data, f"{name}: {what}")
     return data
+
+
+def read_model_config(path: str | Path, *, name: str | None = None) -> dict:
+    """A model's config.json (read_json), where a lone surrogate escape is no error: transformers loads one (its
+    json reads it), and loraops stores none of a config's text (a merge writes it back escaped)."""
+    return read_json(path, "model config", name=name, refuse_surrogates=False)
 
 
 def refuse_lone_surrogates(data: object, where: str) -> None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
-from .fsutil import path_exists, read_json
+from .fsutil import path_exists, read_json, read_model_config
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
 if TYPE_CHECKING:
@@ -980,7 +980,9 @@ def _index_reader(ref: RepoRef, commit: str, token: str | None):
     def read_index(name: str) -> dict:
         path = hf_hub_download(ref.repo_id, name, revision=commit, cache_dir=cache_dir(), token=token,
                                endpoint=endpoint(), local_files_only=offline())
-        return read_json(path, "model config" if name.endswith("config.json") else "safetensors index", name=name)
+        if name.endswith("config.json"):
+            return read_model_config(path, name=name)
+        return read_json(path, "safetensors index", name=name)
 
     return read_index
 

@@ -190,6 +190,34 @@ def test_diffusers_legacy_variant_shards_beside_an_index_are_not_its_unlisted_sh
     assert {n: t.dtype for n, t in BaseModel.open(folder).tensors.items()} == {"w1": "F32", "w2": "F32"}
 
 
+def test_a_config_with_a_lone_surrogate_escape_is_read_as_transformers_reads_it(tmp_path):
+    """config.json holding a lone surrogate escape ("\\ud800", which Python's json reads): transformers loads the
+    model, loraops refused the base at open (the refusal meant for text it stores: an adapter config, an index's
+    tensor names, which stays). Now opened and merged (the config written back with the escape, which loads);
+    test_hub: a Hub base's too."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"note": "\ud800"}))
+    assert AutoModelForCausalLM.from_pretrained(folder).config.note == "\ud800"
+    assert BaseModel.open(folder).config("model.embed_tokens.weight")["note"] == "\ud800"
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record",
+                                       "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert AutoModelForCausalLM.from_pretrained(out).config.note == "\ud800"
+    index = tiny_llama(tmp_path / "s", shard_size="60KB") / "model.safetensors.index.json"
+    listed = json.loads(index.read_text())
+    index.write_text(json.dumps(listed | {"metadata": {"note": "\ud800"}}))
+    with pytest.raises(FormatError, match="safetensors index holds text that is not Unicode"):
+        BaseModel.open(index.parent)
+
+
 def _shards(folder, stem, total, n_values=None, legacy_variant=None, dtype=torch.float32):
     """Shards of one set, NAME-0000n-of-0000total.safetensors (diffusers' legacy: ….VARIANT.safetensors), each one
     tensor w<n>; returns {tensor: shard} as its index lists them."""

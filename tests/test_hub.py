@@ -750,3 +750,15 @@ def test_a_hub_base_of_several_variants_is_told_what_a_hub_reference_can_do(fake
             "variant=: a Hub reference cannot name one; download the repo without the other variants' files (hf "
             "download REPO --exclude 'unet/*.fp16*' --exclude 'unet/*.non_ema*' --local-dir DIR)")):
         hub.weight_layout(names, lambda name: {})
+
+
+def test_a_hub_base_whose_config_holds_a_lone_surrogate_escape_is_read(fake_hub, tmp_path):
+    """A config.json with a lone surrogate escape ("\\ud800"), which transformers loads: `base add hub:` refused it
+    (read for its transformers_weights), as a local base was refused at open."""
+    from factories import tiny_llama
+
+    folder = tiny_llama(tmp_path / "base")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"note": "\ud800"}))
+    fake_hub.commit_folder("meta/odd", folder)
+    assert hub.remote_base("meta/odd").weight_files == ["model.safetensors"]
