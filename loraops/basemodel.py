@@ -39,7 +39,9 @@ VARIANT_FILE = re.compile(r"(?P<name>model|diffusion_pytorch_model)"
                           r"(?:\.(?P<variant>[^.]+?)(?:-\d+-of-\d+)?|-\d+-of-\d+\.(?P<legacy>[^.]+))\.safetensors")
 """A variant's weights file: transformers' and diffusers' weights names (SAFE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME)
 as _add_variant names them, or as diffusers named a variant's shards before (its legacy format, the legacy group)."""
-WEIGHTS_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+WEIGHTS_NAMES = ("model.safetensors", DIFFUSERS_WEIGHTS)
 """The one file from_pretrained reads where a folder has it (transformers' SAFE_WEIGHTS_NAME, diffusers'
 SAFETENSORS_WEIGHTS_NAME): another .safetensors beside it (Mistral's consolidated.safetensors) is no part of it."""
 
@@ -300,8 +302,10 @@ def folder_weights(names: list[str], config: dict | None = None,
                    several_variants=give_one_variant) -> tuple[str | None, list[str]]:
     """Which of a folder's file ``names`` hold its weights, as from_pretrained (transformers', diffusers') reads
     them by default, without variant=: (the safetensors index they are read through, []) or (None, the
-    .safetensors files). ``config``: the folder's config.json, whose transformers_weights names the file
-    transformers reads before any other (explicit_weights). Else model.safetensors where the folder has it, before
+    .safetensors files). ``config``: the folder's config.json. A diffusers model's (is_diffusers) is read by
+    diffusers' rule: diffusion_pytorch_model.safetensors.index.json, else diffusion_pytorch_model.safetensors (else
+    as below). A transformers model's transformers_weights names the file transformers reads before any other
+    (explicit_weights). Else model.safetensors where the folder has it, before
     model.safetensors.index.json (transformers' order: the two are copies); else the index: that one, or the
     folder's only one (diffusers' diffusion_pytorch_model.safetensors.index.json, which diffusers reads before its
     single file). Without one, diffusion_pytorch_model.safetensors where the folder has it, else the .safetensors
@@ -312,9 +316,15 @@ def folder_weights(names: list[str], config: dict | None = None,
     give instead, which depends on the kind of reference: a Hub one names no file) and for a set of shards that would
     be read without its index."""
     names = sorted(names)
-    explicit = explicit_weights(config or {}, names)
-    if explicit is not None:
-        return (explicit, []) if explicit.endswith(INDEX_SUFFIX) else (None, [explicit])
+    if is_diffusers(config):
+        # diffusers' ModelMixin: its index before its single file; transformers_weights is no key of its
+        found = [name for name in (DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS) if name in names][:1]
+        if found:
+            return (found[0], []) if found[0] == DIFFUSERS_INDEX else (None, found)
+    else:
+        explicit = explicit_weights(config or {}, names)
+        if explicit is not None:
+            return (explicit, []) if explicit.endswith(INDEX_SUFFIX) else (None, [explicit])
     indexes = [name for name in names if name.endswith(INDEX_SUFFIX)]
     if "model.safetensors" not in names and (INDEX_NAME in names or len(indexes) == 1):
         return (INDEX_NAME if INDEX_NAME in names else indexes[0]), []
@@ -333,6 +343,12 @@ def folder_weights(names: list[str], config: dict | None = None,
     if problem:
         raise FormatError(problem)
     return None, files
+
+
+def is_diffusers(config: dict | None) -> bool:
+    """Is this config.json a diffusers model's (ConfigMixin writes _diffusers_version, which no transformers config
+    has), which diffusers' from_pretrained loads by its own rule, rather than a transformers model's?"""
+    return isinstance(config, dict) and "_diffusers_version" in config
 
 
 def explicit_weights(config: dict, names: list[str]) -> str | None:

@@ -362,6 +362,51 @@ def test_transformers_weights_naming_an_index_or_a_dot_path_reads_what_transform
     assert BaseModel.open(folder).files == [folder / "custom.safetensors"]
 
 
+def _tiny_vae(folder, seed, **save):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(block_out_channels=(4,), layers_per_block=1, norm_num_groups=2, latent_channels=2,
+                  down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",)).save_pretrained(folder, **save)
+    return folder
+
+
+@pytest.mark.parametrize("copy_as", ["model.safetensors", "custom.safetensors"])
+def test_a_diffusers_folder_is_read_by_diffusers_rule(tmp_path, copy_as):
+    """A diffusers model folder (its config.json has _class_name, _diffusers_version): diffusers' from_pretrained
+    reads diffusion_pytorch_model.safetensors.index.json before any file and knows no transformers_weights, but
+    transformers' order was applied (model.safetensors before the index, transformers_weights first): the base was
+    other weights than diffusers loads. Now the index's shards, as loaded, also in a pipeline and on the Hub."""
+    from diffusers import AutoencoderKL
+
+    from loraops import hub
+    from loraops.basemodel import folder_weights
+
+    folder = _tiny_vae(tmp_path / "vae", 0, max_shard_size="2KB")
+    (folder / copy_as).write_bytes((_tiny_vae(tmp_path / "o", 1) / "diffusion_pytorch_model.safetensors").read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    if copy_as != "model.safetensors":
+        (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": copy_as}))
+        config = json.loads((folder / "config.json").read_text())
+    loaded = AutoencoderKL.from_pretrained(folder).state_dict()
+    base = BaseModel.open(folder)
+    shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert base.files == shards and base.fingerprint() == BaseModel.open(folder).fingerprint()
+    from safetensors.torch import load_file
+    assert all(torch.equal(loaded[n], t) for f in shards for n, t in load_file(str(f)).items())
+    names = sorted(p.name for p in folder.iterdir())
+    assert folder_weights(names, config) == ("diffusion_pytorch_model.safetensors.index.json", [])
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text("{}")
+    folder.rename(pipe / "vae")
+    assert BaseModel.open(pipe).files == [pipe / "vae" / s.name for s in shards]
+    listing = ["model_index.json", *(f"vae/{n}" for n in names)]
+    read = lambda name: json.loads((pipe / name).read_text())  # noqa: E731
+    assert hub.weight_layout(listing, read)[0] == [f"vae/{s.name}" for s in shards]
+
+
 def test_a_default_load_reads_no_variant_files(tmp_path):
     """from_pretrained without variant= reads model.safetensors (transformers) or diffusion_pytorch_model.safetensors
     (diffusers), never a variant's files beside them: the base is what it loads. Both were read (each tensor twice:
