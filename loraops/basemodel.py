@@ -41,9 +41,6 @@ VARIANT_FILE = re.compile(r"(?P<name>model|diffusion_pytorch_model)"
 as _add_variant names them, or as diffusers named a variant's shards before (its legacy format, the legacy group)."""
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-WEIGHTS_NAMES = ("model.safetensors", DIFFUSERS_WEIGHTS)
-"""The one file from_pretrained reads where a folder has it (transformers' SAFE_WEIGHTS_NAME, diffusers'
-SAFETENSORS_WEIGHTS_NAME): another .safetensors beside it (Mistral's consolidated.safetensors) is no part of it."""
 
 
 @dataclass
@@ -302,47 +299,63 @@ def folder_weights(names: list[str], config: dict | None = None,
                    several_variants=give_one_variant) -> tuple[str | None, list[str]]:
     """Which of a folder's file ``names`` hold its weights, as from_pretrained (transformers', diffusers') reads
     them by default, without variant=: (the safetensors index they are read through, []) or (None, the
-    .safetensors files). ``config``: the folder's config.json. A diffusers model's (is_diffusers) is read by
-    diffusers' rule: diffusion_pytorch_model.safetensors.index.json, else diffusion_pytorch_model.safetensors (else
-    as below). A transformers model's transformers_weights names the file transformers reads before any other
-    (explicit_weights). Else model.safetensors where the folder has it, before
-    model.safetensors.index.json (transformers' order: the two are copies); else the index: that one, or the
-    folder's only one (diffusers' diffusion_pytorch_model.safetensors.index.json, which diffusers reads before its
-    single file). Without one, diffusion_pytorch_model.safetensors where the folder has it, else the .safetensors
-    files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for that variant); a
-    folder of one variant only, which loads only as that variant, is read as it: through its index where it has
-    one; a folder of several variants and no default weights is refused (from_pretrained needs variant= there).
+    .safetensors files). ``config``: the folder's config.json; a transformers model's transformers_weights names the
+    file transformers reads before any other (explicit_weights; a diffusers model's config, is_diffusers, has no
+    such key). Else the weights by the names from_pretrained looks for, in its order (_named_weights: transformers'
+    model.safetensors before its index, the two being copies; diffusers' index before its file; Mistral's
+    consolidated.safetensors beside them is no part of them); else the folder's only index; else its .safetensors
+    files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for that variant). A
+    folder of one variant only, which loads only as that variant, is read as from_pretrained(variant=) reads it (by
+    the same names with the variant added); a folder of several variants and no default weights is refused
+    (from_pretrained needs variant= there).
     Raises a FormatError (not naming the folder) for these refusals (``several_variants``(the variants): what to
     give instead, which depends on the kind of reference: a Hub one names no file) and for a set of shards that would
     be read without its index."""
     names = sorted(names)
-    if is_diffusers(config):
-        # diffusers' ModelMixin: its index before its single file; transformers_weights is no key of its
-        found = [name for name in (DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS) if name in names][:1]
-        if found:
-            return (found[0], []) if found[0] == DIFFUSERS_INDEX else (None, found)
-    else:
+    diffusers = is_diffusers(config)
+    if not diffusers:
         explicit = explicit_weights(config or {}, names)
         if explicit is not None:
             return (explicit, []) if explicit.endswith(INDEX_SUFFIX) else (None, [explicit])
+    found = _named_weights(names, None, diffusers)
+    if found is not None:
+        return found
     indexes = [name for name in names if name.endswith(INDEX_SUFFIX)]
-    if "model.safetensors" not in names and (INDEX_NAME in names or len(indexes) == 1):
-        return (INDEX_NAME if INDEX_NAME in names else indexes[0]), []
+    if len(indexes) == 1:
+        return indexes[0], []
     files = [name for name in names if name.endswith(".safetensors")]
     default = [name for name in files if variant_of(name) is None]
     variants = sorted({variant_of(name) for name in files} - {None})
     if not default and len(variants) == 1:
-        lone_index = {index_of(name) for name in files} & set(names)
-        if len(lone_index) == 1:
-            return lone_index.pop(), []
+        found = _named_weights(names, variants[0], diffusers)
+        if found is not None:
+            return found
     if not default and len(variants) > 1:
         raise FormatError(f"no default weights, only the variants {', '.join(variants)}, which from_pretrained loads "
                           f"only with variant=: {several_variants(variants)}")
-    files = [name for name in default if name in WEIGHTS_NAMES] or default or files
+    files = default or files
     problem = shards_without_index(files, names)
     if problem:
         raise FormatError(problem)
     return None, files
+
+
+def _named_weights(names: list[str], variant: str | None, diffusers: bool) -> tuple[str | None, list[str]] | None:
+    """What from_pretrained(variant=``variant``) reads of a folder of these file ``names`` by the names it looks for,
+    as folder_weights returns it, else None. transformers: model.safetensors before model.safetensors.index.json
+    (model.fp16.safetensors before model.safetensors.index.fp16.json); diffusers: its index (a variant's, then its
+    legacy one: _fetch_index_file_legacy) before its file. A folder without a diffusers config is looked at for both
+    (a pipeline component without one, a folder of either's files: their names differ)."""
+    def add(name: str) -> str:  # transformers' and diffusers' _add_variant
+        stem, _, suffix = name.rpartition(".")
+        return f"{stem}.{variant}.{suffix}" if variant else name
+
+    legacy = [f"{DIFFUSERS_WEIGHTS}.{variant}.index.json"] if variant else []
+    transformers = [] if diffusers else [add("model.safetensors"), add(INDEX_NAME)]
+    for name in [*transformers, add(DIFFUSERS_INDEX), *legacy, add(DIFFUSERS_WEIGHTS)]:
+        if name in names:
+            return (name, []) if name.endswith(".json") else (None, [name])
+    return None
 
 
 def is_diffusers(config: dict | None) -> bool:

@@ -454,6 +454,31 @@ def test_a_lone_variant_is_read_through_its_index(tmp_path, index):
         BaseModel.open(folder)
 
 
+def test_a_lone_variant_is_read_in_transformers_order_for_that_variant(tmp_path):
+    """A folder of one variant only loads as from_pretrained(variant=) loads it: model.fp16.safetensors before
+    model.safetensors.index.fp16.json, as without a variant. loraops read the variant's index whenever the folder had
+    one (other weights than transformers loads), and refused model.fp16.safetensors beside stray shards of the
+    variant without their index, which transformers never looks at."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_llama(tmp_path / "m", dtype=torch.float16, shard_size="60KB")
+    for file in folder.glob("model*"):
+        file.rename(folder / file.name.replace("model-", "model.fp16-").replace("index.json", "index.fp16.json"))
+    index = folder / "model.safetensors.index.fp16.json"
+    index.write_text(index.read_text().replace('"model-', '"model.fp16-'))
+    shards = sorted(folder.glob("model.fp16-*.safetensors"))
+    assert BaseModel.open(folder).files == shards  # (as before)
+    single = tiny_llama(tmp_path / "o", seed=1, dtype=torch.float16) / "model.safetensors"
+    (folder / "model.fp16.safetensors").write_bytes(single.read_bytes())
+    loaded = AutoModelForCausalLM.from_pretrained(folder, variant="fp16").state_dict()
+    assert all(torch.equal(loaded[n], t) for n, t in load_file(str(single)).items())
+    assert BaseModel.open(folder).files == [folder / "model.fp16.safetensors"]
+    index.unlink()
+    AutoModelForCausalLM.from_pretrained(folder, variant="fp16")
+    assert BaseModel.open(folder).files == [folder / "model.fp16.safetensors"]
+
+
 def test_a_merge_of_a_lone_variant_rewrites_its_index(tmp_path):
     """Read through its index, a lone variant's merge (--dtype) writes that index for its output, which
     from_pretrained(variant=) then loads; the index was copied as it was (the base's sizes, a stale total_size)."""
