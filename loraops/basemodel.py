@@ -170,11 +170,16 @@ class BaseModel:
         beside it describes another model)."""
         if self.is_single_file:
             return {}
-        folder = self.tensors[tensor].file.parent
+        folder = self.model_folder(self.tensors[tensor].file)
         if folder not in self._configs:
             path = folder / "config.json"
             self._configs[folder] = read_model_config(path) if path.exists() else {}
         return self._configs[folder]
+
+    def model_folder(self, file: Path) -> Path:
+        """The folder of the model (pipeline component) whose weights ``file`` is, where its config.json and index
+        are: the file's own, or one above it (config.json's transformers_weights may name sub/model.safetensors)."""
+        return next(part.folder for part in self.parts if file in part.files)
 
     def quantization_config(self, tensor: str) -> dict | None:
         """The quantization_config of the model holding ``tensor`` (loraops.fp8), None when it has none."""
@@ -255,7 +260,7 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     # read before the weights, as from_pretrained does: its transformers_weights names them
     config = read_model_config(folder / "config.json") if "config.json" in names else None
     try:
-        index_name, file_names = folder_weights(names, config)
+        index_name, file_names = folder_weights(names, config, holds=lambda name: (folder / name).is_file())
     except FormatError as exc:
         raise FormatError(f"{folder}: {exc}") from None
     if index_name is None:
@@ -295,26 +300,26 @@ def give_one_variant(variants: list[str]) -> str:
     return "give one variant's .safetensors file, or a folder holding only its files, as the base"
 
 
-def folder_weights(names: list[str], config: dict | None = None,
-                   several_variants=give_one_variant) -> tuple[str | None, list[str]]:
+def folder_weights(names: list[str], config: dict | None = None, several_variants=give_one_variant,
+                   holds=None) -> tuple[str | None, list[str]]:
     """Which of a folder's file ``names`` hold its weights, as from_pretrained (transformers', diffusers') reads
     them by default, without variant=: (the safetensors index they are read through, []) or (None, the
-    .safetensors files). ``config``: the folder's config.json; a transformers model's transformers_weights names the
-    file transformers reads before any other (explicit_weights; a diffusers model's config, is_diffusers, has no
-    such key). Else the weights by the names from_pretrained looks for, in its order (_named_weights: transformers'
-    model.safetensors before its index, the two being copies; diffusers' index before its file; Mistral's
-    consolidated.safetensors beside them is no part of them); else the folder's only index; else its .safetensors
-    files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for that variant). A
-    folder of one variant only, which loads only as that variant, is read as from_pretrained(variant=) reads it (by
-    the same names with the variant added); a folder of several variants and no default weights is refused
-    (from_pretrained needs variant= there).
-    Raises a FormatError (not naming the folder) for these refusals (``several_variants``(the variants): what to
+    .safetensors files, paths relative to the folder). ``config``: the folder's config.json; a transformers
+    model's transformers_weights names the file transformers reads before any other (explicit_weights, which asks
+    ``holds(path)`` whether the folder holds it, default: it is one of ``names``; a diffusers model's config,
+    is_diffusers, has no such key). Else the weights by the names from_pretrained looks for, in its order
+    (_named_weights: transformers' model.safetensors before its index, the two being copies; diffusers' index before
+    its file; Mistral's consolidated.safetensors beside them is no part of them); else the folder's only index; else
+    its .safetensors files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for
+    that variant). A folder of one variant only, which loads only as that variant, is read as
+    from_pretrained(variant=) reads it (by the same names with the variant added); a folder of several variants and
+    no default weights is refused (from_pretrained needs variant= there). Raises a FormatError (not naming the folder) for these refusals (``several_variants``(the variants): what to
     give instead, which depends on the kind of reference: a Hub one names no file) and for a set of shards that would
     be read without its index."""
     names = sorted(names)
     diffusers = is_diffusers(config)
     if not diffusers:
-        explicit = explicit_weights(config or {}, names)
+        explicit = explicit_weights(config or {}, holds or set(names).__contains__)
         if explicit is not None:
             return (explicit, []) if explicit.endswith(INDEX_SUFFIX) else (None, [explicit])
     found = _named_weights(names, None, diffusers)
@@ -364,12 +369,14 @@ def is_diffusers(config: dict | None) -> bool:
     return isinstance(config, dict) and "_diffusers_version" in config
 
 
-def explicit_weights(config: dict, names: list[str]) -> str | None:
+def explicit_weights(config: dict, holds) -> str | None:
     """The weights file a folder's config.json names in ``transformers_weights``, which transformers' from_pretrained
-    reads before any other (a .safetensors file or a .safetensors.index.json inside the folder), else None.
-    loraops takes a file of the folder itself (also written ./x.safetensors: the name is normalized); what
-    transformers refuses, a path to another folder, or a file the folder (its file ``names``) lacks is a
-    FormatError."""
+    reads before any other (a .safetensors file or a .safetensors.index.json inside the folder), else None: its path
+    relative to the folder, normalized (./x.safetensors is x.safetensors; sub/x.safetensors, in a subfolder, is
+    loaded too, and an index there lists its shards relative to the model's folder, as transformers reads them).
+    What transformers refuses, a path out of the folder, an absolute one (which transformers takes where it points
+    inside the folder: a config that loads on one machine only), or a file the folder lacks (``holds(path)`` false)
+    is a FormatError."""
     named = config.get("transformers_weights")
     if named is None:
         return None
@@ -377,10 +384,9 @@ def explicit_weights(config: dict, names: list[str]) -> str | None:
         raise FormatError(f"config.json's transformers_weights {named!r} is neither a .safetensors file nor a "
                           f"{INDEX_SUFFIX} (loraops reads safetensors weights only)")
     name = os.path.normpath(named)  # (transformers joins it to the folder: ./x.safetensors is x.safetensors)
-    if name != os.path.basename(name):
-        raise FormatError(f"config.json's transformers_weights {named!r} is not a file name of the folder itself "
-                          "(loraops reads weights beside their config.json)")
-    if name not in names:
+    if os.path.isabs(name) or name.split(os.sep)[0] == os.pardir:
+        raise FormatError(f"config.json's transformers_weights {named!r} is not a path inside the folder")
+    if not holds(name):
         raise FormatError(f"config.json's transformers_weights names {named}, which the folder does not hold")
     return name
 

@@ -587,8 +587,8 @@ def _untied_side_embeddings(base: BaseModel, untied: set[Path]) -> dict[str, str
     """Each side's input embeddings that a model coming out untied (a file of its folder in ``untied``) reads apart
     from its shared embeddings, which the base does not store (BART's: transformers ties them to model.shared only
     while tied, check.untied_side_embeddings) → those shared embeddings."""
-    folders = {file.parent for file in untied}
-    return {side: name for name, info in base.tensors.items() if info.file.parent in folders
+    folders = {base.model_folder(file) for file in untied}
+    return {side: name for name, info in base.tensors.items() if base.model_folder(info.file) in folders
             for side in untied_side_embeddings(name, base.config(name)) if side not in base.tensors}
 
 
@@ -1428,14 +1428,16 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
     base's (a dtype change, an untied head added, FP8 scales left out or moved to their weight's file), the config
     edited for a dtype change (and its quantization_config dropped when FP8 weights come out dequantized) and an
     untied head."""
-    index_files = {part.index_file for part in base.parts if part.index_file is not None}
-    untied = {f.target.parent for f in files if f.untie}
+    indexed = {part.index_file: part for part in base.parts if part.index_file is not None}
+    untied = {base.model_folder(f.source) for f in files if f.untie}
     for rel in copied:
         source, target = base.path / rel, out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        mine = [f for f in files if f.target.parent == rel.parent]
-        untie = rel.parent in untied
-        if source in index_files:
+        part = indexed.get(source)
+        folder = part.folder if part is not None else source.parent  # (an index may lie in a subfolder of it)
+        mine = [f for f in files if base.model_folder(f.source) == folder]  # the model's whose config or index it is
+        untie = folder in untied
+        if part is not None:
             index = read_json(source, "safetensors index")
             listed = index.get("weight_map", {})
             placed = {t.file_name: f.target.name for f in mine for t in f.tensors}
@@ -1446,7 +1448,7 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
                 if isinstance(metadata.get("total_parameters"), int):  # transformers' count, by what changed
                     metadata["total_parameters"] += (
                         sum(math.prod(t.info.shape) for f in mine for t in f.tensors)
-                        - sum(math.prod(info.shape) for file in {source.parent / f for f in listed.values()}
+                        - sum(math.prod(info.shape) for file in part.files
                               for info in base.headers[file].tensors.values()))
                 index["weight_map"] = weight_map
                 target.write_text(json.dumps(index, indent=2) + "\n")

@@ -906,7 +906,7 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
 
         try:
             config = read_index(prefix + "config.json") if "config.json" in here else None
-            index, files = folder_weights(here, config, give_one_variant)
+            index, files = folder_weights(here, config, give_one_variant, holds=lambda name: prefix + name in listed)
         except FormatError as exc:
             raise FormatError(f"{folder}: {exc}" if folder else str(exc)) from None
         if index:
@@ -919,6 +919,7 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
         return [prefix + s for s in files]
 
     check_repo_names(names, "repo")
+    listed = set(names)
     if PIPELINE_INDEX in names:
         folders = sorted({n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith(".safetensors")})
         layout = {f: folder + "." for folder in folders for f in folder_files(folder)}
@@ -937,7 +938,9 @@ def base_reads(names: list[str], weights: list[str]) -> list[str]:
     config.json (tied heads, FP8 scales; a merged model's config) and safetensors index."""
     from .basemodel import index_of
 
-    folders = {str(PurePosixPath(w).parent) for w in weights}
+    # and its model's folder (a pipeline's component, else the top), whose config.json may name sub/model.safetensors
+    folders = ({str(PurePosixPath(w).parent) for w in weights}
+               | {w.split("/")[0] if PIPELINE_INDEX in names else "." for w in weights})
     indexes = {str(PurePosixPath(w).with_name(index)) for w in weights if (index := index_of(PurePosixPath(w).name))}
     beside = [n for n in names if str(PurePosixPath(n).parent) in folders
               and (PurePosixPath(n).name == "config.json" or n.endswith(INDEX_SUFFIX) or n in indexes)]

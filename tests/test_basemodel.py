@@ -315,7 +315,8 @@ def test_config_transformers_weights_names_the_weights(tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["custom.safetensors"]
     AutoModelForCausalLM.from_pretrained(out)
     for named, says in (("weights.bin", "is neither a .safetensors file nor a .safetensors.index.json"),
-                        ("../m/custom.safetensors", "is not a file name of the folder itself"),
+                        ("../m/custom.safetensors", "is not a path inside the folder"),
+                        (str(folder / "custom.safetensors"), "is not a path inside the folder"),
                         ("gone.safetensors", "names gone.safetensors, which the folder does not hold")):
         (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": named}))
         with pytest.raises(FormatError, match=re.escape(f"{folder}: config.json's transformers_weights ")
@@ -405,6 +406,64 @@ def test_a_diffusers_folder_is_read_by_diffusers_rule(tmp_path, copy_as):
     listing = ["model_index.json", *(f"vae/{n}" for n in names)]
     read = lambda name: json.loads((pipe / name).read_text())  # noqa: E731
     assert hub.weight_layout(listing, read)[0] == [f"vae/{s.name}" for s in shards]
+
+
+def test_transformers_weights_in_a_subfolder_is_read_as_transformers_reads_it(tmp_path):
+    """transformers_weights naming a file in a subfolder (sub/model.safetensors), which transformers loads (it
+    refuses only a path out of the folder), was refused; an index there lists its shards relative to the model's
+    folder, as transformers reads them. Read, merged (the config and index of the model above them edited, the
+    output loading in transformers) and laid out on the Hub the same, its config.json fetched with it."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m")
+    (folder / "sub").mkdir()
+    other = tiny_llama(tmp_path / "o", seed=1)
+    (folder / "sub" / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "sub/model.safetensors"}))
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert all(torch.equal(loaded[n], t) for n, t in load_file(str(other / "model.safetensors")).items())
+    base = BaseModel.open(folder)
+    assert base.files == [folder / "sub" / "model.safetensors"]
+    assert base.config("lm_head.weight")["transformers_weights"] == "sub/model.safetensors"
+    names = ["config.json", "model.safetensors", "sub/model.safetensors"]
+    read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    weights = hub.weight_layout(names, read)[0]
+    assert weights == ["sub/model.safetensors"] and "config.json" in hub.base_reads(names, weights)
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record",
+                                       "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors")) == ["sub/model.safetensors"]
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert merged["lm_head.weight"].dtype == torch.bfloat16  # (its config's dtype edited: the model's, above it)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"].float(),
+                           loaded["model.layers.0.self_attn.q_proj.weight"].bfloat16().float())
+
+    sharded = tiny_llama(tmp_path / "s", seed=2, shard_size="60KB")
+    (sharded / "sub").mkdir()
+    (sharded / "model.safetensors.index.json").rename(sharded / "sub" / "model.safetensors.index.json")
+    config = json.loads((sharded / "config.json").read_text())
+    named = {"transformers_weights": "sub/model.safetensors.index.json"}
+    (sharded / "config.json").write_text(json.dumps(config | named))
+    loaded = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert BaseModel.open(sharded).files == shards
+    out = tmp_path / "out2"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(sharded), "-o", str(out), "--no-record",
+                                       "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "sub" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [s.name for s in shards]
+    assert index["metadata"]["total_size"] == sum(p.stat().st_size - 8 - int.from_bytes(p.read_bytes()[:8], "little")
+                                                  for p in out.glob("model-*.safetensors"))
+    AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_a_default_load_reads_no_variant_files(tmp_path):
