@@ -566,6 +566,18 @@ def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     return forms
 
 
+def tied_layer_copy(adapter: Adapter, name: str, manifest: Mapping[str, object]) -> bool:
+    """Is the adapter's full tensor ``name`` the copy of its tied embeddings' layer that PEFT saves for the head the
+    base does not store, beside trainable tokens (save_embedding_layers): the same values as the embeddings' saved
+    layer? A merge leaves it out, and the head tied, as PEFT's model keeps it."""
+    import torch
+
+    if not adapter.token_rows or (tensor := adapter.full_tensors.get(name)) is None:
+        return False
+    twin = adapter.full_tensors.get(tied_head_source(name, tuple(tensor.shape), manifest))
+    return twin is not None and torch.equal(twin, tensor)
+
+
 def unstored_tied_heads(manifest: Mapping[str, object]) -> list[str]:
     """The module paths of the output heads a tied base does not store that a PEFT name binds to (tied_head_source),
     by its embeddings: the causal-LM rule's (lm_head beside the decoder's wrapper, GPT-NeoX's embed_out) and the heads
@@ -1085,7 +1097,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         # a modules_to_save copy of the embeddings (a layer saved under their tokens is what the head reads too)
         if name in manifest and name not in bound.token_rows and not unties_head(name, name):
             continue
-        info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
+        source = None if name in manifest else tied_head_source(name, tensor.shape, manifest)
+        if source is not None and not tied_layer_copy(bound, name, manifest):
+            tied_heads.append(name.removesuffix(".weight"))  # a copy of a tied head the base does not store
+        info = manifest.get(name) or manifest.get(source)
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))

@@ -63,7 +63,7 @@ from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (SIDE_EMBEDDINGS, can_untie, embeddings_untied, head_tied_to, is_tied_head, rows_shape,
                     saved_tie_refusal, shared_embeddings_of, stored_twice, tied_decoder_bias, tied_head_source,
-                    unstored_head_of, untie_refusal, untied, untied_side_embeddings)
+                    tied_layer_copy, unstored_head_of, untie_refusal, untied, untied_side_embeddings)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX, names_module
 from .formats.peft import saved_layer_tensors
@@ -660,7 +660,7 @@ def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
     does."""
     import torch
 
-    copies, layers = set(), set()
+    copies = set()
     for name, rows in adapter.token_rows.items():
         source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
         if source is None and name in base.tensors and _is_head(base, name):  # or stored twice, byte-identical (the tie)
@@ -668,11 +668,8 @@ def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
         twin = adapter.token_rows.get(source)
         if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
             copies.add(name)
-    for name, tensor in adapter.full_tensors.items() if adapter.token_rows else ():
-        # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
-        twin = adapter.full_tensors.get(tied_head_source(name, tuple(tensor.shape), base.tensors))
-        if twin is not None and torch.equal(twin, tensor):
-            layers.add(name)
+    # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
+    layers = {name for name in adapter.full_tensors if tied_layer_copy(adapter, name, base.tensors)}
     if not copies and not layers:
         return adapter
     from dataclasses import replace
