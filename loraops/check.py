@@ -326,14 +326,14 @@ def untied_side_source(weight_name: str, shape, manifest: Mapping[str, object],
 
 
 def side_tied_head(shared: str, manifest: Mapping[str, object], config: dict) -> str | None:
-    """The output head a model of UNTIES_SIDE_EMBEDDINGS at its top level ties to its ``shared`` embeddings and does
-    not store (lm_head.weight: BART's and its kin's generation classes, Marian's MarianMTModel), which a merge
-    untying the model for a change to one side alone must write as shared's copy; None for a class without that
-    head (BartModel, BartForSequenceClassification) or a head the base stores."""
+    """The output head a model of UNTIES_SIDE_EMBEDDINGS at its top level ties to its ``shared`` embeddings
+    (lm_head.weight: BART's and its kin's generation classes, Marian's MarianMTModel), which a merge untying the model
+    for a change to one side alone writes untied: as shared's copy where the base does not store it, else as stored
+    (a byte-identical copy); None for a class without that head (BartModel, BartForSequenceClassification)."""
     heads = any(str(a).endswith(LM_HEAD_CLASSES) or a == "MarianMTModel" for a in config.get("architectures") or [])
     head = "lm_head.weight"
-    return head if heads and head not in manifest and tied_head_source(head, manifest[shared].shape,
-                                                                          manifest) == shared else None
+    return head if heads and (head in manifest or tied_head_source(head, manifest[shared].shape,
+                                                                   manifest) == shared) else None
 
 
 UNTIED_FAMILIES = ("T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, BART's, mBART's, PLBart's, Pegasus's, Marian's, "

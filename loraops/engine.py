@@ -712,7 +712,7 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         elif (shared := untied_side_source(name, shape, base.tensors, base.config)) is not None:
             # one side changed apart from shared: the model comes out untied, its head (if any) shared's copy
             heads[name] = shared
-            if (head := side_tied_head(shared, base.tensors, base.config(shared))) is not None:
+            if (head := side_tied_head(shared, base.tensors, base.config(shared))) not in (None, *base.tensors):
                 heads.setdefault(head, shared)
     for name in sorted(_changed_apart(adapters) & base.tensors.keys()) if not undo else ():
         head = unstored_head_of(name, base.tensors, base.config(name))

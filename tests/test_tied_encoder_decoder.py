@@ -233,16 +233,17 @@ def test_a_head_stored_twice_that_is_not_untied_is_not_listed(tmp_path):
 
 
 @pytest.mark.parametrize("kind, side, copies", [("bart", "encoder", False), ("bart", "decoder", False),
-                                               ("m2m_100", "encoder", False), ("bart", "decoder", True)])
+                                               ("m2m_100", "encoder", False), ("bart", "decoder", True),
+                                               ("bart", "encoder", "head")])
 def test_a_lora_on_one_sides_embed_tokens_changes_that_side_alone(tmp_path, kind, side, copies):
     """A LoRA on one side's embed_tokens, which transformers ties to model.shared (the base stores shared alone): PEFT
     applies it to that side's lookup only. It was refused ("stored once as shared"); merged untied, that side's
     embed_tokens is shared's copy with the LoRA in, the other side's and the head shared's copies as they were.
     (``copies``: a checkpoint storing each side's embed_tokens too, byte-identical to shared: the LoRA went into
-    every copy.)"""
-    cls = tiny(tmp_path / "base", kind)
+    every copy; "head": one storing the head so, which check did not list while merge said it untied it.)"""
+    cls = tiny(tmp_path / "base", kind, head="twice" if copies == "head" else None)
     base = load_file(tmp_path / "base" / "model.safetensors")
-    if copies:
+    if copies is True:
         save_file({**base, **{f"model.{s}.embed_tokens.weight": base["model.shared.weight"].clone()
                               for s in ("encoder", "decoder")}}, str(tmp_path / "base" / "model.safetensors"),
                   metadata={"format": "pt"})
