@@ -269,3 +269,15 @@ def test_a_lora_on_one_sides_embed_tokens_is_not_taken_off_a_tied_base(tmp_path)
         engine.subtract(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
                         progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_on_one_sides_embed_tokens_registers_with_its_base(tmp_path):
+    """register --base of that LoRA against a registered BART whose files are at hand: it fits, as check and merge
+    say (the registry went by its recorded manifest alone, which does not say the model is BART's: refused)."""
+    from test_extract import run
+
+    cls = tiny(tmp_path / "base", "bart")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "encoder.embed_tokens"])
+    assert run("base", "add", tmp_path / "base", "--name", "bart")[0] == 0
+    code, out = run("register", tmp_path / "a", "--base", "bart")
+    assert code == 0, out
