@@ -310,6 +310,32 @@ def untied_side_embeddings(shared: str, config: dict) -> list[str]:
     return [shared.removesuffix("shared.weight") + side for side in SIDE_EMBEDDINGS]
 
 
+def untied_side_source(weight_name: str, shape, manifest: Mapping[str, object],
+                       config: Callable[[str], dict]) -> str | None:
+    """The shared embeddings a tied base stores for one side's embed_tokens ``weight_name`` that it does not store,
+    where a merge may write that side apart from them: a model of UNTIES_SIDE_EMBEDDINGS at its top level (BART's
+    model.encoder.embed_tokens → model.shared.weight). PEFT's LoRA on that side changes its lookup only; the merge
+    writes it untied, as shared's copy with its changes (each other side and the head as shared's copies:
+    untied_side_embeddings, side_tied_head). None for another tensor or model (T5's sides are shared's whatever its
+    config says), or a config that unties nothing (untie_refusal)."""
+    shared = shared_embeddings_of(weight_name, shape, manifest)
+    if shared is None or weight_name in manifest or weight_name not in untied_side_embeddings(shared, config(shared)) \
+            or untie_refusal(shared, config(shared)) is not None:
+        return None
+    return shared
+
+
+def side_tied_head(shared: str, manifest: Mapping[str, object], config: dict) -> str | None:
+    """The output head a model of UNTIES_SIDE_EMBEDDINGS at its top level ties to its ``shared`` embeddings
+    (lm_head.weight: BART's and its kin's generation classes, Marian's MarianMTModel), which a merge untying the model
+    for a change to one side alone writes untied: as shared's copy where the base does not store it, else as stored
+    (a byte-identical copy); None for a class without that head (BartModel, BartForSequenceClassification)."""
+    heads = any(str(a).endswith(LM_HEAD_CLASSES) or a == "MarianMTModel" for a in config.get("architectures") or [])
+    head = "lm_head.weight"
+    return head if heads and (head in manifest or tied_head_source(head, manifest[shared].shape,
+                                                                   manifest) == shared) else None
+
+
 UNTIED_FAMILIES = ("T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, BART's, mBART's, PLBart's, Pegasus's, Marian's, "
                    "Blenderbot's, Blenderbot-small's, M2M-100's, LED's and BigBird-Pegasus's")
 
@@ -564,6 +590,18 @@ def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
                     for kohya_prefix in kohya_prefixes:
                         forms.setdefault(f"{kohya_prefix}_{path.replace('.', '_')}", set()).add(module)
     return forms
+
+
+def tied_layer_copy(adapter: Adapter, name: str, manifest: Mapping[str, object]) -> bool:
+    """Is the adapter's full tensor ``name`` the copy of its tied embeddings' layer that PEFT saves for the head the
+    base does not store, beside trainable tokens (save_embedding_layers): the same values as the embeddings' saved
+    layer? A merge leaves it out, and the head tied, as PEFT's model keeps it."""
+    import torch
+
+    if not adapter.token_rows or (tensor := adapter.full_tensors.get(name)) is None:
+        return False
+    twin = adapter.full_tensors.get(tied_head_source(name, tuple(tensor.shape), manifest))
+    return twin is not None and torch.equal(twin, tensor)
 
 
 def unstored_tied_heads(manifest: Mapping[str, object]) -> list[str]:
@@ -1008,14 +1046,17 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
 
 def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None,
-          config: Callable[[str], dict] | None = None) -> CheckReport:
+          config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None) -> CheckReport:
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
     tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): missing, with
     merge's reason, if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge
     unties because a LoRA or a modules_to_save copy changes their tied embeddings (unstored_head_of) are listed in
     tied_heads too, and what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's
-    embeddings) is missing, with merge's reason."""
+    embeddings) is missing, with merge's reason. ``sides`` (the same, read for that alone; ``config`` implies it): one
+    side's embed_tokens the base ties to its shared embeddings fits where a merge writes it untied
+    (untied_side_source)."""
+    sides = config or sides
     res = resolve(adapter, manifest)
     bound = renamed(adapter, res, manifest)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
@@ -1057,6 +1098,11 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             elif tied_head_source(module.weight_name, module.weight_shape, manifest) is not None:
                 tied_heads.append(name)
                 matched += 1
+            elif sides is not None and (shared := untied_side_source(module.weight_name, module.weight_shape,
+                                                                     manifest, sides)) is not None:
+                if config is not None and (head := side_tied_head(shared, manifest, config(shared))) is not None:
+                    tied_heads.append(head.removesuffix(".weight"))  # written untied, as the merge writes it
+                matched += 1
             else:
                 missing.append(name)
                 if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)) is not None:
@@ -1085,7 +1131,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         # a modules_to_save copy of the embeddings (a layer saved under their tokens is what the head reads too)
         if name in manifest and name not in bound.token_rows and not unties_head(name, name):
             continue
-        info = manifest.get(name) or manifest.get(tied_head_source(name, tensor.shape, manifest))
+        source = None if name in manifest else tied_head_source(name, tensor.shape, manifest)
+        if source is not None and not tied_layer_copy(bound, name, manifest):
+            tied_heads.append(name.removesuffix(".weight"))  # a copy of a tied head the base does not store
+        info = manifest.get(name) or manifest.get(source)
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
@@ -1226,9 +1275,11 @@ def rows_shape(rows: TokenRows, manifest: Mapping[str, object]) -> tuple[int, ..
 
 
 def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
-                quantization: Callable[[str], dict | None] | None = None) -> Adapter:
-    """The bound adapter when it fits the base, else one MismatchError line summarising every misfit."""
-    report = check(adapter, manifest, base_name=base_name, quantization=quantization)
+                quantization: Callable[[str], dict | None] | None = None,
+                sides: Callable[[str], dict] | None = None) -> Adapter:
+    """The bound adapter when it fits the base (check's ``quantization`` and ``sides``), else one MismatchError line
+    summarising every misfit."""
+    report = check(adapter, manifest, base_name=base_name, quantization=quantization, sides=sides)
     if not report.ok:
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")

@@ -63,7 +63,8 @@ from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (SIDE_EMBEDDINGS, can_untie, embeddings_untied, head_tied_to, is_tied_head, rows_shape,
                     saved_tie_refusal, shared_embeddings_of, stored_twice, tied_decoder_bias, tied_head_source,
-                    unstored_head_of, untie_refusal, untied, untied_side_embeddings)
+                    tied_layer_copy, side_tied_head, unstored_head_of, untie_refusal, untied, untied_side_embeddings,
+                    untied_side_source)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX, names_module
 from .formats.peft import saved_layer_tensors
@@ -439,7 +440,8 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
     """The adapter bound to ``base`` (kohya names resolved), or one MismatchError line listing what does not fit."""
     from .check import require_fit
 
-    bound = require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config)
+    bound = require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config,
+                        sides=base.config)
     for name, module in bound.modules.items():
         if (why := saved_tie_refusal(bound, module, base.tensors, base.config)) is not None:
             raise MismatchError(f"{adapter.label}: {name!r} is {why}")
@@ -493,45 +495,50 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     _inherit(heads, rows, replacements, saved_layers)
     untied = {base.tensors[source].file for source in heads.values()}
     touched, apart = terms.keys() | replacements.keys() | rows.keys(), _changed_apart(adapters)
+    stored_sides = {}  # each side's embed_tokens stored as a copy of shared, in a group the merge unties → shared
     for group in _stored_twice(base, touched):
         # a head changed, or the embeddings it is tied to apart from it (see _changed_apart; as where it is not
-        # stored: unstored_head_of). Copies of the embeddings (T5's shared and each side's embed_tokens, saved before
-        # transformers 5) are one parameter that no config unties: they share their changes
+        # stored: unstored_head_of), or one side's embed_tokens of a model whose config unties them from shared
+        # (check.untied_side_source). Copies of the embeddings (T5's shared and each side's embed_tokens, saved
+        # before transformers 5) are one parameter that no config unties: they share their changes
         group_heads = {name for name in group if _is_head(base, name)}
-        untie = not undo and _can_untie(base, min(group)) and any(
+        source = next((name for name in sorted(group) if untied_side_embeddings(name, base.config(name))), None)
+        group_sides = group & set(untied_side_embeddings(source, base.config(source))) if source else set()
+        untie = not undo and _can_untie(base, min(group)) and (bool(group_sides & apart) or any(
             name in touched if name in group_heads
-            else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group)
-        one = group - group_heads if untie else group
-        shared = sorted((term for name in sorted(one) for term in terms.get(name, [])),
-                        key=lambda term: position[id(term[0])])
+            else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group))
+        one = group - group_heads - group_sides if untie else group
+        together = sorted((term for name in sorted(one) for term in terms.get(name, [])),
+                          key=lambda term: position[id(term[0])])
         replacement = next((replacements[name] for name in sorted(one) if name in replacements), None)
         shared_rows = [r for name in sorted(one) for r in rows.get(name, [])]
         for name in one:
-            if shared:
-                terms[name] = shared
+            if together:
+                terms[name] = together
             if shared_rows:
                 rows[name] = shared_rows
             if replacement is not None:
                 replacements[name] = replacement
         if untie:
             untied |= {base.tensors[name].file for name in group}  # each head keeps its own changes
+            stored_sides.update(dict.fromkeys(group_sides, source))
             biases = _decoder_biases(base, {name: name for name in group_heads})
             heads.update(biases)
             untied |= {base.tensors[parent].file for parent in biases.values()}
-            embeddings = min(group - group_heads, default=None)
+            embeddings = source or min(group - group_heads, default=None)
             _inherit({**({name: embeddings for name in group_heads} if embeddings else {}), **biases}, rows,
                      replacements, saved_layers)  # but for what PEFT's tied weight carries
-    for shared in [name for name in touched if name in base.tensors and embeddings_untied(base.config(name))]:
-        for side in (s for s in untied_side_embeddings(shared, base.config(shared)) if s in base.tensors):
-            if shared in terms:  # shared's change is the lookups' (check.embeddings_untied); each side's, its own
-                terms[side] = [*terms.get(side, []), *terms[shared]]
-            for changes in (rows, replacements):
-                if shared in changes and side not in changes:
-                    changes[side] = changes[shared]
-    for side, shared in _untied_side_embeddings(base, untied).items():
-        heads[side] = shared  # written as a copy of shared, with its changes: one parameter in the adapter's model
-        for changes in (terms, rows, replacements):
-            if shared in changes:
+    # shared's change is each side's lookup's (check.embeddings_untied; one parameter in the adapter's model, where a
+    # side is untied: written as shared's copy, or stored as one); a side's own change stays its own
+    sides = {side: shared for shared in touched if shared in base.tensors and embeddings_untied(base.config(shared))
+             for side in untied_side_embeddings(shared, base.config(shared)) if side in base.tensors}
+    written = _untied_side_embeddings(base, untied)
+    heads.update(written)
+    for side, shared in {**sides, **stored_sides, **written}.items():
+        if shared in terms:
+            terms[side] = sorted([*terms[shared], *terms.get(side, [])], key=lambda term: position[id(term[0])])
+        for changes in (rows, replacements):
+            if shared in changes and side not in changes:
                 changes[side] = changes[shared]
     # fine-grained FP8 weights (loraops.fp8): those the adapters change, encoded again with new scales; with --dtype
     # every one, dequantized, and its scales left out
@@ -660,7 +667,7 @@ def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
     does."""
     import torch
 
-    copies, layers = set(), set()
+    copies = set()
     for name, rows in adapter.token_rows.items():
         source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
         if source is None and name in base.tensors and _is_head(base, name):  # or stored twice, byte-identical (the tie)
@@ -668,11 +675,8 @@ def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
         twin = adapter.token_rows.get(source)
         if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
             copies.add(name)
-    for name, tensor in adapter.full_tensors.items() if adapter.token_rows else ():
-        # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
-        twin = adapter.full_tensors.get(tied_head_source(name, tuple(tensor.shape), base.tensors))
-        if twin is not None and torch.equal(twin, tensor):
-            layers.add(name)
+    # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
+    layers = {name for name in adapter.full_tensors if tied_layer_copy(adapter, name, base.tensors)}
     if not copies and not layers:
         return adapter
     from dataclasses import replace
@@ -699,9 +703,17 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         if undo and (embeddings := tied_head_source(name, shape, base.tensors)) is not None:
             raise InvalidInputError(f"{name!r} is not in the model, which ties its output head to {embeddings!r}: "
                                     "there is no head to take a LoRA off")
+        if undo and (shared := untied_side_source(name, shape, base.tensors, base.config)) is not None:
+            raise InvalidInputError(f"{name!r} is not in the model, which ties it to {shared!r}: there is no "
+                                    "separate lookup to take a LoRA off")
         embeddings = untied_head_source(base, name, shape)
         if embeddings is not None:
             heads[name] = embeddings
+        elif (shared := untied_side_source(name, shape, base.tensors, base.config)) is not None:
+            # one side changed apart from shared: the model comes out untied, its head (if any) shared's copy
+            heads[name] = shared
+            if (head := side_tied_head(shared, base.tensors, base.config(shared))) not in (None, *base.tensors):
+                heads.setdefault(head, shared)
     for name in sorted(_changed_apart(adapters) & base.tensors.keys()) if not undo else ():
         head = unstored_head_of(name, base.tensors, base.config(name))
         if head is not None and head not in heads:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import LLAMA_TARGETS, load_model, tiny_llama
+from factories import LLAMA_TARGETS, load_model, peft_adapter, tiny_llama
 from test_engine import merged_tensors as tensors
 from loraops import check, engine, formats
 from loraops.check import INPUT_EMBEDDINGS, TIED_HEAD_OF_CLASS, is_head
@@ -302,6 +302,19 @@ def test_modules_to_save_on_the_embeddings(tmp_path, tied, stored_twice):
     model = BaseModel.open(tied)
     # (stored twice, the head the merge unties was not listed: check.untied_stored_head)
     assert check(formats.read_adapter(tmp_path / "a"), model.tensors, config=model.config).tied_heads == ["lm_head"]
+
+
+def test_check_lists_a_saved_copy_of_a_tied_head_the_merge_unties(tmp_path, tied):
+    """modules_to_save=["lm_head"] on a tied base: PEFT wraps a copy of the head (the embeddings keep the base
+    weight), which the merge writes untied; check lists that head among its tied_heads, as merge's heads_untied does
+    (it listed only heads changed by a LoRA or through their embeddings)."""
+    from loraops.basemodel import BaseModel
+
+    adapter = formats.read_adapter(peft_adapter(tied, tmp_path / "a", r=4, target_modules=["q_proj"],
+                                                modules_to_save=["lm_head"]))
+    model = BaseModel.open(tied)
+    assert check.check(adapter, model.tensors, config=model.config).tied_heads == ["lm_head"]
+    assert engine.merge(tied, [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == ["lm_head.weight"]
 
 
 @pytest.mark.parametrize("targets", [["c_attn"], ["wte"]])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from loraops import check, engine, formats
 from loraops.basemodel import BaseModel
-from loraops.errors import MismatchError
+from loraops.errors import InvalidInputError, MismatchError
 
 SMALL = dict(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
              decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)
@@ -70,19 +70,20 @@ def lora(cls, base, out, targets, **config):
     return model
 
 
-def merged_as_adapted(tmp_path, cls, adapted):
+def merged_as_adapted(tmp_path, cls, adapted, moved=1e-2):
     """Merge the adapter saved at tmp_path/a into tmp_path/base: check says the head is untied, the merge unties it,
-    and the merged model loads with nothing missing and computes the adapted model's logits. Its tensors."""
+    and the merged model loads with nothing missing and computes the adapted model's logits (``moved``: at least
+    that far from the base's). Its tensors."""
     adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
     found = check.check(adapter, base.tensors, config=base.config)
-    assert found.ok, check.misfits(found)
+    assert found.ok and found.tied_heads == ["lm_head"], check.misfits(found)
     report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
     assert report.heads_untied == ["lm_head.weight"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
-    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > 1e-2
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > moved
     return load_file(tmp_path / "out" / "model.safetensors")
 
 
@@ -229,3 +230,54 @@ def test_a_head_stored_twice_that_is_not_untied_is_not_listed(tmp_path):
     assert engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False).heads_untied == []
     merged = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(merged["lm_head.weight"], merged["model.shared.weight"])
+
+
+@pytest.mark.parametrize("kind, side, copies", [("bart", "encoder", False), ("bart", "decoder", False),
+                                               ("m2m_100", "encoder", False), ("bart", "decoder", True),
+                                               ("bart", "encoder", "head")])
+def test_a_lora_on_one_sides_embed_tokens_changes_that_side_alone(tmp_path, kind, side, copies):
+    """A LoRA on one side's embed_tokens, which transformers ties to model.shared (the base stores shared alone): PEFT
+    applies it to that side's lookup only. It was refused ("stored once as shared"); merged untied, that side's
+    embed_tokens is shared's copy with the LoRA in, the other side's and the head shared's copies as they were.
+    (``copies``: a checkpoint storing each side's embed_tokens too, byte-identical to shared: the LoRA went into
+    every copy; "head": one storing the head so, which check did not list while merge said it untied it.)"""
+    cls = tiny(tmp_path / "base", kind, head="twice" if copies == "head" else None)
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    if copies is True:
+        save_file({**base, **{f"model.{s}.embed_tokens.weight": base["model.shared.weight"].clone()
+                              for s in ("encoder", "decoder")}}, str(tmp_path / "base" / "model.safetensors"),
+                  metadata={"format": "pt"})
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", f"{side}.embed_tokens"])
+    assert f"model.{side}.embed_tokens" in formats.read_adapter(tmp_path / "a").modules
+    # (the encoder reaches the tiny model's logits through one cross-attention alone: 2e-3)
+    merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-2 if side == "decoder" else 1e-3)
+    delta = adapted.base_model.model.get_submodule(f"model.{side}.embed_tokens").get_delta_weight("default")
+    other = "decoder" if side == "encoder" else "encoder"
+    torch.testing.assert_close(merged[f"model.{side}.embed_tokens.weight"], base["model.shared.weight"] + delta,
+                               atol=1e-6, rtol=0)
+    for name in ("model.shared.weight", f"model.{other}.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(merged[name], base["model.shared.weight"]), name
+
+
+def test_a_lora_on_one_sides_embed_tokens_is_not_taken_off_a_tied_base(tmp_path):
+    """subtract of that LoRA from a base that ties the side to shared (not the untied merge): there is no lookup of
+    that side's own to take it off, refused in one line (as a head the base does not store is)."""
+    cls = tiny(tmp_path / "base", "bart")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "decoder.embed_tokens"])
+    with pytest.raises(InvalidInputError, match="'model.decoder.embed_tokens.weight' is not in the model, which ties "
+                                                "it to 'model.shared.weight'"):
+        engine.subtract(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                        progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_on_one_sides_embed_tokens_registers_with_its_base(tmp_path):
+    """register --base of that LoRA against a registered BART whose files are at hand: it fits, as check and merge
+    say (the registry went by its recorded manifest alone, which does not say the model is BART's: refused)."""
+    from test_extract import run
+
+    cls = tiny(tmp_path / "base", "bart")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "encoder.embed_tokens"])
+    assert run("base", "add", tmp_path / "base", "--name", "bart")[0] == 0
+    code, out = run("register", tmp_path / "a", "--base", "bart")
+    assert code == 0, out

@@ -494,3 +494,19 @@ def test_a_standalone_list_modules_to_save_is_read_as_peft_drops_it_and_keeps_it
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     assert formats.identity(folder) == hashlib.sha256(
         f"loraops-peft-identity-v1\n{digest}\n{canonical}".encode()).hexdigest()
+
+
+def test_a_tied_heads_copy_of_tokens_named_by_the_embeddings_entry_alone(tmp_path, bases):
+    """trainable_token_indices={"embed_tokens": […]} on a tied model: PEFT ties the head's tokens to the embeddings'
+    (one delta) and, saving with save_embedding_layers=True, writes the head's copy, which no dict entry names. It was
+    refused ("the config's trainable_token_indices name no entry for module 'lm_head'") where PEFT loads it; read with
+    the embeddings' indices, it is their tied copy: the merge keeps the head tied and computes the adapted model."""
+    _, model = token_adapter(bases["tied"], tmp_path / "unused", lora(trainable_token_indices={"embed_tokens": [3, 5]}))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    assert "base_model.model.lm_head.token_adapter.trainable_tokens_delta" in load_file(
+        tmp_path / "a" / "adapter_model.safetensors")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert adapter.token_rows["lm_head.weight"].indices == (3, 5)
+    report = engine.merge(bases["tied"], [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == [] and "lm_head.weight" not in merged_tensors(tmp_path / "out")
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(model), atol=1e-5, rtol=1e-5)

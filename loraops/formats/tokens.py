@@ -125,10 +125,9 @@ def read_rows(path: Path, keys: Iterable[str], tensors: dict[str, "torch.Tensor"
               prefix: str) -> dict[str, TokenRows]:
     """Validated TokenRows (base tensor name → rows) of the trainable-token keys among ``keys``."""
     rows = {}
-    for key in keys:
-        match = TOKEN_KEY.match(key.removeprefix(prefix))
-        module = match["module"]
-        indices = indices_for(path, config, module, key)
+    modules = {key: TOKEN_KEY.match(key.removeprefix(prefix))["module"] for key in keys}
+    for key, module in modules.items():
+        indices = indices_for(path, config, _tied_to(config, module, key, modules, tensors) or module, key)
         values = tensors[key]
         if values.dim() != 2 or values.shape[0] != len(indices) or not values.is_floating_point():
             raise InvalidInputError(f"{path}: {key!r} is {common.fmt_shape(values.shape)} "
@@ -137,6 +136,23 @@ def read_rows(path: Path, keys: Iterable[str], tensors: dict[str, "torch.Tensor"
         common.check_finite(path, key, values)
         rows[f"{module}.weight"] = TokenRows(f"{module}.weight", indices, values, key)
     return rows
+
+
+def _tied_to(config: dict | None, module: str, key: str, modules: dict[str, str],
+             tensors: dict[str, "torch.Tensor"]) -> str | None:
+    """The module whose trainable tokens ``module``'s are PEFT's tied copy of, where the config's
+    trainable_token_indices (a dict) names no entry for ``module``: PEFT ties a tied model's head to the embeddings'
+    tokens (their indices, one delta parameter) and saves the head's copy with save_embedding_layers. The one module
+    the dict names whose saved rows are these, byte for byte; None otherwise."""
+    import torch
+
+    spec = (config or {}).get("trainable_token_indices")
+    if not isinstance(spec, dict) or any(common.names_module(module, name) for name in spec):
+        return None
+    twins = [other for other_key, other in modules.items() if other_key != key
+             and any(common.names_module(other, name) for name in spec)
+             and tensors[other_key].shape == tensors[key].shape and torch.equal(tensors[other_key], tensors[key])]
+    return twins[0] if len(twins) == 1 else None
 
 
 def standalone(adapter: "Adapter") -> dict | None:

@@ -525,10 +525,11 @@ class Registry:
         with self.session() as s:
             if base is not None:
                 row = self._find_base(s, base)
-                return check.require_fit(adapter, self._manifest(s, row.id), base_name=row.name), row.id
+                return check.require_fit(adapter, self._manifest(s, row.id), base_name=row.name,
+                                         sides=_configs_at(row.path)), row.id
             for row in self._hinted_bases(s, adapter.base_model):
                 manifest = self._manifest(s, row.id)
-                if check.check(adapter, manifest).ok:
+                if check.check(adapter, manifest, sides=_configs_at(row.path)).ok:
                     return check.bind(adapter, manifest), row.id
         return adapter, None
 
@@ -926,6 +927,13 @@ def _files_at(path: str | None) -> "BaseModel | None":
     except (LoraopsError, OSError):  # what merge would say of them; check reports what the recorded manifest says
         return None
     return model
+
+
+def _configs_at(path: str | None) -> Callable[[str], dict] | None:
+    """A registered base's config.json reader (tensor → its model's), where its files are at hand (_files_at): what
+    says that a LoRA on one side's embed_tokens fits as merge merges it (check.untied_side_source); None where not."""
+    model = _files_at(path)
+    return None if model is None else model.config
 
 
 def _check_files(adapter: "Adapter", model: "BaseModel", name: str) -> "CheckReport":
