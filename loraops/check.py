@@ -352,6 +352,28 @@ def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[st
     return f"the head this base ties to {tied[0]!r}, which {saver}: {how}"
 
 
+def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
+    """The base tensors a PEFT ``adapter``'s modules_to_save has PEFT save whole on this base that its file lacks
+    (tensor → why, phrased to follow "'<tensor>' is "'s place in misfits). PEFT wraps every module of the base whose
+    name ends with an entry (peft.wrapping_entry; a task model's own entries too: peft.saved_entries) and its load
+    takes each wrapped module's weight and bias from the file: one missing fails it (a KeyError), where loraops would
+    merge the base's own (a SEQ_CLS adapter without its classifier's tensors, untrained on the base)."""
+    entries = peft.saved_entries(adapter.config) if adapter.format == "peft" else []
+    if not entries or not peft.module_names(entries):
+        return {}
+    task = set(peft.task_saved(adapter.config.get("task_type"))) - set(adapter.config.get("modules_to_save") or [])
+    out = {}
+    # (weights and biases: a quantized layer's other tensors are no module's state PEFT's wrapper copies as saved)
+    for tensor in (t for t in manifest if t.endswith((".weight", ".bias"))):
+        entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
+        if entry is not None and tensor not in adapter.full_tensors:
+            by = f"the model of task_type {adapter.config['task_type']}'s {entry!r}" if entry in task else \
+                f"modules_to_save entry {entry!r}"
+            out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "
+                           f"load the adapter without it (a KeyError)")
+    return out
+
+
 def untie_refusal(embeddings: str, config: dict) -> str | None:
     """Why a merge does not write an output head tied to ``embeddings`` (not stored) untied, phrased to follow
     "'<head>' is ", or None: the config (``config``, of the model holding them) says the head is untied, or the
@@ -1108,6 +1130,9 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
+    for tensor, why in unsaved_tensors(bound, manifest).items():
+        missing.append(tensor)
+        why_missing[tensor] = why
     row_mismatches = []
     for name, rows in bound.token_rows.items():
         shape = rows_shape(rows, manifest)
