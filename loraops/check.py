@@ -354,7 +354,7 @@ def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[st
 
 def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
     """The base tensors a PEFT ``adapter``'s modules_to_save has PEFT save whole on this base that its file lacks
-    (tensor → why, phrased to follow "'<tensor>' is "'s place in misfits). PEFT wraps every module of the base whose
+    (tensor → why, for check's why_missing). PEFT wraps every module of the base whose
     name ends with an entry (peft.wrapping_entry; a task model's own entries too: peft.saved_entries) and its load
     takes each wrapped module's weight and bias from the file: one missing fails it (a KeyError), where loraops would
     merge the base's own (a SEQ_CLS adapter without its classifier's tensors, untrained on the base)."""
@@ -363,7 +363,8 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object]) -> dict[st
         return {}
     task = set(peft.task_saved(adapter.config.get("task_type"))) - set(adapter.config.get("modules_to_save") or [])
     out = {}
-    # (weights and biases: a quantized layer's other tensors are no module's state PEFT's wrapper copies as saved)
+    # (weights and biases only, what PEFT saves of a plain layer: a quantized layer's other tensors, bitsandbytes' SCB
+    # or FP8 scales, are not asked for)
     for tensor in (t for t in manifest if t.endswith((".weight", ".bias"))):
         entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
         if entry is not None and tensor not in adapter.full_tensors:
