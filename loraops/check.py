@@ -341,22 +341,64 @@ UNTIED_FAMILIES = ("T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, BART's, mBART's,
 
 
 def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[str, object],
-                      config: Callable[[str], dict]) -> str | None:
+                      config: Callable[[str], dict] | None) -> str | None:
     """Why PEFT loads no LoRA ``module`` of a PEFT ``adapter`` on this base (``config``: tensor → its model's
     config.json), phrased to follow "'<module>' is ", or None: it is on the head the base ties to embeddings the
-    adapter's ensure_weight_tying saves whole (modules_to_save). PEFT then saves that head whole too (its
-    modules_to_tie); the reader refuses a LoRA beside the head's saved copy, and a file without that copy (an untied
-    base's, or edited) is refused here, where the base says the head is tied: PEFT fails to load it (a TypeError where
-    the targeting selects the head, a KeyError on its weight where not)."""
-    if adapter.format != "peft" or not peft.ties_saved_embeddings(adapter.config):
+    adapter saves whole (modules_to_save) under ensure_weight_tying. Where an entry names them as PEFT's embeddings
+    (peft.ties_saved_embeddings), PEFT saves that head whole too (its modules_to_tie); the reader refuses a LoRA beside
+    the head's saved copy, and a file without that copy (an untied base's, or edited) is refused here, where the base
+    says the head is tied: PEFT fails to load it (a TypeError where the targeting selects the head, a KeyError on its
+    weight where not). Where the targeting names the head instead (peft.ties_targeted_embeddings: GPT-2's
+    modules_to_save=["wte"] is no name of PEFT's embeddings), PEFT ties the head's LoRA to one it adds on the
+    embeddings, which it does not add to a module it saves whole, and fails (an AttributeError). Without ``config``
+    (a registered base's recorded manifest alone: `check` where its files are gone, `register --base`,
+    `export --base`) the manifest says it: a head it does not store, tied to those embeddings (tied_head_source)."""
+    if adapter.format != "peft":
         return None
-    for embeddings in adapter.full_tensors.keys() & manifest.keys():
-        tied = config(embeddings)
-        if ties_word_embeddings(tied) is not False and head_tied_to(embeddings, tied) == module.weight_name:
-            return (f"the head this base ties to {embeddings!r}, which the adapter's ensure_weight_tying saves whole "
-                    f"(modules_to_save): PEFT saves the head whole too and loads no LoRA on it (this file lacks the "
-                    f"head's copy: PEFT fails to load it on this base)")
-    return None
+    if peft.ties_saved_embeddings(adapter.config):
+        saver = "the adapter's ensure_weight_tying saves whole (modules_to_save)"
+        how = "PEFT saves the head whole too and loads no LoRA on it (this file lacks the head's copy: PEFT fails to "\
+              "load it on this base)"
+    elif peft.ties_targeted_embeddings(adapter.config):
+        saver = "the adapter's modules_to_save saves whole"
+        how = "its ensure_weight_tying ties a LoRA on the head to one PEFT adds on those embeddings, which it does "\
+              "not add to a module it saves whole: PEFT fails to load the adapter on this base"
+    else:
+        return None
+    # (not a LoRA layer's weight saved beside it: save_embedding_layers)
+    saved = {name for name in adapter.full_tensors if name.removesuffix(".weight") not in adapter.modules}
+    if config is None:
+        source = tied_head_source(module.weight_name, module.weight_shape, manifest)
+        tied = [source] if source in saved else []
+    else:
+        tied = [embeddings for embeddings in saved & manifest.keys()
+                if ties_word_embeddings(config(embeddings)) is not False and head_tied_to(embeddings, config(embeddings)) == module.weight_name]
+    if not tied:
+        return None
+    return f"the head this base ties to {tied[0]!r}, which {saver}: {how}"
+
+
+def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
+    """The base tensors a PEFT ``adapter``'s modules_to_save has PEFT save whole on this base that its file lacks
+    (tensor → why, for check's why_missing). PEFT wraps every module of the base whose
+    name ends with an entry (peft.wrapping_entry; a task model's own entries too: peft.saved_entries) and its load
+    takes each wrapped module's weight and bias from the file: one missing fails it (a KeyError), where loraops would
+    merge the base's own (a SEQ_CLS adapter without its classifier's tensors, untrained on the base)."""
+    entries = peft.saved_entries(adapter.config) if adapter.format == "peft" else []
+    if not entries or not peft.module_names(entries):
+        return {}
+    task = set(peft.task_saved(adapter.config.get("task_type"))) - set(adapter.config.get("modules_to_save") or [])
+    out = {}
+    # (weights and biases only, what PEFT saves of a plain layer: a quantized layer's other tensors, bitsandbytes' SCB
+    # or FP8 scales, are not asked for)
+    for tensor in (t for t in manifest if t.endswith((".weight", ".bias"))):
+        entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
+        if entry is not None and tensor not in adapter.full_tensors:
+            by = f"the model of task_type {adapter.config['task_type']}'s {entry!r}" if entry in task else \
+                f"modules_to_save entry {entry!r}"
+            out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "
+                           f"load the adapter without it (a KeyError)")
+    return out
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:
@@ -1086,7 +1128,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
 
     miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
-        if config is not None and (why := saved_tie_refusal(bound, module, manifest, config)) is not None:
+        if (why := saved_tie_refusal(bound, module, manifest, config)) is not None:
             missing.append(name)
             why_missing[name] = why
             continue
@@ -1138,6 +1180,9 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
+    for tensor, why in unsaved_tensors(bound, manifest).items():
+        missing.append(tensor)
+        why_missing[tensor] = why
     row_mismatches = []
     for name, rows in bound.token_rows.items():
         shape = rows_shape(rows, manifest)

@@ -774,32 +774,6 @@ def test_a_task_type_adds_no_head_to_a_trainable_tokens_identity(tmp_path):
     assert identity(tmp_path / "a") == tasked
 
 
-@pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
-def test_a_task_adapter_without_its_head_keeps_the_base_head(task, model_type, cls_name, config, targets, tmp_path):
-    """A deliberate difference: PEFT 0.21 cannot load a task adapter whose file lacks the head its task model saves
-    whole (a KeyError on the head's tensor); loraops reads the LoRAs, as the file has nothing to say of the head, and
-    the merge keeps the base's head: PEFT's merge of the adapter with its head, the head's tensors the base's."""
-    from peft import PeftModel
-
-    from loraops import engine
-
-    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
-    expected = PeftModel.from_pretrained(model_cls.from_pretrained(base), folder).merge_and_unload().state_dict()
-    tensors = load_file(folder / "adapter_model.safetensors")
-    heads = {k.removeprefix("base_model.model.") for k in tensors if "lora_" not in k}
-    assert heads
-    save_file({k: v for k, v in tensors.items() if "lora_" in k}, str(folder / "adapter_model.safetensors"))
-    with pytest.raises(KeyError, match="base_model.model."):
-        PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
-    adapter = read_adapter(folder)
-    assert not adapter.full_tensors and adapter.modules
-    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
-    merged, base_state = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
-    for name, tensor in merged.items():
-        torch.testing.assert_close(tensor, base_state[name] if name in heads else expected[name], rtol=0, atol=1e-6,
-                                   msg=name)
-
-
 def test_a_loha_configs_ensure_weight_tying_reads_no_tied_head(tmp_path):
     """PEFT drops ensure_weight_tying from a LoHa (LoKr, VeRA) config, so it saves no tied head beside saved
     embeddings: a plain lm_head.weight in such a file is no layout of PEFT's and is refused, not read as the head's
@@ -884,3 +858,38 @@ def test_a_head_beside_a_false_modules_to_save_is_refused_saying_what_it_is(llam
         read_adapter(folder)
     config_path.write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
     assert torch.equal(read_adapter(folder).full_tensors["lm_head.weight"], trained)
+
+
+@pytest.mark.parametrize("modules_to_save", ["listed", "null"])
+@pytest.mark.parametrize("task, model_type, cls_name, config, targets", factories.TASK_MODELS)
+def test_a_task_adapter_without_its_head_tensors_does_not_fit_as_peft_cannot_load_it(
+        task, model_type, cls_name, config, targets, modules_to_save, tmp_path):
+    """A task adapter whose file lacks the head its task model saves whole (the tensors removed; its config listing
+    the head, or null as older PEFT saved it): PEFT's load takes every tensor of a module it wraps from the file and
+    fails (a KeyError); loraops read it and merged the base's own head (untrained), a deliberate difference until
+    then. It reads (the file is what it is) but fits no base whose head PEFT wraps: check names the head's tensors,
+    and merge refuses."""
+    from peft import PeftModel
+
+    from loraops import check, engine
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    base, folder, model_cls = factories.task_adapter(tmp_path, task, model_type, cls_name, config, targets)
+    if modules_to_save == "null":
+        null_modules_to_save(folder)
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(weights)
+    head = sorted(k.removeprefix("base_model.model.") for k in state if "lora_" not in k)
+    save_file({k: v for k, v in state.items() if "lora_" in k}, str(weights))
+    with pytest.raises(KeyError, match=re.escape(f"base_model.model.{head[0].rpartition('.')[0]}")):
+        PeftModel.from_pretrained(model_cls.from_pretrained(base), folder)
+    adapter = read_adapter(folder)
+    model = BaseModel.open(base)
+    report = check.check(adapter, model.tensors, config=model.config)
+    assert not report.ok and sorted(report.why_missing) == head, report
+    assert "but not in the adapter's file: PEFT fails to load the adapter without it (a KeyError)" in \
+        report.why_missing[head[0]]
+    with pytest.raises(MismatchError, match=re.escape(head[0])):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -1569,6 +1569,16 @@ def test_a_lora_on_the_head_beside_saved_embeddings_without_their_tied_copy_is_r
         formats.read_adapter(tmp_path / "a")
 
 
+def targeted_head_beside_saved_embeddings(base, folder):
+    """saved_embeddings_adapter's folder with a LoRA on lm_head that target_modules lists, without lm_head.weight."""
+    state = saved_embeddings_adapter(base, folder)
+    state.pop("base_model.model.lm_head.weight", None)
+    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)}, str(folder / "adapter_model.safetensors"))
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": ["q_proj", "lm_head"]}))
+
+
 @pytest.mark.parametrize("base_name", ["tied", "untied"])
 def test_a_targeted_head_beside_saved_embeddings_is_refused_where_the_base_ties_it(tmp_path, tied, base_name):
     """modules_to_save=["embed_tokens"] with ensure_weight_tying and a LoRA on lm_head that target_modules lists, the
@@ -1581,13 +1591,7 @@ def test_a_targeted_head_beside_saved_embeddings_is_refused_where_the_base_ties_
     from loraops.errors import MismatchError
 
     base = tied if base_name == "tied" else tiny_llama(tmp_path / "untied")
-    state = saved_embeddings_adapter(base, tmp_path / "a")
-    state.pop("base_model.model.lm_head.weight", None)
-    save_file({**state, "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
-               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)},
-              str(tmp_path / "a" / "adapter_model.safetensors"))
-    config = tmp_path / "a" / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": ["q_proj", "lm_head"]}))
+    targeted_head_beside_saved_embeddings(base, tmp_path / "a")
     adapter = formats.read_adapter(tmp_path / "a")
     model = BaseModel.open(base)
     report = check.check(adapter, model.tensors, config=model.config)
@@ -1603,7 +1607,7 @@ def test_a_targeted_head_beside_saved_embeddings_is_refused_where_the_base_ties_
            "(modules_to_save): PEFT saves the head whole too and loads no LoRA on it (this file lacks the head's copy: "
            "PEFT fails to load it on this base)")
     assert not report.ok and report.missing == ["lm_head"] and report.why_missing["lm_head"] == why
-    with pytest.raises(MismatchError, match=re.escape(f"'lm_head' is {why}")):
+    with pytest.raises(MismatchError, match=re.escape(why)):  # (by the manifest, the head being unstored)
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -1694,3 +1698,69 @@ def test_ensure_weight_tying_with_a_regex_follows_whether_peft_matches_the_embed
     with pytest.raises(InvalidInputError, match=r"module 'lm_head' has LoRA weights that the config's target_modules "
                                                 r"leaves out"):
         formats.read_adapter(tmp_path / "b")
+
+
+@pytest.mark.parametrize("files", ["kept", "gone"])
+def test_a_targeted_head_beside_saved_embeddings_is_refused_by_the_registered_base(tmp_path, tied, files):
+    """The adapter of the test above against a registered tied base: `check` with the base's files gone (the recorded
+    manifest alone), `register --base` and `export --base` refuse it as `check` with the files and merge do (they went
+    by the manifest, without the base's config.json, and said it fits). The manifest says the head is tied where it
+    does not store it."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    targeted_head_beside_saved_embeddings(tied, tmp_path / "a")
+    base = tmp_path / "base"
+    shutil.copytree(tied, base)
+
+    def run(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    assert run("base", "add", base, "--name", "tied").exit_code == 0
+    if files == "gone":
+        shutil.rmtree(base)
+    why = "the head this base ties to 'model.embed_tokens.weight', which the adapter's ensure_weight_tying saves whole"
+    for args in (["check", tmp_path / "a", "--base", "tied"],
+                 ["register", tmp_path / "a", "--name", "a", "--base", "tied"],
+                 ["export", tmp_path / "a", "--base", "tied", "--format", "peft", "-o", tmp_path / "out"]):
+        result = run(*args)
+        assert result.exit_code != 0 and why in result.output, (args, result.output)
+    assert not (tmp_path / "out").exists()
+    assert json.loads(run("list", "--json").output) == []
+
+
+def test_a_targeted_head_tied_to_embeddings_saved_under_a_name_peft_does_not_take_is_refused(tmp_path):
+    """GPT-2 by hand: modules_to_save=["wte"] (no name of PEFT's embeddings, so ensure_weight_tying saves no head) and
+    target_modules naming lm_head beside a LoRA on it. PEFT then ties the head's LoRA to one it adds on the input
+    embeddings, which it does not add to wte, saved whole, and fails (an AttributeError); check said it fits, and a
+    merge applied the head's LoRA. Refused against the tied base, by its config and by its manifest alone."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from factories import tiny_gpt2
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    base = tiny_gpt2(tmp_path / "gpt2")
+    torch.manual_seed(1)
+    get_peft_model(load_model(base), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                modules_to_save=["wte"], ensure_weight_tying=True,
+                                                init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    weights, config = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
+    save_file({**load_file(weights), "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(128, 4)}, str(weights))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": ["c_attn", "lm_head"]}))
+    with pytest.raises(AttributeError, match="'Embedding' object has no attribute 'lora_embedding_A'"):
+        PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    model = BaseModel.open(base)
+    why = ("the head this base ties to 'transformer.wte.weight', which the adapter's modules_to_save saves whole: its "
+           "ensure_weight_tying ties a LoRA on the head to one PEFT adds on those embeddings, which it does not add to "
+           "a module it saves whole: PEFT fails to load the adapter on this base")
+    for report in (check.check(adapter, model.tensors, config=model.config), check.check(adapter, model.tensors)):
+        assert not report.ok and report.missing == ["lm_head"] and report.why_missing["lm_head"] == why
+    with pytest.raises(MismatchError, match=re.escape(why)):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
