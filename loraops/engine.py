@@ -1452,7 +1452,9 @@ def _copy_other_files(base: BaseModel, copied: list[Path], out: Path, files: lis
         if part is not None:
             index = read_json(source, "safetensors index")
             listed = index.get("weight_map", {})
-            placed = {t.file_name: f.target.name for f in mine for t in f.tensors}
+            # (by its path from the model's folder, as the index lists it: sub/model-00001-of-00002.safetensors
+            # where transformers_weights names sub/model.safetensors.index.json)
+            placed = {t.file_name: f.source.relative_to(folder).as_posix() for f in mine for t in f.tensors}
             weight_map = {name: placed[name] for name in listed if name in placed} | placed
             if out_dtype is not None or weight_map != listed:
                 metadata = index.setdefault("metadata", {})

@@ -466,6 +466,64 @@ def test_transformers_weights_in_a_subfolder_is_read_as_transformers_reads_it(tm
     AutoModelForCausalLM.from_pretrained(out)
 
 
+def test_a_merge_of_an_index_in_a_subfolder_keeps_its_shards_paths(tmp_path):
+    """transformers_weights naming sub/model.safetensors.index.json whose shards lie in sub/ too: its weight_map names
+    them sub/model-0000n-of-0000N.safetensors (relative to the model's folder, as transformers reads them). A merge
+    rewrote them by the bare file name, and the output did not load (FileNotFoundError: out/model-00001-…)."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "s", shard_size="60KB")
+    (folder / "sub").mkdir()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    for shard in folder.glob("model-*.safetensors"):
+        shard.rename(folder / "sub" / shard.name)
+    index["weight_map"] = {name: f"sub/{shard}" for name, shard in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "sub" / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "sub/model.safetensors.index.json"}))
+    AutoModelForCausalLM.from_pretrained(folder)
+    assert BaseModel.open(folder).files == sorted((folder / "sub").glob("model-*.safetensors"))
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    for dtype in ([], ["--dtype", "bf16"]):
+        out = tmp_path / f"out{len(dtype)}"
+        result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record",
+                                           *dtype])
+        assert result.exit_code == 0, result.output
+        written = json.loads((out / "sub" / "model.safetensors.index.json").read_text())["weight_map"]
+        assert set(written.values()) == set(index["weight_map"].values())
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_tied_model_whose_weights_lie_in_a_subfolder_comes_out_untied(tmp_path):
+    """A LoRA on a tied model's embeddings unties its head (merged untied: the head keeps the base's embeddings); with
+    transformers_weights naming sub/model.safetensors, the config to edit (tie_word_embeddings false) is the model's,
+    above the weights file, not one beside it (left saying tied, it is loaded tied by what honours the flag; transformers
+    5 warns and keeps the stored head)."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+
+    folder = tiny_llama(tmp_path / "m", tie=True)
+    (folder / "sub").mkdir()
+    (folder / "model.safetensors").rename(folder / "sub" / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "sub/model.safetensors"}))
+    embeddings = AutoModelForCausalLM.from_pretrained(folder).state_dict()["model.embed_tokens.weight"]
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["embed_tokens"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert not torch.equal(merged["model.embed_tokens.weight"], embeddings)
+    assert torch.equal(merged["lm_head.weight"], embeddings)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
 def test_a_default_load_reads_no_variant_files(tmp_path):
     """from_pretrained without variant= reads model.safetensors (transformers) or diffusion_pytorch_model.safetensors
     (diffusers), never a variant's files beside them: the base is what it loads. Both were read (each tensor twice:

@@ -196,3 +196,21 @@ def test_a_foreign_wal_database_is_refused_with_its_bytes_and_wal_untouched(tmp_
         assert result.output.count("\n") == 1 and "is not a loraops registry (it holds other tables: notes)" in \
             result.output, result.output
         assert (database.read_bytes(), wal.read_bytes()) == before, args
+
+
+@pytest.mark.sqlite_only
+def test_a_registry_at_a_path_that_is_not_utf8_is_read(tmp_path):
+    """A registry in a folder whose name is not UTF-8 (os.fsdecode makes its bytes surrogates): its file: URI quoted
+    the name as text, a UnicodeEncodeError traceback: opening it (the foreign-database check) failed so, and `list`
+    too once its fast read went over that URI. The URI now says the name's bytes (%FF)."""
+    import os
+
+    from test_registry_cli import cli
+
+    from loraops.registry.store import Registry
+
+    folder = tmp_path / os.fsdecode(b"reg-\xff")
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'reg.db'}"
+    Registry.open(url).close()
+    assert cli("--db", url, "list").output.splitlines()[0].split()[:2] == ["id", "name"]

@@ -375,8 +375,9 @@ def _connect(url: str):
 
 
 def sqlite_uri_of(file: Path) -> str:
-    """The SQLite `file:` URI naming ``file``."""
-    return f"file:{quote(str(file))}"
+    """The SQLite `file:` URI naming ``file``, by its bytes (a name that is not UTF-8, which os.fsdecode holds as
+    surrogates, is %-escaped as the bytes it is: as text it did not encode)."""
+    return f"file:{quote(os.fsencode(file))}"
 
 
 def connect_read_only(file: Path):
