@@ -214,3 +214,7 @@ def test_a_registry_at_a_path_that_is_not_utf8_is_read(tmp_path):
     url = f"sqlite:///{folder / 'reg.db'}"
     Registry.open(url).close()
     assert cli("--db", url, "list").output.splitlines()[0].split()[:2] == ["id", "name"]
+    # the `db` commands print the URL: shown escaped (the name's byte as \udcff), as errors show paths
+    for command in ("current", "upgrade", "stamp"):
+        result = cli("--db", url, "db", command)
+        assert result.exit_code == 0 and "reg-\\udcff" in result.output, result.output

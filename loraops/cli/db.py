@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from loraops.cli import one_line
+
 
 @click.group()
 def db() -> None:
@@ -77,4 +79,7 @@ def stamp() -> None:
 
 
 def _url(engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
+    try:
+        return engine.url.render_as_string(hide_password=True)
+    except UnicodeEncodeError:  # an SQLite path whose name is not UTF-8 (surrogates), which SQLAlchemy cannot quote
+        return one_line(f"{engine.url.drivername}:///{engine.url.database}")
