@@ -313,12 +313,13 @@ def test_failed_registration_leaves_nothing(reg, art, monkeypatch):
 def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeypatch, change):
     """The bytes stored must be the bytes the identity was computed from: a writer that rewrites or truncates the
     file after it was hashed gets a clear refusal, and nothing is stored."""
+    from loraops import fsutil
     from loraops.registry import blobs
 
     adapter = tmp_path / "style.safetensors"
     shutil.copy(art["kohya"], adapter)
     data = adapter.read_bytes()
-    real_put, real_writer = blobs.BlobStore.put, blobs.DirectFileWriter
+    real_put, real_writer = blobs.BlobStore.put, fsutil.DirectFileWriter
 
     def concurrent_writer(self, identity, files, *args, **kwargs):
         if change not in ("truncated while copied", "rewritten after the check"):
@@ -339,7 +340,7 @@ def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeyp
     if change == "rewritten after the check":
         monkeypatch.setattr(formats, "check_values", checked_then_rewritten)
     monkeypatch.setattr(blobs.BlobStore, "put", concurrent_writer)
-    monkeypatch.setattr(blobs, "DirectFileWriter", ShrinkingSource if change == "truncated while copied" else real_writer)
+    monkeypatch.setattr(fsutil, "DirectFileWriter", ShrinkingSource if change == "truncated while copied" else real_writer)
     before = snapshot(reg)
     with pytest.raises(ConflictError, match="shrank while" if change == "truncated while copied" else "changed while"):
         reg.add_adapter(adapter)
