@@ -3,6 +3,7 @@ pressure) and time: before (another loraops checkout, --before) and after (this 
 
     python bench/load.py --before /work/main          # before/after, in one run
     python bench/load.py --quick                      # small shapes, one run each: a smoke test
+    python bench/load.py --before /work/main --only load --runs 9   # the load alone, best of 9
 
 Three runs, each in a fresh process against a registry holding the adapters (LORAOPS_HOME under --cache):
   load        Registry.load_adapter of a rank-64 bf16 PEFT adapter on --layers Llama-70B-shaped layers × 7 linear
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=3, help="best of N (default 3)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/loraops-bench-load"))
+    parser.add_argument("--only", help="comma-separated runs to do (load, merge ref, merge path; default all)")
     args = parser.parse_args()
     layers, runs, size = (1, 1, "quick") if args.quick else (args.layers, args.runs, "1b")
     made = build(args.cache, layers, size)
@@ -128,6 +130,8 @@ def main() -> None:
                         ["base", "add", str(made["base"]), "--name", "base"]):
                 timed([py, "-P", "-m", "loraops", *cmd], env=env(label))
     plan = {"load": ("load", "big"), "merge ref": ("merge", "lora"), "merge path": ("merge", str(made["adapter"]))}
+    if args.only:
+        plan = {run: plan[run] for run in args.only.split(",")}
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(runs):  # round-robin: every kind of run meets the same mix of other load
         for run, (what, arg) in plan.items():

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import algebra
-from .errors import AmbiguousError, InvalidInputError, MismatchError
+from .errors import AmbiguousError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
-from .fsutil import output_path, path_exists, refuse_existing
+from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
 from .references import refuse_output_over
 
@@ -289,41 +289,52 @@ def writable(adapter: "Adapter", fmt: str) -> None:
 
 def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: str | None, fmt: str | None,
          force: bool, base: int | None, lineage: LineageSpec) -> DerivedRecord:
-    """Compute ``derived`` while it is written, module by module (to ``output``, or a scratch folder in the blob
-    store), and register it: from the hashes taken as it was written, its values checked as they were computed.
-    ``output`` lands (replaces an old one with ``force``) only once the registration committed, and the registration
-    is taken back when it cannot land: one outcome, or none."""
-    from .formats import staged_write, write
+    """Compute ``derived`` while it is written, module by module (into a scratch folder in the blob store), and
+    register it: from the hashes taken as it was written, its values checked as they were computed; the written files
+    are moved into the store, not copied. ``output``: they are copied there first (a plain copy: the stored copy is
+    the one hashed as written, so the output is not read and hashed again to store it), landing (replacing an old one
+    with ``force``) only once the registration committed; the registration is taken back when the output cannot
+    land: one outcome, or none."""
+    from .formats import WRITERS, write
 
     adapter = derived.adapter
     fmt = fmt or adapter.format
     writable(adapter, fmt)
+    final = None
     if output is not None:
         reg.refuse_output_inside(output)
         final = output_path(output)
-        done: list[Registration] = []
-        staged_id = None
+        # a one-file adapter is stored under its file name: the output's, as a registration of the output stores it
+        scratch = final.name
+    else:
+        # a folder's name is not kept (and a name is only a name: a peft folder named after --name ab.safetensors was
+        # refused as misnamed)
+        scratch = "adapter" if fmt == "peft" else name.replace("/", "-") + ".safetensors"
+    done: list[Registration] = []
+    staged_id = None
+    with reg.blobs.scratch() as tmp:
+        written_at = Path(tmp) / scratch
         try:
-            with staged_write(adapter, final, fmt, force=force, modules=derived) as staged:
-                # the record names where the output will be, not its staged path
-                done.append(reg.register_adapter(staged.path, name=name, base=base, lineage=lineage, written=staged,
-                                                 source=str(final.parent.resolve() / final.name)))
-                staged_id = _file_id(staged.path)
-        except BaseException:
+            written = write(adapter, written_at, fmt, modules=derived)
+            if final is None:
+                record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
+                                                           source=f"loraops {lineage.op}", scratch=True, written=written)
+                return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
+            with atomic_path(final, force=force, is_dir=WRITERS[fmt][1], keep_name=True) as staged:
+                for file in sorted(written.path.iterdir()) if written.path.is_dir() else [written.path]:
+                    copy_file(file, staged / file.name if written.path.is_dir() else staged)
+                done.append(reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written,
+                                                 scratch=True, source=str(final.parent.resolve() / final.name)))
+                staged_id = _file_id(staged)
+        except BaseException as exc:
             if staged_id is None or _file_id(final) != staged_id:  # else a Ctrl-C came after it landed: it stays
                 for registration in done:
                     take_back(reg, registration)
+            if isinstance(exc, LoraopsError) and final is not None:  # said of the output asked for
+                raise reworded(exc, str(written_at), str(final)) from None
             raise
-        record, created, *_ = done[0]
-        return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)
-    with reg.blobs.scratch() as tmp:
-        # a one-file adapter is stored under its file name; a folder's name is not kept (and a name is only a name:
-        # a peft folder named after --name ab.safetensors was refused as misnamed)
-        scratch = "adapter" if fmt == "peft" else name.replace("/", "-") + ".safetensors"
-        written = write(adapter, Path(tmp) / scratch, fmt, modules=derived)
-        record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
-                                                   source=f"loraops {lineage.op}", scratch=True, written=written)
-    return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
+    record, created, *_ = done[0]
+    return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

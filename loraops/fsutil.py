@@ -525,6 +525,23 @@ class ReadAhead:
             self.asked += self.PIECE
 
 
+def copy_file(src: Path, dst: Path, on_data: Callable[[memoryview], None] | None = None) -> None:
+    """Copy ``src`` to a new ``dst``, each chunk given to ``on_data`` as it is written (to hash the bytes written),
+    with direct writes (DirectFileWriter) and the source read ahead (ReadAhead: a file loraops has just written
+    bypassed the page cache too). EOFError when ``src`` shrinks meanwhile; ``dst`` is removed on any error."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        out = DirectFileWriter(dst)
+        try:
+            out.copy_from(fd, 0, os.fstat(fd).st_size, on_data, before=ReadAhead(fd).before)
+            out.close()
+        except BaseException:
+            out.abandon()
+            raise
+    finally:
+        os.close(fd)
+
+
 def available_memory() -> int:
     """Bytes of memory available without swapping (Linux MemAvailable; free pages elsewhere; 0 when unknown)."""
     try:

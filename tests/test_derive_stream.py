@@ -189,11 +189,12 @@ def test_a_derived_adapter_is_the_same_and_recorded_from_the_hashes_taken_while_
 
 
 def registry_state() -> tuple[list[str], list[str]]:
-    """(registered adapter names, every path under the blob store except lock files)."""
+    """(registered adapter names, every path under the blob store except lock files and stamps)."""
     with Registry.open() as reg:
         names = sorted(a.name for a in reg.list_adapters())
         root = reg.blobs.root
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".locks" not in p.parts)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                       if ".locks" not in p.parts and ".stamps" not in p.parts)
     return names, files
 
 
@@ -332,9 +333,10 @@ sys.exit(exit_status(sys.argv[2:]))
 
 @pytest.mark.parametrize("fmt, name", [("kohya", "c.safetensors"), ("peft", "c")])
 def test_killed_while_writing_leaves_no_output(tmp_path, fmt, name):
-    """SIGKILL while the result is being written (its first modules already in the scratch file): no output, at
-    most the marked temp sibling the next write to it removes; the scratch file had no name to leave behind."""
-    from loraops.fsutil import remove_stale_temps
+    """SIGKILL while the result is being written (its first modules already in the scratch file, inside the blob
+    store's scratch folder, which `gc` removes: it is copied to the output only once whole): nothing beside the
+    output; the scratch file had no name to leave behind."""
+    from loraops import settings
 
     a, b = two_inputs(tmp_path, fmt)
     out, marker = tmp_path / "outputs", tmp_path / "marker"
@@ -347,15 +349,40 @@ def test_killed_while_writing_leaves_no_output(tmp_path, fmt, name):
             assert child.poll() is None and time.monotonic() < deadline, "the combine ended before it was killed"
             time.sleep(0.05)
         links = [os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.pid}/fd")]
-        scratch = [link for link in links if link.startswith(str(out)) and link.endswith("(deleted)")]
+        scratch = [link for link in links if link.startswith(str(settings.blobs_dir())) and link.endswith("(deleted)")]
         assert len(scratch) == 1, links  # the modules written so far, in a file with no name
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    assert all(p.name.startswith(f"{TMP_MARK}{name}.") for p in out.iterdir())
-    remove_stale_temps(out / name, idle_s=0)
     assert list(out.iterdir()) == []
+    with Registry.open() as reg:
+        assert [p.name.startswith(f"{TMP_MARK}scratch-") for p, _ in reg.gc(grace_s=0)] == [True]
+
+
+@pytest.mark.parametrize("fmt, name", [("kohya", "c.safetensors"), ("peft", "c")])
+def test_an_output_is_stored_as_written_not_read_back(tmp_path, monkeypatch, fmt, name):
+    """`combine -o`: the result is written once, into the store's scratch folder (hashed as it is written), copied to
+    the output and moved into the store: the stored copy is not a copy of the output, read back and hashed."""
+    from loraops import derive
+    from loraops.registry import blobs
+
+    a, b = two_inputs(tmp_path, fmt)
+    with Registry.open() as reg:
+        reg.register_adapter(a), reg.register_adapter(b)
+
+    def read_back(*args):
+        raise AssertionError("the output was read back to be stored")
+
+    monkeypatch.setattr(blobs, "_hash_copy", read_back)
+    output = tmp_path / "out" / name
+    result = derive.combine([(str(a), 1.0), (str(b), 0.5)], "linear", name="c", output=str(output), device="cpu")
+    assert result.output == str(output) and formats.identity(output) == result.adapter.sha256
+    with Registry.open() as reg:
+        assert reg.verify() == []
+    stored = Path(result.adapter.path)
+    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in stored.iterdir()) if fmt == "peft" \
+        else output.read_bytes() == stored.read_bytes()
 
 
 def test_register_trusts_written_only_for_checked_values_of_that_path(tmp_path):

@@ -20,7 +20,7 @@ import factories
 from loraops import settings, st
 from loraops.cli import main
 from loraops.registry import Registry, db
-from loraops.registry.blobs import LOCKS
+from loraops.registry.blobs import LOCKS, STAMPS
 from loraops.registry.models import Base
 from test_formats_errors import CASES as READER_CASES
 
@@ -157,7 +157,7 @@ def disk_state(roots: list[Path]) -> dict[str, tuple]:
     state = {}
     for root in roots:
         for p in root.rglob("*") if root.exists() else ():
-            if p.name.startswith("registry.db") or LOCKS in p.parts:
+            if p.name.startswith("registry.db") or LOCKS in p.parts or STAMPS in p.parts:
                 continue
             info = p.lstat()
             state[str(p)] = (p.is_dir(), 0 if p.is_dir() else info.st_size, 0 if p.is_dir() else info.st_mtime_ns)

@@ -12,10 +12,12 @@ import pytest
 
 from factories import kohya_file, peft_adapter, tiny_llama
 from loraops import formats
-from loraops.errors import AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError
+from loraops.errors import (AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError,
+                            RegistryError)
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
-from loraops.registry.blobs import LOCKS
+from loraops.registry import blobs as blob_store
+from loraops.registry.blobs import LOCKS, STAMPS
 
 KOHYA_MODULES = {
     "lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,)),
@@ -47,7 +49,8 @@ def reg():
 def snapshot(reg: Registry) -> tuple:
     """Everything a failed command must leave unchanged."""
     root = reg.blobs.root
-    blobs = sorted(str(p.relative_to(root)) for p in root.rglob("*") if LOCKS not in p.parts) if root.exists() else []
+    blobs = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                   if LOCKS not in p.parts and STAMPS not in p.parts) if root.exists() else []
     return ([a.model_dump() for a in reg.list_adapters()], [b.model_dump() for b in reg.list_bases()], blobs)
 
 
@@ -310,12 +313,13 @@ def test_failed_registration_leaves_nothing(reg, art, monkeypatch):
 def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeypatch, change):
     """The bytes stored must be the bytes the identity was computed from: a writer that rewrites or truncates the
     file after it was hashed gets a clear refusal, and nothing is stored."""
+    from loraops import fsutil
     from loraops.registry import blobs
 
     adapter = tmp_path / "style.safetensors"
     shutil.copy(art["kohya"], adapter)
     data = adapter.read_bytes()
-    real_put, real_writer = blobs.BlobStore.put, blobs.DirectFileWriter
+    real_put, real_writer = blobs.BlobStore.put, fsutil.DirectFileWriter
 
     def concurrent_writer(self, identity, files, *args, **kwargs):
         if change not in ("truncated while copied", "rewritten after the check"):
@@ -336,7 +340,7 @@ def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeyp
     if change == "rewritten after the check":
         monkeypatch.setattr(formats, "check_values", checked_then_rewritten)
     monkeypatch.setattr(blobs.BlobStore, "put", concurrent_writer)
-    monkeypatch.setattr(blobs, "DirectFileWriter", ShrinkingSource if change == "truncated while copied" else real_writer)
+    monkeypatch.setattr(fsutil, "DirectFileWriter", ShrinkingSource if change == "truncated while copied" else real_writer)
     before = snapshot(reg)
     with pytest.raises(ConflictError, match="shrank while" if change == "truncated while copied" else "changed while"):
         reg.add_adapter(adapter)
@@ -389,6 +393,74 @@ def test_verify_and_gc(reg, art):
     assert reg.gc() == []  # too young: could be a registration in progress
     removed = {p for p, _ in reg.gc(grace_s=0)}
     assert removed == {orphan, temp} and not orphan.exists() and Path(k.path).exists()
+
+
+def counted_hashes(monkeypatch) -> list[Path]:
+    """The stored files loads hash from now on (the blob store's sha256_file calls)."""
+    hashed = []
+    real = blob_store.sha256_file
+
+    def counting(path, **kwargs):
+        hashed.append(Path(path).name)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(blob_store, "sha256_file", counting)
+    return hashed
+
+
+def test_a_stored_copy_that_hashed_right_is_not_hashed_again_while_unchanged(reg, art, monkeypatch):
+    """Loading a registered adapter hashes its stored copy once; later loads go by the stamp of its stat, and
+    `verify` still reads every file."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)  # (else only a file changed 2 s before the hash began is stamped)
+    record = reg.add_adapter(art["ad1"])
+    hashed = counted_hashes(monkeypatch)
+    first = reg.load_adapter(record.id)
+    assert hashed == ["adapter_model.safetensors", "adapter_config.json"]
+    again = reg.load_adapter(record.id)
+    assert hashed == ["adapter_model.safetensors", "adapter_config.json"]
+    assert all((again.modules[n].B == m.B).all() for n, m in first.modules.items())
+    assert reg.verify() == []
+    reg.remove_adapter(record.id)
+    assert not (reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json").exists()
+
+
+def test_a_changed_stored_copy_is_caught_even_with_its_mtime_put_back(reg, art, monkeypatch):
+    """A stamped file rewritten (same size, one byte changed, its mtime set back as it was) is hashed again and
+    refused: its ctime moved, which no one can set back."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped
+    weights = Path(record.path) / "adapter_model.safetensors"
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(RegistryError, match="is changed \\(sha256"):
+        reg.load_adapter(record.id)
+
+
+def test_gc_takes_the_stamps_of_the_folders_it_removes(reg, monkeypatch):
+    monkeypatch.setattr(blob_store, "RACY_NS", -10**12)  # (a file written just now stamped as if written long ago)
+    orphan = reg.blobs.folder("ee" * 32)
+    orphan.mkdir(parents=True)
+    (orphan / "x.safetensors").write_bytes(b"x")
+    key = reg.blobs.key("ee" * 32, None)
+    sha256, remember = reg.blobs.hash(key, "x.safetensors")
+    remember()
+    assert reg.blobs.unchanged(key, "x.safetensors", sha256)
+    assert {p for p, _ in reg.gc(grace_s=0)} == {orphan}
+    assert not (reg.blobs.root / STAMPS / "ee" / f"{'ee' * 32}.json").exists()
+
+
+def test_a_file_changed_just_before_its_hash_is_not_stamped(reg, art, monkeypatch):
+    """A file changed within RACY_NS of its hash could change again within the same clock tick unseen: no stamp,
+    so the next load hashes it again."""
+    record = reg.add_adapter(art["ad1"])  # just written
+    hashed = counted_hashes(monkeypatch)
+    reg.load_adapter(record.id)
+    reg.load_adapter(record.id)
+    assert hashed.count("adapter_model.safetensors") == 2
 
 
 def test_gc_removes_the_folders_it_empties_but_not_the_store(reg, art):

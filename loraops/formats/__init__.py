@@ -12,13 +12,12 @@ One module per layout (peft.py, kohya.py, diffusers.py); what they share is in c
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 from .. import ldm, st
 from ..errors import FormatError, InvalidInputError, LoraopsError, NotFoundError, UnsupportedAdapterError, reworded
@@ -132,19 +131,8 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
 
     ``modules``: the adapter's modules as they are computed (a loraops.algebra.Derivation), each written as it comes
     and then dropped, so the whole result is never in memory; ``adapter.modules`` then only announces them (stand-ins
-    without values do, see common.ModuleStream). By default, the adapter's own modules."""
-    with staged_write(adapter, dest, fmt, force=force, modules=modules) as staged:
-        pass
-    return replace(staged, path=output_path(dest))
-
-
-@contextlib.contextmanager
-def staged_write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
-                 modules: "Iterable[LoraModule] | None" = None) -> Iterator[Written]:
-    """``write``, the output renamed to ``dest`` only when the block ends without an error: it is given what was
-    written, at its staged path (``dest``'s own name, inside a temporary sibling folder), for a step that must
-    succeed for the output to land (its registration: loraops.derive.save). On any error, in the block or by the
-    rename, nothing appears at ``dest`` and an old ``dest`` (--force) stays as it was."""
+    without values do, see common.ModuleStream). By default, the adapter's own modules. On any error, nothing appears
+    at ``dest`` and an old ``dest`` (``force``) stays as it was."""
     if fmt not in WRITERS:
         raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
     if fmt != "kohya" and not adapter.names_resolved:
@@ -173,12 +161,12 @@ def staged_write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, for
     staged = None
     try:
         with atomic_path(dest, force=force, is_dir=is_dir, keep_name=True) as staged:
-            yield Written(staged, writer(adapter, modules, staged, spill=spill), checked)
-    except LoraopsError as exc:  # (the block's too: its registration) said of the output asked for, not of its
-        # staged path, gone now
+            sha256 = writer(adapter, modules, staged, spill=spill)
+    except LoraopsError as exc:  # said of the output asked for, not of its staged path, gone now
         if staged is None:
             raise
         raise reworded(exc, str(staged), str(output_path(dest))) from None
+    return Written(output_path(dest), sha256, checked)
 
 
 def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:

@@ -4,24 +4,36 @@ Layout: ``<blobs_dir>/<sha[:2]>/<sha>/<file names as registered>`` where sha is 
 folder is stored as its files (adapter_config.json + weights), a single file under its own name, so a stored
 adapter reads exactly like the original. Each file is written to a temp sibling and renamed into place
 (os.replace), so a crash leaves only temp files that `loraops gc` removes.
+
+``<blobs_dir>/.stamps/<sha[:2]>/<sha>.json`` remembers, per stored file, its stat (device, inode, size, mtime and
+ctime in ns) when its bytes last hashed to the recorded sha256, so loading a stored adapter need not hash it again
+(see unchanged, remember); a cache only: one missing, stale or unreadable means the file is hashed.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .. import settings
 from ..errors import ConflictError
-from ..fsutil import TMP_MARK, DirectFileWriter, ReadAhead, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file, temp_sibling
+from ..fsutil import (TMP_MARK, copy_file, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file,
+                      temp_sibling)
 
 
 LOCKS = ".locks"
+STAMPS = ".stamps"
+# A stamp vouches for a file only when its mtime and ctime are older than the hash began by this much: a write in the
+# same clock tick as the last one (a coarse file-system clock, a file server's clock behind ours) could leave both
+# as they were; later writes cannot (ctime cannot be set back by a user, only by the system clock).
+RACY_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -120,11 +132,59 @@ class BlobStore:
             os.close(handle)
 
     def remove(self, key: str) -> None:
-        """Remove an adapter's folder (the key may name a file inside it), and its shard folder when that is empty
-        now. Call with the shard's lock held."""
+        """Remove an adapter's folder (the key may name a file inside it), its stamps, and its shard folder when that
+        is empty now. Call with the shard's lock held."""
         folder = self.root / folder_of(key)
         shutil.rmtree(folder, ignore_errors=True)
         self.prune(folder)
+        self._stamps(key).unlink(missing_ok=True)
+
+    def _stamps(self, key: str) -> Path:
+        return self.root / STAMPS / f"{folder_of(key)}.json"
+
+    def unchanged(self, key: str, name: str, sha256: str) -> bool:
+        """Whether the stored file ``name`` of the adapter at ``key`` is known to hash to ``sha256`` without reading
+        it: a stamp remember() recorded for that sha256 matches the file's stat now. Rewriting a file (in place or
+        anew) changes its ctime, which no one but the system clock can set back."""
+        try:
+            stamp = json.loads(self._stamps(key).read_text()).get(name)
+            now = (self.root / folder_of(key) / name).stat()
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(stamp, dict) and stamp.get("sha256") == sha256 and stamp.get("stat") == _stat_of(now)
+
+    def hash(self, key: str, name: str) -> tuple[str, Callable[[], None]]:
+        """The sha256 of the stored file ``name`` of the adapter at ``key``, read now, and what records it (call it
+        once the hash is the recorded one) as a stamp for unchanged(): only when the file's stat did not change
+        while it was read, and its last change was well before (RACY_NS)."""
+        path = self.root / folder_of(key) / name
+        began, before = time.time_ns(), path.stat()
+        sha256 = sha256_file(path)
+
+        def remember() -> None:
+            with contextlib.suppress(OSError):
+                settled = max(before.st_mtime_ns, before.st_ctime_ns) < began - RACY_NS
+                if settled and _stat_of(path.stat()) == _stat_of(before):
+                    self._remember(key, name, sha256, before)
+
+        return sha256, remember
+
+    def _remember(self, key: str, name: str, sha256: str, st: os.stat_result) -> None:
+        stamps = self._stamps(key)
+        try:
+            known = json.loads(stamps.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
+            known = {}
+        known[name] = {"sha256": sha256, "stat": _stat_of(st)}
+        stamps.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(stamps)
+        try:
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, stamps)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def prune(self, removed: Path) -> None:
         """Remove the folders above ``removed`` (a path just deleted inside the store) that are empty now, up to the
@@ -164,6 +224,10 @@ def _flock(handle: int, *, shared: bool, wait: bool = True) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _stat_of(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def folder_of(key: str) -> str:
@@ -207,18 +271,8 @@ def _hash_copy(src: Path, dst: Path, progress) -> str:
         if progress is not None:
             progress.update(len(chunk))
 
-    fd = os.open(src, os.O_RDONLY)
     try:
-        out = DirectFileWriter(dst)
-        try:
-            out.copy_from(fd, 0, os.fstat(fd).st_size, seen, before=ReadAhead(fd).before)
-            out.close()
-        except EOFError:
-            out.abandon()
-            raise ConflictError(f"{src}: the file shrank while it was being stored; register it again") from None
-        except BaseException:
-            out.abandon()
-            raise
-    finally:
-        os.close(fd)
+        copy_file(src, dst, seen)
+    except EOFError:
+        raise ConflictError(f"{src}: the file shrank while it was being stored; register it again") from None
     return digest.hexdigest()

@@ -564,14 +564,15 @@ class Registry:
         memory: page cache the kernel can reclaim, so adapters larger than the free memory still merge. Safe because
         the store's files are loraops' own and never rewritten in place; the user's files are read instead (one
         truncated while mapped would kill the process with SIGBUS). The stored bytes are hashed against the record
-        first, so what is mapped is exactly what register checked (NaN/Inf included)."""
+        first, so what is mapped is exactly what register checked (NaN/Inf included); a file whose stat is as it was
+        when it last hashed right is not read again for that (BlobStore.unchanged; `verify` always reads)."""
         from .. import check, formats
 
         with self.session() as s:
             row = self._find_adapter(s, ref)
             path, alpha, base_id = self.blobs.path(row.blob), row.alpha_override, row.base_id
             manifest = self._manifest(s, base_id) if base_id is not None else None
-        self._refuse_damaged(row)
+        self._refuse_damaged(row, stamped=True)
         adapter = replace(formats.read_adapter(path, alpha=alpha, mapped=settings.map_stored()),
                           ref=f"{row.name}@{row.version}")
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
@@ -761,10 +762,11 @@ class Registry:
         self._refuse_damaged(row)
         return self.blobs.path(row.blob)
 
-    def _refuse_damaged(self, row: SqlAdapter, contents: bool = True) -> None:
+    def _refuse_damaged(self, row: SqlAdapter, contents: bool = True, stamped: bool = False) -> None:
         """One RegistryError line when a stored file of ``row`` is missing or changed (``contents`` False: missing
-        or of another size, known without reading it)."""
-        problems = self._stored_problems(row.blob, row.files, contents=contents)
+        or of another size, known without reading it; ``stamped``: a file whose stat is as it was when it last hashed
+        to its recorded sha256 is not read again, see BlobStore.unchanged)."""
+        problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
         if problems:
             where, what = problems[0]
             state = what if what == "missing" else f"changed ({what})"
@@ -773,10 +775,10 @@ class Registry:
             raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
                                 f"used; {repair} to repair it (`loraops verify` checks all)")
 
-    def _stored_problems(self, key: str, files: list[dict], progress=None,
-                         contents: bool = True) -> list[tuple[str, str]]:
+    def _stored_problems(self, key: str, files: list[dict], progress=None, contents: bool = True,
+                         stamped: bool = False) -> list[tuple[str, str]]:
         """(path, what is wrong) for each stored file of a record that is missing or no longer its recorded bytes
-        (``contents`` False: only its size is compared)."""
+        (``contents`` False: only its size is compared; ``stamped``: see _refuse_damaged)."""
         folder = self.blobs.root / folder_of(key)
         problems = []
         for f in files:
@@ -788,9 +790,13 @@ class Registry:
                 if path.stat().st_size != f["size"]:
                     problems.append((str(path), f"{path.stat().st_size:,} bytes ≠ recorded {f['size']:,}"))
                 continue
-            actual = sha256_file(path, progress=progress)
+            if stamped and self.blobs.unchanged(key, f["name"], f["sha256"]):
+                continue
+            actual, remember = self.blobs.hash(key, f["name"]) if stamped else (sha256_file(path, progress=progress), None)
             if actual != f["sha256"]:
                 problems.append((str(path), f"sha256 {actual[:12]}… ≠ recorded {f['sha256'][:12]}…"))
+            elif remember is not None:
+                remember()
         return problems
 
     def _repair(self, identity: str, key: str, recorded: list[dict], sources: list[Path]) -> None:
@@ -823,7 +829,11 @@ class Registry:
                         or self.blobs.in_use(path):
                     continue
                 removed.append((path, _size(path)))
-                if not dry_run:
+                if dry_run:
+                    continue
+                if path in unused:
+                    self.blobs.remove(key)  # (with its stamps)
+                else:
                     remove(path)
                     self.blobs.prune(path)
         return removed
