@@ -390,8 +390,10 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object]) -> dict[st
     task = set(peft.task_saved(adapter.config.get("task_type"))) - set(adapter.config.get("modules_to_save") or [])
     out = {}
     # (weights and biases only, what PEFT saves of a plain layer: a quantized layer's other tensors, bitsandbytes' SCB
-    # or FP8 scales, are not asked for)
-    for tensor in (t for t in manifest if t.endswith((".weight", ".bias"))):
+    # or FP8 scales, are not asked for; a bias only beside its weight: GPT-2's checkpoints store each attention's
+    # causal mask as attn.bias, a buffer the model no longer has, and PEFT saves no copy of it)
+    for tensor in (t for t in manifest if t.endswith(".weight")
+                   or t.endswith(".bias") and f"{t.removesuffix('.bias')}.weight" in manifest):
         entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
         if entry is not None and tensor not in adapter.full_tensors:
             by = f"the model of task_type {adapter.config['task_type']}'s {entry!r}" if entry in task else \
