@@ -365,8 +365,7 @@ def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[st
               "not add to a module it saves whole: PEFT fails to load the adapter on this base"
     else:
         return None
-    # (not a LoRA layer's weight saved beside it: save_embedding_layers)
-    saved = {name for name in adapter.full_tensors if name.removesuffix(".weight") not in adapter.modules}
+    saved = saved_whole(adapter)
     if config is None:
         source = tied_head_source(module.weight_name, module.weight_shape, manifest)
         tied = [source] if source in saved else []
@@ -378,27 +377,61 @@ def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[st
     return f"the head this base ties to {tied[0]!r}, which {saver}: {how}"
 
 
-def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
+def saved_whole(adapter: Adapter) -> set[str]:
+    """The tensors an adapter saves whole, not a LoRA layer's weight saved beside it (save_embedding_layers)."""
+    return {name for name in adapter.full_tensors if name.removesuffix(".weight") not in adapter.modules}
+
+
+def unsaved_tied_head(adapter: Adapter, manifest: Mapping[str, object],
+                      config: Callable[[str], dict] | None) -> dict[str, str]:
+    """The head a base ties to embeddings a PEFT ``adapter``'s ensure_weight_tying saves whole (modules_to_save), where
+    its file lacks the head's copy and has no LoRA on it (saved_tie_refusal says why that one fails): PEFT wraps the
+    tied head too (its modules_to_tie) and takes its weight from the file, a KeyError. A file saved on an untied base
+    has none. Without ``config`` the manifest says it by a causal LM's rule: an lm_head it does not store, tied to
+    those embeddings (tied_head_source)."""
+    if adapter.format != "peft" or not peft.ties_saved_embeddings(adapter.config):
+        return {}
+    out = {}
+    for embeddings in saved_whole(adapter) & manifest.keys():
+        if config is None:
+            head = _causal_lm_head(embeddings)
+            shape = manifest[embeddings].shape
+            head = head if head and tied_head_source(head, shape, manifest) == embeddings else None
+        else:
+            head = head_tied_to(embeddings, config(embeddings)) \
+                if ties_word_embeddings(config(embeddings)) is not False else None
+        if head is not None and head not in adapter.full_tensors and head.removesuffix(".weight") not in adapter.modules:
+            out[head] = (f"the head this base ties to {embeddings!r}, which the adapter's ensure_weight_tying saves "
+                         f"whole (modules_to_save): PEFT saves the head whole too, and fails to load the adapter "
+                         f"without it (a KeyError)")
+    return out
+
+
+def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object],
+                    config: Callable[[str], dict] | None = None) -> dict[str, str]:
     """The base tensors a PEFT ``adapter``'s modules_to_save has PEFT save whole on this base that its file lacks
     (tensor → why, for check's why_missing). PEFT wraps every module of the base whose
     name ends with an entry (peft.wrapping_entry; a task model's own entries too: peft.saved_entries) and its load
     takes each wrapped module's weight and bias from the file: one missing fails it (a KeyError), where loraops would
-    merge the base's own (a SEQ_CLS adapter without its classifier's tensors, untrained on the base)."""
+    merge the base's own (a SEQ_CLS adapter without its classifier's tensors, untrained on the base). The head tied to
+    saved embeddings too (unsaved_tied_head; ``config``: tensor → its model's config.json, or None)."""
     entries = peft.saved_entries(adapter.config) if adapter.format == "peft" else []
     if not entries or not peft.module_names(entries):
         return {}
     task = set(peft.task_saved(adapter.config.get("task_type"))) - set(adapter.config.get("modules_to_save") or [])
     out = {}
     # (weights and biases only, what PEFT saves of a plain layer: a quantized layer's other tensors, bitsandbytes' SCB
-    # or FP8 scales, are not asked for)
-    for tensor in (t for t in manifest if t.endswith((".weight", ".bias"))):
+    # or FP8 scales, are not asked for; a bias only beside its weight: GPT-2's checkpoints store each attention's
+    # causal mask as attn.bias, a buffer the model no longer has, and PEFT saves no copy of it)
+    for tensor in (t for t in manifest if t.endswith(".weight")
+                   or t.endswith(".bias") and f"{t.removesuffix('.bias')}.weight" in manifest):
         entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
         if entry is not None and tensor not in adapter.full_tensors:
             by = f"the model of task_type {adapter.config['task_type']}'s {entry!r}" if entry in task else \
                 f"modules_to_save entry {entry!r}"
             out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "
                            f"load the adapter without it (a KeyError)")
-    return out
+    return out | unsaved_tied_head(adapter, manifest, config)
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:
@@ -1180,7 +1213,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
-    for tensor, why in unsaved_tensors(bound, manifest).items():
+    for tensor, why in unsaved_tensors(bound, manifest, config).items():
         missing.append(tensor)
         why_missing[tensor] = why
     row_mismatches = []

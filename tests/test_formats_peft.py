@@ -893,3 +893,36 @@ def test_a_task_adapter_without_its_head_tensors_does_not_fit_as_peft_cannot_loa
     with pytest.raises(MismatchError, match=re.escape(head[0])):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_saved_block_fits_a_gpt2_checkpoint_that_stores_its_attention_mask_buffers(tmp_path):
+    """GPT-2's checkpoints on the Hub (GPT-J's and GPT-NeoX's too) store each attention's causal mask,
+    ``h.N.attn.bias``, a buffer transformers no longer keeps (_keys_to_ignore_on_load_unexpected). A block saved whole
+    (modules_to_save=["h.1"]) is saved by PEFT without it, as the wrapped block's state dict has none, and PEFT loads
+    the adapter; check asked for the mask as a bias PEFT fails to load without, and refused the adapter. A module's
+    bias is one of its layer's parameters only beside its weight."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loraops import check, engine
+    from loraops.basemodel import BaseModel
+
+    base = factories.tiny_gpt2(tmp_path / "base")
+    weights = base / "model.safetensors"
+    state = load_file(weights)
+    for i in range(2):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    torch.manual_seed(1)
+    get_peft_model(factories.load_model(base), LoraConfig(
+        r=4, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["h.1"],
+        init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    expected = PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a").merge_and_unload().state_dict()
+    adapter = read_adapter(tmp_path / "a")
+    model = BaseModel.open(base)
+    for report in (check.check(adapter, model.tensors, config=model.config), check.check(adapter, model.tensors)):
+        assert report.ok, report
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu", progress=False)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(expected) - set(merged) == {"lm_head.weight"}  # (tied, not stored)
+    for name in expected.keys() & merged.keys():
+        torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)

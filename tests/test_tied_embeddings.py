@@ -1740,8 +1740,6 @@ def test_a_targeted_head_tied_to_embeddings_saved_under_a_name_peft_does_not_tak
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from factories import tiny_gpt2
-    from loraops.basemodel import BaseModel
-    from loraops.errors import MismatchError
 
     base = tiny_gpt2(tmp_path / "gpt2")
     torch.manual_seed(1)
@@ -1755,12 +1753,44 @@ def test_a_targeted_head_tied_to_embeddings_saved_under_a_name_peft_does_not_tak
     with pytest.raises(AttributeError, match="'Embedding' object has no attribute 'lora_embedding_A'"):
         PeftModel.from_pretrained(load_model(base), tmp_path / "a")
     adapter = formats.read_adapter(tmp_path / "a")
-    model = BaseModel.open(base)
     why = ("the head this base ties to 'transformer.wte.weight', which the adapter's modules_to_save saves whole: its "
            "ensure_weight_tying ties a LoRA on the head to one PEFT adds on those embeddings, which it does not add to "
            "a module it saves whole: PEFT fails to load the adapter on this base")
+    assert_misfit_by_config_and_manifest(adapter, base, "lm_head", why, tmp_path / "out")
+
+
+def test_saved_embeddings_without_their_tied_heads_copy_do_not_fit_a_tied_base(tmp_path, tied):
+    """modules_to_save=["embed_tokens"] with ensure_weight_tying, the file without the head's copy (saved on the
+    untied base, where PEFT ties nothing): on the tied base PEFT wraps the tied head too (its modules_to_tie) and takes
+    its weight from the file, a KeyError. check said it fits and merge wrote it; now the head is missing, with the base's
+    config.json and by its manifest alone. The untied base it was saved on loads it, and so does loraops."""
+    from peft import PeftModel
+
+    from loraops.basemodel import BaseModel
+
+    untied = tiny_llama(tmp_path / "untied")
+    state = saved_embeddings_adapter(untied, tmp_path / "a")
+    assert "base_model.model.lm_head.weight" not in state
+    with pytest.raises(KeyError, match="base_model.model.lm_head.weight"):
+        PeftModel.from_pretrained(load_model(tied), tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    why = ("the head this base ties to 'model.embed_tokens.weight', which the adapter's ensure_weight_tying saves whole "
+           "(modules_to_save): PEFT saves the head whole too, and fails to load the adapter without it (a KeyError)")
+    assert_misfit_by_config_and_manifest(adapter, tied, "lm_head.weight", why, tmp_path / "out")
+    PeftModel.from_pretrained(load_model(untied), tmp_path / "a")
+    untied_model = BaseModel.open(untied)
+    assert check.check(adapter, untied_model.tensors, config=untied_model.config).ok
+
+
+def assert_misfit_by_config_and_manifest(adapter, base, name, why, out):
+    """``name`` is missing from ``adapter``'s fit to ``base`` for ``why``, by check with the base's config.json and by
+    its manifest alone, and merge refuses it, writing nothing at ``out``."""
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    model = BaseModel.open(base)
     for report in (check.check(adapter, model.tensors, config=model.config), check.check(adapter, model.tensors)):
-        assert not report.ok and report.missing == ["lm_head"] and report.why_missing["lm_head"] == why
+        assert not report.ok and report.missing == [name] and report.why_missing[name] == why
     with pytest.raises(MismatchError, match=re.escape(why)):
-        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+        engine.merge(base, [(adapter, 1.0)], out, progress=False)
+    assert not out.exists()
