@@ -259,6 +259,22 @@ def test_a_lora_on_one_sides_embed_tokens_changes_that_side_alone(tmp_path, kind
         assert torch.equal(merged[name], base["model.shared.weight"]), name
 
 
+@pytest.mark.parametrize("architectures", [["BartModel"], None])
+def test_a_lora_on_one_sides_embed_tokens_of_a_bare_models_checkpoint_keeps_its_head(tmp_path, architectures):
+    """That LoRA on a checkpoint whose config names the bare model (facebook/bart-base's and bart-large's say
+    BartModel) or no class, loaded for generation as BartForConditionalGeneration: the untied merge must store the
+    head as shared's copy. It wrote none (the class named has no head), and transformers loaded the untied model with
+    a newly initialized lm_head."""
+    cls = tiny(tmp_path / "base", "bart")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config.pop("architectures")
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        config if architectures is None else {**config, "architectures": architectures}))
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "encoder.embed_tokens"])
+    merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
+    assert torch.equal(merged["lm_head.weight"], load_file(tmp_path / "base" / "model.safetensors")["model.shared.weight"])
+
+
 def test_a_lora_on_one_sides_embed_tokens_is_not_taken_off_a_tied_base(tmp_path):
     """subtract of that LoRA from a base that ties the side to shared (not the untied merge): there is no lookup of
     that side's own to take it off, refused in one line (as a head the base does not store is)."""
