@@ -297,3 +297,7 @@ def test_a_lora_on_one_sides_embed_tokens_registers_with_its_base(tmp_path):
     assert run("base", "add", tmp_path / "base", "--name", "bart")[0] == 0
     code, out = run("register", tmp_path / "a", "--base", "bart")
     assert code == 0, out
+    # and with no --base, by the base its adapter_config.json names (base_model_name_or_path: the base's folder)
+    lora(cls, tmp_path / "base", tmp_path / "b", ["q_proj", "decoder.embed_tokens"])
+    code, out = run("register", tmp_path / "b")
+    assert code == 0 and "base bart" in out, out
