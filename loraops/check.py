@@ -473,13 +473,17 @@ def head_tied_to(embeddings: str, config: dict) -> str | None:
     tied = _tied_head_of_class(config)
     if tied is not None:
         return _class_head(tied, embeddings)
+    if config.get("model_type") == "marian" and config.get("share_encoder_decoder_embeddings") is False \
+            and names_module(embeddings, "encoder.embed_tokens.weight"):
+        return None  # its own embeddings: MarianMTModel ties its head to the decoder's alone (else to shared, as BART)
     return _causal_lm_head(embeddings) if _names_heads(config) else None
 
 
 def _names_heads(config: dict) -> bool:
-    """Does this config.json name a class whose output head a rule names (TIED_HEAD_OF_CLASS, a causal LM's)?"""
+    """Does this config.json name a class whose output head a rule names (TIED_HEAD_OF_CLASS, a causal LM's,
+    MarianMTModel's: lm_head beside its decoder's embed_tokens where it stores each side's own)?"""
     return _tied_head_of_class(config) is not None or any(
-        str(a).endswith(LM_HEAD_CLASSES) for a in config.get("architectures") or [])
+        str(a).endswith(LM_HEAD_CLASSES) or a == "MarianMTModel" for a in config.get("architectures") or [])
 
 
 def _causal_lm_head(embeddings: str) -> str | None:
