@@ -329,8 +329,13 @@ def side_tied_head(shared: str, manifest: Mapping[str, object], config: dict) ->
     """The output head a model of UNTIES_SIDE_EMBEDDINGS at its top level ties to its ``shared`` embeddings
     (lm_head.weight: BART's and its kin's generation classes, Marian's MarianMTModel), which a merge untying the model
     for a change to one side alone writes untied: as shared's copy where the base does not store it, else as stored
-    (a byte-identical copy); None for a class without that head (BartModel, BartForSequenceClassification)."""
-    heads = any(str(a).endswith(LM_HEAD_CLASSES) or a == "MarianMTModel" for a in config.get("architectures") or [])
+    (a byte-identical copy); None for a class with another head (BartForSequenceClassification). A config naming the
+    bare model (BartModel: facebook/bart-base's and bart-large's) or no class gets it too: such a checkpoint is loaded
+    for generation as BartForConditionalGeneration, which finds no head in an untied model that lacks it (newly
+    initialized), where the bare model only reports it unexpected."""
+    architectures = [str(a) for a in config.get("architectures") or []]
+    heads = not architectures or any(a.endswith(LM_HEAD_CLASSES) or ("For" not in a and a.endswith("Model"))
+                                     for a in architectures)  # (MarianMTModel, the bare model)
     head = "lm_head.weight"
     return head if heads and (head in manifest or tied_head_source(head, manifest[shared].shape,
                                                                    manifest) == shared) else None
@@ -543,13 +548,17 @@ def head_tied_to(embeddings: str, config: dict) -> str | None:
     tied = _tied_head_of_class(config)
     if tied is not None:
         return _class_head(tied, embeddings)
+    if config.get("model_type") == "marian" and config.get("share_encoder_decoder_embeddings") is False \
+            and names_module(embeddings, "encoder.embed_tokens.weight"):
+        return None  # its own embeddings: MarianMTModel ties its head to the decoder's alone (else to shared, as BART)
     return _causal_lm_head(embeddings) if _names_heads(config) else None
 
 
 def _names_heads(config: dict) -> bool:
-    """Does this config.json name a class whose output head a rule names (TIED_HEAD_OF_CLASS, a causal LM's)?"""
+    """Does this config.json name a class whose output head a rule names (TIED_HEAD_OF_CLASS, a causal LM's,
+    MarianMTModel's: lm_head beside its decoder's embed_tokens where it stores each side's own)?"""
     return _tied_head_of_class(config) is not None or any(
-        str(a).endswith(LM_HEAD_CLASSES) for a in config.get("architectures") or [])
+        str(a).endswith(LM_HEAD_CLASSES) or a == "MarianMTModel" for a in config.get("architectures") or [])
 
 
 def _causal_lm_head(embeddings: str) -> str | None:

@@ -234,13 +234,15 @@ def test_a_head_stored_twice_that_is_not_untied_is_not_listed(tmp_path):
 
 @pytest.mark.parametrize("kind, side, copies", [("bart", "encoder", False), ("bart", "decoder", False),
                                                ("m2m_100", "encoder", False), ("bart", "decoder", True),
-                                               ("bart", "encoder", "head")])
+                                               ("bart", "encoder", "head"), ("marian", "encoder", True),
+                                               ("marian", "decoder", True)])
 def test_a_lora_on_one_sides_embed_tokens_changes_that_side_alone(tmp_path, kind, side, copies):
     """A LoRA on one side's embed_tokens, which transformers ties to model.shared (the base stores shared alone): PEFT
     applies it to that side's lookup only. It was refused ("stored once as shared"); merged untied, that side's
     embed_tokens is shared's copy with the LoRA in, the other side's and the head shared's copies as they were.
     (``copies``: a checkpoint storing each side's embed_tokens too, byte-identical to shared: the LoRA went into
-    every copy; "head": one storing the head so, which check did not list while merge said it untied it.)"""
+    every copy; "head": one storing the head so, which check did not list while merge said it untied it. A Marian
+    storing them wrote no head: the rule did not take MarianMTModel for a class with one, newly initialized.)"""
     cls = tiny(tmp_path / "base", kind, head="twice" if copies == "head" else None)
     base = load_file(tmp_path / "base" / "model.safetensors")
     if copies is True:
@@ -257,6 +259,43 @@ def test_a_lora_on_one_sides_embed_tokens_changes_that_side_alone(tmp_path, kind
                                atol=1e-6, rtol=0)
     for name in ("model.shared.weight", f"model.{other}.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(merged[name], base["model.shared.weight"]), name
+
+
+@pytest.mark.parametrize("architectures", [["BartModel"], None])
+def test_a_lora_on_one_sides_embed_tokens_of_a_bare_models_checkpoint_keeps_its_head(tmp_path, architectures):
+    """That LoRA on a checkpoint whose config names the bare model (facebook/bart-base's and bart-large's say
+    BartModel) or no class, loaded for generation as BartForConditionalGeneration: the untied merge must store the
+    head as shared's copy. It wrote none (the class named has no head), and transformers loaded the untied model with
+    a newly initialized lm_head."""
+    cls = tiny(tmp_path / "base", "bart")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config.pop("architectures")
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        config if architectures is None else {**config, "architectures": architectures}))
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", "encoder.embed_tokens"])
+    merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
+    assert torch.equal(merged["lm_head.weight"], load_file(tmp_path / "base" / "model.safetensors")["model.shared.weight"])
+
+
+@pytest.mark.parametrize("side", ["decoder", "encoder"])
+def test_a_lora_on_unshared_marians_embed_tokens_leaves_its_head(tmp_path, side):
+    """Marian with share_encoder_decoder_embeddings: false stores each side's embed_tokens and ties its head to the
+    decoder's (MarianMTModel's _tied_weights_keys). A LoRA on the decoder's changes its lookup alone in PEFT's adapted
+    model: the merge unties the head as the decoder's base copy (it went into the tied head too, logits hundreds off:
+    the rule did not take MarianMTModel for a class with a head). One on the encoder's leaves the head tied."""
+    cls = tiny(tmp_path / "base", "marian, unshared")
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", f"{side}.embed_tokens"])
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    heads = ["lm_head"] if side == "decoder" else []
+    assert check.check(adapter, base.tensors, config=base.config).tied_heads == heads
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == [f"{head}.weight" for head in heads]
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    if side == "decoder":
+        assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["lm_head.weight"],
+                           load_file(tmp_path / "base" / "model.safetensors")["model.decoder.embed_tokens.weight"])
 
 
 def test_a_lora_on_one_sides_embed_tokens_is_not_taken_off_a_tied_base(tmp_path):
@@ -281,3 +320,7 @@ def test_a_lora_on_one_sides_embed_tokens_registers_with_its_base(tmp_path):
     assert run("base", "add", tmp_path / "base", "--name", "bart")[0] == 0
     code, out = run("register", tmp_path / "a", "--base", "bart")
     assert code == 0, out
+    # and with no --base, by the base its adapter_config.json names (base_model_name_or_path: the base's folder)
+    lora(cls, tmp_path / "base", tmp_path / "b", ["q_proj", "decoder.embed_tokens"])
+    code, out = run("register", tmp_path / "b")
+    assert code == 0 and "base bart" in out, out

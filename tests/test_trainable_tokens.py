@@ -13,7 +13,8 @@ from peft import LoraConfig, TrainableTokensConfig
 from safetensors.torch import load_file, save_file
 
 from factories import load_model, peft_adapter, tiny_llama, token_adapter
-from loraops import engine, formats
+from loraops import check, engine, formats
+from loraops.basemodel import BaseModel
 from loraops.cli import main
 from loraops.errors import InvalidInputError, UnsupportedAdapterError
 
@@ -507,6 +508,8 @@ def test_a_tied_heads_copy_of_tokens_named_by_the_embeddings_entry_alone(tmp_pat
         tmp_path / "a" / "adapter_model.safetensors")
     adapter = formats.read_adapter(tmp_path / "a")
     assert adapter.token_rows["lm_head.weight"].indices == (3, 5)
+    base = BaseModel.open(bases["tied"])  # the head's saved layer beside them is the tie's copy: nothing untied
+    assert check.check(adapter, base.tensors, config=base.config).tied_heads == []
     report = engine.merge(bases["tied"], [(adapter, 1.0)], tmp_path / "out", progress=False)
     assert report.heads_untied == [] and "lm_head.weight" not in merged_tensors(tmp_path / "out")
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(model), atol=1e-5, rtol=1e-5)
