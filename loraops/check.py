@@ -325,6 +325,13 @@ def untied_side_source(weight_name: str, shape, manifest: Mapping[str, object],
     return shared
 
 
+def side_lookup_refusal(shared: str, change: str) -> str:
+    """Why ``change`` on one side's embed_tokens, which the base does not store, is not merged into ``shared``: PEFT's
+    model reads that side's lookup apart from shared (and the head), and this model is not one a merge writes with
+    that side untied (untied_side_source: T5's sides are shared's whatever its config says)."""
+    return f"stored once as {shared}, which the encoder and the decoder share: {change} cannot be merged"
+
+
 def side_tied_head(shared: str, manifest: Mapping[str, object], config: dict) -> str | None:
     """The output head a model of UNTIES_SIDE_EMBEDDINGS at its top level ties to its ``shared`` embeddings
     (lm_head.weight: BART's and its kin's generation classes, Marian's MarianMTModel), which a merge untying the model
@@ -1190,8 +1197,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             else:
                 missing.append(name)
                 if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)) is not None:
-                    why_missing[name] = (f"stored once as {shared}, which the encoder and the decoder share: a LoRA "
-                                         "on one side's lookup cannot be merged")
+                    why_missing[name] = side_lookup_refusal(shared, "a LoRA on one side's lookup")
                 elif (why := params.why_unstored(name, manifest)) is not None:
                     why_missing[name] = why
                 elif fp8.quantized_siblings(module.weight_name, manifest, names := names or sorted(manifest)):
@@ -1214,6 +1220,15 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             continue
         # a modules_to_save copy of the embeddings (a layer saved under their tokens is what the head reads too)
         if name in manifest and name not in bound.token_rows and not unties_head(name, name):
+            continue
+        if name not in manifest and (shared := shared_embeddings_of(name, tensor.shape, manifest)) is not None:
+            # one side's embed_tokens saved whole (PEFT wraps each side's apart from shared): written untied where
+            # a merge may, as the LoRA on that side is (untied_side_source)
+            if sides is None or untied_side_source(name, tensor.shape, manifest, sides) is None:
+                missing.append(name)
+                why_missing[name] = side_lookup_refusal(shared, "one side's lookup saved whole (modules_to_save)")
+            elif config is not None and (head := side_tied_head(shared, manifest, config(shared))) is not None:
+                tied_heads.append(head.removesuffix(".weight"))
             continue
         source = None if name in manifest else tied_head_source(name, tensor.shape, manifest)
         if source is not None and not tied_layer_copy(bound, name, manifest):

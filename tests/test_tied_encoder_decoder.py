@@ -6,6 +6,7 @@ PEFT's adapted model, loaded back by transformers with nothing missing or unexpe
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -324,3 +325,62 @@ def test_a_lora_on_one_sides_embed_tokens_registers_with_its_base(tmp_path):
     lora(cls, tmp_path / "base", tmp_path / "b", ["q_proj", "decoder.embed_tokens"])
     code, out = run("register", tmp_path / "b")
     assert code == 0 and "base bart" in out, out
+
+
+def saved_embeddings(cls, base, out, changes):
+    """PEFT's adapter of the queries with modules_to_save=["embed_tokens"]: it wraps each side's embed_tokens apart
+    (shared and the head read the base's weight), each copy changed as ``changes`` says (side → a seed, to simulate
+    training; the same seed, byte-identical copies); the adapted model, checked to load back as it was."""
+    from peft import PeftModel
+
+    model = lora(cls, base, out, ["q" if "T5" in cls.__name__ else "q_proj"], modules_to_save=["embed_tokens"])
+    prefix = "" if "T5" in cls.__name__ else "model."
+    with torch.no_grad():
+        for side, seed in changes.items():
+            copy = model.base_model.model.get_submodule(f"{prefix}{side}.embed_tokens").modules_to_save["default"]
+            copy.weight.add_(torch.randn(copy.weight.shape, generator=torch.Generator().manual_seed(seed)) / 10)
+    model.save_pretrained(out)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(cls.from_pretrained(base), out)), logits(model),
+                               atol=0, rtol=0)
+    return model
+
+
+@pytest.mark.parametrize("kind, changes, copies", [("bart", {"encoder": 2, "decoder": 3}, False),
+                                                   ("bart", {"encoder": 2, "decoder": 2}, False),
+                                                   ("bart", {"decoder": 3}, True), ("m2m_100", {"encoder": 2}, False)])
+def test_each_sides_embed_tokens_saved_whole_is_that_sides_alone(tmp_path, kind, changes, copies):
+    """modules_to_save=["embed_tokens"] on a BART the base stores shared alone of: PEFT saves each side's copy, which
+    check called 'not in base' and merge refused. Merged untied, each side's embed_tokens is its saved copy, shared
+    and the head the base's values (``copies``: a checkpoint storing each side's embed_tokens byte-identical to
+    shared)."""
+    cls = tiny(tmp_path / "base", kind)
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    if copies:
+        save_file({**base, **{f"model.{s}.embed_tokens.weight": base["model.shared.weight"].clone()
+                              for s in ("encoder", "decoder")}}, str(tmp_path / "base" / "model.safetensors"),
+                  metadata={"format": "pt"})
+    adapted = saved_embeddings(cls, tmp_path / "base", tmp_path / "a", changes)
+    merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
+    for side in ("encoder", "decoder"):
+        saved = adapted.base_model.model.get_submodule(f"model.{side}.embed_tokens").modules_to_save["default"]
+        assert torch.equal(merged[f"model.{side}.embed_tokens.weight"], saved.weight), side
+    for name in ("model.shared.weight", "lm_head.weight"):
+        assert torch.equal(merged[name], base["model.shared.weight"]), name
+
+
+@pytest.mark.parametrize("kind, changes", [("t5", {"encoder": 2, "decoder": 3}), ("t5", {"encoder": 2, "decoder": 2}),
+                                           ("t5", {}), ("mt5", {"decoder": 3})])
+def test_each_sides_embed_tokens_saved_whole_on_t5_is_refused_as_shared(tmp_path, kind, changes):
+    """The same on T5 and mT5, whose sides transformers ties to shared whatever the config says: PEFT's model reads
+    each side's copy apart from shared and the head, which no merged T5 loads (even byte-identical copies: put into
+    shared, the head would read them too). check and merge refuse it in one line that says so, not 'not in base'."""
+    cls = tiny(tmp_path / "base", kind)
+    saved_embeddings(cls, tmp_path / "base", tmp_path / "a", changes)
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    why = ("decoder.embed_tokens.weight and 1 more (stored once as shared.weight, which the encoder and the decoder "
+           "share: one side's lookup saved whole (modules_to_save) cannot be merged)")
+    assert check.misfits(check.check(adapter, base.tensors, config=base.config)) == [why]
+    assert check.misfits(check.check(adapter, base.tensors)) == [why]
+    with pytest.raises(MismatchError, match=re.escape(why)):
+        engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
