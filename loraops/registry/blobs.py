@@ -137,10 +137,24 @@ class BlobStore:
         folder = self.root / folder_of(key)
         shutil.rmtree(folder, ignore_errors=True)
         self.prune(folder)
-        self._stamps(key).unlink(missing_ok=True)
+        self.forget(key)
 
     def _stamps(self, key: str) -> Path:
         return self.root / STAMPS / f"{folder_of(key)}.json"
+
+    def forget(self, key: str) -> None:
+        """Drop the stamps of the adapter at ``key`` (its files are hashed on their next load): with its folder, or
+        when one of its files hashed wrong, which its stamp may not show (bytes changed below the file system keep
+        its stat). Where the store is read-only, nothing."""
+        with contextlib.suppress(OSError):
+            self._stamps(key).unlink(missing_ok=True)
+
+    def stray_stamps(self) -> Iterator[Path]:
+        """Stamp files whose adapter folder is gone (an `rm` killed between the two, a load stamping while `rm`
+        ran): litter for gc, vouching for nothing."""
+        for path in sorted((self.root / STAMPS).glob("??/*.json")):
+            if TMP_MARK not in path.name and not (self.root / path.parent.name / path.stem).is_dir():
+                yield path
 
     def unchanged(self, key: str, name: str, sha256: str) -> bool:
         """Whether the stored file ``name`` of the adapter at ``key`` is known to hash to ``sha256`` without reading
