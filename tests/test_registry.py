@@ -496,6 +496,25 @@ def test_a_file_whose_mtime_was_set_back_just_now_is_not_stamped(reg, art, monke
     assert hashed.count("adapter_model.safetensors") == 2
 
 
+@pytest.mark.parametrize("junk", [b"", b'{"adapter_model.safetensors": {"sha256": ', b"\xff\xfe\x00", b"[1, 2]",
+                                  b'{"adapter_model.safetensors": []}', b"[" * 100_000, b"1" * 5000],
+                         ids=["empty", "truncated", "binary", "list", "entry", "deep", "long number"])
+def test_a_damaged_stamp_file_means_a_hash(reg, art, monkeypatch, junk):
+    """A stamp file cut short, overwritten or nested past Python's recursion limit is no stamp: the load hashes the
+    file (and stamps it anew) instead of failing."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    stamps = reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json"
+    stamps.parent.mkdir(parents=True)
+    stamps.write_bytes(junk)
+    hashed = counted_hashes(monkeypatch)
+    reg.load_adapter(record.id)
+    assert "adapter_model.safetensors" in hashed
+    hashed.clear()
+    reg.load_adapter(record.id)
+    assert hashed == []
+
+
 def test_gc_removes_stamps_whose_folder_is_gone(reg, art, monkeypatch):
     """A stamp left without its folder (an `rm` killed between the two, or a load stamping while `rm` ran) is litter
     gc takes; the stamps of stored folders stay."""

@@ -160,12 +160,21 @@ class BlobStore:
         """Whether the stored file ``name`` of the adapter at ``key`` is known to hash to ``sha256`` without reading
         it: a stamp remember() recorded for that sha256 matches the file's stat now. Rewriting a file (in place or
         anew) changes its ctime, which no one but the system clock can set back."""
+        stamp = self._read_stamps(key).get(name)
         try:
-            stamp = json.loads(self._stamps(key).read_text()).get(name)
             now = (self.root / folder_of(key) / name).stat()
-        except (OSError, ValueError, AttributeError):
+        except OSError:
             return False
         return isinstance(stamp, dict) and stamp.get("sha256") == sha256 and stamp.get("stat") == _stat_of(now)
+
+    def _read_stamps(self, key: str) -> dict:
+        """The stamps of the adapter at ``key`` by file name; {} where there are none or the file is damaged (JSON
+        nested past Python's recursion limit too: a cache never fails a load)."""
+        try:
+            known = json.loads(self._stamps(key).read_text())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return known if isinstance(known, dict) else {}
 
     def hash(self, key: str, name: str) -> tuple[str, Callable[[], None]]:
         """The sha256 of the stored file ``name`` of the adapter at ``key``, read now, and what records it (call it
@@ -185,12 +194,7 @@ class BlobStore:
 
     def _remember(self, key: str, name: str, sha256: str, st: os.stat_result) -> None:
         stamps = self._stamps(key)
-        try:
-            known = json.loads(stamps.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if not isinstance(known, dict):
-            known = {}
+        known = self._read_stamps(key)
         known[name] = {"sha256": sha256, "stat": _stat_of(st)}
         stamps.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(stamps)
