@@ -527,6 +527,8 @@ def test_gc_removes_stamps_whose_folder_is_gone(reg, art, monkeypatch):
     reg.remove_adapter(gone.id)
     left.parent.mkdir(parents=True, exist_ok=True)
     left.write_bytes(saved)  # as if rm was killed before it took the stamp
+    assert reg.gc() == [] and left.exists()  # (younger than the grace period)
+    assert {p for p, _ in reg.gc(grace_s=0, dry_run=True)} == {left} and left.exists()
     assert {p for p, _ in reg.gc(grace_s=0)} == {left}
     assert [p.relative_to(stamps).as_posix() for p in stamps.rglob("*.json")] == [
         f"{kept.sha256[:2]}/{kept.sha256}.json"]
