@@ -537,6 +537,22 @@ def test_gc_removes_stamps_whose_folder_is_gone(reg, art, monkeypatch):
     assert hashed == []
 
 
+def test_gc_keeps_a_stored_file_whose_name_looks_like_a_temp_file(reg, art, tmp_path):
+    """A file registered under a name starting with the temp mark (`register .loraops-tmp-a.safetensors`, or
+    `combine -o .loraops-tmp-c.safetensors`: a one-file adapter is stored under its own name) is a live stored file:
+    gc removed it as an interrupted copy's leftover, and the record's copy was gone."""
+    from loraops.fsutil import TMP_MARK
+
+    odd = tmp_path / f"{TMP_MARK}style.safetensors"
+    shutil.copy(art["kohya"], odd)
+    record = reg.add_adapter(odd)
+    assert reg.gc(grace_s=0) == []
+    assert reg.verify() == []
+    leftover = Path(record.path).with_name(f"{TMP_MARK}style.safetensors.1234abcd")
+    leftover.write_bytes(b"partial")  # a real leftover beside it still goes
+    assert [p for p, _ in reg.gc(grace_s=0)] == [leftover]
+
+
 def test_gc_removes_the_folders_it_empties_but_not_the_store(reg, art):
     """Shard folders (blobs/ab/) that gc empties go too; the store's root, a shard still holding an adapter, and a
     folder a registration may be filling (younger than the grace period) stay."""

@@ -827,7 +827,7 @@ class Registry:
             with self.blobs.lock(key):
                 # Re-checked under the lock: a registration of the same bytes may have started using it since.
                 if not path.exists() or path.stat().st_mtime > cutoff or (path in unused and self._blob_used(key)) \
-                        or self.blobs.in_use(path):
+                        or self.blobs.in_use(path) or (path not in unused and self._recorded_file(path)):
                     continue
                 removed.append((path, _size(path)))
                 if dry_run:
@@ -860,6 +860,18 @@ class Registry:
             select(SqlBaseTensor.name, SqlBaseTensor.dtype, SqlBaseTensor.shape).where(SqlBaseTensor.base_id == base_id)
         )
         return {name: TensorRecord(name=name, dtype=dtype, shape=tuple(shape)) for name, dtype, shape in rows}
+
+    def _recorded_file(self, path: Path) -> bool:
+        """Whether ``path`` is a stored file a record names: one registered under a name that starts with the temp
+        mark (`register .loraops-tmp-a.safetensors`) looks like an interrupted copy's leftover, and is not one."""
+        parts = path.relative_to(self.blobs.root).parts
+        if len(parts) != 3:
+            return False
+        folder = "/".join(parts[:2])
+        with self.session() as s:
+            rows = s.scalars(select(SqlAdapter.files).where(
+                or_(SqlAdapter.blob == folder, SqlAdapter.blob.startswith(f"{folder}/"))))
+            return any(f["name"] == parts[2] for files in rows for f in files or ())
 
     def _blob_used(self, key: str) -> bool:
         folder = folder_of(key)
