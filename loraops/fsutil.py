@@ -528,7 +528,8 @@ class ReadAhead:
 def copy_file(src: Path, dst: Path, on_data: Callable[[memoryview], None] | None = None) -> None:
     """Copy ``src`` to a new ``dst``, each chunk given to ``on_data`` as it is written (to hash the bytes written),
     with direct writes (DirectFileWriter) and the source read ahead (ReadAhead: a file loraops has just written
-    bypassed the page cache too). EOFError when ``src`` shrinks meanwhile; ``dst`` is removed on any error."""
+    bypassed the page cache too). EOFError when ``src`` shrinks meanwhile; on any error, what was written of ``dst``
+    stays: the caller removes it (it writes into a temp path)."""
     fd = os.open(src, os.O_RDONLY)
     try:
         out = DirectFileWriter(dst)

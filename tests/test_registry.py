@@ -463,6 +463,96 @@ def test_a_file_changed_just_before_its_hash_is_not_stamped(reg, art, monkeypatc
     assert hashed.count("adapter_model.safetensors") == 2
 
 
+def test_damage_verify_finds_stops_loads_that_went_by_a_stamp(reg, art, monkeypatch):
+    """Bytes that change with no write through the file system (bit rot, a raw-device write) keep the stamped stat:
+    `verify` reads them and reports the damage, and from then on a load refuses the copy, as before stamps; it went
+    on mapping the damaged bytes by their stamp."""
+    import json
+
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped
+    weights = Path(record.path) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    stamps = reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json"
+    known = json.loads(stamps.read_text())  # the stat as it is now: what a change below the file system leaves
+    known[weights.name]["stat"] = blob_store._stat_of(weights.stat())
+    stamps.write_text(json.dumps(known))
+    assert [p.file for p in reg.verify()] == [str(weights)]
+    with pytest.raises(RegistryError, match="is changed \\(sha256"):
+        reg.load_adapter(record.id)
+
+
+def test_a_file_whose_mtime_was_set_back_just_now_is_not_stamped(reg, art, monkeypatch):
+    """Its ctime says it changed just now (within RACY_NS), whatever its mtime says: not stamped."""
+    record = reg.add_adapter(art["ad1"])
+    for path in Path(record.path).iterdir():
+        os.utime(path, ns=(0, 0))
+    hashed = counted_hashes(monkeypatch)
+    reg.load_adapter(record.id)
+    reg.load_adapter(record.id)
+    assert hashed.count("adapter_model.safetensors") == 2
+
+
+@pytest.mark.parametrize("junk", [b"", b'{"adapter_model.safetensors": {"sha256": ', b"\xff\xfe\x00", b"[1, 2]",
+                                  b'{"adapter_model.safetensors": []}', b"[" * 100_000, b"1" * 5000],
+                         ids=["empty", "truncated", "binary", "list", "entry", "deep", "long number"])
+def test_a_damaged_stamp_file_means_a_hash(reg, art, monkeypatch, junk):
+    """A stamp file cut short, overwritten or nested past Python's recursion limit is no stamp: the load hashes the
+    file (and stamps it anew) instead of failing."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    stamps = reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json"
+    stamps.parent.mkdir(parents=True)
+    stamps.write_bytes(junk)
+    hashed = counted_hashes(monkeypatch)
+    reg.load_adapter(record.id)
+    assert "adapter_model.safetensors" in hashed
+    hashed.clear()
+    reg.load_adapter(record.id)
+    assert hashed == []
+
+
+def test_gc_removes_stamps_whose_folder_is_gone(reg, art, monkeypatch):
+    """A stamp left without its folder (an `rm` killed between the two, or a load stamping while `rm` ran) is litter
+    gc takes; the stamps of stored folders stay."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    kept, gone = reg.add_adapter(art["ad1"]), reg.add_adapter(art["kohya"])
+    reg.load_adapter(kept.id), reg.load_adapter(gone.id)
+    stamps = reg.blobs.root / STAMPS
+    left = stamps / gone.sha256[:2] / f"{gone.sha256}.json"
+    saved = left.read_bytes()
+    reg.remove_adapter(gone.id)
+    left.parent.mkdir(parents=True, exist_ok=True)
+    left.write_bytes(saved)  # as if rm was killed before it took the stamp
+    assert reg.gc() == [] and left.exists()  # (younger than the grace period)
+    assert {p for p, _ in reg.gc(grace_s=0, dry_run=True)} == {left} and left.exists()
+    assert {p for p, _ in reg.gc(grace_s=0)} == {left}
+    assert [p.relative_to(stamps).as_posix() for p in stamps.rglob("*.json")] == [
+        f"{kept.sha256[:2]}/{kept.sha256}.json"]
+    hashed = counted_hashes(monkeypatch)
+    reg.load_adapter(kept.id)
+    assert hashed == []
+
+
+def test_gc_keeps_a_stored_file_whose_name_looks_like_a_temp_file(reg, art, tmp_path):
+    """A file registered under a name starting with the temp mark (`register .loraops-tmp-a.safetensors`, or
+    `combine -o .loraops-tmp-c.safetensors`: a one-file adapter is stored under its own name) is a live stored file:
+    gc removed it as an interrupted copy's leftover, and the record's copy was gone."""
+    from loraops.fsutil import TMP_MARK
+
+    odd = tmp_path / f"{TMP_MARK}style.safetensors"
+    shutil.copy(art["kohya"], odd)
+    record = reg.add_adapter(odd)
+    assert reg.gc(grace_s=0) == []
+    assert reg.verify() == []
+    leftover = Path(record.path).with_name(f"{TMP_MARK}style.safetensors.1234abcd")
+    leftover.write_bytes(b"partial")  # a real leftover beside it still goes
+    assert [p for p, _ in reg.gc(grace_s=0)] == [leftover]
+
+
 def test_gc_removes_the_folders_it_empties_but_not_the_store(reg, art):
     """Shard folders (blobs/ab/) that gc empties go too; the store's root, a shard still holding an adapter, and a
     folder a registration may be filling (younger than the grace period) stay."""

@@ -137,21 +137,44 @@ class BlobStore:
         folder = self.root / folder_of(key)
         shutil.rmtree(folder, ignore_errors=True)
         self.prune(folder)
-        self._stamps(key).unlink(missing_ok=True)
+        self.forget(key)
 
     def _stamps(self, key: str) -> Path:
         return self.root / STAMPS / f"{folder_of(key)}.json"
+
+    def forget(self, key: str) -> None:
+        """Drop the stamps of the adapter at ``key`` (its files are hashed on their next load): with its folder, or
+        when one of its files hashed wrong, which its stamp may not show (bytes changed below the file system keep
+        its stat). Where the store is read-only, nothing."""
+        with contextlib.suppress(OSError):
+            self._stamps(key).unlink(missing_ok=True)
+
+    def stray_stamps(self) -> Iterator[Path]:
+        """Stamp files whose adapter folder is gone (an `rm` killed between the two, a load stamping while `rm`
+        ran): litter for gc, vouching for nothing."""
+        for path in sorted((self.root / STAMPS).glob("??/*.json")):
+            if TMP_MARK not in path.name and not (self.root / path.parent.name / path.stem).is_dir():
+                yield path
 
     def unchanged(self, key: str, name: str, sha256: str) -> bool:
         """Whether the stored file ``name`` of the adapter at ``key`` is known to hash to ``sha256`` without reading
         it: a stamp remember() recorded for that sha256 matches the file's stat now. Rewriting a file (in place or
         anew) changes its ctime, which no one but the system clock can set back."""
+        stamp = self._read_stamps(key).get(name)
         try:
-            stamp = json.loads(self._stamps(key).read_text()).get(name)
             now = (self.root / folder_of(key) / name).stat()
-        except (OSError, ValueError, AttributeError):
+        except OSError:
             return False
         return isinstance(stamp, dict) and stamp.get("sha256") == sha256 and stamp.get("stat") == _stat_of(now)
+
+    def _read_stamps(self, key: str) -> dict:
+        """The stamps of the adapter at ``key`` by file name; {} where there are none or the file is damaged (JSON
+        nested past Python's recursion limit too: a cache never fails a load)."""
+        try:
+            known = json.loads(self._stamps(key).read_text())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return known if isinstance(known, dict) else {}
 
     def hash(self, key: str, name: str) -> tuple[str, Callable[[], None]]:
         """The sha256 of the stored file ``name`` of the adapter at ``key``, read now, and what records it (call it
@@ -171,12 +194,7 @@ class BlobStore:
 
     def _remember(self, key: str, name: str, sha256: str, st: os.stat_result) -> None:
         stamps = self._stamps(key)
-        try:
-            known = json.loads(stamps.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if not isinstance(known, dict):
-            known = {}
+        known = self._read_stamps(key)
         known[name] = {"sha256": sha256, "stat": _stat_of(st)}
         stamps.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(stamps)

@@ -795,6 +795,7 @@ class Registry:
             actual, remember = self.blobs.hash(key, f["name"]) if stamped else (sha256_file(path, progress=progress), None)
             if actual != f["sha256"]:
                 problems.append((str(path), f"sha256 {actual[:12]}… ≠ recorded {f['sha256'][:12]}…"))
+                self.blobs.forget(key)  # (loads went by its stamp; they hash it, and refuse it, from now on)
             elif remember is not None:
                 remember()
         return problems
@@ -812,8 +813,8 @@ class Registry:
         self.blobs.put(identity, sources)
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
-        """Remove stored adapter folders no record uses, and temp files of interrupted copies; returns each with its
-        size in bytes. Anything younger than ``grace_s`` is kept: it may belong to a registration in progress. The
+        """Remove stored adapter folders no record uses, temp files of interrupted copies, and stamps whose folder is
+        gone (BlobStore.stray_stamps); returns each with its size in bytes. Anything younger than ``grace_s`` is kept: it may belong to a registration in progress. The
         shard folders this empties go too (under the shard's lock, see BlobStore.prune)."""
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
@@ -826,7 +827,7 @@ class Registry:
             with self.blobs.lock(key):
                 # Re-checked under the lock: a registration of the same bytes may have started using it since.
                 if not path.exists() or path.stat().st_mtime > cutoff or (path in unused and self._blob_used(key)) \
-                        or self.blobs.in_use(path):
+                        or self.blobs.in_use(path) or (path not in unused and self._recorded_file(path)):
                     continue
                 removed.append((path, _size(path)))
                 if dry_run:
@@ -835,6 +836,14 @@ class Registry:
                     self.blobs.remove(key)  # (with its stamps)
                 else:
                     remove(path)
+                    self.blobs.prune(path)
+        for path in self.blobs.stray_stamps():
+            with self.blobs.lock(path.parent.name):
+                if not path.exists() or path.stat().st_mtime > cutoff:
+                    continue
+                removed.append((path, _size(path)))
+                if not dry_run:
+                    path.unlink(missing_ok=True)
                     self.blobs.prune(path)
         return removed
 
@@ -851,6 +860,18 @@ class Registry:
             select(SqlBaseTensor.name, SqlBaseTensor.dtype, SqlBaseTensor.shape).where(SqlBaseTensor.base_id == base_id)
         )
         return {name: TensorRecord(name=name, dtype=dtype, shape=tuple(shape)) for name, dtype, shape in rows}
+
+    def _recorded_file(self, path: Path) -> bool:
+        """Whether ``path`` is a stored file a record names: one registered under a name that starts with the temp
+        mark (`register .loraops-tmp-a.safetensors`) looks like an interrupted copy's leftover, and is not one."""
+        parts = path.relative_to(self.blobs.root).parts
+        if len(parts) != 3:
+            return False
+        folder = "/".join(parts[:2])
+        with self.session() as s:
+            rows = s.scalars(select(SqlAdapter.files).where(
+                or_(SqlAdapter.blob == folder, SqlAdapter.blob.startswith(f"{folder}/"))))
+            return any(f["name"] == parts[2] for files in rows for f in files or ())
 
     def _blob_used(self, key: str) -> bool:
         folder = folder_of(key)
