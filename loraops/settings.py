@@ -17,6 +17,7 @@ ENV_BLOBS = "LORAOPS_BLOBS"
 ENV_QUIET = "LORAOPS_QUIET"
 ENV_DIRECT_IO = "LORAOPS_DIRECT_IO"
 ENV_MMAP = "LORAOPS_MMAP"
+ENV_STAMPS = "LORAOPS_STAMPS"
 
 
 def home() -> Path:
@@ -138,6 +139,13 @@ def map_stored() -> bool:
     """Stored adapters are mapped into memory rather than read (st.map_file) unless LORAOPS_MMAP=0: for a store on a
     network filesystem shared with other machines, where another machine's `rm` can make a mapped page unreadable."""
     return os.environ.get(ENV_MMAP, "") != "0"
+
+
+def trust_stamps() -> bool:
+    """A stored file whose stat is as it was when it last hashed right is not hashed again on load (registry.blobs
+    stamps) unless LORAOPS_STAMPS=0: for a store others can write but not the registry's database (a team's shared
+    LORAOPS_BLOBS beside PostgreSQL), where a stamp written with replaced bytes would get them past the load's hash."""
+    return os.environ.get(ENV_STAMPS, "") != "0"
 
 
 class _NoBar:

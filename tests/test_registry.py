@@ -420,6 +420,9 @@ def test_a_stored_copy_that_hashed_right_is_not_hashed_again_while_unchanged(reg
     assert hashed == ["adapter_model.safetensors", "adapter_config.json"]
     assert all((again.modules[n].B == m.B).all() for n, m in first.modules.items())
     assert reg.verify() == []
+    monkeypatch.setenv("LORAOPS_STAMPS", "0")  # a team's store others can write: every load hashes again
+    reg.load_adapter(record.id)
+    assert hashed == ["adapter_model.safetensors", "adapter_config.json"] * 2
     reg.remove_adapter(record.id)
     assert not (reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json").exists()
 
