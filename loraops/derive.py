@@ -10,13 +10,14 @@ read as a path; anything else is looked up in the registry (name, name@version, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import algebra
-from .errors import AmbiguousError, InvalidInputError, LoraopsError, MismatchError, reworded
+from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
@@ -314,12 +315,14 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
     staged_id = None
     with reg.blobs.scratch() as tmp:
         written_at = Path(tmp) / scratch
+        filling = reg.blobs.root  # the file system a full disk (ENOSPC) is said of: the store's, then the output's
         try:
             written = write(adapter, written_at, fmt, modules=derived)
             if final is None:
                 record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
                                                            source=f"loraops {lineage.op}", scratch=True, written=written)
                 return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
+            filling = final.parent
             with atomic_path(final, force=force, is_dir=WRITERS[fmt][1], keep_name=True) as staged:
                 for file in sorted(written.path.iterdir()) if written.path.is_dir() else [written.path]:
                     copy_file(file, staged / file.name if written.path.is_dir() else staged)
@@ -332,6 +335,8 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                     take_back(reg, registration)
             if isinstance(exc, LoraopsError) and final is not None:  # said of the output asked for
                 raise reworded(exc, str(written_at), str(final)) from None
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # (a write names no file: say which disk)
+                raise DiskSpaceError(f"{filling}: not enough free disk for the result ({exc.strerror})") from None
             raise
     record, created, *_ = done[0]
     return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)

@@ -385,6 +385,34 @@ def test_an_output_is_stored_as_written_not_read_back(tmp_path, monkeypatch, fmt
         else output.read_bytes() == stored.read_bytes()
 
 
+@pytest.mark.parametrize("full", ["store", "output"])
+def test_a_full_disk_names_the_file_system_that_filled(tmp_path, monkeypatch, full):
+    """`combine -o` on a full disk: the result is written into the store's scratch, then copied to the output; a
+    write's ENOSPC names no file ('No space left on device' alone), so the error says which file system filled, with
+    the exit code of a full disk, and nothing is left: no output, no record."""
+    import errno
+
+    from loraops.errors import DiskSpaceError
+
+    a, b = two_inputs(tmp_path, "kohya")
+    with Registry.open() as reg:
+        reg.register_adapter(a), reg.register_adapter(b)
+        store = reg.blobs.root
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(*(("loraops.formats.write", no_space) if full == "store" else (derive, "copy_file", no_space)))
+    output = tmp_path / "out" / "c.safetensors"
+    with pytest.raises(DiskSpaceError, match=f"^{store if full == 'store' else output.parent}: not enough free disk "
+                                             "for the result \\(No space left on device\\)$") as caught:
+        derive.combine([(str(a), 1.0), (str(b), 0.5)], "linear", name="c", output=str(output), device="cpu")
+    assert caught.value.exit_code == 5
+    assert not output.parent.exists() or list(output.parent.iterdir()) == []
+    with Registry.open() as reg:
+        assert "c" not in {r.name for r in reg.list_adapters()}
+
+
 def test_register_trusts_written_only_for_checked_values_of_that_path(tmp_path):
     """``register_adapter(written=...)`` skips the NaN check and the re-hash only for what it vouches for: a Written of
     another path is refused (its hashes are not this file's), and one of values nobody checked (formats.write of an
