@@ -192,6 +192,7 @@ def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False,
     path = output_path(path)
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)  # what a killed earlier run to this output left (merge's did this alone)
     holder = temp_sibling(path)
     tmp = holder / path.name if keep_name else holder
     try:  # from the mkdir on: a Ctrl-C right after it must not leave the folder

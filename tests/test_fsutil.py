@@ -334,6 +334,20 @@ def test_an_output_name_the_filesystem_takes_is_written_however_long(tmp_path, i
     assert fsutil.remove_stale_temps(out) == [stale] and not stale.exists()
 
 
+@pytest.mark.parametrize("is_dir, keep_name", [(False, False), (True, False), (False, True), (True, True)])
+def test_a_write_to_an_output_removes_what_a_killed_run_to_it_left(tmp_path, is_dir, keep_name):
+    """Every output (combine/resize/extract/export -o as merge's) is written through atomic_path, which removes the
+    temp siblings a killed run to the same output left (idle 5 minutes); a recent one may be a live run's: kept."""
+    out = tmp_path / "out"
+    killed, live = fsutil.temp_sibling(out), fsutil.temp_sibling(out)
+    (killed / "out").mkdir(parents=True)
+    os.utime(killed / "out", (0, 0)), os.utime(killed, (0, 0))
+    live.write_bytes(b"x")
+    with fsutil.atomic_path(out, is_dir=is_dir, keep_name=keep_name) as tmp:
+        (tmp / "f").write_bytes(b"x") if is_dir else tmp.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])
+
+
 @pytest.mark.parametrize("out_name, other_name", [("m[1]", "m1"), ("m*", "mx"), ("x", "x.safetensors"),
                                                   ("x.safetensors", "x.safetensors.bak")])
 def test_stale_temps_of_another_output_are_left_alone(tmp_path, out_name, other_name):
