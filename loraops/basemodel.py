@@ -313,9 +313,9 @@ def folder_weights(names: list[str], config: dict | None = None, several_variant
     its .safetensors files but a variant's (model.fp16.safetensors: from_pretrained reads them only when asked for
     that variant). A folder of one variant only, which loads only as that variant, is read as
     from_pretrained(variant=) reads it (by the same names with the variant added); a folder of several variants and
-    no default weights is refused (from_pretrained needs variant= there). Raises a FormatError (not naming the folder) for these refusals (``several_variants``(the variants): what to
-    give instead, which depends on the kind of reference: a Hub one names no file) and for a set of shards that would
-    be read without its index."""
+    no default weights is refused (from_pretrained needs variant= there). Raises a FormatError (not naming the
+    folder) for these refusals (``several_variants``(the variants): what to give instead, which depends on the kind
+    of reference: a Hub one names no file) and for a set of shards that would be read without its index."""
     names = sorted(names)
     diffusers = is_diffusers(config)
     if not diffusers:

@@ -382,8 +382,8 @@ def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[st
         source = tied_head_source(module.weight_name, module.weight_shape, manifest)
         tied = [source] if source in saved else []
     else:
-        tied = [embeddings for embeddings in saved & manifest.keys()
-                if ties_word_embeddings(config(embeddings)) is not False and head_tied_to(embeddings, config(embeddings)) == module.weight_name]
+        tied = [embeddings for embeddings in saved & manifest.keys() if ties_word_embeddings(config(embeddings))
+                is not False and head_tied_to(embeddings, config(embeddings)) == module.weight_name]
     if not tied:
         return None
     return f"the head this base ties to {tied[0]!r}, which {saver}: {how}"
@@ -412,7 +412,8 @@ def unsaved_tied_head(adapter: Adapter, manifest: Mapping[str, object],
         else:
             head = head_tied_to(embeddings, config(embeddings)) \
                 if ties_word_embeddings(config(embeddings)) is not False else None
-        if head is not None and head not in adapter.full_tensors and head.removesuffix(".weight") not in adapter.modules:
+        if head is not None and head not in adapter.full_tensors \
+                and head.removesuffix(".weight") not in adapter.modules:
             out[head] = (f"the head this base ties to {embeddings!r}, which the adapter's ensure_weight_tying saves "
                          f"whole (modules_to_save): PEFT saves the head whole too, and fails to load the adapter "
                          f"without it (a KeyError)")

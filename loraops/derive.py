@@ -320,7 +320,8 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
             written = write(adapter, written_at, fmt, modules=derived)
             if final is None:
                 record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
-                                                           source=f"loraops {lineage.op}", scratch=True, written=written)
+                                                           source=f"loraops {lineage.op}", scratch=True,
+                                                           written=written)
                 return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
             filling = final.parent
             with atomic_path(final, force=force, is_dir=WRITERS[fmt][1], keep_name=True) as staged:

@@ -815,8 +815,9 @@ class Registry:
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
         """Remove stored adapter folders no record uses, temp files of interrupted copies, and stamps whose folder is
-        gone (BlobStore.stray_stamps); returns each with its size in bytes. Anything younger than ``grace_s`` is kept: it may belong to a registration in progress. The
-        shard folders this empties go too (under the shard's lock, see BlobStore.prune)."""
+        gone (BlobStore.stray_stamps); returns each with its size in bytes. Anything younger than ``grace_s`` is
+        kept: it may belong to a registration in progress. The shard folders this empties go too (under the shard's
+        lock, see BlobStore.prune)."""
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
         cutoff = time.time() - grace_s
