@@ -535,6 +535,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     written = _untied_side_embeddings(base, untied)
     heads.update(written)
     for side, shared in {**sides, **stored_sides, **written}.items():
+        if side in replacements:  # saved whole (modules_to_save): PEFT's model reads that copy, not shared's changes
+            continue
         if shared in terms:
             terms[side] = sorted([*terms[shared], *terms.get(side, [])], key=lambda term: position[id(term[0])])
         for changes in (rows, replacements):

@@ -233,6 +233,15 @@ def test_a_head_stored_twice_that_is_not_untied_is_not_listed(tmp_path):
     assert torch.equal(merged["lm_head.weight"], merged["model.shared.weight"])
 
 
+def with_side_copies(path):
+    """Store each side's embed_tokens in the checkpoint at ``path`` byte-identical to shared (as checkpoints saved
+    before transformers 5 hold them); its tensors as they were."""
+    base = load_file(path / "model.safetensors")
+    save_file({**base, **{f"model.{s}.embed_tokens.weight": base["model.shared.weight"].clone()
+                          for s in ("encoder", "decoder")}}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return base
+
+
 @pytest.mark.parametrize("kind, side, copies", [("bart", "encoder", False), ("bart", "decoder", False),
                                                ("m2m_100", "encoder", False), ("bart", "decoder", True),
                                                ("bart", "encoder", "head"), ("marian", "encoder", True),
@@ -245,11 +254,7 @@ def test_a_lora_on_one_sides_embed_tokens_changes_that_side_alone(tmp_path, kind
     every copy; "head": one storing the head so, which check did not list while merge said it untied it. A Marian
     storing them wrote no head: the rule did not take MarianMTModel for a class with one, newly initialized.)"""
     cls = tiny(tmp_path / "base", kind, head="twice" if copies == "head" else None)
-    base = load_file(tmp_path / "base" / "model.safetensors")
-    if copies is True:
-        save_file({**base, **{f"model.{s}.embed_tokens.weight": base["model.shared.weight"].clone()
-                              for s in ("encoder", "decoder")}}, str(tmp_path / "base" / "model.safetensors"),
-                  metadata={"format": "pt"})
+    base = with_side_copies(tmp_path / "base") if copies is True else load_file(tmp_path / "base" / "model.safetensors")
     adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q_proj", f"{side}.embed_tokens"])
     assert f"model.{side}.embed_tokens" in formats.read_adapter(tmp_path / "a").modules
     # (the encoder reaches the tiny model's logits through one cross-attention alone: 2e-3)
@@ -327,13 +332,14 @@ def test_a_lora_on_one_sides_embed_tokens_registers_with_its_base(tmp_path):
     assert code == 0 and "base bart" in out, out
 
 
-def saved_embeddings(cls, base, out, changes):
-    """PEFT's adapter of the queries with modules_to_save=["embed_tokens"]: it wraps each side's embed_tokens apart
-    (shared and the head read the base's weight), each copy changed as ``changes`` says (side → a seed, to simulate
-    training; the same seed, byte-identical copies); the adapted model, checked to load back as it was."""
+def saved_embeddings(cls, base, out, changes, also=()):
+    """PEFT's adapter of the queries (and ``also``) with modules_to_save=["embed_tokens"]: it wraps each side's
+    embed_tokens apart (shared and the head read the base's weight), each copy changed as ``changes`` says (side → a
+    seed, to simulate training; the same seed, byte-identical copies); the adapted model, checked to load back as it
+    was."""
     from peft import PeftModel
 
-    model = lora(cls, base, out, ["q" if "T5" in cls.__name__ else "q_proj"], modules_to_save=["embed_tokens"])
+    model = lora(cls, base, out, ["q" if "T5" in cls.__name__ else "q_proj", *also], modules_to_save=["embed_tokens"])
     prefix = "" if "T5" in cls.__name__ else "model."
     with torch.no_grad():
         for side, seed in changes.items():
@@ -354,11 +360,7 @@ def test_each_sides_embed_tokens_saved_whole_is_that_sides_alone(tmp_path, kind,
     and the head the base's values (``copies``: a checkpoint storing each side's embed_tokens byte-identical to
     shared)."""
     cls = tiny(tmp_path / "base", kind)
-    base = load_file(tmp_path / "base" / "model.safetensors")
-    if copies:
-        save_file({**base, **{f"model.{s}.embed_tokens.weight": base["model.shared.weight"].clone()
-                              for s in ("encoder", "decoder")}}, str(tmp_path / "base" / "model.safetensors"),
-                  metadata={"format": "pt"})
+    base = with_side_copies(tmp_path / "base") if copies else load_file(tmp_path / "base" / "model.safetensors")
     adapted = saved_embeddings(cls, tmp_path / "base", tmp_path / "a", changes)
     merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
     for side in ("encoder", "decoder"):
@@ -366,6 +368,22 @@ def test_each_sides_embed_tokens_saved_whole_is_that_sides_alone(tmp_path, kind,
         assert torch.equal(merged[f"model.{side}.embed_tokens.weight"], saved.weight), side
     for name in ("model.shared.weight", "lm_head.weight"):
         assert torch.equal(merged[name], base["model.shared.weight"]), name
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_each_sides_saved_embed_tokens_take_nothing_from_a_lora_on_shared(tmp_path, copies):
+    """A LoRA on shared beside the saved side copies (nonzero, as extract writes it): PEFT's model reads each side's
+    copy (its merge_and_unload too), never shared's LoRA. The merge added shared's delta on each saved copy (written
+    as shared's copy, or stored as one: the LoRA on shared is each side's lookup's where a side is not replaced)."""
+    cls = tiny(tmp_path / "base", "bart")
+    base = with_side_copies(tmp_path / "base") if copies else load_file(tmp_path / "base" / "model.safetensors")
+    adapted = saved_embeddings(cls, tmp_path / "base", tmp_path / "a", {"encoder": 2, "decoder": 3}, also=["shared"])
+    assert adapted.base_model.model.model.shared.get_delta_weight("default").abs().max() > 1
+    merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
+    for side in ("encoder", "decoder"):
+        saved = adapted.base_model.model.get_submodule(f"model.{side}.embed_tokens").modules_to_save["default"]
+        assert torch.equal(merged[f"model.{side}.embed_tokens.weight"], saved.weight), side
+    assert torch.equal(merged["lm_head.weight"], base["model.shared.weight"])
 
 
 @pytest.mark.parametrize("kind, changes", [("t5", {"encoder": 2, "decoder": 3}), ("t5", {"encoder": 2, "decoder": 2}),
