@@ -192,6 +192,9 @@ def test_extract_conv_rank_is_the_truncated_svd_peft_loads_and_lineage(conv_pair
                     "-o", tmp_path / "out")
     assert code == 0, out
     assert "registered tuned-r3-conv2@1" in out and "capped" not in out
+    # the table's kind tells the 1×1 conv (ranked by --rank) from the 3×3 one (by --conv-rank), as resize's does
+    assert {line.split()[0]: line.split()[1] for line in out.splitlines()[2:5]} == {
+        "proj": "linear", "conv1": "conv1x1", CONV3: "conv3x3"}, out
     extracted = read_adapter(tmp_path / "out")
     assert {n: m.rank for n, m in extracted.modules.items()} == {"proj": 3, "conv1": 3, CONV3: 2}
     expected = {name: truncated(D, 2 if name == CONV3 else 3) for name, D in deltas.items()}
