@@ -192,6 +192,9 @@ def test_extract_conv_rank_is_the_truncated_svd_peft_loads_and_lineage(conv_pair
                     "-o", tmp_path / "out")
     assert code == 0, out
     assert "registered tuned-r3-conv2@1" in out and "capped" not in out
+    # the table's kind tells the 1×1 conv (ranked by --rank) from the 3×3 one (by --conv-rank), as resize's does
+    assert {line.split()[0]: line.split()[1] for line in out.splitlines()[2:5]} == {
+        "proj": "linear", "conv1": "conv1x1", CONV3: "conv3x3"}, out
     extracted = read_adapter(tmp_path / "out")
     assert {n: m.rank for n, m in extracted.modules.items()} == {"proj": 3, "conv1": 3, CONV3: 2}
     expected = {name: truncated(D, 2 if name == CONV3 else 3) for name, D in deltas.items()}
@@ -387,3 +390,26 @@ def test_capped_lines_count_each_group_and_not_a_dynamic_rule(conv_pair):
     code, out = run("extract", "--base", base, "--tuned", tuned, "--dynamic", "sv_fro", "--param", "0.5",
                     "--conv-rank", "9")
     assert code == 0 and "capped" not in out, out
+
+
+def test_a_lycoris_loha_resized_to_kohya_is_a_plain_lora_and_says_nothing_of_loha(tmp_path):
+    """resize of a LyCORIS LoHa writes a plain LoRA (lora_down/lora_up, an SVD of each ΔW): its header names
+    sd-scripts' networks.lora and keeps no LyCORIS argument (an algo "loha" would make LyCORIS' loader build LoHa
+    modules the file has no weights for), only the training settings that stay true and the convs' dim/alpha."""
+    from test_lycoris import lycoris_file
+
+    path, _ = lycoris_file(tmp_path / "lyco.safetensors", "loha", rank=3, alpha=2.0)
+    save_file(load_file(path), str(path), metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(
+        {"algo": "loha", "conv_dim": "3", "conv_alpha": "2", "rank_dropout": "0.1"})})
+    base = save_state_dict(conv_embedding_model(), tmp_path / "base.safetensors")
+    for args in (["base", "add", base, "--name", "tiny"], ["register", path, "--name", "lyco", "--base", "tiny"],
+                 ["resize", "lyco", "--rank", "2", "--format", "kohya", "-o", tmp_path / "r.safetensors"]):
+        code, out = run(*args)
+        assert code == 0, out
+    assert {key.split(".", 1)[1] for key in load_file(tmp_path / "r.safetensors")} == {
+        "lora_down.weight", "lora_up.weight", "alpha"}
+    metadata = read_adapter(tmp_path / "r.safetensors").metadata
+    assert metadata["ss_network_module"] == "networks.lora"
+    args = json.loads(metadata["ss_network_args"])
+    assert args.keys() == {"rank_dropout", "conv_dim", "conv_alpha"} and args["conv_dim"] == "2", args
+    assert float(args["conv_alpha"]) == pytest.approx(2 / 3 * 2)  # the LoHa's scale alpha/r kept at rank 2

@@ -5,7 +5,7 @@ import click
 
 from . import FLOAT, INT
 from .algebra import CONV_RANK_HELP, compute_options, echo_capped, echo_saved
-from .render import echo_base_changed, echo_json, echo_table, human_bytes
+from .render import echo_base_changed, echo_json, echo_table, human_bytes, layer_kind
 
 
 def _names(text: str | None, option: str) -> list[str] | None:
@@ -54,8 +54,8 @@ def extract(base, tuned, rank, dynamic, param, max_rank, conv_rank, modules, sav
     report = result.report
     echo_table(
         ["module", "kind", "shape", "rank", "alpha", "error", "fro kept"],
-        [(m.name, m.kind, "×".join(map(str, m.shape)), m.rank, f"{m.alpha:g}", f"{m.error:.2e}", f"{m.fro_retained:.2%}")
-         for m in report.modules],
+        [(m.name, layer_kind(m.kind, m.shape[2:] if m.kind == "conv" else None), "×".join(map(str, m.shape)), m.rank,
+          f"{m.alpha:g}", f"{m.error:.2e}", f"{m.fro_retained:.2%}") for m in report.modules],
     )
     if report.modules:
         click.echo(f"average: relative error {report.error_mean:.2e} (max {report.error_max:.2e}), fro kept "
