@@ -1238,7 +1238,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
-    for tensor, why in unsaved_tensors(bound, manifest, config).items():
+    unsaved = unsaved_tensors(bound, manifest, config)
+    for tensor, why in unsaved.items():
         missing.append(tensor)
         why_missing[tensor] = why
     row_mismatches = []
@@ -1270,6 +1271,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 if name in bound.modules:
                     matched -= 1
         ok = not missing
+    tensor_misfits = {m.name for m in full_mismatches} | {n for n in missing if n in bound.full_tensors} | set(unsaved)
     return CheckReport(
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
@@ -1278,6 +1280,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         token_rows=sum(len(r.indices) for r in bound.token_rows.values()),
         token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
                                if n not in {m.name for m in row_mismatches} and n not in why_missing),
+        tensors=len(bound.full_tensors) + len(unsaved),
+        tensors_matched=len(bound.full_tensors) + len(unsaved) - len(tensor_misfits),
     )
 
 
@@ -1366,6 +1370,31 @@ def misfits(report: CheckReport) -> list[str]:
     return out
 
 
+def counted(parts: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join(filter(None, [", ".join(parts[:-1]), parts[-1]]))
+
+
+def fit_counts(report: CheckReport) -> str:
+    """What fits, for check's headline: the LoRA modules always (as 0/0 for a tokens-only adapter), the whole tensors
+    and trainable-token rows where the adapter has them."""
+    parts = [f"{report.matched}/{report.modules} modules"]
+    if report.tensors:
+        parts.append(f"{report.tensors_matched}/{report.tensors} whole tensors")
+    if report.token_rows:
+        parts.append(f"{report.token_rows_matched}/{report.token_rows} token rows")
+    return counted(parts)
+
+
+def misfit_counts(report: CheckReport) -> str:
+    """What does not fit, with its verb, as the headline counts it: "1 module does", "2 modules and 1 whole tensor
+    do" (a misfit phrase may stand for several modules: the experts of one quantized tensor)."""
+    counts = [(report.modules - report.matched, "module"), (report.tensors - report.tensors_matched, "whole tensor"),
+              (report.token_rows - report.token_rows_matched, "token row")]
+    parts = [f"{n} {noun}{'s' if n != 1 else ''}" for n, noun in counts if n]
+    return counted(parts) + (" does" if sum(n for n, _ in counts) == 1 else " do")
+
+
 def rows_shape(rows: TokenRows, manifest: Mapping[str, object]) -> tuple[int, ...]:
     """The shape of the tensor trainable tokens replace rows of, as far as the base says: its own, or (a tied head the
     base does not store) that of input embeddings of the rows' width."""
@@ -1387,8 +1416,5 @@ def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: 
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
         where = f"base {base_name}" if base_name else "the base"
-        count = (len(report.shape_mismatches) + len(report.missing) + len(report.ambiguous)
-                 + len(report.full_tensor_mismatches) + len(report.token_row_mismatches))
-        noun = "module does" if count == 1 else "modules do"
-        raise MismatchError(f"{adapter.label}: {count} {noun} not fit {where}: {shown}")
+        raise MismatchError(f"{adapter.label}: {misfit_counts(report)} not fit {where}: {shown}")
     return bind(adapter, manifest)

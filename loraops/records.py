@@ -329,6 +329,11 @@ class CheckReport(Record):
     """PEFT trainable tokens: how many rows the adapter replaces, over every tensor."""
     token_rows_matched: int = 0
     """Of those, the rows of tensors that fit the base (see token_row_mismatches)."""
+    tensors: int = 0
+    """Whole tensors: the adapter's modules_to_save copies, and those PEFT saves whole on this base that its file lacks
+    (these never fit: see why_missing)."""
+    tensors_matched: int = 0
+    """Of those, the ones that fit the base (see full_tensor_mismatches and missing)."""
     tied_heads: list[str] = []
     """Output heads (lm_head) the base does not store, tying them to input embeddings of their shape, that an adapter
     changes, or whose embeddings a LoRA or a modules_to_save copy changes (known when the base's config.json is at

@@ -5,10 +5,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import factories
 from loraops import st
-from loraops.check import bind, check, require_fit
+from loraops.check import bind, check, fit_counts, misfit_counts, require_fit
 from loraops.errors import AmbiguousError, MismatchError
 from loraops.formats import read_adapter
 
@@ -51,11 +52,36 @@ def test_missing_modules_and_full_tensors(bases):
     partial = {k: v for k, v in bases.big.items() if "layers.1." not in k}
     report = check(adapter, partial)
     assert report.missing == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"] and report.matched == 2
-    adapter.full_tensors["lm_head.weight"] = __import__("torch").zeros(3, 3)
+    adapter.full_tensors["lm_head.weight"] = torch.zeros(3, 3)
     report = check(adapter, bases.big)
     assert [(m.name, m.expected, m.actual) for m in report.full_tensor_mismatches] == [("lm_head.weight", [128, 64], [3, 3])]
     with pytest.raises(MismatchError, match=r"lm_head.weight \(full tensor 3×3, base 128×64\)"):
         require_fit(adapter, bases.big)
+
+
+def test_misfit_counts_say_what_they_count(bases):
+    """The one-line refusal counts LoRA modules, whole tensors (modules_to_save copies) and token rows apart, as
+    check's headline counts them: a whole tensor is no module (it said "1 module does not fit: lm_head.weight (full
+    tensor …)")."""
+    adapter = read_adapter(bases.adapter)
+    partial = {k: v for k, v in bases.big.items() if "layers.1." not in k}
+    report = check(adapter, partial)
+    assert misfit_counts(report) == "2 modules do" and fit_counts(report) == "2/4 modules"
+    adapter.full_tensors["lm_head.weight"] = torch.zeros(3, 3)
+    adapter.full_tensors["model.norm.weight"] = torch.zeros(64)
+    alone = check(adapter, bases.big)
+    assert (alone.tensors, alone.tensors_matched) == (2, 1)
+    assert misfit_counts(alone) == "1 whole tensor does" and fit_counts(alone) == "4/4 modules and 1/2 whole tensors"
+    with pytest.raises(MismatchError, match=r": 1 whole tensor does not fit the base: lm_head.weight \(full tensor "):
+        require_fit(adapter, bases.big)
+    both = check(adapter, partial)
+    assert fit_counts(both) == "2/4 modules and 1/2 whole tensors"
+    with pytest.raises(MismatchError, match=r": 2 modules and 1 whole tensor do not fit base part: "):
+        require_fit(adapter, partial, base_name="part")
+    del adapter.modules["model.layers.1.mlp.down_proj"]
+    assert misfit_counts(check(adapter, partial)) == "1 module and 1 whole tensor do"
+    adapter.full_tensors["lm_head.weight"] = torch.zeros(128, 64)
+    assert check(adapter, bases.big).tensors_matched == 2 and check(adapter, partial).tensors_matched == 2
 
 
 def test_leading_model_prefix_tolerated(bases, tmp_path):
@@ -87,7 +113,7 @@ def test_check_report_json_schema(bases):
     data = json.loads(check(read_adapter(bases.adapter), bases.small).model_dump_json())
     assert set(data) == {"ok", "base", "matched", "modules", "missing", "ambiguous", "shape_mismatches",
                          "full_tensor_mismatches", "token_row_mismatches", "tied_heads", "why_missing", "token_rows",
-                         "token_rows_matched"}
+                         "token_rows_matched", "tensors", "tensors_matched"}
     assert set(data["shape_mismatches"][0]) == {"name", "tensor", "expected", "actual"}
 
 

@@ -13,10 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import factories
 from factories import kohya_file, peft_adapter, tiny_llama
 from loraops import settings, st
 from loraops.cli import main
 from loraops.errors import InvalidInputError
+from loraops.formats import read_adapter
 from loraops.registry import Registry, db
 from test_registry import KOHYA_MODULES, snapshot
 
@@ -646,3 +648,16 @@ def test_check_alpha_of_a_registered_adapter_is_refused_not_ignored(art):
         "error: anime@1: --alpha applies to an adapter given by path; a registered adapter is read with the alpha it "
         "was registered with (register it again with --alpha to change that)\n")
     assert cli("check", art["kohya"], "--base", "llama-tiny", "--alpha", "4").exit_code == 0  # a path: used
+
+
+def test_check_headline_counts_a_task_adapters_whole_tensors(tmp_path):
+    """check's headline counts the head a task adapter saves whole beside its LoRA modules (it counted the modules
+    alone, so a misfit head read "8/8 modules match" under "does not fit"); an adapter without such tensors keeps the
+    modules-only headline."""
+    base, folder, _ = factories.task_adapter(tmp_path, *factories.TASK_MODELS[0])
+    adapter = read_adapter(folder)
+    modules, tensors = len(adapter.modules), len(adapter.full_tensors)
+    assert modules and tensors
+    result = factories.loraops_run("check", folder, "--base", base)
+    assert result.stdout.startswith(f"{folder} fits {base}: {modules}/{modules} modules and {tensors}/{tensors} whole "
+                                    "tensors match\n"), result.stdout + result.stderr

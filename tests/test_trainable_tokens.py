@@ -195,6 +195,8 @@ def test_check_refuses_tokens_on_a_tensor_the_merge_cannot_write(tmp_path, bases
         out = run(*args, code=2).output
         assert f"{EMBED!r} is stored as I8" in out, out
         assert out.count("\n") == 1 if args[0] == "merge" else "0/2 token rows match" in out, out
+        # the rows counted as check's headline counts them, not as "1 module" (the LoRA's modules all fit)
+        assert ": 2 token rows do not fit " in out if args[0] == "merge" else "does not fit" in out, out
 
 
 def test_weight_subtract_combine_kohya_refused(tmp_path, bases):

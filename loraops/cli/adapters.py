@@ -157,7 +157,7 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
     """Check that an adapter fits a base: every module by name and shape, or each mismatch.
 
     Without --base: against the adapter's recorded base; when it has none, against every registered base."""
-    from ..check import UNTIED_FAMILIES, misfits
+    from ..check import UNTIED_FAMILIES, fit_counts, misfits
     from ..errors import MismatchError
 
     with _registry(create=False) as reg:
@@ -167,8 +167,7 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
     else:
         for report in result.reports:
             verdict = "fits" if report.ok else "does not fit"
-            rows = f" and {report.token_rows_matched}/{report.token_rows} token rows" if report.token_rows else ""
-            click.echo(f"{result.adapter} {verdict} {report.base}: {report.matched}/{report.modules} modules{rows} match")
+            click.echo(f"{result.adapter} {verdict} {report.base}: {fit_counts(report)} match")
             if report.tied_heads:
                 click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not stored, "
                            "or stored as a copy of them); a merge writes it untied (an encoder-decoder model's only "
