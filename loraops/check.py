@@ -1391,6 +1391,8 @@ def misfit_counts(report: CheckReport) -> str:
     do" (a misfit phrase may stand for several modules: the experts of one quantized tensor)."""
     counts = [(report.modules - report.matched, "module"), (report.tensors - report.tensors_matched, "whole tensor"),
               (report.token_rows - report.token_rows_matched, "token row")]
+    if not any(n for n, _ in counts):  # (no path is known to give this; what misfits lists, rather than a traceback)
+        counts = [(len(misfits(report)), "item")]
     parts = [f"{n} {noun}{'s' if n != 1 else ''}" for n, noun in counts if n]
     return counted(parts) + (" does" if sum(n for n, _ in counts) == 1 else " do")
 

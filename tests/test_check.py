@@ -82,6 +82,9 @@ def test_misfit_counts_say_what_they_count(bases):
     assert misfit_counts(check(adapter, partial)) == "1 module and 1 whole tensor do"
     adapter.full_tensors["lm_head.weight"] = torch.zeros(128, 64)
     assert check(adapter, bases.big).tensors_matched == 2 and check(adapter, partial).tensors_matched == 2
+    # a report not ok whose counts are all even (no path known to give one) says what misfits lists, not a traceback
+    odd = check(adapter, partial).model_copy(update={"modules": 1, "matched": 1, "tensors_matched": 2})
+    assert misfit_counts(odd) == "1 item does"
 
 
 def test_leading_model_prefix_tolerated(bases, tmp_path):
