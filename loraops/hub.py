@@ -899,6 +899,7 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
     def folder_files(folder: str) -> list[str]:
         prefix = f"{folder}/" if folder else ""
         here = sorted(n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
+
         def give_one_variant(variants: list[str]) -> str:
             others = "".join(f" --exclude '{prefix}*.{variant}*'" for variant in variants[1:])
             return (f"a Hub reference cannot name one; download the repo without the other variants' files "

@@ -12,6 +12,7 @@ Reads (resolving references, listings, the records) are plain SQL in reads.py, r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -962,11 +963,13 @@ def _files_at(path: str | None) -> "BaseModel | None":
     return model
 
 
-def _configs_at(path: str | None) -> Callable[[str], dict] | None:
-    """A registered base's config.json reader (tensor → its model's), where its files are at hand (_files_at): what
-    says that a LoRA on one side's embed_tokens fits as merge merges it (check.untied_side_source); None where not."""
-    model = _files_at(path)
-    return None if model is None else model.config
+def _configs_at(path: str | None) -> Callable[[str], dict]:
+    """A registered base's config.json reader (tensor → its model's): what says that a LoRA or a saved copy on one
+    side's embed_tokens fits as merge merges it (check.untied_side_source). Its files are opened (_files_at) on the
+    first call, which only such an adapter makes: not on every registration; {} where they are gone, which unties
+    nothing."""
+    model = functools.cache(lambda: _files_at(path))
+    return lambda tensor: {} if model() is None else model().config(tensor)
 
 
 def _check_files(adapter: "Adapter", model: "BaseModel", name: str) -> "CheckReport":
