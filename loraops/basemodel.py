@@ -22,7 +22,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import settings
 from .errors import FormatError, InvalidInputError, NotFoundError
@@ -253,10 +253,7 @@ def _unreadable(folder: Path, exc: OSError) -> InvalidInputError:
 
 
 def _folder_part(folder: Path, prefix: str) -> Part:
-    try:
-        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    except OSError as exc:
-        raise _unreadable(folder, exc) from None
+    names = _names(folder)
     # read before the weights, as from_pretrained does: its transformers_weights names them
     config = read_model_config(folder / "config.json") if "config.json" in names else None
     try:
@@ -286,13 +283,33 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         if Path(os.path.normpath(folder.absolute())) not in shard.parents:
             raise FormatError(f"{index}: shard {name!r} points outside the folder")
         if not shard.exists():
-            raise NotFoundError(f"{folder / name}: shard listed in {index.name} is missing")
+            raise NotFoundError(f"{folder / name}: shard listed in {index_name} is missing")
         files.append(folder / name)
-    # a shard of the same set that the index does not list: its tensors would be missing from the model
-    unlisted = [name for name in names if name not in shard_names and index_of(name) == index_name]
+    unlisted = unlisted_shards(index_name, shard_names, lambda sub: _names(folder / sub))
     if unlisted:
         raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
     return Part(prefix, folder, files, index)
+
+
+def _names(folder: Path) -> list[str]:
+    """The file names in ``folder``, hidden ones left out."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise _unreadable(folder, exc) from None
+
+
+def unlisted_shards(index_name: str, shard_names: list[str], names_in) -> list[str]:
+    """The shards of the same set as the index ``index_name`` lists (by its name: index_of) that lie beside it or
+    beside a shard it lists but that it does not list (``shard_names``), paths relative to the model's folder as the
+    index's are; their tensors would be missing from the model. ``names_in(folder)``: the file names in that folder
+    of the model's ('.' its own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and
+    list its shards relative to the model's folder, as transformers reads them; every folder is looked in."""
+    index = PurePosixPath(index_name)
+    folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
+    listed = {os.path.normpath(name) for name in shard_names}
+    return [str(sub / name) if str(sub) != "." else name for sub in sorted(folders) for name in names_in(str(sub))
+            if index_of(name) == index.name and os.path.normpath(sub / name) not in listed]
 
 
 def give_one_variant(variants: list[str]) -> str:

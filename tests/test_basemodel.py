@@ -498,6 +498,46 @@ def test_a_merge_of_an_index_in_a_subfolder_keeps_its_shards_paths(tmp_path):
         AutoModelForCausalLM.from_pretrained(out)
 
 
+@pytest.mark.parametrize("shards_in", ["", "sub/"])
+def test_an_index_in_a_subfolder_is_held_to_the_shards_beside_it_and_its_shards(tmp_path, shards_in):
+    """An index transformers_weights names in a subfolder (sub/model.safetensors.index.json) lists its shards
+    relative to the model's folder, as transformers reads them (get_checkpoint_shard_files joins them to the
+    folder), at the top or in sub/. A shard of its set that it does not list was read past (its tensors missing from
+    the base) where an index at the top is refused for it; now refused the same, locally and on the Hub, whose
+    offline snapshot needs that index (base_reads left it out where the shards lie at the top)."""
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+
+    folder = tiny_llama(tmp_path / "s", shard_size="60KB")
+    (folder / "sub").mkdir()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    (folder / "model.safetensors.index.json").unlink()
+    for shard in folder.glob("model-*.safetensors"):
+        shard.rename(folder / shards_in / shard.name)
+    index["weight_map"] = {name: f"{shards_in}{shard}" for name, shard in index["weight_map"].items()}
+    index_file = folder / "sub" / "model.safetensors.index.json"
+    index_file.write_text(json.dumps(index))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "sub/model.safetensors.index.json"}))
+    AutoModelForCausalLM.from_pretrained(folder)
+    shards = sorted(set(index["weight_map"].values()))
+    assert [str(f.relative_to(folder)) for f in BaseModel.open(folder).files] == shards
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    weights, _, indexes = hub.weight_layout(names, read)
+    assert weights == shards and indexes == ["sub/model.safetensors.index.json"]
+    assert "sub/model.safetensors.index.json" in hub.base_reads(names, weights, indexes)
+
+    index_file.write_text(json.dumps(index | {"weight_map": {n: s for n, s in index["weight_map"].items()
+                                                             if s != shards[-1]}}))
+    says = f"does not list {shards[-1]}, a shard of the same model"
+    with pytest.raises(FormatError, match=re.escape(f"{index_file}: {says}")):
+        BaseModel.open(folder)
+    with pytest.raises(FormatError, match=re.escape(f"sub/model.safetensors.index.json: {says}")):
+        hub.weight_layout(names, read)
+
+
 def test_a_tied_model_whose_weights_lie_in_a_subfolder_comes_out_untied(tmp_path):
     """A LoRA on a tied model's embeddings unties its head (merged untied: the head keeps the base's embeddings); with
     transformers_weights naming sub/model.safetensors, the config to edit (tie_word_embeddings false) is the model's,
