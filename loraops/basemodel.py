@@ -308,7 +308,7 @@ def unlisted_shards(index_name: str, shard_names: list[str], names_in) -> list[s
     index = PurePosixPath(index_name)
     folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
     listed = {os.path.normpath(name) for name in shard_names}
-    return [str(sub / name) if str(sub) != "." else name for sub in sorted(folders) for name in names_in(str(sub))
+    return [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
             if index_of(name) == index.name and os.path.normpath(sub / name) not in listed]
 
 
