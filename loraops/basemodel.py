@@ -22,7 +22,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import settings
 from .errors import FormatError, InvalidInputError, NotFoundError
@@ -253,10 +253,7 @@ def _unreadable(folder: Path, exc: OSError) -> InvalidInputError:
 
 
 def _folder_part(folder: Path, prefix: str) -> Part:
-    try:
-        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    except OSError as exc:
-        raise _unreadable(folder, exc) from None
+    names = _names(folder)
     # read before the weights, as from_pretrained does: its transformers_weights names them
     config = read_model_config(folder / "config.json") if "config.json" in names else None
     try:
@@ -286,13 +283,33 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         if Path(os.path.normpath(folder.absolute())) not in shard.parents:
             raise FormatError(f"{index}: shard {name!r} points outside the folder")
         if not shard.exists():
-            raise NotFoundError(f"{folder / name}: shard listed in {index.name} is missing")
+            raise NotFoundError(f"{folder / name}: shard listed in {index_name} is missing")
         files.append(folder / name)
-    # a shard of the same set that the index does not list: its tensors would be missing from the model
-    unlisted = [name for name in names if name not in shard_names and index_of(name) == index_name]
+    unlisted = unlisted_shards(index_name, shard_names, lambda sub: _names(folder / sub))
     if unlisted:
         raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
     return Part(prefix, folder, files, index)
+
+
+def _names(folder: Path) -> list[str]:
+    """The file names in ``folder``, hidden ones left out."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise _unreadable(folder, exc) from None
+
+
+def unlisted_shards(index_name: str, shard_names: list[str], names_in) -> list[str]:
+    """The shards of the same set as the index ``index_name`` lists (by its name: index_of) that lie beside it or
+    beside a shard it lists but that it does not list (``shard_names``), paths relative to the model's folder as the
+    index's are; their tensors would be missing from the model. ``names_in(folder)``: the file names in that folder
+    of the model's ('.' its own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and
+    list its shards relative to the model's folder, as transformers reads them; every folder is looked in."""
+    index = PurePosixPath(index_name)
+    folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
+    listed = {os.path.normpath(name) for name in shard_names}
+    return [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
+            if index_of(name) == index.name and os.path.normpath(sub / name) not in listed]
 
 
 def give_one_variant(variants: list[str]) -> str:
@@ -317,12 +334,11 @@ def folder_weights(names: list[str], config: dict | None = None, several_variant
     folder) for these refusals (``several_variants``(the variants): what to give instead, which depends on the kind
     of reference: a Hub one names no file) and for a set of shards that would be read without its index."""
     names = sorted(names)
-    diffusers = is_diffusers(config)
-    if not diffusers:
+    if not is_diffusers(config):
         explicit = explicit_weights(config or {}, holds or set(names).__contains__)
         if explicit is not None:
             return (explicit, []) if explicit.endswith(INDEX_SUFFIX) else (None, [explicit])
-    found = _named_weights(names, None, diffusers)
+    found = _named_weights(names, None, config)
     if found is not None:
         return found
     indexes = [name for name in names if name.endswith(INDEX_SUFFIX)]
@@ -332,7 +348,7 @@ def folder_weights(names: list[str], config: dict | None = None, several_variant
     default = [name for name in files if variant_of(name) is None]
     variants = sorted({variant_of(name) for name in files} - {None})
     if not default and len(variants) == 1:
-        found = _named_weights(names, variants[0], diffusers)
+        found = _named_weights(names, variants[0], config)
         if found is not None:
             return found
     if not default and len(variants) > 1:
@@ -345,22 +361,39 @@ def folder_weights(names: list[str], config: dict | None = None, several_variant
     return None, files
 
 
-def _named_weights(names: list[str], variant: str | None, diffusers: bool) -> tuple[str | None, list[str]] | None:
+def _named_weights(names: list[str], variant: str | None, config: dict | None) -> tuple[str | None, list[str]] | None:
     """What from_pretrained(variant=``variant``) reads of a folder of these file ``names`` by the names it looks for,
     as folder_weights returns it, else None. transformers: model.safetensors before model.safetensors.index.json
     (model.fp16.safetensors before model.safetensors.index.fp16.json); diffusers: its index (a variant's, then its
-    legacy one: _fetch_index_file_legacy) before its file. A folder without a diffusers config is looked at for both
-    (a pipeline component without one, a folder of either's files: their names differ)."""
+    legacy one: _fetch_index_file_legacy) before its file. A folder without a diffusers ``config`` is looked at for
+    both (a pipeline component without one, a folder of either's files: their names differ), transformers' first.
+    A folder with no config.json at all is refused (FormatError) where it holds both libraries' weights, or beside
+    them another set of shards of the variant without its index: neither from_pretrained loads a folder without its
+    config, and nothing says which of the sets is the model (with a config, its library reads its own names only)."""
     def add(name: str) -> str:  # transformers' and diffusers' _add_variant
         stem, _, suffix = name.rpartition(".")
         return f"{stem}.{variant}.{suffix}" if variant else name
 
     legacy = [f"{DIFFUSERS_WEIGHTS}.{variant}.index.json"] if variant else []
-    transformers = [] if diffusers else [add("model.safetensors"), add(INDEX_NAME)]
-    for name in [*transformers, add(DIFFUSERS_INDEX), *legacy, add(DIFFUSERS_WEIGHTS)]:
-        if name in names:
-            return (name, []) if name.endswith(".json") else (None, [name])
-    return None
+    wanted = {"diffusers": [add(DIFFUSERS_INDEX), *legacy, add(DIFFUSERS_WEIGHTS)]}
+    if not is_diffusers(config):
+        wanted = {"transformers": [add("model.safetensors"), add(INDEX_NAME)], **wanted}
+    found = {library: name for library, candidates in wanted.items()
+             for name in [next((n for n in candidates if n in names), None)] if name}
+    if config is None and len(found) > 1:
+        raise FormatError(f"no config.json, and both transformers' weights ({found['transformers']}) and diffusers' "
+                          f"({found['diffusers']}): neither from_pretrained loads a folder without its config, and "
+                          "which is the model is not known; add the model's config.json, or keep one model's weights "
+                          "only")
+    name = next(iter(found.values()), None)
+    if name is None:
+        return None
+    if config is None:
+        problem = shards_without_index([n for n in names if n.endswith(".safetensors") and variant_of(n) == variant],
+                                       names)
+        if problem:
+            raise FormatError(f"no config.json, and {problem}")
+    return (name, []) if name.endswith(".json") else (None, [name])
 
 
 def is_diffusers(config: dict | None) -> bool:

@@ -886,19 +886,25 @@ class RemoteBase:
         return hub_source(self.ref.repo_id, self.commit)
 
 
-def weight_layout(names: list[str], read_index, download: str = "hf download REPO") -> tuple[list[str], dict[str, str]]:
+def weight_layout(names: list[str], read_index,
+                  download: str = "hf download REPO") -> tuple[list[str], dict[str, str], list[str]]:
     """Which files hold a base's weights, by the rules of loraops.basemodel, on a repo listing: a diffusers
     pipeline (model_index.json) has one part per component folder (tensor prefix '<component>.'); in a folder, the
     files basemodel.folder_weights chooses (what from_pretrained reads by default), through their index where they
     have one (or the file config.json's transformers_weights names). ``read_index(name)`` returns an index's (or the
     config's) JSON. ``download``: the command that downloads the repo, for the refusal of a folder of several
     variants (a Hub reference names no file: the hint leaves out all variants but one). Returns (files, {file:
-    tensor-name prefix})."""
-    from .basemodel import folder_weights
+    tensor-name prefix}, the indexes read: for base_reads, as one may lie in a subfolder away from its shards).
+    A shard of an index's set that it does not list is refused, as basemodel refuses it."""
+    from .basemodel import folder_weights, unlisted_shards
+
+    def names_in(folder: str) -> list[str]:
+        prefix = "" if folder in ("", ".") else f"{folder}/"
+        return sorted(n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
 
     def folder_files(folder: str) -> list[str]:
         prefix = f"{folder}/" if folder else ""
-        here = sorted(n[len(prefix):] for n in names if n.startswith(prefix) and "/" not in n[len(prefix):])
+        here = names_in(folder)
 
         def give_one_variant(variants: list[str]) -> str:
             others = "".join(f" --exclude '{prefix}*.{variant}*'" for variant in variants[1:])
@@ -911,16 +917,20 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
         except FormatError as exc:
             raise FormatError(f"{folder}: {exc}" if folder else str(exc)) from None
         if index:
-            index = prefix + index
             try:
-                files = sorted(set(read_index(index)["weight_map"].values()))
+                files = sorted(set(read_index(prefix + index)["weight_map"].values()))
             except (KeyError, TypeError, AttributeError):
-                raise FormatError(f"{index}: not a valid safetensors index (no weight_map)") from None
-            check_repo_names([prefix + s for s in files], index)
+                raise FormatError(f"{prefix + index}: not a valid safetensors index (no weight_map)") from None
+            check_repo_names([prefix + s for s in files], prefix + index)
+            unlisted = unlisted_shards(index, files, lambda sub: names_in(str(PurePosixPath(prefix, sub))))
+            if unlisted:
+                raise FormatError(f"{prefix + index}: does not list {', '.join(prefix + s for s in unlisted[:3])}, "
+                                  "a shard of the same model")
+            indexes.append(prefix + index)
         return [prefix + s for s in files]
 
     check_repo_names(names, "repo")
-    listed = set(names)
+    listed, indexes = set(names), []
     if PIPELINE_INDEX in names:
         folders = sorted({n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith(".safetensors")})
         layout = {f: folder + "." for folder in folders for f in folder_files(folder)}
@@ -930,11 +940,12 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
         pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
         raise FormatError("no .safetensors weights" + (f" (only pickle files: {', '.join(pickles[:5])}; "
                                                        "loraops reads safetensors only)" if pickles else ""))
-    return list(layout), layout
+    return list(layout), layout, indexes
 
 
-def base_reads(names: list[str], weights: list[str]) -> list[str]:
-    """The files of a repo listing that loraops.basemodel reads as a base: its ``weights`` (weight_layout), and what
+def base_reads(names: list[str], weights: list[str], indexes: list[str] = ()) -> list[str]:
+    """The files of a repo listing that loraops.basemodel reads as a base: its ``weights`` and ``indexes``
+    (weight_layout's; an index transformers_weights names may lie in a subfolder, its shards above it), and what
     says how to read them where the repo has it: a pipeline's model_index.json, and in each weights folder its
     config.json (tied heads, FP8 scales; a merged model's config) and safetensors index."""
     from .basemodel import index_of
@@ -942,10 +953,12 @@ def base_reads(names: list[str], weights: list[str]) -> list[str]:
     # and its model's folder (a pipeline's component, else the top), whose config.json may name sub/model.safetensors
     folders = ({str(PurePosixPath(w).parent) for w in weights}
                | {w.split("/")[0] if PIPELINE_INDEX in names else "." for w in weights})
-    indexes = {str(PurePosixPath(w).with_name(index)) for w in weights if (index := index_of(PurePosixPath(w).name))}
+    shard_indexes = {str(PurePosixPath(w).with_name(index)) for w in weights
+                     if (index := index_of(PurePosixPath(w).name))}
     beside = [n for n in names if str(PurePosixPath(n).parent) in folders
-              and (PurePosixPath(n).name == "config.json" or n.endswith(INDEX_SUFFIX) or n in indexes)]
-    return list(weights) + sorted(set(beside) - set(weights)) + ([PIPELINE_INDEX] if PIPELINE_INDEX in names else [])
+              and (PurePosixPath(n).name == "config.json" or n.endswith(INDEX_SUFFIX) or n in shard_indexes)]
+    return (list(weights) + sorted(set(beside) - set(weights)) + sorted(set(indexes) - set(beside))
+            + ([PIPELINE_INDEX] if PIPELINE_INDEX in names else []))
 
 
 def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
@@ -960,7 +973,7 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
     with hub_errors(ref, "read"), _progress():
         names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
         try:
-            files, layout = weight_layout(names, _index_reader(ref, commit, token),
+            files, layout, _ = weight_layout(names, _index_reader(ref, commit, token),
                                           f"hf download {ref.repo_id} --revision {commit}")
         except FormatError as exc:
             raise FormatError(f"{ref}: {exc}") from None
@@ -1032,10 +1045,10 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
             names, needed = _cached_names(ref, commit), None
             if names is not None:
                 try:
-                    weights = weight_layout(names, _index_reader(ref, commit, token))[0]
+                    weights, _, indexes = weight_layout(names, _index_reader(ref, commit, token))
                 except LocalEntryNotFoundError:  # an index the listing cached with the download names
                     raise _not_cached(ref, "download", partly=True) from None
-                needed = exactly(base_reads(names, weights))
+                needed = exactly(base_reads(names, weights, indexes))
             folder = Path(snapshot_download(ref.repo_id, revision=commit, cache_dir=cache_dir(),
                                             local_files_only=True, allow_patterns=needed))
         if not any(folder.rglob("*.safetensors")):  # (what base add read of it only: config.json, an index)

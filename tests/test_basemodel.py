@@ -498,6 +498,46 @@ def test_a_merge_of_an_index_in_a_subfolder_keeps_its_shards_paths(tmp_path):
         AutoModelForCausalLM.from_pretrained(out)
 
 
+@pytest.mark.parametrize("shards_in", ["", "sub/"])
+def test_an_index_in_a_subfolder_is_held_to_the_shards_beside_it_and_its_shards(tmp_path, shards_in):
+    """An index transformers_weights names in a subfolder (sub/model.safetensors.index.json) lists its shards
+    relative to the model's folder, as transformers reads them (get_checkpoint_shard_files joins them to the
+    folder), at the top or in sub/. A shard of its set that it does not list was read past (its tensors missing from
+    the base) where an index at the top is refused for it; now refused the same, locally and on the Hub, whose
+    offline snapshot needs that index (base_reads left it out where the shards lie at the top)."""
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+
+    folder = tiny_llama(tmp_path / "s", shard_size="60KB")
+    (folder / "sub").mkdir()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    (folder / "model.safetensors.index.json").unlink()
+    for shard in folder.glob("model-*.safetensors"):
+        shard.rename(folder / shards_in / shard.name)
+    index["weight_map"] = {name: f"{shards_in}{shard}" for name, shard in index["weight_map"].items()}
+    index_file = folder / "sub" / "model.safetensors.index.json"
+    index_file.write_text(json.dumps(index))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "sub/model.safetensors.index.json"}))
+    AutoModelForCausalLM.from_pretrained(folder)
+    shards = sorted(set(index["weight_map"].values()))
+    assert [str(f.relative_to(folder)) for f in BaseModel.open(folder).files] == shards
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    weights, _, indexes = hub.weight_layout(names, read)
+    assert weights == shards and indexes == ["sub/model.safetensors.index.json"]
+    assert "sub/model.safetensors.index.json" in hub.base_reads(names, weights, indexes)
+
+    index_file.write_text(json.dumps(index | {"weight_map": {n: s for n, s in index["weight_map"].items()
+                                                             if s != shards[-1]}}))
+    says = f"does not list {shards[-1]}, a shard of the same model"
+    with pytest.raises(FormatError, match=re.escape(f"{index_file}: {says}")):
+        BaseModel.open(folder)
+    with pytest.raises(FormatError, match=re.escape(f"sub/model.safetensors.index.json: {says}")):
+        hub.weight_layout(names, read)
+
+
 def test_a_tied_model_whose_weights_lie_in_a_subfolder_comes_out_untied(tmp_path):
     """A LoRA on a tied model's embeddings unties its head (merged untied: the head keeps the base's embeddings); with
     transformers_weights naming sub/model.safetensors, the config to edit (tie_word_embeddings false) is the model's,
@@ -733,3 +773,59 @@ def test_a_base_folder_without_permission_is_one_line(tmp_path):
             BaseModel.open(folder)
     finally:
         folder.chmod(0o755)
+
+
+def test_a_folder_without_config_holding_both_libraries_weights_is_refused(tmp_path):
+    """No config.json (neither transformers' nor diffusers' from_pretrained loads such a folder) and both
+    model.safetensors and diffusion_pytorch_model.safetensors: the first was read and the other left out, which of
+    the two being the model unknown. Refused in one line, locally and on the Hub; with a config, its library's own
+    file is read (a transformers config: model.safetensors; a diffusers one: diffusion_pytorch_model.safetensors)."""
+    from diffusers import UNet2DModel
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"a": torch.zeros(2)}, str(folder / "model.safetensors"))
+    save_file({"b": torch.zeros(2)}, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match="Should have a `model_type` key in its config.json"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(OSError, match="no file named config.json"):
+        UNet2DModel.from_pretrained(folder)
+    says = ("no config.json, and both transformers' weights (model.safetensors) and diffusers' "
+            "(diffusion_pytorch_model.safetensors): neither from_pretrained loads")
+    with pytest.raises(FormatError, match=re.escape(f"{folder}: {says}")):
+        BaseModel.open(folder)
+    names = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(FormatError, match="^" + re.escape(says)):
+        hub.weight_layout(names, lambda name: {})
+    for config, read in (({"model_type": "llama"}, "model.safetensors"),
+                         ({"_class_name": "UNet2DModel", "_diffusers_version": "0.42.0"},
+                          "diffusion_pytorch_model.safetensors")):
+        (folder / "config.json").write_text(json.dumps(config))
+        assert BaseModel.open(folder).files == [folder / read]
+    (folder / "config.json").unlink()
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    assert BaseModel.open(folder).files == [folder / "model.safetensors"]  # (one model's weights: read as before)
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_a_folder_without_config_is_refused_for_a_set_of_shards_without_its_index(tmp_path, variant):
+    """No config.json, transformers' shards read through their index (model.safetensors.index.json, or a lone
+    variant's model.safetensors.index.fp16.json) and beside them diffusers' shards of the same variant without
+    theirs: the indexed set was read and the other left out (the shard rule looked at a folder's shards only where no
+    index was found). Refused, as a set without its index is; a transformers config reads its own set only."""
+    folder = tmp_path / "m"
+    dot = f".{variant}" if variant else ""
+    listed = _shards(folder, f"model{dot}", 2)
+    index = f"model.safetensors.index{dot}.json"
+    (folder / index).write_text(json.dumps({"weight_map": listed}))
+    assert BaseModel.open(folder).files == [folder / s for s in sorted(listed.values())]
+    _shards(folder, f"diffusion_pytorch_model{dot}", 2)
+    with pytest.raises(FormatError, match=re.escape(
+            f"{folder}: no config.json, and shards diffusion_pytorch_model{dot}-0000N-of-00002.safetensors but no "
+            f"diffusion_pytorch_model.safetensors.index{dot}.json: the index is missing")):
+        BaseModel.open(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert BaseModel.open(folder).files == [folder / s for s in sorted(listed.values())]
