@@ -852,3 +852,17 @@ def test_a_stamp_made_while_the_values_were_read_is_not_marked_checked(reg, art,
     reg.load_adapter(record.id)
     assert "checked" not in stamps_of(reg, record)[weights.name]
 
+
+def test_the_copy_push_uploads_is_hashed_by_the_stamp_rule(reg, art, monkeypatch):
+    """push (and a repeated pull) take a stored copy only intact: one whose stamp holds is not hashed again, one
+    rewritten is hashed and refused."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    hashed = counted_hashes(monkeypatch)
+    assert reg.intact_path(record.id) == Path(record.path)
+    assert hashed == ["adapter_model.safetensors", "adapter_config.json"]  # (and stamped)
+    assert reg.intact_path(record.id) == Path(record.path)
+    assert len(hashed) == 2
+    flip_last_byte_keeping_mtime(Path(record.path) / "adapter_model.safetensors")
+    with pytest.raises(RegistryError, match="is changed \\(sha256"):
+        reg.intact_path(record.id)

@@ -763,10 +763,11 @@ class Registry:
 
     def intact_path(self, ref: str | int) -> Path:
         """The stored copy of a registered adapter, refused when a file of it is missing or no longer its recorded
-        bytes (push uploaded a damaged copy as it was)."""
+        bytes (push uploaded a damaged copy as it was); a file whose stat is as it was when it last hashed right is not
+        read again for that (BlobStore.unchanged, as for a load)."""
         with self.session() as s:
             row = self._find_adapter(s, ref)
-        self._refuse_damaged(row)
+        self._refuse_damaged(row, stamped=True)
         return self.blobs.path(row.blob)
 
     def _refuse_damaged(self, row: SqlAdapter, contents: bool = True, stamped: bool = False) -> None:
