@@ -866,3 +866,28 @@ def test_the_copy_push_uploads_is_hashed_by_the_stamp_rule(reg, art, monkeypatch
     flip_last_byte_keeping_mtime(Path(record.path) / "adapter_model.safetensors")
     with pytest.raises(RegistryError, match="is changed \\(sha256"):
         reg.intact_path(record.id)
+
+
+def test_a_stamp_holds_on_a_machine_that_sees_another_device_number(reg, art, monkeypatch):
+    """An NFS share has another st_dev on each machine (and remount): the stamp leaves the device out, as git's index
+    does, so a load there does not hash again; the inode, size, mtime and ctime still decide."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped on "this machine"
+    real_stat = Path.stat
+
+    class OtherMachine:
+        def __init__(self, st):
+            self.st = st
+
+        def __getattr__(self, name):
+            return getattr(self.st, name) + (1 if name == "st_dev" else 0)
+
+    def seen_elsewhere(path, *args, **kwargs):
+        st = real_stat(path, *args, **kwargs)
+        return OtherMachine(st) if Path(record.path) in Path(path).parents else st
+
+    monkeypatch.setattr(Path, "stat", seen_elsewhere)
+    hashed, looked = counted_hashes(monkeypatch), counted_value_checks(monkeypatch)
+    reg.load_adapter(record.id)
+    assert hashed == [] and looked == []

@@ -5,9 +5,10 @@ folder is stored as its files (adapter_config.json + weights), a single file und
 adapter reads exactly like the original. Each file is written to a temp sibling and renamed into place
 (os.replace), so a crash leaves only temp files that `loraops gc` removes.
 
-``<blobs_dir>/.stamps/<sha[:2]>/<sha>.json`` remembers, per stored file, its stat (device, inode, size, mtime and
-ctime in ns) when its bytes last hashed to the recorded sha256, so loading a stored adapter need not hash it again
-(see unchanged, remember); a cache only: one missing, stale or unreadable means the file is hashed.
+``<blobs_dir>/.stamps/<sha[:2]>/<sha>.json`` remembers, per stored file, its stat (inode, size, mtime and ctime in
+ns: not the device, see _stat_of) when its bytes last hashed to the recorded sha256, so loading a stored adapter need
+not hash it again (see unchanged, remember), and whether a load has checked its values under that stamp (see
+mark_checked); a cache only: one missing, stale or unreadable means the file is hashed (and checked).
 """
 from __future__ import annotations
 
@@ -279,7 +280,12 @@ def _flock(handle: int, *, shared: bool, wait: bool = True) -> bool:
 
 
 def _stat_of(st: os.stat_result) -> list[int]:
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    """What a stamp holds of a file's stat. Not its device number, which git's index leaves out too (unless built with
+    USE_STDEV): an NFS or other network share has a different one on each machine that mounts it, and on every
+    remount, so its stamps never held there; a file on another device at the same path with the same inode, size and
+    nanosecond mtime and ctime but other bytes would take a copy of the file system that then changed, and any change
+    moves ctime."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def folder_of(key: str) -> str:
