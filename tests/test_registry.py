@@ -427,18 +427,22 @@ def test_a_stored_copy_that_hashed_right_is_not_hashed_again_while_unchanged(reg
     assert not (reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json").exists()
 
 
+def flip_last_byte_keeping_mtime(path: Path) -> None:
+    """A file rewritten (same size, its last byte changed) with its mtime set back as it was."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
 def test_a_changed_stored_copy_is_caught_even_with_its_mtime_put_back(reg, art, monkeypatch):
     """A stamped file rewritten (same size, one byte changed, its mtime set back as it was) is hashed again and
     refused: its ctime moved, which no one can set back."""
     monkeypatch.setattr(blob_store, "RACY_NS", 0)
     record = reg.add_adapter(art["ad1"])
     reg.load_adapter(record.id)  # stamped
-    weights = Path(record.path) / "adapter_model.safetensors"
-    before = weights.stat()
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
-    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    flip_last_byte_keeping_mtime(Path(record.path) / "adapter_model.safetensors")
     with pytest.raises(RegistryError, match="is changed \\(sha256"):
         reg.load_adapter(record.id)
 
@@ -748,3 +752,142 @@ def test_text_that_is_not_utf8_is_refused_by_the_write_itself(reg, art):
     assert str(err.value) == ("could not register 'style': it holds text that is not UTF-8 ('t\\udcff'), which the "
                               "registry cannot record (a path with other bytes in its name? rename it)")
     assert snapshot(reg) == before
+
+
+def counted_value_checks(monkeypatch) -> list[int]:
+    """The NaN/Inf checks (formats.common.check_finite's one reduction each) that look at values from now on."""
+    import torch
+
+    looked = []
+    real = torch.aminmax
+
+    def counting(tensor, *args, **kwargs):
+        looked.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "aminmax", counting)
+    return looked
+
+
+def stamps_of(reg: Registry, record) -> dict:
+    return json.loads((reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json").read_text())
+
+
+def test_a_stored_copy_checked_under_its_stamp_is_not_checked_again(reg, art, monkeypatch):
+    """The first load under a stamp reads the values for NaN/Inf and marks the stamps checked; later loads whose
+    stamps still hold look at no value (the same factors); without stamps every load checks."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    looked = counted_value_checks(monkeypatch)
+    first = reg.load_adapter(record.id)
+    assert looked and all(stamp.get("checked") is True for stamp in stamps_of(reg, record).values())
+    looked.clear()
+    again = reg.load_adapter(record.id)
+    assert looked == []
+    assert all((again.modules[n].B == m.B).all() and (again.modules[n].A == m.A).all() for n, m in first.modules.items())
+    monkeypatch.setenv("LORAOPS_STAMPS", "0")
+    reg.load_adapter(record.id)
+    assert looked
+
+
+def test_a_stamp_without_the_checked_mark_does_not_skip_the_check(reg, art, monkeypatch, tmp_path):
+    """A file an old loraops registered without checking its values (here a NaN), whose stamp holds (it hashes
+    right: the NaN is what was registered), is still checked, and refused, on every load."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    adapter = tmp_path / "nan"
+    shutil.copytree(art["ad1"], adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + struct.pack("<f", float("nan")))
+    monkeypatch.setattr(formats, "check_values", lambda path: None)  # as registered before register checked
+    record = reg.add_adapter(adapter)
+    for _ in range(2):
+        with pytest.raises(InvalidInputError, match="NaN or Inf"):
+            reg.load_adapter(record.id)
+        stamp = stamps_of(reg, record)[weights.name]  # (it holds)
+        assert stamp["stat"] == blob_store._stat_of((Path(record.path) / weights.name).stat())
+        assert not any(stamp.get("checked") for stamp in stamps_of(reg, record).values())
+
+
+def test_the_checked_mark_goes_with_the_stamp(reg, art, monkeypatch):
+    """A stored file replaced by the same bytes (a new inode, ctime) is hashed and stamped anew, and its values checked
+    again: the mark vouches for the bytes read under the stat it was made with, no other."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)
+    reg.load_adapter(record.id)  # checked
+    weights = Path(record.path) / "adapter_model.safetensors"
+    copy = weights.with_name("copy")
+    shutil.copy2(weights, copy)
+    os.replace(copy, weights)
+    looked = counted_value_checks(monkeypatch)
+    reg.load_adapter(record.id)
+    assert looked
+    looked.clear()
+    reg.load_adapter(record.id)
+    assert looked == []
+
+
+def test_a_stamp_made_while_the_values_were_read_is_not_marked_checked(reg, art, monkeypatch):
+    """The stamps a load marks checked are the ones that held before it read: a file replaced during the read and
+    stamped meanwhile (by another load) holds bytes this read did not check, so its stamp stays unmarked."""
+    monkeypatch.setattr(blob_store, "RACY_NS", -10**12)  # (a file written just now stamped as if written long ago)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped, not checked
+    for name in list(stamps_of(reg, record)):
+        stamps = stamps_of(reg, record)
+        stamps[name].pop("checked", None)
+        (reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json").write_text(json.dumps(stamps))
+    weights = Path(record.path) / "adapter_model.safetensors"
+    real_read = formats.read_adapter
+
+    def replaced_while_read(path, **kwargs):
+        adapter = real_read(path, **kwargs)
+        copy = weights.with_name("copy")
+        shutil.copy2(weights, copy)
+        os.replace(copy, weights)
+        reg.blobs.hash(reg.blobs.key(record.sha256, None), weights.name)[1]()  # another load's stamp of the new file
+        return adapter
+
+    monkeypatch.setattr(formats, "read_adapter", replaced_while_read)
+    reg.load_adapter(record.id)
+    assert "checked" not in stamps_of(reg, record)[weights.name]
+
+
+def test_the_copy_push_uploads_is_hashed_by_the_stamp_rule(reg, art, monkeypatch):
+    """push (and a repeated pull) take a stored copy only intact: one whose stamp holds is not hashed again, one
+    rewritten is hashed and refused."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    hashed = counted_hashes(monkeypatch)
+    assert reg.intact_path(record.id) == Path(record.path)
+    assert hashed == ["adapter_model.safetensors", "adapter_config.json"]  # (and stamped)
+    assert reg.intact_path(record.id) == Path(record.path)
+    assert len(hashed) == 2
+    flip_last_byte_keeping_mtime(Path(record.path) / "adapter_model.safetensors")
+    with pytest.raises(RegistryError, match="is changed \\(sha256"):
+        reg.intact_path(record.id)
+
+
+def test_a_stamp_holds_on_a_machine_that_sees_another_device_number(reg, art, monkeypatch):
+    """An NFS share has another st_dev on each machine (and remount): the stamp leaves the device out, as git's index
+    does, so a load there does not hash again; the inode, size, mtime and ctime still decide."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped on "this machine"
+    real_stat = Path.stat
+
+    class OtherMachine:
+        def __init__(self, st):
+            self.st = st
+
+        def __getattr__(self, name):
+            return getattr(self.st, name) + (1 if name == "st_dev" else 0)
+
+    def seen_elsewhere(path, *args, **kwargs):
+        st = real_stat(path, *args, **kwargs)
+        return OtherMachine(st) if Path(record.path) in Path(path).parents else st
+
+    monkeypatch.setattr(Path, "stat", seen_elsewhere)
+    hashed, looked = counted_hashes(monkeypatch), counted_value_checks(monkeypatch)
+    reg.load_adapter(record.id)
+    assert hashed == [] and looked == []

@@ -218,3 +218,35 @@ def test_a_registry_at_a_path_that_is_not_utf8_is_read(tmp_path):
     for command in ("current", "upgrade", "stamp"):
         result = cli("--db", url, "db", command)
         assert result.exit_code == 0 and "reg-\\udcff" in result.output, result.output
+
+
+def wal_files() -> set[str]:
+    database = settings.sqlite_database()
+    return {p.name for p in database.parent.iterdir() if p.name.startswith(database.name + "-")}
+
+
+def test_a_read_leaves_no_wal_files_it_made(filled, opens):  # noqa: F811
+    """A read over the driver's read-only connection made an empty -wal and -shm beside the registry and could not
+    remove them (every `list` left them): they go as it ends, by SQLite's own close."""
+    assert wal_files() == set()
+    with reads.reader() as r:
+        assert r.list_adapters() and wal_files() == {"registry.db-wal", "registry.db-shm"}
+    assert opens == [] and wal_files() == set()
+
+
+def test_a_read_leaves_the_wal_of_an_open_writer_and_what_it_committed(filled):  # noqa: F811
+    """-wal and -shm that were there before the read (a writer's, open now) are none of its business: kept, and
+    the writer's commit with them."""
+    import sqlite3
+
+    writer = sqlite3.connect(settings.sqlite_database(), isolation_level=None)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        writer.execute("UPDATE adapters SET name = 'renamed' WHERE name = 'style'")
+        with reads.reader() as r:
+            assert {a.name for a in r.list_adapters()} >= {"renamed"}
+        assert wal_files() == {"registry.db-wal", "registry.db-shm"}
+    finally:
+        writer.close()
+    with reads.reader() as r:
+        assert {a.name for a in r.list_adapters()} >= {"renamed"}

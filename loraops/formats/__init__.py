@@ -94,17 +94,20 @@ def key_layout(keys: Iterable[str]) -> str | None:
 
 
 def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool = True,
-                 mapped: bool = False) -> "Adapter":
+                 mapped: bool = False, checked: bool = False) -> "Adapter":
     """Read any supported adapter. ``alpha`` is the LoRA alpha to use where the file does not say (a bare PEFT
     .safetensors without config); when the file does say, it replaces the stored alpha (PEFT: lora_alpha, with
     alpha_pattern entries still applying; kohya: every module's alpha). ``values`` False reads headers only:
     factors on the meta device (shapes, dtypes, alphas, scales exact; no NaN check), for check and inspect — a
     70B rank-64 adapter is 1.6 GB of values they do not look at. ``mapped``: the factors are views of the file
-    mapped into memory (st.map_file), only for files that nothing rewrites: the registry's stored copies."""
+    mapped into memory (st.map_file), only for files that nothing rewrites: the registry's stored copies. ``checked``:
+    these very bytes passed this read's NaN/Inf checks before (a stored copy whose stamps say so), so its values are
+    not looked at (the other checks, of headers and shapes, still run)."""
     path = _existing(path)
     if alpha is not None:
         common.check_alpha(path, alpha, "--alpha")
-    return READERS[detect(path)](path, alpha=alpha, values=values, mapped=mapped)
+    with common.values_known_finite(checked):
+        return READERS[detect(path)](path, alpha=alpha, values=values, mapped=mapped)
 
 
 # diffusers before 0.21: LoRAAttnProcessor (…processor.to_q_lora.up.weight), LoRACompatibleLinear (…to_q.lora.up.weight)

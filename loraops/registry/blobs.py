@@ -5,9 +5,10 @@ folder is stored as its files (adapter_config.json + weights), a single file und
 adapter reads exactly like the original. Each file is written to a temp sibling and renamed into place
 (os.replace), so a crash leaves only temp files that `loraops gc` removes.
 
-``<blobs_dir>/.stamps/<sha[:2]>/<sha>.json`` remembers, per stored file, its stat (device, inode, size, mtime and
-ctime in ns) when its bytes last hashed to the recorded sha256, so loading a stored adapter need not hash it again
-(see unchanged, remember); a cache only: one missing, stale or unreadable means the file is hashed.
+``<blobs_dir>/.stamps/<sha[:2]>/<sha>.json`` remembers, per stored file, its stat (inode, size, mtime and ctime in
+ns: not the device, see _stat_of) when its bytes last hashed to the recorded sha256, so loading a stored adapter need
+not hash it again (see unchanged, remember), and whether a load has checked its values under that stamp (see
+mark_checked); a cache only: one missing, stale or unreadable means the file is hashed (and checked).
 """
 from __future__ import annotations
 
@@ -160,12 +161,41 @@ class BlobStore:
         """Whether the stored file ``name`` of the adapter at ``key`` is known to hash to ``sha256`` without reading
         it: a stamp remember() recorded for that sha256 matches the file's stat now. Rewriting a file (in place or
         anew) changes its ctime, which no one but the system clock can set back."""
-        stamp = self._read_stamps(key).get(name)
-        try:
-            now = (self.root / folder_of(key) / name).stat()
-        except OSError:
-            return False
-        return isinstance(stamp, dict) and stamp.get("sha256") == sha256 and stamp.get("stat") == _stat_of(now)
+        return name in self.holding(key, {name: sha256})
+
+    def holding(self, key: str, files: dict[str, str]) -> dict[str, dict]:
+        """The stamps that vouch now for the stored files of the adapter at ``key`` (sha256 by name): stamped with that
+        sha256 and the file's stat as it is now (see unchanged), by name."""
+        known, held = self._read_stamps(key), {}
+        for name, sha256 in files.items():
+            stamp = known.get(name)
+            with contextlib.suppress(OSError):
+                if isinstance(stamp, dict) and stamp.get("sha256") == sha256 \
+                        and stamp.get("stat") == _stat_of((self.root / folder_of(key) / name).stat()):
+                    held[name] = stamp
+        return held
+
+    @staticmethod
+    def checked(held: dict[str, dict], files: dict[str, str]) -> bool:
+        """Whether the stamps ``held`` (holding's) say that a load has read and checked (NaN/Inf) every one of
+        ``files`` as they are: see mark_checked."""
+        return bool(files) and all(held.get(name, {}).get("checked") is True for name in files)
+
+    def mark_checked(self, key: str, held: dict[str, dict]) -> None:
+        """Record in the stamps ``held`` (holding's, taken before the files were read) that a read of the files
+        checked their values: only where the stamp and the file's stat are still the ones held, so that no write
+        came between the stamp's hash and the end of that read (a write moves ctime) and what was checked is what
+        hashed to the recorded sha256. Files registered before loads checked nothing have no such mark, so their
+        first load checks them."""
+        known = self._read_stamps(key)
+        marked = False
+        for name, stamp in held.items():
+            with contextlib.suppress(OSError):
+                if known.get(name) == stamp and stamp["stat"] == _stat_of((self.root / folder_of(key) / name).stat()):
+                    known[name] = {**stamp, "checked": True}
+                    marked = True
+        if marked:
+            self._write_stamps(key, known)
 
     def _read_stamps(self, key: str) -> dict:
         """The stamps of the adapter at ``key`` by file name; {} where there are none or the file is damaged (JSON
@@ -193,16 +223,21 @@ class BlobStore:
         return sha256, remember
 
     def _remember(self, key: str, name: str, sha256: str, st: os.stat_result) -> None:
-        stamps = self._stamps(key)
         known = self._read_stamps(key)
-        known[name] = {"sha256": sha256, "stat": _stat_of(st)}
-        stamps.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(stamps)
-        try:
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, stamps)
-        finally:
-            tmp.unlink(missing_ok=True)
+        known[name] = {"sha256": sha256, "stat": _stat_of(st)}  # (not checked: that is for a read to say)
+        self._write_stamps(key, known)
+
+    def _write_stamps(self, key: str, known: dict) -> None:
+        """Where the store is read-only, nothing (a cache)."""
+        stamps = self._stamps(key)
+        with contextlib.suppress(OSError):
+            stamps.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_sibling(stamps)
+            try:
+                tmp.write_text(json.dumps(known))
+                os.replace(tmp, stamps)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def prune(self, removed: Path) -> None:
         """Remove the folders above ``removed`` (a path just deleted inside the store) that are empty now, up to the
@@ -245,7 +280,12 @@ def _flock(handle: int, *, shared: bool, wait: bool = True) -> bool:
 
 
 def _stat_of(st: os.stat_result) -> list[int]:
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    """What a stamp holds of a file's stat. Not its device number, which git's index leaves out too (unless built with
+    USE_STDEV): an NFS or other network share has a different one on each machine that mounts it, and on every
+    remount, so its stamps never held there; a file on another device at the same path with the same inode, size and
+    nanosecond mtime and ctime but other bytes would take a copy of the file system that then changed, and any change
+    moves ctime."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def folder_of(key: str) -> str:

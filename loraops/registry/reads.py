@@ -305,7 +305,7 @@ def reader(url: str | None = None) -> Iterator[Reader]:
     from .. import settings
 
     url = url or settings.db_url()
-    connection = _connect(url)
+    connection, made_wal = _connect(url)
     if connection is None:
         from .store import Registry
 
@@ -316,6 +316,8 @@ def reader(url: str | None = None) -> Iterator[Reader]:
         yield Reader.over(connection, BlobStore())
     finally:
         connection.close()
+        if made_wal is not None:
+            _close_wal(made_wal)
 
 
 def refuse_output_over_registered(output: str | Path, found: Reader | None = None) -> None:
@@ -340,19 +342,22 @@ def refuse_output_over_registered(output: str | Path, found: Reader | None = Non
                     hint="write the output elsewhere, or forget the base first with `loraops base rm`")
 
 
-def _connect(url: str):
+def _connect(url: str) -> tuple[Any, Path | None]:
     """A driver connection in a read transaction when ``url`` is SQLite or PostgreSQL and its schema is at HEAD,
-    else None (then Registry.open creates, migrates, refuses, or reports the error in its own words)."""
+    else None (then Registry.open creates, migrates, refuses, or reports the error in its own words); and the SQLite
+    file when neither its -wal nor its -shm was there before this connection (see _close_wal)."""
     from .. import settings
 
     scheme, _, rest = url.partition("://")
     dialect, _, driver = scheme.partition("+")
-    connection = None
+    connection = made_wal = None
     try:
         if dialect == "sqlite" and driver in ("", "pysqlite"):
             path = settings.plain_sqlite_file(url)  # (the rarer forms of SQLite URLs go through SQLAlchemy)
             if path is None or not path.is_file():
-                return None
+                return None, None
+            if not any(path.with_name(path.name + s).exists() for s in ("-wal", "-shm")):
+                made_wal = path
             connection = connect_read_only(path)
             connection.execute("BEGIN")  # one snapshot for every query of the command
         elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2"):
@@ -360,7 +365,7 @@ def _connect(url: str):
 
             connection = psycopg.connect(f"postgresql://{rest}")
         else:
-            return None
+            return None, None
         # (adapters named too, in the same round trip: another application's Alembic revision can read as HEAD; with
         # no loraops table, Registry.open refuses its database as foreign)
         revision = connection.execute("SELECT version_num FROM alembic_version "
@@ -370,8 +375,27 @@ def _connect(url: str):
     if revision is None or revision[0] != HEAD:
         if connection is not None:
             connection.close()
-        return None
-    return connection
+        return None, None
+    return connection, made_wal
+
+
+def _close_wal(database: Path) -> None:
+    """Remove the -wal and -shm files that reading a WAL registry over a read-only connection made beside it (such
+    a connection cannot remove them, and every `list` and `show` left them), by SQLite's own rule: a read-write
+    connection that reads and closes removes them only when it is the last one open (after folding into the
+    database what a writer that came meanwhile committed), never under another. Only where this process may write
+    the file and its folder (else it could not make them either: see db.make_engine's read_only)."""
+    import sqlite3
+
+    if not (os.access(database, os.W_OK) and os.access(database.parent, os.W_OK)):
+        return
+    with contextlib.suppress(sqlite3.Error):
+        connection = sqlite3.connect(f"{sqlite_uri_of(database.resolve())}?mode=rw", uri=True, isolation_level=None,
+                                     timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        try:
+            connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        finally:
+            connection.close()
 
 
 def sqlite_uri_of(file: Path) -> str:

@@ -566,7 +566,8 @@ class Registry:
         the store's files are loraops' own and never rewritten in place; the user's files are read instead (one
         truncated while mapped would kill the process with SIGBUS). The stored bytes are hashed against the record
         first, so what is mapped is exactly what register checked (NaN/Inf included); a file whose stat is as it was
-        when it last hashed right is not read again for that (BlobStore.unchanged; `verify` always reads)."""
+        when it last hashed right is not read again for that (BlobStore.unchanged; `verify` always reads), nor for its
+        NaN/Inf check once a load has checked it under that stamp (BlobStore.mark_checked)."""
         from .. import check, formats
 
         with self.session() as s:
@@ -574,8 +575,13 @@ class Registry:
             path, alpha, base_id = self.blobs.path(row.blob), row.alpha_override, row.base_id
             manifest = self._manifest(s, base_id) if base_id is not None else None
         self._refuse_damaged(row, stamped=True)
-        adapter = replace(formats.read_adapter(path, alpha=alpha, mapped=settings.map_stored()),
+        files = {f["name"]: f["sha256"] for f in row.files}
+        held = self.blobs.holding(row.blob, files) if settings.trust_stamps() else {}
+        checked = self.blobs.checked(held, files)
+        adapter = replace(formats.read_adapter(path, alpha=alpha, mapped=settings.map_stored(), checked=checked),
                           ref=f"{row.name}@{row.version}")
+        if held and not checked:
+            self.blobs.mark_checked(row.blob, held)
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
 
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
@@ -757,10 +763,11 @@ class Registry:
 
     def intact_path(self, ref: str | int) -> Path:
         """The stored copy of a registered adapter, refused when a file of it is missing or no longer its recorded
-        bytes (push uploaded a damaged copy as it was)."""
+        bytes (push uploaded a damaged copy as it was); a file whose stat is as it was when it last hashed right is not
+        read again for that (BlobStore.unchanged, as for a load)."""
         with self.session() as s:
             row = self._find_adapter(s, ref)
-        self._refuse_damaged(row)
+        self._refuse_damaged(row, stamped=True)
         return self.blobs.path(row.blob)
 
     def _refuse_damaged(self, row: SqlAdapter, contents: bool = True, stamped: bool = False) -> None:
