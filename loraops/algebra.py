@@ -177,10 +177,12 @@ def _release_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def factorizing(what: str, name: str, precision: str) -> Iterator[None]:
+def factorizing(what: str, name: str, precision: str, weights: Sequence[float] | None = None) -> Iterator[None]:
     """An SVD that fails is one line naming the module, as a result with NaN or Inf is (finite_module); it was a
     LinAlgError traceback. Its usual cause, NaN or Inf in what it factorizes, comes from weights × values beyond
-    what the ``precision`` it computes in holds: said so, not as torch's "failed to converge"."""
+    what the ``precision`` it computes in holds: said so, not as torch's "failed to converge". The inputs are finite
+    (the readers refuse NaN and Inf), so in a combine (``weights``: the inputs', in order) it is their weighted sum
+    that overflows, said with the weights that made it."""
     import torch
 
     try:
@@ -188,6 +190,10 @@ def factorizing(what: str, name: str, precision: str) -> Iterator[None]:
     except torch.linalg.LinAlgError as exc:
         if "non-finite" in str(exc):
             hint = "; --precise computes in float64" if precision == "float32" else ""
+            if weights is not None:
+                raise InvalidInputError(f"{what}: module {name!r}: the weighted sum of its inputs overflows "
+                                        f"{precision} (weights {', '.join(f'{w:g}' for w in weights)}{hint}), so it "
+                                        "cannot be factorized") from None
             raise InvalidInputError(f"{what}: module {name!r}: its values go beyond what {precision} holds (weights "
                                     f"or values too large?{hint}), so it cannot be factorized") from None
         raise InvalidInputError(f"{what}: module {name!r}: its SVD failed ({str(exc).splitlines()[0]})") from None
@@ -293,7 +299,7 @@ def combine_lazily(
                                   own))
             ranks = [m.rank for _, m in present[name]]
             k = rank or (spec.default_rank(ranks) if spec.default_rank else sum(ranks))
-            with factorizing(what, name, precision):
+            with factorizing(what, name, precision, [float(weight) for _, weight in inputs]):
                 made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
                                                              transposed=template.transposed))
             new_rank = int(made.A.shape[0])

@@ -240,21 +240,26 @@ def test_a_registry_that_opens_but_cannot_be_written_is_read_only(kohya, isolate
     (["merge", "{k}:1e39", "--into", "{base}", "-o", "{out}", "--no-record", "--device", "cpu"],
      "{k}: weight 1e+39 × scale 0.5 of module 'model.layers.0.self_attn.q_proj' is beyond what float32 holds"),
     (["combine", "{k}:1e300", "{k}:1e300", "-m", "linear", "--device", "cpu"],
-     "linear of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
-     "float32 holds (weights or values too large?; --precise computes in float64), so it cannot be factorized\n"),
+     "linear of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': the weighted sum of its inputs "
+     "overflows float32 (weights 1e+300, 1e+300; --precise computes in float64), so it cannot be factorized\n"),
+    # two weights float32 holds, whose weighted sum it does not (said "its values go beyond", naming no weight)
+    (["combine", "{k}:1e38", "{k}:-3e38", "-m", "svd", "--device", "cpu"],
+     "svd of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': the weighted sum of its inputs "
+     "overflows float32 (weights 1e+38, -3e+38; --precise computes in float64), so it cannot be factorized\n"),
     (["combine", "{k}:1e300", "{k}:1e300", "-m", "ties", "--density", "0.5", "--rank", "2", "--device", "cpu"],
-     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
-     "float32 holds (weights or values too large?; --precise computes in float64), so it cannot be factorized\n"),
+     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': the weighted sum of its inputs "
+     "overflows float32 (weights 1e+300, 1e+300; --precise computes in float64), so it cannot be factorized\n"),
     # the weights' sum past float64, which normalize divided by (inf: a result of zeros, written)
     (["combine", "{k}:1e308", "{k}:1e308", "-m", "ties", "--density", "0.5", "--rank", "2", "--precise", "--device",
       "cpu", "-o", "{out}"],
-     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': its values go beyond what "
-     "float64 holds (weights or values too large?), so it cannot be factorized\n"),
+     "ties of style@1, style@1: module 'lora_unet_model_layers_0_self_attn_q_proj': the weighted sum of its inputs "
+     "overflows float64 (weights 1e+308, 1e+308), so it cannot be factorized\n"),
 ])
 def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, message):
     """An alpha of 1e300 was registered, then a merge of it was a RuntimeError traceback from addmm_ (its export
     wrote alpha inf); so was a merge weight × scale past float32; combine linear/ties of such weights was a
-    LinAlgError traceback from the SVD, then "its SVD failed (… non-finite values)", which named no cause."""
+    LinAlgError traceback from the SVD, then "its SVD failed (… non-finite values)", which named no cause, then "its
+    values go beyond what float32 holds", which named no weight: the inputs are finite, so their weighted sum overflows."""
     from loraops import st
 
     base = tmp_path / "base.safetensors"
