@@ -117,8 +117,6 @@ class _Tensor:
     written right after the weight)."""
     new_scales: "torch.Tensor | None" = None
     """The inverse scales the chunks of an encoded weight computed (scale grid rows, as stored)."""
-    base_nan: bool = False
-    """Whether the values the deltas are added onto hold a NaN (which stays NaN: MergeReport.nan_tensors)."""
 
     @property
     def file_name(self) -> str:
@@ -338,7 +336,6 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         seconds=round(time.perf_counter() - started, 3),
         peak_rss_bytes=peak_rss(),
         residual=stats.record() if stats else None,
-        nan_tensors=[t.file_name for t in tensors if t.base_nan],
         files_left_out=[str(p) for p in left_out],
         heads_untied=[t.name for f in files if f.untie for t in f.tensors  # written anew, or a stored copy
                       if t.name.endswith(".weight") and (t.new_name is not None or _is_head(base, t.name))
@@ -1082,11 +1079,6 @@ class _Pipeline:
             if bool(here.any()):
                 acc2.index_copy_(0, (index[here] - chunk.row0).to(acc2.device),
                                  token_rows.values[here].to(acc2.device, acc2.dtype))
-        # a NaN of the base stays NaN whatever is added (PEFT merges it so, silently): said, not refused. A sum of the
-        # chunk is NaN when it holds one, at a fifth of isnan's scan, which only confirms it (+inf + -inf is NaN too):
-        # ~0.3 s of the 3–4 s the 1.1B bf16 bench merge computes on 2 cores (bench/merge.py; docs/readme-inputs7.md)
-        if tensor.terms and not tensor.base_nan and bool(acc.sum().isnan()):
-            tensor.base_nan = bool(acc.isnan().any())
         if tensor.dora:  # DoRA's norms are of the base weight (plus one adapter's delta), not of what came before
             base2 = self.dora_work[0, :n].view_as(acc2)
             base2.copy_(acc2)

@@ -474,9 +474,6 @@ class MergeReport(Record):
     peak_rss_bytes: int = 0
     """Peak resident memory of the whole process (getrusage), start-up included."""
     residual: ResidualRecord | None = None
-    nan_tensors: list[str] = []
-    """Tensors whose values in the model read hold NaN where the adapters' deltas were added: NaN + ΔW is NaN, so
-    they stay NaN in the output, as PEFT merges them (said on stderr, not refused)."""
     heads_untied: list[str] = []
     """Output heads written as tensors of their own, untied from the input embeddings the base ties them to (an
     adapter changes them; config.json then says tie_word_embeddings: false)."""

@@ -410,39 +410,3 @@ def test_check_against_a_base_that_is_a_fifo_is_one_line(tmp_path, models):
     result = run("check", adapter, "--base", tmp_path / "pipe", code=2)
     assert result.output.strip().splitlines() == [
         f"error: {tmp_path / 'pipe'}: neither a file nor a folder (a FIFO, a socket or a device), not a base model"]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_nan_of_the_base_stays_and_is_said_on_stderr(tmp_path, monkeypatch, dtype):
-    """A NaN in a base weight the adapter changes merges to NaN (W + ΔW), as PEFT merges it, and was said nowhere.
-    It is merged still, and one stderr line names the tensor; an untouched tensor's NaN (copied) is not said, nor an inf and a -inf. Several chunks: the NaN in the last one (chunks of 1 row)."""
-    from loraops import engine, st
-
-    q, k = torch.randn(16, 8).to(dtype), torch.randn(16, 8).to(dtype)
-    q[15, 3] = k[0, 0] = float("nan")
-    v = q.nan_to_num()
-    v[2, :2] = torch.tensor([float("inf"), -float("inf")])  # a chunk whose sum is NaN, which holds none
-    base = tmp_path / "base.safetensors"
-    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": q, "model.layers.0.self_attn.k_proj.weight": k,
-                                "model.layers.0.self_attn.v_proj.weight": v})
-    adapter = kohya_file(tmp_path / "a.safetensors", {"lora_unet_model_layers_0_self_attn_q_proj": ((8,), (16,)),
-                                                      "lora_unet_model_layers_0_self_attn_v_proj": ((8,), (16,))})
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 8)
-    result = run("merge", adapter, "--into", base, "-o", tmp_path / "out.safetensors", "--no-record")
-    assert result.stderr == (f"warning: model.layers.0.self_attn.q_proj.weight of the base holds NaN values, which stay "
-                             f"NaN in {tmp_path / 'out.safetensors'} (NaN + ΔW is NaN; PEFT merges them so too)\n")
-    merged = load_file(tmp_path / "out.safetensors")
-    assert merged["model.layers.0.self_attn.q_proj.weight"].isnan().nonzero().tolist() == [[15, 3]]
-    as_json = run("merge", adapter, "--into", base, "-o", tmp_path / "json.safetensors", "--no-record", "--json")
-    assert json.loads(as_json.stdout)["nan_tensors"] == ["model.layers.0.self_attn.q_proj.weight"]
-
-
-def test_the_nan_warning_names_five_tensors_and_counts_the_rest(capsys):
-    from loraops.cli.merge import _warn_nan
-    from loraops.records import MergeReport
-
-    report = MergeReport(operation="subtract", output="out", base="merged", adapters=[], dtype="BF16", device="cpu",
-                         nan_tensors=[f"t{i}" for i in range(7)])
-    _warn_nan(report)
-    assert capsys.readouterr().err == ("warning: t0, t1, t2, t3, t4 and 2 more (--json lists them) of the model hold NaN "
-                                       "values, which stay NaN in out (NaN + ΔW is NaN; PEFT merges them so too)\n")

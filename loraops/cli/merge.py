@@ -55,26 +55,10 @@ def subtract(adapters, model, exact, output, dtype, device, precise, force, name
 def _render_done(report, as_json: bool, name: str | None) -> None:
     """The summary of a finished run: a Ctrl-C while it prints must not say nothing was written."""
     try:
-        _warn_nan(report)
         _render(report, as_json, name)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted after {report.output} was written in full"
                                 + (" and recorded" if report.name else "")) from None
-
-
-SHOWN = 5
-"""Tensors a warning names before it counts the rest."""
-
-
-def _warn_nan(report) -> None:
-    """One stderr line for the tensors NaN stayed in (as PEFT merges them, silently), the first few named."""
-    nan = report.nan_tensors
-    if nan:
-        shown = ", ".join(nan[:SHOWN]) + (f" and {len(nan) - SHOWN} more (--json lists them)"
-                                          if len(nan) > SHOWN else "")
-        model = "the base" if report.operation == "merge" else "the model"
-        click.echo(f"warning: {shown} of {model} {'holds' if len(nan) == 1 else 'hold'} NaN values, which stay NaN in "
-                   f"{report.output} (NaN + ΔW is NaN; PEFT merges them so too)", err=True)
 
 
 def _render(report, as_json: bool, name: str | None) -> None:
