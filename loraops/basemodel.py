@@ -300,16 +300,20 @@ def _names(folder: Path) -> list[str]:
 
 
 def unlisted_shards(index_name: str, shard_names: list[str], names_in) -> list[str]:
-    """The shards of the same set as the index ``index_name`` lists (by its name: index_of) that lie beside it or
-    beside a shard it lists but that it does not list (``shard_names``), paths relative to the model's folder as the
-    index's are; their tensors would be missing from the model. ``names_in(folder)``: the file names in that folder
-    of the model's ('.' its own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and
-    list its shards relative to the model's folder, as transformers reads them; every folder is looked in."""
+    """The shards of the same set as the index ``index_name`` lists (by its name: index_of, and the total of the
+    shards it lists) that lie beside it or beside a shard it lists but that it does not list (``shard_names``), paths
+    relative to the model's folder as the index's are; their tensors would be missing from the model. A set of
+    another total (a repo saved again with another shard count, the old shards left in it) is not the index's:
+    from_pretrained never looks at it. ``names_in(folder)``: the file names in that folder of the model's ('.' its
+    own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and list its shards relative
+    to the model's folder, as transformers reads them; every folder is looked in."""
     index = PurePosixPath(index_name)
     folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
     listed = {os.path.normpath(name) for name in shard_names}
+    totals = {match["total"] for name in shard_names if (match := SHARD_NAME.fullmatch(PurePosixPath(name).name))}
     return [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
-            if index_of(name) == index.name and os.path.normpath(sub / name) not in listed]
+            if index_of(name) == index.name and os.path.normpath(sub / name) not in listed
+            and (not totals or SHARD_NAME.fullmatch(name)["total"] in totals)]
 
 
 def give_one_variant(variants: list[str]) -> str:
