@@ -858,3 +858,24 @@ def test_a_folder_without_config_is_refused_for_a_set_of_shards_without_its_inde
         BaseModel.open(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert BaseModel.open(folder).files == [folder / s for s in sorted(listed.values())]
+
+
+def test_a_folder_without_config_whose_index_lists_shards_named_otherwise_is_read(tmp_path):
+    """No config.json, and model.safetensors.index.json listing shards not named after it (weights-0000N-of-00002,
+    as some converters name them): the shards are the index's set, read through it as before, not "another set of
+    shards without its index" (bases5 refused the folder, which it had read and fingerprinted: "no
+    weights.safetensors.index.json: the index is missing"). Locally and on the Hub; an unlisted set beside it is
+    still refused."""
+    from loraops import hub
+
+    folder = tmp_path / "m"
+    listed = _shards(folder, "weights", 2)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": listed}))
+    assert BaseModel.open(folder).files == [folder / s for s in sorted(listed.values())]
+    names = sorted(p.name for p in folder.iterdir())
+    read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    assert hub.weight_layout(names, read)[0] == sorted(listed.values())
+
+    _shards(folder, "other", 2)
+    with pytest.raises(FormatError, match=re.escape("no config.json, and shards other-0000N-of-00002.safetensors but no")):
+        BaseModel.open(folder)
