@@ -257,7 +257,9 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     # read before the weights, as from_pretrained does: its transformers_weights names them
     config = read_model_config(folder / "config.json") if "config.json" in names else None
     try:
-        index_name, file_names = folder_weights(names, config, holds=lambda name: (folder / name).is_file())
+        index_name, file_names = folder_weights(names, config, holds=lambda name: (folder / name).is_file(),
+                                                shards_of=lambda name: listed_shards(read_json(folder / name,
+                                                                                               "safetensors index")))
     except FormatError as exc:
         raise FormatError(f"{folder}: {exc}") from None
     if index_name is None:
@@ -291,6 +293,12 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     return Part(prefix, folder, files, index)
 
 
+def listed_shards(index: dict) -> list[str]:
+    """The shard names a safetensors index lists, [] where it has no weight_map (refused where it is read)."""
+    weight_map = index.get("weight_map")
+    return [shard for shard in weight_map.values() if isinstance(shard, str)] if isinstance(weight_map, dict) else []
+
+
 def _names(folder: Path) -> list[str]:
     """The file names in ``folder``, hidden ones left out."""
     try:
@@ -300,16 +308,20 @@ def _names(folder: Path) -> list[str]:
 
 
 def unlisted_shards(index_name: str, shard_names: list[str], names_in) -> list[str]:
-    """The shards of the same set as the index ``index_name`` lists (by its name: index_of) that lie beside it or
-    beside a shard it lists but that it does not list (``shard_names``), paths relative to the model's folder as the
-    index's are; their tensors would be missing from the model. ``names_in(folder)``: the file names in that folder
-    of the model's ('.' its own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and
-    list its shards relative to the model's folder, as transformers reads them; every folder is looked in."""
+    """The shards of the same set as the index ``index_name`` lists (by its name: index_of, and the total of the
+    shards it lists) that lie beside it or beside a shard it lists but that it does not list (``shard_names``), paths
+    relative to the model's folder as the index's are; their tensors would be missing from the model. A set of
+    another total (a repo saved again with another shard count, the old shards left in it) is not the index's:
+    from_pretrained never looks at it. ``names_in(folder)``: the file names in that folder of the model's ('.' its
+    own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and list its shards relative
+    to the model's folder, as transformers reads them; every folder is looked in."""
     index = PurePosixPath(index_name)
     folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
     listed = {os.path.normpath(name) for name in shard_names}
+    totals = {match["total"] for name in shard_names if (match := SHARD_NAME.fullmatch(PurePosixPath(name).name))}
     return [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
-            if index_of(name) == index.name and os.path.normpath(sub / name) not in listed]
+            if index_of(name) == index.name and os.path.normpath(sub / name) not in listed
+            and (not totals or SHARD_NAME.fullmatch(name)["total"] in totals)]
 
 
 def give_one_variant(variants: list[str]) -> str:
@@ -318,7 +330,7 @@ def give_one_variant(variants: list[str]) -> str:
 
 
 def folder_weights(names: list[str], config: dict | None = None, several_variants=give_one_variant,
-                   holds=None) -> tuple[str | None, list[str]]:
+                   holds=None, shards_of=None) -> tuple[str | None, list[str]]:
     """Which of a folder's file ``names`` hold its weights, as from_pretrained (transformers', diffusers') reads
     them by default, without variant=: (the safetensors index they are read through, []) or (None, the
     .safetensors files, paths relative to the folder). ``config``: the folder's config.json; a transformers
@@ -332,13 +344,15 @@ def folder_weights(names: list[str], config: dict | None = None, several_variant
     from_pretrained(variant=) reads it (by the same names with the variant added); a folder of several variants and
     no default weights is refused (from_pretrained needs variant= there). Raises a FormatError (not naming the
     folder) for these refusals (``several_variants``(the variants): what to give instead, which depends on the kind
-    of reference: a Hub one names no file) and for a set of shards that would be read without its index."""
+    of reference: a Hub one names no file) and for a set of shards that would be read without its index.
+    ``shards_of(index)``: the shard names an index of the folder lists (for a folder without config.json, whose
+    shards beside the weights read are refused where no index lists them; default: none are listed)."""
     names = sorted(names)
     if not is_diffusers(config):
         explicit = explicit_weights(config or {}, holds or set(names).__contains__)
         if explicit is not None:
             return (explicit, []) if explicit.endswith(INDEX_SUFFIX) else (None, [explicit])
-    found = _named_weights(names, None, config)
+    found = _named_weights(names, None, config, shards_of)
     if found is not None:
         return found
     indexes = [name for name in names if name.endswith(INDEX_SUFFIX)]
@@ -348,7 +362,7 @@ def folder_weights(names: list[str], config: dict | None = None, several_variant
     default = [name for name in files if variant_of(name) is None]
     variants = sorted({variant_of(name) for name in files} - {None})
     if not default and len(variants) == 1:
-        found = _named_weights(names, variants[0], config)
+        found = _named_weights(names, variants[0], config, shards_of)
         if found is not None:
             return found
     if not default and len(variants) > 1:
@@ -361,7 +375,8 @@ def folder_weights(names: list[str], config: dict | None = None, several_variant
     return None, files
 
 
-def _named_weights(names: list[str], variant: str | None, config: dict | None) -> tuple[str | None, list[str]] | None:
+def _named_weights(names: list[str], variant: str | None, config: dict | None,
+                   shards_of=None) -> tuple[str | None, list[str]] | None:
     """What from_pretrained(variant=``variant``) reads of a folder of these file ``names`` by the names it looks for,
     as folder_weights returns it, else None. transformers: model.safetensors before model.safetensors.index.json
     (model.fp16.safetensors before model.safetensors.index.fp16.json); diffusers: its index (a variant's, then its
@@ -369,7 +384,8 @@ def _named_weights(names: list[str], variant: str | None, config: dict | None) -
     both (a pipeline component without one, a folder of either's files: their names differ), transformers' first.
     A folder with no config.json at all is refused (FormatError) where it holds both libraries' weights, or beside
     them another set of shards of the variant without its index: neither from_pretrained loads a folder without its
-    config, and nothing says which of the sets is the model (with a config, its library reads its own names only)."""
+    config, and nothing says which of the sets is the model (with a config, its library reads its own names only).
+    The shards the index read lists (``shards_of``, folder_weights') are its set, whatever their names."""
     def add(name: str) -> str:  # transformers' and diffusers' _add_variant
         stem, _, suffix = name.rpartition(".")
         return f"{stem}.{variant}.{suffix}" if variant else name
@@ -389,8 +405,9 @@ def _named_weights(names: list[str], variant: str | None, config: dict | None) -
     if name is None:
         return None
     if config is None:
-        problem = shards_without_index([n for n in names if n.endswith(".safetensors") and variant_of(n) == variant],
-                                       names)
+        read = {os.path.normpath(n) for n in shards_of(name)} if shards_of and name.endswith(".json") else set()
+        problem = shards_without_index([n for n in names if n.endswith(".safetensors") and variant_of(n) == variant
+                                        and n not in read], names)
         if problem:
             raise FormatError(f"no config.json, and {problem}")
     return (name, []) if name.endswith(".json") else (None, [name])

@@ -896,7 +896,7 @@ def weight_layout(names: list[str], read_index,
     variants (a Hub reference names no file: the hint leaves out all variants but one). Returns (files, {file:
     tensor-name prefix}, the indexes read: for base_reads, as one may lie in a subfolder away from its shards).
     A shard of an index's set that it does not list is refused, as basemodel refuses it."""
-    from .basemodel import folder_weights, unlisted_shards
+    from .basemodel import folder_weights, listed_shards, unlisted_shards
 
     def names_in(folder: str) -> list[str]:
         prefix = "" if folder in ("", ".") else f"{folder}/"
@@ -913,7 +913,8 @@ def weight_layout(names: list[str], read_index,
 
         try:
             config = read_index(prefix + "config.json") if "config.json" in here else None
-            index, files = folder_weights(here, config, give_one_variant, holds=lambda name: prefix + name in listed)
+            index, files = folder_weights(here, config, give_one_variant, holds=lambda name: prefix + name in listed,
+                                          shards_of=lambda name: listed_shards(read_index(prefix + name)))
         except FormatError as exc:
             raise FormatError(f"{folder}: {exc}" if folder else str(exc)) from None
         if index:

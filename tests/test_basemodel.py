@@ -75,6 +75,35 @@ def test_an_index_that_leaves_out_a_shard_is_refused(tmp_path):
         BaseModel.open(folder)
 
 
+def test_an_old_set_of_shards_of_another_total_beside_the_index_is_read_past(tmp_path):
+    """A repo saved again with another shard count and the old shards left in it (model-0000N-of-00002 beside the
+    index of model-0000N-of-00003): transformers reads the index's set and never looks at the other, which holds no
+    shard of this set. Read as transformers reads it, locally and on the Hub (whose download fetches the listed
+    shards only), not refused as a shard the index leaves out; one of the index's own total still is."""
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+
+    folder = tiny_llama(tmp_path / "m", shard_size="60KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards[0].endswith(f"-of-{len(shards):05d}.safetensors") and len(shards) > 2
+    for n in (1, 2):  # the old set, of another total
+        save_file({"old": torch.zeros(2)}, str(folder / f"model-{n:05d}-of-00002.safetensors"))
+    AutoModelForCausalLM.from_pretrained(folder)
+    assert [f.name for f in BaseModel.open(folder).files] == shards
+    names = sorted(p.name for p in folder.iterdir())
+    read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    assert hub.weight_layout(names, read)[0] == shards
+
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        index | {"weight_map": {n: s for n, s in index["weight_map"].items() if s != shards[-1]}}))
+    with pytest.raises(FormatError, match=f"does not list {shards[-1]}, a shard"):
+        BaseModel.open(folder)
+    with pytest.raises(FormatError, match=f"does not list {shards[-1]}, a shard"):
+        hub.weight_layout(names, read)
+
+
 def test_pickle_only_folder(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
     with pytest.raises(FormatError, match="pickle"):
@@ -829,3 +858,24 @@ def test_a_folder_without_config_is_refused_for_a_set_of_shards_without_its_inde
         BaseModel.open(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert BaseModel.open(folder).files == [folder / s for s in sorted(listed.values())]
+
+
+def test_a_folder_without_config_whose_index_lists_shards_named_otherwise_is_read(tmp_path):
+    """No config.json, and model.safetensors.index.json listing shards not named after it (weights-0000N-of-00002,
+    as some converters name them): the shards are the index's set, read through it as before, not "another set of
+    shards without its index" (bases5 refused the folder, which it had read and fingerprinted: "no
+    weights.safetensors.index.json: the index is missing"). Locally and on the Hub; an unlisted set beside it is
+    still refused."""
+    from loraops import hub
+
+    folder = tmp_path / "m"
+    listed = _shards(folder, "weights", 2)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": listed}))
+    assert BaseModel.open(folder).files == [folder / s for s in sorted(listed.values())]
+    names = sorted(p.name for p in folder.iterdir())
+    read = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    assert hub.weight_layout(names, read)[0] == sorted(listed.values())
+
+    _shards(folder, "other", 2)
+    with pytest.raises(FormatError, match=re.escape("no config.json, and shards other-0000N-of-00002.safetensors but no")):
+        BaseModel.open(folder)
