@@ -997,7 +997,7 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         return name
 
     candidates = [as_is, lambda n: f"model.{n}"]
-    if all(n.startswith("model.") for n in wanted):
+    if any(n.startswith("model.") for n in wanted):  # (BartModel's checkpoint: lm_head beside it, not under model.)
         candidates.insert(1, lambda n: n.removeprefix("model."))
     # a checkpoint saved from the bare model lacks its base_model_prefix (GPT-2's and BLOOM's own: wte, h.0…, where
     # PEFT says transformer.wte), the head beside it keeping its name: transformers adds the prefix on load
@@ -1017,10 +1017,11 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         module = tensor.removesuffix(".weight")
         return (tensor in manifest or ldm.fused_target(module, manifest) is not None
                 or params.stored_fused(module, manifest) is not None
-                or (tied and (tied_head_source(tensor, shape, manifest) or stored_tied_bias(tensor, shape, manifest))
-                    is not None))
+                or (tied and (tied_head_source(tensor, shape, manifest) or stored_tied_bias(tensor, shape, manifest)
+                              or shared_embeddings_of(tensor, shape, manifest)) is not None))
 
     # a head the base stores under another name (GPT-NeoX's embed_out) before one it would share with its embeddings
+    # (or one side's embed_tokens with its shared embeddings)
     for tied in (False, True):
         for rename in candidates:
             if all(present(rename(n), shape, tied) for n, shape in wanted.items()):

@@ -456,3 +456,21 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
         saved = adapted.base_model.model.get_submodule(f"{side}.embed_tokens").modules_to_save["default"]
         assert torch.equal(tensors[f"{side}.embed_tokens.weight"], saved.weight), side
     assert torch.equal(tensors["shared.weight"], base["shared.weight"])
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "encoder.embed_tokens"]])
+def test_a_checkpoint_of_the_bare_bart_binds_an_adapter_of_its_generation_class(tmp_path, targets):
+    """A checkpoint saved by BartModel (encoder.layers.0…, shared.weight: no base_model_prefix) loads as
+    BartForConditionalGeneration (transformers adds model., the head tied to model.shared), and PEFT's adapter of that
+    model names model.encoder… beside lm_head. A LoRA on the head or one side's embed_tokens (neither stored) beside
+    the others bound nothing ("not in base": model. was taken off only where every name has it); the merge writes the
+    checkpoint's names, and the merged model computes the adapted model's logits."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.BartModel(transformers.BartConfig(**SMALL, decoder_start_token_id=0)).save_pretrained(tmp_path / "base")
+    cls = transformers.BartForConditionalGeneration
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", targets)
+    stored = load_file(tmp_path / "base" / "model.safetensors")
+    merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
+    assert not any(name.startswith("model.") for name in merged) and stored.keys() < merged.keys()
