@@ -493,17 +493,18 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and changed by another's "
                                     "LoRA; merge them separately")
     _inherit(heads, rows, replacements, saved_layers)
-    # each side's embed_tokens written apart from shared (a T5's: side_stored_apart; or stored as shared's copy, in
-    # a group below) → shared. A T5 keeps its config: transformers ties its sides by value
-    stored_sides = {head: source for head, source in heads.items() if side_stored_apart(head, base.config(source))}
-    untied = {base.tensors[source].file for head, source in heads.items() if head not in stored_sides}
+    # (a T5's side written apart from shared keeps the config: transformers ties its sides by value)
+    untied = {base.tensors[source].file for head, source in heads.items()
+              if not side_stored_apart(head, base.config(source))}
     touched, apart = terms.keys() | replacements.keys() | rows.keys(), _changed_apart(adapters)
+    stored_sides = {}  # each side's embed_tokens stored as a copy of shared, in a group the merge unties → shared
     for group in _stored_twice(base, touched):
         # a head changed, or the embeddings it is tied to apart from it (see _changed_apart; as where it is not
         # stored: unstored_head_of), or one side's embed_tokens of a model whose config unties them from shared
         # (check.untied_side_source). Other copies of the embeddings (T5's shared and each side's embed_tokens, saved
         # before transformers 5) are one parameter: they share their changes, but for one side's embed_tokens of a T5
-        # changed apart, written with its own changes and shared's, as BART's side is (check.side_stored_apart)
+        # changed apart, written with its own changes alone (check.side_stored_apart; not shared's, which nothing
+        # in the merged model's config tells a subtract to take off it, as BART's untied config does)
         group_heads = {name for name in group if _is_head(base, name)}
         source = next((name for name in sorted(group) if untied_side_embeddings(name, base.config(name))), None)
         group_sides = group & set(untied_side_embeddings(source, base.config(source))) if source else set()
@@ -512,8 +513,6 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group))
         own = {name for name in group & apart if not undo and side_stored_apart(name, base.config(name))}
         one = (group - group_heads - group_sides if untie else group) - own
-        if own and (embeddings := min(one - group_heads, default=None)) is not None:
-            stored_sides.update(dict.fromkeys(own, embeddings))
         together = sorted((term for name in sorted(one) for term in terms.get(name, [])),
                           key=lambda term: position[id(term[0])])
         replacement = next((replacements[name] for name in sorted(one) if name in replacements), None)

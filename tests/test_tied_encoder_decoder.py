@@ -427,6 +427,23 @@ def test_a_lora_on_one_sides_embed_tokens_of_t5_changes_that_side_alone(tmp_path
     assert tensors.keys() == load_file(tmp_path / "base" / "model.safetensors").keys() | {f"{side}.embed_tokens.weight"}
 
 
+@pytest.mark.parametrize("copies", [False, True])
+def test_a_t5_sides_merge_beside_a_lora_on_shared_is_subtracted_against_its_pristine_base(tmp_path, copies):
+    """merge + subtract of LoRAs on shared and one side's embed_tokens of a T5 (nonzero, as extract writes them),
+    compared with the pristine base: the side written apart takes its own LoRA alone, shared's goes into shared (and
+    what is tied to it), so the subtract takes each off where it was put. Where the side took shared's LoRA too, as an
+    untied BART's does, nothing in the merged T5 (its config still says tied) told the subtract so: 22 off."""
+    cls = tiny(tmp_path / "base", "t5")
+    if copies:
+        with_t5_side_copies(tmp_path / "base")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q", "decoder.embed_tokens", "shared"])
+    adapter = formats.read_adapter(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "merged", progress=False)
+    report = engine.subtract(tmp_path / "merged", [(adapter, 1.0)], tmp_path / "back", progress=False,
+                             reference=tmp_path / "base")
+    assert report.residual.max_abs_diff < 1e-5
+
+
 @pytest.mark.parametrize("kind, changes, copies", [("t5", {"encoder": 2, "decoder": 3}, False),
                                                    ("t5", {"encoder": 2, "decoder": 2}, False), ("t5", {}, False),
                                                    ("mt5", {"decoder": 3}, False), ("t5", {"encoder": 2, "decoder": 3}, True),
