@@ -255,6 +255,18 @@ UNTIES_SIDE_EMBEDDINGS = ("bart", "mbart", "plbart", "pegasus", "marian", "blend
 # side embeddings written under its text model, which is not checked): those above, and mT5 (whose config forces
 # tie_word_embeddings true in transformers 5 and scales nothing: its head loads untied by its own values)
 UNTIED_AT_THE_TOP = ("mt5", *UNTIES_SIDE_EMBEDDINGS)
+# model types whose config transformers 5 forces to say tie_word_embeddings: true, so that the checkpoint decides
+# what is tied: a tied tensor stored with values of its own (not byte-identical to shared's) loads as a parameter of
+# its own, with a warning that they are "present in the checkpoints with different values, so we will NOT tie them"
+TIED_BY_VALUE = ("mt5", *SCALES_BY_TIE)
+
+
+def side_stored_apart(name: str, config: dict) -> bool:
+    """May ``name``, one side's embed_tokens a base ties to its shared embeddings (not stored, or stored as their
+    byte-identical copy), be written with values of its own? Where the model (at the config's top level) is one of
+    TIED_BY_VALUE: transformers loads it apart from shared then, as PEFT's adapted model reads a LoRA or a saved copy
+    on that side (its lookup alone). BLIP-2's T5 (a text config) is not checked."""
+    return config.get("model_type") in TIED_BY_VALUE and any(names_module(name, side) for side in SIDE_EMBEDDINGS)
 
 
 def _tie_flags(config: dict) -> list[dict]:
@@ -316,11 +328,16 @@ def untied_side_source(weight_name: str, shape, manifest: Mapping[str, object],
     where a merge may write that side apart from them: a model of UNTIES_SIDE_EMBEDDINGS at its top level (BART's
     model.encoder.embed_tokens → model.shared.weight). PEFT's LoRA on that side changes its lookup only; the merge
     writes it untied, as shared's copy with its changes (each other side and the head as shared's copies:
-    untied_side_embeddings, side_tied_head). None for another tensor or model (T5's sides are shared's whatever its
-    config says), or a config that unties nothing (untie_refusal)."""
+    untied_side_embeddings, side_tied_head). And a T5's (side_stored_apart; whatever its config says): written as
+    shared's copy with its changes, it loads apart from shared, the rest tied as it was. None for another tensor or
+    model, or a config that unties nothing (untie_refusal)."""
     shared = shared_embeddings_of(weight_name, shape, manifest)
-    if shared is None or weight_name in manifest or weight_name not in untied_side_embeddings(shared, config(shared)) \
-            or untie_refusal(shared, config(shared)) is not None:
+    if shared is None or weight_name in manifest:
+        return None
+    if side_stored_apart(weight_name, config(shared)):
+        return shared if weight_name in (shared.removesuffix("shared.weight") + side for side in SIDE_EMBEDDINGS) \
+            else None
+    if weight_name not in untied_side_embeddings(shared, config(shared)) or untie_refusal(shared, config(shared)):
         return None
     return shared
 
@@ -328,7 +345,8 @@ def untied_side_source(weight_name: str, shape, manifest: Mapping[str, object],
 def side_lookup_refusal(shared: str, change: str) -> str:
     """Why ``change`` on one side's embed_tokens, which the base does not store, is not merged into ``shared``: PEFT's
     model reads that side's lookup apart from shared (and the head), and this model is not one a merge writes with
-    that side untied (untied_side_source: T5's sides are shared's whatever its config says)."""
+    that side untied (untied_side_source: known by the base's config alone; a T5 in a composite model's text config
+    is not checked)."""
     return f"stored once as {shared}, which the encoder and the decoder share: {change} cannot be merged"
 
 
@@ -340,6 +358,8 @@ def side_tied_head(shared: str, manifest: Mapping[str, object], config: dict) ->
     bare model (BartModel: facebook/bart-base's and bart-large's) or no class gets it too: such a checkpoint is loaded
     for generation as BartForConditionalGeneration, which finds no head in an untied model that lacks it (newly
     initialized), where the bare model only reports it unexpected."""
+    if config.get("model_type") in TIED_BY_VALUE:  # a T5's side written apart unties nothing else
+        return None
     architectures = [str(a) for a in config.get("architectures") or []]
     heads = not architectures or any(a.endswith(LM_HEAD_CLASSES) or ("For" not in a and a.endswith("Model"))
                                      for a in architectures)  # (MarianMTModel, the bare model)
@@ -977,7 +997,7 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         return name
 
     candidates = [as_is, lambda n: f"model.{n}"]
-    if all(n.startswith("model.") for n in wanted):
+    if any(n.startswith("model.") for n in wanted):  # (BartModel's checkpoint: lm_head beside it, not under model.)
         candidates.insert(1, lambda n: n.removeprefix("model."))
     # a checkpoint saved from the bare model lacks its base_model_prefix (GPT-2's and BLOOM's own: wte, h.0…, where
     # PEFT says transformer.wte), the head beside it keeping its name: transformers adds the prefix on load
@@ -997,10 +1017,11 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         module = tensor.removesuffix(".weight")
         return (tensor in manifest or ldm.fused_target(module, manifest) is not None
                 or params.stored_fused(module, manifest) is not None
-                or (tied and (tied_head_source(tensor, shape, manifest) or stored_tied_bias(tensor, shape, manifest))
-                    is not None))
+                or (tied and (tied_head_source(tensor, shape, manifest) or stored_tied_bias(tensor, shape, manifest)
+                              or shared_embeddings_of(tensor, shape, manifest)) is not None))
 
     # a head the base stores under another name (GPT-NeoX's embed_out) before one it would share with its embeddings
+    # (or one side's embed_tokens with its shared embeddings)
     for tied in (False, True):
         for rename in candidates:
             if all(present(rename(n), shape, tied) for n, shape in wanted.items()):

@@ -62,9 +62,9 @@ from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (SIDE_EMBEDDINGS, can_untie, embeddings_untied, head_tied_to, is_tied_head, rows_shape,
-                    saved_tie_refusal, shared_embeddings_of, stored_twice, tied_decoder_bias, tied_head_source,
-                    tied_layer_copy, side_tied_head, unstored_head_of, untie_refusal, untied, untied_side_embeddings,
-                    untied_side_source)
+                    saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
+                    tied_head_source, tied_layer_copy, side_tied_head, unstored_head_of, untie_refusal, untied,
+                    untied_side_embeddings, untied_side_source)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX, names_module
 from .formats.peft import saved_layer_tensors
@@ -493,21 +493,26 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and changed by another's "
                                     "LoRA; merge them separately")
     _inherit(heads, rows, replacements, saved_layers)
-    untied = {base.tensors[source].file for source in heads.values()}
+    # (a T5's side written apart from shared keeps the config: transformers ties its sides by value)
+    untied = {base.tensors[source].file for head, source in heads.items()
+              if not side_stored_apart(head, base.config(source))}
     touched, apart = terms.keys() | replacements.keys() | rows.keys(), _changed_apart(adapters)
     stored_sides = {}  # each side's embed_tokens stored as a copy of shared, in a group the merge unties → shared
     for group in _stored_twice(base, touched):
         # a head changed, or the embeddings it is tied to apart from it (see _changed_apart; as where it is not
         # stored: unstored_head_of), or one side's embed_tokens of a model whose config unties them from shared
-        # (check.untied_side_source). Copies of the embeddings (T5's shared and each side's embed_tokens, saved
-        # before transformers 5) are one parameter that no config unties: they share their changes
+        # (check.untied_side_source). Other copies of the embeddings (T5's shared and each side's embed_tokens, saved
+        # before transformers 5) are one parameter: they share their changes, but for one side's embed_tokens of a T5
+        # changed apart, written with its own changes alone (check.side_stored_apart; not shared's, which nothing
+        # in the merged model's config tells a subtract to take off it, as BART's untied config does)
         group_heads = {name for name in group if _is_head(base, name)}
         source = next((name for name in sorted(group) if untied_side_embeddings(name, base.config(name))), None)
         group_sides = group & set(untied_side_embeddings(source, base.config(source))) if source else set()
         untie = not undo and _can_untie(base, min(group)) and (bool(group_sides & apart) or any(
             name in touched if name in group_heads
             else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group))
-        one = group - group_heads - group_sides if untie else group
+        own = {name for name in group & apart if not undo and side_stored_apart(name, base.config(name))}
+        one = (group - group_heads - group_sides if untie else group) - own
         together = sorted((term for name in sorted(one) for term in terms.get(name, [])),
                           key=lambda term: position[id(term[0])])
         replacement = next((replacements[name] for name in sorted(one) if name in replacements), None)

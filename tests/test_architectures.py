@@ -253,18 +253,30 @@ def test_a_null_bias_in_the_config_is_peft_default(tmp_path):
     torch.testing.assert_close(tensors(tmp_path / "out")["lm_head.bias"], tensors(base)["lm_head.bias"], rtol=0, atol=0)
 
 
-def test_a_lora_on_t5s_encoder_embed_tokens_says_what_the_base_stores(tmp_path):
+def test_a_lora_on_t5s_encoder_embed_tokens_is_written_apart_from_shared(tmp_path):
     """T5 saves its embeddings once, as shared.weight; a LoRA on encoder.embed_tokens changes the encoder's lookup
-    only, so it cannot be merged into the shared tensor: refused, naming what the base stores instead."""
+    only. transformers 5 ties a T5's sides to shared by value (its config always says tie_word_embeddings: true; a
+    side stored with values of its own loads apart), so the merge writes encoder.embed_tokens as shared's copy with
+    the LoRA in, and the merged model computes the adapted model's output. It was refused ("stored once as
+    shared.weight … cannot be merged"); by the manifest alone (no config: a registered base whose files are gone) it
+    still is."""
     import transformers
 
-    model_type, cls_name, config, _, _ = CASES["t5"]
+    model_type, cls_name, config, _, inputs_of = CASES["t5"]
+    cls = getattr(transformers, cls_name)
     base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
-    peft_model_on(base, getattr(transformers, cls_name), ["q", "encoder.embed_tokens"]).save_pretrained(
-        tmp_path / "a", save_embedding_layers=False)
-    adapter = formats.read_adapter(tmp_path / "a")
-    report = check(adapter, BaseModel.open(base).tensors)
-    assert report.missing == ["encoder.embed_tokens"]
-    with pytest.raises(MismatchError, match=r"encoder\.embed_tokens \(stored once as shared\.weight, which the encoder "
-                                            r"and the decoder share: a LoRA on one side's lookup cannot be merged\)"):
-        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    model = peft_model_on(base, cls, ["q", "encoder.embed_tokens"])
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    adapter, opened = formats.read_adapter(tmp_path / "a"), BaseModel.open(base)
+    assert check(adapter, opened.tensors).missing == ["encoder.embed_tokens"]
+    report = check(adapter, opened.tensors, config=opened.config)
+    assert report.ok and report.tied_heads == [], report
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    inputs = inputs_of(model.base_model.model)
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(output(merged.eval(), inputs), output(model, inputs), rtol=0, atol=1e-4)
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    written, stored = tensors(tmp_path / "out"), tensors(base)
+    assert written.keys() == stored.keys() | {"encoder.embed_tokens.weight"}
+    assert torch.equal(written["shared.weight"], stored["shared.weight"])

@@ -6,7 +6,6 @@ PEFT's adapted model, loaded back by transformers with nothing missing or unexpe
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -386,19 +385,109 @@ def test_each_sides_saved_embed_tokens_take_nothing_from_a_lora_on_shared(tmp_pa
     assert torch.equal(merged["lm_head.weight"], base["model.shared.weight"])
 
 
-@pytest.mark.parametrize("kind, changes", [("t5", {"encoder": 2, "decoder": 3}), ("t5", {"encoder": 2, "decoder": 2}),
-                                           ("t5", {}), ("mt5", {"decoder": 3})])
-def test_each_sides_embed_tokens_saved_whole_on_t5_is_refused_as_shared(tmp_path, kind, changes):
-    """The same on T5 and mT5, whose sides transformers ties to shared whatever the config says: PEFT's model reads
-    each side's copy apart from shared and the head, which no merged T5 loads (even byte-identical copies: put into
-    shared, the head would read them too). check and merge refuse it in one line that says so, not 'not in base'."""
+def with_t5_side_copies(path, head=False):
+    """Store each side's embed_tokens (and ``head``: lm_head) in the T5 checkpoint at ``path`` byte-identical to
+    shared, as T5 checkpoints saved before transformers 5 hold them; its tensors as they were."""
+    base = load_file(path / "model.safetensors")
+    copies = [f"{side}.embed_tokens.weight" for side in ("encoder", "decoder")] + ["lm_head.weight"] * head
+    save_file({**base, **{name: base["shared.weight"].clone() for name in copies}}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return base
+
+
+@pytest.mark.parametrize("kind, side, copies", [("t5", "encoder", False), ("t5", "decoder", False),
+                                                ("mt5", "encoder", False), ("t5", "encoder", True),
+                                                ("t5", "decoder", "head"), ("mt5", "decoder", True)])
+def test_a_lora_on_one_sides_embed_tokens_of_t5_changes_that_side_alone(tmp_path, kind, side, copies):
+    """transformers 5 forces a T5's config to tie and ties by values: a side's embed_tokens not stored, or stored
+    byte-identical to shared (``copies``: as T5 checkpoints saved before transformers 5 hold them; "head": lm_head
+    too), is shared; one stored with values of its own loads apart (with a warning). PEFT's LoRA on one side's
+    embed_tokens changes that side's lookup alone. The merge refused it where shared is stored alone, and put it into
+    every copy where not (PEFT's merge_and_unload does too: logits 30 off the adapted model); it writes that side
+    with its LoRA, the rest as stored and the config as it was, and the merged model computes the adapted model's
+    logits."""
     cls = tiny(tmp_path / "base", kind)
-    saved_embeddings(cls, tmp_path / "base", tmp_path / "a", changes)
-    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
-    why = ("decoder.embed_tokens.weight and 1 more (stored once as shared.weight, which the encoder and the decoder "
-           "share: one side's lookup saved whole (modules_to_save) cannot be merged)")
-    assert check.misfits(check.check(adapter, base.tensors, config=base.config)) == [why]
-    assert check.misfits(check.check(adapter, base.tensors)) == [why]
-    with pytest.raises(MismatchError, match=re.escape(why)):
-        engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+    head = copies == "head"
+    base = with_t5_side_copies(tmp_path / "base", head) if copies else load_file(tmp_path / "base" / "model.safetensors")
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q", f"{side}.embed_tokens"])
+    report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
+                          progress=False)
+    assert report.heads_untied == []
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == config
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    delta = adapted.base_model.model.get_submodule(f"{side}.embed_tokens").get_delta_weight("default")
+    torch.testing.assert_close(tensors[f"{side}.embed_tokens.weight"], base["shared.weight"] + delta, atol=1e-6, rtol=0)
+    other = "decoder" if side == "encoder" else "encoder"
+    for name in ("shared.weight", *[f"{other}.embed_tokens.weight"] * bool(copies), *["lm_head.weight"] * head):
+        assert torch.equal(tensors[name], base["shared.weight"]), name
+    assert tensors.keys() == load_file(tmp_path / "base" / "model.safetensors").keys() | {f"{side}.embed_tokens.weight"}
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_a_t5_sides_merge_beside_a_lora_on_shared_is_subtracted_against_its_pristine_base(tmp_path, copies):
+    """merge + subtract of LoRAs on shared and one side's embed_tokens of a T5 (nonzero, as extract writes them),
+    compared with the pristine base: the side written apart takes its own LoRA alone, shared's goes into shared (and
+    what is tied to it), so the subtract takes each off where it was put. Where the side took shared's LoRA too, as an
+    untied BART's does, nothing in the merged T5 (its config still says tied) told the subtract so: 22 off."""
+    cls = tiny(tmp_path / "base", "t5")
+    if copies:
+        with_t5_side_copies(tmp_path / "base")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q", "decoder.embed_tokens", "shared"])
+    adapter = formats.read_adapter(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "merged", progress=False)
+    report = engine.subtract(tmp_path / "merged", [(adapter, 1.0)], tmp_path / "back", progress=False,
+                             reference=tmp_path / "base")
+    assert report.residual.max_abs_diff < 1e-5
+
+
+@pytest.mark.parametrize("kind, changes, copies", [("t5", {"encoder": 2, "decoder": 3}, False),
+                                                   ("t5", {"encoder": 2, "decoder": 2}, False), ("t5", {}, False),
+                                                   ("mt5", {"decoder": 3}, False), ("t5", {"encoder": 2, "decoder": 3}, True),
+                                                   ("t5", {}, True), ("mt5", {"decoder": 3}, True)])
+def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path, kind, changes, copies):
+    """modules_to_save=["embed_tokens"] on T5 and mT5 (``copies``: a checkpoint storing each side's embed_tokens as
+    shared's copies): PEFT's model reads each side's saved copy apart from shared and the head. It was refused where
+    the base stores shared alone ("stored once as shared.weight … cannot be merged"), an untrained one too; where it
+    stores the copies, every copy took the first saved one. Each side is written as its saved copy, shared and the
+    head (tied to shared) as stored, and the merged model computes the adapted model's logits. By the manifest alone
+    (no config) it is still refused, with that line."""
+    cls = tiny(tmp_path / "base", kind)
+    base = with_t5_side_copies(tmp_path / "base") if copies else load_file(tmp_path / "base" / "model.safetensors")
+    adapted = saved_embeddings(cls, tmp_path / "base", tmp_path / "a", changes)
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    assert check.check(adapter, model.tensors, config=model.config).ok
+    if not copies:
+        assert check.misfits(check.check(adapter, model.tensors)) == [
+            "decoder.embed_tokens.weight and 1 more (stored once as shared.weight, which the encoder and the decoder "
+            "share: one side's lookup saved whole (modules_to_save) cannot be merged)"]
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for side in ("encoder", "decoder"):
+        saved = adapted.base_model.model.get_submodule(f"{side}.embed_tokens").modules_to_save["default"]
+        assert torch.equal(tensors[f"{side}.embed_tokens.weight"], saved.weight), side
+    assert torch.equal(tensors["shared.weight"], base["shared.weight"])
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "encoder.embed_tokens"]])
+def test_a_checkpoint_of_the_bare_bart_binds_an_adapter_of_its_generation_class(tmp_path, targets):
+    """A checkpoint saved by BartModel (encoder.layers.0…, shared.weight: no base_model_prefix) loads as
+    BartForConditionalGeneration (transformers adds model., the head tied to model.shared), and PEFT's adapter of that
+    model names model.encoder… beside lm_head. A LoRA on the head or one side's embed_tokens (neither stored) beside
+    the others bound nothing ("not in base": model. was taken off only where every name has it); the merge writes the
+    checkpoint's names, and the merged model computes the adapted model's logits."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.BartModel(transformers.BartConfig(**SMALL, decoder_start_token_id=0)).save_pretrained(tmp_path / "base")
+    cls = transformers.BartForConditionalGeneration
+    adapted = lora(cls, tmp_path / "base", tmp_path / "a", targets)
+    stored = load_file(tmp_path / "base" / "model.safetensors")
+    merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
+    assert not any(name.startswith("model.") for name in merged) and stored.keys() < merged.keys()
