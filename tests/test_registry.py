@@ -923,3 +923,43 @@ def test_stamps_dropped_while_a_load_rewrites_them_stay_dropped(reg, art, monkey
     writing.join()
     monkeypatch.setattr(reg.blobs, "_read_stamps", real_read)
     assert weights not in reg.blobs.holding(key, files)
+
+
+def test_stamps_dropped_during_a_load_are_not_marked_back(reg, art, monkeypatch):
+    """`verify` drops the stamps of a damaged adapter while a load reads it (its stat as stamped: bytes changed below
+    the file system): the load's checked mark is for stamps that are still there, so it writes none back, and the next
+    load hashes the copy (and refuses it)."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped and checked
+    key = reg.blobs.key(record.sha256, None)
+    stamps = reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json"
+    stamps.write_text(json.dumps({name: {k: v for k, v in stamp.items() if k != "checked"}
+                                  for name, stamp in stamps_of(reg, record).items()}))
+    real_read = formats.read_adapter
+
+    def verify_meanwhile(path, **kwargs):
+        adapter = real_read(path, **kwargs)
+        reg.blobs.forget(key)
+        return adapter
+
+    monkeypatch.setattr(formats, "read_adapter", verify_meanwhile)
+    reg.load_adapter(record.id)
+    assert not stamps.exists()
+
+
+def test_a_read_that_skipped_the_check_leaves_later_checks_on(reg, art, monkeypatch):
+    """The skip is for the one read whose stamps say so: after it, what the algebra makes of the adapter (a module
+    that overflows to Inf, which nothing reads back to check) is still checked and refused."""
+    from dataclasses import replace
+
+    from loraops import algebra
+
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)
+    looked = counted_value_checks(monkeypatch)
+    module = next(iter(reg.load_adapter(record.id).modules.values()))
+    assert looked == []  # (skipped)
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        algebra.finite_module("combine", replace(module, B=module.B * float("inf")))
