@@ -891,3 +891,75 @@ def test_a_stamp_holds_on_a_machine_that_sees_another_device_number(reg, art, mo
     hashed, looked = counted_hashes(monkeypatch), counted_value_checks(monkeypatch)
     reg.load_adapter(record.id)
     assert hashed == [] and looked == []
+
+
+@pytest.mark.parametrize("write", ["mark_checked", "remember"])
+def test_stamps_dropped_while_a_load_rewrites_them_stay_dropped(reg, art, monkeypatch, write):
+    """`verify` drops the stamps of a damaged adapter (its bytes changed below the file system, its stat as
+    stamped). A load that had read the stamps to add its own (the checked mark, a stamp of another of its files) wrote
+    them back after the drop, and later loads took the damaged copy unhashed and unchecked: the read-modify-write and
+    the drop take turns (a lock), so the drop comes after the write and holds."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped
+    key, weights = reg.blobs.key(record.sha256, None), "adapter_model.safetensors"
+    files = {name: stamp["sha256"] for name, stamp in stamps_of(reg, record).items()}
+    held = {name: {k: v for k, v in stamp.items() if k != "checked"} for name, stamp in stamps_of(reg, record).items()}
+    (reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json").write_text(json.dumps(held))
+    read, real_read = threading.Event(), reg.blobs._read_stamps
+
+    def read_then_wait(k):
+        known = real_read(k)
+        read.set()
+        threading.Event().wait(0.5)  # (verify's drop comes now)
+        return known
+
+    monkeypatch.setattr(reg.blobs, "_read_stamps", read_then_wait)
+    writing = threading.Thread(target=(lambda: reg.blobs.mark_checked(key, held)) if write == "mark_checked"
+                               else reg.blobs.hash(key, "adapter_config.json")[1])
+    writing.start()
+    read.wait(5)
+    reg.blobs.forget(key)  # what verify does on a file that hashed wrong
+    writing.join()
+    monkeypatch.setattr(reg.blobs, "_read_stamps", real_read)
+    assert weights not in reg.blobs.holding(key, files)
+
+
+def test_stamps_dropped_during_a_load_are_not_marked_back(reg, art, monkeypatch):
+    """`verify` drops the stamps of a damaged adapter while a load reads it (its stat as stamped: bytes changed below
+    the file system): the load's checked mark is for stamps that are still there, so it writes none back, and the next
+    load hashes the copy (and refuses it)."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped and checked
+    key = reg.blobs.key(record.sha256, None)
+    stamps = reg.blobs.root / STAMPS / f"{record.sha256[:2]}/{record.sha256}.json"
+    stamps.write_text(json.dumps({name: {k: v for k, v in stamp.items() if k != "checked"}
+                                  for name, stamp in stamps_of(reg, record).items()}))
+    real_read = formats.read_adapter
+
+    def verify_meanwhile(path, **kwargs):
+        adapter = real_read(path, **kwargs)
+        reg.blobs.forget(key)
+        return adapter
+
+    monkeypatch.setattr(formats, "read_adapter", verify_meanwhile)
+    reg.load_adapter(record.id)
+    assert not stamps.exists()
+
+
+def test_a_read_that_skipped_the_check_leaves_later_checks_on(reg, art, monkeypatch):
+    """The skip is for the one read whose stamps say so: after it, what the algebra makes of the adapter (a module
+    that overflows to Inf, which nothing reads back to check) is still checked and refused."""
+    from dataclasses import replace
+
+    from loraops import algebra
+
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)
+    looked = counted_value_checks(monkeypatch)
+    module = next(iter(reg.load_adapter(record.id).modules.values()))
+    assert looked == []  # (skipped)
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        algebra.finite_module("combine", replace(module, B=module.B * float("inf")))

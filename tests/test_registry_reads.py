@@ -250,3 +250,26 @@ def test_a_read_leaves_the_wal_of_an_open_writer_and_what_it_committed(filled): 
         writer.close()
     with reads.reader() as r:
         assert {a.name for a in r.list_adapters()} >= {"renamed"}
+
+
+def test_a_read_through_a_symlink_leaves_the_wal_a_crashed_writer_left(filled, tmp_path):  # noqa: F811
+    """A registry.db that is a symlink: SQLite keeps the -wal and -shm beside the file it names. Those a killed
+    writer left there (commits not yet in the file) are kept by a read through the link, and the file is not
+    rewritten: the read's own clean-up folded that -wal into the file and removed it, looking for it beside the link."""
+    import subprocess
+    import sys
+
+    database = settings.sqlite_database()
+    subprocess.run([sys.executable, "-c", "import os, sqlite3, sys\n"
+                    "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                    "c.execute('PRAGMA wal_autocheckpoint=0')\n"
+                    "c.execute(\"UPDATE adapters SET name = 'renamed' WHERE name = 'style'\")\n"
+                    "os._exit(0)", str(database)], check=True)
+    assert wal_files() == {"registry.db-wal", "registry.db-shm"}
+    before = database.read_bytes()
+    link = tmp_path / "elsewhere" / "registry.db"
+    link.parent.mkdir()
+    link.symlink_to(database)
+    with reads.reader(f"sqlite:///{link}") as r:
+        assert "renamed" in {a.name for a in r.list_adapters()}
+    assert wal_files() == {"registry.db-wal", "registry.db-shm"} and database.read_bytes() == before

@@ -31,6 +31,7 @@ from ..fsutil import (TMP_MARK, copy_file, ensure_free_space, file_lock, fsync_d
 
 LOCKS = ".locks"
 STAMPS = ".stamps"
+STAMPS_LOCK = "stamps"  # (in LOCKS, beside the shards' locks, whose names are two hex digits)
 # A stamp vouches for a file only when its mtime and ctime are older than the hash began by this much: a write in the
 # same clock tick as the last one (a coarse file-system clock, a file server's clock behind ours) could leave both
 # as they were; later writes cannot (ctime cannot be set back by a user, only by the system clock).
@@ -147,8 +148,20 @@ class BlobStore:
         """Drop the stamps of the adapter at ``key`` (its files are hashed on their next load): with its folder, or
         when one of its files hashed wrong, which its stamp may not show (bytes changed below the file system keep
         its stat). Where the store is read-only, nothing."""
-        with contextlib.suppress(OSError):
+        with self._stamps_locked(), contextlib.suppress(OSError):
             self._stamps(key).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _stamps_locked(self) -> Iterator[None]:
+        """Held while the stamps are read, changed and written back (remember, mark_checked) and while they are
+        dropped (forget): else a load that read them before a `verify` found a file damaged and dropped them wrote
+        them back after, and its stamp vouched for the damaged bytes again (loads went by it, unchecked). Not the
+        shard's lock, which remove and a repair hold for a whole copy. Where it cannot be made (a read-only store,
+        another user's lock file), none: what the stamps then do is what they did without it."""
+        with contextlib.ExitStack() as lock:
+            with contextlib.suppress(OSError):
+                lock.enter_context(file_lock(self.root / LOCKS / STAMPS_LOCK))
+            yield
 
     def stray_stamps(self) -> Iterator[Path]:
         """Stamp files whose adapter folder is gone (an `rm` killed between the two, a load stamping while `rm`
@@ -187,15 +200,17 @@ class BlobStore:
         came between the stamp's hash and the end of that read (a write moves ctime) and what was checked is what
         hashed to the recorded sha256. Files registered before loads checked nothing have no such mark, so their
         first load checks them."""
-        known = self._read_stamps(key)
-        marked = False
-        for name, stamp in held.items():
-            with contextlib.suppress(OSError):
-                if known.get(name) == stamp and stamp["stat"] == _stat_of((self.root / folder_of(key) / name).stat()):
-                    known[name] = {**stamp, "checked": True}
-                    marked = True
-        if marked:
-            self._write_stamps(key, known)
+        with self._stamps_locked():
+            known = self._read_stamps(key)
+            marked = False
+            for name, stamp in held.items():
+                with contextlib.suppress(OSError):
+                    now = _stat_of((self.root / folder_of(key) / name).stat())
+                    if known.get(name) == stamp and stamp["stat"] == now:
+                        known[name] = {**stamp, "checked": True}
+                        marked = True
+            if marked:
+                self._write_stamps(key, known)
 
     def _read_stamps(self, key: str) -> dict:
         """The stamps of the adapter at ``key`` by file name; {} where there are none or the file is damaged (JSON
@@ -223,9 +238,10 @@ class BlobStore:
         return sha256, remember
 
     def _remember(self, key: str, name: str, sha256: str, st: os.stat_result) -> None:
-        known = self._read_stamps(key)
-        known[name] = {"sha256": sha256, "stat": _stat_of(st)}  # (not checked: that is for a read to say)
-        self._write_stamps(key, known)
+        with self._stamps_locked():
+            known = self._read_stamps(key)
+            known[name] = {"sha256": sha256, "stat": _stat_of(st)}  # (not checked: that is for a read to say)
+            self._write_stamps(key, known)
 
     def _write_stamps(self, key: str, known: dict) -> None:
         """Where the store is read-only, nothing (a cache)."""

@@ -356,6 +356,7 @@ def _connect(url: str) -> tuple[Any, Path | None]:
             path = settings.plain_sqlite_file(url)  # (the rarer forms of SQLite URLs go through SQLAlchemy)
             if path is None or not path.is_file():
                 return None, None
+            path = path.resolve()  # (SQLite keeps its -wal and -shm beside the file a symlink names, not the link)
             if not any(path.with_name(path.name + s).exists() for s in ("-wal", "-shm")):
                 made_wal = path
             connection = connect_read_only(path)
@@ -390,7 +391,7 @@ def _close_wal(database: Path) -> None:
     if not (os.access(database, os.W_OK) and os.access(database.parent, os.W_OK)):
         return
     with contextlib.suppress(sqlite3.Error):
-        connection = sqlite3.connect(f"{sqlite_uri_of(database.resolve())}?mode=rw", uri=True, isolation_level=None,
+        connection = sqlite3.connect(f"{sqlite_uri_of(database)}?mode=rw", uri=True, isolation_level=None,
                                      timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         try:
             connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
