@@ -929,3 +929,51 @@ def test_a_saved_block_fits_a_gpt2_checkpoint_that_stores_its_attention_mask_buf
     assert set(expected) - set(merged) == {"lm_head.weight"}  # (tied, not stored)
     for name in expected.keys() & merged.keys():
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("resized", [False, True])
+def test_a_saved_head_with_save_embedding_layers_merges_as_peft_loads_it(tmp_path, resized):
+    """modules_to_save=["lm_head"] saved with save_embedding_layers=True (or "auto" on a resized vocabulary): PEFT
+    0.21 saves the output embeddings, here its ModulesToSaveWrapper, whole as its state dict beside the head's copy
+    (``lm_head.original_module.weight``, ``lm_head.modules_to_save.weight``) and the input embeddings whole
+    (``model.embed_tokens.weight``). loraops refused the wrapper's keys as an unknown layout. Read as PEFT's load
+    does (the copy from ``lm_head.weight``, the wrapper's own state left out of the merged model, the embeddings put
+    over the model's), the merge is PEFT's merge_and_unload, bit for bit."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from loraops import engine
+
+    base = factories.tiny_llama(tmp_path / "base")
+
+    def base_model():  # (the resized vocabulary's new rows are drawn: seeded, the same each time)
+        model = factories.load_model(base)
+        if resized:
+            torch.manual_seed(5)
+            model.resize_token_embeddings(136)
+        return model
+
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base_model(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers="auto" if resized else True)
+    saved = sorted(k for k in load_file(tmp_path / "a" / "adapter_model.safetensors") if "lora_" not in k)
+    assert saved == [f"base_model.model.{k}" for k in ("lm_head.modules_to_save.weight",
+                                                      "lm_head.original_module.weight", "lm_head.weight",
+                                                      "model.embed_tokens.weight")]
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
+    target = base
+    if resized:  # (merged into the resized base, as PEFT loads it: docs/tokens.md)
+        base_model().save_pretrained(target := tmp_path / "resized")
+    expected = peft.PeftModel.from_pretrained(base_model(), tmp_path / "a").merge_and_unload().state_dict()
+    engine.merge(target, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert torch.equal(merged["lm_head.weight"], adapter.full_tensors["lm_head.weight"])
