@@ -977,3 +977,33 @@ def test_a_saved_head_with_save_embedding_layers_merges_as_peft_loads_it(tmp_pat
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
     assert torch.equal(merged["lm_head.weight"], adapter.full_tensors["lm_head.weight"])
+
+
+def test_a_saved_module_s_bias_without_a_weight_of_its_own_is_asked_for_as_peft_fails_without_it(tmp_path):
+    """RoBERTa's masked-LM head saved whole (modules_to_save=["lm_head"]) has a parameter of its own, ``lm_head.bias``
+    (1-D, no lm_head.weight beside it: the weights are its submodules'). PEFT saves it, and its load fails without it
+    (a KeyError); check asked only for a bias beside its layer's weight (so as to leave GPT-2's 4-D attention masks
+    alone), so it passed such a file and merge took the base's bias. Asked for now: a 1-D bias is a parameter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import RobertaForMaskedLM
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = factories.tiny_transformers(tmp_path / "base", "roberta", "RobertaForMaskedLM", **factories.TINY_BERT)
+    torch.manual_seed(1)
+    get_peft_model(RobertaForMaskedLM.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["query"], modules_to_save=["lm_head"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "a")
+    model = BaseModel.open(base)
+    assert check.check(read_adapter(tmp_path / "a"), model.tensors, config=model.config).ok
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state["base_model.model.lm_head.bias"]
+    save_file(state, str(weights))
+    with pytest.raises(KeyError, match="base_model.model.lm_head.bias"):
+        PeftModel.from_pretrained(RobertaForMaskedLM.from_pretrained(base), tmp_path / "a")
+    for config in (model.config, None):
+        report = check.check(read_adapter(tmp_path / "a"), model.tensors, config=config)
+        assert not report.ok and sorted(report.why_missing) == ["lm_head.bias"], report
+        assert "modules_to_save entry 'lm_head'" in report.why_missing["lm_head.bias"]
