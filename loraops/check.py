@@ -1255,13 +1255,16 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         why_missing[tensor] = why
     row_mismatches = []
     for name, rows in bound.token_rows.items():
-        shape = rows_shape(rows, manifest)
-        if (why := refused(name, shape)) is not None:
-            missing.append(name)
-            why_missing[name] = why
-            continue
-        info = manifest.get(name) or manifest.get(tied_head_source(name, shape, manifest))
-        base = None if info is None else list(info.shape)
+        if name in bound.full_tensors:  # rows PEFT copies into the layer saved whole beside them (loaded first):
+            base = list(bound.full_tensors[name].shape)  # its fit to the base is the whole tensor's, counted once
+        else:
+            shape = rows_shape(rows, manifest)
+            if (why := refused(name, shape)) is not None:
+                missing.append(name)
+                why_missing[name] = why
+                continue
+            info = manifest.get(name) or manifest.get(tied_head_source(name, shape, manifest))
+            base = None if info is None else list(info.shape)
         if base is None or len(base) != 2 or base[1] != rows.values.shape[1] or max(rows.indices) >= base[0]:
             row_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=base,
                                                 actual=[max(rows.indices) + 1, int(rows.values.shape[1])]))
@@ -1269,7 +1272,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
         # (a head the base does not store is written from its embeddings: theirs is the layout merge reads)
         for name, weight, shape in [*((n, m.weight_name, m.weight_shape) for n, m in bound.modules.items()),
-                                    *((n, n, rows_shape(rows, manifest)) for n, rows in bound.token_rows.items()),
+                                    *((n, n, rows_shape(rows, manifest)) for n, rows in bound.token_rows.items()
+                                      if n not in bound.full_tensors),
                                     *((n, n, tensor.shape) for n, tensor in bound.full_tensors.items())]:
             if (source := weight if weight in manifest else tied_head_source(weight, shape, manifest)) is None \
                     or name in why_missing:
@@ -1290,7 +1294,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         tied_heads=sorted(set(tied_heads)), why_missing=why_missing,
         token_rows=sum(len(r.indices) for r in bound.token_rows.values()),
         token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
-                               if n not in {m.name for m in row_mismatches} and n not in why_missing),
+                               if n not in {m.name for m in row_mismatches}
+                               and (n not in why_missing or n in bound.full_tensors)),
         tensors=len(bound.full_tensors) + len(unsaved),
         tensors_matched=len(bound.full_tensors) + len(unsaved) - len(tensor_misfits),
     )

@@ -515,3 +515,28 @@ def test_a_tied_heads_copy_of_tokens_named_by_the_embeddings_entry_alone(tmp_pat
     report = engine.merge(bases["tied"], [(adapter, 1.0)], tmp_path / "out", progress=False)
     assert report.heads_untied == [] and "lm_head.weight" not in merged_tensors(tmp_path / "out")
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_on_a_layer_saved_whole_count_once_against_a_base_it_does_not_fit(tmp_path):
+    """Tokens added to a resized vocabulary, saved with the embedding layers whole (save_embedding_layers), checked
+    against the base before resizing: the embeddings misfit once, as the whole tensor PEFT loads first; the rows go
+    into that layer (they fit its 130 rows). They counted twice, as a whole tensor and as token rows ("2 whole tensors
+    and 2 token rows do not fit", the embeddings listed twice)."""
+    source = tiny_llama(tmp_path / "source")
+    model = load_model(source)
+    model.resize_token_embeddings(130)
+    model.save_pretrained(tmp_path / "base")
+    folder, peft_model = token_adapter(tmp_path / "base", tmp_path / "a", lora(trainable_token_indices=[128, 129]))
+    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    adapter = formats.read_adapter(folder)
+    base = BaseModel.open(source)
+    for config in (base.config, None):
+        report = check.check(adapter, base.tensors, config=config)
+        assert not report.ok
+        assert check.fit_counts(report) == f"{len(adapter.modules)}/{len(adapter.modules)} modules, 0/2 whole tensors " \
+                                           "and 2/2 token rows"
+        assert check.misfit_counts(report) == "2 whole tensors do"
+        assert check.misfits(report) == ["lm_head.weight (full tensor 130×64, base 128×64)",
+                                         "model.embed_tokens.weight (full tensor 130×64, base 128×64)"]
+    resized = BaseModel.open(tmp_path / "base")
+    assert check.check(adapter, resized.tensors, config=resized.config).ok
