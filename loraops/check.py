@@ -440,15 +440,32 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
     # or FP8 scales, are not asked for; a bias beside its weight, or one of a vector's shape, a module's parameter of
     # its own (RoBERTa's lm_head.bias, its weights its submodules'), not GPT-2's checkpoints' 4-D attn.bias, each
     # attention's causal mask, a buffer the model no longer has, of which PEFT saves no copy)
-    for tensor in (t for t in manifest if t.endswith(".weight") or t.endswith(".bias") and (
+    paths = model_paths(adapter, manifest)
+    for tensor in (t for t in paths if t.endswith(".weight") or t.endswith(".bias") and (
             f"{t.removesuffix('.bias')}.weight" in manifest or len(manifest[t].shape) == 1)):
-        entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
+        entry = peft.wrapping_entry(entries, paths[tensor].rpartition(".")[0])
         if entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
             by = f"the model of task_type {adapter.config['task_type']}'s {entry!r}" if entry in task else \
                 f"modules_to_save entry {entry!r}"
             out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "
                            f"load the adapter without it (a KeyError)")
     return out | unsaved_tied_head(adapter, manifest, config)
+
+
+def model_paths(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
+    """The base's tensors → their paths in the model PEFT wrapped, which its modules_to_save entries are matched
+    against: their own names, but a single-file SD, FLUX.1 or SD3 checkpoint's (ldm.diffusers_names) under the
+    diffusers paths of the component the ``adapter`` (bound) lies in, without the component (PEFT wraps the
+    transformer or unet alone: BFL's final_layer.linear is proj_out there, no "linear"); a tensor of no diffusers
+    module (a fused qkv, the VAE's) is none PEFT's entries name."""
+    aliases = ldm.diffusers_names(manifest)
+    if not aliases:
+        return {tensor: tensor for tensor in manifest}
+    path_of = {module: path for path, module in aliases.items()}
+    touched = [*adapter.modules, *(name.rpartition(".")[0] for name in adapter.full_tensors)]
+    components = {path_of[module].partition(".")[0] for module in touched if module in path_of}
+    return {f"{module}.{leaf}": f"{path.partition('.')[2]}.{leaf}" for module, path in path_of.items()
+            if path.partition(".")[0] in components for leaf in ("weight", "bias") if f"{module}.{leaf}" in manifest}
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:

@@ -1007,3 +1007,71 @@ def test_a_saved_module_s_bias_without_a_weight_of_its_own_is_asked_for_as_peft_
         report = check.check(read_adapter(tmp_path / "a"), model.tensors, config=config)
         assert not report.ok and sorted(report.why_missing) == ["lm_head.bias"], report
         assert "modules_to_save entry 'lm_head'" in report.why_missing["lm_head.bias"]
+
+
+@pytest.mark.parametrize("entry, asked", [("proj_out", ["single_blocks.0.linear2.weight"]), ("final_layer", [])])
+def test_modules_to_save_on_a_flux_single_file_checkpoint_are_matched_as_diffusers_paths(tmp_path, entry, asked):
+    """A PEFT adapter of diffusers' FluxTransformer2DModel (proj_out saved whole) bound to a BFL single-file
+    checkpoint: PEFT matches modules_to_save against the diffusers model's paths, where "proj_out" also ends
+    single_transformer_blocks.0.proj_out (BFL's single_blocks.0.linear2), which the file lacks: its load would fail.
+    check matched the entries against the checkpoint's names: it passed that file, and asked for BFL's
+    final_layer.* under an entry "final_layer" that names no diffusers module."""
+    from dataclasses import replace
+
+    from test_ldm import FLUX, checkpoint
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    adapter = factories.lora_adapter({"transformer_blocks.0.attn.to_q": (16, 16), "x_embedder": (16, 8)})
+    if entry == "proj_out":  # (the final layer's copy, BFL's final_layer.linear)
+        adapter = replace(adapter, full_tensors={"proj_out.weight": torch.randn(8, 16)})
+    folder = write_adapter(adapter, tmp_path / "a", "peft")
+    config_path = folder / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": [entry]}))
+    model = BaseModel.open(base)
+    report = check.check(read_adapter(folder), model.tensors, config=model.config)
+    assert sorted(report.why_missing) == asked and report.ok == (not asked), report
+    if asked:
+        assert "modules_to_save entry 'proj_out'" in report.why_missing[asked[0]]
+
+
+def test_t5_relative_attention_bias_saved_whole_is_asked_for_on_each_side(tmp_path):
+    """T5's relative_attention_bias (an embedding in each side's first block) saved whole: the file as PEFT saves
+    it fits, and merges as PEFT's merge_and_unload; without the decoder's, PEFT's load fails (a KeyError) and check
+    says which tensor."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import T5ForConditionalGeneration
+
+    from loraops import check, engine
+    from loraops.basemodel import BaseModel
+
+    base = factories.tiny_transformers(tmp_path / "base", "t5", "T5ForConditionalGeneration", d_model=32, d_kv=8,
+                                       d_ff=64, num_layers=2, num_heads=4, vocab_size=100)
+    torch.manual_seed(1)
+    model = get_peft_model(T5ForConditionalGeneration.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["q"], modules_to_save=["relative_attention_bias"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a")
+    bias = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    base_model = BaseModel.open(base)
+    adapter = read_adapter(tmp_path / "a")
+    assert check.check(adapter, base_model.tensors, config=base_model.config).ok
+    expected = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base),
+                                         tmp_path / "a").merge_and_unload().state_dict()
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for name in merged:
+        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state[f"base_model.model.{bias}"]
+    save_file(state, str(weights))
+    with pytest.raises(KeyError, match=re.escape(f"base_model.model.{bias}")):
+        PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base), tmp_path / "a")
+    report = check.check(read_adapter(tmp_path / "a"), base_model.tensors, config=base_model.config)
+    assert sorted(report.why_missing) == [bias], report
