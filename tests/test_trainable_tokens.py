@@ -293,12 +293,8 @@ def test_check_and_inspect(tmp_path, bases):
 def test_new_tokens_with_resized_vocabulary(tmp_path, tie):
     """PEFT's way to add tokens: resize the vocabulary, train the new rows; save_pretrained then saves the embedding
     layers whole as well (save_embedding_layers, on when the vocabulary grew), the tokens going in on top."""
-    source = tiny_llama(tmp_path / "source", tie=tie)
-    model = load_model(source)
-    model.resize_token_embeddings(130)
-    model.save_pretrained(tmp_path / "base")  # the base the adapter is merged into: resized
-    folder, peft_model = token_adapter(tmp_path / "base", tmp_path / "a", lora(trainable_token_indices=[128, 129]))
-    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    # (merged into tmp_path / "base": resized)
+    folder, peft_model = resized_token_adapter(tmp_path, lora(trainable_token_indices=[128, 129]), tie=tie)
     keys = set(load_file(folder / "adapter_model.safetensors"))
     assert "base_model.model.model.embed_tokens.token_adapter.base_layer.weight" in keys
     adapter = formats.read_adapter(folder)
