@@ -17,7 +17,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
@@ -440,31 +440,52 @@ def unsaved_tied_head(adapter: Adapter, manifest: Mapping[str, object],
     return out
 
 
-def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object],
-                    config: Callable[[str], dict] | None = None) -> dict[str, str]:
+def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Callable[[str], dict] | None = None,
+                    saved: Collection[str] | None = None) -> dict[str, str]:
     """The base tensors a PEFT ``adapter``'s modules_to_save has PEFT save whole on this base that its file lacks
     (tensor → why, for check's why_missing). PEFT wraps every module of the base whose
     name ends with an entry (peft.wrapping_entry; a task model's own entries too: peft.saved_entries) and its load
     takes each wrapped module's weight and bias from the file: one missing fails it (a KeyError), where loraops would
     merge the base's own (a SEQ_CLS adapter without its classifier's tensors, untrained on the base). The head tied to
-    saved embeddings too (unsaved_tied_head; ``config``: tensor → its model's config.json, or None)."""
+    saved embeddings too (unsaved_tied_head; ``config``: tensor → its model's config.json, or None). ``saved``: the
+    base tensors the file saves under their own keys (file_tensor_names), where the bound adapter's full tensors
+    also hold a tied bias bound to the one the base stores (RoBERTa's lm_head.decoder.bias as lm_head.bias), which
+    PEFT's load does not take for it."""
     entries = peft.saved_entries(adapter.config) if adapter.format == "peft" else []
     if not entries or not peft.module_names(entries):
         return {}
     task = set(peft.task_saved(adapter.config.get("task_type"))) - set(adapter.config.get("modules_to_save") or [])
     out = {}
     # (weights and biases only, what PEFT saves of a plain layer: a quantized layer's other tensors, bitsandbytes' SCB
-    # or FP8 scales, are not asked for; a bias only beside its weight: GPT-2's checkpoints store each attention's
-    # causal mask as attn.bias, a buffer the model no longer has, and PEFT saves no copy of it)
-    for tensor in (t for t in manifest if t.endswith(".weight")
-                   or t.endswith(".bias") and f"{t.removesuffix('.bias')}.weight" in manifest):
-        entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
-        if entry is not None and tensor not in adapter.full_tensors:
+    # or FP8 scales, are not asked for; a bias beside its weight, or one of a vector's shape, a module's parameter of
+    # its own (RoBERTa's lm_head.bias, its weights its submodules'), not GPT-2's checkpoints' 4-D attn.bias, each
+    # attention's causal mask, a buffer the model no longer has, of which PEFT saves no copy)
+    paths = model_paths(adapter, manifest)
+    for tensor in (t for t in paths if t.endswith(".weight") or t.endswith(".bias") and (
+            f"{t.removesuffix('.bias')}.weight" in manifest or len(manifest[t].shape) == 1)):
+        entry = peft.wrapping_entry(entries, paths[tensor].rpartition(".")[0])
+        if entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
             by = f"the model of task_type {adapter.config['task_type']}'s {entry!r}" if entry in task else \
                 f"modules_to_save entry {entry!r}"
             out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "
                            f"load the adapter without it (a KeyError)")
     return out | unsaved_tied_head(adapter, manifest, config)
+
+
+def model_paths(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
+    """The base's tensors → their paths in the model PEFT wrapped, which its modules_to_save entries are matched
+    against: their own names, but a single-file SD, FLUX.1 or SD3 checkpoint's (ldm.diffusers_names) under the
+    diffusers paths of the component the ``adapter`` (bound) lies in, without the component (PEFT wraps the
+    transformer or unet alone: BFL's final_layer.linear is proj_out there, no "linear"); a tensor of no diffusers
+    module (a fused qkv, the VAE's) is none PEFT's entries name."""
+    aliases = ldm.diffusers_names(manifest)
+    if not aliases:
+        return {tensor: tensor for tensor in manifest}
+    path_of = {module: path for path, module in aliases.items()}
+    touched = [*adapter.modules, *(name.rpartition(".")[0] for name in adapter.full_tensors)]
+    components = {path_of[module].partition(".")[0] for module in touched if module in path_of}
+    return {f"{module}.{leaf}": f"{path.partition('.')[2]}.{leaf}" for module, path in path_of.items()
+            if path.partition(".")[0] in components for leaf in ("weight", "bias") if f"{module}.{leaf}" in manifest}
 
 
 def untie_refusal(embeddings: str, config: dict) -> str | None:
@@ -1139,6 +1160,13 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
                    metadata=ldm.versioned(adapter.metadata, manifest))
 
 
+def file_tensor_names(adapter: Adapter, manifest: Mapping[str, object]) -> set[str]:
+    """The base tensors an adapter's whole tensors are under their own names (resolve's, without its stored_tied_bias:
+    RoBERTa's lm_head.decoder.bias binds to lm_head.bias, which the base stores, and is not that one's key)."""
+    rename = renaming(adapter, manifest) if adapter.names_resolved else (lambda name: name)
+    return {rename(name) for name in adapter.full_tensors}
+
+
 def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
     """The adapter with module names resolved against the base (kohya names → module paths, a leading ``model.``
     added/removed when that makes every module match). Unresolvable kohya names raise; shapes are check's job."""
@@ -1259,19 +1287,22 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
-    unsaved = unsaved_tensors(bound, manifest, config)
+    unsaved = unsaved_tensors(bound, manifest, config, file_tensor_names(adapter, manifest))
     for tensor, why in unsaved.items():
         missing.append(tensor)
         why_missing[tensor] = why
     row_mismatches = []
     for name, rows in bound.token_rows.items():
-        shape = rows_shape(rows, manifest)
-        if (why := refused(name, shape)) is not None:
-            missing.append(name)
-            why_missing[name] = why
-            continue
-        info = manifest.get(name) or manifest.get(tied_head_source(name, shape, manifest))
-        base = None if info is None else list(info.shape)
+        if name in bound.full_tensors:  # rows PEFT copies into the layer saved whole beside them (loaded first):
+            base = list(bound.full_tensors[name].shape)  # its fit to the base is the whole tensor's, counted once
+        else:
+            shape = rows_shape(rows, manifest)
+            if (why := refused(name, shape)) is not None:
+                missing.append(name)
+                why_missing[name] = why
+                continue
+            info = manifest.get(name) or manifest.get(tied_head_source(name, shape, manifest))
+            base = None if info is None else list(info.shape)
         if base is None or len(base) != 2 or base[1] != rows.values.shape[1] or max(rows.indices) >= base[0]:
             row_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=base,
                                                 actual=[max(rows.indices) + 1, int(rows.values.shape[1])]))
@@ -1279,7 +1310,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     if ok and quantization is not None:  # what an adapter that fits changes, the merge must be able to read and write
         # (a head the base does not store is written from its embeddings: theirs is the layout merge reads)
         for name, weight, shape in [*((n, m.weight_name, m.weight_shape) for n, m in bound.modules.items()),
-                                    *((n, n, rows_shape(rows, manifest)) for n, rows in bound.token_rows.items()),
+                                    *((n, n, rows_shape(rows, manifest)) for n, rows in bound.token_rows.items()
+                                      if n not in bound.full_tensors),
                                     *((n, n, tensor.shape) for n, tensor in bound.full_tensors.items())]:
             if (source := weight if weight in manifest else tied_head_source(weight, shape, manifest)) is None \
                     or name in why_missing:
@@ -1300,7 +1332,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         tied_heads=sorted(set(tied_heads)), why_missing=why_missing,
         token_rows=sum(len(r.indices) for r in bound.token_rows.values()),
         token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
-                               if n not in {m.name for m in row_mismatches} and n not in why_missing),
+                               if n not in {m.name for m in row_mismatches}
+                               and (n not in why_missing or n in bound.full_tensors)),
         tensors=len(bound.full_tensors) + len(unsaved),
         tensors_matched=len(bound.full_tensors) + len(unsaved) - len(tensor_misfits),
     )

@@ -929,3 +929,149 @@ def test_a_saved_block_fits_a_gpt2_checkpoint_that_stores_its_attention_mask_buf
     assert set(expected) - set(merged) == {"lm_head.weight"}  # (tied, not stored)
     for name in expected.keys() & merged.keys():
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("resized", [False, True])
+def test_a_saved_head_with_save_embedding_layers_merges_as_peft_loads_it(tmp_path, resized):
+    """modules_to_save=["lm_head"] saved with save_embedding_layers=True (or "auto" on a resized vocabulary): PEFT
+    0.21 saves the output embeddings, here its ModulesToSaveWrapper, whole as its state dict beside the head's copy
+    (``lm_head.original_module.weight``, ``lm_head.modules_to_save.weight``) and the input embeddings whole
+    (``model.embed_tokens.weight``). loraops refused the wrapper's keys as an unknown layout. Read as PEFT's load
+    does (the copy from ``lm_head.weight``, the wrapper's own state left out of the merged model, the embeddings put
+    over the model's), the merge is PEFT's merge_and_unload, bit for bit."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from loraops import engine
+
+    base = factories.tiny_llama(tmp_path / "base")
+
+    def base_model():  # (the resized vocabulary's new rows are drawn: seeded, the same each time)
+        model = factories.load_model(base)
+        if resized:
+            torch.manual_seed(5)
+            model.resize_token_embeddings(136)
+        return model
+
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base_model(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers="auto" if resized else True)
+    saved = sorted(k for k in load_file(tmp_path / "a" / "adapter_model.safetensors") if "lora_" not in k)
+    assert saved == [f"base_model.model.{k}" for k in ("lm_head.modules_to_save.weight",
+                                                      "lm_head.original_module.weight", "lm_head.weight",
+                                                      "model.embed_tokens.weight")]
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
+    target = base
+    if resized:  # (merged into the resized base, as PEFT loads it: docs/tokens.md)
+        base_model().save_pretrained(target := tmp_path / "resized")
+    expected = peft.PeftModel.from_pretrained(base_model(), tmp_path / "a").merge_and_unload().state_dict()
+    engine.merge(target, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert torch.equal(merged["lm_head.weight"], adapter.full_tensors["lm_head.weight"])
+
+
+def test_a_saved_module_s_bias_without_a_weight_of_its_own_is_asked_for_as_peft_fails_without_it(tmp_path):
+    """RoBERTa's masked-LM head saved whole (modules_to_save=["lm_head"]) has a parameter of its own, ``lm_head.bias``
+    (1-D, no lm_head.weight beside it: the weights are its submodules'). PEFT saves it, and its load fails without it
+    (a KeyError); check asked only for a bias beside its layer's weight (so as to leave GPT-2's 4-D attention masks
+    alone), so it passed such a file and merge took the base's bias. Asked for now: a 1-D bias is a parameter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import RobertaForMaskedLM
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = factories.tiny_transformers(tmp_path / "base", "roberta", "RobertaForMaskedLM", **factories.TINY_BERT)
+    torch.manual_seed(1)
+    get_peft_model(RobertaForMaskedLM.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["query"], modules_to_save=["lm_head"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "a")
+    model = BaseModel.open(base)
+    assert check.check(read_adapter(tmp_path / "a"), model.tensors, config=model.config).ok
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state["base_model.model.lm_head.bias"]
+    save_file(state, str(weights))
+    with pytest.raises(KeyError, match="base_model.model.lm_head.bias"):
+        PeftModel.from_pretrained(RobertaForMaskedLM.from_pretrained(base), tmp_path / "a")
+    for config in (model.config, None):
+        report = check.check(read_adapter(tmp_path / "a"), model.tensors, config=config)
+        assert not report.ok and sorted(report.why_missing) == ["lm_head.bias"], report
+        assert "modules_to_save entry 'lm_head'" in report.why_missing["lm_head.bias"]
+
+
+@pytest.mark.parametrize("entry, asked", [("proj_out", ["single_blocks.0.linear2.weight"]), ("final_layer", [])])
+def test_modules_to_save_on_a_flux_single_file_checkpoint_are_matched_as_diffusers_paths(tmp_path, entry, asked):
+    """A PEFT adapter of diffusers' FluxTransformer2DModel (proj_out saved whole) bound to a BFL single-file
+    checkpoint: PEFT matches modules_to_save against the diffusers model's paths, where "proj_out" also ends
+    single_transformer_blocks.0.proj_out (BFL's single_blocks.0.linear2), which the file lacks: its load would fail.
+    check matched the entries against the checkpoint's names: it passed that file, and asked for BFL's
+    final_layer.* under an entry "final_layer" that names no diffusers module."""
+    from dataclasses import replace
+
+    from test_ldm import FLUX, checkpoint
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    adapter = factories.lora_adapter({"transformer_blocks.0.attn.to_q": (16, 16), "x_embedder": (16, 8)})
+    if entry == "proj_out":  # (the final layer's copy, BFL's final_layer.linear)
+        adapter = replace(adapter, full_tensors={"proj_out.weight": torch.randn(8, 16)})
+    folder = write_adapter(adapter, tmp_path / "a", "peft")
+    config_path = folder / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": [entry]}))
+    model = BaseModel.open(base)
+    report = check.check(read_adapter(folder), model.tensors, config=model.config)
+    assert sorted(report.why_missing) == asked and report.ok == (not asked), report
+    if asked:
+        assert "modules_to_save entry 'proj_out'" in report.why_missing[asked[0]]
+
+
+def test_t5_relative_attention_bias_saved_whole_is_asked_for_on_each_side(tmp_path):
+    """T5's relative_attention_bias (an embedding in each side's first block) saved whole: the file as PEFT saves
+    it fits, and merges as PEFT's merge_and_unload; without the decoder's, PEFT's load fails (a KeyError) and check
+    says which tensor."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import T5ForConditionalGeneration
+
+    from loraops import check, engine
+    from loraops.basemodel import BaseModel
+
+    base = factories.tiny_transformers(tmp_path / "base", "t5", "T5ForConditionalGeneration", d_model=32, d_kv=8,
+                                       d_ff=64, num_layers=2, num_heads=4, vocab_size=100)
+    torch.manual_seed(1)
+    model = get_peft_model(T5ForConditionalGeneration.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["q"], modules_to_save=["relative_attention_bias"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a")
+    bias = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    base_model = BaseModel.open(base)
+    adapter = read_adapter(tmp_path / "a")
+    assert check.check(adapter, base_model.tensors, config=base_model.config).ok
+    expected = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base),
+                                         tmp_path / "a").merge_and_unload().state_dict()
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for name in merged:
+        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state[f"base_model.model.{bias}"]
+    save_file(state, str(weights))
+    with pytest.raises(KeyError, match=re.escape(f"base_model.model.{bias}")):
+        PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base), tmp_path / "a")
+    report = check.check(read_adapter(tmp_path / "a"), base_model.tensors, config=base_model.config)
+    assert sorted(report.why_missing) == [bias], report

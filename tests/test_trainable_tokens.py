@@ -34,6 +34,18 @@ def lora(**kwargs):
                       **kwargs)
 
 
+def resized_token_adapter(tmp_path, config, *, tie=False):
+    """A tiny Llama (``tmp_path/source``), its vocabulary resized to 130 (``tmp_path/base``) and a PEFT adapter of
+    ``config`` on that (``tmp_path/a``), saved with the embedding layers whole (save_embedding_layers, as "auto" saves
+    a resized one); returns (folder, the PeftModel)."""
+    model = load_model(tiny_llama(tmp_path / "source", tie=tie))
+    model.resize_token_embeddings(130)
+    model.save_pretrained(tmp_path / "base")
+    folder, peft_model = token_adapter(tmp_path / "base", tmp_path / "a", config)
+    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    return folder, peft_model
+
+
 def run(*args, code=0):
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == code, result.output
@@ -281,12 +293,8 @@ def test_check_and_inspect(tmp_path, bases):
 def test_new_tokens_with_resized_vocabulary(tmp_path, tie):
     """PEFT's way to add tokens: resize the vocabulary, train the new rows; save_pretrained then saves the embedding
     layers whole as well (save_embedding_layers, on when the vocabulary grew), the tokens going in on top."""
-    source = tiny_llama(tmp_path / "source", tie=tie)
-    model = load_model(source)
-    model.resize_token_embeddings(130)
-    model.save_pretrained(tmp_path / "base")  # the base the adapter is merged into: resized
-    folder, peft_model = token_adapter(tmp_path / "base", tmp_path / "a", lora(trainable_token_indices=[128, 129]))
-    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    # (merged into tmp_path / "base": resized)
+    folder, peft_model = resized_token_adapter(tmp_path, lora(trainable_token_indices=[128, 129]), tie=tie)
     keys = set(load_file(folder / "adapter_model.safetensors"))
     assert "base_model.model.model.embed_tokens.token_adapter.base_layer.weight" in keys
     adapter = formats.read_adapter(folder)
@@ -456,12 +464,7 @@ def test_a_standalone_with_saved_layers_exports_whatever_modules_to_save_it_carr
     config's raw modules_to_save, which PEFT drops from a TrainableTokensConfig: a number there (the reader ignores
     it) ended the export of a resized-vocabulary adapter in a TypeError. It takes the reader's value
     (peft.saved_entries): the folder goes back as the TrainableTokensConfig it is, with the same keys and rows."""
-    source = tiny_llama(tmp_path / "source")
-    model = load_model(source)
-    model.resize_token_embeddings(130)
-    model.save_pretrained(tmp_path / "base")
-    folder, peft_model = token_adapter(tmp_path / "base", tmp_path / "a", TrainableTokensConfig(token_indices=[128, 129]))
-    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    folder, _ = resized_token_adapter(tmp_path, TrainableTokensConfig(token_indices=[128, 129]))
     config_path = folder / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": value}))
     adapter = formats.read_adapter(folder)
@@ -515,3 +518,23 @@ def test_a_tied_heads_copy_of_tokens_named_by_the_embeddings_entry_alone(tmp_pat
     report = engine.merge(bases["tied"], [(adapter, 1.0)], tmp_path / "out", progress=False)
     assert report.heads_untied == [] and "lm_head.weight" not in merged_tensors(tmp_path / "out")
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_on_a_layer_saved_whole_count_once_against_a_base_it_does_not_fit(tmp_path):
+    """Tokens added to a resized vocabulary, saved with the embedding layers whole (save_embedding_layers), checked
+    against the base before resizing: the embeddings misfit once, as the whole tensor PEFT loads first; the rows go
+    into that layer (they fit its 130 rows). They counted twice, as a whole tensor and as token rows ("2 whole tensors
+    and 2 token rows do not fit", the embeddings listed twice)."""
+    folder, _ = resized_token_adapter(tmp_path, lora(trainable_token_indices=[128, 129]))
+    adapter = formats.read_adapter(folder)
+    base = BaseModel.open(tmp_path / "source")
+    for config in (base.config, None):
+        report = check.check(adapter, base.tensors, config=config)
+        assert not report.ok
+        assert check.fit_counts(report) == f"{len(adapter.modules)}/{len(adapter.modules)} modules, 0/2 whole tensors " \
+                                           "and 2/2 token rows"
+        assert check.misfit_counts(report) == "2 whole tensors do"
+        assert check.misfits(report) == ["lm_head.weight (full tensor 130×64, base 128×64)",
+                                         "model.embed_tokens.weight (full tensor 130×64, base 128×64)"]
+    resized = BaseModel.open(tmp_path / "base")
+    assert check.check(adapter, resized.tensors, config=resized.config).ok

@@ -611,6 +611,31 @@ def full_tensor_name(key: str, cfg: ScaleConfig | None, lora_modules: frozenset[
     return None
 
 
+WRAPPER_STATE = re.compile(r"^(?P<owner>.+?)\.(?:modules_to_save|original_module)\.(?P<param>.+)$")
+
+
+def wrapper_state_keys(keys: Iterable[str], cfg: ScaleConfig | None) -> set[str]:
+    """The keys (without base_model.model.) of a saved module's ModulesToSaveWrapper state that PEFT 0.21's
+    save_embedding_layers writes beside the module's own (``modules_to_save=["lm_head"]`` saved with
+    save_embedding_layers=True, or "auto" on a resized vocabulary: the output embeddings are then the wrapper, saved
+    whole as its state dict, ``lm_head.original_module.weight``, the base's, and ``lm_head.modules_to_save.weight``,
+    the trained copy once more, beside ``lm_head.weight``). PEFT's load (set_peft_model_state_dict) takes the copy from
+    ``lm_head.weight`` alone, puts ``original_module``'s into the wrapped base layer, which merge_and_unload drops, and
+    leaves the other unused: none of them is in the merged model. Only beside the module's own key (without it PEFT's
+    load fails: a KeyError) and for a module modules_to_save wraps."""
+    keys = set(keys)
+    return {key for key in keys if (match := WRAPPER_STATE.match(key)) is not None and cfg is not None
+            and cfg.saves(match["owner"]) and f"{match['owner']}.{match['param']}" in keys}
+
+
+def saved_beside_wrapper(key: str, wrapper_keys: set[str]) -> str | None:
+    """The tensor ``key`` (without base_model.model.) replaces where it is the other embedding layer save_embedding_
+    layers saved whole beside a wrapper's state (``wrapper_keys``, see wrapper_state_keys: the proof it was on): a
+    module's whole weight (the input embeddings, ``model.embed_tokens.weight``), which PEFT's load (not strict) puts
+    over the model's own."""
+    return key if wrapper_keys and key.endswith(".weight") and ".base_layer." not in key else None
+
+
 def _unknown_layout(weights: Path, keys: list[str], configured: bool, lora_modules: frozenset[str]) -> FormatError:
     """The refusal of keys full_tensor_name does not place, saying so where they are whole tensors of modules beside
     a config (``configured``) that saves none of them. PEFT's load is not strict: it puts such a tensor in place of the
@@ -682,8 +707,10 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     parsed.others = [key for key in parsed.others if key not in token_keys]
     lora_modules = frozenset(parsed.factors) | frozenset(products) | frozenset(lambdas)
     token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
+    wrapper_keys = wrapper_state_keys((key.removeprefix(PREFIX) for key in parsed.others), cfg)
+    parsed.others = [key for key in parsed.others if key.removeprefix(PREFIX) not in wrapper_keys]
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
-                  for key in parsed.others}
+                  or saved_beside_wrapper(key.removeprefix(PREFIX), wrapper_keys) for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
         raise _unknown_layout(weights, unknown, cfg_file is not None, lora_modules)
