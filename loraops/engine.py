@@ -1232,10 +1232,18 @@ class _Pipeline:
 
 def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor") -> "torch.Tensor":
     """DoRA's f = m / ‖W + Δ‖ per output channel; a zero norm (W + Δ all zeros there: its direction is undefined, and
-    PEFT writes NaN) is refused."""
+    PEFT writes NaN) is refused, and so is one beyond what the work dtype holds (finite values whose squares
+    overflow: f became 0, and the channel was written as zeros, silently)."""
+    import torch
+
     if not bool(norms.all()):
         raise InvalidInputError(f"DoRA module {module.name!r}: an output channel of {module.weight_name} + ΔW is all "
                                 "zeros, so its direction (and the merge) is undefined")
+    if not bool(torch.isfinite(norms).all()):
+        dtype = str(norms.dtype).removeprefix("torch.")
+        hint = "; --precise computes in float64" if norms.dtype != torch.float64 else ""
+        raise InvalidInputError(f"DoRA module {module.name!r}: the norm of an output channel of {module.weight_name} "
+                                f"+ ΔW is beyond what {dtype} holds, so its rescaling is undefined{hint}")
     return magnitude / norms
 
 
@@ -1262,9 +1270,15 @@ def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = 
     import torch
 
     checked = (torch.float16, torch.bfloat16, torch.float32) if may_overflow else (torch.float16,)
-    if out.dtype not in checked or not bool(torch.isinf(out).any()):
+    # where deltas may overflow, NaN too: two of them beyond the work dtype's range cancel as inf − inf
+    if out.dtype not in checked or (bool(torch.isfinite(out).all()) if may_overflow
+                                    else not bool(torch.isinf(out).any())):
         return
     dtype = str(out.dtype).removeprefix("torch.")
+    if not bool(torch.isinf(out).any()):
+        raise InvalidInputError(f"{tensor.file_name!r} comes out with NaN values: its deltas go beyond what the merge "
+                                "computes in holds and cancel (inf − inf); the adapters' weights × scales are too "
+                                "large (--precise computes in float64)")
     hint = "merge with --dtype bf16 or fp32" if dtype == "float16" else "the adapters' weights × scales are too large"
     raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
                             f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")
