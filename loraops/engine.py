@@ -1122,7 +1122,7 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
-        _refuse_overflow(tensor, out, may_overflow=self._may_overflow(tensor))
+        _refuse_overflow(tensor, out, may_overflow=self._may_overflow(tensor), work=self.compute_dtype)
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1232,10 +1232,18 @@ class _Pipeline:
 
 def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor") -> "torch.Tensor":
     """DoRA's f = m / ‖W + Δ‖ per output channel; a zero norm (W + Δ all zeros there: its direction is undefined, and
-    PEFT writes NaN) is refused."""
+    PEFT writes NaN) is refused, and so is one beyond what the work dtype holds (finite values whose squares
+    overflow: f became 0, and the channel was written as zeros, silently)."""
+    import torch
+
     if not bool(norms.all()):
         raise InvalidInputError(f"DoRA module {module.name!r}: an output channel of {module.weight_name} + ΔW is all "
                                 "zeros, so its direction (and the merge) is undefined")
+    if not bool(torch.isfinite(norms).all()):
+        dtype = str(norms.dtype).removeprefix("torch.")
+        hint = "; --precise computes in float64" if norms.dtype != torch.float64 else ""
+        raise InvalidInputError(f"DoRA module {module.name!r}: the norm of an output channel of {module.weight_name} "
+                                f"+ ΔW is beyond what {dtype} holds, so its rescaling is undefined{hint}")
     return magnitude / norms
 
 
@@ -1253,7 +1261,8 @@ def _base_blocks(tensor: _Tensor):
             yield first + row0, values[row0 : row0 + step]
 
 
-def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = False) -> None:
+def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = False,
+                     work: "torch.dtype | None" = None) -> None:
     """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
     an output that overflows stops the merge, with nothing written: float16's ±65504 whatever made the value, and,
     where LoRA deltas added may carry values past it (``may_overflow``: _Pipeline._may_overflow), float32's and
@@ -1262,9 +1271,16 @@ def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = 
     import torch
 
     checked = (torch.float16, torch.bfloat16, torch.float32) if may_overflow else (torch.float16,)
-    if out.dtype not in checked or not bool(torch.isinf(out).any()):
+    # where deltas may overflow, NaN too: two of them beyond the work dtype's range cancel as inf − inf
+    if out.dtype not in checked or (bool(torch.isfinite(out).all()) if may_overflow
+                                    else not bool(torch.isinf(out).any())):
         return
     dtype = str(out.dtype).removeprefix("torch.")
+    if not bool(torch.isinf(out).any()):  # (``work``: the dtype the deltas were summed in)
+        hint = "; --precise computes in float64" if work != torch.float64 else ""
+        raise InvalidInputError(f"{tensor.file_name!r} comes out with NaN values: its deltas go beyond what "
+                                f"{str(work).removeprefix('torch.')} holds and cancel (inf − inf); the adapters' "
+                                f"weights × scales are too large{hint}")
     hint = "merge with --dtype bf16 or fp32" if dtype == "float16" else "the adapters' weights × scales are too large"
     raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
                             f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")

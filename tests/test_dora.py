@@ -217,6 +217,26 @@ def test_an_output_channel_of_zero_norm_is_refused(tmp_path):
 
 
 @pytest.mark.no_registry
+@pytest.mark.parametrize("transposed", [False, True])
+def test_an_output_channel_whose_norm_overflows_is_refused(transposed, tmp_path):
+    """W + ΔW of finite values whose squares go beyond float32 (1e20 each): its norm was inf, the factor m/‖·‖ 0, and
+    the channel was written as zeros with exit 0 (the true merge is m·(W + ΔW)/‖W + ΔW‖, 1/√3 here). Refused, in both
+    of DoRA's norms (rows, and a transposed module's columns); --precise (float64) merges it right."""
+    base = save_file({"lin.weight": torch.ones(3, 4) if transposed else torch.ones(4, 3)},
+                     str(tmp_path / "m.safetensors")) or tmp_path / "m.safetensors"
+    module = LoraModule("lin", torch.full((1, 3), 1e10), torch.full((4, 1), 1e10), alpha=1.0, scale=1.0,
+                        magnitude=torch.ones(4), fan_in_fan_out=transposed)
+    adapter = Adapter({"lin": module}, "peft")
+    with pytest.raises(InvalidInputError, match="DoRA module 'lin': the norm of an output channel of lin.weight "
+                                                "\\+ ΔW is beyond what float32 holds.*--precise"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu")
+    assert not (tmp_path / "out.safetensors").exists()
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu", precise=True)
+    merged = load_file(tmp_path / "out.safetensors")["lin.weight"]
+    assert torch.allclose(merged, torch.full_like(merged, 3 ** -0.5))
+
+
+@pytest.mark.no_registry
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_merge_is_the_cpu_merge(tmp_path):
     base = tiny_gpt2(tmp_path / "gpt2")

@@ -143,6 +143,31 @@ def test_a_float32_or_bfloat16_output_that_overflows_is_refused(dtype, precise, 
     assert nothing_left(tmp_path / "o.safetensors")
 
 
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_deltas_that_overflow_and_cancel_are_refused(dtype, tmp_path):
+    """Finite float32 factors whose products go beyond float32 (1e20 · 1e20) and cancel in the matmul's sum: inf −
+    inf is NaN, not inf, so the scan for inf let it through and the merged weight was written as NaN with exit 0.
+    Refused; --precise (float64) holds the products."""
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": torch.ones(6, 4)}, str(base))
+    module = LoraModule("lin", torch.full((2, 4), 1e20), torch.tensor([[1e20, -1e20]] * 6), alpha=1.0, scale=1.0)
+    adapter = Adapter({"lin": module}, "peft")
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with NaN values: its deltas go beyond what "
+                                               r"float32 holds and cancel \(inf − inf\).*; --precise computes in "
+                                               r"float64$"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", dtype=dtype, device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", dtype=dtype, precise=True, device="cpu")
+    assert torch.isfinite(load_file(tmp_path / "p.safetensors")["lin.weight"].float()).all()
+    huge = LoraModule("lin", torch.full((2, 4), 1e200, dtype=torch.float64),
+                      torch.tensor([[1e200, -1e200]] * 6, dtype=torch.float64), alpha=1.0, scale=1.0)
+    with pytest.raises(InvalidInputError, match=r"beyond what float64 holds and cancel \(inf − inf\); the adapters' "
+                                               r"weights × scales are too large$"):  # (no --precise hint: it is on)
+        engine.merge(base, [(Adapter({"lin": huge}, "peft"), 1.0)], tmp_path / "q.safetensors", dtype=dtype,
+                     precise=True, device="cpu")
+    assert nothing_left(tmp_path / "q.safetensors")
+
+
 @pytest.mark.parametrize("dtype, top_exponent", [(torch.float32, 127 - 23), (torch.bfloat16, 127 - 7)])
 def test_the_overflow_scan_is_skipped_only_where_no_delta_can_overflow(dtype, top_exponent, tmp_path):
     """The scan for inf runs only where the deltas' bound (Σ|wᵢsᵢ|·max‖Bᵢ‖·max‖Aⱼ‖) reaches a quarter of the dtype's

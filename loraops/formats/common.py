@@ -280,6 +280,20 @@ def check_finite(path: Path, key: str, tensor: "torch.Tensor") -> None:
         raise InvalidInputError(f"{path}: tensor {key!r} contains NaN or Inf")
 
 
+def check_derived(path: Path, name: str, what: str, tensor: "torch.Tensor") -> None:
+    """A factor a reader composes from finite stored ones (a Tucker core contracted, AdaLoRA's E or VeRA's λs
+    folded), refused where it overflows the dtype it is kept in: its message names the product, as no stored tensor
+    holds NaN or Inf. Checked whatever the registry's stamps say (values_known_finite vouches for stored bytes, not
+    for what this code composes of them), which costs little: a composed factor is out×r or r×in·k…."""
+    import torch
+
+    if tensor.is_meta or not tensor.numel() or bool(torch.isfinite(tensor).all()):
+        return
+    raise InvalidInputError(f"{path}: module {name!r}: {what} goes beyond what "
+                            f"{str(tensor.dtype).removeprefix('torch.')} holds (finite stored values whose product "
+                            "overflows)")
+
+
 def fmt_shape(shape) -> str:
     return "×".join(str(int(d)) for d in shape) or "scalar"
 

@@ -166,7 +166,9 @@ def tucker_down(path: Path, name: str, down: "torch.Tensor", mid: "torch.Tensor"
     common.check_finite(path, keys["mid"], mid)
     common.check_finite(path, keys["down"], down)
     kept = torch.float64 if down.dtype == torch.float64 else torch.float32  # (torch promotes no float8)
-    return torch.einsum("ab...,bi->ai...", mid.double(), down.flatten(1).double()).to(kept)
+    composed = torch.einsum("ab...,bi->ai...", mid.double(), down.flatten(1).double()).to(kept)
+    common.check_derived(path, name, f"the Tucker composition of {keys['mid']} and {keys['down']}", composed)
+    return composed
 
 
 def component_of(adapter: Adapter, name: str, *, sdxl: bool = False) -> tuple[str | None, str]:

@@ -178,7 +178,10 @@ def adalora_modules(path: Path, factors: dict[str, dict[str, str]], tensors: dic
         _floating(path, parts["E"], E)
         if not B.is_floating_point():  # (build_module says so too, but the fold comes first)
             raise InvalidInputError(f"{path}: module {name!r}: factors must be floating point, not {B.dtype}")
-        module = common.build_module(path, name, A, fold(B, E.reshape(1, -1)), a_key=parts["A"], b_key=parts["B"],
+        common.check_finite(path, parts["B"], B)  # (a NaN stored is no product's overflow)
+        folded = fold(B, E.reshape(1, -1))
+        common.check_derived(path, name, f"{parts['B']}·diag({parts['E']})", folded)
+        module = common.build_module(path, name, A, folded, a_key=parts["A"], b_key=parts["B"],
                                      alpha=None, kind="linear", extra_keys=(parts["E"],),
                                      fan_in_fan_out=common.peft_fan_in_fan_out(fan_in_fan_out, name),
                                      stored=(A, B, E))
@@ -235,7 +238,7 @@ def vera_modules(path: Path, lambdas: dict[str, dict[str, str]], projections: di
         _floating(path, parts["b"], b)
         _floating(path, parts["d"], d)
         folded = fold(B[: b.shape[0]], b.reshape(-1, 1), d.reshape(1, -1))
-        common.check_finite(path, f"{name} (λ_b·vera_B·λ_d)", folded)  # (huge λs overflow float32)
+        common.check_derived(path, name, f"diag({parts['b']})·vera_B·diag({parts['d']})", folded)
         modules[name] = LoraModule(
             name=name, A=A, B=folded, alpha=float(r), scale=1.0, kind="linear",
             fan_in_fan_out=common.peft_fan_in_fan_out(fan_in_fan_out, name),

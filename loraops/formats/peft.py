@@ -809,6 +809,9 @@ def stored_alpha(module: LoraModule, rslora: bool) -> float:
     """The alpha that gives this module's scale under PEFT's rule (modules made by the algebra may carry a scale
     that is not alpha/r, e.g. cat's scale 1)."""
     alpha = module.scale * (math.sqrt(module.rank) if rslora else module.rank)
+    if common.overflows_float32(alpha):  # (an rsLoRA scale written as kohya's alpha/r, ×√r: it was written as inf)
+        raise InvalidInputError(f"module {module.name!r}: scale {module.scale:g} at rank {module.rank} is alpha "
+                                f"{alpha:g}{' (alpha/√r)' if rslora else ''}, beyond what float32 holds")
     nearest = round(alpha)  # not 0: an alpha under 1e-9 was written as 0 (alpha = rank in kohya, scale 0 in PEFT)
     return float(nearest) if nearest and math.isclose(alpha, nearest, rel_tol=0, abs_tol=1e-9) else alpha
 
