@@ -475,6 +475,37 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
     assert torch.equal(tensors["shared.weight"], base["shared.weight"])
 
 
+@pytest.mark.parametrize("kind, target, head", [("t5", "encoder.embed_tokens", False), ("mt5", "decoder.embed_tokens", True),
+                                                ("t5", "embed_tokens", True), ("t5", "shared", True)])
+def test_trainable_tokens_on_t5s_side_stored_as_copies_change_that_side_alone(tmp_path, kind, target, head):
+    """PEFT's trainable tokens on one side's embed_tokens of a T5 storing each side (and ``head``: lm_head) as shared's
+    byte-identical copies change that side's lookup alone; on shared, PEFT saves them for each side and the head too.
+    The merge put one side's into every copy (shared, the other side, the head: logits 1 to 10 off the adapted model);
+    it writes each side with its own rows, which load apart from shared, or tied where they are shared's."""
+    from peft import TrainableTokensConfig, get_peft_model
+
+    cls = tiny(tmp_path / "base", kind)
+    base = with_t5_side_copies(tmp_path / "base", head)
+    torch.manual_seed(1)
+    adapted = get_peft_model(cls.from_pretrained(tmp_path / "base"),
+                             TrainableTokensConfig(target_modules=[target], token_indices=[4, 5, 11]))
+    with torch.no_grad():
+        for name, delta in adapted.named_parameters():
+            if "trainable_tokens_delta" in name:
+                delta.add_(torch.randn_like(delta))
+    adapted.eval().save_pretrained(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > 0.1
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    if "." in target:
+        tensors = load_file(tmp_path / "out" / "model.safetensors")
+        other = "decoder" if target.startswith("encoder") else "encoder"
+        for name in ("shared.weight", f"{other}.embed_tokens.weight", *["lm_head.weight"] * head):
+            assert torch.equal(tensors[name], base["shared.weight"]), name
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "encoder.embed_tokens"]])
 def test_a_checkpoint_of_the_bare_bart_binds_an_adapter_of_its_generation_class(tmp_path, targets):
     """A checkpoint saved by BartModel (encoder.layers.0…, shared.weight: no base_model_prefix) loads as
