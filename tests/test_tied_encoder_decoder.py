@@ -427,6 +427,25 @@ def test_a_lora_on_one_sides_embed_tokens_of_t5_changes_that_side_alone(tmp_path
     assert tensors.keys() == load_file(tmp_path / "base" / "model.safetensors").keys() | {f"{side}.embed_tokens.weight"}
 
 
+def test_a_t5_merge_with_one_side_written_apart_is_extracted_against_its_base(tmp_path):
+    """The merged T5 stores one side's embed_tokens its base ties to shared (not stored): extract refused the pair
+    ("not a fine-tune of … architecture: only in …"); it compares that side with shared, as a merge wrote it, and
+    the extracted adapter merged into the base gives the merged model back."""
+    from loraops import extraction
+
+    cls = tiny(tmp_path / "base", "t5")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q", "decoder.embed_tokens"])
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "merged", progress=False)
+    adapter, _ = extraction.extract(tmp_path / "base", tmp_path / "merged", rank=32, modules=["q", "embed_tokens"],
+                                    device="cpu")
+    assert "decoder.embed_tokens" in adapter.modules
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "back", progress=False)
+    merged, back = (load_file(tmp_path / name / "model.safetensors") for name in ("merged", "back"))
+    assert back.keys() == merged.keys()
+    for name in merged:
+        torch.testing.assert_close(back[name], merged[name], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("copies", [False, True])
 def test_a_t5_sides_merge_beside_a_lora_on_shared_is_subtracted_against_its_pristine_base(tmp_path, copies):
     """merge + subtract of LoRAs on shared and one side's embed_tokens of a T5 (nonzero, as extract writes them),
