@@ -511,7 +511,9 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         untie = not undo and _can_untie(base, min(group)) and (bool(group_sides & apart) or any(
             name in touched if name in group_heads
             else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group))
-        own = {name for name in group & apart if not undo and side_stored_apart(name, base.config(name))}
+        # (by its trainable tokens too: PEFT ties a side's to nothing; shared's it saves for each side as well)
+        own = {name for name in group & (apart | rows.keys())
+               if not undo and side_stored_apart(name, base.config(name))}
         one = (group - group_heads - group_sides if untie else group) - own
         together = sorted((term for name in sorted(one) for term in terms.get(name, [])),
                           key=lambda term: position[id(term[0])])

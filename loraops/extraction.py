@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 from . import ldm
 from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
-from .check import EXPERT_RE, conv1d_layout, is_embedding, memory_names, tied_head_source
+from .check import EXPERT_RE, conv1d_layout, is_embedding, memory_names, tied_head_source, untied_side_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 from .formats import peft_unwritable_parts, refuse_unwritable
 from .formats.common import conv1d_named, given_alpha, names_module, shown
@@ -100,8 +100,10 @@ def _untied(base: BaseModel, tuned: BaseModel) -> BaseModel:
     """``base`` with the heads it ties (not stored) that ``tuned`` stores, as _Untying; ``base`` itself when none."""
     from .engine import untied_head_source
 
+    # (and one side's embed_tokens a merge wrote apart from the shared embeddings: check.untied_side_source)
     heads = {n: e for n in sorted(tuned.tensors.keys() - base.tensors.keys())
-             if (e := untied_head_source(base, n, tuned.tensors[n].shape)) is not None}
+             if (e := untied_head_source(base, n, tuned.tensors[n].shape)
+                 or untied_side_source(n, tuned.tensors[n].shape, base.tensors, base.config)) is not None}
     if not heads:
         return base
     view = _Untying(**{f.name: getattr(base, f.name) for f in fields(BaseModel)}, heads=heads)

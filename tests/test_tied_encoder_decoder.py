@@ -427,6 +427,25 @@ def test_a_lora_on_one_sides_embed_tokens_of_t5_changes_that_side_alone(tmp_path
     assert tensors.keys() == load_file(tmp_path / "base" / "model.safetensors").keys() | {f"{side}.embed_tokens.weight"}
 
 
+def test_a_t5_merge_with_one_side_written_apart_is_extracted_against_its_base(tmp_path):
+    """The merged T5 stores one side's embed_tokens its base ties to shared (not stored): extract refused the pair
+    ("not a fine-tune of … architecture: only in …"); it compares that side with shared, as a merge wrote it, and
+    the extracted adapter merged into the base gives the merged model back."""
+    from loraops import extraction
+
+    cls = tiny(tmp_path / "base", "t5")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["q", "decoder.embed_tokens"])
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "merged", progress=False)
+    adapter, _ = extraction.extract(tmp_path / "base", tmp_path / "merged", rank=32, modules=["q", "embed_tokens"],
+                                    device="cpu")
+    assert "decoder.embed_tokens" in adapter.modules
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "back", progress=False)
+    merged, back = (load_file(tmp_path / name / "model.safetensors") for name in ("merged", "back"))
+    assert back.keys() == merged.keys()
+    for name in merged:
+        torch.testing.assert_close(back[name], merged[name], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("copies", [False, True])
 def test_a_t5_sides_merge_beside_a_lora_on_shared_is_subtracted_against_its_pristine_base(tmp_path, copies):
     """merge + subtract of LoRAs on shared and one side's embed_tokens of a T5 (nonzero, as extract writes them),
@@ -473,6 +492,37 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
         saved = adapted.base_model.model.get_submodule(f"{side}.embed_tokens").modules_to_save["default"]
         assert torch.equal(tensors[f"{side}.embed_tokens.weight"], saved.weight), side
     assert torch.equal(tensors["shared.weight"], base["shared.weight"])
+
+
+@pytest.mark.parametrize("kind, target, head", [("t5", "encoder.embed_tokens", False), ("mt5", "decoder.embed_tokens", True),
+                                                ("t5", "embed_tokens", True), ("t5", "shared", True)])
+def test_trainable_tokens_on_t5s_side_stored_as_copies_change_that_side_alone(tmp_path, kind, target, head):
+    """PEFT's trainable tokens on one side's embed_tokens of a T5 storing each side (and ``head``: lm_head) as shared's
+    byte-identical copies change that side's lookup alone; on shared, PEFT saves them for each side and the head too.
+    The merge put one side's into every copy (shared, the other side, the head: logits 1 to 10 off the adapted model);
+    it writes each side with its own rows, which load apart from shared, or tied where they are shared's."""
+    from peft import TrainableTokensConfig, get_peft_model
+
+    cls = tiny(tmp_path / "base", kind)
+    base = with_t5_side_copies(tmp_path / "base", head)
+    torch.manual_seed(1)
+    adapted = get_peft_model(cls.from_pretrained(tmp_path / "base"),
+                             TrainableTokensConfig(target_modules=[target], token_indices=[4, 5, 11]))
+    with torch.no_grad():
+        for name, delta in adapted.named_parameters():
+            if "trainable_tokens_delta" in name:
+                delta.add_(torch.randn_like(delta))
+    adapted.eval().save_pretrained(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > 0.1
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    if "." in target:
+        tensors = load_file(tmp_path / "out" / "model.safetensors")
+        other = "decoder" if target.startswith("encoder") else "encoder"
+        for name in ("shared.weight", f"{other}.embed_tokens.weight", *["lm_head.weight"] * head):
+            assert torch.equal(tensors[name], base["shared.weight"]), name
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "encoder.embed_tokens"]])
