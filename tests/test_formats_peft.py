@@ -1075,3 +1075,35 @@ def test_t5_relative_attention_bias_saved_whole_is_asked_for_on_each_side(tmp_pa
         PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base), tmp_path / "a")
     report = check.check(read_adapter(tmp_path / "a"), base_model.tensors, config=base_model.config)
     assert sorted(report.why_missing) == [bias], report
+
+
+def test_a_biased_head_saved_whole_beside_a_saved_embedding_merges_as_peft_loads_it(tmp_path):
+    """modules_to_save=["embed_tokens"] saved with save_embedding_layers=True on a model whose head has a bias (Phi,
+    GPT-J, CodeGen): PEFT saves the output embeddings, a plain Linear, whole, weight and bias (``lm_head.bias``),
+    and its load puts both over the model's. loraops took a ``.weight`` beside the wrapper's state alone and refused
+    ``lm_head.bias`` as an unknown layout."""
+    import peft
+    from transformers import PhiForCausalLM
+
+    from loraops import engine
+
+    base = factories.tiny_transformers(tmp_path / "base", "phi", "PhiForCausalLM", **{
+        **factories.TINY_BERT, "num_key_value_heads": 4})
+    torch.manual_seed(1)
+    model = peft.get_peft_model(PhiForCausalLM.from_pretrained(base), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name or name.endswith("lm_head.bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    assert "base_model.model.lm_head.bias" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["lm_head.bias", "lm_head.weight", "model.embed_tokens.weight"]
+    expected = peft.PeftModel.from_pretrained(PhiForCausalLM.from_pretrained(base),
+                                              tmp_path / "a").merge_and_unload().state_dict()
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+    merged = PhiForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)

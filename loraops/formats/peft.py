@@ -631,9 +631,10 @@ def wrapper_state_keys(keys: Iterable[str], cfg: ScaleConfig | None) -> set[str]
 def saved_beside_wrapper(key: str, wrapper_keys: set[str]) -> str | None:
     """The tensor ``key`` (without base_model.model.) replaces where it is the other embedding layer save_embedding_
     layers saved whole beside a wrapper's state (``wrapper_keys``, see wrapper_state_keys: the proof it was on): a
-    module's whole weight (the input embeddings, ``model.embed_tokens.weight``), which PEFT's load (not strict) puts
-    over the model's own."""
-    return key if wrapper_keys and key.endswith(".weight") and ".base_layer." not in key else None
+    module's whole weight or bias (the input embeddings, ``model.embed_tokens.weight``; a biased head, Phi's
+    ``lm_head.bias``, beside wrapped input embeddings), which PEFT's load (not strict) puts over the model's own."""
+    return key if wrapper_keys and key.rpartition(".")[2] in ("weight", "bias") and ".base_layer." not in key \
+        else None
 
 
 def _unknown_layout(weights: Path, keys: list[str], configured: bool, lora_modules: frozenset[str]) -> FormatError:
