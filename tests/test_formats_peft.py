@@ -1107,3 +1107,32 @@ def test_a_biased_head_saved_whole_beside_a_saved_embedding_merges_as_peft_loads
     assert merged.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("edit", ["head key removed", "head not listed"])
+def test_a_wrapper_s_state_is_left_out_only_beside_the_head_modules_to_save_names(tmp_path, edit):
+    """The wrapper's keys save_embedding_layers writes (lm_head.original_module/modules_to_save.weight) are left out
+    only beside the head's own key and for a head modules_to_save names. Without lm_head.weight PEFT's load fails (a
+    KeyError): left out, the file would have read as an adapter without its head, merged with the base's. Not listed,
+    the head is a whole tensor the config does not name: refused as such files are (the wrapper's keys with it)."""
+    import peft
+
+    from loraops.errors import FormatError
+
+    base = factories.tiny_llama(tmp_path / "base")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights, config_path = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
+    read_adapter(tmp_path / "a")
+    if edit == "head key removed":
+        state = load_file(weights)
+        del state["base_model.model.lm_head.weight"]
+        save_file(state, str(weights))
+        with pytest.raises(KeyError, match="base_model.model.lm_head.weight"):
+            peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a")
+    else:
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": None}))
+    with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.lm_head."):
+        read_adapter(tmp_path / "a")
