@@ -1136,3 +1136,28 @@ def test_a_wrapper_s_state_is_left_out_only_beside_the_head_modules_to_save_name
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": None}))
     with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.lm_head."):
         read_adapter(tmp_path / "a")
+
+
+def test_modules_to_save_on_an_sd_single_file_checkpoint_name_only_the_bound_component_s_modules(tmp_path):
+    """A PEFT adapter of the UNet with conv_in saved whole, its modules_to_save also naming the text encoder's q_proj
+    (one list for both models: PEFT ignores an entry that names no module of the model it wraps), bound to a
+    single-file SD checkpoint that also holds the text encoder: PEFT wrapped the UNet alone, so the text encoder's
+    q_proj is no tensor its load asks for, and the adapter fits."""
+    from dataclasses import replace
+
+    from test_ldm import sd15_checkpoint
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = sd15_checkpoint(tmp_path / "sd15.safetensors")
+    save_file({**load_file(base), "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)},
+              str(base))
+    adapter = replace(factories.lora_adapter({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (8, 8)}),
+                      full_tensors={"unet.conv_in.weight": torch.randn(8, 4, 3, 3)})
+    folder = write_adapter(adapter, tmp_path / "a", "peft")
+    config_path = folder / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": ["conv_in", "q_proj"]}))
+    model = BaseModel.open(base)
+    report = check.check(read_adapter(folder), model.tensors, config=model.config)
+    assert report.ok and not report.why_missing, report
