@@ -1085,8 +1085,6 @@ def test_a_biased_head_saved_whole_beside_a_saved_embedding_merges_as_peft_loads
     import peft
     from transformers import PhiForCausalLM
 
-    from loraops import engine
-
     base = factories.tiny_transformers(tmp_path / "base", "phi", "PhiForCausalLM", **{
         **factories.TINY_BERT, "num_key_value_heads": 4})
     torch.manual_seed(1)
@@ -1100,13 +1098,8 @@ def test_a_biased_head_saved_whole_beside_a_saved_embedding_merges_as_peft_loads
     assert "base_model.model.lm_head.bias" in load_file(tmp_path / "a" / "adapter_model.safetensors")
     adapter = read_adapter(tmp_path / "a")
     assert sorted(adapter.full_tensors) == ["lm_head.bias", "lm_head.weight", "model.embed_tokens.weight"]
-    expected = peft.PeftModel.from_pretrained(PhiForCausalLM.from_pretrained(base),
-                                              tmp_path / "a").merge_and_unload().state_dict()
-    engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
-    merged = PhiForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    assert merged.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: PhiForCausalLM.from_pretrained(base),
+                                tmp_path / "out")
 
 
 @pytest.mark.parametrize("edit", ["head key removed", "head not listed"])
@@ -1161,3 +1154,44 @@ def test_modules_to_save_on_an_sd_single_file_checkpoint_name_only_the_bound_com
     model = BaseModel.open(base)
     report = check.check(read_adapter(folder), model.tensors, config=model.config)
     assert report.ok and not report.why_missing, report
+
+
+@pytest.mark.parametrize("entry", ["lm_head", "embed_tokens"])
+def test_tied_saved_embeddings_with_save_embedding_layers_merge_as_peft_loads_them(tmp_path, entry):
+    """A tied model's embeddings or head saved (modules_to_save) with ensure_weight_tying and save_embedding_layers:
+    PEFT wraps both, the head tied to the embeddings' copy, and saves each wrapper's state, but its config lists
+    "model.embed_tokens" alone. The head's wrapper keys (lm_head.original_module/modules_to_save.weight) were read
+    as whole tensors of their own, not in the base: the adapter fit no base. Left out as for a listed module, the
+    merge is PEFT's merge_and_unload."""
+    import peft
+
+    base = factories.tiny_llama(tmp_path / "base", tie=True)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[entry], ensure_weight_tying=True,
+        init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    assert "base_model.model.lm_head.original_module.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
+
+
+def assert_merges_as_peft_loads(adapter, folder, base, load, out):
+    """``adapter`` (read from the PEFT ``folder``) merged into ``base`` gives PEFT's merge_and_unload of ``folder``
+    loaded on ``load()``, tensor for tensor (the merged folder read back as ``load`` builds its model)."""
+    from peft import PeftModel
+
+    from loraops import engine
+
+    model = load()
+    expected = PeftModel.from_pretrained(model, folder).merge_and_unload().state_dict()
+    engine.merge(base, [(adapter, 1.0)], out, progress=False)
+    merged = type(model).from_pretrained(out).state_dict()
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
