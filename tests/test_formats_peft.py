@@ -1075,3 +1075,123 @@ def test_t5_relative_attention_bias_saved_whole_is_asked_for_on_each_side(tmp_pa
         PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base), tmp_path / "a")
     report = check.check(read_adapter(tmp_path / "a"), base_model.tensors, config=base_model.config)
     assert sorted(report.why_missing) == [bias], report
+
+
+def test_a_biased_head_saved_whole_beside_a_saved_embedding_merges_as_peft_loads_it(tmp_path):
+    """modules_to_save=["embed_tokens"] saved with save_embedding_layers=True on a model whose head has a bias (Phi,
+    GPT-J, CodeGen): PEFT saves the output embeddings, a plain Linear, whole, weight and bias (``lm_head.bias``),
+    and its load puts both over the model's. loraops took a ``.weight`` beside the wrapper's state alone and refused
+    ``lm_head.bias`` as an unknown layout."""
+    import peft
+    from transformers import PhiForCausalLM
+
+    base = factories.tiny_transformers(tmp_path / "base", "phi", "PhiForCausalLM", **{
+        **factories.TINY_BERT, "num_key_value_heads": 4})
+    torch.manual_seed(1)
+    model = peft.get_peft_model(PhiForCausalLM.from_pretrained(base), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name or name.endswith("lm_head.bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    assert "base_model.model.lm_head.bias" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["lm_head.bias", "lm_head.weight", "model.embed_tokens.weight"]
+    assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: PhiForCausalLM.from_pretrained(base),
+                                tmp_path / "out")
+
+
+@pytest.mark.parametrize("edit", ["head key removed", "head not listed"])
+def test_a_wrapper_s_state_is_left_out_only_beside_the_head_modules_to_save_names(tmp_path, edit):
+    """The wrapper's keys save_embedding_layers writes (lm_head.original_module/modules_to_save.weight) are left out
+    only beside the head's own key and for a head modules_to_save names. Without lm_head.weight PEFT's load fails (a
+    KeyError): left out, the file would have read as an adapter without its head, merged with the base's. Not listed,
+    the head is a whole tensor the config does not name: refused as such files are (the wrapper's keys with it)."""
+    import peft
+
+    from loraops.errors import FormatError
+
+    base = factories.tiny_llama(tmp_path / "base")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights, config_path = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
+    read_adapter(tmp_path / "a")
+    if edit == "head key removed":
+        state = load_file(weights)
+        del state["base_model.model.lm_head.weight"]
+        save_file(state, str(weights))
+        with pytest.raises(KeyError, match="base_model.model.lm_head.weight"):
+            peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a")
+    else:
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": None}))
+    with pytest.raises(FormatError, match="unknown adapter key layout: 'base_model.model.lm_head."):
+        read_adapter(tmp_path / "a")
+
+
+def test_modules_to_save_on_an_sd_single_file_checkpoint_name_only_the_bound_component_s_modules(tmp_path):
+    """A PEFT adapter of the UNet with conv_in saved whole, its modules_to_save also naming the text encoder's q_proj
+    (one list for both models: PEFT ignores an entry that names no module of the model it wraps), bound to a
+    single-file SD checkpoint that also holds the text encoder: PEFT wrapped the UNet alone, so the text encoder's
+    q_proj is no tensor its load asks for, and the adapter fits."""
+    from dataclasses import replace
+
+    from test_ldm import sd15_checkpoint
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = sd15_checkpoint(tmp_path / "sd15.safetensors")
+    save_file({**load_file(base), "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)},
+              str(base))
+    adapter = replace(factories.lora_adapter({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (8, 8)}),
+                      full_tensors={"unet.conv_in.weight": torch.randn(8, 4, 3, 3)})
+    folder = write_adapter(adapter, tmp_path / "a", "peft")
+    config_path = folder / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": ["conv_in", "q_proj"]}))
+    model = BaseModel.open(base)
+    report = check.check(read_adapter(folder), model.tensors, config=model.config)
+    assert report.ok and not report.why_missing, report
+
+
+@pytest.mark.parametrize("entry", ["lm_head", "embed_tokens"])
+def test_tied_saved_embeddings_with_save_embedding_layers_merge_as_peft_loads_them(tmp_path, entry):
+    """A tied model's embeddings or head saved (modules_to_save) with ensure_weight_tying and save_embedding_layers:
+    PEFT wraps both, the head tied to the embeddings' copy, and saves each wrapper's state, but its config lists
+    "model.embed_tokens" alone. The head's wrapper keys (lm_head.original_module/modules_to_save.weight) were read
+    as whole tensors of their own, not in the base: the adapter fit no base. Left out as for a listed module, the
+    merge is PEFT's merge_and_unload."""
+    import peft
+
+    base = factories.tiny_llama(tmp_path / "base", tie=True)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[entry], ensure_weight_tying=True,
+        init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    assert "base_model.model.lm_head.original_module.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
+
+
+def assert_merges_as_peft_loads(adapter, folder, base, load, out):
+    """``adapter`` (read from the PEFT ``folder``) merged into ``base`` gives PEFT's merge_and_unload of ``folder``
+    loaded on ``load()``, tensor for tensor (the merged folder read back as ``load`` builds its model)."""
+    from peft import PeftModel
+
+    from loraops import engine
+
+    model = load()
+    expected = PeftModel.from_pretrained(model, folder).merge_and_unload().state_dict()
+    engine.merge(base, [(adapter, 1.0)], out, progress=False)
+    merged = type(model).from_pretrained(out).state_dict()
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)

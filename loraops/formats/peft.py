@@ -622,18 +622,22 @@ def wrapper_state_keys(keys: Iterable[str], cfg: ScaleConfig | None) -> set[str]
     the trained copy once more, beside ``lm_head.weight``). PEFT's load (set_peft_model_state_dict) takes the copy from
     ``lm_head.weight`` alone, puts ``original_module``'s into the wrapped base layer, which merge_and_unload drops, and
     leaves the other unused: none of them is in the merged model. Only beside the module's own key (without it PEFT's
-    load fails: a KeyError) and for a module modules_to_save wraps."""
+    load fails: a KeyError) and for a module modules_to_save wraps, or, with ensure_weight_tying, the counterpart PEFT
+    wraps tied to a saved one without an entry of its own (a tied model's lm_head beside saved embeddings: its config
+    lists "model.embed_tokens" alone; see full_tensor_name)."""
     keys = set(keys)
     return {key for key in keys if (match := WRAPPER_STATE.match(key)) is not None and cfg is not None
-            and cfg.saves(match["owner"]) and f"{match['owner']}.{match['param']}" in keys}
+            and (cfg.saves(match["owner"]) or cfg.ensure_weight_tying and bool(cfg.modules_to_save))
+            and f"{match['owner']}.{match['param']}" in keys}
 
 
 def saved_beside_wrapper(key: str, wrapper_keys: set[str]) -> str | None:
     """The tensor ``key`` (without base_model.model.) replaces where it is the other embedding layer save_embedding_
     layers saved whole beside a wrapper's state (``wrapper_keys``, see wrapper_state_keys: the proof it was on): a
-    module's whole weight (the input embeddings, ``model.embed_tokens.weight``), which PEFT's load (not strict) puts
-    over the model's own."""
-    return key if wrapper_keys and key.endswith(".weight") and ".base_layer." not in key else None
+    module's whole weight or bias (the input embeddings, ``model.embed_tokens.weight``; a biased head, Phi's
+    ``lm_head.bias``, beside wrapped input embeddings), which PEFT's load (not strict) puts over the model's own."""
+    return key if wrapper_keys and key.rpartition(".")[2] in ("weight", "bias") and ".base_layer." not in key \
+        else None
 
 
 def _unknown_layout(weights: Path, keys: list[str], configured: bool, lora_modules: frozenset[str]) -> FormatError:
