@@ -1245,8 +1245,10 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
     if bool(torch.isinf(norms).any()):
         dtype = str(norms.dtype).removeprefix("torch.")
         hint = "; --precise computes in float64" if norms.dtype != torch.float64 else ""
-        raise InvalidInputError(f"DoRA module {module.name!r}: the norm of an output channel of {module.weight_name} "
-                                f"+ ΔW is beyond what {dtype} holds, so its rescaling is undefined{hint}")
+        # (the squares, not the norm: values of 1e20 have a norm float32 holds, and torch's sums of squares overflow)
+        raise InvalidInputError(f"DoRA module {module.name!r}: the squares summed for the norm of an output channel of "
+                                f"{module.weight_name} + ΔW go beyond what {dtype} holds, so its rescaling is "
+                                f"undefined{hint}")
     return magnitude / norms
 
 

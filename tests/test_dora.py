@@ -227,8 +227,8 @@ def test_an_output_channel_whose_norm_overflows_is_refused(transposed, tmp_path)
     module = LoraModule("lin", torch.full((1, 3), 1e10), torch.full((4, 1), 1e10), alpha=1.0, scale=1.0,
                         magnitude=torch.ones(4), fan_in_fan_out=transposed)
     adapter = Adapter({"lin": module}, "peft")
-    with pytest.raises(InvalidInputError, match="DoRA module 'lin': the norm of an output channel of lin.weight "
-                                                "\\+ ΔW is beyond what float32 holds.*--precise"):
+    with pytest.raises(InvalidInputError, match="DoRA module 'lin': the squares summed for the norm of an output "
+                                                "channel of lin.weight \\+ ΔW go beyond what float32 holds.*--precise"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu")
     assert not (tmp_path / "out.safetensors").exists()
     engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu", precise=True)
