@@ -149,3 +149,11 @@ def test_a_tucker_composition_past_its_bound_that_cancels_is_read(tmp_path):
         "lora_unet_conv.lora_mid.weight": mid, "lora_unet_conv.lora_up.weight": torch.ones(6, 2, 1, 1)}, LYCORIS)
     adapter = read_adapter(path, checked=True)
     assert not adapter.modules["lora_unet_conv"].A.any()
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("case", CASES)
+def test_a_shapes_only_read_composes_nothing_to_check(case, tmp_path):
+    """values=False (inspect, shapes only): the composed factors are on the meta device, with no values to scan."""
+    make, module, _ = CASES[case]
+    assert module in read_adapter(make(tmp_path), values=False).modules
