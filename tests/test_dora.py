@@ -227,13 +227,28 @@ def test_an_output_channel_whose_norm_overflows_is_refused(transposed, tmp_path)
     module = LoraModule("lin", torch.full((1, 3), 1e10), torch.full((4, 1), 1e10), alpha=1.0, scale=1.0,
                         magnitude=torch.ones(4), fan_in_fan_out=transposed)
     adapter = Adapter({"lin": module}, "peft")
-    with pytest.raises(InvalidInputError, match="DoRA module 'lin': the norm of an output channel of lin.weight "
-                                                "\\+ ΔW is beyond what float32 holds.*--precise"):
+    with pytest.raises(InvalidInputError, match="DoRA module 'lin': the squares summed for the norm of an output "
+                                                "channel of lin.weight \\+ ΔW go beyond what float32 holds.*--precise"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu")
     assert not (tmp_path / "out.safetensors").exists()
     engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu", precise=True)
     merged = load_file(tmp_path / "out.safetensors")["lin.weight"]
     assert torch.allclose(merged, torch.full_like(merged, 3 ** -0.5))
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("transposed", [False, True])
+def test_deltas_that_cancel_as_inf_minus_inf_are_refused(transposed, tmp_path):
+    """A NaN norm is no longer refused by dora_factors (a NaN the base holds stays NaN, as in PEFT), so one that comes
+    of deltas beyond float32 cancelling (1e20 · 1e20, opposite signs) is refused by the output's scan, naming it."""
+    base = save_file({"lin.weight": torch.ones(4, 6) if transposed else torch.ones(6, 4)},
+                     str(tmp_path / "m.safetensors")) or tmp_path / "m.safetensors"
+    module = LoraModule("lin", torch.full((2, 4), 1e20), torch.tensor([[1e20, -1e20]] * 6), alpha=1.0, scale=1.0,
+                        magnitude=torch.ones(6), fan_in_fan_out=transposed)
+    with pytest.raises(InvalidInputError, match="'lin.weight' comes out with NaN values: its deltas go beyond what "
+                                                "float32 holds and cancel"):
+        engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "out.safetensors", device="cpu")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.no_registry

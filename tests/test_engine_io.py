@@ -168,6 +168,57 @@ def test_deltas_that_overflow_and_cancel_are_refused(dtype, tmp_path):
     assert nothing_left(tmp_path / "q.safetensors")
 
 
+@pytest.mark.parametrize("kind", ["lora-to-bf16", "loha", "dora", "dora-transposed"])
+def test_a_nan_the_base_holds_stays_nan_where_deltas_may_overflow(kind, tmp_path):
+    """A NaN in the base stays NaN, unsaid (README; PEFT's merge), also on the tensors whose outputs are scanned
+    (a float32 base going out as bf16, LoHa/LoKr, DoRA): numerics8's NaN scan refused them, saying the adapters'
+    deltas cancelled as inf − inf and that --precise would help, neither true. The NaNs are the base's (the whole
+    output channel for DoRA, whose norm is NaN there, as PEFT's m/‖W + ΔW‖); the rest is merged."""
+    from loraops.formats.lycoris import Product
+
+    transposed = kind == "dora-transposed"
+    w = torch.ones(3, 4) if transposed else torch.ones(4, 3)
+    w[1, 2] = float("nan")
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w}, str(base))
+    B, A = torch.full((4, 1), 0.5), torch.full((1, 3), 0.5)
+    product = Product("loha", {"w1a": B, "w1b": A, "w2a": B, "w2b": A}, 1) if kind == "loha" else None
+    module = LoraModule("lin", A, B, alpha=1.0, scale=1.0, product=product, fan_in_fan_out=transposed,
+                        magnitude=torch.full((4,), 2.0) if kind.startswith("dora") else None)
+    engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", device="cpu",
+                 dtype="bf16" if kind == "lora-to-bf16" else None)
+    merged = load_file(tmp_path / "o.safetensors")["lin.weight"].float()
+    nan = torch.zeros_like(w, dtype=torch.bool)
+    if kind == "dora":  # the channel: a row, a transposed module's column
+        nan[1, :] = True
+    elif transposed:
+        nan[:, 2] = True
+    else:
+        nan[1, 2] = True
+    assert torch.equal(torch.isnan(merged), nan)
+    expected = {"lora-to-bf16": 1.25, "loha": 1.0625, "dora": 2 / 3**0.5, "dora-transposed": 2 / 3**0.5}[kind]
+    assert torch.allclose(merged[~nan], torch.full_like(merged[~nan], expected), rtol=1e-2)
+
+
+def test_a_scanned_output_that_is_finite_costs_one_reduction(monkeypatch, tmp_path):
+    """The scan of a tensor whose deltas may overflow (a float32 base going out as bf16: every tensor) is one
+    aminmax, which NaN and ±inf both reach: isfinite().all() (numerics8) or isinf().any() write a bool per value and
+    took 10-20× longer on CPU. The elementwise tests run only once a value is not finite."""
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": torch.ones(6, 4)}, str(base))
+    module = LoraModule("lin", torch.full((2, 4), 0.5), torch.full((6, 2), 0.5), alpha=1.0, scale=1.0)
+
+    def elementwise(*args, **kwargs):
+        raise AssertionError("an elementwise scan of a finite output")
+
+    monkeypatch.setattr(torch, "isfinite", elementwise)
+    monkeypatch.setattr(torch, "isinf", elementwise)
+    engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype="bf16",
+                 device="cpu")
+    monkeypatch.undo()
+    assert torch.equal(load_file(tmp_path / "o.safetensors")["lin.weight"].float(), torch.full((6, 4), 1.5))
+
+
 @pytest.mark.parametrize("dtype, top_exponent", [(torch.float32, 127 - 23), (torch.bfloat16, 127 - 7)])
 def test_the_overflow_scan_is_skipped_only_where_no_delta_can_overflow(dtype, top_exponent, tmp_path):
     """The scan for inf runs only where the deltas' bound (Σ|wᵢsᵢ|·max‖Bᵢ‖·max‖Aⱼ‖) reaches a quarter of the dtype's
