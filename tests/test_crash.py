@@ -20,6 +20,8 @@ from loraops.fsutil import TMP_MARK
 from loraops.registry import Registry
 from test_concurrency import MODULES, variants
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 TRIALS = 20
 RUNS = TRIALS + 2
 ENV_KEYS = ("LORAOPS_HOME", "LORAOPS_DB", "LORAOPS_BLOBS", "HF_HOME", "HF_ENDPOINT", "LORAOPS_QUIET", "HF_HUB_DISABLE_XET")

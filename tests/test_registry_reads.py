@@ -14,6 +14,8 @@ from loraops.registry import Registry, db, reads
 from loraops.registry.models import SqlAdapter, SqlBase
 from test_registry_cli import art  # noqa: F401 - the same models and adapters (a module fixture)
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 ADAPTER_COLUMNS = ("id", "name", "version", "sha256", "weights_sha256", "format", "dtype", "size", "num_parameters",
                    "rank", "alpha", "scale_mode", "target_modules", "base_hint", "source")
 BASE_COLUMNS = ("id", "name", "fingerprint", "source", "path", "num_tensors", "num_parameters", "dtype", "total_bytes",
