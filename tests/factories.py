@@ -196,9 +196,9 @@ def combine_inputs(root: Path) -> dict[str, Path]:
 _FORKS: list = []  # this process's fork server, started by the first loraops_run
 
 
-def loraops_run(*args):
+def loraops_run(*args, cwd=None):
     """`loraops ARGS` as a user runs it (no traceback may reach them), in a process of its own with this test's
-    environment and working folder: a child of tests/forkserver.py, which imported loraops and torch once (a plain
+    environment, in its working folder (or ``cwd``): a child of tests/forkserver.py, which imported loraops and torch once (a plain
     `python -m loraops` pays 1-3 s of start-up per run). Returns a subprocess.CompletedProcess, text."""
     import atexit
     import os
@@ -213,7 +213,7 @@ def loraops_run(*args):
     args = [str(a) for a in args]
     with tempfile.TemporaryDirectory(prefix="loraops-run-") as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        code = _FORKS[0].run(args, dict(os.environ), out, stdout=out, stderr=err, cwd=os.getcwd(), whole_env=True)
+        code = _FORKS[0].run(args, dict(os.environ), out, stdout=out, stderr=err, cwd=str(cwd or os.getcwd()), whole_env=True)
         with open(out) as stdout, open(err) as stderr:
             return subprocess.CompletedProcess(["loraops", *args], code, stdout.read(), stderr.read())
 

@@ -43,15 +43,15 @@ def serve() -> None:
 def _child(request: dict) -> None:
     code = 70
     try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
         if request.get("whole_env"):
             os.environ.clear()
         os.environ.update(request["env"])
         if request.get("cwd"):
             os.chdir(request["cwd"])
         sys.argv = ["loraops", *request["args"]]
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
         from loraops.cli import exit_status
 
         code = exit_status(request["args"])  # what the `loraops` program exits with
@@ -74,8 +74,12 @@ class ForkServer:
     def __init__(self) -> None:
         import subprocess
 
+        import loraops
+
+        # The loraops this test imports, whatever the working folder (a relative PYTHONPATH would not hold there).
+        path = os.pathsep.join([os.path.dirname(os.path.dirname(loraops.__file__)), os.environ.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env={**os.environ, "PYTHONPATH": path})
 
     def start(self, args: list[str], env: dict[str, str], log: str, **request) -> int:
         """Start a child; its stdout and stderr go to the file ``log`` (truncated), or to request's "stdout" and
