@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
-workers=(-n "${LORAOPS_TEST_WORKERS:-auto}")
+workers=(-n "${LORAOPS_TEST_WORKERS:-auto}" --durations=25)  # the slowest 25: where CI time goes
 echo "== pass 1: SQLite registry"
 python -m pytest "${workers[@]}" "$@"
 if [ "${LORAOPS_SKIP_POSTGRES:-0}" != 1 ]; then
