@@ -1,5 +1,21 @@
 """Every test runs with its own loraops home and Hugging Face cache in a tmp dir: no test touches the
-user's files or the network."""
+user's files or the network.
+
+Backends (tests/run.sh): the SQLite pass runs every test; the PostgreSQL pass runs only the tests marked
+``registry_backend`` (``-m "registry_backend and not sqlite_only and not no_registry"``). The rule for the mark: a
+test gets it when what it checks goes through the registry's own code (loraops/registry and the CLI's recording of
+results): reads and writes, migrations, transactions and locks, concurrency, lineage records, references resolved by
+the registry, registered bases and outputs guarded by them, pull and push. Whole files carry it (test_registry*.py,
+test_migrations, test_concurrency, test_team, test_crash, test_hub_registry, test_algebra_cli, test_malformed,
+test_output_guard); in the other files, the tests that record a command's output do, at least one for each command
+that records (merge, subtract, combine, combine --recipe, resize, extract, pull) and one registration of each adapter
+family whose record differs (LyCORIS, MoE, tied heads, trainable tokens, kohya SD/Flux names, AdaLoRA/VeRA). A test
+whose point is math or a file format does not get it even when it records its output on the way: that SQL is the
+same as in the marked tests, and the math does not depend on the backend. ``no_registry`` stays the promise never
+to open a registry, checked in the SQLite pass.
+
+pytest-xdist: each worker gets its own PostgreSQL database (``<name>_<worker>``, created on first use); tmp dirs,
+homes and the local Hub's port (0: the kernel picks) are already per test."""
 from __future__ import annotations
 
 import os
@@ -52,6 +68,32 @@ def isolated_home(tmp_path_factory, monkeypatch):
 _PG_ENGINE = []
 
 
+def _test_database(url: str) -> str:
+    """The database of this process: LORAOPS_TEST_DB itself, or under pytest-xdist a database of this worker's own
+    on the same server (``<name>_gw0``…), created when missing, so that workers never truncate each other's tables."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return url
+    import sqlalchemy as sa
+
+    given = sa.engine.make_url(url)
+    name = f"{given.database}_{worker}"
+    admin = sa.create_engine(given, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            if conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar() is None:
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return given.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def _pg_url():
+    url = os.environ.get("LORAOPS_TEST_DB")
+    return _test_database(url) if url else None
+
+
 def _pg_engine(url: str):
     """One engine for the whole session's resets (connecting costs more than the reset itself)."""
     import sqlalchemy as sa
@@ -84,13 +126,13 @@ def _reset_postgres(url: str, empty: bool) -> None:
 
 
 @pytest.fixture(autouse=True)
-def registry_backend(request, isolated_home, monkeypatch):
+def registry_backend(request, isolated_home, monkeypatch, _pg_url):
     """With LORAOPS_TEST_DB set (tests/run.sh sets it for its PostgreSQL pass), every test uses that server with an
     empty registry; otherwise the default SQLite file in the tmp home.
 
-    A test (or module) marked ``no_registry`` promises not to open a registry; the PostgreSQL pass skips it
-    (tests/run.sh: ``-m "not sqlite_only and not no_registry"``), and the SQLite pass checks the promise."""
-    url = os.environ.get("LORAOPS_TEST_DB")
+    A test (or module) marked ``no_registry`` promises not to open a registry, and the SQLite pass checks the
+    promise; the PostgreSQL pass runs only tests marked ``registry_backend`` (the module docstring says which)."""
+    url = _pg_url
     if not url:
         yield "sqlite"
         if request.node.get_closest_marker("no_registry") is not None and (isolated_home / "registry.db").exists():

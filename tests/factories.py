@@ -193,12 +193,29 @@ def combine_inputs(root: Path) -> dict[str, Path]:
             "c": peft_adapter(base, root / "c", seed=3, r=2, alpha=2, target_modules=["q_proj"])}
 
 
-def loraops_run(*args):
-    """`python -m loraops ARGS` in a subprocess (what a user runs: no traceback may reach them)."""
-    import subprocess
-    import sys
+_FORKS: list = []  # this process's fork server, started by the first loraops_run
 
-    return subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], capture_output=True, text=True)
+
+def loraops_run(*args, cwd=None):
+    """`loraops ARGS` as a user runs it (no traceback may reach them), in a process of its own with this test's
+    environment, in its working folder (or ``cwd``): a child of tests/forkserver.py, which imported loraops and torch once (a plain
+    `python -m loraops` pays 1-3 s of start-up per run). Returns a subprocess.CompletedProcess, text."""
+    import atexit
+    import os
+    import subprocess
+    import tempfile
+
+    from forkserver import ForkServer
+
+    if not _FORKS:
+        _FORKS.append(ForkServer())
+        atexit.register(_FORKS[0].__exit__)
+    args = [str(a) for a in args]
+    with tempfile.TemporaryDirectory(prefix="loraops-run-") as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        code = _FORKS[0].run(args, dict(os.environ), out, stdout=out, stderr=err, cwd=str(cwd or os.getcwd()), whole_env=True)
+        with open(out) as stdout, open(err) as stderr:
+            return subprocess.CompletedProcess(["loraops", *args], code, stdout.read(), stderr.read())
 
 
 def conv_peft_adapter(out: Path, *, seed: int = 1, r: int = 4, alpha: float = 8,

@@ -1,9 +1,13 @@
 """Run loraops commands in processes a test can SIGKILL at any moment, without paying an interpreter start-up
 (1-3 s with torch) per run: this server imports everything once, then forks one child per command.
 
-Protocol (one JSON line each way): the test writes {"args": [...], "env": {...}}; the server answers {"pid": N}
-at once, then {"status": S} when the child ended (S < 0: killed by signal -S). The server itself runs no torch op
-and no thread before forking, so the children start clean."""
+Protocol (one JSON line each way): the test writes {"args": [...], "env": {...}, "stdout": path, "stderr": path}
+(optionally "cwd", and "whole_env": the child's environment is env alone, as subprocess.run(env=...) gives); the
+server answers {"pid": N} at once, then {"status": S} when the child ended (S < 0: killed by signal -S). The server
+itself runs no torch op and no thread before forking, so the children start clean. A child runs what `python -m
+loraops` runs (loraops.cli.exit_status, stdin /dev/null): an exception that escapes it is printed as Python prints
+it and exits 1, so a traceback still reaches the test. What a fork cannot show: messages printed while the
+preloaded modules are imported (the server's, not the child's)."""
 from __future__ import annotations
 
 import json
@@ -39,15 +43,25 @@ def serve() -> None:
 def _child(request: dict) -> None:
     code = 70
     try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+        if request.get("whole_env"):
+            os.environ.clear()
         os.environ.update(request["env"])
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
+        if request.get("cwd"):
+            os.chdir(request["cwd"])
+        sys.argv = ["loraops", *request["args"]]
         from loraops.cli import exit_status
 
         code = exit_status(request["args"])  # what the `loraops` program exits with
     except KeyboardInterrupt:  # a SIGINT before the program started: what Python does then
         code = 130
+    except BaseException:  # an uncaught exception: Python prints it and exits 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -60,19 +74,28 @@ class ForkServer:
     def __init__(self) -> None:
         import subprocess
 
-        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
+        import loraops
 
-    def start(self, args: list[str], env: dict[str, str], log: str) -> int:
-        self.proc.stdin.write(json.dumps({"args": args, "env": env, "log": log}) + "\n")
+        # The loraops this test imports, whatever the working folder (a relative PYTHONPATH would not hold there).
+        path = os.pathsep.join([os.path.dirname(os.path.dirname(loraops.__file__)), os.environ.get("PYTHONPATH", "")])
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1, env={**os.environ, "PYTHONPATH": path})
+
+    def start(self, args: list[str], env: dict[str, str], log: str, **request) -> int:
+        """Start a child; its stdout and stderr go to the file ``log`` (truncated), or to request's "stdout" and
+        "stderr" when given."""
+        if "stdout" not in request:
+            open(log, "w").close()
+            request.update(stdout=log, stderr=log)
+        self.proc.stdin.write(json.dumps({"args": args, "env": env, **request}) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())["pid"]
 
     def wait(self) -> int:
         return json.loads(self.proc.stdout.readline())["status"]
 
-    def run(self, args: list[str], env: dict[str, str], log: str) -> int:
-        self.start(args, env, log)
+    def run(self, args: list[str], env: dict[str, str], log: str, **request) -> int:
+        self.start(args, env, log, **request)
         return self.wait()
 
     def __enter__(self) -> "ForkServer":

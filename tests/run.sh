@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The test command: installs what it needs into ./.venv, then runs the whole suite twice — on the embedded SQLite
-# registry, and on a throwaway PostgreSQL server on loopback (skipped with LORAOPS_SKIP_POSTGRES=1).
+# The test command: installs what it needs into ./.venv, then runs the whole suite on the embedded SQLite registry,
+# and the tests that go through the registry's own code (marked registry_backend; tests/conftest.py says which) again
+# on a throwaway PostgreSQL server on loopback (skipped with LORAOPS_SKIP_POSTGRES=1). Tests run in parallel on
+# every core (pytest-xdist; LORAOPS_TEST_WORKERS=0 runs them in this one process).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
+workers=(-n "${LORAOPS_TEST_WORKERS:-auto}" --durations=25)  # the slowest 25: where CI time goes
 echo "== pass 1: SQLite registry"
-python -m pytest "$@"
+python -m pytest "${workers[@]}" "$@"
 if [ "${LORAOPS_SKIP_POSTGRES:-0}" != 1 ]; then
   source tests/postgres.sh
   echo "== pass 2: PostgreSQL registry ($LORAOPS_TEST_DB)"
-  # Tests marked no_registry (formats, safetensors, check, inspect, Hub client) do not depend on the backend.
-  python -m pytest -m "not sqlite_only and not no_registry" "$@"
+  python -m pytest "${workers[@]}" -m "registry_backend and not sqlite_only and not no_registry" "$@"
 fi

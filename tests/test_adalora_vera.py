@@ -316,6 +316,7 @@ def test_export_is_a_lora_peft_loads(tmp_path, bases):
             assert float(gap) < 1e-5, (kind, label)
 
 
+@pytest.mark.registry_backend
 def test_cli_end_to_end(tmp_path, bases):
     """register, inspect, show, merge and export through `python -m loraops`, as a user runs them."""
     base = bases[torch.float32]

@@ -15,6 +15,8 @@ from loraops.errors import InvalidInputError
 from loraops.formats import kohya_name, read_adapter
 from loraops.registry import Registry
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

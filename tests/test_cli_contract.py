@@ -82,6 +82,7 @@ def test_a_group_alone_still_shows_its_help():
     (["base", "rm", "99999999999999999999"], 3, "no base '99999999999999999999' in the registry"),
     (["list", "--rank", "99999999999999999999"], 0, None),
 ])
+@pytest.mark.registry_backend
 def test_a_number_beyond_the_databases_integers_is_not_found(kohya, args, code, message):
     """An id, version or rank past 2**63 was an OverflowError traceback from the database driver."""
     cli("register", kohya)
@@ -108,6 +109,7 @@ def test_an_output_over_the_registry_database_is_refused_even_with_force(tmp_pat
     assert database.read_bytes() == before and cli("list").output.count("style@1") == 1
 
 
+@pytest.mark.registry_backend
 def test_an_output_over_an_adapter_it_reads_is_refused_even_with_force(tmp_path, kohya):
     """resize, combine and merge given `-o` the adapter's own path (or a folder holding it) and --force replaced the
     user's adapter with their result; export refused it already."""
@@ -156,6 +158,7 @@ def test_sigterm_is_handled_as_ctrl_c(tmp_path, kohya, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]
 
 
+@pytest.mark.registry_backend
 def test_a_damaged_stored_copy_is_neither_pushed_nor_checked_as_a_bad_adapter(kohya, fake_hub):
     """push uploaded a stored copy whose bytes had changed, as it was (exit 0), under a model card claiming the
     recorded sha256; check of one whose file was gone said 'not a PEFT adapter?' of the blob folder. Both now say
@@ -289,6 +292,7 @@ def test_ties_precise_takes_weights_past_float32(tmp_path, kohya):
     ("init_lora_weights", "pissa", "init_lora_weights='pissa': PEFT takes this initialisation out of the base"),
     ("lora_bias", True, "a LoRA with a bias on B (lora_bias); loraops handles plain LoRA only"),
 ])
+@pytest.mark.registry_backend
 def test_a_refused_config_is_refused_even_when_its_weights_are_registered(tmp_path, field, value, message):
     """The identity of a PEFT folder hashes the config fields that change the math, not those the reader refuses
     outright; merge by path takes the registered adapter of the same identity, so a PiSSA copy of a registered
@@ -407,6 +411,7 @@ def test_a_url_option_the_driver_ignores_is_refused_in_one_line(tmp_path):
                                     "string argument(s) 'mode' are not accepted by the pysqlite driver")
 
 
+@pytest.mark.registry_backend
 def test_subtract_exact_of_a_recorded_merge_whose_files_changed_says_so(tmp_path, kohya):
     """It said the model 'is not recorded in the registry as a merge (it was not made by `loraops merge`, or its
     record was removed)' of a recorded merge, named by its record, whose bytes had changed since."""

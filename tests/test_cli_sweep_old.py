@@ -1,29 +1,22 @@
 """Regressions of the contract sweep of the established commands (register … verify, pull/push, global options), each
-through a real `python -m loraops` process: one `error:` line and its exit code, nothing half-written, the registry
-as it was after a refused command."""
+in a process of its own as a user runs it (factories.loraops_run): one `error:` line and its exit code, nothing
+half-written, the registry as it was after a refused command."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 import test_cli_contract
+from factories import loraops_run
 from test_cli_contract import MODULES
 
 kohya = test_cli_contract.kohya  # the fixture: a small kohya file
 
 
 def run(*args, code=0, cwd=None):
-    """`python -m loraops ARGS` with the loraops this test imports (a relative PYTHONPATH would not hold in ``cwd``)."""
-    import loraops
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(loraops.__file__).parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    """`loraops ARGS` in a process of its own, in ``cwd`` when given."""
+    done = loraops_run(*args, cwd=cwd)
     assert done.returncode == code, (done.stdout, done.stderr)
     if code:
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr

@@ -178,6 +178,7 @@ def files(tmp_path_factory):
     return combine_inputs(tmp_path_factory.mktemp("gta-cli"))
 
 
+@pytest.mark.registry_backend
 def test_cli_della_end_to_end_with_lineage(files, tmp_path):
     from loraops.formats import read_adapter
     from loraops.registry import Registry
@@ -208,6 +209,7 @@ def test_cli_della_end_to_end_with_lineage(files, tmp_path):
         "density": 0.5, "gamma": 0.05, "normalize": False, "lambda": 1.0}
 
 
+@pytest.mark.registry_backend
 def test_cli_no_rescale_and_count_consensus_with_lineage(files):
     """--no-rescale and --consensus count are recorded (report, lineage); at their defaults they are not, as before
     they existed (one computation, one record)."""
@@ -422,6 +424,7 @@ def test_rescale_norm_bad_parameters(inputs, method, params, message):
     assert str(info.value) == message
 
 
+@pytest.mark.registry_backend
 def test_cli_rescale_norm_with_lineage(files):
     """--rescale-norm is recorded (report, lineage) where given, and nowhere otherwise (test above: one computation,
     one record as before it existed); --no-rescale with it is one line, before anything is registered."""

@@ -218,6 +218,7 @@ def write(path, doc):
     return path
 
 
+@pytest.mark.registry_backend
 def test_cli_end_to_end(files, tmp_path):
     """A recipe with the base listed and per-model densities: combined, written and registered with the per-input
     values in its lineage; the output is mergekit's per-model result."""
@@ -282,6 +283,7 @@ def test_cli_options_beside_the_recipe_apply(files, tmp_path):
                       (str(f["b"]), {"weight": 1, "density": 0.5})),
      "error: bad parameters for breadcrumbs (adapter 1): gamma (0.6) + density (0.5) must be at most 1"),
 ])
+@pytest.mark.registry_backend
 def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc, message):
     from loraops.registry import Registry
 
@@ -293,6 +295,7 @@ def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc,
         assert [a.name for a in reg.list_adapters()] == []
 
 
+@pytest.mark.registry_backend
 def test_base_model_is_the_inputs_registered_base_or_their_hint(files, tmp_path):
     """A registered base matches by its name or where it was added from (through the CLI, on real records: the
     adapter's record carries only a reference to its base, which had no source — a traceback); an unregistered one

@@ -11,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from factories import kohya_file
 from loraops.registry import Registry
 from loraops.st import read_header
+
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
 
 WORKERS, SHARED, VERSIONS, DISTINCT, REMOVED = 8, 5, 5, 39, 5  # 5 + 5 + 39 + 1 derived = 50 registrations each
 MODULES = {"lora_unet_a_proj": ((64,), (64,)), "lora_unet_b_proj": ((64,), (64,))}

@@ -92,6 +92,7 @@ def test_with_a_dynamic_rule_conv_rank_caps_the_convolutions_as_max_rank_the_oth
     assert (conv.rank, flat.rank) == (2, 4)
 
 
+@pytest.mark.registry_backend
 def test_resize_conv_rank_as_peft_loads_with_rank_pattern_and_lineage(tmp_path):
     source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
     original = read_adapter(source)
@@ -130,6 +131,7 @@ def test_resize_table_names_each_convolutions_kernel(tmp_path):
         CONV3: ("conv", [3, 3], True)}
 
 
+@pytest.mark.registry_backend
 def test_resize_dynamic_with_conv_rank_is_named_and_recorded(tmp_path):
     source = conv_peft_adapter(tmp_path / "src", r=4, alpha=8)
     code, out = run("resize", source, "--dynamic", "sv_fro", "--param", "1", "--conv-rank", "1", "--json")
@@ -186,6 +188,7 @@ def conv_pair(tmp_path):
     return base, tuned, deltas
 
 
+@pytest.mark.registry_backend
 def test_extract_conv_rank_is_the_truncated_svd_peft_loads_and_lineage(conv_pair, tmp_path):
     base, tuned, deltas = conv_pair
     code, out = run("extract", "--base", base, "--tuned", tuned, "--rank", "3", "--conv-rank", "2", "--precise",

@@ -20,6 +20,8 @@ from loraops.fsutil import TMP_MARK
 from loraops.registry import Registry
 from test_concurrency import MODULES, variants
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 TRIALS = 20
 RUNS = TRIALS + 2
 ENV_KEYS = ("LORAOPS_HOME", "LORAOPS_DB", "LORAOPS_BLOBS", "HF_HOME", "HF_ENDPOINT", "LORAOPS_QUIET", "HF_HUB_DISABLE_XET")
@@ -225,3 +227,11 @@ def test_merge_interrupted_at_random_points(forks, tmp_path):
         BaseModel.open(out / name).fingerprint()  # complete
         assert f"{out / name} was written in full" in message, message
         assert (name in recorded) == message.endswith("and recorded"), message
+
+
+def test_an_exception_that_escapes_a_forked_command_is_printed_and_exits_1(forks, tmp_path):
+    """What `python -m loraops` does with an uncaught exception (print it, exit 1), the fork server's child does too,
+    so a traceback still reaches a test that runs commands through it (factories.loraops_run)."""
+    log = tmp_path / "log"
+    assert forks.run(None, env(), str(log)) == 1  # no argument list: a TypeError in the child, before the command
+    assert log.read_text().startswith("Traceback (most recent call last):") and "TypeError" in log.read_text()

@@ -148,6 +148,7 @@ def test_tensor_writer_in_any_order_is_the_previous_layout(tmp_path):
         assert digest == hashlib.sha256(streamed).hexdigest()
 
 
+@pytest.mark.registry_backend
 def test_a_derived_adapter_is_the_same_and_recorded_from_the_hashes_taken_while_writing(tmp_path):
     """cat of fixed adapters gives the files (identities) it gave before; registering them neither hashes nor reads
     the written weights again (the values were checked as they were computed), and the identity recorded is the
@@ -361,6 +362,7 @@ def test_killed_while_writing_leaves_no_output(tmp_path, fmt, name):
 
 
 @pytest.mark.parametrize("fmt, name", [("kohya", "c.safetensors"), ("peft", "c")])
+@pytest.mark.registry_backend
 def test_an_output_is_stored_as_written_not_read_back(tmp_path, monkeypatch, fmt, name):
     """`combine -o`: the result is written once, into the store's scratch folder (hashed as it is written), copied to
     the output and moved into the store: the stored copy is not a copy of the output, read back and hashed."""
@@ -413,6 +415,7 @@ def test_a_full_disk_names_the_file_system_that_filled(tmp_path, monkeypatch, fu
         assert "c" not in {r.name for r in reg.list_adapters()}
 
 
+@pytest.mark.registry_backend
 def test_register_trusts_written_only_for_checked_values_of_that_path(tmp_path):
     """``register_adapter(written=...)`` skips the NaN check and the re-hash only for what it vouches for: a Written of
     another path is refused (its hashes are not this file's), and one of values nobody checked (formats.write of an

@@ -54,6 +54,7 @@ def test_kohya_export_leaves_out_an_unchanged_saved_layer(tmp_path, saved):
         assert torch.equal(peft_merge[name], kohya_merge[name]), name
 
 
+@pytest.mark.registry_backend
 def test_kohya_export_of_a_registered_adapter_uses_its_base(tmp_path, saved):
     _, adapter = saved
     run("register", adapter, "--base", "tiny", "--name", "emb")

@@ -308,6 +308,7 @@ def test_embedding_lora_when_named(peft_pair, tmp_path):
     torch.testing.assert_close(module.delta(), delta, rtol=0, atol=3e-6)
 
 
+@pytest.mark.registry_backend
 def test_cli_registers_with_lineage_json_and_kohya(peft_pair, tmp_path):
     base, tuned = peft_pair
     code, out = run("base", "add", base, "--name", "llama-tiny")
@@ -566,6 +567,7 @@ def test_a_quantized_weight_is_refused_not_extracted_from_its_integer_codes(tmp_
     assert_nothing_left(tmp_path)
 
 
+@pytest.mark.registry_backend
 def test_a_registered_model_whose_files_changed_is_said_to_have_changed(synthetic, tmp_path):
     """As merge says it (one note per model, the same words): the files are read as they are now and recorded by
     their own fingerprint, so the lineage names what was read, not the registered base named."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -216,6 +217,7 @@ def test_sd2_header_is_sd_scripts_extracts_default_sd_v2_v(tmp_path):
         "sd_v2_v", "True", "networks.lora")
 
 
+@pytest.mark.registry_backend
 def test_flux_and_sd3_files_name_sd_scripts_network_module(tmp_path):
     """sd-scripts writes ss_network_module networks.lora_flux for FLUX (flux_extract_lora.py, lora_flux.py) and
     networks.lora_sd3 for SD3 (lora_sd3.py), not networks.lora: extract does, and so does every kohya file of an

@@ -18,6 +18,8 @@ from loraops.fsutil import TMP_MARK
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):

@@ -588,6 +588,7 @@ def test_adapters_bound_to_a_checkpoint_are_written_as_diffusers_under_pipeline_
     assert check.bind(back, sdxl).modules.keys() == bound.modules.keys()
 
 
+@pytest.mark.registry_backend
 def test_registered_against_a_checkpoint_then_resized_and_exported_keeps_sd_scripts_names(tmp_path):
     """The registry path: a kohya SDXL LoRA registered against a single-file base is loaded bound to it; resize and
     export write it back under sd-scripts' names (A1111/ComfyUI would silently ignore any other)."""

@@ -220,6 +220,7 @@ def test_lycoris_mixed_with_locon_modules(tmp_path, bases):
     assert report.tensors_merged == 3
 
 
+@pytest.mark.registry_backend
 def test_lycoris_inspect_and_register_show(tmp_path, bases):
     path, _ = lycoris_file(tmp_path / "lyco.safetensors", "lokr-whole", alpha=16)
     result = CliRunner().invoke(main, ["inspect", str(path)])

@@ -24,6 +24,8 @@ from loraops.registry.blobs import LOCKS, STAMPS
 from loraops.registry.models import Base
 from test_formats_errors import CASES as READER_CASES
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 MODULES = {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))}
 
 

@@ -79,6 +79,7 @@ def test_a_badly_written_weight_is_one_line_before_anything_is_done(tmp_path, mo
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.registry_backend
 def test_merge_subtract_round_trip_and_exact(tmp_path, models):
     base, a, b = models
     out = tmp_path / "blend"
@@ -111,6 +112,7 @@ def test_merge_subtract_round_trip_and_exact(tmp_path, models):
         assert (tmp_path / "only-b" / f.name).read_bytes() == f.read_bytes()
 
 
+@pytest.mark.registry_backend
 def test_exact_without_a_recorded_base_says_so(tmp_path, models):
     base, a, _ = models
     run("merge", a, "--into", base, "-o", tmp_path / "m", "--no-record")
@@ -153,6 +155,7 @@ def test_kohya_adapter_into_single_file_checkpoint(tmp_path, dtype):
     assert torch.equal(merged["embed.weight"], original["embed.weight"])
 
 
+@pytest.mark.registry_backend
 def test_a_registry_that_cannot_be_used_stops_the_merge_before_writing(tmp_path, models):
     from sqlalchemy import text
 
@@ -234,6 +237,7 @@ def test_subtract_to_another_dtype_reports_the_residual_by_value(tmp_path, model
     assert 0 < residual["max_abs_diff"] < 0.01
 
 
+@pytest.mark.registry_backend
 def test_no_record_still_resolves_registry_references(tmp_path, models):
     """--no-record writes nothing to the registry, but REF and --into/--from may still name registry entries."""
     from loraops.registry import Registry
@@ -252,6 +256,7 @@ def test_no_record_still_resolves_registry_references(tmp_path, models):
         assert (len(reg.list_bases()), len(reg.list_adapters())) == before
 
 
+@pytest.mark.registry_backend
 def test_a_registered_adapter_is_named_by_its_reference_in_errors(tmp_path, models):
     base, a, _ = models
     other = tiny_llama(tmp_path / "wide", hidden=32, intermediate=64, dtype=torch.bfloat16)
@@ -323,6 +328,7 @@ TIED_HEAD_LINE]
     assert out.splitlines()[1] == UNTIED
 
 
+@pytest.mark.registry_backend
 def test_an_output_through_dotdot_creates_nothing_else_and_is_recorded(tmp_path, models):
     """`-o a/../b` (a missing): b is written and recorded, no folder a appears (merge and combine alike)."""
     base, a, _ = models
@@ -350,6 +356,7 @@ def test_not_enough_disk_is_refused_before_any_adapter_is_loaded(tmp_path, model
         assert "not enough free disk" in run(*command, "-o", tmp_path / "out", "--no-record", code=5).output
 
 
+@pytest.mark.registry_backend
 def test_a_registered_base_whose_files_changed_is_said_to_have_changed(tmp_path, models):
     """The merge reads the files as they are now and records them by their own fingerprint (the lineage stays
     true); the note says the registered base named is not what was read."""
@@ -375,6 +382,7 @@ def test_a_registered_base_whose_files_changed_is_said_to_have_changed(tmp_path,
 
 
 @pytest.mark.parametrize("command", ["merge", "subtract"])
+@pytest.mark.registry_backend
 def test_a_registered_base_whose_files_now_hold_another_moved_base_is_said_to_have_changed(tmp_path, models, command):
     """The files of registered base llama replaced by those of another registered base whose own folder is gone
     (moved over llama's): the command reads that other base (found by fingerprint, given llama's path), and llama's

@@ -18,6 +18,8 @@ from loraops import settings
 from loraops.errors import RegistryError
 from loraops.registry import Registry, db
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -220,6 +220,7 @@ def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwe
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.registry_backend
 def test_register_inspect_and_what_is_refused(tmp_path, qwen_adapter, monkeypatch):
     """register/inspect work; kohya/diffusers have no layout for raw parameters (refused, combine before computing
     anything), and a dynamic resize rule would give the experts of one fused parameter different ranks."""

@@ -161,6 +161,7 @@ def test_full_aria_binds_under_its_saved_names(tmp_path):
     assert "language_model.model.layers.1.mlp.experts.fc1.weight" in tensors(tmp_path / "out")
 
 
+@pytest.mark.registry_backend
 def test_registered_gpt_oss_inspect_check_export_resize_combine(tmp_path, bases):
     """The TRL recipe's adapter (experts of chosen layers: target_parameters "1.mlp.experts.gate_up_proj"), registered
     with --base, is bound to its parts of the fused tensors; export writes PEFT's bytes back, and resize/combine (gate

@@ -10,6 +10,8 @@ from click.testing import CliRunner
 from factories import peft_adapter, tiny_llama
 from loraops.cli import main
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 
 def run(*args, code=0):
     result = CliRunner().invoke(main, [str(a) for a in args])

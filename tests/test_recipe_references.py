@@ -106,6 +106,7 @@ def test_a_commit_prefix_several_cached_commits_start_with_is_refused_as_a_pull_
         check("org/llama@0123")
 
 
+@pytest.mark.registry_backend
 def test_a_model_entry_too_long_for_a_file_name_is_read_as_a_registry_reference(files, tmp_path):
     """A model entry no file can be named (a part longer than the file system takes) got the OS's 'File name too
     long' (an OSError out of parse_recipe); it is no path, so it is read as a registry reference: the registry's one
@@ -126,6 +127,7 @@ def test_a_model_entry_too_long_for_a_file_name_is_read_as_a_registry_reference(
 
 
 
+@pytest.mark.registry_backend
 def test_a_reference_too_long_for_a_file_name_is_a_registry_reference_on_the_command_line(files, tmp_path):
     """What a recipe's model entry does (above), the command line does too, where the docs say it does (combine,
     export) and in merge, check and resize: a 255-character name at @1 is no path, so it resolves; it was the OS's
@@ -192,6 +194,7 @@ def test_a_model_entry_naming_the_base_another_way_is_the_base(files, tmp_path, 
                             base_model="llama"), "r")
 
 
+@pytest.mark.registry_backend
 def test_a_model_entry_that_is_the_registered_base_folder_of_a_registry_name_base_model_is_the_base(files, tmp_path):
     """`base_model: llama` (a registry name) with the base's folder listed by its own path: it was read as an adapter
     path (a model folder: refused). It is the base (the CLI gives parse_recipe the registry's folders of the base

@@ -19,6 +19,8 @@ from loraops.registry import Registry
 from loraops.registry import blobs as blob_store
 from loraops.registry.blobs import LOCKS, STAMPS
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 KOHYA_MODULES = {
     "lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,)),
     "lora_unet_model_layers_1_mlp_down_proj": ((128,), (64,)),

@@ -22,6 +22,8 @@ from loraops.formats import read_adapter
 from loraops.registry import Registry, db
 from test_registry import KOHYA_MODULES, snapshot
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):

@@ -14,6 +14,8 @@ from loraops.registry import Registry, db, reads
 from loraops.registry.models import SqlAdapter, SqlBase
 from test_registry_cli import art  # noqa: F401 - the same models and adapters (a module fixture)
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 ADAPTER_COLUMNS = ("id", "name", "version", "sha256", "weights_sha256", "format", "dtype", "size", "num_parameters",
                    "rank", "alpha", "scale_mode", "target_modules", "base_hint", "source")
 BASE_COLUMNS = ("id", "name", "fingerprint", "source", "path", "num_tensors", "num_parameters", "dtype", "total_bytes",
@@ -225,6 +227,7 @@ def wal_files() -> set[str]:
     return {p.name for p in database.parent.iterdir() if p.name.startswith(database.name + "-")}
 
 
+@pytest.mark.sqlite_only  # SQLite's own -wal/-shm files
 def test_a_read_leaves_no_wal_files_it_made(filled, opens):  # noqa: F811
     """A read over the driver's read-only connection made an empty -wal and -shm beside the registry and could not
     remove them (every `list` left them): they go as it ends, by SQLite's own close."""
@@ -234,6 +237,7 @@ def test_a_read_leaves_no_wal_files_it_made(filled, opens):  # noqa: F811
     assert opens == [] and wal_files() == set()
 
 
+@pytest.mark.sqlite_only  # SQLite's own -wal/-shm files
 def test_a_read_leaves_the_wal_of_an_open_writer_and_what_it_committed(filled):  # noqa: F811
     """-wal and -shm that were there before the read (a writer's, open now) are none of its business: kept, and
     the writer's commit with them."""
@@ -252,6 +256,7 @@ def test_a_read_leaves_the_wal_of_an_open_writer_and_what_it_committed(filled): 
         assert {a.name for a in r.list_adapters()} >= {"renamed"}
 
 
+@pytest.mark.sqlite_only  # SQLite's own -wal/-shm files
 def test_a_read_through_a_symlink_leaves_the_wal_a_crashed_writer_left(filled, tmp_path):  # noqa: F811
     """A registry.db that is a symlink: SQLite keeps the -wal and -shm beside the file it names. Those a killed
     writer left there (commits not yet in the file) are kept by a read through the link, and the file is not

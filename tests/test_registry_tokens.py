@@ -14,6 +14,8 @@ from loraops import formats, settings
 from loraops.cli import main
 from loraops.registry import db
 
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
+
 EMBED = "model.embed_tokens.weight"
 KOHYA = {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))}
 

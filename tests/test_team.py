@@ -6,11 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from factories import kohya_file
 from loraops.cli import main
 from test_concurrency import MODULES
+
+pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
 
 
 def test_two_homes_one_registry_one_blob_store(tmp_path):

@@ -737,6 +737,7 @@ def test_a_tied_decoder_bias_bound_is_written_back_as_peft_saved_it(tmp_path):
         bind(formats.read_adapter(tmp_path / "b"), manifest)
 
 
+@pytest.mark.registry_backend
 def test_a_tied_decoder_bias_registers_with_its_base(tmp_path):
     """`register --base` reads the adapter's headers only (values=False, meta tensors): a bias="all" masked-LM
     adapter, which saves the tied decoder bias under both names, is recorded against its base (it was a traceback:

@@ -315,6 +315,7 @@ def test_a_lora_on_one_sides_embed_tokens_is_not_taken_off_a_tied_base(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.registry_backend
 def test_a_lora_on_one_sides_embed_tokens_registers_with_its_base(tmp_path):
     """register --base of that LoRA against a registered BART whose files are at hand: it fits, as check and merge
     say (the registry went by its recorded manifest alone, which does not say the model is BART's: refused)."""

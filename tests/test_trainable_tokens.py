@@ -233,6 +233,7 @@ def test_weight_subtract_combine_kohya_refused(tmp_path, bases):
 
 @pytest.mark.parametrize("config", [lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1]}),
                                     lambda: TrainableTokensConfig(token_indices=[4, 2])])
+@pytest.mark.registry_backend
 def test_register_export_round_trip(tmp_path, bases, config):
     config = config()
     folder, _ = token_adapter(bases["tied"], tmp_path / "a", config)
