@@ -128,6 +128,35 @@ def test_an_output_over_an_adapter_it_reads_is_refused_even_with_force(tmp_path,
     assert kohya.read_bytes() == before
 
 
+def test_an_error_a_ctrl_c_left_behind_is_an_interrupted_run(monkeypatch, capsys):
+    """A Ctrl-C that lands in a database driver's call can make the driver's clean-up fail in its own words, which
+    replaces the KeyboardInterrupt (psycopg: "can't change 'autocommit' now" when SQLAlchemy resets a PostgreSQL
+    connection whose pre-ping the Ctrl-C cut short, seen in test_crash's random interrupts): it was a traceback and
+    exit 1; it is the interrupted run it is, exit 130. An error with no Ctrl-C behind it still escapes."""
+    from loraops import settings
+    from loraops.cli import exit_status
+
+    class DriverError(Exception):
+        pass
+
+    def pre_ping_cut_short():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise DriverError("can't change 'autocommit' now")  # (its __context__: the KeyboardInterrupt)
+
+    monkeypatch.setattr(settings, "db_url", pre_ping_cut_short)
+    assert exit_status(["list"]) == 130
+    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
+
+    def plain_failure():
+        raise DriverError("no Ctrl-C behind this")
+
+    monkeypatch.setattr(settings, "db_url", plain_failure)
+    with pytest.raises(DriverError):
+        exit_status(["list"])
+
+
 def test_sigterm_is_handled_as_ctrl_c(tmp_path, kohya, monkeypatch, capsys):
     """SIGTERM (`kill`, a scheduler, `docker stop`) ended the process on the spot: no cleanup ran, and the output's
     temporary sibling stayed beside it (where `gc` does not look). Now: the same cleanup as Ctrl-C, exit 143."""

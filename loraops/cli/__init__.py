@@ -161,6 +161,23 @@ class LoraopsGroup(click.Group):
 
             where = f"{user_path(exc.filename)}: " if exc.filename else ""
             fail(f"{where}{exc.strerror or exc}", 5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
+        except Exception as exc:
+            if not _raised_under_interrupt(exc):
+                raise
+            fail(INTERRUPTED.removeprefix("error: "), interrupted())
+
+
+def _raised_under_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while a Ctrl-C was being handled: a driver's clean-up the KeyboardInterrupt cut
+    short can fail in its own words and replace it (psycopg's "can't change 'autocommit' now" when SQLAlchemy resets
+    a PostgreSQL connection whose pre-ping the Ctrl-C interrupted), which is an interrupted run, not a traceback."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
