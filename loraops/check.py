@@ -1308,7 +1308,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 missing.append(name)
                 why_missing[name] = why
                 continue
-            info = manifest.get(name) or manifest.get(tied_head_source(name, shape, manifest) or side_source(name, shape))
+            source = tied_head_source(name, shape, manifest) or side_source(name, shape)
+            info = manifest.get(name) or manifest.get(source)
             base = None if info is None else list(info.shape)
         if base is None or len(base) != 2 or base[1] != rows.values.shape[1] or max(rows.indices) >= base[0]:
             row_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=base,

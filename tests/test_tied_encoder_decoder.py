@@ -523,8 +523,9 @@ def tokens_merged_as_adapted(tmp_path, cls, adapted):
 
 
 @pytest.mark.parametrize("kind, target, stored", [("t5", "encoder.embed_tokens", "sides"),
-                                                  ("mt5", "decoder.embed_tokens", "head"), ("t5", "embed_tokens", "head"),
-                                                  ("t5", "shared", "head"), ("t5", "encoder.embed_tokens", None),
+                                                  ("mt5", "decoder.embed_tokens", "head"),
+                                                  ("t5", "embed_tokens", "head"), ("t5", "shared", "head"),
+                                                  ("t5", "encoder.embed_tokens", None),
                                                   ("mt5", "decoder.embed_tokens", None), ("t5", "embed_tokens", None)])
 def test_trainable_tokens_on_one_t5_side_change_that_side_alone(tmp_path, kind, target, stored):
     """PEFT's trainable tokens on one side's embed_tokens of a T5 change that side's lookup alone; on shared, PEFT
