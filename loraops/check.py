@@ -1209,6 +1209,13 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         source = tied_head_source(head, shape, manifest) if config is not None else None
         return None if source is None else untie_refusal(source, config(source))
 
+    def side_source(name: str, shape) -> str | None:
+        """The shared embeddings a T5's side ``name`` (not stored) is written apart from with its trainable tokens in
+        (shared's values, those rows replaced: PEFT's tokens on a side change its lookup alone), or None. Not a
+        BART's: what PEFT ties its side's tokens to is not checked."""
+        shared = untied_side_source(name, shape, manifest, sides) if sides is not None else None
+        return shared if shared is not None and side_stored_apart(name, sides(shared)) else None
+
     def unties_head(tensor: str, name: str) -> bool:
         """List the head a merge unties because ``tensor`` changes (unstored_head_of) in tied_heads; False where merge
         refuses to change ``tensor`` (remote code): ``name`` is then missing, with merge's reason. (Raised, it
@@ -1301,7 +1308,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 missing.append(name)
                 why_missing[name] = why
                 continue
-            info = manifest.get(name) or manifest.get(tied_head_source(name, shape, manifest))
+            source = tied_head_source(name, shape, manifest) or side_source(name, shape)
+            info = manifest.get(name) or manifest.get(source)
             base = None if info is None else list(info.shape)
         if base is None or len(base) != 2 or base[1] != rows.values.shape[1] or max(rows.indices) >= base[0]:
             row_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=base,

@@ -35,6 +35,7 @@ MODELS = {
                         dict(SMALL, attention_type="original_full")),
     "mt5": ("MT5Config", "MT5ForConditionalGeneration", T5_SMALL),
     "t5": ("T5Config", "T5ForConditionalGeneration", T5_SMALL),
+    "pop2piano": ("Pop2PianoConfig", "Pop2PianoForConditionalGeneration", T5_SMALL),
 }
 INPUT, DECODER_INPUT = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[0, 3, 4, 11]])
 
@@ -87,7 +88,7 @@ def merged_as_adapted(tmp_path, cls, adapted, moved=1e-2):
     return load_file(tmp_path / "out" / "model.safetensors")
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", [kind for kind in MODELS if kind != "pop2piano"])  # (Pop2Piano stores its head)
 def test_a_lora_on_the_tied_head_unties_it(tmp_path, kind):
     """A LoRA on lm_head (and the queries): written untied, each side's embed_tokens stored as shared's copy where
     the untied config no longer ties them to it (mT5's config forces the tie: its head loads untied by its values)."""
@@ -398,7 +399,8 @@ def with_t5_side_copies(path, head=False):
 
 @pytest.mark.parametrize("kind, side, copies", [("t5", "encoder", False), ("t5", "decoder", False),
                                                 ("mt5", "encoder", False), ("t5", "encoder", True),
-                                                ("t5", "decoder", "head"), ("mt5", "decoder", True)])
+                                                ("t5", "decoder", "head"), ("mt5", "decoder", True),
+                                                ("pop2piano", "encoder", False)])
 def test_a_lora_on_one_sides_embed_tokens_of_t5_changes_that_side_alone(tmp_path, kind, side, copies):
     """transformers 5 forces a T5's config to tie and ties by values: a side's embed_tokens not stored, or stored
     byte-identical to shared (``copies``: as T5 checkpoints saved before transformers 5 hold them; "head": lm_head
@@ -495,35 +497,80 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
     assert torch.equal(tensors["shared.weight"], base["shared.weight"])
 
 
-@pytest.mark.parametrize("kind, target, head", [("t5", "encoder.embed_tokens", False), ("mt5", "decoder.embed_tokens", True),
-                                                ("t5", "embed_tokens", True), ("t5", "shared", True)])
-def test_trainable_tokens_on_t5s_side_stored_as_copies_change_that_side_alone(tmp_path, kind, target, head):
-    """PEFT's trainable tokens on one side's embed_tokens of a T5 storing each side (and ``head``: lm_head) as shared's
-    byte-identical copies change that side's lookup alone; on shared, PEFT saves them for each side and the head too.
-    The merge put one side's into every copy (shared, the other side, the head: logits 1 to 10 off the adapted model);
-    it writes each side with its own rows, which load apart from shared, or tied where they are shared's."""
-    from peft import TrainableTokensConfig, get_peft_model
-
-    cls = tiny(tmp_path / "base", kind)
-    base = with_t5_side_copies(tmp_path / "base", head)
-    torch.manual_seed(1)
-    adapted = get_peft_model(cls.from_pretrained(tmp_path / "base"),
-                             TrainableTokensConfig(target_modules=[target], token_indices=[4, 5, 11]))
+def trained_tokens(adapted, out):
+    """``adapted`` (a PEFT model with trainable tokens) with its token deltas trained (random), saved at ``out``."""
     with torch.no_grad():
         for name, delta in adapted.named_parameters():
             if "trainable_tokens_delta" in name:
                 delta.add_(torch.randn_like(delta))
-    adapted.eval().save_pretrained(tmp_path / "a")
-    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    adapted.eval().save_pretrained(out)
+    return adapted
+
+
+def tokens_merged_as_adapted(tmp_path, cls, adapted):
+    """Merge tmp_path/a into tmp_path/base: check says it fits (the config read),
+    and the merged model loads with nothing missing and computes the adapted model's logits. Its tensors."""
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    assert check.check(adapter, model.tensors, config=model.config).ok
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
     merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > 0.1
     torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
-    if "." in target:
-        tensors = load_file(tmp_path / "out" / "model.safetensors")
-        other = "decoder" if target.startswith("encoder") else "encoder"
-        for name in ("shared.weight", f"{other}.embed_tokens.weight", *["lm_head.weight"] * head):
-            assert torch.equal(tensors[name], base["shared.weight"]), name
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == config
+    return load_file(tmp_path / "out" / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind, target, stored", [("t5", "encoder.embed_tokens", "sides"),
+                                                  ("mt5", "decoder.embed_tokens", "head"),
+                                                  ("t5", "embed_tokens", "head"), ("t5", "shared", "head"),
+                                                  ("t5", "encoder.embed_tokens", None),
+                                                  ("mt5", "decoder.embed_tokens", None), ("t5", "embed_tokens", None)])
+def test_trainable_tokens_on_one_t5_side_change_that_side_alone(tmp_path, kind, target, stored):
+    """PEFT's trainable tokens on one side's embed_tokens of a T5 change that side's lookup alone; on shared, PEFT
+    saves them for each side and the head too. Where the base stores each side (and, "head", lm_head) as shared's
+    byte-identical copies, the merge put one side's into every copy (shared, the other side, the head: logits 1 to 10
+    off the adapted model); it writes each side with its own rows, which load apart from shared, or tied where they
+    are shared's. Where it stores shared alone (``stored`` None) they were "not in base": that side is written as
+    shared's values with its rows, a tensor the base does not store, the rest as stored."""
+    from peft import TrainableTokensConfig, get_peft_model
+
+    cls = tiny(tmp_path / "base", kind)
+    base = with_t5_side_copies(tmp_path / "base", stored == "head") if stored \
+        else load_file(tmp_path / "base" / "model.safetensors")
+    torch.manual_seed(1)
+    adapted = trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"),
+                                            TrainableTokensConfig(target_modules=[target], token_indices=[4, 5, 11])),
+                             tmp_path / "a")
+    tensors = tokens_merged_as_adapted(tmp_path, cls, adapted)
+    if target == "shared":
+        return
+    sides = {f"{side}.embed_tokens.weight" for side in ("encoder", "decoder") if target in f"{side}.embed_tokens"}
+    for name in tensors:  # each side with tokens its own (its rows replaced), the rest as stored
+        assert torch.equal(tensors[name], base.get(name, base["shared.weight"])) != (name in sides), name
+    assert tensors.keys() == load_file(tmp_path / "base" / "model.safetensors").keys() | sides
+
+
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_loras_trainable_tokens_on_one_side_of_t5_storing_shared_alone(tmp_path, side):
+    """LoRA's trainable_token_indices on one side's embed_tokens (beside a LoRA on the queries) of a T5 storing shared
+    alone: "not in base"; that side is written as shared's values with its rows, shared and the rest as stored."""
+    cls = tiny(tmp_path / "base", "t5")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q"], init_lora_weights=False,
+                        trainable_token_indices={f"{side}.embed_tokens": [4, 5, 11]})
+    adapted = trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"), config), tmp_path / "a")
+    tensors = tokens_merged_as_adapted(tmp_path, cls, adapted)
+    rows = next(p for n, p in adapted.named_parameters() if f"{side}.embed_tokens" in n and "tokens_delta" in n)
+    expected = base["shared.weight"].clone()
+    expected[[4, 5, 11]] = rows.detach()
+    assert torch.equal(tensors[f"{side}.embed_tokens.weight"], expected)
+    assert torch.equal(tensors["shared.weight"], base["shared.weight"])
+    assert tensors.keys() == base.keys() | {f"{side}.embed_tokens.weight"}
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "encoder.embed_tokens"]])
