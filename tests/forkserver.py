@@ -15,6 +15,8 @@ import os
 import sys
 
 
+# huggingface_hub's package only: its constants (HF_HOME's token path, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET …), read
+# from the environment when huggingface_hub.constants is imported, are imported by each child under its own environment.
 PRELOAD = ("torch", "safetensors.torch", "huggingface_hub", "sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql",
            "alembic.command", "loraops.formats", "loraops.check", "loraops.basemodel", "loraops.hub", "loraops.registry.store")
 
@@ -49,6 +51,9 @@ def _child(request: dict) -> None:
         if request.get("whole_env"):
             os.environ.clear()
         os.environ.update(request["env"])
+        import loraops.hub
+
+        os.environ.setdefault(loraops.hub.XET_ENV, "1")  # what importing loraops.hub does in a fresh process
         if request.get("cwd"):
             os.chdir(request["cwd"])
         sys.argv = ["loraops", *request["args"]]
