@@ -5,7 +5,7 @@ Protocol (one JSON line each way): the test writes {"args": [...], "env": {...},
 (optionally "cwd", and "whole_env": the child's environment is env alone, as subprocess.run(env=...) gives); the
 server answers {"pid": N} at once, then {"status": S} when the child ended (S < 0: killed by signal -S). The server
 itself runs no torch op and no thread before forking, so the children start clean. A child runs what `python -m
-loraops` runs (loraops.cli.exit_status, stdin /dev/null): an exception that escapes it is printed as Python prints
+loraops` runs (loraops.cli.run, stdin /dev/null): an exception that escapes it is printed as Python prints
 it and exits 1, so a traceback still reaches the test. What a fork cannot show: messages printed while the
 preloaded modules are imported (the server's, not the child's)."""
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 import sys
 
 
+# huggingface_hub's package only: its constants (HF_HOME's token path, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET …), read
+# from the environment when huggingface_hub.constants is imported, are imported by each child under its own environment.
 PRELOAD = ("torch", "safetensors.torch", "huggingface_hub", "sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql",
            "alembic.command", "loraops.formats", "loraops.check", "loraops.basemodel", "loraops.hub", "loraops.registry.store")
 
@@ -41,31 +43,43 @@ def serve() -> None:
 
 
 def _child(request: dict) -> None:
+    """Never returns: whatever happens (a signal included), the child ends in os._exit and never runs the server's
+    loop."""
     code = 70
     try:
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
-        if request.get("whole_env"):
-            os.environ.clear()
-        os.environ.update(request["env"])
-        if request.get("cwd"):
-            os.chdir(request["cwd"])
-        sys.argv = ["loraops", *request["args"]]
-        from loraops.cli import exit_status
+        try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+            if request.get("whole_env"):
+                os.environ.clear()
+            os.environ.update(request["env"])
+            import loraops.hub
 
-        code = exit_status(request["args"])  # what the `loraops` program exits with
-    except KeyboardInterrupt:  # a SIGINT before the program started: what Python does then
-        code = 130
-    except BaseException:  # an uncaught exception: Python prints it and exits 1
-        import traceback
+            os.environ.setdefault(loraops.hub.XET_ENV, "1")  # what importing loraops.hub does in a fresh process
+            if request.get("cwd"):
+                os.chdir(request["cwd"])
+            sys.argv = ["loraops", *request["args"]]
+            from loraops.cli import run
 
-        traceback.print_exc()
-        code = 1
+            run()  # the `loraops` program itself: exit_status, then the flush with signals ignored, then os._exit
+        except KeyboardInterrupt:  # a SIGINT before the program started: what Python does then
+            code = 130
+        except BaseException:  # an uncaught exception: Python prints it and exits 1
+            import traceback
+
+            traceback.print_exc()
+            code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        try:
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 class ForkServer:

@@ -248,6 +248,21 @@ def test_cli_subprocess_saved_login_and_xet_default(fake_hub, adapters, tmp_path
     assert "adapter_model.safetensors" in fake_hub.files("me/anime")
 
 
+def test_forked_cli_turns_xet_off_like_a_fresh_process(fake_hub, adapters, monkeypatch):
+    """loraops_run's child (tests/forkserver.py) gets the test's environment whole, replacing the server's, in which
+    importing loraops.hub had set HF_HUB_DISABLE_XET: the child sets it again, as importing loraops.hub does in a fresh
+    process, before huggingface_hub reads it; else the upload goes through Xet, which the local Hub does not speak."""
+    from factories import loraops_run
+
+    monkeypatch.delenv("HF_HUB_DISABLE_XET")
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    with Registry.open() as registry:
+        registry.add_adapter(adapters["a"], name="anime")
+    pushed = loraops_run("push", "anime", "me/anime")
+    assert pushed.returncode == 0, pushed.stderr
+    assert "adapter_model.safetensors" in fake_hub.files("me/anime")
+
+
 def test_huggingface_hubs_own_offline_line_is_not_printed(fake_hub, adapters):
     """With a pulled adapter's ref in the cache, a Hub that cannot be reached made huggingface_hub's resolve_revision
     fall back on that ref, printing its own `Could not reach the Hub (…). Using cached commit hash for …` — also in a
