@@ -233,12 +233,14 @@ def test_a_head_stored_twice_that_is_not_untied_is_not_listed(tmp_path):
     assert torch.equal(merged["lm_head.weight"], merged["model.shared.weight"])
 
 
-def with_side_copies(path):
-    """Store each side's embed_tokens in the checkpoint at ``path`` byte-identical to shared (as checkpoints saved
-    before transformers 5 hold them); its tensors as they were."""
+def with_side_copies(path, prefix="model.", head=False):
+    """Store each side's embed_tokens (and ``head``: lm_head) in the checkpoint at ``path`` byte-identical to shared
+    (``prefix``: "model." for BART's family, "" for a T5), as checkpoints saved before transformers 5 hold them; its
+    tensors as they were."""
     base = load_file(path / "model.safetensors")
-    save_file({**base, **{f"model.{s}.embed_tokens.weight": base["model.shared.weight"].clone()
-                          for s in ("encoder", "decoder")}}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    copies = [f"{prefix}{side}.embed_tokens.weight" for side in ("encoder", "decoder")] + ["lm_head.weight"] * head
+    save_file({**base, **{name: base[f"{prefix}shared.weight"].clone() for name in copies}},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
     return base
 
 
@@ -387,16 +389,6 @@ def test_each_sides_saved_embed_tokens_take_nothing_from_a_lora_on_shared(tmp_pa
     assert torch.equal(merged["lm_head.weight"], base["model.shared.weight"])
 
 
-def with_t5_side_copies(path, head=False):
-    """Store each side's embed_tokens (and ``head``: lm_head) in the T5 checkpoint at ``path`` byte-identical to
-    shared, as T5 checkpoints saved before transformers 5 hold them; its tensors as they were."""
-    base = load_file(path / "model.safetensors")
-    copies = [f"{side}.embed_tokens.weight" for side in ("encoder", "decoder")] + ["lm_head.weight"] * head
-    save_file({**base, **{name: base["shared.weight"].clone() for name in copies}}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
-    return base
-
-
 @pytest.mark.parametrize("kind, side, copies", [("t5", "encoder", False), ("t5", "decoder", False),
                                                 ("mt5", "encoder", False), ("t5", "encoder", True),
                                                 ("t5", "decoder", "head"), ("mt5", "decoder", True),
@@ -411,7 +403,7 @@ def test_a_lora_on_one_sides_embed_tokens_of_t5_changes_that_side_alone(tmp_path
     logits."""
     cls = tiny(tmp_path / "base", kind)
     head = copies == "head"
-    base = with_t5_side_copies(tmp_path / "base", head) if copies else load_file(tmp_path / "base" / "model.safetensors")
+    base = with_side_copies(tmp_path / "base", "", head) if copies else load_file(tmp_path / "base" / "model.safetensors")
     adapted = lora(cls, tmp_path / "base", tmp_path / "a", ["q", f"{side}.embed_tokens"])
     report = engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out",
                           progress=False)
@@ -457,7 +449,7 @@ def test_a_t5_sides_merge_beside_a_lora_on_shared_is_subtracted_against_its_pris
     untied BART's does, nothing in the merged T5 (its config still says tied) told the subtract so: 22 off."""
     cls = tiny(tmp_path / "base", "t5")
     if copies:
-        with_t5_side_copies(tmp_path / "base")
+        with_side_copies(tmp_path / "base", "")
     lora(cls, tmp_path / "base", tmp_path / "a", ["q", "decoder.embed_tokens", "shared"])
     adapter = formats.read_adapter(tmp_path / "a")
     engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "merged", progress=False)
@@ -478,7 +470,7 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
     head (tied to shared) as stored, and the merged model computes the adapted model's logits. By the manifest alone
     (no config) it is still refused, with that line."""
     cls = tiny(tmp_path / "base", kind)
-    base = with_t5_side_copies(tmp_path / "base") if copies else load_file(tmp_path / "base" / "model.safetensors")
+    base = with_side_copies(tmp_path / "base", "") if copies else load_file(tmp_path / "base" / "model.safetensors")
     adapted = saved_embeddings(cls, tmp_path / "base", tmp_path / "a", changes)
     adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
     assert check.check(adapter, model.tensors, config=model.config).ok
@@ -537,7 +529,7 @@ def test_trainable_tokens_on_one_t5_side_change_that_side_alone(tmp_path, kind, 
     from peft import TrainableTokensConfig, get_peft_model
 
     cls = tiny(tmp_path / "base", kind)
-    base = with_t5_side_copies(tmp_path / "base", stored == "head") if stored \
+    base = with_side_copies(tmp_path / "base", "", stored == "head") if stored \
         else load_file(tmp_path / "base" / "model.safetensors")
     torch.manual_seed(1)
     adapted = trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"),
