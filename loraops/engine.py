@@ -1296,17 +1296,15 @@ def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = 
     low, high = (float(v) for v in torch.aminmax(out))
     if math.isfinite(low) and math.isfinite(high):
         return
-    # where deltas may overflow, NaN too: two of them beyond the work dtype's range cancel as inf − inf
-    if not may_overflow and not bool(torch.isinf(out).any()):
-        return
-    dtype = str(out.dtype).removeprefix("torch.")
-    if not bool(torch.isinf(out).any()):  # (``work``: the dtype the deltas were summed in)
-        if base_holds_nan():
+    if not bool(torch.isinf(out).any()):  # NaN alone
+        # where deltas may overflow, refused: two of them beyond the work dtype ``work`` cancel as inf − inf
+        if not may_overflow or base_holds_nan():
             return
         hint = "; --precise computes in float64" if work != torch.float64 else ""
         raise InvalidInputError(f"{tensor.file_name!r} comes out with NaN values: its deltas go beyond what "
                                 f"{str(work).removeprefix('torch.')} holds and cancel (inf − inf); the adapters' "
                                 f"weights × scales are too large{hint}")
+    dtype = str(out.dtype).removeprefix("torch.")
     hint = "merge with --dtype bf16 or fp32" if dtype == "float16" else "the adapters' weights × scales are too large"
     raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
                             f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")
