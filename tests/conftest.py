@@ -14,7 +14,8 @@ whose point is math or a file format does not get it even when it records its ou
 same as in the marked tests, and the math does not depend on the backend. ``no_registry`` stays the promise never
 to open a registry, checked in the SQLite pass.
 
-pytest-xdist: each worker gets its own PostgreSQL database (``<name>_<worker>``, created on first use); tmp dirs,
+pytest-xdist: each worker gets its own PostgreSQL database (``<name>_<worker>``, created on first use, dropped at the
+session's end); tmp dirs,
 homes and the local Hub's port (0: the kernel picks) are already per test."""
 from __future__ import annotations
 
@@ -68,21 +69,25 @@ def isolated_home(tmp_path_factory, monkeypatch):
 _PG_ENGINE = []
 
 
-def _test_database(url: str) -> str:
-    """The database of this process: LORAOPS_TEST_DB itself, or under pytest-xdist a database of this worker's own
-    on the same server (``<name>_gw0``…), created when missing, so that workers never truncate each other's tables."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
-        return url
+def _worker_database(url: str, create: bool) -> str:
+    """Under pytest-xdist, this worker's own database on LORAOPS_TEST_DB's server (``<name>_gw0``…), so that workers
+    never truncate each other's tables: created when missing (``create``), else dropped (at the session's end, so a
+    developer's own server does not collect them; a server already gone is left alone)."""
     import sqlalchemy as sa
 
     given = sa.engine.make_url(url)
-    name = f"{given.database}_{worker}"
+    name = f"{given.database}_{os.environ['PYTEST_XDIST_WORKER']}"
     admin = sa.create_engine(given, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            if conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar() is None:
+            present = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar()
+            if create and present is None:
                 conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+            elif not create and present is not None:
+                conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    except sa.exc.OperationalError:
+        if create:
+            raise
     finally:
         admin.dispose()
     return given.set(database=name).render_as_string(hide_password=False)
@@ -91,7 +96,13 @@ def _test_database(url: str) -> str:
 @pytest.fixture(scope="session")
 def _pg_url():
     url = os.environ.get("LORAOPS_TEST_DB")
-    return _test_database(url) if url else None
+    if not url or not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield url
+        return
+    yield _worker_database(url, create=True)
+    if _PG_ENGINE:
+        _PG_ENGINE.pop().dispose()
+    _worker_database(url, create=False)
 
 
 def _pg_engine(url: str):

@@ -10,7 +10,9 @@ workers=(-n "${LORAOPS_TEST_WORKERS:-auto}" --durations=25)  # the slowest 25: w
 echo "== pass 1: SQLite registry"
 python -m pytest "${workers[@]}" "$@"
 if [ "${LORAOPS_SKIP_POSTGRES:-0}" != 1 ]; then
+  source tests/pass_args.sh
+  postgres_pass_args "$@"  # a user's -m narrows the pass's selection; it does not replace it
   source tests/postgres.sh
   echo "== pass 2: PostgreSQL registry ($LORAOPS_TEST_DB)"
-  python -m pytest "${workers[@]}" -m "registry_backend and not sqlite_only and not no_registry" "$@"
+  python -m pytest "${workers[@]}" "${PG_ARGS[@]}"
 fi

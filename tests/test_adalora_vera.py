@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from factories import conv_embedding_model, load_model, peft_adapter, save_state_dict, tiny_gpt2, tiny_llama
+from factories import conv_embedding_model, load_model, loraops_run, peft_adapter, save_state_dict, tiny_gpt2, tiny_llama
 from loraops import algebra, engine, formats, st
 from loraops.check import bind, check
 from loraops.cli import main
@@ -318,13 +318,13 @@ def test_export_is_a_lora_peft_loads(tmp_path, bases):
 
 @pytest.mark.registry_backend
 def test_cli_end_to_end(tmp_path, bases):
-    """register, inspect, show, merge and export through `python -m loraops`, as a user runs them."""
+    """register, inspect, show, merge and export in processes of their own (one a fresh `python -m loraops`), as a
+    user runs them."""
     base = bases[torch.float32]
     ada = adalora_adapter(base, tmp_path / "ada", masks=MASKS)
     vera = vera_adapter(base, tmp_path / "vera")
-    def loraops(*args, code=0):
-        # (LORAOPS_HOME, HF_HOME and PYTHONPATH are inherited: the home the tests' fixture set)
-        done = subprocess.run([sys.executable, "-m", "loraops", *map(str, args)], capture_output=True, text=True)
+    def loraops(*args, code=0):  # a process of its own, forked from a preloaded server (no start-up per run)
+        done = loraops_run(*args)
         assert done.returncode == code, done.stdout + done.stderr
         return done.stdout + done.stderr
 
@@ -335,7 +335,11 @@ def test_cli_end_to_end(tmp_path, bases):
 
     assert "VeRA: ΔW" in loraops("inspect", vera)
     run("base", "add", base, "--name", "llama")
-    out = loraops("register", ada, "--name", "ada", "--base", "llama")
+    # one run as a user starts it, a fresh `python -m loraops` (LORAOPS_HOME, HF_HOME and PYTHONPATH inherited)
+    done = subprocess.run([sys.executable, "-m", "loraops", "register", ada, "--name", "ada", "--base", "llama"],
+                          capture_output=True, text=True)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
     assert "peft AdaLoRA, 5 modules, rank mixed, alpha 16, base llama" in out
     assert "peft VeRA, 6 modules, rank 16" in run("register", vera, "--name", "vera", "--base", "llama")
     assert "merged ada@1:1, vera@1:0.5" in loraops("merge", "ada", "vera:0.5", "--into", "llama", "-o", tmp_path / "m")

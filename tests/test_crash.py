@@ -235,3 +235,29 @@ def test_an_exception_that_escapes_a_forked_command_is_printed_and_exits_1(forks
     log = tmp_path / "log"
     assert forks.run(None, env(), str(log)) == 1  # no argument list: a TypeError in the child, before the command
     assert log.read_text().startswith("Traceback (most recent call last):") and "TypeError" in log.read_text()
+
+
+@pytest.mark.no_registry
+def test_a_signal_in_a_forked_child_s_final_flush_does_not_escape_os_exit(tmp_path):
+    """A Ctrl-C that lands while the fork server's child flushes its output on the way out must not raise past its
+    os._exit: the KeyboardInterrupt once escaped the child's function, and the child went on running its caller (in
+    the server, the server's own loop)."""
+    import io
+    import sys
+
+    import forkserver
+
+    class SignalledInFlush(io.StringIO):
+        def flush(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    log = str(tmp_path / "log")
+    pid = os.fork()
+    if pid == 0:  # the caller here is this test: it must never go on in the child, whatever _child does
+        try:
+            sys.stdout = SignalledInFlush()
+            forkserver._child({"args": None, "env": {}, "stdout": log, "stderr": log})  # no argument list: exit 1
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1, (status, Path(log).read_text())
