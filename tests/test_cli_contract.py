@@ -635,3 +635,22 @@ def test_another_alembic_applications_database_at_loraops_revision_is_refused(tm
             "changed in it: give --db a loraops registry or a new file, or run `loraops --db URL db upgrade` to add "
             "loraops' tables beside its own\n")
         assert database.read_bytes() == before, args
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["merge", "--help"]])
+def test_help_and_version_on_a_full_disk_or_a_closed_pipe(args):
+    """The group's own --help and --version are written while its options are read, outside the commands' error
+    handling: on a full stdout they ended in a traceback (exit 1); a reader that left gets silence and 141."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "loraops", *args], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert (done.returncode, done.stderr) == (5, "error: No space left on device\n")
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run([sys.executable, "-m", "loraops", *args], stdout=writer, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (141, "")

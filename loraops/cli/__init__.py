@@ -93,6 +93,19 @@ def fail(message: str, code: int) -> None:
     raise click.exceptions.Exit(code)
 
 
+def system_error(exc: OSError) -> None:
+    """An error of the operating system nothing foresaw (a home under a file, a read-only folder, a full disk, stdout
+    on /dev/full): still one line, naming the path the user gave (not our temporary sibling of it). A reader that
+    left (`loraops list | head`) gets silence and 141, as from other CLI tools."""
+    if isinstance(exc, BrokenPipeError):
+        sys.stderr.close()
+        raise click.exceptions.Exit(141)
+    from ..fsutil import user_path
+
+    where = f"{user_path(exc.filename)}: " if exc.filename else ""
+    fail(f"{where}{exc.strerror or exc}", 5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
+
+
 class Number(click.ParamType):
     """A numeric option (--alpha, --rank, --grace …) as references.parse_number reads it: plainly written and finite;
     click's FLOAT and INT take Python's spellings ('1_0', ' 1 ', 'nan', 'inf')."""
@@ -140,6 +153,8 @@ class LoraopsGroup(click.Group):
             raise click.exceptions.Exit(interrupted()) from None
         except click.UsageError as exc:
             usage_error(exc)
+        except OSError as exc:  # the group's own --help / --version written to a full disk or a closed pipe
+            system_error(exc)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -150,17 +165,8 @@ class LoraopsGroup(click.Group):
             usage_error(exc)
         except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging._Landing)
             fail(exc.args[0] if exc.args else INTERRUPTED.removeprefix("error: "), interrupted())
-        except BrokenPipeError:
-            # `loraops list | head`: the reader left; stay quiet like other CLI tools.
-            sys.stderr.close()
-            ctx.exit(141)
         except OSError as exc:
-            # A refusal of the file system nothing foresaw (a home under a file, a read-only folder, a full disk):
-            # still one line, naming the path the user gave (not our temporary sibling of it).
-            from ..fsutil import user_path
-
-            where = f"{user_path(exc.filename)}: " if exc.filename else ""
-            fail(f"{where}{exc.strerror or exc}", 5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
+            system_error(exc)
         except Exception as exc:
             if not _raised_under_interrupt(exc):
                 raise
