@@ -168,6 +168,19 @@ def test_deltas_that_overflow_and_cancel_are_refused(dtype, tmp_path):
     assert nothing_left(tmp_path / "q.safetensors")
 
 
+def nan_of_base_at_1_2(w, kind):
+    """Where a merge is NaN for a base NaN at [1, 2]: there, or its whole channel for DoRA, whose norm is NaN there
+    (a row; a transposed module's column)."""
+    nan = torch.zeros_like(w, dtype=torch.bool)
+    if kind == "dora":
+        nan[1, :] = True
+    elif kind == "dora-transposed":
+        nan[:, 2] = True
+    else:
+        nan[1, 2] = True
+    return nan
+
+
 @pytest.mark.parametrize("kind", ["lora-to-bf16", "loha", "dora", "dora-transposed"])
 def test_a_nan_the_base_holds_stays_nan_where_deltas_may_overflow(kind, tmp_path):
     """A NaN in the base stays NaN, unsaid (README; PEFT's merge), also on the tensors whose outputs are scanned
@@ -188,16 +201,33 @@ def test_a_nan_the_base_holds_stays_nan_where_deltas_may_overflow(kind, tmp_path
     engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", device="cpu",
                  dtype="bf16" if kind == "lora-to-bf16" else None)
     merged = load_file(tmp_path / "o.safetensors")["lin.weight"].float()
-    nan = torch.zeros_like(w, dtype=torch.bool)
-    if kind == "dora":  # the channel: a row, a transposed module's column
-        nan[1, :] = True
-    elif transposed:
-        nan[:, 2] = True
-    else:
-        nan[1, 2] = True
+    nan = nan_of_base_at_1_2(w, kind)
     assert torch.equal(torch.isnan(merged), nan)
     expected = {"lora-to-bf16": 1.25, "loha": 1.0625, "dora": 2 / 3**0.5, "dora-transposed": 2 / 3**0.5}[kind]
     assert torch.allclose(merged[~nan], torch.full_like(merged[~nan], expected), rtol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "dora-transposed"])
+def test_deltas_that_cancel_beside_a_nan_of_the_base_are_refused(kind, tmp_path):
+    """A base NaN in one output channel and deltas that cancel as inf − inf in another: the check asked whether the
+    base held any NaN, so the deltas' NaN went out with it, unsaid. Refused; the base's NaN alone still passes, and
+    --precise (float64) holds the products: only the base's channel is NaN then."""
+    transposed = kind == "dora-transposed"
+    w = torch.ones(3, 4) if transposed else torch.ones(4, 3)
+    w[1, 2] = float("nan")
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w}, str(base))
+    B = torch.zeros(4, 2)
+    B[3] = torch.tensor([1e20, -1e20])  # output channel 3: 1e40 − 1e40, inf − inf in float32
+    module = LoraModule("lin", torch.full((2, 3), 1e20), B, alpha=1.0, scale=1.0, fan_in_fan_out=transposed,
+                        magnitude=torch.full((4,), 2.0) if kind.startswith("dora") else None)
+    adapter = Adapter({"lin": module}, "peft")
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with NaN values: its deltas go beyond what "
+                                               r"float32 holds and cancel"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", precise=True, device="cpu")
+    assert torch.equal(torch.isnan(load_file(tmp_path / "p.safetensors")["lin.weight"]), nan_of_base_at_1_2(w, kind))
 
 
 def test_a_scanned_output_that_is_finite_costs_one_reduction(monkeypatch, tmp_path):
