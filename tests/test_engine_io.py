@@ -207,11 +207,15 @@ def test_a_nan_the_base_holds_stays_nan_where_deltas_may_overflow(kind, tmp_path
     assert torch.allclose(merged[~nan], torch.full_like(merged[~nan], expected), rtol=1e-2)
 
 
+@pytest.mark.parametrize("rows_per_chunk", [None, 1])
 @pytest.mark.parametrize("kind", ["lora", "dora", "dora-transposed"])
-def test_deltas_that_cancel_beside_a_nan_of_the_base_are_refused(kind, tmp_path):
+def test_deltas_that_cancel_beside_a_nan_of_the_base_are_refused(kind, rows_per_chunk, monkeypatch, tmp_path):
     """A base NaN in one output channel and deltas that cancel as inf − inf in another: the check asked whether the
     base held any NaN, so the deltas' NaN went out with it, unsaid. Refused; the base's NaN alone still passes, and
-    --precise (float64) holds the products: only the base's channel is NaN then."""
+    --precise (float64) holds the products: only the base's channel is NaN then (also a row at a time: each chunk's
+    NaNs are compared with the base's in its own rows)."""
+    if rows_per_chunk:
+        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", rows_per_chunk * (4 if kind == "dora-transposed" else 3))
     transposed = kind == "dora-transposed"
     w = torch.ones(3, 4) if transposed else torch.ones(4, 3)
     w[1, 2] = float("nan")
