@@ -1297,13 +1297,19 @@ def _base_rows(tensor: _Tensor, row0: int, row1: int) -> "torch.Tensor":
 
 
 def _nan_of_base(tensor: _Tensor, chunk: _Chunk) -> "torch.Tensor":
-    """Where a chunk's output is NaN because its base is: the base's NaNs (not in a trainable token's row, replaced),
-    spread over their output channel where a DoRA module rescales it (its norm is NaN there, as PEFT's
-    m/‖W + ΔW‖: a row; a transposed module's column, over every row of the tensor). Read again, only where a
-    chunk whose deltas may overflow came out with NaN."""
+    """Where a chunk's output is NaN because its base is: the base's NaNs (decoded, for an FP8 weight: a NaN or inf
+    scale makes its block's values NaN too; not in a trainable token's row, replaced), spread over their output
+    channel where a DoRA module rescales it (its norm is NaN there, as PEFT's m/‖W + ΔW‖: a row; a transposed
+    module's column, over every row of the tensor). Read again, only where a chunk whose deltas may overflow came
+    out with NaN."""
     import torch
 
-    nan = torch.isnan(_base_rows(tensor, chunk.row0, chunk.row1).float())
+    values = _base_rows(tensor, chunk.row0, chunk.row1)
+    if tensor.scaled is not None and tensor.replacement is None:  # as _compute_chunk decodes it
+        decoded = torch.empty(values.shape)
+        tensor.scaled.decode(decoded, values, chunk.scales, torch.empty(decoded.numel()))
+        values = decoded
+    nan = torch.isnan(values.float())
     for token_rows in tensor.token_rows:
         index = torch.tensor(token_rows.indices, dtype=torch.long)
         here = (index >= chunk.row0) & (index < chunk.row1)
