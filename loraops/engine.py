@@ -867,6 +867,7 @@ class _Pipeline:
         self._factors_of: _Tensor | None = None
         self._columns: dict[int, "torch.Tensor"] = {}
         self._columns_of: _Tensor | None = None
+        self._nan_columns_of: tuple[_Tensor | None, "torch.Tensor | None"] = (None, None)
         self._indices: list[tuple[TokenRows, "torch.Tensor"]] = []
         self._indices_of: _Tensor | None = None
         self._may_overflow_of: tuple[_Tensor | None, bool] = (None, True)
@@ -1121,7 +1122,7 @@ class _Pipeline:
         else:
             out.copy_(acc)
         _refuse_overflow(tensor, out, may_overflow=self._may_overflow(tensor), work=self.compute_dtype,
-                         nan_of_base=lambda: _nan_of_base(tensor, chunk))
+                         nan_of_base=lambda: _nan_of_base(tensor, chunk, lambda: self._nan_columns(tensor)))
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1183,6 +1184,19 @@ class _Pipeline:
             may = not bound < quarter_last_step
         self._may_overflow_of = (tensor, may)
         return may
+
+    def _nan_columns(self, tensor: _Tensor) -> "torch.Tensor":
+        """The columns where the base tensor holds a NaN in some row (the rows _column_factors' norms are taken over):
+        read once per tensor, not again for each chunk that comes out with NaN there (every chunk of a vocabulary, whose
+        transposed DoRA channel the NaN spreads over)."""
+        import torch
+
+        if self._nan_columns_of[0] is not tensor:
+            columns = torch.zeros(tensor.row_elements, dtype=torch.bool)
+            for _, block in _base_blocks(tensor):
+                columns |= torch.isnan(block.float()).any(0)
+            self._nan_columns_of = (tensor, columns)
+        return self._nan_columns_of[1]
 
     def _token_indices(self, tensor: _Tensor) -> list[tuple[TokenRows, "torch.Tensor"]]:
         """The tensor's trainable tokens with their indices as a tensor, made once per tensor (in every chunk, 100,000
@@ -1296,12 +1310,12 @@ def _base_rows(tensor: _Tensor, row0: int, row1: int) -> "torch.Tensor":
     return values.view(row1 - row0, elements)
 
 
-def _nan_of_base(tensor: _Tensor, chunk: _Chunk) -> "torch.Tensor":
+def _nan_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
     """Where a chunk's output is NaN because its base is: the base's NaNs (decoded, for an FP8 weight: a NaN or inf
     scale makes its block's values NaN too; not in a trainable token's row, replaced), spread over their output
     channel where a DoRA module rescales it (its norm is NaN there, as PEFT's m/‖W + ΔW‖: a row; a transposed
-    module's column, over every row of the tensor). Read again, only where a chunk whose deltas may overflow came
-    out with NaN."""
+    module's column, over every row of the tensor: ``nan_columns()``). Read again, only where a chunk whose deltas
+    may overflow came out with NaN."""
     import torch
 
     values = _base_rows(tensor, chunk.row0, chunk.row1)
@@ -1320,11 +1334,7 @@ def _nan_of_base(tensor: _Tensor, chunk: _Chunk) -> "torch.Tensor":
             continue
         here = region[0]
         if module.transposed:
-            columns = torch.zeros(nan[here].shape[1], dtype=torch.bool)
-            for row0 in range(0, tensor.rows, tensor.chunk_rows):
-                rows = _base_rows(tensor, row0, min(tensor.rows, row0 + tensor.chunk_rows))
-                columns |= torch.isnan(rows[:, here[1]].float()).any(0)
-            nan[here] |= columns
+            nan[here] |= nan_columns()[here[1]]
         else:
             nan[here] |= nan[here].any(1, keepdim=True)
     return nan

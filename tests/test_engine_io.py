@@ -234,6 +234,30 @@ def test_deltas_that_cancel_beside_a_nan_of_the_base_are_refused(kind, rows_per_
     assert torch.equal(torch.isnan(load_file(tmp_path / "p.safetensors")["lin.weight"]), nan_of_base_at_1_2(w, kind))
 
 
+def test_a_base_nan_in_a_transposed_dora_channel_is_read_once(monkeypatch, tmp_path):
+    """A base NaN in a transposed DoRA module's channel (a column) makes that column NaN in every chunk: the base's
+    columns were read again, whole, for each of them (a vocabulary's embedding read once per chunk: quadratic).
+    Read once per tensor; the output holds the base's column as NaN, nothing else."""
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 4)  # a row per chunk
+    w = torch.ones(16, 4)
+    w[1, 2] = float("nan")
+    save_file({"lin.weight": w}, str(tmp_path / "m.safetensors"))
+    module = LoraModule("lin", torch.full((2, 16), 0.01), torch.full((4, 2), 0.01), alpha=1.0, scale=1.0,
+                        fan_in_fan_out=True, magnitude=torch.full((4,), 2.0))
+    rows_read = []
+    base_rows, row_blocks = engine._base_rows, engine.read_row_blocks
+    monkeypatch.setattr(engine, "_base_rows", lambda t, row0, row1: (rows_read.append(row1 - row0),
+                                                                     base_rows(t, row0, row1))[1])
+    monkeypatch.setattr(engine, "read_row_blocks", lambda info: ((rows_read.append(b[1] - b[0]), b)[1]
+                                                                 for b in row_blocks(info)))
+    engine.merge(tmp_path / "m.safetensors", [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors",
+                 device="cpu")
+    nan = torch.zeros_like(w, dtype=torch.bool)
+    nan[:, 2] = True
+    assert torch.equal(torch.isnan(load_file(tmp_path / "o.safetensors")["lin.weight"]), nan)
+    assert sum(rows_read) <= 3 * 16  # the norms' pass, each chunk's own rows, the NaN columns' pass
+
+
 def test_a_scanned_output_that_is_finite_costs_one_reduction(monkeypatch, tmp_path):
     """The scan of a tensor whose deltas may overflow (a float32 base going out as bf16: every tensor) is one
     aminmax, which NaN and ±inf both reach: isfinite().all() (numerics8) or isinf().any() write a bool per value and
