@@ -867,6 +867,7 @@ class _Pipeline:
         self._factors_of: _Tensor | None = None
         self._columns: dict[int, "torch.Tensor"] = {}
         self._columns_of: _Tensor | None = None
+        self._nan_columns_of: tuple[_Tensor | None, "torch.Tensor | None"] = (None, None)
         self._indices: list[tuple[TokenRows, "torch.Tensor"]] = []
         self._indices_of: _Tensor | None = None
         self._may_overflow_of: tuple[_Tensor | None, bool] = (None, True)
@@ -1090,21 +1091,17 @@ class _Pipeline:
             base2 = self.dora_work[0, :n].view_as(acc2)
             base2.copy_(acc2)
         for module, coef in tensor.terms:
-            # the module's rows of W (all of them, unless it is one part of a fused tensor) inside this chunk
-            first = module.first_row
-            row0, row1 = max(chunk.row0, first), min(chunk.row1, first + module.weight_shape[0])
-            if row0 < row1:
+            region = _region(tensor, chunk, module)
+            if region is not None:
+                here, rows_of_module = region
                 B2, A2, magnitude = self._module_factors(tensor, module)
-                col0, cols = module.fused_columns or (0, tensor.row_elements)
-                here = (slice(row0 - chunk.row0, row1 - chunk.row0), slice(col0, col0 + cols))
-                rows_of_module = slice(row0 - first, row1 - first)
                 if A2 is None:  # LoHa/LoKr: B2 is its Product, whose rows of ΔW are formed here (no B·A to fuse)
                     acc2[here].add_(B2.rows(rows_of_module), alpha=coef)
                     continue
                 if magnitude is None:
                     add_delta(acc2[here], B2, A2, module.transposed, rows_of_module, coef)
                     continue
-                delta = self.dora_work[1, : (row1 - row0) * cols].view(row1 - row0, cols)
+                delta = self.dora_work[1, : acc2[here].numel()].view(acc2[here].shape)
                 delta.zero_()
                 add_delta(delta, B2, A2, module.transposed, rows_of_module, coef)
                 if module.transposed:
@@ -1125,7 +1122,7 @@ class _Pipeline:
         else:
             out.copy_(acc)
         _refuse_overflow(tensor, out, may_overflow=self._may_overflow(tensor), work=self.compute_dtype,
-                         base_holds_nan=lambda: _base_holds_nan(tensor))
+                         nan_of_base=lambda: _nan_of_base(tensor, chunk, lambda: self._nan_columns(tensor)))
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1187,6 +1184,19 @@ class _Pipeline:
             may = not bound < quarter_last_step
         self._may_overflow_of = (tensor, may)
         return may
+
+    def _nan_columns(self, tensor: _Tensor) -> "torch.Tensor":
+        """The columns where the base tensor holds a NaN in some row (the rows _column_factors' norms are taken over):
+        read once per tensor, not again for each chunk that comes out with NaN there (every chunk of a vocabulary, whose
+        transposed DoRA channel the NaN spreads over)."""
+        import torch
+
+        if self._nan_columns_of[0] is not tensor:
+            columns = torch.zeros(tensor.row_elements, dtype=torch.bool)
+            for _, block in _base_blocks(tensor):
+                columns |= torch.isnan(block.float()).any(0)
+            self._nan_columns_of = (tensor, columns)
+        return self._nan_columns_of[1]
 
     def _token_indices(self, tensor: _Tensor) -> list[tuple[TokenRows, "torch.Tensor"]]:
         """The tensor's trainable tokens with their indices as a tensor, made once per tensor (in every chunk, 100,000
@@ -1268,24 +1278,78 @@ def _base_blocks(tensor: _Tensor):
             yield first + row0, values[row0 : row0 + step]
 
 
-def _base_holds_nan(tensor: _Tensor) -> bool:
-    """Whether the base tensor (its replacement, when it has one) holds a NaN: read again, whole, only where an
-    output came out with NaN."""
+def _region(tensor: _Tensor, chunk: _Chunk, module: LoraModule) -> "tuple[tuple[slice, slice], slice] | None":
+    """(the chunk's rows × columns that the module changes, those rows as the module's own), or None where it
+    changes none of the chunk: its rows of W are all of them, unless it is one part of a fused tensor."""
+    first = module.first_row
+    row0, row1 = max(chunk.row0, first), min(chunk.row1, first + module.weight_shape[0])
+    if row0 >= row1:
+        return None
+    col0, cols = module.fused_columns or (0, tensor.row_elements)
+    return (slice(row0 - chunk.row0, row1 - chunk.row0), slice(col0, col0 + cols)), slice(row0 - first, row1 - first)
+
+
+def _base_rows(tensor: _Tensor, row0: int, row1: int) -> "torch.Tensor":
+    """Rows row0:row1 of the base tensor (its replacement, when it has one; FP8 blocks undecoded) as
+    rows × row_elements, read again."""
     import torch
 
-    return any(bool(torch.isnan(block.float()).any()) for _, block in _base_blocks(tensor))
+    elements = tensor.row_elements
+    if tensor.replacement is not None:
+        values = tensor.replacement.reshape(-1)[row0 * elements : row1 * elements]
+    else:
+        info = tensor.info
+        row_bytes = elements * DTYPE_BYTES[info.dtype]
+        data = bytearray((row1 - row0) * row_bytes)
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            _pread_exact(fd, memoryview(data), len(data), info.start + row0 * row_bytes, info)
+        finally:
+            os.close(fd)
+        values = torch.frombuffer(data, dtype=torch_dtype(info.dtype)) if data else torch.empty(0)
+    return values.view(row1 - row0, elements)
+
+
+def _nan_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
+    """Where a chunk's output is NaN because its base is: the base's NaNs (decoded, for an FP8 weight: a NaN or inf
+    scale makes its block's values NaN too; not in a trainable token's row, replaced), spread over their output
+    channel where a DoRA module rescales it (its norm is NaN there, as PEFT's m/‖W + ΔW‖: a row; a transposed
+    module's column, over every row of the tensor: ``nan_columns()``). Read again, only where a chunk whose deltas
+    may overflow came out with NaN."""
+    import torch
+
+    values = _base_rows(tensor, chunk.row0, chunk.row1)
+    if tensor.scaled is not None and tensor.replacement is None:  # as _compute_chunk decodes it
+        decoded = torch.empty(values.shape)
+        tensor.scaled.decode(decoded, values, chunk.scales, torch.empty(decoded.numel()))
+        values = decoded
+    nan = torch.isnan(values.float())
+    for token_rows in tensor.token_rows:
+        index = torch.tensor(token_rows.indices, dtype=torch.long)
+        here = (index >= chunk.row0) & (index < chunk.row1)
+        nan[index[here] - chunk.row0] = False
+    for module, _ in tensor.terms:
+        region = _region(tensor, chunk, module) if module.dora else None
+        if region is None:
+            continue
+        here = region[0]
+        if module.transposed:
+            nan[here] |= nan_columns()[here[1]]
+        else:
+            nan[here] |= nan[here].any(1, keepdim=True)
+    return nan
 
 
 def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = False,
-                     work: "torch.dtype | None" = None, base_holds_nan=lambda: False) -> None:
+                     work: "torch.dtype | None" = None, nan_of_base=None) -> None:
     """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
     an output that overflows stops the merge, with nothing written: float16's ±65504 whatever made the value, and,
     where LoRA deltas added may carry values past it (``may_overflow``: _Pipeline._may_overflow), float32's and
     bfloat16's ±3.4e38, which weights × scales float32 holds still pass on factors above 1 (a copied or converted
     tensor keeps an inf its model stores, e.g. in a mask buffer). (FP8 is clamped.) A NaN output is refused there too
-    (deltas beyond the work dtype ``work`` that cancel as inf − inf), unless the base tensor holds NaN
-    (``base_holds_nan()``, asked only then): a NaN of the base stays NaN, unsaid, as in PEFT's merge and on every
-    other tensor."""
+    (deltas beyond the work dtype ``work`` that cancel as inf − inf), unless every NaN is one the base put there
+    (``nan_of_base()``: where the output is NaN because the base is; asked only then): a NaN of the base stays NaN,
+    unsaid, as in PEFT's merge and on every other tensor, and one the deltas made beside it is still refused."""
     import torch
 
     checked = (torch.float16, torch.bfloat16, torch.float32) if may_overflow else (torch.float16,)
@@ -1298,7 +1362,8 @@ def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = 
         return
     if not bool(torch.isinf(out).any()):  # NaN alone
         # where deltas may overflow, refused: two of them beyond the work dtype ``work`` cancel as inf − inf
-        if not may_overflow or base_holds_nan():
+        if not may_overflow or (nan_of_base is not None
+                                and not bool((torch.isnan(out).cpu() & ~nan_of_base().view(out.shape)).any())):
             return
         hint = "; --precise computes in float64" if work != torch.float64 else ""
         raise InvalidInputError(f"{tensor.file_name!r} comes out with NaN values: its deltas go beyond what "

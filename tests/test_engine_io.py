@@ -168,6 +168,19 @@ def test_deltas_that_overflow_and_cancel_are_refused(dtype, tmp_path):
     assert nothing_left(tmp_path / "q.safetensors")
 
 
+def nan_of_base_at_1_2(w, kind):
+    """Where a merge is NaN for a base NaN at [1, 2]: there, or its whole channel for DoRA, whose norm is NaN there
+    (a row; a transposed module's column)."""
+    nan = torch.zeros_like(w, dtype=torch.bool)
+    if kind == "dora":
+        nan[1, :] = True
+    elif kind == "dora-transposed":
+        nan[:, 2] = True
+    else:
+        nan[1, 2] = True
+    return nan
+
+
 @pytest.mark.parametrize("kind", ["lora-to-bf16", "loha", "dora", "dora-transposed"])
 def test_a_nan_the_base_holds_stays_nan_where_deltas_may_overflow(kind, tmp_path):
     """A NaN in the base stays NaN, unsaid (README; PEFT's merge), also on the tensors whose outputs are scanned
@@ -188,16 +201,61 @@ def test_a_nan_the_base_holds_stays_nan_where_deltas_may_overflow(kind, tmp_path
     engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", device="cpu",
                  dtype="bf16" if kind == "lora-to-bf16" else None)
     merged = load_file(tmp_path / "o.safetensors")["lin.weight"].float()
-    nan = torch.zeros_like(w, dtype=torch.bool)
-    if kind == "dora":  # the channel: a row, a transposed module's column
-        nan[1, :] = True
-    elif transposed:
-        nan[:, 2] = True
-    else:
-        nan[1, 2] = True
+    nan = nan_of_base_at_1_2(w, kind)
     assert torch.equal(torch.isnan(merged), nan)
     expected = {"lora-to-bf16": 1.25, "loha": 1.0625, "dora": 2 / 3**0.5, "dora-transposed": 2 / 3**0.5}[kind]
     assert torch.allclose(merged[~nan], torch.full_like(merged[~nan], expected), rtol=1e-2)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [None, 1])
+@pytest.mark.parametrize("kind", ["lora", "dora", "dora-transposed"])
+def test_deltas_that_cancel_beside_a_nan_of_the_base_are_refused(kind, rows_per_chunk, monkeypatch, tmp_path):
+    """A base NaN in one output channel and deltas that cancel as inf − inf in another: the check asked whether the
+    base held any NaN, so the deltas' NaN went out with it, unsaid. Refused; the base's NaN alone still passes, and
+    --precise (float64) holds the products: only the base's channel is NaN then (also a row at a time: each chunk's
+    NaNs are compared with the base's in its own rows)."""
+    if rows_per_chunk:
+        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", rows_per_chunk * (4 if kind == "dora-transposed" else 3))
+    transposed = kind == "dora-transposed"
+    w = torch.ones(3, 4) if transposed else torch.ones(4, 3)
+    w[1, 2] = float("nan")
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w}, str(base))
+    B = torch.zeros(4, 2)
+    B[3] = torch.tensor([1e20, -1e20])  # output channel 3: 1e40 − 1e40, inf − inf in float32
+    module = LoraModule("lin", torch.full((2, 3), 1e20), B, alpha=1.0, scale=1.0, fan_in_fan_out=transposed,
+                        magnitude=torch.full((4,), 2.0) if kind.startswith("dora") else None)
+    adapter = Adapter({"lin": module}, "peft")
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with NaN values: its deltas go beyond what "
+                                               r"float32 holds and cancel"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", precise=True, device="cpu")
+    assert torch.equal(torch.isnan(load_file(tmp_path / "p.safetensors")["lin.weight"]), nan_of_base_at_1_2(w, kind))
+
+
+def test_a_base_nan_in_a_transposed_dora_channel_is_read_once(monkeypatch, tmp_path):
+    """A base NaN in a transposed DoRA module's channel (a column) makes that column NaN in every chunk: the base's
+    columns were read again, whole, for each of them (a vocabulary's embedding read once per chunk: quadratic).
+    Read once per tensor; the output holds the base's column as NaN, nothing else."""
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 4)  # a row per chunk
+    w = torch.ones(16, 4)
+    w[1, 2] = float("nan")
+    save_file({"lin.weight": w}, str(tmp_path / "m.safetensors"))
+    module = LoraModule("lin", torch.full((2, 16), 0.01), torch.full((4, 2), 0.01), alpha=1.0, scale=1.0,
+                        fan_in_fan_out=True, magnitude=torch.full((4,), 2.0))
+    rows_read = []
+    base_rows, row_blocks = engine._base_rows, engine.read_row_blocks
+    monkeypatch.setattr(engine, "_base_rows", lambda t, row0, row1: (rows_read.append(row1 - row0),
+                                                                     base_rows(t, row0, row1))[1])
+    monkeypatch.setattr(engine, "read_row_blocks", lambda info: ((rows_read.append(b[1] - b[0]), b)[1]
+                                                                 for b in row_blocks(info)))
+    engine.merge(tmp_path / "m.safetensors", [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors",
+                 device="cpu")
+    nan = torch.zeros_like(w, dtype=torch.bool)
+    nan[:, 2] = True
+    assert torch.equal(torch.isnan(load_file(tmp_path / "o.safetensors")["lin.weight"]), nan)
+    assert sum(rows_read) <= 3 * 16  # the norms' pass, each chunk's own rows, the NaN columns' pass
 
 
 def test_a_scanned_output_that_is_finite_costs_one_reduction(monkeypatch, tmp_path):

@@ -201,6 +201,35 @@ def test_a_foreign_wal_database_is_refused_with_its_bytes_and_wal_untouched(tmp_
 
 
 @pytest.mark.sqlite_only
+def test_a_foreign_wal_database_is_refused_with_its_folder_as_it_was(tmp_path):
+    """`list` of another application's WAL database that was closed cleanly (no -wal, no -shm): refused, but the
+    read-only connections of the fast read and of the foreign-database check made an empty -wal and a -shm beside it
+    and left them there. They go; a -wal that holds another application's commits is left as it is (theirs to fold
+    into the file, not ours), and so is the file."""
+    import sqlite3
+
+    from test_registry_cli import cli
+
+    database = tmp_path / "notes.db"
+    connection = sqlite3.connect(database)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("CREATE TABLE notes (body TEXT)")
+    connection.commit()
+    connection.close()
+    before = database.read_bytes()
+    for args in (["list"], ["base", "list"], ["show", "x"]):
+        result = cli("--db", f"sqlite:///{database}", *args, code=6)
+        assert "is not a loraops registry" in result.output
+        assert [p.name for p in tmp_path.iterdir()] == ["notes.db"] and database.read_bytes() == before, args
+    database.unlink()
+    _foreign_wal_database(database)
+    wal = tmp_path / "notes.db-wal"
+    before = database.read_bytes(), wal.read_bytes()
+    reads._close_wal(database, empty_only=True)
+    assert (database.read_bytes(), wal.read_bytes()) == before
+
+
+@pytest.mark.sqlite_only
 def test_a_registry_at_a_path_that_is_not_utf8_is_read(tmp_path):
     """A registry in a folder whose name is not UTF-8 (os.fsdecode makes its bytes surrogates): its file: URI quoted
     the name as text, a UnicodeEncodeError traceback: opening it (the foreign-database check) failed so, and `list`

@@ -25,7 +25,7 @@ from .. import settings
 from ..errors import RegistryError
 from ..fsutil import file_lock, refuse_existing
 # (HEAD is part of this module's API: cli/db.py)
-from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, connect_read_only, sqlite_uri_of  # noqa: F401
+from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, read_only_connection, sqlite_uri_of  # noqa: F401
 
 OPEN_ATTEMPTS = 7  # reading the schema revision: about 3 s of back-off in all before "database is locked" is reported
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
@@ -403,12 +403,9 @@ def _table_names(engine: Engine) -> list[str]:
     import sqlite3
 
     try:
-        connection = connect_read_only(path)  # (also of a file: URI's file, which may say mode=rw)
-        try:
+        with read_only_connection(path) as connection:  # (also of a file: URI's file, which may say mode=rw)
             return [name for (name,) in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-        finally:
-            connection.close()
     except sqlite3.Error:
         return []  # (not a database, unreadable: the engine's own connection says so in its words)
 

@@ -357,7 +357,7 @@ def _connect(url: str) -> tuple[Any, Path | None]:
             if path is None or not path.is_file():
                 return None, None
             path = path.resolve()  # (SQLite keeps its -wal and -shm beside the file a symlink names, not the link)
-            if not any(path.with_name(path.name + s).exists() for s in ("-wal", "-shm")):
+            if not _has_wal_files(path):
                 made_wal = path
             connection = connect_read_only(path)
             connection.execute("BEGIN")  # one snapshot for every query of the command
@@ -376,19 +376,30 @@ def _connect(url: str) -> tuple[Any, Path | None]:
     if revision is None or revision[0] != HEAD:
         if connection is not None:
             connection.close()
+            if made_wal is not None:  # (another application's database, refused next, keeps its folder as it was)
+                _close_wal(made_wal, empty_only=True)
         return None, None
     return connection, made_wal
 
 
-def _close_wal(database: Path) -> None:
+def _has_wal_files(database: Path) -> bool:
+    return any(database.with_name(database.name + s).exists() for s in ("-wal", "-shm"))
+
+
+def _close_wal(database: Path, *, empty_only: bool = False) -> None:
     """Remove the -wal and -shm files that reading a WAL registry over a read-only connection made beside it (such
     a connection cannot remove them, and every `list` and `show` left them), by SQLite's own rule: a read-write
     connection that reads and closes removes them only when it is the last one open (after folding into the
     database what a writer that came meanwhile committed), never under another. Only where this process may write
-    the file and its folder (else it could not make them either: see db.make_engine's read_only)."""
+    the file and its folder (else it could not make them either: see db.make_engine's read_only). ``empty_only``:
+    only while the -wal is empty, for a database that may be another application's: what its writers committed
+    meanwhile is theirs to fold into its file."""
     import sqlite3
 
     if not (os.access(database, os.W_OK) and os.access(database.parent, os.W_OK)):
+        return
+    wal = database.with_name(database.name + "-wal")
+    if empty_only and (not wal.exists() or wal.stat().st_size):
         return
     with contextlib.suppress(sqlite3.Error):
         connection = sqlite3.connect(f"{sqlite_uri_of(database)}?mode=rw", uri=True, isolation_level=None,
@@ -403,6 +414,21 @@ def sqlite_uri_of(file: Path) -> str:
     """The SQLite `file:` URI naming ``file``, by its bytes (a name that is not UTF-8, which os.fsdecode holds as
     surrogates, is %-escaped as the bytes it is: as text it did not encode)."""
     return f"file:{quote(os.fsencode(file))}"
+
+
+@contextlib.contextmanager
+def read_only_connection(file: Path):
+    """connect_read_only's connection, closed at the end, with the -wal and -shm it made beside the file (when
+    neither was there) removed while no one has written to them (_close_wal's ``empty_only``)."""
+    file = file.resolve()
+    made_wal = not _has_wal_files(file)
+    connection = connect_read_only(file)
+    try:
+        yield connection
+    finally:
+        connection.close()
+        if made_wal:
+            _close_wal(file, empty_only=True)
 
 
 def connect_read_only(file: Path):
