@@ -469,7 +469,28 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
                 f"modules_to_save entry {entry!r}"
             out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "
                            f"load the adapter without it (a KeyError)")
+    for tensor in unstored_tied_tensors(manifest, config):
+        entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
+        if entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
+            out[tensor] = (f"the tied head's {tensor!r}, which the base does not store, lies in a module PEFT saves "
+                           f"whole (modules_to_save entry {entry!r}): PEFT saves its copy untied from the embeddings, "
+                           f"and fails to load the adapter without it (a KeyError)")
     return out | unsaved_tied_head(adapter, manifest, config)
+
+
+def unstored_tied_tensors(manifest: Mapping[str, object], config: Callable[[str], dict] | None) -> list[str]:
+    """The tensors a tied base holds that it does not store: the output head tied to its input embeddings (by
+    ``config``, tensor → its model's config.json, where given: head_tied_to; else by rule, unstored_tied_heads) and
+    the bias the class ties while the head is (RoBERTa's lm_head.decoder.bias, lm_head.bias stored). A module saved
+    whole holds them as parameters of its own (PEFT's copy is untied), which PEFT's load takes from the file."""
+    if config is None:
+        heads = {f"{head}.weight": {} for head in unstored_tied_heads(manifest)}
+    else:
+        heads = {head: config(name) for name in manifest if ties_word_embeddings(config(name)) is not False
+                 and (head := head_tied_to(name, config(name))) is not None and head not in manifest}
+    biases = [pair[0] for head, own in heads.items() if (pair := tied_decoder_bias(head, own)) is not None
+              and pair[0] not in manifest and pair[1] in manifest]
+    return sorted({*heads, *biases})
 
 
 def model_paths(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:

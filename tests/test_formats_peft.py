@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import factories
-from loraops.errors import InvalidInputError
+from loraops import engine
+from loraops.errors import InvalidInputError, MismatchError
 from loraops.formats import adapter_files, detect, identity, read_adapter, write_adapter
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
@@ -1007,6 +1008,55 @@ def test_a_saved_module_s_bias_without_a_weight_of_its_own_is_asked_for_as_peft_
         report = check.check(read_adapter(tmp_path / "a"), model.tensors, config=config)
         assert not report.ok and sorted(report.why_missing) == ["lm_head.bias"], report
         assert "modules_to_save entry 'lm_head'" in report.why_missing["lm_head.bias"]
+
+
+@pytest.mark.parametrize("cls_name, model_type, config, dropped", [
+    ("RobertaForMaskedLM", "roberta", factories.TINY_BERT, "lm_head.decoder.weight"),
+    ("RobertaForMaskedLM", "roberta", factories.TINY_BERT, "lm_head.decoder.bias"),
+    ("LlamaForCausalLM", "llama", {**factories.TINY_LLAMA, "tie_word_embeddings": True}, "lm_head.weight")])
+def test_a_tied_head_in_a_saved_module_is_asked_for_as_peft_fails_without_it(tmp_path, cls_name, model_type, config,
+                                                                            dropped):
+    """modules_to_save=["lm_head"] on a tied model: PEFT's copy of the head is untied from the embeddings, and it
+    saves the tied tensors the base does not store (RoBERTa's lm_head.decoder.weight and .decoder.bias, a tied
+    Llama's lm_head.weight); its load fails without one (a KeyError). check looked only at the tensors the base
+    stores, so it passed such a file (and merge took the embeddings for the head). The whole file merges to
+    PEFT's merge_and_unload."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    cls = getattr(transformers, cls_name)
+    base = factories.tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    assert dropped not in load_file(base / "model.safetensors")
+    torch.manual_seed(1)
+    adapted = get_peft_model(cls.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["query", "q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.1 * torch.randn_like(param))  # trained: the head's copy leaves the embeddings
+    adapted.save_pretrained(tmp_path / "a")
+    model = BaseModel.open(base)
+    engine.merge(base, [(read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    tokens = torch.arange(3, 19).view(2, 8)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a").merge_and_unload().eval()
+        torch.testing.assert_close(cls.from_pretrained(tmp_path / "out").eval()(input_ids=tokens).logits,
+                                   expected(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state[f"base_model.model.{dropped}"]
+    save_file(state, str(weights))
+    with pytest.raises(KeyError, match=f"base_model.model.{re.escape(dropped)}"):
+        PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a")
+    for given in (model.config, None):
+        report = check.check(read_adapter(tmp_path / "a"), model.tensors, config=given)
+        assert not report.ok and sorted(report.why_missing) == [dropped], report
+        assert "modules_to_save entry 'lm_head'" in report.why_missing[dropped]
+    with pytest.raises(MismatchError):
+        engine.merge(base, [(read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out2", progress=False)
 
 
 @pytest.mark.parametrize("entry, asked", [("proj_out", ["single_blocks.0.linear2.weight"]), ("final_layer", [])])
