@@ -437,11 +437,18 @@ def unsaved_tied_head(adapter: Adapter, manifest: Mapping[str, object],
             out[head] = (f"the head this base ties to {embeddings!r}, which the adapter's ensure_weight_tying saves "
                          f"whole (modules_to_save): PEFT saves the head whole too, and fails to load the adapter "
                          f"without it (a KeyError)")
+        elif head in adapter.full_tensors and not (copy := adapter.full_tensors[head]).is_meta \
+                and not copy.equal(adapter.full_tensors[embeddings]):
+            # (an edited file: PEFT's ensure_weight_tying loads both keys into its one tied copy, the last one read
+            # winning, where loraops would write two tensors untied)
+            out[head] = (f"saved whole beside {embeddings!r}, which this base ties it to and the adapter's "
+                         f"ensure_weight_tying keeps tied (one tensor), with different values: PEFT's load keeps "
+                         f"whichever it reads last; make the two equal")
     return out
 
 
 def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Callable[[str], dict] | None = None,
-                    saved: Collection[str] | None = None) -> dict[str, str]:
+                    saved: Collection[str] | None = None, sides: Callable[[str], dict] | None = None) -> dict[str, str]:
     """The base tensors a PEFT ``adapter``'s modules_to_save has PEFT save whole on this base that its file lacks
     (tensor → why, for check's why_missing). PEFT wraps every module of the base whose
     name ends with an entry (peft.wrapping_entry; a task model's own entries too: peft.saved_entries) and its load
@@ -450,7 +457,8 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
     saved embeddings too (unsaved_tied_head; ``config``: tensor → its model's config.json, or None). ``saved``: the
     base tensors the file saves under their own keys (file_tensor_names), where the bound adapter's full tensors
     also hold a tied bias bound to the one the base stores (RoBERTa's lm_head.decoder.bias as lm_head.bias), which
-    PEFT's load does not take for it."""
+    PEFT's load does not take for it. The tied tensors the base does not store, in a module saved whole, by
+    ``config`` or else ``sides`` (the same, merge's; unstored_tied_tensors)."""
     entries = peft.saved_entries(adapter.config) if adapter.format == "peft" else []
     if not entries or not peft.module_names(entries):
         return {}
@@ -469,7 +477,7 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
                 f"modules_to_save entry {entry!r}"
             out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "
                            f"load the adapter without it (a KeyError)")
-    for tensor in unstored_tied_tensors(manifest, config):
+    for tensor in unstored_tied_tensors(manifest, config or sides):
         entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
         if entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
             out[tensor] = (f"the tied head's {tensor!r}, which the base does not store, lies in a module PEFT saves "
@@ -483,8 +491,11 @@ def unstored_tied_tensors(manifest: Mapping[str, object], config: Callable[[str]
     ``config``, tensor → its model's config.json, where given: head_tied_to; else by rule, unstored_tied_heads) and
     the bias the class ties while the head is (RoBERTa's lm_head.decoder.bias, lm_head.bias stored). A module saved
     whole holds them as parameters of its own (PEFT's copy is untied), which PEFT's load takes from the file."""
-    if config is None:
-        heads = {f"{head}.weight": {} for head in unstored_tied_heads(manifest)}
+    if config is None:  # (by rule: a head whose owner the base stores nothing of is another class's, not this one's)
+        owners = {name.rpartition(".")[0] for name in manifest}
+        heads = {f"{head}.weight": {} for head in unstored_tied_heads(manifest)
+                 if (owner := head.rpartition(".")[0]) == ""
+                 or any(o == owner or o.startswith(f"{owner}.") for o in owners)}
     else:
         heads = {head: config(name) for name in manifest if ties_word_embeddings(config(name)) is not False
                  and (head := head_tied_to(name, config(name))) is not None and head not in manifest}
@@ -1315,7 +1326,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
-    unsaved = unsaved_tensors(bound, manifest, config, file_tensor_names(adapter, manifest))
+    unsaved = unsaved_tensors(bound, manifest, config, file_tensor_names(adapter, manifest), sides)
     for tensor, why in unsaved.items():
         missing.append(tensor)
         why_missing[tensor] = why

@@ -1231,6 +1231,48 @@ def test_tied_saved_embeddings_with_save_embedding_layers_merge_as_peft_loads_th
     assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
 
 
+@pytest.mark.parametrize("edited", ["lm_head.original_module.weight", "model.embed_tokens.original_module.weight",
+                                    "lm_head.modules_to_save.weight", "lm_head.weight"])
+def test_an_edited_tied_copy_under_ensure_weight_tying_merges_as_peft_loads_it_or_is_refused(tmp_path, edited):
+    """A tied Llama's embeddings saved with ensure_weight_tying and save_embedding_layers, one key edited. PEFT's
+    load leaves the wrapper keys unused (original_module, modules_to_save): loraops merges as PEFT does. A head copy
+    (lm_head.weight) that differs from model.embed_tokens.weight is loaded into PEFT's one tied tensor, the last
+    read winning (the head's), where loraops wrote the two untied: refused, in one line."""
+    import peft
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = factories.tiny_llama(tmp_path / "base", tie=True)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True,
+        init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    state[f"base_model.model.{edited}"] += 1.0
+    save_file(state, str(weights))
+    adapter = read_adapter(tmp_path / "a")
+    if edited != "lm_head.weight":
+        assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
+        return
+    merged = peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a").merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert torch.equal(merged.lm_head.weight, state["base_model.model.lm_head.weight"])
+    bound = BaseModel.open(base)
+    for config in (bound.config, None):
+        report = check.check(adapter, bound.tensors, config=config)
+        assert sorted(report.why_missing) == ["lm_head.weight"], report
+        assert "ensure_weight_tying keeps tied (one tensor), with different values" in report.why_missing["lm_head.weight"]
+    with pytest.raises(MismatchError, match="with different values"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+
+
 def assert_merges_as_peft_loads(adapter, folder, base, load, out):
     """``adapter`` (read from the PEFT ``folder``) merged into ``base`` gives PEFT's merge_and_unload of ``folder``
     loaded on ``load()``, tensor for tensor (the merged folder read back as ``load`` builds its model)."""
