@@ -1213,18 +1213,7 @@ def test_tied_saved_embeddings_with_save_embedding_layers_merge_as_peft_loads_th
     "model.embed_tokens" alone. The head's wrapper keys (lm_head.original_module/modules_to_save.weight) were read
     as whole tensors of their own, not in the base: the adapter fit no base. Left out as for a listed module, the
     merge is PEFT's merge_and_unload."""
-    import peft
-
-    base = factories.tiny_llama(tmp_path / "base", tie=True)
-    torch.manual_seed(1)
-    model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[entry], ensure_weight_tying=True,
-        init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".modules_to_save." in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    base = tied_llama_saved_with_embedding_layers(tmp_path, entry)
     assert "base_model.model.lm_head.original_module.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
     adapter = read_adapter(tmp_path / "a")
     assert sorted(adapter.full_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
@@ -1243,16 +1232,7 @@ def test_an_edited_tied_copy_under_ensure_weight_tying_merges_as_peft_loads_it_o
     from loraops import check
     from loraops.basemodel import BaseModel
 
-    base = factories.tiny_llama(tmp_path / "base", tie=True)
-    torch.manual_seed(1)
-    model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True,
-        init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".modules_to_save." in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    base = tied_llama_saved_with_embedding_layers(tmp_path, "embed_tokens")
     weights = tmp_path / "a" / "adapter_model.safetensors"
     state = load_file(weights)
     state[f"base_model.model.{edited}"] += 1.0
@@ -1271,6 +1251,24 @@ def test_an_edited_tied_copy_under_ensure_weight_tying_merges_as_peft_loads_it_o
         assert "ensure_weight_tying keeps tied (one tensor), with different values" in report.why_missing["lm_head.weight"]
     with pytest.raises(MismatchError, match="with different values"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+
+
+def tied_llama_saved_with_embedding_layers(tmp_path, entry: str, *, tying: bool = True):
+    """A tied Llama (``tmp_path/base``, returned) and a PEFT LoRA on it (``tmp_path/a``) with ``entry`` saved whole
+    (trained), ensure_weight_tying as ``tying``, saved with save_embedding_layers=True."""
+    import peft
+
+    base = factories.tiny_llama(tmp_path / "base", tie=True)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[entry], ensure_weight_tying=tying,
+        init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    return base
 
 
 def assert_merges_as_peft_loads(adapter, folder, base, load, out):
