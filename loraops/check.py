@@ -472,7 +472,12 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
     for tensor in (t for t in paths if t.endswith(".weight") or t.endswith(".bias") and (
             f"{t.removesuffix('.bias')}.weight" in manifest or len(manifest[t].shape) == 1)):
         entry = peft.wrapping_entry(entries, paths[tensor].rpartition(".")[0])
-        if entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
+        if (twice := peft.wrapped_twice(entries, paths[tensor].rpartition(".")[0])) is not None:
+            out[tensor] = (f"in {twice[1]!r}, which modules_to_save wraps inside {twice[0]!r} (an entry ends both "
+                           f"names): PEFT saves both copies under one key, the unused inner one's last, so the file "
+                           f"lacks the trained values its adapted model uses, and PEFT fails to load it (a KeyError); "
+                           f"name the modules to save so that none lies in another")
+        elif entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
             by = f"the model of task_type {adapter.config['task_type']}'s {entry!r}" if entry in task else \
                 f"modules_to_save entry {entry!r}"
             out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "

@@ -1285,3 +1285,47 @@ def assert_merges_as_peft_loads(adapter, folder, base, load, out):
     assert merged.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("entry", ["attn", "attn.c_attn"])
+def test_modules_to_save_wrapping_a_module_inside_another_is_refused(tmp_path, entry):
+    """GPT-2 with modules_to_save=["attn"]: the entry ends both h.N.attn and h.N.attn.c_attn, and PEFT wraps both,
+    the inner one a stray child of the outer wrapper that its forward does not use. Its save writes both copies of
+    c_attn under one key, the stray one's last: the file lacks the values the adapted model computes with, and PEFT
+    fails to load it (a KeyError). loraops merged the stray values (logits 0.5 off the adapted model's): refused in
+    one line. An entry that wraps c_attn alone merges to the adapted model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = factories.tiny_transformers(tmp_path / "base", "gpt2", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4,
+                                       vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(1)
+    adapted = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["c_fc"], modules_to_save=[entry], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.05 * torch.randn_like(param))
+        tokens = torch.arange(3, 19).view(2, 8)
+        expected = adapted(input_ids=tokens).logits
+    adapted.save_pretrained(tmp_path / "a")
+    adapter = read_adapter(tmp_path / "a")
+    model = BaseModel.open(base)
+    if entry == "attn.c_attn":
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+        with torch.no_grad():
+            merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()(input_ids=tokens).logits
+        torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+        return
+    with pytest.raises(KeyError, match="attn.c_attn.weight"):
+        PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), tmp_path / "a")
+    report = check.check(adapter, model.tensors, config=model.config)
+    assert sorted(report.why_missing) == [f"transformer.h.{i}.attn.c_attn.{leaf}" for i in (0, 1)
+                                          for leaf in ("bias", "weight")], report
+    assert "which modules_to_save wraps inside 'transformer.h.0.attn'" in \
+        report.why_missing["transformer.h.0.attn.c_attn.weight"]
+    with pytest.raises(MismatchError, match="wraps inside"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)

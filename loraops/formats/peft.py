@@ -217,6 +217,18 @@ def wrapping_entry(entries: Iterable[str], module: str) -> str | None:
     return next((m for i in range(1, len(parts) + 1) for m in entries if ".".join(parts[:i]).endswith(m)), None)
 
 
+def wrapped_twice(entries: Iterable[str], module: str) -> tuple[str, str] | None:
+    """(the outer, the inner) of two modules PEFT wraps that ``module`` lies in, one inside the other, or None. An
+    entry ends both names (GPT-2's "attn": h.0.attn and, inside it, h.0.attn.c_attn): PEFT 0.21 wraps the inner one
+    as a stray child of the outer wrapper, unused by its forward, and saves both under one key (the inner copy's
+    values last), so its file lacks the trained copy the adapted model computes with, and its load fails (KeyError)."""
+    parts = module.split(".")
+    entries = list(entries)
+    wrapped = [".".join(parts[:i]) for i in range(1, len(parts) + 1)
+               if any(".".join(parts[:i]).endswith(m) for m in entries)]
+    return (wrapped[0], wrapped[1]) if len(wrapped) > 1 else None
+
+
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
     tying = ties_weights(cfg)  # (before the fields of another method are narrowed to LoRA's below)
