@@ -509,6 +509,30 @@ def unstored_tied_tensors(manifest: Mapping[str, object], config: Callable[[str]
     return sorted({*heads, *biases})
 
 
+def edited_originals(adapter: Adapter, bound: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
+    """The tied heads whose ``original_module`` copy (Adapter.originals; save_embedding_layers without
+    ensure_weight_tying) differs from the embeddings the head is tied to, as the file saves them beside (``bound``'s)
+    or else the base stores them (tensor → why). PEFT's load puts original_module's values into the tied parameter
+    after the embeddings' own key (module order: the head last), so its embeddings are those; PEFT writes them equal,
+    and loraops does not take the base's copy, by its name, for trained values of a file edited so: refused."""
+    if not adapter.originals or peft.ties_saved_embeddings(adapter.config):
+        return {}
+    rename = renaming(adapter, manifest) if adapter.names_resolved else (lambda name: name)
+    out = {}
+    for name, original in adapter.originals.items():
+        head = rename(name)
+        if original.is_meta or (source := tied_head_source(head, original.shape, manifest)) is None:
+            continue
+        saved = bound.full_tensors.get(source)
+        same = original.equal(saved) if saved is not None else all(original[start:end].equal(block.to(original.dtype))
+                                                                   for start, end, block in read_row_blocks(manifest[source]))
+        if not same:
+            out[head] = (f"its original_module copy differs from {source!r}, which this base ties it to: PEFT's load "
+                         f"puts the original_module values into those embeddings, loraops does not take them as "
+                         f"trained; make the two equal")
+    return out
+
+
 def model_paths(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
     """The base's tensors → their paths in the model PEFT wrapped, which its modules_to_save entries are matched
     against: their own names, but a single-file SD, FLUX.1 or SD3 checkpoint's (ldm.diffusers_names) under the
@@ -1332,7 +1356,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
     unsaved = unsaved_tensors(bound, manifest, config, file_tensor_names(adapter, manifest), sides)
-    for tensor, why in unsaved.items():
+    for tensor, why in (unsaved | edited_originals(adapter, bound, manifest)).items():  # (the latter saved: in full)
         missing.append(tensor)
         why_missing[tensor] = why
     row_mismatches = []

@@ -1253,6 +1253,40 @@ def test_an_edited_tied_copy_under_ensure_weight_tying_merges_as_peft_loads_it_o
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
 
 
+@pytest.mark.parametrize("edited", [None, "lm_head.original_module.weight", "model.embed_tokens.weight"])
+def test_an_original_module_copy_that_differs_from_the_tied_embeddings_is_refused(tmp_path, edited):
+    """A tied Llama's head saved whole (modules_to_save=["lm_head"], no ensure_weight_tying) with
+    save_embedding_layers: the file holds lm_head.original_module.weight, the base's head, which is the embeddings,
+    beside model.embed_tokens.weight, equal. PEFT's load puts original_module's values into the tied embeddings after
+    model.embed_tokens.weight's: edited to differ, PEFT's embeddings are original_module's, where loraops merged
+    model.embed_tokens.weight. Refused in one line; the file as PEFT saved it merges as PEFT loads it."""
+    import peft
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = tied_llama_saved_with_embedding_layers(tmp_path, "lm_head", tying=False)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    if edited is None:
+        assert_merges_as_peft_loads(read_adapter(tmp_path / "a"), tmp_path / "a", base,
+                                    lambda: factories.load_model(base), tmp_path / "out")
+        return
+    state[f"base_model.model.{edited}"] += 1.0
+    save_file(state, str(weights))
+    merged = peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a").merge_and_unload()
+    assert torch.equal(merged.model.embed_tokens.weight, state["base_model.model.lm_head.original_module.weight"])
+    adapter = read_adapter(tmp_path / "a")
+    bound = BaseModel.open(base)
+    for config in (bound.config, None):
+        report = check.check(adapter, bound.tensors, config=config)
+        assert sorted(report.why_missing) == ["lm_head.weight"], report
+        assert "original_module copy differs from 'model.embed_tokens.weight'" in report.why_missing["lm_head.weight"]
+        assert check.misfit_counts(report) == "1 whole tensor does"
+    with pytest.raises(MismatchError, match="original_module copy differs"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+
+
 def tied_llama_saved_with_embedding_layers(tmp_path, entry: str, *, tying: bool = True):
     """A tied Llama (``tmp_path/base``, returned) and a PEFT LoRA on it (``tmp_path/a``) with ``entry`` saved whole
     (trained), ensure_weight_tying as ``tying``, saved with save_embedding_layers=True."""

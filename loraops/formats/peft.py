@@ -724,6 +724,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     lora_modules = frozenset(parsed.factors) | frozenset(products) | frozenset(lambdas)
     token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
     wrapper_keys = wrapper_state_keys((key.removeprefix(PREFIX) for key in parsed.others), cfg)
+    originals = {f"{match['owner']}.{match['param']}": PREFIX + key for key in wrapper_keys
+                 if ".original_module." in key and (match := WRAPPER_STATE.match(key)) is not None}
     parsed.others = [key for key in parsed.others if key.removeprefix(PREFIX) not in wrapper_keys]
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
                   or saved_beside_wrapper(key.removeprefix(PREFIX), wrapper_keys) for key in parsed.others}
@@ -764,6 +766,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     return Adapter(
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
         token_rows=rows, targeted=lora_modules if cfg_file is not None else None,
+        originals={name: tensors[key] for name, key in originals.items()},
         base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
