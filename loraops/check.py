@@ -518,11 +518,14 @@ def edited_originals(adapter: Adapter, bound: Adapter, manifest: Mapping[str, ob
     if not adapter.originals or peft.ties_saved_embeddings(adapter.config):
         return {}
     rename = renaming(adapter, manifest) if adapter.names_resolved else (lambda name: name)
+    entries, paths = peft.saved_entries(adapter.config), model_paths(bound, manifest)
     out = {}
     for name, original in adapter.originals.items():
         head = rename(name)
         if original.is_meta or (source := tied_head_source(head, original.shape, manifest)) is None:
             continue
+        if peft.wrapping_entry(entries, paths.get(source, source).rpartition(".")[0]) is not None:
+            continue  # (embeddings saved whole too: nothing of PEFT's adapted model uses the original_module values)
         saved = bound.full_tensors.get(source)
         same = original.equal(saved) if saved is not None else all(original[start:end].equal(block.to(original.dtype))
                                                                    for start, end, block in read_row_blocks(manifest[source]))

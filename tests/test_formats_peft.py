@@ -1287,15 +1287,33 @@ def test_an_original_module_copy_that_differs_from_the_tied_embeddings_is_refuse
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
 
 
-def tied_llama_saved_with_embedding_layers(tmp_path, entry: str, *, tying: bool = True):
-    """A tied Llama (``tmp_path/base``, returned) and a PEFT LoRA on it (``tmp_path/a``) with ``entry`` saved whole
+@pytest.mark.parametrize("edited", [None, "lm_head.original_module.weight"])
+def test_original_module_copies_beside_saved_embeddings_merge_as_peft_loads_them(tmp_path, edited):
+    """A tied Llama's embeddings and head both saved whole (no ensure_weight_tying) with save_embedding_layers: the
+    file's model.embed_tokens.weight is the trained copy, so lm_head.original_module.weight (the base's) differs from
+    it as PEFT saved it. Nothing of PEFT's adapted model uses the original_module values then (both users of the tied
+    tensor are wrapped): the file merges as PEFT loads it, edited or not (it was refused as an edited copy)."""
+    base = tied_llama_saved_with_embedding_layers(tmp_path, "embed_tokens", "lm_head", tying=False)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    assert not state["base_model.model.lm_head.original_module.weight"].equal(
+        state["base_model.model.model.embed_tokens.weight"])
+    if edited is not None:
+        state[f"base_model.model.{edited}"] += 1.0
+        save_file(state, str(weights))
+    assert_merges_as_peft_loads(read_adapter(tmp_path / "a"), tmp_path / "a", base,
+                                lambda: factories.load_model(base), tmp_path / "out")
+
+
+def tied_llama_saved_with_embedding_layers(tmp_path, *entries: str, tying: bool = True):
+    """A tied Llama (``tmp_path/base``, returned) and a PEFT LoRA on it (``tmp_path/a``) with ``entries`` saved whole
     (trained), ensure_weight_tying as ``tying``, saved with save_embedding_layers=True."""
     import peft
 
     base = factories.tiny_llama(tmp_path / "base", tie=True)
     torch.manual_seed(1)
     model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[entry], ensure_weight_tying=tying,
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=list(entries), ensure_weight_tying=tying,
         init_lora_weights=False))
     with torch.no_grad():
         for name, param in model.named_parameters():
