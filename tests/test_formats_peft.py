@@ -1381,3 +1381,24 @@ def test_modules_to_save_wrapping_a_module_inside_another_is_refused(tmp_path, e
         report.why_missing["transformer.h.0.attn.c_attn.weight"]
     with pytest.raises(MismatchError, match="wraps inside"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+
+
+def test_modules_to_save_naming_a_grandchild_of_a_saved_module_merge_as_peft_loads_them(tmp_path):
+    """GPT-2 with modules_to_save=["h.0", "c_fc"]: h.0.mlp.c_fc lies two levels inside h.0, and PEFT does not wrap it
+    again (_set_trainable updates the wrapper it finds as the grandparent): h.0 is saved whole, c_fc in it, and PEFT
+    loads the file. It was refused as wrapped twice (as a child such as h.0.ln_1 is); it merges as PEFT loads it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    base = factories.tiny_transformers(tmp_path / "base", "gpt2", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4,
+                                       vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(1)
+    adapted = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["transformer.h.1.mlp.c_proj"], modules_to_save=["h.0", "c_fc"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.05 * torch.randn_like(param))
+    adapted.save_pretrained(tmp_path / "a")
+    assert_merges_as_peft_loads(read_adapter(tmp_path / "a"), tmp_path / "a", base,
+                                lambda: GPT2LMHeadModel.from_pretrained(base), tmp_path / "out")

@@ -221,11 +221,16 @@ def wrapped_twice(entries: Iterable[str], module: str) -> tuple[str, str] | None
     """(the outer, the inner) of two modules PEFT wraps that ``module`` lies in, one inside the other, or None. An
     entry ends both names (GPT-2's "attn": h.0.attn and, inside it, h.0.attn.c_attn): PEFT 0.21 wraps the inner one
     as a stray child of the outer wrapper, unused by its forward, and saves both under one key (the inner copy's
-    values last), so its file lacks the trained copy the adapted model computes with, and its load fails (KeyError)."""
+    values last), so its file lacks the trained copy the adapted model computes with, and its load fails (KeyError).
+    A module whose grandparent PEFT wrapped is not wrapped again (_set_trainable updates the grandparent's wrapper):
+    modules_to_save=["h.0", "c_fc"] saves h.0 whole, c_fc in it, and loads."""
     parts = module.split(".")
     entries = list(entries)
-    wrapped = [".".join(parts[:i]) for i in range(1, len(parts) + 1)
-               if any(".".join(parts[:i]).endswith(m) for m in entries)]
+    wrapped: list[str] = []
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if any(name.endswith(m) for m in entries) and ".".join(parts[:i - 2]) not in wrapped:
+            wrapped.append(name)
     return (wrapped[0], wrapped[1]) if len(wrapped) > 1 else None
 
 
