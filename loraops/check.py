@@ -26,7 +26,7 @@ from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
 from .records import CheckReport, ShapeMismatch
-from .st import read_row_blocks
+from .st import TensorInfo, read_row_blocks
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
 # "<component>."), single-file SD/SDXL/SD3/FLUX checkpoints (original names; their text encoders as sd-scripts names
@@ -527,8 +527,11 @@ def edited_originals(adapter: Adapter, bound: Adapter, manifest: Mapping[str, ob
         if peft.wrapping_entry(entries, paths.get(source, source).rpartition(".")[0]) is not None:
             continue  # (embeddings saved whole too: nothing of PEFT's adapted model uses the original_module values)
         saved = bound.full_tensors.get(source)
-        same = original.equal(saved) if saved is not None else all(original[start:end].equal(block.to(original.dtype))
-                                                                   for start, end, block in read_row_blocks(manifest[source]))
+        if saved is None and not isinstance(manifest[source], TensorInfo):
+            continue  # (a registered base's manifest alone: its values are not at hand, nothing to compare)
+        same = original.equal(saved) if saved is not None else all(  # (the blocks come flat)
+            original[start:end].equal(block.view(-1, *original.shape[1:]).to(original.dtype))
+            for start, end, block in read_row_blocks(manifest[source]))
         if not same:
             out[head] = (f"its original_module copy differs from {source!r}, which this base ties it to: PEFT's load "
                          f"puts the original_module values into those embeddings, loraops does not take them as "

@@ -1305,6 +1305,40 @@ def test_original_module_copies_beside_saved_embeddings_merge_as_peft_loads_them
                                 lambda: factories.load_model(base), tmp_path / "out")
 
 
+@pytest.mark.parametrize("edited", [False, True])
+def test_an_original_module_copy_without_the_embeddings_in_the_file_is_compared_with_the_base_s(tmp_path, edited):
+    """As above, model.embed_tokens.weight dropped from the file (PEFT loads it: the embeddings are not wrapped): the
+    original_module copy is compared with the base's stored embeddings, refused only where it differs from them
+    (the stored blocks came flat, so every such file was refused). A registered base's manifest alone (no values)
+    has nothing to compare: check passes (it raised an AttributeError)."""
+    import peft
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+    from loraops.records import TensorRecord
+
+    base = tied_llama_saved_with_embedding_layers(tmp_path, "lm_head", tying=False)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state["base_model.model.model.embed_tokens.weight"]
+    if edited:
+        state["base_model.model.lm_head.original_module.weight"] += 1.0
+    save_file(state, str(weights))
+    adapter = read_adapter(tmp_path / "a")
+    bound = BaseModel.open(base)
+    records = {name: TensorRecord(name=name, dtype=info.dtype, shape=tuple(info.shape))
+               for name, info in bound.tensors.items()}
+    assert check.check(adapter, records).ok
+    if not edited:
+        assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
+        return
+    merged = peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a").merge_and_unload()
+    assert torch.equal(merged.model.embed_tokens.weight, state["base_model.model.lm_head.original_module.weight"])
+    report = check.check(adapter, bound.tensors, config=bound.config)
+    assert sorted(report.why_missing) == ["lm_head.weight"], report
+    assert "original_module copy differs from 'model.embed_tokens.weight'" in report.why_missing["lm_head.weight"]
+
+
 def tied_llama_saved_with_embedding_layers(tmp_path, *entries: str, tying: bool = True):
     """A tied Llama (``tmp_path/base``, returned) and a PEFT LoRA on it (``tmp_path/a``) with ``entries`` saved whole
     (trained), ensure_weight_tying as ``tying``, saved with save_embedding_layers=True."""
