@@ -318,6 +318,10 @@ class Adapter:
     """A PEFT folder's LoRA modules as read (names as in its file), all of which its config's targeting
     (target_modules, layers_to_transform, …) selects (formats.peft.refuse_untargeted): the PEFT writer keeps that
     targeting when it writes exactly these modules (see formats.peft.lora_config)."""
+    originals: "Mapping[str, torch.Tensor]" = field(default_factory=dict)
+    """PEFT's save_embedding_layers: a saved module's ``original_module`` tensors (the base's, as PEFT saw it), under
+    the module's own tensor name (lm_head.weight), which PEFT's load puts into the model's own parameter: on a tied
+    base, the embeddings (see check.edited_originals). Merged nowhere."""
     own_names: dict[str, str] = field(default_factory=dict)
     """Module (and full tensor) name after binding to a base → the name this adapter gave it, where binding renamed
     it: PEFT names modules as the model holds them in memory, which transformers 5 saves under other names for some

@@ -26,7 +26,7 @@ from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
 from .records import CheckReport, ShapeMismatch
-from .st import read_row_blocks
+from .st import TensorInfo, read_row_blocks
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
 # "<component>."), single-file SD/SDXL/SD3/FLUX checkpoints (original names; their text encoders as sd-scripts names
@@ -437,11 +437,18 @@ def unsaved_tied_head(adapter: Adapter, manifest: Mapping[str, object],
             out[head] = (f"the head this base ties to {embeddings!r}, which the adapter's ensure_weight_tying saves "
                          f"whole (modules_to_save): PEFT saves the head whole too, and fails to load the adapter "
                          f"without it (a KeyError)")
+        elif head in adapter.full_tensors and not (copy := adapter.full_tensors[head]).is_meta \
+                and not copy.equal(adapter.full_tensors[embeddings]):
+            # (an edited file: PEFT's ensure_weight_tying loads both keys into its one tied copy, the last one read
+            # winning, where loraops would write two tensors untied)
+            out[head] = (f"saved whole beside {embeddings!r}, which this base ties it to and the adapter's "
+                         f"ensure_weight_tying keeps tied (one tensor), with different values: PEFT's load keeps "
+                         f"whichever it reads last; make the two equal")
     return out
 
 
 def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Callable[[str], dict] | None = None,
-                    saved: Collection[str] | None = None) -> dict[str, str]:
+                    saved: Collection[str] | None = None, sides: Callable[[str], dict] | None = None) -> dict[str, str]:
     """The base tensors a PEFT ``adapter``'s modules_to_save has PEFT save whole on this base that its file lacks
     (tensor → why, for check's why_missing). PEFT wraps every module of the base whose
     name ends with an entry (peft.wrapping_entry; a task model's own entries too: peft.saved_entries) and its load
@@ -450,7 +457,8 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
     saved embeddings too (unsaved_tied_head; ``config``: tensor → its model's config.json, or None). ``saved``: the
     base tensors the file saves under their own keys (file_tensor_names), where the bound adapter's full tensors
     also hold a tied bias bound to the one the base stores (RoBERTa's lm_head.decoder.bias as lm_head.bias), which
-    PEFT's load does not take for it."""
+    PEFT's load does not take for it. The tied tensors the base does not store, in a module saved whole, by
+    ``config`` or else ``sides`` (the same, merge's; unstored_tied_tensors)."""
     entries = peft.saved_entries(adapter.config) if adapter.format == "peft" else []
     if not entries or not peft.module_names(entries):
         return {}
@@ -464,12 +472,71 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
     for tensor in (t for t in paths if t.endswith(".weight") or t.endswith(".bias") and (
             f"{t.removesuffix('.bias')}.weight" in manifest or len(manifest[t].shape) == 1)):
         entry = peft.wrapping_entry(entries, paths[tensor].rpartition(".")[0])
-        if entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
+        if (twice := peft.wrapped_twice(entries, paths[tensor].rpartition(".")[0])) is not None:
+            out[tensor] = (f"in {twice[1]!r}, which modules_to_save wraps inside {twice[0]!r} (an entry ends both "
+                           f"names): PEFT saves both copies under one key, the unused inner one's last, so the file "
+                           f"lacks the trained values its adapted model uses, and PEFT fails to load it (a KeyError); "
+                           f"name the modules to save so that none lies in another")
+        elif entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
             by = f"the model of task_type {adapter.config['task_type']}'s {entry!r}" if entry in task else \
                 f"modules_to_save entry {entry!r}"
             out[tensor] = (f"saved whole by PEFT on this base ({by}), but not in the adapter's file: PEFT fails to "
                            f"load the adapter without it (a KeyError)")
+    for tensor in unstored_tied_tensors(manifest, config or sides):
+        entry = peft.wrapping_entry(entries, tensor.rpartition(".")[0])
+        if entry is not None and tensor not in (adapter.full_tensors if saved is None else saved):
+            out[tensor] = (f"the tied head's {tensor!r}, which the base does not store, lies in a module PEFT saves "
+                           f"whole (modules_to_save entry {entry!r}): PEFT saves its copy untied from the embeddings, "
+                           f"and fails to load the adapter without it (a KeyError)")
     return out | unsaved_tied_head(adapter, manifest, config)
+
+
+def unstored_tied_tensors(manifest: Mapping[str, object], config: Callable[[str], dict] | None) -> list[str]:
+    """The tensors a tied base holds that it does not store: the output head tied to its input embeddings (by
+    ``config``, tensor → its model's config.json, where given: head_tied_to; else by rule, unstored_tied_heads) and
+    the bias the class ties while the head is (RoBERTa's lm_head.decoder.bias, lm_head.bias stored). A module saved
+    whole holds them as parameters of its own (PEFT's copy is untied), which PEFT's load takes from the file."""
+    if config is None:  # (by rule: a head whose owner the base stores nothing of is another class's, not this one's)
+        owners = {name.rpartition(".")[0] for name in manifest}
+        heads = {f"{head}.weight": {} for head in unstored_tied_heads(manifest)
+                 if (owner := head.rpartition(".")[0]) == ""
+                 or any(o == owner or o.startswith(f"{owner}.") for o in owners)}
+    else:
+        heads = {head: config(name) for name in manifest if ties_word_embeddings(config(name)) is not False
+                 and (head := head_tied_to(name, config(name))) is not None and head not in manifest}
+    biases = [pair[0] for head, own in heads.items() if (pair := tied_decoder_bias(head, own)) is not None
+              and pair[0] not in manifest and pair[1] in manifest]
+    return sorted({*heads, *biases})
+
+
+def edited_originals(adapter: Adapter, bound: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
+    """The tied heads whose ``original_module`` copy (Adapter.originals; save_embedding_layers without
+    ensure_weight_tying) differs from the embeddings the head is tied to, as the file saves them beside (``bound``'s)
+    or else the base stores them (tensor → why). PEFT's load puts original_module's values into the tied parameter
+    after the embeddings' own key (module order: the head last), so its embeddings are those; PEFT writes them equal,
+    and loraops does not take the base's copy, by its name, for trained values of a file edited so: refused."""
+    if not adapter.originals or peft.ties_saved_embeddings(adapter.config):
+        return {}
+    rename = renaming(adapter, manifest) if adapter.names_resolved else (lambda name: name)
+    entries, paths = peft.saved_entries(adapter.config), model_paths(bound, manifest)
+    out = {}
+    for name, original in adapter.originals.items():
+        head = rename(name)
+        if original.is_meta or (source := tied_head_source(head, original.shape, manifest)) is None:
+            continue
+        if peft.wrapping_entry(entries, paths.get(source, source).rpartition(".")[0]) is not None:
+            continue  # (embeddings saved whole too: nothing of PEFT's adapted model uses the original_module values)
+        saved = bound.full_tensors.get(source)
+        if saved is None and not isinstance(manifest[source], TensorInfo):
+            continue  # (a registered base's manifest alone: its values are not at hand, nothing to compare)
+        same = original.equal(saved) if saved is not None else all(  # (the blocks come flat)
+            original[start:end].equal(block.view(-1, *original.shape[1:]).to(original.dtype))
+            for start, end, block in read_row_blocks(manifest[source]))
+        if not same:
+            out[head] = (f"its original_module copy differs from {source!r}, which this base ties it to: PEFT's load "
+                         f"puts the original_module values into those embeddings, loraops does not take them as "
+                         f"trained; make the two equal")
+    return out
 
 
 def model_paths(adapter: Adapter, manifest: Mapping[str, object]) -> dict[str, str]:
@@ -1294,8 +1361,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if info is None or tuple(info.shape) != tuple(tensor.shape):
             full_mismatches.append(ShapeMismatch(name=name, tensor=name, expected=None if info is None else list(info.shape),
                                                  actual=list(tensor.shape)))
-    unsaved = unsaved_tensors(bound, manifest, config, file_tensor_names(adapter, manifest))
-    for tensor, why in unsaved.items():
+    unsaved = unsaved_tensors(bound, manifest, config, file_tensor_names(adapter, manifest), sides)
+    for tensor, why in (unsaved | edited_originals(adapter, bound, manifest)).items():  # (the latter saved: in full)
         missing.append(tensor)
         why_missing[tensor] = why
     row_mismatches = []

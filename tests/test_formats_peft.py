@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import factories
-from loraops.errors import InvalidInputError
+from loraops import engine
+from loraops.errors import InvalidInputError, MismatchError
 from loraops.formats import adapter_files, detect, identity, read_adapter, write_adapter
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
@@ -1009,6 +1010,55 @@ def test_a_saved_module_s_bias_without_a_weight_of_its_own_is_asked_for_as_peft_
         assert "modules_to_save entry 'lm_head'" in report.why_missing["lm_head.bias"]
 
 
+@pytest.mark.parametrize("cls_name, model_type, config, dropped", [
+    ("RobertaForMaskedLM", "roberta", factories.TINY_BERT, "lm_head.decoder.weight"),
+    ("RobertaForMaskedLM", "roberta", factories.TINY_BERT, "lm_head.decoder.bias"),
+    ("LlamaForCausalLM", "llama", {**factories.TINY_LLAMA, "tie_word_embeddings": True}, "lm_head.weight")])
+def test_a_tied_head_in_a_saved_module_is_asked_for_as_peft_fails_without_it(tmp_path, cls_name, model_type, config,
+                                                                            dropped):
+    """modules_to_save=["lm_head"] on a tied model: PEFT's copy of the head is untied from the embeddings, and it
+    saves the tied tensors the base does not store (RoBERTa's lm_head.decoder.weight and .decoder.bias, a tied
+    Llama's lm_head.weight); its load fails without one (a KeyError). check looked only at the tensors the base
+    stores, so it passed such a file (and merge took the embeddings for the head). The whole file merges to
+    PEFT's merge_and_unload."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    cls = getattr(transformers, cls_name)
+    base = factories.tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    assert dropped not in load_file(base / "model.safetensors")
+    torch.manual_seed(1)
+    adapted = get_peft_model(cls.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["query", "q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.1 * torch.randn_like(param))  # trained: the head's copy leaves the embeddings
+    adapted.save_pretrained(tmp_path / "a")
+    model = BaseModel.open(base)
+    engine.merge(base, [(read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    tokens = torch.arange(3, 19).view(2, 8)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a").merge_and_unload().eval()
+        torch.testing.assert_close(cls.from_pretrained(tmp_path / "out").eval()(input_ids=tokens).logits,
+                                   expected(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state[f"base_model.model.{dropped}"]
+    save_file(state, str(weights))
+    with pytest.raises(KeyError, match=f"base_model.model.{re.escape(dropped)}"):
+        PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a")
+    for given in (model.config, None):
+        report = check.check(read_adapter(tmp_path / "a"), model.tensors, config=given)
+        assert not report.ok and sorted(report.why_missing) == [dropped], report
+        assert "modules_to_save entry 'lm_head'" in report.why_missing[dropped]
+    with pytest.raises(MismatchError):
+        engine.merge(base, [(read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out2", progress=False)
+
+
 @pytest.mark.parametrize("entry, asked", [("proj_out", ["single_blocks.0.linear2.weight"]), ("final_layer", [])])
 def test_modules_to_save_on_a_flux_single_file_checkpoint_are_matched_as_diffusers_paths(tmp_path, entry, asked):
     """A PEFT adapter of diffusers' FluxTransformer2DModel (proj_out saved whole) bound to a BFL single-file
@@ -1163,22 +1213,148 @@ def test_tied_saved_embeddings_with_save_embedding_layers_merge_as_peft_loads_th
     "model.embed_tokens" alone. The head's wrapper keys (lm_head.original_module/modules_to_save.weight) were read
     as whole tensors of their own, not in the base: the adapter fit no base. Left out as for a listed module, the
     merge is PEFT's merge_and_unload."""
+    base = tied_llama_saved_with_embedding_layers(tmp_path, entry)
+    assert "base_model.model.lm_head.original_module.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.full_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
+
+
+@pytest.mark.parametrize("edited", ["lm_head.original_module.weight", "model.embed_tokens.original_module.weight",
+                                    "lm_head.modules_to_save.weight", "lm_head.weight"])
+def test_an_edited_tied_copy_under_ensure_weight_tying_merges_as_peft_loads_it_or_is_refused(tmp_path, edited):
+    """A tied Llama's embeddings saved with ensure_weight_tying and save_embedding_layers, one key edited. PEFT's
+    load leaves the wrapper keys unused (original_module, modules_to_save): loraops merges as PEFT does. A head copy
+    (lm_head.weight) that differs from model.embed_tokens.weight is loaded into PEFT's one tied tensor, the last
+    read winning (the head's), where loraops wrote the two untied: refused, in one line."""
+    import peft
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = tied_llama_saved_with_embedding_layers(tmp_path, "embed_tokens")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    state[f"base_model.model.{edited}"] += 1.0
+    save_file(state, str(weights))
+    adapter = read_adapter(tmp_path / "a")
+    if edited != "lm_head.weight":
+        assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
+        return
+    merged = peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a").merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert torch.equal(merged.lm_head.weight, state["base_model.model.lm_head.weight"])
+    bound = BaseModel.open(base)
+    for config in (bound.config, None):
+        report = check.check(adapter, bound.tensors, config=config)
+        assert sorted(report.why_missing) == ["lm_head.weight"], report
+        assert "ensure_weight_tying keeps tied (one tensor), with different values" in report.why_missing["lm_head.weight"]
+    with pytest.raises(MismatchError, match="with different values"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("edited", [None, "lm_head.original_module.weight", "model.embed_tokens.weight"])
+def test_an_original_module_copy_that_differs_from_the_tied_embeddings_is_refused(tmp_path, edited):
+    """A tied Llama's head saved whole (modules_to_save=["lm_head"], no ensure_weight_tying) with
+    save_embedding_layers: the file holds lm_head.original_module.weight, the base's head, which is the embeddings,
+    beside model.embed_tokens.weight, equal. PEFT's load puts original_module's values into the tied embeddings after
+    model.embed_tokens.weight's: edited to differ, PEFT's embeddings are original_module's, where loraops merged
+    model.embed_tokens.weight. Refused in one line; the file as PEFT saved it merges as PEFT loads it."""
+    import peft
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = tied_llama_saved_with_embedding_layers(tmp_path, "lm_head", tying=False)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    if edited is None:
+        assert_merges_as_peft_loads(read_adapter(tmp_path / "a"), tmp_path / "a", base,
+                                    lambda: factories.load_model(base), tmp_path / "out")
+        return
+    state[f"base_model.model.{edited}"] += 1.0
+    save_file(state, str(weights))
+    merged = peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a").merge_and_unload()
+    assert torch.equal(merged.model.embed_tokens.weight, state["base_model.model.lm_head.original_module.weight"])
+    adapter = read_adapter(tmp_path / "a")
+    bound = BaseModel.open(base)
+    for config in (bound.config, None):
+        report = check.check(adapter, bound.tensors, config=config)
+        assert sorted(report.why_missing) == ["lm_head.weight"], report
+        assert "original_module copy differs from 'model.embed_tokens.weight'" in report.why_missing["lm_head.weight"]
+        assert check.misfit_counts(report) == "1 whole tensor does"
+    with pytest.raises(MismatchError, match="original_module copy differs"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("edited", [None, "lm_head.original_module.weight"])
+def test_original_module_copies_beside_saved_embeddings_merge_as_peft_loads_them(tmp_path, edited):
+    """A tied Llama's embeddings and head both saved whole (no ensure_weight_tying) with save_embedding_layers: the
+    file's model.embed_tokens.weight is the trained copy, so lm_head.original_module.weight (the base's) differs from
+    it as PEFT saved it. Nothing of PEFT's adapted model uses the original_module values then (both users of the tied
+    tensor are wrapped): the file merges as PEFT loads it, edited or not (it was refused as an edited copy)."""
+    base = tied_llama_saved_with_embedding_layers(tmp_path, "embed_tokens", "lm_head", tying=False)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    assert not state["base_model.model.lm_head.original_module.weight"].equal(
+        state["base_model.model.model.embed_tokens.weight"])
+    if edited is not None:
+        state[f"base_model.model.{edited}"] += 1.0
+        save_file(state, str(weights))
+    assert_merges_as_peft_loads(read_adapter(tmp_path / "a"), tmp_path / "a", base,
+                                lambda: factories.load_model(base), tmp_path / "out")
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_an_original_module_copy_without_the_embeddings_in_the_file_is_compared_with_the_base_s(tmp_path, edited):
+    """As above, model.embed_tokens.weight dropped from the file (PEFT loads it: the embeddings are not wrapped): the
+    original_module copy is compared with the base's stored embeddings, refused only where it differs from them
+    (the stored blocks came flat, so every such file was refused). A registered base's manifest alone (no values)
+    has nothing to compare: check passes (it raised an AttributeError)."""
+    import peft
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+    from loraops.records import TensorRecord
+
+    base = tied_llama_saved_with_embedding_layers(tmp_path, "lm_head", tying=False)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    del state["base_model.model.model.embed_tokens.weight"]
+    if edited:
+        state["base_model.model.lm_head.original_module.weight"] += 1.0
+    save_file(state, str(weights))
+    adapter = read_adapter(tmp_path / "a")
+    bound = BaseModel.open(base)
+    records = {name: TensorRecord(name=name, dtype=info.dtype, shape=tuple(info.shape))
+               for name, info in bound.tensors.items()}
+    assert check.check(adapter, records).ok
+    if not edited:
+        assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
+        return
+    merged = peft.PeftModel.from_pretrained(factories.load_model(base), tmp_path / "a").merge_and_unload()
+    assert torch.equal(merged.model.embed_tokens.weight, state["base_model.model.lm_head.original_module.weight"])
+    report = check.check(adapter, bound.tensors, config=bound.config)
+    assert sorted(report.why_missing) == ["lm_head.weight"], report
+    assert "original_module copy differs from 'model.embed_tokens.weight'" in report.why_missing["lm_head.weight"]
+
+
+def tied_llama_saved_with_embedding_layers(tmp_path, *entries: str, tying: bool = True):
+    """A tied Llama (``tmp_path/base``, returned) and a PEFT LoRA on it (``tmp_path/a``) with ``entries`` saved whole
+    (trained), ensure_weight_tying as ``tying``, saved with save_embedding_layers=True."""
     import peft
 
     base = factories.tiny_llama(tmp_path / "base", tie=True)
     torch.manual_seed(1)
     model = peft.get_peft_model(factories.load_model(base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[entry], ensure_weight_tying=True,
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=list(entries), ensure_weight_tying=tying,
         init_lora_weights=False))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".modules_to_save." in name:
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
-    assert "base_model.model.lm_head.original_module.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
-    adapter = read_adapter(tmp_path / "a")
-    assert sorted(adapter.full_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
-    assert_merges_as_peft_loads(adapter, tmp_path / "a", base, lambda: factories.load_model(base), tmp_path / "out")
+    return base
 
 
 def assert_merges_as_peft_loads(adapter, folder, base, load, out):
@@ -1195,3 +1371,68 @@ def assert_merges_as_peft_loads(adapter, folder, base, load, out):
     assert merged.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("entry", ["attn", "attn.c_attn"])
+def test_modules_to_save_wrapping_a_module_inside_another_is_refused(tmp_path, entry):
+    """GPT-2 with modules_to_save=["attn"]: the entry ends both h.N.attn and h.N.attn.c_attn, and PEFT wraps both,
+    the inner one a stray child of the outer wrapper that its forward does not use. Its save writes both copies of
+    c_attn under one key, the stray one's last: the file lacks the values the adapted model computes with, and PEFT
+    fails to load it (a KeyError). loraops merged the stray values (logits 0.5 off the adapted model's): refused in
+    one line. An entry that wraps c_attn alone merges to the adapted model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+
+    base = factories.tiny_transformers(tmp_path / "base", "gpt2", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4,
+                                       vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(1)
+    adapted = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["c_fc"], modules_to_save=[entry], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.05 * torch.randn_like(param))
+        tokens = torch.arange(3, 19).view(2, 8)
+        expected = adapted(input_ids=tokens).logits
+    adapted.save_pretrained(tmp_path / "a")
+    adapter = read_adapter(tmp_path / "a")
+    model = BaseModel.open(base)
+    if entry == "attn.c_attn":
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+        with torch.no_grad():
+            merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()(input_ids=tokens).logits
+        torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+        return
+    with pytest.raises(KeyError, match="attn.c_attn.weight"):
+        PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), tmp_path / "a")
+    report = check.check(adapter, model.tensors, config=model.config)
+    assert sorted(report.why_missing) == [f"transformer.h.{i}.attn.c_attn.{leaf}" for i in (0, 1)
+                                          for leaf in ("bias", "weight")], report
+    assert "which modules_to_save wraps inside 'transformer.h.0.attn'" in \
+        report.why_missing["transformer.h.0.attn.c_attn.weight"]
+    with pytest.raises(MismatchError, match="wraps inside"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
+
+
+def test_modules_to_save_naming_a_grandchild_of_a_saved_module_merge_as_peft_loads_them(tmp_path):
+    """GPT-2 with modules_to_save=["h.0", "c_fc"]: h.0.mlp.c_fc lies two levels inside h.0, and PEFT does not wrap it
+    again (_set_trainable updates the wrapper it finds as the grandparent): h.0 is saved whole, c_fc in it, and PEFT
+    loads the file. It was refused as wrapped twice (as a child such as h.0.ln_1 is); it merges as PEFT loads it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    base = factories.tiny_transformers(tmp_path / "base", "gpt2", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4,
+                                       vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(1)
+    adapted = get_peft_model(GPT2LMHeadModel.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["transformer.h.1.mlp.c_proj"], modules_to_save=["h.0", "c_fc"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.05 * torch.randn_like(param))
+    adapted.save_pretrained(tmp_path / "a")
+    assert_merges_as_peft_loads(read_adapter(tmp_path / "a"), tmp_path / "a", base,
+                                lambda: GPT2LMHeadModel.from_pretrained(base), tmp_path / "out")

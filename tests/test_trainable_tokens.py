@@ -539,3 +539,42 @@ def test_tokens_on_a_layer_saved_whole_count_once_against_a_base_it_does_not_fit
                                          "model.embed_tokens.weight (full tensor 130×64, base 128×64)"]
     resized = BaseModel.open(tmp_path / "base")
     assert check.check(adapter, resized.tensors, config=resized.config).ok
+
+
+def test_tokens_on_a_layer_saved_whole_that_the_base_cannot_merge_into_count_once(tmp_path):
+    """Tokens on embeddings saved whole (save_embedding_layers), on a base storing those embeddings in a layout
+    loraops does not merge into (int8 here): the whole tensor is refused once, with merge's reason; its token rows go
+    into that layer and are not refused again, nor counted as misfits ("1 whole tensor does", 2/2 token rows)."""
+    from dataclasses import replace
+
+    folder, peft_model = token_adapter(tiny_llama(tmp_path / "base"), tmp_path / "a",
+                                       lora(trainable_token_indices=[3, 5]))
+    peft_model.save_pretrained(folder, save_embedding_layers=True)
+    adapter = formats.read_adapter(folder)
+    assert "model.embed_tokens.weight" in adapter.full_tensors and "model.embed_tokens.weight" in adapter.token_rows
+    base = BaseModel.open(tmp_path / "base")
+    embeddings = "model.embed_tokens.weight"
+    manifest = {**base.tensors, embeddings: replace(base.tensors[embeddings], dtype="I8")}
+    report = check.check(adapter, manifest, quantization=lambda name: None)
+    assert not report.ok and report.missing == [embeddings], report
+    whole = len(adapter.full_tensors)
+    assert check.fit_counts(report) == f"{len(adapter.modules)}/{len(adapter.modules)} modules, " \
+                                       f"{whole - 1}/{whole} whole tensors and 2/2 token rows"
+    assert check.misfit_counts(report) == "1 whole tensor does"
+    assert check.misfits(report) == [f"{embeddings} ({report.why_missing[embeddings]})"]
+
+
+def test_token_rows_beyond_the_base_count_as_misfits(tmp_path):
+    """Tokens of a resized vocabulary (rows 128 and 129) saved without the embedding layers, checked against the base
+    before resizing: the rows misfit and are counted so ("0/2 token rows", "2 token rows do")."""
+    model = load_model(tiny_llama(tmp_path / "source"))
+    model.resize_token_embeddings(130)
+    model.save_pretrained(tmp_path / "base")
+    folder, _ = token_adapter(tmp_path / "base", tmp_path / "a", lora(trainable_token_indices=[128, 129]))
+    adapter = formats.read_adapter(folder)
+    assert not adapter.full_tensors
+    base = BaseModel.open(tmp_path / "source")
+    report = check.check(adapter, base.tensors, config=base.config)
+    assert not report.ok
+    assert check.fit_counts(report) == f"{len(adapter.modules)}/{len(adapter.modules)} modules and 0/2 token rows"
+    assert check.misfit_counts(report) == "2 token rows do"

@@ -217,6 +217,23 @@ def wrapping_entry(entries: Iterable[str], module: str) -> str | None:
     return next((m for i in range(1, len(parts) + 1) for m in entries if ".".join(parts[:i]).endswith(m)), None)
 
 
+def wrapped_twice(entries: Iterable[str], module: str) -> tuple[str, str] | None:
+    """(the outer, the inner) of two modules PEFT wraps that ``module`` lies in, one inside the other, or None. An
+    entry ends both names (GPT-2's "attn": h.0.attn and, inside it, h.0.attn.c_attn): PEFT 0.21 wraps the inner one
+    as a stray child of the outer wrapper, unused by its forward, and saves both under one key (the inner copy's
+    values last), so its file lacks the trained copy the adapted model computes with, and its load fails (KeyError).
+    A module whose grandparent PEFT wrapped is not wrapped again (_set_trainable updates the grandparent's wrapper):
+    modules_to_save=["h.0", "c_fc"] saves h.0 whole, c_fc in it, and loads."""
+    parts = module.split(".")
+    entries = list(entries)
+    wrapped: list[str] = []
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if any(name.endswith(m) for m in entries) and ".".join(parts[:i - 2]) not in wrapped:
+            wrapped.append(name)
+    return (wrapped[0], wrapped[1]) if len(wrapped) > 1 else None
+
+
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
     tying = ties_weights(cfg)  # (before the fields of another method are narrowed to LoRA's below)
@@ -712,6 +729,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     lora_modules = frozenset(parsed.factors) | frozenset(products) | frozenset(lambdas)
     token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
     wrapper_keys = wrapper_state_keys((key.removeprefix(PREFIX) for key in parsed.others), cfg)
+    originals = {f"{match['owner']}.{match['param']}": PREFIX + key for key in wrapper_keys
+                 if ".original_module." in key and (match := WRAPPER_STATE.match(key)) is not None}
     parsed.others = [key for key in parsed.others if key.removeprefix(PREFIX) not in wrapper_keys]
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
                   or saved_beside_wrapper(key.removeprefix(PREFIX), wrapper_keys) for key in parsed.others}
@@ -752,6 +771,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     return Adapter(
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
         token_rows=rows, targeted=lora_modules if cfg_file is not None else None,
+        originals={name: tensors[key] for name, key in originals.items()},
         base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
