@@ -60,8 +60,10 @@ METHODS: dict[str, MethodSpec] = {
     "nuslerp": MethodSpec(("weight",), {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"},
                           needs_base=True),
     "model_stock": MethodSpec((), {"filter_wise": "filter_wise"}, weighted=False, needs_base=True),
+    "multislerp": MethodSpec(("weight",), {"normalize_weights": "normalize_weights", "eps": "eps"}, needs_base=True),
 }
-BOOLEAN = {"normalize", "rescale", "int8_mask", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise"}
+BOOLEAN = {"normalize", "rescale", "int8_mask", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise",
+           "normalize_weights"}
 TENSOR_PARAMETERS = ("weight", "density", "gamma", "epsilon")
 REFUSED_TOP = {
     "slices": "layer slices are not supported: a recipe combines whole adapters (list them under models)",
