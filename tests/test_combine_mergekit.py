@@ -282,6 +282,9 @@ def test_cli_end_to_end_with_lineage(files):
                                   "task vector unchanged, whatever its weight"),
     (["{a}", "{b}:-1", "-m", "multislerp"], "error: multislerp with normalize_weights divides the weights by their "
                                             "sum, which is 0: give other weights, or --no-normalize-weights"),
+    (["{a}", "{a}:-1", "{c}:0", "-m", "multislerp", "--no-normalize-weights"],  # (found while combining)
+     "error: multislerp: in model.layers.0.self_attn.q_proj the weighted mean of the task vectors' directions is zero "
+     "(vectors that cancel out, as a and −a with equal weights): give other weights"),
     (["{a}", "{b}", "-m", "nuslerp", "--row-wise"], "error: bad parameters for nuslerp: row_wise applies only with "
                                                     "flatten off (--no-flatten): a flattened module is one vector"),
     (["{a}", "{b}", "-m", "ties", "--density", "0.5", "--select-topk", "0.5"],
