@@ -764,7 +764,7 @@ def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Cont
     plain = [replace(term, weight=1.0) for term in terms]
     gram = torch.stack([torch.stack([inner_products(a, b, "module") for b in plain]) for a in plain])
     norms = gram.diagonal().clamp(min=0).sqrt()
-    w = torch.tensor([t.weight for t in terms], dtype=torch.float64)
+    w = torch.tensor([t.weight for t in terms], dtype=torch.float64, device=gram.device)
     if params.normalize_weights:
         w = w / w.sum()
     eps = params.eps
