@@ -142,6 +142,10 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
      "r: models[1] (a) has no weight: mergekit's multislerp requires one"),
     ({"merge_method": "multislerp", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}],
       "parameters": {"normalize_weights": 1}}, "r: parameters.normalize_weights must be true or false (got 1)"),
+    ({"merge_method": "multislerp", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                                                   {"model": "c", "parameters": {"weight": -1}}]},
+     "r: multislerp with normalize_weights divides the weights by their sum, which is 0: give other weights, or "
+     "normalize_weights: false"),
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "r: models[1].parameters: model_stock takes no per-model 'weight'"),
     ({"merge_method": "linear", "parameters": {"normalize": False},
