@@ -77,7 +77,7 @@ def test_sce_negative_weight_subtracts(inputs):
 @pytest.mark.parametrize("method, params", [
     ("sce", {"select_topk": 0.35}), ("sce", {"select_topk": 0.6, "consensus": "count"}), ("nuslerp", {}),
     ("nuslerp", {"flatten": False}), ("nuslerp", {"flatten": False, "row_wise": True}), ("model_stock", {}),
-    ("model_stock", {"filter_wise": True})])
+    ("model_stock", {"filter_wise": True}), ("multislerp", {})])
 @pytest.mark.parametrize("block_elements", [16, 1 << 22])
 def test_transposed_and_conv_modules_match_the_reference(method, params, block_elements, monkeypatch):
     """mergekit works on the checkpoint's tensor: an embedding's and a Conv1D's weight hold (B·A)ᵀ, so their rows (the
