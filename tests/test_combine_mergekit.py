@@ -204,6 +204,20 @@ def test_multislerp_of_parallel_opposite_and_zero_task_vectors():
     assert not zeros.modules["z"].delta().any() and zeros.modules["m"].delta().any()
 
 
+def test_multislerp_at_eps_zero_takes_the_limit_where_mergekit_divides_zero_by_zero():
+    """eps 0 and a module one of three adapters lacks: mergekit's direction of its zero task vector is 0/0 (the module
+    NaN); loraops' is the limit eps → 0, direction 0 (its weight still counted)."""
+    a, b, c = (lora_adapter(shapes, rank=r, seed=s) for shapes, r, s in
+               (({"m": (12, 20), "o": (8, 20)}, 4, 1), ({"m": (12, 20)}, 3, 2), ({"m": (12, 20)}, 2, 3)))
+    inputs = [(a, 1.0), (b, 2.0), (c, 0.5)]
+    result, _ = combine(inputs, "multislerp", {"eps": 0}, device="cpu")
+    taus = [a.modules["o"].delta(dtype=torch.float64), torch.zeros(8, 20, dtype=torch.float64)]
+    assert ref.multislerp([taus[0], taus[1], taus[1]], [1.0, 2.0, 0.5], eps=0).isnan().all()
+    limit = ref.multislerp([taus[0], taus[1], taus[1]], [1.0, 2.0, 0.5], eps=1e-300)
+    torch.testing.assert_close(limit, taus[0] / 3.5)
+    torch.testing.assert_close(result.modules["o"].delta(dtype=torch.float64), limit, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("method, weights, params, message", [
     ("nuslerp", [1, 1, 1], {}, "nuslerp interpolates between exactly two adapters (got 3)"),
     ("nuslerp", [1], {}, "nuslerp interpolates between exactly two adapters (got 1)"),
