@@ -1,5 +1,5 @@
-"""Adapter algebra: combine (cat, linear, ties, dare_ties, breadcrumbs_ties, della, nuslerp), resize (fixed and kohya's
-dynamic rules), export.
+"""Adapter algebra: combine (cat, linear, ties, dare_ties, breadcrumbs_ties, della, nuslerp, multislerp), resize
+(fixed and kohya's dynamic rules), export.
 
     python examples/03_algebra.py [WORKDIR]
 
@@ -72,6 +72,8 @@ def main() -> None:
     # nuslerp: the spherical interpolation of two deltas (here of each output channel's row, at t = 0.5), from the
     # factors alone: the result is a combination of the two, so the default rank (16 + 8) is lossless.
     loraops("combine", "style", "big", "--method", "nuslerp", "--no-flatten", "--name", "ab-nuslerp")
+    # multislerp: the weighted mean of three deltas' directions, at the weighted mean of their norms (lossless too).
+    loraops("combine", "style", "subject:0.5", "big", "--method", "multislerp", "--name", "abc-multislerp")
 
     from loraops.registry import Registry
 

@@ -425,7 +425,7 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
                         f"{method} (adapter {i + 1})") for i in range(len(weights))] if lists else None
     parsed = own[0] if own else parse_params(spec.params, given, method)
     if spec.check_weights is not None:
-        spec.check_weights(method, list(weights))
+        spec.check_weights(method, list(weights), parsed)
     if rank is not None and rank <= 0:
         raise InvalidInputError(f"rank must be a positive integer (got {rank})")
     if rank is not None and spec.default_rank is None:

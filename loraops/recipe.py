@@ -60,8 +60,10 @@ METHODS: dict[str, MethodSpec] = {
     "nuslerp": MethodSpec(("weight",), {"nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"},
                           needs_base=True),
     "model_stock": MethodSpec((), {"filter_wise": "filter_wise"}, weighted=False, needs_base=True),
+    "multislerp": MethodSpec(("weight",), {"normalize_weights": "normalize_weights", "eps": "eps"}, needs_base=True),
 }
-BOOLEAN = {"normalize", "rescale", "int8_mask", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise"}
+BOOLEAN = {"normalize", "rescale", "int8_mask", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise",
+           "normalize_weights"}
 TENSOR_PARAMETERS = ("weight", "density", "gamma", "epsilon")
 REFUSED_TOP = {
     "slices": "layer slices are not supported: a recipe combines whole adapters (list them under models)",
@@ -367,6 +369,10 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
             raise refuse(f"linear without normalize sums whole models (Σw·base + Σwτ), a task vector over the base "
                          f"only when the weights sum to 1 (they sum to {total:g})")
         return "linear", [w * factor for w in weights]
+    if name == "multislerp" and params.get("normalize_weights", True) and not sum(weights):
+        # combine's own refusal points at --no-normalize-weights, which is refused beside --recipe
+        raise refuse("multislerp with normalize_weights divides the weights by their sum, which is 0: give other "
+                     "weights, or normalize_weights: false")
     if name == "nuslerp" and params.get("flatten", True):
         params.pop("row_wise", None)  # mergekit flattens before it looks at row_wise (combine refuses the pair)
     return name, weights

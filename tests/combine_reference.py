@@ -158,13 +158,40 @@ def model_stock(taus, filter_wise=False):
     return (t * sum(vectors) / n).reshape(shape)
 
 
+def multislerp(taus, weights, normalize_weights=True, eps=1e-8):
+    """mergekit's multislerp of task vectors as it is written: one input returned as it is; each tensor flattened,
+    divided by its norm + eps; the weighted mean direction (its norm below eps: two inputs lerp, more are mergekit's
+    ValueError); the weighted tangents at it, mapped back by the exponential map at ‖t‖ + eps; times Σ wᵢ‖τᵢ‖."""
+    if len(taus) == 1:
+        return taus[0]
+    shape = taus[0].shape
+    flat = torch.stack(taus).reshape(len(taus), -1)
+    w = torch.tensor(weights, dtype=flat.dtype)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(taus) == 2:
+            return (flat[0] * w[0] + flat[1] * w[1]).reshape(shape)
+        raise ValueError("The weighted sum of the input tensors is zero.")
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    t = (tangents * w.view(-1, 1)).sum(0)
+    t_norm = torch.norm(t) + eps
+    result = mean * torch.cos(t_norm) + t * (torch.sin(t_norm) / t_norm)
+    return (result * (norms.squeeze(-1) * w).sum()).reshape(shape)
+
+
 CONSENSUS = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 NORMALIZED = {"ties", "della"}  # normalize's default
 
 
 def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.15, normalize=None, lam=1.0,
               rescale=True, consensus="sum", select_topk=1.0, flatten=True, row_wise=False, filter_wise=False,
-              rescale_norm=None):
+              rescale_norm=None, normalize_weights=True, eps=1e-8):
     """The module's combined delta, in the base weight's layout: DELLA ranks the rows of that layout (and loraops
     draws its uniforms there); DARE's draws are in the B·A layout, the same one for all but transposed modules.
     ``rescale_norm``: mergekit's current rescale, each sparsified τ (DARE's and DELLA's survivors undivided) brought
@@ -180,6 +207,8 @@ def reference(method, inputs, name, density=None, seed=0, gamma=0.01, epsilon=0.
         return nuslerp(w2 / (w1 + w2), tau1, tau2, dim=0 if row_wise else -1, flatten=flatten)
     if method == "model_stock":
         return model_stock([w * t for w, t in pairs], filter_wise)
+    if method == "multislerp":
+        return multislerp([t for _, t in pairs], weights, normalize_weights, eps)
     if method in ("ties", "magnitude_prune"):
         sparse = [trim(t, density) for _, t in pairs]
     elif method.startswith("breadcrumbs"):

@@ -101,7 +101,7 @@ def test_resize_table_and_export_round_trip(files, reg, tmp_path):
 @pytest.mark.parametrize("args, code, message", [
     (["combine", "{a}", "--method", "mean"], 2,
      "error: unknown combine method 'mean': use one of cat, linear, svd, ties, dare_ties, dare_linear, breadcrumbs, "
-     "breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp, model_stock"),
+     "breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp, model_stock, multislerp"),
     (["combine", "{a}", "{b}", "--method", "ties", "--density", "1.5"], 2,
      "error: bad parameters for ties: density: Input should be less than or equal to 1"),
     (["combine", "{a}", "--method", "linear", "--rank", "0"], 2, "error: rank must be a positive integer (got 0)"),

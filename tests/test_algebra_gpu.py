@@ -21,7 +21,8 @@ def inputs():
                                                   ("ties", {"density": 0.3, "rescale_norm": "l2"}, 8),
                                                   ("sce", {"select_topk": 0.3, "consensus": "count"}, 8),
                                                   ("nuslerp", {"flatten": False}, None),
-                                                  ("model_stock", {"filter_wise": True}, 6)])
+                                                  ("model_stock", {"filter_wise": True}, 6),
+                                                  ("multislerp", {}, None)])
 @pytest.mark.parametrize("precise", [False, True])
 def test_combine_on_cuda_matches_cpu(inputs, method, params, rank, precise):
     if method == "nuslerp":  # (its weights place t: ≥ 0)

@@ -77,7 +77,7 @@ def test_sce_negative_weight_subtracts(inputs):
 @pytest.mark.parametrize("method, params", [
     ("sce", {"select_topk": 0.35}), ("sce", {"select_topk": 0.6, "consensus": "count"}), ("nuslerp", {}),
     ("nuslerp", {"flatten": False}), ("nuslerp", {"flatten": False, "row_wise": True}), ("model_stock", {}),
-    ("model_stock", {"filter_wise": True})])
+    ("model_stock", {"filter_wise": True}), ("multislerp", {})])
 @pytest.mark.parametrize("block_elements", [16, 1 << 22])
 def test_transposed_and_conv_modules_match_the_reference(method, params, block_elements, monkeypatch):
     """mergekit works on the checkpoint's tensor: an embedding's and a Conv1D's weight hold (B·A)ᵀ, so their rows (the
@@ -142,11 +142,13 @@ def test_model_stock_ratios():
 
 
 @pytest.mark.parametrize("method, params", [("nuslerp", {"flatten": False}), ("nuslerp", {}),
-                                            ("model_stock", {"filter_wise": True}), ("model_stock", {})])
+                                            ("model_stock", {"filter_wise": True}), ("model_stock", {}),
+                                            ("multislerp", {"eps": 0})])
 def test_angles_of_small_task_vectors_are_exact(method, params):
     """The angles do not depend on the task vectors' size (mergekit's absolute clamps, of each norm at 1e-7 in nuslerp
-    and of two norms' product at 1e-6 in model_stock, are deliberately not taken: docs/algebra.md): task vectors
-    scaled by 1e-8 (rows of norm below 1e-7) give 1e-8 × the result."""
+    and of two norms' product at 1e-6 in model_stock, are deliberately not taken: docs/algebra.md; multislerp keeps
+    mergekit's eps, absolute, and is so at eps 0): task vectors scaled by 1e-8 (rows of norm below 1e-7) give 1e-8 ×
+    the result."""
     inputs = pair(1, 2)
     small = [(replace(a, modules={n: replace(m, scale=m.scale * 1e-8) for n, m in a.modules.items()}), w)
              for a, w in inputs]
@@ -170,6 +172,52 @@ def test_sce_of_modules_that_are_zero_in_every_input():
         assert not result.modules["z"].delta().any(), params
 
 
+def scaled(adapter, factor):
+    """``adapter`` with every delta times ``factor`` (by the scale: exactly parallel in float64)."""
+    return replace(adapter, modules={n: replace(m, scale=m.scale * factor) for n, m in adapter.modules.items()})
+
+
+def test_multislerp_of_parallel_opposite_and_zero_task_vectors():
+    """Against mergekit's code (float64 reference) where its cases part: parallel task vectors keep their direction at
+    the weighted mean norm (τ, 2τ at 1:3 give 1.75·τ), lossless at rank Σ rᵢ; opposite ones whose directions cancel
+    (τ, −3τ at 1:1) take mergekit's fallback, the weighted sum (−τ); with three inputs mergekit raises there, and so
+    does loraops, in one line naming the module; a module every input leaves at zero comes out zero (mergekit: its
+    error)."""
+    one = lora_adapter({"m": (12, 20), "z": (8, 20)}, rank=4, seed=1)
+    one = replace(one, modules={**one.modules, "z": replace(one.modules["z"], B=torch.zeros_like(one.modules["z"].B))})
+    tau = one.modules["m"].delta(dtype=torch.float64)
+    for inputs, want in (([(one, 1.0), (scaled(one, 2), 3.0)], 1.75 * tau), ([(one, 1.0), (scaled(one, -3), 1.0)], -tau)):
+        result, report = combine(inputs, "multislerp", {}, device="cpu")
+        assert result.ranks == {"m": 8, "z": 8} and {m.svd for m in report.modules} == {"factored"}
+        mergekit = ref.multislerp([a.modules["m"].delta(dtype=torch.float64) for a, _ in inputs], [w for _, w in inputs])
+        torch.testing.assert_close(mergekit, want)
+        torch.testing.assert_close(result.modules["m"].delta(dtype=torch.float64), want, rtol=1e-5, atol=1e-6)
+        assert not result.modules["z"].delta().any()
+    cancelling = [(one, 1.0), (scaled(one, -1), 1.0), (lora_adapter({"m": (12, 20)}, rank=2, seed=3), 0.0)]
+    with pytest.raises(ValueError, match="The weighted sum of the input tensors is zero"):
+        ref.multislerp([a.modules["m"].delta(dtype=torch.float64) for a, _ in cancelling], [1.0, 1.0, 0.0])
+    with pytest.raises(InvalidInputError) as info:
+        combine(cancelling, "multislerp", {}, device="cpu")
+    assert str(info.value) == ("multislerp: in m the weighted mean of the task vectors' directions is zero (vectors "
+                               "that cancel out, as a and −a with equal weights): give other weights")
+    zeros, _ = combine([(one, 1.0), (one, 2.0), (one, 0.5)], "multislerp", {}, device="cpu")
+    assert not zeros.modules["z"].delta().any() and zeros.modules["m"].delta().any()
+
+
+def test_multislerp_at_eps_zero_takes_the_limit_where_mergekit_divides_zero_by_zero():
+    """eps 0 and a module one of three adapters lacks: mergekit's direction of its zero task vector is 0/0 (the module
+    NaN); loraops' is the limit eps → 0, direction 0 (its weight still counted)."""
+    a, b, c = (lora_adapter(shapes, rank=r, seed=s) for shapes, r, s in
+               (({"m": (12, 20), "o": (8, 20)}, 4, 1), ({"m": (12, 20)}, 3, 2), ({"m": (12, 20)}, 2, 3)))
+    inputs = [(a, 1.0), (b, 2.0), (c, 0.5)]
+    result, _ = combine(inputs, "multislerp", {"eps": 0}, device="cpu")
+    taus = [a.modules["o"].delta(dtype=torch.float64), torch.zeros(8, 20, dtype=torch.float64)]
+    assert ref.multislerp([taus[0], taus[1], taus[1]], [1.0, 2.0, 0.5], eps=0).isnan().all()
+    limit = ref.multislerp([taus[0], taus[1], taus[1]], [1.0, 2.0, 0.5], eps=1e-300)
+    torch.testing.assert_close(limit, taus[0] / 3.5)
+    torch.testing.assert_close(result.modules["o"].delta(dtype=torch.float64), limit, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("method, weights, params, message", [
     ("nuslerp", [1, 1, 1], {}, "nuslerp interpolates between exactly two adapters (got 3)"),
     ("nuslerp", [1], {}, "nuslerp interpolates between exactly two adapters (got 1)"),
@@ -183,6 +231,14 @@ def test_sce_of_modules_that_are_zero_in_every_input():
     ("model_stock", [1], {}, "model_stock needs at least two adapters (got 1): its ratio comes from the angles between "
                              "their task vectors"),
     ("model_stock", [1, 1], {"flatten": False}, "model_stock takes no flatten (it is a parameter of nuslerp)"),
+    ("multislerp", [2], {}, "multislerp needs at least two adapters (got 1): of one, mergekit returns its task vector "
+                            "unchanged, whatever its weight"),
+    ("multislerp", [1, -0.5, -0.5], {}, "multislerp with normalize_weights divides the weights by their sum, which is "
+                                        "0: give other weights, or --no-normalize-weights"),
+    ("multislerp", [1, 1], {"eps": -1}, "bad parameters for multislerp: eps: Input should be greater than or equal "
+                                        "to 0"),
+    ("multislerp", [1, 1], {"lambda": 2}, "multislerp takes no lambda (it is a parameter of ties, dare_ties, "
+                                          "dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear)"),
     ("sce", [1, 1], {"select_topk": 0}, "bad parameters for sce: select_topk: Input should be greater than 0"),
     ("sce", [1, 1], {"density": 0.5}, "sce takes no density (it is a parameter of ties,"),
 ])
@@ -192,8 +248,8 @@ def test_bad_inputs_and_parameters_are_one_line(method, weights, params, message
         combine([(adapter, w) for w in weights], method, params, device="cpu")
     text = str(info.value)
     assert (text.startswith(message) if message.endswith(",") else message in text) and "\n" not in text
-    if method == "nuslerp" and "lambda" in params:
-        assert text == message  # the weights only place t: scaling them is no substitute
+    if method in ("nuslerp", "multislerp") and "lambda" in params:
+        assert text == message  # the weights place t, or are normalized: scaling them is no substitute
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +270,9 @@ def test_cli_end_to_end_with_lineage(files):
                        "nuslerp(flatten=False, row_wise=True) of a@1×1, b@1×0.5", {"flatten": False, "row_wise": True}),
         "abc-stock": (["model_stock", "--filter-wise", "--rank", "6"],
                       "model_stock(filter_wise=True) of a@1×1, b@1×0.5, c@1×1", {"filter_wise": True}),
+        "abc-multislerp": (["multislerp", "--no-normalize-weights", "--eps", "0.001"],
+                           "multislerp(normalize_weights=False, eps=0.001) of a@1×1, b@1×0.5, c@1×1",
+                           {"normalize_weights": False, "eps": 0.001}),
     }
     for name, (args, first, params) in runs.items():
         refs = [f"{files['a']}", f"{files['b']}:0.5"] + ([str(files["c"])] if name.startswith("abc") else [])
@@ -233,6 +292,13 @@ def test_cli_end_to_end_with_lineage(files):
     (["{a}", "{b}", "{c}", "-m", "nuslerp"], "error: nuslerp interpolates between exactly two adapters (got 3)"),
     (["{a}", "-m", "model_stock"], "error: model_stock needs at least two adapters (got 1): its ratio comes from the "
                                    "angles between their task vectors"),
+    (["{a}", "-m", "multislerp"], "error: multislerp needs at least two adapters (got 1): of one, mergekit returns its "
+                                  "task vector unchanged, whatever its weight"),
+    (["{a}", "{b}:-1", "-m", "multislerp"], "error: multislerp with normalize_weights divides the weights by their "
+                                            "sum, which is 0: give other weights, or --no-normalize-weights"),
+    (["{a}", "{a}:-1", "{c}:0", "-m", "multislerp", "--no-normalize-weights"],  # (found while combining)
+     "error: multislerp: in model.layers.0.self_attn.q_proj the weighted mean of the task vectors' directions is zero "
+     "(vectors that cancel out, as a and −a with equal weights): give other weights"),
     (["{a}", "{b}", "-m", "nuslerp", "--row-wise"], "error: bad parameters for nuslerp: row_wise applies only with "
                                                     "flatten off (--no-flatten): a flattened module is one vector"),
     (["{a}", "{b}", "-m", "ties", "--density", "0.5", "--select-topk", "0.5"],

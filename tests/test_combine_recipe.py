@@ -136,6 +136,16 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({**TIES, "base_model": "a"}, "r: models lists no adapter besides the base_model"),
     ({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "r: nuslerp needs a base_model (mergekit's nuslerp without one works on whole weights"),
+    ({"merge_method": "multislerp", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+     "r: multislerp needs a base_model (mergekit's multislerp without one works on whole weights"),
+    ({"merge_method": "multislerp", "base_model": "b", "models": [{"model": "a"}]},
+     "r: models[1] (a) has no weight: mergekit's multislerp requires one"),
+    ({"merge_method": "multislerp", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}],
+      "parameters": {"normalize_weights": 1}}, "r: parameters.normalize_weights must be true or false (got 1)"),
+    ({"merge_method": "multislerp", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                                                   {"model": "c", "parameters": {"weight": -1}}]},
+     "r: multislerp with normalize_weights divides the weights by their sum, which is 0: give other weights, or "
+     "normalize_weights: false"),
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "r: models[1].parameters: model_stock takes no per-model 'weight'"),
     ({"merge_method": "linear", "parameters": {"normalize": False},
@@ -247,7 +257,29 @@ def test_cli_end_to_end(files, tmp_path):
     assert shown["lineage"]["params"]["params"]["density"] == [0.3, 0.8]
 
 
+@pytest.mark.registry_backend
+def test_cli_multislerp_recipe(files, tmp_path):
+    """mergekit's multislerp with its parameters: the result is mergekit's code's (float64 reference) on the three
+    task vectors, a module an adapter lacks being its zero one."""
+    from loraops.formats import read_adapter
+
+    doc = recipe("multislerp", (str(files["base"]), None), (str(files["a"]), {"weight": 0.7}),
+                 (str(files["b"]), {"weight": -0.2}), (str(files["c"]), None), base_model=str(files["base"]),
+                 parameters={"weight": 1.5, "normalize_weights": False, "eps": 0.01}, dtype="float64")
+    run = loraops("combine", "--recipe", write(tmp_path / "r.yml", doc), "--name", "abc-ms", "-o", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == ("multislerp(normalize_weights=False, eps=0.01) of a@1×0.7, b@1×-0.2, "
+                                          "c@1×1.5"), run.stdout
+    inputs = [(read_adapter(files[x]), w) for x, w in (("a", 0.7), ("b", -0.2), ("c", 1.5))]
+    out = read_adapter(tmp_path / "out")
+    assert set(out.modules) == {m for a, _ in inputs for m in a.modules}
+    for name, module in out.modules.items():
+        want = ref.reference("multislerp", inputs, name, normalize_weights=False, eps=0.01)
+        assert float((module.delta(dtype=torch.float64) - want).norm()) <= 2e-6 * float(want.norm()), name
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--eps", "0.1"], "error: --eps given with --recipe"),
     (["--density", "0.5"], "error: --density given with --recipe: the recipe gives the adapters, the method and its "
                            "parameters (edit the recipe instead)"),
     (["-m", "dare_ties"], "error: --method given with --recipe"),

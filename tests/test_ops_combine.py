@@ -42,7 +42,8 @@ CASES = [("cat", {}), ("linear", {}), ("svd", {}), ("ties", {"density": 0.3}), (
          ("della_linear", {"density": 0.4, "epsilon": 0.3, "seed": 2, "rescale_norm": "linf"}),
          ("sce", {"select_topk": 0.3}), ("sce", {}), ("sce", {"select_topk": 0.5, "consensus": "count"}),
          ("nuslerp", {}), ("nuslerp", {"flatten": False}), ("nuslerp", {"flatten": False, "row_wise": True}),
-         ("model_stock", {}), ("model_stock", {"filter_wise": True})]
+         ("model_stock", {}), ("model_stock", {"filter_wise": True}),
+         ("multislerp", {}), ("multislerp", {"normalize_weights": False}), ("multislerp", {"eps": 0.05})]
 TWO = {"nuslerp"}  # methods of exactly two inputs: the second and third (b.o then only in one of them)
 
 
@@ -51,7 +52,7 @@ def expected(method, inputs, name, params):
     keys = {"density": "density", "seed": "seed", "gamma": "gamma", "epsilon": "epsilon", "normalize": "normalize",
             "lambda": "lam", "rescale": "rescale", "consensus": "consensus", "select_topk": "select_topk",
             "flatten": "flatten", "row_wise": "row_wise", "filter_wise": "filter_wise",
-            "rescale_norm": "rescale_norm"}
+            "rescale_norm": "rescale_norm", "normalize_weights": "normalize_weights", "eps": "eps"}
     return reference(method, inputs, name, **{keys[k]: v for k, v in params.items()})
 
 

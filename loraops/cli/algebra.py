@@ -11,7 +11,7 @@ from .render import METHODS, echo_json, echo_table, layer_kind
 
 METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, "
                "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp (two adapters, "
-               "spherical), model_stock")
+               "spherical), model_stock, multislerp (spherical, two or more)")
 
 CONV_RANK_HELP = ("Rank of the k×k convolutions (kernel larger than 1×1; kohya's LoCon conv modules), --rank being the "
                   "others'; with --dynamic, their cap in place of --max-rank (default: the same rule for every module).")
@@ -68,7 +68,7 @@ def percent(value: float | None) -> str:
 
 
 RECIPE_OWNS = ("inputs", "method", "density", "gamma", "epsilon", "rescale", "rescale_norm", "select_topk", "flatten",
-               "row_wise", "filter_wise", "normalize", "lambda_")
+               "row_wise", "filter_wise", "normalize", "lambda_", "normalize_weights", "eps")
 """combine's arguments a recipe gives: given beside --recipe, they are refused (the recipe is the one description of
 the combination; its lineage says what was computed)."""
 
@@ -93,8 +93,8 @@ def recipe_arguments(ctx: click.Context, path: str):
               help="A mergekit YAML configuration (merge_method, models with per-model weight/density/gamma/epsilon, "
                    "parameters, base_model, dtype) in place of the adapters, --method and its parameters.")
 @click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
-@click.option("--rank", type=INT, help="Output rank (linear/svd, nuslerp, model_stock: default Σ ranks, lossless; "
-                                       "element-wise, sce: largest input rank).")
+@click.option("--rank", type=INT, help="Output rank (linear/svd, nuslerp, model_stock, multislerp: default Σ ranks, "
+                                       "lossless; element-wise, sce: largest input rank).")
 @click.option("--density", type=FLOAT, help="Element-wise methods: fraction of each delta kept, in (0, 1].")
 @click.option("--gamma", type=FLOAT,
               help="breadcrumbs*: fraction of each delta's largest-magnitude entries dropped (default 0.01, "
@@ -132,12 +132,16 @@ def recipe_arguments(ctx: click.Context, path: str):
 @click.option("--lambda", "lambda_", type=FLOAT,
               help="mergekit's methods (ties, dare_*, breadcrumbs*, della*): scale of the mixed result, applied after "
                    "--normalize (default 1).")
+@click.option("--normalize-weights/--no-normalize-weights", default=None,
+              help="multislerp: divide the weights by their sum (default on, as mergekit).")
+@click.option("--eps", type=FLOAT,
+              help="multislerp: mergekit's eps, added to each delta's norm (default 1e-8; 0: none).")
 @compute_options
 @output_options
 @click.pass_context
 def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, rescale, rescale_norm, consensus,
-            select_topk, flatten, row_wise, filter_wise, normalize, lambda_, device, precise, base, output, fmt, force,
-            name, as_json) -> None:
+            select_topk, flatten, row_wise, filter_wise, normalize, lambda_, normalize_weights, eps, device, precise,
+            base, output, fmt, force, name, as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage; or the adapters of a mergekit recipe (--recipe)."""
     from .. import derive
@@ -145,7 +149,7 @@ def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, re
     given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("rescale", rescale),
              ("rescale_norm", rescale_norm), ("consensus", consensus), ("select_topk", select_topk),
              ("flatten", flatten), ("row_wise", row_wise), ("filter_wise", filter_wise), ("normalize", normalize),
-             ("lambda", lambda_))
+             ("lambda", lambda_), ("normalize_weights", normalize_weights), ("eps", eps))
     params = {key: value for key, value in given if value is not None}
     refs, base_model = None, None
     if recipe is not None:

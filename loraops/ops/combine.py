@@ -37,6 +37,8 @@ weight still counts where a method normalizes by the weights).
   delta) and re-factorized exactly from the cat factors (lossless at rank Σ rᵢ).
   ``nuslerp``         two inputs: spherical interpolation of τ₁ and τ₂ at t = w₂/(w₁ + w₂) (mergekit's, with a base).
   ``model_stock``     t·mean(wᵢτᵢ), t from the mean angle between the wᵢτᵢ (mergekit's, the base at ΔW = 0).
+  ``multislerp``      two or more inputs: the weighted mean of the τᵢ's directions on the sphere, at the weighted mean
+                      of their norms (mergekit's, with a base).
 """
 from __future__ import annotations
 
@@ -100,15 +102,17 @@ class Method:
     weights_scale: bool = True
     """Multiplying every weight by λ multiplies the result by λ (where normalize is off): what a method without
     ``lambda`` tells the user to do instead."""
-    check_weights: Callable[[str, Sequence[float]], None] | None = None
-    """Refuses input counts or weights the method has no meaning for (InvalidInputError), before any work."""
+    check_weights: Callable[[str, Sequence[float], Params], None] | None = None
+    """Refuses input counts or weights the method has no meaning for, with its parameters (InvalidInputError), before
+    any work."""
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(*names: str, params: type[Params], default_rank: Callable[[list[int]], int] | None,
-             weights_scale: bool = True, check_weights: Callable[[str, Sequence[float]], None] | None = None):
+             weights_scale: bool = True,
+             check_weights: Callable[[str, Sequence[float], Params], None] | None = None):
     def decorate(fn: MethodFn) -> MethodFn:
         for name in names:
             METHODS[name] = Method(name, params, fn, default_rank, weights_scale, check_weights)
@@ -664,7 +668,7 @@ def combination(terms: list[Term], coefficients: list[torch.Tensor], vectors: Ve
     return refactor_product(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rank)
 
 
-def exactly_two(method: str, weights: Sequence[float]) -> None:
+def exactly_two(method: str, weights: Sequence[float], params: Params) -> None:
     if len(weights) != 2:
         raise InvalidInputError(f"{method} interpolates between exactly two adapters (got {len(weights)})")
     if min(weights) < 0 or not sum(weights):
@@ -710,7 +714,7 @@ class ModelStockParams(CombineParams):
     filter_wise: bool = Field(False, description="one ratio per row of the base weight instead of per module")
 
 
-def at_least_two(method: str, weights: Sequence[float]) -> None:
+def at_least_two(method: str, weights: Sequence[float], params: Params) -> None:
     if len(weights) < 2:
         raise InvalidInputError(f"{method} needs at least two adapters (got {len(weights)}): its ratio comes from the "
                                 "angles between their task vectors")
@@ -732,6 +736,53 @@ def model_stock(terms: list[Term], params: ModelStockParams, rank: int, ctx: Con
     return combination(terms, [ratio / n] * n, vectors, rank)
 
 
+class MultislerpParams(CombineParams):
+    normalize_weights: bool = Field(True, description="divide the weights by their sum (mergekit's default)")
+    eps: float = Field(1e-8, ge=0, description=(
+        "mergekit's: added to each task vector's norm and to the tangent's; a weighted mean of the directions shorter "
+        "than it has no direction"))
+
+
+def multislerp_weights(method: str, weights: Sequence[float], params: MultislerpParams) -> None:
+    if len(weights) < 2:
+        raise InvalidInputError(f"{method} needs at least two adapters (got {len(weights)}): of one, mergekit returns "
+                                "its task vector unchanged, whatever its weight")
+    if params.normalize_weights and not sum(weights):
+        raise InvalidInputError(f"{method} with normalize_weights divides the weights by their sum, which is 0: give "
+                                "other weights, or --no-normalize-weights")
+
+
+def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Context) -> Refactored:
+    """mergekit's multislerp with a base, each module's task vectors as one vector each: with weights wᵢ (divided by
+    their sum with normalize_weights) and directions uᵢ = τᵢ/(‖τᵢ‖ + eps), the weighted mean direction
+    m = Σ wᵢuᵢ/‖Σ wᵢuᵢ‖ at the weighted mean norm Σ wᵢ‖τᵢ‖, times cos(eps). mergekit then maps the weighted tangents
+    t = Σ wᵢ(uᵢ − ⟨uᵢ, m⟩·m) back by the exponential map, m·cos(‖t‖ + eps) + t·sin(‖t‖ + eps)/(‖t‖ + eps); but
+    t = Σ wᵢuᵢ − ⟨Σ wᵢuᵢ, m⟩·m = 0 by construction (its float rounding aside), which leaves m·cos(eps). The result is
+    Σ cᵢτᵢ, its coefficients from the Gram matrix ⟨τᵢ, τⱼ⟩ of the factors in float64. Where ‖Σ wᵢuᵢ‖ < eps (or is 0):
+    two inputs give mergekit's fallback Σ wᵢτᵢ; more are refused as mergekit does, unless every τᵢ is zero (then the
+    mean norm is 0, and so the result)."""
+    plain = [replace(term, weight=1.0) for term in terms]
+    gram = torch.stack([torch.stack([inner_products(a, b, "module") for b in plain]) for a in plain])
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    w = torch.tensor([t.weight for t in terms], dtype=torch.float64, device=gram.device)
+    if params.normalize_weights:
+        w = w / w.sum()
+    eps = params.eps
+    scale = torch.where(norms + eps > 0, 1 / (norms + eps), 0)  # uᵢ = scaleᵢ·τᵢ (a zero τᵢ at eps 0: uᵢ = 0)
+    size = math.sqrt(max(float(w @ (gram * scale[:, None] * scale[None, :]) @ w), 0.0))  # ‖Σ wᵢuᵢ‖
+    if size < eps or not size:
+        if len(terms) == 2:
+            return combination(plain, list(w), "module", rank)
+        if norms.any():
+            raise InvalidInputError(
+                f"multislerp: in {ctx.module} the weighted mean of the task vectors' directions is zero (vectors that "
+                "cancel out, as a and −a with equal weights): give other weights")
+        w = torch.zeros_like(w)
+        size = 1.0
+    coefficients = w / size * (math.cos(eps) * float(w @ norms)) * scale
+    return combination(plain, list(coefficients), "module", rank)
+
+
 register("ties", params=TiesParams, default_rank=max)(_elementwise(trim, consensus=True))
 register("dare_ties", params=DareTiesParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=True))
 register("dare_linear", params=DareParams, default_rank=max)(_elementwise(drop_and_rescale, consensus=False))
@@ -745,3 +796,5 @@ register("magnitude_prune", params=PruneParams, default_rank=max)(_elementwise(t
 register("sce", params=SceParams, default_rank=max)(sce)
 register("nuslerp", params=NuslerpParams, default_rank=sum, weights_scale=False, check_weights=exactly_two)(nuslerp)
 register("model_stock", params=ModelStockParams, default_rank=sum, check_weights=at_least_two)(model_stock)
+register("multislerp", params=MultislerpParams, default_rank=sum, weights_scale=False,
+         check_weights=multislerp_weights)(multislerp)
