@@ -287,7 +287,8 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         if not shard.exists():
             raise NotFoundError(f"{folder / name}: shard listed in {index_name} is missing")
         files.append(folder / name)
-    unlisted = unlisted_shards(index_name, shard_names, lambda sub: _names(folder / sub))
+    unlisted = unlisted_shards(index_name, weight_map, lambda sub: _names(folder / sub),
+                               lambda shard: read_header(folder / shard).tensors)
     if unlisted:
         raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
     return Part(prefix, folder, files, index)
@@ -307,21 +308,26 @@ def _names(folder: Path) -> list[str]:
         raise _unreadable(folder, exc) from None
 
 
-def unlisted_shards(index_name: str, shard_names: list[str], names_in) -> list[str]:
+def unlisted_shards(index_name: str, weight_map: dict[str, str], names_in, tensors_of=None) -> list[str]:
     """The shards of the same set as the index ``index_name`` lists (by its name: index_of, and the total of the
-    shards it lists) that lie beside it or beside a shard it lists but that it does not list (``shard_names``), paths
-    relative to the model's folder as the index's are; their tensors would be missing from the model. A set of
-    another total (a repo saved again with another shard count, the old shards left in it) is not the index's:
-    from_pretrained never looks at it. ``names_in(folder)``: the file names in that folder of the model's ('.' its
-    own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and list its shards relative
-    to the model's folder, as transformers reads them; every folder is looked in."""
+    shards it lists) that lie beside it or beside a shard it lists but that it does not list (its ``weight_map``'s
+    values), paths relative to the model's folder as the index's are; their tensors would be missing from the model.
+    A set of another total (a repo saved again with another shard count, the old shards left in it) is not the
+    index's: from_pretrained never looks at it. ``names_in(folder)``: the file names in that folder of the model's
+    ('.' its own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and list its shards
+    relative to the model's folder, as transformers reads them; every folder is looked in. ``tensors_of(path)``: the
+    tensor names of such a shard (its header), where they can be read: a shard whose tensors the index all lists
+    (in other shards) is one it replaces, not one it leaves out (a patch: sub/x.index.json listing the top-level
+    shards but one, replaced by sub/<that shard>, which transformers loads); without it every such shard is one."""
+    shard_names = set(weight_map.values())
     index = PurePosixPath(index_name)
     folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
     listed = {os.path.normpath(name) for name in shard_names}
     totals = {match["total"] for name in shard_names if (match := SHARD_NAME.fullmatch(PurePosixPath(name).name))}
-    return [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
-            if index_of(name) == index.name and os.path.normpath(sub / name) not in listed
-            and (not totals or SHARD_NAME.fullmatch(name)["total"] in totals)]
+    unlisted = [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
+                if index_of(name) == index.name and os.path.normpath(sub / name) not in listed
+                and (not totals or SHARD_NAME.fullmatch(name)["total"] in totals)]
+    return [shard for shard in unlisted if tensors_of is None or not set(tensors_of(shard)) <= weight_map.keys()]
 
 
 def give_one_variant(variants: list[str]) -> str:

@@ -879,3 +879,76 @@ def test_a_folder_without_config_whose_index_lists_shards_named_otherwise_is_rea
     _shards(folder, "other", 2)
     with pytest.raises(FormatError, match=re.escape("no config.json, and shards other-0000N-of-00002.safetensors but no")):
         BaseModel.open(folder)
+
+
+def _patched_model(tmp_path: Path) -> tuple[Path, str, dict]:
+    """A sharded tiny Llama 'patched' as transformers_weights lets one: patch/model.safetensors.index.json lists the
+    top-level shards but the last, replaced by patch/<last> (other values, the same tensors), the original left
+    beside the top-level index. Returns (folder, the last shard's name, the patch index)."""
+    from safetensors.torch import load_file
+
+    folder = tiny_llama(tmp_path / "m", shard_size="60KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    (folder / "patch").mkdir()
+    save_file({name: tensor + 1 for name, tensor in load_file(folder / last).items()}, str(folder / "patch" / last),
+              metadata={"format": "pt"})
+    patch = index | {"weight_map": {n: f"patch/{s}" if s == last else s for n, s in index["weight_map"].items()}}
+    (folder / "patch" / "model.safetensors.index.json").write_text(json.dumps(patch))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "patch/model.safetensors.index.json"}))
+    return folder, last, patch
+
+
+def test_a_patch_index_with_a_replacement_shard_reads_what_transformers_loads(tmp_path):
+    """A subfolder index (transformers_weights) listing the top-level shards but one, replaced by a shard of its own
+    beside it, loads in transformers (get_checkpoint_shard_files reads the shards it lists, relative to the model's
+    folder); the original beside the top-level index is read past. It was refused by name as a shard the index does
+    not list; an unlisted shard is now refused only where it holds a tensor the index does not list (headers read),
+    locally and on the Hub. The merge writes the patch layout and it loads, its logits those of PEFT's merge."""
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+    from loraops.cli import main
+
+    folder, last, patch = _patched_model(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    name = next(n for n, s in patch["weight_map"].items() if s == f"patch/{last}")
+    assert model.state_dict()[name].ne(0).any()  # (+1: not the original's)
+    shards = sorted(set(patch["weight_map"].values()))
+    assert [str(f.relative_to(folder)) for f in BaseModel.open(folder).files] == shards
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    read = lambda n: json.loads((folder / n).read_text())  # noqa: E731
+    headers = lambda n: BaseModel.open(folder / n).tensors  # noqa: E731
+    weights, _, indexes = hub.weight_layout(names, read, read_header=headers)
+    assert weights == shards and indexes == ["patch/model.safetensors.index.json"]
+    assert last not in hub.base_reads(names, weights, indexes)
+
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj", "down_proj", "lm_head"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors")) == shards
+    reference = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    ids = torch.arange(16).unsqueeze(0)
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, reference(ids).logits)
+
+
+def test_a_patch_index_is_still_refused_where_a_shard_it_leaves_out_holds_a_tensor_it_does_not_list(tmp_path):
+    """The check kept: the original shard beside it holding a tensor no shard the patch index lists holds (its
+    tensors would be missing from the base) is refused, locally and on the Hub."""
+    from safetensors.torch import load_file
+
+    from loraops import hub
+
+    folder, last, patch = _patched_model(tmp_path)
+    save_file(load_file(folder / last) | {"extra.weight": torch.zeros(2)}, str(folder / last))
+    says = f"patch/model.safetensors.index.json: does not list {last}, a shard of the same model"
+    with pytest.raises(FormatError, match=re.escape(says)):
+        BaseModel.open(folder)
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    read = lambda n: json.loads((folder / n).read_text())  # noqa: E731
+    with pytest.raises(FormatError, match=re.escape(says)):
+        hub.weight_layout(names, read, read_header=lambda n: BaseModel.open(folder / n).tensors)
