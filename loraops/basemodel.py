@@ -278,6 +278,9 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     except (KeyError, TypeError, AttributeError):
         raise FormatError(f"{index}: not a valid safetensors index (no weight_map of tensor names to shard file "
                           "names)") from None
+    problem = diffusers_subfolder_shard(index_name, shard_names, config)
+    if problem:
+        raise FormatError(f"{index}: {problem}")
     files = []
     for name in shard_names:
         # Lexical check, not resolve(): in the Hugging Face cache every file is a symlink into ../../blobs.
@@ -486,10 +489,33 @@ def shards_without_index(files: list[str], names: list[str]) -> str | None:
     return f"shards {shard('N')} but no {index_of(shard(1))}{also}: the index is missing (an interrupted copy?)"
 
 
+def diffusers_subfolder_shard(index_name: str, shard_names, config: dict | None) -> str | None:
+    """What is wrong with an index diffusers reads (its diffusion_pytorch_model name, not one transformers_weights
+    names) that lists a shard in a subfolder, else None: diffusers' _get_checkpoint_shard_files refuses any shard
+    name with a path separator (transformers joins it to the folder and loads it)."""
+    by_diffusers = PurePosixPath(index_name).name.startswith(DIFFUSERS_WEIGHTS) and (
+        is_diffusers(config) or not (config or {}).get("transformers_weights"))
+    below = sorted(name for name in shard_names if PurePosixPath(name).name != name)
+    if by_diffusers and below:
+        return (f"lists its shard {below[0]!r} in a subfolder, which diffusers does not load (its index lists file "
+                "names beside it)")
+    return None
+
+
+def is_component(names: list[str], config) -> bool:
+    """Does a pipeline's subfolder of these file ``names`` (its top) hold weights diffusers loads, as a component:
+    .safetensors weights or an index at its top, or (weights below it) a config.json naming them in
+    transformers_weights (``config()``: it, read only then), which transformers reads (load_sub_model's
+    from_pretrained of the component's folder)? A safetensors index may list shards below it too."""
+    if any(name.endswith((".safetensors", INDEX_SUFFIX)) for name in names):
+        return True
+    return "config.json" in names and not is_diffusers(found := config()) and "transformers_weights" in found
+
+
 def _pipeline_parts(folder: Path) -> list[Part]:
     parts = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if any(sub.glob("*.safetensors")):
+        if is_component(_names(sub), lambda: read_model_config(sub / "config.json")):
             parts.append(_folder_part(sub, f"{sub.name}."))
     if not parts:
         raise FormatError(f"{folder}: a diffusers pipeline folder without .safetensors weights")

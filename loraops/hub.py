@@ -897,7 +897,7 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
     tensor-name prefix}, the indexes read: for base_reads, as one may lie in a subfolder away from its shards).
     A shard of an index's set that it does not list is refused, as basemodel refuses it, but where
     ``read_header(name)`` (the tensor names of a repo file) says the index lists all its tensors in other shards."""
-    from .basemodel import folder_weights, listed_shards, unlisted_shards
+    from .basemodel import diffusers_subfolder_shard, folder_weights, is_component, listed_shards, unlisted_shards
 
     def names_in(folder: str) -> list[str]:
         prefix = "" if folder in ("", ".") else f"{folder}/"
@@ -925,6 +925,9 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
             except (KeyError, TypeError, AttributeError):
                 raise FormatError(f"{prefix + index}: not a valid safetensors index (no weight_map)") from None
             check_repo_names([prefix + s for s in files], prefix + index)
+            problem = diffusers_subfolder_shard(index, files, config)
+            if problem:
+                raise FormatError(f"{prefix + index}: {problem}")
             unlisted = unlisted_shards(index, weight_map, lambda sub: names_in(str(PurePosixPath(prefix, sub))),
                                        read_header and (lambda shard: read_header(prefix + shard)))
             if unlisted:
@@ -936,7 +939,8 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
     check_repo_names(names, "repo")
     listed, indexes = set(names), []
     if PIPELINE_INDEX in names:
-        folders = sorted({n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith(".safetensors")})
+        folders = [folder for folder in sorted({n.split("/")[0] for n in names if n.count("/") >= 1})
+                   if is_component(names_in(folder), lambda: read_index(f"{folder}/config.json"))]
         layout = {f: folder + "." for folder in folders for f in folder_files(folder)}
     else:
         layout = {f: "" for f in folder_files("")}

@@ -952,3 +952,72 @@ def test_a_patch_index_is_still_refused_where_a_shard_it_leaves_out_holds_a_tens
     read = lambda n: json.loads((folder / n).read_text())  # noqa: E731
     with pytest.raises(FormatError, match=re.escape(says)):
         hub.weight_layout(names, read, read_header=lambda n: BaseModel.open(folder / n).tensors)
+
+
+@pytest.mark.parametrize("named_by", ["transformers_weights", "index"])
+def test_a_pipeline_component_whose_weights_lie_below_it_is_read(tmp_path, named_by):
+    """A pipeline's transformers component (text_encoder) whose weights lie in a subfolder of it, named by its
+    config.json's transformers_weights (sub/model.safetensors) or by its model.safetensors.index.json (shards
+    sub/model-0000n-of-0000N.safetensors): diffusers loads it (load_sub_model: from_pretrained(<pipe>/text_encoder),
+    which reads them). loraops looked only at folders with .safetensors at their top: the component was left out
+    of the base, its tensors missing; now read, locally and on the Hub."""
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+
+    pipe = tmp_path / "pipe"
+    _tiny_vae(pipe / "vae", 0)
+    (pipe / "model_index.json").write_text("{}")
+    encoder = tiny_llama(pipe / "text_encoder", shard_size="60KB" if named_by == "index" else None)
+    (encoder / "sub").mkdir()
+    for weights in encoder.glob("*.safetensors"):
+        weights.rename(encoder / "sub" / weights.name)
+    if named_by == "index":
+        index = json.loads((encoder / INDEX).read_text())
+        (encoder / INDEX).write_text(json.dumps(index | {"weight_map": {n: f"sub/{s}" for n, s in
+                                                                        index["weight_map"].items()}}))
+    else:
+        config = json.loads((encoder / "config.json").read_text())
+        (encoder / "config.json").write_text(json.dumps(config | {"transformers_weights": "sub/model.safetensors"}))
+    loaded = AutoModelForCausalLM.from_pretrained(encoder).state_dict()
+    base = BaseModel.open(pipe)
+    assert {n.removeprefix("text_encoder.") for n in base.tensors if n.startswith("text_encoder.")} == set(loaded)
+    assert any(n.startswith("vae.") for n in base.tensors)
+    names = sorted(str(p.relative_to(pipe)) for p in pipe.rglob("*") if p.is_file())
+    read = lambda name: json.loads((pipe / name).read_text())  # noqa: E731
+    assert sorted(hub.weight_layout(names, read)[0]) == sorted(str(f.relative_to(pipe)) for f in base.files)
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def test_a_diffusers_index_listing_a_shard_in_a_subfolder_is_refused_as_diffusers_refuses_it(tmp_path):
+    """diffusers' index lists plain file names beside it (_get_checkpoint_shard_files raises on a path separator):
+    an index naming sub/diffusion_pytorch_model-0000n-of-0000N.safetensors does not load. It was read as a
+    transformers index is (joined to the folder), or, in a pipeline with no weights at the component's top, the
+    component left out; now one line, locally and on the Hub."""
+    from diffusers import AutoencoderKL
+
+    from loraops import hub
+
+    pipe = tmp_path / "pipe"
+    folder = _tiny_vae(pipe / "vae", 0, max_shard_size="2KB")
+    (pipe / "model_index.json").write_text("{}")
+    (folder / "sub").mkdir()
+    for shard in folder.glob("*.safetensors"):
+        shard.rename(folder / "sub" / shard.name)
+    index_file = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps(index | {"weight_map": {n: f"sub/{s}" for n, s in index["weight_map"].items()}}))
+    with pytest.raises(ValueError, match="path separator"):
+        AutoencoderKL.from_pretrained(folder)
+    shard = sorted(set(index["weight_map"].values()))[0]
+    says = (f"lists its shard 'sub/{shard}' in a subfolder, which diffusers does not load (its index lists file names "
+            "beside it)")
+    for opened in (folder, pipe):
+        with pytest.raises(FormatError, match=re.escape(f"{index_file}: {says}")):
+            BaseModel.open(opened)
+    names = sorted(str(p.relative_to(pipe)) for p in pipe.rglob("*") if p.is_file())
+    read = lambda name: json.loads((pipe / name).read_text())  # noqa: E731
+    with pytest.raises(FormatError, match=re.escape(f"vae/diffusion_pytorch_model.safetensors.index.json: {says}")):
+        hub.weight_layout(names, read)
