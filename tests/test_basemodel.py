@@ -931,6 +931,7 @@ def test_a_patch_index_with_a_replacement_shard_reads_what_transformers_loads(tm
     result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
     assert result.exit_code == 0, result.output
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors")) == shards
+    assert not (out / "model.safetensors.index.json").exists()  # (the old one: lists the replaced shard)
     reference = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     ids = torch.arange(16).unsqueeze(0)
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, reference(ids).logits)
