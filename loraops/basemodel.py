@@ -502,20 +502,25 @@ def diffusers_subfolder_shard(index_name: str, shard_names, config: dict | None)
     return None
 
 
-def is_component(names: list[str], config) -> bool:
+def is_component(names: list[str], below: bool, config) -> bool:
     """Does a pipeline's subfolder of these file ``names`` (its top) hold weights diffusers loads, as a component:
-    .safetensors weights or an index at its top, or (weights below it) a config.json naming them in
-    transformers_weights (``config()``: it, read only then), which transformers reads (load_sub_model's
-    from_pretrained of the component's folder)? A safetensors index may list shards below it too."""
+    .safetensors weights or an index at its top, or (weights ``below`` it: .safetensors deeper in it) a config.json
+    naming them in transformers_weights (``config()``: it, read only then), which transformers reads (load_sub_model's
+    from_pretrained of the component's folder)? A safetensors index may list shards below it too. A folder with no
+    .safetensors in it (scheduler/, tokenizer/) is none: diffusers reads no config.json of it, whatever it holds."""
     if any(name.endswith((".safetensors", INDEX_SUFFIX)) for name in names):
         return True
-    return "config.json" in names and not is_diffusers(found := config()) and "transformers_weights" in found
+    if not below or "config.json" not in names:
+        return False
+    found = config()  # (transformers takes a null transformers_weights as none: getattr(config, ..., None))
+    return not is_diffusers(found) and found.get("transformers_weights") is not None
 
 
 def _pipeline_parts(folder: Path) -> list[Part]:
     parts = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if is_component(_names(sub), lambda: read_model_config(sub / "config.json")):
+        below = any(sub.rglob("*.safetensors"))
+        if is_component(_names(sub), below, lambda: read_model_config(sub / "config.json")):
             parts.append(_folder_part(sub, f"{sub.name}."))
     if not parts:
         raise FormatError(f"{folder}: a diffusers pipeline folder without .safetensors weights")

@@ -940,7 +940,9 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
     listed, indexes = set(names), []
     if PIPELINE_INDEX in names:
         folders = [folder for folder in sorted({n.split("/")[0] for n in names if n.count("/") >= 1})
-                   if is_component(names_in(folder), lambda: read_index(f"{folder}/config.json"))]
+                   if is_component(names_in(folder), any(n.startswith(f"{folder}/") and n.endswith(".safetensors")
+                                                         for n in names),
+                                   lambda: read_index(f"{folder}/config.json"))]
         layout = {f: folder + "." for folder in folders for f in folder_files(folder)}
     else:
         layout = {f: "" for f in folder_files("")}

@@ -1022,3 +1022,26 @@ def test_a_diffusers_index_listing_a_shard_in_a_subfolder_is_refused_as_diffuser
     read = lambda name: json.loads((pipe / name).read_text())  # noqa: E731
     with pytest.raises(FormatError, match=re.escape(f"vae/diffusion_pytorch_model.safetensors.index.json: {says}")):
         hub.weight_layout(names, read)
+
+
+@pytest.mark.parametrize("config", ["not JSON", "[1, 2]", '{"transformers_weights": null}'])
+def test_a_pipeline_subfolder_without_weights_is_no_component_whatever_its_config_holds(tmp_path, config):
+    """The config.json of a pipeline's subfolder is read only where .safetensors lie below it (a component whose
+    transformers_weights names them): a scheduler/ or tokenizer/ holds none, and diffusers reads no config.json of
+    it, so one that is not JSON, or no object, did not refuse the pipeline before these reads and does not now. A
+    null transformers_weights is none (transformers' getattr(config, 'transformers_weights', None)): a folder of
+    pickle weights is still left out, locally as on the Hub (it was refused locally, left out on the Hub)."""
+    from loraops import hub
+    from loraops.fsutil import read_json, read_model_config
+
+    pipe = tmp_path / "pipe"
+    _tiny_vae(pipe / "vae", 0)
+    (pipe / "model_index.json").write_text("{}")
+    for sub in ("scheduler", "text_encoder"):
+        (pipe / sub).mkdir()
+        (pipe / sub / "config.json").write_text(config)
+    (pipe / "text_encoder" / "pytorch_model.bin").write_bytes(b"pickle")
+    assert [str(f.relative_to(pipe)) for f in BaseModel.open(pipe).files] == ["vae/diffusion_pytorch_model.safetensors"]
+    names = sorted(str(p.relative_to(pipe)) for p in pipe.rglob("*") if p.is_file())
+    read = lambda name: read_model_config(pipe / name) if name.endswith("config.json") else read_json(pipe / name, "index")  # noqa: E731,E501
+    assert hub.weight_layout(names, read)[0] == ["vae/diffusion_pytorch_model.safetensors"]
