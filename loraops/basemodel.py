@@ -278,6 +278,9 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     except (KeyError, TypeError, AttributeError):
         raise FormatError(f"{index}: not a valid safetensors index (no weight_map of tensor names to shard file "
                           "names)") from None
+    problem = diffusers_subfolder_shard(index_name, shard_names, config)
+    if problem:
+        raise FormatError(f"{index}: {problem}")
     files = []
     for name in shard_names:
         # Lexical check, not resolve(): in the Hugging Face cache every file is a symlink into ../../blobs.
@@ -287,7 +290,8 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         if not shard.exists():
             raise NotFoundError(f"{folder / name}: shard listed in {index_name} is missing")
         files.append(folder / name)
-    unlisted = unlisted_shards(index_name, shard_names, lambda sub: _names(folder / sub))
+    unlisted = unlisted_shards(index_name, weight_map, lambda sub: _names(folder / sub),
+                               lambda shard: read_header(folder / shard).tensors)
     if unlisted:
         raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
     return Part(prefix, folder, files, index)
@@ -307,21 +311,26 @@ def _names(folder: Path) -> list[str]:
         raise _unreadable(folder, exc) from None
 
 
-def unlisted_shards(index_name: str, shard_names: list[str], names_in) -> list[str]:
+def unlisted_shards(index_name: str, weight_map: dict[str, str], names_in, tensors_of=None) -> list[str]:
     """The shards of the same set as the index ``index_name`` lists (by its name: index_of, and the total of the
-    shards it lists) that lie beside it or beside a shard it lists but that it does not list (``shard_names``), paths
-    relative to the model's folder as the index's are; their tensors would be missing from the model. A set of
-    another total (a repo saved again with another shard count, the old shards left in it) is not the index's:
-    from_pretrained never looks at it. ``names_in(folder)``: the file names in that folder of the model's ('.' its
-    own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and list its shards relative
-    to the model's folder, as transformers reads them; every folder is looked in."""
+    shards it lists) that lie beside it or beside a shard it lists but that it does not list (its ``weight_map``'s
+    values), paths relative to the model's folder as the index's are; their tensors would be missing from the model.
+    A set of another total (a repo saved again with another shard count, the old shards left in it) is not the
+    index's: from_pretrained never looks at it. ``names_in(folder)``: the file names in that folder of the model's
+    ('.' its own). An index may lie in a subfolder (transformers_weights names sub/x.index.json) and list its shards
+    relative to the model's folder, as transformers reads them; every folder is looked in. ``tensors_of(path)``: the
+    tensor names of such a shard (its header), where they can be read: a shard whose tensors the index all lists
+    (in other shards) is one it replaces, not one it leaves out (a patch: sub/x.index.json listing the top-level
+    shards but one, replaced by sub/<that shard>, which transformers loads); without it every such shard is one."""
+    shard_names = set(weight_map.values())
     index = PurePosixPath(index_name)
     folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
     listed = {os.path.normpath(name) for name in shard_names}
     totals = {match["total"] for name in shard_names if (match := SHARD_NAME.fullmatch(PurePosixPath(name).name))}
-    return [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
-            if index_of(name) == index.name and os.path.normpath(sub / name) not in listed
-            and (not totals or SHARD_NAME.fullmatch(name)["total"] in totals)]
+    unlisted = [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
+                if index_of(name) == index.name and os.path.normpath(sub / name) not in listed
+                and (not totals or SHARD_NAME.fullmatch(name)["total"] in totals)]
+    return [shard for shard in unlisted if tensors_of is None or not set(tensors_of(shard)) <= weight_map.keys()]
 
 
 def give_one_variant(variants: list[str]) -> str:
@@ -480,10 +489,38 @@ def shards_without_index(files: list[str], names: list[str]) -> str | None:
     return f"shards {shard('N')} but no {index_of(shard(1))}{also}: the index is missing (an interrupted copy?)"
 
 
+def diffusers_subfolder_shard(index_name: str, shard_names, config: dict | None) -> str | None:
+    """What is wrong with an index diffusers reads (its diffusion_pytorch_model name, not one transformers_weights
+    names) that lists a shard in a subfolder, else None: diffusers' _get_checkpoint_shard_files refuses any shard
+    name with a path separator (transformers joins it to the folder and loads it)."""
+    by_diffusers = PurePosixPath(index_name).name.startswith(DIFFUSERS_WEIGHTS) and (
+        is_diffusers(config) or not (config or {}).get("transformers_weights"))
+    below = sorted(name for name in shard_names if PurePosixPath(name).name != name)
+    if by_diffusers and below:
+        return (f"lists its shard {below[0]!r} in a subfolder, which diffusers does not load (its index lists file "
+                "names beside it)")
+    return None
+
+
+def is_component(names: list[str], below: bool, config) -> bool:
+    """Does a pipeline's subfolder of these file ``names`` (its top) hold weights diffusers loads, as a component:
+    .safetensors weights or an index at its top, or (weights ``below`` it: .safetensors deeper in it) a config.json
+    naming them in transformers_weights (``config()``: it, read only then), which transformers reads (load_sub_model's
+    from_pretrained of the component's folder)? A safetensors index may list shards below it too. A folder with no
+    .safetensors in it (scheduler/, tokenizer/) is none: diffusers reads no config.json of it, whatever it holds."""
+    if any(name.endswith((".safetensors", INDEX_SUFFIX)) for name in names):
+        return True
+    if not below or "config.json" not in names:
+        return False
+    found = config()  # (transformers takes a null transformers_weights as none: getattr(config, ..., None))
+    return not is_diffusers(found) and found.get("transformers_weights") is not None
+
+
 def _pipeline_parts(folder: Path) -> list[Part]:
     parts = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if any(sub.glob("*.safetensors")):
+        below = any(sub.rglob("*.safetensors"))
+        if is_component(_names(sub), below, lambda: read_model_config(sub / "config.json")):
             parts.append(_folder_part(sub, f"{sub.name}."))
     if not parts:
         raise FormatError(f"{folder}: a diffusers pipeline folder without .safetensors weights")

@@ -886,8 +886,8 @@ class RemoteBase:
         return hub_source(self.ref.repo_id, self.commit)
 
 
-def weight_layout(names: list[str], read_index,
-                  download: str = "hf download REPO") -> tuple[list[str], dict[str, str], list[str]]:
+def weight_layout(names: list[str], read_index, download: str = "hf download REPO",
+                  read_header=None) -> tuple[list[str], dict[str, str], list[str]]:
     """Which files hold a base's weights, by the rules of loraops.basemodel, on a repo listing: a diffusers
     pipeline (model_index.json) has one part per component folder (tensor prefix '<component>.'); in a folder, the
     files basemodel.folder_weights chooses (what from_pretrained reads by default), through their index where they
@@ -895,8 +895,9 @@ def weight_layout(names: list[str], read_index,
     config's) JSON. ``download``: the command that downloads the repo, for the refusal of a folder of several
     variants (a Hub reference names no file: the hint leaves out all variants but one). Returns (files, {file:
     tensor-name prefix}, the indexes read: for base_reads, as one may lie in a subfolder away from its shards).
-    A shard of an index's set that it does not list is refused, as basemodel refuses it."""
-    from .basemodel import folder_weights, listed_shards, unlisted_shards
+    A shard of an index's set that it does not list is refused, as basemodel refuses it, but where
+    ``read_header(name)`` (the tensor names of a repo file) says the index lists all its tensors in other shards."""
+    from .basemodel import diffusers_subfolder_shard, folder_weights, is_component, listed_shards, unlisted_shards
 
     def names_in(folder: str) -> list[str]:
         prefix = "" if folder in ("", ".") else f"{folder}/"
@@ -919,11 +920,16 @@ def weight_layout(names: list[str], read_index,
             raise FormatError(f"{folder}: {exc}" if folder else str(exc)) from None
         if index:
             try:
-                files = sorted(set(read_index(prefix + index)["weight_map"].values()))
+                weight_map = read_index(prefix + index)["weight_map"]
+                files = sorted(set(weight_map.values()))
             except (KeyError, TypeError, AttributeError):
                 raise FormatError(f"{prefix + index}: not a valid safetensors index (no weight_map)") from None
             check_repo_names([prefix + s for s in files], prefix + index)
-            unlisted = unlisted_shards(index, files, lambda sub: names_in(str(PurePosixPath(prefix, sub))))
+            problem = diffusers_subfolder_shard(index, files, config)
+            if problem:
+                raise FormatError(f"{prefix + index}: {problem}")
+            unlisted = unlisted_shards(index, weight_map, lambda sub: names_in(str(PurePosixPath(prefix, sub))),
+                                       read_header and (lambda shard: read_header(prefix + shard)))
             if unlisted:
                 raise FormatError(f"{prefix + index}: does not list {', '.join(prefix + s for s in unlisted[:3])}, "
                                   "a shard of the same model")
@@ -933,7 +939,10 @@ def weight_layout(names: list[str], read_index,
     check_repo_names(names, "repo")
     listed, indexes = set(names), []
     if PIPELINE_INDEX in names:
-        folders = sorted({n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith(".safetensors")})
+        folders = [folder for folder in sorted({n.split("/")[0] for n in names if n.count("/") >= 1})
+                   if is_component(names_in(folder), any(n.startswith(f"{folder}/") and n.endswith(".safetensors")
+                                                         for n in names),
+                                   lambda: read_index(f"{folder}/config.json"))]
         layout = {f: folder + "." for folder in folders for f in folder_files(folder)}
     else:
         layout = {f: "" for f in folder_files("")}
@@ -975,7 +984,8 @@ def remote_base(ref: RepoRef | str, *, token: str | None = None) -> RemoteBase:
         names = [s.rfilename for s in api.model_info(ref.repo_id, revision=commit).siblings or []]
         try:
             files, layout, _ = weight_layout(names, _index_reader(ref, commit, token),
-                                          f"hf download {ref.repo_id} --revision {commit}")
+                                             f"hf download {ref.repo_id} --revision {commit}",
+                                             lambda name: remote_header(ref, name, commit, token))
         except FormatError as exc:
             raise FormatError(f"{ref}: {exc}") from None
         tensors: dict[str, RemoteTensor] = {}
@@ -1046,7 +1056,9 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
             names, needed = _cached_names(ref, commit), None
             if names is not None:
                 try:
-                    weights, _, indexes = weight_layout(names, _index_reader(ref, commit, token))
+                    # (no header read offline: its unlisted shards were held to the index when it was added)
+                    weights, _, indexes = weight_layout(names, _index_reader(ref, commit, token),
+                                                        read_header=lambda name: ())
                 except LocalEntryNotFoundError:  # an index the listing cached with the download names
                     raise _not_cached(ref, "download", partly=True) from None
                 needed = exactly(base_reads(names, weights, indexes))

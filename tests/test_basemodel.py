@@ -879,3 +879,169 @@ def test_a_folder_without_config_whose_index_lists_shards_named_otherwise_is_rea
     _shards(folder, "other", 2)
     with pytest.raises(FormatError, match=re.escape("no config.json, and shards other-0000N-of-00002.safetensors but no")):
         BaseModel.open(folder)
+
+
+def _patched_model(tmp_path: Path) -> tuple[Path, str, dict]:
+    """A sharded tiny Llama 'patched' as transformers_weights lets one: patch/model.safetensors.index.json lists the
+    top-level shards but the last, replaced by patch/<last> (other values, the same tensors), the original left
+    beside the top-level index. Returns (folder, the last shard's name, the patch index)."""
+    from safetensors.torch import load_file
+
+    folder = tiny_llama(tmp_path / "m", shard_size="60KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    (folder / "patch").mkdir()
+    save_file({name: tensor + 1 for name, tensor in load_file(folder / last).items()}, str(folder / "patch" / last),
+              metadata={"format": "pt"})
+    patch = index | {"weight_map": {n: f"patch/{s}" if s == last else s for n, s in index["weight_map"].items()}}
+    (folder / "patch" / "model.safetensors.index.json").write_text(json.dumps(patch))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "patch/model.safetensors.index.json"}))
+    return folder, last, patch
+
+
+def test_a_patch_index_with_a_replacement_shard_reads_what_transformers_loads(tmp_path):
+    """A subfolder index (transformers_weights) listing the top-level shards but one, replaced by a shard of its own
+    beside it, loads in transformers (get_checkpoint_shard_files reads the shards it lists, relative to the model's
+    folder); the original beside the top-level index is read past. It was refused by name as a shard the index does
+    not list; an unlisted shard is now refused only where it holds a tensor the index does not list (headers read),
+    locally and on the Hub. The merge writes the patch layout and it loads, its logits those of PEFT's merge."""
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+    from loraops.cli import main
+
+    folder, last, patch = _patched_model(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    name = next(n for n, s in patch["weight_map"].items() if s == f"patch/{last}")
+    assert model.state_dict()[name].ne(0).any()  # (+1: not the original's)
+    shards = sorted(set(patch["weight_map"].values()))
+    assert [str(f.relative_to(folder)) for f in BaseModel.open(folder).files] == shards
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    read = lambda n: json.loads((folder / n).read_text())  # noqa: E731
+    headers = lambda n: BaseModel.open(folder / n).tensors  # noqa: E731
+    weights, _, indexes = hub.weight_layout(names, read, read_header=headers)
+    assert weights == shards and indexes == ["patch/model.safetensors.index.json"]
+    assert last not in hub.base_reads(names, weights, indexes)
+
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj", "down_proj", "lm_head"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors")) == shards
+    assert not (out / "model.safetensors.index.json").exists()  # (the old one: lists the replaced shard)
+    reference = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    ids = torch.arange(16).unsqueeze(0)
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, reference(ids).logits)
+
+
+def test_a_patch_index_is_still_refused_where_a_shard_it_leaves_out_holds_a_tensor_it_does_not_list(tmp_path):
+    """The check kept: the original shard beside it holding a tensor no shard the patch index lists holds (its
+    tensors would be missing from the base) is refused, locally and on the Hub."""
+    from safetensors.torch import load_file
+
+    from loraops import hub
+
+    folder, last, patch = _patched_model(tmp_path)
+    save_file(load_file(folder / last) | {"extra.weight": torch.zeros(2)}, str(folder / last))
+    says = f"patch/model.safetensors.index.json: does not list {last}, a shard of the same model"
+    with pytest.raises(FormatError, match=re.escape(says)):
+        BaseModel.open(folder)
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    read = lambda n: json.loads((folder / n).read_text())  # noqa: E731
+    with pytest.raises(FormatError, match=re.escape(says)):
+        hub.weight_layout(names, read, read_header=lambda n: BaseModel.open(folder / n).tensors)
+
+
+@pytest.mark.parametrize("named_by", ["transformers_weights", "index"])
+def test_a_pipeline_component_whose_weights_lie_below_it_is_read(tmp_path, named_by):
+    """A pipeline's transformers component (text_encoder) whose weights lie in a subfolder of it, named by its
+    config.json's transformers_weights (sub/model.safetensors) or by its model.safetensors.index.json (shards
+    sub/model-0000n-of-0000N.safetensors): diffusers loads it (load_sub_model: from_pretrained(<pipe>/text_encoder),
+    which reads them). loraops looked only at folders with .safetensors at their top: the component was left out
+    of the base, its tensors missing; now read, locally and on the Hub."""
+    from transformers import AutoModelForCausalLM
+
+    from loraops import hub
+
+    pipe = tmp_path / "pipe"
+    _tiny_vae(pipe / "vae", 0)
+    (pipe / "model_index.json").write_text("{}")
+    encoder = tiny_llama(pipe / "text_encoder", shard_size="60KB" if named_by == "index" else None)
+    (encoder / "sub").mkdir()
+    for weights in encoder.glob("*.safetensors"):
+        weights.rename(encoder / "sub" / weights.name)
+    if named_by == "index":
+        index = json.loads((encoder / INDEX).read_text())
+        (encoder / INDEX).write_text(json.dumps(index | {"weight_map": {n: f"sub/{s}" for n, s in
+                                                                        index["weight_map"].items()}}))
+    else:
+        config = json.loads((encoder / "config.json").read_text())
+        (encoder / "config.json").write_text(json.dumps(config | {"transformers_weights": "sub/model.safetensors"}))
+    loaded = AutoModelForCausalLM.from_pretrained(encoder).state_dict()
+    base = BaseModel.open(pipe)
+    assert {n.removeprefix("text_encoder.") for n in base.tensors if n.startswith("text_encoder.")} == set(loaded)
+    assert any(n.startswith("vae.") for n in base.tensors)
+    names = sorted(str(p.relative_to(pipe)) for p in pipe.rglob("*") if p.is_file())
+    read = lambda name: json.loads((pipe / name).read_text())  # noqa: E731
+    assert sorted(hub.weight_layout(names, read)[0]) == sorted(str(f.relative_to(pipe)) for f in base.files)
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def test_a_diffusers_index_listing_a_shard_in_a_subfolder_is_refused_as_diffusers_refuses_it(tmp_path):
+    """diffusers' index lists plain file names beside it (_get_checkpoint_shard_files raises on a path separator):
+    an index naming sub/diffusion_pytorch_model-0000n-of-0000N.safetensors does not load. It was read as a
+    transformers index is (joined to the folder), or, in a pipeline with no weights at the component's top, the
+    component left out; now one line, locally and on the Hub."""
+    from diffusers import AutoencoderKL
+
+    from loraops import hub
+
+    pipe = tmp_path / "pipe"
+    folder = _tiny_vae(pipe / "vae", 0, max_shard_size="2KB")
+    (pipe / "model_index.json").write_text("{}")
+    (folder / "sub").mkdir()
+    for shard in folder.glob("*.safetensors"):
+        shard.rename(folder / "sub" / shard.name)
+    index_file = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps(index | {"weight_map": {n: f"sub/{s}" for n, s in index["weight_map"].items()}}))
+    with pytest.raises(ValueError, match="path separator"):
+        AutoencoderKL.from_pretrained(folder)
+    shard = sorted(set(index["weight_map"].values()))[0]
+    says = (f"lists its shard 'sub/{shard}' in a subfolder, which diffusers does not load (its index lists file names "
+            "beside it)")
+    for opened in (folder, pipe):
+        with pytest.raises(FormatError, match=re.escape(f"{index_file}: {says}")):
+            BaseModel.open(opened)
+    names = sorted(str(p.relative_to(pipe)) for p in pipe.rglob("*") if p.is_file())
+    read = lambda name: json.loads((pipe / name).read_text())  # noqa: E731
+    with pytest.raises(FormatError, match=re.escape(f"vae/diffusion_pytorch_model.safetensors.index.json: {says}")):
+        hub.weight_layout(names, read)
+
+
+@pytest.mark.parametrize("config", ["not JSON", "[1, 2]", '{"transformers_weights": null}'])
+def test_a_pipeline_subfolder_without_weights_is_no_component_whatever_its_config_holds(tmp_path, config):
+    """The config.json of a pipeline's subfolder is read only where .safetensors lie below it (a component whose
+    transformers_weights names them): a scheduler/ or tokenizer/ holds none, and diffusers reads no config.json of
+    it, so one that is not JSON, or no object, did not refuse the pipeline before these reads and does not now. A
+    null transformers_weights is none (transformers' getattr(config, 'transformers_weights', None)): a folder of
+    pickle weights is still left out, locally as on the Hub (it was refused locally, left out on the Hub)."""
+    from loraops import hub
+    from loraops.fsutil import read_json, read_model_config
+
+    pipe = tmp_path / "pipe"
+    _tiny_vae(pipe / "vae", 0)
+    (pipe / "model_index.json").write_text("{}")
+    for sub in ("scheduler", "text_encoder"):
+        (pipe / sub).mkdir()
+        (pipe / sub / "config.json").write_text(config)
+    (pipe / "text_encoder" / "pytorch_model.bin").write_bytes(b"pickle")
+    assert [str(f.relative_to(pipe)) for f in BaseModel.open(pipe).files] == ["vae/diffusion_pytorch_model.safetensors"]
+    names = sorted(str(p.relative_to(pipe)) for p in pipe.rglob("*") if p.is_file())
+    read = lambda name: read_model_config(pipe / name) if name.endswith("config.json") else read_json(pipe / name, "index")  # noqa: E731,E501
+    assert hub.weight_layout(names, read)[0] == ["vae/diffusion_pytorch_model.safetensors"]

@@ -762,3 +762,25 @@ def test_a_hub_base_whose_config_holds_a_lone_surrogate_escape_is_read(fake_hub,
     (folder / "config.json").write_text(json.dumps(config | {"note": "\ud800"}))
     fake_hub.commit_folder("meta/odd", folder)
     assert hub.remote_base("meta/odd").weight_files == ["model.safetensors"]
+
+
+def test_a_hub_base_patched_by_a_subfolder_index_reads_what_transformers_loads(fake_hub, tmp_path, monkeypatch):
+    """A repo whose transformers_weights names patch/model.safetensors.index.json, listing the top-level shards but
+    one, replaced by patch/<that shard> (the original left beside the top-level index): transformers loads it; `base
+    add hub:` refused it by name as an unlisted shard. The original's header is read (a range): the index lists all
+    its tensors, so it is replaced, not left out. The download (online, then offline from the cache) is the base."""
+    from test_basemodel import _patched_model
+
+    from loraops.basemodel import BaseModel
+
+    folder, last, patch = _patched_model(tmp_path)
+    local = BaseModel.open(folder)
+    fake_hub.commit_folder("meta/patched", folder)
+    base = hub.remote_base("meta/patched")
+    assert sorted(base.weight_files) == sorted(set(patch["weight_map"].values()))
+    assert {n: (t.dtype, t.shape) for n, t in base.tensors.items()} == \
+        {n: (t.dtype, t.shape) for n, t in local.tensors.items()}
+    path = hub.download_base("meta/patched")
+    assert not (path / last).exists() and BaseModel.open(path).fingerprint() == local.fingerprint()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert BaseModel.open(hub.download_base("meta/patched")).fingerprint() == local.fingerprint()
