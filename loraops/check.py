@@ -737,6 +737,16 @@ def tied_layer_copy(adapter: Adapter, name: str, manifest: Mapping[str, object])
     return twin is not None and torch.equal(twin, tensor)
 
 
+def same_rows(adapter: Adapter, name: str, source: str | None) -> bool:
+    """Are the adapter's trainable tokens on ``name`` those on ``source`` (the same rows, the same values): PEFT's
+    copy for a layer it ties to the tokens on ``source`` (a tied head; each side of shared)?"""
+    import torch
+
+    rows, twin = adapter.token_rows.get(name), adapter.token_rows.get(source)
+    return rows is not None and twin is not None and twin.indices == rows.indices and torch.equal(twin.values,
+                                                                                                  rows.values)
+
+
 def unstored_tied_heads(manifest: Mapping[str, object]) -> list[str]:
     """The module paths of the output heads a tied base does not store that a PEFT name binds to (tied_head_source),
     by its embeddings: the causal-LM rule's (lm_head beside the decoder's wrapper, GPT-NeoX's embed_out) and the heads
@@ -1210,11 +1220,11 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         return None if source is None else untie_refusal(source, config(source))
 
     def side_source(name: str, shape) -> str | None:
-        """The shared embeddings a T5's side ``name`` (not stored) is written apart from with its trainable tokens in
-        (shared's values, those rows replaced: PEFT's tokens on a side change its lookup alone), or None. Not a
-        BART's: what PEFT ties its side's tokens to is not checked."""
-        shared = untied_side_source(name, shape, manifest, sides) if sides is not None else None
-        return shared if shared is not None and side_stored_apart(name, sides(shared)) else None
+        """The shared embeddings one side ``name`` (not stored) is written apart from with its trainable tokens in
+        (shared's values, those rows replaced), or None: PEFT ties a side's tokens to nothing (only tokens on the
+        input embeddings, shared, to the sides and the head), so they change that side's lookup alone, as a LoRA
+        there does (untied_side_source: a T5's side written apart, a BART's with the model untied)."""
+        return untied_side_source(name, shape, manifest, sides) if sides is not None else None
 
     def unties_head(tensor: str, name: str) -> bool:
         """List the head a merge unties because ``tensor`` changes (unstored_head_of) in tied_heads; False where merge
@@ -1309,6 +1319,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 why_missing[name] = why
                 continue
             source = tied_head_source(name, shape, manifest) or side_source(name, shape)
+            if config is not None and source is not None and source != tied_head_source(name, shape, manifest) \
+                    and not same_rows(bound, name, source) \
+                    and (head := side_tied_head(source, manifest, config(source))) is not None:
+                tied_heads.append(head.removesuffix(".weight"))  # a BART's side: written untied, as the merge does
             info = manifest.get(name) or manifest.get(source)
             base = None if info is None else list(info.shape)
         if base is None or len(base) != 2 or base[1] != rows.values.shape[1] or max(rows.indices) >= base[0]:

@@ -62,7 +62,7 @@ from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (SIDE_EMBEDDINGS, can_untie, embeddings_untied, head_tied_to, is_tied_head, rows_shape,
-                    saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
+                    same_rows, saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
                     tied_head_source, tied_layer_copy, side_tied_head, unstored_head_of, untie_refusal, untied,
                     untied_side_embeddings, untied_side_source)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
@@ -508,7 +508,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         group_heads = {name for name in group if _is_head(base, name)}
         source = next((name for name in sorted(group) if untied_side_embeddings(name, base.config(name))), None)
         group_sides = group & set(untied_side_embeddings(source, base.config(source))) if source else set()
-        untie = not undo and _can_untie(base, min(group)) and (bool(group_sides & apart) or any(
+        # (a side's own trainable tokens too: PEFT ties them to nothing; _without_tied_copies took shared's copies)
+        untie = not undo and _can_untie(base, min(group)) and (bool(group_sides & (apart | rows.keys())) or any(
             name in touched if name in group_heads
             else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group))
         # (by its trainable tokens too: PEFT ties a side's to nothing; shared's it saves for each side as well)
@@ -672,17 +673,19 @@ def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacemen
 def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
     """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored, or stored
     twice) that are the same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too),
-    nor the head's copy of the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's
-    does."""
-    import torch
+    nor those of one side's embed_tokens that are shared's (PEFT's tokens on shared, tied to each side), nor the
+    head's copy of the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's does."""
+    def is_side(name: str) -> bool:
+        return any(names_module(name, side) for side in SIDE_EMBEDDINGS)
 
     copies = set()
     for name, rows in adapter.token_rows.items():
-        source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
-        if source is None and name in base.tensors and _is_head(base, name):  # or stored twice, byte-identical (the tie)
-            source = next((n for group in _stored_twice(base, [name]) for n in group if not _is_head(base, n)), None)
-        twin = adapter.token_rows.get(source)
-        if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
+        shape = rows_shape(rows, base.tensors)
+        source = tied_head_source(name, shape, base.tensors) or shared_embeddings_of(name, shape, base.tensors)
+        if name in base.tensors and (is_side(name) or _is_head(base, name)):  # stored twice, byte-identical (the tie)
+            source = next((n for group in _stored_twice(base, [name]) for n in sorted(group)
+                           if not _is_head(base, n) and not is_side(n)), None)
+        if same_rows(adapter, name, source):
             copies.add(name)
     # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
     layers = {name for name in adapter.full_tensors if tied_layer_copy(adapter, name, base.tensors)}
@@ -727,6 +730,14 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         head = unstored_head_of(name, base.tensors, base.config(name))
         if head is not None and head not in heads:
             heads[head] = name
+    # a BART's side stored as shared's copy, with trainable tokens of its own (PEFT ties them to nothing; shared's
+    # copies are gone: _without_tied_copies): untied as by a LoRA there, its head shared's copy without those rows
+    for name, shape in sorted(wanted.items()) if not undo else ():
+        if name in base.tensors and any(name in adapter.token_rows for adapter, _ in adapters) \
+                and not side_stored_apart(name, base.config(name)) \
+                and (shared := shared_embeddings_of(name, shape, base.tensors)) is not None \
+                and (head := unstored_head_of(name, base.tensors, base.config(name))) is not None:
+            heads.setdefault(head, shared)
     heads.update(_decoder_biases(base, heads))
     return heads
 

@@ -5,6 +5,7 @@ untied merge writes the head (its LoRA in) and each side's embed_tokens (copies 
 PEFT's adapted model, loaded back by transformers with nothing missing or unexpected."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -581,3 +582,58 @@ def test_a_checkpoint_of_the_bare_bart_binds_an_adapter_of_its_generation_class(
     stored = load_file(tmp_path / "base" / "model.safetensors")
     merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
     assert not any(name.startswith("model.") for name in merged) and stored.keys() < merged.keys()
+
+
+@pytest.mark.parametrize("target, stored", [("encoder.embed_tokens", None), ("decoder.embed_tokens", None),
+                                            ("embed_tokens", "sides"), ("encoder.embed_tokens", "head"),
+                                            ("shared", None), ("shared", "sides"), ("lora: encoder.embed_tokens", None)])
+def test_trainable_tokens_on_one_side_of_bart(tmp_path, target, stored):
+    """PEFT (0.21) ties trainable tokens on one side's embed_tokens of a BART to nothing (only tokens on the input
+    embeddings, model.shared, to each side and the head, all one set of rows): its adapted model reads them in that
+    side's lookup alone, while its merge_and_unload writes them into the one weight transformers ties all four to
+    (logits about 27 off the adapted model). They were "not in base"; merged as the adapted model computes: untied,
+    that side shared's values with its rows, the other side and the head shared's copies (``stored``: a checkpoint
+    storing each side, and the head, as shared's byte-identical copies). Tokens on shared stay tied."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    cls = tiny(tmp_path / "base", "bart")
+    if stored:
+        with_side_copies(tmp_path / "base", "model.", stored == "head")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    lora_target = target.startswith("lora: ")
+    target = target.removeprefix("lora: ")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                        trainable_token_indices={target: [4, 5, 11]}) if lora_target \
+        else TrainableTokensConfig(target_modules=[target], token_indices=[4, 5, 11])
+    torch.manual_seed(1)
+    adapted = trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"), config), tmp_path / "a")
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, model.tensors, config=model.config)
+    assert found.ok, check.misfits(found)
+    own = target != "shared"  # (tokens on one side, or each side's own)
+    assert found.tied_heads == ["lm_head"] * (own and not stored)
+    peft_merged = logits(copy.deepcopy(adapted).merge_and_unload())
+    assert ((peft_merged - logits(adapted)).abs().max() > 1) == own
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"] * own
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is not own
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        encoded = [m.get_encoder()(input_ids=INPUT).last_hidden_state for m in (merged, adapted.base_model.model)]
+    torch.testing.assert_close(*encoded, atol=1e-5, rtol=1e-5)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for side in ("encoder", "decoder"):
+        name = f"model.{side}.embed_tokens.weight"
+        if own and target in name:
+            rows = next(p for n, p in adapted.named_parameters() if f"{side}.embed_tokens" in n and "tokens_delta" in n)
+            expected = base["model.shared.weight"].clone()
+            expected[[4, 5, 11]] = rows.detach()
+            assert torch.equal(tensors[name], expected), side
+        elif own:
+            assert torch.equal(tensors[name], base["model.shared.weight"]), side
+    if own:
+        assert torch.equal(tensors["model.shared.weight"], base["model.shared.weight"])
+        assert torch.equal(tensors["lm_head.weight"], base["model.shared.weight"])
+
