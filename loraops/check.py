@@ -258,7 +258,7 @@ UNTIED_AT_THE_TOP = ("mt5", *UNTIES_SIDE_EMBEDDINGS)
 # model types whose config transformers 5 forces to say tie_word_embeddings: true, so that the checkpoint decides
 # what is tied: a tied tensor stored with values of its own (not byte-identical to shared's) loads as a parameter of
 # its own, with a warning that they are "present in the checkpoints with different values, so we will NOT tie them"
-TIED_BY_VALUE = ("mt5", *SCALES_BY_TIE)
+TIED_BY_VALUE = ("mt5", "udop", *SCALES_BY_TIE)  # (UDOP's scales its decoder's output by that forced flag: always)
 
 
 def side_stored_apart(name: str, config: dict) -> bool:

@@ -637,3 +637,44 @@ def test_trainable_tokens_on_one_side_of_bart(tmp_path, target, stored):
         assert torch.equal(tensors["model.shared.weight"], base["model.shared.weight"])
         assert torch.equal(tensors["lm_head.weight"], base["model.shared.weight"])
 
+
+@pytest.mark.parametrize("side, tokens", [("encoder", False), ("decoder", False), ("encoder", True)])
+def test_a_change_to_one_side_of_udop_changes_that_side_alone(tmp_path, side, tokens):
+    """UDOP's config is forced tied in transformers 5 (its decoder's output always scaled) and ties by values, as a
+    T5's (check.TIED_BY_VALUE): a LoRA (or trainable tokens) on one side's embed_tokens changes that side's lookup
+    alone in PEFT's adapted model, while PEFT's merge_and_unload puts it into shared.weight (logits about 35 off). It
+    was refused ("stored once as shared.weight …"); that side is written apart (shared's values with its change), the
+    rest and the config as they were, and the merged model computes the adapted model's logits."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+    from transformers import UdopConfig, UdopForConditionalGeneration
+
+    torch.manual_seed(0)
+    UdopForConditionalGeneration(UdopConfig(**T5_SMALL, decoder_start_token_id=0, image_size=32,
+                                            max_2d_position_embeddings=64)).save_pretrained(tmp_path / "base")
+    bbox = torch.tensor([[[0.1, 0.1, 0.2, 0.2]] * INPUT.shape[1]])
+
+    def udop_logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=INPUT, bbox=bbox, decoder_input_ids=DECODER_INPUT).logits
+
+    torch.manual_seed(1)
+    config = TrainableTokensConfig(target_modules=[f"{side}.embed_tokens"], token_indices=[5, 6, 11]) if tokens \
+        else LoraConfig(r=4, lora_alpha=8, target_modules=["q", f"{side}.embed_tokens"], init_lora_weights=False)
+    adapted = get_peft_model(UdopForConditionalGeneration.from_pretrained(tmp_path / "base"), config)
+    adapted = trained_tokens(adapted, tmp_path / "a") if tokens else adapted.eval()
+    adapted.save_pretrained(tmp_path / "a")
+    assert (udop_logits(copy.deepcopy(adapted).merge_and_unload()) - udop_logits(adapted)).abs().max() > 1
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, model.tensors, config=model.config)
+    assert found.ok and not found.tied_heads, check.misfits(found)
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == []
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
+        (tmp_path / "base" / "config.json").read_text())
+    merged, info = UdopForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(udop_logits(merged), udop_logits(adapted), atol=1e-5, rtol=1e-5)
+    base = udop_logits(UdopForConditionalGeneration.from_pretrained(tmp_path / "base"))
+    assert (udop_logits(adapted) - base).abs().max() > 0.1
+    stored = load_file(tmp_path / "base" / "model.safetensors")
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == stored.keys() | {f"{side}.embed_tokens.weight"}
