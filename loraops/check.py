@@ -342,11 +342,16 @@ def untied_side_source(weight_name: str, shape, manifest: Mapping[str, object],
     return shared
 
 
-def side_lookup_refusal(shared: str, change: str) -> str:
+def side_lookup_refusal(shared: str, change: str, config: dict | None) -> str:
     """Why ``change`` on one side's embed_tokens, which the base does not store, is not merged into ``shared``: PEFT's
     model reads that side's lookup apart from shared (and the head), and this model is not one a merge writes with
-    that side untied (untied_side_source: known by the base's config alone; a T5 in a composite model's text config
-    is not checked)."""
+    that side untied (untied_side_source: known by the base's ``config`` alone, a T5 in a composite model's text
+    config not checked). Without one (a registered base whose files are gone: its recorded manifest names tensors,
+    not the model type), that is said: its files decide."""
+    if not config:
+        return (f"stored once as {shared}, which the encoder and the decoder share: whether {change} can be merged "
+                "(that side written apart) is for the base's config.json to say, and none is at hand (check it "
+                "against the base's files)")
     return f"stored once as {shared}, which the encoder and the decoder share: {change} cannot be merged"
 
 
@@ -1264,7 +1269,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             else:
                 missing.append(name)
                 if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)) is not None:
-                    why_missing[name] = side_lookup_refusal(shared, "a LoRA on one side's lookup")
+                    why_missing[name] = side_lookup_refusal(shared, "a LoRA on one side's lookup",
+                                                            sides(shared) if sides is not None else None)
                 elif (why := params.why_unstored(name, manifest)) is not None:
                     why_missing[name] = why
                 elif fp8.quantized_siblings(module.weight_name, manifest, names := names or sorted(manifest)):
@@ -1293,7 +1299,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             # a merge may, as the LoRA on that side is (untied_side_source)
             if sides is None or untied_side_source(name, tensor.shape, manifest, sides) is None:
                 missing.append(name)
-                why_missing[name] = side_lookup_refusal(shared, "one side's lookup saved whole (modules_to_save)")
+                why_missing[name] = side_lookup_refusal(shared, "one side's lookup saved whole (modules_to_save)",
+                                                        sides(shared) if sides is not None else None)
             elif config is not None and (head := side_tied_head(shared, manifest, config(shared))) is not None:
                 tied_heads.append(head.removesuffix(".weight"))
             continue
@@ -1319,6 +1326,12 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 why_missing[name] = why
                 continue
             source = tied_head_source(name, shape, manifest) or side_source(name, shape)
+            if source is None and name not in manifest \
+                    and (shared := shared_embeddings_of(name, shape, manifest)) is not None:
+                missing.append(name)
+                why_missing[name] = side_lookup_refusal(shared, "trainable tokens on one side's lookup",
+                                                        sides(shared) if sides is not None else None)
+                continue
             if config is not None and source is not None and source != tied_head_source(name, shape, manifest) \
                     and not same_rows(bound, name, source) \
                     and (head := side_tied_head(source, manifest, config(source))) is not None:

@@ -469,7 +469,7 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
     the base stores shared alone ("stored once as shared.weight … cannot be merged"), an untrained one too; where it
     stores the copies, every copy took the first saved one. Each side is written as its saved copy, shared and the
     head (tied to shared) as stored, and the merged model computes the adapted model's logits. By the manifest alone
-    (no config) it is still refused, with that line."""
+    (no config) it is still refused, saying that the config decides."""
     cls = tiny(tmp_path / "base", kind)
     base = with_side_copies(tmp_path / "base", "") if copies else load_file(tmp_path / "base" / "model.safetensors")
     adapted = saved_embeddings(cls, tmp_path / "base", tmp_path / "a", changes)
@@ -478,7 +478,8 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
     if not copies:
         assert check.misfits(check.check(adapter, model.tensors)) == [
             "decoder.embed_tokens.weight and 1 more (stored once as shared.weight, which the encoder and the decoder "
-            "share: one side's lookup saved whole (modules_to_save) cannot be merged)"]
+            "share: whether one side's lookup saved whole (modules_to_save) can be merged (that side written apart) "
+            "is for the base's config.json to say, and none is at hand (check it against the base's files))"]
     engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
     merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -678,3 +679,32 @@ def test_a_change_to_one_side_of_udop_changes_that_side_alone(tmp_path, side, to
     assert (udop_logits(adapted) - base).abs().max() > 0.1
     stored = load_file(tmp_path / "base" / "model.safetensors")
     assert load_file(tmp_path / "out" / "model.safetensors").keys() == stored.keys() | {f"{side}.embed_tokens.weight"}
+
+
+@pytest.mark.registry_backend
+@pytest.mark.parametrize("kind", ["lora", "tokens"])
+def test_one_t5_side_against_a_registered_base_whose_files_are_gone(tmp_path, kind):
+    """`check` of a change to one side's embed_tokens of a T5 against a registered base: with its files, it fits (as
+    merge merges it); with them gone, the recorded manifest (tensor names and shapes, no config.json) cannot tell a
+    T5, whose side is written apart, from a model whose is not: refused, saying so in one line (it said "cannot be
+    merged", or "not in base" for trainable tokens)."""
+    import shutil
+
+    from peft import TrainableTokensConfig, get_peft_model
+
+    from test_extract import run
+
+    cls = tiny(tmp_path / "base", "t5")
+    if kind == "lora":
+        lora(cls, tmp_path / "base", tmp_path / "a", ["q", "encoder.embed_tokens"])
+    else:
+        torch.manual_seed(1)
+        trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"), TrainableTokensConfig(
+            target_modules=["encoder.embed_tokens"], token_indices=[4, 5])), tmp_path / "a")
+    assert run("base", "add", tmp_path / "base", "--name", "t5")[0] == 0
+    code, out = run("check", tmp_path / "a", "--base", "t5")
+    assert code == 0, out
+    shutil.rmtree(tmp_path / "base")
+    code, out = run("check", tmp_path / "a", "--base", "t5")
+    assert code != 0 and "encoder.embed_tokens" in out and "stored once as shared.weight" in out \
+        and "is for the base's config.json to say, and none is at hand" in out, out
