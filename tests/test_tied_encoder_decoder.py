@@ -708,3 +708,51 @@ def test_one_t5_side_against_a_registered_base_whose_files_are_gone(tmp_path, ki
     code, out = run("check", tmp_path / "a", "--base", "t5")
     assert code != 0 and "encoder.embed_tokens" in out and "stored once as shared.weight" in out \
         and "is for the base's config.json to say, and none is at hand" in out, out
+
+
+@pytest.mark.parametrize("dtype", [None, "fp32"])
+def test_one_side_of_an_fp8_t5_is_written_apart(tmp_path, dtype):
+    """A fine-grained FP8 T5 (its Linear weights FP8, the embeddings float) with a LoRA on the queries and on one
+    side's embed_tokens, which the base does not store: check's FP8 step skips that side (no weight of its own), and
+    the merge writes it apart as on a float T5, a float tensor (shared's values with the LoRA), the queries FP8 with
+    fresh scales (or, --dtype fp32, everything dequantized). Against PEFT's adapted model on the dequantized base."""
+    from factories import fp8_dequantize, fp8_model
+    from peft import PeftModel
+
+    cls = tiny(tmp_path / "float", "t5")
+    block = (16, 16)
+    fp8 = fp8_model(tmp_path / "float", tmp_path / "fp8", block=block, modules=("q", "k", "v", "o", "wi", "wo"))
+    state = {}
+    for file in sorted(fp8.glob("*.safetensors")):
+        state.update(load_file(file))
+    dequantized = {n: fp8_dequantize(t, state[f"{n}_scale_inv"], block).float() if f"{n}_scale_inv" in state else t
+                   for n, t in state.items() if not n.endswith("_scale_inv")}
+    (tmp_path / "dequantized").mkdir()
+    save_file(dequantized, str(tmp_path / "dequantized" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "dequantized" / "config.json").write_text((tmp_path / "float" / "config.json").read_text())
+    lora(cls, tmp_path / "dequantized", tmp_path / "a", ["q", "encoder.embed_tokens"])
+    adapted = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "dequantized"), tmp_path / "a").eval()
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(fp8)
+    found = check.check(adapter, model.tensors, quantization=model.quantization_config, config=model.config)
+    assert found.ok and not found.tied_heads, check.misfits(found)
+    engine.merge(fp8, [(adapter, 1.0)], tmp_path / "out", dtype=dtype, device="cpu", progress=False)
+    out = {}
+    for file in sorted((tmp_path / "out").glob("*.safetensors")):
+        out.update(load_file(file))
+    assert out.keys() == (state.keys() if dtype is None else dequantized.keys()) | {"encoder.embed_tokens.weight"}
+    delta = adapted.base_model.model.get_submodule("encoder.embed_tokens").get_delta_weight("default")
+    torch.testing.assert_close(out["encoder.embed_tokens.weight"], state["shared.weight"] + delta, atol=1e-6, rtol=0)
+    assert torch.equal(out["shared.weight"], state["shared.weight"])
+    if dtype is None:
+        assert out["encoder.block.0.layer.0.SelfAttention.q.weight"].dtype == torch.float8_e4m3fn
+        out = {n: fp8_dequantize(t, out[f"{n}_scale_inv"], block).float() if f"{n}_scale_inv" in out else t
+               for n, t in out.items() if not n.endswith("_scale_inv")}
+    (tmp_path / "merged").mkdir()  # (loaded by transformers, which ties by value: not load_state_dict)
+    save_file(out, str(tmp_path / "merged" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "merged" / "config.json").write_text((tmp_path / "float" / "config.json").read_text())
+    merged, info = cls.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # (FP8 output: each query requantized, one FP8 unit of its largest entries off PEFT's)
+    tolerance = 1e-5 if dtype else 0.05
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=tolerance, rtol=tolerance)
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "dequantized"))).abs().max() > 0.1
