@@ -1317,6 +1317,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         why_missing[tensor] = why
     row_mismatches = []
     for name, rows in bound.token_rows.items():
+        shared = shared_embeddings_of(name, rows_shape(rows, manifest), manifest)
+        if name in manifest and shared is not None and config is not None and not same_rows(bound, name, shared) \
+                and not side_stored_apart(name, config(name)):
+            unties_head(name, name)  # a BART's side stored as shared's copy, its own tokens: untied, as the merge does
         if name in bound.full_tensors:  # rows PEFT copies into the layer saved whole beside them (loaded first):
             base = list(bound.full_tensors[name].shape)  # its fit to the base is the whole tensor's, counted once
         else:
