@@ -76,10 +76,14 @@ SIDE_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 """An encoder-decoder model's per-side input embeddings, which transformers ties to its shared.weight beside them."""
 
 
+def is_side_embeddings(name: str) -> bool:
+    return any(names_module(name, side) for side in SIDE_EMBEDDINGS)
+
+
 def shared_embeddings_of(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
     """T5's and BART's encoder.embed_tokens / decoder.embed_tokens, not stored: the shared embeddings of their shape
     that the base stores instead (encoder-decoder models save them once, as shared.weight), or None."""
-    if not any(names_module(weight_name, side) for side in SIDE_EMBEDDINGS):
+    if not is_side_embeddings(weight_name):
         return None
     return next((t for t, info in manifest.items() if t.endswith("shared.weight") and tuple(info.shape) == tuple(shape)),
                 None)
@@ -266,7 +270,7 @@ def side_stored_apart(name: str, config: dict) -> bool:
     byte-identical copy), be written with values of its own? Where the model (at the config's top level) is one of
     TIED_BY_VALUE: transformers loads it apart from shared then, as PEFT's adapted model reads a LoRA or a saved copy
     on that side (its lookup alone). BLIP-2's T5 (a text config) is not checked."""
-    return config.get("model_type") in TIED_BY_VALUE and any(names_module(name, side) for side in SIDE_EMBEDDINGS)
+    return config.get("model_type") in TIED_BY_VALUE and is_side_embeddings(name)
 
 
 def _tie_flags(config: dict) -> list[dict]:
@@ -1318,9 +1322,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     row_mismatches = []
     for name, rows in bound.token_rows.items():
         shared = shared_embeddings_of(name, rows_shape(rows, manifest), manifest)
-        if name in manifest and shared is not None and config is not None and not same_rows(bound, name, shared) \
-                and not side_stored_apart(name, config(name)):
-            unties_head(name, name)  # a BART's side stored as shared's copy, its own tokens: untied, as the merge does
+        if name in manifest and is_side_embeddings(name) and config is not None \
+                and not same_rows(bound, name, shared) and not side_stored_apart(name, config(name)):
+            unties_head(name, name)  # a side's own tokens (a BART's stored as shared's copy, an unshared Marian's
+            # decoder): PEFT ties them to nothing, untied as the merge does
         if name in bound.full_tensors:  # rows PEFT copies into the layer saved whole beside them (loaded first):
             base = list(bound.full_tensors[name].shape)  # its fit to the base is the whole tensor's, counted once
         else:

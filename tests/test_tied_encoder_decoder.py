@@ -585,6 +585,21 @@ def test_a_checkpoint_of_the_bare_bart_binds_an_adapter_of_its_generation_class(
     assert not any(name.startswith("model.") for name in merged) and stored.keys() < merged.keys()
 
 
+def tokens_checked(tmp_path, cls, target, lora_targets=None):
+    """Trainable tokens (rows 4, 5, 11, trained) on ``target`` of the base at tmp_path/base, saved at tmp_path/a: by
+    TrainableTokensConfig, or LoRA's trainable_token_indices beside a LoRA on ``lora_targets``. The adapted model,
+    the adapter read back, and check's finding against the base (its config read)."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets, init_lora_weights=False,
+                        trainable_token_indices={target: [4, 5, 11]}) if lora_targets \
+        else TrainableTokensConfig(target_modules=[target], token_indices=[4, 5, 11])
+    torch.manual_seed(1)
+    adapted = trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"), config), tmp_path / "a")
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    return adapted, adapter, check.check(adapter, model.tensors, config=model.config)
+
+
 @pytest.mark.parametrize("target, stored", [("encoder.embed_tokens", None), ("decoder.embed_tokens", None),
                                             ("embed_tokens", "sides"), ("encoder.embed_tokens", "head"),
                                             ("shared", None), ("shared", "sides"), ("lora: encoder.embed_tokens", None)])
@@ -595,21 +610,13 @@ def test_trainable_tokens_on_one_side_of_bart(tmp_path, target, stored):
     (logits about 27 off the adapted model). They were "not in base"; merged as the adapted model computes: untied,
     that side shared's values with its rows, the other side and the head shared's copies (``stored``: a checkpoint
     storing each side, and the head, as shared's byte-identical copies). Tokens on shared stay tied."""
-    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
-
     cls = tiny(tmp_path / "base", "bart")
     if stored:
         with_side_copies(tmp_path / "base", "model.", stored == "head")
     base = load_file(tmp_path / "base" / "model.safetensors")
     lora_target = target.startswith("lora: ")
     target = target.removeprefix("lora: ")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
-                        trainable_token_indices={target: [4, 5, 11]}) if lora_target \
-        else TrainableTokensConfig(target_modules=[target], token_indices=[4, 5, 11])
-    torch.manual_seed(1)
-    adapted = trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"), config), tmp_path / "a")
-    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
-    found = check.check(adapter, model.tensors, config=model.config)
+    adapted, adapter, found = tokens_checked(tmp_path, cls, target, ["q_proj"] if lora_target else None)
     assert found.ok, check.misfits(found)
     own = target != "shared"  # (tokens on one side, or each side's own)
     assert found.tied_heads == ["lm_head"] * own
@@ -756,3 +763,26 @@ def test_one_side_of_an_fp8_t5_is_written_apart(tmp_path, dtype):
     tolerance = 1e-5 if dtype else 0.05
     torch.testing.assert_close(logits(merged), logits(adapted), atol=tolerance, rtol=tolerance)
     assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "dequantized"))).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("target, head_lora", [("decoder.embed_tokens", False), ("embed_tokens", False),
+                                               ("decoder.embed_tokens", True), ("encoder.embed_tokens", False)])
+def test_trainable_tokens_on_unshared_marians_decoder_leave_its_head(tmp_path, target, head_lora):
+    """An unshared Marian (share_encoder_decoder_embeddings: false) ties its head to the decoder's embed_tokens, but
+    PEFT ties trainable tokens only to the input embeddings (the encoder's): tokens on the decoder's change its lookup
+    alone, the head reads the base's weight (with ``head_lora``: that plus its LoRA). The merge kept the head tied, or
+    untied it with the decoder's rows in (logits about 30 off the adapted model); it is untied as the decoder's base
+    copy. Tokens on the encoder's leave the head tied."""
+    cls = tiny(tmp_path / "base", "marian, unshared")
+    adapted, adapter, found = tokens_checked(tmp_path, cls, target, ["q_proj", "lm_head"] if head_lora else None)
+    untied = target != "encoder.embed_tokens"
+    assert found.ok and found.tied_heads == ["lm_head"] * untied, check.misfits(found)
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"] * untied
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > 0.1 or not untied
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    if untied and not head_lora:
+        assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["lm_head.weight"],
+                           load_file(tmp_path / "base" / "model.safetensors")["model.decoder.embed_tokens.weight"])
