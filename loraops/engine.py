@@ -63,9 +63,8 @@ from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
                     same_rows, saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice,
-                    tied_decoder_bias,
-                    tied_head_source, tied_layer_copy, side_tied_head, unstored_head_of, untie_refusal, untied,
-                    untied_side_embeddings, untied_side_source)
+                    tied_decoder_bias, tied_head_source, tied_layer_copy, side_tied_head, unstored_head_of,
+                    untie_refusal, untied, untied_side_embeddings, untied_side_source)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
@@ -681,7 +680,8 @@ def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
     for name, rows in adapter.token_rows.items():
         shape = rows_shape(rows, base.tensors)
         source = tied_head_source(name, shape, base.tensors) or shared_embeddings_of(name, shape, base.tensors)
-        if name in base.tensors and (is_side_embeddings(name) or _is_head(base, name)):  # stored twice, byte-identical (the tie)
+        # (stored twice, byte-identical: the tie)
+        if name in base.tensors and (is_side_embeddings(name) or _is_head(base, name)):
             source = next((n for group in _stored_twice(base, [name]) for n in sorted(group)
                            if not _is_head(base, n) and not is_side_embeddings(n)), None)
         if same_rows(adapter, name, source):
