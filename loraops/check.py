@@ -76,10 +76,14 @@ SIDE_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 """An encoder-decoder model's per-side input embeddings, which transformers ties to its shared.weight beside them."""
 
 
+def is_side_embeddings(name: str) -> bool:
+    return any(names_module(name, side) for side in SIDE_EMBEDDINGS)
+
+
 def shared_embeddings_of(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
     """T5's and BART's encoder.embed_tokens / decoder.embed_tokens, not stored: the shared embeddings of their shape
     that the base stores instead (encoder-decoder models save them once, as shared.weight), or None."""
-    if not any(names_module(weight_name, side) for side in SIDE_EMBEDDINGS):
+    if not is_side_embeddings(weight_name):
         return None
     return next((t for t, info in manifest.items() if t.endswith("shared.weight") and tuple(info.shape) == tuple(shape)),
                 None)
@@ -258,7 +262,7 @@ UNTIED_AT_THE_TOP = ("mt5", *UNTIES_SIDE_EMBEDDINGS)
 # model types whose config transformers 5 forces to say tie_word_embeddings: true, so that the checkpoint decides
 # what is tied: a tied tensor stored with values of its own (not byte-identical to shared's) loads as a parameter of
 # its own, with a warning that they are "present in the checkpoints with different values, so we will NOT tie them"
-TIED_BY_VALUE = ("mt5", *SCALES_BY_TIE)
+TIED_BY_VALUE = ("mt5", "udop", *SCALES_BY_TIE)  # (UDOP's scales its decoder's output by that forced flag: always)
 
 
 def side_stored_apart(name: str, config: dict) -> bool:
@@ -266,7 +270,7 @@ def side_stored_apart(name: str, config: dict) -> bool:
     byte-identical copy), be written with values of its own? Where the model (at the config's top level) is one of
     TIED_BY_VALUE: transformers loads it apart from shared then, as PEFT's adapted model reads a LoRA or a saved copy
     on that side (its lookup alone). BLIP-2's T5 (a text config) is not checked."""
-    return config.get("model_type") in TIED_BY_VALUE and any(names_module(name, side) for side in SIDE_EMBEDDINGS)
+    return config.get("model_type") in TIED_BY_VALUE and is_side_embeddings(name)
 
 
 def _tie_flags(config: dict) -> list[dict]:
@@ -342,11 +346,16 @@ def untied_side_source(weight_name: str, shape, manifest: Mapping[str, object],
     return shared
 
 
-def side_lookup_refusal(shared: str, change: str) -> str:
+def side_lookup_refusal(shared: str, change: str, config: dict | None) -> str:
     """Why ``change`` on one side's embed_tokens, which the base does not store, is not merged into ``shared``: PEFT's
     model reads that side's lookup apart from shared (and the head), and this model is not one a merge writes with
-    that side untied (untied_side_source: known by the base's config alone; a T5 in a composite model's text config
-    is not checked)."""
+    that side untied (untied_side_source: known by the base's ``config`` alone, a T5 in a composite model's text
+    config not checked). Without one (a registered base whose files are gone: its recorded manifest names tensors,
+    not the model type), that is said: its files decide."""
+    if not config:
+        return (f"stored once as {shared}, which the encoder and the decoder share: whether {change} can be merged "
+                "(that side written apart) is for the base's config.json to say, and none is at hand (check it "
+                "against the base's files)")
     return f"stored once as {shared}, which the encoder and the decoder share: {change} cannot be merged"
 
 
@@ -802,6 +811,16 @@ def tied_layer_copy(adapter: Adapter, name: str, manifest: Mapping[str, object])
         return False
     twin = adapter.full_tensors.get(tied_head_source(name, tuple(tensor.shape), manifest))
     return twin is not None and torch.equal(twin, tensor)
+
+
+def same_rows(adapter: Adapter, name: str, source: str | None) -> bool:
+    """Are the adapter's trainable tokens on ``name`` those on ``source`` (the same rows, the same values): PEFT's
+    copy for a layer it ties to the tokens on ``source`` (a tied head; each side of shared)?"""
+    import torch
+
+    rows, twin = adapter.token_rows.get(name), adapter.token_rows.get(source)
+    return rows is not None and twin is not None and twin.indices == rows.indices and torch.equal(twin.values,
+                                                                                                  rows.values)
 
 
 def unstored_tied_heads(manifest: Mapping[str, object]) -> list[str]:
@@ -1277,11 +1296,11 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         return None if source is None else untie_refusal(source, config(source))
 
     def side_source(name: str, shape) -> str | None:
-        """The shared embeddings a T5's side ``name`` (not stored) is written apart from with its trainable tokens in
-        (shared's values, those rows replaced: PEFT's tokens on a side change its lookup alone), or None. Not a
-        BART's: what PEFT ties its side's tokens to is not checked."""
-        shared = untied_side_source(name, shape, manifest, sides) if sides is not None else None
-        return shared if shared is not None and side_stored_apart(name, sides(shared)) else None
+        """The shared embeddings one side ``name`` (not stored) is written apart from with its trainable tokens in
+        (shared's values, those rows replaced), or None: PEFT ties a side's tokens to nothing (only tokens on the
+        input embeddings, shared, to the sides and the head), so they change that side's lookup alone, as a LoRA
+        there does (untied_side_source: a T5's side written apart, a BART's with the model untied)."""
+        return untied_side_source(name, shape, manifest, sides) if sides is not None else None
 
     def unties_head(tensor: str, name: str) -> bool:
         """List the head a merge unties because ``tensor`` changes (unstored_head_of) in tied_heads; False where merge
@@ -1321,7 +1340,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             else:
                 missing.append(name)
                 if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)) is not None:
-                    why_missing[name] = side_lookup_refusal(shared, "a LoRA on one side's lookup")
+                    why_missing[name] = side_lookup_refusal(shared, "a LoRA on one side's lookup",
+                                                            sides(shared) if sides is not None else None)
                 elif (why := params.why_unstored(name, manifest)) is not None:
                     why_missing[name] = why
                 elif fp8.quantized_siblings(module.weight_name, manifest, names := names or sorted(manifest)):
@@ -1350,7 +1370,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             # a merge may, as the LoRA on that side is (untied_side_source)
             if sides is None or untied_side_source(name, tensor.shape, manifest, sides) is None:
                 missing.append(name)
-                why_missing[name] = side_lookup_refusal(shared, "one side's lookup saved whole (modules_to_save)")
+                why_missing[name] = side_lookup_refusal(shared, "one side's lookup saved whole (modules_to_save)",
+                                                        sides(shared) if sides is not None else None)
             elif config is not None and (head := side_tied_head(shared, manifest, config(shared))) is not None:
                 tied_heads.append(head.removesuffix(".weight"))
             continue
@@ -1367,6 +1388,11 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         why_missing[tensor] = why
     row_mismatches = []
     for name, rows in bound.token_rows.items():
+        shared = shared_embeddings_of(name, rows_shape(rows, manifest), manifest)
+        if name in manifest and is_side_embeddings(name) and config is not None \
+                and not same_rows(bound, name, shared) and not side_stored_apart(name, config(name)):
+            unties_head(name, name)  # a side's own tokens (a BART's stored as shared's copy, an unshared Marian's
+            # decoder): PEFT ties them to nothing, untied as the merge does
         if name in bound.full_tensors:  # rows PEFT copies into the layer saved whole beside them (loaded first):
             base = list(bound.full_tensors[name].shape)  # its fit to the base is the whole tensor's, counted once
         else:
@@ -1376,6 +1402,16 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 why_missing[name] = why
                 continue
             source = tied_head_source(name, shape, manifest) or side_source(name, shape)
+            if source is None and name not in manifest \
+                    and (shared := shared_embeddings_of(name, shape, manifest)) is not None:
+                missing.append(name)
+                why_missing[name] = side_lookup_refusal(shared, "trainable tokens on one side's lookup",
+                                                        sides(shared) if sides is not None else None)
+                continue
+            if config is not None and source is not None and source != tied_head_source(name, shape, manifest) \
+                    and not same_rows(bound, name, source) \
+                    and (head := side_tied_head(source, manifest, config(source))) is not None:
+                tied_heads.append(head.removesuffix(".weight"))  # a BART's side: written untied, as the merge does
             info = manifest.get(name) or manifest.get(source)
             base = None if info is None else list(info.shape)
         if base is None or len(base) != 2 or base[1] != rows.values.shape[1] or max(rows.indices) >= base[0]:

@@ -61,12 +61,12 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (SIDE_EMBEDDINGS, can_untie, embeddings_untied, head_tied_to, is_tied_head, rows_shape,
-                    saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
-                    tied_head_source, tied_layer_copy, side_tied_head, unstored_head_of, untie_refusal, untied,
-                    untied_side_embeddings, untied_side_source)
+from .check import (can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
+                    same_rows, saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice,
+                    tied_decoder_bias, tied_head_source, tied_layer_copy, side_tied_head, unstored_head_of,
+                    untie_refusal, untied, untied_side_embeddings, untied_side_source)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
-from .formats.common import FLOAT32_MAX, names_module
+from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
 from .fp8 import FLOAT_DTYPES, BlockScaled
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
@@ -339,7 +339,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         files_left_out=[str(p) for p in left_out],
         heads_untied=[t.name for f in files if f.untie for t in f.tensors  # written anew, or a stored copy
                       if t.name.endswith(".weight") and (t.new_name is not None or _is_head(base, t.name))
-                      and not any(names_module(t.name, side) for side in SIDE_EMBEDDINGS)],  # (BART's, untied)
+                      and not is_side_embeddings(t.name)],  # (BART's, untied)
         fingerprint=fingerprint_of((t.name, t.out_dtype, t.info.shape, t.digest) for t in tensors) if fingerprint else None,
     )
 
@@ -508,7 +508,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         group_heads = {name for name in group if _is_head(base, name)}
         source = next((name for name in sorted(group) if untied_side_embeddings(name, base.config(name))), None)
         group_sides = group & set(untied_side_embeddings(source, base.config(source))) if source else set()
-        untie = not undo and _can_untie(base, min(group)) and (bool(group_sides & apart) or any(
+        # (a side's own trainable tokens too: PEFT ties them to nothing; _without_tied_copies took shared's copies)
+        untie = not undo and _can_untie(base, min(group)) and (bool(group_sides & (apart | rows.keys())) or any(
             name in touched if name in group_heads
             else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group))
         # (by its trainable tokens too: PEFT ties a side's to nothing; shared's it saves for each side as well)
@@ -662,7 +663,8 @@ def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacemen
     wrapped apart and reads the base's weight). And an untied decoder's bias (→ the bias transformers ties it to,
     _decoder_biases) gets that bias' new value: PEFT's bias="all"/"lora_only" trains the one parameter both are."""
     for head, embeddings in heads.items():
-        if head not in rows and embeddings in rows:
+        # (not a side's tokens: PEFT ties them to nothing, the head reads the base's weight, as an unshared Marian's)
+        if head not in rows and embeddings in rows and not is_side_embeddings(embeddings):
             rows[head] = rows[embeddings]
         if head not in replacements and embeddings in replacements \
                 and (embeddings in saved_layers or head.endswith(".bias")):
@@ -672,17 +674,17 @@ def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacemen
 def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
     """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored, or stored
     twice) that are the same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too),
-    nor the head's copy of the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's
-    does."""
-    import torch
-
+    nor those of one side's embed_tokens that are shared's (PEFT's tokens on shared, tied to each side), nor the
+    head's copy of the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's does."""
     copies = set()
     for name, rows in adapter.token_rows.items():
-        source = tied_head_source(name, rows_shape(rows, base.tensors), base.tensors)
-        if source is None and name in base.tensors and _is_head(base, name):  # or stored twice, byte-identical (the tie)
-            source = next((n for group in _stored_twice(base, [name]) for n in group if not _is_head(base, n)), None)
-        twin = adapter.token_rows.get(source)
-        if twin is not None and twin.indices == rows.indices and torch.equal(twin.values, rows.values):
+        shape = rows_shape(rows, base.tensors)
+        source = tied_head_source(name, shape, base.tensors) or shared_embeddings_of(name, shape, base.tensors)
+        # (stored twice, byte-identical: the tie)
+        if name in base.tensors and (is_side_embeddings(name) or _is_head(base, name)):
+            source = next((n for group in _stored_twice(base, [name]) for n in sorted(group)
+                           if not _is_head(base, n) and not is_side_embeddings(n)), None)
+        if same_rows(adapter, name, source):
             copies.add(name)
     # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
     layers = {name for name in adapter.full_tensors if tied_layer_copy(adapter, name, base.tensors)}
@@ -727,6 +729,15 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         head = unstored_head_of(name, base.tensors, base.config(name))
         if head is not None and head not in heads:
             heads[head] = name
+    # a stored side's embed_tokens with trainable tokens of its own (PEFT ties a side's tokens to nothing; shared's
+    # copies are gone: _without_tied_copies): a BART's side stored as shared's copy, an unshared Marian's decoder.
+    # Untied as by a LoRA there, its head the base's copy (of shared, or of that side) without those rows
+    for name, shape in sorted(wanted.items()) if not undo else ():
+        if name in base.tensors and any(name in adapter.token_rows for adapter, _ in adapters) \
+                and is_side_embeddings(name) \
+                and not side_stored_apart(name, base.config(name)) \
+                and (head := unstored_head_of(name, base.tensors, base.config(name))) is not None:
+            heads.setdefault(head, shared_embeddings_of(name, shape, base.tensors) or name)
     heads.update(_decoder_biases(base, heads))
     return heads
 

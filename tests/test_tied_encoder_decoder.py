@@ -5,6 +5,7 @@ untied merge writes the head (its LoRA in) and each side's embed_tokens (copies 
 PEFT's adapted model, loaded back by transformers with nothing missing or unexpected."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -468,7 +469,7 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
     the base stores shared alone ("stored once as shared.weight … cannot be merged"), an untrained one too; where it
     stores the copies, every copy took the first saved one. Each side is written as its saved copy, shared and the
     head (tied to shared) as stored, and the merged model computes the adapted model's logits. By the manifest alone
-    (no config) it is still refused, with that line."""
+    (no config) it is still refused, saying that the config decides."""
     cls = tiny(tmp_path / "base", kind)
     base = with_side_copies(tmp_path / "base", "") if copies else load_file(tmp_path / "base" / "model.safetensors")
     adapted = saved_embeddings(cls, tmp_path / "base", tmp_path / "a", changes)
@@ -477,7 +478,8 @@ def test_each_sides_embed_tokens_saved_whole_on_t5_is_that_sides_alone(tmp_path,
     if not copies:
         assert check.misfits(check.check(adapter, model.tensors)) == [
             "decoder.embed_tokens.weight and 1 more (stored once as shared.weight, which the encoder and the decoder "
-            "share: one side's lookup saved whole (modules_to_save) cannot be merged)"]
+            "share: whether one side's lookup saved whole (modules_to_save) can be merged (that side written apart) "
+            "is for the base's config.json to say, and none is at hand (check it against the base's files))"]
     engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
     merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -581,3 +583,206 @@ def test_a_checkpoint_of_the_bare_bart_binds_an_adapter_of_its_generation_class(
     stored = load_file(tmp_path / "base" / "model.safetensors")
     merged = merged_as_adapted(tmp_path, cls, adapted, moved=1e-3)
     assert not any(name.startswith("model.") for name in merged) and stored.keys() < merged.keys()
+
+
+def tokens_checked(tmp_path, cls, target, lora_targets=None):
+    """Trainable tokens (rows 4, 5, 11, trained) on ``target`` of the base at tmp_path/base, saved at tmp_path/a: by
+    TrainableTokensConfig, or LoRA's trainable_token_indices beside a LoRA on ``lora_targets``. The adapted model,
+    the adapter read back, and check's finding against the base (its config read)."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets, init_lora_weights=False,
+                        trainable_token_indices={target: [4, 5, 11]}) if lora_targets \
+        else TrainableTokensConfig(target_modules=[target], token_indices=[4, 5, 11])
+    torch.manual_seed(1)
+    adapted = trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"), config), tmp_path / "a")
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    return adapted, adapter, check.check(adapter, model.tensors, config=model.config)
+
+
+@pytest.mark.parametrize("target, stored", [("encoder.embed_tokens", None), ("decoder.embed_tokens", None),
+                                            ("embed_tokens", "sides"), ("encoder.embed_tokens", "head"),
+                                            ("shared", None), ("shared", "sides"), ("lora: encoder.embed_tokens", None)])
+def test_trainable_tokens_on_one_side_of_bart(tmp_path, target, stored):
+    """PEFT (0.21) ties trainable tokens on one side's embed_tokens of a BART to nothing (only tokens on the input
+    embeddings, model.shared, to each side and the head, all one set of rows): its adapted model reads them in that
+    side's lookup alone, while its merge_and_unload writes them into the one weight transformers ties all four to
+    (logits about 27 off the adapted model). They were "not in base"; merged as the adapted model computes: untied,
+    that side shared's values with its rows, the other side and the head shared's copies (``stored``: a checkpoint
+    storing each side, and the head, as shared's byte-identical copies). Tokens on shared stay tied."""
+    cls = tiny(tmp_path / "base", "bart")
+    if stored:
+        with_side_copies(tmp_path / "base", "model.", stored == "head")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    lora_target = target.startswith("lora: ")
+    target = target.removeprefix("lora: ")
+    adapted, adapter, found = tokens_checked(tmp_path, cls, target, ["q_proj"] if lora_target else None)
+    assert found.ok, check.misfits(found)
+    own = target != "shared"  # (tokens on one side, or each side's own)
+    assert found.tied_heads == ["lm_head"] * own
+    peft_merged = logits(copy.deepcopy(adapted).merge_and_unload())
+    assert ((peft_merged - logits(adapted)).abs().max() > 1) == own
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"] * own
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is not own
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        encoded = [m.get_encoder()(input_ids=INPUT).last_hidden_state for m in (merged, adapted.base_model.model)]
+    torch.testing.assert_close(*encoded, atol=1e-5, rtol=1e-5)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for side in ("encoder", "decoder"):
+        name = f"model.{side}.embed_tokens.weight"
+        if own and target in name:
+            rows = next(p for n, p in adapted.named_parameters() if f"{side}.embed_tokens" in n and "tokens_delta" in n)
+            expected = base["model.shared.weight"].clone()
+            expected[[4, 5, 11]] = rows.detach()
+            assert torch.equal(tensors[name], expected), side
+        elif own:
+            assert torch.equal(tensors[name], base["model.shared.weight"]), side
+    if own:
+        assert torch.equal(tensors["model.shared.weight"], base["model.shared.weight"])
+        assert torch.equal(tensors["lm_head.weight"], base["model.shared.weight"])
+
+
+@pytest.mark.parametrize("side, tokens", [("encoder", False), ("decoder", False), ("encoder", True)])
+def test_a_change_to_one_side_of_udop_changes_that_side_alone(tmp_path, side, tokens):
+    """UDOP's config is forced tied in transformers 5 (its decoder's output always scaled) and ties by values, as a
+    T5's (check.TIED_BY_VALUE): a LoRA (or trainable tokens) on one side's embed_tokens changes that side's lookup
+    alone in PEFT's adapted model, while PEFT's merge_and_unload puts it into shared.weight (logits about 35 off). It
+    was refused ("stored once as shared.weight …"); that side is written apart (shared's values with its change), the
+    rest and the config as they were, and the merged model computes the adapted model's logits."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+    from transformers import UdopConfig, UdopForConditionalGeneration
+
+    torch.manual_seed(0)
+    UdopForConditionalGeneration(UdopConfig(**T5_SMALL, decoder_start_token_id=0, image_size=32,
+                                            max_2d_position_embeddings=64)).save_pretrained(tmp_path / "base")
+    bbox = torch.tensor([[[0.1, 0.1, 0.2, 0.2]] * INPUT.shape[1]])
+
+    def udop_logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=INPUT, bbox=bbox, decoder_input_ids=DECODER_INPUT).logits
+
+    torch.manual_seed(1)
+    config = TrainableTokensConfig(target_modules=[f"{side}.embed_tokens"], token_indices=[5, 6, 11]) if tokens \
+        else LoraConfig(r=4, lora_alpha=8, target_modules=["q", f"{side}.embed_tokens"], init_lora_weights=False)
+    adapted = get_peft_model(UdopForConditionalGeneration.from_pretrained(tmp_path / "base"), config)
+    adapted = trained_tokens(adapted, tmp_path / "a") if tokens else adapted.eval()
+    adapted.save_pretrained(tmp_path / "a")
+    assert (udop_logits(copy.deepcopy(adapted).merge_and_unload()) - udop_logits(adapted)).abs().max() > 1
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, model.tensors, config=model.config)
+    assert found.ok and not found.tied_heads, check.misfits(found)
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == []
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
+        (tmp_path / "base" / "config.json").read_text())
+    merged, info = UdopForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(udop_logits(merged), udop_logits(adapted), atol=1e-5, rtol=1e-5)
+    base = udop_logits(UdopForConditionalGeneration.from_pretrained(tmp_path / "base"))
+    assert (udop_logits(adapted) - base).abs().max() > 0.1
+    stored = load_file(tmp_path / "base" / "model.safetensors")
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == stored.keys() | {f"{side}.embed_tokens.weight"}
+
+
+@pytest.mark.registry_backend
+@pytest.mark.parametrize("kind", ["lora", "tokens"])
+def test_one_t5_side_against_a_registered_base_whose_files_are_gone(tmp_path, kind):
+    """`check` of a change to one side's embed_tokens of a T5 against a registered base: with its files, it fits (as
+    merge merges it); with them gone, the recorded manifest (tensor names and shapes, no config.json) cannot tell a
+    T5, whose side is written apart, from a model whose is not: refused, saying so in one line (it said "cannot be
+    merged", or "not in base" for trainable tokens)."""
+    import shutil
+
+    from peft import TrainableTokensConfig, get_peft_model
+
+    from test_extract import run
+
+    cls = tiny(tmp_path / "base", "t5")
+    if kind == "lora":
+        lora(cls, tmp_path / "base", tmp_path / "a", ["q", "encoder.embed_tokens"])
+    else:
+        torch.manual_seed(1)
+        trained_tokens(get_peft_model(cls.from_pretrained(tmp_path / "base"), TrainableTokensConfig(
+            target_modules=["encoder.embed_tokens"], token_indices=[4, 5])), tmp_path / "a")
+    assert run("base", "add", tmp_path / "base", "--name", "t5")[0] == 0
+    code, out = run("check", tmp_path / "a", "--base", "t5")
+    assert code == 0, out
+    shutil.rmtree(tmp_path / "base")
+    code, out = run("check", tmp_path / "a", "--base", "t5")
+    assert code != 0 and "encoder.embed_tokens" in out and "stored once as shared.weight" in out \
+        and "is for the base's config.json to say, and none is at hand" in out, out
+
+
+@pytest.mark.parametrize("dtype", [None, "fp32"])
+def test_one_side_of_an_fp8_t5_is_written_apart(tmp_path, dtype):
+    """A fine-grained FP8 T5 (its Linear weights FP8, the embeddings float) with a LoRA on the queries and on one
+    side's embed_tokens, which the base does not store: check's FP8 step skips that side (no weight of its own), and
+    the merge writes it apart as on a float T5, a float tensor (shared's values with the LoRA), the queries FP8 with
+    fresh scales (or, --dtype fp32, everything dequantized). Against PEFT's adapted model on the dequantized base."""
+    from factories import fp8_dequantize, fp8_model
+    from peft import PeftModel
+
+    cls = tiny(tmp_path / "float", "t5")
+    block = (16, 16)
+    fp8 = fp8_model(tmp_path / "float", tmp_path / "fp8", block=block, modules=("q", "k", "v", "o", "wi", "wo"))
+    state = {}
+    for file in sorted(fp8.glob("*.safetensors")):
+        state.update(load_file(file))
+    dequantized = {n: fp8_dequantize(t, state[f"{n}_scale_inv"], block).float() if f"{n}_scale_inv" in state else t
+                   for n, t in state.items() if not n.endswith("_scale_inv")}
+    (tmp_path / "dequantized").mkdir()
+    save_file(dequantized, str(tmp_path / "dequantized" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "dequantized" / "config.json").write_text((tmp_path / "float" / "config.json").read_text())
+    lora(cls, tmp_path / "dequantized", tmp_path / "a", ["q", "encoder.embed_tokens"])
+    adapted = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "dequantized"), tmp_path / "a").eval()
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(fp8)
+    found = check.check(adapter, model.tensors, quantization=model.quantization_config, config=model.config)
+    assert found.ok and not found.tied_heads, check.misfits(found)
+    engine.merge(fp8, [(adapter, 1.0)], tmp_path / "out", dtype=dtype, device="cpu", progress=False)
+    out = {}
+    for file in sorted((tmp_path / "out").glob("*.safetensors")):
+        out.update(load_file(file))
+    assert out.keys() == (state.keys() if dtype is None else dequantized.keys()) | {"encoder.embed_tokens.weight"}
+    delta = adapted.base_model.model.get_submodule("encoder.embed_tokens").get_delta_weight("default")
+    torch.testing.assert_close(out["encoder.embed_tokens.weight"], state["shared.weight"] + delta, atol=1e-6, rtol=0)
+    assert torch.equal(out["shared.weight"], state["shared.weight"])
+    if dtype is None:
+        assert out["encoder.block.0.layer.0.SelfAttention.q.weight"].dtype == torch.float8_e4m3fn
+        out = {n: fp8_dequantize(t, out[f"{n}_scale_inv"], block).float() if f"{n}_scale_inv" in out else t
+               for n, t in out.items() if not n.endswith("_scale_inv")}
+    (tmp_path / "merged").mkdir()  # (loaded by transformers, which ties by value: not load_state_dict)
+    save_file(out, str(tmp_path / "merged" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "merged" / "config.json").write_text((tmp_path / "float" / "config.json").read_text())
+    merged, info = cls.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # (FP8 output: each query requantized, one FP8 unit of its largest entries off PEFT's)
+    tolerance = 1e-5 if dtype else 0.05
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=tolerance, rtol=tolerance)
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "dequantized"))).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("target, head_lora", [("decoder.embed_tokens", False), ("embed_tokens", False),
+                                               ("decoder.embed_tokens", True), ("encoder.embed_tokens", False)])
+def test_trainable_tokens_on_unshared_marians_decoder_leave_its_head(tmp_path, target, head_lora):
+    """An unshared Marian (share_encoder_decoder_embeddings: false) ties its head to the decoder's embed_tokens, but
+    PEFT ties trainable tokens only to the input embeddings (the encoder's): tokens on the decoder's change its lookup
+    alone, the head reads the base's weight (with ``head_lora``: that plus its LoRA). The merge kept the head tied, or
+    untied it with the decoder's rows in (logits about 30 off the adapted model); it is untied as the decoder's base
+    copy. Tokens on the encoder's leave the head tied."""
+    cls = tiny(tmp_path / "base", "marian, unshared")
+    adapted, adapter, found = tokens_checked(tmp_path, cls, target, ["q_proj", "lm_head"] if head_lora else None)
+    untied = target != "encoder.embed_tokens"
+    assert found.ok and found.tied_heads == ["lm_head"] * untied, check.misfits(found)
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert report.heads_untied == ["lm_head.weight"] * untied
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > 0.1 or not untied
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=1e-5)
+    if untied and not head_lora:
+        assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["lm_head.weight"],
+                           load_file(tmp_path / "base" / "model.safetensors")["model.decoder.embed_tokens.weight"])
