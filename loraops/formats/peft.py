@@ -677,7 +677,7 @@ def embedding_layers_saved(adapter: Adapter) -> set[str]:
     """The adapter's full tensors that are saved_embedding_layer's: beside no modules_to_save, not a LoRA layer's
     own weight (saved_layer_tensors) nor a trained bias."""
     config = adapter.config
-    if adapter.format != "peft" or saved_entries(config):  # (read only beside no modules_to_save: see read)
+    if adapter.format != "peft" or not config or saved_entries(config):  # (as read reads them: a config, saving none)
         return set()
     trains_biases = (config.get("bias") or "none") != "none"
     return {name for name in adapter.full_tensors if saved_embedding_layer(name) is not None
@@ -761,7 +761,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     parsed.others = [key for key in parsed.others if key.removeprefix(PREFIX) not in wrapper_keys]
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
                   or saved_beside_wrapper(key.removeprefix(PREFIX), wrapper_keys)
-                  or (saved_embedding_layer(key.removeprefix(PREFIX)) if cfg and not cfg.modules_to_save else None)
+                  or (saved_embedding_layer(key.removeprefix(PREFIX)) if raw_cfg and not cfg.modules_to_save else None)
                   for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
