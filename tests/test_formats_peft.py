@@ -847,17 +847,19 @@ def test_a_head_beside_a_false_modules_to_save_is_refused_saying_what_it_is(llam
     weights, config_path = folder / "adapter_model.safetensors", folder / "adapter_config.json"
     state = load_file(weights)
     trained = state["base_model.model.lm_head.weight"] + 1
-    save_file({**state, "base_model.model.lm_head.weight": trained}, str(weights))
+    # (model.norm: a whole lm_head alone is what save_embedding_layers writes, read as PEFT loads it)
+    save_file({**state, "base_model.model.lm_head.weight": trained,
+               "base_model.model.model.norm.weight": torch.full((64,), 2.0)}, str(weights))
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "modules_to_save": value}))
     model = PeftModel.from_pretrained(factories.load_model(llama), folder)
     assert torch.equal(model.base_model.model.lm_head.weight, trained)
-    with pytest.raises(FormatError, match=r"unknown adapter key layout: 'base_model.model.lm_head.weight': whole "
-                                          r"tensors of modules the config's modules_to_save does not name \(lm_head\), "
+    with pytest.raises(FormatError, match=r"unknown adapter key layout: 'base_model.model.model.norm.weight': whole "
+                                          r"tensors of modules the config's modules_to_save does not name \(model.norm\), "
                                           r"which PEFT's load \(not strict\) would put over the model's own; list them "
                                           r"in modules_to_save to read them as saved whole, or remove them$"):
         read_adapter(folder)
-    config_path.write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    config_path.write_text(json.dumps({**config, "modules_to_save": ["lm_head", "norm"]}))
     assert torch.equal(read_adapter(folder).full_tensors["lm_head.weight"], trained)
 
 

@@ -1795,3 +1795,34 @@ def assert_misfit_by_config_and_manifest(adapter, base, name, why, out):
     with pytest.raises(MismatchError, match=re.escape(why)):
         engine.merge(base, [(adapter, 1.0)], out, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("edited", [(), (EMBED,), (EMBED, "lm_head.weight")])
+def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited):
+    """save_embedding_layers=True with a LoRA elsewhere (q_proj) and no modules_to_save: PEFT saves the input
+    embeddings and the head whole (both names on a tied model) and loads them over the model's own. Equal to the
+    base they replace nothing; edited, they replace the base's as PEFT's load does."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_llama(tmp_path / "base", tie=tie, hidden=16, layers=1, intermediate=32, vocab=128)
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    assert {f"base_model.model.{EMBED}", "base_model.model.lm_head.weight"} <= saved.keys()
+    for name in edited:
+        saved[f"base_model.model.{name}"] = saved[f"base_model.model.{name}"] + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    if tie and len(edited) == 1:  # PEFT's load puts both into the one tied weight, the head's (read last) winning
+        with pytest.raises(Exception, match="which this base ties it to and PEFT's load keeps tied"):
+            engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+        return
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    reference = PeftModel.from_pretrained(load_model(base), tmp_path / "a").merge_and_unload()
+    merged = tensors(tmp_path / "out")
+    for name, tensor in reference.state_dict().items():
+        if name in merged:
+            torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)

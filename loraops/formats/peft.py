@@ -576,7 +576,7 @@ def saved_layer_tensors(adapter: Adapter) -> set[str]:
     if (adapter.config.get("bias") or "none") == "none":  # PEFT's default, also when the config says null
         names |= {f"{module.name}.bias" for module in adapter.modules.values()
                   if module.fused is None and module.weight_name in adapter.full_tensors}
-    return names
+    return names | embedding_layers_saved(adapter)
 
 
 def refuse_full_tensors(adapter: Adapter, fmt: str, *, base: str | None = None) -> None:
@@ -657,6 +657,33 @@ def saved_beside_wrapper(key: str, wrapper_keys: set[str]) -> str | None:
         else None
 
 
+def saved_embedding_layer(key: str) -> str | None:
+    """The tensor ``key`` (without base_model.model.) replaces where it is a layer save_embedding_layers saves whole
+    with no LoRA on it (True, or "auto" on a resized vocabulary): the model's input embeddings' weight, its output
+    head's weight or bias (PEFT saves get_input_embeddings() and get_output_embeddings() whole), named as loraops
+    knows them (check.INPUT_EMBEDDINGS, check.is_head); PEFT's load (not strict) puts it over the model's own. Any
+    other whole tensor is none PEFT's rule writes (a hand-edited file): None."""
+    from ..check import INPUT_EMBEDDINGS, is_head
+
+    module, _, param = key.rpartition(".")
+    if ".base_layer." in key or not module:
+        return None
+    if param == "weight" and any(common.names_module(key, name) for name in INPUT_EMBEDDINGS):
+        return key
+    return key if param in ("weight", "bias") and is_head(module) else None
+
+
+def embedding_layers_saved(adapter: Adapter) -> set[str]:
+    """The adapter's full tensors that are saved_embedding_layer's: beside no modules_to_save, not a LoRA layer's
+    own weight (saved_layer_tensors) nor a trained bias."""
+    config = adapter.config
+    if adapter.format != "peft" or not config or saved_entries(config):  # (as read reads them: a config, saving none)
+        return set()
+    trains_biases = (config.get("bias") or "none") != "none"
+    return {name for name in adapter.full_tensors if saved_embedding_layer(name) is not None
+            and name.rpartition(".")[0] not in adapter.modules and not (name.endswith(".bias") and trains_biases)}
+
+
 def _unknown_layout(weights: Path, keys: list[str], configured: bool, lora_modules: frozenset[str]) -> FormatError:
     """The refusal of keys full_tensor_name does not place, saying so where they are whole tensors of modules beside
     a config (``configured``) that saves none of them. PEFT's load is not strict: it puts such a tensor in place of the
@@ -733,7 +760,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
                  if ".original_module." in key and (match := WRAPPER_STATE.match(key)) is not None}
     parsed.others = [key for key in parsed.others if key.removeprefix(PREFIX) not in wrapper_keys]
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
-                  or saved_beside_wrapper(key.removeprefix(PREFIX), wrapper_keys) for key in parsed.others}
+                  or saved_beside_wrapper(key.removeprefix(PREFIX), wrapper_keys)
+                  or (saved_embedding_layer(key.removeprefix(PREFIX)) if raw_cfg and not cfg.modules_to_save else None)
+                  for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
         raise _unknown_layout(weights, unknown, cfg_file is not None, lora_modules)
