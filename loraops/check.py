@@ -624,6 +624,14 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     checkpoint of the bare model's wte → lm_head); or None: the config.json names no class with an output head (a
     bare model, a classifier, or no config at all), unties it, is an encoder-decoder model's (can_untie), or
     the head is stored."""
+    if config.get("model_type") == "fsmt" and config.get("tie_word_embeddings") is True \
+            and names_module(embeddings, "decoder.embed_tokens.weight"):
+        # FSMTModel ties its encoder's embed_tokens and decoder.output_projection to these, neither stored; untied,
+        # it would load them as newly initialized weights (a merge writing them untied is not checked)
+        raise MismatchError(
+            f"{embeddings!r} is tied to FSMT's encoder.embed_tokens and output head (decoder.output_projection) by "
+            f"tie_word_embeddings: true, and loraops does not untie FSMT: merge into a copy of the base saved with "
+            f"tie_word_embeddings: false")
     if ties_word_embeddings(config) is False or not can_untie(config) or not _names_heads(config):
         return None
     head = head_tied_to(embeddings, config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -786,3 +787,29 @@ def test_trainable_tokens_on_unshared_marians_decoder_leave_its_head(tmp_path, t
     if untied and not head_lora:
         assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["lm_head.weight"],
                            load_file(tmp_path / "base" / "model.safetensors")["model.decoder.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_fsmt_tied_by_tie_word_embeddings_is_refused(tmp_path, tokens):
+    """FSMT with tie_word_embeddings: true ties its encoder's embed_tokens and its output head
+    (decoder.output_projection) to decoder.embed_tokens and stores neither. A LoRA or trainable tokens there change
+    PEFT's decoder lookup alone; the merge put them into the one stored tensor (logits about 230, or 27, off the
+    adapted model). loraops does not untie FSMT: check and merge refuse, in one line."""
+    import transformers
+
+    config = transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, tie_word_embeddings=True,
+                                     decoder_start_token_id=0, **{k: v for k, v in SMALL.items() if k != "vocab_size"})
+    cls = transformers.FSMTForConditionalGeneration
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "base")
+    why = "tied to FSMT's encoder.embed_tokens and output head (decoder.output_projection) by tie_word_embeddings"
+    if tokens:
+        _, adapter, found = tokens_checked(tmp_path, cls, "decoder.embed_tokens")
+    else:
+        lora(cls, tmp_path / "base", tmp_path / "a", ["decoder.embed_tokens"])
+        adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+        found = check.check(adapter, base.tensors, config=base.config)
+    assert not found.ok and why in check.misfits(found)[0]
+    with pytest.raises(MismatchError, match=re.escape(why)):
+        engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
