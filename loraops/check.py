@@ -622,8 +622,9 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     cls.predictions.decoder; a checkpoint of the bare model's embeddings.word_embeddings → the same), else a causal LM's lm_head.weight beside the decoder's wrapper (model.embed_tokens →
     lm_head, language_model.model.embed_tokens → language_model.lm_head, GPT-NeoX's embed_in → embed_out, a
     checkpoint of the bare model's wte → lm_head); or None: the config.json names no class with an output head (a
-    bare model, a classifier, or no config at all), unties it, is an encoder-decoder model's (can_untie), or
-    the head is stored."""
+    bare model, a classifier, or no config at all), unties it, or the head is stored. An encoder-decoder model
+    loraops does not untie (can_untie) with such an unstored head raises: merged, a change of the embeddings would
+    reach the head too (Whisper's proj_out, FSMT's output_projection)."""
     if config.get("model_type") == "fsmt" and config.get("tie_word_embeddings") is True \
             and names_module(embeddings, "decoder.embed_tokens.weight"):
         # FSMTModel ties its encoder's embed_tokens and decoder.output_projection to these, neither stored; untied,
@@ -632,9 +633,19 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
             f"{embeddings!r} is tied to FSMT's encoder.embed_tokens and output head (decoder.output_projection) by "
             f"tie_word_embeddings: true, and loraops does not untie FSMT: merge into a copy of the base saved with "
             f"tie_word_embeddings: false")
-    if ties_word_embeddings(config) is False or not can_untie(config) or not _names_heads(config):
+    if ties_word_embeddings(config) is False or not _names_heads(config):
         return None
     head = head_tied_to(embeddings, config)
+    if not can_untie(config):
+        if head is None or head in manifest:
+            return None
+        # (Whisper's proj_out: merged into the embeddings, the change reached the head too, where PEFT's adapted
+        # model changes the lookup alone: logits ~170 off, unsaid)
+        raise MismatchError(
+            f"{embeddings!r} is tied to an output head the base does not store, in an "
+            f"encoder-decoder model loraops does not untie (only {UNTIED_FAMILIES}): merged, the change would reach "
+            f"the head too, where PEFT's adapted model changes the lookup alone; merge into a copy of the base that "
+            f"stores its head (tie_word_embeddings: false)")
     remote = _remote_code_class(config) if _tied_head_of_class(config) is None else None
     if head is None and remote is not None and _may_be_tied_embeddings(embeddings, manifest, config):
         raise MismatchError(
