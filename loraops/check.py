@@ -801,6 +801,13 @@ def stored_tied_bias(name: str, shape, manifest: Mapping[str, object]) -> str | 
     return next((p for p in parents if p in manifest and tuple(manifest[p].shape) == tuple(shape)), None)
 
 
+def decoder_bias_of(name: str) -> str | None:
+    """The head's bias a base-stored bias ``name`` is while the head is tied (BERT's cls.predictions.bias is
+    cls.predictions.decoder.bias: the name a bound adapter gives the decoder's bias, stored_tied_bias), or None."""
+    pairs = {tied.tied_bias() for tied in TIED_HEAD_OF_CLASS.values() if tied.bias}
+    return next((name.removesuffix(parent) + bias for bias, parent in pairs if names_module(name, parent)), None)
+
+
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:
     """kohya name → the base module paths that produce it: from each module's own path (parts of fused tensors
     included), from its diffusers path when the base is a single-file SD or FLUX.1 checkpoint (sd-scripts names

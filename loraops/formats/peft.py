@@ -679,8 +679,12 @@ def embedding_layers_saved(adapter: Adapter) -> set[str]:
     config = adapter.config
     if adapter.format != "peft" or not config or saved_entries(config):  # (as read reads them: a config, saving none)
         return set()
+    from ..check import decoder_bias_of
+
     trains_biases = (config.get("bias") or "none") != "none"
-    return {name for name in adapter.full_tensors if saved_embedding_layer(name) is not None
+    # (a bound adapter's head bias under the name of the bias the base stores for it: BERT's cls.predictions.bias)
+    return {name for name in adapter.full_tensors
+            if (saved_embedding_layer(name) or saved_embedding_layer(decoder_bias_of(name) or "")) is not None
             and name.rpartition(".")[0] not in adapter.modules and not (name.endswith(".bias") and trains_biases)}
 
 
