@@ -469,6 +469,12 @@ def differing_tied_layers(adapter: Adapter, manifest: Mapping[str, object],
     inputs = [name for name in layers if any(names_module(name, e) for e in INPUT_EMBEDDINGS)]
     out = {}
     for head in sorted(name for name in layers if name.endswith(".weight") and is_head(name)):
+        source = tied_head_source(head, tuple(adapter.full_tensors[head].shape), manifest)
+        own = head_tied_to(source, config(source)) if source is not None and config is not None else None
+        if own is not None and own != head:  # (a head this base has none of: PEFT saves its get_output_embeddings())
+            out[head] = (f"not this base's head ({own!r} is, tied to {source!r}): PEFT's save_embedding_layers "
+                         f"saves no such tensor and its load puts it nowhere; remove it")
+            continue
         for embeddings in inputs:
             copy, own = adapter.full_tensors[head], adapter.full_tensors[embeddings]
             if copy.is_meta or own.is_meta or copy.shape != own.shape or copy.equal(own):

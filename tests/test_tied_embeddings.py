@@ -1892,3 +1892,25 @@ def test_a_plain_head_weight_beside_a_lora_on_the_head_is_refused(tmp_path):
     save_file(saved, weights, metadata={"format": "pt"})
     with pytest.raises(FormatError, match=r"unknown adapter key layout: 'base_model.model.lm_head.weight'"):
         formats.read_adapter(tmp_path / "a")
+
+
+def test_a_saved_layer_head_the_base_has_none_of_is_refused(tmp_path):
+    """A BERT adapter saved with save_embedding_layers=True, edited to hold an lm_head.weight too: BertForMaskedLM's
+    head is cls.predictions.decoder, so PEFT never writes lm_head.weight and its load puts it nowhere. Refused, not
+    written into the merged model as a head the base has none of."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model_type, cls_name, config, targets = SAVED_LAYER_FAMILIES["bert"]
+    base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    torch.manual_seed(1)
+    model = get_peft_model(getattr(transformers, cls_name).from_pretrained(base),
+                           LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    saved["base_model.model.lm_head.weight"] = torch.randn(100, 32)
+    save_file(saved, weights, metadata={"format": "pt"})
+    with pytest.raises(MismatchError, match=r"lm_head.weight \(not this base's head \('cls.predictions.decoder.weight'"):
+        engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
