@@ -430,15 +430,10 @@ def unsaved_tied_head(adapter: Adapter, manifest: Mapping[str, object],
     tied head too (its modules_to_tie) and takes its weight from the file, a KeyError. A file saved on an untied base
     has none. Without ``config`` the manifest says it by a causal LM's rule: an lm_head it does not store, tied to
     those embeddings (tied_head_source)."""
-    if adapter.format != "peft":
+    if adapter.format != "peft" or not peft.ties_saved_embeddings(adapter.config):
         return {}
-    ties = peft.ties_saved_embeddings(adapter.config)
-    # (save_embedding_layers without modules_to_save saves a tied model's embeddings under both names too, and PEFT's
-    # load puts both into the one tied weight, the last one read winning)
-    layers = peft.embedding_layers_saved(adapter)
-    keeps = "the adapter's ensure_weight_tying keeps tied" if ties else "PEFT's load keeps tied"
     out = {}
-    for embeddings in (saved_whole(adapter) if ties else layers) & manifest.keys():
+    for embeddings in saved_whole(adapter) & manifest.keys():
         if config is None:
             head = _causal_lm_head(embeddings)
             shape = manifest[embeddings].shape
@@ -446,7 +441,7 @@ def unsaved_tied_head(adapter: Adapter, manifest: Mapping[str, object],
         else:
             head = head_tied_to(embeddings, config(embeddings)) \
                 if ties_word_embeddings(config(embeddings)) is not False else None
-        if ties and head is not None and head not in adapter.full_tensors \
+        if head is not None and head not in adapter.full_tensors \
                 and head.removesuffix(".weight") not in adapter.modules:
             out[head] = (f"the head this base ties to {embeddings!r}, which the adapter's ensure_weight_tying saves "
                          f"whole (modules_to_save): PEFT saves the head whole too, and fails to load the adapter "
@@ -455,9 +450,37 @@ def unsaved_tied_head(adapter: Adapter, manifest: Mapping[str, object],
                 and not copy.equal(adapter.full_tensors[embeddings]):
             # (an edited file: PEFT's ensure_weight_tying loads both keys into its one tied copy, the last one read
             # winning, where loraops would write two tensors untied)
-            out[head] = (f"saved whole beside {embeddings!r}, which this base ties it to and {keeps} "
-                         f"(one tensor), with different values: PEFT's load keeps "
-                         f"whichever it reads last; make the two equal")
+            out[head] = differing_tied_copy(embeddings, "the adapter's ensure_weight_tying keeps tied")
+    return out
+
+
+def differing_tied_copy(embeddings: str, keeps: str) -> str:
+    return (f"saved whole beside {embeddings!r}, which this base ties it to and {keeps} (one tensor), with different "
+            f"values: PEFT's load keeps whichever it reads last; make the two equal")
+
+
+def differing_tied_layers(adapter: Adapter, manifest: Mapping[str, object],
+                          config: Callable[[str], dict] | None) -> dict[str, str]:
+    """The head a PEFT ``adapter``'s save_embedding_layers (beside no modules_to_save) saves whole with other values
+    than the input embeddings it saves beside, where the base ties the two (an edited file): PEFT's load puts both
+    into the one tied weight, the last one read winning, where loraops would write two tensors untied. Tied: the base
+    stores no head of its own (transformers saves a tied head once), or its config (``config``) ties them."""
+    layers = peft.embedding_layers_saved(adapter)
+    inputs = [name for name in layers if any(names_module(name, e) for e in INPUT_EMBEDDINGS)]
+    out = {}
+    for head in sorted(name for name in layers if name.endswith(".weight") and is_head(name)):
+        source = tied_head_source(head, tuple(adapter.full_tensors[head].shape), manifest)
+        own = head_tied_to(source, config(source)) if source is not None and config is not None else None
+        if own is not None and own != head:  # (a head this base has none of: PEFT saves its get_output_embeddings())
+            out[head] = (f"not this base's head ({own!r} is, tied to {source!r}): PEFT's save_embedding_layers "
+                         f"saves no such tensor and its load puts it nowhere; remove it")
+            continue
+        for embeddings in inputs:
+            copy, own = adapter.full_tensors[head], adapter.full_tensors[embeddings]
+            if copy.is_meta or own.is_meta or copy.shape != own.shape or copy.equal(own):
+                continue
+            if head not in manifest or (config is not None and ties_word_embeddings(config(embeddings)) is not False):
+                out[head] = differing_tied_copy(embeddings, "PEFT's load keeps tied")
     return out
 
 
@@ -475,7 +498,7 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
     ``config`` or else ``sides`` (the same, merge's; unstored_tied_tensors)."""
     entries = peft.saved_entries(adapter.config) if adapter.format == "peft" else []
     if not entries or not peft.module_names(entries):
-        return unsaved_tied_head(adapter, manifest, config)
+        return differing_tied_layers(adapter, manifest, config or sides)
     task = set(peft.task_saved(adapter.config.get("task_type"))) - set(adapter.config.get("modules_to_save") or [])
     out = {}
     # (weights and biases only, what PEFT saves of a plain layer: a quantized layer's other tensors, bitsandbytes' SCB
@@ -801,6 +824,13 @@ def stored_tied_bias(name: str, shape, manifest: Mapping[str, object]) -> str | 
     pairs = {tied.tied_bias() for tied in TIED_HEAD_OF_CLASS.values() if tied.bias}
     parents = [name.removesuffix(bias) + parent for bias, parent in pairs if names_module(name, bias)]
     return next((p for p in parents if p in manifest and tuple(manifest[p].shape) == tuple(shape)), None)
+
+
+def decoder_bias_of(name: str) -> str | None:
+    """The head's bias a base-stored bias ``name`` is while the head is tied (BERT's cls.predictions.bias is
+    cls.predictions.decoder.bias: the name a bound adapter gives the decoder's bias, stored_tied_bias), or None."""
+    pairs = {tied.tied_bias() for tied in TIED_HEAD_OF_CLASS.values() if tied.bias}
+    return next((name.removesuffix(parent) + bias for bias, parent in pairs if names_module(name, parent)), None)
 
 
 def kohya_forms(manifest: Mapping[str, object]) -> dict[str, set[str]]:

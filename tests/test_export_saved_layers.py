@@ -78,3 +78,26 @@ def test_a_changed_or_unbound_saved_layer_is_refused_by_name(tmp_path, saved):
                                                            "saved embedding layer (save_embedding_layers")
     assert "differs from base tiny's" in changed and "modules_to_save" not in changed
     assert not out.exists()
+
+
+def test_kohya_export_leaves_out_a_bert_head_bias_saved_unchanged(tmp_path):
+    """save_embedding_layers=True on BertForMaskedLM (no LoRA on the embeddings): PEFT saves the word embeddings
+    and cls.predictions.decoder (weight and bias) whole. Bound to the base, the decoder's bias is named as the bias
+    it stores, cls.predictions.bias: holding the base's values it is a saved layer left out too, not refused as a
+    modules_to_save tensor."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from factories import TINY_BERT, tiny_transformers
+
+    base = tiny_transformers(tmp_path / "base", "bert", "BertForMaskedLM", **TINY_BERT)
+    torch.manual_seed(1)
+    model = get_peft_model(transformers.BertForMaskedLM.from_pretrained(base),
+                           LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    assert "base_model.model.cls.predictions.decoder.bias" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    run("base", "add", base, "--name", "bert")
+    out = tmp_path / "k.safetensors"
+    result = run("export", tmp_path / "a", "--format", "kohya", "-o", out, "--base", "bert")
+    assert "cls.predictions.bias" in result.output and "left out" in result.output
+    assert not formats.read_adapter(out).full_tensors

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import LLAMA_TARGETS, load_model, peft_adapter, tiny_llama
+from factories import LLAMA_TARGETS, TINY_BERT, load_model, peft_adapter, tiny_llama, tiny_transformers
 from test_engine import merged_tensors as tensors
 from loraops import check, engine, formats
 from loraops.check import INPUT_EMBEDDINGS, TIED_HEAD_OF_CLASS, is_head
-from loraops.errors import InvalidInputError
+from loraops.errors import FormatError, InvalidInputError, MismatchError
 
 EMBED = "model.embed_tokens.weight"
 TOKENS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -1826,3 +1826,91 @@ def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited):
         if name in merged:
             torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)
+
+
+SAVED_LAYER_FAMILIES = {  # (model_type, class, config, LoRA targets): the tied bases whose head merge's causal-LM rule misses
+    "bert": ("bert", "BertForMaskedLM", TINY_BERT, ["query"]),
+    "t5": ("t5", "T5ForConditionalGeneration", {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 4, "d_kv": 8,
+                                                 "vocab_size": 100}, ["q"]),
+    "bart": ("bart", "BartForConditionalGeneration", {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+                                                       "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+                                                       "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "vocab_size": 100,
+                                                       "max_position_embeddings": 64}, ["q_proj"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SAVED_LAYER_FAMILIES))
+@pytest.mark.parametrize("edited", ["embeddings", "head", "both"])
+def test_embedding_layers_saved_on_a_tied_base_of_any_family(tmp_path, family, edited):
+    """save_embedding_layers=True on BERT, T5, BART (tied): PEFT saves the input embeddings and the head, one tied
+    weight under two names. Both edited alike: merged as PEFT merges. One edited: refused (PEFT's load keeps the last
+    read), not merged with the embeddings and head untied (merge passes no config, only sides)."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model_type, cls_name, config, targets = SAVED_LAYER_FAMILIES[family]
+    base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    cls = getattr(transformers, cls_name)
+    torch.manual_seed(1)
+    model = get_peft_model(cls.from_pretrained(base), LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    whole = [key for key in saved if "lora_" not in key and key.endswith(".weight")]
+    heads = [key for key in whole if is_head(key.removeprefix("base_model.model."))]
+    assert len(heads) == 1 and len(whole) == 2
+    for key in {"head": heads, "embeddings": sorted(set(whole) - set(heads)), "both": whole}[edited]:
+        saved[key] = saved[key] + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    if edited != "both":
+        with pytest.raises(MismatchError, match="which this base ties it to and PEFT's load keeps tied"):
+            engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists()
+        return
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    reference = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a").merge_and_unload()
+    merged = tensors(tmp_path / "out")
+    for name, tensor in reference.state_dict().items():
+        if name in merged:
+            torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_a_plain_head_weight_beside_a_lora_on_the_head_is_refused(tmp_path):
+    """save_embedding_layers saves a head under a LoRA as lm_head.base_layer.weight; a plain lm_head.weight there
+    (an edited file) is a key PEFT's load does not place (the wrapped layer has none): refused, not read as the
+    head's replacement."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(tmp_path / "base", tie=False, hidden=16, layers=1, intermediate=32, vocab=128)
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                         init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    saved["base_model.model.lm_head.weight"] = saved.pop("base_model.model.lm_head.base_layer.weight") + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=r"unknown adapter key layout: 'base_model.model.lm_head.weight'"):
+        formats.read_adapter(tmp_path / "a")
+
+
+def test_a_saved_layer_head_the_base_has_none_of_is_refused(tmp_path):
+    """A BERT adapter saved with save_embedding_layers=True, edited to hold an lm_head.weight too: BertForMaskedLM's
+    head is cls.predictions.decoder, so PEFT never writes lm_head.weight and its load puts it nowhere. Refused, not
+    written into the merged model as a head the base has none of."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model_type, cls_name, config, targets = SAVED_LAYER_FAMILIES["bert"]
+    base = tiny_transformers(tmp_path / "base", model_type, cls_name, **config)
+    torch.manual_seed(1)
+    model = get_peft_model(getattr(transformers, cls_name).from_pretrained(base),
+                           LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    saved["base_model.model.lm_head.weight"] = torch.randn(100, 32)
+    save_file(saved, weights, metadata={"format": "pt"})
+    with pytest.raises(MismatchError, match=r"lm_head.weight \(not this base's head \('cls.predictions.decoder.weight'"):
+        engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

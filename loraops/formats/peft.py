@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Collection, Iterable
 
 from .. import st
 from ..adapter import Adapter, LoraModule
@@ -657,7 +657,7 @@ def saved_beside_wrapper(key: str, wrapper_keys: set[str]) -> str | None:
         else None
 
 
-def saved_embedding_layer(key: str) -> str | None:
+def saved_embedding_layer(key: str, lora_modules: Collection[str] = frozenset()) -> str | None:
     """The tensor ``key`` (without base_model.model.) replaces where it is a layer save_embedding_layers saves whole
     with no LoRA on it (True, or "auto" on a resized vocabulary): the model's input embeddings' weight, its output
     head's weight or bias (PEFT saves get_input_embeddings() and get_output_embeddings() whole), named as loraops
@@ -666,7 +666,7 @@ def saved_embedding_layer(key: str) -> str | None:
     from ..check import INPUT_EMBEDDINGS, is_head
 
     module, _, param = key.rpartition(".")
-    if ".base_layer." in key or not module:
+    if ".base_layer." in key or not module or module in lora_modules:  # (PEFT saves a LoRA layer's under base_layer)
         return None
     if param == "weight" and any(common.names_module(key, name) for name in INPUT_EMBEDDINGS):
         return key
@@ -679,8 +679,12 @@ def embedding_layers_saved(adapter: Adapter) -> set[str]:
     config = adapter.config
     if adapter.format != "peft" or not config or saved_entries(config):  # (as read reads them: a config, saving none)
         return set()
+    from ..check import decoder_bias_of
+
     trains_biases = (config.get("bias") or "none") != "none"
-    return {name for name in adapter.full_tensors if saved_embedding_layer(name) is not None
+    # (a bound adapter's head bias under the name of the bias the base stores for it: BERT's cls.predictions.bias)
+    return {name for name in adapter.full_tensors
+            if (saved_embedding_layer(name) or saved_embedding_layer(decoder_bias_of(name) or "")) is not None
             and name.rpartition(".")[0] not in adapter.modules and not (name.endswith(".bias") and trains_biases)}
 
 
@@ -761,7 +765,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     parsed.others = [key for key in parsed.others if key.removeprefix(PREFIX) not in wrapper_keys]
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
                   or saved_beside_wrapper(key.removeprefix(PREFIX), wrapper_keys)
-                  or (saved_embedding_layer(key.removeprefix(PREFIX)) if raw_cfg and not cfg.modules_to_save else None)
+                  or (saved_embedding_layer(key.removeprefix(PREFIX), lora_modules)
+                      if raw_cfg and not cfg.modules_to_save else None)
                   for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
