@@ -1309,16 +1309,26 @@ def _base_rows(tensor: _Tensor, row0: int, row1: int) -> "torch.Tensor":
     if tensor.replacement is not None:
         values = tensor.replacement.reshape(-1)[row0 * elements : row1 * elements]
     else:
-        info = tensor.info
-        row_bytes = elements * DTYPE_BYTES[info.dtype]
-        data = bytearray((row1 - row0) * row_bytes)
-        fd = os.open(info.file, os.O_RDONLY)
+        fd = os.open(tensor.info.file, os.O_RDONLY)
         try:
-            _pread_exact(fd, memoryview(data), len(data), info.start + row0 * row_bytes, info)
+            values = _read_rows(fd, tensor.info, elements, row0, row1)
         finally:
             os.close(fd)
-        values = torch.frombuffer(data, dtype=torch_dtype(info.dtype)) if data else torch.empty(0)
+        values = values if values is not None else torch.empty(0)
     return values.view(row1 - row0, elements)
+
+
+def _read_rows(fd: int, info: TensorInfo, row_elements: int, row0: int, row1: int) -> "torch.Tensor | None":
+    """Rows row0:row1 of the stored tensor ``info``, read from ``fd`` (its file) in its stored dtype, flat; None where
+    there are none."""
+    import torch
+
+    row_bytes = row_elements * DTYPE_BYTES[info.dtype]
+    raw = bytearray((row1 - row0) * row_bytes)
+    if not raw:
+        return None
+    _pread_exact(fd, memoryview(raw), len(raw), info.start + row0 * row_bytes, info)
+    return torch.frombuffer(raw, dtype=torch_dtype(info.dtype))
 
 
 def _nan_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
@@ -1432,11 +1442,9 @@ class _Residual:
         # an FP8 reference is decoded by its whole block rows, which the chunk need not hold (a --dtype output's)
         unit = found.row_unit if found is not None else 1
         row0, row1 = chunk.row0 // unit * unit, min(-(-chunk.row1 // unit) * unit, tensor.rows)
-        row_bytes = tensor.row_elements * DTYPE_BYTES[info.dtype]
-        raw = bytearray((row1 - row0) * row_bytes)
         fd = self._handles.get(info.file) or self._handles.setdefault(info.file, os.open(info.file, os.O_RDONLY))
-        _pread_exact(fd, memoryview(raw), len(raw), info.start + row0 * row_bytes, info)
-        ref = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)) if raw else out.new_empty(0, dtype=torch_dtype(info.dtype))
+        ref = _read_rows(fd, info, tensor.row_elements, row0, row1)
+        ref = ref if ref is not None else out.new_empty(0, dtype=torch_dtype(info.dtype))
         if found is not None or tensor.encoded:  # FP8 on a side: compared by value, each decoded with its own scales
             if found is not None:
                 values = stored.new_empty((row1 - row0, tensor.row_elements), device="cpu")
