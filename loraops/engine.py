@@ -1066,6 +1066,10 @@ class _Pipeline:
         chunk.out_nbytes = n * DTYPE_BYTES[tensor.out_dtype]
         out = buf[: chunk.out_nbytes].view(out_dtype)
         elements = slice(chunk.row0 * tensor.row_elements, chunk.row1 * tensor.row_elements)
+
+        def of_base():
+            return _nonfinite_of_base(tensor, chunk, lambda: self._nan_columns(tensor))
+
         if tensor.scale_of is not None:  # the new scales of the FP8 weight written just before
             out.copy_(tensor.scale_of.new_scales.reshape(-1)[elements])
             if chunk.row1 == tensor.rows:  # written: held no longer (all of a model's would grow with it)
@@ -1075,13 +1079,13 @@ class _Pipeline:
             w = tensor.replacement.reshape(-1)[elements]
             if not tensor.terms and not tensor.encoded and not tensor.token_rows:
                 out.copy_(w)
-                _refuse_overflow(tensor, out)
+                _refuse_overflow(tensor, out, of_base)
                 return
         else:
             w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
             if not tensor.terms and tensor.scaled is None and not tensor.token_rows:  # a --dtype conversion; the input
                 out.copy_(w.to(out_dtype))  # and output views overlap: convert out of place
-                _refuse_overflow(tensor, out)
+                _refuse_overflow(tensor, out, of_base)
                 return
         cuda = self.device.type == "cuda"
         columns = self._column_factors(tensor) if tensor.dora else {}  # before the DoRA buffers fill: it uses them
@@ -1132,8 +1136,7 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
-        _refuse_overflow(tensor, out, may_overflow=self._may_overflow(tensor), work=self.compute_dtype,
-                         nan_of_base=lambda: _nan_of_base(tensor, chunk, lambda: self._nan_columns(tensor)))
+        _refuse_overflow(tensor, out, of_base, may_overflow=self._may_overflow(tensor), work=self.compute_dtype)
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1331,12 +1334,12 @@ def _read_rows(fd: int, info: TensorInfo, row_elements: int, row0: int, row1: in
     return torch.frombuffer(raw, dtype=torch_dtype(info.dtype))
 
 
-def _nan_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
-    """Where a chunk's output is NaN because its base is: the base's NaNs (decoded, for an FP8 weight: a NaN or inf
-    scale makes its block's values NaN too; not in a trainable token's row, replaced), spread over their output
-    channel where a DoRA module rescales it (its norm is NaN there, as PEFT's m/‖W + ΔW‖: a row; a transposed
-    module's column, over every row of the tensor: ``nan_columns()``). Read again, only where a chunk whose deltas
-    may overflow came out with NaN."""
+def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
+    """What a chunk's output holds because its base does, where the base is not finite: the base's ±inf (W + Δ with Δ
+    finite) and NaNs there, 0 elsewhere (decoded, for an FP8 weight: a NaN or inf scale makes its block's values NaN
+    or ±inf too; not in a trainable token's row, replaced). A NaN spreads over its output channel where a DoRA module
+    rescales it (its norm is NaN there, as PEFT's m/‖W + ΔW‖: a row; a transposed module's column, over every row of
+    the tensor: ``nan_columns()``). Read again, only where a chunk came out with a value that is not finite."""
     import torch
 
     values = _base_rows(tensor, chunk.row0, chunk.row1)
@@ -1344,11 +1347,13 @@ def _nan_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
         decoded = torch.empty(values.shape)
         tensor.scaled.decode(decoded, values, chunk.scales, torch.empty(decoded.numel()))
         values = decoded
-    nan = torch.isnan(values.float())
+    values = values.float()
+    base = torch.where(torch.isfinite(values), 0.0, values)
     for token_rows in tensor.token_rows:
         index = torch.tensor(token_rows.indices, dtype=torch.long)
         here = (index >= chunk.row0) & (index < chunk.row1)
-        nan[index[here] - chunk.row0] = False
+        base[index[here] - chunk.row0] = 0.0
+    nan = torch.isnan(base)
     for module, _ in tensor.terms:
         region = _region(tensor, chunk, module) if module.dora else None
         if region is None:
@@ -1358,19 +1363,19 @@ def _nan_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
             nan[here] |= nan_columns()[here[1]]
         else:
             nan[here] |= nan[here].any(1, keepdim=True)
-    return nan
+    return base.masked_fill_(nan, math.nan)
 
 
-def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = False,
-                     work: "torch.dtype | None" = None, nan_of_base=None) -> None:
+def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", of_base, may_overflow: bool = False,
+                     work: "torch.dtype | None" = None) -> None:
     """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
     an output that overflows stops the merge, with nothing written: float16's ±65504 whatever made the value, and,
     where LoRA deltas added may carry values past it (``may_overflow``: _Pipeline._may_overflow), float32's and
-    bfloat16's ±3.4e38, which weights × scales float32 holds still pass on factors above 1 (a copied or converted
-    tensor keeps an inf its model stores, e.g. in a mask buffer). (FP8 is clamped.) A NaN output is refused there too
-    (deltas beyond the work dtype ``work`` that cancel as inf − inf), unless every NaN is one the base put there
-    (``nan_of_base()``: where the output is NaN because the base is; asked only then): a NaN of the base stays NaN,
-    unsaid, as in PEFT's merge and on every other tensor, and one the deltas made beside it is still refused."""
+    bfloat16's ±3.4e38, which weights × scales float32 holds still pass on factors above 1. (FP8 is clamped.) A NaN
+    output is refused there too (deltas beyond the work dtype ``work`` that cancel as inf − inf). What the base holds
+    is not refused (``of_base()``: _nonfinite_of_base, asked only once a value is not finite): its ±inf and NaN stay,
+    unsaid, as in PEFT's merge and on a copied tensor (e.g. a mask buffer's inf), and an inf or NaN the deltas or the
+    conversion made beside them is still refused."""
     import torch
 
     checked = (torch.float16, torch.bfloat16, torch.float32) if may_overflow else (torch.float16,)
@@ -1381,19 +1386,26 @@ def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = 
     low, high = (float(v) for v in torch.aminmax(out))
     if math.isfinite(low) and math.isfinite(high):
         return
-    if not bool(torch.isinf(out).any()):  # NaN alone
-        # where deltas may overflow, refused: two of them beyond the work dtype ``work`` cancel as inf − inf
-        if not may_overflow or (nan_of_base is not None
-                                and not bool((torch.isnan(out).cpu() & ~nan_of_base().view(out.shape)).any())):
-            return
+    out = out.cpu()
+    inf = torch.isinf(out)
+    if not may_overflow and not bool(inf.any()):  # NaN alone, where no delta can overflow: the base's
+        return
+    # where deltas may overflow, a NaN the base does not hold is refused: two deltas beyond ``work`` cancel as inf − inf
+    nan = torch.isnan(out) if may_overflow else torch.zeros_like(inf)
+    base = of_base().view(out.shape)
+    inf &= out != base
+    nan &= ~torch.isnan(base)
+    if bool(inf.any()):
+        dtype = str(out.dtype).removeprefix("torch.")
+        hint = ("merge with --dtype bf16 or fp32" if dtype == "float16"
+                else "the adapters' weights × scales are too large")
+        raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
+                                f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")
+    if bool(nan.any()):
         hint = "; --precise computes in float64" if work != torch.float64 else ""
         raise InvalidInputError(f"{tensor.file_name!r} comes out with NaN values: its deltas go beyond what "
                                 f"{str(work).removeprefix('torch.')} holds and cancel (inf − inf); the adapters' "
                                 f"weights × scales are too large{hint}")
-    dtype = str(out.dtype).removeprefix("torch.")
-    hint = "merge with --dtype bf16 or fp32" if dtype == "float16" else "the adapters' weights × scales are too large"
-    raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
-                            f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")
 
 
 def compute_threads(other_stages: int, default: int) -> int:

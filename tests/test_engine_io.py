@@ -258,6 +258,76 @@ def test_a_base_nan_in_a_transposed_dora_channel_is_read_once(monkeypatch, tmp_p
     assert sum(rows_read) <= 3 * 16  # the norms' pass, each chunk's own rows, the NaN columns' pass
 
 
+INF = float("inf")
+
+
+@pytest.mark.parametrize("kind, dtype, stored", [
+    ("lora", None, torch.float16), ("lora", "bf16", torch.float32), ("lora", None, torch.bfloat16),
+    ("loha", None, torch.bfloat16), ("lora", "fp16", torch.float32), ("converted", "fp16", torch.float32)])
+def test_an_inf_the_base_holds_stays_inf(kind, dtype, stored, tmp_path):
+    """A ±inf in the base stays ±inf (W + Δ with Δ finite, as in PEFT's merge and in float64), as a NaN of the base
+    does: it was refused as values beyond the output's range, blamed on the adapters ("merge with --dtype bf16" or
+    "the adapters' weights × scales are too large"), wherever the output is scanned (a float16 output, a float32 base
+    going out as bf16 or fp16, LoHa/LoKr; a float32 base converted to fp16 by --dtype, no adapter on it)."""
+    from loraops.formats.lycoris import Product
+
+    w = torch.ones(4, 3)
+    w[1, 2], w[3, 0] = INF, -INF
+    base = tmp_path / "m.safetensors"
+    state = {"lin.weight": w.to(stored)}
+    if kind == "converted":
+        state["other.weight"] = torch.ones(4, 3, dtype=stored)
+    save_file(state, str(base))
+    B, A = torch.full((4, 1), 0.5), torch.full((1, 3), 0.5)
+    product = Product("loha", {"w1a": B, "w1b": A, "w2a": B, "w2b": A}, 1) if kind == "loha" else None
+    module = LoraModule("other" if kind == "converted" else "lin", A, B, alpha=1.0, scale=1.0, product=product)
+    engine.merge(base, [(Adapter({module.name: module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                 device="cpu")
+    merged = load_file(tmp_path / "o.safetensors")["lin.weight"].double()
+    exact = w.double() if kind == "converted" else w.double() + module.delta(dtype=torch.float64)
+    finite = torch.isfinite(exact)
+    assert torch.equal(merged[~finite], exact[~finite])
+    assert torch.allclose(merged[finite], exact[finite], rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype, stored", [(None, torch.float16), ("bf16", torch.float32)])
+def test_an_overflow_beside_an_inf_of_the_base_is_refused(dtype, stored, tmp_path):
+    """The base's inf passes; a finite base value the deltas carry past the output's range beside it is still
+    refused, with the range message."""
+    w = torch.ones(4, 3)
+    w[1, 2] = INF
+    big = 60000.0 if stored == torch.float16 else 3e38
+    w[3, 0] = big
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w.to(stored)}, str(base))
+    B = torch.zeros(4, 1)
+    B[3] = big / 2
+    module = LoraModule("lin", torch.ones(1, 3), B, alpha=1.0, scale=1.0)
+    out_dtype = "float16" if stored == torch.float16 else "bfloat16"
+    with pytest.raises(InvalidInputError, match=rf"'lin.weight' comes out with values beyond {out_dtype}'s range"):
+        engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                     device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+
+
+def test_deltas_beyond_float32_on_an_inf_of_the_base_are_refused(tmp_path):
+    """W = inf and a delta of −1e40 there, which float32 makes −inf: inf − inf is NaN where float64 keeps inf. Refused
+    as deltas that cancel; --precise (float64) holds the delta, and the output keeps the base's inf."""
+    w = torch.ones(4, 3)
+    w[1, 2] = INF
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w}, str(base))
+    A, B = torch.tensor([[0.0, 0.0, 1e20]]), torch.zeros(4, 1)
+    B[1] = -1e20
+    adapter = Adapter({"lin": LoraModule("lin", A, B, alpha=1.0, scale=1.0)}, "peft")
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with NaN values: its deltas go beyond what "
+                                               r"float32 holds"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", precise=True, device="cpu")
+    assert torch.equal(load_file(tmp_path / "p.safetensors")["lin.weight"], w)
+
+
 def test_a_scanned_output_that_is_finite_costs_one_reduction(monkeypatch, tmp_path):
     """The scan of a tensor whose deltas may overflow (a float32 base going out as bf16: every tensor) is one
     aminmax, which NaN and ±inf both reach: isfinite().all() (numerics8) or isinf().any() write a bool per value and
