@@ -1445,7 +1445,7 @@ class _Residual:
         their new scales when FP8)."""
         import torch
 
-        self.rounding = max(self.rounding, float((stored - acc).abs().max()))
+        self.rounding = max(self.rounding, _max_gap(stored, acc))
         self.elements += out.numel()
         if self.reference is None:
             return
@@ -1466,13 +1466,13 @@ class _Residual:
         if ref.dtype == out.dtype:  # bit for bit (so -0.0 ≠ 0.0 and NaNs compare by their bits)
             bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[ref.element_size()]
             self.differing += int((ref.view(bits) != out.view(bits).reshape(-1)).sum())
-        else:  # a subtract to another dtype (--dtype) than the base's: by value
-            self.differing += int((ref.double() != out.double().reshape(-1)).sum())
+        else:  # a subtract to another dtype (--dtype) than the base's: by value (a NaN kept is no difference)
+            ref64, out64 = ref.double(), out.double().reshape(-1)
+            self.differing += int(((ref64 != out64) & ~(torch.isnan(ref64) & torch.isnan(out64))).sum())
         # in float32 unless a side is float64: the difference of two bf16/fp16 neighbours is exact there, and the
         # float64 conversions cost more than the merge's own arithmetic
         wide = torch.promote_types(torch.promote_types(ref.dtype, out.dtype), torch.float32)
-        diff = (ref.to(wide) - out.to(wide).reshape(-1)).abs().max() if ref.numel() else 0.0
-        self.max_diff = max(self.max_diff, float(diff))
+        self.max_diff = max(self.max_diff, _max_gap(ref.to(wide), out.to(wide).reshape(-1)))
 
     def _reference_scales(self, name: str) -> tuple[BlockScaled | None, "torch.Tensor | None"]:
         """How the reference stores a tensor when it is FP8, and its inverse scales (read once per tensor)."""
@@ -1494,6 +1494,21 @@ class _Residual:
         return ResidualRecord(compared_to=str(self.reference.path), elements=self.elements,
                               elements_differing=self.differing, max_abs_diff=self.max_diff,
                               rounding_max_abs=self.rounding, note=note)
+
+
+def _max_gap(a: "torch.Tensor", b: "torch.Tensor") -> float:
+    """max |a − b|, where an inf or NaN both hold (a base's, kept) is no gap and one a alone holds is an infinite one:
+    the plain max is NaN there (inf − inf), which Python's max() over the chunks then dropped with the chunk."""
+    import torch
+
+    if not a.numel():
+        return 0.0
+    gap = (a - b).abs()
+    top = float(gap.max())
+    if math.isnan(top):
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+        top = float(torch.where(same, 0.0, gap.nan_to_num(nan=math.inf, posinf=math.inf)).max())
+    return top
 
 
 def _check_reference(reference: BaseModel, files: list[_File]) -> dict[str, str]:

@@ -561,3 +561,31 @@ def test_every_byte_the_merge_reads_was_asked_for_ahead(tmp_path, sharded, monke
             if lo <= reach:
                 reach = max(reach, hi)
         assert reach >= size, f"{shard.name}: asked for up to {reach} of {size}"
+
+
+@pytest.mark.parametrize("dtype", [None, "fp32"])
+def test_a_subtract_reports_its_residual_beside_a_base_inf_or_nan(dtype, tmp_path):
+    """A subtract's residual is a max over each chunk: a base inf or NaN made that max NaN (inf − inf), which
+    Python's max() then dropped, so the chunk's rounding and its difference from the pristine base went unreported
+    (0.0: "bit-exact"-looking numbers for a round trip that rounded). The non-finite values the base holds and the
+    output keeps count as equal; the rest is reported. Compared by value (--dtype), a NaN kept counted as differing."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 16).to(torch.bfloat16)
+    w[1, 2], w[3, 4], w[5, 6] = INF, -INF, float("nan")
+    save_file({"lin.weight": w}, str(tmp_path / "base.safetensors"))
+    adapter = Adapter({"lin": LoraModule("lin", torch.randn(2, 16), torch.randn(8, 2), alpha=1.0, scale=0.3)}, "peft")
+    engine.merge(tmp_path / "base.safetensors", [(adapter, 1.0)], tmp_path / "m.safetensors", device="cpu")
+    residual = engine.subtract(tmp_path / "m.safetensors", [(adapter, 1.0)], tmp_path / "s.safetensors", dtype=dtype,
+                               device="cpu", reference=tmp_path / "base.safetensors").residual
+    back, merged = load_file(tmp_path / "s.safetensors")["lin.weight"], load_file(tmp_path / "m.safetensors")["lin.weight"]
+    finite = torch.isfinite(w)
+    assert torch.equal(back[~finite].isnan(), w[~finite].isnan()) and torch.equal(back[w.isinf()], w[w.isinf()])
+    assert residual.max_abs_diff == float((back.double() - w.double())[finite].abs().max()) > 0
+    if dtype == "fp32":  # no rounding after the float32 sum; compared by value
+        assert residual.rounding_max_abs == 0.0
+        assert residual.elements_differing == int((back.double() != w.double())[finite].sum())
+        return
+    exact = merged.double() - adapter.modules["lin"].delta(dtype=torch.float64)
+    rounding = float((back.double() - exact)[finite].abs().max())
+    assert rounding > 0 and residual.rounding_max_abs == pytest.approx(rounding, rel=0.05)
+    assert residual.elements_differing == int((back.view(torch.int16) != w.view(torch.int16)).sum())  # NaNs by bits
