@@ -1280,16 +1280,18 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
 
 def _base_blocks(tensor: _Tensor):
     """(first row, rows) of the base tensor (its replacement's, when it has one) in chunks of ``chunk_rows`` rows, as
-    2-D rows×row_elements: what a transposed DoRA module's column norms are taken over."""
+    2-D rows×row_elements: what a transposed DoRA module's column norms are taken over. Rows as the chunks count them
+    (fused experts E×X×Y: E·X rows of Y), not the stored tensor's first dimension, which the blocks are read by."""
     if tensor.replacement is not None:
         blocks = [(0, tensor.rows, tensor.replacement.reshape(-1))]
     else:
         blocks = read_row_blocks(tensor.info)
-    step = tensor.chunk_rows
-    for first, last, values in blocks:
-        values = values.view(last - first, tensor.row_elements)
-        for row0 in range(0, last - first, step):
+    step, first = tensor.chunk_rows, 0
+    for _, _, values in blocks:
+        values = values.view(-1, tensor.row_elements)
+        for row0 in range(0, len(values), step):
             yield first + row0, values[row0 : row0 + step]
+        first += len(values)
 
 
 def _region(tensor: _Tensor, chunk: _Chunk, module: LoraModule) -> "tuple[tuple[slice, slice], slice] | None":

@@ -589,3 +589,21 @@ def test_a_subtract_reports_its_residual_beside_a_base_inf_or_nan(dtype, tmp_pat
     rounding = float((back.double() - exact)[finite].abs().max())
     assert rounding > 0 and residual.rounding_max_abs == pytest.approx(rounding, rel=0.05)
     assert residual.elements_differing == int((back.view(torch.int16) != w.view(torch.int16)).sum())  # NaNs by bits
+
+
+def test_the_base_blocks_of_fused_experts_are_their_rows(tmp_path, monkeypatch):
+    """_base_blocks (the pass a transposed DoRA module's column norms and the NaN columns are taken over) viewed each
+    block read by the stored tensor's first dimension as that many rows: fused experts E×X×Y are E·X rows of Y, and
+    the view of an expert's X·Y values as one row failed. Each block is its rows, numbered as the chunks number them."""
+    from loraops.st import read_header
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * 5)  # 3 rows a block: blocks straddle the experts
+    experts = torch.arange(3 * 4 * 5, dtype=torch.float32).view(3, 4, 5)
+    save_file({"experts.weight": experts}, str(tmp_path / "m.safetensors"))
+    info = read_header(tmp_path / "m.safetensors").tensors["experts.weight"]
+    module = LoraModule("experts.0", torch.ones(1, 5), torch.ones(4, 1), alpha=1.0, scale=1.0,
+                        fused=("experts.weight", 0, 4, 12))
+    tensor = engine._Tensor("experts.weight", info, "F32", terms=[(module, 1.0)])
+    blocks = list(engine._base_blocks(tensor))
+    assert [row0 for row0, _ in blocks] == list(range(0, 12, 3))
+    assert torch.equal(torch.cat([block for _, block in blocks]), experts.view(12, 5))
