@@ -1345,11 +1345,13 @@ def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Te
     import torch
 
     values = _base_rows(tensor, chunk.row0, chunk.row1)
+    # in float64: a finite float64 value (or FP8 value × its block's scale) beyond float32's range is not the base's
+    # inf, but one the merge makes where the output cannot hold it
     if tensor.scaled is not None and tensor.replacement is None:  # as _compute_chunk decodes it
-        decoded = torch.empty(values.shape)
+        decoded = torch.empty(values.shape, dtype=torch.float64)
         tensor.scaled.decode(decoded, values, chunk.scales, torch.empty(decoded.numel()))
         values = decoded
-    values = values.float()
+    values = values.double()
     base = torch.where(torch.isfinite(values), 0.0, values)
     for token_rows in tensor.token_rows:
         index = torch.tensor(token_rows.indices, dtype=torch.long)

@@ -310,6 +310,23 @@ def test_an_overflow_beside_an_inf_of_the_base_is_refused(dtype, stored, tmp_pat
     assert nothing_left(tmp_path / "o.safetensors")
 
 
+@pytest.mark.parametrize("kind, dtype", [("converted", "fp16"), ("lora", "fp16"), ("lora", "bf16"), ("lora", "fp32")])
+def test_a_float64_value_beyond_the_outputs_range_is_not_an_inf_of_the_base(kind, dtype, tmp_path):
+    """A float64 base's 1e300 comes out inf in a narrower dtype: an overflow the merge makes, refused. The base's
+    non-finite values were read as float32, where 1e300 is inf too, and the merge wrote inf with exit 0."""
+    w = torch.ones(4, 3, dtype=torch.float64)
+    w[1, 2] = 1e300
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w, "other.weight": torch.ones(4, 3, dtype=torch.float64)}, str(base))
+    module = LoraModule("other" if kind == "converted" else "lin", torch.full((1, 3), 0.5), torch.full((4, 1), 0.5),
+                        alpha=1.0, scale=1.0)
+    out_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    with pytest.raises(InvalidInputError, match=rf"'lin.weight' comes out with values beyond {out_dtype}'s range"):
+        engine.merge(base, [(Adapter({module.name: module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                     device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+
+
 def test_deltas_beyond_float32_on_an_inf_of_the_base_are_refused(tmp_path):
     """W = inf and a delta of −1e40 there, which float32 makes −inf: inf − inf is NaN where float64 keeps inf. Refused
     as deltas that cancel; --precise (float64) holds the delta, and the output keeps the base's inf."""

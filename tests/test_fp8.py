@@ -592,12 +592,14 @@ def test_cuda_merge_matches_cpu(tmp_path, models):
         assert bool((gap <= fp8_unit(dequantized64(cpu, name) / spread) * spread * 1.01).all()), name
 
 
-def test_weights_decoded_beyond_bf16s_range_are_refused_with_dtype_bf16(tmp_path, models):
+@pytest.mark.parametrize("value", [1.0, 448.0])
+def test_weights_decoded_beyond_bf16s_range_are_refused_with_dtype_bf16(value, tmp_path, models):
     """FP8 blocks × their scales can exceed bf16's range while the LoRA's delta is tiny: the inf scan may not be
     skipped on the delta's bound alone (the FP8 dtype's own range says nothing of the decoded weight's), or the
-    merge wrote inf with exit 0."""
+    merge wrote inf with exit 0. Also beyond float32's (448 × 3.4e38): the base's finite values decoded in float32 were
+    inf there too, and passed for an inf the base holds."""
     def huge(state):
-        state[f"{Q}.weight"] = torch.ones_like(state[f"{Q}.weight"].float()).to(torch.float8_e4m3fn)
+        state[f"{Q}.weight"] = torch.full_like(state[f"{Q}.weight"].float(), value).to(torch.float8_e4m3fn)
         state[f"{Q}.weight_scale_inv"] = torch.full(state[f"{Q}.weight_scale_inv"].shape, 3.4e38)
 
     fp8 = _rewrite(models.fp8, tmp_path / "huge", huge)
