@@ -1066,6 +1066,10 @@ class _Pipeline:
         chunk.out_nbytes = n * DTYPE_BYTES[tensor.out_dtype]
         out = buf[: chunk.out_nbytes].view(out_dtype)
         elements = slice(chunk.row0 * tensor.row_elements, chunk.row1 * tensor.row_elements)
+
+        def of_base():
+            return _nonfinite_of_base(tensor, chunk, lambda: self._nan_columns(tensor))
+
         if tensor.scale_of is not None:  # the new scales of the FP8 weight written just before
             out.copy_(tensor.scale_of.new_scales.reshape(-1)[elements])
             if chunk.row1 == tensor.rows:  # written: held no longer (all of a model's would grow with it)
@@ -1075,13 +1079,13 @@ class _Pipeline:
             w = tensor.replacement.reshape(-1)[elements]
             if not tensor.terms and not tensor.encoded and not tensor.token_rows:
                 out.copy_(w)
-                _refuse_overflow(tensor, out)
+                _refuse_overflow(tensor, out, of_base)
                 return
         else:
             w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
             if not tensor.terms and tensor.scaled is None and not tensor.token_rows:  # a --dtype conversion; the input
                 out.copy_(w.to(out_dtype))  # and output views overlap: convert out of place
-                _refuse_overflow(tensor, out)
+                _refuse_overflow(tensor, out, of_base)
                 return
         cuda = self.device.type == "cuda"
         columns = self._column_factors(tensor) if tensor.dora else {}  # before the DoRA buffers fill: it uses them
@@ -1132,8 +1136,7 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
-        _refuse_overflow(tensor, out, may_overflow=self._may_overflow(tensor), work=self.compute_dtype,
-                         nan_of_base=lambda: _nan_of_base(tensor, chunk, lambda: self._nan_columns(tensor)))
+        _refuse_overflow(tensor, out, of_base, may_overflow=self._may_overflow(tensor), work=self.compute_dtype)
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1277,16 +1280,18 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
 
 def _base_blocks(tensor: _Tensor):
     """(first row, rows) of the base tensor (its replacement's, when it has one) in chunks of ``chunk_rows`` rows, as
-    2-D rows×row_elements: what a transposed DoRA module's column norms are taken over."""
+    2-D rows×row_elements: what a transposed DoRA module's column norms are taken over. Rows as the chunks count them
+    (fused experts E×X×Y: E·X rows of Y), not the stored tensor's first dimension, which the blocks are read by."""
     if tensor.replacement is not None:
         blocks = [(0, tensor.rows, tensor.replacement.reshape(-1))]
     else:
         blocks = read_row_blocks(tensor.info)
-    step = tensor.chunk_rows
-    for first, last, values in blocks:
-        values = values.view(last - first, tensor.row_elements)
-        for row0 in range(0, last - first, step):
+    step, first = tensor.chunk_rows, 0
+    for _, _, values in blocks:
+        values = values.view(-1, tensor.row_elements)
+        for row0 in range(0, len(values), step):
             yield first + row0, values[row0 : row0 + step]
+        first += len(values)
 
 
 def _region(tensor: _Tensor, chunk: _Chunk, module: LoraModule) -> "tuple[tuple[slice, slice], slice] | None":
@@ -1331,24 +1336,28 @@ def _read_rows(fd: int, info: TensorInfo, row_elements: int, row0: int, row1: in
     return torch.frombuffer(raw, dtype=torch_dtype(info.dtype))
 
 
-def _nan_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
-    """Where a chunk's output is NaN because its base is: the base's NaNs (decoded, for an FP8 weight: a NaN or inf
-    scale makes its block's values NaN too; not in a trainable token's row, replaced), spread over their output
-    channel where a DoRA module rescales it (its norm is NaN there, as PEFT's m/‖W + ΔW‖: a row; a transposed
-    module's column, over every row of the tensor: ``nan_columns()``). Read again, only where a chunk whose deltas
-    may overflow came out with NaN."""
+def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
+    """What a chunk's output holds because its base does, where the base is not finite: the base's ±inf (W + Δ with Δ
+    finite) and NaNs there, 0 elsewhere (decoded, for an FP8 weight: a NaN or inf scale makes its block's values NaN
+    or ±inf too; not in a trainable token's row, replaced). A NaN spreads over its output channel where a DoRA module
+    rescales it (its norm is NaN there, as PEFT's m/‖W + ΔW‖: a row; a transposed module's column, over every row of
+    the tensor: ``nan_columns()``). Read again, only where a chunk came out with a value that is not finite."""
     import torch
 
     values = _base_rows(tensor, chunk.row0, chunk.row1)
+    # in float64: a finite float64 value (or FP8 value × its block's scale) beyond float32's range is not the base's
+    # inf, but one the merge makes where the output cannot hold it
     if tensor.scaled is not None and tensor.replacement is None:  # as _compute_chunk decodes it
-        decoded = torch.empty(values.shape)
+        decoded = torch.empty(values.shape, dtype=torch.float64)
         tensor.scaled.decode(decoded, values, chunk.scales, torch.empty(decoded.numel()))
         values = decoded
-    nan = torch.isnan(values.float())
+    values = values.double()
+    base = torch.where(torch.isfinite(values), 0.0, values)
     for token_rows in tensor.token_rows:
         index = torch.tensor(token_rows.indices, dtype=torch.long)
         here = (index >= chunk.row0) & (index < chunk.row1)
-        nan[index[here] - chunk.row0] = False
+        base[index[here] - chunk.row0] = 0.0
+    nan = torch.isnan(base)
     for module, _ in tensor.terms:
         region = _region(tensor, chunk, module) if module.dora else None
         if region is None:
@@ -1358,19 +1367,19 @@ def _nan_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Tensor":
             nan[here] |= nan_columns()[here[1]]
         else:
             nan[here] |= nan[here].any(1, keepdim=True)
-    return nan
+    return base.masked_fill_(nan, math.nan)
 
 
-def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = False,
-                     work: "torch.dtype | None" = None, nan_of_base=None) -> None:
+def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", of_base, may_overflow: bool = False,
+                     work: "torch.dtype | None" = None) -> None:
     """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
     an output that overflows stops the merge, with nothing written: float16's ±65504 whatever made the value, and,
     where LoRA deltas added may carry values past it (``may_overflow``: _Pipeline._may_overflow), float32's and
-    bfloat16's ±3.4e38, which weights × scales float32 holds still pass on factors above 1 (a copied or converted
-    tensor keeps an inf its model stores, e.g. in a mask buffer). (FP8 is clamped.) A NaN output is refused there too
-    (deltas beyond the work dtype ``work`` that cancel as inf − inf), unless every NaN is one the base put there
-    (``nan_of_base()``: where the output is NaN because the base is; asked only then): a NaN of the base stays NaN,
-    unsaid, as in PEFT's merge and on every other tensor, and one the deltas made beside it is still refused."""
+    bfloat16's ±3.4e38, which weights × scales float32 holds still pass on factors above 1. (FP8 is clamped.) A NaN
+    output is refused there too (deltas beyond the work dtype ``work`` that cancel as inf − inf). What the base holds
+    is not refused (``of_base()``: _nonfinite_of_base, asked only once a value is not finite): its ±inf and NaN stay,
+    unsaid, as in PEFT's merge and on a copied tensor (e.g. a mask buffer's inf), and an inf or NaN the deltas or the
+    conversion made beside them is still refused."""
     import torch
 
     checked = (torch.float16, torch.bfloat16, torch.float32) if may_overflow else (torch.float16,)
@@ -1381,19 +1390,26 @@ def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", may_overflow: bool = 
     low, high = (float(v) for v in torch.aminmax(out))
     if math.isfinite(low) and math.isfinite(high):
         return
-    if not bool(torch.isinf(out).any()):  # NaN alone
-        # where deltas may overflow, refused: two of them beyond the work dtype ``work`` cancel as inf − inf
-        if not may_overflow or (nan_of_base is not None
-                                and not bool((torch.isnan(out).cpu() & ~nan_of_base().view(out.shape)).any())):
-            return
+    out = out.cpu()
+    inf = torch.isinf(out)
+    if not may_overflow and not bool(inf.any()):  # NaN alone, where no delta can overflow: the base's
+        return
+    # where deltas may overflow, a NaN the base does not hold is refused: two deltas beyond ``work`` cancel as inf − inf
+    nan = torch.isnan(out) if may_overflow else torch.zeros_like(inf)
+    base = of_base().view(out.shape)
+    inf &= out != base
+    nan &= ~torch.isnan(base)
+    if bool(inf.any()):
+        dtype = str(out.dtype).removeprefix("torch.")
+        hint = ("merge with --dtype bf16 or fp32" if dtype == "float16"
+                else "the adapters' weights × scales are too large")
+        raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
+                                f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")
+    if bool(nan.any()):
         hint = "; --precise computes in float64" if work != torch.float64 else ""
         raise InvalidInputError(f"{tensor.file_name!r} comes out with NaN values: its deltas go beyond what "
                                 f"{str(work).removeprefix('torch.')} holds and cancel (inf − inf); the adapters' "
                                 f"weights × scales are too large{hint}")
-    dtype = str(out.dtype).removeprefix("torch.")
-    hint = "merge with --dtype bf16 or fp32" if dtype == "float16" else "the adapters' weights × scales are too large"
-    raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
-                            f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")
 
 
 def compute_threads(other_stages: int, default: int) -> int:
@@ -1433,7 +1449,7 @@ class _Residual:
         their new scales when FP8)."""
         import torch
 
-        self.rounding = max(self.rounding, float((stored - acc).abs().max()))
+        self.rounding = max(self.rounding, _max_gap(stored, acc))
         self.elements += out.numel()
         if self.reference is None:
             return
@@ -1454,13 +1470,13 @@ class _Residual:
         if ref.dtype == out.dtype:  # bit for bit (so -0.0 ≠ 0.0 and NaNs compare by their bits)
             bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[ref.element_size()]
             self.differing += int((ref.view(bits) != out.view(bits).reshape(-1)).sum())
-        else:  # a subtract to another dtype (--dtype) than the base's: by value
-            self.differing += int((ref.double() != out.double().reshape(-1)).sum())
+        else:  # a subtract to another dtype (--dtype) than the base's: by value (a NaN kept is no difference)
+            ref64, out64 = ref.double(), out.double().reshape(-1)
+            self.differing += int(((ref64 != out64) & ~(torch.isnan(ref64) & torch.isnan(out64))).sum())
         # in float32 unless a side is float64: the difference of two bf16/fp16 neighbours is exact there, and the
         # float64 conversions cost more than the merge's own arithmetic
         wide = torch.promote_types(torch.promote_types(ref.dtype, out.dtype), torch.float32)
-        diff = (ref.to(wide) - out.to(wide).reshape(-1)).abs().max() if ref.numel() else 0.0
-        self.max_diff = max(self.max_diff, float(diff))
+        self.max_diff = max(self.max_diff, _max_gap(ref.to(wide), out.to(wide).reshape(-1)))
 
     def _reference_scales(self, name: str) -> tuple[BlockScaled | None, "torch.Tensor | None"]:
         """How the reference stores a tensor when it is FP8, and its inverse scales (read once per tensor)."""
@@ -1482,6 +1498,21 @@ class _Residual:
         return ResidualRecord(compared_to=str(self.reference.path), elements=self.elements,
                               elements_differing=self.differing, max_abs_diff=self.max_diff,
                               rounding_max_abs=self.rounding, note=note)
+
+
+def _max_gap(a: "torch.Tensor", b: "torch.Tensor") -> float:
+    """max |a − b|, where an inf or NaN both hold (a base's, kept) is no gap and one a alone holds is an infinite one:
+    the plain max is NaN there (inf − inf), which Python's max() over the chunks then dropped with the chunk."""
+    import torch
+
+    if not a.numel():
+        return 0.0
+    gap = (a - b).abs()
+    top = float(gap.max())
+    if math.isnan(top):
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+        top = float(torch.where(same, 0.0, gap.nan_to_num(nan=math.inf, posinf=math.inf)).max())
+    return top
 
 
 def _check_reference(reference: BaseModel, files: list[_File]) -> dict[str, str]:

@@ -258,6 +258,93 @@ def test_a_base_nan_in_a_transposed_dora_channel_is_read_once(monkeypatch, tmp_p
     assert sum(rows_read) <= 3 * 16  # the norms' pass, each chunk's own rows, the NaN columns' pass
 
 
+INF = float("inf")
+
+
+@pytest.mark.parametrize("kind, dtype, stored", [
+    ("lora", None, torch.float16), ("lora", "bf16", torch.float32), ("lora", None, torch.bfloat16),
+    ("loha", None, torch.bfloat16), ("lora", "fp16", torch.float32), ("converted", "fp16", torch.float32)])
+def test_an_inf_the_base_holds_stays_inf(kind, dtype, stored, tmp_path):
+    """A ±inf in the base stays ±inf (W + Δ with Δ finite, as in PEFT's merge and in float64), as a NaN of the base
+    does: it was refused as values beyond the output's range, blamed on the adapters ("merge with --dtype bf16" or
+    "the adapters' weights × scales are too large"), wherever the output is scanned (a float16 output, a float32 base
+    going out as bf16 or fp16, LoHa/LoKr; a float32 base converted to fp16 by --dtype, no adapter on it)."""
+    from loraops.formats.lycoris import Product
+
+    w = torch.ones(4, 3)
+    w[1, 2], w[3, 0] = INF, -INF
+    base = tmp_path / "m.safetensors"
+    state = {"lin.weight": w.to(stored)}
+    if kind == "converted":
+        state["other.weight"] = torch.ones(4, 3, dtype=stored)
+    save_file(state, str(base))
+    B, A = torch.full((4, 1), 0.5), torch.full((1, 3), 0.5)
+    product = Product("loha", {"w1a": B, "w1b": A, "w2a": B, "w2b": A}, 1) if kind == "loha" else None
+    module = LoraModule("other" if kind == "converted" else "lin", A, B, alpha=1.0, scale=1.0, product=product)
+    engine.merge(base, [(Adapter({module.name: module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                 device="cpu")
+    merged = load_file(tmp_path / "o.safetensors")["lin.weight"].double()
+    exact = w.double() if kind == "converted" else w.double() + module.delta(dtype=torch.float64)
+    finite = torch.isfinite(exact)
+    assert torch.equal(merged[~finite], exact[~finite])
+    assert torch.allclose(merged[finite], exact[finite], rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype, stored", [(None, torch.float16), ("bf16", torch.float32)])
+def test_an_overflow_beside_an_inf_of_the_base_is_refused(dtype, stored, tmp_path):
+    """The base's inf passes; a finite base value the deltas carry past the output's range beside it is still
+    refused, with the range message."""
+    w = torch.ones(4, 3)
+    w[1, 2] = INF
+    big = 60000.0 if stored == torch.float16 else 3e38
+    w[3, 0] = big
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w.to(stored)}, str(base))
+    B = torch.zeros(4, 1)
+    B[3] = big / 2
+    module = LoraModule("lin", torch.ones(1, 3), B, alpha=1.0, scale=1.0)
+    out_dtype = "float16" if stored == torch.float16 else "bfloat16"
+    with pytest.raises(InvalidInputError, match=rf"'lin.weight' comes out with values beyond {out_dtype}'s range"):
+        engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                     device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("kind, dtype", [("converted", "fp16"), ("lora", "fp16"), ("lora", "bf16"), ("lora", "fp32")])
+def test_a_float64_value_beyond_the_outputs_range_is_not_an_inf_of_the_base(kind, dtype, tmp_path):
+    """A float64 base's 1e300 comes out inf in a narrower dtype: an overflow the merge makes, refused. The base's
+    non-finite values were read as float32, where 1e300 is inf too, and the merge wrote inf with exit 0."""
+    w = torch.ones(4, 3, dtype=torch.float64)
+    w[1, 2] = 1e300
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w, "other.weight": torch.ones(4, 3, dtype=torch.float64)}, str(base))
+    module = LoraModule("other" if kind == "converted" else "lin", torch.full((1, 3), 0.5), torch.full((4, 1), 0.5),
+                        alpha=1.0, scale=1.0)
+    out_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    with pytest.raises(InvalidInputError, match=rf"'lin.weight' comes out with values beyond {out_dtype}'s range"):
+        engine.merge(base, [(Adapter({module.name: module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                     device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+
+
+def test_deltas_beyond_float32_on_an_inf_of_the_base_are_refused(tmp_path):
+    """W = inf and a delta of −1e40 there, which float32 makes −inf: inf − inf is NaN where float64 keeps inf. Refused
+    as deltas that cancel; --precise (float64) holds the delta, and the output keeps the base's inf."""
+    w = torch.ones(4, 3)
+    w[1, 2] = INF
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w}, str(base))
+    A, B = torch.tensor([[0.0, 0.0, 1e20]]), torch.zeros(4, 1)
+    B[1] = -1e20
+    adapter = Adapter({"lin": LoraModule("lin", A, B, alpha=1.0, scale=1.0)}, "peft")
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with NaN values: its deltas go beyond what "
+                                               r"float32 holds"):
+        engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+    engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", precise=True, device="cpu")
+    assert torch.equal(load_file(tmp_path / "p.safetensors")["lin.weight"], w)
+
+
 def test_a_scanned_output_that_is_finite_costs_one_reduction(monkeypatch, tmp_path):
     """The scan of a tensor whose deltas may overflow (a float32 base going out as bf16: every tensor) is one
     aminmax, which NaN and ±inf both reach: isfinite().all() (numerics8) or isinf().any() write a bool per value and
@@ -491,3 +578,49 @@ def test_every_byte_the_merge_reads_was_asked_for_ahead(tmp_path, sharded, monke
             if lo <= reach:
                 reach = max(reach, hi)
         assert reach >= size, f"{shard.name}: asked for up to {reach} of {size}"
+
+
+@pytest.mark.parametrize("dtype", [None, "fp32"])
+def test_a_subtract_reports_its_residual_beside_a_base_inf_or_nan(dtype, tmp_path):
+    """A subtract's residual is a max over each chunk: a base inf or NaN made that max NaN (inf − inf), which
+    Python's max() then dropped, so the chunk's rounding and its difference from the pristine base went unreported
+    (0.0: "bit-exact"-looking numbers for a round trip that rounded). The non-finite values the base holds and the
+    output keeps count as equal; the rest is reported. Compared by value (--dtype), a NaN kept counted as differing."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 16).to(torch.bfloat16)
+    w[1, 2], w[3, 4], w[5, 6] = INF, -INF, float("nan")
+    save_file({"lin.weight": w}, str(tmp_path / "base.safetensors"))
+    adapter = Adapter({"lin": LoraModule("lin", torch.randn(2, 16), torch.randn(8, 2), alpha=1.0, scale=0.3)}, "peft")
+    engine.merge(tmp_path / "base.safetensors", [(adapter, 1.0)], tmp_path / "m.safetensors", device="cpu")
+    residual = engine.subtract(tmp_path / "m.safetensors", [(adapter, 1.0)], tmp_path / "s.safetensors", dtype=dtype,
+                               device="cpu", reference=tmp_path / "base.safetensors").residual
+    back, merged = load_file(tmp_path / "s.safetensors")["lin.weight"], load_file(tmp_path / "m.safetensors")["lin.weight"]
+    finite = torch.isfinite(w)
+    assert torch.equal(back[~finite].isnan(), w[~finite].isnan()) and torch.equal(back[w.isinf()], w[w.isinf()])
+    assert residual.max_abs_diff == float((back.double() - w.double())[finite].abs().max()) > 0
+    if dtype == "fp32":  # no rounding after the float32 sum; compared by value
+        assert residual.rounding_max_abs == 0.0
+        assert residual.elements_differing == int((back.double() != w.double())[finite].sum())
+        return
+    exact = merged.double() - adapter.modules["lin"].delta(dtype=torch.float64)
+    rounding = float((back.double() - exact)[finite].abs().max())
+    assert rounding > 0 and residual.rounding_max_abs == pytest.approx(rounding, rel=0.05)
+    assert residual.elements_differing == int((back.view(torch.int16) != w.view(torch.int16)).sum())  # NaNs by bits
+
+
+def test_the_base_blocks_of_fused_experts_are_their_rows(tmp_path, monkeypatch):
+    """_base_blocks (the pass a transposed DoRA module's column norms and the NaN columns are taken over) viewed each
+    block read by the stored tensor's first dimension as that many rows: fused experts E×X×Y are E·X rows of Y, and
+    the view of an expert's X·Y values as one row failed. Each block is its rows, numbered as the chunks number them."""
+    from loraops.st import read_header
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * 5)  # 3 rows a block: blocks straddle the experts
+    experts = torch.arange(3 * 4 * 5, dtype=torch.float32).view(3, 4, 5)
+    save_file({"experts.weight": experts}, str(tmp_path / "m.safetensors"))
+    info = read_header(tmp_path / "m.safetensors").tensors["experts.weight"]
+    module = LoraModule("experts.0", torch.ones(1, 5), torch.ones(4, 1), alpha=1.0, scale=1.0,
+                        fused=("experts.weight", 0, 4, 12))
+    tensor = engine._Tensor("experts.weight", info, "F32", terms=[(module, 1.0)])
+    blocks = list(engine._base_blocks(tensor))
+    assert [row0 for row0, _ in blocks] == list(range(0, 12, 3))
+    assert torch.equal(torch.cat([block for _, block in blocks]), experts.view(12, 5))

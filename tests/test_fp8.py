@@ -592,12 +592,14 @@ def test_cuda_merge_matches_cpu(tmp_path, models):
         assert bool((gap <= fp8_unit(dequantized64(cpu, name) / spread) * spread * 1.01).all()), name
 
 
-def test_weights_decoded_beyond_bf16s_range_are_refused_with_dtype_bf16(tmp_path, models):
+@pytest.mark.parametrize("value", [1.0, 448.0])
+def test_weights_decoded_beyond_bf16s_range_are_refused_with_dtype_bf16(value, tmp_path, models):
     """FP8 blocks × their scales can exceed bf16's range while the LoRA's delta is tiny: the inf scan may not be
     skipped on the delta's bound alone (the FP8 dtype's own range says nothing of the decoded weight's), or the
-    merge wrote inf with exit 0."""
+    merge wrote inf with exit 0. Also beyond float32's (448 × 3.4e38): the base's finite values decoded in float32 were
+    inf there too, and passed for an inf the base holds."""
     def huge(state):
-        state[f"{Q}.weight"] = torch.ones_like(state[f"{Q}.weight"].float()).to(torch.float8_e4m3fn)
+        state[f"{Q}.weight"] = torch.full_like(state[f"{Q}.weight"].float(), value).to(torch.float8_e4m3fn)
         state[f"{Q}.weight_scale_inv"] = torch.full(state[f"{Q}.weight_scale_inv"].shape, 3.4e38)
 
     fp8 = _rewrite(models.fp8, tmp_path / "huge", huge)
@@ -605,19 +607,24 @@ def test_weights_decoded_beyond_bf16s_range_are_refused_with_dtype_bf16(tmp_path
         engine.merge(fp8, [(formats.read_adapter(models.q_only), 1.0)], tmp_path / "out", dtype="bf16", device="cpu")
 
 
-def test_a_nan_scale_of_the_base_stays_nan_where_deltas_may_overflow(tmp_path, models):
-    """A block whose stored inverse scale is NaN dequantizes to NaN (as transformers' dequantization): the base's
-    NaN, which stays NaN, unsaid, as any NaN of the base. Its FP8 bytes hold none: read undecoded, the check took
-    it for deltas that cancel as inf − inf (every FP8 weight's output is scanned) and refused the merge."""
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_a_nan_or_inf_scale_of_the_base_stays_where_deltas_may_overflow(scale, tmp_path, models):
+    """A block whose stored inverse scale is NaN dequantizes to NaN, one whose scale is inf to ±inf (NaN where its
+    FP8 value is 0), as transformers' dequantization: the base's, which stay as they are (W + Δ with Δ finite),
+    unsaid, as any NaN or inf of the base. Its FP8 bytes hold none: read undecoded, the check took the NaN for deltas
+    that cancel as inf − inf (every FP8 weight's output is scanned), and the inf for values beyond bfloat16's range
+    that the adapters' weights × scales made, and refused the merge."""
     fp8 = shutil.copytree(models.fp8, tmp_path / "fp8")
     name = "model.layers.0.self_attn.q_proj.weight"
     shard = next(f for f in fp8.glob("*.safetensors") if f"{name}_scale_inv" in load_file(f))
     state = load_file(shard)
-    state[f"{name}_scale_inv"][0, 1] = float("nan")
+    state[f"{name}_scale_inv"][0, 1] = scale
     save_file(state, shard, metadata={"format": "pt"})
     engine.merge(fp8, [(formats.read_adapter(models.q_only), 1.0)], tmp_path / "out", dtype="bf16", device="cpu")
-    ours, stored = tensors(tmp_path / "out")[name], tensors(fp8)
+    ours, stored = tensors(tmp_path / "out")[name].double(), tensors(fp8)
     exact = reference64(dequantized64(stored, name), terms_of(models.q_only, fp8)[name])
-    nan = torch.isnan(exact)
-    assert bool(nan.any()) and torch.equal(torch.isnan(ours), nan)
-    assert bool(((ours.double() - exact).abs()[~nan] <= unit_of_rounding(exact.abs(), torch.bfloat16)[~nan]).all())
+    inf, nan = torch.isinf(exact), torch.isnan(exact)
+    assert bool((inf if scale == float("inf") else nan).any())
+    assert torch.equal(torch.isnan(ours), nan) and torch.equal(ours[inf], exact[inf])
+    finite = ~(inf | nan)
+    assert bool(((ours - exact).abs()[finite] <= unit_of_rounding(exact.abs(), torch.bfloat16)[finite]).all())

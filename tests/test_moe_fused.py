@@ -282,3 +282,28 @@ def test_a_bound_adapter_written_back_keeps_its_linear_modules_untransposed(tmp_
     want, got = tensors(tmp_path / "want"), tensors(tmp_path / "got")
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_nan_or_inf_the_fused_experts_hold_stays_where_deltas_may_overflow(tmp_path, bases):
+    """The scan of a float32 base going out as bf16 reads the base's non-finite values again by the chunk's rows:
+    of fused experts (E×X×Y, E·X rows of Y) as their chunks see them, not by the first dimension (experts). A NaN
+    and an inf in one expert's share stay where PEFT's merge keeps them; nothing else is NaN or inf. (The inf was
+    refused as values beyond bfloat16's range that the adapter made.)"""
+    base = tmp_path / "base"
+    model = model_class("gpt_oss").from_pretrained(bases["gpt_oss"]).eval()
+    experts = model.model.layers[1].mlp.experts.gate_up_proj
+    with torch.no_grad():
+        experts[2, 5, 7], experts[3, 1, 0] = float("nan"), float("-inf")
+    model.save_pretrained(base)
+    peft = peft_model(base, "gpt_oss")
+    peft.save_pretrained(tmp_path / "a")
+    peft.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", dtype="bf16", device="cpu")
+    merged, theirs, stored = tensors(tmp_path / "out"), tensors(tmp_path / "peft-merged"), tensors(base)
+    name = next(n for n in stored if n.endswith("layers.1.mlp.experts.gate_up_proj"))
+    ours, peft_merged = merged[name].float(), theirs[name]
+    assert torch.equal(torch.isnan(ours), torch.isnan(stored[name])) and int(torch.isnan(ours).sum()) == 1
+    inf = torch.isinf(stored[name])
+    assert torch.equal(torch.isinf(ours), inf) and torch.equal(ours[inf], peft_merged[inf])
+    finite = torch.isfinite(stored[name])
+    within_one_unit(ours[finite], peft_merged[finite].to(torch.bfloat16), stored[name][finite].to(torch.bfloat16), name)
