@@ -1079,13 +1079,13 @@ class _Pipeline:
             w = tensor.replacement.reshape(-1)[elements]
             if not tensor.terms and not tensor.encoded and not tensor.token_rows:
                 out.copy_(w)
-                _refuse_overflow(tensor, out, of_base)
+                _refuse_overflow(tensor, out, of_base, may_overflow=_narrows(w.dtype, out_dtype))
                 return
         else:
             w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
             if not tensor.terms and tensor.scaled is None and not tensor.token_rows:  # a --dtype conversion; the input
                 out.copy_(w.to(out_dtype))  # and output views overlap: convert out of place
-                _refuse_overflow(tensor, out, of_base)
+                _refuse_overflow(tensor, out, of_base, may_overflow=_narrows(w.dtype, out_dtype))
                 return
         cuda = self.device.type == "cuda"
         columns = self._column_factors(tensor) if tensor.dora else {}  # before the DoRA buffers fill: it uses them
@@ -1370,6 +1370,14 @@ def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Te
     return base.masked_fill_(nan, math.nan)
 
 
+def _narrows(source: "torch.dtype", out: "torch.dtype") -> bool:
+    """Whether converting ``source`` to ``out`` can carry a finite value past ``out``'s range (float64 or float32 to
+    bfloat16: float32's top 0.4 % is beyond bfloat16's max), so a conversion alone is scanned: one aminmax a chunk."""
+    import torch
+
+    return source.is_floating_point and out.is_floating_point and torch.finfo(source).max > torch.finfo(out).max
+
+
 def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", of_base, may_overflow: bool = False,
                      work: "torch.dtype | None" = None) -> None:
     """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
@@ -1402,7 +1410,8 @@ def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", of_base, may_overflow
     if bool(inf.any()):
         dtype = str(out.dtype).removeprefix("torch.")
         hint = ("merge with --dtype bf16 or fp32" if dtype == "float16"
-                else "the adapters' weights × scales are too large")
+                else "the adapters' weights × scales are too large" if tensor.terms
+                else f"it holds values {dtype} cannot; keep a wider dtype")
         raise InvalidInputError(f"{tensor.file_name!r} comes out with values beyond {dtype}'s range "
                                 f"(±{torch.finfo(out.dtype).max:.6g}); {hint}")
     if bool(nan.any()):

@@ -327,6 +327,24 @@ def test_a_float64_value_beyond_the_outputs_range_is_not_an_inf_of_the_base(kind
     assert nothing_left(tmp_path / "o.safetensors")
 
 
+@pytest.mark.parametrize("stored, value, dtype", [(torch.float64, 1e300, "fp32"), (torch.float64, 1e300, "bf16"),
+                                                   (torch.float32, 3.4e38, "bf16")])
+def test_a_conversion_alone_beyond_the_outputs_range_is_refused(stored, value, dtype, tmp_path):
+    """A tensor --dtype only converts (no adapter on it) was scanned only going out as float16: a float64 1e300 as
+    fp32 or bf16, or float32's top 0.4 % as bf16 (beyond bfloat16's max 3.3895e38), came out inf with exit 0."""
+    w = torch.ones(4, 3, dtype=stored)
+    w[1, 2] = value
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": w, "other.weight": torch.ones(4, 3, dtype=stored)}, str(base))
+    module = LoraModule("other", torch.full((1, 3), 0.5), torch.full((4, 1), 0.5), alpha=1.0, scale=1.0)
+    out_dtype = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+    with pytest.raises(InvalidInputError, match=rf"'lin.weight' comes out with values beyond {out_dtype}'s range "
+                                                r"\(±[0-9.e+]+\); it holds values .* cannot; keep a wider dtype"):
+        engine.merge(base, [(Adapter({module.name: module}, "peft"), 1.0)], tmp_path / "o.safetensors", dtype=dtype,
+                     device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
+
+
 def test_deltas_beyond_float32_on_an_inf_of_the_base_are_refused(tmp_path):
     """W = inf and a delta of −1e40 there, which float32 makes −inf: inf − inf is NaN where float64 keeps inf. Refused
     as deltas that cancel; --precise (float64) holds the delta, and the output keeps the base's inf."""
