@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import settings
-from .errors import FormatError, InvalidInputError, NotFoundError
+from .errors import FormatError, HubError, InvalidInputError, NotFoundError
 from .fsutil import Prefetcher, chunks, read_json, read_model_config
 from .st import Header, TensorInfo, read_header
 
@@ -290,8 +290,11 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         if not shard.exists():
             raise NotFoundError(f"{folder / name}: shard listed in {index_name} is missing")
         files.append(folder / name)
-    unlisted = unlisted_shards(index_name, weight_map, lambda sub: _names(folder / sub),
-                               lambda shard: read_header(folder / shard).tensors)
+    try:
+        unlisted = unlisted_shards(index_name, weight_map, lambda sub: _names(folder / sub),
+                                   lambda shard: read_header(folder / shard).tensors)
+    except FormatError as exc:
+        raise FormatError(f"{index}: {exc}") from None
     if unlisted:
         raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
     return Part(prefix, folder, files, index)
@@ -321,7 +324,9 @@ def unlisted_shards(index_name: str, weight_map: dict[str, str], names_in, tenso
     relative to the model's folder, as transformers reads them; every folder is looked in. ``tensors_of(path)``: the
     tensor names of such a shard (its header), where they can be read: a shard whose tensors the index all lists
     (in other shards) is one it replaces, not one it leaves out (a patch: sub/x.index.json listing the top-level
-    shards but one, replaced by sub/<that shard>, which transformers loads); without it every such shard is one."""
+    shards but one, replaced by sub/<that shard>, which transformers loads); without it every such shard is one.
+    Such a shard whose header cannot be read is refused (FormatError, its line to follow the index's path): which of
+    the two it is cannot be told."""
     shard_names = set(weight_map.values())
     index = PurePosixPath(index_name)
     folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
@@ -330,7 +335,20 @@ def unlisted_shards(index_name: str, weight_map: dict[str, str], names_in, tenso
     unlisted = [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
                 if index_of(name) == index.name and os.path.normpath(sub / name) not in listed
                 and (not totals or SHARD_NAME.fullmatch(name)["total"] in totals)]
-    return [shard for shard in unlisted if tensors_of is None or not set(tensors_of(shard)) <= weight_map.keys()]
+    return [shard for shard in unlisted if tensors_of is None or not _all_listed(shard, weight_map, tensors_of)]
+
+
+def _all_listed(shard: str, weight_map: dict[str, str], tensors_of) -> bool:
+    """Does the index (``weight_map``) list every tensor of this shard it does not list (unlisted_shards)?"""
+    try:
+        return set(tensors_of(shard)) <= weight_map.keys()
+    except HubError:  # (a ConnectionError: the Hub unreachable says nothing of the file)
+        raise
+    except (FormatError, NotFoundError, OSError) as exc:  # corrupt, truncated, a dangling link, no permission
+        reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise FormatError(f"does not list {shard}, a shard of its set in the model's folder, whose header loraops "
+                          "reads to see whether the index lists all its tensors elsewhere (a shard it replaces), and "
+                          f"it cannot be read ({reason}): remove the file, or list it in the index") from None
 
 
 def give_one_variant(variants: list[str]) -> str:

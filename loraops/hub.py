@@ -928,8 +928,11 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
             problem = diffusers_subfolder_shard(index, files, config)
             if problem:
                 raise FormatError(f"{prefix + index}: {problem}")
-            unlisted = unlisted_shards(index, weight_map, lambda sub: names_in(str(PurePosixPath(prefix, sub))),
-                                       read_header and (lambda shard: read_header(prefix + shard)))
+            try:
+                unlisted = unlisted_shards(index, weight_map, lambda sub: names_in(str(PurePosixPath(prefix, sub))),
+                                           read_header and (lambda shard: read_header(prefix + shard)))
+            except FormatError as exc:
+                raise FormatError(f"{prefix + index}: {exc}") from None
             if unlisted:
                 raise FormatError(f"{prefix + index}: does not list {', '.join(prefix + s for s in unlisted[:3])}, "
                                   "a shard of the same model")
