@@ -56,3 +56,45 @@ def test_an_unreadable_shard_a_patch_index_leaves_out_is_refused_saying_why_it_w
     read = lambda n: json.loads((folder / n).read_text())  # noqa: E731
     with pytest.raises(FormatError, match=re.escape(f"patch/model.safetensors.index.json: does not list {last}, a shard")):
         hub.weight_layout(names, read, read_header=lambda n: BaseModel.open(folder / n).tensors)
+
+
+def test_a_stale_copy_beside_the_weights_transformers_weights_names_in_a_subfolder_is_left_out_of_a_merge(tmp_path):
+    """config.json's transformers_weights naming sub/model.safetensors.index.json, an old sub/model.safetensors (and
+    sub/config.json) beside it: transformers reads the named index only, but from_pretrained(out, subfolder="sub")
+    reads sub/model.safetensors first. It was copied into the merge as it was, so that load gave the base unmerged,
+    unsaid; it is now left out (and said to be), as a copy beside the top-level weights already was."""
+    import shutil
+
+    import torch
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from loraops.cli import main
+    from tests.factories import tiny_llama
+
+    folder = tiny_llama(tmp_path / "m", shard_size="60KB")
+    (folder / "sub").mkdir()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {name: f"sub/{shard}" for name, shard in index["weight_map"].items()}
+    for shard in folder.glob("model-*.safetensors"):
+        shard.rename(folder / "sub" / shard.name)
+    (folder / "sub" / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model.safetensors.index.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"transformers_weights": "sub/model.safetensors.index.json"}))
+    old = tiny_llama(tmp_path / "old", seed=3)
+    shutil.copy(old / "model.safetensors", folder / "sub" / "model.safetensors")
+    shutil.copy(old / "config.json", folder / "sub" / "config.json")
+    stale = AutoModelForCausalLM.from_pretrained(folder, subfolder="sub").state_dict()  # (what that load read)
+    assert torch.equal(stale["lm_head.weight"], AutoModelForCausalLM.from_pretrained(old).state_dict()["lm_head.weight"])
+
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(folder), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert "left out sub/model.safetensors: other copies of the base's weights, not merged" in result.output
+    assert not (out / "sub" / "model.safetensors").exists()
+    assert (out / "sub" / "config.json").exists() and (out / "sub" / "model.safetensors.index.json").exists()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()[q]
+    assert not torch.equal(merged, AutoModelForCausalLM.from_pretrained(folder).state_dict()[q])
