@@ -41,6 +41,8 @@ VARIANT_FILE = re.compile(r"(?P<name>model|diffusion_pytorch_model)"
 as _add_variant names them, or as diffusers named a variant's shards before (its legacy format, the legacy group)."""
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""PyTorch's (pickle) weights files, which loraops does not read: loading one can run code."""
 
 
 @dataclass
@@ -70,7 +72,7 @@ class BaseModel:
         if not path.exists():
             raise NotFoundError(f"{path}: no such file or folder")
         if path.is_file():
-            if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            if path.suffix in PICKLE_SUFFIXES:
                 read_header(path)  # raises the pickle message
             parts = [Part("", None, [path])]
         elif not path.is_dir():
@@ -264,9 +266,12 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         raise FormatError(f"{folder}: {exc}") from None
     if index_name is None:
         if not file_names:
-            if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-                raise FormatError(f"{folder}: holds only pickle weights (.bin/.pt); convert them to safetensors "
-                                  "first")
+            pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+            if pickles:
+                raise FormatError(f"{folder}: holds only pickle weights ({', '.join(pickles[:3])}"
+                                  f"{' ...' if len(pickles) > 3 else ''}), which loraops does not read (loading one "
+                                  "can run code); convert them to safetensors first: from_pretrained(folder) and "
+                                  "save_pretrained(out) write them")
             raise FormatError(f"{folder}: no .safetensors weights found")
         return Part(prefix, folder, [folder / name for name in file_names])
     index = folder / index_name

@@ -98,3 +98,25 @@ def test_a_stale_copy_beside_the_weights_transformers_weights_names_in_a_subfold
     q = "model.layers.0.self_attn.q_proj.weight"
     merged = AutoModelForCausalLM.from_pretrained(out).state_dict()[q]
     assert not torch.equal(merged, AutoModelForCausalLM.from_pretrained(folder).state_dict()[q])
+
+
+@pytest.mark.parametrize("files", [["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+                                    "pytorch_model.bin.index.json"], ["model.ckpt"], ["weights.pth"]])
+def test_a_pickle_only_folder_is_refused_naming_its_files_and_how_to_convert_them(tmp_path, files):
+    """A folder of .ckpt or .pth weights only was "no .safetensors weights found" (only .bin and .pt were looked
+    for), and the line for .bin said neither which files nor how to convert them."""
+    import torch
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for name in files:
+        if name.endswith(".json"):
+            (folder / name).write_text(json.dumps({"weight_map": {"w": files[0]}}))
+        else:
+            torch.save({"w": torch.zeros(2)}, folder / name)
+    pickles = ", ".join(name for name in files if not name.endswith(".json"))
+    with pytest.raises(FormatError, match=re.escape(
+            f"{folder}: holds only pickle weights ({pickles}), which loraops does not read (loading one can run "
+            "code); convert them to safetensors first: from_pretrained(folder) and save_pretrained(out) write them")):
+        BaseModel.open(folder)
