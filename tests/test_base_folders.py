@@ -120,3 +120,59 @@ def test_a_pickle_only_folder_is_refused_naming_its_files_and_how_to_convert_the
             f"{folder}: holds only pickle weights ({pickles}), which loraops does not read (loading one can run "
             "code); convert them to safetensors first: from_pretrained(folder) and save_pretrained(out) write them")):
         BaseModel.open(folder)
+
+
+def _hf_cache_snapshot(model: Path, repo: Path) -> Path:
+    """``model``'s files laid out as the Hugging Face cache holds a download: snapshots/<commit>/<file>, each a
+    relative symlink to blobs/<sha256 of its bytes>."""
+    import hashlib
+    import os
+    import shutil
+
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    for file in sorted(p for p in model.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, blob)
+        link = snapshot / file.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def test_a_hugging_face_cache_snapshot_of_symlinks_is_read_hashed_and_merged_as_its_files(tmp_path):
+    """A base given as an HF cache snapshot (every file a symlink into ../../blobs): its fingerprint is the real
+    folder's, the merge writes plain files (not links, nor through them into the blobs) byte for byte as a merge of
+    the real folder does, and a merge --force over another snapshot sharing those blobs leaves the blobs as they
+    were. Held as it works: the shards are checked lexically (not resolved: a blob lies outside the snapshot)."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+    from tests.factories import tiny_llama
+
+    model = tiny_llama(tmp_path / "model", shard_size="60KB")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = _hf_cache_snapshot(model, repo)
+    assert all(p.is_symlink() for p in snapshot.iterdir())
+    assert BaseModel.open(snapshot).fingerprint(progress=False) == BaseModel.open(model).fingerprint(progress=False)
+    adapter = peft_adapter(model, tmp_path / "a", target_modules=["q_proj", "down_proj"])
+    runner = CliRunner()
+    for base, out in ((model, tmp_path / "plain"), (snapshot, tmp_path / "out")):
+        result = runner.invoke(main, ["merge", str(adapter), "--into", str(base), "-o", str(out), "--no-record"])
+        assert result.exit_code == 0, result.output
+    written = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
+    assert written == sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*"))
+    assert not any((tmp_path / "out" / p).is_symlink() for p in written)
+    assert all((tmp_path / "out" / p).read_bytes() == (tmp_path / "plain" / p).read_bytes() for p in written)
+
+    other = repo / "snapshots" / ("1" * 40)
+    other.mkdir()
+    for link in snapshot.iterdir():
+        (other / link.name).symlink_to(link.readlink())
+    result = runner.invoke(main, ["merge", str(adapter), "--into", str(snapshot), "-o", str(other), "--no-record",
+                                  "--force"])
+    assert result.exit_code == 0, result.output
+    assert all(hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name for blob in (repo / "blobs").iterdir())
+    assert BaseModel.open(snapshot).fingerprint(progress=False) == BaseModel.open(model).fingerprint(progress=False)
