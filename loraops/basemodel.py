@@ -344,7 +344,8 @@ def unlisted_shards(index_name: str, weight_map: dict[str, str], names_in, tenso
 
 
 def _all_listed(shard: str, weight_map: dict[str, str], tensors_of) -> bool:
-    """Does the index (``weight_map``) list every tensor of this shard it does not list (unlisted_shards)?"""
+    """Does the index (``weight_map``) list every tensor of ``shard``, one of its set it does not list, in its other
+    shards (a shard it replaces: unlisted_shards)?"""
     try:
         return set(tensors_of(shard)) <= weight_map.keys()
     except HubError:  # (a ConnectionError: the Hub unreachable says nothing of the file)
