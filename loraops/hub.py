@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
-from .basemodel import PICKLE_SUFFIXES
+from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
 from .fsutil import path_exists, read_json, read_model_config
@@ -52,8 +52,6 @@ CARD = "README.md"
 # the pushed commit back would give the adapter they hold
 CANONICAL_ADAPTER_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS, "adapter_model.bin")
 OTHER_WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
-INDEX_SUFFIX = ".safetensors.index.json"
-PIPELINE_INDEX = "model_index.json"
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
