@@ -175,7 +175,11 @@ class BaseModel:
         folder = self.model_folder(self.tensors[tensor].file)
         if folder not in self._configs:
             path = folder / "config.json"
-            self._configs[folder] = read_model_config(path) if path.exists() else {}
+            from .check import refuse_unread_tie_flag
+
+            config = read_model_config(path) if path.exists() else {}
+            refuse_unread_tie_flag(config, path)
+            self._configs[folder] = config
         return self._configs[folder]
 
     def model_folder(self, file: Path) -> Path:

@@ -176,3 +176,27 @@ def test_a_hugging_face_cache_snapshot_of_symlinks_is_read_hashed_and_merged_as_
     assert result.exit_code == 0, result.output
     assert all(hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name for blob in (repo / "blobs").iterdir())
     assert BaseModel.open(snapshot).fingerprint(progress=False) == BaseModel.open(model).fingerprint(progress=False)
+
+
+@pytest.mark.parametrize("said", ["false", 0, 1])
+def test_a_tie_word_embeddings_that_is_not_a_bool_is_refused_in_one_line(tmp_path, said):
+    """transformers 5 refuses a config whose tie_word_embeddings is a string or a number (its strict config: "expected
+    bool"); loraops read it by truthiness ("false" tied, 0 untied), as transformers 4 did, and merged a base that
+    loads nowhere the way loraops took it. null stays what it was: some configs (Gemma 3's top) take it."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+    from tests.factories import tiny_llama
+
+    folder = tiny_llama(tmp_path / "m", tie=True)
+    adapter = peft_adapter(folder, tmp_path / "a", target_modules=["embed_tokens", "q_proj"])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": said}))
+    for args in (["check", str(adapter), "--base", str(folder)],
+                 ["merge", str(adapter), "--into", str(folder), "-o", str(tmp_path / "out"), "--no-record"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == (
+            f"error: {folder / 'config.json'}: tie_word_embeddings is {said!r}, not true or false (transformers 5 "
+            "refuses to load such a config); write true or false")
+    assert not (tmp_path / "out").exists()
