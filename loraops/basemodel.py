@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import settings
-from .errors import FormatError, InvalidInputError, NotFoundError
+from .errors import FormatError, HubError, InvalidInputError, NotFoundError
 from .fsutil import Prefetcher, chunks, read_json, read_model_config
 from .st import Header, TensorInfo, read_header
 
@@ -41,6 +41,8 @@ VARIANT_FILE = re.compile(r"(?P<name>model|diffusion_pytorch_model)"
 as _add_variant names them, or as diffusers named a variant's shards before (its legacy format, the legacy group)."""
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""PyTorch's (pickle) weights files, which loraops does not read: loading one can run code."""
 
 
 @dataclass
@@ -70,7 +72,7 @@ class BaseModel:
         if not path.exists():
             raise NotFoundError(f"{path}: no such file or folder")
         if path.is_file():
-            if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            if path.suffix in PICKLE_SUFFIXES:
                 read_header(path)  # raises the pickle message
             parts = [Part("", None, [path])]
         elif not path.is_dir():
@@ -173,7 +175,11 @@ class BaseModel:
         folder = self.model_folder(self.tensors[tensor].file)
         if folder not in self._configs:
             path = folder / "config.json"
-            self._configs[folder] = read_model_config(path) if path.exists() else {}
+            from .check import refuse_unread_tie_flag
+
+            config = read_model_config(path) if path.exists() else {}
+            refuse_unread_tie_flag(config, path)
+            self._configs[folder] = config
         return self._configs[folder]
 
     def model_folder(self, file: Path) -> Path:
@@ -264,9 +270,12 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         raise FormatError(f"{folder}: {exc}") from None
     if index_name is None:
         if not file_names:
-            if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-                raise FormatError(f"{folder}: holds only pickle weights (.bin/.pt); convert them to safetensors "
-                                  "first")
+            pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+            if pickles:
+                raise FormatError(f"{folder}: holds only pickle weights ({', '.join(pickles[:3])}"
+                                  f"{' ...' if len(pickles) > 3 else ''}), which loraops does not read (loading one "
+                                  "can run code); convert them to safetensors first: from_pretrained(folder) and "
+                                  "save_pretrained(out) write them")
             raise FormatError(f"{folder}: no .safetensors weights found")
         return Part(prefix, folder, [folder / name for name in file_names])
     index = folder / index_name
@@ -290,8 +299,11 @@ def _folder_part(folder: Path, prefix: str) -> Part:
         if not shard.exists():
             raise NotFoundError(f"{folder / name}: shard listed in {index_name} is missing")
         files.append(folder / name)
-    unlisted = unlisted_shards(index_name, weight_map, lambda sub: _names(folder / sub),
-                               lambda shard: read_header(folder / shard).tensors)
+    try:
+        unlisted = unlisted_shards(index_name, weight_map, lambda sub: _names(folder / sub),
+                                   lambda shard: read_header(folder / shard).tensors)
+    except FormatError as exc:
+        raise FormatError(f"{index}: {exc}") from None
     if unlisted:
         raise FormatError(f"{index}: does not list {', '.join(unlisted[:3])}, a shard of the same model")
     return Part(prefix, folder, files, index)
@@ -321,7 +333,9 @@ def unlisted_shards(index_name: str, weight_map: dict[str, str], names_in, tenso
     relative to the model's folder, as transformers reads them; every folder is looked in. ``tensors_of(path)``: the
     tensor names of such a shard (its header), where they can be read: a shard whose tensors the index all lists
     (in other shards) is one it replaces, not one it leaves out (a patch: sub/x.index.json listing the top-level
-    shards but one, replaced by sub/<that shard>, which transformers loads); without it every such shard is one."""
+    shards but one, replaced by sub/<that shard>, which transformers loads); without it every such shard is one.
+    Such a shard whose header cannot be read is refused (FormatError, its line to follow the index's path): which of
+    the two it is cannot be told."""
     shard_names = set(weight_map.values())
     index = PurePosixPath(index_name)
     folders = {index.parent, *(PurePosixPath(name).parent for name in shard_names)}
@@ -330,7 +344,21 @@ def unlisted_shards(index_name: str, weight_map: dict[str, str], names_in, tenso
     unlisted = [str(sub / name) for sub in sorted(folders) for name in names_in(str(sub))
                 if index_of(name) == index.name and os.path.normpath(sub / name) not in listed
                 and (not totals or SHARD_NAME.fullmatch(name)["total"] in totals)]
-    return [shard for shard in unlisted if tensors_of is None or not set(tensors_of(shard)) <= weight_map.keys()]
+    return [shard for shard in unlisted if tensors_of is None or not _all_listed(shard, weight_map, tensors_of)]
+
+
+def _all_listed(shard: str, weight_map: dict[str, str], tensors_of) -> bool:
+    """Does the index (``weight_map``) list every tensor of ``shard``, one of its set it does not list, in its other
+    shards (a shard it replaces: unlisted_shards)?"""
+    try:
+        return set(tensors_of(shard)) <= weight_map.keys()
+    except HubError:  # (a ConnectionError: the Hub unreachable says nothing of the file)
+        raise
+    except (FormatError, NotFoundError, OSError) as exc:  # corrupt, truncated, a dangling link, no permission
+        reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise FormatError(f"does not list {shard}, a shard of its set in the model's folder, whose header loraops "
+                          "reads to see whether the index lists all its tensors elsewhere (a shard it replaces), and "
+                          f"it cannot be read ({reason}): remove the file, or list it in the index") from None
 
 
 def give_one_variant(variants: list[str]) -> str:

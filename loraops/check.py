@@ -278,6 +278,17 @@ def _tie_flags(config: dict) -> list[dict]:
     return [config, *(sub for key in TEXT_CONFIGS if isinstance(sub := config.get(key), dict))]
 
 
+def refuse_unread_tie_flag(config: dict, path) -> None:
+    """Refuse a config.json (at ``path``) whose tie_word_embeddings, at a level ties_word_embeddings reads, is neither
+    true, false nor null: transformers 5's strict config refuses to load it ("expected bool"), and transformers 4 read
+    it by truthiness ("false" tied). null stays said-as-false: some composite configs (Gemma 3's top) take it."""
+    for level in _tie_flags(config):
+        said = level.get("tie_word_embeddings")
+        if said is not None and not isinstance(said, bool):
+            raise FormatError(f"{path}: tie_word_embeddings is {said!r}, not true or false (transformers 5 refuses to "
+                              "load such a config); write true or false")
+
+
 def ties_word_embeddings(config: dict) -> bool | None:
     """What a model's config.json says of tying: true when its top level or a text model's sub-config says so, as
     transformers ties (each sub-model by its own config: BLIP's text decoder by its text_config; LLaVA's and

@@ -1595,8 +1595,13 @@ model.safetensors.index.fp16.json, diffusers' legacy diffusion_pytorch_model.saf
 
 def _other_files(base: BaseModel) -> tuple[list[Path], list[Path]]:
     """(the folder's other files the output gets, the other copies of the merged weights it does not), relative
-    to the base: a copy is named like a weights file and lies in the folder of weights that are merged."""
-    folders = {part.folder for part in base.parts if part.folder is not None}
+    to the base: a copy is named like a weights file and lies in the folder of weights that are merged: the model's,
+    or the subfolder of it its merged files or index lie in (config.json's transformers_weights: sub/model.safetensors;
+    transformers reads only that file, but from_pretrained(subfolder="sub") reads a stale sub/model.safetensors
+    beside sub/model.safetensors.index.json first, and would load the base unmerged)."""
+    parts = [part for part in base.parts if part.folder is not None]
+    folders = ({part.folder for part in parts} | {file.parent for part in parts for file in part.files}
+               | {part.index_file.parent for part in parts if part.index_file is not None})
     others, indexes = base.other_files(), {part.index_file for part in base.parts}
     # and an index other than the merged weights' lists other copies (a variant's model.safetensors.index.fp16.json,
     # whose shards a Hub snapshot lacks; pytorch_model.bin.index.json): the output does not hold the files it lists

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
+from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
 from .fsutil import path_exists, read_json, read_model_config
@@ -50,10 +51,7 @@ CARD = "README.md"
 # What pull takes first at a repo's root (select_adapter_files): a push of another layout removes them, or pulling
 # the pushed commit back would give the adapter they hold
 CANONICAL_ADAPTER_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS, "adapter_model.bin")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
-INDEX_SUFFIX = ".safetensors.index.json"
-PIPELINE_INDEX = "model_index.json"
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -928,8 +926,11 @@ def weight_layout(names: list[str], read_index, download: str = "hf download REP
             problem = diffusers_subfolder_shard(index, files, config)
             if problem:
                 raise FormatError(f"{prefix + index}: {problem}")
-            unlisted = unlisted_shards(index, weight_map, lambda sub: names_in(str(PurePosixPath(prefix, sub))),
-                                       read_header and (lambda shard: read_header(prefix + shard)))
+            try:
+                unlisted = unlisted_shards(index, weight_map, lambda sub: names_in(str(PurePosixPath(prefix, sub))),
+                                           read_header and (lambda shard: read_header(prefix + shard)))
+            except FormatError as exc:
+                raise FormatError(f"{prefix + index}: {exc}") from None
             if unlisted:
                 raise FormatError(f"{prefix + index}: does not list {', '.join(prefix + s for s in unlisted[:3])}, "
                                   "a shard of the same model")
