@@ -369,10 +369,13 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
             raise refuse(f"linear without normalize sums whole models (Σw·base + Σwτ), a task vector over the base "
                          f"only when the weights sum to 1 (they sum to {total:g})")
         return "linear", [w * factor for w in weights]
-    if name == "multislerp" and params.get("normalize_weights", True) and not sum(weights):
-        # combine's own refusal points at --no-normalize-weights, which is refused beside --recipe
-        raise refuse("multislerp with normalize_weights divides the weights by their sum, which is 0: give other "
-                     "weights, or normalize_weights: false")
+    if name == "multislerp" and params.get("normalize_weights", True):
+        from .ops.combine import zero_sum
+
+        if zero := zero_sum(weights):
+            # combine's own refusal points at --no-normalize-weights, which is refused beside --recipe
+            raise refuse(f"multislerp with normalize_weights divides the weights by their sum, which is {zero}: give "
+                         "other weights, or normalize_weights: false")
     if name == "nuslerp" and params.get("flatten", True):
         params.pop("row_wise", None)  # mergekit flattens before it looks at row_wise (combine refuses the pair)
     return name, weights

@@ -296,6 +296,9 @@ def test_cli_end_to_end_with_lineage(files):
                                   "task vector unchanged, whatever its weight"),
     (["{a}", "{b}:-1", "-m", "multislerp"], "error: multislerp with normalize_weights divides the weights by their "
                                             "sum, which is 0: give other weights, or --no-normalize-weights"),
+    (["{a}:0.1", "{b}:0.2", "{c}:-0.3", "-m", "multislerp"],  # (Σw = 5.6e-17: each weight ÷ it ~1e16)
+     "error: multislerp with normalize_weights divides the weights by their sum, which is 0 to rounding (5.6e-17): "
+     "give other weights, or --no-normalize-weights"),
     (["{a}", "{a}:-1", "{c}:0", "-m", "multislerp", "--no-normalize-weights"],  # (found while combining)
      "error: multislerp: in model.layers.0.self_attn.q_proj the weighted mean of the task vectors' directions is zero "
      "(vectors that cancel out, as a and −a with equal weights): give other weights"),

@@ -146,6 +146,10 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
                                                                    {"model": "c", "parameters": {"weight": -1}}]},
      "r: multislerp with normalize_weights divides the weights by their sum, which is 0: give other weights, or "
      "normalize_weights: false"),
+    ({"merge_method": "multislerp", "base_model": "b",
+      "models": [{"model": m, "parameters": {"weight": w}} for m, w in (("a", 0.1), ("c", 0.2), ("d", -0.3))]},
+     "r: multislerp with normalize_weights divides the weights by their sum, which is 0 to rounding (5.6e-17): give "
+     "other weights, or normalize_weights: false"),
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "r: models[1].parameters: model_stock takes no per-model 'weight'"),
     ({"merge_method": "linear", "parameters": {"normalize": False},

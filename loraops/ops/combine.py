@@ -743,13 +743,23 @@ class MultislerpParams(CombineParams):
         "than it has no direction"))
 
 
+def zero_sum(weights: Sequence[float]) -> str:
+    """'0', or '0 to rounding (Σw)' where Σw is within the rounding of adding the weights up (n·2⁻⁵²·Σ|wᵢ|), as
+    0.1 + 0.2 − 0.3 = 5.6e-17: weights divided by it are ~1e16, the result ~1e16 times too long (mergekit's float32
+    sum is 0 there: NaN); '' where Σw is not 0."""
+    total = sum(weights)
+    if not total:
+        return "0"
+    return f"0 to rounding ({total:.2g})" if abs(total) <= len(weights) * 2 ** -52 * sum(map(abs, weights)) else ""
+
+
 def multislerp_weights(method: str, weights: Sequence[float], params: MultislerpParams) -> None:
     if len(weights) < 2:
         raise InvalidInputError(f"{method} needs at least two adapters (got {len(weights)}): of one, mergekit returns "
                                 "its task vector unchanged, whatever its weight")
-    if params.normalize_weights and not sum(weights):
-        raise InvalidInputError(f"{method} with normalize_weights divides the weights by their sum, which is 0: give "
-                                "other weights, or --no-normalize-weights")
+    if params.normalize_weights and (zero := zero_sum(weights)):
+        raise InvalidInputError(f"{method} with normalize_weights divides the weights by their sum, which is {zero}: "
+                                "give other weights, or --no-normalize-weights")
 
 
 def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Context) -> Refactored:
