@@ -218,6 +218,29 @@ def test_multislerp_at_eps_zero_takes_the_limit_where_mergekit_divides_zero_by_z
     torch.testing.assert_close(result.modules["o"].delta(dtype=torch.float64), limit, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype, bound, bias", [(torch.bfloat16, 3e-3, 5e-4), (torch.float16, 4e-4, 5e-5)])
+def test_multislerp_of_half_precision_adapters_takes_its_weights_in_float64(dtype, bound, bias):
+    """mergekit builds the weights in the tensors' dtype: in bfloat16, 1/3 is 0.333984375 and the normalized weights
+    sum to 1.00195, the whole module ~2⁻⁹ too long (float16: 2⁻¹²), a bias about as large as rounding the exact
+    result to that dtype once. loraops takes the weights in float64: its half-precision adapter is within about two
+    such roundings of the float64 reference on the same inputs, without a bias of the module's length (the
+    projection of its delta on the reference's)."""
+    adapters = [lora_adapter({"m": (64, 96)}, rank=8, seed=s, dtype=dtype) for s in (1, 2, 3)]
+    taus = [a.modules["m"].delta(dtype=torch.float64) for a in adapters]
+    for weights in ([1.0, 1.0, 1.0], [0.7, -0.2, 0.5], [1.0, 2.0, 0.5]):
+        exact = ref.multislerp(taus, weights)
+        rounded = torch.tensor(weights, dtype=dtype)
+        in_dtype = ref.multislerp(taus, (rounded / rounded.sum()).double().tolist(), normalize_weights=False)
+        for precise in (False, True):
+            result, _ = combine(list(zip(adapters, weights)), "multislerp", {}, device="cpu", precise=precise)
+            got = result.modules["m"].delta(dtype=torch.float64)
+            assert result.modules["m"].B.dtype == dtype
+            assert float((got - exact).norm()) <= bound * float(exact.norm()), (weights, precise)
+            assert abs(float((got * exact).sum() / (exact * exact).sum()) - 1) <= bias, (weights, precise)
+        if weights == [1.0, 1.0, 1.0]:  # (mergekit's weights: the bias this test would catch)
+            assert abs(float((in_dtype * exact).sum() / (exact * exact).sum()) - 1) > 3 * bias
+
+
 @pytest.mark.parametrize("method, weights, params, message", [
     ("nuslerp", [1, 1, 1], {}, "nuslerp interpolates between exactly two adapters (got 3)"),
     ("nuslerp", [1], {}, "nuslerp interpolates between exactly two adapters (got 1)"),
