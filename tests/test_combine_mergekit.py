@@ -198,8 +198,10 @@ def test_multislerp_of_parallel_opposite_and_zero_task_vectors():
         ref.multislerp([a.modules["m"].delta(dtype=torch.float64) for a, _ in cancelling], [1.0, 1.0, 0.0])
     with pytest.raises(InvalidInputError) as info:
         combine(cancelling, "multislerp", {}, device="cpu")
-    assert str(info.value) == ("multislerp: in m the weighted mean of the task vectors' directions is zero (vectors "
-                               "that cancel out, as a and −a with equal weights): give other weights")
+    assert str(info.value) == (
+        "multislerp: in m the weighted mean of the task vectors' directions has length 0, below eps (1e-08), where "
+        "mergekit raises: directions that cancel out (a and −a with equal weights), or task vectors not much longer "
+        "than eps: give other weights, or a smaller eps")
     zeros, _ = combine([(one, 1.0), (one, 2.0), (one, 0.5)], "multislerp", {}, device="cpu")
     assert not zeros.modules["z"].delta().any() and zeros.modules["m"].delta().any()
 
@@ -323,8 +325,13 @@ def test_cli_end_to_end_with_lineage(files):
      "error: multislerp with normalize_weights divides the weights by their sum, which is 0 to rounding (5.6e-17): "
      "give other weights, or --no-normalize-weights"),
     (["{a}", "{a}:-1", "{c}:0", "-m", "multislerp", "--no-normalize-weights"],  # (found while combining)
-     "error: multislerp: in model.layers.0.self_attn.q_proj the weighted mean of the task vectors' directions is zero "
-     "(vectors that cancel out, as a and −a with equal weights): give other weights"),
+     "error: multislerp: in model.layers.0.self_attn.q_proj the weighted mean of the task vectors' directions has "
+     "length 0, below eps (1e-08), where mergekit raises: directions that cancel out (a and −a with equal weights), "
+     "or task vectors not much longer than eps: give other weights, or a smaller eps"),
+    (["{a}", "{b}", "{c}", "-m", "multislerp", "--eps", "5"],  # (o_proj: b's alone, u = τ/(‖τ‖ + 5), at weight 1/3)
+     "error: multislerp: in model.layers.0.self_attn.o_proj the weighted mean of the task vectors' directions has "
+     "length 0.071, below eps (5), where mergekit raises: directions that cancel out (a and −a with equal weights), or "
+     "task vectors not much longer than eps: give other weights, or a smaller eps"),
     (["{a}", "{b}", "-m", "nuslerp", "--row-wise"], "error: bad parameters for nuslerp: row_wise applies only with "
                                                     "flatten off (--no-flatten): a flattened module is one vector"),
     (["{a}", "{b}", "-m", "ties", "--density", "0.5", "--select-topk", "0.5"],

@@ -785,8 +785,9 @@ def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Cont
             return combination(plain, list(w), "module", rank)
         if norms.any():
             raise InvalidInputError(
-                f"multislerp: in {ctx.module} the weighted mean of the task vectors' directions is zero (vectors that "
-                "cancel out, as a and −a with equal weights): give other weights")
+                f"multislerp: in {ctx.module} the weighted mean of the task vectors' directions has length "
+                f"{size:.2g}, below eps ({eps:g}), where mergekit raises: directions that cancel out (a and −a with "
+                "equal weights), or task vectors not much longer than eps: give other weights, or a smaller eps")
         w = torch.zeros_like(w)
         size = 1.0
     coefficients = w / size * (math.cos(eps) * float(w @ norms)) * scale
