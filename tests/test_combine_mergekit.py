@@ -206,6 +206,20 @@ def test_multislerp_of_parallel_opposite_and_zero_task_vectors():
     assert not zeros.modules["z"].delta().any() and zeros.modules["m"].delta().any()
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_multislerp_of_opposite_task_vectors_takes_mergekits_fallback(seed):
+    """τ and −2.5τ at equal weights: their directions differ by eps only, ‖Σ wᵢuᵢ‖ ≈ 2e-9 < eps, and mergekit falls
+    back to Σ wᵢτᵢ = −0.75τ. From the Gram matrix that length came out ~1e-8, on the other side of eps at seed 5: the
+    result was the rounding of a sum that cancels, divided by it (norm 42 for 1.35, float32)."""
+    a = lora_adapter({"m": (48, 80)}, rank=8, seed=seed)
+    inputs = [(a, 0.7), (scaled(a, -2.5), 0.7)]
+    tau = a.modules["m"].delta(dtype=torch.float64)
+    torch.testing.assert_close(ref.multislerp([tau, -2.5 * tau], [0.7, 0.7]), -0.75 * tau)
+    for precise in (False, True):
+        result, _ = combine(inputs, "multislerp", {}, device="cpu", precise=precise)
+        torch.testing.assert_close(result.modules["m"].delta(dtype=torch.float64), -0.75 * tau, rtol=1e-5, atol=1e-6)
+
+
 def test_multislerp_at_eps_zero_takes_the_limit_where_mergekit_divides_zero_by_zero():
     """eps 0 and a module one of three adapters lacks: mergekit's direction of its zero task vector is 0/0 (the module
     NaN); loraops' is the limit eps → 0, direction 0 (its weight still counted)."""
