@@ -777,9 +777,9 @@ def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Cont
     m = Σ wᵢuᵢ/‖Σ wᵢuᵢ‖ at the weighted mean norm Σ wᵢ‖τᵢ‖, times cos(eps). mergekit then maps the weighted tangents
     t = Σ wᵢ(uᵢ − ⟨uᵢ, m⟩·m) back by the exponential map, m·cos(‖t‖ + eps) + t·sin(‖t‖ + eps)/(‖t‖ + eps); but
     t = Σ wᵢuᵢ − ⟨Σ wᵢuᵢ, m⟩·m = 0 by construction (its float rounding aside), which leaves m·cos(eps). The result is
-    Σ cᵢτᵢ, its coefficients from the norms ‖τᵢ‖ and ‖Σ wᵢuᵢ‖ (norm_of_sum) of the factors in float64. Where ‖Σ wᵢuᵢ‖ < eps (or is 0):
-    two inputs give mergekit's fallback Σ wᵢτᵢ; more are refused as mergekit does, unless every τᵢ is zero (then the
-    mean norm is 0, and so the result)."""
+    Σ cᵢτᵢ, its coefficients from the norms ‖τᵢ‖ and ‖Σ wᵢuᵢ‖ (norm_of_sum) of the factors in float64. Where
+    ‖Σ wᵢuᵢ‖ < eps (or is 0): two inputs give mergekit's fallback Σ wᵢτᵢ; more are refused as mergekit does, unless
+    every τᵢ is zero (then the mean norm is 0, and so the result)."""
     plain = [replace(term, weight=1.0) for term in terms]
     norms = torch.stack([inner_products(t, t, "module") for t in plain]).clamp(min=0).sqrt()
     w = torch.tensor([t.weight for t in terms], dtype=torch.float64, device=norms.device)
