@@ -80,7 +80,9 @@ def param(doc, entry, key, default):
 
 
 def sce(deltas, select_topk):
-    """SCETask.execute minus the base."""
+    """SCETask.execute (mergekit 2024's sce.py) minus the base. mergekit 2025's sce_merge differs only by absolute
+    thresholds loraops does not follow (docs/algebra.md: uniform coefficients where Σ mean(τ²) < 1e-6, divisor
+    clamped at 1e-6), which these task vectors (mean squares near 1e-2) never reach."""
     deltas = torch.stack(deltas)
     if select_topk < 1:
         variance = torch.var(deltas, dim=0, unbiased=False)
