@@ -349,6 +349,8 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
             refuse) -> tuple[str, list[float]]:
     """combine's method and weights for mergekit's ``name``, ``params`` turned into combine's in place;
     ``base_weight``: linear's weight of the base, which counts in Σw."""
+    from .ops.combine import zero_sum  # (here: reading a recipe needs no torch until this point)
+
     if name in ELEMENT_WISE:
         rescale = params.pop("rescale", name in DIVIDES_BY_DEFAULT)
         if rescale:
@@ -361,18 +363,18 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
         factor = float(params.pop("lambda", 1.0))
         total = sum(weights) + base_weight
         if normalize:
-            if name == "linear" and total == 0:
-                raise refuse("linear with normalize divides by the sum of the weights, which is 0")
-            if abs(total) >= 1e-8:  # mergekit's task_arithmetic leaves a sum below 1e-8 undivided
+            if name == "linear" and (zero := zero_sum([*weights, base_weight])):
+                raise refuse(f"linear with normalize divides by the sum of the weights, which is {zero}")
+            if name == "linear" or abs(total) >= 1e-8:  # mergekit's task_arithmetic leaves a sum below 1e-8 undivided
                 factor /= total
         elif name == "linear" and abs(total - 1) > 1e-9:
             raise refuse(f"linear without normalize sums whole models (Σw·base + Σwτ), a task vector over the base "
                          f"only when the weights sum to 1 (they sum to {total:g})")
         return "linear", [w * factor for w in weights]
-    if name == "multislerp" and params.get("normalize_weights", True) and not sum(weights):
+    if name == "multislerp" and params.get("normalize_weights", True) and (zero := zero_sum(weights)):
         # combine's own refusal points at --no-normalize-weights, which is refused beside --recipe
-        raise refuse("multislerp with normalize_weights divides the weights by their sum, which is 0: give other "
-                     "weights, or normalize_weights: false")
+        raise refuse(f"multislerp with normalize_weights divides the weights by their sum, which is {zero}: give "
+                     "other weights, or normalize_weights: false")
     if name == "nuslerp" and params.get("flatten", True):
         params.pop("row_wise", None)  # mergekit flattens before it looks at row_wise (combine refuses the pair)
     return name, weights

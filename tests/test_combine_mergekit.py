@@ -198,10 +198,26 @@ def test_multislerp_of_parallel_opposite_and_zero_task_vectors():
         ref.multislerp([a.modules["m"].delta(dtype=torch.float64) for a, _ in cancelling], [1.0, 1.0, 0.0])
     with pytest.raises(InvalidInputError) as info:
         combine(cancelling, "multislerp", {}, device="cpu")
-    assert str(info.value) == ("multislerp: in m the weighted mean of the task vectors' directions is zero (vectors "
-                               "that cancel out, as a and −a with equal weights): give other weights")
+    assert str(info.value) == (
+        "multislerp: in m the weighted mean of the task vectors' directions has length 0, below eps (1e-08), where "
+        "mergekit raises: directions that cancel out (a and −a with equal weights), or task vectors not much longer "
+        "than eps: give other weights, or a smaller eps")
     zeros, _ = combine([(one, 1.0), (one, 2.0), (one, 0.5)], "multislerp", {}, device="cpu")
     assert not zeros.modules["z"].delta().any() and zeros.modules["m"].delta().any()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_multislerp_of_opposite_task_vectors_takes_mergekits_fallback(seed):
+    """τ and −2.5τ at equal weights: their directions differ by eps only, ‖Σ wᵢuᵢ‖ ≈ 2e-9 < eps, and mergekit falls
+    back to Σ wᵢτᵢ = −0.75τ. From the Gram matrix that length came out ~1e-8, on the other side of eps at seed 5: the
+    result was the rounding of a sum that cancels, divided by it (norm 42 for 1.35, float32)."""
+    a = lora_adapter({"m": (48, 80)}, rank=8, seed=seed)
+    inputs = [(a, 0.7), (scaled(a, -2.5), 0.7)]
+    tau = a.modules["m"].delta(dtype=torch.float64)
+    torch.testing.assert_close(ref.multislerp([tau, -2.5 * tau], [0.7, 0.7]), -0.75 * tau)
+    for precise in (False, True):
+        result, _ = combine(inputs, "multislerp", {}, device="cpu", precise=precise)
+        torch.testing.assert_close(result.modules["m"].delta(dtype=torch.float64), -0.75 * tau, rtol=1e-5, atol=1e-6)
 
 
 def test_multislerp_at_eps_zero_takes_the_limit_where_mergekit_divides_zero_by_zero():
@@ -216,6 +232,29 @@ def test_multislerp_at_eps_zero_takes_the_limit_where_mergekit_divides_zero_by_z
     limit = ref.multislerp([taus[0], taus[1], taus[1]], [1.0, 2.0, 0.5], eps=1e-300)
     torch.testing.assert_close(limit, taus[0] / 3.5)
     torch.testing.assert_close(result.modules["o"].delta(dtype=torch.float64), limit, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, bound, bias", [(torch.bfloat16, 3e-3, 5e-4), (torch.float16, 4e-4, 5e-5)])
+def test_multislerp_of_half_precision_adapters_takes_its_weights_in_float64(dtype, bound, bias):
+    """mergekit builds the weights in the tensors' dtype: in bfloat16, 1/3 is 0.333984375 and the normalized weights
+    sum to 1.00195, the whole module ~2⁻⁹ too long (float16: 2⁻¹²), a bias about as large as rounding the exact
+    result to that dtype once. loraops takes the weights in float64: its half-precision adapter is within about two
+    such roundings of the float64 reference on the same inputs, without a bias of the module's length (the
+    projection of its delta on the reference's)."""
+    adapters = [lora_adapter({"m": (64, 96)}, rank=8, seed=s, dtype=dtype) for s in (1, 2, 3)]
+    taus = [a.modules["m"].delta(dtype=torch.float64) for a in adapters]
+    for weights in ([1.0, 1.0, 1.0], [0.7, -0.2, 0.5], [1.0, 2.0, 0.5]):
+        exact = ref.multislerp(taus, weights)
+        rounded = torch.tensor(weights, dtype=dtype)
+        in_dtype = ref.multislerp(taus, (rounded / rounded.sum()).double().tolist(), normalize_weights=False)
+        for precise in (False, True):
+            result, _ = combine(list(zip(adapters, weights)), "multislerp", {}, device="cpu", precise=precise)
+            got = result.modules["m"].delta(dtype=torch.float64)
+            assert result.modules["m"].B.dtype == dtype
+            assert float((got - exact).norm()) <= bound * float(exact.norm()), (weights, precise)
+            assert abs(float((got * exact).sum() / (exact * exact).sum()) - 1) <= bias, (weights, precise)
+        if weights == [1.0, 1.0, 1.0]:  # (mergekit's weights: the bias this test would catch)
+            assert abs(float((in_dtype * exact).sum() / (exact * exact).sum()) - 1) > 3 * bias
 
 
 @pytest.mark.parametrize("method, weights, params, message", [
@@ -296,9 +335,17 @@ def test_cli_end_to_end_with_lineage(files):
                                   "task vector unchanged, whatever its weight"),
     (["{a}", "{b}:-1", "-m", "multislerp"], "error: multislerp with normalize_weights divides the weights by their "
                                             "sum, which is 0: give other weights, or --no-normalize-weights"),
+    (["{a}:0.1", "{b}:0.2", "{c}:-0.3", "-m", "multislerp"],  # (Σw = 5.6e-17: each weight ÷ it ~1e16)
+     "error: multislerp with normalize_weights divides the weights by their sum, which is 0 to rounding (5.6e-17): "
+     "give other weights, or --no-normalize-weights"),
     (["{a}", "{a}:-1", "{c}:0", "-m", "multislerp", "--no-normalize-weights"],  # (found while combining)
-     "error: multislerp: in model.layers.0.self_attn.q_proj the weighted mean of the task vectors' directions is zero "
-     "(vectors that cancel out, as a and −a with equal weights): give other weights"),
+     "error: multislerp: in model.layers.0.self_attn.q_proj the weighted mean of the task vectors' directions has "
+     "length 0, below eps (1e-08), where mergekit raises: directions that cancel out (a and −a with equal weights), "
+     "or task vectors not much longer than eps: give other weights, or a smaller eps"),
+    (["{a}", "{b}", "{c}", "-m", "multislerp", "--eps", "5"],  # (o_proj: b's alone, u = τ/(‖τ‖ + 5), at weight 1/3)
+     "error: multislerp: in model.layers.0.self_attn.o_proj the weighted mean of the task vectors' directions has "
+     "length 0.071, below eps (5), where mergekit raises: directions that cancel out (a and −a with equal weights), or "
+     "task vectors not much longer than eps: give other weights, or a smaller eps"),
     (["{a}", "{b}", "-m", "nuslerp", "--row-wise"], "error: bad parameters for nuslerp: row_wise applies only with "
                                                     "flatten off (--no-flatten): a flattened module is one vector"),
     (["{a}", "{b}", "-m", "ties", "--density", "0.5", "--select-topk", "0.5"],

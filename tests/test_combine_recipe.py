@@ -80,6 +80,8 @@ def test_a_model_kept_whole_takes_any_gamma_or_epsilon():
      [("a", 0.25), ("b", 0.25)]),  # mergekit's linear averages the listed base in: a zero task vector
     (recipe("linear", ("a", {"weight": 0.25}), ("b", {"weight": 0.75}), parameters={"normalize": False}),
      [("a", 0.25), ("b", 0.75)]),
+    (recipe("linear", ("a", {"weight": 1}), ("b", {"weight": -0.999999999})),  # (Σw ≈ 1e-9: mergekit's linear
+     [("a", 1 / (1 - 0.999999999)), ("b", -0.999999999 / (1 - 0.999999999))]),  # divides, only task_arithmetic not)
 ])
 def test_weighted_sums_fold_lambda_and_normalize_into_the_weights(doc, inputs):
     read = parse_recipe(doc)
@@ -146,6 +148,10 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
                                                                    {"model": "c", "parameters": {"weight": -1}}]},
      "r: multislerp with normalize_weights divides the weights by their sum, which is 0: give other weights, or "
      "normalize_weights: false"),
+    ({"merge_method": "multislerp", "base_model": "b",
+      "models": [{"model": m, "parameters": {"weight": w}} for m, w in (("a", 0.1), ("c", 0.2), ("d", -0.3))]},
+     "r: multislerp with normalize_weights divides the weights by their sum, which is 0 to rounding (5.6e-17): give "
+     "other weights, or normalize_weights: false"),
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "r: models[1].parameters: model_stock takes no per-model 'weight'"),
     ({"merge_method": "linear", "parameters": {"normalize": False},
@@ -155,6 +161,9 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
                                            {"model": "b", "parameters": {"weight": -1}}]},
      "r: linear with normalize divides by the sum of the weights, which is 0"),
+    ({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": w}}
+                                           for m, w in (("a", 0.1), ("c", 0.2), ("d", -0.3))]},
+     "r: linear with normalize divides by the sum of the weights, which is 0 to rounding (5.6e-17)"),
     ({"merge_method": "linear", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}},
                                                              {"model": "b"}]},
      "r: models[2] (the base_model) has no weight: mergekit's linear averages it in and requires one"),

@@ -668,6 +668,15 @@ def combination(terms: list[Term], coefficients: list[torch.Tensor], vectors: Ve
     return refactor_product(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rank)
 
 
+def norm_of_sum(terms: list[Term], coefficients: torch.Tensor) -> float:
+    """‖Σ cᵢτᵢ‖ in float64 from the cat factors, as ‖R_B·R_Aᵀ‖ with B = Q_B·R_B and Aᵀ = Q_A·R_A: exact to float64's
+    rounding of the largest ‖cᵢτᵢ‖. √(cᵀGc) from the Gram matrix G = ⟨τᵢ, τⱼ⟩ rounds cᵀGc to that, so where the τᵢ
+    cancel it is ~1e-8 of them, not ~1e-16 (and multislerp's test against eps = 1e-8 fell on the wrong side)."""
+    B = torch.cat([t.B.double() * (float(c) * t.scale * t.weight) for t, c in zip(terms, coefficients)], dim=1)
+    A = torch.cat([t.A.double() for t in terms], dim=0)
+    return float(torch.linalg.norm(torch.linalg.qr(B, mode="r").R @ torch.linalg.qr(A.T, mode="r").R.T))
+
+
 def exactly_two(method: str, weights: Sequence[float], params: Params) -> None:
     if len(weights) != 2:
         raise InvalidInputError(f"{method} interpolates between exactly two adapters (got {len(weights)})")
@@ -743,13 +752,23 @@ class MultislerpParams(CombineParams):
         "than it has no direction"))
 
 
+def zero_sum(weights: Sequence[float]) -> str:
+    """'0', or '0 to rounding (Σw)' where Σw is within the rounding of adding the weights up (n·2⁻⁵²·Σ|wᵢ|), as
+    0.1 + 0.2 − 0.3 = 5.6e-17: weights divided by it are ~1e16, the result ~1e16 times too long (mergekit's float32
+    sum is 0 there: NaN); '' where Σw is not 0."""
+    total = sum(weights)
+    if not total:
+        return "0"
+    return f"0 to rounding ({total:.2g})" if abs(total) <= len(weights) * 2 ** -52 * sum(map(abs, weights)) else ""
+
+
 def multislerp_weights(method: str, weights: Sequence[float], params: MultislerpParams) -> None:
     if len(weights) < 2:
         raise InvalidInputError(f"{method} needs at least two adapters (got {len(weights)}): of one, mergekit returns "
                                 "its task vector unchanged, whatever its weight")
-    if params.normalize_weights and not sum(weights):
-        raise InvalidInputError(f"{method} with normalize_weights divides the weights by their sum, which is 0: give "
-                                "other weights, or --no-normalize-weights")
+    if params.normalize_weights and (zero := zero_sum(weights)):
+        raise InvalidInputError(f"{method} with normalize_weights divides the weights by their sum, which is {zero}: "
+                                "give other weights, or --no-normalize-weights")
 
 
 def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Context) -> Refactored:
@@ -758,25 +777,27 @@ def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Cont
     m = Σ wᵢuᵢ/‖Σ wᵢuᵢ‖ at the weighted mean norm Σ wᵢ‖τᵢ‖, times cos(eps). mergekit then maps the weighted tangents
     t = Σ wᵢ(uᵢ − ⟨uᵢ, m⟩·m) back by the exponential map, m·cos(‖t‖ + eps) + t·sin(‖t‖ + eps)/(‖t‖ + eps); but
     t = Σ wᵢuᵢ − ⟨Σ wᵢuᵢ, m⟩·m = 0 by construction (its float rounding aside), which leaves m·cos(eps). The result is
-    Σ cᵢτᵢ, its coefficients from the Gram matrix ⟨τᵢ, τⱼ⟩ of the factors in float64. Where ‖Σ wᵢuᵢ‖ < eps (or is 0):
-    two inputs give mergekit's fallback Σ wᵢτᵢ; more are refused as mergekit does, unless every τᵢ is zero (then the
-    mean norm is 0, and so the result)."""
+    Σ cᵢτᵢ, its coefficients from the norms ‖τᵢ‖ and ‖Σ wᵢuᵢ‖ (norm_of_sum) of the factors in float64. Where
+    ‖Σ wᵢuᵢ‖ < eps (or is 0): two inputs give mergekit's fallback Σ wᵢτᵢ; more are refused as mergekit does, unless
+    every τᵢ is zero (then the mean norm is 0, and so the result)."""
     plain = [replace(term, weight=1.0) for term in terms]
-    gram = torch.stack([torch.stack([inner_products(a, b, "module") for b in plain]) for a in plain])
-    norms = gram.diagonal().clamp(min=0).sqrt()
-    w = torch.tensor([t.weight for t in terms], dtype=torch.float64, device=gram.device)
+    norms = torch.stack([inner_products(t, t, "module") for t in plain]).clamp(min=0).sqrt()
+    w = torch.tensor([t.weight for t in terms], dtype=torch.float64, device=norms.device)
     if params.normalize_weights:
         w = w / w.sum()
     eps = params.eps
     scale = torch.where(norms + eps > 0, 1 / (norms + eps), 0)  # uᵢ = scaleᵢ·τᵢ (a zero τᵢ at eps 0: uᵢ = 0)
-    size = math.sqrt(max(float(w @ (gram * scale[:, None] * scale[None, :]) @ w), 0.0))  # ‖Σ wᵢuᵢ‖
+    size = norm_of_sum(plain, w * scale)  # ‖Σ wᵢuᵢ‖
+    if size <= 2 ** -48 * float((w.abs() * scale * norms).sum()):  # (0 to norm_of_sum's rounding: a − a)
+        size = 0.0
     if size < eps or not size:
         if len(terms) == 2:
             return combination(plain, list(w), "module", rank)
         if norms.any():
             raise InvalidInputError(
-                f"multislerp: in {ctx.module} the weighted mean of the task vectors' directions is zero (vectors that "
-                "cancel out, as a and −a with equal weights): give other weights")
+                f"multislerp: in {ctx.module} the weighted mean of the task vectors' directions has length "
+                f"{size:.2g}, below eps ({eps:g}), where mergekit raises: directions that cancel out (a and −a with "
+                "equal weights), or task vectors not much longer than eps: give other weights, or a smaller eps")
         w = torch.zeros_like(w)
         size = 1.0
     coefficients = w / size * (math.cos(eps) * float(w @ norms)) * scale
