@@ -468,3 +468,12 @@ def test_a_name_asked_for_an_adapter_already_registered_is_said_not_used(files, 
     code, out = run("resize", a, "--rank", 2, "--name", "tiny-a")
     assert out.splitlines()[-1].endswith("; not registered again as 'tiny-a': one record per adapter, under its first name"), out
 
+
+def test_a_result_that_fits_no_base_is_named_in_the_error_not_its_scratch_folder(files, reg, tmp_path):
+    """Without -o, a combination that fits no base was said of the store's scratch folder
+    (`error: …/blobs/.loraops-tmp-scratch-…/adapter: 2 modules do not fit base tiny`): the result's name now."""
+    narrow = peft_adapter(tiny_llama(tmp_path / "narrow", hidden=32, intermediate=64), tmp_path / "n", r=2,
+                          target_modules=["o_proj"])
+    code, out = run("combine", files["a"], narrow, "--method", "cat", "--name", "a-and-n")
+    assert code == 2
+    assert out.startswith("error: a-and-n: ") and "do not fit base tiny" in out and ".loraops-tmp" not in out, out
