@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import settings
-from .errors import FormatError, InvalidInputError, NotFoundError
+from .errors import FormatError, InvalidInputError, LoraopsError, NotFoundError
 from .fsutil import Prefetcher, chunks, read_json, read_model_config
 from .st import Header, TensorInfo, read_header
 
@@ -54,6 +54,20 @@ class Part:
     index_file: Path | None = None
 
 
+def is_an_adapter(path: Path) -> bool:
+    """Is this a LoRA adapter, given as a base by mistake (`merge BASE --into ADAPTER`, `base add ADAPTER`)? The
+    formats' own detection says."""
+    from . import formats
+
+    if not (path.is_file() or path.is_dir()):  # a FIFO's header read would block: open() refuses it instead
+        return False
+    try:
+        formats.detect(path)
+    except LoraopsError:
+        return False
+    return True
+
+
 @dataclass
 class BaseModel:
     path: Path
@@ -69,6 +83,8 @@ class BaseModel:
         path = Path(path)
         if not path.exists():
             raise NotFoundError(f"{path}: no such file or folder")
+        if is_an_adapter(path):  # (its adapter_model.safetensors was read as the weights: "modules do not fit")
+            raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model")
         if path.is_file():
             if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
                 read_header(path)  # raises the pickle message
