@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -54,18 +55,25 @@ class Part:
     index_file: Path | None = None
 
 
-def is_an_adapter(path: Path) -> bool:
-    """Is this a LoRA adapter, given as a base by mistake (`merge BASE --into ADAPTER`, `base add ADAPTER`)? The
-    formats' own detection says."""
+class AdapterAsBase(InvalidInputError):
+    """A LoRA adapter given where a base model goes (arguments swapped: `merge BASE --into ADAPTER`)."""
+
+
+def refuse_an_adapter(path: Path, tensors: Iterable[str]) -> None:
+    """Refuse a base whose weights, as read, are a LoRA adapter's: a file with an adapter's keys, or a folder the
+    formats take for an adapter (adapter_config.json, adapter_model.safetensors) whose weights were its factors.
+    Not a model folder that keeps an adapter_config.json beside its own weights (a merged upload), nor one that
+    stores LoRA tensors among its own (Phi-4-multimodal): their weights are what they are."""
     from . import formats
 
-    if not (path.is_file() or path.is_dir()):  # a FIFO's header read would block: open() refuses it instead
-        return False
-    try:
-        formats.detect(path)
-    except LoraopsError:
-        return False
-    return True
+    if formats.key_layout(tensors) is None:
+        return
+    if path.is_dir():
+        try:
+            formats.detect(path)
+        except LoraopsError:
+            return
+    raise AdapterAsBase(f"{path}: this is a LoRA adapter, not a base model")
 
 
 @dataclass
@@ -83,8 +91,6 @@ class BaseModel:
         path = Path(path)
         if not path.exists():
             raise NotFoundError(f"{path}: no such file or folder")
-        if is_an_adapter(path):  # (its adapter_model.safetensors was read as the weights: "modules do not fit")
-            raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model")
         if path.is_file():
             if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
                 read_header(path)  # raises the pickle message
@@ -109,6 +115,7 @@ class BaseModel:
                 _check_index(part, headers)
         if not tensors:
             raise FormatError(f"{path}: holds no tensors")
+        refuse_an_adapter(path, tensors)  # (else its factors were read as the weights: "modules do not fit")
         return cls(path=path, parts=parts, tensors=tensors, headers=headers)
 
     def prefetch(self) -> None:

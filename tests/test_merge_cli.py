@@ -432,3 +432,22 @@ def test_an_adapter_given_as_the_base_is_said_to_be_one(tmp_path, models):
         assert run("check", a, "--base", adapter_as_base, code=2).output == said
         assert run("extract", "--base", base, "--tuned", adapter_as_base, "--rank", 2, code=2).output == said
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_folder_that_keeps_an_adapter_beside_its_weights_is_a_base(tmp_path, models):
+    """A merged model uploaded with the adapter it was made from left beside its weights (adapter_config.json,
+    adapter_model.safetensors next to model-0000x-of-0000y.safetensors) is a base: its weights are the model's. The
+    adapter check refused it as an adapter by its file names alone, where merge and check had read it."""
+    import shutil
+
+    base, a, b = models
+    kept = tmp_path / "merged-upload"
+    shutil.copytree(base, kept)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(b / name, kept / name)
+    run("check", a, "--base", kept)
+    run("merge", a, "--into", kept, "-o", tmp_path / "kept", "--no-record")
+    run("merge", a, "--into", base, "-o", tmp_path / "plain", "--no-record")
+    (tmp_path / "kept" / "adapter_model.safetensors").unlink()  # (copied with the model's other files)
+    kept, plain = tensors(tmp_path / "kept"), tensors(tmp_path / "plain")
+    assert kept.keys() == plain.keys() and all(torch.equal(kept[k], v) for k, v in plain.items())

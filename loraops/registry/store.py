@@ -211,14 +211,14 @@ class Registry:
         The same tensors added again (by fingerprint) return the existing record, whatever the name; its path is
         updated when the old one is gone. A name used by another model is refused. ``lineage`` marks a derived
         base (a merge) and says how it was made. Returns (record, whether it is new)."""
-        from ..basemodel import BaseModel, is_an_adapter
+        from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
         refuse_unrecordable(Path(path).resolve())
-        if is_an_adapter(Path(path)):
-            raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model; register it with "
-                                    f"`loraops register {path}`")
-        model = BaseModel.open(path)
+        try:
+            model = BaseModel.open(path)
+        except AdapterAsBase as exc:
+            raise InvalidInputError(f"{exc}; register it with `loraops register {path}`") from None
         fingerprint = model.fingerprint(progress=progress)
         name = check_name(default_name(Path(path)) if name is None else name, "base")
         where = str(Path(path).resolve())
