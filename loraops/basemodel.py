@@ -20,12 +20,13 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import settings
-from .errors import FormatError, HubError, InvalidInputError, NotFoundError
+from .errors import FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
 from .fsutil import Prefetcher, chunks, read_json, read_model_config
 from .st import Header, TensorInfo, read_header
 
@@ -54,6 +55,27 @@ class Part:
     folder: Path | None
     files: list[Path]
     index_file: Path | None = None
+
+
+class AdapterAsBase(InvalidInputError):
+    """A LoRA adapter given where a base model goes (arguments swapped: `merge BASE --into ADAPTER`)."""
+
+
+def refuse_an_adapter(path: Path, tensors: Iterable[str]) -> None:
+    """Refuse a base whose weights, as read, are a LoRA adapter's: a file with an adapter's keys, or a folder the
+    formats take for an adapter (adapter_config.json, adapter_model.safetensors) whose weights were its factors.
+    Not a model folder that keeps an adapter_config.json beside its own weights (a merged upload), nor one that
+    stores LoRA tensors among its own (Phi-4-multimodal): their weights are what they are."""
+    from . import formats
+
+    if formats.key_layout(tensors) is None:
+        return
+    if path.is_dir():
+        try:
+            formats.detect(path)
+        except LoraopsError:
+            return
+    raise AdapterAsBase(f"{path}: this is a LoRA adapter, not a base model")
 
 
 @dataclass
@@ -95,6 +117,7 @@ class BaseModel:
                 _check_index(part, headers)
         if not tensors:
             raise FormatError(f"{path}: holds no tensors")
+        refuse_an_adapter(path, tensors)  # (else its factors were read as the weights: "modules do not fit")
         return cls(path=path, parts=parts, tensors=tensors, headers=headers)
 
     def prefetch(self) -> None:

@@ -334,8 +334,8 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
             if staged_id is None or _file_id(final) != staged_id:  # else a Ctrl-C came after it landed: it stays
                 for registration in done:
                     take_back(reg, registration)
-            if isinstance(exc, LoraopsError) and final is not None:  # said of the output asked for
-                raise reworded(exc, str(written_at), str(final)) from None
+            if isinstance(exc, LoraopsError):  # said of the output asked for, or of the result by name: never the scratch
+                raise reworded(exc, str(written_at), str(final) if final is not None else name) from None
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # (a write names no file: say which disk)
                 raise DiskSpaceError(f"{filling}: not enough free disk for the result ({exc.strerror})") from None
             raise

@@ -450,3 +450,30 @@ def test_the_commands_an_unbound_export_refusal_names_run_as_given(tmp_path, mon
         f"loraops export {shlex.quote(str(folder))} --format kohya -o {shlex.quote(str(out))} --force "
         "--base tiny-base-3"
     ], result.output
+
+
+def test_a_name_asked_for_an_adapter_already_registered_is_said_not_used(files, reg):
+    """combine / resize --name N whose result is byte for byte an adapter already registered under another name:
+    the result stays that record and the line says N was not used, as `register --name` says it (N was dropped
+    silently; `merge N` then found no adapter N)."""
+    a, b = files["a"], files["b"]
+    assert run("combine", a, b, "--method", "cat", "--name", "first")[0] == 0
+    code, out = run("combine", a, b, "--method", "cat", "--name", "second")
+    assert code == 0, out
+    assert out.splitlines()[-1].startswith("already registered as first@1 (id 3, sha256 ")
+    assert out.splitlines()[-1].endswith(
+        "base tiny; not registered again as 'second': one record per adapter, under its first name")
+    assert run("combine", a, b, "--method", "cat", "--name", "first")[1].splitlines()[-1].endswith("base tiny")
+    assert run("resize", a, "--rank", 2, "--name", "small")[0] == 0
+    code, out = run("resize", a, "--rank", 2, "--name", "tiny-a")
+    assert out.splitlines()[-1].endswith("; not registered again as 'tiny-a': one record per adapter, under its first name"), out
+
+
+def test_a_result_that_fits_no_base_is_named_in_the_error_not_its_scratch_folder(files, reg, tmp_path):
+    """Without -o, a combination that fits no base was said of the store's scratch folder
+    (`error: …/blobs/.loraops-tmp-scratch-…/adapter: 2 modules do not fit base tiny`): the result's name now."""
+    narrow = peft_adapter(tiny_llama(tmp_path / "narrow", hidden=32, intermediate=64), tmp_path / "n", r=2,
+                          target_modules=["o_proj"])
+    code, out = run("combine", files["a"], narrow, "--method", "cat", "--name", "a-and-n")
+    assert code == 2
+    assert out.startswith("error: a-and-n: ") and "do not fit base tiny" in out and ".loraops-tmp" not in out, out

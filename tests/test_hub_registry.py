@@ -984,3 +984,19 @@ def test_an_offline_pull_of_a_snapshot_link_to_a_missing_blob(fake_hub, adapters
         f"error: someone/x@{other} is not in the local Hub cache ({hub.cache_dir()}) and HF_HUB_OFFLINE=1 is set; "
         "pull it once online first\n"))
     assert not registry.list_adapters()
+
+
+def test_a_hub_base_that_keeps_its_adapter_config_merges(fake_hub, adapters, tmp_path):
+    """A merged model uploaded with the adapter_config.json it was made from: `base add hub:` reads its weights'
+    names, a model's; the download takes the small files with them, and the snapshot was then refused by merge as
+    'a LoRA adapter' for that file."""
+    import shutil
+
+    upload = tmp_path / "upload"
+    shutil.copytree(adapters["base"], upload)
+    shutil.copy(adapters["b"] / "adapter_config.json", upload / "adapter_config.json")
+    fake_hub.commit_folder("meta/tiny-merged", upload)
+    runner = CliRunner()
+    assert runner.invoke(main, ["base", "add", "hub:meta/tiny-merged", "--name", "tiny"]).exit_code == 0
+    merged = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m")])
+    assert merged.exit_code == 0, merged.output

@@ -418,3 +418,36 @@ def test_check_against_a_base_that_is_a_fifo_is_one_line(tmp_path, models):
     result = run("check", adapter, "--base", tmp_path / "pipe", code=2)
     assert result.output.strip().splitlines() == [
         f"error: {tmp_path / 'pipe'}: neither a file nor a folder (a FIFO, a socket or a device), not a base model"]
+
+
+def test_an_adapter_given_as_the_base_is_said_to_be_one(tmp_path, models):
+    """An adapter where a base goes (arguments swapped: `merge BASE --into ADAPTER`, `check A --base B`): one line
+    saying so, as `base add` says it. Its adapter_model.safetensors was read as the base's weights, and the error was
+    "6 modules do not fit base …", as if the base were a wrong model."""
+    base, a, b = models
+    kohya = kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,))})
+    for adapter_as_base in (b, kohya):
+        said = f"error: {adapter_as_base}: this is a LoRA adapter, not a base model\n"
+        assert run("merge", a, "--into", adapter_as_base, "-o", tmp_path / "o", "--no-record", code=2).output == said
+        assert run("check", a, "--base", adapter_as_base, code=2).output == said
+        assert run("extract", "--base", base, "--tuned", adapter_as_base, "--rank", 2, code=2).output == said
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_folder_that_keeps_an_adapter_beside_its_weights_is_a_base(tmp_path, models):
+    """A merged model uploaded with the adapter it was made from left beside its weights (adapter_config.json,
+    adapter_model.safetensors next to model-0000x-of-0000y.safetensors) is a base: its weights are the model's. The
+    adapter check refused it as an adapter by its file names alone, where merge and check had read it."""
+    import shutil
+
+    base, a, b = models
+    kept = tmp_path / "merged-upload"
+    shutil.copytree(base, kept)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(b / name, kept / name)
+    run("check", a, "--base", kept)
+    run("merge", a, "--into", kept, "-o", tmp_path / "kept", "--no-record")
+    run("merge", a, "--into", base, "-o", tmp_path / "plain", "--no-record")
+    (tmp_path / "kept" / "adapter_model.safetensors").unlink()  # (copied with the model's other files)
+    kept, plain = tensors(tmp_path / "kept"), tensors(tmp_path / "plain")
+    assert kept.keys() == plain.keys() and all(torch.equal(kept[k], v) for k, v in plain.items())

@@ -7,7 +7,7 @@ import click
 
 from . import FLOAT, INT
 from ..references import parse_weighted
-from .render import METHODS, echo_json, echo_table, layer_kind
+from .render import METHODS, echo_json, echo_table, layer_kind, not_again
 
 METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, "
                "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp (two adapters, "
@@ -40,11 +40,14 @@ def compute_options(fn):
     return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
 
 
-def echo_saved(result) -> None:
+def echo_saved(result, name: str | None) -> None:
+    """The result's registration line; ``name``: the --name asked for (said when an identical adapter holds
+    another, as `register` says it)."""
     record = result.adapter
     state = "registered" if result.created else "already registered as"
     click.echo(f"{state} {record.ref} (id {record.id}, sha256 {record.sha256[:12]}), base "
-               f"{record.base.name if record.base else '-'}" + (f"; wrote {result.output}" if result.output else ""))
+               f"{record.base.name if record.base else '-'}" + (f"; wrote {result.output}" if result.output else "")
+               + ("" if result.created else not_again(name, record.name, "adapter")))
 
 
 def echo_capped(report, ranks: Iterable[tuple[int, bool]], ceiling: str) -> None:
@@ -172,7 +175,7 @@ def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, re
     click.echo(f"{method}{f'({params_text})' if params_text else ''} of {inputs_text}")
     click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
     click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
-    echo_saved(result)
+    echo_saved(result, name)
 
 
 @click.command()
@@ -206,7 +209,7 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
                f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
                f"{report.precision} on {report.device}, {report.seconds:.2f} s")
     echo_capped(report, ((m.rank_after, m.spatial) for m in report.modules), "min(its rank, out, in)")
-    echo_saved(result)
+    echo_saved(result, name)
 
 
 @click.command()

@@ -93,4 +93,4 @@ def extract(base, tuned, rank, dynamic, param, max_rank, conv_rank, modules, sav
     for warning in report.warnings if fmt != "kohya" else ():
         click.echo(f"warning: {warning}", err=True)
     echo_base_changed(*report.base_changed)
-    echo_saved(result)
+    echo_saved(result, name)

@@ -211,14 +211,14 @@ class Registry:
         The same tensors added again (by fingerprint) return the existing record, whatever the name; its path is
         updated when the old one is gone. A name used by another model is refused. ``lineage`` marks a derived
         base (a merge) and says how it was made. Returns (record, whether it is new)."""
-        from ..basemodel import BaseModel
+        from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
         refuse_unrecordable(Path(path).resolve())
-        model = BaseModel.open(path)
-        if _is_an_adapter(Path(path)):
-            raise InvalidInputError(f"{path}: this is a LoRA adapter, not a base model; register it with "
-                                    f"`loraops register {path}`")
+        try:
+            model = BaseModel.open(path)
+        except AdapterAsBase as exc:
+            raise InvalidInputError(f"{exc}; register it with `loraops register {path}`") from None
         fingerprint = model.fingerprint(progress=progress)
         name = check_name(default_name(Path(path)) if name is None else name, "base")
         where = str(Path(path).resolve())
@@ -1037,17 +1037,6 @@ def module_fields(adapter: "Adapter") -> list[dict]:
              rank=m.rank or 0, alpha=m.alpha, scale=m.scale, in_features=m.in_features, out_features=m.out_features)
         for m in adapter.modules.values()
     ]
-
-
-def _is_an_adapter(path: Path) -> bool:
-    """Is this a LoRA adapter, given to `base add` by mistake? (The formats' own detection says.)"""
-    from .. import formats
-
-    try:
-        formats.detect(path)
-    except LoraopsError:
-        return False
-    return True
 
 
 def default_name(path: Path) -> str:
