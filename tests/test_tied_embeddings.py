@@ -770,7 +770,7 @@ def test_a_tied_decoder_bias_registers_with_its_base(tmp_path):
 
 
 @pytest.mark.parametrize("cls_name", sorted(c for c, t in TIED_HEAD_OF_CLASS.items() if c not in NEEDS_MORE_INPUTS and (
-    not is_head(t.head) or not t.embeddings.endswith(INPUT_EMBEDDINGS))))
+    not is_head(t.head) or not t.embeddings.endswith(INPUT_EMBEDDINGS)) and c != "FSMTForConditionalGeneration"))
 def test_a_head_only_its_class_names_stored_twice(tmp_path, cls_name):
     """A tied model saved with its head too (byte-identical), a head or embeddings only TIED_HEAD_OF_CLASS names
     (XLNet's lm_loss and word_embedding, ModernBERT's decoder and tok_embeddings, RWKV's head, …): a LoRA on the
