@@ -106,3 +106,31 @@ def test_trainable_tokens_on_whispers_decoder_embeddings(tmp_path, targets):
     keeps it tied (they were refused); beside a LoRA on proj_out, the head is untied with the tokens' rows in too."""
     cls = tiny(tmp_path / "base")
     merged(tmp_path, cls, adapted_model(tmp_path, cls, targets, tokens=True), untied=targets is not None)
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "proj_out"]])
+def test_a_saved_copy_of_whispers_decoder_embeddings_unties_proj_out(tmp_path, targets):
+    """modules_to_save=["embed_tokens"] (a trained full copy of the decoder's lookup): PEFT's head reads the base
+    weight, so proj_out is written as the base's embeddings (plus its own LoRA), untied (was refused)."""
+    from peft import LoraConfig, get_peft_model
+
+    cls = tiny(tmp_path / "base")
+    torch.manual_seed(1)
+    adapted = get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, modules_to_save=["embed_tokens"]))
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter))
+    adapted.eval().save_pretrained(tmp_path / "a")
+    merged(tmp_path, cls, adapted, untied=True)
+
+
+def test_subtracting_an_untied_whisper_merge_gives_the_base_back(tmp_path):
+    """The untied merge's proj_out is the base's (or carries its own LoRA): subtracting the adapter leaves a model that
+    computes the base's logits (untied: tie_word_embeddings stays false)."""
+    cls = tiny(tmp_path / "base")
+    merged(tmp_path, cls, adapted_model(tmp_path, cls, ["q_proj", "decoder.embed_tokens", "proj_out"]), untied=True)
+    engine.subtract(tmp_path / "out", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "back", progress=False)
+    torch.testing.assert_close(logits(cls.from_pretrained(tmp_path / "back")),
+                               logits(cls.from_pretrained(tmp_path / "base")), atol=1e-5, rtol=1e-5)
