@@ -227,6 +227,9 @@ TIED_HEAD_OF_CLASS: dict[str, TiedHead] = {
     "XLMRobertaForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "XLMRobertaXLForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
     "XLMRobertaXLForMaskedLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
+    "FSMTForConditionalGeneration": TiedHead("model.decoder.output_projection.weight", "model.decoder.embed_tokens.weight"),
+    "WhisperForCausalLM": TiedHead("proj_out.weight", "model.decoder.embed_tokens.weight"),
+    "WhisperForConditionalGeneration": TiedHead("proj_out.weight", "model.decoder.embed_tokens.weight"),
     "XLMWithLMHeadModel": TiedHead("pred_layer.proj.weight", "transformer.embeddings.weight"),
     "XLNetLMHeadModel": TiedHead("lm_loss.weight", "transformer.word_embedding.weight"),
     "XmodForCausalLM": TiedHead("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight", bias=True),
@@ -256,9 +259,11 @@ SCALES_BY_TIE = ("t5", "umt5", "longt5", "pop2piano")
 UNTIES_SIDE_EMBEDDINGS = ("bart", "mbart", "plbart", "pegasus", "marian", "blenderbot", "blenderbot-small", "m2m_100",
                           "led", "bigbird_pegasus")
 # encoder-decoder model types a merge may untie at a config's top level only (BLIP-2 with a BART would need its
-# side embeddings written under its text model, which is not checked): those above, and mT5 (whose config forces
-# tie_word_embeddings true in transformers 5 and scales nothing: its head loads untied by its own values)
-UNTIED_AT_THE_TOP = ("mt5", *UNTIES_SIDE_EMBEDDINGS)
+# side embeddings written under its text model, which is not checked): those above, mT5 (whose config forces
+# tie_word_embeddings true in transformers 5 and scales nothing: its head loads untied by its own values), Whisper
+# (its proj_out, tied to the decoder's embed_tokens while the flag is true: tests/test_untied_whisper.py), and FSMT
+# (its output_projection and encoder's embed_tokens, tied to the decoder's: tests/test_tied_encoder_decoder.py)
+UNTIED_AT_THE_TOP = ("mt5", "whisper", "fsmt", *UNTIES_SIDE_EMBEDDINGS)
 # model types whose config transformers 5 forces to say tie_word_embeddings: true, so that the checkpoint decides
 # what is tied: a tied tensor stored with values of its own (not byte-identical to shared's) loads as a parameter of
 # its own, with a warning that they are "present in the checkpoints with different values, so we will NOT tie them"
@@ -271,6 +276,17 @@ def side_stored_apart(name: str, config: dict) -> bool:
     TIED_BY_VALUE: transformers loads it apart from shared then, as PEFT's adapted model reads a LoRA or a saved copy
     on that side (its lookup alone). BLIP-2's T5 (a text config) is not checked."""
     return config.get("model_type") in TIED_BY_VALUE and is_side_embeddings(name)
+
+
+def side_tokens_apart(name: str, config: dict) -> bool:
+    """Do trainable tokens on ``name`` (stored) change one side's lookup alone in PEFT's adapted model, where PEFT ties
+    tokens on the model's input embeddings alone to its head: one side's embed_tokens (a BART's stored as shared's
+    copy, an unshared Marian's decoder, FSMT's decoder: its encoder's are its input embeddings), not a T5's
+    (side_stored_apart), nor those the class ties its head to where no other side reads them (TIED_HEAD_OF_CLASS:
+    Whisper's decoder.embed_tokens, its input embeddings)."""
+    tied = _tied_head_of_class(config)
+    return is_side_embeddings(name) and not side_stored_apart(name, config) \
+        and (tied is None or _class_head(tied, name) is None or bool(untied_side_embeddings(name, config)))
 
 
 def _tie_flags(config: dict) -> list[dict]:
@@ -317,11 +333,11 @@ def untied(config: dict) -> dict:
 
 def can_untie(config: dict) -> bool:
     """May a model of this config.json come out with its output head untied? Not an encoder-decoder model: some
-    (Switch Transformers, UDOP) scale their decoder's output when tied, others (Whisper, ProphetNet) are not checked
+    (Switch Transformers, UDOP) scale their decoder's output when tied, others (ProphetNet) are not checked
     against transformers untied. But a T5-family one (SCALES_BY_TIE) is: untied writes its scaling, at the top level
     (T5ForConditionalGeneration) or in a composite model's text config (BLIP-2 with a T5 copies the T5's
-    is_encoder_decoder to its top); and one of UNTIED_AT_THE_TOP at the top level: mT5, BART and its kin (untied, the
-    merge writes each side's embed_tokens: untied_side_embeddings)."""
+    is_encoder_decoder to its top); and one of UNTIED_AT_THE_TOP at the top level: mT5, Whisper, BART and its kin
+    (untied, the merge writes each side's embed_tokens: untied_side_embeddings)."""
     if config.get("is_encoder_decoder") is not True or config.get("model_type") in UNTIED_AT_THE_TOP:
         return True
     return any(level.get("model_type") in SCALES_BY_TIE for level in _tie_flags(config))
@@ -330,8 +346,10 @@ def can_untie(config: dict) -> bool:
 def untied_side_embeddings(shared: str, config: dict) -> list[str]:
     """The tensors an untied model of this config.json (one of UNTIES_SIDE_EMBEDDINGS at its top level) reads as
     each side's input embeddings that transformers tied to ``shared`` (X.shared.weight) while it was tied: X.encoder.
-    and X.decoder.embed_tokens.weight, which its checkpoint must then store (as ``shared``'s values); none for
-    another model, or another tensor."""
+    and X.decoder.embed_tokens.weight, which its checkpoint must then store (as ``shared``'s values); FSMT's encoder
+    embed_tokens, tied to its decoder's (its ``shared``); none for another model, or another tensor."""
+    if config.get("model_type") == "fsmt" and names_module(shared, "decoder.embed_tokens.weight"):
+        return [shared.removesuffix("decoder.embed_tokens.weight") + "encoder.embed_tokens.weight"]
     if config.get("model_type") not in UNTIES_SIDE_EMBEDDINGS or not names_module(shared, "shared.weight"):
         return []
     return [shared.removesuffix("shared.weight") + side for side in SIDE_EMBEDDINGS]
@@ -389,7 +407,7 @@ def side_tied_head(shared: str, manifest: Mapping[str, object], config: dict) ->
 
 
 UNTIED_FAMILIES = ("T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, BART's, mBART's, PLBart's, Pegasus's, Marian's, "
-                   "Blenderbot's, Blenderbot-small's, M2M-100's, LED's and BigBird-Pegasus's")
+                   "Blenderbot's, Blenderbot-small's, M2M-100's, LED's, BigBird-Pegasus's, Whisper's and FSMT's")
 
 
 def saved_tie_refusal(adapter: Adapter, module: LoraModule, manifest: Mapping[str, object],
@@ -658,9 +676,10 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     checkpoint of the bare model's wte → lm_head); or None: the config.json names no class with an output head (a
     bare model, a classifier, or no config at all), unties it, or the head is stored. An encoder-decoder model
     loraops does not untie (can_untie) with such an unstored head raises: merged, a change of the embeddings would
-    reach the head too (Whisper's proj_out, FSMT's output_projection)."""
+    reach the head too (FSMT's output_projection in a checkpoint naming no FSMTForConditionalGeneration)."""
     if config.get("model_type") == "fsmt" and config.get("tie_word_embeddings") is True \
-            and names_module(embeddings, "decoder.embed_tokens.weight"):
+            and names_module(embeddings, "decoder.embed_tokens.weight") and _tied_head_of_class(config) is None:
+        # (a checkpoint of FSMTForConditionalGeneration is untied: TIED_HEAD_OF_CLASS, untied_side_embeddings)
         # FSMTModel ties its encoder's embed_tokens and decoder.output_projection to these, neither stored; untied,
         # it would load them as newly initialized weights (a merge writing them untied is not checked)
         raise MismatchError(
@@ -673,8 +692,8 @@ def unstored_head_of(embeddings: str, manifest: Mapping[str, object], config: di
     if not can_untie(config):
         if head is None or head in manifest:
             return None
-        # (Whisper's proj_out: merged into the embeddings, the change reached the head too, where PEFT's adapted
-        # model changes the lookup alone: logits ~170 off, unsaid)
+        # (Whisper's proj_out, before it was untied: merged into the embeddings, the change reached the head too,
+        # where PEFT's adapted model changes the lookup alone: logits ~170 off, unsaid)
         raise MismatchError(
             f"{embeddings!r} is tied to an output head the base does not store, in an "
             f"encoder-decoder model loraops does not untie (only {UNTIED_FAMILIES}): merged, the change would reach "
@@ -1454,8 +1473,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     row_mismatches = []
     for name, rows in bound.token_rows.items():
         shared = shared_embeddings_of(name, rows_shape(rows, manifest), manifest)
-        if name in manifest and is_side_embeddings(name) and config is not None \
-                and not same_rows(bound, name, shared) and not side_stored_apart(name, config(name)):
+        if name in manifest and config is not None and side_tokens_apart(name, config(name)) \
+                and not same_rows(bound, name, shared):
             unties_head(name, name)  # a side's own tokens (a BART's stored as shared's copy, an unshared Marian's
             # decoder): PEFT ties them to nothing, untied as the merge does
         if name in bound.full_tensors:  # rows PEFT copies into the layer saved whole beside them (loaded first):

@@ -63,8 +63,8 @@ from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
                     same_rows, saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice,
-                    tied_decoder_bias, tied_head_source, tied_layer_copy, side_tied_head, unstored_head_of,
-                    untie_refusal, untied, untied_side_embeddings, untied_side_source)
+                    tied_decoder_bias, tied_head_source, tied_layer_copy, side_tied_head, side_tokens_apart,
+                    unstored_head_of, untie_refusal, untied, untied_side_embeddings, untied_side_source)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
@@ -492,7 +492,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         if changed_by.get(name, set()) - {index}:
             raise InvalidInputError(f"{name!r} is replaced by one adapter (modules_to_save) and changed by another's "
                                     "LoRA; merge them separately")
-    _inherit(heads, rows, replacements, saved_layers)
+    _inherit(base, heads, rows, replacements, saved_layers)
     # (a T5's side written apart from shared keeps the config: transformers ties its sides by value)
     untied = {base.tensors[source].file for head, source in heads.items()
               if not side_stored_apart(head, base.config(source))}
@@ -534,7 +534,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             heads.update(biases)
             untied |= {base.tensors[parent].file for parent in biases.values()}
             embeddings = source or min(group - group_heads, default=None)
-            _inherit({**({name: embeddings for name in group_heads} if embeddings else {}), **biases}, rows,
+            _inherit(base, {**({name: embeddings for name in group_heads} if embeddings else {}), **biases}, rows,
                      replacements, saved_layers)  # but for what PEFT's tied weight carries
     # shared's change is each side's lookup's (check.embeddings_untied; one parameter in the adapter's model, where a
     # side is untied: written as shared's copy, or stored as one); a side's own change stays its own
@@ -542,7 +542,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
              for side in untied_side_embeddings(shared, base.config(shared)) if side in base.tensors}
     written = _untied_side_embeddings(base, untied)
     heads.update(written)
-    for side, shared in {**sides, **stored_sides, **written}.items():
+    # (FSMT's encoder lookup, written as its decoder's: that one's own change is its decoder's lookup alone)
+    for side, shared in {**sides, **stored_sides, **{s: e for s, e in written.items() if not is_side_embeddings(e)}}.items():
         if side in replacements:  # saved whole (modules_to_save): PEFT's model reads that copy, not shared's changes
             continue
         if shared in terms:
@@ -653,8 +654,8 @@ def _token_rows(adapters: list[tuple[Adapter, float]], changed_by: dict[str, set
     return rows
 
 
-def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacements: dict[str, "torch.Tensor"],
-             saved_layers: set[str]) -> None:
+def _inherit(base: BaseModel, heads: dict[str, str], rows: dict[str, list[TokenRows]],
+             replacements: dict[str, "torch.Tensor"], saved_layers: set[str]) -> None:
     """Give the untied heads (head → its embeddings) what PEFT puts into the one weight a tied model's head reads,
     where they have none of their own: the embeddings' trainable tokens (PEFT ties them to the head: its layer,
     LoRA-wrapped or not, reads the embeddings' weight with the tokens in place), and a saved layer under the
@@ -663,8 +664,9 @@ def _inherit(heads: dict[str, str], rows: dict[str, list[TokenRows]], replacemen
     wrapped apart and reads the base's weight). And an untied decoder's bias (→ the bias transformers ties it to,
     _decoder_biases) gets that bias' new value: PEFT's bias="all"/"lora_only" trains the one parameter both are."""
     for head, embeddings in heads.items():
-        # (not a side's tokens: PEFT ties them to nothing, the head reads the base's weight, as an unshared Marian's)
-        if head not in rows and embeddings in rows and not is_side_embeddings(embeddings):
+        # (not a side's tokens: PEFT ties them to nothing, the head reads the base's weight, as an unshared Marian's;
+        # but Whisper's decoder.embed_tokens are its input embeddings)
+        if head not in rows and embeddings in rows and not side_tokens_apart(embeddings, base.config(embeddings)):
             rows[head] = rows[embeddings]
         if head not in replacements and embeddings in replacements \
                 and (embeddings in saved_layers or head.endswith(".bias")):
@@ -734,8 +736,7 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
     # Untied as by a LoRA there, its head the base's copy (of shared, or of that side) without those rows
     for name, shape in sorted(wanted.items()) if not undo else ():
         if name in base.tensors and any(name in adapter.token_rows for adapter, _ in adapters) \
-                and is_side_embeddings(name) \
-                and not side_stored_apart(name, base.config(name)) \
+                and side_tokens_apart(name, base.config(name)) \
                 and (head := unstored_head_of(name, base.tensors, base.config(name))) is not None:
             heads.setdefault(head, shared_embeddings_of(name, shape, base.tensors) or name)
     heads.update(_decoder_biases(base, heads))

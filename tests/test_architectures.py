@@ -20,7 +20,6 @@ from factories import tiny_transformers
 from loraops import engine, formats
 from loraops.basemodel import BaseModel
 from loraops.check import check
-from loraops.errors import MismatchError
 
 pytestmark = pytest.mark.no_registry
 
@@ -213,24 +212,6 @@ def test_merge_computes_what_the_adapter_computes(tmp_path, family):
     assert original.keys() <= restored.keys()
     for name, tensor in original.items():
         torch.testing.assert_close(restored[name], tensor, rtol=0, atol=1e-5, msg=name)
-
-
-def test_a_lora_on_whispers_tied_proj_out_is_refused(tmp_path):
-    """Whisper ties proj_out to the decoder's embeddings; loraops does not untie encoder-decoder models."""
-    import transformers
-
-    base = tiny_transformers(tmp_path / "base", "whisper", "WhisperForConditionalGeneration", d_model=32,
-                             encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-                             encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128, num_mel_bins=8,
-                             max_source_positions=8, max_target_positions=16, pad_token_id=0,
-                             bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    peft_model_on(base, transformers.WhisperForConditionalGeneration, ["q_proj", "proj_out"]).save_pretrained(tmp_path / "a")
-    adapter = formats.read_adapter(tmp_path / "a")
-    assert check(adapter, BaseModel.open(base).tensors).tied_heads == ["proj_out"]
-    with pytest.raises(MismatchError, match=r"^'proj_out.weight' is tied to 'model.decoder.embed_tokens.weight' in an "
-                                            "encoder-decoder model"):
-        engine.merge(base, [(adapter, 1.0)], tmp_path / "out", device="cpu")
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_null_bias_in_the_config_is_peft_default(tmp_path):

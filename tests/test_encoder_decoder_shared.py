@@ -8,6 +8,7 @@ lookups and the head, as the fine-tune did."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -113,3 +114,65 @@ def test_a_trained_lora_on_shared_merges_as_the_adapted_model(tmp_path, kind):
     merged = type(model.base_model.model).from_pretrained(tmp_path / "out")
     torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5)
     assert (expected - logits(tiny(kind)[0])).abs().max() > 1e-3  # (the queries' LoRA changed something)
+
+
+def other_tiny(kind):
+    """A tiny NLLB-MoE, PegasusX, Switch Transformers or ProphetNet (saved tied: the head and each side's lookup not
+    stored); the path of the embeddings it stores."""
+    import transformers
+
+    small = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, max_position_embeddings=32,
+                 decoder_start_token_id=0)
+    torch.manual_seed(0)
+    if kind == "nllb_moe":
+        return transformers.NllbMoeForConditionalGeneration(transformers.NllbMoeConfig(
+            **small, num_experts=2, expert_capacity=4)), "model.shared"
+    if kind == "pegasus_x":
+        return transformers.PegasusXForConditionalGeneration(transformers.PegasusXConfig(
+            **small, num_global_tokens=2, block_size=4)), "model.shared"
+    if kind == "switch":
+        return transformers.SwitchTransformersForConditionalGeneration(transformers.SwitchTransformersConfig(
+            vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+            num_experts=2, expert_capacity=4, decoder_start_token_id=0)), "shared"
+    return transformers.ProphetNetForConditionalGeneration(transformers.ProphetNetConfig(
+        vocab_size=64, hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64, num_encoder_layers=1,
+        num_decoder_layers=1, num_encoder_attention_heads=4, num_decoder_attention_heads=4, max_position_embeddings=32,
+        ngram=2, num_buckets=8, relative_max_distance=16, decoder_start_token_id=0)), "prophetnet.word_embeddings"
+
+
+@pytest.mark.parametrize("kind", ["nllb_moe", "pegasus_x", "switch", "prophetnet"])
+def test_other_tied_encoder_decoder_models_merge_their_stored_embeddings_or_refuse(tmp_path, kind):
+    """Models loraops does not untie, each checked against transformers 5.24 and PEFT 0.21: a nonzero LoRA on the
+    embeddings they store (which their forward never calls: each side has its own lookup module) merges as PEFT's
+    merge_and_unload, into the one tied tensor, as T5's shared does; a LoRA on the tied head (and ProphetNet's, on
+    one side's lookup: not stored) is refused in one line, by check too."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    model, stored = other_tiny(kind)
+    model.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=rf"^{re.escape(stored)}$",
+                                               init_lora_weights=False)).eval()
+    adapted.save_pretrained(tmp_path / "a")
+    peft_merged = logits(copy.deepcopy(adapted).merge_and_unload())
+    assert (peft_merged - logits(adapted)).abs().max() > 1
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", device="cpu")
+    merged = type(model).from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(merged), peft_merged, rtol=0, atol=1e-4)
+
+    base = BaseModel.open(tmp_path / "base")
+    for targets in (["lm_head"], ["decoder.word_embeddings" if kind == "prophetnet" else "decoder.embed_tokens"]):
+        torch.manual_seed(1)
+        get_peft_model(type(model).from_pretrained(tmp_path / "base"), LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)).save_pretrained(tmp_path / "b")
+        adapter = formats.read_adapter(tmp_path / "b")
+        found = check.check(adapter, base.tensors, config=base.config)
+        assert not found.ok and len(check.misfits(found)) == 1
+        with pytest.raises(MismatchError):
+            engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "refused", device="cpu")
+        assert not (tmp_path / "refused").exists()

@@ -312,8 +312,8 @@ TIED_HEAD_LINE]
 TIED_HEAD_LINE = (
     "  lm_head: tied to the input embeddings in this base (not stored, or stored as a copy of them); a merge writes it "
     "untied (an encoder-decoder model's only where loraops unties it: T5's, UMT5's, LongT5's, Pop2Piano's, mT5's, "
-    "BART's, mBART's, PLBart's, Pegasus's, Marian's, Blenderbot's, Blenderbot-small's, M2M-100's, LED's and "
-    "BigBird-Pegasus's; a T5-family one's inside BLIP-2 or InstructBLIP too)")
+    "BART's, mBART's, PLBart's, Pegasus's, Marian's, Blenderbot's, Blenderbot-small's, M2M-100's, LED's, "
+    "BigBird-Pegasus's, Whisper's and FSMT's; a T5-family one's inside BLIP-2 or InstructBLIP too)")
 UNTIED = ("untied lm_head.weight from the input embeddings (the adapters change one without the other): written as "
           "its own tensor, config.json says tie_word_embeddings: false")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 import torch
@@ -73,15 +72,15 @@ def lora(cls, base, out, targets, **config):
     return model
 
 
-def merged_as_adapted(tmp_path, cls, adapted, moved=1e-2):
+def merged_as_adapted(tmp_path, cls, adapted, moved=1e-2, head="lm_head"):
     """Merge the adapter saved at tmp_path/a into tmp_path/base: check says the head is untied, the merge unties it,
     and the merged model loads with nothing missing and computes the adapted model's logits (``moved``: at least
     that far from the base's). Its tensors."""
     adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
     found = check.check(adapter, base.tensors, config=base.config)
-    assert found.ok and found.tied_heads == ["lm_head"], check.misfits(found)
+    assert found.ok and found.tied_heads == [head], check.misfits(found)
     report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
-    assert report.heads_untied == ["lm_head.weight"]
+    assert report.heads_untied == [f"{head}.weight"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -139,9 +138,9 @@ def test_a_lora_on_shared_and_the_head_gives_each_its_own(tmp_path):
                                base["model.shared.weight"] + model.lm_head.get_delta_weight("default"), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["whisper", "switch_transformers", "udop"])
+@pytest.mark.parametrize("model_type", ["prophetnet", "switch_transformers", "udop"])
 def test_other_encoder_decoder_models_stay_refused(tmp_path, model_type):
-    """An encoder-decoder model not checked against transformers untied (Whisper's proj_out; Switch Transformers and
+    """An encoder-decoder model not checked against transformers untied (ProphetNet; Switch Transformers and
     UDOP scale their decoder's output when tied): a LoRA on its tied head is refused, by check too, naming the
     families loraops unties."""
     from loraops.adapter import Adapter, LoraModule
@@ -789,12 +788,15 @@ def test_trainable_tokens_on_unshared_marians_decoder_leave_its_head(tmp_path, t
                            load_file(tmp_path / "base" / "model.safetensors")["model.decoder.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("tokens", [False, True])
-def test_fsmt_tied_by_tie_word_embeddings_is_refused(tmp_path, tokens):
+@pytest.mark.parametrize("targets", [["decoder.embed_tokens"], ["output_projection"], None,
+                                     ["q_proj", "decoder.embed_tokens", "output_projection"]])
+def test_fsmt_tied_by_tie_word_embeddings_is_untied(tmp_path, targets):
     """FSMT with tie_word_embeddings: true ties its encoder's embed_tokens and its output head
-    (decoder.output_projection) to decoder.embed_tokens and stores neither. A LoRA or trainable tokens there change
-    PEFT's decoder lookup alone; the merge put them into the one stored tensor (logits about 230, or 27, off the
-    adapted model). loraops does not untie FSMT: check and merge refuse, in one line."""
+    (decoder.output_projection) to decoder.embed_tokens and stores neither. A LoRA or trainable tokens (``targets``
+    None) there change PEFT's decoder lookup alone (FSMT's input embeddings are the encoder's); the merge put them
+    into the one stored tensor (logits about 230, or 34, off the adapted model), then refused them. Now untied: the
+    encoder's lookup and the head (with its own LoRA, if any) written as the decoder's base values, and
+    tie_word_embeddings: false, which transformers loads with nothing missing."""
     import transformers
 
     config = transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, tie_word_embeddings=True,
@@ -802,37 +804,10 @@ def test_fsmt_tied_by_tie_word_embeddings_is_refused(tmp_path, tokens):
     cls = transformers.FSMTForConditionalGeneration
     torch.manual_seed(0)
     cls(config).save_pretrained(tmp_path / "base")
-    why = "tied to FSMT's encoder.embed_tokens and output head (decoder.output_projection) by tie_word_embeddings"
-    if tokens:
-        _, adapter, found = tokens_checked(tmp_path, cls, "decoder.embed_tokens")
+    if targets is None:
+        adapted = tokens_checked(tmp_path, cls, "decoder.embed_tokens")[0]
     else:
-        lora(cls, tmp_path / "base", tmp_path / "a", ["decoder.embed_tokens"])
-        adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
-        found = check.check(adapter, base.tensors, config=base.config)
-    assert not found.ok and why in check.misfits(found)[0]
-    with pytest.raises(MismatchError, match=re.escape(why)):
-        engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
-
-
-def test_whisper_embeddings_tied_to_its_unstored_head_are_refused(tmp_path):
-    """Whisper ties its proj_out to decoder.embed_tokens and does not store it; loraops does not untie Whisper. A LoRA
-    on decoder.embed_tokens changes PEFT's decoder lookup alone, and the merge put it into the one stored tensor, the
-    head's too: logits ~170 off the adapted model, and check said it fit. Both refuse it now, in one line."""
-    import transformers
-
-    config = transformers.WhisperConfig(
-        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8, max_source_positions=16,
-        max_target_positions=16, pad_token_id=1, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2)
-    cls = transformers.WhisperForConditionalGeneration
-    torch.manual_seed(0)
-    cls(config).save_pretrained(tmp_path / "base")
-    lora(cls, tmp_path / "base", tmp_path / "a", ["decoder.embed_tokens"])
-    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
-    why = "is tied to an output head the base does not store, in an encoder-decoder model loraops does not untie"
-    found = check.check(adapter, base.tensors, config=base.config)
-    assert not found.ok and why in check.misfits(found)[0]
-    with pytest.raises(MismatchError, match=re.escape(why)):
-        engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+        adapted = lora(cls, tmp_path / "base", tmp_path / "a", targets)
+    written = merged_as_adapted(tmp_path, cls, adapted, moved=0.1, head="model.decoder.output_projection")
+    stored = load_file(tmp_path / "base" / "model.safetensors")
+    assert torch.equal(written["model.encoder.embed_tokens.weight"], stored["model.decoder.embed_tokens.weight"])
