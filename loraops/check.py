@@ -525,7 +525,7 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
             out[tensor] = (f"the tied head's {tensor!r}, which the base does not store, lies in a module PEFT saves "
                            f"whole (modules_to_save entry {entry!r}): PEFT saves its copy untied from the embeddings, "
                            f"and fails to load the adapter without it (a KeyError)")
-    return out | unsaved_tied_head(adapter, manifest, config)
+    return out | unsaved_tied_head(adapter, manifest, config) | differing_tied_layers(adapter, manifest, config or sides)
 
 
 def unstored_tied_tensors(manifest: Mapping[str, object], config: Callable[[str], dict] | None) -> list[str]:

@@ -1799,15 +1799,22 @@ def assert_misfit_by_config_and_manifest(adapter, base, name, why, out):
 
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("edited", [(), (EMBED,), (EMBED, "lm_head.weight")])
-def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited):
-    """save_embedding_layers=True with a LoRA elsewhere (q_proj) and no modules_to_save: PEFT saves the input
-    embeddings and the head whole (both names on a tied model) and loads them over the model's own. Equal to the
-    base they replace nothing; edited, they replace the base's as PEFT's load does."""
+@pytest.mark.parametrize("saves", [[], ["norm"]])
+def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited, saves):
+    """save_embedding_layers=True with a LoRA elsewhere (q_proj), beside no modules_to_save or one naming other
+    modules (["norm"]: the norms, trained, saved whole): PEFT saves the input embeddings and the head whole (both
+    names on a tied model) and loads them over the model's own. Equal to the base they replace nothing; edited, they
+    replace the base's as PEFT's load does (one edited on a tied base: refused, by check too)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = tiny_llama(tmp_path / "base", tie=tie, hidden=16, layers=1, intermediate=32, vocab=128)
     torch.manual_seed(1)
-    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                                         modules_to_save=saves))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
     weights = tmp_path / "a" / "adapter_model.safetensors"
     saved = load_file(weights)
@@ -1816,6 +1823,11 @@ def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited):
         saved[f"base_model.model.{name}"] = saved[f"base_model.model.{name}"] + 0.25
     save_file(saved, weights, metadata={"format": "pt"})
     if tie and len(edited) == 1:  # PEFT's load puts both into the one tied weight, the head's (read last) winning
+        from loraops.basemodel import BaseModel
+
+        model = BaseModel.open(base)
+        report = check.check(formats.read_adapter(tmp_path / "a"), model.tensors, config=model.config)
+        assert not report.ok and "PEFT's load keeps tied" in report.why_missing["lm_head.weight"]
         with pytest.raises(Exception, match="which this base ties it to and PEFT's load keeps tied"):
             engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
         return
@@ -1826,6 +1838,34 @@ def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited):
         if name in merged:
             torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("saves", [[], ["norm"]])
+def test_a_peft_rewrite_keeps_saved_embedding_layers_tied(tmp_path, saves):
+    """A tied Llama's adapter saved with save_embedding_layers=True (the embeddings and head edited alike) written
+    back as PEFT: the layers stay plain keys, not modules_to_save entries, so PEFT loads the rewrite with the head
+    still tied to the embeddings (listed, it wrapped two untied copies) and computes what the original computes."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                                         modules_to_save=saves))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    for name in (EMBED, "lm_head.weight"):
+        saved[f"base_model.model.{name}"] = saved[f"base_model.model.{name}"] + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    formats.write_adapter(formats.read_adapter(tmp_path / "a"), tmp_path / "b", "peft")
+    entries = json.loads((tmp_path / "b" / "adapter_config.json").read_text())["modules_to_save"] or []
+    assert not any(entry.endswith(("embed_tokens", "lm_head")) for entry in entries)
+    outputs = []
+    for folder in ("a", "b"):
+        inner = (loaded := PeftModel.from_pretrained(load_model(base), tmp_path / folder)).base_model.model
+        assert inner.get_output_embeddings().weight is inner.get_input_embeddings().weight
+        outputs.append(logits(loaded))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)
 
 
 SAVED_LAYER_FAMILIES = {  # (model_type, class, config, LoRA targets): the tied bases whose head merge's causal-LM rule misses
