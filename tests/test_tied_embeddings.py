@@ -1840,6 +1840,31 @@ def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited, sa
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)
 
 
+def test_check_and_register_see_an_edited_tied_copy(tmp_path):
+    """check and register --base read headers only, but the values of a file's whole tensors: a tied Llama's
+    adapter saved with save_embedding_layers=True, its embeddings edited (the head's copy not), does not fit, with
+    the merge's reason (PEFT's load keeps one tied weight, whichever it reads last), against a base folder or a
+    registered base, and is not registered to it."""
+    from peft import LoraConfig, get_peft_model
+
+    from factories import loraops_run
+
+    base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    saved[f"base_model.model.{EMBED}"] = saved[f"base_model.model.{EMBED}"] + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    why = "lm_head.weight (saved whole beside 'model.embed_tokens.weight', which this base ties it to and PEFT's load"
+    assert loraops_run("base", "add", base, "--name", "tied").returncode == 0
+    for args in (["check", tmp_path / "a", "--base", base], ["check", tmp_path / "a", "--base", "tied"],
+                 ["register", tmp_path / "a", "--base", "tied"]):
+        result = loraops_run(*args)
+        assert result.returncode != 0 and why in result.stdout + result.stderr, (args, result)
+
+
 @pytest.mark.parametrize("saves", [[], ["norm"]])
 def test_a_peft_rewrite_keeps_saved_embedding_layers_tied(tmp_path, saves):
     """A tied Llama's adapter saved with save_embedding_layers=True (the embeddings and head edited alike) written
