@@ -1979,3 +1979,29 @@ def test_a_saved_layer_head_the_base_has_none_of_is_refused(tmp_path):
     with pytest.raises(MismatchError, match=r"lm_head.weight \(not this base's head \('cls.predictions.decoder.weight'"):
         engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "roberta"])
+def test_tokens_tied_to_a_head_modules_to_save_saves_whole_are_refused_as_peft_cannot_run_them(tmp_path, family):
+    """Trainable tokens on a tied model's embeddings beside modules_to_save on the tied head (a Llama's ["lm_head"],
+    RoBERTa's ["decoder"]): PEFT ties the tokens to the head, wrapping the ModulesToSaveWrapper, and its model with
+    the adapter cannot run (a ValueError in forward). Refused by the reader with that reason, not as tensors missing
+    from the base."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if family == "llama":
+        base, cls = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128), None
+        config = dict(target_modules=["q_proj"], modules_to_save=["lm_head"], trainable_token_indices=[3, 5])
+    else:
+        base = tiny_transformers(tmp_path / "base", "roberta", "RobertaForMaskedLM", **TINY_BERT)
+        cls = transformers.RobertaForMaskedLM
+        config = dict(target_modules=["query"], modules_to_save=["decoder"],
+                      trainable_token_indices={"word_embeddings": [3, 5]})
+    load = (lambda: cls.from_pretrained(base)) if cls else (lambda: load_model(base))
+    get_peft_model(load(), LoraConfig(r=2, init_lora_weights=False, **config)).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="TrainableTokensLayer wraps an unknown layer type"):
+        PeftModel.from_pretrained(load(), tmp_path / "a")(torch.tensor([[3, 5, 7]]))
+    with pytest.raises(FormatError, match="trainable tokens tied to a module modules_to_save saves whole: PEFT's model "
+                                          "with this adapter cannot run"):
+        formats.read_adapter(tmp_path / "a")

@@ -773,6 +773,14 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     parsed.others = [key for key in parsed.others if key not in token_keys]
     lora_modules = frozenset(parsed.factors) | frozenset(products) | frozenset(lambdas)
     token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
+    if tied_tokens := [key for key in parsed.others if ".token_adapter.base_layer." in key]:
+        # (PEFT wraps the head modules_to_save saves in a TrainableTokensWrapper tied to the embeddings' tokens, whose
+        # layer then wraps the ModulesToSaveWrapper, no Embedding nor Linear: a tied Llama's ["lm_head"], RoBERTa's
+        # ["decoder"])
+        raise FormatError(f"{weights}: {common.shown(tied_tokens)}: trainable tokens tied to a module modules_to_save "
+                          f"saves whole: PEFT's model with this adapter cannot run (its forward fails: \"TrainableTokens"
+                          f"Layer wraps an unknown layer type\"), so there is no result to merge to; train the tokens "
+                          f"without that module in modules_to_save")
     wrapper_keys = wrapper_state_keys((key.removeprefix(PREFIX) for key in parsed.others), cfg)
     originals = {f"{match['owner']}.{match['param']}": PREFIX + key for key in wrapper_keys
                  if ".original_module." in key and (match := WRAPPER_STATE.match(key)) is not None}
