@@ -2005,3 +2005,31 @@ def test_tokens_tied_to_a_head_modules_to_save_saves_whole_are_refused_as_peft_c
     with pytest.raises(FormatError, match="trainable tokens tied to a module modules_to_save saves whole: PEFT's model "
                                           "with this adapter cannot run"):
         formats.read_adapter(tmp_path / "a")
+
+
+def test_a_roberta_head_ensure_weight_tying_saves_with_save_embedding_layers_merges_as_peft_loads_it(tmp_path):
+    """RoBERTa with modules_to_save=["lm_head"], ensure_weight_tying and save_embedding_layers=True: PEFT wraps the
+    output embeddings (lm_head.decoder) and the tied word embeddings, and saves the decoder's wrapper state with its
+    base layer's bias (tied to lm_head.bias) as lm_head.decoder.original_module.bias alone. That key goes into the
+    wrapped base layer, which PEFT's adapted model does not use: read as wrapper state, not refused as a tensor the
+    base lacks, and merged to PEFT's adapted model's logits."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_transformers(tmp_path / "base", "roberta", "RobertaForMaskedLM", **TINY_BERT)
+    cls = transformers.RobertaForMaskedLM
+    torch.manual_seed(1)
+    model = get_peft_model(cls.from_pretrained(base), LoraConfig(r=2, target_modules=["query"], init_lora_weights=False,
+                                                                  modules_to_save=["lm_head"], ensure_weight_tying=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    assert "base_model.model.lm_head.decoder.original_module.bias" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    ids = torch.tensor([[0, 3, 5, 7, 2]])
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a")(ids).logits
+        ours = cls.from_pretrained(tmp_path / "out")(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

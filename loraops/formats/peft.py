@@ -645,7 +645,10 @@ def wrapper_state_keys(keys: Iterable[str], cfg: ScaleConfig | None) -> set[str]
     keys = set(keys)
     return {key for key in keys if (match := WRAPPER_STATE.match(key)) is not None and cfg is not None
             and (cfg.saves(match["owner"]) or cfg.ensure_weight_tying and bool(cfg.modules_to_save))
-            and f"{match['owner']}.{match['param']}" in keys}
+            and (f"{match['owner']}.{match['param']}" in keys
+                 # (the base layer's tied bias, RoBERTa's decoder's, is saved as the original's state alone: the
+                 # wrapped copy's, deep-copied from the base, is no parameter PEFT saves)
+                 or ".original_module." in key and f"{match['owner']}.weight" in keys)}
 
 
 def saved_beside_wrapper(key: str, wrapper_keys: set[str]) -> str | None:
