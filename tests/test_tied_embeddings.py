@@ -2033,3 +2033,58 @@ def test_a_roberta_head_ensure_weight_tying_saves_with_save_embedding_layers_mer
         theirs = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a")(ids).logits
         ours = cls.from_pretrained(tmp_path / "out")(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def saved_layers_edited(base, folder, targets, edited):
+    """A LoRA on ``targets`` saved with save_embedding_layers=True, the saved layers under the LoRAs of ``edited``
+    (tensor names) moved by 0.25: the file's tensors."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(folder, save_embedding_layers=True)
+    saved = load_file(folder / "adapter_model.safetensors")
+    for name in edited:
+        key = f"base_model.model.{name.removesuffix('.weight')}.base_layer.weight"
+        saved[key] = saved[key] + 0.25
+    save_file(saved, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return saved
+
+
+@pytest.mark.parametrize("stored_twice", [False, True])
+def test_an_edited_saved_layer_under_the_heads_lora_reaches_the_tied_embeddings(tmp_path, stored_twice):
+    """A tied Llama with a LoRA on lm_head saved with save_embedding_layers=True: PEFT saves the head's layer
+    (lm_head.base_layer.weight) and loads it into the one weight the head and the embeddings share, so an edited one
+    changes the embeddings too (the head read last). Merged so (was: the head alone, the logits far off)."""
+    from peft import PeftModel
+
+    base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
+    if stored_twice:
+        state = load_file(base / "model.safetensors")
+        save_file({**state, "lm_head.weight": state[EMBED].clone()}, str(base / "model.safetensors"),
+                  metadata={"format": "pt"})
+    saved = saved_layers_edited(base, tmp_path / "a", ["q_proj", "lm_head"], ["lm_head.weight"])
+    key = "base_model.model.lm_head.base_layer.weight"
+    reference = PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    inner = reference.base_model.model
+    torch.testing.assert_close(inner.model.embed_tokens.weight, saved[key], atol=0, rtol=0)
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    torch.testing.assert_close(tensors(tmp_path / "out")[EMBED], saved[key], atol=0, rtol=0)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edited", [(EMBED,), ("lm_head.weight",)])
+def test_edited_saved_layers_under_loras_on_tied_embeddings_and_head_are_refused(tmp_path, edited):
+    """A tied Llama with LoRAs on embed_tokens and lm_head saved with save_embedding_layers=True: PEFT saves both
+    layers (one tied weight) and its load keeps whichever it reads last. One edited: refused by check and merge, as
+    beside no LoRA (was: check fitted it and the merge wrote the two apart, its logits off PEFT's)."""
+    from loraops.basemodel import BaseModel
+
+    base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
+    saved_layers_edited(base, tmp_path / "a", ["q_proj", "embed_tokens", "lm_head"], edited)
+    model = BaseModel.open(base)
+    report = check.check(formats.read_for_fit(tmp_path / "a"), model.tensors, config=model.config)
+    assert not report.ok and "PEFT's load keeps tied" in report.why_missing["lm_head.weight"]
+    with pytest.raises(MismatchError, match="which this base ties it to and PEFT's load keeps tied"):
+        engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
