@@ -776,10 +776,11 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     parsed.others = [key for key in parsed.others if key not in token_keys]
     lora_modules = frozenset(parsed.factors) | frozenset(products) | frozenset(lambdas)
     token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
-    if tied_tokens := [key for key in parsed.others if ".token_adapter.base_layer." in key]:
+    if tied_tokens := [key for key in parsed.others if ".token_adapter.base_layer." in key and cfg is not None
+                       and wrapping_entry(cfg.modules_to_save, key.removeprefix(PREFIX).partition(".token_adapter.")[0])]:
         # (PEFT wraps the head modules_to_save saves in a TrainableTokensWrapper tied to the embeddings' tokens, whose
         # layer then wraps the ModulesToSaveWrapper, no Embedding nor Linear: a tied Llama's ["lm_head"], RoBERTa's
-        # ["decoder"])
+        # ["decoder"]. Beside no such entry the key is the layer save_embedding_layers saves under the tokens)
         raise FormatError(f"{weights}: {common.shown(tied_tokens)}: trainable tokens tied to a module modules_to_save "
                           f"saves whole: PEFT's model with this adapter cannot run (its forward fails: \"TrainableTokens"
                           f"Layer wraps an unknown layer type\"), so there is no result to merge to; train the tokens "
