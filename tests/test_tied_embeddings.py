@@ -1845,9 +1845,10 @@ def test_check_and_register_see_an_edited_tied_copy(tmp_path):
     adapter saved with save_embedding_layers=True, its embeddings edited (the head's copy not), does not fit, with
     the merge's reason (PEFT's load keeps one tied weight, whichever it reads last), against a base folder or a
     registered base, and is not registered to it."""
+    from click.testing import CliRunner
     from peft import LoraConfig, get_peft_model
 
-    from factories import loraops_run
+    from loraops.cli import main
 
     base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
     torch.manual_seed(1)
@@ -1858,11 +1859,11 @@ def test_check_and_register_see_an_edited_tied_copy(tmp_path):
     saved[f"base_model.model.{EMBED}"] = saved[f"base_model.model.{EMBED}"] + 0.25
     save_file(saved, weights, metadata={"format": "pt"})
     why = "lm_head.weight (saved whole beside 'model.embed_tokens.weight', which this base ties it to and PEFT's load"
-    assert loraops_run("base", "add", base, "--name", "tied").returncode == 0
+    assert CliRunner().invoke(main, ["base", "add", str(base), "--name", "tied"]).exit_code == 0
     for args in (["check", tmp_path / "a", "--base", base], ["check", tmp_path / "a", "--base", "tied"],
                  ["register", tmp_path / "a", "--base", "tied"]):
-        result = loraops_run(*args)
-        assert result.returncode != 0 and why in result.stdout + result.stderr, (args, result)
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code not in (0, None) and why in result.output, (args, result.output)
 
 
 @pytest.mark.parametrize("saves", [[], ["norm"]])
