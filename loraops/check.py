@@ -493,8 +493,9 @@ def differing_tied_layers(adapter: Adapter, manifest: Mapping[str, object],
     """The head a PEFT ``adapter``'s save_embedding_layers (beside no modules_to_save) saves whole with other values
     than the input embeddings it saves beside, where the base ties the two (an edited file): PEFT's load puts both
     into the one tied weight, the last one read winning, where loraops would write two tensors untied. Tied: the base
-    stores no head of its own (transformers saves a tied head once), or its config (``config``) ties them."""
-    layers = peft.embedding_layers_saved(adapter)
+    stores no head of its own (transformers saves a tied head once), or its config (``config``) ties them. The layers
+    under a LoRA too (saved_layer_tensors: LoRAs on both, each layer saved under base_layer)."""
+    layers = peft.saved_layer_tensors(adapter) & adapter.full_tensors.keys() if adapter.format == "peft" else set()
     inputs = [name for name in layers if any(names_module(name, e) for e in INPUT_EMBEDDINGS)]
     out = {}
     for head in sorted(name for name in layers if name.endswith(".weight") and is_head(name)):
@@ -554,7 +555,7 @@ def unsaved_tensors(adapter: Adapter, manifest: Mapping[str, object], config: Ca
             out[tensor] = (f"the tied head's {tensor!r}, which the base does not store, lies in a module PEFT saves "
                            f"whole (modules_to_save entry {entry!r}): PEFT saves its copy untied from the embeddings, "
                            f"and fails to load the adapter without it (a KeyError)")
-    return out | unsaved_tied_head(adapter, manifest, config)
+    return out | unsaved_tied_head(adapter, manifest, config) | differing_tied_layers(adapter, manifest, config or sides)
 
 
 def unstored_tied_tensors(manifest: Mapping[str, object], config: Callable[[str], dict] | None) -> list[str]:

@@ -659,7 +659,9 @@ def _inherit(base: BaseModel, heads: dict[str, str], rows: dict[str, list[TokenR
     """Give the untied heads (head → its embeddings) what PEFT puts into the one weight a tied model's head reads,
     where they have none of their own: the embeddings' trainable tokens (PEFT ties them to the head: its layer,
     LoRA-wrapped or not, reads the embeddings' weight with the tokens in place), and a saved layer under the
-    embeddings' LoRA (PEFT loads it into that weight). Not a modules_to_save copy (PEFT wraps the embeddings apart),
+    embeddings' LoRA (PEFT loads it into that weight); and the embeddings the saved layer under the head's LoRA
+    where they have none (PEFT loads it into that one weight too, the embeddings' values then: its lm_head.base_layer
+    is the tied parameter). Not a modules_to_save copy (PEFT wraps the embeddings apart),
     and not rows for a head given tokens of its own (trainable_token_indices={"lm_head": …} with other indices: it is
     wrapped apart and reads the base's weight). And an untied decoder's bias (→ the bias transformers ties it to,
     _decoder_biases) gets that bias' new value: PEFT's bias="all"/"lora_only" trains the one parameter both are."""
@@ -671,6 +673,8 @@ def _inherit(base: BaseModel, heads: dict[str, str], rows: dict[str, list[TokenR
         if head not in replacements and embeddings in replacements \
                 and (embeddings in saved_layers or head.endswith(".bias")):
             replacements[head] = replacements[embeddings]
+        elif embeddings not in replacements and head in saved_layers:
+            replacements[embeddings] = replacements[head]
 
 
 def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:

@@ -1805,15 +1805,22 @@ def assert_misfit_by_config_and_manifest(adapter, base, name, why, out):
 
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("edited", [(), (EMBED,), (EMBED, "lm_head.weight")])
-def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited):
-    """save_embedding_layers=True with a LoRA elsewhere (q_proj) and no modules_to_save: PEFT saves the input
-    embeddings and the head whole (both names on a tied model) and loads them over the model's own. Equal to the
-    base they replace nothing; edited, they replace the base's as PEFT's load does."""
+@pytest.mark.parametrize("saves", [[], ["norm"]])
+def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited, saves):
+    """save_embedding_layers=True with a LoRA elsewhere (q_proj), beside no modules_to_save or one naming other
+    modules (["norm"]: the norms, trained, saved whole): PEFT saves the input embeddings and the head whole (both
+    names on a tied model) and loads them over the model's own. Equal to the base they replace nothing; edited, they
+    replace the base's as PEFT's load does (one edited on a tied base: refused, by check too)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = tiny_llama(tmp_path / "base", tie=tie, hidden=16, layers=1, intermediate=32, vocab=128)
     torch.manual_seed(1)
-    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                                         modules_to_save=saves))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
     weights = tmp_path / "a" / "adapter_model.safetensors"
     saved = load_file(weights)
@@ -1822,6 +1829,11 @@ def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited):
         saved[f"base_model.model.{name}"] = saved[f"base_model.model.{name}"] + 0.25
     save_file(saved, weights, metadata={"format": "pt"})
     if tie and len(edited) == 1:  # PEFT's load puts both into the one tied weight, the head's (read last) winning
+        from loraops.basemodel import BaseModel
+
+        model = BaseModel.open(base)
+        report = check.check(formats.read_adapter(tmp_path / "a"), model.tensors, config=model.config)
+        assert not report.ok and "PEFT's load keeps tied" in report.why_missing["lm_head.weight"]
         with pytest.raises(Exception, match="which this base ties it to and PEFT's load keeps tied"):
             engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
         return
@@ -1832,6 +1844,60 @@ def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited):
         if name in merged:
             torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-6, msg=name)
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)
+
+
+def test_check_and_register_see_an_edited_tied_copy(tmp_path):
+    """check and register --base read headers only, but the values of a file's whole tensors: a tied Llama's
+    adapter saved with save_embedding_layers=True, its embeddings edited (the head's copy not), does not fit, with
+    the merge's reason (PEFT's load keeps one tied weight, whichever it reads last), against a base folder or a
+    registered base, and is not registered to it."""
+    from click.testing import CliRunner
+    from peft import LoraConfig, get_peft_model
+
+    from loraops.cli import main
+
+    base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    saved[f"base_model.model.{EMBED}"] = saved[f"base_model.model.{EMBED}"] + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    why = "lm_head.weight (saved whole beside 'model.embed_tokens.weight', which this base ties it to and PEFT's load"
+    assert CliRunner().invoke(main, ["base", "add", str(base), "--name", "tied"]).exit_code == 0
+    for args in (["check", tmp_path / "a", "--base", base], ["check", tmp_path / "a", "--base", "tied"],
+                 ["register", tmp_path / "a", "--base", "tied"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code not in (0, None) and why in result.output, (args, result.output)
+
+
+@pytest.mark.parametrize("saves", [[], ["norm"]])
+def test_a_peft_rewrite_keeps_saved_embedding_layers_tied(tmp_path, saves):
+    """A tied Llama's adapter saved with save_embedding_layers=True (the embeddings and head edited alike) written
+    back as PEFT: the layers stay plain keys, not modules_to_save entries, so PEFT loads the rewrite with the head
+    still tied to the embeddings (listed, it wrapped two untied copies) and computes what the original computes."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                                         modules_to_save=saves))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    for name in (EMBED, "lm_head.weight"):
+        saved[f"base_model.model.{name}"] = saved[f"base_model.model.{name}"] + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    formats.write_adapter(formats.read_adapter(tmp_path / "a"), tmp_path / "b", "peft")
+    entries = json.loads((tmp_path / "b" / "adapter_config.json").read_text())["modules_to_save"] or []
+    assert not any(entry.endswith(("embed_tokens", "lm_head")) for entry in entries)
+    outputs = []
+    for folder in ("a", "b"):
+        inner = (loaded := PeftModel.from_pretrained(load_model(base), tmp_path / folder)).base_model.model
+        assert inner.get_output_embeddings().weight is inner.get_input_embeddings().weight
+        outputs.append(logits(loaded))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)
 
 
 SAVED_LAYER_FAMILIES = {  # (model_type, class, config, LoRA targets): the tied bases whose head merge's causal-LM rule misses
@@ -1918,5 +1984,114 @@ def test_a_saved_layer_head_the_base_has_none_of_is_refused(tmp_path):
     saved["base_model.model.lm_head.weight"] = torch.randn(100, 32)
     save_file(saved, weights, metadata={"format": "pt"})
     with pytest.raises(MismatchError, match=r"lm_head.weight \(not this base's head \('cls.predictions.decoder.weight'"):
+        engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "roberta"])
+def test_tokens_tied_to_a_head_modules_to_save_saves_whole_are_refused_as_peft_cannot_run_them(tmp_path, family):
+    """Trainable tokens on a tied model's embeddings beside modules_to_save on the tied head (a Llama's ["lm_head"],
+    RoBERTa's ["decoder"]): PEFT ties the tokens to the head, wrapping the ModulesToSaveWrapper, and its model with
+    the adapter cannot run (a ValueError in forward). Refused by the reader with that reason, not as tensors missing
+    from the base."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if family == "llama":
+        base, cls = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128), None
+        config = dict(target_modules=["q_proj"], modules_to_save=["lm_head"], trainable_token_indices=[3, 5])
+    else:
+        base = tiny_transformers(tmp_path / "base", "roberta", "RobertaForMaskedLM", **TINY_BERT)
+        cls = transformers.RobertaForMaskedLM
+        config = dict(target_modules=["query"], modules_to_save=["decoder"],
+                      trainable_token_indices={"word_embeddings": [3, 5]})
+    load = (lambda: cls.from_pretrained(base)) if cls else (lambda: load_model(base))
+    get_peft_model(load(), LoraConfig(r=2, init_lora_weights=False, **config)).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="TrainableTokensLayer wraps an unknown layer type"):
+        PeftModel.from_pretrained(load(), tmp_path / "a")(torch.tensor([[3, 5, 7]]))
+    with pytest.raises(FormatError, match="trainable tokens tied to a module modules_to_save saves whole: PEFT's model "
+                                          "with this adapter cannot run"):
+        formats.read_adapter(tmp_path / "a")
+
+
+def test_a_roberta_head_ensure_weight_tying_saves_with_save_embedding_layers_merges_as_peft_loads_it(tmp_path):
+    """RoBERTa with modules_to_save=["lm_head"], ensure_weight_tying and save_embedding_layers=True: PEFT wraps the
+    output embeddings (lm_head.decoder) and the tied word embeddings, and saves the decoder's wrapper state with its
+    base layer's bias (tied to lm_head.bias) as lm_head.decoder.original_module.bias alone. That key goes into the
+    wrapped base layer, which PEFT's adapted model does not use: read as wrapper state, not refused as a tensor the
+    base lacks, and merged to PEFT's adapted model's logits."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_transformers(tmp_path / "base", "roberta", "RobertaForMaskedLM", **TINY_BERT)
+    cls = transformers.RobertaForMaskedLM
+    torch.manual_seed(1)
+    model = get_peft_model(cls.from_pretrained(base), LoraConfig(r=2, target_modules=["query"], init_lora_weights=False,
+                                                                  modules_to_save=["lm_head"], ensure_weight_tying=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    assert "base_model.model.lm_head.decoder.original_module.bias" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    ids = torch.tensor([[0, 3, 5, 7, 2]])
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a")(ids).logits
+        ours = cls.from_pretrained(tmp_path / "out")(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def saved_layers_edited(base, folder, targets, edited):
+    """A LoRA on ``targets`` saved with save_embedding_layers=True, the saved layers under the LoRAs of ``edited``
+    (tensor names) moved by 0.25: the file's tensors."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(folder, save_embedding_layers=True)
+    saved = load_file(folder / "adapter_model.safetensors")
+    for name in edited:
+        key = f"base_model.model.{name.removesuffix('.weight')}.base_layer.weight"
+        saved[key] = saved[key] + 0.25
+    save_file(saved, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return saved
+
+
+@pytest.mark.parametrize("stored_twice", [False, True])
+def test_an_edited_saved_layer_under_the_heads_lora_reaches_the_tied_embeddings(tmp_path, stored_twice):
+    """A tied Llama with a LoRA on lm_head saved with save_embedding_layers=True: PEFT saves the head's layer
+    (lm_head.base_layer.weight) and loads it into the one weight the head and the embeddings share, so an edited one
+    changes the embeddings too (the head read last). Merged so (was: the head alone, the logits far off)."""
+    from peft import PeftModel
+
+    base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
+    if stored_twice:
+        state = load_file(base / "model.safetensors")
+        save_file({**state, "lm_head.weight": state[EMBED].clone()}, str(base / "model.safetensors"),
+                  metadata={"format": "pt"})
+    saved = saved_layers_edited(base, tmp_path / "a", ["q_proj", "lm_head"], ["lm_head.weight"])
+    key = "base_model.model.lm_head.base_layer.weight"
+    reference = PeftModel.from_pretrained(load_model(base), tmp_path / "a")
+    inner = reference.base_model.model
+    torch.testing.assert_close(inner.model.embed_tokens.weight, saved[key], atol=0, rtol=0)
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    torch.testing.assert_close(tensors(tmp_path / "out")[EMBED], saved[key], atol=0, rtol=0)
+    torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edited", [(EMBED,), ("lm_head.weight",)])
+def test_edited_saved_layers_under_loras_on_tied_embeddings_and_head_are_refused(tmp_path, edited):
+    """A tied Llama with LoRAs on embed_tokens and lm_head saved with save_embedding_layers=True: PEFT saves both
+    layers (one tied weight) and its load keeps whichever it reads last. One edited: refused by check and merge, as
+    beside no LoRA (was: check fitted it and the merge wrote the two apart, its logits off PEFT's)."""
+    from loraops.basemodel import BaseModel
+
+    base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
+    saved_layers_edited(base, tmp_path / "a", ["q_proj", "embed_tokens", "lm_head"], edited)
+    model = BaseModel.open(base)
+    report = check.check(formats.read_for_fit(tmp_path / "a"), model.tensors, config=model.config)
+    assert not report.ok and "PEFT's load keeps tied" in report.why_missing["lm_head.weight"]
+    with pytest.raises(MismatchError, match="which this base ties it to and PEFT's load keeps tied"):
         engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -110,6 +110,15 @@ def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool =
         return READERS[detect(path)](path, alpha=alpha, values=values, mapped=mapped)
 
 
+def read_for_fit(path: str | Path, *, alpha: float | None = None, mapped: bool = False) -> "Adapter":
+    """read_adapter for check and register --base: headers only (values=False), but all values where the file saves
+    whole tensors (modules_to_save, saved embedding layers, original_module copies): two tied copies saved with
+    different values, which PEFT's load folds into one tensor, are a misfit only their values show (the merge's
+    refusal, check.differing_tied_copy). Such files are mostly those tensors; a LoRA-only file stays unread."""
+    adapter = read_adapter(path, alpha=alpha, values=False)
+    return read_adapter(path, alpha=alpha, mapped=mapped) if adapter.full_tensors or adapter.originals else adapter
+
+
 # diffusers before 0.21: LoRAAttnProcessor (…processor.to_q_lora.up.weight), LoRACompatibleLinear (…to_q.lora.up.weight)
 # and the text encoders' monkey-patched layers (…q_proj.lora_linear_layer.up.weight)
 OLD_DIFFUSERS_KEY = re.compile(r"(\.processor\.to_(q|k|v|out)_lora|\.lora|\.lora_linear_layer)\.(up|down)\.weight$")

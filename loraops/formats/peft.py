@@ -645,7 +645,10 @@ def wrapper_state_keys(keys: Iterable[str], cfg: ScaleConfig | None) -> set[str]
     keys = set(keys)
     return {key for key in keys if (match := WRAPPER_STATE.match(key)) is not None and cfg is not None
             and (cfg.saves(match["owner"]) or cfg.ensure_weight_tying and bool(cfg.modules_to_save))
-            and f"{match['owner']}.{match['param']}" in keys}
+            and (f"{match['owner']}.{match['param']}" in keys
+                 # (the base layer's tied bias, RoBERTa's decoder's, is saved as the original's state alone: the
+                 # wrapped copy's, deep-copied from the base, is no parameter PEFT saves)
+                 or ".original_module." in key and f"{match['owner']}.weight" in keys)}
 
 
 def saved_beside_wrapper(key: str, wrapper_keys: set[str]) -> str | None:
@@ -673,11 +676,25 @@ def saved_embedding_layer(key: str, lora_modules: Collection[str] = frozenset())
     return key if param in ("weight", "bias") and is_head(module) else None
 
 
+def wraps_embedding_layer(entries: list[str], names: Iterable[str]) -> bool:
+    """Does modules_to_save (``entries``) wrap an embedding layer among the tensors ``names``? Then PEFT's
+    save_embedding_layers writes that wrapper's state (wrapper_state_keys), and a plain embedding layer beside it is
+    read by that rule (saved_beside_wrapper), not by saved_embedding_layer's. Beside modules_to_save wrapping other
+    modules (["norm"]) it saves the embeddings and head whole all the same, and PEFT's load puts them over the
+    model's own."""
+    return any(saved_embedding_layer(name) is not None and wrapping_entry(entries, name.rpartition(".")[0])
+               for name in names)
+
+
 def embedding_layers_saved(adapter: Adapter) -> set[str]:
-    """The adapter's full tensors that are saved_embedding_layer's: beside no modules_to_save, not a LoRA layer's
-    own weight (saved_layer_tensors) nor a trained bias."""
+    """The adapter's full tensors that are saved_embedding_layer's: beside no modules_to_save wrapping an embedding
+    layer (wraps_embedding_layer; as read reads them: with a config), not a LoRA layer's own weight
+    (saved_layer_tensors) nor a trained bias."""
     config = adapter.config
-    if adapter.format != "peft" or not config or saved_entries(config):  # (as read reads them: a config, saving none)
+    if adapter.format != "peft" or not config:
+        return set()
+    entries = saved_entries(config)
+    if not module_names(entries) or wraps_embedding_layer(entries, adapter.full_tensors):
         return set()
     from ..check import decoder_bias_of
 
@@ -759,14 +776,24 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     parsed.others = [key for key in parsed.others if key not in token_keys]
     lora_modules = frozenset(parsed.factors) | frozenset(products) | frozenset(lambdas)
     token_modules = frozenset(tokens.TOKEN_KEY.match(key.removeprefix(PREFIX))["module"] for key in token_keys)
+    if tied_tokens := [key for key in parsed.others if ".token_adapter.base_layer." in key and cfg is not None
+                       and wrapping_entry(cfg.modules_to_save, key.removeprefix(PREFIX).partition(".token_adapter.")[0])]:
+        # (PEFT wraps the head modules_to_save saves in a TrainableTokensWrapper tied to the embeddings' tokens, whose
+        # layer then wraps the ModulesToSaveWrapper, no Embedding nor Linear: a tied Llama's ["lm_head"], RoBERTa's
+        # ["decoder"]. Beside no such entry the key is the layer save_embedding_layers saves under the tokens)
+        raise FormatError(f"{weights}: {common.shown(tied_tokens)}: trainable tokens tied to a module modules_to_save "
+                          f"saves whole: PEFT's model with this adapter cannot run (its forward fails: \"TrainableTokens"
+                          f"Layer wraps an unknown layer type\"), so there is no result to merge to; train the tokens "
+                          f"without that module in modules_to_save")
     wrapper_keys = wrapper_state_keys((key.removeprefix(PREFIX) for key in parsed.others), cfg)
     originals = {f"{match['owner']}.{match['param']}": PREFIX + key for key in wrapper_keys
                  if ".original_module." in key and (match := WRAPPER_STATE.match(key)) is not None}
     parsed.others = [key for key in parsed.others if key.removeprefix(PREFIX) not in wrapper_keys]
     full_names = {key: full_tensor_name(key.removeprefix(PREFIX), cfg, lora_modules, token_modules)
                   or saved_beside_wrapper(key.removeprefix(PREFIX), wrapper_keys)
-                  or (saved_embedding_layer(key.removeprefix(PREFIX), lora_modules)
-                      if raw_cfg and not cfg.modules_to_save else None)
+                  or (saved_embedding_layer(key.removeprefix(PREFIX), lora_modules) if raw_cfg and not
+                      wraps_embedding_layer(cfg.modules_to_save, (k.removeprefix(PREFIX) for k in parsed.others))
+                      else None)
                   for key in parsed.others}
     unknown = [key for key, target in full_names.items() if target is None]
     if unknown:
@@ -994,7 +1021,9 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
     file's sha256."""
     rslora = adapter.scale_mode == "rslora"
     keys = full_tensor_keys(adapter)
-    layers = tokens.saved_layer_keys(adapter)  # (PEFT's save_embedding_layers, not modules_to_save)
+    # (PEFT's save_embedding_layers, not modules_to_save: listed there, a tied model's embeddings and head would load
+    # as two wrapped copies, untied)
+    layers = tokens.saved_layer_keys(adapter).keys() | embedding_layers_saved(adapter)
     # a bias saved without its layer's weight is a trained one (bias="all"), not a modules_to_save layer: PEFT loads
     # a saved module's every parameter, and fails on the missing weight
     biases_alone = {name for name, key in keys.items() if key == name and name.endswith(".bias")

@@ -429,10 +429,11 @@ class Registry:
         # _store_and_insert), so a file changed at any point after this is refused rather than stored unchecked.
         identity = adapter_identity(path, alpha, known.get(files[0].name))
         # shapes and alphas are all a record needs: the values are only checked, block by block (a 70B rank-64
-        # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied)
-        adapter = formats.read_adapter(path, alpha=alpha, values=False)
+        # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied), and read where the
+        # file saves whole tensors, for the fit to the base (read_for_fit)
         if written is None or not written.checked:
             formats.check_values(path)
+        adapter = formats.read_for_fit(path, alpha=alpha)
         name = check_name(default_name(path) if name is None else name, "adapter")
 
         adapter, base_id = self._bind_base(adapter, base)
@@ -700,7 +701,7 @@ class Registry:
 
         formats.common.given_alpha(alpha, ref_or_path)
         if path_exists(ref_or_path):
-            adapter, label, base_id = formats.read_adapter(ref_or_path, alpha=alpha, values=False), str(ref_or_path), None
+            adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
         else:
             with self.session() as s:
                 row = self._find_adapter(s, ref_or_path)
@@ -710,7 +711,7 @@ class Registry:
                                         "is read with the alpha it was registered with (register it again with "
                                         "--alpha to change that)")
             self._refuse_damaged(row, contents=False)  # headers only: not hashed
-            adapter = formats.read_adapter(self.blobs.path(blob), alpha=override, values=False)
+            adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
         if base is not None and path_exists(base):
             return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))])
         with self.session() as s:
