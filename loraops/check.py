@@ -1463,7 +1463,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 matched += 1
             else:
                 missing.append(name)
-                if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)) is not None:
+                # (FSMT's encoder lookup, tied to its decoder's: untied_side_embeddings)
+                if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest) or next(
+                        (s for s in manifest if sides is not None
+                         and module.weight_name in untied_side_embeddings(s, sides(s))), None)) is not None:
                     why_missing[name] = side_lookup_refusal(shared, "a LoRA on one side's lookup",
                                                             sides(shared) if sides is not None else None)
                 elif (why := params.why_unstored(name, manifest)) is not None:
