@@ -908,6 +908,45 @@ def same_rows(adapter: Adapter, name: str, source: str | None) -> bool:
                                                                                                   rows.values)
 
 
+def tied_side_source(weight_name: str, shape, manifest: Mapping[str, object]) -> str | None:
+    """The embeddings a base stores that one side's lookup ``weight_name``, not stored, is tied to: T5's and BART's
+    shared (shared_embeddings_of), ProphetNet's X.word_embeddings for X.encoder. and X.decoder.word_embeddings; or
+    None."""
+    if (shared := shared_embeddings_of(weight_name, shape, manifest)) is not None or weight_name in manifest:
+        return shared
+    for side in ("encoder.word_embeddings.weight", "decoder.word_embeddings.weight"):
+        if names_module(weight_name, side):
+            source = weight_name.removesuffix(side) + "word_embeddings.weight"
+            return source if source in manifest and tuple(manifest[source].shape) == tuple(shape) else None
+    return None
+
+
+def without_tied_copies(adapter: Adapter, manifest: Mapping[str, object], config: Callable[[str], dict] | None,
+                        *, heads: bool = True) -> Adapter:
+    """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored, or, with
+    ``config``, stored twice: stored_twice, ``heads`` its own) that are the same rows as the embeddings' (PEFT's
+    TrainableTokensConfig saves the tied head's copy too), nor those of one side's lookup that are the stored
+    embeddings' it is tied to (tied_side_source: PEFT's tokens on shared, tied to each side), nor the head's copy of
+    the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's does, in a model
+    loraops does not untie too (NLLB-MoE, PegasusX, ProphetNet). Copies that differ stay, for check to judge."""
+    copies = set()
+    for name, rows in adapter.token_rows.items():
+        shape = rows_shape(rows, manifest)
+        source = tied_head_source(name, shape, manifest) or tied_side_source(name, shape, manifest)
+        # (stored twice, byte-identical: the tie)
+        if config is not None and name in manifest and (is_side_embeddings(name) or is_tied_head(name, config(name))):
+            source = next((n for group in stored_twice(manifest, config, [name], heads=heads) for n in sorted(group)
+                           if not is_tied_head(n, config(n)) and not is_side_embeddings(n)), None)
+        if same_rows(adapter, name, source):
+            copies.add(name)
+    # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
+    layers = {name for name in adapter.full_tensors if tied_layer_copy(adapter, name, manifest)}
+    if not copies and not layers:
+        return adapter
+    return replace(adapter, token_rows={n: r for n, r in adapter.token_rows.items() if n not in copies},
+                   full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in layers})
+
+
 def unstored_tied_heads(manifest: Mapping[str, object]) -> list[str]:
     """The module paths of the output heads a tied base does not store that a PEFT name binds to (tied_head_source),
     by its embeddings: the causal-LM rule's (lm_head beside the decoder's wrapper, GPT-NeoX's embed_out) and the heads
@@ -1370,7 +1409,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     (untied_side_source)."""
     sides = config or sides
     res = resolve(adapter, manifest)
-    bound = renamed(adapter, res, manifest)
+    bound = without_tied_copies(renamed(adapter, res, manifest), manifest, sides)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
     names = None  # the manifest's names sorted, when a missing module's quantized tensors are looked for
     tied_heads = []
@@ -1424,7 +1463,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 matched += 1
             else:
                 missing.append(name)
-                if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)) is not None:
+                # (FSMT's encoder lookup, tied to its decoder's: untied_side_embeddings)
+                if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest) or next(
+                        (s for s in manifest if sides is not None
+                         and module.weight_name in untied_side_embeddings(s, sides(s))), None)) is not None:
                     why_missing[name] = side_lookup_refusal(shared, "a LoRA on one side's lookup",
                                                             sides(shared) if sides is not None else None)
                 elif (why := params.why_unstored(name, manifest)) is not None:

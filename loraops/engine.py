@@ -62,9 +62,9 @@ from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
-                    same_rows, saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice,
-                    tied_decoder_bias, tied_head_source, tied_layer_copy, side_tied_head, side_tokens_apart,
-                    unstored_head_of, untie_refusal, untied, untied_side_embeddings, untied_side_source)
+                    saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
+                    tied_head_source, side_tied_head, side_tokens_apart, unstored_head_of, untie_refusal, untied,
+                    untied_side_embeddings, untied_side_source, without_tied_copies)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
@@ -450,7 +450,8 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
 
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,
           undo: bool = False) -> list[_File]:
-    adapters = [(_without_tied_copies(base, adapter), weight) for adapter, weight in adapters]
+    adapters = [(without_tied_copies(adapter, base.tensors, base.config, heads=not base.is_single_file), weight)
+                for adapter, weight in adapters]
     heads = _unstored_heads(base, adapters, undo)
     terms: dict[str, list[tuple[LoraModule, float]]] = {}
     changed_by: dict[str, set[int]] = {}  # tensor → the inputs whose LoRAs change it
@@ -508,7 +509,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         group_heads = {name for name in group if _is_head(base, name)}
         source = next((name for name in sorted(group) if untied_side_embeddings(name, base.config(name))), None)
         group_sides = group & set(untied_side_embeddings(source, base.config(source))) if source else set()
-        # (a side's own trainable tokens too: PEFT ties them to nothing; _without_tied_copies took shared's copies)
+        # (a side's own trainable tokens too: PEFT ties them to nothing; without_tied_copies took shared's copies)
         untie = not undo and _can_untie(base, min(group)) and (bool(group_sides & (apart | rows.keys())) or any(
             name in touched if name in group_heads
             else name in apart and head_tied_to(name, base.config(name)) in group_heads for name in group))
@@ -677,31 +678,6 @@ def _inherit(base: BaseModel, heads: dict[str, str], rows: dict[str, list[TokenR
             replacements[embeddings] = replacements[head]
 
 
-def _without_tied_copies(base: BaseModel, adapter: Adapter) -> Adapter:
-    """The adapter without the trainable tokens of a head the base ties to its embeddings (not stored, or stored
-    twice) that are the same rows as the embeddings' (PEFT's TrainableTokensConfig saves the tied head's copy too),
-    nor those of one side's embed_tokens that are shared's (PEFT's tokens on shared, tied to each side), nor the
-    head's copy of the embeddings saved whole beside the tokens: the merged model then stays tied, as PEFT's does."""
-    copies = set()
-    for name, rows in adapter.token_rows.items():
-        shape = rows_shape(rows, base.tensors)
-        source = tied_head_source(name, shape, base.tensors) or shared_embeddings_of(name, shape, base.tensors)
-        # (stored twice, byte-identical: the tie)
-        if name in base.tensors and (is_side_embeddings(name) or _is_head(base, name)):
-            source = next((n for group in _stored_twice(base, [name]) for n in sorted(group)
-                           if not _is_head(base, n) and not is_side_embeddings(n)), None)
-        if same_rows(adapter, name, source):
-            copies.add(name)
-    # the head's copy of the embedding layer saved whole beside the tokens (PEFT's save_embedding_layers)
-    layers = {name for name in adapter.full_tensors if tied_layer_copy(adapter, name, base.tensors)}
-    if not copies and not layers:
-        return adapter
-    from dataclasses import replace
-
-    return replace(adapter, token_rows={n: r for n, r in adapter.token_rows.items() if n not in copies},
-                   full_tensors={n: t for n, t in adapter.full_tensors.items() if n not in layers})
-
-
 def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo: bool) -> dict[str, str]:
     """Output heads the base does not store, since it ties them to its input embeddings, that a merge changes apart
     from those embeddings → those embeddings: heads an adapter changes, and the heads of embeddings a LoRA or a
@@ -736,7 +712,7 @@ def _unstored_heads(base: BaseModel, adapters: list[tuple[Adapter, float]], undo
         if head is not None and head not in heads:
             heads[head] = name
     # a stored side's embed_tokens with trainable tokens of its own (PEFT ties a side's tokens to nothing; shared's
-    # copies are gone: _without_tied_copies): a BART's side stored as shared's copy, an unshared Marian's decoder.
+    # copies are gone: without_tied_copies): a BART's side stored as shared's copy, an unshared Marian's decoder.
     # Untied as by a LoRA there, its head the base's copy (of shared, or of that side) without those rows
     for name, shape in sorted(wanted.items()) if not undo else ():
         if name in base.tensors and any(name in adapter.token_rows for adapter, _ in adapters) \

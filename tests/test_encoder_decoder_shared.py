@@ -176,3 +176,54 @@ def test_other_tied_encoder_decoder_models_merge_their_stored_embeddings_or_refu
         with pytest.raises(MismatchError):
             engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "refused", device="cpu")
         assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("kind, edited", [("nllb_moe", None), ("pegasus_x", None), ("prophetnet", None),
+                                          ("nllb_moe", "lm_head.weight"),
+                                          ("pegasus_x", "model.decoder.embed_tokens.weight"),
+                                          ("prophetnet", "prophetnet.encoder.word_embeddings.weight")])
+def test_trainable_tokens_on_the_stored_embeddings_of_other_tied_models_merge_tied(tmp_path, kind, edited):
+    """PEFT's trainable tokens on the embeddings NLLB-MoE, PegasusX and ProphetNet store (TrainableTokensConfig): the
+    adapter saves PEFT's tied copies (the same rows and values) under lm_head and each side's lookup too, which were
+    refused twice (a tied head loraops does not untie; one side's tokens). Copies of the stored embeddings' tokens,
+    they are left out: merged into the stored tensor, the model tied, the merged model computes the adapted model's
+    logits. A copy that differs from its source (``edited``) stays refused, by check and merge."""
+    from peft import TrainableTokensConfig, get_peft_model
+
+    from loraops import check
+    from loraops.basemodel import BaseModel
+    from loraops.errors import MismatchError
+
+    model, stored = other_tiny(kind)
+    model.save_pretrained(tmp_path / "base")
+    cls = type(model)
+    torch.manual_seed(1)
+    adapted = get_peft_model(cls.from_pretrained(tmp_path / "base"),
+                             TrainableTokensConfig(target_modules=[stored], token_indices=[4, 5, 11])).eval()
+    with torch.no_grad():
+        next(d for n, d in adapted.named_parameters() if "trainable_tokens_delta" in n).add_(torch.randn(3, 32))
+    adapted.save_pretrained(tmp_path / "a")
+    saved = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(saved)
+    assert len([n for n in tensors if "trainable_tokens_delta" in n]) == 4  # shared's, each side's, the head's
+    if edited:
+        key = next(n for n in tensors if n.startswith(f"base_model.model.{edited.removesuffix('.weight')}."))
+        tensors[key] = tensors[key] + 1
+        save_file(tensors, str(saved), metadata={"format": "pt"})
+    adapter, base = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    found = check.check(adapter, base.tensors, config=base.config)
+    if edited:
+        assert not found.ok and [edited] == [m.partition(" ")[0] for m in check.misfits(found)]
+        with pytest.raises(MismatchError):
+            engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "refused", device="cpu")
+        assert not (tmp_path / "refused").exists()
+        return
+    assert found.ok and not found.tied_heads, check.misfits(found)
+    report = engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", device="cpu")
+    assert not report.heads_untied
+    merged, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (logits(adapted) - logits(cls.from_pretrained(tmp_path / "base"))).abs().max() > 0.1
+    torch.testing.assert_close(logits(merged), logits(adapted), atol=1e-5, rtol=0)
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == load_file(
+        tmp_path / "base" / "model.safetensors").keys()

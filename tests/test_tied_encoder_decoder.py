@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -811,3 +812,23 @@ def test_fsmt_tied_by_tie_word_embeddings_is_untied(tmp_path, targets):
     written = merged_as_adapted(tmp_path, cls, adapted, moved=0.1, head="model.decoder.output_projection")
     stored = load_file(tmp_path / "base" / "model.safetensors")
     assert torch.equal(written["model.encoder.embed_tokens.weight"], stored["model.decoder.embed_tokens.weight"])
+
+
+def test_a_lora_on_a_tied_fsmts_encoder_lookup_is_refused_as_tied(tmp_path):
+    """A LoRA on the encoder's embed_tokens of FSMT tied by tie_word_embeddings: true (stored once, as the decoder's)
+    is refused, by check and merge, saying they are tied to the decoder's embeddings, not "not in base"."""
+    import transformers
+
+    config = transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, tie_word_embeddings=True,
+                                     decoder_start_token_id=0, **{k: v for k, v in SMALL.items() if k != "vocab_size"})
+    cls = transformers.FSMTForConditionalGeneration
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "base")
+    lora(cls, tmp_path / "base", tmp_path / "a", ["encoder.embed_tokens"])
+    adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
+    why = ("model.encoder.embed_tokens (stored once as model.decoder.embed_tokens.weight, which the encoder and the "
+           "decoder share: a LoRA on one side's lookup cannot be merged)")
+    assert check.misfits(check.check(adapter, model.tensors, config=model.config)) == [why]
+    with pytest.raises(MismatchError, match=re.escape(why)):
+        engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -211,6 +211,18 @@ def test_check_refuses_tokens_on_a_tensor_the_merge_cannot_write(tmp_path, bases
         assert ": 2 token rows do not fit " in out if args[0] == "merge" else "does not fit" in out, out
 
 
+def test_check_and_register_of_tokens_with_a_tied_heads_copy(tmp_path, bases):
+    """PEFT's TrainableTokensConfig on a tied Llama saves the tokens under lm_head too: check (and register, which
+    checks the hinted base) read their values to see that it is the embeddings' copy, not headers only (meta
+    tensors, which cannot be compared: it crashed)."""
+    folder, _ = token_adapter(bases["tied"], tmp_path / "a", TrainableTokensConfig(token_indices=[3, 5]))
+    assert "lm_head.weight" in formats.read_adapter(folder).token_rows
+    assert run("check", folder, "--base", bases["tied"]).output.startswith(f"{folder} fits {bases['tied']}: ")
+    run("base", "add", bases["tied"], "--name", "tied")
+    run("register", folder, "--name", "tok", "--base", "tied")
+    assert run("check", "tok").output.startswith("tok@1 fits tied: ")
+
+
 def test_weight_subtract_combine_kohya_refused(tmp_path, bases):
     base = bases["untied"]
     folder, _ = token_adapter(base, tmp_path / "a", lora(trainable_token_indices=[3, 5]))
