@@ -218,16 +218,20 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
 @click.option("-o", "--output", type=click.Path(), required=True, help="Destination (PEFT folder, or .safetensors).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @base_option
-def export(ref, fmt, output, force, base) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the ExportReport as JSON.")
+def export(ref, fmt, output, force, base, as_json) -> None:
     """Write an adapter (registry reference or path) in another layout, same deltas. An unregistered kohya file
     needs --base to be written as PEFT (and a VeRA file in any layout). PEFT AdaLoRA and VeRA adapters are written as
     the plain LoRA they equal."""
     from .. import derive
 
-    path, methods, left_out = derive.export(ref, fmt, output, force=force, base=base)
-    if left_out:
-        click.echo(f"left out {', '.join(left_out)}: PEFT's saved embedding layer (save_embedding_layers), the "
+    report = derive.export(ref, fmt, output, force=force, base=base)
+    if as_json:
+        echo_json(report)
+        return
+    if report.left_out:
+        click.echo(f"left out {', '.join(report.left_out)}: PEFT's saved embedding layer (save_embedding_layers), the "
                    "base's own values, which replace nothing")
-    plain = " and ".join(METHODS[m] for m in methods)
-    click.echo(f"wrote {path}" + (f": a plain LoRA with the {plain} adapter's ΔW (another adapter, of another "
-                                  "identity; `register` it to record it)" if methods else ""))
+    plain = " and ".join(METHODS[m] for m in report.plain_lora_of)
+    click.echo(f"wrote {report.output}" + (f": a plain LoRA with the {plain} adapter's ΔW (another adapter, of "
+                                           "another identity; `register` it to record it)" if plain else ""))
