@@ -86,3 +86,28 @@ def test_subtract_residual_note_does_not_call_float32_low_precision(files, reg, 
     note = text.splitlines()[1]
     assert note.startswith("residual: largest rounding ") and "low-precision" not in note, note
     assert "need not give the base back bit for bit" in note and "--exact restores its base" in note
+
+
+@pytest.mark.parametrize("args, note, made", [
+    (["combine", "a", "--method", "cat"], "note: the result has the same ΔW as a@1 (a cat of one adapter at weight 1)",
+     "a-cat"),
+    (["resize", "a", "--rank", "4"],
+     "note: the result has the same ΔW as a@1 (every module keeps its rank; up to rounding)", "a-r4"),
+])
+def test_a_result_equal_to_its_input_says_so(reg, args, note, made):
+    """A note, not a refusal: the result is registered (as another adapter where its factors differ)."""
+    code, text = run(*args)
+    assert code == 0, text
+    assert text.splitlines()[-2] == note and text.splitlines()[-1].startswith(f"registered {made}@1 ")
+    result = reg.load_adapter(made)
+    source = reg.load_adapter("a@1")
+    for name, module in source.modules.items():
+        torch.testing.assert_close(result.modules[name].delta().double(), module.delta().double(), rtol=1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("args", [["combine", "a:0.5", "--method", "cat"], ["combine", "a", "--method", "ties", "--density", "0.5"],
+                                  ["resize", "a", "--rank", "3"]])
+def test_a_result_that_differs_from_its_input_has_no_note(reg, args):
+    code, text = run(*args)
+    assert code == 0 and "note:" not in text, text

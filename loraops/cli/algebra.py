@@ -50,6 +50,12 @@ def echo_saved(result, name: str | None) -> None:
                + ("" if result.created else not_again(name, record.name, "adapter")))
 
 
+def echo_same_delta(source: str, why: str) -> None:
+    """A note, not a refusal: the result's ΔW is its input's (registered as another adapter where its factors
+    differ)."""
+    click.echo(f"note: the result has the same ΔW as {source} ({why})")
+
+
 def echo_capped(report, ranks: Iterable[tuple[int, bool]], ceiling: str) -> None:
     """One line for each fixed rank (--rank, --conv-rank) above the largest rank any module it ranks got (extract,
     resize; the default name follows the ranks got: derive.rank_name). ``ranks``: (rank got, whether a k×k
@@ -175,6 +181,8 @@ def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, re
     click.echo(f"{method}{f'({params_text})' if params_text else ''} of {inputs_text}")
     click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
     click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
+    if method == "cat" and [i.weight for i in report.inputs] == [1]:
+        echo_same_delta(report.inputs[0].ref, "a cat of one adapter at weight 1")
     echo_saved(result, name)
 
 
@@ -209,6 +217,8 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
                f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
                f"{report.precision} on {report.device}, {report.seconds:.2f} s")
     echo_capped(report, ((m.rank_after, m.spatial) for m in report.modules), "min(its rank, out, in)")
+    if all(m.rank_after == m.rank_before for m in report.modules):
+        echo_same_delta(result.adapter.lineage.inputs[0].label, "every module keeps its rank; up to rounding")
     echo_saved(result, name)
 
 
