@@ -446,14 +446,17 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
                         left_out=list(left_out))
 
 
-def base_model_name(base: "BaseRecord") -> str:
+def base_model_name(base: "BaseRecord") -> str | None:
     """The base_model_name_or_path of a PEFT config written for an adapter bound to ``base`` that names none (a kohya
     file's): what AutoPeftModel.from_pretrained loads the base from. The Hub repo id of a base pulled from the Hub
-    (loadable anywhere), else its path (extract writes the tuned model's base so)."""
+    (loadable anywhere), else its folder (extract writes the tuned model's base so); None for a single-file
+    checkpoint, which from_pretrained cannot load."""
     from .hub import parse_hub_source
 
     hub = parse_hub_source(base.source)
-    return hub.repo_id if hub is not None else base.path
+    if hub is not None:
+        return hub.repo_id
+    return base.path if base.path is not None and Path(base.path).is_dir() else None
 
 
 def _repo_id(text: str) -> str | None:
