@@ -111,3 +111,17 @@ def test_a_result_equal_to_its_input_says_so(reg, args, note, made):
 def test_a_result_that_differs_from_its_input_has_no_note(reg, args):
     code, text = run(*args)
     assert code == 0 and "note:" not in text, text
+
+
+def test_a_loha_resized_at_its_own_rank_has_no_note(tmp_path):
+    """A LoHa's rank is its product's r: its ΔW = (B₁A₁)⊙(B₂A₂) has rank up to r², so a resize at r cuts it (fro kept
+    below 1) and is no same-ΔW result."""
+    from factories import conv_embedding_model, save_state_dict
+    from test_lycoris import lycoris_file
+
+    path, _ = lycoris_file(tmp_path / "lyco.safetensors", "loha", rank=3, alpha=2.0)
+    base = save_state_dict(conv_embedding_model(), tmp_path / "base.safetensors")
+    for args in (["base", "add", base, "--name", "conv"], ["register", path, "--name", "lyco", "--base", "conv"]):
+        assert run(*args)[0] == 0
+    code, text = run("resize", "lyco", "--rank", "3")
+    assert code == 0 and " 3    3 " in text and "note:" not in text, text
