@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -20,7 +20,7 @@ from . import algebra
 from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
-from .records import AdapterRecord, DerivedRecord, LineageInput, LineageSpec
+from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
 from .references import refuse_output_over
 
 if TYPE_CHECKING:
@@ -410,10 +410,10 @@ def resize(
 
 
 def export(ref: str, fmt: str, output: str, *, force: bool = False,
-           base: str | None = None) -> tuple[Path, list[str], list[str]]:
+           base: str | None = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
     registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths, an AdaLoRA file's
-    layer kinds). Returns where it went, the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA
+    layer kinds). Reports where it went, the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA
     they equal — another adapter, of another identity, which only `register` records (`resize --rank <its rank>`
     converts with a lineage) — and the PEFT saved embedding layers it left out of a kohya or diffusers file, which
     hold the base's values (they replace nothing: the same ΔW, the same merge)."""
@@ -424,21 +424,39 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
     check_arguments(None, output, force, [ref])
     with Registry.open(create=False) as reg:
         reg.refuse_output_inside(output)
+        label = ref
         if path_exists(ref):
             adapter = read_adapter(ref)
             if base is not None:
                 adapter = check.require_fit(adapter, reg.base_manifest(base), base_name=base)
         else:
             record = registered_for(reg, ref, base)
-            adapter = reg.load_adapter(record.id)
+            adapter, label = reg.load_adapter(record.id), record.ref
             base = base or (record.base.name if record.base is not None else None)
+        if adapter.base_model is None and base is not None:
+            adapter = replace(adapter, base_model=base_model_name(reg.get_base(base)))
         left_out = []
         if fmt != "peft":
             adapter, left_out = without_unchanged_layers(reg, adapter, fmt, base)
         if base is None and path_exists(ref):  # (a registered adapter takes --base only once recorded against it)
             refuse_unwritable(adapter, fmt, base_way_out=export_with_base(reg, adapter, ref, fmt, output, force))
     writable(adapter, fmt)
-    return write_adapter(adapter, output, fmt, force=force), adapter.methods, left_out
+    written = write_adapter(adapter, output, fmt, force=force)
+    return ExportReport(adapter=label, format=fmt, output=str(written), plain_lora_of=list(adapter.methods),
+                        left_out=list(left_out))
+
+
+def base_model_name(base: "BaseRecord") -> str | None:
+    """The base_model_name_or_path of a PEFT config written for an adapter bound to ``base`` that names none (a kohya
+    file's): what AutoPeftModel.from_pretrained loads the base from. The Hub repo id of a base pulled from the Hub
+    (loadable anywhere), else its folder (extract writes the tuned model's base so); None for a single-file
+    checkpoint, which from_pretrained cannot load."""
+    from .hub import parse_hub_source
+
+    hub = parse_hub_source(base.source)
+    if hub is not None:
+        return hub.repo_id
+    return base.path if base.path is not None and Path(base.path).is_dir() else None
 
 
 def _repo_id(text: str) -> str | None:
@@ -482,8 +500,6 @@ def without_unchanged_layers(reg: "Registry", adapter: "Adapter", fmt: str,
                              base: str | None) -> tuple["Adapter", list[str]]:
     """``adapter`` without the PEFT saved embedding layers that hold the base's values, which a kohya or diffusers
     file cannot hold and which carry nothing; refused when any full tensor is left (formats.refuse_full_tensors)."""
-    from dataclasses import replace
-
     from .formats.peft import refuse_full_tensors, saved_layer_tensors
 
     if not adapter.full_tensors:

@@ -1480,8 +1480,9 @@ class _Residual:
             os.close(fd)
         self._handles = {}
         if self.reference is None:
-            note = ("no pristine base to compare with; merge+subtract in a low-precision dtype is never bit-exact "
-                    "(each round trip rounds twice): for a merge recorded by loraops, --exact restores its base")
+            # said of any dtype: a float32 round trip rounds too (in bf16/fp16 it is never bit-exact)
+            note = ("no pristine base to compare with; a merge+subtract round trip rounds at each step, so it need not "
+                    "give the base back bit for bit: for a merge recorded by loraops, --exact restores its base")
             return ResidualRecord(elements=self.elements, rounding_max_abs=self.rounding, note=note)
         note = "bit-exact" if self.differing == 0 else (
             "the rounding of the round trip; use --exact to restore the base bit for bit")

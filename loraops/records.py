@@ -430,6 +430,20 @@ class DerivedRecord(Record):
     report: CombineReport | ResizeReport | ExtractReport
 
 
+class ExportReport(Record):
+    """What `export` wrote (`export --json`); nothing is registered."""
+
+    adapter: str
+    """The adapter exported: its registry reference (name@version), or the path given."""
+    format: Literal["peft", "kohya", "diffusers"]
+    output: str
+    plain_lora_of: list[str]
+    """The PEFT methods (adalora, vera) whose modules were written as the plain LoRA they equal: another adapter, of
+    another identity, which only `register` records."""
+    left_out: list[str]
+    """PEFT saved embedding layers left out of a kohya or diffusers file: they hold the base's values."""
+
+
 class MergeInputRecord(Record):
     """One adapter of a merge or subtract: where it came from and the weight it was applied with (negated for
     subtract: the weight as it entered W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ)."""

@@ -288,13 +288,13 @@ def test_a_failed_registration_leaves_no_output(files, tmp_path, monkeypatch, co
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_the_record_names_the_output_not_its_staged_path(files, tmp_path, command, force):
     args, is_dir = COMMANDS[command]
-    out = tmp_path / "out"
+    out = tmp_path / ("out" if is_dir else "out.safetensors")
     if force:
         old_output(out, is_dir)
     code, output = run(*args(files), "-o", out, *(["--force"] if force else []), "--name", "derived")
     assert code == 0, output
     assert output.splitlines()[-1].endswith(f"wrote {out}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     with Registry.open() as reg:
         record = reg.get_adapter("derived")
         assert record.source == str(out.resolve())
@@ -303,7 +303,7 @@ def test_the_record_names_the_output_not_its_staged_path(files, tmp_path, comman
     if is_dir:
         assert tree(stored) == tree(out)
     else:  # a one-file adapter is stored under its output's name
-        assert stored.name == "out" and stored.read_bytes() == out.read_bytes()
+        assert stored.name == out.name and stored.read_bytes() == out.read_bytes()
 
 
 def test_a_ctrl_c_after_the_output_landed_keeps_its_record(files, tmp_path, monkeypatch):

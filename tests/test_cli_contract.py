@@ -36,7 +36,7 @@ def kohya(tmp_path) -> Path:
 def test_an_output_that_is_a_symlink_loop_exists(tmp_path, kohya):
     """Path.resolve() raised RuntimeError on a symlink loop (a traceback); and the loop, which Path.exists() calls
     absent, was replaced without --force."""
-    loop, other = tmp_path / "loop", tmp_path / "other"
+    loop, other = tmp_path / "loop.safetensors", tmp_path / "other"
     loop.symlink_to(other)
     other.symlink_to(loop)
     result = cli("export", kohya, "--format", "kohya", "-o", loop, code=4)
@@ -296,10 +296,10 @@ def test_numbers_beyond_float32_are_refused_in_one_line(tmp_path, kohya, args, m
 
     base = tmp_path / "base.safetensors"
     st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
-    names = {"k": kohya, "base": base, "out": tmp_path / "out"}
+    names = {"k": kohya, "base": base, "out": tmp_path / "out.safetensors"}
     result = cli(*[a.format(**names) for a in args], code=2)
     assert result.stderr.startswith(f"error: {message.format(**names)}")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_ties_precise_takes_weights_past_float32(tmp_path, kohya):

@@ -113,8 +113,9 @@ def test_a_language_models_adapter_exported_as_diffusers_says_which_format_it_ne
     """The diffusers format names a pipeline's components: a language model's adapter was refused with "module
     'model.layers.0.self_attn.q_proj' has no pipeline component prefix", naming neither the adapter nor what to do."""
     adapter = peft_adapter(base, tmp_path / "a", target_modules=["q_proj"])
-    result = CliRunner().invoke(main, ["export", str(adapter), "--format", "diffusers", "-o", str(tmp_path / "d")])
+    result = CliRunner().invoke(main, ["export", str(adapter), "--format", "diffusers", "-o",
+                                         str(tmp_path / "d.safetensors")])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.startswith(f"error: {adapter}: module 'model.layers.0.self_attn.q_proj' has no pipeline "
                                     "component prefix") and "--format peft or kohya" in result.output, result.output
-    assert not (tmp_path / "d").exists()
+    assert not (tmp_path / "d.safetensors").exists()

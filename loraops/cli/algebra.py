@@ -50,6 +50,12 @@ def echo_saved(result, name: str | None) -> None:
                + ("" if result.created else not_again(name, record.name, "adapter")))
 
 
+def echo_same_delta(source: str, why: str) -> None:
+    """A note, not a refusal: the result's ΔW is its input's (registered as another adapter where its factors
+    differ)."""
+    click.echo(f"note: the result has the same ΔW as {source} ({why})")
+
+
 def echo_capped(report, ranks: Iterable[tuple[int, bool]], ceiling: str) -> None:
     """One line for each fixed rank (--rank, --conv-rank) above the largest rank any module it ranks got (extract,
     resize; the default name follows the ranks got: derive.rank_name). ``ranks``: (rank got, whether a k×k
@@ -175,6 +181,8 @@ def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, re
     click.echo(f"{method}{f'({params_text})' if params_text else ''} of {inputs_text}")
     click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
     click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
+    if method == "cat" and [i.weight for i in report.inputs] == [1]:
+        echo_same_delta(report.inputs[0].ref, "a cat of one adapter at weight 1")
     echo_saved(result, name)
 
 
@@ -209,6 +217,9 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
                f"parameters {report.parameters_before:,} → {report.parameters_after:,}; "
                f"{report.precision} on {report.device}, {report.seconds:.2f} s")
     echo_capped(report, ((m.rank_after, m.spatial) for m in report.modules), "min(its rank, out, in)")
+    # a LoHa/LoKr module's rank is its product's r, not its ΔW's: kept, its ΔW may still be cut (fro kept < 1)
+    if all(m.rank_after == m.rank_before and m.fro_retained >= 1 - 1e-6 for m in report.modules):
+        echo_same_delta(result.adapter.lineage.inputs[0].label, "every module keeps its rank; up to rounding")
     echo_saved(result, name)
 
 
@@ -218,16 +229,20 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
 @click.option("-o", "--output", type=click.Path(), required=True, help="Destination (PEFT folder, or .safetensors).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @base_option
-def export(ref, fmt, output, force, base) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the ExportReport as JSON.")
+def export(ref, fmt, output, force, base, as_json) -> None:
     """Write an adapter (registry reference or path) in another layout, same deltas. An unregistered kohya file
     needs --base to be written as PEFT (and a VeRA file in any layout). PEFT AdaLoRA and VeRA adapters are written as
     the plain LoRA they equal."""
     from .. import derive
 
-    path, methods, left_out = derive.export(ref, fmt, output, force=force, base=base)
-    if left_out:
-        click.echo(f"left out {', '.join(left_out)}: PEFT's saved embedding layer (save_embedding_layers), the "
+    report = derive.export(ref, fmt, output, force=force, base=base)
+    if as_json:
+        echo_json(report)
+        return
+    if report.left_out:
+        click.echo(f"left out {', '.join(report.left_out)}: PEFT's saved embedding layer (save_embedding_layers), the "
                    "base's own values, which replace nothing")
-    plain = " and ".join(METHODS[m] for m in methods)
-    click.echo(f"wrote {path}" + (f": a plain LoRA with the {plain} adapter's ΔW (another adapter, of another "
-                                  "identity; `register` it to record it)" if methods else ""))
+    plain = " and ".join(METHODS[m] for m in report.plain_lora_of)
+    click.echo(f"wrote {report.output}" + (f": a plain LoRA with the {plain} adapter's ΔW (another adapter, of "
+                                           "another identity; `register` it to record it)" if plain else ""))

@@ -171,8 +171,13 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         raise UnsupportedAdapterError(f"{adapter.label}: {lycoris.described(adapter)}, so it cannot be written as "
                                       f"{fmt}; `loraops resize --rank K` makes a LoRA of it (an SVD of each module's ΔW)")
     writer, is_dir = WRITERS[fmt]
-    refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=", or --format kohya/diffusers for "
-                           "one .safetensors file" if is_dir else ", or --format peft for a folder")
+    instead = ", or --format kohya/diffusers for one .safetensors file" if is_dir else ", or --format peft for a folder"
+    refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=instead)
+    # Refused, not renamed: the output is where the user said. Without the suffix the file was written as named, and
+    # kohya's scripts, ComfyUI and A1111 list only .safetensors files.
+    if not is_dir and Path(dest).suffix.lower() != ".safetensors":
+        raise InvalidInputError(f"{dest}: a {fmt} adapter is one .safetensors file; give a name ending in "
+                                f".safetensors{instead}")
     staged = None
     try:
         with atomic_path(dest, force=force, is_dir=is_dir, keep_name=True) as staged:
