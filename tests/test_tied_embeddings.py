@@ -1846,15 +1846,10 @@ def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited, sa
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)
 
 
-def test_check_and_register_see_an_edited_tied_copy(tmp_path):
-    """check and register --base read headers only, but the values of a file's whole tensors: a tied Llama's
-    adapter saved with save_embedding_layers=True, its embeddings edited (the head's copy not), does not fit, with
-    the merge's reason (PEFT's load keeps one tied weight, whichever it reads last), against a base folder or a
-    registered base, and is not registered to it."""
-    from click.testing import CliRunner
+def edited_tied_copy(tmp_path):
+    """(a tied Llama base, its adapter saved with save_embedding_layers=True, the embeddings edited, the head's copy
+    not): a misfit only the values show."""
     from peft import LoraConfig, get_peft_model
-
-    from loraops.cli import main
 
     base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
     torch.manual_seed(1)
@@ -1864,12 +1859,43 @@ def test_check_and_register_see_an_edited_tied_copy(tmp_path):
     saved = load_file(weights)
     saved[f"base_model.model.{EMBED}"] = saved[f"base_model.model.{EMBED}"] + 0.25
     save_file(saved, weights, metadata={"format": "pt"})
+    return base, tmp_path / "a"
+
+
+def test_check_and_register_see_an_edited_tied_copy(tmp_path):
+    """check and register --base read headers only, but the values of a file's whole tensors: a tied Llama's
+    adapter saved with save_embedding_layers=True, its embeddings edited (the head's copy not), does not fit, with
+    the merge's reason (PEFT's load keeps one tied weight, whichever it reads last), against a base folder or a
+    registered base, and is not registered to it."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    base, _ = edited_tied_copy(tmp_path)
     why = "lm_head.weight (saved whole beside 'model.embed_tokens.weight', which this base ties it to and PEFT's load"
     assert CliRunner().invoke(main, ["base", "add", str(base), "--name", "tied"]).exit_code == 0
     for args in (["check", tmp_path / "a", "--base", base], ["check", tmp_path / "a", "--base", "tied"],
                  ["register", tmp_path / "a", "--base", "tied"]):
         result = CliRunner().invoke(main, [str(a) for a in args])
         assert result.exit_code not in (0, None) and why in result.output, (args, result.output)
+
+
+def test_check_of_an_edited_tied_copy_says_the_refusal_alone(tmp_path):
+    """check's output for an edited tied copy: the two whole tensors counted once each (1/2 match, was 2/3: the
+    refused head counted as a tensor and as a misfit), and no line saying a merge writes the head untied beside the
+    refusal to merge it."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    base, adapter = edited_tied_copy(tmp_path)
+    result = CliRunner().invoke(main, ["check", str(adapter), "--base", str(base)])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"{adapter} does not fit {base}: 1/1 modules and 1/2 whole tensors match\n"
+        "  lm_head.weight (saved whole beside 'model.embed_tokens.weight', which this base ties it to and PEFT's load "
+        "keeps tied (one tensor), with different values: PEFT's load keeps whichever it reads last; make the two "
+        f"equal)\nerror: {adapter} does not fit base {base}\n")
 
 
 @pytest.mark.parametrize("saves", [[], ["norm"]])
