@@ -1898,6 +1898,40 @@ def test_check_of_an_edited_tied_copy_says_the_refusal_alone(tmp_path):
         f"equal)\nerror: {adapter} does not fit base {base}\n")
 
 
+def test_register_reads_values_only_where_a_base_is_checked(tmp_path, monkeypatch):
+    """register reads the values of a file saving whole tensors (formats.read_for_fit) only to check it against a
+    base: not where no base is given or hinted (the file's base_model_name_or_path names none registered), once
+    where the hinted base is registered (the edited tied copy does not fit it: registered, not linked). Its NaN/Inf check covers wrapper state whatever is read for a fit: a NaN in
+    lm_head.original_module.weight (modules_to_save=["lm_head"] with save_embedding_layers) is refused."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraops.registry import Registry
+
+    base, adapter = edited_tied_copy(tmp_path)
+    reads = []
+    read_for_fit = formats.read_for_fit
+    monkeypatch.setattr(formats, "read_for_fit", lambda *a, **k: reads.append(a) or read_for_fit(*a, **k))
+    with Registry.open() as reg:
+        record = reg.register_adapter(adapter, name="edited").record
+        assert reads == [] and record.base is None
+        reg.add_base(str(base), name="tied")
+        again = reg.register_adapter(adapter, name="edited")
+        assert len(reads) == 1 and again.record.id == record.id and again.record.base is None
+        with pytest.raises(MismatchError, match="PEFT's load keeps tied"):
+            reg.register_adapter(adapter, base="tied")
+        assert len(reads) == 2
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model.save_pretrained(tmp_path / "w", save_embedding_layers=True)
+    weights = tmp_path / "w" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    saved["base_model.model.lm_head.original_module.weight"][3, 1] = float("nan")
+    save_file(saved, weights, metadata={"format": "pt"})
+    with Registry.open() as reg:
+        for given in (None, "tied"):
+            with pytest.raises(InvalidInputError, match="lm_head.original_module.weight' contains NaN or Inf"):
+                reg.register_adapter(tmp_path / "w", base=given)
+
+
 @pytest.mark.parametrize("saves", [[], ["norm"]])
 def test_a_peft_rewrite_keeps_saved_embedding_layers_tied(tmp_path, saves):
     """A tied Llama's adapter saved with save_embedding_layers=True (the embeddings and head edited alike) written
