@@ -2102,6 +2102,44 @@ def test_a_roberta_head_ensure_weight_tying_saves_with_save_embedding_layers_mer
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stored_twice", [False, True])
+@pytest.mark.parametrize("targets", [["decoder", "query"], ["word_embeddings", "query"], ["word_embeddings", "decoder"]])
+def test_an_edited_decoder_bias_saved_with_the_layers_reaches_the_tied_bias_as_peft_loads_it(tmp_path, targets,
+                                                                                              stored_twice):
+    """RoBERTa (tied) with a LoRA on lm_head.decoder or the word embeddings, saved with save_embedding_layers=True:
+    PEFT saves the decoder's bias (lm_head.decoder.base_layer.bias under its LoRA, lm_head.decoder.bias beside the
+    embeddings') and loads it into the one parameter lm_head.bias is. Edited, it is the merged model's decoder bias
+    and the merge computes PEFT's loaded model's logits, on a base that stores lm_head.bias alone (the bias bound to
+    it) or lm_head.decoder.bias too (an older checkpoint: stored twice)."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_transformers(tmp_path / "base", "roberta", "RobertaForMaskedLM", **TINY_BERT)
+    if stored_twice:
+        state = load_file(base / "model.safetensors")
+        save_file({**state, "lm_head.decoder.bias": state["lm_head.bias"].clone()}, str(base / "model.safetensors"),
+                  metadata={"format": "pt"})
+    cls = transformers.RobertaForMaskedLM
+    torch.manual_seed(1)
+    model = get_peft_model(cls.from_pretrained(base), LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    key = next(key for key in saved if key.startswith("base_model.model.lm_head.decoder.") and key.endswith(".bias"))
+    assert key.endswith("base_layer.bias") == ("decoder" in targets)
+    saved[key] = saved[key] + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    reference = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a")
+    torch.testing.assert_close(reference.base_model.model.lm_head.bias, saved[key], atol=0, rtol=0)
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    merged = cls.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(merged.lm_head.decoder.bias, saved[key], atol=0, rtol=0)
+    ids = torch.tensor([[0, 3, 5, 7, 2]])
+    with torch.no_grad():
+        theirs, ours = reference(ids).logits, merged(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def saved_layers_edited(base, folder, targets, edited):
     """A LoRA on ``targets`` saved with save_embedding_layers=True, the saved layers under the LoRAs of ``edited``
     (tensor names) moved by 0.25: the file's tensors."""
