@@ -422,7 +422,7 @@ class Registry:
         formats.common.given_alpha(alpha, path)
         refuse_unrecordable(source or path.resolve())
         tags = clean_tags(tags)  # what the arguments alone refuse, before the adapter is read or hashed
-        adapter = formats.read_adapter(path, alpha=alpha, values=False)  # what is no adapter is refused unhashed
+        formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
         files = formats.adapter_files(path)
         known = {} if written is None else written.sha256
         # Hashed next: what is read and checked below was read after, and the stored copy must hash the same (see
@@ -435,6 +435,7 @@ class Registry:
         # unchecked, which check_values covers as every tensor of the file.
         if written is None or not written.checked:
             formats.check_values(path)
+        adapter = formats.read_adapter(path, alpha=alpha, values=False)
         name = check_name(default_name(path) if name is None else name, "adapter")
 
         adapter, base_id = self._bind_base(adapter, base, lambda: formats.read_for_fit(path, alpha=alpha))
