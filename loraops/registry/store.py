@@ -531,12 +531,15 @@ class Registry:
 
         with self.session() as s:
             rows = [self._find_base(s, base)] if base is not None else self._hinted_bases(s, adapter.base_model)
-            bases = [(row.id, row.name, self._manifest(s, row.id), _configs_at(row.path)) for row in rows]
-        fit = for_fit() if bases else None
-        for base_id, base_name, manifest, sides in bases:
+            bases = [(row.id, row.name, row.path) for row in rows]
+        fit = None
+        for base_id, base_name, path in bases:  # each manifest loaded only once the bases before it do not fit
+            with self.session() as s:
+                manifest = self._manifest(s, base_id)
+            fit = for_fit() if fit is None else fit
             if base is not None:
-                check.require_fit(fit, manifest, base_name=base_name, sides=sides)
-            elif not check.check(fit, manifest, sides=sides).ok:
+                check.require_fit(fit, manifest, base_name=base_name, sides=_configs_at(path))
+            elif not check.check(fit, manifest, sides=_configs_at(path)).ok:
                 continue
             return check.bind(adapter, manifest), base_id
         return adapter, None
