@@ -1563,17 +1563,18 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                     matched -= 1
         ok = not missing
     tensor_misfits = {m.name for m in full_mismatches} | {n for n in missing if n in bound.full_tensors} | set(unsaved)
+    whole = bound.full_tensors.keys() | unsaved.keys()  # (a saved head refused for its values is in both: counted once)
+    refused_heads = set(missing) | {n.removesuffix(".weight") for n in missing}  # (refused: not said to be untied)
     return CheckReport(
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
         shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, token_row_mismatches=row_mismatches,
-        tied_heads=sorted(set(tied_heads)), why_missing=why_missing,
+        tied_heads=sorted(set(tied_heads) - refused_heads), why_missing=why_missing,
         token_rows=sum(len(r.indices) for r in bound.token_rows.values()),
         token_rows_matched=sum(len(r.indices) for n, r in bound.token_rows.items()
                                if n not in {m.name for m in row_mismatches}
                                and (n not in why_missing or n in bound.full_tensors)),
-        tensors=len(bound.full_tensors) + len(unsaved),
-        tensors_matched=len(bound.full_tensors) + len(unsaved) - len(tensor_misfits),
+        tensors=len(whole), tensors_matched=len(whole - tensor_misfits),
     )
 
 

@@ -965,3 +965,34 @@ def test_a_read_that_skipped_the_check_leaves_later_checks_on(reg, art, monkeypa
     assert looked == []  # (skipped)
     with pytest.raises(InvalidInputError, match="NaN or Inf"):
         algebra.finite_module("combine", replace(module, B=module.B * float("inf")))
+
+
+def test_hinted_bases_are_loaded_until_one_fits(reg, art, monkeypatch):
+    """Of several registered bases the adapter's base_model_name_or_path names, the first that fits is linked, and
+    the manifests of those after it are not loaded (a manifest is a row per base tensor: tens of thousands for an
+    MoE base)."""
+    loaded = []
+    manifest = Registry._manifest
+    monkeypatch.setattr(Registry, "_manifest", lambda self, s, base_id: loaded.append(base_id) or manifest(self, s, base_id))
+    fits = reg.add_base(art["base"], name="llama-tiny")
+    reg.add_base(art["other"], name="wide", source=str(art["base"]))  # same hint, other shapes
+    assert reg.add_adapter(art["ad1"]).base.name == "llama-tiny" and loaded == [fits.id]
+
+
+def test_a_file_replaced_before_its_hash_is_recorded_as_hashed(reg, art, tmp_path, monkeypatch):
+    """A file replaced after register's first read (which refuses what is no adapter) and before its hash is recorded
+    with the hash and the shapes of what it then is: the record's headers are read after the hash."""
+    from loraops.registry import store
+
+    shutil.copytree(art["ad1"], tmp_path / "a")
+    identity = store.adapter_identity
+
+    def replaced(path, *args):
+        if path == tmp_path / "a":
+            shutil.rmtree(path)
+            shutil.copytree(art["ad2"], path)
+        return identity(path, *args)
+
+    monkeypatch.setattr(store, "adapter_identity", replaced)
+    record = reg.add_adapter(tmp_path / "a")
+    assert record.rank == 8 and record.sha256 == identity(art["ad2"], None)

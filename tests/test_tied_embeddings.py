@@ -1846,15 +1846,10 @@ def test_embedding_layers_saved_without_a_lora_on_them(tmp_path, tie, edited, sa
     torch.testing.assert_close(logits(load_model(tmp_path / "out")), logits(reference), atol=1e-5, rtol=1e-5)
 
 
-def test_check_and_register_see_an_edited_tied_copy(tmp_path):
-    """check and register --base read headers only, but the values of a file's whole tensors: a tied Llama's
-    adapter saved with save_embedding_layers=True, its embeddings edited (the head's copy not), does not fit, with
-    the merge's reason (PEFT's load keeps one tied weight, whichever it reads last), against a base folder or a
-    registered base, and is not registered to it."""
-    from click.testing import CliRunner
+def edited_tied_copy(tmp_path):
+    """(a tied Llama base, its adapter saved with save_embedding_layers=True, the embeddings edited, the head's copy
+    not): a misfit only the values show."""
     from peft import LoraConfig, get_peft_model
-
-    from loraops.cli import main
 
     base = tiny_llama(tmp_path / "base", tie=True, hidden=16, layers=1, intermediate=32, vocab=128)
     torch.manual_seed(1)
@@ -1864,12 +1859,77 @@ def test_check_and_register_see_an_edited_tied_copy(tmp_path):
     saved = load_file(weights)
     saved[f"base_model.model.{EMBED}"] = saved[f"base_model.model.{EMBED}"] + 0.25
     save_file(saved, weights, metadata={"format": "pt"})
+    return base, tmp_path / "a"
+
+
+def test_check_and_register_see_an_edited_tied_copy(tmp_path):
+    """check and register --base read headers only, but the values of a file's whole tensors: a tied Llama's
+    adapter saved with save_embedding_layers=True, its embeddings edited (the head's copy not), does not fit, with
+    the merge's reason (PEFT's load keeps one tied weight, whichever it reads last), against a base folder or a
+    registered base, and is not registered to it."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    base, _ = edited_tied_copy(tmp_path)
     why = "lm_head.weight (saved whole beside 'model.embed_tokens.weight', which this base ties it to and PEFT's load"
     assert CliRunner().invoke(main, ["base", "add", str(base), "--name", "tied"]).exit_code == 0
     for args in (["check", tmp_path / "a", "--base", base], ["check", tmp_path / "a", "--base", "tied"],
                  ["register", tmp_path / "a", "--base", "tied"]):
         result = CliRunner().invoke(main, [str(a) for a in args])
         assert result.exit_code not in (0, None) and why in result.output, (args, result.output)
+
+
+def test_check_of_an_edited_tied_copy_says_the_refusal_alone(tmp_path):
+    """check's output for an edited tied copy: the two whole tensors counted once each (1/2 match, was 2/3: the
+    refused head counted as a tensor and as a misfit), and no line saying a merge writes the head untied beside the
+    refusal to merge it."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    base, adapter = edited_tied_copy(tmp_path)
+    result = CliRunner().invoke(main, ["check", str(adapter), "--base", str(base)])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"{adapter} does not fit {base}: 1/1 modules and 1/2 whole tensors match\n"
+        "  lm_head.weight (saved whole beside 'model.embed_tokens.weight', which this base ties it to and PEFT's load "
+        "keeps tied (one tensor), with different values: PEFT's load keeps whichever it reads last; make the two "
+        f"equal)\nerror: {adapter} does not fit base {base}\n")
+
+
+def test_register_reads_values_only_where_a_base_is_checked(tmp_path, monkeypatch):
+    """register reads the values of a file saving whole tensors (formats.read_for_fit) only to check it against a
+    base: not where no base is given or hinted (the file's base_model_name_or_path names none registered), once
+    where the hinted base is registered (the edited tied copy does not fit it: registered, not linked). Its NaN/Inf check covers wrapper state whatever is read for a fit: a NaN in
+    lm_head.original_module.weight (modules_to_save=["lm_head"] with save_embedding_layers) is refused."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraops.registry import Registry
+
+    base, adapter = edited_tied_copy(tmp_path)
+    reads = []
+    read_for_fit = formats.read_for_fit
+    monkeypatch.setattr(formats, "read_for_fit", lambda *a, **k: reads.append(a) or read_for_fit(*a, **k))
+    with Registry.open() as reg:
+        record = reg.register_adapter(adapter, name="edited").record
+        assert reads == [] and record.base is None
+        reg.add_base(str(base), name="tied")
+        again = reg.register_adapter(adapter, name="edited")
+        assert len(reads) == 1 and again.record.id == record.id and again.record.base is None
+        with pytest.raises(MismatchError, match="PEFT's load keeps tied"):
+            reg.register_adapter(adapter, base="tied")
+        assert len(reads) == 2
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model.save_pretrained(tmp_path / "w", save_embedding_layers=True)
+    weights = tmp_path / "w" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    saved["base_model.model.lm_head.original_module.weight"][3, 1] = float("nan")
+    save_file(saved, weights, metadata={"format": "pt"})
+    with Registry.open() as reg:
+        for given in (None, "tied"):
+            with pytest.raises(InvalidInputError, match="lm_head.original_module.weight' contains NaN or Inf"):
+                reg.register_adapter(tmp_path / "w", base=given)
 
 
 @pytest.mark.parametrize("saves", [[], ["norm"]])
@@ -2039,6 +2099,44 @@ def test_a_roberta_head_ensure_weight_tying_saves_with_save_embedding_layers_mer
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a")(ids).logits
         ours = cls.from_pretrained(tmp_path / "out")(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stored_twice", [False, True])
+@pytest.mark.parametrize("targets", [["decoder", "query"], ["word_embeddings", "query"], ["word_embeddings", "decoder"]])
+def test_an_edited_decoder_bias_saved_with_the_layers_reaches_the_tied_bias_as_peft_loads_it(tmp_path, targets,
+                                                                                              stored_twice):
+    """RoBERTa (tied) with a LoRA on lm_head.decoder or the word embeddings, saved with save_embedding_layers=True:
+    PEFT saves the decoder's bias (lm_head.decoder.base_layer.bias under its LoRA, lm_head.decoder.bias beside the
+    embeddings') and loads it into the one parameter lm_head.bias is. Edited, it is the merged model's decoder bias
+    and the merge computes PEFT's loaded model's logits, on a base that stores lm_head.bias alone (the bias bound to
+    it) or lm_head.decoder.bias too (an older checkpoint: stored twice)."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_transformers(tmp_path / "base", "roberta", "RobertaForMaskedLM", **TINY_BERT)
+    if stored_twice:
+        state = load_file(base / "model.safetensors")
+        save_file({**state, "lm_head.decoder.bias": state["lm_head.bias"].clone()}, str(base / "model.safetensors"),
+                  metadata={"format": "pt"})
+    cls = transformers.RobertaForMaskedLM
+    torch.manual_seed(1)
+    model = get_peft_model(cls.from_pretrained(base), LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    key = next(key for key in saved if key.startswith("base_model.model.lm_head.decoder.") and key.endswith(".bias"))
+    assert key.endswith("base_layer.bias") == ("decoder" in targets)
+    saved[key] = saved[key] + 0.25
+    save_file(saved, weights, metadata={"format": "pt"})
+    reference = PeftModel.from_pretrained(cls.from_pretrained(base), tmp_path / "a")
+    torch.testing.assert_close(reference.base_model.model.lm_head.bias, saved[key], atol=0, rtol=0)
+    engine.merge(base, [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    merged = cls.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(merged.lm_head.decoder.bias, saved[key], atol=0, rtol=0)
+    ids = torch.tensor([[0, 3, 5, 7, 2]])
+    with torch.no_grad():
+        theirs, ours = reference(ids).logits, merged(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 

@@ -429,14 +429,16 @@ class Registry:
         # _store_and_insert), so a file changed at any point after this is refused rather than stored unchecked.
         identity = adapter_identity(path, alpha, known.get(files[0].name))
         # shapes and alphas are all a record needs: the values are only checked, block by block (a 70B rank-64
-        # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied), and read where the
-        # file saves whole tensors, for the fit to the base (read_for_fit)
+        # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied), and read where a base
+        # is checked and the file saves whole tensors, for that fit alone (_bind_base). Checked apart from that read:
+        # it keeps what it reads whole, and leaves wrapper state (original_module, PEFT's second modules_to_save copy)
+        # unchecked, which check_values covers as every tensor of the file.
         if written is None or not written.checked:
             formats.check_values(path)
-        adapter = formats.read_for_fit(path, alpha=alpha)
+        adapter = formats.read_adapter(path, alpha=alpha, values=False)
         name = check_name(default_name(path) if name is None else name, "adapter")
 
-        adapter, base_id = self._bind_base(adapter, base)
+        adapter, base_id = self._bind_base(adapter, base, lambda: formats.read_for_fit(path, alpha=alpha))
         self.refuse_writes()  # before the copy into the store
         key = self.blobs.key(identity, None if path.is_dir() else path.name)
         # Under the shard lock: a concurrent `rm` of the same bytes cannot delete the blob between put and insert.
@@ -520,19 +522,26 @@ class Registry:
             version = 1
         return version
 
-    def _bind_base(self, adapter: "Adapter", base: str | int | None) -> tuple["Adapter", int | None]:
-        """(the adapter bound to its base, the base id) — see add_adapter."""
+    def _bind_base(self, adapter: "Adapter", base: str | int | None,
+                   for_fit: Callable[[], "Adapter"]) -> tuple["Adapter", int | None]:
+        """(the adapter bound to its base, the base id) — see add_adapter. ``adapter``: read headers only, all the
+        record needs; ``for_fit``: the adapter with the values a fit needs (formats.read_for_fit), read only where a
+        base is checked and dropped once the fit is decided."""
         from .. import check
 
         with self.session() as s:
+            rows = [self._find_base(s, base)] if base is not None else self._hinted_bases(s, adapter.base_model)
+            bases = [(row.id, row.name, row.path) for row in rows]
+        fit = None
+        for base_id, base_name, path in bases:  # each manifest loaded only once the bases before it do not fit
+            with self.session() as s:
+                manifest = self._manifest(s, base_id)
+            fit = for_fit() if fit is None else fit
             if base is not None:
-                row = self._find_base(s, base)
-                return check.require_fit(adapter, self._manifest(s, row.id), base_name=row.name,
-                                         sides=_configs_at(row.path)), row.id
-            for row in self._hinted_bases(s, adapter.base_model):
-                manifest = self._manifest(s, row.id)
-                if check.check(adapter, manifest, sides=_configs_at(row.path)).ok:
-                    return check.bind(adapter, manifest), row.id
+                check.require_fit(fit, manifest, base_name=base_name, sides=_configs_at(path))
+            elif not check.check(fit, manifest, sides=_configs_at(path)).ok:
+                continue
+            return check.bind(adapter, manifest), base_id
         return adapter, None
 
     def _hinted_bases(self, s: Session, hint: str | None) -> list[SqlBase]:
