@@ -1438,6 +1438,9 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if expected != tuple(module.weight_shape):
             mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(expected),
                                             actual=list(module.weight_shape)))
+        elif (why := lora_bias_misfit(module, manifest)) is not None:
+            missing.append(name)
+            why_missing[name] = why
         elif module.raw_parameter is None or module.raw_parameter[0] not in miscounted:
             matched += 1  # (an expert's share of a parameter whose experts are miscounted fits its tensor by accident)
     mismatches += miscounted.values()
@@ -1533,6 +1536,23 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         tensors=len(bound.full_tensors) + len(unsaved),
         tensors_matched=len(bound.full_tensors) + len(unsaved) - len(tensor_misfits),
     )
+
+
+def lora_bias_misfit(module: LoraModule, manifest: Mapping[str, object]) -> str | None:
+    """Why a module's lora_bias (PEFT) cannot be merged into this base, or None: its merge adds scale·lora_B.bias to
+    the layer's own bias, which must be there (PEFT's merge raises for a layer without one) and as long as B's
+    outputs."""
+    if module.lora_bias is None:
+        return None
+    if module.fused is not None or module.raw_parameter is not None:  # (PEFT makes no lora_bias there)
+        return "lora_bias on a part of a fused tensor or a raw parameter, which PEFT does not make"
+    info = manifest.get(module.bias_name)
+    if info is None:
+        return (f"lora_bias needs the base layer's bias, and the base has no {module.bias_name} "
+                "(PEFT cannot merge it either)")
+    if tuple(info.shape) != (module.out_features,):
+        return f"lora_bias is {module.out_features} long, the base's {module.bias_name} {fmt_shape(info.shape)}"
+    return None
 
 
 def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int, ...] | None:
