@@ -1405,7 +1405,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
 
     miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
-        if (why := saved_tie_refusal(bound, module, manifest, config)) is not None:
+        why = saved_tie_refusal(bound, module, manifest, config) or lora_bias_misfit(module, manifest)
+        if why is not None:  # (the bias before the weight's fit: a head the base does not store has none either)
             missing.append(name)
             why_missing[name] = why
             continue
@@ -1438,9 +1439,6 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
         if expected != tuple(module.weight_shape):
             mismatches.append(ShapeMismatch(name=name, tensor=module.weight_name, expected=list(expected),
                                             actual=list(module.weight_shape)))
-        elif (why := lora_bias_misfit(module, manifest)) is not None:
-            missing.append(name)
-            why_missing[name] = why
         elif module.raw_parameter is None or module.raw_parameter[0] not in miscounted:
             matched += 1  # (an expert's share of a parameter whose experts are miscounted fits its tensor by accident)
     mismatches += miscounted.values()

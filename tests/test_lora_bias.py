@@ -16,13 +16,13 @@ from loraops.errors import InvalidInputError, MismatchError
 
 
 
-def qwen2(path: Path, seed: int = 0) -> Path:
-    """A tiny float64 Qwen2 (its q/k/v projections have biases)."""
+def qwen2(path: Path, seed: int = 0, tie: bool = False) -> Path:
+    """A tiny float64 Qwen2 (its q/k/v projections have biases; ``tie``: its head, not stored, tied)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, tie_word_embeddings=tie)
     Qwen2ForCausalLM(config).to(torch.float64).save_pretrained(path)
     return path
 
@@ -96,6 +96,14 @@ def test_base_layer_without_bias_refused(made, tmp_path):
     run = loraops_run("check", adapter, "--base", base)
     assert run.returncode != 0 and "lora_bias needs the base layer's bias" in run.stdout + run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_tied_head_without_bias_refused(tmp_path):
+    """A head the base does not store (tied to the embeddings) has no bias either: refused, not merged without it."""
+    base = qwen2(tmp_path / "tied", tie=True)
+    adapter = bias_adapter(base, tmp_path / "head", targets=("lm_head",))
+    with pytest.raises(MismatchError, match=r"the base has no lm_head\.bias"):
+        engine.merge(base, [(formats.read_adapter(adapter), 1.0)], tmp_path / "out", device="cpu")
 
 
 def edited(adapter: Path, out: Path, edit) -> Path:
