@@ -213,7 +213,7 @@ def finite_module(what: str, module: LoraModule) -> LoraModule:
     from .formats.common import check_finite
 
     try:
-        for tensor in (module.A, module.B):
+        for tensor in (module.A, module.B, *([] if module.lora_bias is None else [module.lora_bias])):
             check_finite(module.name, "", tensor)  # type: ignore[arg-type]
     except InvalidInputError:
         raise InvalidInputError(f"{what}: module {module.name!r} comes out with NaN or Inf values (beyond what "

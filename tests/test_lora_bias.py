@@ -253,3 +253,14 @@ def test_gpt2_conv1d_matches_peft(tmp_path):
     assert not torch.equal(ours["transformer.h.1.mlp.c_fc.bias"], base["transformer.h.1.mlp.c_fc.bias"])
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_combined_bias_past_the_dtype_refused(made, tmp_path):
+    """A weighted bias beyond what the output dtype holds is refused, not written as inf."""
+    _, adapter = made
+    read = formats.read_adapter(adapter)
+    for module in read.modules.values():
+        module.A, module.B = module.A.half(), module.B.half()
+        module.lora_bias = torch.full_like(module.lora_bias, 60000, dtype=torch.float16)  # × scale 2: past 65504
+    with pytest.raises(InvalidInputError, match="comes out with NaN or Inf"):
+        algebra.combine([(read, 1.0)], "cat", device="cpu")
