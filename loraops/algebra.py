@@ -278,6 +278,12 @@ def combine_lazily(
         _check_module(name, modules)
     templates = {name: modules[0][1] for name, modules in present.items()}
     if any(a.lora_bias for a in adapters):  # (PEFT's lora_bias is one switch: every module of the result has one)
+        for name, modules in present.items():
+            label, module = modules[0]
+            if module.kind == "embedding" or module.raw_parameter is not None:  # (it would be written unreadable)
+                where = "an embedding" if module.kind == "embedding" else "a raw parameter (target_parameters)"
+                raise InvalidInputError(f"module {name!r} of {label} is on {where}, where the result's lora_bias (PEFT's "
+                                        "one switch, set by an input with lora_bias) cannot be; combine them apart")
         templates = {name: replace(t, lora_bias=torch.zeros(t.out_features, dtype=t.dtype, device="meta"))
                      for name, t in templates.items()}
 

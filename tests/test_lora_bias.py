@@ -27,14 +27,14 @@ def qwen2(path: Path, seed: int = 0, tie: bool = False) -> Path:
     return path
 
 
-def bias_adapter(base: Path, out: Path, *, targets=("q_proj", "v_proj"), seed: int = 1) -> Path:
+def bias_adapter(base: Path, out: Path, *, targets=("q_proj", "v_proj"), seed: int = 1, **config) -> Path:
     """A lora_bias adapter made by PEFT on ``base``, its lora_B biases random (PEFT's init zeroes them)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+    peft_model = get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, **config}, target_modules=list(targets),
                                                   init_lora_weights=False, lora_bias=True))
     for name, param in peft_model.named_parameters():
         if name.endswith("lora_B.default.bias"):
@@ -188,7 +188,8 @@ def test_combine_sums_weighted_biases(made, tmp_path, method):
     from factories import peft_adapter
 
     base, first = made
-    second = bias_adapter(base, tmp_path / "second", targets=("q_proj", "k_proj"), seed=2)
+    second = bias_adapter(base, tmp_path / "second", targets=("q_proj", "k_proj"), seed=2, r=2, lora_alpha=3,
+                          use_rslora=True)  # (another scale than the first's: each bias is weighted by its own)
     plain = peft_adapter(base, tmp_path / "plain", target_modules=["v_proj"], seed=3)
     inputs = [(formats.read_adapter(p), w) for p, w in ((first, 0.7), (second, -1.3), (plain, 0.5))]
     combined, _ = algebra.combine(inputs, method, precise=True, device="cpu")
@@ -264,3 +265,54 @@ def test_combined_bias_past_the_dtype_refused(made, tmp_path):
         module.lora_bias = torch.full_like(module.lora_bias, 60000, dtype=torch.float16)  # × scale 2: past 65504
     with pytest.raises(InvalidInputError, match="comes out with NaN or Inf"):
         algebra.combine([(read, 1.0)], "cat", device="cpu")
+
+
+def test_combine_with_a_plain_embedding_lora_refused(made, tmp_path):
+    """The result's lora_bias is one switch: a plain input's LoRA on the embeddings would get a bias PEFT (and loraops'
+    reader) refuses, so the combination is refused rather than written unreadable."""
+    from factories import peft_adapter
+
+    base, adapter = made
+    plain = peft_adapter(base, tmp_path / "embed", target_modules=["embed_tokens"])
+    tensors = load_file(plain / "adapter_model.safetensors")  # its LoRA only (no saved layer, which combine refuses)
+    save_file({k: v for k, v in tensors.items() if "lora_" in k}, plain / "adapter_model.safetensors")
+    inputs = [(formats.read_adapter(adapter), 1.0), (formats.read_adapter(plain), 1.0)]
+    with pytest.raises(InvalidInputError, match=r"'model\.embed_tokens' of .* is on an embedding, where the "
+                                                r"result's lora_bias .* cannot be"):
+        algebra.combine(inputs, "cat", device="cpu")
+
+
+@pytest.mark.parametrize("flag", [None, False, True])
+def test_identity_of_a_plain_lora_is_as_before(made, tmp_path, flag):
+    """A folder without lora_bias, or with "lora_bias": false, keeps the identity main gave it (the documented formula,
+    recomputed here); only "lora_bias": true adds the field."""
+    import hashlib
+
+    from factories import peft_adapter
+
+    plain = peft_adapter(made[0], tmp_path / "plain", target_modules=["q_proj"])
+    cfg = json.loads((plain / "adapter_config.json").read_text())
+    cfg.pop("lora_bias", None)
+    (plain / "adapter_config.json").write_text(json.dumps(cfg if flag is None else {**cfg, "lora_bias": flag}))
+    weights = hashlib.sha256((plain / "adapter_model.safetensors").read_bytes()).hexdigest()
+    fields = {"peft_type": "LORA", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": False,
+              "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "target_modules": ["q_proj"],
+              "modules_to_save": None, "use_dora": False, **({"lora_bias": True} if flag else {})}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    expected = hashlib.sha256(f"loraops-peft-identity-v1\n{weights}\n{canonical}".encode()).hexdigest()
+    assert formats.identity(plain) == expected
+
+
+def test_show_without_the_stored_file_still_shows_the_record(made, tmp_path):
+    """show reads the stored file only for lora_bias (the record has no field for it): a blob gone from the store does
+    not make show fail, as it did not before."""
+    import os
+
+    from factories import peft_adapter
+
+    plain = peft_adapter(made[0], tmp_path / "shown", target_modules=["q_proj"])
+    assert loraops_run("register", plain, "--name", "shown").returncode == 0
+    for weights in Path(os.environ["LORAOPS_HOME"]).rglob("adapter_model.safetensors"):
+        weights.unlink()
+    run = loraops_run("show", "shown")
+    assert run.returncode == 0 and "shown@1" in run.stdout, run.stdout + run.stderr
