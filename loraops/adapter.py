@@ -42,6 +42,9 @@ ModuleKind = Literal["linear", "conv", "embedding"]
 DORA_NOTE = "DoRA: a magnitude per output channel (merged as magnitude · (W + s·B·A)/‖W + s·B·A‖)"
 """What `inspect`, `show` and a pushed model card say of a DoRA adapter."""
 
+LORA_BIAS_NOTE = "lora_bias: lora_B has a bias (merged as bias + scale·lora_B.bias)"
+"""What `inspect` says of an adapter with PEFT lora_bias."""
+
 PRODUCT_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
 PRODUCT_NOTES = {"loha": "LoHa: ΔW = scale·(w1a·w1b)⊙(w2a·w2b)", "lokr": "LoKr: ΔW = scale·kron(w1, w2)"}
 """What `inspect`, `show` and a pushed model card say of an adapter with LoHa/LoKr modules, by Adapter.products."""
@@ -128,9 +131,28 @@ class LoraModule:
     (formats.peft.settled_orientation): whether W holds B·A or (B·A)ᵀ is its base layer's class, said when bound
     (check.fit_orientation). Until then it cannot be written in a layout that fixes orientation (kohya, diffusers)."""
 
+    lora_bias: "torch.Tensor | None" = None
+    """PEFT ``lora_bias``: the bias of lora_B, (out,), as stored (never pre-scaled). Its merge adds scale · lora_bias
+    to the base layer's bias (PEFT's merge; a base layer without one is refused, as PEFT's merge refuses it): see
+    ``bias_term``. None for a LoRA without it."""
+
     @property
     def dora(self) -> bool:
         return self.magnitude is not None
+
+    @property
+    def bias_name(self) -> str:
+        return f"{self.name}.bias"
+
+    def bias_term(self) -> "LoraModule":
+        """The change to the base layer's bias as a module of its own: scale · lora_bias·[1], a rank-1 "LoRA" on the
+        bias seen as an out×1 tensor (LoraModule.fused: all its rows), so the merge engine adds it as any delta."""
+        import torch
+
+        out = self.out_features
+        return LoraModule(name=self.bias_name, A=torch.ones(1, 1, dtype=self.lora_bias.dtype),
+                          B=self.lora_bias.reshape(out, 1), alpha=self.alpha, scale=self.scale,
+                          fused=(self.bias_name, 0, out, out))
 
     @property
     def experts(self) -> int:
@@ -159,7 +181,8 @@ class LoraModule:
         """Its stored values (a LoHa/LoKr's as composed, a Tucker core folded in)."""
         if self.product is not None:
             return self.product.numel()
-        return self.A.numel() + self.B.numel() + (self.magnitude.numel() if self.dora else 0)
+        return (self.A.numel() + self.B.numel() + (self.magnitude.numel() if self.dora else 0)
+                + (self.lora_bias.numel() if self.lora_bias is not None else 0))
 
     @property
     def in_features(self) -> int:
@@ -251,7 +274,9 @@ class LoraModule:
         report keeps of every module while the modules themselves come and go one at a time."""
         magnitude = None if self.magnitude is None else self.magnitude.to("meta")
         product = None if self.product is None else self.product.stand_in()
-        return replace(self, A=self.A.to("meta"), B=self.B.to("meta"), magnitude=magnitude, product=product)
+        bias = None if self.lora_bias is None else self.lora_bias.to("meta")
+        return replace(self, A=self.A.to("meta"), B=self.B.to("meta"), magnitude=magnitude, product=product,
+                       lora_bias=bias)
 
 
 @dataclass
@@ -364,6 +389,11 @@ class Adapter:
     def methods(self) -> list[str]:
         """The PEFT methods its modules were read from as plain LoRA (["adalora"], ["vera"] or [])."""
         return sorted({m.method for m in self.modules.values() if m.method is not None})
+
+    @property
+    def lora_bias(self) -> bool:
+        """PEFT lora_bias: its modules carry a bias on lora_B (all of them: PEFT's lora_bias is one switch)."""
+        return any(m.lora_bias is not None for m in self.modules.values())
 
     @property
     def ranks(self) -> dict[str, int | None]:

@@ -40,11 +40,19 @@ def _check_bases(bases: Sequence[object], labels: Sequence[str]) -> None:
         raise MismatchError(f"adapters are for different bases: {label1} is for {base1}, {label2} is for {base2}")
 
 
-def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str]) -> None:
+SUMS_BIASES = ("cat", "linear", "svd")
+"""The combine methods whose result is Σ wᵢ·ΔWᵢ itself (up to --rank), for which the lora_bias of the result is
+Σ wᵢ·sᵢ·lora_biasᵢ exactly."""
+
+
+def _check_combinable(adapters: Sequence[Adapter], labels: Sequence[str], method: str) -> None:
     from .formats import lowrank
     from .formats.lycoris import described
 
     for adapter, label in zip(adapters, labels):
+        if adapter.lora_bias and method not in SUMS_BIASES:
+            raise InvalidInputError(f"{label} has PEFT lora_bias (a bias on lora_B), which {method} does not define; "
+                                    "combine it with cat or linear (the biases summed, weighted)")
         if adapter.products:
             raise InvalidInputError(f"{label} is {described(adapter)}: combine works on low-rank factors; make a LoRA "
                                     "of it first (loraops resize --rank K), or merge the adapters into the base in turn")
@@ -205,7 +213,7 @@ def finite_module(what: str, module: LoraModule) -> LoraModule:
     from .formats.common import check_finite
 
     try:
-        for tensor in (module.A, module.B):
+        for tensor in (module.A, module.B, *([] if module.lora_bias is None else [module.lora_bias])):
             check_finite(module.name, "", tensor)  # type: ignore[arg-type]
     except InvalidInputError:
         raise InvalidInputError(f"{what}: module {module.name!r} comes out with NaN or Inf values (beyond what "
@@ -242,6 +250,8 @@ def combine_lazily(
     the same-base check; by default their base_model_name_or_path hints are compared. An expert's gate and up
     modules of a LoRA on fused MoE experts are combined jointly (``params.join_gate_up``), so they keep one A.
     Everything is checked now; the modules are computed as the Derivation is iterated."""
+    import torch
+
     from .formats import params as raw
     from .ops.combine import Context, Term
     from .settings import resolve_device
@@ -255,7 +265,7 @@ def combine_lazily(
     labels = list(labels) if labels is not None else [_label(a, i) for i, a in enumerate(adapters)]
     hints = [a.base_model.rstrip("/") if a.base_model else None for a in adapters]
     _check_bases(bases if bases is not None else hints, labels)
-    _check_combinable(adapters, labels)
+    _check_combinable(adapters, labels, method)
     if not any(a.modules for a in adapters):
         raise InvalidInputError("the inputs have no LoRA modules to combine")
     halves: raw.Halves = {}
@@ -267,6 +277,15 @@ def combine_lazily(
     for name, modules in present.items():  # all refused before anything is computed
         _check_module(name, modules)
     templates = {name: modules[0][1] for name, modules in present.items()}
+    if any(a.lora_bias for a in adapters):  # (PEFT's lora_bias is one switch: every module of the result has one)
+        for name, modules in present.items():
+            label, module = modules[0]
+            if module.kind == "embedding" or module.raw_parameter is not None:  # (it would be written unreadable)
+                where = "an embedding" if module.kind == "embedding" else "a raw parameter (target_parameters)"
+                raise InvalidInputError(f"module {name!r} of {label} is on {where}, where the result's lora_bias (PEFT's "
+                                        "one switch, set by an input with lora_bias) cannot be; combine them apart")
+        templates = {name: replace(t, lora_bias=torch.zeros(t.out_features, dtype=t.dtype, device="meta"))
+                     for name, t in templates.items()}
 
     started = time.perf_counter()
     target = resolve_device(device)
@@ -303,10 +322,14 @@ def combine_lazily(
                 made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
                                                              transposed=template.transposed))
             new_rank = int(made.A.shape[0])
-            module = finite_module(what, template.with_factors(
-                made.B.to(device="cpu", dtype=out_dtype), made.A.to(device="cpu", dtype=out_dtype),
-                alpha=float(new_rank), scale=1.0,
-            ))
+            module = template.with_factors(made.B.to(device="cpu", dtype=out_dtype),
+                                           made.A.to(device="cpu", dtype=out_dtype), alpha=float(new_rank), scale=1.0)
+            if module.lora_bias is not None:  # scale 1: Σ wᵢ·sᵢ·lora_biasᵢ
+                module.lora_bias = sum((float(weight) * m.scale * m.lora_bias.to(torch.float64)
+                                        for (_, weight), a in zip(inputs, adapters)
+                                        if (m := a.modules.get(name)) is not None and m.lora_bias is not None),
+                                       torch.zeros(template.out_features, dtype=torch.float64)).to(out_dtype)
+            module = finite_module(what, module)
             records.append(CombineModuleRecord(name=name, rank=new_rank, inputs=len(present[name]), svd=made.svd,
                                                error=made.error))
             del terms, made  # not kept while the module is written

@@ -1444,7 +1444,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
 
     miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
-        if (why := saved_tie_refusal(bound, module, manifest, config)) is not None:
+        why = saved_tie_refusal(bound, module, manifest, config) or lora_bias_misfit(module, manifest)
+        if why is not None:  # (the bias before the weight's fit: a head the base does not store has none either)
             missing.append(name)
             why_missing[name] = why
             continue
@@ -1576,6 +1577,23 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                and (n not in why_missing or n in bound.full_tensors)),
         tensors=len(whole), tensors_matched=len(whole - tensor_misfits),
     )
+
+
+def lora_bias_misfit(module: LoraModule, manifest: Mapping[str, object]) -> str | None:
+    """Why a module's lora_bias (PEFT) cannot be merged into this base, or None: its merge adds scale·lora_B.bias to
+    the layer's own bias, which must be there (PEFT's merge raises for a layer without one) and as long as B's
+    outputs."""
+    if module.lora_bias is None:
+        return None
+    if module.fused is not None or module.raw_parameter is not None:  # (PEFT makes no lora_bias there)
+        return "lora_bias on a part of a fused tensor or a raw parameter, which PEFT does not make"
+    info = manifest.get(module.bias_name)
+    if info is None:
+        return (f"lora_bias needs the base layer's bias, and the base has no {module.bias_name} "
+                "(PEFT cannot merge it either)")
+    if tuple(info.shape) != (module.out_features,):
+        return f"lora_bias is {module.out_features} long, the base's {module.bias_name} {fmt_shape(info.shape)}"
+    return None
 
 
 def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int, ...] | None:

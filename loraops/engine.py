@@ -464,10 +464,12 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             if abs(weight * module.scale) > FLOAT32_MAX:  # addmm_ refused it as a coefficient: a traceback
                 raise InvalidInputError(f"{adapter.label}: weight {weight:g} × scale {module.scale:g} of module "
                                         f"{module.name!r} is beyond what float32 holds")
-            if applies(module, weight):
-                terms.setdefault(module.weight_name, []).append((module, weight * module.scale))
-                changed_by.setdefault(module.weight_name, set()).add(index)
-                position[id(module)] = index
+            # (PEFT lora_bias: the change to the layer's bias is a module of its own, on the bias tensor)
+            for term in [module] if module.lora_bias is None else [module, module.bias_term()]:
+                if applies(term, weight):
+                    terms.setdefault(term.weight_name, []).append((term, weight * term.scale))
+                    changed_by.setdefault(term.weight_name, set()).add(index)
+                    position[id(term)] = index
         adapted = saved_layer_tensors(adapter)
         for name, tensor in adapter.full_tensors.items():
             # PEFT's saved layer under a LoRA (save_embedding_layers): untouched by training it replaces nothing;

@@ -17,7 +17,7 @@ def inspect_path(path: str | Path, alpha: float | None = None) -> InspectReport:
         path=str(path), format=adapter.format, identity=formats.identity(path), files=[str(f) for f in files],
         size=sum(f.stat().st_size for f in files), dtype=str(adapter.dtype).removeprefix("torch."),
         rank=adapter.rank, alpha=adapter.alpha, scale_mode=adapter.scale_mode, target_modules=adapter.target_modules,
-        dora=adapter.dora, products=adapter.products, methods=adapter.methods,
+        dora=adapter.dora, products=adapter.products, methods=adapter.methods, lora_bias=adapter.lora_bias,
         trainable_tokens={n: list(r.indices) for n, r in adapter.token_rows.items()},
         num_modules=len(adapter.modules), num_parameters=adapter.num_parameters, names_resolved=adapter.names_resolved,
         base_model=adapter.base_model, full_tensors=sorted(adapter.full_tensors), metadata=adapter.metadata,

@@ -362,6 +362,8 @@ class InspectReport(Record):
     """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (see Adapter.products)."""
     methods: list[Literal["adalora", "vera"]] = []
     """The PEFT methods (AdaLoRA, VeRA) its modules were read from as the plain LoRA each equals (Adapter.methods)."""
+    lora_bias: bool = False
+    """PEFT lora_bias: its lora_B factors have a bias, which a merge adds to the layers' biases (Adapter.lora_bias)."""
     num_modules: int
     num_parameters: int
     names_resolved: bool

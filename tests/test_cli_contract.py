@@ -319,7 +319,7 @@ def test_ties_precise_takes_weights_past_float32(tmp_path, kohya):
 
 @pytest.mark.parametrize("field, value, message", [
     ("init_lora_weights", "pissa", "init_lora_weights='pissa': PEFT takes this initialisation out of the base"),
-    ("lora_bias", True, "a LoRA with a bias on B (lora_bias); loraops handles plain LoRA only"),
+    ("use_qalora", True, "a QA-LoRA adapter (use_qalora); loraops handles plain LoRA only"),
 ])
 @pytest.mark.registry_backend
 def test_a_refused_config_is_refused_even_when_its_weights_are_registered(tmp_path, field, value, message):

@@ -109,17 +109,24 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
 @click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
 def show(ref: str, as_json: bool) -> None:
     """Show an adapter: by name (latest version), name@version, id, or sha256 prefix."""
+    from ..errors import LoraopsError
+    from ..formats.peft import has_lora_bias
+
     with _reader() as reg:
         r = reg.get_adapter(ref)
     if as_json:
         echo_json(r)
         return
+    try:  # (the record alone has no lora_bias; a damaged store is verify's to report, show still shows the record)
+        biased = r.format == "peft" and has_lora_bias(r.path)
+    except (OSError, LoraopsError):
+        biased = False
     fields = [
         ("name", r.ref), ("id", r.id), ("sha256", r.sha256), ("weights sha256", r.weights_sha256),
         ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),
         ("rank", number(r.rank, len(r.modules))), ("alpha", number(r.alpha, len(r.modules))),
         ("scale mode", scale_mode(r)),
-        *variants(r),
+        *variants(r, biased),
         *([("trainable tokens", tokens_phrase(r.token_rows))] if r.token_rows != {} else []),
         ("targets", ", ".join(r.target_modules) or "-"), ("parameters", f"{r.num_parameters:,}"),
         ("base", f"{r.base.name} ({r.base.fingerprint[:12]})" if r.base else "-"),

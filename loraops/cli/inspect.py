@@ -33,7 +33,7 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("rank", number(report.rank, report.num_modules)),
         ("alpha", number(report.alpha, report.num_modules)),
         ("scale mode", scale_mode(report)),
-        *variants(report),
+        *variants(report, report.lora_bias),
         ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
         ("parameters", f"{report.num_parameters:,}"),
         ("base model", report.base_model or "-"),

@@ -6,7 +6,7 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-from ..adapter import DORA_NOTE, METHOD_NOTES, PRODUCT_NOTES
+from ..adapter import DORA_NOTE, LORA_BIAS_NOTE, METHOD_NOTES, PRODUCT_NOTES
 from ..adapter import METHOD_NAMES as METHODS  # noqa: F401 - list and register say it
 from ..adapter import PRODUCT_NAMES as PRODUCTS  # noqa: F401 - list and register say it
 
@@ -88,10 +88,12 @@ def rows_read_unbound(record, method: str) -> bool:
     return len({m.in_features for m in record.modules}) <= 1
 
 
-def variants(record) -> list[tuple[str, str]]:
-    """The `variant` lines `show` and `inspect` give an adapter (an AdapterRecord or InspectReport): DoRA, LoHa/LoKr
-    modules, AdaLoRA/VeRA modules."""
+def variants(record, lora_bias: bool = False) -> list[tuple[str, str]]:
+    """The `variant` lines `show` and `inspect` give an adapter (an AdapterRecord or InspectReport): DoRA, PEFT
+    lora_bias (which the registry does not record: ``lora_bias``), LoHa/LoKr modules, AdaLoRA/VeRA modules."""
     lines = [DORA_NOTE] if record.dora else []
+    if lora_bias:
+        lines.append(LORA_BIAS_NOTE)
     if record.products:
         lines.append("; ".join(PRODUCT_NOTES[p] for p in record.products)
                      + " (merged exactly; resize --rank K makes a LoRA of it)")

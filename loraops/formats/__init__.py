@@ -242,6 +242,11 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
             f"{label}: a DoRA adapter (lora_magnitude_vector) cannot be written as kohya: sd-scripts' LoRA "
             "has no magnitude, and LyCORIS' dora_scale decomposes the weight its own way; write it as peft or diffusers"
         )
+    if fmt != "peft" and adapter.lora_bias:
+        raise UnsupportedAdapterError(
+            f"{label}: an adapter with PEFT lora_bias (a bias on lora_B) cannot be written as {fmt}, which has no "
+            "place for it; write it as peft"
+        )
     if fmt != "peft" and adapter.token_rows:
         raise UnsupportedAdapterError(
             f"{label}: an adapter with PEFT trainable tokens (rows of {next(iter(adapter.token_rows))!r}) "
@@ -305,6 +310,8 @@ def math_config(config: dict) -> dict:
         out["alpha"] = config.get("alpha", peft.MATH_FIELDS["lora_alpha"])
     if str(config.get("peft_type")).upper() == "ADALORA":  # its ranknum, which divides the scale
         out["init_r"] = config.get("init_r", lowrank.INIT_R)
+    if config.get("lora_bias"):  # (only when set, as below: a biased copy of a plain LoRA's file is no plain LoRA)
+        out["lora_bias"] = True
     if value := config.get("target_parameters"):  # only when set: the identities of other adapters stay as they were
         # sorted like the lists above; a malformed value as it is (hashed before the reader refuses it)
         out["target_parameters"] = sorted(value, key=str) if isinstance(value, list) else value

@@ -47,6 +47,8 @@ ADALORA_MARKER = (r"(^|\.)lora_E(\.|$)", "an AdaLoRA adapter (lora_E, SVD-parame
 VERA_MARKER = (r"(^|\.)vera_lambda_[bd](\.|$)", "a VeRA adapter (vera_lambda_b/_d, shared random projections) "
                                                 "outside a PEFT folder with its adapter_config.json")
 
+LORA_BIAS_MARKER = (r"(^|\.)(lora_B|lora_up)(\.[^.]+)?\.bias$", "a LoRA with a bias on its up factor (PEFT lora_bias)")
+"""Read from a PEFT folder (formats.peft); refused in every other layout, which has no such bias."""
 READ_ELSEWHERE = (*PRODUCT_MARKERS, ADALORA_MARKER, VERA_MARKER)
 
 # Key segments of layouts whose math is not W + s·B·A (checked before anything else, so the message names them).
@@ -63,7 +65,7 @@ REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
     (r"(^|\.)boft_[Rs](\.|$)", "a BOFT adapter (boft_R, butterfly orthogonal finetuning)"),
     ADALORA_MARKER,
     VERA_MARKER,
-    (r"(^|\.)(lora_B|lora_up)\.bias$", "a LoRA with a bias on its up factor (PEFT lora_bias)"),
+    LORA_BIAS_MARKER,
     (r"\.diff(_b)?$", "a full-weight difference file (.diff/.diff_b keys, LyCORIS 'full')"),
     (r"(^|\.)[wb]_norm$", "a LyCORIS norm-layer adapter (w_norm/b_norm)"),
 )
@@ -81,7 +83,6 @@ OTHER_PEFT_TYPES = {
 
 # LoraConfig fields that change the math away from W + s·B·A (or add weights we would drop) when set.
 REFUSED_CONFIG_FLAGS = {
-    "lora_bias": "a LoRA with a bias on B (lora_bias)",
     "use_qalora": "a QA-LoRA adapter (use_qalora)",
     "use_bdlora": "a block-diagonal LoRA (use_bdlora)",
     "alora_invocation_tokens": "an activated LoRA (alora_invocation_tokens): applied only after invocation tokens",
@@ -320,6 +321,7 @@ def build_module(
     path: Path, name: str, A: "torch.Tensor", B: "torch.Tensor", *, a_key: str, b_key: str, alpha: float | None,
     rslora: bool = False, kind: ModuleKind | None = None, fan_in_fan_out: bool = False, extra_keys: tuple[str, ...] = (),
     magnitude: "torch.Tensor | None" = None, magnitude_key: str = "", stored: Iterable["torch.Tensor"] = (),
+    lora_bias: "torch.Tensor | None" = None, bias_key: str = "",
 ) -> LoraModule:
     """A validated LoraModule from stored factors. ``kind`` None means linear or conv by the number of dims;
     ``alpha`` None means alpha = r (kohya's rule for a missing alpha); ``magnitude``: a DoRA module's, as stored
@@ -358,11 +360,20 @@ def build_module(
         check_finite(path, magnitude_key, magnitude)
         magnitude = magnitude.reshape(-1)
         extra_keys = (*extra_keys, magnitude_key)
+    if lora_bias is not None:
+        if tuple(lora_bias.shape) != (int(B.shape[0]),) or not lora_bias.is_floating_point():
+            raise InvalidInputError(
+                f"{path}: module {name!r}: lora_bias {bias_key} is {fmt_shape(lora_bias.shape)} "
+                f"{str(lora_bias.dtype).removeprefix('torch.')}, not {int(B.shape[0])} floating point (one value per "
+                f"output of {b_key} {fmt_shape(B.shape)})"
+            )
+        check_finite(path, bias_key, lora_bias)
+        extra_keys = (*extra_keys, bias_key)
     rank = int(A.shape[0])
     alpha = float(rank) if alpha is None else alpha
     return LoraModule(
         name=name, A=A, B=B, alpha=alpha, scale=lora_scale(alpha, rank, rslora), kind=kind,
-        fan_in_fan_out=fan_in_fan_out, source_keys=(a_key, b_key, *extra_keys), magnitude=magnitude,
+        fan_in_fan_out=fan_in_fan_out, source_keys=(a_key, b_key, *extra_keys), magnitude=magnitude, lora_bias=lora_bias,
         stored_dtype=widest_dtype(*(t.dtype for t in stored)) if stored else None,
     )
 

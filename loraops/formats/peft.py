@@ -189,6 +189,8 @@ class ScaleConfig:
     method: str | None = None
     """"adalora"/"vera" for an AdaLoraConfig/VeraConfig adapter (see formats.lowrank), else None; ``r`` is then
     AdaLoRA's init_r or VeRA's r."""
+    lora_bias: bool | None = None
+    """PEFT's lora_bias as the config says (None: it says nothing, a bare file: the lora_B.bias keys decide)."""
     ensure_weight_tying: bool = False
     """PEFT's ensure_weight_tying: a saved module tied to another (a tied model's embeddings and head) is saved under
     both names, the counterpart without a modules_to_save entry of its own."""
@@ -275,7 +277,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     r = cfg.get("r")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise InvalidInputError(f"{path}: config r={r!r} must be a positive integer")
-    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
         if not isinstance(cfg.get(flag, False), bool):
             raise InvalidInputError(f"{path}: config {flag}={cfg[flag]!r} must be true or false")
     rank_pattern = cfg.get("rank_pattern") or {}
@@ -314,6 +316,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)) if recorded is None else recorded,
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
         dora=cfg["use_dora"] if "use_dora" in cfg else None, product=product, method=method,
+        lora_bias=cfg["lora_bias"] if "lora_bias" in cfg else None,
         ensure_weight_tying=tying,
     )
 
@@ -487,7 +490,7 @@ def metadata_config(header: st.Header) -> dict | None:
 @dataclass
 class ParsedKeys:
     factors: dict[str, dict[str, str]]
-    """module name → {"A"/"B": key, and "magnitude": key for a DoRA module}"""
+    """module name → {"A"/"B": key, "magnitude": key for a DoRA module, "lora_bias": key for lora_B's bias}"""
     kinds: dict[str, str]
     others: list[str]
 
@@ -504,12 +507,15 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
             others.append(key)
             continue
         segments = match["rest"].split(".")[1:]
-        if segments and segments[-1] == "weight":
+        which, kind = FACTOR_PARTS.get(match["part"]) or (OTHER_PARTS[match["part"]], None)
+        if segments and segments[-1] == "bias" and match["part"] == "lora_B":  # PEFT lora_bias
+            which, kind = "lora_bias", None
+            segments.pop()
+        elif segments and segments[-1] == "weight":
             segments.pop()
         if len(segments) > 1:  # at most one adapter-name segment
             raise common.unknown_layout(path, [key], "unknown LoRA key layout")
         adapter_names.update(segments)
-        which, kind = FACTOR_PARTS.get(match["part"]) or (OTHER_PARTS[match["part"]], None)
         name = module_name(match["module"])
         parts = factors.setdefault(name, {})
         if which in parts:
@@ -545,6 +551,7 @@ def build_modules(
             what = f"a DoRA magnitude ({parts['magnitude']!r})" if "magnitude" in parts else "no lora_magnitude_vector"
             raise InvalidInputError(f"{path}: module {name!r} has {what} but the config says use_dora: "
                                     f"{str(cfg.dora).lower()}")
+        refuse_lora_bias(path, name, parts, cfg, parsed.kinds[name])
         alpha = cfg.alpha_for(pattern_name)
         if alpha is None:
             raise InvalidInputError(
@@ -557,6 +564,7 @@ def build_modules(
             fan_in_fan_out=common.peft_fan_in_fan_out(cfg.fan_in_fan_out, name) and kind == "linear"
             and tensors[parts["A"]].dim() == 2,
             magnitude=tensors[parts["magnitude"]] if "magnitude" in parts else None, magnitude_key=parts.get("magnitude", ""),
+            lora_bias=tensors[parts["lora_bias"]] if "lora_bias" in parts else None, bias_key=parts.get("lora_bias", ""),
         )
     switches: dict[str | None, set[bool]] = {}
     for name, module in modules.items():
@@ -567,6 +575,31 @@ def build_modules(
         raise InvalidInputError(f"{path}: only some modules carry a DoRA magnitude (lora_magnitude_vector); "
                                 f"{plain!r} has none")
     return modules
+
+
+def has_lora_bias(path: str | Path) -> bool:
+    """Whether the PEFT adapter at ``path`` (a folder or its weights file) has lora_B biases (lora_bias), by its
+    tensor names."""
+    path = Path(path)
+    keys = st.read_header(weights_file(path) if path.is_dir() else path).tensors
+    return any(re.search(common.LORA_BIAS_MARKER[0], key) for key in keys)
+
+
+def refuse_lora_bias(path: Path, name: str, parts: dict[str, str], cfg: ScaleConfig, kind: str) -> None:
+    """A module's lora_B.bias as PEFT loads it: its lora_bias is one switch for the whole adapter, which the bias keys
+    must agree with where a config says it (false: PEFT's lora_B has no bias and leaves the stored one unused; true
+    with a bias missing: PEFT's stays as its init made it), and it makes none for embeddings or DoRA (its config
+    refuses them)."""
+    if "lora_bias" not in parts:
+        if cfg.lora_bias:
+            raise InvalidInputError(f"{path}: module {name!r} has no lora_B.bias but the config says lora_bias: true")
+        return
+    if cfg.lora_bias is False:
+        raise InvalidInputError(f"{path}: module {name!r} has a lora_B bias ({parts['lora_bias']!r}) but the config "
+                                "says lora_bias: false (PEFT would leave it unused)")
+    if kind == "embedding" or "magnitude" in parts or cfg.dora:
+        what = "an embedding" if kind == "embedding" else "DoRA"
+        raise UnsupportedAdapterError(f"{path}: module {name!r}: lora_bias on {what}, which PEFT itself refuses")
 
 
 def saved_layer_tensors(adapter: Adapter) -> set[str]:
@@ -767,7 +800,11 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if method is not None:
         lowrank.refuse_unsupported(weights, keys, method)
     else:
-        (common.refuse_unsupported if product is None else lycoris.refuse_unsupported)(weights, keys)
+        if product is None:
+            common.refuse_unsupported(weights, keys, [m for m in common.REFUSED_MARKERS
+                                                      if m is not common.LORA_BIAS_MARKER])  # (read here)
+        else:
+            lycoris.refuse_unsupported(weights, keys)
     parsed = parse_keys(weights, keys, lambda module: module.removeprefix(PREFIX))
     if (product is not None or method == "vera") and parsed.factors:
         raise InvalidInputError(f"{weights}: lora_A/lora_B keys ({next(iter(parsed.factors))!r}) in a "
@@ -927,6 +964,10 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
     if len(dora) > 1:
         raise FormatError("cannot write an adapter where only some modules are DoRA: PEFT's use_dora is one switch "
                           "for the whole adapter")
+    lora_bias = {m.lora_bias is not None for m in modules.values()}
+    if len(lora_bias) > 1:
+        raise FormatError("cannot write an adapter where only some modules have a lora_B bias: PEFT's lora_bias is "
+                          "one switch for the whole adapter")
     cfg = dict(base or {})
     kept = _patterns(cfg, ranks, alphas)
     if kept is None:
@@ -961,6 +1002,8 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
     if target_parameters:
         cfg["target_parameters"] = sorted(target_parameters)
     cfg["bias"] = cfg.get("bias") or "none"  # PEFT itself cannot load "bias": null (it reads it as a string)
+    if lora_bias == {True} or cfg.get("lora_bias"):
+        cfg["lora_bias"] = lora_bias == {True}
     cfg.setdefault("lora_dropout", 0.0)
     cfg.setdefault("task_type", None)
     cfg.setdefault("init_lora_weights", True)
@@ -1012,6 +1055,8 @@ def module_tensors(module: LoraModule, prefix: str) -> list[tuple[str, "torch.Te
     if module.dora:
         shape = common.magnitude_shape(module.kind, module.A.dim(), module.out_features)
         tensors.append((f"{prefix}{module.name}.lora_magnitude_vector", module.magnitude.reshape(shape)))
+    if module.lora_bias is not None:
+        tensors.append((f"{prefix}{module.name}.lora_B.bias", module.lora_bias))
     return tensors
 
 
