@@ -332,7 +332,8 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     modules_to_save (as PEFT loads it, a task model's entries included: peft.identity_entries), use_dora (absent ones as
     PEFT's defaults, lists sorted, empty lists as null), LoHa/LoKr's alpha
     and AdaLoRA's init_r (its ranknum divides the scale), target_parameters when set (sorted; absent otherwise, as
-    before it was read), and trainable_token_indices / token_indices when set (unsorted: their order pairs indices
+    before it was read), lora_bias when true (absent otherwise, so a plain LoRA's identity is unchanged), and
+    trainable_token_indices / token_indices when set (unsorted: their order pairs indices
     with stored rows; trainable_token_indices as the rows it gives the file's token tensors, see
     tokens.canonical_indices, so its list and dict spellings agree). So the same
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
