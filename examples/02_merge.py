@@ -5,7 +5,8 @@ LoRAs into single-file SD 1.x and SDXL checkpoints (sd-scripts' names bound to t
 second text encoder keeps q, k and v fused in one tensor), a LyCORIS LoHa into the SD 1.x checkpoint (checked against
 LyCORIS' formula in float64), and a diffusers-format FLUX LoRA into a FLUX.1 checkpoint
 in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes. A LoRA
-with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones. PEFT AdaLoRA
+with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones. A PEFT
+lora_bias adapter (a bias on lora_B), its biases merged into the base layers'. PEFT AdaLoRA
 (after its budget allocation) and VeRA adapters, read, merged and exported as the plain LoRAs they equal.
 
     python examples/02_merge.py [WORKDIR]
@@ -127,6 +128,15 @@ def main() -> None:
     loraops("merge", tokens, "--into", small, "-o", work / "tokens-merged", "--no-record")
     print(f"\nmerged model vs the PEFT model: max |Δ logits| {logit_gap(small, tokens, work / 'tokens-merged'):.0e}")
     loraops("merge", f"{tokens}:0.5", "--into", small, "-o", work / "tokens-half", "--no-record", ok=False)
+
+    print("\n--- PEFT lora_bias (a bias on lora_B): merged into the base layers' biases, b + s·lora_B.bias ---")
+    biased = llama(work / "llama-bias", attention_bias=True)
+    with_bias = peft_lora(biased, work / "lora-bias", r=4, alpha=8, targets=["q_proj", "v_proj"], seed=9, lora_bias=True)
+    loraops("inspect", with_bias)
+    loraops("merge", with_bias, "--into", biased, "-o", work / "lora-bias-merged", "--no-record")
+    gap = logit_gap(biased, with_bias, work / "lora-bias-merged")
+    print(f"\nmerged model vs the PEFT model: max |Δ logits| {gap:.0e}")
+    loraops("check", with_bias, "--base", small, ok=False)  # its q/v have no bias: PEFT cannot merge it either
 
     print("\n--- PEFT AdaLoRA (after its budget allocation) and VeRA (shared random projections): plain LoRAs ---")
     ada = adalora(small, work / "adalora", init_r=6, alpha=16, targets=TARGETS)

@@ -9,13 +9,15 @@ import torch
 
 
 def llama(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
-          shard_size: str | None = None) -> Path:
-    """A random Llama-style model saved by transformers (sharded, with an index, when shard_size is given)."""
+          shard_size: str | None = None, attention_bias: bool = False) -> Path:
+    """A random Llama-style model saved by transformers (sharded, with an index, when shard_size is given;
+    ``attention_bias``: q, k, v and o with biases, as Qwen2's q, k, v)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False,
+                         attention_bias=attention_bias)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     LlamaForCausalLM(config).to(dtype).save_pretrained(path, safe_serialization=True, **kwargs)
     return Path(path)
@@ -76,11 +78,13 @@ def gpt_oss(path: Path, *, hidden: int = 32, layers: int = 2, experts: int = 4, 
 
 
 def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str] | str, seed: int = 1,
-              parameters: list[str] | None = None, dora: bool = False, tokens: list[int] | None = None) -> Path:
+              parameters: list[str] | None = None, dora: bool = False, tokens: list[int] | None = None,
+              lora_bias: bool = False) -> Path:
     """A PEFT LoRA folder trained on nothing: random, non-zero factors, as peft itself writes them (``parameters``:
     PEFT's target_parameters). ``dora``: a DoRA adapter (use_dora), its magnitudes moved off PEFT's initial ‖W + s·B·A‖
     (where DoRA merges as plain LoRA would), as training moves them. ``tokens``: PEFT trainable tokens
-    (trainable_token_indices) on the input embeddings, their rows moved off the embeddings' own values."""
+    (trainable_token_indices) on the input embeddings, their rows moved off the embeddings' own values.
+    ``lora_bias``: a bias on each lora_B (PEFT's lora_bias), random as nn.Linear initializes it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -92,7 +96,7 @@ def peft_lora(base: Path, out: Path, *, r: int, alpha: float, targets: list[str]
         warnings.filterwarnings("ignore", message=r".*_pattern keys did not match any targeted module")
         peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_dora=dora,
                                                       target_parameters=parameters, init_lora_weights=False,
-                                                      trainable_token_indices=tokens))
+                                                      trainable_token_indices=tokens, lora_bias=lora_bias))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_magnitude_vector" in name:
