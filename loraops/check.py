@@ -1464,10 +1464,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 matched += 1
             else:
                 missing.append(name)
-                # (FSMT's encoder lookup, tied to its decoder's: untied_side_embeddings)
-                if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest) or next(
-                        (s for s in manifest if sides is not None
-                         and module.weight_name in untied_side_embeddings(s, sides(s))), None)) is not None:
+                if (shared := shared_embeddings_of(module.weight_name, module.weight_shape, manifest)
+                        or _decoder_lookup_of(module.weight_name, manifest, sides)) is not None:
                     why_missing[name] = side_lookup_refusal(shared, "a LoRA on one side's lookup",
                                                             sides(shared) if sides is not None else None)
                 elif (why := params.why_unstored(name, manifest)) is not None:
@@ -1577,6 +1575,17 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                and (n not in why_missing or n in bound.full_tensors)),
         tensors=len(whole), tensors_matched=len(whole - tensor_misfits),
     )
+
+
+def _decoder_lookup_of(weight_name: str, manifest: Mapping[str, object],
+                       sides: Callable[[str], dict] | None) -> str | None:
+    """The stored decoder embeddings an encoder's lookup ``weight_name`` (not stored) is tied to, where
+    untied_side_embeddings says so (FSMT's: its encoder's embed_tokens are its decoder's), by name: the one candidate,
+    not a scan of the manifest asking each tensor's config."""
+    if sides is None or not names_module(weight_name, "encoder.embed_tokens.weight"):
+        return None
+    source = weight_name.removesuffix("encoder.embed_tokens.weight") + "decoder.embed_tokens.weight"
+    return source if source in manifest and weight_name in untied_side_embeddings(source, sides(source)) else None
 
 
 def lora_bias_misfit(module: LoraModule, manifest: Mapping[str, object]) -> str | None:

@@ -546,7 +546,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
     written = _untied_side_embeddings(base, untied)
     heads.update(written)
     # (FSMT's encoder lookup, written as its decoder's: that one's own change is its decoder's lookup alone)
-    for side, shared in {**sides, **stored_sides, **{s: e for s, e in written.items() if not is_side_embeddings(e)}}.items():
+    written_apart = {side: e for side, e in written.items() if not is_side_embeddings(e)}
+    for side, shared in {**sides, **stored_sides, **written_apart}.items():
         if side in replacements:  # saved whole (modules_to_save): PEFT's model reads that copy, not shared's changes
             continue
         if shared in terms:
