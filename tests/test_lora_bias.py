@@ -316,3 +316,44 @@ def test_show_without_the_stored_file_still_shows_the_record(made, tmp_path):
         weights.unlink()
     run = loraops_run("show", "shown")
     assert run.returncode == 0 and "shown@1" in run.stdout, run.stdout + run.stderr
+
+
+def test_null_lora_bias_is_false_as_peft_reads_it(made, tmp_path):
+    """PEFT's LoraConfig keeps "lora_bias": null as None, which its layers read as false (no lora_B bias): a plain
+    LoRA's folder saying null is read as one, and a file with lora_B biases under null is refused as under false."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from factories import peft_adapter
+
+    base, adapter = made
+    plain = peft_adapter(base, tmp_path / "plain", target_modules=["q_proj"])
+    nulled = edited(plain, tmp_path / "nulled", lambda t, c: c.__setitem__("lora_bias", None))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64), nulled)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].bias is None  # PEFT: false
+    read = formats.read_adapter(nulled)
+    resaved = edited(plain, tmp_path / "resaved", lambda t, c: c.pop("lora_bias", None))  # (the same weights bytes)
+    assert not read.lora_bias and formats.identity(nulled) == formats.identity(resaved)
+    ours = merged(base, [(read, 1.0)], tmp_path / "ours")
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, model.merge_and_unload().state_dict()[name], rtol=0, atol=1e-12, msg=name)
+    biased = edited(adapter, tmp_path / "biased", lambda t, c: c.__setitem__("lora_bias", None))
+    with pytest.raises(InvalidInputError, match="has a lora_B bias .* but the config says lora_bias: false"):
+        formats.read_adapter(biased)
+
+
+def test_show_json_and_the_card_say_lora_bias(made, tmp_path):
+    from factories import peft_adapter
+    from loraops import hub
+    from loraops.registry import Registry
+
+    _, adapter = made
+    plain = peft_adapter(made[0], tmp_path / "plain", target_modules=["q_proj"])
+    for path, name in ((adapter, "biased"), (plain, "plain")):
+        assert loraops_run("register", path, "--name", name).returncode == 0
+    for name, flag in (("biased", True), ("plain", False)):
+        run = loraops_run("show", name, "--json")
+        assert run.returncode == 0 and json.loads(run.stdout)["lora_bias"] is flag, run.stdout + run.stderr
+        with Registry.open() as reg:
+            card = hub.render_card(hub.card_info(reg, reg.get_adapter(name), "peft"))
+        assert (f"| variant | {hub.LORA_BIAS_NOTE} |" in card) is flag, card

@@ -278,7 +278,8 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise InvalidInputError(f"{path}: config r={r!r} must be a positive integer")
     for flag in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
-        if not isinstance(cfg.get(flag, False), bool):
+        # (lora_bias null: PEFT's LoraConfig keeps None, which its layers and merge read as false)
+        if not isinstance(cfg.get(flag, False), bool) and not (flag == "lora_bias" and cfg[flag] is None):
             raise InvalidInputError(f"{path}: config {flag}={cfg[flag]!r} must be true or false")
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
@@ -316,7 +317,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
         fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)) if recorded is None else recorded,
         modules_to_save=list(modules_to_save), bias=str(cfg.get("bias") or "none"), target_parameters=target_parameters,
         dora=cfg["use_dora"] if "use_dora" in cfg else None, product=product, method=method,
-        lora_bias=cfg["lora_bias"] if "lora_bias" in cfg else None,
+        lora_bias=bool(cfg["lora_bias"]) if "lora_bias" in cfg else None,
         ensure_weight_tying=tying,
     )
 
