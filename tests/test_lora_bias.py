@@ -357,3 +357,20 @@ def test_show_json_and_the_card_say_lora_bias(made, tmp_path):
         with Registry.open() as reg:
             card = hub.render_card(hub.card_info(reg, reg.get_adapter(name), "peft"))
         assert (f"| variant | {hub.LORA_BIAS_NOTE} |" in card) is flag, card
+
+
+def test_combine_onto_a_base_without_the_bias_refused(made, tmp_path):
+    """The result's lora_bias is one switch: a plain input's o_proj (Qwen2's has no bias) gets a zero lora_B bias,
+    which PEFT's merge (and loraops') cannot merge into this base. With the base known, combine refuses it in one
+    line naming the module, before anything is written; without one it combines (PEFT loads such an adapter)."""
+    from factories import peft_adapter
+
+    base, adapter = made
+    plain = peft_adapter(base, tmp_path / "plain", target_modules=["o_proj"])
+    run = loraops_run("combine", adapter, plain, "--name", "unbound", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert loraops_run("base", "add", base, "--name", "qwen").returncode == 0
+    run = loraops_run("combine", adapter, plain, "--base", "qwen", "--name", "both", "--device", "cpu")
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "module 'model.layers.0.self_attn.o_proj' cannot have on base qwen" in run.stderr, run.stderr
+    assert loraops_run("show", "both").returncode != 0
