@@ -1596,7 +1596,8 @@ def lora_bias_misfit(module: LoraModule, manifest: Mapping[str, object]) -> str 
         return None
     if module.fused is not None or module.raw_parameter is not None:  # (PEFT makes no lora_bias there)
         return "lora_bias on a part of a fused tensor or a raw parameter, which PEFT does not make"
-    info = manifest.get(module.bias_name)
+    # (a tied decoder's bias, not stored: the bias transformers ties it to, BERT's cls.predictions.bias)
+    info = manifest.get(stored_tied_bias(module.bias_name, (module.out_features,), manifest) or module.bias_name)
     if info is None:
         return (f"lora_bias needs the base layer's bias, and the base has no {module.bias_name} "
                 "(PEFT cannot merge it either)")

@@ -488,6 +488,11 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             replaced_by[name] = index
             if name in adapted:
                 saved_layers.add(name)
+    for head, parent in heads.items():  # (only lora_bias changes a decoder's bias: see LoraModule.bias_term)
+        # PEFT's decoder bias is the parameter transformers ties it to (BERT's cls.predictions.bias): its merge gives
+        # both names the lora_bias, so both come out with it, one value for the one parameter
+        if head.endswith(".bias") and head in terms and parent not in terms:
+            terms[parent], changed_by[parent] = terms[head], changed_by[head]
     rows = _token_rows(adapters, changed_by, replaced_by)
     for name, index in replaced_by.items():
         # the LoRA of the adapter that saved the layer is added on its value (PEFT's save_embedding_layers); another

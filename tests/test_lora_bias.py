@@ -374,3 +374,34 @@ def test_combine_onto_a_base_without_the_bias_refused(made, tmp_path):
     assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "module 'model.layers.0.self_attn.o_proj' cannot have on base qwen" in run.stderr, run.stderr
     assert loraops_run("show", "both").returncode != 0
+
+
+def test_lora_bias_on_bert_tied_decoder(tmp_path):
+    """BERT's decoder bias is not stored: transformers ties it to cls.predictions.bias, the one parameter PEFT's merge
+    adds the lora_bias to (under both names). loraops merges it (it refused: "the base has no ...decoder.bias"), the
+    decoder untied: both biases PEFT's, and the merged model computes PEFT's adapted model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForMaskedLM
+
+    from test_tied_embeddings import saved_with_biases
+
+    saved_with_biases(BertForMaskedLM, tmp_path / "base")
+    torch.manual_seed(1)
+    adapted = get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["decoder"], init_lora_weights=False, lora_bias=True)).eval()
+    for name, param in adapted.named_parameters():
+        if name.endswith("lora_B.default.bias"):
+            param.data = torch.randn_like(param)
+    adapted.save_pretrained(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    reference = PeftModel.from_pretrained(BertForMaskedLM.from_pretrained(tmp_path / "base"), tmp_path / "a")
+    reference = reference.merge_and_unload().state_dict()
+    for name in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
+    merged, info = BertForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokens = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(input_ids=tokens).logits, adapted(input_ids=tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
