@@ -1444,7 +1444,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
 
     miscounted = expert_count_mismatches(bound, manifest)
     for name, module in bound.modules.items():
-        why = saved_tie_refusal(bound, module, manifest, config) or lora_bias_misfit(module, manifest)
+        why = saved_tie_refusal(bound, module, manifest, config) or lora_bias_misfit(module, manifest, sides)
         if why is not None:  # (the bias before the weight's fit: a head the base does not store has none either)
             missing.append(name)
             why_missing[name] = why
@@ -1588,15 +1588,22 @@ def _decoder_lookup_of(weight_name: str, manifest: Mapping[str, object],
     return source if source in manifest and weight_name in untied_side_embeddings(source, sides(source)) else None
 
 
-def lora_bias_misfit(module: LoraModule, manifest: Mapping[str, object]) -> str | None:
+def lora_bias_misfit(module: LoraModule, manifest: Mapping[str, object],
+                     config: Callable[[str], dict] | None = None) -> str | None:
     """Why a module's lora_bias (PEFT) cannot be merged into this base, or None: its merge adds scale·lora_B.bias to
     the layer's own bias, which must be there (PEFT's merge raises for a layer without one) and as long as B's
-    outputs."""
+    outputs. A tied decoder's bias the base does not store is the one its class ties it to (``config``, tensor → its
+    model's config.json, says the class: ESM's and LXMERT's decoders have none, beside a stored lm_head.bias)."""
     if module.lora_bias is None:
         return None
     if module.fused is not None or module.raw_parameter is not None:  # (PEFT makes no lora_bias there)
         return "lora_bias on a part of a fused tensor or a raw parameter, which PEFT does not make"
-    info = manifest.get(module.bias_name)
+    # (a tied decoder's bias, not stored: the bias transformers ties it to, BERT's cls.predictions.bias)
+    parent = stored_tied_bias(module.bias_name, (module.out_features,), manifest)
+    if parent is not None and config is not None \
+            and tied_decoder_bias(module.weight_name, config(parent)) != (module.bias_name, parent):
+        parent = None
+    info = manifest.get(parent or module.bias_name)
     if info is None:
         return (f"lora_bias needs the base layer's bias, and the base has no {module.bias_name} "
                 "(PEFT cannot merge it either)")

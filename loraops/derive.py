@@ -375,6 +375,8 @@ def combine(
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
                                                                           for i in inputs],
         )
+        if base_id is not None:
+            refuse_biasless(combined.adapter, reg.base_manifest(base_id), reg.get_base(base_id).name)
         lineage = LineageSpec(
             op="combine", params={"method": method, "params": arguments.record(), "rank": rank},
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
@@ -382,6 +384,18 @@ def combine(
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
         return save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force, base=base_id,
                     lineage=lineage)
+
+
+def refuse_biasless(combined: "Adapter", manifest, base_name: str) -> None:
+    """A combination with PEFT's lora_bias (one switch: the plain inputs' modules get a zero bias) that its base could
+    not merge, refused before it is computed: PEFT loads it with a warning but its merge raises there, as does ours."""
+    from .check import lora_bias_misfit
+
+    for name, module in combined.modules.items():
+        if (why := lora_bias_misfit(module, manifest)) is not None:
+            raise MismatchError(f"the combination has lora_bias (PEFT's one switch: an input has it), which module "
+                                f"{name!r} cannot have on base {base_name}: {why}; combine the inputs with and "
+                                "without lora_bias apart, or merge them in turn")
 
 
 def resize(

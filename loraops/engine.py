@@ -488,6 +488,12 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             replaced_by[name] = index
             if name in adapted:
                 saved_layers.add(name)
+    for bias in [name for name in terms if name.endswith(".bias")]:  # (only lora_bias: see LoraModule.bias_term)
+        # PEFT's decoder bias is the parameter transformers ties it to (BERT's cls.predictions.bias): its merge gives
+        # both names the lora_bias, so both come out with it, one value for the one parameter; a subtract from the
+        # merged model (both stored) takes it off both
+        if (parent := _tied_bias_parent(base, heads, bias)) is not None and parent not in terms:
+            terms[parent], changed_by[parent] = terms[bias], changed_by[bias]
     rows = _token_rows(adapters, changed_by, replaced_by)
     for name, index in replaced_by.items():
         # the LoRA of the adapter that saved the layer is added on its value (PEFT's save_embedding_layers); another
@@ -747,6 +753,16 @@ def _decoder_biases(base: BaseModel, heads: dict[str, str]) -> dict[str, str]:
         if bias is not None and bias[0] not in base.tensors and bias[1] in base.tensors:
             biases[bias[0]] = bias[1]
     return biases
+
+
+def _tied_bias_parent(base: BaseModel, heads: dict[str, str], bias: str) -> str | None:
+    """The stored bias transformers ties a decoder's ``bias`` to (BERT's cls.predictions.bias), or None: from the
+    untied heads where the base does not store ``bias`` (_decoder_biases), else by the model's class (a merged,
+    untied BERT stores both; transformers before 5 ties them whatever its config says)."""
+    if bias not in base.tensors:
+        return heads.get(bias)
+    pair = tied_decoder_bias(bias.removesuffix(".bias") + ".weight", base.config(bias))
+    return pair[1] if pair is not None and pair[0] == bias and pair[1] in base.tensors else None
 
 
 def _changed_apart(adapters: list[tuple[Adapter, float]]) -> set[str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from .adapter import DORA_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
+from .adapter import DORA_NOTE, LORA_BIAS_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
 from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
@@ -803,6 +803,8 @@ class CardInfo:
     """LoHa/LoKr: the kinds of its modules whose ΔW is a Hadamard or Kronecker product (no LoRA B·A)."""
     methods: list[str] = field(default_factory=list)
     """AdaLoRA/VeRA: the PEFT methods its modules come from (a PEFT LoRA loader would not load those files)."""
+    lora_bias: bool = False
+    """PEFT lora_bias: its lora_B factors have a bias, which a merge adds to the layers' biases."""
 
 
 def _yaml_value(value) -> str:
@@ -831,6 +833,8 @@ def render_card(card: CardInfo) -> str:
               f"| alpha | {_spread(card.alphas.values())} |", f"| target modules | {', '.join(_targets(card.ranks))} |"]
     if card.dora:
         lines.append(f"| variant | {DORA_NOTE} |")
+    if card.lora_bias:
+        lines.append(f"| variant | {LORA_BIAS_NOTE} |")
     lines += [f"| variant | {PRODUCT_NOTES[p]} |" for p in card.products]
     lines += [f"| variant | {METHOD_NOTES[m]} |" for m in card.methods]
     lines += [f"| trainable tokens | {token_rows_phrase(f'`{name}`', indices)} |" for name, indices in card.tokens.items()]
@@ -1216,9 +1220,11 @@ def card_info(registry, record, fmt: str) -> CardInfo:
                     methods=list(record.methods) if fmt == record.format else [])
     from . import formats
 
-    # the registry keeps no token rows; the stored copy's config and header say them without reading its values
-    tokens = formats.read_adapter(registry.adapter_path(record.id), values=False).token_rows
-    card.tokens = {name: rows.indices for name, rows in tokens.items()}
+    # the registry keeps no token rows nor lora_bias; the stored copy's config and header say them without reading
+    # its values
+    stored = formats.read_adapter(registry.adapter_path(record.id), values=False)
+    card.tokens = {name: rows.indices for name, rows in stored.token_rows.items()}
+    card.lora_bias = stored.lora_bias
     if record.lineage is not None:
         card.method, card.params = record.lineage.op, dict(record.lineage.params)
         card.inputs = [CardInput(i.label, i.weight if i.weight is not None else 1.0, _input_source(registry, i))

@@ -316,3 +316,141 @@ def test_show_without_the_stored_file_still_shows_the_record(made, tmp_path):
         weights.unlink()
     run = loraops_run("show", "shown")
     assert run.returncode == 0 and "shown@1" in run.stdout, run.stdout + run.stderr
+
+
+def test_null_lora_bias_is_false_as_peft_reads_it(made, tmp_path):
+    """PEFT's LoraConfig keeps "lora_bias": null as None, which its layers read as false (no lora_B bias): a plain
+    LoRA's folder saying null is read as one, and a file with lora_B biases under null is refused as under false."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from factories import peft_adapter
+
+    base, adapter = made
+    plain = peft_adapter(base, tmp_path / "plain", target_modules=["q_proj"])
+    nulled = edited(plain, tmp_path / "nulled", lambda t, c: c.__setitem__("lora_bias", None))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64), nulled)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].bias is None  # PEFT: false
+    read = formats.read_adapter(nulled)
+    resaved = edited(plain, tmp_path / "resaved", lambda t, c: c.pop("lora_bias", None))  # (the same weights bytes)
+    assert not read.lora_bias and formats.identity(nulled) == formats.identity(resaved)
+    ours = merged(base, [(read, 1.0)], tmp_path / "ours")
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, model.merge_and_unload().state_dict()[name], rtol=0, atol=1e-12, msg=name)
+    biased = edited(adapter, tmp_path / "biased", lambda t, c: c.__setitem__("lora_bias", None))
+    with pytest.raises(InvalidInputError, match="has a lora_B bias .* but the config says lora_bias: false"):
+        formats.read_adapter(biased)
+
+
+def test_show_json_and_the_card_say_lora_bias(made, tmp_path):
+    from factories import peft_adapter
+    from loraops import hub
+    from loraops.registry import Registry
+
+    _, adapter = made
+    plain = peft_adapter(made[0], tmp_path / "plain", target_modules=["q_proj"])
+    for path, name in ((adapter, "biased"), (plain, "plain")):
+        assert loraops_run("register", path, "--name", name).returncode == 0
+    for name, flag in (("biased", True), ("plain", False)):
+        run = loraops_run("show", name, "--json")
+        assert run.returncode == 0 and json.loads(run.stdout)["lora_bias"] is flag, run.stdout + run.stderr
+        with Registry.open() as reg:
+            card = hub.render_card(hub.card_info(reg, reg.get_adapter(name), "peft"))
+        assert (f"| variant | {hub.LORA_BIAS_NOTE} |" in card) is flag, card
+
+
+def test_combine_onto_a_base_without_the_bias_refused(made, tmp_path):
+    """The result's lora_bias is one switch: a plain input's o_proj (Qwen2's has no bias) gets a zero lora_B bias,
+    which PEFT's merge (and loraops') cannot merge into this base. With the base known, combine refuses it in one
+    line naming the module, before anything is written; without one it combines (PEFT loads such an adapter)."""
+    from factories import peft_adapter
+
+    base, adapter = made
+    plain = peft_adapter(base, tmp_path / "plain", target_modules=["o_proj"])
+    run = loraops_run("combine", adapter, plain, "--name", "unbound", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert loraops_run("base", "add", base, "--name", "qwen").returncode == 0
+    run = loraops_run("combine", adapter, plain, "--base", "qwen", "--name", "both", "--device", "cpu")
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "module 'model.layers.0.self_attn.o_proj' cannot have on base qwen" in run.stderr, run.stderr
+    assert loraops_run("show", "both").returncode != 0
+
+
+def test_lora_bias_on_bert_tied_decoder(tmp_path):
+    """BERT's decoder bias is not stored: transformers ties it to cls.predictions.bias, the one parameter PEFT's merge
+    adds the lora_bias to (under both names). loraops merges it (it refused: "the base has no ...decoder.bias"), the
+    decoder untied: both biases PEFT's, and the merged model computes PEFT's adapted model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForMaskedLM
+
+    from test_tied_embeddings import saved_with_biases
+
+    saved_with_biases(BertForMaskedLM, tmp_path / "base")
+    torch.manual_seed(1)
+    adapted = get_peft_model(BertForMaskedLM.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["decoder"], init_lora_weights=False, lora_bias=True)).eval()
+    for name, param in adapted.named_parameters():
+        if name.endswith("lora_B.default.bias"):
+            param.data = torch.randn_like(param)
+    adapted.save_pretrained(tmp_path / "a")
+    engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    reference = PeftModel.from_pretrained(BertForMaskedLM.from_pretrained(tmp_path / "base"), tmp_path / "a")
+    reference = reference.merge_and_unload().state_dict()
+    for name in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
+    merged, info = BertForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokens = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(input_ids=tokens).logits, adapted(input_ids=tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
+    # subtract from the merged model (both biases stored) takes the lora_bias off both: the base's bias again
+    engine.subtract(tmp_path / "out", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "back", progress=False)
+    back, base = load_file(tmp_path / "back" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    for name in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
+        torch.testing.assert_close(back[name], base["cls.predictions.bias"], rtol=0, atol=1e-6, msg=name)
+    torch.testing.assert_close(back["cls.predictions.decoder.weight"], base["bert.embeddings.word_embeddings.weight"],
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls_name", ["EsmForMaskedLM", "LxmertForPreTraining"])
+def test_lora_bias_on_a_tied_decoder_without_a_bias_refused(tmp_path, cls_name):
+    """ESM's and LXMERT's decoders have no bias (their lm_head.bias / cls.predictions.bias is added apart, not tied
+    to the decoder's), so PEFT's merge raises: refused in one line as for any layer without a bias (a name-only
+    match of BERT's pair took that bias for the decoder's, and the merge ended in a KeyError traceback)."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from test_tied_embeddings import saved_with_biases
+
+    cls = getattr(transformers, cls_name)
+    saved_with_biases(cls, tmp_path / "base")
+    get_peft_model(cls.from_pretrained(tmp_path / "base"), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["decoder"], init_lora_weights=False, lora_bias=True)).save_pretrained(
+        tmp_path / "a")
+    with pytest.raises(RuntimeError, match="Impossible to merge LoRA with `lora_bias=True`"):
+        PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), tmp_path / "a").merge_and_unload()
+    with pytest.raises(MismatchError, match=r"lora_bias needs the base layer's bias, and the base has no .*decoder\.bias"):
+        engine.merge(tmp_path / "base", [(formats.read_adapter(tmp_path / "a"), 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["use_rslora", "fan_in_fan_out", "use_dora"])
+def test_null_switches_are_false_as_peft_reads_them(made, tmp_path, flag):
+    """PEFT's LoraConfig keeps a null use_rslora/fan_in_fan_out/use_dora as None, which it reads as false: loraops
+    reads, identifies and merges such a config as the one saying false (it refused "must be true or false")."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from factories import peft_adapter
+
+    base = made[0]
+    plain = peft_adapter(base, tmp_path / "plain", r=4, alpha=16, target_modules=["q_proj", "o_proj"])
+    nulled = edited(plain, tmp_path / "nulled", lambda t, c: c.__setitem__(flag, None))
+    false = edited(plain, tmp_path / "false", lambda t, c: c.__setitem__(flag, False))  # (the same weights bytes)
+    assert formats.identity(nulled) == formats.identity(false)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64), nulled)
+    reference = model.merge_and_unload().state_dict()
+    for name, tensor in merged(base, [(formats.read_adapter(nulled), 1.0)], tmp_path / "ours").items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-12, msg=name)

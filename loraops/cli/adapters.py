@@ -5,7 +5,7 @@ import click
 
 from . import FLOAT, INT
 from .render import (METHODS, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
-                     number, scale_mode, variants)
+                     number, scale_mode, to_jsonable, variants)
 
 
 def _registry(create: bool = True):
@@ -106,7 +106,8 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
 
 @click.command()
 @click.argument("ref")
-@click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON, with \"lora_bias\" (PEFT's, from "
+                                                         "the stored file; null when it cannot be read).")
 def show(ref: str, as_json: bool) -> None:
     """Show an adapter: by name (latest version), name@version, id, or sha256 prefix."""
     from ..errors import LoraopsError
@@ -114,13 +115,13 @@ def show(ref: str, as_json: bool) -> None:
 
     with _reader() as reg:
         r = reg.get_adapter(ref)
-    if as_json:
-        echo_json(r)
-        return
     try:  # (the record alone has no lora_bias; a damaged store is verify's to report, show still shows the record)
         biased = r.format == "peft" and has_lora_bias(r.path)
     except (OSError, LoraopsError):
-        biased = False
+        biased = None  # (unknown: null in the JSON, no line in the text)
+    if as_json:
+        echo_json({**to_jsonable(r), "lora_bias": biased})
+        return
     fields = [
         ("name", r.ref), ("id", r.id), ("sha256", r.sha256), ("weights sha256", r.weights_sha256),
         ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),

@@ -295,7 +295,7 @@ def adapter_files(path: str | Path) -> list[Path]:
 
 def math_config(config: dict) -> dict:
     """The config fields that change the math, PEFT defaults filled in, lists sorted (PEFT saves sets in any order)."""
-    out = {}
+    out, config = {}, peft.nulls_as_false(config)
     for name, default in peft.MATH_FIELDS.items():
         # modules_to_save as PEFT loads it (a task model adds its head): older PEFT's null and 0.21's list are one
         value = peft.identity_entries(config) if name == "modules_to_save" else config.get(name, default)

@@ -236,8 +236,20 @@ def wrapped_twice(entries: Iterable[str], module: str) -> tuple[str, str] | None
     return (wrapped[0], wrapped[1]) if len(wrapped) > 1 else None
 
 
+FLAGS = ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias")
+"""LoraConfig's switches: true or false."""
+
+
+def nulls_as_false(cfg: dict) -> dict:
+    """``cfg`` with its switches (FLAGS) that are null false: PEFT's LoraConfig keeps a null as None, which its
+    layers and merge read as false (``if use_dora:``, ``bias=lora_bias``, a Conv1D's fan_in_fan_out set true as for
+    false)."""
+    return {**cfg, **{flag: False for flag in FLAGS if flag in cfg and cfg[flag] is None}}
+
+
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
     """Validate a PEFT config dict and keep what sets the scales; ``alpha`` (the caller's) replaces lora_alpha."""
+    cfg = nulls_as_false(cfg)
     tying = ties_weights(cfg)  # (before the fields of another method are narrowed to LoRA's below)
     peft_type = peft_type_of(cfg)
     task_type = cfg.get("task_type")
@@ -277,7 +289,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     r = cfg.get("r")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise InvalidInputError(f"{path}: config r={r!r} must be a positive integer")
-    for flag in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+    for flag in FLAGS:
         if not isinstance(cfg.get(flag, False), bool):
             raise InvalidInputError(f"{path}: config {flag}={cfg[flag]!r} must be true or false")
     rank_pattern = cfg.get("rank_pattern") or {}
@@ -785,6 +797,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         raise FormatError(f"{path}: no {CONFIG_NAME} in this PEFT folder")
     header = st.read_header(weights)
     raw_cfg = load_config(cfg_file) if cfg_file else metadata_config(header)
+    raw_cfg = nulls_as_false(raw_cfg) if raw_cfg is not None else None  # (settled_orientation reads it too)
     if cfg_file:  # LoraConfig's defaults, as PEFT reads the file
         raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
