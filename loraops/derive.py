@@ -355,12 +355,13 @@ def combine(
     refs: Sequence[tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *, rank: int | None = None,
     device: str = "auto", precise: bool = False, name: str | None = None, output: str | None = None,
     fmt: str | None = None, force: bool = False, base: str | None = None, base_model: str | None = None,
+    conv_rank: int | None = None,
 ) -> DerivedRecord:
     """Combine registered adapters or paths (with weights) and register the result; see algebra.combine.
     ``base_model`` (a recipe's): the base every input must be for (see check_base_model)."""
     from .registry import Registry
 
-    arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
+    arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs], conv_rank)
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
@@ -373,10 +374,11 @@ def combine(
         combined = algebra.combine_lazily(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
-                                                                          for i in inputs],
+                                                                          for i in inputs], conv_rank=conv_rank,
         )
+        recorded = {"method": method, "params": arguments.record(), "rank": rank}
         lineage = LineageSpec(
-            op="combine", params={"method": method, "params": arguments.record(), "rank": rank},
+            op="combine", params=recorded if conv_rank is None else {**recorded, "conv_rank": conv_rank},
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"

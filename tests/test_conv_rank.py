@@ -416,3 +416,36 @@ def test_a_lycoris_loha_resized_to_kohya_is_a_plain_lora_and_says_nothing_of_loh
     args = json.loads(metadata["ss_network_args"])
     assert args.keys() == {"rank_dropout", "conv_dim", "conv_alpha"} and args["conv_dim"] == "2", args
     assert float(args["conv_alpha"]) == pytest.approx(2 / 3 * 2)  # the LoHa's scale alpha/r kept at rank 2
+
+
+def test_combine_svd_conv_rank_is_svd_merge_loras_new_conv_rank(tmp_path):
+    """combine -m svd --rank R --conv-rank C (sd-scripts' svd_merge_lora.py --new_rank R --new_conv_rank C): each module
+    the truncated SVD of Σ wᵢ·sᵢ·upᵢ·downᵢ (float64), the k×k convolutions at C, every other module (a 1×1 conv too)
+    at R, scale 1; the lineage records conv_rank; a combine with nothing for it to rank, or a method that keeps every
+    rank, refuses it in one line."""
+    shapes = {"lora_unet_a_proj": ((10,), (12,)), "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1)),
+              "lora_unet_a_proj_in": ((6, 1, 1), (7, 1, 1))}
+    a = kohya_file(tmp_path / "a.safetensors", shapes, rank=4, alpha=2.0, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", shapes, rank=5, alpha=3.0, seed=2)
+    out = tmp_path / "m.safetensors"
+    code, text = run("combine", f"{a}:0.7", f"{b}:0.5", "-m", "svd", "--rank", "3", "--conv-rank", "2", "--precise",
+                     "--name", "m", "-o", out)
+    assert code == 0, text
+    inputs = [(read_adapter(a), 0.7), (read_adapter(b), 0.5)]
+    merged = read_adapter(out)
+    for name in shapes:
+        k = 2 if name == "lora_unet_a_conv" else 3
+        expected = truncated(sum(w * adapter.modules[name].delta(dtype=torch.float64) for adapter, w in inputs), k)
+        assert (merged.modules[name].rank, merged.modules[name].scale) == (k, 1.0), name
+        torch.testing.assert_close(merged.modules[name].delta(dtype=torch.float64), expected, rtol=0, atol=1e-6)
+    with Registry.open() as reg:
+        assert reg.get_adapter("m").lineage.params["conv_rank"] == 2
+    flat = kohya_file(tmp_path / "flat.safetensors", {"lora_unet_a_proj": ((10,), (12,))})
+    for args, message in (((flat, "-m", "svd", "--conv-rank", "2"),
+                           "error: conv rank 2: the inputs have no k×k convolution (a conv with a kernel larger than "
+                           "1×1) for it to rank\n"),
+                          ((a, b, "--conv-rank", "2"),
+                           "error: cat keeps every input's rank (their sum); use linear --rank to truncate\n")):
+        code, text = run("combine", *args, "-o", tmp_path / "x.safetensors")
+        assert (code, text) == (2, message)
+        assert not (tmp_path / "x.safetensors").exists()
