@@ -457,7 +457,8 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         if given is not None and given <= 0:
             raise InvalidInputError(f"{what} must be a positive integer (got {given})")
         if given is not None and spec.default_rank is None:
-            raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --rank to truncate")
+            raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --{what.replace(' ', '-')} "
+                                    "to truncate")
     if getattr(parsed, "normalize", False) and any(w < 0 for w in weights):
         # the disjoint mean Σwτ/Σw of the agreeing entries undoes a weight's sign, and weights that nearly cancel
         # divide by almost nothing (mergekit's semantics, but not what a negative weight says elsewhere)

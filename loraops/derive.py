@@ -270,7 +270,12 @@ def lineage_rule(rule: "RankRule") -> dict[str, Any]:
     """What the lineage records of a rank rule (resize, extract): the rank, or the dynamic rule; conv_rank when given."""
     recorded = {"rank": rule.rank} if rule.dynamic is None else {"dynamic": rule.dynamic, "param": rule.param,
                                                                   "max_rank": rule.max_rank}
-    return recorded if rule.conv_rank is None else {**recorded, "conv_rank": rule.conv_rank}
+    return with_conv_rank(recorded, rule.conv_rank)
+
+
+def with_conv_rank(recorded: dict[str, Any], conv_rank: int | None) -> dict[str, Any]:
+    """A lineage's params with conv_rank when given (so records made without one stay as they were)."""
+    return recorded if conv_rank is None else {**recorded, "conv_rank": conv_rank}
 
 
 def common_base(inputs: Sequence[Input]) -> int | None:
@@ -376,9 +381,8 @@ def combine(
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
                                                                           for i in inputs], conv_rank=conv_rank,
         )
-        recorded = {"method": method, "params": arguments.record(), "rank": rank}
         lineage = LineageSpec(
-            op="combine", params=recorded if conv_rank is None else {**recorded, "conv_rank": conv_rank},
+            op="combine", params=with_conv_rank({"method": method, "params": arguments.record(), "rank": rank}, conv_rank),
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"

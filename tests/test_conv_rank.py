@@ -10,9 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from factories import (conv_embedding_model, conv_peft_adapter, kohya_file, lora_adapter, peft_delta_weights,
                        save_state_dict)
+from loraops import algebra
 from loraops.adapter import LoraModule
 from loraops.cli import main
 from loraops.formats import read_adapter, write_adapter
+from loraops.ops.combine import METHODS
 from loraops.ops.resize import RankRule, resize_module
 from loraops.registry import Registry
 
@@ -445,7 +447,34 @@ def test_combine_svd_conv_rank_is_svd_merge_loras_new_conv_rank(tmp_path):
                            "error: conv rank 2: the inputs have no k×k convolution (a conv with a kernel larger than "
                            "1×1) for it to rank\n"),
                           ((a, b, "--conv-rank", "2"),
-                           "error: cat keeps every input's rank (their sum); use linear --rank to truncate\n")):
+                           "error: cat keeps every input's rank (their sum); use linear --conv-rank to truncate\n"),
+                          ((a, b, "-m", "svd", "--conv-rank", "0"), "error: conv rank must be a positive integer (got 0)\n")):
         code, text = run("combine", *args, "-o", tmp_path / "x.safetensors")
         assert (code, text) == (2, message)
         assert not (tmp_path / "x.safetensors").exists()
+
+
+COMBINE_PARAMS = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
+                  "breadcrumbs": {"density": 0.8}, "breadcrumbs_ties": {"density": 0.8}, "della": {"density": 0.5},
+                  "della_linear": {"density": 0.5}, "magnitude_prune": {"density": 0.5}}
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.default_rank is not None])
+def test_every_combine_method_with_a_rank_ranks_the_kxk_convolutions_by_conv_rank(tmp_path, method):
+    """Every method that takes --rank takes --conv-rank: its k×k convolution is the one it makes at --rank C, every
+    other module (a 1×1 conv too) the one it makes at --rank R, or at its default rank without --rank."""
+    shapes = {"lora_unet_a_proj": ((10,), (12,)), "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1)),
+              "lora_unet_a_proj_in": ((6, 1, 1), (7, 1, 1))}
+    inputs = [(read_adapter(kohya_file(tmp_path / f"{i}.safetensors", shapes, rank=r, alpha=2.0, seed=i)), w)
+              for i, (r, w) in enumerate(((4, 0.7), (5, 0.5), (3, 0.4))[:2 if method == "nuslerp" else 3])]
+
+    def made(**ranks):
+        return algebra.combine(inputs, method, COMBINE_PARAMS.get(method), precise=True, **ranks)[0].modules
+
+    at_c, at_r, default = made(rank=2), made(rank=3), made()
+    for ranks, others in (({"rank": 3, "conv_rank": 2}, at_r), ({"conv_rank": 2}, default)):
+        for name, module in made(**ranks).items():
+            expected = at_c[name] if name == "lora_unet_a_conv" else others[name]
+            assert module.rank == expected.rank, (ranks, name)
+            torch.testing.assert_close(module.delta(dtype=torch.float64), expected.delta(dtype=torch.float64),
+                                       rtol=0, atol=1e-6)
