@@ -242,10 +242,12 @@ def combine_lazily(
     precise: bool = False,
     labels: Sequence[str] | None = None,
     bases: Sequence[object] | None = None,
+    conv_rank: int | None = None,
 ) -> Derivation:
     """Combine weighted adapters with ``method`` (see loraops.ops.combine.METHODS) into a new adapter at ``rank``
     (default: the method's — Σ ranks for linear/svd, the largest input rank for element-wise methods; cat
-    always keeps Σ ranks). Output scale is 1 (alpha = rank, classic scaling). ``labels`` name the inputs in
+    always keeps Σ ranks); ``conv_rank``: the k×k convolutions' rank in place of ``rank`` (sd-scripts'
+    svd_merge_lora.py --new_conv_rank). Output scale is 1 (alpha = rank, classic scaling). ``labels`` name the inputs in
     messages and the report (default: their paths). ``bases`` identify the inputs' bases (e.g. registry ids) for
     the same-base check; by default their base_model_name_or_path hints are compared. An expert's gate and up
     modules of a LoRA on fused MoE experts are combined jointly (``params.join_gate_up``), so they keep one A.
@@ -258,7 +260,7 @@ def combine_lazily(
 
     if not inputs:
         raise InvalidInputError("combine needs at least one adapter")
-    arguments = combine_arguments(method, params, rank, [weight for _, weight in inputs])
+    arguments = combine_arguments(method, params, rank, [weight for _, weight in inputs], conv_rank)
     spec, parsed = arguments.spec, arguments.params
     owns = arguments.own or [None] * len(inputs)
     adapters = [adapter for adapter, _ in inputs]
@@ -268,6 +270,7 @@ def combine_lazily(
     _check_combinable(adapters, labels, method)
     if not any(a.modules for a in adapters):
         raise InvalidInputError("the inputs have no LoRA modules to combine")
+    refuse_idle_conv_rank(conv_rank, [m for a in adapters for m in a.modules.values()], "the inputs have")
     halves: raw.Halves = {}
     for i, adapter in enumerate(adapters):  # the report still describes the inputs as given
         adapters[i], joined = raw.join_gate_up(adapter)
@@ -317,7 +320,8 @@ def combine_lazily(
                 terms.append(Term(B2.to(device=target, dtype=dtype), A2.to(device=target, dtype=dtype), scale, float(weight),
                                   own))
             ranks = [m.rank for _, m in present[name]]
-            k = rank or (spec.default_rank(ranks) if spec.default_rank else sum(ranks))
+            k = (conv_rank if template.spatial and conv_rank else rank) or (
+                spec.default_rank(ranks) if spec.default_rank else sum(ranks))
             with factorizing(what, name, precision, [float(weight) for _, weight in inputs]):
                 made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
                                                              transposed=template.transposed))
@@ -427,7 +431,7 @@ def _per_input(given: dict[str, Any], count: int) -> dict[str, list]:
 
 
 def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None,
-                      weights: Sequence[float] = ()) -> CombineArguments:
+                      weights: Sequence[float] = (), conv_rank: int | None = None) -> CombineArguments:
     """The checked arguments of combine alone — callers that register inputs first (loraops.derive) call it before
     touching anything. density, gamma and epsilon may be lists of one value per input (``weights``)."""
     from .ops.combine import METHODS
@@ -449,10 +453,12 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     parsed = own[0] if own else parse_params(spec.params, given, method)
     if spec.check_weights is not None:
         spec.check_weights(method, list(weights), parsed)
-    if rank is not None and rank <= 0:
-        raise InvalidInputError(f"rank must be a positive integer (got {rank})")
-    if rank is not None and spec.default_rank is None:
-        raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --rank to truncate")
+    for what, given in (("rank", rank), ("conv rank", conv_rank)):
+        if given is not None and given <= 0:
+            raise InvalidInputError(f"{what} must be a positive integer (got {given})")
+        if given is not None and spec.default_rank is None:
+            raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --{what.replace(' ', '-')} "
+                                    "to truncate")
     if getattr(parsed, "normalize", False) and any(w < 0 for w in weights):
         # the disjoint mean Σwτ/Σw of the agreeing entries undoes a weight's sign, and weights that nearly cancel
         # divide by almost nothing (mergekit's semantics, but not what a negative weight says elsewhere)
@@ -471,10 +477,11 @@ def resize_rule(rank: int | None = None, dynamic: str | None = None, param: floa
                                    "conv_rank": conv_rank}, what)
 
 
-def refuse_idle_conv_rank(rule, modules: Iterable[LoraModule], label: str) -> None:
-    """A conv_rank where no module is a k×k convolution would change nothing: refused (resize, extract)."""
-    if rule.conv_rank is not None and not any(m.spatial for m in modules):
-        raise InvalidInputError(f"conv rank {rule.conv_rank}: {label} has no k×k convolution (a conv with a kernel "
+def refuse_idle_conv_rank(conv_rank: int | None, modules: Iterable[LoraModule], label: str) -> None:
+    """A conv_rank where no module is a k×k convolution would change nothing: refused (resize, extract, combine;
+    ``label`` says who has none: "X has")."""
+    if conv_rank is not None and not any(m.spatial for m in modules):
+        raise InvalidInputError(f"conv rank {conv_rank}: {label} no k×k convolution (a conv with a kernel "
                                 "larger than 1×1) for it to rank")
 
 
@@ -519,7 +526,7 @@ def resize_lazily(
                                 "flattened (out × in·k…), so only its base says whether it is a Linear or a convolution: "
                                 "register it against its base (--base) to resize it")
     lowrank.refuse_unbound(adapter, _label(adapter, 0), "resized")
-    refuse_idle_conv_rank(rule, adapter.modules.values(), _label(adapter, 0))
+    refuse_idle_conv_rank(rule.conv_rank, adapter.modules.values(), f"{_label(adapter, 0)} has")
     if rule.dynamic is None:  # resize only lowers rank (a dynamic rule's caps may be above any rank)
         lora = [m for m in adapter.modules.values() if m.product is None]
         for what, given, ranks, group in (

@@ -270,7 +270,12 @@ def lineage_rule(rule: "RankRule") -> dict[str, Any]:
     """What the lineage records of a rank rule (resize, extract): the rank, or the dynamic rule; conv_rank when given."""
     recorded = {"rank": rule.rank} if rule.dynamic is None else {"dynamic": rule.dynamic, "param": rule.param,
                                                                   "max_rank": rule.max_rank}
-    return recorded if rule.conv_rank is None else {**recorded, "conv_rank": rule.conv_rank}
+    return with_conv_rank(recorded, rule.conv_rank)
+
+
+def with_conv_rank(recorded: dict[str, Any], conv_rank: int | None) -> dict[str, Any]:
+    """A lineage's params with conv_rank when given (so records made without one stay as they were)."""
+    return recorded if conv_rank is None else {**recorded, "conv_rank": conv_rank}
 
 
 def common_base(inputs: Sequence[Input]) -> int | None:
@@ -355,12 +360,13 @@ def combine(
     refs: Sequence[tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *, rank: int | None = None,
     device: str = "auto", precise: bool = False, name: str | None = None, output: str | None = None,
     fmt: str | None = None, force: bool = False, base: str | None = None, base_model: str | None = None,
+    conv_rank: int | None = None,
 ) -> DerivedRecord:
     """Combine registered adapters or paths (with weights) and register the result; see algebra.combine.
     ``base_model`` (a recipe's): the base every input must be for (see check_base_model)."""
     from .registry import Registry
 
-    arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
+    arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs], conv_rank)
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
@@ -373,12 +379,12 @@ def combine(
         combined = algebra.combine_lazily(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
-                                                                          for i in inputs],
+                                                                          for i in inputs], conv_rank=conv_rank,
         )
         if base_id is not None:
             refuse_biasless(combined.adapter, reg.base_manifest(base_id), reg.get_base(base_id).name)
         lineage = LineageSpec(
-            op="combine", params={"method": method, "params": arguments.record(), "rank": rank},
+            op="combine", params=with_conv_rank({"method": method, "params": arguments.record(), "rank": rank}, conv_rank),
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"

@@ -480,7 +480,7 @@ def extract_lazily(
         del weight_delta
         result = replace(result, modules={n: m for n, m in result.modules.items() if n not in unchanged})
     refuse_unwritable(result, fmt, values=False, label=what, peft_way_out=way_out)
-    refuse_idle_conv_rank(rule, work.targets.values(), f"the {what}")
+    refuse_idle_conv_rank(rule.conv_rank, work.targets.values(), f"the {what} has")
     records: list[ExtractModuleRecord] = []
     skipped: list[ExtractSkippedRecord] = []
     dropped: set[str] = set()

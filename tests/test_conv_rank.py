@@ -10,9 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from factories import (conv_embedding_model, conv_peft_adapter, kohya_file, lora_adapter, peft_delta_weights,
                        save_state_dict)
+from loraops import algebra
 from loraops.adapter import LoraModule
 from loraops.cli import main
 from loraops.formats import read_adapter, write_adapter
+from loraops.ops.combine import METHODS
 from loraops.ops.resize import RankRule, resize_module
 from loraops.registry import Registry
 
@@ -416,3 +418,63 @@ def test_a_lycoris_loha_resized_to_kohya_is_a_plain_lora_and_says_nothing_of_loh
     args = json.loads(metadata["ss_network_args"])
     assert args.keys() == {"rank_dropout", "conv_dim", "conv_alpha"} and args["conv_dim"] == "2", args
     assert float(args["conv_alpha"]) == pytest.approx(2 / 3 * 2)  # the LoHa's scale alpha/r kept at rank 2
+
+
+def test_combine_svd_conv_rank_is_svd_merge_loras_new_conv_rank(tmp_path):
+    """combine -m svd --rank R --conv-rank C (sd-scripts' svd_merge_lora.py --new_rank R --new_conv_rank C): each module
+    the truncated SVD of Σ wᵢ·sᵢ·upᵢ·downᵢ (float64), the k×k convolutions at C, every other module (a 1×1 conv too)
+    at R, scale 1; the lineage records conv_rank; a combine with nothing for it to rank, or a method that keeps every
+    rank, refuses it in one line."""
+    shapes = {"lora_unet_a_proj": ((10,), (12,)), "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1)),
+              "lora_unet_a_proj_in": ((6, 1, 1), (7, 1, 1))}
+    a = kohya_file(tmp_path / "a.safetensors", shapes, rank=4, alpha=2.0, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", shapes, rank=5, alpha=3.0, seed=2)
+    out = tmp_path / "m.safetensors"
+    code, text = run("combine", f"{a}:0.7", f"{b}:0.5", "-m", "svd", "--rank", "3", "--conv-rank", "2", "--precise",
+                     "--name", "m", "-o", out)
+    assert code == 0, text
+    inputs = [(read_adapter(a), 0.7), (read_adapter(b), 0.5)]
+    merged = read_adapter(out)
+    for name in shapes:
+        k = 2 if name == "lora_unet_a_conv" else 3
+        expected = truncated(sum(w * adapter.modules[name].delta(dtype=torch.float64) for adapter, w in inputs), k)
+        assert (merged.modules[name].rank, merged.modules[name].scale) == (k, 1.0), name
+        torch.testing.assert_close(merged.modules[name].delta(dtype=torch.float64), expected, rtol=0, atol=1e-6)
+    with Registry.open() as reg:
+        assert reg.get_adapter("m").lineage.params["conv_rank"] == 2
+    flat = kohya_file(tmp_path / "flat.safetensors", {"lora_unet_a_proj": ((10,), (12,))})
+    for args, message in (((flat, "-m", "svd", "--conv-rank", "2"),
+                           "error: conv rank 2: the inputs have no k×k convolution (a conv with a kernel larger than "
+                           "1×1) for it to rank\n"),
+                          ((a, b, "--conv-rank", "2"),
+                           "error: cat keeps every input's rank (their sum); use linear --conv-rank to truncate\n"),
+                          ((a, b, "-m", "svd", "--conv-rank", "0"), "error: conv rank must be a positive integer (got 0)\n")):
+        code, text = run("combine", *args, "-o", tmp_path / "x.safetensors")
+        assert (code, text) == (2, message)
+        assert not (tmp_path / "x.safetensors").exists()
+
+
+COMBINE_PARAMS = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
+                  "breadcrumbs": {"density": 0.8}, "breadcrumbs_ties": {"density": 0.8}, "della": {"density": 0.5},
+                  "della_linear": {"density": 0.5}, "magnitude_prune": {"density": 0.5}}
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.default_rank is not None])
+def test_every_combine_method_with_a_rank_ranks_the_kxk_convolutions_by_conv_rank(tmp_path, method):
+    """Every method that takes --rank takes --conv-rank: its k×k convolution is the one it makes at --rank C, every
+    other module (a 1×1 conv too) the one it makes at --rank R, or at its default rank without --rank."""
+    shapes = {"lora_unet_a_proj": ((10,), (12,)), "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1)),
+              "lora_unet_a_proj_in": ((6, 1, 1), (7, 1, 1))}
+    inputs = [(read_adapter(kohya_file(tmp_path / f"{i}.safetensors", shapes, rank=r, alpha=2.0, seed=i)), w)
+              for i, (r, w) in enumerate(((4, 0.7), (5, 0.5), (3, 0.4))[:2 if method == "nuslerp" else 3])]
+
+    def made(**ranks):
+        return algebra.combine(inputs, method, COMBINE_PARAMS.get(method), precise=True, **ranks)[0].modules
+
+    at_c, at_r, default = made(rank=2), made(rank=3), made()
+    for ranks, others in (({"rank": 3, "conv_rank": 2}, at_r), ({"conv_rank": 2}, default)):
+        for name, module in made(**ranks).items():
+            expected = at_c[name] if name == "lora_unet_a_conv" else others[name]
+            assert module.rank == expected.rank, (ranks, name)
+            torch.testing.assert_close(module.delta(dtype=torch.float64), expected.delta(dtype=torch.float64),
+                                       rtol=0, atol=1e-6)

@@ -104,6 +104,8 @@ def recipe_arguments(ctx: click.Context, path: str):
 @click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
 @click.option("--rank", type=INT, help="Output rank (linear/svd, nuslerp, model_stock, multislerp: default Σ ranks, "
                                        "lossless; element-wise, sce: largest input rank).")
+@click.option("--conv-rank", type=INT, help="Output rank of the k×k convolutions (kernel larger than 1×1; sd-scripts' "
+                                            "svd_merge_lora.py --new_conv_rank), --rank being the others'.")
 @click.option("--density", type=FLOAT, help="Element-wise methods: fraction of each delta kept, in (0, 1].")
 @click.option("--gamma", type=FLOAT,
               help="breadcrumbs*: fraction of each delta's largest-magnitude entries dropped (default 0.01, "
@@ -148,7 +150,7 @@ def recipe_arguments(ctx: click.Context, path: str):
 @compute_options
 @output_options
 @click.pass_context
-def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, rescale, rescale_norm, consensus,
+def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilon, seed, rescale, rescale_norm, consensus,
             select_topk, flatten, row_wise, filter_wise, normalize, lambda_, normalize_weights, eps, device, precise,
             base, output, fmt, force, name, as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
@@ -169,7 +171,7 @@ def combine(ctx, inputs, recipe, method, rank, density, gamma, epsilon, seed, re
         raise click.UsageError("give the adapters to combine (REF[:WEIGHT]...), or --recipe")
     result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
                             device=device, precise=precise, name=name, output=output, fmt=fmt, force=force, base=base,
-                            base_model=base_model)
+                            base_model=base_model, conv_rank=conv_rank)
     if as_json:
         echo_json(result)
         return
