@@ -1107,7 +1107,8 @@ class _Pipeline:
                     factors = columns[id(module)]
                 else:
                     norms = torch.linalg.vector_norm(self._base_plus(base2[here], delta), dim=1)
-                    factors = dora_factors(module, magnitude[rows_of_module], norms).unsqueeze(1)
+                    factors = dora_factors(module, magnitude[rows_of_module], norms,
+                                           lambda: torch.isinf(base2[here]).any(1)).unsqueeze(1)
                 acc2[here].add_(delta).mul_(factors)
         exact = acc.clone() if self.residual is not None and tensor.encoded else acc
         if tensor.encoded:  # quantize-after: acc becomes W · scale per block; its new scales are kept for the scale
@@ -1190,10 +1191,7 @@ class _Pipeline:
         import torch
 
         if self._nan_columns_of[0] is not tensor:
-            columns = torch.zeros(tensor.row_elements, dtype=torch.bool)
-            for _, block in _base_blocks(tensor):
-                columns |= torch.isnan(block.float()).any(0)
-            self._nan_columns_of = (tensor, columns)
+            self._nan_columns_of = (tensor, _base_columns(tensor, torch.isnan))
         return self._nan_columns_of[1]
 
     def _token_indices(self, tensor: _Tensor) -> list[tuple[TokenRows, "torch.Tensor"]]:
@@ -1236,23 +1234,30 @@ class _Pipeline:
                 squares[id(module)] += both.mul_(both).sum(0)  # (a chunk's own sum is pairwise, as PEFT's)
         self._columns_of = tensor
         self._columns = {id(module): dora_factors(module, self._module_factors(tensor, module)[2],
-                                                  squares[id(module)].sqrt().to(self.compute_dtype)).unsqueeze(0)
+                                                  squares[id(module)].sqrt().to(self.compute_dtype),
+                                                  lambda: _base_columns(tensor, torch.isinf)).unsqueeze(0)
                          for module, _ in modules}
         return self._columns
 
 
-def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor") -> "torch.Tensor":
+def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor", base_inf) -> "torch.Tensor":
     """DoRA's f = m / ‖W + Δ‖ per output channel; a zero norm (W + Δ all zeros there: its direction is undefined, and
     PEFT writes NaN) is refused, and so is one beyond what the work dtype holds (finite values whose squares
-    overflow: f became 0, and the channel was written as zeros, silently). A NaN norm (a NaN in the base's channel,
-    or deltas that cancel as inf − inf) is left to _refuse_overflow, which tells the two apart: the base's NaN stays
-    NaN, as in PEFT's merge."""
+    overflow: f became 0, and the channel was written as zeros, silently), and one that is inf because the base holds
+    ±inf in the channel (``base_inf()``: the channels where it does, asked only then; PEFT's f is 0 there and its
+    merge writes the channel as zeros with NaN at the inf, which no dtype mends). A NaN norm (a NaN in the base's
+    channel, or deltas that cancel as inf − inf) is left to _refuse_overflow, which tells the two apart: the base's
+    NaN stays NaN, as in PEFT's merge."""
     import torch
 
     if not bool(norms.all()):
         raise InvalidInputError(f"DoRA module {module.name!r}: an output channel of {module.weight_name} + ΔW is all "
                                 "zeros, so its direction (and the merge) is undefined")
     if bool(torch.isinf(norms).any()):
+        if bool((torch.isinf(norms).cpu() & base_inf().cpu()).any()):
+            raise InvalidInputError(f"DoRA module {module.name!r}: the base's {module.weight_name} holds ±inf in an "
+                                    "output channel, so the norm DoRA rescales that channel by is inf and its merge "
+                                    "undefined (PEFT's writes the channel as zeros and NaN)")
         dtype = str(norms.dtype).removeprefix("torch.")
         hint = "; --precise computes in float64" if norms.dtype != torch.float64 else ""
         # (the squares, not the norm: values of 1e20 have a norm float32 holds, and torch's sums of squares overflow)
@@ -1260,6 +1265,17 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
                                 f"{module.weight_name} + ΔW go beyond what {dtype} holds, so its rescaling is "
                                 f"undefined{hint}")
     return magnitude / norms
+
+
+def _base_columns(tensor: _Tensor, test) -> "torch.Tensor":
+    """The columns where ``test`` (torch.isnan, torch.isinf) holds for the base tensor in some row (the rows a
+    transposed DoRA module's norms are taken over), read again."""
+    import torch
+
+    columns = torch.zeros(tensor.row_elements, dtype=torch.bool)
+    for _, block in _base_blocks(tensor):
+        columns |= test(block.float()).any(0)
+    return columns
 
 
 def _base_blocks(tensor: _Tensor):

@@ -237,6 +237,39 @@ def test_an_output_channel_whose_norm_overflows_is_refused(transposed, tmp_path)
 
 
 @pytest.mark.no_registry
+@pytest.mark.parametrize("precise", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_base_channel_holding_inf_is_refused_as_the_bases(transposed, precise, tmp_path):
+    """A base whose output channel holds ±inf: ‖W + ΔW‖ is inf there, and the message said the squares went beyond
+    float32 with a --precise hint that does not help (float64's norm is inf too). PEFT's merge (float64, below)
+    writes that channel as zeros with NaN at the inf (f = m/inf = 0), not the base's channel: refused, naming the
+    base, in both of DoRA's norms and both work dtypes."""
+    from peft import LoraConfig, get_peft_model
+
+    weight = torch.ones(4, 3, dtype=torch.float64)
+    weight[1, 2] = float("inf")
+    linear = torch.nn.Sequential()
+    linear.add_module("lin", torch.nn.Linear(3, 4, bias=False, dtype=torch.float64))
+    with torch.no_grad():
+        linear.lin.weight.copy_(weight)
+    model = get_peft_model(linear, LoraConfig(r=2, target_modules=["lin"], use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.lin.lora_magnitude_vector["default"].weight.fill_(2.0)
+    theirs = model.merge_and_unload().lin.weight[1]
+    assert bool((theirs[:2] == 0).all()) and bool(theirs[2].isnan())
+
+    base = save_file({"lin.weight": (weight.T if transposed else weight).float().contiguous()},
+                     str(tmp_path / "m.safetensors")) or tmp_path / "m.safetensors"
+    module = LoraModule("lin", torch.randn(2, 3), torch.randn(4, 2), alpha=2.0, scale=1.0,
+                        magnitude=torch.full((4,), 2.0), fan_in_fan_out=transposed)
+    with pytest.raises(InvalidInputError, match="^DoRA module 'lin': the base's lin.weight holds ±inf in an output "
+                                                "channel, so the norm DoRA rescales that channel by is inf"):
+        engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "out.safetensors", device="cpu",
+                     precise=precise)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.no_registry
 @pytest.mark.parametrize("transposed", [False, True])
 def test_deltas_that_cancel_as_inf_minus_inf_are_refused(transposed, tmp_path):
     """A NaN norm is no longer refused by dora_factors (a NaN the base holds stays NaN, as in PEFT), so one that comes
