@@ -257,6 +257,22 @@ def test_multislerp_of_opposite_task_vectors_whose_factors_cancel_within_each_ta
         assert float((got - want).norm()) <= (1e-6 if precise else 1e-2) * float(want.norm()), precise
 
 
+@pytest.mark.parametrize("eps", [1e-9, 1e-7])
+def test_multislerp_whose_mean_direction_is_short_but_above_eps_is_formed_without_float32s_cancellation(eps):
+    """τ and −2τ at equal weights with ‖τ‖ = 0.2: mergekit's uᵢ differ by eps/‖τ‖, ‖Σ wᵢuᵢ‖ = 1.25·eps is above eps,
+    and its result is −τ̂ at the mean norm. The result is Σ cᵢτᵢ with cᵢ ~ 1/‖Σ wᵢuᵢ‖ that cancel: formed in float32
+    its rounding was 6e-8 × 1e9 (at eps 1e-9: 90× the result's norm; 1e-7: 100 %); float64 where they cancel."""
+    one = lora_adapter({"m": (48, 80)}, rank=8, seed=5)
+    one = scaled(one, 0.2 / float(one.modules["m"].delta(dtype=torch.float64).norm()))
+    tau = one.modules["m"].delta(dtype=torch.float64)
+    want = ref.multislerp([tau, -2 * tau], [1.0, 1.0], eps=eps)
+    torch.testing.assert_close(want, -0.3 * tau / float(tau.norm()))  # (not the fallback −τ/2)
+    result, _ = combine([(one, 1.0), (scaled(one, -2), 1.0)], "multislerp", {"eps": eps}, device="cpu")
+    assert result.modules["m"].B.dtype == torch.float32
+    got = result.modules["m"].delta(dtype=torch.float64)
+    assert float((got - want).norm()) <= 1e-6 * float(want.norm())
+
+
 @pytest.mark.parametrize("dtype, bound, bias", [(torch.bfloat16, 3e-3, 5e-4), (torch.float16, 4e-4, 5e-5)])
 def test_multislerp_of_half_precision_adapters_takes_its_weights_in_float64(dtype, bound, bias):
     """mergekit builds the weights in the tensors' dtype: in bfloat16, 1/3 is 0.333984375 and the normalized weights

@@ -802,6 +802,8 @@ def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Cont
                 "equal weights), or task vectors not much longer than eps: give other weights, or a smaller eps")
         w = torch.zeros_like(w)
         size = 1.0
+    if size < float(w.abs().sum()) / 64:  # the cᵢτᵢ, ~Σ|wᵢ|/size times the result, cancel: float32 lost 6 bits or more
+        plain = [replace(t, B=t.B.double(), A=t.A.double()) for t in plain]
     coefficients = w / size * (math.cos(eps) * float(w @ norms)) * scale
     return combination(plain, list(coefficients), "module", rank)
 
