@@ -257,6 +257,29 @@ def test_multislerp_of_opposite_task_vectors_whose_factors_cancel_within_each_ta
         assert float((got - want).norm()) <= (1e-6 if precise else 1e-2) * float(want.norm()), precise
 
 
+@pytest.mark.parametrize("eps", [1e-8, 1e-12])
+def test_multislerp_of_one_direction_in_two_factorizations_whose_components_cancel_takes_the_fallback(eps):
+    """τ and −3τ at equal weights, τ's factors B = [b, 3b], A = [a; (−a + 10⁻⁵δ)/3], −3τ's the same rank components
+    in another order (one matrix, its Gram sums rounded otherwise): ‖τᵢ‖ as √⟨τᵢ, τᵢ⟩ was rounded to float64's of
+    (Σ‖bⱼ‖‖aⱼ‖)², 1e-6 of ‖τ‖ here, and the uᵢ's lengths differed by that: ‖Σ wᵢuᵢ‖ came out ~1e-6, above eps and
+    norm_of_sum's zero, where mergekit's is ~eps/‖τ‖ and it falls back to Σ wᵢτᵢ = −τ (loraops gave ±2τ̂‖τ‖)."""
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(64, 4, generator=g), torch.randn(4, 96, generator=g)
+    B, A = torch.cat([b, 3 * b], 1), torch.cat([a, (1e-5 * torch.randn(4, 96, generator=g) - a) / 3])
+    order = torch.randperm(8, generator=g)
+    one = lora_adapter({"m": (64, 96)}, rank=8, seed=1)
+    one, other = (replace(one, modules={"m": replace(one.modules["m"], B=B, A=A, scale=scale)})
+                  for B, A, scale in ((B, A, 2.0 ** 10), (B[:, order], A[order], -3 * 2.0 ** 10)))
+    tau = one.modules["m"].delta(dtype=torch.float64)
+    assert float(tau.norm()) > 1  # (mergekit's uᵢ differ by ~eps/‖τ‖: it falls back too)
+    want = ref.multislerp([tau, -3 * tau], [1.0, 1.0], eps=eps)
+    torch.testing.assert_close(want, -tau)
+    for precise in (False, True):
+        result, _ = combine([(one, 1.0), (other, 1.0)], "multislerp", {"eps": eps}, device="cpu", precise=precise)
+        got = result.modules["m"].delta(dtype=torch.float64)
+        assert float((got - want).norm()) <= (1e-6 if precise else 1e-1) * float(want.norm()), precise
+
+
 @pytest.mark.parametrize("eps", [1e-9, 1e-7])
 def test_multislerp_whose_mean_direction_is_short_but_above_eps_is_formed_without_float32s_cancellation(eps):
     """τ and −2τ at equal weights with ‖τ‖ = 0.2: mergekit's uᵢ differ by eps/‖τ‖, ‖Σ wᵢuᵢ‖ = 1.25·eps is above eps,

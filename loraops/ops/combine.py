@@ -785,7 +785,9 @@ def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Cont
     ‖Σ wᵢuᵢ‖ < eps (or is 0): two inputs give mergekit's fallback Σ wᵢτᵢ; more are refused as mergekit does, unless
     every τᵢ is zero (then the mean norm is 0, and so the result)."""
     plain = [replace(term, weight=1.0) for term in terms]
-    norms = torch.stack([inner_products(t, t, "module") for t in plain]).clamp(min=0).sqrt()
+    # (each ‖τᵢ‖ of its factors' QR too, not √⟨τᵢ, τᵢ⟩: where its components cancel that is rounded to float64's of
+    # (Σ‖bⱼ‖‖aⱼ‖)², and two such norms of one direction differ by more than norm_of_sum's zero)
+    norms = torch.tensor([norm_of_sum([t], [1.0]) for t in plain], dtype=torch.float64, device=plain[0].B.device)
     w = torch.tensor([t.weight for t in terms], dtype=torch.float64, device=norms.device)
     if params.normalize_weights:
         w = w / w.sum()
