@@ -1122,8 +1122,11 @@ class _Pipeline:
                 if module.transposed:
                     factors = columns[id(module)]
                 else:
-                    norms = torch.linalg.vector_norm(self._base_plus(base2[here], delta), dim=1)
-                    factors = dora_factors(module, magnitude[rows_of_module], norms).unsqueeze(1)
+                    both = self._base_plus(base2[here], delta)
+                    norms = torch.linalg.vector_norm(both, dim=1)
+                    factors = dora_factors(module, magnitude[rows_of_module], norms,
+                                           lambda: torch.isinf(base2[here]).any(1),
+                                           lambda: (both != 0).any(1)).unsqueeze(1)
                 acc2[here].add_(delta).mul_(factors)
         exact = acc.clone() if self.residual is not None and tensor.encoded else acc
         if tensor.encoded:  # quantize-after: acc becomes W · scale per block; its new scales are kept for the scale
@@ -1206,10 +1209,7 @@ class _Pipeline:
         import torch
 
         if self._nan_columns_of[0] is not tensor:
-            columns = torch.zeros(tensor.row_elements, dtype=torch.bool)
-            for _, block in _base_blocks(tensor):
-                columns |= torch.isnan(block.float()).any(0)
-            self._nan_columns_of = (tensor, columns)
+            self._nan_columns_of = (tensor, _base_columns(tensor, torch.isnan))
         return self._nan_columns_of[1]
 
     def _token_indices(self, tensor: _Tensor) -> list[tuple[TokenRows, "torch.Tensor"]]:
@@ -1240,6 +1240,26 @@ class _Pipeline:
         # over 16 chunks, measured), where PEFT's one-shot norm does not
         squares = {id(module): torch.zeros(module.out_features, dtype=torch.float64, device=self.device)
                    for module, _ in modules}
+        for module, both in self._columns_plus(tensor, modules):
+            squares[id(module)] += both.mul_(both).sum(0)  # (a chunk's own sum is pairwise, as PEFT's)
+
+        def nonzero(module):
+            found = torch.zeros(module.out_features, dtype=torch.bool, device=self.device)
+            for _, both in self._columns_plus(tensor, [(m, c) for m, c in modules if m is module]):
+                found |= (both != 0).any(0)
+            return found
+
+        self._columns_of = tensor
+        self._columns = {id(module): dora_factors(module, self._module_factors(tensor, module)[2],
+                                                  squares[id(module)].sqrt().to(self.compute_dtype),
+                                                  lambda: _base_columns(tensor, torch.isinf),
+                                                  lambda: nonzero(module)).unsqueeze(0)
+                         for module, _ in modules}
+        return self._columns
+
+    def _columns_plus(self, tensor: _Tensor, modules):
+        """(module, W + Δ) for each block of the base tensor's rows and each (transposed DoRA module, coef), in the
+        third DoRA buffer (overwritten by the next)."""
         for row0, block in _base_blocks(tensor) if modules else ():
             base2 = self.dora_work[0, : block.numel()].view(block.shape)
             base2.copy_(block)
@@ -1248,34 +1268,52 @@ class _Pipeline:
                 delta = self.dora_work[1, : block.numel()].view(block.shape)
                 delta.zero_()
                 add_delta(delta, B2, A2, True, slice(row0, row0 + block.shape[0]), coef)
-                both = self._base_plus(base2, delta)
-                squares[id(module)] += both.mul_(both).sum(0)  # (a chunk's own sum is pairwise, as PEFT's)
-        self._columns_of = tensor
-        self._columns = {id(module): dora_factors(module, self._module_factors(tensor, module)[2],
-                                                  squares[id(module)].sqrt().to(self.compute_dtype)).unsqueeze(0)
-                         for module, _ in modules}
-        return self._columns
+                yield module, self._base_plus(base2, delta)
 
 
-def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor") -> "torch.Tensor":
+def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor", base_inf,
+                 nonzero) -> "torch.Tensor":
     """DoRA's f = m / ‖W + Δ‖ per output channel; a zero norm (W + Δ all zeros there: its direction is undefined, and
     PEFT writes NaN) is refused, and so is one beyond what the work dtype holds (finite values whose squares
-    overflow: f became 0, and the channel was written as zeros, silently). A NaN norm (a NaN in the base's channel,
-    or deltas that cancel as inf − inf) is left to _refuse_overflow, which tells the two apart: the base's NaN stays
-    NaN, as in PEFT's merge."""
+    overflow: f became 0, and the channel was written as zeros, silently; or underflow, values below 1e-19 in
+    float32, bfloat16's subnormals: ``nonzero()``, the channels where W + Δ is not all zeros, asked only then, tells
+    them from a zero channel), and one that is inf because the base holds
+    ±inf in the channel (``base_inf()``: the channels where it does, asked only then; PEFT's f is 0 there and its
+    merge writes the channel as zeros with NaN at the inf, which no dtype mends). A NaN norm (a NaN in the base's
+    channel, or deltas that cancel as inf − inf) is left to _refuse_overflow, which tells the two apart: the base's
+    NaN stays NaN, as in PEFT's merge."""
     import torch
 
+    dtype = str(norms.dtype).removeprefix("torch.")
+    hint = "; --precise computes in float64" if norms.dtype != torch.float64 else ""
     if not bool(norms.all()):
+        if bool(((norms == 0).cpu() & nonzero().cpu()).any()):
+            raise InvalidInputError(f"DoRA module {module.name!r}: the squares summed for the norm of an output "
+                                    f"channel of {module.weight_name} + ΔW are below what {dtype} holds (its values "
+                                    f"are all but zero), so its rescaling is undefined{hint}")
         raise InvalidInputError(f"DoRA module {module.name!r}: an output channel of {module.weight_name} + ΔW is all "
                                 "zeros, so its direction (and the merge) is undefined")
     if bool(torch.isinf(norms).any()):
-        dtype = str(norms.dtype).removeprefix("torch.")
-        hint = "; --precise computes in float64" if norms.dtype != torch.float64 else ""
+        if bool((torch.isinf(norms).cpu() & base_inf().cpu()).any()):
+            raise InvalidInputError(f"DoRA module {module.name!r}: the base's {module.weight_name} holds ±inf in an "
+                                    "output channel, so the norm DoRA rescales that channel by is inf and its merge "
+                                    "undefined (PEFT's writes the channel as zeros and NaN)")
         # (the squares, not the norm: values of 1e20 have a norm float32 holds, and torch's sums of squares overflow)
         raise InvalidInputError(f"DoRA module {module.name!r}: the squares summed for the norm of an output channel of "
                                 f"{module.weight_name} + ΔW go beyond what {dtype} holds, so its rescaling is "
                                 f"undefined{hint}")
     return magnitude / norms
+
+
+def _base_columns(tensor: _Tensor, test) -> "torch.Tensor":
+    """The columns where ``test`` (torch.isnan, torch.isinf) holds for the base tensor in some row (the rows a
+    transposed DoRA module's norms are taken over), read again."""
+    import torch
+
+    columns = torch.zeros(tensor.row_elements, dtype=torch.bool)
+    for _, block in _base_blocks(tensor):
+        columns |= test(block.float()).any(0)
+    return columns
 
 
 def _base_blocks(tensor: _Tensor):

@@ -234,6 +234,68 @@ def test_multislerp_at_eps_zero_takes_the_limit_where_mergekit_divides_zero_by_z
     torch.testing.assert_close(result.modules["o"].delta(dtype=torch.float64), limit, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("eps", [1e-12, 0.0])
+def test_multislerp_of_opposite_task_vectors_whose_factors_cancel_within_each_takes_the_fallback(eps):
+    """τ and −2τ at equal weights, τ's factors B = [b, 3b], A = [a; (−a + 10⁻⁴δ)/3]: their components cancel within τ
+    (‖τ‖ ~ 1e-4 of Σ‖bⱼ‖‖aⱼ‖), so the float64 QR's length of Σ wᵢuᵢ, exactly 0, came out ~1e-12, not below eps
+    1e-12 nor 0, and the result was that rounding's direction, divided by it. Its rounding is taken of the factors'
+    components now: 0, mergekit's fallback Σ wᵢτᵢ = −τ/2 (at eps 0 mergekit divides 0 by 0; the limit eps → 0, as
+    above), to float32's rounding of those components (6e-8 × 1e4) or float64's."""
+    g = torch.Generator().manual_seed(3)
+    b, a = torch.randn(64, 4, generator=g), torch.randn(4, 96, generator=g)
+    one = lora_adapter({"m": (64, 96)}, rank=8, seed=1)
+    one = replace(one, modules={"m": replace(one.modules["m"], B=torch.cat([b, 3 * b], 1), scale=2.0 ** 10,
+                                             A=torch.cat([a, (1e-4 * torch.randn(4, 96, generator=g) - a) / 3]))})
+    tau = one.modules["m"].delta(dtype=torch.float64)
+    assert float(tau.norm()) > 1  # (mergekit's eps 1e-12 then falls back too: its uᵢ differ by ~eps/‖τ‖)
+    want = ref.multislerp([tau, -2 * tau], [1.0, 1.0], eps=eps or 1e-300)
+    torch.testing.assert_close(want, -tau / 2)
+    for precise in (False, True):
+        result, _ = combine([(one, 1.0), (scaled(one, -2), 1.0)], "multislerp", {"eps": eps}, device="cpu",
+                            precise=precise)
+        got = result.modules["m"].delta(dtype=torch.float64)
+        assert float((got - want).norm()) <= (1e-6 if precise else 1e-2) * float(want.norm()), precise
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-12])
+def test_multislerp_of_one_direction_in_two_factorizations_whose_components_cancel_takes_the_fallback(eps):
+    """τ and −3τ at equal weights, τ's factors B = [b, 3b], A = [a; (−a + 10⁻⁵δ)/3], −3τ's the same rank components
+    in another order (one matrix, its Gram sums rounded otherwise): ‖τᵢ‖ as √⟨τᵢ, τᵢ⟩ was rounded to float64's of
+    (Σ‖bⱼ‖‖aⱼ‖)², 1e-6 of ‖τ‖ here, and the uᵢ's lengths differed by that: ‖Σ wᵢuᵢ‖ came out ~1e-6, above eps and
+    norm_of_sum's zero, where mergekit's is ~eps/‖τ‖ and it falls back to Σ wᵢτᵢ = −τ (loraops gave ±2τ̂‖τ‖)."""
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(64, 4, generator=g), torch.randn(4, 96, generator=g)
+    B, A = torch.cat([b, 3 * b], 1), torch.cat([a, (1e-5 * torch.randn(4, 96, generator=g) - a) / 3])
+    order = torch.randperm(8, generator=g)
+    one = lora_adapter({"m": (64, 96)}, rank=8, seed=1)
+    one, other = (replace(one, modules={"m": replace(one.modules["m"], B=B, A=A, scale=scale)})
+                  for B, A, scale in ((B, A, 2.0 ** 10), (B[:, order], A[order], -3 * 2.0 ** 10)))
+    tau = one.modules["m"].delta(dtype=torch.float64)
+    assert float(tau.norm()) > 1  # (mergekit's uᵢ differ by ~eps/‖τ‖: it falls back too)
+    want = ref.multislerp([tau, -3 * tau], [1.0, 1.0], eps=eps)
+    torch.testing.assert_close(want, -tau)
+    for precise in (False, True):
+        result, _ = combine([(one, 1.0), (other, 1.0)], "multislerp", {"eps": eps}, device="cpu", precise=precise)
+        got = result.modules["m"].delta(dtype=torch.float64)
+        assert float((got - want).norm()) <= (1e-6 if precise else 1e-1) * float(want.norm()), precise
+
+
+@pytest.mark.parametrize("eps", [1e-9, 1e-7])
+def test_multislerp_whose_mean_direction_is_short_but_above_eps_is_formed_without_float32s_cancellation(eps):
+    """τ and −2τ at equal weights with ‖τ‖ = 0.2: mergekit's uᵢ differ by eps/‖τ‖, ‖Σ wᵢuᵢ‖ = 1.25·eps is above eps,
+    and its result is −τ̂ at the mean norm. The result is Σ cᵢτᵢ with cᵢ ~ 1/‖Σ wᵢuᵢ‖ that cancel: formed in float32
+    its rounding was 6e-8 × 1e9 (at eps 1e-9: 90× the result's norm; 1e-7: 100 %); float64 where they cancel."""
+    one = lora_adapter({"m": (48, 80)}, rank=8, seed=5)
+    one = scaled(one, 0.2 / float(one.modules["m"].delta(dtype=torch.float64).norm()))
+    tau = one.modules["m"].delta(dtype=torch.float64)
+    want = ref.multislerp([tau, -2 * tau], [1.0, 1.0], eps=eps)
+    torch.testing.assert_close(want, -0.3 * tau / float(tau.norm()))  # (not the fallback −τ/2)
+    result, _ = combine([(one, 1.0), (scaled(one, -2), 1.0)], "multislerp", {"eps": eps}, device="cpu")
+    assert result.modules["m"].B.dtype == torch.float32
+    got = result.modules["m"].delta(dtype=torch.float64)
+    assert float((got - want).norm()) <= 1e-6 * float(want.norm())
+
+
 @pytest.mark.parametrize("dtype, bound, bias", [(torch.bfloat16, 3e-3, 5e-4), (torch.float16, 4e-4, 5e-5)])
 def test_multislerp_of_half_precision_adapters_takes_its_weights_in_float64(dtype, bound, bias):
     """mergekit builds the weights in the tensors' dtype: in bfloat16, 1/3 is 0.333984375 and the normalized weights

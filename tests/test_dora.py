@@ -217,23 +217,60 @@ def test_an_output_channel_of_zero_norm_is_refused(tmp_path):
 
 
 @pytest.mark.no_registry
+@pytest.mark.parametrize("base_value, factor, says", [(1.0, 1e10, "go beyond"), (1e-23, 1e-12, "are below")])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_an_output_channel_whose_norm_overflows_is_refused(transposed, tmp_path):
+def test_an_output_channel_whose_squares_overflow_or_underflow_is_refused(transposed, base_value, factor, says,
+                                                                          tmp_path):
     """W + ΔW of finite values whose squares go beyond float32 (1e20 each): its norm was inf, the factor m/‖·‖ 0, and
-    the channel was written as zeros with exit 0 (the true merge is m·(W + ΔW)/‖W + ΔW‖, 1/√3 here). Refused, in both
-    of DoRA's norms (rows, and a transposed module's columns); --precise (float64) merges it right."""
-    base = save_file({"lin.weight": torch.ones(3, 4) if transposed else torch.ones(4, 3)},
+    the channel was written as zeros with exit 0; of values 1.1e-23 (bfloat16's subnormals are 1e-39), whose squares
+    are below float32's least value: its norm was 0 and the channel refused as 'all zeros', which it is not. Both
+    refused for the squares with the --precise hint, in both of DoRA's norms (rows, and a transposed module's
+    columns); --precise (float64) merges them right: m·(W + ΔW)/‖W + ΔW‖, 1/√3 here."""
+    base = save_file({"lin.weight": torch.full((3, 4) if transposed else (4, 3), base_value)},
                      str(tmp_path / "m.safetensors")) or tmp_path / "m.safetensors"
-    module = LoraModule("lin", torch.full((1, 3), 1e10), torch.full((4, 1), 1e10), alpha=1.0, scale=1.0,
+    module = LoraModule("lin", torch.full((1, 3), factor), torch.full((4, 1), factor), alpha=1.0, scale=1.0,
                         magnitude=torch.ones(4), fan_in_fan_out=transposed)
     adapter = Adapter({"lin": module}, "peft")
-    with pytest.raises(InvalidInputError, match="DoRA module 'lin': the squares summed for the norm of an output "
-                                                "channel of lin.weight \\+ ΔW go beyond what float32 holds.*--precise"):
+    with pytest.raises(InvalidInputError, match="^DoRA module 'lin': the squares summed for the norm of an output "
+                                                f"channel of lin.weight \\+ ΔW {says} what float32 holds.*--precise"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu")
     assert not (tmp_path / "out.safetensors").exists()
     engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu", precise=True)
     merged = load_file(tmp_path / "out.safetensors")["lin.weight"]
     assert torch.allclose(merged, torch.full_like(merged, 3 ** -0.5))
+
+
+@pytest.mark.no_registry
+@pytest.mark.parametrize("precise", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_base_channel_holding_inf_is_refused_as_the_bases(transposed, precise, tmp_path):
+    """A base whose output channel holds ±inf: ‖W + ΔW‖ is inf there, and the message said the squares went beyond
+    float32 with a --precise hint that does not help (float64's norm is inf too). PEFT's merge (float64, below)
+    writes that channel as zeros with NaN at the inf (f = m/inf = 0), not the base's channel: refused, naming the
+    base, in both of DoRA's norms and both work dtypes."""
+    from peft import LoraConfig, get_peft_model
+
+    weight = torch.ones(4, 3, dtype=torch.float64)
+    weight[1, 2] = float("inf")
+    linear = torch.nn.Sequential()
+    linear.add_module("lin", torch.nn.Linear(3, 4, bias=False, dtype=torch.float64))
+    with torch.no_grad():
+        linear.lin.weight.copy_(weight)
+    model = get_peft_model(linear, LoraConfig(r=2, target_modules=["lin"], use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.lin.lora_magnitude_vector["default"].weight.fill_(2.0)
+    theirs = model.merge_and_unload().lin.weight[1]
+    assert bool((theirs[:2] == 0).all()) and bool(theirs[2].isnan())
+
+    base = save_file({"lin.weight": (weight.T if transposed else weight).float().contiguous()},
+                     str(tmp_path / "m.safetensors")) or tmp_path / "m.safetensors"
+    module = LoraModule("lin", torch.randn(2, 3), torch.randn(4, 2), alpha=2.0, scale=1.0,
+                        magnitude=torch.full((4,), 2.0), fan_in_fan_out=transposed)
+    with pytest.raises(InvalidInputError, match="^DoRA module 'lin': the base's lin.weight holds ±inf in an output "
+                                                "channel, so the norm DoRA rescales that channel by is inf"):
+        engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "out.safetensors", device="cpu",
+                     precise=precise)
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.no_registry

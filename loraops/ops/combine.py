@@ -669,12 +669,16 @@ def combination(terms: list[Term], coefficients: list[torch.Tensor], vectors: Ve
 
 
 def norm_of_sum(terms: list[Term], coefficients: torch.Tensor) -> float:
-    """‖Σ cᵢτᵢ‖ in float64 from the cat factors, as ‖R_B·R_Aᵀ‖ with B = Q_B·R_B and Aᵀ = Q_A·R_A: exact to float64's
-    rounding of the largest ‖cᵢτᵢ‖. √(cᵀGc) from the Gram matrix G = ⟨τᵢ, τⱼ⟩ rounds cᵀGc to that, so where the τᵢ
-    cancel it is ~1e-8 of them, not ~1e-16 (and multislerp's test against eps = 1e-8 fell on the wrong side)."""
+    """‖Σ cᵢτᵢ‖ in float64 from the cat factors, as ‖R_B·R_Aᵀ‖ with B = Q_B·R_B and Aᵀ = Q_A·R_A; 0 where it is within
+    that QR's rounding, which (Householder's, column by column) is float64's of Σ ‖bⱼ‖·‖aⱼ‖ over the cat's rank
+    components, not of the ‖cᵢτᵢ‖: factors whose components cancel within one τ (B = [b, b], A = [a; −a + δ]) round
+    to 1e-11 of ‖τ‖, measured, where it was taken for a length (2⁻⁴⁸ leaves ×15 over the 2.4e-16 measured up to
+    4096×4096). √(cᵀGc) from the Gram matrix G = ⟨τᵢ, τⱼ⟩ rounds cᵀGc to float64, so where the τᵢ cancel it is
+    ~1e-8 of them, not ~1e-16 (and multislerp's test against eps = 1e-8 fell on the wrong side)."""
     B = torch.cat([t.B.double() * (float(c) * t.scale * t.weight) for t, c in zip(terms, coefficients)], dim=1)
     A = torch.cat([t.A.double() for t in terms], dim=0)
-    return float(torch.linalg.norm(torch.linalg.qr(B, mode="r").R @ torch.linalg.qr(A.T, mode="r").R.T))
+    size = float(torch.linalg.norm(torch.linalg.qr(B, mode="r").R @ torch.linalg.qr(A.T, mode="r").R.T))
+    return 0.0 if size <= 2 ** -48 * float(B.norm(dim=0) @ A.norm(dim=1)) else size
 
 
 def exactly_two(method: str, weights: Sequence[float], params: Params) -> None:
@@ -781,15 +785,15 @@ def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Cont
     ‖Σ wᵢuᵢ‖ < eps (or is 0): two inputs give mergekit's fallback Σ wᵢτᵢ; more are refused as mergekit does, unless
     every τᵢ is zero (then the mean norm is 0, and so the result)."""
     plain = [replace(term, weight=1.0) for term in terms]
-    norms = torch.stack([inner_products(t, t, "module") for t in plain]).clamp(min=0).sqrt()
+    # (each ‖τᵢ‖ of its factors' QR too, not √⟨τᵢ, τᵢ⟩: where its components cancel that is rounded to float64's of
+    # (Σ‖bⱼ‖‖aⱼ‖)², and two such norms of one direction differ by more than norm_of_sum's zero)
+    norms = torch.tensor([norm_of_sum([t], [1.0]) for t in plain], dtype=torch.float64, device=plain[0].B.device)
     w = torch.tensor([t.weight for t in terms], dtype=torch.float64, device=norms.device)
     if params.normalize_weights:
         w = w / w.sum()
     eps = params.eps
     scale = torch.where(norms + eps > 0, 1 / (norms + eps), 0)  # uᵢ = scaleᵢ·τᵢ (a zero τᵢ at eps 0: uᵢ = 0)
-    size = norm_of_sum(plain, w * scale)  # ‖Σ wᵢuᵢ‖
-    if size <= 2 ** -48 * float((w.abs() * scale * norms).sum()):  # (0 to norm_of_sum's rounding: a − a)
-        size = 0.0
+    size = norm_of_sum(plain, w * scale)  # ‖Σ wᵢuᵢ‖ (0 to its rounding: a − a)
     if size < eps or not size:
         if len(terms) == 2:
             return combination(plain, list(w), "module", rank)
@@ -800,6 +804,8 @@ def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Cont
                 "equal weights), or task vectors not much longer than eps: give other weights, or a smaller eps")
         w = torch.zeros_like(w)
         size = 1.0
+    if size < float(w.abs().sum()) / 64:  # the cᵢτᵢ, ~Σ|wᵢ|/size times the result, cancel: float32 lost 6 bits or more
+        plain = [replace(t, B=t.B.double(), A=t.A.double()) for t in plain]
     coefficients = w / size * (math.cos(eps) * float(w @ norms)) * scale
     return combination(plain, list(coefficients), "module", rank)
 
