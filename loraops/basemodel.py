@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -282,7 +283,26 @@ def _unreadable(folder: Path, exc: OSError) -> InvalidInputError:
 
 
 def _folder_part(folder: Path, prefix: str) -> Part:
-    names = _names(folder)
+    dangling = _dangling_weights(folder)
+    part = _weights_part(folder, prefix, dangling)
+    for link in dangling:
+        print(f"note: {folder / link} is a symlink to a missing file ({os.readlink(folder / link)}): left out, as "
+              f"from_pretrained leaves it out; read {part.index_file or ', '.join(map(str, part.files))} instead",
+              file=sys.stderr)
+    return part
+
+
+def _dangling_weights(folder: Path) -> list[str]:
+    """The weights files (.safetensors, safetensors index) of ``folder`` that are symlinks to nothing: from_pretrained
+    looks for its files with os.path.isfile, which is false for them, and reads the next it looks for (a Hugging Face
+    snapshot whose model.safetensors blob was deleted beside its index and shards)."""
+    return [name for name in _names(folder)
+            if name.endswith((".safetensors", INDEX_SUFFIX)) and (folder / name).is_symlink()
+            and not _exists(folder / name)]
+
+
+def _weights_part(folder: Path, prefix: str, dangling: list[str]) -> Part:
+    names = [name for name in _names(folder) if name not in dangling]
     # read before the weights, as from_pretrained does: its transformers_weights names them
     config = read_model_config(folder / "config.json") if "config.json" in names else None
     try:
@@ -299,6 +319,9 @@ def _folder_part(folder: Path, prefix: str) -> Part:
                                   f"{' ...' if len(pickles) > 3 else ''}), which loraops does not read (loading one "
                                   "can run code); convert them to safetensors first: from_pretrained(folder) and "
                                   "save_pretrained(out) write them")
+            if dangling:
+                raise NotFoundError(f"{folder / dangling[0]}: no such file (a symlink to "
+                                    f"{os.readlink(folder / dangling[0])}, which is missing)")
             raise FormatError(f"{folder}: no .safetensors weights found")
         return Part(prefix, folder, [folder / name for name in file_names])
     index = folder / index_name
