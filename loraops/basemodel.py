@@ -156,6 +156,12 @@ class BaseModel:
     def is_single_file(self) -> bool:
         return self.path.is_file()
 
+    @property
+    def ties_stored_heads(self) -> bool:
+        """Is a head stored byte-identical to its input embeddings one tied parameter stored twice (check.stored_twice's
+        ``heads``), for check and merge alike: not in a single-file checkpoint, which has no config to tie them."""
+        return not self.is_single_file
+
     def other_files(self) -> list[Path]:
         """Files of the folder that are not weights (config, tokenizer, index, ...), relative to ``path``."""
         if self.is_single_file:
