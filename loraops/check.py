@@ -1531,7 +1531,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 continue
             source = tied_head_source(name, shape, manifest) or side_source(name, shape)
             if source is None and name not in manifest \
-                    and (shared := shared_embeddings_of(name, shape, manifest)) is not None:
+                    and (shared := shared_embeddings_of(name, shape, manifest)
+                         or _decoder_lookup_of(name, manifest, sides)) is not None:
                 missing.append(name)
                 why_missing[name] = side_lookup_refusal(shared, "trainable tokens on one side's lookup",
                                                         sides(shared) if sides is not None else None)
