@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -289,34 +289,39 @@ def _unreadable(folder: Path, exc: OSError) -> InvalidInputError:
 
 
 def _folder_part(folder: Path, prefix: str) -> Part:
-    dangling = _dangling_weights(folder)
-    part = _weights_part(folder, prefix, dangling)
-    for link in dangling:
-        print(f"note: {folder / link} is a symlink to a missing file ({os.readlink(folder / link)}): left out, as "
-              f"from_pretrained leaves it out; read {part.index_file or ', '.join(map(str, part.files))} instead",
-              file=sys.stderr)
+    names = _names(folder)
+    dangling = _dangling_weights(folder, names)
+    part = _weights_part(folder, prefix, [name for name in names if name not in dangling], dangling)
+    for link in dangling:  # (a note, not printed: the CLI says it, cli.LoraopsGroup.invoke)
+        logging.getLogger("loraops").info(
+            f"{folder / link} is a symlink to a missing file ({os.readlink(folder / link)}): left out, as "
+            f"from_pretrained leaves it out; read {part.index_file or ', '.join(map(str, part.files))} instead")
     return part
 
 
-def _dangling_weights(folder: Path) -> list[str]:
-    """The weights files (.safetensors, safetensors index) of ``folder`` that are symlinks to nothing: from_pretrained
-    looks for its files with os.path.isfile, which is false for them, and reads the next it looks for (a Hugging Face
-    snapshot whose model.safetensors blob was deleted beside its index and shards)."""
-    return [name for name in _names(folder)
+def _dangling_weights(folder: Path, names: list[str]) -> list[str]:
+    """The weights files (.safetensors, safetensors index) among ``names`` of ``folder`` that are symlinks to nothing:
+    from_pretrained looks for its files with os.path.isfile, which is false for them, and reads the next it looks for
+    (a Hugging Face snapshot whose model.safetensors blob was deleted beside its index and shards)."""
+    return [name for name in names
             if name.endswith((".safetensors", INDEX_SUFFIX)) and (folder / name).is_symlink()
             and not _exists(folder / name)]
 
 
-def _weights_part(folder: Path, prefix: str, dangling: list[str]) -> Part:
-    names = [name for name in _names(folder) if name not in dangling]
+def _missing_link(link: Path) -> str:
+    return f"{link}: no such file (a symlink to {os.readlink(link)}, which is missing)"
+
+
+def _weights_part(folder: Path, prefix: str, names: list[str], dangling: list[str]) -> Part:
     # read before the weights, as from_pretrained does: its transformers_weights names them
     config = read_model_config(folder / "config.json") if "config.json" in names else None
     try:
         index_name, file_names = folder_weights(names, config, holds=lambda name: (folder / name).is_file(),
                                                 shards_of=lambda name: listed_shards(read_json(folder / name,
                                                                                                "safetensors index")))
-    except FormatError as exc:
-        raise FormatError(f"{folder}: {exc}") from None
+    except FormatError as exc:  # (a dangling index beside its shards: the link named too)
+        raise FormatError("; ".join([f"{folder}: {exc}", *(_missing_link(folder / name) for name in dangling)])) \
+            from None
     if index_name is None:
         if not file_names:
             pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
@@ -326,8 +331,7 @@ def _weights_part(folder: Path, prefix: str, dangling: list[str]) -> Part:
                                   "can run code); convert them to safetensors first: from_pretrained(folder) and "
                                   "save_pretrained(out) write them")
             if dangling:
-                raise NotFoundError(f"{folder / dangling[0]}: no such file (a symlink to "
-                                    f"{os.readlink(folder / dangling[0])}, which is missing)")
+                raise NotFoundError(_missing_link(folder / dangling[0]))
             raise FormatError(f"{folder}: no .safetensors weights found")
         return Part(prefix, folder, [folder / name for name in file_names])
     index = folder / index_name

@@ -202,7 +202,8 @@ def test_a_tie_word_embeddings_that_is_not_a_bool_is_refused_in_one_line(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_a_dangling_model_safetensors_beside_a_valid_index_is_left_out_with_a_note_as_transformers_does(tmp_path):
+def test_a_dangling_model_safetensors_beside_a_valid_index_is_left_out_with_a_note_as_transformers_does(tmp_path,
+                                                                                                     capfd):
     """An HF snapshot whose model.safetensors blob was deleted, beside the index and its shards: from_pretrained
     looks for model.safetensors with os.path.isfile (false for a link to nothing) and loads the index; loraops
     refused it ("no such file"). It reads the index now, saying in one note which link it left out; the merge is the
@@ -228,6 +229,9 @@ def test_a_dangling_model_safetensors_beside_a_valid_index_is_left_out_with_a_no
         result = runner.invoke(main, args)
         assert result.exit_code == 0, result.output
         assert result.output.count(note) == 1, result.output
+    capfd.readouterr()
+    assert BaseModel.open(model).files == sorted(model.glob("model-*.safetensors"))
+    assert capfd.readouterr() == ("", "")  # (the Python API prints nothing unasked: the CLI says the note)
     written = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
     assert written == sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*"))
     assert all((tmp_path / "out" / p).read_bytes() == (tmp_path / "plain" / p).read_bytes() for p in written)
@@ -240,3 +244,11 @@ def test_a_dangling_model_safetensors_beside_a_valid_index_is_left_out_with_a_no
             f"{alone / 'model.safetensors'}: no such file (a symlink to {tmp_path / 'blobs' / 'gone'}, which is "
             "missing)")):
         BaseModel.open(alone)
+    # a dangling index beside its shards: refused (from_pretrained finds no weights), naming the link
+    link.unlink()
+    index = model / "model.safetensors.index.json"
+    index.rename(tmp_path / "index.json")
+    index.symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(FormatError, match=re.escape(
+            f"; {index}: no such file (a symlink to {tmp_path / 'blobs' / 'gone'}, which is missing)")):
+        BaseModel.open(model)
