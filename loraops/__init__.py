@@ -4,7 +4,12 @@
 """
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# notes (what was read in place of what) go to this logger: the CLI says them, the API prints nothing unasked
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 from .errors import (  # noqa: F401
     AmbiguousError,

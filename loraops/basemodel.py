@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -155,6 +156,12 @@ class BaseModel:
     def is_single_file(self) -> bool:
         return self.path.is_file()
 
+    @property
+    def ties_stored_heads(self) -> bool:
+        """Is a head stored byte-identical to its input embeddings one tied parameter stored twice (check.stored_twice's
+        ``heads``), for check and merge alike: not in a single-file checkpoint, which has no config to tie them."""
+        return not self.is_single_file
+
     def other_files(self) -> list[Path]:
         """Files of the folder that are not weights (config, tokenizer, index, ...), relative to ``path``."""
         if self.is_single_file:
@@ -283,14 +290,38 @@ def _unreadable(folder: Path, exc: OSError) -> InvalidInputError:
 
 def _folder_part(folder: Path, prefix: str) -> Part:
     names = _names(folder)
+    dangling = _dangling_weights(folder, names)
+    part = _weights_part(folder, prefix, [name for name in names if name not in dangling], dangling)
+    for link in dangling:  # (a note, not printed: the CLI says it, cli.LoraopsGroup.invoke)
+        logging.getLogger("loraops").info(
+            f"{folder / link} is a symlink to a missing file ({os.readlink(folder / link)}): left out, as "
+            f"from_pretrained leaves it out; read {part.index_file or ', '.join(map(str, part.files))} instead")
+    return part
+
+
+def _dangling_weights(folder: Path, names: list[str]) -> list[str]:
+    """The weights files (.safetensors, safetensors index) among ``names`` of ``folder`` that are symlinks to nothing:
+    from_pretrained looks for its files with os.path.isfile, which is false for them, and reads the next it looks for
+    (a Hugging Face snapshot whose model.safetensors blob was deleted beside its index and shards)."""
+    return [name for name in names
+            if name.endswith((".safetensors", INDEX_SUFFIX)) and (folder / name).is_symlink()
+            and not _exists(folder / name)]
+
+
+def _missing_link(link: Path) -> str:
+    return f"{link}: no such file (a symlink to {os.readlink(link)}, which is missing)"
+
+
+def _weights_part(folder: Path, prefix: str, names: list[str], dangling: list[str]) -> Part:
     # read before the weights, as from_pretrained does: its transformers_weights names them
     config = read_model_config(folder / "config.json") if "config.json" in names else None
     try:
         index_name, file_names = folder_weights(names, config, holds=lambda name: (folder / name).is_file(),
                                                 shards_of=lambda name: listed_shards(read_json(folder / name,
                                                                                                "safetensors index")))
-    except FormatError as exc:
-        raise FormatError(f"{folder}: {exc}") from None
+    except FormatError as exc:  # (a dangling index beside its shards: the link named too)
+        raise FormatError("; ".join([f"{folder}: {exc}", *(_missing_link(folder / name) for name in dangling)])) \
+            from None
     if index_name is None:
         if not file_names:
             pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
@@ -299,6 +330,8 @@ def _folder_part(folder: Path, prefix: str) -> Part:
                                   f"{' ...' if len(pickles) > 3 else ''}), which loraops does not read (loading one "
                                   "can run code); convert them to safetensors first: from_pretrained(folder) and "
                                   "save_pretrained(out) write them")
+            if dangling:
+                raise NotFoundError(_missing_link(folder / dangling[0]))
             raise FormatError(f"{folder}: no .safetensors weights found")
         return Part(prefix, folder, [folder / name for name in file_names])
     index = folder / index_name

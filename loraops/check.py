@@ -817,7 +817,8 @@ def embeddings_untied(config: dict) -> bool:
     return config.get("model_type") in UNTIES_SIDE_EMBEDDINGS and ties_word_embeddings(config) is False
 
 
-def untied_stored_head(tensor: str, manifest: Mapping[str, object], config: Callable[[str], dict]) -> str | None:
+def untied_stored_head(tensor: str, manifest: Mapping[str, object], config: Callable[[str], dict], *,
+                       heads: bool = True) -> str | None:
     """The head stored byte-identical to its input embeddings (the tie, as some exporters save it) that a merge
     writes untied because ``tensor`` changes apart from the other copies: ``tensor`` itself, such a head, or the head
     the rule ties to ``tensor`` (head_tied_to) among its copies; None where the model may not be untied (can_untie)
@@ -825,11 +826,11 @@ def untied_stored_head(tensor: str, manifest: Mapping[str, object], config: Call
     own = config(tensor) if tensor in manifest else None
     if own is None or not (is_tied_head(tensor, own) or is_tied_embeddings(tensor, own)) or not can_untie(own):
         return None  # (before stored_twice looks through the whole manifest: once per module checked)
-    group = next(iter(stored_twice(manifest, config, [tensor])), set())
-    heads = {name for name in group if is_tied_head(name, config(name))}
-    if not group - heads:
+    group = next(iter(stored_twice(manifest, config, [tensor], heads=heads)), set())
+    tied = {name for name in group if is_tied_head(name, config(name))}
+    if not group - tied:
         return None
-    return tensor if tensor in heads else next((h for h in heads if h == head_tied_to(tensor, config(tensor))), None)
+    return tensor if tensor in tied else next((h for h in tied if h == head_tied_to(tensor, config(tensor))), None)
 
 
 def tied_decoder_bias(head: str, config: dict) -> tuple[str, str] | None:
@@ -1397,7 +1398,8 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
 
 def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None,
-          config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None) -> CheckReport:
+          config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None,
+          heads: bool = True) -> CheckReport:
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
     tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): missing, with
@@ -1406,10 +1408,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     tied_heads too, and what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's
     embeddings) is missing, with merge's reason. ``sides`` (the same, read for that alone; ``config`` implies it): one
     side's embed_tokens the base ties to its shared embeddings fits where a merge writes it untied
-    (untied_side_source)."""
+    (untied_side_source). ``heads``: stored_twice's, as the merge reads the base (BaseModel.ties_stored_heads)."""
     sides = config or sides
     res = resolve(adapter, manifest)
-    bound = without_tied_copies(renamed(adapter, res, manifest), manifest, sides)
+    bound = without_tied_copies(renamed(adapter, res, manifest), manifest, sides, heads=heads)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
     names = None  # the manifest's names sorted, when a missing module's quantized tensors are looked for
     tied_heads = []
@@ -1437,7 +1439,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
             why_missing[name] = str(refusal)
             return False
         if head is None and config is not None:  # or stored twice, byte-identical to its embeddings
-            head = untied_stored_head(tensor, manifest, config)
+            head = untied_stored_head(tensor, manifest, config, heads=heads)
         if head is not None:
             tied_heads.append(head.removesuffix(".weight"))
         return True
@@ -1529,7 +1531,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                 continue
             source = tied_head_source(name, shape, manifest) or side_source(name, shape)
             if source is None and name not in manifest \
-                    and (shared := shared_embeddings_of(name, shape, manifest)) is not None:
+                    and (shared := shared_embeddings_of(name, shape, manifest)
+                         or _decoder_lookup_of(name, manifest, sides)) is not None:
                 missing.append(name)
                 why_missing[name] = side_lookup_refusal(shared, "trainable tokens on one side's lookup",
                                                         sides(shared) if sides is not None else None)
@@ -1737,10 +1740,10 @@ def rows_shape(rows: TokenRows, manifest: Mapping[str, object]) -> tuple[int, ..
 
 def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
                 quantization: Callable[[str], dict | None] | None = None,
-                sides: Callable[[str], dict] | None = None) -> Adapter:
-    """The bound adapter when it fits the base (check's ``quantization`` and ``sides``), else one MismatchError line
-    summarising every misfit."""
-    report = check(adapter, manifest, base_name=base_name, quantization=quantization, sides=sides)
+                sides: Callable[[str], dict] | None = None, heads: bool = True) -> Adapter:
+    """The bound adapter when it fits the base (check's ``quantization``, ``sides`` and ``heads``), else one
+    MismatchError line summarising every misfit."""
+    report = check(adapter, manifest, base_name=base_name, quantization=quantization, sides=sides, heads=heads)
     if not report.ok:
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")

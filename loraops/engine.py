@@ -441,7 +441,7 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
     from .check import require_fit
 
     bound = require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config,
-                        sides=base.config)
+                        sides=base.config, heads=base.ties_stored_heads)
     for name, module in bound.modules.items():
         if (why := saved_tie_refusal(bound, module, base.tensors, base.config)) is not None:
             raise MismatchError(f"{adapter.label}: {name!r} is {why}")
@@ -450,7 +450,7 @@ def fit(adapter: Adapter, base: BaseModel) -> Adapter:
 
 def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str | None, *,
           undo: bool = False) -> list[_File]:
-    adapters = [(without_tied_copies(adapter, base.tensors, base.config, heads=not base.is_single_file), weight)
+    adapters = [(without_tied_copies(adapter, base.tensors, base.config, heads=base.ties_stored_heads), weight)
                 for adapter, weight in adapters]
     heads = _unstored_heads(base, adapters, undo)
     terms: dict[str, list[tuple[LoraModule, float]]] = {}
@@ -803,8 +803,8 @@ def unchanged_saved_layers(base: BaseModel, adapter: Adapter) -> list[str]:
 
 
 def _stored_twice(base: BaseModel, touched: Iterable[str]) -> list[set[str]]:
-    """check.stored_twice in ``base`` (a single-file checkpoint's heads left out: it has no config to tie them)."""
-    return stored_twice(base.tensors, base.config, touched, heads=not base.is_single_file)
+    """check.stored_twice in ``base`` (BaseModel.ties_stored_heads)."""
+    return stored_twice(base.tensors, base.config, touched, heads=base.ties_stored_heads)
 
 
 def _is_head(base: BaseModel, tensor: str) -> bool:

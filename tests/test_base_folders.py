@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from loraops.basemodel import BaseModel
-from loraops.errors import FormatError
+from loraops.errors import FormatError, NotFoundError
 from tests.factories import peft_adapter
 from tests.test_basemodel import _patched_model
 
@@ -200,3 +200,55 @@ def test_a_tie_word_embeddings_that_is_not_a_bool_is_refused_in_one_line(tmp_pat
             f"error: {folder / 'config.json'}: tie_word_embeddings is {said!r}, not true or false (transformers 5 "
             "refuses to load such a config); write true or false")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dangling_model_safetensors_beside_a_valid_index_is_left_out_with_a_note_as_transformers_does(tmp_path,
+                                                                                                     capfd):
+    """An HF snapshot whose model.safetensors blob was deleted, beside the index and its shards: from_pretrained
+    looks for model.safetensors with os.path.isfile (false for a link to nothing) and loads the index; loraops
+    refused it ("no such file"). It reads the index now, saying in one note which link it left out; the merge is the
+    one of the same folder without the link. A dangling link that is all the folder holds is still refused, naming
+    it."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+    from tests.factories import load_model, tiny_llama
+
+    model = tiny_llama(tmp_path / "model", shard_size="60KB")
+    adapter = peft_adapter(model, tmp_path / "a", target_modules=["q_proj", "down_proj"])
+    runner = CliRunner()
+    assert runner.invoke(main, ["merge", str(adapter), "--into", str(model), "-o", str(tmp_path / "plain"),
+                                "--no-record"]).exit_code == 0
+    link = model / "model.safetensors"
+    link.symlink_to(tmp_path / "blobs" / "gone")
+    load_model(model)  # (transformers loads it)
+    note = (f"note: {link} is a symlink to a missing file ({tmp_path / 'blobs' / 'gone'}): left out, as "
+            f"from_pretrained leaves it out; read {model / 'model.safetensors.index.json'} instead")
+    for args in (["check", str(adapter), "--base", str(model)], ["base", "add", str(model)],
+                 ["merge", str(adapter), "--into", str(model), "-o", str(tmp_path / "out"), "--no-record"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert result.output.count(note) == 1, result.output
+    capfd.readouterr()
+    assert BaseModel.open(model).files == sorted(model.glob("model-*.safetensors"))
+    assert capfd.readouterr() == ("", "")  # (the Python API prints nothing unasked: the CLI says the note)
+    written = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
+    assert written == sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*"))
+    assert all((tmp_path / "out" / p).read_bytes() == (tmp_path / "plain" / p).read_bytes() for p in written)
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "config.json").write_text((model / "config.json").read_text())
+    (alone / "model.safetensors").symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(NotFoundError, match=re.escape(
+            f"{alone / 'model.safetensors'}: no such file (a symlink to {tmp_path / 'blobs' / 'gone'}, which is "
+            "missing)")):
+        BaseModel.open(alone)
+    # a dangling index beside its shards: refused (from_pretrained finds no weights), naming the link
+    link.unlink()
+    index = model / "model.safetensors.index.json"
+    index.rename(tmp_path / "index.json")
+    index.symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(FormatError, match=re.escape(
+            f"; {index}: no such file (a symlink to {tmp_path / 'blobs' / 'gone'}, which is missing)")):
+        BaseModel.open(model)

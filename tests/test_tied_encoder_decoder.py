@@ -814,9 +814,15 @@ def test_fsmt_tied_by_tie_word_embeddings_is_untied(tmp_path, targets):
     assert torch.equal(written["model.encoder.embed_tokens.weight"], stored["model.decoder.embed_tokens.weight"])
 
 
-def test_a_lora_on_a_tied_fsmts_encoder_lookup_is_refused_as_tied(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "tokens", "lora tokens"])
+def test_a_lora_on_a_tied_fsmts_encoder_lookup_is_refused_as_tied(tmp_path, kind):
     """A LoRA on the encoder's embed_tokens of FSMT tied by tie_word_embeddings: true (stored once, as the decoder's)
-    is refused, by check and merge, saying they are tied to the decoder's embeddings, not "not in base"."""
+    is refused, by check and merge, saying they are tied to the decoder's embeddings, not "not in base". So are
+    trainable tokens there (TrainableTokensConfig, or LoRA's trainable_token_indices): PEFT wraps the encoder's lookup
+    alone, and its merge_and_unload writes the rows into the one weight all three read (logits about 27 off its
+    adapted model); they were "not in base" too."""
+    import copy
+
     import transformers
 
     config = transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, tie_word_embeddings=True,
@@ -824,10 +830,16 @@ def test_a_lora_on_a_tied_fsmts_encoder_lookup_is_refused_as_tied(tmp_path):
     cls = transformers.FSMTForConditionalGeneration
     torch.manual_seed(0)
     cls(config).save_pretrained(tmp_path / "base")
-    lora(cls, tmp_path / "base", tmp_path / "a", ["encoder.embed_tokens"])
+    if kind == "lora":
+        lora(cls, tmp_path / "base", tmp_path / "a", ["encoder.embed_tokens"])
+        why = ("model.encoder.embed_tokens (stored once as model.decoder.embed_tokens.weight, which the encoder and the "
+               "decoder share: a LoRA on one side's lookup cannot be merged)")
+    else:
+        adapted = tokens_checked(tmp_path, cls, "encoder.embed_tokens", ["q_proj"] if kind == "lora tokens" else None)[0]
+        assert (logits(copy.deepcopy(adapted).merge_and_unload()) - logits(adapted)).abs().max() > 1
+        why = ("model.encoder.embed_tokens.weight (stored once as model.decoder.embed_tokens.weight, which the encoder "
+               "and the decoder share: trainable tokens on one side's lookup cannot be merged)")
     adapter, model = formats.read_adapter(tmp_path / "a"), BaseModel.open(tmp_path / "base")
-    why = ("model.encoder.embed_tokens (stored once as model.decoder.embed_tokens.weight, which the encoder and the "
-           "decoder share: a LoRA on one side's lookup cannot be merged)")
     assert check.misfits(check.check(adapter, model.tensors, config=model.config)) == [why]
     with pytest.raises(MismatchError, match=re.escape(why)):
         engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)

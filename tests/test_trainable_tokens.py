@@ -590,3 +590,27 @@ def test_token_rows_beyond_the_base_count_as_misfits(tmp_path):
     assert not report.ok
     assert check.fit_counts(report) == f"{len(adapter.modules)}/{len(adapter.modules)} modules and 0/2 token rows"
     assert check.misfit_counts(report) == "2 token rows do"
+
+
+def test_check_counts_a_single_file_tied_bases_token_rows_as_the_merge_merges_them(tmp_path):
+    """A single-file checkpoint storing lm_head byte-identical to the embeddings has no config to tie them: the merge
+    writes the head's saved copy of the tokens into lm_head itself (BaseModel.ties_stored_heads), while check took
+    that copy for a tied one and counted half the rows ("2/2 token rows"). Both read the base by one rule now."""
+    model = tiny_llama(tmp_path / "m", tie=True)
+    state = load_file(model / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    single = tmp_path / "single.safetensors"
+    save_file(state, single)
+    adapter, peft_model = token_adapter(model, tmp_path / "a",
+                                        TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[3, 5]))
+    result = CliRunner().invoke(main, ["check", str(adapter), "--base", str(single)])
+    assert result.exit_code == 0, result.output
+    assert "0/0 modules and 4/4 token rows match" in result.output, result.output
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(single), "-o", str(out), "--no-record"])
+    assert result.exit_code == 0, result.output
+    merged = load_file(out)
+    expected = peft_model.merge_and_unload().get_input_embeddings().weight
+    changed = sum(int((merged[n] != state[n]).any(dim=1).sum()) for n in ("model.embed_tokens.weight", "lm_head.weight"))
+    assert changed == 4
+    assert torch.equal(merged["model.embed_tokens.weight"], expected) and torch.equal(merged["lm_head.weight"], expected)

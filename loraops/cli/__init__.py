@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -157,6 +158,10 @@ class LoraopsGroup(click.Group):
             system_error(exc)
 
     def invoke(self, ctx: click.Context):
+        notes, handler = logging.getLogger("loraops"), _Notes()
+        level = notes.level
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
         try:
             return super().invoke(ctx)
         except LoraopsError as exc:
@@ -171,6 +176,23 @@ class LoraopsGroup(click.Group):
             if not _raised_under_interrupt(exc):
                 raise
             fail(INTERRUPTED.removeprefix("error: "), interrupted())
+        finally:
+            notes.removeHandler(handler)
+            notes.setLevel(level)
+
+
+class _Notes(logging.Handler):
+    """The library's notes (the "loraops" logger), each said once on stderr as `note: ...` (a base opened twice by
+    one command says it once)."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = one_line(record.getMessage())
+        if message not in self.said:
+            self.said.add(message)
+            click.echo(f"note: {message}", err=True)
 
 
 def _raised_under_interrupt(exc: BaseException) -> bool:

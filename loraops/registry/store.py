@@ -994,7 +994,7 @@ def _check_files(adapter: "Adapter", model: "BaseModel", name: str) -> "CheckRep
     from .. import check
 
     return check.check(adapter, model.tensors, base_name=name, quantization=model.quantization_config,
-                       config=model.config)
+                       config=model.config, heads=model.ties_stored_heads)
 
 
 def _downloads(base: BaseRecord) -> bool:
