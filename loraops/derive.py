@@ -298,7 +298,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
     land: one outcome, or none."""
     from .formats import WRITERS, write
 
-    adapter = derived.adapter
+    adapter = derived.adapter = naming_base(reg, derived.adapter, base)
     fmt = fmt or adapter.format
     writable(adapter, fmt)
     final = None
@@ -433,8 +433,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
             record = registered_for(reg, ref, base)
             adapter, label = reg.load_adapter(record.id), record.ref
             base = base or (record.base.name if record.base is not None else None)
-        if adapter.base_model is None and base is not None:
-            adapter = replace(adapter, base_model=base_model_name(reg.get_base(base)))
+        adapter = naming_base(reg, adapter, base)
         left_out = []
         if fmt != "peft":
             adapter, left_out = without_unchanged_layers(reg, adapter, fmt, base)
@@ -444,6 +443,14 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
     written = write_adapter(adapter, output, fmt, force=force)
     return ExportReport(adapter=label, format=fmt, output=str(written), plain_lora_of=list(adapter.methods),
                         left_out=list(left_out))
+
+
+def naming_base(reg: "Registry", adapter: "Adapter", base: str | int | None) -> "Adapter":
+    """``adapter`` with the base_model_name_or_path of ``base`` (a registered base's name or id) where it names none
+    (a kohya file's, and what combine or resize made of one): what a PEFT config written of it says."""
+    if adapter.base_model is not None or base is None:
+        return adapter
+    return replace(adapter, base_model=base_model_name(reg.get_base(base)))
 
 
 def base_model_name(base: "BaseRecord") -> str | None:
