@@ -233,13 +233,18 @@ def _names(path: str, name: str) -> bool:
     return False
 
 
-def check_arguments(name: str | None, output: str | None, force: bool, refs: Sequence[str]) -> None:
-    """What can be refused before any input is registered (a failed command changes nothing)."""
+def check_arguments(name: str | None, output: str | None, force: bool, refs: Sequence[str],
+                    fmt: str | None = None) -> None:
+    """What can be refused before any input is registered (a failed command changes nothing); ``fmt``: the output's
+    format where it is known before the inputs are read (else write refuses a misnamed output before it computes)."""
+    from .formats import refuse_misnamed
     from .registry.store import check_name
 
     if name is not None:
         check_name(name, "adapter")
     if output is not None:
+        if fmt is not None:
+            refuse_misnamed(output, fmt)
         refuse_existing(output, force)
         refuse_output_over(output, refs)
 
@@ -361,7 +366,7 @@ def combine(
     from .registry import Registry
 
     arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
-    check_arguments(name, output, force, [ref for ref, _ in refs])
+    check_arguments(name, output, force, [ref for ref, _ in refs], fmt)
     with Registry.open() as reg, inputs_of(reg) as open_input:
         inputs = [open_input(ref, base) for ref, _ in refs]
         written = fmt or algebra.combined_format([i.adapter for i in inputs])
@@ -394,7 +399,7 @@ def resize(
     from .registry import Registry
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
-    check_arguments(name, output, force, [ref])
+    check_arguments(name, output, force, [ref], fmt)
     with Registry.open() as reg, inputs_of(reg) as open_input:
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
@@ -421,7 +426,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
     from .formats import read_adapter, write_adapter
     from .registry import Registry
 
-    check_arguments(None, output, force, [ref])
+    check_arguments(None, output, force, [ref], fmt)
     with Registry.open(create=False) as reg:
         reg.refuse_output_inside(output)
         label = ref
@@ -564,7 +569,7 @@ def extract(
     from .registry import Registry
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
-    check_arguments(name, output, force, [])
+    check_arguments(name, output, force, [], fmt)
     with Registry.open() as reg, models_of(reg) as record_model:
         (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)
         if output is not None:
@@ -573,7 +578,7 @@ def extract(
         derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                  conv_rank=conv_rank, alpha=alpha, modules=modules, save_modules=save_modules, device=device,
                                  precise=precise, dtype=dtype, keep_rounding=keep_rounding, fmt=fmt,
-                                 labels=(base_label, tuned_label))
+                                 labels=(base_label, tuned_label), output=output)
         (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
         lineage = LineageSpec(op="extract", params={
             **lineage_rule(rule), "alpha": alpha, "modules": list(modules) if modules else None,

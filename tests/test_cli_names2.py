@@ -19,3 +19,37 @@ def test_a_kohya_input_written_as_peft_names_its_registered_base(reg, tmp_path, 
     assert code == 0, text
     config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == reg.get_base("tiny").path
+
+
+def never(*args, **kwargs):
+    raise AssertionError("read an input before refusing the output's name")
+
+
+@pytest.mark.parametrize("command", [["combine", "a"], ["resize", "a", "--rank", "2"], ["export", "a"]])
+def test_a_misnamed_output_is_refused_before_the_inputs_are_read(reg, tmp_path, monkeypatch, command):
+    from loraops import derive
+
+    monkeypatch.setattr(derive, "open_input", never)
+    monkeypatch.setattr(derive, "registered_for", never)
+    code, text = run(*command, "--format", "kohya", "-o", tmp_path / "style")
+    assert (code, text) == (2, f"error: {tmp_path / 'style'}: a kohya adapter is one .safetensors file; give a name "
+                               "ending in .safetensors, or --format peft for a folder\n")
+    code, text = run(*command, "--format", "peft", "-o", tmp_path / "style.safetensors")
+    assert (code, text) == (2, f"error: {tmp_path / 'style.safetensors'}: a peft adapter is a folder, not one "
+                               ".safetensors file; give a folder name, or --format kohya/diffusers for one .safetensors "
+                               "file\n")
+
+
+@pytest.mark.parametrize("fmt", [[], ["--format", "kohya"]])
+def test_extract_refuses_a_misnamed_output_before_comparing_the_models(tmp_path, monkeypatch, fmt):
+    from test_extract_fused import K_AND_V, pair
+    from test_ldm import SDXL_TEXT
+
+    from loraops import extraction
+
+    base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V, prefix="conditioner.embedders.0.model.")
+    monkeypatch.setattr(extraction, "plan", never)
+    out = tmp_path / "x"  # a single-file checkpoint's adapter is kohya by default
+    code, text = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", *fmt, "-o", out)
+    assert (code, text) == (2, f"error: {out}: a kohya adapter is one .safetensors file; give a name ending in "
+                               ".safetensors, or --format peft for a folder\n")
