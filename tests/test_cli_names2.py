@@ -53,3 +53,23 @@ def test_extract_refuses_a_misnamed_output_before_comparing_the_models(tmp_path,
     code, text = run("extract", "--base", base, "--tuned", tuned, "--rank", "2", *fmt, "-o", out)
     assert (code, text) == (2, f"error: {out}: a kohya adapter is one .safetensors file; give a name ending in "
                                ".safetensors, or --format peft for a folder\n")
+
+
+@pytest.mark.parametrize("command, verb", [(["merge", "--into"], "merging into"),
+                                           (["subtract", "a", "--from"], "subtracting from")])
+@pytest.mark.parametrize("registered", [False, True])
+def test_a_single_file_models_output_not_named_safetensors_is_refused(reg, tmp_path, command, verb, registered):
+    import torch
+
+    from loraops import st
+
+    single = tmp_path / "single.safetensors"
+    st.write_safetensors(single, {"q.weight": torch.zeros(4, 4)})
+    if registered:
+        assert run("base", "add", single, "--name", "one")[0] == 0
+    out = tmp_path / "out" / "merged.bin"
+    code, text = run(*command, "one" if registered else single, "--dtype", "bf16", "-o", out)
+    assert (code, text) == (2, f"error: {out}: the output of {verb} the single-file model "
+                               f"{'one' if registered else 'single.safetensors'} is one .safetensors file; give a name "
+                               "ending in .safetensors\n")
+    assert not (tmp_path / "out").exists()

@@ -184,17 +184,12 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
 
 
 def refuse_misnamed(dest: str | Path, fmt: str) -> None:
-    """An output named as what ``fmt`` does not write: a peft folder named .safetensors, a kohya or diffusers file
-    not named .safetensors (fsutil.refuse_misnamed_output). Commands check it before reading their inputs, once they
+    """An output named as what ``fmt`` does not write (fsutil.refuse_misnamed_output): a peft folder named
+    .safetensors, a kohya or diffusers file not named .safetensors. Commands check it before reading their inputs, once they
     know the format, so a long computation does not end in it."""
     is_dir = WRITERS[fmt][1]
     instead = ", or --format kohya/diffusers for one .safetensors file" if is_dir else ", or --format peft for a folder"
     refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=instead)
-    # Refused, not renamed: the output is where the user said. Without the suffix the file was written as named, and
-    # kohya's scripts, ComfyUI and A1111 list only .safetensors files.
-    if not is_dir and Path(dest).suffix.lower() != ".safetensors":
-        raise InvalidInputError(f"{dest}: a {fmt} adapter is one .safetensors file; give a name ending in "
-                                f".safetensors{instead}")
 
 
 def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:
