@@ -233,20 +233,27 @@ def _names(path: str, name: str) -> bool:
     return False
 
 
-def check_arguments(name: str | None, output: str | None, force: bool, refs: Sequence[str],
-                    fmt: str | None = None) -> None:
-    """What can be refused before any input is registered (a failed command changes nothing); ``fmt``: the output's
-    format where it is known before the inputs are read (else write refuses a misnamed output before it computes)."""
-    from .formats import refuse_misnamed
+def check_arguments(name: str | None, output: str | None, force: bool, refs: Sequence[str]) -> None:
+    """What can be refused before any input is registered (a failed command changes nothing)."""
     from .registry.store import check_name
 
     if name is not None:
         check_name(name, "adapter")
     if output is not None:
-        if fmt is not None:
-            refuse_misnamed(output, fmt)
         refuse_existing(output, force)
         refuse_output_over(output, refs)
+
+
+def check_output(reg: "Registry", output: str | None, fmt: str | None) -> None:
+    """The output refused, once the registry is open and before any input is read: over the registry's own files,
+    or misnamed for ``fmt`` where the format is known before the inputs are (else write refuses it before it
+    computes, extract once it knows its layout)."""
+    from .formats import refuse_misnamed
+
+    if output is not None:
+        reg.refuse_output_inside(output)
+        if fmt is not None:
+            refuse_misnamed(output, fmt)
 
 
 def rank_name(stem: str, rule: "RankRule", ceilings: Iterable[tuple[int, bool]]) -> str:
@@ -366,8 +373,9 @@ def combine(
     from .registry import Registry
 
     arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs])
-    check_arguments(name, output, force, [ref for ref, _ in refs], fmt)
+    check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
+        check_output(reg, output, fmt)
         inputs = [open_input(ref, base) for ref, _ in refs]
         written = fmt or algebra.combined_format([i.adapter for i in inputs])
         for i in inputs:  # before the work: what could not be written is refused first
@@ -399,8 +407,9 @@ def resize(
     from .registry import Registry
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
-    check_arguments(name, output, force, [ref], fmt)
+    check_arguments(name, output, force, [ref])
     with Registry.open() as reg, inputs_of(reg) as open_input:
+        check_output(reg, output, fmt)
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
         resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
@@ -426,9 +435,9 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
     from .formats import read_adapter, write_adapter
     from .registry import Registry
 
-    check_arguments(None, output, force, [ref], fmt)
+    check_arguments(None, output, force, [ref])
     with Registry.open(create=False) as reg:
-        reg.refuse_output_inside(output)
+        check_output(reg, output, fmt)
         label = ref
         if path_exists(ref):
             adapter = read_adapter(ref)
@@ -569,8 +578,9 @@ def extract(
     from .registry import Registry
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
-    check_arguments(name, output, force, [], fmt)
+    check_arguments(name, output, force, [])
     with Registry.open() as reg, models_of(reg) as record_model:
+        check_output(reg, output, fmt)
         (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)
         if output is not None:
             for model in (base_model, tuned_model):

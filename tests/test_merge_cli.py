@@ -215,7 +215,7 @@ def test_outputs_that_would_destroy_an_input_or_the_store_are_refused_even_with_
     with Registry.open() as reg:
         stored = reg.get_adapter("a").path
         store = reg.blobs.root
-    result = run("export", "a", "--format", "peft", "-o", stored, "--force", code=2)  # (kohya: misnamed)
+    result = run("export", "a", "--format", "kohya", "-o", stored, "--force", code=2)
     assert "overlaps the registry's blob store" in result.output
     run("merge", "a", "--into", mine, "-o", store / "x", code=2)
     result = run("merge", a, "--into", mine, "-o", stored, "--force", "--no-record", code=2)  # no registry opened
