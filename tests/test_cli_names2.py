@@ -73,3 +73,17 @@ def test_a_single_file_models_output_not_named_safetensors_is_refused(reg, tmp_p
                                f"{'one' if registered else 'single.safetensors'} is one .safetensors file; give a name "
                                "ending in .safetensors\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_name_at_latest_is_the_latest_version(reg, files, tmp_path):
+    assert run("resize", "a", "--rank", "2", "--name", "a")[0] == 0  # a@2
+    for command in (["show", "a@latest", "--json"], ["show", "a", "--json"]):
+        code, text = run(*command)
+        assert code == 0, text
+        assert (json.loads(text)["name"], json.loads(text)["version"]) == ("a", 2)
+    code, text = run("combine", "a@latest:0.5", "a@1", "--name", "c", "--json")
+    assert code == 0, text
+    assert [i["ref"] for i in json.loads(text)["report"]["inputs"]] == ["a@2", "a@1"]
+    assert run("show", "nope@latest") == (3, "error: no adapter named 'nope' in the registry\n")
+    assert run("show", "a@newest") == (2, "error: bad adapter reference 'a@newest': the part after @ must be a version "
+                                          "number or latest\n")
