@@ -331,6 +331,9 @@ class Adapter:
     """modules_to_save: base tensor name → full replacement tensor (a dict, or LazyTensors read as written)."""
     base_model: str | None = None
     """base_model_name_or_path from the PEFT config, when present."""
+    base_revision: str | None = None
+    """The Hub commit of ``base_model`` where loraops named it after a base pulled from the Hub (derive.naming_base):
+    what the PEFT writer writes as ``revision``, which AutoPeftModel loads the base at."""
     path: Path | None = None
     scale_mode: Literal["classic", "rslora"] = "classic"
     names_resolved: bool = True

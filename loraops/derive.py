@@ -461,10 +461,15 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
 
 def naming_base(reg: "Registry", adapter: "Adapter", base: str | int | None) -> "Adapter":
     """``adapter`` with the base_model_name_or_path of ``base`` (a registered base's name or id) where it names none
-    (a kohya file's, and what combine or resize made of one): what a PEFT config written of it says."""
+    (a kohya file's, and what combine or resize made of one): what a PEFT config written of it says; of a base pulled
+    from the Hub, with the commit it was pulled at (the config's revision)."""
+    from .hub import parse_hub_source
+
     if adapter.base_model is not None or base is None:
         return adapter
-    return replace(adapter, base_model=base_model_name(reg.get_base(base)))
+    record = reg.get_base(base)
+    hub = parse_hub_source(record.source)
+    return replace(adapter, base_model=base_model_name(record), base_revision=hub.revision if hub else None)
 
 
 def base_model_name(base: "BaseRecord") -> str | None:

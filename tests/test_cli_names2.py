@@ -87,3 +87,23 @@ def test_name_at_latest_is_the_latest_version(reg, files, tmp_path):
     assert run("show", "nope@latest") == (3, "error: no adapter named 'nope' in the registry\n")
     assert run("show", "a@newest") == (2, "error: bad adapter reference 'a@newest': the part after @ must be a version "
                                           "number or latest\n")
+
+
+def test_a_kohya_input_bound_to_a_base_from_the_hub_names_its_commit(reg, tmp_path, monkeypatch):
+    from peft import PeftConfig
+
+    from loraops.hub import hub_source
+    from loraops.registry.store import Registry as Store
+
+    kohya = tmp_path / "k.safetensors"
+    assert run("export", "a", "--format", "kohya", "-o", kohya)[0] == 0
+    assert run("register", kohya, "--name", "ko", "--base", "tiny")[0] == 0
+    commit = "c0ffee" * 6 + "abcd"
+    pulled = reg.get_base("tiny").model_copy(update={"source": hub_source("org/tiny-llama", commit)})
+    monkeypatch.setattr(Store, "get_base", lambda self, ref: pulled)  # (as `base add hub:org/tiny-llama` records it)
+    for command in (["export", "ko"], ["resize", "ko", "--rank", "2"]):
+        out = tmp_path / command[0]
+        code, text = run(*command, "--format", "peft", "-o", out)
+        assert code == 0, text
+        config = PeftConfig.from_pretrained(out)
+        assert (config.base_model_name_or_path, config.revision) == ("org/tiny-llama", commit)
