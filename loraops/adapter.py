@@ -332,8 +332,9 @@ class Adapter:
     base_model: str | None = None
     """base_model_name_or_path from the PEFT config, when present."""
     base_revision: str | None = None
-    """The Hub commit of ``base_model`` where loraops named it after a base pulled from the Hub (derive.naming_base):
-    what the PEFT writer writes as ``revision``, which AutoPeftModel loads the base at."""
+    """The revision of ``base_model`` that AutoPeftModel loads the base at: the PEFT config's ``revision`` (PEFT's
+    field is the base model's, not the adapter's), or the commit of a base pulled from the Hub where loraops named
+    it (derive.naming_base); what the PEFT writer writes as ``revision``."""
     path: Path | None = None
     scale_mode: Literal["classic", "rslora"] = "classic"
     names_resolved: bool = True

@@ -84,6 +84,7 @@ def test_name_at_latest_is_the_latest_version(reg, files, tmp_path):
     code, text = run("combine", "a@latest:0.5", "a@1", "--name", "c", "--json")
     assert code == 0, text
     assert [i["ref"] for i in json.loads(text)["report"]["inputs"]] == ["a@2", "a@1"]
+    assert run("rm", "c@latest")[0] == 0 and run("show", "c")[0] == 3
     assert run("show", "nope@latest") == (3, "error: no adapter named 'nope' in the registry\n")
     assert run("show", "a@newest") == (2, "error: bad adapter reference 'a@newest': the part after @ must be a version "
                                           "number or latest\n")
@@ -107,3 +108,29 @@ def test_a_kohya_input_bound_to_a_base_from_the_hub_names_its_commit(reg, tmp_pa
         assert code == 0, text
         config = PeftConfig.from_pretrained(out)
         assert (config.base_model_name_or_path, config.revision) == ("org/tiny-llama", commit)
+
+
+
+def test_a_peft_configs_revision_is_its_bases_and_is_kept(reg, tmp_path, monkeypatch):
+    """PEFT's revision is the base model's (AutoPeftModel loads the base at it; get_peft_model(revision=) sets it): a
+    PEFT input's, and the commit loraops wrote itself, stay with its base_model_name_or_path through export, resize
+    and combine; they were dropped."""
+    from peft import PeftConfig
+
+    from loraops.hub import hub_source
+    from loraops.registry.store import Registry as Store
+
+    kohya = tmp_path / "k.safetensors"
+    assert run("export", "a", "--format", "kohya", "-o", kohya)[0] == 0
+    assert run("register", kohya, "--name", "ko", "--base", "tiny")[0] == 0
+    commit = "c0ffee" * 6 + "abcd"
+    pulled = reg.get_base("tiny").model_copy(update={"source": hub_source("org/tiny-llama", commit)})
+    monkeypatch.setattr(Store, "get_base", lambda self, ref: pulled)
+    code, text = run("resize", "ko", "--rank", "2", "--format", "peft", "--name", "r")  # (it writes the commit)
+    assert code == 0, text
+    for command in (["export", "r"], ["resize", "r", "--rank", "1"], ["combine", "ko", "r"]):
+        out = tmp_path / command[0]
+        code, text = run(*command, "--format", "peft", "-o", out)
+        assert code == 0, text
+        config = PeftConfig.from_pretrained(out)
+        assert (config.base_model_name_or_path, config.revision) == ("org/tiny-llama", commit), command

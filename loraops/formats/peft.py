@@ -870,7 +870,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
         token_rows=rows, targeted=lora_modules if cfg_file is not None else None,
         originals={name: tensors[key] for name, key in originals.items()},
-        base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
+        base_model=_text((raw_cfg or {}).get("base_model_name_or_path")),
+        base_revision=_text((raw_cfg or {}).get("revision")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
 
@@ -995,7 +996,7 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
         modules_to_save=modules_to_save(saved_modules, cfg.get("task_type")), use_dora=dora == {True},
         base_model_name_or_path=base_model, inference_mode=True,
     )
-    if revision is not None:  # the commit of the Hub base loraops named (an input's own revision is dropped above)
+    if revision is not None:  # (the base's, Adapter.base_revision: the input's own or the commit loraops named)
         cfg["revision"] = revision
     if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
         # alone it selects nothing (PEFT reads it only to find the layer index layers_to_transform lists) and PEFT
