@@ -331,6 +331,10 @@ class Adapter:
     """modules_to_save: base tensor name → full replacement tensor (a dict, or LazyTensors read as written)."""
     base_model: str | None = None
     """base_model_name_or_path from the PEFT config, when present."""
+    base_revision: str | None = None
+    """The revision of ``base_model`` that AutoPeftModel loads the base at: the PEFT config's ``revision`` (PEFT's
+    field is the base model's, not the adapter's), or the commit of a base pulled from the Hub where loraops named
+    it (derive.naming_base); what the PEFT writer writes as ``revision``."""
     path: Path | None = None
     scale_mode: Literal["classic", "rslora"] = "classic"
     names_resolved: bool = True

@@ -297,6 +297,7 @@ def combine_lazily(
     result = raw.split_gate_up(Adapter(
         modules={name: template.stand_in() for name, template in templates.items()},
         format=combined_format(adapters), base_model=next((h for h in hints if h), None),
+        base_revision=next((a.base_revision for a, h in zip(adapters, hints) if h), None),  # (that input's)
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
         own_names=own_names(templates, adapters),

@@ -244,6 +244,18 @@ def check_arguments(name: str | None, output: str | None, force: bool, refs: Seq
         refuse_output_over(output, refs)
 
 
+def check_output(reg: "Registry", output: str | None, fmt: str | None) -> None:
+    """The output refused, once the registry is open and before any input is read: over the registry's own files,
+    or misnamed for ``fmt`` where the format is known before the inputs are (else write refuses it before it
+    computes, extract once it knows its layout)."""
+    from .formats import refuse_misnamed
+
+    if output is not None:
+        reg.refuse_output_inside(output)
+        if fmt is not None:
+            refuse_misnamed(output, fmt)
+
+
 def rank_name(stem: str, rule: "RankRule", ceilings: Iterable[tuple[int, bool]]) -> str:
     """The default name of an adapter made by ``rule`` (extract, resize): ``<stem>-r<k>`` for a fixed rank, k the
     largest rank a module gets, each capped at its ceiling (the most rank a truncated SVD of its delta has: min(out,
@@ -303,7 +315,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
     land: one outcome, or none."""
     from .formats import WRITERS, write
 
-    adapter = derived.adapter
+    adapter = derived.adapter = naming_base(reg, derived.adapter, base)
     fmt = fmt or adapter.format
     writable(adapter, fmt)
     final = None
@@ -369,6 +381,7 @@ def combine(
     arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs], conv_rank)
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
+        check_output(reg, output, fmt)
         inputs = [open_input(ref, base) for ref, _ in refs]
         written = fmt or algebra.combined_format([i.adapter for i in inputs])
         for i in inputs:  # before the work: what could not be written is refused first
@@ -416,6 +429,7 @@ def resize(
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
     check_arguments(name, output, force, [ref])
     with Registry.open() as reg, inputs_of(reg) as open_input:
+        check_output(reg, output, fmt)
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
         resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
@@ -443,7 +457,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
 
     check_arguments(None, output, force, [ref])
     with Registry.open(create=False) as reg:
-        reg.refuse_output_inside(output)
+        check_output(reg, output, fmt)
         label = ref
         if path_exists(ref):
             adapter = read_adapter(ref)
@@ -453,8 +467,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
             record = registered_for(reg, ref, base)
             adapter, label = reg.load_adapter(record.id), record.ref
             base = base or (record.base.name if record.base is not None else None)
-        if adapter.base_model is None and base is not None:
-            adapter = replace(adapter, base_model=base_model_name(reg.get_base(base)))
+        adapter = naming_base(reg, adapter, base)
         left_out = []
         if fmt != "peft":
             adapter, left_out = without_unchanged_layers(reg, adapter, fmt, base)
@@ -464,6 +477,19 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
     written = write_adapter(adapter, output, fmt, force=force)
     return ExportReport(adapter=label, format=fmt, output=str(written), plain_lora_of=list(adapter.methods),
                         left_out=list(left_out))
+
+
+def naming_base(reg: "Registry", adapter: "Adapter", base: str | int | None) -> "Adapter":
+    """``adapter`` with the base_model_name_or_path of ``base`` (a registered base's name or id) where it names none
+    (a kohya file's, and what combine or resize made of one): what a PEFT config written of it says; of a base pulled
+    from the Hub, with the commit it was pulled at (the config's revision)."""
+    from .hub import parse_hub_source
+
+    if adapter.base_model is not None or base is None:
+        return adapter
+    record = reg.get_base(base)
+    hub = parse_hub_source(record.source)
+    return replace(adapter, base_model=base_model_name(record), base_revision=hub.revision if hub else None)
 
 
 def base_model_name(base: "BaseRecord") -> str | None:
@@ -579,6 +605,7 @@ def extract(
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
     check_arguments(name, output, force, [])
     with Registry.open() as reg, models_of(reg) as record_model:
+        check_output(reg, output, fmt)
         (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)
         if output is not None:
             for model in (base_model, tuned_model):
@@ -586,7 +613,7 @@ def extract(
         derived = extract_lazily(base_model, tuned_model, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
                                  conv_rank=conv_rank, alpha=alpha, modules=modules, save_modules=save_modules, device=device,
                                  precise=precise, dtype=dtype, keep_rounding=keep_rounding, fmt=fmt,
-                                 labels=(base_label, tuned_label))
+                                 labels=(base_label, tuned_label), output=output)
         (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
         lineage = LineageSpec(op="extract", params={
             **lineage_rule(rule), "alpha": alpha, "modules": list(modules) if modules else None,

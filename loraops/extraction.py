@@ -42,7 +42,7 @@ from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import EXPERT_RE, conv1d_layout, is_embedding, memory_names, tied_head_source, untied_side_source
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
-from .formats import peft_unwritable_parts, refuse_unwritable
+from .formats import peft_unwritable_parts, refuse_misnamed, refuse_unwritable
 from .formats.common import conv1d_named, given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
@@ -389,6 +389,7 @@ def extract_lazily(
     keep_rounding: bool = False,
     fmt: str | None = None,
     labels: tuple[str, str] | None = None,
+    output: str | Path | None = None,
 ) -> "Derivation":
     """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
     ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``;
@@ -397,7 +398,8 @@ def extract_lazily(
     the tuned model's), each module's alpha ``alpha`` (default its rank). Tensors stored in other dtypes that differ
     only by the rounding between those are left out (reported), unless ``keep_rounding``. ``fmt``: the layout it is
     for (a MoE router is a LoRA on its weight parameter in PEFT's, a plain module in kohya's); by default kohya for
-    a single-file SD/FLUX checkpoint, else peft. Everything is checked
+    a single-file SD/FLUX checkpoint, else peft; ``output``: where it will be written, refused now when misnamed for
+    that layout (formats.refuse_misnamed), before the models are compared. Everything is checked
     now (names, shapes, what differs); the modules are computed as the Derivation is iterated, one tensor pair in
     memory at a time."""
     import torch
@@ -418,6 +420,8 @@ def extract_lazily(
     checkpoint = bool(ldm.diffusers_names(base.tensors)) or ldm.other_unet(
         n for n in base.tensors if n.startswith(ldm.UNET_PREFIX)) is not None
     fmt = _layout(checkpoint, fmt, save_modules, labels[0])
+    if output is not None:
+        refuse_misnamed(output, fmt)
     out_dtype = torch_dtype(parse_dtype(dtype) or (tuned.dtype if tuned.dtype in FLOAT_DTYPES else "F32"))
     work = plan(base, tuned, modules=modules, save_modules=save_modules, dtype=out_dtype, labels=labels,
                 keep_rounding=keep_rounding, parameters=fmt != "kohya", checkpoint=checkpoint)

@@ -141,7 +141,7 @@ def refuse_unrecordable(path: str | Path) -> None:
 def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, instead: str = "") -> None:
     """Refuse an output named as the other kind of thing than the one written there: a folder whose name ends in
     .safetensors (`merge --into FOLDER -o x.safetensors` made a folder of that name), or one file named as a folder,
-    with a trailing '/' (`-o out/` made a file named out). ``what`` is what is written (e.g. "a peft adapter"),
+    with a trailing '/' (`-o out/` made a file named out), or not named .safetensors. ``what`` is what is written (e.g. "a peft adapter"),
     ``instead`` an alternative the user has (", or --format kohya for one file"). Checked before anything is read."""
     text = str(output)
     if is_dir and Path(text).suffix.lower() == ".safetensors":
@@ -149,6 +149,10 @@ def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, inste
     if not is_dir and text.endswith(("/", os.sep, "/.")):
         raise InvalidInputError(f"{text}: {what} is one file, not a folder; give a file name (…/name.safetensors)"
                                 f"{instead}")
+    # Refused, not renamed: the output is where the user said. Without the suffix the file was written as named, and
+    # kohya's scripts, ComfyUI, A1111 and diffusers' single-file loaders list or read only .safetensors files.
+    if not is_dir and Path(text).suffix.lower() != ".safetensors":
+        raise InvalidInputError(f"{text}: {what} is one .safetensors file; give a name ending in .safetensors{instead}")
 
 
 def refuse_existing(path: str | Path, force: bool = False) -> None:

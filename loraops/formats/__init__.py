@@ -171,13 +171,7 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         raise UnsupportedAdapterError(f"{adapter.label}: {lycoris.described(adapter)}, so it cannot be written as "
                                       f"{fmt}; `loraops resize --rank K` makes a LoRA of it (an SVD of each module's ΔW)")
     writer, is_dir = WRITERS[fmt]
-    instead = ", or --format kohya/diffusers for one .safetensors file" if is_dir else ", or --format peft for a folder"
-    refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=instead)
-    # Refused, not renamed: the output is where the user said. Without the suffix the file was written as named, and
-    # kohya's scripts, ComfyUI and A1111 list only .safetensors files.
-    if not is_dir and Path(dest).suffix.lower() != ".safetensors":
-        raise InvalidInputError(f"{dest}: a {fmt} adapter is one .safetensors file; give a name ending in "
-                                f".safetensors{instead}")
+    refuse_misnamed(dest, fmt)
     staged = None
     try:
         with atomic_path(dest, force=force, is_dir=is_dir, keep_name=True) as staged:
@@ -187,6 +181,15 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
             raise
         raise reworded(exc, str(staged), str(output_path(dest))) from None
     return Written(output_path(dest), sha256, checked)
+
+
+def refuse_misnamed(dest: str | Path, fmt: str) -> None:
+    """An output named as what ``fmt`` does not write (fsutil.refuse_misnamed_output): a peft folder named
+    .safetensors, a kohya or diffusers file not named .safetensors. Commands check it before reading their inputs, once they
+    know the format, so a long computation does not end in it."""
+    is_dir = WRITERS[fmt][1]
+    instead = ", or --format kohya/diffusers for one .safetensors file" if is_dir else ", or --format peft for a folder"
+    refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=instead)
 
 
 def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:

@@ -883,7 +883,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
         token_rows=rows, targeted=lora_modules if cfg_file is not None else None,
         originals={name: tensors[key] for name, key in originals.items()},
-        base_model=_text((raw_cfg or {}).get("base_model_name_or_path")), path=path,
+        base_model=_text((raw_cfg or {}).get("base_model_name_or_path")),
+        base_revision=_text((raw_cfg or {}).get("revision")), path=path,
         scale_mode="rslora" if cfg is not None and cfg.rslora else "classic",
     )
 
@@ -957,7 +958,8 @@ def number(value: float) -> int | float:
 
 def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *, rslora: bool,
                 saved_modules: list[str], base: dict | None = None, base_model: str | None = None,
-                target_parameters: list[str] = (), targeted: frozenset[str] | None = None) -> dict:
+                revision: str | None = None, target_parameters: list[str] = (),
+                targeted: frozenset[str] | None = None) -> dict:
     """An adapter_config.json PEFT loads unchanged, giving every module its rank and scale.
 
     Which modules: when ``modules`` are exactly ``targeted`` (the modules the ``base`` config's targeting gave the
@@ -1007,6 +1009,8 @@ def lora_config(modules: dict[str, LoraModule], pattern_names: dict[str, str], *
         modules_to_save=modules_to_save(saved_modules, cfg.get("task_type")), use_dora=dora == {True},
         base_model_name_or_path=base_model, inference_mode=True,
     )
+    if revision is not None:  # (the base's, Adapter.base_revision: the input's own or the commit loraops named)
+        cfg["revision"] = revision
     if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
         # alone it selects nothing (PEFT reads it only to find the layer index layers_to_transform lists) and PEFT
         # 0.21's config refuses it, which older PEFT saved: the written config says what PEFT applied, nothing
@@ -1115,6 +1119,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
         cfg = lora_config(
             targets, {n: n for n in targets}, rslora=rslora, saved_modules=saved,
             base=lora_config_of(adapter.config) if adapter.format == "peft" else None, base_model=adapter.base_model,
+            revision=adapter.base_revision,
             target_parameters=sorted(parameters), targeted=adapter.targeted if adapter.format == "peft" else None,
         )
         weights_sha256 = out.close({"format": "pt"})

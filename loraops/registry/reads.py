@@ -6,8 +6,8 @@ transaction, after a flush), and ``reader()`` runs them straight over the driver
 PostgreSQL) when the database is already at this code's schema revision, so `loraops list` / `show` import neither SQLAlchemy nor Alembic
 (docs/registry.md, "Timing of `loraops list`"). Writes and migrations stay with the ORM (store.py, db.py).
 
-References to adapters: ``name`` (latest version), ``name@version``, an integer id, or a prefix of 6+ hex digits of
-the identity sha256 or the weights-file sha256. Bases: ``name``, id, or a fingerprint prefix.
+References to adapters: ``name`` (latest version; ``name@latest`` too), ``name@version``, an integer id, or a prefix
+of 6+ hex digits of the identity sha256 or the weights-file sha256. Bases: ``name``, id, or a fingerprint prefix.
 """
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ _BASE_COLUMNS = (
 
 Execute = Callable[[str, tuple], Sequence[tuple]]
 """Runs one statement in the driver's own parameter style and returns its rows (the transaction is the caller's)."""
+
+
+_LATEST = "SELECT id FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1"
+"""The latest version of a name: what ``name`` and ``name@latest`` reference."""
 
 
 class Reader:
@@ -138,18 +142,22 @@ class Reader:
         ref = str(ref).strip()
         if "@" in ref:
             name, _, version = ref.rpartition("@")
-            if not (version.isascii() and version.isdigit()):
-                raise InvalidInputError(f"bad adapter reference {ref!r}: the part after @ must be a version number")
-            number = _integer(version)
-            found = [] if number is None else self.rows("SELECT id FROM adapters WHERE name = ? AND version = ?",
-                                                        [name, number])
+            if version != "latest" and not (version.isascii() and version.isdigit()):
+                raise InvalidInputError(f"bad adapter reference {ref!r}: the part after @ must be a version number "
+                                        "or latest")
+            if version == "latest":  # what the bare name means
+                found = self.rows(_LATEST, [name])
+            else:
+                number = _integer(version)
+                found = [] if number is None else self.rows("SELECT id FROM adapters WHERE name = ? AND version = ?",
+                                                            [name, number])
             if found:
                 return found[0][0]
             versions = [v for v, in self.rows("SELECT version FROM adapters WHERE name = ? ORDER BY version", [name])]
             if versions:
                 raise NotFoundError(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
             raise NotFoundError(f"no adapter named {name!r} in the registry")
-        found = self.rows("SELECT id FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1", [ref])
+        found = self.rows(_LATEST, [ref])
         if found:
             return found[0][0]
         rows = self._by_id_or_prefix("id, name, version, sha256 FROM adapters", ref, ("sha256", "weights_sha256"))
