@@ -1181,7 +1181,7 @@ def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: b
             single_file = {"kohya": f"{record.name.split('/')[-1]}.safetensors",
                            "diffusers": formats.diffusers.WEIGHTS_NAME}
             dest = Path(tmp) / single_file.get(fmt, "adapter")
-            paths = formats.adapter_files(formats.write_adapter(registry.load_adapter(ref), dest, fmt))
+            paths = formats.adapter_files(formats.write_adapter(registry.load_adapter(record.id), dest, fmt))
         files: dict[str, Path | bytes] = {p.name: p for p in paths}
         files[CARD] = render_card(card_info(registry, record, fmt)).encode()
         # an adapter already at the repo's root under the names pull looks for first would shadow this one

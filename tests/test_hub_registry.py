@@ -99,6 +99,29 @@ def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
     assert "adapter_model.safetensors" in fake_hub.files("me/kohya", "refs/pr/1")
 
 
+def test_push_writes_the_version_it_looked_up_when_another_lands_meanwhile(fake_hub, adapters, registry,
+                                                                             monkeypatch):
+    """push resolves REF once: a version registered under the same name after the lookup (another process) is not
+    the one written in another layout under the first one's record and card."""
+    registry.add_base(adapters["base"], name="tiny")
+    first = registry.add_adapter(adapters["a"], name="anime", base="tiny")
+    looked_up = registry.get_adapter
+
+    def get_adapter_then_a_new_version_lands(ref):
+        record = looked_up(ref)
+        monkeypatch.setattr(registry, "get_adapter", looked_up)
+        registry.add_adapter(adapters["c"], name="anime", base="tiny")
+        return record
+
+    monkeypatch.setattr(registry, "get_adapter", get_adapter_then_a_new_version_lands)
+    hub.push(registry, "anime", "me/anime", fmt="kohya", token="hf_owner")
+    assert registry.get_adapter("anime").version == 2  # the new version did land
+    from safetensors.torch import load
+
+    pushed = load(fake_hub.files("me/anime")["anime.safetensors"])
+    assert {t.shape[0] for k, t in pushed.items() if k.endswith("lora_down.weight")} == {first.rank} == {4}
+
+
 def test_a_removed_inputs_card_line_says_what_is_known(fake_hub, adapters, registry):
     """An input removed from the registry keeps its label and sha256 in the lineage; the card says it was removed,
     with them (its Hub source went with its record), where it showed a sha256 as if it were a local file. A base
