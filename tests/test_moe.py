@@ -202,6 +202,33 @@ def test_nested_wrappers_in_another_order_are_refused(qwen_adapter):
         formats.read_adapter(qwen_adapter)
 
 
+def test_a_config_rank_that_splits_into_other_experts_is_refused_beside_a_saved_router(tmp_path, bases):
+    """The router saved whole (modules_to_save=["gate"]) has one row per expert: an r twice too large, which splits the
+    factors into half the experts, contradicts it, and PEFT cannot load the file. Refused from the file alone: register
+    without a base (which checks no expert count) as with one, check, inspect; the file as PEFT saved it registers."""
+    from peft import PeftModel
+
+    from loraops.errors import InvalidInputError
+
+    base = bases["qwen3_moe"]
+    peft_model(base, "qwen3_moe", target_modules=["q_proj"], modules_to_save=["gate"],
+               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]).save_pretrained(tmp_path / "a")
+    assert "model.layers.0.mlp.gate.weight" in formats.read_adapter(tmp_path / "a").full_tensors
+    run("base", "add", base, "--name", "qwen")
+    run("register", tmp_path / "a", "--name", "good")
+    edit_config(tmp_path / "a", r=8, lora_alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 8})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(model_class("qwen3_moe").from_pretrained(base), tmp_path / "a")
+    why = ("config r=8 splits the LoRA on model.layers.0.mlp.experts.gate_up_proj into 2 experts, but the router "
+           "model.layers.0.mlp.gate.weight saved whole beside it has 4 (its rows): r is not the rank it was trained "
+           "with, and PEFT cannot load the file")
+    for args in (["register", tmp_path / "a", "--name", "bad"], ["register", tmp_path / "a", "--base", "qwen"],
+                 ["check", tmp_path / "a", "--base", base], ["inspect", tmp_path / "a"]):
+        result = run(*args, code=InvalidInputError.exit_code)
+        assert result.output == f"error: {tmp_path / 'a' / 'adapter_model.safetensors'}: {why}\n", (args, result.output)
+    assert [a["name"] for a in json.loads(run("list", "--json").output)] == ["good"]
+
+
 @pytest.mark.no_registry
 def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwen_adapter, bases):
     """The number of experts comes from the config's r (the factors hold E·r rows): an r twice too large reads as
