@@ -1656,7 +1656,7 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> d
     wrong though each shape fits. One mismatch per fused parameter (by its first piece's tensor)."""
     firsts = {}
     for module in bound.modules.values():
-        if module.experts > 1 and module.raw_parameter[1] == 0:
+        if params.first_share(module):
             if module.fused is not None:
                 firsts[(module.weight_name, f".{module.name.rpartition('.')[2]}")] = module
             elif m := EXPERT_RE.match(module.weight_name):
