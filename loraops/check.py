@@ -4,7 +4,7 @@ checkpoint, see loraops.ldm) and shape checks against a base manifest: ``{tensor
 
     bind(adapter, manifest) -> Adapter          module names resolved to base module paths (raises when it cannot)
     check(adapter, manifest) -> CheckReport     never raises for a misfit: it reports every one
-    require_fit(adapter, manifest) -> Adapter   bind + check, raising one MismatchError line that lists the misfits
+    require_fit(adapter, manifest) -> Adapter   check + bind, raising one MismatchError line that lists the misfits
 
 kohya names are resolved by building the kohya form of every base module (its weight's name without ``.weight``,
 dots as underscores, behind the kohya prefix of its part of the model) and looking the adapter's names up; a name
@@ -1400,7 +1400,17 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
           quantization: Callable[[str], dict | None] | None = None,
           config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None,
           heads: bool = True) -> CheckReport:
-    """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
+    """See ``fitting`` (its report)."""
+    return fitting(adapter, manifest, base_name=base_name, quantization=quantization, config=config, sides=sides,
+                   heads=heads)[0]
+
+
+def fitting(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
+            quantization: Callable[[str], dict | None] | None = None, config: Callable[[str], dict] | None = None,
+            sides: Callable[[str], dict] | None = None,
+            heads: bool = True) -> tuple[CheckReport, Callable[[Adapter], Adapter]]:
+    """(the report, ``bind`` by the names this check resolved: for ``adapter`` or another read of its file, with the
+    same names, such as its headers alone; only where the report is ok). Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
     tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): missing, with
     merge's reason, if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge
@@ -1411,7 +1421,8 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     (untied_side_source). ``heads``: stored_twice's, as the merge reads the base (BaseModel.ties_stored_heads)."""
     sides = config or sides
     res = resolve(adapter, manifest)
-    bound = without_tied_copies(renamed(adapter, res, manifest), manifest, sides, heads=heads)
+    named = renamed(adapter, res, manifest)
+    bound = without_tied_copies(named, manifest, sides, heads=heads)
     missing, mismatches, matched, why_missing = list(res.missing), [], 0, {}
     names = None  # the manifest's names sorted, when a missing module's quantized tensors are looked for
     tied_heads = []
@@ -1567,6 +1578,10 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     tensor_misfits = {m.name for m in full_mismatches} | {n for n in missing if n in bound.full_tensors} | set(unsaved)
     whole = bound.full_tensors.keys() | unsaved.keys()  # (a saved head refused for its values is in both: counted once)
     refused_heads = set(missing) | {n.removesuffix(".weight") for n in missing}  # (refused: not said to be untied)
+
+    def bind_read(read: Adapter) -> Adapter:
+        return named if read is adapter else renamed(read, res, manifest)
+
     return CheckReport(
         ok=ok, base=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
@@ -1577,7 +1592,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                                if n not in {m.name for m in row_mismatches}
                                and (n not in why_missing or n in bound.full_tensors)),
         tensors=len(whole), tensors_matched=len(whole - tensor_misfits),
-    )
+    ), bind_read
 
 
 def _decoder_lookup_of(weight_name: str, manifest: Mapping[str, object],
@@ -1653,7 +1668,7 @@ def expert_count_mismatches(bound: Adapter, manifest: Mapping[str, object]) -> d
     wrong though each shape fits. One mismatch per fused parameter (by its first piece's tensor)."""
     firsts = {}
     for module in bound.modules.values():
-        if module.experts > 1 and module.raw_parameter[1] == 0:
+        if params.first_share(module):
             if module.fused is not None:
                 firsts[(module.weight_name, f".{module.name.rpartition('.')[2]}")] = module
             elif m := EXPERT_RE.match(module.weight_name):
@@ -1740,13 +1755,16 @@ def rows_shape(rows: TokenRows, manifest: Mapping[str, object]) -> tuple[int, ..
 
 def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
                 quantization: Callable[[str], dict | None] | None = None,
-                sides: Callable[[str], dict] | None = None, heads: bool = True) -> Adapter:
+                sides: Callable[[str], dict] | None = None, heads: bool = True,
+                record: Adapter | None = None) -> Adapter:
     """The bound adapter when it fits the base (check's ``quantization``, ``sides`` and ``heads``), else one
-    MismatchError line summarising every misfit."""
-    report = check(adapter, manifest, base_name=base_name, quantization=quantization, sides=sides, heads=heads)
+    MismatchError line summarising every misfit. ``record``: another read of the adapter's file (its headers alone),
+    bound instead."""
+    report, bind_read = fitting(adapter, manifest, base_name=base_name, quantization=quantization, sides=sides,
+                                heads=heads)
     if not report.ok:
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
         where = f"base {base_name}" if base_name else "the base"
         raise MismatchError(f"{adapter.label}: {misfit_counts(report)} not fit {where}: {shown}")
-    return bind(adapter, manifest)
+    return bind_read(adapter if record is None else record)

@@ -15,7 +15,7 @@ from loraops import engine, formats
 from loraops.basemodel import BaseModel
 from loraops.check import check
 from loraops.cli import main
-from loraops.errors import MismatchError, UnsupportedAdapterError
+from loraops.errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 
 LM = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
           vocab_size=128, max_position_embeddings=64)
@@ -202,22 +202,64 @@ def test_nested_wrappers_in_another_order_are_refused(qwen_adapter):
         formats.read_adapter(qwen_adapter)
 
 
+def test_a_config_rank_that_splits_into_other_experts_is_refused_beside_a_saved_router(tmp_path, bases):
+    """The router saved whole (modules_to_save=["gate"]) has one row per expert: an r twice too large, which splits the
+    factors into half the experts, contradicts it, and PEFT cannot load the file. Refused from the file alone: register
+    without a base (which checks no expert count) as with one, check, inspect; the file as PEFT saved it registers."""
+    from peft import PeftModel
+
+    from loraops.errors import InvalidInputError
+
+    base = bases["qwen3_moe"]
+    peft_model(base, "qwen3_moe", target_modules=["q_proj"], modules_to_save=["gate"],
+               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]).save_pretrained(tmp_path / "a")
+    assert "model.layers.0.mlp.gate.weight" in formats.read_adapter(tmp_path / "a").full_tensors
+    run("base", "add", base, "--name", "qwen")
+    run("register", tmp_path / "a", "--name", "good")
+    edit_config(tmp_path / "a", r=8, lora_alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 8})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(model_class("qwen3_moe").from_pretrained(base), tmp_path / "a")
+    why = ("config r=8 splits the LoRA on model.layers.0.mlp.experts.gate_up_proj into 2 experts, but the router "
+           "model.layers.0.mlp.gate.weight saved whole beside it has 4 (its rows): r is not the rank it was trained "
+           "with, and PEFT cannot load the file")
+    for args in (["register", tmp_path / "a", "--name", "bad"], ["register", tmp_path / "a", "--base", "qwen"],
+                 ["check", tmp_path / "a", "--base", base], ["inspect", tmp_path / "a"]):
+        result = run(*args, code=InvalidInputError.exit_code)
+        assert result.output == f"error: {tmp_path / 'a' / 'adapter_model.safetensors'}: {why}\n", (args, result.output)
+    assert [a["name"] for a in json.loads(run("list", "--json").output)] == ["good"]
+
+
 @pytest.mark.no_registry
-def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwen_adapter, bases):
+@pytest.mark.parametrize("experts, ranks", [(2, {r".*\.gate_up_proj": 16, r".*\.down_proj": 8}),
+                                            (1, {r".*\.gate_up_proj": 32, r".*\.down_proj": 16})])
+def test_a_config_rank_that_splits_into_other_experts_does_not_fit(tmp_path, qwen_adapter, bases, experts, ranks):
     """The number of experts comes from the config's r (the factors hold E·r rows): an r twice too large reads as
-    half the experts, each of which has a tensor on disk; check counts the base's experts and refuses."""
-    edit_config(qwen_adapter, r=8, lora_alpha=16, rank_pattern={r".*\.gate_up_proj": 16},
-                alpha_pattern={r".*\.gate_up_proj": 32})
+    half the experts, each of which has a tensor on disk; check counts the base's experts and refuses. r E times too
+    large reads as one expert, which LoraModule.experts cannot tell from no expert's share: that whole LoRA fitted
+    expert 0's tensor and was merged into it alone (PEFT cannot load the file)."""
+    edit_config(qwen_adapter, rank_pattern=ranks, alpha_pattern={k: 2 * r for k, r in ranks.items()})
     adapter = formats.read_adapter(qwen_adapter)
+    assert {m.raw_parameter[2] for n, m in adapter.modules.items() if ".experts." in n} == {experts}
     report = check(adapter, BaseModel.open(bases["qwen3_moe"]).tensors)
     assert not report.ok
     assert [m.name for m in report.shape_mismatches] == [
         f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
         for p in ("down_proj (down_proj)", "gate_up_proj (gate_proj)")]
-    with pytest.raises(MismatchError, match=r"model.layers.0.mlp.experts.down_proj \(down_proj\) \(adapter 2×32×16, "
-                                            r"base 4×32×16\)"):
+    with pytest.raises(MismatchError, match=rf"model.layers.0.mlp.experts.down_proj \(down_proj\) \(adapter "
+                                            rf"{experts}×32×16, base 4×32×16\)"):
         engine.merge(bases["qwen3_moe"], [(adapter, 1.0)], tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.no_registry
+def test_a_config_rank_that_splits_into_one_expert_is_refused_beside_a_saved_router(tmp_path, bases):
+    peft_model(bases["qwen3_moe"], "qwen3_moe", target_modules=["q_proj"], modules_to_save=["gate"],
+               target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]).save_pretrained(tmp_path / "g")
+    edit_config(tmp_path / "g", r=16, lora_alpha=32, rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 8})
+    with pytest.raises(InvalidInputError, match=r"config r=16 splits the LoRA on model.layers.0.mlp.experts.gate_up_proj "
+                                                r"into 1 expert, but the router model.layers.0.mlp.gate.weight saved "
+                                                r"whole beside it has 4 \(its rows\)"):
+        formats.read_adapter(tmp_path / "g")
 
 
 @pytest.mark.registry_backend

@@ -996,3 +996,43 @@ def test_a_file_replaced_before_its_hash_is_recorded_as_hashed(reg, art, tmp_pat
     monkeypatch.setattr(store, "adapter_identity", replaced)
     record = reg.add_adapter(tmp_path / "a")
     assert record.rank == 8 and record.sha256 == identity(art["ad2"], None)
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_register_with_a_base_reads_the_file_and_binds_it_once(reg, art, tmp_path, monkeypatch, given):
+    """register with a base (given, or hinted by base_model_name_or_path) loads the base's manifest once, resolves the
+    adapter's names against it once (the fit's resolution binds the record too) and parses the file's headers twice:
+    once to refuse what is no adapter before hashing, once after for the record and the fit. A file that saves whole
+    tensors is read with its values for the fit alone: the record is bound from the headers-only read."""
+    from loraops import check
+    from loraops.registry import store
+
+    calls = {"manifest": 0, "resolve": 0, "headers": 0, "values": 0}
+
+    def counted(owner, name, key):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls[key(kwargs) if callable(key) else key] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    reg.add_base(art["base"], name="llama-tiny")
+    counted(store.Registry, "_manifest", "manifest")
+    counted(check, "resolve", "resolve")
+    counted(formats, "read_adapter", lambda kwargs: "headers" if kwargs.get("values") is False else "values")
+    inserted = []
+    insert = store.Registry._insert_adapter
+    monkeypatch.setattr(store.Registry, "_insert_adapter",
+                        lambda self, name, fields, adapter, *a: inserted.append(adapter) or insert(self, name, fields, adapter, *a))
+    saves = peft_adapter(art["base"], tmp_path / "saves", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    for adapter, values in ((art["ad1"], 0), (saves, 1)):
+        calls.update(dict.fromkeys(calls, 0))
+        record = reg.add_adapter(adapter, base="llama-tiny" if given else None)
+        assert record.base.name == "llama-tiny"
+        assert calls == {"manifest": 1, "resolve": 1, "headers": 2, "values": values}, (adapter, calls)
+    assert [m.name for m in record.modules][:1] == ["model.layers.0.self_attn.q_proj"]
+    bound = inserted[-1]
+    assert bound.names_resolved and all(t.is_meta for t in (*bound.full_tensors.values(), bound.modules[
+        "model.layers.0.self_attn.q_proj"].A))

@@ -110,14 +110,16 @@ def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool =
         return READERS[detect(path)](path, alpha=alpha, values=values, mapped=mapped)
 
 
-def read_for_fit(path: str | Path, *, alpha: float | None = None, mapped: bool = False) -> "Adapter":
+def read_for_fit(path: str | Path, *, alpha: float | None = None, mapped: bool = False,
+                 headers: "Adapter | None" = None) -> "Adapter":
     """read_adapter for check and register --base: headers only (values=False), but all values where the file saves
     whole tensors (modules_to_save, saved embedding layers, original_module copies): two tied copies saved with
     different values, which PEFT's load folds into one tensor, are a misfit only their values show (the merge's
     refusal, check.differing_tied_copy). Such files are mostly those tensors; a LoRA-only file stays unread. And
     where it saves trainable tokens: PEFT's copies of them on a tied head or side are dropped (check.without_tied_copies)
-    only where their values are those of the tokens they copy."""
-    adapter = read_adapter(path, alpha=alpha, values=False)
+    only where their values are those of the tokens they copy. ``headers``: the file's headers-only read, done
+    already (returned as it is where no value is needed)."""
+    adapter = read_adapter(path, alpha=alpha, values=False) if headers is None else headers
     whole = adapter.full_tensors or adapter.originals or adapter.token_rows
     return read_adapter(path, alpha=alpha, mapped=mapped) if whole else adapter
 

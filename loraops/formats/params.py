@@ -154,6 +154,36 @@ def _experts_of(path: Path, module: str, factors: dict[str, dict[str, str]], ten
                 yield name, replace(built, raw_parameter=(f"{module}.{param}", e, experts))
 
 
+# A MoE layer's router, beside its experts module: one row (a logit) per expert (Qwen2/3-MoE, Mixtral, DeepSeek-V3:
+# mlp.gate; gpt-oss, PhiMoE as transformers 5 holds it: mlp.router)
+ROUTERS = ("gate.weight", "router.weight")
+
+
+def first_share(module: LoraModule) -> bool:
+    """Is ``module`` expert 0's share of a LoRA on a fused experts parameter? However many experts the config's r
+    splits the factors into: one (r E times too large) too, which LoraModule.experts cannot tell from no share."""
+    return (module.raw_parameter is not None and module.raw_parameter[1] == 0
+            and module.raw_parameter[0].rpartition(".")[2] in FUSED_EXPERTS)
+
+
+def refuse_miscounted(path: Path, modules: dict[str, LoraModule], full: dict[str, "torch.Tensor"]) -> None:
+    """The experts a fused parameter's factors split into (E·r rows, r from the config) against its layer's router
+    saved whole beside it (modules_to_save), whose rows are the model's experts: another count means the config's r
+    is not the one PEFT trained with, and PEFT cannot load the file (it builds E·r rows from the model's E). What
+    check does against a base's expert tensors (check.expert_count_mismatches), here without one."""
+    for m in modules.values():
+        if first_share(m):
+            parameter, _, experts = m.raw_parameter
+            parent = parameter.rpartition(f".{EXPERTS_MODULE}.")[0]
+            router = next((f"{parent}.{r}" for r in ROUTERS if f"{parent}.{r}" in full), None)
+            rows = None if router is None or full[router].dim() != 2 else int(full[router].shape[0])
+            if rows is not None and rows != experts:
+                raise InvalidInputError(
+                    f"{path}: config r={m.rank} splits the LoRA on {parameter} into {experts} expert"
+                    f"{'s' * (experts > 1)}, but the router {router} saved whole beside it has {rows} (its rows): r is "
+                    "not the rank it was trained with, and PEFT cannot load the file")
+
+
 # -- bases that store the experts fused ------------------------------------------------------------------------
 
 # Where a base that stores every expert of a parameter in one 3-D tensor keeps it, relative to the experts module's

@@ -876,6 +876,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     for key, target in full_names.items():
         common.check_finite(weights, key, tensors[key])
         full[target] = tensors[key]
+    params.refuse_miscounted(weights, experts, full)
     # a bare file's indices only when its metadata carries the config that has them
     knows = cfg_file or any(k in (raw_cfg or {}) for k in ("trainable_token_indices", "token_indices"))
     rows = tokens.read_rows(weights, token_keys, tensors, raw_cfg if knows else None, PREFIX)

@@ -438,7 +438,8 @@ class Registry:
         adapter = formats.read_adapter(path, alpha=alpha, values=False)
         name = check_name(default_name(path) if name is None else name, "adapter")
 
-        adapter, base_id = self._bind_base(adapter, base, lambda: formats.read_for_fit(path, alpha=alpha))
+        adapter, base_id = self._bind_base(adapter, base,
+                                           lambda: formats.read_for_fit(path, alpha=alpha, headers=adapter))
         self.refuse_writes()  # before the copy into the store
         key = self.blobs.key(identity, None if path.is_dir() else path.name)
         # Under the shard lock: a concurrent `rm` of the same bytes cannot delete the blob between put and insert.
@@ -525,8 +526,9 @@ class Registry:
     def _bind_base(self, adapter: "Adapter", base: str | int | None,
                    for_fit: Callable[[], "Adapter"]) -> tuple["Adapter", int | None]:
         """(the adapter bound to its base, the base id) — see add_adapter. ``adapter``: read headers only, all the
-        record needs; ``for_fit``: the adapter with the values a fit needs (formats.read_for_fit), read only where a
-        base is checked and dropped once the fit is decided."""
+        record needs; ``for_fit``: the adapter with the values a fit needs (formats.read_for_fit: ``adapter`` itself
+        where it needs none), read only where a base is checked and dropped once the fit is decided. The names the
+        fit resolves bind ``adapter`` (one resolution per base checked)."""
         from .. import check
 
         with self.session() as s:
@@ -538,10 +540,11 @@ class Registry:
                 manifest = self._manifest(s, base_id)
             fit = for_fit() if fit is None else fit
             if base is not None:
-                check.require_fit(fit, manifest, base_name=base_name, sides=_configs_at(path))
-            elif not check.check(fit, manifest, sides=_configs_at(path)).ok:
-                continue
-            return check.bind(adapter, manifest), base_id
+                return check.require_fit(fit, manifest, base_name=base_name, sides=_configs_at(path),
+                                         record=adapter), base_id
+            report, bind_read = check.fitting(fit, manifest, sides=_configs_at(path))
+            if report.ok:
+                return bind_read(adapter), base_id
         return adapter, None
 
     def _hinted_bases(self, s: Session, hint: str | None) -> list[SqlBase]:
