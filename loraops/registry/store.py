@@ -105,7 +105,7 @@ class Registry:
         if not db.unwritable(engine):
             try:
                 db.ensure_schema(engine)
-                return cls(engine, BlobStore())
+                return cls(engine, BlobStore(settings.blobs_dir(url)))
             except RegistryError as exc:
                 # a registry in a folder we may not write: readable, if its schema needs nothing
                 if not any(s in str(exc) for s in ("unable to open database file", "readonly database")):
@@ -122,7 +122,7 @@ class Registry:
             if first is None:
                 raise
             raise first from None
-        return cls(fallback, BlobStore(), read_only=True)
+        return cls(fallback, BlobStore(settings.blobs_dir(url)), read_only=True)
 
     def close(self) -> None:
         self.engine.dispose()

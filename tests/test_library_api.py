@@ -1,0 +1,31 @@
+"""The library as a Python user calls it (README "Python API"): what the CLI's options do through environment
+variables, a call must do through its own arguments."""
+from __future__ import annotations
+
+import pytest
+
+from factories import peft_adapter, tiny_llama
+from loraops.registry import Registry
+from loraops.registry.reads import reader
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    d = tmp_path_factory.mktemp("art")
+    base = tiny_llama(d / "llama")
+    return {"base": base, "ad": peft_adapter(base, d / "ad", r=4, alpha=8, target_modules=["q_proj"])}
+
+
+def test_an_explicit_sqlite_url_keeps_its_own_blob_store(art, tmp_path):
+    """Registry.open("sqlite:///other.db") stored its adapters in the home's store, as `--db` once did, so a gc of
+    the home's registry deleted them (and the other registry's gc the home's)."""
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    with Registry.open(url) as other:
+        record = other.add_adapter(art["ad"])
+        assert other.blobs.root == tmp_path / "other.db.blobs"
+    with reader(url) as found:
+        assert found.get_adapter(record.id).path.startswith(str(tmp_path / "other.db.blobs"))
+    with Registry.open() as home:
+        assert home.gc(grace_s=0) == []
+    with Registry.open(url) as other:
+        assert other.verify() == []
