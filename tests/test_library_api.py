@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from factories import peft_adapter, tiny_llama
+from loraops.errors import InvalidInputError
 from loraops.registry import Registry
 from loraops.registry.reads import reader
 
@@ -29,3 +30,15 @@ def test_an_explicit_sqlite_url_keeps_its_own_blob_store(art, tmp_path):
         assert home.gc(grace_s=0) == []
     with Registry.open(url) as other:
         assert other.verify() == []
+
+
+def test_tags_given_as_one_string_are_refused(art):
+    """tags="chat" was iterated into the four tags c, h, a, t."""
+    with Registry.open() as reg:
+        with pytest.raises(InvalidInputError, match=r"give \['chat'\]"):
+            reg.add_adapter(art["ad"], tags="chat")
+        assert reg.list_adapters() == []
+        reg.add_adapter(art["ad"], tags=["chat"])
+        with pytest.raises(InvalidInputError, match=r"give \['style'\]"):
+            reg.add_tags(art["ad"].name, "style")
+        assert reg.get_adapter(art["ad"].name).tags == ["chat"]

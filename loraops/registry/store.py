@@ -1075,6 +1075,8 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
     """Tags as given, stripped, without repeats. A tag is one word with no comma: `list` shows an adapter's tags
     comma-joined and `list --tag` matches one whole tag, so 'a,b' was listed as two tags that neither --tag a nor
     --tag b found."""
+    if isinstance(tags, str):  # iterating it tagged 'chat' as c, h, a, t
+        raise InvalidInputError(f"tags is a list of tags: give [{tags!r}], not the string {tags!r}")
     out = []
     for given in tags:
         tag = given.strip()
