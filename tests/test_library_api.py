@@ -1,10 +1,13 @@
-"""The library as a Python user calls it (README "Python API"): what the CLI's options do through environment
-variables, a call must do through its own arguments."""
+"""The library as a Python user calls it (README "Python API"): plausible arguments get loraops' own errors, and an
+explicit argument does what the CLI's option (an environment variable) does."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from factories import peft_adapter, tiny_llama
+from loraops import derive, merging
 from loraops.errors import InvalidInputError
 from loraops.registry import Registry
 from loraops.registry.reads import reader
@@ -42,3 +45,22 @@ def test_tags_given_as_one_string_are_refused(art):
         with pytest.raises(InvalidInputError, match=r"give \['style'\]"):
             reg.add_tags(art["ad"].name, "style")
         assert reg.get_adapter(art["ad"].name).tags == ["chat"]
+
+
+def test_merge_subtract_and_combine_take_pairs_or_ref_strings(art, tmp_path):
+    """merging.merge took only 'REF[:W]' strings and derive.combine only (ref, weight) pairs: each raised a raw
+    AttributeError/ValueError on the other's form, and a lone string for the list merged each of its letters."""
+    ad = str(art["ad"])
+    one = merging.merge(art["base"], [(ad, 0.5)], tmp_path / "one", record=False)
+    two = merging.merge(art["base"], [f"{ad}:0.5"], tmp_path / "two", record=False)
+    assert one.adapters[0].weight == two.adapters[0].weight == 0.5
+    back = merging.subtract(tmp_path / "one", [(Path(ad), 0.5)], tmp_path / "back", record=False)
+    assert back.adapters[0].weight == -0.5
+    combined = derive.combine([f"{ad}:0.5", (ad, 0.25)], "cat", name="both")
+    assert [i.weight for i in combined.report.inputs] == [0.5, 0.25]
+    for wrong in (f"{ad}:0.5", [(ad, "0.5")], [(ad,)], [(ad, float("nan"))]):
+        with pytest.raises(InvalidInputError):
+            merging.merge(art["base"], wrong, tmp_path / "bad", record=False)
+        with pytest.raises(InvalidInputError):
+            derive.combine(wrong, "cat", name="bad")
+    assert not (tmp_path / "bad").exists()
