@@ -21,7 +21,8 @@ from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
-from .errors import AmbiguousError, FormatError, MismatchError
+from .basemodel import BaseModel
+from .errors import AmbiguousError, FormatError, InvalidInputError, MismatchError
 from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
@@ -1377,9 +1378,20 @@ def file_tensor_names(adapter: Adapter, manifest: Mapping[str, object]) -> set[s
     return {rename(name) for name in adapter.full_tensors}
 
 
-def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
+def tensors_of(manifest: "Mapping[str, object] | BaseModel") -> Mapping[str, object]:
+    """What check and bind take as a base: its tensors (a mapping of name → TensorInfo), or a BaseModel's."""
+    if isinstance(manifest, BaseModel):
+        return manifest.tensors
+    if not isinstance(manifest, Mapping):  # a path: iterating it raised a raw TypeError or AttributeError
+        raise InvalidInputError(f"a base is given by its tensors (BaseModel.open(path), or its .tensors), not the "
+                                f"{type(manifest).__name__} {str(manifest)[:80]!r}")
+    return manifest
+
+
+def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adapter:
     """The adapter with module names resolved against the base (kohya names → module paths, a leading ``model.``
     added/removed when that makes every module match). Unresolvable kohya names raise; shapes are check's job."""
+    manifest = tensors_of(manifest)
     res = resolve(adapter, manifest)
     if res.ambiguous:
         name, candidates = next(iter(res.ambiguous.items()))
@@ -1395,7 +1407,7 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
     return renamed(adapter, res, manifest)
 
 
-def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
+def check(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None,
           config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None) -> CheckReport:
     """Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
@@ -1406,7 +1418,11 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
     tied_heads too, and what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's
     embeddings) is missing, with merge's reason. ``sides`` (the same, read for that alone; ``config`` implies it): one
     side's embed_tokens the base ties to its shared embeddings fits where a merge writes it untied
-    (untied_side_source)."""
+    (untied_side_source). A BaseModel for ``manifest`` is checked as merge reads it: its tensors, with its
+    quantization and config."""
+    if isinstance(manifest, BaseModel):
+        quantization, config = quantization or manifest.quantization_config, config or manifest.config
+    manifest = tensors_of(manifest)
     sides = config or sides
     res = resolve(adapter, manifest)
     bound = without_tied_copies(renamed(adapter, res, manifest), manifest, sides)

@@ -2,12 +2,18 @@
 explicit argument does what the CLI's option (an environment variable) does."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from factories import peft_adapter, tiny_llama
 from loraops import derive, merging
+from loraops.basemodel import BaseModel
+from loraops.check import bind, check
+from loraops.formats import read_adapter
 from loraops.errors import InvalidInputError
 from loraops.registry import Registry
 from loraops.registry.reads import reader
@@ -64,3 +70,22 @@ def test_merge_subtract_and_combine_take_pairs_or_ref_strings(art, tmp_path):
         with pytest.raises(InvalidInputError):
             derive.combine(wrong, "cat", name="bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_check_takes_a_base_model_and_checks_it_as_merge_reads_it(art, tmp_path):
+    """check(adapter, BaseModel) raised a raw TypeError, and the README's check(adapter, base.tensors) passed an
+    int8 base that merge refuses: only the CLI's path (the registry's) gave check the base's quantization."""
+    base = tmp_path / "int8"
+    shutil.copytree(art["base"], base)
+    state = load_file(base / "model.safetensors")
+    save_file({k: v.to(torch.int8) if "q_proj" in k else v for k, v in state.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    adapter, model = read_adapter(art["ad"]), BaseModel.open(base)
+    report = check(adapter, model)
+    assert not report.ok and "stored as I8" in report.why_missing["model.layers.0.self_attn.q_proj"]
+    assert bind(adapter, model).modules.keys() == bind(adapter, model.tensors).modules.keys()
+    for wrong in (str(base), base):
+        with pytest.raises(InvalidInputError, match="BaseModel.open"):
+            check(adapter, wrong)
+        with pytest.raises(InvalidInputError, match="BaseModel.open"):
+            bind(adapter, wrong)

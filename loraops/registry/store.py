@@ -993,8 +993,7 @@ def _check_files(adapter: "Adapter", model: "BaseModel", name: str) -> "CheckRep
     """check.check against a base's files, as merge reads them: its headers, config.json and quantization."""
     from .. import check
 
-    return check.check(adapter, model.tensors, base_name=name, quantization=model.quantization_config,
-                       config=model.config)
+    return check.check(adapter, model, base_name=name)
 
 
 def _downloads(base: BaseRecord) -> bool:
