@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -449,8 +450,8 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     parsed = own[0] if own else parse_params(spec.params, given, method)
     if spec.check_weights is not None:
         spec.check_weights(method, list(weights), parsed)
-    if rank is not None and rank <= 0:
-        raise InvalidInputError(f"rank must be a positive integer (got {rank})")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0):
+        raise InvalidInputError(f"rank must be a positive integer (got {rank!r})")
     if rank is not None and spec.default_rank is None:
         raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --rank to truncate")
     if getattr(parsed, "normalize", False) and any(w < 0 for w in weights):

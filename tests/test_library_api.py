@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from factories import peft_adapter, tiny_llama
-from loraops import derive, merging
+from loraops import algebra, derive, merging
 from loraops.basemodel import BaseModel
 from loraops.check import bind, check
 from loraops.formats import read_adapter
@@ -89,3 +89,11 @@ def test_check_takes_a_base_model_and_checks_it_as_merge_reads_it(art, tmp_path)
             check(adapter, wrong)
         with pytest.raises(InvalidInputError, match="BaseModel.open"):
             bind(adapter, wrong)
+
+
+@pytest.mark.parametrize("rank", [8.0, "8", True])
+def test_combine_refuses_a_rank_that_is_no_integer(art, rank):
+    """rank=8.0 failed deep in the SVD with a raw TypeError (slice indices), rank="8" with one from a comparison."""
+    adapter = read_adapter(art["ad"])
+    with pytest.raises(InvalidInputError, match="rank must be a positive integer"):
+        algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", rank=rank)
