@@ -2,6 +2,7 @@
 explicit argument does what the CLI's option (an environment variable) does."""
 from __future__ import annotations
 
+import inspect
 import shutil
 from pathlib import Path
 
@@ -97,3 +98,24 @@ def test_combine_refuses_a_rank_that_is_no_integer(art, rank):
     adapter = read_adapter(art["ad"])
     with pytest.raises(InvalidInputError, match="rank must be a positive integer"):
         algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", rank=rank)
+
+
+def test_the_documented_entry_points_have_docstrings_and_type_hints():
+    """What README's "Python API" calls shows its arguments and says what it does in help() and an editor."""
+    from loraops import engine, formats, hub
+    from loraops.recipe import read_recipe
+    import loraops
+
+    documented = [formats.read_adapter, formats.write_adapter, formats.write, formats.identity, bind, check,
+                  BaseModel.open, BaseModel.fingerprint, engine.merge, engine.subtract, algebra.combine, algebra.resize,
+                  algebra.resize_lazily, loraops.extract, read_recipe, merging.merge, merging.subtract, derive.combine,
+                  derive.resize, derive.export, derive.extract, hub.pull, hub.push, Registry.open,
+                  *(getattr(Registry, n) for n in vars(Registry) if not n.startswith("_") and callable(getattr(Registry, n)))]
+    lacking = []
+    for function in documented:
+        signature = inspect.signature(function)
+        unannotated = [name for name, p in signature.parameters.items() if name not in ("self", "cls")
+                       and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.annotation is p.empty]
+        if not (function.__doc__ or "").strip() or unannotated or signature.return_annotation is signature.empty:
+            lacking.append(f"{function.__qualname__} {unannotated}")
+    assert lacking == []

@@ -125,6 +125,7 @@ class Registry:
         return cls(fallback, BlobStore(settings.blobs_dir(url)), read_only=True)
 
     def close(self) -> None:
+        """Close the registry's database connections (what leaving a ``with Registry.open()`` block does)."""
         self.engine.dispose()
 
     def refuse_output_inside(self, output: str | Path) -> None:
@@ -182,6 +183,7 @@ class Registry:
         raise RegistryError(f"could not {what}: the registry kept changing under it ({RETRIES} tries; concurrent writers?)")
 
     def revision(self) -> str | None:
+        """The database's schema revision (Alembic's), None when it records none."""
         with self.engine.connect() as connection:
             return db.current_revision(connection)
 
@@ -309,10 +311,12 @@ class Registry:
         return self.write(f"attach files to base {name!r}", work)
 
     def get_base(self, ref: str | int) -> BaseRecord:
+        """The base named, or with that id or fingerprint prefix; NotFoundError (AmbiguousError) otherwise."""
         with self.reader() as r:
             return r.get_base(ref)
 
     def list_bases(self) -> list[BaseRecord]:
+        """Every registered base, by name."""
         with self.reader() as r:
             return r.list_bases()
 
@@ -553,6 +557,8 @@ class Registry:
         return list(s.scalars(select(SqlBase).where(or_(*clauses)).order_by(SqlBase.id)))
 
     def get_adapter(self, ref: str | int) -> AdapterRecord:
+        """The adapter at ``ref`` (name — its latest version —, name@version, id or sha256 prefix of 6+ hex digits);
+        NotFoundError (AmbiguousError) otherwise."""
         with self.reader() as r:
             return r.get_adapter(ref)
 
@@ -595,6 +601,7 @@ class Registry:
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
 
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
+        """Add ``tags`` (a list: one word each, no comma) to the adapter at ``ref``; tags it has already are kept once."""
         with self.session() as s:
             adapter_id = self._find_adapter(s, ref).id
         return self._update(adapter_id, clean_tags(tags)).record
