@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import peft_adapter, tiny_llama
 from safetensors.torch import load_file, save_file
 
-from factories import peft_adapter, tiny_llama
 from loraops import algebra, derive, merging
 from loraops.basemodel import BaseModel
 from loraops.check import bind, check
-from loraops.formats import read_adapter
 from loraops.errors import InvalidInputError
+from loraops.formats import read_adapter
 from loraops.registry import Registry
 from loraops.registry.reads import reader
 
@@ -102,9 +102,9 @@ def test_combine_refuses_a_rank_that_is_no_integer(art, rank):
 
 def test_the_documented_entry_points_have_docstrings_and_type_hints():
     """What README's "Python API" calls shows its arguments and says what it does in help() and an editor."""
+    import loraops
     from loraops import engine, formats, hub
     from loraops.recipe import read_recipe
-    import loraops
 
     documented = [formats.read_adapter, formats.write_adapter, formats.write, formats.identity, bind, check,
                   BaseModel.open, BaseModel.fingerprint, engine.merge, engine.subtract, algebra.combine, algebra.resize,
