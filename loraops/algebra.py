@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import ldm
-from .adapter import Adapter, LoraModule, widest_dtype
+from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
 from .errors import InvalidInputError, MismatchError
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
 
@@ -257,6 +257,7 @@ def combine_lazily(
     from .ops.combine import Context, Term
     from .settings import resolve_device
 
+    inputs = weighted(inputs, "combine")
     if not inputs:
         raise InvalidInputError("combine needs at least one adapter")
     arguments = combine_arguments(method, params, rank, [weight for _, weight in inputs])
@@ -511,7 +512,7 @@ def resize_lazily(
     from .settings import resolve_device
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank)
-    if not adapter.modules:
+    if not adapter_argument(adapter, "resize").modules:
         raise InvalidInputError(f"{_label(adapter, 0)} has no LoRA modules to resize")
     # (a LoHa/LoKr module becomes a LoRA of any rank up to its ΔW's: the SVD of its dense ΔW, see resize_module)
     flat = next((m for m in adapter.modules.values() if m.product is not None and not m.product.kernel_known), None)

@@ -119,3 +119,25 @@ def test_the_documented_entry_points_have_docstrings_and_type_hints():
         if not (function.__doc__ or "").strip() or unannotated or signature.return_annotation is signature.empty:
             lacking.append(f"{function.__qualname__} {unannotated}")
     assert lacking == []
+
+
+def test_the_in_memory_api_refuses_paths_and_unweighted_adapters(art, tmp_path):
+    """engine.merge/subtract and algebra.combine take (Adapter, weight) pairs and algebra.resize an Adapter: a path,
+    a registry reference or an Adapter alone raised a raw TypeError or AttributeError from deep inside."""
+    from loraops import engine
+
+    adapter = read_adapter(art["ad"])
+    calls = {
+        "merging.merge": lambda wrong: engine.merge(art["base"], wrong, tmp_path / "out"),
+        "merging.subtract": lambda wrong: engine.subtract(art["base"], wrong, tmp_path / "out"),
+        "derive.combine": lambda wrong: algebra.combine(wrong, "linear"),
+    }
+    for hint, call in calls.items():
+        for wrong in ([adapter], [(str(art["ad"]), 1.0)], [(adapter, "1")]):
+            with pytest.raises(InvalidInputError, match=r"takes"):
+                call(wrong)
+        with pytest.raises(InvalidInputError, match=hint):
+            call([(art["ad"], 1.0)])
+    with pytest.raises(InvalidInputError, match="derive.resize"):
+        algebra.resize(str(art["ad"]), rank=2)
+    assert not (tmp_path / "out").exists()
