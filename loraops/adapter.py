@@ -453,6 +453,8 @@ def weighted(inputs: "Iterable[tuple[Adapter, float]]", what: str) -> "list[tupl
     for item in inputs:
         adapter, weight = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise InvalidInputError(f"{what} takes (Adapter, weight) pairs, not {str(item)[:80]!r}")
+            shown = f"the Adapter {item.label} without its weight" if isinstance(item, Adapter) \
+                else repr(str(item)[:80])
+            raise InvalidInputError(f"{what} takes (Adapter, weight) pairs, not {shown}")
         pairs.append((adapter_argument(adapter, what), float(weight)))
     return pairs
