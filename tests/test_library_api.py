@@ -42,6 +42,23 @@ def test_an_explicit_sqlite_url_keeps_its_own_blob_store(art, tmp_path):
         assert other.verify() == []
 
 
+def test_an_adapter_stored_by_an_older_registry_open_url_is_still_found(art, tmp_path, monkeypatch):
+    """Up to 0.1.0 Registry.open(url) kept an SQLite URL's adapters in the home's store; after the upgrade its own
+    store (<file>.blobs) lacks them, and load_adapter said the stored copy was missing. It copies them over."""
+    from loraops import settings
+
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("LORAOPS_BLOBS", str(settings.home() / "blobs"))  # where the older code put them
+    with Registry.open(url) as other:
+        record = other.add_adapter(art["ad"])
+    monkeypatch.delenv("LORAOPS_BLOBS")
+    with Registry.open(url) as other:
+        assert {p.problem for p in other.verify()} == {"missing"}  # (in the home's store only)
+        assert other.load_adapter(record.id).modules.keys() == read_adapter(art["ad"]).modules.keys()
+        assert other.verify() == []
+    assert (tmp_path / "other.db.blobs" / record.path.split("/blobs/", 1)[1]).exists()
+
+
 def test_tags_given_as_one_string_are_refused(art):
     """tags="chat" was iterated into the four tags c, h, a, t."""
     with Registry.open() as reg:

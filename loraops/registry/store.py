@@ -74,10 +74,12 @@ class BlobProblem:
 
 
 class Registry:
-    def __init__(self, engine, blobs: BlobStore, read_only: bool = False) -> None:
+    def __init__(self, engine, blobs: BlobStore, earlier: BlobStore | None = None, read_only: bool = False) -> None:
         self.engine = engine
         self.blobs = blobs
         self.read_only = read_only
+        self.earlier = earlier
+        """The store loraops used for this registry before it had its own (see _open), for _recover."""
 
     @classmethod
     def open(cls, url: str | None = None, *, create: bool = True) -> "Registry":
@@ -105,7 +107,7 @@ class Registry:
         if not db.unwritable(engine):
             try:
                 db.ensure_schema(engine)
-                return cls(engine, BlobStore(settings.blobs_dir(url)))
+                return cls(engine, *cls._stores(url), False)
             except RegistryError as exc:
                 # a registry in a folder we may not write: readable, if its schema needs nothing
                 if not any(s in str(exc) for s in ("unable to open database file", "readonly database")):
@@ -122,7 +124,14 @@ class Registry:
             if first is None:
                 raise
             raise first from None
-        return cls(fallback, BlobStore(settings.blobs_dir(url)), read_only=True)
+        return cls(fallback, *cls._stores(url), True)
+
+    @staticmethod
+    def _stores(url: str) -> "tuple[BlobStore, BlobStore | None]":
+        """The registry's blob store, and the one loraops used for it before (when another): up to 0.1.0
+        Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs."""
+        own, before = settings.blobs_dir(url), settings.blobs_dir()
+        return BlobStore(own), (BlobStore(before) if own.resolve() != before.resolve() else None)
 
     def close(self) -> None:
         """Close the registry's database connections (what leaving a ``with Registry.open()`` block does)."""
@@ -792,6 +801,8 @@ class Registry:
         or of another size, known without reading it; ``stamped``: a file whose stat is as it was when it last hashed
         to its recorded sha256 is not read again, see BlobStore.unchanged)."""
         problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
+        if problems and self._recover(row):
+            problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
         if problems:
             where, what = problems[0]
             state = what if what == "missing" else f"changed ({what})"
@@ -799,6 +810,22 @@ class Registry:
             repair = f"`{again}` downloads it again" if again else "`loraops register` its original again"
             raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
                                 f"used; {repair} to repair it (`loraops verify` checks all)")
+
+    def _recover(self, row: SqlAdapter) -> bool:
+        """Copy a stored adapter that is not in this registry's store from the store loraops kept it in before
+        (Registry.earlier), when it is there byte for byte: an adapter registered through Registry.open(url) by an
+        older loraops is still found. False when it is not there (or not intact)."""
+        if self.earlier is None or self.read_only:
+            return False
+        sources = [self.earlier.root / folder_of(row.blob) / f["name"] for f in row.files]
+        if not all(p.is_file() for p in sources):
+            return False
+        with self.blobs.lock(row.sha256):
+            try:
+                self._repair(row.sha256, row.blob, row.files, sources)
+            except ConflictError:
+                return False
+        return True
 
     def _stored_problems(self, key: str, files: list[dict], progress=None, contents: bool = True,
                          stamped: bool = False) -> list[tuple[str, str]]:
