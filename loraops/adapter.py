@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from .errors import InvalidInputError
+from .references import is_pair, is_weight
 
 if TYPE_CHECKING:
     import torch
@@ -451,8 +452,8 @@ def weighted(inputs: "Iterable[tuple[Adapter, float]]", what: str) -> "list[tupl
     raw TypeError)."""
     pairs = []
     for item in inputs:
-        adapter, weight = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        adapter, weight = item if is_pair(item) else (item, None)
+        if not is_weight(weight):
             shown = f"the Adapter {item.label} without its weight" if isinstance(item, Adapter) \
                 else repr(str(item)[:80])
             raise InvalidInputError(f"{what} takes (Adapter, weight) pairs, not {shown}")

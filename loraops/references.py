@@ -3,6 +3,7 @@ pairs from Python."""
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from pathlib import Path
 from typing import Iterable
@@ -63,13 +64,24 @@ def weighted_inputs(adapters: Iterable[str | tuple[str | Path, float]]) -> list[
         if isinstance(item, str):
             pairs.append(parse_weighted(item))
             continue
-        ref, weight = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
-        if not isinstance(ref, (str, Path)) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        ref, weight = item if is_pair(item) else (None, None)
+        if not isinstance(ref, (str, Path)) or not is_weight(weight):
             raise InvalidInputError(f"bad adapter argument {item!r}: give 'REF[:WEIGHT]' or a (ref, weight) pair")
         if not math.isfinite(weight):
             raise InvalidInputError(f"{item!r}: the weight must be a finite number")
         pairs.append((str(ref), float(weight)))
     return pairs
+
+
+def is_pair(item: object) -> bool:
+    """A (ref or Adapter, weight) pair as Python code gives one: a tuple, or a list (read from JSON or YAML)."""
+    return isinstance(item, (tuple, list)) and len(item) == 2
+
+
+def is_weight(value: object) -> bool:
+    """A weight as Python code gives one: any real number (numpy's too, which float() took before pairs were
+    checked), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _python_number(text: str) -> bool:

@@ -158,3 +158,24 @@ def test_the_in_memory_api_refuses_paths_and_unweighted_adapters(art, tmp_path):
     with pytest.raises(InvalidInputError, match="derive.resize"):
         algebra.resize(str(art["ad"]), rank=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_pairs_may_be_lists_and_weights_numpy_numbers(art, tmp_path):
+    """float(w) took a numpy weight and `for a, w in adapters` a [ref, weight] list (read from JSON or YAML); the
+    checked pairs refused both."""
+    import numpy as np
+
+    from loraops import engine
+
+    adapter = read_adapter(art["ad"])
+    for weight in (np.float32(0.5), np.int64(1)):
+        report = engine.merge(art["base"], [[adapter, weight]], tmp_path / f"engine-{weight}")
+        assert report.adapters[0].weight == float(weight)
+        report = merging.merge(art["base"], [[str(art["ad"]), weight]], tmp_path / f"merging-{weight}", record=False)
+        assert report.adapters[0].weight == float(weight)
+    combined = algebra.combine([[adapter, np.float32(0.5)], (adapter, 0.25)], "cat")[0]
+    assert combined.modules.keys() == adapter.modules.keys()
+    for wrong in ([[adapter, np.bool_(True)]], [[adapter, True]], [[adapter, 0.5, 1]]):
+        with pytest.raises(InvalidInputError, match="takes"):
+            engine.merge(art["base"], wrong, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
