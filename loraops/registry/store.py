@@ -761,14 +761,17 @@ class Registry:
         from .. import formats
 
         with self.session() as s:
-            rows = [(r.id, f"{r.name}@{r.version}", r.blob, r.files, r.token_rows is None, r.alpha_override, r.source)
+            rows = [(r.id, f"{r.name}@{r.version}", r.sha256, r.blob, r.files, r.token_rows is None, r.alpha_override,
+                     r.source)
                     for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
         total = sum(f["size"] for *_, files, _, _, _ in rows for f in files)
         bar = settings.progress_bar(total, "verify", progress)
         problems, tokens = [], {}
         try:
-            for adapter_id, label, key, files, unknown, alpha, source in rows:
+            for adapter_id, label, identity, key, files, unknown, alpha, source in rows:
                 found = self._stored_problems(key, files, bar)
+                if found and self._recover(identity, key, files):
+                    found = self._stored_problems(key, files)
                 problems += [BlobProblem(label, path, problem, _pull_again(source)) for path, problem in found]
                 if unknown and not found:  # headers and config only: the counts, not the values
                     try:
@@ -801,7 +804,7 @@ class Registry:
         or of another size, known without reading it; ``stamped``: a file whose stat is as it was when it last hashed
         to its recorded sha256 is not read again, see BlobStore.unchanged)."""
         problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
-        if problems and self._recover(row):
+        if problems and self._recover(row.sha256, row.blob, row.files):
             problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
         if problems:
             where, what = problems[0]
@@ -811,18 +814,18 @@ class Registry:
             raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
                                 f"used; {repair} to repair it (`loraops verify` checks all)")
 
-    def _recover(self, row: SqlAdapter) -> bool:
+    def _recover(self, identity: str, key: str, files: list[dict]) -> bool:
         """Copy a stored adapter that is not in this registry's store from the store loraops kept it in before
         (Registry.earlier), when it is there byte for byte: an adapter registered through Registry.open(url) by an
         older loraops is still found. False when it is not there (or not intact)."""
         if self.earlier is None or self.read_only:
             return False
-        sources = [self.earlier.root / folder_of(row.blob) / f["name"] for f in row.files]
+        sources = [self.earlier.root / folder_of(key) / f["name"] for f in files]
         if not all(p.is_file() for p in sources):
             return False
-        with self.blobs.lock(row.sha256):
+        with self.blobs.lock(identity):
             try:
-                self._repair(row.sha256, row.blob, row.files, sources)
+                self._repair(identity, key, files, sources)
             except ConflictError:
                 return False
         return True
