@@ -5,6 +5,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .adapter import Adapter
+    from .basemodel import BaseModel
+    from .records import ExtractReport
 
 __version__ = "0.1.0"
 
@@ -26,9 +34,11 @@ from .errors import (  # noqa: F401
 )
 
 
-def extract(base, tuned, **options):
-    """The LoRA adapter of a fine-tuned model minus its base: (Adapter, ExtractReport); see loraops.extraction
-    (imported on first call: `import loraops` stays light)."""
+def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel",
+            **options: Any) -> "tuple[Adapter, ExtractReport]":
+    """The LoRA adapter of a fine-tuned model minus its base: (Adapter, ExtractReport); ``options`` are
+    loraops.extraction.extract_lazily's (rank, dynamic, param, max_rank, conv_rank, alpha, device, ...). Imported on
+    first call: `import loraops` stays light."""
     from .extraction import extract as run
 
     return run(base, tuned, **options)

@@ -27,10 +27,13 @@ folded into B (see loraops.formats.lowrank), and ``method`` says where it came f
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+from .errors import InvalidInputError
+from .references import is_pair, is_weight
 
 if TYPE_CHECKING:
     import torch
@@ -434,3 +437,29 @@ class Adapter:
                 + sum(shared.values())
                 + sum(t.numel() for t in self.full_tensors.values())
                 + sum(r.values.numel() for r in self.token_rows.values()))
+
+
+
+def adapter_argument(adapter: object, what: str) -> "Adapter":
+    """An Adapter as the in-memory API takes it (algebra.resize, and weighted's pairs): a path or registry reference
+    raised a raw AttributeError far inside."""
+    if not isinstance(adapter, Adapter):
+        library = "derive" if what in ("combine", "resize") else "merging"
+        raise InvalidInputError(f"{what} takes Adapter objects, not {str(adapter)[:80]!r}: read a file with "
+                                f"loraops.formats.read_adapter, or give paths and registry references to "
+                                f"loraops.{library}.{what}")
+    return adapter
+
+
+def weighted(inputs: "Iterable[tuple[Adapter, float]]", what: str) -> "list[tuple[Adapter, float]]":
+    """The (Adapter, weight) pairs of engine.merge/subtract and algebra.combine, checked (an Adapter alone raised a
+    raw TypeError)."""
+    pairs = []
+    for item in inputs:
+        adapter, weight = item if is_pair(item) else (item, None)
+        if not is_weight(weight):
+            shown = f"the Adapter {item.label} without its weight" if isinstance(item, Adapter) \
+                else repr(str(item)[:80])
+            raise InvalidInputError(f"{what} takes (Adapter, weight) pairs, not {shown}")
+        pairs.append((adapter_argument(adapter, what), float(weight)))
+    return pairs

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import ldm
-from .adapter import Adapter, LoraModule, widest_dtype
+from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
 from .errors import InvalidInputError, MismatchError
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
 
@@ -258,6 +259,7 @@ def combine_lazily(
     from .ops.combine import Context, Term
     from .settings import resolve_device
 
+    inputs = weighted(inputs, "combine")
     if not inputs:
         raise InvalidInputError("combine needs at least one adapter")
     arguments = combine_arguments(method, params, rank, [weight for _, weight in inputs], conv_rank)
@@ -455,8 +457,8 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     if spec.check_weights is not None:
         spec.check_weights(method, list(weights), parsed)
     for what, given in (("rank", rank), ("conv rank", conv_rank)):
-        if given is not None and given <= 0:
-            raise InvalidInputError(f"{what} must be a positive integer (got {given})")
+        if given is not None and (isinstance(given, bool) or not isinstance(given, numbers.Integral) or given <= 0):
+            raise InvalidInputError(f"{what} must be a positive integer (got {given!r})")
         if given is not None and spec.default_rank is None:
             raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --{what.replace(' ', '-')} "
                                     "to truncate")
@@ -518,7 +520,7 @@ def resize_lazily(
     from .settings import resolve_device
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank)
-    if not adapter.modules:
+    if not adapter_argument(adapter, "resize").modules:
         raise InvalidInputError(f"{_label(adapter, 0)} has no LoRA modules to resize")
     # (a LoHa/LoKr module becomes a LoRA of any rank up to its ΔW's: the SVD of its dense ΔW, see resize_module)
     flat = next((m for m in adapter.modules.values() if m.product is not None and not m.product.kernel_known), None)

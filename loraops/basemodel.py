@@ -91,6 +91,8 @@ class BaseModel:
 
     @classmethod
     def open(cls, path: str | Path) -> "BaseModel":
+        """The model at ``path`` — a transformers folder (sharded or not), a diffusers pipeline folder or a single
+        .safetensors checkpoint — read from its headers alone (no tensor bytes)."""
         path = Path(path)
         if not path.exists():
             raise NotFoundError(f"{path}: no such file or folder")

@@ -21,7 +21,8 @@ from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
 from .adapter import Adapter, LoraModule, TokenRows
-from .errors import AmbiguousError, FormatError, MismatchError
+from .basemodel import BaseModel
+from .errors import AmbiguousError, FormatError, InvalidInputError, MismatchError
 from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
@@ -1378,9 +1379,20 @@ def file_tensor_names(adapter: Adapter, manifest: Mapping[str, object]) -> set[s
     return {rename(name) for name in adapter.full_tensors}
 
 
-def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
+def tensors_of(manifest: "Mapping[str, object] | BaseModel") -> Mapping[str, object]:
+    """What check and bind take as a base: its tensors (a mapping of name → TensorInfo), or a BaseModel's."""
+    if isinstance(manifest, BaseModel):
+        return manifest.tensors
+    if not isinstance(manifest, Mapping):  # a path: iterating it raised a raw TypeError or AttributeError
+        raise InvalidInputError(f"a base is given by its tensors (BaseModel.open(path), or its .tensors), not the "
+                                f"{type(manifest).__name__} {str(manifest)[:80]!r}")
+    return manifest
+
+
+def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adapter:
     """The adapter with module names resolved against the base (kohya names → module paths, a leading ``model.``
     added/removed when that makes every module match). Unresolvable kohya names raise; shapes are check's job."""
+    manifest = tensors_of(manifest)
     res = resolve(adapter, manifest)
     if res.ambiguous:
         name, candidates = next(iter(res.ambiguous.items()))
@@ -1396,7 +1408,7 @@ def bind(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
     return renamed(adapter, res, manifest)
 
 
-def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
+def check(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None,
           config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None,
           heads: bool = True) -> CheckReport:
@@ -1405,7 +1417,7 @@ def check(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | 
                    heads=heads)[0]
 
 
-def fitting(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
+def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,
             quantization: Callable[[str], dict | None] | None = None, config: Callable[[str], dict] | None = None,
             sides: Callable[[str], dict] | None = None,
             heads: bool = True) -> tuple[CheckReport, Callable[[Adapter], Adapter]]:
@@ -1418,7 +1430,12 @@ def fitting(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str 
     tied_heads too, and what a merge refuses to untie (untie_refusal) or to merge into (a remote-code model's
     embeddings) is missing, with merge's reason. ``sides`` (the same, read for that alone; ``config`` implies it): one
     side's embed_tokens the base ties to its shared embeddings fits where a merge writes it untied
-    (untied_side_source). ``heads``: stored_twice's, as the merge reads the base (BaseModel.ties_stored_heads)."""
+    (untied_side_source). ``heads``: stored_twice's, as the merge reads the base (BaseModel.ties_stored_heads). A
+    BaseModel for ``manifest`` is checked as merge reads it: its tensors, with its quantization, config and heads."""
+    if isinstance(manifest, BaseModel):
+        quantization, config = quantization or manifest.quantization_config, config or manifest.config
+        heads = manifest.ties_stored_heads
+    manifest = tensors_of(manifest)
     sides = config or sides
     res = resolve(adapter, manifest)
     named = renamed(adapter, res, manifest)

@@ -21,7 +21,7 @@ from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsEr
 from .formats import refuse_unwritable
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
-from .references import refuse_output_over
+from .references import refuse_output_over, weighted_inputs
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -369,15 +369,16 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 
 def combine(
-    refs: Sequence[tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *, rank: int | None = None,
-    device: str = "auto", precise: bool = False, name: str | None = None, output: str | None = None,
-    fmt: str | None = None, force: bool = False, base: str | None = None, base_model: str | None = None,
-    conv_rank: int | None = None,
+    refs: Sequence[str | tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *,
+    rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
+    output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
+    base_model: str | None = None, conv_rank: int | None = None,
 ) -> DerivedRecord:
-    """Combine registered adapters or paths (with weights) and register the result; see algebra.combine.
-    ``base_model`` (a recipe's): the base every input must be for (see check_base_model)."""
+    """Combine registered adapters or paths — (ref, weight) pairs or 'REF[:W]' strings — and register the result; see
+    algebra.combine. ``base_model`` (a recipe's): the base every input must be for (see check_base_model)."""
     from .registry import Registry
 
+    refs = weighted_inputs(refs)
     arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs], conv_rank)
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import fp8, settings
-from .adapter import Adapter, LoraModule, TokenRows
+from .adapter import Adapter, LoraModule, TokenRows, weighted
 from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
                     saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
@@ -246,7 +246,7 @@ def merge(
     """Write base + Σ wᵢ·sᵢ·Bᵢ·Aᵢ to ``output`` (a folder like the base's, or one .safetensors for a single-file
     base). ``dtype`` changes the output dtype of every floating tensor (integer tensors are never converted).
     ``fingerprint``: hash the output while writing it (report.fingerprint; see the module docstring)."""
-    return _run("merge", base, [(a, float(w)) for a, w in adapters], output, dtype=dtype, device=device,
+    return _run("merge", base, weighted(adapters, "merge"), output, dtype=dtype, device=device,
                 precise=precise, force=force, progress=progress, fingerprint=fingerprint)
 
 
@@ -267,10 +267,11 @@ def subtract(
     rounding error of the output, and, when ``reference`` (the pristine base) is given, how many elements of the
     touched tensors differ from it. In bf16/fp16 this is never zero: merge rounded W + ΔW once already. A DoRA adapter
     is refused: see ``refuse_dora``."""
+    adapters = weighted(adapters, "subtract")
     for adapter, _ in adapters:
         refuse_dora(adapter)
         refuse_token_rows(adapter)
-    return _run("subtract", model, [(a, -float(w)) for a, w in adapters], output, dtype=dtype, device=device,
+    return _run("subtract", model, [(a, -w) for a, w in adapters], output, dtype=dtype, device=device,
                 precise=precise, force=force, progress=progress, reference=reference, fingerprint=fingerprint)
 
 

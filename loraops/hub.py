@@ -38,6 +38,7 @@ from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
 if TYPE_CHECKING:
     from .records import PullRecord, PushRecord
+    from .registry import Registry
 
 XET_ENV = "HF_HUB_DISABLE_XET"
 XET_SET_BY_USER = XET_ENV in os.environ
@@ -1084,7 +1085,7 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
 # ---- with the registry ----------------------------------------------------------------------------------------
 
 
-def pull(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
+def pull(registry: "Registry", ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
          subpath: str | None = None, base: str | int | None = None) -> "PullRecord":
     """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
     (identity) pulled again changes nothing, but for a ``base`` it is then linked to (as Registry.register_adapter
@@ -1162,7 +1163,7 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
     return None if record is None else (commit, record)
 
 
-def push(registry, ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,
+def push(registry: "Registry", ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,
          revision: str | None = None, create_pr: bool = False, token: str | None = None) -> "PushRecord":
     """Upload a registered adapter to ``repo_id`` in one commit: its files (as stored, byte for byte, unless
     ``fmt`` asks for another layout) and a README.md model card. The pushed commit is recorded on the adapter as

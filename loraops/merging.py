@@ -23,7 +23,7 @@ from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchErr
                      UnsupportedAdapterError)
 from .fsutil import atomic_path, ensure_free_space, path_exists, refuse_overlap, refuse_unrecordable
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
-from .references import parse_weighted, refuse_output_over  # noqa: F401 - parse_weighted is part of this module's API
+from .references import parse_weighted, refuse_output_over, weighted_inputs  # noqa: F401 - parse_weighted is part of this module's API
 
 
 @dataclass
@@ -160,11 +160,13 @@ class _Landing:
             return any(b.path == where for b in reg.list_bases())
 
 
-def merge(base: str | Path, adapters: Sequence[str], output: str | Path, *, name: str | None = None,
-          record: bool = True, **options) -> MergeReport:
-    """`loraops merge`: adapters given as 'REF[:W]' strings merged into ``base`` (a ref or path), then recorded."""
+def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
+          name: str | None = None, record: bool = True, **options) -> MergeReport:
+    """`loraops merge`: adapters given as 'REF[:W]' strings or (ref, weight) pairs merged into ``base`` (a ref or
+    path), then recorded."""
+    pairs = weighted_inputs(adapters)
     with _Landing(output, record):
-        return _merge(base, adapters, output, name=name, record=record, **options)
+        return _merge(base, pairs, output, name=name, record=record, **options)
 
 
 def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
@@ -179,7 +181,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
         _check_output(reg, output, record, base, adapters)
         model, _ = _streamed(reg, base, early, output, "merge")
         engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
-        inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
+        inputs = [resolve_adapter(reg, ref, weight) for ref, weight in adapters]
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
         if not record:
@@ -189,12 +191,14 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
         _close(reg, model)
 
 
-def subtract(model: str | Path, adapters: Sequence[str], output: str | Path, *, exact: bool = False,
-             name: str | None = None, record: bool = True, **options) -> MergeReport:
+def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
+             exact: bool = False, name: str | None = None, record: bool = True, **options) -> MergeReport:
     """`loraops subtract`: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, reporting the residual against the pristine base when the registry
-    knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available)."""
+    knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available).
+    ``adapters`` as merge's."""
+    pairs = weighted_inputs(adapters)
     with _Landing(output, record):
-        return _subtract(model, adapters, output, exact=exact, name=name, record=record, **options)
+        return _subtract(model, pairs, output, exact=exact, name=name, record=record, **options)
 
 
 def _subtract(model, adapters, output, *, exact, name, record, **options) -> MergeReport:
@@ -210,7 +214,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
             engine.check_room(merged, output, options.get("dtype"))
         else:  # a recorded merge has its base's kind, which the restored output has
             merged, label = resolve_base(reg, model, output, "restore")
-        inputs = [resolve_adapter(reg, *parse_weighted(a)) for a in adapters]
+        inputs = [resolve_adapter(reg, ref, weight) for ref, weight in adapters]
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
             report = _restore(reg, merged, label, origin, inputs, output, options)
@@ -248,9 +252,9 @@ def _open_registry(wanted: bool, create: bool):
 
 
 def _references(model, adapters) -> bool:
-    """Does the model or any adapter argument (REF[:W]) name a registry entry rather than an existing path?
+    """Does the model or any adapter argument ((ref, weight) pairs) name a registry entry rather than an existing path?
     (--no-record still reads the registry to resolve those.)"""
-    return not path_exists(model) or any(not path_exists(parse_weighted(a)[0]) for a in adapters)
+    return not path_exists(model) or any(not path_exists(ref) for ref, _ in adapters)
 
 
 def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:
@@ -332,7 +336,7 @@ def _name_taken(reg, name: str) -> bool:
     return any(b.name == name for b in reg.list_bases())
 
 
-def _check_output(reg, output, record: bool, model: str | Path, adapters: Sequence[str]) -> None:
+def _check_output(reg, output, record: bool, model: str | Path, adapters: Sequence[tuple[str, float]]) -> None:
     """Refusals before any work: an output over the registry's files (opened or not) or over an adapter it reads,
     and a merge to record in a registry that is read-only here, or under a path it cannot record (the output's, or
     that of a model or adapter given by path, which the record registers)."""
@@ -345,7 +349,7 @@ def _check_output(reg, output, record: bool, model: str | Path, adapters: Sequen
         refuse_output_over_registered(output)
     else:
         reg.refuse_output_inside(output)
-    refs = [parse_weighted(a)[0] for a in adapters]
+    refs = [ref for ref, _ in adapters]
     refuse_output_over(output, refs)
     if record and reg is not None:
         reg.refuse_writes(hint="; --no-record writes the output without recording it")

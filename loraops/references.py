@@ -1,7 +1,9 @@
-"""Command-line adapter arguments: REF[:WEIGHT], shared by merge, subtract and combine."""
+"""Adapter arguments, shared by merge, subtract and combine: REF[:WEIGHT] on the command line, (ref, weight)
+pairs from Python."""
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from pathlib import Path
 from typing import Iterable
@@ -50,6 +52,36 @@ def parse_weighted(text: str) -> tuple[str, float]:
     if _python_number(tail) or path_exists(head):
         raise InvalidInputError(f"{text!r}: the weight after ':' must be a number {PLAINLY}")
     return text, 1.0
+
+
+def weighted_inputs(adapters: Iterable[str | tuple[str | Path, float]]) -> list[tuple[str, float]]:
+    """The library's adapter arguments as (ref, weight) pairs: each a 'REF[:W]' string (parse_weighted) or a
+    (ref, weight) pair. One string for the whole list is refused: iterated, its letters were taken as references."""
+    if isinstance(adapters, (str, Path)):
+        raise InvalidInputError(f"adapters is a list: give [{str(adapters)!r}], not the string {str(adapters)!r}")
+    pairs = []
+    for item in adapters:
+        if isinstance(item, str):
+            pairs.append(parse_weighted(item))
+            continue
+        ref, weight = item if is_pair(item) else (None, None)
+        if not isinstance(ref, (str, Path)) or not is_weight(weight):
+            raise InvalidInputError(f"bad adapter argument {item!r}: give 'REF[:WEIGHT]' or a (ref, weight) pair")
+        if not math.isfinite(weight):
+            raise InvalidInputError(f"{item!r}: the weight must be a finite number")
+        pairs.append((str(ref), float(weight)))
+    return pairs
+
+
+def is_pair(item: object) -> bool:
+    """A (ref or Adapter, weight) pair as Python code gives one: a tuple, or a list (read from JSON or YAML)."""
+    return isinstance(item, (tuple, list)) and len(item) == 2
+
+
+def is_weight(value: object) -> bool:
+    """A weight as Python code gives one: any real number (numpy's too, which float() took before pairs were
+    checked), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _python_number(text: str) -> bool:

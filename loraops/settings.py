@@ -45,15 +45,16 @@ def home_db_url() -> str:
     return f"sqlite:///{quote(str(home() / 'registry.db'))}"
 
 
-def blobs_dir() -> Path:
-    """Content-addressed adapter store: $LORAOPS_BLOBS (a shared folder for a team); else, for an SQLite registry
-    other than the home's, a folder beside its file (<file>.blobs); else <home>/blobs. One store per registry:
+def blobs_dir(url: str | None = None) -> Path:
+    """Content-addressed adapter store of the registry at ``url`` (default: db_url()): $LORAOPS_BLOBS (a shared
+    folder for a team); else, for an SQLite registry other than the home's, a folder beside its file (<file>.blobs);
+    else <home>/blobs. One store per registry:
     `gc` and `rm` of one registry remove the files no record of *its own* uses, so two registries on one store
     would delete each other's adapters (a second --db file once defaulted to the home's store)."""
     explicit = os.environ.get(ENV_BLOBS)
     if explicit:
         return Path(explicit).expanduser()
-    database = sqlite_database()
+    database = sqlite_database(url)
     if database is not None and database.resolve() != (home() / "registry.db").resolve():
         return database.with_name(database.name + ".blobs")
     return home() / "blobs"

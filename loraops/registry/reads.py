@@ -321,7 +321,7 @@ def reader(url: str | None = None) -> Iterator[Reader]:
             yield found
         return
     try:
-        yield Reader.over(connection, BlobStore())
+        yield Reader.over(connection, BlobStore(settings.blobs_dir(url)))
     finally:
         connection.close()
         if made_wal is not None:

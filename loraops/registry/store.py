@@ -74,10 +74,12 @@ class BlobProblem:
 
 
 class Registry:
-    def __init__(self, engine, blobs: BlobStore, read_only: bool = False) -> None:
+    def __init__(self, engine, blobs: BlobStore, earlier: BlobStore | None = None, read_only: bool = False) -> None:
         self.engine = engine
         self.blobs = blobs
         self.read_only = read_only
+        self.earlier = earlier
+        """The store loraops used for this registry before it had its own (see _open), for _recover."""
 
     @classmethod
     def open(cls, url: str | None = None, *, create: bool = True) -> "Registry":
@@ -105,7 +107,7 @@ class Registry:
         if not db.unwritable(engine):
             try:
                 db.ensure_schema(engine)
-                return cls(engine, BlobStore())
+                return cls(engine, *cls._stores(url), False)
             except RegistryError as exc:
                 # a registry in a folder we may not write: readable, if its schema needs nothing
                 if not any(s in str(exc) for s in ("unable to open database file", "readonly database")):
@@ -122,9 +124,17 @@ class Registry:
             if first is None:
                 raise
             raise first from None
-        return cls(fallback, BlobStore(), read_only=True)
+        return cls(fallback, *cls._stores(url), True)
+
+    @staticmethod
+    def _stores(url: str) -> "tuple[BlobStore, BlobStore | None]":
+        """The registry's blob store, and the one loraops used for it before (when another): up to 0.1.0
+        Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs."""
+        own, before = settings.blobs_dir(url), settings.blobs_dir()
+        return BlobStore(own), (BlobStore(before) if own.resolve() != before.resolve() else None)
 
     def close(self) -> None:
+        """Close the registry's database connections (what leaving a ``with Registry.open()`` block does)."""
         self.engine.dispose()
 
     def refuse_output_inside(self, output: str | Path) -> None:
@@ -182,6 +192,7 @@ class Registry:
         raise RegistryError(f"could not {what}: the registry kept changing under it ({RETRIES} tries; concurrent writers?)")
 
     def revision(self) -> str | None:
+        """The database's schema revision (Alembic's), None when it records none."""
         with self.engine.connect() as connection:
             return db.current_revision(connection)
 
@@ -309,10 +320,12 @@ class Registry:
         return self.write(f"attach files to base {name!r}", work)
 
     def get_base(self, ref: str | int) -> BaseRecord:
+        """The base named, or with that id or fingerprint prefix; NotFoundError (AmbiguousError) otherwise."""
         with self.reader() as r:
             return r.get_base(ref)
 
     def list_bases(self) -> list[BaseRecord]:
+        """Every registered base, by name."""
         with self.reader() as r:
             return r.list_bases()
 
@@ -556,6 +569,8 @@ class Registry:
         return list(s.scalars(select(SqlBase).where(or_(*clauses)).order_by(SqlBase.id)))
 
     def get_adapter(self, ref: str | int) -> AdapterRecord:
+        """The adapter at ``ref`` (name — its latest version —, name@version, id or sha256 prefix of 6+ hex digits);
+        NotFoundError (AmbiguousError) otherwise."""
         with self.reader() as r:
             return r.get_adapter(ref)
 
@@ -598,6 +613,7 @@ class Registry:
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
 
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
+        """Add ``tags`` (a list: one word each, no comma) to the adapter at ``ref``; tags it has already are kept once."""
         with self.session() as s:
             adapter_id = self._find_adapter(s, ref).id
         return self._update(adapter_id, clean_tags(tags)).record
@@ -748,14 +764,17 @@ class Registry:
         from .. import formats
 
         with self.session() as s:
-            rows = [(r.id, f"{r.name}@{r.version}", r.blob, r.files, r.token_rows is None, r.alpha_override, r.source)
+            rows = [(r.id, f"{r.name}@{r.version}", r.sha256, r.blob, r.files, r.token_rows is None, r.alpha_override,
+                     r.source)
                     for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
         total = sum(f["size"] for *_, files, _, _, _ in rows for f in files)
         bar = settings.progress_bar(total, "verify", progress)
         problems, tokens = [], {}
         try:
-            for adapter_id, label, key, files, unknown, alpha, source in rows:
+            for adapter_id, label, identity, key, files, unknown, alpha, source in rows:
                 found = self._stored_problems(key, files, bar)
+                if found and self._recover(identity, key, files):
+                    found = self._stored_problems(key, files)
                 problems += [BlobProblem(label, path, problem, _pull_again(source)) for path, problem in found]
                 if unknown and not found:  # headers and config only: the counts, not the values
                     try:
@@ -788,6 +807,8 @@ class Registry:
         or of another size, known without reading it; ``stamped``: a file whose stat is as it was when it last hashed
         to its recorded sha256 is not read again, see BlobStore.unchanged)."""
         problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
+        if problems and self._recover(row.sha256, row.blob, row.files):
+            problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
         if problems:
             where, what = problems[0]
             state = what if what == "missing" else f"changed ({what})"
@@ -795,6 +816,22 @@ class Registry:
             repair = f"`{again}` downloads it again" if again else "`loraops register` its original again"
             raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
                                 f"used; {repair} to repair it (`loraops verify` checks all)")
+
+    def _recover(self, identity: str, key: str, files: list[dict]) -> bool:
+        """Copy a stored adapter that is not in this registry's store from the store loraops kept it in before
+        (Registry.earlier), when it is there byte for byte: an adapter registered through Registry.open(url) by an
+        older loraops is still found. False when it is not there (or not intact)."""
+        if self.earlier is None or self.read_only:
+            return False
+        sources = [self.earlier.root / folder_of(key) / f["name"] for f in files]
+        if not all(p.is_file() for p in sources):
+            return False
+        with self.blobs.lock(identity):
+            try:
+                self._repair(identity, key, files, sources)
+            except ConflictError:
+                return False
+        return True
 
     def _stored_problems(self, key: str, files: list[dict], progress=None, contents: bool = True,
                          stamped: bool = False) -> list[tuple[str, str]]:
@@ -996,8 +1033,7 @@ def _check_files(adapter: "Adapter", model: "BaseModel", name: str) -> "CheckRep
     """check.check against a base's files, as merge reads them: its headers, config.json and quantization."""
     from .. import check
 
-    return check.check(adapter, model.tensors, base_name=name, quantization=model.quantization_config,
-                       config=model.config, heads=model.ties_stored_heads)
+    return check.check(adapter, model, base_name=name)
 
 
 def _downloads(base: BaseRecord) -> bool:
@@ -1078,6 +1114,8 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
     """Tags as given, stripped, without repeats. A tag is one word with no comma: `list` shows an adapter's tags
     comma-joined and `list --tag` matches one whole tag, so 'a,b' was listed as two tags that neither --tag a nor
     --tag b found."""
+    if isinstance(tags, str):  # iterating it tagged 'chat' as c, h, a, t
+        raise InvalidInputError(f"tags is a list of tags: give [{tags!r}], not the string {tags!r}")
     out = []
     for given in tags:
         tag = given.strip()

@@ -1,0 +1,183 @@
+"""The library as a Python user calls it (README "Python API"): plausible arguments get loraops' own errors, and an
+explicit argument does what the CLI's option (an environment variable) does."""
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from factories import peft_adapter, tiny_llama
+from safetensors.torch import load_file, save_file
+
+from loraops import algebra, derive, merging
+from loraops.basemodel import BaseModel
+from loraops.check import bind, check
+from loraops.errors import InvalidInputError
+from loraops.formats import read_adapter
+from loraops.registry import Registry
+from loraops.registry.reads import reader
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    d = tmp_path_factory.mktemp("art")
+    base = tiny_llama(d / "llama")
+    return {"base": base, "ad": peft_adapter(base, d / "ad", r=4, alpha=8, target_modules=["q_proj"])}
+
+
+def test_an_explicit_sqlite_url_keeps_its_own_blob_store(art, tmp_path):
+    """Registry.open("sqlite:///other.db") stored its adapters in the home's store, as `--db` once did, so a gc of
+    the home's registry deleted them (and the other registry's gc the home's)."""
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    with Registry.open(url) as other:
+        record = other.add_adapter(art["ad"])
+        assert other.blobs.root == tmp_path / "other.db.blobs"
+    with reader(url) as found:
+        assert found.get_adapter(record.id).path.startswith(str(tmp_path / "other.db.blobs"))
+    with Registry.open() as home:
+        assert home.gc(grace_s=0) == []
+    with Registry.open(url) as other:
+        assert other.verify() == []
+
+
+@pytest.mark.parametrize("first", ["load", "verify"])
+def test_an_adapter_stored_by_an_older_registry_open_url_is_still_found(art, tmp_path, monkeypatch, first):
+    """Up to 0.1.0 Registry.open(url) kept an SQLite URL's adapters in the home's store; after the upgrade its own
+    store (<file>.blobs) lacked them: load_adapter said the stored copy was missing and verify listed it. Both copy
+    it over."""
+    from loraops import settings
+
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("LORAOPS_BLOBS", str(settings.home() / "blobs"))  # where the older code put them
+    with Registry.open(url) as other:
+        record = other.add_adapter(art["ad"])
+    monkeypatch.delenv("LORAOPS_BLOBS")
+    with Registry.open(url) as other:
+        if first == "load":
+            assert other.load_adapter(record.id).modules.keys() == read_adapter(art["ad"]).modules.keys()
+        assert other.verify() == []
+    assert (tmp_path / "other.db.blobs" / record.path.split("/blobs/", 1)[1]).exists()
+
+
+def test_tags_given_as_one_string_are_refused(art):
+    """tags="chat" was iterated into the four tags c, h, a, t."""
+    with Registry.open() as reg:
+        with pytest.raises(InvalidInputError, match=r"give \['chat'\]"):
+            reg.add_adapter(art["ad"], tags="chat")
+        assert reg.list_adapters() == []
+        reg.add_adapter(art["ad"], tags=["chat"])
+        with pytest.raises(InvalidInputError, match=r"give \['style'\]"):
+            reg.add_tags(art["ad"].name, "style")
+        assert reg.get_adapter(art["ad"].name).tags == ["chat"]
+
+
+def test_merge_subtract_and_combine_take_pairs_or_ref_strings(art, tmp_path):
+    """merging.merge took only 'REF[:W]' strings and derive.combine only (ref, weight) pairs: each raised a raw
+    AttributeError/ValueError on the other's form, and a lone string for the list merged each of its letters."""
+    ad = str(art["ad"])
+    one = merging.merge(art["base"], [(ad, 0.5)], tmp_path / "one", record=False)
+    two = merging.merge(art["base"], [f"{ad}:0.5"], tmp_path / "two", record=False)
+    assert one.adapters[0].weight == two.adapters[0].weight == 0.5
+    back = merging.subtract(tmp_path / "one", [(Path(ad), 0.5)], tmp_path / "back", record=False)
+    assert back.adapters[0].weight == -0.5
+    combined = derive.combine([f"{ad}:0.5", (ad, 0.25)], "cat", name="both")
+    assert [i.weight for i in combined.report.inputs] == [0.5, 0.25]
+    for wrong in (f"{ad}:0.5", [(ad, "0.5")], [(ad,)], [(ad, float("nan"))]):
+        with pytest.raises(InvalidInputError):
+            merging.merge(art["base"], wrong, tmp_path / "bad", record=False)
+        with pytest.raises(InvalidInputError):
+            derive.combine(wrong, "cat", name="bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_check_takes_a_base_model_and_checks_it_as_merge_reads_it(art, tmp_path):
+    """check(adapter, BaseModel) raised a raw TypeError, and the README's check(adapter, base.tensors) passed an
+    int8 base that merge refuses: only the CLI's path (the registry's) gave check the base's quantization."""
+    base = tmp_path / "int8"
+    shutil.copytree(art["base"], base)
+    state = load_file(base / "model.safetensors")
+    save_file({k: v.to(torch.int8) if "q_proj" in k else v for k, v in state.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    adapter, model = read_adapter(art["ad"]), BaseModel.open(base)
+    report = check(adapter, model)
+    assert not report.ok and "stored as I8" in report.why_missing["model.layers.0.self_attn.q_proj"]
+    assert bind(adapter, model).modules.keys() == bind(adapter, model.tensors).modules.keys()
+    for wrong in (str(base), base):
+        with pytest.raises(InvalidInputError, match="BaseModel.open"):
+            check(adapter, wrong)
+        with pytest.raises(InvalidInputError, match="BaseModel.open"):
+            bind(adapter, wrong)
+
+
+@pytest.mark.parametrize("rank", [8.0, "8", True])
+def test_combine_refuses_a_rank_that_is_no_integer(art, rank):
+    """rank=8.0 failed deep in the SVD with a raw TypeError (slice indices), rank="8" with one from a comparison."""
+    adapter = read_adapter(art["ad"])
+    with pytest.raises(InvalidInputError, match="rank must be a positive integer"):
+        algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", rank=rank)
+
+
+def test_the_documented_entry_points_have_docstrings_and_type_hints():
+    """What README's "Python API" calls shows its arguments and says what it does in help() and an editor."""
+    import loraops
+    from loraops import engine, formats, hub
+    from loraops.recipe import read_recipe
+
+    documented = [formats.read_adapter, formats.write_adapter, formats.write, formats.identity, bind, check,
+                  BaseModel.open, BaseModel.fingerprint, engine.merge, engine.subtract, algebra.combine, algebra.resize,
+                  algebra.resize_lazily, loraops.extract, read_recipe, merging.merge, merging.subtract, derive.combine,
+                  derive.resize, derive.export, derive.extract, hub.pull, hub.push, Registry.open,
+                  *(getattr(Registry, n) for n in vars(Registry) if not n.startswith("_") and callable(getattr(Registry, n)))]
+    lacking = []
+    for function in documented:
+        signature = inspect.signature(function)
+        unannotated = [name for name, p in signature.parameters.items() if name not in ("self", "cls")
+                       and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.annotation is p.empty]
+        if not (function.__doc__ or "").strip() or unannotated or signature.return_annotation is signature.empty:
+            lacking.append(f"{function.__qualname__} {unannotated}")
+    assert lacking == []
+
+
+def test_the_in_memory_api_refuses_paths_and_unweighted_adapters(art, tmp_path):
+    """engine.merge/subtract and algebra.combine take (Adapter, weight) pairs and algebra.resize an Adapter: a path,
+    a registry reference or an Adapter alone raised a raw TypeError or AttributeError from deep inside."""
+    from loraops import engine
+
+    adapter = read_adapter(art["ad"])
+    calls = {
+        "merging.merge": lambda wrong: engine.merge(art["base"], wrong, tmp_path / "out"),
+        "merging.subtract": lambda wrong: engine.subtract(art["base"], wrong, tmp_path / "out"),
+        "derive.combine": lambda wrong: algebra.combine(wrong, "linear"),
+    }
+    for hint, call in calls.items():
+        for wrong in ([adapter], [(str(art["ad"]), 1.0)], [(adapter, "1")]):
+            with pytest.raises(InvalidInputError, match=r"takes"):
+                call(wrong)
+        with pytest.raises(InvalidInputError, match=hint):
+            call([(art["ad"], 1.0)])
+    with pytest.raises(InvalidInputError, match="derive.resize"):
+        algebra.resize(str(art["ad"]), rank=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pairs_may_be_lists_and_weights_numpy_numbers(art, tmp_path):
+    """float(w) took a numpy weight and `for a, w in adapters` a [ref, weight] list (read from JSON or YAML); the
+    checked pairs refused both."""
+    import numpy as np
+
+    from loraops import engine
+
+    adapter = read_adapter(art["ad"])
+    for weight in (np.float32(0.5), np.int64(1)):
+        report = engine.merge(art["base"], [[adapter, weight]], tmp_path / f"engine-{weight}")
+        assert report.adapters[0].weight == float(weight)
+        report = merging.merge(art["base"], [[str(art["ad"]), weight]], tmp_path / f"merging-{weight}", record=False)
+        assert report.adapters[0].weight == float(weight)
+    combined = algebra.combine([[adapter, np.float32(0.5)], (adapter, 0.25)], "cat")[0]
+    assert combined.modules.keys() == adapter.modules.keys()
+    for wrong in ([[adapter, np.bool_(True)]], [[adapter, True]], [[adapter, 0.5, 1]]):
+        with pytest.raises(InvalidInputError, match="takes"):
+            engine.merge(art["base"], wrong, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
