@@ -291,7 +291,8 @@ def join(parts: list[LoraModule]) -> LoraModule:
     return LoraModule(part_of(parts[0]).removesuffix(".weight"), A=A, B=B, alpha=scale * rank, scale=scale)
 
 
-def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool) -> dict[str, str]:
+def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool,
+          dtype: "torch.dtype | None" = None) -> dict[str, str]:
     """Write a kohya file at ``dest`` from ``modules`` as they come (see common.ModuleStream, st.TensorWriter);
     returns its sha256."""
     import torch
@@ -302,14 +303,16 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
     joined = joined_names(adapter)
     names = kohya_names(replace(adapter, modules=joined))
     stream = common.ModuleStream(adapter, modules, part_of)
-    with st.TensorWriter(dest, spill=spill) as out:
+    with st.TensorWriter(dest, spill=spill, dtype=dtype) as out:
         for group in stream:
             module = group[0] if part_of(group[0]) is None else join(group)
             down, up = factors(module)
             key = names[module.name]
             out.add(f"{key}.lora_down.weight", down)
             out.add(f"{key}.lora_up.weight", up)
-            out.add(f"{key}.alpha", torch.tensor(peft.stored_alpha(module, rslora=False), dtype=torch.float32))
+            # float32 whatever the dtype: a rounded alpha would change the scale of the whole delta
+            out.add(f"{key}.alpha", torch.tensor(peft.stored_alpha(module, rslora=False), dtype=torch.float32),
+                    convert=False)
             stream.keep(module)
         written = list(stream.written(joined).values())
 
