@@ -161,3 +161,33 @@ def test_python_api_refuses_an_unknown_dtype_before_any_work(files, tmp_path):
         derive.export(str(files["f32"]), "peft", str(tmp_path / "x"), dtype="int8")
     with Registry.open() as reg:
         assert reg.list_adapters() == []
+
+
+def test_kohya_join_of_parts_with_different_scales_rounds_once(tmp_path):
+    """A FLUX fused tensor's parts (to_k, proj_mlp of linear1) with different scales are written as one kohya module
+    whose B holds each part's B × its scale: with --dtype, folded from the stored values and rounded once. A bfloat16
+    B × 3 has up to 10 significant bits, which float16 holds: rounding it to bfloat16 first would lose them."""
+    from dataclasses import replace
+
+    from factories import lora_adapter
+    from test_ldm import FLUX, FLUX_LORA, checkpoint
+
+    from loraops import check, formats
+
+    manifest = load_file(checkpoint(tmp_path / "flux.safetensors", FLUX))
+    bound = check.bind(formats.read_adapter(formats.write_adapter(
+        lora_adapter(FLUX_LORA, fmt="diffusers", dtype=torch.bfloat16), tmp_path / "d.safetensors", "diffusers")),
+        manifest)
+    to_k, proj_mlp = "single_blocks.0.linear1.to_k", "single_blocks.0.linear1.proj_mlp"
+    modules = {**bound.modules, to_k: replace(bound.modules[to_k], alpha=12.0, scale=3.0)}  # proj_mlp keeps 2.0
+    written = load_file(formats.write_adapter(replace(bound, modules=modules), tmp_path / "k.safetensors", "kohya",
+                                              dtype="fp16"))
+    up = written["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert up.dtype == torch.float16 and written["lora_unet_single_blocks_0_linear1.alpha"].item() == 8  # scale 1
+    column = 0
+    for name in (to_k, proj_mlp):
+        part = modules[name]
+        reference = (part.B.double() * part.scale).to(torch.float16)
+        got = up[part.first_row:part.first_row + part.weight_shape[0], column:column + part.rank]
+        assert torch.equal(got, reference), name
+        column += part.rank
