@@ -457,10 +457,9 @@ class TensorWriter:
             raise FormatError(f"{user_path(self.path)}: two tensors would be named {name!r}")
         tensor = tensor.detach().to("cpu")
         if convert and self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
-            source, tensor = tensor.dtype, tensor.to(self.dtype)
-            if narrows(source, self.dtype) and tensor.numel() and not all_finite(tensor):
-                wider = "fp32" if str(self.dtype) == "torch.bfloat16" else "bf16 or fp32"
-                raise beyond_range(name, self.dtype, f"write it with --dtype {wider}")
+            source, tensor = tensor, tensor.to(self.dtype)
+            if narrows(source.dtype, self.dtype) and tensor.numel() and not all_finite(tensor):
+                raise beyond_range(name, self.dtype, self._wider(float(source.abs().amax())))
         tensor = tensor.contiguous()
         entry = (st_dtype(tensor.dtype), tuple(tensor.shape))
         if not self.spill:
@@ -471,6 +470,16 @@ class TensorWriter:
             self._scratch = DirectFileWriter(self.path.parent, scratch=True)
         self._entries[name] = (*entry, self._scratch.size)
         self._scratch.write(_bytes_of(tensor))
+
+    def _wider(self, peak: float) -> str:
+        """The hint for values up to ``peak`` that overflow the writer's dtype: the wider ones that hold them."""
+        import torch
+
+        wider = [flag for flag, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+                 if torch.finfo(self.dtype).max < torch.finfo(dtype).max and peak <= torch.finfo(dtype).max]
+        if not wider:
+            return "no dtype it can be written in holds them"
+        return f"write it with --dtype {' or '.join(wider)}"
 
     def close(self, metadata: dict[str, str] | None = None, *, hash_key: str | None = None) -> str:
         import hashlib

@@ -191,3 +191,18 @@ def test_kohya_join_of_parts_with_different_scales_rounds_once(tmp_path):
         got = up[part.first_row:part.first_row + part.weight_shape[0], column:column + part.rank]
         assert torch.equal(got, reference), name
         column += part.rank
+
+
+@pytest.mark.parametrize(("weight", "dtype", "hint"), [
+    (1e37, "fp16", "write it with --dtype bf16 or fp32"),
+    (None, "bf16", "write it with --dtype fp32"),  # a peak between bfloat16's and float32's max
+    (1e39, "bf16", "no dtype it can be written in holds them"),
+    (1e39, "fp32", "no dtype it can be written in holds them"),
+])
+def test_the_overflow_hint_names_only_dtypes_that_hold_the_values(files, tmp_path, weight, dtype, hint):
+    """--precise keeps float64 values past float32's range: the hint names a wider dtype only where one holds them."""
+    if weight is None:  # cat's B is weight × scale (8/4) × B: its peak at 3.397e38
+        weight = 3.397e38 / (2 * max(float(t.abs().amax()) for k, t in tensors(files["f32"]).items() if "lora_B" in k))
+    code, out = run("combine", f"{files['f32']}:{weight!r}", "--precise", "--dtype", dtype, "-o", tmp_path / "c")
+    assert code != 0 and len(out.splitlines()) == 1 and out.rstrip().endswith(f"; {hint}"), out
+    assert not (tmp_path / "c").exists()
