@@ -11,12 +11,15 @@ import numbers
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import ldm
 from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
 from .errors import InvalidInputError, MismatchError
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
+
+if TYPE_CHECKING:
+    import torch
 
 
 def compute_precision(precise: bool):
@@ -244,6 +247,7 @@ def combine_lazily(
     labels: Sequence[str] | None = None,
     bases: Sequence[object] | None = None,
     conv_rank: int | None = None,
+    out_dtype: "torch.dtype | None" = None,
 ) -> Derivation:
     """Combine weighted adapters with ``method`` (see loraops.ops.combine.METHODS) into a new adapter at ``rank``
     (default: the method's — Σ ranks for linear/svd, the largest input rank for element-wise methods; cat
@@ -252,7 +256,8 @@ def combine_lazily(
     messages and the report (default: their paths). ``bases`` identify the inputs' bases (e.g. registry ids) for
     the same-base check; by default their base_model_name_or_path hints are compared. An expert's gate and up
     modules of a LoRA on fused MoE experts are combined jointly (``params.join_gate_up``), so they keep one A.
-    Everything is checked now; the modules are computed as the Derivation is iterated."""
+    Everything is checked now; the modules are computed as the Derivation is iterated. ``out_dtype``: the factors'
+    dtype (default: the widest of the inputs'; float64 keeps what was computed, for a writer that converts it)."""
     import torch
 
     from .formats import params as raw
@@ -295,7 +300,7 @@ def combine_lazily(
     started = time.perf_counter()
     target = resolve_device(device)
     dtype, precision = compute_precision(precise)
-    out_dtype = widest_dtype(*(adapter.dtype for adapter in adapters))
+    out_dtype = out_dtype or widest_dtype(*(adapter.dtype for adapter in adapters))
     result = raw.split_gate_up(Adapter(
         modules={name: template.stand_in() for name, template in templates.items()},
         format=combined_format(adapters), base_model=next((h for h in hints if h), None),
@@ -502,6 +507,7 @@ def resize_lazily(
     conv_rank: int | None = None,
     device: str = "auto",
     precise: bool = False,
+    out_dtype: "torch.dtype | None" = None,
 ) -> Derivation:
     """Lower the rank of every module: to ``rank``, or by a kohya ``dynamic`` rule (sv_ratio, sv_cumulative,
     sv_fro) with ``param``, capped at ``max_rank`` and at each module's own rank; ``conv_rank`` is the k×k
@@ -512,7 +518,7 @@ def resize_lazily(
     ``rank`` (PEFT's wrapper has one rank for all experts, which a dynamic rule would not keep). Everything is
     checked now; the modules are computed as the Derivation is iterated. A DoRA module keeps its magnitude as it is:
     its merge takes the norms of W + the new ΔW (as PEFT does), so each output channel keeps its learned norm and only
-    the direction's update is truncated."""
+    the direction's update is truncated. ``out_dtype``: the factors' dtype (default: each module's), as combine's."""
     from .formats import lowrank
     from .formats import params as raw
     from .formats.peft import lora_config_of
@@ -559,7 +565,7 @@ def resize_lazily(
             # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
             with factorizing(what, module.name, precision):
                 resized, record = resize_module(module, rule, adapter.scale_mode, target, dtype,
-                                                keep_zero_rank=module.experts > 1, exact=precise)
+                                                keep_zero_rank=module.experts > 1, exact=precise, out=out_dtype)
             records.append(record)
             yield from raw.split_joined(finite_module(what, resized), halves)
 

@@ -24,6 +24,8 @@ from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, L
 from .references import refuse_output_over, weighted_inputs
 
 if TYPE_CHECKING:
+    import torch
+
     from .adapter import Adapter
     from .basemodel import BaseModel
     from .hub import RepoRef
@@ -305,14 +307,32 @@ def writable(adapter: "Adapter", fmt: str) -> None:
         raise InvalidInputError(f"kohya module names cannot be written as {fmt} without their base: give --base BASE")
 
 
+def computed_dtype(dtype: str | None) -> "torch.dtype | None":
+    """The dtype the algebra leaves a result's factors in when it is written in ``dtype`` (bf16, fp16, fp32): float64,
+    which holds what was computed (float32 or float64) exactly, so that the write rounds it once; None (the inputs')
+    without one. An unknown dtype is refused here, before any work."""
+    import torch
+
+    from .formats import out_dtype
+
+    return None if out_dtype(dtype) is None else torch.float64
+
+
+def lineage_dtype(dtype: str | None) -> dict[str, str]:
+    """What the lineage records of a --dtype: only one given (so the records and identities of the others stay)."""
+    from .formats import out_dtype
+
+    return {} if dtype is None else {"dtype": str(out_dtype(dtype)).removeprefix("torch.")}
+
+
 def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: str | None, fmt: str | None,
-         force: bool, base: int | None, lineage: LineageSpec) -> DerivedRecord:
+         force: bool, base: int | None, lineage: LineageSpec, dtype: str | None = None) -> DerivedRecord:
     """Compute ``derived`` while it is written, module by module (into a scratch folder in the blob store), and
     register it: from the hashes taken as it was written, its values checked as they were computed; the written files
     are moved into the store, not copied. ``output``: they are copied there first (a plain copy: the stored copy is
     the one hashed as written, so the output is not read and hashed again to store it), landing (replacing an old one
     with ``force``) only once the registration committed; the registration is taken back when the output cannot
-    land: one outcome, or none."""
+    land: one outcome, or none. ``dtype``: the written tensors' (formats.write), rounded once as they are written."""
     from .formats import WRITERS, write
 
     adapter = derived.adapter = naming_base(reg, derived.adapter, base)
@@ -334,7 +354,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
         written_at = Path(tmp) / scratch
         filling = reg.blobs.root  # the file system a full disk (ENOSPC) is said of: the store's, then the output's
         try:
-            written = write(adapter, written_at, fmt, modules=derived)
+            written = write(adapter, written_at, fmt, modules=derived, dtype=dtype)
             if final is None:
                 record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
                                                            source=f"loraops {lineage.op}", scratch=True,
@@ -372,14 +392,16 @@ def combine(
     refs: Sequence[str | tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *,
     rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
     output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
-    base_model: str | None = None, conv_rank: int | None = None,
+    base_model: str | None = None, conv_rank: int | None = None, dtype: str | None = None,
 ) -> DerivedRecord:
     """Combine registered adapters or paths — (ref, weight) pairs or 'REF[:W]' strings — and register the result; see
-    algebra.combine. ``base_model`` (a recipe's): the base every input must be for (see check_base_model)."""
+    algebra.combine. ``base_model`` (a recipe's): the base every input must be for (see check_base_model). ``dtype``
+    (bf16, fp16, fp32): the written tensors' (default: the inputs' widest), rounded once from the computed values."""
     from .registry import Registry
 
     refs = weighted_inputs(refs)
     arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs], conv_rank)
+    computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         check_output(reg, output, fmt)
@@ -394,16 +416,18 @@ def combine(
             [(i.adapter, weight) for i, (_, weight) in zip(inputs, refs)], method, params, rank=rank, device=device,
             precise=precise, labels=[i.record.ref for i in inputs], bases=[i.record.base.id if i.record.base else None
                                                                           for i in inputs], conv_rank=conv_rank,
+            out_dtype=computed,
         )
         if base_id is not None:
             refuse_biasless(combined.adapter, reg.base_manifest(base_id), reg.get_base(base_id).name)
         lineage = LineageSpec(
-            op="combine", params=with_conv_rank({"method": method, "params": arguments.record(), "rank": rank}, conv_rank),
+            op="combine", params=with_conv_rank({"method": method, "params": arguments.record(), "rank": rank,
+                                                 **lineage_dtype(dtype)}, conv_rank),
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
         return save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force, base=base_id,
-                    lineage=lineage)
+                    lineage=lineage, dtype=dtype)
 
 
 def refuse_biasless(combined: "Adapter", manifest, base_name: str) -> None:
@@ -422,40 +446,44 @@ def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, device: str = "auto", precise: bool = False,
     name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
-    base: str | None = None,
+    base: str | None = None, dtype: str | None = None,
 ) -> DerivedRecord:
-    """Resize a registered adapter or a path and register the result; see algebra.resize."""
+    """Resize a registered adapter or a path and register the result; see algebra.resize. ``dtype`` (bf16, fp16,
+    fp32): the written tensors' (default: each module's), rounded once from the computed values."""
     from .registry import Registry
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
+    computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         check_output(reg, output, fmt)
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
         resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
-                                        conv_rank=conv_rank, device=device, precise=precise)
-        lineage = LineageSpec(op="resize", params=lineage_rule(rule),
+                                        conv_rank=conv_rank, device=device, precise=precise, out_dtype=computed)
+        lineage = LineageSpec(op="resize", params={**lineage_rule(rule), **lineage_dtype(dtype)},
                               inputs=[LineageInput(kind="adapter", id=source.record.id)])
         default = rank_name(source.record.name, rule, (
             (min(m.product.shape) if m.product is not None else min(m.rank, m.B.shape[0], math.prod(m.A.shape[1:])),
              m.spatial) for m in source.adapter.modules.values()))
         return save(reg, resized, name=default if name is None else name, output=output, fmt=fmt, force=force,
-                    base=source.record.base.id if source.record.base else None, lineage=lineage)
+                    base=source.record.base.id if source.record.base else None, lineage=lineage, dtype=dtype)
 
 
 def export(ref: str, fmt: str, output: str, *, force: bool = False,
-           base: str | None = None) -> ExportReport:
+           base: str | None = None, dtype: str | None = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
     registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths, an AdaLoRA file's
     layer kinds). Reports where it went, the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA
     they equal — another adapter, of another identity, which only `register` records (`resize --rank <its rank>`
     converts with a lineage) — and the PEFT saved embedding layers it left out of a kohya or diffusers file, which
-    hold the base's values (they replace nothing: the same ΔW, the same merge)."""
+    hold the base's values (they replace nothing: the same ΔW, the same merge). ``dtype`` (bf16, fp16, fp32): the
+    written tensors' (formats.write; default: as stored)."""
     from . import check
-    from .formats import read_adapter, write_adapter
+    from .formats import out_dtype, read_adapter, write_adapter
     from .registry import Registry
 
+    out_dtype(dtype)  # an unknown one refused before anything is read
     check_arguments(None, output, force, [ref])
     with Registry.open(create=False) as reg:
         check_output(reg, output, fmt)
@@ -475,7 +503,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False,
         if base is None and path_exists(ref):  # (a registered adapter takes --base only once recorded against it)
             refuse_unwritable(adapter, fmt, base_way_out=export_with_base(reg, adapter, ref, fmt, output, force))
     writable(adapter, fmt)
-    written = write_adapter(adapter, output, fmt, force=force)
+    written = write_adapter(adapter, output, fmt, force=force, dtype=dtype)
     return ExportReport(adapter=label, format=fmt, output=str(written), plain_lora_of=list(adapter.methods),
                         left_out=list(left_out))
 

@@ -212,9 +212,9 @@ def fail_after(monkeypatch, method: str, calls: int, make) -> list[int]:
     spec, seen, added, given = ops.METHODS[method], [0], [0], []
     real_add = st.TensorWriter.add
 
-    def add(self, name, tensor):
+    def add(self, name, tensor, **kwargs):
         added[0] += 1
-        return real_add(self, name, tensor)
+        return real_add(self, name, tensor, **kwargs)
 
     def run(*args):
         seen[0] += 1
@@ -297,9 +297,9 @@ def test_the_result_is_never_whole_in_memory(tmp_path, monkeypatch):
     most = [0]
     real_add = st.TensorWriter.add
 
-    def add(self, name, tensor):
+    def add(self, name, tensor, **kwargs):
         most[0] = max(most[0], sum(ref() is not None for ref in made))
-        return real_add(self, name, tensor)
+        return real_add(self, name, tensor, **kwargs)
 
     monkeypatch.setattr(LoraModule, "with_factors", with_factors)
     monkeypatch.setattr(st.TensorWriter, "add", add)

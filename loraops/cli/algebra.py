@@ -16,6 +16,12 @@ METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), 
 CONV_RANK_HELP = ("Rank of the k×k convolutions (kernel larger than 1×1; kohya's LoCon conv modules), --rank being the "
                   "others'; with --dynamic, their cap in place of --max-rank (default: the same rule for every module).")
 
+def dtype_option(default: str):
+    """--dtype of a written adapter (extract, combine, resize, export), its default said per command."""
+    return click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+                        help=f"dtype of the factors (default: {default}).")
+
+
 base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
 
 
@@ -147,12 +153,13 @@ def recipe_arguments(ctx: click.Context, path: str):
               help="multislerp: divide the weights by their sum (default on, as mergekit).")
 @click.option("--eps", type=FLOAT,
               help="multislerp: mergekit's eps, added to each delta's norm (default 1e-8; 0: none).")
+@dtype_option("the inputs' widest")
 @compute_options
 @output_options
 @click.pass_context
 def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilon, seed, rescale, rescale_norm, consensus,
-            select_topk, flatten, row_wise, filter_wise, normalize, lambda_, normalize_weights, eps, device, precise,
-            base, output, fmt, force, name, as_json) -> None:
+            select_topk, flatten, row_wise, filter_wise, normalize, lambda_, normalize_weights, eps, dtype, device,
+            precise, base, output, fmt, force, name, as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage; or the adapters of a mergekit recipe (--recipe)."""
     from .. import derive
@@ -171,7 +178,7 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
         raise click.UsageError("give the adapters to combine (REF[:WEIGHT]...), or --recipe")
     result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
                             device=device, precise=precise, name=name, output=output, fmt=fmt, force=force, base=base,
-                            base_model=base_model, conv_rank=conv_rank)
+                            base_model=base_model, conv_rank=conv_rank, dtype=dtype)
     if as_json:
         echo_json(result)
         return
@@ -195,9 +202,10 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
 @click.option("--param", type=FLOAT, help="The dynamic rule's parameter (sv_ratio ≥ 1; sv_cumulative, sv_fro in (0, 1]).")
 @click.option("--max-rank", type=INT, help="Cap of the dynamic rank.")
 @click.option("--conv-rank", type=INT, help=CONV_RANK_HELP)
+@dtype_option("the adapter's")
 @compute_options
 @output_options
-def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base, output, fmt, force, name,
+def resize(ref, rank, dynamic, param, max_rank, conv_rank, dtype, device, precise, base, output, fmt, force, name,
            as_json) -> None:
     """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta); the
     result is registered with its lineage."""
@@ -205,7 +213,7 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
 
     result = derive.resize(ref, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, conv_rank=conv_rank,
                            device=device,
-                           precise=precise, name=name, output=output, fmt=fmt, force=force, base=base)
+                           precise=precise, name=name, output=output, fmt=fmt, force=force, base=base, dtype=dtype)
     if as_json:
         echo_json(result)
         return
@@ -229,16 +237,17 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, device, precise, base
 @click.argument("ref")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Output layout.")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Destination (PEFT folder, or .safetensors).")
+@dtype_option("as stored")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @base_option
 @click.option("--json", "as_json", is_flag=True, help="Print the ExportReport as JSON.")
-def export(ref, fmt, output, force, base, as_json) -> None:
+def export(ref, fmt, output, dtype, force, base, as_json) -> None:
     """Write an adapter (registry reference or path) in another layout, same deltas. An unregistered kohya file
     needs --base to be written as PEFT (and a VeRA file in any layout). PEFT AdaLoRA and VeRA adapters are written as
     the plain LoRA they equal."""
     from .. import derive
 
-    report = derive.export(ref, fmt, output, force=force, base=base)
+    report = derive.export(ref, fmt, output, force=force, base=base, dtype=dtype)
     if as_json:
         echo_json(report)
         return

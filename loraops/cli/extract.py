@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from . import FLOAT, INT
-from .algebra import CONV_RANK_HELP, compute_options, echo_capped, echo_saved
+from .algebra import CONV_RANK_HELP, compute_options, dtype_option, echo_capped, echo_saved
 from .render import echo_base_changed, echo_json, echo_table, human_bytes, layer_kind
 
 
@@ -30,7 +30,7 @@ def _names(text: str | None, option: str) -> list[str] | None:
 @click.option("--modules", metavar="NAMES", help="Comma-separated module names to extract (default: every 2-D and conv weight that differs, embeddings left out).")
 @click.option("--save-module", "save_modules", metavar="NAMES", help="Comma-separated modules stored whole (PEFT modules_to_save).")
 @click.option("--alpha", type=FLOAT, help="LoRA alpha of every module (default: its rank, so scale 1).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="dtype of the factors (default: the tuned model's).")
+@dtype_option("the tuned model's")
 @click.option("--keep-rounding", is_flag=True, help="Also extract tensors that differ only by the rounding between the two models' dtypes (left out by default).")
 @compute_options
 @click.option("--name", help="Registry name of the result (default: TUNED-rK or TUNED-RULEP).")

@@ -26,6 +26,8 @@ from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
 from .kohya import kohya_name
 
 if TYPE_CHECKING:
+    import torch
+
     from ..adapter import Adapter, LoraModule
 
 FORMATS = ("peft", "kohya", "diffusers")
@@ -142,14 +144,18 @@ class Written:
 
 
 def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
-          modules: "Iterable[LoraModule] | None" = None) -> Written:
+          modules: "Iterable[LoraModule] | None" = None, dtype: "str | torch.dtype | None" = None) -> Written:
     """Write ``adapter`` as ``fmt``: "peft" → a folder (adapter_model.safetensors + adapter_config.json);
     "kohya"/"diffusers" → one .safetensors file. Nothing appears at ``dest`` unless the write completes.
 
     ``modules``: the adapter's modules as they are computed (a loraops.algebra.Derivation), each written as it comes
     and then dropped, so the whole result is never in memory; ``adapter.modules`` then only announces them (stand-ins
     without values do, see common.ModuleStream). By default, the adapter's own modules. On any error, nothing appears
-    at ``dest`` and an old ``dest`` (``force``) stays as it was."""
+    at ``dest`` and an old ``dest`` (``force``) stays as it was.
+
+    ``dtype`` (bf16, fp16, fp32 or a torch dtype): the dtype every floating tensor is written in — factors, DoRA
+    magnitudes, lora_bias, saved whole tensors and token rows, not kohya's alpha scalars (float32) — each rounded
+    once from the values given; one that overflows it is refused (st.TensorWriter.add). Default: each as it is."""
     if fmt not in WRITERS:
         raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
     if fmt != "kohya" and not adapter.names_resolved:
@@ -177,7 +183,7 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
     staged = None
     try:
         with atomic_path(dest, force=force, is_dir=is_dir, keep_name=True) as staged:
-            sha256 = writer(adapter, modules, staged, spill=spill)
+            sha256 = writer(adapter, modules, staged, spill=spill, dtype=out_dtype(dtype))
     except LoraopsError as exc:  # said of the output asked for, not of its staged path, gone now
         if staged is None:
             raise
@@ -194,9 +200,18 @@ def refuse_misnamed(dest: str | Path, fmt: str) -> None:
     refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=instead)
 
 
-def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False) -> Path:
+def write_adapter(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
+                  dtype: "str | torch.dtype | None" = None) -> Path:
     """``write`` of an adapter in memory; returns where it went."""
-    return write(adapter, dest, fmt, force=force).path
+    return write(adapter, dest, fmt, force=force, dtype=dtype).path
+
+
+def out_dtype(dtype: "str | torch.dtype | None") -> "torch.dtype | None":
+    """The torch dtype of a written adapter's ``dtype`` (bf16, fp16, fp32, as extract's; None stays None)."""
+    from ..engine import parse_dtype
+    from ..st import torch_dtype
+
+    return None if dtype is None else torch_dtype(parse_dtype(dtype))
 
 
 def peft_unwritable_parts(adapter: "Adapter") -> list["LoraModule"]:

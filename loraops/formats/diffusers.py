@@ -12,12 +12,15 @@ import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
 from . import common, peft, tokens
+
+if TYPE_CHECKING:
+    import torch
 
 COMPONENTS = ("unet", "transformer", "prior", "text_encoder", "text_encoder_2", "text_encoder_3")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -148,7 +151,8 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
     return names
 
 
-def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool) -> dict[str, str]:
+def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool,
+          dtype: "torch.dtype | None" = None) -> dict[str, str]:
     """One .safetensors with component-prefixed PEFT keys and the per-component LoraConfig in the header, written
     from ``modules`` as they come (see common.ModuleStream, st.TensorWriter); returns its sha256."""
     peft.refuse_full_tensors(adapter, "diffusers")
@@ -156,7 +160,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
     names = pipeline_names(adapter)
     stream = common.ModuleStream(adapter, modules)
     kept = set()
-    with st.TensorWriter(dest, spill=spill) as out:
+    with st.TensorWriter(dest, spill=spill, dtype=dtype) as out:
         for (module,) in stream:
             for part in parts(module):
                 part = replace(part, name=names[part.name], fused=None)

@@ -272,26 +272,28 @@ def joined_names(adapter: Adapter) -> dict[str, LoraModule]:
     return modules
 
 
-def join(parts: list[LoraModule]) -> LoraModule:
+def join(parts: list[LoraModule], work: "torch.dtype | None" = None) -> LoraModule:
     """The parts of one fused tensor as one module on it: A stacked, B block-diagonal with zero rows for the parts
     not trained, rank Σr. The same delta exactly (the zeros add nothing); each part's scale is folded into its B
-    when the scales differ."""
+    when the scales differ, in ``work`` (default: the parts' dtype; float64 where the writer converts, so that a
+    folded B is rounded once, by the conversion)."""
     import torch
 
     scales = {part.scale for part in parts}
     scale = scales.pop() if len(scales) == 1 else 1.0
     rank = sum(part.rank for part in parts)
-    B = torch.zeros(parts[0].fused[3], rank, dtype=parts[0].B.dtype)
+    B = torch.zeros(parts[0].fused[3], rank, dtype=work or parts[0].B.dtype)
     column = 0
     for part in parts:
         _, first, rows, _ = part.fused
-        B[first : first + rows, column : column + part.rank] = part.B * (part.scale / scale)
+        B[first : first + rows, column : column + part.rank] = part.B.to(B.dtype) * (part.scale / scale)
         column += part.rank
     A = torch.cat([part.A for part in parts])
     return LoraModule(part_of(parts[0]).removesuffix(".weight"), A=A, B=B, alpha=scale * rank, scale=scale)
 
 
-def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool) -> dict[str, str]:
+def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool,
+          dtype: "torch.dtype | None" = None) -> dict[str, str]:
     """Write a kohya file at ``dest`` from ``modules`` as they come (see common.ModuleStream, st.TensorWriter);
     returns its sha256."""
     import torch
@@ -302,14 +304,16 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill:
     joined = joined_names(adapter)
     names = kohya_names(replace(adapter, modules=joined))
     stream = common.ModuleStream(adapter, modules, part_of)
-    with st.TensorWriter(dest, spill=spill) as out:
+    with st.TensorWriter(dest, spill=spill, dtype=dtype) as out:
         for group in stream:
-            module = group[0] if part_of(group[0]) is None else join(group)
+            module = group[0] if part_of(group[0]) is None else join(group, None if dtype is None else torch.float64)
             down, up = factors(module)
             key = names[module.name]
             out.add(f"{key}.lora_down.weight", down)
             out.add(f"{key}.lora_up.weight", up)
-            out.add(f"{key}.alpha", torch.tensor(peft.stored_alpha(module, rslora=False), dtype=torch.float32))
+            # float32 whatever the dtype: a rounded alpha would change the scale of the whole delta
+            out.add(f"{key}.alpha", torch.tensor(peft.stored_alpha(module, rslora=False), dtype=torch.float32),
+                    convert=False)
             stream.keep(module)
         written = list(stream.written(joined).values())
 

@@ -1078,7 +1078,8 @@ def module_tensors(module: LoraModule, prefix: str) -> list[tuple[str, "torch.Te
     return tensors
 
 
-def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: bool) -> dict[str, str]:
+def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: bool,
+          dtype: "torch.dtype | None" = None) -> dict[str, str]:
     """Write a PEFT folder into ``tmp`` (an empty folder the caller renames into place) from ``modules`` as they come
     (see common.ModuleStream; ``spill``: each one's tensors go to a scratch file, see st.TensorWriter); returns each
     file's sha256."""
@@ -1095,7 +1096,7 @@ def write(adapter: Adapter, modules: Iterable[LoraModule], tmp: Path, *, spill: 
                     if key == name and name not in layers and name not in biases_alone})
     fused = {key for m in adapter.modules.values() if (key := params.parameter_group(m)) is not None}
     stream = common.ModuleStream(adapter, modules, params.parameter_group)
-    with st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill) as out:
+    with st.TensorWriter(tmp / WEIGHTS_NAME, spill=spill, dtype=dtype) as out:
         # first (the file's order is TensorWriter's): full tensors read as they are written (LazyTensors) are then
         # spilled and gone before the modules are computed, and a Derivation's report counts them in its peak RSS
         for name, key in keys.items():

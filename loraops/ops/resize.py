@@ -103,9 +103,10 @@ def alpha_for_scale(scale: float, rank: int, scale_mode: str) -> float:
 
 def resize_module(
     module: LoraModule, rule: RankRule, scale_mode: str, device: torch.device, dtype: torch.dtype, *,
-    keep_zero_rank: bool = False, exact: bool = False,
+    keep_zero_rank: bool = False, exact: bool = False, out: torch.dtype | None = None,
 ) -> tuple[LoraModule, ResizeModuleRecord]:
-    """The module at its new rank (factors in the module's dtype, on the CPU) and its report line. A LoHa/LoKr
+    """The module at its new rank (factors in ``out``, default the module's dtype, on the CPU) and its report line. A
+    LoHa/LoKr
     module becomes a LoRA: its dense ΔW/scale is factorized (``factorize_dense``; its rank may be above the product's
     r, up to the ΔW's own)."""
     before = module.rank
@@ -117,20 +118,21 @@ def resize_module(
             fro, total = math.sqrt(max(0.0, 1.0 - made.error * made.error)), None
         else:
             fro, total = made.spectrum.retained(int(made.A.shape[0]))
-        return _resized(replace(module, product=None), made.B, made.A, before or min(D.shape), fro, total, scale_mode)
+        return _resized(replace(module, product=None), made.B, made.A, before or min(D.shape), fro, total, scale_mode,
+                        out)
     B2, A2 = module.matrices()
     spectrum = factored_svd(B2.to(device=device, dtype=dtype), A2.to(device=device, dtype=dtype))
     k = rule.choose(spectrum.S, module.rank, keep_zero_rank)
     B, A = spectrum.truncate(k)
     fro, total = spectrum.retained(k)
-    return _resized(module, B, A, module.rank, fro, total, scale_mode)
+    return _resized(module, B, A, module.rank, fro, total, scale_mode, out)
 
 
 def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, fro: float, total: float | None,
-             scale_mode: str) -> tuple[LoraModule, ResizeModuleRecord]:
+             scale_mode: str, out: torch.dtype | None) -> tuple[LoraModule, ResizeModuleRecord]:
     k = int(A.shape[0])
     alpha = alpha_for_scale(module.scale, k, scale_mode)
-    out = module.dtype  # (the file's: a factor composed on read in float32 is not written so)
+    out = out or module.dtype  # (the file's: a factor composed on read in float32 is not written so)
     resized = module.with_factors(B.to(device="cpu", dtype=out), A.to(device="cpu", dtype=out), alpha, module.scale)
     record = ResizeModuleRecord(
         name=module.name, kind=module.kind, spatial=module.spatial, kernel=module.kernel, rank_before=before,
