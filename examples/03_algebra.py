@@ -64,8 +64,6 @@ def main() -> None:
             "3", "--lambda", "1.2", "--rank", "16", "--name", "ab-della")
     loraops("combine", "style", "big", "--method", "della", "--density", "0.9", ok=False)  # 0.9 + 0.15 ≥ 1
     loraops("resize", "big", "--rank", "4", "-o", work / "small")
-    # --dtype: the result written in float16 (the inputs are float32), each value rounded once from what was computed
-    loraops("resize", "big", "--rank", "4", "--dtype", "fp16", "--name", "big-r4-fp16", "-o", work / "small-fp16")
     loraops("resize", "big", "--dynamic", "sv_fro", "--param", "0.9", "--max-rank", "64")
     loraops("export", "abc", "--format", "kohya", "-o", work / "abc.safetensors")
     loraops("inspect", work / "abc.safetensors")
@@ -76,6 +74,8 @@ def main() -> None:
     loraops("combine", "style", "big", "--method", "nuslerp", "--no-flatten", "--name", "ab-nuslerp")
     # multislerp: the weighted mean of three deltas' directions, at the weighted mean of their norms (lossless too).
     loraops("combine", "style", "subject:0.5", "big", "--method", "multislerp", "--name", "abc-multislerp")
+    # --dtype: the result written in float16 (the inputs are float32), each value rounded once from what was computed
+    loraops("resize", "big", "--rank", "4", "--dtype", "fp16", "--name", "big-r4-fp16", "-o", work / "small-fp16")
 
     from loraops.registry import Registry
 
