@@ -478,3 +478,39 @@ def test_every_combine_method_with_a_rank_ranks_the_kxk_convolutions_by_conv_ran
             assert module.rank == expected.rank, (ranks, name)
             torch.testing.assert_close(module.delta(dtype=torch.float64), expected.delta(dtype=torch.float64),
                                        rtol=0, atol=1e-6)
+
+
+def _kind_column(out: str) -> dict[str, str]:
+    """module → kind, from the module table `inspect` and `show` end with."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["module", "kind"])
+    return {line.split()[0]: line.split()[1] for line in lines[start + 2:] if line.strip()}
+
+
+def test_inspect_and_show_name_a_convolutions_kernel(tmp_path):
+    """inspect and show say conv1x1/conv3x3 as resize's and extract's tables do (the kernel decides whether --rank or
+    --conv-rank ranks it), and their JSON gives the kernel; show reads it from the stored file, bound to its base
+    (a kohya file's modules named by the base's) or not."""
+    peft = conv_peft_adapter(tmp_path / "peft")
+    code, out = run("inspect", peft)
+    assert code == 0, out
+    assert _kind_column(out) == {"embed": "embedding", "proj": "linear", "conv1": "conv1x1", "conv3": "conv3x3"}
+    code, out = run("inspect", peft, "--json")
+    assert {m["name"]: m["kernel"] for m in json.loads(out)["modules"]} == {
+        "embed": None, "proj": None, "conv1": [1, 1], "conv3": [3, 3]}
+    assert run("register", peft, "--name", "p")[0] == 0
+    code, out = run("show", "p")
+    assert code == 0 and _kind_column(out)["conv1"] == "conv1x1" and _kind_column(out)["conv3"] == "conv3x3", out
+    code, out = run("show", "p", "--json")
+    assert {m["name"]: m["kernel"] for m in json.loads(out)["modules"]}["conv3"] == [3, 3]
+    code, out = run("list", "--json")  # (the registry's rows do not record it)
+    assert code == 0 and all(m["kernel"] is None for m in json.loads(out)[0]["modules"]), out
+
+    base = save_state_dict(conv_embedding_model(), tmp_path / "base.safetensors")
+    kohya = kohya_file(tmp_path / "k.safetensors", {"lora_unet_conv1": ((4, 1, 1), (8, 1, 1)),
+                                                    "lora_unet_conv3": ((8, 3, 3), (6, 1, 1))}, rank=2)
+    assert run("base", "add", base, "--name", "b")[0] == 0
+    code, out = run("register", kohya, "--name", "k", "--base", "b")
+    assert code == 0, out
+    code, out = run("show", "k")
+    assert code == 0 and _kind_column(out) == {"conv1": "conv1x1", "conv3": "conv3x3"}, out
