@@ -2,6 +2,7 @@
 Each module against a float64 truncated SVD of its delta at the rank it should get, the results loaded by PEFT
 (rank_pattern) and compared by outputs, kohya files' per-module alphas, lineage, default names, one-line errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -514,3 +515,18 @@ def test_inspect_and_show_name_a_convolutions_kernel(tmp_path):
     assert code == 0, out
     code, out = run("show", "k")
     assert code == 0 and _kind_column(out) == {"conv1": "conv1x1", "conv3": "conv3x3"}, out
+
+
+def test_show_of_a_conv_adapter_whose_stored_file_is_damaged_still_shows_it(tmp_path):
+    """show reads a conv's kernel from the stored file; a file gone or damaged (verify's to report) leaves the kernel
+    unknown (kind conv, kernel null) and the record still shown, as lora_bias is left unknown."""
+    assert run("register", conv_peft_adapter(tmp_path / "peft"), "--name", "p")[0] == 0
+    stored = Path(json.loads(run("show", "p", "--json")[1])["path"]) / "adapter_model.safetensors"
+    stored.parent.chmod(0o755)
+    stored.chmod(0o644)
+    for damage in (lambda: stored.write_bytes(stored.read_bytes()[:100]), stored.unlink):
+        damage()
+        code, out = run("show", "p")
+        assert code == 0 and _kind_column(out)["conv3"] == "conv" and "stored at" in out, out
+        code, out = run("show", "p", "--json")
+        assert code == 0 and all(m["kernel"] is None for m in json.loads(out)["modules"]), out
