@@ -294,7 +294,7 @@ def _folder_part(folder: Path, prefix: str) -> Part:
     names = _names(folder)
     dangling = _dangling_weights(folder, names)
     part = _weights_part(folder, prefix, [name for name in names if name not in dangling], dangling)
-    for link in dangling:  # (a note, not printed: the CLI says it, cli.LoraopsGroup.invoke)
+    for link in _would_read(folder, names, dangling):  # (a note, not printed: the CLI says it, cli.LoraopsGroup.invoke)
         logging.getLogger("loraops").info(
             f"{folder / link} is a symlink to a missing file ({os.readlink(folder / link)}): left out, as "
             f"from_pretrained leaves it out; read {part.index_file or ', '.join(map(str, part.files))} instead")
@@ -308,6 +308,24 @@ def _dangling_weights(folder: Path, names: list[str]) -> list[str]:
     return [name for name in names
             if name.endswith((".safetensors", INDEX_SUFFIX)) and (folder / name).is_symlink()
             and not _exists(folder / name)]
+
+
+def _would_read(folder: Path, names: list[str], dangling: list[str]) -> list[str]:
+    """The ``dangling`` links that the folder's loading rule (folder_weights) would read were their files there: the
+    weights it picks, the index it reads them through and the shards that lists. Only those were left out; a link
+    it would never read (extra.safetensors beside model.safetensors) goes unsaid, as from_pretrained says nothing."""
+    config = read_model_config(folder / "config.json") if "config.json" in names else None
+
+    def shards_of(name: str) -> list[str]:
+        return [] if name in dangling else listed_shards(read_json(folder / name, "safetensors index"))
+
+    try:
+        index, files = folder_weights(names, config, holds=lambda name: name in dangling or (folder / name).is_file(),
+                                      shards_of=shards_of)
+    except FormatError:  # (a folder those links would make ambiguous: each of them said, as before)
+        return dangling
+    read = {*files, *([index, *shards_of(index)] if index else [])}
+    return [name for name in dangling if name in read]
 
 
 def _missing_link(link: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -420,6 +421,8 @@ def combine(
         )
         if base_id is not None:
             refuse_biasless(combined.adapter, reg.base_manifest(base_id), reg.get_base(base_id).name)
+        else:
+            note_zero_biases(combined.adapter, [i.adapter for i in inputs])
         lineage = LineageSpec(
             op="combine", params=with_conv_rank({"method": method, "params": arguments.record(), "rank": rank,
                                                  **lineage_dtype(dtype)}, conv_rank),
@@ -440,6 +443,19 @@ def refuse_biasless(combined: "Adapter", manifest, base_name: str) -> None:
             raise MismatchError(f"the combination has lora_bias (PEFT's one switch: an input has it), which module "
                                 f"{name!r} cannot have on base {base_name}: {why}; combine the inputs with and "
                                 "without lora_bias apart, or merge them in turn")
+
+
+def note_zero_biases(combined: "Adapter", inputs: "Sequence[Adapter]") -> None:
+    """A combination with PEFT's lora_bias and no known base to check it against (refuse_biasless): the modules no
+    input gives a bias get a zero one, which a base without those layers' biases cannot merge; said, not refused."""
+    if not combined.lora_bias:
+        return
+    zero = sum(not any((m := a.modules.get(name)) is not None and m.lora_bias is not None for a in inputs)
+               for name in combined.modules)
+    if zero:
+        logging.getLogger("loraops").info(
+            f"{zero} module{'s' if zero > 1 else ''} of the combination got a zero lora_B.bias (PEFT's lora_bias is one "
+            "switch and an input has it): a base without those layers' biases cannot merge it")
 
 
 def resize(

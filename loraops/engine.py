@@ -309,7 +309,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         bar = settings.progress_bar(sum(f.size for f in files), f"{operation} → {output.name}", progress)
         base.stop_prefetch()  # from here on the pipeline's reads keep the disk busy
         try:
-            _Pipeline(root, dev, compute_dtype, bar, stats, fingerprint).run(files)
+            _Pipeline(operation, root, dev, compute_dtype, bar, stats, fingerprint).run(files)
         finally:
             bar.close()
         if not base.is_single_file:
@@ -860,8 +860,9 @@ class _TensorHasher:
 class _Pipeline:
     """Reader thread → compute (calling thread) → writer thread, with a fixed pool of chunk buffers."""
 
-    def __init__(self, root: Path, device: "torch.device", compute_dtype: "torch.dtype", bar, residual,
+    def __init__(self, operation: str, root: Path, device: "torch.device", compute_dtype: "torch.dtype", bar, residual,
                  hashing: bool) -> None:
+        self.operation = operation  # (merge or subtract: the command an error's hint names)
         self.root = root
         self.hashing = hashing
         self.device = device
@@ -1080,13 +1081,13 @@ class _Pipeline:
             w = tensor.replacement.reshape(-1)[elements]
             if not tensor.terms and not tensor.encoded and not tensor.token_rows:
                 out.copy_(w)
-                _refuse_overflow(tensor, out, of_base, may_overflow=narrows(w.dtype, out_dtype))
+                _refuse_overflow(self.operation, tensor, out, of_base, may_overflow=narrows(w.dtype, out_dtype))
                 return
         else:
             w = buf[: n * DTYPE_BYTES[tensor.info.dtype]].view(torch_dtype(tensor.info.dtype))
             if not tensor.terms and tensor.scaled is None and not tensor.token_rows:  # a --dtype conversion; the input
                 out.copy_(w.to(out_dtype))  # and output views overlap: convert out of place
-                _refuse_overflow(tensor, out, of_base, may_overflow=narrows(w.dtype, out_dtype))
+                _refuse_overflow(self.operation, tensor, out, of_base, may_overflow=narrows(w.dtype, out_dtype))
                 return
         cuda = self.device.type == "cuda"
         columns = self._column_factors(tensor) if tensor.dora else {}  # before the DoRA buffers fill: it uses them
@@ -1140,7 +1141,7 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
-        _refuse_overflow(tensor, out, of_base, may_overflow=self._may_overflow(tensor), work=self.compute_dtype)
+        _refuse_overflow(self.operation, tensor, out, of_base, may_overflow=self._may_overflow(tensor), work=self.compute_dtype)
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1409,7 +1410,7 @@ def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Te
     return base.masked_fill_(nan, math.nan)
 
 
-def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", of_base, may_overflow: bool = False,
+def _refuse_overflow(operation: str, tensor: _Tensor, out: "torch.Tensor", of_base, may_overflow: bool = False,
                      work: "torch.dtype | None" = None) -> None:
     """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
     an output that overflows stops the merge, with nothing written: float16's ±65504 whatever made the value, and,
@@ -1436,7 +1437,7 @@ def _refuse_overflow(tensor: _Tensor, out: "torch.Tensor", of_base, may_overflow
     nan &= ~torch.isnan(base)
     if bool(inf.any()):
         dtype = str(out.dtype).removeprefix("torch.")
-        hint = ("merge with --dtype bf16 or fp32" if dtype == "float16"
+        hint = (f"{operation} with --dtype bf16 or fp32" if dtype == "float16"
                 else "the adapters' weights × scales are too large" if tensor.terms
                 else f"it holds values {dtype} cannot; keep a wider dtype")
         raise beyond_range(tensor.file_name, out.dtype, hint)

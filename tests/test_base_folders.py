@@ -252,3 +252,21 @@ def test_a_dangling_model_safetensors_beside_a_valid_index_is_left_out_with_a_no
     with pytest.raises(FormatError, match=re.escape(
             f"; {index}: no such file (a symlink to {tmp_path / 'blobs' / 'gone'}, which is missing)")):
         BaseModel.open(model)
+
+
+def test_a_dangling_link_the_folder_would_never_read_goes_unsaid(tmp_path):
+    """Only a link the folder's loading rule would read were its file there is said to be left out (the test above):
+    extra.safetensors beside a valid model.safetensors is no file from_pretrained would read, link or not, so no note;
+    a dangling model.safetensors beside an index still gets its note (that test)."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+    from tests.factories import tiny_llama
+
+    model = tiny_llama(tmp_path / "model")
+    adapter = peft_adapter(model, tmp_path / "a", target_modules=["q_proj"])
+    (model / "extra.safetensors").symlink_to(tmp_path / "blobs" / "gone")
+    for args in (["check", str(adapter), "--base", str(model)], ["base", "add", str(model)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "note" not in result.output, result.output
+    assert BaseModel.open(model).files == [model / "model.safetensors"]

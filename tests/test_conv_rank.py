@@ -2,6 +2,7 @@
 Each module against a float64 truncated SVD of its delta at the rank it should get, the results loaded by PEFT
 (rank_pattern) and compared by outputs, kohya files' per-module alphas, lineage, default names, one-line errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -478,3 +479,54 @@ def test_every_combine_method_with_a_rank_ranks_the_kxk_convolutions_by_conv_ran
             assert module.rank == expected.rank, (ranks, name)
             torch.testing.assert_close(module.delta(dtype=torch.float64), expected.delta(dtype=torch.float64),
                                        rtol=0, atol=1e-6)
+
+
+def _kind_column(out: str) -> dict[str, str]:
+    """module → kind, from the module table `inspect` and `show` end with."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["module", "kind"])
+    return {line.split()[0]: line.split()[1] for line in lines[start + 2:] if line.strip()}
+
+
+def test_inspect_and_show_name_a_convolutions_kernel(tmp_path):
+    """inspect and show say conv1x1/conv3x3 as resize's and extract's tables do (the kernel decides whether --rank or
+    --conv-rank ranks it), and their JSON gives the kernel; show reads it from the stored file, bound to its base
+    (a kohya file's modules named by the base's) or not."""
+    peft = conv_peft_adapter(tmp_path / "peft")
+    code, out = run("inspect", peft)
+    assert code == 0, out
+    assert _kind_column(out) == {"embed": "embedding", "proj": "linear", "conv1": "conv1x1", "conv3": "conv3x3"}
+    code, out = run("inspect", peft, "--json")
+    assert {m["name"]: m["kernel"] for m in json.loads(out)["modules"]} == {
+        "embed": None, "proj": None, "conv1": [1, 1], "conv3": [3, 3]}
+    assert run("register", peft, "--name", "p")[0] == 0
+    code, out = run("show", "p")
+    assert code == 0 and _kind_column(out)["conv1"] == "conv1x1" and _kind_column(out)["conv3"] == "conv3x3", out
+    code, out = run("show", "p", "--json")
+    assert {m["name"]: m["kernel"] for m in json.loads(out)["modules"]}["conv3"] == [3, 3]
+    code, out = run("list", "--json")  # (the registry's rows do not record it)
+    assert code == 0 and all(m["kernel"] is None for m in json.loads(out)[0]["modules"]), out
+
+    base = save_state_dict(conv_embedding_model(), tmp_path / "base.safetensors")
+    kohya = kohya_file(tmp_path / "k.safetensors", {"lora_unet_conv1": ((4, 1, 1), (8, 1, 1)),
+                                                    "lora_unet_conv3": ((8, 3, 3), (6, 1, 1))}, rank=2)
+    assert run("base", "add", base, "--name", "b")[0] == 0
+    code, out = run("register", kohya, "--name", "k", "--base", "b")
+    assert code == 0, out
+    code, out = run("show", "k")
+    assert code == 0 and _kind_column(out) == {"conv1": "conv1x1", "conv3": "conv3x3"}, out
+
+
+def test_show_of_a_conv_adapter_whose_stored_file_is_damaged_still_shows_it(tmp_path):
+    """show reads a conv's kernel from the stored file; a file gone or damaged (verify's to report) leaves the kernel
+    unknown (kind conv, kernel null) and the record still shown, as lora_bias is left unknown."""
+    assert run("register", conv_peft_adapter(tmp_path / "peft"), "--name", "p")[0] == 0
+    stored = Path(json.loads(run("show", "p", "--json")[1])["path"]) / "adapter_model.safetensors"
+    stored.parent.chmod(0o755)
+    stored.chmod(0o644)
+    for damage in (lambda: stored.write_bytes(stored.read_bytes()[:100]), stored.unlink):
+        damage()
+        code, out = run("show", "p")
+        assert code == 0 and _kind_column(out)["conv3"] == "conv" and "stored at" in out, out
+        code, out = run("show", "p", "--json")
+        assert code == 0 and all(m["kernel"] is None for m in json.loads(out)["modules"]), out

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import namedtuple
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,9 +123,15 @@ def test_a_float16_output_that_overflows_is_refused(how, tmp_path):
     module = LoraModule("lin", torch.ones(1, 4), torch.full((6, 1), 10000.0), alpha=1.0, scale=1.0)
     adapter = Adapter({"lin": module} if how == "merged" else {}, "peft",
                       full_tensors={"lin.weight": torch.full((6, 4), 1e5)} if how == "replaced" else {})
-    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with values beyond float16's range"):
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with values beyond float16's range "
+                                                r"\(±65504\); merge with --dtype bf16 or fp32$"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", dtype="fp16", device="cpu")
     assert nothing_left(tmp_path / "o.safetensors")
+    if how != "replaced":  # (subtract refuses a full tensor); its hint names subtract, which has a --dtype of its own
+        with pytest.raises(InvalidInputError, match=r"float16's range \(±65504\); subtract with --dtype bf16 or fp32$"):
+            engine.subtract(base, [(replace(adapter, modules={n: replace(m, B=-m.B) for n, m in adapter.modules.items()}),
+                                    1.0)], tmp_path / "s.safetensors", dtype="fp16", device="cpu")
+        assert nothing_left(tmp_path / "s.safetensors")
     engine.merge(base, [(adapter, 1.0)], tmp_path / "b.safetensors", dtype="bf16", device="cpu")  # bf16 holds it
     assert torch.isfinite(load_file(tmp_path / "b.safetensors")["lin.weight"].float()).all()
 

@@ -44,7 +44,7 @@ def test_json_output_is_the_record(adapter):
     assert data == json.loads(inspect_path(adapter).model_dump_json())
     assert data["format"] == "peft" and data["rank"] == 4 and data["num_modules"] == 4 and len(data["identity"]) == 64
     assert data["modules"][0] == {"name": "model.layers.0.self_attn.q_proj", "kind": "linear", "rank": 4, "alpha": 8.0,
-                                  "scale": 2.0, "in_features": 64, "out_features": 64}
+                                  "scale": 2.0, "in_features": 64, "out_features": 64, "kernel": None}
     assert data["files"] == [str(adapter / "adapter_model.safetensors"), str(adapter / "adapter_config.json")]
 
 

@@ -362,13 +362,19 @@ def test_show_json_and_the_card_say_lora_bias(made, tmp_path):
 def test_combine_onto_a_base_without_the_bias_refused(made, tmp_path):
     """The result's lora_bias is one switch: a plain input's o_proj (Qwen2's has no bias) gets a zero lora_B bias,
     which PEFT's merge (and loraops') cannot merge into this base. With the base known, combine refuses it in one
-    line naming the module, before anything is written; without one it combines (PEFT loads such an adapter)."""
+    line naming the module, before anything is written; without one it combines (PEFT loads such an adapter) and says
+    in one note how many modules got a zero bias; none where every module has its own."""
     from factories import peft_adapter
 
     base, adapter = made
     plain = peft_adapter(base, tmp_path / "plain", target_modules=["o_proj"])
     run = loraops_run("combine", adapter, plain, "--name", "unbound", "--device", "cpu")
     assert run.returncode == 0, run.stderr
+    assert run.stderr == ("note: 2 modules of the combination got a zero lora_B.bias (PEFT's lora_bias is one switch "
+                          "and an input has it): a base without those layers' biases cannot merge it\n"), run.stderr
+    second = bias_adapter(base, tmp_path / "second", seed=2)
+    run = loraops_run("combine", adapter, second, "--name", "biased", "--device", "cpu")
+    assert run.returncode == 0 and "note" not in run.stderr + run.stdout, run.stderr + run.stdout
     assert loraops_run("base", "add", base, "--name", "qwen").returncode == 0
     run = loraops_run("combine", adapter, plain, "--base", "qwen", "--name", "both", "--device", "cpu")
     assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -64,7 +64,7 @@ def test_register_list_show_rm(art):
         assert key in shown
     assert shown["base"]["name"] == "llama-tiny" and len(shown["base"]["fingerprint"]) == 64
     assert shown["rank"] == 4 and shown["alpha"] == 2 and shown["tags"] == ["sd", "style"]
-    assert shown["modules"][0].keys() == {"name", "rank", "alpha", "scale", "in_features", "out_features", "kind"}
+    assert shown["modules"][0].keys() == {"name", "rank", "alpha", "scale", "in_features", "out_features", "kind", "kernel"}
     listed = json.loads(cli("list", "--json", "--base", "llama-tiny").output)
     # show alone reads the stored file for lora_bias (no column): list prints the record without it
     assert shown.pop("lora_bias") is False

@@ -1,6 +1,8 @@
 """`loraops register | list | show | rm | check`: the adapter registry from the command line."""
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from . import FLOAT, INT
@@ -119,6 +121,11 @@ def show(ref: str, as_json: bool) -> None:
         biased = r.format == "peft" and has_lora_bias(r.path)
     except (OSError, LoraopsError):
         biased = None  # (unknown: null in the JSON, no line in the text)
+    if any(m.kind == "conv" for m in r.modules):  # (nor their kernels: read from the stored file, as lora_bias)
+        with contextlib.suppress(OSError, LoraopsError), _registry(create=False) as reg:
+            kernels = reg.module_kernels(r.id)
+            r = r.model_copy(update={"modules": [m.model_copy(update={"kernel": kernels.get(m.name)})
+                                                 for m in r.modules]})
     if as_json:
         echo_json({**to_jsonable(r), "lora_bias": biased})
         return

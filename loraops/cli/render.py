@@ -129,7 +129,7 @@ def echo_modules(modules: Sequence[Any]) -> None:
     """The per-module table shared by `inspect` and `show` (ModuleRecord rows)."""
     echo_table(
         ["module", "kind", "rank", "alpha", "scale", "in", "out"],
-        [(m.name, m.kind, "-" if m.rank is None else m.rank, f"{m.alpha:g}", f"{m.scale:.6g}", m.in_features, m.out_features) for m in modules],
+        [(m.name, layer_kind(m.kind, m.kernel), "-" if m.rank is None else m.rank, f"{m.alpha:g}", f"{m.scale:.6g}", m.in_features, m.out_features) for m in modules],
     )
 
 

@@ -612,6 +612,19 @@ class Registry:
             self.blobs.mark_checked(row.blob, held)
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
 
+    def module_kernels(self, ref: str | int) -> dict[str, tuple[int, ...]]:
+        """The kernel sizes of a registered adapter's convolution modules, named as its record names them (bound: by
+        the base's names), from the stored file's headers: the registry's rows do not record them (ModuleRecord)."""
+        from .. import check, formats
+
+        with self.session() as s:
+            row = self._find_adapter(s, ref)
+            path, alpha = self.blobs.path(row.blob), row.alpha_override
+            manifest = self._manifest(s, row.base_id) if row.base_id is not None else None
+        adapter = formats.read_adapter(path, alpha=alpha, values=False)
+        adapter = check.bind(adapter, manifest) if manifest is not None else adapter
+        return {m.name: m.kernel for m in adapter.modules.values() if m.kernel is not None and m.product is None}
+
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
         """Add ``tags`` (a list: one word each, no comma) to the adapter at ``ref``; tags it has already are kept once."""
         with self.session() as s:
