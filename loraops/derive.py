@@ -528,13 +528,18 @@ def naming_base(reg: "Registry", adapter: "Adapter", base: str | int | None) -> 
     """``adapter`` with the base_model_name_or_path of ``base`` (a registered base's name or id) where it names none
     (a kohya file's, and what combine or resize made of one): what a PEFT config written of it says; of a base pulled
     from the Hub, with the commit it was pulled at (the config's revision)."""
-    from .hub import parse_hub_source
-
     if adapter.base_model is not None or base is None:
         return adapter
-    record = reg.get_base(base)
-    hub = parse_hub_source(record.source)
-    return replace(adapter, base_model=base_model_name(record), base_revision=hub.revision if hub else None)
+    return named_for(adapter, reg.get_base(base))
+
+
+def named_for(adapter: "Adapter", base: "BaseRecord") -> "Adapter":
+    """``adapter`` with the base_model_name_or_path (base_model_name) and revision a PEFT config written of it says for
+    ``base``: of a base pulled from the Hub, its repo id at the commit it was pulled at."""
+    from .hub import parse_hub_source
+
+    hub = parse_hub_source(base.source)
+    return replace(adapter, base_model=base_model_name(base), base_revision=hub.revision if hub else None)
 
 
 def base_model_name(base: "BaseRecord") -> str | None:
@@ -643,6 +648,7 @@ def extract(
     with lineage op "extract" (inputs: the base, role "base", and the tuned model, role "tuned", each recorded by
     manifest and fingerprint when given by an unregistered path); see loraops.extraction."""
     from .fsutil import refuse_overlap
+    from .hub import parse_hub_source
     from .merging import resolve_base
     from .extraction import extract_lazily
     from .registry import Registry
@@ -660,6 +666,9 @@ def extract(
                                  precise=precise, dtype=dtype, keep_rounding=keep_rounding, fmt=fmt,
                                  labels=(base_label, tuned_label), output=output)
         (base_record, base_changed), (tuned_record, tuned_changed) = record_model(base_model), record_model(tuned_model)
+        if parse_hub_source(base_record.source) is not None:
+            # its Hub id at its commit (loadable anywhere), not the folder it was downloaded to (extract_lazily's)
+            derived.adapter = named_for(derived.adapter, base_record)
         lineage = LineageSpec(op="extract", params={
             **lineage_rule(rule), "alpha": alpha, "modules": list(modules) if modules else None,
             "save_modules": list(save_modules) if save_modules else None, "precise": precise,

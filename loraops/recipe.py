@@ -70,10 +70,11 @@ REFUSED_TOP = {
     "tokenizer_source": "tokenizer options have no meaning for a LoRA adapter",
     "tokenizer": "tokenizer options have no meaning for a LoRA adapter",
     "chat_template": "a chat template has no meaning for a LoRA adapter",
-    "out_dtype": "the result is written in the adapters' dtype (dtype: float64 computes in float64)",
 }
 DTYPES = {"float32": False, "bfloat16": False, "float16": False, "float64": True}
 """mergekit's dtype → whether loraops computes in float64 (--precise); the others compute in float32 as always."""
+OUT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+"""mergekit's out_dtype (the names its dtype_from_name reads) → combine's --dtype: the written adapter's dtype."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class Recipe:
     params: dict[str, Any] = field(default_factory=dict)
     base_model: str | None = None
     precise: bool = False
+    dtype: str | None = None
+    """combine's --dtype (bf16, fp16, fp32) from out_dtype; None: the inputs' widest."""
 
 
 def read_recipe(path: str | Path, base_folders: Callable[[str], list[str]] | None = None) -> Recipe:
@@ -163,8 +166,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
     for key in data:
         if key in REFUSED_TOP:
             raise refuse(f"{key}: {REFUSED_TOP[key]}")
-        if key not in ("merge_method", "models", "parameters", "base_model", "dtype"):
-            raise refuse(f"unknown key {key!r} (a recipe takes merge_method, models, parameters, base_model, dtype)")
+        if key not in ("merge_method", "models", "parameters", "base_model", "dtype", "out_dtype"):
+            raise refuse(f"unknown key {key!r} (a recipe takes merge_method, models, parameters, base_model, dtype, "
+                         "out_dtype)")
     name = data.get("merge_method")
     if not isinstance(name, str):
         raise refuse("merge_method is missing (give one of " + ", ".join(METHODS) + ")")
@@ -181,6 +185,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
     dtype = data.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise refuse(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    written = data.get("out_dtype")
+    if written is not None and written not in OUT_DTYPES:
+        raise refuse(f"out_dtype {written!r} is not one of {', '.join(OUT_DTYPES)}")
 
     top = _parameters(data.get("parameters"), "parameters", refuse)
     for key in top:
@@ -255,7 +262,8 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         if target is not None:
             params[target] = value
     method, weights = _mapped(name, params, weights, sum(base_weights), refuse)
-    return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False))
+    return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False),
+                  OUT_DTYPES.get(written))
 
 
 def _adapter_of(model: str, bases: list[str]) -> str:

@@ -101,6 +101,17 @@ def test_vector_methods_and_dtype():
     assert (sce.method, sce.params) == ("sce", {"select_topk": 0.5})
 
 
+@pytest.mark.parametrize("top, precise, dtype", [
+    ({}, False, None),
+    ({"out_dtype": "float16"}, False, "fp16"),
+    ({"out_dtype": "bfloat16", "dtype": "float64"}, True, "bf16"),  # computed in float64, written in bfloat16
+    ({"out_dtype": "float32", "dtype": "bfloat16"}, False, "fp32"),
+])
+def test_out_dtype_is_combines_dtype(top, precise, dtype):
+    read = parse_recipe(recipe("ties", ("a", {"weight": 1, "density": 0.5}), **top))
+    assert (read.precise, read.dtype) == (precise, dtype)
+
+
 TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}]}
 
 
@@ -108,9 +119,10 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ([1, 2], "r: a recipe is a mapping with merge_method and models (mergekit's format)"),
     ({**TIES, "slices": []}, "r: slices: layer slices are not supported: a recipe combines whole adapters"),
     ({**TIES, "tokenizer_source": "base"}, "r: tokenizer_source: tokenizer options have no meaning for a LoRA adapter"),
-    ({**TIES, "out_dtype": "float16"}, "r: out_dtype: the result is written in the adapters' dtype"),
+    ({**TIES, "out_dtype": "fp16"}, "r: out_dtype 'fp16' is not one of float32, bfloat16, float16"),  # as mergekit
+    ({**TIES, "out_dtype": "float64"}, "r: out_dtype 'float64' is not one of float32, bfloat16, float16"),
     ({**TIES, "name": "x"}, "r: unknown key 'name' (a recipe takes merge_method, models, parameters, base_model, "
-                            "dtype)"),
+                            "dtype, out_dtype)"),
     ({"models": TIES["models"]}, "r: merge_method is missing (give one of "),
     ({**TIES, "merge_method": "slerp"}, "r: merge_method 'slerp' is not supported for LoRA adapters (use one of "),
     ({**TIES, "merge_method": "magnitude_prune"}, "r: merge_method 'magnitude_prune' is not supported"),
@@ -300,6 +312,32 @@ def test_cli_options_the_recipe_gives_are_refused(files, tmp_path, extra, messag
     argv = ["combine", "--recipe", write(tmp_path / "r.yml", doc), *(a.format(a=files["a"]) for a in extra)]
     run = loraops(*argv)
     assert run.returncode == 2 and run.stderr.startswith(message) and len(run.stderr.splitlines()) == 1, run.stderr
+
+
+@pytest.mark.registry_backend
+def test_cli_out_dtype_writes_that_dtype(files, tmp_path):
+    """out_dtype: float16 is --dtype fp16 (the same file and lineage); --dtype beside it may repeat it, not differ."""
+    from loraops.formats import read_adapter
+    from loraops.registry import Registry
+
+    doc = recipe("ties", (str(files["a"]), {"weight": 0.7, "density": 0.5}), (str(files["b"]), {"weight": 0.5}),
+                 out_dtype="float16")
+    path = write(tmp_path / "r.yml", doc)
+    run = loraops("combine", "--recipe", path, "--name", "half", "-o", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert {m.A.dtype for m in read_adapter(tmp_path / "out").modules.values()} == {torch.float16}
+    with Registry.open() as reg:
+        record = reg.get_adapter("half")
+    assert record.dtype == "float16" and record.lineage.params["dtype"] == "float16"
+    del doc["out_dtype"]
+    run = loraops("combine", "--recipe", write(tmp_path / "plain.yml", doc), "--dtype", "fp16")
+    assert "already registered as half@1" in run.stdout, run.stdout + run.stderr
+    run = loraops("combine", "--recipe", path, "--dtype", "fp16", "-o", tmp_path / "again")
+    assert run.returncode == 0 and "already registered as half@1" in run.stdout, run.stdout + run.stderr
+    run = loraops("combine", "--recipe", path, "--dtype", "fp32")
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1 and run.stderr.startswith(
+        "error: --dtype fp32 given with --recipe, whose out_dtype writes fp16: give one (edit the recipe or drop "
+        "--dtype)"), run.stderr
 
 
 def test_cli_options_beside_the_recipe_apply(files, tmp_path):

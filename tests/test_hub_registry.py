@@ -1023,3 +1023,27 @@ def test_a_hub_base_that_keeps_its_adapter_config_merges(fake_hub, adapters, tmp
     assert runner.invoke(main, ["base", "add", "hub:meta/tiny-merged", "--name", "tiny"]).exit_code == 0
     merged = runner.invoke(main, ["merge", f"{adapters['a']}:0.5", "--into", "tiny", "-o", str(tmp_path / "m")])
     assert merged.exit_code == 0, merged.output
+
+
+def test_extract_from_a_base_pulled_from_the_hub_names_its_repo_and_commit(fake_hub, adapters, registry, tmp_path):
+    """extract's PEFT config names a base added from the Hub as naming_base names it (its repo id, at the commit it
+    was pulled at: loadable anywhere), not by the folder it was downloaded to; also when given by a folder of the same
+    model (the base it is registered against, found by fingerprint); a base of no Hub keeps its folder."""
+    import json
+
+    from factories import tiny_llama
+    from loraops import derive
+
+    commit = fake_hub.commit_folder("meta/tiny", adapters["base"])
+    hub.add_base(registry, "hub:meta/tiny")
+    tuned = tiny_llama(tmp_path / "tuned", seed=1)
+    derive.extract("tiny", str(tuned), rank=2, output=str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("meta/tiny", commit)
+    derive.extract(str(adapters["base"]), str(tuned), rank=3, output=str(tmp_path / "same"))
+    config = json.loads((tmp_path / "same" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("meta/tiny", commit)
+    local = tiny_llama(tmp_path / "local-base", seed=2)
+    derive.extract(str(local), str(tuned), rank=2, output=str(tmp_path / "local"))
+    config = json.loads((tmp_path / "local" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config.get("revision")) == (str(local), None)

@@ -106,7 +106,7 @@ def recipe_arguments(ctx: click.Context, path: str):
 @click.argument("inputs", nargs=-1, metavar="REF[:WEIGHT]...")
 @click.option("--recipe", type=click.Path(dir_okay=False),
               help="A mergekit YAML configuration (merge_method, models with per-model weight/density/gamma/epsilon, "
-                   "parameters, base_model, dtype) in place of the adapters, --method and its parameters.")
+                   "parameters, base_model, dtype, out_dtype) in place of the adapters, --method and its parameters.")
 @click.option("-m", "--method", default="cat", show_default=True, help=METHOD_HELP + ".")
 @click.option("--rank", type=INT, help="Output rank (linear/svd, nuslerp, model_stock, multislerp: default Σ ranks, "
                                        "lossless; element-wise, sce: largest input rank).")
@@ -174,6 +174,10 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
         read = recipe_arguments(ctx, recipe)
         method, refs, base_model, precise = read.method, read.inputs, read.base_model, precise or read.precise
         params = {**read.params, **params}  # params holds only what no recipe gives (seed, consensus)
+        if None not in (dtype, read.dtype) and dtype != read.dtype:
+            raise click.UsageError(f"--dtype {dtype} given with --recipe, whose out_dtype writes {read.dtype}: give "
+                                   "one (edit the recipe or drop --dtype)")
+        dtype = dtype or read.dtype
     elif not inputs:
         raise click.UsageError("give the adapters to combine (REF[:WEIGHT]...), or --recipe")
     result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
