@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..fsutil import refuse_overlaps
+from ..references import is_integer
 from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
 from .blobs import BlobStore
 
@@ -118,6 +119,8 @@ class Reader:
         False: their modules counted, not listed (1,000 adapters of 224 modules: 1.6 s and 354 MB to list)."""
         where, params = ["1 = 1"], []
         # (no module has a rank below 1: the 0 stored for a LoKr module of whole factors means it has none)
+        if rank is not None and not is_integer(rank):
+            raise InvalidInputError(f"rank must be an integer (got {rank!r})")
         if rank is not None and not 1 <= rank <= MAX_INTEGER:
             return []
         if base is not None:

@@ -31,6 +31,7 @@ from .. import settings
 from ..fsutil import path_exists, refuse_unrecordable, remove, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
+from ..references import is_weight
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
@@ -71,6 +72,14 @@ class BlobProblem:
     problem: str
     pull_again: str | None = None
     """For an adapter pulled from the Hub, the `loraops pull` that repairs it (hub.pull_again)."""
+
+
+def refuse_bad_grace(grace_s: object, option: str = "grace_s") -> None:
+    """gc's grace, a number of seconds ≥ 0 (``option``: as the caller names it, `--grace` for the CLI): a negative one
+    kept nothing from removal either, NaN compared as "old" to everything."""
+    if not is_weight(grace_s) or not grace_s >= 0:
+        shown = f"{grace_s:g}" if is_weight(grace_s) else repr(grace_s)
+        raise InvalidInputError(f"{option} {shown}: give a number of seconds ≥ 0")
 
 
 class Registry:
@@ -889,6 +898,7 @@ class Registry:
         gone (BlobStore.stray_stamps); returns each with its size in bytes. Anything younger than ``grace_s`` is
         kept: it may belong to a registration in progress. The shard folders this empties go too (under the shard's
         lock, see BlobStore.prune)."""
+        refuse_bad_grace(grace_s)
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
         cutoff = time.time() - grace_s
