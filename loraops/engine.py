@@ -380,14 +380,16 @@ VERBS = {"merge": "merging into", "subtract": "subtracting from", "restore": "re
 def refuse_misnamed(model: BaseModel, output: str | Path, operation: str) -> None:
     """The output of ``operation`` on ``model`` is of the model's kind: a folder of a folder model, one file of a
     single-file one; named as the other kind, it is refused (fsutil.refuse_misnamed_output)."""
-    refuse_misnamed_kind(model.is_single_file, model.path.name, output, operation)
+    refuse_misnamed_kind(model.is_single_file, model.path.name, output, operation, model.path)
 
 
-def refuse_misnamed_kind(single_file: bool, label: str, output: str | Path, operation: str) -> None:
-    """refuse_misnamed for a model known by its kind and label only, before it is opened (or downloaded)."""
+def refuse_misnamed_kind(single_file: bool, label: str, output: str | Path, operation: str,
+                         path: str | Path | None = None) -> None:
+    """refuse_misnamed for a model known by its kind, label and ``path`` only, before it is opened (or downloaded):
+    a single file's output may end in that file's own suffix too (model.sft → out.sft)."""
     kind = "single-file" if single_file else "folder"
-    refuse_misnamed_output(output, is_dir=not single_file,
-                           what=f"the output of {VERBS[operation]} the {kind} model {label}")
+    refuse_misnamed_output(output, is_dir=not single_file, what=f"the output of {VERBS[operation]} the {kind} model "
+                           f"{label}", own=Path(path).suffix if single_file and path else "")
 
 
 def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> None:
