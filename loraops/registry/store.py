@@ -622,17 +622,9 @@ class Registry:
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
 
     def module_kernels(self, ref: str | int) -> dict[str, tuple[int, ...]]:
-        """The kernel sizes of a registered adapter's convolution modules, named as its record names them (bound: by
-        the base's names), from the stored file's headers: the registry's rows do not record them (ModuleRecord)."""
-        from .. import check, formats
-
-        with self.session() as s:
-            row = self._find_adapter(s, ref)
-            path, alpha = self.blobs.path(row.blob), row.alpha_override
-            manifest = self._manifest(s, row.base_id) if row.base_id is not None else None
-        adapter = formats.read_adapter(path, alpha=alpha, values=False)
-        adapter = check.bind(adapter, manifest) if manifest is not None else adapter
-        return {m.name: m.kernel for m in adapter.modules.values() if m.kernel is not None and m.product is None}
+        """The kernel sizes of a registered adapter's convolution modules (reads.Reader.module_kernels)."""
+        with self.reader() as r:
+            return r.module_kernels(ref)
 
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
         """Add ``tags`` (a list: one word each, no comma) to the adapter at ``ref``; tags it has already are kept once."""
@@ -939,10 +931,7 @@ class Registry:
         return s.get(SqlBase, self._reader(s).base_id(ref))
 
     def _manifest(self, s: Session, base_id: int) -> dict[str, TensorRecord]:
-        rows = s.execute(
-            select(SqlBaseTensor.name, SqlBaseTensor.dtype, SqlBaseTensor.shape).where(SqlBaseTensor.base_id == base_id)
-        )
-        return {name: TensorRecord(name=name, dtype=dtype, shape=tuple(shape)) for name, dtype, shape in rows}
+        return self._reader(s).manifest(base_id)
 
     def _recorded_file(self, path: Path) -> bool:
         """Whether ``path`` is a stored file a record names: one registered under a name that starts with the temp
