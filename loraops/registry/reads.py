@@ -122,6 +122,7 @@ class Reader:
         # (no module has a rank below 1: the 0 stored for a LoKr module of whole factors means it has none)
         if rank is not None and not is_integer(rank):
             raise InvalidInputError(f"rank must be an integer (got {rank!r})")
+        rank = int(rank) if rank is not None else None  # (a numpy int: sqlite3 bound its bytes, matching nothing)
         if rank is not None and not 1 <= rank <= MAX_INTEGER:
             return []
         if base is not None:
