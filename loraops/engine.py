@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows, weighted
-from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
+from .basemodel import PICKLE_SUFFIXES, BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
                     saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
                     tied_head_source, side_tied_head, side_tokens_apart, unstored_head_of, untie_refusal, untied,
@@ -388,8 +388,10 @@ def refuse_misnamed_kind(single_file: bool, label: str, output: str | Path, oper
     """refuse_misnamed for a model known by its kind, label and ``path`` only, before it is opened (or downloaded):
     a single file's output may end in that file's own suffix too (model.sft → out.sft)."""
     kind = "single-file" if single_file else "folder"
+    own = Path(path).suffix if single_file and path else ""
+    # (not a pickle's: safetensors bytes read as model.bin, but an out.bin is what other tools torch.load)
     refuse_misnamed_output(output, is_dir=not single_file, what=f"the output of {VERBS[operation]} the {kind} model "
-                           f"{label}", own=Path(path).suffix if single_file and path else "")
+                           f"{label}", own="" if own.lower() in PICKLE_SUFFIXES else own)
 
 
 def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> None:

@@ -190,3 +190,9 @@ def test_a_single_file_model_named_sft_takes_an_output_named_sft(tmp_path):
     st.write_safetensors(single, {"q.weight": torch.ones(4, 4)})
     assert run("merge", "--dtype", "fp16", "--into", single, "-o", tmp_path / "x.sft", code=2).output.endswith(
         "give a name ending in .safetensors\n")
+    # a safetensors file named as a pickle is read as a base, but its output is not named as one (torch.load's)
+    named_bin = tmp_path / "model.bin"
+    st.write_safetensors(named_bin, {"q.weight": torch.ones(4, 4)})
+    assert run("merge", "--dtype", "fp16", "--into", named_bin, "-o", tmp_path / "x.bin", code=2).output.endswith(
+        "give a name ending in .safetensors\n")
+    assert not (tmp_path / "x.bin").exists()
