@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import ldm
 from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
 from .errors import InvalidInputError, MismatchError
+from .references import is_integer
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
 
 if TYPE_CHECKING:
@@ -462,7 +462,7 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     if spec.check_weights is not None:
         spec.check_weights(method, list(weights), parsed)
     for what, given in (("rank", rank), ("conv rank", conv_rank)):
-        if given is not None and (isinstance(given, bool) or not isinstance(given, numbers.Integral) or given <= 0):
+        if given is not None and (not is_integer(given) or given <= 0):
             raise InvalidInputError(f"{what} must be a positive integer (got {given!r})")
         if given is not None and spec.default_rank is None:
             raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --{what.replace(' ', '-')} "

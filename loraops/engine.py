@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows, weighted
-from .basemodel import BaseModel, fingerprint_of, store_digests, tensor_digest
+from .basemodel import PICKLE_SUFFIXES, BaseModel, fingerprint_of, store_digests, tensor_digest
 from .check import (can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
                     saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
                     tied_head_source, side_tied_head, side_tokens_apart, unstored_head_of, untie_refusal, untied,
@@ -380,14 +380,18 @@ VERBS = {"merge": "merging into", "subtract": "subtracting from", "restore": "re
 def refuse_misnamed(model: BaseModel, output: str | Path, operation: str) -> None:
     """The output of ``operation`` on ``model`` is of the model's kind: a folder of a folder model, one file of a
     single-file one; named as the other kind, it is refused (fsutil.refuse_misnamed_output)."""
-    refuse_misnamed_kind(model.is_single_file, model.path.name, output, operation)
+    refuse_misnamed_kind(model.is_single_file, model.path.name, output, operation, model.path)
 
 
-def refuse_misnamed_kind(single_file: bool, label: str, output: str | Path, operation: str) -> None:
-    """refuse_misnamed for a model known by its kind and label only, before it is opened (or downloaded)."""
+def refuse_misnamed_kind(single_file: bool, label: str, output: str | Path, operation: str,
+                         path: str | Path | None = None) -> None:
+    """refuse_misnamed for a model known by its kind, label and ``path`` only, before it is opened (or downloaded):
+    a single file's output may end in that file's own suffix too (model.sft → out.sft)."""
     kind = "single-file" if single_file else "folder"
-    refuse_misnamed_output(output, is_dir=not single_file,
-                           what=f"the output of {VERBS[operation]} the {kind} model {label}")
+    own = Path(path).suffix if single_file and path else ""
+    # (not a pickle's: safetensors bytes read as model.bin, but an out.bin is what other tools torch.load)
+    refuse_misnamed_output(output, is_dir=not single_file, what=f"the output of {VERBS[operation]} the {kind} model "
+                           f"{label}", own="" if own.lower() in PICKLE_SUFFIXES else own)
 
 
 def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> None:

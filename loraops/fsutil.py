@@ -138,11 +138,13 @@ def refuse_unrecordable(path: str | Path) -> None:
                                 "it") from None
 
 
-def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, instead: str = "") -> None:
+def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, instead: str = "", own: str = "") -> None:
     """Refuse an output named as the other kind of thing than the one written there: a folder whose name ends in
     .safetensors (`merge --into FOLDER -o x.safetensors` made a folder of that name), or one file named as a folder,
     with a trailing '/' (`-o out/` made a file named out), or not named .safetensors. ``what`` is what is written (e.g. "a peft adapter"),
-    ``instead`` an alternative the user has (", or --format kohya for one file"). Checked before anything is read."""
+    ``instead`` an alternative the user has (", or --format kohya for one file"), ``own`` the suffix of the single
+    file the output is made from, taken too (a base named .sft, as early FLUX releases were, which ComfyUI lists).
+    Checked before anything is read."""
     text = str(output)
     if is_dir and Path(text).suffix.lower() == ".safetensors":
         raise InvalidInputError(f"{text}: {what} is a folder, not one .safetensors file; give a folder name{instead}")
@@ -151,8 +153,10 @@ def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, inste
                                 f"{instead}")
     # Refused, not renamed: the output is where the user said. Without the suffix the file was written as named, and
     # kohya's scripts, ComfyUI, A1111 and diffusers' single-file loaders list or read only .safetensors files.
-    if not is_dir and Path(text).suffix.lower() != ".safetensors":
-        raise InvalidInputError(f"{text}: {what} is one .safetensors file; give a name ending in .safetensors{instead}")
+    suffixes = dict.fromkeys([".safetensors", own.lower()] if own else [".safetensors"])
+    if not is_dir and Path(text).suffix.lower() not in suffixes:
+        raise InvalidInputError(f"{text}: {what} is one .safetensors file; give a name ending in "
+                                f"{' or '.join(suffixes)}{instead}")
 
 
 def refuse_existing(path: str | Path, force: bool = False) -> None:

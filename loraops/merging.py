@@ -96,7 +96,7 @@ def resolve_base(reg, ref: str | Path, output: str | Path | None = None,
     record = reg.get_base(str(ref))
     single_file = reg.base_is_single_file(record.id) if output is not None else None
     if single_file is not None:
-        engine.refuse_misnamed_kind(single_file, record.name, output, operation)
+        engine.refuse_misnamed_kind(single_file, record.name, output, operation, record.path)
     return BaseModel.open(reg.base_path(record.id)), record.name
 
 

@@ -84,6 +84,11 @@ def is_weight(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_integer(value: object) -> bool:
+    """An integer as Python code gives one (numpy's too), not a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _python_number(text: str) -> bool:
     try:
         float(text)

@@ -530,3 +530,40 @@ def test_show_of_a_conv_adapter_whose_stored_file_is_damaged_still_shows_it(tmp_
         assert code == 0 and _kind_column(out)["conv3"] == "conv" and "stored at" in out, out
         code, out = run("show", "p", "--json")
         assert code == 0 and all(m["kernel"] is None for m in json.loads(out)["modules"]), out
+
+
+@pytest.mark.sqlite_only
+def test_show_reads_a_convs_kernel_without_opening_the_registry_for_writing(tmp_path):
+    """show of an adapter with a conv opened the whole registry (SQLAlchemy, Alembic, a writable connection that
+    switched an SQLite file to WAL) only to read the kernels from the stored file; it reads them through the same
+    read-only reader as the record (reads.Reader.module_kernels, which Registry.module_kernels runs too)."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from loraops import settings
+
+    base = save_state_dict(conv_embedding_model(), tmp_path / "base.safetensors")
+    kohya = kohya_file(tmp_path / "k.safetensors", {"lora_unet_conv1": ((4, 1, 1), (8, 1, 1)),
+                                                    "lora_unet_conv3": ((8, 3, 3), (6, 1, 1))}, rank=2)
+    assert run("base", "add", base, "--name", "b")[0] == 0
+    assert run("register", kohya, "--name", "k", "--base", "b")[0] == 0
+    with Registry.open() as reg:
+        assert reg.module_kernels("k") == {"conv1": (1, 1), "conv3": (3, 3)}  # (the library's, bound to b)
+    database = settings.sqlite_database()
+    connection = sqlite3.connect(database)  # (a registry restored from a copy in SQLite's default mode)
+    connection.execute("PRAGMA journal_mode=DELETE")
+    connection.close()
+    code = ("import json, sys; from loraops.cli import main\n"
+            "try: main(['show', 'k', '--json'])\n"
+            "except SystemExit as e: assert not e.code, e.code\n"
+            "heavy = {'sqlalchemy', 'alembic'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(settings.__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert {m["name"]: m["kernel"] for m in json.loads(done.stdout)["modules"]} == {"conv1": [1, 1], "conv3": [3, 3]}
+    connection = sqlite3.connect(database)
+    assert connection.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    connection.close()

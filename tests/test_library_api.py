@@ -6,6 +6,7 @@ import inspect
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from factories import peft_adapter, tiny_llama
@@ -181,3 +182,21 @@ def test_pairs_may_be_lists_and_weights_numpy_numbers(art, tmp_path):
         with pytest.raises(InvalidInputError, match="takes"):
             engine.merge(art["base"], wrong, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_list_rank_and_gc_grace_are_refused_in_the_library_as_the_cli_refuses_them(art):
+    """Registry.list_adapters(rank="8") raised a raw TypeError (reads compares it with integers), rank=True or 8.0
+    matched as 1 or 8; Registry.gc(grace_s=-1) was accepted though the CLI refuses --grace -1 (and NaN compared as
+    "old" to everything: every unused file removed at once)."""
+    with Registry.open() as reg:
+        reg.add_adapter(art["ad"])
+        for rank in ("8", 4.0, True):
+            with pytest.raises(InvalidInputError, match=rf"^rank must be an integer \(got {rank!r}\)$"):
+                reg.list_adapters(rank=rank)
+        assert len(reg.list_adapters(rank=4)) == 1 and reg.list_adapters(rank=0) == []
+        # a numpy int is an integer (references.is_integer): sqlite3 bound its bytes as a blob, and it matched nothing
+        assert [len(reg.list_adapters(rank=np.int64(4))), len(reg.list_adapters(rank=np.int32(4)))] == [1, 1]
+        for grace, shown in ((-1, "-1"), (float("nan"), "nan"), ("60", "'60'"), (None, "None")):
+            with pytest.raises(InvalidInputError, match=rf"^grace_s {shown}: give a number of seconds ≥ 0$"):
+                reg.gc(grace_s=grace)
+        assert reg.gc(grace_s=0) == []

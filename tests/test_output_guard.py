@@ -166,3 +166,33 @@ def test_a_registered_bases_kind_is_known_from_its_record(tmp_path):
     gone = run("merge", "--dtype", "bf16", "--into", "one", "-o", tmp_path / "x.safetensors", code=3)
     assert gone.output == f"error: base 'one': its files are no longer at {single}; `loraops base add` them again\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_a_single_file_model_named_sft_takes_an_output_named_sft(tmp_path):
+    """A single-file base named .sft (early FLUX releases; ComfyUI lists .sft) is read as a base, but its merge and
+    subtract outputs had to end in .safetensors: an output may end in the base file's own suffix too (one rule,
+    fsutil.refuse_misnamed_output), for a base given by path or registered; any other name is still refused."""
+    import torch
+
+    from loraops import st
+
+    flux = tmp_path / "flux.sft"
+    st.write_safetensors(flux, {"q.weight": torch.ones(4, 4)})
+    run("base", "add", flux, "--name", "fx")
+    run("merge", "--dtype", "bf16", "--into", flux, "-o", tmp_path / "out.sft")  # (recorded: a derived base)
+    assert st.read_header(tmp_path / "out.sft").tensors.keys() == {"q.weight"}
+    run("merge", "--dtype", "fp16", "--into", "fx", "-o", tmp_path / "back.SFT", "--no-record")
+    assert (tmp_path / "back.SFT").is_file()
+    result = run("subtract", "style", "--from", "fx", "-o", tmp_path / "out.ckpt", "--no-record", code=2)
+    assert result.output == (f"error: {tmp_path}/out.ckpt: the output of subtracting from the single-file model fx is "
+                             "one .safetensors file; give a name ending in .safetensors or .sft\n")
+    single = tmp_path / "single.safetensors"
+    st.write_safetensors(single, {"q.weight": torch.ones(4, 4)})
+    assert run("merge", "--dtype", "fp16", "--into", single, "-o", tmp_path / "x.sft", code=2).output.endswith(
+        "give a name ending in .safetensors\n")
+    # a safetensors file named as a pickle is read as a base, but its output is not named as one (torch.load's)
+    named_bin = tmp_path / "model.bin"
+    st.write_safetensors(named_bin, {"q.weight": torch.ones(4, 4)})
+    assert run("merge", "--dtype", "fp16", "--into", named_bin, "-o", tmp_path / "x.bin", code=2).output.endswith(
+        "give a name ending in .safetensors\n")
+    assert not (tmp_path / "x.bin").exists()

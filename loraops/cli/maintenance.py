@@ -14,10 +14,9 @@ from .render import human_bytes
               help="Keep anything younger than this (a registration may be in progress).")
 def gc(dry_run: bool, grace: float) -> None:
     """Remove stored adapter files no record uses, and leftovers of interrupted copies."""
-    from ..errors import InvalidInputError
+    from ..registry.store import refuse_bad_grace
 
-    if grace < 0:  # (NaN, which compared as "old" to everything, is refused where the option is read: FLOAT)
-        raise InvalidInputError(f"--grace {grace:g}: give a number of seconds ≥ 0")
+    refuse_bad_grace(grace, "--grace")  # (before the registry is opened)
     with _registry(create=False) as reg:
         found = reg.gc(grace_s=grace, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"

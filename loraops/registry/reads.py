@@ -23,7 +23,9 @@ from urllib.parse import quote
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..fsutil import refuse_overlaps
-from ..records import AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord
+from ..references import is_integer
+from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord,
+                       TensorRecord)
 from .blobs import BlobStore
 
 HEAD = "0006"
@@ -118,6 +120,9 @@ class Reader:
         False: their modules counted, not listed (1,000 adapters of 224 modules: 1.6 s and 354 MB to list)."""
         where, params = ["1 = 1"], []
         # (no module has a rank below 1: the 0 stored for a LoKr module of whole factors means it has none)
+        if rank is not None and not is_integer(rank):
+            raise InvalidInputError(f"rank must be an integer (got {rank!r})")
+        rank = int(rank) if rank is not None else None  # (a numpy int: sqlite3 bound its bytes, matching nothing)
         if rank is not None and not 1 <= rank <= MAX_INTEGER:
             return []
         if base is not None:
@@ -136,6 +141,17 @@ class Reader:
             where.append("a.id IN (SELECT adapter_id FROM adapter_tags WHERE tag = ?)")
             params.append(tag)
         return self._adapters(" AND ".join(where), params, modules)
+
+    def module_kernels(self, ref: str | int) -> dict[str, tuple[int, ...]]:
+        """The kernel sizes of a registered adapter's convolution modules, named as its record names them (bound: by
+        the base's names), from the stored file's headers: the registry's rows do not record them (ModuleRecord)."""
+        from .. import check, formats
+
+        (blob, alpha, base_id), = self.rows("SELECT blob, alpha_override, base_id FROM adapters WHERE id = ?",
+                                            [self.adapter_id(ref)])
+        adapter = formats.read_adapter(self.blobs.path(blob), alpha=alpha, values=False)
+        adapter = check.bind(adapter, self.manifest(base_id)) if base_id is not None else adapter
+        return {m.name: m.kernel for m in adapter.modules.values() if m.kernel is not None and m.product is None}
 
     def adapter_id(self, ref: str | int) -> int:
         """The id of the adapter ``ref`` names (see the module docstring), or a one-line NotFound/Ambiguous error."""
@@ -238,6 +254,11 @@ class Reader:
         """The registered base with exactly this fingerprint, if any (e.g. the pristine base of a merged model)."""
         found = self._bases("b.fingerprint = ?", [fingerprint])
         return found[0] if found else None
+
+    def manifest(self, base_id: int) -> dict[str, TensorRecord]:
+        """A registered base's tensors (name, dtype, shape) by name."""
+        return {name: TensorRecord(name=name, dtype=dtype, shape=tuple(_json(shape))) for name, dtype, shape in
+                self.rows("SELECT name, dtype, shape FROM base_tensors WHERE base_id = ?", [base_id])}
 
     def base_id(self, ref: str | int) -> int:
         """The id of the base ``ref`` names (name, id, or fingerprint prefix), or a one-line error."""

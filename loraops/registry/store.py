@@ -31,6 +31,7 @@ from .. import settings
 from ..fsutil import path_exists, refuse_unrecordable, remove, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
+from ..references import is_weight
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
@@ -71,6 +72,14 @@ class BlobProblem:
     problem: str
     pull_again: str | None = None
     """For an adapter pulled from the Hub, the `loraops pull` that repairs it (hub.pull_again)."""
+
+
+def refuse_bad_grace(grace_s: object, option: str = "grace_s") -> None:
+    """gc's grace, a number of seconds ≥ 0 (``option``: as the caller names it, `--grace` for the CLI): a negative one
+    kept nothing from removal either, NaN compared as "old" to everything."""
+    if not is_weight(grace_s) or not grace_s >= 0:
+        shown = f"{grace_s:g}" if is_weight(grace_s) else repr(grace_s)
+        raise InvalidInputError(f"{option} {shown}: give a number of seconds ≥ 0")
 
 
 class Registry:
@@ -613,17 +622,9 @@ class Registry:
         return check.bind(adapter, manifest) if manifest is not None and bind else adapter
 
     def module_kernels(self, ref: str | int) -> dict[str, tuple[int, ...]]:
-        """The kernel sizes of a registered adapter's convolution modules, named as its record names them (bound: by
-        the base's names), from the stored file's headers: the registry's rows do not record them (ModuleRecord)."""
-        from .. import check, formats
-
-        with self.session() as s:
-            row = self._find_adapter(s, ref)
-            path, alpha = self.blobs.path(row.blob), row.alpha_override
-            manifest = self._manifest(s, row.base_id) if row.base_id is not None else None
-        adapter = formats.read_adapter(path, alpha=alpha, values=False)
-        adapter = check.bind(adapter, manifest) if manifest is not None else adapter
-        return {m.name: m.kernel for m in adapter.modules.values() if m.kernel is not None and m.product is None}
+        """The kernel sizes of a registered adapter's convolution modules (reads.Reader.module_kernels)."""
+        with self.reader() as r:
+            return r.module_kernels(ref)
 
     def add_tags(self, ref: str | int, tags: Iterable[str]) -> AdapterRecord:
         """Add ``tags`` (a list: one word each, no comma) to the adapter at ``ref``; tags it has already are kept once."""
@@ -889,6 +890,7 @@ class Registry:
         gone (BlobStore.stray_stamps); returns each with its size in bytes. Anything younger than ``grace_s`` is
         kept: it may belong to a registration in progress. The shard folders this empties go too (under the shard's
         lock, see BlobStore.prune)."""
+        refuse_bad_grace(grace_s)
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
         cutoff = time.time() - grace_s
@@ -929,10 +931,7 @@ class Registry:
         return s.get(SqlBase, self._reader(s).base_id(ref))
 
     def _manifest(self, s: Session, base_id: int) -> dict[str, TensorRecord]:
-        rows = s.execute(
-            select(SqlBaseTensor.name, SqlBaseTensor.dtype, SqlBaseTensor.shape).where(SqlBaseTensor.base_id == base_id)
-        )
-        return {name: TensorRecord(name=name, dtype=dtype, shape=tuple(shape)) for name, dtype, shape in rows}
+        return self._reader(s).manifest(base_id)
 
     def _recorded_file(self, path: Path) -> bool:
         """Whether ``path`` is a stored file a record names: one registered under a name that starts with the temp
