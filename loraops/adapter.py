@@ -439,7 +439,6 @@ class Adapter:
                 + sum(r.values.numel() for r in self.token_rows.values()))
 
 
-
 def adapter_argument(adapter: object, what: str) -> "Adapter":
     """An Adapter as the in-memory API takes it (algebra.resize, and weighted's pairs): a path or registry reference
     raised a raw AttributeError far inside."""

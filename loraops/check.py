@@ -1422,7 +1422,8 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
             sides: Callable[[str], dict] | None = None,
             heads: bool = True) -> tuple[CheckReport, Callable[[Adapter], Adapter]]:
     """(the report, ``bind`` by the names this check resolved: for ``adapter`` or another read of its file, with the
-    same names, such as its headers alone; only where the report is ok). Every module matched by name and shape, or exactly what is not (never raises for a misfit). With
+    same names, such as its headers alone; only where the report is ok). Every module matched by name and shape, or
+    exactly what is not (never raises for a misfit). With
     ``quantization`` (tensor → its model's quantization_config, BaseModel.quantization_config), a module (or trainable
     tokens) on a quantized weight is also checked to be one loraops can merge into (loraops.fp8): missing, with
     merge's reason, if not. With ``config`` (tensor → its model's config.json, BaseModel.config), the heads a merge

@@ -1281,11 +1281,11 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
                  nonzero) -> "torch.Tensor":
     """DoRA's f = m / ‖W + Δ‖ per output channel; a zero norm (W + Δ all zeros there: its direction is undefined, and
     PEFT writes NaN) is refused, and so is one beyond what the work dtype holds (finite values whose squares
-    overflow: f became 0, and the channel was written as zeros, silently; or underflow, values below 1e-19 in
+    overflow: f became 0, and the channel was written as zeros, silently; or underflow, values below ~2.6e-23 in
     float32, bfloat16's subnormals: ``nonzero()``, the channels where W + Δ is not all zeros, asked only then, tells
-    them from a zero channel), and one that is inf because the base holds
-    ±inf in the channel (``base_inf()``: the channels where it does, asked only then; PEFT's f is 0 there and its
-    merge writes the channel as zeros with NaN at the inf, which no dtype mends). A NaN norm (a NaN in the base's
+    them from a zero channel), and one that is inf because the base holds ±inf in the channel (``base_inf()``: the
+    channels where it does, asked only then; PEFT's f is 0 there and its merge writes the channel as zeros with NaN
+    at the inf, which no dtype mends). A NaN norm (a NaN in the base's
     channel, or deltas that cancel as inf − inf) is left to _refuse_overflow, which tells the two apart: the base's
     NaN stays NaN, as in PEFT's merge."""
     import torch

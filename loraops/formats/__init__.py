@@ -193,8 +193,8 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
 
 def refuse_misnamed(dest: str | Path, fmt: str) -> None:
     """An output named as what ``fmt`` does not write (fsutil.refuse_misnamed_output): a peft folder named
-    .safetensors, a kohya or diffusers file not named .safetensors. Commands check it before reading their inputs, once they
-    know the format, so a long computation does not end in it."""
+    .safetensors, a kohya or diffusers file not named .safetensors. Commands check it before reading their inputs,
+    once they know the format, so a long computation does not end in it."""
     is_dir = WRITERS[fmt][1]
     instead = ", or --format kohya/diffusers for one .safetensors file" if is_dir else ", or --format peft for a folder"
     refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=instead)

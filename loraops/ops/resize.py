@@ -106,9 +106,8 @@ def resize_module(
     keep_zero_rank: bool = False, exact: bool = False, out: torch.dtype | None = None,
 ) -> tuple[LoraModule, ResizeModuleRecord]:
     """The module at its new rank (factors in ``out``, default the module's dtype, on the CPU) and its report line. A
-    LoHa/LoKr
-    module becomes a LoRA: its dense ΔW/scale is factorized (``factorize_dense``; its rank may be above the product's
-    r, up to the ΔW's own)."""
+    LoHa/LoKr module becomes a LoRA: its dense ΔW/scale is factorized (``factorize_dense``; its rank may be above the
+    product's r, up to the ΔW's own)."""
     before = module.rank
     rule = rule.for_module(module)
     if module.product is not None:

@@ -88,7 +88,7 @@ class Registry:
         self.blobs = blobs
         self.read_only = read_only
         self.earlier = earlier
-        """The store loraops used for this registry before it had its own (see _open), for _recover."""
+        """The store loraops used for this registry before it had its own (see _stores), for _recover."""
 
     @classmethod
     def open(cls, url: str | None = None, *, create: bool = True) -> "Registry":
