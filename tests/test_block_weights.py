@@ -169,3 +169,79 @@ def test_sdxl_and_other_adapters_refused(tmp_path):
     flux = kohya_file(tmp_path / "f.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": ((8,), (24,))}, seed=1)
     with pytest.raises(InvalidInputError, match="in none of their blocks"):
         combine([str(flux)], "cat", block_weights=[[1.0] * 20], name="f")
+
+
+MERGED = {  # layout → modules (original checkpoint paths) of a LoRA merged with block weights
+    "sd15": ["input_blocks.1.1.proj_in", "input_blocks.3.0.op", "middle_block.1.proj_out",
+             "output_blocks.5.2.conv", "output_blocks.11.1.transformer_blocks.0.attn2.to_k"],
+    "sdxl": ["label_emb.0.0", "input_blocks.4.1.proj_in", "middle_block.1.proj_in", "output_blocks.2.2.conv",
+             "out.2"],
+}
+
+
+@pytest.mark.parametrize("layout, count", [("sd15", 26), ("sd15", 17), ("sdxl", 20), ("sdxl", 12)])
+def test_merge_weighs_each_block(tmp_path, layout, count):
+    """sd-scripts' names (diffusers paths for SD 1.x, the checkpoint's for SDXL) merged into a tiny single-file UNet:
+    each tensor moves by ratio · block weight · ΔW (float64 reference); the lineage records the weights."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from test_extract_sd_names import unet_checkpoint
+    from test_ldm import SD15, SDXL
+
+    from loraops.registry import Registry
+
+    sdxl = layout == "sdxl"
+    base = unet_checkpoint(SDXL if sdxl else SD15)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    modules = {}
+    for path in MERGED[layout]:
+        shape = base[f"model.diffusion_model.{path}.weight"].shape
+        name = path if sdxl else ldm.unet_path(path, False)
+        modules["lora_unet_" + name.replace(".", "_")] = ((shape[1], *shape[2:]), (shape[0], *[1] * len(shape[2:])))
+    lora = kohya_file(tmp_path / "a.safetensors", modules, rank=2, alpha=1.0, seed=3,
+                      metadata={"ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1"})
+    weights = weights_of(count, 5)
+    run = loraops_run("merge", f"{lora}:0.6", "--into", tmp_path / "base.safetensors", "--device", "cpu",
+                      "--block-weights", ",".join(map(repr, weights)), "-o", tmp_path / "m.safetensors", "--name", "m")
+    assert run.returncode == 0, run.stderr
+    merged, adapter = load_file(str(tmp_path / "m.safetensors")), read_adapter(lora)
+    by_block = dict(zip(LAYOUTS[count][1], weights))
+    for path, name in zip(MERGED[layout], modules):
+        tensor = f"model.diffusion_model.{path}.weight"
+        delta = adapter.modules[name].delta(dtype=torch.float64).reshape(base[tensor].shape)
+        expected = base[tensor].double() + 0.6 * by_block.get(block_of(name), 1.0) * delta
+        torch.testing.assert_close(merged[tensor].double(), expected, rtol=1e-5, atol=1e-5, msg=path)
+    with Registry.open() as reg:
+        lineage = reg.get_base("m").lineage
+    assert json.loads(json.dumps(lineage.params))["adapters"][0]["block_weights"] == weights
+
+
+def test_subtract_exact_re_merges_what_stays_with_its_block_weights(tmp_path):
+    """subtract --exact re-merges the adapters that stay merged onto the recorded base: one merged with block weights
+    comes back with them (bit-identical to merging it alone); taken off without them, it is not the one merged."""
+    from safetensors.torch import load_file, save_file
+    from test_extract_sd_names import unet_checkpoint
+    from test_ldm import SD15
+
+    base = unet_checkpoint(SD15)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    modules = {}
+    for path in ("input_blocks.1.1.proj_in", "middle_block.1.proj_out"):
+        shape = base[f"model.diffusion_model.{path}.weight"].shape
+        modules["lora_unet_" + ldm.unet_path(path, False).replace(".", "_")] = ((shape[1], 1, 1), (shape[0], 1, 1))
+    a = kohya_file(tmp_path / "a.safetensors", modules, rank=2, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", modules, rank=2, seed=2)
+    weights = ",".join(map(repr, weights_of(17, 7)))
+    ones = ",".join(["1"] * 17)
+    into = ["--into", tmp_path / "base.safetensors", "--device", "cpu"]
+    assert loraops_run("merge", a, b, *into, "--block-weights", weights, "--block-weights", ones,
+                       "-o", tmp_path / "ab.safetensors").returncode == 0
+    assert loraops_run("merge", a, *into, "--block-weights", weights, "-o", tmp_path / "a-only.safetensors",
+                       "--no-record").returncode == 0
+    run = loraops_run("subtract", b, "--from", tmp_path / "ab.safetensors", "--exact", "-o", tmp_path / "r.safetensors")
+    assert run.returncode == 0, run.stderr
+    restored, alone = load_file(str(tmp_path / "r.safetensors")), load_file(str(tmp_path / "a-only.safetensors"))
+    assert all(torch.equal(restored[k], alone[k]) for k in alone)
+    run = loraops_run("subtract", a, b, "--from", tmp_path / "ab.safetensors", "--exact", "-o", tmp_path / "r2.safetensors")
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
