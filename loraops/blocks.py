@@ -78,7 +78,10 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
     inner = text.strip()
     if inner.startswith("[") and inner.endswith("]"):
         inner = inner[1:-1]
-    weights = tuple(parse_number(part.strip()) for part in inner.split(","))
+    try:
+        weights = tuple(parse_number(part.strip()) for part in inner.split(","))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"block weights {text!r}: {exc}") from None
     if len(weights) not in LAYOUTS:
         raise InvalidInputError(f"block weights {text!r}: {len(weights)} numbers, where a list has {COUNTS}")
     return tuple(float(w) for w in weights)
@@ -130,7 +133,8 @@ def checked_lists(lists: "Sequence[str | Sequence[float]] | None", inputs: int) 
         if isinstance(weights, str):
             checked.append(parse_block_weights(weights))
             continue
-        if not all(is_weight(w) for w in weights) or not all(math.isfinite(w) for w in weights):
+        if (not isinstance(weights, (list, tuple)) or not all(is_weight(w) for w in weights)
+                or not all(math.isfinite(w) for w in weights)):
             raise InvalidInputError(f"block weights {list(weights)!r}: every weight must be a finite number")
         if len(weights) not in LAYOUTS:
             raise InvalidInputError(f"block weights: {len(weights)} numbers, where a list has {COUNTS}")
