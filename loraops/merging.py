@@ -40,10 +40,11 @@ class Input:
 
     def weighed(self, weights: "Sequence[float] | None") -> "Input":
         """This input with its block weights applied (itself for none)."""
-        if weights is None or all(w == 1 for w in weights):  # (the same ΔW, recorded as merged without them)
+        if weights is None:
             return self
-        return replace(self, adapter=blocks.block_weighted(self.adapter, weights, self.label),
-                       block_weights=tuple(weights))
+        adapter = blocks.block_weighted(self.adapter, weights, self.label)  # (checked even when all 1s)
+        # a list of 1s is the same ΔW: recorded as merged without block weights, so subtract matches it
+        return replace(self, adapter=adapter, block_weights=None if all(w == 1 for w in weights) else tuple(weights))
 
     def recorded_blocks(self) -> dict:
         """What a merge's lineage records of its block weights, beside its weight (nothing for none)."""
