@@ -133,8 +133,10 @@ def checked_lists(lists: "Sequence[str | Sequence[float]] | None", inputs: int) 
         if isinstance(weights, str):
             checked.append(parse_block_weights(weights))
             continue
-        if (not isinstance(weights, (list, tuple)) or not all(is_weight(w) for w in weights)
-                or not all(math.isfinite(w) for w in weights)):
+        if not isinstance(weights, (list, tuple)):
+            raise InvalidInputError(f"block weights {weights!r}: give each adapter's as a list of numbers (or a "
+                                    "string '1,0.5,…')")
+        if not all(is_weight(w) for w in weights) or not all(math.isfinite(w) for w in weights):
             raise InvalidInputError(f"block weights {list(weights)!r}: every weight must be a finite number")
         if len(weights) not in LAYOUTS:
             raise InvalidInputError(f"block weights: {len(weights)} numbers, where a list has {COUNTS}")

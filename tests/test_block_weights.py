@@ -245,3 +245,12 @@ def test_subtract_exact_re_merges_what_stays_with_its_block_weights(tmp_path):
     assert all(torch.equal(restored[k], alone[k]) for k in alone)
     run = loraops_run("subtract", a, b, "--from", tmp_path / "ab.safetensors", "--exact", "-o", tmp_path / "r2.safetensors")
     assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.parametrize("item", [None, 0.5, 17])
+def test_python_api_refuses_an_item_that_is_no_list(tmp_path, item):
+    """One list per adapter: a None or a bare number in its place is refused (InvalidInputError), not a TypeError."""
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    with pytest.raises(InvalidInputError, match="list of numbers"):
+        combine([str(a)], "cat", block_weights=[item], output=str(tmp_path / "out.safetensors"))
+    assert not (tmp_path / "out.safetensors").exists()
