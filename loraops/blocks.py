@@ -106,16 +106,21 @@ def block_weighted(adapter: "Adapter", weights: Sequence[float], label: str) -> 
                                     f"SDXL lacks): give it 17 or 26 block weights, not {len(weights)}")
         weight = by_block.get(block, 1.0)
         modules[name] = module if weight == 1 else replace(module, scale=module.scale * weight)
-    if unet == SD and is_sdxl(adapter):
-        raise InvalidInputError(f"{label} is an SDXL adapter: give it 12 or 20 block weights, not {len(weights)}")
+    told = told_unet(adapter)
+    if told not in (None, unet):
+        counts = "12 or 20" if told == SDXL else "17 or 26"
+        raise InvalidInputError(f"{label} is an {told} adapter: give it {counts} block weights, not {len(weights)}")
     return replace(adapter, modules=modules)
 
 
-def is_sdxl(adapter: "Adapter") -> bool:
-    """Whether an adapter says it is for SDXL: sd-scripts' metadata, or a second text encoder's modules."""
-    if adapter.metadata.get("ss_base_model_version", "").startswith("sdxl"):
-        return True
-    return any(name.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "conditioner.")) for name in adapter.modules)
+def told_unet(adapter: "Adapter") -> str | None:
+    """The U-Net an adapter says it is for (SD or SDXL), else None: sd-scripts' metadata (ss_base_model_version
+    sdxl_…, or sd_v1/sd_v2…), or a second text encoder's modules (SDXL)."""
+    version = adapter.metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl") or any(name.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "conditioner."))
+                                         for name in adapter.modules):
+        return SDXL
+    return SD if version.startswith("sd_v") else None
 
 
 def checked_lists(lists: "Sequence[str | Sequence[float]] | None", inputs: int) -> list[tuple[float, ...]] | None:

@@ -254,3 +254,15 @@ def test_python_api_refuses_an_item_that_is_no_list(tmp_path, item):
     with pytest.raises(InvalidInputError, match="list of numbers"):
         combine([str(a)], "cat", block_weights=[item], output=str(tmp_path / "out.safetensors"))
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sd_adapter_by_its_metadata_refuses_an_sdxl_list(tmp_path):
+    """An SD 1.x LoRA whose modules are all in blocks SDXL has too is still told by sd-scripts' metadata (sd_v1): an
+    SDXL list (which would weigh other blocks than the user meant, sd-scripts' SDXL layout) is refused."""
+    modules = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj": ((16,), (16,)),
+               "lora_unet_down_blocks_1_attentions_0_proj_in": ((8,), (8,))}
+    sd = kohya_file(tmp_path / "a.safetensors", modules, rank=4, seed=1, metadata={"ss_base_model_version": "sd_v1"})
+    with pytest.raises(InvalidInputError, match="is an SD 1.x/2.x adapter: give it 17 or 26 block weights, not 12"):
+        combine([str(sd)], "cat", block_weights=[[0.5] * 12], output=str(tmp_path / "out.safetensors"))
+    assert not (tmp_path / "out.safetensors").exists()
+    combine([str(sd)], "cat", block_weights=[[0.5] * 17], output=str(tmp_path / "out.safetensors"))  # accepted
