@@ -87,9 +87,10 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
     return tuple(float(w) for w in weights)
 
 
-def block_weighted(adapter: "Adapter", weights: Sequence[float], label: str) -> "Adapter":
+def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: str) -> "Adapter":
     """``adapter`` with each module's ΔW multiplied by its block's weight (1 for a block ``weights`` does not name);
     ``label`` names the adapter in errors."""
+    weights = checked(weights)
     unet, blocks = LAYOUTS[len(weights)]
     by_block = dict(zip(blocks, weights))
     if adapter.full_tensors or adapter.token_rows:
@@ -133,20 +134,21 @@ def checked_lists(lists: "Sequence[str | Sequence[float]] | None", inputs: int) 
     if len(lists) != inputs:
         raise InvalidInputError(f"{len(lists)} lists of block weights for {inputs} adapters: give one per adapter, "
                                 "in order (a list of 1s leaves one as it is)")
-    checked = []
-    for weights in lists:
-        if isinstance(weights, str):
-            checked.append(parse_block_weights(weights))
-            continue
-        if not isinstance(weights, (list, tuple)):
-            raise InvalidInputError(f"block weights {weights!r}: give each adapter's as a list of numbers (or a "
-                                    "string '1,0.5,…')")
-        if not all(is_weight(w) for w in weights) or not all(math.isfinite(w) for w in weights):
-            raise InvalidInputError(f"block weights {list(weights)!r}: every weight must be a finite number")
-        if len(weights) not in LAYOUTS:
-            raise InvalidInputError(f"block weights: {len(weights)} numbers, where a list has {COUNTS}")
-        checked.append(tuple(float(w) for w in weights))
-    return checked
+    return [checked(weights) for weights in lists]
+
+
+def checked(weights: "str | Sequence[float]") -> tuple[float, ...]:
+    """One adapter's block weights — a string (parse_block_weights) or a sequence of numbers — checked."""
+    if isinstance(weights, str):
+        return parse_block_weights(weights)
+    if not isinstance(weights, (list, tuple)):
+        raise InvalidInputError(f"block weights {weights!r}: give each adapter's as a list of numbers (or a "
+                                "string '1,0.5,…')")
+    if not all(is_weight(w) for w in weights) or not all(math.isfinite(w) for w in weights):
+        raise InvalidInputError(f"block weights {list(weights)!r}: every weight must be a finite number")
+    if len(weights) not in LAYOUTS:
+        raise InvalidInputError(f"block weights: {len(weights)} numbers, where a list has {COUNTS}")
+    return tuple(float(w) for w in weights)
 
 
 def lineage(lists: "Sequence[Sequence[float]] | None") -> dict:

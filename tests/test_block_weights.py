@@ -266,3 +266,16 @@ def test_sd_adapter_by_its_metadata_refuses_an_sdxl_list(tmp_path):
         combine([str(sd)], "cat", block_weights=[[0.5] * 12], output=str(tmp_path / "out.safetensors"))
     assert not (tmp_path / "out.safetensors").exists()
     combine([str(sd)], "cat", block_weights=[[0.5] * 17], output=str(tmp_path / "out.safetensors"))  # accepted
+
+
+@pytest.mark.parametrize("weights", [[1.0] * 5, "1,2", [None] * 17])
+def test_block_weighted_checks_its_list(tmp_path, weights):
+    """The public block_weighted checks the list it is given (InvalidInputError), as the commands do."""
+    from loraops.blocks import block_weighted
+
+    adapter = read_adapter(kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1))
+    with pytest.raises(InvalidInputError, match="block weights"):
+        block_weighted(adapter, weights, "a")
+    halved = block_weighted(adapter, "[" + ",".join(["0.5"] * 17) + "]", "a")  # sd-scripts' spelling, as documented
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert halved.modules[name].scale == 0.5 * adapter.modules[name].scale
