@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
-from . import algebra
+from . import algebra, blocks
 from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
@@ -394,19 +394,26 @@ def combine(
     rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
     output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
     base_model: str | None = None, conv_rank: int | None = None, dtype: str | None = None,
+    block_weights: "Sequence[Sequence[float]] | None" = None,
 ) -> DerivedRecord:
     """Combine registered adapters or paths — (ref, weight) pairs or 'REF[:W]' strings — and register the result; see
     algebra.combine. ``base_model`` (a recipe's): the base every input must be for (see check_base_model). ``dtype``
-    (bf16, fp16, fp32): the written tensors' (default: the inputs' widest), rounded once from the computed values."""
+    (bf16, fp16, fp32): the written tensors' (default: the inputs' widest), rounded once from the computed values.
+    ``block_weights``: one list per input of a Stable Diffusion LoRA's block weights (see loraops.blocks), each
+    input's deltas weighed by them before the method sees them."""
     from .registry import Registry
 
     refs = weighted_inputs(refs)
+    block_weights = blocks.checked_lists(block_weights, len(refs))
     arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs], conv_rank)
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with Registry.open() as reg, inputs_of(reg) as open_input:
         check_output(reg, output, fmt)
         inputs = [open_input(ref, base) for ref, _ in refs]
+        if block_weights is not None:
+            inputs = [replace(i, adapter=blocks.block_weighted(i.adapter, weights, i.record.ref))
+                      for i, weights in zip(inputs, block_weights)]
         written = fmt or algebra.combined_format([i.adapter for i in inputs])
         for i in inputs:  # before the work: what could not be written is refused first
             refuse_unwritable(i.adapter, written)
@@ -425,7 +432,7 @@ def combine(
             note_zero_biases(combined.adapter, [i.adapter for i in inputs])
         lineage = LineageSpec(
             op="combine", params=with_conv_rank({"method": method, "params": arguments.record(), "rank": rank,
-                                                 **lineage_dtype(dtype)}, conv_rank),
+                                                 **lineage_dtype(dtype), **blocks.lineage(block_weights)}, conv_rank),
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"

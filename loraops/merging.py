@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from . import engine
+from . import blocks, engine
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
@@ -35,6 +35,20 @@ class Input:
     weight: float
     sha256: str
     registry_id: int | None = None
+    block_weights: tuple[float, ...] | None = None
+    """A Stable Diffusion LoRA's block weights (loraops.blocks), already applied to ``adapter``; None for none."""
+
+    def weighed(self, weights: "Sequence[float] | None") -> "Input":
+        """This input with its block weights applied (itself for none)."""
+        if weights is None:
+            return self
+        adapter = blocks.block_weighted(self.adapter, weights, self.label)  # (checked even when all 1s)
+        # a list of 1s is the same ΔW: recorded as merged without block weights, so subtract matches it
+        return replace(self, adapter=adapter, block_weights=None if all(w == 1 for w in weights) else tuple(weights))
+
+    def recorded_blocks(self) -> dict:
+        """What a merge's lineage records of its block weights, beside its weight (nothing for none)."""
+        return {} if self.block_weights is None else {"block_weights": list(self.block_weights)}
 
 
 def resolve_adapter(reg, ref: str, weight: float) -> Input:
@@ -161,15 +175,18 @@ class _Landing:
 
 
 def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
-          name: str | None = None, record: bool = True, **options) -> MergeReport:
+          name: str | None = None, record: bool = True, block_weights: "Sequence[Sequence[float]] | None" = None,
+          **options) -> MergeReport:
     """`loraops merge`: adapters given as 'REF[:W]' strings or (ref, weight) pairs merged into ``base`` (a ref or
-    path), then recorded."""
+    path), then recorded. ``block_weights``: one list per adapter of a Stable Diffusion LoRA's block weights (see
+    loraops.blocks), recorded with it."""
     pairs = weighted_inputs(adapters)
+    lists = blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
     with _Landing(output, record):
-        return _merge(base, pairs, output, name=name, record=record, **options)
+        return _merge(base, pairs, output, name=name, record=record, lists=lists, **options)
 
 
-def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
+def _merge(base, adapters, output, *, name, record, lists, **options) -> MergeReport:
     if not adapters and options.get("dtype") is None:
         raise InvalidInputError("no adapter to merge: give at least one, or --dtype to convert the base alone "
                                 "(an FP8 model to bf16, say)")
@@ -181,7 +198,7 @@ def _merge(base, adapters, output, *, name, record, **options) -> MergeReport:
         _check_output(reg, output, record, base, adapters)
         model, _ = _streamed(reg, base, early, output, "merge")
         engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
-        inputs = [resolve_adapter(reg, ref, weight) for ref, weight in adapters]
+        inputs = [resolve_adapter(reg, ref, weight).weighed(weights) for (ref, weight), weights in zip(adapters, lists)]
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
         if not record:
@@ -280,7 +297,8 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
         # display (F8_E4M3 for an FP8 model kept FP8, or BF16 for one whose bytes are mostly its bf16 embeddings)
         "requested_dtype": engine.parse_dtype(options.get("dtype")),
         "base": {"name": source_record.name, "fingerprint": source_record.fingerprint},
-        "adapters": [{"label": i.label, "sha256": i.sha256, "weight": sign * i.weight} for i in inputs],
+        "adapters": [{"label": i.label, "sha256": i.sha256, "weight": sign * i.weight, **i.recorded_blocks()}
+                     for i in inputs],
     }
     if report.operation == "restore":
         params["restored"] = True
@@ -431,7 +449,8 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         )
     remaining, stray = _take_off(params, inputs)
     if stray is not None:
-        merged_with = ", ".join(f"{a['label']}:{a['weight']:g}" for a in params["adapters"])
+        merged_with = ", ".join(f"{a['label']}:{a['weight']:g}" + (" with block weights" if "block_weights" in a else "")
+                                for a in params["adapters"])
         raise MismatchError(
             f"--exact: {stray.label}:{stray.weight:g} is not one of the adapters {label} was merged with ({merged_with})"
         )
@@ -456,7 +475,8 @@ def _take_off(params: dict, inputs: list[Input]) -> tuple[list[dict], Input | No
     by identity and weight, and the first input that is none of them (None when all are)."""
     remaining = [dict(a) for a in params["adapters"]]
     for i in inputs:
-        match = next((a for a in remaining if a["sha256"] == i.sha256 and math.isclose(a["weight"], i.weight)), None)
+        match = next((a for a in remaining if a["sha256"] == i.sha256 and math.isclose(a["weight"], i.weight)
+                      and a.get("block_weights") == i.recorded_blocks().get("block_weights")), None)
         if match is None:
             return remaining, i
         remaining.remove(match)
@@ -476,7 +496,7 @@ def _recorded_adapter(reg, entry: dict) -> Input:
     if found is None:
         raise NotFoundError(f"--exact: adapter {entry['label']} (sha256 {entry['sha256'][:12]}), which stays merged, "
                             "is neither registered nor at its recorded path any more")
-    return found
+    return found.weighed(entry.get("block_weights"))
 
 
 def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:

@@ -22,6 +22,12 @@ def dtype_option(default: str):
                         help=f"dtype of the factors (default: {default}).")
 
 
+block_weights_option = click.option(
+    "--block-weights", multiple=True, metavar="W,W,...",
+    help="Stable Diffusion LoRA block weights (sd-scripts' --lbws), once per adapter in order: 17 or 26 numbers (SD "
+         "1.x/2.x) or 12 or 20 (SDXL), BASE (text encoders), then the IN, MID and OUT blocks; each block's ΔW is "
+         "multiplied by its weight (and by the adapter's :WEIGHT).")
+
 base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
 
 
@@ -153,13 +159,14 @@ def recipe_arguments(ctx: click.Context, path: str):
               help="multislerp: divide the weights by their sum (default on, as mergekit).")
 @click.option("--eps", type=FLOAT,
               help="multislerp: mergekit's eps, added to each delta's norm (default 1e-8; 0: none).")
+@block_weights_option
 @dtype_option("the inputs' widest")
 @compute_options
 @output_options
 @click.pass_context
 def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilon, seed, rescale, rescale_norm, consensus,
-            select_topk, flatten, row_wise, filter_wise, normalize, lambda_, normalize_weights, eps, dtype, device,
-            precise, base, output, fmt, force, name, as_json) -> None:
+            select_topk, flatten, row_wise, filter_wise, normalize, lambda_, normalize_weights, eps, block_weights, dtype,
+            device, precise, base, output, fmt, force, name, as_json) -> None:
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage; or the adapters of a mergekit recipe (--recipe)."""
     from .. import derive
@@ -182,7 +189,7 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
         raise click.UsageError("give the adapters to combine (REF[:WEIGHT]...), or --recipe")
     result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
                             device=device, precise=precise, name=name, output=output, fmt=fmt, force=force, base=base,
-                            base_model=base_model, conv_rank=conv_rank, dtype=dtype)
+                            base_model=base_model, conv_rank=conv_rank, dtype=dtype, block_weights=block_weights)
     if as_json:
         echo_json(result)
         return

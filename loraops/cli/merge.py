@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .algebra import block_weights_option
 from .render import echo_base_changed, echo_json, human_bytes, not_again
 
 
@@ -25,15 +26,16 @@ def _options(fn):
 @click.command()
 @click.argument("adapters", nargs=-1, metavar="[REF[:W]]...")
 @click.option("--into", "base", required=True, metavar="BASE", help="Base model: registered base or path.")
+@block_weights_option
 @_options
-def merge(adapters, base, output, dtype, device, precise, force, name, no_record, as_json) -> None:
+def merge(adapters, base, block_weights, output, dtype, device, precise, force, name, no_record, as_json) -> None:
     """Merge adapters into a base: W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, rounded once. REF is a registry reference or a path; a
     trailing :W weights it (default 1, negative negates). An FP8 base (fine-grained, as DeepSeek-V3) stays FP8 with
     new block scales, or comes out dequantized with --dtype; with no adapters, --dtype alone converts the base."""
     from .. import merging
 
     report = merging.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
-                          precise=precise, force=force)
+                          precise=precise, force=force, block_weights=block_weights)
     _render_done(report, as_json, name)
 
 

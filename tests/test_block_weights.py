@@ -1,0 +1,281 @@
+"""Stable Diffusion LoRA block weights (sd-scripts' --lbws): the block of a module under every naming (kohya, diffusers,
+the original checkpoint's), and combine weighing each block's ΔW against a float64 reference."""
+import pytest
+import torch
+
+from factories import kohya_file, loraops_run
+from loraops import ldm
+from loraops.blocks import LAYOUTS, block_of, parse_block_weights
+from loraops.derive import combine
+from loraops.errors import InvalidInputError
+from loraops.formats import read_adapter
+
+# (name, block) as sd-scripts' own files name SD 1.x modules (diffusers paths) and SDXL ones (LDM paths)
+KOHYA = [
+    ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "BASE"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in", "IN01"),
+    ("lora_unet_down_blocks_0_resnets_1_conv1", "IN02"),
+    ("lora_unet_down_blocks_0_downsamplers_0_conv", "IN03"),
+    ("lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k", "IN05"),
+    ("lora_unet_down_blocks_2_downsamplers_0_conv", "IN09"),
+    ("lora_unet_down_blocks_3_resnets_1_conv2", "IN11"),
+    ("lora_unet_mid_block_attentions_0_proj_out", "MID"),
+    ("lora_unet_up_blocks_0_resnets_0_conv1", "OUT00"),
+    ("lora_unet_up_blocks_0_upsamplers_0_conv", "OUT02"),
+    ("lora_unet_up_blocks_1_attentions_2_proj_in", "OUT05"),
+    ("lora_unet_up_blocks_1_upsamplers_0_conv", "OUT05"),
+    ("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2", "OUT11"),
+    ("lora_te1_text_model_encoder_layers_3_mlp_fc1", "BASE"),
+    ("lora_te2_text_model_encoder_layers_3_mlp_fc1", "BASE"),
+    ("lora_unet_time_embed_0", "IN00"),
+    ("lora_unet_label_emb_0_2", "IN00"),
+    ("lora_unet_input_blocks_0_0", "IN00"),
+    ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", "IN04"),
+    ("lora_unet_input_blocks_8_1_proj_out", "IN08"),
+    ("lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0", "MID"),
+    ("lora_unet_output_blocks_0_1_proj_in", "OUT00"),
+    ("lora_unet_output_blocks_8_0_skip_connection", "OUT08"),
+    ("lora_unet_out_2", None),
+    # diffusers' and the checkpoints' own (dotted) paths
+    ("unet.down_blocks.1.attentions.0.proj_in", "IN04"),
+    ("down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_v", "IN08"),
+    ("text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj", "BASE"),
+    ("text_model.encoder.layers.0.self_attn.k_proj", "BASE"),
+    ("model.diffusion_model.output_blocks.11.1.proj_out", "OUT11"),
+    ("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc2", "BASE"),
+    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj", "BASE"),
+    ("unet.conv_out", None),
+]
+
+
+@pytest.mark.parametrize("name, block", KOHYA)
+def test_block_of_each_naming(name, block):
+    assert block_of(name) == block
+
+
+# every LDM module of each U-Net's blocks (SD 1.x: 12 input/output blocks, attention in input 1-2, 4-5, 7-8 and
+# output 3-11; SDXL: 9, attention from input 4 and output up to 5), and the diffusers path loraops' own checkpoint
+# translation gives it: both in the same block
+SD_LDM = (["input_blocks.0.0"] + [f"input_blocks.{n}.0.in_layers.2" for n in (1, 2, 4, 5, 7, 8, 10, 11)]
+          + [f"input_blocks.{n}.1.proj_in" for n in (1, 2, 4, 5, 7, 8)] + [f"input_blocks.{n}.0.op" for n in (3, 6, 9)]
+          + ["middle_block.0.in_layers.2", "middle_block.1.proj_out"]
+          + [f"output_blocks.{n}.0.in_layers.2" for n in range(12)] + [f"output_blocks.{n}.1.proj_in" for n in range(3, 12)]
+          + ["output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"])
+SDXL_LDM = (["input_blocks.0.0"] + [f"input_blocks.{n}.0.in_layers.2" for n in (1, 2, 4, 5, 7, 8)]
+            + [f"input_blocks.{n}.1.proj_in" for n in (4, 5, 7, 8)] + ["input_blocks.3.0.op", "input_blocks.6.0.op"]
+            + [f"output_blocks.{n}.0.in_layers.2" for n in range(9)] + [f"output_blocks.{n}.1.proj_in" for n in range(6)]
+            + ["output_blocks.2.2.conv", "output_blocks.5.2.conv"])
+
+
+@pytest.mark.parametrize("sdxl, paths", [(False, SD_LDM), (True, SDXL_LDM)])
+def test_diffusers_and_checkpoint_names_share_blocks(sdxl, paths):
+    for path in paths:
+        block = f"{'IN' if path.startswith('input') else 'OUT' if path.startswith('output') else 'MID'}"
+        if block != "MID":
+            block += f"{int(path.split('.')[1]):02d}"
+        diffusers = ldm.unet_path(path, sdxl)
+        for name in (path, "model.diffusion_model." + path, "lora_unet_" + path.replace(".", "_"), diffusers,
+                     "unet." + diffusers, "lora_unet_" + diffusers.replace(".", "_")):
+            assert block_of(name) == block, name
+
+
+def test_layouts_name_the_blocks_of_their_unet():
+    assert {n: len(blocks) for n, (_, blocks) in LAYOUTS.items()} == {26: 26, 17: 17, 20: 20, 12: 12}
+    # sd-scripts' 17 and 12 are the blocks its default LoRA (attention only) trains, and the text encoders
+    attention = {"BASE", "MID"} | {block_of("lora_unet_" + p.replace(".", "_")) for p in SD_LDM if ".1.proj_in" in p}
+    assert set(LAYOUTS[17][1]) == attention
+    sdxl = {"BASE", "MID"} | {block_of(p) for p in SDXL_LDM if ".1.proj_in" in p}
+    assert set(LAYOUTS[12][1]) == sdxl
+
+
+@pytest.mark.parametrize("text", ["1,2,3", "[1, 1]", "1,x," + "1," * 15 + "1", ""])
+def test_bad_lists_are_refused(text):
+    with pytest.raises(InvalidInputError):
+        parse_block_weights(text)
+
+
+def test_parse_sd_scripts_spelling():
+    assert parse_block_weights("[" + ", ".join(["0.5"] * 17) + "]") == (0.5,) * 17
+    assert parse_block_weights(",".join(["-1"] * 20)) == (-1.0,) * 20
+
+
+SD_MODULES = {  # kohya name → (down shape, up shape) without the rank
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": ((16,), (16,)),
+    "lora_unet_down_blocks_0_attentions_0_proj_in": ((8,), (8,)),
+    "lora_unet_down_blocks_0_downsamplers_0_conv": ((8, 3, 3), (8, 1, 1)),  # IN03: not in a 17-list
+    "lora_unet_down_blocks_1_attentions_1_proj_out": ((12,), (12,)),
+    "lora_unet_mid_block_attentions_0_proj_in": ((12,), (12,)),
+    "lora_unet_up_blocks_1_resnets_2_conv1": ((12, 3, 3), (12, 1, 1)),
+    "lora_unet_up_blocks_3_attentions_2_proj_out": ((8,), (8,)),
+    "lora_unet_conv_in": ((4, 3, 3), (8, 1, 1)),
+}
+
+
+def weights_of(layout: int, seed: int) -> list[float]:
+    return torch.empty(layout, dtype=torch.float64).uniform_(-1, 2, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("layout", [17, 26])
+def test_combine_weighs_each_block(tmp_path, layout):
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, alpha=2.0, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", SD_MODULES, rank=3, alpha=3.0, seed=2)
+    lists = [weights_of(layout, 1), weights_of(layout, 2)]
+    combine([(str(a), 0.7), (str(b), -0.4)], "cat", block_weights=lists, output=str(tmp_path / "out.safetensors"))
+    result = read_adapter(tmp_path / "out.safetensors")
+    assert result.modules.keys() == SD_MODULES.keys()
+    blocks = LAYOUTS[layout][1]
+    for name, module in result.modules.items():
+        expected = 0
+        for path, ratio, weights in ((a, 0.7, lists[0]), (b, -0.4, lists[1])):
+            one = read_adapter(path).modules[name]
+            block = dict(zip(blocks, weights)).get(block_of(name), 1.0)  # unnamed blocks keep 1, as sd-scripts'
+            expected = expected + ratio * block * one.delta(dtype=torch.float64)
+        torch.testing.assert_close(module.delta(dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
+    # the 17-list leaves IN03 and conv_in as they were; the 26-list weighs IN03 too (conv_in is IN00 there)
+    assert (block_of("lora_unet_down_blocks_0_downsamplers_0_conv") in blocks) == (layout == 26)
+
+
+def test_combine_cli_and_lineage(tmp_path):
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    ones, halves = ",".join(["1"] * 17), "[" + ",".join(["0.5"] * 17) + "]"
+    run = loraops_run("combine", a, a, "--block-weights", ones, "--block-weights", halves, "--name", "ab",
+                      "-o", tmp_path / "ab.safetensors", "--json")
+    assert run.returncode == 0, run.stderr
+    assert '"block_weights": [' in run.stdout
+    result, one = read_adapter(tmp_path / "ab.safetensors"), read_adapter(a)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"  # IN01: 1 + 0.5
+    torch.testing.assert_close(result.modules[name].delta(), 1.5 * one.modules[name].delta(), rtol=1e-5, atol=1e-6)
+    name = "lora_unet_conv_in"  # in no block of a 17-list: 1 + 1
+    torch.testing.assert_close(result.modules[name].delta(), 2 * one.modules[name].delta(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--block-weights", ",".join(["1"] * 17)], "1 lists of block weights for 2 adapters"),
+    (["--block-weights", ",".join(["1"] * 18), "--block-weights", ",".join(["1"] * 18)], "18 numbers"),
+    (["--block-weights", ",".join(["1"] * 20)] * 2, "SD 1.x/2.x adapter"),
+])
+def test_cli_refusals(tmp_path, args, message):
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    run = loraops_run("combine", a, a, *args)
+    assert run.returncode != 0 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_sdxl_and_other_adapters_refused(tmp_path):
+    sdxl = kohya_file(tmp_path / "x.safetensors", {"lora_te1_text_model_encoder_layers_0_mlp_fc1": ((8,), (8,)),
+                                                   "lora_unet_input_blocks_4_1_proj_in": ((8,), (8,))}, seed=1)
+    with pytest.raises(InvalidInputError, match="SDXL adapter: give it 12 or 20"):
+        combine([str(sdxl)], "cat", block_weights=[[1.0] * 26], name="x1")
+    combine([str(sdxl)], "cat", block_weights=[[0.5] * 12], name="x2")  # accepted
+    flux = kohya_file(tmp_path / "f.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": ((8,), (24,))}, seed=1)
+    with pytest.raises(InvalidInputError, match="in none of their blocks"):
+        combine([str(flux)], "cat", block_weights=[[1.0] * 20], name="f")
+
+
+MERGED = {  # layout → modules (original checkpoint paths) of a LoRA merged with block weights
+    "sd15": ["input_blocks.1.1.proj_in", "input_blocks.3.0.op", "middle_block.1.proj_out",
+             "output_blocks.5.2.conv", "output_blocks.11.1.transformer_blocks.0.attn2.to_k"],
+    "sdxl": ["label_emb.0.0", "input_blocks.4.1.proj_in", "middle_block.1.proj_in", "output_blocks.2.2.conv",
+             "out.2"],
+}
+
+
+@pytest.mark.parametrize("layout, count", [("sd15", 26), ("sd15", 17), ("sdxl", 20), ("sdxl", 12)])
+def test_merge_weighs_each_block(tmp_path, layout, count):
+    """sd-scripts' names (diffusers paths for SD 1.x, the checkpoint's for SDXL) merged into a tiny single-file UNet:
+    each tensor moves by ratio · block weight · ΔW (float64 reference); the lineage records the weights."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from test_extract_sd_names import unet_checkpoint
+    from test_ldm import SD15, SDXL
+
+    from loraops.registry import Registry
+
+    sdxl = layout == "sdxl"
+    base = unet_checkpoint(SDXL if sdxl else SD15)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    modules = {}
+    for path in MERGED[layout]:
+        shape = base[f"model.diffusion_model.{path}.weight"].shape
+        name = path if sdxl else ldm.unet_path(path, False)
+        modules["lora_unet_" + name.replace(".", "_")] = ((shape[1], *shape[2:]), (shape[0], *[1] * len(shape[2:])))
+    lora = kohya_file(tmp_path / "a.safetensors", modules, rank=2, alpha=1.0, seed=3,
+                      metadata={"ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1"})
+    weights = weights_of(count, 5)
+    run = loraops_run("merge", f"{lora}:0.6", "--into", tmp_path / "base.safetensors", "--device", "cpu",
+                      "--block-weights", ",".join(map(repr, weights)), "-o", tmp_path / "m.safetensors", "--name", "m")
+    assert run.returncode == 0, run.stderr
+    merged, adapter = load_file(str(tmp_path / "m.safetensors")), read_adapter(lora)
+    by_block = dict(zip(LAYOUTS[count][1], weights))
+    for path, name in zip(MERGED[layout], modules):
+        tensor = f"model.diffusion_model.{path}.weight"
+        delta = adapter.modules[name].delta(dtype=torch.float64).reshape(base[tensor].shape)
+        expected = base[tensor].double() + 0.6 * by_block.get(block_of(name), 1.0) * delta
+        torch.testing.assert_close(merged[tensor].double(), expected, rtol=1e-5, atol=1e-5, msg=path)
+    with Registry.open() as reg:
+        lineage = reg.get_base("m").lineage
+    assert json.loads(json.dumps(lineage.params))["adapters"][0]["block_weights"] == weights
+
+
+def test_subtract_exact_re_merges_what_stays_with_its_block_weights(tmp_path):
+    """subtract --exact re-merges the adapters that stay merged onto the recorded base: one merged with block weights
+    comes back with them (bit-identical to merging it alone); taken off without them, it is not the one merged."""
+    from safetensors.torch import load_file, save_file
+    from test_extract_sd_names import unet_checkpoint
+    from test_ldm import SD15
+
+    base = unet_checkpoint(SD15)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    modules = {}
+    for path in ("input_blocks.1.1.proj_in", "middle_block.1.proj_out"):
+        shape = base[f"model.diffusion_model.{path}.weight"].shape
+        modules["lora_unet_" + ldm.unet_path(path, False).replace(".", "_")] = ((shape[1], 1, 1), (shape[0], 1, 1))
+    a = kohya_file(tmp_path / "a.safetensors", modules, rank=2, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", modules, rank=2, seed=2)
+    weights = ",".join(map(repr, weights_of(17, 7)))
+    ones = ",".join(["1"] * 17)
+    into = ["--into", tmp_path / "base.safetensors", "--device", "cpu"]
+    assert loraops_run("merge", a, b, *into, "--block-weights", weights, "--block-weights", ones,
+                       "-o", tmp_path / "ab.safetensors").returncode == 0
+    assert loraops_run("merge", a, *into, "--block-weights", weights, "-o", tmp_path / "a-only.safetensors",
+                       "--no-record").returncode == 0
+    run = loraops_run("subtract", b, "--from", tmp_path / "ab.safetensors", "--exact", "-o", tmp_path / "r.safetensors")
+    assert run.returncode == 0, run.stderr
+    restored, alone = load_file(str(tmp_path / "r.safetensors")), load_file(str(tmp_path / "a-only.safetensors"))
+    assert all(torch.equal(restored[k], alone[k]) for k in alone)
+    run = loraops_run("subtract", a, b, "--from", tmp_path / "ab.safetensors", "--exact", "-o", tmp_path / "r2.safetensors")
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.parametrize("item", [None, 0.5, 17])
+def test_python_api_refuses_an_item_that_is_no_list(tmp_path, item):
+    """One list per adapter: a None or a bare number in its place is refused (InvalidInputError), not a TypeError."""
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    with pytest.raises(InvalidInputError, match="list of numbers"):
+        combine([str(a)], "cat", block_weights=[item], output=str(tmp_path / "out.safetensors"))
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sd_adapter_by_its_metadata_refuses_an_sdxl_list(tmp_path):
+    """An SD 1.x LoRA whose modules are all in blocks SDXL has too is still told by sd-scripts' metadata (sd_v1): an
+    SDXL list (which would weigh other blocks than the user meant, sd-scripts' SDXL layout) is refused."""
+    modules = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj": ((16,), (16,)),
+               "lora_unet_down_blocks_1_attentions_0_proj_in": ((8,), (8,))}
+    sd = kohya_file(tmp_path / "a.safetensors", modules, rank=4, seed=1, metadata={"ss_base_model_version": "sd_v1"})
+    with pytest.raises(InvalidInputError, match="is an SD 1.x/2.x adapter: give it 17 or 26 block weights, not 12"):
+        combine([str(sd)], "cat", block_weights=[[0.5] * 12], output=str(tmp_path / "out.safetensors"))
+    assert not (tmp_path / "out.safetensors").exists()
+    combine([str(sd)], "cat", block_weights=[[0.5] * 17], output=str(tmp_path / "out.safetensors"))  # accepted
+
+
+@pytest.mark.parametrize("weights", [[1.0] * 5, "1,2", [None] * 17])
+def test_block_weighted_checks_its_list(tmp_path, weights):
+    """The public block_weighted checks the list it is given (InvalidInputError), as the commands do."""
+    from loraops.blocks import block_weighted
+
+    adapter = read_adapter(kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1))
+    with pytest.raises(InvalidInputError, match="block weights"):
+        block_weighted(adapter, weights, "a")
+    halved = block_weighted(adapter, "[" + ",".join(["0.5"] * 17) + "]", "a")  # sd-scripts' spelling, as documented
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert halved.modules[name].scale == 0.5 * adapter.modules[name].scale
