@@ -7,7 +7,9 @@ LyCORIS' formula in float64), and a diffusers-format FLUX LoRA into a FLUX.1 che
 in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEFT's adapted model computes. A LoRA
 with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones. A PEFT
 lora_bias adapter (a bias on lora_B), its biases merged into the base layers'. PEFT AdaLoRA
-(after its budget allocation) and VeRA adapters, read, merged and exported as the plain LoRAs they equal.
+(after its budget allocation) and VeRA adapters, read, merged and exported as the plain LoRAs they equal. Last, SD
+block weights (sd-scripts' --lbws): a kohya LoRA merged with each U-Net block's ΔW weighted on its own, and two
+combined with one list each.
 
     python examples/02_merge.py [WORKDIR]
 
@@ -164,6 +166,33 @@ def main() -> None:
     r = back.residual
     print(f"engine.subtract: {r.elements_differing} of {r.elements} elements differ from the base "
           f"(max |Δ| {r.max_abs_diff:.2g}): bf16 round trips are never bit-exact")
+
+    print("\n--- SD block weights (sd-scripts' --lbws): each U-Net block's ΔW weighted on its own ---")
+    # 17 weights: BASE (text encoder), IN01 IN02 IN04 IN05 IN07 IN08, MID, OUT03…OUT11
+    weights = "1,0,1,0,0,0,0,0.5,1,1,1,1,1,1,1,1,0"  # IN01 and OUT11 off, MID at half, the rest as they are
+    sd15, plain = work / "sd15-tiny.safetensors", work / "sd15-merged.safetensors"
+    loraops("merge", f"{work / 'sd15-style.safetensors'}:0.8", "--into", sd15, "-o", work / "sd15-blocks.safetensors",
+            "--block-weights", weights, "--no-record")
+    print_block_shares(sd15, plain, work / "sd15-blocks.safetensors")
+    loraops("merge", f"{work / 'sd15-style.safetensors'}:0.8", "--into", sd15, "-o", work / "sd15-x.safetensors",
+            "--block-weights", "1,0,1,0,0,0,0,0.5,1,1,1,1", "--no-record", ok=False)  # 12 weights are SDXL's
+    second = named_kohya_lora(work / "sd15-detail.safetensors", SD15[1], r=4, alpha=2, seed=9,
+                              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    loraops("combine", work / "sd15-style.safetensors", second, "--method", "svd", "--rank", "4", "--name", "sd15-mix",
+            "--block-weights", weights, "--block-weights", "0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+            "-o", work / "sd15-mix.safetensors")
+
+
+def print_block_shares(base: Path, plain: Path, weighted: Path) -> None:
+    """Each U-Net tensor's ΔW under block weights as a share of the plain merge's (0 = left as the base)."""
+    from safetensors.torch import load_file
+
+    b, p, w = (load_file(str(f)) for f in (base, plain, weighted))
+    for name in sorted(b):
+        full = (p[name].double() - b[name].double()).flatten()
+        if full.abs().max() > 0:
+            share = (w[name].double() - b[name].double()).flatten() @ full / (full @ full)
+            print(f"  {name}: {share.item():.2f} of the plain ΔW")
 
 
 def tucker_gap(lora: Path) -> float:
