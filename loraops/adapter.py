@@ -210,6 +210,11 @@ class LoraModule:
         return tuple(int(k) for k in self.A.shape[2:]) if self.kind == "conv" else None
 
     @property
+    def shown_kernel(self) -> tuple[int, ...] | None:
+        """What records say of the kernel: a convolution's, None for loha/lokr (their shown_kind is no conv)."""
+        return self.kernel if self.product is None else None
+
+    @property
     def spatial(self) -> bool:
         """A convolution whose kernel is larger than 1 (3×3, …): what --conv-rank sets (kohya's LoCon conv modules).
         A 1×1 convolution is a Linear over the channels, ranked like one (sd-scripts' networks/lora.py gives it the

@@ -27,16 +27,16 @@ class ModuleRecord(Record):
     in_features: int
     out_features: int
     kernel: tuple[int, ...] | None = None
-    """A convolution's kernel size ([3, 3], [1, 1]: whether --conv-rank or --rank ranks it), read from the adapter's
-    file by `inspect` and `show`; None for the other layers, and in `list --json` (the registry's rows do not record
-    it)."""
+    """A convolution's kernel size ([3, 3], [1, 1]: whether --conv-rank or --rank ranks it): `inspect` reads it from
+    the file, the registry records it (bound to the base, at registration); None for the other layers, and for a conv
+    the registry could not record it for (see docs/registry.md)."""
 
     @classmethod
     def of(cls, module) -> "ModuleRecord":
         return cls(
             name=module.name, kind=module.shown_kind, rank=module.rank, alpha=module.alpha, scale=module.scale,
             in_features=module.in_features, out_features=module.out_features,
-            kernel=module.kernel if module.product is None else None,
+            kernel=module.shown_kernel,
         )
 
 

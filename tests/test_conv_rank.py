@@ -504,8 +504,9 @@ def test_inspect_and_show_name_a_convolutions_kernel(tmp_path):
     assert code == 0 and _kind_column(out)["conv1"] == "conv1x1" and _kind_column(out)["conv3"] == "conv3x3", out
     code, out = run("show", "p", "--json")
     assert {m["name"]: m["kernel"] for m in json.loads(out)["modules"]}["conv3"] == [3, 3]
-    code, out = run("list", "--json")  # (the registry's rows do not record it)
-    assert code == 0 and all(m["kernel"] is None for m in json.loads(out)[0]["modules"]), out
+    code, out = run("list", "--json")  # (the registry's rows record it)
+    assert code == 0 and {m["name"]: m["kernel"] for m in json.loads(out)[0]["modules"]} == {
+        "embed": None, "proj": None, "conv1": [1, 1], "conv3": [3, 3]}, out
 
     base = save_state_dict(conv_embedding_model(), tmp_path / "base.safetensors")
     kohya = kohya_file(tmp_path / "k.safetensors", {"lora_unet_conv1": ((4, 1, 1), (8, 1, 1)),
@@ -518,9 +519,16 @@ def test_inspect_and_show_name_a_convolutions_kernel(tmp_path):
 
 
 def test_show_of_a_conv_adapter_whose_stored_file_is_damaged_still_shows_it(tmp_path):
-    """show reads a conv's kernel from the stored file; a file gone or damaged (verify's to report) leaves the kernel
-    unknown (kind conv, kernel null) and the record still shown, as lora_bias is left unknown."""
+    """show reads the kernel of a conv row that does not record one (registered before revision 0007 without a base)
+    from the stored file; a file gone or damaged (verify's to report) leaves the kernel unknown (kind conv, kernel
+    null) and the record still shown, as lora_bias is left unknown."""
+    from sqlalchemy import text
+
     assert run("register", conv_peft_adapter(tmp_path / "peft"), "--name", "p")[0] == 0
+    with Registry.open() as reg, reg.engine.begin() as c:
+        c.execute(text("UPDATE adapter_modules SET kernel = NULL"))
+    code, out = run("show", "p", "--json")
+    assert code == 0 and {m["name"]: m["kernel"] for m in json.loads(out)["modules"]}["conv3"] == [3, 3], out
     stored = Path(json.loads(run("show", "p", "--json")[1])["path"]) / "adapter_model.safetensors"
     stored.parent.chmod(0o755)
     stored.chmod(0o644)

@@ -86,7 +86,7 @@ def test_records_match_the_orm_rows(filled):
                 row.base and dict(id=row.base.id, name=row.base.name, fingerprint=row.base.fingerprint))
             assert [m.model_dump() for m in record.modules] == [
                 dict(name=m.name, kind=m.kind, rank=m.rank, alpha=m.alpha, scale=m.scale, in_features=m.in_features,
-                     out_features=m.out_features, kernel=None) for m in row.modules]  # (not a registry column)
+                     out_features=m.out_features, kernel=m.kernel and tuple(m.kernel)) for m in row.modules]
             assert_lineage(record.lineage, row.lineage)
         bases = {b.id: b for b in reg.list_bases()}
         for row in s.scalars(select(SqlBase)):

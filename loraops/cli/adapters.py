@@ -117,11 +117,12 @@ def show(ref: str, as_json: bool) -> None:
 
     with _reader() as reg:
         r = reg.get_adapter(ref)
-        # (nor their kernels: read from the stored file, as lora_bias, through the same reader: no writable open)
-        if any(m.kind == "conv" for m in r.modules):
+        # a conv row recorded before revision 0007 that it could not fill: its kernel read from the stored file, as
+        # lora_bias, through the same reader (no writable open)
+        if any(m.kind == "conv" and m.kernel is None for m in r.modules):
             with contextlib.suppress(OSError, LoraopsError):
                 kernels = reg.module_kernels(r.id)
-                r = r.model_copy(update={"modules": [m.model_copy(update={"kernel": kernels.get(m.name)})
+                r = r.model_copy(update={"modules": [m.model_copy(update={"kernel": m.kernel or kernels.get(m.name)})
                                                      for m in r.modules]})
     try:  # (the record alone has no lora_bias; a damaged store is verify's to report, show still shows the record)
         biased = r.format == "peft" and has_lora_bias(r.path)

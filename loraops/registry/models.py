@@ -182,6 +182,9 @@ class SqlAdapterModule(Base):
     scale: Mapped[float] = mapped_column(Float)
     in_features: Mapped[int] = mapped_column(Integer)
     out_features: Mapped[int] = mapped_column(Integer)
+    kernel: Mapped[Optional[list[int]]] = mapped_column(JSON(none_as_null=True))
+    """A convolution's kernel size ([3, 3]), as bound at registration (an AdaLoRA conv's only its base says); NULL for
+    other layers, and for a conv row revision 0007 could not fill from its base's manifest (show reads the file)."""
 
     adapter: Mapped[SqlAdapter] = relationship(back_populates="modules")
 

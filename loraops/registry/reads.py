@@ -28,7 +28,7 @@ from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, L
                        TensorRecord)
 from .blobs import BlobStore
 
-HEAD = "0006"
+HEAD = "0007"
 """The schema revision this code reads and writes: the newest under migrations/versions (a test checks it)."""
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -144,7 +144,8 @@ class Reader:
 
     def module_kernels(self, ref: str | int) -> dict[str, tuple[int, ...]]:
         """The kernel sizes of a registered adapter's convolution modules, named as its record names them (bound: by
-        the base's names), from the stored file's headers: the registry's rows do not record them (ModuleRecord)."""
+        the base's names), from the stored file's headers: for the conv rows that do not record theirs (registered
+        before revision 0007 without a base, or whose base was removed before it)."""
         from .. import check, formats
 
         (blob, alpha, base_id), = self.rows("SELECT blob, alpha_override, base_id FROM adapters WHERE id = ?",
@@ -195,13 +196,13 @@ class Reader:
         modules: dict[int, list[ModuleRecord]] = {}
         counts: dict[int, int] = {}
         if with_modules:
-            for adapter_id, name, kind, rank, alpha, scale, in_features, out_features in self.rows(
-                "SELECT adapter_id, name, kind, rank, alpha, scale, in_features, out_features FROM adapter_modules "
-                f"WHERE adapter_id IN ({chosen}) ORDER BY id", params
+            for adapter_id, name, kind, rank, alpha, scale, in_features, out_features, kernel in self.rows(
+                "SELECT adapter_id, name, kind, rank, alpha, scale, in_features, out_features, kernel FROM "
+                f"adapter_modules WHERE adapter_id IN ({chosen}) ORDER BY id", params
             ):
                 modules.setdefault(adapter_id, []).append(ModuleRecord(
                     name=name, kind=kind, rank=rank or None, alpha=alpha, scale=scale, in_features=in_features,
-                    out_features=out_features,
+                    out_features=out_features, kernel=None if kernel is None else tuple(_json(kernel)),
                 ))
             counts = {adapter_id: len(listed) for adapter_id, listed in modules.items()}
         else:

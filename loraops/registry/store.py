@@ -1095,7 +1095,8 @@ def module_fields(adapter: "Adapter") -> list[dict]:
     return [
         # (rank 0: a LoKr whose factors are stored whole has none; the column predates it and is NOT NULL)
         dict(name=m.name, target=module_target(m.name, adapter.names_resolved), kind=m.shown_kind, method=m.method,
-             rank=m.rank or 0, alpha=m.alpha, scale=m.scale, in_features=m.in_features, out_features=m.out_features)
+             rank=m.rank or 0, alpha=m.alpha, scale=m.scale, in_features=m.in_features, out_features=m.out_features,
+             kernel=None if m.shown_kernel is None else list(m.shown_kernel))
         for m in adapter.modules.values()
     ]
 
