@@ -455,6 +455,47 @@ def test_combine_svd_conv_rank_is_svd_merge_loras_new_conv_rank(tmp_path):
         assert not (tmp_path / "x.safetensors").exists()
 
 
+SHAPES = {"lora_unet_a_proj": ((10,), (12,)), "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1)),
+          "lora_unet_a_proj_in": ((6, 1, 1), (7, 1, 1))}
+
+
+def test_combine_says_when_rank_and_conv_rank_are_capped(tmp_path):
+    """combine --rank/--conv-rank above what every module it ranks can hold says so in resize's and extract's line
+    (sd-scripts' svd_merge_lora.py caps silently): a factored method by min(Σ input ranks, out, in) (proj: min(4 + 5,
+    12, 10) = 9; the 3×3 conv: min(9, 5, 6·9) = 5), an element-wise one by min(out, in) (proj: 10); a rank some module
+    reaches says nothing."""
+    a = kohya_file(tmp_path / "a.safetensors", SHAPES, rank=4, alpha=2.0, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", SHAPES, rank=5, alpha=3.0, seed=2)
+    code, out = run("combine", a, b, "-m", "svd", "--rank", "20", "--conv-rank", "20", "--name", "m")
+    assert code == 0, out
+    assert ("--rank 20 capped: no module is larger than rank 9 (min(Σ input ranks, out, in))\n"
+            "--conv-rank 20 capped: no k×k convolution is larger than rank 5 (min(Σ input ranks, out, in))\n") in out
+    code, out = run("combine", a, b, "-m", "ties", "--density", "0.5", "--rank", "20", "--name", "t")
+    assert code == 0, out
+    assert "--rank 20 capped: no module is larger than rank 10 (min(out, in))\n" in out and "--conv-rank" not in out
+    code, out = run("combine", a, b, "-m", "svd", "--rank", "9", "--conv-rank", "5", "--name", "s")
+    assert code == 0 and "capped" not in out, out
+
+
+def test_combine_json_reports_the_ranks_asked_for_and_written(tmp_path):
+    """combine --json: the report's rank and conv_rank are the ones asked for (null: the method's default), each
+    module's rank the one written and spatial whether --conv-rank ranks it, as resize's and extract's reports say."""
+    a = kohya_file(tmp_path / "a.safetensors", SHAPES, rank=4, alpha=2.0, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", SHAPES, rank=5, alpha=3.0, seed=2)
+    code, out = run("combine", a, b, "-m", "svd", "--rank", "20", "--conv-rank", "2", "--name", "m", "--json")
+    assert code == 0, out
+    report = json.loads(out)["report"]
+    assert (report["rank"], report["conv_rank"]) == (20, 2)
+    assert {m["name"]: (m["rank"], m["spatial"]) for m in report["modules"]} == {
+        "lora_unet_a_conv": (2, True), "lora_unet_a_proj": (9, False), "lora_unet_a_proj_in": (6, False)}
+    code, out = run("combine", a, b, "-m", "svd", "--name", "d", "--json")
+    assert code == 0, out
+    report = json.loads(out)["report"]
+    assert (report["rank"], report["conv_rank"]) == (None, None)
+    assert {m["name"]: m["rank"] for m in report["modules"]} == {
+        "lora_unet_a_conv": 5, "lora_unet_a_proj": 9, "lora_unet_a_proj_in": 6}
+
+
 COMBINE_PARAMS = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
                   "breadcrumbs": {"density": 0.8}, "breadcrumbs_ties": {"density": 0.8}, "della": {"density": 0.5},
                   "della_linear": {"density": 0.5}, "magnitude_prune": {"density": 0.5}}
