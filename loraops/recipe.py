@@ -267,9 +267,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
 
 def _dtype_name(data: dict, key: str, names: dict[str, Any], refuse: Callable[[str], InvalidInputError]) -> str | None:
     """The recipe's ``key`` (dtype, out_dtype) as a key of ``names``, read as mergekit's dtype_from_name reads it: a
-    ``torch.`` prefix dropped, empty or missing being none."""
+    ``torch.`` prefix dropped, empty or missing being none (mergekit's field is a string: false, 0, [] are refused)."""
     value = data.get(key)
-    if not value:
+    if value is None or value == "":
         return None
     name = value.removeprefix("torch.") if isinstance(value, str) else None
     if name not in names:

@@ -131,6 +131,11 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({**TIES, "out_dtype": "int64"}, "r: out_dtype 'int64' is not one of " + OUT_LIST),  # mergekit's: no float
     ({**TIES, "out_dtype": ["float16"]}, "r: out_dtype ['float16'] is not one of " + OUT_LIST),  # was a TypeError
     ({**TIES, "dtype": {"a": 1}}, "r: dtype {'a': 1} is not one of float32, bfloat16, float16, float64 (each"),
+    # mergekit's dtype/out_dtype are Optional[str]: a falsy non-string fails its validation, it is no "none"
+    ({**TIES, "out_dtype": False}, "r: out_dtype False is not one of " + OUT_LIST),
+    ({**TIES, "out_dtype": []}, "r: out_dtype [] is not one of " + OUT_LIST),
+    ({**TIES, "dtype": 0}, "r: dtype 0 is not one of float32, bfloat16, float16, float64 (each"),
+    ({**TIES, "dtype": {}}, "r: dtype {} is not one of float32, bfloat16, float16, float64 (each"),
     ({**TIES, "name": "x"}, "r: unknown key 'name' (a recipe takes merge_method, models, parameters, base_model, "
                             "dtype, out_dtype)"),
     ({"models": TIES["models"]}, "r: merge_method is missing (give one of "),
