@@ -15,7 +15,7 @@ from loraops import algebra
 from loraops.adapter import LoraModule
 from loraops.cli import main
 from loraops.formats import read_adapter, write_adapter
-from loraops.ops.combine import METHODS
+from loraops.ops.combine import METHODS, rank_ceiling
 from loraops.ops.resize import RankRule, resize_module
 from loraops.registry import Registry
 
@@ -520,6 +520,25 @@ def test_every_combine_method_with_a_rank_ranks_the_kxk_convolutions_by_conv_ran
             assert module.rank == expected.rank, (ranks, name)
             torch.testing.assert_close(module.delta(dtype=torch.float64), expected.delta(dtype=torch.float64),
                                        rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.default_rank is not None])
+def test_every_combine_methods_ranks_stop_at_its_rank_ceiling(tmp_path, method):
+    """What rank_ceiling says bounds a module is what each method writes at a --rank/--conv-rank above it: min(Σ
+    ranks of the inputs holding the module, out, in·k·k) or min(out, in·k·k); a module one input lacks (only) counts
+    that input's rank as 0; --rank 2, below most bounds, gives min(2, bound)."""
+    shapes = {"lora_unet_a_proj": ((10,), (12,)), "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1))}
+    paths = [kohya_file(tmp_path / "0.safetensors", {**shapes, "lora_unet_only": ((3,), (40,))}, rank=2, seed=0),
+             kohya_file(tmp_path / "1.safetensors", shapes, rank=1, seed=1)]
+    inputs = [(read_adapter(p), w) for p, w in zip(paths, (0.7, 0.5))]
+    summed = {"lora_unet_a_proj": 3, "lora_unet_a_conv": 3, "lora_unet_only": 2}
+    sizes = {"lora_unet_a_proj": (12, 10), "lora_unet_a_conv": (5, 54), "lora_unet_only": (40, 3)}
+    ceiling = rank_ceiling(method)
+    factored = ceiling.startswith("min(Σ")
+    bound = {name: min(*size, *([summed[name]] if factored else [])) for name, size in sizes.items()}
+    for ranks, k in (({"rank": 50, "conv_rank": 50}, 50), ({"rank": 2}, 2)):
+        _, report = algebra.combine(inputs, method, COMBINE_PARAMS.get(method), **ranks)
+        assert {m.name: m.rank for m in report.modules} == {n: min(k, bound[n]) for n in sizes}, (ranks, ceiling)
 
 
 def _kind_column(out: str) -> dict[str, str]:
