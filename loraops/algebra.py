@@ -342,15 +342,15 @@ def combine_lazily(
                                         if (m := a.modules.get(name)) is not None and m.lora_bias is not None),
                                        torch.zeros(template.out_features, dtype=torch.float64)).to(out_dtype)
             module = finite_module(what, module)
-            records.append(CombineModuleRecord(name=name, rank=new_rank, inputs=len(present[name]), svd=made.svd,
-                                               error=made.error))
+            records.append(CombineModuleRecord(name=name, rank=new_rank, spatial=template.spatial,
+                                               inputs=len(present[name]), svd=made.svd, error=made.error))
             del terms, made  # not kept while the module is written
             yield from raw.split_joined(module, halves)
 
     def summarize(combined: Adapter, seconds: float) -> CombineReport:
         errors = [r.error for r in records]
         return CombineReport(
-            method=method, params=arguments.record(),
+            method=method, params=arguments.record(), rank=rank, conv_rank=conv_rank,
             inputs=[CombineInputRecord(ref=label, weight=float(w), rank=a.rank, modules=len(a.modules))
                     for (a, w), label in zip(inputs, labels)],
             device=str(target), precision=precision, modules=records, error_max=max(errors),

@@ -72,9 +72,12 @@ REFUSED_TOP = {
     "chat_template": "a chat template has no meaning for a LoRA adapter",
 }
 DTYPES = {"float32": False, "bfloat16": False, "float16": False, "float64": True}
-"""mergekit's dtype → whether loraops computes in float64 (--precise); the others compute in float32 as always."""
+"""mergekit's dtype → whether loraops computes in float64 (--precise); the others compute in float32 as always.
+float64 is loraops' own (mergekit's dtype_from_name refuses it); its int64 is no dtype to compute a merge in.
+Each name also with a ``torch.`` prefix (_dtype_name)."""
 OUT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-"""mergekit's out_dtype (the names its dtype_from_name reads) → combine's --dtype: the written adapter's dtype."""
+"""mergekit's out_dtype (the float names its dtype_from_name reads, also with a ``torch.`` prefix: _dtype_name) →
+combine's --dtype: the written adapter's dtype."""
 
 
 @dataclass(frozen=True)
@@ -182,12 +185,8 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         raise refuse(f"{name} needs a base_model (mergekit's {name} without one works on whole weights, not on task "
                      "vectors): give the adapters' base")
     bases = [base_model, *(base_folders(base_model) if base_folders else [])] if base_model is not None else []
-    dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise refuse(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    written = data.get("out_dtype")
-    if written is not None and written not in OUT_DTYPES:
-        raise refuse(f"out_dtype {written!r} is not one of {', '.join(OUT_DTYPES)}")
+    dtype = _dtype_name(data, "dtype", DTYPES, refuse)
+    written = _dtype_name(data, "out_dtype", OUT_DTYPES, refuse)
 
     top = _parameters(data.get("parameters"), "parameters", refuse)
     for key in top:
@@ -264,6 +263,19 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
     method, weights = _mapped(name, params, weights, sum(base_weights), refuse)
     return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False),
                   OUT_DTYPES.get(written))
+
+
+def _dtype_name(data: dict, key: str, names: dict[str, Any], refuse: Callable[[str], InvalidInputError]) -> str | None:
+    """The recipe's ``key`` (dtype, out_dtype) as a key of ``names``, read as mergekit's dtype_from_name reads it: a
+    ``torch.`` prefix dropped, empty or missing being none (mergekit's field is a string: false, 0, [] are refused)."""
+    value = data.get(key)
+    if value is None or value == "":
+        return None
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    if name not in names:
+        raise refuse(f"{key} {value!r} is not one of {', '.join(names)} (each also as torch.NAME, as mergekit reads "
+                     "it)")
+    return name
 
 
 def _adapter_of(model: str, bases: list[str]) -> str:

@@ -164,6 +164,9 @@ class CombineInputRecord(Record):
 class CombineModuleRecord(Record):
     name: str
     rank: int
+    """The rank written (as resize's rank_after, extract's rank)."""
+    spatial: bool = False
+    """A k×k convolution (kernel larger than 1): one of the modules a conv_rank ranks."""
     inputs: int
     """How many inputs adapt this module (the others count as a zero delta)."""
     svd: Literal["none", "factored", "exact", "randomized"]
@@ -176,6 +179,10 @@ class CombineModuleRecord(Record):
 class CombineReport(Record):
     method: str
     params: dict
+    rank: int | None = None
+    """The rank asked for (--rank); None: the method's default (see CombineModuleRecord.rank for what was written)."""
+    conv_rank: int | None = None
+    """The k×k convolutions' rank asked for (--conv-rank); None: the same rule as every module."""
     inputs: list[CombineInputRecord]
     device: str
     precision: Literal["float32", "float64"]

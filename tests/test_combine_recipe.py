@@ -106,12 +106,18 @@ def test_vector_methods_and_dtype():
     ({"out_dtype": "float16"}, False, "fp16"),
     ({"out_dtype": "bfloat16", "dtype": "float64"}, True, "bf16"),  # computed in float64, written in bfloat16
     ({"out_dtype": "float32", "dtype": "bfloat16"}, False, "fp32"),
+    # mergekit's dtype_from_name drops a torch. prefix, and reads an empty name as none
+    ({"out_dtype": "torch.float16", "dtype": "torch.float64"}, True, "fp16"),
+    ({"out_dtype": "torch.bfloat16", "dtype": "torch.float32"}, False, "bf16"),
+    ({"out_dtype": "torch.float32", "dtype": "torch.bfloat16"}, False, "fp32"),
+    ({"out_dtype": "", "dtype": "torch.float16"}, False, None),
 ])
 def test_out_dtype_is_combines_dtype(top, precise, dtype):
     read = parse_recipe(recipe("ties", ("a", {"weight": 1, "density": 0.5}), **top))
     assert (read.precise, read.dtype) == (precise, dtype)
 
 
+OUT_LIST = "float32, bfloat16, float16 (each also as torch.NAME, as mergekit reads it)"
 TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}]}
 
 
@@ -119,8 +125,17 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ([1, 2], "r: a recipe is a mapping with merge_method and models (mergekit's format)"),
     ({**TIES, "slices": []}, "r: slices: layer slices are not supported: a recipe combines whole adapters"),
     ({**TIES, "tokenizer_source": "base"}, "r: tokenizer_source: tokenizer options have no meaning for a LoRA adapter"),
-    ({**TIES, "out_dtype": "fp16"}, "r: out_dtype 'fp16' is not one of float32, bfloat16, float16"),  # as mergekit
-    ({**TIES, "out_dtype": "float64"}, "r: out_dtype 'float64' is not one of float32, bfloat16, float16"),
+    ({**TIES, "out_dtype": "fp16"}, "r: out_dtype 'fp16' is not one of " + OUT_LIST),  # as mergekit
+    ({**TIES, "out_dtype": "float64"}, "r: out_dtype 'float64' is not one of " + OUT_LIST),
+    ({**TIES, "out_dtype": "torch.fp16"}, "r: out_dtype 'torch.fp16' is not one of " + OUT_LIST),
+    ({**TIES, "out_dtype": "int64"}, "r: out_dtype 'int64' is not one of " + OUT_LIST),  # mergekit's: no float
+    ({**TIES, "out_dtype": ["float16"]}, "r: out_dtype ['float16'] is not one of " + OUT_LIST),  # was a TypeError
+    ({**TIES, "dtype": {"a": 1}}, "r: dtype {'a': 1} is not one of float32, bfloat16, float16, float64 (each"),
+    # mergekit's dtype/out_dtype are Optional[str]: a falsy non-string fails its validation, it is no "none"
+    ({**TIES, "out_dtype": False}, "r: out_dtype False is not one of " + OUT_LIST),
+    ({**TIES, "out_dtype": []}, "r: out_dtype [] is not one of " + OUT_LIST),
+    ({**TIES, "dtype": 0}, "r: dtype 0 is not one of float32, bfloat16, float16, float64 (each"),
+    ({**TIES, "dtype": {}}, "r: dtype {} is not one of float32, bfloat16, float16, float64 (each"),
     ({**TIES, "name": "x"}, "r: unknown key 'name' (a recipe takes merge_method, models, parameters, base_model, "
                             "dtype, out_dtype)"),
     ({"models": TIES["models"]}, "r: merge_method is missing (give one of "),

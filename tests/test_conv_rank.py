@@ -15,7 +15,7 @@ from loraops import algebra
 from loraops.adapter import LoraModule
 from loraops.cli import main
 from loraops.formats import read_adapter, write_adapter
-from loraops.ops.combine import METHODS
+from loraops.ops.combine import METHODS, rank_ceiling
 from loraops.ops.resize import RankRule, resize_module
 from loraops.registry import Registry
 
@@ -455,6 +455,47 @@ def test_combine_svd_conv_rank_is_svd_merge_loras_new_conv_rank(tmp_path):
         assert not (tmp_path / "x.safetensors").exists()
 
 
+SHAPES = {"lora_unet_a_proj": ((10,), (12,)), "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1)),
+          "lora_unet_a_proj_in": ((6, 1, 1), (7, 1, 1))}
+
+
+def test_combine_says_when_rank_and_conv_rank_are_capped(tmp_path):
+    """combine --rank/--conv-rank above what every module it ranks can hold says so in resize's and extract's line
+    (sd-scripts' svd_merge_lora.py caps silently): a factored method by min(Σ input ranks, out, in) (proj: min(4 + 5,
+    12, 10) = 9; the 3×3 conv: min(9, 5, 6·9) = 5), an element-wise one by min(out, in) (proj: 10); a rank some module
+    reaches says nothing."""
+    a = kohya_file(tmp_path / "a.safetensors", SHAPES, rank=4, alpha=2.0, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", SHAPES, rank=5, alpha=3.0, seed=2)
+    code, out = run("combine", a, b, "-m", "svd", "--rank", "20", "--conv-rank", "20", "--name", "m")
+    assert code == 0, out
+    assert ("--rank 20 capped: no module is larger than rank 9 (min(Σ input ranks, out, in))\n"
+            "--conv-rank 20 capped: no k×k convolution is larger than rank 5 (min(Σ input ranks, out, in))\n") in out
+    code, out = run("combine", a, b, "-m", "ties", "--density", "0.5", "--rank", "20", "--name", "t")
+    assert code == 0, out
+    assert "--rank 20 capped: no module is larger than rank 10 (min(out, in))\n" in out and "--conv-rank" not in out
+    code, out = run("combine", a, b, "-m", "svd", "--rank", "9", "--conv-rank", "5", "--name", "s")
+    assert code == 0 and "capped" not in out, out
+
+
+def test_combine_json_reports_the_ranks_asked_for_and_written(tmp_path):
+    """combine --json: the report's rank and conv_rank are the ones asked for (null: the method's default), each
+    module's rank the one written and spatial whether --conv-rank ranks it, as resize's and extract's reports say."""
+    a = kohya_file(tmp_path / "a.safetensors", SHAPES, rank=4, alpha=2.0, seed=1)
+    b = kohya_file(tmp_path / "b.safetensors", SHAPES, rank=5, alpha=3.0, seed=2)
+    code, out = run("combine", a, b, "-m", "svd", "--rank", "20", "--conv-rank", "2", "--name", "m", "--json")
+    assert code == 0, out
+    report = json.loads(out)["report"]
+    assert (report["rank"], report["conv_rank"]) == (20, 2)
+    assert {m["name"]: (m["rank"], m["spatial"]) for m in report["modules"]} == {
+        "lora_unet_a_conv": (2, True), "lora_unet_a_proj": (9, False), "lora_unet_a_proj_in": (6, False)}
+    code, out = run("combine", a, b, "-m", "svd", "--name", "d", "--json")
+    assert code == 0, out
+    report = json.loads(out)["report"]
+    assert (report["rank"], report["conv_rank"]) == (None, None)
+    assert {m["name"]: m["rank"] for m in report["modules"]} == {
+        "lora_unet_a_conv": 5, "lora_unet_a_proj": 9, "lora_unet_a_proj_in": 6}
+
+
 COMBINE_PARAMS = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
                   "breadcrumbs": {"density": 0.8}, "breadcrumbs_ties": {"density": 0.8}, "della": {"density": 0.5},
                   "della_linear": {"density": 0.5}, "magnitude_prune": {"density": 0.5}}
@@ -479,6 +520,25 @@ def test_every_combine_method_with_a_rank_ranks_the_kxk_convolutions_by_conv_ran
             assert module.rank == expected.rank, (ranks, name)
             torch.testing.assert_close(module.delta(dtype=torch.float64), expected.delta(dtype=torch.float64),
                                        rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.default_rank is not None])
+def test_every_combine_methods_ranks_stop_at_its_rank_ceiling(tmp_path, method):
+    """What rank_ceiling says bounds a module is what each method writes at a --rank/--conv-rank above it: min(Σ
+    ranks of the inputs holding the module, out, in·k·k) or min(out, in·k·k); a module one input lacks (only) counts
+    that input's rank as 0; --rank 2, below most bounds, gives min(2, bound)."""
+    shapes = {"lora_unet_a_proj": ((10,), (12,)), "lora_unet_a_conv": ((6, 3, 3), (5, 1, 1))}
+    paths = [kohya_file(tmp_path / "0.safetensors", {**shapes, "lora_unet_only": ((3,), (40,))}, rank=2, seed=0),
+             kohya_file(tmp_path / "1.safetensors", shapes, rank=1, seed=1)]
+    inputs = [(read_adapter(p), w) for p, w in zip(paths, (0.7, 0.5))]
+    summed = {"lora_unet_a_proj": 3, "lora_unet_a_conv": 3, "lora_unet_only": 2}
+    sizes = {"lora_unet_a_proj": (12, 10), "lora_unet_a_conv": (5, 54), "lora_unet_only": (40, 3)}
+    ceiling = rank_ceiling(method)
+    factored = ceiling.startswith("min(Σ")
+    bound = {name: min(*size, *([summed[name]] if factored else [])) for name, size in sizes.items()}
+    for ranks, k in (({"rank": 50, "conv_rank": 50}, 50), ({"rank": 2}, 2)):
+        _, report = algebra.combine(inputs, method, COMBINE_PARAMS.get(method), **ranks)
+        assert {m.name: m.rank for m in report.modules} == {n: min(k, bound[n]) for n in sizes}, (ranks, ceiling)
 
 
 def _kind_column(out: str) -> dict[str, str]:

@@ -70,9 +70,9 @@ def echo_same_delta(source: str, why: str) -> None:
 
 def echo_capped(report, ranks: Iterable[tuple[int, bool]], ceiling: str) -> None:
     """One line for each fixed rank (--rank, --conv-rank) above the largest rank any module it ranks got (extract,
-    resize; the default name follows the ranks got: derive.rank_name). ``ranks``: (rank got, whether a k×k
-    convolution) of every module."""
-    if report.dynamic is not None:
+    resize, combine; extract's and resize's default name follows the ranks got: derive.rank_name). ``ranks``: (rank
+    got, whether a k×k convolution) of every module; ``ceiling``: what bounds a module's rank."""
+    if getattr(report, "dynamic", None) is not None:  # (a combine has no dynamic rule)
         return
     ranks = list(ranks)
     separate = report.conv_rank is not None
@@ -170,6 +170,7 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
     """Combine adapters (each REF a registry reference or a path, optionally :WEIGHT, default 1) into one,
     registered with its lineage; or the adapters of a mergekit recipe (--recipe)."""
     from .. import derive
+    from ..ops.combine import rank_ceiling
 
     given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("rescale", rescale),
              ("rescale_norm", rescale_norm), ("consensus", consensus), ("select_topk", select_topk),
@@ -201,6 +202,7 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
     click.echo(f"{method}{f'({params_text})' if params_text else ''} of {inputs_text}")
     click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
     click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
+    echo_capped(report, ((m.rank, m.spatial) for m in report.modules), rank_ceiling(method))
     if method == "cat" and [i.weight for i in report.inputs] == [1]:
         echo_same_delta(report.inputs[0].ref, "a cat of one adapter at weight 1")
     echo_saved(result, name)

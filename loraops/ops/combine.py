@@ -825,3 +825,10 @@ register("nuslerp", params=NuslerpParams, default_rank=sum, weights_scale=False,
 register("model_stock", params=ModelStockParams, default_rank=sum, check_weights=at_least_two)(model_stock)
 register("multislerp", params=MultislerpParams, default_rank=sum, weights_scale=False,
          check_weights=multislerp_weights)(multislerp)
+
+
+def rank_ceiling(method: str) -> str:
+    """What bounds a module's rank in ``method``'s result, in the words of combine's capped note: the methods whose
+    default rank is Σ rᵢ re-factorize from the cat factors (refactor_product: lossless there, so nothing above it);
+    the others factorize a dense delta (refactor_dense)."""
+    return "min(Σ input ranks, out, in)" if METHODS[method].default_rank is sum else "min(out, in)"
