@@ -394,17 +394,19 @@ def combine(
     rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
     output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
     base_model: str | None = None, conv_rank: int | None = None, dtype: str | None = None,
+    registry: "Registry | None" = None,
 ) -> DerivedRecord:
     """Combine registered adapters or paths — (ref, weight) pairs or 'REF[:W]' strings — and register the result; see
     algebra.combine. ``base_model`` (a recipe's): the base every input must be for (see check_base_model). ``dtype``
-    (bf16, fp16, fp32): the written tensors' (default: the inputs' widest), rounded once from the computed values."""
-    from .registry import Registry
+    (bf16, fp16, fp32): the written tensors' (default: the inputs' widest), rounded once from the computed values.
+    ``registry``: as resize's."""
+    from .registry.store import opened
 
     refs = weighted_inputs(refs)
     arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs], conv_rank)
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref for ref, _ in refs])
-    with Registry.open() as reg, inputs_of(reg) as open_input:
+    with opened(registry) as reg, inputs_of(reg) as open_input:
         check_output(reg, output, fmt)
         inputs = [open_input(ref, base) for ref, _ in refs]
         written = fmt or algebra.combined_format([i.adapter for i in inputs])
@@ -462,16 +464,17 @@ def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, device: str = "auto", precise: bool = False,
     name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
-    base: str | None = None, dtype: str | None = None,
+    base: str | None = None, dtype: str | None = None, registry: "Registry | None" = None,
 ) -> DerivedRecord:
     """Resize a registered adapter or a path and register the result; see algebra.resize. ``dtype`` (bf16, fp16,
-    fp32): the written tensors' (default: each module's), rounded once from the computed values."""
-    from .registry import Registry
+    fp32): the written tensors' (default: each module's), rounded once from the computed values. ``registry``: the
+    Registry to read references from and record in (default: LORAOPS_DB / LORAOPS_HOME's)."""
+    from .registry.store import opened
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref])
-    with Registry.open() as reg, inputs_of(reg) as open_input:
+    with opened(registry) as reg, inputs_of(reg) as open_input:
         check_output(reg, output, fmt)
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
@@ -486,22 +489,22 @@ def resize(
                     base=source.record.base.id if source.record.base else None, lineage=lineage, dtype=dtype)
 
 
-def export(ref: str, fmt: str, output: str, *, force: bool = False,
-           base: str | None = None, dtype: str | None = None) -> ExportReport:
+def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None, dtype: str | None = None,
+           registry: "Registry | None" = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
     registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths, an AdaLoRA file's
     layer kinds). Reports where it went, the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA
     they equal — another adapter, of another identity, which only `register` records (`resize --rank <its rank>`
     converts with a lineage) — and the PEFT saved embedding layers it left out of a kohya or diffusers file, which
     hold the base's values (they replace nothing: the same ΔW, the same merge). ``dtype`` (bf16, fp16, fp32): the
-    written tensors' (formats.write; default: as stored)."""
+    written tensors' (formats.write; default: as stored). ``registry``: as resize's."""
     from . import check
     from .formats import out_dtype, read_adapter, write_adapter
-    from .registry import Registry
+    from .registry.store import opened
 
     out_dtype(dtype)  # an unknown one refused before anything is read
     check_arguments(None, output, force, [ref])
-    with Registry.open(create=False) as reg:
+    with opened(registry, create=False) as reg:
         check_output(reg, output, fmt)
         label = ref
         if path_exists(ref):
@@ -642,20 +645,20 @@ def extract(
     modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None, device: str = "auto", precise: bool = False, dtype: str | None = None,
     keep_rounding: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
-    force: bool = False,
+    force: bool = False, registry: "Registry | None" = None,
 ) -> DerivedRecord:
     """Extract the LoRA adapter of ``tuned`` − ``base`` (registered bases or paths) and register it against the base,
     with lineage op "extract" (inputs: the base, role "base", and the tuned model, role "tuned", each recorded by
-    manifest and fingerprint when given by an unregistered path); see loraops.extraction."""
+    manifest and fingerprint when given by an unregistered path); see loraops.extraction. ``registry``: as resize's."""
     from .fsutil import refuse_overlap
     from .hub import parse_hub_source
     from .merging import resolve_base
     from .extraction import extract_lazily
-    from .registry import Registry
+    from .registry.store import opened
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
     check_arguments(name, output, force, [])
-    with Registry.open() as reg, models_of(reg) as record_model:
+    with opened(registry) as reg, models_of(reg) as record_model:
         check_output(reg, output, fmt)
         (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)
         if output is not None:

@@ -120,19 +120,24 @@ def test_combine_refuses_a_rank_that_is_no_integer(art, rank):
         algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", rank=rank)
 
 
-def test_the_documented_entry_points_have_docstrings_and_type_hints():
-    """What README's "Python API" calls shows its arguments and says what it does in help() and an editor."""
+def documented() -> list:
+    """What README's "Python API" calls (and the derive/merging calls its per-area pages name)."""
     import loraops
     from loraops import engine, formats, hub
+    from loraops.adapter import LoraModule
     from loraops.recipe import read_recipe
 
-    documented = [formats.read_adapter, formats.write_adapter, formats.write, formats.identity, bind, check,
-                  BaseModel.open, BaseModel.fingerprint, engine.merge, engine.subtract, algebra.combine, algebra.resize,
-                  algebra.resize_lazily, loraops.extract, read_recipe, merging.merge, merging.subtract, derive.combine,
-                  derive.resize, derive.export, derive.extract, hub.pull, hub.push, Registry.open,
-                  *(getattr(Registry, n) for n in vars(Registry) if not n.startswith("_") and callable(getattr(Registry, n)))]
+    return [formats.read_adapter, formats.write_adapter, formats.write, formats.identity, bind, check,
+            BaseModel.open, BaseModel.fingerprint, LoraModule.delta, engine.merge, engine.subtract, algebra.combine,
+            algebra.resize, algebra.resize_lazily, loraops.extract, read_recipe, merging.merge, merging.subtract,
+            derive.combine, derive.resize, derive.export, derive.extract, hub.pull, hub.push, Registry.open,
+            *(getattr(Registry, n) for n in vars(Registry) if not n.startswith("_") and callable(getattr(Registry, n)))]
+
+
+def test_the_documented_entry_points_have_docstrings_and_type_hints():
+    """What README's "Python API" calls shows its arguments and says what it does in help() and an editor."""
     lacking = []
-    for function in documented:
+    for function in documented():
         signature = inspect.signature(function)
         unannotated = [name for name, p in signature.parameters.items() if name not in ("self", "cls")
                        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.annotation is p.empty]
@@ -200,3 +205,37 @@ def test_list_rank_and_gc_grace_are_refused_in_the_library_as_the_cli_refuses_th
             with pytest.raises(InvalidInputError, match=rf"^grace_s {shown}: give a number of seconds ≥ 0$"):
                 reg.gc(grace_s=grace)
         assert reg.gc(grace_s=0) == []
+
+
+def test_merging_and_derive_read_and_record_in_the_registry_given(art, tmp_path, isolated_home, registry_backend):
+    """merging.* and derive.* always opened the default registry (LORAOPS_DB / LORAOPS_HOME): an adapter registered
+    through Registry.open(url) was "not found", and what they made was recorded in the home instead."""
+    url = f"sqlite:///{tmp_path / 'mine.db'}"
+    with Registry.open(url) as mine:
+        mine.add_adapter(art["ad"], name="ad")
+        merged = merging.merge(art["base"], ["ad:0.5"], tmp_path / "merged", registry=mine)
+        assert mine.get_base(merged.name).lineage.op == "merge"
+        back = merging.subtract(tmp_path / "merged", [("ad", 0.5)], tmp_path / "back", exact=True, registry=mine)
+        assert back.operation == "restore" and mine.get_base(back.name).fingerprint == merged_from(mine, merged)
+        combined = derive.combine([("ad", 0.5), ("ad@1", 0.5)], "cat", name="both", registry=mine)
+        resized = derive.resize("both", rank=2, registry=mine)
+        extracted = derive.extract(art["base"], tmp_path / "merged", rank=2, name="ex", registry=mine)
+        for record in (combined, resized, extracted):
+            assert mine.get_adapter(record.adapter.ref).id == record.adapter.id
+            assert mine.adapter_path(record.adapter.id).is_relative_to(tmp_path / "mine.db.blobs")
+        derive.export("both", "kohya", str(tmp_path / "both.safetensors"), registry=mine)
+        merging.merge(art["base"], ["ad"], tmp_path / "unrecorded", record=False, registry=mine)
+        assert mine.list_adapters(name="both")  # still open: the caller's to close
+    for call in (lambda: merging.merge(art["base"], ["ad"], tmp_path / "x", registry=url),
+                 lambda: derive.combine([("ad", 1.0)], "cat", registry=url)):
+        with pytest.raises(InvalidInputError, match=r"registry= takes a Registry \(.*Registry.open\(url\)\), not"):
+            call()
+    if registry_backend == "sqlite":
+        assert not (isolated_home / "registry.db").exists() and not (isolated_home / "blobs").exists()
+    with Registry.open() as default:
+        assert default.list_adapters() == [] and default.list_bases() == []
+
+
+def merged_from(reg, merged) -> str:
+    """The fingerprint of the base a recorded merge was made from (what subtract --exact restores)."""
+    return reg.get_base(merged.name).lineage.params["base"]["fingerprint"]

@@ -82,6 +82,26 @@ def refuse_bad_grace(grace_s: object, option: str = "grace_s") -> None:
         raise InvalidInputError(f"{option} {shown}: give a number of seconds ≥ 0")
 
 
+@contextlib.contextmanager
+def opened(registry: "Registry | None", *, create: bool = True) -> Iterator["Registry"]:
+    """The registry a library call (merging.*, derive.*) reads and records in: the caller's ``registry``, left open
+    (it is theirs), else the default one (LORAOPS_DB / LORAOPS_HOME), opened for the call (``create``: as
+    Registry.open's) and closed after."""
+    if registry is None:
+        with Registry.open(create=create) as reg:
+            yield reg
+    else:
+        yield given(registry)
+
+
+def given(registry: object) -> "Registry":
+    """A caller's ``registry=``, refused unless it is a Registry (a URL string is not: the caller opens it, and
+    closes it, as hub.pull's and hub.push's)."""
+    if not isinstance(registry, Registry):
+        raise InvalidInputError(f"registry= takes a Registry (loraops.registry.Registry.open(url)), not {registry!r}")
+    return registry
+
+
 class Registry:
     def __init__(self, engine, blobs: BlobStore, earlier: BlobStore | None = None, read_only: bool = False) -> None:
         self.engine = engine
