@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from pathlib import Path
+from pathlib import Path
 
-    from .adapter import Adapter
-    from .basemodel import BaseModel
-    from .records import ExtractReport
+from .lazy import LazyModule
+
+if TYPE_CHECKING:
+    from . import adapter, basemodel, records
+else:  # what extract's annotations name resolves when they are read: lazy.py
+    adapter, basemodel, records = (LazyModule(f"loraops.{m}") for m in ("adapter", "basemodel", "records"))
 
 __version__ = "0.1.0"
 
@@ -34,8 +36,8 @@ from .errors import (  # noqa: F401
 )
 
 
-def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel",
-            **options: Any) -> "tuple[Adapter, ExtractReport]":
+def extract(base: "str | Path | basemodel.BaseModel", tuned: "str | Path | basemodel.BaseModel",
+            **options: Any) -> "tuple[adapter.Adapter, records.ExtractReport]":
     """The LoRA adapter of a fine-tuned model minus its base: (Adapter, ExtractReport); ``options`` are
     loraops.extraction.extract_lazily's (rank, dynamic, param, max_rank, conv_rank, alpha, device, ...). Imported on
     first call: `import loraops` stays light."""

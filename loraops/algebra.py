@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import ldm
 from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
 from .errors import InvalidInputError, MismatchError
+from .lazy import LazyModule
 from .references import is_integer
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
 
 if TYPE_CHECKING:
     import torch
+else:
+    torch = LazyModule("torch")  # what annotations name resolves when they are read: lazy.py
 
 
 def compute_precision(precise: bool):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import algebra
 from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
+from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
 from .references import refuse_output_over, weighted_inputs
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
     from .hub import RepoRef
     from .ops.resize import RankRule
     from .records import BaseRecord
-    from .registry import Registry
+    from .registry import Registry, store
     from .registry.store import Registration
+else:
+    store = LazyModule("loraops.registry.store")  # what annotations name resolves when they are read: lazy.py
 
 
 @dataclass
@@ -394,7 +397,7 @@ def combine(
     rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
     output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
     base_model: str | None = None, conv_rank: int | None = None, dtype: str | None = None,
-    registry: "Registry | None" = None,
+    registry: "store.Registry | None" = None,
 ) -> DerivedRecord:
     """Combine registered adapters or paths — (ref, weight) pairs or 'REF[:W]' strings — and register the result; see
     algebra.combine. ``base_model`` (a recipe's): the base every input must be for (see check_base_model). ``dtype``
@@ -464,7 +467,7 @@ def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, device: str = "auto", precise: bool = False,
     name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
-    base: str | None = None, dtype: str | None = None, registry: "Registry | None" = None,
+    base: str | None = None, dtype: str | None = None, registry: "store.Registry | None" = None,
 ) -> DerivedRecord:
     """Resize a registered adapter or a path and register the result; see algebra.resize. ``dtype`` (bf16, fp16,
     fp32): the written tensors' (default: each module's), rounded once from the computed values. ``registry``: the
@@ -490,7 +493,7 @@ def resize(
 
 
 def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None, dtype: str | None = None,
-           registry: "Registry | None" = None) -> ExportReport:
+           registry: "store.Registry | None" = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
     registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths, an AdaLoRA file's
     layer kinds). Reports where it went, the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA
@@ -645,7 +648,7 @@ def extract(
     modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None, device: str = "auto", precise: bool = False, dtype: str | None = None,
     keep_rounding: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
-    force: bool = False, registry: "Registry | None" = None,
+    force: bool = False, registry: "store.Registry | None" = None,
 ) -> DerivedRecord:
     """Extract the LoRA adapter of ``tuned`` − ``base`` (registered bases or paths) and register it against the base,
     with lineage op "extract" (inputs: the base, role "base", and the tuned model, role "tuned", each recorded by

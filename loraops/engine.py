@@ -69,6 +69,7 @@ from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError,
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
 from .fp8 import FLOAT_DTYPES, BlockScaled
+from .lazy import LazyModule
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
                      read_json, read_model_config, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
@@ -76,6 +77,8 @@ from .st import DTYPE_BYTES, TensorInfo, all_finite, beyond_range, header_bytes,
 
 if TYPE_CHECKING:
     import torch
+else:
+    torch = LazyModule("torch")  # what annotations name resolves when they are read: lazy.py
 
 DTYPE_NAMES = {
     "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",

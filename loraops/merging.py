@@ -21,12 +21,15 @@ from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
                      UnsupportedAdapterError)
+from .lazy import LazyModule
 from .fsutil import atomic_path, ensure_free_space, path_exists, refuse_overlap, refuse_unrecordable
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted, refuse_output_over, weighted_inputs  # noqa: F401 - parse_weighted is part of this module's API
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from .registry import store
+else:
+    store = LazyModule("loraops.registry.store")  # what annotations name resolves when they are read: lazy.py
 
 
 @dataclass
@@ -126,7 +129,7 @@ class _Landing:
     renamed, a merge is not undone — and whether the registry recorded it (asked again: the interrupt may land
     between the commit and the line after it)."""
 
-    def __init__(self, output: str | Path, record: bool, registry: "Registry | None") -> None:
+    def __init__(self, output: str | Path, record: bool, registry: "store.Registry | None") -> None:
         self.output, self.record, self.registry = Path(output), record, registry
         self.before = self._identity()
 
@@ -164,7 +167,7 @@ class _Landing:
 
 
 def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
-          name: str | None = None, record: bool = True, registry: "Registry | None" = None,
+          name: str | None = None, record: bool = True, registry: "store.Registry | None" = None,
           **options) -> MergeReport:
     """`loraops merge`: adapters given as 'REF[:W]' strings or (ref, weight) pairs merged into ``base`` (a ref or
     path), then recorded. ``registry``: the Registry references resolve in and the output is recorded in (default:
@@ -197,7 +200,7 @@ def _merge(base, adapters, output, *, name, record, registry, **options) -> Merg
 
 
 def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
-             exact: bool = False, name: str | None = None, record: bool = True, registry: "Registry | None" = None,
+             exact: bool = False, name: str | None = None, record: bool = True, registry: "store.Registry | None" = None,
              **options) -> MergeReport:
     """`loraops subtract`: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, reporting the residual against the pristine base when the registry
     knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available).

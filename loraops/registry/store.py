@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import settings
+from ..lazy import LazyModule
 from ..fsutil import path_exists, refuse_unrecordable, remove, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
@@ -37,11 +38,14 @@ from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
 
+from ..adapter import Adapter
+
 if TYPE_CHECKING:
     from .. import formats
-    from ..adapter import Adapter
     from ..basemodel import BaseModel
     from ..records import CheckReport
+else:
+    formats = LazyModule("loraops.formats")  # what annotations name resolves when they are read: lazy.py
 
 RETRIES = 10
 RETRY_BACKOFF_S = 0.02
