@@ -371,6 +371,9 @@ def _layout(checkpoint: bool, fmt: str | None, save_modules: Sequence[str] | Non
 
 def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel", **options) -> tuple[Adapter, ExtractReport]:
     """``extract_lazily`` (same arguments), computed whole: (the adapter, its report)."""
+    from .algebra import refuse_unknown_options
+
+    refuse_unknown_options(extract, extract_lazily, options)
     adapter, report = extract_lazily(base, tuned, **options).collect()
     return replace(adapter, full_tensors=dict(adapter.full_tensors)), report
 

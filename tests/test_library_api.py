@@ -253,3 +253,20 @@ def test_merging_and_derive_read_and_record_in_the_registry_given(art, tmp_path,
 def merged_from(reg, merged) -> str:
     """The fingerprint of the base a recorded merge was made from (what subtract --exact restores)."""
     return reg.get_base(merged.name).lineage.params["base"]["fingerprint"]
+
+
+@pytest.mark.parametrize("call, typo", [("algebra.combine", "methd"), ("algebra.resize", "rnk"),
+                                        ("loraops.extract", "rnk"), ("extraction.extract", "rnk")])
+def test_a_keyword_typo_names_the_function_called(art, call, typo):
+    """algebra.combine(..., methd=…) said `combine_lazily() got an unexpected keyword argument`, naming a function the
+    user never called (resize: resize_lazily(), extract: extract_lazily())."""
+    import loraops
+    from loraops import extraction
+
+    function = {"algebra.combine": algebra.combine, "algebra.resize": algebra.resize,
+                "loraops.extract": loraops.extract, "extraction.extract": extraction.extract}[call]
+    adapter = read_adapter(art["ad"])
+    args = {"algebra.combine": ([(adapter, 1.0)], "ties"), "algebra.resize": (adapter,)}.get(call, (art["base"],) * 2)
+    name = call.split(".")[-1]
+    with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument '{typo}'$"):
+        function(*args, **{typo: 1})
