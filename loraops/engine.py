@@ -223,7 +223,9 @@ _END = object()
 
 
 def parse_dtype(dtype: "str | torch.dtype | None") -> str | None:
-    """'bf16' / 'fp16' / 'fp32' / torch.bfloat16 / 'BF16' → safetensors dtype name (None stays None)."""
+    """'bf16' / 'fp16' / 'fp32' / torch.bfloat16 / 'BF16' → safetensors dtype name (None stays None). 'fp64' too,
+    which only the Python API offers (the CLI's --dtype is a choice of the other three): a float64 merge keeps W + ΔW
+    unrounded, so subtracting the same adapters gives a float32 base back bit for bit without a recorded lineage."""
     if dtype is None:
         return None
     name = str(dtype).removeprefix("torch.")
@@ -231,7 +233,7 @@ def parse_dtype(dtype: "str | torch.dtype | None") -> str | None:
         return name.upper()
     if name.lower() in DTYPE_NAMES:
         return DTYPE_NAMES[name.lower()]
-    raise InvalidInputError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+    raise InvalidInputError(f"unknown dtype {dtype!r}: use bf16, fp16, fp32 or fp64")
 
 
 def merge(

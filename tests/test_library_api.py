@@ -270,3 +270,32 @@ def test_a_keyword_typo_names_the_function_called(art, call, typo):
     name = call.split(".")[-1]
     with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument '{typo}'$"):
         function(*args, **{typo: 1})
+
+
+def test_fp64_is_an_api_only_dtype_that_round_trips_a_merge_bit_for_bit(art, tmp_path):
+    """The API's dtype= takes fp64, which the CLI's --dtype does not offer; a bad dtype's message said only "use
+    bf16, fp16 or fp32". A float64 merge keeps W + ΔW unrounded: subtracting the adapter gives the float32 base back
+    bit for bit (the float32 round trip does not), and a float64 adapter is written, read back and loaded by PEFT."""
+    import peft
+    import transformers
+
+    from loraops import engine, formats
+
+    with pytest.raises(InvalidInputError, match=r"^unknown dtype 'int8': use bf16, fp16, fp32 or fp64$"):
+        engine.merge(art["base"], [], tmp_path / "bad", dtype="int8")
+    adapter = read_adapter(art["ad"])
+    original = load_file(art["base"] / "model.safetensors")
+    differing = {}
+    for dtype in ("fp64", "fp32"):
+        engine.merge(art["base"], [(adapter, 1.0)], tmp_path / f"m-{dtype}", dtype=dtype, precise=True)
+        engine.subtract(tmp_path / f"m-{dtype}", [(adapter, 1.0)], tmp_path / f"b-{dtype}", dtype="fp32", precise=True)
+        back = load_file(tmp_path / f"b-{dtype}" / "model.safetensors")
+        differing[dtype] = sum(int((back[k] != original[k]).sum()) for k in original)
+    assert differing["fp64"] == 0 and differing["fp32"] > 0
+    written = formats.write_adapter(adapter, tmp_path / "ad64", "peft", dtype="fp64")
+    again = read_adapter(written)
+    name = "model.layers.0.self_attn.q_proj"
+    assert again.modules[name].A.dtype == torch.float64
+    assert torch.equal(again.modules[name].delta(), adapter.modules[name].delta())
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(art["base"]), written)
+    assert dict(model.named_parameters())[f"base_model.model.{name}.lora_A.default.weight"].dtype == torch.float32
