@@ -11,10 +11,12 @@ from pathlib import Path
 
 from .lazy import LazyModule
 
+# what extract's annotations name, resolved when they are read (lazy.py); private names, since the package's own
+# `adapter`, `basemodel` and `records` are its submodules, which `from loraops import basemodel` must give
 if TYPE_CHECKING:
-    from . import adapter, basemodel, records
-else:  # what extract's annotations name resolves when they are read: lazy.py
-    adapter, basemodel, records = (LazyModule(f"loraops.{m}") for m in ("adapter", "basemodel", "records"))
+    from . import adapter as _adapter, basemodel as _basemodel, records as _records
+else:
+    _adapter, _basemodel, _records = (LazyModule(f"loraops.{m}") for m in ("adapter", "basemodel", "records"))
 
 __version__ = "0.1.0"
 
@@ -36,8 +38,8 @@ from .errors import (  # noqa: F401
 )
 
 
-def extract(base: "str | Path | basemodel.BaseModel", tuned: "str | Path | basemodel.BaseModel",
-            **options: Any) -> "tuple[adapter.Adapter, records.ExtractReport]":
+def extract(base: "str | Path | _basemodel.BaseModel", tuned: "str | Path | _basemodel.BaseModel",
+            **options: Any) -> "tuple[_adapter.Adapter, _records.ExtractReport]":
     """The LoRA adapter of a fine-tuned model minus its base: (Adapter, ExtractReport); ``options`` are
     loraops.extraction.extract_lazily's (rank, dynamic, param, max_rank, conv_rank, alpha, device, ...). Imported on
     first call: `import loraops` stays light."""

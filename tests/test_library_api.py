@@ -299,3 +299,22 @@ def test_fp64_is_an_api_only_dtype_that_round_trips_a_merge_bit_for_bit(art, tmp
     assert torch.equal(again.modules[name].delta(), adapter.modules[name].delta())
     model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(art["base"]), written)
     assert dict(model.named_parameters())[f"base_model.model.{name}.lora_A.default.weight"].dtype == torch.float32
+
+
+def test_from_loraops_import_a_submodule_gives_the_module_itself():
+    """loraops/__init__ bound the names adapter, basemodel and records to LazyModule stand-ins (for extract's
+    annotations), and `from loraops import basemodel` in a fresh interpreter gave the stand-in, not the module: what
+    a test or a user patched on it (monkeypatch.setattr(basemodel, ...)) never reached loraops.basemodel."""
+    import os
+    import subprocess
+    import sys
+
+    said = ("import sys, types\n"
+            "from loraops import adapter, basemodel, records\n"
+            "for m in (adapter, basemodel, records):\n"
+            "    assert isinstance(m, types.ModuleType) and m is sys.modules[m.__name__], repr(m)\n"
+            "import typing, loraops\n"
+            "typing.get_type_hints(loraops.extract)\n")
+    done = subprocess.run([sys.executable, "-c", said], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
