@@ -147,16 +147,17 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
         base_reference(base_model)  # a base with a LoRA merged in, or what mergekit cannot read, where no input tells
 
 
-def registered_base_folders(base_model: str) -> list[str]:
+def registered_base_folders(base_model: str, registry: "store.Registry | None" = None) -> list[str]:
     """The folders of the registered bases a recipe's base_model names by their name or Hub id (as a whole, or the
-    path of the reference it is), for recipe.parse_recipe's base_folders."""
+    path of the reference it is), for recipe.parse_recipe's base_folders. ``registry``: as combine's, which it is
+    looked up for (functools.partial(registered_base_folders, registry=reg))."""
     from .recipe import model_reference
-    from .registry import Registry
+    from .registry.store import opened
 
     names = [base_model]
     with contextlib.suppress(InvalidInputError):
         names.append(model_reference(base_model).path)
-    with Registry.open() as reg:  # (as combine opens it next)
+    with opened(registry) as reg:  # (as combine opens it next)
         return [b.path for b in reg.list_bases()
                 if b.path and any(_names(name, known) for name in names for known in (b.name, b.source) if known)]
 

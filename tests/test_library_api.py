@@ -318,3 +318,21 @@ def test_from_loraops_import_a_submodule_gives_the_module_itself():
     done = subprocess.run([sys.executable, "-c", said], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert done.returncode == 0, done.stderr
+
+
+def test_a_recipes_base_folders_are_looked_up_in_the_registry_given(art, tmp_path, isolated_home):
+    """derive.registered_base_folders (read_recipe's base_folders, for `derive.combine(base_model=...)`) read only the
+    default registry: a recipe run against registry=reg found none of reg's bases."""
+    import functools
+
+    from loraops.recipe import parse_recipe
+
+    with Registry.open(f"sqlite:///{tmp_path / 'mine.db'}") as mine:
+        mine.add_base(art["base"], name="llama")
+        folders = functools.partial(derive.registered_base_folders, registry=mine)
+        assert folders("llama") == [str(art["base"].resolve())]
+        recipe = parse_recipe({"merge_method": "task_arithmetic", "base_model": "llama",
+                               "models": [{"model": str(art["base"])}, {"model": "ad", "parameters": {"weight": 1.0}}]},
+                              base_folders=folders)
+        assert recipe.inputs == [("ad", 1.0)]
+    assert derive.registered_base_folders("llama") == []
