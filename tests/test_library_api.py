@@ -336,3 +336,16 @@ def test_a_recipes_base_folders_are_looked_up_in_the_registry_given(art, tmp_pat
                               base_folders=folders)
         assert recipe.inputs == [("ad", 1.0)]
     assert derive.registered_base_folders("llama") == []
+
+
+def test_a_lazy_module_stand_in_copies_and_pickles():
+    """copy.copy, copy.deepcopy and pickle of a LazyModule (loraops.adapter.torch, say) ended in a RecursionError:
+    they make it without __init__ and ask it for __setstate__, which __getattr__ looked up through its unset _name."""
+    import copy
+    import pickle
+
+    from loraops.lazy import LazyModule
+
+    lazy = LazyModule("json")
+    for again in (copy.copy(lazy), copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):
+        assert again.dumps([1]) == "[1]"
