@@ -7,12 +7,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from pathlib import Path
+from pathlib import Path
 
-    from .adapter import Adapter
-    from .basemodel import BaseModel
-    from .records import ExtractReport
+from .lazy import LazyModule
+
+# what extract's annotations name, resolved when they are read (lazy.py); private names, since the package's own
+# `adapter`, `basemodel` and `records` are its submodules, which `from loraops import basemodel` must give
+if TYPE_CHECKING:
+    from . import adapter as _adapter, basemodel as _basemodel, records as _records
+else:
+    _adapter, _basemodel, _records = (LazyModule(f"loraops.{m}") for m in ("adapter", "basemodel", "records"))
 
 __version__ = "0.1.0"
 
@@ -34,8 +38,8 @@ from .errors import (  # noqa: F401
 )
 
 
-def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel",
-            **options: Any) -> "tuple[Adapter, ExtractReport]":
+def extract(base: "str | Path | _basemodel.BaseModel", tuned: "str | Path | _basemodel.BaseModel",
+            **options: Any) -> "tuple[_adapter.Adapter, _records.ExtractReport]":
     """The LoRA adapter of a fine-tuned model minus its base: (Adapter, ExtractReport); ``options`` are
     loraops.extraction.extract_lazily's (rank, dynamic, param, max_rank, conv_rank, alpha, device, ...). Imported on
     first call: `import loraops` stays light."""

@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from .errors import InvalidInputError
+from .lazy import LazyModule
 from .references import is_pair, is_weight
 
 if TYPE_CHECKING:
     import torch
 
     from .formats.lycoris import Product
+else:
+    torch = LazyModule("torch")  # what annotations name resolves when they are read: lazy.py
 
 ModuleKind = Literal["linear", "conv", "embedding"]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -15,11 +16,23 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import ldm
 from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
 from .errors import InvalidInputError, MismatchError
+from .lazy import LazyModule
 from .references import is_integer
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
 
 if TYPE_CHECKING:
     import torch
+else:
+    torch = LazyModule("torch")  # what annotations name resolves when they are read: lazy.py
+
+
+def refuse_unknown_options(called: Callable, lazily: Callable, options: dict[str, Any]) -> None:
+    """A keyword that ``called`` (combine, resize, extract, which pass ``options`` on to ``lazily``) does not take,
+    refused as Python refuses one: naming the function the user called, not the one it passes them to."""
+    known = inspect.signature(lazily).parameters
+    for key in options:
+        if key not in known:
+            raise TypeError(f"{called.__name__}() got an unexpected keyword argument {key!r}")
 
 
 def compute_precision(precise: bool):
@@ -228,6 +241,7 @@ def finite_module(what: str, module: LoraModule) -> LoraModule:
 def combine(inputs: Sequence[tuple[Adapter, float]], method: str, params: "dict[str, Any] | None" = None,
             **options) -> tuple[Adapter, CombineReport]:
     """``combine_lazily`` (same arguments), computed whole: (the adapter, its report)."""
+    refuse_unknown_options(combine, combine_lazily, options)
     return combine_lazily(inputs, method, params, **options).collect()
 
 
@@ -495,6 +509,7 @@ def refuse_idle_conv_rank(conv_rank: int | None, modules: Iterable[LoraModule], 
 
 def resize(adapter: Adapter, **options) -> tuple[Adapter, ResizeReport]:
     """``resize_lazily`` (same arguments), computed whole: (the adapter, its report)."""
+    refuse_unknown_options(resize, resize_lazily, options)
     return resize_lazily(adapter, **options).collect()
 
 

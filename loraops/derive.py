@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import algebra, blocks
 from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
+from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
 from .references import refuse_output_over, weighted_inputs
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
     from .hub import RepoRef
     from .ops.resize import RankRule
     from .records import BaseRecord
-    from .registry import Registry
+    from .registry import Registry, store
     from .registry.store import Registration
+else:
+    store = LazyModule("loraops.registry.store")  # what annotations name resolves when they are read: lazy.py
 
 
 @dataclass
@@ -144,16 +147,17 @@ def check_base_model(reg: "Registry", inputs: Sequence[Input], base_model: str) 
         base_reference(base_model)  # a base with a LoRA merged in, or what mergekit cannot read, where no input tells
 
 
-def registered_base_folders(base_model: str) -> list[str]:
+def registered_base_folders(base_model: str, registry: "store.Registry | None" = None) -> list[str]:
     """The folders of the registered bases a recipe's base_model names by their name or Hub id (as a whole, or the
-    path of the reference it is), for recipe.parse_recipe's base_folders."""
+    path of the reference it is), for recipe.parse_recipe's base_folders. ``registry``: as combine's, which it is
+    looked up for (functools.partial(registered_base_folders, registry=reg))."""
     from .recipe import model_reference
-    from .registry import Registry
+    from .registry.store import opened
 
     names = [base_model]
     with contextlib.suppress(InvalidInputError):
         names.append(model_reference(base_model).path)
-    with Registry.open() as reg:  # (as combine opens it next)
+    with opened(registry) as reg:  # (as combine opens it next)
         return [b.path for b in reg.list_bases()
                 if b.path and any(_names(name, known) for name in names for known in (b.name, b.source) if known)]
 
@@ -394,21 +398,21 @@ def combine(
     rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
     output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
     base_model: str | None = None, conv_rank: int | None = None, dtype: str | None = None,
-    block_weights: "Sequence[Sequence[float]] | None" = None,
+    block_weights: "Sequence[Sequence[float]] | None" = None, registry: "store.Registry | None" = None,
 ) -> DerivedRecord:
     """Combine registered adapters or paths — (ref, weight) pairs or 'REF[:W]' strings — and register the result; see
     algebra.combine. ``base_model`` (a recipe's): the base every input must be for (see check_base_model). ``dtype``
     (bf16, fp16, fp32): the written tensors' (default: the inputs' widest), rounded once from the computed values.
     ``block_weights``: one list per input of a Stable Diffusion LoRA's block weights (see loraops.blocks), each
-    input's deltas weighed by them before the method sees them."""
-    from .registry import Registry
+    input's deltas weighed by them before the method sees them. ``registry``: as resize's."""
+    from .registry.store import opened
 
     refs = weighted_inputs(refs)
     block_weights = blocks.checked_lists(block_weights, len(refs))
     arguments = algebra.combine_arguments(method, params, rank, [weight for _, weight in refs], conv_rank)
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref for ref, _ in refs])
-    with Registry.open() as reg, inputs_of(reg) as open_input:
+    with opened(registry) as reg, inputs_of(reg) as open_input:
         check_output(reg, output, fmt)
         inputs = [open_input(ref, base) for ref, _ in refs]
         if block_weights is not None:
@@ -469,16 +473,17 @@ def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, device: str = "auto", precise: bool = False,
     name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
-    base: str | None = None, dtype: str | None = None,
+    base: str | None = None, dtype: str | None = None, registry: "store.Registry | None" = None,
 ) -> DerivedRecord:
     """Resize a registered adapter or a path and register the result; see algebra.resize. ``dtype`` (bf16, fp16,
-    fp32): the written tensors' (default: each module's), rounded once from the computed values."""
-    from .registry import Registry
+    fp32): the written tensors' (default: each module's), rounded once from the computed values. ``registry``: the
+    Registry to read references from and record in (default: LORAOPS_DB / LORAOPS_HOME's)."""
+    from .registry.store import opened
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank)
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref])
-    with Registry.open() as reg, inputs_of(reg) as open_input:
+    with opened(registry) as reg, inputs_of(reg) as open_input:
         check_output(reg, output, fmt)
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
@@ -493,22 +498,22 @@ def resize(
                     base=source.record.base.id if source.record.base else None, lineage=lineage, dtype=dtype)
 
 
-def export(ref: str, fmt: str, output: str, *, force: bool = False,
-           base: str | None = None, dtype: str | None = None) -> ExportReport:
+def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None, dtype: str | None = None,
+           registry: "store.Registry | None" = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
     registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths, an AdaLoRA file's
     layer kinds). Reports where it went, the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA
     they equal — another adapter, of another identity, which only `register` records (`resize --rank <its rank>`
     converts with a lineage) — and the PEFT saved embedding layers it left out of a kohya or diffusers file, which
     hold the base's values (they replace nothing: the same ΔW, the same merge). ``dtype`` (bf16, fp16, fp32): the
-    written tensors' (formats.write; default: as stored)."""
+    written tensors' (formats.write; default: as stored). ``registry``: as resize's."""
     from . import check
     from .formats import out_dtype, read_adapter, write_adapter
-    from .registry import Registry
+    from .registry.store import opened
 
     out_dtype(dtype)  # an unknown one refused before anything is read
     check_arguments(None, output, force, [ref])
-    with Registry.open(create=False) as reg:
+    with opened(registry, create=False) as reg:
         check_output(reg, output, fmt)
         label = ref
         if path_exists(ref):
@@ -649,20 +654,20 @@ def extract(
     modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None, device: str = "auto", precise: bool = False, dtype: str | None = None,
     keep_rounding: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
-    force: bool = False,
+    force: bool = False, registry: "store.Registry | None" = None,
 ) -> DerivedRecord:
     """Extract the LoRA adapter of ``tuned`` − ``base`` (registered bases or paths) and register it against the base,
     with lineage op "extract" (inputs: the base, role "base", and the tuned model, role "tuned", each recorded by
-    manifest and fingerprint when given by an unregistered path); see loraops.extraction."""
+    manifest and fingerprint when given by an unregistered path); see loraops.extraction. ``registry``: as resize's."""
     from .fsutil import refuse_overlap
     from .hub import parse_hub_source
     from .merging import resolve_base
     from .extraction import extract_lazily
-    from .registry import Registry
+    from .registry.store import opened
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
     check_arguments(name, output, force, [])
-    with Registry.open() as reg, models_of(reg) as record_model:
+    with opened(registry) as reg, models_of(reg) as record_model:
         check_output(reg, output, fmt)
         (base_model, base_label), (tuned_model, tuned_label) = resolve_base(reg, base), resolve_base(reg, tuned)
         if output is not None:

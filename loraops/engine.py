@@ -69,6 +69,7 @@ from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError,
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
 from .fp8 import FLOAT_DTYPES, BlockScaled
+from .lazy import LazyModule
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
                      read_json, read_model_config, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
@@ -76,6 +77,8 @@ from .st import DTYPE_BYTES, TensorInfo, all_finite, beyond_range, header_bytes,
 
 if TYPE_CHECKING:
     import torch
+else:
+    torch = LazyModule("torch")  # what annotations name resolves when they are read: lazy.py
 
 DTYPE_NAMES = {
     "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
@@ -220,7 +223,9 @@ _END = object()
 
 
 def parse_dtype(dtype: "str | torch.dtype | None") -> str | None:
-    """'bf16' / 'fp16' / 'fp32' / torch.bfloat16 / 'BF16' → safetensors dtype name (None stays None)."""
+    """'bf16' / 'fp16' / 'fp32' / torch.bfloat16 / 'BF16' → safetensors dtype name (None stays None). 'fp64' too,
+    which only the Python API offers (the CLI's --dtype is a choice of the other three): a float64 merge keeps W + ΔW
+    unrounded, so subtracting the same adapters gives a float32 base back bit for bit without a recorded lineage."""
     if dtype is None:
         return None
     name = str(dtype).removeprefix("torch.")
@@ -228,7 +233,7 @@ def parse_dtype(dtype: "str | torch.dtype | None") -> str | None:
         return name.upper()
     if name.lower() in DTYPE_NAMES:
         return DTYPE_NAMES[name.lower()]
-    raise InvalidInputError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+    raise InvalidInputError(f"unknown dtype {dtype!r}: use bf16, fp16, fp32 or fp64")
 
 
 def merge(

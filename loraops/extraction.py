@@ -41,6 +41,7 @@ from . import ldm
 from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import EXPERT_RE, conv1d_layout, is_embedding, memory_names, tied_head_source, untied_side_source
+from .lazy import LazyModule
 from .errors import InvalidInputError, MismatchError, UnsupportedAdapterError
 from .formats import peft_unwritable_parts, refuse_misnamed, refuse_unwritable
 from .formats.common import conv1d_named, given_alpha, names_module, shown
@@ -50,7 +51,10 @@ from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
 if TYPE_CHECKING:
     import torch
 
-    from .algebra import Derivation
+    from . import algebra
+else:
+    torch = LazyModule("torch")  # what annotations name resolves when they are read: lazy.py
+    algebra = LazyModule("loraops.algebra")
 
 PRECISION = {"F64": (52, -1022), "F32": (23, -126), "F16": (10, -14), "BF16": (7, -126)}
 """(mantissa bits, smallest normal exponent) of each float dtype: its spacing (ulp) at x is
@@ -367,6 +371,9 @@ def _layout(checkpoint: bool, fmt: str | None, save_modules: Sequence[str] | Non
 
 def extract(base: "str | Path | BaseModel", tuned: "str | Path | BaseModel", **options) -> tuple[Adapter, ExtractReport]:
     """``extract_lazily`` (same arguments), computed whole: (the adapter, its report)."""
+    from .algebra import refuse_unknown_options
+
+    refuse_unknown_options(extract, extract_lazily, options)
     adapter, report = extract_lazily(base, tuned, **options).collect()
     return replace(adapter, full_tensors=dict(adapter.full_tensors)), report
 
@@ -390,7 +397,7 @@ def extract_lazily(
     fmt: str | None = None,
     labels: tuple[str, str] | None = None,
     output: str | Path | None = None,
-) -> "Derivation":
+) -> "algebra.Derivation":
     """The LoRA adapter of tuned − base (models as paths or opened BaseModels): every differing weight (or those
     ``modules`` name) factorized at ``rank`` or by a kohya ``dynamic`` rule with ``param`` (capped by ``max_rank``;
     ``conv_rank``: the k×k convolutions' rank, or their cap, in place of those: RankRule),

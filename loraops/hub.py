@@ -34,11 +34,14 @@ from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
 from .fsutil import path_exists, read_json, read_model_config
+from .lazy import LazyModule
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
 if TYPE_CHECKING:
-    from .records import PullRecord, PushRecord
-    from .registry import Registry
+    from . import records
+    from .registry import store
+else:  # what pull's and push's annotations name resolves when they are read: lazy.py
+    records, store = LazyModule("loraops.records"), LazyModule("loraops.registry.store")
 
 XET_ENV = "HF_HUB_DISABLE_XET"
 XET_SET_BY_USER = XET_ENV in os.environ
@@ -1085,8 +1088,8 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
 # ---- with the registry ----------------------------------------------------------------------------------------
 
 
-def pull(registry: "Registry", ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
-         subpath: str | None = None, base: str | int | None = None) -> "PullRecord":
+def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
+         subpath: str | None = None, base: str | int | None = None) -> "records.PullRecord":
     """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
     (identity) pulled again changes nothing, but for a ``base`` it is then linked to (as Registry.register_adapter
     does); a commit with other weights becomes the next version of ``name`` (default: the repo's name)."""
@@ -1163,8 +1166,8 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
     return None if record is None else (commit, record)
 
 
-def push(registry: "Registry", ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,
-         revision: str | None = None, create_pr: bool = False, token: str | None = None) -> "PushRecord":
+def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,
+         revision: str | None = None, create_pr: bool = False, token: str | None = None) -> "records.PushRecord":
     """Upload a registered adapter to ``repo_id`` in one commit: its files (as stored, byte for byte, unless
     ``fmt`` asks for another layout) and a README.md model card. The pushed commit is recorded on the adapter as
     a tag ``hf://repo@commit``."""

@@ -14,16 +14,22 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import blocks, engine
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
                      UnsupportedAdapterError)
+from .lazy import LazyModule
 from .fsutil import atomic_path, ensure_free_space, path_exists, refuse_overlap, refuse_unrecordable
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted, refuse_output_over, weighted_inputs  # noqa: F401 - parse_weighted is part of this module's API
+
+if TYPE_CHECKING:
+    from .registry import store
+else:
+    store = LazyModule("loraops.registry.store")  # what annotations name resolves when they are read: lazy.py
 
 
 @dataclass
@@ -137,8 +143,8 @@ class _Landing:
     renamed, a merge is not undone — and whether the registry recorded it (asked again: the interrupt may land
     between the commit and the line after it)."""
 
-    def __init__(self, output: str | Path, record: bool) -> None:
-        self.output, self.record = Path(output), record
+    def __init__(self, output: str | Path, record: bool, registry: "store.Registry | None") -> None:
+        self.output, self.record, self.registry = Path(output), record, registry
         self.before = self._identity()
 
     def _identity(self) -> tuple[int, int] | None:
@@ -167,33 +173,34 @@ class _Landing:
                                 ) from None
 
     def _recorded(self) -> bool:
-        from .registry import Registry
+        from .registry.store import opened
 
         where = str(self.output.resolve())
-        with Registry.open() as reg:
+        with opened(self.registry) as reg:
             return any(b.path == where for b in reg.list_bases())
 
 
 def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
           name: str | None = None, record: bool = True, block_weights: "Sequence[Sequence[float]] | None" = None,
-          **options) -> MergeReport:
+          registry: "store.Registry | None" = None, **options) -> MergeReport:
     """`loraops merge`: adapters given as 'REF[:W]' strings or (ref, weight) pairs merged into ``base`` (a ref or
     path), then recorded. ``block_weights``: one list per adapter of a Stable Diffusion LoRA's block weights (see
-    loraops.blocks), recorded with it."""
+    loraops.blocks), recorded with it. ``registry``: the Registry references resolve in and the output is recorded
+    in (default: LORAOPS_DB / LORAOPS_HOME's, opened for the call)."""
     pairs = weighted_inputs(adapters)
     lists = blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
-    with _Landing(output, record):
-        return _merge(base, pairs, output, name=name, record=record, lists=lists, **options)
+    with _Landing(output, record, registry):
+        return _merge(base, pairs, output, name=name, record=record, lists=lists, registry=registry, **options)
 
 
-def _merge(base, adapters, output, *, name, record, lists, **options) -> MergeReport:
+def _merge(base, adapters, output, *, name, record, lists, registry, **options) -> MergeReport:
     if not adapters and options.get("dtype") is None:
         raise InvalidInputError("no adapter to merge: give at least one, or --dtype to convert the base alone "
                                 "(an FP8 model to bf16, say)")
     early = _streamed_early(base, output, "merge")
     model, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or _references(base, adapters), create=record)
+        reg = _open_registry(registry, record or _references(base, adapters), create=record)
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record, base, adapters)
         model, _ = _streamed(reg, base, early, output, "merge")
@@ -205,25 +212,26 @@ def _merge(base, adapters, output, *, name, record, lists, **options) -> MergeRe
             return report
         return _record(reg, report, "merge", model, inputs, name, options)
     finally:
-        _close(reg, model)
+        _close(reg if registry is None else None, model)
 
 
 def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
-             exact: bool = False, name: str | None = None, record: bool = True, **options) -> MergeReport:
+             exact: bool = False, name: str | None = None, record: bool = True, registry: "store.Registry | None" = None,
+             **options) -> MergeReport:
     """`loraops subtract`: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, reporting the residual against the pristine base when the registry
     knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available).
-    ``adapters`` as merge's."""
+    ``adapters`` and ``registry`` as merge's."""
     pairs = weighted_inputs(adapters)
-    with _Landing(output, record):
-        return _subtract(model, pairs, output, exact=exact, name=name, record=record, **options)
+    with _Landing(output, record, registry):
+        return _subtract(model, pairs, output, exact=exact, name=name, record=record, registry=registry, **options)
 
 
-def _subtract(model, adapters, output, *, exact, name, record, **options) -> MergeReport:
+def _subtract(model, adapters, output, *, exact, name, record, registry, **options) -> MergeReport:
     streamed = not exact  # --exact copies or re-merges the recorded base: the merged model itself is not read
     early = _streamed_early(model, output, "subtract") if streamed else None
     merged, reg = early[0] if early else None, None
     try:
-        reg = _open_registry(record or exact or _references(model, adapters), create=record)
+        reg = _open_registry(registry, record or exact or _references(model, adapters), create=record)
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record, model, adapters)
         if streamed:
@@ -249,7 +257,7 @@ def _subtract(model, adapters, output, *, exact, name, record, **options) -> Mer
             return report
         return _record(reg, report, "subtract", merged, inputs, name, options, sign=-1)
     finally:
-        _close(reg, merged)
+        _close(reg if registry is None else None, merged)
 
 
 # -- registry plumbing ------------------------------------------------------------------------------------------------
@@ -260,7 +268,12 @@ def _close(reg, model: BaseModel | None) -> None:
         reg.close()
 
 
-def _open_registry(wanted: bool, create: bool):
+def _open_registry(registry, wanted: bool, create: bool):
+    """The caller's registry, else the default one when the call needs one."""
+    if registry is not None:
+        from .registry.store import given
+
+        return given(registry)
     if not wanted:
         return None
     from .registry import Registry

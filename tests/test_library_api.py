@@ -120,25 +120,44 @@ def test_combine_refuses_a_rank_that_is_no_integer(art, rank):
         algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", rank=rank)
 
 
-def test_the_documented_entry_points_have_docstrings_and_type_hints():
-    """What README's "Python API" calls shows its arguments and says what it does in help() and an editor."""
+def documented() -> list:
+    """What README's "Python API" calls (and the derive/merging calls its per-area pages name)."""
     import loraops
     from loraops import engine, formats, hub
+    from loraops.adapter import LoraModule
     from loraops.recipe import read_recipe
 
-    documented = [formats.read_adapter, formats.write_adapter, formats.write, formats.identity, bind, check,
-                  BaseModel.open, BaseModel.fingerprint, engine.merge, engine.subtract, algebra.combine, algebra.resize,
-                  algebra.resize_lazily, loraops.extract, read_recipe, merging.merge, merging.subtract, derive.combine,
-                  derive.resize, derive.export, derive.extract, hub.pull, hub.push, Registry.open,
-                  *(getattr(Registry, n) for n in vars(Registry) if not n.startswith("_") and callable(getattr(Registry, n)))]
+    return [formats.read_adapter, formats.write_adapter, formats.write, formats.identity, bind, check,
+            BaseModel.open, BaseModel.fingerprint, LoraModule.delta, engine.merge, engine.subtract, algebra.combine,
+            algebra.resize, algebra.resize_lazily, loraops.extract, read_recipe, merging.merge, merging.subtract,
+            derive.combine, derive.resize, derive.export, derive.extract, hub.pull, hub.push, Registry.open,
+            *(getattr(Registry, n) for n in vars(Registry) if not n.startswith("_") and callable(getattr(Registry, n)))]
+
+
+def test_the_documented_entry_points_have_docstrings_and_type_hints():
+    """What README's "Python API" calls shows its arguments and says what it does in help() and an editor."""
     lacking = []
-    for function in documented:
+    for function in documented():
         signature = inspect.signature(function)
         unannotated = [name for name, p in signature.parameters.items() if name not in ("self", "cls")
                        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.annotation is p.empty]
         if not (function.__doc__ or "").strip() or unannotated or signature.return_annotation is signature.empty:
             lacking.append(f"{function.__qualname__} {unannotated}")
     assert lacking == []
+
+
+def test_the_documented_entry_points_type_hints_resolve():
+    """typing.get_type_hints() raised NameError on most of them: their annotations name what the module imports only
+    for type checkers (Adapter, torch, Registry), so pydantic, typer-like wrappers and IDE tools could not read them."""
+    import typing
+
+    failing = []
+    for function in documented():
+        try:
+            typing.get_type_hints(function)
+        except Exception as exc:  # noqa: BLE001 - the test lists every failure at once
+            failing.append(f"{function.__qualname__}: {exc}")
+    assert failing == []
 
 
 def test_the_in_memory_api_refuses_paths_and_unweighted_adapters(art, tmp_path):
@@ -200,3 +219,133 @@ def test_list_rank_and_gc_grace_are_refused_in_the_library_as_the_cli_refuses_th
             with pytest.raises(InvalidInputError, match=rf"^grace_s {shown}: give a number of seconds ≥ 0$"):
                 reg.gc(grace_s=grace)
         assert reg.gc(grace_s=0) == []
+
+
+def test_merging_and_derive_read_and_record_in_the_registry_given(art, tmp_path, isolated_home, registry_backend):
+    """merging.* and derive.* always opened the default registry (LORAOPS_DB / LORAOPS_HOME): an adapter registered
+    through Registry.open(url) was "not found", and what they made was recorded in the home instead."""
+    url = f"sqlite:///{tmp_path / 'mine.db'}"
+    with Registry.open(url) as mine:
+        mine.add_adapter(art["ad"], name="ad")
+        merged = merging.merge(art["base"], ["ad:0.5"], tmp_path / "merged", registry=mine)
+        assert mine.get_base(merged.name).lineage.op == "merge"
+        back = merging.subtract(tmp_path / "merged", [("ad", 0.5)], tmp_path / "back", exact=True, registry=mine)
+        assert back.operation == "restore" and mine.get_base(back.name).fingerprint == merged_from(mine, merged)
+        combined = derive.combine([("ad", 0.5), ("ad@1", 0.5)], "cat", name="both", registry=mine)
+        resized = derive.resize("both", rank=2, registry=mine)
+        extracted = derive.extract(art["base"], tmp_path / "merged", rank=2, name="ex", registry=mine)
+        for record in (combined, resized, extracted):
+            assert mine.get_adapter(record.adapter.ref).id == record.adapter.id
+            assert mine.adapter_path(record.adapter.id).is_relative_to(tmp_path / "mine.db.blobs")
+        derive.export("both", "kohya", str(tmp_path / "both.safetensors"), registry=mine)
+        merging.merge(art["base"], ["ad"], tmp_path / "unrecorded", record=False, registry=mine)
+        assert mine.list_adapters(name="both")  # still open: the caller's to close
+    for call in (lambda: merging.merge(art["base"], ["ad"], tmp_path / "x", registry=url),
+                 lambda: derive.combine([("ad", 1.0)], "cat", registry=url)):
+        with pytest.raises(InvalidInputError, match=r"registry= takes a Registry \(.*Registry.open\(url\)\), not"):
+            call()
+    if registry_backend == "sqlite":
+        assert not (isolated_home / "registry.db").exists() and not (isolated_home / "blobs").exists()
+    with Registry.open() as default:
+        assert default.list_adapters() == [] and default.list_bases() == []
+
+
+def merged_from(reg, merged) -> str:
+    """The fingerprint of the base a recorded merge was made from (what subtract --exact restores)."""
+    return reg.get_base(merged.name).lineage.params["base"]["fingerprint"]
+
+
+@pytest.mark.parametrize("call, typo", [("algebra.combine", "methd"), ("algebra.resize", "rnk"),
+                                        ("loraops.extract", "rnk"), ("extraction.extract", "rnk")])
+def test_a_keyword_typo_names_the_function_called(art, call, typo):
+    """algebra.combine(..., methd=…) said `combine_lazily() got an unexpected keyword argument`, naming a function the
+    user never called (resize: resize_lazily(), extract: extract_lazily())."""
+    import loraops
+    from loraops import extraction
+
+    function = {"algebra.combine": algebra.combine, "algebra.resize": algebra.resize,
+                "loraops.extract": loraops.extract, "extraction.extract": extraction.extract}[call]
+    adapter = read_adapter(art["ad"])
+    args = {"algebra.combine": ([(adapter, 1.0)], "ties"), "algebra.resize": (adapter,)}.get(call, (art["base"],) * 2)
+    name = call.split(".")[-1]
+    with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument '{typo}'$"):
+        function(*args, **{typo: 1})
+
+
+def test_fp64_is_an_api_only_dtype_that_round_trips_a_merge_bit_for_bit(art, tmp_path):
+    """The API's dtype= takes fp64, which the CLI's --dtype does not offer; a bad dtype's message said only "use
+    bf16, fp16 or fp32". A float64 merge keeps W + ΔW unrounded: subtracting the adapter gives the float32 base back
+    bit for bit (the float32 round trip does not), and a float64 adapter is written, read back and loaded by PEFT."""
+    import peft
+    import transformers
+
+    from loraops import engine, formats
+
+    with pytest.raises(InvalidInputError, match=r"^unknown dtype 'int8': use bf16, fp16, fp32 or fp64$"):
+        engine.merge(art["base"], [], tmp_path / "bad", dtype="int8")
+    adapter = read_adapter(art["ad"])
+    original = load_file(art["base"] / "model.safetensors")
+    differing = {}
+    for dtype in ("fp64", "fp32"):
+        engine.merge(art["base"], [(adapter, 1.0)], tmp_path / f"m-{dtype}", dtype=dtype, precise=True)
+        engine.subtract(tmp_path / f"m-{dtype}", [(adapter, 1.0)], tmp_path / f"b-{dtype}", dtype="fp32", precise=True)
+        back = load_file(tmp_path / f"b-{dtype}" / "model.safetensors")
+        differing[dtype] = sum(int((back[k] != original[k]).sum()) for k in original)
+    assert differing["fp64"] == 0 and differing["fp32"] > 0
+    written = formats.write_adapter(adapter, tmp_path / "ad64", "peft", dtype="fp64")
+    again = read_adapter(written)
+    name = "model.layers.0.self_attn.q_proj"
+    assert again.modules[name].A.dtype == torch.float64
+    assert torch.equal(again.modules[name].delta(), adapter.modules[name].delta())
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(art["base"]), written)
+    assert dict(model.named_parameters())[f"base_model.model.{name}.lora_A.default.weight"].dtype == torch.float32
+
+
+def test_from_loraops_import_a_submodule_gives_the_module_itself():
+    """loraops/__init__ bound the names adapter, basemodel and records to LazyModule stand-ins (for extract's
+    annotations), and `from loraops import basemodel` in a fresh interpreter gave the stand-in, not the module: what
+    a test or a user patched on it (monkeypatch.setattr(basemodel, ...)) never reached loraops.basemodel."""
+    import os
+    import subprocess
+    import sys
+
+    said = ("import sys, types\n"
+            "from loraops import adapter, basemodel, records\n"
+            "for m in (adapter, basemodel, records):\n"
+            "    assert isinstance(m, types.ModuleType) and m is sys.modules[m.__name__], repr(m)\n"
+            "import typing, loraops\n"
+            "typing.get_type_hints(loraops.extract)\n")
+    done = subprocess.run([sys.executable, "-c", said], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_recipes_base_folders_are_looked_up_in_the_registry_given(art, tmp_path, isolated_home):
+    """derive.registered_base_folders (read_recipe's base_folders, for `derive.combine(base_model=...)`) read only the
+    default registry: a recipe run against registry=reg found none of reg's bases."""
+    import functools
+
+    from loraops.recipe import parse_recipe
+
+    with Registry.open(f"sqlite:///{tmp_path / 'mine.db'}") as mine:
+        mine.add_base(art["base"], name="llama")
+        folders = functools.partial(derive.registered_base_folders, registry=mine)
+        assert folders("llama") == [str(art["base"].resolve())]
+        recipe = parse_recipe({"merge_method": "task_arithmetic", "base_model": "llama",
+                               "models": [{"model": str(art["base"])}, {"model": "ad", "parameters": {"weight": 1.0}}]},
+                              base_folders=folders)
+        assert recipe.inputs == [("ad", 1.0)]
+    assert derive.registered_base_folders("llama") == []
+
+
+def test_a_lazy_module_stand_in_copies_and_pickles():
+    """copy.copy, copy.deepcopy and pickle of a LazyModule (loraops.adapter.torch, say) ended in a RecursionError:
+    they make it without __init__ and ask it for __setstate__, which __getattr__ looked up through its unset _name."""
+    import copy
+    import pickle
+
+    from loraops.lazy import LazyModule
+
+    lazy = LazyModule("json")
+    for again in (copy.copy(lazy), copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):
+        assert again.dumps([1]) == "[1]"

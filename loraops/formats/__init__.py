@@ -21,14 +21,17 @@ from typing import TYPE_CHECKING, Iterable
 
 from .. import ldm, st
 from ..errors import FormatError, InvalidInputError, LoraopsError, NotFoundError, UnsupportedAdapterError, reworded
+from ..lazy import LazyModule
 from ..fsutil import atomic_path, output_path, refuse_misnamed_output, sha256_file
 from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
 from .kohya import kohya_name
 
+from ..adapter import Adapter, LoraModule
+
 if TYPE_CHECKING:
     import torch
-
-    from ..adapter import Adapter, LoraModule
+else:
+    torch = LazyModule("torch")  # what annotations name resolves when they are read: lazy.py
 
 FORMATS = ("peft", "kohya", "diffusers")
 READERS = {"peft": peft.read, "kohya": kohya.read, "diffusers": diffusers.read}

@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import settings
+from ..lazy import LazyModule
 from ..fsutil import path_exists, refuse_unrecordable, remove, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
@@ -37,11 +38,14 @@ from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
 
+from ..adapter import Adapter
+
 if TYPE_CHECKING:
     from .. import formats
-    from ..adapter import Adapter
     from ..basemodel import BaseModel
     from ..records import CheckReport
+else:
+    formats = LazyModule("loraops.formats")  # what annotations name resolves when they are read: lazy.py
 
 RETRIES = 10
 RETRY_BACKOFF_S = 0.02
@@ -80,6 +84,26 @@ def refuse_bad_grace(grace_s: object, option: str = "grace_s") -> None:
     if not is_weight(grace_s) or not grace_s >= 0:
         shown = f"{grace_s:g}" if is_weight(grace_s) else repr(grace_s)
         raise InvalidInputError(f"{option} {shown}: give a number of seconds ≥ 0")
+
+
+@contextlib.contextmanager
+def opened(registry: "Registry | None", *, create: bool = True) -> Iterator["Registry"]:
+    """The registry a library call (merging.*, derive.*) reads and records in: the caller's ``registry``, left open
+    (it is theirs), else the default one (LORAOPS_DB / LORAOPS_HOME), opened for the call (``create``: as
+    Registry.open's) and closed after."""
+    if registry is None:
+        with Registry.open(create=create) as reg:
+            yield reg
+    else:
+        yield given(registry)
+
+
+def given(registry: object) -> "Registry":
+    """A caller's ``registry=``, refused unless it is a Registry (a URL string is not: the caller opens it, and
+    closes it, as hub.pull's and hub.push's)."""
+    if not isinstance(registry, Registry):
+        raise InvalidInputError(f"registry= takes a Registry (loraops.registry.Registry.open(url)), not {registry!r}")
+    return registry
 
 
 class Registry:
