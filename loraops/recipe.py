@@ -335,6 +335,9 @@ def _parameters(values: Any, where: str, refuse) -> dict[str, Any]:
         raise refuse(f"{where} must be a mapping of names to values")
     out = {}
     for key, value in values.items():
+        if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            # mergekit's conditional values are a list of {filter: ..., value: ...} mappings
+            raise refuse(f"{where}.{key}: conditional values (filter/value) are not supported: give one value")
         if isinstance(value, list):
             raise refuse(f"{where}.{key}: a gradient (a list of values across the layers) is not supported: give one "
                          "value")
@@ -360,6 +363,13 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
     from .ops.combine import zero_sum  # (here: reading a recipe needs no torch until this point)
 
     if name in ELEMENT_WISE:
+        from .ops.combine import METHODS
+
+        normalizes = METHODS[name].params.model_fields["normalize"].default
+        if any(w < 0 for w in weights) and params.get("normalize", normalizes):
+            # combine's own refusal points at --no-normalize, which is refused beside --recipe
+            raise refuse(f"{name} with normalize divides by the weights that agree on each entry, so a negative weight "
+                         "would not subtract: give normalize: false, or use task_arithmetic")
         rescale = params.pop("rescale", name in DIVIDES_BY_DEFAULT)
         if rescale:
             params["rescale_norm"] = "l1"

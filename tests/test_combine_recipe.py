@@ -135,8 +135,11 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "density": [0.1, 0.9]}}]},
      "r: models[1].parameters.density: a gradient (a list of values across the layers) is not supported: give one "
      "value"),
+    # mergekit's conditional values are a list of filter/value mappings: not a gradient
     ({**TIES, "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.2}]}},
-     "r: parameters.density: a gradient (a list of values across the layers) is not supported"),
+     "r: parameters.density: conditional values (filter/value) are not supported: give one value"),
+    ({**TIES, "models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, 0.2]}}]},
+     "r: models[1].parameters.weight: conditional values (filter/value) are not supported: give one value"),
     ({**TIES, "parameters": {"density": {"filter": "mlp", "value": 0.5}}},
      "r: parameters.density: conditional values (filter/value) are not supported: give one value"),
     ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}}]},
@@ -164,6 +167,13 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
       "models": [{"model": m, "parameters": {"weight": w}} for m, w in (("a", 0.1), ("c", 0.2), ("d", -0.3))]},
      "r: multislerp with normalize_weights divides the weights by their sum, which is 0 to rounding (5.6e-17): give "
      "other weights, or normalize_weights: false"),
+    # combine's own refusal says --no-normalize, which is refused beside --recipe: the recipe's terms instead
+    ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "c", "parameters": {"weight": -0.5}}]},
+     "r: ties with normalize divides by the weights that agree on each entry, so a negative weight would not "
+     "subtract: give normalize: false, or use task_arithmetic"),
+    ({"merge_method": "della", "parameters": {"normalize": True, "density": 0.5},
+      "models": [{"model": "a", "parameters": {"weight": -1}}, {"model": "c", "parameters": {"weight": 1}}]},
+     "r: della with normalize divides by the weights that agree on each entry"),
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "r: models[1].parameters: model_stock takes no per-model 'weight'"),
     ({"merge_method": "linear", "parameters": {"normalize": False},
