@@ -174,7 +174,11 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         raise refuse("merge_method is missing (give one of " + ", ".join(METHODS) + ")")
     spec = METHODS.get(name)
     if spec is None:
-        raise refuse(f"merge_method {name!r} is not supported for LoRA adapters (use one of {', '.join(METHODS)})")
+        from .algebra import MERGEKIT_ONLY
+
+        hint = MERGEKIT_ONLY.get(name)
+        raise refuse(f"merge_method {name!r}: {hint}" if hint else
+                     f"merge_method {name!r} is not supported for LoRA adapters (use one of {', '.join(METHODS)})")
     base_model = data.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise refuse("base_model must be a name or path (the adapters' base)")

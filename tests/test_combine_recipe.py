@@ -124,7 +124,14 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({**TIES, "name": "x"}, "r: unknown key 'name' (a recipe takes merge_method, models, parameters, base_model, "
                             "dtype, out_dtype)"),
     ({"models": TIES["models"]}, "r: merge_method is missing (give one of "),
-    ({**TIES, "merge_method": "slerp"}, "r: merge_method 'slerp' is not supported for LoRA adapters (use one of "),
+    ({**TIES, "merge_method": "passthrough"}, "r: merge_method 'passthrough' is not supported for LoRA adapters (use "
+                                              "one of "),
+    # mergekit's whole-weight methods say why, and what interpolates task vectors instead
+    ({**TIES, "merge_method": "slerp"}, "r: merge_method 'slerp': mergekit's slerp interpolates whole weights (from the "
+                                        "base_model's at t = 0), which no LoRA holds: nuslerp interpolates two "
+                                        "adapters' task vectors"),
+    ({**TIES, "merge_method": "karcher"}, "r: merge_method 'karcher': mergekit's karcher averages whole weights, which "
+                                          "no LoRA holds: multislerp averages"),
     ({**TIES, "merge_method": "magnitude_prune"}, "r: merge_method 'magnitude_prune' is not supported"),
     ({**TIES, "dtype": "int8"}, "r: dtype 'int8' is not one of float32, bfloat16, float16, float64"),
     ({**TIES, "base_model": 3}, "r: base_model must be a name or path (the adapters' base)"),
