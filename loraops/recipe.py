@@ -286,6 +286,24 @@ def _adapter_of(model: str, bases: list[str]) -> str:
     return ref.lora if _is_base(written, bases) else model
 
 
+def unresolved_lora_hint(model: str, base_model: str | None) -> str | None:
+    """What to say when a recipe's model entry names no adapter and reads as mergekit's ``MODEL+LORA`` over a model
+    that is not the base_model (or with no base_model): only over the base_model is it the adapter LORA."""
+    try:
+        ref = model_reference(model)
+    except InvalidInputError:
+        return None
+    if ref.lora is None:
+        return None
+    written = model.partition("+")[0]
+    said = f"{model!r} is mergekit's MODEL+LORA, read as the adapter {ref.lora!r} only where MODEL is the base_model"
+    if base_model is None:
+        return (f"{said}, and the recipe gives none: give base_model: {written} (with linear, also a top-level "
+                "weight: 0, which leaves the base out of the average)")
+    return (f"{said} ({base_model}): over another model its task vector is no adapter's ΔW; write {ref.lora} or "
+            f"{base_model}+{ref.lora}")
+
+
 def _is_base(model: str, bases: list[str]) -> bool:
     """Whether a model entry names the base_model (or a registered folder of it, ``bases``): the same text however a
     path is written (``./x``, ``x/``), or the same file or folder (an absolute path, a link). mergekit compares the

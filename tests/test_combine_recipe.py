@@ -375,6 +375,16 @@ def test_cli_options_beside_the_recipe_apply(files, tmp_path):
      "adapter's ΔW is taken over: give the adapters' base alone (base_model: {base})"),
     (lambda f: recipe("ties", (str(f["a"]), {"weight": 1, "density": [0.5, 0.2]})),
      "error: {path}: models[1].parameters.density: a gradient"),
+    # mergekit's MODEL+LORA names the adapter LORA only over the base_model: without one (mergekit's linear of
+    # BASE+LORA entries), or over another model, it names nothing, and the error says why
+    (lambda f: recipe("linear", (f"{f['base']}+{f['a']}", {"weight": 1}), (f"{f['base']}+{f['b']}", {"weight": 3})),
+     "error: {path}: '{base}+{a}' is mergekit's MODEL+LORA, read as the adapter '{a}' only where MODEL is the "
+     "base_model, and the recipe gives none: give base_model: {base} (with linear, also a top-level weight: 0, which "
+     "leaves the base out of the average)"),
+    (lambda f: recipe("ties", (f"other+{f['a']}", {"weight": 1}), (str(f["b"]), {"weight": 1}),
+                      base_model=str(f["base"])),
+     "error: {path}: 'other+{a}' is mergekit's MODEL+LORA, read as the adapter '{a}' only where MODEL is the "
+     "base_model ({base}): over another model its task vector is no adapter's ΔW; write {a} or {base}+{a}"),
     (lambda f: recipe("breadcrumbs", (str(f["a"]), {"weight": 1, "density": 0.5, "gamma": 0.6}),
                       (str(f["b"]), {"weight": 1, "density": 0.5})),
      "error: bad parameters for breadcrumbs (adapter 1): gamma (0.6) + density (0.5) must be at most 1"),
@@ -385,7 +395,7 @@ def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc,
 
     path = write(tmp_path / "r.yml", doc(files))
     run = loraops("combine", "--recipe", path)
-    want = message.format(base=files["base"], c=files["c"], path=path)
+    want = message.format(base=files["base"], a=files["a"], c=files["c"], path=path)
     assert run.returncode != 0 and run.stderr.startswith(want) and len(run.stderr.splitlines()) == 1, run.stderr
     with Registry.open() as reg:
         assert [a.name for a in reg.list_adapters()] == []
