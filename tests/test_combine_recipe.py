@@ -396,7 +396,8 @@ def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc,
     path = write(tmp_path / "r.yml", doc(files))
     run = loraops("combine", "--recipe", path)
     want = message.format(base=files["base"], a=files["a"], c=files["c"], path=path)
-    assert run.returncode != 0 and run.stderr.startswith(want) and len(run.stderr.splitlines()) == 1, run.stderr
+    # 2, as every refusal of a recipe's content (a MODEL+LORA entry naming nothing too: the recipe is to change)
+    assert run.returncode == 2 and run.stderr.startswith(want) and len(run.stderr.splitlines()) == 1, run.stderr
     with Registry.open() as reg:
         assert [a.name for a in reg.list_adapters()] == []
 

@@ -6,7 +6,7 @@ from typing import Iterable
 import click
 
 from . import FLOAT, INT
-from ..errors import NotFoundError
+from ..errors import InvalidInputError, NotFoundError
 from ..recipe import unresolved_lora_hint
 from ..references import parse_weighted
 from .render import METHODS, echo_json, echo_table, layer_kind, not_again
@@ -191,7 +191,7 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
         hint = unresolved_lora_hint(missing[0], base_model) if missing else None
         if hint is None:
             raise
-        raise NotFoundError(f"{recipe}: {hint}") from None
+        raise InvalidInputError(f"{recipe}: {hint}") from None  # the recipe's entry is to change, as its refusals
     if as_json:
         echo_json(result)
         return
