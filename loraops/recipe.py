@@ -220,8 +220,11 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         own = _parameters(entry.get("parameters"), f"{where}.parameters", refuse)
         for key in own:
             if key not in spec.per_model:
+                # (mergekit 2024's DELLA read lambda per model, the first model's; now it is top-level only)
                 raise refuse(f"{where}.parameters: {name} takes no per-model {key!r}"
-                             + (f" (it takes {', '.join(spec.per_model)})" if spec.per_model else ""))
+                             + (f" (it takes {', '.join(spec.per_model)})" if spec.per_model else "")
+                             + (f": {key} is one value for the whole merge: move it under the top-level parameters"
+                                if key in spec.top else ""))
         if is_base:
             # mergekit's task-vector methods skip the base; its linear averages it in: a zero task vector whose
             # weight still counts in Σw

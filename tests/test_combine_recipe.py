@@ -151,6 +151,13 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
      "r: parameters.density: conditional values (filter/value) are not supported: give one value"),
     ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}}]},
      "r: models[1].parameters: ties takes no per-model 'gamma' (it takes weight, density)"),
+    # mergekit 2024's DELLA read lambda per model (the first model's); now it is one top-level parameter
+    ({"merge_method": "della", "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5, "lambda": 1.1}}]},
+     "r: models[1].parameters: della takes no per-model 'lambda' (it takes weight, density, epsilon): lambda is one "
+     "value for the whole merge: move it under the top-level parameters"),
+    ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "normalize": False}}]},
+     "r: models[1].parameters: ties takes no per-model 'normalize' (it takes weight, density): normalize is one value "
+     "for the whole merge: move it under the top-level parameters"),
     ({**TIES, "parameters": {"select_topk": 0.5}},
      "r: parameters: ties takes no 'select_topk' (it takes weight, density, normalize, rescale, lambda, int8_mask)"),
     ({**TIES, "parameters": {"normalize": "yes"}}, "r: parameters.normalize must be true or false (got 'yes')"),
