@@ -452,6 +452,17 @@ def _per_input(given: dict[str, Any], count: int) -> dict[str, list]:
     return lists
 
 
+MERGEKIT_ONLY = {
+    "task_arithmetic": "mergekit's task_arithmetic is linear here (λ·Σ wᵢτᵢ: fold lambda into the weights; "
+                       "combine --recipe reads a task_arithmetic recipe)",
+    "slerp": "mergekit's slerp interpolates whole weights (from the base_model's at t = 0), which no LoRA holds: "
+             "nuslerp interpolates two adapters' task vectors (mergekit's nuslerp with a base_model)",
+    "karcher": "mergekit's karcher averages whole weights, which no LoRA holds: multislerp averages the adapters' "
+               "task vectors on the sphere (mergekit's multislerp with a base_model)",
+}
+"""mergekit's method names that are no combine method, with what to use instead."""
+
+
 def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None,
                       weights: Sequence[float] = (), conv_rank: int | None = None) -> CombineArguments:
     """The checked arguments of combine alone — callers that register inputs first (loraops.derive) call it before
@@ -461,7 +472,9 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
 
     spec = METHODS.get(method)
     if spec is None:
-        raise InvalidInputError(f"unknown combine method {method!r}: use one of {', '.join(METHODS)}")
+        hint = MERGEKIT_ONLY.get(method)
+        raise InvalidInputError(f"unknown combine method {method!r}: "
+                                + (f"{hint}" if hint else f"use one of {', '.join(METHODS)}"))
     given = dict(params or {})
     for key in given:  # a parameter of other methods: say which, rather than "unknown parameter"
         takers = [m.name for m in METHODS.values() if key in _parameter_names(m.params)]

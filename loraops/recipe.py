@@ -177,7 +177,11 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         raise refuse("merge_method is missing (give one of " + ", ".join(METHODS) + ")")
     spec = METHODS.get(name)
     if spec is None:
-        raise refuse(f"merge_method {name!r} is not supported for LoRA adapters (use one of {', '.join(METHODS)})")
+        from .algebra import MERGEKIT_ONLY
+
+        hint = MERGEKIT_ONLY.get(name)
+        raise refuse(f"merge_method {name!r}: {hint}" if hint else
+                     f"merge_method {name!r} is not supported for LoRA adapters (use one of {', '.join(METHODS)})")
     base_model = data.get("base_model")
     if base_model is not None and not isinstance(base_model, str):
         raise refuse("base_model must be a name or path (the adapters' base)")
@@ -215,8 +219,11 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         own = _parameters(entry.get("parameters"), f"{where}.parameters", refuse)
         for key in own:
             if key not in spec.per_model:
+                # (mergekit 2024's DELLA read lambda per model, the first model's; now it is top-level only)
                 raise refuse(f"{where}.parameters: {name} takes no per-model {key!r}"
-                             + (f" (it takes {', '.join(spec.per_model)})" if spec.per_model else ""))
+                             + (f" (it takes {', '.join(spec.per_model)})" if spec.per_model else "")
+                             + (f": {key} is one value for the whole merge: move it under the top-level parameters"
+                                if key in spec.top else ""))
         if is_base:
             # mergekit's task-vector methods skip the base; its linear averages it in: a zero task vector whose
             # weight still counts in Σw
@@ -294,6 +301,24 @@ def _adapter_of(model: str, bases: list[str]) -> str:
     return ref.lora if _is_base(written, bases) else model
 
 
+def unresolved_lora_hint(model: str, base_model: str | None) -> str | None:
+    """What to say when a recipe's model entry names no adapter and reads as mergekit's ``MODEL+LORA`` over a model
+    that is not the base_model (or with no base_model): only over the base_model is it the adapter LORA."""
+    try:
+        ref = model_reference(model)
+    except InvalidInputError:
+        return None
+    if ref.lora is None:
+        return None
+    written = model.partition("+")[0]
+    said = f"{model!r} is mergekit's MODEL+LORA, read as the adapter {ref.lora!r} only where MODEL is the base_model"
+    if base_model is None:
+        return (f"{said}, and the recipe gives none: give base_model: {written} (with linear, also a top-level "
+                "weight: 0, which leaves the base out of the average)")
+    return (f"{said} ({base_model}): over another model its task vector is no adapter's ΔW; write {ref.lora} or "
+            f"{base_model}+{ref.lora}")
+
+
 def _is_base(model: str, bases: list[str]) -> bool:
     """Whether a model entry names the base_model (or a registered folder of it, ``bases``): the same text however a
     path is written (``./x``, ``x/``), or the same file or folder (an absolute path, a link). mergekit compares the
@@ -347,6 +372,9 @@ def _parameters(values: Any, where: str, refuse) -> dict[str, Any]:
         raise refuse(f"{where} must be a mapping of names to values")
     out = {}
     for key, value in values.items():
+        if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            # mergekit's conditional values are a list of {filter: ..., value: ...} mappings
+            raise refuse(f"{where}.{key}: conditional values (filter/value) are not supported: give one value")
         if isinstance(value, list):
             raise refuse(f"{where}.{key}: a gradient (a list of values across the layers) is not supported: give one "
                          "value")
@@ -372,6 +400,13 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
     from .ops.combine import zero_sum  # (here: reading a recipe needs no torch until this point)
 
     if name in ELEMENT_WISE:
+        from .ops.combine import METHODS
+
+        normalizes = METHODS[name].params.model_fields["normalize"].default
+        if any(w < 0 for w in weights) and params.get("normalize", normalizes):
+            # combine's own refusal points at --no-normalize, which is refused beside --recipe
+            raise refuse(f"{name} with normalize divides by the weights that agree on each entry, so a negative weight "
+                         "would not subtract: give normalize: false, or use task_arithmetic")
         rescale = params.pop("rescale", name in DIVIDES_BY_DEFAULT)
         if rescale:
             params["rescale_norm"] = "l1"

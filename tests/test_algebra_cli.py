@@ -102,6 +102,14 @@ def test_resize_table_and_export_round_trip(files, reg, tmp_path):
     (["combine", "{a}", "--method", "mean"], 2,
      "error: unknown combine method 'mean': use one of cat, linear, svd, ties, dare_ties, dare_linear, breadcrumbs, "
      "breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp, model_stock, multislerp"),
+    # mergekit's names: what they are here
+    (["combine", "{a}", "{b}", "--method", "task_arithmetic"], 2,
+     "error: unknown combine method 'task_arithmetic': mergekit's task_arithmetic is linear here (λ·Σ wᵢτᵢ: fold "
+     "lambda into the weights; combine --recipe reads a task_arithmetic recipe)"),
+    (["combine", "{a}", "{b}", "--method", "slerp"], 2,
+     "error: unknown combine method 'slerp': mergekit's slerp interpolates whole weights (from the base_model's at "
+     "t = 0), which no LoRA holds: nuslerp interpolates two adapters' task vectors (mergekit's nuslerp with a "
+     "base_model)"),
     (["combine", "{a}", "{b}", "--method", "ties", "--density", "1.5"], 2,
      "error: bad parameters for ties: density: Input should be less than or equal to 1"),
     (["combine", "{a}", "--method", "linear", "--rank", "0"], 2, "error: rank must be a positive integer (got 0)"),

@@ -139,7 +139,14 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({**TIES, "name": "x"}, "r: unknown key 'name' (a recipe takes merge_method, models, parameters, base_model, "
                             "dtype, out_dtype)"),
     ({"models": TIES["models"]}, "r: merge_method is missing (give one of "),
-    ({**TIES, "merge_method": "slerp"}, "r: merge_method 'slerp' is not supported for LoRA adapters (use one of "),
+    ({**TIES, "merge_method": "passthrough"}, "r: merge_method 'passthrough' is not supported for LoRA adapters (use "
+                                              "one of "),
+    # mergekit's whole-weight methods say why, and what interpolates task vectors instead
+    ({**TIES, "merge_method": "slerp"}, "r: merge_method 'slerp': mergekit's slerp interpolates whole weights (from the "
+                                        "base_model's at t = 0), which no LoRA holds: nuslerp interpolates two "
+                                        "adapters' task vectors"),
+    ({**TIES, "merge_method": "karcher"}, "r: merge_method 'karcher': mergekit's karcher averages whole weights, which "
+                                          "no LoRA holds: multislerp averages"),
     ({**TIES, "merge_method": "magnitude_prune"}, "r: merge_method 'magnitude_prune' is not supported"),
     ({**TIES, "dtype": "int8"}, "r: dtype 'int8' is not one of float32, bfloat16, float16, float64"),
     ({**TIES, "base_model": 3}, "r: base_model must be a name or path (the adapters' base)"),
@@ -150,12 +157,22 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "density": [0.1, 0.9]}}]},
      "r: models[1].parameters.density: a gradient (a list of values across the layers) is not supported: give one "
      "value"),
+    # mergekit's conditional values are a list of filter/value mappings: not a gradient
     ({**TIES, "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.2}]}},
-     "r: parameters.density: a gradient (a list of values across the layers) is not supported"),
+     "r: parameters.density: conditional values (filter/value) are not supported: give one value"),
+    ({**TIES, "models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, 0.2]}}]},
+     "r: models[1].parameters.weight: conditional values (filter/value) are not supported: give one value"),
     ({**TIES, "parameters": {"density": {"filter": "mlp", "value": 0.5}}},
      "r: parameters.density: conditional values (filter/value) are not supported: give one value"),
     ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}}]},
      "r: models[1].parameters: ties takes no per-model 'gamma' (it takes weight, density)"),
+    # mergekit 2024's DELLA read lambda per model (the first model's); now it is one top-level parameter
+    ({"merge_method": "della", "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5, "lambda": 1.1}}]},
+     "r: models[1].parameters: della takes no per-model 'lambda' (it takes weight, density, epsilon): lambda is one "
+     "value for the whole merge: move it under the top-level parameters"),
+    ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1, "normalize": False}}]},
+     "r: models[1].parameters: ties takes no per-model 'normalize' (it takes weight, density): normalize is one value "
+     "for the whole merge: move it under the top-level parameters"),
     ({**TIES, "parameters": {"select_topk": 0.5}},
      "r: parameters: ties takes no 'select_topk' (it takes weight, density, normalize, rescale, lambda, int8_mask)"),
     ({**TIES, "parameters": {"normalize": "yes"}}, "r: parameters.normalize must be true or false (got 'yes')"),
@@ -179,6 +196,13 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
       "models": [{"model": m, "parameters": {"weight": w}} for m, w in (("a", 0.1), ("c", 0.2), ("d", -0.3))]},
      "r: multislerp with normalize_weights divides the weights by their sum, which is 0 to rounding (5.6e-17): give "
      "other weights, or normalize_weights: false"),
+    # combine's own refusal says --no-normalize, which is refused beside --recipe: the recipe's terms instead
+    ({**TIES, "models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "c", "parameters": {"weight": -0.5}}]},
+     "r: ties with normalize divides by the weights that agree on each entry, so a negative weight would not "
+     "subtract: give normalize: false, or use task_arithmetic"),
+    ({"merge_method": "della", "parameters": {"normalize": True, "density": 0.5},
+      "models": [{"model": "a", "parameters": {"weight": -1}}, {"model": "c", "parameters": {"weight": 1}}]},
+     "r: della with normalize divides by the weights that agree on each entry"),
     ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "r: models[1].parameters: model_stock takes no per-model 'weight'"),
     ({"merge_method": "linear", "parameters": {"normalize": False},
@@ -373,6 +397,16 @@ def test_cli_options_beside_the_recipe_apply(files, tmp_path):
      "adapter's ΔW is taken over: give the adapters' base alone (base_model: {base})"),
     (lambda f: recipe("ties", (str(f["a"]), {"weight": 1, "density": [0.5, 0.2]})),
      "error: {path}: models[1].parameters.density: a gradient"),
+    # mergekit's MODEL+LORA names the adapter LORA only over the base_model: without one (mergekit's linear of
+    # BASE+LORA entries), or over another model, it names nothing, and the error says why
+    (lambda f: recipe("linear", (f"{f['base']}+{f['a']}", {"weight": 1}), (f"{f['base']}+{f['b']}", {"weight": 3})),
+     "error: {path}: '{base}+{a}' is mergekit's MODEL+LORA, read as the adapter '{a}' only where MODEL is the "
+     "base_model, and the recipe gives none: give base_model: {base} (with linear, also a top-level weight: 0, which "
+     "leaves the base out of the average)"),
+    (lambda f: recipe("ties", (f"other+{f['a']}", {"weight": 1}), (str(f["b"]), {"weight": 1}),
+                      base_model=str(f["base"])),
+     "error: {path}: 'other+{a}' is mergekit's MODEL+LORA, read as the adapter '{a}' only where MODEL is the "
+     "base_model ({base}): over another model its task vector is no adapter's ΔW; write {a} or {base}+{a}"),
     (lambda f: recipe("breadcrumbs", (str(f["a"]), {"weight": 1, "density": 0.5, "gamma": 0.6}),
                       (str(f["b"]), {"weight": 1, "density": 0.5})),
      "error: bad parameters for breadcrumbs (adapter 1): gamma (0.6) + density (0.5) must be at most 1"),
@@ -383,8 +417,9 @@ def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc,
 
     path = write(tmp_path / "r.yml", doc(files))
     run = loraops("combine", "--recipe", path)
-    want = message.format(base=files["base"], c=files["c"], path=path)
-    assert run.returncode != 0 and run.stderr.startswith(want) and len(run.stderr.splitlines()) == 1, run.stderr
+    want = message.format(base=files["base"], a=files["a"], c=files["c"], path=path)
+    # 2, as every refusal of a recipe's content (a MODEL+LORA entry naming nothing too: the recipe is to change)
+    assert run.returncode == 2 and run.stderr.startswith(want) and len(run.stderr.splitlines()) == 1, run.stderr
     with Registry.open() as reg:
         assert [a.name for a in reg.list_adapters()] == []
 

@@ -6,6 +6,8 @@ from typing import Iterable
 import click
 
 from . import FLOAT, INT
+from ..errors import InvalidInputError, NotFoundError
+from ..recipe import unresolved_lora_hint
 from ..references import parse_weighted
 from .render import METHODS, echo_json, echo_table, layer_kind, not_again
 
@@ -188,9 +190,17 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
         dtype = dtype or read.dtype
     elif not inputs:
         raise click.UsageError("give the adapters to combine (REF[:WEIGHT]...), or --recipe")
-    result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
-                            device=device, precise=precise, name=name, output=output, fmt=fmt, force=force, base=base,
-                            base_model=base_model, conv_rank=conv_rank, dtype=dtype, block_weights=block_weights)
+    try:
+        result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
+                                device=device, precise=precise, name=name, output=output, fmt=fmt, force=force,
+                                base=base, base_model=base_model, conv_rank=conv_rank, dtype=dtype,
+                                block_weights=block_weights)
+    except NotFoundError as exc:
+        missing = [ref for ref, _ in refs or () if repr(ref) in str(exc) or str(exc).startswith(f"{ref}:")]
+        hint = unresolved_lora_hint(missing[0], base_model) if missing else None
+        if hint is None:
+            raise
+        raise InvalidInputError(f"{recipe}: {hint}") from None  # the recipe's entry is to change, as its refusals
     if as_json:
         echo_json(result)
         return
