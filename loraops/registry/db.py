@@ -1,7 +1,7 @@
 """Database connection and schema migrations.
 
-Every open brings the schema to the code's head: an empty database is created, an old one upgraded (Alembic),
-one stamped with a revision this code does not know (written by a newer loraops) is refused. The common case —
+Every open brings the schema to the code's head: an empty database is created, an old one upgraded (Alembic) —
+on SQLite; a server database's is refused with "run `loraops db upgrade`" (ensure_schema) —, one stamped with a revision this code does not know (written by a newer loraops) is refused. The common case —
 already at head — costs one small query and does not import Alembic at all (HEAD, in reads.py, is kept equal to
 the scripts' head by a test).
 """
@@ -223,8 +223,11 @@ def interrupts_deferred() -> Iterator[None]:
             handler(signum, None)
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Bring the database to HEAD (see the module docstring)."""
+def ensure_schema(engine: Engine, *, explicit: bool = False) -> None:
+    """Bring the database to HEAD (see the module docstring). A server database (PostgreSQL) at an older revision is
+    refused unless ``explicit`` (`loraops db upgrade`): it is shared, and upgrading it makes every teammate's older
+    loraops refuse it, so a member's first command after upgrading loraops (even `list`) must not do that silently.
+    An empty one is still created: no one uses it yet."""
     for attempt in range(OPEN_ATTEMPTS):
         try:
             with engine.connect() as connection:
@@ -238,6 +241,10 @@ def ensure_schema(engine: Engine) -> None:
                 continue
             raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
     if current != HEAD:
+        if current is not None and not explicit and engine.dialect.name != "sqlite" and known_revision(current):
+            raise RegistryError(f"the registry at {_safe(engine)} is at schema revision {current}, older than this "
+                                f"loraops' {HEAD}; it is shared, so it is not upgraded implicitly (older loraops "
+                                "installs would then refuse it): run `loraops db upgrade` once its users are ready")
         upgrade(engine)
 
 
