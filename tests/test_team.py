@@ -44,3 +44,34 @@ def test_two_homes_one_registry_one_blob_store(tmp_path):
     run(bob, "rm", "style")
     assert json.loads(run(alice, "list", "--json")) == []
     assert not Path(record["path"]).exists()
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "style"], ["register", "style.safetensors"]])
+def test_a_server_that_does_not_answer_is_one_line_after_the_timeout(tmp_path, monkeypatch, command):
+    """A PostgreSQL host that accepts the connection and never answers (a hung server; a firewall dropping packets
+    waits the same way): libpq waits forever, so `loraops list` hung with no output until killed."""
+    import socket
+    import threading
+    import time
+
+    from loraops.registry import reads
+
+    monkeypatch.setattr(reads, "CONNECT_TIMEOUT_S", 2, raising=False)  # (libpq: at least 2)
+    monkeypatch.chdir(tmp_path)
+    kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # (the kernel completes the handshake; nothing ever answers)
+        url = f"postgresql+psycopg://someone:secret@127.0.0.1:{listener.getsockname()[1]}/loraops"
+        done = []
+        start = time.monotonic()
+        worker = threading.Thread(target=lambda: done.append(CliRunner().invoke(main, ["--db", url, *command])),
+                                  daemon=True)
+        worker.start()
+        worker.join(15)
+    assert done, "still waiting for the server after 15 s"
+    assert time.monotonic() - start < 8
+    result = done[0]
+    assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: cannot open the registry at postgresql+psycopg://someone:***@127.0.0.1:")
+    assert "timeout" in result.output and "secret" not in result.output

@@ -25,7 +25,7 @@ from .. import settings
 from ..errors import RegistryError
 from ..fsutil import file_lock, refuse_existing
 # (HEAD is part of this module's API: cli/db.py)
-from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, read_only_connection, sqlite_uri_of  # noqa: F401
+from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, pg_connect_args, read_only_connection, sqlite_uri_of  # noqa: F401
 
 OPEN_ATTEMPTS = 7  # reading the schema revision: about 3 s of back-off in all before "database is locked" is reported
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
@@ -64,6 +64,8 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         raise RegistryError(f"{url}: an in-memory SQLite database cannot hold a registry (it is gone "
                             "when the command ends); give a file, e.g. sqlite:////path/registry.db")
     try:
+        if parsed.get_backend_name() == "postgresql":  # (without a timeout, `list` hung on a server not answering)
+            return _create_engine(parsed, pool_pre_ping=True, connect_args=pg_connect_args(url))
         if parsed.get_backend_name() != "sqlite":
             return _create_engine(parsed, pool_pre_ping=True)
         if read_only:
@@ -239,7 +241,7 @@ def ensure_schema(engine: Engine, *, explicit: bool = False) -> None:
             if attempt + 1 < OPEN_ATTEMPTS and "database is locked" in str(exc).lower():
                 time.sleep(0.05 * 2 ** attempt)
                 continue
-            raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
+            raise cannot_open(engine.url, exc) from None
     if current != HEAD:
         if current is not None and not explicit and engine.dialect.name != "sqlite" and known_revision(current):
             raise RegistryError(f"the registry at {_safe(engine)} is at schema revision {current}, older than this "
@@ -431,9 +433,15 @@ def connected(engine: Engine) -> Iterator[Connection]:
     try:
         connection = engine.connect()
     except Exception as exc:  # noqa: BLE001 - any driver error becomes one line naming the database
-        raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
+        raise cannot_open(engine.url, exc) from None
     with connection:
         yield connection
+
+
+def cannot_open(url, exc: BaseException) -> RegistryError:
+    """The one line for a registry that cannot be reached or opened (its URL, a string or a SQLAlchemy URL, shown
+    without its password)."""
+    return RegistryError(f"cannot open the registry at {_safe_url(make_url(url))}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:
