@@ -282,7 +282,8 @@ def test_help_and_reads_import_no_torch_nor_sqlalchemy(art):
     ("postgresql+psycopg://me:secret@127.0.0.1:1/x", "cannot open the registry at postgresql+psycopg://me:***@127.0.0.1:1/x"),
 ])
 @pytest.mark.parametrize("command", [["list"], ["db", "current"], ["db", "upgrade"]])
-def test_unusable_registry_urls_are_one_line_errors(url, says, command):
+def test_unusable_registry_urls_are_one_line_errors(url, says, command, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))  # (a server registry needs one: test_team)
     result = cli("--db", url, *command, code=6)
     assert result.output.startswith(f"error: {says}") and len(result.output.splitlines()) == 1, result.output
     assert "secret" not in result.output

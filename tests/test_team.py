@@ -57,6 +57,7 @@ def test_a_server_that_does_not_answer_is_one_line_after_the_timeout(tmp_path, m
     from loraops.registry import reads
 
     monkeypatch.setattr(reads, "CONNECT_TIMEOUT_S", 2, raising=False)  # (libpq: at least 2)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))
     monkeypatch.chdir(tmp_path)
     kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
     with socket.socket() as listener:
@@ -75,3 +76,23 @@ def test_a_server_that_does_not_answer_is_one_line_after_the_timeout(tmp_path, m
     assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
     assert result.output.startswith("error: cannot open the registry at postgresql+psycopg://someone:***@127.0.0.1:")
     assert "timeout" in result.output and "secret" not in result.output
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "style"], ["register", "style.safetensors"], ["gc"]])
+def test_a_server_registry_without_a_shared_blob_folder_is_refused(tmp_path, monkeypatch, command):
+    """Without LORAOPS_BLOBS each home kept a shared registry's adapters in its own <home>/blobs: Bob's `show` of
+    Alice's adapter named a file in his home that was not there, and his `export` and `verify` failed. Refused in one
+    line before connecting (a server that cannot be reached says the same), nothing stored and no record made."""
+    url = os.environ.get("LORAOPS_DB") or "postgresql+psycopg://someone@127.0.0.1:1/loraops"  # (nothing listens)
+    monkeypatch.setenv("LORAOPS_DB", url)
+    monkeypatch.delenv("LORAOPS_BLOBS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+    assert "server, shared by every loraops home that names it, but LORAOPS_BLOBS is not set" in result.output
+    home = Path(os.environ["LORAOPS_HOME"])
+    assert f"`export LORAOPS_BLOBS={home / 'blobs'}`" in result.output and not (home / "blobs").exists()
+    if os.environ.get("LORAOPS_TEST_DB"):
+        monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "shared"))
+        assert CliRunner().invoke(main, ["list", "--json"]).output == "[]\n"

@@ -335,6 +335,7 @@ def reader(url: str | None = None) -> Iterator[Reader]:
     from .. import settings
 
     url = url or settings.db_url()
+    blobs = settings.registry_blobs_dir(url)
     connection, made_wal = _connect(url)
     if connection is None:
         from .store import Registry
@@ -343,7 +344,7 @@ def reader(url: str | None = None) -> Iterator[Reader]:
             yield found
         return
     try:
-        yield Reader.over(connection, BlobStore(settings.blobs_dir(url)))
+        yield Reader.over(connection, BlobStore(blobs))
     finally:
         connection.close()
         if made_wal is not None:
