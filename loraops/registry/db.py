@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import SAWarning
 
 from .. import settings
@@ -52,11 +52,7 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
     that start when asked (so writers take the lock up front instead of failing on upgrade), and its folder made
     unless ``create`` is false. ``read_only`` (SQLite): open the file immutable and read-only, for a registry in a
     folder this process cannot write (WAL needs its -shm file beside the database even to read)."""
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - never echo a string that may hold a password
-        raise RegistryError("the registry URL is not a SQLAlchemy database URL (dialect[+driver]://user@host/name, "
-                            "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
+    parsed = parse_url(url)
     file = settings.sqlite_file(parsed.database, parsed.query) if parsed.get_backend_name() == "sqlite" else None
     if parsed.get_backend_name() == "sqlite" and file is None:
         # What it recorded was gone when the command ended, and with no file to keep a store beside, its blob store
@@ -109,6 +105,15 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def parse_url(url) -> "URL":
+    """A registry URL (a string or a SQLAlchemy URL) parsed, or one RegistryError line that does not echo it."""
+    try:
+        return make_url(url)
+    except Exception:  # noqa: BLE001 - never echo a string that may hold a password
+        raise RegistryError("the registry URL is not a SQLAlchemy database URL (dialect[+driver]://user@host/name, "
+                            "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
 
 
 def _create_engine(url, **options) -> Engine:
@@ -441,7 +446,7 @@ def connected(engine: Engine) -> Iterator[Connection]:
 def cannot_open(url, exc: BaseException) -> RegistryError:
     """The one line for a registry that cannot be reached or opened (its URL, a string or a SQLAlchemy URL, shown
     without its password)."""
-    return RegistryError(f"cannot open the registry at {_safe_url(make_url(url))}: {_first_line(exc)}")
+    return RegistryError(f"cannot open the registry at {_safe_url(parse_url(url))}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:
