@@ -96,3 +96,27 @@ def test_a_server_registry_without_a_shared_blob_folder_is_refused(tmp_path, mon
     if os.environ.get("LORAOPS_TEST_DB"):
         monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "shared"))
         assert CliRunner().invoke(main, ["list", "--json"]).output == "[]\n"
+
+
+@pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
+def test_the_connect_timeout_is_only_for_libpq_drivers(tmp_path, monkeypatch):
+    """connect_timeout is libpq's (psycopg, psycopg2); pg8000's connect() takes no such argument, so a pg8000 URL
+    failed on every command with "unexpected keyword argument 'connect_timeout'" instead of reaching its server."""
+    import sys
+    import types
+
+    pg8000 = types.ModuleType("pg8000")
+    pg8000.__version__, pg8000.paramstyle = "1.31.2", "format"
+    for name in ("Error", "InterfaceError", "DatabaseError", "OperationalError", "ProgrammingError"):
+        setattr(pg8000, name, type(name, (Exception,), {}))
+
+    def connect(user, host="localhost", database=None, port=5432, password=None, timeout=None):  # (pg8000's, cut)
+        raise pg8000.InterfaceError("no server here")
+
+    pg8000.connect = connect
+    monkeypatch.setitem(sys.modules, "pg8000", pg8000)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))
+    result = CliRunner().invoke(main, ["--db", "postgresql+pg8000://me:secret@127.0.0.1:1/x", "list"])
+    assert result.exit_code == 6 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: cannot open the registry at postgresql+pg8000://me:***@127.0.0.1:1/x")
+    assert "no server here" in result.output, result.output

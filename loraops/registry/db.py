@@ -30,6 +30,7 @@ from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, pg_connect_args, read_only_conn
 OPEN_ATTEMPTS = 7  # reading the schema revision: about 3 s of back-off in all before "database is locked" is reported
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
 _MIGRATING = threading.Lock()
+LIBPQ_DRIVERS = ("psycopg", "psycopg2", "psycopg2cffi", "psycopg_async")  # (a plain postgresql:// is one of them)
 
 
 def script_location() -> str:
@@ -60,7 +61,9 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         raise RegistryError(f"{url}: an in-memory SQLite database cannot hold a registry (it is gone "
                             "when the command ends); give a file, e.g. sqlite:////path/registry.db")
     try:
-        if parsed.get_backend_name() == "postgresql":  # (without a timeout, `list` hung on a server not answering)
+        # (without a timeout, `list` hung on a server not answering; connect_timeout is libpq's: pg8000's connect()
+        # refuses the argument)
+        if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in LIBPQ_DRIVERS:
             return _create_engine(parsed, pool_pre_ping=True, connect_args=pg_connect_args(url))
         if parsed.get_backend_name() != "sqlite":
             return _create_engine(parsed, pool_pre_ping=True)
