@@ -148,6 +148,28 @@ def test_an_older_server_registry_is_upgraded_only_by_db_upgrade(tmp_path):
 
 
 @pytest.mark.empty_db
+def test_a_server_registry_created_at_an_older_revision_meanwhile_is_not_upgraded(monkeypatch):
+    """The revision is read before the migration lock is taken: a database that was empty then, and that a teammate's
+    older loraops created (at its own revision) before the lock was ours, was upgraded by the command that found it
+    empty. What the lock's holder reads decides."""
+    eng = engine()
+    if eng.dialect.name == "sqlite":
+        pytest.skip("an SQLite registry is upgraded by any command")
+    older = revisions()[-2]
+    db.upgrade(eng, older)
+    read, reads = db.current_revision, []
+
+    def first_read_finds_it_empty(connection):
+        reads.append(connection)
+        return None if len(reads) == 1 else read(connection)
+
+    monkeypatch.setattr(db, "current_revision", first_read_finds_it_empty)
+    with pytest.raises(RegistryError, match=f"schema revision {older}, older than .*`loraops db upgrade`"):
+        Registry.open()
+    assert revision_of(eng) == older
+
+
+@pytest.mark.empty_db
 @pytest.mark.sqlite_only
 def test_a_row_broken_before_the_migration_does_not_block_it(tmp_path):
     """The migration checks the foreign keys it could break; an orphan row a hand edit left (the sqlite3 shell runs

@@ -251,16 +251,14 @@ def ensure_schema(engine: Engine, *, explicit: bool = False) -> None:
                 continue
             raise cannot_open(engine.url, exc) from None
     if current != HEAD:
-        if current is not None and not explicit and engine.dialect.name != "sqlite" and known_revision(current):
-            raise RegistryError(f"the registry at {_safe(engine)} is at schema revision {current}, older than this "
-                                f"loraops' {HEAD}; it is shared, so it is not upgraded implicitly (older loraops "
-                                "installs would then refuse it): run `loraops db upgrade` once its users are ready")
-        upgrade(engine)
+        upgrade(engine, only_empty=not explicit and engine.dialect.name != "sqlite")
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head", *, only_empty: bool = False) -> None:
     """Migrate to ``revision``. Concurrent openers are serialised (SQLite: the write lock; PostgreSQL: an advisory
-    lock), and each re-reads the revision once it holds the lock, so only the first one migrates."""
+    lock), and each re-reads the revision once it holds the lock, so only the first one migrates. ``only_empty``:
+    refuse a database at an older revision (what it holds once the lock is ours: another loraops may have created
+    it at its own revision since the caller read none)."""
     from alembic import command
     from alembic.script import ScriptDirectory
 
@@ -277,6 +275,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             raise RegistryError(
                 f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
             )
+        if current is not None and only_empty:
+            raise RegistryError(f"the registry at {_safe(engine)} is at schema revision {current}, older than this "
+                                f"loraops' {HEAD}; it is shared, so it is not upgraded implicitly (older loraops "
+                                "installs would then refuse it): run `loraops db upgrade` once its users are ready")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
