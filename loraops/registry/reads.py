@@ -325,17 +325,18 @@ class Reader:
 
 
 @contextlib.contextmanager
-def reader(url: str | None = None) -> Iterator[Reader]:
+def reader(url: str | None = None, *, records_only: bool = False) -> Iterator[Reader]:
     """A Reader on the registry at ``url`` (default: settings.db_url()), in one read transaction.
 
     When the database exists at this code's schema revision it is read straight over the driver; otherwise (no
     database yet, an old or newer revision, a URL only SQLAlchemy understands) through Registry.open, which
     migrates or refuses as it always does; an SQLite file that does not exist is refused, unless it is the home's
-    own (Registry.open's ``create``)."""
+    own (Registry.open's ``create``). ``records_only``: a caller that reads no stored file, for which a server
+    registry without LORAOPS_BLOBS (settings.registry_blobs_dir) is no reason to refuse."""
     from .. import settings
 
     url = url or settings.db_url()
-    blobs = settings.registry_blobs_dir(url)
+    blobs = settings.blobs_dir(url) if records_only else settings.registry_blobs_dir(url)
     connection, made_wal = _connect(url)
     if connection is None:
         from .store import Registry
@@ -365,7 +366,7 @@ def refuse_output_over_registered(output: str | Path, found: Reader | None = Non
         if database is not None and not database.is_file():
             return
         try:
-            with reader() as found:
+            with reader(records_only=True) as found:  # (bases' paths: no blob store needed)
                 return refuse_output_over_registered(output, found)
         except RegistryError:
             return
