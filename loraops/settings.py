@@ -60,6 +60,23 @@ def blobs_dir(url: str | None = None) -> Path:
     return home() / "blobs"
 
 
+def registry_blobs_dir(url: str | None = None) -> Path:
+    """blobs_dir(url), for opening the registry at ``url``: a server database (PostgreSQL) without $LORAOPS_BLOBS is
+    refused. Every home that names the server shares its records, but each kept the adapters' files in its own
+    <home>/blobs: another user's `show` named a file that was not there, `export` and `verify` failed, and the advice
+    was to register the adapter again."""
+    explicit = os.environ.get(ENV_BLOBS)
+    scheme = (url or db_url()).partition("://")[0].partition("+")[0]
+    if not explicit and scheme != "sqlite":
+        from .errors import RegistryError
+
+        raise RegistryError(f"the registry is a {scheme} server, shared by every loraops home that names it, but "
+                            f"{ENV_BLOBS} is not set, so adapters would be stored in this home's own folder, where no "
+                            f"other home finds them: set {ENV_BLOBS} to the folder every user of the registry mounts "
+                            f"(`export {ENV_BLOBS}={home() / 'blobs'}` keeps this home's, for a registry only it uses)")
+    return blobs_dir(url)
+
+
 def sqlite_database(url: str | None = None) -> Path | None:
     """The file of the SQLite registry at ``url`` (default: db_url()), else None (a server, or an SQLite database in
     no file: see sqlite_file)."""

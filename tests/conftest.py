@@ -151,6 +151,7 @@ def registry_backend(request, isolated_home, monkeypatch, _pg_url):
         return
     _reset_postgres(url, empty=request.node.get_closest_marker("empty_db") is not None)
     monkeypatch.setenv("LORAOPS_DB", url)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(isolated_home / "blobs"))  # (a server registry needs a shared store)
     yield "postgresql"
 
 

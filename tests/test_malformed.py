@@ -86,6 +86,8 @@ def unwritable_home(d: Path) -> tuple[list[str], dict[str, str]]:
     env = {"LORAOPS_HOME": str(d / "a-file" / "home")}
     if not os.environ.get("LORAOPS_DB"):
         env["LORAOPS_DB"] = ""
+    else:  # (a server registry's store is LORAOPS_BLOBS: the one in the home that cannot be made)
+        env["LORAOPS_BLOBS"] = str(d / "a-file" / "home" / "blobs")
     return ["register", str(good_kohya(d))], env
 
 

@@ -105,6 +105,8 @@ def test_old_revision_is_upgraded_on_open_keeping_rows():
             )).all()
 
     assert rows() == [("style", "old", "q_proj", "kept")]
+    if eng.dialect.name != "sqlite":  # a shared registry is upgraded only when asked (the test below)
+        db.ensure_schema(eng, explicit=True)
     with Registry.open() as reg:
         assert reg.revision() == db.HEAD
         base = reg.get_base("old")
@@ -115,6 +117,56 @@ def test_old_revision_is_upgraded_on_open_keeping_rows():
     if eng.dialect.name == "sqlite":
         with eng.connect() as c:
             assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # enforcement back on after migrating
+
+
+@pytest.mark.empty_db
+def test_an_older_server_registry_is_upgraded_only_by_db_upgrade(tmp_path):
+    """A shared (PostgreSQL) registry at an older revision: `list`, `show` and `register` refuse it in one line and
+    change nothing, since upgrading it makes every teammate's older loraops refuse it; `loraops db upgrade` upgrades
+    it. An SQLite registry (one user's) is still upgraded by any command, `list` included."""
+    from click.testing import CliRunner
+
+    from factories import kohya_file
+    from loraops.cli import main
+    from test_concurrency import MODULES
+
+    eng = engine()
+    older = revisions()[-2]
+    db.upgrade(eng, older)
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    for args in (["list"], ["show", "style"], ["register", str(style)]):
+        result = CliRunner().invoke(main, args)
+        if eng.dialect.name == "sqlite":
+            assert revision_of(eng) == db.HEAD
+            return
+        assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+        assert f"schema revision {older}, older than" in result.output and "`loraops db upgrade`" in result.output
+        assert revision_of(eng) == older
+    upgraded = CliRunner().invoke(main, ["db", "upgrade"])
+    assert upgraded.exit_code == 0 and revision_of(eng) == db.HEAD, upgraded.output
+    assert CliRunner().invoke(main, ["register", str(style)]).exit_code == 0
+
+
+@pytest.mark.empty_db
+def test_a_server_registry_created_at_an_older_revision_meanwhile_is_not_upgraded(monkeypatch):
+    """The revision is read before the migration lock is taken: a database that was empty then, and that a teammate's
+    older loraops created (at its own revision) before the lock was ours, was upgraded by the command that found it
+    empty. What the lock's holder reads decides."""
+    eng = engine()
+    if eng.dialect.name == "sqlite":
+        pytest.skip("an SQLite registry is upgraded by any command")
+    older = revisions()[-2]
+    db.upgrade(eng, older)
+    read, reads = db.current_revision, []
+
+    def first_read_finds_it_empty(connection):
+        reads.append(connection)
+        return None if len(reads) == 1 else read(connection)
+
+    monkeypatch.setattr(db, "current_revision", first_read_finds_it_empty)
+    with pytest.raises(RegistryError, match=f"schema revision {older}, older than .*`loraops db upgrade`"):
+        Registry.open()
+    assert revision_of(eng) == older
 
 
 @pytest.mark.empty_db

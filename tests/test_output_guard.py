@@ -196,3 +196,19 @@ def test_a_single_file_model_named_sft_takes_an_output_named_sft(tmp_path):
     assert run("merge", "--dtype", "fp16", "--into", named_bin, "-o", tmp_path / "x.bin", code=2).output.endswith(
         "give a name ending in .safetensors\n")
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_a_merge_that_records_nothing_is_refused_over_a_server_registrys_base_without_its_blob_folder(
+        tmp_path, registered, monkeypatch):
+    """A server registry is refused without LORAOPS_BLOBS (test_team), but reading its bases' paths needs no blob
+    store: that refusal made `merge --no-record --force` skip the check and overwrite a registered base's files."""
+    import os
+
+    if not os.environ.get("LORAOPS_DB"):
+        pytest.skip("a server registry's")
+    base, other, adapter = registered
+    monkeypatch.delenv("LORAOPS_BLOBS")
+    before = snapshot(base)
+    result = run("merge", adapter, "--into", other, "-o", base, "--force", "--no-record", code=2)
+    assert "overlaps registered base llama-tiny" in result.output
+    assert snapshot(base) == before

@@ -280,9 +280,12 @@ def test_help_and_reads_import_no_torch_nor_sqlalchemy(art):
     ("garbage", "the registry URL is not a SQLAlchemy database URL"),
     ("mysql://me:secret@localhost/x", "cannot use the registry at mysql://me:***@localhost/x: its database driver is not"),
     ("postgresql+psycopg://me:secret@127.0.0.1:1/x", "cannot open the registry at postgresql+psycopg://me:***@127.0.0.1:1/x"),
+    # (a port that is no number: the driver refuses it, then naming the URL failed: a traceback from `list`)
+    ("postgresql+psycopg://me:secret@127.0.0.1:abc/x", "the registry URL is not a SQLAlchemy database URL"),
 ])
 @pytest.mark.parametrize("command", [["list"], ["db", "current"], ["db", "upgrade"]])
-def test_unusable_registry_urls_are_one_line_errors(url, says, command):
+def test_unusable_registry_urls_are_one_line_errors(url, says, command, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))  # (a server registry needs one: test_team)
     result = cli("--db", url, *command, code=6)
     assert result.output.startswith(f"error: {says}") and len(result.output.splitlines()) == 1, result.output
     assert "secret" not in result.output

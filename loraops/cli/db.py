@@ -1,4 +1,5 @@
-"""`loraops db upgrade | current | stamp`: the registry schema (every other command upgrades it by itself, too)."""
+"""`loraops db upgrade | current | stamp`: the registry schema (every other command upgrades an SQLite registry by
+itself, too; a server's only through `db upgrade`)."""
 from __future__ import annotations
 
 import click
@@ -25,7 +26,7 @@ def upgrade() -> None:
     try:
         with regdb.connected(engine) as connection:
             before = regdb.current_revision(connection)
-        regdb.ensure_schema(engine)
+        regdb.ensure_schema(engine, explicit=True)
     finally:
         engine.dispose()
     if before == regdb.HEAD:

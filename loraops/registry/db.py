@@ -1,7 +1,7 @@
 """Database connection and schema migrations.
 
-Every open brings the schema to the code's head: an empty database is created, an old one upgraded (Alembic),
-one stamped with a revision this code does not know (written by a newer loraops) is refused. The common case —
+Every open brings the schema to the code's head: an empty database is created, an old one upgraded (Alembic) —
+on SQLite; a server database's is refused with "run `loraops db upgrade`" (ensure_schema) —, one stamped with a revision this code does not know (written by a newer loraops) is refused. The common case —
 already at head — costs one small query and does not import Alembic at all (HEAD, in reads.py, is kept equal to
 the scripts' head by a test).
 """
@@ -18,18 +18,19 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import SAWarning
 
 from .. import settings
 from ..errors import RegistryError
 from ..fsutil import file_lock, refuse_existing
 # (HEAD is part of this module's API: cli/db.py)
-from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, read_only_connection, sqlite_uri_of  # noqa: F401
+from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, pg_connect_args, read_only_connection, sqlite_uri_of  # noqa: F401
 
 OPEN_ATTEMPTS = 7  # reading the schema revision: about 3 s of back-off in all before "database is locked" is reported
 MIGRATION_LOCK_KEY = 0x6C6F72616F7073  # "loraops": the PostgreSQL advisory lock migrations hold
 _MIGRATING = threading.Lock()
+LIBPQ_DRIVERS = ("psycopg", "psycopg2", "psycopg2cffi", "psycopg_async")  # (a plain postgresql:// is one of them)
 
 
 def script_location() -> str:
@@ -52,11 +53,7 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
     that start when asked (so writers take the lock up front instead of failing on upgrade), and its folder made
     unless ``create`` is false. ``read_only`` (SQLite): open the file immutable and read-only, for a registry in a
     folder this process cannot write (WAL needs its -shm file beside the database even to read)."""
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001 - never echo a string that may hold a password
-        raise RegistryError("the registry URL is not a SQLAlchemy database URL (dialect[+driver]://user@host/name, "
-                            "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
+    parsed = parse_url(url)
     file = settings.sqlite_file(parsed.database, parsed.query) if parsed.get_backend_name() == "sqlite" else None
     if parsed.get_backend_name() == "sqlite" and file is None:
         # What it recorded was gone when the command ended, and with no file to keep a store beside, its blob store
@@ -64,6 +61,10 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         raise RegistryError(f"{url}: an in-memory SQLite database cannot hold a registry (it is gone "
                             "when the command ends); give a file, e.g. sqlite:////path/registry.db")
     try:
+        # (without a timeout, `list` hung on a server not answering; connect_timeout is libpq's: pg8000's connect()
+        # refuses the argument)
+        if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in LIBPQ_DRIVERS:
+            return _create_engine(parsed, pool_pre_ping=True, connect_args=pg_connect_args(url))
         if parsed.get_backend_name() != "sqlite":
             return _create_engine(parsed, pool_pre_ping=True)
         if read_only:
@@ -107,6 +108,15 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def parse_url(url) -> "URL":
+    """A registry URL (a string or a SQLAlchemy URL) parsed, or one RegistryError line that does not echo it."""
+    try:
+        return make_url(url)
+    except Exception:  # noqa: BLE001 - never echo a string that may hold a password
+        raise RegistryError("the registry URL is not a SQLAlchemy database URL (dialect[+driver]://user@host/name, "
+                            "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
 
 
 def _create_engine(url, **options) -> Engine:
@@ -223,8 +233,11 @@ def interrupts_deferred() -> Iterator[None]:
             handler(signum, None)
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Bring the database to HEAD (see the module docstring)."""
+def ensure_schema(engine: Engine, *, explicit: bool = False) -> None:
+    """Bring the database to HEAD (see the module docstring). A server database (PostgreSQL) at an older revision is
+    refused unless ``explicit`` (`loraops db upgrade`): it is shared, and upgrading it makes every teammate's older
+    loraops refuse it, so a member's first command after upgrading loraops (even `list`) must not do that silently.
+    An empty one is still created: no one uses it yet."""
     for attempt in range(OPEN_ATTEMPTS):
         try:
             with engine.connect() as connection:
@@ -236,14 +249,16 @@ def ensure_schema(engine: Engine) -> None:
             if attempt + 1 < OPEN_ATTEMPTS and "database is locked" in str(exc).lower():
                 time.sleep(0.05 * 2 ** attempt)
                 continue
-            raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
+            raise cannot_open(engine.url, exc) from None
     if current != HEAD:
-        upgrade(engine)
+        upgrade(engine, only_empty=not explicit and engine.dialect.name != "sqlite")
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head", *, only_empty: bool = False) -> None:
     """Migrate to ``revision``. Concurrent openers are serialised (SQLite: the write lock; PostgreSQL: an advisory
-    lock), and each re-reads the revision once it holds the lock, so only the first one migrates."""
+    lock), and each re-reads the revision once it holds the lock, so only the first one migrates. ``only_empty``:
+    refuse a database at an older revision (what it holds once the lock is ours: another loraops may have created
+    it at its own revision since the caller read none)."""
     from alembic import command
     from alembic.script import ScriptDirectory
 
@@ -260,6 +275,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             raise RegistryError(
                 f"this registry was written by a newer loraops (revision {current}); upgrade loraops"
             )
+        if current is not None and only_empty:
+            raise RegistryError(f"the registry at {_safe(engine)} is at schema revision {current}, older than this "
+                                f"loraops' {HEAD}; it is shared, so it is not upgraded implicitly (older loraops "
+                                "installs would then refuse it): run `loraops db upgrade` once its users are ready")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
@@ -424,9 +443,15 @@ def connected(engine: Engine) -> Iterator[Connection]:
     try:
         connection = engine.connect()
     except Exception as exc:  # noqa: BLE001 - any driver error becomes one line naming the database
-        raise RegistryError(f"cannot open the registry at {_safe(engine)}: {_first_line(exc)}") from None
+        raise cannot_open(engine.url, exc) from None
     with connection:
         yield connection
+
+
+def cannot_open(url, exc: BaseException) -> RegistryError:
+    """The one line for a registry that cannot be reached or opened (its URL, a string or a SQLAlchemy URL, shown
+    without its password)."""
+    return RegistryError(f"cannot open the registry at {_safe_url(parse_url(url))}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:

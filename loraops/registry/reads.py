@@ -32,6 +32,7 @@ HEAD = "0007"
 """The schema revision this code reads and writes: the newest under migrations/versions (a test checks it)."""
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+CONNECT_TIMEOUT_S = 10  # a PostgreSQL server that does not answer (packets dropped, a hung host): libpq waits forever
 MIN_PREFIX = 6
 SHOWN = 5
 HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
@@ -325,16 +326,18 @@ class Reader:
 
 
 @contextlib.contextmanager
-def reader(url: str | None = None) -> Iterator[Reader]:
+def reader(url: str | None = None, *, records_only: bool = False) -> Iterator[Reader]:
     """A Reader on the registry at ``url`` (default: settings.db_url()), in one read transaction.
 
     When the database exists at this code's schema revision it is read straight over the driver; otherwise (no
     database yet, an old or newer revision, a URL only SQLAlchemy understands) through Registry.open, which
     migrates or refuses as it always does; an SQLite file that does not exist is refused, unless it is the home's
-    own (Registry.open's ``create``)."""
+    own (Registry.open's ``create``). ``records_only``: a caller that reads no stored file, for which a server
+    registry without LORAOPS_BLOBS (settings.registry_blobs_dir) is no reason to refuse."""
     from .. import settings
 
     url = url or settings.db_url()
+    blobs = settings.blobs_dir(url) if records_only else settings.registry_blobs_dir(url)
     connection, made_wal = _connect(url)
     if connection is None:
         from .store import Registry
@@ -343,7 +346,7 @@ def reader(url: str | None = None) -> Iterator[Reader]:
             yield found
         return
     try:
-        yield Reader.over(connection, BlobStore(settings.blobs_dir(url)))
+        yield Reader.over(connection, BlobStore(blobs))
     finally:
         connection.close()
         if made_wal is not None:
@@ -364,7 +367,7 @@ def refuse_output_over_registered(output: str | Path, found: Reader | None = Non
         if database is not None and not database.is_file():
             return
         try:
-            with reader() as found:
+            with reader(records_only=True) as found:  # (bases' paths: no blob store needed)
                 return refuse_output_over_registered(output, found)
         except RegistryError:
             return
@@ -380,7 +383,7 @@ def _connect(url: str) -> tuple[Any, Path | None]:
 
     scheme, _, rest = url.partition("://")
     dialect, _, driver = scheme.partition("+")
-    connection = made_wal = None
+    connection = made_wal = unreachable = None
     try:
         if dialect == "sqlite" and driver in ("", "pysqlite"):
             path = settings.plain_sqlite_file(url)  # (the rarer forms of SQLite URLs go through SQLAlchemy)
@@ -394,15 +397,22 @@ def _connect(url: str) -> tuple[Any, Path | None]:
         elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2"):
             import psycopg
 
-            connection = psycopg.connect(f"postgresql://{rest}")
+            try:
+                connection = psycopg.connect(f"postgresql://{rest}", **pg_connect_args(rest))
+            except psycopg.OperationalError as exc:  # (the full path would wait for the server a second time)
+                unreachable = exc
         else:
             return None, None
         # (adapters named too, in the same round trip: another application's Alembic revision can read as HEAD; with
         # no loraops table, Registry.open refuses its database as foreign)
         revision = connection.execute("SELECT version_num FROM alembic_version "
                                       "WHERE NOT EXISTS (SELECT 1 FROM adapters WHERE 1 = 0)").fetchone()
-    except Exception:  # noqa: BLE001 - no driver, no such table, cannot connect: the full path knows what to do
+    except Exception:  # noqa: BLE001 - no driver, no such table: the full path knows what to do
         revision = None
+    if unreachable is not None:
+        from .db import cannot_open
+
+        raise cannot_open(url, unreachable)
     if revision is None or revision[0] != HEAD:
         if connection is not None:
             connection.close()
@@ -410,6 +420,11 @@ def _connect(url: str) -> tuple[Any, Path | None]:
                 _close_wal(made_wal, empty_only=True)
         return None, None
     return connection, made_wal
+
+
+def pg_connect_args(url: str) -> dict[str, int]:
+    """The driver's connect arguments for a PostgreSQL URL: a connect timeout, unless the URL sets its own."""
+    return {} if "connect_timeout=" in url.partition("?")[2] else {"connect_timeout": CONNECT_TIMEOUT_S}
 
 
 def _has_wal_files(database: Path) -> bool:

@@ -127,6 +127,7 @@ class Registry:
     @classmethod
     def _open(cls, url: str | None, create: bool) -> "Registry":
         url = url or settings.db_url()
+        stores = cls._stores(url)  # (refuses a server registry without a shared store before connecting)
         must_exist = not create and url != settings.home_db_url()
         engine = db.make_engine(url, create=not must_exist)
         if must_exist:
@@ -140,7 +141,7 @@ class Registry:
         if not db.unwritable(engine):
             try:
                 db.ensure_schema(engine)
-                return cls(engine, *cls._stores(url), False)
+                return cls(engine, *stores, False)
             except RegistryError as exc:
                 # a registry in a folder we may not write: readable, if its schema needs nothing
                 if not any(s in str(exc) for s in ("unable to open database file", "readonly database")):
@@ -157,13 +158,13 @@ class Registry:
             if first is None:
                 raise
             raise first from None
-        return cls(fallback, *cls._stores(url), True)
+        return cls(fallback, *stores, True)
 
     @staticmethod
     def _stores(url: str) -> "tuple[BlobStore, BlobStore | None]":
         """The registry's blob store, and the one loraops used for it before (when another): up to 0.1.0
         Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs."""
-        own, before = settings.blobs_dir(url), settings.blobs_dir()
+        own, before = settings.registry_blobs_dir(url), settings.blobs_dir()
         return BlobStore(own), (BlobStore(before) if own.resolve() != before.resolve() else None)
 
     def close(self) -> None:
