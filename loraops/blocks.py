@@ -151,6 +151,19 @@ def checked(weights: "str | Sequence[float]") -> tuple[float, ...]:
     return tuple(float(w) for w in weights)
 
 
+def recorded(weights: "Sequence[float] | None") -> list[float] | None:
+    """One adapter's block weights as records and reports keep them: None for none, and for a list of 1s (the same
+    ΔW, so a merge with it is the merge without, and subtract --exact matches either)."""
+    return None if weights is None or all(w == 1 for w in weights) else list(weights)
+
+
 def lineage(lists: "Sequence[Sequence[float]] | None") -> dict:
-    """What a derived adapter's lineage records of its block weights (nothing when there were none)."""
-    return {} if lists is None else {"block_weights": [list(weights) for weights in lists]}
+    """What a derived adapter's lineage records of its block weights: one entry per input (recorded), nothing when
+    every input's is none."""
+    kept = [recorded(weights) for weights in lists or []]
+    return {"block_weights": kept} if any(w is not None for w in kept) else {}
+
+
+def text(weights: "Sequence[float] | None") -> str:
+    """How the text output shows an adapter's block weights after it: ' [blocks 1,0,0.5,…]', or '' for none."""
+    return "" if weights is None else f" [blocks {','.join(f'{w:g}' for w in weights)}]"
