@@ -482,17 +482,19 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
 
 
 def _named(label: str, weight: float, block_weights) -> str:
-    """An adapter of a merge as --exact's refusal names it: 'x:0.7', 'x:0.7 with block weights'."""
-    return f"{label}:{weight:g}" + (" with block weights" if block_weights is not None else "")
+    """An adapter of a merge as --exact's refusal names it: 'x:0.7', 'x:0.7 [blocks 1,0,…]'."""
+    return f"{label}:{weight:g}{blocks.text(block_weights)}"
 
 
 def _take_off(params: dict, inputs: list[Input]) -> tuple[list[dict], Input | None]:
     """The recorded merge's adapters (``params["adapters"]``) left merged once ``inputs`` are taken off, each matched
-    by identity and weight, and the first input that is none of them (None when all are)."""
+    by identity, weight and the ΔW its block weights give (blocks.factors), and the first input that is none of them
+    (None when all are)."""
     remaining = [dict(a) for a in params["adapters"]]
     for i in inputs:
+        weighs = blocks.factors(i.adapter.modules, i.block_weights)
         match = next((a for a in remaining if a["sha256"] == i.sha256 and math.isclose(a["weight"], i.weight)
-                      and a.get("block_weights") == i.recorded_blocks().get("block_weights")), None)
+                      and blocks.factors(i.adapter.modules, a.get("block_weights")) == weighs), None)
         if match is None:
             return remaining, i
         remaining.remove(match)

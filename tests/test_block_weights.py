@@ -331,7 +331,7 @@ def test_subtract_takes_off_a_merge_with_block_weights(tmp_path):
     assert (tmp_path / "e.safetensors").read_bytes() == (tmp_path / "base.safetensors").read_bytes()
     run = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--exact", "-o", tmp_path / "e2.safetensors")
     assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
-    assert f"{x}:0.7 is not one of the adapters" in run.stderr and "with block weights)" in run.stderr
+    assert f"{x}:0.7 is not one of the adapters" in run.stderr and f"({x}:0.7 [blocks {weights}])" in run.stderr
     run = loraops_run("subtract", x, x, "--from", merged, "--block-weights", weights, "-o", tmp_path / "n.safetensors")
     assert run.returncode != 0 and "1 lists of block weights for 2 adapters" in run.stderr, run.stderr
 
@@ -376,3 +376,36 @@ def test_output_shows_block_weights(tmp_path):
                       "--name", "c")
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0] == f"cat of a@1×0.5 {shown}, a@1×1", run.stdout
+
+
+def test_exact_matches_block_weights_by_the_deltas_they_give(tmp_path):
+    """--exact matches a taken-off adapter by the ΔW its block weights give, not by the list's spelling: a 26-list
+    equal to the merge's 17-list on the adapter's blocks (IN01, IN03: the 17-list leaves IN03 at 1), and no list for
+    a merge whose list is 1 on every block the adapter has, restore the base; another weight on one of its blocks is
+    refused, the lists named."""
+    _, x = sd15_lora(tmp_path, MERGED["sd15"][:2], seed=4, name="x")  # IN01, IN03
+    seventeen = [0.5] * 17  # BASE, IN01, …: IN01 at 0.5
+    merged = tmp_path / "m.safetensors"
+    run = loraops_run("merge", f"{x}:0.7", "--into", tmp_path / "base.safetensors", "--device", "cpu",
+                      "--block-weights", ",".join(map(str, seventeen)), "-o", merged)
+    assert run.returncode == 0, run.stderr
+    twenty_six = [0.25] * 26
+    twenty_six[2], twenty_six[4] = 0.5, 1.0  # IN01, IN03 as the merge weighed them; every other block elsewhere
+    run = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--exact", "--block-weights",
+                      ",".join(map(str, twenty_six)), "-o", tmp_path / "e.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "e.safetensors").read_bytes() == (tmp_path / "base.safetensors").read_bytes()
+    ones_here = [0.5] * 17
+    ones_here[1] = 1.0  # 1 on IN01, and IN03 is not in a 17-list: the adapter's ΔW unchanged
+    run = loraops_run("merge", f"{x}:0.7", "--into", tmp_path / "base.safetensors", "--device", "cpu",
+                      "--block-weights", ",".join(map(str, ones_here)), "-o", tmp_path / "m1.safetensors")
+    assert run.returncode == 0, run.stderr
+    run = loraops_run("subtract", f"{x}:0.7", "--from", tmp_path / "m1.safetensors", "--exact",
+                      "-o", tmp_path / "e1.safetensors")
+    assert run.returncode == 0, run.stderr
+    other = list(seventeen)
+    other[1] = 0.1
+    run = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--exact", "--block-weights",
+                      ",".join(map(str, other)), "-o", tmp_path / "e2.safetensors")
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "[blocks 0.5,0.1,0.5" in run.stderr and f"({x}:0.7 [blocks 0.5,0.5," in run.stderr, run.stderr
