@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import InvalidInputError
 from .references import is_weight, parse_number
@@ -151,6 +151,40 @@ def checked(weights: "str | Sequence[float]") -> tuple[float, ...]:
     return tuple(float(w) for w in weights)
 
 
+def recorded(weights: "Sequence[float] | None") -> list[float] | None:
+    """One adapter's block weights as records and reports keep them: None for none, and for a list of 1s (the same
+    ΔW, so a merge with it is the merge without, and subtract --exact matches either)."""
+    return None if weights is None or all(w == 1 for w in weights) else list(weights)
+
+
 def lineage(lists: "Sequence[Sequence[float]] | None") -> dict:
-    """What a derived adapter's lineage records of its block weights (nothing when there were none)."""
-    return {} if lists is None else {"block_weights": [list(weights) for weights in lists]}
+    """What a derived adapter's lineage records of its block weights: one entry per input (recorded), nothing when
+    every input's is none."""
+    kept = [recorded(weights) for weights in lists or []]
+    return {"block_weights": kept} if any(w is not None for w in kept) else {}
+
+
+def factors(names: "Iterable[str]", weights: "Sequence[float] | None") -> dict[str, float]:
+    """Each module's factor other than 1 that ``weights`` give the modules ``names``: equal for two lists that give
+    an adapter the same ΔW (a 17-list and the 26-list equal on its blocks, a list of 1s and none), which subtract
+    --exact matches as the same."""
+    if weights is None:
+        return {}
+    weights = checked(list(weights))
+    by_block = dict(zip(LAYOUTS[len(weights)][1], weights))
+    return {name: w for name in names if (w := by_block.get(block_of(name), 1.0)) != 1}
+
+
+def text(weights: "Sequence[float] | None") -> str:
+    """How the text output shows an adapter's block weights after it: ' [blocks 1,0,0.5,…]', or '' for none (spelled:
+    two lists shown alike are alike)."""
+    return "" if weights is None else f" [blocks {spelled(weights)}]"
+
+
+def spelled(weights: "Sequence[float]") -> str:
+    """'1,0,0.5,…': each weight as short as reads back the same."""
+    return ",".join(map(_short, weights))
+
+
+def _short(weight: float) -> str:
+    return f"{weight:g}" if float(f"{weight:g}") == weight else repr(float(weight))

@@ -440,8 +440,14 @@ def combine(
             inputs=[LineageInput(kind="adapter", id=i.record.id, weight=w) for i, (_, w) in zip(inputs, refs)],
         )
         default = "+".join(i.record.name for i in inputs) + f"-{method}"
-        return save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force, base=base_id,
-                    lineage=lineage, dtype=dtype)
+        result = save(reg, combined, name=default if name is None else name, output=output, fmt=fmt, force=force,
+                      base=base_id, lineage=lineage, dtype=dtype)
+    if block_weights is None:
+        return result
+    report = result.report.model_copy(update={"inputs": [
+        i.model_copy(update={"block_weights": blocks.recorded(weights)})
+        for i, weights in zip(result.report.inputs, block_weights)]})
+    return result.model_copy(update={"report": report})
 
 
 def refuse_biasless(combined: "Adapter", manifest, base_name: str) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from . import blocks
 from .adapter import DORA_NOTE, LORA_BIAS_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
 from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
@@ -845,11 +846,19 @@ def render_card(card: CardInfo) -> str:
     if card.sha256:
         lines.append(f"| sha256 | `{card.sha256}` |")
     if card.method:
+        params = dict(card.params)
+        # combine's block weights, one list (or null) per input, shown beside each input rather than as a repr
+        weighed = params.pop("block_weights", None)
+        if not (isinstance(weighed, list) and len(weighed) == len(card.inputs)):
+            params, weighed = card.params, None
         lines += ["", "## Lineage", "", f"Made with `loraops` by **{card.method}** of:", "",
-                  "| input | weight | source |", "|---|---|---|"]
-        lines += [f"| {i.name} | {i.weight:g} | {i.source or ''} |" for i in card.inputs]
-        if card.params:
-            lines += ["", "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(card.params.items()))]
+                  "| input | weight | source |" + (" block weights |" if weighed else ""),
+                  "|---|---|---|" + ("---|" if weighed else "")]
+        lines += [f"| {i.name} | {i.weight:g} | {i.source or ''} |"
+                  + (f" {blocks.spelled(w) if w is not None else '-'} |" if weighed else "")
+                  for i, w in zip(card.inputs, weighed or [None] * len(card.inputs))]
+        if params:
+            lines += ["", "Parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(params.items()))]
     return "\n".join(lines) + "\n"
 
 

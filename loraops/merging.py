@@ -41,20 +41,20 @@ class Input:
     weight: float
     sha256: str
     registry_id: int | None = None
-    block_weights: tuple[float, ...] | None = None
-    """A Stable Diffusion LoRA's block weights (loraops.blocks), already applied to ``adapter``; None for none."""
+    block_weights: list[float] | None = None
+    """A Stable Diffusion LoRA's block weights (loraops.blocks), already applied to ``adapter``; None for none (or a
+    list of 1s: blocks.recorded)."""
 
     def weighed(self, weights: "Sequence[float] | None") -> "Input":
         """This input with its block weights applied (itself for none)."""
         if weights is None:
             return self
         adapter = blocks.block_weighted(self.adapter, weights, self.label)  # (checked even when all 1s)
-        # a list of 1s is the same ΔW: recorded as merged without block weights, so subtract matches it
-        return replace(self, adapter=adapter, block_weights=None if all(w == 1 for w in weights) else tuple(weights))
+        return replace(self, adapter=adapter, block_weights=blocks.recorded(weights))
 
     def recorded_blocks(self) -> dict:
         """What a merge's lineage records of its block weights, beside its weight (nothing for none)."""
-        return {} if self.block_weights is None else {"block_weights": list(self.block_weights)}
+        return {} if self.block_weights is None else {"block_weights": self.block_weights}
 
 
 def resolve_adapter(reg, ref: str, weight: float) -> Input:
@@ -73,6 +73,16 @@ def resolve_adapter(reg, ref: str, weight: float) -> Input:
         raise NotFoundError(f"{ref}: no such file or folder")
     record = reg.get_adapter(ref)
     return Input(f"{record.name}@{record.version}", reg.load_adapter(record.id), weight, record.sha256, record.id)
+
+
+def _block_lists(block_weights, pairs: list) -> list:
+    """merge's and subtract's --block-weights: one checked list per adapter, or None for each when none are given."""
+    return blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
+
+
+def _resolved(reg, adapters: Sequence[tuple[str, float]], lists: list) -> list[Input]:
+    """The adapter arguments, (ref, weight) pairs, resolved and weighed by their block weights (a list or None each)."""
+    return [resolve_adapter(reg, ref, weight).weighed(weights) for (ref, weight), weights in zip(adapters, lists)]
 
 
 def _stored_copy(reg, registry_id: int, ref: str) -> Adapter | None:
@@ -188,7 +198,7 @@ def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output:
     loraops.blocks), recorded with it. ``registry``: the Registry references resolve in and the output is recorded
     in (default: LORAOPS_DB / LORAOPS_HOME's, opened for the call)."""
     pairs = weighted_inputs(adapters)
-    lists = blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
+    lists = _block_lists(block_weights, pairs)
     with _Landing(output, record, registry):
         return _merge(base, pairs, output, name=name, record=record, lists=lists, registry=registry, **options)
 
@@ -205,7 +215,7 @@ def _merge(base, adapters, output, *, name, record, lists, registry, **options) 
         _check_output(reg, output, record, base, adapters)
         model, _ = _streamed(reg, base, early, output, "merge")
         engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
-        inputs = [resolve_adapter(reg, ref, weight).weighed(weights) for (ref, weight), weights in zip(adapters, lists)]
+        inputs = _resolved(reg, adapters, lists)
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
         if not record:
@@ -216,17 +226,21 @@ def _merge(base, adapters, output, *, name, record, lists, registry, **options) 
 
 
 def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
-             exact: bool = False, name: str | None = None, record: bool = True, registry: "store.Registry | None" = None,
+             exact: bool = False, name: str | None = None, record: bool = True,
+             block_weights: "Sequence[Sequence[float]] | None" = None, registry: "store.Registry | None" = None,
              **options) -> MergeReport:
     """`loraops subtract`: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, reporting the residual against the pristine base when the registry
     knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available).
-    ``adapters`` and ``registry`` as merge's."""
+    ``adapters``, ``block_weights`` and ``registry`` as merge's: each adapter's ΔW weighed by its block weights is
+    what comes off, and what ``exact`` matches in the recorded merge."""
     pairs = weighted_inputs(adapters)
+    lists = _block_lists(block_weights, pairs)
     with _Landing(output, record, registry):
-        return _subtract(model, pairs, output, exact=exact, name=name, record=record, registry=registry, **options)
+        return _subtract(model, pairs, output, exact=exact, name=name, record=record, lists=lists, registry=registry,
+                         **options)
 
 
-def _subtract(model, adapters, output, *, exact, name, record, registry, **options) -> MergeReport:
+def _subtract(model, adapters, output, *, exact, name, record, lists, registry, **options) -> MergeReport:
     streamed = not exact  # --exact copies or re-merges the recorded base: the merged model itself is not read
     early = _streamed_early(model, output, "subtract") if streamed else None
     merged, reg = early[0] if early else None, None
@@ -239,7 +253,7 @@ def _subtract(model, adapters, output, *, exact, name, record, registry, **optio
             engine.check_room(merged, output, options.get("dtype"))
         else:  # a recorded merge has its base's kind, which the restored output has
             merged, label = resolve_base(reg, model, output, "restore")
-        inputs = [resolve_adapter(reg, ref, weight) for ref, weight in adapters]
+        inputs = _resolved(reg, adapters, lists)
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
             report = _restore(reg, merged, label, origin, inputs, output, options)
@@ -290,7 +304,7 @@ def _references(model, adapters) -> bool:
 def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:
     return report.model_copy(update={"adapters": [
         MergeInputRecord(adapter=i.label, weight=sign * i.weight, modules=len(i.adapter.modules),
-                         full_tensors=len(i.adapter.full_tensors))
+                         full_tensors=len(i.adapter.full_tensors), block_weights=i.block_weights)
         for i in inputs
     ]})
 
@@ -462,11 +476,9 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         )
     remaining, stray = _take_off(params, inputs)
     if stray is not None:
-        merged_with = ", ".join(f"{a['label']}:{a['weight']:g}" + (" with block weights" if "block_weights" in a else "")
-                                for a in params["adapters"])
-        raise MismatchError(
-            f"--exact: {stray.label}:{stray.weight:g} is not one of the adapters {label} was merged with ({merged_with})"
-        )
+        merged_with = ", ".join(_named(a["label"], a["weight"], a.get("block_weights")) for a in params["adapters"])
+        raise MismatchError(f"--exact: {_named(stray.label, stray.weight, stray.block_weights)} is not one of the "
+                            f"adapters {label} was merged with ({merged_with})")
     if remaining:
         kept = [_recorded_adapter(reg, a) for a in remaining]
         # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
@@ -483,13 +495,20 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
     return report.model_copy(update={"operation": "restore", "residual": residual})
 
 
+def _named(label: str, weight: float, block_weights) -> str:
+    """An adapter of a merge as --exact's refusal names it: 'x:0.7', 'x:0.7 [blocks 1,0,…]'."""
+    return f"{label}:{weight:g}{blocks.text(block_weights)}"
+
+
 def _take_off(params: dict, inputs: list[Input]) -> tuple[list[dict], Input | None]:
     """The recorded merge's adapters (``params["adapters"]``) left merged once ``inputs`` are taken off, each matched
-    by identity and weight, and the first input that is none of them (None when all are)."""
+    by identity, weight and the ΔW its block weights give (blocks.factors), and the first input that is none of them
+    (None when all are)."""
     remaining = [dict(a) for a in params["adapters"]]
     for i in inputs:
+        weighs = blocks.factors(i.adapter.modules, i.block_weights)
         match = next((a for a in remaining if a["sha256"] == i.sha256 and math.isclose(a["weight"], i.weight)
-                      and a.get("block_weights") == i.recorded_blocks().get("block_weights")), None)
+                      and blocks.factors(i.adapter.modules, a.get("block_weights")) == weighs), None)
         if match is None:
             return remaining, i
         remaining.remove(match)

@@ -159,6 +159,8 @@ class CombineInputRecord(Record):
     rank: int | None
     """The input's rank (None when its modules have different ranks)."""
     modules: int
+    block_weights: list[float] | None = None
+    """Its Stable Diffusion block weights (--block-weights; loraops.blocks), as given; None for none or a list of 1s."""
 
 
 class CombineModuleRecord(Record):
@@ -466,6 +468,8 @@ class MergeInputRecord(Record):
     weight: float
     modules: int
     full_tensors: int = 0
+    block_weights: list[float] | None = None
+    """Its Stable Diffusion block weights (--block-weights; loraops.blocks), as given; None for none or a list of 1s."""
 
 
 class ResidualRecord(Record):

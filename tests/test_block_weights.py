@@ -279,3 +279,133 @@ def test_block_weighted_checks_its_list(tmp_path, weights):
     halved = block_weighted(adapter, "[" + ",".join(["0.5"] * 17) + "]", "a")  # sd-scripts' spelling, as documented
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
     assert halved.modules[name].scale == 0.5 * adapter.modules[name].scale
+
+
+def sd15_lora(tmp_path, paths, seed: int, name: str = "a"):
+    """A tiny SD 1.5 single-file UNet (base.safetensors, made once) and a kohya LoRA of ``paths`` (its checkpoint
+    paths) under sd-scripts' SD 1.x names: (the base's tensors, the LoRA's path)."""
+    from safetensors.torch import save_file
+    from test_extract_sd_names import unet_checkpoint
+    from test_ldm import SD15
+
+    base = unet_checkpoint(SD15)
+    if not (tmp_path / "base.safetensors").exists():
+        save_file(base, str(tmp_path / "base.safetensors"))
+    modules = {}
+    for path in paths:
+        shape = base[f"model.diffusion_model.{path}.weight"].shape
+        modules["lora_unet_" + ldm.unet_path(path, False).replace(".", "_")] = (
+            (shape[1], *shape[2:]), (shape[0], *[1] * len(shape[2:])))
+    return base, kohya_file(tmp_path / f"{name}.safetensors", modules, rank=2, alpha=1.0, seed=seed,
+                            metadata={"ss_base_model_version": "sd_v1"})
+
+
+def test_subtract_takes_off_a_merge_with_block_weights(tmp_path):
+    """`subtract x:0.7 --block-weights L` takes off what `merge x:0.7 --block-weights L` put on: the plain subtract
+    leaves only rounding (measured against the recorded base, as every merged adapter comes off), --exact gives the
+    base's bytes back; without the list, --exact says the adapter merged had block weights."""
+    from safetensors.torch import load_file
+
+    base, x = sd15_lora(tmp_path, MERGED["sd15"], seed=4, name="x")
+    weights = ",".join(map(repr, weights_of(17, 9)))
+    merged = tmp_path / "m.safetensors"
+    run = loraops_run("merge", f"{x}:0.7", "--into", tmp_path / "base.safetensors", "--device", "cpu",
+                      "--block-weights", weights, "-o", merged)
+    assert run.returncode == 0, run.stderr
+    run = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--device", "cpu", "--block-weights", weights,
+                      "-o", tmp_path / "s.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert "residual vs" in run.stdout, run.stdout  # matched to the recorded merge: compared with its base
+    got = load_file(str(tmp_path / "s.safetensors"))
+    for key in base:
+        # rounding only: the merge moved these tensors by up to ~1 (a plain ΔW's subtract would leave that)
+        torch.testing.assert_close(got[key], base[key], rtol=0, atol=1e-6, msg=key)
+    plain = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--device", "cpu", "-o", tmp_path / "p.safetensors",
+                        "--no-record")
+    assert plain.returncode == 0, plain.stderr
+    left = load_file(str(tmp_path / "p.safetensors"))
+    assert max(float((left[k] - base[k]).abs().max()) for k in base) > 1e-3  # the list matters
+    run = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--exact", "--block-weights", weights,
+                      "-o", tmp_path / "e.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "e.safetensors").read_bytes() == (tmp_path / "base.safetensors").read_bytes()
+    run = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--exact", "-o", tmp_path / "e2.safetensors")
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert f"{x}:0.7 is not one of the adapters" in run.stderr and f"({x}:0.7 [blocks {weights}])" in run.stderr
+    run = loraops_run("subtract", x, x, "--from", merged, "--block-weights", weights, "-o", tmp_path / "n.safetensors")
+    assert run.returncode != 0 and "1 lists of block weights for 2 adapters" in run.stderr, run.stderr
+
+
+def test_a_list_of_ones_is_recorded_as_none_by_combine_and_merge(tmp_path):
+    """A list of 1s is the same ΔW: combine's lineage, as merge's, records it as none (null for that input; no
+    block_weights at all when every input's is)."""
+    from loraops.registry import Registry
+
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    ones, halves = [1.0] * 17, [0.5] * 17
+    combine([str(a), str(a)], "cat", block_weights=[ones, halves], name="one-half")
+    combine([str(a)], "cat", block_weights=[ones], name="ones")
+    _, x = sd15_lora(tmp_path, MERGED["sd15"][:2], seed=4, name="x")
+    assert loraops_run("merge", x, "--into", tmp_path / "base.safetensors", "--device", "cpu", "--block-weights",
+                       ",".join(["1"] * 17), "-o", tmp_path / "m.safetensors", "--name", "m").returncode == 0
+    with Registry.open() as reg:
+        assert reg.get_adapter("one-half").lineage.params["block_weights"] == [None, halves]
+        assert "block_weights" not in reg.get_adapter("ones").lineage.params
+        assert "block_weights" not in reg.get_base("m").lineage.params["adapters"][0]
+
+
+def test_output_shows_block_weights(tmp_path):
+    """merge's, subtract's and combine's text name each adapter's block weights after it, and merge's --json report
+    has them (block_weights, as the lineage); a list of 1s, the same ΔW, is not shown."""
+    import json
+
+    _, x = sd15_lora(tmp_path, MERGED["sd15"][:2], seed=4, name="x")
+    weights = "1,0,0.5" + ",1" * 14
+    shown = "[blocks 1,0,0.5" + ",1" * 14 + "]"
+    into = ["--into", tmp_path / "base.safetensors", "--device", "cpu", "--block-weights", weights]
+    run = loraops_run("merge", f"{x}:0.8", *into, "-o", tmp_path / "m.safetensors")
+    assert run.returncode == 0 and run.stdout.startswith(f"merged {x}:0.8 {shown} → "), run.stdout
+    run = loraops_run("subtract", f"{x}:0.8", "--from", tmp_path / "m.safetensors", "--block-weights", weights,
+                      "-o", tmp_path / "s.safetensors", "--no-record")
+    assert run.returncode == 0 and run.stdout.startswith(f"subtracted {x}:-0.8 {shown} → "), run.stdout
+    run = loraops_run("merge", x, *into, "-o", tmp_path / "j.safetensors", "--no-record", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["adapters"][0]["block_weights"] == [1, 0, 0.5] + [1] * 14
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    run = loraops_run("combine", f"{a}:0.5", a, "--block-weights", weights, "--block-weights", ",".join(["1"] * 17),
+                      "--name", "c")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == f"cat of a@1×0.5 {shown}, a@1×1", run.stdout
+
+
+def test_exact_matches_block_weights_by_the_deltas_they_give(tmp_path):
+    """--exact matches a taken-off adapter by the ΔW its block weights give, not by the list's spelling: a 26-list
+    equal to the merge's 17-list on the adapter's blocks (IN01, IN03: the 17-list leaves IN03 at 1), and no list for
+    a merge whose list is 1 on every block the adapter has, restore the base; another weight on one of its blocks is
+    refused, the lists named."""
+    _, x = sd15_lora(tmp_path, MERGED["sd15"][:2], seed=4, name="x")  # IN01, IN03
+    seventeen = [0.5] * 17  # BASE, IN01, …: IN01 at 0.5
+    merged = tmp_path / "m.safetensors"
+    run = loraops_run("merge", f"{x}:0.7", "--into", tmp_path / "base.safetensors", "--device", "cpu",
+                      "--block-weights", ",".join(map(str, seventeen)), "-o", merged)
+    assert run.returncode == 0, run.stderr
+    twenty_six = [0.25] * 26
+    twenty_six[2], twenty_six[4] = 0.5, 1.0  # IN01, IN03 as the merge weighed them; every other block elsewhere
+    run = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--exact", "--block-weights",
+                      ",".join(map(str, twenty_six)), "-o", tmp_path / "e.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "e.safetensors").read_bytes() == (tmp_path / "base.safetensors").read_bytes()
+    ones_here = [0.5] * 17
+    ones_here[1] = 1.0  # 1 on IN01, and IN03 is not in a 17-list: the adapter's ΔW unchanged
+    run = loraops_run("merge", f"{x}:0.7", "--into", tmp_path / "base.safetensors", "--device", "cpu",
+                      "--block-weights", ",".join(map(str, ones_here)), "-o", tmp_path / "m1.safetensors")
+    assert run.returncode == 0, run.stderr
+    run = loraops_run("subtract", f"{x}:0.7", "--from", tmp_path / "m1.safetensors", "--exact",
+                      "-o", tmp_path / "e1.safetensors")
+    assert run.returncode == 0, run.stderr
+    other = list(seventeen)
+    other[1] = 0.1
+    run = loraops_run("subtract", f"{x}:0.7", "--from", merged, "--exact", "--block-weights",
+                      ",".join(map(str, other)), "-o", tmp_path / "e2.safetensors")
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "[blocks 0.5,0.1,0.5" in run.stderr and f"({x}:0.7 [blocks 0.5,0.5," in run.stderr, run.stderr

@@ -469,6 +469,20 @@ def test_card_kohya_local_base_and_lineage():
     assert "`density=0.5`" in card
 
 
+def test_card_shows_each_inputs_block_weights():
+    """combine's lineage block_weights (a list or null per input) are a column of the inputs' table, not a Python
+    repr among the parameters; the old shape (a list for every input) reads the same."""
+    for recorded, first in ([None, [0.5] * 16 + [0.1]], "-"), ([[1.0] * 17, [0.5] * 16 + [0.1]], "1" + ",1" * 16):
+        card = hub.render_card(hub.CardInfo(
+            name="combo", format="kohya", ranks={"a.q": 4}, alphas={"a.q": 4.0}, method="cat",
+            inputs=[hub.CardInput("style@1", 0.7), hub.CardInput("subject@2", 0.3)],
+            params={"method": "cat", "block_weights": recorded}))
+        assert "| input | weight | source | block weights |\n|---|---|---|---|\n" in card
+        assert f"| style@1 | 0.7 |  | {first} |" in card
+        assert "| subject@2 | 0.3 |  | " + "0.5," * 16 + "0.1 |" in card
+        assert "block_weights" not in card and "None" not in card and "`method=cat`" in card
+
+
 # ---- base models -----------------------------------------------------------------------------------------------
 
 

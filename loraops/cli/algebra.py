@@ -5,6 +5,7 @@ from typing import Iterable
 
 import click
 
+from .. import blocks
 from . import FLOAT, INT
 from ..errors import InvalidInputError, NotFoundError
 from ..recipe import unresolved_lora_hint
@@ -207,7 +208,7 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
     report = result.report
     ranks = sorted({m.rank for m in report.modules})
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
-    inputs_text = ", ".join(f"{i.ref}×{i.weight:g}" for i in report.inputs)
+    inputs_text = ", ".join(f"{i.ref}×{i.weight:g}{blocks.text(i.block_weights)}" for i in report.inputs)
     params_text = ", ".join(f"{k}={v}" for k, v in report.params.items())
     click.echo(f"{method}{f'({params_text})' if params_text else ''} of {inputs_text}")
     click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .. import blocks
 from .algebra import block_weights_option
 from .render import echo_base_changed, echo_json, human_bytes, not_again
 
@@ -43,14 +44,16 @@ def merge(adapters, base, block_weights, output, dtype, device, precise, force, 
 @click.argument("adapters", nargs=-1, required=True, metavar="REF[:W]...")
 @click.option("--from", "model", required=True, metavar="MODEL", help="Merged model: registered base or path.")
 @click.option("--exact", is_flag=True, help="Rebuild from the recorded pristine base instead of subtracting (bit-exact).")
+@block_weights_option
 @_options
-def subtract(adapters, model, exact, output, dtype, device, precise, force, name, no_record, as_json) -> None:
+def subtract(adapters, model, exact, block_weights, output, dtype, device, precise, force, name, no_record,
+             as_json) -> None:
     """Subtract adapters from a merged model: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, and report the residual left. In bf16/fp16 a
     merge+subtract round trip is never bit-exact; --exact restores the recorded base instead."""
     from .. import merging
 
     report = merging.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
-                             device=device, precise=precise, force=force)
+                             device=device, precise=precise, force=force, block_weights=block_weights)
     _render_done(report, as_json, name)
 
 
@@ -68,7 +71,7 @@ def _render(report, as_json: bool, name: str | None) -> None:
         echo_json(report)
         return
     verb = {"merge": "merged", "subtract": "subtracted", "restore": "restored"}[report.operation]
-    adapters = ", ".join(f"{a.adapter}:{a.weight:g}" for a in report.adapters)
+    adapters = ", ".join(f"{a.adapter}:{a.weight:g}{blocks.text(a.block_weights)}" for a in report.adapters)
     if report.operation == "restore":
         adapters = report.base + (f" + {adapters}" if adapters else "")
     rate = report.bytes_written / report.seconds if report.seconds else 0
