@@ -355,7 +355,10 @@ def read_row_blocks(info: TensorInfo, step: int | None = None) -> Iterator[tuple
             data = bytearray((row1 - row0) * row_bytes)  # read into the tensor's memory: one copy, not two
             if f.readinto(data) != len(data):
                 raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
-            yield row0, row1, torch.frombuffer(data, dtype=torch_dtype(info.dtype))
+            block = torch.frombuffer(data, dtype=torch_dtype(info.dtype))
+            del data  # the caller's block is the only reference, so it is freed before the next one is read
+            yield row0, row1, block
+            del block
 
 
 def read_paired_row_blocks(first: TensorInfo, second: TensorInfo) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
