@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from . import blocks, engine
+from . import blocks, engine, settings
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
@@ -182,6 +182,7 @@ def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output:
     loraops.blocks), recorded with it."""
     pairs = weighted_inputs(adapters)
     lists = blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
+    settings.resolve_device(options.get("device"))  # before a 70B's base is hashed and its adapters read
     with _Landing(output, record):
         return _merge(base, pairs, output, name=name, record=record, lists=lists, **options)
 
@@ -214,6 +215,7 @@ def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], out
     knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available).
     ``adapters`` as merge's."""
     pairs = weighted_inputs(adapters)
+    settings.resolve_device(options.get("device"))
     with _Landing(output, record):
         return _subtract(model, pairs, output, exact=exact, name=name, record=record, **options)
 

@@ -43,3 +43,18 @@ def test_extract_forms_a_wide_delta_by_row_blocks(tmp_path):
     delta = ROWS * COLS * 4
     # the delta plus a few row blocks; reading each side whole (and a float32 copy of it) took 2.8× the delta here (1.5× now)
     assert grown < 2 * delta, f"peak RSS grew {grown / 2**20:.0f} MiB for a {delta / 2**20:.0f} MiB delta"
+
+
+def test_an_unavailable_device_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    import pytest
+
+    from loraops import merging
+    from loraops.errors import InvalidInputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    missing = tmp_path / "no-such-base"  # was opened (and a real one hashed: ~10 s for 2.6 GiB) before the refusal
+    for run in (lambda: merging.merge(missing, [str(tmp_path / "a")], tmp_path / "out", device="cuda"),
+                lambda: merging.subtract(missing, [str(tmp_path / "a")], tmp_path / "out", device="cuda")):
+        with pytest.raises(InvalidInputError, match="no CUDA device is available"):
+            run()
+    assert not (tmp_path / "out").exists()
