@@ -481,7 +481,8 @@ def extract_lazily(
         for ours, theirs in read_paired_row_blocks(tuned.tensors[tensor], base.tensors[tensor]):
             piece = flat[at:at + ours.numel()]
             piece.copy_(finite(tuned, labels[1], tensor, ours))
-            piece.sub_(finite(base, labels[0], tensor, theirs).to(device=target))
+            # (in the compute dtype first: a float64 base subtracted from float32 would be rounded once, not twice)
+            piece.sub_(finite(base, labels[0], tensor, theirs).to(device=target, dtype=compute_dtype))
             at += ours.numel()
             del ours, theirs, piece  # (before the next blocks are read)
         return D

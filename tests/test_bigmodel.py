@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -58,3 +59,40 @@ def test_an_unavailable_device_is_refused_before_anything_is_read(tmp_path, monk
         with pytest.raises(InvalidInputError, match="no CUDA device is available"):
             run()
     assert not (tmp_path / "out").exists()
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+@pytest.mark.parametrize("precise", [False, True])
+@pytest.mark.parametrize("base_dtype,tuned_dtype", [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"),
+                                                    ("fp64", "fp64"), ("bf16", "fp32"), ("fp64", "fp32")])
+def test_the_delta_formed_by_row_blocks_is_the_whole_tensors_difference(tmp_path, monkeypatch, base_dtype,
+                                                                         tuned_dtype, precise):
+    """The delta extract factorizes is bit for bit tuned.to(c) − base.to(c) in the compute dtype c, whatever the
+    stored dtypes, with blocks (3 rows) that do not divide the rows (10). A float64 base was subtracted in float64
+    and only then rounded to float32: another delta than main's."""
+    import loraops.st
+    from loraops.extraction import extract
+    from loraops.ops import resize
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    t = w + 1e-3 * torch.randn(10, 1, generator=g, dtype=torch.float64) * torch.randn(1, 16, generator=g,
+                                                                                      dtype=torch.float64)
+    w, t = w.to(DTYPES[base_dtype]), t.to(DTYPES[tuned_dtype])
+    folders = []
+    for side, weight in (("base", w), ("tuned", t)):
+        folder = tmp_path / side
+        folder.mkdir()
+        save_file({NAME: weight}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        folders.append(folder)
+    seen, factorize = [], resize.factorize_dense
+    monkeypatch.setattr(resize, "factorize_dense", lambda D, *a, **k: (seen.append(D.clone()), factorize(D, *a, **k))[1])
+    monkeypatch.setattr(loraops.st, "rows_per_block", lambda info: 3)
+    extract(*folders, rank=1, precise=precise, keep_rounding=True)
+    c = torch.float64 if precise else torch.float32
+    assert len(seen) == 1 and seen[0].dtype == c
+    assert torch.equal(seen[0], t.to(c) - w.to(c))
+
