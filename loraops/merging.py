@@ -215,7 +215,8 @@ def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], out
     knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available).
     ``adapters`` as merge's."""
     pairs = weighted_inputs(adapters)
-    settings.resolve_device(options.get("device"))
+    if not exact:  # (--exact may only copy the recorded base; a re-merge is checked by the engine)
+        settings.resolve_device(options.get("device"))
     with _Landing(output, record):
         return _subtract(model, pairs, output, exact=exact, name=name, record=record, **options)
 

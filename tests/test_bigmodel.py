@@ -121,3 +121,21 @@ def test_paired_row_blocks_hold_no_block_while_the_next_is_read(tmp_path, monkey
         del a, b
     assert len(held) == 8 and held == [0] * 8
 
+
+def test_a_restore_that_computes_nothing_takes_any_device(tmp_path, monkeypatch):
+    """subtract --exact of every merged adapter copies the recorded base: it never used --device, and the early
+    device check refused it on a machine without CUDA (the engine still checks a re-merge's)."""
+    from click.testing import CliRunner
+
+    from factories import peft_adapter, tiny_llama
+    from loraops.cli import main
+
+    base = tiny_llama(tmp_path / "base", dtype=torch.bfloat16)
+    adapter = peft_adapter(base, tmp_path / "a", r=2)
+    merged = CliRunner().invoke(main, ["merge", str(adapter), "--into", str(base), "-o", str(tmp_path / "m"),
+                                       "--device", "cpu"])
+    assert merged.exit_code == 0, merged.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    restored = CliRunner().invoke(main, ["subtract", str(adapter), "--from", str(tmp_path / "m"), "-o",
+                                         str(tmp_path / "r"), "--exact", "--device", "cuda"])
+    assert restored.exit_code == 0 and "bit for bit" in restored.output, restored.output
