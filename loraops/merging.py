@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from . import blocks, engine
+from . import blocks, engine, settings
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
@@ -199,6 +199,7 @@ def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output:
     in (default: LORAOPS_DB / LORAOPS_HOME's, opened for the call)."""
     pairs = weighted_inputs(adapters)
     lists = _block_lists(block_weights, pairs)
+    settings.resolve_device(options.get("device"))  # before a 70B's base is hashed and its adapters read
     with _Landing(output, record, registry):
         return _merge(base, pairs, output, name=name, record=record, lists=lists, registry=registry, **options)
 
@@ -235,6 +236,8 @@ def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], out
     what comes off, and what ``exact`` matches in the recorded merge."""
     pairs = weighted_inputs(adapters)
     lists = _block_lists(block_weights, pairs)
+    if not exact:  # (--exact may only copy the recorded base; a re-merge is checked by the engine)
+        settings.resolve_device(options.get("device"))
     with _Landing(output, record, registry):
         return _subtract(model, pairs, output, exact=exact, name=name, record=record, lists=lists, registry=registry,
                          **options)

@@ -348,21 +348,29 @@ def read_row_blocks(info: TensorInfo, step: int | None = None) -> Iterator[tuple
     rows = info.shape[0] if info.shape else 1
     row_bytes = info.nbytes // max(rows, 1)
     step = step or rows_per_block(info)
+    def read(row0: int, row1: int) -> bytearray:
+        f.seek(info.start + row0 * row_bytes)
+        data = bytearray((row1 - row0) * row_bytes)  # read into the tensor's memory: one copy, not two
+        if f.readinto(data) != len(data):
+            raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        return data
+
     with open(info.file, "rb") as f:
         for row0 in range(0, rows, step):
             row1 = min(rows, row0 + step)
-            f.seek(info.start + row0 * row_bytes)
-            data = bytearray((row1 - row0) * row_bytes)  # read into the tensor's memory: one copy, not two
-            if f.readinto(data) != len(data):
-                raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
-            yield row0, row1, torch.frombuffer(data, dtype=torch_dtype(info.dtype))
+            # named nowhere here: a suspended generator's names keep the caller's block alive while the next is read
+            yield row0, row1, torch.frombuffer(read(row0, row1), dtype=torch_dtype(info.dtype))
 
 
 def read_paired_row_blocks(first: TensorInfo, second: TensorInfo) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
     """The same rows of two tensors of one shape (their dtypes may differ), block by block (read_row_blocks)."""
     step = min(rows_per_block(first), rows_per_block(second))
-    for (_, _, a), (_, _, b) in zip(read_row_blocks(first, step), read_row_blocks(second, step)):
+    # not zip: its result tuple holds the last pair's blocks until each of the next two is read
+    seconds = read_row_blocks(second, step)
+    for _, _, a in read_row_blocks(first, step):
+        _, _, b = next(seconds)
         yield a, b
+        del a, b  # (before the next blocks are read)
 
 
 def load_tensors(header: Header, names=None, *, values: bool = True, mapped: bool = False) -> dict[str, "torch.Tensor"]:
