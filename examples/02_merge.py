@@ -8,8 +8,8 @@ in Black Forest Labs' layout. A DoRA adapter (PEFT use_dora), merged to what PEF
 with PEFT trainable tokens (trainable_token_indices): those embedding rows replaced by the trained ones. A PEFT
 lora_bias adapter (a bias on lora_B), its biases merged into the base layers'. PEFT AdaLoRA
 (after its budget allocation) and VeRA adapters, read, merged and exported as the plain LoRAs they equal. Last, SD
-block weights (sd-scripts' --lbws): a kohya LoRA merged with each U-Net block's ΔW weighted on its own, and two
-combined with one list each.
+block weights (sd-scripts' --lbws): a kohya LoRA merged with each U-Net block's ΔW weighted on its own and
+subtracted again, and two combined with one list each.
 
     python examples/02_merge.py [WORKDIR]
 
@@ -174,6 +174,9 @@ def main() -> None:
     loraops("merge", f"{work / 'sd15-style.safetensors'}:0.8", "--into", sd15, "-o", work / "sd15-blocks.safetensors",
             "--block-weights", weights, "--no-record")
     print_block_shares(sd15, plain, work / "sd15-blocks.safetensors")
+    loraops("subtract", f"{work / 'sd15-style.safetensors'}:0.8", "--from", work / "sd15-blocks.safetensors",
+            "-o", work / "sd15-unblocked.safetensors", "--block-weights", weights, "--no-record")  # the same ΔW off
+    print_block_shares(sd15, plain, work / "sd15-unblocked.safetensors")
     loraops("merge", f"{work / 'sd15-style.safetensors'}:0.8", "--into", sd15, "-o", work / "sd15-x.safetensors",
             "--block-weights", "1,0,1,0,0,0,0,0.5,1,1,1,1", "--no-record", ok=False)  # 12 weights are SDXL's
     second = named_kohya_lora(work / "sd15-detail.safetensors", SD15[1], r=4, alpha=2, seed=9,
@@ -192,7 +195,7 @@ def print_block_shares(base: Path, plain: Path, weighted: Path) -> None:
         full = (p[name].double() - b[name].double()).flatten()
         if full.abs().max() > 0:
             share = (w[name].double() - b[name].double()).flatten() @ full / (full @ full)
-            print(f"  {name}: {share.item():.2f} of the plain ΔW")
+            print(f"  {name}: {round(share.item(), 2) + 0.0:.2f} of the plain ΔW")  # + 0.0: no -0.00
 
 
 def tucker_gap(lora: Path) -> float:
