@@ -43,6 +43,7 @@ COMMANDS = {
 
 
 INTERRUPTED = "error: interrupted; nothing was written"
+_LANDING = "loraops.landing"  # ctx.meta: the command's output (expect_output)
 _interrupt = [signal.SIGINT]  # the signal the KeyboardInterrupt being handled stands for (see _terminate)
 # A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
 UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
@@ -168,8 +169,8 @@ class LoraopsGroup(click.Group):
             fail(str(exc), exc.exit_code)
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
             usage_error(exc)
-        except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging._Landing)
-            fail(exc.args[0] if exc.args else INTERRUPTED.removeprefix("error: "), interrupted())
+        except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging.Landing)
+            fail(exc.args[0] if exc.args else _landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         except OSError as exc:
             system_error(exc)
         except Exception as exc:
@@ -193,6 +194,18 @@ class _Notes(logging.Handler):
         if message not in self.said:
             self.said.add(message)
             click.echo(f"note: {message}", err=True)
+
+
+def expect_output(landing) -> None:
+    """The command writes what ``landing`` (merging.Landing) watches: a Ctrl-C anywhere in it, also after the
+    library call returned (in the command's last lines, in click's return from it, after the summary was said), says
+    what is there. A Ctrl-C there said "nothing was written" of a merge written in full and recorded."""
+    click.get_current_context().meta[_LANDING] = landing
+
+
+def _landed(ctx: click.Context) -> str | None:
+    landing = ctx.meta.get(_LANDING)
+    return landing.landed() if landing is not None else None
 
 
 def _raised_under_interrupt(exc: BaseException) -> bool:
