@@ -44,7 +44,7 @@ COMMANDS = {
 
 INTERRUPTED = "error: interrupted; nothing was written"
 _LANDING = "loraops.landing"  # ctx.meta: the command's output (expect_output)
-_interrupt = [signal.SIGINT]  # the signal the KeyboardInterrupt being handled stands for (see _terminate)
+_interrupt: list[int | None] = [None]  # the signal that reached this run (see _terminate); None while none did
 # A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
 UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
                  errno.ENOENT}
@@ -71,14 +71,15 @@ def usage_error(exc: click.UsageError) -> None:
 def _terminate(signum: int, frame) -> None:
     """SIGTERM (`kill`, a job scheduler, `docker stop`) is handled as Ctrl-C is: the same cleanup (no temporary output
     left beside the output, where `gc` does not look) and the same messages, then exit 128 + 15. By default it ended
-    the process on the spot."""
+    the process on the spot. Ctrl-C comes here too, to be remembered: a library may turn the KeyboardInterrupt into
+    an error of its own that keeps no link to it (pydantic_core's SchemaError, while it builds a model's schema)."""
     _interrupt[0] = signum
     raise KeyboardInterrupt
 
 
 def interrupted() -> int:
     """The exit status of an interrupted run: 130 for Ctrl-C, 143 for SIGTERM."""
-    return 128 + _interrupt[0]
+    return 128 + (_interrupt[0] or signal.SIGINT)
 
 
 def say_error(line: str) -> None:
@@ -174,9 +175,9 @@ class LoraopsGroup(click.Group):
         except OSError as exc:
             system_error(exc)
         except Exception as exc:
-            if not _raised_under_interrupt(exc):
+            if _interrupt[0] is None and not _raised_under_interrupt(exc):
                 raise
-            fail(INTERRUPTED.removeprefix("error: "), interrupted())
+            fail(_landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         finally:
             notes.removeHandler(handler)
             notes.setLevel(level)
@@ -244,6 +245,10 @@ def exit_status(args: list[str] | None = None) -> int:
     standalone mode: there, a Ctrl-C that lands in click's own code (after a command returned, while its context
     closes) becomes "Aborted!" and exit 1. SIGTERM is handled as Ctrl-C while it runs (_terminate)."""
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # (an ignored SIGINT stays ignored: a background job's)
+    ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ctrl_c:
+        signal.signal(signal.SIGINT, _terminate)
     try:
         code = main(args=args, prog_name="loraops", standalone_mode=False)
         code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
@@ -257,7 +262,9 @@ def exit_status(args: list[str] | None = None) -> int:
         code = interrupted()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _interrupt[0] = signal.SIGINT  # for the next run in this process (tests, the fork server)
+        if ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        _interrupt[0] = None  # for the next run in this process (tests, the fork server)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
