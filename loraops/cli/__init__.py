@@ -277,7 +277,11 @@ def run() -> None:
     after the work is done (`import torch` alone: 1.37–1.72 s as a process, 1.08–1.54 s with this exit). Every
     command has closed, synced and renamed its outputs and closed the registry before it returns, so only the
     standard streams are left to flush."""
-    code = exit_status()
+    try:
+        code = exit_status()
+    except KeyboardInterrupt:  # landed once exit_status gave back its handlers: Python's traceback, else
+        say_error("error: interrupted")
+        code = 128 + signal.SIGINT
     # The work is done and said: a Ctrl-C now must not cut the flush of what was said (it would escape as an
     # uncaught KeyboardInterrupt, the summary of a finished merge lost).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
