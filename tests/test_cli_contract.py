@@ -196,6 +196,44 @@ def test_a_ctrl_c_a_library_turned_into_an_error_of_its_own_is_an_interrupted_ru
         exit_status(["list"])
 
 
+def test_a_ctrl_c_as_exit_status_gives_back_its_handlers_leaves_no_state_behind(monkeypatch, capsys):
+    """A Ctrl-C landing in exit_status's last lines, before it gave back its handlers, escaped with _terminate still
+    handling SIGINT and SIGTERM (a library user's process then took a later SIGTERM for a Ctrl-C) and the signal
+    still remembered: every later run in the process (exit_status, CliRunner) said an error of its own was an
+    interrupted run, "nothing was written", exit 130."""
+    from loraops import settings
+    from loraops.cli import exit_status
+
+    class DriverError(Exception):
+        pass
+
+    real, landed, before = signal.signal, [], signal.getsignal(signal.SIGTERM)
+
+    def ctrl_c_as_sigterm_is_given_back(signum, handler):
+        if signum == signal.SIGTERM and handler is before and not landed:
+            landed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # (handled here, or once exit_status lets it through)
+        return real(signum, handler)
+
+    monkeypatch.setattr(signal, "signal", ctrl_c_as_sigterm_is_given_back)
+    with contextlib.suppress(KeyboardInterrupt):  # (run() says it: test_a_ctrl_c_as_the_run_ends_is_one_line...)
+        exit_status(["--version"])
+    monkeypatch.setattr(signal, "signal", real)
+    assert landed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is before
+    capsys.readouterr()
+
+    def plain_failure():
+        raise DriverError("no Ctrl-C behind this")
+
+    monkeypatch.setattr(settings, "db_url", plain_failure)
+    with pytest.raises(DriverError):
+        CliRunner().invoke(main, ["list"], catch_exceptions=False)
+    with pytest.raises(DriverError):
+        exit_status(["list"])
+
+
 def test_sigterm_is_handled_as_ctrl_c(tmp_path, kohya, monkeypatch, capsys):
     """SIGTERM (`kill`, a scheduler, `docker stop`) ended the process on the spot: no cleanup ran, and the output's
     temporary sibling stayed beside it (where `gc` does not look). Now: the same cleanup as Ctrl-C, exit 143."""

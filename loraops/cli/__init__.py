@@ -244,12 +244,14 @@ def exit_status(args: list[str] | None = None) -> int:
     """Run the CLI (``args``, default sys.argv) and return the status `loraops` exits with. Not in click's
     standalone mode: there, a Ctrl-C that lands in click's own code (after a command returned, while its context
     closes) becomes "Aborted!" and exit 1. SIGTERM is handled as Ctrl-C while it runs (_terminate)."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.getsignal(signal.SIGTERM)
     # (an ignored SIGINT stays ignored: a background job's)
     ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if ctrl_c:
-        signal.signal(signal.SIGINT, _terminate)
+    _interrupt[0] = None
     try:
+        signal.signal(signal.SIGTERM, _terminate)
+        if ctrl_c:
+            signal.signal(signal.SIGINT, _terminate)
         code = main(args=args, prog_name="loraops", standalone_mode=False)
         code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
     except click.ClickException as exc:  # `loraops base` alone (its help); other usage errors: usage_error
@@ -261,14 +263,30 @@ def exit_status(args: list[str] | None = None) -> int:
         say_error("error: interrupted")
         code = interrupted()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if ctrl_c:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        _interrupt[0] = None  # for the next run in this process (tests, the fork server)
+        _give_back(previous, ctrl_c)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
     return code or 0
+
+
+def _give_back(previous, ctrl_c: bool) -> None:
+    """The handlers exit_status took, given back, and the signal forgotten for the next run in this process (tests,
+    the fork server, a library's caller), even when a Ctrl-C lands meanwhile: it escaped with _terminate left
+    handling both signals and its signal remembered, so every later run called its own errors interrupted runs.
+    That Ctrl-C is raised once all is given back."""
+    late = False
+    while True:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+            if ctrl_c:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            _interrupt[0] = None
+            break
+        except KeyboardInterrupt:
+            late = True
+    if late:
+        raise KeyboardInterrupt
 
 
 def run() -> None:
