@@ -234,6 +234,34 @@ def test_a_ctrl_c_as_exit_status_gives_back_its_handlers_leaves_no_state_behind(
         exit_status(["list"])
 
 
+def test_an_ignored_ctrl_c_stays_ignored_and_an_error_stays_an_error(monkeypatch):
+    """A background job started by a shell without job control runs with SIGINT ignored: exit_status must not take
+    it over (a Ctrl-C meant for the shell would stop the job), nor give it back as Python's handler; an error of a
+    command's own is still no interrupted run. (conftest installs Python's handler for the session: this says
+    what happens without it.)"""
+    from loraops import settings
+    from loraops.cli import exit_status
+
+    class DriverError(Exception):
+        pass
+
+    seen = []
+
+    def failing():
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise DriverError("no Ctrl-C behind this")
+
+    monkeypatch.setattr(settings, "db_url", failing)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(DriverError):
+            exit_status(["list"])
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.SIG_IGN] and after is signal.SIG_IGN
+
+
 def test_sigterm_is_handled_as_ctrl_c(tmp_path, kohya, monkeypatch, capsys):
     """SIGTERM (`kill`, a scheduler, `docker stop`) ended the process on the spot: no cleanup ran, and the output's
     temporary sibling stayed beside it (where `gc` does not look). Now: the same cleanup as Ctrl-C, exit 143."""
