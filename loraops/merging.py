@@ -148,12 +148,13 @@ def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None, output:
     return model, label
 
 
-class _Landing:
+class Landing:
     """Says what a Ctrl-C left: nothing (the temporary output is removed), or the output complete in place — once
     renamed, a merge is not undone — and whether the registry recorded it (asked again: the interrupt may land
-    between the commit and the line after it)."""
+    between the commit and the line after it). The CLI keeps one for the whole command (cli.merge): a Ctrl-C can
+    also land after merge() returned."""
 
-    def __init__(self, output: str | Path, record: bool, registry: "store.Registry | None") -> None:
+    def __init__(self, output: str | Path, record: bool, registry: "store.Registry | None" = None) -> None:
         self.output, self.record, self.registry = Path(output), record, registry
         self.before = self._identity()
 
@@ -164,23 +165,26 @@ class _Landing:
             return None
         return st.st_dev, st.st_ino
 
-    def __enter__(self) -> "_Landing":
+    def __enter__(self) -> "Landing":
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        if kind is not KeyboardInterrupt or self._identity() in (None, self.before):
-            return
+        if kind is KeyboardInterrupt and (message := self.landed()) is not None:
+            raise KeyboardInterrupt(message) from None
+
+    def landed(self) -> str | None:
+        """What an interruption now would leave, when the output has landed; None while nothing was written."""
+        if self._identity() in (None, self.before):
+            return None
         try:
             recorded = self.record and self._recorded()
         except LoraopsError:  # the registry cannot say now (busy, gone)
-            raise KeyboardInterrupt(f"interrupted after {self.output} was written in full; whether the registry "
-                                    "recorded it, `loraops base list` tells") from None
+            return (f"interrupted after {self.output} was written in full; whether the registry recorded it, "
+                    "`loraops base list` tells")
         if recorded or not self.record:
-            raise KeyboardInterrupt(f"interrupted after {self.output} was written in full"
-                                    + (" and recorded" if recorded else "")) from None
-        raise KeyboardInterrupt(f"interrupted after {self.output} was written in full, before it was recorded in "
-                                f"the registry (`loraops base add {self.output}` records it, without its lineage)"
-                                ) from None
+            return f"interrupted after {self.output} was written in full" + (" and recorded" if recorded else "")
+        return (f"interrupted after {self.output} was written in full, before it was recorded in the registry "
+                f"(`loraops base add {self.output}` records it, without its lineage)")
 
     def _recorded(self) -> bool:
         from .registry.store import opened
@@ -200,7 +204,7 @@ def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output:
     pairs = weighted_inputs(adapters)
     lists = _block_lists(block_weights, pairs)
     settings.resolve_device(options.get("device"))  # before a 70B's base is hashed and its adapters read
-    with _Landing(output, record, registry):
+    with Landing(output, record, registry):
         return _merge(base, pairs, output, name=name, record=record, lists=lists, registry=registry, **options)
 
 
@@ -238,7 +242,7 @@ def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], out
     lists = _block_lists(block_weights, pairs)
     if not exact:  # (--exact may only copy the recorded base; a re-merge is checked by the engine)
         settings.resolve_device(options.get("device"))
-    with _Landing(output, record, registry):
+    with Landing(output, record, registry):
         return _subtract(model, pairs, output, exact=exact, name=name, record=record, lists=lists, registry=registry,
                          **options)
 

@@ -50,6 +50,21 @@ def real_home_untouched():
         pytest.fail(f"the tests wrote into the real loraops home {home}: a test lost its isolated LORAOPS_HOME")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_is_a_keyboard_interrupt():
+    """SIGINT handled as Python does in a foreground shell (KeyboardInterrupt), whoever started the suite: a shell
+    without job control starts a background job (`pytest ... &`, `nohup pytest ... &`) with SIGINT ignored, Python
+    then keeps it ignored, and so do the processes it starts (the fork server's children, subprocesses). The tests
+    that send a Ctrl-C (test_crash, test_registry) then saw nothing happen: "DID NOT RAISE KeyboardInterrupt", and
+    every interrupted merge finishing ("no run was interrupted"). (exec resets a handled signal to its default, so
+    the processes started from here get Python's own handler.)"""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("loraops-home")

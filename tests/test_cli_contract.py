@@ -162,6 +162,106 @@ def test_an_error_a_ctrl_c_left_behind_is_an_interrupted_run(monkeypatch, capsys
         exit_status(["list"])
 
 
+def test_a_ctrl_c_a_library_turned_into_an_error_of_its_own_is_an_interrupted_run(monkeypatch, capsys):
+    """test_merge_interrupted_at_random_points under load: a Ctrl-C that landed while pydantic built a record
+    model's schema (on its first use) came out as pydantic_core's SchemaError ("Error building `literal` serializer:
+    KeyboardInterrupt:"), which keeps no link to the KeyboardInterrupt: a traceback and exit 1. An error raised after
+    a Ctrl-C reached the run is the interrupted run, exit 130; in the next run, an error is an error again."""
+    from loraops import settings
+    from loraops.cli import exit_status
+
+    class SchemaError(Exception):
+        pass
+
+    def interrupted_in_a_library():
+        caught = False
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # the handler interrupts the sleep
+        except KeyboardInterrupt:
+            caught = True
+        if caught:  # raised outside the except block: no __context__, as pydantic_core's
+            raise SchemaError("Error building `literal` serializer:\n  KeyboardInterrupt: ")
+
+    monkeypatch.setattr(settings, "db_url", interrupted_in_a_library)
+    assert exit_status(["list"]) == 130
+    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def plain_failure():
+        raise SchemaError("no Ctrl-C behind this")
+
+    monkeypatch.setattr(settings, "db_url", plain_failure)
+    with pytest.raises(SchemaError):
+        exit_status(["list"])
+
+
+def test_a_ctrl_c_as_exit_status_gives_back_its_handlers_leaves_no_state_behind(monkeypatch, capsys):
+    """A Ctrl-C landing in exit_status's last lines, before it gave back its handlers, escaped with _terminate still
+    handling SIGINT and SIGTERM (a library user's process then took a later SIGTERM for a Ctrl-C) and the signal
+    still remembered: every later run in the process (exit_status, CliRunner) said an error of its own was an
+    interrupted run, "nothing was written", exit 130."""
+    from loraops import settings
+    from loraops.cli import exit_status
+
+    class DriverError(Exception):
+        pass
+
+    real, landed, before = signal.signal, [], signal.getsignal(signal.SIGTERM)
+
+    def ctrl_c_as_sigterm_is_given_back(signum, handler):
+        if signum == signal.SIGTERM and handler is before and not landed:
+            landed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # (handled here, or once exit_status lets it through)
+        return real(signum, handler)
+
+    monkeypatch.setattr(signal, "signal", ctrl_c_as_sigterm_is_given_back)
+    with contextlib.suppress(KeyboardInterrupt):  # (run() says it: test_a_ctrl_c_as_the_run_ends_is_one_line...)
+        exit_status(["--version"])
+    monkeypatch.setattr(signal, "signal", real)
+    assert landed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is before
+    capsys.readouterr()
+
+    def plain_failure():
+        raise DriverError("no Ctrl-C behind this")
+
+    monkeypatch.setattr(settings, "db_url", plain_failure)
+    with pytest.raises(DriverError):
+        CliRunner().invoke(main, ["list"], catch_exceptions=False)
+    with pytest.raises(DriverError):
+        exit_status(["list"])
+
+
+def test_an_ignored_ctrl_c_stays_ignored_and_an_error_stays_an_error(monkeypatch):
+    """A background job started by a shell without job control runs with SIGINT ignored: exit_status must not take
+    it over (a Ctrl-C meant for the shell would stop the job), nor give it back as Python's handler; an error of a
+    command's own is still no interrupted run. (conftest installs Python's handler for the session: this says
+    what happens without it.)"""
+    from loraops import settings
+    from loraops.cli import exit_status
+
+    class DriverError(Exception):
+        pass
+
+    seen = []
+
+    def failing():
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise DriverError("no Ctrl-C behind this")
+
+    monkeypatch.setattr(settings, "db_url", failing)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(DriverError):
+            exit_status(["list"])
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.SIG_IGN] and after is signal.SIG_IGN
+
+
 def test_sigterm_is_handled_as_ctrl_c(tmp_path, kohya, monkeypatch, capsys):
     """SIGTERM (`kill`, a scheduler, `docker stop`) ended the process on the spot: no cleanup ran, and the output's
     temporary sibling stayed beside it (where `gc` does not look). Now: the same cleanup as Ctrl-C, exit 143."""

@@ -229,6 +229,69 @@ def test_merge_interrupted_at_random_points(forks, tmp_path):
         assert (name in recorded) == message.endswith("and recorded"), message
 
 
+@pytest.mark.parametrize("where", ["as merging.merge returns", "as click returns from the command"])
+def test_a_ctrl_c_once_the_merge_returned_says_its_output_is_there(tmp_path, monkeypatch, capsys, where):
+    """test_merge_interrupted_at_random_points under load: a Ctrl-C that landed after merging.merge's own check
+    (its with-block exiting, the command's last lines, click's return from it: after the summary was printed) came
+    out as "error: interrupted; nothing was written", of an output written in full and recorded."""
+    import click
+
+    from factories import peft_adapter, tiny_llama
+    from loraops import merging
+    from loraops.cli import exit_status
+
+    base = tiny_llama(tmp_path / "llama")
+    adapter = peft_adapter(base, tmp_path / "ad", r=4, alpha=8)
+    out = tmp_path / "merged"
+    if where == "as merging.merge returns":
+        def then_interrupted(*args, real=merging.merge, **kwargs):
+            real(*args, **kwargs)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(merging, "merge", then_interrupted)
+    else:
+        def invoke_then_interrupted(ctx, callback, *args, real=click.Context.invoke, **kwargs):
+            result = real(ctx, callback, *args, **kwargs)
+            if ctx.info_name == "merge":
+                raise KeyboardInterrupt
+            return result
+        monkeypatch.setattr(click.Context, "invoke", invoke_then_interrupted)
+    assert exit_status(["merge", f"{adapter}:1", "--into", str(base), "--device", "cpu", "-o", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: interrupted after {out} was written in full and recorded"
+    with Registry.open() as reg:
+        assert [Path(b.path) for b in reg.list_bases() if b.derived] == [out]
+
+
+@pytest.mark.no_registry
+def test_a_ctrl_c_as_the_run_ends_is_one_line_not_a_traceback(tmp_path):
+    """A Ctrl-C that lands once exit_status gave back its handlers and before `loraops` ignores the signals for its
+    final flush escaped the program as a KeyboardInterrupt: Python's traceback, and exit by SIGINT. Now the run is
+    said to be interrupted in one line, exit 130."""
+    import sys
+
+    import loraops.cli as cli
+
+    log = tmp_path / "log"
+    pid = os.fork()
+    if pid == 0:  # the caller here is this test: it must never go on in the child, whatever run() does
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+
+            def finished_then_interrupted(real=cli.exit_status):
+                real(["--version"])
+                raise KeyboardInterrupt  # as a Ctrl-C landing right after it returned
+
+            cli.exit_status = finished_then_interrupted
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+            cli.run()
+        finally:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130, (status, log.read_text())
+    assert log.read_text().splitlines()[-1] == "error: interrupted", log.read_text()
+
+
 def test_an_exception_that_escapes_a_forked_command_is_printed_and_exits_1(forks, tmp_path):
     """What `python -m loraops` does with an uncaught exception (print it, exit 1), the fork server's child does too,
     so a traceback still reaches a test that runs commands through it (factories.loraops_run)."""

@@ -43,7 +43,8 @@ COMMANDS = {
 
 
 INTERRUPTED = "error: interrupted; nothing was written"
-_interrupt = [signal.SIGINT]  # the signal the KeyboardInterrupt being handled stands for (see _terminate)
+_LANDING = "loraops.landing"  # ctx.meta: the command's output (expect_output)
+_interrupt: list[int | None] = [None]  # the signal that reached this run (see _terminate); None while none did
 # A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
 UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
                  errno.ENOENT}
@@ -70,14 +71,15 @@ def usage_error(exc: click.UsageError) -> None:
 def _terminate(signum: int, frame) -> None:
     """SIGTERM (`kill`, a job scheduler, `docker stop`) is handled as Ctrl-C is: the same cleanup (no temporary output
     left beside the output, where `gc` does not look) and the same messages, then exit 128 + 15. By default it ended
-    the process on the spot."""
+    the process on the spot. Ctrl-C comes here too, to be remembered: a library may turn the KeyboardInterrupt into
+    an error of its own that keeps no link to it (pydantic_core's SchemaError, while it builds a model's schema)."""
     _interrupt[0] = signum
     raise KeyboardInterrupt
 
 
 def interrupted() -> int:
     """The exit status of an interrupted run: 130 for Ctrl-C, 143 for SIGTERM."""
-    return 128 + _interrupt[0]
+    return 128 + (_interrupt[0] or signal.SIGINT)
 
 
 def say_error(line: str) -> None:
@@ -168,14 +170,14 @@ class LoraopsGroup(click.Group):
             fail(str(exc), exc.exit_code)
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
             usage_error(exc)
-        except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging._Landing)
-            fail(exc.args[0] if exc.args else INTERRUPTED.removeprefix("error: "), interrupted())
+        except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging.Landing)
+            fail(exc.args[0] if exc.args else _landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         except OSError as exc:
             system_error(exc)
         except Exception as exc:
-            if not _raised_under_interrupt(exc):
+            if _interrupt[0] is None and not _raised_under_interrupt(exc):
                 raise
-            fail(INTERRUPTED.removeprefix("error: "), interrupted())
+            fail(_landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         finally:
             notes.removeHandler(handler)
             notes.setLevel(level)
@@ -193,6 +195,18 @@ class _Notes(logging.Handler):
         if message not in self.said:
             self.said.add(message)
             click.echo(f"note: {message}", err=True)
+
+
+def expect_output(landing) -> None:
+    """The command writes what ``landing`` (merging.Landing) watches: a Ctrl-C anywhere in it, also after the
+    library call returned (in the command's last lines, in click's return from it, after the summary was said), says
+    what is there. A Ctrl-C there said "nothing was written" of a merge written in full and recorded."""
+    click.get_current_context().meta[_LANDING] = landing
+
+
+def _landed(ctx: click.Context) -> str | None:
+    landing = ctx.meta.get(_LANDING)
+    return landing.landed() if landing is not None else None
 
 
 def _raised_under_interrupt(exc: BaseException) -> bool:
@@ -230,8 +244,14 @@ def exit_status(args: list[str] | None = None) -> int:
     """Run the CLI (``args``, default sys.argv) and return the status `loraops` exits with. Not in click's
     standalone mode: there, a Ctrl-C that lands in click's own code (after a command returned, while its context
     closes) becomes "Aborted!" and exit 1. SIGTERM is handled as Ctrl-C while it runs (_terminate)."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.getsignal(signal.SIGTERM)
+    # (an ignored SIGINT stays ignored: a background job's)
+    ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    _interrupt[0] = None
     try:
+        signal.signal(signal.SIGTERM, _terminate)
+        if ctrl_c:
+            signal.signal(signal.SIGINT, _terminate)
         code = main(args=args, prog_name="loraops", standalone_mode=False)
         code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
     except click.ClickException as exc:  # `loraops base` alone (its help); other usage errors: usage_error
@@ -243,12 +263,30 @@ def exit_status(args: list[str] | None = None) -> int:
         say_error("error: interrupted")
         code = interrupted()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        _interrupt[0] = signal.SIGINT  # for the next run in this process (tests, the fork server)
+        _give_back(previous, ctrl_c)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
     return code or 0
+
+
+def _give_back(previous, ctrl_c: bool) -> None:
+    """The handlers exit_status took, given back, and the signal forgotten for the next run in this process (tests,
+    the fork server, a library's caller), even when a Ctrl-C lands meanwhile: it escaped with _terminate left
+    handling both signals and its signal remembered, so every later run called its own errors interrupted runs.
+    That Ctrl-C is raised once all is given back."""
+    late = False
+    while True:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+            if ctrl_c:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            _interrupt[0] = None
+            break
+        except KeyboardInterrupt:
+            late = True
+    if late:
+        raise KeyboardInterrupt
 
 
 def run() -> None:
@@ -257,7 +295,11 @@ def run() -> None:
     after the work is done (`import torch` alone: 1.37–1.72 s as a process, 1.08–1.54 s with this exit). Every
     command has closed, synced and renamed its outputs and closed the registry before it returns, so only the
     standard streams are left to flush."""
-    code = exit_status()
+    try:
+        code = exit_status()
+    except KeyboardInterrupt:  # landed once exit_status gave back its handlers: Python's traceback, else
+        say_error("error: interrupted")
+        code = 128 + signal.SIGINT
     # The work is done and said: a Ctrl-C now must not cut the flush of what was said (it would escape as an
     # uncaught KeyboardInterrupt, the summary of a finished merge lost).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .. import blocks
+from . import expect_output
 from .algebra import block_weights_option
 from .render import echo_base_changed, echo_json, human_bytes, not_again
 
@@ -35,9 +36,10 @@ def merge(adapters, base, block_weights, output, dtype, device, precise, force, 
     new block scales, or comes out dequantized with --dtype; with no adapters, --dtype alone converts the base."""
     from .. import merging
 
+    expect_output(merging.Landing(output, not no_record))
     report = merging.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
                           precise=precise, force=force, block_weights=block_weights)
-    _render_done(report, as_json, name)
+    _render(report, as_json, name)
 
 
 @click.command()
@@ -52,18 +54,10 @@ def subtract(adapters, model, exact, block_weights, output, dtype, device, preci
     merge+subtract round trip is never bit-exact; --exact restores the recorded base instead."""
     from .. import merging
 
+    expect_output(merging.Landing(output, not no_record))
     report = merging.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
                              device=device, precise=precise, force=force, block_weights=block_weights)
-    _render_done(report, as_json, name)
-
-
-def _render_done(report, as_json: bool, name: str | None) -> None:
-    """The summary of a finished run: a Ctrl-C while it prints must not say nothing was written."""
-    try:
-        _render(report, as_json, name)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted after {report.output} was written in full"
-                                + (" and recorded" if report.name else "")) from None
+    _render(report, as_json, name)
 
 
 def _render(report, as_json: bool, name: str | None) -> None:
