@@ -1389,10 +1389,47 @@ def tensors_of(manifest: "Mapping[str, object] | BaseModel") -> Mapping[str, obj
     return manifest
 
 
+# a module of a FLUX.1 or SD3 single-file checkpoint, as sd-scripts (lora_unet_double_blocks_0_…) or BFL (…double_blocks.0.…) name it
+DIT_NAMED = re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|joint_blocks)[._]\d+[._]")
+
+
+def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
+    """An adapter on a FLUX.1 or SD3 single-file checkpoint's modules (sd-scripts' ``lora_unet_double_blocks_0_img_attn_qkv``,
+    BFL's ``double_blocks.0.img_attn.qkv``) for a diffusers pipeline holding that transformer: bound to the checkpoint
+    tensors the pipeline's make up (ldm.pipeline_dit), then each module named as the pipeline's, a LoRA on a fused
+    tensor (qkv, linear1) split into its parts' rows of B with A shared: the same delta, as diffusers' converter splits
+    them (DoRA magnitudes and lora_bias per row too). Any other adapter, or one that does not bind so, as it is."""
+    if not any(DIT_NAMED.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(manifest)):
+        return adapter
+    try:
+        bound = bind(adapter, virtual)
+    except (MismatchError, AmbiguousError):
+        return adapter
+    if not all(m.weight_name in virtual for m in bound.modules.values()):
+        return adapter
+    top = ldm.dit_top(bound.modules)
+    modules = {}
+    for name, module in bound.modules.items():
+        pieces = [] if module.fused is not None or module.transposed else ldm.split(
+            module.weight_name, module.weight_shape, whole=True)
+        for part, (_, first, rows, _) in pieces or [(name, (None, 0, module.out_features, None))]:
+            path = ldm.dit_path(part, top)
+            target = name if path is None else f"transformer.{path}"
+            if pieces and module.product is not None:
+                raise FormatError(f"{adapter.label}: module {name!r} is a LoHa/LoKr on {module.weight_name!r}, which "
+                                  "the pipeline stores in parts: bind it to the single-file checkpoint")
+            cut = slice(first, first + rows)
+            modules[target] = replace(module, name=target, fused=None, B=module.B[cut],
+                                      magnitude=None if module.magnitude is None else module.magnitude[cut],
+                                      lora_bias=None if module.lora_bias is None else module.lora_bias[cut])
+    return replace(bound, modules=modules, own_names={n: o for n, o in bound.own_names.items() if n in modules})
+
+
 def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adapter:
     """The adapter with module names resolved against the base (kohya names → module paths, a leading ``model.``
     added/removed when that makes every module match). Unresolvable kohya names raise; shapes are check's job."""
     manifest = tensors_of(manifest)
+    adapter = in_pipeline_dit(adapter, manifest)
     res = resolve(adapter, manifest)
     if res.ambiguous:
         name, candidates = next(iter(res.ambiguous.items()))
@@ -1438,6 +1475,7 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
         heads = manifest.ties_stored_heads
     manifest = tensors_of(manifest)
     sides = config or sides
+    given, adapter = adapter, in_pipeline_dit(adapter, manifest)
     res = resolve(adapter, manifest)
     named = renamed(adapter, res, manifest)
     bound = without_tied_copies(named, manifest, sides, heads=heads)
@@ -1598,7 +1636,7 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
     refused_heads = set(missing) | {n.removesuffix(".weight") for n in missing}  # (refused: not said to be untied)
 
     def bind_read(read: Adapter) -> Adapter:
-        return named if read is adapter else renamed(read, res, manifest)
+        return named if read is given else renamed(in_pipeline_dit(read, manifest), res, manifest)
 
     return CheckReport(
         ok=ok, base=base_name, matched=matched,

@@ -179,12 +179,14 @@ def tucker_down(path: Path, name: str, down: "torch.Tensor", mid: "torch.Tensor"
 def component_of(adapter: Adapter, name: str, *, sdxl: bool = False) -> tuple[str | None, str]:
     """(diffusers component, path inside it) of a bound module name: the part of a single-file SD or FLUX.1
     checkpoint under sd-scripts' names, a diffusers adapter's own prefix, or a pipeline base's component.
-    ``transformer.`` is split off only for a diffusers adapter: a plain model (GPT-2) has it too."""
+    ``transformer.`` is split off only for a diffusers adapter or a FLUX/SD3 block (a kohya LoRA bound to a pipeline:
+    check.in_pipeline_dit): a plain model (GPT-2) has it too."""
     named = ldm.sd_scripts_name(name, sdxl=sdxl)
     if named is not None:
         return named
     head, _, rest = name.partition(".")
-    if rest and (head in PIPELINE_COMPONENTS or (head == "transformer" and adapter.format == "diffusers")):
+    if rest and (head in PIPELINE_COMPONENTS or (head == "transformer" and (
+            adapter.format == "diffusers" or rest.startswith(("transformer_blocks.", "single_transformer_blocks."))))):
         return head, rest
     return None, name
 
