@@ -38,7 +38,9 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("transformer.", ("lora_unet",)),
     ("prior.", ("lora_unet",)),
     ("text_encoder.", ("lora_te", "lora_te1")),
-    ("text_encoder_2.", ("lora_te2",)),
+    # FluxPipeline's T5 is its text_encoder_2, which sd-scripts' lora_flux names lora_te3 (SD3's): a T5's paths are
+    # no CLIP's, so the two forms never meet
+    ("text_encoder_2.", ("lora_te2", "lora_te3")),
     ("text_encoder_3.", ("lora_te3",)),
     ("model.diffusion_model.", ("lora_unet",)),
     *((encoder.prefix, (kohya_prefix(encoder.sd_scripts),)) for encoder in ldm.TEXT_ENCODERS),
@@ -1401,11 +1403,13 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
     them (DoRA magnitudes and lora_bias per row too). Any other adapter, or one that does not bind so, as it is."""
     if not any(DIT_NAMED.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(manifest)):
         return adapter
-    try:
-        bound = bind(adapter, virtual)
-    except (MismatchError, AmbiguousError):
+    res = resolve(adapter, virtual)
+    if res.ambiguous or any(DIT_NAMED.search(name) for name in res.missing):
         return adapter
-    if not all(m.weight_name in virtual for m in bound.modules.values()):
+    # (another network's kohya module the base lacks, sd-scripts' FLUX T5 as lora_te3_…: kept by its name, reported)
+    res.names.update((name, name) for name in res.missing)
+    bound = renamed(adapter, res, virtual)
+    if not all(m.weight_name in virtual for n, m in bound.modules.items() if DIT_NAMED.search(n)):
         return adapter
     top = ldm.dit_top(bound.modules)
     modules = {}
@@ -1429,8 +1433,10 @@ def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adap
     """The adapter with module names resolved against the base (kohya names → module paths, a leading ``model.``
     added/removed when that makes every module match). Unresolvable kohya names raise; shapes are check's job."""
     manifest = tensors_of(manifest)
-    adapter = in_pipeline_dit(adapter, manifest)
+    given, adapter = adapter, in_pipeline_dit(adapter, manifest)
     res = resolve(adapter, manifest)
+    if given is not adapter and not given.names_resolved:  # kohya names in_pipeline_dit left as they are
+        res.missing = [name for name in given.modules if name in adapter.modules]
     if res.ambiguous:
         name, candidates = next(iter(res.ambiguous.items()))
         raise AmbiguousError(

@@ -161,3 +161,46 @@ def test_a_module_the_pipeline_lacks_is_still_reported_missing(tmp_path, name):
     save_file(lora({name: (3 * D, D, 2.0)}), str(tmp_path / "k.safetensors"))
     run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
     assert run.returncode != 0 and f"{name} (not in base)" in run.stdout, run.stdout + run.stderr
+
+
+def test_text_encoder_modules_beside_the_transformer(tmp_path):
+    """sd-scripts' lora_flux names FluxPipeline's CLIP lora_te1 and its T5 (the pipeline's text_encoder_2) lora_te3;
+    both bind beside the transformer's modules (lora_te3 matched nothing). A module the base lacks is the only one
+    reported."""
+    pipe = flux_pipeline(tmp_path / "pipe")
+    g = torch.Generator().manual_seed(9)
+    encoders = {"text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.randn(D, D, generator=g)},
+                "text_encoder_2": {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(D, D, generator=g),
+                                   "shared.weight": torch.randn(10, D, generator=g)}}
+    for component, tensors in encoders.items():
+        (pipe / component).mkdir()
+        save_file(tensors, str(pipe / component / "model.safetensors"))
+    (pipe / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"]}))
+    modules = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (D, D, 2.0),
+               "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (D, D, 8.0),
+               "lora_unet_double_blocks_0_img_attn_qkv": (3 * D, D, 4.0)}
+    factors = lora(modules, seed=11)
+    save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_flux"})
+    run = loraops_run("merge", tmp_path / "k.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    want = expected(encoders["text_encoder_2"], factors,
+                    {"lora_te3_encoder_block_0_layer_0_SelfAttention_q": [
+                        ("encoder.block.0.layer.0.SelfAttention.q.weight", 0, D)]})
+    check_merged(tmp_path / "m" / "text_encoder_2" / "model.safetensors", want)
+    want = expected(encoders["text_encoder"], factors,
+                    {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": [
+                        ("text_model.encoder.layers.0.self_attn.q_proj.weight", 0, D)]})
+    check_merged(tmp_path / "m" / "text_encoder" / "model.safetensors", want)
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = expected(base, factors, {"lora_unet_double_blocks_0_img_attn_qkv": [
+        (f"transformer_blocks.0.attn.to_{p}.weight", i * D, D) for i, p in enumerate("qkv")]})
+    check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want)
+
+    save_file(lora({**modules, "lora_te1_text_model_encoder_layers_5_mlp_fc1": (D, D, 1.0)}, seed=11),
+              str(tmp_path / "k2.safetensors"))
+    run = loraops_run("check", tmp_path / "k2.safetensors", "--base", pipe)
+    assert run.returncode != 0 and "5/6 modules match" in run.stdout, run.stdout  # (qkv as its 3 parts)
+    assert "lora_te1_text_model_encoder_layers_5_mlp_fc1 (not in base)" in run.stdout
