@@ -204,3 +204,25 @@ def test_text_encoder_modules_beside_the_transformer(tmp_path):
     run = loraops_run("check", tmp_path / "k2.safetensors", "--base", pipe)
     assert run.returncode != 0 and "5/6 modules match" in run.stdout, run.stdout  # (qkv as its 3 parts)
     assert "lora_te1_text_model_encoder_layers_5_mlp_fc1 (not in base)" in run.stdout
+
+
+def test_flux_t5_modules_are_written_back_as_lora_te3(tmp_path):
+    """A lora_te3_ (FLUX T5) module bound to FluxPipeline's text_encoder_2 was written as kohya lora_te2_…, which
+    sd-scripts' lora_flux (lora_te1 CLIP, lora_te3 T5) does not load: it round-trips under its own prefix now."""
+    pipe = tmp_path / "pipe"
+    (pipe / "text_encoder_2").mkdir(parents=True)
+    g = torch.Generator().manual_seed(2)
+    save_file({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(D, D, generator=g)},
+              str(pipe / "text_encoder_2" / "model.safetensors"))
+    (pipe / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxPipeline", "text_encoder_2": ["transformers", "T5EncoderModel"]}))
+    name = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    factors = lora({name: (D, D, 2.0)})
+    save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_flux"})
+    assert loraops_run("base", "add", pipe, "--name", "p").returncode == 0
+    run = loraops_run("export", tmp_path / "k.safetensors", "--base", "p", "--format", "kohya",
+                      "-o", tmp_path / "o.safetensors")
+    assert run.returncode == 0, run.stderr
+    written = load_file(str(tmp_path / "o.safetensors"))
+    assert sorted(written) == sorted(factors)
+    assert all(torch.equal(written[k].to(factors[k].dtype), factors[k]) for k in factors)
