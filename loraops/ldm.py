@@ -175,6 +175,9 @@ SD3_X_ATTN2 = re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2\.ln_k\.weight
 # every hub pipeline, sd-scripts' names, diffusers-trained LoRAs — with it (text_model.encoder.layers.0.…)
 CLIP_TEXT_MODEL = re.compile(r"^(text_model\.)?(?=(?:encoder\.layers|embeddings|final_layer_norm)\.)")
 
+# a T5 encoder's module paths (transformers' T5EncoderModel: FluxPipeline's text_encoder_2, SD3's text_encoder_3)
+T5_PATH = re.compile(r"^(?:shared|encoder\.(?:block|embed_tokens|final_layer_norm))(?:\.|$)")
+
 
 def clip_paths(path: str) -> list[str]:
     """A text-encoder module path, followed by the same module in CLIP's other saved layout when it is a CLIP path

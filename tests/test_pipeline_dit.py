@@ -226,3 +226,28 @@ def test_flux_t5_modules_are_written_back_as_lora_te3(tmp_path):
     written = load_file(str(tmp_path / "o.safetensors"))
     assert sorted(written) == sorted(factors)
     assert all(torch.equal(written[k].to(factors[k].dtype), factors[k]) for k in factors)
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusionXLPipeline", "StableDiffusion3Pipeline"])
+def test_clip_g_text_projection_stays_lora_te2(tmp_path, pipeline):
+    """SDXL's and SD3's text_encoder_2 is CLIP-G (CLIPTextModelWithProjection): its text_projection is no CLIP layer
+    path, yet no T5 module either; it was written lora_te3_text_projection (the T5's prefix), which ComfyUI (it maps
+    lora_te2_text_projection) does not load."""
+    pipe = tmp_path / "pipe"
+    g = torch.Generator().manual_seed(4)
+    index = {"_class_name": pipeline}
+    for component in ("text_encoder", "text_encoder_2"):
+        (pipe / component).mkdir(parents=True)
+        save_file({"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.randn(D, D, generator=g),
+                   "text_projection.weight": torch.randn(D, D, generator=g)}, str(pipe / component / "model.safetensors"))
+        index[component] = ["transformers", "CLIPTextModelWithProjection"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    factors = lora({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (D, D, 2.0),
+                    "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (D, D, 2.0),
+                    "lora_te2_text_projection": (D, D, 4.0)})
+    save_file(factors, str(tmp_path / "k.safetensors"))
+    assert loraops_run("base", "add", pipe, "--name", "p").returncode == 0
+    run = loraops_run("export", tmp_path / "k.safetensors", "--base", "p", "--format", "kohya",
+                      "-o", tmp_path / "o.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert sorted(load_file(str(tmp_path / "o.safetensors"))) == sorted(factors)

@@ -231,8 +231,10 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     for name, (component, rest) in split.items():
         if component == "text_encoder" and ("text_encoder_2" in components or sdxl):
             component = "text_encoder_1"  # SDXL's first, even alone (as sd-scripts, and bound to its checkpoint)
-        if component == "text_encoder_2" and len(ldm.clip_paths(rest)) == 1:
-            component = "text_encoder_3"  # FluxPipeline's T5, which sd-scripts' lora_flux names lora_te3 (SD3's T5)
+        if component == "text_encoder_2" and ldm.T5_PATH.match(rest):
+            # FluxPipeline's T5, which sd-scripts' lora_flux names lora_te3 (SD3's T5); SDXL's and SD3's CLIP-G here,
+            # text_projection included (no CLIP layer path), stays lora_te2 (ComfyUI's lora_te2_text_projection)
+            component = "text_encoder_3"
         if component is not None and component.startswith("text_encoder") and not rest.startswith("text_model."):
             rest = ldm.clip_paths(rest)[-1]  # sd-scripts' names keep CLIP's text_model. level (transformers 4)
         out[name] = kohya_name(rest, component)
