@@ -251,3 +251,35 @@ def test_clip_g_text_projection_stays_lora_te2(tmp_path, pipeline):
                       "-o", tmp_path / "o.safetensors")
     assert run.returncode == 0, run.stderr
     assert sorted(load_file(str(tmp_path / "o.safetensors"))) == sorted(factors)
+
+
+def test_every_sd_scripts_flux_module_merges_as_diffusers_converts_it(tmp_path):
+    """Independent of the row table here: diffusers' own kohya FLUX converter (its linear1 split is hard-wired to
+    FLUX.1-dev's 3072 width, so linear1 is left to the test above) gives the reference for every other module
+    sd-scripts' lora_flux trains — the modulations (img_mod.lin → norm1.linear, no shift/scale swap), linear2 →
+    proj_out whole, the embedders. final_layer.linear's alpha is r: diffusers' converter drops its alpha."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    pipe = flux_pipeline(tmp_path / "pipe")
+    block = {"img_attn_qkv": 3 * D, "txt_attn_qkv": 3 * D, "img_attn_proj": D, "txt_attn_proj": D, "img_mlp_0": 4 * D,
+             "txt_mlp_0": 4 * D, "img_mod_lin": 6 * D, "txt_mod_lin": 6 * D}
+    modules = {**{f"lora_unet_double_blocks_0_{n}": (rows, D, 2.0 + i) for i, (n, rows) in enumerate(block.items())},
+               "lora_unet_double_blocks_0_img_mlp_2": (D, 4 * D, 4.0), "lora_unet_double_blocks_0_txt_mlp_2": (D, 4 * D, 1.0),
+               "lora_unet_single_blocks_0_linear2": (D, 5 * D, 8.0), "lora_unet_single_blocks_0_modulation_lin": (3 * D, D, 2.0),
+               "lora_unet_img_in": (D, 16, 2.0), "lora_unet_txt_in": (D, 32, 1.0), "lora_unet_time_in_in_layer": (D, 256, 2.0),
+               "lora_unet_time_in_out_layer": (D, D, 2.0), "lora_unet_vector_in_in_layer": (D, 32, 8.0),
+               "lora_unet_vector_in_out_layer": (D, D, 2.0), "lora_unet_final_layer_linear": (16, D, float(R))}
+    factors = lora(modules, seed=4)
+    save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_flux"})
+    converted = _convert_kohya_flux_lora_to_diffusers({k: v.double() for k, v in factors.items()})
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = {k: v.double() for k, v in base.items()}
+    for key, A in converted.items():
+        if key.endswith(".lora_A.weight"):
+            tensor = key.removeprefix("transformer.").replace(".lora_A.weight", ".weight")
+            want[tensor] = want[tensor] + converted[key.replace(".lora_A.", ".lora_B.")] @ A
+    run = loraops_run("merge", tmp_path / "k.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want)
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == len(modules) + 4  # (the qkv as 3 parts each)
