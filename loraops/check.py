@@ -1417,8 +1417,10 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
         pieces = [] if module.fused is not None or module.transposed else ldm.split(
             module.weight_name, module.weight_shape, whole=True)
         for part, (_, first, rows, _) in pieces or [(name, (None, 0, module.out_features, None))]:
-            path = ldm.dit_path(part, top)
-            target = name if path is None else f"transformer.{path}"
+            # a part by the table of parts, any other module as the pipeline tensor it was read from
+            whole = None if pieces else getattr(virtual.get(module.weight_name), "pipeline", None)
+            target = f"transformer.{ldm.dit_path(part, top)}" if pieces else \
+                name if whole is None else whole.removesuffix(".weight")
             if pieces and module.product is not None:
                 raise FormatError(f"{adapter.label}: module {name!r} is a LoHa/LoKr on {module.weight_name!r}, which "
                                   "the pipeline stores in parts: bind it to the single-file checkpoint")

@@ -774,6 +774,8 @@ class VirtualTensor:
     name: str
     shape: tuple[int, ...]
     dtype: str
+    pipeline: str | None = None
+    """The pipeline's tensor it is (``transformer.….weight``); None for one stacked from parts."""
 
 
 def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
@@ -791,12 +793,19 @@ def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
                for kind in kinds for path, inner in DIT_BLOCKS[kind][1].items()}
     top = {inner: path for path, inner in (FLUX_TOP if flux else SD3_TOP).items()}
     block = re.compile(r"^transformer\.(?P<block>(?:single_)?transformer_blocks)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
+    last = max((int(m["n"]) for m in map(block.match, manifest) if m and m["block"] == "transformer_blocks"),
+               default=-1)
     out: dict[str, object] = {}
     parts: dict[str, dict[str, object]] = {}  # fused tensor → {part leaf: info}
     for tensor, info in manifest.items():
         match = block.match(tensor)
         if match is not None:
             path = inverse.get(f"{match['block']}.{{n}}.{match['rest']}", "").replace("{n}", match["n"]) or None
+            if not flux and match["rest"] == "norm1_context.linear" and int(match["n"]) != last:
+                # SD3's context adaLN, row for row but in the last block, whose shift and scale halves diffusers swaps
+                # (single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers): not in DIT_BLOCKS, which
+                # cannot tell the last block by its path
+                path = f"joint_blocks.{match['n']}.context_block.adaLN_modulation.1"
         else:
             path = top.get(tensor.removeprefix("transformer.").removesuffix(".weight")) \
                 if tensor.startswith("transformer.") and tensor.endswith(".weight") else None
@@ -807,7 +816,7 @@ def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
             if fused(f"{owner}.weight") is not None:
                 parts.setdefault(f"{owner}.weight", {})[leaf] = info
             else:
-                out[f"{path}.weight"] = VirtualTensor(f"{path}.weight", tuple(info.shape), info.dtype)
+                out[f"{path}.weight"] = VirtualTensor(f"{path}.weight", tuple(info.shape), info.dtype, tensor)
     for tensor, found in parts.items():
         entry = fused(tensor)
         if set(found) == set(entry.parts) and len({found[p].shape[1:] for p in entry.parts}) == 1:

@@ -144,6 +144,11 @@ def test_kohya_sd3_lora_merges_into_a_diffusers_pipeline(tmp_path):
             (f"transformer_blocks.0.attn.add_{p}_proj.weight", i * width, width) for i, p in enumerate("qkv")]),
         "lora_unet_joint_blocks_1_x_block_mlp_fc1": ((4 * width, width, 4.0), [
             ("transformer_blocks.1.ff.net.0.proj.weight", 0, 4 * width)]),
+        # sd-scripts' lora_sd3 trains the adaLN too; a context block's (but the last's) is norm1_context row for row
+        "lora_unet_joint_blocks_0_context_block_adaLN_modulation_1": ((6 * width, width, 2.0), [
+            ("transformer_blocks.0.norm1_context.linear.weight", 0, 6 * width)]),
+        "lora_unet_joint_blocks_0_x_block_adaLN_modulation_1": ((6 * width, width, 8.0), [
+            ("transformer_blocks.0.norm1.linear.weight", 0, 6 * width)]),
     }
     factors = lora({name: shape for name, (shape, _) in modules.items()}, seed=5)
     save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_sd3"})
@@ -283,3 +288,14 @@ def test_every_sd_scripts_flux_module_merges_as_diffusers_converts_it(tmp_path):
     assert run.returncode == 0, run.stderr
     merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want)
     assert sum(not torch.equal(merged[k], base[k]) for k in base) == len(modules) + 4  # (the qkv as 3 parts each)
+
+
+def test_kohya_sd3_last_context_adaln_is_not_bound(tmp_path):
+    """The last joint block's context adaLN, whose shift and scale halves diffusers swaps, is not bound to the
+    pipeline (a row permutation, not a row block): reported, the others with it."""
+    pipe = sd3_pipeline(tmp_path / "pipe")
+    last = "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"
+    save_file(lora({"lora_unet_joint_blocks_0_x_block_attn_qkv": (96, 32, 2.0), last: (64, 32, 1.0)}),
+              str(tmp_path / "k.safetensors"))
+    run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
+    assert run.returncode != 0 and f"{last} (not in base)" in run.stdout, run.stdout
