@@ -38,7 +38,9 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("transformer.", ("lora_unet",)),
     ("prior.", ("lora_unet",)),
     ("text_encoder.", ("lora_te", "lora_te1")),
-    ("text_encoder_2.", ("lora_te2",)),
+    # FluxPipeline's T5 is its text_encoder_2, which sd-scripts' lora_flux names lora_te3 (SD3's): a T5's paths are
+    # no CLIP's, so the two forms never meet
+    ("text_encoder_2.", ("lora_te2", "lora_te3")),
     ("text_encoder_3.", ("lora_te3",)),
     ("model.diffusion_model.", ("lora_unet",)),
     *((encoder.prefix, (kohya_prefix(encoder.sd_scripts),)) for encoder in ldm.TEXT_ENCODERS),
@@ -1389,11 +1391,54 @@ def tensors_of(manifest: "Mapping[str, object] | BaseModel") -> Mapping[str, obj
     return manifest
 
 
+# a module of a FLUX.1 or SD3 single-file checkpoint, as sd-scripts (lora_unet_double_blocks_0_…) or BFL (…double_blocks.0.…) name it
+DIT_NAMED = re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|joint_blocks)[._]\d+[._]")
+
+
+def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
+    """An adapter on a FLUX.1 or SD3 single-file checkpoint's modules (sd-scripts' ``lora_unet_double_blocks_0_img_attn_qkv``,
+    BFL's ``double_blocks.0.img_attn.qkv``) for a diffusers pipeline holding that transformer: bound to the checkpoint
+    tensors the pipeline's make up (ldm.pipeline_dit), then each module named as the pipeline's, a LoRA on a fused
+    tensor (qkv, linear1) split into its parts' rows of B with A shared: the same delta, as diffusers' converter splits
+    them (DoRA magnitudes and lora_bias per row too). Any other adapter, or one that does not bind so, as it is."""
+    if not any(DIT_NAMED.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(manifest)):
+        return adapter
+    res = resolve(adapter, virtual)
+    if res.ambiguous or any(DIT_NAMED.search(name) for name in res.missing):
+        return adapter
+    # (another network's kohya module the base lacks, sd-scripts' FLUX T5 as lora_te3_…: kept by its name, reported)
+    res.names.update((name, name) for name in res.missing)
+    bound = renamed(adapter, res, virtual)
+    if not all(m.weight_name in virtual for n, m in bound.modules.items() if DIT_NAMED.search(n)):
+        return adapter
+    top = ldm.dit_top(bound.modules)
+    modules = {}
+    for name, module in bound.modules.items():
+        pieces = [] if module.fused is not None or module.transposed else ldm.split(
+            module.weight_name, module.weight_shape, whole=True)
+        for part, (_, first, rows, _) in pieces or [(name, (None, 0, module.out_features, None))]:
+            # a part by the table of parts, any other module as the pipeline tensor it was read from
+            whole = None if pieces else getattr(virtual.get(module.weight_name), "pipeline", None)
+            target = f"transformer.{ldm.dit_path(part, top)}" if pieces else \
+                name if whole is None else whole.removesuffix(".weight")
+            if pieces and module.product is not None:
+                raise FormatError(f"{adapter.label}: module {name!r} is a LoHa/LoKr on {module.weight_name!r}, which "
+                                  "the pipeline stores in parts: bind it to the single-file checkpoint")
+            cut = slice(first, first + rows)
+            modules[target] = replace(module, name=target, fused=None, B=module.B[cut],
+                                      magnitude=None if module.magnitude is None else module.magnitude[cut],
+                                      lora_bias=None if module.lora_bias is None else module.lora_bias[cut])
+    return replace(bound, modules=modules, own_names={n: o for n, o in bound.own_names.items() if n in modules})
+
+
 def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adapter:
     """The adapter with module names resolved against the base (kohya names → module paths, a leading ``model.``
     added/removed when that makes every module match). Unresolvable kohya names raise; shapes are check's job."""
     manifest = tensors_of(manifest)
+    given, adapter = adapter, in_pipeline_dit(adapter, manifest)
     res = resolve(adapter, manifest)
+    if given is not adapter and not given.names_resolved:  # kohya names in_pipeline_dit left as they are
+        res.missing = [name for name in given.modules if name in adapter.modules]
     if res.ambiguous:
         name, candidates = next(iter(res.ambiguous.items()))
         raise AmbiguousError(
@@ -1438,6 +1483,7 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
         heads = manifest.ties_stored_heads
     manifest = tensors_of(manifest)
     sides = config or sides
+    given, adapter = adapter, in_pipeline_dit(adapter, manifest)
     res = resolve(adapter, manifest)
     named = renamed(adapter, res, manifest)
     bound = without_tied_copies(named, manifest, sides, heads=heads)
@@ -1598,7 +1644,7 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
     refused_heads = set(missing) | {n.removesuffix(".weight") for n in missing}  # (refused: not said to be untied)
 
     def bind_read(read: Adapter) -> Adapter:
-        return named if read is adapter else renamed(read, res, manifest)
+        return named if read is given else renamed(in_pipeline_dit(read, manifest), res, manifest)
 
     return CheckReport(
         ok=ok, base=base_name, matched=matched,

@@ -175,6 +175,9 @@ SD3_X_ATTN2 = re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2\.ln_k\.weight
 # every hub pipeline, sd-scripts' names, diffusers-trained LoRAs — with it (text_model.encoder.layers.0.…)
 CLIP_TEXT_MODEL = re.compile(r"^(text_model\.)?(?=(?:encoder\.layers|embeddings|final_layer_norm)\.)")
 
+# a T5 encoder's module paths (transformers' T5EncoderModel: FluxPipeline's text_encoder_2, SD3's text_encoder_3)
+T5_PATH = re.compile(r"^(?:shared|encoder\.(?:block|embed_tokens|final_layer_norm))(?:\.|$)")
+
 
 def clip_paths(path: str) -> list[str]:
     """A text-encoder module path, followed by the same module in CLIP's other saved layout when it is a CLIP path
@@ -762,3 +765,63 @@ def versioned(metadata: dict[str, str], tensors: Mapping[str, object]) -> dict[s
             metadata[UP_ATTENTION_KEY] = ",".join(map(str, sorted(attending_up_levels(pipeline))))
     return {**metadata, **{k: v for k, v in base.items()
                            if k in ("ss_network_module", OTHER_UNET_KEY) or not placed or not metadata.get(k)}}
+
+
+@dataclass(frozen=True)
+class VirtualTensor:
+    """A checkpoint tensor a pipeline stores under other names or in parts (pipeline_dit): what binding reads of one."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    pipeline: str | None = None
+    """The pipeline's tensor it is (``transformer.….weight``); None for one stacked from parts."""
+
+
+def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
+    """A diffusers pipeline's FLUX.1 or SD3 transformer (``transformer.transformer_blocks.0.attn.to_q.weight`` …) as the
+    single-file checkpoint's tensors that hold it (``double_blocks.0.img_attn.qkv.weight``: to_q, to_k, to_v stacked
+    in FUSED's row order), each {name: its info with that shape}, beside the pipeline's other tensors; {} for a base
+    with no such transformer. LoRAs trained by sd-scripts (``lora_unet_double_blocks_0_img_attn_qkv``) or saved in
+    BFL's layout name those tensors, which a pipeline stores only in parts."""
+    flux = any(t.startswith("transformer.single_transformer_blocks.") for t in manifest)
+    if "transformer.transformer_blocks.0.attn.add_q_proj.weight" not in manifest or not (
+            flux or "transformer.pos_embed.proj.weight" in manifest):  # (diffusers' other DiTs: PixArt's, Sana's…)
+        return {}
+    kinds = ("double_blocks", "single_blocks") if flux else ("joint_blocks",)
+    inverse = {f"{DIT_BLOCKS[kind][0]}.{{n}}.{inner}": f"{kind}.{{n}}.{path}"
+               for kind in kinds for path, inner in DIT_BLOCKS[kind][1].items()}
+    top = {inner: path for path, inner in (FLUX_TOP if flux else SD3_TOP).items()}
+    block = re.compile(r"^transformer\.(?P<block>(?:single_)?transformer_blocks)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
+    last = max((int(m["n"]) for m in map(block.match, manifest) if m and m["block"] == "transformer_blocks"),
+               default=-1)
+    out: dict[str, object] = {}
+    parts: dict[str, dict[str, object]] = {}  # fused tensor → {part leaf: info}
+    for tensor, info in manifest.items():
+        match = block.match(tensor)
+        if match is not None:
+            path = inverse.get(f"{match['block']}.{{n}}.{match['rest']}", "").replace("{n}", match["n"]) or None
+            if not flux and match["rest"] == "norm1_context.linear" and int(match["n"]) != last:
+                # SD3's context adaLN, row for row but in the last block, whose shift and scale halves diffusers swaps
+                # (single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers): not in DIT_BLOCKS, which
+                # cannot tell the last block by its path
+                path = f"joint_blocks.{match['n']}.context_block.adaLN_modulation.1"
+        else:
+            path = top.get(tensor.removeprefix("transformer.").removesuffix(".weight")) \
+                if tensor.startswith("transformer.") and tensor.endswith(".weight") else None
+        if not tensor.startswith("transformer."):
+            out[tensor] = info
+        elif path is not None:
+            owner, _, leaf = path.rpartition(".")
+            if fused(f"{owner}.weight") is not None:
+                parts.setdefault(f"{owner}.weight", {})[leaf] = info
+            else:
+                out[f"{path}.weight"] = VirtualTensor(f"{path}.weight", tuple(info.shape), info.dtype, tensor)
+    for tensor, found in parts.items():
+        entry = fused(tensor)
+        if set(found) == set(entry.parts) and len({found[p].shape[1:] for p in entry.parts}) == 1:
+            first, sizes = found[entry.parts[0]], [found[p].shape[0] for p in entry.parts]
+            shape = (sum(sizes), *first.shape[1:])
+            if [rows for _, (_, _, rows, _) in entry.rows(tensor, shape) or []] == sizes:
+                out[tensor] = VirtualTensor(tensor, shape, first.dtype)
+    return out

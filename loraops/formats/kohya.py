@@ -179,12 +179,14 @@ def tucker_down(path: Path, name: str, down: "torch.Tensor", mid: "torch.Tensor"
 def component_of(adapter: Adapter, name: str, *, sdxl: bool = False) -> tuple[str | None, str]:
     """(diffusers component, path inside it) of a bound module name: the part of a single-file SD or FLUX.1
     checkpoint under sd-scripts' names, a diffusers adapter's own prefix, or a pipeline base's component.
-    ``transformer.`` is split off only for a diffusers adapter: a plain model (GPT-2) has it too."""
+    ``transformer.`` is split off only for a diffusers adapter or a FLUX/SD3 block (a kohya LoRA bound to a pipeline:
+    check.in_pipeline_dit): a plain model (GPT-2) has it too."""
     named = ldm.sd_scripts_name(name, sdxl=sdxl)
     if named is not None:
         return named
     head, _, rest = name.partition(".")
-    if rest and (head in PIPELINE_COMPONENTS or (head == "transformer" and adapter.format == "diffusers")):
+    if rest and (head in PIPELINE_COMPONENTS or (head == "transformer" and (
+            adapter.format == "diffusers" or rest.startswith(("transformer_blocks.", "single_transformer_blocks."))))):
         return head, rest
     return None, name
 
@@ -229,6 +231,10 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     for name, (component, rest) in split.items():
         if component == "text_encoder" and ("text_encoder_2" in components or sdxl):
             component = "text_encoder_1"  # SDXL's first, even alone (as sd-scripts, and bound to its checkpoint)
+        if component == "text_encoder_2" and ldm.T5_PATH.match(rest):
+            # FluxPipeline's T5, which sd-scripts' lora_flux names lora_te3 (SD3's T5); SDXL's and SD3's CLIP-G here,
+            # text_projection included (no CLIP layer path), stays lora_te2 (ComfyUI's lora_te2_text_projection)
+            component = "text_encoder_3"
         if component is not None and component.startswith("text_encoder") and not rest.startswith("text_model."):
             rest = ldm.clip_paths(rest)[-1]  # sd-scripts' names keep CLIP's text_model. level (transformers 4)
         out[name] = kohya_name(rest, component)
