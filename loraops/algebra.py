@@ -467,7 +467,7 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
                       weights: Sequence[float] = (), conv_rank: int | None = None) -> CombineArguments:
     """The checked arguments of combine alone — callers that register inputs first (loraops.derive) call it before
     touching anything. density, gamma and epsilon may be lists of one value per input (``weights``)."""
-    from .ops.combine import METHODS
+    from .ops.combine import METHODS, normalize_refusal
     from .ops.params import parse_params
 
     spec = METHODS.get(method)
@@ -494,11 +494,9 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         if given is not None and spec.default_rank is None:
             raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --{what.replace(' ', '-')} "
                                     "to truncate")
-    if getattr(parsed, "normalize", False) and any(w < 0 for w in weights):
-        # the disjoint mean Σwτ/Σw of the agreeing entries undoes a weight's sign, and weights that nearly cancel
-        # divide by almost nothing (mergekit's semantics, but not what a negative weight says elsewhere)
-        raise InvalidInputError(f"{method} with normalize divides by the weights that agree on each entry, so a "
-                                "negative weight would not subtract: use --no-normalize, or the linear method")
+    if getattr(parsed, "normalize", False) and (refusal := normalize_refusal(
+            method, weights, "consensus" in spec.params.model_fields, "use --no-normalize", "the linear method")):
+        raise InvalidInputError(refusal)
     return CombineArguments(spec, parsed, own)
 
 

@@ -400,13 +400,13 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
     from .ops.combine import zero_sum  # (here: reading a recipe needs no torch until this point)
 
     if name in ELEMENT_WISE:
-        from .ops.combine import METHODS
+        from .ops.combine import METHODS, normalize_refusal
 
-        normalizes = METHODS[name].params.model_fields["normalize"].default
-        if any(w < 0 for w in weights) and params.get("normalize", normalizes):
-            # combine's own refusal points at --no-normalize, which is refused beside --recipe
-            raise refuse(f"{name} with normalize divides by the weights that agree on each entry, so a negative weight "
-                         "would not subtract: give normalize: false, or use task_arithmetic")
+        fields = METHODS[name].params.model_fields
+        # combine's own refusal points at --no-normalize, which is refused beside --recipe
+        if params.get("normalize", fields["normalize"].default) and (refusal := normalize_refusal(
+                name, weights, "consensus" in fields, "give normalize: false", "use task_arithmetic")):
+            raise refuse(refusal)
         rescale = params.pop("rescale", name in DIVIDES_BY_DEFAULT)
         if rescale:
             params["rescale_norm"] = "l1"

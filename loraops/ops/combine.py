@@ -766,6 +766,21 @@ def zero_sum(weights: Sequence[float]) -> str:
     return f"0 to rounding ({total:.2g})" if abs(total) <= len(weights) * 2 ** -52 * sum(map(abs, weights)) else ""
 
 
+def normalize_refusal(method: str, weights: Sequence[float], elects_sign: bool, off: str, instead: str) -> str:
+    """Why ``method`` with normalize on cannot take these weights ('' where it can), with ``off`` (how to turn
+    normalize off, in the caller's terms) and ``instead`` (a method under which a negative weight subtracts). With sign
+    election each entry is divided by the weights that agree on its sign: where a negative weight agrees alone,
+    wτ/w = τ, its sign undone. Without, by Σw over all the inputs (as mergekit), where a negative weight subtracts;
+    a Σw of 0 to rounding would divide by almost nothing (mergekit leaves |Σw| < 1e-8 undivided: a result that jumps
+    by 1e8 across that line), as linear's rule in a recipe."""
+    if elects_sign and any(w < 0 for w in weights):
+        return (f"{method} with normalize divides by the weights that agree on each entry, so a negative weight would "
+                f"not subtract: {off}, or {instead}")
+    if not elects_sign and (zero := zero_sum(weights)):
+        return f"{method} with normalize divides by the sum of the weights, which is {zero}: give other weights, or {off}"
+    return ""
+
+
 def multislerp_weights(method: str, weights: Sequence[float], params: MultislerpParams) -> None:
     if len(weights) < 2:
         raise InvalidInputError(f"{method} needs at least two adapters (got {len(weights)}): of one, mergekit returns "
