@@ -1,6 +1,6 @@
 """A negative weight with normalize on: refused where the method elects signs (each entry divided by the weights that
 agree on it, which undoes a lone negative weight's sign), and computed as mergekit computes it where it does not
-(Σ wᵢτ̂ᵢ / Σ wᵢ over all the inputs: the negative weight subtracts), Σw of 0 to rounding refused — on the command line,
+(Σ wᵢτ̂ᵢ / Σ wᵢ over all the inputs: the negative weight subtracts), |Σw| < 1e-8 left undivided — on the command line,
 through the API and in a recipe, against the float64 transcription of mergekit's GTATask (combine_reference)."""
 import pytest
 import torch
@@ -44,21 +44,34 @@ def test_unelected_methods_divide_by_the_sum_and_subtract(method, params, weight
 
 
 def test_sum_below_1e8_is_left_undivided_as_mergekit():
-    """Σw = 5e-9 is no 0 to rounding (refused below), and mergekit leaves |Σw| < 1e-8 undivided: the plain sum."""
+    """Σw = 5e-9: mergekit leaves |Σw| < 1e-8 undivided: the plain sum."""
     inputs = list(zip(adapters(2), [1.0, -1.0 + 5e-9]))
     got, _ = combine(inputs, "dare_linear", {"density": 1, "normalize": True}, rank=40, device="cpu")
     for name, module in got.modules.items():
         close(module.delta(dtype=torch.float64), sum(w * t for w, t in ref.taus(inputs, name)))
 
 
-@pytest.mark.parametrize("weights, zero", [([1.0, -1.0], "0"), ([0.1, 0.2, -0.3], "0 to rounding (5.6e-17)")])
+@pytest.mark.parametrize("weights", [[1.0, -1.0], [0.1, 0.2, -0.3]])  # Σw 0, 5.6e-17
 @pytest.mark.parametrize("method, params", UNELECTED[:4])
-def test_unelected_methods_refuse_a_sum_of_zero(method, params, weights, zero):
+def test_unelected_methods_leave_a_sum_of_zero_undivided(method, params, weights):
+    """Weights that cancel are what mergekit's |Σw| < 1e-8 guard is for: the plain sum, as recipes' task_arithmetic
+    with normalize (this branch first refused them, while Σw = 5e-9 ran undivided)."""
     inputs = list(zip(adapters(len(weights)), weights))
-    with pytest.raises(InvalidInputError) as caught:
-        combine(inputs, method, {**params, "normalize": True}, device="cpu")
-    assert str(caught.value) == (f"{method} with normalize divides by the sum of the weights, which is {zero}: give "
-                                 "other weights, or use --no-normalize")
+    got, _ = combine(inputs, method, {**params, "normalize": True}, rank=40, device="cpu")
+    keys = {"lambda": "lam"}
+    for name, module in got.modules.items():
+        close(module.delta(dtype=torch.float64),
+              ref.reference(method, inputs, name, normalize=False, **{keys.get(k, k): v for k, v in params.items()}))
+
+
+@pytest.mark.parametrize("small", [1e-7, 3e-8])
+def test_sum_that_cancels_is_divided_by_exactly(small):
+    """Σw summed in the compute dtype: float32's 1 + 1e-7 − 1 is 1.19e-7 (a result 16% small), 1 + 3e-8 − 1 is 0
+    (left undivided, 3e7 times too small); the float64 reference divides by Σw itself."""
+    inputs = list(zip(adapters(3), [1.0, small, -1.0]))
+    got, _ = combine(inputs, "dare_linear", {"density": 1, "normalize": True}, rank=40, device="cpu")
+    for name, module in got.modules.items():
+        close(module.delta(dtype=torch.float64), ref.reference("dare_linear", inputs, name, density=1, normalize=True))
 
 
 @pytest.mark.parametrize("method, params", ELECTED)
@@ -94,11 +107,15 @@ def test_recipe_unelected_negative_weight_is_mergekit_result(method, model):
               ref.per_model_reference(method, inputs, name, per_model, normalize=True, rescale_norm=norm))
 
 
+def test_recipe_sum_of_zero_runs_as_task_arithmetic():
+    """dare_linear at density 1 is task_arithmetic in mergekit (one code path): both leave Σw = 0 undivided."""
+    doc = recipe("dare_linear", [(m, {"weight": w}) for m, w in (("a", 1), ("b", -1))])
+    read = parse_recipe(doc)
+    assert read.inputs == [("a", 1.0), ("b", -1.0)] and read.params["normalize"] is True
+    assert parse_recipe({**doc, "merge_method": "task_arithmetic"}).inputs == read.inputs
+
+
 @pytest.mark.parametrize("method, weights, message", [
-    ("dare_linear", [1, -1], "dare_linear with normalize divides by the sum of the weights, which is 0: give other "
-                             "weights, or give normalize: false"),
-    ("breadcrumbs", [0.1, 0.2, -0.3], "breadcrumbs with normalize divides by the sum of the weights, which is 0 to "
-                                      "rounding (5.6e-17): give other weights, or give normalize: false"),
     ("breadcrumbs_ties", [1, -0.5], "breadcrumbs_ties with normalize divides by the weights that agree on each entry, "
                                     "so a negative weight would not subtract: give normalize: false, or use "
                                     "task_arithmetic"),
