@@ -464,10 +464,12 @@ MERGEKIT_ONLY = {
 
 
 def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | None,
-                      weights: Sequence[float] = (), conv_rank: int | None = None) -> CombineArguments:
+                      weights: Sequence[float] = (), conv_rank: int | None = None,
+                      names: Sequence[str] | None = None) -> CombineArguments:
     """The checked arguments of combine alone — callers that register inputs first (loraops.derive) call it before
-    touching anything. density, gamma and epsilon may be lists of one value per input (``weights``)."""
-    from .ops.combine import METHODS
+    touching anything. density, gamma and epsilon may be lists of one value per input (``weights``); ``names``: how
+    an error names each input (default "adapter N"; a recipe's entries are its models[N])."""
+    from .ops.combine import METHODS, normalize_refusal
     from .ops.params import parse_params
 
     spec = METHODS.get(method)
@@ -484,7 +486,8 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     lists = _per_input(given, len(weights))
     own = [parse_params(spec.params, {**given, **{key: values[i] for key, values in lists.items()
                                                   if values[i] is not None}},
-                        f"{method} (adapter {i + 1})") for i in range(len(weights))] if lists else None
+                        f"{method} ({names[i] if names else f'adapter {i + 1}'})")
+           for i in range(len(weights))] if lists else None
     parsed = own[0] if own else parse_params(spec.params, given, method)
     if spec.check_weights is not None:
         spec.check_weights(method, list(weights), parsed)
@@ -494,11 +497,9 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         if given is not None and spec.default_rank is None:
             raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --{what.replace(' ', '-')} "
                                     "to truncate")
-    if getattr(parsed, "normalize", False) and any(w < 0 for w in weights):
-        # the disjoint mean Σwτ/Σw of the agreeing entries undoes a weight's sign, and weights that nearly cancel
-        # divide by almost nothing (mergekit's semantics, but not what a negative weight says elsewhere)
-        raise InvalidInputError(f"{method} with normalize divides by the weights that agree on each entry, so a "
-                                "negative weight would not subtract: use --no-normalize, or the linear method")
+    if getattr(parsed, "normalize", False) and (refusal := normalize_refusal(
+            method, weights, "consensus" in spec.params.model_fields, "use --no-normalize", "the linear method")):
+        raise InvalidInputError(refusal)
     return CombineArguments(spec, parsed, own)
 
 

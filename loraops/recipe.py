@@ -199,7 +199,7 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise refuse("models must be a list of {model: REF, parameters: {...}}")
-    refs, per_model, base_weights, listed, base_listed = [], [], [], set(), False
+    refs, entries, per_model, base_weights, listed, base_listed = [], [], [], [], set(), False
     for i, entry in enumerate(models, 1):
         where = f"models[{i}]"
         if isinstance(entry, str):
@@ -236,6 +236,7 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
             continue
         _refuse_hub_revision(entry["model"], model, where, refuse)
         refs.append(model)
+        entries.append(where)
         per_model.append({key: own.get(key, top.get(key)) for key in spec.per_model
                           if own.get(key, top.get(key)) is not None})
     if name == "linear" and base_model is not None and not base_listed:
@@ -246,10 +247,10 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         base_weights.append(float(top["weight"]))
     if not refs:
         raise refuse("models lists no adapter besides the base_model")
-    for i, own in enumerate(per_model, 1):
+    for where, ref, own in zip(entries, refs, per_model):
         if spec.weighted and "weight" not in own:
-            raise refuse(f"models[{i}] ({refs[i - 1]}) has no weight: mergekit's {name} requires one (per model or "
-                         "under parameters)")
+            raise refuse(f"{where} ({ref}) has no weight: mergekit's {name} requires one (per model or under "
+                         "parameters)")
 
     weights = [float(own.get("weight", 1.0)) for own in per_model]
     params: dict[str, Any] = {}
@@ -268,6 +269,12 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         if target is not None:
             params[target] = value
     method, weights = _mapped(name, params, weights, sum(base_weights), refuse)
+    from .algebra import combine_arguments
+
+    try:  # combine's own checks, naming each input by its entry (models[N] counts the base's entry too)
+        combine_arguments(method, params, None, weights, names=entries)
+    except InvalidInputError as exc:
+        raise refuse(str(exc)) from None
     return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False),
                   OUT_DTYPES.get(written))
 
@@ -400,13 +407,13 @@ def _mapped(name: str, params: dict[str, Any], weights: list[float], base_weight
     from .ops.combine import zero_sum  # (here: reading a recipe needs no torch until this point)
 
     if name in ELEMENT_WISE:
-        from .ops.combine import METHODS
+        from .ops.combine import METHODS, normalize_refusal
 
-        normalizes = METHODS[name].params.model_fields["normalize"].default
-        if any(w < 0 for w in weights) and params.get("normalize", normalizes):
-            # combine's own refusal points at --no-normalize, which is refused beside --recipe
-            raise refuse(f"{name} with normalize divides by the weights that agree on each entry, so a negative weight "
-                         "would not subtract: give normalize: false, or use task_arithmetic")
+        fields = METHODS[name].params.model_fields
+        # combine's own refusal points at --no-normalize, which is refused beside --recipe
+        if params.get("normalize", fields["normalize"].default) and (refusal := normalize_refusal(
+                name, weights, "consensus" in fields, "give normalize: false", "use task_arithmetic")):
+            raise refuse(refusal)
         rescale = params.pop("rescale", name in DIVIDES_BY_DEFAULT)
         if rescale:
             params["rescale_norm"] = "l1"

@@ -179,6 +179,14 @@ TIES = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight
     ({**TIES, "parameters": {"lambda": True}}, "r: parameters.lambda must be a number (got True)"),
     ({**TIES, "models": [{"model": "a", "parameters": {"density": 0.5}}]},
      "r: models[1] (a) has no weight: mergekit's ties requires one (per model or under parameters)"),
+    ({**TIES, "base_model": "b", "models": [{"model": "b"}, {"model": "a", "parameters": {"weight": 1}},
+                                             {"model": "c", "parameters": {"density": 0.5}}]},
+     "r: models[3] (c) has no weight: mergekit's ties requires one (per model or under parameters)"),
+    # combine's checks of the parameters name the entry (the base listed first counts), with the recipe's path
+    ({"merge_method": "della", "base_model": "b",
+      "models": [{"model": "b"}, {"model": "a", "parameters": {"weight": 1, "density": 0.5}},
+                 {"model": "c", "parameters": {"weight": 1, "density": 0.5, "epsilon": 0.6}}]},
+     "r: bad parameters for della (models[3]): density ± epsilon (-0.1 to 1.1) must lie inside (0, 1)"),
     ({**TIES, "base_model": "a"}, "r: models lists no adapter besides the base_model"),
     ({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}}]},
      "r: nuslerp needs a base_model (mergekit's nuslerp without one works on whole weights"),
@@ -409,7 +417,11 @@ def test_cli_options_beside_the_recipe_apply(files, tmp_path):
      "base_model ({base}): over another model its task vector is no adapter's ΔW; write {a} or {base}+{a}"),
     (lambda f: recipe("breadcrumbs", (str(f["a"]), {"weight": 1, "density": 0.5, "gamma": 0.6}),
                       (str(f["b"]), {"weight": 1, "density": 0.5})),
-     "error: bad parameters for breadcrumbs (adapter 1): gamma (0.6) + density (0.5) must be at most 1"),
+     "error: {path}: bad parameters for breadcrumbs (models[1]): gamma (0.6) + density (0.5) must be at most 1"),
+    # the entry as the recipe numbers it: the base listed first is models[1]
+    (lambda f: recipe("della", (str(f["base"]), None), (str(f["a"]), {"weight": 1, "density": 0.1}),
+                      (str(f["b"]), {"weight": 1, "density": 0.5}), base_model=str(f["base"])),
+     "error: {path}: bad parameters for della (models[2]): density ± epsilon (-0.05 to 0.25) must lie inside (0, 1)"),
 ])
 @pytest.mark.registry_backend
 def test_cli_bad_recipes_are_one_line_and_register_nothing(files, tmp_path, doc, message):

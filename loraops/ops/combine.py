@@ -483,7 +483,7 @@ def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], c
     one elected from ``voters`` (default: the τᵢ) when ``consensus``; divided, when ``normalize``, by the weights
     that contribute to each entry."""
     out.zero_()
-    divisor = torch.zeros_like(out) if normalize else None
+    divisor = torch.zeros_like(out) if normalize and consensus else None
     if consensus:
         elected = elected_positive(taus if voters is None else voters, consensus)
     for weight, tau in zip(weights, taus):
@@ -494,15 +494,23 @@ def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], c
         if divisor is not None:
             # (agree as the divisor's dtype first: bool × float is float32, which cut float64's weights to float32
             # and made weights past 3.4e38 inf, a NaN result)
-            divisor += agree.to(divisor.dtype) * weight if consensus else weight
+            divisor += agree.to(divisor.dtype) * weight
     if divisor is not None:
-        # mergekit: entries with no agreeing contribution (sign election), or whose weights sum to ~0 (no
-        # election), are left undivided; agreeing weights are positive, so tiny ones still divide
-        divisor[divisor == 0 if consensus else divisor.abs() < 1e-8] = 1
+        # mergekit: entries with no agreeing contribution are left undivided; agreeing weights are positive, so tiny
+        # ones still divide
+        divisor[divisor == 0] = 1
         out /= divisor
         if sum(map(abs, weights)) > torch.finfo(out.dtype).max:
             # weights summing past the dtype: an inf divisor made its entries 0, a result of zeros; NaN is refused
             out[divisor.isinf()] = math.nan
+    elif normalize:
+        # one Σw for every entry, summed in float64 whatever the dtype: negative weights cancel, and in float32
+        # 1 + 1e-7 − 1 is 1.19e-7 (1 + 3e-8 − 1 is 0, left undivided). mergekit leaves |Σw| < 1e-8 undivided
+        total = float(sum(weights))
+        if abs(total) > torch.finfo(out.dtype).max:  # (as above: past the dtype, NaN, refused)
+            out.fill_(math.nan)
+        elif abs(total) >= 1e-8:
+            out /= total
 
 
 RESCALE_NORM_ORDERS = {"l1": 1, "l2": 2, "linf": math.inf}
@@ -764,6 +772,18 @@ def zero_sum(weights: Sequence[float]) -> str:
     if not total:
         return "0"
     return f"0 to rounding ({total:.2g})" if abs(total) <= len(weights) * 2 ** -52 * sum(map(abs, weights)) else ""
+
+
+def normalize_refusal(method: str, weights: Sequence[float], elects_sign: bool, off: str, instead: str) -> str:
+    """Why ``method`` with normalize on cannot take these weights ('' where it can), with ``off`` (how to turn
+    normalize off, in the caller's terms) and ``instead`` (a method under which a negative weight subtracts). With sign
+    election each entry is divided by the weights that agree on its sign: where a negative weight agrees alone,
+    wτ/w = τ, its sign undone. Without, by Σw over all the inputs (as mergekit), where a negative weight subtracts,
+    and weights that cancel (|Σw| < 1e-8) leave the sum undivided, as mergekit and recipes' task_arithmetic."""
+    if elects_sign and any(w < 0 for w in weights):
+        return (f"{method} with normalize divides by the weights that agree on each entry, so a negative weight would "
+                f"not subtract: {off}, or {instead}")
+    return ""
 
 
 def multislerp_weights(method: str, weights: Sequence[float], params: MultislerpParams) -> None:
