@@ -234,3 +234,36 @@ def icu_database(registry_backend, monkeypatch):
             conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+@pytest.mark.parametrize("meanwhile", ["rewritten", "removed"])
+def test_an_earlier_store_file_changing_during_its_recovery_leaves_nothing_in_the_shared_folder(tmp_path, monkeypatch,
+                                                                                               meanwhile):
+    """The recovery hashed the earlier store's files, then copied them, and did not look at what the copy hashed:
+    a file rewritten between the two (in place, by hand) landed in the shared folder as other bytes than the record's,
+    for everyone; one removed between the two (the home's own `gc` or `rm` of its SQLite registry, which shares
+    <home>/blobs) was an OSError where the adapter is simply not there to recover."""
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry, blobs
+
+    home = Path(os.environ["LORAOPS_HOME"])
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(home / "blobs"))  # (where it was stored before the shared folder)
+    assert CliRunner().invoke(main, ["register", str(style)]).exit_code == 0
+    monkeypatch.delenv("LORAOPS_BLOBS")
+    real = blobs.copy_file
+
+    def racing(src, dst, seen):
+        if Path(src).is_relative_to(home / "blobs"):
+            if meanwhile == "rewritten":
+                Path(src).write_bytes(bytes(len(Path(src).read_bytes())))
+            else:
+                Path(src).unlink()
+        return real(src, dst, seen)
+
+    monkeypatch.setattr(blobs, "copy_file", racing)
+    url = os.environ.get("LORAOPS_DB") or None  # (SQLite: the home's registry, whose earlier store is <home>/blobs)
+    with Registry.open(url, blobs=tmp_path / "shared") as registry:
+        with pytest.raises(RegistryError, match="is missing"):
+            registry.intact_path("style")
+    assert not [p for p in (tmp_path / "shared").rglob("*") if p.is_file() and ".locks" not in p.parts]

@@ -873,7 +873,7 @@ class Registry:
         with self.blobs.lock(identity):
             try:
                 self._repair(identity, key, files, sources)
-            except ConflictError:
+            except (ConflictError, FileNotFoundError):  # (not byte for byte there; or gone meanwhile: the home's gc)
                 return False
         return True
 
@@ -908,12 +908,17 @@ class Registry:
         advises), from sources whose bytes are exactly the recorded ones. Call with the shard lock held."""
         if not self._stored_problems(key, recorded):
             return
-        by_name = {f["name"]: f["sha256"] for f in recorded}
-        if {p.name: sha256_file(p) for p in sources} != by_name:
-            raise ConflictError(f"the stored copy of this adapter is damaged and {sources[0]} is not byte for byte "
-                                "what was registered, so it cannot repair it; `loraops rm` the record and register again")
         self.refuse_writes()
-        self.blobs.put(identity, sources)
+        # Copied into scratch and compared as hashed while copying, then renamed in: hashing the sources first and
+        # copying them after let a source rewritten in between land in the store as other bytes than the record's.
+        with self.blobs.scratch() as tmp:
+            staging = BlobStore(tmp)
+            copied = {f.name: f.sha256 for f in staging.put(identity, sources)}
+            if copied != {f["name"]: f["sha256"] for f in recorded}:
+                raise ConflictError(f"the stored copy of this adapter is damaged and {sources[0]} is not byte for "
+                                    "byte what was registered, so it cannot repair it; `loraops rm` the record and "
+                                    "register again")
+            self.blobs.put(identity, [staging.folder(identity) / name for name in copied], move=True, known=copied)
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
         """Remove stored adapter folders no record uses, temp files of interrupted copies, and stamps whose folder is
