@@ -68,6 +68,11 @@ def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None =
     the advice was to register the adapter again. A URL that is not one, or names no known database, is refused as
     such first (registry.db.refuse_bad_url): "garbage" read as a garbage server."""
     if blobs is not None:
+        if not str(blobs).strip():  # (Path("") is the working folder, whose two-letter folders gc would prune)
+            from .errors import InvalidInputError
+
+            raise InvalidInputError("blobs= is empty: give the blob folder's path, or leave it out for "
+                                    f"${ENV_BLOBS}'s")
         return Path(blobs).expanduser()
     explicit = os.environ.get(ENV_BLOBS)
     scheme = backend(url or db_url())

@@ -267,3 +267,17 @@ def test_an_earlier_store_file_changing_during_its_recovery_leaves_nothing_in_th
         with pytest.raises(RegistryError, match="is missing"):
             registry.intact_path("style")
     assert not [p for p in (tmp_path / "shared").rglob("*") if p.is_file() and ".locks" not in p.parts]
+
+
+@pytest.mark.sqlite_only  # (refused before any database is asked)
+def test_an_empty_blobs_argument_is_refused_not_the_working_folder(tmp_path, monkeypatch):
+    """Registry.open(url, blobs="") (an unset variable passed along) stored adapters in the working folder (Path("")
+    is "."), where `gc` removes the folders inside any two-letter folder that no record uses."""
+    from loraops.errors import InvalidInputError
+    from loraops.registry import Registry
+
+    monkeypatch.chdir(tmp_path)
+    for empty in ["", " "]:
+        with pytest.raises(InvalidInputError, match="blobs= is empty"):
+            Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs=empty)
+    assert not (tmp_path / "r.db").exists()
