@@ -60,28 +60,45 @@ def blobs_dir(url: str | None = None) -> Path:
     return home() / "blobs"
 
 
-def registry_blobs_dir(url: str | None = None) -> Path:
-    """blobs_dir(url), for opening the registry at ``url``: a server database (PostgreSQL) without $LORAOPS_BLOBS is
-    refused. Every home that names the server shares its records, but each kept the adapters' files in its own
-    <home>/blobs: another user's `show` named a file that was not there, `export` and `verify` failed, and the advice
-    was to register the adapter again."""
+def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None = None) -> Path:
+    """blobs_dir(url), for opening the registry at ``url``, or ``blobs`` when given (Registry.open's keyword, which
+    takes precedence over $LORAOPS_BLOBS as an argument does over the environment): a server database (PostgreSQL)
+    with neither is refused. Every home that names the server shares its records, but each kept the adapters' files
+    in its own <home>/blobs: another user's `show` named a file that was not there, `export` and `verify` failed, and
+    the advice was to register the adapter again. A URL that is not one, or names no known database, is refused as
+    such first (registry.db.refuse_bad_url): "garbage" read as a garbage server."""
+    if blobs is not None:
+        if not str(blobs).strip():  # (Path("") is the working folder, whose two-letter folders gc would prune)
+            from .errors import InvalidInputError
+
+            raise InvalidInputError("blobs= is empty: give the blob folder's path, or leave it out for "
+                                    f"${ENV_BLOBS}'s")
+        return Path(blobs).expanduser()
     explicit = os.environ.get(ENV_BLOBS)
-    scheme = (url or db_url()).partition("://")[0].partition("+")[0]
+    scheme = backend(url or db_url())
     if not explicit and scheme != "sqlite":
         from .errors import RegistryError
+        from .registry.db import refuse_bad_url
 
+        refuse_bad_url(url or db_url())
         raise RegistryError(f"the registry is a {scheme} server, shared by every loraops home that names it, but "
                             f"{ENV_BLOBS} is not set, so adapters would be stored in this home's own folder, where no "
-                            f"other home finds them: set {ENV_BLOBS} to the folder every user of the registry mounts "
-                            f"(`export {ENV_BLOBS}={home() / 'blobs'}` keeps this home's, for a registry only it uses)")
+                            f"other home finds them: set {ENV_BLOBS} (from Python: Registry.open(url, blobs=PATH)) to "
+                            f"the folder every user of the registry mounts (`export {ENV_BLOBS}={home() / 'blobs'}` "
+                            "keeps this home's, for a registry only it uses)")
     return blobs_dir(url)
+
+
+def backend(url: str) -> str:
+    """The database a registry URL names (sqlite, postgresql, …: its dialect, without the driver)."""
+    return url.partition("://")[0].partition("+")[0]
 
 
 def sqlite_database(url: str | None = None) -> Path | None:
     """The file of the SQLite registry at ``url`` (default: db_url()), else None (a server, or an SQLite database in
     no file: see sqlite_file)."""
     url = url or db_url()
-    if url.partition("://")[0].partition("+")[0] != "sqlite":
+    if backend(url) != "sqlite":
         return None
     plain = plain_sqlite_file(url)
     if plain is not None:

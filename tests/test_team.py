@@ -120,3 +120,164 @@ def test_the_connect_timeout_is_only_for_libpq_drivers(tmp_path, monkeypatch):
     assert result.exit_code == 6 and result.output.count("\n") == 1, result.output
     assert result.output.startswith("error: cannot open the registry at postgresql+pg8000://me:***@127.0.0.1:1/x")
     assert "no server here" in result.output, result.output
+
+
+@pytest.mark.sqlite_only  # (the URLs are its own: the PostgreSQL pass adds nothing)
+@pytest.mark.parametrize("url", ["garbage", "foo://", "postgresql+nosuch://me:secret@db.example/loraops"])
+def test_a_malformed_url_is_refused_as_such_without_a_blob_folder(tmp_path, monkeypatch, url):
+    """Without LORAOPS_BLOBS, `garbage` was refused as "the registry is a garbage server … LORAOPS_BLOBS is not set":
+    its URL is wrong, whatever the blob folder. It says what it says with LORAOPS_BLOBS set, from Python too."""
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry
+
+    monkeypatch.setenv("LORAOPS_DB", url)
+    without = CliRunner().invoke(main, ["list"])
+    with pytest.raises(RegistryError) as raised:
+        Registry.open(url)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))
+    with_blobs = CliRunner().invoke(main, ["list"])
+    assert without.exit_code == with_blobs.exit_code == 6 and without.output.count("\n") == 1, without.output
+    assert without.output == with_blobs.output == f"error: {raised.value}\n"
+    assert "LORAOPS_BLOBS" not in without.output and "secret" not in without.output
+
+
+def test_registry_open_takes_the_blob_folder(tmp_path, monkeypatch):
+    """A Python user opening a server registry without LORAOPS_BLOBS could only set os.environ; blobs= gives the
+    folder (before LORAOPS_BLOBS, as an argument goes before the environment), and the refusal names it."""
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry
+
+    monkeypatch.delenv("LORAOPS_BLOBS", raising=False)
+    nowhere = "postgresql+psycopg://someone@127.0.0.1:1/loraops"  # (nothing listens)
+    with pytest.raises(RegistryError, match=r"from Python: Registry\.open\(url, blobs=PATH\)"):
+        Registry.open(nowhere)
+    with pytest.raises(RegistryError, match="cannot open the registry at"):  # (past the blob folder: to the server)
+        Registry.open(nowhere, blobs=tmp_path / "shared")
+    url = os.environ.get("LORAOPS_DB") or f"sqlite:///{tmp_path / 'team.db'}"
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "elsewhere"))
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    with Registry.open(url, blobs=tmp_path / "shared") as registry:
+        record = registry.add_adapter(style)
+        assert Path(record.path).is_relative_to(tmp_path / "shared")
+        assert registry.intact_path("style").read_bytes() == style.read_bytes()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("LORAOPS_TEST_DB"), reason="a server registry: the PostgreSQL pass")
+def test_a_server_registry_finds_what_this_home_stored_before_blobs_were_shared(tmp_path, monkeypatch):
+    """Before LORAOPS_BLOBS was required, a PostgreSQL registry's adapters were stored in each home's <home>/blobs;
+    a member who then pointed LORAOPS_BLOBS at the team's new folder found none of them ("stored copy … is missing").
+    They are copied from <home>/blobs on first use, byte for byte, as an SQLite registry's earlier store is."""
+    home = Path(os.environ["LORAOPS_HOME"])
+    monkeypatch.chdir(tmp_path)
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(home / "blobs"))  # (where blobs_dir put them without LORAOPS_BLOBS)
+    assert CliRunner().invoke(main, ["register", str(style)]).exit_code == 0
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("LORAOPS_BLOBS", str(shared))
+    result = CliRunner().invoke(main, ["export", "style", "--format", "kohya", "-o", "copy.safetensors"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads(CliRunner().invoke(main, ["show", "style", "--json"]).output)["path"]
+    assert Path(stored).is_relative_to(shared) and Path(stored).read_bytes() == style.read_bytes()
+    assert "all stored files of 1 adapter(s) match" in CliRunner().invoke(main, ["verify"]).output
+    assert (home / "blobs").is_dir()  # (copied, not moved: the home's own SQLite registry may use them)
+
+
+def test_list_orders_names_by_code_point_on_every_backend(tmp_path, icu_database):
+    """`list` ordered by the database's collation: `Style, Zeta, alpha, style` on SQLite, `alpha, style, Style, Zeta`
+    on a PostgreSQL database with an ICU (or en_US) collation, as a team's server often has. Code point order on both,
+    in the plain reader (`list`) and the SQLAlchemy one (Registry.list_adapters), for bases too."""
+    from factories import tiny_llama
+    from loraops.registry import Registry
+
+    names = ["style", "Zeta", "alpha", "Style"]
+    for seed, name in enumerate(names):
+        path = kohya_file(tmp_path / f"{name}.{seed}.safetensors", MODULES, rank=4, seed=seed)
+        assert CliRunner().invoke(main, ["register", str(path), "--name", name]).exit_code == 0
+    for seed, name in enumerate(["alpha", "Zeta"]):
+        result = CliRunner().invoke(main, ["base", "add", str(tiny_llama(tmp_path / name, seed=seed)), "--name", name])
+        assert result.exit_code == 0, result.output
+    expected = ["Style", "Zeta", "alpha", "style"]
+    assert [r["name"] for r in json.loads(CliRunner().invoke(main, ["list", "--json"]).output)] == expected
+    assert [line.split()[1] for line in CliRunner().invoke(main, ["list"]).output.splitlines()[2:]] == \
+        [f"{name}@1" for name in expected]
+    with Registry.open() as registry:
+        assert [r.name for r in registry.list_adapters()] == expected
+        assert [b.name for b in registry.list_bases()] == ["Zeta", "alpha"]
+    assert [b["name"] for b in json.loads(CliRunner().invoke(main, ["base", "list", "--json"]).output)] == \
+        ["Zeta", "alpha"]
+
+
+@pytest.fixture
+def icu_database(registry_backend, monkeypatch):
+    """On the PostgreSQL pass, LORAOPS_DB set to a new database on its server whose default collation is ICU's en-US
+    (dropped after the test); the test is skipped when the server has none (before PostgreSQL 15, or without ICU)."""
+    if registry_backend != "postgresql":
+        yield
+        return
+    import sqlalchemy as sa
+
+    given = sa.engine.make_url(os.environ["LORAOPS_DB"])
+    name = f"{given.database}_icu"
+    admin = sa.create_engine(given, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            try:
+                conn.execute(sa.text(f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu "
+                                     "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"))
+            except sa.exc.DBAPIError as exc:
+                pytest.skip(f"this PostgreSQL cannot make an ICU database: {str(exc).splitlines()[0]}")
+        monkeypatch.setenv("LORAOPS_DB", given.set(database=name).render_as_string(hide_password=False))
+        yield
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.mark.parametrize("meanwhile", ["rewritten", "removed"])
+def test_an_earlier_store_file_changing_during_its_recovery_leaves_nothing_in_the_shared_folder(tmp_path, monkeypatch,
+                                                                                               meanwhile):
+    """The recovery hashed the earlier store's files, then copied them, and did not look at what the copy hashed:
+    a file rewritten between the two (in place, by hand) landed in the shared folder as other bytes than the record's,
+    for everyone; one removed between the two (the home's own `gc` or `rm` of its SQLite registry, which shares
+    <home>/blobs) was an OSError where the adapter is simply not there to recover."""
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry, blobs
+
+    home = Path(os.environ["LORAOPS_HOME"])
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(home / "blobs"))  # (where it was stored before the shared folder)
+    assert CliRunner().invoke(main, ["register", str(style)]).exit_code == 0
+    monkeypatch.delenv("LORAOPS_BLOBS")
+    real = blobs.copy_file
+
+    def racing(src, dst, seen):
+        if Path(src).is_relative_to(home / "blobs"):
+            if meanwhile == "rewritten":
+                Path(src).write_bytes(bytes(len(Path(src).read_bytes())))
+            else:
+                Path(src).unlink()
+        return real(src, dst, seen)
+
+    monkeypatch.setattr(blobs, "copy_file", racing)
+    url = os.environ.get("LORAOPS_DB") or None  # (SQLite: the home's registry, whose earlier store is <home>/blobs)
+    with Registry.open(url, blobs=tmp_path / "shared") as registry:
+        with pytest.raises(RegistryError, match="is missing"):
+            registry.intact_path("style")
+    assert not [p for p in (tmp_path / "shared").rglob("*") if p.is_file() and ".locks" not in p.parts]
+
+
+@pytest.mark.sqlite_only  # (refused before any database is asked)
+def test_an_empty_blobs_argument_is_refused_not_the_working_folder(tmp_path, monkeypatch):
+    """Registry.open(url, blobs="") (an unset variable passed along) stored adapters in the working folder (Path("")
+    is "."), where `gc` removes the folders inside any two-letter folder that no record uses."""
+    from loraops.errors import InvalidInputError
+    from loraops.registry import Registry
+
+    monkeypatch.chdir(tmp_path)
+    for empty in ["", " "]:
+        with pytest.raises(InvalidInputError, match="blobs= is empty"):
+            Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs=empty)
+    assert not (tmp_path / "r.db").exists()

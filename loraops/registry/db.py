@@ -119,6 +119,16 @@ def parse_url(url) -> "URL":
                             "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
 
 
+def refuse_bad_url(url: str) -> None:
+    """One RegistryError line for a registry URL that is not one, or whose dialect SQLAlchemy does not know, in the
+    words make_engine would use: checked before anything else is asked of the registry (its blob store)."""
+    parsed = parse_url(url)
+    try:
+        parsed.get_dialect()
+    except Exception as exc:  # noqa: BLE001 - an unknown dialect or driver: one line naming the database
+        raise RegistryError(f"cannot use the registry at {_safe_url(parsed)}: {_first_line(exc)}") from None
+
+
 def _create_engine(url, **options) -> Engine:
     """create_engine, with SQLAlchemy's warnings about the URL raised as errors: an SQLite query argument the driver
     ignores (`?mode=ro`) was printed as three lines of warning, and the URL used as if it had not been given."""

@@ -61,6 +61,13 @@ Execute = Callable[[str, tuple], Sequence[tuple]]
 """Runs one statement in the driver's own parameter style and returns its rows (the transaction is the caller's)."""
 
 
+def by_name(rows: Sequence[tuple], *columns: int) -> list[tuple]:
+    """``rows`` ordered by these columns, names compared by code point: ORDER BY name followed the database's
+    collation, so `list` ordered `Style, Zeta, alpha, style` on SQLite and `alpha, style, Style, Zeta` on a PostgreSQL
+    database with an ICU or en_US one (a code point order is what SQLite's BINARY collation gives)."""
+    return sorted(rows, key=lambda row: tuple(row[c] for c in columns))
+
+
 _LATEST = "SELECT id FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1"
 """The latest version of a name: what ``name`` and ``name@latest`` reference."""
 
@@ -189,8 +196,8 @@ class Reader:
         raise _missing("adapter", ref, f"give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits")
 
     def _adapters(self, where: str, params: list, with_modules: bool = True) -> list[AdapterRecord]:
-        rows = self.rows(f"SELECT {_ADAPTER_COLUMNS} FROM adapters a LEFT JOIN bases b ON b.id = a.base_id "
-                         f"WHERE {where} ORDER BY a.name, a.version", params)
+        rows = by_name(self.rows(f"SELECT {_ADAPTER_COLUMNS} FROM adapters a LEFT JOIN bases b ON b.id = a.base_id "
+                                 f"WHERE {where}", params), 1, 2)
         if not rows:
             return []
         chosen = f"SELECT a.id FROM adapters a WHERE {where}"
@@ -278,7 +285,7 @@ class Reader:
         raise _missing("base", ref, "see `loraops base list`")
 
     def _bases(self, where: str, params: list) -> list[BaseRecord]:
-        rows = self.rows(f"SELECT {_BASE_COLUMNS} FROM bases b WHERE {where} ORDER BY b.name", params)
+        rows = by_name(self.rows(f"SELECT {_BASE_COLUMNS} FROM bases b WHERE {where}", params), 1)
         lineages = self._lineages(f"SELECT b.lineage_id FROM bases b WHERE {where}", params, any(r[10] is not None for r in rows))
         return [
             BaseRecord(id=id_, name=name, fingerprint=fingerprint, source=source, path=path, num_tensors=num_tensors,

@@ -115,19 +115,21 @@ class Registry:
         """The store loraops used for this registry before it had its own (see _stores), for _recover."""
 
     @classmethod
-    def open(cls, url: str | None = None, *, create: bool = True) -> "Registry":
+    def open(cls, url: str | None = None, *, create: bool = True,
+             blobs: str | os.PathLike | None = None) -> "Registry":
         """Connect to ``url`` (default: settings.db_url()) and bring its schema to this code's head.
 
         ``create`` false, for what adds no record (reads; rm, gc, push of records that must exist): an SQLite file
         that does not exist is an error naming it (a mistyped --db), not a new empty registry — except the home's
-        own registry.db, which any command creates on first use."""
+        own registry.db, which any command creates on first use. ``blobs``: the folder of its stored adapters, in
+        place of $LORAOPS_BLOBS (settings.registry_blobs_dir); a server registry needs one of them."""
         with db.interrupts_deferred():
-            return cls._open(url, create)
+            return cls._open(url, create, blobs)
 
     @classmethod
-    def _open(cls, url: str | None, create: bool) -> "Registry":
+    def _open(cls, url: str | None, create: bool, blobs: str | os.PathLike | None = None) -> "Registry":
         url = url or settings.db_url()
-        stores = cls._stores(url)  # (refuses a server registry without a shared store before connecting)
+        stores = cls._stores(url, blobs)  # (refuses a server registry without a shared store before connecting)
         must_exist = not create and url != settings.home_db_url()
         engine = db.make_engine(url, create=not must_exist)
         if must_exist:
@@ -161,10 +163,13 @@ class Registry:
         return cls(fallback, *stores, True)
 
     @staticmethod
-    def _stores(url: str) -> "tuple[BlobStore, BlobStore | None]":
+    def _stores(url: str, blobs: str | os.PathLike | None = None) -> "tuple[BlobStore, BlobStore | None]":
         """The registry's blob store, and the one loraops used for it before (when another): up to 0.1.0
-        Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs."""
-        own, before = settings.registry_blobs_dir(url), settings.blobs_dir()
+        Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs; a
+        server registry's were in each home's <home>/blobs until LORAOPS_BLOBS was required, so a team's shared
+        folder finds there what its member registered before."""
+        own = settings.registry_blobs_dir(url, blobs)
+        before = settings.blobs_dir() if settings.backend(url) == "sqlite" else settings.home() / "blobs"
         return BlobStore(own), (BlobStore(before) if own.resolve() != before.resolve() else None)
 
     def close(self) -> None:
@@ -787,7 +792,7 @@ class Registry:
             elif base_id is not None:
                 rows = [s.get(SqlBase, base_id)]
             else:
-                rows = list(s.scalars(select(SqlBase).order_by(SqlBase.name)))
+                rows = sorted(s.scalars(select(SqlBase)), key=lambda r: r.name)  # (reads.by_name: not the collation)
             manifests = [(r.name, self._manifest(s, r.id), r.path) for r in rows]
         reports = []
         for name, manifest, path in manifests:
@@ -868,7 +873,7 @@ class Registry:
         with self.blobs.lock(identity):
             try:
                 self._repair(identity, key, files, sources)
-            except ConflictError:
+            except (ConflictError, FileNotFoundError):  # (not byte for byte there; or gone meanwhile: the home's gc)
                 return False
         return True
 
@@ -903,12 +908,17 @@ class Registry:
         advises), from sources whose bytes are exactly the recorded ones. Call with the shard lock held."""
         if not self._stored_problems(key, recorded):
             return
-        by_name = {f["name"]: f["sha256"] for f in recorded}
-        if {p.name: sha256_file(p) for p in sources} != by_name:
-            raise ConflictError(f"the stored copy of this adapter is damaged and {sources[0]} is not byte for byte "
-                                "what was registered, so it cannot repair it; `loraops rm` the record and register again")
         self.refuse_writes()
-        self.blobs.put(identity, sources)
+        # Copied into scratch and compared as hashed while copying, then renamed in: hashing the sources first and
+        # copying them after let a source rewritten in between land in the store as other bytes than the record's.
+        with self.blobs.scratch() as tmp:
+            staging = BlobStore(tmp)
+            copied = {f.name: f.sha256 for f in staging.put(identity, sources)}
+            if copied != {f["name"]: f["sha256"] for f in recorded}:
+                raise ConflictError(f"the stored copy of this adapter is damaged and {sources[0]} is not byte for "
+                                    "byte what was registered, so it cannot repair it; `loraops rm` the record and "
+                                    "register again")
+            self.blobs.put(identity, [staging.folder(identity) / name for name in copied], move=True, known=copied)
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
         """Remove stored adapter folders no record uses, temp files of interrupted copies, and stamps whose folder is
