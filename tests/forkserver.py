@@ -2,9 +2,9 @@
 (1-3 s with torch) per run: this server imports everything once, then forks one child per command.
 
 Protocol (one JSON line each way): the test writes {"args": [...], "env": {...}, "stdout": path, "stderr": path}
-(optionally "cwd", and "whole_env": the child's environment is env alone, as subprocess.run(env=...) gives); the
-server answers {"pid": N} at once, then {"status": S} when the child ended (S < 0: killed by signal -S). The server
-itself runs no torch op and no thread before forking, so the children start clean. A child runs what `python -m
+(optionally "cwd"; "whole_env": the child's environment is env alone, as subprocess.run(env=...) gives; "began": a
+path the child creates as the loraops program begins); the server answers {"pid": N} at once, then {"status": S}
+when the child ended (S < 0: killed by signal -S). The server itself runs no torch op and no thread before forking, so the children start clean. A child runs what `python -m
 loraops` runs (loraops.cli.run, stdin /dev/null): an exception that escapes it is printed as Python prints
 it and exits 1, so a traceback still reaches the test. What a fork cannot show: messages printed while the
 preloaded modules are imported (the server's, not the child's)."""
@@ -62,6 +62,8 @@ def _child(request: dict) -> None:
             sys.argv = ["loraops", *request["args"]]
             from loraops.cli import run
 
+            if request.get("began"):  # tells a test its signal landed in the program, not before it began
+                open(request["began"], "w").close()
             run()  # the `loraops` program itself: exit_status, then the flush with signals ignored, then os._exit
         except KeyboardInterrupt:  # a SIGINT before the program started: what Python does then
             code = 130

@@ -1,14 +1,16 @@
 """Crash safety: commands SIGKILLed after random delays (seeded) leave no partial output, no registry row without
 its complete stored files, and nothing in the blob store that `loraops gc` does not clean; a merge interrupted by
 Ctrl-C leaves no temporary folder and says truly what it left. Each command runs 20+ times in a child of
-tests/forkserver.py (no interpreter start-up per run); delays are uniform in [0, 1.5 T] where T is one uninterrupted
-run, so kills land everywhere from start-up to after the end."""
+tests/forkserver.py (no interpreter start-up per run); delays are uniform in [0, 1.5 T] where T is a typical
+uninterrupted run timed in the same loop, so kills land everywhere from start-up to after the end (signal_trials)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import random
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -22,8 +24,10 @@ from test_concurrency import MODULES, variants
 
 pytestmark = pytest.mark.registry_backend  # the registry's own code: run on PostgreSQL too (conftest.py)
 
-TRIALS = 20
-RUNS = TRIALS + 2
+TRIALS = 20  # signalled runs, at least
+ENOUGH = 3  # runs that finished, and runs stopped mid-way, at least
+TIMED_EVERY = 5
+MAX_RUNS = 6 * TRIALS  # generous: on a loaded machine many signals land before the program began
 ENV_KEYS = ("LORAOPS_HOME", "LORAOPS_DB", "LORAOPS_BLOBS", "HF_HOME", "HF_ENDPOINT", "LORAOPS_QUIET", "HF_HUB_DISABLE_XET")
 
 
@@ -38,26 +42,51 @@ def env() -> dict[str, str]:
     return {k: os.environ.get(k, "") for k in ENV_KEYS}
 
 
-def kill_trials(forks: ForkServer, log: Path, args_of, seed: int) -> list[int]:
-    """Run ``args_of(i)`` for i in range(2, RUNS), each killed after a random delay; returns the exit statuses
-    (0: it finished first, -9: killed). ``args_of(0)`` runs first (it creates the registry), then ``args_of(1)``
-    to time an uninterrupted run."""
-    assert forks.run(args_of(0), env(), str(log)) == 0, log.read_text()
-    start = time.perf_counter()
-    assert forks.run(args_of(1), env(), str(log)) == 0, log.read_text()
-    typical = time.perf_counter() - start
+def signal_trials(forks: ForkServer, logs: Path, args_of, sig: int, seed: int, spread: float, outcome) -> dict[int, int]:
+    """Run ``args_of(0)`` (it creates the registry), then ``args_of(i)`` for i = 1, 2, …: every TIMED_EVERY-th run
+    uninterrupted and timed, the others sent ``sig`` after a delay uniform in [0, spread·T], T the median of the
+    latest timed runs. ``outcome(i, status, log, began)`` (log: the run's output; began: whether the loraops program
+    had begun) says "finished", "stopped" (the signal landed mid-way) or None (it counts as neither). Goes on until
+    at least TRIALS runs were signalled, ENOUGH finished and ENOUGH were stopped; fails after MAX_RUNS. Returns each
+    run's exit status."""
+    statuses: dict[int, int] = {}
+
+    def timed(i: int) -> float:
+        args, log = args_of(i), logs / f"log{i}"
+        start = time.perf_counter()
+        statuses[i] = forks.run(args, env(), str(log))
+        assert statuses[i] == 0, log.read_text()
+        return time.perf_counter() - start
+
+    # Timed in the same loop as the trials, so a load that comes or goes mid-test moves T with it: T timed once
+    # before a load began made every delay too short ("every run was killed").
+    timed(0)
+    times = [timed(1)]
     rng = random.Random(seed)
-    statuses = []
-    for i in range(2, RUNS):
-        pid = forks.start(args_of(i), env(), str(log))
-        time.sleep(rng.uniform(0, 1.5 * typical))
+    seen: collections.Counter = collections.Counter()
+    for i in range(2, MAX_RUNS):
+        if seen.total() >= TRIALS and seen["finished"] >= ENOUGH and seen["stopped"] >= ENOUGH:
+            return statuses
+        if i % TIMED_EVERY == 0:
+            times.append(timed(i))
+            continue
+        args, log, began = args_of(i), logs / f"log{i}", logs / f"began{i}"
+        pid = forks.start(args, env(), str(log), began=str(began))
+        time.sleep(rng.uniform(0, spread * statistics.median(times[-3:])))
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        status = forks.wait()
-        assert status in (0, -signal.SIGKILL), log.read_text()
-        statuses.append(status)
-    assert 0 < statuses.count(0) < TRIALS, f"every run {'finished' if statuses.count(0) else 'was killed'}: {typical=}"
-    return statuses
+            os.kill(pid, sig)
+        statuses[i] = forks.wait()
+        seen[outcome(i, statuses[i], log.read_text() if log.exists() else "", began.exists())] += 1
+    pytest.fail(f"not enough runs finished and stopped mid-way in {MAX_RUNS}: {dict(seen)}, {times=}")
+
+
+def kill_trials(forks: ForkServer, logs: Path, args_of, seed: int) -> dict[int, int]:
+    """signal_trials with SIGKILL: returns the exit statuses (0: it finished first, -9: killed)."""
+    def outcome(i, status, log, began):
+        assert status in (0, -signal.SIGKILL), log
+        return "finished" if status == 0 else "stopped" if began else None
+
+    return signal_trials(forks, logs, args_of, signal.SIGKILL, seed, 1.5, outcome)
 
 
 def assert_registry_consistent(reg: Registry) -> list:
@@ -75,21 +104,23 @@ def assert_registry_consistent(reg: Registry) -> list:
 
 def test_register_killed_at_random_points(forks, tmp_path):
     make = variants(kohya_file(tmp_path / "template.safetensors", MODULES, rank=4), tmp_path)
-    files = [make(f"a{i}") for i in range(RUNS)]
-    statuses = kill_trials(forks, tmp_path / "log", lambda i: ["register", files[i], "--name", f"a{i}"], seed=1)
+    statuses = kill_trials(forks, tmp_path, lambda i: ["register", make(f"a{i}"), "--name", f"a{i}"], seed=1)
     with Registry.open() as reg:
         records = {r.name: r for r in assert_registry_consistent(reg)}
-    assert {f"a{i}" for i, s in enumerate(statuses, 2) if s == 0} <= set(records) <= {f"a{i}" for i in range(RUNS)}
+    assert {f"a{i}" for i, s in statuses.items() if s == 0} <= set(records) <= {f"a{i}" for i in statuses}
 
 
 def test_pull_killed_at_random_points(forks, tmp_path, fake_hub):
     make = variants(kohya_file(tmp_path / "template.safetensors", MODULES, rank=4), tmp_path)
-    for i in range(RUNS):
+
+    def args(i):
         fake_hub.commit(f"someone/style-{i}", {"style.safetensors": Path(make(f"s{i}")).read_bytes()})
-    statuses = kill_trials(forks, tmp_path / "log", lambda i: ["pull", f"someone/style-{i}"], seed=2)
+        return ["pull", f"someone/style-{i}"]
+
+    statuses = kill_trials(forks, tmp_path, args, seed=2)
     with Registry.open() as reg:
         records = {r.name: r for r in assert_registry_consistent(reg)}
-    assert {f"style-{i}" for i, s in enumerate(statuses, 2) if s == 0} <= set(records)
+    assert {f"style-{i}" for i, s in statuses.items() if s == 0} <= set(records)
     assert all(r.source.startswith(f"hf://someone/{r.name}@") for r in records.values())
 
 
@@ -118,18 +149,18 @@ def assert_outputs_whole(folder: Path, complete) -> list[Path]:
     return done
 
 
-def kohya_trial_files(tmp_path: Path) -> list[str]:
-    make = variants(kohya_file(tmp_path / "template.safetensors", MODULES, rank=4), tmp_path)
-    return [make(f"in{i}") for i in range(RUNS)]
+def kohya_trial_files(tmp_path: Path):
+    """``make(label)``: a new distinct kohya input file."""
+    return variants(kohya_file(tmp_path / "template.safetensors", MODULES, rank=4), tmp_path)
 
 
 def test_combine_killed_at_random_points(forks, tmp_path):
     from loraops import formats
 
-    files, out = kohya_trial_files(tmp_path), tmp_path / "out"
+    make, out = kohya_trial_files(tmp_path), tmp_path / "out"
     other = kohya_file(tmp_path / "other.safetensors", MODULES, rank=2, seed=9)
-    kill_trials(forks, tmp_path / "log", lambda i: ["combine", files[i], f"{other}:0.5", "--name", f"c{i}", "--device",
-                                                    "cpu", "-o", str(out / f"c{i}.safetensors")], seed=3)
+    kill_trials(forks, tmp_path, lambda i: ["combine", make(f"in{i}"), f"{other}:0.5", "--name", f"c{i}", "--device",
+                                            "cpu", "-o", str(out / f"c{i}.safetensors")], seed=3)
     with Registry.open() as reg:
         records = {r.name: r for r in assert_registry_consistent(reg)}
         for path in assert_outputs_whole(out, formats.read_adapter):
@@ -141,9 +172,9 @@ def test_combine_killed_at_random_points(forks, tmp_path):
 def test_resize_killed_at_random_points(forks, tmp_path):
     from loraops import formats
 
-    files, out = kohya_trial_files(tmp_path), tmp_path / "out"
-    kill_trials(forks, tmp_path / "log", lambda i: ["resize", files[i], "--rank", "2", "--name", f"r{i}", "--device",
-                                                    "cpu", "-o", str(out / f"r{i}.safetensors")], seed=4)
+    make, out = kohya_trial_files(tmp_path), tmp_path / "out"
+    kill_trials(forks, tmp_path, lambda i: ["resize", make(f"in{i}"), "--rank", "2", "--name", f"r{i}", "--device",
+                                            "cpu", "-o", str(out / f"r{i}.safetensors")], seed=4)
     with Registry.open() as reg:
         records = {r.name: r for r in assert_registry_consistent(reg)}
         for path in assert_outputs_whole(out, formats.read_adapter):
@@ -160,8 +191,8 @@ def test_merge_killed_at_random_points(forks, tmp_path):
     adapter = peft_adapter(base, tmp_path / "ad", r=4, alpha=8)
     out = tmp_path / "out"
     out.mkdir()
-    kill_trials(forks, tmp_path / "log", lambda i: ["merge", f"{adapter}:{1 + i / 100}", "--into", str(base), "--device",
-                                                    "cpu", "-o", str(out / f"m{i}")], seed=5)
+    kill_trials(forks, tmp_path, lambda i: ["merge", f"{adapter}:{1 + i / 100}", "--into", str(base), "--device",
+                                            "cpu", "-o", str(out / f"m{i}")], seed=5)
     finished = {p.name: BaseModel.open(p).fingerprint() for p in assert_outputs_whole(out, BaseModel.open)}
     with Registry.open() as reg:
         assert_registry_consistent(reg)
@@ -186,35 +217,24 @@ def test_merge_interrupted_at_random_points(forks, tmp_path):
     def args(i):
         return ["merge", f"{adapter}:{1 + i / 100}", "--into", str(base), "--device", "cpu", "-o", str(out / f"m{i}")]
 
-    assert forks.run(args(0), env(), str(tmp_path / "log0")) == 0
-    start = time.perf_counter()
-    assert forks.run(args(1), env(), str(tmp_path / "log1")) == 0
-    typical = time.perf_counter() - start
-    rng = random.Random(6)
     messages = {}
-    # until enough runs were really interrupted: on a loaded machine many signals land before the program began
-    for i in range(2, 3 * RUNS):
-        if i >= RUNS and len(messages) >= 3:
-            break
-        pid = forks.start(args(i), env(), str(tmp_path / f"log{i}"))
-        time.sleep(rng.uniform(0, 1.2 * typical))
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGINT)
-        status = forks.wait()
-        log_file = tmp_path / f"log{i}"
-        log = log_file.read_text() if log_file.exists() else ""
+
+    def outcome(i, status, log, began):
         if status in (70, -signal.SIGINT) and not log:
             # the fork server's child, interrupted before the loraops program began (70), or between the fork and its
             # try block / in its final flush, where a KeyboardInterrupt escapes and Python exits by SIGINT (-2)
-            continue
+            return None
         if status == 6:  # PostgreSQL: the interrupt broke the recording's query, which then failed as such
             assert f"{out / f'm{i}'} was written, but recording it in the registry failed" in log, log
-            continue
+            return None
         assert status in (0, 130), log
-        if status == 130:
-            # its error line, wherever it is: the summary of a merge said before the interrupt may come after it
-            messages[f"m{i}"] = ([line for line in log.splitlines() if line.startswith("error:")] or [""])[-1]
-    assert messages, f"no run was interrupted: {typical=}"
+        if status == 0:
+            return "finished"
+        # its error line, wherever it is: the summary of a merge said before the interrupt may come after it
+        messages[f"m{i}"] = ([line for line in log.splitlines() if line.startswith("error:")] or [""])[-1]
+        return "stopped"
+
+    signal_trials(forks, tmp_path, args, signal.SIGINT, 6, 1.2, outcome)
     assert not [p.name for p in out.iterdir() if TMP_MARK in p.name]
     with Registry.open() as reg:
         recorded = {Path(b.path).name for b in reg.list_bases() if b.derived}
