@@ -91,8 +91,8 @@ def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: 
     """``adapter`` with each module's ΔW multiplied by its block's weight (1 for a block ``weights`` does not name);
     ``label`` names the adapter in errors."""
     weights = checked(weights)
-    unet, blocks = LAYOUTS[len(weights)]
-    by_block = dict(zip(blocks, weights))
+    unet = LAYOUTS[len(weights)][0]
+    by_block = _by_block(weights)
     if adapter.full_tensors or adapter.token_rows:
         raise InvalidInputError(f"{label}: block weights scale LoRA deltas; this adapter also replaces whole tensors "
                                 "(modules_to_save or trainable tokens), which have no block weight")
@@ -170,9 +170,13 @@ def factors(names: "Iterable[str]", weights: "Sequence[float] | None") -> dict[s
     --exact matches as the same."""
     if weights is None:
         return {}
-    weights = checked(list(weights))
-    by_block = dict(zip(LAYOUTS[len(weights)][1], weights))
+    by_block = _by_block(checked(list(weights)))
     return {name: w for name in names if (w := by_block.get(block_of(name), 1.0)) != 1}
+
+
+def _by_block(weights: tuple[float, ...]) -> dict[str, float]:
+    """Checked weights → {block: weight} for the blocks their layout names."""
+    return dict(zip(LAYOUTS[len(weights)][1], weights))
 
 
 def text(weights: "Sequence[float] | None") -> str:

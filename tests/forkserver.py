@@ -4,7 +4,8 @@
 Protocol (one JSON line each way): the test writes {"args": [...], "env": {...}, "stdout": path, "stderr": path}
 (optionally "cwd"; "whole_env": the child's environment is env alone, as subprocess.run(env=...) gives; "began": a
 path the child creates as the loraops program begins); the server answers {"pid": N} at once, then {"status": S}
-when the child ended (S < 0: killed by signal -S). The server itself runs no torch op and no thread before forking, so the children start clean. A child runs what `python -m
+when the child ended (S < 0: killed by signal -S). The server itself runs no torch op and no thread before forking,
+so the children start clean. A child runs what `python -m
 loraops` runs (loraops.cli.run, stdin /dev/null): an exception that escapes it is printed as Python prints
 it and exits 1, so a traceback still reaches the test. What a fork cannot show: messages printed while the
 preloaded modules are imported (the server's, not the child's)."""
