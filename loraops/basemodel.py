@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from . import settings
 from .errors import FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
-from .fsutil import Prefetcher, chunks, read_json, read_model_config
+from .fsutil import Prefetcher, chunks, read_json, read_model_config, resolved
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -645,13 +645,13 @@ class _DigestCache:
 
     @staticmethod
     def _entry(file: Path) -> Path:
-        key = hashlib.sha256(os.fsencode(file.resolve())).hexdigest()[:32]  # (a path need not be UTF-8)
+        key = hashlib.sha256(os.fsencode(resolved(file))).hexdigest()[:32]  # (a path need not be UTF-8)
         return settings.home() / "cache" / "digests" / f"{key}.json"
 
     @staticmethod
     def _stat(file: Path) -> list:
         st = file.stat()
-        return [str(file.resolve()), st.st_size, st.st_mtime_ns]
+        return [str(resolved(file)), st.st_size, st.st_mtime_ns]
 
     @classmethod
     def get(cls, file: Path) -> dict[str, str] | None:

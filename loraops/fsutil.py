@@ -23,6 +23,12 @@ from .errors import ConflictError, DiskSpaceError, FormatError, InvalidInputErro
 TMP_MARK = ".loraops-tmp-"
 
 
+def resolved(path: str | Path) -> Path:
+    """Path.resolve(), without its RuntimeError on a symlink loop (Python before 3.13): the loop is left in the
+    path for the open or the existence check that follows to report as the user's bad path."""
+    return Path(os.path.realpath(path))
+
+
 def path_exists(path: str | Path) -> bool:
     """Path.exists(), and False for text no file can be named (a part longer than the file system takes:
     ENAMETOOLONG), as for a missing one: a reference that may be a path or a registry name is then read as a name."""
@@ -181,10 +187,9 @@ def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None
 def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, str]],
                     hint: str = "write the output elsewhere") -> None:
     """refuse_overlap for many (path, what) at once, the output resolved once."""
-    # realpath, not Path.resolve(): that raises RuntimeError on a symlink loop
-    out = Path(os.path.realpath(output_path(output)))
+    out = resolved(output_path(output))
     for path, what in protected:
-        keep = Path(os.path.realpath(path))
+        keep = resolved(path)
         if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):
             raise InvalidInputError(f"{output}: overlaps {what} ({path}); {hint}")
 
