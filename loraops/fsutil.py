@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import ConflictError, DiskSpaceError, FormatError, InvalidInputError
+from .errors import ConflictError, DiskSpaceError, FormatError, InvalidInputError, NotFoundError
 
 TMP_MARK = ".loraops-tmp-"
 
@@ -31,13 +31,24 @@ def resolved(path: str | Path) -> Path:
 
 def path_exists(path: str | Path) -> bool:
     """Path.exists(), and False for text no file can be named (a part longer than the file system takes:
-    ENAMETOOLONG), as for a missing one: a reference that may be a path or a registry name is then read as a name."""
+    ENAMETOOLONG), as for a missing one: a reference that may be a path or a registry name is then read as a name.
+    Empty text names no file either, though Path('') is the current folder: `loraops merge ''` merged the adapter
+    in the working folder."""
+    if not str(path):
+        return False
     try:
         return Path(path).exists()
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             return False
         raise
+
+
+def existing_path(path: str | Path) -> Path:
+    """``path`` as a Path, or NotFoundError when it names nothing (path_exists: '' included)."""
+    if not path_exists(path):
+        raise NotFoundError(f"{path or repr(path)}: no such file or folder")
+    return Path(path)
 
 
 def read_json(path: str | Path, what: str, *, name: str | None = None, refuse_surrogates: bool = True) -> dict:

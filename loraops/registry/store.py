@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from .. import settings
 from ..lazy import LazyModule
-from ..fsutil import path_exists, refuse_unrecordable, remove, resolved, sha256_file
+from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
 from ..references import is_weight
@@ -467,7 +467,7 @@ class Registry:
         ``previous_base``), so an adapter registered before its base can be linked later."""
         from .. import formats
 
-        path = Path(path)
+        path = existing_path(path)
         if written is not None and resolved(written.path) != resolved(path):
             raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
                                     "adapter's; register it without `written`")
