@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from . import settings
 from .errors import FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
-from .fsutil import Prefetcher, chunks, read_json, read_model_config
+from .fsutil import Prefetcher, chunks, existing_path, read_json, read_model_config, resolved
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -93,9 +93,7 @@ class BaseModel:
     def open(cls, path: str | Path) -> "BaseModel":
         """The model at ``path`` — a transformers folder (sharded or not), a diffusers pipeline folder or a single
         .safetensors checkpoint — read from its headers alone (no tensor bytes)."""
-        path = Path(path)
-        if not path.exists():
-            raise NotFoundError(f"{path}: no such file or folder")
+        path = existing_path(path)
         if path.is_file():
             if path.suffix in PICKLE_SUFFIXES:
                 read_header(path)  # raises the pickle message
@@ -645,13 +643,13 @@ class _DigestCache:
 
     @staticmethod
     def _entry(file: Path) -> Path:
-        key = hashlib.sha256(os.fsencode(file.resolve())).hexdigest()[:32]  # (a path need not be UTF-8)
+        key = hashlib.sha256(os.fsencode(resolved(file))).hexdigest()[:32]  # (a path need not be UTF-8)
         return settings.home() / "cache" / "digests" / f"{key}.json"
 
     @staticmethod
     def _stat(file: Path) -> list:
         st = file.stat()
-        return [str(file.resolve()), st.st_size, st.st_mtime_ns]
+        return [str(resolved(file)), st.st_size, st.st_mtime_ns]
 
     @classmethod
     def get(cls, file: Path) -> dict[str, str] | None:

@@ -21,7 +21,7 @@ from . import algebra, blocks
 from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
 from .lazy import LazyModule
-from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
+from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing, resolved
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
 from .references import refuse_output_over, weighted_inputs
 
@@ -236,7 +236,7 @@ def _names(path: str, name: str) -> bool:
     if os.path.normpath(path) == os.path.normpath(name):
         return True
     with contextlib.suppress(OSError, ValueError):  # a folder written another way (relative, ~, a link)
-        return Path(name).is_absolute() and Path(path).expanduser().resolve() == Path(name).resolve()
+        return Path(name).is_absolute() and resolved(Path(path).expanduser()) == resolved(Path(name))
     return False
 
 
@@ -370,7 +370,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                 for file in sorted(written.path.iterdir()) if written.path.is_dir() else [written.path]:
                     copy_file(file, staged / file.name if written.path.is_dir() else staged)
                 done.append(reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written,
-                                                 scratch=True, source=str(final.parent.resolve() / final.name)))
+                                                 scratch=True, source=str(resolved(final.parent) / final.name)))
                 staged_id = _file_id(staged)
         except BaseException as exc:
             if staged_id is None or _file_id(final) != staged_id:  # else a Ctrl-C came after it landed: it stays

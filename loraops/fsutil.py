@@ -18,20 +18,37 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import ConflictError, DiskSpaceError, FormatError, InvalidInputError
+from .errors import ConflictError, DiskSpaceError, FormatError, InvalidInputError, NotFoundError
 
 TMP_MARK = ".loraops-tmp-"
 
 
+def resolved(path: str | Path) -> Path:
+    """Path.resolve(), without its RuntimeError on a symlink loop (Python before 3.13): the loop is left in the
+    path for the open or the existence check that follows to report as the user's bad path."""
+    return Path(os.path.realpath(path))
+
+
 def path_exists(path: str | Path) -> bool:
     """Path.exists(), and False for text no file can be named (a part longer than the file system takes:
-    ENAMETOOLONG), as for a missing one: a reference that may be a path or a registry name is then read as a name."""
+    ENAMETOOLONG), as for a missing one: a reference that may be a path or a registry name is then read as a name.
+    Empty text names no file either, though Path('') is the current folder: `loraops merge ''` merged the adapter
+    in the working folder."""
+    if not str(path):
+        return False
     try:
         return Path(path).exists()
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             return False
         raise
+
+
+def existing_path(path: str | Path) -> Path:
+    """``path`` as a Path, or NotFoundError when it names nothing (path_exists: '' included)."""
+    if not path_exists(path):
+        raise NotFoundError(f"{path or repr(path)}: no such file or folder")
+    return Path(path)
 
 
 def read_json(path: str | Path, what: str, *, name: str | None = None, refuse_surrogates: bool = True) -> dict:
@@ -181,10 +198,9 @@ def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None
 def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, str]],
                     hint: str = "write the output elsewhere") -> None:
     """refuse_overlap for many (path, what) at once, the output resolved once."""
-    # realpath, not Path.resolve(): that raises RuntimeError on a symlink loop
-    out = Path(os.path.realpath(output_path(output)))
+    out = resolved(output_path(output))
     for path, what in protected:
-        keep = Path(os.path.realpath(path))
+        keep = resolved(path)
         if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):
             raise InvalidInputError(f"{output}: overlaps {what} ({path}); {hint}")
 

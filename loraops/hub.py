@@ -34,7 +34,7 @@ from .adapter import DORA_NOTE, LORA_BIAS_NOTE, METHOD_NAMES, METHOD_NOTES, PROD
 from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
-from .fsutil import path_exists, read_json, read_model_config
+from .fsutil import path_exists, read_json, read_model_config, resolved
 from .lazy import LazyModule
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
@@ -282,7 +282,7 @@ def _local_error(exc: OSError, action: str, ref: RepoRef | str) -> LoraopsError:
     one line naming the path."""
     path = Path(exc.filename)
     cache = cache_dir()
-    in_cache = any(folder in path.parents for folder in (cache, cache.resolve()))  # (huggingface_hub resolves it)
+    in_cache = any(folder in path.parents for folder in (cache, resolved(cache)))  # (huggingface_hub resolves it)
     if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # (a file where its mkdir, or a path through it, wants a folder)
         where = f"the Hub cache ({cache}) is damaged" if in_cache else "it is in the way"
         return InvalidInputError(f"cannot {action} {ref}: {path} (or a folder above it) is a file where "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .fsutil import existing_path
 from .records import InspectReport, ModuleRecord
 
 
@@ -10,7 +11,7 @@ def inspect_path(path: str | Path, alpha: float | None = None) -> InspectReport:
     """Read the adapter at ``path`` (any supported format) and describe it."""
     from . import formats
 
-    path = Path(path)
+    path = existing_path(path)
     adapter = formats.read_adapter(path, alpha=formats.common.given_alpha(alpha, path), values=False)
     files = formats.adapter_files(path)
     return InspectReport(

@@ -22,7 +22,7 @@ from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
                      UnsupportedAdapterError)
 from .lazy import LazyModule
-from .fsutil import atomic_path, ensure_free_space, path_exists, refuse_overlap, refuse_unrecordable
+from .fsutil import atomic_path, ensure_free_space, path_exists, refuse_overlap, refuse_unrecordable, resolved
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted, refuse_output_over, weighted_inputs  # noqa: F401 - parse_weighted is part of this module's API
 
@@ -189,7 +189,7 @@ class Landing:
     def _recorded(self) -> bool:
         from .registry.store import opened
 
-        where = str(self.output.resolve())
+        where = str(resolved(self.output))
         with opened(self.registry) as reg:
             return any(b.path == where for b in reg.list_bases())
 
@@ -406,7 +406,7 @@ def _check_output(reg, output, record: bool, model: str | Path, adapters: Sequen
     if record and reg is not None:
         reg.refuse_writes(hint="; --no-record writes the output without recording it")
         for path in [output, *(ref for ref in [model, *refs] if path_exists(ref))]:
-            refuse_unrecordable(Path(path).resolve())
+            refuse_unrecordable(resolved(path))
 
 
 def _check_name_free(reg, name: str | None) -> None:
@@ -461,7 +461,7 @@ def _pristine(reg, origin) -> BaseModel | None:
 def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], output, options: dict) -> MergeReport:
     """--exact: rebuild from the recorded pristine base instead of subtracting."""
     if origin is None:
-        where = str(merged.path.resolve())
+        where = str(resolved(merged.path))
         changed = next((b for b in reg.list_bases() if b.path == where and b.lineage and b.lineage.op == "merge"), None)
         if changed is not None:  # it said "not recorded as a merge" of a recorded merge whose bytes changed since
             raise MismatchError(

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import quote, unquote
 
+from .fsutil import resolved
+
 ENV_HOME = "LORAOPS_HOME"
 ENV_DB = "LORAOPS_DB"
 ENV_BLOBS = "LORAOPS_BLOBS"
@@ -55,7 +57,7 @@ def blobs_dir(url: str | None = None) -> Path:
     if explicit:
         return Path(explicit).expanduser()
     database = sqlite_database(url)
-    if database is not None and database.resolve() != (home() / "registry.db").resolve():
+    if database is not None and resolved(database) != resolved(home() / "registry.db"):
         return database.with_name(database.name + ".blobs")
     return home() / "blobs"
 

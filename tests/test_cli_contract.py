@@ -54,6 +54,29 @@ def test_a_newline_in_a_path_stays_on_the_error_line(tmp_path, kohya):
     cli("export", kohya, "--format", "kohya", "-o", tmp_path / "out\n", code=4)
 
 
+
+@pytest.mark.parametrize("args, code", [
+    (["inspect", ""], 3), (["register", ""], 3), (["base", "add", ""], 3),
+    (["export", "", "--format", "peft", "-o", "{out}"], 3), (["resize", "", "--rank", "2", "-o", "{out}"], 3),
+    (["merge", "", "--into", "{base}", "-o", "{out}", "--device", "cpu"], 3),
+    (["merge", "{adapter}", "--into", "", "-o", "{out}", "--device", "cpu"], 3),
+])
+def test_an_empty_reference_is_not_the_working_folder(tmp_path, monkeypatch, args, code):
+    """Path('') is '.': an empty REF or PATH read the adapter (or the base) in the working folder, and `register ''`
+    registered it as if the user had named it."""
+    from loraops.registry import Registry
+
+    tiny_llama(tmp_path / "base")
+    peft_adapter(tmp_path / "base", tmp_path / "adapter", r=4)
+    for folder in ("adapter", "base"):  # read from either as the working folder
+        monkeypatch.chdir(tmp_path / folder)
+        filled = [a.format(out=tmp_path / "out", base=tmp_path / "base", adapter=tmp_path / "adapter") for a in args]
+        result = cli(*filled, code=code)
+        assert "no such file or folder" in result.stderr or "in the registry" in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists()
+    with Registry.open() as reg:
+        assert reg.list_adapters() == [] and reg.list_bases() == []
+
 @pytest.mark.parametrize("args, message", [
     (["merge", "a", "--into", "b", "-o", "c", "--dtype", "int8"],
      "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main merge --help`)"),

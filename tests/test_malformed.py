@@ -91,6 +91,21 @@ def unwritable_home(d: Path) -> tuple[list[str], dict[str, str]]:
     return ["register", str(good_kohya(d))], env
 
 
+def loop(path: Path) -> Path:
+    """A symlink to itself (Path.resolve() raised RuntimeError on it before Python 3.13)."""
+    path.symlink_to(path)
+    return path
+
+
+def home_in_a_loop(d: Path) -> tuple[list[str], dict[str, str]]:
+    env = {"LORAOPS_HOME": str(loop(d / "home"))}
+    if not os.environ.get("LORAOPS_DB"):
+        env["LORAOPS_DB"] = ""
+    else:
+        env["LORAOPS_BLOBS"] = str(d / "home" / "blobs")
+    return ["register", str(good_kohya(d))], env
+
+
 HEADER = "not a safetensors file|corrupt safetensors|truncated"
 TABLE: dict[str, Case] = {
     # --- the safetensors container
@@ -142,6 +157,12 @@ TABLE: dict[str, Case] = {
                                "refusing file name", hub=True),
     "hub-file-absolute": Case(lambda d: ["pull", "someone/style", "--file", "/etc/passwd"],
                               "refusing file name", hub=True),
+    "register-symlink-loop": Case(register(lambda d: loop(d / "x.safetensors")), "no such file"),
+    "base-add-symlink-loop": Case(lambda d: ["base", "add", str(loop(d / "base"))], "no such file"),
+    "merge-output-in-a-symlink-loop": Case(lambda d: ["merge", str(good_kohya(d)), "--into", str(tiny_base(d)),
+                                                      "-o", str(loop(d / "out") / "x.safetensors"), "--device", "cpu"],
+                                           "out"),
+    "home-symlink-loop": Case(home_in_a_loop, "home"),
     # --- numbers
     "merge-weight-nan": Case(lambda d: ["merge", f"{good_kohya(d)}:nan", "--into", str(tiny_base(d)),
                                         "-o", str(d / "out"), "--device", "cpu"], "weight|nan|finite"),

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from .. import ldm, st
-from ..errors import FormatError, InvalidInputError, LoraopsError, NotFoundError, UnsupportedAdapterError, reworded
+from ..errors import FormatError, InvalidInputError, LoraopsError, UnsupportedAdapterError, reworded
 from ..lazy import LazyModule
-from ..fsutil import atomic_path, output_path, refuse_misnamed_output, sha256_file
+from ..fsutil import atomic_path, existing_path, output_path, refuse_misnamed_output, sha256_file
 from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
 from .kohya import kohya_name
 
@@ -40,16 +40,10 @@ WRITERS = {"peft": (peft.write, True), "kohya": (kohya.write, False), "diffusers
 IDENTITY_VERSION = "loraops-peft-identity-v1"
 
 
-def _existing(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise NotFoundError(f"{path}: no such file or folder")
-    return path
-
 
 def detect(path: str | Path) -> str:
     """The layout of an adapter file or folder, from its file names and tensor keys (no tensor is loaded)."""
-    path = _existing(path)
+    path = existing_path(path)
     if path.is_dir():
         if (path / peft.CONFIG_NAME).is_file() or any((path / n).exists() for n in (peft.WEIGHTS_NAME, *peft.PICKLE_WEIGHTS)):
             return "peft"
@@ -108,7 +102,7 @@ def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool =
     mapped into memory (st.map_file), only for files that nothing rewrites: the registry's stored copies. ``checked``:
     these very bytes passed this read's NaN/Inf checks before (a stored copy whose stamps say so), so its values are
     not looked at (the other checks, of headers and shapes, still run)."""
-    path = _existing(path)
+    path = existing_path(path)
     if alpha is not None:
         common.check_alpha(path, alpha, "--alpha")
     with common.values_known_finite(checked):
@@ -312,7 +306,7 @@ def check_values(path: str | Path) -> None:
 def adapter_files(path: str | Path) -> list[Path]:
     """The files an adapter consists of: a PEFT folder's weights file and adapter_config.json (also for a weights
     file read with its sibling config); a diffusers folder's weights file; otherwise the single file."""
-    weights, config = _peft_parts(_existing(path))
+    weights, config = _peft_parts(existing_path(path))
     return [weights] if config is None else [weights, config]
 
 
@@ -362,7 +356,7 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
     base_model_name_or_path, a comment) keeps the identity. ``weights_sha256``: the weights file's sha256 when the
     caller already has it (the file is then not read)."""
-    weights, config = _peft_parts(_existing(path))
+    weights, config = _peft_parts(existing_path(path))
     digest = weights_sha256 or sha256_file(weights)
     if config is None:
         return digest

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SAWarning
 
 from .. import settings
 from ..errors import RegistryError
-from ..fsutil import file_lock, refuse_existing
+from ..fsutil import file_lock, refuse_existing, resolved
 # (HEAD is part of this module's API: cli/db.py)
 from .reads import HEAD, SQLITE_BUSY_TIMEOUT_MS, pg_connect_args, read_only_connection, sqlite_uri_of  # noqa: F401
 
@@ -68,7 +68,7 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
         if parsed.get_backend_name() != "sqlite":
             return _create_engine(parsed, pool_pre_ping=True)
         if read_only:
-            database = file.resolve()
+            database = resolved(file)
             # immutable: SQLite then needs no -shm beside the file, but also ignores a -wal, whose commits a
             # reader must see: plain read-only while one exists (a writer is running, or crashed)
             query = {"mode": "ro", "uri": "true"}

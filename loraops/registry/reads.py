@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import quote
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
-from ..fsutil import refuse_overlaps
+from ..fsutil import refuse_overlaps, resolved
 from ..references import is_integer
 from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord,
                        TensorRecord)
@@ -396,7 +396,7 @@ def _connect(url: str) -> tuple[Any, Path | None]:
             path = settings.plain_sqlite_file(url)  # (the rarer forms of SQLite URLs go through SQLAlchemy)
             if path is None or not path.is_file():
                 return None, None
-            path = path.resolve()  # (SQLite keeps its -wal and -shm beside the file a symlink names, not the link)
+            path = resolved(path)  # (SQLite keeps its -wal and -shm beside the file a symlink names, not the link)
             if not _has_wal_files(path):
                 made_wal = path
             connection = connect_read_only(path)
@@ -472,7 +472,7 @@ def sqlite_uri_of(file: Path) -> str:
 def read_only_connection(file: Path):
     """connect_read_only's connection, closed at the end, with the -wal and -shm it made beside the file (when
     neither was there) removed while no one has written to them (_close_wal's ``empty_only``)."""
-    file = file.resolve()
+    file = resolved(file)
     made_wal = not _has_wal_files(file)
     connection = connect_read_only(file)
     try:
@@ -489,7 +489,7 @@ def connect_read_only(file: Path):
     given to --db before it was refused as no registry."""
     import sqlite3
 
-    return sqlite3.connect(f"{sqlite_uri_of(file.resolve())}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+    return sqlite3.connect(f"{sqlite_uri_of(resolved(file))}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
                            isolation_level=None)
 
 

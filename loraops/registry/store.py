@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from .. import settings
 from ..lazy import LazyModule
-from ..fsutil import path_exists, refuse_unrecordable, remove, sha256_file
+from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
 from ..references import is_weight
@@ -170,7 +170,7 @@ class Registry:
         folder finds there what its member registered before."""
         own = settings.registry_blobs_dir(url, blobs)
         before = settings.blobs_dir() if settings.backend(url) == "sqlite" else settings.home() / "blobs"
-        return BlobStore(own), (BlobStore(before) if own.resolve() != before.resolve() else None)
+        return BlobStore(own), (BlobStore(before) if resolved(own) != resolved(before) else None)
 
     def close(self) -> None:
         """Close the registry's database connections (what leaving a ``with Registry.open()`` block does)."""
@@ -264,14 +264,14 @@ class Registry:
         from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
-        refuse_unrecordable(Path(path).resolve())
+        refuse_unrecordable(resolved(path))
         try:
             model = BaseModel.open(path)
         except AdapterAsBase as exc:
             raise InvalidInputError(f"{exc}; register it with `loraops register {path}`") from None
         fingerprint = model.fingerprint(progress=progress)
         name = check_name(default_name(Path(path)) if name is None else name, "base")
-        where = str(Path(path).resolve())
+        where = str(resolved(path))
 
         def work(s: Session) -> tuple[BaseRecord, bool]:
             existing = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint))
@@ -353,7 +353,7 @@ class Registry:
             row = s.get(SqlBase, base_id)
             if row is None:
                 raise NotFoundError(f"base {name!r} was removed meanwhile")
-            row.fingerprint, row.path, row.total_bytes = fingerprint, str(Path(path).resolve()), model.total_bytes
+            row.fingerprint, row.path, row.total_bytes = fingerprint, str(resolved(path)), model.total_bytes
             return self._base_record(s, row)
 
         return self.write(f"attach files to base {name!r}", work)
@@ -467,12 +467,12 @@ class Registry:
         ``previous_base``), so an adapter registered before its base can be linked later."""
         from .. import formats
 
-        path = Path(path)
-        if written is not None and written.path.resolve() != path.resolve():
+        path = existing_path(path)
+        if written is not None and resolved(written.path) != resolved(path):
             raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
                                     "adapter's; register it without `written`")
         formats.common.given_alpha(alpha, path)
-        refuse_unrecordable(source or path.resolve())
+        refuse_unrecordable(source or resolved(path))
         tags = clean_tags(tags)  # what the arguments alone refuse, before the adapter is read or hashed
         formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
         files = formats.adapter_files(path)
@@ -530,7 +530,7 @@ class Registry:
                 alpha=adapter.alpha, alpha_override=alpha, scale_mode=adapter.scale_mode,
                 target_modules=adapter.target_modules, dora=adapter.dora,
                 token_rows=token_counts(adapter), base_id=base_id, base_hint=adapter.base_model,
-                source=source or str(path.resolve()), blob=key, files=[f.as_dict() for f in stored],
+                source=source or str(resolved(path)), blob=key, files=[f.as_dict() for f in stored],
             )
             return self._insert_adapter(name, fields, adapter, tags, lineage)
         except BaseException:
@@ -604,7 +604,7 @@ class Registry:
             return []
         clauses = [SqlBase.name == hint, SqlBase.source == hint, SqlBase.source.startswith(f"hf://{hint}@")]
         with contextlib.suppress(OSError, ValueError):
-            clauses.append(SqlBase.path == str(Path(hint).expanduser().resolve()))
+            clauses.append(SqlBase.path == str(resolved(Path(hint).expanduser())))
         return list(s.scalars(select(SqlBase).where(or_(*clauses)).order_by(SqlBase.id)))
 
     def get_adapter(self, ref: str | int) -> AdapterRecord:
@@ -1138,7 +1138,7 @@ def module_fields(adapter: "Adapter") -> list[dict]:
 
 def default_name(path: Path) -> str:
     """A registry name from a path: the folder name, or the file name without .safetensors."""
-    stem = path.name.removesuffix(".safetensors") if path.is_file() else path.resolve().name
+    stem = path.name.removesuffix(".safetensors") if path.is_file() else resolved(path).name
     cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-.") or "unnamed"
     return cleaned if not cleaned.isdigit() else f"n{cleaned}"
 
