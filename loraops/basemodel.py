@@ -88,6 +88,7 @@ class BaseModel:
     headers: dict[Path, Header] = field(repr=False, default_factory=dict)
     prefetcher: Prefetcher | None = field(repr=False, default=None)
     _configs: dict[Path, dict] = field(repr=False, default_factory=dict)
+    _folders: dict[Path, Path] = field(repr=False, default_factory=dict)
 
     @classmethod
     def open(cls, path: str | Path) -> "BaseModel":
@@ -215,7 +216,9 @@ class BaseModel:
     def model_folder(self, file: Path) -> Path:
         """The folder of the model (pipeline component) whose weights ``file`` is, where its config.json and index
         are: the file's own, or one above it (config.json's transformers_weights may name sub/model.safetensors)."""
-        return next(part.folder for part in self.parts if file in part.files)
+        if not self._folders:  # (searching every part's files per call made check and merge quadratic in the shards)
+            self._folders.update({f: part.folder for part in self.parts for f in part.files})
+        return self._folders[file]
 
     def quantization_config(self, tensor: str) -> dict | None:
         """The quantization_config of the model holding ``tensor`` (loraops.fp8), None when it has none."""

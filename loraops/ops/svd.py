@@ -79,8 +79,11 @@ def randomized_svd(M: torch.Tensor, q: int, niter: int = POWER_ITERATIONS, seed:
     for _ in range(niter):
         Q = torch.linalg.qr(M.T @ Q).Q
         Q = torch.linalg.qr(M @ Q).Q
-    U, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
-    return Spectrum(Q @ U, S, Vh)
+    # Q·Qᵀ·M from the QR of Mᵀ·Q = Qa·Ra (Qᵀ·M = Raᵀ·Qaᵀ), the SVD of the small q×q Raᵀ: an SVD of the wide Qᵀ·M
+    # itself took 4.5 times as long (23 s for 522×28672 on 2 cores)
+    Qa, Ra = torch.linalg.qr(M.T @ Q)
+    U, S, Vh = torch.linalg.svd(Ra.T, full_matrices=False)
+    return Spectrum(Q @ U, S, Vh @ Qa.T)
 
 
 @dataclass
