@@ -141,6 +141,25 @@ def test_a_malformed_url_is_refused_as_such_without_a_blob_folder(tmp_path, monk
     assert "LORAOPS_BLOBS" not in without.output and "secret" not in without.output
 
 
+@pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
+def test_a_password_with_an_at_sign_is_never_shown(tmp_path, monkeypatch):
+    """SQLAlchemy (as libpq) ends a URL's password at its first '@': `me:sec@re@t@host` was shown as
+    `me:***@re@t@host`, and the driver's error named the host 're@t@127.0.0.1'. Refused as a malformed URL, before
+    the blob folder is asked for, the whole password masked."""
+    url = "postgresql+psycopg://me:sec@re@t@127.0.0.1:1/loraops"
+    monkeypatch.setenv("LORAOPS_DB", url)
+    for blobs in (None, str(tmp_path / "blobs")):
+        if blobs is None:
+            monkeypatch.delenv("LORAOPS_BLOBS", raising=False)
+        else:
+            monkeypatch.setenv("LORAOPS_BLOBS", blobs)
+        result = CliRunner().invoke(main, ["list"])
+        assert result.exit_code == 6 and result.output == (
+            "error: the registry URL postgresql+psycopg://me:***@127.0.0.1:1/loraops has '@' in its password, which "
+            "a URL writes as %40 (read as it is, the password ends at the first '@' and the rest is taken for the "
+            "host)\n"), result.output
+
+
 def test_registry_open_takes_the_blob_folder(tmp_path, monkeypatch):
     """A Python user opening a server registry without LORAOPS_BLOBS could only set os.environ; blobs= gives the
     folder (before LORAOPS_BLOBS, as an argument goes before the environment), and the refusal names it."""
