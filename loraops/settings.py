@@ -81,7 +81,7 @@ def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None =
         from .registry.db import refuse_bad_url
 
         refuse_bad_url(url or db_url())
-        raise RegistryError(f"the registry is a {scheme} server, shared by every loraops home that names it, but "
+        raise RegistryError(f"the registry is on a server ({scheme}), shared by every loraops home that names it, but "
                             f"{ENV_BLOBS} is not set, so adapters would be stored in this home's own folder, where no "
                             f"other home finds them: set {ENV_BLOBS} (from Python: Registry.open(url, blobs=PATH)) to "
                             f"the folder every user of the registry mounts (`export {ENV_BLOBS}={home() / 'blobs'}` "

@@ -90,12 +90,24 @@ def test_a_server_registry_without_a_shared_blob_folder_is_refused(tmp_path, mon
     kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
     result = CliRunner().invoke(main, command)
     assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
-    assert "server, shared by every loraops home that names it, but LORAOPS_BLOBS is not set" in result.output
+    assert "a server (postgresql), shared by every loraops home that names it, but LORAOPS_BLOBS is not set" in (
+        result.output)
     home = Path(os.environ["LORAOPS_HOME"])
     assert f"`export LORAOPS_BLOBS={home / 'blobs'}`" in result.output and not (home / "blobs").exists()
     if os.environ.get("LORAOPS_TEST_DB"):
         monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "shared"))
         assert CliRunner().invoke(main, ["list", "--json"]).output == "[]\n"
+
+
+@pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
+def test_the_blob_folder_refusal_reads_for_any_dialect(monkeypatch):
+    """The dialect was put after "a": "the registry is a oracle server"."""
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry
+
+    monkeypatch.delenv("LORAOPS_BLOBS", raising=False)
+    with pytest.raises(RegistryError, match=r"^the registry is on a server \(oracle\), shared by every loraops home"):
+        Registry.open("oracle://me@127.0.0.1:1/x")
 
 
 @pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
