@@ -46,18 +46,32 @@ def home_db_url() -> str:
 
 
 def blobs_dir(url: str | None = None) -> Path:
-    """Content-addressed adapter store of the registry at ``url`` (default: db_url()): $LORAOPS_BLOBS (a shared
-    folder for a team); else, for an SQLite registry other than the home's, a folder beside its file (<file>.blobs);
-    else <home>/blobs. One store per registry:
+    """Content-addressed adapter store of the registry at ``url`` (default: db_url()): the home's own registry.db
+    keeps <home>/blobs; any other registry $LORAOPS_BLOBS (a shared folder for a team); else, for an SQLite registry,
+    a folder beside its file (<file>.blobs), else <home>/blobs. One store per registry:
     `gc` and `rm` of one registry remove the files no record of *its own* uses, so two registries on one store
-    would delete each other's adapters (a second --db file once defaulted to the home's store)."""
+    would delete each other's adapters (a second --db file once defaulted to the home's store; and a home whose
+    shell exports the team's LORAOPS_BLOBS had its own registry's `gc` remove the team's adapters)."""
+    database = sqlite_database(url)
+    if database is not None and is_home_database(database):
+        return home() / "blobs"
     explicit = os.environ.get(ENV_BLOBS)
     if explicit:
-        return Path(explicit).expanduser()
-    database = sqlite_database(url)
-    if database is not None and database.resolve() != (home() / "registry.db").resolve():
+        return folder(explicit)
+    if database is not None:
         return database.with_name(database.name + ".blobs")
     return home() / "blobs"
+
+
+def is_home_database(database: Path) -> bool:
+    """Whether an SQLite registry file is the home's own registry.db."""
+    return database.resolve() == (home() / "registry.db").resolve()
+
+
+def folder(path: str | os.PathLike) -> Path:
+    """A blob folder as given (LORAOPS_BLOBS, Registry.open's blobs=), absolute: a relative one named another folder
+    after a chdir in the same process."""
+    return Path(path).expanduser().absolute()
 
 
 def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None = None) -> Path:
@@ -73,7 +87,7 @@ def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None =
 
             raise InvalidInputError("blobs= is empty: give the blob folder's path, or leave it out for "
                                     f"${ENV_BLOBS}'s")
-        return Path(blobs).expanduser()
+        return folder(blobs)
     explicit = os.environ.get(ENV_BLOBS)
     scheme = backend(url or db_url())
     if not explicit and scheme != "sqlite":

@@ -312,3 +312,50 @@ def test_an_empty_blobs_argument_is_refused_not_the_working_folder(tmp_path, mon
         with pytest.raises(InvalidInputError, match="blobs= is empty"):
             Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs=empty)
     assert not (tmp_path / "r.db").exists()
+
+
+@pytest.mark.sqlite_only  # (the home's own SQLite registry)
+def test_the_homes_own_registry_keeps_its_own_store_whatever_loraops_blobs_says(tmp_path, monkeypatch):
+    """LORAOPS_BLOBS (the team's folder, exported in a member's shell) applied to the home's own registry.db too: its
+    `gc` removed the team's adapters, which no record of its own used. The home's registry keeps <home>/blobs; what it
+    stored in LORAOPS_BLOBS before is copied over on first use (verify), not moved."""
+    from loraops.registry import Registry
+
+    home = Path(os.environ["LORAOPS_HOME"])
+    shared = tmp_path / "shared"
+    team = shared / "ab" / ("ab" + "0" * 62)  # a team member's stored adapter
+    team.mkdir(parents=True)
+    (team / "adapter.safetensors").write_bytes(b"team")
+    os.utime(team, (0, 0))
+    monkeypatch.delenv("LORAOPS_DB", raising=False)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(shared))
+    earlier = kohya_file(tmp_path / "earlier.safetensors", MODULES, rank=4)
+    with Registry.open(blobs=shared) as reg:  # (where the home's registry stored it while LORAOPS_BLOBS applied)
+        reg.add_adapter(earlier)
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=2)
+    result = CliRunner().invoke(main, ["register", str(style), "--json"])
+    assert result.exit_code == 0, result.output
+    assert Path(json.loads(result.output)["path"]).is_relative_to(home / "blobs")
+    assert "all stored files of 2 adapter(s) match" in CliRunner().invoke(main, ["verify"]).output
+    result = CliRunner().invoke(main, ["gc", "--grace", "0"])
+    assert result.exit_code == 0 and "removed 0 item(s)" in result.output, result.output
+    assert (team / "adapter.safetensors").read_bytes() == b"team"
+    assert len([p for p in shared.glob("[!.]*/*") if p.is_dir()]) == 2  # (the team's and the copied-from one)
+
+
+@pytest.mark.sqlite_only  # (paths only: no database is asked)
+def test_a_relative_blob_folder_is_made_absolute_where_it_is_read(tmp_path, monkeypatch):
+    """A relative LORAOPS_BLOBS or blobs= was kept relative: a chdir later in the same process (a library caller's)
+    moved the store to another folder."""
+    from loraops import settings
+    from loraops.registry import Registry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAOPS_BLOBS", "team-blobs")
+    assert settings.registry_blobs_dir("postgresql+psycopg://me@db.example/loraops") == tmp_path / "team-blobs"
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    with Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs="mine") as reg:
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        record = reg.add_adapter(style)
+    assert Path(record.path).is_relative_to(tmp_path / "mine") and not (tmp_path / "elsewhere" / "mine").exists()

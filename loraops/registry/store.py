@@ -167,9 +167,16 @@ class Registry:
         """The registry's blob store, and the one loraops used for it before (when another): up to 0.1.0
         Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs; a
         server registry's were in each home's <home>/blobs until LORAOPS_BLOBS was required, so a team's shared
-        folder finds there what its member registered before."""
+        folder finds there what its member registered before; the home's own registry's were in LORAOPS_BLOBS while
+        that applied to it too (settings.blobs_dir)."""
         own = settings.registry_blobs_dir(url, blobs)
-        before = settings.blobs_dir() if settings.backend(url) == "sqlite" else settings.home() / "blobs"
+        database = settings.sqlite_database(url)
+        if database is None:
+            before = settings.home() / "blobs"
+        elif settings.is_home_database(database) and os.environ.get(settings.ENV_BLOBS):
+            before = settings.folder(os.environ[settings.ENV_BLOBS])
+        else:
+            before = settings.blobs_dir()
         return BlobStore(own), (BlobStore(before) if own.resolve() != before.resolve() else None)
 
     def close(self) -> None:
