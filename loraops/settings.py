@@ -63,6 +63,21 @@ def blobs_dir(url: str | None = None) -> Path:
     return home() / "blobs"
 
 
+def earlier_blobs_dir(url: str, own: Path) -> Path | None:
+    """The store loraops kept the registry at ``url`` in before its own (``own``), when another: up to 0.1.0
+    Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs; a server
+    registry's were in each home's <home>/blobs until LORAOPS_BLOBS was required; the home's own registry's were in
+    LORAOPS_BLOBS while that applied to it too (blobs_dir). What is found there is copied over on first use."""
+    database = sqlite_database(url)
+    if database is None:
+        before = home() / "blobs"
+    elif is_home_database(database) and os.environ.get(ENV_BLOBS):
+        before = folder(os.environ[ENV_BLOBS])
+    else:
+        before = blobs_dir()
+    return before if own.resolve() != before.resolve() else None
+
+
 def is_home_database(database: Path) -> bool:
     """Whether an SQLite registry file is the home's own registry.db."""
     return database.resolve() == (home() / "registry.db").resolve()

@@ -206,6 +206,8 @@ def test_a_server_registry_finds_what_this_home_stored_before_blobs_were_shared(
     assert CliRunner().invoke(main, ["register", str(style)]).exit_code == 0
     shared = tmp_path / "shared"
     monkeypatch.setenv("LORAOPS_BLOBS", str(shared))
+    shown = json.loads(CliRunner().invoke(main, ["show", "style", "--json"]).output)["path"]  # (where it is: not
+    assert Path(shown).is_relative_to(home / "blobs") and Path(shown).is_file()  # copied until first used)
     result = CliRunner().invoke(main, ["export", "style", "--format", "kohya", "-o", "copy.safetensors"])
     assert result.exit_code == 0, result.output
     stored = json.loads(CliRunner().invoke(main, ["show", "style", "--json"]).output)["path"]
@@ -336,7 +338,12 @@ def test_the_homes_own_registry_keeps_its_own_store_whatever_loraops_blobs_says(
     result = CliRunner().invoke(main, ["register", str(style), "--json"])
     assert result.exit_code == 0, result.output
     assert Path(json.loads(result.output)["path"]).is_relative_to(home / "blobs")
+    for name, store in (("earlier", shared), ("style", home / "blobs")):  # (earlier: not copied until first used)
+        shown = Path(json.loads(CliRunner().invoke(main, ["show", name, "--json"]).output)["path"])
+        assert shown.is_relative_to(store) and shown.is_file(), shown
     assert "all stored files of 2 adapter(s) match" in CliRunner().invoke(main, ["verify"]).output
+    shown = Path(json.loads(CliRunner().invoke(main, ["show", "earlier", "--json"]).output)["path"])
+    assert shown.is_relative_to(home / "blobs") and shown.read_bytes() == earlier.read_bytes()
     result = CliRunner().invoke(main, ["gc", "--grace", "0"])
     assert result.exit_code == 0 and "removed 0 item(s)" in result.output, result.output
     assert (team / "adapter.safetensors").read_bytes() == b"team"
