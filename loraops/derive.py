@@ -254,14 +254,26 @@ def check_arguments(name: str | None, output: str | None, force: bool, refs: Seq
 
 def check_output(reg: "Registry", output: str | None, fmt: str | None) -> None:
     """The output refused, once the registry is open and before any input is read: over the registry's own files,
-    or misnamed for ``fmt`` where the format is known before the inputs are (else write refuses it before it
-    computes, extract once it knows its layout)."""
+    or misnamed for ``fmt``, given or known before the inputs are read (input_format; else write refuses it before
+    it computes, extract once it has read the models' headers, which say its layout)."""
     from .formats import refuse_misnamed
 
     if output is not None:
         reg.refuse_output_inside(output)
         if fmt is not None:
             refuse_misnamed(output, fmt)
+
+
+def input_format(reg: "Registry", ref: str) -> str | None:
+    """The layout of input ``ref`` before it is read or registered — a path's from its file names and tensor keys
+    (formats.detect), a registered adapter's from its record — for check_output; None where that fails (opening the
+    input says why, in its turn)."""
+    from .formats import detect
+
+    try:
+        return detect(ref) if path_exists(ref) else reg.get_adapter(ref).format
+    except (LoraopsError, OSError):
+        return None
 
 
 def rank_name(stem: str, rule: "RankRule", ceilings: Iterable[tuple[int, bool]]) -> str:
@@ -417,12 +429,13 @@ def combine(
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with opened(registry) as reg, inputs_of(reg) as open_input:
-        check_output(reg, output, fmt)
+        told = [input_format(reg, ref) for ref, _ in refs]
+        check_output(reg, output, fmt or (None if None in told else algebra.combined_format(told)))
         inputs = [open_entry(reg, open_input, ref, base, recipe, base_model) for ref, _ in refs]
         if block_weights is not None:
             inputs = [replace(i, adapter=blocks.block_weighted(i.adapter, weights, i.record.ref))
                       for i, weights in zip(inputs, block_weights)]
-        written = fmt or algebra.combined_format([i.adapter for i in inputs])
+        written = fmt or algebra.combined_format(i.adapter.format for i in inputs)
         for i in inputs:  # before the work: what could not be written is refused first
             refuse_unwritable(i.adapter, written)
         base_id = common_base(inputs)
@@ -508,7 +521,7 @@ def resize(
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref])
     with opened(registry) as reg, inputs_of(reg) as open_input:
-        check_output(reg, output, fmt)
+        check_output(reg, output, fmt or input_format(reg, ref))
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
         resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,
