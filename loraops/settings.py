@@ -86,7 +86,13 @@ def is_home_database(database: Path) -> bool:
 def folder(path: str | os.PathLike) -> Path:
     """A blob folder as given (LORAOPS_BLOBS, Registry.open's blobs=), absolute: a relative one named another folder
     after a chdir in the same process."""
-    return Path(path).expanduser().absolute()
+    try:
+        return Path(path).expanduser().absolute()
+    except RuntimeError:  # ~name of no user on this system
+        from .errors import RegistryError
+
+        raise RegistryError(f"the blob folder {path} starts with {str(path).split('/')[0]}, which names no user's "
+                            "home folder here; give the full path") from None
 
 
 def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None = None) -> Path:

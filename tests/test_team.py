@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,19 @@ def test_a_relative_blob_folder_is_made_absolute_where_it_is_read(tmp_path, monk
         monkeypatch.chdir(tmp_path / "elsewhere")
         record = reg.add_adapter(style)
     assert Path(record.path).is_relative_to(tmp_path / "mine") and not (tmp_path / "elsewhere" / "mine").exists()
+
+
+@pytest.mark.sqlite_only  # (paths only)
+def test_a_blob_folder_under_no_users_home_is_one_line(tmp_path, monkeypatch):
+    """LORAOPS_BLOBS or blobs= starting with ~name of no user here ended in Path.expanduser's traceback ("Could not
+    determine home directory")."""
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry
+
+    message = ("error: the blob folder ~nosuchuser-loraops/b starts with ~nosuchuser-loraops, which names no user's "
+               "home folder here; give the full path\n")
+    monkeypatch.setenv("LORAOPS_BLOBS", "~nosuchuser-loraops/b")
+    result = CliRunner().invoke(main, ["--db", str(tmp_path / "r.db"), "list"])
+    assert result.exit_code == 6 and result.output == message, result.output
+    with pytest.raises(RegistryError, match="^" + re.escape(message[len("error: "):-1]) + "$"):
+        Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs="~nosuchuser-loraops/b")
