@@ -383,3 +383,15 @@ def test_a_blob_folder_under_no_users_home_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 6 and result.output == message, result.output
     with pytest.raises(RegistryError, match="^" + re.escape(message[len("error: "):-1]) + "$"):
         Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs="~nosuchuser-loraops/b")
+
+
+@pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
+@pytest.mark.parametrize("credentials", ["me@corp", "me:p/ss"])
+def test_list_reads_a_urls_user_and_password_as_the_other_commands_do(tmp_path, monkeypatch, credentials):
+    """`list` and `show` connect over the driver alone, and libpq ends a URL's user and password at the first '@' or
+    '/' where SQLAlchemy (every other command) ends a user at the last '@': `list` of me@corp@host looked for the host
+    corp@host, of me:p/ss@host for the host me."""
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))
+    monkeypatch.setenv("LORAOPS_DB", f"postgresql+psycopg://{credentials}@127.0.0.1:1/loraops")
+    outputs = [CliRunner().invoke(main, command).output for command in (["list"], ["register", "x"])]
+    assert all('connection to server at "127.0.0.1", port 1 failed' in out for out in outputs), outputs

@@ -413,7 +413,11 @@ def _connect(url: str) -> tuple[Any, Path | None]:
                 made_wal = path
             connection = connect_read_only(path)
             connection.execute("BEGIN")  # one snapshot for every query of the command
-        elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2"):
+        elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2") and (
+                rest.count("@") < 2 and "/" not in rest.partition("@")[0]):
+            # (else libpq reads the user and password otherwise than SQLAlchemy: it ends them at the first '@' or
+            # '/', SQLAlchemy a user at the last '@' and a password at the first: `list` of me@corp@host looked for
+            # the host corp@host, and of me:p/ss@host for the host me, which every other command found)
             import psycopg
 
             try:
