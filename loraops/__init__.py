@@ -32,6 +32,7 @@ from .errors import (  # noqa: F401
     InvalidInputError,
     LoraopsError,
     MismatchError,
+    ModelLoraError,
     NotFoundError,
     RegistryError,
     UnsupportedAdapterError,

@@ -245,9 +245,9 @@ def combine(inputs: Sequence[tuple[Adapter, float]], method: str, params: "dict[
     return combine_lazily(inputs, method, params, **options).collect()
 
 
-def combined_format(adapters: Sequence[Adapter]) -> str:
-    """The layout of a combination: the inputs' when they share one, else peft."""
-    formats = {a.format for a in adapters}
+def combined_format(formats: Iterable[str]) -> str:
+    """The layout of a combination: the inputs' (``formats``) when they share one, else peft."""
+    formats = set(formats)
     return formats.pop() if len(formats) == 1 else "peft"
 
 
@@ -317,7 +317,7 @@ def combine_lazily(
     out_dtype = out_dtype or widest_dtype(*(adapter.dtype for adapter in adapters))
     result = raw.split_gate_up(Adapter(
         modules={name: template.stand_in() for name, template in templates.items()},
-        format=combined_format(adapters), base_model=next((h for h in hints if h), None),
+        format=combined_format(a.format for a in adapters), base_model=next((h for h in hints if h), None),
         base_revision=next((a.base_revision for a, h in zip(adapters, hints) if h), None),  # (that input's)
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import algebra, blocks
-from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
+from .errors import (AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, ModelLoraError,
+                     NotFoundError, reworded)
 from .formats import refuse_unwritable
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing, resolved
@@ -253,14 +254,26 @@ def check_arguments(name: str | None, output: str | None, force: bool, refs: Seq
 
 def check_output(reg: "Registry", output: str | None, fmt: str | None) -> None:
     """The output refused, once the registry is open and before any input is read: over the registry's own files,
-    or misnamed for ``fmt`` where the format is known before the inputs are (else write refuses it before it
-    computes, extract once it knows its layout)."""
+    or misnamed for ``fmt``, given or known before the inputs are read (input_format; else write refuses it before
+    it computes, extract once it has read the models' headers, which say its layout)."""
     from .formats import refuse_misnamed
 
     if output is not None:
         reg.refuse_output_inside(output)
         if fmt is not None:
             refuse_misnamed(output, fmt)
+
+
+def input_format(reg: "Registry", ref: str) -> str | None:
+    """The layout of input ``ref`` before it is read or registered — a path's from its file names and tensor keys
+    (formats.detect), a registered adapter's from its record — for check_output; None where that fails (opening the
+    input says why, in its turn)."""
+    from .formats import detect
+
+    try:
+        return detect(ref) if path_exists(ref) else reg.get_adapter(ref).format
+    except (LoraopsError, OSError):
+        return None
 
 
 def rank_name(stem: str, rule: "RankRule", ceilings: Iterable[tuple[int, bool]]) -> str:
@@ -399,12 +412,15 @@ def combine(
     output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
     base_model: str | None = None, conv_rank: int | None = None, dtype: str | None = None,
     block_weights: "Sequence[Sequence[float]] | None" = None, registry: "store.Registry | None" = None,
+    recipe: str | None = None,
 ) -> DerivedRecord:
     """Combine registered adapters or paths — (ref, weight) pairs or 'REF[:W]' strings — and register the result; see
     algebra.combine. ``base_model`` (a recipe's): the base every input must be for (see check_base_model). ``dtype``
     (bf16, fp16, fp32): the written tensors' (default: the inputs' widest), rounded once from the computed values.
     ``block_weights``: one list per input of a Stable Diffusion LoRA's block weights (see loraops.blocks), each
-    input's deltas weighed by them before the method sees them. ``registry``: as resize's."""
+    input's deltas weighed by them before the method sees them. ``registry``: as resize's. ``recipe``: the recipe
+    (Recipe.source) whose models the refs are: an entry that names no adapter and reads as mergekit's MODEL+LORA is
+    refused with why (ModelLoraError)."""
     from .registry.store import opened
 
     refs = weighted_inputs(refs)
@@ -413,12 +429,13 @@ def combine(
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref for ref, _ in refs])
     with opened(registry) as reg, inputs_of(reg) as open_input:
-        check_output(reg, output, fmt)
-        inputs = [open_input(ref, base) for ref, _ in refs]
+        told = [input_format(reg, ref) for ref, _ in refs]
+        check_output(reg, output, fmt or (None if None in told else algebra.combined_format(told)))
+        inputs = [open_entry(reg, open_input, ref, base, recipe, base_model) for ref, _ in refs]
         if block_weights is not None:
             inputs = [replace(i, adapter=blocks.block_weighted(i.adapter, weights, i.record.ref))
                       for i, weights in zip(inputs, block_weights)]
-        written = fmt or algebra.combined_format([i.adapter for i in inputs])
+        written = fmt or algebra.combined_format(i.adapter.format for i in inputs)
         for i in inputs:  # before the work: what could not be written is refused first
             refuse_unwritable(i.adapter, written)
         base_id = common_base(inputs)
@@ -448,6 +465,20 @@ def combine(
         i.model_copy(update={"block_weights": blocks.recorded(weights)})
         for i, weights in zip(result.report.inputs, block_weights)]})
     return result.model_copy(update={"report": report})
+
+
+def open_entry(reg: "Registry", open_input: Callable[[str, "str | None"], Input], ref: str, base: str | None,
+               recipe: str | None, base_model: str | None) -> Input:
+    """combine's input ``ref``; a recipe's entry that is mergekit's MODEL+LORA over another model than the base_model
+    and names no adapter is refused in the recipe's terms, the entry to change (ModelLoraError)."""
+    from .recipe import unresolved_lora_hint
+
+    if recipe is not None and not path_exists(ref) and (hint := unresolved_lora_hint(ref, base_model)) is not None:
+        try:
+            reg.get_adapter(ref)
+        except NotFoundError:
+            raise ModelLoraError(f"{recipe}: {hint}", ref) from None
+    return open_input(ref, base)
 
 
 def refuse_biasless(combined: "Adapter", manifest, base_name: str) -> None:
@@ -490,7 +521,7 @@ def resize(
     computed = computed_dtype(dtype)
     check_arguments(name, output, force, [ref])
     with opened(registry) as reg, inputs_of(reg) as open_input:
-        check_output(reg, output, fmt)
+        check_output(reg, output, fmt or input_format(reg, ref))
         source = open_input(ref, base)
         refuse_unwritable(source.adapter, fmt or source.adapter.format)
         resized = algebra.resize_lazily(source.adapter, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank,

@@ -27,6 +27,15 @@ class UnsupportedAdapterError(FormatError):
     does not allow (subtracting a DoRA adapter)."""
 
 
+class ModelLoraError(InvalidInputError):
+    """A recipe's models entry written as mergekit's ``MODEL+LORA`` that names no adapter: it is the adapter LORA only
+    where MODEL is the recipe's base_model. ``ref``: the entry as the recipe writes it."""
+
+    def __init__(self, message: str, ref: str):
+        super().__init__(message)
+        self.ref = ref
+
+
 class MismatchError(InvalidInputError):
     """An adapter that does not fit a base model (missing modules, wrong shapes, different bases)."""
 

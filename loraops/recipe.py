@@ -136,6 +136,8 @@ class Recipe:
     precise: bool = False
     dtype: str | None = None
     """combine's --dtype (bf16, fp16, fp32) from out_dtype; None: the inputs' widest."""
+    source: str = "recipe"
+    """Where the recipe was read (its path), as its refusals name it: derive.combine's ``recipe``."""
 
 
 def read_recipe(path: str | Path, base_folders: Callable[[str], list[str]] | None = None) -> Recipe:
@@ -276,7 +278,7 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
     except InvalidInputError as exc:
         raise refuse(str(exc)) from None
     return Recipe(name, method, list(zip(refs, weights)), params, base_model, DTYPES.get(dtype, False),
-                  OUT_DTYPES.get(written))
+                  OUT_DTYPES.get(written), source)
 
 
 def _dtype_name(data: dict, key: str, names: dict[str, Any], refuse: Callable[[str], InvalidInputError]) -> str | None:

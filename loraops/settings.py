@@ -48,18 +48,53 @@ def home_db_url() -> str:
 
 
 def blobs_dir(url: str | None = None) -> Path:
-    """Content-addressed adapter store of the registry at ``url`` (default: db_url()): $LORAOPS_BLOBS (a shared
-    folder for a team); else, for an SQLite registry other than the home's, a folder beside its file (<file>.blobs);
-    else <home>/blobs. One store per registry:
+    """Content-addressed adapter store of the registry at ``url`` (default: db_url()): the home's own registry.db
+    keeps <home>/blobs; any other registry $LORAOPS_BLOBS (a shared folder for a team); else, for an SQLite registry,
+    a folder beside its file (<file>.blobs), else <home>/blobs. One store per registry:
     `gc` and `rm` of one registry remove the files no record of *its own* uses, so two registries on one store
-    would delete each other's adapters (a second --db file once defaulted to the home's store)."""
+    would delete each other's adapters (a second --db file once defaulted to the home's store; and a home whose
+    shell exports the team's LORAOPS_BLOBS had its own registry's `gc` remove the team's adapters)."""
+    database = sqlite_database(url)
+    if database is not None and is_home_database(database):
+        return home() / "blobs"
     explicit = os.environ.get(ENV_BLOBS)
     if explicit:
-        return Path(explicit).expanduser()
-    database = sqlite_database(url)
-    if database is not None and resolved(database) != resolved(home() / "registry.db"):
+        return folder(explicit)
+    if database is not None:
         return database.with_name(database.name + ".blobs")
     return home() / "blobs"
+
+
+def earlier_blobs_dir(url: str, own: Path) -> Path | None:
+    """The store loraops kept the registry at ``url`` in before its own (``own``), when another: up to 0.1.0
+    Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs; a server
+    registry's were in each home's <home>/blobs until LORAOPS_BLOBS was required; the home's own registry's were in
+    LORAOPS_BLOBS while that applied to it too (blobs_dir). What is found there is copied over on first use."""
+    database = sqlite_database(url)
+    if database is None:
+        before = home() / "blobs"
+    elif is_home_database(database) and os.environ.get(ENV_BLOBS):
+        before = folder(os.environ[ENV_BLOBS])
+    else:
+        before = blobs_dir()
+    return before if resolved(own) != resolved(before) else None
+
+
+def is_home_database(database: Path) -> bool:
+    """Whether an SQLite registry file is the home's own registry.db."""
+    return resolved(database) == resolved(home() / "registry.db")
+
+
+def folder(path: str | os.PathLike) -> Path:
+    """A blob folder as given (LORAOPS_BLOBS, Registry.open's blobs=), absolute: a relative one named another folder
+    after a chdir in the same process."""
+    try:
+        return Path(path).expanduser().absolute()
+    except RuntimeError:  # ~name of no user on this system
+        from .errors import RegistryError
+
+        raise RegistryError(f"the blob folder {path} starts with {str(path).split('/')[0]}, which names no user's "
+                            "home folder here; give the full path") from None
 
 
 def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None = None) -> Path:
@@ -75,7 +110,7 @@ def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None =
 
             raise InvalidInputError("blobs= is empty: give the blob folder's path, or leave it out for "
                                     f"${ENV_BLOBS}'s")
-        return Path(blobs).expanduser()
+        return folder(blobs)
     explicit = os.environ.get(ENV_BLOBS)
     scheme = backend(url or db_url())
     if not explicit and scheme != "sqlite":
@@ -83,7 +118,7 @@ def registry_blobs_dir(url: str | None = None, blobs: str | os.PathLike | None =
         from .registry.db import refuse_bad_url
 
         refuse_bad_url(url or db_url())
-        raise RegistryError(f"the registry is a {scheme} server, shared by every loraops home that names it, but "
+        raise RegistryError(f"the registry is on a server ({scheme}), shared by every loraops home that names it, but "
                             f"{ENV_BLOBS} is not set, so adapters would be stored in this home's own folder, where no "
                             f"other home finds them: set {ENV_BLOBS} (from Python: Registry.open(url, blobs=PATH)) to "
                             f"the folder every user of the registry mounts (`export {ENV_BLOBS}={home() / 'blobs'}` "

@@ -349,3 +349,28 @@ def test_a_lazy_module_stand_in_copies_and_pickles():
     lazy = LazyModule("json")
     for again in (copy.copy(lazy), copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):
         assert again.dumps([1]) == "[1]"
+
+
+def test_a_recipes_model_plus_lora_entry_that_names_nothing_is_refused_with_why(art, tmp_path):
+    """A models entry BASE+LORA without a base_model names no adapter (mergekit reads LORA only over the base_model):
+    the CLI found its hint by looking for the entry in the text of a NotFoundError, and the library got the plain
+    'not found'; the library's combine now raises ModelLoraError, carrying the entry, as the CLI says it. A registered
+    name holding '+' (combine's default a+b-ties) is still an adapter."""
+    from loraops.errors import ModelLoraError
+    from loraops.recipe import parse_recipe
+
+    entry = f"{art['base']}+{art['ad']}"
+    doc = {"merge_method": "task_arithmetic", "models": [{"model": entry, "parameters": {"weight": 1.0}}]}
+    recipe = parse_recipe(doc, "r.yml")
+    with Registry.open(f"sqlite:///{tmp_path / 'r.db'}") as reg:
+        with pytest.raises(ModelLoraError) as caught:
+            derive.combine(recipe.inputs, recipe.method, recipe.params, base_model=recipe.base_model, registry=reg,
+                           recipe=recipe.source)
+        assert caught.value.ref == entry and str(caught.value).startswith(
+            f"r.yml: {entry!r} is mergekit's MODEL+LORA, read as the adapter {str(art['ad'])!r} only where MODEL is "
+            "the base_model, and the recipe gives none"), str(caught.value)
+        assert reg.list_adapters() == []
+        reg.add_adapter(art["ad"], name="x+ad")
+        named = parse_recipe({**doc, "models": [{"model": "x+ad", "parameters": {"weight": 1.0}}]}, "r.yml")
+        done = derive.combine(named.inputs, named.method, named.params, registry=reg, recipe=named.source)
+        assert [i.ref for i in done.report.inputs] == ["x+ad@1"]

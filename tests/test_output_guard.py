@@ -129,6 +129,34 @@ def test_an_output_named_as_the_other_kind_is_refused_before_anything_is_read(tm
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("args", [
+    ["combine", "style", "{adapter}", "-o", "{out}/x.safetensors"],
+    ["resize", "{adapter}", "--rank", "2", "-o", "{out}/x.safetensors"],
+    ["resize", "style", "--rank", "2", "-o", "{out}/x.safetensors"],
+])
+def test_an_output_named_as_the_inputs_layout_does_not_write_is_refused_before_they_are_read(
+        tmp_path, registered, monkeypatch, args):
+    """Without --format, combine and resize write their inputs' layout, and checked the output's name against it only
+    once the inputs were registered (hashed) and loaded: a layout known from a path's file names or a record is
+    checked first, as a --format given."""
+    from loraops.registry.store import Registry
+
+    _, _, adapter = registered
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def no_reading(*_args, **_kwargs):
+        raise AssertionError("an input was read before the output's name was checked")
+
+    for name in ("register_adapter", "load_adapter"):
+        monkeypatch.setattr(Registry, name, no_reading)
+    argv = [a.format(adapter=adapter, out=out) for a in args]
+    result = run(*argv, code=2)
+    assert result.output == (f"error: {out}/x.safetensors: a peft adapter is a folder, not one .safetensors file; "
+                             "give a folder name, or --format kohya/diffusers for one .safetensors file\n")
+    assert list(out.iterdir()) == []
+
+
 def test_the_engine_refuses_a_misnamed_output_too(tmp_path):
     """Library callers of engine.merge/subtract get the same rule as the commands."""
     import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -90,12 +91,24 @@ def test_a_server_registry_without_a_shared_blob_folder_is_refused(tmp_path, mon
     kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
     result = CliRunner().invoke(main, command)
     assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
-    assert "server, shared by every loraops home that names it, but LORAOPS_BLOBS is not set" in result.output
+    assert "a server (postgresql), shared by every loraops home that names it, but LORAOPS_BLOBS is not set" in (
+        result.output)
     home = Path(os.environ["LORAOPS_HOME"])
     assert f"`export LORAOPS_BLOBS={home / 'blobs'}`" in result.output and not (home / "blobs").exists()
     if os.environ.get("LORAOPS_TEST_DB"):
         monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "shared"))
         assert CliRunner().invoke(main, ["list", "--json"]).output == "[]\n"
+
+
+@pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
+def test_the_blob_folder_refusal_reads_for_any_dialect(monkeypatch):
+    """The dialect was put after "a": "the registry is a oracle server"."""
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry
+
+    monkeypatch.delenv("LORAOPS_BLOBS", raising=False)
+    with pytest.raises(RegistryError, match=r"^the registry is on a server \(oracle\), shared by every loraops home"):
+        Registry.open("oracle://me@127.0.0.1:1/x")
 
 
 @pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
@@ -141,6 +154,25 @@ def test_a_malformed_url_is_refused_as_such_without_a_blob_folder(tmp_path, monk
     assert "LORAOPS_BLOBS" not in without.output and "secret" not in without.output
 
 
+@pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
+def test_a_password_with_an_at_sign_is_never_shown(tmp_path, monkeypatch):
+    """SQLAlchemy (as libpq) ends a URL's password at its first '@': `me:sec@re@t@host` was shown as
+    `me:***@re@t@host`, and the driver's error named the host 're@t@127.0.0.1'. Refused as a malformed URL, before
+    the blob folder is asked for, the whole password masked."""
+    url = "postgresql+psycopg://me:sec@re@t@127.0.0.1:1/loraops"
+    monkeypatch.setenv("LORAOPS_DB", url)
+    for blobs in (None, str(tmp_path / "blobs")):
+        if blobs is None:
+            monkeypatch.delenv("LORAOPS_BLOBS", raising=False)
+        else:
+            monkeypatch.setenv("LORAOPS_BLOBS", blobs)
+        result = CliRunner().invoke(main, ["list"])
+        assert result.exit_code == 6 and result.output == (
+            "error: the registry URL postgresql+psycopg://me:***@127.0.0.1:1/loraops has '@' in its password, which "
+            "a URL writes as %40 (read as it is, the password ends at the first '@' and the rest is taken for the "
+            "host)\n"), result.output
+
+
 def test_registry_open_takes_the_blob_folder(tmp_path, monkeypatch):
     """A Python user opening a server registry without LORAOPS_BLOBS could only set os.environ; blobs= gives the
     folder (before LORAOPS_BLOBS, as an argument goes before the environment), and the refusal names it."""
@@ -175,6 +207,8 @@ def test_a_server_registry_finds_what_this_home_stored_before_blobs_were_shared(
     assert CliRunner().invoke(main, ["register", str(style)]).exit_code == 0
     shared = tmp_path / "shared"
     monkeypatch.setenv("LORAOPS_BLOBS", str(shared))
+    shown = json.loads(CliRunner().invoke(main, ["show", "style", "--json"]).output)["path"]  # (where it is: not
+    assert Path(shown).is_relative_to(home / "blobs") and Path(shown).is_file()  # copied until first used)
     result = CliRunner().invoke(main, ["export", "style", "--format", "kohya", "-o", "copy.safetensors"])
     assert result.exit_code == 0, result.output
     stored = json.loads(CliRunner().invoke(main, ["show", "style", "--json"]).output)["path"]
@@ -281,3 +315,83 @@ def test_an_empty_blobs_argument_is_refused_not_the_working_folder(tmp_path, mon
         with pytest.raises(InvalidInputError, match="blobs= is empty"):
             Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs=empty)
     assert not (tmp_path / "r.db").exists()
+
+
+@pytest.mark.sqlite_only  # (the home's own SQLite registry)
+def test_the_homes_own_registry_keeps_its_own_store_whatever_loraops_blobs_says(tmp_path, monkeypatch):
+    """LORAOPS_BLOBS (the team's folder, exported in a member's shell) applied to the home's own registry.db too: its
+    `gc` removed the team's adapters, which no record of its own used. The home's registry keeps <home>/blobs; what it
+    stored in LORAOPS_BLOBS before is copied over on first use (verify), not moved."""
+    from loraops.registry import Registry
+
+    home = Path(os.environ["LORAOPS_HOME"])
+    shared = tmp_path / "shared"
+    team = shared / "ab" / ("ab" + "0" * 62)  # a team member's stored adapter
+    team.mkdir(parents=True)
+    (team / "adapter.safetensors").write_bytes(b"team")
+    os.utime(team, (0, 0))
+    monkeypatch.delenv("LORAOPS_DB", raising=False)
+    monkeypatch.setenv("LORAOPS_BLOBS", str(shared))
+    earlier = kohya_file(tmp_path / "earlier.safetensors", MODULES, rank=4)
+    with Registry.open(blobs=shared) as reg:  # (where the home's registry stored it while LORAOPS_BLOBS applied)
+        reg.add_adapter(earlier)
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=2)
+    result = CliRunner().invoke(main, ["register", str(style), "--json"])
+    assert result.exit_code == 0, result.output
+    assert Path(json.loads(result.output)["path"]).is_relative_to(home / "blobs")
+    for name, store in (("earlier", shared), ("style", home / "blobs")):  # (earlier: not copied until first used)
+        shown = Path(json.loads(CliRunner().invoke(main, ["show", name, "--json"]).output)["path"])
+        assert shown.is_relative_to(store) and shown.is_file(), shown
+    assert "all stored files of 2 adapter(s) match" in CliRunner().invoke(main, ["verify"]).output
+    shown = Path(json.loads(CliRunner().invoke(main, ["show", "earlier", "--json"]).output)["path"])
+    assert shown.is_relative_to(home / "blobs") and shown.read_bytes() == earlier.read_bytes()
+    result = CliRunner().invoke(main, ["gc", "--grace", "0"])
+    assert result.exit_code == 0 and "removed 0 item(s)" in result.output, result.output
+    assert (team / "adapter.safetensors").read_bytes() == b"team"
+    assert len([p for p in shared.glob("[!.]*/*") if p.is_dir()]) == 2  # (the team's and the copied-from one)
+
+
+@pytest.mark.sqlite_only  # (paths only: no database is asked)
+def test_a_relative_blob_folder_is_made_absolute_where_it_is_read(tmp_path, monkeypatch):
+    """A relative LORAOPS_BLOBS or blobs= was kept relative: a chdir later in the same process (a library caller's)
+    moved the store to another folder."""
+    from loraops import settings
+    from loraops.registry import Registry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAOPS_BLOBS", "team-blobs")
+    assert settings.registry_blobs_dir("postgresql+psycopg://me@db.example/loraops") == tmp_path / "team-blobs"
+    style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
+    with Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs="mine") as reg:
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        record = reg.add_adapter(style)
+    assert Path(record.path).is_relative_to(tmp_path / "mine") and not (tmp_path / "elsewhere" / "mine").exists()
+
+
+@pytest.mark.sqlite_only  # (paths only)
+def test_a_blob_folder_under_no_users_home_is_one_line(tmp_path, monkeypatch):
+    """LORAOPS_BLOBS or blobs= starting with ~name of no user here ended in Path.expanduser's traceback ("Could not
+    determine home directory")."""
+    from loraops.errors import RegistryError
+    from loraops.registry import Registry
+
+    message = ("error: the blob folder ~nosuchuser-loraops/b starts with ~nosuchuser-loraops, which names no user's "
+               "home folder here; give the full path\n")
+    monkeypatch.setenv("LORAOPS_BLOBS", "~nosuchuser-loraops/b")
+    result = CliRunner().invoke(main, ["--db", str(tmp_path / "r.db"), "list"])
+    assert result.exit_code == 6 and result.output == message, result.output
+    with pytest.raises(RegistryError, match="^" + re.escape(message[len("error: "):-1]) + "$"):
+        Registry.open(f"sqlite:///{tmp_path / 'r.db'}", blobs="~nosuchuser-loraops/b")
+
+
+@pytest.mark.sqlite_only  # (the URL is its own: the PostgreSQL pass adds nothing)
+@pytest.mark.parametrize("credentials", ["me@corp", "me:p/ss"])
+def test_list_reads_a_urls_user_and_password_as_the_other_commands_do(tmp_path, monkeypatch, credentials):
+    """`list` and `show` connect over the driver alone, and libpq ends a URL's user and password at the first '@' or
+    '/' where SQLAlchemy (every other command) ends a user at the last '@': `list` of me@corp@host looked for the host
+    corp@host, of me:p/ss@host for the host me."""
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))
+    monkeypatch.setenv("LORAOPS_DB", f"postgresql+psycopg://{credentials}@127.0.0.1:1/loraops")
+    outputs = [CliRunner().invoke(main, command).output for command in (["list"], ["register", "x"])]
+    assert all('connection to server at "127.0.0.1", port 1 failed' in out for out in outputs), outputs

@@ -7,8 +7,6 @@ import click
 
 from .. import blocks
 from . import FLOAT, INT
-from ..errors import InvalidInputError, NotFoundError
-from ..recipe import unresolved_lora_hint
 from ..references import parse_weighted
 from .render import METHODS, echo_json, echo_table, layer_kind, not_again
 
@@ -180,10 +178,11 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
              ("flatten", flatten), ("row_wise", row_wise), ("filter_wise", filter_wise), ("normalize", normalize),
              ("lambda", lambda_), ("normalize_weights", normalize_weights), ("eps", eps))
     params = {key: value for key, value in given if value is not None}
-    refs, base_model = None, None
+    refs, base_model, source = None, None, None
     if recipe is not None:
         read = recipe_arguments(ctx, recipe)
-        method, refs, base_model, precise = read.method, read.inputs, read.base_model, precise or read.precise
+        method, refs, base_model, source = read.method, read.inputs, read.base_model, read.source
+        precise = precise or read.precise
         params = {**read.params, **params}  # params holds only what no recipe gives (seed, consensus)
         if None not in (dtype, read.dtype) and dtype != read.dtype:
             raise click.UsageError(f"--dtype {dtype} given with --recipe, whose out_dtype writes {read.dtype}: give "
@@ -191,17 +190,10 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
         dtype = dtype or read.dtype
     elif not inputs:
         raise click.UsageError("give the adapters to combine (REF[:WEIGHT]...), or --recipe")
-    try:
-        result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
-                                device=device, precise=precise, name=name, output=output, fmt=fmt, force=force,
-                                base=base, base_model=base_model, conv_rank=conv_rank, dtype=dtype,
-                                block_weights=block_weights)
-    except NotFoundError as exc:
-        missing = [ref for ref, _ in refs or () if repr(ref) in str(exc) or str(exc).startswith(f"{ref}:")]
-        hint = unresolved_lora_hint(missing[0], base_model) if missing else None
-        if hint is None:
-            raise
-        raise InvalidInputError(f"{recipe}: {hint}") from None  # the recipe's entry is to change, as its refusals
+    result = derive.combine(refs or [parse_weighted(text) for text in inputs], method, params, rank=rank,
+                            device=device, precise=precise, name=name, output=output, fmt=fmt, force=force, base=base,
+                            base_model=base_model, conv_rank=conv_rank, dtype=dtype, block_weights=block_weights,
+                            recipe=source)
     if as_json:
         echo_json(result)
         return

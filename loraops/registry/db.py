@@ -113,10 +113,17 @@ def make_engine(url: str, *, create: bool = True, read_only: bool = False) -> En
 def parse_url(url) -> "URL":
     """A registry URL (a string or a SQLAlchemy URL) parsed, or one RegistryError line that does not echo it."""
     try:
-        return make_url(url)
+        parsed = make_url(url)
     except Exception:  # noqa: BLE001 - never echo a string that may hold a password
         raise RegistryError("the registry URL is not a SQLAlchemy database URL (dialect[+driver]://user@host/name, "
                             "e.g. postgresql+psycopg://me@db.example/loraops or sqlite:////path/registry.db)") from None
+    if parsed.password is not None and "@" in (parsed.host or ""):
+        # SQLAlchemy (as libpq) ends the password at its first '@': the rest of it was shown as the host, masked
+        # URL and driver error alike ("failed to resolve host 'ss@db.example'")
+        shown = _safe_url(parsed.set(host=parsed.host.rpartition("@")[2]))
+        raise RegistryError(f"the registry URL {shown} has '@' in its password, which a URL writes as %40 (read "
+                            "as it is, the password ends at the first '@' and the rest is taken for the host)")
+    return parsed
 
 
 def refuse_bad_url(url: str) -> None:

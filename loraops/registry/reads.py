@@ -75,16 +75,18 @@ _LATEST = "SELECT id FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1"
 class Reader:
     """The registry's read queries over one connection: ``execute`` runs SQL as the DB-API driver takes it."""
 
-    def __init__(self, execute: Execute, paramstyle: str, blobs: BlobStore) -> None:
+    def __init__(self, execute: Execute, paramstyle: str, blobs: BlobStore, earlier: BlobStore | None = None) -> None:
         if paramstyle not in ("qmark", "format", "pyformat"):
             raise RegistryError(f"the registry's database driver takes parameters in the {paramstyle!r} style, "
                                 "which loraops does not support (use SQLite or PostgreSQL)")
         self.execute = execute
         self.blobs = blobs
+        self.earlier = earlier
+        """The store loraops kept the registry's adapters in before (settings.earlier_blobs_dir), for stored()."""
         self._percent = paramstyle != "qmark"
 
     @classmethod
-    def over(cls, connection, blobs: BlobStore) -> "Reader":
+    def over(cls, connection, blobs: BlobStore, earlier: BlobStore | None = None) -> "Reader":
         """A Reader on a plain DB-API connection."""
 
         def execute(sql: str, params: tuple) -> list[tuple]:
@@ -96,7 +98,7 @@ class Reader:
                 cursor.close()
 
         driver = sys.modules[type(connection).__module__.partition(".")[0]]  # sqlite3, psycopg
-        return cls(execute, driver.paramstyle, blobs)
+        return cls(execute, driver.paramstyle, blobs, earlier)
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[tuple]:
         """Run ``sql`` written with ``?`` placeholders (and no literal ? or %) in the driver's own style."""
@@ -158,9 +160,18 @@ class Reader:
 
         (blob, alpha, base_id), = self.rows("SELECT blob, alpha_override, base_id FROM adapters WHERE id = ?",
                                             [self.adapter_id(ref)])
-        adapter = formats.read_adapter(self.blobs.path(blob), alpha=alpha, values=False)
+        adapter = formats.read_adapter(self.stored(blob), alpha=alpha, values=False)
         adapter = check.bind(adapter, self.manifest(base_id)) if base_id is not None else adapter
         return {m.name: m.kernel for m in adapter.modules.values() if m.kernel is not None and m.product is None}
+
+    def stored(self, blob: str) -> Path:
+        """Where a record's stored adapter is: in the registry's store, or in the earlier one where only that has it
+        yet (a read copies nothing: the first load or verify does, Registry._recover); `show` named the registry's
+        store's path before the copy, where there was no file."""
+        path = self.blobs.path(blob)
+        if self.earlier is not None and not os.path.lexists(path) and os.path.lexists(self.earlier.path(blob)):
+            return self.earlier.path(blob)
+        return path
 
     def adapter_id(self, ref: str | int) -> int:
         """The id of the adapter ``ref`` names (see the module docstring), or a one-line NotFound/Ambiguous error."""
@@ -239,7 +250,7 @@ class Reader:
                 methods=methods.get(id_, []),
                 token_rows=_json(token_rows),  # None: not recorded
                 base=None if base_id is None else BaseRef(id=base_id, name=base_name, fingerprint=fingerprint),
-                base_hint=base_hint, tags=sorted(tags.get(id_, [])), source=source, path=str(self.blobs.path(blob)),
+                base_hint=base_hint, tags=sorted(tags.get(id_, [])), source=source, path=str(self.stored(blob)),
                 created=_time(created), num_modules=counts.get(id_, 0), modules=modules.get(id_, []),
                 lineage=lineages.get(lineage_id),
             ))
@@ -345,6 +356,7 @@ def reader(url: str | None = None, *, records_only: bool = False) -> Iterator[Re
 
     url = url or settings.db_url()
     blobs = settings.blobs_dir(url) if records_only else settings.registry_blobs_dir(url)
+    earlier = settings.earlier_blobs_dir(url, blobs)
     connection, made_wal = _connect(url)
     if connection is None:
         from .store import Registry
@@ -353,7 +365,7 @@ def reader(url: str | None = None, *, records_only: bool = False) -> Iterator[Re
             yield found
         return
     try:
-        yield Reader.over(connection, BlobStore(blobs))
+        yield Reader.over(connection, BlobStore(blobs), BlobStore(earlier) if earlier is not None else None)
     finally:
         connection.close()
         if made_wal is not None:
@@ -401,7 +413,11 @@ def _connect(url: str) -> tuple[Any, Path | None]:
                 made_wal = path
             connection = connect_read_only(path)
             connection.execute("BEGIN")  # one snapshot for every query of the command
-        elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2"):
+        elif dialect == "postgresql" and driver in ("", "psycopg", "psycopg2") and (
+                rest.count("@") < 2 and "/" not in rest.partition("@")[0]):
+            # (else libpq reads the user and password otherwise than SQLAlchemy: it ends them at the first '@' or
+            # '/', SQLAlchemy a user at the last '@' and a password at the first: `list` of me@corp@host looked for
+            # the host corp@host, and of me:p/ss@host for the host me, which every other command found)
             import psycopg
 
             try:

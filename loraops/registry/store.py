@@ -164,13 +164,10 @@ class Registry:
 
     @staticmethod
     def _stores(url: str, blobs: str | os.PathLike | None = None) -> "tuple[BlobStore, BlobStore | None]":
-        """The registry's blob store, and the one loraops used for it before (when another): up to 0.1.0
-        Registry.open(url) stored an SQLite URL's adapters in LORAOPS_DB's store (the home's), not <file>.blobs; a
-        server registry's were in each home's <home>/blobs until LORAOPS_BLOBS was required, so a team's shared
-        folder finds there what its member registered before."""
+        """The registry's blob store, and the one loraops used for it before (settings.earlier_blobs_dir)."""
         own = settings.registry_blobs_dir(url, blobs)
-        before = settings.blobs_dir() if settings.backend(url) == "sqlite" else settings.home() / "blobs"
-        return BlobStore(own), (BlobStore(before) if resolved(own) != resolved(before) else None)
+        before = settings.earlier_blobs_dir(url, own)
+        return BlobStore(own), (BlobStore(before) if before is not None else None)
 
     def close(self) -> None:
         """Close the registry's database connections (what leaving a ``with Registry.open()`` block does)."""
@@ -245,7 +242,7 @@ class Registry:
         s.flush()  # what this transaction changed is then visible to plain SQL on its connection
         connection = s.connection()
         return reads.Reader(lambda sql, params: connection.exec_driver_sql(sql, params).all(),
-                            self.engine.dialect.dbapi.paramstyle, self.blobs)
+                            self.engine.dialect.dbapi.paramstyle, self.blobs, self.earlier)
 
     # ---------------------------------------------------------------- bases
 
