@@ -71,7 +71,7 @@ def resolve_adapter(reg, ref: str, weight: float, scratch: Path | None = None) -
         adapter = _stored_copy(reg, registry_id, ref) if registry_id is not None else None
         if adapter is not None:
             return Input(ref, adapter, weight, sha, registry_id)
-        adapter, read_sha = _read_copied(ref, scratch)
+        adapter, read_sha = _read_copied(ref, scratch, sha)
         # (a file changed since it was hashed is what was read: not the registered one)
         return Input(ref, adapter, weight, read_sha, registry_id if read_sha == sha else None)
     if reg is None:
@@ -80,15 +80,16 @@ def resolve_adapter(reg, ref: str, weight: float, scratch: Path | None = None) -
     return Input(f"{record.name}@{record.version}", reg.load_adapter(record.id), weight, record.sha256, record.id)
 
 
-def _read_copied(ref: str, scratch: Path | None) -> tuple[Adapter, str]:
+def _read_copied(ref: str, scratch: Path | None, sha: str | None) -> tuple[Adapter, str]:
     """(the adapter at path ``ref``, its identity), read from a private copy of its weights in ``scratch``
     (st.private_copy) and mapped from there, so its saved whole tensors (a modules_to_save lm_head, GBs for a large
     vocabulary) are page cache the kernel can drop rather than anonymous memory, as a registered adapter's are; the
-    identity is of the copied bytes, so it names what was merged. Without ``scratch`` the file is read into memory."""
+    identity is of the copied bytes, so it names what was merged. Without ``scratch`` the file is read into memory
+    (its identity: ``sha`` when known)."""
     from . import formats, st
 
     if scratch is None:
-        return formats.read_adapter(ref), formats.identity(ref)
+        return formats.read_adapter(ref), sha or formats.identity(ref)
     with st.private_copy(formats.adapter_weights(ref), scratch) as digest:
         return formats.read_adapter(ref, mapped=digest is not None), formats.identity(ref, weights_sha256=digest)
 
