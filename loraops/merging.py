@@ -57,12 +57,13 @@ class Input:
         return {} if self.block_weights is None else {"block_weights": self.block_weights}
 
 
-def resolve_adapter(reg, ref: str, weight: float, scratch: Path | None = None) -> Input:
+def resolve_adapter(reg, ref: str, weight: float, scratch: Path | None = None, reserve: int = 0) -> Input:
     """A path or a registry reference. A path is matched to the registry by identity: when it is registered, its
     stored copy (the same bytes) is what is loaded, mapped into memory rather than read into it (see
     Registry.load_adapter: a user's file is never mapped, since it could be truncated while in use); else, or when
     the stored copy is damaged, the file is read as it is, or with ``scratch`` (a folder) copied there first and
-    mapped from that copy (_read_copied). Without a registry the path's identity is not looked up."""
+    mapped from that copy (_read_copied; ``reserve``: bytes of that folder's free disk the output needs, which no
+    copy may take). Without a registry the path's identity is not looked up."""
     from . import formats
 
     if path_exists(ref):
@@ -71,7 +72,7 @@ def resolve_adapter(reg, ref: str, weight: float, scratch: Path | None = None) -
         adapter = _stored_copy(reg, registry_id, ref) if registry_id is not None else None
         if adapter is not None:
             return Input(ref, adapter, weight, sha, registry_id)
-        adapter, read_sha = _read_copied(ref, scratch, sha)
+        adapter, read_sha = _read_copied(ref, scratch, reserve, sha)
         # (a file changed since it was hashed is what was read: not the registered one)
         return Input(ref, adapter, weight, read_sha, registry_id if read_sha == sha else None)
     if reg is None:
@@ -80,18 +81,19 @@ def resolve_adapter(reg, ref: str, weight: float, scratch: Path | None = None) -
     return Input(f"{record.name}@{record.version}", reg.load_adapter(record.id), weight, record.sha256, record.id)
 
 
-def _read_copied(ref: str, scratch: Path | None, sha: str | None) -> tuple[Adapter, str]:
+def _read_copied(ref: str, scratch: Path | None, reserve: int, sha: str | None) -> tuple[Adapter, str]:
     """(the adapter at path ``ref``, its identity), read from a private copy of its weights in ``scratch``
-    (st.private_copy) and mapped from there, so its saved whole tensors (a modules_to_save lm_head, GBs for a large
-    vocabulary) are page cache the kernel can drop rather than anonymous memory, as a registered adapter's are; the
-    identity is of the copied bytes, so it names what was merged. Without ``scratch`` the file is read into memory
-    (its identity: ``sha`` when known)."""
+    (st.private_copy, leaving ``reserve`` bytes free there) and mapped from there, so its saved whole tensors (a
+    modules_to_save lm_head, GBs for a large vocabulary) are page cache the kernel can drop rather than anonymous
+    memory, as a registered adapter's are; the identity is of the copied bytes, so it names what was merged. Without
+    ``scratch``, or where no copy is made, the file is read into memory (its identity: ``sha`` when known)."""
     from . import formats, st
 
-    if scratch is None:
-        return formats.read_adapter(ref), sha or formats.identity(ref)
-    with st.private_copy(formats.adapter_weights(ref), scratch) as digest:
-        return formats.read_adapter(ref, mapped=digest is not None), formats.identity(ref, weights_sha256=digest)
+    if scratch is not None:
+        with st.private_copy(formats.adapter_weights(ref), scratch, reserve) as digest:
+            if digest is not None:
+                return formats.read_adapter(ref, mapped=True), formats.identity(ref, weights_sha256=digest)
+    return formats.read_adapter(ref), sha or formats.identity(ref)
 
 
 def scratch_folder(output: str | Path) -> Path:
@@ -108,11 +110,13 @@ def _block_lists(block_weights, pairs: list) -> list:
     return blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
 
 
-def _resolved(reg, adapters: Sequence[tuple[str, float]], lists: list, output: str | Path) -> list[Input]:
+def _resolved(reg, adapters: Sequence[tuple[str, float]], lists: list, output: str | Path | None,
+              room: int = 0) -> list[Input]:
     """The adapter arguments, (ref, weight) pairs, resolved and weighed by their block weights (a list or None each);
-    a path's private copy goes beside ``output`` (scratch_folder)."""
-    scratch = scratch_folder(output)
-    return [resolve_adapter(reg, ref, weight, scratch).weighed(weights)
+    a path's private copy goes beside ``output`` (scratch_folder) where that leaves the ``room`` bytes the output
+    needs (a copy must not cost a merge that fits without it its disk), none without ``output``."""
+    scratch = scratch_folder(output) if output is not None else None
+    return [resolve_adapter(reg, ref, weight, scratch, room).weighed(weights)
             for (ref, weight), weights in zip(adapters, lists)]
 
 
@@ -250,8 +254,8 @@ def _merge(base, adapters, output, *, name, record, lists, registry, **options) 
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record, base, adapters)
         model, _ = _streamed(reg, base, early, output, "merge")
-        engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
-        inputs = _resolved(reg, adapters, lists, output)
+        room = engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
+        inputs = _resolved(reg, adapters, lists, output, room)
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
         if not record:
@@ -288,10 +292,12 @@ def _subtract(model, adapters, output, *, exact, name, record, lists, registry, 
         _check_output(reg, output, record, model, adapters)
         if streamed:
             merged, label = _streamed(reg, model, early, output, "subtract")
-            engine.check_room(merged, output, options.get("dtype"))
+            inputs = _resolved(reg, adapters, lists, output, engine.check_room(merged, output, options.get("dtype")))
         else:  # a recorded merge has its base's kind, which the restored output has
             merged, label = resolve_base(reg, model, output, "restore")
-        inputs = _resolved(reg, adapters, lists, output)
+            # (its adapters are matched by identity, never merged: no private copies, which could take the room of
+            # an output whose size is not known yet)
+            inputs = _resolved(reg, adapters, lists, None)
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
             report = _restore(reg, merged, label, origin, inputs, output, options)

@@ -99,22 +99,27 @@ _COPIES: contextvars.ContextVar[dict[Path, Path]] = contextvars.ContextVar("priv
 
 
 @contextlib.contextmanager
-def private_copy(path: Path, folder: Path) -> Iterator[str | None]:
+def private_copy(path: Path, folder: Path, reserve: int = 0) -> Iterator[str | None]:
     """While in the block, ``path`` is read (read_header, load_tensors, map_file) from a copy of its bytes made now in
     a file with no name in ``folder`` (fsutil.DirectFileWriter's scratch: gone with the process, even after a SIGKILL),
     which nobody else can rewrite: so it may be mapped (map_file), where the user's own file may not (a file that
     shrinks while mapped kills the process). Yields the sha256 of the copied bytes, hashed as they are copied: they
     are the bytes every later read sees. Yields None, copying nothing, where the copy could not be reopened by name
-    (no /proc/self/fd) or mapping is turned off (settings.map_stored): the file is then read as it is."""
+    (no /proc/self/fd), mapping is turned off (settings.map_stored), or ``folder`` has no room for it with
+    ``reserve`` bytes left (what the output written there needs): the file is then read as it is."""
+    import shutil
+
     from . import settings
-    from .fsutil import DirectFileWriter, ensure_free_space
+    from .fsutil import DirectFileWriter
 
     if not settings.map_stored() or not Path("/proc/self/fd").is_dir():
         yield None
         return
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        ensure_free_space(folder, size, f"a private copy of {path}")
+        if shutil.disk_usage(folder).free < size + reserve:
+            yield None
+            return
         # (through the page cache: the copy is read back at once, through the mapping)
         writer, digest = DirectFileWriter(folder, scratch=True, direct=False), hashlib.sha256()
         try:

@@ -85,3 +85,27 @@ def test_the_nan_check_looks_at_every_block(monkeypatch, dtype, at):
     values[at] = float("nan")
     with pytest.raises(InvalidInputError, match="tensor 'k' contains NaN or Inf"):
         common.check_finite(Path("f"), "k", values.to(dtype))
+
+
+@pytest.mark.parametrize("spare", [-1, 0])
+def test_no_copy_takes_the_room_the_output_needs(art, tmp_path, monkeypatch, spare):
+    """Where the output's filesystem has room for the output but not for it and the copy together, the file is read
+    as it is (no copy), so the merge that fits without one still runs; with room for both it is copied."""
+    needed = []
+    real_check = engine.ensure_free_space
+    monkeypatch.setattr(engine, "ensure_free_space", lambda folder, size, what: (needed.append(size),
+                                                                                real_check(folder, size, what))[1])
+    merging.merge(art["base"], [str(art["saved"])], tmp_path / "roomy", record=False, device="cpu")
+    real_usage = shutil.disk_usage
+    free = max(needed) + (art["saved"] / WEIGHTS).stat().st_size + spare
+
+    def usage(folder):  # the output's filesystem has ``free`` bytes free
+        return real_usage(folder)._replace(free=free) if Path(folder) == tmp_path else real_usage(folder)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    seen = []
+    spy(monkeypatch, engine, "merge", seen)
+    merging.merge(art["base"], [str(art["saved"])], tmp_path / "tight", record=False, device="cpu")
+    copied = mapped_file(seen[-1][1][0][0].full_tensors["lm_head.weight"]) is not None
+    assert copied == (spare >= 0)
+    assert outputs(tmp_path / "tight") == outputs(tmp_path / "roomy")
