@@ -399,15 +399,17 @@ def refuse_misnamed_kind(single_file: bool, label: str, output: str | Path, oper
                            f"{label}", own="" if own.lower() in PICKLE_SUFFIXES else own)
 
 
-def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> None:
-    """Refuse an output that cannot fit before any adapter is loaded (the run checks again, with its adapters)."""
-    _ensure_room(base, _plan(base, [], parse_dtype(dtype)), _other_files(base)[0], output_path(output))
+def check_room(base: BaseModel, output: str | Path, dtype: "str | torch.dtype | None" = None) -> int:
+    """Refuse an output that cannot fit before any adapter is loaded (the run checks again, with its adapters);
+    returns the bytes it needs."""
+    return _ensure_room(base, _plan(base, [], parse_dtype(dtype)), _other_files(base)[0], output_path(output))
 
 
-def _ensure_room(base: BaseModel, files: list[_File], copied: list[Path], output: Path) -> None:
+def _ensure_room(base: BaseModel, files: list[_File], copied: list[Path], output: Path) -> int:
     remove_stale_temps(output)  # what a killed earlier run to this output left, before counting free space
     needed = sum(f.size for f in files) + sum((base.path / p).stat().st_size for p in copied)
     ensure_free_space(output.parent, needed, output.name)
+    return needed
 
 
 def _store_digests(base: BaseModel, output: Path, files: list[_File], known: dict[str, str]) -> None:

@@ -22,7 +22,8 @@ from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
                      UnsupportedAdapterError)
 from .lazy import LazyModule
-from .fsutil import atomic_path, ensure_free_space, path_exists, refuse_overlap, refuse_unrecordable, resolved
+from .fsutil import (atomic_path, ensure_free_space, output_path, path_exists, refuse_overlap, refuse_unrecordable,
+                     resolved)
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
 from .references import parse_weighted, refuse_output_over, weighted_inputs  # noqa: F401 - parse_weighted is part of this module's API
 
@@ -57,22 +58,52 @@ class Input:
         return {} if self.block_weights is None else {"block_weights": self.block_weights}
 
 
-def resolve_adapter(reg, ref: str, weight: float) -> Input:
+def resolve_adapter(reg, ref: str, weight: float, scratch: Path | None = None, reserve: int = 0) -> Input:
     """A path or a registry reference. A path is matched to the registry by identity: when it is registered, its
     stored copy (the same bytes) is what is loaded, mapped into memory rather than read into it (see
     Registry.load_adapter: a user's file is never mapped, since it could be truncated while in use); else, or when
-    the stored copy is damaged, the file is read as it is."""
+    the stored copy is damaged, the file is read as it is, or with ``scratch`` (a folder) copied there first and
+    mapped from that copy (_read_copied; ``reserve``: bytes of that folder's free disk the output needs, which no
+    copy may take). Without a registry the path's identity is not looked up."""
     from . import formats
 
     if path_exists(ref):
-        sha = formats.identity(ref)
-        registry_id = _registered_id(reg, sha)
+        sha = formats.identity(ref) if reg is not None else None
+        registry_id = _registered_id(reg, sha) if sha is not None else None
         adapter = _stored_copy(reg, registry_id, ref) if registry_id is not None else None
-        return Input(ref, adapter or formats.read_adapter(ref), weight, sha, registry_id)
+        if adapter is not None:
+            return Input(ref, adapter, weight, sha, registry_id)
+        adapter, read_sha = _read_copied(ref, scratch, reserve, sha)
+        # (a file changed since it was hashed is what was read: not the registered one)
+        return Input(ref, adapter, weight, read_sha, registry_id if read_sha == sha else None)
     if reg is None:
         raise NotFoundError(f"{ref}: no such file or folder")
     record = reg.get_adapter(ref)
     return Input(f"{record.name}@{record.version}", reg.load_adapter(record.id), weight, record.sha256, record.id)
+
+
+def _read_copied(ref: str, scratch: Path | None, reserve: int, sha: str | None) -> tuple[Adapter, str]:
+    """(the adapter at path ``ref``, its identity), read from a private copy of its weights in ``scratch``
+    (st.private_copy, leaving ``reserve`` bytes free there) and mapped from there, so its saved whole tensors (a
+    modules_to_save lm_head, GBs for a large vocabulary) are page cache the kernel can drop rather than anonymous
+    memory, as a registered adapter's are; the identity is of the copied bytes, so it names what was merged. Without
+    ``scratch``, or where no copy is made, the file is read into memory (its identity: ``sha`` when known)."""
+    from . import formats, st
+
+    if scratch is not None:
+        with st.private_copy(formats.adapter_weights(ref), scratch, reserve) as digest:
+            if digest is not None:
+                return formats.read_adapter(ref, mapped=True), formats.identity(ref, weights_sha256=digest)
+    return formats.read_adapter(ref), sha or formats.identity(ref)
+
+
+def scratch_folder(output: str | Path) -> Path:
+    """Where private copies of adapters go for a merge to ``output``: the nearest folder that exists of those that
+    will hold it (on its filesystem, which has room for the output)."""
+    folder = output_path(output).parent
+    while not folder.is_dir():
+        folder = folder.parent
+    return folder
 
 
 def _block_lists(block_weights, pairs: list) -> list:
@@ -80,9 +111,14 @@ def _block_lists(block_weights, pairs: list) -> list:
     return blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
 
 
-def _resolved(reg, adapters: Sequence[tuple[str, float]], lists: list) -> list[Input]:
-    """The adapter arguments, (ref, weight) pairs, resolved and weighed by their block weights (a list or None each)."""
-    return [resolve_adapter(reg, ref, weight).weighed(weights) for (ref, weight), weights in zip(adapters, lists)]
+def _resolved(reg, adapters: Sequence[tuple[str, float]], lists: list, output: str | Path | None,
+              room: int = 0) -> list[Input]:
+    """The adapter arguments, (ref, weight) pairs, resolved and weighed by their block weights (a list or None each);
+    a path's private copy goes beside ``output`` (scratch_folder) where that leaves the ``room`` bytes the output
+    needs (a copy must not cost a merge that fits without it its disk), none without ``output``."""
+    scratch = scratch_folder(output) if output is not None else None
+    return [resolve_adapter(reg, ref, weight, scratch, room).weighed(weights)
+            for (ref, weight), weights in zip(adapters, lists)]
 
 
 def _stored_copy(reg, registry_id: int, ref: str) -> Adapter | None:
@@ -219,8 +255,8 @@ def _merge(base, adapters, output, *, name, record, lists, registry, **options) 
         _check_name_free(reg if record else None, name)
         _check_output(reg, output, record, base, adapters)
         model, _ = _streamed(reg, base, early, output, "merge")
-        engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
-        inputs = _resolved(reg, adapters, lists)
+        room = engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
+        inputs = _resolved(reg, adapters, lists, output, room)
         report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
         report = _labelled(report, inputs)
         if not record:
@@ -257,10 +293,12 @@ def _subtract(model, adapters, output, *, exact, name, record, lists, registry, 
         _check_output(reg, output, record, model, adapters)
         if streamed:
             merged, label = _streamed(reg, model, early, output, "subtract")
-            engine.check_room(merged, output, options.get("dtype"))
+            inputs = _resolved(reg, adapters, lists, output, engine.check_room(merged, output, options.get("dtype")))
         else:  # a recorded merge has its base's kind, which the restored output has
             merged, label = resolve_base(reg, model, output, "restore")
-        inputs = _resolved(reg, adapters, lists)
+            # (its adapters are matched by identity, never merged: no private copies, which could take the room of
+            # an output whose size is not known yet)
+            inputs = _resolved(reg, adapters, lists, None)
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
             report = _restore(reg, merged, label, origin, inputs, output, options)

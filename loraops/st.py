@@ -7,16 +7,19 @@ The format: 8-byte little-endian header length N, N bytes of JSON, then the raw 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import FormatError, InvalidInputError, NotFoundError
-from .fsutil import DirectFileWriter, ReadAhead
+from .fsutil import DirectFileWriter, ReadAhead, resolved
 
 if TYPE_CHECKING:
     import torch
@@ -84,6 +87,68 @@ class Header:
     data_offset: int
     """Absolute offset where tensor data begins (8 + header length)."""
     file_size: int
+    source: Path = field(default=None)
+    """The file the bytes are read from: ``path`` itself, or a private copy of it (``private_copy``)."""
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            object.__setattr__(self, "source", self.path)
+
+
+_COPIES: contextvars.ContextVar[dict[Path, Path]] = contextvars.ContextVar("private_copies", default={})
+
+
+@contextlib.contextmanager
+def private_copy(path: Path, folder: Path, reserve: int = 0) -> Iterator[str | None]:
+    """While in the block, ``path`` is read (read_header, load_tensors, map_file) from a copy of its bytes made now in
+    a file with no name in ``folder`` (fsutil.DirectFileWriter's scratch: gone with the process, even after a SIGKILL),
+    which nobody else can rewrite: so it may be mapped (map_file), where the user's own file may not (a file that
+    shrinks while mapped kills the process). Yields the sha256 of the copied bytes, hashed as they are copied: they
+    are the bytes every later read sees. Yields None, copying nothing, where the copy could not be reopened by name
+    (no /proc/self/fd), mapping is turned off (settings.map_stored), ``folder`` has no room for it with
+    ``reserve`` bytes left (what the output written there needs) or its file system cannot map files: the file is
+    then read as it is."""
+    import shutil
+
+    from . import settings
+    from .fsutil import DirectFileWriter
+
+    if not settings.map_stored() or not Path("/proc/self/fd").is_dir():
+        yield None
+        return
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if shutil.disk_usage(folder).free < size + reserve:
+            yield None
+            return
+        # (through the page cache: the copy is read back at once, through the mapping)
+        writer, digest = DirectFileWriter(folder, scratch=True, direct=False), hashlib.sha256()
+        try:
+            try:
+                writer.copy_from(f.fileno(), 0, size, digest.update)
+            except EOFError:
+                raise FormatError(f"{path}: changed while it was being read (shorter than {size} bytes)") from None
+            writer.close(keep_open=True)
+            if not _mappable(writer.fd):  # (a file system that cannot map files, some FUSE ones: read as it is)
+                yield None
+                return
+            token = _COPIES.set({**_COPIES.get(), resolved(path): Path(f"/proc/self/fd/{writer.fd}")})
+            try:
+                yield digest.hexdigest()
+            finally:
+                _COPIES.reset(token)
+        finally:
+            writer.abandon()  # (closes the copy; what maps it keeps it)
+
+
+def _mappable(fd: int) -> bool:
+    import mmap
+
+    try:
+        mmap.mmap(fd, 0, access=mmap.ACCESS_READ).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def looks_like_pickle(path: Path) -> bool:
@@ -128,15 +193,16 @@ def read_header(path: str | Path) -> Header:
         raise NotFoundError(f"{path}: no such file")
     if path.is_dir():
         raise FormatError(f"{path}: is a folder, not a .safetensors file")
-    size = path.stat().st_size
+    source = _COPIES.get().get(resolved(path), path) if _COPIES.get() else path
+    size = source.stat().st_size
     if size < 8:
         raise FormatError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-    if looks_like_pickle(path):
+    if looks_like_pickle(source):
         raise FormatError(
             f"{path}: a pickle (PyTorch .bin/.pt) file, which can run code when loaded; convert it to safetensors "
             "first (e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'out.safetensors'))"
         )
-    with open(path, "rb") as f:
+    with open(source, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         if length > MAX_HEADER_BYTES:
             raise FormatError(f"{path}: not a safetensors file (header claims {length} bytes, over the 100 MB limit)")
@@ -163,7 +229,8 @@ def read_header(path: str | Path) -> Header:
         position, previous = end, name
     if position < size:
         raise FormatError(f"{path}: corrupt safetensors file ({size - position} bytes after the last tensor's data)")
-    return Header(path=path, tensors=tensors, metadata=dict(metadata), data_offset=data_offset, file_size=size)
+    return Header(path=path, tensors=tensors, metadata=dict(metadata), data_offset=data_offset, file_size=size,
+                  source=source)
 
 
 def parse_header(raw: bytes, where: object) -> dict:
@@ -383,7 +450,7 @@ def load_tensors(header: Header, names=None, *, values: bool = True, mapped: boo
     wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
     whole = map_file(header) if mapped and values else None
     out = {}
-    with open(header.path, "rb") as f:
+    with open(header.source, "rb") as f:
         for name, info in wanted.items():
             if not values and info.numel > 1:
                 out[name] = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
@@ -416,7 +483,7 @@ def map_file(header: Header) -> "torch.Tensor":
     import torch
 
     try:
-        storage = torch.UntypedStorage.from_file(str(header.path), shared=False, nbytes=header.file_size)
+        storage = torch.UntypedStorage.from_file(str(header.source), shared=False, nbytes=header.file_size)
     except RuntimeError as exc:  # shrunk since its header was read, or too large to map (see above)
         raise FormatError(f"{header.path}: cannot be mapped ({str(exc).splitlines()[0]})") from None
     return torch.empty(0, dtype=torch.uint8).set_(storage)

@@ -226,7 +226,8 @@ def test_loading_leaks_no_descriptor_warns_nothing_and_unmaps_with_the_last_view
 
 def test_merge_of_a_registered_path_loads_its_stored_copy(reg, art, tmp_path, monkeypatch):
     """A path whose identity is registered is merged from the stored copy (mapped); one that is not, or whose
-    stored copy is damaged, is read. The three merges are the same bytes."""
+    stored copy is damaged, from a private copy of the file beside the output (mapped; a file with no name: the
+    mapping shows it deleted). The three merges are the same bytes."""
     path = art["peft-fp16"]
     seen = []
     spy(monkeypatch, engine, "merge", seen)
@@ -241,17 +242,21 @@ def test_merge_of_a_registered_path_loads_its_stored_copy(reg, art, tmp_path, mo
         assert written
         return where.pop(), written
 
-    # --no-record without a registry reference opens no registry: the file is read
+    def private(where: str | None) -> bool:  # a file with no name beside the outputs
+        return where is not None and where.startswith(f"{tmp_path}/") and where.endswith(" (deleted)")
+
+    # --no-record without a registry reference opens no registry: the file is copied, the copy mapped
     unregistered = merge("read")
-    assert unregistered[0] is None
+    assert private(unregistered[0])
     record = reg.add_adapter(path)
     blob = weights_file(reg, record.id)
     monkeypatch.setattr(merging, "_references", lambda *_: True)  # as when the base is given by reference
     stored = merge("stored")
     assert stored == (str(blob), unregistered[1])
-    with open(blob, "ab") as f:  # damaged: not used; the user's file is read instead
+    with open(blob, "ab") as f:  # damaged: not used; the user's file is copied instead
         f.write(b"\0")
-    assert merge("damaged") == (None, unregistered[1])
+    damaged = merge("damaged")
+    assert damaged[1] == unregistered[1] and private(damaged[0])
 
 
 def test_mapping_can_be_turned_off(reg, art, monkeypatch):

@@ -303,6 +303,11 @@ def check_values(path: str | Path) -> None:
                     common.check_finite(file, name, block)
 
 
+def adapter_weights(path: str | Path) -> Path:
+    """The file that holds an adapter's tensors: a folder's weights file, else the file itself."""
+    return _peft_parts(existing_path(path))[0]
+
+
 def adapter_files(path: str | Path) -> list[Path]:
     """The files an adapter consists of: a PEFT folder's weights file and adapter_config.json (also for a weights
     file read with its sibling config); a diffusers folder's weights file; otherwise the single file."""
@@ -372,4 +377,5 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     return hashlib.sha256(f"{IDENTITY_VERSION}\n{digest}\n{canonical}".encode()).hexdigest()
 
 
-__all__ = ["FORMATS", "Written", "detect", "read_adapter", "write", "write_adapter", "adapter_files", "identity", "kohya_name"]
+__all__ = ["FORMATS", "Written", "detect", "read_adapter", "write", "write_adapter", "adapter_files", "adapter_weights",
+           "identity", "kohya_name"]
