@@ -630,17 +630,20 @@ def test_what_is_no_adapter_is_refused_before_it_is_hashed(reg, art, monkeypatch
 def test_a_ctrl_c_while_the_registry_opens_is_an_interruption(monkeypatch):
     """SQLAlchemy swallows a KeyboardInterrupt that lands while its pool closes a connection, then fails on its own
     state: a Ctrl-C during Registry.open came out once as "cannot open the registry …: AssertionError" (exit 6).
-    Opening defers the signal and raises it once done, through the handler that was in place."""
+    Opening defers the signal and raises it once done, through the handler that was in place; the registry it
+    opened, which no caller gets, is closed (its connections were left open, for a library user's process to keep)."""
     import os
     import signal
 
     from loraops.registry import db
 
     real_make_engine = db.make_engine
+    engines = []
 
     def interrupted_midway(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # handled at once by Python, were it not deferred
-        return real_make_engine(*args, **kwargs)
+        engines.append(real_make_engine(*args, **kwargs))
+        return engines[-1]
 
     monkeypatch.setattr(db, "make_engine", interrupted_midway)
     reached = []
@@ -648,6 +651,7 @@ def test_a_ctrl_c_while_the_registry_opens_is_an_interruption(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         Registry.open()
     assert reached  # the opening went on after the signal, which came at its end
+    assert [engine.pool.checkedin() for engine in engines] == [0]  # disposed: no pooled connection left open
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
