@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import algebra, blocks
 from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
+from .landing import tell, watched
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
@@ -364,6 +365,8 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                 record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
                                                            source=f"loraops {lineage.op}", scratch=True,
                                                            written=written)
+                if created:
+                    tell(f"interrupted after the result was registered as {record.ref}")
                 return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
             filling = final.parent
             with atomic_path(final, force=force, is_dir=WRITERS[fmt][1], keep_name=True) as staged:
@@ -372,6 +375,8 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                 done.append(reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written,
                                                  scratch=True, source=str(final.parent.resolve() / final.name)))
                 staged_id = _file_id(staged)
+            record, created, *_ = done[0]
+            tell(f"interrupted after {final} was written in full and registered as {record.ref}")
         except BaseException as exc:
             if staged_id is None or _file_id(final) != staged_id:  # else a Ctrl-C came after it landed: it stays
                 for registration in done:
@@ -381,7 +386,6 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # (a write names no file: say which disk)
                 raise DiskSpaceError(f"{filling}: not enough free disk for the result ({exc.strerror})") from None
             raise
-    record, created, *_ = done[0]
     return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)
 
 
@@ -393,6 +397,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+@watched("output")
 def combine(
     refs: Sequence[str | tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *,
     rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
@@ -475,6 +480,7 @@ def note_zero_biases(combined: "Adapter", inputs: "Sequence[Adapter]") -> None:
             "switch and an input has it): a base without those layers' biases cannot merge it")
 
 
+@watched("output")
 def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, device: str = "auto", precise: bool = False,
@@ -504,6 +510,7 @@ def resize(
                     base=source.record.base.id if source.record.base else None, lineage=lineage, dtype=dtype)
 
 
+@watched("output")
 def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None, dtype: str | None = None,
            registry: "store.Registry | None" = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
@@ -654,6 +661,7 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
         raise
 
 
+@watched("output")
 def extract(
     base: str, tuned: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, alpha: float | None = None,
