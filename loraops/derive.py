@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 from . import algebra, blocks
 from .errors import AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, reworded
 from .formats import refuse_unwritable
-from .landing import tell, watched
+from .landing import Landing, tell, watched
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
@@ -51,11 +51,13 @@ def inputs_of(reg: "Registry") -> Iterator[Callable[[str, "str | None"], Input]]
     """``open_input`` for one command: if the command fails, the adapters it registers from paths are removed again,
     and those it linked to its --base get back the link they had."""
     done: list[Registration] = []
+    result = Landing()
     try:
         yield lambda ref, base=None: open_input(reg, ref, base, done)
     except BaseException:
-        for registration in reversed(done):
-            take_back(reg, registration)
+        if result.landed() is None:  # else the command was interrupted once its result (lineage: these) was saved
+            for registration in reversed(done):
+                take_back(reg, registration)
         raise
 
 
@@ -376,7 +378,6 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                                                  scratch=True, source=str(final.parent.resolve() / final.name)))
                 staged_id = _file_id(staged)
             record, created, *_ = done[0]
-            tell(f"interrupted after {final} was written in full and registered as {record.ref}")
         except BaseException as exc:
             if staged_id is None or _file_id(final) != staged_id:  # else a Ctrl-C came after it landed: it stays
                 for registration in done:
@@ -386,6 +387,9 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # (a write names no file: say which disk)
                 raise DiskSpaceError(f"{filling}: not enough free disk for the result ({exc.strerror})") from None
             raise
+        finally:  # (also of a Ctrl-C between the rename and the lines after it: the inputs_of that kept its inputs)
+            if staged_id is not None and _file_id(final) == staged_id:
+                tell(f"interrupted after {final} was written in full and registered as {done[0].record.ref}")
     return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)
 
 
@@ -645,6 +649,7 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
     from .merging import record_read
 
     recorded: list[int] = []
+    result = Landing()
 
     def record_model(model: "BaseModel") -> "tuple[BaseRecord, str | None]":
         record, created, changed = record_read(reg, model)
@@ -655,7 +660,7 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
     try:
         yield record_model
     except BaseException:
-        for base_id in reversed(recorded):
+        for base_id in reversed(recorded if result.landed() is None else []):  # (as inputs_of)
             with contextlib.suppress(Exception):  # the command's own error is the one to report
                 reg.remove_base(base_id)
         raise
