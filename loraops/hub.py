@@ -1120,7 +1120,7 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
         except RegistryError:  # damaged: downloaded again below, which repairs it
             pulled = None
     if pulled is not None:
-        done = registry.register_adapter(stored, name=name, base=base, source=record.source)
+        done = _registered(ref, registry.register_adapter(stored, name=name, base=base, source=record.source))
         where = record.source.partition("@")[2].partition("/")[2]
         folder = where if stored.is_dir() else str(PurePosixPath(where).parent)
         files = [str(PurePosixPath(folder, f.name)) if folder not in ("", ".") else f.name
@@ -1128,7 +1128,8 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     elif offline():  # not pulled by loraops, but maybe in the Hub cache (another tool's download): copied
         download = download_adapter(ref, token=token, subpath=subpath)
         commit, files = download.commit, download.files
-        done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source)
+        done = _registered(ref, registry.register_adapter(download.adapter_path, name=name, base=base,
+                                                          source=download.source))
     else:
         # Downloaded into a folder inside the blob store and moved into place: one copy on disk, none in the Hub
         # cache; the folder goes when this ends, however it ends (what a killed process leaves is `gc`'s)
@@ -1137,16 +1138,22 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
             download = download_adapter(ref, token=token, subpath=subpath, into=scratch)
             commit, files = download.commit, download.files
             try:
-                done = registry.register_adapter(download.adapter_path, name=name, base=base,
-                                                 source=download.source, scratch=True)
+                done = _registered(ref, registry.register_adapter(download.adapter_path, name=name, base=base,
+                                                                  source=download.source, scratch=True))
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
                 raise reworded(exc, str(download.folder), str(ref)) from None
-    if done.created or done.linked:
-        tell(f"interrupted after {ref} was pulled and registered as {done.record.ref}" if done.created else
-             f"interrupted after {done.record.ref} was linked to base {done.record.base.name}")
     remember_ref(ref, commit)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
+
+
+def _registered(ref: RepoRef, done: "store.Registration") -> "store.Registration":
+    """What pull registered, told at once (landing.tell): a Ctrl-C as the download's scratch folder is cleaned up
+    said "nothing was written" of it."""
+    if done.created or done.linked:
+        tell(f"interrupted after {ref} was pulled and registered as {done.record.ref}" if done.created else
+             f"interrupted after {done.record.ref} was linked to base {done.record.base.name}")
+    return done
 
 
 def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | None):

@@ -994,6 +994,28 @@ def test_a_pull_interrupted_says_what_it_registered(fake_hub, adapters, registry
     assert [a.ref for a in registry.list_adapters()] == ["style@1"]
 
 
+def test_a_pull_interrupted_as_its_scratch_folder_goes_says_what_it_registered(fake_hub, adapters, registry,
+                                                                                monkeypatch):
+    """The download's scratch folder is cleaned up after the registration committed: a Ctrl-C there said "nothing
+    was written" of the adapter registered."""
+    import contextlib
+
+    from loraops.registry.blobs import BlobStore
+
+    @contextlib.contextmanager
+    def interrupted_once_cleaned(self, real=BlobStore.scratch):
+        with real(self) as folder:
+            yield folder
+        raise KeyboardInterrupt
+
+    fake_hub.commit_folder("someone/style", adapters["a"])
+    monkeypatch.setattr(BlobStore, "scratch", interrupted_once_cleaned)
+    result = CliRunner().invoke(main, ["pull", "someone/style"])
+    assert (result.exit_code, result.output) == (
+        130, "error: interrupted after someone/style was pulled and registered as style@1\n")
+    assert [a.ref for a in registry.list_adapters()] == ["style@1"]
+
+
 def test_an_offline_pull_fetched_one_by_one_takes_what_online_takes(fake_hub, adapters, registry, monkeypatch,
                                                                       tmp_path):
     """A repo whose top level holds a PEFT adapter and a kohya file, its files fetched one by one (no listing
