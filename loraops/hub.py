@@ -1218,13 +1218,13 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
             raise KeyboardInterrupt(f"interrupted while pushing {record.ref} to {repo_id}@{revision or 'main'}, "
                                     "before the Hub confirmed a commit; push again (files the Hub already has are "
                                     "not committed twice)") from None
-    got = f"interrupted after {done.repo_id}@{done.revision} got commit {done.commit[:12]} with {record.ref}"
-    if done.changed:
-        tell(got + (f" (pull request {done.pr_url})" if done.pr_url else ""))
-    if not create_pr and pull_request(done.revision) is None:  # (a pull request's commit is no branch's yet)
+        # told at once: a Ctrl-C as the files written in another layout are removed said "nothing was written"
+        got = f"interrupted after {done.repo_id}@{done.revision} got commit {done.commit[:12]} with {record.ref}"
+        tagged = not create_pr and pull_request(done.revision) is None  # (a pull request's commit is no branch's yet)
         if done.changed:
-            tell(f"{got}, before the registry recorded it as a tag; push again to record it (the Hub makes no "
-                 "second commit)")
+            tell(got + (", before the registry recorded it as a tag; push again to record it (the Hub makes no "
+                        "second commit)" if tagged else f" (pull request {done.pr_url})" if done.pr_url else ""))
+    if tagged:
         registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
         tell(f"{got}, recorded as a tag" if done.changed else
              f"interrupted after the registry recorded {done.repo_id}@{done.commit[:12]} as a tag of {record.ref}")

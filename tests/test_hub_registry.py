@@ -975,6 +975,26 @@ def test_a_push_interrupted_once_the_hub_has_it_says_so(fake_hub, adapters, regi
     assert registry.get_adapter("other").tags == [f"hf://me/other@{commit}"]
 
 
+def test_a_push_interrupted_as_its_temporary_files_go_says_what_the_hub_has(fake_hub, adapters, registry,
+                                                                           monkeypatch):
+    """Push in another layout writes it into a temporary folder, removed after the Hub made the commit: a Ctrl-C
+    there said "nothing was written" of a commit made."""
+    import tempfile
+
+    def interrupted_once_removed(self, *exc, real=tempfile.TemporaryDirectory.__exit__):
+        real(self, *exc)
+        if "loraops-push-" in self.name:
+            raise KeyboardInterrupt
+
+    registry.add_adapter(adapters["a"], name="anime")
+    monkeypatch.setattr(tempfile.TemporaryDirectory, "__exit__", interrupted_once_removed)
+    result = CliRunner().invoke(main, ["push", "anime", "me/anime", "--format", "kohya", "--token", "hf_owner"])
+    commit = fake_hub.repos["me/anime"].branches["main"]
+    assert (result.exit_code, result.output.splitlines()[-1]) == (130, (
+        f"error: interrupted after me/anime@main got commit {commit[:12]} with anime@1, before the registry recorded "
+        "it as a tag; push again to record it (the Hub makes no second commit)"))
+
+
 def test_a_pull_interrupted_says_what_it_registered(fake_hub, adapters, registry, monkeypatch):
     """A Ctrl-C once pull registered the adapter (after its summary was said) said "nothing was written" of an
     adapter registered; one during the download still says that, and leaves nothing registered."""
