@@ -35,7 +35,7 @@ from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
 from .fsutil import path_exists, read_json, read_model_config
-from .landing import tell, watched
+from .landing import tell, tell_registered, watched
 from .lazy import LazyModule
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
@@ -1148,11 +1148,9 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
 
 
 def _registered(ref: RepoRef, done: "store.Registration") -> "store.Registration":
-    """What pull registered, told at once (landing.tell): a Ctrl-C as the download's scratch folder is cleaned up
-    said "nothing was written" of it."""
-    if done.created or done.linked:
-        tell(f"interrupted after {ref} was pulled and registered as {done.record.ref}" if done.created else
-             f"interrupted after {done.record.ref} was linked to base {done.record.base.name}")
+    """What pull registered, told at once: a Ctrl-C as the download's scratch folder is cleaned up said "nothing was
+    written" of it."""
+    tell_registered(done, f"{ref} was pulled and registered")
     return done
 
 

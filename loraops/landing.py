@@ -31,6 +31,15 @@ def tell(line: str) -> None:
     _told.set((next(_counter), line))
 
 
+def tell_registered(done: "store.Registration", what: str) -> None:
+    """Tell what a registration (register, pull) did: ``what`` ("PATH was registered") as the record it made, or the
+    link it set."""
+    if done.created:
+        tell(f"interrupted after {what} as {done.record.ref}")
+    elif done.linked:
+        tell(f"interrupted after {done.record.ref} was linked to base {done.record.base.name}")
+
+
 class Landing:
     """Says what a Ctrl-C left: nothing (the temporary output is removed), or the output complete in place — once
     renamed, a merge is not undone — and whether the registry recorded it (asked again: the interrupt may land
