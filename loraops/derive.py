@@ -21,6 +21,7 @@ from . import algebra, blocks
 from .errors import (AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, ModelLoraError,
                      NotFoundError, reworded)
 from .formats import refuse_unwritable
+from .landing import Landing, tell, watched
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing, resolved
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
@@ -51,11 +52,13 @@ def inputs_of(reg: "Registry") -> Iterator[Callable[[str, "str | None"], Input]]
     """``open_input`` for one command: if the command fails, the adapters it registers from paths are removed again,
     and those it linked to its --base get back the link they had."""
     done: list[Registration] = []
+    result = Landing()
     try:
         yield lambda ref, base=None: open_input(reg, ref, base, done)
     except BaseException:
-        for registration in reversed(done):
-            take_back(reg, registration)
+        if result.landed() is None:  # else the command was interrupted once its result (lineage: these) was saved
+            for registration in reversed(done):
+                take_back(reg, registration)
         raise
 
 
@@ -377,6 +380,8 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                 record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
                                                            source=f"loraops {lineage.op}", scratch=True,
                                                            written=written)
+                if created:
+                    tell(f"interrupted after the result was registered as {record.ref}")
                 return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
             filling = final.parent
             with atomic_path(final, force=force, is_dir=WRITERS[fmt][1], keep_name=True) as staged:
@@ -385,6 +390,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                 done.append(reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written,
                                                  scratch=True, source=str(resolved(final.parent) / final.name)))
                 staged_id = _file_id(staged)
+            record, created, *_ = done[0]
         except BaseException as exc:
             if staged_id is None or _file_id(final) != staged_id:  # else a Ctrl-C came after it landed: it stays
                 for registration in done:
@@ -394,7 +400,9 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # (a write names no file: say which disk)
                 raise DiskSpaceError(f"{filling}: not enough free disk for the result ({exc.strerror})") from None
             raise
-    record, created, *_ = done[0]
+        finally:  # (also of a Ctrl-C between the rename and the lines after it: the inputs_of that kept its inputs)
+            if staged_id is not None and _file_id(final) == staged_id:
+                tell(f"interrupted after {final} was written in full and registered as {done[0].record.ref}")
     return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)
 
 
@@ -406,6 +414,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+@watched("output")
 def combine(
     refs: Sequence[str | tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *,
     rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
@@ -506,6 +515,7 @@ def note_zero_biases(combined: "Adapter", inputs: "Sequence[Adapter]") -> None:
             "switch and an input has it): a base without those layers' biases cannot merge it")
 
 
+@watched("output")
 def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, device: str = "auto", precise: bool = False,
@@ -535,6 +545,7 @@ def resize(
                     base=source.record.base.id if source.record.base else None, lineage=lineage, dtype=dtype)
 
 
+@watched("output")
 def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None, dtype: str | None = None,
            registry: "store.Registry | None" = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
@@ -669,6 +680,7 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
     from .merging import record_read
 
     recorded: list[int] = []
+    result = Landing()
 
     def record_model(model: "BaseModel") -> "tuple[BaseRecord, str | None]":
         record, created, changed = record_read(reg, model)
@@ -679,12 +691,13 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
     try:
         yield record_model
     except BaseException:
-        for base_id in reversed(recorded):
+        for base_id in reversed(recorded if result.landed() is None else []):  # (as inputs_of)
             with contextlib.suppress(Exception):  # the command's own error is the one to report
                 reg.remove_base(base_id)
         raise
 
 
+@watched("output")
 def extract(
     base: str, tuned: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, alpha: float | None = None,

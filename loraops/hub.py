@@ -35,6 +35,7 @@ from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
 from .fsutil import path_exists, read_json, read_model_config, resolved
+from .landing import tell, tell_registered, watched
 from .lazy import LazyModule
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
@@ -1097,6 +1098,7 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
 # ---- with the registry ----------------------------------------------------------------------------------------
 
 
+@watched()
 def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
          subpath: str | None = None, base: str | int | None = None) -> "records.PullRecord":
     """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
@@ -1118,7 +1120,7 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
         except RegistryError:  # damaged: downloaded again below, which repairs it
             pulled = None
     if pulled is not None:
-        done = registry.register_adapter(stored, name=name, base=base, source=record.source)
+        done = _registered(ref, registry.register_adapter(stored, name=name, base=base, source=record.source))
         where = record.source.partition("@")[2].partition("/")[2]
         folder = where if stored.is_dir() else str(PurePosixPath(where).parent)
         files = [str(PurePosixPath(folder, f.name)) if folder not in ("", ".") else f.name
@@ -1126,7 +1128,8 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     elif offline():  # not pulled by loraops, but maybe in the Hub cache (another tool's download): copied
         download = download_adapter(ref, token=token, subpath=subpath)
         commit, files = download.commit, download.files
-        done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source)
+        done = _registered(ref, registry.register_adapter(download.adapter_path, name=name, base=base,
+                                                          source=download.source))
     else:
         # Downloaded into a folder inside the blob store and moved into place: one copy on disk, none in the Hub
         # cache; the folder goes when this ends, however it ends (what a killed process leaves is `gc`'s)
@@ -1135,13 +1138,20 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
             download = download_adapter(ref, token=token, subpath=subpath, into=scratch)
             commit, files = download.commit, download.files
             try:
-                done = registry.register_adapter(download.adapter_path, name=name, base=base,
-                                                 source=download.source, scratch=True)
+                done = _registered(ref, registry.register_adapter(download.adapter_path, name=name, base=base,
+                                                                  source=download.source, scratch=True))
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
                 raise reworded(exc, str(download.folder), str(ref)) from None
     remember_ref(ref, commit)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
+
+
+def _registered(ref: RepoRef, done: "store.Registration") -> "store.Registration":
+    """What pull registered, told at once: a Ctrl-C as the download's scratch folder is cleaned up said "nothing was
+    written" of it."""
+    tell_registered(done, f"{ref} was pulled and registered")
+    return done
 
 
 def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | None):
@@ -1175,6 +1185,7 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
     return None if record is None else (commit, record)
 
 
+@watched()
 def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None = None, private: bool = False,
          revision: str | None = None, create_pr: bool = False, token: str | None = None) -> "records.PushRecord":
     """Upload a registered adapter to ``repo_id`` in one commit: its files (as stored, byte for byte, unless
@@ -1205,13 +1216,16 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
             raise KeyboardInterrupt(f"interrupted while pushing {record.ref} to {repo_id}@{revision or 'main'}, "
                                     "before the Hub confirmed a commit; push again (files the Hub already has are "
                                     "not committed twice)") from None
-    if not create_pr and pull_request(done.revision) is None:  # (a pull request's commit is no branch's yet)
-        try:
-            registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"interrupted after {done.repo_id}@{done.revision} got commit {done.commit[:12]} "
-                                    f"with {record.ref}, before the registry recorded it as a tag; push again to "
-                                    "record it (the Hub makes no second commit)") from None
+        # told at once: a Ctrl-C as the files written in another layout are removed said "nothing was written"
+        got = f"interrupted after {done.repo_id}@{done.revision} got commit {done.commit[:12]} with {record.ref}"
+        tagged = not create_pr and pull_request(done.revision) is None  # (a pull request's commit is no branch's yet)
+        if done.changed:
+            tell(got + (", before the registry recorded it as a tag; push again to record it (the Hub makes no "
+                        "second commit)" if tagged else f" (pull request {done.pr_url})" if done.pr_url else ""))
+    if tagged:
+        registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
+        tell(f"{got}, recorded as a tag" if done.changed else
+             f"interrupted after the registry recorded {done.repo_id}@{done.commit[:12]} as a tag of {record.ref}")
     return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
                       commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 

@@ -21,6 +21,7 @@ from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
 from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
                      UnsupportedAdapterError)
+from .landing import Landing
 from .lazy import LazyModule
 from .fsutil import (atomic_path, ensure_free_space, output_path, path_exists, refuse_overlap, refuse_unrecordable,
                      resolved)
@@ -182,52 +183,6 @@ def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None, output:
     model, label = resolve_base(reg, ref, output, operation)
     model.prefetch()
     return model, label
-
-
-class Landing:
-    """Says what a Ctrl-C left: nothing (the temporary output is removed), or the output complete in place — once
-    renamed, a merge is not undone — and whether the registry recorded it (asked again: the interrupt may land
-    between the commit and the line after it). The CLI keeps one for the whole command (cli.merge): a Ctrl-C can
-    also land after merge() returned."""
-
-    def __init__(self, output: str | Path, record: bool, registry: "store.Registry | None" = None) -> None:
-        self.output, self.record, self.registry = Path(output), record, registry
-        self.before = self._identity()
-
-    def _identity(self) -> tuple[int, int] | None:
-        try:
-            st = self.output.stat()
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
-
-    def __enter__(self) -> "Landing":
-        return self
-
-    def __exit__(self, kind, exc, tb) -> None:
-        if kind is KeyboardInterrupt and (message := self.landed()) is not None:
-            raise KeyboardInterrupt(message) from None
-
-    def landed(self) -> str | None:
-        """What an interruption now would leave, when the output has landed; None while nothing was written."""
-        if self._identity() in (None, self.before):
-            return None
-        try:
-            recorded = self.record and self._recorded()
-        except LoraopsError:  # the registry cannot say now (busy, gone)
-            return (f"interrupted after {self.output} was written in full; whether the registry recorded it, "
-                    "`loraops base list` tells")
-        if recorded or not self.record:
-            return f"interrupted after {self.output} was written in full" + (" and recorded" if recorded else "")
-        return (f"interrupted after {self.output} was written in full, before it was recorded in the registry "
-                f"(`loraops base add {self.output}` records it, without its lineage)")
-
-    def _recorded(self) -> bool:
-        from .registry.store import opened
-
-        where = str(resolved(self.output))
-        with opened(self.registry) as reg:
-            return any(b.path == where for b in reg.list_bases())
 
 
 def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,

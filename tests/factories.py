@@ -218,6 +218,20 @@ def loraops_run(*args, cwd=None):
             return subprocess.CompletedProcess(["loraops", *args], code, stdout.read(), stderr.read())
 
 
+def interrupted_once_returned(monkeypatch, command: str) -> None:
+    """A Ctrl-C as click returns from ``command`` (`loraops COMMAND` run in this process), after its summary was
+    said: where a run under load was interrupted once its output had landed (test_crash's merge)."""
+    import click
+
+    def invoke_then_interrupted(ctx, callback, *args, real=click.Context.invoke, **kwargs):
+        result = real(ctx, callback, *args, **kwargs)
+        if ctx.info_name == command:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(click.Context, "invoke", invoke_then_interrupted)
+
+
 def conv_peft_adapter(out: Path, *, seed: int = 1, r: int = 4, alpha: float = 8,
                       target_modules: list[str] | None = None, **lora_kwargs: Any) -> Path:
     """A PEFT adapter made by peft on conv_embedding_model() (Embedding, Linear, 1×1 and 3×3 Conv2d)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ class FakeHub:
         """Answer file GETs with a 302 to the file's bytes at /cdn/<sha256>, as the Hub sends LFS and Xet files to
         its CDN (which answers ranges, or ignores them with ignore_ranges)."""
         self.lock = threading.RLock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self.server = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -247,6 +248,14 @@ class FakeHub:
         """Logged GET requests on resolve URLs whose path ends with path_suffix."""
         return [r for r in self.requests if r["method"] == "GET" and "/resolve/" in r["path"]
                 and r["path"].endswith(path_suffix)]
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (a killed `loraops pull`, a download it cut short) is no server error:
+        socketserver printed its ConnectionResetError's traceback on stderr."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:

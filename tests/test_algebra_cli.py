@@ -332,6 +332,84 @@ def test_a_ctrl_c_after_the_output_landed_keeps_its_record(files, tmp_path, monk
         assert tree(Path(reg.get_adapter("landed").path)) == tree(out)
 
 
+LANDED_COMMANDS = {**{f"{c} -o": (args, "out" if is_dir else "out.safetensors")
+                      for c, (args, is_dir) in COMMANDS.items()},
+                   "combine": (COMMANDS["combine"][0], None),
+                   "export": (lambda f: ["export", f["b"], "--format", "peft"], "out")}
+"""The commands that write, each with the name of its -o (None: none)."""
+
+
+@pytest.mark.parametrize("where", ["in the library", "as click returns"])
+@pytest.mark.parametrize("command", sorted(LANDED_COMMANDS))
+def test_a_ctrl_c_once_the_result_landed_says_what_landed(files, tmp_path, monkeypatch, command, where):
+    """A Ctrl-C after the output was renamed into place and registered (in the library, as it returns; in the
+    command, after the summary was said: test_crash's merge case) said "nothing was written"; it says what is there.
+    Without -o, combine registers the result alone: that is said too."""
+    from factories import interrupted_once_returned
+    from loraops import derive
+
+    args, output_name = LANDED_COMMANDS[command]
+    out, with_output = tmp_path / str(output_name), output_name is not None
+    name = command.split()[0]
+    if where == "in the library":  # right after the result landed, as the call builds what it returns
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(derive, "ExportReport" if name == "export" else "DerivedRecord", interrupted)
+    else:
+        interrupted_once_returned(monkeypatch, name)
+    code, output = run(*args(files), *(["-o", out] if with_output else []),
+                       *(["--name", "landed"] if name != "export" else []))
+    assert code == 130
+    said = {"export": f"{out} was written in full"}.get(name, f"{out} was written in full and registered as landed@1"
+                                                        if with_output else "the result was registered as landed@1")
+    assert output.splitlines()[-1] == f"error: interrupted after {said}", output
+    assert os.path.lexists(out) == with_output
+    if name != "export":
+        with Registry.open() as reg:
+            assert reg.get_adapter("landed").ref == "landed@1"
+
+
+def test_a_library_call_interrupted_once_its_result_landed_says_so(files, tmp_path, monkeypatch):
+    """What the CLI says (test_a_ctrl_c_once_the_result_landed_says_what_landed), a library user's KeyboardInterrupt
+    carries: derive's commands run under a Landing (landing.watched), as merging.merge does."""
+    from loraops import derive
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(derive, "DerivedRecord", interrupted)
+    monkeypatch.setattr(derive, "ExportReport", interrupted)
+    with pytest.raises(KeyboardInterrupt, match=f"^interrupted after {tmp_path / 'c'} was written in full and "
+                                                "registered as c@1$"):
+        derive.combine([str(files["a"])], "cat", name="c", output=str(tmp_path / "c"))
+    with pytest.raises(KeyboardInterrupt, match="^interrupted after the result was registered as r@1$"):
+        derive.resize(str(files["a"]), rank=2, name="r")
+    with pytest.raises(KeyboardInterrupt, match=f"^interrupted after {tmp_path / 'e'} was written in full$"):
+        derive.export(str(files["a"]), "peft", str(tmp_path / "e"))
+
+
+@pytest.mark.parametrize("command", sorted(LANDED_COMMANDS))
+def test_a_ctrl_c_before_the_result_landed_says_nothing_was_written(files, tmp_path, monkeypatch, command):
+    """The other side of test_a_ctrl_c_once_the_result_landed_says_what_landed: interrupted while the result is
+    written, nothing is left (no output, no temporary sibling, no registration) and that is what is said."""
+    from loraops import formats
+
+    args, output_name = LANDED_COMMANDS[command]
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    state = registry_state()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(formats, "write_adapter" if command == "export" else "write", interrupted)
+    code, output = run(*args(files), *(["-o", folder / output_name] if output_name else []))
+    assert (code, output) == (130, "error: interrupted; nothing was written\n")
+    assert list(folder.iterdir()) == []
+    assert registry_state() == state
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_registry_error_while_staged_names_the_output(files, tmp_path, monkeypatch, command):
     """The output changed under the registration (here: its weights truncated): the refusal names OUT, the path the

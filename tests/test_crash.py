@@ -254,9 +254,7 @@ def test_a_ctrl_c_once_the_merge_returned_says_its_output_is_there(tmp_path, mon
     """test_merge_interrupted_at_random_points under load: a Ctrl-C that landed after merging.merge's own check
     (its with-block exiting, the command's last lines, click's return from it: after the summary was printed) came
     out as "error: interrupted; nothing was written", of an output written in full and recorded."""
-    import click
-
-    from factories import peft_adapter, tiny_llama
+    from factories import interrupted_once_returned, peft_adapter, tiny_llama
     from loraops import merging
     from loraops.cli import exit_status
 
@@ -269,12 +267,7 @@ def test_a_ctrl_c_once_the_merge_returned_says_its_output_is_there(tmp_path, mon
             raise KeyboardInterrupt
         monkeypatch.setattr(merging, "merge", then_interrupted)
     else:
-        def invoke_then_interrupted(ctx, callback, *args, real=click.Context.invoke, **kwargs):
-            result = real(ctx, callback, *args, **kwargs)
-            if ctx.info_name == "merge":
-                raise KeyboardInterrupt
-            return result
-        monkeypatch.setattr(click.Context, "invoke", invoke_then_interrupted)
+        interrupted_once_returned(monkeypatch, "merge")
     assert exit_status(["merge", f"{adapter}:1", "--into", str(base), "--device", "cpu", "-o", str(out)]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == f"error: interrupted after {out} was written in full and recorded"
     with Registry.open() as reg:

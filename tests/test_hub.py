@@ -606,6 +606,28 @@ def test_a_remote_header_is_read_with_the_callers_token(fake_hub, tmp_path, monk
     assert hub.remote_base("me/private").tensors.keys() == MODEL_TENSORS.keys()
 
 
+def test_the_fake_hub_is_quiet_about_a_client_that_went_away(fake_hub, capfd):
+    """A client that resets its connection (a `loraops pull` killed mid-request: test_crash's kill trials) made the
+    fake Hub's server print a ConnectionResetError traceback on stderr, though nothing failed."""
+    import socket
+    import struct
+    import time
+    from urllib.parse import urlsplit
+
+    address = urlsplit(fake_hub.url)
+    before = len(fake_hub.requests)
+    for _ in range(3):
+        with socket.create_connection((address.hostname, address.port)) as client:
+            client.sendall(b"GET /api/models/someone/x HTTP/1.1\r\nHost: hub\r\n\r\n")
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        deadline = time.monotonic() + 5
+        while len(fake_hub.requests) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = len(fake_hub.requests)
+    time.sleep(0.2)  # the handler threads meet the reset on their next read
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):
     """A plain web server at HF_ENDPOINT (a wrong mirror URL): still one line, never a traceback."""
     import functools

@@ -923,15 +923,15 @@ def test_a_damaged_pulled_adapter_is_repaired_by_pulling_it_again(fake_hub, adap
     assert runner.invoke(main, ["verify"]).exit_code == 0
 
 
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_a_push_interrupted_says_what_the_hub_has(fake_hub, adapters, registry, monkeypatch):
     """A Ctrl-C after the Hub made the commit, before the registry recorded it as a tag, said "nothing was written";
     one during the upload says the commit was not confirmed. Pushing again records the tag, with no second commit."""
     registry.add_adapter(adapters["a"], name="anime")
     runner = CliRunner()
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as patched:
         patched.setattr(hub, "upload", interrupt)
         during = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
@@ -948,6 +948,92 @@ def test_a_push_interrupted_says_what_the_hub_has(fake_hub, adapters, registry, 
     again = runner.invoke(main, ["push", "anime", "me/anime", "--token", "hf_owner"])
     assert again.output.startswith("nothing to push: ")
     assert registry.get_adapter("anime").tags == [f"hf://me/anime@{commit}"]
+
+
+def test_a_push_interrupted_once_the_hub_has_it_says_so(fake_hub, adapters, registry, monkeypatch):
+    """A Ctrl-C once push made its commit and recorded its tag (as the library call returns; in the command, after
+    the summary was said) said "nothing was written"; it says what the Hub and the registry have, as the library
+    user's KeyboardInterrupt does."""
+    from factories import interrupted_once_returned
+    from loraops import records
+
+    registry.add_adapter(adapters["a"], name="anime")
+    registry.add_adapter(adapters["b"], name="other")
+    with monkeypatch.context() as patched:
+        patched.setattr(records, "PushRecord", interrupt)
+        with pytest.raises(KeyboardInterrupt) as library:
+            hub.push(registry, "anime", "me/anime", token="hf_owner")
+    commit = fake_hub.repos["me/anime"].branches["main"]
+    assert library.value.args == (f"interrupted after me/anime@main got commit {commit[:12]} with anime@1, recorded "
+                                  "as a tag",)
+    with monkeypatch.context() as patched:
+        interrupted_once_returned(patched, "push")
+        result = CliRunner().invoke(main, ["push", "other", "me/other", "--token", "hf_owner"])
+    commit = fake_hub.repos["me/other"].branches["main"]
+    assert (result.exit_code, result.output.splitlines()[-1]) == (130, (
+        f"error: interrupted after me/other@main got commit {commit[:12]} with other@1, recorded as a tag"))
+    assert registry.get_adapter("other").tags == [f"hf://me/other@{commit}"]
+
+
+def test_a_push_interrupted_as_its_temporary_files_go_says_what_the_hub_has(fake_hub, adapters, registry,
+                                                                           monkeypatch):
+    """Push in another layout writes it into a temporary folder, removed after the Hub made the commit: a Ctrl-C
+    there said "nothing was written" of a commit made."""
+    import tempfile
+
+    def interrupted_once_removed(self, *exc, real=tempfile.TemporaryDirectory.__exit__):
+        real(self, *exc)
+        if "loraops-push-" in self.name:
+            raise KeyboardInterrupt
+
+    registry.add_adapter(adapters["a"], name="anime")
+    monkeypatch.setattr(tempfile.TemporaryDirectory, "__exit__", interrupted_once_removed)
+    result = CliRunner().invoke(main, ["push", "anime", "me/anime", "--format", "kohya", "--token", "hf_owner"])
+    commit = fake_hub.repos["me/anime"].branches["main"]
+    assert (result.exit_code, result.output.splitlines()[-1]) == (130, (
+        f"error: interrupted after me/anime@main got commit {commit[:12]} with anime@1, before the registry recorded "
+        "it as a tag; push again to record it (the Hub makes no second commit)"))
+
+
+def test_a_pull_interrupted_says_what_it_registered(fake_hub, adapters, registry, monkeypatch):
+    """A Ctrl-C once pull registered the adapter (after its summary was said) said "nothing was written" of an
+    adapter registered; one during the download still says that, and leaves nothing registered."""
+    from factories import interrupted_once_returned
+
+    fake_hub.commit_folder("someone/style", adapters["a"])
+    with monkeypatch.context() as patched:
+        patched.setattr(hub, "download_adapter", interrupt)
+        during = CliRunner().invoke(main, ["pull", "someone/style"])
+    assert (during.exit_code, during.output) == (130, "error: interrupted; nothing was written\n")
+    assert registry.list_adapters() == []
+    with monkeypatch.context() as patched:
+        interrupted_once_returned(patched, "pull")
+        after = CliRunner().invoke(main, ["pull", "someone/style"])
+    assert (after.exit_code, after.output.splitlines()[-1]) == (
+        130, "error: interrupted after someone/style was pulled and registered as style@1")
+    assert [a.ref for a in registry.list_adapters()] == ["style@1"]
+
+
+def test_a_pull_interrupted_as_its_scratch_folder_goes_says_what_it_registered(fake_hub, adapters, registry,
+                                                                                monkeypatch):
+    """The download's scratch folder is cleaned up after the registration committed: a Ctrl-C there said "nothing
+    was written" of the adapter registered."""
+    import contextlib
+
+    from loraops.registry.blobs import BlobStore
+
+    @contextlib.contextmanager
+    def interrupted_once_cleaned(self, real=BlobStore.scratch):
+        with real(self) as folder:
+            yield folder
+        raise KeyboardInterrupt
+
+    fake_hub.commit_folder("someone/style", adapters["a"])
+    monkeypatch.setattr(BlobStore, "scratch", interrupted_once_cleaned)
+    result = CliRunner().invoke(main, ["pull", "someone/style"])
+    assert (result.exit_code, result.output) == (
+        130, "error: interrupted after someone/style was pulled and registered as style@1\n")
+    assert [a.ref for a in registry.list_adapters()] == ["style@1"]
 
 
 def test_an_offline_pull_fetched_one_by_one_takes_what_online_takes(fake_hub, adapters, registry, monkeypatch,

@@ -1,6 +1,7 @@
 """The registry library: idempotent registration, versions, references, filters, bases, lineage, rm, blobs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -248,6 +249,33 @@ def test_a_failed_command_gives_back_only_the_base_link_it_set(reg, art, tmp_pat
     failing(reg, lambda open_input: open_input(str(art["kohya"]), "llama-tiny"),
             lambda _: reg.remove_base("twin9", force=True))
     assert reg.get_adapter("style").base is None
+
+
+@pytest.mark.parametrize("output", [False, True])
+def test_a_ctrl_c_once_the_result_landed_keeps_the_base_link_its_input_got(reg, art, tmp_path, monkeypatch, output):
+    """`combine FILE --base B` of a FILE registered without a base links it to B, and the result is recorded against
+    B with FILE as its input. Interrupted once the result landed (without -o: as it returns; with -o: right after the
+    output was renamed into place, before the line that says so), the command gave FILE its old link (none) back."""
+    from loraops import derive
+
+    reg.add_base(art["base"], name="llama-tiny")
+    assert reg.add_adapter(art["kohya"]).base is None
+    if output:
+        @contextlib.contextmanager
+        def interrupted_once_renamed(*args, real=derive.atomic_path, **kwargs):
+            with real(*args, **kwargs) as staged:
+                yield staged
+            raise KeyboardInterrupt
+        monkeypatch.setattr(derive, "atomic_path", interrupted_once_renamed)
+    else:
+        monkeypatch.setattr(derive, "DerivedRecord", lambda **_: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(KeyboardInterrupt, match="interrupted after .*registered as c@1$"):
+        derive.combine([str(art["kohya"])], "cat", base="llama-tiny", name="c", output=str(out) if output else None,
+                       registry=reg)
+    result = reg.get_adapter("c")
+    assert result.base.name == "llama-tiny" and result.lineage.inputs[0].label == "style@1"
+    assert reg.get_adapter("style").base.name == "llama-tiny"
 
 
 def lineage_rows(reg: Registry) -> tuple[int, int]:
@@ -630,17 +658,20 @@ def test_what_is_no_adapter_is_refused_before_it_is_hashed(reg, art, monkeypatch
 def test_a_ctrl_c_while_the_registry_opens_is_an_interruption(monkeypatch):
     """SQLAlchemy swallows a KeyboardInterrupt that lands while its pool closes a connection, then fails on its own
     state: a Ctrl-C during Registry.open came out once as "cannot open the registry …: AssertionError" (exit 6).
-    Opening defers the signal and raises it once done, through the handler that was in place."""
+    Opening defers the signal and raises it once done, through the handler that was in place; the registry it
+    opened, which no caller gets, is closed (its connections were left open, for a library user's process to keep)."""
     import os
     import signal
 
     from loraops.registry import db
 
     real_make_engine = db.make_engine
+    engines = []
 
     def interrupted_midway(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # handled at once by Python, were it not deferred
-        return real_make_engine(*args, **kwargs)
+        engines.append(real_make_engine(*args, **kwargs))
+        return engines[-1]
 
     monkeypatch.setattr(db, "make_engine", interrupted_midway)
     reached = []
@@ -648,6 +679,7 @@ def test_a_ctrl_c_while_the_registry_opens_is_an_interruption(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         Registry.open()
     assert reached  # the opening went on after the signal, which came at its end
+    assert [engine.pool.checkedin() for engine in engines] == [0]  # disposed: no pooled connection left open
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -668,3 +668,37 @@ def test_check_headline_counts_a_task_adapters_whole_tensors(tmp_path):
     result = factories.loraops_run("check", folder, "--base", base)
     assert result.stdout.startswith(f"{folder} fits {base}: {modules}/{modules} modules and {tensors}/{tensors} whole "
                                     "tensors match\n"), result.stdout + result.stderr
+
+
+def test_a_ctrl_c_once_a_registry_change_committed_says_what_changed(art, monkeypatch):
+    """register, base add, rm, base rm, interrupted once their change committed (as click returns from them, after the
+    summary was said) said "interrupted; nothing was written"; each says what changed. Before it: nothing written."""
+    from factories import interrupted_once_returned
+
+    steps = [(["base", "add", art["base"], "--name", "llama-tiny"], "base llama-tiny was added"),
+             (["base", "add", art["base"]], None),  # already there: nothing changed
+             (["register", art["ad1"]], f"{art['ad1']} was registered as ad1@1"),
+             (["register", art["kohya"], "--name", "style", "--base", "llama-tiny"],
+              f"{art['kohya']} was registered as style@1"),
+             (["rm", "style"], "style@1 was removed"),
+             (["rm", "ad1"], "ad1@1 was removed"),
+             (["base", "rm", "llama-tiny"], "base llama-tiny was removed")]
+    for args, said in steps:
+        with monkeypatch.context() as patched:
+            interrupted_once_returned(patched, args[1] if args[0] == "base" else args[0])
+            result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 130, result.output
+        assert result.output.splitlines()[-1] == (f"error: interrupted after {said}" if said else
+                                                  "error: interrupted; nothing was written"), args
+    with Registry.open() as reg:
+        assert reg.list_adapters() == [] and reg.list_bases() == []
+
+
+@pytest.mark.no_registry
+def test_a_ctrl_c_once_db_upgrade_committed_says_so(tmp_path, monkeypatch):
+    from factories import interrupted_once_returned
+
+    interrupted_once_returned(monkeypatch, "upgrade")
+    result = CliRunner().invoke(main, ["--db", f"sqlite:///{tmp_path}/registry.db", "db", "upgrade"])
+    assert (result.exit_code, result.output.splitlines()[-1]) == (
+        130, f"error: interrupted after the registry was upgraded to revision {db.HEAD}")

@@ -164,13 +164,16 @@ class LoraopsGroup(click.Group):
         level = notes.level
         notes.addHandler(handler)
         notes.setLevel(logging.INFO)
+        from ..landing import Landing
+
+        ctx.meta[_LANDING] = Landing()  # what a command without an output lands is told to it (landing.tell)
         try:
             return super().invoke(ctx)
         except LoraopsError as exc:
             fail(str(exc), exc.exit_code)
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
             usage_error(exc)
-        except KeyboardInterrupt as exc:  # a merge interrupted after its output landed says so (merging.Landing)
+        except KeyboardInterrupt as exc:  # a command interrupted after its output landed says so (landing.Landing)
             fail(exc.args[0] if exc.args else _landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         except OSError as exc:
             system_error(exc)
@@ -197,11 +200,14 @@ class _Notes(logging.Handler):
             click.echo(f"note: {message}", err=True)
 
 
-def expect_output(landing) -> None:
-    """The command writes what ``landing`` (merging.Landing) watches: a Ctrl-C anywhere in it, also after the
-    library call returned (in the command's last lines, in click's return from it, after the summary was said), says
-    what is there. A Ctrl-C there said "nothing was written" of a merge written in full and recorded."""
-    click.get_current_context().meta[_LANDING] = landing
+def expect_output(output, record: bool = False) -> None:
+    """The command writes ``output`` (None: none; ``record``: a merge's, recorded as a base once it lands): a Ctrl-C
+    anywhere in it, also after the library call returned (in the command's last lines, in click's return from it,
+    after the summary was said), says what is there (landing.Landing). A Ctrl-C there said "nothing was written" of a
+    merge written in full and recorded."""
+    from ..landing import Landing
+
+    click.get_current_context().meta[_LANDING] = Landing(output, record)
 
 
 def _landed(ctx: click.Context) -> str | None:

@@ -6,7 +6,7 @@ from typing import Iterable
 import click
 
 from .. import blocks
-from . import FLOAT, INT
+from . import FLOAT, INT, expect_output
 from ..references import parse_weighted
 from .render import METHODS, echo_json, echo_table, layer_kind, not_again
 
@@ -173,6 +173,8 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
     from .. import derive
     from ..ops.combine import rank_ceiling
 
+    expect_output(output)
+
     given = (("density", density), ("gamma", gamma), ("epsilon", epsilon), ("seed", seed), ("rescale", rescale),
              ("rescale_norm", rescale_norm), ("consensus", consensus), ("select_topk", select_topk),
              ("flatten", flatten), ("row_wise", row_wise), ("filter_wise", filter_wise), ("normalize", normalize),
@@ -227,6 +229,7 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, dtype, device, precis
     result is registered with its lineage."""
     from .. import derive
 
+    expect_output(output)
     result = derive.resize(ref, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, conv_rank=conv_rank,
                            device=device,
                            precise=precise, name=name, output=output, fmt=fmt, force=force, base=base, dtype=dtype)
@@ -263,6 +266,7 @@ def export(ref, fmt, output, dtype, force, base, as_json) -> None:
     the plain LoRA they equal."""
     from .. import derive
 
+    expect_output(output)
     report = derive.export(ref, fmt, output, force=force, base=base, dtype=dtype)
     if as_json:
         echo_json(report)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..landing import tell
 from .adapters import _reader, _registry
 from .hub import check_token
 from .render import echo_fields, echo_json, echo_table, human_bytes, not_again
@@ -34,6 +35,8 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
             record, created = hub.add_base(reg, path, name=name, token=token)
         else:
             record, created = reg.register_base(path, name=name)
+        if created:
+            tell(f"interrupted after base {record.name} was added")
     if as_json:
         echo_json(record)
     elif created and record.path is None:
@@ -95,6 +98,7 @@ def rm(ref: str, force: bool) -> None:
     """Forget a base model (its files are not touched)."""
     with _registry(create=False) as reg:
         record = reg.remove_base(ref, force=force)
+        tell(f"interrupted after base {record.name} was removed")
     if record.path is None:  # a base from the Hub whose weights never came down
         click.echo(f"removed base {record.name} (id {record.id}); it had no files on disk (its manifest came from "
                    f"{record.source})")

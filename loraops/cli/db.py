@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loraops.cli import one_line
+from loraops.landing import tell
 
 
 @click.group()
@@ -27,6 +28,8 @@ def upgrade() -> None:
         with regdb.connected(engine) as connection:
             before = regdb.current_revision(connection)
         regdb.ensure_schema(engine, explicit=True)
+        if before != regdb.HEAD:
+            tell(f"interrupted after the registry was upgraded to revision {regdb.HEAD}")
     finally:
         engine.dispose()
     if before == regdb.HEAD:
@@ -71,6 +74,8 @@ def stamp() -> None:
         regdb.refuse_missing(engine)
         regdb.refuse_foreign(engine)
         recorded = regdb.stamp(engine)
+        if recorded:
+            tell(f"interrupted after revision {regdb.HEAD} was recorded")
     finally:
         engine.dispose()
     if recorded:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import FLOAT, INT
+from . import FLOAT, INT, expect_output
 from .algebra import CONV_RANK_HELP, compute_options, dtype_option, echo_capped, echo_saved
 from .render import echo_base_changed, echo_json, echo_table, human_bytes, layer_kind
 
@@ -44,6 +44,7 @@ def extract(base, tuned, rank, dynamic, param, max_rank, conv_rank, modules, sav
     the base with its lineage."""
     from .. import derive
 
+    expect_output(output)
     result = derive.extract(base, tuned, rank=rank, dynamic=dynamic, param=param, max_rank=max_rank, conv_rank=conv_rank,
                             alpha=alpha,
                             modules=_names(modules, "--modules"), save_modules=_names(save_modules, "--save-module"), device=device, precise=precise,

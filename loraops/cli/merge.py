@@ -36,7 +36,7 @@ def merge(adapters, base, block_weights, output, dtype, device, precise, force, 
     new block scales, or comes out dequantized with --dtype; with no adapters, --dtype alone converts the base."""
     from .. import merging
 
-    expect_output(merging.Landing(output, not no_record))
+    expect_output(output, not no_record)
     report = merging.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
                           precise=precise, force=force, block_weights=block_weights)
     _render(report, as_json, name)
@@ -54,7 +54,7 @@ def subtract(adapters, model, exact, block_weights, output, dtype, device, preci
     merge+subtract round trip is never bit-exact; --exact restores the recorded base instead."""
     from .. import merging
 
-    expect_output(merging.Landing(output, not no_record))
+    expect_output(output, not no_record)
     report = merging.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
                              device=device, precise=precise, force=force, block_weights=block_weights)
     _render(report, as_json, name)

@@ -123,8 +123,15 @@ class Registry:
         that does not exist is an error naming it (a mistyped --db), not a new empty registry — except the home's
         own registry.db, which any command creates on first use. ``blobs``: the folder of its stored adapters, in
         place of $LORAOPS_BLOBS (settings.registry_blobs_dir); a server registry needs one of them."""
-        with db.interrupts_deferred():
-            return cls._open(url, create, blobs)
+        registry = None
+        try:
+            with db.interrupts_deferred():
+                registry = cls._open(url, create, blobs)
+        except BaseException:  # the Ctrl-C deferred to the block's end: raised with a registry no caller gets
+            if registry is not None:
+                registry.close()
+            raise
+        return registry
 
     @classmethod
     def _open(cls, url: str | None, create: bool, blobs: str | os.PathLike | None = None) -> "Registry":

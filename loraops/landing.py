@@ -1,0 +1,111 @@
+"""What a Ctrl-C left of a command that writes: nothing, or what landed (an output renamed into place, a registry
+row, a Hub commit), said in place of "nothing was written".
+
+An output is watched (its file identity changes when it lands); what cannot be watched from outside (a registration
+without an output, a Hub commit) is told by the code that made it, right after (``tell``). Imports nothing heavy:
+the CLI keeps a Landing for every command.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import itertools
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+from .errors import LoraopsError
+from .fsutil import resolved
+
+if TYPE_CHECKING:
+    from .registry import store
+
+F = TypeVar("F", bound=Callable)
+_counter = itertools.count(1)
+# (number, line) of the latest thing landed in this thread's context: a Landing sees what came after it was built
+_told: contextvars.ContextVar[tuple[int, str | None]] = contextvars.ContextVar("loraops_landed", default=(0, None))
+
+
+def tell(line: str) -> None:
+    """Something landed that no Landing can watch: ``line`` ("interrupted after …") is what an interruption from now
+    on says, in every Landing built before it (the library's own, and the CLI's for the command)."""
+    _told.set((next(_counter), line))
+
+
+def tell_registered(done: "store.Registration", what: str) -> None:
+    """Tell what a registration (register, pull) did: ``what`` ("PATH was registered") as the record it made, or the
+    link it set."""
+    if done.created:
+        tell(f"interrupted after {what} as {done.record.ref}")
+    elif done.linked:
+        tell(f"interrupted after {done.record.ref} was linked to base {done.record.base.name}")
+
+
+class Landing:
+    """Says what a Ctrl-C left: nothing (the temporary output is removed), or the output complete in place — once
+    renamed, a merge is not undone — and whether the registry recorded it (asked again: the interrupt may land
+    between the commit and the line after it); or what was told since (``tell``), which says more. The CLI keeps one
+    for the whole command (cli.expect_output): a Ctrl-C can also land after the library call returned. ``output``:
+    None for a command that writes none (push, combine without -o); ``record``: whether a merge's output is recorded
+    as a base after it lands."""
+
+    def __init__(self, output: str | Path | None = None, record: bool = False,
+                 registry: "store.Registry | None" = None) -> None:
+        self.output, self.record, self.registry = None if output is None else Path(output), record, registry
+        self.before = self._identity()
+        self.since = _told.get()[0]
+
+    def _identity(self) -> tuple[int, int] | None:
+        if self.output is None:
+            return None
+        try:
+            st = self.output.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def __enter__(self) -> "Landing":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is KeyboardInterrupt and (message := self.landed()) is not None:
+            raise KeyboardInterrupt(message) from None
+
+    def landed(self) -> str | None:
+        """What an interruption now would leave, when something has landed; None while nothing was written."""
+        number, line = _told.get()
+        if number > self.since and line is not None:
+            return line
+        if self._identity() in (None, self.before):
+            return None
+        try:
+            recorded = self.record and self._recorded()
+        except LoraopsError:  # the registry cannot say now (busy, gone)
+            return (f"interrupted after {self.output} was written in full; whether the registry recorded it, "
+                    "`loraops base list` tells")
+        if recorded or not self.record:
+            return f"interrupted after {self.output} was written in full" + (" and recorded" if recorded else "")
+        return (f"interrupted after {self.output} was written in full, before it was recorded in the registry "
+                f"(`loraops base add {self.output}` records it, without its lineage)")
+
+    def _recorded(self) -> bool:
+        from .registry.store import opened
+
+        where = str(resolved(self.output))
+        with opened(self.registry) as reg:
+            return any(b.path == where for b in reg.list_bases())
+
+
+def watched(output: str | None = None) -> Callable[[F], F]:
+    """A library call run under a Landing of its argument named ``output`` (None: it writes no output; what it lands
+    is told): a Ctrl-C once something landed comes out of it as a KeyboardInterrupt saying what."""
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            path = signature.bind(*args, **kwargs).arguments.get(output) if output is not None else None
+            with Landing(path):
+                return fn(*args, **kwargs)
+        return run  # type: ignore[return-value]
+    return decorate
