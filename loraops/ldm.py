@@ -782,6 +782,16 @@ class VirtualTensor:
     swaps (swap_scale_shift): a delta's rows map by the same swap."""
 
 
+def dit_inverse(flux: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """diffusers' paths of FLUX.1's (else SD3's) transformer → the checkpoint's: ({"transformer_blocks.{n}.attn.to_q":
+    "double_blocks.{n}.img_attn.qkv.to_q", …} for the blocks, {"x_embedder": "img_in", …} for the rest), as
+    DIT_BLOCKS and FLUX_TOP / SD3_TOP map them the other way; the swapped adaLNs are not in them (pipeline_dit)."""
+    kinds = ("double_blocks", "single_blocks") if flux else ("joint_blocks",)
+    inverse = {f"{DIT_BLOCKS[kind][0]}.{{n}}.{inner}": f"{kind}.{{n}}.{path}"
+               for kind in kinds for path, inner in DIT_BLOCKS[kind][1].items()}
+    return inverse, {inner: path for path, inner in (FLUX_TOP if flux else SD3_TOP).items()}
+
+
 def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
     """A diffusers pipeline's FLUX.1 or SD3 transformer (``transformer.transformer_blocks.0.attn.to_q.weight`` …) as the
     single-file checkpoint's tensors that hold it (``double_blocks.0.img_attn.qkv.weight``: to_q, to_k, to_v stacked
@@ -792,10 +802,7 @@ def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
     if "transformer.transformer_blocks.0.attn.add_q_proj.weight" not in manifest or not (
             flux or "transformer.pos_embed.proj.weight" in manifest):  # (diffusers' other DiTs: PixArt's, Sana's…)
         return {}
-    kinds = ("double_blocks", "single_blocks") if flux else ("joint_blocks",)
-    inverse = {f"{DIT_BLOCKS[kind][0]}.{{n}}.{inner}": f"{kind}.{{n}}.{path}"
-               for kind in kinds for path, inner in DIT_BLOCKS[kind][1].items()}
-    top = {inner: path for path, inner in (FLUX_TOP if flux else SD3_TOP).items()}
+    inverse, top = dit_inverse(flux)
     block = re.compile(r"^transformer\.(?P<block>(?:single_)?transformer_blocks)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
     last = max((int(m["n"]) for m in map(block.match, manifest) if m and m["block"] == "transformer_blocks"),
                default=-1)

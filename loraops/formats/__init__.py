@@ -177,6 +177,11 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         own = adapter.own_names
         modules = (replace(m, name=own.get(m.name, m.name)) for m in modules)
         adapter = adapter.with_own_names()
+    if fmt == "kohya" and (on_checkpoint := kohya.out_of_pipeline(adapter)) is not None:
+        # (sd-scripts names a FLUX/SD3 transformer by the single-file checkpoint's modules only)
+        modules = (on_checkpoint(m) for m in modules)
+        adapter = replace(adapter, modules={m.name: m for m in (on_checkpoint(m, values=False)
+                                                                for m in adapter.modules.values())})
     refuse_unwritable(adapter, fmt, values=False)  # the values are checked as the modules come
     if adapter.products:
         raise UnsupportedAdapterError(f"{adapter.label}: {lycoris.described(adapter)}, so it cannot be written as "
