@@ -5,6 +5,7 @@ by splitting B's rows as diffusers' kohya FLUX converter does. They did not fit 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -394,3 +395,33 @@ def test_one_block_module_the_pipeline_lacks_is_reported_alone(tmp_path):
     run = loraops_run("merge", tmp_path / "k.safetensors", "--into", pipe, "-o", tmp_path / "m", "--no-record")
     assert run.returncode != 0 and f"1 module does not fit base {pipe}: {wrong} (not in base)" in run.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_a_pipeline_bound_adapter_computed_without_some_modules_is_written_as_kohya(tmp_path):
+    """A computation that drops modules it finds empty (algebra.Derivation.dropped, as extract's zero deltas) while
+    a pipeline-bound adapter is written as kohya: the write renames each module to the checkpoint's, and it read no
+    ``dropped`` from the renaming ('… was announced and never came'); a qkv one of whose parts is dropped is written
+    from the others (it waited for all three, and was silently left out)."""
+    from loraops import formats
+    from loraops.algebra import Derivation
+    from loraops.basemodel import BaseModel
+    from loraops.check import bind
+
+    pipe = flux_pipeline(tmp_path / "pipe")
+    factors = lora({name: shape for name, (shape, _) in FLUX_KOHYA.items()})
+    save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_flux"})
+    bound = bind(formats.read_adapter(tmp_path / "k.safetensors"), BaseModel.open(pipe))
+    dropped = {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_add_out"}
+    stand_ins = replace(bound, modules={n: m.stand_in() for n, m in bound.modules.items()})
+    kept = (m for n, m in bound.modules.items() if n not in dropped)
+    formats.write(stand_ins, tmp_path / "out.safetensors", "kohya",
+                  modules=Derivation(stand_ins, kept, lambda *_: None, dropped=dropped))
+    written = load_file(str(tmp_path / "out.safetensors"))
+    want = {k: v for k, v in factors.items() if not k.startswith("lora_unet_double_blocks_0_txt_attn_proj")}
+    assert sorted(written) == sorted(want)
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    delta = factors[f"{qkv}.lora_up.weight"].double() @ factors[f"{qkv}.lora_down.weight"].double() * 2 / R
+    delta[:D] = 0  # (to_q's rows)
+    got = written[f"{qkv}.lora_up.weight"].double() @ written[f"{qkv}.lora_down.weight"].double() \
+        * float(written[f"{qkv}.alpha"]) / written[f"{qkv}.lora_down.weight"].shape[0]
+    assert torch.allclose(got, delta, atol=1e-12, rtol=0)
