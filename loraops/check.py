@@ -1428,7 +1428,8 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
             target = f"transformer.{ldm.dit_path(part, top)}" if pieces else \
                 name if whole is None else whole.removesuffix(".weight")
             if (pieces or swapped) and module.product is not None:
-                raise FormatError(f"{adapter.label}: module {name!r} is a LoHa/LoKr on {module.weight_name!r}, which "
+                given = next(old for old, new in res.names.items() if new == name)  # (the file's name of it)
+                raise FormatError(f"{adapter.label}: module {given!r} is a LoHa/LoKr on {module.weight_name!r}, which "
                                   "the pipeline stores " + ("in parts" if pieces else "with its halves swapped")
                                   + ": bind it to the single-file checkpoint")
 

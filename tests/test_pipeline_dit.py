@@ -425,3 +425,26 @@ def test_a_pipeline_bound_adapter_computed_without_some_modules_is_written_as_ko
     got = written[f"{qkv}.lora_up.weight"].double() @ written[f"{qkv}.lora_down.weight"].double() \
         * float(written[f"{qkv}.alpha"]) / written[f"{qkv}.lora_down.weight"].shape[0]
     assert torch.allclose(got, delta, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name, rows, tensor, how", [
+    ("lora_unet_final_layer_adaLN_modulation_1", 2 * D, "final_layer.adaLN_modulation.1.weight",
+     "with its halves swapped"),
+    ("lora_unet_double_blocks_0_img_attn_qkv", 3 * D, "double_blocks.0.img_attn.qkv.weight", "in parts")])
+def test_a_loha_where_the_pipeline_moves_rows_is_refused(tmp_path, name, rows, tensor, how):
+    """A LoHa's ΔW is no B·A whose rows can be cut or swapped: on a tensor the pipeline holds in parts or with its
+    shift and scale halves swapped, it is refused in one line (bound to the single-file checkpoint, it merges)."""
+    pipe = flux_pipeline(tmp_path / "pipe")
+    g = torch.Generator().manual_seed(5)
+    loha = {f"{name}.hada_w{i}_a": torch.randn(rows, 2, generator=g) for i in (1, 2)}
+    loha.update({f"{name}.hada_w{i}_b": torch.randn(2, D, generator=g) for i in (1, 2)})
+    loha[f"{name}.alpha"] = torch.tensor(2.0)
+    loha.update(lora({"lora_unet_double_blocks_0_txt_attn_proj": (D, D, 8.0)}))
+    save_file(loha, str(tmp_path / "h.safetensors"), {"ss_network_module": "lycoris.kohya"})
+    want = (f"error: {tmp_path / 'h.safetensors'}: module {name!r} is a LoHa/LoKr on "
+            f"'{tensor}', which the pipeline stores {how}: bind it to the single-file checkpoint\n")
+    for args in (("check", tmp_path / "h.safetensors", "--base", pipe),
+                 ("merge", tmp_path / "h.safetensors", "--into", pipe, "-o", tmp_path / "m", "--no-record")):
+        run = loraops_run(*args)
+        assert (run.returncode, run.stdout, run.stderr) == (2, "", want)
+        assert not (tmp_path / "m").exists()
