@@ -9,7 +9,9 @@ with PEFT trainable tokens (trainable_token_indices): those embedding rows repla
 lora_bias adapter (a bias on lora_B), its biases merged into the base layers'. PEFT AdaLoRA
 (after its budget allocation) and VeRA adapters, read, merged and exported as the plain LoRAs they equal. Last, SD
 block weights (sd-scripts' --lbws): a kohya LoRA merged with each U-Net block's ΔW weighted on its own and
-subtracted again, and two combined with one list each.
+subtracted again, and two combined with one list each. Last, a kohya FLUX LoRA (sd-scripts' names, q/k/v fused)
+checked against and merged into a diffusers FLUX pipeline folder, which holds them in parts, and written back as
+kohya from the pipeline-bound adapter.
 
     python examples/02_merge.py [WORKDIR]
 
@@ -25,8 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import (FLUX, SD15, SDXL, adalora, diffusers_lora, fp8_llama, gpt_oss, llama, loraops,  # noqa: E402
-                    lycoris_loha, mixtral, named_kohya_lora, peft_lora, sd_checkpoint, vera, workdir)
+from _build import (FLUX, FLUX_PIPELINE_KOHYA, SD15, SDXL, adalora, diffusers_lora, flux_pipeline,  # noqa: E402
+                    fp8_llama, gpt_oss, llama, loraops, lycoris_loha, mixtral, named_kohya_lora, peft_lora,
+                    sd_checkpoint, vera, workdir)
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -184,6 +187,27 @@ def main() -> None:
     loraops("combine", work / "sd15-style.safetensors", second, "--method", "svd", "--rank", "4", "--name", "sd15-mix",
             "--block-weights", weights, "--block-weights", "0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
             "-o", work / "sd15-mix.safetensors")
+
+    print("\n--- a kohya FLUX LoRA (sd-scripts' names, fused qkv) into a diffusers FLUX pipeline folder ---")
+    pipe = flux_pipeline(work / "flux-pipe")
+    kohya_flux = named_kohya_lora(work / "flux-kohya.safetensors", FLUX_PIPELINE_KOHYA, r=4, alpha=2,
+                                  metadata={"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"})
+    loraops("check", kohya_flux, "--base", pipe)  # qkv → to_q, to_k, to_v; linear1 → those and proj_mlp
+    loraops("merge", kohya_flux, "--into", pipe, "-o", work / "flux-pipe-merged", "--no-record")
+    loraops("base", "add", pipe, "--name", "flux-pipe")
+    loraops("register", kohya_flux, "--name", "flux-kohya", "--base", "flux-pipe")
+    loraops("export", "flux-kohya", "--format", "kohya", "-o", work / "flux-kohya-back.safetensors")
+    same = kohya_file_tensors(kohya_flux) == kohya_file_tensors(work / "flux-kohya-back.safetensors")
+    print(f"\nwritten back as kohya: the same names and values as the file read: {same}")
+    if not same:
+        sys.exit("the pipeline-bound kohya FLUX LoRA did not round-trip")
+
+
+def kohya_file_tensors(path: Path) -> dict[str, list]:
+    """A kohya file's tensors (alphas as float32, factors as float32 values), to compare two files by."""
+    from safetensors.torch import load_file
+
+    return {k: v.float().flatten().tolist() for k, v in load_file(str(path)).items()}
 
 
 def print_block_shares(base: Path, plain: Path, weighted: Path) -> None:

@@ -214,6 +214,30 @@ FLUX = (
 )
 
 
+def flux_pipeline(out: Path, *, seed: int = 0) -> Path:
+    """A diffusers FluxPipeline folder holding only its transformer (a random FluxTransformer2DModel, hidden 32: one
+    double and one single block), saved by diffusers; q, k, v and the MLP input in parts (to_q…, proj_mlp)."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                           guidance_embeds=False, axes_dims_rope=(4, 6, 6)).save_pretrained(out / "transformer")
+    (out / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    return out
+
+
+# sd-scripts' lora_flux names for that pipeline's checkpoint modules: the fused qkv and linear1, and the final adaLN
+# (whose shift and scale halves diffusers swaps)
+FLUX_PIPELINE_KOHYA = {
+    "lora_unet_double_blocks_0_img_attn_qkv": (3 * 32, 32), "lora_unet_double_blocks_0_txt_attn_proj": (32, 32),
+    "lora_unet_single_blocks_0_linear1": (7 * 32, 32), "lora_unet_final_layer_adaLN_modulation_1": (2 * 32, 32),
+}
+
+
 def diffusers_lora(out: Path, modules: dict[str, tuple[int, int]], *, r: int, seed: int = 4) -> Path:
     """A diffusers-format LoRA file (PEFT keys behind the component, no alpha metadata: alpha = r)."""
     from safetensors.torch import save_file

@@ -1400,34 +1400,48 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
     BFL's ``double_blocks.0.img_attn.qkv``) for a diffusers pipeline holding that transformer: bound to the checkpoint
     tensors the pipeline's make up (ldm.pipeline_dit), then each module named as the pipeline's, a LoRA on a fused
     tensor (qkv, linear1) split into its parts' rows of B with A shared: the same delta, as diffusers' converter splits
-    them (DoRA magnitudes and lora_bias per row too). Any other adapter, or one that does not bind so, as it is."""
+    them (DoRA magnitudes and lora_bias per row too); one on an adaLN whose shift and scale halves the pipeline holds
+    swapped (the final layer's, SD3's last context block's) with B's halves swapped the same way. A module the pipeline
+    lacks keeps its name, for check to report alone. Any other adapter, or one none of whose blocks' modules binds so,
+    as it is."""
     if not any(DIT_NAMED.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(manifest)):
         return adapter
     res = resolve(adapter, virtual)
-    if res.ambiguous or any(DIT_NAMED.search(name) for name in res.missing):
+    if res.ambiguous or not any(DIT_NAMED.search(name) for name in res.names):
         return adapter
-    # (another network's kohya module the base lacks, sd-scripts' FLUX T5 as lora_te3_…: kept by its name, reported)
+    # (a module the base lacks — another network's, sd-scripts' FLUX T5 as lora_te3_…, or a block's: kept by its
+    # name, reported alone)
     res.names.update((name, name) for name in res.missing)
     bound = renamed(adapter, res, virtual)
-    if not all(m.weight_name in virtual for n, m in bound.modules.items() if DIT_NAMED.search(n)):
+    if not all(m.weight_name in virtual for n, m in bound.modules.items() if DIT_NAMED.search(n)
+               and n not in res.missing):
         return adapter
     top = ldm.dit_top(bound.modules)
     modules = {}
     for name, module in bound.modules.items():
         pieces = [] if module.fused is not None or module.transposed else ldm.split(
             module.weight_name, module.weight_shape, whole=True)
+        swapped = getattr(virtual.get(module.weight_name), "swapped", False)
         for part, (_, first, rows, _) in pieces or [(name, (None, 0, module.out_features, None))]:
             # a part by the table of parts, any other module as the pipeline tensor it was read from
             whole = None if pieces else getattr(virtual.get(module.weight_name), "pipeline", None)
             target = f"transformer.{ldm.dit_path(part, top)}" if pieces else \
                 name if whole is None else whole.removesuffix(".weight")
-            if pieces and module.product is not None:
-                raise FormatError(f"{adapter.label}: module {name!r} is a LoHa/LoKr on {module.weight_name!r}, which "
-                                  "the pipeline stores in parts: bind it to the single-file checkpoint")
-            cut = slice(first, first + rows)
-            modules[target] = replace(module, name=target, fused=None, B=module.B[cut],
-                                      magnitude=None if module.magnitude is None else module.magnitude[cut],
-                                      lora_bias=None if module.lora_bias is None else module.lora_bias[cut])
+            if (pieces or swapped) and module.product is not None:
+                given = next(old for old, new in res.names.items() if new == name)  # (the file's name of it)
+                raise FormatError(f"{adapter.label}: module {given!r} is a LoHa/LoKr on {module.weight_name!r}, which "
+                                  "the pipeline stores " + ("in parts" if pieces else "with its halves swapped")
+                                  + ": bind it to the single-file checkpoint")
+
+            def rows_of(tensor):
+                """Its rows the target's: the part's, or (shift, scale) swapped where the pipeline swaps them (B's rows
+                map as the weight's: ΔW' = B'·A)."""
+                if tensor is None:
+                    return None
+                return tensor.roll(tensor.shape[0] // 2, 0) if swapped else tensor[first:first + rows]
+
+            modules[target] = replace(module, name=target, fused=None, B=rows_of(module.B),
+                                      magnitude=rows_of(module.magnitude), lora_bias=rows_of(module.lora_bias))
     return replace(bound, modules=modules, own_names={n: o for n, o in bound.own_names.items() if n in modules})
 
 

@@ -118,7 +118,8 @@ OPEN_CLIP_MODULES = {
 # DiT transformers in their original single-file layout → diffusers' transformer (component "transformer."), as
 # diffusers' single-file converters map them. The adaLN projections whose shift and scale halves diffusers swaps
 # (FLUX's and SD3's final_layer.adaLN_modulation.1, SD3's last context block's) have no row-for-row name and are left
-# out; so is every SD3 context block's adaLN (which one is last is not in its path).
+# out; so is every SD3 context block's adaLN (which one is last is not in its path). A pipeline's are bound apart
+# (pipeline_dit).
 FLUX_TOP = {  # FLUX.1, Black Forest Labs' names
     "img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
     "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
@@ -776,6 +777,19 @@ class VirtualTensor:
     dtype: str
     pipeline: str | None = None
     """The pipeline's tensor it is (``transformer.….weight``); None for one stacked from parts."""
+    swapped: bool = False
+    """The pipeline holds it with its two halves of rows swapped: an adaLN projection whose shift and scale diffusers
+    swaps (swap_scale_shift): a delta's rows map by the same swap."""
+
+
+def dit_inverse(flux: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """diffusers' paths of FLUX.1's (else SD3's) transformer → the checkpoint's: ({"transformer_blocks.{n}.attn.to_q":
+    "double_blocks.{n}.img_attn.qkv.to_q", …} for the blocks, {"x_embedder": "img_in", …} for the rest), as
+    DIT_BLOCKS and FLUX_TOP / SD3_TOP map them the other way; the swapped adaLNs are not in them (pipeline_dit)."""
+    kinds = ("double_blocks", "single_blocks") if flux else ("joint_blocks",)
+    inverse = {f"{DIT_BLOCKS[kind][0]}.{{n}}.{inner}": f"{kind}.{{n}}.{path}"
+               for kind in kinds for path, inner in DIT_BLOCKS[kind][1].items()}
+    return inverse, {inner: path for path, inner in (FLUX_TOP if flux else SD3_TOP).items()}
 
 
 def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
@@ -788,24 +802,24 @@ def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
     if "transformer.transformer_blocks.0.attn.add_q_proj.weight" not in manifest or not (
             flux or "transformer.pos_embed.proj.weight" in manifest):  # (diffusers' other DiTs: PixArt's, Sana's…)
         return {}
-    kinds = ("double_blocks", "single_blocks") if flux else ("joint_blocks",)
-    inverse = {f"{DIT_BLOCKS[kind][0]}.{{n}}.{inner}": f"{kind}.{{n}}.{path}"
-               for kind in kinds for path, inner in DIT_BLOCKS[kind][1].items()}
-    top = {inner: path for path, inner in (FLUX_TOP if flux else SD3_TOP).items()}
+    inverse, top = dit_inverse(flux)
     block = re.compile(r"^transformer\.(?P<block>(?:single_)?transformer_blocks)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
     last = max((int(m["n"]) for m in map(block.match, manifest) if m and m["block"] == "transformer_blocks"),
                default=-1)
     out: dict[str, object] = {}
     parts: dict[str, dict[str, object]] = {}  # fused tensor → {part leaf: info}
     for tensor, info in manifest.items():
-        match = block.match(tensor)
+        match, swapped = block.match(tensor), False
         if match is not None:
             path = inverse.get(f"{match['block']}.{{n}}.{match['rest']}", "").replace("{n}", match["n"]) or None
-            if not flux and match["rest"] == "norm1_context.linear" and int(match["n"]) != last:
+            if not flux and match["rest"] == "norm1_context.linear":
                 # SD3's context adaLN, row for row but in the last block, whose shift and scale halves diffusers swaps
                 # (single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers): not in DIT_BLOCKS, which
-                # cannot tell the last block by its path
+                # cannot tell the last block by its path; here, it is the last block of the pipeline
                 path = f"joint_blocks.{match['n']}.context_block.adaLN_modulation.1"
+                swapped = int(match["n"]) == last
+        elif tensor == "transformer.norm_out.linear.weight":  # FLUX's and SD3's final adaLN, swapped as that one
+            path, swapped = "final_layer.adaLN_modulation.1", True
         else:
             path = top.get(tensor.removeprefix("transformer.").removesuffix(".weight")) \
                 if tensor.startswith("transformer.") and tensor.endswith(".weight") else None
@@ -816,7 +830,7 @@ def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
             if fused(f"{owner}.weight") is not None:
                 parts.setdefault(f"{owner}.weight", {})[leaf] = info
             else:
-                out[f"{path}.weight"] = VirtualTensor(f"{path}.weight", tuple(info.shape), info.dtype, tensor)
+                out[f"{path}.weight"] = VirtualTensor(f"{path}.weight", tuple(info.shape), info.dtype, tensor, swapped)
     for tensor, found in parts.items():
         entry = fused(tensor)
         if set(found) == set(entry.parts) and len({found[p].shape[1:] for p in entry.parts}) == 1:

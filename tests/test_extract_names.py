@@ -329,3 +329,24 @@ def test_dinov2_a_half_named_alone_that_did_not_change_is_named(tmp_path):
     assert (code, out) == (2, f"error: --modules: encoder.layer.0.mlp.gate_proj (rows 0–{half} of {name}): the same "
                               "in both models (other rows of the weight differ): nothing to extract\n")
     assert not (tmp_path / "lora").exists() and run("list")[1].count("\n") == 2, run("list")  # (a header only)
+
+
+def test_a_zero_delta_beside_renamed_modules_is_left_out(tmp_path):
+    """A weight that differs only in a signed zero is a target whose delta is zero, dropped as it is computed; the
+    PEFT writer renames the modules to the in-memory names and lost the names dropped: 'module
+    'vit.layers.0.attention.q_proj' was announced and never came'."""
+    base = tiny_transformers(tmp_path / "base", "vit", "ViTForImageClassification", **VISION)
+    weights = tensors(base)
+    query, key = (f"vit.encoder.layer.0.attention.attention.{p}.weight" for p in ("query", "key"))
+    weights[query][0, 0] = 0.0
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(base, tmp_path / "tuned")
+    weights[query][0, 0] = -0.0
+    weights[key] = weights[key] + 0.05
+    save_file(weights, str(tmp_path / "tuned" / "model.safetensors"), metadata={"format": "pt"})
+    code, out = run("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2", "-o", tmp_path / "lora")
+    assert code == 0, out
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["vit.layers.0.attention.k_proj"]
+    assert sorted(load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))) == [
+        f"base_model.model.vit.layers.0.attention.k_proj.lora_{f}.weight" for f in "AB"]

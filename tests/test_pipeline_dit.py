@@ -5,6 +5,7 @@ by splitting B's rows as diffusers' kohya FLUX converter does. They did not fit 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -100,7 +101,8 @@ def test_kohya_flux_lora_merges_into_a_diffusers_pipeline(tmp_path):
     merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want)
     assert sum(not torch.equal(merged[k], base[k]) for k in base) == 13
 
-    # registered against the pipeline: bound to its parts; written as diffusers, the parts; kohya has no names for them
+    # registered against the pipeline: bound to its parts; written as diffusers, the parts; as kohya, the parts
+    # joined back into the file's own modules (they were refused: "no kohya names of its own")
     assert loraops_run("base", "add", pipe, "--name", "flux").returncode == 0
     run = loraops_run("register", tmp_path / "k.safetensors", "--name", "k", "--base", "flux")
     assert run.returncode == 0, run.stderr
@@ -108,9 +110,18 @@ def test_kohya_flux_lora_merges_into_a_diffusers_pipeline(tmp_path):
     assert run.returncode == 0, run.stderr
     written = load_file(str(tmp_path / "d.safetensors"))
     assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in written
-    run = loraops_run("export", "k", "--format", "kohya", "-o", tmp_path / "k2.safetensors")
-    assert run.returncode != 0 and "no kohya names of its own" in run.stderr and "Traceback" not in run.stderr
-    assert not (tmp_path / "k2.safetensors").exists()
+    assert_round_trip(tmp_path, "k", factors)
+
+
+def assert_round_trip(tmp_path, ref, factors):
+    """``ref`` (registered against a pipeline) written as kohya is the kohya file it was read from: names, values,
+    alphas."""
+    run = loraops_run("export", ref, "--format", "kohya", "-o", tmp_path / "back.safetensors")
+    assert run.returncode == 0, run.stderr
+    written = load_file(str(tmp_path / "back.safetensors"))
+    assert sorted(written) == sorted(factors)
+    for key, tensor in factors.items():
+        assert torch.equal(written[key].to(tensor.dtype), tensor), key
 
 
 def test_bfl_named_flux_lora_merges_into_a_diffusers_pipeline(tmp_path):
@@ -261,8 +272,9 @@ def test_clip_g_text_projection_stays_lora_te2(tmp_path, pipeline):
 def test_every_sd_scripts_flux_module_merges_as_diffusers_converts_it(tmp_path):
     """Independent of the row table here: diffusers' own kohya FLUX converter (its linear1 split is hard-wired to
     FLUX.1-dev's 3072 width, so linear1 is left to the test above) gives the reference for every other module
-    sd-scripts' lora_flux trains — the modulations (img_mod.lin → norm1.linear, no shift/scale swap), linear2 →
-    proj_out whole, the embedders. final_layer.linear's alpha is r: diffusers' converter drops its alpha."""
+    sd-scripts' lora_flux trains — the modulations (img_mod.lin → norm1.linear, no shift/scale swap; the final
+    layer's adaLN → norm_out.linear with its shift and scale halves swapped), linear2 → proj_out whole, the embedders.
+    The final layer's alphas are r: diffusers' converter drops their alpha."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     pipe = flux_pipeline(tmp_path / "pipe")
@@ -273,7 +285,8 @@ def test_every_sd_scripts_flux_module_merges_as_diffusers_converts_it(tmp_path):
                "lora_unet_single_blocks_0_linear2": (D, 5 * D, 8.0), "lora_unet_single_blocks_0_modulation_lin": (3 * D, D, 2.0),
                "lora_unet_img_in": (D, 16, 2.0), "lora_unet_txt_in": (D, 32, 1.0), "lora_unet_time_in_in_layer": (D, 256, 2.0),
                "lora_unet_time_in_out_layer": (D, D, 2.0), "lora_unet_vector_in_in_layer": (D, 32, 8.0),
-               "lora_unet_vector_in_out_layer": (D, D, 2.0), "lora_unet_final_layer_linear": (16, D, float(R))}
+               "lora_unet_vector_in_out_layer": (D, D, 2.0), "lora_unet_final_layer_linear": (16, D, float(R)),
+               "lora_unet_final_layer_adaLN_modulation_1": (2 * D, D, float(R))}
     factors = lora(modules, seed=4)
     save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_flux"})
     converted = _convert_kohya_flux_lora_to_diffusers({k: v.double() for k, v in factors.items()})
@@ -290,12 +303,148 @@ def test_every_sd_scripts_flux_module_merges_as_diffusers_converts_it(tmp_path):
     assert sum(not torch.equal(merged[k], base[k]) for k in base) == len(modules) + 4  # (the qkv as 3 parts each)
 
 
-def test_kohya_sd3_last_context_adaln_is_not_bound(tmp_path):
-    """The last joint block's context adaLN, whose shift and scale halves diffusers swaps, is not bound to the
-    pipeline (a row permutation, not a row block): reported, the others with it."""
+def test_sd3_swapped_adalns_merge_as_diffusers_converts_them(tmp_path):
+    """The last joint block's context adaLN and the final layer's, whose shift and scale halves diffusers' single-file
+    converter swaps (swap_scale_shift), bind to the pipeline with B's halves swapped: the merged weights are the
+    converter's swap of the checkpoint's merged ones. They were not bound, and every other module with them."""
+    from diffusers.loaders.single_file_utils import swap_scale_shift
+
     pipe = sd3_pipeline(tmp_path / "pipe")
-    last = "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"
-    save_file(lora({"lora_unet_joint_blocks_0_x_block_attn_qkv": (96, 32, 2.0), last: (64, 32, 1.0)}),
+    width = 32
+    modules = {"lora_unet_joint_blocks_1_context_block_adaLN_modulation_1": (2 * width, width, 2.0),
+               "lora_unet_final_layer_adaLN_modulation_1": (2 * width, width, 8.0),
+               "lora_unet_joint_blocks_0_context_block_adaLN_modulation_1": (6 * width, width, 4.0)}
+    targets = {"lora_unet_joint_blocks_1_context_block_adaLN_modulation_1": "transformer_blocks.1.norm1_context.linear",
+               "lora_unet_final_layer_adaLN_modulation_1": "norm_out.linear",
+               "lora_unet_joint_blocks_0_context_block_adaLN_modulation_1": "transformer_blocks.0.norm1_context.linear"}
+    factors = lora(modules, seed=6)
+    save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_sd3"})
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = {k: v.double() for k, v in base.items()}
+    for name, target in targets.items():
+        delta = factors[f"{name}.lora_up.weight"].double() @ factors[f"{name}.lora_down.weight"].double()
+        delta = delta * float(factors[f"{name}.alpha"]) / R
+        swapped = "blocks_0" not in name
+        # what the checkpoint's weight + delta converts to, less what its weight converts to
+        want[f"{target}.weight"] += swap_scale_shift(delta, dim=width) if swapped else delta
+    run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
+    assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", tmp_path / "k.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want)
+    # written back as kohya: the halves swapped back, qkv joined (A shared, B's rows stacked: the rank kept)
+    factors.update(lora({"lora_unet_joint_blocks_1_x_block_attn_qkv": (3 * width, width, 2.0)}, seed=7))
+    save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_sd3"})
+    assert loraops_run("base", "add", pipe, "--name", "sd3").returncode == 0
+    run = loraops_run("register", tmp_path / "k.safetensors", "--name", "k", "--base", "sd3")
+    assert run.returncode == 0, run.stderr
+    assert_round_trip(tmp_path, "k", factors)
+
+
+def test_swapped_adaln_lora_bias_and_magnitude_rows_swap_too(tmp_path):
+    """BFL-layout PEFT keys on FLUX's final adaLN with lora_B's bias and a DoRA magnitude: both are per output row,
+    so they swap with B (PEFT's merge of the checkpoint's layer, then diffusers' swap of weight and bias)."""
+    from diffusers.loaders.single_file_utils import swap_scale_shift
+
+    pipe = flux_pipeline(tmp_path / "pipe")
+    g = torch.Generator().manual_seed(8)
+    A, B = torch.randn(R, D, generator=g).double(), torch.randn(2 * D, R, generator=g).double() * 0.1
+    bias = torch.randn(2 * D, generator=g).double()
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    W = swap_scale_shift(base["norm_out.linear.weight"].double(), dim=D)  # the checkpoint's weight
+    magnitude = (W + B @ A).norm(dim=1) * (1 + 0.1 * torch.rand(2 * D, generator=g).double())
+    key = "diffusion_model.final_layer.adaLN_modulation.1"
+    assert loraops_run("base", "add", pipe, "--name", "flux").returncode == 0
+    # (with a block's module beside it: an adapter of top-level modules alone is not taken for FLUX's, DIT_NAMED)
+    block = {"diffusion_model.single_blocks.0.linear2.lora_A.weight": torch.zeros(R, 5 * D, dtype=torch.float64),
+             "diffusion_model.single_blocks.0.linear2.lora_B.weight": torch.zeros(D, R, dtype=torch.float64)}
+    for dora in (False, True):
+        tensors = {**block, f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B, f"{key}.lora_B.bias": bias}
+        if dora:
+            tensors = {**block, f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B,
+                       f"{key}.lora_magnitude_vector": magnitude,
+                       "diffusion_model.single_blocks.0.linear2.lora_magnitude_vector":  # (its weight's norms: unchanged)
+                           base["single_transformer_blocks.0.proj_out.weight"].double().norm(dim=1)}
+        save_file(tensors, str(tmp_path / f"b{dora}.safetensors"))
+        run = loraops_run("register", tmp_path / f"b{dora}.safetensors", "--name", f"b{dora}", "--alpha", str(R),
+                          "--base", "flux")
+        assert run.returncode == 0, run.stderr
+        run = loraops_run("merge", f"b{dora}", "--into", pipe, "-o", tmp_path / f"m{dora}", "--precise", "--no-record")
+        assert run.returncode == 0, run.stderr
+        want = {k: v.double() for k, v in base.items()}
+        merged = W + B @ A
+        if dora:
+            merged = merged * (magnitude / merged.norm(dim=1))[:, None]
+        else:
+            want["norm_out.linear.bias"] += swap_scale_shift(bias, dim=D)
+        want["norm_out.linear.weight"] = swap_scale_shift(merged, dim=D)
+        check_merged(tmp_path / f"m{dora}" / "transformer" / "diffusion_pytorch_model.safetensors", want)
+
+
+def test_one_block_module_the_pipeline_lacks_is_reported_alone(tmp_path):
+    """A block module the pipeline has no tensor for is the one module reported; the others bind (all were reported
+    "not in base" with it), and merge names that one alone."""
+    pipe = sd3_pipeline(tmp_path / "pipe")
+    wrong = "lora_unet_joint_blocks_0_x_block_attn_nope"
+    save_file(lora({"lora_unet_joint_blocks_0_x_block_attn_qkv": (96, 32, 2.0), wrong: (64, 32, 1.0)}),
               str(tmp_path / "k.safetensors"))
     run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
-    assert run.returncode != 0 and f"{last} (not in base)" in run.stdout, run.stdout
+    assert run.returncode != 0 and "3/4 modules match" in run.stdout, run.stdout  # (qkv as its 3 parts)
+    assert run.stdout.count("(not in base)") == 1 and f"{wrong} (not in base)" in run.stdout, run.stdout
+    run = loraops_run("merge", tmp_path / "k.safetensors", "--into", pipe, "-o", tmp_path / "m", "--no-record")
+    assert run.returncode != 0 and f"1 module does not fit base {pipe}: {wrong} (not in base)" in run.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_pipeline_bound_adapter_computed_without_some_modules_is_written_as_kohya(tmp_path):
+    """A computation that drops modules it finds empty (algebra.Derivation.dropped, as extract's zero deltas) while
+    a pipeline-bound adapter is written as kohya: the write renames each module to the checkpoint's, and it read no
+    ``dropped`` from the renaming ('… was announced and never came'); a qkv one of whose parts is dropped is written
+    from the others (it waited for all three, and was silently left out)."""
+    from loraops import formats
+    from loraops.algebra import Derivation
+    from loraops.basemodel import BaseModel
+    from loraops.check import bind
+
+    pipe = flux_pipeline(tmp_path / "pipe")
+    factors = lora({name: shape for name, (shape, _) in FLUX_KOHYA.items()})
+    save_file(factors, str(tmp_path / "k.safetensors"), {"ss_network_module": "networks.lora_flux"})
+    bound = bind(formats.read_adapter(tmp_path / "k.safetensors"), BaseModel.open(pipe))
+    dropped = {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_add_out"}
+    stand_ins = replace(bound, modules={n: m.stand_in() for n, m in bound.modules.items()})
+    kept = (m for n, m in bound.modules.items() if n not in dropped)
+    formats.write(stand_ins, tmp_path / "out.safetensors", "kohya",
+                  modules=Derivation(stand_ins, kept, lambda *_: None, dropped=dropped))
+    written = load_file(str(tmp_path / "out.safetensors"))
+    want = {k: v for k, v in factors.items() if not k.startswith("lora_unet_double_blocks_0_txt_attn_proj")}
+    assert sorted(written) == sorted(want)
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    delta = factors[f"{qkv}.lora_up.weight"].double() @ factors[f"{qkv}.lora_down.weight"].double() * 2 / R
+    delta[:D] = 0  # (to_q's rows)
+    got = written[f"{qkv}.lora_up.weight"].double() @ written[f"{qkv}.lora_down.weight"].double() \
+        * float(written[f"{qkv}.alpha"]) / written[f"{qkv}.lora_down.weight"].shape[0]
+    assert torch.allclose(got, delta, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name, rows, tensor, how", [
+    ("lora_unet_final_layer_adaLN_modulation_1", 2 * D, "final_layer.adaLN_modulation.1.weight",
+     "with its halves swapped"),
+    ("lora_unet_double_blocks_0_img_attn_qkv", 3 * D, "double_blocks.0.img_attn.qkv.weight", "in parts")])
+def test_a_loha_where_the_pipeline_moves_rows_is_refused(tmp_path, name, rows, tensor, how):
+    """A LoHa's ΔW is no B·A whose rows can be cut or swapped: on a tensor the pipeline holds in parts or with its
+    shift and scale halves swapped, it is refused in one line (bound to the single-file checkpoint, it merges)."""
+    pipe = flux_pipeline(tmp_path / "pipe")
+    g = torch.Generator().manual_seed(5)
+    loha = {f"{name}.hada_w{i}_a": torch.randn(rows, 2, generator=g) for i in (1, 2)}
+    loha.update({f"{name}.hada_w{i}_b": torch.randn(2, D, generator=g) for i in (1, 2)})
+    loha[f"{name}.alpha"] = torch.tensor(2.0)
+    loha.update(lora({"lora_unet_double_blocks_0_txt_attn_proj": (D, D, 8.0)}))
+    save_file(loha, str(tmp_path / "h.safetensors"), {"ss_network_module": "lycoris.kohya"})
+    want = (f"error: {tmp_path / 'h.safetensors'}: module {name!r} is a LoHa/LoKr on "
+            f"'{tensor}', which the pipeline stores {how}: bind it to the single-file checkpoint\n")
+    for args in (("check", tmp_path / "h.safetensors", "--base", pipe),
+                 ("merge", tmp_path / "h.safetensors", "--into", pipe, "-o", tmp_path / "m", "--no-record")):
+        run = loraops_run(*args)
+        assert (run.returncode, run.stdout, run.stderr) == (2, "", want)
+        assert not (tmp_path / "m").exists()

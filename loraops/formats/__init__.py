@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 from .. import ldm, st
 from ..errors import FormatError, InvalidInputError, LoraopsError, UnsupportedAdapterError, reworded
@@ -140,6 +140,23 @@ class Written:
     checked: bool = False
 
 
+class Renamed:
+    """``modules`` (the real ones, as they come) as ``rename`` makes them, and the names of those the computation
+    dropped (``dropped``, see common.ModuleStream) as it names them: ``announced`` (name → stand-in) tells what each
+    dropped one was. Read at the end, as the computation fills them as it runs."""
+
+    def __init__(self, modules: "Iterable[LoraModule]", rename: "Callable[..., LoraModule]",
+                 announced: "Mapping[str, LoraModule]") -> None:
+        self.modules, self.rename, self.announced = modules, rename, announced
+
+    def __iter__(self) -> "Iterator[LoraModule]":
+        return map(self.rename, self.modules)
+
+    @property
+    def dropped(self) -> set[str]:
+        return {self.rename(self.announced[name].stand_in()).name for name in getattr(self.modules, "dropped", ())}
+
+
 def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: bool = False,
           modules: "Iterable[LoraModule] | None" = None, dtype: "str | torch.dtype | None" = None) -> Written:
     """Write ``adapter`` as ``fmt``: "peft" → a folder (adapter_model.safetensors + adapter_config.json);
@@ -169,8 +186,13 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
         # memory (the diffusers writer maps bound checkpoint names to its own component names, and kohya's are
         # sd-scripts')
         own = adapter.own_names
-        modules = (replace(m, name=own.get(m.name, m.name)) for m in modules)
+        modules = Renamed(modules, lambda m: replace(m, name=own.get(m.name, m.name)), adapter.modules)
         adapter = adapter.with_own_names()
+    if fmt == "kohya" and (on_checkpoint := kohya.out_of_pipeline(adapter)) is not None:
+        # (sd-scripts names a FLUX/SD3 transformer by the single-file checkpoint's modules only)
+        modules = Renamed(modules, on_checkpoint, adapter.modules)
+        adapter = replace(adapter, modules={m.name: m for m in (on_checkpoint(m, values=False)
+                                                                for m in adapter.modules.values())})
     refuse_unwritable(adapter, fmt, values=False)  # the values are checked as the modules come
     if adapter.products:
         raise UnsupportedAdapterError(f"{adapter.label}: {lycoris.described(adapter)}, so it cannot be written as "

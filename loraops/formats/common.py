@@ -411,13 +411,17 @@ class ModuleStream:
     of a fused tensor). Groups are small (one layer's experts, a tensor's q, k and v) and come whole in name order.
     ``written`` then holds a stand-in of every module written (``keep``), in the announced order: the small facts
     (ranks, alphas) a config or header written after the tensors needs. A module announced but ``dropped`` by the
-    Derivation that computes them (found empty) is left out of both."""
+    Derivation that computes them (found empty) is left out of both; a group it leaves short comes without it."""
 
     def __init__(self, adapter: "Adapter", modules: Iterable[LoraModule],
                  group_of: Callable[[LoraModule], str | None] = lambda module: None) -> None:
         self.adapter, self.modules, self.group_of = adapter, modules, group_of
         self._kept: dict[str, LoraModule] = {}
-        self.dropped: set[str] = getattr(modules, "dropped", set())  # filled as the Derivation runs: read at the end
+
+    @property
+    def dropped(self) -> set[str]:
+        """The announced modules the computation dropped: known only once it has run (it fills them as it goes)."""
+        return set(getattr(self.modules, "dropped", ()))
 
     def __iter__(self) -> Iterator[list[LoraModule]]:
         sizes = Counter(key for m in self.adapter.modules.values() if (key := self.group_of(m)) is not None)
@@ -435,9 +439,11 @@ class ModuleStream:
             members.append(module)
             if len(members) == sizes[key]:
                 yield pending.pop(key)
-        missing = next((name for name in self.adapter.modules if name not in seen and name not in self.dropped), None)
+        dropped = self.dropped
+        missing = next((name for name in self.adapter.modules if name not in seen and name not in dropped), None)
         if missing is not None:
             raise FormatError(f"{self.adapter.label}: module {missing!r} was announced and never came")
+        yield from pending.values()  # (each short of members dropped)
 
     def keep(self, module: LoraModule) -> None:
         """Remember what was written of ``module`` (a stand-in), for ``written``."""
@@ -445,4 +451,4 @@ class ModuleStream:
 
     def written(self, order: Iterable[str]) -> dict[str, LoraModule]:
         """The stand-ins kept, in ``order`` (the names written, as the adapter announces them)."""
-        return {name: self._kept[name] for name in order if name not in self.dropped}
+        return {name: self._kept[name] for name in order if name in self._kept}  # (not: dropped, or all its group)

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import replace
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
@@ -244,6 +244,65 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     return out
 
 
+DIT_NETWORKS = {"networks.lora_flux": True, "networks.lora_sd3": False}  # sd-scripts' network → FLUX.1's (else SD3's)
+PIPELINE_DIT = re.compile(r"^transformer\.(?P<block>(?:single_)?transformer_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
+
+
+def out_of_pipeline(adapter: Adapter) -> "Callable[..., LoraModule] | None":
+    """For an adapter bound to a FLUX.1 or SD3 diffusers pipeline's transformer (whose header names sd-scripts'
+    network for it, as binding gives it: ldm.versioned), each module → the same delta on the single-file checkpoint's
+    module, which sd-scripts names (check.in_pipeline_dit the other way): a part of a fused tensor (to_q) the part of
+    that tensor (``…img_attn.qkv.to_q``, its rows after its siblings'), joined as it is written (``join``); an adaLN
+    the pipeline holds with its shift and scale halves swapped, its rows swapped back. Its modules elsewhere as they
+    are; None for another adapter. ``values=False``: names and rows alone (the announced stand-ins)."""
+    flux = DIT_NETWORKS.get(adapter.metadata.get("ss_network_module"))
+    if flux is None or not any(PIPELINE_DIT.match(name) for name in adapter.modules):
+        return None
+    inverse, top = ldm.dit_inverse(flux)
+
+    def place(module: LoraModule) -> tuple[str, bool] | None:
+        """(checkpoint module path, whether its halves are swapped), None outside the transformer."""
+        path, match = module.name.removeprefix("transformer."), PIPELINE_DIT.match(module.name)
+        if path == "norm_out.linear" and module.name != path:
+            return "final_layer.adaLN_modulation.1", True
+        if match is None:
+            return (top[path], False) if module.name != path and path in top else None
+        if not flux and match["rest"] == "norm1_context.linear":  # the last block's: shift and scale alone, swapped
+            return f"joint_blocks.{match['n']}.context_block.adaLN_modulation.1", \
+                module.out_features == 2 * module.in_features
+        found = inverse.get(f"{match['block']}.{{n}}.{match['rest']}")
+        return None if found is None else (found.replace("{n}", match["n"]), False)
+
+    placed = {name: (ldm.UNET_PREFIX + path, swapped) for name, module in adapter.modules.items()
+              if (where := place(module)) is not None for path, swapped in [where]}
+    rows = {path: adapter.modules[name].out_features for name, (path, _) in placed.items()}
+
+    def on_checkpoint(module: LoraModule, values: bool = True) -> LoraModule:
+        if module.name not in placed:
+            return module
+        path, swapped = placed[module.name]
+        owner, _, _ = path.rpartition(".")
+        entry = ldm.fused(f"{owner}.weight")
+        fused = None
+        if entry is not None and entry.whole:
+            # q, k and v (also linear1's) are as many rows as the tensor's columns (ldm.qkv_and_mlp, ldm.thirds)
+            sizes = [rows.get(f"{owner}.{part}", module.in_features if part != "proj_mlp" else None)
+                     for part in entry.parts]
+            if None in sizes:
+                raise FormatError(f"{adapter.label}: {module.name!r} is a part of {owner.removeprefix(ldm.UNET_PREFIX)!r}"
+                                  " whose proj_mlp the adapter lacks, so its rows there are unknown: write it as diffusers")
+            first = sum(sizes[:entry.parts.index(path.rpartition(".")[2])])
+            fused = (f"{owner}.weight", first, module.out_features, sum(sizes))
+        module = replace(module, name=path, fused=fused)
+        if not (values and swapped):
+            return module
+        back = {k: None if t is None else t.roll(t.shape[0] // 2, 0)
+                for k, t in (("B", module.B), ("magnitude", module.magnitude), ("lora_bias", module.lora_bias))}
+        return replace(module, **back)
+
+    return on_checkpoint
+
+
 def factors(module: LoraModule) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(down, up) such that up·down is the delta in the base weight's stored layout. kohya has no fan_in_fan_out or
     embedding convention, so transposed modules are written as Bᵀ/Aᵀ (read back, they are plain linear modules of
@@ -279,16 +338,27 @@ def joined_names(adapter: Adapter) -> dict[str, LoraModule]:
 
 
 def join(parts: list[LoraModule], work: "torch.dtype | None" = None) -> LoraModule:
-    """The parts of one fused tensor as one module on it: A stacked, B block-diagonal with zero rows for the parts
-    not trained, rank Σr. The same delta exactly (the zeros add nothing); each part's scale is folded into its B
+    """The parts of one fused tensor as one module on it: where they are every row of it with one A and one scale,
+    that A and their B's rows stacked (the LoRA a split made them from); else A stacked, B block-diagonal with zero
+    rows for the parts not trained, rank Σr. The same delta exactly (the zeros add nothing); each part's scale is folded into its B
     when the scales differ, in ``work`` (default: the parts' dtype; float64 where the writer converts, so that a
     folded B is rounded once, by the conversion)."""
     import torch
 
     scales = {part.scale for part in parts}
-    scale = scales.pop() if len(scales) == 1 else 1.0
+    one_scale = len(scales) == 1
+    scale = scales.pop() if one_scale else 1.0
+    total = parts[0].fused[3]
+    if one_scale and sum(part.fused[2] for part in parts) == total \
+            and all(torch.equal(part.A, parts[0].A) for part in parts[1:]):
+        # one LoRA's rows, as diffusers' converter (and check.in_pipeline_dit) split it: B's rows back together
+        B = torch.empty(total, parts[0].rank, dtype=work or parts[0].B.dtype)
+        for part in parts:
+            B[part.fused[1]: part.fused[1] + part.fused[2]] = part.B.to(B.dtype)
+        return LoraModule(part_of(parts[0]).removesuffix(".weight"), A=parts[0].A, B=B, alpha=scale * parts[0].rank,
+                          scale=scale)
     rank = sum(part.rank for part in parts)
-    B = torch.zeros(parts[0].fused[3], rank, dtype=work or parts[0].B.dtype)
+    B = torch.zeros(total, rank, dtype=work or parts[0].B.dtype)
     column = 0
     for part in parts:
         _, first, rows, _ = part.fused
