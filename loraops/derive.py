@@ -401,8 +401,9 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                 raise DiskSpaceError(f"{filling}: not enough free disk for the result ({exc.strerror})") from None
             raise
         finally:  # (also of a Ctrl-C between the rename and the lines after it: the inputs_of that kept its inputs)
-            if staged_id is not None and _file_id(final) == staged_id:
-                tell(f"interrupted after {final} was written in full and registered as {done[0].record.ref}")
+            if staged_id is not None and _file_id(final) == staged_id:  # (as the summary says: cli.algebra.echo_saved)
+                tell(f"interrupted after {final} was written in full and "
+                     f"{'registered' if done[0].created else 'already registered'} as {done[0].record.ref}")
     return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)
 
 

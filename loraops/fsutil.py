@@ -45,8 +45,10 @@ def path_exists(path: str | Path) -> bool:
 
 
 def existing_path(path: str | Path) -> Path:
-    """``path`` as a Path, or NotFoundError when it names nothing (path_exists: '' included)."""
-    if not path_exists(path):
+    """``path`` as a Path, or NotFoundError when it names nothing ('' included), for an argument that can only be a
+    path: one no file can be named (ENAMETOOLONG) is the OS's error (OSError), not read as a missing file as
+    path_exists reads it for a reference that may be a registry name."""
+    if not str(path) or not Path(path).exists():
         raise NotFoundError(f"{path or repr(path)}: no such file or folder")
     return Path(path)
 

@@ -1223,9 +1223,12 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
             tell(got + (", before the registry recorded it as a tag; push again to record it (the Hub makes no "
                         "second commit)" if tagged else f" (pull request {done.pr_url})" if done.pr_url else ""))
     if tagged:
-        registry.add_tags(record.id, [hub_source(done.repo_id, done.commit)])
-        tell(f"{got}, recorded as a tag" if done.changed else
-             f"interrupted after the registry recorded {done.repo_id}@{done.commit[:12]} as a tag of {record.ref}")
+        tag = hub_source(done.repo_id, done.commit)
+        new = tag not in registry.get_adapter(record.id).tags  # (nothing pushed, the tag had: nothing landed)
+        registry.add_tags(record.id, [tag])
+        if done.changed or new:
+            tell(f"{got}, recorded as a tag" if done.changed else
+                 f"interrupted after the registry recorded {done.repo_id}@{done.commit[:12]} as a tag of {record.ref}")
     return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
                       commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 

@@ -19,6 +19,9 @@ INTEGER = re.compile(r"[+-]?[0-9]+")
 """An integer as written on a command line (--rank, --seed …); Python's int() also takes '1_0', ' 1' and other
 scripts' digits."""
 PLAINLY = "written plainly (like 0.7, -1 or 2e-3)"
+FLOAT32_TINY = 2.0 ** -126
+"""float32's smallest normal number: a weight below it is 0 or subnormal where adapters are computed in float32 (it
+multiplies float32 deltas), its precision lost or flushed to 0 (GPUs' flush-to-zero)."""
 
 
 def parse_number(text: str, integer: bool = False) -> float | int:
@@ -44,11 +47,8 @@ def parse_weighted(text: str) -> tuple[str, float]:
     head, sep, tail = text.rpartition(":")
     if not sep or not head or path_exists(text):
         return text, 1.0
-    if WEIGHT.fullmatch(tail):
-        weight = float(tail)
-        if not math.isfinite(weight):
-            raise InvalidInputError(f"{text!r}: the weight must be a finite number")
-        return head, weight
+    if written := WEIGHT.fullmatch(tail):
+        return head, checked_weight(text, float(tail), nonzero=re.search("[1-9]", written[1]) is not None)
     if _python_number(tail) or path_exists(head):
         raise InvalidInputError(f"{text!r}: the weight after ':' must be a number {PLAINLY}")
     return text, 1.0
@@ -67,10 +67,21 @@ def weighted_inputs(adapters: Iterable[str | tuple[str | Path, float]]) -> list[
         ref, weight = item if is_pair(item) else (None, None)
         if not isinstance(ref, (str, Path)) or not is_weight(weight):
             raise InvalidInputError(f"bad adapter argument {item!r}: give 'REF[:WEIGHT]' or a (ref, weight) pair")
-        if not math.isfinite(weight):
-            raise InvalidInputError(f"{item!r}: the weight must be a finite number")
-        pairs.append((str(ref), float(weight)))
+        pairs.append((str(ref), checked_weight(item, float(weight), nonzero=weight != 0)))
     return pairs
+
+
+def checked_weight(item: object, weight: float, *, nonzero: bool) -> float:
+    """``weight``, read from ``item`` (the argument, as the message names it), when it is finite and, given as
+    ``nonzero``, not below FLOAT32_TINY: '1e-400' read as 0.0 and merged as no adapter at all. 0 written as 0 is a
+    weight."""
+    if not math.isfinite(weight):
+        raise InvalidInputError(f"{item!r}: the weight must be a finite number")
+    if nonzero and abs(weight) < FLOAT32_TINY:
+        raise InvalidInputError(f"{item!r}: the weight is not 0 but below float32's smallest normal number "
+                                f"({FLOAT32_TINY:.3g}): computed in float32 it is 0 or loses its precision; write 0 "
+                                "for no weight")
+    return weight
 
 
 def is_pair(item: object) -> bool:

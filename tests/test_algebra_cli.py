@@ -370,6 +370,32 @@ def test_a_ctrl_c_once_the_result_landed_says_what_landed(files, tmp_path, monke
             assert reg.get_adapter("landed").ref == "landed@1"
 
 
+@pytest.mark.parametrize("where", ["in the library", "as click returns"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_ctrl_c_once_a_result_already_registered_landed_says_so(files, tmp_path, monkeypatch, command, where):
+    """A result the registry already held (the same identity: not registered again) said "registered as" after a
+    Ctrl-C once its -o output landed; it says "already registered as", as the summary does."""
+    from factories import interrupted_once_returned
+    from loraops import derive
+
+    args, is_dir = COMMANDS[command][0](files), COMMANDS[command][1]
+    first, again = (tmp_path / (n if is_dir else f"{n}.safetensors") for n in ("first", "again"))
+    code, output = run(*args, "-o", first, "--name", "landed")
+    assert code == 0 and output.splitlines()[-1].startswith("registered landed@1 "), output
+    registered = registry_state()
+    if where == "in the library":
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(derive, "DerivedRecord", interrupted)
+    else:
+        interrupted_once_returned(monkeypatch, command)
+    code, output = run(*args, "-o", again, "--name", "landed")
+    assert (code, output.splitlines()[-1]) == (
+        130, f"error: interrupted after {again} was written in full and already registered as landed@1"), output
+    assert again.exists() and registry_state() == registered
+
+
 def test_a_library_call_interrupted_once_its_result_landed_says_so(files, tmp_path, monkeypatch):
     """What the CLI says (test_a_ctrl_c_once_the_result_landed_says_what_landed), a library user's KeyboardInterrupt
     carries: derive's commands run under a Landing (landing.watched), as merging.merge does."""

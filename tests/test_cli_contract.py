@@ -77,6 +77,20 @@ def test_an_empty_reference_is_not_the_working_folder(tmp_path, monkeypatch, arg
     with Registry.open() as reg:
         assert reg.list_adapters() == [] and reg.list_bases() == []
 
+@pytest.mark.parametrize("args", [["inspect", "{long}"], ["register", "{long}"], ["base", "add", "{long}"],
+                                  ["register", "{tmp}/{long}/adapter"]])
+def test_a_path_too_long_for_a_file_name_is_the_os_error(tmp_path, args):
+    """A command that takes only a path gives the OS's 'File name too long' (exit 2), as before fsutil.existing_path
+    read ENAMETOOLONG as a missing file ("no such file or folder", exit 3): that reading is for references that may
+    be registry names (fsutil.path_exists), which resolve as names (test_recipe_references)."""
+    from loraops.registry import Registry
+
+    result = cli(*[a.format(long="x" * 300, tmp=tmp_path) for a in args], code=2)
+    assert result.stderr.endswith(": File name too long\n"), result.stderr
+    with Registry.open() as reg:
+        assert reg.list_adapters() == [] and reg.list_bases() == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["merge", "a", "--into", "b", "-o", "c", "--dtype", "int8"],
      "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main merge --help`)"),

@@ -975,6 +975,32 @@ def test_a_push_interrupted_once_the_hub_has_it_says_so(fake_hub, adapters, regi
     assert registry.get_adapter("other").tags == [f"hf://me/other@{commit}"]
 
 
+def test_a_push_with_nothing_to_push_interrupted_says_what_it_recorded(fake_hub, adapters, registry, monkeypatch):
+    """A push that found the Hub holding the adapter already records the commit as a tag where the registry lacked
+    it, and says so when interrupted; where the tag was there already nothing landed, and that is what is said (it
+    said "recorded as a tag" of a tag it found)."""
+    from factories import interrupted_once_returned
+
+    registry.add_adapter(adapters["a"], name="anime")
+    push = ["push", "anime", "me/anime", "--token", "hf_owner"]
+    with monkeypatch.context() as patched:
+        patched.setattr(Registry, "add_tags", interrupt)
+        assert CliRunner().invoke(main, push).exit_code == 130
+    commit = fake_hub.repos["me/anime"].branches["main"]
+    said = []
+    for _ in range(2):
+        with monkeypatch.context() as patched:
+            interrupted_once_returned(patched, "push")
+            result = CliRunner().invoke(main, push)
+        assert result.output.startswith("nothing to push: ")
+        said.append((result.exit_code, result.output.splitlines()[-1]))
+    assert said == [(130, f"error: interrupted after the registry recorded me/anime@{commit[:12]} as a tag of "
+                          "anime@1"),
+                    (130, "error: interrupted; nothing was written")]
+    assert registry.get_adapter("anime").tags == [f"hf://me/anime@{commit}"]
+    assert fake_hub.repos["me/anime"].branches["main"] == commit
+
+
 def test_a_push_interrupted_as_its_temporary_files_go_says_what_the_hub_has(fake_hub, adapters, registry,
                                                                            monkeypatch):
     """Push in another layout writes it into a temporary folder, removed after the Hub made the commit: a Ctrl-C

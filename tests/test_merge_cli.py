@@ -13,6 +13,7 @@ from loraops import check, formats
 from loraops.cli import main
 from loraops.errors import InvalidInputError
 from loraops.merging import parse_weighted
+from loraops.references import weighted_inputs
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,29 @@ def test_a_weight_python_reads_but_not_written_plainly_is_refused(tail):
 ])
 def test_plain_weights_and_names_with_colons(text, parsed):
     assert parse_weighted(text) == parsed
+
+
+@pytest.mark.parametrize("tail", ["1e-400", "-1e-400", "1e-40", "0.00000000000000000000000000000000000000001"])
+def test_a_nonzero_weight_that_computes_as_zero_is_refused(tail):
+    """'1e-400' is 0.0 as a float: merged as weight 0, a no-op for a user who wrote a number that is not 0. Below
+    float32's smallest normal number a weight is 0 or subnormal where deltas are computed (1e-40): refused too, as is
+    such a weight given from Python; a weight written as 0 stays one."""
+    with pytest.raises(InvalidInputError, match=r"the weight is not 0 but below float32's smallest normal number "
+                                                r"\(1.18e-38\).*write 0 for no weight$") as caught:
+        parse_weighted(f"style:{tail}")
+    assert str(caught.value).startswith(repr(f"style:{tail}"))
+    with pytest.raises(InvalidInputError, match=r"^\('style', 1e-40\): the weight is not 0"):
+        weighted_inputs([("style", 1e-40)])
+    assert [parse_weighted(f"style:{zero}") for zero in ("0", "-0.0", "0e-400", "0.000")] == [("style", 0.0)] * 4
+    assert parse_weighted("style:1.2e-38") == ("style", 1.2e-38)
+    assert weighted_inputs([("style", 0.0)]) == [("style", 0.0)]
+
+
+def test_a_nonzero_weight_that_computes_as_zero_is_one_line(tmp_path, models):
+    base, a, _ = models
+    result = run("merge", f"{a}:1e-400", "--into", base, "-o", tmp_path / "out", code=2)
+    assert result.output.startswith(f"error: '{a}:1e-400': the weight is not 0 but below float32's")
+    assert len(result.output.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_a_badly_written_weight_is_one_line_before_anything_is_done(tmp_path, models):
