@@ -1,0 +1,79 @@
+"""LoRA layouts other trainers write, as users download them: each read, checked and merged as diffusers' own
+converter (lora_conversion_utils) reads it, the merge compared with base + s·B·A computed here in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import loraops_run
+from test_pipeline_dit import D, R, check_merged, flux_pipeline
+
+XLABS = {  # x-flux processor LoRA: (rows of up, columns of down)
+    "double_blocks.0.processor.qkv_lora1": (3 * D, D), "double_blocks.0.processor.proj_lora1": (D, D),
+    "double_blocks.0.processor.qkv_lora2": (3 * D, D), "double_blocks.0.processor.proj_lora2": (D, D),
+    "single_blocks.0.processor.qkv_lora": (3 * D, D), "single_blocks.0.processor.proj_lora": (D, 5 * D),
+}
+
+
+def xlabs_file(path, prefix=""):
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for name, (rows, cols) in XLABS.items():
+        tensors[f"{prefix}{name}.down.weight"] = torch.randn(R, cols, generator=g).half()
+        tensors[f"{prefix}{name}.up.weight"] = (torch.randn(rows, R, generator=g) * 0.1).half()
+    save_file(tensors, str(path))
+    return tensors
+
+
+def merged_as_diffusers(base, converted):
+    """base + B·A (scale 1) of every module of diffusers' converted state dict, in float64."""
+    want = {k: v.double() for k, v in base.items()}
+    for key, A in converted.items():
+        if key.endswith(".lora_A.weight"):
+            tensor = key.removeprefix("transformer.").replace(".lora_A.weight", ".weight")
+            want[tensor] = want[tensor] + converted[key.replace(".lora_A.", ".lora_B.")].double() @ A.double()
+    return want
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model."])
+def test_xlabs_flux_lora_merges_as_diffusers_converts_it(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    pipe = flux_pipeline(tmp_path / "pipe")
+    tensors = xlabs_file(tmp_path / "x.safetensors", prefix)
+    converted = _convert_xlabs_flux_lora_to_diffusers(dict(tensors))
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+    run = loraops_run("check", tmp_path / "x.safetensors", "--base", pipe)
+    assert run.returncode == 0, run.stderr
+    assert "12/12 modules match" in run.stdout  # the three qkv LoRAs as their q, k and v
+    run = loraops_run("merge", tmp_path / "x.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors",
+                          merged_as_diffusers(base, converted))
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == 12
+
+    # registered, it is the diffusers LoRA diffusers' converter makes of it
+    run = loraops_run("register", tmp_path / "x.safetensors", "--name", "x")
+    assert run.returncode == 0, run.stderr
+    run = loraops_run("export", "x", "--format", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert run.returncode == 0, run.stderr
+    written = load_file(str(tmp_path / "d.safetensors"))
+    assert written.keys() == converted.keys()
+    for key, tensor in converted.items():
+        assert torch.equal(written[key], tensor), key
+
+
+def test_xlabs_file_with_a_broken_module_is_refused_in_one_line(tmp_path):
+    tensors = xlabs_file(tmp_path / "x.safetensors")
+    del tensors["single_blocks.0.processor.proj_lora.up.weight"]
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    run = loraops_run("inspect", tmp_path / "x.safetensors")
+    assert run.returncode == 2 and "has no matching up tensor" in run.stderr and "Traceback" not in run.stderr
+    tensors = xlabs_file(tmp_path / "x.safetensors")
+    tensors["single_blocks.0.processor.qkv_lora.up.weight"] = tensors["single_blocks.0.processor.qkv_lora.up.weight"][1:]
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    run = loraops_run("inspect", tmp_path / "x.safetensors")
+    assert run.returncode == 2 and "three equal parts" in run.stderr and "Traceback" not in run.stderr
