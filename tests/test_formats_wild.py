@@ -77,3 +77,33 @@ def test_xlabs_file_with_a_broken_module_is_refused_in_one_line(tmp_path):
     save_file(tensors, str(tmp_path / "x.safetensors"))
     run = loraops_run("inspect", tmp_path / "x.safetensors")
     assert run.returncode == 2 and "three equal parts" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_comfyui_style_flux_lora_reads_its_alpha_keys(tmp_path):
+    """``diffusion_model.<BFL path>.lora_A.weight`` with ``<module>.alpha`` beside it (ComfyUI reads alpha/r; a module
+    without one: scale 1): it was refused as an unknown layout; --alpha still replaces every module's alpha."""
+    pipe = flux_pipeline(tmp_path / "pipe")
+    g = torch.Generator().manual_seed(7)
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv"
+    proj = "diffusion_model.double_blocks.0.txt_attn.proj"
+    A1, B1 = torch.randn(R, D, generator=g), torch.randn(3 * D, R, generator=g) * 0.1
+    A2, B2 = torch.randn(R, D, generator=g), torch.randn(D, R, generator=g) * 0.1
+    save_file({f"{qkv}.lora_A.weight": A1, f"{qkv}.lora_B.weight": B1, f"{qkv}.alpha": torch.tensor(2.0, dtype=torch.bfloat16),
+               f"{proj}.lora_A.weight": A2, f"{proj}.lora_B.weight": B2}, str(tmp_path / "c.safetensors"))
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+    def want(qkv_scale, proj_scale):
+        out = {k: v.double() for k, v in base.items()}
+        delta = B1.double() @ A1.double() * qkv_scale
+        for i, p in enumerate("qkv"):
+            out[f"transformer_blocks.0.attn.to_{p}.weight"] += delta[i * D:(i + 1) * D]
+        out["transformer_blocks.0.attn.to_add_out.weight"] += B2.double() @ A2.double() * proj_scale
+        return out
+
+    run = loraops_run("inspect", tmp_path / "c.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert loraops_run("register", tmp_path / "c.safetensors", "--name", "c8", "--alpha", "8").returncode == 0
+    for source, scales in [(tmp_path / "c.safetensors", (2 / R, 1.0)), ("c8", (8 / R, 8 / R))]:
+        run = loraops_run("merge", source, "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record", "--force")
+        assert run.returncode == 0, run.stderr
+        check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want(*scales))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
+from ..errors import FormatError, UnsupportedAdapterError
 from . import common, peft, tokens
 
 if TYPE_CHECKING:
@@ -50,10 +50,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     header = st.read_header(weights)
     common.refuse_unsupported(weights, header.tensors)
     parsed = peft.parse_keys(weights, header.tensors, lambda module: module)
-    # "<module>.alpha" (kohya-style network alphas some FLUX trainers add; diffusers reads them as the alpha)
-    alpha_keys = {key.removesuffix(".alpha"): key for key in parsed.others
-                  if key.endswith(".alpha") and key.removesuffix(".alpha") in parsed.factors}
-    others = [key for key in parsed.others if key not in alpha_keys.values()]
+    alpha_keys = peft.split_alpha_keys(parsed)
+    others = parsed.others
     if (key := next((k for k in others if tokens.is_token_key(k)), None)) is not None:
         raise UnsupportedAdapterError(f"{weights}: PEFT trainable tokens ({key!r}) in a diffusers file, which keeps no "
                                       "adapter_config.json with their token indices; loraops reads them from a PEFT folder")
@@ -84,15 +82,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         component, _, rest = name.partition(".")
         cfg = configs[component]
         if cfg.alpha is None and common.pattern_key(cfg.alpha_pattern, rest) is None:
-            module_alpha = float(header.tensors[parsed.factors[name]["A"]].shape[0])  # diffusers' default: alpha = r
-            if name in alpha_keys:
-                stored = tensors[alpha_keys[name]]
-                if stored.numel() != 1:
-                    raise InvalidInputError(f"{weights}: {alpha_keys[name]!r} must hold one number, has shape "
-                                            f"{tuple(stored.shape)}")
-                # 0 means r, as in kohya files
-                module_alpha = common.check_alpha(weights, float(stored.double().item()), alpha_keys[name]) or module_alpha
-            cfg = peft.ScaleConfig(alpha=module_alpha, rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out, dora=cfg.dora)
+            # diffusers' default: alpha = r
+            cfg = peft.ScaleConfig(alpha=peft.key_alpha(weights, tensors, parsed, name, alpha_keys), rslora=cfg.rslora,
+                                   fan_in_fan_out=cfg.fan_in_fan_out, dora=cfg.dora)
         return cfg, rest
 
     modules = peft.build_modules(weights, parsed, tensors, config_for, adapter_of=component_of)
