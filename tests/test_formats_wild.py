@@ -107,3 +107,42 @@ def test_comfyui_style_flux_lora_reads_its_alpha_keys(tmp_path):
         run = loraops_run("merge", source, "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record", "--force")
         assert run.returncode == 0, run.stderr
         check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want(*scales))
+
+
+ONETRAINER = {  # OneTrainer's names of a diffusers FLUX transformer: (rows, columns, alpha)
+    "lora_transformer_transformer_blocks_0_attn_to_q": (D, D, 2.0),
+    "lora_transformer_transformer_blocks_0_attn_add_k_proj": (D, D, 8.0),
+    "lora_transformer_transformer_blocks_0_attn_to_out_0": (D, D, 1.0),
+    "lora_transformer_transformer_blocks_0_attn_to_add_out": (D, D, 4.0),
+    "lora_transformer_single_transformer_blocks_0_attn_to_v": (D, D, 2.0),
+    "lora_transformer_proj_out": (16, D, 4.0), "lora_transformer_x_embedder": (D, 16, 2.0),
+    "lora_transformer_context_embedder": (D, 32, 8.0),
+}
+
+
+def test_onetrainer_flux_lora_merges_as_diffusers_converts_it(tmp_path):
+    """OneTrainer's lora_transformer_ names (a FLUX transformer's diffusers paths) matched nothing in a pipeline."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from test_ldm import FLUX, checkpoint
+    from test_pipeline_dit import lora
+
+    pipe = flux_pipeline(tmp_path / "pipe")
+    factors = lora(ONETRAINER, seed=9)
+    save_file(factors, str(tmp_path / "o.safetensors"))
+    converted = _convert_kohya_flux_lora_to_diffusers({k: v.double() for k, v in factors.items()})
+    assert len(converted) == 2 * len(ONETRAINER)
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    run = loraops_run("merge", tmp_path / "o.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors",
+                          merged_as_diffusers(base, converted))
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == len(ONETRAINER)
+
+    # a BFL single-file checkpoint: q, add_k and single v bind to rows of the fused qkv/linear1
+    flux = checkpoint(tmp_path / "flux.safetensors", FLUX)
+    save_file(lora({"lora_transformer_transformer_blocks_0_attn_to_q": (16, 16, 2.0),
+                    "lora_transformer_transformer_blocks_0_attn_add_k_proj": (16, 16, 2.0),
+                    "lora_transformer_single_transformer_blocks_0_attn_to_v": (16, 16, 2.0)}), str(tmp_path / "s.safetensors"))
+    run = loraops_run("check", tmp_path / "s.safetensors", "--base", flux)
+    assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
