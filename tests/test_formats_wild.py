@@ -146,3 +146,38 @@ def test_onetrainer_flux_lora_merges_as_diffusers_converts_it(tmp_path):
                     "lora_transformer_single_transformer_blocks_0_attn_to_v": (16, 16, 2.0)}), str(tmp_path / "s.safetensors"))
     run = loraops_run("check", tmp_path / "s.safetensors", "--base", flux)
     assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
+
+
+def test_kohya_factor_names_behind_a_pipeline_component(tmp_path):
+    """``transformer.<path>.lora_down.weight`` / ``.lora_up.weight`` (+ ``.alpha``), as some Civitai FLUX files hold
+    them (diffusers renames them lora_A/lora_B), and ``unet.``/``text_encoder.`` the same: read as the diffusers file
+    with PEFT's names; they were refused (unknown keys in a kohya LoRA file)."""
+    from loraops import formats
+
+    pipe = flux_pipeline(tmp_path / "pipe")
+    g = torch.Generator().manual_seed(11)
+    q, mlp = "transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_mlp"
+    tensors = {f"{q}.lora_down.weight": torch.randn(R, D, generator=g), f"{q}.lora_up.weight": torch.randn(D, R, generator=g),
+               f"{q}.alpha": torch.tensor(2.0), f"{mlp}.lora_down.weight": torch.randn(R, D, generator=g),
+               f"{mlp}.lora_up.weight": torch.randn(4 * D, R, generator=g)}
+    save_file(tensors, str(tmp_path / "k.safetensors"))
+    save_file({k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v for k, v in tensors.items()},
+              str(tmp_path / "p.safetensors"))
+    ours, peft_named = formats.read_adapter(tmp_path / "k.safetensors"), formats.read_adapter(tmp_path / "p.safetensors")
+    assert ours.format == "diffusers" and ours.modules.keys() == peft_named.modules.keys() == {q, mlp}
+    for name, module in ours.modules.items():
+        assert torch.equal(module.delta(), peft_named.modules[name].delta()) and module.scale == peft_named.modules[name].scale
+
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = {k: v.double() for k, v in base.items()}
+    want["transformer_blocks.0.attn.to_q.weight"] += tensors[f"{q}.lora_up.weight"].double() @ tensors[f"{q}.lora_down.weight"].double() * 2 / R
+    want["single_transformer_blocks.0.proj_mlp.weight"] += (tensors[f"{mlp}.lora_up.weight"].double()
+                                                           @ tensors[f"{mlp}.lora_down.weight"].double())
+    run = loraops_run("merge", tmp_path / "k.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
+    check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want)
+
+    both = {**tensors, f"{q}.lora_A.weight": tensors[f"{q}.lora_down.weight"].clone()}
+    save_file(both, str(tmp_path / "b.safetensors"))
+    run = loraops_run("inspect", tmp_path / "b.safetensors")
+    assert run.returncode == 2 and "both lora_A/lora_B and lora_down/lora_up" in run.stderr, run.stderr

@@ -85,10 +85,10 @@ def key_layout(keys: Iterable[str]) -> str | None:
     keys = list(keys)
     if any(xlabs.is_xlabs_key(k) for k in keys):
         return "xlabs"
-    if any(kohya.is_kohya_key(k) for k in keys):
-        return "kohya"
     if any(diffusers.is_diffusers_key(k) for k in keys) and not any(k.startswith(peft.PREFIX) for k in keys):
         return "diffusers"
+    if any(kohya.is_kohya_key(k) for k in keys):
+        return "kohya"
     if any(peft.is_factor_key(k) or (k.startswith(peft.PREFIX) and (tokens.is_token_key(k) or lycoris.is_product_key(k)))
            for k in keys):
         return "peft"  # (trainable tokens alone have no factor: a TrainableTokensConfig adapter)
