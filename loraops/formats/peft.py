@@ -558,7 +558,7 @@ def split_alpha_keys(parsed: ParsedKeys, module_name: Callable[[str], str] = lam
 
 
 def key_alpha(path: Path, tensors: dict[str, "torch.Tensor"], parsed: ParsedKeys, name: str,
-                 alpha_keys: dict[str, str]) -> float:
+              alpha_keys: dict[str, str]) -> float:
     """A module's alpha from its ``.alpha`` key (split_alpha_keys); without one, or 0 (as in kohya files), r."""
     rank = float(tensors[parsed.factors[name]["A"]].shape[0])
     if name not in alpha_keys:
