@@ -77,6 +77,12 @@ def test_xlabs_file_with_a_broken_module_is_refused_in_one_line(tmp_path):
     save_file(tensors, str(tmp_path / "x.safetensors"))
     run = loraops_run("inspect", tmp_path / "x.safetensors")
     assert run.returncode == 2 and "three equal parts" in run.stderr and "Traceback" not in run.stderr
+    tensors = xlabs_file(tmp_path / "x.safetensors")
+    tensors["diffusion_model.single_blocks.0.processor.proj_lora.down.weight"] = tensors[
+        "single_blocks.0.processor.proj_lora.down.weight"] * 2
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    run = loraops_run("inspect", tmp_path / "x.safetensors")
+    assert run.returncode == 2 and "duplicate factor" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_comfyui_style_flux_lora_reads_its_alpha_keys(tmp_path):

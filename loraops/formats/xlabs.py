@@ -42,7 +42,10 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         if match is None or (match["block"], match["lora"]) not in TARGETS:
             unknown.append(key)
         else:
-            found.setdefault((match["block"], match["index"], match["lora"]), {})[match["part"]] = key
+            parts = found.setdefault((match["block"], match["index"], match["lora"]), {})
+            if match["part"] in parts:  # (with and without diffusion_model.: one would silently replace the other)
+                raise InvalidInputError(f"{path}: duplicate factor {parts[match['part']]!r} and {key!r}")
+            parts[match["part"]] = key
     if unknown:
         raise common.unknown_layout(path, unknown, "unknown keys in an XLabs FLUX LoRA file")
     if not found:
