@@ -187,3 +187,22 @@ def test_kohya_factor_names_behind_a_pipeline_component(tmp_path):
     save_file(both, str(tmp_path / "b.safetensors"))
     run = loraops_run("inspect", tmp_path / "b.safetensors")
     assert run.returncode == 2 and "both lora_A/lora_B and lora_down/lora_up" in run.stderr, run.stderr
+
+
+def test_xlabs_lora_pushed_as_diffusers_is_written_in_diffusers_layout(tmp_path, fake_hub):
+    """A registered XLabs file reads as a diffusers adapter; pushed as diffusers it is the file diffusers' converter
+    makes of it, not the stored XLabs bytes under a diffusers model card."""
+    from loraops import formats, hub
+    from loraops.registry import Registry
+
+    xlabs_file(tmp_path / "x.safetensors")
+    with Registry.open() as reg:
+        reg.add_adapter(tmp_path / "x.safetensors", name="xl")
+        for fmt in (None, "diffusers"):
+            done = hub.push(reg, "xl", "me/xl", fmt=fmt, token="hf_owner")
+            assert done.format == "diffusers"
+            [name] = [f for f in done.files if f.endswith(".safetensors")]
+            pushed = tmp_path / f"pushed-{fmt}.safetensors"
+            pushed.write_bytes(fake_hub.files("me/xl")[name])
+            assert formats.detect(pushed) == "diffusers"
+            assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in load_file(str(pushed))
