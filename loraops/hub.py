@@ -1218,10 +1218,14 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
 
 def stored_as(registry, record, fmt: str) -> bool:
     """Is the stored copy of a registered adapter in layout ``fmt``, so that push uploads it byte for byte? Not when
-    its layout is read as another (an XLabs FLUX file's record says diffusers, what it is read as)."""
+    its layout is read as another (an XLabs FLUX file's record says diffusers, what it is read as), nor when it was
+    registered with an alpha (its identity then is not its files'), which its files do not hold."""
     from . import formats
 
-    return fmt == record.format and formats.detect(registry.adapter_path(record.id)) == fmt
+    if fmt != record.format:
+        return False
+    path = registry.intact_path(record.id)  # (a damaged copy is refused as push refuses it)
+    return formats.detect(path) == fmt and formats.identity(path, weights_sha256=record.weights_sha256) == record.sha256
 
 
 def card_info(registry, record, fmt: str) -> CardInfo:
