@@ -35,7 +35,8 @@ from .st import TensorInfo, read_row_blocks
 # names the denoiser of every architecture).
 KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("unet.", ("lora_unet",)),
-    ("transformer.", ("lora_unet",)),
+    # OneTrainer names a diffusers transformer's modules lora_transformer_ (as diffusers' FLUX converter reads them)
+    ("transformer.", ("lora_unet", "lora_transformer")),
     ("prior.", ("lora_unet",)),
     ("text_encoder.", ("lora_te", "lora_te1")),
     # FluxPipeline's T5 is its text_encoder_2, which sd-scripts' lora_flux names lora_te3 (SD3's): a T5's paths are

@@ -1199,7 +1199,7 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
     record = registry.get_adapter(ref)
     fmt = fmt or record.format
     with tempfile.TemporaryDirectory(prefix="loraops-push-") as tmp:
-        if fmt == record.format:
+        if stored_as(registry, record, fmt):
             paths = formats.adapter_files(registry.intact_path(record.id))
         else:
             single_file = {"kohya": f"{record.name.split('/')[-1]}.safetensors",
@@ -1233,6 +1233,18 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
                       commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 
 
+def stored_as(registry, record, fmt: str) -> bool:
+    """Is the stored copy of a registered adapter in layout ``fmt``, so that push uploads it byte for byte? Not when
+    its layout is read as another (an XLabs FLUX file's record says diffusers, what it is read as), nor when it was
+    registered with an alpha (its identity then is not its files'), which its files do not hold."""
+    from . import formats
+
+    if fmt != record.format:
+        return False
+    path = registry.intact_path(record.id)  # (a damaged copy is refused as push refuses it)
+    return formats.detect(path) == fmt and formats.identity(path, weights_sha256=record.weights_sha256) == record.sha256
+
+
 def card_info(registry, record, fmt: str) -> CardInfo:
     """What the model card says about a registered adapter: its modules, its base (a Hub repo id when the base
     came from the Hub, else PEFT's base_model_name_or_path) and, for a derived adapter, its lineage."""
@@ -1242,12 +1254,13 @@ def card_info(registry, record, fmt: str) -> CardInfo:
         base_model = hub_base.repo_id if hub_base else base_model or record.base.name
     if base_model and path_exists(Path(base_model).expanduser()):
         base_model = None  # a local path means nothing to the Hub's readers
+    as_stored = stored_as(registry, record, fmt)
     card = CardInfo(name=record.name, format=fmt, ranks={m.name: m.rank for m in record.modules},
                     alphas={m.name: m.alpha for m in record.modules}, base_model=base_model,
-                    sha256=record.weights_sha256 if fmt == record.format else None, dora=record.dora,
+                    sha256=record.weights_sha256 if as_stored else None, dora=record.dora,
                     products=list(record.products),
                     # written in another layout, an AdaLoRA/VeRA adapter is the plain LoRA it equals
-                    methods=list(record.methods) if fmt == record.format else [])
+                    methods=list(record.methods) if as_stored else [])
     from . import formats
 
     # the registry keeps no token rows nor lora_bias; the stored copy's config and header say them without reading

@@ -1159,3 +1159,21 @@ def test_extract_from_a_base_pulled_from_the_hub_names_its_repo_and_commit(fake_
     derive.extract(str(local), str(tuned), rank=2, output=str(tmp_path / "local"))
     config = json.loads((tmp_path / "local" / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config.get("revision")) == (str(local), None)
+
+
+def test_push_of_an_adapter_registered_with_alpha_writes_that_alpha(fake_hub, registry, tmp_path):
+    """The stored file keeps its own alpha (4); the record, registered with --alpha 1, is another adapter: pushed as
+    its stored bytes, the Hub got the file's alpha under a card saying 1."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    save_file({"lora_unet_a.lora_down.weight": torch.randn(4, 8, generator=g),
+               "lora_unet_a.lora_up.weight": torch.randn(8, 4, generator=g), "lora_unet_a.alpha": torch.tensor(4.0)},
+              str(tmp_path / "k.safetensors"))
+    registry.add_adapter(tmp_path / "k.safetensors", name="k", alpha=1.0)
+    done = hub.push(registry, "k", "me/k", token="hf_owner")
+    [name] = [f for f in done.files if f.endswith(".safetensors")]
+    (tmp_path / "pushed.safetensors").write_bytes(fake_hub.files("me/k")[name])
+    assert [m.alpha for m in formats.read_adapter(tmp_path / "pushed.safetensors").modules.values()] == [1.0]
+    assert "| alpha | 1 |" in fake_hub.files("me/k")["README.md"].decode()

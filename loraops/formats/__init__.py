@@ -1,6 +1,6 @@
 """On-disk adapter layouts, read into and written from the canonical model (loraops.adapter).
 
-    detect(path) -> "peft" | "kohya" | "diffusers"
+    detect(path) -> "peft" | "kohya" | "diffusers" | "xlabs"
     read_adapter(path, *, alpha=None, values=True) -> Adapter
     check_values(path)                                                     (NaN/Inf, in bounded memory)
     write_adapter(adapter, dest, fmt="peft", *, force=False) -> Path     (atomic)
@@ -8,7 +8,7 @@
     adapter_files(path) -> [Path]                                          (what makes up the adapter)
     identity(path) -> sha256 hex                                           (see ``identity``)
 
-One module per layout (peft.py, kohya.py, diffusers.py); what they share is in common.py.
+One module per layout (peft.py, kohya.py, diffusers.py, xlabs.py: read only); what they share is in common.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .. import ldm, st
 from ..errors import FormatError, InvalidInputError, LoraopsError, UnsupportedAdapterError, reworded
 from ..lazy import LazyModule
 from ..fsutil import atomic_path, existing_path, output_path, refuse_misnamed_output, sha256_file
-from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens
+from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens, xlabs
 from .kohya import kohya_name
 
 from ..adapter import Adapter, LoraModule
@@ -34,7 +34,8 @@ else:
     torch = LazyModule("torch")  # what annotations name resolves when they are read: lazy.py
 
 FORMATS = ("peft", "kohya", "diffusers")
-READERS = {"peft": peft.read, "kohya": kohya.read, "diffusers": diffusers.read}
+# the layouts read; an XLabs FLUX file is read as the diffusers LoRA diffusers converts it to (no writer of its own)
+READERS = {"peft": peft.read, "kohya": kohya.read, "diffusers": diffusers.read, "xlabs": xlabs.read}
 # format → (writer, writes a folder?)
 WRITERS = {"peft": (peft.write, True), "kohya": (kohya.write, False), "diffusers": (diffusers.write, False)}
 IDENTITY_VERSION = "loraops-peft-identity-v1"
@@ -80,12 +81,14 @@ def layout_of_keys(path: str | Path, keys: list[str], hint: str = "") -> str:
 
 
 def key_layout(keys: Iterable[str]) -> str | None:
-    """The adapter layout tensor names are in (kohya, diffusers, peft), or None when they are no adapter's."""
+    """The adapter layout tensor names are in (kohya, diffusers, peft, xlabs), or None when they are no adapter's."""
     keys = list(keys)
-    if any(kohya.is_kohya_key(k) for k in keys):
-        return "kohya"
+    if any(xlabs.is_xlabs_key(k) for k in keys):
+        return "xlabs"
     if any(diffusers.is_diffusers_key(k) for k in keys) and not any(k.startswith(peft.PREFIX) for k in keys):
         return "diffusers"
+    if any(kohya.is_kohya_key(k) for k in keys):
+        return "kohya"
     if any(peft.is_factor_key(k) or (k.startswith(peft.PREFIX) and (tokens.is_token_key(k) or lycoris.is_product_key(k)))
            for k in keys):
         return "peft"  # (trainable tokens alone have no factor: a TrainableTokensConfig adapter)

@@ -32,8 +32,19 @@ def component_of(key: str) -> str | None:
     return head if head in COMPONENTS else None
 
 
+# kohya's factor names behind a pipeline component (transformer.….lora_down.weight: some Civitai FLUX files, which
+# diffusers and ComfyUI load as lora_A/lora_B)
+KOHYA_FACTORS = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight"}
+
+
+def peft_key(key: str) -> str:
+    """``key`` with kohya's factor suffix (KOHYA_FACTORS) as PEFT's."""
+    suffix = next((s for s in KOHYA_FACTORS if key.endswith(s)), None)
+    return key if suffix is None else key.removesuffix(suffix) + KOHYA_FACTORS[suffix]
+
+
 def is_diffusers_key(key: str) -> bool:
-    return component_of(key) is not None and peft.is_factor_key(key)
+    return component_of(key) is not None and peft.is_factor_key(peft_key(key))
 
 
 def component_config(cfg: dict, component: str) -> dict:
@@ -49,11 +60,14 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     header = st.read_header(weights)
     common.refuse_unsupported(weights, header.tensors)
-    parsed = peft.parse_keys(weights, header.tensors, lambda module: module)
-    # "<module>.alpha" (kohya-style network alphas some FLUX trainers add; diffusers reads them as the alpha)
-    alpha_keys = {key.removesuffix(".alpha"): key for key in parsed.others
-                  if key.endswith(".alpha") and key.removesuffix(".alpha") in parsed.factors}
-    others = [key for key in parsed.others if key not in alpha_keys.values()]
+    stored = {peft_key(key): key for key in header.tensors}
+    if len(stored) < len(header.tensors):
+        raise InvalidInputError(f"{weights}: a module holds both lora_A/lora_B and lora_down/lora_up factors")
+    parsed = peft.parse_keys(weights, stored, lambda module: module)
+    parsed.factors = {name: {part: stored[key] for part, key in parts.items()} for name, parts in parsed.factors.items()}
+    parsed.others = [stored[key] for key in parsed.others]
+    alpha_keys = peft.split_alpha_keys(parsed)
+    others = parsed.others
     if (key := next((k for k in others if tokens.is_token_key(k)), None)) is not None:
         raise UnsupportedAdapterError(f"{weights}: PEFT trainable tokens ({key!r}) in a diffusers file, which keeps no "
                                       "adapter_config.json with their token indices; loraops reads them from a PEFT folder")
@@ -84,15 +98,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         component, _, rest = name.partition(".")
         cfg = configs[component]
         if cfg.alpha is None and common.pattern_key(cfg.alpha_pattern, rest) is None:
-            module_alpha = float(header.tensors[parsed.factors[name]["A"]].shape[0])  # diffusers' default: alpha = r
-            if name in alpha_keys:
-                stored = tensors[alpha_keys[name]]
-                if stored.numel() != 1:
-                    raise InvalidInputError(f"{weights}: {alpha_keys[name]!r} must hold one number, has shape "
-                                            f"{tuple(stored.shape)}")
-                # 0 means r, as in kohya files
-                module_alpha = common.check_alpha(weights, float(stored.double().item()), alpha_keys[name]) or module_alpha
-            cfg = peft.ScaleConfig(alpha=module_alpha, rslora=cfg.rslora, fan_in_fan_out=cfg.fan_in_fan_out, dora=cfg.dora)
+            # diffusers' default: alpha = r
+            cfg = peft.ScaleConfig(alpha=peft.key_alpha(weights, tensors, parsed, name, alpha_keys), rslora=cfg.rslora,
+                                   fan_in_fan_out=cfg.fan_in_fan_out, dora=cfg.dora)
         return cfg, rest
 
     modules = peft.build_modules(weights, parsed, tensors, config_for, adapter_of=component_of)

@@ -547,6 +547,28 @@ def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKey
     return ParsedKeys(factors, kinds, others)
 
 
+def split_alpha_keys(parsed: ParsedKeys, module_name: Callable[[str], str] = lambda module: module) -> dict[str, str]:
+    """Module → its ``<module>.alpha`` key, taken out of ``parsed.others``: kohya-style network alphas some trainers
+    write beside PEFT keys (ComfyUI-style ``diffusion_model.…`` files, some FLUX trainers' diffusers files), which
+    diffusers and ComfyUI read as the module's alpha."""
+    keys = {module_name(key.removesuffix(".alpha")): key for key in parsed.others if key.endswith(".alpha")}
+    keys = {name: key for name, key in keys.items() if name in parsed.factors}
+    parsed.others = [key for key in parsed.others if key not in keys.values()]
+    return keys
+
+
+def key_alpha(path: Path, tensors: dict[str, "torch.Tensor"], parsed: ParsedKeys, name: str,
+              alpha_keys: dict[str, str]) -> float:
+    """A module's alpha from its ``.alpha`` key (split_alpha_keys); without one, or 0 (as in kohya files), r."""
+    rank = float(tensors[parsed.factors[name]["A"]].shape[0])
+    if name not in alpha_keys:
+        return rank
+    stored = tensors[alpha_keys[name]]
+    if stored.numel() != 1:
+        raise InvalidInputError(f"{path}: {alpha_keys[name]!r} must hold one number, has shape {tuple(stored.shape)}")
+    return common.check_alpha(path, float(stored.double().item()), alpha_keys[name]) or rank
+
+
 def build_modules(
     path: Path, parsed: ParsedKeys, tensors: dict[str, "torch.Tensor"], config_for: Callable[[str], tuple[ScaleConfig, str]],
     adapter_of: Callable[[str], str | None] = lambda name: None,
@@ -819,6 +841,9 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         else:
             lycoris.refuse_unsupported(weights, keys)
     parsed = parse_keys(weights, keys, lambda module: module.removeprefix(PREFIX))
+    # a bare file's ".alpha" keys (ComfyUI reads them; a module without one: r), where no config or --alpha says
+    alpha_keys = split_alpha_keys(parsed, lambda module: module.removeprefix(PREFIX)) \
+        if cfg_file is None and product is None and method is None else {}
     if (product is not None or method == "vera") and parsed.factors:
         raise InvalidInputError(f"{weights}: lora_A/lora_B keys ({next(iter(parsed.factors))!r}) in a "
                                 f"{raw_cfg['peft_type']} adapter")
@@ -859,8 +884,10 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
         modules = lowrank.adalora_modules(weights, parsed.factors, tensors, raw_cfg, init_r=cfg.r, alpha=cfg.alpha,
                                           fan_in_fan_out=cfg.fan_in_fan_out, prefix=PREFIX)
     else:
-        modules = build_modules(weights, parsed, tensors,
-                                lambda name: (cfg or no_config, params.pattern_name(cfg or no_config, name)))
+        modules = build_modules(weights, parsed, tensors, lambda name: (
+            ScaleConfig(alpha=key_alpha(weights, tensors, parsed, name, alpha_keys)) if alpha_keys and cfg is None
+            else cfg or no_config,
+            params.pattern_name(cfg or no_config, name)))
     if method == "vera":
         modules.update(lowrank.vera_modules(weights, lambdas, projections, tensors, r=cfg.r,
                                             fan_in_fan_out=cfg.fan_in_fan_out))
