@@ -201,8 +201,24 @@ def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, st
     out = resolved(output_path(output))
     for path, what in protected:
         keep = resolved(path)
-        if out == keep or keep.is_relative_to(out) or out.is_relative_to(keep):
+        if _within(keep, out) or _within(out, keep):
             raise InvalidInputError(f"{output}: overlaps {what} ({path}); {hint}")
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """``inner`` is ``outer`` or lies inside it: by name, or as the same folder entry under another name, which a file
+    system that ignores case has (macOS's APFS by default, Windows: 'Base' is 'base' there, not told by realpath)."""
+    if inner.is_relative_to(outer):
+        return True
+    try:
+        target = outer.stat()
+    except OSError:  # nothing there yet: nothing to destroy
+        return False
+    for above in (inner, *inner.parents):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(above.stat(), target):
+                return True
+    return False
 
 
 @contextlib.contextmanager
@@ -275,11 +291,26 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
+def sync(fd: int, *, data: bool = False) -> None:
+    """fsync ``fd`` (``data``: its bytes and size only, fdatasync, where there is one: not on macOS). macOS's fsync
+    leaves the bytes in the drive's own cache, which a power loss empties, and the rename that follows can land
+    first: F_FULLFSYNC flushes that cache too (where the file system takes it; some network ones refuse it)."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        fcntl = None
+    if hasattr(fcntl, "F_FULLFSYNC"):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+    (os.fdatasync if data and hasattr(os, "fdatasync") else os.fsync)(fd)
+
+
 def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # (a folder's fsync is refused by some file systems: nothing to flush there)
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            sync(fd)
         finally:
             os.close(fd)
 
@@ -289,11 +320,11 @@ def fsync_tree(path: Path) -> None:
         for child in path.rglob("*"):
             if child.is_file():
                 with open(child, "rb+") as f:
-                    os.fsync(f.fileno())
+                    sync(f.fileno())
         fsync_dir(path)
     elif path.exists():
         with open(path, "rb+") as f:
-            os.fsync(f.fileno())
+            sync(f.fileno())
 
 
 def ensure_free_space(folder: Path, needed: int, what: str) -> None:
@@ -410,7 +441,7 @@ class DirectFileWriter:
                     _set_direct(self.fd, False)
                     self.direct = False
                 return
-            os.fdatasync(self.fd)
+            sync(self.fd, data=True)
         except BaseException:
             self.abandon()
             raise
