@@ -143,3 +143,15 @@ def test_overlap_under_another_case_is_refused(monkeypatch, tmp_path):
             fsutil.refuse_overlap(output, folder, "the model it reads")
     fsutil.refuse_overlap(tmp_path / "other", folder, "the model it reads")
     fsutil.refuse_overlap(tmp_path / "new" / "out", folder, "the model it reads")  # nothing there yet
+
+
+def test_windows_is_refused_in_one_line(monkeypatch, capfd):
+    """Windows has no os.pwrite, os.preadv, fcntl or resource: a merge computed there failed as it wrote its output
+    (a traceback), and the registry's locks were no-ops."""
+    from loraops import cli
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "name", "nt")
+        code = cli.exit_status(["list"])
+    assert code == 1
+    assert capfd.readouterr().err == "error: loraops runs on Linux and macOS; on Windows, run it in WSL2\n"
