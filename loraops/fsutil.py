@@ -425,8 +425,9 @@ class DirectFileWriter:
             nbytes -= got
 
     def close(self, *, keep_open: bool = False) -> None:
-        """Write what is staged, truncate to the true size, fdatasync and close. ``keep_open`` (a scratch file): no
-        fdatasync, and the file stays open at ``fd``, read at any offset (through the page cache), until ``abandon``."""
+        """Write what is staged, truncate to the true size, make it durable (sync) and close. ``keep_open`` (a scratch
+        file): no sync, and the file stays open at ``fd``, read at any offset (through the page cache), until
+        ``abandon``."""
         try:
             if self._fill:
                 tail = self._fill
