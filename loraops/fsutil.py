@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -197,28 +198,28 @@ def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None
 
 def refuse_overlaps(output: str | Path, protected: Iterable[tuple[str | Path, str]],
                     hint: str = "write the output elsewhere") -> None:
-    """refuse_overlap for many (path, what) at once, the output resolved once."""
+    """refuse_overlap for many (path, what) at once, the output resolved once. By name, and by stat: the same folder
+    under another name, which realpath does not tell (another case on APFS, macOS's default, or a bind mount). The
+    output's folders are stat'ed once and every folder once (a registry's thousands of bases share theirs): walking
+    each path's folders doubled the time the by-name check took for 5,000 bases."""
     out = resolved(output_path(output))
+    identity = functools.cache(_identity)
+    around = {identity(str(above)) for above in (out, *out.parents)} - {None}
+    itself = identity(str(out))
     for path, what in protected:
         keep = resolved(path)
-        if _within(keep, out) or _within(out, keep):
+        if (keep.is_relative_to(out) or out.is_relative_to(keep) or identity(str(keep)) in around
+                or itself is not None and itself in map(identity, map(str, keep.parents))):
             raise InvalidInputError(f"{output}: overlaps {what} ({path}); {hint}")
 
 
-def _within(inner: Path, outer: Path) -> bool:
-    """``inner`` is ``outer`` or lies inside it: by name, or as the same folder entry under another name, which a file
-    system that ignores case has (macOS's APFS by default, Windows: 'Base' is 'base' there, not told by realpath)."""
-    if inner.is_relative_to(outer):
-        return True
+def _identity(path: str) -> tuple[int, int] | None:
+    """What os.path.samestat compares; None where nothing is there (nothing to destroy)."""
     try:
-        target = outer.stat()
-    except OSError:  # nothing there yet: nothing to destroy
-        return False
-    for above in (inner, *inner.parents):
-        with contextlib.suppress(OSError):
-            if os.path.samestat(above.stat(), target):
-                return True
-    return False
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 @contextlib.contextmanager
