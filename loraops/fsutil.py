@@ -292,6 +292,9 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
+_REFUSED = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY}  # (F_FULLFSYNC not taken)
+
+
 def sync(fd: int, *, data: bool = False) -> None:
     """fsync ``fd`` (``data``: its bytes and size only, fdatasync, where there is one: not on macOS). macOS's fsync
     leaves the bytes in the drive's own cache, which a power loss empties, and the rename that follows can land
@@ -301,9 +304,12 @@ def sync(fd: int, *, data: bool = False) -> None:
     except ImportError:  # (Windows)
         fcntl = None
     if hasattr(fcntl, "F_FULLFSYNC"):
-        with contextlib.suppress(OSError):
+        try:
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
             return
+        except OSError as exc:  # only a refusal falls back: after an EIO, an fsync may report nothing, bytes lost
+            if exc.errno not in _REFUSED:
+                raise
     (os.fdatasync if data and hasattr(os, "fdatasync") else os.fsync)(fd)
 
 

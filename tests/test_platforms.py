@@ -28,16 +28,16 @@ def inputs(tmp_path_factory):
     return combine_inputs(tmp_path_factory.mktemp("platforms"))
 
 
-def full_fsyncs(monkeypatch, refuse: bool = False) -> list[int]:
-    """fcntl with macOS's F_FULLFSYNC (an fsync here, or refused as some network file systems do); the fds it
-    flushed."""
+def full_fsyncs(monkeypatch, refuse: int = 0) -> list[int]:
+    """fcntl with macOS's F_FULLFSYNC (an fsync here, or failing with errno ``refuse``: ENOTSUP as some network file
+    systems do); the fds it flushed."""
     flushed, real = [], fcntl.fcntl
 
     def fake(fd, cmd, *args):
         if cmd != F_FULLFSYNC:
             return real(fd, cmd, *args)
         if refuse:
-            raise OSError(errno.ENOTSUP, "not supported")
+            raise OSError(refuse, os.strerror(refuse))
         os.fsync(fd)
         flushed.append(fd)
         return 0
@@ -100,12 +100,24 @@ def test_full_fsync_where_there_and_fsync_where_refused(monkeypatch, tmp_path):
         out.close()
     assert len(flushed) == 3  # the writer's close, atomic_path's fsync of the file and of its folder
     assert (tmp_path / "x.bin").read_bytes() == b"abc"
-    flushed = full_fsyncs(monkeypatch, refuse=True)
+    flushed = full_fsyncs(monkeypatch, refuse=errno.ENOTSUP)
     synced, real = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
     with fsutil.atomic_path(tmp_path / "y.bin") as tmp:
         tmp.write_bytes(b"abc")
     assert not flushed and len(synced) == 2
+
+
+def test_full_fsync_write_error_is_not_hidden_by_fsync(monkeypatch, tmp_path):
+    """An I/O error from F_FULLFSYNC is the output's bytes lost: the fsync tried after it may report none (the error
+    was already given), and the output landed as if durable."""
+    full_fsyncs(monkeypatch, refuse=errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        with fsutil.atomic_path(tmp_path / "x.bin") as tmp:
+            out = fsutil.DirectFileWriter(tmp)
+            out.write(memoryview(b"abc"))
+            out.close()
+    assert not os.listdir(tmp_path)
 
 
 def test_merge_combine_register_as_on_macos(inputs, tmp_path, monkeypatch):
