@@ -250,6 +250,9 @@ def exit_status(args: list[str] | None = None) -> int:
     """Run the CLI (``args``, default sys.argv) and return the status `loraops` exits with. Not in click's
     standalone mode: there, a Ctrl-C that lands in click's own code (after a command returned, while its context
     closes) becomes "Aborted!" and exit 1. SIGTERM is handled as Ctrl-C while it runs (_terminate)."""
+    if os.name == "nt":  # no os.pwrite, os.preadv, fcntl locks or resource there: outputs failed once computed
+        say_error("error: loraops runs on Linux and macOS; on Windows, run it in WSL2")
+        return 1
     previous = signal.getsignal(signal.SIGTERM)
     # (an ignored SIGINT stays ignored: a background job's)
     ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler

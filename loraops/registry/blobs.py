@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 from .. import settings
 from ..errors import ConflictError
-from ..fsutil import (TMP_MARK, copy_file, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file,
+from ..fsutil import (TMP_MARK, copy_file, ensure_free_space, file_lock, fsync_dir, refuse_overlap, sha256_file, sync,
                       temp_sibling)
 
 
@@ -329,7 +329,7 @@ def _move(src: Path, dst: Path, progress, sha: str | None = None) -> StoredFile:
     elif progress is not None:
         progress.update(size)
     with open(src, "rb") as f:
-        os.fsync(f.fileno())
+        sync(f.fileno())
     os.replace(src, dst)
     return StoredFile(dst.name, size, sha)
 
