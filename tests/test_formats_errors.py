@@ -87,6 +87,14 @@ CASES = {
     "unknown-peft-type": (lambda d: peft_folder(d / "a", good(), peft_type="SUPERLORA"), FormatError, "unknown peft_type"),
     "unknown-flag": (lambda d: peft_folder(d / "a", good(), use_magic_scaling=True), UnsupportedAdapterError,
                      "use_magic_scaling"),
+    # PEFT turns a variant's sub-config, even an empty {}, into its config object, which switches the variant on
+    # (KaSA's {} merged 0.57 away from PEFT's model; Arrow's and BD-LoRA's {} fail PEFT's load)
+    **{f"empty-{field}": (lambda d, field=field: peft_folder(d / "a", good(), **{field: {}}), UnsupportedAdapterError,
+                          rf"\({field}\); loraops handles plain LoRA only")
+       for field in ("kasa_config", "arrow_config", "use_bdlora", "velora_config", "monteclora_config")},
+    # PEFT matches a pattern key inside (.*\.)?(KEY)$: a key valid alone can be no regex there (an re.error traceback)
+    "pattern-flags-inside": (lambda d: peft_folder(d / "a", good(), alpha_pattern={"(?i)Q": 3}), InvalidInputError,
+                             r"alpha_pattern\['\(\?i\)Q'\] is no regular expression"),
     "pickle-folder": (lambda d: raw(d / "a" / "adapter_model.bin", b"PK\x03\x04junk" * 4).parent, FormatError, "pickle"),
     "no-config": (lambda d: (d / "a").mkdir() or write(d / "a" / "adapter_model.safetensors", good()) and d / "a",
                   FormatError, "no adapter_config.json"),

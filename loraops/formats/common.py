@@ -92,6 +92,14 @@ REFUSED_CONFIG_FLAGS = {
     "kasa_config": "a KaSA adapter (kasa_config)",
     "arrow_config": "an Arrow routing adapter (arrow_config)",
 }
+SUBCONFIG_FLAGS = frozenset({"velora_config", "monteclora_config", "kasa_config", "arrow_config", "use_bdlora"})
+"""The REFUSED_CONFIG_FLAGS that are sub-configs: PEFT makes any value but null, an empty {} too, the variant's config
+object, which switches the variant on."""
+
+
+def sets_flag(flag: str, value) -> bool:
+    """Does a REFUSED_CONFIG_FLAGS field with this value switch its variant on in PEFT?"""
+    return value is not None if flag in SUBCONFIG_FLAGS else bool(value)
 
 
 # LoraConfig.init_lora_weights values whose initialisation PEFT subtracts from the base weights (again, every time
@@ -161,7 +169,12 @@ def _compiled_patterns(keys: tuple[str, ...]) -> tuple[tuple[str, str, re.Patter
     """Each key compiled once, with the literal text any name it matches must end with. A resized adapter has a
     pattern per module: matching them as strings recompiled every key once past re's 512-pattern cache (110 s to
     write 1,600 modules), and testing every key on every name is quadratic without the cheap suffix test."""
-    return tuple((key, _literal_tail(key), re.compile(rf"(.*\.)?({key})$")) for key in keys)
+    return tuple((key, _literal_tail(key), pattern_regex(key)) for key in keys)
+
+
+def pattern_regex(key: str) -> re.Pattern:
+    """A rank_pattern/alpha_pattern key as PEFT's get_pattern_key matches it (re.error where it is none)."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def _literal_tail(key: str) -> str:

@@ -276,7 +276,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     if peft_type not in ("LORA", tokens.STANDALONE):
         raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA and TRAINABLE_TOKENS are supported)")
     for flag, what in common.REFUSED_CONFIG_FLAGS.items():
-        if value := cfg.get(flag):
+        if common.sets_flag(flag, value := cfg.get(flag)):
             value = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
             raise UnsupportedAdapterError(f"{path}: {what.format(value=value)}; loraops handles plain LoRA only")
     common.refuse_base_changing_init(path, cfg.get("init_lora_weights"))
@@ -304,7 +304,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     for which, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key in patterns:  # PEFT matches the keys as regexes: a broken one was an re.error traceback
             try:
-                re.compile(key)
+                common.pattern_regex(key)
             except re.error as e:
                 raise InvalidInputError(f"{path}: config {which}[{key!r}] is no regular expression ({e})") from None
     lora_alpha = cfg.get("lora_alpha")
