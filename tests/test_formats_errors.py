@@ -92,6 +92,20 @@ CASES = {
     **{f"empty-{field}": (lambda d, field=field: peft_folder(d / "a", good(), **{field: {}}), UnsupportedAdapterError,
                           rf"\({field}\); loraops handles plain LoRA only")
        for field in ("kasa_config", "arrow_config", "use_bdlora", "velora_config", "monteclora_config")},
+    # an init PEFT 0.21 does not know (its load refuses it) may be a newer PEFT's that rewrites the base, as PiSSA's does
+    "unknown-init": (lambda d: peft_folder(d / "a", good(), init_lora_weights="rslora_svd"), UnsupportedAdapterError,
+                     "init_lora_weights='rslora_svd' is no initialisation PEFT 0.21 knows"),
+    "init-true-as-text": (lambda d: peft_folder(d / "a", good(), init_lora_weights="true"), UnsupportedAdapterError,
+                          "init_lora_weights='true' is no initialisation PEFT 0.21 knows"),
+    # tokens the config says were trained, missing from the file: PEFT's load fails (a KeyError), loraops merged the LoRA
+    "token-indices-without-tokens": (lambda d: peft_folder(d / "a", good(), trainable_token_indices=[1, 2]),
+                                     InvalidInputError, r"trainable_token_indices lists trainable tokens, but the file "
+                                                        "holds no trainable_tokens_delta for them"),
+    "token-indices-entry-without-tokens": (
+        lambda d: peft_folder(d / "a", good(**{"base_model.model.embed.token_adapter.trainable_tokens_delta":
+                                                   torch.ones(2, 3)}),
+                              trainable_token_indices={"embed": [1, 2], "head": [3]}),
+        InvalidInputError, r"trainable_token_indices\['head'\] lists trainable tokens, but the file holds no"),
     # PEFT matches a pattern key inside (.*\.)?(KEY)$: a key valid alone can be no regex there (an re.error traceback)
     "pattern-flags-inside": (lambda d: peft_folder(d / "a", good(), alpha_pattern={"(?i)Q": 3}), InvalidInputError,
                              r"alpha_pattern\['\(\?i\)Q'\] is no regular expression"),

@@ -105,6 +105,8 @@ def sets_flag(flag: str, value) -> bool:
 # LoraConfig.init_lora_weights values whose initialisation PEFT subtracts from the base weights (again, every time
 # it loads the adapter): the trained model is (W − s·B₀·A₀) + s·B·A, not W + s·B·A on the base a user has.
 BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+BASE_KEEPING_INITS = ("gaussian", "eva", "orthogonal", "mica")
+"""PEFT 0.21's other named inits: they set only A and B (MiCA's B frozen in training), W + s·B·A as for true/false."""
 
 
 def refuse_base_changing_init(path: Path, init) -> None:
@@ -114,6 +116,13 @@ def refuse_base_changing_init(path: Path, init) -> None:
             "the adapter, so W + s·B·A on the original base is not the trained model; save it with PEFT's "
             "save_pretrained(..., path_initial_model_for_weight_conversion=...), which makes it a plain LoRA of the "
             "original base, and use that"
+        )
+    # (PEFT 0.21 fails to load any other truthy value; a newer PEFT's init may rewrite the base as PiSSA's does)
+    if init and not isinstance(init, bool) and not (isinstance(init, str) and init.lower() in BASE_KEEPING_INITS):
+        raise UnsupportedAdapterError(
+            f"{path}: init_lora_weights={init!r} is no initialisation PEFT 0.21 knows (true, false, "
+            f"{', '.join(BASE_KEEPING_INITS + BASE_CHANGING_INITS)}): if it changes the base weights when PEFT loads "
+            "the adapter, W + s·B·A is not the trained model; refusing to guess"
         )
 
 

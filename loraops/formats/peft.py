@@ -880,6 +880,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     # a bare file's indices only when its metadata carries the config that has them
     knows = cfg_file or any(k in (raw_cfg or {}) for k in ("trainable_token_indices", "token_indices"))
     rows = tokens.read_rows(weights, token_keys, tensors, raw_cfg if knows else None, PREFIX)
+    if knows:
+        tokens.refuse_missing(cfg_file or weights, raw_cfg, rows)
     return Adapter(
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
         token_rows=rows, targeted=lora_modules if cfg_file is not None else None,

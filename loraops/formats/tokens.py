@@ -138,6 +138,22 @@ def read_rows(path: Path, keys: Iterable[str], tensors: dict[str, "torch.Tensor"
     return rows
 
 
+def refuse_missing(path: Path, config: dict, rows: dict[str, TokenRows]) -> None:
+    """Refuse a config whose trainable tokens (an entry of its trainable_token_indices dict, or its list) have no
+    trainable_tokens_delta in the file: PEFT's load fails on it (a KeyError), and the LoRA merged without them is not
+    the trained model."""
+    field = "token_indices" if is_standalone(config) else "trainable_token_indices"
+    spec = config.get(field)
+    if not spec:
+        return
+    modules = [name.removesuffix(".weight") for name in rows]
+    for name in spec if isinstance(spec, dict) else [None]:
+        if not any(name is None or common.names_module(module, name) for module in modules):
+            raise InvalidInputError(f"{path}: the config's {field}{'' if name is None else f'[{name!r}]'} lists "
+                                    "trainable tokens, but the file holds no trainable_tokens_delta for them: PEFT "
+                                    "fails to load it, and merged without them it is not the trained model")
+
+
 def _tied_to(config: dict | None, module: str, key: str, modules: dict[str, str],
              tensors: dict[str, "torch.Tensor"]) -> str | None:
     """The module whose trainable tokens ``module``'s are PEFT's tied copy of, where the config's
