@@ -84,7 +84,8 @@ CASES = {
              UnsupportedAdapterError, "full-weight difference"),
     "unknown-layout": (lambda d: write(d / "x.safetensors", {"model.embed.weight": A, "model.norm.weight": torch.ones(3)}),
                        FormatError, "unknown key layout.*model.embed.weight"),
-    "unknown-peft-type": (lambda d: peft_folder(d / "a", good(), peft_type="SUPERLORA"), FormatError, "unknown peft_type"),
+    "unknown-peft-type": (lambda d: peft_folder(d / "a", good(), peft_type="SUPERLORA"), FormatError,
+                          r"unknown peft_type 'SUPERLORA' \(loraops reads ADALORA, LOHA, LOKR, LORA, TRAINABLE_TOKENS, VERA\)$"),
     "unknown-flag": (lambda d: peft_folder(d / "a", good(), use_magic_scaling=True), UnsupportedAdapterError,
                      "use_magic_scaling"),
     # PEFT turns a variant's sub-config, even an empty {}, into its config object, which switches the variant on

@@ -274,7 +274,8 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
             f"{path}: {common.OTHER_PEFT_TYPES[peft_type]} (peft_type {peft_type}); loraops handles plain LoRA only"
         )
     if peft_type not in ("LORA", tokens.STANDALONE):
-        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA and TRAINABLE_TOKENS are supported)")
+        read = sorted({"LORA", tokens.STANDALONE, *lycoris.PEFT_TYPES, *lowrank.PEFT_TYPES})
+        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (loraops reads {', '.join(read)})")
     for flag, what in common.REFUSED_CONFIG_FLAGS.items():
         if common.sets_flag(flag, value := cfg.get(flag)):
             value = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
