@@ -210,6 +210,15 @@ def test_bad_input(case, tmp_path):
     assert str(tmp_path) in message  # names the file or folder
 
 
+@pytest.mark.parametrize("field, value", [("monteclora_config", False), ("kasa_config", None), ("use_bdlora", None),
+                                          ("alora_invocation_tokens", []), ("layer_replication", [])])
+def test_a_variant_field_peft_reads_as_off_reads_as_a_plain_lora(field, value, tmp_path):
+    """PEFT tests a variant's field by truthiness, after making a sub-config's dict ({} too) its config object: these
+    values leave the variant off, and the adapter is a plain LoRA."""
+    adapter = read_adapter(peft_folder(tmp_path / "a", good(), **{field: value}))
+    assert list(adapter.modules) == ["layer.q"]
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(NotFoundError, match="no such file"):
         read_adapter(tmp_path / "nope.safetensors")

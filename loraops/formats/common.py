@@ -93,13 +93,14 @@ REFUSED_CONFIG_FLAGS = {
     "arrow_config": "an Arrow routing adapter (arrow_config)",
 }
 SUBCONFIG_FLAGS = frozenset({"velora_config", "monteclora_config", "kasa_config", "arrow_config", "use_bdlora"})
-"""The REFUSED_CONFIG_FLAGS that are sub-configs: PEFT makes any value but null, an empty {} too, the variant's config
-object, which switches the variant on."""
+"""The REFUSED_CONFIG_FLAGS that are sub-configs: PEFT makes a dict, an empty {} too, the variant's config object,
+which switches the variant on."""
 
 
 def sets_flag(flag: str, value) -> bool:
-    """Does a REFUSED_CONFIG_FLAGS field with this value switch its variant on in PEFT?"""
-    return value is not None if flag in SUBCONFIG_FLAGS else bool(value)
+    """Does a REFUSED_CONFIG_FLAGS field with this value switch its variant on in PEFT (which tests it by truthiness)?
+    (A sub-config's other false values: MonteCLoRA's false is off; the others' fail PEFT's load, a TypeError.)"""
+    return bool(value) or flag in SUBCONFIG_FLAGS and isinstance(value, dict)
 
 
 # LoraConfig.init_lora_weights values whose initialisation PEFT subtracts from the base weights (again, every time
