@@ -278,3 +278,14 @@ def test_an_adapter_config_nested_past_pythons_recursion_limit_is_one_line(tmp_p
     with pytest.raises(FormatError, match=r"adapter_config.json: adapter config is not JSON \(nested deeper than "
                                           r"Python's recursion limit\)$"):
         read_adapter(folder)
+
+
+def test_a_pattern_key_that_is_a_regex_only_inside_pefts_wrapper_is_read_as_peft_matches_it(tmp_path):
+    """PEFT matches a key inside (.*\\.)?(KEY)$: 'layer.q)|(x' is no regex alone (main refused it), but PEFT loads it
+    and its first alternative matches layer.q, whose alpha it sets."""
+    from peft.utils.other import get_pattern_key
+
+    key = "layer.q)|(x"
+    assert get_pattern_key([key], "layer.q") == key
+    adapter = read_adapter(peft_folder(tmp_path / "a", good(), alpha_pattern={key: 6}))
+    assert adapter.modules["layer.q"].scale == 3.0  # alpha 6 over rank 2
