@@ -84,9 +84,32 @@ CASES = {
              UnsupportedAdapterError, "full-weight difference"),
     "unknown-layout": (lambda d: write(d / "x.safetensors", {"model.embed.weight": A, "model.norm.weight": torch.ones(3)}),
                        FormatError, "unknown key layout.*model.embed.weight"),
-    "unknown-peft-type": (lambda d: peft_folder(d / "a", good(), peft_type="SUPERLORA"), FormatError, "unknown peft_type"),
+    "unknown-peft-type": (lambda d: peft_folder(d / "a", good(), peft_type="SUPERLORA"), FormatError,
+                          r"unknown peft_type 'SUPERLORA' \(loraops reads ADALORA, LOHA, LOKR, LORA, TRAINABLE_TOKENS, VERA\)$"),
     "unknown-flag": (lambda d: peft_folder(d / "a", good(), use_magic_scaling=True), UnsupportedAdapterError,
                      "use_magic_scaling"),
+    # PEFT turns a variant's sub-config, even an empty {}, into its config object, which switches the variant on
+    # (KaSA's {} merged 0.57 away from PEFT's model; Arrow's and BD-LoRA's {} fail PEFT's load)
+    **{f"empty-{field}": (lambda d, field=field: peft_folder(d / "a", good(), **{field: {}}), UnsupportedAdapterError,
+                          rf"\({field}\); loraops handles plain LoRA only")
+       for field in ("kasa_config", "arrow_config", "use_bdlora", "velora_config", "monteclora_config")},
+    # an init PEFT 0.21 does not know (its load refuses it) may be a newer PEFT's that rewrites the base, as PiSSA's does
+    "unknown-init": (lambda d: peft_folder(d / "a", good(), init_lora_weights="rslora_svd"), UnsupportedAdapterError,
+                     "init_lora_weights='rslora_svd' is no initialisation PEFT 0.21 knows"),
+    "init-true-as-text": (lambda d: peft_folder(d / "a", good(), init_lora_weights="true"), UnsupportedAdapterError,
+                          "init_lora_weights='true' is no initialisation PEFT 0.21 knows"),
+    # tokens the config says were trained, missing from the file: PEFT's load fails (a KeyError), loraops merged the LoRA
+    "token-indices-without-tokens": (lambda d: peft_folder(d / "a", good(), trainable_token_indices=[1, 2]),
+                                     InvalidInputError, r"trainable_token_indices lists trainable tokens, but the file "
+                                                        "holds no trainable_tokens_delta for them"),
+    "token-indices-entry-without-tokens": (
+        lambda d: peft_folder(d / "a", good(**{"base_model.model.embed.token_adapter.trainable_tokens_delta":
+                                                   torch.ones(2, 3)}),
+                              trainable_token_indices={"embed": [1, 2], "head": [3]}),
+        InvalidInputError, r"trainable_token_indices\['head'\] lists trainable tokens, but the file holds no"),
+    # PEFT matches a pattern key inside (.*\.)?(KEY)$: a key valid alone can be no regex there (an re.error traceback)
+    "pattern-flags-inside": (lambda d: peft_folder(d / "a", good(), alpha_pattern={"(?i)Q": 3}), InvalidInputError,
+                             r"alpha_pattern\['\(\?i\)Q'\] is no regular expression"),
     "pickle-folder": (lambda d: raw(d / "a" / "adapter_model.bin", b"PK\x03\x04junk" * 4).parent, FormatError, "pickle"),
     "no-config": (lambda d: (d / "a").mkdir() or write(d / "a" / "adapter_model.safetensors", good()) and d / "a",
                   FormatError, "no adapter_config.json"),
@@ -187,6 +210,15 @@ def test_bad_input(case, tmp_path):
     assert str(tmp_path) in message  # names the file or folder
 
 
+@pytest.mark.parametrize("field, value", [("monteclora_config", False), ("kasa_config", None), ("use_bdlora", None),
+                                          ("alora_invocation_tokens", []), ("layer_replication", [])])
+def test_a_variant_field_peft_reads_as_off_reads_as_a_plain_lora(field, value, tmp_path):
+    """PEFT tests a variant's field by truthiness, after making a sub-config's dict ({} too) its config object: these
+    values leave the variant off, and the adapter is a plain LoRA."""
+    adapter = read_adapter(peft_folder(tmp_path / "a", good(), **{field: value}))
+    assert list(adapter.modules) == ["layer.q"]
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(NotFoundError, match="no such file"):
         read_adapter(tmp_path / "nope.safetensors")
@@ -246,3 +278,14 @@ def test_an_adapter_config_nested_past_pythons_recursion_limit_is_one_line(tmp_p
     with pytest.raises(FormatError, match=r"adapter_config.json: adapter config is not JSON \(nested deeper than "
                                           r"Python's recursion limit\)$"):
         read_adapter(folder)
+
+
+def test_a_pattern_key_that_is_a_regex_only_inside_pefts_wrapper_is_read_as_peft_matches_it(tmp_path):
+    """PEFT matches a key inside (.*\\.)?(KEY)$: 'layer.q)|(x' is no regex alone (main refused it), but PEFT loads it
+    and its first alternative matches layer.q, whose alpha it sets."""
+    from peft.utils.other import get_pattern_key
+
+    key = "layer.q)|(x"
+    assert get_pattern_key([key], "layer.q") == key
+    adapter = read_adapter(peft_folder(tmp_path / "a", good(), alpha_pattern={key: 6}))
+    assert adapter.modules["layer.q"].scale == 3.0  # alpha 6 over rank 2

@@ -75,6 +75,10 @@ CASES = {
     "list-unsorted": ("untied", lambda: lora(trainable_token_indices=[7, 3, 11, 0, 5]), True),
     "dict-head": ("untied", lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1, 2]}), True),
     "dict-head-tied": ("tied", lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [1, 2]}), False),
+    # the same indices on a tied model's embeddings and head: PEFT ties the head's tokens to the embeddings' and saves
+    # only the embeddings' delta (its load is fine; the lm_head entry has no tensor of its own)
+    "dict-head-tied-same": ("tied", lambda: lora(trainable_token_indices={"embed_tokens": [3, 5], "lm_head": [3, 5]}),
+                            True),
     "lora-head-tied": ("tied", lambda: lora(targets=["q_proj", "lm_head"], trainable_token_indices=[3, 5, 7]), False),
     "lora-other-embedding": ("untied", lambda: lora(targets=["q_proj", "lm_head"], trainable_token_indices=[3, 7]), True),
     "standalone": ("untied", lambda: TrainableTokensConfig(token_indices=[3, 5, 7]), True),

@@ -92,11 +92,22 @@ REFUSED_CONFIG_FLAGS = {
     "kasa_config": "a KaSA adapter (kasa_config)",
     "arrow_config": "an Arrow routing adapter (arrow_config)",
 }
+SUBCONFIG_FLAGS = frozenset({"velora_config", "monteclora_config", "kasa_config", "arrow_config", "use_bdlora"})
+"""The REFUSED_CONFIG_FLAGS that are sub-configs: PEFT makes a dict, an empty {} too, the variant's config object,
+which switches the variant on."""
+
+
+def sets_flag(flag: str, value) -> bool:
+    """Does a REFUSED_CONFIG_FLAGS field with this value switch its variant on in PEFT (which tests it by truthiness)?
+    (A sub-config's other false values: MonteCLoRA's false is off; the others' fail PEFT's load, a TypeError.)"""
+    return bool(value) or flag in SUBCONFIG_FLAGS and isinstance(value, dict)
 
 
 # LoraConfig.init_lora_weights values whose initialisation PEFT subtracts from the base weights (again, every time
 # it loads the adapter): the trained model is (W − s·B₀·A₀) + s·B·A, not W + s·B·A on the base a user has.
 BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+BASE_KEEPING_INITS = ("gaussian", "eva", "orthogonal", "mica")
+"""PEFT 0.21's other named inits: they set only A and B (MiCA's B frozen in training), W + s·B·A as for true/false."""
 
 
 def refuse_base_changing_init(path: Path, init) -> None:
@@ -106,6 +117,13 @@ def refuse_base_changing_init(path: Path, init) -> None:
             "the adapter, so W + s·B·A on the original base is not the trained model; save it with PEFT's "
             "save_pretrained(..., path_initial_model_for_weight_conversion=...), which makes it a plain LoRA of the "
             "original base, and use that"
+        )
+    # (PEFT 0.21 fails to load any other truthy value; a newer PEFT's init may rewrite the base as PiSSA's does)
+    if init and not isinstance(init, bool) and not (isinstance(init, str) and init.lower() in BASE_KEEPING_INITS):
+        raise UnsupportedAdapterError(
+            f"{path}: init_lora_weights={init!r} is no initialisation PEFT 0.21 knows (true, false, "
+            f"{', '.join(BASE_KEEPING_INITS + BASE_CHANGING_INITS)}): if it changes the base weights when PEFT loads "
+            "the adapter, W + s·B·A is not the trained model; refusing to guess"
         )
 
 
@@ -161,7 +179,12 @@ def _compiled_patterns(keys: tuple[str, ...]) -> tuple[tuple[str, str, re.Patter
     """Each key compiled once, with the literal text any name it matches must end with. A resized adapter has a
     pattern per module: matching them as strings recompiled every key once past re's 512-pattern cache (110 s to
     write 1,600 modules), and testing every key on every name is quadratic without the cheap suffix test."""
-    return tuple((key, _literal_tail(key), re.compile(rf"(.*\.)?({key})$")) for key in keys)
+    return tuple((key, _literal_tail(key), pattern_regex(key)) for key in keys)
+
+
+def pattern_regex(key: str) -> re.Pattern:
+    """A rank_pattern/alpha_pattern key as PEFT's get_pattern_key matches it (re.error where it is none)."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def _literal_tail(key: str) -> str:

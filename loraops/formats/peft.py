@@ -274,9 +274,10 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
             f"{path}: {common.OTHER_PEFT_TYPES[peft_type]} (peft_type {peft_type}); loraops handles plain LoRA only"
         )
     if peft_type not in ("LORA", tokens.STANDALONE):
-        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (only LORA and TRAINABLE_TOKENS are supported)")
+        read = sorted({"LORA", tokens.STANDALONE, *lycoris.PEFT_TYPES, *lowrank.PEFT_TYPES})
+        raise FormatError(f"{path}: unknown peft_type {cfg.get('peft_type')!r} (loraops reads {', '.join(read)})")
     for flag, what in common.REFUSED_CONFIG_FLAGS.items():
-        if value := cfg.get(flag):
+        if common.sets_flag(flag, value := cfg.get(flag)):
             value = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
             raise UnsupportedAdapterError(f"{path}: {what.format(value=value)}; loraops handles plain LoRA only")
     common.refuse_base_changing_init(path, cfg.get("init_lora_weights"))
@@ -304,7 +305,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     for which, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key in patterns:  # PEFT matches the keys as regexes: a broken one was an re.error traceback
             try:
-                re.compile(key)
+                common.pattern_regex(key)
             except re.error as e:
                 raise InvalidInputError(f"{path}: config {which}[{key!r}] is no regular expression ({e})") from None
     lora_alpha = cfg.get("lora_alpha")
@@ -907,6 +908,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     # a bare file's indices only when its metadata carries the config that has them
     knows = cfg_file or any(k in (raw_cfg or {}) for k in ("trainable_token_indices", "token_indices"))
     rows = tokens.read_rows(weights, token_keys, tensors, raw_cfg if knows else None, PREFIX)
+    if knows:
+        tokens.refuse_missing(cfg_file or weights, raw_cfg, rows)
     return Adapter(
         modules=modules, format="peft", metadata=dict(header.metadata), config=raw_cfg or {}, full_tensors=full,
         token_rows=rows, targeted=lora_modules if cfg_file is not None else None,

@@ -138,6 +138,26 @@ def read_rows(path: Path, keys: Iterable[str], tensors: dict[str, "torch.Tensor"
     return rows
 
 
+def refuse_missing(path: Path, config: dict, rows: dict[str, TokenRows]) -> None:
+    """Refuse a config whose trainable tokens (an entry of its trainable_token_indices dict, or its list) have no
+    trainable_tokens_delta in the file: PEFT's load fails on it (a KeyError), and the LoRA merged without them is not
+    the trained model. Not an entry with the same indices as one the file has: on a tied model PEFT ties that head's
+    tokens to the embeddings' and saves only the embeddings' delta."""
+    field = "token_indices" if is_standalone(config) else "trainable_token_indices"
+    spec = config.get(field)
+    if not spec:
+        return
+    modules = [name.removesuffix(".weight") for name in rows]
+    entries = spec if isinstance(spec, dict) else {None: spec}
+    saved = [indices for name, indices in entries.items()
+             if any(name is None or common.names_module(module, name) for module in modules)]
+    for name, indices in entries.items():
+        if indices not in saved:
+            raise InvalidInputError(f"{path}: the config's {field}{'' if name is None else f'[{name!r}]'} lists "
+                                    "trainable tokens, but the file holds no trainable_tokens_delta for them: PEFT "
+                                    "fails to load it, and merged without them it is not the trained model")
+
+
 def _tied_to(config: dict | None, module: str, key: str, modules: dict[str, str],
              tensors: dict[str, "torch.Tensor"]) -> str | None:
     """The module whose trainable tokens ``module``'s are PEFT's tied copy of, where the config's
