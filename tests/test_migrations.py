@@ -350,3 +350,17 @@ def test_installed_wheel_migrates(tmp_path):
     assert out.strip().endswith(f"upgraded from empty to {db.HEAD} (head)")
     where = run(str(python), "-c", "import loraops.registry.db as d; print(d.script_location())", env=env, cwd=tmp_path)
     assert str(venv) in where.stdout and "migrations" in where.stdout
+
+
+def test_alembic_writes_to_the_stdout_of_the_moment():
+    """alembic's Config takes as its default stdout the sys.stdout of when alembic.config was first imported: imported
+    under a redirect (click's CliRunner, a `db upgrade` run in a test), every later check printed to a closed stream
+    (ValueError: I/O operation on closed file). A fresh interpreter, so alembic is imported under the redirect."""
+    script = ("import io, sys\n"
+              "buf = io.TextIOWrapper(io.BytesIO(), encoding='utf-8'); real, sys.stdout = sys.stdout, buf\n"
+              "import alembic.config\n"
+              "sys.stdout = real; buf.close()\n"
+              "from loraops.registry import db\n"
+              "db.alembic_config().print_stdout('printed')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "printed\n", done.stderr

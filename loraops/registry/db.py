@@ -369,7 +369,11 @@ def _migrating(engine: Engine) -> Iterator[Connection]:
 def alembic_config():
     from alembic.config import Config
 
-    config = Config()
+    import sys
+
+    # (alembic's default stdout is the sys.stdout of the moment alembic.config was first imported: under a redirect,
+    # such as click's CliRunner, a stream that is closed later)
+    config = Config(stdout=sys.stdout)
     config.set_main_option("script_location", script_location())
     return config
 
