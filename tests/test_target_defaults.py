@@ -89,3 +89,14 @@ def test_all_default_modules_merge_as_peft(tmp_path, base):
     assert sum(not torch.equal(ours[n], original[n]) for n in ours) == 4
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_loha_config_without_targets_is_refused_too(tmp_path, base):
+    from peft import LoHaConfig, get_peft_model
+
+    model = get_peft_model(load_model(base), LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "o_proj"],
+                                                        init_weights=False))
+    model.save_pretrained(tmp_path / "loha")
+    report = check.check(formats.read_adapter(untargeted(tmp_path / "loha")), BaseModel.open(base))
+    assert not report.ok and report.missing and all(n.endswith("o_proj") for n in report.missing)
+    assert "llama's defaults (q_proj, v_proj) and ignore o_proj" in report.why_missing[report.missing[0]]
