@@ -1468,6 +1468,43 @@ def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adap
     return renamed(adapter, res, manifest)
 
 
+def default_targets_refusal(adapter: Adapter, manifest: Mapping[str, object],
+                            config: Callable[[str], dict] | None) -> tuple[str, list[str]] | None:
+    """(why PEFT would not load this PEFT folder's LoRA as loraops merges it, the modules concerned), or None, for
+    ``adapter`` bound to the base (the names PEFT's keys map to: own_names). A
+    LoRA/LoHa/LoKr config with no target_modules (null or absent) and no target_parameters: PEFT fills them from its
+    table for the base's config.json model_type (formats.peft.DEFAULT_TARGETS; Llama: q_proj, v_proj) and leaves the
+    file's other factors unused, or refuses to load where the table has no entry. Only the base says which, so this
+    is a fit (``config``: tensor → its model's config.json); without a model_type nothing is said. The reason is
+    a misfit's (check.misfits), without the adapter's label."""
+    cfg = adapter.config
+    if adapter.format != "peft" or not cfg or cfg.get("target_modules") is not None or cfg.get("target_parameters") \
+            or peft.peft_type_of(cfg) not in peft.DEFAULTED_TYPES or config is None:
+        return None
+    tensor = next((m.weight_name for m in adapter.modules.values() if m.weight_name in manifest), None)
+    model_type = None if tensor is None else config(tensor).get("model_type")
+    if model_type is None:
+        return None
+    keys = {n: adapter.own_names.get(n, n) for n in adapter.modules}  # PEFT's module keys
+    names = list(keys)
+    defaults = peft.DEFAULT_TARGETS.get(model_type)
+    fix = "set target_modules in adapter_config.json"
+    if defaults is None:
+        return (f"adapter_config.json gives no target_modules and PEFT has no defaults for model_type "
+                f"{model_type!r} (it refuses to load the adapter); {fix}", names)
+    if isinstance(defaults, str):
+        outside = [n for n, key in keys.items() if re.fullmatch(defaults, key) is None]
+        shown, listed = [keys[n] for n in outside], defaults
+    else:
+        outside = [n for n, key in keys.items() if key.rsplit(".", 1)[-1] not in defaults]
+        shown, listed = sorted({keys[n].rsplit(".", 1)[-1] for n in outside}), ", ".join(defaults)
+    if not outside:
+        return None
+    more = ", …" if len(shown) > SHOWN else ""
+    return (f"adapter_config.json gives no target_modules: PEFT would adapt only {model_type}'s "
+            f"defaults ({listed}) and ignore {', '.join(shown[:SHOWN])}{more}; {fix}", outside)
+
+
 def check(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None,
           config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None,
@@ -1535,8 +1572,11 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
         return True
 
     miscounted = expert_count_mismatches(bound, manifest)
+    why, unloaded = default_targets_refusal(named, manifest, sides) or (None, ())
+    unloaded = dict.fromkeys(unloaded, why)  # the modules PEFT would not load
     for name, module in bound.modules.items():
-        why = saved_tie_refusal(bound, module, manifest, config) or lora_bias_misfit(module, manifest, sides)
+        why = unloaded.get(name) or saved_tie_refusal(bound, module, manifest, config) \
+            or lora_bias_misfit(module, manifest, sides)
         if why is not None:  # (the bias before the weight's fit: a head the base does not store has none either)
             missing.append(name)
             why_missing[name] = why

@@ -109,6 +109,27 @@ def modules_to_save(saved: Iterable[str], task_type) -> list[str] | None:
     return sorted({*implied, *(name for name in saved if not inside_another(name))}) or None
 
 
+_QV, _QKV = ["q_proj", "v_proj"], ["query_key_value"]
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": _QV, "gpt2": ["c_attn"], "bloom": _QKV,
+    "blip-2": ["q", "v", "q_proj", "v_proj"], "opt": _QV, "gptj": _QV, "gpt_neox": _QKV, "gpt_neo": _QV,
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"], "llama": _QV, "llama4": _QV, "chatglm": _QKV, "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"], "RefinedWebModel": _QKV, "RefinedWeb": _QKV, "falcon": _QKV, "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"], "mistral": _QV, "mixtral": _QV, "stablelm": _QV, "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": _QV, "gemma2": _QV, "gemma3_text": _QV, "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": _QV, "qwen3": _QV, "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"], "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
+"""PEFT 0.21's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (its LoHa and LoKr tables are the same): what a
+config without target_modules adapts, by the base's config.json model_type (a string: a regex over the whole module
+key); PEFT refuses to load such a config for a model type not in it. A copy (peft is no dependency of loraops),
+compared with the installed PEFT's by the tests. AdaLoRA and VeRA have tables of their own, not copied."""
+DEFAULTED_TYPES = ("LORA", "LOHA", "LOKR")
+"""The peft_types whose config without target_modules PEFT fills from DEFAULT_TARGETS."""
+
+
 LORA_CONFIG_TYPES = ("LORA", "ADALORA")
 """The peft_types whose config is a LoraConfig (AdaLoraConfig subclasses it): PEFT drops the fields only LoraConfig has
 (layers beside a regex checked) from the other methods' configs, with a warning."""
@@ -345,7 +366,7 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
     ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
     a warning, so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
-    per model type), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying on targeted embeddings
+    per model type: check.default_targets_refusal, at fit time), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying on targeted embeddings
     (ties_targeted_embeddings: PEFT also wraps, whatever the targeting, the layers the model ties to them: a tied
     lm_head, saved with its own factors; not beside embeddings modules_to_save names, nor GPT-2's wte; a LoHa,
     LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
