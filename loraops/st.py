@@ -111,7 +111,6 @@ def private_copy(path: Path, folder: Path, reserve: int = 0) -> Iterator[str | N
     import shutil
 
     from . import settings
-    from .fsutil import DirectFileWriter
 
     if not settings.map_stored() or not Path("/proc/self/fd").is_dir():
         yield None

@@ -64,7 +64,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if len(stored) < len(header.tensors):
         raise InvalidInputError(f"{weights}: a module holds both lora_A/lora_B and lora_down/lora_up factors")
     parsed = peft.parse_keys(weights, stored, lambda module: module)
-    parsed.factors = {name: {part: stored[key] for part, key in parts.items()} for name, parts in parsed.factors.items()}
+    parsed.factors = {name: {part: stored[key] for part, key in parts.items()}
+                      for name, parts in parsed.factors.items()}
     parsed.others = [stored[key] for key in parsed.others]
     alpha_keys = peft.split_alpha_keys(parsed)
     others = parsed.others

@@ -289,8 +289,9 @@ def out_of_pipeline(adapter: Adapter) -> "Callable[..., LoraModule] | None":
             sizes = [rows.get(f"{owner}.{part}", module.in_features if part != "proj_mlp" else None)
                      for part in entry.parts]
             if None in sizes:
-                raise FormatError(f"{adapter.label}: {module.name!r} is a part of {owner.removeprefix(ldm.UNET_PREFIX)!r}"
-                                  " whose proj_mlp the adapter lacks, so its rows there are unknown: write it as diffusers")
+                raise FormatError(f"{adapter.label}: {module.name!r} is a part of "
+                                  f"{owner.removeprefix(ldm.UNET_PREFIX)!r} whose proj_mlp the adapter lacks, so its "
+                                  "rows there are unknown: write it as diffusers")
             first = sum(sizes[:entry.parts.index(path.rpartition(".")[2])])
             fused = (f"{owner}.weight", first, module.out_features, sum(sizes))
         module = replace(module, name=path, fused=fused)
@@ -340,9 +341,9 @@ def joined_names(adapter: Adapter) -> dict[str, LoraModule]:
 def join(parts: list[LoraModule], work: "torch.dtype | None" = None) -> LoraModule:
     """The parts of one fused tensor as one module on it: where they are every row of it with one A and one scale,
     that A and their B's rows stacked (the LoRA a split made them from); else A stacked, B block-diagonal with zero
-    rows for the parts not trained, rank Σr. The same delta exactly (the zeros add nothing); each part's scale is folded into its B
-    when the scales differ, in ``work`` (default: the parts' dtype; float64 where the writer converts, so that a
-    folded B is rounded once, by the conversion)."""
+    rows for the parts not trained, rank Σr. The same delta exactly (the zeros add nothing); each part's scale is
+    folded into its B when the scales differ, in ``work`` (default: the parts' dtype; float64 where the writer
+    converts, so that a folded B is rounded once, by the conversion)."""
     import torch
 
     scales = {part.scale for part in parts}

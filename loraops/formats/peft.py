@@ -366,7 +366,8 @@ def refuse_untargeted(path: Path, cfg: dict, modules: Iterable[str], saved_keys:
     ``check_target_module_exists``, followed here rule for rule) and leaves the file's other factors unused, without
     a warning, so its model is not W + s·B·A over every module of the file: read as it was, a config edited to leave
     some layers out merged them anyway. Not checked where only the model can say: no target_modules (PEFT's defaults
-    per model type: check.default_targets_refusal, at fit time), "all-linear" (its Linear layers), or a LoRA's ensure_weight_tying on targeted embeddings
+    per model type: check.default_targets_refusal, at fit time), "all-linear" (its Linear layers), or a LoRA's
+    ensure_weight_tying on targeted embeddings
     (ties_targeted_embeddings: PEFT also wraps, whatever the targeting, the layers the model ties to them: a tied
     lm_head, saved with its own factors; not beside embeddings modules_to_save names, nor GPT-2's wte; a LoHa,
     LoKr or VeRA config has no such field, PEFT drops it; an AdaLoRA config has it, but AdaLoRA wraps no embedding,
