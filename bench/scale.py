@@ -12,8 +12,10 @@ shards   a Llama-shaped base with tiny widths, --layers layers (9 tensors each) 
          look up a tensor's model folder by searching every shard list: quadratic in the shards).
 combine  one Llama-70B MLP module (8192×28672), two rank-256 inputs combined by each --methods method to rank 256
          (element-wise: a dense delta, then refactor_dense's randomized SVD), on 2 torch threads; and that SVD alone
-         (refactor_dense of the plain sum of the two deltas). The last column compares after's product B'·A' with
-         before's (relative Frobenius difference: float32 rounding, not a different result).
+         (refactor_dense of the plain sum of the two deltas). --shape OUTxINxRANK and --inputs N change the module
+         and the inputs. The last column compares after's factors with before's (identical bytes, else the
+         relative Frobenius difference of B'·A': float32 rounding, not a different result). Then the element-wise
+         part alone (the whole less refactor_dense) and each side's peak RSS (the child's ru_maxrss).
 """
 from __future__ import annotations
 
@@ -32,24 +34,38 @@ from load import peft_folder  # noqa: E402
 from merge import ROOT, TARGETS, tensor_shapes  # noqa: E402
 
 COMBINE = """
-import json, sys, time, torch
-from loraops.ops import svd
+import json, resource, sys, time, torch
+from loraops.ops import combine, svd
 from loraops.ops.combine import METHODS, Context, Term
-method, out_f, in_f, rank, threads, save = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
+method, out_f, in_f, rank, threads, save, count = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6], int(sys.argv[7])
+clock = time.process_time if sys.argv[8] == "cpu" else time.perf_counter
 torch.set_num_threads(threads)
 g = torch.Generator().manual_seed(0)
 terms = [Term(torch.randn(out_f, rank, generator=g) * 0.01, torch.randn(rank, in_f, generator=g) / in_f ** 0.5, 2.0, w)
-         for w in (1.0, 0.7)]
-started = time.perf_counter()
+         for w in (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.9, 0.8)[:count]]
+svd_seconds = [0.0]
+refactor_dense = combine.refactor_dense
+
+def timed(D, k, exact=False):  # the element-wise part is the rest
+    started = clock()
+    try:
+        return refactor_dense(D, k, exact=exact)
+    finally:
+        svd_seconds[0] += clock() - started
+
+combine.refactor_dense = timed
+started = clock()
 if method == "dense-svd":  # refactor_dense alone
-    made = svd.refactor_dense(terms[0].delta().add_(terms[1].delta(), alpha=0.7), rank)
+    made = timed(terms[0].delta().add_(terms[1].delta(), alpha=0.7), rank)
 else:
     spec = METHODS[method]
-    params = spec.params(density=0.5, **({"gamma": 0.01} if method == "breadcrumbs" else {}))
+    options = {"select_topk": 0.5} if method == "sce" else {"density": 0.5}
+    params = spec.params(**options, **({"gamma": 0.01} if method.startswith("breadcrumbs") else {}))
     made = spec.run(terms, params, rank, Context("model.layers.0.mlp.down_proj", (out_f, in_f)))
-seconds = time.perf_counter() - started
+seconds = clock() - started
 torch.save({"B": made.B, "A": made.A}, save)
-print(json.dumps({"seconds": seconds, "svd": made.svd, "error": made.error}))
+print(json.dumps({"seconds": seconds, "elementwise": seconds - svd_seconds[0], "svd": made.svd, "error": made.error,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -117,11 +133,18 @@ def main() -> None:
     parser.add_argument("--methods", default="ties,dare_ties,breadcrumbs,della,dense-svd",
                         help="combine methods to time (dense-svd: refactor_dense alone)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape", help="OUTxINxRANK of the combine module and inputs (default 8192x28672x256)")
+    parser.add_argument("--inputs", type=int, default=2, help="inputs combined (default 2, at most 8)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="combine: wall seconds, or the process's CPU seconds (all threads: steadier on a "
+                             "machine others load)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/loraops-bench-scale"))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     runs, shards, layers, (out_f, in_f, rank) = ((1, 20, 20, (2304, 4096, 16)) if args.quick else
                                                  (args.runs, args.shards, args.layers, (8192, 28672, 256)))
+    if args.shape:
+        out_f, in_f, rank = map(int, args.shape.lower().split("x"))
     codes = {"before": args.before, "after": ROOT} if args.before else {"after": ROOT}
     args.cache.mkdir(parents=True, exist_ok=True)
 
@@ -150,27 +173,40 @@ def main() -> None:
     if args.only in (None, "combine"):
         methods = args.methods.split(",")
         times = {m: {} for m in methods}
+        parts = {m: {} for m in methods if m != "dense-svd"}  # the element-wise part: the whole less the SVD
+        peaks = {m: {} for m in methods}
         notes = {}
         for _ in range(runs):
             for method in methods:
                 for label in codes:
                     save = args.cache / f"{method}-{label}.pt"
                     _, stdout = run([*py, "-c", COMBINE, method, str(out_f), str(in_f), str(rank), str(args.threads),
-                                     str(save)], env(label))
+                                     str(save), str(args.inputs), args.clock], env(label))
                     made = json.loads(stdout.strip().splitlines()[-1])
                     times[method][label] = min(times[method].get(label, math.inf), made["seconds"])
+                    if method in parts:
+                        parts[method][label] = min(parts[method].get(label, math.inf), made["elementwise"])
+                    peaks[method][label] = max(peaks[method].get(label, 0), made["peak_rss"] / 1e9)
                     notes[method] = f"{made['svd']} SVD, error {made['error']:.4f}"
         if len(codes) == 2:
             import torch
 
             for method in methods:
                 before, after = (torch.load(args.cache / f"{method}-{label}.pt") for label in codes)
+                if all(torch.equal(before[f], after[f]) for f in "BA"):
+                    notes[method] += ", after = before: identical bytes"
+                    continue
                 P0, P1 = (m["B"].double() @ m["A"].double() for m in (before, after))
                 notes[method] += f", after vs before: product rel diff {float((P1 - P0).norm() / P0.norm()):.1e}"
         label = {m: "refactor_dense alone" if m == "dense-svd" else m for m in methods}
-        side_by_side(f"combine: one {out_f}×{in_f} module, 2 inputs of rank {rank} → rank {rank}, "
-                     f"{args.threads} threads", {label[m]: times[m] for m in methods}, codes,
+        title = (f"one {out_f}×{in_f} module, {args.inputs} inputs of rank {rank} → rank {rank}, "
+                 f"{args.threads} threads")
+        side_by_side(f"combine: {title}, {args.clock} seconds", {label[m]: times[m] for m in methods}, codes,
                      {label[m]: notes[m] for m in methods})
+        side_by_side("  of which the element-wise part (the whole less refactor_dense)", parts, codes)
+        print("\n  peak RSS (GB, the largest of the runs)")
+        for method in methods:
+            print(f"  {label[method]:<28}" + "".join(f"{peaks[method][c]:>9.2f} " for c in codes), flush=True)
 
 
 if __name__ == "__main__":
