@@ -210,10 +210,12 @@ def factorizing(what: str, name: str, precision: str, weights: Sequence[float] |
     that overflows, said with the weights that made it."""
     import torch
 
+    from .ops.svd import NonFiniteInput
+
     try:
         yield
-    except torch.linalg.LinAlgError as exc:
-        if "non-finite" in str(exc):
+    except (torch.linalg.LinAlgError, NonFiniteInput) as exc:
+        if isinstance(exc, NonFiniteInput) or "non-finite" in str(exc):
             hint = "; --precise computes in float64" if precision == "float32" else ""
             if weights is not None:
                 raise InvalidInputError(f"{what}: module {name!r}: the weighted sum of its inputs overflows "

@@ -1138,8 +1138,8 @@ class _Pipeline:
                     both = self._base_plus(base2[here], delta)
                     norms = torch.linalg.vector_norm(both, dim=1)
                     factors = dora_factors(module, magnitude[rows_of_module], norms,
-                                           lambda: torch.isinf(base2[here]).any(1),
-                                           lambda: (both != 0).any(1)).unsqueeze(1)
+                                           lambda: torch.isinf(base2[here]).any(1), lambda: (both != 0).any(1),
+                                           lambda: (~torch.isfinite(both)).any(1)).unsqueeze(1)
                 acc2[here].add_(delta).mul_(factors)
         exact = acc.clone() if self.residual is not None and tensor.encoded else acc
         if tensor.encoded:  # quantize-after: acc becomes W · scale per block; its new scales are kept for the scale
@@ -1152,7 +1152,8 @@ class _Pipeline:
             torch.cuda.current_stream(self.device).synchronize()
         else:
             out.copy_(acc)
-        _refuse_overflow(self.operation, tensor, out, of_base, may_overflow=self._may_overflow(tensor), work=self.compute_dtype)
+        _refuse_overflow(self.operation, tensor, out, of_base, may_overflow=self._may_overflow(tensor),
+                         work=self.compute_dtype, exact=lambda: _exact_merge(tensor, chunk))
         if self.residual is not None and tensor.terms:
             self.residual.add(tensor, chunk, exact, out, self._stored(tensor, chunk, out, exact))
 
@@ -1256,17 +1257,19 @@ class _Pipeline:
         for module, both in self._columns_plus(tensor, modules):
             squares[id(module)] += both.mul_(both).sum(0)  # (a chunk's own sum is pairwise, as PEFT's)
 
-        def nonzero(module):
+        def columns_where(module, test):
             found = torch.zeros(module.out_features, dtype=torch.bool, device=self.device)
             for _, both in self._columns_plus(tensor, [(m, c) for m, c in modules if m is module]):
-                found |= (both != 0).any(0)
+                found |= test(both).any(0)
             return found
 
         self._columns_of = tensor
         self._columns = {id(module): dora_factors(module, self._module_factors(tensor, module)[2],
                                                   squares[id(module)].sqrt().to(self.compute_dtype),
                                                   lambda: _base_columns(tensor, torch.isinf),
-                                                  lambda: nonzero(module)).unsqueeze(0)
+                                                  lambda: columns_where(module, lambda both: both != 0),
+                                                  lambda: columns_where(module, lambda both: ~torch.isfinite(both)))
+                         .unsqueeze(0)
                          for module, _ in modules}
         return self._columns
 
@@ -1284,8 +1287,8 @@ class _Pipeline:
                 yield module, self._base_plus(base2, delta)
 
 
-def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor", base_inf,
-                 nonzero) -> "torch.Tensor":
+def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Tensor", base_inf, nonzero,
+                 nonfinite) -> "torch.Tensor":
     """DoRA's f = m / ‖W + Δ‖ per output channel; a zero norm (W + Δ all zeros there: its direction is undefined, and
     PEFT writes NaN) is refused, and so is one beyond what the work dtype holds (finite values whose squares
     overflow: f became 0, and the channel was written as zeros, silently; or underflow, values below ~2.6e-23 in
@@ -1294,7 +1297,9 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
     channels where it does, asked only then; PEFT's f is 0 there and its merge writes the channel as zeros with NaN
     at the inf, which no dtype mends). A NaN norm (a NaN in the base's
     channel, or deltas that cancel as inf − inf) is left to _refuse_overflow, which tells the two apart: the base's
-    NaN stays NaN, as in PEFT's merge."""
+    NaN stays NaN, as in PEFT's merge; so is an inf one where W + Δ holds ±inf that the deltas made
+    (``nonfinite()``: the channels where W + Δ holds a value that is not finite; the factor is NaN there), as whether
+    the work dtype's kernel makes inf − inf NaN or, with FMA, keeps one inf, depends on the machine."""
     import torch
 
     dtype = str(norms.dtype).removeprefix("torch.")
@@ -1307,10 +1312,14 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
         raise InvalidInputError(f"DoRA module {module.name!r}: an output channel of {module.weight_name} + ΔW is all "
                                 "zeros, so its direction (and the merge) is undefined")
     if bool(torch.isinf(norms).any()):
-        if bool((torch.isinf(norms).cpu() & base_inf().cpu()).any()):
+        inf = torch.isinf(norms)
+        if bool((inf.cpu() & base_inf().cpu()).any()):
             raise InvalidInputError(f"DoRA module {module.name!r}: the base's {module.weight_name} holds ±inf in an "
                                     "output channel, so the norm DoRA rescales that channel by is inf and its merge "
                                     "undefined (PEFT's writes the channel as zeros and NaN)")
+        unbounded = inf & nonfinite().to(norms.device)
+        if not bool((inf & ~unbounded).any()):
+            return torch.where(unbounded, math.nan, magnitude / norms)
         # (the squares, not the norm: values of 1e20 have a norm float32 holds, and torch's sums of squares overflow)
         raise InvalidInputError(f"DoRA module {module.name!r}: the squares summed for the norm of an output channel of "
                                 f"{module.weight_name} + ΔW go beyond what {dtype} holds, so its rescaling is "
@@ -1395,14 +1404,7 @@ def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Te
     the tensor: ``nan_columns()``). Read again, only where a chunk came out with a value that is not finite."""
     import torch
 
-    values = _base_rows(tensor, chunk.row0, chunk.row1)
-    # in float64: a finite float64 value (or FP8 value × its block's scale) beyond float32's range is not the base's
-    # inf, but one the merge makes where the output cannot hold it
-    if tensor.scaled is not None and tensor.replacement is None:  # as _compute_chunk decodes it
-        decoded = torch.empty(values.shape, dtype=torch.float64)
-        tensor.scaled.decode(decoded, values, chunk.scales, torch.empty(decoded.numel()))
-        values = decoded
-    values = values.double()
+    values = _base_values(tensor, chunk)
     base = torch.where(torch.isfinite(values), 0.0, values)
     for token_rows in tensor.token_rows:
         index = torch.tensor(token_rows.indices, dtype=torch.long)
@@ -1421,13 +1423,58 @@ def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Te
     return base.masked_fill_(nan, math.nan)
 
 
+def _base_values(tensor: _Tensor, chunk: _Chunk) -> "torch.Tensor":
+    """A chunk's rows of the base tensor, read again, in float64 (a copy): decoded as _compute_chunk decodes them (an
+    FP8 value × its block's scale, which may be beyond float32's range: not the base's inf, but one the merge makes
+    where the output cannot hold it)."""
+    import torch
+
+    values = _base_rows(tensor, chunk.row0, chunk.row1)
+    if tensor.scaled is not None and tensor.replacement is None:
+        decoded = torch.empty(values.shape, dtype=torch.float64)
+        tensor.scaled.decode(decoded, values, chunk.scales, torch.empty(decoded.numel()))
+        return decoded
+    return values.to(torch.float64, copy=True)
+
+
+def _exact_merge(tensor: _Tensor, chunk: _Chunk) -> "torch.Tensor":
+    """A chunk's merge in float64 on the CPU, where its output came out with a value that is not finite, to tell why
+    (_refuse_overflow): the base's rows with the trainable tokens' rows in place, plus each module's delta. A DoRA
+    module's output m·(W + Δ)/‖W + Δ‖ is finite wherever W + Δ is (its norm is not 0 there: refused before), and only
+    that counts, so it stands as 0 there."""
+    import torch
+
+    values = _base_values(tensor, chunk)
+    for token_rows in tensor.token_rows:
+        index = torch.tensor(token_rows.indices, dtype=torch.long)
+        here = (index >= chunk.row0) & (index < chunk.row1)
+        values[index[here] - chunk.row0] = token_rows.values[here].double()
+    for module, coef in tensor.terms:
+        region = _region(tensor, chunk, module)
+        if region is None:
+            continue
+        here, rows = region
+        if module.product is not None:
+            values[here] += module.product.to("cpu", torch.float64).rows(rows) * coef
+            continue
+        B2, A2 = module.matrices()
+        delta = torch.zeros_like(values[here])
+        add_delta(delta, B2.double(), A2.double(), module.transposed, rows, coef)
+        both = values[here] + delta
+        values[here] = both if module.magnitude is None else torch.where(torch.isfinite(both), 0.0, both)
+    return values
+
+
 def _refuse_overflow(operation: str, tensor: _Tensor, out: "torch.Tensor", of_base, may_overflow: bool = False,
-                     work: "torch.dtype | None" = None) -> None:
+                     work: "torch.dtype | None" = None, exact=None) -> None:
     """A value beyond its dtype's range rounds to inf, silently (torch, PEFT): a model that then computes inf/NaN. So
     an output that overflows stops the merge, with nothing written: float16's ±65504 whatever made the value, and,
     where LoRA deltas added may carry values past it (``may_overflow``: _Pipeline._may_overflow), float32's and
     bfloat16's ±3.4e38, which weights × scales float32 holds still pass on factors above 1. (FP8 is clamped.) A NaN
-    output is refused there too (deltas beyond the work dtype ``work`` that cancel as inf − inf). What the base holds
+    output is refused there too. Where deltas were added, the chunk's merge in float64 (``exact()``: _exact_merge)
+    tells why: deltas beyond the work dtype ``work`` as they are merged (1e20·1e20 products that cancel: inf − inf is
+    NaN, or inf where the kernel fuses the multiply-add, as AVX-512's and GPUs' do, so the output alone cannot tell)
+    where the exact merge holds the values, or results beyond the output's range where it does not. What the base holds
     is not refused (``of_base()``: _nonfinite_of_base, asked only once a value is not finite): its ±inf and NaN stay,
     unsaid, as in PEFT's merge and on a copied tensor (e.g. a mask buffer's inf), and an inf or NaN the deltas or the
     conversion made beside them is still refused."""
@@ -1444,19 +1491,25 @@ def _refuse_overflow(operation: str, tensor: _Tensor, out: "torch.Tensor", of_ba
     # where deltas may overflow, a NaN the base does not hold is refused: two deltas beyond ``work`` cancel as inf − inf
     nan = torch.isnan(out) if may_overflow else torch.zeros_like(inf)
     base = of_base().view(out.shape)
-    inf &= out != base
-    nan &= ~torch.isnan(base)
-    if bool(inf.any()):
-        dtype = str(out.dtype).removeprefix("torch.")
-        hint = (f"{operation} with --dtype bf16 or fp32" if dtype == "float16"
-                else "the adapters' weights × scales are too large" if tensor.terms
-                else f"it holds values {dtype} cannot; keep a wider dtype")
-        raise beyond_range(tensor.file_name, out.dtype, hint)
-    if bool(nan.any()):
-        hint = "; --precise computes in float64" if work != torch.float64 else ""
-        raise InvalidInputError(f"{tensor.file_name!r} comes out with NaN values: its deltas go beyond what "
-                                f"{str(work).removeprefix('torch.')} holds and cancel (inf − inf); the adapters' "
-                                f"weights × scales are too large{hint}")
+    made = (inf & (out != base)) | (nan & ~torch.isnan(base))
+    if not bool(made.any()):
+        return
+    if exact is not None:
+        merged = exact().view(out.shape)
+        rounded = merged.to(out.dtype)
+        if bool((torch.isfinite(rounded) | (rounded == base))[made].all()):
+            hint = "; --precise computes in float64" if work != torch.float64 else ""
+            raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values that the exact merge does "
+                                    f"not make: its deltas go beyond what {str(work).removeprefix('torch.')} holds as "
+                                    f"they are merged (products or sums past ±{torch.finfo(work).max:g}){hint}")
+        if not bool(torch.isfinite(merged)[made].all()):
+            raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values: its deltas go beyond what "
+                                    "float64 holds as they are merged; the adapters' weights × scales are too large")
+    dtype = str(out.dtype).removeprefix("torch.")
+    hint = (f"{operation} with --dtype bf16 or fp32" if dtype == "float16"
+            else "the adapters' weights × scales are too large" if tensor.terms
+            else f"it holds values {dtype} cannot; keep a wider dtype")
+    raise beyond_range(tensor.file_name, out.dtype, hint)
 
 
 def compute_threads(other_stages: int, default: int) -> int:

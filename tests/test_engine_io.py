@@ -1,6 +1,7 @@
 """Merge output layout (sharding, index, other files, dtype changes, byte-compatible headers) and safety."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -159,20 +160,46 @@ def test_deltas_that_overflow_and_cancel_are_refused(dtype, tmp_path):
     save_file({"lin.weight": torch.ones(6, 4)}, str(base))
     module = LoraModule("lin", torch.full((2, 4), 1e20), torch.tensor([[1e20, -1e20]] * 6), alpha=1.0, scale=1.0)
     adapter = Adapter({"lin": module}, "peft")
-    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with NaN values: its deltas go beyond what "
-                                               r"float32 holds and cancel \(inf − inf\).*; --precise computes in "
-                                               r"float64$"):
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with inf or NaN values that the exact merge "
+                                               r"does not make: its deltas go beyond what "
+                                               r"float32 holds as they are merged .*; --precise computes in float64$"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", dtype=dtype, device="cpu")
     assert nothing_left(tmp_path / "o.safetensors")
     engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", dtype=dtype, precise=True, device="cpu")
     assert torch.isfinite(load_file(tmp_path / "p.safetensors")["lin.weight"].float()).all()
     huge = LoraModule("lin", torch.full((2, 4), 1e200, dtype=torch.float64),
                       torch.tensor([[1e200, -1e200]] * 6, dtype=torch.float64), alpha=1.0, scale=1.0)
-    with pytest.raises(InvalidInputError, match=r"beyond what float64 holds and cancel \(inf − inf\); the adapters' "
+    with pytest.raises(InvalidInputError, match=r"beyond what float64 holds as they are merged; the adapters' "
                                                r"weights × scales are too large$"):  # (no --precise hint: it is on)
         engine.merge(base, [(Adapter({"lin": huge}, "peft"), 1.0)], tmp_path / "q.safetensors", dtype=dtype,
                      precise=True, device="cpu")
     assert nothing_left(tmp_path / "q.safetensors")
+
+
+@pytest.mark.parametrize("kernel", ["unfused", "fused"])
+def test_deltas_beyond_float32_are_told_alike_whatever_the_kernel_makes_of_them(kernel, monkeypatch, tmp_path):
+    """1e40 − 1e40 in float32 is NaN in a kernel that rounds each product (inf − inf), and inf in one that fuses the
+    multiply-add (AVX-512: the second product added unrounded to inf), so the merge refused as 'deltas that cancel'
+    on one machine was refused as 'beyond float32's range' on the other, where --precise mends it. The float64 merge
+    of the chunk tells: one message, with --precise's hint; the output alone cannot."""
+    base = tmp_path / "m.safetensors"
+    save_file({"lin.weight": torch.ones(6, 4)}, str(base))
+    module = LoraModule("lin", torch.full((2, 4), 1e20), torch.tensor([[1e20, -1e20]] * 6), alpha=1.0, scale=1.0)
+    real = engine.add_delta
+
+    def as_the_kernel_makes_it(acc2, *args):
+        real(acc2, *args)
+        if acc2.dtype == torch.float32:  # (the float64 merge is exact here)
+            made = acc2.isnan() if kernel == "fused" else acc2.isinf()
+            acc2.masked_fill_(made, INF if kernel == "fused" else NAN)
+
+    monkeypatch.setattr(engine, "add_delta", as_the_kernel_makes_it)
+    with pytest.raises(InvalidInputError, match=r"^'lin.weight' comes out with inf or NaN values that the exact merge "
+                                               r"does not make: its deltas go beyond what float32 holds as they are "
+                                               r"merged \(products or sums past ±3.40282e\+38\); --precise computes in "
+                                               r"float64$"):
+        engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", device="cpu")
+    assert nothing_left(tmp_path / "o.safetensors")
 
 
 def nan_of_base_at_1_2(w, kind):
@@ -233,8 +260,9 @@ def test_deltas_that_cancel_beside_a_nan_of_the_base_are_refused(kind, rows_per_
     module = LoraModule("lin", torch.full((2, 3), 1e20), B, alpha=1.0, scale=1.0, fan_in_fan_out=transposed,
                         magnitude=torch.full((4,), 2.0) if kind.startswith("dora") else None)
     adapter = Adapter({"lin": module}, "peft")
-    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with NaN values: its deltas go beyond what "
-                                               r"float32 holds and cancel"):
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with inf or NaN values that the exact merge "
+                                               r"does not make: its deltas go beyond what "
+                                               r"float32 holds as they are merged"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", device="cpu")
     assert nothing_left(tmp_path / "o.safetensors")
     engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", precise=True, device="cpu")
@@ -265,7 +293,7 @@ def test_a_base_nan_in_a_transposed_dora_channel_is_read_once(monkeypatch, tmp_p
     assert sum(rows_read) <= 3 * 16  # the norms' pass, each chunk's own rows, the NaN columns' pass
 
 
-INF = float("inf")
+INF, NAN = float("inf"), float("nan")
 
 
 @pytest.mark.parametrize("kind, dtype, stored", [
@@ -354,7 +382,9 @@ def test_a_conversion_alone_beyond_the_outputs_range_is_refused(stored, value, d
 
 def test_deltas_beyond_float32_on_an_inf_of_the_base_are_refused(tmp_path):
     """W = inf and a delta of −1e40 there, which float32 makes −inf: inf − inf is NaN where float64 keeps inf. Refused
-    as deltas that cancel; --precise (float64) holds the delta, and the output keeps the base's inf."""
+    as deltas beyond float32; --precise (float64) holds the delta, and the output keeps the base's inf. A kernel with
+    fused multiply-adds (AVX-512) adds the product to inf unrounded, inf as float64's: that merge passes, with the
+    base's inf."""
     w = torch.ones(4, 3)
     w[1, 2] = INF
     base = tmp_path / "m.safetensors"
@@ -362,10 +392,15 @@ def test_deltas_beyond_float32_on_an_inf_of_the_base_are_refused(tmp_path):
     A, B = torch.tensor([[0.0, 0.0, 1e20]]), torch.zeros(4, 1)
     B[1] = -1e20
     adapter = Adapter({"lin": LoraModule("lin", A, B, alpha=1.0, scale=1.0)}, "peft")
-    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with NaN values: its deltas go beyond what "
-                                               r"float32 holds"):
+    unfused = bool(torch.isnan(torch.full((1, 3), INF).addmm_(B[1:2], A)).any())
+    with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with inf or NaN values that the exact merge "
+                                               r"does not make: its deltas go beyond what "
+                                               r"float32 holds") if unfused else contextlib.nullcontext():
         engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", device="cpu")
-    assert nothing_left(tmp_path / "o.safetensors")
+    if unfused:
+        assert nothing_left(tmp_path / "o.safetensors")
+    else:
+        assert torch.equal(load_file(tmp_path / "o.safetensors")["lin.weight"], w)
     engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", precise=True, device="cpu")
     assert torch.equal(load_file(tmp_path / "p.safetensors")["lin.weight"], w)
 

@@ -101,3 +101,16 @@ def test_randomized_svd_matches_the_svd_of_its_projection():
     assert float((product(new) - product(old)).norm() / product(old).norm()) < 1e-5
     assert float((product(new) - truth).norm()) <= 2 * float((product(old) - truth).norm())
     torch.testing.assert_close(new.Vh @ new.Vh.T, torch.eye(34))
+
+
+@pytest.mark.parametrize("factorize", [lambda M: svd.factored_svd(M, torch.eye(4)), lambda M: svd.refactor_dense(M, 2),
+                                       lambda M: svd.refactor_dense(M, 2, exact=True)])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_matrix_that_is_not_finite_is_refused_before_lapack_sees_it(factorize, value):
+    """LAPACK's answer to NaN or ±inf depends on the build and the machine: a LinAlgError 'non-finite' here, NaN
+    factors and no error on an AVX-512 machine, where a combine's overflowing weighted sum came out as 'NaN or Inf
+    values (beyond what float32 holds?)' instead of naming its weights. Refused first, on every machine."""
+    M = torch.ones(6, 4)
+    M[2, 1] = value
+    with pytest.raises(svd.NonFiniteInput):
+        factorize(M)

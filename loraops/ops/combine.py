@@ -640,23 +640,33 @@ def _vectors(ctx: Context, weight_rows: bool) -> Vectors:
     return "rows" if weight_rows != ctx.transposed else "columns"
 
 
-def inner_products(a: Term, b: Term, vectors: Vectors) -> torch.Tensor:
-    """⟨wₐτₐ, w_bτ_b⟩ of each vector (a 0-d tensor for the module, one per row or column), in float64 from the factors
-    (r×r products; the dense deltas are never formed)."""
-    Ba, Aa, Bb, Ab = (x.double() for x in (a.B, a.A, b.B, b.A))
-    factor = a.scale * a.weight * b.scale * b.weight
-    if vectors == "module":
-        products = ((Ba.T @ Bb) * (Aa @ Ab.T)).sum()
-    elif vectors == "rows":
-        products = ((Ba @ (Aa @ Ab.T)) * Bb).sum(dim=1)
-    else:
-        products = ((Aa.T @ (Ba.T @ Bb)) * Ab.T).sum(dim=1)
-    return products * factor
+def coordinates(terms: list[Term], vectors: Vectors) -> list[torch.Tensor]:
+    """Each wᵢτᵢ's vectors (one row each: the module's as one row) as coordinates in one orthonormal basis shared by
+    all the terms, in float64 from the factors (the dense deltas are never formed): Aᵢᵀ = Q·Rᵢ from the QR of the
+    stacked Aᵢᵀ makes τᵢ's rows Bᵢ·Rᵢᵀ, the Bᵢ's QR makes its columns Rᵢ·Aᵢ, both make the module Rᴮᵢ·Rᴬᵢᵀ. Their
+    inner products and norms are those of the vectors, and consistent with each other: two vectors of one entry have
+    a cosine of exactly ±1 (x·y / (|x|·|y|)). Inner products taken from each pair's own factors (Bₐ·Aₐ·A_bᵀ·B_bᵀ)
+    carry roundings of their own: opposite vectors came out at cos θ = −1 + 1e-11 on an AVX-512 machine, which nuslerp
+    divided by sin θ ≈ 4e-6 — values 1e5 times too large."""
+    Bs = [t.B.double() * (t.scale * t.weight) for t in terms]
+    As = [t.A.double() for t in terms]
+    ranks = [B.shape[1] for B in Bs]
+    if vectors != "columns":
+        RAs = torch.linalg.qr(torch.cat(As).T, mode="r").R.split(ranks, dim=1)
+    if vectors != "rows":
+        RBs = torch.linalg.qr(torch.cat(Bs, dim=1), mode="r").R.split(ranks, dim=1)
+    if vectors == "rows":
+        return [B @ RA.T for B, RA in zip(Bs, RAs)]
+    if vectors == "columns":
+        return [(RB @ A).T for RB, A in zip(RBs, As)]
+    return [(RB @ RA.T).reshape(1, -1) for RB, RA in zip(RBs, RAs)]
 
 
-def cosine(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
-    """dot / (norm_a·norm_b) clamped to [−1, 1], 0 where a vector is zero (mergekit's: 0, by its norm clamps)."""
-    norms = norm_a * norm_b
+def cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """cos θ between each row of x and of y (coordinates), clamped to [−1, 1]; 0 where one is zero (mergekit's: 0, by
+    its norm clamps)."""
+    norms = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(y, dim=1)
+    dot = (x * y).sum(dim=1)
     return torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1), 0).clamp(-1, 1)
 
 
@@ -715,14 +725,13 @@ def nuslerp(terms: list[Term], params: NuslerpParams, rank: int, ctx: Context) -
     t = w₂/(w₁ + w₂), as vectors of the whole module (flatten), of each row of the base weight, or of each column
     (row_wise): with θ the angle between them, (sin((1−t)θ)·τ₁ + sin(tθ)·τ₂)/sin θ, or (1−t)·τ₁ + t·τ₂ where they
     are parallel or opposite; a zero vector is at θ = π/2 from any other. The weights only place t: the task vectors
-    are not scaled by them. (mergekit lerps where sin θ < 1e-8: in float64, where cos θ rounds to ±1. A cosine from
-    the factors carries a few more roundings — two vectors of one entry, always parallel or opposite, came out at
-    −1 + 1e-16 and were divided by sin θ ≈ 1e-8 — so the lerp is taken where |cos θ| > 1 − 1e-12.)"""
+    are not scaled by them. (mergekit lerps where sin θ < 1e-8: in float64, where cos θ rounds to ±1. The cosine of
+    a task vector and its opposite made from other factors (B and −2B, A and A/2) rounds to −1 + 1e-16, which sin θ
+    ≈ 1e-8 would divide into values 1e8 times too large, so the lerp is taken where |cos θ| > 1 − 1e-12.)"""
     first, second = (replace(term, weight=1.0) for term in terms)
     t = terms[1].weight / (terms[0].weight + terms[1].weight)
     vectors = "module" if params.flatten else _vectors(ctx, weight_rows=not params.row_wise)
-    norm1, norm2 = (inner_products(x, x, vectors).sqrt() for x in (first, second))
-    cos = cosine(inner_products(first, second, vectors), norm1, norm2)
+    cos = cosines(*coordinates([first, second], vectors))
     theta = torch.acos(cos)
     parallel = 1 - cos.abs() < 1e-12
     safe = torch.where(parallel, 1, torch.sin(theta))
@@ -747,11 +756,9 @@ def model_stock(terms: list[Term], params: ModelStockParams, rank: int, ctx: Con
     t·Σ τᵢ'/N; per module, or per row of the base weight (filter_wise). Where 1 + (N − 1)·cos θ is 0 (the unit
     vectors cancel out; it is never below 0), to 1e-12 for the roundings of the cosines, t is 0: the base."""
     vectors = _vectors(ctx, weight_rows=True) if params.filter_wise else "module"
-    norms = [inner_products(x, x, vectors).sqrt() for x in terms]
     n = len(terms)
-    cosines = [cosine(inner_products(terms[i], terms[j], vectors), norms[i], norms[j])
-               for i in range(n) for j in range(i + 1, n)]
-    cos = torch.stack(cosines).mean(dim=0)
+    points = coordinates(terms, vectors)
+    cos = torch.stack([cosines(points[i], points[j]) for i in range(n) for j in range(i + 1, n)]).mean(dim=0)
     denominator = 1 + (n - 1) * cos
     ratio = torch.where(denominator > 1e-12, n * cos / torch.where(denominator > 1e-12, denominator, 1), 0)
     return combination(terms, [ratio / n] * n, vectors, rank)

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from ..adapter import LoraModule
 from ..records import ResizeModuleRecord
 from .params import Params
-from .svd import Refactored, Spectrum, factored_svd, refactor_dense
+from .svd import Refactored, Spectrum, factored_svd, finite, refactor_dense
 
 MIN_SV = 1e-6
 
@@ -156,7 +156,7 @@ def factorize_dense(D: torch.Tensor, rule: RankRule, exact: bool = False, keep_z
             return made
         spectrum = made.spectrum
     else:
-        spectrum = Spectrum(*torch.linalg.svd(D, full_matrices=False))
+        spectrum = Spectrum(*torch.linalg.svd(finite(D), full_matrices=False))
     k = rule.choose(spectrum.S, min(D.shape), keep_zero_rank)
     B, A = spectrum.truncate(k)
     return Refactored(B, A, "exact", spectrum.tail_error(k), spectrum)

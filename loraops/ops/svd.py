@@ -13,6 +13,8 @@ from typing import Iterable
 
 import torch
 
+from ..st import all_finite
+
 # A dense delta is re-factorized with a randomized SVD when both sides exceed this (kohya's threshold): an exact
 # SVD of a 4096×14336 matrix takes minutes on a CPU, the randomized one with power iterations well under a second.
 RANDOMIZED_MIN_DIM = 2048
@@ -21,6 +23,19 @@ OVERSAMPLE = 10
 BLOCK_ELEMENTS = 1 << 22
 """Elements of a row block (16 MiB in float32) when a dense delta is built or measured piecewise: a 70B model's
 8192×28672 module is 940 MB in float32, and every whole-matrix temporary would be another."""
+
+
+class NonFiniteInput(ValueError):
+    """What an SVD was given holds NaN or ±inf (weights × values beyond the dtype it computes in). LAPACK's answer to
+    it depends on the build and the machine — a LinAlgError, or NaN or inf factors without one (an AVX-512 machine) —
+    so it is looked for first."""
+
+
+def finite(M: torch.Tensor) -> torch.Tensor:
+    """M, refused (NonFiniteInput) where it holds NaN or ±inf: one reduction."""
+    if M.numel() and not all_finite(M):
+        raise NonFiniteInput("non-finite values in the matrix to factorize")
+    return M
 
 
 def row_blocks(shape: tuple[int, ...]) -> list[slice]:
@@ -63,9 +78,9 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> Spectrum:
     Rb·Raᵀ = U·S·Vh gives B·A = (Qb·U)·S·(Vh·Qaᵀ) with orthonormal outer factors. O((out+in)·r²) instead of
     O(out·in·min(out, in)). The spectrum has min(r, out, in) entries: the nonzero part of B·A's.
     """
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    Qb, Rb = torch.linalg.qr(finite(B))
+    Qa, Ra = torch.linalg.qr(finite(A).T)
+    U, S, Vh = torch.linalg.svd(finite(Rb @ Ra.T), full_matrices=False)
     return Spectrum(Qb @ U, S, Vh @ Qa.T)
 
 
@@ -104,6 +119,7 @@ def refactor_dense(D: torch.Tensor, k: int, exact: bool = False) -> Refactored:
     """Rank-k factors of a dense matrix: exact ``torch.linalg.svd`` when ``exact`` or a side is ≤ RANDOMIZED_MIN_DIM
     (or k is too close to full rank for sampling to pay), else the seeded randomized SVD with power iterations.
     The error reported is exact in both cases (from the full spectrum, or measured against D)."""
+    finite(D)
     small = min(D.shape)
     k = max(1, min(k, small))
     q = min(small, 2 * k + OVERSAMPLE)
