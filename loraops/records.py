@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field
 class Record(BaseModel):
     model_config = ConfigDict(frozen=True, defer_build=True)
 
+    @classmethod
+    def model_rebuild(cls, **options):
+        """A record's schema is built when it is first made (defer_build: a command builds the few it makes), with the
+        names of this module. Pydantic's deferred build takes them from the frames of whoever first makes it, and
+        what it keeps of them kept that caller's locals alive: a combine's module factors, one more module held as
+        the next was written (test_derive_stream, run alone)."""
+        options["_types_namespace"] = options.get("_types_namespace") or globals()
+        return super().model_rebuild(**options)
+
 
 class ModuleRecord(Record):
     """One adapted module: `name` is its path in the base model (for an unbound kohya file, the kohya name). `kind`
