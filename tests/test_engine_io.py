@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 from dataclasses import replace
@@ -548,6 +549,86 @@ def test_a_failure_midway_removes_the_temp_output(tmp_path, sharded, monkeypatch
     with pytest.raises(DiskSpaceError, match="disk full"):
         engine.merge(base, [(formats.read_adapter(adapter_dir), 1.0)], tmp_path / "out", device="cpu")
     assert nothing_left(tmp_path / "out")
+
+
+
+def torch_threads_everywhere() -> tuple[int, int]:
+    """The torch thread count here and in a thread started now (with OpenMP each thread has its own)."""
+    seen = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    return torch.get_num_threads(), seen[0]
+
+
+def test_merges_in_two_threads_at_once_leave_the_torch_thread_count_as_it_was(tmp_path, sharded, monkeypatch):
+    """Each merge lowered torch's thread count for its compute stage and restored the count it had found: the second
+    of two overlapping merges found the first's lowered count and restored that, so the process kept 1 thread."""
+    base, adapter_dir = sharded
+    adapter = formats.read_adapter(adapter_dir)
+    monkeypatch.setattr(engine, "compute_threads", lambda other_stages, default: 1)
+    first_in, second_in, first_done = threading.Event(), threading.Event(), threading.Event()
+    original = engine._Pipeline._compute
+
+    def ordered(self):  # the first merge lowers the count, the second starts, the first ends, then the second
+        if threading.current_thread().name == "first":
+            first_in.set()
+            assert second_in.wait(60)
+        else:
+            second_in.set()
+            assert first_done.wait(60)
+        original(self)
+
+    monkeypatch.setattr(engine._Pipeline, "_compute", ordered)
+    failures = []
+
+    def merge(name: str, done: threading.Event) -> None:
+        try:
+            engine.merge(base, [(adapter, 1.0)], tmp_path / name, device="cpu")
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            done.set()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = threading.Thread(target=merge, args=("first", first_done), name="first")
+        first.start()
+        assert first_in.wait(60)
+        second = threading.Thread(target=merge, args=("second", threading.Event()), name="second")
+        second.start()
+        first.join()
+        second.join()
+        assert not failures
+        assert torch_threads_everywhere() == (2, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_stage_thread_that_cannot_start_stops_the_ones_that_did(tmp_path, sharded, monkeypatch):
+    """When the writer's thread could not start (RuntimeError: can't start new thread), the reader already started
+    was neither aborted nor joined: it kept running after merge raised, holding the base open, and the torch thread
+    count stayed lowered."""
+    base, adapter_dir = sharded
+    started, real_start = [], threading.Thread.start
+
+    def second_fails(self):
+        if self.name.startswith("loraops-"):
+            started.append(self)
+            if len(started) == 2:
+                raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", second_fails)
+    threads = torch_threads_everywhere()
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        engine.merge(base, [(formats.read_adapter(adapter_dir), 1.0)], tmp_path / "out", device="cpu")
+    monkeypatch.undo()
+    assert [t.name for t in started] == ["loraops-read", "loraops-write"]
+    assert not started[0].is_alive()
+    assert nothing_left(tmp_path / "out")
+    assert torch_threads_everywhere() == threads
 
 
 KILLED_RUN = """
