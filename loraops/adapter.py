@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .errors import InvalidInputError
 from .lazy import LazyModule
-from .references import is_pair, is_weight
+from .references import checked_weight, is_pair, is_weight
 
 if TYPE_CHECKING:
     import torch
@@ -468,5 +468,6 @@ def weighted(inputs: "Iterable[tuple[Adapter, float]]", what: str) -> "list[tupl
             shown = f"the Adapter {item.label} without its weight" if isinstance(item, Adapter) \
                 else repr(str(item)[:80])
             raise InvalidInputError(f"{what} takes (Adapter, weight) pairs, not {shown}")
-        pairs.append((adapter_argument(adapter, what), float(weight)))
+        adapter = adapter_argument(adapter, what)
+        pairs.append((adapter, checked_weight((adapter.label, weight), weight, nonzero=weight != 0)))
     return pairs

@@ -6,13 +6,12 @@ svd_merge_lora.py LAYER17/26 for SD 1.x/2.x, LAYER12/20 for SDXL); the modules o
 weight 1, as sd-scripts'."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import InvalidInputError
-from .references import is_weight, parse_number
+from .references import is_finite, parse_number
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -144,7 +143,7 @@ def checked(weights: "str | Sequence[float]") -> tuple[float, ...]:
     if not isinstance(weights, (list, tuple)):
         raise InvalidInputError(f"block weights {weights!r}: give each adapter's as a list of numbers (or a "
                                 "string '1,0.5,…')")
-    if not all(is_weight(w) for w in weights) or not all(math.isfinite(w) for w in weights):
+    if not all(is_finite(w) for w in weights):
         raise InvalidInputError(f"block weights {list(weights)!r}: every weight must be a finite number")
     if len(weights) not in LAYOUTS:
         raise InvalidInputError(f"block weights: {len(weights)} numbers, where a list has {COUNTS}")

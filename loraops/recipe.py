@@ -24,7 +24,6 @@ mergekit's semantics kept here (its config.py, merge_methods/registry.py and gen
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Callable
 
 from .errors import InvalidInputError
 from .fsutil import path_exists
-from .references import WEIGHT
+from .references import WEIGHT, is_finite
 
 ELEMENT_WISE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 DIVIDES_BY_DEFAULT = {"dare_ties", "dare_linear", "della", "della_linear"}
@@ -396,7 +395,7 @@ def _parameters(values: Any, where: str, refuse) -> dict[str, Any]:
             value = float(value)
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise refuse(f"{where}.{key} must be a number (got {value!r})")
-        if not isinstance(value, bool) and not math.isfinite(value):
+        if not isinstance(value, bool) and not is_finite(value):
             raise refuse(f"{where}.{key} must be a finite number (got {value!r})")
         out[key] = value
     return out

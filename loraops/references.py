@@ -67,16 +67,17 @@ def weighted_inputs(adapters: Iterable[str | tuple[str | Path, float]]) -> list[
         ref, weight = item if is_pair(item) else (None, None)
         if not isinstance(ref, (str, Path)) or not is_weight(weight):
             raise InvalidInputError(f"bad adapter argument {item!r}: give 'REF[:WEIGHT]' or a (ref, weight) pair")
-        pairs.append((str(ref), checked_weight(item, float(weight), nonzero=weight != 0)))
+        pairs.append((str(ref), checked_weight(item, weight, nonzero=weight != 0)))
     return pairs
 
 
 def checked_weight(item: object, weight: float, *, nonzero: bool) -> float:
-    """``weight``, read from ``item`` (the argument, as the message names it), when it is finite and, given as
-    ``nonzero``, not below FLOAT32_TINY: '1e-400' read as 0.0 and merged as no adapter at all. 0 written as 0 is a
-    weight."""
-    if not math.isfinite(weight):
+    """``weight`` (a real number, is_weight) as a float, read from ``item`` (the argument, as the message names it),
+    when it is finite (is_finite) and, given as ``nonzero``, not below FLOAT32_TINY: '1e-400' read as 0.0 and merged
+    as no adapter at all. 0 written as 0 is a weight."""
+    if not is_finite(weight):
         raise InvalidInputError(f"{item!r}: the weight must be a finite number")
+    weight = float(weight)
     if nonzero and abs(weight) < FLOAT32_TINY:
         raise InvalidInputError(f"{item!r}: the weight is not 0 but below float32's smallest normal number "
                                 f"({FLOAT32_TINY:.3g}): computed in float32 it is 0 or loses its precision; write 0 "
@@ -93,6 +94,15 @@ def is_weight(value: object) -> bool:
     """A weight as Python code gives one: any real number (numpy's too, which float() took before pairs were
     checked), not a bool or a string."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite(value: object) -> bool:
+    """A real number (is_weight) that a float holds: not NaN or ±inf, nor an integer beyond float's range, which
+    math.isfinite and float() raise OverflowError for (a weight of 10**400 was a traceback)."""
+    try:
+        return is_weight(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def is_integer(value: object) -> bool:

@@ -505,6 +505,9 @@ def test_parameters_a_model_does_not_use_are_not_checked(method, models, top, ow
     ([{"model": "a", "parameters": {"weight": float("inf")}}], "r: models[1].parameters.weight must be a finite "
                                                                "number (got inf)"),
     ([{"model": "a", "parameters": {"weight": "1e400"}}], "r: models[1].parameters.weight must be a finite number"),
+    ([{"model": "a", "parameters": {"weight": 10**400}}], "r: models[1].parameters.weight must be a finite number"),
+    ([{"model": "a", "parameters": {"weight": 1, "density": -10**400}}],
+     "r: models[1].parameters.density must be a finite number"),
     ([{"model": "a", "parameters": {"weight": 1, "density": float("nan")}}],
      "r: models[1].parameters.density must be a finite number (got nan)"),
 ])

@@ -203,6 +203,44 @@ def test_pairs_may_be_lists_and_weights_numpy_numbers(art, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), pytest.param(10**400, id="10**400")])
+def test_weights_no_float_holds_are_refused_as_the_references_refuse_them(art, tmp_path, weight):
+    """A weight of 10**400 (a real number, which float() cannot convert) raised a raw OverflowError from every merge
+    and combine; a NaN (Adapter, weight) pair was merged until the output came out NaN, then blamed on overflowing
+    weights × scales, and combined until the SVD refused an overflow; a nonzero weight below float32's smallest normal
+    merged as nothing. The (Adapter, weight) pairs are now checked as the (ref, weight) pairs are."""
+    from loraops import engine
+
+    adapter, ad = read_adapter(art["ad"]), str(art["ad"])
+    finite = r"\('[^']*/ad', [^)]*\): the weight must be a finite number$"
+    calls = [lambda: engine.merge(art["base"], [(adapter, weight)], tmp_path / "out"),
+             lambda: engine.subtract(art["base"], [(adapter, weight)], tmp_path / "out"),
+             lambda: algebra.combine([(adapter, weight), (adapter, 1.0)], "linear"),
+             lambda: merging.merge(art["base"], [(ad, weight)], tmp_path / "out", record=False),
+             lambda: derive.combine([(ad, weight), (ad, 1.0)], "linear", name="bad")]
+    for call in calls:
+        with pytest.raises(InvalidInputError, match=finite):
+            call()
+    with pytest.raises(InvalidInputError, match="below float32's smallest normal number"):
+        engine.merge(art["base"], [(adapter, 1e-40)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_numbers_no_float_holds_are_refused(art):
+    """Block weights, a combine method's parameter and gc's grace of 10**400 raised a raw OverflowError (from
+    math.isfinite, or time.time() - grace_s)."""
+    from loraops.blocks import checked
+
+    with pytest.raises(InvalidInputError, match="every weight must be a finite number"):
+        checked([10**400] + [1] * 16)
+    adapter = read_adapter(art["ad"])
+    with pytest.raises(InvalidInputError, match="density: Input should be a valid number"):
+        algebra.combine([(adapter, 1.0), (adapter, 1.0)], "ties", {"density": 10**400})
+    with Registry.open() as reg:
+        with pytest.raises(InvalidInputError, match="give a number of seconds ≥ 0$"):
+            reg.gc(grace_s=10**400)
+
 def test_list_rank_and_gc_grace_are_refused_in_the_library_as_the_cli_refuses_them(art):
     """Registry.list_adapters(rank="8") raised a raw TypeError (reads compares it with integers), rank=True or 8.0
     matched as 1 or 8; Registry.gc(grace_s=-1) was accepted though the CLI refuses --grace -1 (and NaN compared as

@@ -51,6 +51,7 @@ import torch
 from pydantic import ConfigDict, Field, model_serializer, model_validator
 
 from ..errors import InvalidInputError
+from ..references import is_finite
 from .params import Params
 from .svd import Refactored, refactor_dense, refactor_product, row_blocks
 
@@ -158,7 +159,7 @@ WHOLE_IGNORES = ("gamma", "epsilon")
 
 def _number(value) -> bool:
     """A finite number as given (not a bool, not text: those are left to the fields' own checks)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and is_finite(value)
 
 
 class NoParams(CombineParams):

@@ -32,7 +32,7 @@ from ..lazy import LazyModule
 from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
-from ..references import is_weight
+from ..references import is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
@@ -81,8 +81,8 @@ class BlobProblem:
 def refuse_bad_grace(grace_s: object, option: str = "grace_s") -> None:
     """gc's grace, a number of seconds ≥ 0 (``option``: as the caller names it, `--grace` for the CLI): a negative one
     kept nothing from removal either, NaN compared as "old" to everything."""
-    if not is_weight(grace_s) or not grace_s >= 0:
-        shown = f"{grace_s:g}" if is_weight(grace_s) else repr(grace_s)
+    if not is_finite(grace_s) or not grace_s >= 0:
+        shown = f"{grace_s:g}" if is_finite(grace_s) else repr(grace_s)
         raise InvalidInputError(f"{option} {shown}: give a number of seconds ≥ 0")
 
 
