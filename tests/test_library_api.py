@@ -412,3 +412,19 @@ def test_a_recipes_model_plus_lora_entry_that_names_nothing_is_refused_with_why(
         named = parse_recipe({**doc, "models": [{"model": "x+ad", "parameters": {"weight": 1.0}}]}, "r.yml")
         done = derive.combine(named.inputs, named.method, named.params, registry=reg, recipe=named.source)
         assert [i.ref for i in done.report.inputs] == ["x+ad@1"]
+
+
+def test_an_unknown_format_is_refused_by_derive_as_by_write_adapter(art, tmp_path):
+    """derive.export/resize/combine(fmt="safetensors") raised a raw KeyError: 'safetensors' (the CLI's --format is a
+    choice, so only the library met it)."""
+    ad = str(art["ad"])
+    calls = [lambda: derive.export(ad, "safetensors", str(tmp_path / "out")),
+             lambda: derive.resize(ad, rank=2, fmt="safetensors", output=str(tmp_path / "out")),
+             lambda: derive.combine([ad, ad], "cat", fmt="safetensors", output=str(tmp_path / "out"))]
+    for call in calls:
+        with pytest.raises(InvalidInputError, match=r"^unknown adapter format 'safetensors' \(choose from peft, kohya, "
+                                                    r"diffusers\)$"):
+            call()
+    assert not (tmp_path / "out").exists()
+    with Registry.open() as reg:
+        assert reg.list_adapters() == []

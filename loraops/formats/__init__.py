@@ -173,8 +173,7 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
     ``dtype`` (bf16, fp16, fp32 or a torch dtype): the dtype every floating tensor is written in — factors, DoRA
     magnitudes, lora_bias, saved whole tensors and token rows, not kohya's alpha scalars (float32) — each rounded
     once from the values given; one that overflows it is refused (st.TensorWriter.add). Default: each as it is."""
-    if fmt not in WRITERS:
-        raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
+    known_format(fmt)
     if fmt != "kohya" and not adapter.names_resolved:
         raise InvalidInputError(
             f"{adapter.label}: kohya module names are not resolved, so it cannot be written as {fmt}; bind it to a base "
@@ -213,11 +212,18 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
     return Written(output_path(dest), sha256, checked)
 
 
+def known_format(fmt: str) -> str:
+    """``fmt`` when loraops writes it (derive's fmt= was a raw KeyError: the CLI's --format is a choice)."""
+    if fmt not in WRITERS:
+        raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return fmt
+
+
 def refuse_misnamed(dest: str | Path, fmt: str) -> None:
     """An output named as what ``fmt`` does not write (fsutil.refuse_misnamed_output): a peft folder named
     .safetensors, a kohya or diffusers file not named .safetensors. Commands check it before reading their inputs,
     once they know the format, so a long computation does not end in it."""
-    is_dir = WRITERS[fmt][1]
+    is_dir = WRITERS[known_format(fmt)][1]
     instead = ", or --format kohya/diffusers for one .safetensors file" if is_dir else ", or --format peft for a folder"
     refuse_misnamed_output(dest, is_dir=is_dir, what=f"a {fmt} adapter", instead=instead)
 
