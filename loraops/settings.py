@@ -237,13 +237,17 @@ def progress_bar(total: int, desc: str, enabled: bool | None = None):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
 
-def resolve_device(name: str | None = "auto") -> "torch.device":  # noqa: F821 - torch imported lazily
-    """'auto' (or None) → cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as given (checked); anything else,
-    an empty string included, is an error naming these."""
+def resolve_device(name: "str | torch.device | None" = "auto") -> "torch.device":  # noqa: F821 - torch imported lazily
+    """'auto' (or None) → cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' or a torch.device as given
+    (checked); anything else, an empty string included, is an error naming these."""
     import torch
 
     from .errors import InvalidInputError
 
+    if isinstance(name, torch.device):  # (as dtype= takes a torch.dtype; it was a raw AttributeError)
+        name = str(name)
+    elif name is not None and not isinstance(name, str):
+        raise InvalidInputError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
     name = "auto" if name is None else name.strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

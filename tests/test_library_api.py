@@ -428,3 +428,19 @@ def test_an_unknown_format_is_refused_by_derive_as_by_write_adapter(art, tmp_pat
     assert not (tmp_path / "out").exists()
     with Registry.open() as reg:
         assert reg.list_adapters() == []
+
+
+def test_device_takes_a_torch_device_as_dtype_takes_a_torch_dtype(art, tmp_path):
+    """device=torch.device("cpu") raised a raw AttributeError ('torch.device' object has no attribute 'strip') from
+    every call that takes a device, though dtype= takes a torch.dtype; a device that is no string was one too."""
+    from loraops import engine
+
+    adapter = read_adapter(art["ad"])
+    cpu = torch.device("cpu")
+    assert engine.merge(art["base"], [(adapter, 1.0)], tmp_path / "engine", device=cpu).device == "cpu"
+    assert merging.merge(art["base"], [(str(art["ad"]), 1.0)], tmp_path / "merging", device=cpu,
+                         record=False).device == "cpu"
+    assert algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", device=cpu)[0].modules.keys() \
+        == adapter.modules.keys()
+    with pytest.raises(InvalidInputError, match=r"^unknown device 0: use cpu, cuda, cuda:N or auto$"):
+        algebra.resize(adapter, rank=2, device=0)
