@@ -11,7 +11,7 @@ import inspect
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import ldm
 from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
@@ -479,6 +479,8 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         hint = MERGEKIT_ONLY.get(method)
         raise InvalidInputError(f"unknown combine method {method!r}: "
                                 + (f"{hint}" if hint else f"use one of {', '.join(METHODS)}"))
+    if params is not None and not isinstance(params, Mapping):  # (dict() of a list or a string: a raw TypeError)
+        raise InvalidInputError(f"params is a dict of {method}'s parameters (like {{'density': 0.5}}), not {params!r}")
     given = dict(params or {})
     for key in given:  # a parameter of other methods: say which, rather than "unknown parameter"
         takers = [m.name for m in METHODS.values() if key in _parameter_names(m.params)]

@@ -444,3 +444,33 @@ def test_device_takes_a_torch_device_as_dtype_takes_a_torch_dtype(art, tmp_path)
         == adapter.modules.keys()
     with pytest.raises(InvalidInputError, match=r"^unknown device 0: use cpu, cuda, cuda:N or auto$"):
         algebra.resize(adapter, rank=2, device=0)
+
+
+def test_names_tags_params_and_urls_of_the_wrong_type_are_typed_errors(art, tmp_path):
+    """name=1, tags=[1] or tags=5, Registry.open(Path(...)) and combine's params as a list or a string raised raw
+    AttributeErrors, TypeErrors and ValueErrors (name.split, tag.strip, url.partition, dict(params))."""
+    ad = str(art["ad"])
+    with Registry.open() as reg:
+        for bad, message in ((1, "bad adapter name 1: a name is a string"), (b"x", "bad adapter name b'x'")):
+            with pytest.raises(InvalidInputError, match=message):
+                reg.add_adapter(ad, name=bad)
+        for tags, message in (([1], "bad tag 1: a tag is one word"), ([None], "bad tag None"),
+                              (5, "tags is a list of tags, not 5")):
+            with pytest.raises(InvalidInputError, match=message):
+                reg.add_adapter(ad, tags=tags)
+        with pytest.raises(InvalidInputError, match="bad base name 1: a name is a string"):
+            reg.add_base(art["base"], name=1)
+        assert reg.list_adapters() == [] and reg.list_bases() == []
+    with pytest.raises(InvalidInputError, match="bad adapter name 7"):
+        derive.resize(ad, rank=2, name=7)
+    with pytest.raises(InvalidInputError, match="bad base name 7"):
+        merging.merge(art["base"], [ad], tmp_path / "out", name=7)
+    with pytest.raises(InvalidInputError, match=r"^Registry.open takes a database URL .*, not PosixPath\("):
+        Registry.open(tmp_path / "registry.db")
+    adapter = read_adapter(art["ad"])
+    for params in ([("density", 0.5)], "density=0.5"):
+        with pytest.raises(InvalidInputError, match=r"^params is a dict of ties's parameters \(like \{'density': "):
+            algebra.combine([(adapter, 1.0), (adapter, 1.0)], "ties", params)
+        with pytest.raises(InvalidInputError, match="params is a dict"):
+            derive.combine([ad, ad], "ties", params, name="bad")
+    assert not (tmp_path / "out").exists()

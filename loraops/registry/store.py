@@ -123,6 +123,9 @@ class Registry:
         that does not exist is an error naming it (a mistyped --db), not a new empty registry — except the home's
         own registry.db, which any command creates on first use. ``blobs``: the folder of its stored adapters, in
         place of $LORAOPS_BLOBS (settings.registry_blobs_dir); a server registry needs one of them."""
+        if url is not None and not isinstance(url, str):  # (a Path was a raw AttributeError)
+            raise InvalidInputError(f"Registry.open takes a database URL (sqlite:////path/registry.db, "
+                                    f"postgresql+psycopg://…), not {url!r}")
         registry = None
         try:
             with db.interrupts_deferred():
@@ -1151,6 +1154,8 @@ def check_name(name: str, what: str) -> str:
     """Names are what people type: no '@' (it starts a version), not all digits (that is an id), and '/'-separated
     parts that are never '.', '..' or empty (names end up in file and Hub repo names). An empty name given is an
     error wherever it is given, never the default name (callers use the default only for None)."""
+    if not isinstance(name, str):  # (name=1 was a raw AttributeError)
+        raise InvalidInputError(f"bad {what} name {name!r}: a name is a string")
     if not name:
         raise InvalidInputError(f"empty {what} name: give a name, or leave --name out for the default")
     parts = name.split("/")
@@ -1168,9 +1173,11 @@ def clean_tags(tags: Iterable[str]) -> list[str]:
     --tag b found."""
     if isinstance(tags, str):  # iterating it tagged 'chat' as c, h, a, t
         raise InvalidInputError(f"tags is a list of tags: give [{tags!r}], not the string {tags!r}")
+    if not isinstance(tags, Iterable):
+        raise InvalidInputError(f"tags is a list of tags, not {tags!r}")
     out = []
     for given in tags:
-        tag = given.strip()
+        tag = given.strip() if isinstance(given, str) else ""  # (a tag 1 was a raw AttributeError)
         if not tag or len(tag) > 255 or any(c.isspace() for c in tag):
             raise InvalidInputError(f"bad tag {given!r}: a tag is one word of at most 255 characters")
         if "," in tag:
