@@ -284,7 +284,7 @@ def out_of_memory(exc: BaseException, device: "torch.device | None" = None, what
     if not isinstance(exc, torch.cuda.OutOfMemoryError) and not _OUT_OF_MEMORY.search(text):
         return None
     host = "DefaultCPUAllocator" in text or (device is not None and device.type == "cpu")
-    where = "cpu" if host else str(device) if device is not None else "cuda" if "CUDA" in text else "the GPU"
+    where = "cpu" if host else str(device) if device is not None else "cuda" if "CUDA" in text else "the device"
     sized = re.search(r"[Tt]ried to allocate " + _SIZE, text)
     counted = re.search(r"tried to allocate (\d+) bytes", text)  # (the CPU allocator's)
     asked = sized.group(1) if sized else _bytes(int(counted.group(1))) if counted else None

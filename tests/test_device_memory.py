@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from factories import peft_adapter, tiny_llama
-from loraops import DeviceMemoryError, LoraopsError, engine, merging
+from loraops import DeviceMemoryError, LoraopsError, derive, engine, merging
 from loraops.cli import main
 from loraops.registry import Registry
 from loraops.settings import out_of_memory
@@ -119,6 +119,11 @@ def test_the_library_raises_a_loraops_error_with_torchs_as_its_cause(files, tmp_
     assert isinstance(caught.value, LoraopsError) and isinstance(caught.value, MemoryError)
     assert isinstance(caught.value.__cause__, torch.cuda.OutOfMemoryError)
     assert not os.path.lexists(tmp_path / "merged") and list(tmp_path.iterdir()) == []
+    with pytest.raises(DeviceMemoryError, match="^out of memory on cuda while computing module ") as caught:
+        derive.combine([(str(files["a"]), 0.5), (str(files["b"]), 0.5)], "linear", device="cuda",
+                       output=str(tmp_path / "combined"))
+    assert isinstance(caught.value.__cause__, torch.cuda.OutOfMemoryError)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("said, device, line", [
