@@ -75,9 +75,8 @@ def assert_one_line(result, message):
 
 
 def test_merge_out_of_gpu_memory_is_one_line_and_leaves_nothing(files, tmp_path, full_gpu):
-    """The merge's compute stage (the calling thread, beside the reader and writer threads) ran out of GPU memory
-    moving its first factors up: torch's traceback, and the temporary output removed only by luck of the error's
-    type."""
+    """The merge's compute stage (the calling thread, beside the reader and writer threads, handing its error on
+    through _Pipeline._guard) runs out of GPU memory moving its first factors up: it was torch's traceback."""
     folder = tmp_path / "outputs"
     folder.mkdir()
     state = registry_state()
