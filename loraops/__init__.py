@@ -26,6 +26,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 from .errors import (  # noqa: F401
     AmbiguousError,
     ConflictError,
+    DeviceMemoryError,
     DiskSpaceError,
     FormatError,
     HubError,

@@ -278,7 +278,7 @@ def combine_lazily(
 
     from .formats import params as raw
     from .ops.combine import Context, Term
-    from .settings import resolve_device
+    from .settings import device_memory, resolve_device
 
     inputs = weighted(inputs, "combine")
     if not inputs:
@@ -331,27 +331,31 @@ def combine_lazily(
     records: list[CombineModuleRecord] = []
     what = f"{method} of {', '.join(labels)}"
 
+    def made_of(name: str, template: LoraModule):
+        B0, A0 = template.matrices()
+        terms = []
+        for adapter, (_, weight), own in zip(adapters, inputs, owns):
+            module = adapter.modules.get(name)
+            if module is None:  # a zero delta: rank-0 factors
+                B2, A2, scale = B0[:, :0], A0[:0], 0.0
+            else:
+                (B2, A2), scale = module.matrices(), module.scale
+            terms.append(Term(B2.to(device=target, dtype=dtype), A2.to(device=target, dtype=dtype), scale,
+                              float(weight), own))
+        ranks = [m.rank for _, m in present[name]]
+        k = (conv_rank if template.spatial and conv_rank else rank) or (
+            spec.default_rank(ranks) if spec.default_rank else sum(ranks))
+        with factorizing(what, name, precision, [float(weight) for _, weight in inputs]):
+            made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
+                                                         transposed=template.transposed))
+        return made, made.B.to(device="cpu", dtype=out_dtype), made.A.to(device="cpu", dtype=out_dtype)
+
     def compute() -> Iterator[LoraModule]:
         for name, template in templates.items():
-            B0, A0 = template.matrices()
-            terms = []
-            for adapter, (_, weight), own in zip(adapters, inputs, owns):
-                module = adapter.modules.get(name)
-                if module is None:  # a zero delta: rank-0 factors
-                    B2, A2, scale = B0[:, :0], A0[:0], 0.0
-                else:
-                    (B2, A2), scale = module.matrices(), module.scale
-                terms.append(Term(B2.to(device=target, dtype=dtype), A2.to(device=target, dtype=dtype), scale, float(weight),
-                                  own))
-            ranks = [m.rank for _, m in present[name]]
-            k = (conv_rank if template.spatial and conv_rank else rank) or (
-                spec.default_rank(ranks) if spec.default_rank else sum(ranks))
-            with factorizing(what, name, precision, [float(weight) for _, weight in inputs]):
-                made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
-                                                             transposed=template.transposed))
+            with device_memory(target, f"computing module {name!r} of the {what}", precise):
+                made, B, A = made_of(name, template)
             new_rank = int(made.A.shape[0])
-            module = template.with_factors(made.B.to(device="cpu", dtype=out_dtype),
-                                           made.A.to(device="cpu", dtype=out_dtype), alpha=float(new_rank), scale=1.0)
+            module = template.with_factors(B, A, alpha=float(new_rank), scale=1.0)
             if module.lora_bias is not None:  # scale 1: Σ wᵢ·sᵢ·lora_biasᵢ
                 module.lora_bias = sum((float(weight) * m.scale * m.lora_bias.to(torch.float64)
                                         for (_, weight), a in zip(inputs, adapters)
@@ -360,7 +364,7 @@ def combine_lazily(
             module = finite_module(what, module)
             records.append(CombineModuleRecord(name=name, rank=new_rank, spatial=template.spatial,
                                                inputs=len(present[name]), svd=made.svd, error=made.error))
-            del terms, made  # not kept while the module is written
+            del made, B, A  # not kept while the module is written
             yield from raw.split_joined(module, halves)
 
     def summarize(combined: Adapter, seconds: float) -> CombineReport:
@@ -556,7 +560,7 @@ def resize_lazily(
     from .formats import params as raw
     from .formats.peft import lora_config_of
     from .ops.resize import resize_module
-    from .settings import resolve_device
+    from .settings import device_memory, resolve_device
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank)
     if not adapter_argument(adapter, "resize").modules:
@@ -596,7 +600,8 @@ def resize_lazily(
     def compute() -> Iterator[LoraModule]:
         for module in adapter.modules.values():
             # an expert's share keeps the rank even when it is zero: PEFT's wrapper has one rank for all experts
-            with factorizing(what, module.name, precision):
+            with device_memory(target, f"computing module {module.name!r} of the {what}", precise), \
+                    factorizing(what, module.name, precision):
                 resized, record = resize_module(module, rule, adapter.scale_mode, target, dtype,
                                                 keep_zero_rank=module.experts > 1, exact=precise, out=out_dtype)
             records.append(record)

@@ -396,7 +396,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                 for registration in done:
                     take_back(reg, registration)
             if isinstance(exc, LoraopsError):  # said of the output asked for, or of the result by name: never the scratch
-                raise reworded(exc, str(written_at), str(final) if final is not None else name) from None
+                raise reworded(exc, str(written_at), str(final) if final is not None else name) from exc.__cause__
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # (a write names no file: say which disk)
                 raise DiskSpaceError(f"{filling}: not enough free disk for the result ({exc.strerror})") from None
             raise

@@ -315,7 +315,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         bar = settings.progress_bar(sum(f.size for f in files), f"{operation} → {output.name}", progress)
         base.stop_prefetch()  # from here on the pipeline's reads keep the disk busy
         try:
-            _Pipeline(operation, root, dev, compute_dtype, bar, stats, fingerprint).run(files)
+            with settings.device_memory(dev, f"{VERBS[operation]} {base.path}", precise):
+                _Pipeline(operation, root, dev, compute_dtype, bar, stats, fingerprint).run(files)
         finally:
             bar.close()
         if not base.is_single_file:

@@ -40,6 +40,11 @@ class MismatchError(InvalidInputError):
     """An adapter that does not fit a base model (missing modules, wrong shapes, different bases)."""
 
 
+class DeviceMemoryError(LoraopsError, MemoryError):
+    """The device the work runs on (a CUDA GPU, or the CPU's memory) ran out of memory for it. The message names the
+    device, what was being done and what to do; torch's own error is the ``__cause__``."""
+
+
 class NotFoundError(LoraopsError, LookupError):
     """A registry reference, base, file or Hub object that does not exist."""
 

@@ -414,7 +414,7 @@ def extract_lazily(
     from .algebra import Derivation, compute_precision, factorizing, finite_module, refuse_idle_conv_rank, resize_rule
     from .engine import parse_dtype, peak_rss
     from .ops.resize import factorize_dense
-    from .settings import resolve_device
+    from .settings import device_memory, resolve_device
     from .st import read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
@@ -496,8 +496,9 @@ def extract_lazily(
 
     if fmt == "peft":  # of the parts PEFT refuses, those whose rows did not change are no modules (compute drops them)
         weight_delta = functools.lru_cache(maxsize=1)(delta)  # (a fused weight's parts come in a row)
-        unchanged = {m.name for m in peft_unwritable_parts(result)
-                     if not bool(weight_delta(m.weight_name)[m.first_row:m.first_row + m.fused[2]].any())}
+        with device_memory(target, f"comparing the weights for the {what}", precise):
+            unchanged = {m.name for m in peft_unwritable_parts(result)
+                         if not bool(weight_delta(m.weight_name)[m.first_row:m.first_row + m.fused[2]].any())}
         del weight_delta
         result = replace(result, modules={n: m for n, m in result.modules.items() if n not in unchanged})
     refuse_unwritable(result, fmt, values=False, label=what, peft_way_out=way_out)
@@ -516,36 +517,44 @@ def extract_lazily(
             largest = max(largest, float(block.abs_().max()))
         return largest
 
+    def factorized(name: str, template: LoraModule, fused: dict[str, "torch.Tensor"]):
+        """(the module, its SVD's kind, its error) of its weight's delta; None where that delta is zero."""
+        if template.fused is None:
+            fused.clear()
+            D = delta(template.weight_name)
+        else:  # one module on a block of the weight's rows (OpenCLIP's q, k, v; DINOv2's halves)
+            if template.weight_name not in fused:
+                fused.clear()
+                fused[template.weight_name] = delta(template.weight_name)
+            D = fused[template.weight_name][template.first_row:template.first_row + template.fused[2]]
+        if not bool(D.any()):  # bytes that differ only in the sign of a zero (or in other parts' rows): no module
+            return None
+        M = D.reshape(D.shape[0], -1)
+        with factorizing(what, name, precision):
+            # keep_zero_rank: a fixed rank is kept for a delta however small (it is not zero: dropped above)
+            made = factorize_dense(M.T if template.transposed else M, rule.for_module(template), exact=precise,
+                                   keep_zero_rank=True)
+        module_alpha = float(made.A.shape[0]) if alpha is None else float(alpha)
+        scale = module_alpha / made.A.shape[0]
+        return (template.with_factors((made.B / scale).to(device="cpu", dtype=out_dtype),
+                                      made.A.to(device="cpu", dtype=out_dtype), module_alpha, scale),
+                made.svd, made.error)
+
     def compute() -> Iterator[LoraModule]:
         fused: dict[str, "torch.Tensor"] = {}  # a fused weight's delta, kept while its parts (in a row) are made
         for name, template in work.targets.items():
-            if template.fused is None:
-                fused.clear()
-                D = delta(template.weight_name)
-            else:  # one module on a block of the weight's rows (OpenCLIP's q, k, v; DINOv2's halves)
-                if template.weight_name not in fused:
-                    fused.clear()
-                    fused[template.weight_name] = delta(template.weight_name)
-                D = fused[template.weight_name][template.first_row:template.first_row + template.fused[2]]
-            if not bool(D.any()):  # bytes that differ only in the sign of a zero (or in other parts' rows): no module
+            with device_memory(target, f"computing module {name!r} of the {what}", precise):
+                made = factorized(name, template, fused)
+            if made is None:
                 dropped.add(name)
                 continue
-            M = D.reshape(D.shape[0], -1)
-            with factorizing(what, name, precision):
-                # keep_zero_rank: a fixed rank is kept for a delta however small (it is not zero: dropped above)
-                made = factorize_dense(M.T if template.transposed else M, rule.for_module(template), exact=precise,
-                                       keep_zero_rank=True)
-            B, A, svd, error = made.B, made.A, made.svd, made.error
-            del D, M, made
-            k = int(A.shape[0])
-            module_alpha = float(k) if alpha is None else float(alpha)
-            scale = module_alpha / k
-            module = finite_module(what, template.with_factors(
-                (B / scale).to(device="cpu", dtype=out_dtype), A.to(device="cpu", dtype=out_dtype), module_alpha, scale))
+            module, svd, error = made
+            del made
+            module = finite_module(what, module)
             records.append(ExtractModuleRecord(
-                name=name, kind=template.kind, spatial=template.spatial, shape=list(template.weight_shape), rank=k,
-                alpha=module_alpha, svd=svd, error=error, fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
-            del B, A
+                name=name, kind=template.kind, spatial=template.spatial, shape=list(template.weight_shape),
+                rank=module.rank, alpha=module.alpha, svd=svd, error=error,
+                fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
             yield module
         fused.clear()
         for tensor, why in work.skipped:  # norms and biases, or a vocabulary-sized embedding: by row blocks

@@ -9,6 +9,7 @@ remain onto it, which is bit-identical to having merged only those.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -317,7 +318,7 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     source_record, _, changed = record_read(reg, source)
     for i in inputs:  # adapters given by path join the registry (by identity), so the lineage can name them
         if i.registry_id is None:
-            i.registry_id = reg.register_adapter(i.label)[0].id
+            i.registry_id = _register_merged(reg, i, report.output)
     params = {
         "dtype": report.dtype, "precise": bool(options.get("precise", False)),
         # the --dtype given (None: each tensor as stored), which --exact re-merges with; "dtype" is the output's, for
@@ -340,6 +341,22 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     except LoraopsError as exc:
         raise type(exc)(f"{report.output} was written, but recording it in the registry failed: {exc}") from None
     return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint, "base_changed": changed})
+
+
+def _register_merged(reg, i: Input, output: str) -> int | None:
+    """The registry id of the adapter ``i`` names by path, registered now; None, with nothing left registered, where
+    that file no longer holds what was merged (it changed after it was read): the lineage then names it only by its
+    label and sha256 (params), and a note says so. Its new contents were linked as the adapter merged."""
+    from .derive import take_back
+
+    registration = reg.register_adapter(i.label)
+    if registration.record.sha256 == i.sha256:
+        return registration.record.id
+    take_back(reg, registration)
+    logging.getLogger("loraops").info(
+        f"{i.label} changed while it was merged (sha256 {i.sha256[:12]} when read, {registration.record.sha256[:12]} "
+        f"now): {output} is recorded with what was merged, by its sha256, not linked to the file's new contents")
+    return None
 
 
 def record_read(reg, model: BaseModel):

@@ -5,10 +5,12 @@ Everything is read from the environment at call time (not import time), so tests
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import quote, unquote
 
 from .fsutil import resolved
@@ -263,3 +265,60 @@ def resolve_device(name: "str | torch.device | None" = "auto") -> "torch.device"
     elif device.type != "cpu":
         raise InvalidInputError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
     return device
+
+
+# torch's ways of saying memory ran out that are not its OutOfMemoryError: a CUDA call's "CUDA error: out of memory"
+# (a pinned host buffer, a kernel's workspace), cuBLAS/cuSOLVER's ALLOC_FAILED (an SVD's workspace), the CPU allocator
+_OUT_OF_MEMORY = re.compile(r"out of memory|_ALLOC_FAILED|DefaultCPUAllocator: (can't allocate|not enough) memory",
+                            re.I)
+_SIZE = r"(\d+(?:\.\d+)? [KMGTPE]?i?B)\b"
+
+
+def out_of_memory(exc: BaseException, device: "torch.device | None" = None, what: str | None = None,  # noqa: F821
+                  precise: bool = False) -> "DeviceMemoryError | None":  # noqa: F821
+    """``exc`` said as one DeviceMemoryError line when it is torch running out of memory on ``device`` (None:
+    unknown) while doing ``what``, naming what to do; None when it is anything else."""
+    from .errors import DeviceMemoryError, LoraopsError
+
+    torch = sys.modules.get("torch")  # (no torch loaded: nothing of it ran out)
+    if torch is None or not isinstance(exc, RuntimeError) or isinstance(exc, LoraopsError):
+        return None
+    text = str(exc)
+    # (torch.OutOfMemoryError is torch ≥ 2.5's name; 2.1–2.4 have only torch.cuda's)
+    if not isinstance(exc, torch.cuda.OutOfMemoryError) and not _OUT_OF_MEMORY.search(text):
+        return None
+    host = "DefaultCPUAllocator" in text or (device is not None and device.type == "cpu")
+    where = "cpu" if host else str(device) if device is not None else "cuda" if "CUDA" in text else "the device"
+    sized = re.search(r"[Tt]ried to allocate " + _SIZE, text)
+    counted = re.search(r"tried to allocate (\d+) bytes", text)  # (the CPU allocator's)
+    asked = sized.group(1) if sized else _bytes(int(counted.group(1))) if counted else None
+    free = re.search(r"of which " + _SIZE + r" is free|; " + _SIZE + r" free", text)  # (torch ≥ 2.2's | older)
+    detail = ", ".join(part for part in (asked and f"tried to allocate {asked}",
+                                          free and f"{free.group(1) or free.group(2)} free") if part)
+    ways = ["free memory"] if host else ["run with --device cpu", f"free memory on {where}"]
+    if precise:
+        ways.append("leave out --precise (float64 takes twice the memory)")
+    advice = ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])} or {ways[-1]}"
+    doing = f" while {what}" if what else ""
+    return DeviceMemoryError(f"out of memory on {where}{doing}{f' ({detail})' if detail else ''}: {advice}")
+
+
+def _bytes(count: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    while count >= 1024 and len(units) > 1:
+        count /= 1024
+        units.pop(0)
+    return f"{count:.2f} {units[0]}"
+
+
+@contextlib.contextmanager
+def device_memory(device: "torch.device", what: str, precise: bool = False) -> Iterator[None]:  # noqa: F821
+    """Running out of memory on ``device`` while doing ``what`` is one DeviceMemoryError line (out_of_memory), with
+    torch's error as its cause: it was torch's traceback, pages of it, and the command's exit status 1 by accident."""
+    try:
+        yield
+    except RuntimeError as exc:
+        error = out_of_memory(exc, device, what, precise)
+        if error is None:
+            raise
+        raise error from exc

@@ -148,6 +148,79 @@ def test_exact_without_a_recorded_base_says_so(tmp_path, models):
     assert "is not one of the adapters" in result.output
 
 
+def test_the_same_adapter_twice_merges_as_their_weights_summed(tmp_path, models):
+    """`merge a:0.5 a:0.5` is a merge of a at 1 (rounded once, as any merge), recorded with both entries; --exact
+    takes off one of them and re-merges the other, or both and gives the base back."""
+    base, a, _ = models
+    twice, once = tmp_path / "twice", tmp_path / "once"
+    run("merge", f"{a}:0.5", f"{a}:0.5", "--into", base, "-o", twice)
+    run("merge", a, "--into", base, "-o", once, "--no-record")
+    merged, expected = tensors(twice), tensors(once)
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0.02)
+    assert "lineage      merge(base, a@1×0.5, a@1×0.5)" in run("base", "show", "twice").output
+    run("subtract", f"{a}:0.5", "--from", twice, "-o", tmp_path / "half", "--exact")
+    run("merge", f"{a}:0.5", "--into", base, "-o", tmp_path / "half-alone", "--no-record")
+    for f in (tmp_path / "half-alone").glob("*.safetensors"):
+        assert (tmp_path / "half" / f.name).read_bytes() == f.read_bytes()
+    run("subtract", f"{a}:0.5", f"{a}:0.5", "--from", twice, "-o", tmp_path / "none", "--exact")
+    for f in base.glob("*.safetensors"):
+        assert (tmp_path / "none" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_an_adapter_changed_while_it_was_merged_is_not_recorded_as_what_was_merged(tmp_path, models, monkeypatch):
+    """The file given by path was registered again once the output was written: changed in between (retrained over,
+    say), its new contents were registered and linked in the lineage as the adapter merged, while the lineage's params
+    kept the sha256 of what was read. Now nothing is registered of it, the lineage names it by that sha256 only, and
+    a note says so."""
+    import shutil
+
+    from loraops import engine
+    from loraops.registry import Registry
+
+    base, a, b = models
+    adapter = shutil.copytree(a, tmp_path / "adapter")
+    real_merge = engine.merge
+
+    def merge(*args, **kwargs):
+        report = real_merge(*args, **kwargs)
+        shutil.copy(b / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
+        return report
+
+    monkeypatch.setattr(engine, "merge", merge)
+    result = run("merge", f"{adapter}:0.5", "--into", base, "-o", tmp_path / "m", "--json")
+    note, _, report = result.output.partition("\n")
+    sha = formats.identity(a)
+    assert note == (f"note: {adapter} changed while it was merged (sha256 {sha[:12]} when read, "
+                    f"{formats.identity(adapter)[:12]} now): {tmp_path / 'm'} is recorded with what was merged, by "
+                    "its sha256, not linked to the file's new contents")
+    assert json.loads(report)["name"] == "m"
+    with Registry.open() as reg:
+        assert reg.list_adapters() == []  # (its new contents were registered, then taken back)
+    shown = json.loads(run("base", "show", "m", "--json").output)["lineage"]
+    assert [i["kind"] for i in shown["inputs"]] == ["base"]
+    assert shown["params"]["adapters"] == [{"label": str(adapter), "sha256": sha, "weight": 0.5}]
+
+
+def test_an_adapter_changed_between_check_and_merge_is_merged_as_it_is_then(tmp_path, models):
+    """`check` keeps nothing a later merge reads (the merge hashes and reads the file itself): what the merge reads
+    is what it writes and records."""
+    import shutil
+
+    base, a, b = models
+    adapter = shutil.copytree(a, tmp_path / "adapter")
+    assert "fits" in run("check", adapter, "--base", base).output
+    shutil.rmtree(adapter)
+    shutil.copytree(b, adapter)
+    run("merge", f"{adapter}:0.5", "--into", base, "-o", tmp_path / "m")
+    run("merge", f"{b}:0.5", "--into", base, "-o", tmp_path / "b", "--no-record")
+    for f in (tmp_path / "b").glob("*.safetensors"):
+        assert (tmp_path / "m" / f.name).read_bytes() == f.read_bytes()
+    shown = json.loads(run("base", "show", "m", "--json").output)["lineage"]
+    assert [i["sha256"] for i in shown["inputs"] if i["kind"] == "adapter"] == [formats.identity(b)]
+
+
 def test_errors_are_one_line(tmp_path, models):
     base, a, _ = models
     out = tmp_path / "o"

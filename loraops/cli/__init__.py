@@ -179,7 +179,13 @@ class LoraopsGroup(click.Group):
             system_error(exc)
         except Exception as exc:
             if _interrupt[0] is None and not _raised_under_interrupt(exc):
-                raise
+                from ..settings import out_of_memory
+
+                # the library says what ran out where (settings.device_memory); this is for a path it does not cover
+                error = out_of_memory(exc)
+                if error is None:
+                    raise
+                fail(str(error), error.exit_code)
             fail(_landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         finally:
             notes.removeHandler(handler)

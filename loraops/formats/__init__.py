@@ -208,7 +208,7 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
     except LoraopsError as exc:  # said of the output asked for, not of its staged path, gone now
         if staged is None:
             raise
-        raise reworded(exc, str(staged), str(output_path(dest))) from None
+        raise reworded(exc, str(staged), str(output_path(dest))) from exc.__cause__  # (a DeviceMemoryError's: torch's)
     return Written(output_path(dest), sha256, checked)
 
 
