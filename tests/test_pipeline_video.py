@@ -1,0 +1,165 @@
+"""Video/image DiT LoRAs in their original checkpoint's names (Wan's ``blocks.0.self_attn.q``, bare, behind
+``diffusion_model.`` or ``model.diffusion_model.``, musubi-tuner's ``lora_unet_blocks_0_self_attn_q``) against a
+diffusers pipeline folder, whose transformer names those modules otherwise (``blocks.0.attn1.to_q``): they bind, by
+the transformer's config.json class, and merge as diffusers' own converters
+(diffusers.loaders.lora_conversion_utils) + base + B·A in float64. They listed every module ``(not in base)``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import loraops_run
+from test_formats_wild import merged_as_diffusers
+from test_pipeline_dit import R, check_merged
+
+WAN_WIDTH, WAN_FFN, WAN_TEXT, WAN_IMAGE = 16, 32, 12, 10
+
+
+def wan_pipeline(root, *, i2v: bool = False):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=WAN_TEXT, freq_dim=8, ffn_dim=WAN_FFN, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                  image_dim=WAN_IMAGE if i2v else None, added_kv_proj_dim=WAN_WIDTH if i2v else None)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
+         "transformer": ["diffusers", "WanTransformer3DModel"]}))
+    return root
+
+
+def wan_modules(i2v: bool) -> dict[str, tuple[int, int]]:
+    """Wan's LoRA-trained modules (original names): (rows, columns) in the tiny pipeline."""
+    w = WAN_WIDTH
+    out = {}
+    for n in range(2):
+        for attn in ("self_attn", "cross_attn"):
+            out.update({f"blocks.{n}.{attn}.{p}": (w, w) for p in "qkvo"})
+        if i2v:
+            out.update({f"blocks.{n}.cross_attn.{p}_img": (w, w) for p in "kv"})
+        out[f"blocks.{n}.ffn.0"], out[f"blocks.{n}.ffn.2"] = (WAN_FFN, w), (w, WAN_FFN)
+    return out
+
+
+WAN_TOP = {"text_embedding.0": (WAN_WIDTH, WAN_TEXT), "time_embedding.2": (WAN_WIDTH, WAN_WIDTH),
+           "time_projection.1": (6 * WAN_WIDTH, WAN_WIDTH), "head.head": (16, WAN_WIDTH)}
+
+
+def factors(modules: dict[str, tuple[int, int]], key, *, seed: int = 1) -> dict:
+    """lora_A/lora_B (``key(name, "A")``) of each module, with an ``.alpha`` (2, 4 or 8) beside each block's (diffusers'
+    Wan converter refuses one elsewhere; loraops gives a module without one α = r, its scale 1 as there)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (name, (rows, cols)) in enumerate(modules.items()):
+        out[key(name, "A")] = torch.randn(R, cols, generator=g)
+        out[key(name, "B")] = torch.randn(rows, R, generator=g) * 0.1
+        if name.startswith("blocks."):
+            out[key(name, "alpha")] = torch.tensor(float(2 ** (1 + i % 3)))
+    return out
+
+
+def peft_key(prefix: str):
+    return lambda name, which: f"{prefix}{name}." + ("alpha" if which == "alpha" else f"lora_{which}.weight")
+
+
+def musubi_key(name: str, which: str) -> str:
+    return f"lora_unet_{name.replace('.', '_')}." + {"A": "lora_down.weight", "B": "lora_up.weight",
+                                                     "alpha": "alpha"}[which]
+
+
+def merge_and_compare(tmp_path, pipe, lora, converted, count):
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    run = loraops_run("check", lora, "--base", pipe)
+    assert run.returncode == 0 and f"{count}/{count} modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", lora, "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record", "--force")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors",
+                          merged_as_diffusers(base, converted))
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == count
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "", "model.diffusion_model."])
+def test_wan_lora_merges_into_a_diffusers_pipeline_as_diffusers_converts_it(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    i2v = prefix == "diffusion_model."  # (image-to-video: cross_attn.k_img/v_img, once)
+    pipe = wan_pipeline(tmp_path / "pipe", i2v=i2v)
+    modules = {**wan_modules(i2v), **WAN_TOP}
+    if i2v:
+        modules["img_emb.proj.1"], modules["img_emb.proj.3"] = (WAN_IMAGE, WAN_IMAGE), (WAN_WIDTH, WAN_IMAGE)
+    tensors = factors(modules, peft_key(prefix))
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    # (diffusers' converter reads them behind diffusion_model. alone)
+    converted = _convert_non_diffusers_wan_lora_to_diffusers(
+        {"diffusion_model." + k.removeprefix(prefix): v.double() for k, v in tensors.items()})
+    assert len(converted) == 2 * len(modules)
+    merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", converted, len(modules))
+
+
+def test_musubi_wan_lora_merges_into_a_diffusers_pipeline_as_diffusers_converts_it(tmp_path):
+    from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
+
+    pipe = wan_pipeline(tmp_path / "pipe", i2v=True)
+    modules = wan_modules(True)
+    tensors = factors(modules, musubi_key, seed=2)
+    save_file(tensors, str(tmp_path / "w.safetensors"), {"ss_network_module": "networks.lora_wan"})
+    converted = _convert_musubi_wan_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
+    merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", converted, len(modules))
+
+
+def test_wan_lora_module_the_pipeline_lacks_is_reported_alone(tmp_path):
+    """A text-to-video pipeline has no image cross-attention: the i2v LoRA's k_img/v_img are listed, nothing else."""
+    pipe = wan_pipeline(tmp_path / "pipe")
+    save_file(factors(wan_modules(True), musubi_key), str(tmp_path / "w.safetensors"))
+    run = loraops_run("check", tmp_path / "w.safetensors", "--base", pipe)
+    assert run.returncode != 0, run.stdout
+    assert "lora_unet_blocks_0_cross_attn_k_img (not in base)" in run.stdout, run.stdout
+    assert "self_attn" not in run.stdout and "20/24 modules match" in run.stdout, run.stdout
+
+
+def test_wan_names_bind_by_the_transformer_class(tmp_path):
+    """The table is the class's: the same folder whose config.json names another transformer class binds nothing."""
+    pipe = wan_pipeline(tmp_path / "pipe")
+    config = pipe / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "SomeOtherTransformer"}))
+    save_file(factors({"blocks.0.self_attn.q": (WAN_WIDTH, WAN_WIDTH)}, peft_key("diffusion_model.")),
+              str(tmp_path / "w.safetensors"))
+    run = loraops_run("check", tmp_path / "w.safetensors", "--base", pipe)
+    assert run.returncode != 0 and "(not in base)" in run.stdout, run.stdout + run.stderr
+
+
+def test_bare_wan_names_bind_to_a_prefixed_single_file_checkpoint(tmp_path):
+    """``blocks.0.self_attn.q`` against a ``model.diffusion_model.`` checkpoint (ComfyUI's): it said (not in base)."""
+    g = torch.Generator().manual_seed(4)
+    base = {f"model.diffusion_model.blocks.0.self_attn.{p}.weight": torch.randn(8, 8, generator=g) for p in "qk"}
+    save_file(base, str(tmp_path / "wan.safetensors"))
+    tensors = factors({"blocks.0.self_attn.q": (8, 8)}, peft_key(""))
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    run = loraops_run("merge", tmp_path / "w.safetensors", "--into", tmp_path / "wan.safetensors",
+                      "-o", tmp_path / "m.safetensors", "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    A, B = tensors["blocks.0.self_attn.q.lora_A.weight"].double(), tensors["blocks.0.self_attn.q.lora_B.weight"]
+    want = base["model.diffusion_model.blocks.0.self_attn.q.weight"].double() + B.double() @ A * 2 / R
+    assert torch.allclose(merged["model.diffusion_model.blocks.0.self_attn.q.weight"].double(), want, atol=1e-6)
+
+
+def test_musubi_wan_lora_registers_against_a_pipeline_base(tmp_path):
+    """A registered base's recorded manifest names no files: the transformer's class is read in its folder."""
+    pipe = wan_pipeline(tmp_path / "pipe")
+    modules = wan_modules(False)
+    tensors = factors(modules, musubi_key, seed=3)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    assert loraops_run("base", "add", pipe, "--name", "wan").returncode == 0
+    run = loraops_run("register", tmp_path / "w.safetensors", "--name", "w", "--base", "wan")
+    assert run.returncode == 0 and "base wan" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("export", "w", "--format", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert "transformer.blocks.1.ffn.net.2.lora_A.weight" in load_file(str(tmp_path / "d.safetensors"))
+    run = loraops_run("merge", "w", "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
