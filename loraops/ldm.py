@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -164,6 +165,8 @@ DIT_BLOCKS = {  # original block name → (diffusers block name, {path inside th
 }
 DIT_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks|joint_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
 
+QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
+
 
 @dataclass(frozen=True)
 class DitLayout:
@@ -182,6 +185,9 @@ class DitLayout:
     """Original block list → (diffusers' block list, {path inside the block: diffusers' path}), as DIT_BLOCKS."""
     top: dict[str, str]
     """The modules outside the blocks, original → diffusers'."""
+    swapped: dict[str, str] = dataclasses.field(default_factory=dict)
+    """diffusers' adaLN projections that hold the original's with the shift and scale halves swapped → the
+    original's."""
 
 
 WAN = DitLayout(  # as diffusers' convert_wan_transformer_to_diffusers and _convert_non_diffusers_wan_lora_to_diffusers
@@ -201,7 +207,39 @@ WAN = DitLayout(  # as diffusers' convert_wan_transformer_to_diffusers and _conv
      "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
      "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2"},
 )
-DIT_LAYOUTS = (WAN,)
+HUNYUAN_VIDEO = DitLayout(  # as diffusers' convert_hunyuan_video_transformer_to_diffusers (its LoRA converter's table)
+    "HunyuanVideo", ("HunyuanVideoTransformer3DModel",),
+    re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|individual_token_refiner[._]blocks)[._]\d+[._]"),
+    {"double_blocks": ("transformer_blocks", {
+        **{f"img_attn_qkv.{part}": f"attn.{part}" for part in QKV},
+        **{f"txt_attn_qkv.{part}": f"attn.{part}" for part in ADD_QKV},
+        "img_attn_proj": "attn.to_out.0", "txt_attn_proj": "attn.to_add_out",
+        "img_mlp.fc1": "ff.net.0.proj", "img_mlp.fc2": "ff.net.2",
+        "txt_mlp.fc1": "ff_context.net.0.proj", "txt_mlp.fc2": "ff_context.net.2",
+        "img_mod.linear": "norm1.linear", "txt_mod.linear": "norm1_context.linear",
+    }), "single_blocks": ("single_transformer_blocks", {
+        **{f"linear1.{part}": f"attn.{part}" for part in QKV}, "linear1.proj_mlp": "proj_mlp",
+        "linear2": "proj_out", "modulation.linear": "norm.linear",
+    }), "txt_in.individual_token_refiner.blocks": ("context_embedder.token_refiner.refiner_blocks", {
+        **{f"self_attn_qkv.{part}": f"attn.{part}" for part in QKV},
+        "self_attn_proj": "attn.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+        "adaLN_modulation.1": "norm_out.linear",
+    })},
+    {"img_in.proj": "x_embedder.proj", "final_layer.linear": "proj_out",
+     "time_in.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+     "time_in.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+     "guidance_in.mlp.0": "time_text_embed.guidance_embedder.linear_1",
+     "guidance_in.mlp.2": "time_text_embed.guidance_embedder.linear_2",
+     "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+     "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+     "txt_in.input_embedder": "context_embedder.proj_in",
+     "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
+     "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
+     "txt_in.c_embedder.linear_1": "context_embedder.time_text_embed.text_embedder.linear_1",
+     "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2"},
+    {"norm_out.linear": "final_layer.adaLN_modulation.1"},
+)
+DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO)
 
 
 class Tensors(dict):
@@ -314,7 +352,6 @@ class Fused:
                 for part, first, rows in zip(self.parts, firsts, sizes)]
 
 
-QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
 FUSED = (
     Fused(re.compile("^(?:" + "|".join(re.escape(e.prefix) for e in TEXT_ENCODERS if e.open_clip)
                      + r")transformer\.resblocks\.\d+\.attn$"),
@@ -324,6 +361,11 @@ FUSED = (
           peft=False),
     Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True,
           peft=False),
+    # HunyuanVideo's (its single blocks' linear1 is FLUX's, above)
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn_qkv$"), ".weight", QKV, thirds, whole=True, peft=False),
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn_qkv$"), ".weight", ADD_QKV, thirds, whole=True, peft=False),
+    Fused(re.compile(DIT + r"txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn_qkv$"), ".weight", QKV, thirds,
+          whole=True, peft=False),
     Fused(re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds, whole=True,
           peft=False),
     Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
@@ -878,13 +920,14 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
             flux or "transformer.pos_embed.proj.weight" in manifest)):  # (diffusers' other DiTs: PixArt's, Sana's…)
         return {}
     inverse, top = dit_inverse(flux, layout)
-    block = re.compile(r"^transformer\.(?P<block>[a-z_]+)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
+    swaps = {"norm_out.linear": "final_layer.adaLN_modulation.1"} if layout is None else layout.swapped
+    block = re.compile(r"^transformer\.(?P<block>[a-z_.]+)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
     last = max((int(m["n"]) for m in map(block.match, manifest) if m and m["block"] == "transformer_blocks"),
                default=-1)
     out: dict[str, object] = {}
     parts: dict[str, dict[str, tuple[object, str]]] = {}  # fused tensor → {part leaf: (info, pipeline tensor)}
     for tensor, info in manifest.items():
-        match, swapped = block.match(tensor), False
+        match, swapped, path = block.match(tensor), False, None
         if match is not None:
             path = inverse.get(f"{match['block']}.{{n}}.{match['rest']}", "").replace("{n}", match["n"]) or None
             if layout is None and not flux and match["rest"] == "norm1_context.linear":
@@ -893,11 +936,10 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
                 # cannot tell the last block by its path; here, it is the last block of the pipeline
                 path = f"joint_blocks.{match['n']}.context_block.adaLN_modulation.1"
                 swapped = int(match["n"]) == last
-        elif tensor == "transformer.norm_out.linear.weight" and layout is None:
-            path, swapped = "final_layer.adaLN_modulation.1", True  # FLUX's and SD3's final adaLN, swapped as that one
-        else:
-            path = top.get(tensor.removeprefix("transformer.").removesuffix(".weight")) \
-                if tensor.startswith("transformer.") and tensor.endswith(".weight") else None
+        inner = tensor.removeprefix("transformer.").removesuffix(".weight")
+        if path is None and tensor.startswith("transformer.") and tensor.endswith(".weight"):
+            # (the final adaLN — FLUX's, SD3's, HunyuanVideo's — swapped as SD3's last context one)
+            path, swapped = (swaps[inner], True) if inner in swaps else (top.get(inner), False)
         if not tensor.startswith("transformer."):
             out[tensor] = info
         elif path is not None:

@@ -163,3 +163,99 @@ def test_musubi_wan_lora_registers_against_a_pipeline_base(tmp_path):
     assert "transformer.blocks.1.ffn.net.2.lora_A.weight" in load_file(str(tmp_path / "d.safetensors"))
     run = loraops_run("merge", "w", "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record")
     assert run.returncode == 0, run.stderr
+
+
+HY = 16  # HunyuanVideo's tiny hidden size (2 heads of 8)
+
+
+def hunyuan_pipeline(root):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                                           patch_size=1, patch_size_t=1, text_embed_dim=12, pooled_projection_dim=10,
+                                           rope_axes_dim=(2, 2, 4), guidance_embeds=True)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "HunyuanVideoPipeline", "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"]}))
+    return root
+
+
+REFINER = "txt_in.individual_token_refiner.blocks.0"
+HUNYUAN = {  # original module: (rows, columns) in the tiny pipeline
+    "double_blocks.0.img_attn_qkv": (3 * HY, HY), "double_blocks.0.txt_attn_qkv": (3 * HY, HY),
+    "double_blocks.0.img_attn_proj": (HY, HY), "double_blocks.0.txt_attn_proj": (HY, HY),
+    "double_blocks.0.img_mlp.fc1": (2 * HY, HY), "double_blocks.0.img_mlp.fc2": (HY, 2 * HY),
+    "double_blocks.0.txt_mlp.fc1": (2 * HY, HY), "double_blocks.0.txt_mlp.fc2": (HY, 2 * HY),
+    "double_blocks.0.img_mod.linear": (6 * HY, HY), "double_blocks.0.txt_mod.linear": (6 * HY, HY),
+    "single_blocks.0.linear1": (5 * HY, HY), "single_blocks.0.linear2": (HY, 3 * HY),
+    "single_blocks.0.modulation.linear": (3 * HY, HY),
+    f"{REFINER}.self_attn_qkv": (3 * HY, HY), f"{REFINER}.self_attn_proj": (HY, HY),
+    f"{REFINER}.mlp.fc1": (4 * HY, HY), f"{REFINER}.mlp.fc2": (HY, 4 * HY),
+    f"{REFINER}.adaLN_modulation.1": (2 * HY, HY),
+    "final_layer.linear": (4, HY), "final_layer.adaLN_modulation.1": (2 * HY, HY),
+    "time_in.mlp.0": (HY, 256), "guidance_in.mlp.2": (HY, HY), "vector_in.in_layer": (HY, 10),
+    "txt_in.input_embedder": (HY, 12), "txt_in.c_embedder.linear_1": (HY, 12), "txt_in.t_embedder.mlp.2": (HY, HY),
+}
+# what diffusers' _convert_hunyuan_video_lora_to_diffusers gets wrong: linear1 split as if 3072 wide (hard-wired),
+# the refiner's qkv and the final adaLN with A's rank rows split or swapped too (B·A is then another delta): by hand
+BY_HAND = {  # module: [(pipeline tensor, first row of B, rows, first row in the tensor)]
+    "single_blocks.0.linear1": [*((f"single_transformer_blocks.0.attn.to_{p}.weight", i * HY, HY, 0)
+                                  for i, p in enumerate("qkv")),
+                                ("single_transformer_blocks.0.proj_mlp.weight", 3 * HY, 2 * HY, 0)],
+    f"{REFINER}.self_attn_qkv": [(f"context_embedder.token_refiner.refiner_blocks.0.attn.to_{p}.weight", i * HY, HY, 0)
+                                 for i, p in enumerate("qkv")],
+    # (shift, scale) in the checkpoint, (scale, shift) in the pipeline
+    "final_layer.adaLN_modulation.1": [("norm_out.linear.weight", 0, HY, HY), ("norm_out.linear.weight", HY, HY, 0)],
+}
+
+
+def hunyuan_reference(base, tensors, key, modules):
+    """base + (α/r)·B·A as diffusers' converter places it, BY_HAND's modules as their rows of B go, in float64."""
+    from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
+
+    scaled = {}
+    for name in modules:
+        scale = float(tensors[key(name, "alpha")]) / R
+        scaled[name] = (tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * scale)
+    want = merged_as_diffusers(base, _convert_hunyuan_video_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": f for name, (A, B) in scaled.items() if name not in BY_HAND
+         for w, f in (("A", A), ("B", B))}))
+    for name, places in BY_HAND.items():
+        A, B = scaled[name]
+        for tensor, first, rows, at in places:
+            want[tensor][at:at + rows] += B[first:first + rows] @ A
+    return want
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "musubi"])
+def test_hunyuan_video_lora_merges_into_a_diffusers_pipeline(tmp_path, key):
+    """Its fused qkv (double blocks, the token refiner) and linear1 split into the pipeline's parts, the final adaLN's
+    halves swapped; chosen by HunyuanVideoTransformer3DModel, not FLUX.1's table, whose diffusers names are the same."""
+    pipe = hunyuan_pipeline(tmp_path / "pipe")
+    tensors = factors(HUNYUAN, key, seed=6)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(HUNYUAN)})
+    save_file(tensors, str(tmp_path / "h.safetensors"))
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = hunyuan_reference(base, tensors, key, HUNYUAN)
+    parts = len(HUNYUAN) + 2 + 2 + 3 + 2  # the qkv ×3 and linear1 in parts
+    run = loraops_run("check", tmp_path / "h.safetensors", "--base", pipe)
+    assert run.returncode == 0 and f"{parts}/{parts} modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", tmp_path / "h.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want)
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == parts
+
+
+def test_a_flux_lora_does_not_bind_to_a_hunyuan_video_pipeline(tmp_path):
+    """FLUX.1's names (img_attn.qkv, final_layer.linear) map onto the diffusers names HunyuanVideo's pipeline has too:
+    the table is the pipeline's transformer class's, so a FLUX LoRA is not merged into HunyuanVideo. (sd-scripts'
+    underscored names, lora_unet_double_blocks_0_img_attn_qkv, are the same for both: they bind as HunyuanVideo's.)"""
+    pipe = hunyuan_pipeline(tmp_path / "pipe")
+    save_file(factors({"double_blocks.0.img_attn.qkv": (3 * HY, HY), "final_layer.linear": (4, HY)},
+                      peft_key("diffusion_model.")), str(tmp_path / "f.safetensors"))
+    run = loraops_run("check", tmp_path / "f.safetensors", "--base", pipe, "--alpha", "4")
+    assert run.returncode != 0 and "diffusion_model.double_blocks.0.img_attn.qkv (not in base)" in run.stdout, \
+        run.stdout + run.stderr
