@@ -188,6 +188,8 @@ class DitLayout:
     swapped: dict[str, str] = dataclasses.field(default_factory=dict)
     """diffusers' adaLN projections that hold the original's with the shift and scale halves swapped → the
     original's."""
+    keeps: bool = False
+    """Every other module of the transformer has its diffusers path as its original name (LTX-Video's blocks)."""
 
 
 WAN = DitLayout(  # as diffusers' convert_wan_transformer_to_diffusers and _convert_non_diffusers_wan_lora_to_diffusers
@@ -239,7 +241,15 @@ HUNYUAN_VIDEO = DitLayout(  # as diffusers' convert_hunyuan_video_transformer_to
      "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2"},
     {"norm_out.linear": "final_layer.adaLN_modulation.1"},
 )
-DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO)
+LTX_VIDEO = DitLayout(  # as convert_ltx_transformer_checkpoint_to_diffusers; its blocks are named alike
+    "LTX-Video", ("LTXVideoTransformer3DModel",),
+    re.compile(r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn[12]|ff)[._]"), {},
+    {"patchify_proj": "proj_in", "adaln_single.linear": "time_embed.linear",
+     "adaln_single.emb.timestep_embedder.linear_1": "time_embed.emb.timestep_embedder.linear_1",
+     "adaln_single.emb.timestep_embedder.linear_2": "time_embed.emb.timestep_embedder.linear_2"},
+    keeps=True,
+)
+DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO)
 
 
 class Tensors(dict):
@@ -940,6 +950,8 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
         if path is None and tensor.startswith("transformer.") and tensor.endswith(".weight"):
             # (the final adaLN — FLUX's, SD3's, HunyuanVideo's — swapped as SD3's last context one)
             path, swapped = (swaps[inner], True) if inner in swaps else (top.get(inner), False)
+            if path is None and layout is not None and layout.keeps and inner not in layout.top:
+                path = inner
         if not tensor.startswith("transformer."):
             out[tensor] = info
         elif path is not None:

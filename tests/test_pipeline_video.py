@@ -72,14 +72,16 @@ def musubi_key(name: str, which: str) -> str:
                                                      "alpha": "alpha"}[which]
 
 
-def merge_and_compare(tmp_path, pipe, lora, converted, count):
+def merge_and_compare(tmp_path, pipe, lora, converted, count, want=None):
+    """``lora`` fits ``pipe`` (``count`` modules) and merges into it as ``converted`` (diffusers' converter's output)
+    or ``want`` (the merged transformer) says."""
     base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
     run = loraops_run("check", lora, "--base", pipe)
     assert run.returncode == 0 and f"{count}/{count} modules match" in run.stdout, run.stdout + run.stderr
     run = loraops_run("merge", lora, "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record", "--force")
     assert run.returncode == 0, run.stderr
     merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors",
-                          merged_as_diffusers(base, converted))
+                          merged_as_diffusers(base, converted) if want is None else want)
     assert sum(not torch.equal(merged[k], base[k]) for k in base) == count
 
 
@@ -259,3 +261,60 @@ def test_a_flux_lora_does_not_bind_to_a_hunyuan_video_pipeline(tmp_path):
     run = loraops_run("check", tmp_path / "f.safetensors", "--base", pipe, "--alpha", "4")
     assert run.returncode != 0 and "diffusion_model.double_blocks.0.img_attn.qkv (not in base)" in run.stdout, \
         run.stdout + run.stderr
+
+
+def ltx_pipeline(root):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                       cross_attention_dim=16, num_layers=1, caption_channels=12)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "LTXPipeline", "transformer": ["diffusers", "LTXVideoTransformer3DModel"]}))
+    return root
+
+
+LTX = {  # LTX-Video's original names (its blocks' are diffusers'): (rows, columns)
+    **{f"transformer_blocks.0.attn{a}.{p}": (16, 16) for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")},
+    "transformer_blocks.0.ff.net.0.proj": (64, 16), "transformer_blocks.0.ff.net.2": (16, 64),
+    "proj_out": (4, 16), "caption_projection.linear_1": (16, 12),
+}
+# renamed in the checkpoint: diffusers' LoRA converter keeps these names, which its pipeline does not have
+LTX_RENAMED = {"patchify_proj": ("proj_in", (16, 4)), "adaln_single.linear": ("time_embed.linear", (96, 16))}
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", ""])
+def test_ltx_video_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltxv_lora_to_diffusers
+
+    pipe = ltx_pipeline(tmp_path / "pipe")
+    modules = {**LTX, **{name: shape for name, (_, shape) in LTX_RENAMED.items()}}
+    key = peft_key(prefix)
+    tensors = factors(modules, key, seed=7)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(modules)})
+    save_file(tensors, str(tmp_path / "l.safetensors"))
+
+    def scaled(name):
+        alpha = float(tensors[key(name, "alpha")])
+        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = merged_as_diffusers(base, _convert_non_diffusers_ltxv_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": f for name in LTX for w, f in zip("AB", scaled(name))}))
+    for name, (tensor, _) in LTX_RENAMED.items():
+        A, B = scaled(name)
+        want[f"{tensor}.weight"] += B @ A
+    merge_and_compare(tmp_path, pipe, tmp_path / "l.safetensors", None, len(modules), want=want)
+
+
+@pytest.mark.parametrize("key", [peft_key("transformer."), musubi_key,
+                                 lambda name, which: "lora_transformer_" + musubi_key(name, which)[len("lora_unet_"):]],
+                         ids=["diffusers", "kohya", "onetrainer"])
+def test_ltx_video_lora_in_the_pipeline_names_still_binds(tmp_path, key):
+    """Names that fit the pipeline as they are (diffusers', kohya's of its paths, OneTrainer's) are not taken for the
+    original checkpoint's (the same paths, without the component)."""
+    pipe = ltx_pipeline(tmp_path / "pipe")
+    save_file(factors(LTX, key), str(tmp_path / "l.safetensors"))
+    run = loraops_run("check", tmp_path / "l.safetensors", "--base", pipe, "--alpha", "4")
+    assert run.returncode == 0 and f"{len(LTX)}/{len(LTX)} modules match" in run.stdout, run.stdout + run.stderr
