@@ -249,7 +249,13 @@ LTX_VIDEO = DitLayout(  # as convert_ltx_transformer_checkpoint_to_diffusers; it
      "adaln_single.emb.timestep_embedder.linear_2": "time_embed.emb.timestep_embedder.linear_2"},
     keeps=True,
 )
-DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO)
+# Qwen-Image's checkpoints and LoRAs (ComfyUI's, musubi-tuner's) name its modules as diffusers does
+QWEN_IMAGE = DitLayout(
+    "Qwen-Image", ("QwenImageTransformer2DModel",),
+    re.compile(r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn|img_mlp|txt_mlp|img_mod|txt_mod)[._]"), {}, {},
+    keeps=True,
+)
+DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE)
 
 
 class Tensors(dict):

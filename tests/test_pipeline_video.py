@@ -318,3 +318,39 @@ def test_ltx_video_lora_in_the_pipeline_names_still_binds(tmp_path, key):
     save_file(factors(LTX, key), str(tmp_path / "l.safetensors"))
     run = loraops_run("check", tmp_path / "l.safetensors", "--base", pipe, "--alpha", "4")
     assert run.returncode == 0 and f"{len(LTX)}/{len(LTX)} modules match" in run.stdout, run.stdout + run.stderr
+
+
+def qwen_pipeline(root):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                        axes_dims_rope=(2, 2, 4))
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "QwenImagePipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"]}))
+    return root
+
+
+QWEN = {  # Qwen-Image's names (diffusers' too): (rows, columns)
+    **{f"transformer_blocks.0.attn.{p}": (16, 16) for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                           "add_k_proj", "add_v_proj", "to_add_out")},
+    "transformer_blocks.0.img_mlp.net.0.proj": (64, 16), "transformer_blocks.0.txt_mlp.net.2": (16, 64),
+    "transformer_blocks.0.img_mod.1": (96, 16), "transformer_blocks.0.txt_mod.1": (96, 16),
+    "img_in": (16, 16), "txt_in": (16, 12), "proj_out": (16, 16), "norm_out.linear": (32, 16),
+}
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", ""])
+def test_qwen_image_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
+
+    pipe = qwen_pipeline(tmp_path / "pipe")
+    key = peft_key(prefix)
+    tensors = factors(QWEN, key, seed=8)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(QWEN)})
+    save_file(tensors, str(tmp_path / "q.safetensors"))
+    converted = _convert_non_diffusers_qwen_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
+    assert len(converted) == 2 * len(QWEN)
+    merge_and_compare(tmp_path, pipe, tmp_path / "q.safetensors", converted, len(QWEN))
