@@ -1463,7 +1463,9 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
 
             modules[target] = replace(module, name=target, fused=None, B=rows_of(module.B),
                                       magnitude=rows_of(module.magnitude), lora_bias=rows_of(module.lora_bias))
-    return replace(bound, modules=modules, own_names={n: o for n, o in bound.own_names.items() if n in modules})
+    metadata = bound.metadata if layout is None else {**bound.metadata, ldm.DIT_LAYOUT_KEY: layout.name}
+    return replace(bound, modules=modules, own_names={n: o for n, o in bound.own_names.items() if n in modules},
+                   metadata=metadata)
 
 
 def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adapter:

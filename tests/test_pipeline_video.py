@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from factories import loraops_run
 from test_formats_wild import merged_as_diffusers
-from test_pipeline_dit import R, check_merged
+from test_pipeline_dit import R, assert_round_trip, check_merged
 
 WAN_WIDTH, WAN_FFN, WAN_TEXT, WAN_IMAGE = 16, 32, 12, 10
 
@@ -165,6 +165,8 @@ def test_musubi_wan_lora_registers_against_a_pipeline_base(tmp_path):
     assert "transformer.blocks.1.ffn.net.2.lora_A.weight" in load_file(str(tmp_path / "d.safetensors"))
     run = loraops_run("merge", "w", "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record")
     assert run.returncode == 0, run.stderr
+    # written as kohya: musubi-tuner's names again (they were the diffusers paths, lora_unet_transformer_blocks_0_…)
+    assert_round_trip(tmp_path, "w", tensors)
 
 
 HY = 16  # HunyuanVideo's tiny hidden size (2 heads of 8)
@@ -354,3 +356,28 @@ def test_qwen_image_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
     converted = _convert_non_diffusers_qwen_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
     assert len(converted) == 2 * len(QWEN)
     merge_and_compare(tmp_path, pipe, tmp_path / "q.safetensors", converted, len(QWEN))
+
+
+def test_pipeline_bound_dit_loras_written_as_kohya(tmp_path):
+    """Registered against the pipeline, an LTX-Video LoRA is written as kohya under its checkpoint paths (as ComfyUI
+    loads lora_unet_ names), which bind back; a HunyuanVideo one, whose qkv the pipeline holds in parts, is refused in
+    one line (it was refused as a "FLUX/SD3 transformer")."""
+    for name, make, modules, key in (("ltx", ltx_pipeline, LTX, peft_key("diffusion_model.")),
+                                     ("hy", hunyuan_pipeline, HUNYUAN, musubi_key)):
+        pipe = make(tmp_path / name)
+        tensors = factors(modules, key)
+        tensors.update({key(module, "alpha"): torch.tensor(2.0) for module in modules})
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        assert loraops_run("base", "add", pipe, "--name", name).returncode == 0
+        run = loraops_run("register", tmp_path / f"{name}.safetensors", "--name", f"a{name}", "--base", name)
+        assert run.returncode == 0, run.stderr
+        run = loraops_run("export", f"a{name}", "--format", "kohya", "-o", tmp_path / f"k{name}.safetensors")
+        if name == "hy":
+            assert run.returncode != 0 and run.stderr.count("\n") == 1, run.stderr
+            assert "is a part of 'double_blocks.0.img_attn_qkv' in the HunyuanVideo checkpoint" in run.stderr
+            continue
+        assert run.returncode == 0, run.stderr
+        written = load_file(str(tmp_path / f"k{name}.safetensors"))
+        assert "lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight" in written
+        run = loraops_run("check", tmp_path / f"k{name}.safetensors", "--base", pipe)
+        assert run.returncode == 0 and f"{len(modules)}/{len(modules)} modules match" in run.stdout, run.stdout

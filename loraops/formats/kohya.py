@@ -204,6 +204,17 @@ def kohya_names(adapter: Adapter) -> dict[str, str]:
     at_path = ldm.checkpoint_paths(adapter.modules, attending=ldm.up_attention(adapter.metadata))
 
     def named(name: str, by_path: bool) -> tuple[str | None, str]:
+        if (original := ldm.checkpoint_dit(adapter.metadata, name)) is not None:
+            # a video/image DiT's module in a pipeline, which musubi-tuner and ComfyUI name by its checkpoint path
+            path, how = original
+            if how is not None:
+                held = f"a part of {path.rpartition('.')[0]!r}" if how == "part" else \
+                    f"{path!r} with its shift and scale halves swapped"
+                raise FormatError(
+                    f"{adapter.label}: {name!r} is {held} in the {adapter.metadata[ldm.DIT_LAYOUT_KEY]} checkpoint, "
+                    "which kohya names only as it is there: bind it to the single-file checkpoint (register it with "
+                    "--base <that checkpoint>) to write it as kohya, or write it as diffusers")
+            return "unet", path
         return component_of(adapter, at_path[name], sdxl=True) if by_path and name in at_path else \
             component_of(adapter, name, sdxl=by_path)
 
