@@ -1374,8 +1374,11 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
     if adapter.names_resolved:  # kohya names are not module paths: written back, they come from the bound ones
         renames = [*res.names.items(), *((old, new) for new, old in full_names.items()), *res.rows.items()]
         own = {new: adapter.own_names.get(old, old) for old, new in renames if adapter.own_names.get(old, old) != new}
+    metadata = ldm.versioned(adapter.metadata, manifest)
+    if (layout := ldm.dit_layout(transformer_class(manifest))) is not None:
+        metadata[ldm.DIT_LAYOUT_KEY] = layout.name  # (the kohya writer names its transformer's modules by it)
     return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, names_resolved=True, own_names=own,
-                   metadata=ldm.versioned(adapter.metadata, manifest))
+                   metadata=metadata)
 
 
 def file_tensor_names(adapter: Adapter, manifest: Mapping[str, object]) -> set[str]:
@@ -1463,9 +1466,7 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
 
             modules[target] = replace(module, name=target, fused=None, B=rows_of(module.B),
                                       magnitude=rows_of(module.magnitude), lora_bias=rows_of(module.lora_bias))
-    metadata = bound.metadata if layout is None else {**bound.metadata, ldm.DIT_LAYOUT_KEY: layout.name}
-    return replace(bound, modules=modules, own_names={n: o for n, o in bound.own_names.items() if n in modules},
-                   metadata=metadata)
+    return replace(bound, modules=modules, own_names={n: o for n, o in bound.own_names.items() if n in modules})
 
 
 def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adapter:

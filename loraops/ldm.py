@@ -282,30 +282,27 @@ def dit_layout(transformer_class: str | None) -> DitLayout | None:
 
 
 DIT_LAYOUT_KEY = "loraops_dit_layout"
-"""Metadata of an adapter bound to a diffusers pipeline's transformer of DIT_LAYOUTS (check.in_pipeline_dit), in
+"""Metadata of an adapter bound to a diffusers pipeline whose transformer is one of DIT_LAYOUTS' (check.renamed), in
 memory (no writer writes it): the layout's name, by which the kohya writer names its modules back (checkpoint_dit)."""
 
 
-def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str, str | None] | None:
-    """(the original checkpoint's module path, how it holds the module) of a pipeline transformer's module
-    (``transformer.blocks.0.attn1.to_q`` → ``blocks.0.self_attn.q``) of an adapter whose ``metadata`` names the
-    DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY). How: None (as it is), "part" (rows of a fused tensor: the
-    path is the part's, ``double_blocks.0.img_attn_qkv.to_q``), "swapped" (its shift and scale halves swapped). None
-    for any other module or adapter."""
+def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str, bool] | None:
+    """(the original checkpoint's module path, whether the checkpoint holds it with its shift and scale halves
+    swapped) of a pipeline transformer's module (``transformer.blocks.0.attn1.to_q`` → ``blocks.0.self_attn.q``; a
+    part of a fused tensor by the part's path, ``double_blocks.0.img_attn_qkv.to_q``) of an adapter whose ``metadata``
+    names the DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY). None for any other module or adapter."""
     layout = next((layout for layout in DIT_LAYOUTS if layout.name == (metadata or {}).get(DIT_LAYOUT_KEY)), None)
     if layout is None or not module.startswith("transformer."):
         return None
     path = module.removeprefix("transformer.")
     if path in layout.swapped:
-        return layout.swapped[path], "swapped"
+        return layout.swapped[path], True
     inverse, top = dit_inverse(False, layout)
     match = re.match(r"^(?P<block>[a-z_.]+)\.(?P<n>\d+)\.(?P<rest>.+)$", path)
     found = None if match is None else inverse.get(f"{match['block']}.{{n}}.{match['rest']}")
-    if found is not None:
-        found = found.replace("{n}", match["n"])
-        return found, "part" if fused(f"{found.rpartition('.')[0]}.weight") is not None else None
-    found = top.get(path) or (path if layout.keeps and path not in layout.top else None)
-    return None if found is None else (found, None)
+    if found is None:
+        found = top.get(path) or (path if layout.keeps and path not in layout.top else None)
+    return None if found is None else (found.replace("{n}", match["n"]) if match else found, False)
 DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
 FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
