@@ -25,7 +25,9 @@ label_emb depends on the family (SDXL's add_embedding, SD 2.x unCLIP's class_emb
 resnets and attentions hold spatio-temporal parts (VIDEO_RESNET, VIDEO_ATTENTION).
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
-``transformer.`` names as diffusers' single-file converters do.
+``transformer.`` names as diffusers' single-file converters do. A diffusers pipeline's FLUX.1/SD3 transformer, or one
+of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image: told by its config.json class), is read as the checkpoint
+tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
 
 Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
 stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``;
@@ -38,10 +40,10 @@ sd-scripts trains and extracts as one Linear) and writing kohya names (parts of 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
