@@ -135,20 +135,24 @@ def test_wan_names_bind_by_the_transformer_class(tmp_path):
     assert run.returncode != 0 and "(not in base)" in run.stdout, run.stdout + run.stderr
 
 
-def test_bare_wan_names_bind_to_a_prefixed_single_file_checkpoint(tmp_path):
-    """``blocks.0.self_attn.q`` against a ``model.diffusion_model.`` checkpoint (ComfyUI's): it said (not in base)."""
+@pytest.mark.parametrize("lora_prefix, checkpoint_prefix", [("", "model.diffusion_model."),
+                                                            ("model.diffusion_model.", "")])
+def test_bare_wan_names_bind_to_a_prefixed_single_file_checkpoint(tmp_path, lora_prefix, checkpoint_prefix):
+    """``blocks.0.self_attn.q`` against a ``model.diffusion_model.`` checkpoint (ComfyUI's), and the other way round:
+    it said (not in base)."""
     g = torch.Generator().manual_seed(4)
-    base = {f"model.diffusion_model.blocks.0.self_attn.{p}.weight": torch.randn(8, 8, generator=g) for p in "qk"}
+    base = {f"{checkpoint_prefix}blocks.0.self_attn.{p}.weight": torch.randn(8, 8, generator=g) for p in "qk"}
     save_file(base, str(tmp_path / "wan.safetensors"))
-    tensors = factors({"blocks.0.self_attn.q": (8, 8)}, peft_key(""))
+    tensors = factors({"blocks.0.self_attn.q": (8, 8)}, peft_key(lora_prefix))
     save_file(tensors, str(tmp_path / "w.safetensors"))
     run = loraops_run("merge", tmp_path / "w.safetensors", "--into", tmp_path / "wan.safetensors",
                       "-o", tmp_path / "m.safetensors", "--precise", "--no-record")
     assert run.returncode == 0, run.stderr
     merged = load_file(str(tmp_path / "m.safetensors"))
-    A, B = tensors["blocks.0.self_attn.q.lora_A.weight"].double(), tensors["blocks.0.self_attn.q.lora_B.weight"]
-    want = base["model.diffusion_model.blocks.0.self_attn.q.weight"].double() + B.double() @ A * 2 / R
-    assert torch.allclose(merged["model.diffusion_model.blocks.0.self_attn.q.weight"].double(), want, atol=1e-6)
+    key = peft_key(lora_prefix)
+    A, B = tensors[key("blocks.0.self_attn.q", "A")].double(), tensors[key("blocks.0.self_attn.q", "B")].double()
+    tensor = f"{checkpoint_prefix}blocks.0.self_attn.q.weight"
+    assert torch.allclose(merged[tensor].double(), base[tensor].double() + B @ A * 2 / R, atol=1e-6)
 
 
 def test_musubi_wan_lora_registers_against_a_pipeline_base(tmp_path):
