@@ -26,7 +26,7 @@ from ..fsutil import refuse_overlaps, resolved
 from ..references import is_integer
 from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord,
                        TensorRecord)
-from ..ldm import transformer_class
+from ..ldm import Tensors, transformer_class
 from .blobs import BlobStore
 
 HEAD = "0007"
@@ -279,8 +279,6 @@ class Reader:
     def manifest(self, base_id: int) -> dict[str, TensorRecord]:
         """A registered base's tensors (name, dtype, shape) by name, with its pipeline's transformer class where its
         files say it (ldm.Tensors: what binds a LoRA in a DiT's original names to that transformer)."""
-        from ..ldm import Tensors
-
         tensors = Tensors((name, TensorRecord(name=name, dtype=dtype, shape=tuple(_json(shape)))) for name, dtype, shape
                           in self.rows("SELECT name, dtype, shape FROM base_tensors WHERE base_id = ?", [base_id]))
         path = self.rows("SELECT path FROM bases WHERE id = ?", [base_id])
