@@ -324,8 +324,9 @@ def combine_lazily(
         # the PEFT writer keeps the non-math fields of this config (task_type, ...) and rewrites the rest
         config=dict(adapters[0].config), scale_mode="classic", names_resolved=adapters[0].names_resolved,
         own_names=own_names(templates, adapters),
-        # the base's version (SDXL's UNet has kohya names of its own), where every input says the same
-        metadata={k: v for k in ldm.VERSION_KEYS if (v := adapters[0].metadata.get(k))
+        # the base's version (SDXL's UNet has kohya names of its own), and the DiT a pipeline holds (its transformer's
+        # kohya names are the checkpoint's), where every input says the same
+        metadata={k: v for k in (*ldm.VERSION_KEYS, ldm.DIT_LAYOUT_KEY) if (v := adapters[0].metadata.get(k))
                   and all(a.metadata.get(k) == v for a in adapters)},
     ), halves)
     records: list[CombineModuleRecord] = []

@@ -1240,6 +1240,9 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     leading = Counter(n.partition(".")[0] for n in wanted if "." in n.partition(".")[2]).most_common(1)
     if leading and leading[0][0] != "model":
         candidates.insert(2, lambda n, prefix=f"{leading[0][0]}.": n.removeprefix(prefix))
+    # a DiT's original module paths (Wan's blocks.0.self_attn.q) bare, behind ComfyUI's diffusion_model. or behind
+    # model.diffusion_model., whichever of these the checkpoint (or a pipeline's, ldm.pipeline_dit) has
+    candidates += [lambda n: ldm.UNET_PREFIX + n, lambda n: DIFFUSION_MODEL.sub("", n)]
     if aliases:
         candidates.append(checkpoint_name)
         # a PEFT adapter of a diffusers transformer alone (FLUX's, SD3's): named without the pipeline's component,
@@ -1371,8 +1374,11 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
     if adapter.names_resolved:  # kohya names are not module paths: written back, they come from the bound ones
         renames = [*res.names.items(), *((old, new) for new, old in full_names.items()), *res.rows.items()]
         own = {new: adapter.own_names.get(old, old) for old, new in renames if adapter.own_names.get(old, old) != new}
+    metadata = ldm.versioned(adapter.metadata, manifest)
+    if (layout := ldm.dit_layout(transformer_class(manifest))) is not None:
+        metadata[ldm.DIT_LAYOUT_KEY] = layout.name  # (the kohya writer names its transformer's modules by it)
     return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, names_resolved=True, own_names=own,
-                   metadata=ldm.versioned(adapter.metadata, manifest))
+                   metadata=metadata)
 
 
 def file_tensor_names(adapter: Adapter, manifest: Mapping[str, object]) -> set[str]:
@@ -1392,42 +1398,59 @@ def tensors_of(manifest: "Mapping[str, object] | BaseModel") -> Mapping[str, obj
     return manifest
 
 
+DIFFUSION_MODEL = re.compile(r"^(?:model\.)?diffusion_model\.")
 # a module of a FLUX.1 or SD3 single-file checkpoint, as sd-scripts (lora_unet_double_blocks_0_…) or BFL (…double_blocks.0.…) name it
 DIT_NAMED = re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|joint_blocks)[._]\d+[._]")
 
 
+def transformer_class(manifest: Mapping[str, object]) -> str | None:
+    """The ``_class_name`` of the config.json of a pipeline's transformer: the one a registered base's manifest
+    carries (ldm.Tensors, read in the base's folder), else the one beside its tensors' files; None where neither
+    says."""
+    recorded = getattr(manifest, "transformer_class", None)
+    if recorded is not None:
+        return recorded
+    info = next((info for tensor, info in manifest.items() if tensor.startswith("transformer.")), None)
+    file = getattr(info, "file", None)
+    return None if file is None else ldm.transformer_class(file.parent.parent)
+
+
 def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
-    """An adapter on a FLUX.1 or SD3 single-file checkpoint's modules (sd-scripts' ``lora_unet_double_blocks_0_img_attn_qkv``,
-    BFL's ``double_blocks.0.img_attn.qkv``) for a diffusers pipeline holding that transformer: bound to the checkpoint
-    tensors the pipeline's make up (ldm.pipeline_dit), then each module named as the pipeline's, a LoRA on a fused
-    tensor (qkv, linear1) split into its parts' rows of B with A shared: the same delta, as diffusers' converter splits
-    them (DoRA magnitudes and lora_bias per row too); one on an adaLN whose shift and scale halves the pipeline holds
-    swapped (the final layer's, SD3's last context block's) with B's halves swapped the same way. A module the pipeline
-    lacks keeps its name, for check to report alone. Any other adapter, or one none of whose blocks' modules binds so,
-    as it is."""
-    if not any(DIT_NAMED.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(manifest)):
+    """An adapter on a FLUX.1 or SD3 single-file checkpoint's modules (sd-scripts'
+    ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's ``double_blocks.0.img_attn.qkv``), or on one of
+    ldm.DIT_LAYOUTS' (Wan's ``blocks.0.self_attn.q``, musubi-tuner's ``lora_unet_blocks_0_self_attn_q``), for a
+    diffusers pipeline holding that transformer (for a layout, of the class its config.json names): bound to the
+    checkpoint tensors the pipeline's make up (ldm.pipeline_dit), then each module named as the pipeline's, a LoRA on
+    a fused tensor (qkv, linear1) split into its parts' rows of B with A shared: the same delta, as diffusers'
+    converter splits them (DoRA magnitudes and lora_bias per row too); one on an adaLN whose shift and scale halves
+    the pipeline holds swapped (the final layer's, SD3's last context block's) with B's halves swapped the same way.
+    A module the pipeline lacks keeps its name, for check to report alone. Any other adapter, or one none of whose
+    blocks' modules binds so, as it is."""
+    cls = transformer_class(manifest)
+    layout = ldm.dit_layout(cls)
+    named = DIT_NAMED if layout is None else layout.named
+    if not any(named.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(manifest, cls)):
         return adapter
     res = resolve(adapter, virtual)
-    if res.ambiguous or not any(DIT_NAMED.search(name) for name in res.names):
+    if res.ambiguous or not any(named.search(name) for name in res.names):
         return adapter
     # (a module the base lacks — another network's, sd-scripts' FLUX T5 as lora_te3_…, or a block's: kept by its
     # name, reported alone)
     res.names.update((name, name) for name in res.missing)
     bound = renamed(adapter, res, virtual)
-    if not all(m.weight_name in virtual for n, m in bound.modules.items() if DIT_NAMED.search(n)
+    if not all(m.weight_name in virtual for n, m in bound.modules.items() if named.search(n)
                and n not in res.missing):
         return adapter
-    top = ldm.dit_top(bound.modules)
     modules = {}
     for name, module in bound.modules.items():
         pieces = [] if module.fused is not None or module.transposed else ldm.split(
             module.weight_name, module.weight_shape, whole=True)
         swapped = getattr(virtual.get(module.weight_name), "swapped", False)
+        held = dict(getattr(virtual.get(module.weight_name), "parts", ()))
         for part, (_, first, rows, _) in pieces or [(name, (None, 0, module.out_features, None))]:
-            # a part by the table of parts, any other module as the pipeline tensor it was read from
+            # a part as the pipeline module holding it, any other module as the pipeline tensor it was read from
             whole = None if pieces else getattr(virtual.get(module.weight_name), "pipeline", None)
-            target = f"transformer.{ldm.dit_path(part, top)}" if pieces else \
-                name if whole is None else whole.removesuffix(".weight")
+            target = held[part] if pieces else name if whole is None else whole.removesuffix(".weight")
             if (pieces or swapped) and module.product is not None:
                 given = next(old for old, new in res.names.items() if new == name)  # (the file's name of it)
                 raise FormatError(f"{adapter.label}: module {given!r} is a LoHa/LoKr on {module.weight_name!r}, which "

@@ -25,7 +25,9 @@ label_emb depends on the family (SDXL's add_embedding, SD 2.x unCLIP's class_emb
 resnets and attentions hold spatio-temporal parts (VIDEO_RESNET, VIDEO_ATTENTION).
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
-``transformer.`` names as diffusers' single-file converters do.
+``transformer.`` names as diffusers' single-file converters do. A diffusers pipeline's FLUX.1/SD3 transformer, or one
+of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image: told by its config.json class), is read as the checkpoint
+tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
 
 Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
 stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``;
@@ -38,9 +40,12 @@ sd-scripts trains and extracts as one Linear) and writing kohya names (parts of 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 UNET_PREFIX = "model.diffusion_model."
@@ -161,6 +166,145 @@ DIT_BLOCKS = {  # original block name → (diffusers block name, {path inside th
     }),
 }
 DIT_BLOCK_RE = re.compile(r"^(?P<kind>double_blocks|single_blocks|joint_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
+
+QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
+@dataclass(frozen=True)
+class DitLayout:
+    """A DiT whose LoRAs are trained on its original checkpoint's module paths (``blocks.0.self_attn.q``, bare,
+    behind ``diffusion_model.``, or musubi-tuner's ``lora_unet_blocks_0_self_attn_q``), and the diffusers transformer
+    classes that hold it under other names. Which one a pipeline holds is told by its transformer's config.json
+    ``_class_name``, not by its tensor names (HunyuanVideo's are FLUX.1's: transformer_blocks,
+    single_transformer_blocks, add_q_proj)."""
+
+    name: str
+    classes: tuple[str, ...]
+    """diffusers' transformer classes (config.json _class_name) of this layout."""
+    named: re.Pattern
+    """An adapter module named by the original checkpoint (for the pipeline's binding to be tried at all)."""
+    blocks: dict[str, tuple[str, dict[str, str]]]
+    """Original block list → (diffusers' block list, {path inside the block: diffusers' path}), as DIT_BLOCKS."""
+    top: dict[str, str]
+    """The modules outside the blocks, original → diffusers'."""
+    swapped: dict[str, str] = dataclasses.field(default_factory=dict)
+    """diffusers' adaLN projections that hold the original's with the shift and scale halves swapped → the
+    original's."""
+    keeps: bool = False
+    """Every other module of the transformer has its diffusers path as its original name (LTX-Video's blocks)."""
+
+
+WAN = DitLayout(  # as diffusers' convert_wan_transformer_to_diffusers and _convert_non_diffusers_wan_lora_to_diffusers
+    "Wan", ("WanTransformer3DModel",), re.compile(r"(?:^|[._])blocks[._]\d+[._](?:self_attn|cross_attn|ffn)[._]"),
+    {"blocks": ("blocks", {
+        **{f"{attn}.{o}": f"{diffusers}.{c}" for attn, diffusers in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+           for o, c in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))},
+        "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",  # image-to-video's
+        "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+    })},
+    {"patch_embedding": "patch_embedding", "head.head": "proj_out",
+     "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+     "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+     "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+     "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+     "time_projection.1": "condition_embedder.time_proj",
+     "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+     "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2"},
+)
+HUNYUAN_VIDEO = DitLayout(  # as diffusers' convert_hunyuan_video_transformer_to_diffusers (its LoRA converter's table)
+    "HunyuanVideo", ("HunyuanVideoTransformer3DModel",),
+    re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|individual_token_refiner[._]blocks)[._]\d+[._]"),
+    {"double_blocks": ("transformer_blocks", {
+        **{f"img_attn_qkv.{part}": f"attn.{part}" for part in QKV},
+        **{f"txt_attn_qkv.{part}": f"attn.{part}" for part in ADD_QKV},
+        "img_attn_proj": "attn.to_out.0", "txt_attn_proj": "attn.to_add_out",
+        "img_mlp.fc1": "ff.net.0.proj", "img_mlp.fc2": "ff.net.2",
+        "txt_mlp.fc1": "ff_context.net.0.proj", "txt_mlp.fc2": "ff_context.net.2",
+        "img_mod.linear": "norm1.linear", "txt_mod.linear": "norm1_context.linear",
+    }), "single_blocks": ("single_transformer_blocks", {
+        **{f"linear1.{part}": f"attn.{part}" for part in QKV}, "linear1.proj_mlp": "proj_mlp",
+        "linear2": "proj_out", "modulation.linear": "norm.linear",
+    }), "txt_in.individual_token_refiner.blocks": ("context_embedder.token_refiner.refiner_blocks", {
+        **{f"self_attn_qkv.{part}": f"attn.{part}" for part in QKV},
+        "self_attn_proj": "attn.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+        "adaLN_modulation.1": "norm_out.linear",
+    })},
+    {"img_in.proj": "x_embedder.proj", "final_layer.linear": "proj_out",
+     "time_in.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+     "time_in.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+     "guidance_in.mlp.0": "time_text_embed.guidance_embedder.linear_1",
+     "guidance_in.mlp.2": "time_text_embed.guidance_embedder.linear_2",
+     "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+     "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+     "txt_in.input_embedder": "context_embedder.proj_in",
+     "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
+     "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
+     "txt_in.c_embedder.linear_1": "context_embedder.time_text_embed.text_embedder.linear_1",
+     "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2"},
+    {"norm_out.linear": "final_layer.adaLN_modulation.1"},
+)
+LTX_VIDEO = DitLayout(  # as convert_ltx_transformer_checkpoint_to_diffusers; its blocks are named alike
+    "LTX-Video", ("LTXVideoTransformer3DModel",),
+    re.compile(r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn[12]|ff)[._]"), {},
+    {"patchify_proj": "proj_in", "adaln_single.linear": "time_embed.linear",
+     "adaln_single.emb.timestep_embedder.linear_1": "time_embed.emb.timestep_embedder.linear_1",
+     "adaln_single.emb.timestep_embedder.linear_2": "time_embed.emb.timestep_embedder.linear_2"},
+    keeps=True,
+)
+# Qwen-Image's checkpoints and LoRAs (ComfyUI's, musubi-tuner's) name its modules as diffusers does
+QWEN_IMAGE = DitLayout(
+    "Qwen-Image", ("QwenImageTransformer2DModel",),
+    re.compile(r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn|img_mlp|txt_mlp|img_mod|txt_mod)[._]"), {}, {},
+    keeps=True,
+)
+DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE)
+
+
+class Tensors(dict):
+    """A base's tensors by name (name → info), with the class of its pipeline's transformer (its config.json
+    ``_class_name``) where the infos cannot say it: a registered base's recorded manifest, whose infos name no file."""
+
+    transformer_class: str | None = None
+
+
+def transformer_class(pipeline: Path) -> str | None:
+    """The ``_class_name`` of a diffusers pipeline folder's transformer (``transformer/config.json``), or None: no such
+    folder or file, or not a readable one."""
+    try:
+        config = json.loads((pipeline / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def dit_layout(transformer_class: str | None) -> DitLayout | None:
+    """The layout of DIT_LAYOUTS whose diffusers transformer class this is, or None."""
+    return next((layout for layout in DIT_LAYOUTS if transformer_class in layout.classes), None)
+
+
+DIT_LAYOUT_KEY = "loraops_dit_layout"
+"""Metadata of an adapter bound to a diffusers pipeline whose transformer is one of DIT_LAYOUTS' (check.renamed), in
+memory (no writer writes it): the layout's name, by which the kohya writer names its modules back (checkpoint_dit)."""
+
+
+def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str, bool] | None:
+    """(the original checkpoint's module path, whether the checkpoint holds it with its shift and scale halves
+    swapped) of a pipeline transformer's module (``transformer.blocks.0.attn1.to_q`` → ``blocks.0.self_attn.q``; a
+    part of a fused tensor by the part's path, ``double_blocks.0.img_attn_qkv.to_q``) of an adapter whose ``metadata``
+    names the DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY). None for any other module or adapter."""
+    layout = next((layout for layout in DIT_LAYOUTS if layout.name == (metadata or {}).get(DIT_LAYOUT_KEY)), None)
+    if layout is None or not module.startswith("transformer."):
+        return None
+    path = module.removeprefix("transformer.")
+    if path in layout.swapped:
+        return layout.swapped[path], True
+    inverse, top = dit_inverse(False, layout)
+    match = re.match(r"^(?P<block>[a-z_.]+)\.(?P<n>\d+)\.(?P<rest>.+)$", path)
+    found = None if match is None else inverse.get(f"{match['block']}.{{n}}.{match['rest']}")
+    if found is None:
+        found = top.get(path) or (path if layout.keeps and path not in layout.top else None)
+    return None if found is None else (found.replace("{n}", match["n"]) if match else found, False)
 DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
 FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
@@ -250,7 +394,6 @@ class Fused:
                 for part, first, rows in zip(self.parts, firsts, sizes)]
 
 
-QKV, ADD_QKV = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
 FUSED = (
     Fused(re.compile("^(?:" + "|".join(re.escape(e.prefix) for e in TEXT_ENCODERS if e.open_clip)
                      + r")transformer\.resblocks\.\d+\.attn$"),
@@ -260,6 +403,11 @@ FUSED = (
           peft=False),
     Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True,
           peft=False),
+    # HunyuanVideo's (its single blocks' linear1 is FLUX's, above)
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn_qkv$"), ".weight", QKV, thirds, whole=True, peft=False),
+    Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn_qkv$"), ".weight", ADD_QKV, thirds, whole=True, peft=False),
+    Fused(re.compile(DIT + r"txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn_qkv$"), ".weight", QKV, thirds,
+          whole=True, peft=False),
     Fused(re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds, whole=True,
           peft=False),
     Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
@@ -780,62 +928,77 @@ class VirtualTensor:
     swapped: bool = False
     """The pipeline holds it with its two halves of rows swapped: an adaLN projection whose shift and scale diffusers
     swaps (swap_scale_shift): a delta's rows map by the same swap."""
+    parts: tuple[tuple[str, str], ...] = ()
+    """One stacked from parts: (part module path, the pipeline's module holding that part), in row order."""
 
 
-def dit_inverse(flux: bool) -> tuple[dict[str, str], dict[str, str]]:
-    """diffusers' paths of FLUX.1's (else SD3's) transformer → the checkpoint's: ({"transformer_blocks.{n}.attn.to_q":
-    "double_blocks.{n}.img_attn.qkv.to_q", …} for the blocks, {"x_embedder": "img_in", …} for the rest), as
-    DIT_BLOCKS and FLUX_TOP / SD3_TOP map them the other way; the swapped adaLNs are not in them (pipeline_dit)."""
-    kinds = ("double_blocks", "single_blocks") if flux else ("joint_blocks",)
-    inverse = {f"{DIT_BLOCKS[kind][0]}.{{n}}.{inner}": f"{kind}.{{n}}.{path}"
-               for kind in kinds for path, inner in DIT_BLOCKS[kind][1].items()}
-    return inverse, {inner: path for path, inner in (FLUX_TOP if flux else SD3_TOP).items()}
+def dit_inverse(flux: bool, layout: DitLayout | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """diffusers' paths of FLUX.1's (else SD3's; ``layout``'s where given) transformer → the checkpoint's:
+    ({"transformer_blocks.{n}.attn.to_q": "double_blocks.{n}.img_attn.qkv.to_q", …} for the blocks, {"x_embedder":
+    "img_in", …} for the rest), as DIT_BLOCKS and FLUX_TOP / SD3_TOP map them the other way; the swapped adaLNs are
+    not in them (pipeline_dit)."""
+    if layout is None:
+        kinds = ("double_blocks", "single_blocks") if flux else ("joint_blocks",)
+        blocks = {kind: DIT_BLOCKS[kind] for kind in kinds}
+    else:
+        blocks = layout.blocks
+    inverse = {f"{block}.{{n}}.{inner}": f"{kind}.{{n}}.{path}"
+               for kind, (block, table) in blocks.items() for path, inner in table.items()}
+    top = layout.top if layout is not None else FLUX_TOP if flux else SD3_TOP
+    return inverse, {inner: path for path, inner in top.items()}
 
 
-def pipeline_dit(manifest: Mapping[str, object]) -> dict[str, object]:
-    """A diffusers pipeline's FLUX.1 or SD3 transformer (``transformer.transformer_blocks.0.attn.to_q.weight`` …) as the
+def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None = None) -> dict[str, object]:
+    """A diffusers pipeline's FLUX.1 or SD3 transformer (``transformer.transformer_blocks.0.attn.to_q.weight`` …), or
+    one of DIT_LAYOUTS' told by its ``transformer_class`` (Wan's ``transformer.blocks.0.attn1.to_q.weight``), as the
     single-file checkpoint's tensors that hold it (``double_blocks.0.img_attn.qkv.weight``: to_q, to_k, to_v stacked
-    in FUSED's row order), each {name: its info with that shape}, beside the pipeline's other tensors; {} for a base
-    with no such transformer. LoRAs trained by sd-scripts (``lora_unet_double_blocks_0_img_attn_qkv``) or saved in
-    BFL's layout name those tensors, which a pipeline stores only in parts."""
-    flux = any(t.startswith("transformer.single_transformer_blocks.") for t in manifest)
-    if "transformer.transformer_blocks.0.attn.add_q_proj.weight" not in manifest or not (
-            flux or "transformer.pos_embed.proj.weight" in manifest):  # (diffusers' other DiTs: PixArt's, Sana's…)
+    in FUSED's row order; ``blocks.0.self_attn.q.weight``), each {name: its info with that shape}, beside the
+    pipeline's other tensors; {} for a base with no such transformer. LoRAs trained by sd-scripts or musubi-tuner
+    (``lora_unet_double_blocks_0_img_attn_qkv``) or saved in the original layout name those tensors, which a pipeline
+    stores under other names, or only in parts."""
+    layout = dit_layout(transformer_class)
+    flux = layout is None and any(t.startswith("transformer.single_transformer_blocks.") for t in manifest)
+    if layout is None and ("transformer.transformer_blocks.0.attn.add_q_proj.weight" not in manifest or not (
+            flux or "transformer.pos_embed.proj.weight" in manifest)):  # (diffusers' other DiTs: PixArt's, Sana's…)
         return {}
-    inverse, top = dit_inverse(flux)
-    block = re.compile(r"^transformer\.(?P<block>(?:single_)?transformer_blocks)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
+    inverse, top = dit_inverse(flux, layout)
+    swaps = {"norm_out.linear": "final_layer.adaLN_modulation.1"} if layout is None else layout.swapped
+    block = re.compile(r"^transformer\.(?P<block>[a-z_.]+)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
     last = max((int(m["n"]) for m in map(block.match, manifest) if m and m["block"] == "transformer_blocks"),
                default=-1)
     out: dict[str, object] = {}
-    parts: dict[str, dict[str, object]] = {}  # fused tensor → {part leaf: info}
+    parts: dict[str, dict[str, tuple[object, str]]] = {}  # fused tensor → {part leaf: (info, pipeline tensor)}
     for tensor, info in manifest.items():
-        match, swapped = block.match(tensor), False
+        match, swapped, path = block.match(tensor), False, None
         if match is not None:
             path = inverse.get(f"{match['block']}.{{n}}.{match['rest']}", "").replace("{n}", match["n"]) or None
-            if not flux and match["rest"] == "norm1_context.linear":
+            if layout is None and not flux and match["rest"] == "norm1_context.linear":
                 # SD3's context adaLN, row for row but in the last block, whose shift and scale halves diffusers swaps
                 # (single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers): not in DIT_BLOCKS, which
                 # cannot tell the last block by its path; here, it is the last block of the pipeline
                 path = f"joint_blocks.{match['n']}.context_block.adaLN_modulation.1"
                 swapped = int(match["n"]) == last
-        elif tensor == "transformer.norm_out.linear.weight":  # FLUX's and SD3's final adaLN, swapped as that one
-            path, swapped = "final_layer.adaLN_modulation.1", True
-        else:
-            path = top.get(tensor.removeprefix("transformer.").removesuffix(".weight")) \
-                if tensor.startswith("transformer.") and tensor.endswith(".weight") else None
+        inner = tensor.removeprefix("transformer.").removesuffix(".weight")
+        if path is None and tensor.startswith("transformer.") and tensor.endswith(".weight"):
+            # (the final adaLN — FLUX's, SD3's, HunyuanVideo's — swapped as SD3's last context one)
+            path, swapped = (swaps[inner], True) if inner in swaps else (top.get(inner), False)
+            if path is None and layout is not None and layout.keeps and inner not in layout.top:
+                path = inner
         if not tensor.startswith("transformer."):
             out[tensor] = info
         elif path is not None:
             owner, _, leaf = path.rpartition(".")
             if fused(f"{owner}.weight") is not None:
-                parts.setdefault(f"{owner}.weight", {})[leaf] = info
+                parts.setdefault(f"{owner}.weight", {})[leaf] = (info, tensor)
             else:
                 out[f"{path}.weight"] = VirtualTensor(f"{path}.weight", tuple(info.shape), info.dtype, tensor, swapped)
     for tensor, found in parts.items():
         entry = fused(tensor)
-        if set(found) == set(entry.parts) and len({found[p].shape[1:] for p in entry.parts}) == 1:
-            first, sizes = found[entry.parts[0]], [found[p].shape[0] for p in entry.parts]
+        if set(found) == set(entry.parts) and len({found[p][0].shape[1:] for p in entry.parts}) == 1:
+            first, sizes = found[entry.parts[0]][0], [found[p][0].shape[0] for p in entry.parts]
             shape = (sum(sizes), *first.shape[1:])
             if [rows for _, (_, _, rows, _) in entry.rows(tensor, shape) or []] == sizes:
-                out[tensor] = VirtualTensor(tensor, shape, first.dtype)
+                owner = tensor.removesuffix(entry.suffix)
+                out[tensor] = VirtualTensor(tensor, shape, first.dtype, parts=tuple(
+                    (f"{owner}.{p}", found[p][1].removesuffix(".weight")) for p in entry.parts))
     return out

@@ -250,18 +250,23 @@ PIPELINE_DIT = re.compile(r"^transformer\.(?P<block>(?:single_)?transformer_bloc
 
 def out_of_pipeline(adapter: Adapter) -> "Callable[..., LoraModule] | None":
     """For an adapter bound to a FLUX.1 or SD3 diffusers pipeline's transformer (whose header names sd-scripts'
-    network for it, as binding gives it: ldm.versioned), each module → the same delta on the single-file checkpoint's
-    module, which sd-scripts names (check.in_pipeline_dit the other way): a part of a fused tensor (to_q) the part of
-    that tensor (``…img_attn.qkv.to_q``, its rows after its siblings'), joined as it is written (``join``); an adaLN
-    the pipeline holds with its shift and scale halves swapped, its rows swapped back. Its modules elsewhere as they
-    are; None for another adapter. ``values=False``: names and rows alone (the announced stand-ins)."""
+    network for it, as binding gives it: ldm.versioned), or to one of ldm.DIT_LAYOUTS' (ldm.DIT_LAYOUT_KEY), each
+    module → the same delta on the single-file checkpoint's module, which sd-scripts (musubi-tuner) names
+    (check.in_pipeline_dit the other way): a part of a fused tensor (to_q) the part of that tensor
+    (``…img_attn.qkv.to_q``, its rows after its siblings'), joined as it is written (``join``); an adaLN the pipeline
+    holds with its shift and scale halves swapped, its rows swapped back. Its modules elsewhere as they are; None for
+    another adapter. ``values=False``: names and rows alone (the announced stand-ins)."""
     flux = DIT_NETWORKS.get(adapter.metadata.get("ss_network_module"))
-    if flux is None or not any(PIPELINE_DIT.match(name) for name in adapter.modules):
+    by_layout = ldm.DIT_LAYOUT_KEY in adapter.metadata  # (Wan's, HunyuanVideo's…: musubi-tuner's names)
+    if not by_layout and (flux is None or not any(PIPELINE_DIT.match(name) for name in adapter.modules)):
         return None
-    inverse, top = ldm.dit_inverse(flux)
+    inverse, top = ldm.dit_inverse(bool(flux))
 
     def place(module: LoraModule) -> tuple[str, bool] | None:
         """(checkpoint module path, whether its halves are swapped), None outside the transformer."""
+        if by_layout:
+            found = ldm.checkpoint_dit(adapter.metadata, module.name)
+            return found
         path, match = module.name.removeprefix("transformer."), PIPELINE_DIT.match(module.name)
         if path == "norm_out.linear" and module.name != path:
             return "final_layer.adaLN_modulation.1", True

@@ -26,6 +26,7 @@ from ..fsutil import refuse_overlaps, resolved
 from ..references import is_integer
 from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord,
                        TensorRecord)
+from ..ldm import Tensors, transformer_class
 from .blobs import BlobStore
 
 HEAD = "0007"
@@ -276,9 +277,13 @@ class Reader:
         return found[0] if found else None
 
     def manifest(self, base_id: int) -> dict[str, TensorRecord]:
-        """A registered base's tensors (name, dtype, shape) by name."""
-        return {name: TensorRecord(name=name, dtype=dtype, shape=tuple(_json(shape))) for name, dtype, shape in
-                self.rows("SELECT name, dtype, shape FROM base_tensors WHERE base_id = ?", [base_id])}
+        """A registered base's tensors (name, dtype, shape) by name, with its pipeline's transformer class where its
+        files say it (ldm.Tensors: what binds a LoRA in a DiT's original names to that transformer)."""
+        tensors = Tensors((name, TensorRecord(name=name, dtype=dtype, shape=tuple(_json(shape)))) for name, dtype, shape
+                          in self.rows("SELECT name, dtype, shape FROM base_tensors WHERE base_id = ?", [base_id]))
+        path = self.rows("SELECT path FROM bases WHERE id = ?", [base_id])
+        tensors.transformer_class = transformer_class(Path(path[0][0])) if path and path[0][0] else None
+        return tensors
 
     def base_id(self, ref: str | int) -> int:
         """The id of the base ``ref`` names (name, id, or fingerprint prefix), or a one-line error."""

@@ -1,0 +1,411 @@
+"""Video/image DiT LoRAs in their original checkpoint's names (Wan's ``blocks.0.self_attn.q``, bare, behind
+``diffusion_model.`` or ``model.diffusion_model.``, musubi-tuner's ``lora_unet_blocks_0_self_attn_q``) against a
+diffusers pipeline folder, whose transformer names those modules otherwise (``blocks.0.attn1.to_q``): they bind, by
+the transformer's config.json class, and merge as diffusers' own converters
+(diffusers.loaders.lora_conversion_utils) + base + B·A in float64. They listed every module ``(not in base)``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import loraops_run
+from test_formats_wild import merged_as_diffusers
+from test_pipeline_dit import R, assert_round_trip, check_merged
+
+WAN_WIDTH, WAN_FFN, WAN_TEXT, WAN_IMAGE = 16, 32, 12, 10
+
+
+def wan_pipeline(root, *, i2v: bool = False):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=WAN_TEXT, freq_dim=8, ffn_dim=WAN_FFN, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                  image_dim=WAN_IMAGE if i2v else None, added_kv_proj_dim=WAN_WIDTH if i2v else None)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
+         "transformer": ["diffusers", "WanTransformer3DModel"]}))
+    return root
+
+
+def wan_modules(i2v: bool) -> dict[str, tuple[int, int]]:
+    """Wan's LoRA-trained modules (original names): (rows, columns) in the tiny pipeline."""
+    w = WAN_WIDTH
+    out = {}
+    for n in range(2):
+        for attn in ("self_attn", "cross_attn"):
+            out.update({f"blocks.{n}.{attn}.{p}": (w, w) for p in "qkvo"})
+        if i2v:
+            out.update({f"blocks.{n}.cross_attn.{p}_img": (w, w) for p in "kv"})
+        out[f"blocks.{n}.ffn.0"], out[f"blocks.{n}.ffn.2"] = (WAN_FFN, w), (w, WAN_FFN)
+    return out
+
+
+WAN_TOP = {"text_embedding.0": (WAN_WIDTH, WAN_TEXT), "time_embedding.2": (WAN_WIDTH, WAN_WIDTH),
+           "time_projection.1": (6 * WAN_WIDTH, WAN_WIDTH), "head.head": (16, WAN_WIDTH)}
+
+
+def factors(modules: dict[str, tuple[int, int]], key, *, seed: int = 1) -> dict:
+    """lora_A/lora_B (``key(name, "A")``) of each module, with an ``.alpha`` (2, 4 or 8) beside each block's (diffusers'
+    Wan converter refuses one elsewhere; loraops gives a module without one α = r, its scale 1 as there)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (name, (rows, cols)) in enumerate(modules.items()):
+        out[key(name, "A")] = torch.randn(R, cols, generator=g)
+        out[key(name, "B")] = torch.randn(rows, R, generator=g) * 0.1
+        if name.startswith("blocks."):
+            out[key(name, "alpha")] = torch.tensor(float(2 ** (1 + i % 3)))
+    return out
+
+
+def peft_key(prefix: str):
+    return lambda name, which: f"{prefix}{name}." + ("alpha" if which == "alpha" else f"lora_{which}.weight")
+
+
+def musubi_key(name: str, which: str) -> str:
+    return f"lora_unet_{name.replace('.', '_')}." + {"A": "lora_down.weight", "B": "lora_up.weight",
+                                                     "alpha": "alpha"}[which]
+
+
+def merge_and_compare(tmp_path, pipe, lora, converted, count, want=None):
+    """``lora`` fits ``pipe`` (``count`` modules) and merges into it as ``converted`` (diffusers' converter's output)
+    or ``want`` (the merged transformer) says."""
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    run = loraops_run("check", lora, "--base", pipe)
+    assert run.returncode == 0 and f"{count}/{count} modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", lora, "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record", "--force")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors",
+                          merged_as_diffusers(base, converted) if want is None else want)
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == count
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "", "model.diffusion_model."])
+def test_wan_lora_merges_into_a_diffusers_pipeline_as_diffusers_converts_it(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    i2v = prefix == "diffusion_model."  # (image-to-video: cross_attn.k_img/v_img, once)
+    pipe = wan_pipeline(tmp_path / "pipe", i2v=i2v)
+    modules = {**wan_modules(i2v), **WAN_TOP}
+    if i2v:
+        modules["img_emb.proj.1"], modules["img_emb.proj.3"] = (WAN_IMAGE, WAN_IMAGE), (WAN_WIDTH, WAN_IMAGE)
+    tensors = factors(modules, peft_key(prefix))
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    # (diffusers' converter reads them behind diffusion_model. alone)
+    converted = _convert_non_diffusers_wan_lora_to_diffusers(
+        {"diffusion_model." + k.removeprefix(prefix): v.double() for k, v in tensors.items()})
+    assert len(converted) == 2 * len(modules)
+    merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", converted, len(modules))
+
+
+def test_musubi_wan_lora_merges_into_a_diffusers_pipeline_as_diffusers_converts_it(tmp_path):
+    from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
+
+    pipe = wan_pipeline(tmp_path / "pipe", i2v=True)
+    modules = wan_modules(True)
+    tensors = factors(modules, musubi_key, seed=2)
+    save_file(tensors, str(tmp_path / "w.safetensors"), {"ss_network_module": "networks.lora_wan"})
+    converted = _convert_musubi_wan_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
+    merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", converted, len(modules))
+
+
+def test_wan_lora_module_the_pipeline_lacks_is_reported_alone(tmp_path):
+    """A text-to-video pipeline has no image cross-attention: the i2v LoRA's k_img/v_img are listed, nothing else."""
+    pipe = wan_pipeline(tmp_path / "pipe")
+    save_file(factors(wan_modules(True), musubi_key), str(tmp_path / "w.safetensors"))
+    run = loraops_run("check", tmp_path / "w.safetensors", "--base", pipe)
+    assert run.returncode != 0, run.stdout
+    assert "lora_unet_blocks_0_cross_attn_k_img (not in base)" in run.stdout, run.stdout
+    assert "self_attn" not in run.stdout and "20/24 modules match" in run.stdout, run.stdout
+
+
+def test_wan_names_bind_by_the_transformer_class(tmp_path):
+    """The table is the class's: the same folder whose config.json names another transformer class binds nothing."""
+    pipe = wan_pipeline(tmp_path / "pipe")
+    config = pipe / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "SomeOtherTransformer"}))
+    save_file(factors({"blocks.0.self_attn.q": (WAN_WIDTH, WAN_WIDTH)}, peft_key("diffusion_model.")),
+              str(tmp_path / "w.safetensors"))
+    run = loraops_run("check", tmp_path / "w.safetensors", "--base", pipe)
+    assert run.returncode != 0 and "(not in base)" in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("lora_prefix, checkpoint_prefix", [("", "model.diffusion_model."),
+                                                            ("model.diffusion_model.", "")])
+def test_bare_wan_names_bind_to_a_prefixed_single_file_checkpoint(tmp_path, lora_prefix, checkpoint_prefix):
+    """``blocks.0.self_attn.q`` against a ``model.diffusion_model.`` checkpoint (ComfyUI's), and the other way round:
+    it said (not in base)."""
+    g = torch.Generator().manual_seed(4)
+    base = {f"{checkpoint_prefix}blocks.0.self_attn.{p}.weight": torch.randn(8, 8, generator=g) for p in "qk"}
+    save_file(base, str(tmp_path / "wan.safetensors"))
+    tensors = factors({"blocks.0.self_attn.q": (8, 8)}, peft_key(lora_prefix))
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    run = loraops_run("merge", tmp_path / "w.safetensors", "--into", tmp_path / "wan.safetensors",
+                      "-o", tmp_path / "m.safetensors", "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    key = peft_key(lora_prefix)
+    A, B = tensors[key("blocks.0.self_attn.q", "A")].double(), tensors[key("blocks.0.self_attn.q", "B")].double()
+    tensor = f"{checkpoint_prefix}blocks.0.self_attn.q.weight"
+    assert torch.allclose(merged[tensor].double(), base[tensor].double() + B @ A * 2 / R, atol=1e-6)
+
+
+def test_musubi_wan_lora_registers_against_a_pipeline_base(tmp_path):
+    """A registered base's recorded manifest names no files: the transformer's class is read in its folder."""
+    pipe = wan_pipeline(tmp_path / "pipe")
+    modules = wan_modules(False)
+    tensors = factors(modules, musubi_key, seed=3)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    assert loraops_run("base", "add", pipe, "--name", "wan").returncode == 0
+    run = loraops_run("register", tmp_path / "w.safetensors", "--name", "w", "--base", "wan")
+    assert run.returncode == 0 and "base wan" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("export", "w", "--format", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert "transformer.blocks.1.ffn.net.2.lora_A.weight" in load_file(str(tmp_path / "d.safetensors"))
+    run = loraops_run("merge", "w", "--into", pipe, "-o", tmp_path / "m", "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
+    # written as kohya: musubi-tuner's names again (they were the diffusers paths, lora_unet_transformer_blocks_0_…)
+    assert_round_trip(tmp_path, "w", tensors)
+
+
+HY = 16  # HunyuanVideo's tiny hidden size (2 heads of 8)
+
+
+def hunyuan_pipeline(root):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                                           patch_size=1, patch_size_t=1, text_embed_dim=12, pooled_projection_dim=10,
+                                           rope_axes_dim=(2, 2, 4), guidance_embeds=True)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "HunyuanVideoPipeline", "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"]}))
+    return root
+
+
+REFINER = "txt_in.individual_token_refiner.blocks.0"
+HUNYUAN = {  # original module: (rows, columns) in the tiny pipeline
+    "double_blocks.0.img_attn_qkv": (3 * HY, HY), "double_blocks.0.txt_attn_qkv": (3 * HY, HY),
+    "double_blocks.0.img_attn_proj": (HY, HY), "double_blocks.0.txt_attn_proj": (HY, HY),
+    "double_blocks.0.img_mlp.fc1": (2 * HY, HY), "double_blocks.0.img_mlp.fc2": (HY, 2 * HY),
+    "double_blocks.0.txt_mlp.fc1": (2 * HY, HY), "double_blocks.0.txt_mlp.fc2": (HY, 2 * HY),
+    "double_blocks.0.img_mod.linear": (6 * HY, HY), "double_blocks.0.txt_mod.linear": (6 * HY, HY),
+    "single_blocks.0.linear1": (5 * HY, HY), "single_blocks.0.linear2": (HY, 3 * HY),
+    "single_blocks.0.modulation.linear": (3 * HY, HY),
+    f"{REFINER}.self_attn_qkv": (3 * HY, HY), f"{REFINER}.self_attn_proj": (HY, HY),
+    f"{REFINER}.mlp.fc1": (4 * HY, HY), f"{REFINER}.mlp.fc2": (HY, 4 * HY),
+    f"{REFINER}.adaLN_modulation.1": (2 * HY, HY),
+    "final_layer.linear": (4, HY), "final_layer.adaLN_modulation.1": (2 * HY, HY),
+    "time_in.mlp.0": (HY, 256), "guidance_in.mlp.2": (HY, HY), "vector_in.in_layer": (HY, 10),
+    "txt_in.input_embedder": (HY, 12), "txt_in.c_embedder.linear_1": (HY, 12), "txt_in.t_embedder.mlp.2": (HY, HY),
+}
+# what diffusers' _convert_hunyuan_video_lora_to_diffusers gets wrong: linear1 split as if 3072 wide (hard-wired),
+# the refiner's qkv and the final adaLN with A's rank rows split or swapped too (B·A is then another delta): by hand
+BY_HAND = {  # module: [(pipeline tensor, first row of B, rows, first row in the tensor)]
+    "single_blocks.0.linear1": [*((f"single_transformer_blocks.0.attn.to_{p}.weight", i * HY, HY, 0)
+                                  for i, p in enumerate("qkv")),
+                                ("single_transformer_blocks.0.proj_mlp.weight", 3 * HY, 2 * HY, 0)],
+    f"{REFINER}.self_attn_qkv": [(f"context_embedder.token_refiner.refiner_blocks.0.attn.to_{p}.weight", i * HY, HY, 0)
+                                 for i, p in enumerate("qkv")],
+    # (shift, scale) in the checkpoint, (scale, shift) in the pipeline
+    "final_layer.adaLN_modulation.1": [("norm_out.linear.weight", 0, HY, HY), ("norm_out.linear.weight", HY, HY, 0)],
+}
+
+
+def hunyuan_reference(base, tensors, key, modules):
+    """base + (α/r)·B·A as diffusers' converter places it, BY_HAND's modules as their rows of B go, in float64."""
+    from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
+
+    scaled = {}
+    for name in modules:
+        scale = float(tensors[key(name, "alpha")]) / R
+        scaled[name] = (tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * scale)
+    want = merged_as_diffusers(base, _convert_hunyuan_video_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": f for name, (A, B) in scaled.items() if name not in BY_HAND
+         for w, f in (("A", A), ("B", B))}))
+    for name, places in BY_HAND.items():
+        A, B = scaled[name]
+        for tensor, first, rows, at in places:
+            want[tensor][at:at + rows] += B[first:first + rows] @ A
+    return want
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "musubi"])
+def test_hunyuan_video_lora_merges_into_a_diffusers_pipeline(tmp_path, key):
+    """Its fused qkv (double blocks, the token refiner) and linear1 split into the pipeline's parts, the final adaLN's
+    halves swapped; chosen by HunyuanVideoTransformer3DModel, not FLUX.1's table, whose diffusers names are the same."""
+    pipe = hunyuan_pipeline(tmp_path / "pipe")
+    tensors = factors(HUNYUAN, key, seed=6)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(HUNYUAN)})
+    save_file(tensors, str(tmp_path / "h.safetensors"))
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = hunyuan_reference(base, tensors, key, HUNYUAN)
+    parts = len(HUNYUAN) + 2 + 2 + 3 + 2  # the qkv ×3 and linear1 in parts
+    run = loraops_run("check", tmp_path / "h.safetensors", "--base", pipe)
+    assert run.returncode == 0 and f"{parts}/{parts} modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", tmp_path / "h.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors", want)
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == parts
+
+
+def test_a_flux_lora_does_not_bind_to_a_hunyuan_video_pipeline(tmp_path):
+    """FLUX.1's names (img_attn.qkv, final_layer.linear) map onto the diffusers names HunyuanVideo's pipeline has too:
+    the table is the pipeline's transformer class's, so a FLUX LoRA is not merged into HunyuanVideo. (sd-scripts'
+    underscored names, lora_unet_double_blocks_0_img_attn_qkv, are the same for both: they bind as HunyuanVideo's.)"""
+    pipe = hunyuan_pipeline(tmp_path / "pipe")
+    save_file(factors({"double_blocks.0.img_attn.qkv": (3 * HY, HY), "final_layer.linear": (4, HY)},
+                      peft_key("diffusion_model.")), str(tmp_path / "f.safetensors"))
+    run = loraops_run("check", tmp_path / "f.safetensors", "--base", pipe, "--alpha", "4")
+    assert run.returncode != 0 and "diffusion_model.double_blocks.0.img_attn.qkv (not in base)" in run.stdout, \
+        run.stdout + run.stderr
+
+
+def ltx_pipeline(root):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                       cross_attention_dim=16, num_layers=1, caption_channels=12)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "LTXPipeline", "transformer": ["diffusers", "LTXVideoTransformer3DModel"]}))
+    return root
+
+
+LTX = {  # LTX-Video's original names (its blocks' are diffusers'): (rows, columns)
+    **{f"transformer_blocks.0.attn{a}.{p}": (16, 16) for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")},
+    "transformer_blocks.0.ff.net.0.proj": (64, 16), "transformer_blocks.0.ff.net.2": (16, 64),
+    "proj_out": (4, 16), "caption_projection.linear_1": (16, 12),
+}
+# renamed in the checkpoint: diffusers' LoRA converter keeps these names, which its pipeline does not have
+LTX_RENAMED = {"patchify_proj": ("proj_in", (16, 4)), "adaln_single.linear": ("time_embed.linear", (96, 16))}
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", ""])
+def test_ltx_video_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltxv_lora_to_diffusers
+
+    pipe = ltx_pipeline(tmp_path / "pipe")
+    modules = {**LTX, **{name: shape for name, (_, shape) in LTX_RENAMED.items()}}
+    key = peft_key(prefix)
+    tensors = factors(modules, key, seed=7)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(modules)})
+    save_file(tensors, str(tmp_path / "l.safetensors"))
+
+    def scaled(name):
+        alpha = float(tensors[key(name, "alpha")])
+        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = merged_as_diffusers(base, _convert_non_diffusers_ltxv_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": f for name in LTX for w, f in zip("AB", scaled(name))}))
+    for name, (tensor, _) in LTX_RENAMED.items():
+        A, B = scaled(name)
+        want[f"{tensor}.weight"] += B @ A
+    merge_and_compare(tmp_path, pipe, tmp_path / "l.safetensors", None, len(modules), want=want)
+
+
+@pytest.mark.parametrize("key", [peft_key("transformer."), musubi_key,
+                                 lambda name, which: "lora_transformer_" + musubi_key(name, which)[len("lora_unet_"):]],
+                         ids=["diffusers", "kohya", "onetrainer"])
+def test_ltx_video_lora_in_the_pipeline_names_still_binds(tmp_path, key):
+    """Names that fit the pipeline as they are (diffusers', kohya's of its paths, OneTrainer's) are not taken for the
+    original checkpoint's (the same paths, without the component)."""
+    pipe = ltx_pipeline(tmp_path / "pipe")
+    save_file(factors(LTX, key), str(tmp_path / "l.safetensors"))
+    run = loraops_run("check", tmp_path / "l.safetensors", "--base", pipe, "--alpha", "4")
+    assert run.returncode == 0 and f"{len(LTX)}/{len(LTX)} modules match" in run.stdout, run.stdout + run.stderr
+
+
+def qwen_pipeline(root):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                        axes_dims_rope=(2, 2, 4))
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "QwenImagePipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"]}))
+    return root
+
+
+QWEN = {  # Qwen-Image's names (diffusers' too): (rows, columns)
+    **{f"transformer_blocks.0.attn.{p}": (16, 16) for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                           "add_k_proj", "add_v_proj", "to_add_out")},
+    "transformer_blocks.0.img_mlp.net.0.proj": (64, 16), "transformer_blocks.0.txt_mlp.net.2": (16, 64),
+    "transformer_blocks.0.img_mod.1": (96, 16), "transformer_blocks.0.txt_mod.1": (96, 16),
+    "img_in": (16, 16), "txt_in": (16, 12), "proj_out": (16, 16), "norm_out.linear": (32, 16),
+}
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", ""])
+def test_qwen_image_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
+
+    pipe = qwen_pipeline(tmp_path / "pipe")
+    key = peft_key(prefix)
+    tensors = factors(QWEN, key, seed=8)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(QWEN)})
+    save_file(tensors, str(tmp_path / "q.safetensors"))
+    converted = _convert_non_diffusers_qwen_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
+    assert len(converted) == 2 * len(QWEN)
+    merge_and_compare(tmp_path, pipe, tmp_path / "q.safetensors", converted, len(QWEN))
+
+
+def test_pipeline_bound_dit_loras_written_as_kohya(tmp_path):
+    """Registered against the pipeline, an LTX-Video LoRA is written as kohya under its checkpoint paths (as ComfyUI
+    maps lora_unet_ names), which bind back; a musubi-tuner HunyuanVideo one comes back as it was, its qkv and linear1
+    parts joined and the final adaLN's halves swapped back (it was refused as a "FLUX/SD3 transformer")."""
+    for name, make, modules, key in (("ltx", ltx_pipeline, LTX, peft_key("diffusion_model.")),
+                                     ("hy", hunyuan_pipeline, HUNYUAN, musubi_key)):
+        pipe = make(tmp_path / name)
+        tensors = factors(modules, key)
+        tensors.update({key(module, "alpha"): torch.tensor(2.0) for module in modules})
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        assert loraops_run("base", "add", pipe, "--name", name).returncode == 0
+        run = loraops_run("register", tmp_path / f"{name}.safetensors", "--name", f"a{name}", "--base", name)
+        assert run.returncode == 0, run.stderr
+        if name == "hy":
+            assert_round_trip(tmp_path, f"a{name}", tensors)
+            continue
+        run = loraops_run("export", f"a{name}", "--format", "kohya", "-o", tmp_path / f"k{name}.safetensors")
+        assert run.returncode == 0, run.stderr
+        written = load_file(str(tmp_path / f"k{name}.safetensors"))
+        assert "lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight" in written
+        run = loraops_run("check", tmp_path / f"k{name}.safetensors", "--base", pipe)
+        assert run.returncode == 0 and f"{len(modules)}/{len(modules)} modules match" in run.stdout, run.stdout
+
+
+def test_wan_adapters_bound_to_a_pipeline_combined_and_written_as_kohya(tmp_path):
+    """A diffusers Wan LoRA (transformer.blocks.0.attn1.to_q) bound to the pipeline is written as kohya under musubi's
+    names too (it was refused as a "FLUX/SD3 transformer"), and so is a combination of pipeline-bound ones (the
+    combination kept no trace of the pipeline: lora_unet_transformer_blocks_0_attn1_to_q, loaded nowhere)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
+
+    pipe = wan_pipeline(tmp_path / "pipe")
+    modules = wan_modules(False)
+    musubi = factors(modules, musubi_key, seed=4)
+    save_file(musubi, str(tmp_path / "w.safetensors"))
+    save_file({k: v.contiguous() for k, v in _convert_musubi_wan_lora_to_diffusers(dict(musubi)).items()},
+              str(tmp_path / "d.safetensors"))
+    assert loraops_run("base", "add", pipe, "--name", "wan").returncode == 0
+    for ref in ("w", "d"):
+        run = loraops_run("register", tmp_path / f"{ref}.safetensors", "--name", ref, "--base", "wan")
+        assert run.returncode == 0, run.stderr
+    run = loraops_run("export", "d", "--format", "kohya", "-o", tmp_path / "dk.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert sorted(load_file(str(tmp_path / "dk.safetensors"))) == sorted(musubi)
+    run = loraops_run("combine", "w", "d", "--method", "cat", "--base", "wan", "--format", "kohya",
+                      "-o", tmp_path / "c.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert sorted(load_file(str(tmp_path / "c.safetensors"))) == sorted(musubi)
