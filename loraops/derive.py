@@ -21,7 +21,7 @@ from . import algebra, blocks
 from .errors import (AmbiguousError, DiskSpaceError, InvalidInputError, LoraopsError, MismatchError, ModelLoraError,
                      NotFoundError, reworded)
 from .formats import refuse_unwritable
-from .landing import Landing, tell, watched
+from .landing import Landing, registered, tell, watched
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing, resolved
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
@@ -379,16 +379,16 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
             if final is None:
                 record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
                                                            source=f"loraops {lineage.op}", scratch=True,
-                                                           written=written)
-                if created:
-                    tell(f"interrupted after the result was registered as {record.ref}")
+                                                           written=written,
+                                                           told=registered("the result was registered"))
                 return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
             filling = final.parent
             with atomic_path(final, force=force, is_dir=WRITERS[fmt][1], keep_name=True) as staged:
                 for file in sorted(written.path.iterdir()) if written.path.is_dir() else [written.path]:
                     copy_file(file, staged / file.name if written.path.is_dir() else staged)
-                done.append(reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written,
-                                                 scratch=True, source=str(resolved(final.parent) / final.name)))
+                # (in done as it commits: a Ctrl-C as the call returned left it registered without its output)
+                reg.register_adapter(written.path, name=name, base=base, lineage=lineage, written=written,
+                                     scratch=True, source=str(resolved(final.parent) / final.name), told=done.append)
                 staged_id = _file_id(staged)
             record, created, *_ = done[0]
         except BaseException as exc:

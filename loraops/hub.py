@@ -27,7 +27,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from . import blocks
 from .adapter import DORA_NOTE, LORA_BIAS_NOTE, METHOD_NAMES, METHOD_NOTES, PRODUCT_NAMES, PRODUCT_NOTES, token_rows_phrase
@@ -35,7 +35,7 @@ from .basemodel import INDEX_SUFFIX, PICKLE_SUFFIXES, PIPELINE_INDEX
 from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, InvalidInputError, LoraopsError,
                      NotFoundError, RegistryError, reworded)
 from .fsutil import path_exists, read_json, read_model_config, resolved
-from .landing import tell, tell_registered, watched
+from .landing import registered, tell, watched
 from .lazy import LazyModule
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
@@ -1120,7 +1120,7 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
         except RegistryError:  # damaged: downloaded again below, which repairs it
             pulled = None
     if pulled is not None:
-        done = _registered(ref, registry.register_adapter(stored, name=name, base=base, source=record.source))
+        done = registry.register_adapter(stored, name=name, base=base, source=record.source, told=pulled_line(ref))
         where = record.source.partition("@")[2].partition("/")[2]
         folder = where if stored.is_dir() else str(PurePosixPath(where).parent)
         files = [str(PurePosixPath(folder, f.name)) if folder not in ("", ".") else f.name
@@ -1128,8 +1128,8 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     elif offline():  # not pulled by loraops, but maybe in the Hub cache (another tool's download): copied
         download = download_adapter(ref, token=token, subpath=subpath)
         commit, files = download.commit, download.files
-        done = _registered(ref, registry.register_adapter(download.adapter_path, name=name, base=base,
-                                                          source=download.source))
+        done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source,
+                                         told=pulled_line(ref))
     else:
         # Downloaded into a folder inside the blob store and moved into place: one copy on disk, none in the Hub
         # cache; the folder goes when this ends, however it ends (what a killed process leaves is `gc`'s)
@@ -1138,8 +1138,8 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
             download = download_adapter(ref, token=token, subpath=subpath, into=scratch)
             commit, files = download.commit, download.files
             try:
-                done = _registered(ref, registry.register_adapter(download.adapter_path, name=name, base=base,
-                                                                  source=download.source, scratch=True))
+                done = registry.register_adapter(download.adapter_path, name=name, base=base,
+                                                 source=download.source, scratch=True, told=pulled_line(ref))
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
                 raise reworded(exc, str(download.folder), str(ref)) from None
     remember_ref(ref, commit)
@@ -1147,11 +1147,10 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
 
 
-def _registered(ref: RepoRef, done: "store.Registration") -> "store.Registration":
-    """What pull registered, told at once: a Ctrl-C as the download's scratch folder is cleaned up said "nothing was
-    written" of it."""
-    tell_registered(done, f"{ref} was pulled and registered")
-    return done
+def pulled_line(ref: RepoRef) -> "Callable[[store.Registration], str | None]":
+    """What a pull tells as its registration commits (a Ctrl-C as the download's scratch folder is cleaned up said
+    "nothing was written" of it)."""
+    return registered(f"{ref} was pulled and registered")
 
 
 def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | None):

@@ -32,13 +32,16 @@ def tell(line: str) -> None:
     _told.set((next(_counter), line))
 
 
-def tell_registered(done: "store.Registration", what: str) -> None:
-    """Tell what a registration (register, pull) did: ``what`` ("PATH was registered") as the record it made, or the
-    link it set."""
-    if done.created:
-        tell(f"interrupted after {what} as {done.record.ref}")
-    elif done.linked:
-        tell(f"interrupted after {done.record.ref} was linked to base {done.record.base.name}")
+def registered(what: str) -> Callable[["store.Registration"], str | None]:
+    """What a registration (register, pull, a derived result) tells as it commits (register_adapter's ``told``):
+    ``what`` ("PATH was registered") as the record it made, or the link it set; None when it changed nothing."""
+    def line(done: "store.Registration") -> str | None:
+        if done.created:
+            return f"interrupted after {what} as {done.record.ref}"
+        if done.linked:
+            return f"interrupted after {done.record.ref} was linked to base {done.record.base.name}"
+        return None
+    return line
 
 
 class Landing:

@@ -232,6 +232,25 @@ def interrupted_once_returned(monkeypatch, command: str) -> None:
     monkeypatch.setattr(click.Context, "invoke", invoke_then_interrupted)
 
 
+def interrupted_as_a_write_commits(monkeypatch, signum: int | None = None) -> None:
+    """A Ctrl-C (a real SIGINT, as the user's; or ``signum``) that arrives in the instant after the registry's first
+    write transaction committed, before the code after the commit runs."""
+    import os
+    import signal
+
+    from sqlalchemy.orm import Session
+
+    sent = []
+
+    def commit_then_ctrl_c(self, real=Session.commit):
+        real(self)
+        if not sent and self.get_bind().get_execution_options().get("loraops_write"):
+            sent.append(True)
+            os.kill(os.getpid(), signum or signal.SIGINT)
+
+    monkeypatch.setattr(Session, "commit", commit_then_ctrl_c)
+
+
 def conv_peft_adapter(out: Path, *, seed: int = 1, r: int = 4, alpha: float = 8,
                       target_modules: list[str] | None = None, **lora_kwargs: Any) -> Path:
     """A PEFT adapter made by peft on conv_embedding_model() (Embedding, Linear, 1×1 and 3×3 Conv2d)."""

@@ -436,6 +436,30 @@ def test_a_ctrl_c_before_the_result_landed_says_nothing_was_written(files, tmp_p
     assert registry_state() == state
 
 
+@pytest.mark.parametrize("with_output", [False, True], ids=["registered", "-o"])
+@pytest.mark.parametrize("command", ["combine", "resize"])
+def test_a_ctrl_c_as_the_result_commits_says_what_is_there(files, reg, tmp_path, monkeypatch, command, with_output):
+    """A Ctrl-C in the instant after the result's registration committed said "nothing was written" and left it
+    registered: without -o, it is the result, said as registered; with -o, whose output had not landed, it was left
+    recorded as the output's (from a source that is not there), and is taken back now."""
+    from factories import interrupted_as_a_write_commits
+
+    for name in ("a", "b"):
+        assert run("register", files[name])[0] == 0
+    args = ["combine", "a:0.7", "b:-0.5"] if command == "combine" else ["resize", "b", "--rank", "2"]
+    out = tmp_path / "out"
+    state, stored = registry_state(), sorted(p.name for p in reg.blobs.folders())
+    interrupted_as_a_write_commits(monkeypatch)
+    code, output = run(*args, "--name", "landed", *(["-o", out] if with_output else []))
+    assert (code, output.splitlines()[-1]) == (130, "error: interrupted; nothing was written" if with_output else
+                                               "error: interrupted after the result was registered as landed@1")
+    assert not out.exists()
+    if with_output:
+        assert registry_state() == state and sorted(p.name for p in reg.blobs.folders()) == stored
+    else:
+        assert registry_state()[0] == sorted([*state[0], "landed@1"]) and reg.verify() == []
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_registry_error_while_staged_names_the_output(files, tmp_path, monkeypatch, command):
     """The output changed under the registration (here: its weights truncated): the refusal names OUT, the path the

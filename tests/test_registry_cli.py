@@ -694,6 +694,151 @@ def test_a_ctrl_c_once_a_registry_change_committed_says_what_changed(art, monkey
         assert reg.list_adapters() == [] and reg.list_bases() == []
 
 
+def stored_folders() -> list[str]:
+    with Registry.open() as reg:
+        return [p.name for p in reg.blobs.folders()]
+
+
+@pytest.mark.parametrize("command", ["register", "rm", "base rm"])
+def test_a_ctrl_c_as_a_registry_change_commits_says_what_changed(art, monkeypatch, command):
+    """A Ctrl-C in the instant after the transaction committed (the database has the change; the command's next line
+    has not run) said "nothing was written" of it: the commit and what it tells are one step now (Registry.session
+    defers the Ctrl-C across both). What the registry says and what the store holds agree."""
+    cli("base", "add", art["base"], "--name", "llama-tiny")
+    if command != "register":
+        cli("register", art["ad1"])
+    args, said = {"register": (["register", art["ad1"]], f"{art['ad1']} was registered as ad1@1"),
+                  "rm": (["rm", "ad1"], "ad1@1 was removed; `loraops gc` removes what is left of its stored files"),
+                  "base rm": (["base", "rm", "llama-tiny", "--force"], "base llama-tiny was removed")}[command]
+    with monkeypatch.context() as patched:
+        factories.interrupted_as_a_write_commits(patched)
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    assert (result.exit_code, result.output) == (130, f"error: interrupted after {said}\n")  # (one line)
+    with Registry.open() as reg:
+        assert [a.ref for a in reg.list_adapters()] == ([] if command == "rm" else ["ad1@1"])
+        assert [b.name for b in reg.list_bases()] == ([] if command == "base rm" else ["llama-tiny"])
+        assert reg.verify() == []  # every record's stored files are there
+    assert len(stored_folders()) == 1  # (rm's: left for gc, as said)
+    if command == "rm":
+        assert cli("gc", "--grace", "0").output.splitlines()[-1].startswith("removed 1 item(s), ")
+        assert stored_folders() == []
+
+
+def test_a_sigterm_as_rm_commits_is_said_as_a_ctrl_c_is(art, monkeypatch, capsys):
+    """SIGTERM is handled as Ctrl-C (cli._terminate), at the commit too: exit 143, and the line says what went."""
+    import signal
+
+    from loraops.cli import exit_status
+
+    cli("register", art["ad1"])
+    capsys.readouterr()
+    factories.interrupted_as_a_write_commits(monkeypatch, signal.SIGTERM)
+    assert exit_status(["rm", "ad1"]) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: interrupted after ad1@1 was removed; `loraops gc` removes what is left of its stored files")
+    with Registry.open() as reg:
+        assert reg.list_adapters() == []
+
+
+@pytest.mark.parametrize("step", ["in the store", "before the commit"])
+def test_register_interrupted_before_its_commit_leaves_nothing(art, monkeypatch, step):
+    """The other side of test_a_ctrl_c_as_a_registry_change_commits_says_what_changed: interrupted while its files
+    are stored or before its row commits, `register` says nothing was written, and no stored file is left."""
+    from loraops.registry import store
+    from loraops.registry.blobs import BlobStore
+
+    with Registry.open() as reg:
+        before = snapshot(reg)
+
+    def interrupted(*args, real=BlobStore.put, **kwargs):
+        if step == "in the store":
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    if step == "in the store":
+        monkeypatch.setattr(BlobStore, "put", interrupted)
+    else:
+        monkeypatch.setattr(store, "_insert_modules", interrupted)
+    result = CliRunner().invoke(main, ["register", str(art["ad1"])])
+    assert (result.exit_code, result.output) == (130, "error: interrupted; nothing was written\n")
+    with Registry.open() as reg:
+        assert snapshot(reg) == before
+
+
+@pytest.mark.parametrize("step", ["before the commit", "between the stored files", "once the stored files went"])
+def test_rm_all_interrupted_says_what_it_removed(art, monkeypatch, step):
+    """`rm --all` interrupted once its records were removed, while it removed their stored files, said "nothing was
+    written"; it says which records went, and that gc removes what is left of their files."""
+    from factories import interrupted_once_returned
+    from loraops.registry.store import Registry as Store
+
+    cli("register", art["ad1"])
+    cli("register", art["kohya"], "--name", "ad1")
+    with Registry.open() as reg:
+        before = snapshot(reg)
+    removals = []
+
+    def interrupted(*args, real=Store._drop_blob_if_unused):
+        removals.append(args)
+        if len(removals) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    with monkeypatch.context() as patched:
+        if step == "before the commit":
+            patched.setattr(Store, "_drop_lineage", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        elif step == "between the stored files":
+            patched.setattr(Store, "_drop_blob_if_unused", interrupted)
+        else:
+            interrupted_once_returned(patched, "rm")
+        result = CliRunner().invoke(main, ["rm", "ad1", "--all"])
+    said = {"before the commit": "error: interrupted; nothing was written",
+            "between the stored files": "error: interrupted after ad1@1, ad1@2 were removed; `loraops gc` removes "
+                                        "what is left of their stored files",
+            "once the stored files went": "error: interrupted after ad1@1, ad1@2 were removed"}[step]
+    assert (result.exit_code, result.output.splitlines()[-1]) == (130, said)
+    with Registry.open() as reg:
+        if step == "before the commit":
+            assert snapshot(reg) == before
+            return
+        assert reg.list_adapters() == []
+    assert len(stored_folders()) == (1 if step == "between the stored files" else 0)
+    cli("gc", "--grace", "0")
+    assert stored_folders() == []
+
+
+@pytest.mark.parametrize("after", [0, 1])
+def test_gc_interrupted_says_how_many_items_it_removed(art, monkeypatch, after):
+    """gc interrupted between two items said "nothing was written" of the one it had removed; it says how many."""
+    from loraops.registry.blobs import BlobStore
+    from loraops.registry.store import Registry as Store
+
+    cli("register", art["ad1"])
+    cli("register", art["kohya"])
+    with monkeypatch.context() as patched:  # two stored folders no record uses
+        patched.setattr(Store, "_drop_blob_if_unused", lambda *args: None)
+        cli("rm", "ad1")
+        cli("rm", "style")
+    assert len(stored_folders()) == 2
+    removals = []
+
+    def interrupted(store, key, real=BlobStore.remove):
+        removals.append(key)
+        if len(removals) > after:
+            raise KeyboardInterrupt
+        real(store, key)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(BlobStore, "remove", interrupted)
+        result = CliRunner().invoke(main, ["gc", "--grace", "0"])
+    assert (result.exit_code, result.output) == (
+        130, f"error: interrupted after {after} item(s) were removed\n" if after else
+        "error: interrupted; nothing was written\n")
+    assert len(stored_folders()) == 2 - after
+    assert cli("gc", "--grace", "0").output.splitlines()[-1].startswith(f"removed {2 - after} item(s), ")
+    assert stored_folders() == []
+
+
 @pytest.mark.no_registry
 def test_a_ctrl_c_once_db_upgrade_committed_says_so(tmp_path, monkeypatch):
     from factories import interrupted_once_returned

@@ -6,7 +6,7 @@ import contextlib
 import click
 
 from . import FLOAT, INT
-from ..landing import tell, tell_registered
+from ..landing import registered
 from .render import (METHODS, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
                      number, scale_mode, to_jsonable, variants)
 
@@ -65,8 +65,8 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
              as_json: bool) -> None:
     """Register an adapter: a PEFT folder or a .safetensors file (PEFT, kohya or diffusers keys)."""
     with _registry() as reg:
-        done = reg.register_adapter(path, name=name, base=base, tags=tags, alpha=alpha)
-        tell_registered(done, f"{path} was registered")
+        done = reg.register_adapter(path, name=name, base=base, tags=tags, alpha=alpha,
+                                    told=registered(f"{path} was registered"))
     record = done.record
     if as_json:
         echo_json(record)
@@ -162,8 +162,7 @@ def show(ref: str, as_json: bool) -> None:
 def rm(ref: str, all_versions: bool) -> None:
     """Remove an adapter (name = its latest version; name@version, id, sha256 prefix) and its stored copy."""
     with _registry(create=False) as reg:
-        removed = reg.remove_adapter(ref, all_versions=all_versions)
-        tell(f"interrupted after {', '.join(r.ref for r in removed)} {'were' if len(removed) > 1 else 'was'} removed")
+        removed = reg.remove_adapter(ref, all_versions=all_versions)  # (it tells what an interruption then says)
     for r in removed:
         click.echo(f"removed {r.ref} (id {r.id}, sha256 {r.sha256[:12]})")
 

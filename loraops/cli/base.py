@@ -97,8 +97,7 @@ def show(ref: str, as_json: bool) -> None:
 def rm(ref: str, force: bool) -> None:
     """Forget a base model (its files are not touched)."""
     with _registry(create=False) as reg:
-        record = reg.remove_base(ref, force=force)
-        tell(f"interrupted after base {record.name} was removed")
+        record = reg.remove_base(ref, force=force, told=lambda r: f"interrupted after base {r.name} was removed")
     if record.path is None:  # a base from the Hub whose weights never came down
         click.echo(f"removed base {record.name} (id {record.id}); it had no files on disk (its manifest came from "
                    f"{record.source})")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import click
 
 from . import FLOAT
-from ..landing import tell
 from .adapters import _registry
 from .render import human_bytes
 
@@ -19,9 +18,7 @@ def gc(dry_run: bool, grace: float) -> None:
 
     refuse_bad_grace(grace, "--grace")  # (before the registry is opened)
     with _registry(create=False) as reg:
-        found = reg.gc(grace_s=grace, dry_run=dry_run)
-        if found and not dry_run:
-            tell(f"interrupted after {len(found)} item(s) were removed")
+        found = reg.gc(grace_s=grace, dry_run=dry_run)  # (it tells what an interruption then says)
     verb = "would remove" if dry_run else "removed"
     for path, _ in found:
         click.echo(f"{verb} {path}")

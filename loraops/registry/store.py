@@ -32,6 +32,7 @@ from ..lazy import LazyModule
 from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
+from ..landing import tell
 from ..references import is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
@@ -52,6 +53,7 @@ RETRY_BACKOFF_S = 0.02
 # SQLSTATEs of a PostgreSQL transaction that lost to another one and is worth running again.
 PG_RETRYABLE = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 T = TypeVar("T")
+TOLD = "loraops_told"  # Session.info: what is told once the transaction committed (Registry.session)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+/-]*$")
 
 
@@ -206,7 +208,9 @@ class Registry:
 
     @contextlib.contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
-        """One transaction: committed when the block ends, rolled back when it raises."""
+        """One transaction: committed when the block ends, rolled back when it raises. A write's ``(told, result)``
+        in ``session.info[TOLD]`` (see write) is called once it committed, a Ctrl-C deferred across both: one that
+        landed as the commit returned said "nothing was written" of a change committed."""
         if write:
             self.refuse_writes()
         engine = db.writer(self.engine) if write else self.engine
@@ -214,19 +218,27 @@ class Registry:
                 Session(engine, expire_on_commit=False, autoflush=False) as session:
             try:
                 yield session
-                session.commit()
+                with db.interrupts_deferred() if write else contextlib.nullcontext():
+                    session.commit()
+                    told, result = session.info.get(TOLD, (None, None))
+                    if told is not None and (line := told(result)) is not None:
+                        tell(line)
             except BaseException:
                 session.rollback()
                 raise
 
-    def write(self, what: str, work: Callable[[Session], T]) -> T:
+    def write(self, what: str, work: Callable[[Session], T], told: Callable[[T], str | None] | None = None) -> T:
         """Run ``work`` in one write transaction; when it loses a race with another writer (see retryable) run it
         again in a fresh transaction after a short random back-off. LoraopsErrors from ``work`` pass through; any
-        other database error becomes one RegistryError line naming ``what``."""
+        other database error becomes one RegistryError line naming ``what``. ``told``: called with what ``work``
+        returned once its transaction committed, before a Ctrl-C can land; the line it returns ("interrupted after
+        …"; None: none) is what an interruption from then on says (landing.tell)."""
         for attempt in range(RETRIES):
             try:
                 with self.session(write=True) as s:
-                    return work(s)
+                    done = work(s)
+                    s.info[TOLD] = told, done
+                    return done
             except DBAPIError as exc:
                 if not retryable(exc):
                     raise RegistryError(f"could not {what}: {_first_line(exc.orig or exc)}") from None
@@ -417,9 +429,10 @@ class Registry:
         with self.reader() as r:
             return r.find_base(fingerprint)
 
-    def remove_base(self, ref: str | int, *, force: bool = False) -> BaseRecord:
+    def remove_base(self, ref: str | int, *, force: bool = False,
+                    told: Callable[[BaseRecord], str | None] | None = None) -> BaseRecord:
         """Remove a base record (a derived base's lineage with it). Refused while adapters or lineage refer to it,
-        unless ``force`` (they then keep their records with no base link)."""
+        unless ``force`` (they then keep their records with no base link). ``told``: see write."""
 
         def work(s: Session) -> BaseRecord:
             row = self._find_base(s, ref)
@@ -442,7 +455,7 @@ class Registry:
             self._drop_lineage(s, [row.lineage_id])
             return record
 
-        return self.write(f"remove base {ref!r}", work)
+        return self.write(f"remove base {ref!r}", work, told)
 
     # ---------------------------------------------------------------- adapters
 
@@ -456,7 +469,8 @@ class Registry:
     def register_adapter(self, path: str | Path, *, name: str | None = None, base: str | int | None = None,
                          tags: Iterable[str] = (), alpha: float | None = None, source: str | None = None,
                          lineage: LineageSpec | None = None, progress: bool | None = None,
-                         scratch: bool = False, written: "formats.Written | None" = None) -> Registration:
+                         scratch: bool = False, written: "formats.Written | None" = None,
+                         told: Callable[[Registration], str | None] | None = None) -> Registration:
         """Register the adapter at ``path`` (any supported layout), copying its files into the blob store
         (``scratch``: loraops wrote them into ``blobs.scratch()``, and they are moved there instead).
 
@@ -471,7 +485,10 @@ class Registry:
         Identical identity registered again returns the existing record, keeping its name@version whatever
         ``name`` says (one record per adapter), with new ``tags`` added; an explicit ``base`` links it to that
         base after the same fit check, in the same transaction (re-links it when it had another: ``linked``,
-        ``previous_base``), so an adapter registered before its base can be linked later."""
+        ``previous_base``), so an adapter registered before its base can be linked later.
+
+        ``told``: called with the Registration once it committed (Registry.write): the line an interruption then
+        says (landing.registered)."""
         from .. import formats
 
         path = existing_path(path)
@@ -508,14 +525,14 @@ class Registry:
                 existing = None if row is None else (row.id, row.blob, row.files)
             if existing is not None:
                 self._repair(identity, existing[1], existing[2], files)
-                return self._update(existing[0], tags, adapter, base_id if base is not None else None)
+                return self._update(existing[0], tags, adapter, base_id if base is not None else None, told)
             return self._store_and_insert(path, name, identity, key, files, adapter, base_id, alpha, source, tags,
-                                          lineage, progress, scratch, known)
+                                          lineage, progress, scratch, known, told)
 
     def _store_and_insert(self, path: Path, name: str, identity: str, key: str, files: list[Path], adapter: "Adapter",
                           base_id: int | None, alpha: float | None, source: str | None, tags: list[str],
                           lineage: LineageSpec | None, progress: bool | None, scratch: bool,
-                          known: dict[str, str]) -> Registration:
+                          known: dict[str, str], told: Callable[[Registration], str | None] | None) -> Registration:
         bar = settings.progress_bar(sum(f.stat().st_size for f in files), f"store {path.name}", progress)
         try:
             try:
@@ -539,7 +556,7 @@ class Registry:
                 token_rows=token_counts(adapter), base_id=base_id, base_hint=adapter.base_model,
                 source=source or str(resolved(path)), blob=key, files=[f.as_dict() for f in stored],
             )
-            return self._insert_adapter(name, fields, adapter, tags, lineage)
+            return self._insert_adapter(name, fields, adapter, tags, lineage, told)
         except BaseException:
             # Nothing half-done: the copied blob goes unless a record (e.g. a concurrent twin) now uses it.
             self._drop_blob_if_unused(key)
@@ -551,7 +568,7 @@ class Registry:
             self.blobs.remove(key)
 
     def _insert_adapter(self, name: str, fields: dict, adapter: "Adapter", tags: list[str],
-                        lineage: LineageSpec | None) -> Registration:
+                        lineage: LineageSpec | None, told: Callable[[Registration], str | None] | None) -> Registration:
 
         def work(s: Session) -> Registration:
             existing = s.scalar(select(SqlAdapter).where(SqlAdapter.sha256 == fields["sha256"]))
@@ -565,7 +582,7 @@ class Registry:
             _insert_modules(s, row.id, adapter)
             return Registration(self._adapter_record(s, row), True)
 
-        return self.write(f"register {name!r}", work)
+        return self.write(f"register {name!r}", work, told)
 
     def _next_version(self, s: Session, name: str) -> int:
         """Versions count up per name and are never reused (a removed name@2 stays gone). One atomic UPDATE …
@@ -670,7 +687,7 @@ class Registry:
         return self._update(adapter_id, clean_tags(tags)).record
 
     def _update(self, adapter_id: int, tags: list[str], adapter: "Adapter | None" = None,
-                base_id: int | None = None) -> Registration:
+                base_id: int | None = None, told: Callable[[Registration], str | None] | None = None) -> Registration:
         """Tag a registered adapter and, with ``base_id``, link it to that base (see _registered_again)."""
         def work(s: Session) -> Registration:
             row = s.get(SqlAdapter, adapter_id)
@@ -682,9 +699,12 @@ class Registry:
             with self.session() as s:
                 row = s.get(SqlAdapter, adapter_id)
                 # nothing to record: answered in a read transaction; else (token rows not recorded yet) a write
-                if row is None or adapter is None or row.token_rows is not None:
-                    return work(s)
-        return self.write(f"update adapter id {adapter_id}", work)
+                done = work(s) if row is None or adapter is None or row.token_rows is not None else None
+            if done is not None:
+                if told is not None:
+                    told(done)  # (what it says of a change that was none: nothing)
+                return done
+        return self.write(f"update adapter id {adapter_id}", work, told)
 
     def _registered_again(self, s: Session, row: SqlAdapter, tags: list[str], adapter: "Adapter | None",
                           base_id: int | None) -> Registration:
@@ -760,10 +780,14 @@ class Registry:
             self._drop_lineage(s, [r.lineage_id for r in rows])
             return records, [r.blob for r in rows]
 
-        records, keys = self.write(f"remove {ref!r}", work)
+        # (undo is a failing command's taking back: it says what it did itself)
+        records, keys = self.write(f"remove {ref!r}", work,
+                                   None if undo else lambda done: removed_line(done[0], stored_left=True))
         for key in keys:
             with self.blobs.lock(key):
                 self._drop_blob_if_unused(key)
+        if records and not undo:
+            tell(removed_line(records))
         return records
 
     # ---------------------------------------------------------------- checks and maintenance
@@ -939,6 +963,9 @@ class Registry:
         root = self.blobs.root
         unused = [f for f in self.blobs.folders() if str(f.relative_to(root).as_posix()) not in used]
         removed = []
+
+        def told() -> None:  # each item once it is gone: a Ctrl-C midway said "nothing was written"
+            tell(f"interrupted after {len(removed)} item(s) were removed")
         for path in [*unused, *self.blobs.temp_files()]:
             key = path.relative_to(root).as_posix()
             with self.blobs.lock(key):
@@ -954,6 +981,7 @@ class Registry:
                 else:
                     remove(path)
                     self.blobs.prune(path)
+                told()
         for path in self.blobs.stray_stamps():
             with self.blobs.lock(path.parent.name):
                 if not path.exists() or path.stat().st_mtime > cutoff:
@@ -962,6 +990,7 @@ class Registry:
                 if not dry_run:
                     path.unlink(missing_ok=True)
                     self.blobs.prune(path)
+                    told()
         return removed
 
     # ---------------------------------------------------------------- lookups
@@ -1035,6 +1064,15 @@ class Registry:
 
     def _base_record(self, s: Session, row: SqlBase) -> BaseRecord:
         return self._reader(s).base(row.id)
+
+
+def removed_line(records: list[AdapterRecord], stored_left: bool = False) -> str:
+    """What an interrupted `rm` says once its records were removed; ``stored_left``: before their stored files were
+    (an orphan folder, which gc removes)."""
+    one = len(records) == 1
+    line = f"interrupted after {', '.join(r.ref for r in records)} {'was' if one else 'were'} removed"
+    return line + (f"; `loraops gc` removes what is left of {'its' if one else 'their'} stored files" if stored_left
+                   else "")
 
 
 def retryable(exc: DBAPIError) -> bool:
