@@ -160,8 +160,8 @@ def refuse_unplaced(adapter: "Adapter", modules: Sequence[str], naming: str) -> 
 
 
 def names_module(path: str, name: str) -> bool:
-    """PEFT's rule for a plain module name (target_modules, trainable_token_indices keys): the module path itself or
-    its last dot-separated components."""
+    """PEFT's rule for a plain module name (target_modules): the module path itself or its last dot-separated
+    components. (trainable_token_indices keys are matched otherwise: tokens.wraps.)"""
     return path == name or path.endswith(f".{name}")
 
 
