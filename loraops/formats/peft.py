@@ -513,13 +513,25 @@ def metadata_config(header: st.Header) -> dict | None:
             if isinstance(cfg, dict):
                 refuse_lone_surrogates(cfg, f"{header.path}: its metadata's {key}")
                 return cfg
+    alpha = metadata_alpha(metadata)
+    return None if alpha is None else {"lora_alpha": alpha}
+
+
+def metadata_alpha(metadata: dict[str, str]) -> float | None:
+    """The number a bare ``lora_alpha`` or ``alpha`` header key holds (the first that is one), or None."""
     for key in ("lora_alpha", "alpha"):
-        if key in metadata:
-            try:
-                return {"lora_alpha": float(metadata[key])}
-            except ValueError:
-                return None
+        try:
+            return float(metadata[key])
+        except (KeyError, ValueError):
+            continue
     return None
+
+
+def bare_config(header: st.Header) -> dict | None:
+    """metadata_config for a bare PEFT file: a JSON config without lora_alpha takes the bare ``lora_alpha``/``alpha``
+    key beside it (metadata_alpha), which says the alpha as well as a config would; it asked for --alpha."""
+    cfg, alpha = metadata_config(header), metadata_alpha(header.metadata)
+    return cfg if cfg is None or alpha is None or "lora_alpha" in cfg else {**cfg, "lora_alpha": alpha}
 
 
 @dataclass
@@ -841,7 +853,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if path.is_dir() and cfg_file is None:
         raise FormatError(f"{path}: no {CONFIG_NAME} in this PEFT folder")
     header = st.read_header(weights)
-    raw_cfg = load_config(cfg_file) if cfg_file else metadata_config(header)
+    raw_cfg = load_config(cfg_file) if cfg_file else bare_config(header)
     raw_cfg = nulls_as_false(raw_cfg) if raw_cfg is not None else None  # (settled_orientation reads it too)
     if cfg_file:  # LoraConfig's defaults, as PEFT reads the file
         raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
@@ -849,6 +861,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if cfg_file and cfg.alpha is None and cfg.product is None and cfg.method is None:  # (absent, it is LoraConfig's 8)
         raise InvalidInputError(f"{cfg_file}: config lora_alpha is null, which PEFT cannot read (it divides it by r); "
                                 f"set it there, or {common.ALPHA_WANTED}")
+    if cfg is not None and cfg.method == "adalora" and cfg.alpha is None:  # (a folder's is AdaLoraConfig's 8)
+        raise InvalidInputError(f"{weights}: its metadata's AdaLoRA config gives no lora_alpha; {common.ALPHA_WANTED}")
     product = cfg.product if cfg is not None else None
     method = cfg.method if cfg is not None else None
     products, keys = ({}, header.tensors) if product is None else \
