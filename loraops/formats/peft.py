@@ -41,9 +41,11 @@ OTHER_PARTS = {"lora_magnitude_vector": "magnitude", "lora_E": "E"}
 
 # Config fields that change the math (or the modules touched): hashed into a PEFT folder's identity, with
 # PEFT's defaults for absent ones so an explicit default and an absent field hash alike.
+# (r, lora_alpha and the switches default per peft_type: common.peft_default)
 MATH_FIELDS = {
-    "peft_type": "LORA", "r": 8, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-    "fan_in_fan_out": False, "target_modules": None, "modules_to_save": None, "use_dora": False,
+    "peft_type": "LORA", **{k: common.peft_default("LORA", k) for k in ("r", "lora_alpha", "use_rslora")},
+    "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "target_modules": None, "modules_to_save": None,
+    "use_dora": False,
 }
 
 
@@ -281,7 +283,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     product = lycoris.PEFT_TYPES.get(peft_type)
     if product is not None:  # LoHaConfig/LoKrConfig: r, alpha (not lora_alpha), rank/alpha patterns, modules_to_save
         if alpha is None:
-            alpha = cfg.get("alpha", MATH_FIELDS["lora_alpha"])
+            alpha = cfg.get("alpha", common.peft_default(peft_type, "alpha"))
         cfg = {k: cfg[k] for k in ("r", "rank_pattern", "alpha_pattern", "modules_to_save", "bias") if k in cfg}
         peft_type = "LORA"
     method = lowrank.PEFT_TYPES.get(peft_type)
@@ -856,7 +858,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     raw_cfg = load_config(cfg_file) if cfg_file else bare_config(header)
     raw_cfg = nulls_as_false(raw_cfg) if raw_cfg is not None else None  # (settled_orientation reads it too)
     if cfg_file:  # LoraConfig's defaults, as PEFT reads the file
-        raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
+        raw_cfg = {k: common.peft_default("LORA", k) for k in ("lora_alpha", "use_dora")} | raw_cfg
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     if cfg_file and cfg.alpha is None and cfg.product is None and cfg.method is None:  # (absent, it is LoraConfig's 8)
         raise InvalidInputError(f"{cfg_file}: config lora_alpha is null, which PEFT cannot read (it divides it by r); "
