@@ -298,6 +298,21 @@ def _tie_flags(config: dict) -> list[dict]:
     return [config, *(sub for key in TEXT_CONFIGS if isinstance(sub := config.get(key), dict))]
 
 
+def model_type_of(config: Mapping) -> str | None:
+    """config.json's model_type, where it is a string: anything else names no model type (transformers' AutoConfig
+    fails on it, a class's from_pretrained takes its own), as an absent one does."""
+    value = config.get("model_type")
+    return value if isinstance(value, str) else None
+
+
+def architectures_of(config: Mapping) -> list[str]:
+    """config.json's architectures: the class names (strings) of its list, or the one it names; none where it holds
+    neither (transformers keeps any value there, and builds no model by it)."""
+    value = config.get("architectures")
+    return [value] if isinstance(value, str) else [a for a in value if isinstance(a, str)] if isinstance(value, list) \
+        else []
+
+
 def refuse_unread_tie_flag(config: dict, path) -> None:
     """Refuse a config.json (at ``path``) whose tie_word_embeddings, at a level ties_word_embeddings reads, is neither
     true, false nor null: transformers 5's strict config refuses to load it ("expected bool"), and transformers 4 read
@@ -402,7 +417,7 @@ def side_tied_head(shared: str, manifest: Mapping[str, object], config: dict) ->
     initialized), where the bare model only reports it unexpected."""
     if config.get("model_type") in TIED_BY_VALUE:  # a T5's side written apart unties nothing else
         return None
-    architectures = [str(a) for a in config.get("architectures") or []]
+    architectures = architectures_of(config)
     heads = not architectures or any(a.endswith(LM_HEAD_CLASSES) or ("For" not in a and a.endswith("Model"))
                                      for a in architectures)  # (MarianMTModel, the bare model)
     head = "lm_head.weight"
@@ -639,8 +654,7 @@ def untie_refusal(embeddings: str, config: dict) -> str | None:
 
 
 def _tied_head_of_class(config: dict) -> TiedHead | None:
-    tied = next((TIED_HEAD_OF_CLASS[str(a)] for a in config.get("architectures") or [] if str(a) in TIED_HEAD_OF_CLASS),
-                None)
+    tied = next((TIED_HEAD_OF_CLASS[a] for a in architectures_of(config) if a in TIED_HEAD_OF_CLASS), None)
     return None if tied is not None and tied.flag is not None and config.get(tied.flag, True) is False else tied
 
 
@@ -765,7 +779,7 @@ def _names_heads(config: dict) -> bool:
     """Does this config.json name a class whose output head a rule names (TIED_HEAD_OF_CLASS, a causal LM's,
     MarianMTModel's: lm_head beside its decoder's embed_tokens where it stores each side's own)?"""
     return _tied_head_of_class(config) is not None or any(
-        str(a).endswith(LM_HEAD_CLASSES) or a == "MarianMTModel" for a in config.get("architectures") or [])
+        a.endswith(LM_HEAD_CLASSES) or a == "MarianMTModel" for a in architectures_of(config))
 
 
 def _causal_lm_head(embeddings: str) -> str | None:
@@ -784,7 +798,7 @@ def _remote_code_class(config: dict) -> str | None:
     auto_map = config.get("auto_map")
     loaded = {str(ref).rpartition(".")[2] for refs in (auto_map.values() if isinstance(auto_map, dict) else ())
               for ref in (refs if isinstance(refs, list) else [refs]) if ref}
-    return next((str(a) for a in config.get("architectures") or [] if str(a) in loaded), None)
+    return next((a for a in architectures_of(config) if a in loaded), None)
 
 
 def stored_twice(manifest: Mapping[str, object], config: Callable[[str], dict], touched: Iterable[str], *,
@@ -1174,7 +1188,7 @@ def memory_names(names: Iterable[str], config: Mapping) -> tuple[dict[str, str],
     layout, not one already in the in-memory layout) and gives back exactly (forward ∘ inverse = identity). Without
     a config.json, names are kept, with a warning when some family's rules would have renamed them."""
     names = list(names)
-    kinds = {config.get("model_type"), *(config.get("architectures") or ())}
+    kinds = {model_type_of(config), *architectures_of(config)}
     layout = next((layout for layout in SAVED_LAYOUTS if layout.families & kinds), None)
     if layout is not None:
         if any(layout.saved(n) != n for n in names):
@@ -1505,7 +1519,7 @@ def default_targets_refusal(adapter: Adapter, manifest: Mapping[str, object],
             or peft.peft_type_of(cfg) not in peft.DEFAULTED_TYPES or config is None:
         return None
     tensor = next((m.weight_name for m in adapter.modules.values() if m.weight_name in manifest), None)
-    model_type = None if tensor is None else config(tensor).get("model_type")
+    model_type = None if tensor is None else model_type_of(config(tensor))
     if model_type is None:
         return None
     keys = {n: adapter.own_names.get(n, n) for n in adapter.modules}  # PEFT's module keys

@@ -734,3 +734,28 @@ def test_adalora_ensure_weight_tying_saves_the_tied_head_whole(tmp_path, head):
     merged = load_file(tmp_path / "out" / "model.safetensors")
     torch.testing.assert_close(merged["lm_head.weight"], trained)
     torch.testing.assert_close(logits(tmp_path / "out"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_config_field_left_out_is_its_own_peft_type_s_default(tmp_path, bases):
+    """A field a config leaves out means its config class's default (formats.common.PEFT_DEFAULTS, which the installed
+    PEFT's classes give): VeraConfig's r is 256, and a VeRA folder whose config leaves r out has the identity of the
+    one that writes 256 (it hashed LoraConfig's 8, so the same adapter registered twice)."""
+    import dataclasses
+
+    from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
+
+    from loraops.formats import common
+
+    classes = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig, "LOHA": LoHaConfig, "LOKR": LoKrConfig, "VERA": VeraConfig}
+    assert common.PEFT_DEFAULTS.keys() == classes.keys()
+    for peft_type, cls in classes.items():
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert common.PEFT_DEFAULTS[peft_type] == {k: fields[k] for k in common.PEFT_DEFAULTS[peft_type]}, peft_type
+    vera = vera_adapter(bases[torch.float32], tmp_path / "vera", r=256, targets=["q_proj"])
+    config_path = vera / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["r"] == 256
+    explicit, modules = formats.identity(vera), formats.read_adapter(vera).modules
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "r"}))
+    assert formats.identity(vera) == explicit
+    assert all(torch.equal(m.B, modules[n].B) for n, m in formats.read_adapter(vera).modules.items())

@@ -165,6 +165,37 @@ def test_bare_file_with_sibling_config_and_without(llama, tmp_path):
     assert read_adapter(bare).alpha == 12
 
 
+def test_bare_file_alpha_beside_its_metadata_config(llama, tmp_path):
+    """A bare file whose header holds a JSON config without lora_alpha and the alpha as a key of its own is read with
+    that alpha (it asked for --alpha, saying the metadata had none); a number in ``alpha`` counts where
+    ``lora_alpha`` holds none. A config in the header that says no alpha at all is still refused, AdaLoRA's too (it
+    was a TypeError traceback)."""
+    path = factories.peft_adapter(llama, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"])
+    tensors = load_file(path / "adapter_model.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    config = json.dumps({"peft_type": "LORA", "r": 4, "use_rslora": True})
+    save_file(tensors, str(bare), metadata={"format": "pt", "adapter_config": config, "lora_alpha": "12"})
+    assert all(m.alpha == 12 and m.scale == 6.0 for m in read_adapter(bare).modules.values())  # (12/√4)
+    save_file(tensors, str(bare), metadata={"format": "pt", "lora_alpha": "n/a", "alpha": "6"})
+    assert read_adapter(bare).alpha == 6
+    save_file(tensors, str(bare), metadata={"format": "pt", "adapter_config": config})
+    with pytest.raises(InvalidInputError, match=r"bare\.safetensors: no adapter_config.json and no alpha .*--alpha"):
+        read_adapter(bare)
+    from peft import AdaLoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(factories.load_model(llama), AdaLoraConfig(init_r=4, target_modules=["q_proj"],
+                                                                      total_step=10))
+    model.save_pretrained(tmp_path / "ada")
+    config = {k: v for k, v in model.peft_config["default"].to_dict().items() if k != "lora_alpha"}
+    save_file(load_file(tmp_path / "ada" / "adapter_model.safetensors"), str(bare),
+              metadata={"format": "pt", "adapter_config": json.dumps(config, default=sorted)})
+    with pytest.raises(InvalidInputError, match=r"bare\.safetensors: its metadata's AdaLoRA config gives no "
+                                                r"lora_alpha; pass the LoRA alpha"):
+        read_adapter(bare)
+    assert read_adapter(bare, alpha=6).modules["model.layers.0.self_attn.q_proj"].alpha == 6
+
+
 def test_config_rank_disagreeing_with_tensors_uses_tensor_rank(llama, tmp_path):
     path = factories.peft_adapter(llama, tmp_path / "a", r=4, alpha=8, target_modules=["q_proj"])
     cfg = json.loads((path / "adapter_config.json").read_text())

@@ -100,3 +100,25 @@ def test_a_loha_config_without_targets_is_refused_too(tmp_path, base):
     report = check.check(formats.read_adapter(untargeted(tmp_path / "loha")), BaseModel.open(base))
     assert not report.ok and report.missing and all(n.endswith("o_proj") for n in report.missing)
     assert "llama's defaults (q_proj, v_proj) and ignore o_proj" in report.why_missing[report.missing[0]]
+
+
+@pytest.mark.parametrize("model_type, architectures", [(["llama"], None), ({"name": "llama"}, 5),
+                                                       (None, [["LlamaForCausalLM"]])])
+def test_a_model_type_or_architectures_of_no_name_is_none(tmp_path, base, model_type, architectures):
+    """A base config.json whose model_type is no string (which transformers' AutoConfig fails on) names no model type,
+    as one without it: a config without target_modules is not checked against it (it was a TypeError traceback,
+    unhashable, from check and merge); architectures that hold no class names name none (extract's renaming read them
+    by hashing: a TypeError, or for a number, not iterable)."""
+    adapter = untargeted(peft_adapter(base, tmp_path / "qkv", target_modules=["q_proj", "k_proj", "v_proj"]))
+    other = tmp_path / "base"
+    other.mkdir()
+    for f in base.iterdir():
+        (other / f.name).symlink_to(f)
+    (other / "config.json").unlink()
+    cfg = json.loads((base / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": model_type, "architectures": architectures}))
+    assert check.check(formats.read_adapter(adapter), BaseModel.open(other)).ok
+    assert check.model_type_of(json.loads((other / "config.json").read_text())) is None
+    config = json.loads((other / "config.json").read_text())
+    assert check.memory_names(["model.layers.0.self_attn.q_proj.weight"], config) == ({}, None)
+    assert check.architectures_of({"architectures": "LlamaForCausalLM"}) == ["LlamaForCausalLM"]

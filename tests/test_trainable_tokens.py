@@ -618,3 +618,43 @@ def test_check_counts_a_single_file_tied_bases_token_rows_as_the_merge_merges_th
     changed = sum(int((merged[n] != state[n]).any(dim=1).sum()) for n in ("model.embed_tokens.weight", "lm_head.weight"))
     assert changed == 4
     assert torch.equal(merged["model.embed_tokens.weight"], expected) and torch.equal(merged["lm_head.weight"], expected)
+
+
+def test_a_token_entry_names_a_module_whose_path_ends_with_it_as_peft_matches_it(tmp_path):
+    """PEFT's _set_trainable wraps every module whose path ends with a trainable_token_indices key as a plain string:
+    {"model.embed_tokens": …} (a text model's name) gives tokens to a VLM's model.language_model.embed_tokens, which
+    transformers 5 holds LLaVA's embeddings as. Such a folder was refused (its entry names no module, dot-bounded);
+    it merges as PEFT's merge_and_unload."""
+    import transformers
+
+    cls = transformers.LlavaForConditionalGeneration
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                intermediate_size=64, vocab_size=128, max_position_embeddings=64, model_type="llama")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=16, model_type="clip_vision_model", projection_dim=32)
+    torch.manual_seed(0)
+    cls._from_config(cls.config_class(text_config=text, vision_config=vision, image_token_index=120)).save_pretrained(
+        tmp_path / "base")
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(cls.from_pretrained(tmp_path / "base"),
+                           lora(trainable_token_indices={"model.embed_tokens": [3, 5]}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(torch.randn_like(param))
+    model.save_pretrained(tmp_path / "a")
+    adapter = formats.read_adapter(tmp_path / "a")
+    assert list(adapter.token_rows) == ["model.language_model.embed_tokens.weight"]
+    assert adapter.token_rows["model.language_model.embed_tokens.weight"].indices == (3, 5)
+    engine.merge(tmp_path / "base", [(adapter, 1.0)], tmp_path / "out", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.merge_and_unload().save_pretrained(tmp_path / "theirs")
+    ours, theirs = merged_tensors(tmp_path / "out"), merged_tensors(tmp_path / "theirs")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6, msg=name)
+    embed = "language_model.model.embed_tokens.weight"
+    assert not torch.equal(ours[embed], merged_tensors(tmp_path / "base")[embed])

@@ -349,7 +349,9 @@ def adapter_files(path: str | Path) -> list[Path]:
 def math_config(config: dict) -> dict:
     """The config fields that change the math, PEFT defaults filled in, lists sorted (PEFT saves sets in any order)."""
     out, config = {}, peft.nulls_as_false(config)
+    peft_type = peft.peft_type_of(config)
     for name, default in peft.MATH_FIELDS.items():
+        default = common.peft_default(peft_type, name) if name in ("r", "lora_alpha", "use_rslora") else default
         # modules_to_save as PEFT loads it (a task model adds its head): older PEFT's null and 0.21's list are one
         value = peft.identity_entries(config) if name == "modules_to_save" else config.get(name, default)
         if isinstance(value, list):  # strings as PEFT writes them; anything else (a broken config) after them
@@ -360,9 +362,9 @@ def math_config(config: dict) -> dict:
             value = value.upper()
         out[name] = value
     if str(config.get("peft_type")).upper() in lycoris.PEFT_TYPES:  # LoHa/LoKr's alpha (its lora_alpha is unused)
-        out["alpha"] = config.get("alpha", peft.MATH_FIELDS["lora_alpha"])
+        out["alpha"] = config.get("alpha", common.peft_default(peft_type, "alpha"))
     if str(config.get("peft_type")).upper() == "ADALORA":  # its ranknum, which divides the scale
-        out["init_r"] = config.get("init_r", lowrank.INIT_R)
+        out["init_r"] = config.get("init_r", common.peft_default(peft_type, "init_r"))
     if config.get("lora_bias"):  # (only when set, as below: a biased copy of a plain LoRA's file is no plain LoRA)
         out["lora_bias"] = True
     if value := config.get("target_parameters"):  # only when set: the identities of other adapters stay as they were

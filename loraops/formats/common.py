@@ -71,6 +71,24 @@ REFUSED_MARKERS: tuple[tuple[str, str], ...] = (
 )
 
 # PEFT peft_type values that are known and are not LoRA.
+_LORA_DEFAULTS = {"r": 8, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False, "use_dora": False}
+PEFT_DEFAULTS = {
+    "LORA": _LORA_DEFAULTS,
+    "ADALORA": {**_LORA_DEFAULTS, "init_r": 12},  # (AdaLoraConfig subclasses LoraConfig; its r is unused)
+    "LOHA": {"r": 8, "alpha": 8},
+    "LOKR": {"r": 8, "alpha": 8},
+    "VERA": {"r": 256, "fan_in_fan_out": False},
+}
+"""PEFT 0.21's defaults, per peft_type, of the config fields that set the scales: what a config that leaves one out
+means (its config class's field default; tests/test_formats_peft.py compares them with the installed PEFT's)."""
+
+
+def peft_default(peft_type: str, name: str):
+    """The default of config field ``name`` for an adapter of ``peft_type`` (PEFT_DEFAULTS; LoraConfig's where that
+    type's config has no such field, or for a type not listed)."""
+    return PEFT_DEFAULTS.get(peft_type, _LORA_DEFAULTS).get(name, _LORA_DEFAULTS.get(name))
+
+
 OTHER_PEFT_TYPES = {
     "LOHA": "a LoHa adapter", "LOKR": "a LoKr adapter", "IA3": "an IA3 adapter", "OFT": "an OFT adapter",
     "BOFT": "a BOFT adapter", "FOURIERFT": "a FourierFT adapter",
@@ -160,8 +178,8 @@ def refuse_unplaced(adapter: "Adapter", modules: Sequence[str], naming: str) -> 
 
 
 def names_module(path: str, name: str) -> bool:
-    """PEFT's rule for a plain module name (target_modules, trainable_token_indices keys): the module path itself or
-    its last dot-separated components."""
+    """PEFT's rule for a plain module name (target_modules): the module path itself or its last dot-separated
+    components. (trainable_token_indices keys are matched otherwise: tokens.wraps.)"""
     return path == name or path.endswith(f".{name}")
 
 

@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 PEFT_TYPES = {"ADALORA": "adalora", "VERA": "vera"}
 RANKNUM_EPS = 1e-5
 """PEFT's AdaLoRA divides by ranknum + 1e-5."""
-INIT_R, VERA_R = 12, 256
-"""AdaLoraConfig's default init_r, VeraConfig's default r."""
 PROJECTIONS = {"A": "base_model.vera_A", "B": "base_model.vera_B"}
 LAMBDA_RE = re.compile(r"^(?P<module>.+)\.vera_lambda_(?P<part>[bd])$")
 PATTERN_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_E(\.[^.]+)?$")
@@ -77,7 +75,7 @@ def config_fields(path: Path, method: str, cfg: dict) -> dict:
         if cfg.get("target_parameters"):
             raise UnsupportedAdapterError(f"{path}: target_parameters in an AdaLoRA config: PEFT's AdaLoRA wraps "
                                           "modules only; loraops does not guess its math")
-        r = cfg.get("init_r", INIT_R)
+        r = cfg.get("init_r", common.peft_default("ADALORA", "init_r"))
         what = "init_r"
         if "lora_alpha" in cfg:
             lora_alpha = cfg["lora_alpha"]
@@ -97,7 +95,7 @@ def config_fields(path: Path, method: str, cfg: dict) -> dict:
                 f"{str(cfg.get('save_projection')).lower()}): PEFT regenerates vera_A/vera_B from projection_prng_key "
                 "with torch's random generator, sized by the base model's widest targeted layer, which loraops does "
                 "not reproduce; save the adapter from PEFT with save_projection=True")
-        r = cfg.get("r", VERA_R)
+        r = cfg.get("r", common.peft_default("VERA", "r"))
         what = "r"
         kept = ("fan_in_fan_out", "modules_to_save", "bias")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:

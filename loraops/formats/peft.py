@@ -41,9 +41,11 @@ OTHER_PARTS = {"lora_magnitude_vector": "magnitude", "lora_E": "E"}
 
 # Config fields that change the math (or the modules touched): hashed into a PEFT folder's identity, with
 # PEFT's defaults for absent ones so an explicit default and an absent field hash alike.
+# (r, lora_alpha and the switches default per peft_type: common.peft_default)
 MATH_FIELDS = {
-    "peft_type": "LORA", "r": 8, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-    "fan_in_fan_out": False, "target_modules": None, "modules_to_save": None, "use_dora": False,
+    "peft_type": "LORA", **{k: common.peft_default("LORA", k) for k in ("r", "lora_alpha", "use_rslora")},
+    "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False, "target_modules": None, "modules_to_save": None,
+    "use_dora": False,
 }
 
 
@@ -281,7 +283,7 @@ def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConf
     product = lycoris.PEFT_TYPES.get(peft_type)
     if product is not None:  # LoHaConfig/LoKrConfig: r, alpha (not lora_alpha), rank/alpha patterns, modules_to_save
         if alpha is None:
-            alpha = cfg.get("alpha", MATH_FIELDS["lora_alpha"])
+            alpha = cfg.get("alpha", common.peft_default(peft_type, "alpha"))
         cfg = {k: cfg[k] for k in ("r", "rank_pattern", "alpha_pattern", "modules_to_save", "bias") if k in cfg}
         peft_type = "LORA"
     method = lowrank.PEFT_TYPES.get(peft_type)
@@ -513,13 +515,25 @@ def metadata_config(header: st.Header) -> dict | None:
             if isinstance(cfg, dict):
                 refuse_lone_surrogates(cfg, f"{header.path}: its metadata's {key}")
                 return cfg
+    alpha = metadata_alpha(metadata)
+    return None if alpha is None else {"lora_alpha": alpha}
+
+
+def metadata_alpha(metadata: dict[str, str]) -> float | None:
+    """The number a bare ``lora_alpha`` or ``alpha`` header key holds (the first that is one), or None."""
     for key in ("lora_alpha", "alpha"):
-        if key in metadata:
-            try:
-                return {"lora_alpha": float(metadata[key])}
-            except ValueError:
-                return None
+        try:
+            return float(metadata[key])
+        except (KeyError, ValueError):
+            continue
     return None
+
+
+def bare_config(header: st.Header) -> dict | None:
+    """metadata_config for a bare PEFT file: a JSON config without lora_alpha takes the bare ``lora_alpha``/``alpha``
+    key beside it (metadata_alpha), which says the alpha as well as a config would; it asked for --alpha."""
+    cfg, alpha = metadata_config(header), metadata_alpha(header.metadata)
+    return cfg if cfg is None or alpha is None or "lora_alpha" in cfg else {**cfg, "lora_alpha": alpha}
 
 
 @dataclass
@@ -841,14 +855,16 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if path.is_dir() and cfg_file is None:
         raise FormatError(f"{path}: no {CONFIG_NAME} in this PEFT folder")
     header = st.read_header(weights)
-    raw_cfg = load_config(cfg_file) if cfg_file else metadata_config(header)
+    raw_cfg = load_config(cfg_file) if cfg_file else bare_config(header)
     raw_cfg = nulls_as_false(raw_cfg) if raw_cfg is not None else None  # (settled_orientation reads it too)
     if cfg_file:  # LoraConfig's defaults, as PEFT reads the file
-        raw_cfg = {"lora_alpha": MATH_FIELDS["lora_alpha"], "use_dora": MATH_FIELDS["use_dora"], **raw_cfg}
+        raw_cfg = {k: common.peft_default("LORA", k) for k in ("lora_alpha", "use_dora")} | raw_cfg
     cfg = scale_config(cfg_file or weights, raw_cfg or {}, alpha) if raw_cfg is not None or alpha is not None else None
     if cfg_file and cfg.alpha is None and cfg.product is None and cfg.method is None:  # (absent, it is LoraConfig's 8)
         raise InvalidInputError(f"{cfg_file}: config lora_alpha is null, which PEFT cannot read (it divides it by r); "
                                 f"set it there, or {common.ALPHA_WANTED}")
+    if cfg is not None and cfg.method == "adalora" and cfg.alpha is None:  # (a folder's is AdaLoraConfig's 8)
+        raise InvalidInputError(f"{weights}: its metadata's AdaLoRA config gives no lora_alpha; {common.ALPHA_WANTED}")
     product = cfg.product if cfg is not None else None
     method = cfg.method if cfg is not None else None
     products, keys = ({}, header.tensors) if product is None else \

@@ -2,7 +2,7 @@
 
 Two ways PEFT (>= 0.15) saves them, both read into ``Adapter.token_rows`` (loraops.adapter.TokenRows):
   * a LoRA with ``trainable_token_indices`` (a list: the input embeddings; or {module name: list}, names matched as
-    PEFT's _set_trainable does, the key equal to the module path or a dot-bounded suffix of it), keys
+    PEFT's _set_trainable does: the module path ends with the key, as a plain string, see ``wraps``), keys
     ``base_model.model.<module>.token_adapter.trainable_tokens_delta``;
   * a TrainableTokensConfig adapter (peft_type TRAINABLE_TOKENS, ``token_indices`` for every targeted module), keys
     ``base_model.model.<module>.trainable_tokens_delta`` (a tied head is saved too, a copy of its embeddings' rows).
@@ -36,6 +36,13 @@ def is_token_key(key: str) -> bool:
     return TOKEN_KEY.match(key) is not None
 
 
+def wraps(module: str, entry: str) -> bool:
+    """Does a trainable_token_indices key name ``module`` (its path)? PEFT's _set_trainable wraps every module whose
+    path ends with the key as a plain string, not dot-bounded: "model.embed_tokens" also names a VLM's
+    model.language_model.embed_tokens, where transformers 5 holds its language model's embeddings."""
+    return module.endswith(entry)
+
+
 def _indices(path: Path, where: str, value) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         raise InvalidInputError(f"{path}: config {where}={value!r} must be a non-empty list of token indices")
@@ -57,7 +64,7 @@ def indices_for(path: Path, config: dict | None, module: str, key: str) -> tuple
         return _indices(path, "token_indices", config.get("token_indices"))
     spec = config.get("trainable_token_indices")
     if isinstance(spec, dict):
-        names = [name for name in spec if common.names_module(module, name)]
+        names = [name for name in spec if wraps(module, name)]
         if len(names) != 1:
             raise InvalidInputError(f"{path}: {key!r}: the config's trainable_token_indices name "
                                     f"{'no entry' if not names else 'several entries'} for module {module!r}")
@@ -150,7 +157,7 @@ def refuse_missing(path: Path, config: dict, rows: dict[str, TokenRows]) -> None
     modules = [name.removesuffix(".weight") for name in rows]
     entries = spec if isinstance(spec, dict) else {None: spec}
     saved = [indices for name, indices in entries.items()
-             if any(name is None or common.names_module(module, name) for module in modules)]
+             if any(name is None or wraps(module, name) for module in modules)]
     for name, indices in entries.items():
         if indices not in saved:
             raise InvalidInputError(f"{path}: the config's {field}{'' if name is None else f'[{name!r}]'} lists "
@@ -167,10 +174,10 @@ def _tied_to(config: dict | None, module: str, key: str, modules: dict[str, str]
     import torch
 
     spec = (config or {}).get("trainable_token_indices")
-    if not isinstance(spec, dict) or any(common.names_module(module, name) for name in spec):
+    if not isinstance(spec, dict) or any(wraps(module, name) for name in spec):
         return None
     twins = [other for other_key, other in modules.items() if other_key != key
-             and any(common.names_module(other, name) for name in spec)
+             and any(wraps(other, name) for name in spec)
              and tensors[other_key].shape == tensors[key].shape and torch.equal(tensors[other_key], tensors[key])]
     return twins[0] if len(twins) == 1 else None
 
