@@ -60,15 +60,20 @@ def test_modules_outside_the_defaults_are_refused(tmp_path, base, drop):
     assert len(formats.read_adapter(adapter).modules) == 3 * 2
 
 
+def with_config(base, folder, **changes):
+    """The base's files linked into ``folder``, with its config.json's ``changes``."""
+    folder.mkdir()
+    for f in base.iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "config.json").unlink()
+    cfg = json.loads((base / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return folder
+
+
 def test_a_model_type_peft_has_no_defaults_for_is_refused(tmp_path, base):
     adapter = untargeted(peft_adapter(base, tmp_path / "qv", target_modules=["q_proj", "v_proj"]))
-    other = tmp_path / "base"
-    other.mkdir()
-    for f in base.iterdir():
-        (other / f.name).symlink_to(f)
-    (other / "config.json").unlink()
-    cfg = json.loads((base / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "llama_x"}))
+    other = with_config(base, tmp_path / "base", model_type="llama_x")
     report = check.check(formats.read_adapter(adapter), BaseModel.open(other))
     assert not report.ok and len(report.missing) == 4
     assert "PEFT has no defaults for model_type 'llama_x'" in next(iter(report.why_missing.values()))
@@ -110,13 +115,7 @@ def test_a_model_type_or_architectures_of_no_name_is_none(tmp_path, base, model_
     unhashable, from check and merge); architectures that hold no class names name none (extract's renaming read them
     by hashing: a TypeError, or for a number, not iterable)."""
     adapter = untargeted(peft_adapter(base, tmp_path / "qkv", target_modules=["q_proj", "k_proj", "v_proj"]))
-    other = tmp_path / "base"
-    other.mkdir()
-    for f in base.iterdir():
-        (other / f.name).symlink_to(f)
-    (other / "config.json").unlink()
-    cfg = json.loads((base / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**cfg, "model_type": model_type, "architectures": architectures}))
+    other = with_config(base, tmp_path / "base", model_type=model_type, architectures=architectures)
     assert check.check(formats.read_adapter(adapter), BaseModel.open(other)).ok
     assert check.model_type_of(json.loads((other / "config.json").read_text())) is None
     config = json.loads((other / "config.json").read_text())
