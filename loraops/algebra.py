@@ -609,12 +609,13 @@ def resize_lazily(
             yield from raw.split_joined(finite_module(what, resized), halves)
 
     def summarize(resized: Adapter, seconds: float) -> ResizeReport:
+        counted = [r for r in records if not r.zero] or records  # (kohya's average leaves out its 0/0 of a zero B·A)
         return ResizeReport(
             rank=rule.rank, dynamic=rule.dynamic, param=rule.param, max_rank=rule.max_rank, conv_rank=rule.conv_rank,
             device=str(target),
             precision=precision, modules=records,
-            fro_retained_mean=sum(r.fro_retained for r in records) / len(records),
-            sum_retained_mean=mean(r.sum_retained for r in records if r.sum_retained is not None),
+            fro_retained_mean=sum(r.fro_retained for r in counted) / len(counted),
+            sum_retained_mean=mean(r.sum_retained for r in counted if r.sum_retained is not None),
             parameters_before=adapter.num_parameters, parameters_after=resized.num_parameters, seconds=seconds,
         )
 

@@ -66,6 +66,9 @@ class ResizeModuleRecord(Record):
     sum_retained: float | None
     """ΣS_k/ΣS (kohya's 'sum(S) retained'); None when a randomized SVD (a big LoHa/LoKr module at a fixed rank) gave
     only the top singular values."""
+    zero: bool = False
+    """Its B·A is zero (an untrained lora_up): kept at rank 1, fro/sum retained 1, and left out of the report's means
+    (kohya's resize_lora.py gets 0/0 for it and leaves it out of its average)."""
 
 
 class ResizeReport(Record):
@@ -79,8 +82,9 @@ class ResizeReport(Record):
     precision: Literal["float32", "float64"]
     modules: list[ResizeModuleRecord]
     fro_retained_mean: float
+    """Over the modules whose B·A is not zero (over all when every one is: 1)."""
     sum_retained_mean: float | None
-    """Over the modules whose sum_retained is known (None when none is)."""
+    """Over the same modules, those whose sum_retained is known (None when none is)."""
     parameters_before: int
     parameters_after: int
     seconds: float

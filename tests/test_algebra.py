@@ -209,3 +209,27 @@ def test_a_combined_adapter_is_named_as_its_first_input_names_its_modules(tmp_pa
         combined, _ = combine([(a, 1.0) for a in inputs], "cat", device="cpu")
         written = read_adapter(write_adapter(combined, tmp_path / f"out-{prefix}", "peft"))
         assert written.modules and all(n.startswith(prefix) for n in written.modules), sorted(written.modules)
+
+
+def test_resize_means_leave_out_zero_modules_as_kohya_does():
+    """resize_lora.py --verbose averages the Frobenius retention over the modules where it is a number: a zero B·A
+    (a module whose lora_up never trained) gives 0/0 there and is left out. Ours counts it 100 % in its row but leaves
+    it out of the means too, so the averages are kohya's (here against the float64 spectra)."""
+    from dataclasses import replace
+
+    adapter = lora_adapter({"m.q": (12, 20), "m.v": (8, 20), "m.k": (8, 20)}, rank=6, seed=3)
+    adapter = replace(adapter, modules={**adapter.modules,
+                                        "m.k": replace(adapter.modules["m.k"], B=torch.zeros(8, 6))})
+    _, report = resize(adapter, rank=2, device="cpu")
+    fro, total = [], []
+    for name in ("m.q", "m.v"):
+        S = torch.linalg.svdvals(adapter.modules[name].delta(dtype=torch.float64) / adapter.modules[name].scale)
+        fro.append(float(S[:2].norm() / S.norm()))
+        total.append(float(S[:2].sum() / S.sum()))
+    zero_row = next(m for m in report.modules if m.name == "m.k")
+    assert zero_row.rank_after == 1 and zero_row.fro_retained == 1.0 and zero_row.zero
+    assert report.fro_retained_mean == pytest.approx(sum(fro) / 2, rel=1e-6)
+    assert report.sum_retained_mean == pytest.approx(sum(total) / 2, rel=1e-6)
+    only_zero = replace(adapter, modules={"m.k": adapter.modules["m.k"]})
+    _, report = resize(only_zero, rank=2, device="cpu")
+    assert report.fro_retained_mean == 1.0 and report.sum_retained_mean == 1.0

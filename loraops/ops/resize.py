@@ -135,7 +135,7 @@ def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, 
     resized = module.with_factors(B.to(device="cpu", dtype=out), A.to(device="cpu", dtype=out), alpha, module.scale)
     record = ResizeModuleRecord(
         name=module.name, kind=module.kind, spatial=module.spatial, kernel=module.kernel, rank_before=before,
-        rank_after=k, alpha_after=alpha, fro_retained=fro, sum_retained=total,
+        rank_after=k, alpha_after=alpha, fro_retained=fro, sum_retained=total, zero=not B.any(),
     )
     return resized, record
 
