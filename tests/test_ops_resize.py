@@ -108,3 +108,67 @@ def test_bad_rules(rule, message):
     with pytest.raises(InvalidInputError, match="bad parameters for resize") as info:
         parse_params(RankRule, rule, "resize")
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def _kohya_rank_resize(S: torch.Tensor, cap: int, method: str | None, p: float | None) -> tuple[int, float, float]:
+    """sd-scripts networks/resize_lora.py's rank_resize, ported: (new rank, fro retained, sum retained) for the
+    singular values S of a module's dense up·down (cap: --new_rank, or --new_conv_rank for a 4-D lora_down)."""
+    n = len(S)
+
+    def index(i: int) -> int:
+        return max(0, min(i, n - 1))
+
+    if method == "sv_ratio":
+        k = index(int((S > S[0] / p).sum()) - 1) + 1
+    elif method == "sv_cumulative":
+        k = index(int(torch.searchsorted(torch.cumsum(S, 0) / float(S.sum()), p))) + 1
+    elif method == "sv_fro":
+        k = index(int(torch.searchsorted(torch.cumsum(S.pow(2), 0) / float(S.pow(2).sum()), p ** 2))) + 1
+    else:
+        k = cap
+    k = 1 if S[0] <= 1e-6 else min(k, cap)
+    return k, float(S[:k].pow(2).sum().sqrt() / S.pow(2).sum().sqrt()), float(S[:k].sum() / S.sum())
+
+
+@pytest.mark.parametrize("rule", [
+    {"rank": 3}, {"dynamic": "sv_ratio", "param": 8}, {"dynamic": "sv_cumulative", "param": 0.9},
+    {"dynamic": "sv_fro", "param": 0.9}, {"dynamic": "sv_fro", "param": 0.99, "max_rank": 3},
+    {"dynamic": "sv_fro", "param": 0.99, "max_rank": 5, "conv_rank": 2},
+])
+def test_a_kohya_file_resizes_as_resize_lora_py(tmp_path, rule):
+    """A kohya file (fp16; a Linear, a 3×3 conv, one without .alpha, one with in < rank, one never trained): each
+    module's rank, alpha, fro and sum retained are resize_lora.py's (its rules on the dense SVD, its alpha = scale·k),
+    and the means are its average (which leaves out the untrained module's 0/0)."""
+    from safetensors.torch import load_file, save_file
+
+    from loraops import algebra
+    from loraops.formats import read_adapter
+
+    g, r = torch.Generator().manual_seed(0), 8
+    decay = torch.logspace(0, -2, r)
+    shapes = {"lora_unet_a_proj": ((40,), (30,), 4.0), "lora_unet_b_conv": ((6, 3, 3), (12, 1, 1), 2.0),
+              "lora_unet_c_proj": ((50,), (20,), None), "lora_unet_d_proj": ((6,), (10,), 4.0),
+              "lora_unet_e_proj": ((16,), (12,), 4.0)}
+    tensors = {}
+    for name, (down, up, alpha) in shapes.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(r, *down, generator=g).half()
+        B = torch.randn(up[0], r, *up[1:], generator=g) * decay.reshape(1, r, *[1] * (len(up) - 1))
+        tensors[f"{name}.lora_up.weight"] = (B * (name != "lora_unet_e_proj")).half()
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, tmp_path / "k.safetensors", metadata={"ss_network_module": "networks.lora"})
+    _, report = algebra.resize(read_adapter(tmp_path / "k.safetensors"), device="cpu", **rule)
+    sd = {k: v.float() for k, v in load_file(tmp_path / "k.safetensors").items()}
+    fros = []
+    for record in report.modules:
+        down, up = sd[f"{record.name}.lora_down.weight"], sd[f"{record.name}.lora_up.weight"]
+        scale = float(sd[f"{record.name}.alpha"]) / r if f"{record.name}.alpha" in sd else 1.0
+        S = torch.linalg.svdvals(up.reshape(up.shape[0], -1) @ down.reshape(r, -1))
+        cap = (rule.get("conv_rank") if down.dim() == 4 else None) or rule.get("rank") or rule.get("max_rank") or r
+        k, fro, total = _kohya_rank_resize(S, cap, rule.get("dynamic"), rule.get("param"))
+        assert (record.rank_after, record.alpha_after) == (k, pytest.approx(scale * k)), record.name
+        if not math.isnan(fro):
+            assert (record.fro_retained, record.sum_retained) == (pytest.approx(fro, abs=1e-5),
+                                                                 pytest.approx(total, abs=1e-5)), record.name
+            fros.append(fro)
+    assert len(fros) == 4 and report.fro_retained_mean == pytest.approx(sum(fros) / len(fros), abs=1e-5)
