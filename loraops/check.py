@@ -1443,10 +1443,12 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
         return adapter
     modules = {}
     for name, module in bound.modules.items():
-        pieces = [] if module.fused is not None or module.transposed else ldm.split(
-            module.weight_name, module.weight_shape, whole=True)
-        swapped = getattr(virtual.get(module.weight_name), "swapped", False)
-        held = dict(getattr(virtual.get(module.weight_name), "parts", ()))
+        info = virtual.get(module.weight_name)
+        held = dict(getattr(info, "parts", ()))
+        # (split by the pipeline's own rows of each part, Lumina2's grouped-query k and v too)
+        pieces = [] if module.fused is not None or module.transposed else info.pieces() if held and \
+            module.out_features == info.shape[0] else ldm.split(module.weight_name, module.weight_shape, whole=True)
+        swapped = getattr(info, "swapped", False)
         for part, (_, first, rows, _) in pieces or [(name, (None, 0, module.out_features, None))]:
             # a part as the pipeline module holding it, any other module as the pipeline tensor it was read from
             whole = None if pieces else getattr(virtual.get(module.weight_name), "pipeline", None)

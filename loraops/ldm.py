@@ -26,8 +26,8 @@ resnets and attentions hold spatio-temporal parts (VIDEO_RESNET, VIDEO_ATTENTION
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
 ``transformer.`` names as diffusers' single-file converters do. A diffusers pipeline's FLUX.1/SD3 transformer, or one
-of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image: told by its config.json class), is read as the checkpoint
-tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
+of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image, Lumina2: told by its config.json class), is read as the
+checkpoint tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
 
 Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
 stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``;
@@ -257,7 +257,24 @@ QWEN_IMAGE = DitLayout(
     re.compile(r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn|img_mlp|txt_mlp|img_mod|txt_mod)[._]"), {}, {},
     keeps=True,
 )
-DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE)
+# Lumina-Image 2.0 (NextDiT), as diffusers' convert_lumina2_to_diffusers and its LoRA converter
+# (_convert_non_diffusers_lumina2_lora_to_diffusers; sd-scripts' lora_lumina.py names lora_unet_layers_0_attention_qkv);
+# its qkv holds grouped-query heads (FUSED)
+LUMINA2_BLOCK = {
+    **{f"attention.qkv.{part}": f"attn.{part}" for part in QKV}, "attention.out": "attn.to_out.0",
+    **{f"feed_forward.w{n}": f"feed_forward.linear_{n}" for n in (1, 2, 3)}, "adaLN_modulation.1": "norm1.linear",
+}
+LUMINA2 = DitLayout(
+    "Lumina2", ("Lumina2Transformer2DModel",),
+    re.compile(r"(?:^|[._])(?:layers|noise_refiner|context_refiner)[._]\d+[._]"
+               r"(?:attention[._](?:qkv|out)|feed_forward[._]w[123]|adaLN_modulation)"),
+    {block: (block, LUMINA2_BLOCK) for block in ("layers", "noise_refiner", "context_refiner")},
+    {"x_embedder": "x_embedder", "cap_embedder.1": "time_caption_embed.caption_embedder.1",
+     "t_embedder.mlp.0": "time_caption_embed.timestep_embedder.linear_1",
+     "t_embedder.mlp.2": "time_caption_embed.timestep_embedder.linear_2",
+     "final_layer.adaLN_modulation.1": "norm_out.linear_1", "final_layer.linear": "norm_out.linear_2"},
+)
+DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE, LUMINA2)
 
 
 class Tensors(dict):
@@ -341,6 +358,13 @@ def halves(shape: tuple[int, ...]) -> list[int] | None:
     return [shape[0] // 2] * 2 if shape[0] % 2 == 0 else None
 
 
+def grouped_qkv(shape: tuple[int, ...]) -> list[int] | None:
+    """Lumina2's qkv with grouped-query heads: q of the hidden size (the tensor's columns), k and v alike of the rest
+    (Lumina-Image 2.0: 2304, 768, 768). A pipeline's are split by its parts' own rows (VirtualTensor.rows)."""
+    rest = shape[0] - shape[1]
+    return [shape[1], rest // 2, rest // 2] if rest > 0 and rest % 2 == 0 else None
+
+
 def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
     """FLUX linear1: q, k, v of the hidden size (the tensor's columns), then the MLP's input rows."""
     hidden = shape[1]
@@ -376,6 +400,10 @@ class Fused:
     Linear in the model the checkpoint is of (diffusers' FluxTransformer2DModel, which has them, names them
     transformer_blocks.N.attn.to_q). Under such names the part is written only as the adapter's own
     (formats.peft_unwritable_parts)."""
+    unsized: tuple[str, ...] = ()
+    """Parts whose rows are not the tensor's columns (the others' are): FLUX's proj_mlp; Lumina2's grouped-query k
+    and v, as many rows as each other. Where an adapter lacks one, its rows are those of such a part it has, else
+    unknown (formats.kohya, joining the parts)."""
 
     def owner_of(self, tensor: str) -> str | None:
         """The owner's path when ``tensor`` is one of these, else None."""
@@ -402,7 +430,7 @@ FUSED = (
     Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
           peft=False),
     Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True,
-          peft=False),
+          peft=False, unsized=("proj_mlp",)),
     # HunyuanVideo's (its single blocks' linear1 is FLUX's, above)
     Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn_qkv$"), ".weight", QKV, thirds, whole=True, peft=False),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn_qkv$"), ".weight", ADD_QKV, thirds, whole=True, peft=False),
@@ -412,6 +440,8 @@ FUSED = (
           peft=False),
     Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
           peft=False),
+    Fused(re.compile(DIT + r"(?:layers|noise_refiner|context_refiner)\.\d+\.attention\.qkv$"), ".weight", QKV,
+          grouped_qkv, whole=True, peft=False, unsized=("to_k", "to_v")),
     # DINOv2's SwiGLU MLP: transformers 5 splits weights_in into gate_proj and up_proj in memory
     Fused(re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"), halves),
 )
@@ -930,6 +960,16 @@ class VirtualTensor:
     swaps (swap_scale_shift): a delta's rows map by the same swap."""
     parts: tuple[tuple[str, str], ...] = ()
     """One stacked from parts: (part module path, the pipeline's module holding that part), in row order."""
+    rows: tuple[int, ...] = ()
+    """Each part's rows, as the pipeline's module holding it has them (Lumina2's grouped-query k and v are fewer
+    than q's; its config says how many)."""
+
+    def pieces(self) -> list[tuple[str, tuple[str, int, int, int]]]:
+        """[(part module path, (this tensor, first row, rows, all rows))] of one stacked from parts, as
+        Fused.rows gives them, by the pipeline's own rows."""
+        firsts = itertools.accumulate(self.rows, initial=0)
+        return [(part, (self.name, first, rows, self.shape[0]))
+                for (part, _), first, rows in zip(self.parts, firsts, self.rows)]
 
 
 def dit_inverse(flux: bool, layout: DitLayout | None = None) -> tuple[dict[str, str], dict[str, str]]:
@@ -996,9 +1036,7 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
         entry = fused(tensor)
         if set(found) == set(entry.parts) and len({found[p][0].shape[1:] for p in entry.parts}) == 1:
             first, sizes = found[entry.parts[0]][0], [found[p][0].shape[0] for p in entry.parts]
-            shape = (sum(sizes), *first.shape[1:])
-            if [rows for _, (_, _, rows, _) in entry.rows(tensor, shape) or []] == sizes:
-                owner = tensor.removesuffix(entry.suffix)
-                out[tensor] = VirtualTensor(tensor, shape, first.dtype, parts=tuple(
-                    (f"{owner}.{p}", found[p][1].removesuffix(".weight")) for p in entry.parts))
+            owner = tensor.removesuffix(entry.suffix)
+            out[tensor] = VirtualTensor(tensor, (sum(sizes), *first.shape[1:]), first.dtype, parts=tuple(
+                (f"{owner}.{p}", found[p][1].removesuffix(".weight")) for p in entry.parts), rows=tuple(sizes))
     return out

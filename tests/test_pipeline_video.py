@@ -409,3 +409,110 @@ def test_wan_adapters_bound_to_a_pipeline_combined_and_written_as_kohya(tmp_path
                       "-o", tmp_path / "c.safetensors")
     assert run.returncode == 0, run.stderr
     assert sorted(load_file(str(tmp_path / "c.safetensors"))) == sorted(musubi)
+
+
+LU, LU_KV = 32, 16  # Lumina2's tiny hidden size (4 heads of 8) and its k/v rows (2 grouped-query heads)
+
+
+def lumina2_pipeline(root):
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=LU, num_layers=1,
+                                      num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
+                                      axes_dim_rope=(2, 2, 4), cap_feat_dim=12)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "Lumina2Pipeline", "transformer": ["diffusers", "Lumina2Transformer2DModel"]}))
+    return root
+
+
+LUMINA2_BLOCK = {"attention.qkv": (LU + 2 * LU_KV, LU), "attention.out": (LU, LU), "feed_forward.w1": (4 * LU, LU),
+                 "feed_forward.w2": (LU, 4 * LU), "feed_forward.w3": (4 * LU, LU)}
+LUMINA2 = {  # Lumina-Image 2.0's original names: (rows, columns) in the tiny pipeline
+    **{f"{block}.0.{path}": shape for block in ("layers", "noise_refiner", "context_refiner")
+       for path, shape in LUMINA2_BLOCK.items()},
+    **{f"{block}.0.adaLN_modulation.1": (4 * LU, LU) for block in ("layers", "noise_refiner")},
+}
+# outside the blocks, which diffusers' LoRA converter refuses: renamed as its single-file converter renames the weights
+LUMINA2_TOP = {"x_embedder": ("x_embedder", (LU, 16)), "cap_embedder.1": ("time_caption_embed.caption_embedder.1",
+                                                                           (LU, 12)),
+               "t_embedder.mlp.0": ("time_caption_embed.timestep_embedder.linear_1", (LU, 256)),
+               "final_layer.adaLN_modulation.1": ("norm_out.linear_1", (LU, LU)),
+               "final_layer.linear": ("norm_out.linear_2", (16, LU))}
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "sd-scripts"])
+def test_lumina2_lora_merges_into_a_diffusers_pipeline(tmp_path, key):
+    """Its fused qkv holds grouped-query heads (q 32 rows, k and v 16 each here): B's rows are split by those sizes,
+    which the pipeline's config gives, not in thirds. diffusers' converter splits them [2304, 768, 768] whatever the
+    model (Lumina-Image 2.0's sizes): it is used for the rest, the qkv placed by hand by the config's sizes."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumina2_lora_to_diffusers
+
+    pipe = lumina2_pipeline(tmp_path / "pipe")
+    modules = {**LUMINA2, **{name: shape for name, (_, shape) in LUMINA2_TOP.items()}}
+    tensors = factors(modules, key, seed=9)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(modules)})
+    save_file(tensors, str(tmp_path / "l.safetensors"))
+
+    def scaled(name):
+        alpha = float(tensors[key(name, "alpha")])
+        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+
+    placeholder = torch.zeros(2304 + 2 * 768, R, dtype=torch.float64)  # (its qkv split, replaced below)
+    converted = _convert_non_diffusers_lumina2_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": placeholder if name.endswith(".qkv") and w == "B" else f
+         for name in LUMINA2 for w, f in zip("AB", scaled(name))})
+    converted = {k: v for k, v in converted.items() if ".attn.to_q." not in k and ".attn.to_k." not in k
+                 and ".attn.to_v." not in k}
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = merged_as_diffusers(base, converted)
+    config = json.loads((pipe / "transformer" / "config.json").read_text())
+    head = config["hidden_size"] // config["num_attention_heads"]
+    sizes = [config["num_attention_heads"] * head] + [config["num_kv_heads"] * head] * 2
+    for name in (name for name in LUMINA2 if name.endswith(".qkv")):
+        A, B = scaled(name)
+        block = name.removesuffix(".attention.qkv")
+        for part, rows in zip(("to_q", "to_k", "to_v"), B.split(sizes)):
+            want[f"{block}.attn.{part}.weight"] += rows @ A
+    for name, (tensor, _) in LUMINA2_TOP.items():
+        A, B = scaled(name)
+        want[f"{tensor}.weight"] += B @ A
+    merge_and_compare(tmp_path, pipe, tmp_path / "l.safetensors", None, len(modules) + 2 * 3, want=want)
+
+
+def test_sd_scripts_lumina2_lora_registered_against_a_pipeline_written_back_as_kohya(tmp_path):
+    """Bound to the pipeline (its qkv in three parts of grouped-query sizes), written as kohya it is sd-scripts' file
+    again: the parts joined back into lora_unet_layers_0_attention_qkv."""
+    pipe = lumina2_pipeline(tmp_path / "pipe")
+    tensors = factors(LUMINA2, musubi_key, seed=10)
+    tensors.update({musubi_key(name, "alpha"): torch.tensor(4.0) for name in LUMINA2})
+    save_file(tensors, str(tmp_path / "l.safetensors"), {"ss_network_module": "networks.lora_lumina"})
+    assert loraops_run("base", "add", pipe, "--name", "lumina").returncode == 0
+    run = loraops_run("register", tmp_path / "l.safetensors", "--name", "l", "--base", "lumina")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert_round_trip(tmp_path, "l", tensors)
+
+
+@pytest.mark.parametrize("trained", [("to_q", "to_k"), ("to_q",)], ids=["q-k", "q"])
+def test_diffusers_lumina2_lora_on_some_qkv_parts_written_as_kohya(tmp_path, trained):
+    """A diffusers LoRA on some of to_q/to_k/to_v, written as kohya on the checkpoint's qkv: a missing v has k's rows
+    (grouped-query: fewer than q's); it was given q's, and the file fit no Lumina2 (to_v 32×32, base 16×32). Without
+    k or v their rows are unknown: refused in one line."""
+    pipe = lumina2_pipeline(tmp_path / "pipe")
+    sizes = {"to_q": LU, "to_k": LU_KV}
+    tensors = factors({f"transformer.layers.0.attn.{p}": (sizes[p], LU) for p in trained}, peft_key(""))
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    save_file(tensors, str(tmp_path / "d.safetensors"))
+    assert loraops_run("base", "add", pipe, "--name", "lumina").returncode == 0
+    assert loraops_run("register", tmp_path / "d.safetensors", "--name", "d", "--base", "lumina").returncode == 0
+    run = loraops_run("export", "d", "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    if len(trained) == 1:
+        assert run.returncode != 0 and run.stderr.count("\n") == 1, run.stderr
+        assert "'layers.0.attention.qkv' whose to_k and to_v the adapter lacks" in run.stderr, run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    assert load_file(str(tmp_path / "k.safetensors"))[
+        "lora_unet_layers_0_attention_qkv.lora_up.weight"].shape[0] == LU + 2 * LU_KV
+    run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
+    assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
