@@ -285,14 +285,17 @@ class Tensors(dict):
 
 
 def transformer_class(pipeline: Path) -> str | None:
-    """The ``_class_name`` of a diffusers pipeline folder's transformer (``transformer/config.json``), or None: no such
-    folder or file, or not a readable one."""
-    try:
-        config = json.loads((pipeline / "transformer" / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    name = config.get("_class_name") if isinstance(config, dict) else None
-    return name if isinstance(name, str) else None
+    """The ``_class_name`` of a diffusers pipeline folder's transformer (``transformer/config.json``), or of a diffusers
+    model folder itself (its ``config.json``: a pipeline's component folder given as the base, Wan 2.2's
+    ``transformer_2/``), or None: no such folder or file, or not a readable one."""
+    for file in (pipeline / "transformer" / "config.json", pipeline / "config.json"):
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        return name if isinstance(name, str) else None
+    return None
 
 
 def dit_layout(transformer_class: str | None) -> DitLayout | None:
@@ -303,17 +306,22 @@ def dit_layout(transformer_class: str | None) -> DitLayout | None:
 DIT_LAYOUT_KEY = "loraops_dit_layout"
 """Metadata of an adapter bound to a diffusers pipeline whose transformer is one of DIT_LAYOUTS' (check.renamed), in
 memory (no writer writes it): the layout's name, by which the kohya writer names its modules back (checkpoint_dit)."""
+DIT_BARE_KEY = "loraops_dit_bare"
+"""Beside DIT_LAYOUT_KEY ("true"): bound to the transformer's own folder (a pipeline's ``transformer_2/``), whose
+modules are named without the pipeline's ``transformer.``."""
 
 
 def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str, bool] | None:
     """(the original checkpoint's module path, whether the checkpoint holds it with its shift and scale halves
     swapped) of a pipeline transformer's module (``transformer.blocks.0.attn1.to_q`` → ``blocks.0.self_attn.q``; a
     part of a fused tensor by the part's path, ``double_blocks.0.img_attn_qkv.to_q``) of an adapter whose ``metadata``
-    names the DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY). None for any other module or adapter."""
+    names the DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY; without ``transformer.`` where bound to the
+    transformer's folder: DIT_BARE_KEY). None for any other module or adapter."""
     layout = next((layout for layout in DIT_LAYOUTS if layout.name == (metadata or {}).get(DIT_LAYOUT_KEY)), None)
-    if layout is None or not module.startswith("transformer."):
+    bare = (metadata or {}).get(DIT_BARE_KEY) == "true"
+    if layout is None or not (bare or module.startswith("transformer.")):
         return None
-    path = module.removeprefix("transformer.")
+    path = module if bare else module.removeprefix("transformer.")
     if path in layout.swapped:
         return layout.swapped[path], True
     inverse, top = dit_inverse(False, layout)
@@ -322,6 +330,8 @@ def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str
     if found is None:
         found = top.get(path) or (path if layout.keeps and path not in layout.top else None)
     return None if found is None else (found.replace("{n}", match["n"]) if match else found, False)
+
+
 DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
 FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")

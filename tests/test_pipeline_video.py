@@ -18,18 +18,22 @@ from test_pipeline_dit import R, assert_round_trip, check_merged
 WAN_WIDTH, WAN_FFN, WAN_TEXT, WAN_IMAGE = 16, 32, 12, 10
 
 
-def wan_pipeline(root, *, i2v: bool = False):
+def wan_pipeline(root, *, i2v: bool = False, experts: bool = False):
+    """A tiny Wan pipeline; ``experts``: Wan 2.2's, with a second transformer (transformer_2/, other weights)."""
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                  out_channels=4, text_dim=WAN_TEXT, freq_dim=8, ffn_dim=WAN_FFN, num_layers=2,
-                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                  image_dim=WAN_IMAGE if i2v else None, added_kv_proj_dim=WAN_WIDTH if i2v else None)
-    model.save_pretrained(root / "transformer")
+    components = ("transformer", "transformer_2") if experts else ("transformer",)
+    for seed, component in enumerate(components):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                      out_channels=4, text_dim=WAN_TEXT, freq_dim=8, ffn_dim=WAN_FFN, num_layers=2,
+                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                      image_dim=WAN_IMAGE if i2v else None,
+                                      added_kv_proj_dim=WAN_WIDTH if i2v else None)
+        model.save_pretrained(root / component)
     (root / "model_index.json").write_text(json.dumps(
         {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
-         "transformer": ["diffusers", "WanTransformer3DModel"]}))
+         **{component: ["diffusers", "WanTransformer3DModel"] for component in components}}))
     return root
 
 
@@ -112,6 +116,63 @@ def test_musubi_wan_lora_merges_into_a_diffusers_pipeline_as_diffusers_converts_
     save_file(tensors, str(tmp_path / "w.safetensors"), {"ss_network_module": "networks.lora_wan"})
     converted = _convert_musubi_wan_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
     merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", converted, len(modules))
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "musubi"])
+def test_wan22_lora_binds_to_the_second_transformer_given_as_the_base(tmp_path, key):
+    """Wan 2.2's low-noise expert (transformer_2/, which diffusers loads a LoRA into with load_into_transformer_2):
+    given as the base, the folder binds original names (it listed every module (not in base); diffusers' names bound
+    already) and the merge is diffusers' converter + that transformer in float64. Against the pipeline folder the
+    LoRA goes to transformer/ alone, as diffusers loads it by default."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    modules = wan_modules(False)
+    tensors = factors(modules, key, seed=5)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    converted = _convert_non_diffusers_wan_lora_to_diffusers(
+        {k if k.startswith("diffusion_model.") else "diffusion_model." + k: v.double()
+         for k, v in factors(modules, peft_key("diffusion_model."), seed=5).items()})
+    weights = "diffusion_pytorch_model.safetensors"
+    expert = load_file(str(pipe / "transformer_2" / weights))
+    run = loraops_run("check", tmp_path / "w.safetensors", "--base", pipe / "transformer_2")
+    assert run.returncode == 0 and f"{len(modules)}/{len(modules)} modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", tmp_path / "w.safetensors", "--into", pipe / "transformer_2", "-o", tmp_path / "m2",
+                      "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m2" / weights, merged_as_diffusers(expert, converted))
+    assert sum(not torch.equal(merged[k], expert[k]) for k in expert) == len(modules)
+    run = loraops_run("merge", tmp_path / "w.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    assert load_file(str(tmp_path / "m" / "transformer_2" / weights)).keys() == expert.keys()
+    assert all(torch.equal(t, expert[k]) for k, t in load_file(str(tmp_path / "m" / "transformer_2" / weights)).items())
+
+
+def test_wan22_loras_registered_against_the_second_transformer_written_as_kohya(tmp_path):
+    """Bound to transformer_2/ (its modules named without transformer.), a musubi-tuner Wan LoRA and the diffusers one
+    diffusers' converter makes of it are written as kohya under musubi-tuner's names, as against the pipeline: the
+    musubi file comes back as it was (the diffusers one was written as lora_unet_blocks_0_attn1_to_q), and a
+    combination of the two too."""
+    from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
+
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    musubi = factors(wan_modules(False), musubi_key, seed=6)
+    save_file(musubi, str(tmp_path / "w.safetensors"))
+    save_file({k: v.contiguous() for k, v in _convert_musubi_wan_lora_to_diffusers(dict(musubi)).items()},
+              str(tmp_path / "d.safetensors"))
+    assert loraops_run("base", "add", pipe / "transformer_2", "--name", "low").returncode == 0
+    for ref in ("w", "d"):
+        run = loraops_run("register", tmp_path / f"{ref}.safetensors", "--name", ref, "--base", "low")
+        assert run.returncode == 0, run.stderr
+    assert_round_trip(tmp_path, "w", musubi)
+    run = loraops_run("export", "d", "--format", "kohya", "-o", tmp_path / "dk.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert sorted(load_file(str(tmp_path / "dk.safetensors"))) == sorted(musubi)
+    run = loraops_run("combine", "w", "d", "--method", "cat", "--base", "low", "--format", "kohya",
+                      "-o", tmp_path / "c.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert sorted(load_file(str(tmp_path / "c.safetensors"))) == sorted(musubi)
 
 
 def test_wan_lora_module_the_pipeline_lacks_is_reported_alone(tmp_path):
