@@ -26,8 +26,8 @@ resnets and attentions hold spatio-temporal parts (VIDEO_RESNET, VIDEO_ATTENTION
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
 ``transformer.`` names as diffusers' single-file converters do. A diffusers pipeline's FLUX.1/SD3 transformer, or one
-of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image, Lumina2: told by its config.json class), is read as the
-checkpoint tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
+of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image, Lumina2, HiDream: told by its config.json class), is read
+as the checkpoint tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
 
 Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
 stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``;
@@ -274,7 +274,13 @@ LUMINA2 = DitLayout(
      "t_embedder.mlp.2": "time_caption_embed.timestep_embedder.linear_2",
      "final_layer.adaLN_modulation.1": "norm_out.linear_1", "final_layer.linear": "norm_out.linear_2"},
 )
-DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE, LUMINA2)
+# HiDream-I1's checkpoints name its modules as diffusers does (convert_hidream_transformer_to_diffusers and its LoRA
+# converter only strip the prefix), its MoE experts as separate Linears (ff_i.experts.0.w1)
+HIDREAM = DitLayout(
+    "HiDream", ("HiDreamImageTransformer2DModel",),
+    re.compile(r"(?:^|[._])(?:double|single)_stream_blocks[._]\d+[._]block[._]"), {}, {}, keeps=True,
+)
+DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE, LUMINA2, HIDREAM)
 
 
 class Tensors(dict):

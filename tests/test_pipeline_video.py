@@ -577,3 +577,59 @@ def test_diffusers_lumina2_lora_on_some_qkv_parts_written_as_kohya(tmp_path, tra
         "lora_unet_layers_0_attention_qkv.lora_up.weight"].shape[0] == LU + 2 * LU_KV
     run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
     assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
+
+
+def hidream_pipeline(root):
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                           num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
+                                           caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2,
+                                           num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+                                           llama_layers=(0, 1))
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "HiDreamImagePipeline", "transformer": ["diffusers", "HiDreamImageTransformer2DModel"]}))
+    return root
+
+
+HI = 32  # HiDream's tiny hidden size (4 heads of 8)
+HIDREAM = {  # HiDream-I1's names (diffusers' too), its MoE experts' Linears included: (rows, columns)
+    **{f"double_stream_blocks.0.block.attn1.{p}": (HI, HI) for p in ("to_q", "to_k", "to_v", "to_out", "to_q_t",
+                                                                     "to_out_t")},
+    "double_stream_blocks.0.block.ff_i.experts.1.w1": (8 * HI, HI),
+    "double_stream_blocks.0.block.ff_i.shared_experts.w2": (HI, 8 * HI),
+    "double_stream_blocks.0.block.ff_t.w3": (8 * HI, HI),
+    "double_stream_blocks.0.block.adaLN_modulation.1": (12 * HI, HI),
+    "single_stream_blocks.0.block.attn1.to_v": (HI, HI), "single_stream_blocks.0.block.ff_i.experts.0.w2": (HI, 8 * HI),
+    "x_embedder.proj": (HI, 16), "final_layer.linear": (16, HI), "caption_projection.2.linear": (HI, 8),
+}
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "", "model.diffusion_model."])
+def test_hidream_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_hidream_lora_to_diffusers
+
+    pipe = hidream_pipeline(tmp_path / "pipe")
+    key = peft_key(prefix)
+    tensors = factors(HIDREAM, key, seed=11)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(HIDREAM)})
+    save_file(tensors, str(tmp_path / "h.safetensors"))
+
+    def scaled(name):
+        alpha = float(tensors[key(name, "alpha")])
+        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+
+    converted = _convert_non_diffusers_hidream_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": f for name in HIDREAM for w, f in zip("AB", scaled(name))})
+    merge_and_compare(tmp_path, pipe, tmp_path / "h.safetensors", converted, len(HIDREAM))
+
+
+@pytest.mark.parametrize("key", [peft_key("transformer."), musubi_key], ids=["diffusers", "kohya"])
+def test_hidream_lora_in_the_pipeline_names_still_binds(tmp_path, key):
+    pipe = hidream_pipeline(tmp_path / "pipe")
+    save_file(factors(HIDREAM, key), str(tmp_path / "h.safetensors"))
+    run = loraops_run("check", tmp_path / "h.safetensors", "--base", pipe, "--alpha", "4")
+    assert run.returncode == 0 and f"{len(HIDREAM)}/{len(HIDREAM)} modules match" in run.stdout, \
+        run.stdout + run.stderr
