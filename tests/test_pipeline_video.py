@@ -633,3 +633,18 @@ def test_hidream_lora_in_the_pipeline_names_still_binds(tmp_path, key):
     run = loraops_run("check", tmp_path / "h.safetensors", "--base", pipe, "--alpha", "4")
     assert run.returncode == 0 and f"{len(HIDREAM)}/{len(HIDREAM)} modules match" in run.stdout, \
         run.stdout + run.stderr
+
+
+def test_lumina2_lora_merges_into_the_transformer_folder_as_into_the_pipeline(tmp_path):
+    """The transformer's own folder as the base (as Wan 2.2's transformer_2/): the fused qkv split there too, the
+    merged weights those of the pipeline's merge."""
+    pipe = lumina2_pipeline(tmp_path / "pipe")
+    save_file(factors(LUMINA2, musubi_key, seed=12), str(tmp_path / "l.safetensors"))
+    weights = "diffusion_pytorch_model.safetensors"
+    for base, out in ((pipe, tmp_path / "m"), (pipe / "transformer", tmp_path / "t")):
+        run = loraops_run("merge", tmp_path / "l.safetensors", "--into", base, "-o", out, "--precise", "--no-record")
+        assert run.returncode == 0, run.stderr
+    merged, folder = load_file(str(tmp_path / "m" / "transformer" / weights)), load_file(str(tmp_path / "t" / weights))
+    assert merged.keys() == folder.keys() and all(torch.equal(merged[k], folder[k]) for k in merged)
+    base = load_file(str(pipe / "transformer" / weights))
+    assert not torch.equal(folder["layers.0.attn.to_k.weight"], base["layers.0.attn.to_k.weight"])
