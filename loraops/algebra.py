@@ -326,8 +326,8 @@ def combine_lazily(
         own_names=own_names(templates, adapters),
         # the base's version (SDXL's UNet has kohya names of its own), and the DiT a pipeline holds (its transformer's
         # kohya names are the checkpoint's), where every input says the same
-        metadata={k: v for k in (*ldm.VERSION_KEYS, ldm.DIT_LAYOUT_KEY) if (v := adapters[0].metadata.get(k))
-                  and all(a.metadata.get(k) == v for a in adapters)},
+        metadata={k: v for k in (*ldm.VERSION_KEYS, ldm.DIT_LAYOUT_KEY, ldm.DIT_BARE_KEY)
+                  if (v := adapters[0].metadata.get(k)) and all(a.metadata.get(k) == v for a in adapters)},
     ), halves)
     records: list[CombineModuleRecord] = []
     what = f"{method} of {', '.join(labels)}"

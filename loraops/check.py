@@ -1389,8 +1389,11 @@ def renamed(adapter: Adapter, res: Resolution, manifest: Mapping[str, object]) -
         renames = [*res.names.items(), *((old, new) for new, old in full_names.items()), *res.rows.items()]
         own = {new: adapter.own_names.get(old, old) for old, new in renames if adapter.own_names.get(old, old) != new}
     metadata = ldm.versioned(adapter.metadata, manifest)
+    metadata.pop(ldm.DIT_BARE_KEY, None)
     if (layout := ldm.dit_layout(transformer_class(manifest))) is not None:
         metadata[ldm.DIT_LAYOUT_KEY] = layout.name  # (the kohya writer names its transformer's modules by it)
+        if not any(tensor.startswith("transformer.") for tensor in manifest):
+            metadata[ldm.DIT_BARE_KEY] = "true"
     return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, names_resolved=True, own_names=own,
                    metadata=metadata)
 
@@ -1413,6 +1416,7 @@ def tensors_of(manifest: "Mapping[str, object] | BaseModel") -> Mapping[str, obj
 
 
 DIFFUSION_MODEL = re.compile(r"^(?:model\.)?diffusion_model\.")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # (a diffusers model's weights file, sharded or not)
 # a module of a FLUX.1 or SD3 single-file checkpoint, as sd-scripts (lora_unet_double_blocks_0_…) or BFL (…double_blocks.0.…) name it
 DIT_NAMED = re.compile(r"(?:^|[._])(?:double_blocks|single_blocks|joint_blocks)[._]\d+[._]")
 
@@ -1426,7 +1430,11 @@ def transformer_class(manifest: Mapping[str, object]) -> str | None:
         return recorded
     info = next((info for tensor, info in manifest.items() if tensor.startswith("transformer.")), None)
     file = getattr(info, "file", None)
-    return None if file is None else ldm.transformer_class(file.parent.parent)
+    if file is not None:
+        return ldm.transformer_class(file.parent.parent)
+    # a diffusers transformer's own folder (a pipeline's transformer_2/), not a single-file checkpoint beside a config
+    file = getattr(next(iter(manifest.values()), None), "file", None)
+    return ldm.transformer_class(file.parent) if file is not None and file.name.startswith(DIFFUSERS_WEIGHTS) else None
 
 
 def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
@@ -1443,7 +1451,11 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
     cls = transformer_class(manifest)
     layout = ldm.dit_layout(cls)
     named = DIT_NAMED if layout is None else layout.named
-    if not any(named.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(manifest, cls)):
+    # the transformer's own folder as the base (Wan 2.2's transformer_2/): read as a pipeline's transformer, and its
+    # modules named as the folder's at the end
+    bare = layout is not None and not any(tensor.startswith("transformer.") for tensor in manifest)
+    pipeline = {f"transformer.{tensor}": info for tensor, info in manifest.items()} if bare else manifest
+    if not any(named.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(pipeline, cls)):
         return adapter
     res = resolve(adapter, virtual)
     if res.ambiguous or not any(named.search(name) for name in res.names):
@@ -1457,10 +1469,12 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
         return adapter
     modules = {}
     for name, module in bound.modules.items():
-        pieces = [] if module.fused is not None or module.transposed else ldm.split(
-            module.weight_name, module.weight_shape, whole=True)
-        swapped = getattr(virtual.get(module.weight_name), "swapped", False)
-        held = dict(getattr(virtual.get(module.weight_name), "parts", ()))
+        info = virtual.get(module.weight_name)
+        held = dict(getattr(info, "parts", ()))
+        # (split by the pipeline's own rows of each part, Lumina2's grouped-query k and v too)
+        pieces = [] if module.fused is not None or module.transposed else info.pieces() if held and \
+            module.out_features == info.shape[0] else ldm.split(module.weight_name, module.weight_shape, whole=True)
+        swapped = getattr(info, "swapped", False)
         for part, (_, first, rows, _) in pieces or [(name, (None, 0, module.out_features, None))]:
             # a part as the pipeline module holding it, any other module as the pipeline tensor it was read from
             whole = None if pieces else getattr(virtual.get(module.weight_name), "pipeline", None)
@@ -1478,6 +1492,8 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
                     return None
                 return tensor.roll(tensor.shape[0] // 2, 0) if swapped else tensor[first:first + rows]
 
+            if bare:
+                target = target.removeprefix("transformer.")
             modules[target] = replace(module, name=target, fused=None, B=rows_of(module.B),
                                       magnitude=rows_of(module.magnitude), lora_bias=rows_of(module.lora_bias))
     return replace(bound, modules=modules, own_names={n: o for n, o in bound.own_names.items() if n in modules})

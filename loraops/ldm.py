@@ -26,8 +26,8 @@ resnets and attentions hold spatio-temporal parts (VIDEO_RESNET, VIDEO_ATTENTION
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
 ``transformer.`` names as diffusers' single-file converters do. A diffusers pipeline's FLUX.1/SD3 transformer, or one
-of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image: told by its config.json class), is read as the checkpoint
-tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
+of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image, Lumina2, HiDream: told by its config.json class), is read
+as the checkpoint tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
 
 Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
 stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``;
@@ -257,7 +257,30 @@ QWEN_IMAGE = DitLayout(
     re.compile(r"(?:^|[._])transformer_blocks[._]\d+[._](?:attn|img_mlp|txt_mlp|img_mod|txt_mod)[._]"), {}, {},
     keeps=True,
 )
-DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE)
+# Lumina-Image 2.0 (NextDiT), as diffusers' convert_lumina2_to_diffusers and its LoRA converter
+# (_convert_non_diffusers_lumina2_lora_to_diffusers; sd-scripts' lora_lumina.py names lora_unet_layers_0_attention_qkv);
+# its qkv holds grouped-query heads (FUSED)
+LUMINA2_BLOCK = {
+    **{f"attention.qkv.{part}": f"attn.{part}" for part in QKV}, "attention.out": "attn.to_out.0",
+    **{f"feed_forward.w{n}": f"feed_forward.linear_{n}" for n in (1, 2, 3)}, "adaLN_modulation.1": "norm1.linear",
+}
+LUMINA2 = DitLayout(
+    "Lumina2", ("Lumina2Transformer2DModel",),
+    re.compile(r"(?:^|[._])(?:layers|noise_refiner|context_refiner)[._]\d+[._]"
+               r"(?:attention[._](?:qkv|out)|feed_forward[._]w[123]|adaLN_modulation)"),
+    {block: (block, LUMINA2_BLOCK) for block in ("layers", "noise_refiner", "context_refiner")},
+    {"x_embedder": "x_embedder", "cap_embedder.1": "time_caption_embed.caption_embedder.1",
+     "t_embedder.mlp.0": "time_caption_embed.timestep_embedder.linear_1",
+     "t_embedder.mlp.2": "time_caption_embed.timestep_embedder.linear_2",
+     "final_layer.adaLN_modulation.1": "norm_out.linear_1", "final_layer.linear": "norm_out.linear_2"},
+)
+# HiDream-I1's checkpoints name its modules as diffusers does (convert_hidream_transformer_to_diffusers and its LoRA
+# converter only strip the prefix), its MoE experts as separate Linears (ff_i.experts.0.w1)
+HIDREAM = DitLayout(
+    "HiDream", ("HiDreamImageTransformer2DModel",),
+    re.compile(r"(?:^|[._])(?:double|single)_stream_blocks[._]\d+[._]block[._]"), {}, {}, keeps=True,
+)
+DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE, LUMINA2, HIDREAM)
 
 
 class Tensors(dict):
@@ -268,14 +291,17 @@ class Tensors(dict):
 
 
 def transformer_class(pipeline: Path) -> str | None:
-    """The ``_class_name`` of a diffusers pipeline folder's transformer (``transformer/config.json``), or None: no such
-    folder or file, or not a readable one."""
-    try:
-        config = json.loads((pipeline / "transformer" / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    name = config.get("_class_name") if isinstance(config, dict) else None
-    return name if isinstance(name, str) else None
+    """The ``_class_name`` of a diffusers pipeline folder's transformer (``transformer/config.json``), or of a diffusers
+    model folder itself (its ``config.json``: a pipeline's component folder given as the base, Wan 2.2's
+    ``transformer_2/``), or None: no such folder or file, or not a readable one."""
+    for file in (pipeline / "transformer" / "config.json", pipeline / "config.json"):
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        return name if isinstance(name, str) else None
+    return None
 
 
 def dit_layout(transformer_class: str | None) -> DitLayout | None:
@@ -286,17 +312,22 @@ def dit_layout(transformer_class: str | None) -> DitLayout | None:
 DIT_LAYOUT_KEY = "loraops_dit_layout"
 """Metadata of an adapter bound to a diffusers pipeline whose transformer is one of DIT_LAYOUTS' (check.renamed), in
 memory (no writer writes it): the layout's name, by which the kohya writer names its modules back (checkpoint_dit)."""
+DIT_BARE_KEY = "loraops_dit_bare"
+"""Beside DIT_LAYOUT_KEY ("true"): bound to the transformer's own folder (a pipeline's ``transformer_2/``), whose
+modules are named without the pipeline's ``transformer.``."""
 
 
 def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str, bool] | None:
     """(the original checkpoint's module path, whether the checkpoint holds it with its shift and scale halves
     swapped) of a pipeline transformer's module (``transformer.blocks.0.attn1.to_q`` → ``blocks.0.self_attn.q``; a
     part of a fused tensor by the part's path, ``double_blocks.0.img_attn_qkv.to_q``) of an adapter whose ``metadata``
-    names the DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY). None for any other module or adapter."""
+    names the DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY; without ``transformer.`` where bound to the
+    transformer's folder: DIT_BARE_KEY). None for any other module or adapter."""
     layout = next((layout for layout in DIT_LAYOUTS if layout.name == (metadata or {}).get(DIT_LAYOUT_KEY)), None)
-    if layout is None or not module.startswith("transformer."):
+    bare = (metadata or {}).get(DIT_BARE_KEY) == "true"
+    if layout is None or not (bare or module.startswith("transformer.")):
         return None
-    path = module.removeprefix("transformer.")
+    path = module if bare else module.removeprefix("transformer.")
     if path in layout.swapped:
         return layout.swapped[path], True
     inverse, top = dit_inverse(False, layout)
@@ -305,6 +336,8 @@ def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str
     if found is None:
         found = top.get(path) or (path if layout.keeps and path not in layout.top else None)
     return None if found is None else (found.replace("{n}", match["n"]) if match else found, False)
+
+
 DIT = f"^(?:{re.escape(UNET_PREFIX)})?"  # bare, or behind model.diffusion_model. as ComfyUI saves them
 # a tensor that tells the family of a checkpoint, and so which top-level names are its own
 FLUX_MARK = re.compile(DIT + r"double_blocks\.\d+\.img_attn\.qkv\.weight$")
@@ -339,6 +372,13 @@ def thirds(shape: tuple[int, ...]) -> list[int] | None:
 
 def halves(shape: tuple[int, ...]) -> list[int] | None:
     return [shape[0] // 2] * 2 if shape[0] % 2 == 0 else None
+
+
+def grouped_qkv(shape: tuple[int, ...]) -> list[int] | None:
+    """Lumina2's qkv with grouped-query heads: q of the hidden size (the tensor's columns), k and v alike of the rest
+    (Lumina-Image 2.0: 2304, 768, 768). A pipeline's are split by its parts' own rows (VirtualTensor.rows)."""
+    rest = shape[0] - shape[1]
+    return [shape[1], rest // 2, rest // 2] if rest > 0 and rest % 2 == 0 else None
 
 
 def qkv_and_mlp(shape: tuple[int, ...]) -> list[int] | None:
@@ -376,6 +416,10 @@ class Fused:
     Linear in the model the checkpoint is of (diffusers' FluxTransformer2DModel, which has them, names them
     transformer_blocks.N.attn.to_q). Under such names the part is written only as the adapter's own
     (formats.peft_unwritable_parts)."""
+    unsized: tuple[str, ...] = ()
+    """Parts whose rows are not the tensor's columns (the others' are): FLUX's proj_mlp; Lumina2's grouped-query k
+    and v, as many rows as each other. Where an adapter lacks one, its rows are those of such a part it has, else
+    unknown (formats.kohya, joining the parts)."""
 
     def owner_of(self, tensor: str) -> str | None:
         """The owner's path when ``tensor`` is one of these, else None."""
@@ -402,7 +446,7 @@ FUSED = (
     Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
           peft=False),
     Fused(re.compile(DIT + r"single_blocks\.\d+\.linear1$"), ".weight", (*QKV, "proj_mlp"), qkv_and_mlp, whole=True,
-          peft=False),
+          peft=False, unsized=("proj_mlp",)),
     # HunyuanVideo's (its single blocks' linear1 is FLUX's, above)
     Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn_qkv$"), ".weight", QKV, thirds, whole=True, peft=False),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn_qkv$"), ".weight", ADD_QKV, thirds, whole=True, peft=False),
@@ -412,6 +456,8 @@ FUSED = (
           peft=False),
     Fused(re.compile(DIT + r"joint_blocks\.\d+\.context_block\.attn\.qkv$"), ".weight", ADD_QKV, thirds, whole=True,
           peft=False),
+    Fused(re.compile(DIT + r"(?:layers|noise_refiner|context_refiner)\.\d+\.attention\.qkv$"), ".weight", QKV,
+          grouped_qkv, whole=True, peft=False, unsized=("to_k", "to_v")),
     # DINOv2's SwiGLU MLP: transformers 5 splits weights_in into gate_proj and up_proj in memory
     Fused(re.compile(r"(?:^|\.)encoder\.layer\.\d+\.mlp$"), ".weights_in.weight", ("gate_proj", "up_proj"), halves),
 )
@@ -930,6 +976,16 @@ class VirtualTensor:
     swaps (swap_scale_shift): a delta's rows map by the same swap."""
     parts: tuple[tuple[str, str], ...] = ()
     """One stacked from parts: (part module path, the pipeline's module holding that part), in row order."""
+    rows: tuple[int, ...] = ()
+    """Each part's rows, as the pipeline's module holding it has them (Lumina2's grouped-query k and v are fewer
+    than q's; its config says how many)."""
+
+    def pieces(self) -> list[tuple[str, tuple[str, int, int, int]]]:
+        """[(part module path, (this tensor, first row, rows, all rows))] of one stacked from parts, as
+        Fused.rows gives them, by the pipeline's own rows."""
+        firsts = itertools.accumulate(self.rows, initial=0)
+        return [(part, (self.name, first, rows, self.shape[0]))
+                for (part, _), first, rows in zip(self.parts, firsts, self.rows)]
 
 
 def dit_inverse(flux: bool, layout: DitLayout | None = None) -> tuple[dict[str, str], dict[str, str]]:
@@ -996,9 +1052,7 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
         entry = fused(tensor)
         if set(found) == set(entry.parts) and len({found[p][0].shape[1:] for p in entry.parts}) == 1:
             first, sizes = found[entry.parts[0]][0], [found[p][0].shape[0] for p in entry.parts]
-            shape = (sum(sizes), *first.shape[1:])
-            if [rows for _, (_, _, rows, _) in entry.rows(tensor, shape) or []] == sizes:
-                owner = tensor.removesuffix(entry.suffix)
-                out[tensor] = VirtualTensor(tensor, shape, first.dtype, parts=tuple(
-                    (f"{owner}.{p}", found[p][1].removesuffix(".weight")) for p in entry.parts))
+            owner = tensor.removesuffix(entry.suffix)
+            out[tensor] = VirtualTensor(tensor, (sum(sizes), *first.shape[1:]), first.dtype, parts=tuple(
+                (f"{owner}.{p}", found[p][1].removesuffix(".weight")) for p in entry.parts), rows=tuple(sizes))
     return out

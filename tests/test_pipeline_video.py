@@ -18,18 +18,22 @@ from test_pipeline_dit import R, assert_round_trip, check_merged
 WAN_WIDTH, WAN_FFN, WAN_TEXT, WAN_IMAGE = 16, 32, 12, 10
 
 
-def wan_pipeline(root, *, i2v: bool = False):
+def wan_pipeline(root, *, i2v: bool = False, experts: bool = False):
+    """A tiny Wan pipeline; ``experts``: Wan 2.2's, with a second transformer (transformer_2/, other weights)."""
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                  out_channels=4, text_dim=WAN_TEXT, freq_dim=8, ffn_dim=WAN_FFN, num_layers=2,
-                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                  image_dim=WAN_IMAGE if i2v else None, added_kv_proj_dim=WAN_WIDTH if i2v else None)
-    model.save_pretrained(root / "transformer")
+    components = ("transformer", "transformer_2") if experts else ("transformer",)
+    for seed, component in enumerate(components):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                      out_channels=4, text_dim=WAN_TEXT, freq_dim=8, ffn_dim=WAN_FFN, num_layers=2,
+                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                      image_dim=WAN_IMAGE if i2v else None,
+                                      added_kv_proj_dim=WAN_WIDTH if i2v else None)
+        model.save_pretrained(root / component)
     (root / "model_index.json").write_text(json.dumps(
         {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
-         "transformer": ["diffusers", "WanTransformer3DModel"]}))
+         **{component: ["diffusers", "WanTransformer3DModel"] for component in components}}))
     return root
 
 
@@ -112,6 +116,63 @@ def test_musubi_wan_lora_merges_into_a_diffusers_pipeline_as_diffusers_converts_
     save_file(tensors, str(tmp_path / "w.safetensors"), {"ss_network_module": "networks.lora_wan"})
     converted = _convert_musubi_wan_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
     merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", converted, len(modules))
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "musubi"])
+def test_wan22_lora_binds_to_the_second_transformer_given_as_the_base(tmp_path, key):
+    """Wan 2.2's low-noise expert (transformer_2/, which diffusers loads a LoRA into with load_into_transformer_2):
+    given as the base, the folder binds original names (it listed every module (not in base); diffusers' names bound
+    already) and the merge is diffusers' converter + that transformer in float64. Against the pipeline folder the
+    LoRA goes to transformer/ alone, as diffusers loads it by default."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    modules = wan_modules(False)
+    tensors = factors(modules, key, seed=5)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    converted = _convert_non_diffusers_wan_lora_to_diffusers(
+        {k if k.startswith("diffusion_model.") else "diffusion_model." + k: v.double()
+         for k, v in factors(modules, peft_key("diffusion_model."), seed=5).items()})
+    weights = "diffusion_pytorch_model.safetensors"
+    expert = load_file(str(pipe / "transformer_2" / weights))
+    run = loraops_run("check", tmp_path / "w.safetensors", "--base", pipe / "transformer_2")
+    assert run.returncode == 0 and f"{len(modules)}/{len(modules)} modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", tmp_path / "w.safetensors", "--into", pipe / "transformer_2", "-o", tmp_path / "m2",
+                      "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
+    merged = check_merged(tmp_path / "m2" / weights, merged_as_diffusers(expert, converted))
+    assert sum(not torch.equal(merged[k], expert[k]) for k in expert) == len(modules)
+    run = loraops_run("merge", tmp_path / "w.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    assert load_file(str(tmp_path / "m" / "transformer_2" / weights)).keys() == expert.keys()
+    assert all(torch.equal(t, expert[k]) for k, t in load_file(str(tmp_path / "m" / "transformer_2" / weights)).items())
+
+
+def test_wan22_loras_registered_against_the_second_transformer_written_as_kohya(tmp_path):
+    """Bound to transformer_2/ (its modules named without transformer.), a musubi-tuner Wan LoRA and the diffusers one
+    diffusers' converter makes of it are written as kohya under musubi-tuner's names, as against the pipeline: the
+    musubi file comes back as it was (the diffusers one was written as lora_unet_blocks_0_attn1_to_q), and a
+    combination of the two too."""
+    from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
+
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    musubi = factors(wan_modules(False), musubi_key, seed=6)
+    save_file(musubi, str(tmp_path / "w.safetensors"))
+    save_file({k: v.contiguous() for k, v in _convert_musubi_wan_lora_to_diffusers(dict(musubi)).items()},
+              str(tmp_path / "d.safetensors"))
+    assert loraops_run("base", "add", pipe / "transformer_2", "--name", "low").returncode == 0
+    for ref in ("w", "d"):
+        run = loraops_run("register", tmp_path / f"{ref}.safetensors", "--name", ref, "--base", "low")
+        assert run.returncode == 0, run.stderr
+    assert_round_trip(tmp_path, "w", musubi)
+    run = loraops_run("export", "d", "--format", "kohya", "-o", tmp_path / "dk.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert sorted(load_file(str(tmp_path / "dk.safetensors"))) == sorted(musubi)
+    run = loraops_run("combine", "w", "d", "--method", "cat", "--base", "low", "--format", "kohya",
+                      "-o", tmp_path / "c.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert sorted(load_file(str(tmp_path / "c.safetensors"))) == sorted(musubi)
 
 
 def test_wan_lora_module_the_pipeline_lacks_is_reported_alone(tmp_path):
@@ -409,3 +470,181 @@ def test_wan_adapters_bound_to_a_pipeline_combined_and_written_as_kohya(tmp_path
                       "-o", tmp_path / "c.safetensors")
     assert run.returncode == 0, run.stderr
     assert sorted(load_file(str(tmp_path / "c.safetensors"))) == sorted(musubi)
+
+
+LU, LU_KV = 32, 16  # Lumina2's tiny hidden size (4 heads of 8) and its k/v rows (2 grouped-query heads)
+
+
+def lumina2_pipeline(root):
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=LU, num_layers=1,
+                                      num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
+                                      axes_dim_rope=(2, 2, 4), cap_feat_dim=12)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "Lumina2Pipeline", "transformer": ["diffusers", "Lumina2Transformer2DModel"]}))
+    return root
+
+
+LUMINA2_BLOCK = {"attention.qkv": (LU + 2 * LU_KV, LU), "attention.out": (LU, LU), "feed_forward.w1": (4 * LU, LU),
+                 "feed_forward.w2": (LU, 4 * LU), "feed_forward.w3": (4 * LU, LU)}
+LUMINA2 = {  # Lumina-Image 2.0's original names: (rows, columns) in the tiny pipeline
+    **{f"{block}.0.{path}": shape for block in ("layers", "noise_refiner", "context_refiner")
+       for path, shape in LUMINA2_BLOCK.items()},
+    **{f"{block}.0.adaLN_modulation.1": (4 * LU, LU) for block in ("layers", "noise_refiner")},
+}
+# outside the blocks, which diffusers' LoRA converter refuses: renamed as its single-file converter renames the weights
+LUMINA2_TOP = {"x_embedder": ("x_embedder", (LU, 16)), "cap_embedder.1": ("time_caption_embed.caption_embedder.1",
+                                                                           (LU, 12)),
+               "t_embedder.mlp.0": ("time_caption_embed.timestep_embedder.linear_1", (LU, 256)),
+               "final_layer.adaLN_modulation.1": ("norm_out.linear_1", (LU, LU)),
+               "final_layer.linear": ("norm_out.linear_2", (16, LU))}
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "sd-scripts"])
+def test_lumina2_lora_merges_into_a_diffusers_pipeline(tmp_path, key):
+    """Its fused qkv holds grouped-query heads (q 32 rows, k and v 16 each here): B's rows are split by those sizes,
+    which the pipeline's config gives, not in thirds. diffusers' converter splits them [2304, 768, 768] whatever the
+    model (Lumina-Image 2.0's sizes): it is used for the rest, the qkv placed by hand by the config's sizes."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumina2_lora_to_diffusers
+
+    pipe = lumina2_pipeline(tmp_path / "pipe")
+    modules = {**LUMINA2, **{name: shape for name, (_, shape) in LUMINA2_TOP.items()}}
+    tensors = factors(modules, key, seed=9)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(modules)})
+    save_file(tensors, str(tmp_path / "l.safetensors"))
+
+    def scaled(name):
+        alpha = float(tensors[key(name, "alpha")])
+        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+
+    placeholder = torch.zeros(2304 + 2 * 768, R, dtype=torch.float64)  # (its qkv split, replaced below)
+    converted = _convert_non_diffusers_lumina2_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": placeholder if name.endswith(".qkv") and w == "B" else f
+         for name in LUMINA2 for w, f in zip("AB", scaled(name))})
+    converted = {k: v for k, v in converted.items() if ".attn.to_q." not in k and ".attn.to_k." not in k
+                 and ".attn.to_v." not in k}
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = merged_as_diffusers(base, converted)
+    config = json.loads((pipe / "transformer" / "config.json").read_text())
+    head = config["hidden_size"] // config["num_attention_heads"]
+    sizes = [config["num_attention_heads"] * head] + [config["num_kv_heads"] * head] * 2
+    for name in (name for name in LUMINA2 if name.endswith(".qkv")):
+        A, B = scaled(name)
+        block = name.removesuffix(".attention.qkv")
+        for part, rows in zip(("to_q", "to_k", "to_v"), B.split(sizes)):
+            want[f"{block}.attn.{part}.weight"] += rows @ A
+    for name, (tensor, _) in LUMINA2_TOP.items():
+        A, B = scaled(name)
+        want[f"{tensor}.weight"] += B @ A
+    merge_and_compare(tmp_path, pipe, tmp_path / "l.safetensors", None, len(modules) + 2 * 3, want=want)
+
+
+def test_sd_scripts_lumina2_lora_registered_against_a_pipeline_written_back_as_kohya(tmp_path):
+    """Bound to the pipeline (its qkv in three parts of grouped-query sizes), written as kohya it is sd-scripts' file
+    again: the parts joined back into lora_unet_layers_0_attention_qkv."""
+    pipe = lumina2_pipeline(tmp_path / "pipe")
+    tensors = factors(LUMINA2, musubi_key, seed=10)
+    tensors.update({musubi_key(name, "alpha"): torch.tensor(4.0) for name in LUMINA2})
+    save_file(tensors, str(tmp_path / "l.safetensors"), {"ss_network_module": "networks.lora_lumina"})
+    assert loraops_run("base", "add", pipe, "--name", "lumina").returncode == 0
+    run = loraops_run("register", tmp_path / "l.safetensors", "--name", "l", "--base", "lumina")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert_round_trip(tmp_path, "l", tensors)
+
+
+@pytest.mark.parametrize("trained", [("to_q", "to_k"), ("to_q",)], ids=["q-k", "q"])
+def test_diffusers_lumina2_lora_on_some_qkv_parts_written_as_kohya(tmp_path, trained):
+    """A diffusers LoRA on some of to_q/to_k/to_v, written as kohya on the checkpoint's qkv: a missing v has k's rows
+    (grouped-query: fewer than q's); it was given q's, and the file fit no Lumina2 (to_v 32×32, base 16×32). Without
+    k or v their rows are unknown: refused in one line."""
+    pipe = lumina2_pipeline(tmp_path / "pipe")
+    sizes = {"to_q": LU, "to_k": LU_KV}
+    tensors = factors({f"transformer.layers.0.attn.{p}": (sizes[p], LU) for p in trained}, peft_key(""))
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    save_file(tensors, str(tmp_path / "d.safetensors"))
+    assert loraops_run("base", "add", pipe, "--name", "lumina").returncode == 0
+    assert loraops_run("register", tmp_path / "d.safetensors", "--name", "d", "--base", "lumina").returncode == 0
+    run = loraops_run("export", "d", "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    if len(trained) == 1:
+        assert run.returncode != 0 and run.stderr.count("\n") == 1, run.stderr
+        assert "'layers.0.attention.qkv' whose to_k and to_v the adapter lacks" in run.stderr, run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    assert load_file(str(tmp_path / "k.safetensors"))[
+        "lora_unet_layers_0_attention_qkv.lora_up.weight"].shape[0] == LU + 2 * LU_KV
+    run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
+    assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
+
+
+def hidream_pipeline(root):
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                           num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
+                                           caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2,
+                                           num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+                                           llama_layers=(0, 1))
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "HiDreamImagePipeline", "transformer": ["diffusers", "HiDreamImageTransformer2DModel"]}))
+    return root
+
+
+HI = 32  # HiDream's tiny hidden size (4 heads of 8)
+HIDREAM = {  # HiDream-I1's names (diffusers' too), its MoE experts' Linears included: (rows, columns)
+    **{f"double_stream_blocks.0.block.attn1.{p}": (HI, HI) for p in ("to_q", "to_k", "to_v", "to_out", "to_q_t",
+                                                                     "to_out_t")},
+    "double_stream_blocks.0.block.ff_i.experts.1.w1": (8 * HI, HI),
+    "double_stream_blocks.0.block.ff_i.shared_experts.w2": (HI, 8 * HI),
+    "double_stream_blocks.0.block.ff_t.w3": (8 * HI, HI),
+    "double_stream_blocks.0.block.adaLN_modulation.1": (12 * HI, HI),
+    "single_stream_blocks.0.block.attn1.to_v": (HI, HI), "single_stream_blocks.0.block.ff_i.experts.0.w2": (HI, 8 * HI),
+    "x_embedder.proj": (HI, 16), "final_layer.linear": (16, HI), "caption_projection.2.linear": (HI, 8),
+}
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "", "model.diffusion_model."])
+def test_hidream_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_hidream_lora_to_diffusers
+
+    pipe = hidream_pipeline(tmp_path / "pipe")
+    key = peft_key(prefix)
+    tensors = factors(HIDREAM, key, seed=11)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(HIDREAM)})
+    save_file(tensors, str(tmp_path / "h.safetensors"))
+
+    def scaled(name):
+        alpha = float(tensors[key(name, "alpha")])
+        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+
+    converted = _convert_non_diffusers_hidream_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": f for name in HIDREAM for w, f in zip("AB", scaled(name))})
+    merge_and_compare(tmp_path, pipe, tmp_path / "h.safetensors", converted, len(HIDREAM))
+
+
+@pytest.mark.parametrize("key", [peft_key("transformer."), musubi_key], ids=["diffusers", "kohya"])
+def test_hidream_lora_in_the_pipeline_names_still_binds(tmp_path, key):
+    pipe = hidream_pipeline(tmp_path / "pipe")
+    save_file(factors(HIDREAM, key), str(tmp_path / "h.safetensors"))
+    run = loraops_run("check", tmp_path / "h.safetensors", "--base", pipe, "--alpha", "4")
+    assert run.returncode == 0 and f"{len(HIDREAM)}/{len(HIDREAM)} modules match" in run.stdout, \
+        run.stdout + run.stderr
+
+
+def test_lumina2_lora_merges_into_the_transformer_folder_as_into_the_pipeline(tmp_path):
+    """The transformer's own folder as the base (as Wan 2.2's transformer_2/): the fused qkv split there too, the
+    merged weights those of the pipeline's merge."""
+    pipe = lumina2_pipeline(tmp_path / "pipe")
+    save_file(factors(LUMINA2, musubi_key, seed=12), str(tmp_path / "l.safetensors"))
+    weights = "diffusion_pytorch_model.safetensors"
+    for base, out in ((pipe, tmp_path / "m"), (pipe / "transformer", tmp_path / "t")):
+        run = loraops_run("merge", tmp_path / "l.safetensors", "--into", base, "-o", out, "--precise", "--no-record")
+        assert run.returncode == 0, run.stderr
+    merged, folder = load_file(str(tmp_path / "m" / "transformer" / weights)), load_file(str(tmp_path / "t" / weights))
+    assert merged.keys() == folder.keys() and all(torch.equal(merged[k], folder[k]) for k in merged)
+    base = load_file(str(pipe / "transformer" / weights))
+    assert not torch.equal(folder["layers.0.attn.to_k.weight"], base["layers.0.attn.to_k.weight"])

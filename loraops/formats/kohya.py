@@ -290,12 +290,14 @@ def out_of_pipeline(adapter: Adapter) -> "Callable[..., LoraModule] | None":
         entry = ldm.fused(f"{owner}.weight")
         fused = None
         if entry is not None and entry.whole:
-            # q, k and v (also linear1's) are as many rows as the tensor's columns (ldm.qkv_and_mlp, ldm.thirds)
-            sizes = [rows.get(f"{owner}.{part}", module.in_features if part != "proj_mlp" else None)
-                     for part in entry.parts]
+            # a part the adapter lacks: as many rows as the tensor's columns, or as a part it has of Fused.unsized
+            sized = [rows[f"{owner}.{part}"] for part in entry.unsized if f"{owner}.{part}" in rows]
+            sizes = [rows.get(f"{owner}.{part}", next(iter(sized), None) if part in entry.unsized
+                              else module.in_features) for part in entry.parts]
             if None in sizes:
+                lacks = " and ".join(p for p, size in zip(entry.parts, sizes) if size is None)
                 raise FormatError(f"{adapter.label}: {module.name!r} is a part of "
-                                  f"{owner.removeprefix(ldm.UNET_PREFIX)!r} whose proj_mlp the adapter lacks, so its "
+                                  f"{owner.removeprefix(ldm.UNET_PREFIX)!r} whose {lacks} the adapter lacks, so its "
                                   "rows there are unknown: write it as diffusers")
             first = sum(sizes[:entry.parts.index(path.rpartition(".")[2])])
             fused = (f"{owner}.weight", first, module.out_features, sum(sizes))
