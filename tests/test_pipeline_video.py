@@ -149,27 +149,29 @@ def test_wan22_lora_binds_to_the_second_transformer_given_as_the_base(tmp_path, 
     assert all(torch.equal(t, expert[k]) for k, t in load_file(str(tmp_path / "m" / "transformer_2" / weights)).items())
 
 
-def test_wan22_loras_registered_against_the_second_transformer_written_as_kohya(tmp_path):
-    """Bound to transformer_2/ (its modules named without transformer.), a musubi-tuner Wan LoRA and the diffusers one
-    diffusers' converter makes of it are written as kohya under musubi-tuner's names, as against the pipeline: the
-    musubi file comes back as it was (the diffusers one was written as lora_unet_blocks_0_attn1_to_q), and a
-    combination of the two too."""
+@pytest.mark.parametrize("experts", [False, True], ids=["pipeline", "transformer_2"])
+def test_wan_loras_bound_to_a_pipeline_combined_and_written_as_kohya(tmp_path, experts):
+    """A musubi-tuner Wan LoRA and the diffusers one (transformer.blocks.0.attn1.to_q) diffusers' converter makes of
+    it, bound to the pipeline or to Wan 2.2's transformer_2/ (its modules named without transformer.), are written as
+    kohya under musubi-tuner's names: the musubi file comes back as it was, the diffusers one was refused as a
+    "FLUX/SD3 transformer" (against transformer_2/: written as lora_unet_blocks_0_attn1_to_q), and a combination of
+    the two kept no trace of the pipeline (lora_unet_transformer_blocks_0_attn1_to_q, loaded nowhere)."""
     from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
 
-    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    pipe = wan_pipeline(tmp_path / "pipe", experts=experts)
     musubi = factors(wan_modules(False), musubi_key, seed=6)
     save_file(musubi, str(tmp_path / "w.safetensors"))
     save_file({k: v.contiguous() for k, v in _convert_musubi_wan_lora_to_diffusers(dict(musubi)).items()},
               str(tmp_path / "d.safetensors"))
-    assert loraops_run("base", "add", pipe / "transformer_2", "--name", "low").returncode == 0
+    assert loraops_run("base", "add", pipe / "transformer_2" if experts else pipe, "--name", "wan").returncode == 0
     for ref in ("w", "d"):
-        run = loraops_run("register", tmp_path / f"{ref}.safetensors", "--name", ref, "--base", "low")
+        run = loraops_run("register", tmp_path / f"{ref}.safetensors", "--name", ref, "--base", "wan")
         assert run.returncode == 0, run.stderr
     assert_round_trip(tmp_path, "w", musubi)
     run = loraops_run("export", "d", "--format", "kohya", "-o", tmp_path / "dk.safetensors")
     assert run.returncode == 0, run.stderr
     assert sorted(load_file(str(tmp_path / "dk.safetensors"))) == sorted(musubi)
-    run = loraops_run("combine", "w", "d", "--method", "cat", "--base", "low", "--format", "kohya",
+    run = loraops_run("combine", "w", "d", "--method", "cat", "--base", "wan", "--format", "kohya",
                       "-o", tmp_path / "c.safetensors")
     assert run.returncode == 0, run.stderr
     assert sorted(load_file(str(tmp_path / "c.safetensors"))) == sorted(musubi)
@@ -298,14 +300,26 @@ def hunyuan_reference(base, tensors, key, modules):
     return want
 
 
+def lora_with_alphas(path, modules, key, seed):
+    """A LoRA file of ``modules`` under ``key``'s names with an .alpha each (2, 4, 8 in turn): (its tensors, and
+    name → (A, B·α/r) in float64, the factors as diffusers' converters scale them)."""
+    tensors = factors(modules, key, seed=seed)
+    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(modules)})
+    save_file(tensors, str(path))
+
+    def scaled(name):
+        alpha = float(tensors[key(name, "alpha")])
+        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+
+    return tensors, scaled
+
+
 @pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "musubi"])
 def test_hunyuan_video_lora_merges_into_a_diffusers_pipeline(tmp_path, key):
     """Its fused qkv (double blocks, the token refiner) and linear1 split into the pipeline's parts, the final adaLN's
     halves swapped; chosen by HunyuanVideoTransformer3DModel, not FLUX.1's table, whose diffusers names are the same."""
     pipe = hunyuan_pipeline(tmp_path / "pipe")
-    tensors = factors(HUNYUAN, key, seed=6)
-    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(HUNYUAN)})
-    save_file(tensors, str(tmp_path / "h.safetensors"))
+    tensors, scaled = lora_with_alphas(tmp_path / "h.safetensors", HUNYUAN, key, seed=6)
     base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
     want = hunyuan_reference(base, tensors, key, HUNYUAN)
     parts = len(HUNYUAN) + 2 + 2 + 3 + 2  # the qkv ×3 and linear1 in parts
@@ -358,13 +372,7 @@ def test_ltx_video_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
     pipe = ltx_pipeline(tmp_path / "pipe")
     modules = {**LTX, **{name: shape for name, (_, shape) in LTX_RENAMED.items()}}
     key = peft_key(prefix)
-    tensors = factors(modules, key, seed=7)
-    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(modules)})
-    save_file(tensors, str(tmp_path / "l.safetensors"))
-
-    def scaled(name):
-        alpha = float(tensors[key(name, "alpha")])
-        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+    tensors, scaled = lora_with_alphas(tmp_path / "l.safetensors", modules, key, seed=7)
 
     base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
     want = merged_as_diffusers(base, _convert_non_diffusers_ltxv_lora_to_diffusers(
@@ -415,9 +423,7 @@ def test_qwen_image_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
 
     pipe = qwen_pipeline(tmp_path / "pipe")
     key = peft_key(prefix)
-    tensors = factors(QWEN, key, seed=8)
-    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(QWEN)})
-    save_file(tensors, str(tmp_path / "q.safetensors"))
+    tensors, scaled = lora_with_alphas(tmp_path / "q.safetensors", QWEN, key, seed=8)
     converted = _convert_non_diffusers_qwen_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
     assert len(converted) == 2 * len(QWEN)
     merge_and_compare(tmp_path, pipe, tmp_path / "q.safetensors", converted, len(QWEN))
@@ -445,31 +451,6 @@ def test_pipeline_bound_dit_loras_written_as_kohya(tmp_path):
         assert "lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight" in written
         run = loraops_run("check", tmp_path / f"k{name}.safetensors", "--base", pipe)
         assert run.returncode == 0 and f"{len(modules)}/{len(modules)} modules match" in run.stdout, run.stdout
-
-
-def test_wan_adapters_bound_to_a_pipeline_combined_and_written_as_kohya(tmp_path):
-    """A diffusers Wan LoRA (transformer.blocks.0.attn1.to_q) bound to the pipeline is written as kohya under musubi's
-    names too (it was refused as a "FLUX/SD3 transformer"), and so is a combination of pipeline-bound ones (the
-    combination kept no trace of the pipeline: lora_unet_transformer_blocks_0_attn1_to_q, loaded nowhere)."""
-    from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
-
-    pipe = wan_pipeline(tmp_path / "pipe")
-    modules = wan_modules(False)
-    musubi = factors(modules, musubi_key, seed=4)
-    save_file(musubi, str(tmp_path / "w.safetensors"))
-    save_file({k: v.contiguous() for k, v in _convert_musubi_wan_lora_to_diffusers(dict(musubi)).items()},
-              str(tmp_path / "d.safetensors"))
-    assert loraops_run("base", "add", pipe, "--name", "wan").returncode == 0
-    for ref in ("w", "d"):
-        run = loraops_run("register", tmp_path / f"{ref}.safetensors", "--name", ref, "--base", "wan")
-        assert run.returncode == 0, run.stderr
-    run = loraops_run("export", "d", "--format", "kohya", "-o", tmp_path / "dk.safetensors")
-    assert run.returncode == 0, run.stderr
-    assert sorted(load_file(str(tmp_path / "dk.safetensors"))) == sorted(musubi)
-    run = loraops_run("combine", "w", "d", "--method", "cat", "--base", "wan", "--format", "kohya",
-                      "-o", tmp_path / "c.safetensors")
-    assert run.returncode == 0, run.stderr
-    assert sorted(load_file(str(tmp_path / "c.safetensors"))) == sorted(musubi)
 
 
 LU, LU_KV = 32, 16  # Lumina2's tiny hidden size (4 heads of 8) and its k/v rows (2 grouped-query heads)
@@ -512,13 +493,7 @@ def test_lumina2_lora_merges_into_a_diffusers_pipeline(tmp_path, key):
 
     pipe = lumina2_pipeline(tmp_path / "pipe")
     modules = {**LUMINA2, **{name: shape for name, (_, shape) in LUMINA2_TOP.items()}}
-    tensors = factors(modules, key, seed=9)
-    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(modules)})
-    save_file(tensors, str(tmp_path / "l.safetensors"))
-
-    def scaled(name):
-        alpha = float(tensors[key(name, "alpha")])
-        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+    tensors, scaled = lora_with_alphas(tmp_path / "l.safetensors", modules, key, seed=9)
 
     placeholder = torch.zeros(2304 + 2 * 768, R, dtype=torch.float64)  # (its qkv split, replaced below)
     converted = _convert_non_diffusers_lumina2_lora_to_diffusers(
@@ -613,13 +588,7 @@ def test_hidream_lora_merges_into_a_diffusers_pipeline(tmp_path, prefix):
 
     pipe = hidream_pipeline(tmp_path / "pipe")
     key = peft_key(prefix)
-    tensors = factors(HIDREAM, key, seed=11)
-    tensors.update({key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(HIDREAM)})
-    save_file(tensors, str(tmp_path / "h.safetensors"))
-
-    def scaled(name):
-        alpha = float(tensors[key(name, "alpha")])
-        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+    tensors, scaled = lora_with_alphas(tmp_path / "h.safetensors", HIDREAM, key, seed=11)
 
     converted = _convert_non_diffusers_hidream_lora_to_diffusers(
         {f"diffusion_model.{name}.lora_{w}.weight": f for name in HIDREAM for w, f in zip("AB", scaled(name))})
