@@ -531,9 +531,10 @@ def extract_lazily(
             return None
         M = D.reshape(D.shape[0], -1)
         with factorizing(what, name, precision):
-            # keep_zero_rank: a fixed rank is kept for a delta however small (it is not zero: dropped above)
+            # a delta however small is not zero (dropped above): a fixed rank is kept, and a dynamic rule ranks it
+            # as it would the same delta larger (no kohya MIN_SV floor, which made every delta below 1e-6 rank 1)
             made = factorize_dense(M.T if template.transposed else M, rule.for_module(template), exact=precise,
-                                   keep_zero_rank=True)
+                                   keep_zero_rank=True, min_sv=0.0)
         module_alpha = float(made.A.shape[0]) if alpha is None else float(alpha)
         scale = module_alpha / made.A.shape[0]
         return (template.with_factors((made.B / scale).to(device="cpu", dtype=out_dtype),

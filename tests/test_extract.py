@@ -102,6 +102,25 @@ def test_dynamic_rules_pick_the_ranks_of_the_float64_spectrum(synthetic, dynamic
         assert 1 < adapter.modules[name].rank < TRUE_RANK + 1
 
 
+@pytest.mark.parametrize("dynamic, param", [("sv_fro", 0.99), ("sv_ratio", 4.0), ("sv_cumulative", 0.8)])
+def test_a_dynamic_rank_does_not_depend_on_the_deltas_scale(tmp_path, dynamic, param):
+    # a delta is never a zero module (those are dropped): kohya resize's MIN_SV floor (S[0] ≤ 1e-6: rank 1) made a
+    # fine-tune's small change rank 1 whatever the rule, keeping half of it under sv_fro 0.99
+    g = torch.Generator().manual_seed(5)
+    W = 1e-6 * torch.randn(64, 48, generator=g, dtype=torch.float64)  # (float32 holds W + a 1e-9 delta exactly)
+    U = torch.linalg.qr(torch.randn(64, 6, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(48, 6, generator=g, dtype=torch.float64)).Q
+    S = torch.tensor([1.0, 0.6, 0.35, 0.2, 0.1, 0.05], dtype=torch.float64)
+    save_file({"a.weight": W.float()}, str(tmp_path / "base.safetensors"))
+    ranks = []
+    for scale in (1e-2, 1e-7):
+        save_file({"a.weight": (W + (U * (scale * S)) @ V.T).float()}, str(tmp_path / f"tuned{scale}.safetensors"))
+        _, report = loraops.extract(tmp_path / "base.safetensors", tmp_path / f"tuned{scale}.safetensors",
+                                    dynamic=dynamic, param=param, device="cpu")
+        ranks.append(report.modules[0].rank)
+    assert ranks[0] == ranks[1] == RankRule(dynamic=dynamic, param=param).choose(S, 6) > 1
+
+
 def test_alpha_keeps_the_delta(synthetic):
     base, tuned, deltas = synthetic
     adapter, _ = loraops.extract(base, tuned, rank=6, alpha=2.0, device="cpu")

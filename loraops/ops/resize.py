@@ -84,11 +84,13 @@ class RankRule(Params):
         limit = "rank" if self.dynamic is None else "max_rank"
         return self.model_copy(update={limit: self.conv_rank, "conv_rank": None})
 
-    def choose(self, S: torch.Tensor, current: int, keep_zero_rank: bool = False) -> int:
+    def choose(self, S: torch.Tensor, current: int, keep_zero_rank: bool = False, min_sv: float = MIN_SV) -> int:
         """The new rank for a module of rank ``current`` whose B·A has singular values S (``keep_zero_rank``: a zero
-        module gets a fixed rank like the others, zero factors, instead of kohya's rank 1)."""
+        module gets a fixed rank like the others, zero factors, instead of kohya's rank 1). A module is zero when
+        S[0] ≤ ``min_sv`` (kohya's MIN_SV; 0 where S is known not to be zero: extract's deltas, whose dynamic rank
+        must not depend on their scale)."""
         n = S.numel()
-        if n == 0 or (float(S[0]) <= MIN_SV and not (keep_zero_rank and self.dynamic is None)):
+        if n == 0 or (float(S[0]) <= min_sv and not (keep_zero_rank and self.dynamic is None)):
             return 1
         if self.dynamic is None:
             return min(self.rank, current, n)
@@ -140,13 +142,14 @@ def _resized(module: LoraModule, B: torch.Tensor, A: torch.Tensor, before: int, 
     return resized, record
 
 
-def factorize_dense(D: torch.Tensor, rule: RankRule, exact: bool = False, keep_zero_rank: bool = False) -> Refactored:
+def factorize_dense(D: torch.Tensor, rule: RankRule, exact: bool = False, keep_zero_rank: bool = False,
+                    min_sv: float = MIN_SV) -> Refactored:
     """Factors B·A ≈ D of a dense matrix at the rank ``rule`` gives: what extract does to a model's delta and resize
     to a LoHa/LoKr's ΔW (neither has a factored SVD). A fixed rank goes through refactor_dense (a randomized SVD
     with power iterations when both sides are above svd.RANDOMIZED_MIN_DIM, unless ``exact``: minutes → seconds for
     an LLM's 4096×11008 module; its error measured, and no ``spectrum``); the dynamic rules need every singular
     value, so they take the whole spectrum (kohya's way). The rank of an exact spectrum is ``rule.choose``'s, with
-    min(D.shape) as the current rank (``keep_zero_rank``: see RankRule.choose). A zero D has the one singular value
+    min(D.shape) as the current rank (``keep_zero_rank``, ``min_sv``: see RankRule.choose). A zero D has the one singular value
     0 (rank 1, as RankRule.choose gives any zero module)."""
     if not D.any():
         spectrum = Spectrum(D.new_zeros(D.shape[0], 1), D.new_zeros(1), D.new_zeros(1, D.shape[1]))
@@ -157,6 +160,6 @@ def factorize_dense(D: torch.Tensor, rule: RankRule, exact: bool = False, keep_z
         spectrum = made.spectrum
     else:
         spectrum = Spectrum(*torch.linalg.svd(finite(D), full_matrices=False))
-    k = rule.choose(spectrum.S, min(D.shape), keep_zero_rank)
+    k = rule.choose(spectrum.S, min(D.shape), keep_zero_rank, min_sv)
     B, A = spectrum.truncate(k)
     return Refactored(B, A, "exact", spectrum.tail_error(k), spectrum)
