@@ -552,6 +552,11 @@ def extract_lazily(
             module, svd, error = made
             del made
             module = finite_module(what, module)
+            if not (bool(module.B.any()) and bool(module.A.any())):  # (its delta is not: dropped above)
+                kept = str(out_dtype).removeprefix("torch.")
+                raise InvalidInputError(
+                    f"{what}: module {name!r} comes out all zero in {kept} (its delta is below what {kept} holds): "
+                    "use --dtype " + ("bf16 or fp32" if out_dtype == torch.float16 else "fp32"))
             records.append(ExtractModuleRecord(
                 name=name, kind=template.kind, spatial=template.spatial, shape=list(template.weight_shape),
                 rank=module.rank, alpha=module.alpha, svd=svd, error=error,

@@ -406,6 +406,25 @@ def test_errors_are_one_line_and_leave_nothing(peft_pair, others, tmp_path, case
     assert_nothing_left(tmp_path)
 
 
+def test_a_delta_below_what_fp16_holds_is_refused_not_written_as_a_zero_module(tmp_path):
+    # B = U·S of a 1e-9 delta is ~1e-10 an entry, below float16's smallest subnormal (6e-8): the module was written
+    # all zero (merging to nothing) while the report said it kept the whole delta
+    g = torch.Generator().manual_seed(6)
+    W = 1e-6 * torch.randn(16, 12, generator=g)
+    save_file({"a.weight": W}, str(tmp_path / "base.safetensors"))
+    save_file({"a.weight": W + 1e-9 * torch.randn(16, 2, generator=g) @ torch.randn(2, 12, generator=g)},
+              str(tmp_path / "tuned.safetensors"))
+    code, out = run("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "tuned.safetensors",
+                    "--rank", "2", "--dtype", "fp16", "--name", "tiny", "-o", tmp_path / "out")
+    assert code == 2 and out == (f"error: extract of {tmp_path / 'tuned.safetensors'} − {tmp_path / 'base.safetensors'}"
+                                 ": module 'a' comes out all zero in float16 (its delta is below what float16 "
+                                 "holds): use --dtype bf16 or fp32\n")
+    assert_nothing_left(tmp_path)
+    adapter, report = loraops.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", rank=2,
+                                      dtype="bf16", device="cpu")
+    assert adapter.modules["a"].B.any() and report.modules[0].error < 1e-2
+
+
 def test_existing_output_needs_force(peft_pair, tmp_path):
     base, tuned = peft_pair
     (tmp_path / "out").mkdir()
