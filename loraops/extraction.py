@@ -1,7 +1,7 @@
 """A LoRA adapter extracted from the difference between a fine-tuned model and its base (`loraops extract`).
 
-Per weight W that differs, D = W_tuned − W_base is formed in float32 (float64 with ``precise``), one tensor at a time,
-and factorized at the rank a RankRule gives (a fixed rank, or kohya's dynamic rules on D's singular values) with the
+Per weight W that differs, D = W_tuned − W_base is formed in float32 (float64 with ``precise`` or an F64 model), one
+tensor at a time, and factorized at the rank a RankRule gives (a fixed rank, or kohya's dynamic rules on D's singular values) with the
 algebra's SVD code: B = U_k·diag(S_k), A = V_kᵀ (S on B, as resize and combine put it), so D ≈ B·A, the best rank-k
 approximation (Eckart–Young). alpha defaults to each module's rank (scale 1); with ``alpha`` given, B is divided by
 the scale alpha/k so that the delta stays the same.
@@ -441,7 +441,10 @@ def extract_lazily(
             "peft")
     started = time.perf_counter()
     target = resolve_device(device)
-    compute_dtype, precision = compute_precision(precise)
+    # a float64 model's deltas in float64: float32 rounds both sides first, losing (or zeroing) what differs below
+    # its precision
+    compute_dtype, precision = compute_precision(precise or any(
+        model.tensors[m.weight_name].dtype == "F64" for m in work.targets.values() for model in (base, tuned)))
 
     def finite(model: BaseModel, label: str, tensor: str, values: "torch.Tensor | None" = None) -> "torch.Tensor":
         values = read_tensor(model.tensors[tensor]) if values is None else values

@@ -121,6 +121,21 @@ def test_a_dynamic_rank_does_not_depend_on_the_deltas_scale(tmp_path, dynamic, p
     assert ranks[0] == ranks[1] == RankRule(dynamic=dynamic, param=param).choose(S, 6) > 1
 
 
+def test_a_float64_models_delta_is_formed_in_float64(tmp_path):
+    # in float32 both sides were rounded first: a fine-tune's 1e-9 change of weights near 1 came out as rounding
+    # noise, or as nothing ("hold the same values in every tensor")
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    tuned = W + 1e-9 * torch.randn(16, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 12, generator=g,
+                                                                                           dtype=torch.float64)
+    save_file({"a.weight": W}, str(tmp_path / "base.safetensors"))
+    save_file({"a.weight": tuned}, str(tmp_path / "tuned.safetensors"))
+    adapter, report = loraops.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", rank=12,
+                                      device="cpu")
+    assert report.precision == "float64" and report.dtype == "float64"
+    assert relative_error(adapter.modules["a"], tuned - W) < 1e-9
+
+
 def test_alpha_keeps_the_delta(synthetic):
     base, tuned, deltas = synthetic
     adapter, _ = loraops.extract(base, tuned, rank=6, alpha=2.0, device="cpu")
