@@ -56,6 +56,9 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 CARD = "README.md"
 # What pull takes first at a repo's root (select_adapter_files): a push of another layout removes them, or pulling
 # the pushed commit back would give the adapter they hold
+PEFT_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS)
+"""--file naming either stands for the folder that holds both (`--file lora/adapter_config.json` was refused as "not
+a .safetensors file")."""
 CANONICAL_ADAPTER_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS, "adapter_model.bin")
 OTHER_WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 
@@ -63,6 +66,8 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
 _PR_REF = re.compile(r"^refs/pr/([1-9][0-9]*)$")
+_SOURCE_PATH = re.compile(r"^([0-9a-f]{40})/(.*)$")  # hub_source's commit and path
+_PAGE = re.compile(r"^([^/@]+/[^/@]+)/(?:tree|blob|resolve)/([^/]+)(?:/(.*))?$")  # a Hub page: owner/name/tree/REV/…
 
 
 # ---- references ----------------------------------------------------------------------------------------------
@@ -80,11 +85,39 @@ class RepoRef:
 
 
 def parse_repo_ref(text: str) -> RepoRef:
-    """Parse ``owner/name``, ``owner/name@rev``, also with a ``hub:`` / ``hf://`` prefix or a Hub URL."""
-    ref = text.strip()
+    """Parse ``owner/name``, ``owner/name@rev``, also with a ``hub:`` / ``hf://`` prefix or a Hub URL; one that
+    names a path in the repo (parse_repo_path) is refused."""
+    ref, path = parse_repo_path(text)
+    if path:
+        raise InvalidInputError(f"{text!r} names {path} in the repo: give the repo alone (owner/name[@revision])")
+    return ref
+
+
+def parse_repo_path(text: str) -> tuple[RepoRef, str | None]:
+    """parse_repo_ref of a reference that may also name a file or folder in the repo, in the forms a user copies:
+    the source a pull records (HfFileSystem's ``hf://owner/name@<commit sha>/path``, which `show` prints) and a Hub
+    page's URL (``https://huggingface.co/owner/name/tree|blob|resolve/<revision>[/path]``, the revision
+    URL-encoded). Returns (RepoRef, the path or None). Both were refused: the first as "revision not found", the
+    second as "not a Hub repo id"."""
+    from urllib.parse import unquote
+
+    ref, path = text.strip(), None
     for prefix in ("hub:", "hf://", "https://huggingface.co/", "http://huggingface.co/"):
         if ref.startswith(prefix):
             ref = ref[len(prefix):]
+            if prefix.startswith("http"):
+                ref = ref.split("?")[0].split("#")[0]
+                page = _PAGE.match(ref)
+                if page:
+                    ref, path = f"{page.group(1)}@{unquote(page.group(2))}", page.group(3)
+    repo_part, at, rest = ref.partition("@")
+    pinned = _SOURCE_PATH.match(rest) if at and path is None else None
+    if pinned:  # (only after a full sha: a branch's name may hold '/', so `@dev/x` stays the branch dev/x)
+        ref, path = f"{repo_part}@{pinned.group(1)}", pinned.group(2)
+    return _parse_repo_id(text, ref), (path.strip("/") or None) if path else None
+
+
+def _parse_repo_id(text: str, ref: str) -> RepoRef:
     repo_id, sep, revision = ref.partition("@")
     repo_id = repo_id.strip("/")
     kind = {"datasets": "dataset", "spaces": "Space"}.get(repo_id.split("/")[0]) if repo_id.count("/") == 2 else None
@@ -371,8 +404,8 @@ def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | No
 def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[str]:
     scope = (subpath or "").strip("/")
     parent = str(PurePosixPath(scope).parent) if "/" in scope else ""
-    if scope in names and PurePosixPath(scope).name == PEFT_WEIGHTS:
-        scope = parent  # a PEFT weights file goes with the config next to it
+    if scope in names and PurePosixPath(scope).name in PEFT_FILES:
+        scope = parent  # a PEFT file goes with the other next to it
     if scope and scope in names:
         if not scope.endswith(".safetensors"):
             raise InvalidInputError(f"{ref}: {scope} is not a .safetensors file")
@@ -531,6 +564,17 @@ def refuse_ambiguous(ref: RepoRef, commits: list[str]) -> None:
                              "give more of the sha")
 
 
+def repo_and_path(ref: RepoRef | str, subpath: str | None) -> tuple[RepoRef, str | None]:
+    """The repo and the adapter's path in it (``subpath``, --file) of a reference that may name that path itself
+    (parse_repo_path); one that names another path than ``subpath`` is refused."""
+    if not isinstance(ref, str):
+        return ref, subpath
+    parsed, path = parse_repo_path(ref)
+    if path and subpath and path != subpath.strip("/"):
+        raise InvalidInputError(f"{ref!r} names {path} in the repo, and --file {subpath} another path: give one")
+    return parsed, subpath or path
+
+
 def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None,
                      into: Path | None = None) -> Download:
     """Fetch the adapter files of ``ref`` (see select_adapter_files) into the Hub cache, at the commit its revision
@@ -538,7 +582,7 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     ``into/.cache``), leaving no copy in the Hub cache. Offline (HF_HUB_OFFLINE=1) they come from the cache."""
     from huggingface_hub import ResolvedRevision, snapshot_download
 
-    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    ref, subpath = repo_and_path(ref, subpath)
     if subpath:
         check_repo_names([subpath.rstrip("/")], ref, given=True)  # before anything is asked or cached
     commit = resolve_commit(ref, token)
@@ -656,9 +700,9 @@ def _snapshot_adapter_files(ref: RepoRef, commit: str, subpath: str | None) -> l
     names = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) \
         if snapshot.is_dir() else []
     scope = (subpath or "").strip("/")
-    if scope in names and PurePosixPath(scope).name != PEFT_WEIGHTS:
+    if scope in names and PurePosixPath(scope).name not in PEFT_FILES:
         return select_adapter_files(names, ref, scope)
-    # a PEFT weights file: its folder, as _select takes it (`--file .` is no folder of the listing there, so not here)
+    # a PEFT file: its folder, as _select takes it (`--file .` is no folder of the listing there, so not here)
     folder = (str(PurePosixPath(scope).parent) if "/" in scope else "") if scope in names else scope
     prefix = f"{folder}/" if folder else ""
     peft = [prefix + ADAPTER_CONFIG, prefix + PEFT_WEIGHTS]
@@ -1108,7 +1152,7 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     from .records import PullRecord
     from .registry.store import check_name
 
-    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    ref, subpath = repo_and_path(ref, subpath)
     name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "adapter")  # before any download
     if subpath:
         check_repo_names([subpath.rstrip("/")], ref, given=True)
@@ -1177,7 +1221,7 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
         commit = found[0]
     scope = (subpath or "").strip("/")
     wanted = {hub_source(ref.repo_id, commit, scope)}
-    if PurePosixPath(scope).name == PEFT_WEIGHTS:  # a PEFT weights file goes with the config next to it
+    if PurePosixPath(scope).name in PEFT_FILES:  # a PEFT file goes with the other next to it
         parent = str(PurePosixPath(scope).parent)
         wanted.add(hub_source(ref.repo_id, commit, "" if parent == "." else parent))
     record = next((a for a in pulled if a.source in wanted), None)

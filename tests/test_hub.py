@@ -42,6 +42,22 @@ def test_parse_repo_ref(text, repo_id, revision):
     assert hub.parse_repo_ref(text) == hub.RepoRef(repo_id, revision)
 
 
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("text, repo_id, revision, path", [
+    (f"hf://someone/lora@{SHA}/sub/dir", "someone/lora", SHA, "sub/dir"),
+    (f"hf://someone/lora@{SHA}", "someone/lora", SHA, None),
+    ("hf://someone/lora@dev/x", "someone/lora", "dev/x", None),  # a branch's name may hold '/'
+    ("https://huggingface.co/someone/lora/tree/main", "someone/lora", "main", None),
+    ("https://huggingface.co/someone/lora/tree/refs%2Fpr%2F2/sub", "someone/lora", "refs/pr/2", "sub"),
+    ("https://huggingface.co/someone/lora/blob/v1/x.safetensors?download=true", "someone/lora", "v1", "x.safetensors"),
+    ("https://huggingface.co/someone/lora/resolve/main/a/b.safetensors", "someone/lora", "main", "a/b.safetensors"),
+])
+def test_parse_repo_path(text, repo_id, revision, path):
+    assert hub.parse_repo_path(text) == (hub.RepoRef(repo_id, revision), path)
+
+
 @pytest.mark.parametrize("text", ["", "a/b/c", "someone/lora@", "../x", "someone/x..y", "someone/lo ra", "a--b/c",
                                   "someone/lora@/home/me/.bashrc"])
 def test_parse_repo_ref_refuses(text):

@@ -656,6 +656,30 @@ def test_pull_from_a_subfolder_records_where_it_came_from(fake_hub, adapters):
         assert reg.get_adapter("many").source == f"hf://someone/many@{commit}/loras/b"
 
 
+def test_pull_takes_the_forms_a_user_copies_a_subfolder_in(fake_hub, adapters, registry):
+    """The source a pull records (`hf://REPO@COMMIT/PATH`, which `show` prints) was refused as "revision not found",
+    a Hub page's URL (…/tree/REV/PATH, …/blob/REV/PATH) as "not a Hub repo id", and `--file` naming a PEFT
+    adapter_config.json as "not a .safetensors file": each pulls that adapter."""
+    commit = fake_hub.commit_folder("someone/many", adapters["a"], prefix="loras/a/")
+    fake_hub.branch("someone/many", "feature/x")
+    first = hub.pull(registry, f"hf://someone/many@{commit}/loras/a")
+    assert first.new and first.commit == commit and first.adapter.source == f"hf://someone/many@{commit}/loras/a"
+    url = "https://huggingface.co/someone/many"
+    for ref, path in [(f"hf://someone/many@{commit}/loras/a/", None), (f"{url}/tree/main/loras/a", "loras/a/"),
+                      (f"{url}/tree/feature%2Fx/loras/a?x=1", None),
+                      (f"{url}/blob/{commit[:7]}/loras/a/adapter_config.json", None),
+                      (f"{url}/resolve/main/loras/a/adapter_model.safetensors", None),
+                      ("someone/many", "loras/a/adapter_config.json")]:
+        again = hub.pull(registry, ref, subpath=path)
+        assert not again.new and again.adapter.id == first.adapter.id, ref
+    with pytest.raises(InvalidInputError, match="names loras/a in the repo, and --file loras/b another path"):
+        hub.pull(registry, f"{url}/tree/main/loras/a", subpath="loras/b")
+    with pytest.raises(InvalidInputError, match="names loras/a in the repo: give the repo alone"):
+        hub.add_base(registry, f"hub:{url}/tree/main/loras/a")
+    shown = CliRunner().invoke(main, ["pull", first.adapter.source])
+    assert shown.exit_code == 0 and shown.output.startswith(f"already registered: someone/many@{commit} "), shown.output
+
+
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
