@@ -741,15 +741,19 @@ class Upload:
     commit_url: str
     pr_url: str | None = None
     changed: bool = True
+    card_kept: bool = False
+    """The branch's README.md was not loraops's: it was left as it is, and ``card`` not uploaded."""
 
 
 def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, private: bool = False,
            revision: str | None = None, create_pr: bool = False, token: str | None = None,
-           remove: Iterable[str] = ()) -> Upload:
+           remove: Iterable[str] = (), card: bytes | None = None) -> Upload:
     """One atomic commit of ``files`` (repo path → local file or bytes) to ``repo_id``, creating the repo (private if
     asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead, and
     a ``revision`` ``refs/pr/N`` adds it to that open pull request. The repo paths in ``remove`` that the branch
-    holds are deleted in the same commit."""
+    holds are deleted in the same commit. ``card`` goes in as README.md unless the branch holds one that loraops did
+    not write (loraops_card): a repo's own card, which a push replaced with no word (transformers' and PEFT's
+    push_to_hub keep its text)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     ref = parse_repo_ref(repo_id)
@@ -777,12 +781,16 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
             api.create_repo(ref.repo_id, private=private, exist_ok=True)
             if branch != "main":
                 api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
+        remove = set(remove) - set(files)
+        present = set(api.list_repo_files(ref.repo_id, revision=branch)) if remove or card is not None else set()
+        card_kept = CARD in present and card is not None and not loraops_card(
+            _read_repo_file(ref.repo_id, CARD, branch, token))
+        if card is not None and not card_kept:
+            files = {**files, CARD: card}
+        remove -= set(files)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
-        remove = set(remove) - set(files)
-        if remove:
-            present = set(api.list_repo_files(ref.repo_id, revision=branch))
-            operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remove & present)]
+        operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remove & present)]
         head = api.repo_info(ref.repo_id, revision=branch).sha
         hub_log = logging.getLogger("huggingface_hub")
         level = hub_log.level
@@ -793,7 +801,25 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
         finally:
             hub_log.setLevel(level)
     pr_url = info.pr_url or (f"{endpoint()}/{ref.repo_id}/discussions/{number}" if number is not None else None)
-    return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head)
+    return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head, card_kept=card_kept)
+
+
+def loraops_card(text: bytes) -> bool:
+    """Was this README.md written by loraops (render_card: the tag loraops in its front matter)?"""
+    front = text.decode("utf-8", "replace").replace("\r\n", "\n").split("\n---", 1)[0]
+    return front.startswith("---\n") and re.search(r'^- "?loraops"?\s*$', front, re.MULTILINE) is not None
+
+
+def _read_repo_file(repo_id: str, name: str, revision: str, token: str | None) -> bytes:
+    """The bytes of a (small) file of the repo at ``revision``, without going through the Hub cache."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    response = get_session().get(hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint()),
+                                 headers=build_hf_headers(token=token, library_name="loraops"),
+                                 timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True)
+    hf_raise_for_status(response)
+    return response.content
 
 
 def _refuse_unless_open(api, repo_id: str, number: int) -> None:
@@ -1250,11 +1276,12 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
             dest = Path(tmp) / single_file.get(fmt, "adapter")
             paths = formats.adapter_files(formats.write_adapter(registry.load_adapter(record.id), dest, fmt))
         files: dict[str, Path | bytes] = {p.name: p for p in paths}
-        files[CARD] = render_card(card_info(registry, record, fmt)).encode()
+        card = render_card(card_info(registry, record, fmt)).encode()
         # an adapter already at the repo's root under the names pull looks for first would shadow this one
         try:
             done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
-                          revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES)
+                          revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES,
+                          card=card)
         except KeyboardInterrupt:  # ("nothing was written" is not known: the commit may have been made)
             raise KeyboardInterrupt(f"interrupted while pushing {record.ref} to {repo_id}@{revision or 'main'}, "
                                     "before the Hub confirmed a commit; push again (files the Hub already has are "
@@ -1272,7 +1299,8 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
         if done.changed or new:
             tell(f"{got}, recorded as a tag" if done.changed else
                  f"interrupted after the registry recorded {done.repo_id}@{done.commit[:12]} as a tag of {record.ref}")
-    return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
+    return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt,
+                      files=list(files) + ([] if done.card_kept else [CARD]), card_kept=done.card_kept,
                       commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 
 

@@ -84,6 +84,30 @@ def test_push_then_pull_back_is_byte_identical(fake_hub, adapters, registry):
     assert folder_bytes(download.adapter_path) == {**stored, "README.md": remote["README.md"]}
 
 
+def test_push_keeps_a_repos_own_readme_and_replaces_its_own_card(fake_hub, adapters, registry):
+    """A push to an existing repo replaced its README.md — the owner's card, written by hand — with loraops's card,
+    saying nothing (transformers' and PEFT's push_to_hub keep its text). It is kept, and the push says so; a card
+    loraops pushed before is replaced, as it describes the adapter pushed then."""
+    own = b"---\nlicense: mit\ntags:\n- lora\n---\n\n# My style\n\nTrained on my drawings; use weight 0.8.\n"
+    fake_hub.commit("me/style", {"README.md": own}, branch="main")
+    registry.add_adapter(adapters["a"], name="style")
+    registry.add_adapter(adapters["b"], name="style")
+    first = CliRunner().invoke(main, ["push", "style@1", "me/style", "--token", "hf_owner"])
+    assert first.exit_code == 0, first.output
+    assert first.output.splitlines()[1:3] == [
+        "  files   adapter_model.safetensors, adapter_config.json",
+        "  card    me/style@main has its own README.md, not loraops's: kept, no model card pushed"]
+    assert fake_hub.files("me/style")["README.md"] == own
+    assert hub.push(registry, "style@2", "me/style", token="hf_owner").card_kept
+
+    ours = hub.push(registry, "style@1", "me/fresh", token="hf_owner")
+    assert not ours.card_kept and ours.files[-1] == "README.md"
+    again = hub.push(registry, "style@2", "me/fresh", token="hf_owner")
+    assert not again.card_kept and again.changed
+    card = fake_hub.files("me/fresh")["README.md"].decode()
+    assert f"| sha256 | `{registry.get_adapter('style@2').weights_sha256}` |" in card
+
+
 def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
     registry.add_base(adapters["base"], name="tiny")
     registry.add_adapter(adapters["a"], name="anime", base="tiny")

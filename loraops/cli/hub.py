@@ -61,7 +61,7 @@ def pull(repo: str, name: str | None, subpath: str | None, base: str | None, tok
 def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt: str | None, token: str | None,
          as_json: bool) -> None:
     """Upload a registered adapter REF to the Hub repo REPO in one commit, with a model card (base model, ranks,
-    alphas, target modules and, for a derived adapter, its lineage)."""
+    alphas, target modules and, for a derived adapter, its lineage); a README.md of the repo's own is kept."""
     from .. import hub
     from ..registry import Registry
 
@@ -77,6 +77,9 @@ def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt
         click.echo(f"nothing to push: {done.repo_id}@{done.revision} already holds {done.adapter} ({done.format}), "
                    f"commit {done.commit[:12]}")
     click.echo(f"  files   {', '.join(done.files)}")
+    if done.card_kept:
+        click.echo(f"  card    {done.repo_id}@{done.revision} has its own README.md, not loraops's: kept, no model "
+                   "card pushed")
     click.echo(f"  commit  {done.commit_url}")
     if done.pr_url:
         click.echo(f"  pull request  {done.pr_url}")
