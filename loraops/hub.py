@@ -307,6 +307,13 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         if exc.filename is None:
             raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
         raise _local_error(exc, action, ref) from None
+    except UnicodeEncodeError as exc:
+        if not str(exc.object).startswith("Bearer "):
+            raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
+        # the token's Authorization header: httpx's "'ascii' codec can't encode…" was a Hub error (exit 7)
+        raise InvalidInputError(f"cannot {action} {ref}: the Hub token holds {exc.object[exc.start]!r}, which an HTTP "
+                                f"header cannot carry (a token is ASCII; one copied as shown, cut short?); {TOKEN_FROM}"
+                                ) from None
     except (RuntimeError, ValueError) as exc:  # anything else the client raises: still one line
         raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
 
@@ -328,6 +335,8 @@ def _local_error(exc: OSError, action: str, ref: RepoRef | str) -> LoraopsError:
 
 LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass --token"
 """How a refusal for credentials ends (hub_errors)."""
+TOKEN_FROM = "check --token, else $HF_TOKEN, else the token saved by `hf auth login`"
+"""Where the token a call used came from, in the order huggingface_hub takes it (hub_errors)."""
 
 
 def _repo_id(ref: RepoRef | str) -> str:

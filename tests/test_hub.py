@@ -373,6 +373,25 @@ def test_private_repo_needs_the_owners_token(fake_hub, monkeypatch):
         hub.download_adapter("me/secret", token="hf_wrong")  # the argument wins
 
 
+@pytest.mark.parametrize("env", [False, True])
+def test_a_token_with_a_character_no_header_carries_is_bad_input(fake_hub, monkeypatch, env):
+    """A token holding a non-ASCII character (one copied as the Hub shows it, cut short with '…') was a Hub error,
+    `cannot resolve REPO: 'ascii' codec can't encode character '\\u2026' in position 16…` (exit 7): it is bad input,
+    in one line that says what to check, and never prints the token."""
+    fake_hub.commit("someone/lora", {"a.safetensors": b"s"})
+    token = "hf_s3cretT0ken…"
+    if env:
+        monkeypatch.setenv("HF_TOKEN", token)
+    with pytest.raises(InvalidInputError) as caught:
+        hub.download_adapter("someone/lora", token=None if env else token)
+    assert str(caught.value) == (
+        "cannot resolve someone/lora: the Hub token holds '…', which an HTTP header cannot carry (a token is ASCII; "
+        "one copied as shown, cut short?); check --token, else $HF_TOKEN, else the token saved by `hf auth login`")
+    with pytest.raises(InvalidInputError, match="^cannot push to me/x@main: the Hub token holds '…'") as caught:
+        hub.upload("me/x", {"a.safetensors": b"s"}, message="m", token=None if env else token)
+    assert "s3cret" not in str(caught.value) and "me/x" not in fake_hub.repos
+
+
 def test_gated_repo(fake_hub):
     repo = fake_hub.create("corp/gated", gated=True)
     fake_hub.commit("corp/gated", {"a.safetensors": b"g"})
