@@ -584,6 +584,16 @@ def repo_and_path(ref: RepoRef | str, subpath: str | None) -> tuple[RepoRef, str
     return parsed, subpath or path
 
 
+def with_revision(ref: RepoRef, revision: str) -> RepoRef:
+    """``ref`` at ``revision`` (pull --revision); a reference that names another revision is refused."""
+    if not good_revision(revision):
+        raise InvalidInputError(f"--revision {revision!r} is no branch, tag or commit (empty, blank at an end, a '..' "
+                                "part or a '/' first); leave it out for the default branch")
+    if ref.revision is not None and ref.revision != revision:
+        raise InvalidInputError(f"{ref} names revision {ref.revision}, and --revision {revision} another: give one")
+    return RepoRef(ref.repo_id, revision)
+
+
 def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None,
                      into: Path | None = None) -> Download:
     """Fetch the adapter files of ``ref`` (see select_adapter_files) into the Hub cache, at the commit its revision
@@ -1179,8 +1189,10 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
 
 @watched()
 def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
-         subpath: str | None = None, base: str | int | None = None) -> "records.PullRecord":
-    """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
+         subpath: str | None = None, base: str | int | None = None,
+         revision: str | None = None) -> "records.PullRecord":
+    """Download an adapter from the Hub and register it with source ``hf://repo@commit`` (``revision``: as
+    ``ref@revision``, huggingface_hub's ``revision=``). The same adapter
     (identity) pulled again changes nothing, but for a ``base`` it is then linked to (as Registry.register_adapter
     does); a commit with other weights becomes the next version of ``name`` (default: the repo's name)."""
     from . import formats
@@ -1188,6 +1200,8 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     from .registry.store import check_name
 
     ref, subpath = repo_and_path(ref, subpath)
+    if revision is not None:
+        ref = with_revision(ref, revision)
     name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "adapter")  # before any download
     if subpath:
         check_repo_names([subpath.rstrip("/")], ref, given=True)

@@ -704,6 +704,26 @@ def test_pull_takes_the_forms_a_user_copies_a_subfolder_in(fake_hub, adapters, r
     assert shown.exit_code == 0 and shown.output.startswith(f"already registered: someone/many@{commit} "), shown.output
 
 
+def test_pull_revision_as_huggingface_hub_takes_it(fake_hub, adapters):
+    """`pull --revision` (huggingface_hub's and `push`'s word) was `no such option '--revision'`: it is REPO@REVISION,
+    and a reference that names another revision is refused."""
+    first = fake_hub.commit_folder("someone/lora", adapters["a"])
+    fake_hub.tag("someone/lora", "v1")
+    fake_hub.commit_folder("someone/lora", adapters["b"])
+    runner = CliRunner()
+    pulled = runner.invoke(main, ["pull", "someone/lora", "--revision", "v1"])
+    assert pulled.exit_code == 0, pulled.output
+    assert pulled.output.splitlines()[:2] == [f"pulled someone/lora@v1 (commit {first[:12]}) as lora@1",
+                                              f"  source  hf://someone/lora@{first}"]
+    same = runner.invoke(main, ["pull", "someone/lora@v1", "--revision", "v1"])
+    assert same.exit_code == 0 and same.output.startswith("already registered: someone/lora@v1 ")
+    both = runner.invoke(main, ["pull", "someone/lora@main", "--revision", "v1"])
+    assert (both.exit_code, both.output) == (
+        2, "error: someone/lora@main names revision main, and --revision v1 another: give one\n")
+    empty = runner.invoke(main, ["pull", "someone/lora", "--revision", ""])
+    assert empty.exit_code == 2 and empty.output.startswith("error: --revision '' is no branch, tag or commit")
+
+
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 

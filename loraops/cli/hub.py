@@ -26,9 +26,11 @@ def check_token(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--file", "subpath", metavar="PATH",
               help="The adapter inside the repo: a folder or a .safetensors file (or the PEFT adapter_config.json).")
 @click.option("--base", help="A registered base the adapter must fit (links an adapter already registered to it).")
+@click.option("--revision", help="A branch, tag or commit sha: the same as REPO@REVISION.")
 @click.option("--token", help=TOKEN_HELP, callback=check_token)
 @click.option("--json", "as_json", is_flag=True, help="Print the PullRecord as JSON.")
-def pull(repo: str, name: str | None, subpath: str | None, base: str | None, token: str | None, as_json: bool) -> None:
+def pull(repo: str, name: str | None, subpath: str | None, base: str | None, revision: str | None, token: str | None,
+         as_json: bool) -> None:
     """Download an adapter from the Hub (a branch, tag or commit; HF_HUB_OFFLINE=1: from the cache) and register
     it with source hf://REPO@COMMIT. Pulling an adapter that is already registered changes nothing. REPO may also be
     a recorded source hf://REPO@COMMIT/PATH or a Hub page's URL (…/tree/REVISION/PATH): PATH is then --file."""
@@ -36,7 +38,7 @@ def pull(repo: str, name: str | None, subpath: str | None, base: str | None, tok
     from ..registry import Registry
 
     with Registry.open() as registry:
-        done = hub.pull(registry, repo, name=name, token=token, subpath=subpath, base=base)
+        done = hub.pull(registry, repo, name=name, token=token, subpath=subpath, base=base, revision=revision)
     if as_json:
         echo_json(done)
         return
