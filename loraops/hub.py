@@ -798,8 +798,13 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
             _refuse_unless_open(api, ref.repo_id, number)
         else:
             api.create_repo(ref.repo_id, private=private, exist_ok=True)
-            if branch != "main":
-                api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
+        # create_repo leaves an existing repo's visibility as it is: --private pushed into a public repo, unsaid
+        if private and not api.repo_info(ref.repo_id).private:
+            raise InvalidInputError(f"--private: {ref.repo_id} exists and is public: nothing pushed (a push keeps an "
+                                    "existing repo's visibility); make it private on the Hub first, or leave out "
+                                    "--private")
+        if number is None and branch != "main":
+            api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
         remove = set(remove) - set(files)
         present = set(api.list_repo_files(ref.repo_id, revision=branch)) if remove or card is not None else set()
         card_kept = CARD in present and card is not None and not loraops_card(

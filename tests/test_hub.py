@@ -436,6 +436,22 @@ def test_upload_one_commit_private_branch_and_pr(fake_hub, tmp_path):
     assert fake_hub.files("me/new")["README.md"] == b"card"
 
 
+def test_private_refuses_a_public_repo_that_exists(fake_hub):
+    """`--private` to a repo that exists and is public pushed into it (create_repo keeps an existing repo's
+    visibility), publishing what the user asked to keep private. Nothing is pushed; a private repo takes it."""
+    public = fake_hub.commit("me/open", {"README.md": b"card"})
+    number = fake_hub.open_pr("me/open")
+    for revision, create_pr in [(None, False), ("dev", False), (None, True), (f"refs/pr/{number}", False)]:
+        with pytest.raises(InvalidInputError, match=r"^--private: me/open exists and is public: nothing pushed"):
+            hub.upload("me/open", {"a.safetensors": b"s"}, message="m", private=True, revision=revision,
+                       create_pr=create_pr, token="hf_owner")
+    repo = fake_hub.repos["me/open"]
+    assert repo.branches == {"main": public} and repo.prs == {number: public} and not repo.private
+    fake_hub.create("me/closed", private=True)
+    done = hub.upload("me/closed", {"a.safetensors": b"s"}, message="m", private=True, token="hf_owner")
+    assert fake_hub.files("me/closed")["a.safetensors"] == b"s" and done.changed
+
+
 def test_upload_errors(fake_hub):
     with pytest.raises(HubError, match="refused to push to someone/x@main without valid credentials"):
         hub.upload("someone/x", {"a.txt": b"a"}, message="m")

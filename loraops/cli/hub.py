@@ -53,7 +53,9 @@ def pull(repo: str, name: str | None, subpath: str | None, base: str | None, rev
 @click.command()
 @click.argument("ref")
 @click.argument("repo")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--private", is_flag=True,
+              help="Create the repo private; an existing repo must be private already (nothing is pushed to a public "
+                   "one).")
 @click.option("--revision", default="main", show_default=True, help="Branch to commit to (created from main if missing), or refs/pr/N: an open pull request.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch.")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
