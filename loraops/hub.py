@@ -66,6 +66,7 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
 _PR_REF = re.compile(r"^refs/pr/([1-9][0-9]*)$")
+_BEARER = re.compile(r"Bearer[^'\"]*")
 _SOURCE_PATH = re.compile(r"^([0-9a-f]{40})/(.*)$")  # hub_source's commit and path
 _PAGE = re.compile(r"^([^/@]+/[^/@]+)/(?:tree|blob|resolve)/([^/]+)(?:/(.*))?$")  # a Hub page: owner/name/tree/REV/…
 
@@ -296,6 +297,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
                            "use a token with write access to it") from None
         raise HubError(f"cannot {action} {ref}: the Hub answered {status}: {_server_message(exc)}") from None
     except _network_errors() as exc:
+        _refuse_unfit_token(exc, action, ref)
         if "xet" in _root_cause(exc).lower():
             raise HubError(_xet_hint(action, ref)) from None
         raise HubError(_unreachable(action, ref, exc)) from None
@@ -307,14 +309,8 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         if exc.filename is None:
             raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
         raise _local_error(exc, action, ref) from None
-    except UnicodeEncodeError as exc:
-        if not str(exc.object).startswith("Bearer "):
-            raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
-        # the token's Authorization header: httpx's "'ascii' codec can't encode…" was a Hub error (exit 7)
-        raise InvalidInputError(f"cannot {action} {ref}: the Hub token holds {exc.object[exc.start]!r}, which an HTTP "
-                                f"header cannot carry (a token is ASCII; one copied as shown, cut short?); {TOKEN_FROM}"
-                                ) from None
     except (RuntimeError, ValueError) as exc:  # anything else the client raises: still one line
+        _refuse_unfit_token(exc, action, ref)
         raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
 
 
@@ -343,8 +339,26 @@ def _repo_id(ref: RepoRef | str) -> str:
     return ref.repo_id if isinstance(ref, RepoRef) else str(ref).split("@")[0]
 
 
+def _refuse_unfit_token(exc: BaseException, action: str, ref: RepoRef | str) -> None:
+    """Bad input where ``exc`` is the HTTP library refusing the token's Authorization header before anything was sent:
+    a non-ASCII character (httpx's "'ascii' codec can't encode…"), a blank at an end or a control character ("Illegal
+    header value b'Bearer <the token>'"). They were Hub or network errors (exit 7), the second printing the token."""
+    while exc is not None:
+        if isinstance(exc, UnicodeEncodeError) and str(exc.object).startswith("Bearer "):
+            what = f"holds {exc.object[exc.start]!r}, which an HTTP header cannot carry (a token is ASCII; one copied " \
+                   "as shown, cut short?)"
+            break
+        if "Illegal header value b'Bearer" in str(exc):
+            what = "has a blank at an end or a control character, which an HTTP header cannot carry"
+            break
+        exc = exc.__cause__ or exc.__context__
+    else:
+        return
+    raise InvalidInputError(f"cannot {action} {ref}: the Hub token {what}; {TOKEN_FROM}") from None
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = _BEARER.sub("Bearer ***", str(exc)).strip()  # (a token in a client's message is never shown)
     return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
 
 

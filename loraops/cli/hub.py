@@ -17,7 +17,7 @@ def check_token(ctx: click.Context, param: click.Parameter, value: str | None) -
 
         raise InvalidInputError("--token is empty or holds a control character (a newline?); leave it out to use "
                                 "$HF_TOKEN or the token saved by `hf auth login`")
-    return value
+    return value.strip(" ") if value is not None else None  # (huggingface_hub drops $HF_TOKEN's blanks so)
 
 
 @click.command()
