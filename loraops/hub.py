@@ -345,8 +345,8 @@ def _refuse_unfit_token(exc: BaseException, action: str, ref: RepoRef | str) -> 
     header value b'Bearer <the token>'"). They were Hub or network errors (exit 7), the second printing the token."""
     while exc is not None:
         if isinstance(exc, UnicodeEncodeError) and str(exc.object).startswith("Bearer "):
-            what = f"holds {exc.object[exc.start]!r}, which an HTTP header cannot carry (a token is ASCII; one copied " \
-                   "as shown, cut short?)"
+            what = (f"holds {exc.object[exc.start]!r}, which an HTTP header cannot carry (a token is ASCII; one "
+                    "copied as shown, cut short?)")
             break
         if "Illegal header value b'Bearer" in str(exc):
             what = "has a blank at an end or a control character, which an HTTP header cannot carry"

@@ -380,10 +380,10 @@ def test_private_repo_needs_the_owners_token(fake_hub, monkeypatch):
     (" hf_s3cretT0ken ", "has a blank at an end or a control character, which an HTTP header cannot carry")])
 def test_a_token_no_header_carries_is_bad_input_and_never_shown(fake_hub, monkeypatch, env, token, what):
     """A token holding a non-ASCII character (one copied as the Hub shows it, cut short with '…') was a Hub error,
-    `cannot resolve REPO: 'ascii' codec can't encode character '\\u2026' in position 16…` (exit 7); one with a blank at
-    an end (given as an argument: huggingface_hub strips $HF_TOKEN's) was `cannot reach the Hub … (LocalProtocolError:
-    Illegal header value b'Bearer  hf_…')`, printing the token. Both are bad input, in one line that says what to
-    check, without the token."""
+    `cannot resolve REPO: 'ascii' codec can't encode character '\\u2026' in position 16…` (exit 7); one with a blank
+    at an end (given as an argument: huggingface_hub strips $HF_TOKEN's) was `cannot reach the Hub …
+    (LocalProtocolError: Illegal header value b'Bearer  hf_…')`, printing the token. Both are bad input, in one line
+    that says what to check, without the token."""
     fake_hub.commit("someone/lora", {"a.safetensors": b"s"})
     if env:
         if token != token.strip():
