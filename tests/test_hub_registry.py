@@ -726,7 +726,8 @@ def test_pull_revision_as_huggingface_hub_takes_it(fake_hub, adapters):
 
 def test_cli_token_blanks_at_its_ends_go_as_huggingface_hub_drops_hf_tokens(fake_hub, adapters):
     """`--token " hf_… "` (quoted with the blanks of a copy) was `cannot reach the Hub … (LocalProtocolError:
-    Illegal header value b'Bearer  hf_… ')`, printing the token: its blanks go, as huggingface_hub drops $HF_TOKEN's."""
+    Illegal header value b'Bearer  hf_… ')`, printing the token: its blanks go, as huggingface_hub drops
+    $HF_TOKEN's."""
     fake_hub.create("me/secret", private=True)
     fake_hub.commit_folder("me/secret", adapters["a"])
     result = CliRunner().invoke(main, ["pull", "me/secret", "--token", " hf_owner "])
