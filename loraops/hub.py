@@ -54,11 +54,11 @@ SOURCE_PREFIX = "hf://"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 CARD = "README.md"
-# What pull takes first at a repo's root (select_adapter_files): a push of another layout removes them, or pulling
-# the pushed commit back would give the adapter they hold
 PEFT_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS)
 """--file naming either stands for the folder that holds both (`--file lora/adapter_config.json` was refused as "not
 a .safetensors file")."""
+# What pull takes first at a repo's root (select_adapter_files): a push of another layout removes them, or pulling
+# the pushed commit back would give the adapter they hold
 CANONICAL_ADAPTER_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS, "adapter_model.bin")
 OTHER_WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 
