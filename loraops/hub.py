@@ -54,6 +54,9 @@ SOURCE_PREFIX = "hf://"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 CARD = "README.md"
+PEFT_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS)
+"""--file naming either stands for the folder that holds both (`--file lora/adapter_config.json` was refused as "not
+a .safetensors file")."""
 # What pull takes first at a repo's root (select_adapter_files): a push of another layout removes them, or pulling
 # the pushed commit back would give the adapter they hold
 CANONICAL_ADAPTER_FILES = (ADAPTER_CONFIG, PEFT_WEIGHTS, "adapter_model.bin")
@@ -63,6 +66,9 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]{0,95}/)?[A-Za-z0-9][\w.\-]{0,95}$
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _SHA_PREFIX = re.compile(r"^[0-9a-fA-F]{4,39}$")  # git's shortest abbreviation is 4
 _PR_REF = re.compile(r"^refs/pr/([1-9][0-9]*)$")
+_BEARER = re.compile(r"Bearer[^'\"]*")
+_SOURCE_PATH = re.compile(r"^([0-9a-f]{40})/(.*)$")  # hub_source's commit and path
+_PAGE = re.compile(r"^([^/@]+/[^/@]+)/(?:tree|blob|resolve)/([^/]+)(?:/(.*))?$")  # a Hub page: owner/name/tree/REV/…
 
 
 # ---- references ----------------------------------------------------------------------------------------------
@@ -80,11 +86,39 @@ class RepoRef:
 
 
 def parse_repo_ref(text: str) -> RepoRef:
-    """Parse ``owner/name``, ``owner/name@rev``, also with a ``hub:`` / ``hf://`` prefix or a Hub URL."""
-    ref = text.strip()
+    """Parse ``owner/name``, ``owner/name@rev``, also with a ``hub:`` / ``hf://`` prefix or a Hub URL; one that
+    names a path in the repo (parse_repo_path) is refused."""
+    ref, path = parse_repo_path(text)
+    if path:
+        raise InvalidInputError(f"{text!r} names {path} in the repo: give the repo alone (owner/name[@revision])")
+    return ref
+
+
+def parse_repo_path(text: str) -> tuple[RepoRef, str | None]:
+    """parse_repo_ref of a reference that may also name a file or folder in the repo, in the forms a user copies:
+    the source a pull records (HfFileSystem's ``hf://owner/name@<commit sha>/path``, which `show` prints) and a Hub
+    page's URL (``https://huggingface.co/owner/name/tree|blob|resolve/<revision>[/path]``, the revision
+    URL-encoded). Returns (RepoRef, the path or None). Both were refused: the first as "revision not found", the
+    second as "not a Hub repo id"."""
+    from urllib.parse import unquote
+
+    ref, path = text.strip(), None
     for prefix in ("hub:", "hf://", "https://huggingface.co/", "http://huggingface.co/"):
         if ref.startswith(prefix):
             ref = ref[len(prefix):]
+            if prefix.startswith("http"):
+                ref = ref.split("?")[0].split("#")[0]
+                page = _PAGE.match(ref)
+                if page:
+                    ref, path = f"{page.group(1)}@{unquote(page.group(2))}", page.group(3)
+    repo_part, at, rest = ref.partition("@")
+    pinned = _SOURCE_PATH.match(rest) if at and path is None else None
+    if pinned:  # (only after a full sha: a branch's name may hold '/', so `@dev/x` stays the branch dev/x)
+        ref, path = f"{repo_part}@{pinned.group(1)}", pinned.group(2)
+    return _parse_repo_id(text, ref), (path.strip("/") or None) if path else None
+
+
+def _parse_repo_id(text: str, ref: str) -> RepoRef:
     repo_id, sep, revision = ref.partition("@")
     repo_id = repo_id.strip("/")
     kind = {"datasets": "dataset", "spaces": "Space"}.get(repo_id.split("/")[0]) if repo_id.count("/") == 2 else None
@@ -263,6 +297,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
                            "use a token with write access to it") from None
         raise HubError(f"cannot {action} {ref}: the Hub answered {status}: {_server_message(exc)}") from None
     except _network_errors() as exc:
+        _refuse_unfit_token(exc, action, ref)
         if "xet" in _root_cause(exc).lower():
             raise HubError(_xet_hint(action, ref)) from None
         raise HubError(_unreachable(action, ref, exc)) from None
@@ -275,6 +310,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
             raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
         raise _local_error(exc, action, ref) from None
     except (RuntimeError, ValueError) as exc:  # anything else the client raises: still one line
+        _refuse_unfit_token(exc, action, ref)
         raise HubError(f"cannot {action} {ref}: {_first_line(exc)} ({_root_cause(exc)})") from None
 
 
@@ -295,14 +331,34 @@ def _local_error(exc: OSError, action: str, ref: RepoRef | str) -> LoraopsError:
 
 LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass --token"
 """How a refusal for credentials ends (hub_errors)."""
+TOKEN_FROM = "check --token, else $HF_TOKEN, else the token saved by `hf auth login`"
+"""Where the token a call used came from, in the order huggingface_hub takes it (hub_errors)."""
 
 
 def _repo_id(ref: RepoRef | str) -> str:
     return ref.repo_id if isinstance(ref, RepoRef) else str(ref).split("@")[0]
 
 
+def _refuse_unfit_token(exc: BaseException, action: str, ref: RepoRef | str) -> None:
+    """Bad input where ``exc`` is the HTTP library refusing the token's Authorization header before anything was sent:
+    a non-ASCII character (httpx's "'ascii' codec can't encode…"), a blank at an end or a control character ("Illegal
+    header value b'Bearer <the token>'"). They were Hub or network errors (exit 7), the second printing the token."""
+    while exc is not None:
+        if isinstance(exc, UnicodeEncodeError) and str(exc.object).startswith("Bearer "):
+            what = (f"holds {exc.object[exc.start]!r}, which an HTTP header cannot carry (a token is ASCII; one "
+                    "copied as shown, cut short?)")
+            break
+        if "Illegal header value b'Bearer" in str(exc):
+            what = "has a blank at an end or a control character, which an HTTP header cannot carry"
+            break
+        exc = exc.__cause__ or exc.__context__
+    else:
+        return
+    raise InvalidInputError(f"cannot {action} {ref}: the Hub token {what}; {TOKEN_FROM}") from None
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = _BEARER.sub("Bearer ***", str(exc)).strip()  # (a token in a client's message is never shown)
     return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
 
 
@@ -371,8 +427,8 @@ def select_adapter_files(names: list[str], ref: RepoRef | str, subpath: str | No
 def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[str]:
     scope = (subpath or "").strip("/")
     parent = str(PurePosixPath(scope).parent) if "/" in scope else ""
-    if scope in names and PurePosixPath(scope).name == PEFT_WEIGHTS:
-        scope = parent  # a PEFT weights file goes with the config next to it
+    if scope in names and PurePosixPath(scope).name in PEFT_FILES:
+        scope = parent  # a PEFT file goes with the other next to it
     if scope and scope in names:
         if not scope.endswith(".safetensors"):
             raise InvalidInputError(f"{ref}: {scope} is not a .safetensors file")
@@ -531,6 +587,27 @@ def refuse_ambiguous(ref: RepoRef, commits: list[str]) -> None:
                              "give more of the sha")
 
 
+def repo_and_path(ref: RepoRef | str, subpath: str | None) -> tuple[RepoRef, str | None]:
+    """The repo and the adapter's path in it (``subpath``, --file) of a reference that may name that path itself
+    (parse_repo_path); one that names another path than ``subpath`` is refused."""
+    if not isinstance(ref, str):
+        return ref, subpath
+    parsed, path = parse_repo_path(ref)
+    if path and subpath and path != subpath.strip("/"):
+        raise InvalidInputError(f"{ref!r} names {path} in the repo, and --file {subpath} another path: give one")
+    return parsed, subpath or path
+
+
+def with_revision(ref: RepoRef, revision: str) -> RepoRef:
+    """``ref`` at ``revision`` (pull --revision); a reference that names another revision is refused."""
+    if not good_revision(revision):
+        raise InvalidInputError(f"--revision {revision!r} is no branch, tag or commit (empty, blank at an end, a '..' "
+                                "part or a '/' first); leave it out for the default branch")
+    if ref.revision is not None and ref.revision != revision:
+        raise InvalidInputError(f"{ref} names revision {ref.revision}, and --revision {revision} another: give one")
+    return RepoRef(ref.repo_id, revision)
+
+
 def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: str | None = None,
                      into: Path | None = None) -> Download:
     """Fetch the adapter files of ``ref`` (see select_adapter_files) into the Hub cache, at the commit its revision
@@ -538,7 +615,7 @@ def download_adapter(ref: RepoRef | str, *, token: str | None = None, subpath: s
     ``into/.cache``), leaving no copy in the Hub cache. Offline (HF_HUB_OFFLINE=1) they come from the cache."""
     from huggingface_hub import ResolvedRevision, snapshot_download
 
-    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    ref, subpath = repo_and_path(ref, subpath)
     if subpath:
         check_repo_names([subpath.rstrip("/")], ref, given=True)  # before anything is asked or cached
     commit = resolve_commit(ref, token)
@@ -656,9 +733,9 @@ def _snapshot_adapter_files(ref: RepoRef, commit: str, subpath: str | None) -> l
     names = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) \
         if snapshot.is_dir() else []
     scope = (subpath or "").strip("/")
-    if scope in names and PurePosixPath(scope).name != PEFT_WEIGHTS:
+    if scope in names and PurePosixPath(scope).name not in PEFT_FILES:
         return select_adapter_files(names, ref, scope)
-    # a PEFT weights file: its folder, as _select takes it (`--file .` is no folder of the listing there, so not here)
+    # a PEFT file: its folder, as _select takes it (`--file .` is no folder of the listing there, so not here)
     folder = (str(PurePosixPath(scope).parent) if "/" in scope else "") if scope in names else scope
     prefix = f"{folder}/" if folder else ""
     peft = [prefix + ADAPTER_CONFIG, prefix + PEFT_WEIGHTS]
@@ -697,15 +774,19 @@ class Upload:
     commit_url: str
     pr_url: str | None = None
     changed: bool = True
+    card_kept: bool = False
+    """The branch's README.md was not loraops's: it was left as it is, and ``card`` not uploaded."""
 
 
 def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, private: bool = False,
            revision: str | None = None, create_pr: bool = False, token: str | None = None,
-           remove: Iterable[str] = ()) -> Upload:
+           remove: Iterable[str] = (), card: bytes | None = None) -> Upload:
     """One atomic commit of ``files`` (repo path → local file or bytes) to ``repo_id``, creating the repo (private if
     asked) and the branch (from main) when missing; with ``create_pr`` the commit opens a pull request instead, and
     a ``revision`` ``refs/pr/N`` adds it to that open pull request. The repo paths in ``remove`` that the branch
-    holds are deleted in the same commit."""
+    holds are deleted in the same commit. ``card`` goes in as README.md unless the branch holds one that loraops did
+    not write (loraops_card): a repo's own card, which a push replaced with no word (transformers' and PEFT's
+    push_to_hub keep its text)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     ref = parse_repo_ref(repo_id)
@@ -731,14 +812,23 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
             _refuse_unless_open(api, ref.repo_id, number)
         else:
             api.create_repo(ref.repo_id, private=private, exist_ok=True)
-            if branch != "main":
-                api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
+        # create_repo leaves an existing repo's visibility as it is: --private pushed into a public repo, unsaid
+        if private and not api.repo_info(ref.repo_id).private:
+            raise InvalidInputError(f"--private: {ref.repo_id} exists and is public: nothing pushed (a push keeps an "
+                                    "existing repo's visibility); make it private on the Hub first, or leave out "
+                                    "--private")
+        if number is None and branch != "main":
+            api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
+        remove = set(remove) - set(files)
+        present = set(api.list_repo_files(ref.repo_id, revision=branch)) if remove or card is not None else set()
+        card_kept = CARD in present and card is not None and not loraops_card(
+            _read_repo_file(ref.repo_id, CARD, branch, token))
+        if card is not None and not card_kept:
+            files = {**files, CARD: card}
+        remove -= set(files)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
                       for name, data in files.items()]
-        remove = set(remove) - set(files)
-        if remove:
-            present = set(api.list_repo_files(ref.repo_id, revision=branch))
-            operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remove & present)]
+        operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remove & present)]
         head = api.repo_info(ref.repo_id, revision=branch).sha
         hub_log = logging.getLogger("huggingface_hub")
         level = hub_log.level
@@ -749,7 +839,25 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
         finally:
             hub_log.setLevel(level)
     pr_url = info.pr_url or (f"{endpoint()}/{ref.repo_id}/discussions/{number}" if number is not None else None)
-    return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head)
+    return Upload(ref.repo_id, branch, info.oid, info.commit_url, pr_url, changed=info.oid != head, card_kept=card_kept)
+
+
+def loraops_card(text: bytes) -> bool:
+    """Was this README.md written by loraops (render_card: the tag loraops in its front matter)?"""
+    front = text.decode("utf-8", "replace").replace("\r\n", "\n").split("\n---", 1)[0]
+    return front.startswith("---\n") and re.search(r'^- "?loraops"?\s*$', front, re.MULTILINE) is not None
+
+
+def _read_repo_file(repo_id: str, name: str, revision: str, token: str | None) -> bytes:
+    """The bytes of a (small) file of the repo at ``revision``, without going through the Hub cache."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    response = get_session().get(hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint()),
+                                 headers=build_hf_headers(token=token, library_name="loraops"),
+                                 timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True)
+    hf_raise_for_status(response)
+    return response.content
 
 
 def _refuse_unless_open(api, repo_id: str, number: int) -> None:
@@ -1100,15 +1208,19 @@ def download_base(ref: RepoRef | str, *, token: str | None = None) -> Path:
 
 @watched()
 def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = None, token: str | None = None,
-         subpath: str | None = None, base: str | int | None = None) -> "records.PullRecord":
-    """Download an adapter from the Hub and register it with source ``hf://repo@commit``. The same adapter
+         subpath: str | None = None, base: str | int | None = None,
+         revision: str | None = None) -> "records.PullRecord":
+    """Download an adapter from the Hub and register it with source ``hf://repo@commit`` (``revision``: as
+    ``ref@revision``, huggingface_hub's ``revision=``). The same adapter
     (identity) pulled again changes nothing, but for a ``base`` it is then linked to (as Registry.register_adapter
     does); a commit with other weights becomes the next version of ``name`` (default: the repo's name)."""
     from . import formats
     from .records import PullRecord
     from .registry.store import check_name
 
-    ref = parse_repo_ref(ref) if isinstance(ref, str) else ref
+    ref, subpath = repo_and_path(ref, subpath)
+    if revision is not None:
+        ref = with_revision(ref, revision)
     name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "adapter")  # before any download
     if subpath:
         check_repo_names([subpath.rstrip("/")], ref, given=True)
@@ -1177,7 +1289,7 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
         commit = found[0]
     scope = (subpath or "").strip("/")
     wanted = {hub_source(ref.repo_id, commit, scope)}
-    if PurePosixPath(scope).name == PEFT_WEIGHTS:  # a PEFT weights file goes with the config next to it
+    if PurePosixPath(scope).name in PEFT_FILES:  # a PEFT file goes with the other next to it
         parent = str(PurePosixPath(scope).parent)
         wanted.add(hub_source(ref.repo_id, commit, "" if parent == "." else parent))
     record = next((a for a in pulled if a.source in wanted), None)
@@ -1206,11 +1318,12 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
             dest = Path(tmp) / single_file.get(fmt, "adapter")
             paths = formats.adapter_files(formats.write_adapter(registry.load_adapter(record.id), dest, fmt))
         files: dict[str, Path | bytes] = {p.name: p for p in paths}
-        files[CARD] = render_card(card_info(registry, record, fmt)).encode()
+        card = render_card(card_info(registry, record, fmt)).encode()
         # an adapter already at the repo's root under the names pull looks for first would shadow this one
         try:
             done = upload(repo_id, files, message=f"Upload {record.ref} ({fmt}) with loraops", private=private,
-                          revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES)
+                          revision=revision, create_pr=create_pr, token=token, remove=CANONICAL_ADAPTER_FILES,
+                          card=card)
         except KeyboardInterrupt:  # ("nothing was written" is not known: the commit may have been made)
             raise KeyboardInterrupt(f"interrupted while pushing {record.ref} to {repo_id}@{revision or 'main'}, "
                                     "before the Hub confirmed a commit; push again (files the Hub already has are "
@@ -1228,7 +1341,8 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
         if done.changed or new:
             tell(f"{got}, recorded as a tag" if done.changed else
                  f"interrupted after the registry recorded {done.repo_id}@{done.commit[:12]} as a tag of {record.ref}")
-    return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt, files=list(files),
+    return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt,
+                      files=list(files) + ([] if done.card_kept else [CARD]), card_kept=done.card_kept,
                       commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 
 

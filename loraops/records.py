@@ -447,6 +447,8 @@ class PushRecord(Record):
     pr_url: str | None = None
     changed: bool = True
     """False when the branch already held exactly these files: the Hub made no commit (``commit`` is its head)."""
+    card_kept: bool = False
+    """The branch's README.md was not written by loraops: it was kept, and no model card pushed."""
 
 
 class DerivedRecord(Record):

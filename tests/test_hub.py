@@ -42,6 +42,22 @@ def test_parse_repo_ref(text, repo_id, revision):
     assert hub.parse_repo_ref(text) == hub.RepoRef(repo_id, revision)
 
 
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("text, repo_id, revision, path", [
+    (f"hf://someone/lora@{SHA}/sub/dir", "someone/lora", SHA, "sub/dir"),
+    (f"hf://someone/lora@{SHA}", "someone/lora", SHA, None),
+    ("hf://someone/lora@dev/x", "someone/lora", "dev/x", None),  # a branch's name may hold '/'
+    ("https://huggingface.co/someone/lora/tree/main", "someone/lora", "main", None),
+    ("https://huggingface.co/someone/lora/tree/refs%2Fpr%2F2/sub", "someone/lora", "refs/pr/2", "sub"),
+    ("https://huggingface.co/someone/lora/blob/v1/x.safetensors?download=true", "someone/lora", "v1", "x.safetensors"),
+    ("https://huggingface.co/someone/lora/resolve/main/a/b.safetensors", "someone/lora", "main", "a/b.safetensors"),
+])
+def test_parse_repo_path(text, repo_id, revision, path):
+    assert hub.parse_repo_path(text) == (hub.RepoRef(repo_id, revision), path)
+
+
 @pytest.mark.parametrize("text", ["", "a/b/c", "someone/lora@", "../x", "someone/x..y", "someone/lo ra", "a--b/c",
                                   "someone/lora@/home/me/.bashrc"])
 def test_parse_repo_ref_refuses(text):
@@ -357,6 +373,31 @@ def test_private_repo_needs_the_owners_token(fake_hub, monkeypatch):
         hub.download_adapter("me/secret", token="hf_wrong")  # the argument wins
 
 
+NON_ASCII = "holds '…', which an HTTP header cannot carry (a token is ASCII; one copied as shown, cut short?)"
+
+
+@pytest.mark.parametrize("token, what, env", [
+    ("hf_s3cretT0ken…", NON_ASCII, False), ("hf_s3cretT0ken…", NON_ASCII, True),
+    (" hf_s3cretT0ken ", "has a blank at an end or a control character, which an HTTP header cannot carry", False)])
+def test_a_token_no_header_carries_is_bad_input_and_never_shown(fake_hub, monkeypatch, env, token, what):
+    """A token holding a non-ASCII character (one copied as the Hub shows it, cut short with '…') was a Hub error,
+    `cannot resolve REPO: 'ascii' codec can't encode character '\\u2026' in position 16…` (exit 7); one with a blank
+    at an end (given as an argument: huggingface_hub strips $HF_TOKEN's) was `cannot reach the Hub …
+    (LocalProtocolError: Illegal header value b'Bearer  hf_…')`, printing the token. Both are bad input, in one line
+    that says what to check, without the token."""
+    fake_hub.commit("someone/lora", {"a.safetensors": b"s"})
+    if env:
+        monkeypatch.setenv("HF_TOKEN", token)
+    given = None if env else token
+    with pytest.raises(InvalidInputError) as caught:
+        hub.download_adapter("someone/lora", token=given)
+    assert str(caught.value) == (f"cannot resolve someone/lora: the Hub token {what}; check --token, else $HF_TOKEN, "
+                                 "else the token saved by `hf auth login`")
+    with pytest.raises(InvalidInputError, match="^cannot push to me/x@main: the Hub token ") as caught:
+        hub.upload("me/x", {"a.safetensors": b"s"}, message="m", token=given)
+    assert "s3cret" not in str(caught.value) and "me/x" not in fake_hub.repos
+
+
 def test_gated_repo(fake_hub):
     repo = fake_hub.create("corp/gated", gated=True)
     fake_hub.commit("corp/gated", {"a.safetensors": b"g"})
@@ -399,6 +440,22 @@ def test_upload_one_commit_private_branch_and_pr(fake_hub, tmp_path):
     assert pr.pr_url.endswith("/me/new/discussions/1")
     assert fake_hub.files("me/new", "refs/pr/1")["README.md"] == b"pr card"
     assert fake_hub.files("me/new")["README.md"] == b"card"
+
+
+def test_private_refuses_a_public_repo_that_exists(fake_hub):
+    """`--private` to a repo that exists and is public pushed into it (create_repo keeps an existing repo's
+    visibility), publishing what the user asked to keep private. Nothing is pushed; a private repo takes it."""
+    public = fake_hub.commit("me/open", {"README.md": b"card"})
+    number = fake_hub.open_pr("me/open")
+    for revision, create_pr in [(None, False), ("dev", False), (None, True), (f"refs/pr/{number}", False)]:
+        with pytest.raises(InvalidInputError, match=r"^--private: me/open exists and is public: nothing pushed"):
+            hub.upload("me/open", {"a.safetensors": b"s"}, message="m", private=True, revision=revision,
+                       create_pr=create_pr, token="hf_owner")
+    repo = fake_hub.repos["me/open"]
+    assert repo.branches == {"main": public} and repo.prs == {number: public} and not repo.private
+    fake_hub.create("me/closed", private=True)
+    done = hub.upload("me/closed", {"a.safetensors": b"s"}, message="m", private=True, token="hf_owner")
+    assert fake_hub.files("me/closed")["a.safetensors"] == b"s" and done.changed
 
 
 def test_upload_errors(fake_hub):

@@ -84,6 +84,30 @@ def test_push_then_pull_back_is_byte_identical(fake_hub, adapters, registry):
     assert folder_bytes(download.adapter_path) == {**stored, "README.md": remote["README.md"]}
 
 
+def test_push_keeps_a_repos_own_readme_and_replaces_its_own_card(fake_hub, adapters, registry):
+    """A push to an existing repo replaced its README.md — the owner's card, written by hand — with loraops's card,
+    saying nothing (transformers' and PEFT's push_to_hub keep its text). It is kept, and the push says so; a card
+    loraops pushed before is replaced, as it describes the adapter pushed then."""
+    own = b"---\nlicense: mit\ntags:\n- lora\n---\n\n# My style\n\nTrained on my drawings; use weight 0.8.\n"
+    fake_hub.commit("me/style", {"README.md": own}, branch="main")
+    registry.add_adapter(adapters["a"], name="style")
+    registry.add_adapter(adapters["b"], name="style")
+    first = CliRunner().invoke(main, ["push", "style@1", "me/style", "--token", "hf_owner"])
+    assert first.exit_code == 0, first.output
+    assert first.output.splitlines()[1:3] == [
+        "  files   adapter_model.safetensors, adapter_config.json",
+        "  card    me/style@main has its own README.md, not loraops's: kept, no model card pushed"]
+    assert fake_hub.files("me/style")["README.md"] == own
+    assert hub.push(registry, "style@2", "me/style", token="hf_owner").card_kept
+
+    ours = hub.push(registry, "style@1", "me/fresh", token="hf_owner")
+    assert not ours.card_kept and ours.files[-1] == "README.md"
+    again = hub.push(registry, "style@2", "me/fresh", token="hf_owner")
+    assert not again.card_kept and again.changed
+    card = fake_hub.files("me/fresh")["README.md"].decode()
+    assert f"| sha256 | `{registry.get_adapter('style@2').weights_sha256}` |" in card
+
+
 def test_push_other_format_private_branch_pr(fake_hub, adapters, registry):
     registry.add_base(adapters["base"], name="tiny")
     registry.add_adapter(adapters["a"], name="anime", base="tiny")
@@ -654,6 +678,60 @@ def test_pull_from_a_subfolder_records_where_it_came_from(fake_hub, adapters):
                                               "loras/b/README.md"]
     with Registry.open() as reg:
         assert reg.get_adapter("many").source == f"hf://someone/many@{commit}/loras/b"
+
+
+def test_pull_takes_the_forms_a_user_copies_a_subfolder_in(fake_hub, adapters, registry):
+    """The source a pull records (`hf://REPO@COMMIT/PATH`, which `show` prints) was refused as "revision not found",
+    a Hub page's URL (…/tree/REV/PATH, …/blob/REV/PATH) as "not a Hub repo id", and `--file` naming a PEFT
+    adapter_config.json as "not a .safetensors file": each pulls that adapter."""
+    commit = fake_hub.commit_folder("someone/many", adapters["a"], prefix="loras/a/")
+    fake_hub.branch("someone/many", "feature/x")
+    first = hub.pull(registry, f"hf://someone/many@{commit}/loras/a")
+    assert first.new and first.commit == commit and first.adapter.source == f"hf://someone/many@{commit}/loras/a"
+    url = "https://huggingface.co/someone/many"
+    for ref, path in [(f"hf://someone/many@{commit}/loras/a/", None), (f"{url}/tree/main/loras/a", "loras/a/"),
+                      (f"{url}/tree/feature%2Fx/loras/a?x=1", None),
+                      (f"{url}/blob/{commit[:7]}/loras/a/adapter_config.json", None),
+                      (f"{url}/resolve/main/loras/a/adapter_model.safetensors", None),
+                      ("someone/many", "loras/a/adapter_config.json")]:
+        again = hub.pull(registry, ref, subpath=path)
+        assert not again.new and again.adapter.id == first.adapter.id, ref
+    with pytest.raises(InvalidInputError, match="names loras/a in the repo, and --file loras/b another path"):
+        hub.pull(registry, f"{url}/tree/main/loras/a", subpath="loras/b")
+    with pytest.raises(InvalidInputError, match="names loras/a in the repo: give the repo alone"):
+        hub.add_base(registry, f"hub:{url}/tree/main/loras/a")
+    shown = CliRunner().invoke(main, ["pull", first.adapter.source])
+    assert shown.exit_code == 0 and shown.output.startswith(f"already registered: someone/many@{commit} "), shown.output
+
+
+def test_pull_revision_as_huggingface_hub_takes_it(fake_hub, adapters):
+    """`pull --revision` (huggingface_hub's and `push`'s word) was `no such option '--revision'`: it is REPO@REVISION,
+    and a reference that names another revision is refused."""
+    first = fake_hub.commit_folder("someone/lora", adapters["a"])
+    fake_hub.tag("someone/lora", "v1")
+    fake_hub.commit_folder("someone/lora", adapters["b"])
+    runner = CliRunner()
+    pulled = runner.invoke(main, ["pull", "someone/lora", "--revision", "v1"])
+    assert pulled.exit_code == 0, pulled.output
+    assert pulled.output.splitlines()[:2] == [f"pulled someone/lora@v1 (commit {first[:12]}) as lora@1",
+                                              f"  source  hf://someone/lora@{first}"]
+    same = runner.invoke(main, ["pull", "someone/lora@v1", "--revision", "v1"])
+    assert same.exit_code == 0 and same.output.startswith("already registered: someone/lora@v1 ")
+    both = runner.invoke(main, ["pull", "someone/lora@main", "--revision", "v1"])
+    assert (both.exit_code, both.output) == (
+        2, "error: someone/lora@main names revision main, and --revision v1 another: give one\n")
+    empty = runner.invoke(main, ["pull", "someone/lora", "--revision", ""])
+    assert empty.exit_code == 2 and empty.output.startswith("error: --revision '' is no branch, tag or commit")
+
+
+def test_cli_token_blanks_at_its_ends_go_as_huggingface_hub_drops_hf_tokens(fake_hub, adapters):
+    """`--token " hf_… "` (quoted with the blanks of a copy) was `cannot reach the Hub … (LocalProtocolError:
+    Illegal header value b'Bearer  hf_… ')`, printing the token: its blanks go, as huggingface_hub drops
+    $HF_TOKEN's."""
+    fake_hub.create("me/secret", private=True)
+    fake_hub.commit_folder("me/secret", adapters["a"])
+    result = CliRunner().invoke(main, ["pull", "me/secret", "--token", " hf_owner "])
+    assert result.exit_code == 0 and result.output.startswith("pulled me/secret "), result.output
 
 
 def files_under(folder: Path) -> list[str]:

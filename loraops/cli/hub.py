@@ -17,24 +17,28 @@ def check_token(ctx: click.Context, param: click.Parameter, value: str | None) -
 
         raise InvalidInputError("--token is empty or holds a control character (a newline?); leave it out to use "
                                 "$HF_TOKEN or the token saved by `hf auth login`")
-    return value
+    return value.strip(" ") if value is not None else None  # (huggingface_hub drops $HF_TOKEN's blanks so)
 
 
 @click.command()
 @click.argument("repo", metavar="REPO[@REVISION]")
 @click.option("--name", help="Registry name (default: the repo's name). Another commit with other weights becomes its next version.")
-@click.option("--file", "subpath", metavar="PATH", help="The adapter inside the repo: a folder or a .safetensors file.")
+@click.option("--file", "subpath", metavar="PATH",
+              help="The adapter inside the repo: a folder or a .safetensors file (or the PEFT adapter_config.json).")
 @click.option("--base", help="A registered base the adapter must fit (links an adapter already registered to it).")
+@click.option("--revision", help="A branch, tag or commit sha: the same as REPO@REVISION.")
 @click.option("--token", help=TOKEN_HELP, callback=check_token)
 @click.option("--json", "as_json", is_flag=True, help="Print the PullRecord as JSON.")
-def pull(repo: str, name: str | None, subpath: str | None, base: str | None, token: str | None, as_json: bool) -> None:
+def pull(repo: str, name: str | None, subpath: str | None, base: str | None, revision: str | None, token: str | None,
+         as_json: bool) -> None:
     """Download an adapter from the Hub (a branch, tag or commit; HF_HUB_OFFLINE=1: from the cache) and register
-    it with source hf://REPO@COMMIT. Pulling an adapter that is already registered changes nothing."""
+    it with source hf://REPO@COMMIT. Pulling an adapter that is already registered changes nothing. REPO may also be
+    a recorded source hf://REPO@COMMIT/PATH or a Hub page's URL (…/tree/REVISION/PATH): PATH is then --file."""
     from .. import hub
     from ..registry import Registry
 
     with Registry.open() as registry:
-        done = hub.pull(registry, repo, name=name, token=token, subpath=subpath, base=base)
+        done = hub.pull(registry, repo, name=name, token=token, subpath=subpath, base=base, revision=revision)
     if as_json:
         echo_json(done)
         return
@@ -49,7 +53,9 @@ def pull(repo: str, name: str | None, subpath: str | None, base: str | None, tok
 @click.command()
 @click.argument("ref")
 @click.argument("repo")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--private", is_flag=True,
+              help="Create the repo private; an existing repo must be private already (nothing is pushed to a public "
+                   "one).")
 @click.option("--revision", default="main", show_default=True, help="Branch to commit to (created from main if missing), or refs/pr/N: an open pull request.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request with the commit instead of committing to the branch.")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
@@ -59,7 +65,7 @@ def pull(repo: str, name: str | None, subpath: str | None, base: str | None, tok
 def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt: str | None, token: str | None,
          as_json: bool) -> None:
     """Upload a registered adapter REF to the Hub repo REPO in one commit, with a model card (base model, ranks,
-    alphas, target modules and, for a derived adapter, its lineage)."""
+    alphas, target modules and, for a derived adapter, its lineage); a README.md of the repo's own is kept."""
     from .. import hub
     from ..registry import Registry
 
@@ -75,6 +81,9 @@ def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt
         click.echo(f"nothing to push: {done.repo_id}@{done.revision} already holds {done.adapter} ({done.format}), "
                    f"commit {done.commit[:12]}")
     click.echo(f"  files   {', '.join(done.files)}")
+    if done.card_kept:
+        click.echo(f"  card    {done.repo_id}@{done.revision} has its own README.md, not loraops's: kept, no model "
+                   "card pushed")
     click.echo(f"  commit  {done.commit_url}")
     if done.pr_url:
         click.echo(f"  pull request  {done.pr_url}")
