@@ -1319,7 +1319,9 @@ def fit_orientation(module: LoraModule, base_shape: tuple[int, ...], conv1d: boo
                        kind="embedding" if embedding else "linear", fan_in_fan_out=not embedding)
     out_f, in_f = module.out_features, module.in_features
     transposed = module.fan_in_fan_out or conv1d_layer
-    if out_f != in_f and base_shape == (out_f, in_f):
+    if out_f != in_f and base_shape == (out_f, in_f) and not conv1d_layer:
+        # (a Conv1D's lora_A is as wide as its stored rows: factors that fit only untransposed are another layer's,
+        # which PEFT refuses to load; left transposed, they are reported as not fitting)
         transposed = False
     elif out_f == in_f:  # the shape cannot tell: the layer's class (PEFT sets a Linear's flag false, a Conv1D's true)
         transposed = conv1d_layer

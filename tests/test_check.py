@@ -207,3 +207,25 @@ def test_a_saved_layout_binds_the_whole_adapter_or_nothing():
     # an encoder-decoder's model.encoder.* stays as it is although Granite Speech's rule moves model.encoder.*
     bart = {"model.encoder.layers.0.fc1.weight": shape, "encoder.layers.0.fc1.weight": shape}
     assert bind(adapter("model.encoder.layers.0.fc1"), bart).modules.keys() == {"model.encoder.layers.0.fc1"}
+
+
+def test_a_conv1d_lora_that_fits_only_untransposed_does_not_fit(tmp_path):
+    """A GPT-2 Conv1D stores in×out and PEFT's lora_A on it is r×in whatever the config says: factors whose B·A has
+    the stored shape as it is (A as wide as the layer's outputs, another layer's LoRA) are refused by PEFT's load.
+    check said they fit, and merge added B·A untransposed into c_attn."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    gpt2 = factories.tiny_gpt2(tmp_path / "gpt2")
+    folder = factories.peft_adapter(gpt2, tmp_path / "lora", r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.transformer.h.0.attn.c_attn"
+    tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = torch.randn(4, 192), torch.randn(64, 4)
+    save_file(tensors, file)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(factories.load_model(gpt2), folder)
+    report = check(read_adapter(folder), st.read_header(gpt2 / "model.safetensors").tensors)
+    assert not report.ok and report.matched == 1
+    assert [(m.name, m.expected, m.actual) for m in report.shape_mismatches] == [
+        ("transformer.h.0.attn.c_attn", [64, 192], [192, 64])]
