@@ -1631,7 +1631,7 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
     unloaded = dict.fromkeys(unloaded, why)  # the modules PEFT would not load
     for name, module in bound.modules.items():
         why = unloaded.get(name) or saved_tie_refusal(bound, module, manifest, config) \
-            or lora_bias_misfit(module, manifest, sides)
+            or lora_bias_misfit(module, manifest, sides) or linear_factors_on_embedding(bound, module)
         if why is not None:  # (the bias before the weight's fit: a head the base does not store has none either)
             missing.append(name)
             why_missing[name] = why
@@ -1802,6 +1802,19 @@ def lora_bias_misfit(module: LoraModule, manifest: Mapping[str, object],
     if tuple(info.shape) != (module.out_features,):
         return f"lora_bias is {module.out_features} long, the base's {module.bias_name} {fmt_shape(info.shape)}"
     return None
+
+
+def linear_factors_on_embedding(adapter: Adapter, module: LoraModule) -> str | None:
+    """Why a PEFT module saved as lora_A/lora_B on an nn.Embedding is not merged, or None: PEFT keeps an embedding's
+    LoRA in lora_embedding_A/B, so its load leaves these keys unused and the embeddings unchanged (it warns of missing
+    adapter keys). Read as a Linear's, the factors were reported as a shape mismatch (the delta transposed), which
+    pointed at the base; a square table took them untransposed."""
+    if adapter.format != "peft" or module.kind != "linear" or module.raw_parameter is not None \
+            or module.fused is not None or not is_embedding(module.weight_name) \
+            or not any(".lora_A." in key or key.endswith(".lora_A") for key in module.source_keys):
+        return None
+    return ("lora_A/lora_B on an embedding: PEFT keeps an embedding's LoRA in lora_embedding_A/lora_embedding_B and "
+            "loads this adapter without these factors")
 
 
 def bound_shape(module: LoraModule, manifest: Mapping[str, object]) -> tuple[int, ...] | None:

@@ -229,3 +229,31 @@ def test_a_conv1d_lora_that_fits_only_untransposed_does_not_fit(tmp_path):
     assert not report.ok and report.matched == 1
     assert [(m.name, m.expected, m.actual) for m in report.shape_mismatches] == [
         ("transformer.h.0.attn.c_attn", [64, 192], [192, 64])]
+
+
+def test_linear_factors_on_an_embedding_are_what_peft_leaves_out(tmp_path):
+    """PEFT keeps an embedding's LoRA in lora_embedding_A/B: saved as lora_A/lora_B its load leaves them unused (a
+    missing-keys warning) and the embeddings unchanged. check reported them as a shape mismatch (the base's fault,
+    by its message); it now says what PEFT does, and merge refuses them alike."""
+    import warnings
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from loraops.check import misfits
+
+    llama = factories.tiny_llama(tmp_path / "llama")
+    folder = factories.peft_adapter(llama, tmp_path / "lora", r=4, target_modules=["embed_tokens", "q_proj"])
+    file, key = folder / "adapter_model.safetensors", "base_model.model.model.embed_tokens"
+    tensors = load_file(file)
+    tensors[f"{key}.lora_A.weight"] = tensors.pop(f"{key}.lora_embedding_A")
+    tensors[f"{key}.lora_B.weight"] = tensors.pop(f"{key}.lora_embedding_B")
+    save_file(tensors, file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(factories.load_model(llama), folder)
+    assert any("missing adapter keys" in str(w.message) for w in caught)
+    report = check(read_adapter(folder), st.read_header(llama / "model.safetensors").tensors)
+    assert not report.ok and report.shape_mismatches == [] and report.missing == ["model.embed_tokens"]
+    assert misfits(report) == ["model.embed_tokens (lora_A/lora_B on an embedding: PEFT keeps an embedding's LoRA in "
+                               "lora_embedding_A/lora_embedding_B and loads this adapter without these factors)"]
