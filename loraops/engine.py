@@ -1408,10 +1408,8 @@ def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Te
 
     values = _base_values(tensor, chunk)
     base = torch.where(torch.isfinite(values), 0.0, values)
-    for token_rows in tensor.token_rows:
-        index = torch.tensor(token_rows.indices, dtype=torch.long)
-        here = (index >= chunk.row0) & (index < chunk.row1)
-        base[index[here] - chunk.row0] = 0.0
+    for _, _, rows in _token_rows_in(tensor, chunk):
+        base[rows] = 0.0
     nan = torch.isnan(base)
     for module, _ in tensor.terms:
         region = _region(tensor, chunk, module) if module.dora else None
@@ -1423,6 +1421,17 @@ def _nonfinite_of_base(tensor: _Tensor, chunk: _Chunk, nan_columns) -> "torch.Te
         else:
             nan[here] |= nan[here].any(1, keepdim=True)
     return base.masked_fill_(nan, math.nan)
+
+
+def _token_rows_in(tensor: _Tensor, chunk: _Chunk):
+    """(trainable tokens, which of their indices fall in the chunk, those as the chunk's rows), for each set of the
+    tensor's, on the CPU: read again where a chunk came out with a value that is not finite."""
+    import torch
+
+    for token_rows in tensor.token_rows:
+        index = torch.tensor(token_rows.indices, dtype=torch.long)
+        here = (index >= chunk.row0) & (index < chunk.row1)
+        yield token_rows, here, index[here] - chunk.row0
 
 
 def _base_values(tensor: _Tensor, chunk: _Chunk) -> "torch.Tensor":
@@ -1447,10 +1456,8 @@ def _exact_merge(tensor: _Tensor, chunk: _Chunk) -> "torch.Tensor":
     import torch
 
     values = _base_values(tensor, chunk)
-    for token_rows in tensor.token_rows:
-        index = torch.tensor(token_rows.indices, dtype=torch.long)
-        here = (index >= chunk.row0) & (index < chunk.row1)
-        values[index[here] - chunk.row0] = token_rows.values[here].double()
+    for token_rows, here, rows in _token_rows_in(tensor, chunk):
+        values[rows] = token_rows.values[here].double()
     for module, coef in tensor.terms:
         region = _region(tensor, chunk, module)
         if region is None:
