@@ -144,6 +144,26 @@ def hub_source(repo_id: str, commit: str, path: str = "") -> str:
     return f"{SOURCE_PREFIX}{repo_id}@{commit}" + (f"/{path}" if path else "")
 
 
+def pulled_name(repo_id: str, path: str = "", *, chosen: bool = False) -> str:
+    """The name a pull registers an adapter under without --name: the repo's name for the repo's own adapter (its
+    top-level PEFT folder, or the lone .safetensors file pull picks there), else the repo's name followed by the
+    adapter's path in the repo as hub_source writes it, without .safetensors (a PEFT file stands for its folder; each
+    part cleaned as a file's default name is): someone/loras's `loras/a` and `style.safetensors` are `loras/loras/a`
+    and `loras/style`, two adapters, not two versions of `loras`. ``chosen``: the path was named (--file, a path in
+    the reference), not picked by pull."""
+    from .registry.store import name_part
+
+    where = PurePosixPath(path.strip("/"))
+    if where.name in PEFT_FILES:
+        where = where.parent
+    parts = list(where.parts)
+    if parts == [where.name] and where.suffix == ".safetensors" and not chosen:
+        parts = []
+    if parts:
+        parts[-1] = parts[-1].removesuffix(".safetensors")
+    return "/".join([repo_id.split("/")[-1], *map(name_part, parts)])
+
+
 def parse_hub_source(source: str | None) -> RepoRef | None:
     """The RepoRef (revision = commit; the path in the repo left out) of a source written by hub_source, else None."""
     if not source or not source.startswith(SOURCE_PREFIX):
@@ -496,9 +516,14 @@ class Download:
 
     @property
     def source(self) -> str:
-        """hf://repo@commit, with the adapter's path in the repo (its folder, or its file) below the top level."""
+        """hf://repo@commit, with the adapter's path in the repo below the top level."""
+        return hub_source(self.ref.repo_id, self.commit, self.path)
+
+    @property
+    def path(self) -> str:
+        """The adapter's path in the repo: its folder, or its file; "" for a PEFT folder at the top level."""
         where = self.adapter_path.relative_to(self.folder).as_posix()
-        return hub_source(self.ref.repo_id, self.commit, "" if where == "." else where)
+        return "" if where == "." else where
 
     @property
     def adapter_path(self) -> Path:
@@ -1213,7 +1238,8 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     """Download an adapter from the Hub and register it with source ``hf://repo@commit`` (``revision``: as
     ``ref@revision``, huggingface_hub's ``revision=``). The same adapter
     (identity) pulled again changes nothing, but for a ``base`` it is then linked to (as Registry.register_adapter
-    does); a commit with other weights becomes the next version of ``name`` (default: the repo's name)."""
+    does); a commit with other weights becomes the next version of ``name`` (default: pulled_name, the repo's name
+    for its top-level adapter, else with the adapter's path in the repo)."""
     from . import formats
     from .records import PullRecord
     from .registry.store import check_name
@@ -1221,9 +1247,20 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     ref, subpath = repo_and_path(ref, subpath)
     if revision is not None:
         ref = with_revision(ref, revision)
-    name = check_name(ref.repo_id.split("/")[-1] if name is None else name, "adapter")  # before any download
     if subpath:
         check_repo_names([subpath.rstrip("/")], ref, given=True)
+
+    def named(path: str) -> str:
+        """``name``, else the default name of the adapter at ``path`` in the repo."""
+        if name is not None:
+            return check_name(name, "adapter")
+        try:
+            return check_name(pulled_name(ref.repo_id, path, chosen=bool(subpath)), "adapter")
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{exc}; that is the default name, the repo's and the adapter's path in it: give "
+                                    "--name") from None
+
+    given = named(subpath or "")  # before any download (the path the repo listing picks may add to the default)
     pulled = _pulled_before(registry, ref, subpath, token)
     if pulled is not None:  # its stored copy, when intact, is the download: registered again (for --base)
         commit, record = pulled
@@ -1232,7 +1269,7 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
         except RegistryError:  # damaged: downloaded again below, which repairs it
             pulled = None
     if pulled is not None:
-        done = registry.register_adapter(stored, name=name, base=base, source=record.source, told=pulled_line(ref))
+        done = registry.register_adapter(stored, name=given, base=base, source=record.source, told=pulled_line(ref))
         where = record.source.partition("@")[2].partition("/")[2]
         folder = where if stored.is_dir() else str(PurePosixPath(where).parent)
         files = [str(PurePosixPath(folder, f.name)) if folder not in ("", ".") else f.name
@@ -1240,8 +1277,8 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
     elif offline():  # not pulled by loraops, but maybe in the Hub cache (another tool's download): copied
         download = download_adapter(ref, token=token, subpath=subpath)
         commit, files = download.commit, download.files
-        done = registry.register_adapter(download.adapter_path, name=name, base=base, source=download.source,
-                                         told=pulled_line(ref))
+        done = registry.register_adapter(download.adapter_path, name=named(download.path), base=base,
+                                         source=download.source, told=pulled_line(ref))
     else:
         # Downloaded into a folder inside the blob store and moved into place: one copy on disk, none in the Hub
         # cache; the folder goes when this ends, however it ends (what a killed process leaves is `gc`'s)
@@ -1250,7 +1287,7 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
             download = download_adapter(ref, token=token, subpath=subpath, into=scratch)
             commit, files = download.commit, download.files
             try:
-                done = registry.register_adapter(download.adapter_path, name=name, base=base,
+                done = registry.register_adapter(download.adapter_path, name=named(download.path), base=base,
                                                  source=download.source, scratch=True, told=pulled_line(ref))
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
                 raise reworded(exc, str(download.folder), str(ref)) from None

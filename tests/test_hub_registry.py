@@ -542,7 +542,7 @@ def test_an_offline_pull_of_a_subfolder_fetched_one_by_one(fake_hub, adapters, r
         "adapter_model.safetensors; the PEFT adapter in loras/b/ is pulled with --file loras/b"))
     result = CliRunner().invoke(main, ["pull", "someone/deep", "--file", "loras/b"])
     assert result.exit_code == 0, result.output
-    assert registry.get_adapter("deep").source == f"hf://someone/deep@{commit}/loras/b"
+    assert registry.get_adapter("deep/loras/b").source == f"hf://someone/deep@{commit}/loras/b"
 
 
 def test_a_private_hub_base_downloads_on_first_use_with_hf_token(fake_hub, adapters, tmp_path, monkeypatch):
@@ -673,11 +673,75 @@ def test_pull_from_a_subfolder_records_where_it_came_from(fake_hub, adapters):
         "pick one with --file FOLDER\n")
     pulled = runner.invoke(main, ["pull", "someone/many", "--file", "loras/b/adapter_model.safetensors"])
     assert pulled.exit_code == 0, pulled.output
-    assert pulled.output.splitlines()[1:] == [f"  source  hf://someone/many@{commit}/loras/b",
-                                              "  files   loras/b/adapter_config.json, loras/b/adapter_model.safetensors, "
-                                              "loras/b/README.md"]
+    assert pulled.output.splitlines() == [f"pulled someone/many (commit {commit[:12]}) as many/loras/b@1",
+                                          f"  source  hf://someone/many@{commit}/loras/b",
+                                          "  files   loras/b/adapter_config.json, loras/b/adapter_model.safetensors, "
+                                          "loras/b/README.md"]
     with Registry.open() as reg:
-        assert reg.get_adapter("many").source == f"hf://someone/many@{commit}/loras/b"
+        assert reg.get_adapter("many/loras/b").source == f"hf://someone/many@{commit}/loras/b"
+
+
+def test_adapters_at_other_paths_of_one_repo_are_other_adapters(fake_hub, adapters, registry, tmp_path, monkeypatch):
+    """The default name was the repo's alone, so two unrelated adapters of one repo (`--file loras/b`, `--file
+    style.safetensors`) became versions 1 and 2 of one adapter `loras`. Below the top level the name holds the
+    adapter's path in the repo (as its source does, less .safetensors): each path is its own adapter, pulled again
+    (online, offline, by its recorded source) it is found, and a newer commit of it is its next version."""
+    from factories import kohya_file
+
+    style = kohya_file(tmp_path / "style.safetensors", {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))})
+    fake_hub.commit_folder("someone/loras", adapters["a"])
+    fake_hub.commit_folder("someone/loras", adapters["b"], prefix="loras/b/")
+    first = fake_hub.commit_folder("someone/loras", style)
+    runner = CliRunner()
+    pulls = [[], ["--file", "loras/b"], ["--file", "style.safetensors"]]
+    for args, name in zip(pulls, ["loras@1", "loras/loras/b@1", "loras/style@1"]):
+        pulled = runner.invoke(main, ["pull", "someone/loras", *args])
+        assert pulled.output.splitlines()[0] == f"pulled someone/loras (commit {first[:12]}) as {name}", pulled.output
+    sources = {a.ref: a.source for a in registry.list_adapters()}
+    assert sources == {"loras@1": f"hf://someone/loras@{first}",
+                       "loras/loras/b@1": f"hf://someone/loras@{first}/loras/b",
+                       "loras/style@1": f"hf://someone/loras@{first}/style.safetensors"}
+
+    for offline in ("", "1"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        for args, name in zip(pulls + [[sources["loras/loras/b@1"]], ["--file", "loras/b/adapter_config.json"]],
+                              ["loras@1", "loras/loras/b@1", "loras/style@1", "loras/loras/b@1", "loras/loras/b@1"]):
+            again = runner.invoke(main, ["pull", *(args if args[:1] == [sources["loras/loras/b@1"]] else
+                                                   ["someone/loras", *args])])
+            assert again.exit_code == 0 and again.output.startswith("already registered: ") and \
+                again.output.splitlines()[0].endswith(f" as {name}"), (args, again.output)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    fake_hub.commit_folder("someone/loras", adapters["c"], prefix="loras/b/")
+    newer = hub.pull(registry, "someone/loras", subpath="loras/b")
+    assert newer.new and newer.adapter.ref == "loras/loras/b@2"
+    assert not hub.pull(registry, "someone/loras", subpath="style.safetensors").new
+    restyled = kohya_file(tmp_path / "style.safetensors", {"lora_unet_model_layers_0_self_attn_q_proj": ((64,), (64,))},
+                          seed=1)
+    fake_hub.commit_folder("someone/loras", restyled)
+    assert hub.pull(registry, "someone/loras", subpath="style.safetensors", name="mine").adapter.ref == "mine@1"
+    assert sorted(a.ref for a in registry.list_adapters()) == [
+        "loras/loras/b@1", "loras/loras/b@2", "loras/style@1", "loras@1", "mine@1"]
+
+
+def test_the_default_name_of_an_adapter_picked_below_the_top_level_holds_its_folder(fake_hub, adapters, registry):
+    """A repo whose only adapter is a PEFT folder below the top level: pull picks it from the repo's listing and names
+    it then, with that folder (it was the repo's name, which an adapter at another path of the repo also got); a path
+    named up front is judged as a name before anything is asked of the Hub."""
+    first = fake_hub.commit_folder("someone/deep", adapters["a"], prefix="runs/x/final/")
+    pulled = hub.pull(registry, "someone/deep")
+    assert pulled.new and pulled.adapter.ref == "deep/runs/x/final@1"
+    again = hub.pull(registry, "someone/deep")
+    assert not again.new and again.adapter.id == pulled.adapter.id
+    fake_hub.commit_folder("someone/deep", adapters["b"], prefix="runs/x/final/")
+    assert hub.pull(registry, "someone/deep").adapter.ref == "deep/runs/x/final@2"
+    assert hub.pull(registry, f"someone/deep@{first}", subpath="runs").adapter.ref == "deep/runs/x/final@1"
+
+    asked = len(fake_hub.requests)
+    with pytest.raises(InvalidInputError, match=r"^bad adapter name 'deep/x{251}': .*; that is the default name, the "
+                                                r"repo's and the adapter's path in it: give --name$"):
+        hub.pull(registry, "someone/deep", subpath="x" * 251 + ".safetensors")
+    assert len(fake_hub.requests) == asked
 
 
 def test_pull_takes_the_forms_a_user_copies_a_subfolder_in(fake_hub, adapters, registry):

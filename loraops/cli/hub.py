@@ -22,7 +22,9 @@ def check_token(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 @click.command()
 @click.argument("repo", metavar="REPO[@REVISION]")
-@click.option("--name", help="Registry name (default: the repo's name). Another commit with other weights becomes its next version.")
+@click.option("--name", help="Registry name (default: the repo's name, then the adapter's path in the repo when it is "
+                             "not the top-level adapter: REPO/loras/a, REPO/style). Another commit with other weights "
+                             "becomes its next version.")
 @click.option("--file", "subpath", metavar="PATH",
               help="The adapter inside the repo: a folder or a .safetensors file (or the PEFT adapter_config.json).")
 @click.option("--base", help="A registered base the adapter must fit (links an adapter already registered to it).")

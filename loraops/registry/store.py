@@ -1183,9 +1183,14 @@ def module_fields(adapter: "Adapter") -> list[dict]:
 
 def default_name(path: Path) -> str:
     """A registry name from a path: the folder name, or the file name without .safetensors."""
-    stem = path.name.removesuffix(".safetensors") if path.is_file() else resolved(path).name
-    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-.") or "unnamed"
+    cleaned = name_part(path.name.removesuffix(".safetensors") if path.is_file() else resolved(path).name)
     return cleaned if not cleaned.isdigit() else f"n{cleaned}"
+
+
+def name_part(text: str) -> str:
+    """``text`` (a file or folder name) as one '/'-separated part of a name: each run of characters a name cannot
+    hold becomes '-'."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.") or "unnamed"
 
 
 def check_name(name: str, what: str) -> str:
