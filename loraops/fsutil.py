@@ -336,6 +336,14 @@ def fsync_tree(path: Path) -> None:
             sync(f.fileno())
 
 
+def human_bytes(count: float, places: int = 1) -> str:
+    """A byte count in binary units: "512 B", "1.5 GiB" (``places`` decimals; 2 reads like torch's own messages)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.{places}f} {unit}"
+        count /= 1024
+
+
 def ensure_free_space(folder: Path, needed: int, what: str) -> None:
     """Refuse up front when ``folder``'s filesystem has less than ``needed`` bytes free."""
     folder = Path(folder)
@@ -348,7 +356,7 @@ def ensure_free_space(folder: Path, needed: int, what: str) -> None:
     free = usage.free
     if free < needed:
         raise DiskSpaceError(
-            f"{folder}: not enough free disk for {what} ({needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free)"
+            f"{folder}: not enough free disk for {what} ({human_bytes(needed, 2)} needed, {human_bytes(free, 2)} free)"
         )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import quote, unquote
 
-from .fsutil import resolved
+from .fsutil import human_bytes, resolved
 
 ENV_HOME = "LORAOPS_HOME"
 ENV_DB = "LORAOPS_DB"
@@ -291,7 +291,7 @@ def out_of_memory(exc: BaseException, device: "torch.device | None" = None, what
     where = "cpu" if host else str(device) if device is not None else "cuda" if "CUDA" in text else "the device"
     sized = re.search(r"[Tt]ried to allocate " + _SIZE, text)
     counted = re.search(r"tried to allocate (\d+) bytes", text)  # (the CPU allocator's)
-    asked = sized.group(1) if sized else _bytes(int(counted.group(1))) if counted else None
+    asked = sized.group(1) if sized else human_bytes(int(counted.group(1)), 2) if counted else None
     free = re.search(r"of which " + _SIZE + r" is free|; " + _SIZE + r" free", text)  # (torch ≥ 2.2's | older)
     detail = ", ".join(part for part in (asked and f"tried to allocate {asked}",
                                           free and f"{free.group(1) or free.group(2)} free") if part)
@@ -301,14 +301,6 @@ def out_of_memory(exc: BaseException, device: "torch.device | None" = None, what
     advice = ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])} or {ways[-1]}"
     doing = f" while {what}" if what else ""
     return DeviceMemoryError(f"out of memory on {where}{doing}{f' ({detail})' if detail else ''}: {advice}")
-
-
-def _bytes(count: float) -> str:
-    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    while count >= 1024 and len(units) > 1:
-        count /= 1024
-        units.pop(0)
-    return f"{count:.2f} {units[0]}"
 
 
 @contextlib.contextmanager

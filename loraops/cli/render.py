@@ -9,6 +9,7 @@ import click
 from ..adapter import DORA_NOTE, LORA_BIAS_NOTE, METHOD_NOTES, PRODUCT_NOTES
 from ..adapter import METHOD_NAMES as METHODS  # noqa: F401 - list and register say it
 from ..adapter import PRODUCT_NAMES as PRODUCTS  # noqa: F401 - list and register say it
+from ..fsutil import human_bytes  # noqa: F401 - the commands' sizes
 
 
 def to_jsonable(value: Any) -> Any:
@@ -46,16 +47,6 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     click.echo(table(headers, rows))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 
 
 def echo_base_changed(*names: str | None) -> None:
