@@ -58,6 +58,17 @@ def test_a_changed_file_is_rehashed(tmp_path):
     assert BaseModel.open(path).fingerprint() != first
 
 
+def test_a_file_rewritten_with_its_mtime_put_back_is_rehashed(tmp_path):
+    """Same size, same mtime, other bytes: the cache keyed by size and mtime alone kept the old digests (and
+    `subtract --exact` copied such a base as the pristine one); its inode and ctime say it changed."""
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(4)}, str(path))
+    first, before = BaseModel.open(path).fingerprint(), path.stat()
+    save_file({"w": torch.ones(4)}, str(path))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and BaseModel.open(path).fingerprint() != first
+
+
 @pytest.mark.parametrize("cached", [True, False], ids=["base-cached", "base-uncached"])
 def test_streaming_fingerprint_equals_the_one_from_files(tmp_path, sharded, monkeypatch, cached):
     base, adapter_dir = sharded
