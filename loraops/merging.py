@@ -508,8 +508,12 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         )
     remaining, stray = _take_off(params, inputs)
     if stray is not None:
+        below = reg.find_base(base_info["fingerprint"])  # a merge of a merge: one level is restored at a time
+        deeper = (f"; its base {below.name} is itself a merge ({_merged_with(below.lineage.params)}): take {label}'s "
+                  f"adapters off with --exact first, then {below.name}'s from that"
+                  if below is not None and below.lineage is not None and below.lineage.op == "merge" else "")
         raise MismatchError(f"--exact: {_named(stray.label, stray.weight, stray.block_weights)} is not one of the "
-                            f"adapters {label} was merged with ({_merged_with(params)})")
+                            f"adapters {label} was merged with ({_merged_with(params)}){deeper}")
     if remaining:
         kept = [_recorded_adapter(reg, a) for a in remaining]
         # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)

@@ -604,3 +604,21 @@ def test_subtracting_what_a_recorded_merge_did_not_add_says_so(tmp_path, models)
         assert (f"note: {stray} is not one of the adapters {tmp_path / 'm'} was merged with ({a}:0.7), so what comes "
                 "off is not what that merge added") in out
     assert "note:" not in run("subtract", f"{a}:0.7", "--from", tmp_path / "m", "-o", tmp_path / "r2").output
+
+
+@pytest.mark.registry_backend
+def test_exact_on_a_merge_of_a_merge_restores_one_level_at_a_time_and_says_so(tmp_path, models):
+    """--exact matches the adapters of the model's own merge: one merged into the model it was merged onto is refused
+    naming that merge and how to get there (it named only the top merge's adapters); the two steps give the base."""
+    base, a, b = models
+    run("merge", f"{a}:0.7", "--into", base, "-o", tmp_path / "m1")
+    run("merge", b, "--into", tmp_path / "m1", "-o", tmp_path / "m2")
+    assert "lineage      merge(m1, b@1×1)" in run("base", "show", "m2").output
+    result = run("subtract", f"{a}:0.7", b, "--from", tmp_path / "m2", "-o", tmp_path / "r", "--exact", code=2)
+    assert result.output == (f"error: --exact: {a}:0.7 is not one of the adapters {tmp_path / 'm2'} was merged with "
+                             f"({b}:1); its base m1 is itself a merge ({a}:0.7): take {tmp_path / 'm2'}'s adapters off "
+                             "with --exact first, then m1's from that\n")
+    run("subtract", b, "--from", tmp_path / "m2", "-o", tmp_path / "r1", "--exact")
+    run("subtract", f"{a}:0.7", "--from", tmp_path / "r1", "-o", tmp_path / "r2", "--exact")
+    for f in base.glob("*.safetensors"):
+        assert (tmp_path / "r2" / f.name).read_bytes() == f.read_bytes()
