@@ -642,7 +642,7 @@ def _check_index(part: Part, headers: dict[Path, Header]) -> None:
 
 class _DigestCache:
     """One small JSON file per hashed safetensors file under <home>/cache/digests, named by its path and holding
-    its inode, size, mtime, ctime and per-tensor digests. Best effort: an unreadable or stale entry is ignored (and
+    its size, mtime, ctime and per-tensor digests. Best effort: an unreadable or stale entry is ignored (and
     rewritten)."""
 
     @staticmethod
@@ -652,11 +652,12 @@ class _DigestCache:
 
     @staticmethod
     def _stat(file: Path) -> list:
-        # inode and ctime too, as the blob store's stamps (blobs._stat_of): a file rewritten with its mtime set back
-        # (or another one moved over it) was taken as unchanged, and `subtract --exact` copied its new bytes as the
-        # pristine base's; any change moves ctime, which no one can set back
+        # ctime too: a file rewritten with its mtime set back (or another one moved over it) was taken as unchanged,
+        # and `subtract --exact` copied its new bytes as the pristine base's; any change moves ctime, which no one can
+        # set back. (Not the inode, which the blob store's stamps hold: a FUSE mount may number a file anew after the
+        # kernel forgets it, and a base's miss costs a read of the whole model.)
         st = file.stat()
-        return [str(resolved(file)), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        return [str(resolved(file)), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
     @classmethod
     def get(cls, file: Path) -> dict[str, str] | None:
