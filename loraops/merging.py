@@ -263,8 +263,12 @@ def _subtract(model, adapters, output, *, exact, name, record, lists, registry, 
             inputs = _resolved(reg, adapters, lists, None)
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
-            report = _restore(reg, merged, label, origin, inputs, output, options)
-            inputs = []
+            report, pristine, kept, made = _restore(reg, merged, label, origin, inputs, output, options)
+            if reg is None or not record:
+                return report
+            # what it is: the recorded base itself, or a merge of the adapters that stay into it, as that merge was
+            # made (recorded as "subtract(merged)" with no adapters, a later --exact on it found no merge to undo)
+            return _record(reg, report, "merge", pristine, kept, name, made)
         else:
             _refuse_dora_after(reg, origin, inputs, label)
             # the recorded base is what the result should be only when every merged adapter comes off: with some left
@@ -483,8 +487,10 @@ def _pristine(reg, origin) -> BaseModel | None:
     return base if base is not None and base.fingerprint() == fingerprint else None
 
 
-def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], output, options: dict) -> MergeReport:
-    """--exact: rebuild from the recorded pristine base instead of subtracting."""
+def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], output,
+             options: dict) -> tuple[MergeReport, BaseModel, list[Input], dict]:
+    """--exact: rebuild from the recorded pristine base instead of subtracting. Returns (the report, that base, the
+    adapters re-merged onto it, the options they were merged with)."""
     if origin is None:
         where = str(resolved(merged.path))
         changed = next((b for b in reg.list_bases() if b.path == where and b.lineage and b.lineage.op == "merge"), None)
@@ -514,10 +520,10 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
                   if below is not None and below.lineage is not None and below.lineage.op == "merge" else "")
         raise MismatchError(f"--exact: {_named(stray.label, stray.weight, stray.block_weights)} is not one of the "
                             f"adapters {label} was merged with ({_merged_with(params)}){deeper}")
+    kept = [_recorded_adapter(reg, a) for a in remaining]
+    # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
+    dtype = params.get("requested_dtype", params["dtype"] if params["dtype"] in engine.FLOAT_DTYPES else None)
     if remaining:
-        kept = [_recorded_adapter(reg, a) for a in remaining]
-        # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
-        dtype = params.get("requested_dtype", params["dtype"] if params["dtype"] in engine.FLOAT_DTYPES else None)
         report = engine.merge(pristine, [(k.adapter, k.weight) for k in kept], output, dtype=dtype,
                               precise=params["precise"], device=options.get("device", "auto"),
                               force=options.get("force", False), progress=options.get("progress"))
@@ -527,7 +533,8 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
     residual = ResidualRecord(compared_to=str(pristine.path), elements_differing=0, max_abs_diff=0.0, note=(
         "restored bit for bit from the recorded base" if not remaining else
         f"re-merged the {len(remaining)} remaining adapter(s) onto the recorded base: bit-identical to merging only those"))
-    return report.model_copy(update={"operation": "restore", "residual": residual})
+    report = report.model_copy(update={"operation": "restore", "residual": residual})
+    return report, pristine, kept, {"dtype": dtype, "precise": params["precise"]}
 
 
 def _named(label: str, weight: float, block_weights) -> str:

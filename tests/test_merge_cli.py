@@ -622,3 +622,16 @@ def test_exact_on_a_merge_of_a_merge_restores_one_level_at_a_time_and_says_so(tm
     run("subtract", f"{a}:0.7", "--from", tmp_path / "r1", "-o", tmp_path / "r2", "--exact")
     for f in base.glob("*.safetensors"):
         assert (tmp_path / "r2" / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.registry_backend
+def test_an_exact_re_merge_is_recorded_as_the_merge_it_is(tmp_path, models):
+    """--exact taking a off merge(base, a, b) writes merge(base, b) bit for bit, and records it so (it recorded
+    "subtract(m)" with no adapters, so a later --exact on it found no merge to undo)."""
+    base, a, b = models
+    run("merge", f"{a}:0.7", b, "--into", base, "-o", tmp_path / "m")
+    run("subtract", f"{a}:0.7", "--from", tmp_path / "m", "-o", tmp_path / "only-b", "--exact")
+    assert "lineage      merge(base, b@1×1)" in run("base", "show", "only-b").output
+    run("subtract", b, "--from", tmp_path / "only-b", "-o", tmp_path / "back", "--exact")
+    for f in base.glob("*.safetensors"):
+        assert (tmp_path / "back" / f.name).read_bytes() == f.read_bytes()
