@@ -642,7 +642,8 @@ def _check_index(part: Part, headers: dict[Path, Header]) -> None:
 
 class _DigestCache:
     """One small JSON file per hashed safetensors file under <home>/cache/digests, named by its path and holding
-    its size, mtime and per-tensor digests. Best effort: an unreadable or stale entry is ignored (and rewritten)."""
+    its size, mtime, ctime and per-tensor digests. Best effort: an unreadable or stale entry is ignored (and
+    rewritten)."""
 
     @staticmethod
     def _entry(file: Path) -> Path:
@@ -651,8 +652,12 @@ class _DigestCache:
 
     @staticmethod
     def _stat(file: Path) -> list:
+        # ctime too: a file rewritten with its mtime set back (or another one moved over it) was taken as unchanged,
+        # and `subtract --exact` copied its new bytes as the pristine base's; any change moves ctime, which no one can
+        # set back. (Not the inode, which the blob store's stamps hold: a FUSE mount may number a file anew after the
+        # kernel forgets it, and a base's miss costs a read of the whole model.)
         st = file.stat()
-        return [str(resolved(file)), st.st_size, st.st_mtime_ns]
+        return [str(resolved(file)), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
     @classmethod
     def get(cls, file: Path) -> dict[str, str] | None:

@@ -491,6 +491,12 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
             if name in adapted and (undo or _same_as_base(base, heads.get(name, name), tensor)):
                 continue
             # A modules_to_save tensor is a new value, not a difference: there is nothing to scale or negate.
+            if weight != 1 and undo:  # (subtract passes -w: its `x:-1` puts the tensor in, as a merge does)
+                raise UnsupportedAdapterError(
+                    f"{adapter.label}: an adapter that replaces {name!r} with a full tensor (modules_to_save) cannot "
+                    "be subtracted: its merge wrote that tensor over the base's, whose values the merged model no "
+                    "longer holds; --exact restores a merge loraops recorded from its base"
+                )
             if weight != 1:
                 raise InvalidInputError(
                     f"{adapter.label}: replaces {name!r} with a full tensor (modules_to_save or a saved layer), "

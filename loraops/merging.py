@@ -232,6 +232,12 @@ def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], out
     what comes off, and what ``exact`` matches in the recorded merge."""
     pairs = weighted_inputs(adapters)
     lists = _block_lists(block_weights, pairs)
+    given = [flag for flag, key in (("--dtype", "dtype"), ("--precise", "precise")) if options.get(key)]
+    if exact and given:  # (they were ignored: --exact --dtype fp32 of a bf16 merge wrote bf16)
+        raise InvalidInputError(
+            f"{' and '.join(given)} cannot be given with --exact: it restores the recorded base as it is, or re-merges "
+            "the adapters that stay with the dtype and precision the merge had; convert the result afterwards "
+            "(`loraops merge --into RESULT --dtype …` with no adapter)")
     if not exact:  # (--exact may only copy the recorded base; a re-merge is checked by the engine)
         settings.resolve_device(options.get("device"))
     with Landing(output, record, registry):
@@ -257,17 +263,26 @@ def _subtract(model, adapters, output, *, exact, name, record, lists, registry, 
             inputs = _resolved(reg, adapters, lists, None)
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
-            report = _restore(reg, merged, label, origin, inputs, output, options)
-            inputs = []
+            report, pristine, kept, made = _restore(reg, merged, label, origin, inputs, output, options)
+            if reg is None or not record:
+                return report
+            # what it is: the recorded base itself, or a merge of the adapters that stay into it, as that merge was
+            # made (recorded as "subtract(merged)" with no adapters, a later --exact on it found no merge to undo)
+            return _record(reg, report, "merge", pristine, kept, name, made)
         else:
             _refuse_dora_after(reg, origin, inputs, label)
             # the recorded base is what the result should be only when every merged adapter comes off: with some left
             # merged, the difference from it is theirs, not rounding
-            takes_all = origin is not None and _take_off(origin.lineage.params, inputs) == ([], None)
-            pristine = _pristine(reg, origin) if takes_all else None
+            remaining, stray = _take_off(origin.lineage.params, inputs) if origin is not None else ([], None)
+            pristine = _pristine(reg, origin) if origin is not None and (remaining, stray) == ([], None) else None
             report = engine.subtract(merged, [(i.adapter, i.weight) for i in inputs], output, reference=pristine,
                                      fingerprint=record, **options)
             report = _labelled(report, inputs, sign=-1)
+            if stray is not None:  # (plain arithmetic all the same: negating an adapter never merged is a use too)
+                logging.getLogger("loraops").info(
+                    f"{_named(stray.label, stray.weight, stray.block_weights)} is not one of the adapters {label} was "
+                    f"merged with ({_merged_with(origin.lineage.params)}), so what comes off is not what that merge "
+                    "added")
         if reg is None or not record:
             return report
         return _record(reg, report, "subtract", merged, inputs, name, options, sign=-1)
@@ -460,16 +475,22 @@ def _refuse_dora_after(reg, origin, inputs: list[Input], label: str) -> None:
 
 
 def _pristine(reg, origin) -> BaseModel | None:
+    """The recorded merge's base, found by its fingerprint (a base removed and added again, under another name, is
+    the same base), when its files are there unchanged; else None."""
+    fingerprint = origin.lineage.params["base"]["fingerprint"]
+    record = reg.find_base(fingerprint)
     try:
-        path = reg.base_path(origin.lineage.params["base"]["name"])
-    except (LoraopsError, KeyError):
+        path = reg.base_path(record.id) if record is not None else None
+    except LoraopsError:
         return None
-    base = BaseModel.open(path)
-    return base if base.fingerprint() == origin.lineage.params["base"]["fingerprint"] else None
+    base = BaseModel.open(path) if path is not None else None
+    return base if base is not None and base.fingerprint() == fingerprint else None
 
 
-def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], output, options: dict) -> MergeReport:
-    """--exact: rebuild from the recorded pristine base instead of subtracting."""
+def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], output,
+             options: dict) -> tuple[MergeReport, BaseModel, list[Input], dict]:
+    """--exact: rebuild from the recorded pristine base instead of subtracting. Returns (the report, that base, the
+    adapters re-merged onto it, the options they were merged with)."""
     if origin is None:
         where = str(resolved(merged.path))
         changed = next((b for b in reg.list_bases() if b.path == where and b.lineage and b.lineage.op == "merge"), None)
@@ -493,13 +514,16 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         )
     remaining, stray = _take_off(params, inputs)
     if stray is not None:
-        merged_with = ", ".join(_named(a["label"], a["weight"], a.get("block_weights")) for a in params["adapters"])
+        below = reg.find_base(base_info["fingerprint"])  # a merge of a merge: one level is restored at a time
+        deeper = (f"; its base {below.name} is itself a merge ({_merged_with(below.lineage.params)}): take {label}'s "
+                  f"adapters off with --exact first, then {below.name}'s from that"
+                  if below is not None and below.lineage is not None and below.lineage.op == "merge" else "")
         raise MismatchError(f"--exact: {_named(stray.label, stray.weight, stray.block_weights)} is not one of the "
-                            f"adapters {label} was merged with ({merged_with})")
+                            f"adapters {label} was merged with ({_merged_with(params)}){deeper}")
+    kept = [_recorded_adapter(reg, a) for a in remaining]
+    # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
+    dtype = params.get("requested_dtype", params["dtype"] if params["dtype"] in engine.FLOAT_DTYPES else None)
     if remaining:
-        kept = [_recorded_adapter(reg, a) for a in remaining]
-        # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
-        dtype = params.get("requested_dtype", params["dtype"] if params["dtype"] in engine.FLOAT_DTYPES else None)
         report = engine.merge(pristine, [(k.adapter, k.weight) for k in kept], output, dtype=dtype,
                               precise=params["precise"], device=options.get("device", "auto"),
                               force=options.get("force", False), progress=options.get("progress"))
@@ -509,12 +533,18 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
     residual = ResidualRecord(compared_to=str(pristine.path), elements_differing=0, max_abs_diff=0.0, note=(
         "restored bit for bit from the recorded base" if not remaining else
         f"re-merged the {len(remaining)} remaining adapter(s) onto the recorded base: bit-identical to merging only those"))
-    return report.model_copy(update={"operation": "restore", "residual": residual})
+    report = report.model_copy(update={"operation": "restore", "residual": residual})
+    return report, pristine, kept, {"dtype": dtype, "precise": params["precise"]}
 
 
 def _named(label: str, weight: float, block_weights) -> str:
     """An adapter of a merge as --exact's refusal names it: 'x:0.7', 'x:0.7 [blocks 1,0,…]'."""
     return f"{label}:{weight:g}{blocks.text(block_weights)}"
+
+
+def _merged_with(params: dict) -> str:
+    """The adapters of a recorded merge, as its messages list them."""
+    return ", ".join(_named(a["label"], a["weight"], a.get("block_weights")) for a in params["adapters"])
 
 
 def _take_off(params: dict, inputs: list[Input]) -> tuple[list[dict], Input | None]:

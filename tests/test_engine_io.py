@@ -108,7 +108,8 @@ def test_single_file_keeps_integer_tensors_and_replaces_full_tensors(tmp_path):
     assert report.tensors_replaced == 1 and report.tensors_merged == 1
     with pytest.raises(InvalidInputError, match="modules_to_save.*weight 0.5"):
         engine.merge(base, [(adapter, 0.5)], tmp_path / "w.safetensors", device="cpu")
-    with pytest.raises(InvalidInputError, match="cannot be applied with weight -1"):
+    # said as a subtract (it said "cannot be applied with weight -1" of `subtract x`), pointing at --exact
+    with pytest.raises(InvalidInputError, match=r"modules_to_save\) cannot be subtracted: .*--exact restores"):
         engine.subtract(base, [(adapter, 1.0)], tmp_path / "s.safetensors", device="cpu")
     assert nothing_left(tmp_path / "w.safetensors") and nothing_left(tmp_path / "s.safetensors")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import pytest
 import torch
@@ -56,6 +57,18 @@ def test_a_changed_file_is_rehashed(tmp_path):
     save_file({"w": torch.ones(4)}, str(path))
     os.utime(path, ns=(1, 1))  # a new stat even on a coarse clock
     assert BaseModel.open(path).fingerprint() != first
+
+
+def test_a_file_rewritten_with_its_mtime_put_back_is_rehashed(tmp_path):
+    """Same size, same mtime, other bytes: the cache keyed by size and mtime alone kept the old digests (and
+    `subtract --exact` copied such a base as the pristine one); its ctime says it changed."""
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(4)}, str(path))
+    first, before = BaseModel.open(path).fingerprint(), path.stat()
+    time.sleep(0.05)  # past a coarse file system clock's tick (a jiffy), which ctime moves by
+    save_file({"w": torch.ones(4)}, str(path))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and BaseModel.open(path).fingerprint() != first
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["base-cached", "base-uncached"])

@@ -548,3 +548,90 @@ def test_a_model_folder_that_keeps_an_adapter_beside_its_weights_is_a_base(tmp_p
     (tmp_path / "kept" / "adapter_model.safetensors").unlink()  # (copied with the model's other files)
     kept, plain = tensors(tmp_path / "kept"), tensors(tmp_path / "plain")
     assert kept.keys() == plain.keys() and all(torch.equal(kept[k], v) for k, v in plain.items())
+
+
+@pytest.mark.registry_backend
+def test_exact_refuses_a_base_file_rewritten_with_its_mtime_put_back(tmp_path, models):
+    """The digest cache took a base file of the same size and mtime as unchanged: one rewritten with its mtime set
+    back was copied by --exact as the pristine base ("restored bit for bit") and recorded by the old fingerprint."""
+    import os
+    import shutil
+
+    base = shutil.copytree(models[0], tmp_path / "base")
+    run("merge", models[1], "--into", base, "-o", tmp_path / "m")
+    shard = sorted(base.glob("*.safetensors"))[-1]
+    before, data = shard.stat(), bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    result = run("subtract", models[1], "--from", tmp_path / "m", "-o", tmp_path / "r", "--exact", code=3)
+    assert "whose files are not available unchanged" in result.output and not (tmp_path / "r").exists()
+
+
+@pytest.mark.registry_backend
+def test_exact_finds_the_recorded_base_added_again_under_another_name(tmp_path, models):
+    """--exact looked the recorded base up by name: removed and added again as another name (the same fingerprint),
+    it said the base's files were not available."""
+    base, a, _ = models
+    run("base", "add", base, "--name", "llama")
+    run("merge", f"{a}:0.7", "--into", "llama", "-o", tmp_path / "m")
+    run("base", "rm", "llama", "--force")
+    run("base", "add", base, "--name", "llama-again")
+    run("subtract", f"{a}:0.7", "--from", tmp_path / "m", "-o", tmp_path / "r", "--exact")
+    for f in base.glob("*.safetensors"):
+        assert (tmp_path / "r" / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.parametrize("given", [["--dtype", "fp32"], ["--precise"]])
+def test_exact_refuses_dtype_and_precise_it_would_ignore(tmp_path, models, given):
+    """--exact restores the recorded base, or re-merges with the merge's own dtype and precision: `--exact --dtype
+    fp32` of a bf16 merge wrote bf16, silently."""
+    base, a, _ = models
+    run("merge", a, "--into", base, "-o", tmp_path / "m")
+    result = run("subtract", a, "--from", tmp_path / "m", "-o", tmp_path / "r", "--exact", *given, code=2)
+    assert result.output.startswith(f"error: {given[0]} cannot be given with --exact: ")
+    assert len(result.output.splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.registry_backend
+def test_subtracting_what_a_recorded_merge_did_not_add_says_so(tmp_path, models):
+    """a:0.7 merged, a (at 1) or b subtracted: plain arithmetic as before, with a note that the recorded merge did not
+    add that (the residual's "no pristine base" said nothing of it)."""
+    base, a, b = models
+    run("merge", f"{a}:0.7", "--into", base, "-o", tmp_path / "m")
+    for i, (refs, stray) in enumerate([([a], f"{a}:1"), ([f"{a}:0.7", b], f"{b}:1")]):
+        out = run("subtract", *refs, "--from", tmp_path / "m", "-o", tmp_path / f"r{i}").output
+        assert (f"note: {stray} is not one of the adapters {tmp_path / 'm'} was merged with ({a}:0.7), so what comes "
+                "off is not what that merge added") in out
+    assert "note:" not in run("subtract", f"{a}:0.7", "--from", tmp_path / "m", "-o", tmp_path / "r2").output
+
+
+@pytest.mark.registry_backend
+def test_exact_on_a_merge_of_a_merge_restores_one_level_at_a_time_and_says_so(tmp_path, models):
+    """--exact matches the adapters of the model's own merge: one merged into the model it was merged onto is refused
+    naming that merge and how to get there (it named only the top merge's adapters); the two steps give the base."""
+    base, a, b = models
+    run("merge", f"{a}:0.7", "--into", base, "-o", tmp_path / "m1")
+    run("merge", b, "--into", tmp_path / "m1", "-o", tmp_path / "m2")
+    assert "lineage      merge(m1, b@1×1)" in run("base", "show", "m2").output
+    result = run("subtract", f"{a}:0.7", b, "--from", tmp_path / "m2", "-o", tmp_path / "r", "--exact", code=2)
+    assert result.output == (f"error: --exact: {a}:0.7 is not one of the adapters {tmp_path / 'm2'} was merged with "
+                             f"({b}:1); its base m1 is itself a merge ({a}:0.7): take {tmp_path / 'm2'}'s adapters off "
+                             "with --exact first, then m1's from that\n")
+    run("subtract", b, "--from", tmp_path / "m2", "-o", tmp_path / "r1", "--exact")
+    run("subtract", f"{a}:0.7", "--from", tmp_path / "r1", "-o", tmp_path / "r2", "--exact")
+    for f in base.glob("*.safetensors"):
+        assert (tmp_path / "r2" / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.registry_backend
+def test_an_exact_re_merge_is_recorded_as_the_merge_it_is(tmp_path, models):
+    """--exact taking a off merge(base, a, b) writes merge(base, b) bit for bit, and records it so (it recorded
+    "subtract(m)" with no adapters, so a later --exact on it found no merge to undo)."""
+    base, a, b = models
+    run("merge", f"{a}:0.7", b, "--into", base, "-o", tmp_path / "m")
+    run("subtract", f"{a}:0.7", "--from", tmp_path / "m", "-o", tmp_path / "only-b", "--exact")
+    assert "lineage      merge(base, b@1×1)" in run("base", "show", "only-b").output
+    run("subtract", b, "--from", tmp_path / "only-b", "-o", tmp_path / "back", "--exact")
+    for f in base.glob("*.safetensors"):
+        assert (tmp_path / "back" / f.name).read_bytes() == f.read_bytes()
