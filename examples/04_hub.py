@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: pull (branch, tag, commit, offline from the cache), push with a model card, base add hub:.
+"""The Hugging Face Hub: pull (branch, tag, commit, offline from the cache, a folder of a repo), push with a model card, base add hub:.
 
     python examples/04_hub.py [WORKDIR]
 
@@ -54,6 +54,14 @@ def main() -> None:
         loraops("push", "anime-blend", "me/anime-blend")
         print("\n--- README.md of me/anime-blend as the Hub stores it ---")
         print(hub.files("me/anime-blend")["README.md"].decode())
+        # A repo of several adapters in folders: each pulled with --file is an adapter of its own, named after the
+        # repo and its folder (not two versions of one)
+        for seed, style in enumerate(("ink", "neon"), start=3):
+            adapter = peft_lora(base, work / style, r=4, alpha=8, targets=["q_proj"], seed=seed)
+            hub.commit_folder("someone/styles", adapter, prefix=f"loras/{style}/", message=style)
+        loraops("pull", "someone/styles", ok=False)  # which one? the message lists them
+        loraops("pull", "someone/styles", "--file", "loras/ink")
+        loraops("pull", "someone/styles", "--file", "loras/neon")
         loraops("pull", "someone/does-not-exist", ok=False)
         loraops("pull", "someone/anime-lora@no-such-branch", ok=False)
 
