@@ -582,6 +582,41 @@ def remember_ref(ref: RepoRef, commit: str) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def _picks_file(repo_id: str, commit: str) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    from . import settings
+
+    return settings.home() / "cache" / "hub-picks" / repo_folder_name(repo_id=repo_id, repo_type="model") / commit
+
+
+def remember_pick(repo_id: str, commit: str, asked: str, path: str) -> None:
+    """Note that a pull of ``repo_id@commit`` (with --file ``asked``, "" without) took the adapter at ``path`` in
+    the repo, chosen from the repo's listing; a commit's files never change, so neither does the choice. Without it,
+    a pull of an adapter below the top level listed and downloaded the repo again online to find what it had pulled
+    before, and offline could not find it. Best effort, as the Hub cache's refs are written (a lost note costs a
+    download)."""
+    if asked.strip("/") == path:
+        return
+    file = _picks_file(repo_id, commit)
+    with contextlib.suppress(OSError, ValueError):
+        picks = {**picked_paths(repo_id, commit), asked.strip("/"): path}
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(picks))
+        os.replace(tmp, file)
+
+
+def picked_paths(repo_id: str, commit: str) -> dict[str, str]:
+    """{--file given ("" for none): the adapter's path a pull took} for ``repo_id@commit`` (remember_pick)."""
+    try:
+        picks = json.loads(_picks_file(repo_id, commit).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in picks.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(picks, dict) \
+        else {}
+
+
 def _cached_commit(ref: RepoRef) -> str | None:
     """Offline, a commit-sha prefix: the one cached snapshot whose commit starts with it (refuse_ambiguous)."""
     found = cached_commits(ref)
@@ -1260,7 +1295,7 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
             raise InvalidInputError(f"{exc}; that is the default name, the repo's and the adapter's path in it: give "
                                     "--name") from None
 
-    given = named(subpath or "")  # before any download (the path the repo listing picks may add to the default)
+    named(subpath or "")  # before any download (the path the repo listing picks may add to the default)
     pulled = _pulled_before(registry, ref, subpath, token)
     if pulled is not None:  # its stored copy, when intact, is the download: registered again (for --base)
         commit, record = pulled
@@ -1269,8 +1304,9 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
         except RegistryError:  # damaged: downloaded again below, which repairs it
             pulled = None
     if pulled is not None:
-        done = registry.register_adapter(stored, name=given, base=base, source=record.source, told=pulled_line(ref))
         where = record.source.partition("@")[2].partition("/")[2]
+        done = registry.register_adapter(stored, name=named(where), base=base, source=record.source,
+                                         told=pulled_line(ref))
         folder = where if stored.is_dir() else str(PurePosixPath(where).parent)
         files = [str(PurePosixPath(folder, f.name)) if folder not in ("", ".") else f.name
                  for f in formats.adapter_files(stored)]
@@ -1291,6 +1327,8 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
                                                  source=download.source, scratch=True, told=pulled_line(ref))
             except LoraopsError as exc:  # a bad file: named as it is in the repo, not by the scratch folder it left
                 raise reworded(exc, str(download.folder), str(ref)) from None
+    if pulled is None:
+        remember_pick(ref.repo_id, commit, subpath or "", download.path)
     remember_ref(ref, commit)
     return PullRecord(repo_id=ref.repo_id, revision=ref.revision, commit=commit, files=files,
                       new=done.created, adapter=done.record, linked=done.linked, previous_base=done.previous_base)
@@ -1325,6 +1363,7 @@ def _pulled_before(registry, ref: RepoRef, subpath: str | None, token: str | Non
             raise
         commit = found[0]
     scope = (subpath or "").strip("/")
+    scope = picked_paths(ref.repo_id, commit).get(scope, scope)
     wanted = {hub_source(ref.repo_id, commit, scope)}
     if PurePosixPath(scope).name in PEFT_FILES:  # a PEFT file goes with the other next to it
         parent = str(PurePosixPath(scope).parent)

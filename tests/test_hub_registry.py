@@ -724,15 +724,25 @@ def test_adapters_at_other_paths_of_one_repo_are_other_adapters(fake_hub, adapte
         "loras/loras/b@1", "loras/loras/b@2", "loras/style@1", "loras@1", "mine@1"]
 
 
-def test_the_default_name_of_an_adapter_picked_below_the_top_level_holds_its_folder(fake_hub, adapters, registry):
+def test_the_default_name_of_an_adapter_picked_below_the_top_level_holds_its_folder(fake_hub, adapters, registry,
+                                                                                     monkeypatch):
     """A repo whose only adapter is a PEFT folder below the top level: pull picks it from the repo's listing and names
     it then, with that folder (it was the repo's name, which an adapter at another path of the repo also got); a path
-    named up front is judged as a name before anything is asked of the Hub."""
+    named up front is judged as a name before anything is asked of the Hub. Pulled again, it is found by the path
+    pull took at that commit: online nothing is downloaded again (the repo was listed and the adapter downloaded to
+    find it), offline it is found (it was "not in the local Hub cache", as an online pull leaves nothing there)."""
     first = fake_hub.commit_folder("someone/deep", adapters["a"], prefix="runs/x/final/")
     pulled = hub.pull(registry, "someone/deep")
     assert pulled.new and pulled.adapter.ref == "deep/runs/x/final@1"
+    downloaded = len(fake_hub.downloads())
     again = hub.pull(registry, "someone/deep")
     assert not again.new and again.adapter.id == pulled.adapter.id
+    assert len(fake_hub.downloads()) == downloaded
+    with monkeypatch.context() as offline:
+        offline.setenv("HF_HUB_OFFLINE", "1")
+        for ref in ("someone/deep", f"someone/deep@{first[:7]}"):
+            again = hub.pull(registry, ref)
+            assert not again.new and again.adapter.ref == "deep/runs/x/final@1", ref
     fake_hub.commit_folder("someone/deep", adapters["b"], prefix="runs/x/final/")
     assert hub.pull(registry, "someone/deep").adapter.ref == "deep/runs/x/final@2"
     assert hub.pull(registry, f"someone/deep@{first}", subpath="runs").adapter.ref == "deep/runs/x/final@1"
