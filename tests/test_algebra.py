@@ -233,3 +233,26 @@ def test_resize_means_leave_out_zero_modules_as_kohya_does():
     only_zero = replace(adapter, modules={"m.k": adapter.modules["m.k"]})
     _, report = resize(only_zero, rank=2, device="cpu")
     assert report.fro_retained_mean == 1.0 and report.sum_retained_mean == 1.0
+
+
+@pytest.mark.parametrize("derive", ["combine", "resize"])
+def test_float8_factors_beyond_its_range_are_refused_not_saturated(derive):
+    """The result of float8_e4m3fn inputs is written in float8_e4m3fn, whose torch conversion saturates at ±448
+    silently (float16's gives inf, which the finite check finds): a combine at weight 3000 came out ~25 % off, a resize
+    whose B' = U·S passes 448 likewise. Refused as float16's inf is; values that fit are still rounded to it."""
+    fp8 = torch.float8_e4m3fn
+    a = lora_adapter(SHAPES, seed=1, dtype=fp8)
+    if derive == "combine":
+        result, _ = combine([(a, 20), (lora_adapter(SHAPES, seed=2, dtype=fp8), 20)], "cat", device="cpu")
+        assert result.modules["m.q"].B.dtype == fp8
+        with pytest.raises(InvalidInputError, match=r"module 'm.q' comes out with NaN or Inf values \(beyond what "
+                                                    r"float8_e4m3fn holds\?\)"):
+            combine([(a, 3000), (lora_adapter(SHAPES, seed=2, dtype=fp8), 3000)], "linear", device="cpu")
+        return
+    resized, _ = resize(a, rank=2, device="cpu")
+    assert resized.modules["m.q"].B.dtype == fp8
+    big = lora_adapter({"m.q": (8, 64)}, rank=2, dtype=fp8)
+    big.modules["m.q"].A = torch.full((2, 64), 256.0).to(fp8)
+    big.modules["m.q"].B = torch.full((8, 2), 0.5).to(fp8)  # B'·A' = 256·1·1ᵀ: B' = U·S = 2048 everywhere
+    with pytest.raises(InvalidInputError, match=r"module 'm.q' comes out with NaN or Inf values"):
+        resize(big, rank=1, device="cpu")
