@@ -334,3 +334,16 @@ def test_peft_svd_rank_above_a_module_breaks_it_where_ours_is_capped(peft_pair):
     assert {m.rank for m in report.modules} == {6, 10}  # Σ rᵢ: 4 + 6, and b's alone on its down_proj
     _, report = combine(inputs, "ties", {"density": 0.5}, rank=40, device="cpu")
     assert {m.name.rsplit(".", 1)[1]: m.rank for m in report.modules} == {"q_proj": 40, "v_proj": 32, "down_proj": 40}
+
+
+def test_peft_magnitude_prune_below_one_entry_keeps_none_where_ours_keeps_the_largest(peft_pair):
+    """PEFT's prune keeps ⌊density·n⌋ entries, none at all where that is 0 (a zero module); ours keeps at least one,
+    the largest, as TIES' trim does (mergekit asserts k > 0)."""
+    base, a, b = peft_pair
+    theirs = _peft_combined(base, a, b, [1.0, 1.0], combination_type="magnitude_prune_svd", density=1e-4, svd_rank=4)
+    inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
+    ours, _ = combine(inputs, "magnitude_prune", {"density": 1e-4}, rank=4, device="cpu")
+    name = "model.layers.0.self_attn.q_proj"  # 64×64: ⌊1e-4·4096⌋ = 0
+    assert not theirs[name].any()
+    kept = ours.modules[name].delta(dtype=torch.float64)
+    assert 1 <= int((kept.abs() > 1e-6 * kept.abs().max()).sum()) <= 2  # each input's largest entry
