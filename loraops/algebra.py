@@ -279,6 +279,7 @@ def combine_lazily(
     from .formats import params as raw
     from .ops.combine import Context, Term
     from .settings import device_memory, resolve_device
+    from .st import converted
 
     inputs = weighted(inputs, "combine")
     if not inputs:
@@ -349,7 +350,7 @@ def combine_lazily(
         with factorizing(what, name, precision, [float(weight) for _, weight in inputs]):
             made = spec.run(terms, parsed, k, Context(name, (B0.shape[0], A0.shape[1]), exact=precise,
                                                          transposed=template.transposed))
-        return made, made.B.to(device="cpu", dtype=out_dtype), made.A.to(device="cpu", dtype=out_dtype)
+        return made, converted(made.B, out_dtype), converted(made.A, out_dtype)
 
     def compute() -> Iterator[LoraModule]:
         for name, template in templates.items():
@@ -358,10 +359,11 @@ def combine_lazily(
             new_rank = int(made.A.shape[0])
             module = template.with_factors(B, A, alpha=float(new_rank), scale=1.0)
             if module.lora_bias is not None:  # scale 1: Σ wᵢ·sᵢ·lora_biasᵢ
-                module.lora_bias = sum((float(weight) * m.scale * m.lora_bias.to(torch.float64)
-                                        for (_, weight), a in zip(inputs, adapters)
-                                        if (m := a.modules.get(name)) is not None and m.lora_bias is not None),
-                                       torch.zeros(template.out_features, dtype=torch.float64)).to(out_dtype)
+                bias = sum((float(weight) * m.scale * m.lora_bias.to(torch.float64)
+                            for (_, weight), a in zip(inputs, adapters)
+                            if (m := a.modules.get(name)) is not None and m.lora_bias is not None),
+                           torch.zeros(template.out_features, dtype=torch.float64))
+                module.lora_bias = converted(bias, out_dtype)
             module = finite_module(what, module)
             records.append(CombineModuleRecord(name=name, rank=new_rank, spatial=template.spatial,
                                                inputs=len(present[name]), svd=made.svd, error=made.error))

@@ -168,6 +168,21 @@ def narrows(source: "torch.dtype", out: "torch.dtype") -> bool:
     return source.is_floating_point and out.is_floating_point and torch.finfo(source).max > torch.finfo(out).max
 
 
+def converted(tensor: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+    """``tensor`` in ``dtype`` on the CPU, with NaN where a value rounds past ``dtype``'s range (beyond its max plus
+    half its last step): torch's conversion to float8_e4m3fn saturates such values at ±448, silently, where float16's
+    makes them inf; so the finite checks find both."""
+    import torch
+
+    out = tensor.to(device="cpu", dtype=dtype)
+    if narrows(tensor.dtype, dtype) and tensor.numel():
+        info = torch.finfo(dtype)
+        beyond = (tensor.abs() > info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2).cpu()
+        if beyond.any():
+            out = tensor.cpu().masked_fill(beyond, math.nan).to(dtype)
+    return out
+
+
 def all_finite(tensor: "torch.Tensor") -> bool:
     """Whether no value is NaN or ±inf: one reduction finds both (they propagate through min/max), 10-20× faster on
     CPU than isinf().any() or isfinite().all(), which write a bool per value."""

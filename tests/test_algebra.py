@@ -172,19 +172,21 @@ def test_mismatched_modules_and_full_tensors_refused():
         combine([(a, 1)], "cat")
 
 
-def test_peft_cat_after_an_rslora_adapter_is_off_by_sqrt_r(peft_pair):
+@pytest.mark.parametrize("method, peft_kwargs, r", [("cat", {"combination_type": "cat"}, 8),
+                                                    ("svd", {"combination_type": "svd", "svd_rank": 12}, 12)])
+def test_peft_combination_after_an_rslora_adapter_is_off_by_sqrt_r(peft_pair, method, peft_kwargs, r):
     base, _, _ = peft_pair
     root = peft_pair[1].parent
     a = peft_adapter(base, root / "rs", seed=3, r=4, alpha=8, target_modules=["q_proj"], use_rslora=True)
     b = peft_adapter(base, root / "plain", seed=4, r=4, alpha=8, target_modules=["q_proj"])
     inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
-    ours, _ = combine(inputs, "cat", device="cpu")
-    theirs = _peft_combined(base, a, b, [1.0, 1.0], combination_type="cat")
+    ours, _ = combine(inputs, method, device="cpu")
+    theirs = _peft_combined(base, a, b, [1.0, 1.0], **peft_kwargs)
     truth = _weighted_sum(inputs)
     name = "model.layers.0.self_attn.q_proj"
     torch.testing.assert_close(ours.modules[name].delta(dtype=torch.float64), truth[name], rtol=1e-5, atol=1e-6)
-    # PEFT's cat keeps use_rslora from the first adapter with lora_alpha = r: its scale is √8, not 1
-    torch.testing.assert_close(theirs[name].double(), truth[name] * 8 ** 0.5, rtol=1e-4, atol=1e-5)
+    # every combination type keeps use_rslora from the first adapter with lora_alpha = its new r: a scale of √r, not 1
+    torch.testing.assert_close(theirs[name].double(), truth[name] * r ** 0.5, rtol=1e-4, atol=1e-5)
 
 
 def test_a_combined_adapter_is_named_as_its_first_input_names_its_modules(tmp_path):
@@ -233,3 +235,115 @@ def test_resize_means_leave_out_zero_modules_as_kohya_does():
     only_zero = replace(adapter, modules={"m.k": adapter.modules["m.k"]})
     _, report = resize(only_zero, rank=2, device="cpu")
     assert report.fro_retained_mean == 1.0 and report.sum_retained_mean == 1.0
+
+
+@pytest.mark.parametrize("derive", ["combine", "resize"])
+def test_float8_factors_beyond_its_range_are_refused_not_saturated(derive):
+    """The result of float8_e4m3fn inputs is written in float8_e4m3fn, whose torch conversion saturates at ±448
+    silently (float16's gives inf, which the finite check finds): a combine at weight 3000 came out ~25 % off, a resize
+    whose B' = U·S passes 448 likewise. Refused as float16's inf is; values that fit are still rounded to it."""
+    fp8 = torch.float8_e4m3fn
+    a = lora_adapter(SHAPES, seed=1, dtype=fp8)
+    if derive == "combine":
+        result, _ = combine([(a, 20), (lora_adapter(SHAPES, seed=2, dtype=fp8), 20)], "cat", device="cpu")
+        assert result.modules["m.q"].B.dtype == fp8
+        with pytest.raises(InvalidInputError, match=r"module 'm.q' comes out with NaN or Inf values \(beyond what "
+                                                    r"float8_e4m3fn holds\?\)"):
+            combine([(a, 3000), (lora_adapter(SHAPES, seed=2, dtype=fp8), 3000)], "linear", device="cpu")
+        return
+    resized, _ = resize(a, rank=2, device="cpu")
+    assert resized.modules["m.q"].B.dtype == fp8
+    big = lora_adapter({"m.q": (8, 64)}, rank=2, dtype=fp8)
+    big.modules["m.q"].A = torch.full((2, 64), 256.0).to(fp8)
+    big.modules["m.q"].B = torch.full((8, 2), 0.5).to(fp8)  # B'·A' = 256·1·1ᵀ: B' = U·S = 2048 everywhere
+    with pytest.raises(InvalidInputError, match=r"module 'm.q' comes out with NaN or Inf values"):
+        resize(big, rank=1, device="cpu")
+
+
+def test_peft_combines_one_adapter_linearly_whatever_the_method(peft_pair):
+    """PEFT's add_weighted_adapter turns any combination_type into linear for one adapter (w·τ, nothing trimmed);
+    ours applies the method, as mergekit does (ties of one task vector: its trim)."""
+    from peft import PeftModel
+
+    from combine_reference import trim
+    from factories import load_model
+
+    base, a, _ = peft_pair
+    model = PeftModel.from_pretrained(load_model(base), a, adapter_name="a")
+    model.add_weighted_adapter(["a"], [0.5], "c", combination_type="ties_svd", density=0.3, svd_rank=4)
+    name = "model.layers.0.self_attn.q_proj"
+    theirs = model.get_submodule(f"base_model.model.{name}").get_delta_weight("c").double()
+    adapter = read_adapter(a)
+    tau = adapter.modules[name].delta(dtype=torch.float64)
+    torch.testing.assert_close(theirs, 0.5 * tau, rtol=1e-5, atol=1e-6)
+    ours, _ = combine([(adapter, 0.5)], "ties", {"density": 0.3}, rank=64, device="cpu")
+    torch.testing.assert_close(ours.modules[name].delta(dtype=torch.float64), trim(tau, 0.3), rtol=1e-4, atol=1e-6)
+
+
+def test_consensus_count_is_peft_frequency_sign_method(peft_pair):
+    """PEFT's majority_sign_method="frequency" votes with the signs of the trimmed deltas: --consensus count (at weights
+    1, where PEFT's divisor, the count of agreeing inputs, is ours, their weights)."""
+    base, a, b = peft_pair
+    inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
+    ours, _ = combine(inputs, "ties", {"density": 0.4, "consensus": "count"}, rank=8, device="cpu")
+    theirs = _peft_combined(base, a, b, [1.0, 1.0], combination_type="ties_svd", svd_rank=8, density=0.4,
+                            majority_sign_method="frequency")
+    summed, _ = combine(inputs, "ties", {"density": 0.4}, rank=8, device="cpu")
+    name = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(ours.modules[name].delta(), theirs[name], rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(summed.modules[name].delta(), theirs[name], rtol=1e-3, atol=1e-5)
+
+
+def test_peft_leaves_lora_bias_out_of_a_combination(peft_pair):
+    """PEFT's add_weighted_adapter combines lora_A and lora_B's weights only: the new adapter's lora_B.bias stays at
+    its initialization (zeros under PEFT's default init; random here, the first input's init_lora_weights being
+    false). Ours is Σ wᵢ·sᵢ·biasᵢ, what the inputs add to the layer's output."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from factories import load_model
+
+    base, _, _ = peft_pair
+    root = peft_pair[1].parent
+    paths = [peft_adapter(base, root / f"bias{i}", seed=i, r=4, alpha=8, target_modules=["q_proj"], lora_bias=True)
+             for i in (1, 2)]
+    for path in paths:  # PEFT inits lora_B.bias at zero: give it values
+        tensors = load_file(path / "adapter_model.safetensors")
+        tensors = {k: torch.randn_like(v) if k.endswith("lora_B.bias") else v for k, v in tensors.items()}
+        save_file(tensors, path / "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(load_model(base), paths[0], adapter_name="x")
+    model.load_adapter(paths[1], adapter_name="y")
+    model.add_weighted_adapter(["x", "y"], [0.7, -0.5], "c", combination_type="cat")
+    name = "model.layers.0.self_attn.q_proj"
+    layer = model.get_submodule(f"base_model.model.{name}")
+    adapters = [read_adapter(p) for p in paths]
+    ours, _ = combine([(adapters[0], 0.7), (adapters[1], -0.5)], "cat", device="cpu")
+    truth = sum(w * layer.scaling[n] * layer.lora_B[n].bias.double() for n, w in (("x", 0.7), ("y", -0.5)))
+    torch.testing.assert_close(ours.modules[name].lora_bias.double(), truth, rtol=1e-5, atol=1e-6)
+    assert float((layer.lora_B["c"].bias.double() - truth).norm()) > 0.5 * float(truth.norm())
+
+
+def test_peft_svd_rank_above_a_module_breaks_it_where_ours_is_capped(peft_pair):
+    """PEFT slices its SVD at svd_rank without capping it at min(out, in): a v_proj (32×64) at 40 gets a 32-column
+    lora_B beside a 40-row lora_A, which fails when used; ours caps each module at min(Σ rᵢ, out, in) and says so."""
+    base, a, b = peft_pair
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        _peft_combined(base, a, b, [1.0, 1.0], combination_type="svd", svd_rank=40)
+    inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
+    _, report = combine(inputs, "svd", rank=40, device="cpu")
+    assert {m.rank for m in report.modules} == {6, 10}  # Σ rᵢ: 4 + 6, and b's alone on its down_proj
+    _, report = combine(inputs, "ties", {"density": 0.5}, rank=40, device="cpu")
+    assert {m.name.rsplit(".", 1)[1]: m.rank for m in report.modules} == {"q_proj": 40, "v_proj": 32, "down_proj": 40}
+
+
+def test_peft_magnitude_prune_below_one_entry_keeps_none_where_ours_keeps_the_largest(peft_pair):
+    """PEFT's prune keeps ⌊density·n⌋ entries, none at all where that is 0 (a zero module); ours keeps at least one,
+    the largest, as TIES' trim does (mergekit asserts k > 0)."""
+    base, a, b = peft_pair
+    theirs = _peft_combined(base, a, b, [1.0, 1.0], combination_type="magnitude_prune_svd", density=1e-4, svd_rank=4)
+    inputs = [(read_adapter(a), 1.0), (read_adapter(b), 1.0)]
+    ours, _ = combine(inputs, "magnitude_prune", {"density": 1e-4}, rank=4, device="cpu")
+    name = "model.layers.0.self_attn.q_proj"  # 64×64: ⌊1e-4·4096⌋ = 0
+    assert not theirs[name].any()
+    kept = ours.modules[name].delta(dtype=torch.float64)
+    assert 1 <= int((kept.abs() > 1e-6 * kept.abs().max()).sum()) <= 2  # each input's largest entry

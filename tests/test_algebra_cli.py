@@ -613,3 +613,30 @@ def test_a_result_that_fits_no_base_is_named_in_the_error_not_its_scratch_folder
     code, out = run("combine", files["a"], narrow, "--method", "cat", "--name", "a-and-n")
     assert code == 2
     assert out.startswith("error: a-and-n: ") and "do not fit base tiny" in out and ".loraops-tmp" not in out, out
+
+
+def test_a_ctrl_c_a_library_swallows_is_still_an_interruption(files, reg, tmp_path, monkeypatch, capsys):
+    """torch's C++ start-up clears whatever its `import numpy` raises: a Ctrl-C that landed there (1–2 s into a
+    command, while torch loads) was lost, and the command ran to its end and exited 0. The signal the CLI's handler
+    saw is now said once the command returns, as any Ctrl-C after the output landed is (exit 130)."""
+    import signal
+
+    from loraops import algebra
+    from loraops.cli import exit_status
+
+    real = algebra.combine_lazily
+
+    def swallowing(*args, **kwargs):
+        try:  # as torch does: the KeyboardInterrupt raised in its import of numpy, cleared
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(algebra, "combine_lazily", swallowing)
+    out = tmp_path / "out"
+    code = exit_status(["combine", str(files["a"]), str(files["b"]), "-o", str(out), "--name", "swallowed"])
+    error = capsys.readouterr().err
+    assert code == 130 and error == f"error: interrupted after {out} was written in full and registered as " \
+                                     "swallowed@1\n", error
+    assert out.exists() and reg.get_adapter("swallowed")

@@ -193,6 +193,42 @@ def test_kohya_join_of_parts_with_different_scales_rounds_once(tmp_path):
         column += part.rank
 
 
+def test_kohya_join_of_float8_parts(tmp_path):
+    """A float8 FLUX LoRA's fused parts (to_k, proj_mlp of linear1, each its own A) joined into one kohya module: B's
+    blocks multiplied by the scale ratio in float8 was torch's NotImplementedError (no float8 arithmetic on the CPU), a
+    traceback for `export --format kohya` and a combine written as kohya. Now copied where the scales agree, folded in
+    float32 and rounded once where they differ, and refused where the fold passes float8's range."""
+    from dataclasses import replace
+
+    from factories import lora_adapter
+    from test_ldm import FLUX, FLUX_LORA, checkpoint
+
+    from loraops import check, formats
+
+    fp8 = torch.float8_e4m3fn
+    manifest = load_file(checkpoint(tmp_path / "flux.safetensors", FLUX))
+    bound = check.bind(formats.read_adapter(formats.write_adapter(
+        lora_adapter(FLUX_LORA, fmt="diffusers", dtype=fp8), tmp_path / "d.safetensors", "diffusers")), manifest)
+    to_k, proj_mlp = "single_blocks.0.linear1.to_k", "single_blocks.0.linear1.proj_mlp"
+    up_key = "lora_unet_single_blocks_0_linear1.lora_up.weight"
+    for scale, path in ((2.0, "same.safetensors"), (3.0, "folded.safetensors")):  # proj_mlp's scale is 2.0
+        modules = {**bound.modules, to_k: replace(bound.modules[to_k], alpha=4 * scale, scale=scale)}
+        up = load_file(formats.write_adapter(replace(bound, modules=modules), tmp_path / path, "kohya"))[up_key]
+        assert up.dtype == fp8
+        column = 0
+        for name in (to_k, proj_mlp):
+            part = modules[name]
+            joined_scale = 2.0 if scale == 2.0 else 1.0  # (one scale: kept; else 1, each B × its own)
+            reference = (part.B.float() * (part.scale / joined_scale)).to(fp8)
+            got = up[part.first_row:part.first_row + part.weight_shape[0], column:column + part.rank]
+            assert torch.equal(got.view(torch.uint8), reference.view(torch.uint8)), (scale, name)
+            column += part.rank
+    modules = {**bound.modules, to_k: replace(bound.modules[to_k], alpha=4e4, scale=1e4)}
+    with pytest.raises(InvalidInputError, match=r"values beyond float8_e4m3fn's range \(±448\); write it with "
+                                                r"--dtype bf16 or fp32"):
+        formats.write_adapter(replace(bound, modules=modules), tmp_path / "beyond.safetensors", "kohya")
+
+
 @pytest.mark.parametrize(("weight", "dtype", "hint"), [
     (1e37, "fp16", "write it with --dtype bf16 or fp32"),
     (None, "bf16", "write it with --dtype fp32"),  # a peak between bfloat16's and float32's max

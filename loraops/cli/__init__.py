@@ -168,7 +168,12 @@ class LoraopsGroup(click.Group):
 
         ctx.meta[_LANDING] = Landing()  # what a command without an output lands is told to it (landing.tell)
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if _interrupt[0] is not None:
+                # a Ctrl-C some library swallowed: torch's C++ start-up clears any error of its `import numpy`, so one
+                # that lands there was lost, and the command ran to its end as if none had come (exit 0)
+                raise KeyboardInterrupt
+            return result
         except LoraopsError as exc:
             fail(str(exc), exc.exit_code)
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)

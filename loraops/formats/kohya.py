@@ -370,10 +370,25 @@ def join(parts: list[LoraModule], work: "torch.dtype | None" = None) -> LoraModu
     column = 0
     for part in parts:
         _, first, rows, _ = part.fused
-        B[first : first + rows, column : column + part.rank] = part.B.to(B.dtype) * (part.scale / scale)
+        B[first : first + rows, column : column + part.rank] = folded(part, part.scale / scale, B.dtype)
         column += part.rank
     A = torch.cat([part.A for part in parts])
     return LoraModule(part_of(parts[0]).removesuffix(".weight"), A=A, B=B, alpha=scale * rank, scale=scale)
+
+
+def folded(part: LoraModule, ratio: float, dtype: "torch.dtype") -> "torch.Tensor":
+    """``part``'s B × ``ratio`` in ``dtype``, rounded once. torch has no float8 arithmetic on the CPU, so a float8 B
+    is multiplied in float32, and refused where the product passes the float8's range (its conversion saturates)."""
+    import torch
+
+    if ratio == 1:
+        return part.B.to(dtype)
+    if dtype.itemsize > 1:
+        return part.B.to(dtype) * ratio
+    product = part.B.float() * ratio
+    if float(product.abs().max()) > torch.finfo(dtype).max:
+        raise st.beyond_range(f"{part.name}.lora_B", dtype, "write it with --dtype bf16 or fp32")
+    return product.to(dtype)
 
 
 def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool,
