@@ -34,9 +34,11 @@ from .st import TensorInfo, read_row_blocks
 # them, ldm.TEXT_ENCODERS), and any plain model ("": the whole model is "the network", lora_unet_, as sd-scripts
 # names the denoiser of every architecture).
 KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("unet.", ("lora_unet",)),
+    # LyCORIS' own network (create_lycoris: SimpleTuner's LoKr/LoHa) names the model it wraps lycoris_, a diffusers
+    # UNet's or transformer's modules by their paths there (ComfyUI's "simpletuner lycoris format")
+    ("unet.", ("lora_unet", "lycoris")),
     # OneTrainer names a diffusers transformer's modules lora_transformer_ (as diffusers' FLUX converter reads them)
-    ("transformer.", ("lora_unet", "lora_transformer")),
+    ("transformer.", ("lora_unet", "lora_transformer", "lycoris")),
     ("prior.", ("lora_unet",)),
     ("text_encoder.", ("lora_te", "lora_te1")),
     # FluxPipeline's T5 is its text_encoder_2, which sd-scripts' lora_flux names lora_te3 (SD3's): a T5's paths are
@@ -45,7 +47,7 @@ KOHYA_BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("text_encoder_3.", ("lora_te3",)),
     ("model.diffusion_model.", ("lora_unet",)),
     *((encoder.prefix, (kohya_prefix(encoder.sd_scripts),)) for encoder in ldm.TEXT_ENCODERS),
-    ("", ("lora_unet",)),
+    ("", ("lora_unet", "lycoris")),
 )
 SHOWN = 5
 

@@ -4,6 +4,7 @@ their ΔW is no low-rank product."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,8 +170,9 @@ def lycoris_file(path, algo: str, *, rank: int = 3, alpha: float | None = 2.0, s
             if algo == "lokr-whole":
                 parts = {"lokr_w1": rand(a, b), "lokr_w2": rand(c, d, *kernel)}
                 r = None
-            else:
-                parts = {"lokr_w1_a": rand(a, rank), "lokr_w1_b": rand(rank, b)}
+            else:  # "lokr-w1": w1 whole, w2 factored (LyCORIS' default, no decompose_both)
+                parts = {"lokr_w1": rand(a, b)} if algo == "lokr-w1" else {"lokr_w1_a": rand(a, rank),
+                                                                           "lokr_w1_b": rand(rank, b)}
                 if tucker:
                     parts.update(lokr_t2=rand(rank, rank, *kernel), lokr_w2_a=rand(rank, c), lokr_w2_b=rand(rank, d))
                 else:
@@ -193,7 +195,7 @@ def lycoris_file(path, algo: str, *, rank: int = 3, alpha: float | None = 2.0, s
     return path, deltas
 
 
-@pytest.mark.parametrize("algo", ["loha", "loha-tucker", "lokr", "lokr-tucker", "lokr-whole"])
+@pytest.mark.parametrize("algo", ["loha", "loha-tucker", "lokr", "lokr-w1", "lokr-tucker", "lokr-whole"])
 @pytest.mark.parametrize("alpha", [2.0, None, 0.0], ids=["alpha2", "no-alpha", "alpha0"])
 def test_lycoris_file_merges_to_lycoris_formula(tmp_path, bases, algo, alpha):
     path, deltas = lycoris_file(tmp_path / "lyco.safetensors", algo, alpha=alpha)
@@ -218,6 +220,30 @@ def test_lycoris_mixed_with_locon_modules(tmp_path, bases):
         "lora_unet_conv1": "lokr", "lora_unet_conv3": "lokr", "lora_unet_proj": "linear"}
     report = engine.merge(bases[torch.float32], [(adapter, 1.0)], tmp_path / "m.safetensors", fingerprint=False)
     assert report.tensors_merged == 3
+
+
+def test_lycoris_network_names(tmp_path, bases):
+    """LyCORIS' own network (create_lycoris, as SimpleTuner saves its LoKr/LoHa) names the model it wraps lycoris_…:
+    read as a kohya file and bound by module path like lora_unet_… (as ComfyUI maps them); they were refused as "a
+    LoKr adapter … outside … a kohya/LyCORIS file"."""
+    path, deltas = lycoris_file(tmp_path / "lyco.safetensors", "lokr-w1")
+    tensors = st.load_tensors(st.read_header(path))
+    save_file({k.replace("lora_unet_", "lycoris_"): v for k, v in tensors.items()}, str(tmp_path / "named.safetensors"))
+    adapter = formats.read_adapter(tmp_path / "named.safetensors")
+    assert sorted(adapter.modules) == ["lycoris_conv1", "lycoris_conv3", "lycoris_proj"]
+    engine.merge(bases[torch.float32], [(adapter, 0.7)], tmp_path / "m.safetensors", fingerprint=False)
+    ours, base = merged_tensors(tmp_path / "m.safetensors"), merged_tensors(bases[torch.float32])
+    for name, delta in deltas.items():
+        exact = base[name].double() + 0.7 * delta
+        assert float((ours[name].double() - exact).abs().max()) <= 4e-7 * max(1.0, float(exact.abs().max())), name
+    # a FLUX transformer's diffusers paths, bound to a BFL checkpoint: to_k's rows of the fused linear1
+    flux = {"single_blocks.0.linear1.weight": SimpleNamespace(shape=(112, 16)),
+            "double_blocks.0.img_attn.qkv.weight": SimpleNamespace(shape=(48, 16))}
+    to_k = "lycoris_single_transformer_blocks_0_attn_to_k"
+    factors = {"hada_w1_a": (16, 2), "hada_w1_b": (2, 16), "hada_w2_a": (16, 2), "hada_w2_b": (2, 16)}
+    save_file({f"{to_k}.{part}": torch.ones(shape) for part, shape in factors.items()}, str(tmp_path / "f.safetensors"))
+    bound = bind(formats.read_adapter(tmp_path / "f.safetensors"), flux)
+    assert [m.fused for m in bound.modules.values()] == [("single_blocks.0.linear1.weight", 16, 16, 112)]
 
 
 @pytest.mark.registry_backend

@@ -58,7 +58,7 @@ are written transposed like a linear one on the stored table, and nothing else i
 
 
 def is_kohya_key(key: str) -> bool:
-    return key.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or key.endswith(
+    return key.startswith(("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")) or key.endswith(
         (".lora_down.weight", ".lora_up.weight")
     )
 
