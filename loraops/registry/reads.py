@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..fsutil import refuse_overlaps, resolved
-from ..references import is_integer
+from ..references import argument, is_integer
 from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord,
                        TensorRecord)
 from ..ldm import Tensors, transformer_class
@@ -133,6 +133,8 @@ class Reader:
         # (no module has a rank below 1: the 0 stored for a LoKr module of whole factors means it has none)
         if rank is not None and not is_integer(rank):
             raise InvalidInputError(f"rank must be an integer (got {rank!r})")
+        for key, value in (("target", target), ("tag", tag), ("name", name)):  # (a list: sqlite3's raw error)
+            argument(value, key, str, type(None))
         rank = int(rank) if rank is not None else None  # (a numpy int: sqlite3 bound its bytes, matching nothing)
         if rank is not None and not 1 <= rank <= MAX_INTEGER:
             return []
@@ -273,7 +275,7 @@ class Reader:
 
     def find_base(self, fingerprint: str) -> BaseRecord | None:
         """The registered base with exactly this fingerprint, if any (e.g. the pristine base of a merged model)."""
-        found = self._bases("b.fingerprint = ?", [fingerprint])
+        found = self._bases("b.fingerprint = ?", [argument(fingerprint, "fingerprint", str)])
         return found[0] if found else None
 
     def manifest(self, base_id: int) -> dict[str, TensorRecord]:

@@ -33,7 +33,7 @@ from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, re
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
 from ..landing import tell
-from ..references import is_finite
+from ..references import PATH, argument, is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
@@ -128,6 +128,7 @@ class Registry:
         if url is not None and not isinstance(url, str):  # (a Path was a raw AttributeError)
             raise InvalidInputError(f"Registry.open takes a database URL (sqlite:////path/registry.db, "
                                     f"postgresql+psycopg://…), not {url!r}")
+        blobs = argument(blobs, "blobs", *PATH, type(None))
         registry = None
         try:
             with db.interrupts_deferred():
@@ -283,6 +284,7 @@ class Registry:
         from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
+        path = argument(path, "path", *PATH)
         refuse_unrecordable(resolved(path))
         try:
             model = BaseModel.open(path)
@@ -491,7 +493,7 @@ class Registry:
         says (landing.registered)."""
         from .. import formats
 
-        path = existing_path(path)
+        path = existing_path(argument(path, "path", *PATH))
         if written is not None and resolved(written.path) != resolved(path):
             raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
                                     "adapter's; register it without `written`")
@@ -802,6 +804,7 @@ class Registry:
         from .. import check, formats
         from ..basemodel import BaseModel
 
+        ref_or_path = argument(ref_or_path, "ref_or_path", *PATH)
         formats.common.given_alpha(alpha, ref_or_path)
         if path_exists(ref_or_path):
             adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
