@@ -127,7 +127,8 @@ def argument(value: object, name: str, *types: type) -> object:
     AttributeError from deep inside."""
     if isinstance(value, types):
         return os.fspath(value) if isinstance(value, os.PathLike) else value
-    kinds = [{str: "a str", os.PathLike: "an os.PathLike (a pathlib.Path)", type(None): "None"}.get(t)
+    kinds = [{str: "a str", os.PathLike: "an os.PathLike (a pathlib.Path)", numbers.Integral: "an int",
+              type(None): "None"}.get(t)
              or f"a {'' if t.__module__.startswith(('builtins', 'loraops')) else t.__module__ + '.'}{t.__name__}"
              for t in types]
     said = " or ".join(kinds) if len(kinds) < 3 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"

@@ -619,3 +619,22 @@ def test_a_keyword_typo_in_derive_names_the_function_called(name):
     their output (landing.watched) bound the arguments itself, with inspect's TypeError."""
     with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'rnk'$"):
         getattr(derive, name)(*[None] * (3 if name == "export" else 2), rnk=1)
+
+
+def test_a_registry_reference_of_the_wrong_type_is_a_typed_error(art):
+    """The registry read a reference as str(ref): get_adapter(None) found the adapter named 'None' (and
+    remove_adapter(None) removed it), and a list, bytes or a float were looked up as the text of their repr. A
+    reference is a str, a path or an id (numpy's integers too); anything else names the parameter."""
+    with Registry.open() as reg:
+        named = reg.add_adapter(art["ad"], name="None")
+        reg.add_base(art["base"], name="llama")
+        for call in (reg.get_adapter, reg.load_adapter, reg.adapter_path, reg.remove_adapter, reg.get_base):
+            for wrong in (None, [named.id], b"None", float(named.id)):
+                with pytest.raises(InvalidInputError, match=r"^ref= takes a str, an os.PathLike \(a pathlib.Path\) "
+                                                            r"or an int, not "):
+                    call(wrong)
+        for call in (lambda w: reg.list_adapters(base=w), lambda w: reg.add_adapter(art["ad"], base=w),
+                     lambda w: reg.check_adapter("None", base=w)):
+            with pytest.raises(InvalidInputError, match=r"^base= takes a str"):
+                call([1])
+        assert reg.get_adapter(np.int64(named.id)) == reg.get_adapter("None") == reg.list_adapters()[0]

@@ -610,7 +610,7 @@ class Registry:
         from .. import check
 
         with self.session() as s:
-            rows = [self._find_base(s, base)] if base is not None else self._hinted_bases(s, adapter.base_model)
+            rows = [self._find_base(s, base, "base")] if base is not None else self._hinted_bases(s, adapter.base_model)
             bases = [(row.id, row.name, row.path) for row in rows]
         fit = None
         for base_id, base_name, path in bases:  # each manifest loaded only once the bases before it do not fit
@@ -804,7 +804,7 @@ class Registry:
         from .. import check, formats
         from ..basemodel import BaseModel
 
-        ref_or_path = argument(ref_or_path, "ref_or_path", *PATH)
+        ref_or_path, base = argument(ref_or_path, "ref_or_path", *PATH), argument(base, "base", *PATH, type(None))
         formats.common.given_alpha(alpha, ref_or_path)
         if path_exists(ref_or_path):
             adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
@@ -822,7 +822,7 @@ class Registry:
             return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))])
         with self.session() as s:
             if base is not None:
-                rows = [self._find_base(s, base)]
+                rows = [self._find_base(s, base, "base")]
             elif base_id is not None:
                 rows = [s.get(SqlBase, base_id)]
             else:
@@ -1001,8 +1001,8 @@ class Registry:
     def _find_adapter(self, s: Session, ref: str | int) -> SqlAdapter:
         return s.get(SqlAdapter, self._reader(s).adapter_id(ref))
 
-    def _find_base(self, s: Session, ref: str | int) -> SqlBase:
-        return s.get(SqlBase, self._reader(s).base_id(ref))
+    def _find_base(self, s: Session, ref: str | int, what: str = "ref") -> SqlBase:
+        return s.get(SqlBase, self._reader(s).base_id(ref, what))
 
     def _manifest(self, s: Session, base_id: int) -> dict[str, TensorRecord]:
         return self._reader(s).manifest(base_id)
