@@ -27,6 +27,8 @@ folded into B (see loraops.formats.lowrank), and ``method`` says where it came f
 from __future__ import annotations
 
 import functools
+import os
+import reprlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -252,6 +254,11 @@ class LoraModule:
         (default float32) on ``device``. Rows let a caller bound the working set of a huge module."""
         import torch
 
+        if dtype is not None or device is not None:  # checked as every dtype= and device= is (not a raw TypeError)
+            from .formats import out_dtype
+            from .settings import resolve_device
+
+            dtype, device = out_dtype(dtype), None if device is None else resolve_device(device)
         dtype = dtype or torch.float32
         if self.product is not None:  # (never transposed: LoHa/LoKr exist for Linear and Conv layers only)
             out = self.product.to(device, dtype).rows(rows).mul_(self.scale)
@@ -447,25 +454,34 @@ class Adapter:
                 + sum(r.values.numel() for r in self.token_rows.values()))
 
 
+BY_REFERENCE = {"merge": "merging.merge", "subtract": "merging.subtract", "combine": "derive.combine",
+                "resize": "derive.resize", "write_adapter": "derive.export"}
+"""The call that does what an in-memory API call does, given paths and registry references."""
+
+
 def adapter_argument(adapter: object, what: str) -> "Adapter":
-    """An Adapter as the in-memory API takes it (algebra.resize, and weighted's pairs): a path or registry reference
-    raised a raw AttributeError far inside."""
+    """An Adapter as the in-memory API takes it (algebra.resize, weighted's pairs, write_adapter, check, bind,
+    block_weighted): a path, a registry reference or None raised a raw AttributeError far inside."""
     if not isinstance(adapter, Adapter):
-        library = "derive" if what in ("combine", "resize") else "merging"
-        raise InvalidInputError(f"{what} takes Adapter objects, not {str(adapter)[:80]!r}: read a file with "
-                                f"loraops.formats.read_adapter, or give paths and registry references to "
-                                f"loraops.{library}.{what}")
+        shown = repr(os.fspath(adapter)[:80]) if isinstance(adapter, (str, os.PathLike)) else reprlib.repr(adapter)
+        instead = f", or give paths and registry references to loraops.{BY_REFERENCE[what]}" \
+            if what in BY_REFERENCE else ""
+        raise InvalidInputError(f"{what} takes Adapter objects, not {shown}: read a file with "
+                                f"loraops.formats.read_adapter{instead}")
     return adapter
 
 
 def weighted(inputs: "Iterable[tuple[Adapter, float]]", what: str) -> "list[tuple[Adapter, float]]":
     """The (Adapter, weight) pairs of engine.merge/subtract and algebra.combine, checked (an Adapter alone raised a
-    raw TypeError)."""
+    raw TypeError, and None one that said only 'NoneType' object is not iterable)."""
+    if not isinstance(inputs, Iterable):
+        raise InvalidInputError(f"{what} takes a list of (Adapter, weight) pairs, not {reprlib.repr(inputs)}")
     pairs = []
     for item in inputs:
         adapter, weight = item if is_pair(item) else (item, None)
         if not is_weight(weight):
             shown = f"the Adapter {item.label} without its weight" if isinstance(item, Adapter) \
+                else f"(the Adapter {adapter.label}, {reprlib.repr(weight)})" if isinstance(adapter, Adapter) \
                 else repr(str(item)[:80])
             raise InvalidInputError(f"{what} takes (Adapter, weight) pairs, not {shown}")
         adapter = adapter_argument(adapter, what)

@@ -276,7 +276,7 @@ def combine_lazily(
     dtype (default: the widest of the inputs'; float64 keeps what was computed, for a writer that converts it)."""
     import torch
 
-    from .formats import params as raw
+    from .formats import out_dtype as torch_dtype_of, params as raw
     from .ops.combine import Context, Term
     from .settings import device_memory, resolve_device
     from .st import converted
@@ -317,7 +317,7 @@ def combine_lazily(
     started = time.perf_counter()
     target = resolve_device(device)
     dtype, precision = compute_precision(precise)
-    out_dtype = out_dtype or widest_dtype(*(adapter.dtype for adapter in adapters))
+    out_dtype = torch_dtype_of(out_dtype) or widest_dtype(*(adapter.dtype for adapter in adapters))
     result = raw.split_gate_up(Adapter(
         modules={name: template.stand_in() for name, template in templates.items()},
         format=combined_format(a.format for a in adapters), base_model=next((h for h in hints if h), None),
@@ -481,9 +481,9 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     from .ops.combine import METHODS, normalize_refusal
     from .ops.params import parse_params
 
-    spec = METHODS.get(method)
+    # (a list for the method was a raw TypeError: unhashable)
+    spec, hint = (METHODS.get(method), MERGEKIT_ONLY.get(method)) if isinstance(method, str) else (None, None)
     if spec is None:
-        hint = MERGEKIT_ONLY.get(method)
         raise InvalidInputError(f"unknown combine method {method!r}: "
                                 + (f"{hint}" if hint else f"use one of {', '.join(METHODS)}"))
     if params is not None and not isinstance(params, Mapping):  # (dict() of a list or a string: a raw TypeError)
@@ -559,13 +559,12 @@ def resize_lazily(
     checked now; the modules are computed as the Derivation is iterated. A DoRA module keeps its magnitude as it is:
     its merge takes the norms of W + the new ΔW (as PEFT does), so each output channel keeps its learned norm and only
     the direction's update is truncated. ``out_dtype``: the factors' dtype (default: each module's), as combine's."""
-    from .formats import lowrank
-    from .formats import params as raw
+    from .formats import lowrank, out_dtype as torch_dtype_of, params as raw
     from .formats.peft import lora_config_of
     from .ops.resize import resize_module
     from .settings import device_memory, resolve_device
 
-    rule = resize_rule(rank, dynamic, param, max_rank, conv_rank)
+    rule, out_dtype = resize_rule(rank, dynamic, param, max_rank, conv_rank), torch_dtype_of(out_dtype)
     if not adapter_argument(adapter, "resize").modules:
         raise InvalidInputError(f"{_label(adapter, 0)} has no LoRA modules to resize")
     # (a LoHa/LoKr module becomes a LoRA of any rank up to its ΔW's: the SVD of its dense ΔW, see resize_module)

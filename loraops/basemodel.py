@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from . import settings
 from .errors import FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
 from .fsutil import Prefetcher, chunks, existing_path, read_json, read_model_config, resolved
+from .references import PATH, argument
 from .st import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -94,7 +95,7 @@ class BaseModel:
     def open(cls, path: str | Path) -> "BaseModel":
         """The model at ``path`` — a transformers folder (sharded or not), a diffusers pipeline folder or a single
         .safetensors checkpoint — read from its headers alone (no tensor bytes)."""
-        path = existing_path(path)
+        path = existing_path(argument(path, "path", *PATH))
         if path.is_file():
             if path.suffix in PICKLE_SUFFIXES:
                 read_header(path)  # raises the pickle message

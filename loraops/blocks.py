@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import InvalidInputError
-from .references import is_finite, parse_number
+from .references import argument, is_finite, parse_number
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -45,7 +45,7 @@ def block_of(name: str) -> str | None:
     ``lora_te1_…``), diffusers (``[unet.]down_blocks.0.…``) or the original checkpoint (``[model.diffusion_model.]
     input_blocks.4.1.…``) names it: "BASE", "IN00"…"IN11", "MID", "OUT00"…"OUT11", or None for the U-Net's out
     (conv_out), in no block. InvalidInputError for a module of neither a U-Net nor an SD text encoder."""
-    if TEXT_ENCODER.match(name):
+    if TEXT_ENCODER.match(argument(name, "name", str)):
         return "BASE"
     rest = name[UNET.match(name).end():].replace(".", "_") + "_"
     if match := DIFFUSERS_BLOCK.match(rest):
@@ -89,7 +89,9 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
 def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: str) -> "Adapter":
     """``adapter`` with each module's ΔW multiplied by its block's weight (1 for a block ``weights`` does not name);
     ``label`` names the adapter in errors."""
-    weights = checked(weights)
+    from .adapter import adapter_argument
+
+    adapter, weights = adapter_argument(adapter, "block_weighted"), checked(weights)
     unet = LAYOUTS[len(weights)][0]
     by_block = _by_block(weights)
     if adapter.full_tensors or adapter.token_rows:
@@ -130,6 +132,8 @@ def checked_lists(lists: "Sequence[str | Sequence[float]] | None", inputs: int) 
         return None
     if isinstance(lists, str):
         raise InvalidInputError("block weights are one list per adapter: give [text], not the string alone")
+    if not isinstance(lists, (list, tuple)):  # (a number was a raw TypeError: no len())
+        raise InvalidInputError(f"block weights are one list per adapter, not {lists!r}")
     if len(lists) != inputs:
         raise InvalidInputError(f"{len(lists)} lists of block weights for {inputs} adapters: give one per adapter, "
                                 "in order (a list of 1s leaves one as it is)")

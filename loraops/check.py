@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
-from .adapter import Adapter, LoraModule, TokenRows
+from .adapter import Adapter, LoraModule, TokenRows, adapter_argument
 from .basemodel import BaseModel
 from .errors import AmbiguousError, FormatError, InvalidInputError, MismatchError
 from .formats import lowrank, params, peft
@@ -1506,7 +1506,7 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
 def bind(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel") -> Adapter:
     """The adapter with module names resolved against the base (kohya names → module paths, a leading ``model.``
     added/removed when that makes every module match). Unresolvable kohya names raise; shapes are check's job."""
-    manifest = tensors_of(manifest)
+    adapter, manifest = adapter_argument(adapter, "bind"), tensors_of(manifest)
     given, adapter = adapter, in_pipeline_dit(adapter, manifest)
     res = resolve(adapter, manifest)
     if given is not adapter and not given.names_resolved:  # kohya names in_pipeline_dit left as they are
@@ -1567,8 +1567,8 @@ def check(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, bas
           config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None,
           heads: bool = True) -> CheckReport:
     """See ``fitting`` (its report)."""
-    return fitting(adapter, manifest, base_name=base_name, quantization=quantization, config=config, sides=sides,
-                   heads=heads)[0]
+    return fitting(adapter_argument(adapter, "check"), manifest, base_name=base_name, quantization=quantization,
+                   config=config, sides=sides, heads=heads)[0]
 
 
 def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -25,7 +26,7 @@ from .landing import Landing, registered, tell, watched
 from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing, resolved
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
-from .references import refuse_output_over, weighted_inputs
+from .references import PATH, argument, refuse_output_over, weighted_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -250,6 +251,8 @@ def check_arguments(name: str | None, output: str | None, force: bool, refs: Seq
 
     if name is not None:
         check_name(name, "adapter")
+    for ref in refs:
+        argument(ref, "ref", *PATH)
     if output is not None:
         refuse_existing(output, force)
         refuse_output_over(output, refs)
@@ -564,7 +567,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
     check_arguments(None, output, force, [ref])
     with opened(registry, create=False) as reg:
         check_output(reg, output, fmt)
-        label = ref
+        label = os.fspath(ref)  # (a Path was pydantic's raw ValidationError from the report)
         if path_exists(ref):
             adapter = read_adapter(ref)
             if base is not None:
@@ -637,7 +640,8 @@ def export_with_base(reg: "Registry", adapter: "Adapter", ref: str, fmt: str, ou
     named = adapter.base_model
     bases = [b.name for b in reg.list_bases()
              if named and any(_names(named, n) for n in (b.name, b.source, b.path) if n)]
-    export = f"loraops export {shlex.quote(ref)} --format {fmt} -o {shlex.quote(output)}{' --force' * force} --base "
+    export = (f"loraops export {shlex.quote(os.fspath(ref))} --format {fmt} -o {shlex.quote(os.fspath(output))}"
+              f"{' --force' * force} --base ")
     if len(bases) == 1:
         return f"run `{export}{shlex.quote(bases[0])}`"
     if bases:  # (registered already: a base add of it would add nothing)
@@ -717,6 +721,7 @@ def extract(
     from .registry.store import opened
 
     rule = algebra.resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
+    base, tuned = argument(base, "base", *PATH), argument(tuned, "tuned", *PATH)
     check_arguments(name, output, force, [])
     with opened(registry) as reg, models_of(reg) as record_model:
         check_output(reg, output, fmt)

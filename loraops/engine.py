@@ -74,6 +74,7 @@ from .lazy import LazyModule
 from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space, output_path, refuse_misnamed_output,
                      read_json, read_model_config, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
+from .references import PATH, argument
 from .st import DTYPE_BYTES, TensorInfo, all_finite, beyond_range, header_bytes, narrows, read_row_blocks, torch_dtype
 
 if TYPE_CHECKING:
@@ -286,8 +287,11 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     import torch
 
     started = time.perf_counter()
-    base = base if isinstance(base, BaseModel) else BaseModel.open(base)
-    reference = reference if reference is None or isinstance(reference, BaseModel) else BaseModel.open(reference)
+    output = argument(output, "output", *PATH)
+    if not isinstance(base, BaseModel):
+        base = BaseModel.open(argument(base, "base" if operation == "merge" else "model", *PATH))
+    if reference is not None and not isinstance(reference, BaseModel):
+        reference = BaseModel.open(argument(reference, "reference", *PATH))
     out_dtype = parse_dtype(dtype)
     dev = settings.resolve_device(device)
     refuse_misnamed(base, output, operation)

@@ -47,6 +47,7 @@ from .formats import peft_unwritable_parts, refuse_misnamed, refuse_unwritable
 from .formats.common import conv1d_named, given_alpha, names_module, shown
 from .fp8 import FLOAT_DTYPES, describe
 from .records import ExtractModuleRecord, ExtractReport, ExtractSkippedRecord
+from .references import PATH, argument
 
 if TYPE_CHECKING:
     import torch
@@ -80,8 +81,8 @@ class Plan:
     embeddings not asked for, weights outside --modules, a checkpoint's VAE)."""
 
 
-def _open(model: "str | Path | BaseModel") -> BaseModel:
-    return model if isinstance(model, BaseModel) else BaseModel.open(model)
+def _open(model: "str | Path | BaseModel", name: str) -> BaseModel:
+    return model if isinstance(model, BaseModel) else BaseModel.open(argument(model, name, *PATH))
 
 
 @dataclass
@@ -419,7 +420,7 @@ def extract_lazily(
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
     given_alpha(alpha)  # (one beyond float32 was refused only at the end, naming a scratch file)
-    base, tuned = _open(base), _open(tuned)
+    base, tuned = _open(base, "base"), _open(tuned, "tuned")
     base = _untied(base, tuned)  # a fine-tune that untied the head its base ties: the head's delta from the embeddings
     labels = labels or (str(base.path), str(tuned.path))
     # a single-file SD/FLUX checkpoint (or one of OTHER_UNETS' UNets, however few of its tensors translate; by its

@@ -36,6 +36,7 @@ from .errors import (AmbiguousError, DiskSpaceError, FormatError, HubError, Inva
                      NotFoundError, RegistryError, reworded)
 from .fsutil import path_exists, read_json, read_model_config, resolved
 from .landing import registered, tell, watched
+from .references import argument
 from .lazy import LazyModule
 from .st import DTYPE_BYTES, MAX_HEADER_BYTES, parse_header, tensor_dtype_shape
 
@@ -650,7 +651,7 @@ def refuse_ambiguous(ref: RepoRef, commits: list[str]) -> None:
 def repo_and_path(ref: RepoRef | str, subpath: str | None) -> tuple[RepoRef, str | None]:
     """The repo and the adapter's path in it (``subpath``, --file) of a reference that may name that path itself
     (parse_repo_path); one that names another path than ``subpath`` is refused."""
-    if not isinstance(ref, str):
+    if isinstance(argument(ref, "ref", str, RepoRef), RepoRef):
         return ref, subpath
     parsed, path = parse_repo_path(ref)
     if path and subpath and path != subpath.strip("/"):
@@ -1384,6 +1385,7 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
     from .records import PushRecord
 
     record = registry.get_adapter(ref)
+    argument(repo_id, "repo_id", str)
     fmt = fmt or record.format
     with tempfile.TemporaryDirectory(prefix="loraops-push-") as tmp:
         if stored_as(registry, record, fmt):

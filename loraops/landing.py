@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 
 from .errors import LoraopsError
 from .fsutil import resolved
+from .references import PATH, argument
 
 if TYPE_CHECKING:
     from .registry import store
@@ -104,11 +105,18 @@ def watched(output: str | None = None) -> Callable[[F], F]:
     is told): a Ctrl-C once something landed comes out of it as a KeyboardInterrupt saying what."""
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
+        # what the output takes (argument): a path, or None where that is its default
+        takes = () if output is None else (*PATH, *[type(None)] * (signature.parameters[output].default is None))
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            path = signature.bind(*args, **kwargs).arguments.get(output) if output is not None else None
-            with Landing(path):
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:  # Python's own error, which names the function (bind's said "got an unexpected …")
                 return fn(*args, **kwargs)
+            if output is not None:
+                bound.arguments[output] = argument(bound.arguments.get(output), output, *takes)
+            with Landing(None if output is None else bound.arguments[output]):
+                return fn(*bound.args, **bound.kwargs)
         return run  # type: ignore[return-value]
     return decorate

@@ -27,6 +27,7 @@ from .lazy import LazyModule
 from .fsutil import (atomic_path, ensure_free_space, output_path, path_exists, refuse_overlap, refuse_unrecordable,
                      resolved)
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
+from .references import PATH, argument
 from .references import parse_weighted, refuse_output_over, weighted_inputs  # noqa: F401 - parse_weighted is part of this module's API
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output:
     path), then recorded. ``block_weights``: one list per adapter of a Stable Diffusion LoRA's block weights (see
     loraops.blocks), recorded with it. ``registry``: the Registry references resolve in and the output is recorded
     in (default: LORAOPS_DB / LORAOPS_HOME's, opened for the call)."""
+    base, output = argument(base, "base", *PATH), argument(output, "output", *PATH)
     pairs = weighted_inputs(adapters)
     lists = _block_lists(block_weights, pairs)
     settings.resolve_device(options.get("device"))  # before a 70B's base is hashed and its adapters read
@@ -230,6 +232,7 @@ def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], out
     knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available).
     ``adapters``, ``block_weights`` and ``registry`` as merge's: each adapter's ΔW weighed by its block weights is
     what comes off, and what ``exact`` matches in the recorded merge."""
+    model, output = argument(model, "model", *PATH), argument(output, "output", *PATH)
     pairs = weighted_inputs(adapters)
     lists = _block_lists(block_weights, pairs)
     given = [flag for flag, key in (("--dtype", "dtype"), ("--precise", "precise")) if options.get(key)]

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from .errors import InvalidInputError
 from .fsutil import path_exists
-from .references import WEIGHT, is_finite
+from .references import PATH, WEIGHT, argument, is_finite
 
 ELEMENT_WISE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 DIVIDES_BY_DEFAULT = {"dare_ties", "dare_linear", "della", "della_linear"}
@@ -145,7 +145,7 @@ def read_recipe(path: str | Path, base_folders: Callable[[str], list[str]] | Non
     import yaml
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(argument(path, "path", *PATH)).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"{path}: cannot read the recipe ({getattr(exc, 'strerror', None) or exc})") from None
     try:

@@ -1,10 +1,12 @@
 """Adapter arguments, shared by merge, subtract and combine: REF[:WEIGHT] on the command line, (ref, weight)
-pairs from Python."""
+pairs from Python; and the type check of the library's other arguments (``argument``)."""
 from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Iterable
 
@@ -19,6 +21,8 @@ INTEGER = re.compile(r"[+-]?[0-9]+")
 """An integer as written on a command line (--rank, --seed …); Python's int() also takes '1_0', ' 1' and other
 scripts' digits."""
 PLAINLY = "written plainly (like 0.7, -1 or 2e-3)"
+PATH = (str, os.PathLike)
+"""What a path argument takes: a str or an os.PathLike (pathlib.Path), as Path() does, not its bytes."""
 FLOAT32_TINY = 2.0 ** -126
 """float32's smallest normal number: a weight below it is 0 or subnormal where adapters are computed in float32 (it
 multiplies float32 deltas), its precision lost or flushed to 0 (GPUs' flush-to-zero)."""
@@ -55,19 +59,24 @@ def parse_weighted(text: str) -> tuple[str, float]:
 
 
 def weighted_inputs(adapters: Iterable[str | tuple[str | Path, float]]) -> list[tuple[str, float]]:
-    """The library's adapter arguments as (ref, weight) pairs: each a 'REF[:W]' string (parse_weighted) or a
-    (ref, weight) pair. One string for the whole list is refused: iterated, its letters were taken as references."""
-    if isinstance(adapters, (str, Path)):
-        raise InvalidInputError(f"adapters is a list: give [{str(adapters)!r}], not the string {str(adapters)!r}")
+    """The library's adapter arguments as (ref, weight) pairs: each a 'REF[:W]' string (parse_weighted), a path (an
+    os.PathLike, weight 1) or a (ref, weight) pair. One string for the whole list is refused: iterated, its letters
+    were taken as references."""
+    if isinstance(adapters, PATH):
+        given = os.fspath(adapters)
+        raise InvalidInputError(f"adapters is a list: give [{given!r}], not the string {given!r}")
+    if not isinstance(adapters, Iterable):  # (None was a raw TypeError: 'NoneType' object is not iterable)
+        raise InvalidInputError(f"adapters is a list of 'REF[:WEIGHT]' strings or (ref, weight) pairs, not "
+                                f"{reprlib.repr(adapters)}")
     pairs = []
     for item in adapters:
         if isinstance(item, str):
             pairs.append(parse_weighted(item))
             continue
-        ref, weight = item if is_pair(item) else (None, None)
-        if not isinstance(ref, (str, Path)) or not is_weight(weight):
+        ref, weight = item if is_pair(item) else (item, 1) if isinstance(item, os.PathLike) else (None, None)
+        if not isinstance(ref, PATH) or not is_weight(weight):
             raise InvalidInputError(f"bad adapter argument {item!r}: give 'REF[:WEIGHT]' or a (ref, weight) pair")
-        pairs.append((str(ref), checked_weight(item, weight, nonzero=weight != 0)))
+        pairs.append((os.fspath(ref), checked_weight(item, weight, nonzero=weight != 0)))
     return pairs
 
 
@@ -108,6 +117,23 @@ def is_finite(value: object) -> bool:
 def is_integer(value: object) -> bool:
     """An integer as Python code gives one (numpy's too), not a bool, a float or a string."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def argument(value: object, name: str, *types: type) -> object:
+    """``value`` when it is one of ``types`` (PATH for a path, type(None) where it may be left out) — a path as its
+    str (os.fspath), as the command line gives it: str() of an os.PathLike other than a Path is no path — else
+    InvalidInputError naming the parameter ``name``: what the library's entry points check their paths, references,
+    names and formats with. None, a number, a list or bytes there was a raw TypeError from pathlib, or an
+    AttributeError from deep inside."""
+    if isinstance(value, types):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+    kinds = [{str: "a str", os.PathLike: "an os.PathLike (a pathlib.Path)", numbers.Integral: "an int",
+              type(None): "None"}.get(t)
+             or f"a {'' if t.__module__.startswith(('builtins', 'loraops')) else t.__module__ + '.'}{t.__name__}"
+             for t in types]
+    said = " or ".join(kinds) if len(kinds) < 3 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+    raise InvalidInputError(f"{name}= takes {said}, not {reprlib.repr(value)}"
+                            + ("" if value is None else f" ({type(value).__name__})"))
 
 
 def _python_number(text: str) -> bool:

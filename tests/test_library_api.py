@@ -474,3 +474,167 @@ def test_names_tags_params_and_urls_of_the_wrong_type_are_typed_errors(art, tmp_
         with pytest.raises(InvalidInputError, match="params is a dict"):
             derive.combine([ad, ad], "ties", params, name="bad")
     assert not (tmp_path / "out").exists()
+
+
+class PathLike:
+    """An os.PathLike that is no pathlib.Path (as a user's own path class is): path arguments take it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+def path_calls(art, out: Path, reg) -> dict:
+    """Every documented call that takes a path, reference or output, by the name of that parameter."""
+    import loraops
+    from loraops import engine, formats, hub
+    from loraops.blocks import block_of
+    from loraops.recipe import read_recipe
+
+    base, ad = art["base"], art["ad"]
+    adapter = read_adapter(ad)
+    return {
+        "read_adapter path": lambda w: read_adapter(w),
+        "identity path": lambda w: formats.identity(w),
+        "BaseModel.open path": lambda w: BaseModel.open(w),
+        "read_recipe path": lambda w: read_recipe(w),
+        "write_adapter dest": lambda w: formats.write_adapter(adapter, w),
+        "engine.merge base": lambda w: engine.merge(w, [(adapter, 1.0)], out),
+        "engine.merge output": lambda w: engine.merge(base, [(adapter, 1.0)], w),
+        "engine.subtract model": lambda w: engine.subtract(w, [(adapter, 1.0)], out),
+        "engine.subtract reference": lambda w: engine.subtract(base, [(adapter, 1.0)], out, reference=w),
+        "extract base": lambda w: loraops.extract(w, base, rank=2),
+        "extract tuned": lambda w: loraops.extract(base, w, rank=2),
+        "merging.merge base": lambda w: merging.merge(w, [str(ad)], out, record=False),
+        "merging.merge output": lambda w: merging.merge(base, [str(ad)], w, record=False),
+        "merging.subtract model": lambda w: merging.subtract(w, [str(ad)], out, record=False),
+        "derive.resize ref": lambda w: derive.resize(w, rank=2),
+        "derive.resize output": lambda w: derive.resize(str(ad), rank=2, output=w),
+        "derive.combine output": lambda w: derive.combine([str(ad), str(ad)], "cat", output=w),
+        "derive.export ref": lambda w: derive.export(w, "peft", str(out)),
+        "derive.export output": lambda w: derive.export(str(ad), "peft", w),
+        "derive.extract base": lambda w: derive.extract(w, str(base), rank=2),
+        "derive.extract tuned": lambda w: derive.extract(str(base), w, rank=2),
+        "hub.pull ref": lambda w: hub.pull(reg, w),
+        "hub.push repo_id": lambda w: hub.push(reg, "ad", w),
+        "Registry.open blobs": lambda w: Registry.open(f"sqlite:///{out}.db", blobs=w).close(),
+        "Registry.add_base path": lambda w: reg.add_base(w),
+        "Registry.add_adapter path": lambda w: reg.add_adapter(w),
+        "Registry.register_adapter path": lambda w: reg.register_adapter(w),
+        "Registry.check_adapter ref_or_path": lambda w: reg.check_adapter(w),
+        "Registry.attach_base_files path": lambda w: reg.attach_base_files("llama", w),
+        "Registry.list_adapters target": lambda w: reg.list_adapters(target=w),
+        "Registry.list_adapters tag": lambda w: reg.list_adapters(tag=w),
+        "Registry.find_base fingerprint": lambda w: reg.find_base(w),
+        "block_of name": lambda w: block_of(w),
+    }
+
+
+# where None is what leaving the argument out gives, or a registry filter's "any"
+OPTIONAL = {"engine.subtract reference", "derive.resize output", "derive.combine output", "Registry.open blobs",
+            "Registry.list_adapters target", "Registry.list_adapters tag"}
+
+
+def test_a_path_or_reference_of_the_wrong_type_is_a_typed_error_naming_the_parameter(art, tmp_path):
+    """None, a number, a list holding the path or its bytes where a path, a reference or an output goes raised a raw
+    TypeError from pathlib (expected str, bytes or os.PathLike object), an AttributeError (hub: .strip, .repo_id) or
+    sqlite3's ProgrammingError from deep inside; each is now one InvalidInputError naming the parameter, nothing
+    written or registered. str, pathlib.Path and any other os.PathLike still work."""
+    out = tmp_path / "out"
+    with Registry.open() as reg:
+        reg.add_base(PathLike(art["base"]), name="llama")
+        reg.add_adapter(PathLike(art["ad"]), name="ad")
+        calls = path_calls(art, out, reg)
+        for label, call in calls.items():
+            parameter = label.split()[-1]
+            for wrong in ([None] * (label not in OPTIONAL) + [1, [str(art["ad"])], bytes(str(art["ad"]), "utf-8")]):
+                with pytest.raises(InvalidInputError, match=rf"^{parameter}= takes a str"):
+                    call(wrong)
+        assert not out.exists() and not Path(f"{out}.db").exists()
+        assert [r.name for r in reg.list_adapters()] == ["ad"] and [b.name for b in reg.list_bases()] == ["llama"]
+    for kind in (str, Path, PathLike):
+        assert len(calls["read_adapter path"](kind(art["ad"])).modules) == 2
+        assert calls["engine.merge base"](kind(art["base"])).output == str(out)
+        shutil.rmtree(out)
+        merged, exported = tmp_path / f"merged-{kind.__name__}", tmp_path / f"exported-{kind.__name__}"
+        # (a path alone in the list of adapters was refused; derive.export(…, Path) raised shlex's raw TypeError)
+        done = merging.merge(kind(art["base"]), [kind(art["ad"]), (kind(art["ad"]), 0.5)], kind(merged), record=False)
+        assert done.output == str(merged) and [a.weight for a in done.adapters] == [1.0, 0.5]
+        assert derive.export(kind(art["ad"]), "peft", kind(exported)).output == str(exported)
+
+
+def test_an_adapter_list_method_or_format_of_the_wrong_type_is_a_typed_error(art, tmp_path):
+    """None for the list of adapters raised a raw TypeError ('NoneType' object is not iterable), block weights of 5
+    one from len(), a list for the method or the format one from a dict lookup (unhashable), and a path or None where
+    an Adapter goes in write_adapter, check, bind and block_weighted an AttributeError (names_resolved, modules,
+    full_tensors)."""
+    from loraops import engine, formats
+    from loraops.blocks import block_weighted
+
+    adapter, out = read_adapter(art["ad"]), tmp_path / "out"
+    lists = [lambda: engine.merge(art["base"], None, out), lambda: engine.subtract(art["base"], 5, out),
+             lambda: algebra.combine(None, "cat"), lambda: merging.merge(art["base"], None, out, record=False),
+             lambda: derive.combine(None, "cat"),
+             lambda: merging.merge(art["base"], [str(art["ad"])], out, block_weights=5, record=False),
+             lambda: algebra.combine([(adapter, 1.0)], ["cat"]), lambda: derive.combine([str(art["ad"])], ["cat"]),
+             lambda: formats.write_adapter(adapter, out, ["peft"]), lambda: derive.export(str(art["ad"]), {}, str(out))]
+    for call in lists:
+        with pytest.raises(InvalidInputError):
+            call()
+    for wrong in (None, str(art["ad"])):
+        for name, call in {"write_adapter": lambda: formats.write_adapter(wrong, out),
+                           "check": lambda: check(wrong, {}), "bind": lambda: bind(wrong, {}),
+                           "block_weighted": lambda: block_weighted(wrong, [1] * 17, "x")}.items():
+            with pytest.raises(InvalidInputError, match=rf"^{name} takes Adapter objects, not .*read_adapter"):
+                call()
+    assert not out.exists()
+    with Registry.open() as reg:
+        assert reg.list_adapters() == []
+
+
+def test_a_dtype_or_device_of_the_wrong_type_is_a_typed_error(art):
+    """LoraModule.delta(dtype=1) and (device=[…]) raised torch's raw TypeError (to() received an invalid combination
+    of arguments), device=1 a RuntimeError, and dtype={} was taken as float32; resize_lazily's out_dtype took anything
+    until torch met it. They are checked as every other dtype= and device= is; torch.dtype and torch.device work."""
+    adapter = read_adapter(art["ad"])
+    module = adapter.modules["model.layers.0.self_attn.q_proj"]
+    for wrong in (1, {}, "int8"):
+        with pytest.raises(InvalidInputError, match="^unknown dtype"):
+            module.delta(dtype=wrong)
+        with pytest.raises(InvalidInputError, match="^unknown dtype"):
+            algebra.resize_lazily(adapter, rank=2, out_dtype=wrong)
+    for wrong in (1, [0], "gpu"):
+        with pytest.raises(InvalidInputError, match="device"):
+            module.delta(device=wrong)
+    exact = module.delta(dtype=torch.float64, device=torch.device("cpu"))
+    assert exact.dtype == torch.float64 and torch.equal(module.delta(dtype="fp64", device="cpu"), exact)
+    assert {m.A.dtype for m in algebra.resize_lazily(adapter, rank=2, out_dtype=torch.bfloat16)} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("name", ["combine", "resize", "export", "extract"])
+def test_a_keyword_typo_in_derive_names_the_function_called(name):
+    """derive.* said only `got an unexpected keyword argument 'rnk'` (no function named): the wrapper that watches
+    their output (landing.watched) bound the arguments itself, with inspect's TypeError."""
+    with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'rnk'$"):
+        getattr(derive, name)(*[None] * (3 if name == "export" else 2), rnk=1)
+
+
+def test_a_registry_reference_of_the_wrong_type_is_a_typed_error(art):
+    """The registry read a reference as str(ref): get_adapter(None) found the adapter named 'None' (and
+    remove_adapter(None) removed it), and a list, bytes or a float were looked up as the text of their repr. A
+    reference is a str, a path or an id (numpy's integers too); anything else names the parameter."""
+    with Registry.open() as reg:
+        named = reg.add_adapter(art["ad"], name="None")
+        reg.add_base(art["base"], name="llama")
+        for call in (reg.get_adapter, reg.load_adapter, reg.adapter_path, reg.remove_adapter, reg.get_base):
+            for wrong in (None, [named.id], b"None", float(named.id)):
+                with pytest.raises(InvalidInputError, match=r"^ref= takes a str, an os.PathLike \(a pathlib.Path\) "
+                                                            r"or an int, not "):
+                    call(wrong)
+        for call in (lambda w: reg.list_adapters(base=w), lambda w: reg.add_adapter(art["ad"], base=w),
+                     lambda w: reg.check_adapter("None", base=w)):
+            with pytest.raises(InvalidInputError, match=r"^base= takes a str"):
+                call([1])
+        assert reg.get_adapter(np.int64(named.id)) == reg.get_adapter("None") == reg.list_adapters()[0]

@@ -23,10 +23,11 @@ from .. import ldm, st
 from ..errors import FormatError, InvalidInputError, LoraopsError, UnsupportedAdapterError, reworded
 from ..lazy import LazyModule
 from ..fsutil import atomic_path, existing_path, output_path, refuse_misnamed_output, sha256_file
+from ..references import PATH, argument
 from . import common, diffusers, kohya, lowrank, lycoris, params, peft, tokens, xlabs
 from .kohya import kohya_name
 
-from ..adapter import Adapter, LoraModule
+from ..adapter import Adapter, LoraModule, adapter_argument
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +106,7 @@ def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool =
     mapped into memory (st.map_file), only for files that nothing rewrites: the registry's stored copies. ``checked``:
     these very bytes passed this read's NaN/Inf checks before (a stored copy whose stamps say so), so its values are
     not looked at (the other checks, of headers and shapes, still run)."""
-    path = existing_path(path)
+    path = existing_path(argument(path, "path", *PATH))
     if alpha is not None:
         common.check_alpha(path, alpha, "--alpha")
     with common.values_known_finite(checked):
@@ -173,6 +174,7 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
     ``dtype`` (bf16, fp16, fp32 or a torch dtype): the dtype every floating tensor is written in — factors, DoRA
     magnitudes, lora_bias, saved whole tensors and token rows, not kohya's alpha scalars (float32) — each rounded
     once from the values given; one that overflows it is refused (st.TensorWriter.add). Default: each as it is."""
+    adapter, dest = adapter_argument(adapter, "write_adapter"), argument(dest, "dest", *PATH)
     known_format(fmt)
     if fmt != "kohya" and not adapter.names_resolved:
         raise InvalidInputError(
@@ -214,7 +216,7 @@ def write(adapter: "Adapter", dest: str | Path, fmt: str = "peft", *, force: boo
 
 def known_format(fmt: str) -> str:
     """``fmt`` when loraops writes it (derive's fmt= was a raw KeyError: the CLI's --format is a choice)."""
-    if fmt not in WRITERS:
+    if not isinstance(fmt, str) or fmt not in WRITERS:  # (a list was a raw TypeError: unhashable)
         raise InvalidInputError(f"unknown adapter format {fmt!r} (choose from {', '.join(FORMATS)})")
     return fmt
 
@@ -394,7 +396,7 @@ def identity(path: str | Path, *, weights_sha256: str | None = None) -> str:
     weights with another alpha are another adapter, while a config edit that does not change the math (a new
     base_model_name_or_path, a comment) keeps the identity. ``weights_sha256``: the weights file's sha256 when the
     caller already has it (the file is then not read)."""
-    weights, config = _peft_parts(existing_path(path))
+    weights, config = _peft_parts(existing_path(argument(path, "path", *PATH)))
     digest = weights_sha256 or sha256_file(weights)
     if config is None:
         return digest

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import re
 import sys
@@ -23,11 +24,14 @@ from urllib.parse import quote
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..fsutil import refuse_overlaps, resolved
-from ..references import is_integer
+from ..references import PATH, argument, is_integer
 from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord,
                        TensorRecord)
 from ..ldm import Tensors, transformer_class
 from .blobs import BlobStore
+
+REF = (*PATH, numbers.Integral)
+"""What a registry reference is: a name, name@version or sha256 prefix (or the path the name is read from), or an id."""
 
 HEAD = "0007"
 """The schema revision this code reads and writes: the newest under migrations/versions (a test checks it)."""
@@ -133,12 +137,14 @@ class Reader:
         # (no module has a rank below 1: the 0 stored for a LoKr module of whole factors means it has none)
         if rank is not None and not is_integer(rank):
             raise InvalidInputError(f"rank must be an integer (got {rank!r})")
+        for key, value in (("target", target), ("tag", tag), ("name", name)):  # (a list: sqlite3's raw error)
+            argument(value, key, str, type(None))
         rank = int(rank) if rank is not None else None  # (a numpy int: sqlite3 bound its bytes, matching nothing)
         if rank is not None and not 1 <= rank <= MAX_INTEGER:
             return []
         if base is not None:
             where.append("a.base_id = ?")
-            params.append(self.base_id(base))
+            params.append(self.base_id(base, "base"))
         if name is not None:
             where.append("a.name = ?")
             params.append(name)
@@ -174,9 +180,10 @@ class Reader:
             return self.earlier.path(blob)
         return path
 
-    def adapter_id(self, ref: str | int) -> int:
-        """The id of the adapter ``ref`` names (see the module docstring), or a one-line NotFound/Ambiguous error."""
-        ref = str(ref).strip()
+    def adapter_id(self, ref: str | int, what: str = "ref") -> int:
+        """The id of the adapter ``ref`` names (see the module docstring), or a one-line NotFound/Ambiguous error;
+        ``what``: the parameter it was given as."""
+        ref = str(argument(ref, what, *REF)).strip()  # (None looked up an adapter named 'None')
         if "@" in ref:
             name, _, version = ref.rpartition("@")
             if version != "latest" and not (version.isascii() and version.isdigit()):
@@ -273,7 +280,7 @@ class Reader:
 
     def find_base(self, fingerprint: str) -> BaseRecord | None:
         """The registered base with exactly this fingerprint, if any (e.g. the pristine base of a merged model)."""
-        found = self._bases("b.fingerprint = ?", [fingerprint])
+        found = self._bases("b.fingerprint = ?", [argument(fingerprint, "fingerprint", str)])
         return found[0] if found else None
 
     def manifest(self, base_id: int) -> dict[str, TensorRecord]:
@@ -285,9 +292,10 @@ class Reader:
         tensors.transformer_class = transformer_class(Path(path[0][0])) if path and path[0][0] else None
         return tensors
 
-    def base_id(self, ref: str | int) -> int:
-        """The id of the base ``ref`` names (name, id, or fingerprint prefix), or a one-line error."""
-        ref = str(ref).strip()
+    def base_id(self, ref: str | int, what: str = "ref") -> int:
+        """The id of the base ``ref`` names (name, id, or fingerprint prefix), or a one-line error; ``what``: the
+        parameter it was given as."""
+        ref = str(argument(ref, what, *REF)).strip()
         found = self.rows("SELECT id FROM bases WHERE name = ?", [ref])
         if found:
             return found[0][0]

@@ -33,7 +33,7 @@ from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, re
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
 from ..landing import tell
-from ..references import is_finite
+from ..references import PATH, argument, is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
 from .blobs import BlobStore, folder_of
@@ -128,6 +128,7 @@ class Registry:
         if url is not None and not isinstance(url, str):  # (a Path was a raw AttributeError)
             raise InvalidInputError(f"Registry.open takes a database URL (sqlite:////path/registry.db, "
                                     f"postgresql+psycopg://…), not {url!r}")
+        blobs = argument(blobs, "blobs", *PATH, type(None))
         registry = None
         try:
             with db.interrupts_deferred():
@@ -283,6 +284,7 @@ class Registry:
         from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
+        path = argument(path, "path", *PATH)
         refuse_unrecordable(resolved(path))
         try:
             model = BaseModel.open(path)
@@ -491,7 +493,7 @@ class Registry:
         says (landing.registered)."""
         from .. import formats
 
-        path = existing_path(path)
+        path = existing_path(argument(path, "path", *PATH))
         if written is not None and resolved(written.path) != resolved(path):
             raise InvalidInputError(f"{path}: not what was written ({written.path}), so its hashes are not this "
                                     "adapter's; register it without `written`")
@@ -608,7 +610,7 @@ class Registry:
         from .. import check
 
         with self.session() as s:
-            rows = [self._find_base(s, base)] if base is not None else self._hinted_bases(s, adapter.base_model)
+            rows = [self._find_base(s, base, "base")] if base is not None else self._hinted_bases(s, adapter.base_model)
             bases = [(row.id, row.name, row.path) for row in rows]
         fit = None
         for base_id, base_name, path in bases:  # each manifest loaded only once the bases before it do not fit
@@ -802,6 +804,7 @@ class Registry:
         from .. import check, formats
         from ..basemodel import BaseModel
 
+        ref_or_path, base = argument(ref_or_path, "ref_or_path", *PATH), argument(base, "base", *PATH, type(None))
         formats.common.given_alpha(alpha, ref_or_path)
         if path_exists(ref_or_path):
             adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
@@ -819,7 +822,7 @@ class Registry:
             return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))])
         with self.session() as s:
             if base is not None:
-                rows = [self._find_base(s, base)]
+                rows = [self._find_base(s, base, "base")]
             elif base_id is not None:
                 rows = [s.get(SqlBase, base_id)]
             else:
@@ -998,8 +1001,8 @@ class Registry:
     def _find_adapter(self, s: Session, ref: str | int) -> SqlAdapter:
         return s.get(SqlAdapter, self._reader(s).adapter_id(ref))
 
-    def _find_base(self, s: Session, ref: str | int) -> SqlBase:
-        return s.get(SqlBase, self._reader(s).base_id(ref))
+    def _find_base(self, s: Session, ref: str | int, what: str = "ref") -> SqlBase:
+        return s.get(SqlBase, self._reader(s).base_id(ref, what))
 
     def _manifest(self, s: Session, base_id: int) -> dict[str, TensorRecord]:
         return self._reader(s).manifest(base_id)
