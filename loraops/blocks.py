@@ -92,13 +92,15 @@ def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: 
     weights = checked(weights)
     unet = LAYOUTS[len(weights)][0]
     by_block = _by_block(weights)
-    if adapter.full_tensors or adapter.token_rows:
+    # a list of 1s leaves the adapter as it is (the error for a missing list says to give one): refused only where
+    # a weight other than 1 would apply
+    if (adapter.full_tensors or adapter.token_rows) and any(w != 1 for w in weights):
         raise InvalidInputError(f"{label}: block weights scale LoRA deltas; this adapter also replaces whole tensors "
                                 "(modules_to_save or trainable tokens), which have no block weight")
     modules = {}
     for name, module in adapter.modules.items():
         block = block_of(name)
-        if module.dora:
+        if module.dora and by_block.get(block, 1.0) != 1:
             raise InvalidInputError(f"{label}: module {name!r} is DoRA, whose merge is not linear in its ΔW: block "
                                     "weights are for plain LoRA, LoCon, LoHa and LoKr modules")
         if unet == SDXL and block in SD_ONLY:

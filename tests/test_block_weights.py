@@ -409,3 +409,43 @@ def test_exact_matches_block_weights_by_the_deltas_they_give(tmp_path):
                       ",".join(map(str, other)), "-o", tmp_path / "e2.safetensors")
     assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "[blocks 0.5,0.1,0.5" in run.stderr and f"({x}:0.7 [blocks 0.5,0.5," in run.stderr, run.stderr
+
+
+def test_a_list_of_ones_leaves_a_dora_adapter_beside_a_block_weighted_one(tmp_path):
+    """The error for a missing list says a list of 1s leaves an adapter as it is: a DoRA adapter (or one with
+    modules_to_save) takes it, so it can be merged beside a block-weighted LoRA; a DoRA module's own block weighed by
+    other than 1 is still refused, and any other weight on an adapter with whole tensors."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from loraops.blocks import block_weighted
+
+    base, x = sd15_lora(tmp_path, MERGED["sd15"][:2], seed=4, name="x")  # IN01, IN03
+    weight = base["model.diffusion_model.input_blocks.1.1.proj_in.weight"]
+    m = "unet." + ldm.unet_path("input_blocks.1.1.proj_in", False)
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{m}.lora_A.weight": torch.randn(2, 8, 1, 1, generator=g),
+               f"{m}.lora_B.weight": torch.randn(8, 2, 1, 1, generator=g) * 0.1,
+               f"{m}.lora_magnitude_vector": torch.rand(1, 8, 1, 1, generator=g) + 1}, str(tmp_path / "dora.safetensors"))
+    assert weight.shape == (8, 8, 1, 1)
+    dora, half = tmp_path / "dora.safetensors", ",".join(["0.5"] * 17)
+    into = ["--into", tmp_path / "base.safetensors", "--device", "cpu", "--no-record"]
+    run = loraops_run("merge", dora, x, *into, "--block-weights", ",".join(["1"] * 17),
+                      "--block-weights", ",".join(["0.5"] * 26), "-o", tmp_path / "m.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert loraops_run("merge", dora, f"{x}:0.5", *into, "-o", tmp_path / "r.safetensors").returncode == 0
+    got, expected = load_file(str(tmp_path / "m.safetensors")), load_file(str(tmp_path / "r.safetensors"))
+    for key in expected:  # all 0.5 on x's blocks = x at 0.5
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    on_other_blocks = ["0.5"] * 17
+    on_other_blocks[1] = "1"  # IN01, the DoRA module's block
+    run = loraops_run("merge", dora, *into, "--block-weights", ",".join(on_other_blocks), "-o", tmp_path / "d.safetensors")
+    assert run.returncode == 0, run.stderr
+    run = loraops_run("merge", dora, *into, "--block-weights", half, "-o", tmp_path / "e.safetensors")
+    assert run.returncode != 0 and "is DoRA" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    adapter = read_adapter(x)
+    whole = replace(adapter, full_tensors={"unet.conv_out.weight": torch.zeros(4, 8, 3, 3)})
+    assert block_weighted(whole, [1.0] * 17, "w").modules.keys() == adapter.modules.keys()
+    with pytest.raises(InvalidInputError, match="replaces whole tensors"):
+        block_weighted(whole, [0.5] * 17, "w")
