@@ -449,3 +449,12 @@ def test_a_list_of_ones_leaves_a_dora_adapter_beside_a_block_weighted_one(tmp_pa
     assert block_weighted(whole, [1.0] * 17, "w").modules.keys() == adapter.modules.keys()
     with pytest.raises(InvalidInputError, match="replaces whole tensors"):
         block_weighted(whole, [0.5] * 17, "w")
+
+
+def test_a_cat_of_one_block_weighted_adapter_is_not_said_to_keep_its_delta(tmp_path):
+    """`combine a` (cat, weight 1) notes that the result has a's ΔW; with block weights other than 1 it does not."""
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    run = loraops_run("combine", a, "--block-weights", ",".join(["0"] * 26), "-o", tmp_path / "z.safetensors")
+    assert run.returncode == 0 and "[blocks 0,0," in run.stdout and "same ΔW" not in run.stdout, run.stdout
+    run = loraops_run("combine", a, "--block-weights", ",".join(["1"] * 17), "-o", tmp_path / "o.safetensors")
+    assert run.returncode == 0 and "note: the result has the same ΔW as a@1" in run.stdout, run.stdout
