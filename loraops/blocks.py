@@ -38,6 +38,8 @@ MIDDLE = re.compile(r"^(?:mid_block|middle_block)_")
 # after OUT08, in a block no list weighs
 FIRST = re.compile(r"^(?:conv_in|time_embedding|time_embed|add_embedding|class_embedding|label_emb)_")
 LAST = re.compile(r"^(?:conv_out|conv_norm_out|out)_")
+# a transformer (attention) block's module: diffusers' attentions.N, the original's <block>.1 (its resampler is a conv)
+ATTENTION = re.compile(r"^(?:(?:down|up)_blocks_\d+_attentions_|(?:input|output)_blocks_\d+_1_(?!conv))")
 
 
 def block_of(name: str) -> str | None:
@@ -117,12 +119,17 @@ def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: 
 
 def told_unet(adapter: "Adapter") -> str | None:
     """The U-Net an adapter says it is for (SD or SDXL), else None: sd-scripts' metadata (ss_base_model_version
-    sdxl_…, or sd_v1/sd_v2…), or a second text encoder's modules (SDXL)."""
+    sdxl_…, or sd_v1/sd_v2…), a second text encoder's modules (SDXL), or attention in a block only one family has
+    there (OUT00–OUT02: SDXL; IN01, IN02: SD 1.x/2.x), as a diffusers-trained file without metadata tells it."""
     version = adapter.metadata.get("ss_base_model_version", "")
     if version.startswith("sdxl") or any(name.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "conditioner."))
                                          for name in adapter.modules):
         return SDXL
-    return SD if version.startswith("sd_v") else None
+    if version.startswith("sd_v"):
+        return SD
+    attention = {block_of(name) for name in adapter.modules if not TEXT_ENCODER.match(name) and ATTENTION.match(
+        name[UNET.match(name).end():].replace(".", "_"))}
+    return SDXL if attention & {"OUT00", "OUT01", "OUT02"} else SD if attention & {"IN01", "IN02"} else None
 
 
 def checked_lists(lists: "Sequence[str | Sequence[float]] | None", inputs: int) -> list[tuple[float, ...]] | None:

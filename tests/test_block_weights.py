@@ -458,3 +458,32 @@ def test_a_cat_of_one_block_weighted_adapter_is_not_said_to_keep_its_delta(tmp_p
     assert run.returncode == 0 and "[blocks 0,0," in run.stdout and "same ΔW" not in run.stdout, run.stdout
     run = loraops_run("combine", a, "--block-weights", ",".join(["1"] * 17), "-o", tmp_path / "o.safetensors")
     assert run.returncode == 0 and "note: the result has the same ΔW as a@1" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("modules, family, refused, accepted", [
+    # diffusers' SDXL: attention in up_blocks.0 (OUT00–OUT02), which SD 1.x/2.x's up_blocks.0 lacks
+    (["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+      "unet.up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_k"], "SDXL adapter: give it 12 or 20", 17, 12),
+    (["lora_unet_output_blocks_1_1_proj_in", "lora_unet_input_blocks_4_1_proj_in"], "SDXL adapter: give it 12 or 20",
+     26, 20),
+    # SD 1.x/2.x: attention in down_blocks.0 (IN01, IN02), which SDXL's lacks, and no module in a block SDXL lacks
+    (["lora_unet_down_blocks_0_attentions_1_proj_in", "lora_unet_up_blocks_1_attentions_0_proj_out"],
+     "SD 1.x/2.x adapter: give it 17 or 26", 20, 26),
+])
+def test_the_family_is_told_by_where_the_attention_is(tmp_path, modules, family, refused, accepted):
+    """A file without sd-scripts' metadata or a second text encoder (diffusers-trained, U-Net only) is told SDXL or
+    SD 1.x/2.x by its attention blocks: the other family's list (which would weigh other blocks than meant, e.g. a
+    17-list leaves SDXL's main attention blocks OUT00–OUT02 at 1) is refused; its own family's list is taken."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m in modules:
+        if m.startswith("lora_unet_"):
+            tensors |= {f"{m}.lora_down.weight": torch.randn(2, 8, generator=g), f"{m}.lora_up.weight": torch.randn(8, 2)}
+        else:
+            tensors |= {f"{m}.lora_A.weight": torch.randn(2, 8, generator=g), f"{m}.lora_B.weight": torch.randn(8, 2)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    with pytest.raises(InvalidInputError, match=f"is an {family} block weights, not {refused}"):
+        combine([str(tmp_path / "a.safetensors")], "cat", block_weights=[[0.5] * refused], name="r")
+    combine([str(tmp_path / "a.safetensors")], "cat", block_weights=[[0.5] * accepted], name="a")
