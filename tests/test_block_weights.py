@@ -487,3 +487,18 @@ def test_the_family_is_told_by_where_the_attention_is(tmp_path, modules, family,
     with pytest.raises(InvalidInputError, match=f"is an {family} block weights, not {refused}"):
         combine([str(tmp_path / "a.safetensors")], "cat", block_weights=[[0.5] * refused], name="r")
     combine([str(tmp_path / "a.safetensors")], "cat", block_weights=[[0.5] * accepted], name="a")
+
+
+@pytest.mark.parametrize("sdxl, paths", [(False, SD_LDM), (True, SDXL_LDM)])
+def test_no_module_of_one_family_tells_the_other(sdxl, paths):
+    """Every module of each U-Net, under each naming, alone in an adapter without metadata: told its own family or
+    none (an upsampler's conv, output_blocks.2.1.conv in SD 1.x, is no attention), never the other."""
+    from types import SimpleNamespace
+
+    from loraops.blocks import SD, SDXL, told_unet
+
+    for path in paths:
+        diffusers = ldm.unet_path(path, sdxl)
+        for name in (path, "model.diffusion_model." + path, "lora_unet_" + path.replace(".", "_"), "unet." + diffusers,
+                     "lora_unet_" + diffusers.replace(".", "_")):
+            assert told_unet(SimpleNamespace(metadata={}, modules={name: None})) in (None, SDXL if sdxl else SD), name
