@@ -427,7 +427,8 @@ def test_a_list_of_ones_leaves_a_dora_adapter_beside_a_block_weighted_one(tmp_pa
     g = torch.Generator().manual_seed(0)
     save_file({f"{m}.lora_A.weight": torch.randn(2, 8, 1, 1, generator=g),
                f"{m}.lora_B.weight": torch.randn(8, 2, 1, 1, generator=g) * 0.1,
-               f"{m}.lora_magnitude_vector": torch.rand(1, 8, 1, 1, generator=g) + 1}, str(tmp_path / "dora.safetensors"))
+               f"{m}.lora_magnitude_vector": torch.rand(1, 8, 1, 1, generator=g) + 1},
+              str(tmp_path / "dora.safetensors"))
     assert weight.shape == (8, 8, 1, 1)
     dora, half = tmp_path / "dora.safetensors", ",".join(["0.5"] * 17)
     into = ["--into", tmp_path / "base.safetensors", "--device", "cpu", "--no-record"]
@@ -440,7 +441,8 @@ def test_a_list_of_ones_leaves_a_dora_adapter_beside_a_block_weighted_one(tmp_pa
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
     on_other_blocks = ["0.5"] * 17
     on_other_blocks[1] = "1"  # IN01, the DoRA module's block
-    run = loraops_run("merge", dora, *into, "--block-weights", ",".join(on_other_blocks), "-o", tmp_path / "d.safetensors")
+    run = loraops_run("merge", dora, *into, "--block-weights", ",".join(on_other_blocks),
+                      "-o", tmp_path / "d.safetensors")
     assert run.returncode == 0, run.stderr
     run = loraops_run("merge", dora, *into, "--block-weights", half, "-o", tmp_path / "e.safetensors")
     assert run.returncode != 0 and "is DoRA" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
@@ -479,10 +481,8 @@ def test_the_family_is_told_by_where_the_attention_is(tmp_path, modules, family,
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for m in modules:
-        if m.startswith("lora_unet_"):
-            tensors |= {f"{m}.lora_down.weight": torch.randn(2, 8, generator=g), f"{m}.lora_up.weight": torch.randn(8, 2)}
-        else:
-            tensors |= {f"{m}.lora_A.weight": torch.randn(2, 8, generator=g), f"{m}.lora_B.weight": torch.randn(8, 2)}
+        down, up = ("lora_down", "lora_up") if m.startswith("lora_unet_") else ("lora_A", "lora_B")
+        tensors |= {f"{m}.{down}.weight": torch.randn(2, 8, generator=g), f"{m}.{up}.weight": torch.randn(8, 2)}
     save_file(tensors, str(tmp_path / "a.safetensors"))
     with pytest.raises(InvalidInputError, match=f"is an {family} block weights, not {refused}"):
         combine([str(tmp_path / "a.safetensors")], "cat", block_weights=[[0.5] * refused], name="r")
