@@ -659,7 +659,8 @@ def test_lora_on_experts_and_router_of_a_per_expert_fp8_checkpoint(tmp_path):
         engine.merge(tmp_path / source, [(adapter, 1.0)], tmp_path / out, dtype=dtype, device="cpu", fingerprint=False)
     reference, fp32, kept = (tensors(tmp_path / out) for out in ("reference", "fp32", "kept"))
     touched = [n for n in fp8 if f"{n}_scale_inv" in fp8 and not torch.equal(reference[n], decoded[n])]
-    assert sum(".experts." in n for n in touched) == 2 * 4 * 3 and sum(n.endswith("mlp.gate.weight") for n in touched) == 2
+    assert sum(".experts." in n for n in touched) == 2 * 4 * 3  # 2 layers × 4 experts × (gate, up, down)
+    assert sum(n.endswith("mlp.gate.weight") for n in touched) == 2  # each layer's router
     for name in (n for n in fp8 if f"{n}_scale_inv" in fp8):
         assert torch.equal(fp32[name], reference[name]), name
         q, inverse = fp8_quantize(reference[name], BLOCK) if name in touched else (fp8[name], fp8[f"{name}_scale_inv"])
