@@ -38,6 +38,8 @@ MIDDLE = re.compile(r"^(?:mid_block|middle_block)_")
 # after OUT08, in a block no list weighs
 FIRST = re.compile(r"^(?:conv_in|time_embedding|time_embed|add_embedding|class_embedding|label_emb)_")
 LAST = re.compile(r"^(?:conv_out|conv_norm_out|out)_")
+# a transformer (attention) block's module: diffusers' attentions.N, the original's <block>.1 (its resampler is a conv)
+ATTENTION = re.compile(r"^(?:(?:down|up)_blocks_\d+_attentions_|(?:input|output)_blocks_\d+_1_(?!conv))")
 
 
 def block_of(name: str) -> str | None:
@@ -94,13 +96,15 @@ def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: 
     adapter, weights = adapter_argument(adapter, "block_weighted"), checked(weights)
     unet = LAYOUTS[len(weights)][0]
     by_block = _by_block(weights)
-    if adapter.full_tensors or adapter.token_rows:
+    # a list of 1s leaves the adapter as it is (the error for a missing list says to give one): refused only where
+    # a weight other than 1 would apply
+    if (adapter.full_tensors or adapter.token_rows) and any(w != 1 for w in weights):
         raise InvalidInputError(f"{label}: block weights scale LoRA deltas; this adapter also replaces whole tensors "
                                 "(modules_to_save or trainable tokens), which have no block weight")
     modules = {}
     for name, module in adapter.modules.items():
         block = block_of(name)
-        if module.dora:
+        if module.dora and by_block.get(block, 1.0) != 1:
             raise InvalidInputError(f"{label}: module {name!r} is DoRA, whose merge is not linear in its ΔW: block "
                                     "weights are for plain LoRA, LoCon, LoHa and LoKr modules")
         if unet == SDXL and block in SD_ONLY:
@@ -117,12 +121,17 @@ def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: 
 
 def told_unet(adapter: "Adapter") -> str | None:
     """The U-Net an adapter says it is for (SD or SDXL), else None: sd-scripts' metadata (ss_base_model_version
-    sdxl_…, or sd_v1/sd_v2…), or a second text encoder's modules (SDXL)."""
+    sdxl_…, or sd_v1/sd_v2…), a second text encoder's modules (SDXL), or attention in a block only one family has
+    there (OUT00–OUT02: SDXL; IN01, IN02: SD 1.x/2.x), as a diffusers-trained file without metadata tells it."""
     version = adapter.metadata.get("ss_base_model_version", "")
     if version.startswith("sdxl") or any(name.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "conditioner."))
                                          for name in adapter.modules):
         return SDXL
-    return SD if version.startswith("sd_v") else None
+    if version.startswith("sd_v"):
+        return SD
+    attention = {block_of(name) for name in adapter.modules if not TEXT_ENCODER.match(name) and ATTENTION.match(
+        name[UNET.match(name).end():].replace(".", "_"))}
+    return SDXL if attention & {"OUT00", "OUT01", "OUT02"} else SD if attention & {"IN01", "IN02"} else None
 
 
 def checked_lists(lists: "Sequence[str | Sequence[float]] | None", inputs: int) -> list[tuple[float, ...]] | None:

@@ -409,3 +409,96 @@ def test_exact_matches_block_weights_by_the_deltas_they_give(tmp_path):
                       ",".join(map(str, other)), "-o", tmp_path / "e2.safetensors")
     assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "[blocks 0.5,0.1,0.5" in run.stderr and f"({x}:0.7 [blocks 0.5,0.5," in run.stderr, run.stderr
+
+
+def test_a_list_of_ones_leaves_a_dora_adapter_beside_a_block_weighted_one(tmp_path):
+    """The error for a missing list says a list of 1s leaves an adapter as it is: a DoRA adapter (or one with
+    modules_to_save) takes it, so it can be merged beside a block-weighted LoRA; a DoRA module's own block weighed by
+    other than 1 is still refused, and any other weight on an adapter with whole tensors."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from loraops.blocks import block_weighted
+
+    base, x = sd15_lora(tmp_path, MERGED["sd15"][:2], seed=4, name="x")  # IN01, IN03
+    weight = base["model.diffusion_model.input_blocks.1.1.proj_in.weight"]
+    m = "unet." + ldm.unet_path("input_blocks.1.1.proj_in", False)
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{m}.lora_A.weight": torch.randn(2, 8, 1, 1, generator=g),
+               f"{m}.lora_B.weight": torch.randn(8, 2, 1, 1, generator=g) * 0.1,
+               f"{m}.lora_magnitude_vector": torch.rand(1, 8, 1, 1, generator=g) + 1},
+              str(tmp_path / "dora.safetensors"))
+    assert weight.shape == (8, 8, 1, 1)
+    dora, half = tmp_path / "dora.safetensors", ",".join(["0.5"] * 17)
+    into = ["--into", tmp_path / "base.safetensors", "--device", "cpu", "--no-record"]
+    run = loraops_run("merge", dora, x, *into, "--block-weights", ",".join(["1"] * 17),
+                      "--block-weights", ",".join(["0.5"] * 26), "-o", tmp_path / "m.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert loraops_run("merge", dora, f"{x}:0.5", *into, "-o", tmp_path / "r.safetensors").returncode == 0
+    got, expected = load_file(str(tmp_path / "m.safetensors")), load_file(str(tmp_path / "r.safetensors"))
+    for key in expected:  # all 0.5 on x's blocks = x at 0.5
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    on_other_blocks = ["0.5"] * 17
+    on_other_blocks[1] = "1"  # IN01, the DoRA module's block
+    run = loraops_run("merge", dora, *into, "--block-weights", ",".join(on_other_blocks),
+                      "-o", tmp_path / "d.safetensors")
+    assert run.returncode == 0, run.stderr
+    run = loraops_run("merge", dora, *into, "--block-weights", half, "-o", tmp_path / "e.safetensors")
+    assert run.returncode != 0 and "is DoRA" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    adapter = read_adapter(x)
+    whole = replace(adapter, full_tensors={"unet.conv_out.weight": torch.zeros(4, 8, 3, 3)})
+    assert block_weighted(whole, [1.0] * 17, "w").modules.keys() == adapter.modules.keys()
+    with pytest.raises(InvalidInputError, match="replaces whole tensors"):
+        block_weighted(whole, [0.5] * 17, "w")
+
+
+def test_a_cat_of_one_block_weighted_adapter_is_not_said_to_keep_its_delta(tmp_path):
+    """`combine a` (cat, weight 1) notes that the result has a's ΔW; with block weights other than 1 it does not."""
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    run = loraops_run("combine", a, "--block-weights", ",".join(["0"] * 26), "-o", tmp_path / "z.safetensors")
+    assert run.returncode == 0 and "[blocks 0,0," in run.stdout and "same ΔW" not in run.stdout, run.stdout
+    run = loraops_run("combine", a, "--block-weights", ",".join(["1"] * 17), "-o", tmp_path / "o.safetensors")
+    assert run.returncode == 0 and "note: the result has the same ΔW as a@1" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("modules, family, refused, accepted", [
+    # diffusers' SDXL: attention in up_blocks.0 (OUT00–OUT02), which SD 1.x/2.x's up_blocks.0 lacks
+    (["unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+      "unet.up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_k"], "SDXL adapter: give it 12 or 20", 17, 12),
+    (["lora_unet_output_blocks_1_1_proj_in", "lora_unet_input_blocks_4_1_proj_in"], "SDXL adapter: give it 12 or 20",
+     26, 20),
+    # SD 1.x/2.x: attention in down_blocks.0 (IN01, IN02), which SDXL's lacks, and no module in a block SDXL lacks
+    (["lora_unet_down_blocks_0_attentions_1_proj_in", "lora_unet_up_blocks_1_attentions_0_proj_out"],
+     "SD 1.x/2.x adapter: give it 17 or 26", 20, 26),
+])
+def test_the_family_is_told_by_where_the_attention_is(tmp_path, modules, family, refused, accepted):
+    """A file without sd-scripts' metadata or a second text encoder (diffusers-trained, U-Net only) is told SDXL or
+    SD 1.x/2.x by its attention blocks: the other family's list (which would weigh other blocks than meant, e.g. a
+    17-list leaves SDXL's main attention blocks OUT00–OUT02 at 1) is refused; its own family's list is taken."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m in modules:
+        down, up = ("lora_down", "lora_up") if m.startswith("lora_unet_") else ("lora_A", "lora_B")
+        tensors |= {f"{m}.{down}.weight": torch.randn(2, 8, generator=g), f"{m}.{up}.weight": torch.randn(8, 2)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    with pytest.raises(InvalidInputError, match=f"is an {family} block weights, not {refused}"):
+        combine([str(tmp_path / "a.safetensors")], "cat", block_weights=[[0.5] * refused], name="r")
+    combine([str(tmp_path / "a.safetensors")], "cat", block_weights=[[0.5] * accepted], name="a")
+
+
+@pytest.mark.parametrize("sdxl, paths", [(False, SD_LDM), (True, SDXL_LDM)])
+def test_no_module_of_one_family_tells_the_other(sdxl, paths):
+    """Every module of each U-Net, under each naming, alone in an adapter without metadata: told its own family or
+    none (an upsampler's conv, output_blocks.2.1.conv in SD 1.x, is no attention), never the other."""
+    from types import SimpleNamespace
+
+    from loraops.blocks import SD, SDXL, told_unet
+
+    for path in paths:
+        diffusers = ldm.unet_path(path, sdxl)
+        for name in (path, "model.diffusion_model." + path, "lora_unet_" + path.replace(".", "_"), "unet." + diffusers,
+                     "lora_unet_" + diffusers.replace(".", "_")):
+            assert told_unet(SimpleNamespace(metadata={}, modules={name: None})) in (None, SDXL if sdxl else SD), name

@@ -628,3 +628,41 @@ def test_a_nan_or_inf_scale_of_the_base_stays_where_deltas_may_overflow(scale, t
     assert torch.equal(torch.isnan(ours), nan) and torch.equal(ours[inf], exact[inf])
     finite = ~(inf | nan)
     assert bool(((ours - exact).abs()[finite] <= unit_of_rounding(exact.abs(), torch.bfloat16)[finite]).all())
+
+
+def test_lora_on_experts_and_router_of_a_per_expert_fp8_checkpoint(tmp_path):
+    """The published FP8 MoE layout (DeepSeek-V3, Qwen3-MoE: each expert its own FP8 Linear with its block scales)
+    under PEFT's target_parameters LoRA on the fused experts and the router (gate.weight, quantized here too): --dtype
+    fp32 equals the merge into the float32 model holding the decoded values bit for bit, the FP8 output is that result
+    quantized, every expert and the router changed."""
+    from test_moe import FAMILIES, peft_model
+
+    model_type, cls, config = FAMILIES["deepseek_v3"]
+    base = tiny_transformers(tmp_path / "base", model_type, cls, **config)
+    peft_model(base, "deepseek_v3").save_pretrained(tmp_path / "lora")
+    adapter = formats.read_adapter(tmp_path / "lora")
+    state, fp8, decoded = tensors(base), {}, {}
+    for name, t in state.items():
+        if t.dim() == 2 and name.endswith("proj.weight") or name.endswith("mlp.gate.weight"):
+            fp8[name], fp8[f"{name}_scale_inv"] = fp8_quantize(t, BLOCK)
+            decoded[name] = fp8_dequantize(fp8[name], fp8[f"{name}_scale_inv"], BLOCK).float()
+        else:
+            fp8[name] = decoded[name] = t
+    for name, files in (("fp8", fp8), ("decoded", decoded)):
+        (tmp_path / name).mkdir()
+        shutil.copy(base / "config.json", tmp_path / name)
+        save_file(files, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(BLOCK)}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    for source, out, dtype in (("decoded", "reference", None), ("fp8", "fp32", "fp32"), ("fp8", "kept", None)):
+        engine.merge(tmp_path / source, [(adapter, 1.0)], tmp_path / out, dtype=dtype, device="cpu", fingerprint=False)
+    reference, fp32, kept = (tensors(tmp_path / out) for out in ("reference", "fp32", "kept"))
+    touched = [n for n in fp8 if f"{n}_scale_inv" in fp8 and not torch.equal(reference[n], decoded[n])]
+    assert sum(".experts." in n for n in touched) == 2 * 4 * 3  # 2 layers × 4 experts × (gate, up, down)
+    assert sum(n.endswith("mlp.gate.weight") for n in touched) == 2  # each layer's router
+    for name in (n for n in fp8 if f"{n}_scale_inv" in fp8):
+        assert torch.equal(fp32[name], reference[name]), name
+        q, inverse = fp8_quantize(reference[name], BLOCK) if name in touched else (fp8[name], fp8[f"{name}_scale_inv"])
+        assert torch.equal(kept[f"{name}_scale_inv"], inverse), name
+        assert torch.equal(kept[name].view(torch.uint8), q.view(torch.uint8)), name

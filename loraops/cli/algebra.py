@@ -208,7 +208,7 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
     click.echo(f"{len(report.modules)} modules, rank {rank_text}, {report.parameters:,} parameters, {report.precision} on {report.device}, {report.seconds:.2f} s")
     click.echo(f"re-factorization error (relative Frobenius): max {report.error_max:.3g}, mean {report.error_mean:.3g}")
     echo_capped(report, ((m.rank, m.spatial) for m in report.modules), rank_ceiling(method))
-    if method == "cat" and [i.weight for i in report.inputs] == [1]:
+    if method == "cat" and [(i.weight, i.block_weights) for i in report.inputs] == [(1, None)]:
         echo_same_delta(report.inputs[0].ref, "a cat of one adapter at weight 1")
     echo_saved(result, name)
 
