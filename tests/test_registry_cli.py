@@ -740,6 +740,38 @@ def test_a_sigterm_as_rm_commits_is_said_as_a_ctrl_c_is(art, monkeypatch, capsys
         assert reg.list_adapters() == []
 
 
+@pytest.mark.parametrize("signum", [2, 15])
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_a_ctrl_c_as_base_add_commits_says_the_base_was_added(art, monkeypatch, capsys, what, signum):
+    """`base add` interrupted in the instant its record committed said "nothing was written" of a base the registry
+    had recorded (it told what it added only after the library call returned): the commit and what it tells are one
+    step, as for register. SIGTERM is said the same way, exit 143."""
+    from loraops.cli import exit_status
+
+    path = art["base"] if what == "folder" else art["base"] / "model.safetensors"
+    capsys.readouterr()
+    factories.interrupted_as_a_write_commits(monkeypatch, signum)
+    assert exit_status(["base", "add", str(path), "--name", "llama-tiny"]) == 128 + signum
+    assert capsys.readouterr().err == "error: interrupted after base llama-tiny was added\n"
+    with Registry.open() as reg:
+        assert [(b.name, b.num_tensors) for b in reg.list_bases()] == [("llama-tiny", 21)]
+
+
+def test_base_add_interrupted_before_its_commit_leaves_nothing(art, monkeypatch):
+    """The other side: interrupted while its tensors are written, before the commit, nothing is recorded."""
+    from loraops.registry.store import Registry as Store
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "_base_record", interrupted)
+        result = CliRunner().invoke(main, ["base", "add", str(art["base"])])
+    assert (result.exit_code, result.output) == (130, "error: interrupted; nothing was written\n")
+    with Registry.open() as reg:
+        assert reg.list_bases() == []
+
+
 @pytest.mark.parametrize("step", ["in the store", "before the commit"])
 def test_register_interrupted_before_its_commit_leaves_nothing(art, monkeypatch, step):
     """The other side of test_a_ctrl_c_as_a_registry_change_commits_says_what_changed: interrupted while its files

@@ -275,12 +275,13 @@ class Registry:
         return self.register_base(path, name=name, source=source, lineage=lineage, progress=progress)[0]
 
     def register_base(self, path: str | Path, *, name: str | None = None, source: str | None = None,
-                      lineage: LineageSpec | None = None, progress: bool | None = None) -> tuple[BaseRecord, bool]:
+                      lineage: LineageSpec | None = None, progress: bool | None = None,
+                      told: Callable[[tuple[BaseRecord, bool]], str | None] | None = None) -> tuple[BaseRecord, bool]:
         """Record the base model at ``path`` (its manifest and fingerprint; the files stay where they are).
 
         The same tensors added again (by fingerprint) return the existing record, whatever the name; its path is
         updated when the old one is gone. A name used by another model is refused. ``lineage`` marks a derived
-        base (a merge) and says how it was made. Returns (record, whether it is new)."""
+        base (a merge) and says how it was made. Returns (record, whether it is new). ``told``: see write."""
         from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
@@ -320,14 +321,16 @@ class Registry:
             ])
             return self._base_record(s, row), True
 
-        return self.write(f"record base {name!r}", work)
+        return self.write(f"record base {name!r}", work, told)
 
     def register_manifest_base(self, *, name: str, source: str, tensors: dict[str, tuple[str, tuple[int, ...]]],
-                               dtype: str, total_bytes: int) -> tuple[BaseRecord, bool]:
+                               dtype: str, total_bytes: int,
+                               told: Callable[[tuple[BaseRecord, bool]], str | None] | None = None,
+                               ) -> tuple[BaseRecord, bool]:
         """Record a base known only by its manifest (name → (dtype, shape), read remotely: loraops.hub reads it from
         the safetensors headers on the Hub). It has no files yet (path None) and its fingerprint is a placeholder,
         sha256 over the source and the manifest, until attach_base_files gives it its files. The same source again
-        returns the existing record. Returns (record, whether it is new)."""
+        returns the existing record. Returns (record, whether it is new). ``told``: see write."""
         import json
 
         name = check_name(name, "base")
@@ -351,7 +354,7 @@ class Registry:
                 {"base_id": row.id, "name": t, "dtype": d, "shape": sh} for t, d, sh in manifest])
             return self._base_record(s, row), True
 
-        return self.write(f"record base {name!r}", work)
+        return self.write(f"record base {name!r}", work, told)
 
     def attach_base_files(self, ref: str | int, path: str | Path, progress: bool | None = None) -> BaseRecord:
         """Give a base its files (e.g. a manifest-only base once downloaded): the manifest must be the recorded one;
