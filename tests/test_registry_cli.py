@@ -368,13 +368,15 @@ def test_a_registry_in_a_folder_that_cannot_be_written_is_read_only(art, isolate
     """An SQLite registry in WAL mode cannot even be read from a folder the process may not write (the -shm file):
     it is opened read-only instead, reads work, and anything that would record says why it cannot."""
     cli("register", art["ad1"], "--name", "ad1")
+    folders = [str(isolated_home), str(isolated_home / "blobs")]  # (a read-only share: its store too)
     if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute stops it
-        if subprocess.run(["chattr", "+i", str(isolated_home)], capture_output=True).returncode != 0:
+        if subprocess.run(["chattr", "+i", *folders], capture_output=True).returncode != 0:
             pytest.skip("needs chattr (running as root)")
-        undo = ["chattr", "-i", str(isolated_home)]
+        undo = ["chattr", "-i", *folders]
     else:
-        isolated_home.chmod(0o555)
-        undo = ["chmod", "755", str(isolated_home)]
+        for folder in folders:
+            Path(folder).chmod(0o555)
+        undo = ["chmod", "755", *folders]
     try:
         assert "ad1@1" in cli("list").output
         assert cli("verify").output.startswith("all stored files of 1 adapter(s) match")
@@ -385,6 +387,12 @@ def test_a_registry_in_a_folder_that_cannot_be_written_is_read_only(art, isolate
         result = cli("register", art["kohya"], code=6)
         assert result.output == (f"error: the registry {isolated_home}/registry.db is read-only here (it is in a folder "
                                  "this process cannot write): nothing can be recorded\n")
+        # combine and resize register their result: refused as register is, before computing (they failed once
+        # computed, "error: …/blobs: Permission denied", exit 2); `db current` reads (it failed "attempt to write a
+        # readonly database", exit 6)
+        for args in (["combine", "ad1", "ad1", "--name", "twice"], ["resize", "ad1", "--rank", "2"]):
+            assert cli(*args, code=6).output == result.output, args
+        assert cli("db", "current").output == f"sqlite:///{isolated_home}/registry.db: revision {db.HEAD} (head)\n"
     finally:
         subprocess.run(undo, check=True)
     assert [r.name for r in Registry.open().list_adapters()] == ["ad1"]

@@ -45,12 +45,16 @@ def current() -> None:
     if regdb.missing_sqlite_file(engine):
         click.echo(f"{_url(engine)}: no registry there yet ({regdb.CREATED_BY})")
         return
+    # a registry in a folder this process cannot write is read over a read-only connection, as `list` reads it
+    # (SQLite's WAL needs the folder writable even to read): it failed "attempt to write a readonly database"
+    reading = (regdb.read_only_fallback(engine) if regdb.unwritable(engine) else None) or engine
     try:
-        regdb.refuse_foreign(engine)
-        with regdb.connected(engine) as connection:
+        regdb.refuse_foreign(reading)
+        with regdb.connected(reading) as connection:
             revision = regdb.current_revision(connection)
             tables = regdb.unversioned_tables(connection) if revision is None else []
     finally:
+        reading.dispose()
         engine.dispose()
     if revision == regdb.HEAD:
         state = "(head)"
