@@ -197,6 +197,11 @@ def test_newer_revision_is_refused():
 
     shown = CliRunner().invoke(main, ["db", "current"]).output  # not "run `loraops db upgrade`", which refuses
     assert shown.endswith(f"revision f00d (written by a newer loraops; this one's head is {db.HEAD}: upgrade loraops)\n")
+    # `db stamp` said "`loraops db upgrade` migrates it", which refuses it as newer
+    stamped = CliRunner().invoke(main, ["db", "stamp"])
+    assert (stamped.exit_code, stamped.stderr) == (6, f"error: the registry at {eng.url.render_as_string()} already "
+                                                      "records revision f00d, written by a newer loraops; upgrade "
+                                                      "loraops\n")
 
 
 def _schema(eng) -> dict:

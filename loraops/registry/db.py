@@ -205,6 +205,9 @@ def stamp(engine: Engine) -> bool:
         if current is not None:
             if current == HEAD:
                 return False
+            if not known_revision(current):  # (`db upgrade` refuses it too)
+                raise RegistryError(f"the registry at {_safe(engine)} already records revision {current}, written by "
+                                    "a newer loraops; upgrade loraops")
             raise RegistryError(f"the registry at {_safe(engine)} already records revision {current}; "
                                 "`loraops db upgrade` migrates it")
         if not unversioned_tables(connection):
