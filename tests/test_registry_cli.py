@@ -358,6 +358,18 @@ def test_an_unwritable_output_is_bad_input_naming_the_users_path(art, tmp_path, 
     assert not [p for p in (tmp_path / "ro").iterdir()]
 
 
+def test_a_default_name_starts_with_a_letter_or_digit(art, tmp_path):
+    """A folder or file whose name starts with '_' (or '+') gave that name as the default, which check_name refuses:
+    `register _lora` failed "bad adapter name '_lora'" for a name the user never gave. Such characters are dropped."""
+    import shutil
+
+    folder = shutil.copytree(art["ad1"], tmp_path / "_lora")
+    assert cli("register", folder).output.startswith("registered lora@1 ")
+    single = tmp_path / "+tiny.safetensors"
+    shutil.copy(art["base"] / "model.safetensors", single)
+    assert cli("base", "add", single).output.startswith("added base tiny ")
+
+
 def test_base_add_refuses_an_adapter(art):
     result = cli("base", "add", art["ad1"], code=2)
     assert result.output == f"error: {art['ad1']}: this is a LoRA adapter, not a base model; register it with `loraops register {art['ad1']}`\n"

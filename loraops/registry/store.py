@@ -1194,9 +1194,11 @@ def default_name(path: Path) -> str:
 
 
 def name_part(text: str) -> str:
-    """``text`` (a file or folder name) as one '/'-separated part of a name: each run of characters a name cannot
-    hold becomes '-'."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.") or "unnamed"
+    """``text`` (a file or folder name) as one '/'-separated part of a name: each run of characters a name
+    cannot hold becomes '-', and it starts with a letter or digit (a folder `_lora` gave '_lora', which check_name
+    refuses: an error for a name never given)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", text)
+    return re.sub(r"^[^A-Za-z0-9]+", "", cleaned).rstrip("-.") or "unnamed"
 
 
 def check_name(name: str, what: str) -> str:
