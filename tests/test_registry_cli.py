@@ -292,6 +292,17 @@ def test_unusable_registry_urls_are_one_line_errors(url, says, command, tmp_path
 
 
 @pytest.mark.no_registry
+def test_an_unreachable_server_is_the_same_line_for_reads_and_writes(art, tmp_path, monkeypatch):
+    """`list` (over the driver) and `register` / `db current` (over SQLAlchemy) said one refused connection in two
+    ways: the latter with SQLAlchemy's "(psycopg.OperationalError) " before the driver's line."""
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))
+    url = "postgresql+psycopg://me@127.0.0.1:1/x"
+    said = {cli("--db", url, *args, code=6).output for args in (["list"], ["register", art["ad1"]], ["db", "current"])}
+    assert len(said) == 1 and next(iter(said)).startswith(f"error: cannot open the registry at {url}: connection "
+                                                          "failed: "), said
+
+
+@pytest.mark.no_registry
 def test_db_current_does_not_create_a_registry(tmp_path):
     url = f"sqlite:///{tmp_path}/missing/registry.db"
     assert cli("--db", url, "db", "current").output == \

@@ -479,4 +479,7 @@ def cannot_open(url, exc: BaseException) -> RegistryError:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The driver's own first line: SQLAlchemy's wrapper prefixes it with the driver's class ("(psycopg.Operational
+    Error) connection failed: …"), which the plain reads (reads.reader, over the driver) did not say."""
+    exc = getattr(exc, "orig", None) or exc
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
