@@ -381,6 +381,15 @@ def test_a_default_name_starts_with_a_letter_or_digit(art, tmp_path):
     assert cli("base", "add", single).output.startswith("added base tiny ")
 
 
+def test_list_name_refuses_a_reference(art):
+    """`list --name a@1` listed nothing (no name holds '@'), as if no such adapter were registered."""
+    cli("register", art["ad1"], "--name", "a")
+    assert cli("list", "--name", "a@1", code=2).output == (
+        "error: 'a@1' is a reference, not a name: list --name takes the name alone (`loraops show a@1` shows that "
+        "version)\n")
+    assert [r.split()[1] for r in cli("list", "--name", "a").output.splitlines()[2:]] == ["a@1"]
+
+
 def test_base_add_refuses_an_adapter(art):
     result = cli("base", "add", art["ad1"], code=2)
     assert result.output == f"error: {art['ad1']}: this is a LoRA adapter, not a base model; register it with `loraops register {art['ad1']}`\n"

@@ -145,6 +145,9 @@ class Reader:
         if base is not None:
             where.append("a.base_id = ?")
             params.append(self.base_id(base, "base"))
+        if name is not None and "@" in name:  # (a name has none: it listed nothing, as if no such adapter)
+            raise InvalidInputError(f"{name!r} is a reference, not a name: list --name takes the name alone (`loraops show "
+                                    f"{name}` shows that version)")
         if name is not None:
             where.append("a.name = ?")
             params.append(name)
