@@ -390,6 +390,22 @@ def test_list_name_refuses_a_reference(art):
     assert [r.split()[1] for r in cli("list", "--name", "a").output.splitlines()[2:]] == ["a@1"]
 
 
+def test_base_add_of_moved_files_says_the_record_follows_them(art, tmp_path):
+    """The same model added from a new place once its recorded files are gone moves the record there: it said only
+    "already registered as base …", the change unsaid."""
+    import shutil
+
+    first = shutil.copytree(art["base"], tmp_path / "here")
+    cli("base", "add", first, "--name", "llama-tiny")
+    moved = first.rename(tmp_path / "there")
+    result = cli("base", "add", moved)
+    assert result.stdout.startswith("already registered as base llama-tiny (id 1, ")
+    assert result.stderr == (f"note: base llama-tiny: its files were no longer at {first}; recorded at {moved} now\n")
+    assert cli("base", "add", moved).stderr == ""  # (nothing moved this time)
+    with Registry.open() as reg:
+        assert reg.get_base("llama-tiny").path == str(moved)
+
+
 def test_base_add_refuses_an_adapter(art):
     result = cli("base", "add", art["ad1"], code=2)
     assert result.output == f"error: {art['ad1']}: this is a LoRA adapter, not a base model; register it with `loraops register {art['ad1']}`\n"

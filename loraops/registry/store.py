@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import math
 import os
 import random
@@ -294,11 +295,14 @@ class Registry:
         fingerprint = model.fingerprint(progress=progress)
         name = check_name(default_name(Path(path)) if name is None else name, "base")
         where = str(resolved(path))
+        moved: list[str] = []  # where its files were recorded, when they were gone from there
 
         def work(s: Session) -> tuple[BaseRecord, bool]:
+            moved.clear()
             existing = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint))
             if existing is not None:
                 if existing.path != where and not Path(existing.path or "").exists():
+                    moved.append(existing.path)
                     existing.path = where
                 return self._base_record(s, existing), False
             taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
@@ -321,7 +325,11 @@ class Registry:
             ])
             return self._base_record(s, row), True
 
-        return self.write(f"record base {name!r}", work, told)
+        done = self.write(f"record base {name!r}", work, told)
+        if moved:  # (said: "already registered" alone hid that the record now points elsewhere)
+            logging.getLogger("loraops").info(f"base {done[0].name}: its files were no longer at {moved[0]}; "
+                                              f"recorded at {where} now")
+        return done
 
     def register_manifest_base(self, *, name: str, source: str, tensors: dict[str, tuple[str, tuple[int, ...]]],
                                dtype: str, total_bytes: int,
