@@ -382,12 +382,16 @@ def test_a_default_name_starts_with_a_letter_or_digit(art, tmp_path):
 
 
 def test_list_name_refuses_a_reference(art):
-    """`list --name a@1` listed nothing (no name holds '@'), as if no such adapter were registered."""
+    """`list --name a@1` listed nothing (no name holds '@'), as if no such adapter were registered; so did an empty
+    --name, --tag or --target."""
     cli("register", art["ad1"], "--name", "a")
     assert cli("list", "--name", "a@1", code=2).output == (
         "error: 'a@1' is a reference, not a name: list --name takes the name alone (`loraops show a@1` shows that "
         "version)\n")
     assert [r.split()[1] for r in cli("list", "--name", "a").output.splitlines()[2:]] == ["a@1"]
+    for option in ("--name", "--tag", "--target"):  # ("an empty --name is an error everywhere": list listed nothing)
+        assert cli("list", option, "", code=2).output == (f"error: empty {option[2:]}: give one, or leave that filter "
+                                                          "out\n")
 
 
 def test_base_add_of_moved_files_says_the_record_follows_them(art, tmp_path):
