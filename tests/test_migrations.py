@@ -369,3 +369,35 @@ def test_alembic_writes_to_the_stdout_of_the_moment():
               "db.alembic_config().print_stdout('printed')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "printed\n", done.stderr
+
+
+@pytest.mark.parametrize("command", ["upgrade", "stamp"])
+def test_a_ctrl_c_as_db_upgrade_or_stamp_commits_says_it_landed(command, monkeypatch):
+    """`db upgrade` and `db stamp` told what they changed only after the migration's commit returned: a Ctrl-C in
+    between said "nothing was written" of a registry upgraded (stamped). The commit and its line are one step now, as
+    every other command's open migrates under deferred interrupts."""
+    import signal
+
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    eng = engine()
+    db.ensure_schema(eng)
+    if command == "upgrade":
+        db.downgrade(eng, revisions()[-2])
+    else:
+        with eng.begin() as c:
+            c.execute(text("DELETE FROM alembic_version"))
+    real = getattr(db, command)
+
+    def then_ctrl_c(*args, **kwargs):
+        done = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return done
+
+    monkeypatch.setattr(db, command, then_ctrl_c)
+    result = CliRunner().invoke(main, ["db", command])
+    said = {"upgrade": f"the registry was upgraded to revision {db.HEAD}", "stamp": f"revision {db.HEAD} was recorded"}
+    assert (result.exit_code, result.stderr) == (130, f"error: interrupted after {said[command]}\n")
+    assert revision_of(eng) == db.HEAD

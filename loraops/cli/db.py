@@ -27,9 +27,10 @@ def upgrade() -> None:
     try:
         with regdb.connected(engine) as connection:
             before = regdb.current_revision(connection)
-        regdb.ensure_schema(engine, explicit=True)
-        if before != regdb.HEAD:
-            tell(f"interrupted after the registry was upgraded to revision {regdb.HEAD}")
+        with regdb.interrupts_deferred():  # (as every other command's open migrates): the commit and its line as one
+            regdb.ensure_schema(engine, explicit=True)
+            if before != regdb.HEAD:
+                tell(f"interrupted after the registry was upgraded to revision {regdb.HEAD}")
     finally:
         engine.dispose()
     if before == regdb.HEAD:
@@ -77,9 +78,10 @@ def stamp() -> None:
     try:
         regdb.refuse_missing(engine)
         regdb.refuse_foreign(engine)
-        recorded = regdb.stamp(engine)
-        if recorded:
-            tell(f"interrupted after revision {regdb.HEAD} was recorded")
+        with regdb.interrupts_deferred():  # (a Ctrl-C as it committed said "nothing was written")
+            recorded = regdb.stamp(engine)
+            if recorded:
+                tell(f"interrupted after revision {regdb.HEAD} was recorded")
     finally:
         engine.dispose()
     if recorded:
