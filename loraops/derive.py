@@ -258,12 +258,16 @@ def check_arguments(name: str | None, output: str | None, force: bool, refs: Seq
         refuse_output_over(output, refs)
 
 
-def check_output(reg: "Registry", output: str | None, fmt: str | None) -> None:
+def check_output(reg: "Registry", output: str | None, fmt: str | None, record: bool = True) -> None:
     """The output refused, once the registry is open and before any input is read: over the registry's own files,
     or misnamed for ``fmt``, given or known before the inputs are read (input_format; else write refuses it before
-    it computes, extract once it has read the models' headers, which say its layout)."""
+    it computes, extract once it has read the models' headers, which say its layout). ``record``: the result is
+    registered (combine, resize, extract; not export), so a read-only registry is refused first (it failed once
+    computed, on the store's scratch folder: "Permission denied", exit 2)."""
     from .formats import refuse_misnamed
 
+    if record:
+        reg.refuse_writes()
     if output is not None:
         reg.refuse_output_inside(output)
         if fmt is not None:
@@ -566,7 +570,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
     out_dtype(dtype)  # an unknown one refused before anything is read
     check_arguments(None, output, force, [ref])
     with opened(registry, create=False) as reg:
-        check_output(reg, output, fmt)
+        check_output(reg, output, fmt, record=False)
         label = os.fspath(ref)  # (a Path was pydantic's raw ValidationError from the report)
         if path_exists(ref):
             adapter = read_adapter(ref)

@@ -1203,10 +1203,10 @@ def _index_reader(ref: RepoRef, commit: str, token: str | None):
     return read_index
 
 
-def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None):
+def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: str | None = None, told=None):
     """Record a Hub base model in the registry from its remote manifest only (source hf://repo@commit): `check`
     works at once; the weights are downloaded when something needs them (Registry.base_path). Returns (BaseRecord,
-    whether it is new)."""
+    whether it is new). ``told``: see Registry.write."""
     from .registry.store import check_name
 
     from . import formats
@@ -1222,7 +1222,7 @@ def add_base(registry, ref: RepoRef | str, *, name: str | None = None, token: st
     added = registry.register_manifest_base(
         name=name, source=base.source,
         tensors={n: (t.dtype, t.shape) for n, t in base.tensors.items()},
-        dtype=max(nbytes, key=nbytes.get), total_bytes=sum(nbytes.values()))
+        dtype=max(nbytes, key=nbytes.get), total_bytes=sum(nbytes.values()), told=told)
     remember_ref(ref, base.commit)
     return added
 

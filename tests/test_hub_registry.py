@@ -372,6 +372,21 @@ def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, r
     assert registry.base_path("tiny") == path
 
 
+def test_a_ctrl_c_as_base_add_hub_commits_says_the_base_was_added(fake_hub, adapters, monkeypatch, capsys):
+    """`base add hub:` interrupted in the instant its manifest committed said "nothing was written" of a base the
+    registry had recorded; it says the base was added, as `base add PATH` and pull do."""
+    import factories
+    from loraops.cli import exit_status
+
+    fake_hub.commit_folder("meta/tiny", adapters["base"])
+    capsys.readouterr()
+    factories.interrupted_as_a_write_commits(monkeypatch)
+    assert exit_status(["base", "add", "hub:meta/tiny"]) == 130
+    assert capsys.readouterr().err == "error: interrupted after base tiny was added\n"
+    with Registry.open() as reg:
+        assert [b.name for b in reg.list_bases()] == ["tiny"]
+
+
 def test_an_offline_base_needs_its_weights_in_the_cache_and_no_other_file(fake_hub, adapters, tmp_path, monkeypatch):
     """Offline, a Hub base's weights come from the cache snapshot of its commit (a download that ran online, or
     `hf download --include`): huggingface_hub was asked for the whole snapshot and called it incomplete for the

@@ -197,6 +197,11 @@ def test_newer_revision_is_refused():
 
     shown = CliRunner().invoke(main, ["db", "current"]).output  # not "run `loraops db upgrade`", which refuses
     assert shown.endswith(f"revision f00d (written by a newer loraops; this one's head is {db.HEAD}: upgrade loraops)\n")
+    # `db stamp` said "`loraops db upgrade` migrates it", which refuses it as newer
+    stamped = CliRunner().invoke(main, ["db", "stamp"])
+    assert (stamped.exit_code, stamped.stderr) == (6, f"error: the registry at {eng.url.render_as_string()} already "
+                                                      "records revision f00d, written by a newer loraops; upgrade "
+                                                      "loraops\n")
 
 
 def _schema(eng) -> dict:
@@ -308,7 +313,7 @@ def test_stamp_of_a_file_that_is_no_database_is_one_line(tmp_path):
     url = f"sqlite:///{bad}"
     result = CliRunner().invoke(main, ["--db", url, "db", "stamp"])
     assert result.exit_code == 6, result.exception
-    assert result.stderr == f"error: cannot stamp the registry at {url}: (sqlite3.DatabaseError) file is not a database\n"
+    assert result.stderr == f"error: cannot stamp the registry at {url}: file is not a database\n"
     assert bad.read_bytes() == b"not a database, only text " * 8
 
 @pytest.mark.sqlite_only
@@ -364,3 +369,35 @@ def test_alembic_writes_to_the_stdout_of_the_moment():
               "db.alembic_config().print_stdout('printed')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "printed\n", done.stderr
+
+
+@pytest.mark.parametrize("command", ["upgrade", "stamp"])
+def test_a_ctrl_c_as_db_upgrade_or_stamp_commits_says_it_landed(command, monkeypatch):
+    """`db upgrade` and `db stamp` told what they changed only after the migration's commit returned: a Ctrl-C in
+    between said "nothing was written" of a registry upgraded (stamped). The commit and its line are one step now, as
+    every other command's open migrates under deferred interrupts."""
+    import signal
+
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    eng = engine()
+    db.ensure_schema(eng)
+    if command == "upgrade":
+        db.downgrade(eng, revisions()[-2])
+    else:
+        with eng.begin() as c:
+            c.execute(text("DELETE FROM alembic_version"))
+    real = getattr(db, command)
+
+    def then_ctrl_c(*args, **kwargs):
+        done = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return done
+
+    monkeypatch.setattr(db, command, then_ctrl_c)
+    result = CliRunner().invoke(main, ["db", command])
+    said = {"upgrade": f"the registry was upgraded to revision {db.HEAD}", "stamp": f"revision {db.HEAD} was recorded"}
+    assert (result.exit_code, result.stderr) == (130, f"error: interrupted after {said[command]}\n")
+    assert revision_of(eng) == db.HEAD

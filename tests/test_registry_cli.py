@@ -292,6 +292,17 @@ def test_unusable_registry_urls_are_one_line_errors(url, says, command, tmp_path
 
 
 @pytest.mark.no_registry
+def test_an_unreachable_server_is_the_same_line_for_reads_and_writes(art, tmp_path, monkeypatch):
+    """`list` (over the driver) and `register` / `db current` (over SQLAlchemy) said one refused connection in two
+    ways: the latter with SQLAlchemy's "(psycopg.OperationalError) " before the driver's line."""
+    monkeypatch.setenv("LORAOPS_BLOBS", str(tmp_path / "blobs"))
+    url = "postgresql+psycopg://me@127.0.0.1:1/x"
+    said = {cli("--db", url, *args, code=6).output for args in (["list"], ["register", art["ad1"]], ["db", "current"])}
+    assert len(said) == 1 and next(iter(said)).startswith(f"error: cannot open the registry at {url}: connection "
+                                                          "failed: "), said
+
+
+@pytest.mark.no_registry
 def test_db_current_does_not_create_a_registry(tmp_path):
     url = f"sqlite:///{tmp_path}/missing/registry.db"
     assert cli("--db", url, "db", "current").output == \
@@ -358,6 +369,47 @@ def test_an_unwritable_output_is_bad_input_naming_the_users_path(art, tmp_path, 
     assert not [p for p in (tmp_path / "ro").iterdir()]
 
 
+def test_a_default_name_starts_with_a_letter_or_digit(art, tmp_path):
+    """A folder or file whose name starts with '_' (or '+') gave that name as the default, which check_name refuses:
+    `register _lora` failed "bad adapter name '_lora'" for a name the user never gave. Such characters are dropped."""
+    import shutil
+
+    folder = shutil.copytree(art["ad1"], tmp_path / "_lora")
+    assert cli("register", folder).output.startswith("registered lora@1 ")
+    single = tmp_path / "+tiny.safetensors"
+    shutil.copy(art["base"] / "model.safetensors", single)
+    assert cli("base", "add", single).output.startswith("added base tiny ")
+
+
+def test_list_name_refuses_a_reference(art):
+    """`list --name a@1` listed nothing (no name holds '@'), as if no such adapter were registered; so did an empty
+    --name, --tag or --target."""
+    cli("register", art["ad1"], "--name", "a")
+    assert cli("list", "--name", "a@1", code=2).output == (
+        "error: 'a@1' is a reference, not a name: list --name takes the name alone (`loraops show a@1` shows that "
+        "version)\n")
+    assert [r.split()[1] for r in cli("list", "--name", "a").output.splitlines()[2:]] == ["a@1"]
+    for option in ("--name", "--tag", "--target"):  # ("an empty --name is an error everywhere": list listed nothing)
+        assert cli("list", option, "", code=2).output == (f"error: empty {option[2:]}: give one, or leave that filter "
+                                                          "out\n")
+
+
+def test_base_add_of_moved_files_says_the_record_follows_them(art, tmp_path):
+    """The same model added from a new place once its recorded files are gone moves the record there: it said only
+    "already registered as base …", the change unsaid."""
+    import shutil
+
+    first = shutil.copytree(art["base"], tmp_path / "here")
+    cli("base", "add", first, "--name", "llama-tiny")
+    moved = first.rename(tmp_path / "there")
+    result = cli("base", "add", moved)
+    assert result.stdout.startswith("already registered as base llama-tiny (id 1, ")
+    assert result.stderr == (f"note: base llama-tiny: its files were no longer at {first}; recorded at {moved} now\n")
+    assert cli("base", "add", moved).stderr == ""  # (nothing moved this time)
+    with Registry.open() as reg:
+        assert reg.get_base("llama-tiny").path == str(moved)
+
+
 def test_base_add_refuses_an_adapter(art):
     result = cli("base", "add", art["ad1"], code=2)
     assert result.output == f"error: {art['ad1']}: this is a LoRA adapter, not a base model; register it with `loraops register {art['ad1']}`\n"
@@ -368,13 +420,15 @@ def test_a_registry_in_a_folder_that_cannot_be_written_is_read_only(art, isolate
     """An SQLite registry in WAL mode cannot even be read from a folder the process may not write (the -shm file):
     it is opened read-only instead, reads work, and anything that would record says why it cannot."""
     cli("register", art["ad1"], "--name", "ad1")
+    folders = [str(isolated_home), str(isolated_home / "blobs")]  # (a read-only share: its store too)
     if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute stops it
-        if subprocess.run(["chattr", "+i", str(isolated_home)], capture_output=True).returncode != 0:
+        if subprocess.run(["chattr", "+i", *folders], capture_output=True).returncode != 0:
             pytest.skip("needs chattr (running as root)")
-        undo = ["chattr", "-i", str(isolated_home)]
+        undo = ["chattr", "-i", *folders]
     else:
-        isolated_home.chmod(0o555)
-        undo = ["chmod", "755", str(isolated_home)]
+        for folder in folders:
+            Path(folder).chmod(0o555)
+        undo = ["chmod", "755", *folders]
     try:
         assert "ad1@1" in cli("list").output
         assert cli("verify").output.startswith("all stored files of 1 adapter(s) match")
@@ -385,6 +439,12 @@ def test_a_registry_in_a_folder_that_cannot_be_written_is_read_only(art, isolate
         result = cli("register", art["kohya"], code=6)
         assert result.output == (f"error: the registry {isolated_home}/registry.db is read-only here (it is in a folder "
                                  "this process cannot write): nothing can be recorded\n")
+        # combine and resize register their result: refused as register is, before computing (they failed once
+        # computed, "error: …/blobs: Permission denied", exit 2); `db current` reads (it failed "attempt to write a
+        # readonly database", exit 6)
+        for args in (["combine", "ad1", "ad1", "--name", "twice"], ["resize", "ad1", "--rank", "2"]):
+            assert cli(*args, code=6).output == result.output, args
+        assert cli("db", "current").output == f"sqlite:///{isolated_home}/registry.db: revision {db.HEAD} (head)\n"
     finally:
         subprocess.run(undo, check=True)
     assert [r.name for r in Registry.open().list_adapters()] == ["ad1"]
@@ -738,6 +798,38 @@ def test_a_sigterm_as_rm_commits_is_said_as_a_ctrl_c_is(art, monkeypatch, capsys
         "error: interrupted after ad1@1 was removed; `loraops gc` removes what is left of its stored files")
     with Registry.open() as reg:
         assert reg.list_adapters() == []
+
+
+@pytest.mark.parametrize("signum", [2, 15])
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_a_ctrl_c_as_base_add_commits_says_the_base_was_added(art, monkeypatch, capsys, what, signum):
+    """`base add` interrupted in the instant its record committed said "nothing was written" of a base the registry
+    had recorded (it told what it added only after the library call returned): the commit and what it tells are one
+    step, as for register. SIGTERM is said the same way, exit 143."""
+    from loraops.cli import exit_status
+
+    path = art["base"] if what == "folder" else art["base"] / "model.safetensors"
+    capsys.readouterr()
+    factories.interrupted_as_a_write_commits(monkeypatch, signum)
+    assert exit_status(["base", "add", str(path), "--name", "llama-tiny"]) == 128 + signum
+    assert capsys.readouterr().err == "error: interrupted after base llama-tiny was added\n"
+    with Registry.open() as reg:
+        assert [(b.name, b.num_tensors) for b in reg.list_bases()] == [("llama-tiny", 21)]
+
+
+def test_base_add_interrupted_before_its_commit_leaves_nothing(art, monkeypatch):
+    """The other side: interrupted while its tensors are written, before the commit, nothing is recorded."""
+    from loraops.registry.store import Registry as Store
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "_base_record", interrupted)
+        result = CliRunner().invoke(main, ["base", "add", str(art["base"])])
+    assert (result.exit_code, result.output) == (130, "error: interrupted; nothing was written\n")
+    with Registry.open() as reg:
+        assert reg.list_bases() == []
 
 
 @pytest.mark.parametrize("step", ["in the store", "before the commit"])

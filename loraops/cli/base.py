@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from ..landing import tell
 from .adapters import _reader, _registry
 from .hub import check_token
 from .render import echo_fields, echo_json, echo_table, human_bytes, not_again
@@ -28,15 +27,17 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
 
         raise InvalidInputError(f"{path}: --token is for a base added from the Hub (hub:OWNER/NAME); a path is read "
                                 "from disk")
+    def told(done) -> str | None:  # said as the record commits: a Ctrl-C then said "nothing was written"
+        record, created = done
+        return f"interrupted after base {record.name} was added" if created else None
+
     with _registry() as reg:
         if path.startswith("hub:"):
             from .. import hub
 
-            record, created = hub.add_base(reg, path, name=name, token=token)
+            record, created = hub.add_base(reg, path, name=name, token=token, told=told)
         else:
-            record, created = reg.register_base(path, name=name)
-        if created:
-            tell(f"interrupted after base {record.name} was added")
+            record, created = reg.register_base(path, name=name, told=told)
     if as_json:
         echo_json(record)
     elif created and record.path is None:

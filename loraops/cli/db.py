@@ -27,9 +27,10 @@ def upgrade() -> None:
     try:
         with regdb.connected(engine) as connection:
             before = regdb.current_revision(connection)
-        regdb.ensure_schema(engine, explicit=True)
-        if before != regdb.HEAD:
-            tell(f"interrupted after the registry was upgraded to revision {regdb.HEAD}")
+        with regdb.interrupts_deferred():  # (as every other command's open migrates): the commit and its line as one
+            regdb.ensure_schema(engine, explicit=True)
+            if before != regdb.HEAD:
+                tell(f"interrupted after the registry was upgraded to revision {regdb.HEAD}")
     finally:
         engine.dispose()
     if before == regdb.HEAD:
@@ -45,12 +46,16 @@ def current() -> None:
     if regdb.missing_sqlite_file(engine):
         click.echo(f"{_url(engine)}: no registry there yet ({regdb.CREATED_BY})")
         return
+    # a registry in a folder this process cannot write is read over a read-only connection, as `list` reads it
+    # (SQLite's WAL needs the folder writable even to read): it failed "attempt to write a readonly database"
+    reading = (regdb.read_only_fallback(engine) if regdb.unwritable(engine) else None) or engine
     try:
-        regdb.refuse_foreign(engine)
-        with regdb.connected(engine) as connection:
+        regdb.refuse_foreign(reading)
+        with regdb.connected(reading) as connection:
             revision = regdb.current_revision(connection)
             tables = regdb.unversioned_tables(connection) if revision is None else []
     finally:
+        reading.dispose()
         engine.dispose()
     if revision == regdb.HEAD:
         state = "(head)"
@@ -73,9 +78,10 @@ def stamp() -> None:
     try:
         regdb.refuse_missing(engine)
         regdb.refuse_foreign(engine)
-        recorded = regdb.stamp(engine)
-        if recorded:
-            tell(f"interrupted after revision {regdb.HEAD} was recorded")
+        with regdb.interrupts_deferred():  # (a Ctrl-C as it committed said "nothing was written")
+            recorded = regdb.stamp(engine)
+            if recorded:
+                tell(f"interrupted after revision {regdb.HEAD} was recorded")
     finally:
         engine.dispose()
     if recorded:

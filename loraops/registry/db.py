@@ -205,6 +205,9 @@ def stamp(engine: Engine) -> bool:
         if current is not None:
             if current == HEAD:
                 return False
+            if not known_revision(current):  # (`db upgrade` refuses it too)
+                raise RegistryError(f"the registry at {_safe(engine)} already records revision {current}, written by "
+                                    "a newer loraops; upgrade loraops")
             raise RegistryError(f"the registry at {_safe(engine)} already records revision {current}; "
                                 "`loraops db upgrade` migrates it")
         if not unversioned_tables(connection):
@@ -476,4 +479,7 @@ def cannot_open(url, exc: BaseException) -> RegistryError:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The driver's own first line: SQLAlchemy's wrapper prefixes it with the driver's class ("(psycopg.Operational
+    Error) connection failed: …"), which the plain reads (reads.reader, over the driver) did not say."""
+    exc = getattr(exc, "orig", None) or exc
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -145,6 +145,12 @@ class Reader:
         if base is not None:
             where.append("a.base_id = ?")
             params.append(self.base_id(base, "base"))
+        for what, value in (("name", name), ("tag", tag), ("target", target)):  # (each listed nothing)
+            if value is not None and not value.strip():
+                raise InvalidInputError(f"empty {what}: give one, or leave that filter out")
+        if name is not None and "@" in name:  # (a name has none: it listed nothing, as if no such adapter)
+            raise InvalidInputError(f"{name!r} is a reference, not a name: list --name takes the name alone "
+                                    f"(`loraops show {name}` shows that version)")
         if name is not None:
             where.append("a.name = ?")
             params.append(name)

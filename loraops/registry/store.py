@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import math
 import os
 import random
@@ -275,12 +276,13 @@ class Registry:
         return self.register_base(path, name=name, source=source, lineage=lineage, progress=progress)[0]
 
     def register_base(self, path: str | Path, *, name: str | None = None, source: str | None = None,
-                      lineage: LineageSpec | None = None, progress: bool | None = None) -> tuple[BaseRecord, bool]:
+                      lineage: LineageSpec | None = None, progress: bool | None = None,
+                      told: Callable[[tuple[BaseRecord, bool]], str | None] | None = None) -> tuple[BaseRecord, bool]:
         """Record the base model at ``path`` (its manifest and fingerprint; the files stay where they are).
 
         The same tensors added again (by fingerprint) return the existing record, whatever the name; its path is
         updated when the old one is gone. A name used by another model is refused. ``lineage`` marks a derived
-        base (a merge) and says how it was made. Returns (record, whether it is new)."""
+        base (a merge) and says how it was made. Returns (record, whether it is new). ``told``: see write."""
         from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
@@ -293,11 +295,14 @@ class Registry:
         fingerprint = model.fingerprint(progress=progress)
         name = check_name(default_name(Path(path)) if name is None else name, "base")
         where = str(resolved(path))
+        moved: list[str] = []  # where its files were recorded, when they were gone from there
 
         def work(s: Session) -> tuple[BaseRecord, bool]:
+            moved.clear()
             existing = s.scalar(select(SqlBase).where(SqlBase.fingerprint == fingerprint))
             if existing is not None:
                 if existing.path != where and not Path(existing.path or "").exists():
+                    moved.append(existing.path)
                     existing.path = where
                 return self._base_record(s, existing), False
             taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
@@ -320,14 +325,20 @@ class Registry:
             ])
             return self._base_record(s, row), True
 
-        return self.write(f"record base {name!r}", work)
+        done = self.write(f"record base {name!r}", work, told)
+        if moved:  # (said: "already registered" alone hid that the record now points elsewhere)
+            logging.getLogger("loraops").info(f"base {done[0].name}: its files were no longer at {moved[0]}; "
+                                              f"recorded at {where} now")
+        return done
 
     def register_manifest_base(self, *, name: str, source: str, tensors: dict[str, tuple[str, tuple[int, ...]]],
-                               dtype: str, total_bytes: int) -> tuple[BaseRecord, bool]:
+                               dtype: str, total_bytes: int,
+                               told: Callable[[tuple[BaseRecord, bool]], str | None] | None = None,
+                               ) -> tuple[BaseRecord, bool]:
         """Record a base known only by its manifest (name → (dtype, shape), read remotely: loraops.hub reads it from
         the safetensors headers on the Hub). It has no files yet (path None) and its fingerprint is a placeholder,
         sha256 over the source and the manifest, until attach_base_files gives it its files. The same source again
-        returns the existing record. Returns (record, whether it is new)."""
+        returns the existing record. Returns (record, whether it is new). ``told``: see write."""
         import json
 
         name = check_name(name, "base")
@@ -351,7 +362,7 @@ class Registry:
                 {"base_id": row.id, "name": t, "dtype": d, "shape": sh} for t, d, sh in manifest])
             return self._base_record(s, row), True
 
-        return self.write(f"record base {name!r}", work)
+        return self.write(f"record base {name!r}", work, told)
 
     def attach_base_files(self, ref: str | int, path: str | Path, progress: bool | None = None) -> BaseRecord:
         """Give a base its files (e.g. a manifest-only base once downloaded): the manifest must be the recorded one;
@@ -1191,9 +1202,11 @@ def default_name(path: Path) -> str:
 
 
 def name_part(text: str) -> str:
-    """``text`` (a file or folder name) as one '/'-separated part of a name: each run of characters a name cannot
-    hold becomes '-'."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.") or "unnamed"
+    """``text`` (a file or folder name) as one '/'-separated part of a name: each run of characters a name
+    cannot hold becomes '-', and it starts with a letter or digit (a folder `_lora` gave '_lora', which check_name
+    refuses: an error for a name never given)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", text)
+    return re.sub(r"^[^A-Za-z0-9]+", "", cleaned).rstrip("-.") or "unnamed"
 
 
 def check_name(name: str, what: str) -> str:
