@@ -51,7 +51,7 @@ UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EI
 
 
 GROUP_OPTIONS = {"--home": "--home DIR", "--db": "--db URL", "-q": "-q", "--quiet": "--quiet"}
-"""The options of `loraops` itself (main), as its usage shows them: given after a command, an error says where they go."""
+"""The options of `loraops` itself (main) as its usage shows them; given after a command, the error says so."""
 
 
 def one_line(message: str) -> str:
