@@ -884,3 +884,15 @@ def test_one_option_one_help_and_metavar_everywhere():
     assert len(helps) == 1, helps
     usage = {c.name: c.collect_usage_pieces(ctx) for c in every if c.name in ("merge", "subtract", "combine")}
     assert usage["merge"][1] == "[REF[:WEIGHT]]..." and usage["subtract"][1] == usage["combine"][1] == "REF[:WEIGHT]..."
+
+
+def test_a_registered_bases_path_where_only_a_name_is_taken_names_the_base(tmp_path, kohya, monkeypatch):
+    """`register --base PATH` (combine, export, list --base…) of a registered base's own files said `loraops base add
+    PATH` records it, which only says it is already registered, under the name to give."""
+    base = _single_file_base(tmp_path)
+    cli("base", "add", base, "--name", "sd")
+    monkeypatch.chdir(tmp_path)
+    for args in (["register", kohya, "--base"], ["list", "--base"], ["combine", kohya, "--base"]):
+        assert cli(*args, "./base.safetensors", code=3).stderr == (
+            "error: ./base.safetensors: a path is not taken here, only a registered base: the base there is "
+            "registered as 'sd', give that\n")
