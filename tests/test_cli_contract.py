@@ -864,7 +864,8 @@ def test_an_option_of_loraops_itself_after_the_command_says_where_it_goes(tmp_pa
 def test_one_option_one_help_and_metavar_everywhere():
     """The options several commands share read the same in each one's --help: --device's said "(cuda when
     available)" in merge and subtract only, pull's --base showed TEXT where the others show BASE (list's --tag
-    TEXT, register's TAG), and merge's REF[:W] was combine's REF[:WEIGHT]."""
+    TEXT, register's TAG), merge's REF[:W] was combine's REF[:WEIGHT], and resize's REF did not say it may be a
+    path."""
     from loraops.cli import COMMANDS
 
     def commands(group):
@@ -884,6 +885,8 @@ def test_one_option_one_help_and_metavar_everywhere():
     assert len(helps) == 1, helps
     usage = {c.name: c.collect_usage_pieces(ctx) for c in every if c.name in ("merge", "subtract", "combine")}
     assert usage["merge"][1] == "[REF[:WEIGHT]]..." and usage["subtract"][1] == usage["combine"][1] == "REF[:WEIGHT]..."
+    # a REF that may be a path says so (resize did not, as if it took registered adapters only, as push does)
+    assert all("registry reference or a path" in c.help for c in every if c.name in ("merge", "combine", "resize"))
 
 
 def test_a_registered_bases_path_where_only_a_name_is_taken_names_the_base(tmp_path, kohya, monkeypatch):

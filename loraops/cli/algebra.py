@@ -228,8 +228,8 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
 @output_options
 def resize(ref, rank, dynamic, param, max_rank, conv_rank, dtype, device, precise, base, output, fmt, force, name,
            as_json) -> None:
-    """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta); the
-    result is registered with its lineage."""
+    """Lower an adapter's rank (REF a registry reference or a path), keeping each module's scale (best low-rank
+    approximation of every delta); the result is registered with its lineage."""
     from .. import derive
 
     expect_output(output)
