@@ -210,7 +210,7 @@ def _merge(base, adapters, output, *, name, record, lists, registry, **options) 
     model, reg = early[0] if early else None, None
     try:
         reg = _open_registry(registry, record or _references(base, adapters), create=record)
-        _check_name_free(reg if record else None, name)
+        _check_name_free(reg, name, record)
         _check_output(reg, output, record, base, adapters)
         model, _ = _streamed(reg, base, early, output, "merge")
         room = engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
@@ -254,7 +254,7 @@ def _subtract(model, adapters, output, *, exact, name, record, lists, registry, 
     merged, reg = early[0] if early else None, None
     try:
         reg = _open_registry(registry, record or exact or _references(model, adapters), create=record)
-        _check_name_free(reg if record else None, name)
+        _check_name_free(reg, name, record)
         _check_output(reg, output, record, model, adapters)
         if streamed:
             merged, label = _streamed(reg, model, early, output, "subtract")
@@ -437,11 +437,15 @@ def _check_output(reg, output, record: bool, model: str | Path, adapters: Sequen
             refuse_unrecordable(resolved(path))
 
 
-def _check_name_free(reg, name: str | None) -> None:
-    """An explicit --name that is no name, or one already used, is refused before anything is written."""
+def _check_name_free(reg, name: str | None, record: bool) -> None:
+    """An explicit --name that is no name, or one already used, is refused before anything is written; so is one given
+    with --no-record, which left it unused without a word (as --exact refuses --precise)."""
     from .registry.store import check_name
 
-    if reg is not None and name is not None and _name_taken(reg, check_name(name, "base")):
+    if name is not None and not record:
+        raise InvalidInputError(f"--name {name!r} names the output's record, and --no-record makes none (record=False "
+                                "in Python): leave one of them out")
+    if name is not None and _name_taken(reg, check_name(name, "base")):
         raise ConflictError(f"base name {name!r} is already used in the registry; choose another --name")
 
 

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -796,3 +797,105 @@ def test_help_and_version_on_a_full_disk_or_a_closed_pipe(args):
     finally:
         os.close(writer)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def _single_file_base(tmp_path) -> Path:
+    """A one-tensor single-file model the kohya fixture fits (its q_proj)."""
+    from loraops import st
+
+    base = tmp_path / "base.safetensors"
+    st.write_safetensors(base, {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    return base
+
+
+def test_name_with_no_record_is_refused(tmp_path, kohya):
+    """merge and subtract left a --name given with --no-record unused without a word (nothing recorded under it), as
+    --exact refuses --precise and combine refuses a parameter its method does not take."""
+    from loraops.registry import Registry
+
+    base = _single_file_base(tmp_path)
+    merged = tmp_path / "merged.safetensors"
+    cli("merge", kohya, "--into", base, "-o", merged, "--no-record", "--device", "cpu")
+    for command, source in (("merge", "--into"), ("subtract", "--from")):
+        out = tmp_path / f"{command}.safetensors"
+        result = cli(command, kohya, source, merged if command == "subtract" else base, "-o", out, "--no-record",
+                     "--name", "mine", "--device", "cpu", code=2)
+        assert result.stderr == ("error: --name 'mine' names the output's record, and --no-record makes none "
+                                 "(record=False in Python): leave one of them out\n")
+        assert not out.exists()
+    with Registry.open() as reg:
+        assert reg.list_bases() == []
+
+
+def test_every_dtype_option_takes_torch_names(tmp_path, kohya):
+    """--dtype took bf16, fp16 and fp32 only, where the Python API and a recipe's out_dtype also take bfloat16,
+    float16, float32 (torch's, PEFT's and mergekit's names): `--dtype bfloat16` was a usage error in every command."""
+    import json
+
+    from loraops.cli import COMMANDS, DTYPE
+
+    commands = [main.get_command(None, name) for name in COMMANDS]
+    dtyped = {c.name: p for c in commands for p in c.params if p.name == "dtype"}
+    assert sorted(dtyped) == ["combine", "export", "extract", "merge", "resize", "subtract"]
+    assert all(p.type is DTYPE for p in dtyped.values())
+    merged = json.loads(cli("merge", kohya, "--into", _single_file_base(tmp_path), "-o", tmp_path / "m.safetensors",
+                            "--dtype", "bfloat16", "--device", "cpu", "--no-record", "--json").stdout)
+    assert merged["dtype"] == "BF16"
+    for name, dtype in (("half", "float16"), ("float32", "float32"), ("float", "float32")):
+        done = json.loads(cli("resize", kohya, "--rank", "2", "--dtype", name, "--name", f"r-{name}", "--device", "cpu",
+                              "--json").stdout)
+        assert done["adapter"]["dtype"] == dtype
+    assert cli("resize", kohya, "--rank", "2", "--dtype", "BFloat16", code=2).stderr == (
+        "error: invalid value for '--dtype': 'BFloat16' is not one of 'bf16', 'fp16', 'fp32' (see `main resize "
+        "--help`)\n")
+
+
+@pytest.mark.parametrize("args, option, shown", [
+    (["list", "--db", "sqlite:///x.db"], "--db", "--db URL list"), (["base", "add", "x", "-q"], "-q", "-q base add"),
+    (["merge", "--quiet"], "--quiet", "--quiet merge"), (["show", "x", "--home", "h"], "--home", "--home DIR show"),
+])
+def test_an_option_of_loraops_itself_after_the_command_says_where_it_goes(tmp_path, args, option, shown):
+    """`loraops list --db URL` said "no such option '--db'. Did you mean '--base'?"."""
+    assert cli(*args, code=2).stderr == (f"error: {option} is an option of main itself, given before the command: "
+                                         f"`main {shown} …` (see `main --help`)\n")
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_one_option_one_help_and_metavar_everywhere():
+    """The options several commands share read the same in each one's --help: --device's said "(cuda when
+    available)" in merge and subtract only, pull's --base showed TEXT where the others show BASE (list's --tag
+    TEXT, register's TAG), merge's REF[:W] was combine's REF[:WEIGHT], and resize's REF did not say it may be a
+    path."""
+    from loraops.cli import COMMANDS
+
+    def commands(group):
+        for command in group.commands.values() if hasattr(group, "commands") else ():
+            yield from commands(command)
+        yield group
+
+    ctx = click.Context(main)
+    every = [c for name in COMMANDS for c in commands(main.get_command(ctx, name))]
+    helps = {}
+    for command in every:
+        for param in command.params:
+            if param.name == "device":
+                helps.setdefault(param.help, []).append(command.name)
+            if param.name in ("tags", "tag") or (param.name == "base" and command.name != "extract"):
+                assert param.metavar in ("TAG", "BASE"), (command.name, param.name, param.metavar)
+    assert len(helps) == 1, helps
+    usage = {c.name: c.collect_usage_pieces(ctx) for c in every if c.name in ("merge", "subtract", "combine")}
+    assert usage["merge"][1] == "[REF[:WEIGHT]]..." and usage["subtract"][1] == usage["combine"][1] == "REF[:WEIGHT]..."
+    # a REF that may be a path says so (resize did not, as if it took registered adapters only, as push does)
+    assert all("registry reference or a path" in c.help for c in every if c.name in ("merge", "combine", "resize"))
+
+
+def test_a_registered_bases_path_where_only_a_name_is_taken_names_the_base(tmp_path, kohya, monkeypatch):
+    """`register --base PATH` (combine, export, list --base…) of a registered base's own files said `loraops base add
+    PATH` records it, which only says it is already registered, under the name to give."""
+    base = _single_file_base(tmp_path)
+    cli("base", "add", base, "--name", "sd")
+    monkeypatch.chdir(tmp_path)
+    for args in (["register", kohya, "--base"], ["list", "--base"], ["combine", kohya, "--base"]):
+        assert cli(*args, "./base.safetensors", code=3).stderr == (
+            "error: ./base.safetensors: a path is not taken here, only a registered base: the base there is "
+            "registered as 'sd', give that\n")

@@ -50,6 +50,10 @@ UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EI
                  errno.ENOENT}
 
 
+GROUP_OPTIONS = {"--home": "--home DIR", "--db": "--db URL", "-q": "-q", "--quiet": "--quiet"}
+"""The options of `loraops` itself (main) as its usage shows them; given after a command, the error says so."""
+
+
 def one_line(message: str) -> str:
     """A message kept on one line: control characters (a newline in a file name) shown escaped, as repr shows them."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message)
@@ -59,6 +63,13 @@ def usage_error(exc: click.UsageError) -> None:
     """A bad option or argument, said as one line like every other error (click's own way takes four)."""
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # `loraops base` alone: the help, as click shows it
         raise exc
+    if isinstance(exc, click.NoSuchOption) and exc.option_name in GROUP_OPTIONS and exc.ctx is not None:
+        # `loraops list --db URL`: click said "no such option '--db'. Did you mean '--base'?"
+        root = exc.ctx.find_root()
+        command = exc.ctx.command_path.removeprefix(root.command_path).strip()
+        fail(f"{exc.option_name} is an option of {root.command_path} itself, given before the command: "
+             f"`{root.command_path} {GROUP_OPTIONS[exc.option_name]} {command} …` (see `{root.command_path} --help`)",
+             exc.exit_code)
     message = exc.format_message().rstrip(".")
     if isinstance(exc, click.MissingParameter) and isinstance(getattr(exc.param, "type", None), click.Choice):
         # click lists the choices one a line ("Choose from:\n\tpeft,\n\tkohya…"), escaped into '\n\t' by one_line
@@ -129,6 +140,22 @@ class Number(click.ParamType):
 
 
 FLOAT, INT = Number(integer=False), Number(integer=True)
+
+
+class Dtype(click.Choice):
+    """--dtype: bf16, fp16 or fp32, also under the names torch, PEFT, mergekit and kohya give them (bfloat16,
+    float16, float32, half, float), which the Python API and a recipe's out_dtype take: the CLI refused them."""
+
+    ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+    def __init__(self) -> None:
+        super().__init__(["bf16", "fp16", "fp32"])
+
+    def convert(self, value, param, ctx):
+        return super().convert(self.ALIASES.get(value, value) if isinstance(value, str) else value, param, ctx)
+
+
+DTYPE = Dtype()
 
 
 class LoraopsGroup(click.Group):

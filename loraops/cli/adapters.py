@@ -86,7 +86,7 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
 @click.option("--base", metavar="BASE", help="Only adapters recorded against this base.")
 @click.option("--rank", type=INT, help="Only adapters with a module of this rank.")
 @click.option("--target", metavar="MODULE", help="Only adapters with a module named so (q_proj, c_attn, ...).")
-@click.option("--tag", help="Only adapters with this tag.")
+@click.option("--tag", metavar="TAG", help="Only adapters with this tag.")
 @click.option("--name", help="Only versions of this name.")
 @click.option("--json", "as_json", is_flag=True, help="Print a list of AdapterRecords as JSON.")
 def list_adapters(base: str | None, rank: int | None, target: str | None, tag: str | None, name: str | None,

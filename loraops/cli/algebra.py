@@ -6,7 +6,7 @@ from typing import Iterable
 import click
 
 from .. import blocks
-from . import FLOAT, INT, expect_output
+from . import DTYPE, FLOAT, INT, expect_output
 from ..references import parse_weighted
 from .render import METHODS, echo_json, echo_table, layer_kind, not_again
 
@@ -17,9 +17,12 @@ METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), 
 CONV_RANK_HELP = ("Rank of the k×k convolutions (kernel larger than 1×1; kohya's LoCon conv modules), --rank being the "
                   "others'; with --dynamic, their cap in place of --max-rank (default: the same rule for every module).")
 
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available)."
+
+
 def dtype_option(default: str):
     """--dtype of a written adapter (extract, combine, resize, export), its default said per command."""
-    return click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+    return click.option("--dtype", type=DTYPE,
                         help=f"dtype of the factors (default: {default}).")
 
 
@@ -50,7 +53,7 @@ def output_options(fn):
 
 def compute_options(fn):
     fn = click.option("--precise", is_flag=True, help="Compute in float64 (and re-factorize a dense delta by an exact SVD, never the randomized one).")(fn)
-    return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(fn)
+    return click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)(fn)
 
 
 def echo_saved(result, name: str | None) -> None:
@@ -225,8 +228,8 @@ def combine(ctx, inputs, recipe, method, rank, conv_rank, density, gamma, epsilo
 @output_options
 def resize(ref, rank, dynamic, param, max_rank, conv_rank, dtype, device, precise, base, output, fmt, force, name,
            as_json) -> None:
-    """Lower an adapter's rank, keeping each module's scale (best low-rank approximation of every delta); the
-    result is registered with its lineage."""
+    """Lower an adapter's rank (REF a registry reference or a path), keeping each module's scale (best low-rank
+    approximation of every delta); the result is registered with its lineage."""
     from .. import derive
 
     expect_output(output)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .adapters import _reader, _registry
-from .hub import check_token
+from .hub import TOKEN_HELP, check_token
 from .render import echo_fields, echo_json, echo_table, human_bytes, not_again
 
 
@@ -16,8 +16,7 @@ def base() -> None:
 @base.command("add")
 @click.argument("path", type=click.Path())
 @click.option("--name", help="Registry name (default: the folder or file name).")
-@click.option("--token", help="hub: only — Hub token for this call (default: $HF_TOKEN or the saved login).",
-              callback=check_token)
+@click.option("--token", help=f"hub: only — {TOKEN_HELP}", callback=check_token)
 @click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
 def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
     """Record a base model: an HF folder (sharded safetensors + index), a diffusers pipeline, or one .safetensors;

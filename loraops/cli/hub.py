@@ -27,7 +27,8 @@ def check_token(ctx: click.Context, param: click.Parameter, value: str | None) -
                              "becomes its next version.")
 @click.option("--file", "subpath", metavar="PATH",
               help="The adapter inside the repo: a folder or a .safetensors file (or the PEFT adapter_config.json).")
-@click.option("--base", help="A registered base the adapter must fit (links an adapter already registered to it).")
+@click.option("--base", metavar="BASE",
+              help="A registered base the adapter must fit (links an adapter already registered to it).")
 @click.option("--revision", help="A branch, tag or commit sha: the same as REPO@REVISION.")
 @click.option("--token", help=TOKEN_HELP, callback=check_token)
 @click.option("--json", "as_json", is_flag=True, help="Print the PullRecord as JSON.")

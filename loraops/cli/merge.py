@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from .. import blocks
-from . import expect_output
-from .algebra import block_weights_option
+from . import DTYPE, expect_output
+from .algebra import DEVICE_HELP, block_weights_option
 from .render import echo_base_changed, echo_json, human_bytes, not_again
 
 
@@ -13,8 +13,8 @@ def _options(fn):
     """The options merge and subtract share."""
     for option in reversed([
         click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (or .safetensors file for a single-file model)."),
-        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Output dtype of the floating tensors (default: as stored)."),
-        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (cuda when available)."),
+        click.option("--dtype", type=DTYPE, help="Output dtype of the floating tensors (default: as stored)."),
+        click.option("--device", default="auto", show_default=True, help=DEVICE_HELP),
         click.option("--precise", is_flag=True, help="Accumulate in float64 instead of float32 (still rounded once)."),
         click.option("--force", is_flag=True, help="Replace an existing output."),
         click.option("--name", help="Registry name for the output (default: its folder or file name)."),
@@ -26,13 +26,13 @@ def _options(fn):
 
 
 @click.command()
-@click.argument("adapters", nargs=-1, metavar="[REF[:W]]...")
+@click.argument("adapters", nargs=-1, metavar="[REF[:WEIGHT]]...")
 @click.option("--into", "base", required=True, metavar="BASE", help="Base model: registered base or path.")
 @block_weights_option
 @_options
 def merge(adapters, base, block_weights, output, dtype, device, precise, force, name, no_record, as_json) -> None:
     """Merge adapters into a base: W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, rounded once. REF is a registry reference or a path; a
-    trailing :W weights it (default 1, negative negates). An FP8 base (fine-grained, as DeepSeek-V3) stays FP8 with
+    trailing :WEIGHT weights it (default 1, negative negates). An FP8 base (fine-grained, as DeepSeek-V3) stays FP8 with
     new block scales, or comes out dequantized with --dtype; with no adapters, --dtype alone converts the base."""
     from .. import merging
 
@@ -43,7 +43,7 @@ def merge(adapters, base, block_weights, output, dtype, device, precise, force, 
 
 
 @click.command()
-@click.argument("adapters", nargs=-1, required=True, metavar="REF[:W]...")
+@click.argument("adapters", nargs=-1, required=True, metavar="REF[:WEIGHT]...")
 @click.option("--from", "model", required=True, metavar="MODEL", help="Merged model: registered base or path.")
 @click.option("--exact", is_flag=True, help="Rebuild from the recorded pristine base instead of subtracting (bit-exact).")
 @block_weights_option

@@ -312,6 +312,13 @@ class Reader:
             raise AmbiguousError(
                 f"base reference {ref!r} matches several bases ({shown(n for _, n in rows)}); give more of the fingerprint"
             )
+        if looks_like_path(ref) and os.path.exists(ref):  # a registered base's own files: it said `base add` them
+            where = os.path.realpath(ref)
+            named = [n for n, path in self.rows("SELECT name, path FROM bases WHERE path IS NOT NULL", [])
+                     if os.path.realpath(path) == where]
+            if named:
+                raise NotFoundError(f"{ref}: a path is not taken here, only a registered base: the base there is "
+                                    f"registered as {named[0]!r}, give that")
         raise _missing("base", ref, "see `loraops base list`")
 
     def _bases(self, where: str, params: list) -> list[BaseRecord]:
