@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import re
 import struct
 import threading
 from pathlib import Path
@@ -185,6 +186,20 @@ def test_rm_versions_blobs_and_lineage(reg, art):
     assert kept.id is None and kept.label == "ad1@1" and kept.sha256 == a1.sha256 and kept.weight == 0.5
     with pytest.raises(NotFoundError):
         reg.remove_adapter("ad1")
+
+
+def test_rm_all_takes_a_name_not_one_version(reg, art):
+    """`rm ad1@2 --all` removed ad1@1 too: a reference to one version (or an id) with --all is refused, and nothing
+    goes."""
+    one = reg.add_adapter(art["ad1"])
+    two = reg.add_adapter(art["ad2"], name="ad1")
+    for ref, named in (("ad1@2", "ad1@2"), ("ad1@latest", "ad1@2"), (one.id, "ad1@1"), (two.sha256[:8], "ad1@2")):
+        with pytest.raises(InvalidInputError, match=rf"^{re.escape(repr(ref))} names one version \({named}\), "
+                                                    "and --all removes every version of a name: give the name 'ad1', "
+                                                    "or drop --all$"):
+            reg.remove_adapter(ref, all_versions=True)
+    assert [r.ref for r in reg.list_adapters()] == ["ad1@1", "ad1@2"] and Path(one.path).exists()
+    assert [r.ref for r in reg.remove_adapter("ad1", all_versions=True)] == ["ad1@1", "ad1@2"]
 
 
 def test_ids_of_removed_adapters_and_bases_are_never_reused(reg, art):

@@ -762,15 +762,19 @@ class Registry:
 
     def remove_adapter(self, ref: str | int, *, all_versions: bool = False, undo: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
-        ``all_versions``. Stored files go with the last record using them, its own lineage (how it was made) with it;
-        lineage that used it keeps a label. ``undo``: a registration that the failing command which made it takes
-        back (loraops.derive.inputs_of): its version number is given back to the name too, unless a later one was
-        given meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2. Unless another
+        ``all_versions`` (``ref`` then the name itself: a version, id or sha256 prefix is refused). Stored files go
+        with the last record using them, its own lineage (how it was made) with it; lineage that used it keeps a
+        label. ``undo``: a registration that the failing command which made it takes back
+        (loraops.derive.inputs_of): its version number is given back to the name too, unless a later one was given
+        meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2. Unless another
         record's lineage used it meanwhile (another process derived from it): then it is that record's input, and
         stays (removed, its number would later name other bytes under that lineage's label); returns []."""
 
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
+            if all_versions and str(ref).strip() != row.name:  # (`rm a@2 --all` removed a@1 too)
+                raise InvalidInputError(f"{ref!r} names one version ({row.name}@{row.version}), and --all removes "
+                                        f"every version of a name: give the name {row.name!r}, or drop --all")
             if undo:
                 # the row locked first (PostgreSQL): a lineage row being inserted that refers to it is committed
                 # before this looks, or waits until the row is gone
