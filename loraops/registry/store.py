@@ -196,11 +196,8 @@ class Registry:
 
     def refuse_writes(self, hint: str = "") -> None:
         """Raise, before anything is copied or computed, when this registry is read-only here."""
-        if self.read_only:
-            database = db.sqlite_file(self.engine)
-            why = ("this process cannot write the file" if database is not None and os.access(database.parent, os.W_OK)
-                   else "it is in a folder this process cannot write")
-            raise RegistryError(f"the registry {database} is read-only here ({why}): nothing can be recorded{hint}")
+        if self.read_only:  # (only an SQLite file is opened read-only)
+            raise RegistryError(f"{db.read_only_here(db.sqlite_file(self.engine))}: nothing can be recorded{hint}")
 
     def __enter__(self) -> "Registry":
         return self
