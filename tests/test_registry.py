@@ -589,6 +589,59 @@ def test_gc_removes_stamps_whose_folder_is_gone(reg, art, monkeypatch):
     assert hashed == []
 
 
+def test_rm_leaves_no_empty_stamp_folder_and_gc_takes_one_left(reg, art, monkeypatch):
+    """`rm` dropped an adapter's stamps and left their folder (.stamps/XX) empty, which nothing removed: it goes
+    with its last stamp now, and gc takes one an older loraops left (after the grace period, as all it removes)."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped
+    stamps = reg.blobs.root / STAMPS
+    assert [p.name for p in stamps.iterdir()] == [record.sha256[:2]]
+    reg.remove_adapter(record.id)
+    assert list(stamps.iterdir()) == []
+    left = stamps / "ab"
+    left.mkdir()
+    assert reg.gc() == [] and left.is_dir()  # (younger than the grace period)
+    assert reg.gc(grace_s=0, dry_run=True) == [(left, 0)] and left.is_dir()
+    assert reg.gc(grace_s=0) == [(left, 0)] and not left.exists()
+
+
+def test_gc_leaves_a_stamp_folder_being_filled(reg, monkeypatch):
+    """A stamp's write makes its folder, then renames the stamp file into it, under the stamps' lock: gc, finding
+    the folder empty in between, waits for that lock and leaves it (else the write failed, its stamp lost)."""
+    import time
+
+    folder = reg.blobs.root / STAMPS / "cd"
+    reached, written, failed = threading.Event(), [], []
+    real = blob_store.BlobStore.drop_empty
+
+    def reaching(self, path):
+        reached.set()
+        return real(self, path)
+
+    def write_a_stamp():
+        with reg.blobs._stamps_locked():
+            folder.mkdir(parents=True)
+            os.utime(folder, (0, 0))  # (old enough for any grace period)
+            made.set()
+            reached.wait(30)
+            time.sleep(0.2)  # (time for an unlocked rmdir to land: it would, at once)
+            try:
+                (folder / f"{'cd' * 32}.json").write_text("{}")
+                written.append(True)
+            except OSError as exc:
+                failed.append(exc)
+
+    made = threading.Event()
+    monkeypatch.setattr(blob_store.BlobStore, "drop_empty", reaching)
+    writer = threading.Thread(target=write_a_stamp)
+    writer.start()
+    made.wait(30)
+    assert reg.gc(grace_s=0) == []
+    writer.join()
+    assert (written, failed) == ([True], []) and (folder / f"{'cd' * 32}.json").exists()
+
+
 def test_gc_keeps_a_stored_file_whose_name_looks_like_a_temp_file(reg, art, tmp_path):
     """A file registered under a name starting with the temp mark (`register .loraops-tmp-a.safetensors`, or
     `combine -o .loraops-tmp-c.safetensors`: a one-file adapter is stored under its own name) is a live stored file:

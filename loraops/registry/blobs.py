@@ -147,9 +147,30 @@ class BlobStore:
     def forget(self, key: str) -> None:
         """Drop the stamps of the adapter at ``key`` (its files are hashed on their next load): with its folder, or
         when one of its files hashed wrong, which its stamp may not show (bytes changed below the file system keep
-        its stat). Where the store is read-only, nothing."""
+        its stat); and their shard folder (.stamps/XX) when that is empty now. Where the store is read-only,
+        nothing."""
         with self._stamps_locked(), contextlib.suppress(OSError):
             self._stamps(key).unlink(missing_ok=True)
+            self._stamps(key).parent.rmdir()  # (only an empty one; a write makes it again under this lock)
+
+    def empty_stamp_folders(self) -> Iterator[Path]:
+        """Stamp shard folders (.stamps/XX) that hold nothing: litter of a `forget` by an older loraops, which left
+        them after their last stamp, for gc (drop_empty)."""
+        for folder in sorted((self.root / STAMPS).glob("??")):
+            with contextlib.suppress(OSError):
+                if folder.is_dir() and next(folder.iterdir(), None) is None:
+                    yield folder
+
+    def drop_empty(self, folder: Path) -> bool:
+        """Remove the stamp shard folder ``folder`` if it is still empty: under the stamps' lock, which a stamp's
+        write holds from making its folder to renaming the file into it, so a folder being filled is never removed
+        under it. Whether it went."""
+        with self._stamps_locked():
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (filled meanwhile), or gone
+                return False
+        return True
 
     @contextlib.contextmanager
     def _stamps_locked(self) -> Iterator[None]:

@@ -967,8 +967,8 @@ class Registry:
             self.blobs.put(identity, [staging.folder(identity) / name for name in copied], move=True, known=copied)
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
-        """Remove stored adapter folders no record uses, temp files of interrupted copies, and stamps whose folder is
-        gone (BlobStore.stray_stamps); returns each with its size in bytes. Anything younger than ``grace_s`` is
+        """Remove stored adapter folders no record uses, temp files of interrupted copies, stamps whose folder is
+        gone (BlobStore.stray_stamps) and empty stamp folders; returns each with its size in bytes. Anything younger than ``grace_s`` is
         kept: it may belong to a registration in progress. The shard folders this empties go too (under the shard's
         lock, see BlobStore.prune)."""
         refuse_bad_grace(grace_s)
@@ -1003,9 +1003,16 @@ class Registry:
                     continue
                 removed.append((path, _size(path)))
                 if not dry_run:
-                    path.unlink(missing_ok=True)
-                    self.blobs.prune(path)
+                    self.blobs.forget(f"{path.parent.name}/{path.stem}")  # (with its folder, once empty)
                     told()
+        for folder in self.blobs.empty_stamp_folders():
+            with contextlib.suppress(OSError):  # (gone meanwhile)
+                if folder.stat().st_mtime > cutoff:
+                    continue
+                if dry_run or self.blobs.drop_empty(folder):
+                    removed.append((folder, 0))
+                    if not dry_run:
+                        told()
         return removed
 
     # ---------------------------------------------------------------- lookups
