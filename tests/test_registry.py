@@ -440,6 +440,25 @@ def test_verify_and_gc(reg, art):
     assert removed == {orphan, temp} and not orphan.exists() and Path(k.path).exists()
 
 
+def test_verify_reports_what_a_stored_folder_holds_besides_its_files(reg, art):
+    """A file put into a stored adapter's folder is a change to the stored copy (a config beside a one-file
+    adapter's weights is read with them): verify said all was intact. It names each; an interrupted copy's temp file
+    stays gc's."""
+    from loraops.fsutil import TMP_MARK
+    from loraops.registry.store import UNRECORDED
+
+    a, k = reg.add_adapter(art["ad1"]), reg.add_adapter(art["kohya"])
+    extra = [Path(a.path) / "notes.txt", Path(k.path).parent / "adapter_config.json"]
+    for path in extra:
+        path.write_text("{}")
+    (Path(a.path) / f"{TMP_MARK}adapter_model.safetensors.1234abcd").write_bytes(b"partial")
+    assert [(p.adapter, p.file, p.problem) for p in reg.verify()] == [
+        ("ad1@1", str(extra[0]), UNRECORDED), ("style@1", str(extra[1]), UNRECORDED)]
+    for path in extra:
+        path.unlink()
+    assert reg.verify() == []
+
+
 def counted_hashes(monkeypatch) -> list[Path]:
     """The stored files loads hash from now on (the blob store's sha256_file calls)."""
     hashed = []

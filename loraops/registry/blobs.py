@@ -296,6 +296,17 @@ class BlobStore:
             if shard.is_dir() and len(shard.name) == 2:
                 yield from sorted(p for p in shard.iterdir() if p.is_dir() and TMP_MARK not in p.name)
 
+    def unrecorded(self, key: str, names: set[str]) -> list[Path]:
+        """What the stored folder of the adapter at ``key`` holds besides ``names`` (the files its records hold):
+        put there by hand, since loraops stores the recorded files only, and not always inert (an adapter_config.json
+        beside a one-file adapter's weights is read with them). Not the temp files of an interrupted copy, which gc
+        removes (temp_files)."""
+        try:
+            entries = sorted(self.path(folder_of(key)).iterdir())
+        except OSError:  # (gone: its files are missing)
+            return []
+        return [p for p in entries if p.name not in names and not p.name.startswith(TMP_MARK)]
+
     def temp_files(self) -> Iterator[Path]:
         """Leftovers of interrupted copies (not what is inside one: a scratch folder goes whole, or not at all)."""
         if self.root.exists():

@@ -70,6 +70,10 @@ class Registration(NamedTuple):
     """The base it was linked to before this call re-linked it."""
 
 
+UNRECORDED = "not recorded: no record holds it (remove it)"
+"""BlobProblem.problem of a file in a stored adapter's folder that is none of its recorded files."""
+
+
 @dataclass(frozen=True)
 class BlobProblem:
     """What `verify` found wrong with one stored file."""
@@ -848,15 +852,18 @@ class Registry:
         return CheckResult.of(label, reports)
 
     def verify(self, progress: bool | None = None) -> list[BlobProblem]:
-        """Re-hash every stored file against its record; return what is missing or changed. The trainable tokens of
-        an adapter registered before they were recorded (revision 0005) are read from its intact stored copy and
-        recorded."""
+        """Re-hash every stored file against its record; return what is missing or changed, and what a stored
+        adapter's folder holds besides its recorded files (UNRECORDED). The trainable tokens of an adapter registered
+        before they were recorded (revision 0005) are read from its intact stored copy and recorded."""
         from .. import formats
 
         with self.session() as s:
             rows = [(r.id, f"{r.name}@{r.version}", r.sha256, r.blob, r.files, r.token_rows is None, r.alpha_override,
                      r.source)
                     for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
+        recorded: dict[str, set[str]] = {}  # stored folder → the files its records hold
+        for *_, key, files, _, _, _ in rows:
+            recorded.setdefault(folder_of(key), set()).update(f["name"] for f in files)
         total = sum(f["size"] for *_, files, _, _, _ in rows for f in files)
         bar = settings.progress_bar(total, "verify", progress)
         problems, tokens = [], {}
@@ -866,6 +873,9 @@ class Registry:
                 if found and self._recover(identity, key, files):
                     found = self._stored_problems(key, files)
                 problems += [BlobProblem(label, path, problem, _pull_again(source)) for path, problem in found]
+                if folder_of(key) in recorded:  # (once for a folder of several records)
+                    problems += [BlobProblem(label, str(path), UNRECORDED)
+                                 for path in self.blobs.unrecorded(key, recorded.pop(folder_of(key)))]
                 if unknown and not found:  # headers and config only: the counts, not the values
                     try:
                         adapter = formats.read_adapter(self.blobs.path(key), alpha=alpha, values=False)
