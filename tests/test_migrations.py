@@ -429,7 +429,8 @@ def test_db_upgrade_of_a_registry_in_a_folder_that_cannot_be_written(tmp_path):
         old = CliRunner().invoke(main, ["--db", f"sqlite:///{folder / 'old.db'}", "db", "upgrade"])
     finally:
         subprocess.run(undo, check=True)
-    assert (head.exit_code, head.output) == (0, f"sqlite:///{folder / 'head.db'}: already at revision {db.HEAD} (head)\n")
+    assert (head.exit_code, head.output) == (0, f"sqlite:///{folder / 'head.db'}: already at revision {db.HEAD} "
+                                                "(head)\n")
     assert (old.exit_code, old.stderr) == (6, f"error: the registry {folder / 'old.db'} is read-only here (it is in a "
                                               f"folder this process cannot write): it cannot be upgraded from revision "
                                               f"{revisions()[-2]} to {db.HEAD} (head)\n")

@@ -978,9 +978,10 @@ class Registry:
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
         """Remove stored adapter folders no record uses, temp files of interrupted copies, stamps whose folder is
-        gone (BlobStore.stray_stamps) and empty stamp folders; returns each with its size in bytes. Anything younger than ``grace_s`` is
-        kept: it may belong to a registration in progress. The shard folders this empties go too (under the shard's
-        lock, see BlobStore.prune)."""
+        gone (BlobStore.stray_stamps) and empty stamp folders; returns each with its size in bytes. Anything younger
+        than ``grace_s`` is kept: it may belong to a registration in progress. The shard folders this empties go too
+        (under the shard's lock, see BlobStore.prune). A file a stored folder holds besides its recorded ones is no
+        leftover of loraops' (put there by hand): kept, and reported by verify."""
         refuse_bad_grace(grace_s)
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
