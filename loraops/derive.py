@@ -382,7 +382,9 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
         written_at = Path(tmp) / scratch
         filling = reg.blobs.root  # the file system a full disk (ENOSPC) is said of: the store's, then the output's
         try:
-            written = write(adapter, written_at, fmt, modules=derived, dtype=dtype)
+            # the writers' refusals name the result by where it is written, said below as the output or the name
+            # (it has no path of its own: they said '<in memory>'; a resize's kept its input's reference)
+            written = write(replace(adapter, path=written_at, ref=None), written_at, fmt, modules=derived, dtype=dtype)
             if final is None:
                 record, created, *_ = reg.register_adapter(written.path, name=name, base=base, lineage=lineage,
                                                            source=f"loraops {lineage.op}", scratch=True,

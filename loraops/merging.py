@@ -354,11 +354,13 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
           for i in inputs if i.registry_id is not None),
     ])
     try:
-        record, _ = reg.register_base(report.output, name=free_name(reg, report.output) if name is None else name,
-                                      lineage=lineage)
+        record, created = reg.register_base(report.output, name=free_name(reg, report.output) if name is None else name,
+                                            lineage=lineage)
     except LoraopsError as exc:
         raise type(exc)(f"{report.output} was written, but recording it in the registry failed: {exc}") from None
-    return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint, "base_changed": changed})
+    return report.model_copy(update={"name": record.name, "fingerprint": record.fingerprint, "base_changed": changed,
+                                     # (a record that already held this output's path is the output's)
+                                     "already_registered": not created and record.path != str(resolved(report.output))})
 
 
 def _register_merged(reg, i: Input, output: str) -> int | None:
@@ -582,7 +584,8 @@ def _recorded_adapter(reg, entry: dict) -> Input:
     if found is None:
         raise NotFoundError(f"--exact: adapter {entry['label']} (sha256 {entry['sha256'][:12]}), which stays merged, "
                             "is neither registered nor at its recorded path any more")
-    return found.weighed(entry.get("block_weights"))
+    # named as the merge named it (its summary, _merged_with), not by the reference its identity found
+    return replace(found, label=entry["label"]).weighed(entry.get("block_weights"))
 
 
 def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:

@@ -529,6 +529,9 @@ class MergeReport(Record):
     not copied: they would still hold the base."""
     name: str | None = None
     """Registry name the output was recorded under, when it was."""
+    already_registered: bool = False
+    """The output has the fingerprint of the base already registered as ``name`` (subtract --exact restoring a
+    registered base): that record stands, and the output is not recorded again."""
     base_changed: str | None = None
     """The name of the registered base whose folder the model merged into is, when its files changed since it was
     registered (the files merged are then recorded as a base of their own, by their fingerprint; the lineage says

@@ -118,6 +118,15 @@ def test_resize_table_and_export_round_trip(files, reg, tmp_path):
     (["resize", "{a}", "--rank", "5"], 2, "error: rank 5 is above the adapter's rank 4: resize only lowers rank"),
     (["resize", "{a}"], 2,
      "error: bad parameters for resize: give either a rank or a dynamic rule (sv_ratio, sv_cumulative, sv_fro)"),
+    # a writer's refusal names the result as the user knows it (it said '<in memory>'; a resize's, its input's)
+    (["combine", "{a}", "{b}", "--method", "linear", "--format", "diffusers", "-o", "{tmp}/ab.safetensors"], 2,
+     "error: {tmp}/ab.safetensors: module 'model.layers.0.self_attn.o_proj' has no pipeline component prefix "
+     "(unet, transformer, prior, text_encoder, text_encoder_2, text_encoder_3): the diffusers format is a "
+     "pipeline's (a language model's adapter: --format peft or kohya)"),
+    (["resize", "{a}", "--rank", "2", "--format", "diffusers", "--name", "a2"], 2,
+     "error: a2: module 'model.layers.0.self_attn.q_proj' has no pipeline component prefix "
+     "(unet, transformer, prior, text_encoder, text_encoder_2, text_encoder_3): the diffusers format is a "
+     "pipeline's (a language model's adapter: --format peft or kohya)"),
     (["combine", "nope"], 3,
      "error: no adapter 'nope' in the registry (give a name, name@version, id or sha256 prefix of 6+ hex digits)"),
 ])

@@ -635,3 +635,29 @@ def test_an_exact_re_merge_is_recorded_as_the_merge_it_is(tmp_path, models):
     run("subtract", b, "--from", tmp_path / "only-b", "-o", tmp_path / "back", "--exact")
     for f in base.glob("*.safetensors"):
         assert (tmp_path / "back" / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.registry_backend
+def test_an_exact_restore_names_adapters_as_the_merge_did_and_says_what_is_registered(tmp_path, models):
+    """--exact's summary named an adapter that stays by the reference its identity found (`b@1:1`, merged as a
+    path), and a restore of the recorded base itself said "recorded as base base", though the output is not the one
+    recorded (the registered base's record stands, at its own files)."""
+    base, a, b = models
+    merged = run("merge", f"{a}:0.7", b, "--into", base, "-o", tmp_path / "m").output
+    assert merged.startswith(f"merged {a}:0.7, {b}:1 → ")
+    lines = run("subtract", f"{a}:0.7", "--from", tmp_path / "m", "-o", tmp_path / "only-b", "--exact").output
+    lines = lines.splitlines()
+    assert lines[0].startswith(f"restored {base} + {b}:1 → {tmp_path / 'only-b'}: ")
+    assert lines[-1].startswith("recorded as base only-b (fingerprint ")
+    fingerprint = json.loads(run("base", "show", "base", "--json").output)["fingerprint"]
+    restored = (f"holds the same weights as the registered base base (fingerprint {fingerprint[:12]}): "
+                "not registered again")
+    back = run("subtract", b, "--from", tmp_path / "only-b", "-o", tmp_path / "back", "--exact").output.splitlines()
+    assert back[-1] == f"{tmp_path / 'back'} {restored}"
+    named = run("subtract", b, "--from", tmp_path / "only-b", "-o", tmp_path / "named", "--exact", "--name", "mine")
+    assert named.output.splitlines()[-1] == (f"{tmp_path / 'named'} {restored} as 'mine' (one record per model, "
+                                             "under its first name)")
+    report = run("subtract", b, "--from", tmp_path / "only-b", "-o", tmp_path / "j", "--exact", "--json").output
+    report = json.loads(report)
+    assert report["already_registered"] is True and report["name"] == "base"
+    assert [r["name"] for r in json.loads(run("base", "list", "--json").output)] == ["base", "m", "only-b"]

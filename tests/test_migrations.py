@@ -401,3 +401,37 @@ def test_a_ctrl_c_as_db_upgrade_or_stamp_commits_says_it_landed(command, monkeyp
     said = {"upgrade": f"the registry was upgraded to revision {db.HEAD}", "stamp": f"revision {db.HEAD} was recorded"}
     assert (result.exit_code, result.stderr) == (130, f"error: interrupted after {said[command]}\n")
     assert revision_of(eng) == db.HEAD
+
+
+@pytest.mark.sqlite_only  # a database file in a folder
+def test_db_upgrade_of_a_registry_in_a_folder_that_cannot_be_written(tmp_path):
+    """`db upgrade` of a registry this process may only read failed "attempt to write a readonly database" (exit 6)
+    at head too: it says it is at head, as `db current` reads it; one at an older revision is refused in one line."""
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    folder = tmp_path / "shared"
+    at_head, older = db.make_engine(f"sqlite:///{folder / 'head.db'}"), db.make_engine(f"sqlite:///{folder / 'old.db'}")
+    db.ensure_schema(at_head)
+    db.upgrade(older, revisions()[-2])
+    for eng in (at_head, older):
+        eng.dispose()
+    if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute stops it
+        if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode != 0:
+            pytest.skip("needs chattr (running as root)")
+        undo = ["chattr", "-i", folder]
+    else:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", folder]
+    try:
+        head = CliRunner().invoke(main, ["--db", f"sqlite:///{folder / 'head.db'}", "db", "upgrade"])
+        old = CliRunner().invoke(main, ["--db", f"sqlite:///{folder / 'old.db'}", "db", "upgrade"])
+    finally:
+        subprocess.run(undo, check=True)
+    assert (head.exit_code, head.output) == (0, f"sqlite:///{folder / 'head.db'}: already at revision {db.HEAD} "
+                                                "(head)\n")
+    assert (old.exit_code, old.stderr) == (6, f"error: the registry {folder / 'old.db'} is read-only here (it is in a "
+                                              f"folder this process cannot write): it cannot be upgraded from revision "
+                                              f"{revisions()[-2]} to {db.HEAD} (head)\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["head.db", "old.db"]  # no -wal or -shm left either

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import re
 import struct
 import threading
 from pathlib import Path
@@ -185,6 +186,20 @@ def test_rm_versions_blobs_and_lineage(reg, art):
     assert kept.id is None and kept.label == "ad1@1" and kept.sha256 == a1.sha256 and kept.weight == 0.5
     with pytest.raises(NotFoundError):
         reg.remove_adapter("ad1")
+
+
+def test_rm_all_takes_a_name_not_one_version(reg, art):
+    """`rm ad1@2 --all` removed ad1@1 too: a reference to one version (or an id) with --all is refused, and nothing
+    goes."""
+    one = reg.add_adapter(art["ad1"])
+    two = reg.add_adapter(art["ad2"], name="ad1")
+    for ref, named in (("ad1@2", "ad1@2"), ("ad1@latest", "ad1@2"), (one.id, "ad1@1"), (two.sha256[:8], "ad1@2")):
+        with pytest.raises(InvalidInputError, match=rf"^{re.escape(repr(ref))} names one version \({named}\), "
+                                                    "and --all removes every version of a name: give the name 'ad1', "
+                                                    "or drop --all$"):
+            reg.remove_adapter(ref, all_versions=True)
+    assert [r.ref for r in reg.list_adapters()] == ["ad1@1", "ad1@2"] and Path(one.path).exists()
+    assert [r.ref for r in reg.remove_adapter("ad1", all_versions=True)] == ["ad1@1", "ad1@2"]
 
 
 def test_ids_of_removed_adapters_and_bases_are_never_reused(reg, art):
@@ -425,6 +440,25 @@ def test_verify_and_gc(reg, art):
     assert removed == {orphan, temp} and not orphan.exists() and Path(k.path).exists()
 
 
+def test_verify_reports_what_a_stored_folder_holds_besides_its_files(reg, art):
+    """A file put into a stored adapter's folder is a change to the stored copy (a config beside a one-file
+    adapter's weights is read with them): verify said all was intact. It names each; an interrupted copy's temp file
+    stays gc's."""
+    from loraops.fsutil import TMP_MARK
+    from loraops.registry.store import UNRECORDED
+
+    a, k = reg.add_adapter(art["ad1"]), reg.add_adapter(art["kohya"])
+    extra = [Path(a.path) / "notes.txt", Path(k.path).parent / "adapter_config.json"]
+    for path in extra:
+        path.write_text("{}")
+    (Path(a.path) / f"{TMP_MARK}adapter_model.safetensors.1234abcd").write_bytes(b"partial")
+    assert [(p.adapter, p.file, p.problem) for p in reg.verify()] == [
+        ("ad1@1", str(extra[0]), UNRECORDED), ("style@1", str(extra[1]), UNRECORDED)]
+    for path in extra:
+        path.unlink()
+    assert reg.verify() == []
+
+
 def counted_hashes(monkeypatch) -> list[Path]:
     """The stored files loads hash from now on (the blob store's sha256_file calls)."""
     hashed = []
@@ -572,6 +606,59 @@ def test_gc_removes_stamps_whose_folder_is_gone(reg, art, monkeypatch):
     hashed = counted_hashes(monkeypatch)
     reg.load_adapter(kept.id)
     assert hashed == []
+
+
+def test_rm_leaves_no_empty_stamp_folder_and_gc_takes_one_left(reg, art, monkeypatch):
+    """`rm` dropped an adapter's stamps and left their folder (.stamps/XX) empty, which nothing removed: it goes
+    with its last stamp now, and gc takes one an older loraops left (after the grace period, as all it removes)."""
+    monkeypatch.setattr(blob_store, "RACY_NS", 0)
+    record = reg.add_adapter(art["ad1"])
+    reg.load_adapter(record.id)  # stamped
+    stamps = reg.blobs.root / STAMPS
+    assert [p.name for p in stamps.iterdir()] == [record.sha256[:2]]
+    reg.remove_adapter(record.id)
+    assert list(stamps.iterdir()) == []
+    left = stamps / "ab"
+    left.mkdir()
+    assert reg.gc() == [] and left.is_dir()  # (younger than the grace period)
+    assert reg.gc(grace_s=0, dry_run=True) == [(left, 0)] and left.is_dir()
+    assert reg.gc(grace_s=0) == [(left, 0)] and not left.exists()
+
+
+def test_gc_leaves_a_stamp_folder_being_filled(reg, monkeypatch):
+    """A stamp's write makes its folder, then renames the stamp file into it, under the stamps' lock: gc, finding
+    the folder empty in between, waits for that lock and leaves it (else the write failed, its stamp lost)."""
+    import time
+
+    folder = reg.blobs.root / STAMPS / "cd"
+    reached, written, failed = threading.Event(), [], []
+    real = blob_store.BlobStore.drop_empty
+
+    def reaching(self, path):
+        reached.set()
+        return real(self, path)
+
+    def write_a_stamp():
+        with reg.blobs._stamps_locked():
+            folder.mkdir(parents=True)
+            os.utime(folder, (0, 0))  # (old enough for any grace period)
+            made.set()
+            reached.wait(30)
+            time.sleep(0.2)  # (time for an unlocked rmdir to land: it would, at once)
+            try:
+                (folder / f"{'cd' * 32}.json").write_text("{}")
+                written.append(True)
+            except OSError as exc:
+                failed.append(exc)
+
+    made = threading.Event()
+    monkeypatch.setattr(blob_store.BlobStore, "drop_empty", reaching)
+    writer = threading.Thread(target=write_a_stamp)
+    writer.start()
+    made.wait(30)
+    assert reg.gc(grace_s=0) == []
+    writer.join()
+    assert (written, failed) == ([True], []) and (folder / f"{'cd' * 32}.json").exists()
 
 
 def test_gc_keeps_a_stored_file_whose_name_looks_like_a_temp_file(reg, art, tmp_path):

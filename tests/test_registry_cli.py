@@ -254,6 +254,12 @@ def test_verify_gc_and_db(art):
     assert result.stdout.startswith(f"ad1@1: {weights}: sha256 ")
     assert result.stderr == ("error: 1 stored file(s) missing or changed; re-register those adapters from their "
                              "originals\n")
+    extra = os.path.join(shown["path"], "notes.txt")  # (a file no record holds: said apart, with its own remedy)
+    open(extra, "w").write("mine")
+    result = cli("verify", code=6)
+    assert result.stdout.endswith(f"ad1@1: {extra}: not recorded: no record holds it (remove it)\n")
+    assert result.stderr == ("error: 1 stored file(s) missing or changed; re-register those adapters from their "
+                             "originals; 1 file(s) in stored adapter folders that no record holds; remove them\n")
     assert cli("gc", "--grace", "0").output == "removed 0 item(s), 0 B\n"
     assert cli("db", "current").output.endswith(f": revision {db.HEAD} (head)\n")
     assert cli("db", "upgrade").output.endswith(f": already at revision {db.HEAD} (head)\n")

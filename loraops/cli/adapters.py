@@ -158,7 +158,8 @@ def show(ref: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("ref")
-@click.option("--all", "all_versions", is_flag=True, help="Remove every version of the name.")
+@click.option("--all", "all_versions", is_flag=True,
+              help="Remove every version of the name (given alone, not name@version).")
 def rm(ref: str, all_versions: bool) -> None:
     """Remove an adapter (name = its latest version; name@version, id, sha256 prefix) and its stored copy."""
     with _registry(create=False) as reg:

@@ -24,6 +24,9 @@ def _engine(create: bool = True):
 def upgrade() -> None:
     """Bring the registry schema to this loraops' revision."""
     regdb, engine = _engine()
+    if regdb.unwritable(engine):  # (at head too it failed "attempt to write a readonly database", as db current did)
+        _read_only_upgrade(regdb, engine)
+        return
     try:
         with regdb.connected(engine) as connection:
             before = regdb.current_revision(connection)
@@ -37,6 +40,23 @@ def upgrade() -> None:
         click.echo(f"{_url(engine)}: already at revision {regdb.HEAD} (head)")
     else:
         click.echo(f"{_url(engine)}: upgraded from {before or 'empty'} to {regdb.HEAD} (head)")
+
+
+def _read_only_upgrade(regdb, engine) -> None:
+    """`db upgrade` of an SQLite registry this process may only read: at head, nothing to do; else refused."""
+    from ..errors import RegistryError
+
+    reading = regdb.read_only_fallback(engine) or engine  # (None: the file went since unwritable() saw it)
+    try:
+        with regdb.connected(reading) as connection:
+            revision = regdb.current_revision(connection)
+    finally:
+        reading.dispose()
+        engine.dispose()
+    if revision != regdb.HEAD:
+        raise RegistryError(f"{regdb.read_only_here(regdb.sqlite_file(engine))}: it cannot be upgraded from revision "
+                            f"{revision or 'none'} to {regdb.HEAD} (head)")
+    click.echo(f"{_url(engine)}: already at revision {regdb.HEAD} (head)")
 
 
 @db.command()

@@ -27,8 +27,10 @@ def gc(dry_run: bool, grace: float) -> None:
 
 @click.command()
 def verify() -> None:
-    """Re-hash every stored adapter file; exit non-zero when any is missing or changed."""
+    """Re-hash every stored adapter file; exit non-zero when any is missing or changed, or when a stored adapter's
+    folder holds a file none of its records does (put there since: remove it)."""
     from ..errors import RegistryError
+    from ..registry.store import UNRECORDED
 
     with _registry(create=False) as reg:
         problems = reg.verify()
@@ -38,7 +40,12 @@ def verify() -> None:
     pulled = {p.adapter: p.pull_again for p in problems if p.pull_again}  # (they have no original on disk)
     for adapter, again in pulled.items():
         click.echo(f"{adapter}: pulled from the Hub: `{again}` downloads it again")
-    if problems:
-        raise RegistryError(f"{len(problems)} stored file(s) missing or changed; re-register those adapters from their "
-                            "originals" + (", or pull again those from the Hub" if pulled else ""))
+    extra, said = sum(p.problem == UNRECORDED for p in problems), []
+    if len(problems) > extra:
+        said.append(f"{len(problems) - extra} stored file(s) missing or changed; re-register those adapters from their "
+                    "originals" + (", or pull again those from the Hub" if pulled else ""))
+    if extra:
+        said.append(f"{extra} file(s) in stored adapter folders that no record holds; remove them")
+    if said:
+        raise RegistryError("; ".join(said))
     click.echo(f"all stored files of {count} adapter(s) match their sha256")

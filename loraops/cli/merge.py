@@ -92,6 +92,11 @@ def _render(report, as_json: bool, name: str | None) -> None:
         else:
             click.echo(f"residual: largest rounding {r.rounding_max_abs:.3g}; {r.note}")
     echo_base_changed(report.base_changed)
-    if report.name:
+    if report.already_registered:
+        click.echo(f"{report.output} holds the same weights as the registered base {report.name} (fingerprint "
+                   f"{report.fingerprint[:12]}): not registered again"
+                   + ("" if name in (None, report.name) else
+                      f" as {name!r} (one record per model, under its first name)"))
+    elif report.name:
         click.echo(f"recorded as base {report.name} (fingerprint {report.fingerprint[:12]})"
                    + not_again(name, report.name, "model (its fingerprint)"))

@@ -147,9 +147,30 @@ class BlobStore:
     def forget(self, key: str) -> None:
         """Drop the stamps of the adapter at ``key`` (its files are hashed on their next load): with its folder, or
         when one of its files hashed wrong, which its stamp may not show (bytes changed below the file system keep
-        its stat). Where the store is read-only, nothing."""
+        its stat); and their shard folder (.stamps/XX) when that is empty now. Where the store is read-only,
+        nothing."""
         with self._stamps_locked(), contextlib.suppress(OSError):
             self._stamps(key).unlink(missing_ok=True)
+            self._stamps(key).parent.rmdir()  # (only an empty one; a write makes it again under this lock)
+
+    def empty_stamp_folders(self) -> Iterator[Path]:
+        """Stamp shard folders (.stamps/XX) that hold nothing: litter of a `forget` by an older loraops, which left
+        them after their last stamp, for gc (drop_empty)."""
+        for folder in sorted((self.root / STAMPS).glob("??")):
+            with contextlib.suppress(OSError):
+                if folder.is_dir() and next(folder.iterdir(), None) is None:
+                    yield folder
+
+    def drop_empty(self, folder: Path) -> bool:
+        """Remove the stamp shard folder ``folder`` if it is still empty: under the stamps' lock, which a stamp's
+        write holds from making its folder to renaming the file into it, so a folder being filled is never removed
+        under it. Whether it went."""
+        with self._stamps_locked():
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (filled meanwhile), or gone
+                return False
+        return True
 
     @contextlib.contextmanager
     def _stamps_locked(self) -> Iterator[None]:
@@ -274,6 +295,17 @@ class BlobStore:
         for shard in sorted(self.root.iterdir()):
             if shard.is_dir() and len(shard.name) == 2:
                 yield from sorted(p for p in shard.iterdir() if p.is_dir() and TMP_MARK not in p.name)
+
+    def unrecorded(self, key: str, names: set[str]) -> list[Path]:
+        """What the stored folder of the adapter at ``key`` holds besides ``names`` (the files its records hold):
+        put there by hand, since loraops stores the recorded files only, and not always inert (an adapter_config.json
+        beside a one-file adapter's weights is read with them). Not the temp files of an interrupted copy, which gc
+        removes (temp_files)."""
+        try:
+            entries = sorted(self.path(folder_of(key)).iterdir())
+        except OSError:  # (gone: its files are missing)
+            return []
+        return [p for p in entries if p.name not in names and not p.name.startswith(TMP_MARK)]
 
     def temp_files(self) -> Iterator[Path]:
         """Leftovers of interrupted copies (not what is inside one: a scratch folder goes whole, or not at all)."""

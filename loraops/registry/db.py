@@ -400,6 +400,13 @@ def unwritable(engine: Engine) -> bool:
     return not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
 
 
+def read_only_here(database: Path) -> str:
+    """How messages say that the SQLite registry ``database`` is read-only for this process, and why."""
+    why = ("this process cannot write the file" if os.access(database.parent, os.W_OK)
+           else "it is in a folder this process cannot write")
+    return f"the registry {database} is read-only here ({why})"
+
+
 def missing_sqlite_file(engine: Engine) -> bool:
     """An SQLite registry whose file does not exist yet (connecting would create it), or is empty (what SQLite opens
     as an empty database: a mistyped path to an empty file, which opening the registry filled with its tables)."""

@@ -70,6 +70,10 @@ class Registration(NamedTuple):
     """The base it was linked to before this call re-linked it."""
 
 
+UNRECORDED = "not recorded: no record holds it (remove it)"
+"""BlobProblem.problem of a file in a stored adapter's folder that is none of its recorded files."""
+
+
 @dataclass(frozen=True)
 class BlobProblem:
     """What `verify` found wrong with one stored file."""
@@ -196,11 +200,8 @@ class Registry:
 
     def refuse_writes(self, hint: str = "") -> None:
         """Raise, before anything is copied or computed, when this registry is read-only here."""
-        if self.read_only:
-            database = db.sqlite_file(self.engine)
-            why = ("this process cannot write the file" if database is not None and os.access(database.parent, os.W_OK)
-                   else "it is in a folder this process cannot write")
-            raise RegistryError(f"the registry {database} is read-only here ({why}): nothing can be recorded{hint}")
+        if self.read_only:  # (only an SQLite file is opened read-only)
+            raise RegistryError(f"{db.read_only_here(db.sqlite_file(self.engine))}: nothing can be recorded{hint}")
 
     def __enter__(self) -> "Registry":
         return self
@@ -762,15 +763,19 @@ class Registry:
 
     def remove_adapter(self, ref: str | int, *, all_versions: bool = False, undo: bool = False) -> list[AdapterRecord]:
         """Remove one adapter version (``name`` alone: the latest), or every version of its name with
-        ``all_versions``. Stored files go with the last record using them, its own lineage (how it was made) with it;
-        lineage that used it keeps a label. ``undo``: a registration that the failing command which made it takes
-        back (loraops.derive.inputs_of): its version number is given back to the name too, unless a later one was
-        given meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2. Unless another
+        ``all_versions`` (``ref`` then the name itself: a version, id or sha256 prefix is refused). Stored files go
+        with the last record using them, its own lineage (how it was made) with it; lineage that used it keeps a
+        label. ``undo``: a registration that the failing command which made it takes back
+        (loraops.derive.inputs_of): its version number is given back to the name too, unless a later one was given
+        meanwhile; else a refused `combine a.safetensors …` made the next real registration a@2. Unless another
         record's lineage used it meanwhile (another process derived from it): then it is that record's input, and
         stays (removed, its number would later name other bytes under that lineage's label); returns []."""
 
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
+            if all_versions and str(ref).strip() != row.name:  # (`rm a@2 --all` removed a@1 too)
+                raise InvalidInputError(f"{ref!r} names one version ({row.name}@{row.version}), and --all removes "
+                                        f"every version of a name: give the name {row.name!r}, or drop --all")
             if undo:
                 # the row locked first (PostgreSQL): a lineage row being inserted that refers to it is committed
                 # before this looks, or waits until the row is gone
@@ -847,15 +852,18 @@ class Registry:
         return CheckResult.of(label, reports)
 
     def verify(self, progress: bool | None = None) -> list[BlobProblem]:
-        """Re-hash every stored file against its record; return what is missing or changed. The trainable tokens of
-        an adapter registered before they were recorded (revision 0005) are read from its intact stored copy and
-        recorded."""
+        """Re-hash every stored file against its record; return what is missing or changed, and what a stored
+        adapter's folder holds besides its recorded files (UNRECORDED). The trainable tokens of an adapter registered
+        before they were recorded (revision 0005) are read from its intact stored copy and recorded."""
         from .. import formats
 
         with self.session() as s:
             rows = [(r.id, f"{r.name}@{r.version}", r.sha256, r.blob, r.files, r.token_rows is None, r.alpha_override,
                      r.source)
                     for r in s.scalars(select(SqlAdapter).order_by(SqlAdapter.id))]
+        recorded: dict[str, set[str]] = {}  # stored folder → the files its records hold
+        for *_, key, files, _, _, _ in rows:
+            recorded.setdefault(folder_of(key), set()).update(f["name"] for f in files)
         total = sum(f["size"] for *_, files, _, _, _ in rows for f in files)
         bar = settings.progress_bar(total, "verify", progress)
         problems, tokens = [], {}
@@ -865,6 +873,9 @@ class Registry:
                 if found and self._recover(identity, key, files):
                     found = self._stored_problems(key, files)
                 problems += [BlobProblem(label, path, problem, _pull_again(source)) for path, problem in found]
+                if folder_of(key) in recorded:  # (once for a folder of several records)
+                    problems += [BlobProblem(label, str(path), UNRECORDED)
+                                 for path in self.blobs.unrecorded(key, recorded.pop(folder_of(key)))]
                 if unknown and not found:  # headers and config only: the counts, not the values
                     try:
                         adapter = formats.read_adapter(self.blobs.path(key), alpha=alpha, values=False)
@@ -966,10 +977,11 @@ class Registry:
             self.blobs.put(identity, [staging.folder(identity) / name for name in copied], move=True, known=copied)
 
     def gc(self, *, grace_s: float = 3600, dry_run: bool = False) -> list[tuple[Path, int]]:
-        """Remove stored adapter folders no record uses, temp files of interrupted copies, and stamps whose folder is
-        gone (BlobStore.stray_stamps); returns each with its size in bytes. Anything younger than ``grace_s`` is
-        kept: it may belong to a registration in progress. The shard folders this empties go too (under the shard's
-        lock, see BlobStore.prune)."""
+        """Remove stored adapter folders no record uses, temp files of interrupted copies, stamps whose folder is
+        gone (BlobStore.stray_stamps) and empty stamp folders; returns each with its size in bytes. Anything younger
+        than ``grace_s`` is kept: it may belong to a registration in progress. The shard folders this empties go too
+        (under the shard's lock, see BlobStore.prune). A file a stored folder holds besides its recorded ones is no
+        leftover of loraops' (put there by hand): kept, and reported by verify."""
         refuse_bad_grace(grace_s)
         with self.session() as s:
             used = {folder_of(key) for key in s.scalars(select(SqlAdapter.blob))}
@@ -1002,9 +1014,16 @@ class Registry:
                     continue
                 removed.append((path, _size(path)))
                 if not dry_run:
-                    path.unlink(missing_ok=True)
-                    self.blobs.prune(path)
+                    self.blobs.forget(f"{path.parent.name}/{path.stem}")  # (with its folder, once empty)
                     told()
+        for folder in self.blobs.empty_stamp_folders():
+            with contextlib.suppress(OSError):  # (gone meanwhile)
+                if folder.stat().st_mtime > cutoff:
+                    continue
+                if dry_run or self.blobs.drop_empty(folder):
+                    removed.append((folder, 0))
+                    if not dry_run:
+                        told()
         return removed
 
     # ---------------------------------------------------------------- lookups
