@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import factories
@@ -98,3 +99,26 @@ def test_inspect_and_check_read_headers_and_alphas_only(adapter, tmp_path, monke
     assert formats.read_adapter(kohya, values=False).modules["lora_unet_model_layers_0_self_attn_q_proj"].scale == 0.5
     base = BaseModel.open(factories.Path(adapter).parent / "base")
     assert check(formats.read_adapter(adapter, values=False), base.tensors).ok
+
+
+def mixed_kohya(path):
+    """A kohya file whose modules have other ranks and alphas (2/1, 16/8, 4/0: alpha 0 is the rank, kohya's rule)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, rank, alpha in (("lora_unet_a_q", 2, 1.0), ("lora_unet_a_k", 16, 8.0), ("lora_unet_a_v", 4, 0.0)):
+        tensors |= {f"{name}.lora_down.weight": torch.randn(rank, 32, generator=g),
+                    f"{name}.lora_up.weight": torch.randn(32, rank, generator=g), f"{name}.alpha": torch.tensor(alpha)}
+    save_file(tensors, str(path))
+    return path
+
+
+def test_mixed_ranks_and_alphas_are_given_as_their_range(tmp_path):
+    """Modules of other ranks or alphas: the summary says their range, not only "mixed"; --json keeps null."""
+    path = mixed_kohya(tmp_path / "mixed.safetensors")
+    out = run(path).output
+    assert "\nrank        mixed (2–16)\n" in out and "\nalpha       mixed (1–8)\n" in out
+    data = json.loads(run(path, "--json").output)
+    assert data["rank"] is None and data["alpha"] is None
+    assert sorted((m["rank"], m["alpha"]) for m in data["modules"]) == [(2, 1), (4, 4), (16, 8)]

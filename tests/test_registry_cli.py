@@ -78,6 +78,17 @@ def test_register_list_show_rm(art):
         "(give a name, name@version, id or sha256 prefix of 6+ hex digits)\n"
 
 
+def test_register_and_show_give_the_range_of_mixed_ranks_and_alphas(art):
+    from test_inspect_cli import mixed_kohya
+
+    path = mixed_kohya(art["dir"] / "mixed.safetensors")
+    assert cli("register", path).output.endswith(", 3 modules, rank mixed (2–16), alpha mixed (1–8), base -\n")
+    out = cli("show", "mixed").output
+    assert "\nrank            mixed (2–16)\nalpha           mixed (1–8)\n" in out
+    assert cli("list", "--name", "mixed").output.splitlines()[2].split()[3:5] == ["mixed", "mixed"]
+    cli("rm", "mixed")
+
+
 def test_register_again_links_its_base_and_keeps_its_name(art):
     """Registering an adapter that is already registered: --base links it (one line says so), another --name does
     not rename it (said too); a base it does not fit is refused and changes nothing."""

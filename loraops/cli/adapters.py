@@ -8,7 +8,7 @@ import click
 from . import FLOAT, INT
 from ..landing import registered
 from .render import (METHODS, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
-                     number, scale_mode, to_jsonable, variants)
+                     number, rank_alpha, scale_mode, to_jsonable, variants)
 
 
 def _registry(create: bool = True):
@@ -75,10 +75,10 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
         click.echo(f"already registered as {record.ref} (id {record.id}, sha256 {record.sha256[:12]})"
                    + registered_again(record, name, done.linked, done.previous_base))
         return
+    rank, alpha = rank_alpha(record)
     click.echo(
         f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {format_label(record)}, "
-        f"{len(record.modules)} modules, rank {number(record.rank, len(record.modules))}, "
-        f"alpha {number(record.alpha, len(record.modules))}, base {_base_label(record)}"
+        f"{len(record.modules)} modules, rank {rank}, alpha {alpha}, base {_base_label(record)}"
     )
 
 
@@ -136,7 +136,7 @@ def show(ref: str, as_json: bool) -> None:
     fields = [
         ("name", r.ref), ("id", r.id), ("sha256", r.sha256), ("weights sha256", r.weights_sha256),
         ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),
-        ("rank", number(r.rank, len(r.modules))), ("alpha", number(r.alpha, len(r.modules))),
+        *zip(("rank", "alpha"), rank_alpha(r)),
         ("scale mode", scale_mode(r)),
         *variants(r, biased),
         *([("trainable tokens", tokens_phrase(r.token_rows))] if r.token_rows != {} else []),

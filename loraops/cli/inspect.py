@@ -5,7 +5,7 @@ import click
 
 from . import FLOAT
 from ..adapter import token_rows_phrase
-from .render import echo_json, echo_modules, human_bytes, number, scale_mode, variants
+from .render import echo_json, echo_modules, human_bytes, rank_alpha, scale_mode, variants
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
@@ -30,8 +30,7 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("size", human_bytes(report.size)),
         ("dtype", report.dtype),
         ("modules", str(report.num_modules)),
-        ("rank", number(report.rank, report.num_modules)),
-        ("alpha", number(report.alpha, report.num_modules)),
+        *zip(("rank", "alpha"), rank_alpha(report)),
         ("scale mode", scale_mode(report)),
         *variants(report, report.lora_bias),
         ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
