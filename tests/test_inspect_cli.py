@@ -122,3 +122,18 @@ def test_mixed_ranks_and_alphas_are_given_as_their_range(tmp_path):
     data = json.loads(run(path, "--json").output)
     assert data["rank"] is None and data["alpha"] is None
     assert sorted((m["rank"], m["alpha"]) for m in data["modules"]) == [(2, 1), (4, 4), (16, 8)]
+
+
+def test_a_config_rank_that_is_not_the_tensors_is_said(adapter, tmp_path):
+    """A config whose r (or rank_pattern) is not its tensors' rank: PEFT fails to load it (size mismatch); loraops
+    reads the tensors' rank and scales by it, and says so rather than showing that scale without a word."""
+    folder = tmp_path / "a"
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"v_proj": 16}}))
+    result = CliRunner().invoke(main, ["inspect", str(folder), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["rank"] == 4
+    assert result.stderr == (f"note: {folder}/adapter_config.json: its r/rank_pattern give 2 of 4 modules another rank "
+                             "than their tensors (model.layers.0.self_attn.v_proj: r 16, tensors 4): PEFT fails to "
+                             "load it; loraops reads the tensors' rank and scales by it (alpha/rank)\n")
+    assert CliRunner().invoke(main, ["inspect", str(adapter)]).stderr == ""
