@@ -527,6 +527,33 @@ def test_a_damaged_stored_copy_is_not_used_and_registering_the_original_repairs_
     cli("merge", "chat", "--into", "llama-tiny", "-o", out, "--no-record")
 
 
+def test_show_says_a_stored_copy_that_is_missing_or_of_another_size(art):
+    """`show` still shows the record of an adapter whose stored copy is damaged (the source to register again is in
+    it), and says on stderr what a stat finds (no hashing: `verify` does that); it said nothing."""
+    from pathlib import Path
+
+    cli("register", art["ad1"], "--name", "cut")
+    cli("register", art["kohya"], "--name", "gone")
+    assert cli("show", "cut").stderr == ""
+    cut, gone = (Path(json.loads(cli("show", n, "--json").output)["path"]) for n in ("cut", "gone"))
+    weights = cut / "adapter_model.safetensors"
+    size = sum(f.stat().st_size for f in cut.iterdir())
+    left = size - weights.stat().st_size + 100
+    os.truncate(weights, 100)
+    result = cli("show", "cut")
+    assert "name            cut@1" in result.stdout
+    assert result.stderr == (f"note: cut@1: its stored copy {cut} holds {left:,} "
+                             f"bytes, {size:,} recorded; `loraops verify` checks every stored file, registering its "
+                             "original again repairs it\n")
+    gone.unlink()
+    result = cli("show", "gone", "--json")
+    assert json.loads(result.stdout)["name"] == "gone" and f"its stored copy {gone} is missing;" in result.stderr
+    cli("register", art["ad1"])
+    cli("register", art["kohya"])
+    assert cli("show", "cut").stderr == cli("show", "gone").stderr == ""
+    cli("rm", "cut"), cli("rm", "gone")
+
+
 def test_an_interrupt_in_clicks_own_code_exits_130(monkeypatch, capsys):
     """A Ctrl-C that lands in click itself — here while the top context closes, after the command returned — is
     "error: interrupted", exit 130; click's standalone mode made it "Aborted!" and exit 1."""

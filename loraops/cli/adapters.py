@@ -108,6 +108,19 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
     )
 
 
+def stored_damage(record) -> str | None:
+    """What a stat finds wrong with a registered adapter's stored copy: missing, or not the size recorded (the sum
+    of its files'); None when it looks intact (only `verify`'s hashes tell that)."""
+    from pathlib import Path
+
+    path = Path(record.path)
+    try:
+        size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    except OSError:
+        return "is missing"
+    return None if size == record.size else f"holds {size:,} bytes, {record.size:,} recorded"
+
+
 @click.command()
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON, with \"lora_bias\" (PEFT's, from "
@@ -126,10 +139,13 @@ def show(ref: str, as_json: bool) -> None:
                 kernels = reg.module_kernels(r.id)
                 r = r.model_copy(update={"modules": [m.model_copy(update={"kernel": m.kernel or kernels.get(m.name)})
                                                      for m in r.modules]})
-    try:  # (the record alone has no lora_bias; a damaged store is verify's to report, show still shows the record)
+    try:  # (the record alone has no lora_bias; a damaged store is verify's to hash, show still shows the record)
         biased = r.format == "peft" and has_lora_bias(r.path)
     except (OSError, LoraopsError):
         biased = None  # (unknown: null in the JSON, no line in the text)
+    if damage := stored_damage(r):  # (what a stat tells, no hashing: the record's facts are no longer its files')
+        click.echo(f"note: {r.ref}: its stored copy {r.path} {damage}; `loraops verify` checks every stored file, "
+                   "registering its original again repairs it", err=True)
     if as_json:
         echo_json({**to_jsonable(r), "lora_bias": biased})
         return
