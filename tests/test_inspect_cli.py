@@ -137,3 +137,15 @@ def test_a_config_rank_that_is_not_the_tensors_is_said(adapter, tmp_path):
                              "than their tensors (model.layers.0.self_attn.v_proj: r 16, tensors 4): PEFT fails to "
                              "load it; loraops reads the tensors' rank and scales by it (alpha/rank)\n")
     assert CliRunner().invoke(main, ["inspect", str(adapter)]).stderr == ""
+
+
+def test_an_adapter_of_trainable_tokens_alone_has_no_targets_nor_module_table(adapter, tmp_path):
+    """As `show` gives it: targets "-" and no empty table (inspect printed a blank targets line and a table's headers
+    with no row)."""
+    from peft import TrainableTokensConfig
+
+    folder, _ = factories.token_adapter(adapter.parent / "base", tmp_path / "tokens",
+                                        TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 2]))
+    out = run(folder).output
+    assert "\nmodules     0\nrank        -\nalpha       -\n" in out and "\ntargets     -\n" in out
+    assert "tokens      model.embed_tokens.weight rows 1, 2 (replaced)" in out and "module  kind" not in out

@@ -33,7 +33,8 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         *zip(("rank", "alpha"), rank_alpha(report)),
         ("scale mode", scale_mode(report)),
         *variants(report, report.lora_bias),
-        ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
+        ("targets", (", ".join(report.target_modules) or "-") if report.names_resolved
+         else f"{report.num_modules} kohya names"),
         ("parameters", f"{report.num_parameters:,}"),
         ("base model", report.base_model or "-"),
     ]
@@ -50,5 +51,6 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
             click.echo(f"  {key} = {value}")
         if len(report.metadata) > METADATA_SHOWN:
             click.echo(f"  … {len(report.metadata) - METADATA_SHOWN} more (see --json)")
-    click.echo()
-    echo_modules(report.modules)
+    if report.modules:  # (as show: an adapter of PEFT trainable tokens alone has no LoRA module to tabulate)
+        click.echo()
+        echo_modules(report.modules)
