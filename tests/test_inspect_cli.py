@@ -149,3 +149,18 @@ def test_an_adapter_of_trainable_tokens_alone_has_no_targets_nor_module_table(ad
     out = run(folder).output
     assert "\nmodules     0\nrank        -\nalpha       -\n" in out and "\ntargets     -\n" in out
     assert "tokens      model.embed_tokens.weight rows 1, 2 (replaced)" in out and "module  kind" not in out
+
+
+def test_a_kohya_file_gives_the_model_it_was_trained_on_from_its_metadata(tmp_path):
+    """sd-scripts records the base in ss_sd_model_name (modelspec.architecture in newer files), past the first 12
+    metadata keys shown: `base model` said "-"."""
+    keys = {f"ss_a{i}": "x" for i in range(20)}
+    named = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_x": ((8,), (8,))},
+                                 metadata={**keys, "ss_sd_model_name": "sd_xl_base_1.0.safetensors"})
+    assert "\nbase model  sd_xl_base_1.0.safetensors (metadata ss_sd_model_name)\n" in run(named).output
+    spec = factories.kohya_file(tmp_path / "s.safetensors", {"lora_unet_x": ((8,), (8,))},
+                                metadata={"modelspec.architecture": "stable-diffusion-v1/lora"})
+    assert "\nbase model  stable-diffusion-v1/lora (metadata modelspec.architecture)\n" in run(spec).output
+    assert json.loads(run(spec, "--json").output)["base_model"] is None  # (the record's is PEFT's own field)
+    plain = factories.kohya_file(tmp_path / "n.safetensors", {"lora_unet_x": ((8,), (8,))})
+    assert "\nbase model  -\n" in run(plain).output

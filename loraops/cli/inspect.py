@@ -9,6 +9,9 @@ from .render import echo_json, echo_modules, human_bytes, rank_alpha, scale_mode
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
+BASE_KEYS = ("ss_sd_model_name", "modelspec.architecture")
+"""Where a kohya file names the model it was trained on (sd-scripts' metadata), for the `base model` line: the first
+12 metadata keys shown rarely reach them."""
 
 
 @click.command()
@@ -36,7 +39,8 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("targets", (", ".join(report.target_modules) or "-") if report.names_resolved
          else f"{report.num_modules} kohya names"),
         ("parameters", f"{report.num_parameters:,}"),
-        ("base model", report.base_model or "-"),
+        ("base model", report.base_model or next((f"{report.metadata[k]} (metadata {k})" for k in BASE_KEYS
+                                                  if report.metadata.get(k)), "-")),
     ]
     summary += [("tokens", token_rows_phrase(name, indices)) for name, indices in report.trainable_tokens.items()]
     if report.full_tensors:
