@@ -413,10 +413,14 @@ def test_base_add_of_moved_files_says_the_record_follows_them(art, tmp_path):
     first = shutil.copytree(art["base"], tmp_path / "here")
     cli("base", "add", first, "--name", "llama-tiny")
     moved = first.rename(tmp_path / "there")
+    shown = cli("base", "show", "llama-tiny", "--json")  # (it said nothing of the files gone)
+    assert json.loads(shown.stdout)["path"] == str(first) and shown.stderr == (
+        f"note: base llama-tiny: its files at {first} are missing (moved? `loraops base add` them where they are now: "
+        "the record follows them)\n")
     result = cli("base", "add", moved)
     assert result.stdout.startswith("already registered as base llama-tiny (id 1, ")
     assert result.stderr == (f"note: base llama-tiny: its files were no longer at {first}; recorded at {moved} now\n")
-    assert cli("base", "add", moved).stderr == ""  # (nothing moved this time)
+    assert cli("base", "add", moved).stderr == cli("base", "show", "llama-tiny").stderr == ""  # (nothing moved now)
     with Registry.open() as reg:
         assert reg.get_base("llama-tiny").path == str(moved)
 
