@@ -164,3 +164,16 @@ def test_a_kohya_file_gives_the_model_it_was_trained_on_from_its_metadata(tmp_pa
     assert json.loads(run(spec, "--json").output)["base_model"] is None  # (the record's is PEFT's own field)
     plain = factories.kohya_file(tmp_path / "n.safetensors", {"lora_unet_x": ((8,), (8,))})
     assert "\nbase model  -\n" in run(plain).output
+
+
+def test_a_lycoris_lokr_of_whole_factors_says_its_scale_is_1(tmp_path):
+    """LyCORIS scales a LoKr module whose w1 and w2 are stored whole by 1 (it has no r), whatever its alpha: the
+    `scale mode` line said alpha/r alone beside a table of scale 1."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lokr.safetensors"
+    save_file({"lora_unet_x.lokr_w1": torch.ones(2, 2), "lora_unet_x.lokr_w2": torch.ones(4, 4),
+               "lora_unet_x.alpha": torch.tensor(2.0)}, str(path), metadata={"ss_network_module": "lycoris.kohya"})
+    out = run(path).output
+    assert "\nscale mode  classic (alpha/r); 1 for LoKr factors stored whole, as LyCORIS\n" in out
+    assert "lora_unet_x  lokr  -         2      1   8    8" in out

@@ -61,7 +61,10 @@ def scale_mode(record) -> str:
     """How `show` and `inspect` say an adapter's (an AdapterRecord's or InspectReport's) scales are made."""
     if "adalora" in record.methods:
         return "AdaLoRA (lora_alpha/(init_r + 1e-5), as PEFT's ranknum)"
-    return "rsLoRA (alpha/sqrt(r))" if record.scale_mode == "rslora" else "classic (alpha/r)"
+    # (a LyCORIS LoKr module whose factors are stored whole has no r: its scale is 1; PEFT's keeps alpha/r, its config's)
+    whole = record.format != "peft" and any(m.kind == "lokr" and m.rank is None for m in record.modules)
+    return ("rsLoRA (alpha/sqrt(r))" if record.scale_mode == "rslora" else "classic (alpha/r)") + \
+        ("; 1 for LoKr factors stored whole, as LyCORIS" if whole else "")
 
 
 UNBOUND_NOTES = {"vera": " (not bound to a base, the `in` column is vera_A's width)",
