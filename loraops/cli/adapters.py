@@ -94,14 +94,15 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
     """List registered adapters (every version)."""
     with _reader() as reg:
         records = reg.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name, modules=as_json)
+        spans = {} if as_json else reg.spans([r.id for r in records if r.rank is None or r.alpha is None])
     if as_json:
         echo_json(records)
         return
     echo_table(
         ["id", "name", "format", "rank", "alpha", "modules", "params", "base", "tags", "sha256"],
         [
-            (r.id, r.ref, format_label(r), number(r.rank, r.num_modules),
-             number(r.alpha, r.num_modules), r.num_modules, f"{r.num_parameters:,}",
+            (r.id, r.ref, format_label(r), number(r.rank, r.num_modules, spans.get(r.id, ((), ()))[0]),
+             number(r.alpha, r.num_modules, spans.get(r.id, ((), ()))[1]), r.num_modules, f"{r.num_parameters:,}",
              _base_label(r), ",".join(r.tags), r.sha256[:12])
             for r in records
         ],

@@ -110,7 +110,7 @@ def number(value: float | None, modules: int | None = None, spread: Iterable[flo
 
 def rank_alpha(record) -> tuple[str, str]:
     """The rank and alpha `inspect`, `show` and `register` give an adapter (an InspectReport or AdapterRecord with its
-    modules): where modules differ, their range ('mixed (2–16)'); `list` has no modules at hand and says 'mixed'."""
+    modules): where modules differ, their range ('mixed (2–16)'; `list` has it from Reader.spans)."""
     modules = record.modules
     return (number(record.rank, len(modules), (m.rank for m in modules)),
             number(record.alpha, len(modules), (m.alpha for m in modules)))
