@@ -340,7 +340,7 @@ def test_cli_end_to_end(tmp_path, bases):
                           capture_output=True, text=True)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
-    assert "peft AdaLoRA, 5 modules, rank mixed, alpha 16, base llama" in out
+    assert "peft AdaLoRA, 5 modules, rank mixed (2–6), alpha 16, base llama" in out
     assert "peft VeRA, 6 modules, rank 16" in run("register", vera, "--name", "vera", "--base", "llama")
     assert "merged ada@1:1, vera@1:0.5" in loraops("merge", "ada", "vera:0.5", "--into", "llama", "-o", tmp_path / "m")
     out = loraops("export", "vera", "--format", "peft", "-o", tmp_path / "vera-lora")

@@ -596,8 +596,9 @@ def test_show_of_a_conv_adapter_whose_stored_file_is_damaged_still_shows_it(tmp_
         damage()
         code, out = run("show", "p")
         assert code == 0 and _kind_column(out)["conv3"] == "conv" and "stored at" in out, out
-        code, out = run("show", "p", "--json")
-        assert code == 0 and all(m["kernel"] is None for m in json.loads(out)["modules"]), out
+        shown = CliRunner().invoke(main, ["show", "p", "--json"])  # (its note on the stored copy goes to stderr)
+        assert shown.exit_code == 0 and all(m["kernel"] is None for m in json.loads(shown.stdout)["modules"]), out
+        assert "note: p@1: its stored copy" in shown.stderr
 
 
 @pytest.mark.sqlite_only

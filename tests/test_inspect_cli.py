@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import factories
@@ -98,3 +99,81 @@ def test_inspect_and_check_read_headers_and_alphas_only(adapter, tmp_path, monke
     assert formats.read_adapter(kohya, values=False).modules["lora_unet_model_layers_0_self_attn_q_proj"].scale == 0.5
     base = BaseModel.open(factories.Path(adapter).parent / "base")
     assert check(formats.read_adapter(adapter, values=False), base.tensors).ok
+
+
+def mixed_kohya(path):
+    """A kohya file whose modules have other ranks and alphas (2/1, 16/8, 4/0: alpha 0 is the rank, kohya's rule)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, rank, alpha in (("lora_unet_a_q", 2, 1.0), ("lora_unet_a_k", 16, 8.0), ("lora_unet_a_v", 4, 0.0)):
+        tensors |= {f"{name}.lora_down.weight": torch.randn(rank, 32, generator=g),
+                    f"{name}.lora_up.weight": torch.randn(32, rank, generator=g), f"{name}.alpha": torch.tensor(alpha)}
+    save_file(tensors, str(path))
+    return path
+
+
+def test_mixed_ranks_and_alphas_are_given_as_their_range(tmp_path):
+    """Modules of other ranks or alphas: the summary says their range, not only "mixed"; --json keeps null."""
+    path = mixed_kohya(tmp_path / "mixed.safetensors")
+    out = run(path).output
+    assert "\nrank        mixed (2–16)\n" in out and "\nalpha       mixed (1–8)\n" in out
+    data = json.loads(run(path, "--json").output)
+    assert data["rank"] is None and data["alpha"] is None
+    assert sorted((m["rank"], m["alpha"]) for m in data["modules"]) == [(2, 1), (4, 4), (16, 8)]
+
+
+def test_a_config_rank_that_is_not_the_tensors_is_said(adapter, tmp_path):
+    """A config whose r (or rank_pattern) is not its tensors' rank: PEFT fails to load it (size mismatch); loraops
+    reads the tensors' rank and scales by it, and says so rather than showing that scale without a word."""
+    folder = tmp_path / "a"
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"v_proj": 16}}))
+    result = CliRunner().invoke(main, ["inspect", str(folder), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["rank"] == 4
+    assert result.stderr == (f"note: {folder}/adapter_config.json: its r/rank_pattern give 2 of 4 modules another rank "
+                             "than their tensors (model.layers.0.self_attn.v_proj: r 16, tensors 4): PEFT fails to "
+                             "load it; loraops reads the tensors' rank and scales by it (alpha/rank)\n")
+    assert CliRunner().invoke(main, ["inspect", str(adapter)]).stderr == ""
+
+
+def test_an_adapter_of_trainable_tokens_alone_has_no_targets_nor_module_table(adapter, tmp_path):
+    """As `show` gives it: targets "-" and no empty table (inspect printed a blank targets line and a table's headers
+    with no row)."""
+    from peft import TrainableTokensConfig
+
+    folder, _ = factories.token_adapter(adapter.parent / "base", tmp_path / "tokens",
+                                        TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 2]))
+    out = run(folder).output
+    assert "\nmodules     0\nrank        -\nalpha       -\n" in out and "\ntargets     -\n" in out
+    assert "tokens      model.embed_tokens.weight rows 1, 2 (replaced)" in out and "module  kind" not in out
+
+
+def test_a_kohya_file_gives_the_model_it_was_trained_on_from_its_metadata(tmp_path):
+    """sd-scripts records the base in ss_sd_model_name (modelspec.architecture in newer files), past the first 12
+    metadata keys shown: `base model` said "-"."""
+    keys = {f"ss_a{i}": "x" for i in range(20)}
+    named = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_x": ((8,), (8,))},
+                                 metadata={**keys, "ss_sd_model_name": "sd_xl_base_1.0.safetensors"})
+    assert "\nbase model  sd_xl_base_1.0.safetensors (metadata ss_sd_model_name)\n" in run(named).output
+    spec = factories.kohya_file(tmp_path / "s.safetensors", {"lora_unet_x": ((8,), (8,))},
+                                metadata={"modelspec.architecture": "stable-diffusion-v1/lora"})
+    assert "\nbase model  stable-diffusion-v1/lora (metadata modelspec.architecture)\n" in run(spec).output
+    assert json.loads(run(spec, "--json").output)["base_model"] is None  # (the record's is PEFT's own field)
+    plain = factories.kohya_file(tmp_path / "n.safetensors", {"lora_unet_x": ((8,), (8,))})
+    assert "\nbase model  -\n" in run(plain).output
+
+
+def test_a_lycoris_lokr_of_whole_factors_says_its_scale_is_1(tmp_path):
+    """LyCORIS scales a LoKr module whose w1 and w2 are stored whole by 1 (it has no r), whatever its alpha: the
+    `scale mode` line said alpha/r alone beside a table of scale 1."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lokr.safetensors"
+    save_file({"lora_unet_x.lokr_w1": torch.ones(2, 2), "lora_unet_x.lokr_w2": torch.ones(4, 4),
+               "lora_unet_x.alpha": torch.tensor(2.0)}, str(path), metadata={"ss_network_module": "lycoris.kohya"})
+    out = run(path).output
+    assert "\nscale mode  classic (alpha/r); 1 for LoKr factors stored whole, as LyCORIS\n" in out
+    assert "lora_unet_x  lokr  -         2      1   8    8" in out

@@ -78,6 +78,17 @@ def test_register_list_show_rm(art):
         "(give a name, name@version, id or sha256 prefix of 6+ hex digits)\n"
 
 
+def test_register_and_show_give_the_range_of_mixed_ranks_and_alphas(art):
+    from test_inspect_cli import mixed_kohya
+
+    path = mixed_kohya(art["dir"] / "mixed.safetensors")
+    assert cli("register", path).output.endswith(", 3 modules, rank mixed (2–16), alpha mixed (1–8), base -\n")
+    out = cli("show", "mixed").output
+    assert "\nrank            mixed (2–16)\nalpha           mixed (1–8)\n" in out
+    assert "kohya   mixed (2–16)  mixed (1–8)        3" in cli("list", "--name", "mixed").output
+    cli("rm", "mixed")
+
+
 def test_register_again_links_its_base_and_keeps_its_name(art):
     """Registering an adapter that is already registered: --base links it (one line says so), another --name does
     not rename it (said too); a base it does not fit is refused and changes nothing."""
@@ -408,10 +419,14 @@ def test_base_add_of_moved_files_says_the_record_follows_them(art, tmp_path):
     first = shutil.copytree(art["base"], tmp_path / "here")
     cli("base", "add", first, "--name", "llama-tiny")
     moved = first.rename(tmp_path / "there")
+    shown = cli("base", "show", "llama-tiny", "--json")  # (it said nothing of the files gone)
+    assert json.loads(shown.stdout)["path"] == str(first) and shown.stderr == (
+        f"note: base llama-tiny: its files at {first} are missing (moved? `loraops base add` them where they are now: "
+        "the record follows them)\n")
     result = cli("base", "add", moved)
     assert result.stdout.startswith("already registered as base llama-tiny (id 1, ")
     assert result.stderr == (f"note: base llama-tiny: its files were no longer at {first}; recorded at {moved} now\n")
-    assert cli("base", "add", moved).stderr == ""  # (nothing moved this time)
+    assert cli("base", "add", moved).stderr == cli("base", "show", "llama-tiny").stderr == ""  # (nothing moved now)
     with Registry.open() as reg:
         assert reg.get_base("llama-tiny").path == str(moved)
 
@@ -520,6 +535,33 @@ def test_a_damaged_stored_copy_is_not_used_and_registering_the_original_repairs_
     assert cli("register", art["ad1"]).output.startswith("already registered as chat@1")
     assert cli("verify").output.startswith("all stored files of 1 adapter(s) match")
     cli("merge", "chat", "--into", "llama-tiny", "-o", out, "--no-record")
+
+
+def test_show_says_a_stored_copy_that_is_missing_or_of_another_size(art):
+    """`show` still shows the record of an adapter whose stored copy is damaged (the source to register again is in
+    it), and says on stderr what a stat finds (no hashing: `verify` does that); it said nothing."""
+    from pathlib import Path
+
+    cli("register", art["ad1"], "--name", "cut")
+    cli("register", art["kohya"], "--name", "gone")
+    assert cli("show", "cut").stderr == ""
+    cut, gone = (Path(json.loads(cli("show", n, "--json").output)["path"]) for n in ("cut", "gone"))
+    weights = cut / "adapter_model.safetensors"
+    size = sum(f.stat().st_size for f in cut.iterdir())
+    left = size - weights.stat().st_size + 100
+    os.truncate(weights, 100)
+    result = cli("show", "cut")
+    assert "name            cut@1" in result.stdout
+    assert result.stderr == (f"note: cut@1: its stored copy {cut} holds {left:,} "
+                             f"bytes, {size:,} recorded; `loraops verify` checks every stored file, registering its "
+                             "original again repairs it\n")
+    gone.unlink()
+    result = cli("show", "gone", "--json")
+    assert json.loads(result.stdout)["name"] == "gone" and f"its stored copy {gone} is missing;" in result.stderr
+    cli("register", art["ad1"])
+    cli("register", art["kohya"])
+    assert cli("show", "cut").stderr == cli("show", "gone").stderr == ""
+    cli("rm", "cut"), cli("rm", "gone")
 
 
 def test_an_interrupt_in_clicks_own_code_exits_130(monkeypatch, capsys):

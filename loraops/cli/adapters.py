@@ -8,7 +8,7 @@ import click
 from . import FLOAT, INT
 from ..landing import registered
 from .render import (METHODS, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
-                     number, scale_mode, to_jsonable, variants)
+                     number, rank_alpha, scale_mode, to_jsonable, variants)
 
 
 def _registry(create: bool = True):
@@ -75,10 +75,10 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
         click.echo(f"already registered as {record.ref} (id {record.id}, sha256 {record.sha256[:12]})"
                    + registered_again(record, name, done.linked, done.previous_base))
         return
+    rank, alpha = rank_alpha(record)
     click.echo(
         f"registered {record.ref} (id {record.id}, sha256 {record.sha256[:12]}): {format_label(record)}, "
-        f"{len(record.modules)} modules, rank {number(record.rank, len(record.modules))}, "
-        f"alpha {number(record.alpha, len(record.modules))}, base {_base_label(record)}"
+        f"{len(record.modules)} modules, rank {rank}, alpha {alpha}, base {_base_label(record)}"
     )
 
 
@@ -94,18 +94,32 @@ def list_adapters(base: str | None, rank: int | None, target: str | None, tag: s
     """List registered adapters (every version)."""
     with _reader() as reg:
         records = reg.list_adapters(base=base, rank=rank, target=target, tag=tag, name=name, modules=as_json)
+        spans = {} if as_json else reg.spans([r.id for r in records if r.rank is None or r.alpha is None])
     if as_json:
         echo_json(records)
         return
     echo_table(
         ["id", "name", "format", "rank", "alpha", "modules", "params", "base", "tags", "sha256"],
         [
-            (r.id, r.ref, format_label(r), number(r.rank, r.num_modules),
-             number(r.alpha, r.num_modules), r.num_modules, f"{r.num_parameters:,}",
+            (r.id, r.ref, format_label(r), number(r.rank, r.num_modules, spans.get(r.id, ((), ()))[0]),
+             number(r.alpha, r.num_modules, spans.get(r.id, ((), ()))[1]), r.num_modules, f"{r.num_parameters:,}",
              _base_label(r), ",".join(r.tags), r.sha256[:12])
             for r in records
         ],
     )
+
+
+def stored_damage(record) -> str | None:
+    """What a stat finds wrong with a registered adapter's stored copy: missing, or not the size recorded (the sum
+    of its files'); None when it looks intact (only `verify`'s hashes tell that)."""
+    from pathlib import Path
+
+    path = Path(record.path)
+    try:
+        size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    except OSError:
+        return "is missing"
+    return None if size == record.size else f"holds {size:,} bytes, {record.size:,} recorded"
 
 
 @click.command()
@@ -126,17 +140,20 @@ def show(ref: str, as_json: bool) -> None:
                 kernels = reg.module_kernels(r.id)
                 r = r.model_copy(update={"modules": [m.model_copy(update={"kernel": m.kernel or kernels.get(m.name)})
                                                      for m in r.modules]})
-    try:  # (the record alone has no lora_bias; a damaged store is verify's to report, show still shows the record)
+    try:  # (the record alone has no lora_bias; a damaged store is verify's to hash, show still shows the record)
         biased = r.format == "peft" and has_lora_bias(r.path)
     except (OSError, LoraopsError):
         biased = None  # (unknown: null in the JSON, no line in the text)
+    if damage := stored_damage(r):  # (what a stat tells, no hashing: the record's facts are no longer its files')
+        click.echo(f"note: {r.ref}: its stored copy {r.path} {damage}; `loraops verify` checks every stored file, "
+                   "registering its original again repairs it", err=True)
     if as_json:
         echo_json({**to_jsonable(r), "lora_bias": biased})
         return
     fields = [
         ("name", r.ref), ("id", r.id), ("sha256", r.sha256), ("weights sha256", r.weights_sha256),
         ("format", r.format), ("dtype", r.dtype), ("size", human_bytes(r.size)), ("modules", len(r.modules)),
-        ("rank", number(r.rank, len(r.modules))), ("alpha", number(r.alpha, len(r.modules))),
+        *zip(("rank", "alpha"), rank_alpha(r)),
         ("scale mode", scale_mode(r)),
         *variants(r, biased),
         *([("trainable tokens", tokens_phrase(r.token_rows))] if r.token_rows != {} else []),

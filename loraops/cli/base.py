@@ -74,8 +74,13 @@ def list_bases(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
 def show(ref: str, as_json: bool) -> None:
     """Show a base model: by name, id, or fingerprint prefix."""
+    from pathlib import Path
+
     with _reader() as reg:
         r = reg.get_base(ref)
+    if r.path is not None and not Path(r.path).exists():  # (only the manifest is recorded: a merge needs the files)
+        click.echo(f"note: base {r.name}: its files at {r.path} are missing (moved? `loraops base add` them where they "
+                   "are now: the record follows them)", err=True)
     if as_json:
         echo_json(r)
         return

@@ -5,10 +5,13 @@ import click
 
 from . import FLOAT
 from ..adapter import token_rows_phrase
-from .render import echo_json, echo_modules, human_bytes, number, scale_mode, variants
+from .render import echo_json, echo_modules, human_bytes, rank_alpha, scale_mode, variants
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
+BASE_KEYS = ("ss_sd_model_name", "modelspec.architecture")
+"""Where a kohya file names the model it was trained on (sd-scripts' metadata), for the `base model` line: the first
+12 metadata keys shown rarely reach them."""
 
 
 @click.command()
@@ -30,13 +33,14 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
         ("size", human_bytes(report.size)),
         ("dtype", report.dtype),
         ("modules", str(report.num_modules)),
-        ("rank", number(report.rank, report.num_modules)),
-        ("alpha", number(report.alpha, report.num_modules)),
+        *zip(("rank", "alpha"), rank_alpha(report)),
         ("scale mode", scale_mode(report)),
         *variants(report, report.lora_bias),
-        ("targets", ", ".join(report.target_modules) if report.names_resolved else f"{report.num_modules} kohya names"),
+        ("targets", (", ".join(report.target_modules) or "-") if report.names_resolved
+         else f"{report.num_modules} kohya names"),
         ("parameters", f"{report.num_parameters:,}"),
-        ("base model", report.base_model or "-"),
+        ("base model", report.base_model or next((f"{report.metadata[k]} (metadata {k})" for k in BASE_KEYS
+                                                  if report.metadata.get(k)), "-")),
     ]
     summary += [("tokens", token_rows_phrase(name, indices)) for name, indices in report.trainable_tokens.items()]
     if report.full_tensors:
@@ -51,5 +55,6 @@ def inspect(path: str, alpha: float | None, as_json: bool) -> None:
             click.echo(f"  {key} = {value}")
         if len(report.metadata) > METADATA_SHOWN:
             click.echo(f"  … {len(report.metadata) - METADATA_SHOWN} more (see --json)")
-    click.echo()
-    echo_modules(report.modules)
+    if report.modules:  # (as show: an adapter of PEFT trainable tokens alone has no LoRA module to tabulate)
+        click.echo()
+        echo_modules(report.modules)

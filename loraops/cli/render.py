@@ -61,7 +61,10 @@ def scale_mode(record) -> str:
     """How `show` and `inspect` say an adapter's (an AdapterRecord's or InspectReport's) scales are made."""
     if "adalora" in record.methods:
         return "AdaLoRA (lora_alpha/(init_r + 1e-5), as PEFT's ranknum)"
-    return "rsLoRA (alpha/sqrt(r))" if record.scale_mode == "rslora" else "classic (alpha/r)"
+    # (a LyCORIS LoKr module whose factors are stored whole has no r: its scale is 1; PEFT's keeps alpha/r, its config's)
+    whole = record.format != "peft" and any(m.kind == "lokr" and m.rank is None for m in record.modules)
+    return ("rsLoRA (alpha/sqrt(r))" if record.scale_mode == "rslora" else "classic (alpha/r)") + \
+        ("; 1 for LoKr factors stored whole, as LyCORIS" if whole else "")
 
 
 UNBOUND_NOTES = {"vera": " (not bound to a base, the `in` column is vera_A's width)",
@@ -95,12 +98,22 @@ def variants(record, lora_bias: bool = False) -> list[tuple[str, str]]:
     return [("variant", line) for line in lines]
 
 
-def number(value: float | None, modules: int | None = None) -> str:
-    """A rank/alpha for humans: 'mixed' when modules differ (None), '-' when there are none (``modules`` 0: an adapter
-    of PEFT trainable tokens alone)."""
+def number(value: float | None, modules: int | None = None, spread: Iterable[float | None] = ()) -> str:
+    """A rank/alpha for humans: 'mixed' when modules differ (None), with the range of ``spread`` (the modules' values,
+    where the caller has them: 'mixed (2–16)'), '-' when there are none (``modules`` 0: an adapter of PEFT trainable
+    tokens alone)."""
     if value is None:
-        return "-" if modules == 0 else "mixed"
+        known = sorted({v for v in spread if v is not None})
+        return "-" if modules == 0 else f"mixed ({known[0]:g}–{known[-1]:g})" if len(known) > 1 else "mixed"
     return f"{value:g}"
+
+
+def rank_alpha(record) -> tuple[str, str]:
+    """The rank and alpha `inspect`, `show` and `register` give an adapter (an InspectReport or AdapterRecord with its
+    modules): where modules differ, their range ('mixed (2–16)'; `list` has it from Reader.spans)."""
+    modules = record.modules
+    return (number(record.rank, len(modules), (m.rank for m in modules)),
+            number(record.alpha, len(modules), (m.alpha for m in modules)))
 
 
 def echo_fields(fields: Sequence[tuple[str, Any]]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from collections import Counter
@@ -268,6 +269,20 @@ def nulls_as_false(cfg: dict) -> dict:
     layers and merge read as false (``if use_dora:``, ``bias=lora_bias``, a Conv1D's fan_in_fan_out set true as for
     false)."""
     return {**cfg, **{flag: False for flag in FLAGS if flag in cfg and cfg[flag] is None}}
+
+
+def note_config_ranks(cfg_file: Path, cfg: ScaleConfig, modules: dict[str, LoraModule]) -> None:
+    """Say where the config (r, rank_pattern) gives LoRA modules another rank than their tensors have: PEFT builds
+    those layers at the config's r and fails to load the file, and its scale would be alpha over that r; loraops
+    reads the tensors' rank and scales by it (docs/formats.md), which inspect's table shows without a word."""
+    other = {name: r for name, m in modules.items()
+             if (r := cfg.rank_for(params.pattern_name(cfg, name))) != m.rank}
+    if other:
+        name, r = next(iter(other.items()))
+        logging.getLogger("loraops").info(
+            f"{cfg_file}: its r/rank_pattern give {len(other)} of {len(modules)} modules another rank than their "
+            f"tensors ({name}: r {r}, tensors {modules[name].rank}): PEFT fails to load it; loraops reads the "
+            "tensors' rank and scales by it (alpha/rank)")
 
 
 def scale_config(path: Path, cfg: dict, alpha: float | None = None) -> ScaleConfig:
@@ -927,6 +942,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
             ScaleConfig(alpha=key_alpha(weights, tensors, parsed, name, alpha_keys)) if alpha_keys and cfg is None
             else cfg or no_config,
             params.pattern_name(cfg or no_config, name)))
+        if cfg_file is not None:
+            note_config_ranks(cfg_file, cfg, modules)
     if method == "vera":
         modules.update(lowrank.vera_modules(weights, lambdas, projections, tensors, r=cfg.r,
                                             fan_in_fan_out=cfg.fan_in_fan_out))

@@ -165,6 +165,19 @@ class Reader:
             params.append(tag)
         return self._adapters(" AND ".join(where), params, modules)
 
+    def spans(self, ids: Sequence[int]) -> dict[int, tuple[tuple[int, int], tuple[float, float]]]:
+        """(smallest, largest) rank and alpha of the modules of each adapter in ``ids``, in SQL (`list` gives the
+        range of an adapter whose modules differ without reading them; a LoKr module of whole factors, rank 0, has
+        none)."""
+        found = {}
+        for start in range(0, len(ids), 500):  # (SQLite before 3.32 takes at most 999 parameters)
+            chunk = list(ids[start:start + 500])
+            for adapter_id, *low_high in self.rows(
+                    "SELECT adapter_id, MIN(NULLIF(rank, 0)), MAX(NULLIF(rank, 0)), MIN(alpha), MAX(alpha) FROM "
+                    f"adapter_modules WHERE adapter_id IN ({', '.join('?' * len(chunk))}) GROUP BY adapter_id", chunk):
+                found[adapter_id] = (tuple(low_high[:2]), tuple(low_high[2:]))
+        return found
+
     def module_kernels(self, ref: str | int) -> dict[str, tuple[int, ...]]:
         """The kernel sizes of a registered adapter's convolution modules, named as its record names them (bound: by
         the base's names), from the stored file's headers: for the conv rows that do not record theirs (registered
