@@ -185,7 +185,8 @@ def test_an_adapter_changed_while_it_was_merged_is_not_recorded_as_what_was_merg
 
     def merge(*args, **kwargs):
         report = real_merge(*args, **kwargs)
-        shutil.copy(b / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
+        for name in ("adapter_model.safetensors", "adapter_config.json"):  # (b's rank: its config with it)
+            shutil.copy(b / name, adapter / name)
         return report
 
     monkeypatch.setattr(engine, "merge", merge)

@@ -213,7 +213,10 @@ def test_another_number_of_experts_does_not_fit(tmp_path, bases):
     # the shares fit their parts of the tensors only by accident: not counted as matching (q/v only are)
     assert report.matched == sum(1 for m in formats.read_adapter(tmp_path / "a").modules.values() if not m.raw_parameter)
     code, out, err = run_module("merge", tmp_path / "a", "--into", base, "-o", tmp_path / "out", "--no-record")
-    assert code == MismatchError.exit_code and not out and len(err.strip().splitlines()) == 1, err
+    # (the one error line follows the reader's note that the config's r is not the q/v tensors' rank)
+    *notes, error = err.strip().splitlines()
+    assert code == MismatchError.exit_code and not out and error.startswith("error: "), err
+    assert [n.partition(": its r/rank_pattern")[1] for n in notes] == [": its r/rank_pattern"], err
     assert ("does not fit base" in err or "do not fit base" in err) and (
         "model.layers.0.mlp.experts.down_proj (down_proj) (adapter 2×32×32, base 4×32×32)" in err), err
     assert not (tmp_path / "out").exists()
