@@ -1,8 +1,10 @@
 """`loraops inspect`: what an adapter file or folder holds, without a registry."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
+from .errors import NotFoundError
 from .fsutil import existing_path
 from .records import InspectReport, ModuleRecord
 
@@ -11,7 +13,11 @@ def inspect_path(path: str | Path, alpha: float | None = None) -> InspectReport:
     """Read the adapter at ``path`` (any supported format) and describe it."""
     from . import formats
 
-    path = existing_path(path)
+    try:
+        path = existing_path(path)
+    except NotFoundError as exc:  # (a registered adapter's name was only "no such file or folder")
+        raise NotFoundError(f"{exc} (inspect reads files; a registered adapter is shown by `loraops show "
+                            f"{shlex.quote(str(path))}`)") from None
     adapter = formats.read_adapter(path, alpha=formats.common.given_alpha(alpha, path), values=False)
     files = formats.adapter_files(path)
     return InspectReport(

@@ -70,6 +70,16 @@ def test_errors_are_one_line_with_exit_codes(tmp_path):
     assert result.exit_code == 2 and result.output.count("\n") == 1
 
 
+def test_a_name_that_is_no_path_points_to_show(tmp_path, monkeypatch):
+    """A registered adapter's name given to inspect (which reads files, no registry) was only "no such file or
+    folder": the line says where a registered adapter is shown."""
+    monkeypatch.chdir(tmp_path)
+    result = run("style@1")
+    assert result.exit_code == 3 and result.output == (
+        "error: style@1: no such file or folder (inspect reads files; a registered adapter is shown by "
+        "`loraops show style@1`)\n")
+
+
 def test_subprocess_entry_point(adapter):
     proc = subprocess.run([sys.executable, "-m", "loraops", "inspect", str(adapter), "--json"], capture_output=True,
                           text=True, env=os.environ.copy(), timeout=120)
