@@ -459,6 +459,31 @@ def test_verify_reports_what_a_stored_folder_holds_besides_its_files(reg, art):
     assert reg.verify() == []
 
 
+def test_a_config_put_beside_a_stored_one_file_adapter_is_not_read_with_it(reg, art, tmp_path):
+    """A PEFT weights file registered alone (its alpha given) is stored alone in its folder; an adapter_config.json
+    put there was read with it by every load (its use_rslora scaled the deltas by √r more): the load, the stored path
+    and a check of it refuse it in one line, and taking it away gives the registered adapter back."""
+    import shutil
+
+    from loraops.errors import RegistryError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(Path(art["ad1"]) / "adapter_model.safetensors", bare / "adapter_model.safetensors")
+    record = reg.add_adapter(bare / "adapter_model.safetensors", name="bare", alpha=8)
+    scale = reg.load_adapter(record.id).modules["model.layers.0.self_attn.q_proj"].scale
+    stray = Path(record.path).parent / "adapter_config.json"
+    config = json.loads((Path(art["ad1"]) / "adapter_config.json").read_text())
+    stray.write_text(json.dumps({**config, "use_rslora": True}))
+    for attempt in (lambda: reg.load_adapter(record.id), lambda: reg.intact_path(record.id),
+                    lambda: reg.check_adapter("bare@1")):
+        with pytest.raises(RegistryError, match=f"^adapter bare@1: its stored folder {stray.parent} holds "
+                                                "adapter_config.json, which no record holds"):
+            attempt()
+    stray.unlink()
+    assert reg.load_adapter(record.id).modules["model.layers.0.self_attn.q_proj"].scale == scale == 2
+
+
 def counted_hashes(monkeypatch) -> list[Path]:
     """The stored files loads hash from now on (the blob store's sha256_file calls)."""
     hashed = []

@@ -909,6 +909,8 @@ class Registry:
         problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
         if problems and self._recover(row.sha256, row.blob, row.files):
             problems = self._stored_problems(row.blob, row.files, contents=contents, stamped=stamped)
+        if not problems:
+            self._refuse_unrecorded_reads(row)
         if problems:
             where, what = problems[0]
             state = what if what == "missing" else f"changed ({what})"
@@ -916,6 +918,22 @@ class Registry:
             repair = f"`{again}` downloads it again" if again else "`loraops register` its original again"
             raise RegistryError(f"adapter {row.name}@{row.version}: its stored copy {where} is {state}, so it is not "
                                 f"used; {repair} to repair it (`loraops verify` checks all)")
+
+    def _refuse_unrecorded_reads(self, row: SqlAdapter) -> None:
+        """One RegistryError line when reading the stored copy of ``row`` would take a file no record holds: an
+        adapter_config.json put beside a one-file PEFT adapter's weights is read with them (its alpha, rsLoRA …),
+        and the load gave other deltas than the ones registered."""
+        from .. import formats
+
+        path = self.blobs.path(row.blob)
+        if not path.is_file():  # (a stored folder's files are all recorded: a PEFT folder's two, a diffusers one's)
+            return
+        recorded = {f["name"] for f in row.files}
+        stray = [f.name for f in formats.adapter_files(path) if f.name not in recorded]
+        if stray:
+            raise RegistryError(f"adapter {row.name}@{row.version}: its stored folder {path.parent} holds "
+                                f"{', '.join(stray)}, which no record holds and which reading it would take with its "
+                                "weights, so it is not used; remove it (`loraops verify` lists what no record holds)")
 
     def _recover(self, identity: str, key: str, files: list[dict]) -> bool:
         """Copy a stored adapter that is not in this registry's store from the store loraops kept it in before
