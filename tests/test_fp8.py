@@ -45,6 +45,17 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def merged_three_ways(tmp_path: Path, adapter, block) -> tuple[dict, dict, dict]:
+    """``adapter`` merged into tmp_path/decoded (the reference) and into tmp_path/fp8, once its config says it is
+    block-quantized by ``block``: dequantized (--dtype fp32) and kept FP8. Their tensors, in that order."""
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    for source, out, dtype in (("decoded", "reference", None), ("fp8", "fp32", "fp32"), ("fp8", "kept", None)):
+        engine.merge(tmp_path / source, [(adapter, 1.0)], tmp_path / out, dtype=dtype, device="cpu", fingerprint=False)
+    return tuple(tensors(tmp_path / out) for out in ("reference", "fp32", "kept"))
+
+
 def terms_of(adapter_path: Path, fp8: Path, weight: float = 1.0) -> dict[str, list]:
     adapter = engine.fit(formats.read_adapter(adapter_path), BaseModel.open(fp8))
     return {m.weight_name: [(m, weight)] for m in adapter.modules.values()}
@@ -281,12 +292,7 @@ def test_lora_on_fused_fp8_experts(tmp_path, family, block):
             fp8[name] = decoded[name] = t
     save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
     save_file(decoded, str(tmp_path / "decoded" / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
-    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
-    for source, out, dtype in (("decoded", "reference", None), ("fp8", "fp32", "fp32"), ("fp8", "kept", None)):
-        engine.merge(tmp_path / source, [(adapter, 1.0)], tmp_path / out, dtype=dtype, device="cpu", fingerprint=False)
-    reference, fp32, kept = (tensors(tmp_path / out) for out in ("reference", "fp32", "kept"))
+    reference, fp32, kept = merged_three_ways(tmp_path, adapter, block)
     experts = [n for n in state if f"{n}_scale_inv" in fp8]
     assert len(experts) == 4 and all(not torch.equal(reference[n], decoded[n]) for n in experts)
     for name in experts:
@@ -652,12 +658,7 @@ def test_lora_on_experts_and_router_of_a_per_expert_fp8_checkpoint(tmp_path):
         (tmp_path / name).mkdir()
         shutil.copy(base / "config.json", tmp_path / name)
         save_file(files, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(BLOCK)}
-    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
-    for source, out, dtype in (("decoded", "reference", None), ("fp8", "fp32", "fp32"), ("fp8", "kept", None)):
-        engine.merge(tmp_path / source, [(adapter, 1.0)], tmp_path / out, dtype=dtype, device="cpu", fingerprint=False)
-    reference, fp32, kept = (tensors(tmp_path / out) for out in ("reference", "fp32", "kept"))
+    reference, fp32, kept = merged_three_ways(tmp_path, adapter, BLOCK)
     touched = [n for n in fp8 if f"{n}_scale_inv" in fp8 and not torch.equal(reference[n], decoded[n])]
     assert sum(".experts." in n for n in touched) == 2 * 4 * 3  # 2 layers × 4 experts × (gate, up, down)
     assert sum(n.endswith("mlp.gate.weight") for n in touched) == 2  # each layer's router

@@ -379,16 +379,14 @@ def join(parts: list[LoraModule], work: "torch.dtype | None" = None) -> LoraModu
 def folded(part: LoraModule, ratio: float, dtype: "torch.dtype") -> "torch.Tensor":
     """``part``'s B × ``ratio`` in ``dtype``, rounded once. torch has no float8 arithmetic on the CPU, so a float8 B
     is multiplied in float32, and refused where the product passes the float8's range (its conversion saturates)."""
-    import torch
-
     if ratio == 1:
         return part.B.to(dtype)
     if dtype.itemsize > 1:
         return part.B.to(dtype) * ratio
-    product = part.B.float() * ratio
-    if float(product.abs().max()) > torch.finfo(dtype).max:
+    out = st.converted(part.B.float() * ratio, dtype)  # (NaN where the float8 would saturate)
+    if not st.all_finite(out.float()):
         raise st.beyond_range(f"{part.name}.lora_B", dtype, "write it with --dtype bf16 or fp32")
-    return product.to(dtype)
+    return out
 
 
 def write(adapter: Adapter, modules: Iterable[LoraModule], dest: Path, *, spill: bool,
