@@ -28,6 +28,22 @@ LAYOUTS = {
 SD_ONLY = frozenset(ALL[10:13] + ALL[-3:])
 """IN09…IN11, OUT09…OUT11: blocks SDXL's U-Net does not have."""
 COUNTS = "17 or 26 (SD 1.x/2.x) or 12 or 20 (SDXL)"
+# The "LoRA Block Weight" extension's preset names, which users copy from it and from model pages: its default presets
+# (DEF_WEIGHT_PRESET in hako-mikan/sd-webui-lora-block-weight, scripts/lora_block_weight.py), each 17 weights for
+# SD 1.x/2.x. It has none for SDXL (nor does loraops read its FLUXALL: FLUX adapters are refused).
+PRESETS = {name: tuple(float(w) for w in weights.split(",")) for name, weights in {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+}.items()}
+PRESET_NAME = re.compile(r"[A-Za-z][\w.]*")
 
 TEXT_ENCODER = re.compile(r"^(?:lora_te[12]?_|text_encoder(?:_2)?\.|cond_stage_model\.|conditioner\.|text_model[._])")
 UNET = re.compile(r"^(?:lora_unet_|unet\.|model\.diffusion_model\.)?")
@@ -75,12 +91,23 @@ def block_of(name: str) -> str | None:
 
 
 def parse_block_weights(text: str) -> tuple[float, ...]:
-    """'1,0.5,…' or sd-scripts' '[1, 0.5, …]' → the weights, 12, 17, 20 or 26 of them."""
+    """'1,0.5,…', sd-scripts' '[1, 0.5, …]' or a preset's name ('OUTALL': PRESETS) → the weights, 12, 17, 20 or 26 of
+    them."""
     inner = text.strip()
+    if PRESET_NAME.fullmatch(inner):
+        if inner not in PRESETS:
+            raise InvalidInputError(f"block weights {text!r}: not a preset name of the LoRA Block Weight extension "
+                                    f"({', '.join(PRESETS)}: 17 weights, for SD 1.x/2.x) nor a list of numbers")
+        return PRESETS[inner]
     if inner.startswith("[") and inner.endswith("]"):
         inner = inner[1:-1]
+    parts = [part.strip() for part in inner.split(",")]
+    # the extension's R and U draw a random weight, X takes the prompt's: no record could say which weights were used
+    if drawn := next((part for part in parts if part in ("R", "U") or part.startswith("X")), None):
+        raise InvalidInputError(f"block weights {text!r}: {drawn!r} is the LoRA Block Weight extension's random (R, U) "
+                                "or prompt's (X) weight, which a merge cannot reproduce: give numbers")
     try:
-        weights = tuple(parse_number(part.strip()) for part in inner.split(","))
+        weights = tuple(parse_number(part) for part in parts)
     except InvalidInputError as exc:
         raise InvalidInputError(f"block weights {text!r}: {exc}") from None
     if len(weights) not in LAYOUTS:
@@ -115,7 +142,10 @@ def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: 
     told = told_unet(adapter)
     if told not in (None, unet):
         counts = "12 or 20" if told == SDXL else "17 or 26"
-        raise InvalidInputError(f"{label} is an {told} adapter: give it {counts} block weights, not {len(weights)}")
+        preset = next((f" ({name} is the LoRA Block Weight extension's SD 1.x/2.x preset: it has none for SDXL)"
+                       for name, listed in PRESETS.items() if listed == weights), "")
+        raise InvalidInputError(f"{label} is an {told} adapter: give it {counts} block weights, not {len(weights)}"
+                                + preset)
     return replace(adapter, modules=modules)
 
 

@@ -1,5 +1,7 @@
 """Stable Diffusion LoRA block weights (sd-scripts' --lbws): the block of a module under every naming (kohya, diffusers,
 the original checkpoint's), and combine weighing each block's ΔW against a float64 reference."""
+import re
+
 import pytest
 import torch
 
@@ -97,6 +99,95 @@ def test_bad_lists_are_refused(text):
 def test_parse_sd_scripts_spelling():
     assert parse_block_weights("[" + ", ".join(["0.5"] * 17) + "]") == (0.5,) * 17
     assert parse_block_weights(",".join(["-1"] * 20)) == (-1.0,) * 20
+
+
+# The LoRA Block Weight extension's default presets, as its DEF_WEIGHT_PRESET holds them (hako-mikan/
+# sd-webui-lora-block-weight, scripts/lora_block_weight.py; the same at commits 11f1d4d2 and 04b986c2, which adds
+# FLUXALL, 61 weights, not read here)
+EXTENSION_PRESETS = """\
+NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+ALL:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
+INS:1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0
+IND:1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0
+INALL:1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0
+MIDD:1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0
+OUTD:1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0
+OUTS:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1
+OUTALL:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
+ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5"""
+EXTENSION = dict(line.split(":") for line in EXTENSION_PRESETS.splitlines())
+
+
+@pytest.mark.parametrize("name", EXTENSION)
+def test_a_preset_name_is_the_extensions_list(name):
+    assert parse_block_weights(name) == tuple(float(w) for w in EXTENSION[name].split(",")) == parse_block_weights(
+        f" {EXTENSION[name]} ")
+    assert len(parse_block_weights(name)) == 17  # the SD 1.x/2.x layout: BASE, IN01 … OUT11
+
+
+@pytest.mark.parametrize("text", ["outall", "Outall", "FLUXALL", "XYZ", "ROUT", "ALL1"])
+def test_an_unknown_preset_name_is_refused_naming_the_known_ones(tmp_path, text):
+    with pytest.raises(InvalidInputError, match="not a preset name of the LoRA Block Weight extension "
+                                                f"\\({', '.join(EXTENSION)}: 17 weights"):
+        parse_block_weights(text)
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    run = loraops_run("combine", a, "--block-weights", text, "-o", tmp_path / "o.safetensors")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "OUTALL, ALL0.5" in run.stderr, (
+        run.stderr)
+
+
+@pytest.mark.parametrize("entry", ["R", "U", "X", "X+0.5"])
+def test_the_extensions_random_and_prompt_entries_are_refused(entry):
+    message = f"{entry!r} is the LoRA Block Weight extension's random (R, U) or prompt's (X) weight, which a merge"
+    with pytest.raises(InvalidInputError, match=re.escape(message + " cannot reproduce: give numbers")):
+        parse_block_weights("1,0,0,0,0,0,0,0," + ",".join([entry] * 9))
+
+
+def test_a_preset_weighs_as_its_numbers_and_is_recorded_and_shown_as_them(tmp_path):
+    """OUTALL is its 17 numbers: the same ΔW, the same lineage and the same [blocks …] text; blocks a 17-list does
+    not name (a LoCon's IN03, conv_in) keep weight 1 as for any 17-list, not 0 as the extension's to26 makes them."""
+    import json
+
+    from loraops.blocks import block_weighted
+
+    a = kohya_file(tmp_path / "a.safetensors", SD_MODULES, rank=4, seed=1)
+    adapter = read_adapter(a)
+    none = block_weighted(adapter, "NONE", "a")
+    for name, module in none.modules.items():
+        kept = block_of(name) not in LAYOUTS[17][1]  # IN03, IN00
+        assert module.scale == (adapter.modules[name].scale if kept else 0), name
+    assert sum(block_of(name) not in LAYOUTS[17][1] for name in SD_MODULES) == 2
+    outall = EXTENSION["OUTALL"]
+    runs = [loraops_run("combine", a, "--block-weights", weights, "--name", name, "--json",
+                        "-o", tmp_path / f"{name}.safetensors") for name, weights in (("p", "OUTALL"), ("n", outall))]
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    reports = [json.loads(run.stdout) for run in runs]
+    assert reports[0]["report"]["inputs"][0]["block_weights"] == [float(w) for w in outall.split(",")]
+    assert reports[0]["report"]["inputs"][0]["block_weights"] == reports[1]["report"]["inputs"][0]["block_weights"]
+    p, n = read_adapter(tmp_path / "p.safetensors"), read_adapter(tmp_path / "n.safetensors")
+    for name in SD_MODULES:
+        torch.testing.assert_close(p.modules[name].delta(), n.modules[name].delta(), rtol=0, atol=0)
+    run = loraops_run("combine", a, "--block-weights", "OUTALL", "--name", "t", "-o", tmp_path / "t.safetensors")
+    assert run.returncode == 0 and run.stdout.startswith(f"cat of a@1×1 [blocks {outall}]"), run.stdout
+    run = loraops_run("combine", a, "--block-weights", "ALL", "--name", "o", "-o", tmp_path / "o.safetensors")
+    assert run.returncode == 0 and run.stdout.startswith("cat of a@1×1\n"), run.stdout  # all 1s: as none
+
+
+def test_an_sdxl_adapter_refuses_the_extensions_sd_presets(tmp_path):
+    """The extension's presets are SD 1.x/2.x lists (it has none for SDXL, whose main attention blocks a 17-list
+    would leave out): an adapter told SDXL refuses them, naming the preset, as it refuses any 17-list."""
+    sdxl = kohya_file(tmp_path / "x.safetensors", {"lora_te1_text_model_encoder_layers_0_mlp_fc1": ((8,), (8,)),
+                                                   "lora_unet_input_blocks_4_1_proj_in": ((8,), (8,))}, seed=1)
+    message = ("SDXL adapter: give it 12 or 20 block weights, not 17 (OUTALL is the LoRA Block Weight extension's "
+               "SD 1.x/2.x preset: it has none for SDXL)")
+    for weights in ("OUTALL", EXTENSION["OUTALL"]):
+        with pytest.raises(InvalidInputError, match=re.escape(message)):
+            combine([str(sdxl)], "cat", block_weights=[weights], name="x")
+    run = loraops_run("combine", sdxl, "--block-weights", "ALL", "-o", tmp_path / "o.safetensors")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "not 17 (ALL is the LoRA Block Weight extension's SD 1.x/2.x preset" in run.stderr, run.stderr
+    with pytest.raises(InvalidInputError, match="not 17$"):  # a list that is no preset: no note
+        combine([str(sdxl)], "cat", block_weights=[[0.5] * 16 + [1.0]], name="y")
 
 
 SD_MODULES = {  # kohya name → (down shape, up shape) without the rank

@@ -30,7 +30,8 @@ block_weights_option = click.option(
     "--block-weights", multiple=True, metavar="W,W,...",
     help="Stable Diffusion LoRA block weights (sd-scripts' --lbws), once per adapter in order: 17 or 26 numbers (SD "
          "1.x/2.x) or 12 or 20 (SDXL), BASE (text encoders), then the IN, MID and OUT blocks; each block's ΔW is "
-         "multiplied by its weight (and by the adapter's :WEIGHT).")
+         "multiplied by its weight (and by the adapter's :WEIGHT). The LoRA Block Weight extension's preset names "
+         "(ALL, NONE, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5) stand for its 17-weight SD 1.x/2.x lists.")
 
 base_option = click.option("--base", metavar="BASE", help="Registered base the inputs are for (binds kohya names).")
 
