@@ -9,7 +9,8 @@ with PEFT trainable tokens (trainable_token_indices): those embedding rows repla
 lora_bias adapter (a bias on lora_B), its biases merged into the base layers'. PEFT AdaLoRA
 (after its budget allocation) and VeRA adapters, read, merged and exported as the plain LoRAs they equal. Last, SD
 block weights (sd-scripts' --lbws): a kohya LoRA merged with each U-Net block's ΔW weighted on its own and
-subtracted again, and two combined with one list each. Last, a kohya FLUX LoRA (sd-scripts' names, q/k/v fused)
+subtracted again, merged with the LoRA Block Weight extension's OUTALL preset, and two combined with one list
+each. Last, a kohya FLUX LoRA (sd-scripts' names, q/k/v fused)
 checked against and merged into a diffusers FLUX pipeline folder, which holds them in parts, and written back as
 kohya from the pipeline-bound adapter.
 
@@ -182,6 +183,9 @@ def main() -> None:
     print_block_shares(sd15, plain, work / "sd15-unblocked.safetensors")
     loraops("merge", f"{work / 'sd15-style.safetensors'}:0.8", "--into", sd15, "-o", work / "sd15-x.safetensors",
             "--block-weights", "1,0,1,0,0,0,0,0.5,1,1,1,1", "--no-record", ok=False)  # 12 weights are SDXL's
+    loraops("merge", f"{work / 'sd15-style.safetensors'}:0.8", "--into", sd15, "-o", work / "sd15-outall.safetensors",
+            "--block-weights", "OUTALL", "--no-record")  # the LoRA Block Weight extension's preset: OUT blocks only
+    print_block_shares(sd15, plain, work / "sd15-outall.safetensors")
     second = named_kohya_lora(work / "sd15-detail.safetensors", SD15[1], r=4, alpha=2, seed=9,
                               metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
     loraops("combine", work / "sd15-style.safetensors", second, "--method", "svd", "--rank", "4", "--name", "sd15-mix",
