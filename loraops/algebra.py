@@ -258,7 +258,7 @@ def combine_lazily(
     method: str,
     params: "dict[str, Any] | None" = None,
     rank: int | None = None,
-    device: str = "auto",
+    device: "str | torch.device" = "auto",
     precise: bool = False,
     labels: Sequence[str] | None = None,
     bases: Sequence[object] | None = None,
@@ -545,7 +545,7 @@ def resize_lazily(
     param: float | None = None,
     max_rank: int | None = None,
     conv_rank: int | None = None,
-    device: str = "auto",
+    device: "str | torch.device" = "auto",
     precise: bool = False,
     out_dtype: "torch.dtype | None" = None,
 ) -> Derivation:

@@ -442,8 +442,21 @@ def test_device_takes_a_torch_device_as_dtype_takes_a_torch_dtype(art, tmp_path)
                          record=False).device == "cpu"
     assert algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", device=cpu)[0].modules.keys() \
         == adapter.modules.keys()
+    assert algebra.resize(adapter, rank=2, device=cpu)[1].device == "cpu"
     with pytest.raises(InvalidInputError, match=r"^unknown device 0: use cpu, cuda, cuda:N or auto$"):
         algebra.resize(adapter, rank=2, device=0)
+
+
+def test_device_annotations_say_a_torch_device_is_taken():
+    """Every signature said `device: str`, though each takes a torch.device (test above): an editor or a type
+    checker flagged device=torch.device("cuda:1")."""
+    import typing
+
+    functions = [*documented(), algebra.combine_lazily, algebra.resize_lazily]
+    said = {f"{f.__module__}.{f.__qualname__}": typing.get_type_hints(f)["device"] for f in functions
+            if "device" in inspect.signature(f).parameters}
+    assert len(said) == 8 and {name: hint for name, hint in said.items()
+                               if not {str, torch.device} <= set(typing.get_args(hint))} == {}
 
 
 def test_names_tags_params_and_urls_of_the_wrong_type_are_typed_errors(art, tmp_path):
