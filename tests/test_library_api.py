@@ -120,6 +120,42 @@ def test_combine_refuses_a_rank_that_is_no_integer(art, rank):
         algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", rank=rank)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "ties", {"density": True}),
+     "bad parameters for ties: density: Input should be a valid number, not True (bool)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "dare_ties", {"density": 0.5, "seed": "7"}),
+     "bad parameters for dare_ties: seed: Input should be a valid integer, not '7' (str)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "dare_ties", {"density": 0.5, "seed": 7.0}),
+     "bad parameters for dare_ties: seed: Input should be a valid integer, not 7.0 (float)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "ties", {"density": 0.5, "normalize": 1}),
+     "bad parameters for ties: normalize: Input should be a valid boolean, not 1 (int)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "ties", {"density": "0.5"}),
+     "bad parameters for ties: density: Input should be a valid number, not '0.5' (str)"),
+    (lambda a: algebra.resize(a, rank=2.0), "bad parameters for resize: rank: Input should be a valid integer, not 2.0 "
+                                            "(float)"),
+    (lambda a: algebra.resize(a, dynamic="sv_fro", param=True),
+     "bad parameters for resize: param: Input should be a valid number, not True (bool)"),
+    (lambda a: algebra.resize(a, dynamic="sv_fro", param=0.5, max_rank="2"),
+     "bad parameters for resize: max_rank: Input should be a valid integer, not '2' (str)"),
+    (lambda a: algebra.resize(a, rank=2, conv_rank=True),
+     "bad parameters for resize: conv_rank: Input should be a valid integer, not True (bool)"),
+])
+def test_parameters_of_another_type_are_refused_not_converted(art, call, message):
+    """pydantic's lax mode converted them silently: density=True was a density of 1, seed="7" a seed of 7, rank=2.0
+    a rank of 2, normalize=1 normalize on."""
+    with pytest.raises(InvalidInputError) as info:
+        call(read_adapter(art["ad"]))
+    assert str(info.value) == message
+
+
+def test_parameters_keep_taking_ints_for_floats_and_numpy_numbers(art):
+    adapter = read_adapter(art["ad"])
+    assert algebra.resize(adapter, rank=np.int64(2))[1].rank == 2
+    _, report = algebra.combine([(adapter, 1.0), (adapter, 0.5)], "dare_ties",
+                                {"density": np.float32(0.5), "seed": np.int64(3), "lambda": 1})
+    assert (report.params["density"], report.params["seed"], report.params["lambda"]) == (0.5, 3, 1.0)
+
+
 def documented() -> list:
     """What README's "Python API" calls (and the derive/merging calls its per-area pages name)."""
     import loraops

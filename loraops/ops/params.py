@@ -1,20 +1,30 @@
 """Validation of user parameters (pydantic models) into one-line errors."""
 from __future__ import annotations
 
+import reprlib
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import InvalidInputError
+from ..references import is_integer
 
 P = TypeVar("P", bound=BaseModel)
 
 
 class Params(BaseModel):
     """Base of every parameter model: frozen, unknown names are errors (a typo is never silently ignored), and so
-    are NaN and ±Inf (a NaN density was 'should be less than or equal to 1', an Inf resize param 'needs a param')."""
+    are NaN and ±Inf (a NaN density was 'should be less than or equal to 1', an Inf resize param 'needs a param').
+    Strict: a value of another type is refused, not converted (True was a density of 1, '7' a seed of 7, 4.0 a rank
+    of 4); an int is a float, as in Python, and numpy's integers are ints (references.is_integer)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numpy_integers(cls, data):
+        return {key: int(value) if is_integer(value) else value for key, value in data.items()} \
+            if isinstance(data, dict) else data
 
 
 def parse_params(model: type[P], values: "dict[str, Any] | P | None", what: str) -> P:
@@ -31,6 +41,8 @@ def parse_params(model: type[P], values: "dict[str, Any] | P | None", what: str)
                 message = "unknown parameter"
             elif err["type"] == "value_error":  # our own validators: their text, without pydantic's "Value error, "
                 message = str(err["ctx"]["error"])
+            elif err["type"].endswith("_type"):  # strict's "Input should be a valid integer": say what was given
+                message = f"{err['msg']}, not {reprlib.repr(err['input'])} ({type(err['input']).__name__})"
             else:
                 message = err["msg"]
             problems.append(f"{field}: {message}" if field else message)
