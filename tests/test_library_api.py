@@ -156,6 +156,25 @@ def test_parameters_keep_taking_ints_for_floats_and_numpy_numbers(art):
     assert (report.params["density"], report.params["seed"], report.params["lambda"]) == (0.5, 3, 1.0)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda a: algebra.resize(a, dynamic="sv_fro", param=0.5, max_rank=0),
+     "bad parameters for resize: max_rank: Input should be greater than 0"),
+    (lambda a: algebra.resize(a, rank=2, max_rank=2),
+     "bad parameters for resize: param and max_rank go with a dynamic rule, not with a fixed rank"),
+    (lambda a: algebra.combine([(a, 1.0)], "cat", {"density": 0.5}),
+     "cat takes no density (it is a parameter of ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, "
+     "della_linear, magnitude_prune)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 1.0)], "cat", conv_rank=2),
+     "cat keeps every input's rank (their sum); use linear with conv_rank to truncate"),
+])
+def test_parameter_errors_name_the_python_parameters(art, call, message):
+    """The CLI says these parameters as its options (--max-rank: test_algebra_cli); the library keeps their Python
+    names."""
+    with pytest.raises(InvalidInputError) as info:
+        call(read_adapter(art["ad"]))
+    assert str(info.value) == message
+
+
 def documented() -> list:
     """What README's "Python API" calls (and the derive/merging calls its per-area pages name)."""
     import loraops
