@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 
 from . import ldm
 from .adapter import Adapter, LoraModule, adapter_argument, weighted, widest_dtype
-from .errors import InvalidInputError, MismatchError
+from .errors import InvalidInputError, MismatchError, ParameterError
 from .lazy import LazyModule
 from .references import is_integer
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
@@ -258,7 +258,7 @@ def combine_lazily(
     method: str,
     params: "dict[str, Any] | None" = None,
     rank: int | None = None,
-    device: str = "auto",
+    device: "str | torch.device" = "auto",
     precise: bool = False,
     labels: Sequence[str] | None = None,
     bases: Sequence[object] | None = None,
@@ -400,11 +400,6 @@ def own_names(modules: dict[str, LoraModule], adapters: Sequence[Adapter]) -> di
     return names
 
 
-def _parameter_names(model) -> set[str]:
-    """The names a params model accepts (a field's alias where it has one: ``lambda``)."""
-    return {field.alias or name for name, field in model.model_fields.items()}
-
-
 def _scales_with_weights(spec, params: dict[str, Any]) -> bool:
     """Whether multiplying every weight by λ multiplies the method's result by λ with these parameters (λ·Σwτ = Σ(λw)τ;
     with normalize on, the weights divide out)."""
@@ -479,7 +474,7 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     touching anything. density, gamma and epsilon may be lists of one value per input (``weights``); ``names``: how
     an error names each input (default "adapter N"; a recipe's entries are its models[N])."""
     from .ops.combine import METHODS, normalize_refusal
-    from .ops.params import parse_params
+    from .ops.params import parameter_names, parse_params
 
     # (a list for the method was a raw TypeError: unhashable)
     spec, hint = (METHODS.get(method), MERGEKIT_ONLY.get(method)) if isinstance(method, str) else (None, None)
@@ -490,10 +485,10 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         raise InvalidInputError(f"params is a dict of {method}'s parameters (like {{'density': 0.5}}), not {params!r}")
     given = dict(params or {})
     for key in given:  # a parameter of other methods: say which, rather than "unknown parameter"
-        takers = [m.name for m in METHODS.values() if key in _parameter_names(m.params)]
-        if takers and key not in _parameter_names(spec.params):
+        takers = [m.name for m in METHODS.values() if key in parameter_names(m.params)]
+        if takers and key not in parameter_names(spec.params):
             hint = "; scale the weights instead" if key == "lambda" and _scales_with_weights(spec, given) else ""
-            raise InvalidInputError(f"{method} takes no {key} (it is a parameter of {', '.join(takers)}){hint}")
+            raise ParameterError(f"{method} takes no `{key}` (it is a parameter of {', '.join(takers)}){hint}", [key])
     lists = _per_input(given, len(weights))
     own = [parse_params(spec.params, {**given, **{key: values[i] for key, values in lists.items()
                                                   if values[i] is not None}},
@@ -502,12 +497,12 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
     parsed = own[0] if own else parse_params(spec.params, given, method)
     if spec.check_weights is not None:
         spec.check_weights(method, list(weights), parsed)
-    for what, given in (("rank", rank), ("conv rank", conv_rank)):
+    for what, given in (("rank", rank), ("conv_rank", conv_rank)):
         if given is not None and (not is_integer(given) or given <= 0):
-            raise InvalidInputError(f"{what} must be a positive integer (got {given!r})")
+            raise ParameterError(f"`{what}` must be a positive integer (got {given!r})", [what])
         if given is not None and spec.default_rank is None:
-            raise InvalidInputError(f"{method} keeps every input's rank (their sum); use linear --{what.replace(' ', '-')} "
-                                    "to truncate")
+            raise ParameterError(f"{method} keeps every input's rank (their sum); use linear with `{what}` to "
+                                 "truncate", [what])
     if getattr(parsed, "normalize", False) and (refusal := normalize_refusal(
             method, weights, "consensus" in spec.params.model_fields, "use --no-normalize", "the linear method")):
         raise InvalidInputError(refusal)
@@ -545,7 +540,7 @@ def resize_lazily(
     param: float | None = None,
     max_rank: int | None = None,
     conv_rank: int | None = None,
-    device: str = "auto",
+    device: "str | torch.device" = "auto",
     precise: bool = False,
     out_dtype: "torch.dtype | None" = None,
 ) -> Derivation:

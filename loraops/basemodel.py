@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from . import settings
+from . import fp8, settings
 from .errors import FormatError, HubError, InvalidInputError, LoraopsError, NotFoundError
 from .fsutil import Prefetcher, chunks, existing_path, read_json, read_model_config, resolved
 from .references import PATH, argument
@@ -144,7 +144,8 @@ class BaseModel:
 
     @property
     def num_parameters(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
+        """The model's parameters: its tensors' elements, an FP8 weight's scales left out (fp8.model_parameters)."""
+        return fp8.model_parameters({name: (t.dtype, t.shape) for name, t in self.tensors.items()})
 
     @property
     def dtype(self) -> str:

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .registry import Registry, store
     from .registry.store import Registration
 else:
-    store = LazyModule("loraops.registry.store")  # what annotations name resolves when they are read: lazy.py
+    # what annotations name resolves when they are read: lazy.py
+    store, torch = LazyModule("loraops.registry.store"), LazyModule("torch")
 
 
 @dataclass
@@ -427,7 +428,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 @watched("output")
 def combine(
     refs: Sequence[str | tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *,
-    rank: int | None = None, device: str = "auto", precise: bool = False, name: str | None = None,
+    rank: int | None = None, device: "str | torch.device" = "auto", precise: bool = False, name: str | None = None,
     output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
     base_model: str | None = None, conv_rank: int | None = None, dtype: str | None = None,
     block_weights: "Sequence[Sequence[float]] | None" = None, registry: "store.Registry | None" = None,
@@ -528,9 +529,9 @@ def note_zero_biases(combined: "Adapter", inputs: "Sequence[Adapter]") -> None:
 @watched("output")
 def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
-    max_rank: int | None = None, conv_rank: int | None = None, device: str = "auto", precise: bool = False,
-    name: str | None = None, output: str | None = None, fmt: str | None = None, force: bool = False,
-    base: str | None = None, dtype: str | None = None, registry: "store.Registry | None" = None,
+    max_rank: int | None = None, conv_rank: int | None = None, device: "str | torch.device" = "auto",
+    precise: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
+    force: bool = False, base: str | None = None, dtype: str | None = None, registry: "store.Registry | None" = None,
 ) -> DerivedRecord:
     """Resize a registered adapter or a path and register the result; see algebra.resize. ``dtype`` (bf16, fp16,
     fp32): the written tensors' (default: each module's), rounded once from the computed values. ``registry``: the
@@ -713,7 +714,8 @@ def extract(
     base: str, tuned: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, alpha: float | None = None,
     modules: Sequence[str] | None = None,
-    save_modules: Sequence[str] | None = None, device: str = "auto", precise: bool = False, dtype: str | None = None,
+    save_modules: Sequence[str] | None = None, device: "str | torch.device" = "auto", precise: bool = False,
+    dtype: str | None = None,
     keep_rounding: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
     force: bool = False, registry: "store.Registry | None" = None,
 ) -> DerivedRecord:

@@ -5,6 +5,9 @@ The CLI maps them to exit codes in one place (loraops.cli.main); nothing else pr
 """
 from __future__ import annotations
 
+import re
+from typing import Callable, Iterable
+
 
 class LoraopsError(Exception):
     """Base of every deliberate loraops error. The message is one line, fit for a terminal."""
@@ -25,6 +28,21 @@ class FormatError(InvalidInputError):
 class UnsupportedAdapterError(FormatError):
     """A recognised adapter type loraops does not handle (LoHa, LoKr, LyCORIS DoRA, ...), or an operation its math
     does not allow (subtracting a DoRA adapter)."""
+
+
+class ParameterError(InvalidInputError):
+    """Bad parameters of a call (a combine method's, a rank rule's). ``template`` names each parameter of ``names``
+    between backticks: str() says them as their Python names, ``said`` otherwise (the CLI as its options: --max-rank
+    for max_rank, cli.said)."""
+
+    def __init__(self, template: str, names: Iterable[str] = ()):
+        self.template, self.names = template, frozenset(names)
+        super().__init__(self.said(str))
+
+    def said(self, name: Callable[[str], str]) -> str:
+        """The message with each parameter named as ``name`` says it."""
+        return re.sub(r"`(\w+)`", lambda found: name(found[1]) if found[1] in self.names else found[0],
+                      self.template)
 
 
 class ModelLoraError(InvalidInputError):

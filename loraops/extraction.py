@@ -391,7 +391,7 @@ def extract_lazily(
     alpha: float | None = None,
     modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None,
-    device: str = "auto",
+    device: "str | torch.device" = "auto",
     precise: bool = False,
     dtype: str | None = None,
     keep_rounding: bool = False,

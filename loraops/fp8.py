@@ -25,7 +25,7 @@ import bisect
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from .errors import FormatError
 from .st import TensorInfo, read_tensor, torch_dtype
@@ -277,6 +277,22 @@ def _activation_scale(weight: str) -> str:
     if weight.endswith(".weight"):
         return f"{weight.removesuffix('weight')}activation_scale"
     return f"{weight}_activation_scale"
+
+
+SCALES = ("weight_scale", "input_scale", "scale_weight", "scale_input")
+"""A one-byte weight's scales beside it in the other FP8 layouts, as ``<m>.<scale>`` (compressed-tensors' and FBGEMM's
+weight_scale and input_scale, ComfyUI's scaled_fp8 scale_weight and scale_input): loraops merges into none of them,
+but counts them as what they are (model_parameters)."""
+
+
+def model_parameters(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> int:
+    """The parameters of the model whose tensors are ``tensors`` (name → (safetensors dtype, shape)): the elements of
+    every tensor but the scales of its FP8 weights (``<w>_scale_inv``, a static activation scale, SCALES), which only
+    say how the weights decode; so an FP8 model counts what its bf16 copy (merge --dtype bf16) counts."""
+    scales = {scale for weight, (dtype, _) in tensors.items() if dtype in QUANTIZED_WEIGHTS
+              for scale in (scale_name(weight), _activation_scale(weight),
+                            *(f"{weight.removesuffix('.weight')}.{s}" for s in SCALES))}
+    return sum(math.prod(shape) for name, (_, shape) in tensors.items() if name not in scales)
 
 
 def quantized_siblings(weight: str, manifest: Mapping[str, TensorInfo], names: list[str] | None = None) -> list[str]:

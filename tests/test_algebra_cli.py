@@ -111,13 +111,17 @@ def test_resize_table_and_export_round_trip(files, reg, tmp_path):
      "t = 0), which no LoRA holds: nuslerp interpolates two adapters' task vectors (mergekit's nuslerp with a "
      "base_model)"),
     (["combine", "{a}", "{b}", "--method", "ties", "--density", "1.5"], 2,
-     "error: bad parameters for ties: density: Input should be less than or equal to 1"),
-    (["combine", "{a}", "--method", "linear", "--rank", "0"], 2, "error: rank must be a positive integer (got 0)"),
+     "error: bad parameters for ties: --density: Input should be less than or equal to 1"),
+    (["combine", "{a}", "--method", "linear", "--rank", "0"], 2, "error: --rank must be a positive integer (got 0)"),
     (["combine", "{a}", "{c}"], 2, "error: adapters are for different bases: a@1 is for tiny, c@1 is for other"),
     (["combine", "{a}", "-o", "{a}"], 4, "error: {a}: already exists (use --force to replace it)"),
     (["resize", "{a}", "--rank", "5"], 2, "error: rank 5 is above the adapter's rank 4: resize only lowers rank"),
+    # option names, not the library's parameter names (max_rank), which it still says to Python callers
+    (["resize", "{a}", "--dynamic", "sv_fro", "--param", "0.5", "--max-rank", "0"], 2,
+     "error: bad parameters for resize: --max-rank: Input should be greater than 0"),
     (["resize", "{a}"], 2,
-     "error: bad parameters for resize: give either a rank or a dynamic rule (sv_ratio, sv_cumulative, sv_fro)"),
+     "error: bad parameters for resize: give either a --rank or a --dynamic rule (sv_ratio, sv_cumulative, "
+     "sv_fro)"),
     # a writer's refusal names the result as the user knows it (it said '<in memory>'; a resize's, its input's)
     (["combine", "{a}", "{b}", "--method", "linear", "--format", "diffusers", "-o", "{tmp}/ab.safetensors"], 2,
      "error: {tmp}/ab.safetensors: module 'model.layers.0.self_attn.o_proj' has no pipeline component prefix "

@@ -641,8 +641,11 @@ def test_a_malformed_lycoris_module_is_refused(tmp_path, case, message):
      "a module is either extracted or stored whole"),
     (["--alpha", "1e300"], "alpha 1e+300 is beyond what float32 holds"),
     # checked by the sweep and fine: kept so they stay so
-    (["--rank", "0"], "bad parameters for extract: rank: Input should be greater than 0"),
-    (["--dynamic", "sv_fro", "--param", "0"], "bad parameters for extract: sv_fro param is a fraction in (0, 1] (got 0)"),
+    (["--rank", "0"], "bad parameters for extract: --rank: Input should be greater than 0"),
+    (["--dynamic", "sv_fro", "--param", "0"], "bad parameters for extract: sv_fro --param is a fraction in (0, 1] (got "
+                                              "0)"),
+    (["--rank", "4", "--max-rank", "2"], "bad parameters for extract: --param and --max-rank go with a --dynamic rule, "
+                                         "not with a fixed --rank"),
     (["--modules", "q_proj|v_proj"], "--modules q_proj|v_proj: {base} has no 2-D or conv weight by that name (norms "
                                      "and biases are no LoRA targets: --save-module keeps them whole)"),
     (["--dtype", "int8"], "invalid value for '--dtype': 'int8' is not one of 'bf16', 'fp16', 'fp32' (see `main "

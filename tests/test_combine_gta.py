@@ -185,7 +185,7 @@ def test_cli_della_end_to_end_with_lineage(files, tmp_path):
 
     bad = loraops("combine", files["a"], files["b"], "-m", "della", "--density", "0.5", "--gamma", "0.1")
     assert (bad.returncode, bad.stderr, bad.stdout) == (
-        2, "error: della takes no gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)\n", "")
+        2, "error: della takes no --gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)\n", "")
     with Registry.open() as reg:
         reg.add_base(files["base"], name="tiny")
     run = loraops("combine", f"{files['a']}:0.6", f"{files['b']}:0.8", "-m", "della", "--density", "0.4", "--epsilon",
@@ -234,25 +234,25 @@ def test_cli_no_rescale_and_count_consensus_with_lineage(files):
 
 @pytest.mark.parametrize("args, message", [
     (["-m", "ties", "--density", "0.5", "--gamma", "0.1"],
-     "error: ties takes no gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)"),
+     "error: ties takes no --gamma (it is a parameter of breadcrumbs, breadcrumbs_ties)"),
     (["-m", "breadcrumbs", "--density", "0.95", "--gamma", "0.1"],
-     "error: bad parameters for breadcrumbs: gamma (0.1) + density (0.95) must be at most 1: a gamma share of the "
-     "largest magnitudes is dropped, a density share kept below them"),
+     "error: bad parameters for breadcrumbs: --gamma (0.1) + --density (0.95) must be at most 1: a gamma share of "
+     "the largest magnitudes is dropped, a density share kept below them"),
     (["-m", "della", "--density", "0.9"],
-     "error: bad parameters for della: density ± epsilon (0.75 to 1.05) must lie inside (0, 1): they are keep "
-     "probabilities"),
+     "error: bad parameters for della: --density ± --epsilon (0.75 to 1.05) must lie inside (0, 1): they are "
+     "keep probabilities"),
     (["-m", "della_linear", "--density", "0.5", "--epsilon", "0.6"],
-     "error: bad parameters for della_linear: density ± epsilon (-0.1 to 1.1) must lie inside (0, 1): they are keep "
-     "probabilities"),
-    (["-m", "cat", "--lambda", "2"], "error: cat takes no lambda (it is a parameter of ties, dare_ties, dare_linear, "
+     "error: bad parameters for della_linear: --density ± --epsilon (-0.1 to 1.1) must lie inside (0, 1): they "
+     "are keep probabilities"),
+    (["-m", "cat", "--lambda", "2"], "error: cat takes no --lambda (it is a parameter of ties, dare_ties, dare_linear, "
                                      "breadcrumbs, breadcrumbs_ties, della, della_linear); scale the weights instead"),
     (["-m", "magnitude_prune", "--density", "0.5", "--lambda", "2"],
-     "error: magnitude_prune takes no lambda (it is a parameter of ties, dare_ties, dare_linear, breadcrumbs, "
+     "error: magnitude_prune takes no --lambda (it is a parameter of ties, dare_ties, dare_linear, breadcrumbs, "
      "breadcrumbs_ties, della, della_linear); scale the weights instead"),
     (["-m", "ties", "--density", "0.5", "--no-rescale"],
-     "error: ties takes no rescale (it is a parameter of dare_ties, dare_linear, della, della_linear)"),
+     "error: ties takes no --rescale (it is a parameter of dare_ties, dare_linear, della, della_linear)"),
     (["-m", "della_linear", "--density", "0.5", "--consensus", "count"],
-     "error: della_linear takes no consensus (it is a parameter of ties, dare_ties, breadcrumbs_ties, della, sce)"),
+     "error: della_linear takes no --consensus (it is a parameter of ties, dare_ties, breadcrumbs_ties, della, sce)"),
     (["-m", "ties", "--density", "0.5", "--consensus", "vote"],
      "error: invalid value for '--consensus': 'vote' is not one of 'sum', 'count' (see `loraops combine --help`)"),
 ])
@@ -432,14 +432,14 @@ def test_cli_rescale_norm_with_lineage(files):
 
     run = loraops("combine", files["a"], files["b"], "-m", "dare_linear", "--density", "0.5", "--no-rescale",
                   "--rescale-norm", "l1")
-    assert (run.returncode, run.stderr) == (2, "error: bad parameters for dare_linear: rescale_norm is a way to "
+    assert (run.returncode, run.stderr) == (2, "error: bad parameters for dare_linear: --rescale-norm is a way to "
                                                "rescale the survivors (in place of the division by their keep "
-                                               "probability); it cannot go with rescale off\n")
+                                               "probability); it cannot go with --rescale off\n")
     run = loraops("combine", files["a"], files["b"], "-m", "della", "--density", "0.5", "--rescale",
                   "--rescale-norm", "l1")
-    assert (run.returncode, run.stderr) == (2, "error: bad parameters for della: rescale_norm is a way to "
+    assert (run.returncode, run.stderr) == (2, "error: bad parameters for della: --rescale-norm is a way to "
                                                "rescale the survivors (in place of the division by their keep "
-                                               "probability); it cannot go with rescale on\n")
+                                               "probability); it cannot go with --rescale on\n")
     with Registry.open() as reg:
         assert reg.list_adapters() == []
         reg.add_base(files["base"], name="tiny")

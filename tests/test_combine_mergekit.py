@@ -325,8 +325,8 @@ def test_multislerp_of_half_precision_adapters_takes_its_weights_in_float64(dtyp
     ("nuslerp", [1, -0.5], {}, "nuslerp's weights only place the point t = w₂/(w₁ + w₂) between the two task vectors: "
                                "give weights ≥ 0, not both 0 (got 1 and -0.5)"),
     ("nuslerp", [0, 0], {}, "give weights ≥ 0, not both 0 (got 0 and 0)"),
-    ("nuslerp", [1, 1], {"row_wise": True}, "bad parameters for nuslerp: row_wise applies only with flatten off "
-                                            "(--no-flatten): a flattened module is one vector"),
+    ("nuslerp", [1, 1], {"row_wise": True}, "bad parameters for nuslerp: row_wise applies only with flatten off: a "
+                                            "flattened module is one vector"),
     ("nuslerp", [1, 1], {"lambda": 2}, "nuslerp takes no lambda (it is a parameter of ties, dare_ties, dare_linear, "
                                        "breadcrumbs, breadcrumbs_ties, della, della_linear)"),
     ("model_stock", [1], {}, "model_stock needs at least two adapters (got 1): its ratio comes from the angles between "
@@ -408,12 +408,12 @@ def test_cli_end_to_end_with_lineage(files):
      "error: multislerp: in model.layers.0.self_attn.o_proj the weighted mean of the task vectors' directions has "
      "length 0.071, below eps (5), where mergekit raises: directions that cancel out (a and −a with equal weights), or "
      "task vectors not much longer than eps: give other weights, or a smaller eps"),
-    (["{a}", "{b}", "-m", "nuslerp", "--row-wise"], "error: bad parameters for nuslerp: row_wise applies only with "
-                                                    "flatten off (--no-flatten): a flattened module is one vector"),
+    (["{a}", "{b}", "-m", "nuslerp", "--row-wise"], "error: bad parameters for nuslerp: --row-wise applies only "
+                                                    "with --flatten off: a flattened module is one vector"),
     (["{a}", "{b}", "-m", "ties", "--density", "0.5", "--select-topk", "0.5"],
-     "error: ties takes no select_topk (it is a parameter of sce)"),
+     "error: ties takes no --select-topk (it is a parameter of sce)"),
     (["{a}", "{b}", "-m", "sce", "--filter-wise"],
-     "error: sce takes no filter_wise (it is a parameter of model_stock)"),
+     "error: sce takes no --filter-wise (it is a parameter of model_stock)"),
 ])
 def test_cli_bad_inputs(files, args, message):
     """One line and exit 2, before any input is registered."""

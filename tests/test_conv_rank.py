@@ -246,7 +246,8 @@ def assert_nothing_registered():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--rank", "2", "--conv-rank", "0"], "error: bad parameters for resize: conv_rank: Input should be greater than 0"),
+    (["--rank", "2", "--conv-rank", "0"],
+     "error: bad parameters for resize: --conv-rank: Input should be greater than 0"),
     (["--rank", "2", "--conv-rank", "5"],
      "error: conv rank 5 is above the adapter's k×k convolutions' rank 4: resize only lowers rank"),
 ])
@@ -448,8 +449,10 @@ def test_combine_svd_conv_rank_is_svd_merge_loras_new_conv_rank(tmp_path):
                            "error: conv rank 2: the inputs have no k×k convolution (a conv with a kernel larger than "
                            "1×1) for it to rank\n"),
                           ((a, b, "--conv-rank", "2"),
-                           "error: cat keeps every input's rank (their sum); use linear --conv-rank to truncate\n"),
-                          ((a, b, "-m", "svd", "--conv-rank", "0"), "error: conv rank must be a positive integer (got 0)\n")):
+                           "error: cat keeps every input's rank (their sum); use linear with --conv-rank to "
+                           "truncate\n"),
+                          ((a, b, "-m", "svd", "--conv-rank", "0"),
+                           "error: --conv-rank must be a positive integer (got 0)\n")):
         code, text = run("combine", *args, "-o", tmp_path / "x.safetensors")
         assert (code, text) == (2, message)
         assert not (tmp_path / "x.safetensors").exists()

@@ -56,6 +56,31 @@ def test_missing_or_zero_alpha_means_rank(alpha, tmp_path):
     assert module.alpha == 8 and module.scale == 1.0
 
 
+def test_a_missing_alpha_is_the_rank_whatever_the_metadata_says_and_a_note_says_so(tmp_path, caplog):
+    """sd-scripts' networks/lora.py reads a module without .alpha at alpha = its rank ("support old LoRA without
+    alpha") and never reads ss_network_alpha; loraops does the same, and notes it where the metadata said another
+    alpha (inspect's table showed scale 1 without a word). No note where it agrees, is no number or alpha= is given."""
+    import logging
+
+    modules = {**CONV_MODULES, "lora_unet_other": ((16,), (24,))}
+    path = factories.kohya_file(tmp_path / "k.safetensors", modules, rank=4, alpha=None,
+                                metadata={"ss_network_alpha": "1.0"})
+    with caplog.at_level(logging.INFO, logger="loraops"):
+        adapter = read_adapter(path)
+    assert {(m.alpha, m.scale) for m in adapter.modules.values()} == {(4, 1.0)}
+    assert caplog.messages == [f"{path}: no .alpha tensor in 3 of 4 modules (lora_unet_conv1, rank 4): they are read "
+                               "at alpha = rank (scale 1), as kohya's sd-scripts reads them, not at the metadata's "
+                               "ss_network_alpha 1"]  # (the 3×3 conv's alpha in training was conv_alpha)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loraops"):
+        read_adapter(path, alpha=2)
+        for said in ("4", "Dynamic"):
+            read_adapter(factories.kohya_file(tmp_path / f"{said}.safetensors", modules, rank=4, alpha=None,
+                                              metadata={"ss_network_alpha": said}))
+        read_adapter(factories.kohya_file(tmp_path / "stored.safetensors", modules, rank=4, alpha=1.0))
+    assert caplog.messages == []
+
+
 def test_explicit_alpha_replaces_stored(tmp_path):
     path = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,))}, rank=8, alpha=4)
     assert read_adapter(path, alpha=16).modules["lora_unet_proj"].scale == 2.0

@@ -206,3 +206,19 @@ def test_xlabs_lora_pushed_as_diffusers_is_written_in_diffusers_layout(tmp_path,
             pushed.write_bytes(fake_hub.files("me/xl")[name])
             assert formats.detect(pushed) == "diffusers"
             assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in load_file(str(pushed))
+
+
+def test_inspect_and_check_note_a_missing_alpha_the_metadata_gives_otherwise(tmp_path):
+    """A kohya file whose modules lack .alpha while ss_network_alpha says 1: read at alpha = rank as sd-scripts
+    reads it (test_formats_kohya), and inspect and check say so on stderr."""
+    import factories
+
+    base = factories.save_state_dict(factories.conv_embedding_model(), tmp_path / "base.safetensors")
+    path = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,))}, rank=4, alpha=None,
+                                metadata={"ss_network_alpha": "1"})
+    note = (f"note: {path}: no .alpha tensor in 1 of 1 modules (lora_unet_proj, rank 4): they are read at alpha = "
+            "rank (scale 1), as kohya's sd-scripts reads them, not at the metadata's ss_network_alpha 1\n")
+    inspected = loraops_run("inspect", path)
+    assert (inspected.returncode, inspected.stderr) == (0, note) and "\nalpha       4\n" in inspected.stdout
+    checked = loraops_run("check", path, "--base", base)
+    assert (checked.returncode, checked.stderr) == (0, note)

@@ -240,15 +240,19 @@ def test_bf16_stored_scales_quantize_with_the_reciprocal_of_what_is_stored():
     assert torch.equal(q.view(torch.uint8), (w * by).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
-def test_static_activation_scales_go_with_the_weight_scales(tmp_path, models):
-    """activation_scheme "static": each FP8 Linear has an activation_scale. --dtype leaves it out with the weight's
-    scale; an FP8 output keeps it byte for byte."""
+def static_activation_scales(fp8: Path, out: Path) -> Path:
+    """A copy of the FP8 model with activation_scheme "static": each FP8 Linear has an activation_scale."""
     def static(state):
         for name in [n for n in state if n.endswith(".weight_scale_inv")]:
             state[name.removesuffix("weight_scale_inv") + "activation_scale"] = torch.tensor(0.25)
 
-    base = _rewrite(models.fp8, tmp_path / "static", static,
-                    lambda c: c["quantization_config"].update(activation_scheme="static"))
+    return _rewrite(fp8, out, static, lambda c: c["quantization_config"].update(activation_scheme="static"))
+
+
+def test_static_activation_scales_go_with_the_weight_scales(tmp_path, models):
+    """activation_scheme "static": each FP8 Linear has an activation_scale. --dtype leaves it out with the weight's
+    scale; an FP8 output keeps it byte for byte."""
+    base = static_activation_scales(models.fp8, tmp_path / "static")
     engine.merge(base, [], tmp_path / "bf16", dtype="bf16", device="cpu")
     assert not [n for n in tensors(tmp_path / "bf16") if "scale" in n]
     engine.merge(base, [(formats.read_adapter(models.q_only), 1.0)], tmp_path / "fp8", device="cpu")
@@ -667,3 +671,20 @@ def test_lora_on_experts_and_router_of_a_per_expert_fp8_checkpoint(tmp_path):
         q, inverse = fp8_quantize(reference[name], BLOCK) if name in touched else (fp8[name], fp8[f"{name}_scale_inv"])
         assert torch.equal(kept[f"{name}_scale_inv"], inverse), name
         assert torch.equal(kept[name].view(torch.uint8), q.view(torch.uint8)), name
+
+
+def test_an_fp8_base_counts_the_parameters_of_its_bf16_copy(tmp_path, models):
+    """base add / base show counted each FP8 weight's weight_scale_inv (and static activation_scale) as parameters:
+    the count is the model's, the same as its bf16 copy's (merge --dtype bf16); its tensors still count them."""
+    from loraops.registry import Registry
+
+    base = static_activation_scales(models.fp8, tmp_path / "static")
+    engine.merge(base, [], tmp_path / "bf16", dtype="bf16", device="cpu")
+    fp8, bf16 = BaseModel.open(base), BaseModel.open(tmp_path / "bf16")
+    assert fp8.num_parameters == bf16.num_parameters == BaseModel.open(models.base).num_parameters
+    assert len(fp8.tensors) == len(bf16.tensors) + 2 * 7 * 2  # a scale and an activation scale per FP8 Linear
+    assert f"{len(fp8.tensors)} tensors, {bf16.num_parameters:,} parameters" in cli("base", "add", base).output
+    with Registry.open() as reg:  # a base recorded from its manifest alone (base add hub:…) counts them the same way
+        record, _ = reg.register_manifest_base(name="remote", source="hf://someone/fp8", tensors={
+            name: (t.dtype, tuple(t.shape)) for name, t in fp8.tensors.items()}, dtype="F8_E4M3", total_bytes=1)
+        assert record.num_parameters == bf16.num_parameters

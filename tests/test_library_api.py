@@ -120,6 +120,61 @@ def test_combine_refuses_a_rank_that_is_no_integer(art, rank):
         algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", rank=rank)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "ties", {"density": True}),
+     "bad parameters for ties: density: Input should be a valid number, not True (bool)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "dare_ties", {"density": 0.5, "seed": "7"}),
+     "bad parameters for dare_ties: seed: Input should be a valid integer, not '7' (str)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "dare_ties", {"density": 0.5, "seed": 7.0}),
+     "bad parameters for dare_ties: seed: Input should be a valid integer, not 7.0 (float)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "ties", {"density": 0.5, "normalize": 1}),
+     "bad parameters for ties: normalize: Input should be a valid boolean, not 1 (int)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 0.5)], "ties", {"density": "0.5"}),
+     "bad parameters for ties: density: Input should be a valid number, not '0.5' (str)"),
+    (lambda a: algebra.resize(a, rank=2.0), "bad parameters for resize: rank: Input should be a valid integer, not 2.0 "
+                                            "(float)"),
+    (lambda a: algebra.resize(a, dynamic="sv_fro", param=True),
+     "bad parameters for resize: param: Input should be a valid number, not True (bool)"),
+    (lambda a: algebra.resize(a, dynamic="sv_fro", param=0.5, max_rank="2"),
+     "bad parameters for resize: max_rank: Input should be a valid integer, not '2' (str)"),
+    (lambda a: algebra.resize(a, rank=2, conv_rank=True),
+     "bad parameters for resize: conv_rank: Input should be a valid integer, not True (bool)"),
+])
+def test_parameters_of_another_type_are_refused_not_converted(art, call, message):
+    """pydantic's lax mode converted them silently: density=True was a density of 1, seed="7" a seed of 7, rank=2.0
+    a rank of 2, normalize=1 normalize on."""
+    with pytest.raises(InvalidInputError) as info:
+        call(read_adapter(art["ad"]))
+    assert str(info.value) == message
+
+
+def test_parameters_keep_taking_ints_for_floats_and_numpy_numbers(art):
+    adapter = read_adapter(art["ad"])
+    assert algebra.resize(adapter, rank=np.int64(2))[1].rank == 2
+    _, report = algebra.combine([(adapter, 1.0), (adapter, 0.5)], "dare_ties",
+                                {"density": np.float32(0.5), "seed": np.int64(3), "lambda": 1})
+    assert (report.params["density"], report.params["seed"], report.params["lambda"]) == (0.5, 3, 1.0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda a: algebra.resize(a, dynamic="sv_fro", param=0.5, max_rank=0),
+     "bad parameters for resize: max_rank: Input should be greater than 0"),
+    (lambda a: algebra.resize(a, rank=2, max_rank=2),
+     "bad parameters for resize: param and max_rank go with a dynamic rule, not with a fixed rank"),
+    (lambda a: algebra.combine([(a, 1.0)], "cat", {"density": 0.5}),
+     "cat takes no density (it is a parameter of ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, "
+     "della_linear, magnitude_prune)"),
+    (lambda a: algebra.combine([(a, 1.0), (a, 1.0)], "cat", conv_rank=2),
+     "cat keeps every input's rank (their sum); use linear with conv_rank to truncate"),
+])
+def test_parameter_errors_name_the_python_parameters(art, call, message):
+    """The CLI says these parameters as its options (--max-rank: test_algebra_cli); the library keeps their Python
+    names."""
+    with pytest.raises(InvalidInputError) as info:
+        call(read_adapter(art["ad"]))
+    assert str(info.value) == message
+
+
 def documented() -> list:
     """What README's "Python API" calls (and the derive/merging calls its per-area pages name)."""
     import loraops
@@ -442,8 +497,21 @@ def test_device_takes_a_torch_device_as_dtype_takes_a_torch_dtype(art, tmp_path)
                          record=False).device == "cpu"
     assert algebra.combine([(adapter, 1.0), (adapter, 0.5)], "linear", device=cpu)[0].modules.keys() \
         == adapter.modules.keys()
+    assert algebra.resize(adapter, rank=2, device=cpu)[1].device == "cpu"
     with pytest.raises(InvalidInputError, match=r"^unknown device 0: use cpu, cuda, cuda:N or auto$"):
         algebra.resize(adapter, rank=2, device=0)
+
+
+def test_device_annotations_say_a_torch_device_is_taken():
+    """Every signature said `device: str`, though each takes a torch.device (test above): an editor or a type
+    checker flagged device=torch.device("cuda:1")."""
+    import typing
+
+    functions = [*documented(), algebra.combine_lazily, algebra.resize_lazily]
+    said = {f"{f.__module__}.{f.__qualname__}": typing.get_type_hints(f)["device"] for f in functions
+            if "device" in inspect.signature(f).parameters}
+    assert len(said) == 8 and {name: hint for name, hint in said.items()
+                               if not {str, torch.device} <= set(typing.get_args(hint))} == {}
 
 
 def test_names_tags_params_and_urls_of_the_wrong_type_are_typed_errors(art, tmp_path):

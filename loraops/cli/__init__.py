@@ -17,7 +17,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import LoraopsError
+from ..errors import LoraopsError, ParameterError
 
 # command name → "module:attribute" (modules inside loraops.cli)
 COMMANDS = {
@@ -120,6 +120,15 @@ def system_error(exc: OSError) -> None:
     fail(f"{where}{exc.strerror or exc}", 5 if exc.errno == errno.ENOSPC else 2 if exc.errno in UNUSABLE_PATH else 1)
 
 
+def said(exc: LoraopsError, command: click.Command | None) -> str:
+    """``exc``'s message, with the parameters a ParameterError names said as ``command``'s options where it has one
+    of that name (max_rank: --max-rank); the library says their Python names."""
+    if not isinstance(exc, ParameterError) or command is None:
+        return str(exc)
+    options = {option for param in command.params for option in (*param.opts, *param.secondary_opts)}
+    return exc.said(lambda name: option if (option := f"--{name.replace('_', '-')}") in options else name)
+
+
 class Number(click.ParamType):
     """A numeric option (--alpha, --rank, --grace …) as references.parse_number reads it: plainly written and finite;
     click's FLOAT and INT take Python's spellings ('1_0', ' 1 ', 'nan', 'inf')."""
@@ -202,7 +211,7 @@ class LoraopsGroup(click.Group):
                 raise KeyboardInterrupt
             return result
         except LoraopsError as exc:
-            fail(str(exc), exc.exit_code)
+            fail(said(exc, self.get_command(ctx, ctx.invoked_subcommand or "")), exc.exit_code)
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
             usage_error(exc)
         except KeyboardInterrupt as exc:  # a command interrupted after its output landed says so (landing.Landing)

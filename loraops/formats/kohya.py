@@ -8,6 +8,8 @@ paths by loraops.check.bind against a base.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections import Counter
 from dataclasses import replace
 import re
@@ -108,6 +110,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     if not found and not products:
         raise FormatError(f"{path}: no LoRA tensors in this file")
     tensors = st.load_tensors(header, values=values, mapped=mapped)
+    unscaled = [name for name, parts in found.items() if "alpha" not in parts]
     modules = {}
     for name, parts in sorted(products.items()):
         stored = parts.pop("alpha", None)
@@ -123,7 +126,26 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
             path, name, down, up, a_key=parts["down"], b_key=parts["up"],
             alpha=module_alpha(path, tensors, parts.get("alpha"), alpha), extra_keys=extra, stored=stored,
         )
+    if alpha is None:
+        note_missing_alphas(path, header.metadata, [modules[name] for name in unscaled], len(modules))
     return Adapter(modules=dict(sorted(modules.items())), format="kohya", metadata=dict(header.metadata), path=path, names_resolved=False)
+
+
+def note_missing_alphas(path: Path, metadata: dict[str, str], unscaled: list[LoraModule], total: int) -> None:
+    """Say where modules without an ``.alpha`` tensor get another alpha than the metadata's ss_network_alpha: each is
+    read at alpha = its rank (scale 1), as sd-scripts' networks/lora.py reads it ("support old LoRA without alpha"; the
+    metadata is never read there), which inspect's table shows without a word. k×k convolutions are left out: their
+    alpha in training was conv_alpha."""
+    try:
+        said = float(metadata.get("ss_network_alpha", "nan"))
+    except ValueError:  # ("Dynamic": one alpha per module, none to compare)
+        return
+    other = [m for m in unscaled if not m.spatial and m.rank != said]
+    if other and math.isfinite(said):
+        logging.getLogger("loraops").info(
+            f"{path}: no .alpha tensor in {len(other)} of {total} modules ({other[0].name}, rank {other[0].rank}): "
+            "they are read at alpha = rank (scale 1), as kohya's sd-scripts reads them, not at the metadata's "
+            f"ss_network_alpha {said:g}")
 
 
 def embedding_names(metadata: dict[str, str]) -> frozenset[str]:

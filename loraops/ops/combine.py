@@ -209,8 +209,8 @@ class MergekitParams(DensityParams):
         # rescale given (on or off) with a norm: on, it would be ignored (the norm replaces the division); the
         # default (rescale on, not given) is what a norm replaces
         if self.rescale_norm is not None and "rescale" in self.model_fields_set:
-            raise ValueError("rescale_norm is a way to rescale the survivors (in place of the division by their keep "
-                             f"probability); it cannot go with rescale {'on' if self.rescale else 'off'}")
+            raise ValueError("`rescale_norm` is a way to rescale the survivors (in place of the division by their keep "
+                             f"probability); it cannot go with `rescale` {'on' if self.rescale else 'off'}")
         return self
 
 
@@ -251,8 +251,8 @@ class BreadcrumbsParams(MergekitParams):
         # but the default (0.01) is, as there (drop_outliers drops at most n − ⌊density·n⌋): density 0.995 is no error.
         # At density 1 nothing is dropped and gamma is never read (mergekit's magnitude_outliers returns first).
         if self.gamma + self.density > 1 + 1e-9 and "gamma" in self.model_fields_set and self.density < 1:
-            raise ValueError(f"gamma ({self.gamma:g}) + density ({self.density:g}) must be at most 1: a gamma share "
-                             "of the largest magnitudes is dropped, a density share kept below them")
+            raise ValueError(f"`gamma` ({self.gamma:g}) + `density` ({self.density:g}) must be at most 1: a gamma "
+                             "share of the largest magnitudes is dropped, a density share kept below them")
         return self
 
 
@@ -273,8 +273,8 @@ class DellaLinearParams(MergekitParams):
         # epsilon, given or not, is never read (its della_magprune returns first) (epsilon 0 is allowed: every
         # probability is density, DARE's mask with DELLA's draws)
         if not (0 < self.density - self.epsilon and self.density + self.epsilon < 1) and self.density < 1:
-            raise ValueError(f"density ± epsilon ({self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
-                             " must lie inside (0, 1): they are keep probabilities")
+            raise ValueError(f"`density` ± `epsilon` ({self.density - self.epsilon:g} to "
+                             f"{self.density + self.epsilon:g}) must lie inside (0, 1): they are keep probabilities")
         return self
 
 
@@ -717,7 +717,7 @@ class NuslerpParams(CombineParams):
     @model_validator(mode="after")
     def check_fits(self):
         if self.row_wise and self.flatten:  # (mergekit ignores it there)
-            raise ValueError("row_wise applies only with flatten off (--no-flatten): a flattened module is one vector")
+            raise ValueError("`row_wise` applies only with `flatten` off: a flattened module is one vector")
         return self
 
 

@@ -65,17 +65,17 @@ class RankRule(Params):
     @model_validator(mode="after")
     def _one_rule(self) -> "RankRule":
         if (self.rank is None) == (self.dynamic is None):
-            raise ValueError("give either a rank or a dynamic rule (sv_ratio, sv_cumulative, sv_fro)")
+            raise ValueError("give either a `rank` or a `dynamic` rule (sv_ratio, sv_cumulative, sv_fro)")
         if self.dynamic is None:
             if self.param is not None or self.max_rank is not None:
-                raise ValueError("param and max_rank go with a dynamic rule, not with a fixed rank")
+                raise ValueError("`param` and `max_rank` go with a `dynamic` rule, not with a fixed `rank`")
             return self
         if self.param is None:
-            raise ValueError(f"{self.dynamic} needs a param")
+            raise ValueError(f"{self.dynamic} needs a `param`")
         if self.dynamic == "sv_ratio" and self.param < 1:
-            raise ValueError(f"sv_ratio param is the ratio S[0]/S[k] to keep, ≥ 1 (got {self.param:g})")
+            raise ValueError(f"sv_ratio `param` is the ratio S[0]/S[k] to keep, ≥ 1 (got {self.param:g})")
         if self.dynamic != "sv_ratio" and not 0 < self.param <= 1:
-            raise ValueError(f"{self.dynamic} param is a fraction in (0, 1] (got {self.param:g})")
+            raise ValueError(f"{self.dynamic} `param` is a fraction in (0, 1] (got {self.param:g})")
         return self
 
     def for_module(self, module: LoraModule) -> "RankRule":

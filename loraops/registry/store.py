@@ -15,7 +15,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import math
 import os
 import random
 import re
@@ -30,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from .. import settings
 from ..lazy import LazyModule
+from ..fp8 import model_parameters
 from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
@@ -355,7 +355,7 @@ class Registry:
                 raise ConflictError(f"base name {name!r} is already used by another model "
                                     f"(fingerprint {taken.fingerprint[:12]}); choose another --name")
             row = SqlBase(name=name, fingerprint=placeholder, source=source, path=None,
-                          num_tensors=len(manifest), num_parameters=sum(math.prod(sh) for _, _, sh in manifest),
+                          num_tensors=len(manifest), num_parameters=model_parameters(tensors),
                           dtype=dtype, total_bytes=total_bytes, derived=False)
             s.add(row)
             s.flush()
