@@ -7,12 +7,15 @@ the CLI keeps a Landing for every command.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import itertools
+import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from .errors import LoraopsError
 from .fsutil import resolved
@@ -98,6 +101,34 @@ class Landing:
         where = str(resolved(self.output))
         with opened(self.registry) as reg:
             return any(b.path == where for b in reg.list_bases())
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (and SIGTERM, as the CLI handles it) deferred to the end of the block, then raised as it would have been.
+    SQLAlchemy swallows a KeyboardInterrupt that lands while its pool closes a connection (it logs "Exception closing
+    connection") and then fails on its own broken state (an AssertionError, once): a Ctrl-C while the registry was
+    being opened came out as "cannot open the registry …" (exit 6) instead of an interruption. Opening takes
+    milliseconds; torch's import (cli.TorchImport), a second or two. Only in the main thread (where Python runs
+    signal handlers) and only over Python's own handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, object]] = []
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            saved[signum] = handler
+            signal.signal(signum, lambda n, frame, h=handler: caught.append((n, h)))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if caught:
+            signum, handler = caught[0]
+            handler(signum, None)
 
 
 def watched(output: str | None = None) -> Callable[[F], F]:

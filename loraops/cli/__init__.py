@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -86,6 +87,30 @@ def _terminate(signum: int, frame) -> None:
     an error of its own that keeps no link to it (pydantic_core's SchemaError, while it builds a model's schema)."""
     _interrupt[0] = signum
     raise KeyboardInterrupt
+
+
+class TorchImport:
+    """A finder on sys.meta_path while the CLI runs, until torch is imported: torch's import, wherever loraops or a
+    library first asks for it (settings.resolve_device in a merge, a reader in register, ops.combine's module, …),
+    runs with Ctrl-C deferred to its end (landing.interrupts_deferred), then raised there. torch's C++ start-up clears
+    whatever its `import numpy` raises, so a Ctrl-C that landed there (1–2 s into a command) was lost: the command
+    ran to its end, a whole merge written and recorded, and only then said it was interrupted."""
+
+    def find_spec(self, name: str, path, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)  # (the other finders': this one is gone)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def deferred(module, run=run) -> None:
+                from ..landing import interrupts_deferred
+
+                with interrupts_deferred():
+                    run(module)
+            spec.loader.exec_module = deferred
+        return spec
 
 
 def interrupted() -> int:
@@ -197,8 +222,8 @@ class LoraopsGroup(click.Group):
         try:
             result = super().invoke(ctx)
             if _interrupt[0] is not None:
-                # a Ctrl-C some library swallowed: torch's C++ start-up clears any error of its `import numpy`, so one
-                # that lands there was lost, and the command ran to its end as if none had come (exit 0)
+                # a Ctrl-C some library swallowed, the command then run to its end as if none had come (exit 0);
+                # torch's start-up was one (its import now defers it: TorchImport)
                 raise KeyboardInterrupt
             return result
         except LoraopsError as exc:
@@ -295,10 +320,13 @@ def exit_status(args: list[str] | None = None) -> int:
     # (an ignored SIGINT stays ignored: a background job's)
     ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     _interrupt[0] = None
+    torch_import = TorchImport()
     try:
         signal.signal(signal.SIGTERM, _terminate)
         if ctrl_c:
             signal.signal(signal.SIGINT, _terminate)
+        if "torch" not in sys.modules:
+            sys.meta_path.insert(0, torch_import)
         code = main(args=args, prog_name="loraops", standalone_mode=False)
         code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
     except click.ClickException as exc:  # `loraops base` alone (its help); other usage errors: usage_error
@@ -310,6 +338,8 @@ def exit_status(args: list[str] | None = None) -> int:
         say_error("error: interrupted")
         code = interrupted()
     finally:
+        with contextlib.suppress(ValueError):  # (gone once torch was imported)
+            sys.meta_path.remove(torch_import)
         _give_back(previous, ctrl_c)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)

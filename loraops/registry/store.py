@@ -33,7 +33,7 @@ from ..lazy import LazyModule
 from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
-from ..landing import tell
+from ..landing import interrupts_deferred, tell
 from ..references import PATH, argument, is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
@@ -136,7 +136,7 @@ class Registry:
         blobs = argument(blobs, "blobs", *PATH, type(None))
         registry = None
         try:
-            with db.interrupts_deferred():
+            with interrupts_deferred():
                 registry = cls._open(url, create, blobs)
         except BaseException:  # the Ctrl-C deferred to the block's end: raised with a registry no caller gets
             if registry is not None:
@@ -221,7 +221,7 @@ class Registry:
                 Session(engine, expire_on_commit=False, autoflush=False) as session:
             try:
                 yield session
-                with db.interrupts_deferred() if write else contextlib.nullcontext():
+                with interrupts_deferred() if write else contextlib.nullcontext():
                     session.commit()
                     told, result = session.info.get(TOLD, (None, None))
                     if told is not None and (line := told(result)) is not None:
