@@ -283,7 +283,8 @@ class Registry:
 
         The same tensors added again (by fingerprint) return the existing record, whatever the name; its path is
         updated when the old one is gone. A name used by another model is refused. ``lineage`` marks a derived
-        base (a merge) and says how it was made. Returns (record, whether it is new). ``told``: see write."""
+        base (a merge) and says how it was made. Returns (record, whether it is new). ``told``: see write; where it
+        says nothing of a record that moved to ``path``, the move is told."""
         from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
@@ -326,7 +327,13 @@ class Registry:
             ])
             return self._base_record(s, row), True
 
-        done = self.write(f"record base {name!r}", work, told)
+        def said(done: tuple[BaseRecord, bool]) -> str | None:  # (a record moved is a change: "nothing was written")
+            line = told(done)
+            return line if line is not None or not moved else (
+                f"interrupted after base {done[0].name} was recorded at {where} (its files were no longer at {moved[0]})")
+
+        # (told only for a caller that tells: a merge recording its output says what landed itself, landing.Landing)
+        done = self.write(f"record base {name!r}", work, None if told is None else said)
         if moved:  # (said: "already registered" alone hid that the record now points elsewhere)
             logging.getLogger("loraops").info(f"base {done[0].name}: its files were no longer at {moved[0]}; "
                                               f"recorded at {where} now")
