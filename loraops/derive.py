@@ -79,10 +79,11 @@ def open_input(reg: "Registry", ref: str, base: str | None = None, done: list[Re
     """A registered adapter (registering a path first — what that did appended to ``done``), loaded and bound to its
     base."""
     if path_exists(ref):
-        registration = reg.register_adapter(ref, base=base)
-        record = registration.record
-        if done is not None and (registration.created or registration.linked):
-            done.append(registration)
+        def made(registration: "Registration") -> None:  # as it commits: one a Ctrl-C cut there stayed registered
+            if done is not None and (registration.created or registration.linked):
+                done.append(registration)
+
+        record = reg.register_adapter(ref, base=base, told=made).record
     else:
         record = registered_for(reg, ref, base)
     return Input(record, reg.load_adapter(record.id))
