@@ -694,10 +694,12 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
     recorded: list[int] = []
     result = Landing()
 
+    def made(done: "tuple[BaseRecord, bool]") -> None:  # as it commits: one a Ctrl-C cut there stayed recorded
+        if done[1]:
+            recorded.append(done[0].id)
+
     def record_model(model: "BaseModel") -> "tuple[BaseRecord, str | None]":
-        record, created, changed = record_read(reg, model)
-        if created:
-            recorded.append(record.id)
+        record, _, changed = record_read(reg, model, told=made)
         return record, changed
 
     try:

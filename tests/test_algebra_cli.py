@@ -488,6 +488,17 @@ def test_a_ctrl_c_as_an_input_given_by_path_commits_leaves_it_unregistered(files
     assert not out.exists()
 
 
+def test_a_ctrl_c_as_extract_records_a_model_given_by_path_leaves_it_unrecorded(files, tmp_path, monkeypatch):
+    """extract records the two models it reads as bases (their lineage), and removes them again when it fails: one
+    whose record a Ctrl-C cut as it committed stayed recorded after "interrupted; nothing was written"."""
+    from factories import interrupted_as_a_write_commits
+
+    interrupted_as_a_write_commits(monkeypatch)  # the base's record
+    code, output = run(*COMMANDS["extract"][0](files), "-o", tmp_path / "out")
+    assert (code, output) == (130, "error: interrupted; nothing was written\n")
+    assert registry_state() == ([], []) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_registry_error_while_staged_names_the_output(files, tmp_path, monkeypatch, command):
     """The output changed under the registration (here: its weights truncated): the refusal names OUT, the path the
