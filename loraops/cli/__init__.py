@@ -101,7 +101,7 @@ class TorchImport:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)  # (the other finders': this one is gone)
-        if spec is not None and spec.loader is not None:
+        if spec is not None and hasattr(spec.loader, "exec_module"):
             run = spec.loader.exec_module
 
             def deferred(module, run=run) -> None:
