@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
-import importlib.util
 import logging
 import os
 import signal
@@ -90,7 +89,7 @@ def _terminate(signum: int, frame) -> None:
 
 
 class TorchImport:
-    """A finder on sys.meta_path while the CLI runs, until torch is imported: torch's import, wherever loraops or a
+    """A finder on sys.meta_path while the CLI runs (torch not yet imported): torch's import, wherever loraops or a
     library first asks for it (settings.resolve_device in a merge, a reader in register, ops.combine's module, …),
     runs with Ctrl-C deferred to its end (landing.interrupts_deferred), then raised there. torch's C++ start-up clears
     whatever its `import numpy` raises, so a Ctrl-C that landed there (1–2 s into a command) was lost: the command
@@ -99,8 +98,10 @@ class TorchImport:
     def find_spec(self, name: str, path, target=None):
         if name != "torch":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)  # (the other finders': this one is gone)
+        # (asked of the other finders, as the import system does; it stays for a later import, since a query
+        # (transformers' importlib.util.find_spec("torch")) may come first)
+        spec = next((found for finder in sys.meta_path if finder is not self
+                     and (found := finder.find_spec(name, path, target)) is not None), None)
         if spec is not None and hasattr(spec.loader, "exec_module"):
             run = spec.loader.exec_module
 
@@ -338,7 +339,7 @@ def exit_status(args: list[str] | None = None) -> int:
         say_error("error: interrupted")
         code = interrupted()
     finally:
-        with contextlib.suppress(ValueError):  # (gone once torch was imported)
+        with contextlib.suppress(ValueError):  # (not there when torch was imported before)
             sys.meta_path.remove(torch_import)
         _give_back(previous, ctrl_c)
     if code is not None and not isinstance(code, int):
