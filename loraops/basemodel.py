@@ -178,7 +178,14 @@ class BaseModel:
 
     def fingerprint(self, progress: bool | None = None) -> str:
         """See the module docstring; only files whose digests are not cached are read."""
-        digests = self.tensor_digests(progress)
+        return self._fingerprint(self.tensor_digests(progress))
+
+    def cached_fingerprint(self) -> str | None:
+        """The fingerprint from the cached digests alone (no tensor byte read); None while some are not cached."""
+        digests = self.cached_digests()
+        return self._fingerprint(digests) if digests.keys() >= self.tensors.keys() else None
+
+    def _fingerprint(self, digests: dict[str, str]) -> str:
         return fingerprint_of((name, info.dtype, info.shape, digests[name]) for name, info in self.tensors.items())
 
     def tensor_digests(self, progress: bool | None = None) -> dict[str, str]:

@@ -80,10 +80,11 @@ def open_input(reg: "Registry", ref: str, base: str | None = None, done: list[Re
     """A registered adapter (registering a path first — what that did appended to ``done``), loaded and bound to its
     base."""
     if path_exists(ref):
-        registration = reg.register_adapter(ref, base=base)
-        record = registration.record
-        if done is not None and (registration.created or registration.linked):
-            done.append(registration)
+        def made(registration: "Registration") -> None:  # as it commits: one a Ctrl-C cut there stayed registered
+            if done is not None and (registration.created or registration.linked):
+                done.append(registration)
+
+        record = reg.register_adapter(ref, base=base, told=made).record
     else:
         record = registered_for(reg, ref, base)
     return Input(record, reg.load_adapter(record.id))
@@ -694,10 +695,12 @@ def models_of(reg: "Registry") -> Iterator[Callable[["BaseModel"], "tuple[BaseRe
     recorded: list[int] = []
     result = Landing()
 
+    def made(done: "tuple[BaseRecord, bool]") -> None:  # as it commits: one a Ctrl-C cut there stayed recorded
+        if done[1]:
+            recorded.append(done[0].id)
+
     def record_model(model: "BaseModel") -> "tuple[BaseRecord, str | None]":
-        record, created, changed = record_read(reg, model)
-        if created:
-            recorded.append(record.id)
+        record, _, changed = record_read(reg, model, told=made)
         return record, changed
 
     try:

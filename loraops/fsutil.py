@@ -238,6 +238,7 @@ def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False,
     remove_stale_temps(path)  # what a killed earlier run to this output left (merge's did this alone)
     holder = temp_sibling(path)
     tmp = holder / path.name if keep_name else holder
+    replaced = None  # the old output, once the new one took its place
     try:  # from the mkdir on: a Ctrl-C right after it must not leave the folder
         if keep_name:
             holder.mkdir()
@@ -246,21 +247,28 @@ def atomic_path(path: str | Path, *, force: bool = False, is_dir: bool = False,
         yield tmp
         fsync_tree(tmp)
         if os.path.lexists(path) and (is_dir or (path.is_dir() and not path.is_symlink())):
+            from .landing import interrupts_deferred
+
             # rename(2) puts no folder over a file (ENOTDIR: --force over a file failed) nor over a folder: the
-            # old one goes aside first, and comes back if the new one cannot take its place
+            # old one goes aside first, and comes back if the new one cannot take its place. One step for a Ctrl-C:
+            # one between the renames left no output under the name, the old one a temp sibling the next run removes
             old = temp_sibling(path)
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            remove(old)
+            with interrupts_deferred():
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)
+                    raise
+                replaced = old
+            remove(replaced)
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         remove(holder)
+        if replaced is not None:  # (a Ctrl-C once the new output landed: the old one is not left beside it)
+            remove(replaced)
         raise
     if keep_name:
         with contextlib.suppress(OSError):  # empty now: the output landed whatever this does

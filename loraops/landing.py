@@ -7,12 +7,15 @@ the CLI keeps a Landing for every command.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import itertools
+import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from .errors import LoraopsError
 from .fsutil import resolved
@@ -48,10 +51,10 @@ def registered(what: str) -> Callable[["store.Registration"], str | None]:
 class Landing:
     """Says what a Ctrl-C left: nothing (the temporary output is removed), or the output complete in place — once
     renamed, a merge is not undone — and whether the registry recorded it (asked again: the interrupt may land
-    between the commit and the line after it); or what was told since (``tell``), which says more. The CLI keeps one
-    for the whole command (cli.expect_output): a Ctrl-C can also land after the library call returned. ``output``:
-    None for a command that writes none (push, combine without -o); ``record``: whether a merge's output is recorded
-    as a base after it lands."""
+    between the commit and the line after it) or holds its weights as another base; or what was told since
+    (``tell``), which says more. The CLI keeps one for the whole command (cli.expect_output): a Ctrl-C can also land
+    after the library call returned. ``output``: None for a command that writes none (push, combine without -o);
+    ``record``: whether a merge's output is recorded as a base after it lands."""
 
     def __init__(self, output: str | Path | None = None, record: bool = False,
                  registry: "store.Registry | None" = None) -> None:
@@ -82,22 +85,62 @@ class Landing:
             return line
         if self._identity() in (None, self.before):
             return None
+        done = f"interrupted after {self.output} was written in full"
+        if not self.record:
+            return done
         try:
-            recorded = self.record and self._recorded()
-        except LoraopsError:  # the registry cannot say now (busy, gone)
-            return (f"interrupted after {self.output} was written in full; whether the registry recorded it, "
-                    "`loraops base list` tells")
-        if recorded or not self.record:
-            return f"interrupted after {self.output} was written in full" + (" and recorded" if recorded else "")
-        return (f"interrupted after {self.output} was written in full, before it was recorded in the registry "
-                f"(`loraops base add {self.output}` records it, without its lineage)")
+            recorded, same_as = self._recorded()
+        except (LoraopsError, OSError):  # the registry cannot say now (busy, gone)
+            return f"{done}; whether the registry recorded it, `loraops base list` tells"
+        if recorded:
+            return f"{done} and recorded"
+        if same_as is not None:  # (`base add` of it says "already registered" too: its hint misled)
+            return f"{done}; it holds the same weights as the registered base {same_as}: not registered again"
+        return (f"{done}, before it was recorded in the registry (`loraops base add {self.output}` records it, without "
+                "its lineage)")
 
-    def _recorded(self) -> bool:
+    def _recorded(self) -> tuple[bool, str | None]:
+        """(whether a base is recorded at the output's path, else the name of the registered base whose weights it
+        holds: `subtract --exact` restoring one, which is not recorded again). The output's fingerprint is taken from
+        the digests its writer cached, never by reading it: a GB model is not hashed after a Ctrl-C."""
+        from .basemodel import BaseModel
         from .registry.store import opened
 
         where = str(resolved(self.output))
         with opened(self.registry) as reg:
-            return any(b.path == where for b in reg.list_bases())
+            if any(b.path == where for b in reg.list_bases()):
+                return True, None
+            fingerprint = BaseModel.open(self.output).cached_fingerprint()
+            found = reg.find_base(fingerprint) if fingerprint is not None else None
+            return False, None if found is None else found.name
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (and SIGTERM, as the CLI handles it) deferred to the end of the block, then raised as it would have been.
+    SQLAlchemy swallows a KeyboardInterrupt that lands while its pool closes a connection (it logs "Exception closing
+    connection") and then fails on its own broken state (an AssertionError, once): a Ctrl-C while the registry was
+    being opened came out as "cannot open the registry …" (exit 6) instead of an interruption. Opening takes
+    milliseconds; torch's import (cli.TorchImport), a second or two. Only in the main thread (where Python runs
+    signal handlers) and only over Python's own handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, object]] = []
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            saved[signum] = handler
+            signal.signal(signum, lambda n, frame, h=handler: caught.append((n, h)))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if caught:
+            signum, handler = caught[0]
+            handler(signum, None)
 
 
 def watched(output: str | None = None) -> Callable[[F], F]:

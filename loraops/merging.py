@@ -379,18 +379,19 @@ def _register_merged(reg, i: Input, output: str) -> int | None:
     return None
 
 
-def record_read(reg, model: BaseModel):
+def record_read(reg, model: BaseModel, told=None):
     """(its registry record, whether it is new, changed) for a model that was read: the base with its fingerprint
     (given its path again if its recorded files are gone), or recorded now by manifest and fingerprint (its files
     staying where they are). ``changed`` names the registered base whose recorded files are the ones read when their
     fingerprint is no longer its own (they changed since it was registered: what was read is a base of its own, and
-    the lineage names that one), else None: merge, subtract and extract say so (cli.render.echo_base_changed)."""
+    the lineage names that one), else None: merge, subtract and extract say so (cli.render.echo_base_changed).
+    ``told``: register_base's, for a model recorded now."""
     found = reg.find_base(model.fingerprint())
     if found is not None and Path(found.path or "").exists():
         return found, False, None
     # also when the base read is registered with files that are gone: those read are another base's (moved over it)
     changed = _stale_record_of(reg, model.path)
-    record, created = reg.register_base(model.path, name=free_name(reg, model.path))
+    record, created = reg.register_base(model.path, name=free_name(reg, model.path), told=told)
     return record, created, changed
 
 

@@ -473,6 +473,36 @@ def test_a_ctrl_c_as_the_result_commits_says_what_is_there(files, reg, tmp_path,
         assert registry_state()[0] == sorted([*state[0], "landed@1"]) and reg.verify() == []
 
 
+@pytest.mark.parametrize("with_output", [False, True], ids=["registered", "-o"])
+@pytest.mark.parametrize("command", ["combine", "resize"])
+def test_a_ctrl_c_as_an_input_given_by_path_commits_leaves_it_unregistered(files, reg, tmp_path, monkeypatch,
+                                                                           command, with_output):
+    """An input given by path is registered for the result's lineage, and registered no longer when the command
+    fails: one whose registration a Ctrl-C cut as it committed was not known to be the command's, and stayed
+    registered after "interrupted; nothing was written" (derive.open_input learns it as it commits now)."""
+    from factories import interrupted_as_a_write_commits
+
+    args = ["combine", files["a"], files["b"]] if command == "combine" else ["resize", files["b"], "--rank", "2"]
+    out = tmp_path / "out"
+    state, stored = registry_state(), sorted(p.name for p in reg.blobs.folders())
+    interrupted_as_a_write_commits(monkeypatch)  # the first input's registration
+    code, output = run(*args, "--name", "landed", *(["-o", out] if with_output else []))
+    assert (code, output) == (130, "error: interrupted; nothing was written\n")
+    assert registry_state() == state and sorted(p.name for p in reg.blobs.folders()) == stored
+    assert not out.exists()
+
+
+def test_a_ctrl_c_as_extract_records_a_model_given_by_path_leaves_it_unrecorded(files, tmp_path, monkeypatch):
+    """extract records the two models it reads as bases (their lineage), and removes them again when it fails: one
+    whose record a Ctrl-C cut as it committed stayed recorded after "interrupted; nothing was written"."""
+    from factories import interrupted_as_a_write_commits
+
+    interrupted_as_a_write_commits(monkeypatch)  # the base's record
+    code, output = run(*COMMANDS["extract"][0](files), "-o", tmp_path / "out")
+    assert (code, output) == (130, "error: interrupted; nothing was written\n")
+    assert registry_state() == ([], []) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_registry_error_while_staged_names_the_output(files, tmp_path, monkeypatch, command):
     """The output changed under the registration (here: its weights truncated): the refusal names OUT, the path the

@@ -337,3 +337,40 @@ def test_a_signal_in_a_forked_child_s_final_flush_does_not_escape_os_exit(tmp_pa
             os._exit(99)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1, (status, Path(log).read_text())
+
+
+CTRL_C_IN_TORCH_IMPORT = """
+import importlib.abc, signal, sys
+
+class CtrlC(importlib.abc.MetaPathFinder):  # a Ctrl-C as torch's C++ start-up imports numpy, which clears it
+    def find_spec(self, name, path, target=None):
+        if name == "numpy" and "torch" in sys.modules:
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["loraops", *sys.argv[1:]]
+from loraops.cli import run
+run()
+"""
+
+
+def test_a_ctrl_c_while_torch_loads_stops_the_merge_once_it_loaded(tmp_path):
+    """A Ctrl-C while torch is imported (1–2 s into every command that computes) was cleared by torch's start-up:
+    the merge ran to its end, its output written and recorded, and only then said it was interrupted. torch's
+    import now runs with it deferred, raised once torch is loaded: nothing is written (a fresh process, as a
+    user's: the fork server has torch loaded)."""
+    import subprocess
+    import sys
+
+    from factories import peft_adapter, tiny_llama
+
+    base = tiny_llama(tmp_path / "llama")
+    adapter = peft_adapter(base, tmp_path / "ad", r=4, alpha=8)
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_TORCH_IMPORT, "merge", str(adapter), "--into", str(base),
+                           "--device", "cpu", "-o", str(out)], capture_output=True, text=True)
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (130, "error: interrupted; nothing was written"), done
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if TMP_MARK in p.name]
+    with Registry.open() as reg:
+        assert not [b for b in reg.list_bases() if b.derived]

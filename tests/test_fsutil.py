@@ -295,6 +295,32 @@ def test_force_replaces_a_file_by_a_folder_and_back(tmp_path, old, is_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("after", [1, 2], ids=["the old one went aside", "the new one took its place"])
+def test_a_ctrl_c_as_force_swaps_a_folder_leaves_the_new_one_in_place(tmp_path, monkeypatch, after):
+    """--force over a folder moves the old one aside, then the new one in: a Ctrl-C between the two renames left no
+    output under the name (the old one a temp sibling, which the next run to it removes; "nothing was written").
+    The swap is one step now; the Ctrl-C comes once the new output is in place, and the old one is not left beside
+    it."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "inside").write_bytes(b"old")
+    renames, real = [], os.replace
+
+    def replace(*args):
+        real(*args)
+        renames.append(args)
+        if len(renames) == after:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with fsutil.atomic_path(out, force=True, is_dir=True) as tmp:
+            (tmp / "new").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "new").read_bytes() == b"new"
+
+
 @pytest.mark.parametrize("is_dir", [False, True], ids=["file", "folder"])
 def test_keep_name_stages_the_output_under_its_own_name(tmp_path, is_dir):
     """What reads the output's name before the rename (a registration) sees the name it will have; messages about

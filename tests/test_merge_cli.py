@@ -638,6 +638,34 @@ def test_an_exact_re_merge_is_recorded_as_the_merge_it_is(tmp_path, models):
         assert (tmp_path / "back" / f.name).read_bytes() == f.read_bytes()
 
 
+@pytest.mark.parametrize("where", ["before it is recorded", "as click returns"])
+def test_a_ctrl_c_once_an_exact_restore_of_a_registered_base_landed_says_so(tmp_path, models, monkeypatch, capsys,
+                                                                             where):
+    """`subtract --exact` taking every adapter off writes the recorded base's weights, which stay recorded as that
+    base (not registered again): a Ctrl-C once they landed said they were not recorded yet, and that `loraops base
+    add OUT` would record them (it says "already registered" of them)."""
+    from factories import interrupted_once_returned
+    from loraops import merging
+    from loraops.cli import exit_status
+
+    base, a, _ = models
+    run("merge", f"{a}:0.7", "--into", base, "-o", tmp_path / "m")
+    if where == "before it is recorded":
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(merging, "_record", interrupted)
+    else:
+        interrupted_once_returned(monkeypatch, "subtract")
+    out = tmp_path / "restored"
+    capsys.readouterr()
+    assert exit_status(["subtract", f"{a}:0.7", "--from", str(tmp_path / "m"), "-o", str(out), "--exact"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: interrupted after {out} was written in full; it holds "
+                                                        "the same weights as the registered base base: not registered "
+                                                        "again")
+    assert [r["name"] for r in json.loads(run("base", "list", "--json").output)] == ["base", "m"]
+
+
 @pytest.mark.registry_backend
 def test_an_exact_restore_names_adapters_as_the_merge_did_and_says_what_is_registered(tmp_path, models):
     """--exact's summary named an adapter that stays by the reference its identity found (`b@1:1`, merged as a

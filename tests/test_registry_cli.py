@@ -865,6 +865,26 @@ def test_a_ctrl_c_as_base_add_commits_says_the_base_was_added(art, monkeypatch, 
         assert [(b.name, b.num_tensors) for b in reg.list_bases()] == [("llama-tiny", 21)]
 
 
+def test_a_ctrl_c_as_base_add_moves_a_record_says_it_moved(art, tmp_path, monkeypatch, capsys):
+    """`base add` of a registered base's files where they are now moves its record there (no file written, but the
+    registry changed): interrupted as that committed, it said "nothing was written"."""
+    import shutil
+
+    from loraops.cli import exit_status
+
+    old, new = tmp_path / "llama", tmp_path / "moved"
+    shutil.copytree(art["base"], old)
+    cli("base", "add", old, "--name", "llama-tiny")
+    old.rename(new)
+    capsys.readouterr()
+    factories.interrupted_as_a_write_commits(monkeypatch)
+    assert exit_status(["base", "add", str(new)]) == 130
+    assert capsys.readouterr().err == (f"error: interrupted after base llama-tiny was recorded at {new} (its files "
+                                       f"were no longer at {old})\n")
+    with Registry.open() as reg:
+        assert [(b.name, b.path) for b in reg.list_bases()] == [("llama-tiny", str(new))]
+
+
 def test_base_add_interrupted_before_its_commit_leaves_nothing(art, monkeypatch):
     """The other side: interrupted while its tensors are written, before the commit, nothing is recorded."""
     from loraops.registry.store import Registry as Store

@@ -88,6 +88,32 @@ def _terminate(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+class TorchImport:
+    """A finder on sys.meta_path while the CLI runs (torch not yet imported): torch's import, wherever loraops or a
+    library first asks for it (settings.resolve_device in a merge, a reader in register, ops.combine's module, …),
+    runs with Ctrl-C deferred to its end (landing.interrupts_deferred), then raised there. torch's C++ start-up clears
+    whatever its `import numpy` raises, so a Ctrl-C that landed there (1–2 s into a command) was lost: the command
+    ran to its end, a whole merge written and recorded, and only then said it was interrupted."""
+
+    def find_spec(self, name: str, path, target=None):
+        if name != "torch":
+            return None
+        # (asked of the other finders, as the import system does; it stays for a later import, since a query
+        # (transformers' importlib.util.find_spec("torch")) may come first)
+        spec = next((found for finder in sys.meta_path if finder is not self
+                     and (found := finder.find_spec(name, path, target)) is not None), None)
+        if spec is not None and hasattr(spec.loader, "exec_module"):
+            run = spec.loader.exec_module
+
+            def deferred(module, run=run) -> None:
+                from ..landing import interrupts_deferred
+
+                with interrupts_deferred():
+                    run(module)
+            spec.loader.exec_module = deferred
+        return spec
+
+
 def interrupted() -> int:
     """The exit status of an interrupted run: 130 for Ctrl-C, 143 for SIGTERM."""
     return 128 + (_interrupt[0] or signal.SIGINT)
@@ -206,8 +232,8 @@ class LoraopsGroup(click.Group):
         try:
             result = super().invoke(ctx)
             if _interrupt[0] is not None:
-                # a Ctrl-C some library swallowed: torch's C++ start-up clears any error of its `import numpy`, so one
-                # that lands there was lost, and the command ran to its end as if none had come (exit 0)
+                # a Ctrl-C some library swallowed, the command then run to its end as if none had come (exit 0);
+                # torch's start-up was one (its import now defers it: TorchImport)
                 raise KeyboardInterrupt
             return result
         except LoraopsError as exc:
@@ -304,10 +330,13 @@ def exit_status(args: list[str] | None = None) -> int:
     # (an ignored SIGINT stays ignored: a background job's)
     ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     _interrupt[0] = None
+    torch_import = TorchImport()
     try:
         signal.signal(signal.SIGTERM, _terminate)
         if ctrl_c:
             signal.signal(signal.SIGINT, _terminate)
+        if "torch" not in sys.modules:
+            sys.meta_path.insert(0, torch_import)
         code = main(args=args, prog_name="loraops", standalone_mode=False)
         code = code if isinstance(code, int) else 0  # ctx.exit(N) comes back as N; a command's return value is not one
     except click.ClickException as exc:  # `loraops base` alone (its help); other usage errors: usage_error
@@ -319,6 +348,8 @@ def exit_status(args: list[str] | None = None) -> int:
         say_error("error: interrupted")
         code = interrupted()
     finally:
+        with contextlib.suppress(ValueError):  # (not there when torch was imported before)
+            sys.meta_path.remove(torch_import)
         _give_back(previous, ctrl_c)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from loraops.cli import one_line
-from loraops.landing import tell
+from loraops.landing import interrupts_deferred, tell
 
 
 @click.group()
@@ -30,7 +30,7 @@ def upgrade() -> None:
     try:
         with regdb.connected(engine) as connection:
             before = regdb.current_revision(connection)
-        with regdb.interrupts_deferred():  # (as every other command's open migrates): the commit and its line as one
+        with interrupts_deferred():  # (as every other command's open migrates): the commit and its line as one
             regdb.ensure_schema(engine, explicit=True)
             if before != regdb.HEAD:
                 tell(f"interrupted after the registry was upgraded to revision {regdb.HEAD}")
@@ -98,7 +98,7 @@ def stamp() -> None:
     try:
         regdb.refuse_missing(engine)
         regdb.refuse_foreign(engine)
-        with regdb.interrupts_deferred():  # (a Ctrl-C as it committed said "nothing was written")
+        with interrupts_deferred():  # (a Ctrl-C as it committed said "nothing was written")
             recorded = regdb.stamp(engine)
             if recorded:
                 tell(f"interrupted after revision {regdb.HEAD} was recorded")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import signal
 import threading
 import time
 import warnings
@@ -224,33 +223,6 @@ def stamp(engine: Engine) -> bool:
         config.attributes["connection"] = connection
         command.stamp(config, "head")
     return True
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C (and SIGTERM, as the CLI handles it) deferred to the end of the block, then raised as it would have been.
-    SQLAlchemy swallows a KeyboardInterrupt that lands while its pool closes a connection (it logs "Exception closing
-    connection") and then fails on its own broken state (an AssertionError, once): a Ctrl-C while the registry was
-    being opened came out as "cannot open the registry …" (exit 6) instead of an interruption. Opening takes
-    milliseconds. Only in the main thread (where Python runs signal handlers) and only over Python's own handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[tuple[int, object]] = []
-    saved = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if callable(handler):
-            saved[signum] = handler
-            signal.signal(signum, lambda n, frame, h=handler: caught.append((n, h)))
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-        if caught:
-            signum, handler = caught[0]
-            handler(signum, None)
 
 
 def ensure_schema(engine: Engine, *, explicit: bool = False) -> None:

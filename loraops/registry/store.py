@@ -33,7 +33,7 @@ from ..fp8 import model_parameters
 from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
                       RegistryError, reworded)
-from ..landing import tell
+from ..landing import interrupts_deferred, tell
 from ..references import PATH, argument, is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
 from . import db, reads
@@ -136,7 +136,7 @@ class Registry:
         blobs = argument(blobs, "blobs", *PATH, type(None))
         registry = None
         try:
-            with db.interrupts_deferred():
+            with interrupts_deferred():
                 registry = cls._open(url, create, blobs)
         except BaseException:  # the Ctrl-C deferred to the block's end: raised with a registry no caller gets
             if registry is not None:
@@ -221,7 +221,7 @@ class Registry:
                 Session(engine, expire_on_commit=False, autoflush=False) as session:
             try:
                 yield session
-                with db.interrupts_deferred() if write else contextlib.nullcontext():
+                with interrupts_deferred() if write else contextlib.nullcontext():
                     session.commit()
                     told, result = session.info.get(TOLD, (None, None))
                     if told is not None and (line := told(result)) is not None:
@@ -283,7 +283,8 @@ class Registry:
 
         The same tensors added again (by fingerprint) return the existing record, whatever the name; its path is
         updated when the old one is gone. A name used by another model is refused. ``lineage`` marks a derived
-        base (a merge) and says how it was made. Returns (record, whether it is new). ``told``: see write."""
+        base (a merge) and says how it was made. Returns (record, whether it is new). ``told``: see write; where it
+        says nothing of a record that moved to ``path``, the move is told."""
         from ..basemodel import AdapterAsBase, BaseModel
 
         self.refuse_writes()
@@ -326,7 +327,13 @@ class Registry:
             ])
             return self._base_record(s, row), True
 
-        done = self.write(f"record base {name!r}", work, told)
+        def said(done: tuple[BaseRecord, bool]) -> str | None:  # (a record moved is a change: "nothing was written")
+            line = told(done)
+            return line if line is not None or not moved else (
+                f"interrupted after base {done[0].name} was recorded at {where} (its files were no longer at {moved[0]})")
+
+        # (told only for a caller that tells: a merge recording its output says what landed itself, landing.Landing)
+        done = self.write(f"record base {name!r}", work, None if told is None else said)
         if moved:  # (said: "already registered" alone hid that the record now points elsewhere)
             logging.getLogger("loraops").info(f"base {done[0].name}: its files were no longer at {moved[0]}; "
                                               f"recorded at {where} now")
