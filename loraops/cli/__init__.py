@@ -7,6 +7,7 @@ Library errors become a one-line message and an exit code here, in one place (Lo
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import importlib
 import logging
@@ -179,7 +180,8 @@ FLOAT, INT = Number(integer=False), Number(integer=True)
 
 class Dtype(click.Choice):
     """--dtype: bf16, fp16 or fp32, also under the names torch, PEFT, mergekit and kohya give them (bfloat16,
-    float16, float32, half, float), which the Python API and a recipe's out_dtype take: the CLI refused them."""
+    float16, float32, half, float), which the Python API and a recipe's out_dtype take: the CLI refused them. Any
+    case: `BF16` is how list, show and merge's summary write a dtype."""
 
     ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
@@ -187,7 +189,8 @@ class Dtype(click.Choice):
         super().__init__(["bf16", "fp16", "fp32"])
 
     def convert(self, value, param, ctx):
-        return super().convert(self.ALIASES.get(value, value) if isinstance(value, str) else value, param, ctx)
+        name = self.ALIASES.get(value.lower(), value.lower()) if isinstance(value, str) else value
+        return name if name in self.choices else super().convert(value, param, ctx)
 
 
 DTYPE = Dtype()
@@ -209,6 +212,14 @@ class LoraopsGroup(click.Group):
                 return None
             raise
         return getattr(module, attribute, None)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        # click suggests from the commands it holds, and this group loads them lazily: `loraops merg` had no suggestion
+        name = args[0] if args else ""
+        close = difflib.get_close_matches(name, COMMANDS, n=1) if name not in COMMANDS else []
+        if close and not name.startswith("-") and not ctx.resilient_parsing:
+            ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
+        return super().resolve_command(ctx, args)
 
     def make_context(self, *args, **kwargs) -> click.Context:
         try:

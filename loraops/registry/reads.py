@@ -12,6 +12,7 @@ of 6+ hex digits of the identity sha256 or the weights-file sha256. Bases: ``nam
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import numbers
 import os
@@ -24,7 +25,7 @@ from urllib.parse import quote
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..fsutil import refuse_overlaps, resolved
-from ..references import PATH, argument, is_integer
+from ..references import PATH, WEIGHT, argument, is_integer
 from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord,
                        TensorRecord)
 from ..ldm import Tensors, transformer_class
@@ -219,7 +220,8 @@ class Reader:
             versions = [v for v, in self.rows("SELECT version FROM adapters WHERE name = ? ORDER BY version", [name])]
             if versions:
                 raise NotFoundError(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
-            raise NotFoundError(f"no adapter named {name!r} in the registry")
+            close = self._close_name("adapters", name)
+            raise NotFoundError(f"no adapter named {name!r} in the registry" + (f" ({close})" if close else ""))
         found = self.rows(_LATEST, [ref])
         if found:
             return found[0][0]
@@ -231,7 +233,18 @@ class Reader:
                 f"adapter reference {ref!r} matches several adapters ({shown(f'{n}@{v} {sha[:12]}' for _, n, v, sha in rows)}); "
                 "give more of the sha256, or name@version"
             )
-        raise _missing("adapter", ref, f"give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits")
+        raise _missing("adapter", ref, self._close_name("adapters", ref)
+                       or f"give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits")
+
+    def _close_name(self, table: str, ref: str) -> str:
+        """For a ``ref`` that named nothing: 'did you mean …?' naming the registered name closest to it (a typo), or
+        where a weight was meant (`style=0.7`), how one is written; '' when neither fits."""
+        head, equals, tail = ref.rpartition("=")
+        if table == "adapters" and equals and WEIGHT.fullmatch(tail) and self.rows(_LATEST, [head]):
+            return f"a weight is written after ':', as {head}:{tail}"
+        names = [name for name, in self.rows(f"SELECT DISTINCT name FROM {table}", [])]
+        close = difflib.get_close_matches(ref, names, n=1)
+        return f"did you mean {close[0]!r}?" if close else ""
 
     def _adapters(self, where: str, params: list, with_modules: bool = True) -> list[AdapterRecord]:
         rows = by_name(self.rows(f"SELECT {_ADAPTER_COLUMNS} FROM adapters a LEFT JOIN bases b ON b.id = a.base_id "
@@ -332,7 +345,7 @@ class Reader:
             if named:
                 raise NotFoundError(f"{ref}: a path is not taken here, only a registered base: the base there is "
                                     f"registered as {named[0]!r}, give that")
-        raise _missing("base", ref, "see `loraops base list`")
+        raise _missing("base", ref, self._close_name("bases", ref) or "see `loraops base list`")
 
     def _bases(self, where: str, params: list) -> list[BaseRecord]:
         rows = by_name(self.rows(f"SELECT {_BASE_COLUMNS} FROM bases b WHERE {where}", params), 1)

@@ -1,0 +1,89 @@
+"""Mistakes a new user makes on the first day, each answered in one line that says what was meant: a typo'd adapter,
+base or command name, a weight written `a=0.7` or with a decimal comma, `--dtype BF16` as loraops prints dtypes,
+and a folder given as an adapter that holds something else (a model, a kohya file, named PEFT adapters)."""
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from factories import kohya_file, peft_adapter, tiny_llama
+from loraops.cli import exit_status, main
+
+pytestmark = pytest.mark.registry_backend
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("newcomer")
+    base = tiny_llama(root / "llama-tiny")
+    return {"base": base, "chat": peft_adapter(base, root / "chat", seed=1, r=4, alpha=8, target_modules=["q_proj"])}
+
+
+@pytest.fixture
+def reg(files):
+    assert run("base", "add", files["base"])[0] == 0
+    assert run("register", files["chat"], "--name", "style")[0] == 0
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], prog_name="loraops")
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("args, said", [
+    (["merge", "styel", "--into", "llama-tiny", "-o", "out"],
+     "no adapter 'styel' in the registry (did you mean 'style'?)"),
+    (["show", "stlye@1"], "no adapter named 'stlye' in the registry (did you mean 'style'?)"),
+    (["merge", "style", "--into", "llama-tny", "-o", "out"],
+     "no base 'llama-tny' in the registry (did you mean 'llama-tiny'?)"),
+    (["merge", "style=0.7", "--into", "llama-tiny", "-o", "out"],
+     "no adapter 'style=0.7' in the registry (a weight is written after ':', as style:0.7)"),
+    (["show", "zzzz"], "no adapter 'zzzz' in the registry (give a name, name@version, id or sha256 prefix of 6+ hex "
+                       "digits)"),
+])
+def test_a_name_that_names_nothing_says_the_name_meant(reg, tmp_path, monkeypatch, args, said):
+    monkeypatch.chdir(tmp_path)
+    assert run(*args) == (3, f"error: {said}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_weight_with_a_decimal_comma_is_refused_as_a_weight(reg, tmp_path, monkeypatch):
+    """`style:0,7` for a registered style (no path of that name here) was 'no adapter 'style:0,7' in the registry'."""
+    monkeypatch.chdir(tmp_path)
+    assert run("merge", "style:0,7", "--into", "llama-tiny", "-o", "out") == (
+        2, "error: 'style:0,7': the weight after ':' must be a number written plainly (like 0.7, -1 or 2e-3)\n")
+
+
+def test_dtype_in_capitals_as_loraops_prints_it(reg, tmp_path):
+    code, text = run("merge", "style", "--into", "llama-tiny", "-o", tmp_path / "m", "--dtype", "BF16", "--no-record")
+    assert code == 0 and "BF16 on cpu" in text, text
+    assert run("merge", "style", "--into", "llama-tiny", "-o", tmp_path / "n", "--dtype", "Int8") == (
+        2, "error: invalid value for '--dtype': 'Int8' is not one of 'bf16', 'fp16', 'fp32' (see `loraops merge "
+           "--help`)\n")
+
+
+def test_a_typo_in_a_command_suggests_it(capsys):
+    assert exit_status(["merg", "x"]) == 2
+    assert capsys.readouterr().err == "error: no such command 'merg'. Did you mean 'merge'? (see `loraops --help`)\n"
+    assert exit_status(["xyz"]) == 2
+    assert capsys.readouterr().err == "error: no such command 'xyz' (see `loraops --help`)\n"
+
+
+def test_a_folder_that_is_no_adapter_says_what_it_holds(files, tmp_path):
+    refused = "a folder without adapter_config.json/adapter_model.safetensors or pytorch_lora_weights.safetensors"
+    base = files["base"]
+    assert run("register", base) == (
+        2, f"error: {base}: {refused}; it holds a model, not a LoRA adapter (a base model is added with "
+           f"`loraops base add {base}`)\n")
+    download = tmp_path / "download"
+    download.mkdir()
+    style = kohya_file(download / "style.safetensors", {"lora_unet_a_proj": ((8,), (8,))})
+    assert run("inspect", download) == (2, f"error: {download}: {refused}; give the adapter's .safetensors file "
+                                           f"itself ({style})\n")
+    named = tmp_path / "named"
+    for name in ("a", "b"):
+        shutil.copytree(files["chat"], named / name)
+    assert run("inspect", named) == (2, f"error: {named}: {refused}; it holds PEFT adapters in subfolders, as PEFT "
+                                        f"saves named ones: give one of them ({named / 'a'}, {named / 'b'})\n")
+    (tmp_path / "empty").mkdir()
+    assert run("inspect", tmp_path / "empty") == (2, f"error: {tmp_path / 'empty'}: {refused}\n")
