@@ -87,3 +87,24 @@ def test_a_folder_that_is_no_adapter_says_what_it_holds(files, tmp_path):
                                         f"saves named ones: give one of them ({named / 'a'}, {named / 'b'})\n")
     (tmp_path / "empty").mkdir()
     assert run("inspect", tmp_path / "empty") == (2, f"error: {tmp_path / 'empty'}: {refused}\n")
+
+
+def test_rank_with_combines_default_method_says_to_give_a_method(reg, tmp_path):
+    """`combine a b --rank 8` runs cat, combine's default, which said "cat keeps every input's rank (their sum); use
+    linear with --rank to truncate" to a user who had named no cat and no way to give linear."""
+    assert run("combine", "style:0.5", "style:0.5", "--rank", "2") == (
+        2, "error: cat (combine's default --method) keeps every input's rank (their sum), so it takes no --rank: give "
+           "--method linear with --rank to truncate\n")
+
+
+def test_an_adapter_shows_in_one_line(files, reg):
+    """An Adapter or LoraModule in a REPL or a log printed every factor's values (the dataclass's repr)."""
+    from loraops.formats import read_adapter
+    from loraops.registry import Registry
+
+    adapter = read_adapter(files["chat"])
+    assert repr(adapter) == f"Adapter({str(files['chat'])!r}, peft, 2 modules, rank 4, float32)"
+    assert repr(adapter.modules["model.layers.0.self_attn.q_proj"]) == (
+        "LoraModule('model.layers.0.self_attn.q_proj', linear, rank 4, 64×64, scale 2, float32)")
+    with Registry.open() as registry:
+        assert repr(registry.load_adapter("style")) == "Adapter('style@1', peft, 2 modules, rank 4, float32)"
