@@ -108,3 +108,12 @@ def test_an_adapter_shows_in_one_line(files, reg):
         "LoraModule('model.layers.0.self_attn.q_proj', linear, rank 4, 64×64, scale 2, float32)")
     with Registry.open() as registry:
         assert repr(registry.load_adapter("style")) == "Adapter('style@1', peft, 2 modules, rank 4, float32)"
+
+
+def test_a_bare_name_that_is_a_folder_here_says_to_register_it(files, reg, monkeypatch):
+    """`show chat` beside the folder chat, never registered under that name, said only "no adapter 'chat' in the
+    registry"; a name written as a path (./chat) said how to record it already."""
+    monkeypatch.chdir(files["chat"].parent)
+    assert run("show", "chat") == (3, "error: chat: no adapter of that name in the registry, and a path is not taken "
+                                      "here, only a registered adapter: `loraops register chat` records it\n")
+    assert run("base", "show", "llama-tiny")[0] == 0  # a registered name is that record, whatever lies here

@@ -338,7 +338,7 @@ class Reader:
             raise AmbiguousError(
                 f"base reference {ref!r} matches several bases ({shown(n for _, n in rows)}); give more of the fingerprint"
             )
-        if looks_like_path(ref) and os.path.exists(ref):  # a registered base's own files: it said `base add` them
+        if os.path.exists(ref):  # a registered base's own files: it said `base add` them
             where = os.path.realpath(ref)
             named = [n for n, path in self.rows("SELECT name, path FROM bases WHERE path IS NOT NULL", [])
                      if os.path.realpath(path) == where]
@@ -562,11 +562,12 @@ def connect_read_only(file: Path):
 
 
 def _missing(kind: str, ref: str, hint: str) -> NotFoundError:
+    # (a bare name too: `show chat` beside the folder chat it was never registered from)
+    if os.path.exists(ref):  # the commands that take paths never ask the registry for an existing one
+        how = "loraops base add" if kind == "base" else "loraops register"
+        return NotFoundError(f"{ref}: no {kind} of that name in the registry, and a path is not taken here, only "
+                             f"a registered {kind}: `{how} {ref}` records it")
     if looks_like_path(ref):
-        if os.path.exists(ref):  # the commands that take paths never ask the registry for an existing one
-            how = "loraops base add" if kind == "base" else "loraops register"
-            return NotFoundError(f"{ref}: no {kind} of that name in the registry, and a path is not taken here, only "
-                                 f"a registered {kind}: `{how} {ref}` records it")
         return NotFoundError(f"{ref}: no such file or folder, and no {kind} of that name in the registry")
     return NotFoundError(f"no {kind} {ref!r} in the registry ({hint})")
 
