@@ -117,3 +117,7 @@ def test_a_bare_name_that_is_a_folder_here_says_to_register_it(files, reg, monke
     assert run("show", "chat") == (3, "error: chat: no adapter of that name in the registry, and a path is not taken "
                                       "here, only a registered adapter: `loraops register chat` records it\n")
     assert run("base", "show", "llama-tiny")[0] == 0  # a registered name is that record, whatever lies here
+    assert run("base", "rm", "llama-tiny", "--force")[0] == 0
+    assert run("base", "add", "llama-tiny", "--name", "tiny")[0] == 0
+    assert run("list", "--base", "llama-tiny") == (3, "error: llama-tiny: a path is not taken here, only a registered "
+                                                      "base: the base there is registered as 'tiny', give that\n")
