@@ -1,6 +1,6 @@
 """Mistakes a new user makes on the first day, each answered in one line that says what was meant: a typo'd adapter,
-base or command name, a weight written `a=0.7` or with a decimal comma, `--dtype BF16` as loraops prints dtypes,
-and a folder given as an adapter that holds something else (a model, a kohya file, named PEFT adapters)."""
+base or command name, a weight written `a=0.7`, `a 0.7` or with a decimal comma, `--dtype BF16` as loraops prints
+dtypes, and a folder given as an adapter that holds something else (a model, a kohya file, named PEFT adapters)."""
 import shutil
 
 import pytest
@@ -37,7 +37,13 @@ def run(*args):
     (["merge", "style", "--into", "llama-tny", "-o", "out"],
      "no base 'llama-tny' in the registry (did you mean 'llama-tiny'?)"),
     (["merge", "style=0.7", "--into", "llama-tiny", "-o", "out"],
-     "no adapter 'style=0.7' in the registry (a weight is written after ':', as style:0.7)"),
+     "no adapter 'style=0.7' in the registry (a weight is written after ':', with no space: style:0.7)"),
+    (["merge", "style:", "0.7", "--into", "llama-tiny", "-o", "out"],
+     "no adapter 'style:' in the registry (a weight is written after ':', with no space: style:0.7)"),
+    (["merge", "style", "0.7", "--into", "llama-tiny", "-o", "out"],
+     "no adapter '0.7' in the registry (a weight is written right after its adapter, with no space: NAME:0.7)"),
+    (["show", "77"], "no adapter '77' in the registry (give a name, name@version, id or sha256 prefix of 6+ hex "
+                     "digits)"),
     (["show", "zzzz"], "no adapter 'zzzz' in the registry (give a name, name@version, id or sha256 prefix of 6+ hex "
                        "digits)"),
 ])

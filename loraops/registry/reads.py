@@ -220,7 +220,7 @@ class Reader:
             versions = [v for v, in self.rows("SELECT version FROM adapters WHERE name = ? ORDER BY version", [name])]
             if versions:
                 raise NotFoundError(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
-            close = self._close_name("adapters", name)
+            close = self._meant("adapters", name)
             raise NotFoundError(f"no adapter named {name!r} in the registry" + (f" ({close})" if close else ""))
         found = self.rows(_LATEST, [ref])
         if found:
@@ -233,15 +233,18 @@ class Reader:
                 f"adapter reference {ref!r} matches several adapters ({shown(f'{n}@{v} {sha[:12]}' for _, n, v, sha in rows)}); "
                 "give more of the sha256, or name@version"
             )
-        raise _missing("adapter", ref, self._close_name("adapters", ref)
+        raise _missing("adapter", ref, self._meant("adapters", ref)
                        or f"give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits")
 
-    def _close_name(self, table: str, ref: str) -> str:
-        """For a ``ref`` that named nothing: 'did you mean …?' naming the registered name closest to it (a typo), or
-        where a weight was meant (`style=0.7`), how one is written; '' when neither fits."""
-        head, equals, tail = ref.rpartition("=")
-        if table == "adapters" and equals and WEIGHT.fullmatch(tail) and self.rows(_LATEST, [head]):
-            return f"a weight is written after ':', as {head}:{tail}"
+    def _meant(self, table: str, ref: str) -> str:
+        """For a ``ref`` that named nothing, what was meant: where a weight was (`style=0.7`, `style 0.7`, `style :0.7`,
+        `style: 0.7`), how one is written; else 'did you mean …?' naming the registered name closest to it (a typo);
+        '' when neither fits."""
+        head, sep, tail = ref.rpartition("=") if "=" in ref else ref.rpartition(":")
+        if table == "adapters" and not head and WEIGHT.fullmatch(tail) and not tail.isdigit():  # (an id is digits)
+            return "a weight is written right after its adapter, with no space: NAME:0.7"
+        if table == "adapters" and sep and (WEIGHT.fullmatch(tail) or not tail) and self.rows(_LATEST, [head]):
+            return f"a weight is written after ':', with no space: {head}:{tail or '0.7'}"
         names = [name for name, in self.rows(f"SELECT DISTINCT name FROM {table}", [])]
         close = difflib.get_close_matches(ref, names, n=1)
         return f"did you mean {close[0]!r}?" if close else ""
@@ -345,7 +348,7 @@ class Reader:
             if named:
                 raise NotFoundError(f"{ref}: a path is not taken here, only a registered base: the base there is "
                                     f"registered as {named[0]!r}, give that")
-        raise _missing("base", ref, self._close_name("bases", ref) or "see `loraops base list`")
+        raise _missing("base", ref, self._meant("bases", ref) or "see `loraops base list`")
 
     def _bases(self, where: str, params: list) -> list[BaseRecord]:
         rows = by_name(self.rows(f"SELECT {_BASE_COLUMNS} FROM bases b WHERE {where}", params), 1)
