@@ -127,3 +127,15 @@ def test_a_bare_name_that_is_a_folder_here_says_to_register_it(files, reg, monke
     assert run("base", "add", "llama-tiny", "--name", "tiny")[0] == 0
     assert run("list", "--base", "llama-tiny") == (3, "error: llama-tiny: a path is not taken here, only a registered "
                                                       "base: the base there is registered as 'tiny', give that\n")
+
+
+@pytest.mark.parametrize("given, hub", [
+    ("meta/tiny-llama", "meta/tiny-llama"), ("hf://meta/tiny-llama@v1", "meta/tiny-llama@v1"),
+    ("https://huggingface.co/meta/tiny-llama/tree/main", "meta/tiny-llama@main")])
+def test_a_hub_model_added_without_hub_says_how_to_name_it(tmp_path, monkeypatch, given, hub):
+    """`base add meta/tiny-llama` (as `pull` takes a repo) said only "no such file or folder"; a local name that is
+    no repo id, or a path that exists, is read as before."""
+    monkeypatch.chdir(tmp_path)
+    assert run("base", "add", given) == (3, f"error: {given}: no such file or folder; a base on the Hub is added as "
+                                            f"hub:{hub}\n")
+    assert run("base", "add", "llama-tny") == (3, "error: llama-tny: no such file or folder\n")
