@@ -139,3 +139,28 @@ def test_a_hub_model_added_without_hub_says_how_to_name_it(tmp_path, monkeypatch
     assert run("base", "add", given) == (3, f"error: {given}: no such file or folder; a base on the Hub is added as "
                                             f"hub:{hub}\n")
     assert run("base", "add", "llama-tny") == (3, "error: llama-tny: no such file or folder\n")
+
+
+def test_a_pull_of_what_is_no_repo_says_what_was_meant(files, fake_hub, tmp_path, monkeypatch):
+    """`pull ./chat` (a local adapter), `pull owner/name/file` (a file in a repo) said only "not a Hub repo id", and
+    `--file` naming nothing in the repo "nothing adapter-like in nope.safetensors/"."""
+    monkeypatch.chdir(files["chat"].parent)
+    assert run("pull", "./chat") == (2, "error: './chat' is not a Hub repo id (expected owner/name[@revision]); "
+                                        "./chat is here on disk: `loraops register ./chat` records it\n")
+    assert run("pull", "someone/lora/adapter_model.safetensors") == (
+        2, "error: 'someone/lora/adapter_model.safetensors' is not a Hub repo id (expected owner/name[@revision]); a "
+           "file or folder in a repo is given with --file: `loraops pull someone/lora --file adapter_model.safetensors`"
+           "\n")
+    fake_hub.commit_folder("someone/lora", files["chat"])
+    assert run("pull", "someone/lora", "--file", "nope.safetensors") == (
+        3, "error: someone/lora: no file or folder nope.safetensors in the repo; it holds: .gitattributes, README.md, "
+           "adapter_config.json, adapter_model.safetensors\n")
+
+
+def test_an_adapter_for_another_base_names_the_base_it_was_made_for(files, tmp_path):
+    """Merged into another model, nothing of it fits: the line names the base its PEFT config says it was made for
+    (one that fits in part says nothing of it: the base may be the right one, with some modules off)."""
+    wide = tiny_llama(tmp_path / "wide", hidden=32)
+    code, text = run("merge", files["chat"], "--into", wide, "-o", tmp_path / "out", "--no-record")
+    assert code == 2 and text.startswith(f"error: {files['chat']}: 2 modules do not fit base {wide}: "), text
+    assert text.endswith(f"; it was made for {files['base']}\n") and text.count("\n") == 1, text
