@@ -164,3 +164,14 @@ def test_an_adapter_for_another_base_names_the_base_it_was_made_for(files, tmp_p
     code, text = run("merge", files["chat"], "--into", wide, "-o", tmp_path / "out", "--no-record")
     assert code == 2 and text.startswith(f"error: {files['chat']}: 2 modules do not fit base {wide}: "), text
     assert text.endswith(f"; it was made for {files['base']}\n") and text.count("\n") == 1, text
+
+
+def test_a_gguf_file_is_named_as_one(tmp_path):
+    """A llama.cpp GGUF file given as a base or an adapter said "not a safetensors file (header claims 14064895815
+    bytes, over the 100 MB limit)"."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(2000))
+    said = ("a GGUF file (llama.cpp's format), not safetensors: give the safetensors model or adapter it was converted "
+            "from")
+    assert run("base", "add", gguf) == (2, f"error: {gguf}: {said}\n")
+    assert run("inspect", gguf) == (2, f"error: {gguf}: {said}\n")
