@@ -73,6 +73,9 @@ def test_a_typo_in_a_command_suggests_it(capsys):
     assert capsys.readouterr().err == "error: no such command 'merg'. Did you mean 'merge'? (see `loraops --help`)\n"
     assert exit_status(["xyz"]) == 2
     assert capsys.readouterr().err == "error: no such command 'xyz' (see `loraops --help`)\n"
+    assert exit_status(["version"]) == 2  # (not "Did you mean 'verify'?")
+    assert capsys.readouterr().err == ("error: no such command 'version': `loraops --version` prints it (see `loraops "
+                                       "--help`)\n")
 
 
 def test_a_folder_that_is_no_adapter_says_what_it_holds(files, tmp_path):

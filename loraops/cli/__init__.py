@@ -216,6 +216,8 @@ class LoraopsGroup(click.Group):
     def resolve_command(self, ctx: click.Context, args: list[str]):
         # click suggests from the commands it holds, and this group loads them lazily: `loraops merg` had no suggestion
         name = args[0] if args else ""
+        if name == "version":  # (the closest command is verify)
+            ctx.fail("No such command 'version': `loraops --version` prints it")
         close = difflib.get_close_matches(name, COMMANDS, n=1) if name not in COMMANDS else []
         if close and not name.startswith("-") and not ctx.resilient_parsing:
             ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
