@@ -178,3 +178,19 @@ def test_a_gguf_file_is_named_as_one(tmp_path):
             "from")
     assert run("base", "add", gguf) == (2, f"error: {gguf}: {said}\n")
     assert run("inspect", gguf) == (2, f"error: {gguf}: {said}\n")
+
+
+@pytest.mark.parametrize("args, said", [
+    (["merge", "a", "--base", "b", "-o", "c"], "no such option '--base': merge takes --into BASE (see `loraops merge "
+                                               "--help`)"),
+    (["subtract", "a", "--into", "b", "-o", "c"], "no such option '--into': subtract takes --from MODEL (see "
+                                                  "`loraops subtract --help`)"),
+    (["extract", "--into", "b"], "no such option '--into': extract takes --base MODEL and --tuned MODEL (see `loraops "
+                                 "extract --help`)"),
+    (["combine", "a", "--into", "b"], "no such option '--into': combine takes --base BASE (see `loraops combine "
+                                      "--help`)"),
+])
+def test_the_model_option_of_another_command_says_which_this_one_takes(args, said):
+    """merge names its base --into, subtract its model --from, the others --base: `merge --base B` said "Did you mean
+    '--name'?"."""
+    assert run(*args) == (2, f"error: {said}\n")

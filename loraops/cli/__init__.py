@@ -55,6 +55,11 @@ GROUP_OPTIONS = {"--home": "--home DIR", "--db": "--db URL", "-q": "-q", "--quie
 """The options of `loraops` itself (main) as its usage shows them; given after a command, the error says so."""
 
 
+MODEL_OPTIONS = ("--into", "--from", "--base")
+"""How commands name the model they read: merge --into, subtract --from, the others --base. One given to a command
+that names it otherwise says which it takes."""
+
+
 def one_line(message: str) -> str:
     """A message kept on one line: control characters (a newline in a file name) shown escaped, as repr shows them."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message)
@@ -72,6 +77,11 @@ def usage_error(exc: click.UsageError) -> None:
              f"`{root.command_path} {GROUP_OPTIONS[exc.option_name]} {command} …` (see `{root.command_path} --help`)",
              exc.exit_code)
     message = exc.format_message().rstrip(".")
+    if isinstance(exc, click.NoSuchOption) and exc.option_name in MODEL_OPTIONS and exc.ctx is not None:
+        taken = [param.get_help_record(exc.ctx)[0] for param in exc.ctx.command.params
+                 if set(param.opts) & {*MODEL_OPTIONS, "--tuned"}]
+        if taken:  # `merge --base B`: click said "Did you mean '--name'?"
+            message = f"no such option '{exc.option_name}': {exc.ctx.info_name} takes {' and '.join(taken)}"
     if isinstance(exc, click.MissingParameter) and isinstance(getattr(exc.param, "type", None), click.Choice):
         # click lists the choices one a line ("Choose from:\n\tpeft,\n\tkohya…"), escaped into '\n\t' by one_line
         missing = message.partition(". ")[0]
