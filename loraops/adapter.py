@@ -88,6 +88,10 @@ def widest_dtype(*dtypes: "torch.dtype") -> "torch.dtype":
     return functools.reduce(wider, dtypes)
 
 
+def _dtype_name(dtype: "torch.dtype") -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass
 class LoraModule:
     name: str
@@ -234,6 +238,11 @@ class LoraModule:
         if self.kind == "embedding" or self.fan_in_fan_out:
             return (self.in_features, self.out_features)
         return (self.out_features, self.in_features)
+
+    def __repr__(self) -> str:
+        # (the dataclass's repr printed every factor's values: pages of numbers for one module in a REPL or a log)
+        return (f"LoraModule({self.name!r}, {self.shown_kind}, rank {self.rank}, "
+                f"{'×'.join(map(str, self.weight_shape))}, scale {self.scale:g}, {_dtype_name(self.dtype)})")
 
     @property
     def transposed(self) -> bool:
@@ -416,6 +425,14 @@ class Adapter:
     def lora_bias(self) -> bool:
         """PEFT lora_bias: its modules carry a bias on lora_B (all of them: PEFT's lora_bias is one switch)."""
         return any(m.lora_bias is not None for m in self.modules.values())
+
+    def __repr__(self) -> str:
+        # (the dataclass's repr printed every module's factors: `read_adapter(…)` in a REPL filled the screen)
+        ranks = sorted({r for r in self.ranks.values() if r is not None})
+        rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}" if ranks else "no rank"
+        extra = f", {len(self.full_tensors)} whole tensors" if self.full_tensors else ""
+        return (f"Adapter({self.label!r}, {self.format}, {len(self.modules)} modules, {rank}{extra}, "
+                f"{_dtype_name(self.dtype)})")
 
     @property
     def ranks(self) -> dict[str, int | None]:

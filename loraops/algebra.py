@@ -501,8 +501,9 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
         if given is not None and (not is_integer(given) or given <= 0):
             raise ParameterError(f"`{what}` must be a positive integer (got {given!r})", [what])
         if given is not None and spec.default_rank is None:
-            raise ParameterError(f"{method} keeps every input's rank (their sum); use linear with `{what}` to "
-                                 "truncate", [what])
+            # (cat is combine's default method: `combine a b --rank 8` without --method lands here)
+            raise ParameterError(f"{method} (combine's default `method`) keeps every input's rank (their sum), so it "
+                                 f"takes no `{what}`: give `method` linear with `{what}` to truncate", [what, "method"])
     if getattr(parsed, "normalize", False) and (refusal := normalize_refusal(
             method, weights, "consensus" in spec.params.model_fields, "use --no-normalize", "the linear method")):
         raise InvalidInputError(refusal)

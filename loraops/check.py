@@ -1955,5 +1955,7 @@ def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: 
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
         where = f"base {base_name}" if base_name else "the base"
-        raise MismatchError(f"{adapter.label}: {misfit_counts(report)} not fit {where}: {shown}")
+        # (nothing fits: most often another base than the adapter's, which its PEFT config names)
+        made = f"; it was made for {adapter.base_model}" if adapter.base_model and not report.matched else ""
+        raise MismatchError(f"{adapter.label}: {misfit_counts(report)} not fit {where}: {shown}{made}")
     return bind_read(adapter if record is None else record)

@@ -450,6 +450,8 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
     parent = str(PurePosixPath(scope).parent) if "/" in scope else ""
     if scope in names and PurePosixPath(scope).name in PEFT_FILES:
         scope = parent  # a PEFT file goes with the other next to it
+    if scope and not any(n == scope or n.startswith(f"{scope}/") for n in names):  # (said "nothing adapter-like in x/")
+        raise NotFoundError(f"{ref}: no file or folder {scope} in the repo; it holds: {_shown_files(names)}")
     if scope and scope in names:
         if not scope.endswith(".safetensors"):
             raise InvalidInputError(f"{ref}: {scope} is not a .safetensors file")
@@ -480,15 +482,19 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
                     where = f"in {folder}/" if folder else "at the top level"
                     raise AmbiguousError(f"{ref}: no adapter {where}, but {len(below)} PEFT adapter folders below it "
                                          f"({_listed(below)}); pick one with --file FOLDER")
-                shown = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
                 where = f" in {folder}/" if folder else ""
                 raise NotFoundError(f"{ref}: nothing adapter-like{where} (no adapter_config.json + "
-                                    f"adapter_model.safetensors, no .safetensors file); the repo holds: {shown or 'no files'}")
+                                    f"adapter_model.safetensors, no .safetensors file); the repo holds: "
+                                    f"{_shown_files(names)}")
             picked = weights
     card = f"{folder}/{CARD}" if folder else CARD
     if card in names:
         picked.append(card)
     return picked
+
+
+def _shown_files(names: list[str]) -> str:
+    return ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "") or "no files"
 
 
 def _listed(names: list[str]) -> str:
@@ -653,10 +659,25 @@ def repo_and_path(ref: RepoRef | str, subpath: str | None) -> tuple[RepoRef, str
     (parse_repo_path); one that names another path than ``subpath`` is refused."""
     if isinstance(argument(ref, "ref", str, RepoRef), RepoRef):
         return ref, subpath
-    parsed, path = parse_repo_path(ref)
+    try:
+        parsed, path = parse_repo_path(ref)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{exc}{_no_repo_hint(ref)}") from None
     if path and subpath and path != subpath.strip("/"):
         raise InvalidInputError(f"{ref!r} names {path} in the repo, and --file {subpath} another path: give one")
     return parsed, subpath or path
+
+
+def _no_repo_hint(ref: str) -> str:
+    """What a pull of something that is no repo id meant: a local adapter (register it), or a file in a repo (the
+    path a user copies from a page's title, owner/name/file)."""
+    if path_exists(ref):
+        return f"; {ref} is here on disk: `loraops register {shlex.quote(ref)}` records it"
+    owner, _, rest = ref.partition("/")
+    name, _, inside = rest.partition("/")
+    if inside and "@" not in ref and _REPO_ID.match(f"{owner}/{name}"):
+        return f"; a file or folder in a repo is given with --file: `loraops pull {owner}/{name} --file {inside}`"
+    return ""
 
 
 def with_revision(ref: RepoRef, revision: str) -> RepoRef:

@@ -17,6 +17,8 @@ from .fsutil import path_exists, refuse_overlap
 WEIGHT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 """A number as written on a command line (a weight, --alpha, --density …): decimal or scientific, ASCII digits only.
 Python's float() also takes '1_0', 'inf', 'nan', ' 1' and other scripts' digits, which were accepted."""
+DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+")
+"""A weight written with a decimal comma (0,7), as many locales write one: a weight was meant, not part of a name."""
 INTEGER = re.compile(r"[+-]?[0-9]+")
 """An integer as written on a command line (--rank, --seed …); Python's int() also takes '1_0', ' 1' and other
 scripts' digits."""
@@ -46,14 +48,14 @@ def parse_number(text: str, integer: bool = False) -> float | int:
 def parse_weighted(text: str) -> tuple[str, float]:
     """'ref:0.7' → ('ref', 0.7); 'ref' → ('ref', 1.0). Only a trailing ':<number>' is a weight, and not when the
     whole text is an existing path, so 'C:/models/x', 'dir:with:colons' and 'hub:owner/name' stay references. A tail
-    that Python would read as a number but is not written plainly (WEIGHT) is refused, as is any tail after an
-    existing path: either way a weight was meant."""
+    that Python would read as a number but is not written plainly (WEIGHT), or with a decimal comma, is refused, as is
+    any tail after an existing path: either way a weight was meant."""
     head, sep, tail = text.rpartition(":")
     if not sep or not head or path_exists(text):
         return text, 1.0
     if written := WEIGHT.fullmatch(tail):
         return head, checked_weight(text, float(tail), nonzero=re.search("[1-9]", written[1]) is not None)
-    if _python_number(tail) or path_exists(head):
+    if _python_number(tail) or DECIMAL_COMMA.fullmatch(tail) or path_exists(head):
         raise InvalidInputError(f"{text!r}: the weight after ':' must be a number {PLAINLY}")
     return text, 1.0
 

@@ -217,7 +217,11 @@ def read_header(path: str | Path) -> Header:
             "first (e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'out.safetensors'))"
         )
     with open(source, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if head.startswith(b"GGUF"):  # (as a length, over the limit: it said "header claims 14064895815 bytes")
+            raise FormatError(f"{path}: a GGUF file (llama.cpp's format), not safetensors: give the safetensors model "
+                              "or adapter it was converted from")
+        (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER_BYTES:
             raise FormatError(f"{path}: not a safetensors file (header claims {length} bytes, over the 100 MB limit)")
         if 8 + length > size:

@@ -148,7 +148,7 @@ def test_resize_dynamic_report_and_scale():
     (lambda a, b: combine([(a, 1)], "ties"), InvalidInputError, "density: Field required"),
     (lambda a, b: combine([(a, 1)], "linear", {"density": 0.5}), InvalidInputError, "linear takes no density (it is a parameter of ties, dare_ties, "),
     (lambda a, b: combine([(a, 1)], "linear", rank=0), InvalidInputError, "rank must be a positive integer"),
-    (lambda a, b: combine([(a, 1)], "cat", rank=4), InvalidInputError, "cat keeps every input's rank"),
+    (lambda a, b: combine([(a, 1)], "cat", rank=4), InvalidInputError, "default method) keeps every input's rank"),
     (lambda a, b: combine([(a, 1), (b, 1)], "cat"), MismatchError, "different bases"),
     (lambda a, b: resize(a, rank=0), InvalidInputError, "greater than 0"),
     (lambda a, b: resize(a, rank=9), InvalidInputError, "rank 9 is above the adapter's rank 4"),

@@ -832,7 +832,8 @@ def test_name_with_no_record_is_refused(tmp_path, kohya):
 
 def test_every_dtype_option_takes_torch_names(tmp_path, kohya):
     """--dtype took bf16, fp16 and fp32 only, where the Python API and a recipe's out_dtype also take bfloat16,
-    float16, float32 (torch's, PEFT's and mergekit's names): `--dtype bfloat16` was a usage error in every command."""
+    float16, float32 (torch's, PEFT's and mergekit's names): `--dtype bfloat16` was a usage error in every command.
+    Any case, as the Python API takes them (`BF16`, as loraops prints dtypes: tests/test_newcomer.py)."""
     import json
 
     from loraops.cli import COMMANDS, DTYPE
@@ -848,8 +849,8 @@ def test_every_dtype_option_takes_torch_names(tmp_path, kohya):
         done = json.loads(cli("resize", kohya, "--rank", "2", "--dtype", name, "--name", f"r-{name}", "--device", "cpu",
                               "--json").stdout)
         assert done["adapter"]["dtype"] == dtype
-    assert cli("resize", kohya, "--rank", "2", "--dtype", "BFloat16", code=2).stderr == (
-        "error: invalid value for '--dtype': 'BFloat16' is not one of 'bf16', 'fp16', 'fp32' (see `main resize "
+    assert cli("resize", kohya, "--rank", "2", "--dtype", "bfloat", code=2).stderr == (
+        "error: invalid value for '--dtype': 'bfloat' is not one of 'bf16', 'fp16', 'fp32' (see `main resize "
         "--help`)\n")
 
 

@@ -449,8 +449,8 @@ def test_combine_svd_conv_rank_is_svd_merge_loras_new_conv_rank(tmp_path):
                            "error: conv rank 2: the inputs have no k×k convolution (a conv with a kernel larger than "
                            "1×1) for it to rank\n"),
                           ((a, b, "--conv-rank", "2"),
-                           "error: cat keeps every input's rank (their sum); use linear with --conv-rank to "
-                           "truncate\n"),
+                           "error: cat (combine's default --method) keeps every input's rank (their sum), so it takes "
+                           "no --conv-rank: give --method linear with --conv-rank to truncate\n"),
                           ((a, b, "-m", "svd", "--conv-rank", "0"),
                            "error: --conv-rank must be a positive integer (got 0)\n")):
         code, text = run("combine", *args, "-o", tmp_path / "x.safetensors")

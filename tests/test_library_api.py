@@ -165,7 +165,8 @@ def test_parameters_keep_taking_ints_for_floats_and_numpy_numbers(art):
      "cat takes no density (it is a parameter of ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, "
      "della_linear, magnitude_prune)"),
     (lambda a: algebra.combine([(a, 1.0), (a, 1.0)], "cat", conv_rank=2),
-     "cat keeps every input's rank (their sum); use linear with conv_rank to truncate"),
+     "cat (combine's default method) keeps every input's rank (their sum), so it takes no conv_rank: give method "
+     "linear with conv_rank to truncate"),
 ])
 def test_parameter_errors_name_the_python_parameters(art, call, message):
     """The CLI says these parameters as its options (--max-rank: test_algebra_cli); the library keeps their Python

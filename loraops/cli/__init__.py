@@ -7,6 +7,7 @@ Library errors become a one-line message and an exit code here, in one place (Lo
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import importlib
 import logging
@@ -54,6 +55,11 @@ GROUP_OPTIONS = {"--home": "--home DIR", "--db": "--db URL", "-q": "-q", "--quie
 """The options of `loraops` itself (main) as its usage shows them; given after a command, the error says so."""
 
 
+MODEL_OPTIONS = ("--into", "--from", "--base")
+"""How commands name the model they read: merge --into, subtract --from, the others --base. One given to a command
+that names it otherwise says which it takes."""
+
+
 def one_line(message: str) -> str:
     """A message kept on one line: control characters (a newline in a file name) shown escaped, as repr shows them."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message)
@@ -71,6 +77,11 @@ def usage_error(exc: click.UsageError) -> None:
              f"`{root.command_path} {GROUP_OPTIONS[exc.option_name]} {command} …` (see `{root.command_path} --help`)",
              exc.exit_code)
     message = exc.format_message().rstrip(".")
+    if isinstance(exc, click.NoSuchOption) and exc.option_name in MODEL_OPTIONS and exc.ctx is not None:
+        taken = [param.get_help_record(exc.ctx)[0] for param in exc.ctx.command.params
+                 if set(param.opts) & {*MODEL_OPTIONS, "--tuned"}]
+        if taken:  # `merge --base B`: click said "Did you mean '--name'?"
+            message = f"no such option '{exc.option_name}': {exc.ctx.info_name} takes {' and '.join(taken)}"
     if isinstance(exc, click.MissingParameter) and isinstance(getattr(exc.param, "type", None), click.Choice):
         # click lists the choices one a line ("Choose from:\n\tpeft,\n\tkohya…"), escaped into '\n\t' by one_line
         missing = message.partition(". ")[0]
@@ -179,7 +190,8 @@ FLOAT, INT = Number(integer=False), Number(integer=True)
 
 class Dtype(click.Choice):
     """--dtype: bf16, fp16 or fp32, also under the names torch, PEFT, mergekit and kohya give them (bfloat16,
-    float16, float32, half, float), which the Python API and a recipe's out_dtype take: the CLI refused them."""
+    float16, float32, half, float), which the Python API and a recipe's out_dtype take: the CLI refused them. Any
+    case: `BF16` is how list, show and merge's summary write a dtype."""
 
     ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
@@ -187,7 +199,8 @@ class Dtype(click.Choice):
         super().__init__(["bf16", "fp16", "fp32"])
 
     def convert(self, value, param, ctx):
-        return super().convert(self.ALIASES.get(value, value) if isinstance(value, str) else value, param, ctx)
+        name = self.ALIASES.get(value.lower(), value.lower()) if isinstance(value, str) else value
+        return name if name in self.choices else super().convert(value, param, ctx)
 
 
 DTYPE = Dtype()
@@ -209,6 +222,16 @@ class LoraopsGroup(click.Group):
                 return None
             raise
         return getattr(module, attribute, None)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        # click suggests from the commands it holds, and this group loads them lazily: `loraops merg` had no suggestion
+        name = args[0] if args else ""
+        if name == "version":  # (the closest command is verify)
+            ctx.fail("No such command 'version': `loraops --version` prints it")
+        close = difflib.get_close_matches(name, COMMANDS, n=1) if name not in COMMANDS else []
+        if close and not name.startswith("-") and not ctx.resilient_parsing:
+            ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
+        return super().resolve_command(ctx, args)
 
     def make_context(self, *args, **kwargs) -> click.Context:
         try:

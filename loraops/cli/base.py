@@ -30,6 +30,7 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
         record, created = done
         return f"interrupted after base {record.name} was added" if created else None
 
+    refuse_hub_id_as_path(path)
     with _registry() as reg:
         if path.startswith("hub:"):
             from .. import hub
@@ -51,6 +52,24 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
     else:
         click.echo(f"already registered as base {record.name} (id {record.id}, fingerprint {record.fingerprint[:12]})"
                    + not_again(name, record.name, "model (its fingerprint)"))
+
+
+def refuse_hub_id_as_path(path: str) -> None:
+    """A Hub model named without `hub:` (`base add meta/llama`, as `pull` takes a repo, or the hf:// or URL form a
+    user copies) said only "no such file or folder"."""
+    import os
+
+    from ..errors import LoraopsError, NotFoundError
+    from ..hub import parse_repo_ref
+
+    if path.startswith("hub:") or os.path.lexists(path):
+        return
+    try:
+        ref = parse_repo_ref(path)
+    except LoraopsError:
+        return
+    if "/" in ref.repo_id:
+        raise NotFoundError(f"{path}: no such file or folder; a base on the Hub is added as hub:{ref}")
 
 
 @base.command("list")

@@ -51,15 +51,24 @@ def detect(path: str | Path) -> str:
             return "peft"
         if (path / diffusers.WEIGHTS_NAME).is_file():
             return "diffusers"
-        # PEFT's save_pretrained puts an adapter not named "default" in a subfolder of that name
-        named = sorted(sub.name for sub in path.iterdir() if (sub / peft.CONFIG_NAME).is_file())
         raise FormatError(f"{path}: a folder without {peft.CONFIG_NAME}/{peft.WEIGHTS_NAME} or {diffusers.WEIGHTS_NAME}"
-                          + (f"; it holds PEFT adapters in subfolders, as PEFT saves named ones: give one of them "
-                             f"({', '.join(str(path / name) for name in named[:3])}{', …' if len(named) > 3 else ''})"
-                             if named else ""))
+                          + _what_folder_holds(path))
     if path.name == peft.CONFIG_NAME:
         raise FormatError(f"{path}: a PEFT adapter's config, not the adapter: give its folder ({path.parent})")
     return layout_of_keys(path, list(st.read_header(path).tensors))
+
+
+def _what_folder_holds(path: Path) -> str:
+    """What an adapter folder that is none holds instead, said after its refusal: a user gives the folder they have."""
+    # PEFT's save_pretrained puts an adapter not named "default" in a subfolder of that name
+    named = sorted(str(sub) for sub in path.iterdir() if (sub / peft.CONFIG_NAME).is_file())
+    files = sorted(str(file) for file in path.glob("*.safetensors"))
+    if named:
+        return (f"; it holds PEFT adapters in subfolders, as PEFT saves named ones: give one of them "
+                f"({common.shown(named)})")
+    if any((path / name).is_file() for name in ("config.json", "model_index.json")):
+        return f"; it holds a model, not a LoRA adapter (a base model is added with `loraops base add {path}`)"
+    return f"; give the adapter's .safetensors file itself ({common.shown(files)})" if files else ""
 
 
 def layout_of_keys(path: str | Path, keys: list[str], hint: str = "") -> str:

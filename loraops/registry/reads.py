@@ -12,6 +12,7 @@ of 6+ hex digits of the identity sha256 or the weights-file sha256. Bases: ``nam
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import numbers
 import os
@@ -24,7 +25,7 @@ from urllib.parse import quote
 
 from ..errors import AmbiguousError, InvalidInputError, NotFoundError, RegistryError
 from ..fsutil import refuse_overlaps, resolved
-from ..references import PATH, argument, is_integer
+from ..references import PATH, WEIGHT, argument, is_integer
 from ..records import (AdapterRecord, BaseRecord, BaseRef, LineageInputRecord, LineageRecord, ModuleRecord,
                        TensorRecord)
 from ..ldm import Tensors, transformer_class
@@ -219,7 +220,8 @@ class Reader:
             versions = [v for v, in self.rows("SELECT version FROM adapters WHERE name = ? ORDER BY version", [name])]
             if versions:
                 raise NotFoundError(f"adapter {name!r} has no version {version} (versions: {', '.join(map(str, versions))})")
-            raise NotFoundError(f"no adapter named {name!r} in the registry")
+            close = self._meant("adapters", name)
+            raise NotFoundError(f"no adapter named {name!r} in the registry" + (f" ({close})" if close else ""))
         found = self.rows(_LATEST, [ref])
         if found:
             return found[0][0]
@@ -231,7 +233,21 @@ class Reader:
                 f"adapter reference {ref!r} matches several adapters ({shown(f'{n}@{v} {sha[:12]}' for _, n, v, sha in rows)}); "
                 "give more of the sha256, or name@version"
             )
-        raise _missing("adapter", ref, f"give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits")
+        raise _missing("adapter", ref, self._meant("adapters", ref)
+                       or f"give a name, name@version, id or sha256 prefix of {MIN_PREFIX}+ hex digits")
+
+    def _meant(self, table: str, ref: str) -> str:
+        """For a ``ref`` that named nothing, what was meant: where a weight was (`style=0.7`, `style 0.7`, `style :0.7`,
+        `style: 0.7`), how one is written; else 'did you mean …?' naming the registered name closest to it (a typo);
+        '' when neither fits."""
+        head, sep, tail = ref.rpartition("=") if "=" in ref else ref.rpartition(":")
+        if table == "adapters" and not head and WEIGHT.fullmatch(tail) and not tail.isdigit():  # (an id is digits)
+            return "a weight is written right after its adapter, with no space: NAME:0.7"
+        if table == "adapters" and sep and (WEIGHT.fullmatch(tail) or not tail) and self.rows(_LATEST, [head]):
+            return f"a weight is written after ':', with no space: {head}:{tail or '0.7'}"
+        names = [name for name, in self.rows(f"SELECT DISTINCT name FROM {table}", [])]
+        close = difflib.get_close_matches(ref, names, n=1)
+        return f"did you mean {close[0]!r}?" if close else ""
 
     def _adapters(self, where: str, params: list, with_modules: bool = True) -> list[AdapterRecord]:
         rows = by_name(self.rows(f"SELECT {_ADAPTER_COLUMNS} FROM adapters a LEFT JOIN bases b ON b.id = a.base_id "
@@ -325,14 +341,14 @@ class Reader:
             raise AmbiguousError(
                 f"base reference {ref!r} matches several bases ({shown(n for _, n in rows)}); give more of the fingerprint"
             )
-        if looks_like_path(ref) and os.path.exists(ref):  # a registered base's own files: it said `base add` them
+        if os.path.exists(ref):  # a registered base's own files: it said `base add` them
             where = os.path.realpath(ref)
             named = [n for n, path in self.rows("SELECT name, path FROM bases WHERE path IS NOT NULL", [])
                      if os.path.realpath(path) == where]
             if named:
                 raise NotFoundError(f"{ref}: a path is not taken here, only a registered base: the base there is "
                                     f"registered as {named[0]!r}, give that")
-        raise _missing("base", ref, "see `loraops base list`")
+        raise _missing("base", ref, self._meant("bases", ref) or "see `loraops base list`")
 
     def _bases(self, where: str, params: list) -> list[BaseRecord]:
         rows = by_name(self.rows(f"SELECT {_BASE_COLUMNS} FROM bases b WHERE {where}", params), 1)
@@ -549,11 +565,12 @@ def connect_read_only(file: Path):
 
 
 def _missing(kind: str, ref: str, hint: str) -> NotFoundError:
+    # (a bare name too: `show chat` beside the folder chat it was never registered from)
+    if os.path.exists(ref):  # the commands that take paths never ask the registry for an existing one
+        how = "loraops base add" if kind == "base" else "loraops register"
+        return NotFoundError(f"{ref}: no {kind} of that name in the registry, and a path is not taken here, only "
+                             f"a registered {kind}: `{how} {ref}` records it")
     if looks_like_path(ref):
-        if os.path.exists(ref):  # the commands that take paths never ask the registry for an existing one
-            how = "loraops base add" if kind == "base" else "loraops register"
-            return NotFoundError(f"{ref}: no {kind} of that name in the registry, and a path is not taken here, only "
-                                 f"a registered {kind}: `{how} {ref}` records it")
         return NotFoundError(f"{ref}: no such file or folder, and no {kind} of that name in the registry")
     return NotFoundError(f"no {kind} {ref!r} in the registry ({hint})")
 
