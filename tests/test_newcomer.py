@@ -42,6 +42,9 @@ def run(*args):
      "no adapter 'style:' in the registry (a weight is written after ':', with no space: style:0.7)"),
     (["merge", "style", "0.7", "--into", "llama-tiny", "-o", "out"],
      "no adapter '0.7' in the registry (a weight is written right after its adapter, with no space: NAME:0.7)"),
+    (["merge", "style:0.5,style:0.5", "--into", "llama-tiny", "-o", "out"],
+     "no adapter 'style:0.5,style' in the registry (adapters are separate arguments, not joined by commas: style style "
+     "(each with its :WEIGHT))"),
     (["show", "77"], "no adapter '77' in the registry (give a name, name@version, id or sha256 prefix of 6+ hex "
                      "digits)"),
     (["show", "zzzz"], "no adapter 'zzzz' in the registry (give a name, name@version, id or sha256 prefix of 6+ hex "

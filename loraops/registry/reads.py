@@ -245,6 +245,9 @@ class Reader:
             return "a weight is written right after its adapter, with no space: NAME:0.7"
         if table == "adapters" and sep and (WEIGHT.fullmatch(tail) or not tail) and self.rows(_LATEST, [head]):
             return f"a weight is written after ':', with no space: {head}:{tail or '0.7'}"
+        parts = [part.partition(":")[0] for part in ref.split(",")]
+        if table == "adapters" and len(parts) > 1 and any(self.rows(_LATEST, [part]) for part in parts):
+            return f"adapters are separate arguments, not joined by commas: {' '.join(parts)} (each with its :WEIGHT)"
         names = [name for name, in self.rows(f"SELECT DISTINCT name FROM {table}", [])]
         close = difflib.get_close_matches(ref, names, n=1)
         return f"did you mean {close[0]!r}?" if close else ""
