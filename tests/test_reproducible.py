@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from factories import combine_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +59,12 @@ def outputs(work: Path, command_lines: list[list[str]], threads: int, hash_seed:
     return {str(p.relative_to(work)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def test_every_command_writes_the_same_bytes_in_another_process(tmp_path):
-    inputs = combine_inputs(tmp_path / "in")
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    return combine_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def test_every_command_writes_the_same_bytes_in_another_process(inputs, tmp_path):
     command_lines = commands(inputs)
     first = outputs(tmp_path / "first", command_lines, threads=1, hash_seed=1)
     again = outputs(tmp_path / "again", command_lines, threads=1, hash_seed=2)
@@ -68,8 +73,7 @@ def test_every_command_writes_the_same_bytes_in_another_process(tmp_path):
     assert again == first
 
 
-def test_cat_and_export_write_the_same_bytes_at_another_thread_count(tmp_path):
-    inputs = combine_inputs(tmp_path / "in")
+def test_cat_and_export_write_the_same_bytes_at_another_thread_count(inputs, tmp_path):
     command_lines = [line for line in commands(inputs) if line[0] in ("base", "export") or "--method" in line
                      and line[line.index("--method") + 1] == "cat"]
     one = outputs(tmp_path / "one", command_lines, threads=1, hash_seed=1)
