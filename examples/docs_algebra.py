@@ -5,7 +5,8 @@
 Builds the tiny Llama base and the PEFT adapters `style` (rank 8 on all seven linear types, alpha 16, seed 1) and
 `subject` (rank 4 on q_proj/v_proj, alpha 8, seed 2) in WORKDIR/alg (the docs ran in /tmp/alg), then runs the
 commands there. The sha256s it prints are the same on a rerun with the same loraops, torch and thread count on the
-same kind of CPU (README, "Reproducible outputs"): the docs' come from 2 torch threads on an x86 CPU with AVX-512.
+same kind of CPU (README, "Reproducible outputs"; cat, linear and resize at any thread count): the docs' come from 2
+torch threads on an x86 CPU with AVX-512.
 """
 from __future__ import annotations
 
