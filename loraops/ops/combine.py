@@ -53,7 +53,7 @@ from pydantic import ConfigDict, Field, model_serializer, model_validator
 from ..errors import InvalidInputError
 from ..references import is_finite
 from .params import Params
-from .svd import Refactored, refactor_dense, refactor_product, row_blocks
+from .svd import Refactored, refactor_dense, refactor_product, row_blocks, single_threaded
 
 
 @dataclass
@@ -849,10 +849,24 @@ register("della_linear", params=DellaLinearParams, default_rank=max)(
     _elementwise(sample_by_rank, consensus=False, by_rows=True))
 register("magnitude_prune", params=PruneParams, default_rank=max)(_elementwise(trim, consensus=False))
 register("sce", params=SceParams, default_rank=max)(sce)
-register("nuslerp", params=NuslerpParams, default_rank=sum, weights_scale=False, check_weights=exactly_two)(nuslerp)
-register("model_stock", params=ModelStockParams, default_rank=sum, check_weights=at_least_two)(model_stock)
+
+
+def _on_one_thread(method: MethodFn) -> MethodFn:
+    """A vector-wise method on one CPU thread (svd.single_threaded): its QRs, products and sums are of factor size,
+    O((out + in)·(Σr)²), and so its bytes do not depend on the thread count, as linear's do not."""
+    def run(terms: list[Term], params: Params, rank: int, ctx: Context) -> Refactored:
+        with single_threaded(terms[0].A.device):
+            return method(terms, params, rank, ctx)
+
+    return run
+
+
+register("nuslerp", params=NuslerpParams, default_rank=sum, weights_scale=False, check_weights=exactly_two)(
+    _on_one_thread(nuslerp))
+register("model_stock", params=ModelStockParams, default_rank=sum, check_weights=at_least_two)(
+    _on_one_thread(model_stock))
 register("multislerp", params=MultislerpParams, default_rank=sum, weights_scale=False,
-         check_weights=multislerp_weights)(multislerp)
+         check_weights=multislerp_weights)(_on_one_thread(multislerp))
 
 
 def rank_ceiling(method: str) -> str:
