@@ -11,14 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from .st import torch_name
 
-def _torch_name(dtype: str) -> str:
-    from .st import torch_name
-
-    return torch_name(dtype)
-
-
-DtypeName = Annotated[str, AfterValidator(_torch_name)]
+DtypeName = Annotated[str, AfterValidator(torch_name)]
 """A dtype as torch names it (bfloat16, float16, float32, float8_e4m3fn), in every record: a safetensors name given
 (BF16, F8_E4M3: a base's manifest, a merge's output) is turned into that here, so no --json says BF16 where another
 says bfloat16."""
