@@ -392,7 +392,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
                                                            source=f"loraops {lineage.op}", scratch=True,
                                                            written=written,
                                                            told=registered("the result was registered"))
-                return DerivedRecord(adapter=record, created=created, output=None, report=derived.report)
+                return DerivedRecord(adapter=record, new=created, output=None, report=derived.report)
             filling = final.parent
             with atomic_path(final, force=force, is_dir=WRITERS[fmt][1], keep_name=True) as staged:
                 for file in sorted(written.path.iterdir()) if written.path.is_dir() else [written.path]:
@@ -415,7 +415,7 @@ def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: s
             if staged_id is not None and _file_id(final) == staged_id:  # (as the summary says: cli.algebra.echo_saved)
                 tell(f"interrupted after {final} was written in full and "
                      f"{'registered' if done[0].created else 'already registered'} as {done[0].record.ref}")
-    return DerivedRecord(adapter=record, created=created, output=str(final), report=derived.report)
+    return DerivedRecord(adapter=record, new=created, output=str(final), report=derived.report)
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
@@ -592,7 +592,7 @@ def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | 
             refuse_unwritable(adapter, fmt, base_way_out=export_with_base(reg, adapter, ref, fmt, output, force))
     writable(adapter, fmt)
     written = write_adapter(adapter, output, fmt, force=force, dtype=dtype)
-    return ExportReport(adapter=label, format=fmt, output=str(written), plain_lora_of=list(adapter.methods),
+    return ExportReport(ref=label, format=fmt, output=str(written), plain_lora_of=list(adapter.methods),
                         left_out=list(left_out))
 
 

@@ -332,7 +332,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         output=str(output),
         base=str(base.path),
         adapters=[
-            MergeInputRecord(adapter=a.label, weight=w, modules=len(a.modules),
+            MergeInputRecord(ref=a.label, weight=w, modules=len(a.modules),
                              full_tensors=len(a.full_tensors))
             for a, w in adapters
         ],

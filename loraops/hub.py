@@ -1440,7 +1440,7 @@ def push(registry: "store.Registry", ref: str, repo_id: str, *, fmt: str | None 
         if done.changed or new:
             tell(f"{got}, recorded as a tag" if done.changed else
                  f"interrupted after the registry recorded {done.repo_id}@{done.commit[:12]} as a tag of {record.ref}")
-    return PushRecord(adapter=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt,
+    return PushRecord(ref=record.ref, repo_id=done.repo_id, revision=done.revision, format=fmt,
                       files=list(files) + ([] if done.card_kept else [CARD]), card_kept=done.card_kept,
                       commit=done.commit, commit_url=done.commit_url, pr_url=done.pr_url, changed=done.changed)
 

@@ -27,6 +27,7 @@ from .lazy import LazyModule
 from .fsutil import (atomic_path, ensure_free_space, output_path, path_exists, refuse_overlap, refuse_unrecordable,
                      resolved)
 from .records import LineageInput, LineageSpec, MergeInputRecord, MergeReport, ResidualRecord
+from .st import torch_name
 from .references import PATH, argument
 from .references import parse_weighted, refuse_output_over, weighted_inputs  # noqa: F401 - parse_weighted is part of this module's API
 
@@ -322,7 +323,7 @@ def _references(model, adapters) -> bool:
 
 def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:
     return report.model_copy(update={"adapters": [
-        MergeInputRecord(adapter=i.label, weight=sign * i.weight, modules=len(i.adapter.modules),
+        MergeInputRecord(ref=i.label, weight=sign * i.weight, modules=len(i.adapter.modules),
                          full_tensors=len(i.adapter.full_tensors), block_weights=i.block_weights)
         for i in inputs
     ]})
@@ -340,8 +341,9 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
     params = {
         "dtype": report.dtype, "precise": bool(options.get("precise", False)),
         # the --dtype given (None: each tensor as stored), which --exact re-merges with; "dtype" is the output's, for
-        # display (F8_E4M3 for an FP8 model kept FP8, or BF16 for one whose bytes are mostly its bf16 embeddings)
-        "requested_dtype": engine.parse_dtype(options.get("dtype")),
+        # display (float8_e4m3fn for an FP8 model kept FP8, or bfloat16 for one whose bytes are mostly its bf16
+        # embeddings); both named as torch names them, as every --json does (a record before said BF16)
+        "requested_dtype": torch_name(engine.parse_dtype(options.get("dtype"))),
         "base": {"name": source_record.name, "fingerprint": source_record.fingerprint},
         "adapters": [{"label": i.label, "sha256": i.sha256, "weight": sign * i.weight, **i.recorded_blocks()}
                      for i in inputs],

@@ -1,13 +1,22 @@
 """Plain pydantic records: what the library returns and what `--json` prints (a documented, stable schema).
 
-Registry rows, tensors and file handles never leave the library; these do.
+Registry rows, tensors and file handles never leave the library; these do. The names mean one thing in every record:
+`adapter` is an AdapterRecord, `ref` the reference string of an adapter (name@version, or the path given), `created`
+a time, `new` whether a call added the record, and `dtype` a torch dtype name (DtypeName).
 """
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .st import torch_name
+
+DtypeName = Annotated[str, AfterValidator(torch_name)]
+"""A dtype as torch names it (bfloat16, float16, float32, float8_e4m3fn), in every record: a safetensors name given
+(BF16, F8_E4M3: a base's manifest, a merge's output) is turned into that here, so no --json says BF16 where another
+says bfloat16."""
 
 
 class Record(BaseModel):
@@ -131,7 +140,7 @@ class ExtractReport(Record):
     """The alpha given (None: every module's rank, so every scale is 1)."""
     device: str
     precision: Literal["float32", "float64"]
-    dtype: str
+    dtype: DtypeName
     """The factors' dtype as written."""
     modules: list[ExtractModuleRecord]
     error_max: float
@@ -209,10 +218,11 @@ class CombineReport(Record):
 
 
 class TensorRecord(Record):
-    """One tensor of a registered base's manifest."""
+    """One tensor of a registered base's manifest (no --json prints it)."""
 
     name: str
     dtype: str
+    """The safetensors header's name (BF16, F8_E4M3), as the manifest compares it with the files."""
     shape: tuple[int, ...]
 
 
@@ -270,7 +280,8 @@ class BaseRecord(Record):
     path: str | None
     num_tensors: int
     num_parameters: int
-    dtype: str
+    dtype: DtypeName
+    """The dtype holding most of the bytes."""
     total_bytes: int
     derived: bool
     lineage: LineageRecord | None
@@ -288,7 +299,7 @@ class AdapterRecord(Record):
     weights_sha256: str
     """sha256 of the weights file's bytes (what the Hub and Civitai show)."""
     format: str
-    dtype: str
+    dtype: DtypeName
     size: int
     num_parameters: int
     rank: int | None
@@ -376,7 +387,7 @@ class InspectReport(Record):
     """sha256 of the file; for a PEFT folder it also covers the math fields of the config (see formats.identity)."""
     files: list[str]
     size: int
-    dtype: str
+    dtype: DtypeName
     rank: int | None
     """null when modules have different ranks."""
     alpha: float | None
@@ -405,7 +416,7 @@ class InspectReport(Record):
 class CheckResult(Record):
     """`check --json`: how one adapter fits one base (given or recorded) or, when it has none, every registered base."""
 
-    adapter: str
+    ref: str
     """name@version, or the path checked."""
     fits: list[str]
     """The bases it fits."""
@@ -413,7 +424,7 @@ class CheckResult(Record):
 
     @classmethod
     def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
-        return cls(adapter=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
+        return cls(ref=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
 
 
 class PullRecord(Record):
@@ -436,7 +447,7 @@ class PullRecord(Record):
 class PushRecord(Record):
     """What `loraops push` did (`push --json`)."""
 
-    adapter: str
+    ref: str
     """name@version pushed."""
     repo_id: str
     revision: str
@@ -456,7 +467,8 @@ class DerivedRecord(Record):
     and the operation's report (`combine/resize/extract --json`)."""
 
     adapter: AdapterRecord
-    created: bool
+    new: bool
+    """False when an adapter of that identity was already registered: its record, not registered again."""
     output: str | None
     report: CombineReport | ResizeReport | ExtractReport
 
@@ -464,7 +476,7 @@ class DerivedRecord(Record):
 class ExportReport(Record):
     """What `export` wrote (`export --json`); nothing is registered."""
 
-    adapter: str
+    ref: str
     """The adapter exported: its registry reference (name@version), or the path given."""
     format: Literal["peft", "kohya", "diffusers"]
     output: str
@@ -479,7 +491,7 @@ class MergeInputRecord(Record):
     """One adapter of a merge or subtract: where it came from and the weight it was applied with (negated for
     subtract: the weight as it entered W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ)."""
 
-    adapter: str
+    ref: str
     weight: float
     modules: int
     full_tensors: int = 0
@@ -505,8 +517,8 @@ class MergeReport(Record):
     output: str
     base: str
     adapters: list[MergeInputRecord]
-    dtype: str
-    """Output dtype of the floating tensors (safetensors name, e.g. BF16)."""
+    dtype: DtypeName
+    """Output dtype of the floating tensors."""
     device: str
     precise: bool = False
     tensors_merged: int = 0
@@ -537,3 +549,52 @@ class MergeReport(Record):
     registered (the files merged are then recorded as a base of their own, by their fingerprint; the lineage says
     which)."""
     fingerprint: str | None = None
+
+
+class GcItem(Record):
+    path: str
+    size: int
+    """Bytes (a folder's: its files')."""
+
+
+class GcReport(Record):
+    """What `loraops gc` removed (`gc --json`), or would remove with ``dry_run``."""
+
+    dry_run: bool
+    items: list[GcItem]
+    size: int
+    """Bytes, over every item."""
+
+
+class StoredFileProblem(Record):
+    """A stored file `verify` found missing, changed, or held by no record (registry.BlobProblem)."""
+
+    ref: str
+    file: str
+    problem: str
+    pull_again: str | None = None
+    """For an adapter pulled from the Hub, the `loraops pull` that repairs it."""
+
+
+class VerifyReport(Record):
+    """What `loraops verify` found (`verify --json`): ``ok`` when every stored file matches its sha256 (else the command
+    still exits non-zero, after the JSON)."""
+
+    ok: bool
+    adapters: int
+    """How many registered adapters' stored files were hashed."""
+    problems: list[StoredFileProblem]
+
+
+class DbRevision(Record):
+    """The registry's schema revision (`db current --json`)."""
+
+    url: str
+    """The registry's URL, without its password."""
+    revision: str | None
+    """Its recorded Alembic revision; None when it records none (state missing, empty or unversioned)."""
+    head: str
+    """This loraops' revision."""
+    state: Literal["head", "behind", "newer", "empty", "unversioned", "missing"]
+    """head: up to date; behind: `db upgrade` brings it to head; newer: written by a newer loraops; empty: no tables
+    yet; unversioned: tables but no revision recorded (`db stamp`, or another program's); missing: no SQLite file."""

@@ -45,6 +45,12 @@ TORCH_DTYPE_NAMES = {
 }
 
 
+def torch_name(dtype: str | None) -> str | None:
+    """A safetensors dtype name as torch names it (BF16 → bfloat16, F8_E4M3 → float8_e4m3fn), as loraops shows
+    dtypes; any other name (already torch's) as it is."""
+    return TORCH_DTYPE_NAMES.get(dtype, dtype)
+
+
 def torch_dtype(st_dtype: str) -> "torch.dtype":
     import torch
 

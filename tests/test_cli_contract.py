@@ -844,7 +844,7 @@ def test_every_dtype_option_takes_torch_names(tmp_path, kohya):
     assert all(p.type is DTYPE for p in dtyped.values())
     merged = json.loads(cli("merge", kohya, "--into", _single_file_base(tmp_path), "-o", tmp_path / "m.safetensors",
                             "--dtype", "bfloat16", "--device", "cpu", "--no-record", "--json").stdout)
-    assert merged["dtype"] == "BF16"
+    assert merged["dtype"] == "bfloat16"
     for name, dtype in (("half", "float16"), ("float32", "float32"), ("float", "float32")):
         done = json.loads(cli("resize", kohya, "--rank", "2", "--dtype", name, "--name", f"r-{name}", "--device", "cpu",
                               "--json").stdout)

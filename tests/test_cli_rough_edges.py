@@ -39,11 +39,11 @@ def test_export_json(reg, tmp_path):
     out = tmp_path / "a.safetensors"
     code, text = run("export", "a", "--format", "kohya", "-o", out, "--json")
     assert code == 0, text
-    assert json.loads(text) == {"adapter": "a@1", "format": "kohya", "output": str(out), "plain_lora_of": [],
+    assert json.loads(text) == {"ref": "a@1", "format": "kohya", "output": str(out), "plain_lora_of": [],
                                 "left_out": []}
     code, text = run("export", out, "--format", "peft", "-o", tmp_path / "p", "--base", "tiny", "--json")
     assert code == 0, text
-    assert json.loads(text)["adapter"] == str(out) and json.loads(text)["output"] == str(tmp_path / "p")
+    assert json.loads(text)["ref"] == str(out) and json.loads(text)["output"] == str(tmp_path / "p")
 
 
 @pytest.mark.parametrize("command", [["export", "a"], ["combine", "a"], ["resize", "a", "--rank", "2"]])

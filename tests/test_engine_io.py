@@ -85,7 +85,7 @@ def test_dtype_change_updates_index_and_config(tmp_path, sharded):
     base, adapter_dir = sharded
     report = engine.merge(base, [(formats.read_adapter(adapter_dir), 0.5)], tmp_path / "bf16", dtype="bf16", device="cpu")
     out = tmp_path / "bf16"
-    assert report.dtype == "BF16" and report.tensors_converted > 0
+    assert report.dtype == "bfloat16" and report.tensors_converted > 0
     tensors = merged(out)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -108,7 +108,7 @@ def test_fp8_output_is_requantized_with_fresh_block_scales(tmp_path, models, pre
                           precise=precise)
     ours, fp8 = tensors(tmp_path / "out"), tensors(models.fp8)
     terms = terms_of(models.adapter, models.fp8, 0.8)
-    assert report.tensors_merged == len(terms) and report.dtype == "F8_E4M3"
+    assert report.tensors_merged == len(terms) and report.dtype == "float8_e4m3fn"
     for name, module_terms in terms.items():
         exact = reference64(dequantized64(fp8, name), module_terms)
         q, inverse = ours[name], ours[f"{name}_scale_inv"]
@@ -385,7 +385,7 @@ def test_cli_merge_check_subtract_and_exact(tmp_path, models):
     check = cli("check", models.adapter, "--base", models.fp8).output
     assert "fits" in check and "8/8 modules match" in check  # the scale tensors are no modules
     out = cli("merge", models.adapter, "--into", models.fp8, "-o", tmp_path / "merged", "--device", "cpu").output
-    assert "8 tensors merged" in out and "F8_E4M3" in out
+    assert "8 tensors merged" in out and "float8_e4m3fn" in out
     report = json.loads(cli("subtract", models.adapter, "--from", tmp_path / "merged", "-o", tmp_path / "back",
                             "--json").output)
     residual = report["residual"]  # lossy: FP8 rounds twice; by value, each side decoded with its own scales

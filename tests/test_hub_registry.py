@@ -351,7 +351,8 @@ def test_base_add_hub_manifest_only_then_weights_on_demand(fake_hub, adapters, r
     commit = fake_hub.repos["meta/tiny"].branches["main"]
     local = BaseModel.open(adapters["base"])
     assert added.output == (f"added base tiny (id 1) from hf://meta/tiny@{commit}: {len(local.tensors)} tensors, "
-                            f"{local.num_parameters:,} parameters, F32; manifest only, weights download on first use\n")
+                            f"{local.num_parameters:,} parameters, float32; manifest only, weights download on first "
+                            "use\n")
     def base_weight_gets():
         return [r for r in fake_hub.downloads(".safetensors") if r["path"].startswith("/meta/tiny/")]
 

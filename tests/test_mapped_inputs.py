@@ -235,7 +235,7 @@ def test_merge_of_a_registered_path_loads_its_stored_copy(reg, art, tmp_path, mo
     def merge(out: str) -> tuple[str | None, dict[str, str]]:
         report = merging.merge(art["base"], [str(path)], tmp_path / out, record=False, device="cpu")
         adapter = seen[-1][1][0][0]
-        assert adapter.label == str(path) and report.adapters[0].adapter == str(path)
+        assert adapter.label == str(path) and report.adapters[0].ref == str(path)
         where = {mapped_file(t) for _, t in factors(adapter)}
         assert len(where) == 1
         written = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / out).glob("*.safetensors")}

@@ -329,7 +329,7 @@ def test_subtract_to_another_dtype_reports_the_residual_by_value(tmp_path, model
     report = json.loads(run("subtract", a, "--from", tmp_path / "m", "-o", tmp_path / "s", "--dtype", "fp32",
                             "--json").output)
     residual = report["residual"]
-    assert residual["compared_to"] == str(base) and report["dtype"] == "F32"
+    assert residual["compared_to"] == str(base) and report["dtype"] == "float32"
     back, original = tensors(tmp_path / "s"), tensors(base)
     assert residual["max_abs_diff"] == max(float((back[n].double() - original[n].double()).abs().max()) for n in back)
     assert 0 < residual["max_abs_diff"] < 0.01

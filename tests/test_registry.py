@@ -321,7 +321,7 @@ def test_rm_of_a_derived_adapter_or_base_takes_its_lineage(reg, art):
 
 def test_bases_idempotent_conflicts_derived_and_rm(reg, art, tmp_path):
     b, created = reg.register_base(art["base"])
-    assert created and b.name == "llama" and b.num_tensors == 21 and b.dtype == "F32" and not b.derived
+    assert created and b.name == "llama" and b.num_tensors == 21 and b.dtype == "float32" and not b.derived
     sharded = tiny_llama(tmp_path / "sharded", shard_size="60KB")
     same, created = reg.register_base(sharded, name="other-name")
     assert not created and same.id == b.id  # same tensors, however sharded

@@ -46,7 +46,8 @@ def cli(*args, code=0):
 
 def test_register_list_show_rm(art):
     out = cli("base", "add", art["base"], "--name", "llama-tiny").output
-    assert out.startswith("added base llama-tiny (id 1, fingerprint ") and "21 tensors, 90,432 parameters, F32" in out
+    assert out.startswith("added base llama-tiny (id 1, fingerprint ")
+    assert "21 tensors, 90,432 parameters, float32" in out
     out = cli("register", art["ad1"], "--tag", "chat").output
     assert out.startswith("registered ad1@1 (id 1, sha256 ") and out.endswith(
         "peft, 14 modules, rank 4, alpha 8, base llama-tiny\n")
@@ -146,7 +147,7 @@ def test_base_commands(art):
     cli("register", art["ad1"])
     assert cli("base", "add", art["base"], "--name", "again").output.startswith("already registered as base llama (id 1,")
     rows = cli("base", "list").output.splitlines()
-    assert rows[2].split()[:5] == ["1", "llama", "21", "90,432", "F32"]
+    assert rows[2].split()[:5] == ["1", "llama", "21", "90,432", "float32"]
     shown = json.loads(cli("base", "show", "llama", "--json").output)
     assert shown["name"] == "llama" and shown["num_tensors"] == 21 and shown["derived"] is False
     assert "fingerprint  " in cli("base", "show", "1").output

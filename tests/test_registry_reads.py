@@ -8,6 +8,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from loraops import settings
+from loraops.st import torch_name
 from loraops.errors import NotFoundError, RegistryError
 from loraops.records import LineageInput, LineageSpec
 from loraops.registry import Registry, db, reads
@@ -91,7 +92,9 @@ def test_records_match_the_orm_rows(filled):
         bases = {b.id: b for b in reg.list_bases()}
         for row in s.scalars(select(SqlBase)):
             record = bases[row.id]
-            assert {c: getattr(record, c) for c in BASE_COLUMNS} == {c: getattr(row, c) for c in BASE_COLUMNS}
+            # (the column keeps the manifest's safetensors name, BF16; a record says torch's, as every --json)
+            assert {c: getattr(record, c) for c in BASE_COLUMNS} == {
+                **{c: getattr(row, c) for c in BASE_COLUMNS}, "dtype": torch_name(row.dtype)}
             assert record.created == reads.utc(row.created)
             assert_lineage(record.lineage, row.lineage)
         assert sum(a.lineage is not None for a in adapters.values()) == sum(b.lineage is not None for b in bases.values()) == 1

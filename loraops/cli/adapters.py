@@ -7,8 +7,8 @@ import click
 
 from . import FLOAT, INT
 from ..landing import registered
-from .render import (METHODS, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, not_again,
-                     number, rank_alpha, scale_mode, to_jsonable, variants)
+from .render import (METHODS, PRODUCTS, echo_fields, echo_json, echo_modules, echo_table, human_bytes, json_option,
+                     not_again, number, rank_alpha, scale_mode, to_jsonable, variants)
 
 
 def _registry(create: bool = True):
@@ -60,7 +60,7 @@ def registered_again(record, name: str | None, linked: bool, previous_base) -> s
 @click.option("--base", "base", metavar="BASE", help="Registered base it is for (it must fit); links (or re-links) an adapter already registered.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag it (repeatable).")
 @click.option("--alpha", type=FLOAT, help="LoRA alpha: for a file that does not record one, or replacing the one it records (part of its identity).")
-@click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON.")
+@json_option("the AdapterRecord with \"new\" (false: registered already), \"linked\" and \"previous_base\" (as pull's)")
 def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...], alpha: float | None,
              as_json: bool) -> None:
     """Register an adapter: a PEFT folder or a .safetensors file (PEFT, kohya or diffusers keys)."""
@@ -69,7 +69,8 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
                                     told=registered(f"{path} was registered"))
     record = done.record
     if as_json:
-        echo_json(record)
+        echo_json({**to_jsonable(record), "new": done.created, "linked": done.linked,
+                   "previous_base": to_jsonable(done.previous_base)})
         return
     if not done.created:
         click.echo(f"already registered as {record.ref} (id {record.id}, sha256 {record.sha256[:12]})"
@@ -88,7 +89,7 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
 @click.option("--target", metavar="MODULE", help="Only adapters with a module named so (q_proj, c_attn, ...).")
 @click.option("--tag", metavar="TAG", help="Only adapters with this tag.")
 @click.option("--name", help="Only versions of this name.")
-@click.option("--json", "as_json", is_flag=True, help="Print a list of AdapterRecords as JSON.")
+@json_option("a list of AdapterRecords")
 def list_adapters(base: str | None, rank: int | None, target: str | None, tag: str | None, name: str | None,
                   as_json: bool) -> None:
     """List registered adapters (every version)."""
@@ -124,8 +125,7 @@ def stored_damage(record) -> str | None:
 
 @click.command()
 @click.argument("ref")
-@click.option("--json", "as_json", is_flag=True, help="Print the AdapterRecord as JSON, with \"lora_bias\" (PEFT's, from "
-                                                         "the stored file; null when it cannot be read).")
+@json_option("the AdapterRecord with \"lora_bias\" (PEFT's, from the stored file; null when it cannot be read)")
 def show(ref: str, as_json: bool) -> None:
     """Show an adapter: by name (latest version), name@version, id, or sha256 prefix."""
     from ..errors import LoraopsError
@@ -177,10 +177,14 @@ def show(ref: str, as_json: bool) -> None:
 @click.argument("ref")
 @click.option("--all", "all_versions", is_flag=True,
               help="Remove every version of the name (given alone, not name@version).")
-def rm(ref: str, all_versions: bool) -> None:
+@json_option("a list of the AdapterRecords removed")
+def rm(ref: str, all_versions: bool, as_json: bool) -> None:
     """Remove an adapter (name = its latest version; name@version, id, sha256 prefix) and its stored copy."""
     with _registry(create=False) as reg:
         removed = reg.remove_adapter(ref, all_versions=all_versions)  # (it tells what an interruption then says)
+    if as_json:
+        echo_json(removed)
+        return
     for r in removed:
         click.echo(f"removed {r.ref} (id {r.id}, sha256 {r.sha256[:12]})")
 
@@ -189,7 +193,7 @@ def rm(ref: str, all_versions: bool) -> None:
 @click.argument("ref_or_path")
 @click.option("--base", metavar="BASE", help="A registered base, or a base model path.")
 @click.option("--alpha", type=FLOAT, help="LoRA alpha: for a file that does not record one, or replacing the one it records.")
-@click.option("--json", "as_json", is_flag=True, help="Print the CheckResult as JSON.")
+@json_option("the CheckResult")
 def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool) -> None:
     """Check that an adapter fits a base: every module by name and shape, or each mismatch.
 
@@ -204,7 +208,7 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
     else:
         for report in result.reports:
             verdict = "fits" if report.ok else "does not fit"
-            click.echo(f"{result.adapter} {verdict} {report.base}: {fit_counts(report)} match")
+            click.echo(f"{result.ref} {verdict} {report.base}: {fit_counts(report)} match")
             if report.tied_heads:
                 click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not stored, "
                            "or stored as a copy of them); a merge writes it untied (an encoder-decoder model's only "
@@ -214,8 +218,8 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
                 for problem in misfits(report):
                     click.echo(f"  {problem}")
     if not result.reports:
-        raise MismatchError(f"{result.adapter}: no base to check against (give --base, or `loraops base add` one)")
+        raise MismatchError(f"{result.ref}: no base to check against (give --base, or `loraops base add` one)")
     if not result.fits:
         if len(result.reports) == 1:
-            raise MismatchError(f"{result.adapter} does not fit base {result.reports[0].base}")
-        raise MismatchError(f"{result.adapter} fits none of the {len(result.reports)} registered bases")
+            raise MismatchError(f"{result.ref} does not fit base {result.reports[0].base}")
+        raise MismatchError(f"{result.ref} fits none of the {len(result.reports)} registered bases")

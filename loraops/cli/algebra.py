@@ -8,7 +8,7 @@ import click
 from .. import blocks
 from . import DTYPE, FLOAT, INT, expect_output
 from ..references import parse_weighted
-from .render import METHODS, echo_json, echo_table, layer_kind, not_again
+from .render import METHODS, echo_json, echo_table, json_option, layer_kind, not_again
 
 METHOD_HELP = ("cat (exact, ranks add up), linear / svd (weighted sum, --rank), ties, dare_ties, dare_linear, "
                "breadcrumbs, breadcrumbs_ties, della, della_linear, magnitude_prune, sce, nuslerp (two adapters, "
@@ -45,7 +45,7 @@ def output_options(fn):
         click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
                      help="Output layout (default: the inputs' format when they share one, else peft)."),
         click.option("--force", is_flag=True, help="Replace an existing output."),
-        click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + report) as JSON."),
+        json_option("the DerivedRecord (registry record + report)"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -61,10 +61,10 @@ def echo_saved(result, name: str | None) -> None:
     """The result's registration line; ``name``: the --name asked for (said when an identical adapter holds
     another, as `register` says it)."""
     record = result.adapter
-    state = "registered" if result.created else "already registered as"
+    state = "registered" if result.new else "already registered as"
     click.echo(f"{state} {record.ref} (id {record.id}, sha256 {record.sha256[:12]}), base "
                f"{record.base.name if record.base else '-'}" + (f"; wrote {result.output}" if result.output else "")
-               + ("" if result.created else not_again(name, record.name, "adapter")))
+               + ("" if result.new else not_again(name, record.name, "adapter")))
 
 
 def echo_same_delta(source: str, why: str) -> None:
@@ -263,7 +263,7 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, dtype, device, precis
 @dtype_option("as stored")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @base_option
-@click.option("--json", "as_json", is_flag=True, help="Print the ExportReport as JSON.")
+@json_option("the ExportReport")
 def export(ref, fmt, output, dtype, force, base, as_json) -> None:
     """Write an adapter (registry reference or path) in another layout, same deltas. An unregistered kohya file
     needs --base to be written as PEFT (and a VeRA file in any layout). PEFT AdaLoRA and VeRA adapters are written as

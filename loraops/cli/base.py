@@ -5,7 +5,7 @@ import click
 
 from .adapters import _reader, _registry
 from .hub import TOKEN_HELP, check_token
-from .render import echo_fields, echo_json, echo_table, human_bytes, not_again
+from .render import echo_fields, echo_json, echo_table, human_bytes, json_option, not_again, to_jsonable
 
 
 @click.group()
@@ -17,7 +17,7 @@ def base() -> None:
 @click.argument("path", type=click.Path())
 @click.option("--name", help="Registry name (default: the folder or file name).")
 @click.option("--token", help=f"hub: only — {TOKEN_HELP}", callback=check_token)
-@click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
+@json_option("the BaseRecord with \"new\" (false: that model was registered already)")
 def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
     """Record a base model: an HF folder (sharded safetensors + index), a diffusers pipeline, or one .safetensors;
     or hub:OWNER/NAME[@REV], read from the safetensors headers on the Hub (weights downloaded on first use)."""
@@ -39,7 +39,7 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
         else:
             record, created = reg.register_base(path, name=name, told=told)
     if as_json:
-        echo_json(record)
+        echo_json({**to_jsonable(record), "new": created})
     elif created and record.path is None:
         click.echo(f"added base {record.name} (id {record.id}) from {record.source}: {record.num_tensors} tensors, "
                    f"{record.num_parameters:,} parameters, {record.dtype}; manifest only, weights download on first use"
@@ -73,7 +73,7 @@ def refuse_hub_id_as_path(path: str) -> None:
 
 
 @base.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print a list of BaseRecords as JSON.")
+@json_option("a list of BaseRecords")
 def list_bases(as_json: bool) -> None:
     """List registered base models."""
     with _reader() as reg:
@@ -90,7 +90,7 @@ def list_bases(as_json: bool) -> None:
 
 @base.command("show")
 @click.argument("ref")
-@click.option("--json", "as_json", is_flag=True, help="Print the BaseRecord as JSON.")
+@json_option("the BaseRecord")
 def show(ref: str, as_json: bool) -> None:
     """Show a base model: by name, id, or fingerprint prefix."""
     from pathlib import Path
@@ -118,11 +118,14 @@ def show(ref: str, as_json: bool) -> None:
 @base.command("rm")
 @click.argument("ref")
 @click.option("--force", is_flag=True, help="Remove it even while adapters or lineage refer to it.")
-def rm(ref: str, force: bool) -> None:
+@json_option("the BaseRecord removed")
+def rm(ref: str, force: bool, as_json: bool) -> None:
     """Forget a base model (its files are not touched)."""
     with _registry(create=False) as reg:
         record = reg.remove_base(ref, force=force, told=lambda r: f"interrupted after base {r.name} was removed")
-    if record.path is None:  # a base from the Hub whose weights never came down
+    if as_json:
+        echo_json(record)
+    elif record.path is None:  # a base from the Hub whose weights never came down
         click.echo(f"removed base {record.name} (id {record.id}); it had no files on disk (its manifest came from "
                    f"{record.source})")
     else:

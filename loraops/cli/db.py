@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loraops.cli import one_line
+from loraops.cli.render import echo_json, json_option
 from loraops.landing import interrupts_deferred, tell
 
 
@@ -60,11 +61,17 @@ def _read_only_upgrade(regdb, engine) -> None:
 
 
 @db.command()
-def current() -> None:
+@json_option("the DbRevision")
+def current(as_json: bool) -> None:
     """Print the registry's schema revision (without changing it)."""
+    from ..records import DbRevision
+
     regdb, engine = _engine(create=False)
     if regdb.missing_sqlite_file(engine):
-        click.echo(f"{_url(engine)}: no registry there yet ({regdb.CREATED_BY})")
+        if as_json:
+            echo_json(DbRevision(url=_url(engine), revision=None, head=regdb.HEAD, state="missing"))
+        else:
+            click.echo(f"{_url(engine)}: no registry there yet ({regdb.CREATED_BY})")
         return
     # a registry in a folder this process cannot write is read over a read-only connection, as `list` reads it
     # (SQLite's WAL needs the folder writable even to read): it failed "attempt to write a readonly database"
@@ -77,17 +84,16 @@ def current() -> None:
     finally:
         reading.dispose()
         engine.dispose()
-    if revision == regdb.HEAD:
-        state = "(head)"
-    elif tables:
-        state = f"(it {regdb.unversioned(tables)})"
-    elif revision is None:
-        state = f"(empty; head is {regdb.HEAD}: any command creates it, or `loraops db upgrade`)"
-    elif not regdb.known_revision(revision):
-        state = f"(written by a newer loraops; this one's head is {regdb.HEAD}: upgrade loraops)"
-    else:
-        state = f"(head is {regdb.HEAD}: run `loraops db upgrade`)"
-    click.echo(f"{_url(engine)}: revision {revision or 'none'} {state}")
+    state = ("head" if revision == regdb.HEAD else "unversioned" if tables else "empty" if revision is None
+             else "newer" if not regdb.known_revision(revision) else "behind")
+    if as_json:
+        echo_json(DbRevision(url=_url(engine), revision=revision, head=regdb.HEAD, state=state))
+        return
+    said = {"head": "(head)", "unversioned": f"(it {regdb.unversioned(tables)})",
+            "empty": f"(empty; head is {regdb.HEAD}: any command creates it, or `loraops db upgrade`)",
+            "newer": f"(written by a newer loraops; this one's head is {regdb.HEAD}: upgrade loraops)",
+            "behind": f"(head is {regdb.HEAD}: run `loraops db upgrade`)"}[state]
+    click.echo(f"{_url(engine)}: revision {revision or 'none'} {said}")
 
 
 @db.command()

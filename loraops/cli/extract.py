@@ -5,7 +5,7 @@ import click
 
 from . import FLOAT, INT, expect_output
 from .algebra import CONV_RANK_HELP, compute_options, dtype_option, echo_capped, echo_saved
-from .render import echo_base_changed, echo_json, echo_table, human_bytes, layer_kind
+from .render import echo_base_changed, echo_json, echo_table, human_bytes, json_option, layer_kind
 
 
 def _names(text: str | None, option: str) -> list[str] | None:
@@ -37,7 +37,7 @@ def _names(text: str | None, option: str) -> list[str] | None:
 @click.option("-o", "--output", type=click.Path(), help="Also write the adapter here (PEFT folder, or kohya .safetensors).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output layout (default peft; kohya for a single-file SD/SDXL/FLUX/SD3 checkpoint).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the DerivedRecord (registry record + ExtractReport) as JSON.")
+@json_option("the DerivedRecord (registry record + ExtractReport)")
 def extract(base, tuned, rank, dynamic, param, max_rank, conv_rank, modules, save_modules, alpha, dtype, keep_rounding, device,
             precise, name, output, fmt, force, as_json) -> None:
     """Extract the LoRA adapter of TUNED − BASE (a truncated SVD of each weight's difference), registered against

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .adapters import registered_again
-from .render import echo_json
+from .render import echo_json, json_option
 
 TOKEN_HELP = "Hub token for this call (default: $HF_TOKEN, else the token saved by `hf auth login`)."
 
@@ -31,7 +31,7 @@ def check_token(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="A registered base the adapter must fit (links an adapter already registered to it).")
 @click.option("--revision", help="A branch, tag or commit sha: the same as REPO@REVISION.")
 @click.option("--token", help=TOKEN_HELP, callback=check_token)
-@click.option("--json", "as_json", is_flag=True, help="Print the PullRecord as JSON.")
+@json_option("the PullRecord")
 def pull(repo: str, name: str | None, subpath: str | None, base: str | None, revision: str | None, token: str | None,
          as_json: bool) -> None:
     """Download an adapter from the Hub (a branch, tag or commit; HF_HUB_OFFLINE=1: from the cache) and register
@@ -64,7 +64,7 @@ def pull(repo: str, name: str | None, subpath: str | None, base: str | None, rev
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
               help="Layout to upload (default: the adapter's own, byte for byte).")
 @click.option("--token", help=TOKEN_HELP, callback=check_token)
-@click.option("--json", "as_json", is_flag=True, help="Print the PushRecord as JSON.")
+@json_option("the PushRecord")
 def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt: str | None, token: str | None,
          as_json: bool) -> None:
     """Upload a registered adapter REF to the Hub repo REPO in one commit, with a model card (base model, ranks,
@@ -79,9 +79,9 @@ def push(ref: str, repo: str, private: bool, revision: str, create_pr: bool, fmt
         echo_json(done)
         return
     if done.changed or done.pr_url:
-        click.echo(f"pushed {done.adapter} ({done.format}) to {done.repo_id}@{done.revision}: commit {done.commit[:12]}")
+        click.echo(f"pushed {done.ref} ({done.format}) to {done.repo_id}@{done.revision}: commit {done.commit[:12]}")
     else:
-        click.echo(f"nothing to push: {done.repo_id}@{done.revision} already holds {done.adapter} ({done.format}), "
+        click.echo(f"nothing to push: {done.repo_id}@{done.revision} already holds {done.ref} ({done.format}), "
                    f"commit {done.commit[:12]}")
     click.echo(f"  files   {', '.join(done.files)}")
     if done.card_kept:

@@ -5,7 +5,7 @@ import click
 
 from . import FLOAT
 from ..adapter import token_rows_phrase
-from .render import echo_json, echo_modules, human_bytes, rank_alpha, scale_mode, variants
+from .render import echo_json, echo_modules, human_bytes, json_option, rank_alpha, scale_mode, variants
 
 METADATA_SHOWN = 12
 VALUE_WIDTH = 60
@@ -17,7 +17,7 @@ BASE_KEYS = ("ss_sd_model_name", "modelspec.architecture")
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--alpha", type=FLOAT, help="LoRA alpha: for a bare PEFT .safetensors that does not record one, or replacing the one a file records.")
-@click.option("--json", "as_json", is_flag=True, help="Print the InspectReport record as JSON.")
+@json_option("the InspectReport record")
 def inspect(path: str, alpha: float | None, as_json: bool) -> None:
     """Show an adapter's format, modules, ranks, alphas, scales, dtype, parameters and metadata."""
     from ..inspect import inspect_path

@@ -5,20 +5,26 @@ import click
 
 from . import FLOAT
 from .adapters import _registry
-from .render import human_bytes
+from .render import echo_json, human_bytes, json_option
 
 
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.option("--grace", type=FLOAT, default=3600, show_default=True, metavar="SECONDS",
               help="Keep anything younger than this (a registration may be in progress).")
-def gc(dry_run: bool, grace: float) -> None:
+@json_option("the GcReport")
+def gc(dry_run: bool, grace: float, as_json: bool) -> None:
     """Remove stored adapter files no record uses, and leftovers of interrupted copies."""
+    from ..records import GcItem, GcReport
     from ..registry.store import refuse_bad_grace
 
     refuse_bad_grace(grace, "--grace")  # (before the registry is opened)
     with _registry(create=False) as reg:
         found = reg.gc(grace_s=grace, dry_run=dry_run)  # (it tells what an interruption then says)
+    if as_json:
+        echo_json(GcReport(dry_run=dry_run, items=[GcItem(path=str(path), size=size) for path, size in found],
+                           size=sum(size for _, size in found)))
+        return
     verb = "would remove" if dry_run else "removed"
     for path, _ in found:
         click.echo(f"{verb} {path}")
@@ -26,20 +32,27 @@ def gc(dry_run: bool, grace: float) -> None:
 
 
 @click.command()
-def verify() -> None:
+@json_option("the VerifyReport")
+def verify(as_json: bool) -> None:
     """Re-hash every stored adapter file; exit non-zero when any is missing or changed, or when a stored adapter's
     folder holds a file none of its records does (put there since: remove it)."""
     from ..errors import RegistryError
+    from ..records import StoredFileProblem, VerifyReport
     from ..registry.store import UNRECORDED
 
     with _registry(create=False) as reg:
         problems = reg.verify()
         count = len(reg.list_adapters(modules=False))
-    for p in problems:
-        click.echo(f"{p.adapter}: {p.file}: {p.problem}")
     pulled = {p.adapter: p.pull_again for p in problems if p.pull_again}  # (they have no original on disk)
-    for adapter, again in pulled.items():
-        click.echo(f"{adapter}: pulled from the Hub: `{again}` downloads it again")
+    if as_json:  # (the error line below still says what is wrong, on stderr, with its exit status)
+        echo_json(VerifyReport(ok=not problems, adapters=count, problems=[
+            StoredFileProblem(ref=p.adapter, file=p.file, problem=p.problem, pull_again=p.pull_again)
+            for p in problems]))
+    else:
+        for p in problems:
+            click.echo(f"{p.adapter}: {p.file}: {p.problem}")
+        for adapter, again in pulled.items():
+            click.echo(f"{adapter}: pulled from the Hub: `{again}` downloads it again")
     extra, said = sum(p.problem == UNRECORDED for p in problems), []
     if len(problems) > extra:
         said.append(f"{len(problems) - extra} stored file(s) missing or changed; re-register those adapters from their "
@@ -48,4 +61,5 @@ def verify() -> None:
         said.append(f"{extra} file(s) in stored adapter folders that no record holds; remove them")
     if said:
         raise RegistryError("; ".join(said))
-    click.echo(f"all stored files of {count} adapter(s) match their sha256")
+    if not as_json:
+        click.echo(f"all stored files of {count} adapter(s) match their sha256")

@@ -6,7 +6,7 @@ import click
 from .. import blocks
 from . import DTYPE, expect_output
 from .algebra import DEVICE_HELP, block_weights_option
-from .render import echo_base_changed, echo_json, human_bytes, not_again
+from .render import echo_base_changed, echo_json, human_bytes, json_option, not_again
 
 
 def _options(fn):
@@ -19,7 +19,7 @@ def _options(fn):
         click.option("--force", is_flag=True, help="Replace an existing output."),
         click.option("--name", help="Registry name for the output (default: its folder or file name)."),
         click.option("--no-record", is_flag=True, help="Do not record the output in the registry (skips fingerprinting it; references are still looked up)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the MergeReport as JSON."),
+        json_option("the MergeReport"),
     ]):
         fn = option(fn)
     return fn
@@ -65,7 +65,7 @@ def _render(report, as_json: bool, name: str | None) -> None:
         echo_json(report)
         return
     verb = {"merge": "merged", "subtract": "subtracted", "restore": "restored"}[report.operation]
-    adapters = ", ".join(f"{a.adapter}:{a.weight:g}{blocks.text(a.block_weights)}" for a in report.adapters)
+    adapters = ", ".join(f"{a.ref}:{a.weight:g}{blocks.text(a.block_weights)}" for a in report.adapters)
     if report.operation == "restore":
         adapters = report.base + (f" + {adapters}" if adapters else "")
     rate = report.bytes_written / report.seconds if report.seconds else 0

@@ -26,6 +26,13 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=False))
 
 
+def json_option(what: str):
+    """Every command's --json (passed as ``as_json``): it prints ``what`` (a record of loraops.records, or a list of
+    them) with echo_json, in place of the text; an error is still the one line on stderr, after the JSON a command
+    that refuses its result (check, verify) printed."""
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON.")
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A plain left-aligned text table (numbers right-aligned)."""
     rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
