@@ -41,19 +41,22 @@ def normal(line: str) -> str:
     return line.strip()
 
 
-def commands(lines: list[str]) -> list[tuple[str, list[str]]]:
-    """(command line, its output lines) for each `$ loraops` line; a script's own lines go with the command before."""
-    found: list[tuple[str, list[str]]] = []
+def commands(lines: list[str]) -> list[tuple[int, str, list[str]]]:
+    """(index, command line, its output lines) for each `$ loraops` line; a script's own lines go with the command
+    before. The environment a page shows before the command (`$ HF_HUB_OFFLINE=1 loraops …`) is left out: the
+    examples pass it without echoing it."""
+    found: list[tuple[int, str, list[str]]] = []
     output = None
-    for line in lines:
+    for index, line in enumerate(lines):
         if line.startswith(("$ ", "################")):
             output = None
-            if line.startswith("$ loraops"):
+            command = re.match(r"\$ (?:\w+=\S* )*(loraops\b.*)", line)
+            if command:
                 output = []
-                found.append((normal(line), output))
+                found.append((index, normal(f"$ {command[1]}"), output))
         elif output is not None:
             output.append(normal(line))
-    for _, output in found:
+    for _, _, output in found:
         while output and not output[-1]:
             output.pop()
     return found
@@ -75,8 +78,7 @@ def shown(page: str, first: str | None, last: str | None) -> list[tuple[int, str
             block.append((number, line))
     found = []
     for block in blocks:
-        numbers = {normal(line): number for number, line in reversed(block)}
-        found += [(numbers[command], command, output) for command, output in commands([line for _, line in block])]
+        found += [(block[i][0], command, output) for i, command, output in commands([line for _, line in block])]
     return found
 
 
@@ -88,7 +90,7 @@ def fits(lines: list[str], output: list[str]) -> bool:
 def main(logs: list[str]) -> int:
     if not logs:
         sys.exit(__doc__)
-    ran = [found for log in logs for found in commands(Path(log).read_text().splitlines())]
+    ran = [(command, output) for log in logs for _, command, output in commands(Path(log).read_text().splitlines())]
     compared = differ = 0
     for page, first, last in PAGES:
         for number, command, lines in shown(page, first, last):
