@@ -191,7 +191,7 @@ FLOAT, INT = Number(integer=False), Number(integer=True)
 class Dtype(click.Choice):
     """--dtype: bf16, fp16 or fp32, also under the names torch, PEFT, mergekit and kohya give them (bfloat16,
     float16, float32, half, float), which the Python API and a recipe's out_dtype take: the CLI refused them. Any
-    case: `BF16` is how list, show and merge's summary write a dtype."""
+    case: `BF16` is the safetensors name (a header's, an older lineage record's)."""
 
     ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
