@@ -823,9 +823,15 @@ def test_name_with_no_record_is_refused(tmp_path, kohya):
         out = tmp_path / f"{command}.safetensors"
         result = cli(command, kohya, source, merged if command == "subtract" else base, "-o", out, "--no-record",
                      "--name", "mine", "--device", "cpu", code=2)
-        assert result.stderr == ("error: --name 'mine' names the output's record, and --no-record makes none "
-                                 "(record=False in Python): leave one of them out\n")
+        assert result.stderr == ("error: --name 'mine' names the output's record, and --no-record makes none: leave "
+                                 "one of them out\n")
         assert not out.exists()
+    from loraops import merging
+    from loraops.errors import InvalidInputError
+
+    # the library says its own parameters: name and record=False, not the CLI's options
+    with pytest.raises(InvalidInputError, match="^name 'mine' names the output's record, and record=False makes none"):
+        merging.merge(base, [kohya], tmp_path / "lib.safetensors", record=False, name="mine", device="cpu")
     with Registry.open() as reg:
         assert reg.list_bases() == []
 

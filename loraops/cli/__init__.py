@@ -159,11 +159,18 @@ def system_error(exc: OSError) -> None:
 
 def said(exc: LoraopsError, command: click.Command | None) -> str:
     """``exc``'s message, with the parameters a ParameterError names said as ``command``'s options where it has one
-    of that name (max_rank: --max-rank); the library says their Python names."""
+    of that name (max_rank: --max-rank; a flag's value as the flag typed for it, rescale=False: --no-rescale); the
+    library says them as Python writes them."""
     if not isinstance(exc, ParameterError) or command is None:
         return str(exc)
     options = {option for param in command.params for option in (*param.opts, *param.secondary_opts)}
-    return exc.said(lambda name: option if (option := f"--{name.replace('_', '-')}") in options else name)
+
+    def option(word: str) -> str:
+        name, _, value = word.partition("=")
+        typed = f"--{'no-' * (value == 'False')}{name.replace('_', '-')}"
+        return typed if typed in options else word
+
+    return exc.said(option)
 
 
 class Number(click.ParamType):
