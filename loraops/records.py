@@ -421,10 +421,12 @@ class CheckResult(Record):
     fits: list[str]
     """The bases it fits."""
     reports: list[CheckReport]
+    base_hint: str | None = None
+    """base_model_name_or_path as written in the adapter (PEFT), when present (as AdapterRecord's)."""
 
     @classmethod
-    def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
-        return cls(ref=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
+    def of(cls, adapter: str, reports: list[CheckReport], base_hint: str | None = None) -> "CheckResult":
+        return cls(ref=adapter, fits=[r.base for r in reports if r.ok], reports=reports, base_hint=base_hint)
 
 
 class PullRecord(Record):

@@ -40,7 +40,7 @@ CHECK = {"ref": str, "fits": [str], "reports": [{
     "ok": bool, "base": (str, None), "matched": int, "modules": int, "missing": [str], "why_missing": dict,
     "ambiguous": [str], "shape_mismatches": [MISMATCH], "full_tensor_mismatches": [MISMATCH],
     "token_row_mismatches": [MISMATCH], "token_rows": int, "token_rows_matched": int, "tensors": int,
-    "tensors_matched": int, "tied_heads": [str]}]}
+    "tensors_matched": int, "tied_heads": [str]}], "base_hint": (str, None)}
 INSPECT = {"path": str, "format": str, "identity": str, "files": [str], "size": int, "dtype": DTYPE,
            "rank": (int, None), "alpha": (float, None), "scale_mode": str, "target_modules": [str], "dora": bool,
            "products": [str], "methods": [str], "lora_bias": bool, "num_modules": int, "num_parameters": int,

@@ -170,6 +170,9 @@ def test_an_adapter_for_another_base_names_the_base_it_was_made_for(files, tmp_p
     code, text = run("merge", files["chat"], "--into", wide, "-o", tmp_path / "out", "--no-record")
     assert code == 2 and text.startswith(f"error: {files['chat']}: 2 modules do not fit base {wide}: "), text
     assert text.endswith(f"; it was made for {files['base']}\n") and text.count("\n") == 1, text
+    code, text = run("check", files["chat"], "--base", wide)  # (its line said no base)
+    assert code == 2 and text.endswith(f"error: {files['chat']} does not fit base {wide}; it was made for "
+                                       f"{files['base']}\n"), text
 
 
 def test_a_gguf_file_is_named_as_one(tmp_path):
