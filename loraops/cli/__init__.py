@@ -177,8 +177,8 @@ class Number(click.ParamType):
     """A numeric option (--alpha, --rank, --grace …) as references.parse_number reads it: plainly written and finite;
     click's FLOAT and INT take Python's spellings ('1_0', ' 1 ', 'nan', 'inf')."""
 
-    def __init__(self, integer: bool) -> None:
-        self.integer = integer
+    def __init__(self, integer: bool, kind: str | None = None) -> None:
+        self.integer, self.kind = integer, kind
         self.name = "integer" if integer else "float"
 
     def convert(self, value, param, ctx):
@@ -187,12 +187,13 @@ class Number(click.ParamType):
         if not isinstance(value, str):  # a default, already a number
             return value
         try:
-            return parse_number(value, self.integer)
+            return parse_number(value, self.integer, self.kind)
         except LoraopsError as exc:
             self.fail(str(exc), param, ctx)
 
 
 FLOAT, INT = Number(integer=False), Number(integer=True)
+SECONDS = Number(integer=False, kind="a number of seconds written plainly (like 3600 or 0.5)")
 
 
 class Dtype(click.Choice):
