@@ -152,8 +152,8 @@ class ExtractReport(Record):
     saved: list[str]
     """Tensors stored whole (--save-module: PEFT modules_to_save)."""
     rounding: list[ExtractSkippedRecord] = []
-    """Tensors the two models store in other dtypes that differ only by the rounding between them (reason: "F32 →
-    BF16", base's → tuned's), left out."""
+    """Tensors the two models store in other dtypes that differ only by the rounding between them (reason:
+    "float32 → bfloat16", base's → tuned's, as torch names them), left out."""
     rounding_targets: list[str] = []
     """Of ``rounding``, the weights keep_rounding would extract (the others are norms, biases, embeddings not asked
     for, weights outside --modules, a checkpoint's VAE: not extracted either way)."""
