@@ -588,6 +588,18 @@ class VerifyReport(Record):
     problems: list[StoredFileProblem]
 
 
+class DbChange(Record):
+    """What `db upgrade` or `db stamp` did (`--json`): the registry's revision before and after."""
+
+    url: str
+    """The registry's URL, without its password."""
+    before: str | None
+    """The revision it recorded before; None where it recorded none (an empty registry; stamp: tables whose
+    revision record was lost). Equal to ``after``: nothing was changed."""
+    after: str
+    """The revision it records now: this loraops' head."""
+
+
 class DbRevision(Record):
     """The registry's schema revision (`db current --json`)."""
 

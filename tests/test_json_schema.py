@@ -92,6 +92,7 @@ VERIFY = {"ok": bool, "adapters": int,
 PULL = {"repo_id": str, "revision": (str, None), "commit": str, "files": [str], "new": bool, "adapter": ADAPTER,
         "linked": bool, "previous_base": (BASE_REF, None)}
 DB = {"url": str, "revision": (str, None), "head": str, "state": str}
+DB_CHANGE = {"url": str, "before": (str, None), "after": str}
 PUSH = {"ref": str, "repo_id": str, "revision": str, "format": str, "files": [str], "commit": str,
         "commit_url": str, "pr_url": (str, None), "changed": bool, "card_kept": bool}
 
@@ -213,6 +214,25 @@ def test_every_command_json(made, tmp_path):
     now = json_of("db", "current", "--json")[0]
     pinned(now, DB)
     assert now["revision"] == now["head"] and now["state"] == "head"
+
+
+def test_db_upgrade_and_stamp_json_say_the_revision_before_and_after():
+    """db upgrade and db stamp printed only text, every other command has --json."""
+    from sqlalchemy import text
+
+    from loraops import settings
+    from loraops.registry import db
+
+    upgraded = json_of("db", "upgrade", "--json")[0]
+    pinned(upgraded, DB_CHANGE)
+    assert (upgraded["before"], upgraded["after"]) == (None, db.HEAD)  # (a new registry)
+    assert json_of("db", "upgrade", "--json")[0] == {**upgraded, "before": db.HEAD}
+    assert json_of("db", "stamp", "--json")[0] == {**upgraded, "before": db.HEAD}  # (nothing to stamp)
+    engine = db.make_engine(settings.db_url())
+    with engine.begin() as connection:  # its revision record lost: stamp records head
+        connection.execute(text("DROP TABLE alembic_version"))
+    engine.dispose()
+    assert json_of("db", "stamp", "--json")[0] == upgraded
 
 
 def test_gc_and_verify_json_say_what_they_found(made):
