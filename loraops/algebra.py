@@ -505,8 +505,8 @@ def combine_arguments(method: str, params: "dict[str, Any] | None", rank: int | 
             raise ParameterError(f"{method} (combine's default `method`) keeps every input's rank (their sum), so it "
                                  f"takes no `{what}`: give `method` linear with `{what}` to truncate", [what, "method"])
     if getattr(parsed, "normalize", False) and (refusal := normalize_refusal(
-            method, weights, "consensus" in spec.params.model_fields, "use --no-normalize", "the linear method")):
-        raise InvalidInputError(refusal)
+            method, weights, "consensus" in spec.params.model_fields, "use `normalize=False`", "the linear method")):
+        raise ParameterError(refusal, ["normalize"])
     return CombineArguments(spec, parsed, own)
 
 
@@ -582,8 +582,8 @@ def resize_lazily(
                                         "rank")
     shared = next((m for m in adapter.modules.values() if m.experts > 1), None)
     if shared is not None and rule.dynamic is not None:
-        raise InvalidInputError(f"{_label(adapter, 0)}: a LoRA on the fused experts {shared.raw_parameter[0]} has one "
-                                "rank for all experts, which a dynamic rule would not keep: give --rank")
+        raise ParameterError(f"{_label(adapter, 0)}: a LoRA on the fused experts {shared.raw_parameter[0]} has one "
+                             "rank for all experts, which a dynamic rule would not keep: give `rank`", ["rank"])
     what = f"resize of {_label(adapter, 0)}"
     adapter, halves = raw.join_gate_up(adapter)
 

@@ -1942,6 +1942,12 @@ def rows_shape(rows: TokenRows, manifest: Mapping[str, object]) -> tuple[int, ..
                 (0, width))
 
 
+def made_for(base_model: str | None, report: CheckReport) -> str:
+    """'; it was made for BASE' after a misfit where no module fits: most often another base than the adapter's, which
+    its PEFT config names (``base_model``); '' otherwise."""
+    return f"; it was made for {base_model}" if base_model and not report.matched else ""
+
+
 def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
                 quantization: Callable[[str], dict | None] | None = None,
                 sides: Callable[[str], dict] | None = None, heads: bool = True,
@@ -1955,7 +1961,6 @@ def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: 
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
         where = f"base {base_name}" if base_name else "the base"
-        # (nothing fits: most often another base than the adapter's, which its PEFT config names)
-        made = f"; it was made for {adapter.base_model}" if adapter.base_model and not report.matched else ""
-        raise MismatchError(f"{adapter.label}: {misfit_counts(report)} not fit {where}: {shown}{made}")
+        raise MismatchError(f"{adapter.label}: {misfit_counts(report)} not fit {where}: {shown}"
+                            f"{made_for(adapter.base_model, report)}")
     return bind_read(adapter if record is None else record)

@@ -32,16 +32,18 @@ class UnsupportedAdapterError(FormatError):
 
 class ParameterError(InvalidInputError):
     """Bad parameters of a call (a combine method's, a rank rule's). ``template`` names each parameter of ``names``
-    between backticks: str() says them as their Python names, ``said`` otherwise (the CLI as its options: --max-rank
-    for max_rank, cli.said)."""
+    between backticks, a flag's value with it (`record=False`): str() says them as Python writes them, ``said``
+    otherwise (the CLI as its options: --max-rank for max_rank, --no-record for record=False, cli.said)."""
 
     def __init__(self, template: str, names: Iterable[str] = ()):
         self.template, self.names = template, frozenset(names)
         super().__init__(self.said(str))
 
     def said(self, name: Callable[[str], str]) -> str:
-        """The message with each parameter named as ``name`` says it."""
-        return re.sub(r"`(\w+)`", lambda found: name(found[1]) if found[1] in self.names else found[0],
+        """The message with each parameter (``max_rank``, or a flag's value ``record=False``) named as ``name`` says
+        it."""
+        return re.sub(r"`(\w+)(=True|=False)?`",
+                      lambda found: name(found[1] + (found[2] or "")) if found[1] in self.names else found[0],
                       self.template)
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from . import ldm
+from . import ldm, st
 from .adapter import Adapter, LazyTensors, LoraModule
 from .basemodel import BaseModel
 from .check import EXPERT_RE, conv1d_layout, is_embedding, memory_names, tied_head_source, untied_side_source
@@ -266,8 +266,9 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     check_pair(base, tuned, labels)
     differs, within = _differs(base, tuned)
     identical = sum(not d for d in differs.values())
-    rounding = [] if keep_rounding else [
-        ExtractSkippedRecord(name=n, reason=f"{base.tensors[n].dtype} → {tuned.tensors[n].dtype}", max_abs_diff=d)
+    rounding = [] if keep_rounding else [  # (dtypes as torch names them, as the rest of the report does)
+        ExtractSkippedRecord(name=n, reason=f"{st.torch_name(base.tensors[n].dtype)} → "
+                             f"{st.torch_name(tuned.tensors[n].dtype)}", max_abs_diff=d)
         for n, d in within.items()]
     differs.update((r.name, False) for r in rounding)
     conv1d = conv1d_layout(base.tensors)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 from . import blocks, engine, settings
 from .adapter import Adapter
 from .basemodel import BaseModel, store_digests
-from .errors import (ConflictError, InvalidInputError, LoraopsError, MismatchError, NotFoundError, RegistryError,
+from .errors import (ConflictError, LoraopsError, MismatchError, NotFoundError, ParameterError, RegistryError,
                      UnsupportedAdapterError)
 from .landing import Landing
 from .lazy import LazyModule
@@ -205,8 +205,8 @@ def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output:
 
 def _merge(base, adapters, output, *, name, record, lists, registry, **options) -> MergeReport:
     if not adapters and options.get("dtype") is None:
-        raise InvalidInputError("no adapter to merge: give at least one, or --dtype to convert the base alone "
-                                "(an FP8 model to bf16, say)")
+        raise ParameterError("no adapter to merge: give at least one, or `dtype` to convert the base alone "
+                             "(an FP8 model to bf16, say)", ["dtype"])
     early = _streamed_early(base, output, "merge")
     model, reg = early[0] if early else None, None
     try:
@@ -236,12 +236,12 @@ def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], out
     model, output = argument(model, "model", *PATH), argument(output, "output", *PATH)
     pairs = weighted_inputs(adapters)
     lists = _block_lists(block_weights, pairs)
-    given = [flag for flag, key in (("--dtype", "dtype"), ("--precise", "precise")) if options.get(key)]
+    given = [key for key in ("dtype", "precise") if options.get(key)]
     if exact and given:  # (they were ignored: --exact --dtype fp32 of a bf16 merge wrote bf16)
-        raise InvalidInputError(
-            f"{' and '.join(given)} cannot be given with --exact: it restores the recorded base as it is, or re-merges "
-            "the adapters that stay with the dtype and precision the merge had; convert the result afterwards "
-            "(`loraops merge --into RESULT --dtype …` with no adapter)")
+        raise ParameterError(
+            f"{' and '.join(f'`{key}`' for key in given)} cannot be given with `exact`: it restores the recorded base "
+            "as it is, or re-merges the adapters that stay with the dtype and precision the merge had; convert the "
+            "result afterwards (`loraops merge --into RESULT --dtype …` with no adapter)", [*given, "exact"])
     if not exact:  # (--exact may only copy the recorded base; a re-merge is checked by the engine)
         settings.resolve_device(options.get("device"))
     with Landing(output, record, registry):
@@ -448,8 +448,8 @@ def _check_name_free(reg, name: str | None, record: bool) -> None:
     from .registry.store import check_name
 
     if name is not None and not record:
-        raise InvalidInputError(f"--name {name!r} names the output's record, and --no-record makes none (record=False "
-                                "in Python): leave one of them out")
+        raise ParameterError(f"`name` {name!r} names the output's record, and `record=False` makes none: leave one of "
+                             "them out", ["name", "record"])
     if name is not None and _name_taken(reg, check_name(name, "base")):
         raise ConflictError(f"base name {name!r} is already used in the registry; choose another --name")
 

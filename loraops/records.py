@@ -152,8 +152,8 @@ class ExtractReport(Record):
     saved: list[str]
     """Tensors stored whole (--save-module: PEFT modules_to_save)."""
     rounding: list[ExtractSkippedRecord] = []
-    """Tensors the two models store in other dtypes that differ only by the rounding between them (reason: "F32 →
-    BF16", base's → tuned's), left out."""
+    """Tensors the two models store in other dtypes that differ only by the rounding between them (reason:
+    "float32 → bfloat16", base's → tuned's, as torch names them), left out."""
     rounding_targets: list[str] = []
     """Of ``rounding``, the weights keep_rounding would extract (the others are norms, biases, embeddings not asked
     for, weights outside --modules, a checkpoint's VAE: not extracted either way)."""
@@ -421,10 +421,12 @@ class CheckResult(Record):
     fits: list[str]
     """The bases it fits."""
     reports: list[CheckReport]
+    base_hint: str | None = None
+    """base_model_name_or_path as written in the adapter (PEFT), when present (as AdapterRecord's)."""
 
     @classmethod
-    def of(cls, adapter: str, reports: list[CheckReport]) -> "CheckResult":
-        return cls(ref=adapter, fits=[r.base for r in reports if r.ok], reports=reports)
+    def of(cls, adapter: str, reports: list[CheckReport], base_hint: str | None = None) -> "CheckResult":
+        return cls(ref=adapter, fits=[r.base for r in reports if r.ok], reports=reports, base_hint=base_hint)
 
 
 class PullRecord(Record):
@@ -584,6 +586,18 @@ class VerifyReport(Record):
     adapters: int
     """How many registered adapters' stored files were hashed."""
     problems: list[StoredFileProblem]
+
+
+class DbChange(Record):
+    """What `db upgrade` or `db stamp` did (`--json`): the registry's revision before and after."""
+
+    url: str
+    """The registry's URL, without its password."""
+    before: str | None
+    """The revision it recorded before; None where it recorded none (an empty registry; stamp: tables whose
+    revision record was lost). Equal to ``after``: nothing was changed."""
+    after: str
+    """The revision it records now: this loraops' head."""
 
 
 class DbRevision(Record):

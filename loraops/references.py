@@ -30,8 +30,9 @@ FLOAT32_TINY = 2.0 ** -126
 multiplies float32 deltas), its precision lost or flushed to 0 (GPUs' flush-to-zero)."""
 
 
-def parse_number(text: str, integer: bool = False) -> float | int:
-    """``text`` as a command-line number, else InvalidInputError: written plainly (WEIGHT, or INTEGER) and finite."""
+def parse_number(text: str, integer: bool = False, kind: str | None = None) -> float | int:
+    """``text`` as a command-line number, else InvalidInputError: written plainly (WEIGHT, or INTEGER) and finite.
+    ``kind``: what the refusal says was expected, in place of the generic example (which shows a -1)."""
     if (INTEGER if integer else WEIGHT).fullmatch(text):
         try:
             value = int(text) if integer else float(text)
@@ -40,7 +41,7 @@ def parse_number(text: str, integer: bool = False) -> float | int:
         if math.isfinite(value):
             return value
     elif not (_python_number(text) and not math.isfinite(float(text))):
-        kind = "an integer written plainly (like 8)" if integer else f"a number {PLAINLY}"
+        kind = kind or ("an integer written plainly (like 8)" if integer else f"a number {PLAINLY}")
         raise InvalidInputError(f"{text!r} is not {kind}")
     raise InvalidInputError(f"{text!r} is not a finite number")
 

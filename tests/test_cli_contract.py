@@ -501,6 +501,9 @@ def test_nan_and_inf_parameters_are_called_what_they_are(args, message):
 @pytest.mark.parametrize("grace, message", [
     ("nan", "invalid value for '--grace': 'nan' is not a finite number (see `main gc --help`)"),
     ("-1", "--grace -1: give a number of seconds ≥ 0"),
+    # (its example was the other numbers' '(like 0.7, -1 or 2e-3)', a -1 that --grace refuses)
+    ("1h", "invalid value for '--grace': '1h' is not a number of seconds written plainly (like 3600 or 0.5) (see "
+           "`main gc --help`)"),
 ])
 def test_gc_refuses_a_grace_that_is_no_age(grace, message):
     """--grace nan kept nothing (every comparison with NaN is false), so it removed what a registration in progress
@@ -823,9 +826,15 @@ def test_name_with_no_record_is_refused(tmp_path, kohya):
         out = tmp_path / f"{command}.safetensors"
         result = cli(command, kohya, source, merged if command == "subtract" else base, "-o", out, "--no-record",
                      "--name", "mine", "--device", "cpu", code=2)
-        assert result.stderr == ("error: --name 'mine' names the output's record, and --no-record makes none "
-                                 "(record=False in Python): leave one of them out\n")
+        assert result.stderr == ("error: --name 'mine' names the output's record, and --no-record makes none: leave "
+                                 "one of them out\n")
         assert not out.exists()
+    from loraops import merging
+    from loraops.errors import InvalidInputError
+
+    # the library says its own parameters: name and record=False, not the CLI's options
+    with pytest.raises(InvalidInputError, match="^name 'mine' names the output's record, and record=False makes none"):
+        merging.merge(base, [kohya], tmp_path / "lib.safetensors", record=False, name="mine", device="cpu")
     with Registry.open() as reg:
         assert reg.list_bases() == []
 

@@ -411,10 +411,10 @@ def test_rescale_norm_replaces_dellas_division_by_p(inputs):
      "parameter of ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear)"),
     ("dare_linear", {"density": 0.5, "rescale": False, "rescale_norm": "l2"},
      "bad parameters for dare_linear: rescale_norm is a way to rescale the survivors (in place of the division by "
-     "their keep probability); it cannot go with rescale off"),
+     "their keep probability); it cannot go with rescale=False"),
     ("dare_ties", {"density": 0.5, "rescale": True, "rescale_norm": "l1"},  # not silently ignored
      "bad parameters for dare_ties: rescale_norm is a way to rescale the survivors (in place of the division by "
-     "their keep probability); it cannot go with rescale on"),
+     "their keep probability); it cannot go with rescale=True"),
     ("ties", {"density": 0.5, "rescale_norm": "l3"},
      "bad parameters for ties: rescale_norm: Input should be 'l1', 'l2' or 'linf'"),
 ])
@@ -434,12 +434,12 @@ def test_cli_rescale_norm_with_lineage(files):
                   "--rescale-norm", "l1")
     assert (run.returncode, run.stderr) == (2, "error: bad parameters for dare_linear: --rescale-norm is a way to "
                                                "rescale the survivors (in place of the division by their keep "
-                                               "probability); it cannot go with --rescale off\n")
+                                               "probability); it cannot go with --no-rescale\n")
     run = loraops("combine", files["a"], files["b"], "-m", "della", "--density", "0.5", "--rescale",
                   "--rescale-norm", "l1")
     assert (run.returncode, run.stderr) == (2, "error: bad parameters for della: --rescale-norm is a way to "
                                                "rescale the survivors (in place of the division by their keep "
-                                               "probability); it cannot go with --rescale on\n")
+                                               "probability); it cannot go with --rescale\n")
     with Registry.open() as reg:
         assert reg.list_adapters() == []
         reg.add_base(files["base"], name="tiny")

@@ -335,7 +335,7 @@ def test_multislerp_of_half_precision_adapters_takes_its_weights_in_float64(dtyp
     ("multislerp", [2], {}, "multislerp needs at least two adapters (got 1): of one, mergekit returns its task vector "
                             "unchanged, whatever its weight"),
     ("multislerp", [1, -0.5, -0.5], {}, "multislerp with normalize_weights divides the weights by their sum, which is "
-                                        "0: give other weights, or --no-normalize-weights"),
+                                        "0: give other weights, or normalize_weights=False"),
     ("multislerp", [1, 1], {"eps": -1}, "bad parameters for multislerp: eps: Input should be greater than or equal "
                                         "to 0"),
     ("multislerp", [1, 1], {"lambda": 2}, "multislerp takes no lambda (it is a parameter of ties, dare_ties, "

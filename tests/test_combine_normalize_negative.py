@@ -80,7 +80,7 @@ def test_elected_methods_still_refuse_a_negative_weight(method, params):
     with pytest.raises(InvalidInputError) as caught:
         combine(inputs, method, params, device="cpu")
     assert str(caught.value) == (f"{method} with normalize divides by the weights that agree on each entry, so a "
-                                 "negative weight would not subtract: use --no-normalize, or the linear method")
+                                 "negative weight would not subtract: use normalize=False, or the linear method")
     combine(inputs, method, {**params, "normalize": False}, device="cpu")  # without normalize it subtracts
 
 

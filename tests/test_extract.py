@@ -685,11 +685,11 @@ def test_a_fine_tune_saved_in_another_dtype_extracts_its_fine_tune_alone(synthet
     report = json.loads(out)["report"]
     assert sorted(m["name"] for m in report["modules"]) == sorted(TARGETS)
     assert len(report["rounding"]) == len(state(base)) - len(TARGETS) - report["identical"] > 0
-    assert {r["reason"] for r in report["rounding"]} == {"F32 → BF16"}
+    assert {r["reason"] for r in report["rounding"]} == {"float32 → bfloat16"}
     code, out = run("extract", "--base", base, "--tuned", tmp_path / "bf16", "--rank", "6", "--name", "again")
     assert code == 0, out
     assert (f"not extracted: {len(report['rounding'])} tensors that differ only by the rounding between the models' "
-            "dtypes (F32 → BF16); largest |Δ| ") in out, out
+            "dtypes (float32 → bfloat16); largest |Δ| ") in out, out
 
 
 def test_the_rounding_line_counts_what_keep_rounding_would_add(synthetic, tmp_path):
@@ -709,7 +709,7 @@ def test_the_rounding_line_counts_what_keep_rounding_would_add(synthetic, tmp_pa
         assert sorted(f"{n}.weight" for n in added) == sorted(report["rounding_targets"])
         assert 0 < len(added) < len(report["rounding"]), extra  # the embeddings (and more) are no targets
         code, out = run("extract", "--base", base, "--tuned", bf16, "--rank", "6", "--name", f"r{len(extra)}", *extra)
-        assert code == 0 and "rounding between the models' dtypes (F32 → BF16); largest |Δ| " in out, out
+        assert code == 0 and "rounding between the models' dtypes (float32 → bfloat16); largest |Δ| " in out, out
         assert out.count(f"; --keep-rounding extracts {len(added)} of them\n") == 1, out
     # every rounded tensor a weight it would extract (norms and embeddings bf16-exact on both sides): "them"
     exact = {k: v.to(torch.bfloat16).float() if v.dim() == 1 or "embed" in k else v for k, v in state(base).items()}

@@ -40,7 +40,7 @@ CHECK = {"ref": str, "fits": [str], "reports": [{
     "ok": bool, "base": (str, None), "matched": int, "modules": int, "missing": [str], "why_missing": dict,
     "ambiguous": [str], "shape_mismatches": [MISMATCH], "full_tensor_mismatches": [MISMATCH],
     "token_row_mismatches": [MISMATCH], "token_rows": int, "token_rows_matched": int, "tensors": int,
-    "tensors_matched": int, "tied_heads": [str]}]}
+    "tensors_matched": int, "tied_heads": [str]}], "base_hint": (str, None)}
 INSPECT = {"path": str, "format": str, "identity": str, "files": [str], "size": int, "dtype": DTYPE,
            "rank": (int, None), "alpha": (float, None), "scale_mode": str, "target_modules": [str], "dora": bool,
            "products": [str], "methods": [str], "lora_bias": bool, "num_modules": int, "num_parameters": int,
@@ -92,6 +92,7 @@ VERIFY = {"ok": bool, "adapters": int,
 PULL = {"repo_id": str, "revision": (str, None), "commit": str, "files": [str], "new": bool, "adapter": ADAPTER,
         "linked": bool, "previous_base": (BASE_REF, None)}
 DB = {"url": str, "revision": (str, None), "head": str, "state": str}
+DB_CHANGE = {"url": str, "before": (str, None), "after": str}
 PUSH = {"ref": str, "repo_id": str, "revision": str, "format": str, "files": [str], "commit": str,
         "commit_url": str, "pr_url": (str, None), "changed": bool, "card_kept": bool}
 
@@ -213,6 +214,25 @@ def test_every_command_json(made, tmp_path):
     now = json_of("db", "current", "--json")[0]
     pinned(now, DB)
     assert now["revision"] == now["head"] and now["state"] == "head"
+
+
+def test_db_upgrade_and_stamp_json_say_the_revision_before_and_after():
+    """db upgrade and db stamp printed only text, every other command has --json."""
+    from sqlalchemy import text
+
+    from loraops import settings
+    from loraops.registry import db
+
+    upgraded = json_of("db", "upgrade", "--json")[0]
+    pinned(upgraded, DB_CHANGE)
+    assert (upgraded["before"], upgraded["after"]) == (None, db.HEAD)  # (a new registry)
+    assert json_of("db", "upgrade", "--json")[0] == {**upgraded, "before": db.HEAD}
+    assert json_of("db", "stamp", "--json")[0] == {**upgraded, "before": db.HEAD}  # (nothing to stamp)
+    engine = db.make_engine(settings.db_url())
+    with engine.begin() as connection:  # its revision record lost: stamp records head
+        connection.execute(text("DROP TABLE alembic_version"))
+    engine.dispose()
+    assert json_of("db", "stamp", "--json")[0] == upgraded
 
 
 def test_gc_and_verify_json_say_what_they_found(made):

@@ -592,6 +592,13 @@ def test_exact_refuses_dtype_and_precise_it_would_ignore(tmp_path, models, given
     result = run("subtract", a, "--from", tmp_path / "m", "-o", tmp_path / "r", "--exact", *given, code=2)
     assert result.output.startswith(f"error: {given[0]} cannot be given with --exact: ")
     assert len(result.output.splitlines()) == 1 and not (tmp_path / "r").exists()
+    from loraops import merging
+
+    key = given[0].removeprefix("--")  # the library says its parameters by their Python names
+    with pytest.raises(InvalidInputError, match=f"^{key} cannot be given with exact: "):
+        merging.subtract(tmp_path / "m", [a], tmp_path / "r", exact=True, **{key: given[1] if given[1:] else True})
+    with pytest.raises(InvalidInputError, match="^no adapter to merge: give at least one, or dtype to convert"):
+        merging.merge(base, [], tmp_path / "r")
 
 
 @pytest.mark.registry_backend

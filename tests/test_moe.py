@@ -276,6 +276,8 @@ def test_register_inspect_and_what_is_refused(tmp_path, qwen_adapter, monkeypatc
     assert not (tmp_path / "out.safetensors").exists()
     result = run("resize", "moe", "--dynamic", "sv_ratio", "--param", "2", "-o", tmp_path / "small", code=2)
     assert "has one rank for all experts, which a dynamic rule would not keep: give --rank" in result.output
+    with pytest.raises(InvalidInputError, match="a dynamic rule would not keep: give rank$"):  # (the library's name)
+        algebra.resize(formats.read_adapter(qwen_adapter), dynamic="sv_ratio", param=2)
     monkeypatch.setattr(algebra, "combine", lambda *a, **k: pytest.fail("combined before refusing"))
     result = run("combine", "moe", "moe", "--format", "kohya", "-o", tmp_path / "k.safetensors",
                  code=UnsupportedAdapterError.exit_code)

@@ -65,7 +65,7 @@ def test_a_weight_with_a_decimal_comma_is_refused_as_a_weight(reg, tmp_path, mon
 
 def test_dtype_in_capitals_as_loraops_prints_it(reg, tmp_path):
     code, text = run("merge", "style", "--into", "llama-tiny", "-o", tmp_path / "m", "--dtype", "BF16", "--no-record")
-    assert code == 0 and "BF16 on cpu" in text, text
+    assert code == 0 and "bfloat16 on cpu" in text, text  # (the summary names it as torch does)
     assert run("merge", "style", "--into", "llama-tiny", "-o", tmp_path / "n", "--dtype", "Int8") == (
         2, "error: invalid value for '--dtype': 'Int8' is not one of 'bf16', 'fp16', 'fp32' (see `loraops merge "
            "--help`)\n")
@@ -170,6 +170,9 @@ def test_an_adapter_for_another_base_names_the_base_it_was_made_for(files, tmp_p
     code, text = run("merge", files["chat"], "--into", wide, "-o", tmp_path / "out", "--no-record")
     assert code == 2 and text.startswith(f"error: {files['chat']}: 2 modules do not fit base {wide}: "), text
     assert text.endswith(f"; it was made for {files['base']}\n") and text.count("\n") == 1, text
+    code, text = run("check", files["chat"], "--base", wide)  # (its line said no base)
+    assert code == 2 and text.endswith(f"error: {files['chat']} does not fit base {wide}; it was made for "
+                                       f"{files['base']}\n"), text
 
 
 def test_a_gguf_file_is_named_as_one(tmp_path):

@@ -82,10 +82,10 @@ def test_method_matches_float64_reference(inputs, method, params):
                                             ("dare_ties", {"density": 0.5, "normalize": True})])
 def test_normalized_methods_refuse_negative_weights(inputs, method, params):
     """The disjoint mean Σwτ/Σw of the agreeing entries undoes a weight's sign: ties(A:-1) is +A, and A:1 with
-    A:-0.9 divides by 0.1. Refused, pointing at --no-normalize (which sums, and then a negative weight subtracts)."""
+    A:-0.9 divides by 0.1. Refused, pointing at normalize=False (which sums, and then a negative weight subtracts)."""
     from loraops.errors import InvalidInputError
 
-    with pytest.raises(InvalidInputError, match="a negative weight would not subtract: use --no-normalize"):
+    with pytest.raises(InvalidInputError, match="a negative weight would not subtract: use normalize=False,"):
         combine(inputs, method, params, device="cpu")
     negated, _ = combine([(inputs[0][0], -1.0)], method, {**params, "density": 1.0, "normalize": False}, rank=40,
                          device="cpu")

@@ -172,7 +172,7 @@ def test_check(art):
     assert lines[0] == f"{art['ad1']} does not fit wide: 0/14 modules match"
     assert "  model.layers.0.mlp.down_proj (adapter 64×128, base 32×64)" in lines
     assert len(lines) == 15  # every mismatch listed
-    assert result.stderr == f"error: {art['ad1']} does not fit base wide\n"
+    assert result.stderr == f"error: {art['ad1']} does not fit base wide; it was made for {art['base']}\n"
     data = json.loads(cli("check", art["ad1"], "--base", art["base"], "--json").output)
     assert data["fits"] == [str(art["base"])] and data["reports"][0]["matched"] == 14
 

@@ -159,19 +159,26 @@ def system_error(exc: OSError) -> None:
 
 def said(exc: LoraopsError, command: click.Command | None) -> str:
     """``exc``'s message, with the parameters a ParameterError names said as ``command``'s options where it has one
-    of that name (max_rank: --max-rank); the library says their Python names."""
+    of that name (max_rank: --max-rank; a flag's value as the flag typed for it, rescale=False: --no-rescale); the
+    library says them as Python writes them."""
     if not isinstance(exc, ParameterError) or command is None:
         return str(exc)
     options = {option for param in command.params for option in (*param.opts, *param.secondary_opts)}
-    return exc.said(lambda name: option if (option := f"--{name.replace('_', '-')}") in options else name)
+
+    def option(word: str) -> str:
+        name, _, value = word.partition("=")
+        typed = f"--{'no-' * (value == 'False')}{name.replace('_', '-')}"
+        return typed if typed in options else word
+
+    return exc.said(option)
 
 
 class Number(click.ParamType):
     """A numeric option (--alpha, --rank, --grace …) as references.parse_number reads it: plainly written and finite;
     click's FLOAT and INT take Python's spellings ('1_0', ' 1 ', 'nan', 'inf')."""
 
-    def __init__(self, integer: bool) -> None:
-        self.integer = integer
+    def __init__(self, integer: bool, kind: str | None = None) -> None:
+        self.integer, self.kind = integer, kind
         self.name = "integer" if integer else "float"
 
     def convert(self, value, param, ctx):
@@ -180,12 +187,13 @@ class Number(click.ParamType):
         if not isinstance(value, str):  # a default, already a number
             return value
         try:
-            return parse_number(value, self.integer)
+            return parse_number(value, self.integer, self.kind)
         except LoraopsError as exc:
             self.fail(str(exc), param, ctx)
 
 
 FLOAT, INT = Number(integer=False), Number(integer=True)
+SECONDS = Number(integer=False, kind="a number of seconds written plainly (like 3600 or 0.5)")
 
 
 class Dtype(click.Choice):

@@ -198,7 +198,7 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
     """Check that an adapter fits a base: every module by name and shape, or each mismatch.
 
     Without --base: against the adapter's recorded base; when it has none, against every registered base."""
-    from ..check import UNTIED_FAMILIES, fit_counts, misfits
+    from ..check import UNTIED_FAMILIES, fit_counts, made_for, misfits
     from ..errors import MismatchError
 
     with _registry(create=False) as reg:
@@ -221,5 +221,6 @@ def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool
         raise MismatchError(f"{result.ref}: no base to check against (give --base, or `loraops base add` one)")
     if not result.fits:
         if len(result.reports) == 1:
-            raise MismatchError(f"{result.ref} does not fit base {result.reports[0].base}")
+            raise MismatchError(f"{result.ref} does not fit base {result.reports[0].base}"
+                                f"{made_for(result.base_hint, result.reports[0])}")
         raise MismatchError(f"{result.ref} fits none of the {len(result.reports)} registered bases")

@@ -21,13 +21,33 @@ def _engine(create: bool = True):
     return regdb, regdb.make_engine(settings.db_url(), create=create)
 
 
+def _changed(engine, before: str | None, head: str, as_json: bool, text: str) -> None:
+    """What `db upgrade` or `db stamp` did: the revision ``before`` and after (``head``) as a DbChange, or ``text``
+    after the registry's URL."""
+    from ..records import DbChange
+
+    if as_json:
+        echo_json(DbChange(url=_url(engine), before=before, after=head))
+    else:
+        click.echo(f"{_url(engine)}: {text}")
+
+
 @db.command()
-def upgrade() -> None:
+@json_option("the DbChange (revision before and after)")
+def upgrade(as_json: bool) -> None:
     """Bring the registry schema to this loraops' revision."""
     regdb, engine = _engine()
     if regdb.unwritable(engine):  # (at head too it failed "attempt to write a readonly database", as db current did)
         _read_only_upgrade(regdb, engine)
-        return
+        before = regdb.HEAD
+    else:
+        before = _upgraded(regdb, engine)
+    _changed(engine, before, regdb.HEAD, as_json, f"already at revision {regdb.HEAD} (head)" if before == regdb.HEAD
+             else f"upgraded from {before or 'empty'} to {regdb.HEAD} (head)")
+
+
+def _upgraded(regdb, engine) -> str | None:
+    """The revision a writable registry had, now upgraded to head."""
     try:
         with regdb.connected(engine) as connection:
             before = regdb.current_revision(connection)
@@ -37,14 +57,12 @@ def upgrade() -> None:
                 tell(f"interrupted after the registry was upgraded to revision {regdb.HEAD}")
     finally:
         engine.dispose()
-    if before == regdb.HEAD:
-        click.echo(f"{_url(engine)}: already at revision {regdb.HEAD} (head)")
-    else:
-        click.echo(f"{_url(engine)}: upgraded from {before or 'empty'} to {regdb.HEAD} (head)")
+    return before
 
 
 def _read_only_upgrade(regdb, engine) -> None:
-    """`db upgrade` of an SQLite registry this process may only read: at head, nothing to do; else refused."""
+    """`db upgrade` of an SQLite registry this process may only read: at head, nothing to do (the caller says so);
+    else refused."""
     from ..errors import RegistryError
 
     reading = regdb.read_only_fallback(engine) or engine  # (None: the file went since unwritable() saw it)
@@ -57,7 +75,6 @@ def _read_only_upgrade(regdb, engine) -> None:
     if revision != regdb.HEAD:
         raise RegistryError(f"{regdb.read_only_here(regdb.sqlite_file(engine))}: it cannot be upgraded from revision "
                             f"{revision or 'none'} to {regdb.HEAD} (head)")
-    click.echo(f"{_url(engine)}: already at revision {regdb.HEAD} (head)")
 
 
 @db.command()
@@ -97,7 +114,8 @@ def current(as_json: bool) -> None:
 
 
 @db.command()
-def stamp() -> None:
+@json_option("the DbChange (revision before and after)")
+def stamp(as_json: bool) -> None:
     """Record this loraops' schema revision in a registry whose tables are there but whose revision record was lost
     (checked: its tables must be exactly this revision's)."""
     regdb, engine = _engine(create=False)
@@ -110,10 +128,10 @@ def stamp() -> None:
                 tell(f"interrupted after revision {regdb.HEAD} was recorded")
     finally:
         engine.dispose()
-    if recorded:
-        click.echo(f"{_url(engine)}: recorded revision {regdb.HEAD} (head); its tables are that revision's")
-    else:
-        click.echo(f"{_url(engine)}: already at revision {regdb.HEAD} (head): nothing to stamp")
+    # (stamp records a revision only where none was recorded)
+    _changed(engine, None if recorded else regdb.HEAD, regdb.HEAD, as_json,
+             f"recorded revision {regdb.HEAD} (head); its tables are that revision's" if recorded
+             else f"already at revision {regdb.HEAD} (head): nothing to stamp")
 
 
 def _url(engine) -> str:

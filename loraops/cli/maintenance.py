@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import click
 
-from . import FLOAT
+from . import SECONDS
 from .adapters import _registry
 from .render import echo_json, human_bytes, json_option
 
 
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
-@click.option("--grace", type=FLOAT, default=3600, show_default=True, metavar="SECONDS",
+@click.option("--grace", type=SECONDS, default=3600, show_default=True, metavar="SECONDS",
               help="Keep anything younger than this (a registration may be in progress).")
 @json_option("the GcReport")
 def gc(dry_run: bool, grace: float, as_json: bool) -> None:

@@ -50,7 +50,7 @@ from typing import Annotated, Callable, Iterator, Literal, Sequence
 import torch
 from pydantic import ConfigDict, Field, model_serializer, model_validator
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, ParameterError
 from ..references import is_finite
 from .params import Params
 from .svd import Refactored, refactor_dense, refactor_product, row_blocks, single_threaded
@@ -210,7 +210,7 @@ class MergekitParams(DensityParams):
         # default (rescale on, not given) is what a norm replaces
         if self.rescale_norm is not None and "rescale" in self.model_fields_set:
             raise ValueError("`rescale_norm` is a way to rescale the survivors (in place of the division by their keep "
-                             f"probability); it cannot go with `rescale` {'on' if self.rescale else 'off'}")
+                             f"probability); it cannot go with `rescale={self.rescale}`")
         return self
 
 
@@ -799,8 +799,8 @@ def multislerp_weights(method: str, weights: Sequence[float], params: Multislerp
         raise InvalidInputError(f"{method} needs at least two adapters (got {len(weights)}): of one, mergekit returns "
                                 "its task vector unchanged, whatever its weight")
     if params.normalize_weights and (zero := zero_sum(weights)):
-        raise InvalidInputError(f"{method} with normalize_weights divides the weights by their sum, which is {zero}: "
-                                "give other weights, or --no-normalize-weights")
+        raise ParameterError(f"{method} with normalize_weights divides the weights by their sum, which is {zero}: "
+                             "give other weights, or `normalize_weights=False`", ["normalize_weights"])
 
 
 def multislerp(terms: list[Term], params: MultislerpParams, rank: int, ctx: Context) -> Refactored:

@@ -842,7 +842,7 @@ class Registry:
             self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
         if base is not None and path_exists(base):
-            return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))])
+            return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))], adapter.base_model)
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base, "base")]
@@ -856,7 +856,7 @@ class Registry:
             model = _files_at(path)
             reports.append(check.check(adapter, manifest, base_name=name) if model is None
                            else _check_files(adapter, model, name))
-        return CheckResult.of(label, reports)
+        return CheckResult.of(label, reports, adapter.base_model)
 
     def verify(self, progress: bool | None = None) -> list[BlobProblem]:
         """Re-hash every stored file against its record; return what is missing or changed, and what a stored
