@@ -18,7 +18,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import LoraopsError, ParameterError
+from ..errors import LoraopsError
 
 # command name → "module:attribute" (modules inside loraops.cli)
 COMMANDS = {
@@ -158,10 +158,10 @@ def system_error(exc: OSError) -> None:
 
 
 def said(exc: LoraopsError, command: click.Command | None) -> str:
-    """``exc``'s message, with the parameters a ParameterError names said as ``command``'s options where it has one
+    """``exc``'s message, with the parameters it names said as ``command``'s options where it has one
     of that name (max_rank: --max-rank; a flag's value as the flag typed for it, rescale=False: --no-rescale); the
     library says them as Python writes them."""
-    if not isinstance(exc, ParameterError) or command is None:
+    if command is None:
         return str(exc)
     options = {option for param in command.params for option in (*param.opts, *param.secondary_opts)}
 
