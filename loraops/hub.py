@@ -297,7 +297,8 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise HubError(f"{ref} is gated: accept its conditions at {where}/{_repo_id(ref)} with an account that "
                        f"has access, and {login}", ["token"]) from None
     except hf.RepositoryNotFoundError:
-        raise NotFoundError(f"repository {_repo_id(ref)} not found on {where} (if it is private, {login})", ["token"]) from None
+        raise NotFoundError(f"repository {_repo_id(ref)} not found on {where} (if it is private, {login})",
+                            ["token"]) from None
     except hf.RevisionNotFoundError:
         raise NotFoundError(f"{ref}: revision not found (use a branch, a tag or a commit sha)") from None
     except hf.RemoteEntryNotFoundError as exc:

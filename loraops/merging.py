@@ -483,7 +483,8 @@ def _refuse_dora_after(reg, origin, inputs: list[Input], label: str) -> None:
             raise UnsupportedAdapterError(
                 f"{i.label}: {label} was merged with the DoRA adapter {dora['label']}:{dora['weight']:g} after it, "
                 f"which rescaled every output channel by magnitude/‖W + s·B·A‖, those {i.label} changed included: "
-                "subtracting it cannot take it off; `exact=True` rebuilds a recorded merge from its base instead", ["exact"]
+                "subtracting it cannot take it off; `exact=True` rebuilds a recorded merge from its base instead",
+                ["exact"]
             )
 
 
@@ -509,9 +510,9 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         changed = next((b for b in reg.list_bases() if b.path == where and b.lineage and b.lineage.op == "merge"), None)
         if changed is not None:  # it said "not recorded as a merge" of a recorded merge whose bytes changed since
             raise MismatchError(
-                f"`exact=True`: {label} at {merged.path} is recorded as a merge, but its files changed since (fingerprint "
-                f"{merged.fingerprint()[:12]} ≠ recorded {changed.fingerprint[:12]}), so its record does not say how "
-                "they were made; drop `exact=True` to subtract arithmetically", ["exact"]
+                f"`exact=True`: {label} at {merged.path} is recorded as a merge, but its files changed since "
+                f"(fingerprint {merged.fingerprint()[:12]} ≠ recorded {changed.fingerprint[:12]}), so its record does "
+                "not say how they were made; drop `exact=True` to subtract arithmetically", ["exact"]
             )
         raise NotFoundError(
             f"`exact=True`: {label} is not recorded in the registry as a merge (it was not made by `loraops merge`, "
@@ -524,8 +525,8 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
     if pristine is None:
         raise NotFoundError(
             f"`exact=True`: {label} was merged onto base {base_info['name']!r} (fingerprint "
-            f"{base_info['fingerprint'][:12]}), whose files are not available unchanged; `loraops base add` them again, "
-            "or drop `exact=True`", ["exact"]
+            f"{base_info['fingerprint'][:12]}), whose files are not available unchanged; `loraops base add` them "
+            "again, or drop `exact=True`", ["exact"]
         )
     remaining, stray = _take_off(params, inputs)
     if stray is not None:

@@ -160,7 +160,7 @@ def system_error(exc: OSError) -> None:
 def said(exc: LoraopsError, command: click.Command | None) -> str:
     """``exc``'s message, with the parameters it names said as ``command``'s options where it has one
     of that name (max_rank: --max-rank; a flag's value as the flag typed for it, rescale=False: --no-rescale), or one
-    that passes it (subpath: --file); the library says them as Python writes them."""
+    that passes it (subpath: --file, all_versions=True: --all); the library says them as Python writes them."""
     if command is None:
         return str(exc)
     options = {option for param in command.params for option in (*param.opts, *param.secondary_opts)}
@@ -168,7 +168,8 @@ def said(exc: LoraopsError, command: click.Command | None) -> str:
     def option(word: str) -> str:
         name, _, value = word.partition("=")
         typed = f"--{'no-' * (value == 'False')}{name.replace('_', '-')}"
-        passing = [opt for param in command.params if param.name == name and not value for opt in param.opts]
+        passing = [opt for param in command.params if param.name == name
+                   for opt in (param.secondary_opts if value == "False" else param.opts)]
         return typed if typed in options else max(passing, key=len) if passing else word
 
     return exc.said(option)
