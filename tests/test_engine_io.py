@@ -109,7 +109,7 @@ def test_single_file_keeps_integer_tensors_and_replaces_full_tensors(tmp_path):
     with pytest.raises(InvalidInputError, match="modules_to_save.*weight 0.5"):
         engine.merge(base, [(adapter, 0.5)], tmp_path / "w.safetensors", device="cpu")
     # said as a subtract (it said "cannot be applied with weight -1" of `subtract x`), pointing at --exact
-    with pytest.raises(InvalidInputError, match=r"modules_to_save\) cannot be subtracted: .*--exact restores"):
+    with pytest.raises(InvalidInputError, match=r"modules_to_save\) cannot be subtracted: .*exact=True restores"):
         engine.subtract(base, [(adapter, 1.0)], tmp_path / "s.safetensors", device="cpu")
     assert nothing_left(tmp_path / "w.safetensors") and nothing_left(tmp_path / "s.safetensors")
 
@@ -131,7 +131,7 @@ def test_a_float16_output_that_overflows_is_refused(how, tmp_path):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", dtype="fp16", device="cpu")
     assert nothing_left(tmp_path / "o.safetensors")
     if how != "replaced":  # (subtract refuses a full tensor); its hint names subtract, which has a --dtype of its own
-        with pytest.raises(InvalidInputError, match=r"float16's range \(±65504\); subtract with --dtype bf16 or fp32$"):
+        with pytest.raises(InvalidInputError, match=r"float16's range \(±65504\); subtract with dtype bf16 or fp32$"):
             engine.subtract(base, [(replace(adapter, modules={n: replace(m, B=-m.B) for n, m in adapter.modules.items()}),
                                     1.0)], tmp_path / "s.safetensors", dtype="fp16", device="cpu")
         assert nothing_left(tmp_path / "s.safetensors")
