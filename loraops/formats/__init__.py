@@ -117,7 +117,7 @@ def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool =
     not looked at (the other checks, of headers and shapes, still run)."""
     path = existing_path(argument(path, "path", *PATH))
     if alpha is not None:
-        common.check_alpha(path, alpha, "--alpha")
+        common.check_alpha(path, alpha, "`alpha`")
     with common.values_known_finite(checked):
         return READERS[detect(path)](path, alpha=alpha, values=values, mapped=mapped)
 
