@@ -1336,7 +1336,7 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
         # (the squares, not the norm: values of 1e20 have a norm float32 holds, and torch's sums of squares overflow)
         raise InvalidInputError(f"DoRA module {module.name!r}: the squares summed for the norm of an output channel of "
                                 f"{module.weight_name} + ΔW go beyond what {dtype} holds, so its rescaling is "
-                                f"undefined{hint}")
+                                f"undefined{hint}", ["precise"])
     return magnitude / norms
 
 
