@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from factories import peft_adapter, tiny_llama
+import loraops
 from loraops import hub, merging
 from loraops.cli import main, said
 from loraops.errors import ConflictError, InvalidInputError, NotFoundError, reworded
@@ -70,3 +71,16 @@ def test_a_revision_that_is_none():
         hub.with_revision(hub.parse_repo_ref("someone/lora"), "")
     assert run("pull", "someone/lora", "--revision", "", code=2).output.startswith(
         "error: --revision '' is no branch, tag or commit")
+
+
+def test_extract_of_a_module_the_base_lacks(tmp_path, models):
+    base, _ = models
+    tuned = tiny_llama(tmp_path / "tuned", dtype=torch.bfloat16, seed=3)
+    says = "{} q_projx: %s has no 2-D or conv weight by that name (norms and biases are no LoRA targets: {} keeps " \
+        "them whole)" % base
+    with pytest.raises(InvalidInputError) as refused:
+        loraops.extract(base, tuned, rank=2, modules=["q_projx"], device="cpu")
+    assert str(refused.value) == says.format("modules", "save_modules")
+    result = run("extract", "--base", base, "--tuned", tuned, "--modules", "q_projx", "--rank", "2", "-o",
+                 tmp_path / "out", code=2)
+    assert result.output == f"error: {says.format('--modules', '--save-module')}\n"
