@@ -5,8 +5,8 @@ The CLI maps them to exit codes in one place (loraops.cli.main); nothing else pr
 """
 from __future__ import annotations
 
-import re
 import copy
+import re
 from typing import Callable, Iterable
 
 
