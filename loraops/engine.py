@@ -362,8 +362,8 @@ def refuse_dora(adapter: Adapter) -> None:
     if adapter.dora:
         raise UnsupportedAdapterError(
             f"{adapter.label}: a DoRA adapter cannot be subtracted: its merge rescaled every output channel by "
-            "magnitude/‖W + s·B·A‖, a norm of the base weights the merged model no longer holds; --exact restores a "
-            "merge loraops recorded from its base"
+            "magnitude/‖W + s·B·A‖, a norm of the base weights the merged model no longer holds; `exact=True` "
+            "restores a merge loraops recorded from its base", ["exact"]
         )
 
 
@@ -374,8 +374,8 @@ def refuse_token_rows(adapter: Adapter) -> None:
         name = next(iter(adapter.token_rows))
         raise UnsupportedAdapterError(
             f"{adapter.label}: an adapter with PEFT trainable tokens cannot be subtracted: its merge replaced rows of "
-            f"{name!r}, whose old values the merged model no longer holds; --exact restores a merge loraops recorded "
-            "from its base"
+            f"{name!r}, whose old values the merged model no longer holds; `exact=True` restores a merge loraops "
+            "recorded from its base", ["exact"]
         )
 
 
@@ -499,7 +499,7 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
                 raise UnsupportedAdapterError(
                     f"{adapter.label}: an adapter that replaces {name!r} with a full tensor (modules_to_save) cannot "
                     "be subtracted: its merge wrote that tensor over the base's, whose values the merged model no "
-                    "longer holds; --exact restores a merge loraops recorded from its base"
+                    "longer holds; `exact=True` restores a merge loraops recorded from its base", ["exact"]
                 )
             if weight != 1:
                 raise InvalidInputError(
@@ -598,7 +598,8 @@ def _plan(base: BaseModel, adapters: list[tuple[Adapter, float]], out_dtype: str
         # its column norms come from one more pass over the stored tensor (_base_blocks), which reads it undecoded
         if (module := next((m for m, _ in terms[name] if m.dora and m.transposed), None)) is not None:
             raise UnsupportedAdapterError(f"DoRA module {module.name!r}: {name!r} is FP8 and stored in×out, which a "
-                                          "DoRA merge does not read; convert the base first (merge --dtype bf16)")
+                                          "DoRA merge does not read; convert the base first (a merge with `dtype` "
+                                          "bf16)", ["dtype"])
     left_out = {n for found in scaled.values() for n in (found.scale_name, *found.companions)} if out_dtype else set()
     # (an untied head's layout is its embeddings': their scale is encoded only when they are)
     encoded = {found.scale_name for name, found in scaled.items() if name not in heads} if out_dtype is None else set()
@@ -1315,12 +1316,12 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
     import torch
 
     dtype = str(norms.dtype).removeprefix("torch.")
-    hint = "; --precise computes in float64" if norms.dtype != torch.float64 else ""
+    hint = "; `precise=True` computes in float64" if norms.dtype != torch.float64 else ""
     if not bool(norms.all()):
         if bool(((norms == 0).cpu() & nonzero().cpu()).any()):
             raise InvalidInputError(f"DoRA module {module.name!r}: the squares summed for the norm of an output "
                                     f"channel of {module.weight_name} + ΔW are below what {dtype} holds (its values "
-                                    f"are all but zero), so its rescaling is undefined{hint}")
+                                    f"are all but zero), so its rescaling is undefined{hint}", ["precise"])
         raise InvalidInputError(f"DoRA module {module.name!r}: an output channel of {module.weight_name} + ΔW is all "
                                 "zeros, so its direction (and the merge) is undefined")
     if bool(torch.isinf(norms).any()):
@@ -1335,7 +1336,7 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
         # (the squares, not the norm: values of 1e20 have a norm float32 holds, and torch's sums of squares overflow)
         raise InvalidInputError(f"DoRA module {module.name!r}: the squares summed for the norm of an output channel of "
                                 f"{module.weight_name} + ΔW go beyond what {dtype} holds, so its rescaling is "
-                                f"undefined{hint}")
+                                f"undefined{hint}", ["precise"])
     return magnitude / norms
 
 
@@ -1517,15 +1518,16 @@ def _refuse_overflow(operation: str, tensor: _Tensor, out: "torch.Tensor", of_ba
         merged = exact().view(out.shape)
         rounded = merged.to(out.dtype)
         if bool((torch.isfinite(rounded) | (rounded == base))[made].all()):
-            hint = "; --precise computes in float64" if work != torch.float64 else ""
+            hint = "; `precise=True` computes in float64" if work != torch.float64 else ""
             raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values that the exact merge does "
                                     f"not make: its deltas go beyond what {str(work).removeprefix('torch.')} holds as "
-                                    f"they are merged (products or sums past ±{torch.finfo(work).max:g}){hint}")
+                                    f"they are merged (products or sums past ±{torch.finfo(work).max:g}){hint}",
+                                    ["precise"])
         if not bool(torch.isfinite(merged)[made].all()):
             raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values: its deltas go beyond what "
                                     "float64 holds as they are merged; the adapters' weights × scales are too large")
     dtype = str(out.dtype).removeprefix("torch.")
-    hint = (f"{operation} with --dtype bf16 or fp32" if dtype == "float16"
+    hint = (f"{operation} with `dtype` bf16 or fp32" if dtype == "float16"
             else "the adapters' weights × scales are too large" if tensor.terms
             else f"it holds values {dtype} cannot; keep a wider dtype")
     raise beyond_range(tensor.file_name, out.dtype, hint)

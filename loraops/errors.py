@@ -5,14 +5,29 @@ The CLI maps them to exit codes in one place (loraops.cli.main); nothing else pr
 """
 from __future__ import annotations
 
+import copy
 import re
 from typing import Callable, Iterable
 
 
 class LoraopsError(Exception):
-    """Base of every deliberate loraops error. The message is one line, fit for a terminal."""
+    """Base of every deliberate loraops error. The message is one line, fit for a terminal. ``template`` may name
+    each parameter of ``names`` between backticks, a flag's value with it (`record=False`): str() says them as Python
+    writes them, ``said`` otherwise (the CLI as its options: --max-rank for max_rank, --no-record for record=False,
+    cli.said). Other backticked words (`loraops merge …`) are left as written."""
 
     exit_code = 1
+
+    def __init__(self, template: str = "", names: Iterable[str] = ()):
+        self.template, self.names = template, frozenset(names)
+        super().__init__(self.said(str))
+
+    def said(self, name: Callable[[str], str]) -> str:
+        """The message with each parameter (``max_rank``, or a flag's value ``record=False``) named as ``name`` says
+        it."""
+        return re.sub(r"`(\w+)(=True|=False)?`",
+                      lambda found: name(found[1] + (found[2] or "")) if found[1] in self.names else found[0],
+                      self.template)
 
 
 class InvalidInputError(LoraopsError, ValueError):
@@ -31,20 +46,7 @@ class UnsupportedAdapterError(FormatError):
 
 
 class ParameterError(InvalidInputError):
-    """Bad parameters of a call (a combine method's, a rank rule's). ``template`` names each parameter of ``names``
-    between backticks, a flag's value with it (`record=False`): str() says them as Python writes them, ``said``
-    otherwise (the CLI as its options: --max-rank for max_rank, --no-record for record=False, cli.said)."""
-
-    def __init__(self, template: str, names: Iterable[str] = ()):
-        self.template, self.names = template, frozenset(names)
-        super().__init__(self.said(str))
-
-    def said(self, name: Callable[[str], str]) -> str:
-        """The message with each parameter (``max_rank``, or a flag's value ``record=False``) named as ``name`` says
-        it."""
-        return re.sub(r"`(\w+)(=True|=False)?`",
-                      lambda found: name(found[1] + (found[2] or "")) if found[1] in self.names else found[0],
-                      self.template)
+    """Bad parameters of a call (a combine method's, a rank rule's), named as LoraopsError names them."""
 
 
 class ModelLoraError(InvalidInputError):
@@ -103,5 +105,9 @@ class HubError(LoraopsError, ConnectionError):
 
 def reworded(exc: LoraopsError, where: str, said: str) -> LoraopsError:
     """``exc`` (same type) with ``where`` — a path only loraops knows, a staged output or a scratch folder, gone once
-    the command ends — said as ``said``, what the user asked for."""
-    return type(exc)(str(exc).replace(where, said))
+    the command ends — said as ``said``, what the user asked for. The parameters it names stay marked (a copy, not
+    type(exc)(str(exc)), which said them as Python names to the CLI too)."""
+    again = copy.copy(exc)
+    again.template = exc.template.replace(where, said)
+    again.args = (again.said(str),)
+    return again

@@ -277,7 +277,8 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
     for wanted in save_modules or ():
         found = [n for n in base.tensors if names_module(n.rpartition(".")[0], wanted)]
         if not found:
-            raise InvalidInputError(f"--save-module {wanted}: {labels[0]} has no module by that name")
+            raise InvalidInputError(f"`save_modules` {wanted}: {labels[0]} has no module by that name",
+                                    ["save_modules"])
         saved += [n for n in found if n not in saved]
     parts = {n: [m for m, _ in split] for n in kinds if (split := ldm.split(n, base.tensors[n].shape))}
     named: dict[str, set[str]] = {}  # a fused tensor's parts --modules names (q_proj alone of OpenCLIP's in_proj)
@@ -291,16 +292,18 @@ def plan(base: BaseModel, tuned: BaseModel, *, modules: Sequence[str] | None = N
                 named.setdefault(n, set()).update(m for m in parts[n] if whole or names_module(m, wanted))
             found = [n for n in matched if n not in saved]
             if matched and not found:
-                raise InvalidInputError(f"--modules {wanted}: its weights ({shown(matched)}) are stored whole by "
-                                        "--save-module: a module is either extracted or stored whole")
+                raise InvalidInputError(f"`modules` {wanted}: its weights ({shown(matched)}) are stored whole by "
+                                        "`save_modules`: a module is either extracted or stored whole",
+                                        ["modules", "save_modules"])
             if not found:
-                raise InvalidInputError(f"--modules {wanted}: {labels[0]} has no 2-D or conv weight by that name "
-                                        "(norms and biases are no LoRA targets: --save-module keeps them whole)")
+                raise InvalidInputError(f"`modules` {wanted}: {labels[0]} has no 2-D or conv weight by that name "
+                                        "(norms and biases are no LoRA targets: `save_modules` keeps them whole)",
+                                        ["modules", "save_modules"])
             if not any(differs[n] for n in found):
-                same = "differ only by the rounding between the two models' dtypes (--keep-rounding extracts " \
+                same = "differ only by the rounding between the two models' dtypes (`keep_rounding=True` extracts " \
                     "them anyway)" if any(n in within for n in found) else "are the same in both models"
-                raise InvalidInputError(f"--modules {wanted}: its weights ({shown(found)}) {same}: nothing to "
-                                        "extract")
+                raise InvalidInputError(f"`modules` {wanted}: its weights ({shown(found)}) {same}: nothing to "
+                                        "extract", ["modules", "keep_rounding"])
             selected += [n for n in found if n not in selected]
     else:
         selected = [n for n, (kind, _) in kinds.items() if kind != "embedding" and n not in saved
@@ -327,21 +330,22 @@ def _nothing_to_extract(work: Plan, labels: tuple[str, str], dropped: Sequence[s
               if (m := work.targets[n]).fused is not None
               and sum(t.weight_name == m.weight_name for t in work.targets.values()) == 1]
     if halves:
-        return InvalidInputError(f"--modules: {shown(halves)}: the same in both models (other rows of the weight "
-                                 "differ): nothing to extract")
+        return InvalidInputError(f"`modules`: {shown(halves)}: the same in both models (other rows of the weight "
+                                 "differ): nothing to extract", ["modules"])
     skipped = work.skipped
     if not skipped and work.rounding:
         worst = max(work.rounding, key=lambda r: r.max_abs_diff)
         return InvalidInputError(
             f"{labels[1]} and {labels[0]} differ only by the rounding between their dtypes ({worst.reason}; largest "
             f"|Δ| {worst.max_abs_diff:.3g} in {worst.name}): the same model saved in another dtype, not a fine-tune; "
-            "nothing to extract" + (" (--keep-rounding extracts the rounding anyway)" if work.rounding_targets else ""))
+            "nothing to extract" + (" (`keep_rounding=True` extracts the rounding anyway)" if work.rounding_targets
+                                    else ""), ["keep_rounding"])
     if not skipped:
         return InvalidInputError(f"{labels[0]} and {labels[1]} hold the same values in every tensor: nothing to "
                                  "extract")
     return InvalidInputError(f"nothing to extract: the tensors that differ are no LoRA targets "
                              f"({shown([f'{n} ({why})' for n, why in skipped])}); name embeddings with "
-                             "--modules, or keep tensors whole with --save-module")
+                             "`modules`, or keep tensors whole with `save_modules`", ["modules", "save_modules"])
 
 
 def _in_vae(tensor: str, checkpoint: bool) -> bool:
@@ -365,9 +369,9 @@ def _layout(checkpoint: bool, fmt: str | None, save_modules: Sequence[str] | Non
     formats.refuse_unwritable.)"""
     fmt = fmt or ("kohya" if checkpoint else "peft")
     if fmt == "kohya" and save_modules:
-        raise InvalidInputError("kohya files cannot hold whole tensors (--save-module)" + (
-            f": {label} is a single-file SD/FLUX checkpoint, whose adapters are kohya files by default: use --format peft"
-            if checkpoint else ": use --format peft"))
+        raise InvalidInputError("kohya files cannot hold whole tensors (`save_modules`)" + (
+            f": {label} is a single-file SD/FLUX checkpoint, whose adapters are kohya files by default: use `fmt` peft"
+            if checkpoint else ": use `fmt` peft"), ["save_modules", "fmt"])
     return fmt
 
 
@@ -439,8 +443,8 @@ def extract_lazily(
     if untied and fmt == "kohya":  # (--save-module is refused for kohya before)
         raise UnsupportedAdapterError(
             f"{next(iter(untied)).removesuffix('.weight')}: {labels[0]} ties this head to its input embeddings and "
-            "does not store it, and kohya module names are resolved against the tensors a base stores: use --format "
-            "peft")
+            "does not store it, and kohya module names are resolved against the tensors a base stores: use `fmt` "
+            "peft", ["fmt"])
     started = time.perf_counter()
     target = resolve_device(device)
     # a float64 model's deltas in float64: float32 rounds both sides first, losing (or zeroing) what differs below
@@ -561,7 +565,7 @@ def extract_lazily(
                 kept = str(out_dtype).removeprefix("torch.")
                 raise InvalidInputError(
                     f"{what}: module {name!r} comes out all zero in {kept} (its delta is below what {kept} holds): "
-                    "use --dtype " + ("bf16 or fp32" if out_dtype == torch.float16 else "fp32"))
+                    "use `dtype` " + ("bf16 or fp32" if out_dtype == torch.float16 else "fp32"), ["dtype"])
             records.append(ExtractModuleRecord(
                 name=name, kind=template.kind, spatial=template.spatial, shape=list(template.weight_shape),
                 rank=module.rank, alpha=module.alpha, svd=svd, error=error,

@@ -295,9 +295,10 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise
     except hf.GatedRepoError:
         raise HubError(f"{ref} is gated: accept its conditions at {where}/{_repo_id(ref)} with an account that "
-                       f"has access, and {login}") from None
+                       f"has access, and {login}", ["token"]) from None
     except hf.RepositoryNotFoundError:
-        raise NotFoundError(f"repository {_repo_id(ref)} not found on {where} (if it is private, {login})") from None
+        raise NotFoundError(f"repository {_repo_id(ref)} not found on {where} (if it is private, {login})",
+                            ["token"]) from None
     except hf.RevisionNotFoundError:
         raise NotFoundError(f"{ref}: revision not found (use a branch, a tag or a commit sha)") from None
     except hf.RemoteEntryNotFoundError as exc:
@@ -310,9 +311,9 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         status = exc.response.status_code if exc.response is not None else None
         if status == 401 and _server_message(exc).startswith("Invalid credentials"):
             raise HubError(f"{where} refused the token while trying to {action} {ref}: it is invalid or expired; "
-                           f"{login}") from None
+                           f"{login}", ["token"]) from None
         if status == 401:
-            raise HubError(f"{where} refused to {action} {ref} without valid credentials: {login}") from None
+            raise HubError(f"{where} refused to {action} {ref} without valid credentials: {login}", ["token"]) from None
         if status == 403:
             raise HubError(f"{where} forbids you to {action} {ref} ({_server_message(exc)}); "
                            "use a token with write access to it") from None
@@ -350,9 +351,9 @@ def _local_error(exc: OSError, action: str, ref: RepoRef | str) -> LoraopsError:
                  + (f" (in the Hub cache, {cache})" if in_cache else ""))
 
 
-LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass --token"
-"""How a refusal for credentials ends (hub_errors)."""
-TOKEN_FROM = "check --token, else $HF_TOKEN, else the token saved by `hf auth login`"
+LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass `token`"
+"""How a refusal for credentials ends (hub_errors; its error names ``token``)."""
+TOKEN_FROM = "check `token`, else $HF_TOKEN, else the token saved by `hf auth login`"
 """Where the token a call used came from, in the order huggingface_hub takes it (hub_errors)."""
 
 
@@ -375,7 +376,7 @@ def _refuse_unfit_token(exc: BaseException, action: str, ref: RepoRef | str) -> 
         exc = exc.__cause__ or exc.__context__
     else:
         return
-    raise InvalidInputError(f"cannot {action} {ref}: the Hub token {what}; {TOKEN_FROM}") from None
+    raise InvalidInputError(f"cannot {action} {ref}: the Hub token {what}; {TOKEN_FROM}", ["token"]) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -473,7 +474,7 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
                 also = f", or the PEFT adapter folder {below[0]}" if len(below) == 1 else \
                     f", or one of the PEFT adapter folders {_listed(below)}" if below else ""
                 raise AmbiguousError(f"{ref}: several .safetensors files ({', '.join(weights)}); pick one with "
-                                     f"--file{also}")
+                                     f"`subpath`{also}", ["subpath"])
             if not weights:
                 below = _peft_folders_below(names, prefix)
                 if len(below) == 1:  # the only adapter there is, one level or more down
@@ -481,7 +482,7 @@ def _select(names: list[str], ref: RepoRef | str, subpath: str | None) -> list[s
                 if below:
                     where = f"in {folder}/" if folder else "at the top level"
                     raise AmbiguousError(f"{ref}: no adapter {where}, but {len(below)} PEFT adapter folders below it "
-                                         f"({_listed(below)}); pick one with --file FOLDER")
+                                         f"({_listed(below)}); pick one with `subpath` FOLDER", ["subpath"])
                 where = f" in {folder}/" if folder else ""
                 raise NotFoundError(f"{ref}: nothing adapter-like{where} (no adapter_config.json + "
                                     f"adapter_model.safetensors, no .safetensors file); the repo holds: "
@@ -664,7 +665,8 @@ def repo_and_path(ref: RepoRef | str, subpath: str | None) -> tuple[RepoRef, str
     except InvalidInputError as exc:
         raise InvalidInputError(f"{exc}{_no_repo_hint(ref)}") from None
     if path and subpath and path != subpath.strip("/"):
-        raise InvalidInputError(f"{ref!r} names {path} in the repo, and --file {subpath} another path: give one")
+        raise InvalidInputError(f"{ref!r} names {path} in the repo, and `subpath` {subpath} another path: give one",
+                                ["subpath"])
     return parsed, subpath or path
 
 
@@ -683,10 +685,11 @@ def _no_repo_hint(ref: str) -> str:
 def with_revision(ref: RepoRef, revision: str) -> RepoRef:
     """``ref`` at ``revision`` (pull --revision); a reference that names another revision is refused."""
     if not good_revision(revision):
-        raise InvalidInputError(f"--revision {revision!r} is no branch, tag or commit (empty, blank at an end, a '..' "
-                                "part or a '/' first); leave it out for the default branch")
+        raise InvalidInputError(f"`revision` {revision!r} is no branch, tag or commit (empty, blank at an end, a "
+                                "'..' part or a '/' first); leave it out for the default branch", ["revision"])
     if ref.revision is not None and ref.revision != revision:
-        raise InvalidInputError(f"{ref} names revision {ref.revision}, and --revision {revision} another: give one")
+        raise InvalidInputError(f"{ref} names revision {ref.revision}, and `revision` {revision} another: give one",
+                                ["revision"])
     return RepoRef(ref.repo_id, revision)
 
 
@@ -873,18 +876,19 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
 
     ref = parse_repo_ref(repo_id)
     if ref.revision:
-        raise InvalidInputError(f"{repo_id}: give the branch with --revision, not @")
+        raise InvalidInputError(f"{repo_id}: give the branch with `revision`, not @", ["revision"])
     if revision is not None and not good_revision(revision):  # `--revision "$UNSET"` pushed to main
-        raise InvalidInputError(f"{repo_id}: --revision {revision!r} is no branch name (empty, blank at an end, a "
-                                "'..' part or a '/' first); leave it out to push to main")
+        raise InvalidInputError(f"{repo_id}: `revision` {revision!r} is no branch name (empty, blank at an end, a "
+                                "'..' part or a '/' first); leave it out to push to main", ["revision"])
     check_repo_names(list(files), ref)
     branch = revision or "main"
     number = pull_request(branch)
     if number is None and branch.startswith("refs/"):  # no branch the Hub makes (it refused one once the repo was made)
-        raise InvalidInputError(f"{repo_id}: --revision {branch!r} {_not_a_pull_request(branch)}")
+        raise InvalidInputError(f"{repo_id}: `revision` {branch!r} {_not_a_pull_request(branch)}", ["revision"])
     if number is not None and create_pr:
-        raise InvalidInputError(f"--create-pr opens a new pull request, and --revision {branch} is one already: give "
-                                "one of them (--revision refs/pr/N alone adds the commit to that pull request)")
+        raise InvalidInputError(f"`create_pr=True` opens a new pull request, and `revision` {branch} is one already: "
+                                "give one of them (`revision` refs/pr/N alone adds the commit to that pull request)",
+                                ["create_pr", "revision"])
     if offline():
         raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set")
     api = _api(token)
@@ -896,9 +900,9 @@ def upload(repo_id: str, files: dict[str, Path | bytes], *, message: str, privat
             api.create_repo(ref.repo_id, private=private, exist_ok=True)
         # create_repo leaves an existing repo's visibility as it is: --private pushed into a public repo, unsaid
         if private and not api.repo_info(ref.repo_id).private:
-            raise InvalidInputError(f"--private: {ref.repo_id} exists and is public: nothing pushed (a push keeps an "
-                                    "existing repo's visibility); make it private on the Hub first, or leave out "
-                                    "--private")
+            raise InvalidInputError(f"`private=True`: {ref.repo_id} exists and is public: nothing pushed (a push "
+                                    "keeps an existing repo's visibility); make it private on the Hub first, or leave "
+                                    "out `private=True`", ["private"])
         if number is None and branch != "main":
             api.create_branch(ref.repo_id, branch=branch, exist_ok=True)
         remove = set(remove) - set(files)
@@ -959,11 +963,12 @@ def _refuse_unless_open(api, repo_id: str, number: int) -> None:
         thread = None
     if thread is None or not thread.is_pull_request:
         what = f"has no pull request {number}" if thread is None else f"#{number} is a discussion, not a pull request"
-        raise NotFoundError(f"{repo_id} {what}: open one with --create-pr (refs/pr/N pushes to an open one)")
+        raise NotFoundError(f"{repo_id} {what}: open one with `create_pr=True` (refs/pr/N pushes to an open one)",
+                            ["create_pr"])
     if thread.status in ("closed", "merged"):
         again = "reopen it on the Hub or " if thread.status == "closed" else ""
         raise InvalidInputError(f"{repo_id} pull request {number} is {thread.status}: nothing pushed; {again}open "
-                                "another with --create-pr")
+                                "another with `create_pr=True`", ["create_pr"])
 
 
 # ---- model card ------------------------------------------------------------------------------------------------
@@ -1315,7 +1320,7 @@ def pull(registry: "store.Registry", ref: RepoRef | str, *, name: str | None = N
             return check_name(pulled_name(ref.repo_id, path, chosen=bool(subpath)), "adapter")
         except InvalidInputError as exc:
             raise InvalidInputError(f"{exc}; that is the default name, the repo's and the adapter's path in it: give "
-                                    "--name") from None
+                                    "`name`", ["name"]) from None
 
     named(subpath or "")  # before any download (the path the repo listing picks may add to the default)
     pulled = _pulled_before(registry, ref, subpath, token)

@@ -451,7 +451,8 @@ def _check_name_free(reg, name: str | None, record: bool) -> None:
         raise ParameterError(f"`name` {name!r} names the output's record, and `record=False` makes none: leave one of "
                              "them out", ["name", "record"])
     if name is not None and _name_taken(reg, check_name(name, "base")):
-        raise ConflictError(f"base name {name!r} is already used in the registry; choose another --name")
+        raise ConflictError(f"base name {name!r} is already used in the registry; choose another `name`",
+                            ["name"])
 
 
 def _origin(reg, model: BaseModel):
@@ -482,7 +483,8 @@ def _refuse_dora_after(reg, origin, inputs: list[Input], label: str) -> None:
             raise UnsupportedAdapterError(
                 f"{i.label}: {label} was merged with the DoRA adapter {dora['label']}:{dora['weight']:g} after it, "
                 f"which rescaled every output channel by magnitude/‖W + s·B·A‖, those {i.label} changed included: "
-                "subtracting it cannot take it off; --exact rebuilds a recorded merge from its base instead"
+                "subtracting it cannot take it off; `exact=True` rebuilds a recorded merge from its base instead",
+                ["exact"]
             )
 
 
@@ -508,30 +510,32 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         changed = next((b for b in reg.list_bases() if b.path == where and b.lineage and b.lineage.op == "merge"), None)
         if changed is not None:  # it said "not recorded as a merge" of a recorded merge whose bytes changed since
             raise MismatchError(
-                f"--exact: {label} at {merged.path} is recorded as a merge, but its files changed since (fingerprint "
-                f"{merged.fingerprint()[:12]} ≠ recorded {changed.fingerprint[:12]}), so its record does not say how "
-                "they were made; drop --exact to subtract arithmetically"
+                f"`exact=True`: {label} at {merged.path} is recorded as a merge, but its files changed since "
+                f"(fingerprint {merged.fingerprint()[:12]} ≠ recorded {changed.fingerprint[:12]}), so its record does "
+                "not say how they were made; drop `exact=True` to subtract arithmetically", ["exact"]
             )
         raise NotFoundError(
-            f"--exact: {label} is not recorded in the registry as a merge (it was not made by `loraops merge`, or "
-            "its record was removed), so there is no pristine base to restore; drop --exact to subtract arithmetically"
+            f"`exact=True`: {label} is not recorded in the registry as a merge (it was not made by `loraops merge`, "
+            "or its record was removed), so there is no pristine base to restore; drop `exact=True` to subtract "
+            "arithmetically", ["exact"]
         )
     params = origin.lineage.params
     base_info = params["base"]
     pristine = _pristine(reg, origin)
     if pristine is None:
         raise NotFoundError(
-            f"--exact: {label} was merged onto base {base_info['name']!r} (fingerprint {base_info['fingerprint'][:12]}), "
-            "whose files are not available unchanged; `loraops base add` them again, or drop --exact"
+            f"`exact=True`: {label} was merged onto base {base_info['name']!r} (fingerprint "
+            f"{base_info['fingerprint'][:12]}), whose files are not available unchanged; `loraops base add` them "
+            "again, or drop `exact=True`", ["exact"]
         )
     remaining, stray = _take_off(params, inputs)
     if stray is not None:
         below = reg.find_base(base_info["fingerprint"])  # a merge of a merge: one level is restored at a time
         deeper = (f"; its base {below.name} is itself a merge ({_merged_with(below.lineage.params)}): take {label}'s "
-                  f"adapters off with --exact first, then {below.name}'s from that"
+                  f"adapters off with `exact=True` first, then {below.name}'s from that"
                   if below is not None and below.lineage is not None and below.lineage.op == "merge" else "")
-        raise MismatchError(f"--exact: {_named(stray.label, stray.weight, stray.block_weights)} is not one of the "
-                            f"adapters {label} was merged with ({_merged_with(params)}){deeper}")
+        raise MismatchError(f"`exact=True`: {_named(stray.label, stray.weight, stray.block_weights)} is not one of "
+                            f"the adapters {label} was merged with ({_merged_with(params)}){deeper}", ["exact"])
     kept = [_recorded_adapter(reg, a) for a in remaining]
     # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
     dtype = params.get("requested_dtype", params["dtype"] if params["dtype"] in engine.FLOAT_DTYPES else None)
@@ -585,8 +589,8 @@ def _recorded_adapter(reg, entry: dict) -> Input:
         if path_exists(entry["label"]) and formats.identity(entry["label"]) == entry["sha256"]:
             found = resolve_adapter(reg, entry["label"], entry["weight"])
     if found is None:
-        raise NotFoundError(f"--exact: adapter {entry['label']} (sha256 {entry['sha256'][:12]}), which stays merged, "
-                            "is neither registered nor at its recorded path any more")
+        raise NotFoundError(f"`exact=True`: adapter {entry['label']} (sha256 {entry['sha256'][:12]}), which stays "
+                            "merged, is neither registered nor at its recorded path any more", ["exact"])
     # named as the merge named it (its summary, _merged_with), not by the reference its identity found
     return replace(found, label=entry["label"]).weighed(entry.get("block_weights"))
 

@@ -203,7 +203,7 @@ def beyond_range(name: str, dtype: "torch.dtype", hint: str) -> InvalidInputErro
     import torch
 
     return InvalidInputError(f"{name!r} comes out with values beyond {str(dtype).removeprefix('torch.')}'s range "
-                             f"(±{torch.finfo(dtype).max:.6g}); {hint}")
+                             f"(±{torch.finfo(dtype).max:.6g}); {hint}", ["dtype"])  # (the hint may name `dtype`)
 
 
 def read_header(path: str | Path) -> Header:
@@ -578,7 +578,7 @@ class TensorWriter:
                  if torch.finfo(self.dtype).max < torch.finfo(dtype).max and peak <= torch.finfo(dtype).max]
         if not wider:
             return "no dtype it can be written in holds them"
-        return f"write it with --dtype {' or '.join(wider)}"
+        return f"write it with `dtype` {' or '.join(wider)}"
 
     def close(self, metadata: dict[str, str] | None = None, *, hash_key: str | None = None) -> str:
         import hashlib

@@ -232,7 +232,8 @@ def test_an_output_channel_whose_squares_overflow_or_underflow_is_refused(transp
                         magnitude=torch.ones(4), fan_in_fan_out=transposed)
     adapter = Adapter({"lin": module}, "peft")
     with pytest.raises(InvalidInputError, match="^DoRA module 'lin': the squares summed for the norm of an output "
-                                                f"channel of lin.weight \\+ ΔW {says} what float32 holds.*--precise"):
+                                                f"channel of lin.weight \\+ ΔW {says} what float32 holds.*; "
+                                                "precise=True computes in float64$"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu")
     assert not (tmp_path / "out.safetensors").exists()
     engine.merge(base, [(adapter, 1.0)], tmp_path / "out.safetensors", device="cpu", precise=True)

@@ -109,7 +109,7 @@ def test_single_file_keeps_integer_tensors_and_replaces_full_tensors(tmp_path):
     with pytest.raises(InvalidInputError, match="modules_to_save.*weight 0.5"):
         engine.merge(base, [(adapter, 0.5)], tmp_path / "w.safetensors", device="cpu")
     # said as a subtract (it said "cannot be applied with weight -1" of `subtract x`), pointing at --exact
-    with pytest.raises(InvalidInputError, match=r"modules_to_save\) cannot be subtracted: .*--exact restores"):
+    with pytest.raises(InvalidInputError, match=r"modules_to_save\) cannot be subtracted: .*exact=True restores"):
         engine.subtract(base, [(adapter, 1.0)], tmp_path / "s.safetensors", device="cpu")
     assert nothing_left(tmp_path / "w.safetensors") and nothing_left(tmp_path / "s.safetensors")
 
@@ -127,11 +127,11 @@ def test_a_float16_output_that_overflows_is_refused(how, tmp_path):
     adapter = Adapter({"lin": module} if how == "merged" else {}, "peft",
                       full_tensors={"lin.weight": torch.full((6, 4), 1e5)} if how == "replaced" else {})
     with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with values beyond float16's range "
-                                                r"\(±65504\); merge with --dtype bf16 or fp32$"):
+                                                r"\(±65504\); merge with dtype bf16 or fp32$"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", dtype="fp16", device="cpu")
     assert nothing_left(tmp_path / "o.safetensors")
     if how != "replaced":  # (subtract refuses a full tensor); its hint names subtract, which has a --dtype of its own
-        with pytest.raises(InvalidInputError, match=r"float16's range \(±65504\); subtract with --dtype bf16 or fp32$"):
+        with pytest.raises(InvalidInputError, match=r"float16's range \(±65504\); subtract with dtype bf16 or fp32$"):
             engine.subtract(base, [(replace(adapter, modules={n: replace(m, B=-m.B) for n, m in adapter.modules.items()}),
                                     1.0)], tmp_path / "s.safetensors", dtype="fp16", device="cpu")
         assert nothing_left(tmp_path / "s.safetensors")
@@ -164,7 +164,8 @@ def test_deltas_that_overflow_and_cancel_are_refused(dtype, tmp_path):
     adapter = Adapter({"lin": module}, "peft")
     with pytest.raises(InvalidInputError, match=r"'lin.weight' comes out with inf or NaN values that the exact merge "
                                                r"does not make: its deltas go beyond what "
-                                               r"float32 holds as they are merged .*; --precise computes in float64$"):
+                                               r"float32 holds as they are merged .*; precise=True computes "
+                                               r"in float64$"):
         engine.merge(base, [(adapter, 1.0)], tmp_path / "o.safetensors", dtype=dtype, device="cpu")
     assert nothing_left(tmp_path / "o.safetensors")
     engine.merge(base, [(adapter, 1.0)], tmp_path / "p.safetensors", dtype=dtype, precise=True, device="cpu")
@@ -198,8 +199,8 @@ def test_deltas_beyond_float32_are_told_alike_whatever_the_kernel_makes_of_them(
     monkeypatch.setattr(engine, "add_delta", as_the_kernel_makes_it)
     with pytest.raises(InvalidInputError, match=r"^'lin.weight' comes out with inf or NaN values that the exact merge "
                                                r"does not make: its deltas go beyond what float32 holds as they are "
-                                               r"merged \(products or sums past ±3.40282e\+38\); --precise computes in "
-                                               r"float64$"):
+                                               r"merged \(products or sums past ±3.40282e\+38\); precise=True computes "
+                                               r"in float64$"):
         engine.merge(base, [(Adapter({"lin": module}, "peft"), 1.0)], tmp_path / "o.safetensors", device="cpu")
     assert nothing_left(tmp_path / "o.safetensors")
 

@@ -127,7 +127,7 @@ def test_kohya_single_file_and_choices(fake_hub):
                                                 "sub/adapter_config.json": b"{}", "sub/adapter_model.safetensors": b"s",
                                                 "sub/more/x.safetensors": b"x"})
     with pytest.raises(AmbiguousError, match=r"someone/epochs: several .safetensors files \(e1.safetensors, "
-                                             r"e2.safetensors\); pick one with --file"):
+                                             r"e2.safetensors\); pick one with subpath"):
         hub.download_adapter("someone/epochs")
     e2 = hub.download_adapter("someone/epochs", subpath="e2.safetensors")
     assert e2.adapter_path.read_bytes() == b"2" and e2.source == f"hf://someone/epochs@{commit}/e2.safetensors"
@@ -164,7 +164,7 @@ def test_peft_folders_in_subfolders_are_listed(fake_hub):
     fake_hub.commit("someone/two", {**{f"a/{n}": b for n, b in peft.items()}, **{f"b/{n}": b for n, b in peft.items()},
                                     "c/notes.txt": b"", "README.md": b"# two"})
     with pytest.raises(AmbiguousError, match=r"^someone/two: no adapter at the top level, but 2 PEFT adapter folders "
-                                             r"below it \(a, b\); pick one with --file FOLDER$"):
+                                             r"below it \(a, b\); pick one with subpath FOLDER$"):
         hub.download_adapter("someone/two")
     assert hub.download_adapter("someone/two", subpath="b").files == ["b/adapter_config.json", "b/adapter_model.safetensors"]
     commit = fake_hub.commit("someone/deep", {f"runs/x/final/{n}": b for n, b in peft.items()} | {"runs/x/log.txt": b""})
@@ -174,7 +174,7 @@ def test_peft_folders_in_subfolders_are_listed(fake_hub):
         assert only.source == f"hf://someone/deep@{commit}/runs/x/final"
     fake_hub.commit("someone/deep", {f"runs/y/{n}": b for n, b in peft.items()})
     with pytest.raises(AmbiguousError, match=r"^someone/deep@main: no adapter in runs/, but 2 PEFT adapter folders "
-                                             r"below it \(runs/x/final, runs/y\); pick one with --file FOLDER$"):
+                                             r"below it \(runs/x/final, runs/y\); pick one with subpath FOLDER$"):
         hub.download_adapter("someone/deep@main", subpath="runs")
 
 
@@ -253,7 +253,7 @@ def test_a_models_repo_with_adapters_in_subfolders_names_them(fake_hub, tmp_path
     shards = {f"model-0000{i}-of-00002.safetensors": weights for i in (1, 2)}
     fake_hub.commit("meta/sharded", {**shards, **{f"lora/{n}": b for n, b in peft.items()}})
     with pytest.raises(AmbiguousError, match=r"^meta/sharded: several .safetensors files \(model-00001-of-00002."
-                                             r"safetensors, model-00002-of-00002.safetensors\); pick one with --file, "
+                                             r"safetensors, model-00002-of-00002.safetensors\); pick one with subpath, "
                                              r"or the PEFT adapter folder lora$"):
         hub.download_adapter("meta/sharded")
 
@@ -391,7 +391,7 @@ def test_a_token_no_header_carries_is_bad_input_and_never_shown(fake_hub, monkey
     given = None if env else token
     with pytest.raises(InvalidInputError) as caught:
         hub.download_adapter("someone/lora", token=given)
-    assert str(caught.value) == (f"cannot resolve someone/lora: the Hub token {what}; check --token, else $HF_TOKEN, "
+    assert str(caught.value) == (f"cannot resolve someone/lora: the Hub token {what}; check token, else $HF_TOKEN, "
                                  "else the token saved by `hf auth login`")
     with pytest.raises(InvalidInputError, match="^cannot push to me/x@main: the Hub token ") as caught:
         hub.upload("me/x", {"a.safetensors": b"s"}, message="m", token=given)
@@ -448,7 +448,7 @@ def test_private_refuses_a_public_repo_that_exists(fake_hub):
     public = fake_hub.commit("me/open", {"README.md": b"card"})
     number = fake_hub.open_pr("me/open")
     for revision, create_pr in [(None, False), ("dev", False), (None, True), (f"refs/pr/{number}", False)]:
-        with pytest.raises(InvalidInputError, match=r"^--private: me/open exists and is public: nothing pushed"):
+        with pytest.raises(InvalidInputError, match=r"^private=True: me/open exists and is public: nothing pushed"):
             hub.upload("me/open", {"a.safetensors": b"s"}, message="m", private=True, revision=revision,
                        create_pr=create_pr, token="hf_owner")
     repo = fake_hub.repos["me/open"]
@@ -465,7 +465,7 @@ def test_upload_errors(fake_hub):
         hub.upload("someone/x", {"a.txt": b"a"}, message="m", token="hf_owner")
     with pytest.raises(HubError, match="would escape"):
         hub.upload("me/x", {"../a.txt": b"a"}, message="m", token="hf_owner")
-    with pytest.raises(InvalidInputError, match="give the branch with --revision"):
+    with pytest.raises(InvalidInputError, match="give the branch with revision, not @"):
         hub.upload("me/x@dev", {"a.txt": b"a"}, message="m", token="hf_owner")
 
 

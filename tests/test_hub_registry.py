@@ -595,7 +595,7 @@ def test_registry_base_path_downloads_a_private_base_with_the_token_given(fake_h
     with pytest.raises(NotFoundError) as refused:
         registry.base_path("tiny", token="hf_other")
     assert str(refused.value) == (f"repository me/tiny not found on {fake_hub.url} (if it is private, "
-                                  f"{hub.LOGIN})")
+                                  "log in with `hf auth login`, set HF_TOKEN or pass token)")
     assert registry.base_path("tiny", token="hf_owner") == hub.cache_dir().resolve() / "models--me--tiny" / \
         "snapshots" / commit
 
@@ -765,7 +765,7 @@ def test_the_default_name_of_an_adapter_picked_below_the_top_level_holds_its_fol
 
     asked = len(fake_hub.requests)
     with pytest.raises(InvalidInputError, match=r"^bad adapter name 'deep/x{251}': .*; that is the default name, the "
-                                                r"repo's and the adapter's path in it: give --name$"):
+                                                r"repo's and the adapter's path in it: give name$"):
         hub.pull(registry, "someone/deep", subpath="x" * 251 + ".safetensors")
     assert len(fake_hub.requests) == asked
 
@@ -786,7 +786,7 @@ def test_pull_takes_the_forms_a_user_copies_a_subfolder_in(fake_hub, adapters, r
                       ("someone/many", "loras/a/adapter_config.json")]:
         again = hub.pull(registry, ref, subpath=path)
         assert not again.new and again.adapter.id == first.adapter.id, ref
-    with pytest.raises(InvalidInputError, match="names loras/a in the repo, and --file loras/b another path"):
+    with pytest.raises(InvalidInputError, match="names loras/a in the repo, and subpath loras/b another path"):
         hub.pull(registry, f"{url}/tree/main/loras/a", subpath="loras/b")
     with pytest.raises(InvalidInputError, match="names loras/a in the repo: give the repo alone"):
         hub.add_base(registry, f"hub:{url}/tree/main/loras/a")

@@ -195,8 +195,8 @@ def test_rm_all_takes_a_name_not_one_version(reg, art):
     two = reg.add_adapter(art["ad2"], name="ad1")
     for ref, named in (("ad1@2", "ad1@2"), ("ad1@latest", "ad1@2"), (one.id, "ad1@1"), (two.sha256[:8], "ad1@2")):
         with pytest.raises(InvalidInputError, match=rf"^{re.escape(repr(ref))} names one version \({named}\), "
-                                                    "and --all removes every version of a name: give the name 'ad1', "
-                                                    "or drop --all$"):
+                                                    "and all_versions=True removes every version of a name: give "
+                                                    "the name 'ad1', or drop all_versions=True$"):
             reg.remove_adapter(ref, all_versions=True)
     assert [r.ref for r in reg.list_adapters()] == ["ad1@1", "ad1@2"] and Path(one.path).exists()
     assert [r.ref for r in reg.remove_adapter("ad1", all_versions=True)] == ["ad1@1", "ad1@2"]

@@ -667,7 +667,7 @@ def test_an_alpha_not_positive_or_out_of_float32_is_refused_by_every_command_tha
     assert result.stderr == f"error: {where}{says}\n"
     with Registry.open() as reg:
         assert snapshot(reg) == before
-    with pytest.raises(InvalidInputError, match=r": --alpha: alpha must be a positive number \(got 0\): an alpha of 0"):
+    with pytest.raises(InvalidInputError, match=r": alpha: alpha must be a positive number \(got 0\): an alpha of 0"):
         Registry.open().register_adapter(art["kohya"], alpha=0)
 
 

@@ -225,7 +225,7 @@ def test_kohya_join_of_float8_parts(tmp_path):
             column += part.rank
     modules = {**bound.modules, to_k: replace(bound.modules[to_k], alpha=4e4, scale=1e4)}
     with pytest.raises(InvalidInputError, match=r"values beyond float8_e4m3fn's range \(±448\); write it with "
-                                                r"--dtype bf16 or fp32"):
+                                                r"dtype bf16 or fp32"):
         formats.write_adapter(replace(bound, modules=modules), tmp_path / "beyond.safetensors", "kohya")
 
 

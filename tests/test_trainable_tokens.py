@@ -233,7 +233,7 @@ def test_weight_subtract_combine_kohya_refused(tmp_path, bases):
     adapter = formats.read_adapter(folder)
     with pytest.raises(InvalidInputError, match="cannot be applied with weight 0.5"):
         engine.merge(base, [(adapter, 0.5)], tmp_path / "out", progress=False)
-    with pytest.raises(UnsupportedAdapterError, match="cannot be subtracted.*--exact"):
+    with pytest.raises(UnsupportedAdapterError, match="cannot be subtracted.*exact=True restores"):
         engine.subtract(base, [(adapter, 1.0)], tmp_path / "out", progress=False)
     with pytest.raises(UnsupportedAdapterError, match="cannot be written as kohya"):
         formats.write_adapter(adapter, tmp_path / "k.safetensors", "kohya")

@@ -18,7 +18,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import LoraopsError, ParameterError
+from ..errors import LoraopsError
 
 # command name → "module:attribute" (modules inside loraops.cli)
 COMMANDS = {
@@ -45,6 +45,7 @@ COMMANDS = {
 
 INTERRUPTED = "error: interrupted; nothing was written"
 _LANDING = "loraops.landing"  # ctx.meta: the command's output (expect_output)
+_ARGS = "loraops.args"  # ctx.meta: the command line after the group's options (`base rm NAME`: LoraopsGroup.ran)
 _interrupt: list[int | None] = [None]  # the signal that reached this run (see _terminate); None while none did
 # A path the user gave that cannot be used as it is: bad input (exit 2), like any other.
 UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
@@ -158,17 +159,19 @@ def system_error(exc: OSError) -> None:
 
 
 def said(exc: LoraopsError, command: click.Command | None) -> str:
-    """``exc``'s message, with the parameters a ParameterError names said as ``command``'s options where it has one
-    of that name (max_rank: --max-rank; a flag's value as the flag typed for it, rescale=False: --no-rescale); the
-    library says them as Python writes them."""
-    if not isinstance(exc, ParameterError) or command is None:
+    """``exc``'s message, with the parameters it names said as ``command``'s options where it has one
+    of that name (max_rank: --max-rank; a flag's value as the flag typed for it, rescale=False: --no-rescale), or one
+    that passes it (subpath: --file, all_versions=True: --all); the library says them as Python writes them."""
+    if command is None:
         return str(exc)
     options = {option for param in command.params for option in (*param.opts, *param.secondary_opts)}
 
     def option(word: str) -> str:
         name, _, value = word.partition("=")
         typed = f"--{'no-' * (value == 'False')}{name.replace('_', '-')}"
-        return typed if typed in options else word
+        passing = [opt for param in command.params if param.name == name
+                   for opt in (param.secondary_opts if value == "False" else param.opts)]
+        return typed if typed in options else max(passing, key=len) if passing else word
 
     return exc.said(option)
 
@@ -239,7 +242,16 @@ class LoraopsGroup(click.Group):
         close = difflib.get_close_matches(name, COMMANDS, n=1) if name not in COMMANDS else []
         if close and not name.startswith("-") and not ctx.resilient_parsing:
             ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
+        ctx.meta[_ARGS] = list(args)
         return super().resolve_command(ctx, args)
+
+    def ran(self, ctx: click.Context) -> click.Command | None:
+        """The command that ran: `base rm`'s rm, whose options an error's parameters are said as, not base's (the
+        groups below this one take no options: the word after one names its command)."""
+        command, args = self, ctx.meta.get(_ARGS, [])
+        while isinstance(command, click.Group) and args:
+            command, args = command.get_command(ctx, args[0]), args[1:]
+        return command
 
     def make_context(self, *args, **kwargs) -> click.Context:
         try:
@@ -268,7 +280,7 @@ class LoraopsGroup(click.Group):
                 raise KeyboardInterrupt
             return result
         except LoraopsError as exc:
-            fail(said(exc, self.get_command(ctx, ctx.invoked_subcommand or "")), exc.exit_code)
+            fail(said(exc, self.ran(ctx)), exc.exit_code)
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
             usage_error(exc)
         except KeyboardInterrupt as exc:  # a command interrupted after its output landed says so (landing.Landing)

@@ -117,7 +117,7 @@ def read_adapter(path: str | Path, *, alpha: float | None = None, values: bool =
     not looked at (the other checks, of headers and shapes, still run)."""
     path = existing_path(argument(path, "path", *PATH))
     if alpha is not None:
-        common.check_alpha(path, alpha, "--alpha")
+        common.check_alpha(path, alpha, "`alpha`")
     with common.values_known_finite(checked):
         return READERS[detect(path)](path, alpha=alpha, values=values, mapped=mapped)
 
@@ -287,7 +287,7 @@ def refuse_unwritable(adapter: "Adapter", fmt: str, *, values: bool = True, labe
         raise UnsupportedAdapterError(
             f"{label}: {common.shown([m.name for m in parts])}: rows of a fused tensor ({parts[0].fused[0]}) that no "
             f"model PEFT wraps holds as a module, "
-            f"{peft_way_out or 'so it cannot be written as peft: use --format kohya or diffusers'}"
+            f"{peft_way_out or 'so it cannot be written as peft: use `fmt` kohya or diffusers'}", ["fmt"]
         )
     unsettled = [m.name for m in adapter.modules.values() if not m.orientation_known]
     if fmt != "peft" and unsettled:

@@ -248,19 +248,19 @@ def given_alpha(alpha: float | None, where: str | Path | None = None) -> float |
     if alpha is None:
         return None
     number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-    prefix = f"{where}: --alpha: " if where else ""
+    prefix = f"{where}: `alpha`: " if where else ""
     if number and alpha > 0 and (isinstance(alpha, int) or math.isfinite(alpha)):  # (NaN is not above 0)
         if beyond := _beyond_float32(alpha):
-            raise InvalidInputError(f"{prefix}{beyond}")
+            raise InvalidInputError(f"{prefix}{beyond}", ["alpha"])
         return float(alpha)
     why = ""
     if number and alpha == 0:
         why = (": an alpha of 0 means alpha = rank in a kohya file but a scale of 0 in PEFT, so loraops takes neither; "
-               "give the rank itself for scale 1 (--alpha 8 for rank 8), or leave --alpha out")
+               "give the rank itself for scale 1 (`alpha` 8 for rank 8), or leave `alpha` out")
     elif number and alpha < 0:
         why = ": to negate an adapter, weight it -1 in merge or combine (NAME:-1)"
     shown = f"{alpha:g}" if number else repr(alpha)
-    raise InvalidInputError(f"{prefix}alpha must be a positive number (got {shown}){why}")
+    raise InvalidInputError(f"{prefix}alpha must be a positive number (got {shown}){why}", ["alpha"])
 
 
 def _beyond_float32(alpha: float) -> str | None:
@@ -275,14 +275,14 @@ def _beyond_float32(alpha: float) -> str | None:
 
 def check_alpha(path: Path, alpha: object, where: str) -> float:
     """An alpha a file records (or a stored --alpha override): given_alpha's rule, but for 0, which a file may
-    record (alpha = rank in kohya and diffusers files)."""
+    record (alpha = rank in kohya and diffusers files). ``where``: the file's key, or `alpha` (the parameter)."""
     # (a JSON integer may be beyond any float: math.isfinite and :g raised OverflowError on it)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or isinstance(alpha, float) and not math.isfinite(alpha):
-        raise InvalidInputError(f"{path}: {where}: alpha {alpha!r} is not a finite number")
+        raise InvalidInputError(f"{path}: {where}: alpha {alpha!r} is not a finite number", ["alpha"])
     if alpha < 0:
-        raise InvalidInputError(f"{path}: {where}: negative alpha {_shown(alpha)}")
+        raise InvalidInputError(f"{path}: {where}: negative alpha {_shown(alpha)}", ["alpha"])
     if beyond := _beyond_float32(alpha):  # 1e-50 in a PEFT config was read, and its kohya export stored 0
-        raise InvalidInputError(f"{path}: {where}: {beyond}")
+        raise InvalidInputError(f"{path}: {where}: {beyond}", ["alpha"])
     return float(alpha)
 
 

@@ -148,7 +148,7 @@ def pipeline_names(adapter: Adapter) -> dict[str, str]:
         if target is None:
             raise FormatError(f"{adapter.label}: module {name!r} has no pipeline component prefix "
                               f"({', '.join(COMPONENTS)}): the diffusers format is a pipeline's (a language model's "
-                              "adapter: --format peft or kohya)")
+                              "adapter: `fmt` peft or kohya)", ["fmt"])
         names[name] = target
     common.refuse_unplaced(adapter, [n for n in listed if sdxl is None and other is None and component_of(n) is None
                                      and names[n] != ldm.diffusers_name(n, top=top, sdxl=False)],

@@ -407,7 +407,7 @@ def folded(part: LoraModule, ratio: float, dtype: "torch.dtype") -> "torch.Tenso
         return part.B.to(dtype) * ratio
     out = st.converted(part.B.float() * ratio, dtype)  # (NaN where the float8 would saturate)
     if not st.all_finite(out.float()):
-        raise st.beyond_range(f"{part.name}.lora_B", dtype, "write it with --dtype bf16 or fp32")
+        raise st.beyond_range(f"{part.name}.lora_B", dtype, "write it with `dtype` bf16 or fp32")
     return out
 
 

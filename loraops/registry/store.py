@@ -311,7 +311,7 @@ class Registry:
             if taken is not None:
                 raise ConflictError(
                     f"base name {name!r} is already used by another model (fingerprint {taken.fingerprint[:12]}); "
-                    "choose another --name"
+                    "choose another `name`", ["name"]
                 )
             row = SqlBase(
                 name=name, fingerprint=fingerprint, source=source or where, path=where,
@@ -360,7 +360,7 @@ class Registry:
             taken = s.scalar(select(SqlBase).where(SqlBase.name == name))
             if taken is not None:
                 raise ConflictError(f"base name {name!r} is already used by another model "
-                                    f"(fingerprint {taken.fingerprint[:12]}); choose another --name")
+                                    f"(fingerprint {taken.fingerprint[:12]}); choose another `name`", ["name"])
             row = SqlBase(name=name, fingerprint=placeholder, source=source, path=None,
                           num_tensors=len(manifest), num_parameters=model_parameters(tensors),
                           dtype=dtype, total_bytes=total_bytes, derived=False)
@@ -466,7 +466,8 @@ class Registry:
                 if inputs:
                     parts.append(f"{inputs} lineage record(s)")
                 raise ConflictError(
-                    f"base {row.name!r} is still used by {' and '.join(parts)}; use --force to remove it anyway"
+                    f"base {row.name!r} is still used by {' and '.join(parts)}; use `force=True` to remove it anyway",
+                    ["force"]
                 )
             record = self._base_record(s, row)
             s.execute(update(SqlAdapter).where(SqlAdapter.base_id == row.id).values(base_id=None))
@@ -781,8 +782,9 @@ class Registry:
         def work(s: Session) -> tuple[list[AdapterRecord], list[str]]:
             row = self._find_adapter(s, ref)
             if all_versions and str(ref).strip() != row.name:  # (`rm a@2 --all` removed a@1 too)
-                raise InvalidInputError(f"{ref!r} names one version ({row.name}@{row.version}), and --all removes "
-                                        f"every version of a name: give the name {row.name!r}, or drop --all")
+                raise InvalidInputError(f"{ref!r} names one version ({row.name}@{row.version}), and "
+                                        "`all_versions=True` removes every version of a name: give the name "
+                                        f"{row.name!r}, or drop `all_versions=True`", ["all_versions"])
             if undo:
                 # the row locked first (PostgreSQL): a lineage row being inserted that refers to it is committed
                 # before this looks, or waits until the row is gone
@@ -836,9 +838,9 @@ class Registry:
                 row = self._find_adapter(s, ref_or_path)
                 label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
             if alpha is not None:  # (it was silently left unused)
-                raise InvalidInputError(f"{label}: --alpha applies to an adapter given by path; a registered adapter "
+                raise InvalidInputError(f"{label}: `alpha` applies to an adapter given by path; a registered adapter "
                                         "is read with the alpha it was registered with (register it again with "
-                                        "--alpha to change that)")
+                                        "`alpha` to change that)", ["alpha"])
             self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
         if base is not None and path_exists(base):
@@ -1260,7 +1262,7 @@ def check_name(name: str, what: str) -> str:
     if not isinstance(name, str):  # (name=1 was a raw AttributeError)
         raise InvalidInputError(f"bad {what} name {name!r}: a name is a string")
     if not name:
-        raise InvalidInputError(f"empty {what} name: give a name, or leave --name out for the default")
+        raise InvalidInputError(f"empty {what} name: give a name, or leave `name` out for the default", ["name"])
     parts = name.split("/")
     if not NAME_RE.match(name) or name.isdigit() or len(name) > 255 or any(p in ("", ".", "..") for p in parts):
         raise InvalidInputError(
