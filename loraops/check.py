@@ -1759,7 +1759,7 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
         return named if read is given else renamed(in_pipeline_dit(read, manifest), res, manifest)
 
     return CheckReport(
-        ok=ok, base=base_name, matched=matched,
+        ok=ok, base_ref=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
         shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, token_row_mismatches=row_mismatches,
         tied_heads=sorted(set(tied_heads) - refused_heads), why_missing=why_missing,

@@ -617,7 +617,7 @@ def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
         for file in part.files:
             store_digests(output if model.is_single_file else output / file.relative_to(model.path),
                           {n: digests[part.prefix + n] for n in model.headers[file].tensors})
-    return MergeReport(operation="restore", output=str(output), base=str(model.path), adapters=[], dtype=model.dtype,
-                       device="cpu", tensors_copied=len(model.tensors), bytes_written=size,
+    return MergeReport(operation="restore", output=str(output), base_path=str(model.path), adapters=[],
+                       dtype=model.dtype, device="cpu", tensors_copied=len(model.tensors), bytes_written=size,
                        seconds=round(time.perf_counter() - started, 3), peak_rss_bytes=engine.peak_rss(),
                        fingerprint=model.fingerprint())

@@ -67,7 +67,7 @@ def _render(report, as_json: bool, name: str | None) -> None:
     verb = {"merge": "merged", "subtract": "subtracted", "restore": "restored"}[report.operation]
     adapters = ", ".join(f"{a.ref}:{a.weight:g}{blocks.text(a.block_weights)}" for a in report.adapters)
     if report.operation == "restore":
-        adapters = report.base + (f" + {adapters}" if adapters else "")
+        adapters = report.base_path + (f" + {adapters}" if adapters else "")
     rate = report.bytes_written / report.seconds if report.seconds else 0
     click.echo(
         f"{verb} {adapters or 'nothing'} → {report.output}: {report.tensors_merged} tensors "

@@ -390,7 +390,7 @@ class Reader:
             f"WHERE lineage_id IN ({ids_sql}) ORDER BY lineage_id, position", params
         ):
             inputs.setdefault(lineage_id, []).append(LineageInputRecord(
-                kind=kind, id=adapter_id if kind == "adapter" else base_id, label=label, sha256=sha256, weight=weight,
+                kind=kind, id=adapter_id if kind == "adapter" else base_id, ref=label, sha256=sha256, weight=weight,
                 role=role,
             ))
         return {
