@@ -134,6 +134,8 @@ def common_rules(value, where: str = "$") -> list[str]:
         rules = {"adapter": (dict, "an AdapterRecord"), "base": ((dict, type(None)), "a base's record"),
                  "ref": (str, "a reference string"), "new": (bool, "a bool")}
         for key, item in value.items():
+            if key == "label":  # (a lineage's inputs, and a merge's adapters in its params, said label for ref)
+                found.append(f"{where}.label: say ref")
             if key in rules and not isinstance(item, rules[key][0]):
                 found.append(f"{where}.{key}: {item!r} is not {rules[key][1]}")
             if key in ("created", "dtype"):
@@ -245,6 +247,33 @@ def test_db_upgrade_and_stamp_json_say_the_revision_before_and_after():
         connection.execute(text("DROP TABLE alembic_version"))
     engine.dispose()
     assert json_of("db", "stamp", "--json")[0] == upgraded
+
+
+def test_a_merge_recorded_with_label_reads_with_ref(made, tmp_path):
+    """A merge recorded before named its adapters' references `label` in its lineage params: it reads as `ref`, as
+    every record says it, and --exact still restores from it."""
+    from sqlalchemy import update
+
+    from loraops import settings
+    from loraops.registry import db
+    from loraops.registry.models import SqlLineage
+
+    json_of("base", "add", made["base"], "--name", "tiny", "--json")
+    json_of("merge", f"{made['a1']}:0.5", "--into", "tiny", "-o", tmp_path / "merged", "--name", "merged", "--json")
+    params = json_of("base", "show", "merged", "--json")[0]["lineage"]["params"]
+    assert [set(a) for a in params["adapters"]] == [{"ref", "sha256", "weight"}]
+    old = {**params, "adapters": [{("label" if k == "ref" else k): v for k, v in a.items()} for a in params["adapters"]]}
+    engine = db.make_engine(settings.db_url())
+    with engine.begin() as connection:
+        connection.execute(update(SqlLineage).where(SqlLineage.op == "merge").values(params=old))
+    engine.dispose()
+    shown = json_of("base", "show", "merged", "--json")[0]
+    pinned(shown, BASE)
+    assert shown["lineage"]["params"] == params
+    restored = json_of("subtract", f"{made['a1']}:0.5", "--from", "merged", "--exact", "-o", tmp_path / "back",
+                       "--json")[0]
+    pinned(restored, MERGE)
+    assert restored["operation"] == "restore" and restored["base_path"] == str(made["base"])
 
 
 def test_gc_and_verify_json_say_what_they_found(made):
