@@ -262,7 +262,8 @@ def test_a_merge_recorded_with_label_reads_with_ref(made, tmp_path):
     json_of("merge", f"{made['a1']}:0.5", "--into", "tiny", "-o", tmp_path / "merged", "--name", "merged", "--json")
     params = json_of("base", "show", "merged", "--json")[0]["lineage"]["params"]
     assert [set(a) for a in params["adapters"]] == [{"ref", "sha256", "weight"}]
-    old = {**params, "adapters": [{("label" if k == "ref" else k): v for k, v in a.items()} for a in params["adapters"]]}
+    old = {**params, "adapters": [{("label" if k == "ref" else k): v for k, v in entry.items()}
+                                  for entry in params["adapters"]]}
     engine = db.make_engine(settings.db_url())
     with engine.begin() as connection:
         connection.execute(update(SqlLineage).where(SqlLineage.op == "merge").values(params=old))
