@@ -193,6 +193,9 @@ class DitLayout:
     original's."""
     keeps: bool = False
     """Every other module of the transformer has its diffusers path as its original name (LTX-Video's blocks)."""
+    beside: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Original modules a pipeline holds in another component than its transformer → their paths there, the
+    component included (LTX-2's text projection, in ``connectors``)."""
 
 
 WAN_BLOCK = {
@@ -284,7 +287,7 @@ LTX2 = DitLayout(
     {"patchify_proj": "proj_in", "audio_patchify_proj": "audio_proj_in",
      **{f"{original}.{leaf}": f"{diffusers}.{leaf}" for original, diffusers in LTX2_ADALN.items()
         for leaf in ("linear", "emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2")}},
-    keeps=True,
+    keeps=True, beside={"text_embedding_projection.aggregate_embed": "connectors.text_proj_in"},
 )
 # Qwen-Image's checkpoints and LoRAs (ComfyUI's, musubi-tuner's) name its modules as diffusers does
 QWEN_IMAGE = DitLayout(
@@ -360,6 +363,9 @@ def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str
     transformer's folder: DIT_BARE_KEY). None for any other module or adapter."""
     layout = next((layout for layout in DIT_LAYOUTS if layout.name == (metadata or {}).get(DIT_LAYOUT_KEY)), None)
     bare = (metadata or {}).get(DIT_BARE_KEY) == "true"
+    beside = {} if layout is None or bare else {held: path for path, held in layout.beside.items()}
+    if module in beside:
+        return beside[module], False
     if layout is None or not (bare or module.startswith("transformer.")):
         return None
     path = module if bare else module.removeprefix("transformer.")
@@ -1057,6 +1063,7 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
         return {}
     inverse, top = dit_inverse(flux, layout)
     swaps = {"norm_out.linear": "final_layer.adaLN_modulation.1"} if layout is None else layout.swapped
+    beside = {} if layout is None else {f"{held}.weight": path for path, held in layout.beside.items()}
     block = re.compile(r"^transformer\.(?P<block>[a-z_.]+)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
     last = max((int(m["n"]) for m in map(block.match, manifest) if m and m["block"] == "transformer_blocks"),
                default=-1)
@@ -1078,6 +1085,9 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
             path, swapped = (swaps[inner], True) if inner in swaps else (top.get(inner), False)
             if path is None and layout is not None and layout.keeps and inner not in layout.top:
                 path = inner
+        if tensor in beside:
+            out[f"{beside[tensor]}.weight"] = VirtualTensor(f"{beside[tensor]}.weight", tuple(info.shape), info.dtype,
+                                                             tensor)
         if not tensor.startswith("transformer."):
             out[tensor] = info
         elif path is not None:

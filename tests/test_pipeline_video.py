@@ -625,8 +625,10 @@ LT, LT_AUDIO = 16, 8  # LTX-2's tiny video and audio hidden sizes
 
 
 def ltx2_pipeline(root, *, prompt_adaln: bool = True):
-    """A tiny LTX-2 pipeline; ``prompt_adaln``: LTX-2.3's (cross_attn_mod: prompt_adaln, audio_prompt_adaln)."""
+    """A tiny LTX-2 pipeline (its transformer and text connectors); ``prompt_adaln``: LTX-2.3's (cross_attn_mod:
+    prompt_adaln, audio_prompt_adaln)."""
     from diffusers import LTX2VideoTransformer3DModel
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 
     torch.manual_seed(0)
     model = LTX2VideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
@@ -635,8 +637,14 @@ def ltx2_pipeline(root, *, prompt_adaln: bool = True):
                                         audio_cross_attention_dim=LT_AUDIO, num_layers=1, caption_channels=12,
                                         cross_attn_mod=prompt_adaln, audio_cross_attn_mod=prompt_adaln)
     model.save_pretrained(root / "transformer")
+    LTX2TextConnectors(caption_channels=12, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+                       video_connector_attention_head_dim=4, video_connector_num_layers=1,
+                       video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+                       audio_connector_attention_head_dim=4, audio_connector_num_layers=1,
+                       audio_connector_num_learnable_registers=None).save_pretrained(root / "connectors")
     (root / "model_index.json").write_text(json.dumps(
-        {"_class_name": "LTX2Pipeline", "transformer": ["diffusers", "LTX2VideoTransformer3DModel"]}))
+        {"_class_name": "LTX2Pipeline", "transformer": ["diffusers", "LTX2VideoTransformer3DModel"],
+         "connectors": ["ltx2", "LTX2TextConnectors"]}))
     return root
 
 
@@ -671,6 +679,45 @@ def test_ltx2_lora_merges_into_a_diffusers_pipeline(tmp_path, key):
         {f"diffusion_model.{name}.lora_{w}.weight": f for name in LTX2 for w, f in zip("AB", scaled(name))})
     assert len(converted) == 2 * len(LTX2)
     merge_and_compare(tmp_path, pipe, tmp_path / "l.safetensors", converted, len(LTX2))
+
+
+CONNECTOR = "text_embedding_projection.aggregate_embed"  # LTX-2's text projection, in the pipeline's connectors
+
+
+def test_ltx2_lora_on_the_text_projection_merges_into_the_connectors(tmp_path):
+    """``text_embedding_projection.aggregate_embed`` (no diffusion_model. before it), which diffusers' LTX-2 loader
+    converts apart into the connectors component (``connectors.text_proj_in``), merges there, beside the
+    transformer's modules; written as kohya it comes back (lora_unet_text_embedding_projection_aggregate_embed) and
+    binds again. It was (not in base)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltx2_lora_to_diffusers
+
+    pipe = ltx2_pipeline(tmp_path / "pipe")
+    modules = {"diffusion_model.transformer_blocks.0.attn1.to_q": (LT, LT), "diffusion_model.patchify_proj": (LT, 4),
+               CONNECTOR: (12, 24)}
+    tensors, scaled = lora_with_alphas(tmp_path / "l.safetensors", modules, peft_key(""), seed=19)
+    lora = {f"{name}.lora_{w}.weight": f for name in modules for w, f in zip("AB", scaled(name))}
+    converted = {**_convert_non_diffusers_ltx2_lora_to_diffusers(lora),  # (as LTX2LoraLoaderMixin.lora_state_dict)
+                 **_convert_non_diffusers_ltx2_lora_to_diffusers(lora, "text_embedding_projection")}
+    run = loraops_run("check", tmp_path / "l.safetensors", "--base", pipe)
+    assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", tmp_path / "l.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    weights = "diffusion_pytorch_model.safetensors"
+    for component in ("transformer", "connectors"):
+        base = load_file(str(pipe / component / weights))
+        want = merged_as_diffusers(base, {k.replace("connectors.", "transformer.", 1): v for k, v in converted.items()
+                                          if k.startswith(f"{component}.")})  # (it strips transformer.)
+        merged = check_merged(tmp_path / "m" / component / weights, want)
+        assert sum(not torch.equal(merged[k], base[k]) for k in base) == (2 if component == "transformer" else 1)
+    assert loraops_run("base", "add", pipe, "--name", "ltx2").returncode == 0
+    assert loraops_run("register", tmp_path / "l.safetensors", "--name", "l", "--base", "ltx2").returncode == 0
+    run = loraops_run("export", "l", "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert run.returncode == 0, run.stderr
+    written = load_file(str(tmp_path / "k.safetensors"))
+    assert "lora_unet_text_embedding_projection_aggregate_embed.lora_up.weight" in written, sorted(written)
+    run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
+    assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
 
 
 def test_ltx23_lora_modules_an_ltx2_pipeline_lacks_are_reported_alone(tmp_path):
