@@ -360,7 +360,9 @@ def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str
     swapped) of a pipeline transformer's module (``transformer.blocks.0.attn1.to_q`` → ``blocks.0.self_attn.q``; a
     part of a fused tensor by the part's path, ``double_blocks.0.img_attn_qkv.to_q``) of an adapter whose ``metadata``
     names the DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY; without ``transformer.`` where bound to the
-    transformer's folder: DIT_BARE_KEY). None for any other module or adapter."""
+    transformer's folder: DIT_BARE_KEY), or of another component's module the layout names (DitLayout.beside:
+    ``connectors.text_proj_in`` → ``text_embedding_projection.aggregate_embed``). None for any other module or
+    adapter."""
     layout = next((layout for layout in DIT_LAYOUTS if layout.name == (metadata or {}).get(DIT_LAYOUT_KEY)), None)
     bare = (metadata or {}).get(DIT_BARE_KEY) == "true"
     beside = {} if layout is None or bare else {held: path for path, held in layout.beside.items()}
