@@ -75,7 +75,8 @@ from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space
                      read_json, read_model_config, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .references import PATH, argument
-from .st import DTYPE_BYTES, TensorInfo, all_finite, beyond_range, header_bytes, narrows, read_row_blocks, torch_dtype
+from .st import (DTYPE_BYTES, TensorInfo, all_finite, beyond_range, dtype_name, header_bytes, narrows, read_row_blocks,
+                 torch_dtype)
 
 if TYPE_CHECKING:
     import torch
@@ -230,7 +231,7 @@ def parse_dtype(dtype: "str | torch.dtype | None") -> str | None:
     unrounded, so subtracting the same adapters gives a float32 base back bit for bit without a recorded lineage."""
     if dtype is None:
         return None
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     if name.upper() in FLOAT_DTYPES:
         return name.upper()
     if name.lower() in DTYPE_NAMES:
@@ -1315,7 +1316,7 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
     the work dtype's kernel makes inf − inf NaN or, with FMA, keeps one inf, depends on the machine."""
     import torch
 
-    dtype = str(norms.dtype).removeprefix("torch.")
+    dtype = dtype_name(norms.dtype)
     hint = "; `precise=True` computes in float64" if norms.dtype != torch.float64 else ""
     if not bool(norms.all()):
         if bool(((norms == 0).cpu() & nonzero().cpu()).any()):
@@ -1520,13 +1521,13 @@ def _refuse_overflow(operation: str, tensor: _Tensor, out: "torch.Tensor", of_ba
         if bool((torch.isfinite(rounded) | (rounded == base))[made].all()):
             hint = "; `precise=True` computes in float64" if work != torch.float64 else ""
             raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values that the exact merge does "
-                                    f"not make: its deltas go beyond what {str(work).removeprefix('torch.')} holds as "
+                                    f"not make: its deltas go beyond what {dtype_name(work)} holds as "
                                     f"they are merged (products or sums past ±{torch.finfo(work).max:g}){hint}",
                                     ["precise"])
         if not bool(torch.isfinite(merged)[made].all()):
             raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values: its deltas go beyond what "
                                     "float64 holds as they are merged; the adapters' weights × scales are too large")
-    dtype = str(out.dtype).removeprefix("torch.")
+    dtype = dtype_name(out.dtype)
     hint = (f"{operation} with `dtype` bf16 or fp32" if dtype == "float16"
             else "the adapters' weights × scales are too large" if tensor.terms
             else f"it holds values {dtype} cannot; keep a wider dtype")

@@ -36,6 +36,7 @@ from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsErro
 from ..landing import interrupts_deferred, tell
 from ..references import PATH, argument, is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
+from ..st import dtype_name
 from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
@@ -571,7 +572,7 @@ class Registry:
                 raise ConflictError(f"{path}: its files changed while they were being registered; register it again")
             fields = dict(
                 sha256=identity, weights_sha256=weights_sha256,
-                format=adapter.format, dtype=str(adapter.dtype).removeprefix("torch."),
+                format=adapter.format, dtype=dtype_name(adapter.dtype),
                 size=sum(f.size for f in stored), num_parameters=adapter.num_parameters, rank=adapter.rank,
                 alpha=adapter.alpha, alpha_override=alpha, scale_mode=adapter.scale_mode,
                 target_modules=adapter.target_modules, dora=adapter.dora,
