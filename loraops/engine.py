@@ -54,7 +54,6 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -930,7 +929,8 @@ class _Pipeline:
         stages = [reader, writer]
         if self.hashing:
             stages.append(threading.Thread(target=self._guard, args=(self._hash,), name="loraops-hash", daemon=True))
-        with _fewer_torch_threads(len(stages), self.device.type == "cpu"):
+        # pipelines may run at once in threads of one process (settings.torch_threads)
+        with settings.torch_threads(self.device, lambda before: compute_threads(len(stages), before)):
             try:
                 for stage in stages:
                     stage.start()
@@ -1540,35 +1540,6 @@ def compute_threads(other_stages: int, default: int) -> int:
     threads and 6 s with 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(default, cores - other_stages))
-
-
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_before = 0
-
-
-@contextmanager
-def _fewer_torch_threads(other_stages: int, cpu: bool):
-    """Torch threads lowered to compute_threads for a CPU pipeline, and put back after. Pipelines may run at once
-    in threads of one process: each saving and restoring the count it found, the second one saved the first's
-    lowered count and restored that for good. So the count from before the first one is kept until the last ends,
-    and each restores it in its own thread (with OpenMP the count is also per thread)."""
-    global _threads_users, _threads_before
-    if not cpu:
-        yield
-        return
-    with _threads_lock:
-        if not _threads_users:
-            _threads_before = torch.get_num_threads()
-        _threads_users += 1
-        before = _threads_before
-        torch.set_num_threads(compute_threads(other_stages, before))
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            torch.set_num_threads(before)
 
 
 def add_delta(acc2: "torch.Tensor", B2: "torch.Tensor", A2: "torch.Tensor", transposed: bool, rows: slice,
