@@ -54,7 +54,6 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -75,7 +74,8 @@ from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space
                      read_json, read_model_config, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .references import PATH, argument
-from .st import DTYPE_BYTES, TensorInfo, all_finite, beyond_range, header_bytes, narrows, read_row_blocks, torch_dtype
+from .st import (DTYPE_BYTES, TensorInfo, all_finite, beyond_range, dtype_name, header_bytes, narrows, read_row_blocks,
+                 torch_dtype)
 
 if TYPE_CHECKING:
     import torch
@@ -230,7 +230,7 @@ def parse_dtype(dtype: "str | torch.dtype | None") -> str | None:
     unrounded, so subtracting the same adapters gives a float32 base back bit for bit without a recorded lineage."""
     if dtype is None:
         return None
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     if name.upper() in FLOAT_DTYPES:
         return name.upper()
     if name.lower() in DTYPE_NAMES:
@@ -929,7 +929,8 @@ class _Pipeline:
         stages = [reader, writer]
         if self.hashing:
             stages.append(threading.Thread(target=self._guard, args=(self._hash,), name="loraops-hash", daemon=True))
-        with _fewer_torch_threads(len(stages), self.device.type == "cpu"):
+        # pipelines may run at once in threads of one process (settings.torch_threads)
+        with settings.torch_threads(self.device, lambda before: compute_threads(len(stages), before)):
             try:
                 for stage in stages:
                     stage.start()
@@ -1315,7 +1316,7 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
     the work dtype's kernel makes inf − inf NaN or, with FMA, keeps one inf, depends on the machine."""
     import torch
 
-    dtype = str(norms.dtype).removeprefix("torch.")
+    dtype = dtype_name(norms.dtype)
     hint = "; `precise=True` computes in float64" if norms.dtype != torch.float64 else ""
     if not bool(norms.all()):
         if bool(((norms == 0).cpu() & nonzero().cpu()).any()):
@@ -1520,13 +1521,13 @@ def _refuse_overflow(operation: str, tensor: _Tensor, out: "torch.Tensor", of_ba
         if bool((torch.isfinite(rounded) | (rounded == base))[made].all()):
             hint = "; `precise=True` computes in float64" if work != torch.float64 else ""
             raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values that the exact merge does "
-                                    f"not make: its deltas go beyond what {str(work).removeprefix('torch.')} holds as "
+                                    f"not make: its deltas go beyond what {dtype_name(work)} holds as "
                                     f"they are merged (products or sums past ±{torch.finfo(work).max:g}){hint}",
                                     ["precise"])
         if not bool(torch.isfinite(merged)[made].all()):
             raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values: its deltas go beyond what "
                                     "float64 holds as they are merged; the adapters' weights × scales are too large")
-    dtype = str(out.dtype).removeprefix("torch.")
+    dtype = dtype_name(out.dtype)
     hint = (f"{operation} with `dtype` bf16 or fp32" if dtype == "float16"
             else "the adapters' weights × scales are too large" if tensor.terms
             else f"it holds values {dtype} cannot; keep a wider dtype")
@@ -1539,35 +1540,6 @@ def compute_threads(other_stages: int, default: int) -> int:
     threads and 6 s with 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(default, cores - other_stages))
-
-
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_before = 0
-
-
-@contextmanager
-def _fewer_torch_threads(other_stages: int, cpu: bool):
-    """Torch threads lowered to compute_threads for a CPU pipeline, and put back after. Pipelines may run at once
-    in threads of one process: each saving and restoring the count it found, the second one saved the first's
-    lowered count and restored that for good. So the count from before the first one is kept until the last ends,
-    and each restores it in its own thread (with OpenMP the count is also per thread)."""
-    global _threads_users, _threads_before
-    if not cpu:
-        yield
-        return
-    with _threads_lock:
-        if not _threads_users:
-            _threads_before = torch.get_num_threads()
-        _threads_users += 1
-        before = _threads_before
-        torch.set_num_threads(compute_threads(other_stages, before))
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            torch.set_num_threads(before)
 
 
 def add_delta(acc2: "torch.Tensor", B2: "torch.Tensor", A2: "torch.Tensor", transposed: bool, rows: slice,

@@ -569,13 +569,14 @@ class GcReport(Record):
 
 
 class StoredFileProblem(Record):
-    """A stored file `verify` found missing, changed, or held by no record (registry.BlobProblem)."""
+    """A stored file `verify` found missing, changed, or held by no record: what Registry.verify returns, and the
+    problems of `verify --json`."""
 
     ref: str
     file: str
     problem: str
     pull_again: str | None = None
-    """For an adapter pulled from the Hub, the `loraops pull` that repairs it."""
+    """For an adapter pulled from the Hub, the `loraops pull` that repairs it (hub.pull_again)."""
 
 
 class VerifyReport(Record):

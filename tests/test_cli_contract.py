@@ -106,6 +106,27 @@ def test_a_usage_error_is_one_line(args, message):
     assert cli(*args, code=2).stderr == f"error: {message}\n"
 
 
+def _command_paths():
+    from loraops.cli import COMMANDS
+
+    ctx = click.Context(main)
+    yield []
+    for name in COMMANDS:
+        command = main.get_command(ctx, name)
+        yield [name]
+        yield from ([name, sub] for sub in getattr(command, "commands", ()))
+
+
+@pytest.mark.parametrize("path", list(_command_paths()), ids=" ".join)
+def test_single_dash_help_is_help_on_every_command(path):
+    """`loraops merge -help` was read as the short options -h -e -l -p: "no such option '-e'"."""
+    shown = CliRunner().invoke(main, [*path, "--help"])
+    assert shown.exit_code == 0 and shown.output.startswith(f"Usage: {' '.join(['main', *path])} ")
+    for spelling in ("-help", "-h"):
+        result = CliRunner().invoke(main, [*path, spelling])
+        assert (result.exit_code, result.output) == (0, shown.output), spelling
+
+
 def test_a_group_alone_still_shows_its_help():
     result = CliRunner().invoke(main, ["base"])
     assert result.exit_code == 2 and result.stderr.startswith("Usage: main base [OPTIONS] COMMAND [ARGS]...")

@@ -19,7 +19,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
@@ -35,7 +35,8 @@ from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsErro
                       RegistryError, reworded)
 from ..landing import interrupts_deferred, tell
 from ..references import PATH, argument, is_finite
-from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
+from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, StoredFileProblem, TensorRecord
+from ..st import dtype_name
 from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
@@ -71,18 +72,7 @@ class Registration(NamedTuple):
 
 
 UNRECORDED = "not recorded: no record holds it (remove it)"
-"""BlobProblem.problem of a file in a stored adapter's folder that is none of its recorded files."""
-
-
-@dataclass(frozen=True)
-class BlobProblem:
-    """What `verify` found wrong with one stored file."""
-
-    adapter: str
-    file: str
-    problem: str
-    pull_again: str | None = None
-    """For an adapter pulled from the Hub, the `loraops pull` that repairs it (hub.pull_again)."""
+"""StoredFileProblem.problem of a file in a stored adapter's folder that is none of its recorded files."""
 
 
 def refuse_bad_grace(grace_s: object, option: str = "grace_s") -> None:
@@ -571,7 +561,7 @@ class Registry:
                 raise ConflictError(f"{path}: its files changed while they were being registered; register it again")
             fields = dict(
                 sha256=identity, weights_sha256=weights_sha256,
-                format=adapter.format, dtype=str(adapter.dtype).removeprefix("torch."),
+                format=adapter.format, dtype=dtype_name(adapter.dtype),
                 size=sum(f.size for f in stored), num_parameters=adapter.num_parameters, rank=adapter.rank,
                 alpha=adapter.alpha, alpha_override=alpha, scale_mode=adapter.scale_mode,
                 target_modules=adapter.target_modules, dora=adapter.dora,
@@ -860,7 +850,7 @@ class Registry:
                            else _check_files(adapter, model, name))
         return CheckResult.of(label, reports, adapter.base_model)
 
-    def verify(self, progress: bool | None = None) -> list[BlobProblem]:
+    def verify(self, progress: bool | None = None) -> list[StoredFileProblem]:
         """Re-hash every stored file against its record; return what is missing or changed, and what a stored
         adapter's folder holds besides its recorded files (UNRECORDED). The trainable tokens of an adapter registered
         before they were recorded (revision 0005) are read from its intact stored copy and recorded."""
@@ -881,9 +871,10 @@ class Registry:
                 found = self._stored_problems(key, files, bar)
                 if found and self._recover(identity, key, files):
                     found = self._stored_problems(key, files)
-                problems += [BlobProblem(label, path, problem, _pull_again(source)) for path, problem in found]
+                problems += [StoredFileProblem(ref=label, file=path, problem=problem, pull_again=_pull_again(source))
+                             for path, problem in found]
                 if folder_of(key) in recorded:  # (once for a folder of several records)
-                    problems += [BlobProblem(label, str(path), UNRECORDED)
+                    problems += [StoredFileProblem(ref=label, file=str(path), problem=UNRECORDED)
                                  for path in self.blobs.unrecorded(key, recorded.pop(folder_of(key)))]
                 if unknown and not found:  # headers and config only: the counts, not the values
                     try:
