@@ -257,8 +257,9 @@ def merge(
     ``transformer_2``: (Adapter, weight) pairs merged into the second transformer of a Wan 2.2 pipeline folder
     (``transformer_2/``, the low-noise expert; check.SECOND_TRANSFORMER), as into that folder given as the base; the
     ``adapters`` bind to the pipeline as always (its ``transformer/``)."""
-    return _run("merge", base, _components(weighted(adapters, "merge"), weighted(transformer_2, "merge")), output,
-                dtype=dtype, device=device, precise=precise, force=force, progress=progress, fingerprint=fingerprint)
+    adapters = _components(weighted(adapters, "merge"), weighted(transformer_2, "merge's transformer_2"))
+    return _run("merge", base, adapters, output, dtype=dtype, device=device, precise=precise, force=force,
+                progress=progress, fingerprint=fingerprint)
 
 
 def subtract(
@@ -279,7 +280,7 @@ def subtract(
     rounding error of the output, and, when ``reference`` (the pristine base) is given, how many elements of the
     touched tensors differ from it. In bf16/fp16 this is never zero: merge rounded W + ΔW once already. A DoRA adapter
     is refused: see ``refuse_dora``. ``transformer_2``: as merge's, taken off the second transformer."""
-    adapters = _components(weighted(adapters, "subtract"), weighted(transformer_2, "subtract"))
+    adapters = _components(weighted(adapters, "subtract"), weighted(transformer_2, "subtract's transformer_2"))
     for adapter, _, _ in adapters:
         refuse_dora(adapter)
         refuse_token_rows(adapter)

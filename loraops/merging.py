@@ -120,7 +120,7 @@ def _arguments(adapters, transformer_2, block_weights) -> tuple[list[tuple[str, 
     weight list is given per adapter of those (Stable Diffusion LoRAs; a Wan 2.2 expert's takes none)."""
     from .check import SECOND_TRANSFORMER
 
-    pairs, second = weighted_inputs(adapters), weighted_inputs(transformer_2)
+    pairs, second = weighted_inputs(adapters), weighted_inputs(transformer_2, "transformer_2")
     lists = blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
     return ([*pairs, *second], [*lists, *[None] * len(second)],
             [*[None] * len(pairs), *[SECOND_TRANSFORMER] * len(second)])

@@ -621,15 +621,18 @@ def test_lumina2_lora_merges_into_the_transformer_folder_as_into_the_pipeline(tm
 
 
 def wan22_loras(tmp_path, key):
-    """A high-noise and a low-noise Wan LoRA (h.safetensors, l.safetensors: other factors each), in ``key``'s names,
-    and diffusers' conversion of each."""
+    """A high-noise and a low-noise Wan LoRA (h.safetensors, l.safetensors: other factors each), in ``key``'s names
+    ("diffusers": the file diffusers' converter makes, transformer.blocks.0.attn1.to_q, as diffusers saves a
+    transformer_2 LoRA too), and diffusers' conversion of each."""
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
 
     modules, converted = wan_modules(False), {}
     for ref, seed in (("h", 5), ("l", 7)):
-        save_file(factors(modules, key, seed=seed), str(tmp_path / f"{ref}.safetensors"))
         converted[ref] = _convert_non_diffusers_wan_lora_to_diffusers(
             {k: v.double() for k, v in factors(modules, peft_key("diffusion_model."), seed=seed).items()})
+        tensors = ({k: v.float().contiguous() for k, v in converted[ref].items()} if key == "diffusers"
+                   else factors(modules, key, seed=seed))
+        save_file(tensors, str(tmp_path / f"{ref}.safetensors"))
     return tmp_path / "h.safetensors", tmp_path / "l.safetensors", converted
 
 
@@ -637,7 +640,8 @@ def files_of(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "musubi"])
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key, "diffusers"],
+                         ids=["comfyui", "musubi", "diffusers"])
 def test_wan22_loras_merge_into_both_experts_in_one_run(tmp_path, key):
     """`merge high --transformer-2 low --into pipe`: high into transformer/, low into transformer_2/ (diffusers'
     load_into_transformer_2), one output pipeline: byte for byte the two merges it took before (the pipeline with
@@ -673,6 +677,7 @@ def test_wan22_loras_merge_into_both_experts_in_one_run(tmp_path, key):
     assert files_of(tmp_path / "lib") == one
 
 
+@pytest.mark.registry_backend
 def test_wan22_merge_per_expert_is_recorded_and_subtracts(tmp_path):
     """The registry records which adapter went to which expert (`base show`), `subtract --exact` restores the
     pipeline or re-merges the adapter that stays into its own expert, bit for bit, and a plain subtract takes both
@@ -735,3 +740,19 @@ def test_wan22_second_expert_errors_leave_the_output_alone(tmp_path):
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
     assert f"do not fit base {pipe}/transformer_2: lora_unet_blocks_0_cross_attn_k_img (not in base)" in run.stderr
     assert files_of(out) == {Path("keep"): b"mine"}
+
+
+def test_wan22_second_expert_in_the_library(tmp_path):
+    """engine.merge's transformer_2 for a pipeline without one: the same refusal, the parameter named as Python
+    names it, nothing written; merging.merge's transformer_2 given as one string is refused as adapters' is."""
+    from loraops import engine, merging
+    from loraops.errors import InvalidInputError, ParameterError
+    from loraops.formats import read_adapter
+
+    _, low, _ = wan22_loras(tmp_path, musubi_key)
+    single = wan_pipeline(tmp_path / "single")
+    with pytest.raises(ParameterError, match=r"^transformer_2: base .*single has no transformer_2/ \(a Wan 2\.2"):
+        engine.merge(single, [], tmp_path / "out", transformer_2=[(read_adapter(low), 1.0)])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InvalidInputError, match=r"^transformer_2 is a list: give \["):
+        merging.merge(single, [], tmp_path / "out", transformer_2=str(low), record=False)
