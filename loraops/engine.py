@@ -62,10 +62,10 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows, weighted
 from .basemodel import PICKLE_SUFFIXES, BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (SECOND_TRANSFORMER, can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
-                    saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
-                    tied_head_source, side_tied_head, side_tokens_apart, unstored_head_of, untie_refusal, untied,
-                    untied_side_embeddings, untied_side_source, without_tied_copies)
+from .check import (SECOND_TRANSFORMER, can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head,
+                    rows_shape, saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice,
+                    tied_decoder_bias, tied_head_source, side_tied_head, side_tokens_apart, unstored_head_of,
+                    untie_refusal, untied, untied_side_embeddings, untied_side_source, without_tied_copies)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors

@@ -60,6 +60,10 @@ class Input:
         adapter = blocks.block_weighted(self.adapter, weights, self.label)  # (checked even when all 1s)
         return replace(self, adapter=adapter, block_weights=blocks.recorded(weights))
 
+    def shown(self) -> str:
+        """How --exact's refusals and subtract's notes name it (_named)."""
+        return _named(self.label, self.weight, self.block_weights, self.component)
+
     def recorded_blocks(self) -> dict:
         """What a merge's lineage records of its block weights and component, beside its weight (nothing for none)."""
         return ({} if self.block_weights is None else {"block_weights": self.block_weights}) | (
@@ -321,9 +325,8 @@ def _subtract(model, adapters, output, *, exact, name, record, lists, components
             report = _labelled(report, inputs, sign=-1)
             if stray is not None:  # (plain arithmetic all the same: negating an adapter never merged is a use too)
                 logging.getLogger("loraops").info(
-                    f"{_named(stray.label, stray.weight, stray.block_weights, stray.component)} is not one of the adapters {label} was "
-                    f"merged with ({_merged_with(origin.lineage.params)}), so what comes off is not what that merge "
-                    "added")
+                    f"{stray.shown()} is not one of the adapters {label} was merged with "
+                    f"({_merged_with(origin.lineage.params)}), so what comes off is not what that merge added")
         if reg is None or not record:
             return report
         return _record(reg, report, "subtract", merged, inputs, name, options, sign=-1)
@@ -573,8 +576,8 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         deeper = (f"; its base {below.name} is itself a merge ({_merged_with(below.lineage.params)}): take {label}'s "
                   f"adapters off with `exact=True` first, then {below.name}'s from that"
                   if below is not None and below.lineage is not None and below.lineage.op == "merge" else "")
-        raise MismatchError(f"`exact=True`: {_named(stray.label, stray.weight, stray.block_weights, stray.component)} is not one of "
-                            f"the adapters {label} was merged with ({_merged_with(params)}){deeper}", ["exact"])
+        raise MismatchError(f"`exact=True`: {stray.shown()} is not one of the adapters {label} was merged with "
+                            f"({_merged_with(params)}){deeper}", ["exact"])
     kept = [_recorded_adapter(reg, a) for a in remaining]
     # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
     dtype = params.get("requested_dtype", params["dtype"] if params["dtype"] in engine.FLOAT_DTYPES else None)
@@ -593,7 +596,8 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
 
 
 def _named(label: str, weight: float, block_weights, component: str | None = None) -> str:
-    """An adapter of a merge as --exact's refusal names it: 'x:0.7', 'x:0.7 [blocks 1,0,…]', 'x:0.7 (transformer_2)'."""
+    """An adapter of a merge as --exact's refusal names it: 'x:0.7', 'x:0.7 [blocks 1,0,…]', 'x:0.7 (transformer_2)'
+    (its component: Input.component)."""
     return f"{label}:{weight:g}{blocks.text(block_weights)}" + (f" ({component})" if component else "")
 
 

@@ -657,6 +657,9 @@ def test_wan22_loras_merge_into_both_experts_in_one_run(tmp_path, key):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.splitlines() == [f"{high} fits {pipe}: {count}/{count} modules match",
                                        f"{low} fits {pipe}/transformer_2: {count}/{count} modules match"]
+    run = loraops_run("check", high, "--transformer-2", low, "--base", pipe, "--json")
+    assert [(r["ref"], r["fits"]) for r in json.loads(run.stdout)] == [(str(high), [str(pipe)]),
+                                                                     (str(low), [f"{pipe}/transformer_2"])]
     run = loraops_run("merge", high, "--transformer-2", f"{low}:0.5", "--into", pipe, "-o", tmp_path / "one",
                       "--precise", "--no-record")
     assert run.returncode == 0, run.stderr
