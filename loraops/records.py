@@ -499,6 +499,9 @@ class MergeInputRecord(Record):
     full_tensors: int = 0
     block_weights: list[float] | None = None
     """Its Stable Diffusion block weights (--block-weights; loraops.blocks), as given; None for none or a list of 1s."""
+    component: str | None = None
+    """The pipeline component it went to alone ("transformer_2", a Wan 2.2 pipeline's second transformer:
+    --transformer-2); None where it was bound to the whole base."""
 
 
 class ResidualRecord(Record):

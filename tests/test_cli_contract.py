@@ -98,6 +98,9 @@ def test_a_path_too_long_for_a_file_name_is_the_os_error(tmp_path, args):
     (["resize", "a", "--rank", "abc"],
      "invalid value for '--rank': 'abc' is not an integer written plainly (like 8) (see `main resize --help`)"),
     (["combine"], "give the adapters to combine (REF[:WEIGHT]...), or --recipe (see `main combine --help`)"),
+    (["subtract", "--from", "m", "-o", "o"],
+     "give the adapters to subtract (REF[:WEIGHT]...), or --transformer-2 ones (see `main subtract --help`)"),
+    (["check"], "give the adapter to check (REF_OR_PATH), or --transformer-2 ones (see `main check --help`)"),
     (["base", "bogus"], "no such command 'bogus' (see `main base --help`)"),
     (["list", "--rank"], "option '--rank' requires an argument"),
 ])

@@ -6,6 +6,7 @@ the transformer's config.json class, and merge as diffusers' own converters
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -871,3 +872,142 @@ def test_wan_vace_lora_modules_a_wan_pipeline_lacks_are_reported_alone(tmp_path)
     assert "lora_unet_vace_blocks_1_self_attn_q (not in base)" in run.stdout, run.stdout
     assert run.stdout.count("(not in base)") == 2, run.stdout
     assert f"{len(modules) - 2}/{len(modules)} modules match" in run.stdout, run.stdout
+def wan22_loras(tmp_path, key):
+    """A high-noise and a low-noise Wan LoRA (h.safetensors, l.safetensors: other factors each), in ``key``'s names
+    ("diffusers": the file diffusers' converter makes, transformer.blocks.0.attn1.to_q, as diffusers saves a
+    transformer_2 LoRA too), and diffusers' conversion of each."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    modules, converted = wan_modules(False), {}
+    for ref, seed in (("h", 5), ("l", 7)):
+        converted[ref] = _convert_non_diffusers_wan_lora_to_diffusers(
+            {k: v.double() for k, v in factors(modules, peft_key("diffusion_model."), seed=seed).items()})
+        tensors = ({k: v.float().contiguous() for k, v in converted[ref].items()} if key == "diffusers"
+                   else factors(modules, key, seed=seed))
+        save_file(tensors, str(tmp_path / f"{ref}.safetensors"))
+    return tmp_path / "h.safetensors", tmp_path / "l.safetensors", converted
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key, "diffusers"],
+                         ids=["comfyui", "musubi", "diffusers"])
+def test_wan22_loras_merge_into_both_experts_in_one_run(tmp_path, key):
+    """`merge high --transformer-2 low --into pipe`: high into transformer/, low into transformer_2/ (diffusers'
+    load_into_transformer_2), one output pipeline: byte for byte the two merges it took before (the pipeline with
+    high, and transformer_2/ given as the base with low), and diffusers' converter + each expert in float64. `check`
+    reports both bindings; engine.merge's transformer_2 gives the same bytes."""
+    from loraops import engine
+    from loraops.formats import read_adapter
+
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    high, low, converted = wan22_loras(tmp_path, key)
+    count = len(wan_modules(False))
+    run = loraops_run("check", high, "--transformer-2", low, "--base", pipe)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines() == [f"{high} fits {pipe}: {count}/{count} modules match",
+                                       f"{low} fits {pipe}/transformer_2: {count}/{count} modules match"]
+    run = loraops_run("check", high, "--transformer-2", low, "--base", pipe, "--json")
+    assert [(r["ref"], r["fits"]) for r in json.loads(run.stdout)] == [(str(high), [str(pipe)]),
+                                                                     (str(low), [f"{pipe}/transformer_2"])]
+    run = loraops_run("merge", high, "--transformer-2", f"{low}:0.5", "--into", pipe, "-o", tmp_path / "one",
+                      "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
+    assert f"merged {high}:1 (transformer), {low}:0.5 (transformer_2) → " in run.stdout, run.stdout
+    for args in ([high, "--into", pipe, "-o", tmp_path / "a"],
+                 [f"{low}:0.5", "--into", pipe / "transformer_2", "-o", tmp_path / "b"]):
+        assert loraops_run("merge", *args, "--precise", "--no-record").returncode == 0
+    one, two = files_of(tmp_path / "one"), files_of(tmp_path / "a")
+    two.update({Path("transformer_2") / name: data for name, data in files_of(tmp_path / "b").items()})
+    assert one.keys() == two.keys() and all(one[name] == two[name] for name in one)
+    weights = "diffusion_pytorch_model.safetensors"
+    for component, ref, weight in (("transformer", "h", 1.0), ("transformer_2", "l", 0.5)):
+        expert = load_file(str(pipe / component / weights))
+        halved = {k: v * weight if ".lora_B." in k else v for k, v in converted[ref].items()}
+        check_merged(tmp_path / "one" / component / weights, merged_as_diffusers(expert, halved))
+    engine.merge(pipe, [(read_adapter(high), 1.0)], tmp_path / "lib", precise=True,
+                 transformer_2=[(read_adapter(low), 0.5)])
+    assert files_of(tmp_path / "lib") == one
+
+
+@pytest.mark.registry_backend
+def test_wan22_merge_per_expert_is_recorded_and_subtracts(tmp_path):
+    """The registry records which adapter went to which expert (`base show`), `subtract --exact` restores the
+    pipeline or re-merges the adapter that stays into its own expert, bit for bit, and a plain subtract takes both
+    off; the second expert's adapter given plainly is not one of the merge's."""
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    high, low, _ = wan22_loras(tmp_path, musubi_key)
+    assert loraops_run("base", "add", pipe, "--name", "wan22").returncode == 0
+    run = loraops_run("merge", high, "--transformer-2", low, "--into", "wan22", "-o", tmp_path / "m")
+    assert run.returncode == 0, run.stderr
+    run = loraops_run("base", "show", "m")
+    assert "lineage      merge(wan22, h@1×1 (transformer), l@1×1 (transformer_2))" in run.stdout, run.stdout
+    run = loraops_run("base", "show", "m", "--json")
+    assert [(i["label"], i["role"]) for i in json.loads(run.stdout)["lineage"]["inputs"]] == [
+        ("wan22", "base"), ("h@1", "adapter"), ("l@1", "transformer_2")]
+    run = loraops_run("subtract", "--from", "m", low, "--exact", "-o", tmp_path / "wrong")
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        f"error: --exact: {low}:1 is not one of the adapters m was merged with ({high}:1, {low}:1 (transformer_2))"]
+    assert not (tmp_path / "wrong").exists()
+    run = loraops_run("subtract", "--from", "m", "--transformer-2", low, "--exact", "-o", tmp_path / "high-only")
+    assert run.returncode == 0, run.stderr
+    assert loraops_run("merge", high, "--into", pipe, "-o", tmp_path / "h", "--no-record").returncode == 0
+    assert files_of(tmp_path / "high-only") == files_of(tmp_path / "h")
+    run = loraops_run("subtract", "--from", "m", high, "--transformer-2", low, "--exact", "-o", tmp_path / "r")
+    assert run.returncode == 0 and "restored bit for bit" in run.stdout, run.stderr
+    assert files_of(tmp_path / "r") == files_of(pipe)
+    run = loraops_run("subtract", "--from", "m", high, "--transformer-2", low, "-o", tmp_path / "s", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert [a["component"] for a in report["adapters"]] == [None, "transformer_2"]
+    assert report["residual"]["compared_to"] == str(pipe) and report["residual"]["max_abs_diff"] < 1e-6
+    weights = "diffusion_pytorch_model.safetensors"
+    for component in ("transformer", "transformer_2"):
+        back, base = load_file(str(tmp_path / "s" / component / weights)), load_file(str(pipe / component / weights))
+        assert all(torch.allclose(back[k], base[k], atol=1e-6) for k in base)
+
+
+def test_wan22_second_expert_errors_leave_the_output_alone(tmp_path):
+    """--transformer-2 for a pipeline with one transformer: one line naming the option, nothing written (an
+    existing output kept, --force or not); an adapter that does not fit transformer_2/ says so, naming it."""
+    high, low, _ = wan22_loras(tmp_path, musubi_key)
+    single = wan_pipeline(tmp_path / "single")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    line = (f"error: --transformer-2: base {single} has no transformer_2/ (a Wan 2.2 A14B pipeline folder's second "
+            "transformer, the low-noise expert): give its adapters as the others")
+    for run in (loraops_run("merge", high, "--transformer-2", low, "--into", single, "-o", out, "--force"),
+                loraops_run("subtract", "--from", single, "--transformer-2", low, "-o", out, "--force"),
+                loraops_run("check", "--transformer-2", low, "--base", single)):
+        assert run.returncode == 2 and run.stderr.splitlines() == [line], run.stderr
+    assert files_of(out) == {Path("keep"): b"mine"}
+    run = loraops_run("check", "--transformer-2", low)
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        "error: --transformer-2 checks against a Wan 2.2 pipeline's second transformer: give that pipeline as "
+        "--base"], run.stderr
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    save_file(factors(wan_modules(True), musubi_key), str(tmp_path / "i2v.safetensors"))
+    run = loraops_run("merge", high, "--transformer-2", tmp_path / "i2v.safetensors", "--into", pipe, "-o", out,
+                      "--force")
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
+    assert f"do not fit base {pipe}/transformer_2: lora_unet_blocks_0_cross_attn_k_img (not in base)" in run.stderr
+    assert files_of(out) == {Path("keep"): b"mine"}
+
+
+def test_wan22_second_expert_in_the_library(tmp_path):
+    """engine.merge's transformer_2 for a pipeline without one: the same refusal, the parameter named as Python
+    names it, nothing written; merging.merge's transformer_2 given as one string is refused as adapters' is."""
+    from loraops import engine, merging
+    from loraops.errors import InvalidInputError, ParameterError
+    from loraops.formats import read_adapter
+
+    _, low, _ = wan22_loras(tmp_path, musubi_key)
+    single = wan_pipeline(tmp_path / "single")
+    with pytest.raises(ParameterError, match=r"^transformer_2: base .*single has no transformer_2/ \(a Wan 2\.2"):
+        engine.merge(single, [], tmp_path / "out", transformer_2=[(read_adapter(low), 1.0)])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InvalidInputError, match=r"^transformer_2 is a list: give \["):
+        merging.merge(single, [], tmp_path / "out", transformer_2=str(low), record=False)

@@ -32,7 +32,7 @@ from ..lazy import LazyModule
 from ..fp8 import model_parameters
 from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
-                      RegistryError, reworded)
+                      ParameterError, RegistryError, reworded)
 from ..landing import interrupts_deferred, tell
 from ..references import PATH, argument, is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, StoredFileProblem, TensorRecord
@@ -810,17 +810,23 @@ class Registry:
     # ---------------------------------------------------------------- checks and maintenance
 
     def check_adapter(self, ref_or_path: str | Path, base: str | Path | None = None, *,
-                      alpha: float | None = None) -> CheckResult:
+                      alpha: float | None = None, transformer_2: bool = False) -> CheckResult:
         """How an adapter (a registry reference, or a path on disk when one exists) fits a base.
 
         ``base``: a registered base reference or a base model path. Without it: the adapter's recorded base; when
-        there is none, one report per registered base (``fits`` names those it fits).
+        there is none, one report per registered base (``fits`` names those it fits). ``transformer_2``: against the
+        second transformer of ``base``, a Wan 2.2 pipeline (check.SECOND_TRANSFORMER), as merge's ``transformer_2``
+        adapters bind.
         """
         from .. import check, formats
         from ..basemodel import BaseModel
 
         ref_or_path, base = argument(ref_or_path, "ref_or_path", *PATH), argument(base, "base", *PATH, type(None))
         formats.common.given_alpha(alpha, ref_or_path)
+        if transformer_2 and base is None:
+            raise ParameterError("`transformer_2=True` checks against a Wan 2.2 pipeline's second transformer: give "
+                                 "that pipeline as `base`", ["transformer_2", "base"])
+        component = check.SECOND_TRANSFORMER if transformer_2 else None
         if path_exists(ref_or_path):
             adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
         else:
@@ -834,7 +840,8 @@ class Registry:
             self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
         if base is not None and path_exists(base):
-            return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))], adapter.base_model)
+            return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base), component)],
+                                  adapter.base_model)
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base, "base")]
@@ -846,8 +853,8 @@ class Registry:
         reports = []
         for name, manifest, path in manifests:
             model = _files_at(path)
-            reports.append(check.check(adapter, manifest, base_name=name) if model is None
-                           else _check_files(adapter, model, name))
+            reports.append(check.check(adapter, manifest, base_name=name, component=component) if model is None
+                           else _check_files(adapter, model, name, component))
         return CheckResult.of(label, reports, adapter.base_model)
 
     def verify(self, progress: bool | None = None) -> list[StoredFileProblem]:
@@ -1172,11 +1179,12 @@ def _configs_at(path: str | None) -> Callable[[str], dict]:
     return lambda tensor: {} if model() is None else model().config(tensor)
 
 
-def _check_files(adapter: "Adapter", model: "BaseModel", name: str) -> "CheckReport":
-    """check.check against a base's files, as merge reads them: its headers, config.json and quantization."""
+def _check_files(adapter: "Adapter", model: "BaseModel", name: str, component: str | None = None) -> "CheckReport":
+    """check.check against a base's files (or one pipeline ``component``'s), as merge reads them: its headers,
+    config.json and quantization."""
     from .. import check
 
-    return check.check(adapter, model, base_name=name)
+    return check.check(adapter, model, base_name=name, component=component)
 
 
 def _downloads(base: BaseRecord) -> bool:
