@@ -12,7 +12,8 @@ block weights (sd-scripts' --lbws): a kohya LoRA merged with each U-Net block's 
 subtracted again, merged with the LoRA Block Weight extension's OUTALL preset, and two combined with one list
 each. Last, a kohya FLUX LoRA (sd-scripts' names, q/k/v fused)
 checked against and merged into a diffusers FLUX pipeline folder, which holds them in parts, and written back as
-kohya from the pipeline-bound adapter.
+kohya from the pipeline-bound adapter. Then a Wan 2.2 pipeline's two experts, each given its own LoRA in one merge
+(--transformer-2 for the low-noise one).
 
     python examples/02_merge.py [WORKDIR]
 
@@ -28,9 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import (FLUX, FLUX_PIPELINE_KOHYA, SD15, SDXL, adalora, diffusers_lora, flux_pipeline,  # noqa: E402
-                    fp8_llama, gpt_oss, llama, loraops, lycoris_loha, mixtral, named_kohya_lora, peft_lora,
-                    sd_checkpoint, vera, workdir)
+from _build import (FLUX, FLUX_PIPELINE_KOHYA, SD15, SDXL, WAN_KOHYA, adalora, diffusers_lora,  # noqa: E402
+                    flux_pipeline, fp8_llama, gpt_oss, llama, loraops, lycoris_loha, mixtral, named_kohya_lora,
+                    peft_lora, sd_checkpoint, vera, wan22_pipeline, workdir)
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -205,6 +206,14 @@ def main() -> None:
     print(f"\nwritten back as kohya: the same names and values as the file read: {same}")
     if not same:
         sys.exit("the pipeline-bound kohya FLUX LoRA did not round-trip")
+
+    print("\n--- Wan 2.2's two experts: a musubi-tuner LoRA for each, into one pipeline folder in one run ---")
+    wan = wan22_pipeline(work / "wan22-pipe")
+    high, low = (named_kohya_lora(work / f"wan22-{noise}.safetensors", WAN_KOHYA, r=4, alpha=2, seed=seed,
+                                  metadata={"ss_network_module": "networks.lora_wan"})
+                 for noise, seed in (("high", 11), ("low", 12)))
+    loraops("check", high, "--transformer-2", low, "--base", wan)
+    loraops("merge", high, "--transformer-2", f"{low}:0.8", "--into", wan, "-o", work / "wan22-merged", "--no-record")
 
 
 def kohya_file_tensors(path: Path) -> dict[str, list]:

@@ -230,6 +230,29 @@ def flux_pipeline(out: Path, *, seed: int = 0) -> Path:
     return out
 
 
+def wan22_pipeline(out: Path) -> Path:
+    """A diffusers Wan 2.2 A14B-style WanPipeline folder holding only its two experts, transformer/ (high noise) and
+    transformer_2/ (low noise): random WanTransformer3DModels (hidden 16, one block), other weights each."""
+    import json
+
+    from diffusers import WanTransformer3DModel
+
+    for seed, component in enumerate(("transformer", "transformer_2")):
+        torch.manual_seed(seed)
+        WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                              out_channels=4, text_dim=12, freq_dim=8, ffn_dim=32, num_layers=1,
+                              cross_attn_norm=True).save_pretrained(out / component)
+    (out / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+         "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    return out
+
+
+# musubi-tuner's names for Wan's checkpoint modules (blocks.0.self_attn.q …), in that pipeline
+WAN_KOHYA = {"lora_unet_blocks_0_self_attn_q": (16, 16), "lora_unet_blocks_0_cross_attn_k": (16, 16),
+             "lora_unet_blocks_0_ffn_0": (32, 16)}
+
+
 # sd-scripts' lora_flux names for that pipeline's checkpoint modules: the fused qkv and linear1, and the final adaLN
 # (whose shift and scale halves diffusers swaps)
 FLUX_PIPELINE_KOHYA = {

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 from .errors import InvalidInputError
 from .lazy import LazyModule
 from .references import checked_weight, is_pair, is_weight
+from .st import dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -86,10 +87,6 @@ def widest_dtype(*dtypes: "torch.dtype") -> "torch.dtype":
             return max(a, b, key=lambda dtype: dtype.itemsize) if a.itemsize != b.itemsize else torch.float16
 
     return functools.reduce(wider, dtypes)
-
-
-def _dtype_name(dtype: "torch.dtype") -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -242,7 +239,7 @@ class LoraModule:
     def __repr__(self) -> str:
         # (the dataclass's repr printed every factor's values: pages of numbers for one module in a REPL or a log)
         return (f"LoraModule({self.name!r}, {self.shown_kind}, rank {self.rank}, "
-                f"{'×'.join(map(str, self.weight_shape))}, scale {self.scale:g}, {_dtype_name(self.dtype)})")
+                f"{'×'.join(map(str, self.weight_shape))}, scale {self.scale:g}, {dtype_name(self.dtype)})")
 
     @property
     def transposed(self) -> bool:
@@ -432,7 +429,7 @@ class Adapter:
         rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}–{ranks[-1]}" if ranks else "no rank"
         extra = f", {len(self.full_tensors)} whole tensors" if self.full_tensors else ""
         return (f"Adapter({self.label!r}, {self.format}, {len(self.modules)} modules, {rank}{extra}, "
-                f"{_dtype_name(self.dtype)})")
+                f"{dtype_name(self.dtype)})")
 
     @property
     def ranks(self) -> dict[str, int | None]:

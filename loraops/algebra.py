@@ -19,6 +19,7 @@ from .errors import InvalidInputError, MismatchError, ParameterError
 from .lazy import LazyModule
 from .references import is_integer
 from .records import CombineInputRecord, CombineModuleRecord, CombineReport, ResizeReport
+from .st import dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -236,7 +237,7 @@ def finite_module(what: str, module: LoraModule) -> LoraModule:
             check_finite(module.name, "", tensor)  # type: ignore[arg-type]
     except InvalidInputError:
         raise InvalidInputError(f"{what}: module {module.name!r} comes out with NaN or Inf values (beyond what "
-                                f"{str(module.A.dtype).removeprefix('torch.')} holds?)") from None
+                                f"{dtype_name(module.A.dtype)} holds?)") from None
     return module
 
 

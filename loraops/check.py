@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
-from .adapter import Adapter, LoraModule, TokenRows, adapter_argument
+from .adapter import Adapter, LazyTensors, LoraModule, TokenRows, adapter_argument
 from .basemodel import BaseModel
-from .errors import AmbiguousError, FormatError, InvalidInputError, MismatchError
+from .errors import AmbiguousError, FormatError, InvalidInputError, MismatchError, ParameterError
 from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
@@ -1441,6 +1441,47 @@ def transformer_class(manifest: Mapping[str, object]) -> str | None:
     return ldm.transformer_class(file.parent) if file is not None and file.name.startswith(DIFFUSERS_WEIGHTS) else None
 
 
+SECOND_TRANSFORMER = "transformer_2"
+"""Wan 2.2 A14B's second transformer (the low-noise expert), a pipeline component of its own: what diffusers loads a
+LoRA into with ``load_into_transformer_2=True``, and what merge's, subtract's and check's ``transformer_2`` adapters
+bind to (a LoRA given plainly binds to the pipeline's ``transformer/``)."""
+
+
+def component_tensors(manifest: Mapping[str, object], component: str,
+                      base_name: str | None = None) -> Mapping[str, object]:
+    """The tensors of a diffusers pipeline's ``component``, named without ``<component>.``: what its own folder given
+    as the base holds (a Wan 2.2 ``transformer_2/``, read as a pipeline's transformer: in_pipeline_dit). A base
+    without that component is refused, naming the parameter that asked for it (`transformer_2`)."""
+    prefix = f"{component}."
+    tensors = ldm.Tensors((name.removeprefix(prefix), info) for name, info in manifest.items()
+                          if name.startswith(prefix))
+    if not tensors:
+        where = f"base {base_name}" if base_name else "the base"
+        raise ParameterError(f"`{component}`: {where} has no {component}/ (a Wan 2.2 A14B pipeline folder's second "
+                             "transformer, the low-noise expert): give its adapters as the others", [component])
+    tensors.transformer_class = getattr(manifest, "transformer_class", None)  # (a recorded manifest's, ldm.Tensors)
+    return tensors
+
+
+def in_component(adapter: Adapter, component: str) -> Adapter:
+    """An adapter bound to a pipeline component's tensors (component_tensors) with its names the pipeline's:
+    ``<component>.`` before each module and tensor."""
+    def named(name: str) -> str:
+        return f"{component}.{name}"
+
+    modules = {named(n): replace(m, name=named(m.name),
+                                 fused=m.fused and (named(m.fused[0]), *m.fused[1:]),
+                                 raw_parameter=m.raw_parameter and (named(m.raw_parameter[0]), *m.raw_parameter[1:]))
+               for n, m in adapter.modules.items()}
+    full = adapter.full_tensors
+    full = (full.renamed({n: named(n) for n in full}) if isinstance(full, LazyTensors)
+            else {named(n): t for n, t in full.items()})
+    rows = {named(n): replace(r, name=named(r.name)) for n, r in adapter.token_rows.items()}
+    metadata = {k: v for k, v in adapter.metadata.items() if k != ldm.DIT_BARE_KEY}  # (named as the pipeline's now)
+    return replace(adapter, modules=modules, full_tensors=full, token_rows=rows, metadata=metadata,
+                   own_names={named(n): own for n, own in adapter.own_names.items()})
+
+
 def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter:
     """An adapter on a FLUX.1 or SD3 single-file checkpoint's modules (sd-scripts'
     ``lora_unet_double_blocks_0_img_attn_qkv``, BFL's ``double_blocks.0.img_attn.qkv``), or on one of
@@ -1565,16 +1606,16 @@ def default_targets_refusal(adapter: Adapter, manifest: Mapping[str, object],
 def check(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,
           quantization: Callable[[str], dict | None] | None = None,
           config: Callable[[str], dict] | None = None, sides: Callable[[str], dict] | None = None,
-          heads: bool = True) -> CheckReport:
+          heads: bool = True, component: str | None = None) -> CheckReport:
     """See ``fitting`` (its report)."""
     return fitting(adapter_argument(adapter, "check"), manifest, base_name=base_name, quantization=quantization,
-                   config=config, sides=sides, heads=heads)[0]
+                   config=config, sides=sides, heads=heads, component=component)[0]
 
 
 def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,
             quantization: Callable[[str], dict | None] | None = None, config: Callable[[str], dict] | None = None,
-            sides: Callable[[str], dict] | None = None,
-            heads: bool = True) -> tuple[CheckReport, Callable[[Adapter], Adapter]]:
+            sides: Callable[[str], dict] | None = None, heads: bool = True,
+            component: str | None = None) -> tuple[CheckReport, Callable[[Adapter], Adapter]]:
     """(the report, ``bind`` by the names this check resolved: for ``adapter`` or another read of its file, with the
     same names, such as its headers alone; only where the report is ok). Every module matched by name and shape, or
     exactly what is not (never raises for a misfit). With
@@ -1586,11 +1627,25 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
     embeddings) is missing, with merge's reason. ``sides`` (the same, read for that alone; ``config`` implies it): one
     side's embed_tokens the base ties to its shared embeddings fits where a merge writes it untied
     (untied_side_source). ``heads``: stored_twice's, as the merge reads the base (BaseModel.ties_stored_heads). A
-    BaseModel for ``manifest`` is checked as merge reads it: its tensors, with its quantization, config and heads."""
+    BaseModel for ``manifest`` is checked as merge reads it: its tensors, with its quantization, config and heads.
+    ``component``: against that component of a diffusers pipeline alone, as against its own folder (Wan 2.2's
+    transformer_2/, SECOND_TRANSFORMER), the report's base named ``base_name/component``; bound, its modules are named
+    as the pipeline's (``transformer_2.blocks.0.attn1.to_q``)."""
     if isinstance(manifest, BaseModel):
         quantization, config = quantization or manifest.quantization_config, config or manifest.config
         heads = manifest.ties_stored_heads
     manifest = tensors_of(manifest)
+    if component is not None:
+        prefix = f"{component}."
+
+        def inside(read: Callable[[str], dict | None] | None) -> Callable[[str], dict | None] | None:
+            return None if read is None else lambda tensor: read(prefix + tensor)
+
+        report, bind_read = fitting(adapter, component_tensors(manifest, component, base_name),
+                                    base_name=None if base_name is None else f"{base_name}/{component}",
+                                    quantization=inside(quantization), config=inside(config), sides=inside(sides),
+                                    heads=heads)
+        return report, lambda read: in_component(bind_read(read), component)
     sides = config or sides
     given, adapter = adapter, in_pipeline_dit(adapter, manifest)
     res = resolve(adapter, manifest)
@@ -1951,16 +2006,16 @@ def made_for(base_model: str | None, report: CheckReport) -> str:
 def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: str | None = None,
                 quantization: Callable[[str], dict | None] | None = None,
                 sides: Callable[[str], dict] | None = None, heads: bool = True,
-                record: Adapter | None = None) -> Adapter:
-    """The bound adapter when it fits the base (check's ``quantization``, ``sides`` and ``heads``), else one
-    MismatchError line summarising every misfit. ``record``: another read of the adapter's file (its headers alone),
-    bound instead."""
+                record: Adapter | None = None, component: str | None = None) -> Adapter:
+    """The bound adapter when it fits the base (check's ``quantization``, ``sides``, ``heads`` and ``component``),
+    else one MismatchError line summarising every misfit. ``record``: another read of the adapter's file (its headers
+    alone), bound instead."""
     report, bind_read = fitting(adapter, manifest, base_name=base_name, quantization=quantization, sides=sides,
-                                heads=heads)
+                                heads=heads, component=component)
     if not report.ok:
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
-        where = f"base {base_name}" if base_name else "the base"
+        where = f"base {report.base_ref}" if report.base_ref else "the base"
         raise MismatchError(f"{adapter.label}: {misfit_counts(report)} not fit {where}: {shown}"
                             f"{made_for(adapter.base_model, report)}")
     return bind_read(adapter if record is None else record)

@@ -27,6 +27,7 @@ from .lazy import LazyModule
 from .fsutil import atomic_path, copy_file, output_path, path_exists, refuse_existing, resolved
 from .records import AdapterRecord, DerivedRecord, ExportReport, LineageInput, LineageSpec
 from .references import PATH, argument, refuse_output_over, weighted_inputs
+from .st import dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -352,7 +353,7 @@ def lineage_dtype(dtype: str | None) -> dict[str, str]:
     """What the lineage records of a --dtype: only one given (so the records and identities of the others stay)."""
     from .formats import out_dtype
 
-    return {} if dtype is None else {"dtype": str(out_dtype(dtype)).removeprefix("torch.")}
+    return {} if dtype is None else {"dtype": dtype_name(out_dtype(dtype))}
 
 
 def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: str | None, fmt: str | None,
@@ -752,7 +753,7 @@ def extract(
             **lineage_rule(rule), "alpha": alpha, "modules": list(modules) if modules else None,
             "save_modules": list(save_modules) if save_modules else None, "precise": precise,
             **({"keep_rounding": True} if keep_rounding else {}),
-            "dtype": str(derived.adapter.dtype).removeprefix("torch."),
+            "dtype": dtype_name(derived.adapter.dtype),
         }, inputs=[LineageInput(kind="base", id=base_record.id, role="base"),
                    LineageInput(kind="base", id=tuned_record.id, role="tuned")])
         default = rank_name(tuned_record.name, rule, ((min(m.B.shape[0], math.prod(m.A.shape[1:])), m.spatial)

@@ -54,7 +54,6 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -62,10 +61,10 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from . import fp8, settings
 from .adapter import Adapter, LoraModule, TokenRows, weighted
 from .basemodel import PICKLE_SUFFIXES, BaseModel, fingerprint_of, store_digests, tensor_digest
-from .check import (can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head, rows_shape,
-                    saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice, tied_decoder_bias,
-                    tied_head_source, side_tied_head, side_tokens_apart, unstored_head_of, untie_refusal, untied,
-                    untied_side_embeddings, untied_side_source, without_tied_copies)
+from .check import (SECOND_TRANSFORMER, can_untie, embeddings_untied, head_tied_to, is_side_embeddings, is_tied_head,
+                    rows_shape, saved_tie_refusal, shared_embeddings_of, side_stored_apart, stored_twice,
+                    tied_decoder_bias, tied_head_source, side_tied_head, side_tokens_apart, unstored_head_of,
+                    untie_refusal, untied, untied_side_embeddings, untied_side_source, without_tied_copies)
 from .errors import FormatError, InvalidInputError, LoraopsError, MismatchError, UnsupportedAdapterError
 from .formats.common import FLOAT32_MAX
 from .formats.peft import saved_layer_tensors
@@ -75,7 +74,8 @@ from .fsutil import (DirectFileWriter, ReadAhead, atomic_path, ensure_free_space
                      read_json, read_model_config, refuse_overlap, remove_stale_temps)
 from .records import MergeInputRecord, MergeReport, ResidualRecord
 from .references import PATH, argument
-from .st import DTYPE_BYTES, TensorInfo, all_finite, beyond_range, header_bytes, narrows, read_row_blocks, torch_dtype
+from .st import (DTYPE_BYTES, TensorInfo, all_finite, beyond_range, dtype_name, header_bytes, narrows, read_row_blocks,
+                 torch_dtype)
 
 if TYPE_CHECKING:
     import torch
@@ -230,7 +230,7 @@ def parse_dtype(dtype: "str | torch.dtype | None") -> str | None:
     unrounded, so subtracting the same adapters gives a float32 base back bit for bit without a recorded lineage."""
     if dtype is None:
         return None
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     if name.upper() in FLOAT_DTYPES:
         return name.upper()
     if name.lower() in DTYPE_NAMES:
@@ -249,12 +249,17 @@ def merge(
     force: bool = False,
     progress: bool | None = None,
     fingerprint: bool = True,
+    transformer_2: Sequence[tuple[Adapter, float]] = (),
 ) -> MergeReport:
     """Write base + Σ wᵢ·sᵢ·Bᵢ·Aᵢ to ``output`` (a folder like the base's, or one .safetensors for a single-file
     base). ``dtype`` changes the output dtype of every floating tensor (integer tensors are never converted).
-    ``fingerprint``: hash the output while writing it (report.fingerprint; see the module docstring)."""
-    return _run("merge", base, weighted(adapters, "merge"), output, dtype=dtype, device=device,
-                precise=precise, force=force, progress=progress, fingerprint=fingerprint)
+    ``fingerprint``: hash the output while writing it (report.fingerprint; see the module docstring).
+    ``transformer_2``: (Adapter, weight) pairs merged into the second transformer of a Wan 2.2 pipeline folder
+    (``transformer_2/``, the low-noise expert; check.SECOND_TRANSFORMER), as into that folder given as the base; the
+    ``adapters`` bind to the pipeline as always (its ``transformer/``)."""
+    adapters = _components(weighted(adapters, "merge"), weighted(transformer_2, "merge's transformer_2"))
+    return _run("merge", base, adapters, output, dtype=dtype, device=device, precise=precise, force=force,
+                progress=progress, fingerprint=fingerprint)
 
 
 def subtract(
@@ -269,17 +274,24 @@ def subtract(
     progress: bool | None = None,
     reference: str | Path | BaseModel | None = None,
     fingerprint: bool = True,
+    transformer_2: Sequence[tuple[Adapter, float]] = (),
 ) -> MergeReport:
     """Write model − Σ wᵢ·sᵢ·Bᵢ·Aᵢ. The report's ``residual`` says what the round trip left: always the largest
     rounding error of the output, and, when ``reference`` (the pristine base) is given, how many elements of the
     touched tensors differ from it. In bf16/fp16 this is never zero: merge rounded W + ΔW once already. A DoRA adapter
-    is refused: see ``refuse_dora``."""
-    adapters = weighted(adapters, "subtract")
-    for adapter, _ in adapters:
+    is refused: see ``refuse_dora``. ``transformer_2``: as merge's, taken off the second transformer."""
+    adapters = _components(weighted(adapters, "subtract"), weighted(transformer_2, "subtract's transformer_2"))
+    for adapter, _, _ in adapters:
         refuse_dora(adapter)
         refuse_token_rows(adapter)
-    return _run("subtract", model, [(a, -w) for a, w in adapters], output, dtype=dtype, device=device,
+    return _run("subtract", model, [(a, -w, c) for a, w, c in adapters], output, dtype=dtype, device=device,
                 precise=precise, force=force, progress=progress, reference=reference, fingerprint=fingerprint)
+
+
+def _components(adapters: list[tuple[Adapter, float]],
+                transformer_2: list[tuple[Adapter, float]]) -> list[tuple[Adapter, float, str | None]]:
+    """merge's and subtract's adapters as (adapter, weight, the pipeline component it binds to alone, or None)."""
+    return [(a, w, None) for a, w in adapters] + [(a, w, SECOND_TRANSFORMER) for a, w in transformer_2]
 
 
 def _run(operation, base, adapters, output, *, dtype, device, precise, force, progress, fingerprint,
@@ -299,7 +311,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     refuse_overlap(output, base.path, "the model it reads")
     if reference is not None:
         refuse_overlap(output, reference.path, "the pristine base it compares with")
-    adapters = [(fit(adapter, base), weight) for adapter, weight in adapters]
+    components = [component for _, _, component in adapters]
+    adapters = [(fit(adapter, base, component), weight) for adapter, weight, component in adapters]
     files = _plan(base, adapters, out_dtype, undo=operation == "subtract")
     compared = _check_reference(reference, files) if reference is not None else {}
     copied, left_out = _other_files(base)
@@ -333,8 +346,8 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
         base_path=str(base.path),
         adapters=[
             MergeInputRecord(ref=a.label, weight=w, modules=len(a.modules),
-                             full_tensors=len(a.full_tensors))
-            for a, w in adapters
+                             full_tensors=len(a.full_tensors), component=component)
+            for (a, w), component in zip(adapters, components)
         ],
         dtype=out_dtype or base.dtype,
         device=str(dev),
@@ -454,12 +467,13 @@ def peak_rss() -> int:
     return usage if sys.platform == "darwin" else usage * 1024
 
 
-def fit(adapter: Adapter, base: BaseModel) -> Adapter:
-    """The adapter bound to ``base`` (kohya names resolved), or one MismatchError line listing what does not fit."""
+def fit(adapter: Adapter, base: BaseModel, component: str | None = None) -> Adapter:
+    """The adapter bound to ``base`` (kohya names resolved), or one MismatchError line listing what does not fit;
+    with ``component``, to that pipeline component alone (check.fitting)."""
     from .check import require_fit
 
     bound = require_fit(adapter, base.tensors, base_name=str(base.path), quantization=base.quantization_config,
-                        sides=base.config, heads=base.ties_stored_heads)
+                        sides=base.config, heads=base.ties_stored_heads, component=component)
     for name, module in bound.modules.items():
         if (why := saved_tie_refusal(bound, module, base.tensors, base.config)) is not None:
             raise MismatchError(f"{adapter.label}: {name!r} is {why}")
@@ -929,7 +943,8 @@ class _Pipeline:
         stages = [reader, writer]
         if self.hashing:
             stages.append(threading.Thread(target=self._guard, args=(self._hash,), name="loraops-hash", daemon=True))
-        with _fewer_torch_threads(len(stages), self.device.type == "cpu"):
+        # pipelines may run at once in threads of one process (settings.torch_threads)
+        with settings.torch_threads(self.device, lambda before: compute_threads(len(stages), before)):
             try:
                 for stage in stages:
                     stage.start()
@@ -1315,7 +1330,7 @@ def dora_factors(module: LoraModule, magnitude: "torch.Tensor", norms: "torch.Te
     the work dtype's kernel makes inf − inf NaN or, with FMA, keeps one inf, depends on the machine."""
     import torch
 
-    dtype = str(norms.dtype).removeprefix("torch.")
+    dtype = dtype_name(norms.dtype)
     hint = "; `precise=True` computes in float64" if norms.dtype != torch.float64 else ""
     if not bool(norms.all()):
         if bool(((norms == 0).cpu() & nonzero().cpu()).any()):
@@ -1520,13 +1535,13 @@ def _refuse_overflow(operation: str, tensor: _Tensor, out: "torch.Tensor", of_ba
         if bool((torch.isfinite(rounded) | (rounded == base))[made].all()):
             hint = "; `precise=True` computes in float64" if work != torch.float64 else ""
             raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values that the exact merge does "
-                                    f"not make: its deltas go beyond what {str(work).removeprefix('torch.')} holds as "
+                                    f"not make: its deltas go beyond what {dtype_name(work)} holds as "
                                     f"they are merged (products or sums past ±{torch.finfo(work).max:g}){hint}",
                                     ["precise"])
         if not bool(torch.isfinite(merged)[made].all()):
             raise InvalidInputError(f"{tensor.file_name!r} comes out with inf or NaN values: its deltas go beyond what "
                                     "float64 holds as they are merged; the adapters' weights × scales are too large")
-    dtype = str(out.dtype).removeprefix("torch.")
+    dtype = dtype_name(out.dtype)
     hint = (f"{operation} with `dtype` bf16 or fp32" if dtype == "float16"
             else "the adapters' weights × scales are too large" if tensor.terms
             else f"it holds values {dtype} cannot; keep a wider dtype")
@@ -1539,35 +1554,6 @@ def compute_threads(other_stages: int, default: int) -> int:
     threads and 6 s with 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(default, cores - other_stages))
-
-
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_before = 0
-
-
-@contextmanager
-def _fewer_torch_threads(other_stages: int, cpu: bool):
-    """Torch threads lowered to compute_threads for a CPU pipeline, and put back after. Pipelines may run at once
-    in threads of one process: each saving and restoring the count it found, the second one saved the first's
-    lowered count and restored that for good. So the count from before the first one is kept until the last ends,
-    and each restores it in its own thread (with OpenMP the count is also per thread)."""
-    global _threads_users, _threads_before
-    if not cpu:
-        yield
-        return
-    with _threads_lock:
-        if not _threads_users:
-            _threads_before = torch.get_num_threads()
-        _threads_users += 1
-        before = _threads_before
-        torch.set_num_threads(compute_threads(other_stages, before))
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            torch.set_num_threads(before)
 
 
 def add_delta(acc2: "torch.Tensor", B2: "torch.Tensor", A2: "torch.Tensor", transposed: bool, rows: slice,

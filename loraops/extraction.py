@@ -562,7 +562,7 @@ def extract_lazily(
             del made
             module = finite_module(what, module)
             if not (bool(module.B.any()) and bool(module.A.any())):  # (its delta is not: dropped above)
-                kept = str(out_dtype).removeprefix("torch.")
+                kept = st.dtype_name(out_dtype)
                 raise InvalidInputError(
                     f"{what}: module {name!r} comes out all zero in {kept} (its delta is below what {kept} holds): "
                     "use `dtype` " + ("bf16 or fp32" if out_dtype == torch.float16 else "fp32"), ["dtype"])
@@ -585,7 +585,7 @@ def extract_lazily(
         return ExtractReport(
             base_ref=labels[0], tuned_ref=labels[1], rank=rule.rank, dynamic=rule.dynamic, param=rule.param,
             max_rank=rule.max_rank, conv_rank=rule.conv_rank, alpha=alpha, device=str(target), precision=precision,
-            dtype=str(out_dtype).removeprefix("torch."), modules=records, error_max=max(errors),
+            dtype=st.dtype_name(out_dtype), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),
             fro_retained_mean=sum(r.fro_retained for r in records) / len(records) if records else 1.0,
             identical=work.identical + len(unchanged), skipped=skipped, rounding=work.rounding,

@@ -297,8 +297,7 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
         raise HubError(f"{ref} is gated: accept its conditions at {where}/{_repo_id(ref)} with an account that "
                        f"has access, and {login}", ["token"]) from None
     except hf.RepositoryNotFoundError:
-        raise NotFoundError(f"repository {_repo_id(ref)} not found on {where} (if it is private, {login})",
-                            ["token"]) from None
+        raise _repo_not_found(ref, where) from None
     except hf.RevisionNotFoundError:
         raise NotFoundError(f"{ref}: revision not found (use a branch, a tag or a commit sha)") from None
     except hf.RemoteEntryNotFoundError as exc:
@@ -314,6 +313,8 @@ def hub_errors(ref: RepoRef | str, action: str) -> Iterator[None]:
                            f"{login}", ["token"]) from None
         if status == 401:
             raise HubError(f"{where} refused to {action} {ref} without valid credentials: {login}", ["token"]) from None
+        if status == 404 and "/" not in _repo_id(ref):  # an endpoint that knows no owner-less id says only "404"
+            raise _repo_not_found(ref, where) from None
         if status == 403:
             raise HubError(f"{where} forbids you to {action} {ref} ({_server_message(exc)}); "
                            "use a token with write access to it") from None
@@ -355,6 +356,14 @@ LOGIN = "log in with `hf auth login`, set HF_TOKEN or pass `token`"
 """How a refusal for credentials ends (hub_errors; its error names ``token``)."""
 TOKEN_FROM = "check `token`, else $HF_TOKEN, else the token saved by `hf auth login`"
 """Where the token a call used came from, in the order huggingface_hub takes it (hub_errors)."""
+
+
+def _repo_not_found(ref: RepoRef | str, where: str) -> NotFoundError:
+    repo_id = _repo_id(ref)
+    if "/" not in repo_id:  # (the Hub's few owner-less ids are old models: an adapter's id has an owner)
+        return NotFoundError(f"repository {repo_id} not found on {where}: a Hub repo id is owner/name, and "
+                             f"{repo_id!r} names no owner")
+    return NotFoundError(f"repository {repo_id} not found on {where} (if it is private, {LOGIN})", ["token"])
 
 
 def _repo_id(ref: RepoRef | str) -> str:

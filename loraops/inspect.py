@@ -7,6 +7,7 @@ from pathlib import Path
 from .errors import NotFoundError
 from .fsutil import existing_path
 from .records import InspectReport, ModuleRecord
+from .st import dtype_name
 
 
 def inspect_path(path: str | Path, alpha: float | None = None) -> InspectReport:
@@ -22,7 +23,7 @@ def inspect_path(path: str | Path, alpha: float | None = None) -> InspectReport:
     files = formats.adapter_files(path)
     return InspectReport(
         path=str(path), format=adapter.format, identity=formats.identity(path), files=[str(f) for f in files],
-        size=sum(f.stat().st_size for f in files), dtype=str(adapter.dtype).removeprefix("torch."),
+        size=sum(f.stat().st_size for f in files), dtype=dtype_name(adapter.dtype),
         rank=adapter.rank, alpha=adapter.alpha, scale_mode=adapter.scale_mode, target_modules=adapter.target_modules,
         dora=adapter.dora, products=adapter.products, methods=adapter.methods, lora_bias=adapter.lora_bias,
         trainable_tokens={n: list(r.indices) for n, r in adapter.token_rows.items()},

@@ -26,8 +26,9 @@ resnets and attentions hold spatio-temporal parts (VIDEO_RESNET, VIDEO_ATTENTION
 Transformer blocks keep their names in both layouts. FLUX.1 (Black Forest Labs' layout) and SD3 / SD3.5 (MMDiT)
 checkpoints, bare or behind ``model.diffusion_model.`` as ComfyUI saves them, are translated to diffusers'
 ``transformer.`` names as diffusers' single-file converters do. A diffusers pipeline's FLUX.1/SD3 transformer, or one
-of DIT_LAYOUTS' (Wan, HunyuanVideo, LTX-Video, Qwen-Image, Lumina2, HiDream: told by its config.json class), is read
-as the checkpoint tensors it holds (pipeline_dit), for LoRAs named by the original checkpoint.
+of DIT_LAYOUTS' (Wan, Wan VACE, Wan Animate, HunyuanVideo, LTX-Video, LTX-2, Qwen-Image, Lumina2, HiDream: told by
+its config.json class), is read as the checkpoint tensors it holds (pipeline_dit), for LoRAs named by the original
+checkpoint.
 
 Fused tensors: OpenCLIP's attention stores q, k and v as the three row blocks of one ``attn.in_proj_weight``; FLUX
 stores them in ``img_attn.qkv`` / ``txt_attn.qkv``, and q, k, v and the MLP's input in a single block's ``linear1``;
@@ -192,16 +193,20 @@ class DitLayout:
     original's."""
     keeps: bool = False
     """Every other module of the transformer has its diffusers path as its original name (LTX-Video's blocks)."""
+    beside: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Original modules a pipeline holds in another component than its transformer → their paths there, the
+    component included (LTX-2's text projection, in ``connectors``)."""
 
 
+WAN_BLOCK = {
+    **{f"{attn}.{o}": f"{diffusers}.{c}" for attn, diffusers in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+       for o, c in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))},
+    "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",  # image-to-video's
+    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+}
 WAN = DitLayout(  # as diffusers' convert_wan_transformer_to_diffusers and _convert_non_diffusers_wan_lora_to_diffusers
     "Wan", ("WanTransformer3DModel",), re.compile(r"(?:^|[._])blocks[._]\d+[._](?:self_attn|cross_attn|ffn)[._]"),
-    {"blocks": ("blocks", {
-        **{f"{attn}.{o}": f"{diffusers}.{c}" for attn, diffusers in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-           for o, c in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))},
-        "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",  # image-to-video's
-        "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
-    })},
+    {"blocks": ("blocks", WAN_BLOCK)},
     {"patch_embedding": "patch_embedding", "head.head": "proj_out",
      "text_embedding.0": "condition_embedder.text_embedder.linear_1",
      "text_embedding.2": "condition_embedder.text_embedder.linear_2",
@@ -210,6 +215,22 @@ WAN = DitLayout(  # as diffusers' convert_wan_transformer_to_diffusers and _conv
      "time_projection.1": "condition_embedder.time_proj",
      "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
      "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2"},
+)
+# Wan VACE and Wan Animate: Wan's blocks and more, as convert_wan_transformer_to_diffusers renames the weights (the
+# LoRA converter refuses every module outside Wan's): VACE's context blocks (vace_blocks, the first with before_proj),
+# Animate's face adapter (its linear1_kv: k and v, FUSED) and the conditioning inputs beside patch_embedding
+WAN_VACE = dataclasses.replace(
+    WAN, name="Wan VACE", classes=("WanVACETransformer3DModel",),
+    blocks={**WAN.blocks, "vace_blocks": ("vace_blocks", {**WAN_BLOCK, "before_proj": "proj_in",
+                                                          "after_proj": "proj_out"})},
+    top={**WAN.top, "vace_patch_embedding": "vace_patch_embedding"},
+)
+WAN_ANIMATE = dataclasses.replace(
+    WAN, name="Wan Animate", classes=("WanAnimateTransformer3DModel",),
+    named=re.compile(rf"{WAN.named.pattern}|(?:^|[._])face_adapter[._]fuser_blocks[._]\d+[._]"),
+    blocks={**WAN.blocks, "face_adapter.fuser_blocks": ("face_adapter", {
+        "linear1_q": "to_q", "linear1_kv.to_k": "to_k", "linear1_kv.to_v": "to_v", "linear2": "to_out"})},
+    top={**WAN.top, "pose_patch_embedding": "pose_patch_embedding", "face_encoder.out_proj": "face_encoder.out_proj"},
 )
 HUNYUAN_VIDEO = DitLayout(  # as diffusers' convert_hunyuan_video_transformer_to_diffusers (its LoRA converter's table)
     "HunyuanVideo", ("HunyuanVideoTransformer3DModel",),
@@ -251,6 +272,23 @@ LTX_VIDEO = DitLayout(  # as convert_ltx_transformer_checkpoint_to_diffusers; it
      "adaln_single.emb.timestep_embedder.linear_2": "time_embed.emb.timestep_embedder.linear_2"},
     keeps=True,
 )
+# LTX-2 (audio-video): its blocks are named alike (video and audio attentions, the cross-modal ones, ff, audio_ff);
+# outside them as diffusers' _convert_non_diffusers_ltx2_lora_to_diffusers and convert_ltx2_transformer_to_diffusers
+LTX2_ADALN = {"adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed",
+              "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
+              "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
+              "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
+              "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
+              "prompt_adaln_single": "prompt_adaln", "audio_prompt_adaln_single": "audio_prompt_adaln"}  # (LTX-2.3's)
+LTX2 = DitLayout(
+    "LTX-2", ("LTX2VideoTransformer3DModel",),
+    re.compile(r"(?:^|[._])transformer_blocks[._]\d+[._]"
+               r"(?:(?:audio_)?(?:attn[12]|ff)|audio_to_video_attn|video_to_audio_attn)[._]"), {},
+    {"patchify_proj": "proj_in", "audio_patchify_proj": "audio_proj_in",
+     **{f"{original}.{leaf}": f"{diffusers}.{leaf}" for original, diffusers in LTX2_ADALN.items()
+        for leaf in ("linear", "emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2")}},
+    keeps=True, beside={"text_embedding_projection.aggregate_embed": "connectors.text_proj_in"},
+)
 # Qwen-Image's checkpoints and LoRAs (ComfyUI's, musubi-tuner's) name its modules as diffusers does
 QWEN_IMAGE = DitLayout(
     "Qwen-Image", ("QwenImageTransformer2DModel",),
@@ -280,7 +318,7 @@ HIDREAM = DitLayout(
     "HiDream", ("HiDreamImageTransformer2DModel",),
     re.compile(r"(?:^|[._])(?:double|single)_stream_blocks[._]\d+[._]block[._]"), {}, {}, keeps=True,
 )
-DIT_LAYOUTS = (WAN, HUNYUAN_VIDEO, LTX_VIDEO, QWEN_IMAGE, LUMINA2, HIDREAM)
+DIT_LAYOUTS = (WAN, WAN_VACE, WAN_ANIMATE, HUNYUAN_VIDEO, LTX_VIDEO, LTX2, QWEN_IMAGE, LUMINA2, HIDREAM)
 
 
 class Tensors(dict):
@@ -322,9 +360,14 @@ def checkpoint_dit(metadata: Mapping[str, str] | None, module: str) -> tuple[str
     swapped) of a pipeline transformer's module (``transformer.blocks.0.attn1.to_q`` → ``blocks.0.self_attn.q``; a
     part of a fused tensor by the part's path, ``double_blocks.0.img_attn_qkv.to_q``) of an adapter whose ``metadata``
     names the DIT_LAYOUTS layout it was bound by (DIT_LAYOUT_KEY; without ``transformer.`` where bound to the
-    transformer's folder: DIT_BARE_KEY). None for any other module or adapter."""
+    transformer's folder: DIT_BARE_KEY), or of another component's module the layout names (DitLayout.beside:
+    ``connectors.text_proj_in`` → ``text_embedding_projection.aggregate_embed``). None for any other module or
+    adapter."""
     layout = next((layout for layout in DIT_LAYOUTS if layout.name == (metadata or {}).get(DIT_LAYOUT_KEY)), None)
     bare = (metadata or {}).get(DIT_BARE_KEY) == "true"
+    beside = {} if layout is None or bare else {held: path for path, held in layout.beside.items()}
+    if module in beside:
+        return beside[module], False
     if layout is None or not (bare or module.startswith("transformer.")):
         return None
     path = module if bare else module.removeprefix("transformer.")
@@ -450,6 +493,9 @@ FUSED = (
     # HunyuanVideo's (its single blocks' linear1 is FLUX's, above)
     Fused(re.compile(DIT + r"double_blocks\.\d+\.img_attn_qkv$"), ".weight", QKV, thirds, whole=True, peft=False),
     Fused(re.compile(DIT + r"double_blocks\.\d+\.txt_attn_qkv$"), ".weight", ADD_QKV, thirds, whole=True, peft=False),
+    # Wan Animate's face adapter: k and v
+    Fused(re.compile(DIT + r"face_adapter\.fuser_blocks\.\d+\.linear1_kv$"), ".weight", ("to_k", "to_v"), halves,
+          whole=True, peft=False),
     Fused(re.compile(DIT + r"txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn_qkv$"), ".weight", QKV, thirds,
           whole=True, peft=False),
     Fused(re.compile(DIT + r"joint_blocks\.\d+\.x_block\.attn2?\.qkv$"), ".weight", QKV, thirds, whole=True,
@@ -1019,6 +1065,7 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
         return {}
     inverse, top = dit_inverse(flux, layout)
     swaps = {"norm_out.linear": "final_layer.adaLN_modulation.1"} if layout is None else layout.swapped
+    beside = {} if layout is None else {f"{held}.weight": path for path, held in layout.beside.items()}
     block = re.compile(r"^transformer\.(?P<block>[a-z_.]+)\.(?P<n>\d+)\.(?P<rest>.+)\.weight$")
     last = max((int(m["n"]) for m in map(block.match, manifest) if m and m["block"] == "transformer_blocks"),
                default=-1)
@@ -1040,6 +1087,9 @@ def pipeline_dit(manifest: Mapping[str, object], transformer_class: str | None =
             path, swapped = (swaps[inner], True) if inner in swaps else (top.get(inner), False)
             if path is None and layout is not None and layout.keeps and inner not in layout.top:
                 path = inner
+        if tensor in beside:
+            out[f"{beside[tensor]}.weight"] = VirtualTensor(f"{beside[tensor]}.weight", tuple(info.shape), info.dtype,
+                                                             tensor)
         if not tensor.startswith("transformer."):
             out[tensor] = info
         elif path is not None:

@@ -49,6 +49,9 @@ class Input:
     block_weights: list[float] | None = None
     """A Stable Diffusion LoRA's block weights (loraops.blocks), already applied to ``adapter``; None for none (or a
     list of 1s: blocks.recorded)."""
+    component: str | None = None
+    """The pipeline component it goes to alone (check.SECOND_TRANSFORMER: a ``transformer_2`` argument); None where it
+    binds to the whole base."""
 
     def weighed(self, weights: "Sequence[float] | None") -> "Input":
         """This input with its block weights applied (itself for none)."""
@@ -57,9 +60,14 @@ class Input:
         adapter = blocks.block_weighted(self.adapter, weights, self.label)  # (checked even when all 1s)
         return replace(self, adapter=adapter, block_weights=blocks.recorded(weights))
 
+    def shown(self) -> str:
+        """How --exact's refusals and subtract's notes name it (_named)."""
+        return _named(self.label, self.weight, self.block_weights, self.component)
+
     def recorded_blocks(self) -> dict:
-        """What a merge's lineage records of its block weights, beside its weight (nothing for none)."""
-        return {} if self.block_weights is None else {"block_weights": self.block_weights}
+        """What a merge's lineage records of its block weights and component, beside its weight (nothing for none)."""
+        return ({} if self.block_weights is None else {"block_weights": self.block_weights}) | (
+            {} if self.component is None else {"component": self.component})
 
 
 def resolve_adapter(reg, ref: str, weight: float, scratch: Path | None = None, reserve: int = 0) -> Input:
@@ -110,19 +118,44 @@ def scratch_folder(output: str | Path) -> Path:
     return folder
 
 
-def _block_lists(block_weights, pairs: list) -> list:
-    """merge's and subtract's --block-weights: one checked list per adapter, or None for each when none are given."""
-    return blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
+def _arguments(adapters, transformer_2, block_weights) -> tuple[list[tuple[str, float]], list, list]:
+    """merge's and subtract's adapter arguments: ((ref, weight) pairs, the block weights of each (a checked list, or
+    None), the component each goes to alone (None, or check.SECOND_TRANSFORMER)), the ``adapters`` first: a block
+    weight list is given per adapter of those (Stable Diffusion LoRAs; a Wan 2.2 expert's takes none)."""
+    from .check import SECOND_TRANSFORMER
+
+    pairs, second = weighted_inputs(adapters), weighted_inputs(transformer_2, "transformer_2")
+    lists = blocks.checked_lists(block_weights, len(pairs)) or [None] * len(pairs)
+    return ([*pairs, *second], [*lists, *[None] * len(second)],
+            [*[None] * len(pairs), *[SECOND_TRANSFORMER] * len(second)])
 
 
-def _resolved(reg, adapters: Sequence[tuple[str, float]], lists: list, output: str | Path | None,
+def _resolved(reg, adapters: Sequence[tuple[str, float]], lists: list, components: list, output: str | Path | None,
               room: int = 0) -> list[Input]:
-    """The adapter arguments, (ref, weight) pairs, resolved and weighed by their block weights (a list or None each);
-    a path's private copy goes beside ``output`` (scratch_folder) where that leaves the ``room`` bytes the output
-    needs (a copy must not cost a merge that fits without it its disk), none without ``output``."""
+    """The adapter arguments, (ref, weight) pairs, resolved and weighed by their block weights (a list or None each),
+    each going to its component (None: the whole base); a path's private copy goes beside ``output``
+    (scratch_folder) where that leaves the ``room`` bytes the output needs (a copy must not cost a merge that fits
+    without it its disk), none without ``output``."""
     scratch = scratch_folder(output) if output is not None else None
-    return [resolve_adapter(reg, ref, weight, scratch, room).weighed(weights)
-            for (ref, weight), weights in zip(adapters, lists)]
+    return [replace(resolve_adapter(reg, ref, weight, scratch, room).weighed(weights), component=component)
+            for (ref, weight), weights, component in zip(adapters, lists, components)]
+
+
+def _refuse_no_component(model: BaseModel, label: str, components: list) -> None:
+    """A component asked for that the model lacks (a Wan 2.2 expert's adapter given for a pipeline with one
+    transformer), refused before any adapter is read."""
+    from .check import component_tensors
+
+    for component in {c for c in components if c is not None}:
+        component_tensors(model.tensors, component, label)
+
+
+def _engine_inputs(inputs: list[Input], sign: int = 1) -> dict:
+    """``inputs`` as engine.merge's and subtract's ``adapters`` and ``transformer_2`` (Adapter, weight) pairs."""
+    from .check import SECOND_TRANSFORMER
+
+    return {"adapters": [(i.adapter, sign * i.weight) for i in inputs if i.component is None],
+            "transformer_2": [(i.adapter, sign * i.weight) for i in inputs if i.component == SECOND_TRANSFORMER]}
 
 
 def _stored_copy(reg, registry_id: int, ref: str) -> Adapter | None:
@@ -190,20 +223,23 @@ def _streamed(reg, ref: str | Path, early: tuple[BaseModel, str] | None, output:
 
 def merge(base: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
           name: str | None = None, record: bool = True, block_weights: "Sequence[Sequence[float]] | None" = None,
-          registry: "store.Registry | None" = None, **options) -> MergeReport:
+          registry: "store.Registry | None" = None, transformer_2: Sequence[str | tuple[str, float]] = (),
+          **options) -> MergeReport:
     """`loraops merge`: adapters given as 'REF[:W]' strings or (ref, weight) pairs merged into ``base`` (a ref or
     path), then recorded. ``block_weights``: one list per adapter of a Stable Diffusion LoRA's block weights (see
     loraops.blocks), recorded with it. ``registry``: the Registry references resolve in and the output is recorded
-    in (default: LORAOPS_DB / LORAOPS_HOME's, opened for the call)."""
+    in (default: LORAOPS_DB / LORAOPS_HOME's, opened for the call). ``transformer_2``: adapters given so merged into
+    the second transformer of a Wan 2.2 pipeline folder (its low-noise expert, diffusers' load_into_transformer_2),
+    those of ``adapters`` into its transformer/ (as always), in one output; the lineage records which went where."""
     base, output = argument(base, "base", *PATH), argument(output, "output", *PATH)
-    pairs = weighted_inputs(adapters)
-    lists = _block_lists(block_weights, pairs)
+    pairs, lists, components = _arguments(adapters, transformer_2, block_weights)
     settings.resolve_device(options.get("device"))  # before a 70B's base is hashed and its adapters read
     with Landing(output, record, registry):
-        return _merge(base, pairs, output, name=name, record=record, lists=lists, registry=registry, **options)
+        return _merge(base, pairs, output, name=name, record=record, lists=lists, components=components,
+                      registry=registry, **options)
 
 
-def _merge(base, adapters, output, *, name, record, lists, registry, **options) -> MergeReport:
+def _merge(base, adapters, output, *, name, record, lists, components, registry, **options) -> MergeReport:
     if not adapters and options.get("dtype") is None:
         raise ParameterError("no adapter to merge: give at least one, or `dtype` to convert the base alone "
                              "(an FP8 model to bf16, say)", ["dtype"])
@@ -213,10 +249,11 @@ def _merge(base, adapters, output, *, name, record, lists, registry, **options) 
         reg = _open_registry(registry, record or _references(base, adapters), create=record)
         _check_name_free(reg, name, record)
         _check_output(reg, output, record, base, adapters)
-        model, _ = _streamed(reg, base, early, output, "merge")
+        model, label = _streamed(reg, base, early, output, "merge")
+        _refuse_no_component(model, label, components)
         room = engine.check_room(model, output, options.get("dtype"))  # before loading adapters (GBs for a 70B's)
-        inputs = _resolved(reg, adapters, lists, output, room)
-        report = engine.merge(model, [(i.adapter, i.weight) for i in inputs], output, fingerprint=record, **options)
+        inputs = _resolved(reg, adapters, lists, components, output, room)
+        report = engine.merge(model, output=output, fingerprint=record, **_engine_inputs(inputs), **options)
         report = _labelled(report, inputs)
         if not record:
             return report
@@ -228,14 +265,14 @@ def _merge(base, adapters, output, *, name, record, lists, registry, **options) 
 def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], output: str | Path, *,
              exact: bool = False, name: str | None = None, record: bool = True,
              block_weights: "Sequence[Sequence[float]] | None" = None, registry: "store.Registry | None" = None,
-             **options) -> MergeReport:
+             transformer_2: Sequence[str | tuple[str, float]] = (), **options) -> MergeReport:
     """`loraops subtract`: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, reporting the residual against the pristine base when the registry
     knows it; ``exact`` restores from that base instead (refused, with the reason, when it is not available).
     ``adapters``, ``block_weights`` and ``registry`` as merge's: each adapter's ΔW weighed by its block weights is
-    what comes off, and what ``exact`` matches in the recorded merge."""
+    what comes off, and what ``exact`` matches in the recorded merge. ``transformer_2``: as merge's, taken off (or,
+    with ``exact``, matched in) the second transformer."""
     model, output = argument(model, "model", *PATH), argument(output, "output", *PATH)
-    pairs = weighted_inputs(adapters)
-    lists = _block_lists(block_weights, pairs)
+    pairs, lists, components = _arguments(adapters, transformer_2, block_weights)
     given = [key for key in ("dtype", "precise") if options.get(key)]
     if exact and given:  # (they were ignored: --exact --dtype fp32 of a bf16 merge wrote bf16)
         raise ParameterError(
@@ -245,11 +282,12 @@ def subtract(model: str | Path, adapters: Sequence[str | tuple[str, float]], out
     if not exact:  # (--exact may only copy the recorded base; a re-merge is checked by the engine)
         settings.resolve_device(options.get("device"))
     with Landing(output, record, registry):
-        return _subtract(model, pairs, output, exact=exact, name=name, record=record, lists=lists, registry=registry,
-                         **options)
+        return _subtract(model, pairs, output, exact=exact, name=name, record=record, lists=lists,
+                         components=components, registry=registry, **options)
 
 
-def _subtract(model, adapters, output, *, exact, name, record, lists, registry, **options) -> MergeReport:
+def _subtract(model, adapters, output, *, exact, name, record, lists, components, registry,
+              **options) -> MergeReport:
     streamed = not exact  # --exact copies or re-merges the recorded base: the merged model itself is not read
     early = _streamed_early(model, output, "subtract") if streamed else None
     merged, reg = early[0] if early else None, None
@@ -259,12 +297,15 @@ def _subtract(model, adapters, output, *, exact, name, record, lists, registry, 
         _check_output(reg, output, record, model, adapters)
         if streamed:
             merged, label = _streamed(reg, model, early, output, "subtract")
-            inputs = _resolved(reg, adapters, lists, output, engine.check_room(merged, output, options.get("dtype")))
+            _refuse_no_component(merged, label, components)
+            inputs = _resolved(reg, adapters, lists, components, output,
+                               engine.check_room(merged, output, options.get("dtype")))
         else:  # a recorded merge has its base's kind, which the restored output has
             merged, label = resolve_base(reg, model, output, "restore")
+            _refuse_no_component(merged, label, components)
             # (its adapters are matched by identity, never merged: no private copies, which could take the room of
             # an output whose size is not known yet)
-            inputs = _resolved(reg, adapters, lists, None)
+            inputs = _resolved(reg, adapters, lists, components, None)
         origin = _origin(reg, merged) if reg is not None and (record or exact) else None
         if exact:
             report, pristine, kept, made = _restore(reg, merged, label, origin, inputs, output, options)
@@ -279,14 +320,13 @@ def _subtract(model, adapters, output, *, exact, name, record, lists, registry, 
             # merged, the difference from it is theirs, not rounding
             remaining, stray = _take_off(origin.lineage.params, inputs) if origin is not None else ([], None)
             pristine = _pristine(reg, origin) if origin is not None and (remaining, stray) == ([], None) else None
-            report = engine.subtract(merged, [(i.adapter, i.weight) for i in inputs], output, reference=pristine,
-                                     fingerprint=record, **options)
+            report = engine.subtract(merged, output=output, reference=pristine, fingerprint=record,
+                                     **_engine_inputs(inputs), **options)
             report = _labelled(report, inputs, sign=-1)
             if stray is not None:  # (plain arithmetic all the same: negating an adapter never merged is a use too)
                 logging.getLogger("loraops").info(
-                    f"{_named(stray.label, stray.weight, stray.block_weights)} is not one of the adapters {label} was "
-                    f"merged with ({_merged_with(origin.lineage.params)}), so what comes off is not what that merge "
-                    "added")
+                    f"{stray.shown()} is not one of the adapters {label} was merged with "
+                    f"({_merged_with(origin.lineage.params)}), so what comes off is not what that merge added")
         if reg is None or not record:
             return report
         return _record(reg, report, "subtract", merged, inputs, name, options, sign=-1)
@@ -324,7 +364,8 @@ def _references(model, adapters) -> bool:
 def _labelled(report: MergeReport, inputs: list[Input], sign: int = 1) -> MergeReport:
     return report.model_copy(update={"adapters": [
         MergeInputRecord(ref=i.label, weight=sign * i.weight, modules=len(i.adapter.modules),
-                         full_tensors=len(i.adapter.full_tensors), block_weights=i.block_weights)
+                         full_tensors=len(i.adapter.full_tensors), block_weights=i.block_weights,
+                         component=i.component)
         for i in inputs
     ]})
 
@@ -352,7 +393,8 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
         params["restored"] = True
     lineage = LineageSpec(op=op, params=params, inputs=[
         LineageInput(kind="base", id=source_record.id, role="base"),
-        *(LineageInput(kind="adapter", id=i.registry_id, weight=sign * i.weight, role="adapter")
+        # (the role of an adapter sent to a pipeline component alone is that component: `base show` names it)
+        *(LineageInput(kind="adapter", id=i.registry_id, weight=sign * i.weight, role=i.component or "adapter")
           for i in inputs if i.registry_id is not None),
     ])
     try:
@@ -534,15 +576,15 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
         deeper = (f"; its base {below.name} is itself a merge ({_merged_with(below.lineage.params)}): take {label}'s "
                   f"adapters off with `exact=True` first, then {below.name}'s from that"
                   if below is not None and below.lineage is not None and below.lineage.op == "merge" else "")
-        raise MismatchError(f"`exact=True`: {_named(stray.label, stray.weight, stray.block_weights)} is not one of "
-                            f"the adapters {label} was merged with ({_merged_with(params)}){deeper}", ["exact"])
+        raise MismatchError(f"`exact=True`: {stray.shown()} is not one of the adapters {label} was merged with "
+                            f"({_merged_with(params)}){deeper}", ["exact"])
     kept = [_recorded_adapter(reg, a) for a in remaining]
     # (a record from before "requested_dtype" holds only the output's dtype, an FP8 one no --dtype names)
     dtype = params.get("requested_dtype", params["dtype"] if params["dtype"] in engine.FLOAT_DTYPES else None)
     if remaining:
-        report = engine.merge(pristine, [(k.adapter, k.weight) for k in kept], output, dtype=dtype,
-                              precise=params["precise"], device=options.get("device", "auto"),
-                              force=options.get("force", False), progress=options.get("progress"))
+        report = engine.merge(pristine, output=output, dtype=dtype, precise=params["precise"],
+                              device=options.get("device", "auto"), force=options.get("force", False),
+                              progress=options.get("progress"), **_engine_inputs(kept))
         report = _labelled(report, kept)
     else:
         report = _copy_model(pristine, Path(output), force=options.get("force", False))
@@ -553,14 +595,16 @@ def _restore(reg, merged: BaseModel, label: str, origin, inputs: list[Input], ou
     return report, pristine, kept, {"dtype": dtype, "precise": params["precise"]}
 
 
-def _named(label: str, weight: float, block_weights) -> str:
-    """An adapter of a merge as --exact's refusal names it: 'x:0.7', 'x:0.7 [blocks 1,0,…]'."""
-    return f"{label}:{weight:g}{blocks.text(block_weights)}"
+def _named(label: str, weight: float, block_weights, component: str | None = None) -> str:
+    """An adapter of a merge as --exact's refusal names it: 'x:0.7', 'x:0.7 [blocks 1,0,…]', 'x:0.7 (transformer_2)'
+    (its component: Input.component)."""
+    return f"{label}:{weight:g}{blocks.text(block_weights)}" + (f" ({component})" if component else "")
 
 
 def _merged_with(params: dict) -> str:
     """The adapters of a recorded merge, as its messages list them."""
-    return ", ".join(_named(a["ref"], a["weight"], a.get("block_weights")) for a in params["adapters"])
+    return ", ".join(_named(a["ref"], a["weight"], a.get("block_weights"), a.get("component"))
+                     for a in params["adapters"])
 
 
 def _take_off(params: dict, inputs: list[Input]) -> tuple[list[dict], Input | None]:
@@ -571,6 +615,7 @@ def _take_off(params: dict, inputs: list[Input]) -> tuple[list[dict], Input | No
     for i in inputs:
         weighs = blocks.factors(i.adapter.modules, i.block_weights)
         match = next((a for a in remaining if a["sha256"] == i.sha256 and math.isclose(a["weight"], i.weight)
+                      and a.get("component") == i.component
                       and blocks.factors(i.adapter.modules, a.get("block_weights")) == weighs), None)
         if match is None:
             return remaining, i
@@ -592,7 +637,7 @@ def _recorded_adapter(reg, entry: dict) -> Input:
         raise NotFoundError(f"`exact=True`: adapter {entry['ref']} (sha256 {entry['sha256'][:12]}), which stays "
                             "merged, is neither registered nor at its recorded path any more", ["exact"])
     # named as the merge named it (its summary, _merged_with), not by the reference its identity found
-    return replace(found, label=entry["ref"]).weighed(entry.get("block_weights"))
+    return replace(found, label=entry["ref"], component=entry.get("component")).weighed(entry.get("block_weights"))
 
 
 def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:

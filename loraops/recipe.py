@@ -32,6 +32,7 @@ from typing import Any, Callable
 from .errors import InvalidInputError
 from .fsutil import path_exists
 from .references import PATH, WEIGHT, argument, is_finite
+from .st import dtype_name
 
 ELEMENT_WISE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 DIVIDES_BY_DEFAULT = {"dare_ties", "dare_linear", "della", "della_linear"}
@@ -73,9 +74,9 @@ REFUSED_TOP = {
 DTYPES = {"float32": False, "bfloat16": False, "float16": False, "float64": True}
 """mergekit's dtype → whether loraops computes in float64 (--precise); the others compute in float32 as always.
 float64 is loraops' own (mergekit's dtype_from_name refuses it); its int64 is no dtype to compute a merge in.
-Each name also with a ``torch.`` prefix (_dtype_name)."""
+Each name also with a ``torch.`` prefix (_read_dtype)."""
 OUT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-"""mergekit's out_dtype (the float names its dtype_from_name reads, also with a ``torch.`` prefix: _dtype_name) →
+"""mergekit's out_dtype (the float names its dtype_from_name reads, also with a ``torch.`` prefix: _read_dtype) →
 combine's --dtype: the written adapter's dtype."""
 
 
@@ -190,8 +191,8 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
         raise refuse(f"{name} needs a base_model (mergekit's {name} without one works on whole weights, not on task "
                      "vectors): give the adapters' base")
     bases = [base_model, *(base_folders(base_model) if base_folders else [])] if base_model is not None else []
-    dtype = _dtype_name(data, "dtype", DTYPES, refuse)
-    written = _dtype_name(data, "out_dtype", OUT_DTYPES, refuse)
+    dtype = _read_dtype(data, "dtype", DTYPES, refuse)
+    written = _read_dtype(data, "out_dtype", OUT_DTYPES, refuse)
 
     top = _parameters(data.get("parameters"), "parameters", refuse)
     for key in top:
@@ -280,13 +281,13 @@ def parse_recipe(data: Any, source: str = "recipe", base_folders: Callable[[str]
                   OUT_DTYPES.get(written), source)
 
 
-def _dtype_name(data: dict, key: str, names: dict[str, Any], refuse: Callable[[str], InvalidInputError]) -> str | None:
+def _read_dtype(data: dict, key: str, names: dict[str, Any], refuse: Callable[[str], InvalidInputError]) -> str | None:
     """The recipe's ``key`` (dtype, out_dtype) as a key of ``names``, read as mergekit's dtype_from_name reads it: a
     ``torch.`` prefix dropped, empty or missing being none (mergekit's field is a string: false, 0, [] are refused)."""
     value = data.get(key)
     if value is None or value == "":
         return None
-    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    name = dtype_name(value) if isinstance(value, str) else None
     if name not in names:
         raise refuse(f"{key} {value!r} is not one of {', '.join(names)} (each also as torch.NAME, as mergekit reads "
                      "it)")

@@ -506,6 +506,9 @@ class MergeInputRecord(Record):
     full_tensors: int = 0
     block_weights: list[float] | None = None
     """Its Stable Diffusion block weights (--block-weights; loraops.blocks), as given; None for none or a list of 1s."""
+    component: str | None = None
+    """The pipeline component it went to alone ("transformer_2", a Wan 2.2 pipeline's second transformer:
+    --transformer-2); None where it was bound to the whole base."""
 
 
 class ResidualRecord(Record):
@@ -578,13 +581,14 @@ class GcReport(Record):
 
 
 class StoredFileProblem(Record):
-    """A stored file `verify` found missing, changed, or held by no record (registry.BlobProblem)."""
+    """A stored file `verify` found missing, changed, or held by no record: what Registry.verify returns, and the
+    problems of `verify --json`."""
 
     ref: str
     file: str
     problem: str
     pull_again: str | None = None
-    """For an adapter pulled from the Hub, the `loraops pull` that repairs it."""
+    """For an adapter pulled from the Hub, the `loraops pull` that repairs it (hub.pull_again)."""
 
 
 class VerifyReport(Record):

@@ -61,15 +61,16 @@ def parse_weighted(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def weighted_inputs(adapters: Iterable[str | tuple[str | Path, float]]) -> list[tuple[str, float]]:
+def weighted_inputs(adapters: Iterable[str | tuple[str | Path, float]],
+                    name: str = "adapters") -> list[tuple[str, float]]:
     """The library's adapter arguments as (ref, weight) pairs: each a 'REF[:W]' string (parse_weighted), a path (an
     os.PathLike, weight 1) or a (ref, weight) pair. One string for the whole list is refused: iterated, its letters
-    were taken as references."""
+    were taken as references. ``name``: the parameter that gave them, as the refusal names it."""
     if isinstance(adapters, PATH):
         given = os.fspath(adapters)
-        raise InvalidInputError(f"adapters is a list: give [{given!r}], not the string {given!r}")
+        raise InvalidInputError(f"{name} is a list: give [{given!r}], not the string {given!r}")
     if not isinstance(adapters, Iterable):  # (None was a raw TypeError: 'NoneType' object is not iterable)
-        raise InvalidInputError(f"adapters is a list of 'REF[:WEIGHT]' strings or (ref, weight) pairs, not "
+        raise InvalidInputError(f"{name} is a list of 'REF[:WEIGHT]' strings or (ref, weight) pairs, not "
                                 f"{reprlib.repr(adapters)}")
     pairs = []
     for item in adapters:

@@ -9,8 +9,9 @@ import contextlib
 import os
 import re
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote, unquote
 
 from .fsutil import human_bytes, resolved
@@ -301,6 +302,45 @@ def out_of_memory(exc: BaseException, device: "torch.device | None" = None, what
     advice = ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])} or {ways[-1]}"
     doing = f" while {what}" if what else ""
     return DeviceMemoryError(f"out of memory on {where}{doing}{f' ({detail})' if detail else ''}: {advice}")
+
+
+_threads_lock = threading.Lock()
+_threads_inside = 0
+_threads_before = 0
+_threads_here = threading.local()  # .counts: this thread's count at the entry of each of its blocks now open
+
+
+@contextlib.contextmanager
+def torch_threads(device: "torch.device", count: Callable[[int], int]) -> Iterator[None]:  # noqa: F821
+    """Torch on ``count(n)`` CPU threads inside (n: its thread count before), put back after; a CUDA device: unchanged.
+    Blocks may overlap on several Python threads and nest. Torch keeps a count per thread (OpenMP), and
+    set_num_threads also sets the one a thread started later begins with: a block that saved and restored the count
+    it found could find another's lowered count (its thread started inside that block) and restore it for good.
+    So, under a lock, the first block to enter reads n, each thread gets n back as it leaves its outermost block, and
+    a nested block gives its thread back what it had at that block's entry. Only the counting is locked: each block
+    sets its own thread's count, and the work inside runs on all threads at once."""
+    global _threads_inside, _threads_before
+    if device.type != "cpu":
+        yield
+        return
+    import torch
+
+    if not hasattr(_threads_here, "counts"):
+        _threads_here.counts = []
+    counts = _threads_here.counts
+    with _threads_lock:
+        here = torch.get_num_threads()
+        before = _threads_before if _threads_inside else here
+        torch.set_num_threads(count(before))  # (first: a count it refuses leaves nothing counted)
+        counts.append(here)
+        _threads_before, _threads_inside = before, _threads_inside + 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_inside -= 1
+            entered = counts.pop()
+            torch.set_num_threads(entered if counts else _threads_before)
 
 
 @contextlib.contextmanager

@@ -51,6 +51,11 @@ def torch_name(dtype: str | None) -> str | None:
     return TORCH_DTYPE_NAMES.get(dtype, dtype)
 
 
+def dtype_name(dtype: "torch.dtype | str") -> str:
+    """A torch dtype as loraops shows and records it: torch.bfloat16 (or the string 'torch.bfloat16') → 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
+
+
 def torch_dtype(st_dtype: str) -> "torch.dtype":
     import torch
 
@@ -58,7 +63,7 @@ def torch_dtype(st_dtype: str) -> "torch.dtype":
 
 
 def st_dtype(dtype: "torch.dtype") -> str:
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     for key, value in TORCH_DTYPE_NAMES.items():
         if value == name:
             return key
@@ -202,7 +207,7 @@ def beyond_range(name: str, dtype: "torch.dtype", hint: str) -> InvalidInputErro
     """The error of a tensor whose values go past ``dtype``'s range (they would round to inf, silently in torch)."""
     import torch
 
-    return InvalidInputError(f"{name!r} comes out with values beyond {str(dtype).removeprefix('torch.')}'s range "
+    return InvalidInputError(f"{name!r} comes out with values beyond {dtype_name(dtype)}'s range "
                              f"(±{torch.finfo(dtype).max:.6g}); {hint}", ["dtype"])  # (the hint may name `dtype`)
 
 

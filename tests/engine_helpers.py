@@ -1,6 +1,7 @@
 """Shared by the engine tests: canonical adapters taken from a live PEFT model, ulp distances, float64 references."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -67,3 +68,12 @@ def dora_reference64(base: torch.Tensor, terms: list[tuple[LoraModule, float]]) 
             factors = (module.magnitude.double() / both.norm(dim=1)).reshape(-1, *[1] * (w0.dim() - 1))
         out = factors * (out + delta)
     return out
+
+
+def torch_threads_everywhere() -> tuple[int, int]:
+    """The torch thread count here and in a thread started now (with OpenMP each thread has its own)."""
+    seen = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    return torch.get_num_threads(), seen[0]

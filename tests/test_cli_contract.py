@@ -98,12 +98,36 @@ def test_a_path_too_long_for_a_file_name_is_the_os_error(tmp_path, args):
     (["resize", "a", "--rank", "abc"],
      "invalid value for '--rank': 'abc' is not an integer written plainly (like 8) (see `main resize --help`)"),
     (["combine"], "give the adapters to combine (REF[:WEIGHT]...), or --recipe (see `main combine --help`)"),
+    (["subtract", "--from", "m", "-o", "o"],
+     "give the adapters to subtract (REF[:WEIGHT]...), or --transformer-2 ones (see `main subtract --help`)"),
+    (["check"], "give the adapter to check (REF_OR_PATH), or --transformer-2 ones (see `main check --help`)"),
     (["base", "bogus"], "no such command 'bogus' (see `main base --help`)"),
     (["list", "--rank"], "option '--rank' requires an argument"),
 ])
 def test_a_usage_error_is_one_line(args, message):
     """click's own usage errors took four lines (Usage, Try, blank, Error)."""
     assert cli(*args, code=2).stderr == f"error: {message}\n"
+
+
+def _command_paths():
+    from loraops.cli import COMMANDS
+
+    ctx = click.Context(main)
+    yield []
+    for name in COMMANDS:
+        command = main.get_command(ctx, name)
+        yield [name]
+        yield from ([name, sub] for sub in getattr(command, "commands", ()))
+
+
+@pytest.mark.parametrize("path", list(_command_paths()), ids=" ".join)
+def test_single_dash_help_is_help_on_every_command(path):
+    """`loraops merge -help` was read as the short options -h -e -l -p: "no such option '-e'"."""
+    shown = CliRunner().invoke(main, [*path, "--help"])
+    assert shown.exit_code == 0 and shown.output.startswith(f"Usage: {' '.join(['main', *path])} ")
+    for spelling in ("-help", "-h"):
+        result = CliRunner().invoke(main, [*path, spelling])
+        assert (result.exit_code, result.output) == (0, shown.output), spelling
 
 
 def test_a_group_alone_still_shows_its_help():

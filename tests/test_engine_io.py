@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from factories import load_model, peft_adapter, tiny_llama
+from engine_helpers import torch_threads_everywhere
 from loraops import engine, formats
 from loraops.adapter import Adapter, LoraModule
 from loraops.errors import ConflictError, DiskSpaceError, FormatError, InvalidInputError, MismatchError, NotFoundError
@@ -553,15 +554,6 @@ def test_a_failure_midway_removes_the_temp_output(tmp_path, sharded, monkeypatch
         engine.merge(base, [(formats.read_adapter(adapter_dir), 1.0)], tmp_path / "out", device="cpu")
     assert nothing_left(tmp_path / "out")
 
-
-
-def torch_threads_everywhere() -> tuple[int, int]:
-    """The torch thread count here and in a thread started now (with OpenMP each thread has its own)."""
-    seen = []
-    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    fresh.start()
-    fresh.join()
-    return torch.get_num_threads(), seen[0]
 
 
 def test_merges_in_two_threads_at_once_leave_the_torch_thread_count_as_it_was(tmp_path, sharded, monkeypatch):

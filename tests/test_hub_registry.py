@@ -280,6 +280,23 @@ def test_cli_pull_push_and_errors(fake_hub, adapters):
     assert bad.exit_code == 2 and bad.output == "error: 'not a repo' is not a Hub repo id (expected owner/name[@revision])\n"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["anime-lora"], "repository anime-lora not found on {url}: a Hub repo id is owner/name, and 'anime-lora' names "
+                     "no owner"),
+    (["owner/missing"], "repository owner/missing not found on {url} (if it is private, log in with `hf auth login`, "
+                        "set HF_TOKEN or pass --token)"),
+    (["someone/style@v9"], "someone/style@v9: revision not found (use a branch, a tag or a commit sha)"),
+    (["someone/style", "--file", "gone.safetensors"], "someone/style: no file or folder gone.safetensors in the repo; "
+                                                      "it holds: .gitattributes, style.safetensors"),
+])
+def test_a_pull_of_what_the_hub_does_not_hold_says_so_in_one_line(fake_hub, args, message):
+    """`pull anime-lora` (no owner) said "the Hub answered 404: Sorry, we can't find the page you are looking for
+    (/api/models/anime-lora)", exit 7: the endpoint's page text, where the repository is simply not there."""
+    fake_hub.commit("someone/style", {"style.safetensors": b"k" * 32})
+    result = CliRunner().invoke(main, ["pull", *args])
+    assert (result.exit_code, result.output) == (3, f"error: {message.format(url=fake_hub.url)}\n")
+
+
 def test_cli_subprocess_saved_login_and_xet_default(fake_hub, adapters, tmp_path):
     """A fresh `python -m loraops` process: the token saved by `hf auth login` (HF_HOME/token) is used, and the
     upload works against an endpoint without Xet although HF_HUB_DISABLE_XET is not set (loraops.hub sets it)."""

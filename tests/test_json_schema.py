@@ -79,7 +79,7 @@ def derived(report: dict) -> dict:
 EXPORT = {"ref": str, "format": str, "output": str, "plain_lora_of": [str], "left_out": [str]}
 MERGE = {"operation": str, "output": str, "base_path": str,
          "adapters": [{"ref": str, "weight": float, "modules": int, "full_tensors": int,
-                       "block_weights": ([float], None)}],
+                       "block_weights": ([float], None), "component": (str, None)}],
          "dtype": DTYPE, "device": str, "precise": bool, "tensors_merged": int, "tensors_replaced": int,
          "tensors_converted": int, "tensors_copied": int, "bytes_written": int, "seconds": float,
          "peak_rss_bytes": int,

@@ -1,6 +1,10 @@
+import threading
+
 import pytest
 import torch
 
+from engine_helpers import torch_threads_everywhere
+from loraops import settings
 from loraops.ops import svd
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
@@ -114,3 +118,63 @@ def test_a_matrix_that_is_not_finite_is_refused_before_lapack_sees_it(factorize,
     M[2, 1] = value
     with pytest.raises(svd.NonFiniteInput):
         factorize(M)
+
+
+@pytest.fixture
+def three_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_single_threaded_on_two_threads_at_once_leaves_the_count_as_it_was(three_threads):
+    """Each call saved torch's thread count and put it back: a thread that began inside another's call found that
+    call's 1 (torch's count is per thread, a new one starting with the last count set), and put it back after the
+    other ended, so every thread started later ran torch on one thread."""
+    cpu = torch.device("cpu")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen, failures = {}, []
+
+    def first() -> None:
+        with svd.single_threaded(cpu):
+            first_in.set()
+            assert second_in.wait(60)
+            seen["first"] = torch.get_num_threads()
+        first_out.set()
+
+    def second() -> None:
+        with svd.single_threaded(cpu):
+            second_in.set()
+            assert first_out.wait(60)
+            seen["second, the first gone"] = torch.get_num_threads()
+        seen["second, after"] = torch.get_num_threads()
+
+    def guarded(run):
+        def go():
+            try:
+                run()
+            except BaseException as exc:
+                failures.append(exc)
+                for event in (first_in, second_in, first_out):
+                    event.set()
+        return threading.Thread(target=go)
+
+    threads = [guarded(first), guarded(second)]
+    threads[0].start()
+    assert first_in.wait(60)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert seen == {"first": 1, "second, the first gone": 1, "second, after": 3}
+    assert torch_threads_everywhere() == (3, 3)
+
+
+def test_nested_thread_counts_unwind_one_block_at_a_time(three_threads):
+    cpu = torch.device("cpu")
+    with settings.torch_threads(cpu, lambda before: 2):
+        with svd.single_threaded(cpu):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    assert torch_threads_everywhere() == (3, 3)

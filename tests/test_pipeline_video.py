@@ -6,6 +6,7 @@ the transformer's config.json class, and merge as diffusers' own converters
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,14 +55,16 @@ WAN_TOP = {"text_embedding.0": (WAN_WIDTH, WAN_TEXT), "time_embedding.2": (WAN_W
            "time_projection.1": (6 * WAN_WIDTH, WAN_WIDTH), "head.head": (16, WAN_WIDTH)}
 
 
-def factors(modules: dict[str, tuple[int, int]], key, *, seed: int = 1) -> dict:
-    """lora_A/lora_B (``key(name, "A")``) of each module, with an ``.alpha`` (2, 4 or 8) beside each block's (diffusers'
+def factors(modules: dict[str, tuple], key, *, seed: int = 1) -> dict:
+    """lora_A/lora_B (``key(name, "A")``) of each module (rows, columns; a convolution's columns its in channels and
+    kernel), with an ``.alpha`` (2, 4 or 8) beside each block's (diffusers'
     Wan converter refuses one elsewhere; loraops gives a module without one α = r, its scale 1 as there)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for i, (name, (rows, cols)) in enumerate(modules.items()):
-        out[key(name, "A")] = torch.randn(R, cols, generator=g)
-        out[key(name, "B")] = torch.randn(rows, R, generator=g) * 0.1
+        cols = cols if isinstance(cols, tuple) else (cols,)  # (a convolution's: in channels, kernel)
+        out[key(name, "A")] = torch.randn(R, *cols, generator=g)
+        out[key(name, "B")] = torch.randn(rows, R, *(1,) * (len(cols) - 1), generator=g) * 0.1
         if name.startswith("blocks."):
             out[key(name, "alpha")] = torch.tensor(float(2 ** (1 + i % 3)))
     return out
@@ -617,3 +620,394 @@ def test_lumina2_lora_merges_into_the_transformer_folder_as_into_the_pipeline(tm
     assert merged.keys() == folder.keys() and all(torch.equal(merged[k], folder[k]) for k in merged)
     base = load_file(str(pipe / "transformer" / weights))
     assert not torch.equal(folder["layers.0.attn.to_k.weight"], base["layers.0.attn.to_k.weight"])
+
+
+LT, LT_AUDIO = 16, 8  # LTX-2's tiny video and audio hidden sizes
+
+
+def ltx2_pipeline(root, *, prompt_adaln: bool = True):
+    """A tiny LTX-2 pipeline (its transformer and text connectors); ``prompt_adaln``: LTX-2.3's (cross_attn_mod:
+    prompt_adaln, audio_prompt_adaln)."""
+    from diffusers import LTX2VideoTransformer3DModel
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    torch.manual_seed(0)
+    model = LTX2VideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                        cross_attention_dim=LT, audio_in_channels=4, audio_out_channels=4,
+                                        audio_num_attention_heads=2, audio_attention_head_dim=4,
+                                        audio_cross_attention_dim=LT_AUDIO, num_layers=1, caption_channels=12,
+                                        cross_attn_mod=prompt_adaln, audio_cross_attn_mod=prompt_adaln)
+    model.save_pretrained(root / "transformer")
+    LTX2TextConnectors(caption_channels=12, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+                       video_connector_attention_head_dim=4, video_connector_num_layers=1,
+                       video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+                       audio_connector_attention_head_dim=4, audio_connector_num_layers=1,
+                       audio_connector_num_learnable_registers=None).save_pretrained(root / "connectors")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "LTX2Pipeline", "transformer": ["diffusers", "LTX2VideoTransformer3DModel"],
+         "connectors": ["ltx2", "LTX2TextConnectors"]}))
+    return root
+
+
+LTX2 = {  # LTX-2's original names: (rows, columns) in the tiny pipeline
+    **{f"transformer_blocks.0.attn1.{p}": (LT, LT) for p in ("to_q", "to_k", "to_v", "to_out.0")},
+    **{f"transformer_blocks.0.audio_attn2.{p}": (LT_AUDIO, LT_AUDIO) for p in ("to_q", "to_out.0")},
+    "transformer_blocks.0.audio_to_video_attn.to_q": (LT_AUDIO, LT),
+    "transformer_blocks.0.audio_to_video_attn.to_out.0": (LT, LT_AUDIO),
+    "transformer_blocks.0.video_to_audio_attn.to_k": (LT_AUDIO, LT),
+    "transformer_blocks.0.ff.net.0.proj": (4 * LT, LT), "transformer_blocks.0.audio_ff.net.2": (LT_AUDIO, 4 * LT_AUDIO),
+    "proj_out": (4, LT), "audio_proj_out": (4, LT_AUDIO), "caption_projection.linear_1": (LT, 12),
+    # renamed in diffusers (the converter's renames)
+    "patchify_proj": (LT, 4), "audio_patchify_proj": (LT_AUDIO, 4), "adaln_single.linear": (9 * LT, LT),
+    "audio_adaln_single.emb.timestep_embedder.linear_1": (LT_AUDIO, 256),
+    "av_ca_video_scale_shift_adaln_single.linear": (4 * LT, LT), "av_ca_v2a_gate_adaln_single.linear": (LT_AUDIO,
+                                                                                                      LT_AUDIO),
+    "prompt_adaln_single.linear": (2 * LT, LT), "audio_prompt_adaln_single.linear": (2 * LT_AUDIO, LT_AUDIO),
+}
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), peft_key(""), peft_key("model.diffusion_model."),
+                                 musubi_key], ids=["comfyui", "bare", "checkpoint", "kohya"])
+def test_ltx2_lora_merges_into_a_diffusers_pipeline(tmp_path, key):
+    """Video, audio and cross-modal attentions, both feed-forwards, the projections and every adaLN (renamed:
+    adaln_single → time_embed, av_ca_*_adaln_single → av_cross_attn_*, LTX-2.3's prompt_adaln_single →
+    prompt_adaln) as diffusers' converter + α/r·B·A (it reads only names behind diffusion_model.)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltx2_lora_to_diffusers
+
+    pipe = ltx2_pipeline(tmp_path / "pipe")
+    tensors, scaled = lora_with_alphas(tmp_path / "l.safetensors", LTX2, key, seed=13)
+    converted = _convert_non_diffusers_ltx2_lora_to_diffusers(
+        {f"diffusion_model.{name}.lora_{w}.weight": f for name in LTX2 for w, f in zip("AB", scaled(name))})
+    assert len(converted) == 2 * len(LTX2)
+    merge_and_compare(tmp_path, pipe, tmp_path / "l.safetensors", converted, len(LTX2))
+
+
+CONNECTOR = "text_embedding_projection.aggregate_embed"  # LTX-2's text projection, in the pipeline's connectors
+
+
+def test_ltx2_lora_on_the_text_projection_merges_into_the_connectors(tmp_path):
+    """``text_embedding_projection.aggregate_embed`` (no diffusion_model. before it), which diffusers' LTX-2 loader
+    converts apart into the connectors component (``connectors.text_proj_in``), merges there, beside the
+    transformer's modules; written as kohya it comes back (lora_unet_text_embedding_projection_aggregate_embed) and
+    binds again. It was (not in base)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltx2_lora_to_diffusers
+
+    pipe = ltx2_pipeline(tmp_path / "pipe")
+    modules = {"diffusion_model.transformer_blocks.0.attn1.to_q": (LT, LT), "diffusion_model.patchify_proj": (LT, 4),
+               CONNECTOR: (12, 24)}
+    tensors, scaled = lora_with_alphas(tmp_path / "l.safetensors", modules, peft_key(""), seed=19)
+    lora = {f"{name}.lora_{w}.weight": f for name in modules for w, f in zip("AB", scaled(name))}
+    converted = {**_convert_non_diffusers_ltx2_lora_to_diffusers(lora),  # (as LTX2LoraLoaderMixin.lora_state_dict)
+                 **_convert_non_diffusers_ltx2_lora_to_diffusers(lora, "text_embedding_projection")}
+    run = loraops_run("check", tmp_path / "l.safetensors", "--base", pipe)
+    assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
+    run = loraops_run("merge", tmp_path / "l.safetensors", "--into", pipe, "-o", tmp_path / "m", "--precise",
+                      "--no-record")
+    assert run.returncode == 0, run.stderr
+    weights = "diffusion_pytorch_model.safetensors"
+    for component in ("transformer", "connectors"):
+        base = load_file(str(pipe / component / weights))
+        want = merged_as_diffusers(base, {k.replace("connectors.", "transformer.", 1): v for k, v in converted.items()
+                                          if k.startswith(f"{component}.")})  # (it strips transformer.)
+        merged = check_merged(tmp_path / "m" / component / weights, want)
+        assert sum(not torch.equal(merged[k], base[k]) for k in base) == (2 if component == "transformer" else 1)
+    assert loraops_run("base", "add", pipe, "--name", "ltx2").returncode == 0
+    assert loraops_run("register", tmp_path / "l.safetensors", "--name", "l", "--base", "ltx2").returncode == 0
+    run = loraops_run("export", "l", "--format", "kohya", "-o", tmp_path / "k.safetensors")
+    assert run.returncode == 0, run.stderr
+    written = load_file(str(tmp_path / "k.safetensors"))
+    assert "lora_unet_text_embedding_projection_aggregate_embed.lora_up.weight" in written, sorted(written)
+    run = loraops_run("check", tmp_path / "k.safetensors", "--base", pipe)
+    assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
+
+
+def test_ltx23_lora_modules_an_ltx2_pipeline_lacks_are_reported_alone(tmp_path):
+    """LTX-2.3's prompt adaLNs against an LTX-2.0 pipeline (no cross_attn_mod): listed (not in base), nothing else."""
+    pipe = ltx2_pipeline(tmp_path / "pipe", prompt_adaln=False)
+    modules = {name: shape for name, shape in LTX2.items() if name != "adaln_single.linear"}  # (fewer rows there)
+    save_file(factors(modules, musubi_key), str(tmp_path / "l.safetensors"))
+    run = loraops_run("check", tmp_path / "l.safetensors", "--base", pipe, "--alpha", "4")
+    assert run.returncode != 0, run.stdout
+    assert "lora_unet_prompt_adaln_single_linear (not in base)" in run.stdout, run.stdout
+    assert "lora_unet_audio_prompt_adaln_single_linear (not in base)" in run.stdout, run.stdout
+    assert run.stdout.count("(not in base)") == 2, run.stdout
+    assert f"{len(modules) - 2}/{len(modules)} modules match" in run.stdout, run.stdout
+
+
+def test_ltx2_lora_registered_against_a_pipeline_written_back_as_kohya(tmp_path):
+    """Bound to the pipeline, a kohya LoRA on LTX-2's checkpoint paths (lora_unet_patchify_proj,
+    lora_unet_adaln_single_linear) is written as kohya as it was; one in the original PEFT names is written under those
+    paths too, and binds back."""
+    pipe = ltx2_pipeline(tmp_path / "pipe")
+    tensors = factors(LTX2, musubi_key, seed=14)
+    tensors.update({musubi_key(name, "alpha"): torch.tensor(4.0) for name in LTX2})
+    save_file(tensors, str(tmp_path / "k.safetensors"))
+    lora_with_alphas(tmp_path / "p.safetensors", LTX2, peft_key("diffusion_model."), seed=15)
+    assert loraops_run("base", "add", pipe, "--name", "ltx2").returncode == 0
+    for ref in ("k", "p"):
+        run = loraops_run("register", tmp_path / f"{ref}.safetensors", "--name", ref, "--base", "ltx2")
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert_round_trip(tmp_path, "k", tensors)
+    run = loraops_run("export", "p", "--format", "kohya", "-o", tmp_path / "pk.safetensors")
+    assert run.returncode == 0, run.stderr
+    assert sorted(k for k in load_file(str(tmp_path / "pk.safetensors")) if not k.endswith(".alpha")) == \
+        sorted(k for k in tensors if not k.endswith(".alpha"))
+    run = loraops_run("check", tmp_path / "pk.safetensors", "--base", pipe)
+    assert run.returncode == 0 and f"{len(LTX2)}/{len(LTX2)} modules match" in run.stdout, run.stdout + run.stderr
+
+
+def wan_variant_pipeline(root, cls: str, pipeline: str, **config):
+    """A tiny Wan VACE or Wan Animate pipeline (diffusers' class ``cls``), Wan's sizes (two blocks)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = getattr(diffusers, cls)(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                    out_channels=4, text_dim=WAN_TEXT, freq_dim=8, ffn_dim=WAN_FFN, num_layers=2,
+                                    **config)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "transformer": ["diffusers", cls]}))
+    return root
+
+
+def wan_vace_pipeline(root):
+    return wan_variant_pipeline(root, "WanVACETransformer3DModel", "WanVACEPipeline", in_channels=4,
+                                vace_layers=[0, 1], vace_in_channels=6)
+
+
+def wan_animate_pipeline(root):
+    return wan_variant_pipeline(root, "WanAnimateTransformer3DModel", "WanAnimatePipeline", in_channels=12,
+                                latent_channels=4, image_dim=WAN_IMAGE, added_kv_proj_dim=WAN_WIDTH,
+                                motion_encoder_size=16, motion_style_dim=8, motion_dim=4, motion_encoder_dim=8,
+                                motion_encoder_channel_sizes={str(2 ** i): 8 for i in range(2, 10)},
+                                face_encoder_hidden_dim=8, face_encoder_num_heads=2, inject_face_latents_blocks=1)
+
+
+WAN_VACE = {  # VACE's context blocks and input (original names): (rows, columns)
+    **{f"vace_blocks.{n}.{attn}.{p}": (WAN_WIDTH, WAN_WIDTH) for n in range(2) for attn in ("self_attn", "cross_attn")
+       for p in "qkvo"},
+    **{f"vace_blocks.{n}.ffn.0": (WAN_FFN, WAN_WIDTH) for n in range(2)},
+    **{f"vace_blocks.{n}.ffn.2": (WAN_WIDTH, WAN_FFN) for n in range(2)},
+    **{f"vace_blocks.{n}.after_proj": (WAN_WIDTH, WAN_WIDTH) for n in range(2)},
+    "vace_blocks.0.before_proj": (WAN_WIDTH, WAN_WIDTH), "vace_patch_embedding": (WAN_WIDTH, (6, 1, 2, 2)),
+}
+WAN_ANIMATE = {  # Animate's face adapter (linear1_kv: k and v), face encoder's output, pose input
+    **{f"face_adapter.fuser_blocks.{n}.{p}": (WAN_WIDTH, WAN_WIDTH) for n in range(2) for p in ("linear1_q",
+                                                                                                  "linear2")},
+    **{f"face_adapter.fuser_blocks.{n}.linear1_kv": (2 * WAN_WIDTH, WAN_WIDTH) for n in range(2)},
+    "face_encoder.out_proj": (WAN_WIDTH, 8), "pose_patch_embedding": (WAN_WIDTH, (4, 1, 2, 2)),
+}
+
+
+def wan_variant_reference(base, tensors, key, wan, extra):
+    """base + α/r·B·A as diffusers would place it: Wan's modules (``wan``) by its Wan LoRA converter, which refuses
+    the others (``extra``): those by its single-file converter (convert_wan_transformer_to_diffusers) of the deltas
+    named as the checkpoint's weights, which renames and splits them as it does the weights."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    def scaled(name):
+        alpha = float(tensors[key(name, "alpha")]) if key(name, "alpha") in tensors else R
+        return tensors[key(name, "A")].double(), tensors[key(name, "B")].double() * alpha / R
+
+    lora = {f"diffusion_model.{name}.lora_{w}.weight": f for name in wan for w, f in zip("AB", scaled(name))}
+    with pytest.raises(ValueError):
+        _convert_non_diffusers_wan_lora_to_diffusers({**lora, **{
+            f"diffusion_model.{name}.lora_{w}.weight": f for name in extra for w, f in zip("AB", scaled(name))}})
+    want = merged_as_diffusers(base, _convert_non_diffusers_wan_lora_to_diffusers(lora))
+    deltas = convert_wan_transformer_to_diffusers({  # (B·A of a convolution: over its in channels and kernel)
+        f"{name}.weight": (B.flatten(1) @ A.flatten(1)).view(-1, *A.shape[1:]) for name in extra
+        for A, B in [scaled(name)]})
+    for tensor, delta in deltas.items():
+        want[tensor] = want[tensor] + delta
+    return want
+
+
+def alphas_beside(tensors, modules, key):
+    """``tensors`` with an .alpha (2, 4, 8 in turn) for each of ``modules``."""
+    return {**tensors, **{key(name, "alpha"): torch.tensor(2.0 ** (i % 3 + 1)) for i, name in enumerate(modules)}}
+
+
+@pytest.mark.parametrize("make, extra, parts", [(wan_vace_pipeline, WAN_VACE, 0),
+                                                (wan_animate_pipeline, WAN_ANIMATE, 2)], ids=["vace", "animate"])
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key], ids=["comfyui", "musubi"])
+def test_wan_vace_and_animate_loras_merge_into_a_diffusers_pipeline(tmp_path, make, extra, parts, key):
+    """Wan's blocks (Animate's with image-to-video's k_img/v_img) and the variant's own modules: VACE's context blocks
+    (vace_blocks: attentions, ffn, before_proj → proj_in, after_proj → proj_out) and vace_patch_embedding; Animate's
+    face adapter, its linear1_kv split into to_k and to_v (B's halves, A whole: ``parts`` more), its face encoder's
+    out_proj and pose_patch_embedding. diffusers' Wan LoRA converter (which WanVACEPipeline and WanAnimatePipeline
+    load with) refuses those; they merge as its single-file converter renames (and splits) the weights."""
+    pipe = make(tmp_path / "pipe")
+    wan = {**wan_modules(make is wan_animate_pipeline), **WAN_TOP}
+    tensors = alphas_beside(factors({**wan, **extra}, key, seed=16), extra, key)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    base = load_file(str(pipe / "transformer" / "diffusion_pytorch_model.safetensors"))
+    want = wan_variant_reference(base, tensors, key, wan, extra)
+    merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", None, len(wan) + len(extra) + parts, want=want)
+
+
+@pytest.mark.parametrize("make, extra", [(wan_vace_pipeline, WAN_VACE), (wan_animate_pipeline, WAN_ANIMATE)],
+                         ids=["vace", "animate"])
+def test_musubi_wan_vace_and_animate_loras_written_back_as_kohya(tmp_path, make, extra):
+    """Registered against the pipeline, written as kohya: musubi-tuner's names again (Animate's linear1_kv joined
+    back from its to_k and to_v)."""
+    pipe = make(tmp_path / "pipe")
+    tensors = alphas_beside(factors({**wan_modules(make is wan_animate_pipeline), **extra}, musubi_key, seed=18),
+                            extra, musubi_key)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    assert loraops_run("base", "add", pipe, "--name", "wan").returncode == 0
+    run = loraops_run("register", tmp_path / "w.safetensors", "--name", "w", "--base", "wan")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert_round_trip(tmp_path, "w", tensors)
+
+
+def test_wan_vace_lora_modules_a_wan_pipeline_lacks_are_reported_alone(tmp_path):
+    """A VACE LoRA on a plain Wan (text-to-video) pipeline: its vace_blocks are listed (not in base), nothing else."""
+    pipe = wan_pipeline(tmp_path / "pipe")
+    modules = {**wan_modules(False), "vace_blocks.0.before_proj": (WAN_WIDTH, WAN_WIDTH),
+               "vace_blocks.1.self_attn.q": (WAN_WIDTH, WAN_WIDTH)}
+    save_file(factors(modules, musubi_key), str(tmp_path / "v.safetensors"))
+    run = loraops_run("check", tmp_path / "v.safetensors", "--base", pipe)
+    assert run.returncode != 0, run.stdout
+    assert "lora_unet_vace_blocks_0_before_proj (not in base)" in run.stdout, run.stdout
+    assert "lora_unet_vace_blocks_1_self_attn_q (not in base)" in run.stdout, run.stdout
+    assert run.stdout.count("(not in base)") == 2, run.stdout
+    assert f"{len(modules) - 2}/{len(modules)} modules match" in run.stdout, run.stdout
+def wan22_loras(tmp_path, key):
+    """A high-noise and a low-noise Wan LoRA (h.safetensors, l.safetensors: other factors each), in ``key``'s names
+    ("diffusers": the file diffusers' converter makes, transformer.blocks.0.attn1.to_q, as diffusers saves a
+    transformer_2 LoRA too), and diffusers' conversion of each."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    modules, converted = wan_modules(False), {}
+    for ref, seed in (("h", 5), ("l", 7)):
+        converted[ref] = _convert_non_diffusers_wan_lora_to_diffusers(
+            {k: v.double() for k, v in factors(modules, peft_key("diffusion_model."), seed=seed).items()})
+        tensors = ({k: v.float().contiguous() for k, v in converted[ref].items()} if key == "diffusers"
+                   else factors(modules, key, seed=seed))
+        save_file(tensors, str(tmp_path / f"{ref}.safetensors"))
+    return tmp_path / "h.safetensors", tmp_path / "l.safetensors", converted
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("key", [peft_key("diffusion_model."), musubi_key, "diffusers"],
+                         ids=["comfyui", "musubi", "diffusers"])
+def test_wan22_loras_merge_into_both_experts_in_one_run(tmp_path, key):
+    """`merge high --transformer-2 low --into pipe`: high into transformer/, low into transformer_2/ (diffusers'
+    load_into_transformer_2), one output pipeline: byte for byte the two merges it took before (the pipeline with
+    high, and transformer_2/ given as the base with low), and diffusers' converter + each expert in float64. `check`
+    reports both bindings; engine.merge's transformer_2 gives the same bytes."""
+    from loraops import engine
+    from loraops.formats import read_adapter
+
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    high, low, converted = wan22_loras(tmp_path, key)
+    count = len(wan_modules(False))
+    run = loraops_run("check", high, "--transformer-2", low, "--base", pipe)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines() == [f"{high} fits {pipe}: {count}/{count} modules match",
+                                       f"{low} fits {pipe}/transformer_2: {count}/{count} modules match"]
+    run = loraops_run("check", high, "--transformer-2", low, "--base", pipe, "--json")
+    assert [(r["ref"], r["fits"]) for r in json.loads(run.stdout)] == [(str(high), [str(pipe)]),
+                                                                     (str(low), [f"{pipe}/transformer_2"])]
+    run = loraops_run("merge", high, "--transformer-2", f"{low}:0.5", "--into", pipe, "-o", tmp_path / "one",
+                      "--precise", "--no-record")
+    assert run.returncode == 0, run.stderr
+    assert f"merged {high}:1 (transformer), {low}:0.5 (transformer_2) → " in run.stdout, run.stdout
+    for args in ([high, "--into", pipe, "-o", tmp_path / "a"],
+                 [f"{low}:0.5", "--into", pipe / "transformer_2", "-o", tmp_path / "b"]):
+        assert loraops_run("merge", *args, "--precise", "--no-record").returncode == 0
+    one, two = files_of(tmp_path / "one"), files_of(tmp_path / "a")
+    two.update({Path("transformer_2") / name: data for name, data in files_of(tmp_path / "b").items()})
+    assert one.keys() == two.keys() and all(one[name] == two[name] for name in one)
+    weights = "diffusion_pytorch_model.safetensors"
+    for component, ref, weight in (("transformer", "h", 1.0), ("transformer_2", "l", 0.5)):
+        expert = load_file(str(pipe / component / weights))
+        halved = {k: v * weight if ".lora_B." in k else v for k, v in converted[ref].items()}
+        check_merged(tmp_path / "one" / component / weights, merged_as_diffusers(expert, halved))
+    engine.merge(pipe, [(read_adapter(high), 1.0)], tmp_path / "lib", precise=True,
+                 transformer_2=[(read_adapter(low), 0.5)])
+    assert files_of(tmp_path / "lib") == one
+
+
+@pytest.mark.registry_backend
+def test_wan22_merge_per_expert_is_recorded_and_subtracts(tmp_path):
+    """The registry records which adapter went to which expert (`base show`), `subtract --exact` restores the
+    pipeline or re-merges the adapter that stays into its own expert, bit for bit, and a plain subtract takes both
+    off; the second expert's adapter given plainly is not one of the merge's."""
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    high, low, _ = wan22_loras(tmp_path, musubi_key)
+    assert loraops_run("base", "add", pipe, "--name", "wan22").returncode == 0
+    run = loraops_run("merge", high, "--transformer-2", low, "--into", "wan22", "-o", tmp_path / "m")
+    assert run.returncode == 0, run.stderr
+    run = loraops_run("base", "show", "m")
+    assert "lineage      merge(wan22, h@1×1 (transformer), l@1×1 (transformer_2))" in run.stdout, run.stdout
+    run = loraops_run("base", "show", "m", "--json")
+    assert [(i["ref"], i["role"]) for i in json.loads(run.stdout)["lineage"]["inputs"]] == [
+        ("wan22", "base"), ("h@1", "adapter"), ("l@1", "transformer_2")]
+    run = loraops_run("subtract", "--from", "m", low, "--exact", "-o", tmp_path / "wrong")
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        f"error: --exact: {low}:1 is not one of the adapters m was merged with ({high}:1, {low}:1 (transformer_2))"]
+    assert not (tmp_path / "wrong").exists()
+    run = loraops_run("subtract", "--from", "m", "--transformer-2", low, "--exact", "-o", tmp_path / "high-only")
+    assert run.returncode == 0, run.stderr
+    assert loraops_run("merge", high, "--into", pipe, "-o", tmp_path / "h", "--no-record").returncode == 0
+    assert files_of(tmp_path / "high-only") == files_of(tmp_path / "h")
+    run = loraops_run("subtract", "--from", "m", high, "--transformer-2", low, "--exact", "-o", tmp_path / "r")
+    assert run.returncode == 0 and "restored bit for bit" in run.stdout, run.stderr
+    assert files_of(tmp_path / "r") == files_of(pipe)
+    run = loraops_run("subtract", "--from", "m", high, "--transformer-2", low, "-o", tmp_path / "s", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert [a["component"] for a in report["adapters"]] == [None, "transformer_2"]
+    assert report["residual"]["compared_to"] == str(pipe) and report["residual"]["max_abs_diff"] < 1e-6
+    weights = "diffusion_pytorch_model.safetensors"
+    for component in ("transformer", "transformer_2"):
+        back, base = load_file(str(tmp_path / "s" / component / weights)), load_file(str(pipe / component / weights))
+        assert all(torch.allclose(back[k], base[k], atol=1e-6) for k in base)
+
+
+def test_wan22_second_expert_errors_leave_the_output_alone(tmp_path):
+    """--transformer-2 for a pipeline with one transformer: one line naming the option, nothing written (an
+    existing output kept, --force or not); an adapter that does not fit transformer_2/ says so, naming it."""
+    high, low, _ = wan22_loras(tmp_path, musubi_key)
+    single = wan_pipeline(tmp_path / "single")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    line = (f"error: --transformer-2: base {single} has no transformer_2/ (a Wan 2.2 A14B pipeline folder's second "
+            "transformer, the low-noise expert): give its adapters as the others")
+    for run in (loraops_run("merge", high, "--transformer-2", low, "--into", single, "-o", out, "--force"),
+                loraops_run("subtract", "--from", single, "--transformer-2", low, "-o", out, "--force"),
+                loraops_run("check", "--transformer-2", low, "--base", single)):
+        assert run.returncode == 2 and run.stderr.splitlines() == [line], run.stderr
+    assert files_of(out) == {Path("keep"): b"mine"}
+    run = loraops_run("check", "--transformer-2", low)
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        "error: --transformer-2 checks against a Wan 2.2 pipeline's second transformer: give that pipeline as "
+        "--base"], run.stderr
+    pipe = wan_pipeline(tmp_path / "pipe", experts=True)
+    save_file(factors(wan_modules(True), musubi_key), str(tmp_path / "i2v.safetensors"))
+    run = loraops_run("merge", high, "--transformer-2", tmp_path / "i2v.safetensors", "--into", pipe, "-o", out,
+                      "--force")
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
+    assert f"do not fit base {pipe}/transformer_2: lora_unet_blocks_0_cross_attn_k_img (not in base)" in run.stderr
+    assert files_of(out) == {Path("keep"): b"mine"}
+
+
+def test_wan22_second_expert_in_the_library(tmp_path):
+    """engine.merge's transformer_2 for a pipeline without one: the same refusal, the parameter named as Python
+    names it, nothing written; merging.merge's transformer_2 given as one string is refused as adapters' is."""
+    from loraops import engine, merging
+    from loraops.errors import InvalidInputError, ParameterError
+    from loraops.formats import read_adapter
+
+    _, low, _ = wan22_loras(tmp_path, musubi_key)
+    single = wan_pipeline(tmp_path / "single")
+    with pytest.raises(ParameterError, match=r"^transformer_2: base .*single has no transformer_2/ \(a Wan 2\.2"):
+        engine.merge(single, [], tmp_path / "out", transformer_2=[(read_adapter(low), 1.0)])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InvalidInputError, match=r"^transformer_2 is a list: give \["):
+        merging.merge(single, [], tmp_path / "out", transformer_2=str(low), record=False)

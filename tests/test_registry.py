@@ -16,7 +16,7 @@ from factories import kohya_file, peft_adapter, tiny_llama
 from loraops import formats
 from loraops.errors import (AmbiguousError, ConflictError, InvalidInputError, MismatchError, NotFoundError,
                             RegistryError)
-from loraops.records import LineageInput, LineageSpec
+from loraops.records import LineageInput, LineageSpec, StoredFileProblem
 from loraops.registry import Registry
 from loraops.registry import blobs as blob_store
 from loraops.registry.blobs import LOCKS, STAMPS
@@ -428,7 +428,9 @@ def test_verify_and_gc(reg, art):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     problems = reg.verify()
-    assert [(p.adapter, Path(p.file).name) for p in problems] == [("ad1@1", "adapter_model.safetensors")]
+    # the records `verify --json` prints (a reference string is `ref`, as in every record)
+    assert all(isinstance(p, StoredFileProblem) for p in problems)
+    assert [(p.ref, Path(p.file).name) for p in problems] == [("ad1@1", "adapter_model.safetensors")]
     assert "≠ recorded" in problems[0].problem
     orphan = reg.blobs.folder("ff" * 32)
     orphan.mkdir(parents=True)
@@ -452,7 +454,7 @@ def test_verify_reports_what_a_stored_folder_holds_besides_its_files(reg, art):
     for path in extra:
         path.write_text("{}")
     (Path(a.path) / f"{TMP_MARK}adapter_model.safetensors.1234abcd").write_bytes(b"partial")
-    assert [(p.adapter, p.file, p.problem) for p in reg.verify()] == [
+    assert [(p.ref, p.file, p.problem) for p in reg.verify()] == [
         ("ad1@1", str(extra[0]), UNRECORDED), ("style@1", str(extra[1]), UNRECORDED)]
     for path in extra:
         path.unlink()

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraops.errors import FormatError, NotFoundError
-from loraops.st import load_tensors, read_header
+from loraops.st import dtype_name, load_tensors, read_header
 
 pytestmark = pytest.mark.no_registry  # never opens a registry: skipped in the PostgreSQL pass
 
@@ -190,3 +190,9 @@ def test_every_dtype_of_the_library_is_read_or_named(tmp_path):
         read_header(tmp_path / "c.safetensors")
     assert str(err.value) == (f"{tmp_path / 'c.safetensors'}: tensor 'z' is C64 (complex64): loraops does not support "
                               "tensors of that dtype")
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bfloat16"), (torch.float8_e4m3fn, "float8_e4m3fn"),
+                                         ("torch.float16", "float16"), ("float32", "float32")])
+def test_dtype_name_is_torch_name_without_its_prefix(dtype, name):
+    assert dtype_name(dtype) == name

@@ -344,7 +344,7 @@ def _raised_under_interrupt(exc: BaseException) -> bool:
     return False
 
 
-@click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help", "-help"]})
 @click.option("--home", type=click.Path(file_okay=False), help="loraops home folder (default $LORAOPS_HOME or the user data dir).")
 @click.option("--db", "db", metavar="URL", help="Registry SQLAlchemy URL (default $LORAOPS_DB or SQLite in the home).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")

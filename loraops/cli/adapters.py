@@ -190,37 +190,46 @@ def rm(ref: str, all_versions: bool, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("ref_or_path")
+@click.argument("ref_or_path", required=False)
 @click.option("--base", metavar="BASE", help="A registered base, or a base model path.")
+@click.option("--transformer-2", "transformer_2", multiple=True, metavar="REF",
+              help="An adapter to check against the second transformer of the Wan 2.2 pipeline --base "
+                   "(transformer_2/), as merge --transformer-2 binds it; repeatable.")
 @click.option("--alpha", type=FLOAT, help="LoRA alpha: for a file that does not record one, or replacing the one it records.")
-@json_option("the CheckResult")
-def check(ref_or_path: str, base: str | None, alpha: float | None, as_json: bool) -> None:
+@json_option("the CheckResult (a list of them, one per adapter, with --transformer-2)")
+def check(ref_or_path: str | None, base: str | None, transformer_2: tuple[str, ...], alpha: float | None,
+          as_json: bool) -> None:
     """Check that an adapter fits a base: every module by name and shape, or each mismatch.
 
     Without --base: against the adapter's recorded base; when it has none, against every registered base."""
     from ..check import UNTIED_FAMILIES, fit_counts, made_for, misfits
     from ..errors import MismatchError
 
+    if ref_or_path is None and not transformer_2:
+        raise click.UsageError("give the adapter to check (REF_OR_PATH), or --transformer-2 ones")
+    given = [(ref, False) for ref in [ref_or_path] if ref is not None] + [(ref, True) for ref in transformer_2]
     with _registry(create=False) as reg:
-        result = reg.check_adapter(ref_or_path, base, alpha=alpha)
+        results = [reg.check_adapter(ref, base, alpha=alpha, transformer_2=second) for ref, second in given]
     if as_json:
-        echo_json(result)
+        echo_json(results if transformer_2 else results[0])
     else:
-        for report in result.reports:
-            verdict = "fits" if report.ok else "does not fit"
-            click.echo(f"{result.ref} {verdict} {report.base_ref}: {fit_counts(report)} match")
-            if report.tied_heads:
-                click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not stored, "
-                           "or stored as a copy of them); a merge writes it untied (an encoder-decoder model's only "
-                           f"where loraops unties it: {UNTIED_FAMILIES}; a T5-family one's inside BLIP-2 or "
-                           "InstructBLIP too)")
-            if not report.ok:
-                for problem in misfits(report):
-                    click.echo(f"  {problem}")
-    if not result.reports:
-        raise MismatchError(f"{result.ref}: no base to check against (give --base, or `loraops base add` one)")
-    if not result.fits:
-        if len(result.reports) == 1:
-            raise MismatchError(f"{result.ref} does not fit base {result.reports[0].base_ref}"
-                                f"{made_for(result.base_hint, result.reports[0])}")
-        raise MismatchError(f"{result.ref} fits none of the {len(result.reports)} registered bases")
+        for result in results:
+            for report in result.reports:
+                verdict = "fits" if report.ok else "does not fit"
+                click.echo(f"{result.ref} {verdict} {report.base_ref}: {fit_counts(report)} match")
+                if report.tied_heads:
+                    click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not "
+                               "stored, or stored as a copy of them); a merge writes it untied (an encoder-decoder "
+                               f"model's only where loraops unties it: {UNTIED_FAMILIES}; a T5-family one's inside "
+                               "BLIP-2 or InstructBLIP too)")
+                if not report.ok:
+                    for problem in misfits(report):
+                        click.echo(f"  {problem}")
+    for result in results:
+        if not result.reports:
+            raise MismatchError(f"{result.ref}: no base to check against (give --base, or `loraops base add` one)")
+        if not result.fits:
+            if len(result.reports) == 1:
+                raise MismatchError(f"{result.ref} does not fit base {result.reports[0].base_ref}"
+                                    f"{made_for(result.base_hint, result.reports[0])}")
+            raise MismatchError(f"{result.ref} fits none of the {len(result.reports)} registered bases")

@@ -5,7 +5,7 @@ import click
 
 from .adapters import _reader, _registry
 from .hub import TOKEN_HELP, check_token
-from .render import echo_fields, echo_json, echo_table, human_bytes, json_option, not_again
+from .render import component_marks, echo_fields, echo_json, echo_table, human_bytes, json_option, not_again
 
 
 @click.group()
@@ -110,7 +110,11 @@ def show(ref: str, as_json: bool) -> None:
         ("created", r.created.isoformat(timespec="seconds")),
     ]
     if r.lineage:
-        inputs = ", ".join(i.ref + (f"×{i.weight:g}" if i.weight is not None else "") for i in r.lineage.inputs)
+        # (an adapter merged into one pipeline component alone has that component as its role: merging._record)
+        marks = component_marks([None if i.role == "adapter" else i.role
+                                 for i in r.lineage.inputs if i.kind == "adapter"])[::-1]
+        inputs = ", ".join(i.ref + (f"×{i.weight:g}" if i.weight is not None else "")
+                           + (marks.pop() if i.kind == "adapter" else "") for i in r.lineage.inputs)
         fields.append(("lineage", f"{r.lineage.op}({inputs})"))
     echo_fields(fields)
 

@@ -37,20 +37,18 @@ def verify(as_json: bool) -> None:
     """Re-hash every stored adapter file; exit non-zero when any is missing or changed, or when a stored adapter's
     folder holds a file none of its records does (put there since: remove it)."""
     from ..errors import RegistryError
-    from ..records import StoredFileProblem, VerifyReport
+    from ..records import VerifyReport
     from ..registry.store import UNRECORDED
 
     with _registry(create=False) as reg:
         problems = reg.verify()
         count = len(reg.list_adapters(modules=False))
-    pulled = {p.adapter: p.pull_again for p in problems if p.pull_again}  # (they have no original on disk)
+    pulled = {p.ref: p.pull_again for p in problems if p.pull_again}  # (they have no original on disk)
     if as_json:  # (the error line below still says what is wrong, on stderr, with its exit status)
-        echo_json(VerifyReport(ok=not problems, adapters=count, problems=[
-            StoredFileProblem(ref=p.adapter, file=p.file, problem=p.problem, pull_again=p.pull_again)
-            for p in problems]))
+        echo_json(VerifyReport(ok=not problems, adapters=count, problems=problems))
     else:
         for p in problems:
-            click.echo(f"{p.adapter}: {p.file}: {p.problem}")
+            click.echo(f"{p.ref}: {p.file}: {p.problem}")
         for adapter, again in pulled.items():
             click.echo(f"{adapter}: pulled from the Hub: `{again}` downloads it again")
     extra, said = sum(p.problem == UNRECORDED for p in problems), []

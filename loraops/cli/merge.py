@@ -6,7 +6,12 @@ import click
 from .. import blocks
 from . import DTYPE, expect_output
 from .algebra import DEVICE_HELP, block_weights_option
-from .render import echo_base_changed, echo_json, human_bytes, json_option, not_again
+from .render import component_marks, echo_base_changed, echo_json, human_bytes, json_option, not_again
+
+transformer_2_option = click.option(
+    "--transformer-2", "transformer_2", multiple=True, metavar="REF[:WEIGHT]",
+    help="An adapter for the second transformer of a Wan 2.2 pipeline folder (transformer_2/, the low-noise expert; "
+         "diffusers' load_into_transformer_2), repeatable; the REF[:WEIGHT] arguments go to its transformer/.")
 
 
 def _options(fn):
@@ -28,9 +33,11 @@ def _options(fn):
 @click.command()
 @click.argument("adapters", nargs=-1, metavar="[REF[:WEIGHT]]...")
 @click.option("--into", "base", required=True, metavar="BASE", help="Base model: registered base or path.")
+@transformer_2_option
 @block_weights_option
 @_options
-def merge(adapters, base, block_weights, output, dtype, device, precise, force, name, no_record, as_json) -> None:
+def merge(adapters, base, transformer_2, block_weights, output, dtype, device, precise, force, name, no_record,
+          as_json) -> None:
     """Merge adapters into a base: W' = W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, rounded once. REF is a registry reference or a path; a
     trailing :WEIGHT weights it (default 1, negative negates). An FP8 base (fine-grained, as DeepSeek-V3) stays FP8 with
     new block scales, or comes out dequantized with --dtype; with no adapters, --dtype alone converts the base."""
@@ -38,25 +45,29 @@ def merge(adapters, base, block_weights, output, dtype, device, precise, force, 
 
     expect_output(output, not no_record)
     report = merging.merge(base, adapters, output, name=name, record=not no_record, dtype=dtype, device=device,
-                          precise=precise, force=force, block_weights=block_weights)
+                          precise=precise, force=force, block_weights=block_weights, transformer_2=transformer_2)
     _render(report, as_json, name)
 
 
 @click.command()
-@click.argument("adapters", nargs=-1, required=True, metavar="REF[:WEIGHT]...")
+@click.argument("adapters", nargs=-1, metavar="REF[:WEIGHT]...")
 @click.option("--from", "model", required=True, metavar="MODEL", help="Merged model: registered base or path.")
 @click.option("--exact", is_flag=True, help="Rebuild from the recorded pristine base instead of subtracting (bit-exact).")
+@transformer_2_option
 @block_weights_option
 @_options
-def subtract(adapters, model, exact, block_weights, output, dtype, device, precise, force, name, no_record,
-             as_json) -> None:
+def subtract(adapters, model, exact, transformer_2, block_weights, output, dtype, device, precise, force, name,
+             no_record, as_json) -> None:
     """Subtract adapters from a merged model: W − Σ wᵢ·sᵢ·Bᵢ·Aᵢ, and report the residual left. In bf16/fp16 a
     merge+subtract round trip is never bit-exact; --exact restores the recorded base instead."""
     from .. import merging
 
+    if not adapters and not transformer_2:
+        raise click.UsageError("give the adapters to subtract (REF[:WEIGHT]...), or --transformer-2 ones")
     expect_output(output, not no_record)
     report = merging.subtract(model, adapters, output, exact=exact, name=name, record=not no_record, dtype=dtype,
-                             device=device, precise=precise, force=force, block_weights=block_weights)
+                             device=device, precise=precise, force=force, block_weights=block_weights,
+                             transformer_2=transformer_2)
     _render(report, as_json, name)
 
 
@@ -65,7 +76,9 @@ def _render(report, as_json: bool, name: str | None) -> None:
         echo_json(report)
         return
     verb = {"merge": "merged", "subtract": "subtracted", "restore": "restored"}[report.operation]
-    adapters = ", ".join(f"{a.ref}:{a.weight:g}{blocks.text(a.block_weights)}" for a in report.adapters)
+    marks = component_marks([a.component for a in report.adapters])
+    adapters = ", ".join(f"{a.ref}:{a.weight:g}{blocks.text(a.block_weights)}{mark}"
+                         for a, mark in zip(report.adapters, marks))
     if report.operation == "restore":
         adapters = report.base_path + (f" + {adapters}" if adapters else "")
     rate = report.bytes_written / report.seconds if report.seconds else 0

@@ -56,6 +56,15 @@ def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     click.echo(table(headers, rows))
 
 
+def component_marks(components: Sequence[str | None]) -> list[str]:
+    """What merge's summary and `base show`'s lineage say after each adapter of a merge that sent some to a Wan 2.2
+    pipeline's second transformer (--transformer-2): " (transformer_2)" after those, " (transformer)" after the others,
+    which bound to the pipeline (a Wan LoRA: its transformer/); nothing in any other merge."""
+    if not any(components):
+        return [""] * len(components)
+    return [f" ({component or 'transformer'})" for component in components]
+
+
 def echo_base_changed(*names: str | None) -> None:
     """merge, subtract and extract: a registered base named (or found at the path given) whose files changed since it
     was registered (merging.record_read)."""

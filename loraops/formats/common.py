@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from ..adapter import LoraModule, ModuleKind, widest_dtype
 from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
+from ..st import dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -340,7 +341,7 @@ def check_derived(path: Path, name: str, what: str, tensor: "torch.Tensor") -> N
     if tensor.is_meta or not tensor.numel() or bool(torch.isfinite(tensor).all()):
         return
     raise InvalidInputError(f"{path}: module {name!r}: {what} goes beyond what "
-                            f"{str(tensor.dtype).removeprefix('torch.')} holds (finite stored values whose product "
+                            f"{dtype_name(tensor.dtype)} holds (finite stored values whose product "
                             "overflows)")
 
 
@@ -403,7 +404,7 @@ def build_module(
         if tuple(magnitude.shape) != expected or not magnitude.is_floating_point():
             raise InvalidInputError(
                 f"{path}: module {name!r}: DoRA magnitude {magnitude_key} is {fmt_shape(magnitude.shape)} "
-                f"{str(magnitude.dtype).removeprefix('torch.')}, not {fmt_shape(expected)} floating point (one value "
+                f"{dtype_name(magnitude.dtype)}, not {fmt_shape(expected)} floating point (one value "
                 f"per output channel of {b_key} {fmt_shape(B.shape)})"
             )
         check_finite(path, magnitude_key, magnitude)
@@ -413,7 +414,7 @@ def build_module(
         if tuple(lora_bias.shape) != (int(B.shape[0]),) or not lora_bias.is_floating_point():
             raise InvalidInputError(
                 f"{path}: module {name!r}: lora_bias {bias_key} is {fmt_shape(lora_bias.shape)} "
-                f"{str(lora_bias.dtype).removeprefix('torch.')}, not {int(B.shape[0])} floating point (one value per "
+                f"{dtype_name(lora_bias.dtype)}, not {int(B.shape[0])} floating point (one value per "
                 f"output of {b_key} {fmt_shape(B.shape)})"
             )
         check_finite(path, bias_key, lora_bias)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ..adapter import TokenRows
 from ..errors import FormatError, InvalidInputError
+from ..st import dtype_name
 from . import common
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def read_rows(path: Path, keys: Iterable[str], tensors: dict[str, "torch.Tensor"
         values = tensors[key]
         if values.dim() != 2 or values.shape[0] != len(indices) or not values.is_floating_point():
             raise InvalidInputError(f"{path}: {key!r} is {common.fmt_shape(values.shape)} "
-                                    f"{str(values.dtype).removeprefix('torch.')}, not {len(indices)}×width floating "
+                                    f"{dtype_name(values.dtype)}, not {len(indices)}×width floating "
                                     f"point (one row per token index in the config)")
         common.check_finite(path, key, values)
         rows[f"{module}.weight"] = TokenRows(f"{module}.weight", indices, values, key)

@@ -8,12 +8,12 @@ so a resized kohya file puts its weight where kohya's own tool does.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import ContextManager, Iterable
 
 import torch
 
+from .. import settings
 from ..st import all_finite
 
 # A dense delta is re-factorized with a randomized SVD when both sides exceed this (kohya's threshold): an exact
@@ -86,22 +86,14 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> Spectrum:
         return Spectrum(Qb @ U, S, Vh @ Qa.T)
 
 
-@contextmanager
-def single_threaded(device: torch.device) -> Iterator[None]:
+def single_threaded(device: torch.device) -> ContextManager[None]:
     """Torch on one CPU thread inside (a CUDA device: unchanged). MKL's QR and SVD split their work by thread and
     round accordingly: a factored SVD came out with other bytes at 2, 3, 8 or 16 threads than at 1, even of a
     64-wide module, and one thread gives the same bytes whatever the thread count outside. It costs nothing there:
     QRs of out×r factors and an r×r SVD (4096×32 and 2048×96 modules: 0.01 s on one thread, 0.16 s on two busy
-    cores)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    cores). Library calls on several Python threads at once, and nested ones, leave torch's count as they found it
+    (settings.torch_threads: saving and restoring it here, one could restore another's 1 for good)."""
+    return settings.torch_threads(device, lambda before: 1)
 
 
 def randomized_svd(M: torch.Tensor, q: int, niter: int = POWER_ITERATIONS, seed: int = 0) -> Spectrum:

@@ -4,7 +4,7 @@ Registry loads on first use, so `loraops.registry.reads` (the fast read path of 
 """
 from __future__ import annotations
 
-__all__ = ["Registry", "BlobProblem"]
+__all__ = ["Registry"]
 
 
 def __getattr__(name: str):

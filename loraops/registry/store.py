@@ -19,7 +19,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
@@ -32,10 +32,11 @@ from ..lazy import LazyModule
 from ..fp8 import model_parameters
 from ..fsutil import existing_path, path_exists, refuse_unrecordable, remove, resolved, sha256_file
 from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsError, MismatchError, NotFoundError,
-                      RegistryError, reworded)
+                      ParameterError, RegistryError, reworded)
 from ..landing import interrupts_deferred, tell
 from ..references import PATH, argument, is_finite
-from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, TensorRecord
+from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, StoredFileProblem, TensorRecord
+from ..st import dtype_name
 from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
@@ -71,18 +72,7 @@ class Registration(NamedTuple):
 
 
 UNRECORDED = "not recorded: no record holds it (remove it)"
-"""BlobProblem.problem of a file in a stored adapter's folder that is none of its recorded files."""
-
-
-@dataclass(frozen=True)
-class BlobProblem:
-    """What `verify` found wrong with one stored file."""
-
-    adapter: str
-    file: str
-    problem: str
-    pull_again: str | None = None
-    """For an adapter pulled from the Hub, the `loraops pull` that repairs it (hub.pull_again)."""
+"""StoredFileProblem.problem of a file in a stored adapter's folder that is none of its recorded files."""
 
 
 def refuse_bad_grace(grace_s: object, option: str = "grace_s") -> None:
@@ -571,7 +561,7 @@ class Registry:
                 raise ConflictError(f"{path}: its files changed while they were being registered; register it again")
             fields = dict(
                 sha256=identity, weights_sha256=weights_sha256,
-                format=adapter.format, dtype=str(adapter.dtype).removeprefix("torch."),
+                format=adapter.format, dtype=dtype_name(adapter.dtype),
                 size=sum(f.size for f in stored), num_parameters=adapter.num_parameters, rank=adapter.rank,
                 alpha=adapter.alpha, alpha_override=alpha, scale_mode=adapter.scale_mode,
                 target_modules=adapter.target_modules, dora=adapter.dora,
@@ -820,17 +810,23 @@ class Registry:
     # ---------------------------------------------------------------- checks and maintenance
 
     def check_adapter(self, ref_or_path: str | Path, base: str | Path | None = None, *,
-                      alpha: float | None = None) -> CheckResult:
+                      alpha: float | None = None, transformer_2: bool = False) -> CheckResult:
         """How an adapter (a registry reference, or a path on disk when one exists) fits a base.
 
         ``base``: a registered base reference or a base model path. Without it: the adapter's recorded base; when
-        there is none, one report per registered base (``fits`` names those it fits).
+        there is none, one report per registered base (``fits`` names those it fits). ``transformer_2``: against the
+        second transformer of ``base``, a Wan 2.2 pipeline (check.SECOND_TRANSFORMER), as merge's ``transformer_2``
+        adapters bind.
         """
         from .. import check, formats
         from ..basemodel import BaseModel
 
         ref_or_path, base = argument(ref_or_path, "ref_or_path", *PATH), argument(base, "base", *PATH, type(None))
         formats.common.given_alpha(alpha, ref_or_path)
+        if transformer_2 and base is None:
+            raise ParameterError("`transformer_2=True` checks against a Wan 2.2 pipeline's second transformer: give "
+                                 "that pipeline as `base`", ["transformer_2", "base"])
+        component = check.SECOND_TRANSFORMER if transformer_2 else None
         if path_exists(ref_or_path):
             adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
         else:
@@ -844,7 +840,8 @@ class Registry:
             self._refuse_damaged(row, contents=False)  # headers only: not hashed
             adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
         if base is not None and path_exists(base):
-            return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base))], adapter.base_model)
+            return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base), component)],
+                                  adapter.base_model)
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base, "base")]
@@ -856,11 +853,11 @@ class Registry:
         reports = []
         for name, manifest, path in manifests:
             model = _files_at(path)
-            reports.append(check.check(adapter, manifest, base_name=name) if model is None
-                           else _check_files(adapter, model, name))
+            reports.append(check.check(adapter, manifest, base_name=name, component=component) if model is None
+                           else _check_files(adapter, model, name, component))
         return CheckResult.of(label, reports, adapter.base_model)
 
-    def verify(self, progress: bool | None = None) -> list[BlobProblem]:
+    def verify(self, progress: bool | None = None) -> list[StoredFileProblem]:
         """Re-hash every stored file against its record; return what is missing or changed, and what a stored
         adapter's folder holds besides its recorded files (UNRECORDED). The trainable tokens of an adapter registered
         before they were recorded (revision 0005) are read from its intact stored copy and recorded."""
@@ -881,9 +878,10 @@ class Registry:
                 found = self._stored_problems(key, files, bar)
                 if found and self._recover(identity, key, files):
                     found = self._stored_problems(key, files)
-                problems += [BlobProblem(label, path, problem, _pull_again(source)) for path, problem in found]
+                problems += [StoredFileProblem(ref=label, file=path, problem=problem, pull_again=_pull_again(source))
+                             for path, problem in found]
                 if folder_of(key) in recorded:  # (once for a folder of several records)
-                    problems += [BlobProblem(label, str(path), UNRECORDED)
+                    problems += [StoredFileProblem(ref=label, file=str(path), problem=UNRECORDED)
                                  for path in self.blobs.unrecorded(key, recorded.pop(folder_of(key)))]
                 if unknown and not found:  # headers and config only: the counts, not the values
                     try:
@@ -1181,11 +1179,12 @@ def _configs_at(path: str | None) -> Callable[[str], dict]:
     return lambda tensor: {} if model() is None else model().config(tensor)
 
 
-def _check_files(adapter: "Adapter", model: "BaseModel", name: str) -> "CheckReport":
-    """check.check against a base's files, as merge reads them: its headers, config.json and quantization."""
+def _check_files(adapter: "Adapter", model: "BaseModel", name: str, component: str | None = None) -> "CheckReport":
+    """check.check against a base's files (or one pipeline ``component``'s), as merge reads them: its headers,
+    config.json and quantization."""
     from .. import check
 
-    return check.check(adapter, model, base_name=name)
+    return check.check(adapter, model, base_name=name, component=component)
 
 
 def _downloads(base: BaseRecord) -> bool:
