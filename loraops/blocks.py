@@ -11,10 +11,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import InvalidInputError
+from .lazy import LazyModule
 from .references import argument, is_finite, parse_number
 
 if TYPE_CHECKING:
-    from .adapter import Adapter
+    from . import adapter as adapter_module
+else:
+    adapter_module = LazyModule("loraops.adapter")  # what annotations name resolves when they are read: lazy.py
 
 ALL = ("BASE", *(f"IN{n:02d}" for n in range(12)), "MID", *(f"OUT{n:02d}" for n in range(12)))
 SD, SDXL = "SD 1.x/2.x", "SDXL"
@@ -115,7 +118,8 @@ def parse_block_weights(text: str) -> tuple[float, ...]:
     return tuple(float(w) for w in weights)
 
 
-def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: str) -> "Adapter":
+def block_weighted(adapter: "adapter_module.Adapter", weights: "str | Sequence[float]",
+                   label: str) -> "adapter_module.Adapter":
     """``adapter`` with each module's ΔW multiplied by its block's weight (1 for a block ``weights`` does not name);
     ``label`` names the adapter in errors."""
     from .adapter import adapter_argument
@@ -149,7 +153,7 @@ def block_weighted(adapter: "Adapter", weights: "str | Sequence[float]", label: 
     return replace(adapter, modules=modules)
 
 
-def told_unet(adapter: "Adapter") -> str | None:
+def told_unet(adapter: "adapter_module.Adapter") -> str | None:
     """The U-Net an adapter says it is for (SD or SDXL), else None: sd-scripts' metadata (ss_base_model_version
     sdxl_…, or sd_v1/sd_v2…), a second text encoder's modules (SDXL), or attention in a block only one family has
     there (OUT00–OUT02: SDXL; IN01, IN02: SD 1.x/2.x), as a diffusers-trained file without metadata tells it."""

@@ -13,6 +13,7 @@ that no base module or several base modules produce is an error, never a silent 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import re
 from collections import Counter
@@ -1232,7 +1233,8 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
     """PEFT module paths are relative to the model PEFT wrapped; a base saved from another class may have or lack a
     leading ``model.``, a diffusers LoRA (``unet.down_blocks…``) may meet a single-file SD checkpoint, and a model
     transformers renames in memory is saved under its old names (SAVED_LAYOUTS). Apply the one renaming that makes
-    every module and full tensor match, if any does."""
+    every module and full tensor match, if any does; else the one that makes the most match, more than half of them,
+    leaving the others under their own names for check to report."""
     wanted = {f"{n}.weight": m.weight_shape for n, m in adapter.modules.items()}
     wanted.update((n, tuple(t.shape)) for n, t in adapter.full_tensors.items())
     wanted.update((n, rows_shape(r, manifest)) for n, r in adapter.token_rows.items())
@@ -1281,7 +1283,22 @@ def renaming(adapter: Adapter, manifest: Mapping[str, object]):
         for rename in candidates:
             if all(present(rename(n), shape, tied) for n, shape in wanted.items()):
                 return rename
-    return as_is
+    # none binds them all (an LTX-2.3 LoRA on an LTX-2 base, an image-to-video Wan LoRA on a text-to-video one): the
+    # renaming that binds the most, the first of equals, if it binds more than half; the rest keep the adapter's own
+    # names, to be reported missing as they are named there (a renamed one the base holds under its own name keeps
+    # the renamed name: one renaming for all, never a mix)
+    # (counted by name, each one's misses only while it may still be the best: a tied head's lookups are slow)
+    unbound, best = set(wanted), as_is
+    for rename in candidates:
+        limit = min(len(unbound), (len(wanted) + 1) // 2)
+        left = set(itertools.islice((n for n, shape in wanted.items() if not present(rename(n), shape, False)), limit))
+        if len(left) < limit:
+            unbound, best = left, rename
+    if best is as_is:
+        return as_is
+    given = {f"{n}.weight": n for n in adapter.modules} | {n: n for n in (*adapter.full_tensors, *adapter.token_rows)}
+    keep = {given[n] for n in unbound if not present(best(n), wanted[n], True) and not present(n, wanted[n], True)}
+    return lambda n: n if n in keep else best(n)
 
 
 def conv1d_layout(manifest: Mapping[str, object]) -> bool:
@@ -1503,6 +1520,10 @@ def in_pipeline_dit(adapter: Adapter, manifest: Mapping[str, object]) -> Adapter
     if not any(named.search(name) for name in adapter.modules) or not (virtual := ldm.pipeline_dit(pipeline, cls)):
         return adapter
     res = resolve(adapter, virtual)
+    if adapter.names_resolved:  # (renaming leaves the modules it cannot bind under their own names)
+        res.missing = [name for name, target in res.names.items() if target == name
+                       and f"{name}.weight" not in virtual and ldm.fused_target(name, virtual) is None]
+        res.names = {name: target for name, target in res.names.items() if name not in res.missing}
     if res.ambiguous or not any(named.search(name) for name in res.names):
         return adapter
     # (a module the base lacks — another network's, sd-scripts' FLUX T5 as lora_te3_…, or a block's: kept by its

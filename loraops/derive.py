@@ -338,7 +338,7 @@ def writable(adapter: "Adapter", fmt: str) -> None:
         raise InvalidInputError(f"kohya module names cannot be written as {fmt} without their base: give --base BASE")
 
 
-def computed_dtype(dtype: str | None) -> "torch.dtype | None":
+def computed_dtype(dtype: "str | torch.dtype | None") -> "torch.dtype | None":
     """The dtype the algebra leaves a result's factors in when it is written in ``dtype`` (bf16, fp16, fp32): float64,
     which holds what was computed (float32 or float64) exactly, so that the write rounds it once; None (the inputs')
     without one. An unknown dtype is refused here, before any work."""
@@ -349,7 +349,7 @@ def computed_dtype(dtype: str | None) -> "torch.dtype | None":
     return None if out_dtype(dtype) is None else torch.float64
 
 
-def lineage_dtype(dtype: str | None) -> dict[str, str]:
+def lineage_dtype(dtype: "str | torch.dtype | None") -> dict[str, str]:
     """What the lineage records of a --dtype: only one given (so the records and identities of the others stay)."""
     from .formats import out_dtype
 
@@ -357,7 +357,8 @@ def lineage_dtype(dtype: str | None) -> dict[str, str]:
 
 
 def save(reg: "Registry", derived: "algebra.Derivation", *, name: str, output: str | None, fmt: str | None,
-         force: bool, base: int | None, lineage: LineageSpec, dtype: str | None = None) -> DerivedRecord:
+         force: bool, base: int | None, lineage: LineageSpec,
+         dtype: "str | torch.dtype | None" = None) -> DerivedRecord:
     """Compute ``derived`` while it is written, module by module (into a scratch folder in the blob store), and
     register it: from the hashes taken as it was written, its values checked as they were computed; the written files
     are moved into the store, not copied. ``output``: they are copied there first (a plain copy: the stored copy is
@@ -432,7 +433,7 @@ def combine(
     refs: Sequence[str | tuple[str, float]], method: str, params: "dict[str, Any] | None" = None, *,
     rank: int | None = None, device: "str | torch.device" = "auto", precise: bool = False, name: str | None = None,
     output: str | None = None, fmt: str | None = None, force: bool = False, base: str | None = None,
-    base_model: str | None = None, conv_rank: int | None = None, dtype: str | None = None,
+    base_model: str | None = None, conv_rank: int | None = None, dtype: "str | torch.dtype | None" = None,
     block_weights: "Sequence[Sequence[float]] | None" = None, registry: "store.Registry | None" = None,
     recipe: str | None = None,
 ) -> DerivedRecord:
@@ -533,7 +534,8 @@ def resize(
     ref: str, *, rank: int | None = None, dynamic: str | None = None, param: float | None = None,
     max_rank: int | None = None, conv_rank: int | None = None, device: "str | torch.device" = "auto",
     precise: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
-    force: bool = False, base: str | None = None, dtype: str | None = None, registry: "store.Registry | None" = None,
+    force: bool = False, base: str | None = None, dtype: "str | torch.dtype | None" = None,
+    registry: "store.Registry | None" = None,
 ) -> DerivedRecord:
     """Resize a registered adapter or a path and register the result; see algebra.resize. ``dtype`` (bf16, fp16,
     fp32): the written tensors' (default: each module's), rounded once from the computed values. ``registry``: the
@@ -559,8 +561,8 @@ def resize(
 
 
 @watched("output")
-def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None, dtype: str | None = None,
-           registry: "store.Registry | None" = None) -> ExportReport:
+def export(ref: str, fmt: str, output: str, *, force: bool = False, base: str | None = None,
+           dtype: "str | torch.dtype | None" = None, registry: "store.Registry | None" = None) -> ExportReport:
     """Write a registered adapter or a path in another layout (same deltas). Nothing is registered; ``base`` (a
     registered base) resolves kohya names of an unregistered file (and a VeRA file's layer widths, an AdaLoRA file's
     layer kinds). Reports where it went, the PEFT methods (adalora, vera) whose modules it wrote as the plain LoRA
@@ -719,7 +721,7 @@ def extract(
     max_rank: int | None = None, conv_rank: int | None = None, alpha: float | None = None,
     modules: Sequence[str] | None = None,
     save_modules: Sequence[str] | None = None, device: "str | torch.device" = "auto", precise: bool = False,
-    dtype: str | None = None,
+    dtype: "str | torch.dtype | None" = None,
     keep_rounding: bool = False, name: str | None = None, output: str | None = None, fmt: str | None = None,
     force: bool = False, registry: "store.Registry | None" = None,
 ) -> DerivedRecord:

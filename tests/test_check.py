@@ -96,6 +96,20 @@ def test_leading_model_prefix_tolerated(bases, tmp_path):
     assert "model.model.layers.0.self_attn.q_proj" in bind(adapter, with_more).modules
 
 
+def test_a_prefix_binds_the_modules_it_can_and_the_rest_are_listed_alone(bases):
+    """Without ``model.`` every module but one the base lacks binds: that one is listed, under the adapter's name, and
+    the others match (it listed all four, none bound). A renaming that binds no more than half binds nothing."""
+    adapter = read_adapter(bases.adapter)
+    without = {k.removeprefix("model."): v for k, v in bases.big.items() if ".1.mlp.down_proj." not in k}
+    report = check(adapter, without)
+    assert not report.ok and report.missing == ["model.layers.1.mlp.down_proj"] and report.matched == 3, report
+    with pytest.raises(MismatchError, match=r"model\.layers\.1\.mlp\.down_proj"):
+        require_fit(adapter, without)
+    half = {k: v for k, v in without.items() if ".1.self_attn.q_proj." not in k}
+    report = check(adapter, half)
+    assert report.matched == 0 and sorted(report.missing) == sorted(adapter.modules), report
+
+
 def test_kohya_no_match_and_ambiguity(tmp_path):
     info = SimpleNamespace(shape=(4, 3))
     path = factories.kohya_file(tmp_path / "k.safetensors", {"lora_unet_a_b_c": ((3,), (4,))})
@@ -185,9 +199,10 @@ def test_output_heads_by_module_path():
     assert [is_head(n) for n in others] == [False] * len(others)
 
 
-def test_a_saved_layout_binds_the_whole_adapter_or_nothing():
-    """transformers 5's in-memory names (check.SAVED_LAYOUTS) are mapped back only when every module then lands on a
-    base tensor: one module the rules cannot place leaves every name as PEFT wrote it, reported, never half-renamed."""
+def test_a_saved_layout_binds_the_whole_adapter_or_the_most_never_a_mix():
+    """transformers 5's in-memory names (check.SAVED_LAYOUTS) are mapped back for the whole adapter: one module the
+    rules cannot place is reported alone under the name PEFT wrote (every name was left so, all reported); one the
+    base holds under that name is reported under the renamed one, never bound by another renaming than the rest."""
     import torch
 
     from loraops.adapter import Adapter, LoraModule
@@ -202,8 +217,11 @@ def test_a_saved_layout_binds_the_whole_adapter_or_nothing():
     q, fc1 = "segformer.stages.0.blocks.0.attention.q_proj", "segformer.stages.0.blocks.0.mlp.fc1"
     assert bind(adapter(q, fc1), segformer).modules.keys() == {
         "segformer.encoder.block.0.0.attention.self.query", "segformer.encoder.block.0.0.mlp.dense1"}
-    report = check(adapter(q, fc1, "segformer.stages.0.blocks.0.attention.k_proj"), segformer)
-    assert not report.ok and report.missing == sorted([q, fc1, "segformer.stages.0.blocks.0.attention.k_proj"])
+    k = "segformer.stages.0.blocks.0.attention.k_proj"
+    report = check(adapter(q, fc1, k), segformer)
+    assert not report.ok and report.missing == [k] and report.matched == 2, report
+    report = check(adapter(q, fc1, k), {**segformer, f"{k}.weight": shape})
+    assert report.missing == ["segformer.encoder.block.0.0.attention.self.key"] and report.matched == 2, report
     # an encoder-decoder's model.encoder.* stays as it is although Granite Speech's rule moves model.encoder.*
     bart = {"model.encoder.layers.0.fc1.weight": shape, "encoder.layers.0.fc1.weight": shape}
     assert bind(adapter("model.encoder.layers.0.fc1"), bart).modules.keys() == {"model.encoder.layers.0.fc1"}

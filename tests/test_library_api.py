@@ -181,12 +181,14 @@ def documented() -> list:
     import loraops
     from loraops import engine, formats, hub
     from loraops.adapter import LoraModule
+    from loraops.blocks import block_of, block_weighted
     from loraops.recipe import read_recipe
 
     return [formats.read_adapter, formats.write_adapter, formats.write, formats.identity, bind, check,
             BaseModel.open, BaseModel.fingerprint, LoraModule.delta, engine.merge, engine.subtract, algebra.combine,
             algebra.resize, algebra.resize_lazily, loraops.extract, read_recipe, merging.merge, merging.subtract,
             derive.combine, derive.resize, derive.export, derive.extract, hub.pull, hub.push, Registry.open,
+            block_of, block_weighted,
             *(getattr(Registry, n) for n in vars(Registry) if not n.startswith("_") and callable(getattr(Registry, n)))]
 
 
@@ -707,3 +709,13 @@ def test_a_registry_reference_of_the_wrong_type_is_a_typed_error(art):
             with pytest.raises(InvalidInputError, match=r"^base= takes a str"):
                 call([1])
         assert reg.get_adapter(np.int64(named.id)) == reg.get_adapter("None") == reg.list_adapters()[0]
+
+
+def test_derive_takes_a_torch_dtype_as_its_annotations_say(tmp_path, monkeypatch):
+    """derive.* took a torch.dtype (as engine.merge does) while annotated `str | None`: the signature now says so."""
+    import typing
+
+    import torch
+
+    for function in (derive.combine, derive.resize, derive.export, derive.extract):
+        assert typing.get_type_hints(function)["dtype"] == str | torch.dtype | None, function.__qualname__

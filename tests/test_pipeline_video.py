@@ -180,14 +180,22 @@ def test_wan_loras_bound_to_a_pipeline_combined_and_written_as_kohya(tmp_path, e
     assert sorted(load_file(str(tmp_path / "c.safetensors"))) == sorted(musubi)
 
 
-def test_wan_lora_module_the_pipeline_lacks_is_reported_alone(tmp_path):
-    """A text-to-video pipeline has no image cross-attention: the i2v LoRA's k_img/v_img are listed, nothing else."""
+@pytest.mark.parametrize("key", [musubi_key, peft_key("diffusion_model."), peft_key("")],
+                         ids=["musubi", "comfyui", "bare"])
+def test_wan_lora_module_the_pipeline_lacks_is_reported_alone(tmp_path, key):
+    """A text-to-video pipeline has no image cross-attention: the i2v LoRA's k_img/v_img are listed, nothing else, and
+    merge refuses it with that list (in the original names, every module was listed)."""
     pipe = wan_pipeline(tmp_path / "pipe")
-    save_file(factors(wan_modules(True), musubi_key), str(tmp_path / "w.safetensors"))
+    save_file(factors(wan_modules(True), key), str(tmp_path / "w.safetensors"))
+    lacked = key("blocks.0.cross_attn.k_img", "A").removesuffix(".lora_down.weight").removesuffix(".lora_A.weight")
     run = loraops_run("check", tmp_path / "w.safetensors", "--base", pipe)
     assert run.returncode != 0, run.stdout
-    assert "lora_unet_blocks_0_cross_attn_k_img (not in base)" in run.stdout, run.stdout
+    assert f"{lacked} (not in base)" in run.stdout, run.stdout
+    assert run.stdout.count("(not in base)") == 4, run.stdout
     assert "self_attn" not in run.stdout and "20/24 modules match" in run.stdout, run.stdout
+    run = loraops_run("merge", tmp_path / "w.safetensors", "--into", pipe, "-o", tmp_path / "m", "--no-record")
+    assert run.returncode != 0 and lacked in run.stderr and "self_attn" not in run.stderr, run.stderr
+    assert not (tmp_path / "m").exists()
 
 
 def test_wan_names_bind_by_the_transformer_class(tmp_path):
@@ -721,15 +729,19 @@ def test_ltx2_lora_on_the_text_projection_merges_into_the_connectors(tmp_path):
     assert run.returncode == 0 and "3/3 modules match" in run.stdout, run.stdout + run.stderr
 
 
-def test_ltx23_lora_modules_an_ltx2_pipeline_lacks_are_reported_alone(tmp_path):
-    """LTX-2.3's prompt adaLNs against an LTX-2.0 pipeline (no cross_attn_mod): listed (not in base), nothing else."""
+@pytest.mark.parametrize("key", [musubi_key, peft_key("diffusion_model."), peft_key("model.diffusion_model.")],
+                         ids=["kohya", "comfyui", "checkpoint"])
+def test_ltx23_lora_modules_an_ltx2_pipeline_lacks_are_reported_alone(tmp_path, key):
+    """LTX-2.3's prompt adaLNs against an LTX-2.0 pipeline (no cross_attn_mod): listed (not in base), nothing else,
+    whatever the LoRA's names (in the original ones, every module was listed)."""
     pipe = ltx2_pipeline(tmp_path / "pipe", prompt_adaln=False)
     modules = {name: shape for name, shape in LTX2.items() if name != "adaln_single.linear"}  # (fewer rows there)
-    save_file(factors(modules, musubi_key), str(tmp_path / "l.safetensors"))
+    save_file(factors(modules, key), str(tmp_path / "l.safetensors"))
     run = loraops_run("check", tmp_path / "l.safetensors", "--base", pipe, "--alpha", "4")
     assert run.returncode != 0, run.stdout
-    assert "lora_unet_prompt_adaln_single_linear (not in base)" in run.stdout, run.stdout
-    assert "lora_unet_audio_prompt_adaln_single_linear (not in base)" in run.stdout, run.stdout
+    for lacked in ("prompt_adaln_single.linear", "audio_prompt_adaln_single.linear"):
+        name = key(lacked, "A").removesuffix(".lora_down.weight").removesuffix(".lora_A.weight")
+        assert f"\n  {name} (not in base)" in run.stdout, run.stdout
     assert run.stdout.count("(not in base)") == 2, run.stdout
     assert f"{len(modules) - 2}/{len(modules)} modules match" in run.stdout, run.stdout
 

@@ -276,8 +276,12 @@ def out_of_pipeline(adapter: Adapter) -> "Callable[..., LoraModule] | None":
     module → the same delta on the single-file checkpoint's module, which sd-scripts (musubi-tuner) names
     (check.in_pipeline_dit the other way): a part of a fused tensor (to_q) the part of that tensor
     (``…img_attn.qkv.to_q``, its rows after its siblings'), joined as it is written (``join``); an adaLN the pipeline
-    holds with its shift and scale halves swapped, its rows swapped back. Its modules elsewhere as they are; None for
-    another adapter. ``values=False``: names and rows alone (the announced stand-ins)."""
+    holds with its shift and scale halves swapped, its rows swapped back. A module of another component that the
+    layout names (DitLayout.beside: LTX-2's text projection, ``connectors.text_proj_in``) → the checkpoint's module
+    it was converted from (``text_embedding_projection.aggregate_embed``), behind the transformer's prefix as the
+    others, so it is written as musubi-tuner names it (``lora_unet_text_embedding_projection_aggregate_embed``); its
+    other modules (a text encoder's) as they are. None for another adapter. ``values=False``: names and rows alone
+    (the announced stand-ins)."""
     flux = DIT_NETWORKS.get(adapter.metadata.get("ss_network_module"))
     by_layout = ldm.DIT_LAYOUT_KEY in adapter.metadata  # (Wan's, HunyuanVideo's…: musubi-tuner's names)
     if not by_layout and (flux is None or not any(PIPELINE_DIT.match(name) for name in adapter.modules)):
