@@ -82,7 +82,7 @@ def main() -> None:
     with Registry.open() as registry:
         lineage = registry.get_adapter("ab-della").lineage
     print(f"\nlineage of ab-della in the registry: {lineage.op} {lineage.params}, inputs "
-          f"{[(i.label, i.weight) for i in lineage.inputs]}")
+          f"{[(i.ref, i.weight) for i in lineage.inputs]}")
 
     for label, path, inputs in [
         ("cat", work / "style-subject", [(style, 0.7), (subject, 0.5)]),

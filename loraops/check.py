@@ -1835,7 +1835,7 @@ def fitting(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, b
         return named if read is given else renamed(in_pipeline_dit(read, manifest), res, manifest)
 
     return CheckReport(
-        ok=ok, base=base_name, matched=matched,
+        ok=ok, base_ref=base_name, matched=matched,
         modules=len(adapter.modules), missing=sorted(missing), ambiguous=sorted(res.ambiguous),
         shape_mismatches=mismatches, full_tensor_mismatches=full_mismatches, token_row_mismatches=row_mismatches,
         tied_heads=sorted(set(tied_heads) - refused_heads), why_missing=why_missing,
@@ -2036,7 +2036,7 @@ def require_fit(adapter: Adapter, manifest: Mapping[str, object], *, base_name: 
     if not report.ok:
         problems = misfits(report)
         shown = ", ".join(problems[:SHOWN]) + (f", … ({len(problems) - SHOWN} more)" if len(problems) > SHOWN else "")
-        where = f"base {report.base}" if report.base else "the base"
+        where = f"base {report.base_ref}" if report.base_ref else "the base"
         raise MismatchError(f"{adapter.label}: {misfit_counts(report)} not fit {where}: {shown}"
                             f"{made_for(adapter.base_model, report)}")
     return bind_read(adapter if record is None else record)

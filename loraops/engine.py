@@ -343,7 +343,7 @@ def _run(operation, base, adapters, output, *, dtype, device, precise, force, pr
     return MergeReport(
         operation=operation,
         output=str(output),
-        base=str(base.path),
+        base_path=str(base.path),
         adapters=[
             MergeInputRecord(ref=a.label, weight=w, modules=len(a.modules),
                              full_tensors=len(a.full_tensors), component=component)

@@ -583,7 +583,7 @@ def extract_lazily(
         unchanged = {m.weight_name for m in work.targets.values()} - {
             m.weight_name for n, m in work.targets.items() if n not in dropped}
         return ExtractReport(
-            base=labels[0], tuned=labels[1], rank=rule.rank, dynamic=rule.dynamic, param=rule.param,
+            base_ref=labels[0], tuned_ref=labels[1], rank=rule.rank, dynamic=rule.dynamic, param=rule.param,
             max_rank=rule.max_rank, conv_rank=rule.conv_rank, alpha=alpha, device=str(target), precision=precision,
             dtype=st.dtype_name(out_dtype), modules=records, error_max=max(errors),
             error_mean=sum(errors) / len(errors),

@@ -1496,7 +1496,7 @@ def card_info(registry, record, fmt: str) -> CardInfo:
     card.lora_bias = stored.lora_bias
     if record.lineage is not None:
         card.method, card.params = record.lineage.op, dict(record.lineage.params)
-        card.inputs = [CardInput(i.label, i.weight if i.weight is not None else 1.0, _input_source(registry, i))
+        card.inputs = [CardInput(i.ref, i.weight if i.weight is not None else 1.0, _input_source(registry, i))
                        for i in record.lineage.inputs]
     return card
 

@@ -386,7 +386,7 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
         # embeddings); both named as torch names them, as every --json does (a record before said BF16)
         "requested_dtype": torch_name(engine.parse_dtype(options.get("dtype"))),
         "base": {"name": source_record.name, "fingerprint": source_record.fingerprint},
-        "adapters": [{"label": i.label, "sha256": i.sha256, "weight": sign * i.weight, **i.recorded_blocks()}
+        "adapters": [{"ref": i.label, "sha256": i.sha256, "weight": sign * i.weight, **i.recorded_blocks()}
                      for i in inputs],
     }
     if report.operation == "restore":
@@ -410,7 +410,7 @@ def _record(reg, report: MergeReport, op: str, source: BaseModel, inputs: list[I
 def _register_merged(reg, i: Input, output: str) -> int | None:
     """The registry id of the adapter ``i`` names by path, registered now; None, with nothing left registered, where
     that file no longer holds what was merged (it changed after it was read): the lineage then names it only by its
-    label and sha256 (params), and a note says so. Its new contents were linked as the adapter merged."""
+    ref and sha256 (params), and a note says so. Its new contents were linked as the adapter merged."""
     from .derive import take_back
 
     registration = reg.register_adapter(i.label)
@@ -523,7 +523,7 @@ def _refuse_dora_after(reg, origin, inputs: list[Input], label: str) -> None:
         dora = next((a for a in later if getattr(_registered(reg, a["sha256"]), "dora", False)), None)
         if dora is not None:
             raise UnsupportedAdapterError(
-                f"{i.label}: {label} was merged with the DoRA adapter {dora['label']}:{dora['weight']:g} after it, "
+                f"{i.label}: {label} was merged with the DoRA adapter {dora['ref']}:{dora['weight']:g} after it, "
                 f"which rescaled every output channel by magnitude/‖W + s·B·A‖, those {i.label} changed included: "
                 "subtracting it cannot take it off; `exact=True` rebuilds a recorded merge from its base instead",
                 ["exact"]
@@ -603,7 +603,7 @@ def _named(label: str, weight: float, block_weights, component: str | None = Non
 
 def _merged_with(params: dict) -> str:
     """The adapters of a recorded merge, as its messages list them."""
-    return ", ".join(_named(a["label"], a["weight"], a.get("block_weights"), a.get("component"))
+    return ", ".join(_named(a["ref"], a["weight"], a.get("block_weights"), a.get("component"))
                      for a in params["adapters"])
 
 
@@ -631,13 +631,13 @@ def _recorded_adapter(reg, entry: dict) -> Input:
         found = resolve_adapter(reg, entry["sha256"], entry["weight"])
     except LoraopsError:
         found = None
-        if path_exists(entry["label"]) and formats.identity(entry["label"]) == entry["sha256"]:
-            found = resolve_adapter(reg, entry["label"], entry["weight"])
+        if path_exists(entry["ref"]) and formats.identity(entry["ref"]) == entry["sha256"]:
+            found = resolve_adapter(reg, entry["ref"], entry["weight"])
     if found is None:
-        raise NotFoundError(f"`exact=True`: adapter {entry['label']} (sha256 {entry['sha256'][:12]}), which stays "
+        raise NotFoundError(f"`exact=True`: adapter {entry['ref']} (sha256 {entry['sha256'][:12]}), which stays "
                             "merged, is neither registered nor at its recorded path any more", ["exact"])
     # named as the merge named it (its summary, _merged_with), not by the reference its identity found
-    return replace(found, label=entry["label"], component=entry.get("component")).weighed(entry.get("block_weights"))
+    return replace(found, label=entry["ref"], component=entry.get("component")).weighed(entry.get("block_weights"))
 
 
 def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
@@ -662,7 +662,7 @@ def _copy_model(model: BaseModel, output: Path, *, force: bool) -> MergeReport:
         for file in part.files:
             store_digests(output if model.is_single_file else output / file.relative_to(model.path),
                           {n: digests[part.prefix + n] for n in model.headers[file].tensors})
-    return MergeReport(operation="restore", output=str(output), base=str(model.path), adapters=[], dtype=model.dtype,
-                       device="cpu", tensors_copied=len(model.tensors), bytes_written=size,
+    return MergeReport(operation="restore", output=str(output), base_path=str(model.path), adapters=[],
+                       dtype=model.dtype, device="cpu", tensors_copied=len(model.tensors), bytes_written=size,
                        seconds=round(time.perf_counter() - started, 3), peak_rss_bytes=engine.peak_rss(),
                        fingerprint=model.fingerprint())

@@ -1,8 +1,10 @@
 """Plain pydantic records: what the library returns and what `--json` prints (a documented, stable schema).
 
 Registry rows, tensors and file handles never leave the library; these do. The names mean one thing in every record:
-`adapter` is an AdapterRecord, `ref` the reference string of an adapter (name@version, or the path given), `created`
-a time, `new` whether a call added the record, and `dtype` a torch dtype name (DtypeName).
+`adapter` is an AdapterRecord, `base` a base's record (BaseRef, BaseRecord), `ref` the reference string of an adapter
+(name@version, or the path given; a lineage input's, a base's name), `base_ref`/`tuned_ref` a model's (a registered
+base's name, or the path given), `created` a time, `new` whether a call added the record, and `dtype` a torch dtype
+name (DtypeName). A command that registers prints the record under `adapter` (`base`) with what it did beside it.
 """
 from __future__ import annotations
 
@@ -128,8 +130,10 @@ class ExtractSkippedRecord(Record):
 
 
 class ExtractReport(Record):
-    base: str
-    tuned: str
+    base_ref: str
+    """The base model as given: a registered base's name, or the path given (``tuned_ref`` the same for the tuned
+    model; the extracted adapter's record has ``base``, the record it was registered against)."""
+    tuned_ref: str
     rank: int | None
     dynamic: str | None
     param: float | None
@@ -254,9 +258,10 @@ class LineageSpec(Record):
 class LineageInputRecord(Record):
     kind: Literal["adapter", "base"]
     id: int | None
-    """None once the input was removed from the registry; label and sha256 still say what it was."""
-    label: str
-    """name@version for an adapter, the name for a base (at the time of recording)."""
+    """None once the input was removed from the registry; ref and sha256 still say what it was."""
+    ref: str
+    """name@version for an adapter, the name for a base (at the time of recording): the reference the input was
+    registered under, which stays when it is removed."""
     sha256: str | None
     weight: float | None
     role: str | None
@@ -348,7 +353,9 @@ class CheckReport(Record):
     """How an adapter fits a base: every module matched by name and shape, or exactly what does not."""
 
     ok: bool
-    base: str | None = None
+    base_ref: str | None = None
+    """The base checked against: a registered base's name, or the path given (None: a manifest checked without a
+    name, loraops.check.check)."""
     matched: int
     modules: int
     missing: list[str]
@@ -419,14 +426,14 @@ class CheckResult(Record):
     ref: str
     """name@version, or the path checked."""
     fits: list[str]
-    """The bases it fits."""
+    """The bases it fits (the base_ref of each report that is ok)."""
     reports: list[CheckReport]
     base_hint: str | None = None
     """base_model_name_or_path as written in the adapter (PEFT), when present (as AdapterRecord's)."""
 
     @classmethod
     def of(cls, adapter: str, reports: list[CheckReport], base_hint: str | None = None) -> "CheckResult":
-        return cls(ref=adapter, fits=[r.base for r in reports if r.ok], reports=reports, base_hint=base_hint)
+        return cls(ref=adapter, fits=[r.base_ref for r in reports if r.ok], reports=reports, base_hint=base_hint)
 
 
 class PullRecord(Record):
@@ -520,7 +527,9 @@ class ResidualRecord(Record):
 class MergeReport(Record):
     operation: Literal["merge", "subtract", "restore"]
     output: str
-    base: str
+    base_path: str
+    """The folder (or file) of the model merged into, subtracted from, or restored from: a registered base's files,
+    or the path given."""
     adapters: list[MergeInputRecord]
     dtype: DtypeName
     """Output dtype of the floating tensors."""

@@ -55,7 +55,7 @@ def test_combine_registers_with_lineage_and_writes(files, reg, tmp_path):
         f"base tiny; wrote {tmp_path / 'ab'}")
     record = reg.get_adapter("a+b-cat")
     assert record.base.name == "tiny" and record.lineage.op == "combine"
-    assert [(i.label, i.weight) for i in record.lineage.inputs] == [("a@1", 0.7), ("b@1", -0.5)]
+    assert [(i.ref, i.weight) for i in record.lineage.inputs] == [("a@1", 0.7), ("b@1", -0.5)]
     assert record.lineage.params == {"method": "cat", "params": {}, "rank": None}
     result, one, two = reg.load_adapter("a+b-cat"), read_adapter(a), read_adapter(b)
     for name, module in result.modules.items():

@@ -29,7 +29,7 @@ def bases(tmp_path_factory):
 def test_fitting_adapter(bases):
     adapter = read_adapter(bases.adapter)
     report = check(adapter, bases.big, base_name="big")
-    assert report.ok and report.matched == report.modules == 4 and report.base == "big"
+    assert report.ok and report.matched == report.modules == 4 and report.base_ref == "big"
     assert report.missing == [] and report.shape_mismatches == []
     assert require_fit(adapter, bases.big).modules.keys() == adapter.modules.keys()
 
@@ -128,7 +128,7 @@ def test_kohya_no_match_and_ambiguity(tmp_path):
 
 def test_check_report_json_schema(bases):
     data = json.loads(check(read_adapter(bases.adapter), bases.small).model_dump_json())
-    assert set(data) == {"ok", "base", "matched", "modules", "missing", "ambiguous", "shape_mismatches",
+    assert set(data) == {"ok", "base_ref", "matched", "modules", "missing", "ambiguous", "shape_mismatches",
                          "full_tensor_mismatches", "token_row_mismatches", "tied_heads", "why_missing", "token_rows",
                          "token_rows_matched", "tensors", "tensors_matched"}
     assert set(data["shape_mismatches"][0]) == {"name", "tensor", "expected", "actual"}

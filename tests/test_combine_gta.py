@@ -199,7 +199,7 @@ def test_cli_della_end_to_end_with_lineage(files, tmp_path):
     assert record.lineage.op == "combine" and record.lineage.params == {
         "method": "della", "rank": 8,
         "params": {"density": 0.4, "epsilon": 0.2, "seed": 3, "normalize": True, "lambda": 1.5}}
-    assert [(i.label, i.weight) for i in record.lineage.inputs] == [("a@1", 0.6), ("b@1", 0.8)]
+    assert [(i.ref, i.weight) for i in record.lineage.inputs] == [("a@1", 0.6), ("b@1", 0.8)]
     assert set(read_adapter(tmp_path / "out").modules) == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1)
                                                            for p in "qvo"}
 

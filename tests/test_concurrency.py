@@ -76,7 +76,7 @@ def test_many_writers(tmp_path, registry_backend):
         expected |= {f"d-{w}-{i}" for w in range(WORKERS) for i in range(REMOVED, DISTINCT)}
         assert set(by_name) == expected
         derived = [r for r in records if r.name.startswith("derived-")]
-        assert all([i.label for i in r.lineage.inputs] == ["shared-0@1", "shared-1@1"] for r in derived)
+        assert all([i.ref for i in r.lineage.inputs] == ["shared-0@1", "shared-1@1"] for r in derived)
         assert len({r.sha256 for r in records}) == len(records)
         # Every record has its files, and no file lacks its record.
         assert reg.verify() == []

@@ -357,7 +357,7 @@ def test_cli_registers_with_lineage_json_and_kohya(peft_pair, tmp_path):
     assert code == 0 and "lineage         extract(llama-tiny, tuned)" in out
     with Registry.open() as reg:
         lineage = reg.get_adapter("tuned-sv_fro0.9").lineage
-        assert [(i.kind, i.label, i.role) for i in lineage.inputs] == [("base", "llama-tiny", "base"),
+        assert [(i.kind, i.ref, i.role) for i in lineage.inputs] == [("base", "llama-tiny", "base"),
                                                                         ("base", "tuned", "tuned")]
         assert lineage.params["dynamic"] == "sv_fro" and lineage.params["precise"] is False
     code, out = run("extract", "--base", "llama-tiny", "--tuned", tuned, "--rank", "4", "--format", "kohya",
@@ -639,8 +639,8 @@ def test_a_registered_model_whose_files_changed_is_said_to_have_changed(syntheti
         assert (f"note: the files of registered base {name} changed since it was registered; what was read is "
                 "recorded as a base of its own (by its fingerprint), and the lineage names it\n") in out, out
     with Registry.open() as reg:
-        assert [i.label for i in reg.get_adapter("before").lineage.inputs] == ["llama", "ft"]
-        assert [i.label for i in reg.get_adapter("after").lineage.inputs] == ["b", "t"]
+        assert [i.ref for i in reg.get_adapter("before").lineage.inputs] == ["llama", "ft"]
+        assert [i.ref for i in reg.get_adapter("after").lineage.inputs] == ["b", "t"]
     code, out = run("extract", "--base", "llama", "--tuned", "ft", "--rank", "4", "--json", "--name", "again")
     assert json.loads(out)["report"]["base_changed"] == []  # now recorded as they are (by path, the newest record)
 

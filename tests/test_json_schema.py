@@ -1,6 +1,7 @@
 """Every command's --json, pinned: the field names and value types of each (a rename or a changed type fails here),
-and the rules they all keep (loraops.records): `adapter` is an AdapterRecord, `ref` an adapter's reference string,
-`created` a time, `new` a bool, and `dtype` a torch dtype name (bfloat16, not BF16)."""
+and the rules they all keep (loraops.records): `adapter` is an AdapterRecord, `base` a base's record (an object, or
+null), `ref` an adapter's reference string (`base_ref`, `tuned_ref` a model's), `created` a time, `new` a bool, and
+`dtype` a torch dtype name (bfloat16, not BF16)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ MODULE = {"name": str, "kind": str, "rank": (int, None), "alpha": float, "scale"
           "out_features": int, "kernel": ([int], None)}
 BASE_REF = {"id": int, "name": str, "fingerprint": str}
 LINEAGE = {"id": int, "op": str, "params": dict, "created": TIME,
-           "inputs": [{"kind": str, "id": (int, None), "label": str, "sha256": (str, None), "weight": (float, None),
+           "inputs": [{"kind": str, "id": (int, None), "ref": str, "sha256": (str, None), "weight": (float, None),
                        "role": (str, None)}]}
 ADAPTER = {"id": int, "name": str, "version": int, "sha256": str, "weights_sha256": str, "format": str,
            "dtype": DTYPE, "size": int, "num_parameters": int, "rank": (int, None), "alpha": (float, None),
@@ -37,7 +38,7 @@ BASE = {"id": int, "name": str, "fingerprint": str, "source": str, "path": (str,
         "created": TIME}
 MISMATCH = {"name": str, "tensor": str, "expected": ([int], None), "actual": [int]}
 CHECK = {"ref": str, "fits": [str], "reports": [{
-    "ok": bool, "base": (str, None), "matched": int, "modules": int, "missing": [str], "why_missing": dict,
+    "ok": bool, "base_ref": (str, None), "matched": int, "modules": int, "missing": [str], "why_missing": dict,
     "ambiguous": [str], "shape_mismatches": [MISMATCH], "full_tensor_mismatches": [MISMATCH],
     "token_row_mismatches": [MISMATCH], "token_rows": int, "token_rows_matched": int, "tensors": int,
     "tensors_matched": int, "tied_heads": [str]}], "base_hint": (str, None)}
@@ -60,7 +61,7 @@ RESIZE = {"rank": (int, None), "dynamic": (str, None), "param": (float, None), "
           "fro_retained_mean": float, "sum_retained_mean": (float, None), "parameters_before": int,
           "parameters_after": int, "seconds": float}
 SKIPPED = {"name": str, "reason": str, "max_abs_diff": float}
-EXTRACT = {"base": str, "tuned": str, "rank": (int, None), "dynamic": (str, None), "param": (float, None),
+EXTRACT = {"base_ref": str, "tuned_ref": str, "rank": (int, None), "dynamic": (str, None), "param": (float, None),
            "max_rank": (int, None), "conv_rank": (int, None), "alpha": (float, None), "device": str,
            "precision": str, "dtype": DTYPE,
            "modules": [{"name": str, "kind": str, "spatial": bool, "shape": [int], "rank": int, "alpha": float,
@@ -76,7 +77,7 @@ def derived(report: dict) -> dict:
 
 
 EXPORT = {"ref": str, "format": str, "output": str, "plain_lora_of": [str], "left_out": [str]}
-MERGE = {"operation": str, "output": str, "base": str,
+MERGE = {"operation": str, "output": str, "base_path": str,
          "adapters": [{"ref": str, "weight": float, "modules": int, "full_tensors": int,
                        "block_weights": ([float], None), "component": (str, None)}],
          "dtype": DTYPE, "device": str, "precise": bool, "tensors_merged": int, "tensors_replaced": int,
@@ -89,8 +90,9 @@ MERGE = {"operation": str, "output": str, "base": str,
 GC = {"dry_run": bool, "items": [{"path": str, "size": int}], "size": int}
 VERIFY = {"ok": bool, "adapters": int,
           "problems": [{"ref": str, "file": str, "problem": str, "pull_again": (str, None)}]}
-PULL = {"repo_id": str, "revision": (str, None), "commit": str, "files": [str], "new": bool, "adapter": ADAPTER,
-        "linked": bool, "previous_base": (BASE_REF, None)}
+REGISTER = {"new": bool, "adapter": ADAPTER, "linked": bool, "previous_base": (BASE_REF, None)}
+PULL = {"repo_id": str, "revision": (str, None), "commit": str, "files": [str], **REGISTER}
+BASE_ADD = {"new": bool, "base": BASE}
 DB = {"url": str, "revision": (str, None), "head": str, "state": str}
 DB_CHANGE = {"url": str, "before": (str, None), "after": str}
 PUSH = {"ref": str, "repo_id": str, "revision": str, "format": str, "files": [str], "commit": str,
@@ -129,8 +131,11 @@ def common_rules(value, where: str = "$") -> list[str]:
     """The names every --json uses in one sense (loraops.records), wherever they are."""
     found = []
     if isinstance(value, dict):
-        rules = {"adapter": (dict, "an AdapterRecord"), "ref": (str, "a reference string"), "new": (bool, "a bool")}
+        rules = {"adapter": (dict, "an AdapterRecord"), "base": ((dict, type(None)), "a base's record"),
+                 "ref": (str, "a reference string"), "new": (bool, "a bool")}
         for key, item in value.items():
+            if key == "label":  # (a lineage's inputs, and a merge's adapters in its params, said label for ref)
+                found.append(f"{where}.label: say ref")
             if key in rules and not isinstance(item, rules[key][0]):
                 found.append(f"{where}.{key}: {item!r} is not {rules[key][1]}")
             if key in ("created", "dtype"):
@@ -166,24 +171,28 @@ def test_every_command_json(made, tmp_path):
     pinned(before, DB)
     assert before["revision"] is None and before["state"] in ("missing", "empty")  # (a file not made yet; no tables)
     registered = json_of("register", made["a1"], "--name", "a1", "--json")[0]
-    pinned(registered, {**ADAPTER, "new": bool, "linked": bool, "previous_base": (BASE_REF, None)})
-    assert registered["new"] and registered["dtype"] == "float32" and registered["base"] is None
+    pinned(registered, REGISTER)  # (the record was flat beside new/linked/previous_base; pull's nests it)
+    assert registered["new"] and registered["adapter"]["dtype"] == "float32" and registered["adapter"]["base"] is None
     added = json_of("base", "add", made["base"], "--name", "tiny", "--json")[0]
-    pinned(added, {**BASE, "new": bool})
-    assert added["new"] and added["dtype"] == "bfloat16"
+    pinned(added, BASE_ADD)
+    assert added["new"] and added["base"]["dtype"] == "bfloat16"
     assert not json_of("base", "add", made["base"], "--json")[0]["new"]
     again = json_of("register", made["a1"], "--base", "tiny", "--json")[0]
-    assert (again["new"], again["linked"], again["previous_base"], again["base"]["name"]) == (False, True, None, "tiny")
+    assert (again["new"], again["linked"], again["previous_base"], again["adapter"]["base"]["name"]) == \
+        (False, True, None, "tiny")
     json_of("register", made["a2"], "--name", "a2", "--json")
     pinned(json_of("list", "--json")[0], [ADAPTER])
     pinned(json_of("show", "a1", "--json")[0], {**ADAPTER, "lora_bias": (bool, None)})
     pinned(json_of("inspect", made["a1"], "--json")[0], INSPECT)
     checked = json_of("check", "a1", "--json")[0]
     pinned(checked, CHECK)
-    assert checked["ref"] == "a1@1" and checked["fits"] == ["tiny"]
+    assert checked["ref"] == "a1@1" and checked["fits"] == [r["base_ref"] for r in checked["reports"]] == ["tiny"]
 
     combined = json_of("combine", "a1", "a2:0.5", "--method", "linear", "--name", "c", "--json")[0]
     pinned(combined, derived(COMBINE))
+    shown = json_of("show", "c", "--json")[0]
+    assert [i["ref"] for i in shown["lineage"]["inputs"]] == ["a1@1", "a2@1"]  # (it was "label")
+    assert shown["lineage"] == combined["adapter"]["lineage"]
     assert combined["new"] is True and [i["ref"] for i in combined["report"]["inputs"]] == ["a1@1", "a2@1"]
     assert json_of("combine", "a1", "a2:0.5", "--method", "linear", "--json")[0]["new"] is False  # (the same bytes)
     pinned(json_of("resize", "a1", "--rank", "2", "--name", "r", "--json")[0], derived(RESIZE))
@@ -194,6 +203,7 @@ def test_every_command_json(made, tmp_path):
     merged = json_of("merge", "a1:0.5", "--into", "tiny", "-o", tmp_path / "merged", "--json")[0]
     pinned(merged, MERGE)
     assert merged["dtype"] == "bfloat16" and merged["adapters"][0]["ref"] == "a1@1"
+    assert merged["base_path"] == str(made["base"])  # (the folder merged into; a base given by name too)
     pinned(json_of("base", "show", "merged", "--json")[0], BASE)
     subtracted = json_of("subtract", "a1:0.5", "--from", "merged", "-o", tmp_path / "back", "--json")[0]
     pinned(subtracted, MERGE)
@@ -201,6 +211,8 @@ def test_every_command_json(made, tmp_path):
     extracted = json_of("extract", "--base", "tiny", "--tuned", "merged", "--rank", "2", "--json")[0]
     pinned(extracted, derived(EXTRACT))
     assert extracted["report"]["dtype"] == "bfloat16" == extracted["adapter"]["dtype"]
+    assert (extracted["report"]["base_ref"], extracted["report"]["tuned_ref"]) == ("tiny", "merged")
+    assert extracted["adapter"]["base"]["name"] == "tiny"
     pinned(json_of("base", "list", "--json")[0], [BASE])
 
     removed = json_of("rm", "r", "--json")[0]
@@ -237,10 +249,38 @@ def test_db_upgrade_and_stamp_json_say_the_revision_before_and_after():
     assert json_of("db", "stamp", "--json")[0] == upgraded
 
 
+def test_a_merge_recorded_with_label_reads_with_ref(made, tmp_path):
+    """A merge recorded before named its adapters' references `label` in its lineage params: it reads as `ref`, as
+    every record says it, and --exact still restores from it."""
+    from sqlalchemy import update
+
+    from loraops import settings
+    from loraops.registry import db
+    from loraops.registry.models import SqlLineage
+
+    json_of("base", "add", made["base"], "--name", "tiny", "--json")
+    json_of("merge", f"{made['a1']}:0.5", "--into", "tiny", "-o", tmp_path / "merged", "--name", "merged", "--json")
+    params = json_of("base", "show", "merged", "--json")[0]["lineage"]["params"]
+    assert [set(a) for a in params["adapters"]] == [{"ref", "sha256", "weight"}]
+    old = {**params, "adapters": [{("label" if k == "ref" else k): v for k, v in entry.items()}
+                                  for entry in params["adapters"]]}
+    engine = db.make_engine(settings.db_url())
+    with engine.begin() as connection:
+        connection.execute(update(SqlLineage).where(SqlLineage.op == "merge").values(params=old))
+    engine.dispose()
+    shown = json_of("base", "show", "merged", "--json")[0]
+    pinned(shown, BASE)
+    assert shown["lineage"]["params"] == params
+    restored = json_of("subtract", f"{made['a1']}:0.5", "--from", "merged", "--exact", "-o", tmp_path / "back",
+                       "--json")[0]
+    pinned(restored, MERGE)
+    assert restored["operation"] == "restore" and restored["base_path"] == str(made["base"])
+
+
 def test_gc_and_verify_json_say_what_they_found(made):
     """gc --json lists each item with its size; verify --json lists each problem, and still exits non-zero with the
     error line on stderr (as check --json does for an adapter that fits no base)."""
-    a1 = json_of("register", made["a1"], "--name", "a1", "--json")[0]
+    a1 = json_of("register", made["a1"], "--name", "a1", "--json")[0]["adapter"]
     stored = Path(a1["path"])
     unused = stored.parent / ("f" * len(stored.name))  # (a stored folder no record uses)
     shutil.copytree(stored, unused)

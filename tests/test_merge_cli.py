@@ -201,7 +201,7 @@ def test_an_adapter_changed_while_it_was_merged_is_not_recorded_as_what_was_merg
         assert reg.list_adapters() == []  # (its new contents were registered, then taken back)
     shown = json.loads(run("base", "show", "m", "--json").output)["lineage"]
     assert [i["kind"] for i in shown["inputs"]] == ["base"]
-    assert shown["params"]["adapters"] == [{"label": str(adapter), "sha256": sha, "weight": 0.5}]
+    assert shown["params"]["adapters"] == [{"ref": str(adapter), "sha256": sha, "weight": 0.5}]
 
 
 def test_an_adapter_changed_between_check_and_merge_is_merged_as_it_is_then(tmp_path, models):

@@ -957,7 +957,7 @@ def test_wan22_merge_per_expert_is_recorded_and_subtracts(tmp_path):
     run = loraops_run("base", "show", "m")
     assert "lineage      merge(wan22, h@1×1 (transformer), l@1×1 (transformer_2))" in run.stdout, run.stdout
     run = loraops_run("base", "show", "m", "--json")
-    assert [(i["label"], i["role"]) for i in json.loads(run.stdout)["lineage"]["inputs"]] == [
+    assert [(i["ref"], i["role"]) for i in json.loads(run.stdout)["lineage"]["inputs"]] == [
         ("wan22", "base"), ("h@1", "adapter"), ("l@1", "transformer_2")]
     run = loraops_run("subtract", "--from", "m", low, "--exact", "-o", tmp_path / "wrong")
     assert run.returncode == 2 and run.stderr.splitlines() == [

@@ -176,14 +176,14 @@ def test_rm_versions_blobs_and_lineage(reg, art):
     spec = LineageSpec(op="combine", params={"method": "cat"},
                        inputs=[LineageInput(kind="adapter", id=a1.id, weight=0.5), LineageInput(kind="adapter", id=k.id)])
     combo = reg.add_adapter(art["ad1"], name="combo", alpha=3, lineage=spec)
-    assert combo.lineage.op == "combine" and [i.label for i in combo.lineage.inputs] == ["ad1@1", "style@1"]
+    assert combo.lineage.op == "combine" and [i.ref for i in combo.lineage.inputs] == ["ad1@1", "style@1"]
     assert [r.ref for r in reg.remove_adapter("ad1")] == ["ad1@2"]  # the name alone: its latest version
     assert not Path(a2.path).exists() and Path(a1.path).exists()
     assert reg.add_adapter(art["ad2"], name="ad1").ref == "ad1@3"  # a removed version number is not reused
     assert [r.ref for r in reg.remove_adapter("ad1", all_versions=True)] == ["ad1@1", "ad1@3"]
     assert not Path(a1.path).exists()
     kept = reg.get_adapter("combo").lineage.inputs[0]
-    assert kept.id is None and kept.label == "ad1@1" and kept.sha256 == a1.sha256 and kept.weight == 0.5
+    assert kept.id is None and kept.ref == "ad1@1" and kept.sha256 == a1.sha256 and kept.weight == 0.5
     with pytest.raises(NotFoundError):
         reg.remove_adapter("ad1")
 
@@ -289,7 +289,7 @@ def test_a_ctrl_c_once_the_result_landed_keeps_the_base_link_its_input_got(reg, 
         derive.combine([str(art["kohya"])], "cat", base="llama-tiny", name="c", output=str(out) if output else None,
                        registry=reg)
     result = reg.get_adapter("c")
-    assert result.base.name == "llama-tiny" and result.lineage.inputs[0].label == "style@1"
+    assert result.base.name == "llama-tiny" and result.lineage.inputs[0].ref == "style@1"
     assert reg.get_adapter("style").base.name == "llama-tiny"
 
 
@@ -309,8 +309,8 @@ def test_rm_of_a_derived_adapter_or_base_takes_its_lineage(reg, art):
     reg.add_base(art["other"], name="merged", lineage=LineageSpec(
         op="merge", inputs=[LineageInput(kind="base", id=b.id, role="base"), LineageInput(kind="adapter", id=a.id)]))
     assert lineage_rows(reg) == (3, 4)
-    reg.remove_adapter("ad1")  # an input: the lineages that used it keep their label
-    assert lineage_rows(reg) == (3, 4) and reg.get_adapter("combo").lineage.inputs[0].label == "ad1@1"
+    reg.remove_adapter("ad1")  # an input: the lineages that used it keep their ref
+    assert lineage_rows(reg) == (3, 4) and reg.get_adapter("combo").lineage.inputs[0].ref == "ad1@1"
     reg.remove_adapter("combo")
     assert lineage_rows(reg) == (2, 3) and reg.get_adapter("small").lineage.op == "resize"
     reg.remove_base("merged")
@@ -332,7 +332,7 @@ def test_bases_idempotent_conflicts_derived_and_rm(reg, art, tmp_path):
     assert reg.get_base(b.fingerprint[:8]).id == b.id and reg.find_base(b.fingerprint).id == b.id
     derived = reg.add_base(art["other"], name="merged", lineage=LineageSpec(
         op="merge", params={"weights": [1.0]}, inputs=[LineageInput(kind="base", id=b.id, role="base")]))
-    assert derived.derived and derived.lineage.inputs[0].label == "llama"
+    assert derived.derived and derived.lineage.inputs[0].ref == "llama"
     a = reg.add_adapter(art["ad1"])
     assert a.base.name == "llama"
     with pytest.raises(ConflictError, match=r"base 'llama' is still used by 1 adapter\(s\) \(ad1@1\) and 1 lineage"):

@@ -94,7 +94,7 @@ def test_register_again_links_its_base_and_keeps_its_name(art):
     """Registering an adapter that is already registered: --base links it (one line says so), another --name does
     not rename it (said too); a base it does not fit is refused and changes nothing."""
     sha = cli("register", art["kohya"], "--name", "style", "--json").output
-    sha = json.loads(sha)["sha256"][:12]
+    sha = json.loads(sha)["adapter"]["sha256"][:12]
     cli("base", "add", art["base"], "--name", "llama-tiny")
     cli("base", "add", art["other"], "--name", "wide")
     assert cli("register", art["kohya"], "--base", "wide", code=2).stderr.startswith(

@@ -104,7 +104,7 @@ def assert_lineage(record, row) -> None:
     assert (record is None) == (row is None)
     if row is not None:
         assert (record.id, record.op, record.params, record.created) == (row.id, row.op, row.params, reads.utc(row.created))
-        assert [(i.kind, i.id, i.label, i.sha256, i.weight, i.role) for i in record.inputs] == [
+        assert [(i.kind, i.id, i.ref, i.sha256, i.weight, i.role) for i in record.inputs] == [
             (i.kind, i.adapter_id if i.kind == "adapter" else i.base_id, i.label, i.sha256, i.weight, i.role)
             for i in row.inputs]
 

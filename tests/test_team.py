@@ -32,7 +32,7 @@ def test_two_homes_one_registry_one_blob_store(tmp_path):
         return result.stdout
 
     style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=4)
-    record = json.loads(run(alice, "register", str(style), "--json"))
+    record = json.loads(run(alice, "register", str(style), "--json"))["adapter"]
     assert Path(record["path"]).is_relative_to(shared)
     seen = json.loads(run(bob, "show", "style", "--json"))
     assert seen["sha256"] == record["sha256"] and Path(seen["path"]).is_relative_to(tmp_path / "mnt" / "blobs")
@@ -338,7 +338,7 @@ def test_the_homes_own_registry_keeps_its_own_store_whatever_loraops_blobs_says(
     style = kohya_file(tmp_path / "style.safetensors", MODULES, rank=2)
     result = CliRunner().invoke(main, ["register", str(style), "--json"])
     assert result.exit_code == 0, result.output
-    assert Path(json.loads(result.output)["path"]).is_relative_to(home / "blobs")
+    assert Path(json.loads(result.output)["adapter"]["path"]).is_relative_to(home / "blobs")
     for name, store in (("earlier", shared), ("style", home / "blobs")):  # (earlier: not copied until first used)
         shown = Path(json.loads(CliRunner().invoke(main, ["show", name, "--json"]).output)["path"])
         assert shown.is_relative_to(store) and shown.is_file(), shown

@@ -1341,7 +1341,8 @@ def test_check_against_a_registered_base_whose_files_cannot_be_read(tmp_path, ti
         monkeypatch.setattr(basemodel, "read_json", unreadable)
         every = registry.check_adapter(adapter_path)
         named = registry.check_adapter(adapter_path, "tied")
-    assert sorted(report.base for report in every.reports) == ["other", "tied"] and sorted(every.fits) == ["other", "tied"]
+    assert sorted(report.base_ref for report in every.reports) == ["other", "tied"]
+    assert sorted(every.fits) == ["other", "tied"]
     assert named.fits == ["tied"]
 
 

@@ -60,7 +60,8 @@ def registered_again(record, name: str | None, linked: bool, previous_base) -> s
 @click.option("--base", "base", metavar="BASE", help="Registered base it is for (it must fit); links (or re-links) an adapter already registered.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag it (repeatable).")
 @click.option("--alpha", type=FLOAT, help="LoRA alpha: for a file that does not record one, or replacing the one it records (part of its identity).")
-@json_option("the AdapterRecord with \"new\" (false: registered already), \"linked\" and \"previous_base\" (as pull's)")
+@json_option("\"new\" (false: registered already), \"adapter\" (the AdapterRecord), \"linked\" and "
+             "\"previous_base\", as pull's")
 def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...], alpha: float | None,
              as_json: bool) -> None:
     """Register an adapter: a PEFT folder or a .safetensors file (PEFT, kohya or diffusers keys)."""
@@ -69,8 +70,7 @@ def register(path: str, name: str | None, base: str | None, tags: tuple[str, ...
                                     told=registered(f"{path} was registered"))
     record = done.record
     if as_json:
-        echo_json({**to_jsonable(record), "new": done.created, "linked": done.linked,
-                   "previous_base": to_jsonable(done.previous_base)})
+        echo_json({"new": done.created, "adapter": record, "linked": done.linked, "previous_base": done.previous_base})
         return
     if not done.created:
         click.echo(f"already registered as {record.ref} (id {record.id}, sha256 {record.sha256[:12]})"
@@ -165,7 +165,7 @@ def show(ref: str, as_json: bool) -> None:
     fields += [("tags", ", ".join(r.tags) or "-"), ("source", r.source or "-"), ("stored at", r.path),
                ("created", r.created.isoformat(timespec="seconds"))]
     if r.lineage:
-        inputs = ", ".join(f"{i.label}" + (f"×{i.weight:g}" if i.weight is not None else "") for i in r.lineage.inputs)
+        inputs = ", ".join(f"{i.ref}" + (f"×{i.weight:g}" if i.weight is not None else "") for i in r.lineage.inputs)
         fields.append(("lineage", f"{r.lineage.op}({inputs})"))
     echo_fields(fields)
     if r.modules:  # a trainable-tokens-only adapter has no LoRA module to tabulate
@@ -216,7 +216,7 @@ def check(ref_or_path: str | None, base: str | None, transformer_2: tuple[str, .
         for result in results:
             for report in result.reports:
                 verdict = "fits" if report.ok else "does not fit"
-                click.echo(f"{result.ref} {verdict} {report.base}: {fit_counts(report)} match")
+                click.echo(f"{result.ref} {verdict} {report.base_ref}: {fit_counts(report)} match")
                 if report.tied_heads:
                     click.echo(f"  {', '.join(report.tied_heads)}: tied to the input embeddings in this base (not "
                                "stored, or stored as a copy of them); a merge writes it untied (an encoder-decoder "
@@ -230,6 +230,6 @@ def check(ref_or_path: str | None, base: str | None, transformer_2: tuple[str, .
             raise MismatchError(f"{result.ref}: no base to check against (give --base, or `loraops base add` one)")
         if not result.fits:
             if len(result.reports) == 1:
-                raise MismatchError(f"{result.ref} does not fit base {result.reports[0].base}"
+                raise MismatchError(f"{result.ref} does not fit base {result.reports[0].base_ref}"
                                     f"{made_for(result.base_hint, result.reports[0])}")
             raise MismatchError(f"{result.ref} fits none of the {len(result.reports)} registered bases")

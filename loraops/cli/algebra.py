@@ -252,7 +252,7 @@ def resize(ref, rank, dynamic, param, max_rank, conv_rank, dtype, device, precis
     echo_capped(report, ((m.rank_after, m.spatial) for m in report.modules), "min(its rank, out, in)")
     # a LoHa/LoKr module's rank is its product's r, not its ΔW's: kept, its ΔW may still be cut (fro kept < 1)
     if all(m.rank_after == m.rank_before and m.fro_retained >= 1 - 1e-6 for m in report.modules):
-        echo_same_delta(result.adapter.lineage.inputs[0].label, "every module keeps its rank; up to rounding")
+        echo_same_delta(result.adapter.lineage.inputs[0].ref, "every module keeps its rank; up to rounding")
     echo_saved(result, name)
 
 

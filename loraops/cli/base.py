@@ -5,8 +5,7 @@ import click
 
 from .adapters import _reader, _registry
 from .hub import TOKEN_HELP, check_token
-from .render import (component_marks, echo_fields, echo_json, echo_table, human_bytes, json_option, not_again,
-                     to_jsonable)
+from .render import component_marks, echo_fields, echo_json, echo_table, human_bytes, json_option, not_again
 
 
 @click.group()
@@ -18,7 +17,7 @@ def base() -> None:
 @click.argument("path", type=click.Path())
 @click.option("--name", help="Registry name (default: the folder or file name).")
 @click.option("--token", help=f"hub: only — {TOKEN_HELP}", callback=check_token)
-@json_option("the BaseRecord with \"new\" (false: that model was registered already)")
+@json_option("\"new\" (false: that model was registered already) and \"base\" (the BaseRecord)")
 def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
     """Record a base model: an HF folder (sharded safetensors + index), a diffusers pipeline, or one .safetensors;
     or hub:OWNER/NAME[@REV], read from the safetensors headers on the Hub (weights downloaded on first use)."""
@@ -40,7 +39,7 @@ def add(path: str, name: str | None, token: str | None, as_json: bool) -> None:
         else:
             record, created = reg.register_base(path, name=name, told=told)
     if as_json:
-        echo_json({**to_jsonable(record), "new": created})
+        echo_json({"new": created, "base": record})
     elif created and record.path is None:
         click.echo(f"added base {record.name} (id {record.id}) from {record.source}: {record.num_tensors} tensors, "
                    f"{record.num_parameters:,} parameters, {record.dtype}; manifest only, weights download on first use"
@@ -114,7 +113,7 @@ def show(ref: str, as_json: bool) -> None:
         # (an adapter merged into one pipeline component alone has that component as its role: merging._record)
         marks = component_marks([None if i.role == "adapter" else i.role
                                  for i in r.lineage.inputs if i.kind == "adapter"])[::-1]
-        inputs = ", ".join(i.label + (f"×{i.weight:g}" if i.weight is not None else "")
+        inputs = ", ".join(i.ref + (f"×{i.weight:g}" if i.weight is not None else "")
                            + (marks.pop() if i.kind == "adapter" else "") for i in r.lineage.inputs)
         fields.append(("lineage", f"{r.lineage.op}({inputs})"))
     echo_fields(fields)

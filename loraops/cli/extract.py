@@ -76,8 +76,8 @@ def extract(base, tuned, rank, dynamic, param, max_rank, conv_rank, modules, sav
                    f"{worst.name}; keep them with --save-module (embeddings, weights: --modules)")
     for head, embeddings in report.untied_heads.items():
         how = "stored whole" if head in report.saved else "extracted as its change from those embeddings"
-        click.echo(f"{head}: tied to {embeddings} in {report.base}, stored apart in {report.tuned}: {how} (a merge "
-                   "unties it)")
+        click.echo(f"{head}: tied to {embeddings} in {report.base_ref}, stored apart in {report.tuned_ref}: {how} "
+                   "(a merge unties it)")
     if report.rounding:
         worst = max(report.rounding, key=lambda s: s.max_abs_diff)
         count = "1 tensor" if len(report.rounding) == 1 else f"{len(report.rounding)} tensors"

@@ -80,7 +80,7 @@ def _render(report, as_json: bool, name: str | None) -> None:
     adapters = ", ".join(f"{a.ref}:{a.weight:g}{blocks.text(a.block_weights)}{mark}"
                          for a, mark in zip(report.adapters, marks))
     if report.operation == "restore":
-        adapters = report.base + (f" + {adapters}" if adapters else "")
+        adapters = report.base_path + (f" + {adapters}" if adapters else "")
     rate = report.bytes_written / report.seconds if report.seconds else 0
     click.echo(
         f"{verb} {adapters or 'nothing'} → {report.output}: {report.tensors_merged} tensors "

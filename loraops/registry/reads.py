@@ -390,11 +390,11 @@ class Reader:
             f"WHERE lineage_id IN ({ids_sql}) ORDER BY lineage_id, position", params
         ):
             inputs.setdefault(lineage_id, []).append(LineageInputRecord(
-                kind=kind, id=adapter_id if kind == "adapter" else base_id, label=label, sha256=sha256, weight=weight,
+                kind=kind, id=adapter_id if kind == "adapter" else base_id, ref=label, sha256=sha256, weight=weight,
                 role=role,
             ))
         return {
-            id_: LineageRecord(id=id_, op=op, params=dict(_json(params_) or {}), created=_time(created),
+            id_: LineageRecord(id=id_, op=op, params=_params(op, _json(params_)), created=_time(created),
                                inputs=inputs.get(id_, []))
             for id_, op, params_, created in self.rows(
                 f"SELECT id, op, params, created FROM lineage WHERE id IN ({ids_sql})", params)
@@ -581,6 +581,16 @@ def _missing(kind: str, ref: str, hint: str) -> NotFoundError:
 def _json(value: Any) -> Any:
     """JSON columns: SQLite hands back the text, PostgreSQL drivers the decoded value."""
     return json.loads(value) if isinstance(value, str) else value
+
+
+def _params(op: str, stored: dict | None) -> dict:
+    """A lineage's params as records name them: a merge (or subtract) recorded before named each adapter's reference
+    `label`, which is `ref` in every record now; the row keeps what was written."""
+    params = dict(stored or {})
+    if op in ("merge", "subtract") and isinstance(params.get("adapters"), list):
+        params["adapters"] = [{("ref" if key == "label" else key): value for key, value in entry.items()}
+                              for entry in params["adapters"]]
+    return params
 
 
 def _time(value: datetime | str) -> datetime:
