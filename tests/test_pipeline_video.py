@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from factories import loraops_run
 from test_formats_wild import merged_as_diffusers
+from test_json_schema import CHECK, pinned
 from test_pipeline_dit import R, assert_round_trip, check_merged
 
 WAN_WIDTH, WAN_FFN, WAN_TEXT, WAN_IMAGE = 16, 32, 12, 10
@@ -924,6 +925,8 @@ def test_wan22_loras_merge_into_both_experts_in_one_run(tmp_path, key):
     run = loraops_run("check", high, "--transformer-2", low, "--base", pipe, "--json")
     assert [(r["ref"], r["fits"]) for r in json.loads(run.stdout)] == [(str(high), [str(pipe)]),
                                                                      (str(low), [f"{pipe}/transformer_2"])]
+    for result in json.loads(run.stdout):  # one CheckResult per adapter, each as `check --json` prints alone
+        pinned(result, CHECK)
     run = loraops_run("merge", high, "--transformer-2", f"{low}:0.5", "--into", pipe, "-o", tmp_path / "one",
                       "--precise", "--no-record")
     assert run.returncode == 0, run.stderr
