@@ -164,6 +164,11 @@ def _modules_of(tensor: str, manifest, kind: tuple[str, bool], dtype: "torch.dty
     return [_stand_in(tensor.removesuffix(".weight"), shape, *kind, dtype, raw_parameter=raw)]
 
 
+SLICE = 1 << 22
+"""Elements of a block checked finite, or converted to the compute dtype, at a time as extract forms a delta (16 MiB
+in float32): whole, the temporaries of a 64 MiB block added half the delta to the peak."""
+
+
 def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> None:
     """The two models must be one architecture: the same tensor names and shapes (dtypes may differ); FP8 is refused."""
     if os.path.realpath(base.path) == os.path.realpath(tuned.path):
@@ -454,7 +459,9 @@ def extract_lazily(
 
     def finite(model: BaseModel, label: str, tensor: str, values: "torch.Tensor | None" = None) -> "torch.Tensor":
         values = read_tensor(model.tensors[tensor]) if values is None else values
-        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        flat = values.reshape(-1)  # (a slice at a time: torch.isfinite makes |values| and two masks of the whole)
+        if values.is_floating_point() and not all(bool(torch.isfinite(flat[start:start + SLICE]).all())
+                                                  for start in range(0, flat.numel(), SLICE)):
             raise InvalidInputError(f"{label} has NaN or Inf values in {tensor}: extract refuses non-finite weights "
                                     "(a delta or a stored copy of them would carry them into the adapter)")
         return values
@@ -497,8 +504,11 @@ def extract_lazily(
         for ours, theirs in read_paired_row_blocks(tuned.tensors[tensor], base.tensors[tensor]):
             piece = flat[at:at + ours.numel()]
             piece.copy_(finite(tuned, labels[1], tensor, ours))
-            # (in the compute dtype first: a float64 base subtracted from float32 would be rounded once, not twice)
-            piece.sub_(finite(base, labels[0], tensor, theirs).to(device=target, dtype=compute_dtype))
+            # (in the compute dtype first: a float64 base subtracted from float32 would be rounded once, not twice),
+            # a slice at a time: a whole block's copy in it was as large as the delta's share of the block
+            theirs = finite(base, labels[0], tensor, theirs)
+            for start in range(0, theirs.numel(), SLICE):
+                piece[start:start + SLICE].sub_(theirs[start:start + SLICE].to(device=target, dtype=compute_dtype))
             at += ours.numel()
             del ours, theirs, piece  # (before the next blocks are read)
         return D
