@@ -5,17 +5,20 @@ have bench/merge.py), each a whole CLI process, best of N, beside the size of wh
     python bench/commands.py --only header    # only the 70B-shaped header-only case
     python bench/commands.py --quick          # small shapes, one run each: a smoke test
 
-Inputs, built once under --cache (default /tmp/loraops-bench-commands; the 8-layer set takes ~9 GB of disk):
+Inputs, built once under --cache (default /tmp/loraops-bench-commands; the 8-layer set takes ~10 GB of disk):
   base     bf16, hidden 4096, intermediate 11008, 32 heads / 8 KV heads, vocab 32000, --layers layers, in --shards
            shards with an index (written directly as safetensors, as bench/merge.py does)
   tuned    base + a rank-16 adapter merged in (`loraops merge --no-record`): what extract reads beside the base
-  big1/2   rank-256 float32 PEFT adapters on the 7 linear types of every layer
+  big1/2   rank-256 float32 PEFT adapters on the 7 linear types of every layer (and the same on layer 0 alone, for
+           the element-wise combines: ~2 minutes a layer on 2 shared cores, their memory per module)
   70b      (header-only) a Llama-70B-shaped base, 80 layers in 30 shards, as sparse files (the headers are real, the
            data holes: 0 bytes of disk), and a rank-2 adapter on its 560 linear modules: `check` against it
 Every command runs as `/usr/bin/time -f '%e %M' python -m loraops ...` in a fresh process (the peak RSS is the
-child's VmHWM: mapped file pages it touched count too), against one registry (LORAOPS_HOME under --cache) holding
-the base and adapters; `base add` starts from a fresh registry each run (so it hashes every tensor). Files are warm
-in the page cache. Other sessions share the machine, so the seconds are noisy; the RSS much less so.
+child's VmHWM: mapped file pages it touched count too; anon: its RssAnon sampled every 5 ms), against one registry
+(LORAOPS_HOME under --cache) holding the base and adapters; `base add` starts from a fresh registry each run (so it
+hashes every tensor). Files are warm in the page cache. Seconds: the fastest of --runs; RSS: the largest. push goes
+to tests/hubserver.py's Hub on 127.0.0.1 (one run: a second finds its files there). Other sessions share the
+machine, so the seconds are noisy; the RSS much less so.
 """
 from __future__ import annotations
 
@@ -220,8 +223,8 @@ def main() -> None:
                 "--device", "cpu")
         measure("resize --dynamic sv_ratio", a, "resize", "big1", "--dynamic", "sv_ratio", "--param", "4",
                 "--name", "r-dynamic", "--device", "cpu")
-        measure("extract --rank 16", f"2 × base {gib(size(base))}", "extract", "--base", str(base), "--tuned",
-                str(tuned), "--rank", "16", "--name", "extracted", "--device", "cpu")
+        measure("extract --rank 16 (one run)", f"2 × base {gib(size(base))}", "extract", "--base", str(base),
+                "--tuned", str(tuned), "--rank", "16", "--name", "extracted", "--device", "cpu", times=1)
         measure("export --format kohya", a, "export", "big1", "--format", "kohya", "-o", str(out / "big1.safetensors"),
                 "--force")
         sys.path.insert(0, str(ROOT / "tests"))
