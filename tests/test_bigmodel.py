@@ -52,7 +52,7 @@ def test_extract_forms_a_wide_delta_by_row_blocks(tmp_path):
 
 
 def test_extract_forms_a_delta_without_block_sized_temporaries(tmp_path):
-    """Each side read whole (one block) and the delta: ~2.2× the delta at the peak. The base's block converted to
+    """Each side read whole (one block) and the delta: ~2.1× the delta at the peak. The base's block converted to
     float32 whole before it was subtracted, and torch.isfinite's temporaries of a whole block, each added ~1× more."""
     grown, delta = _extract_growth(tmp_path, "lambda info: info.shape[0] if info.shape else 1")  # each side whole
     # the delta and both bf16 sides (half of it each); a float32 copy of the base and isfinite's |values| and masks of
