@@ -164,6 +164,11 @@ def _modules_of(tensor: str, manifest, kind: tuple[str, bool], dtype: "torch.dty
     return [_stand_in(tensor.removesuffix(".weight"), shape, *kind, dtype, raw_parameter=raw)]
 
 
+SLICE = 1 << 22
+"""Elements of the base's block converted to the compute dtype at a time as extract forms a delta (16 MiB in
+float32): a whole 64 MiB bf16 block's float32 copy was 128 MiB more at the peak."""
+
+
 def check_pair(base: BaseModel, tuned: BaseModel, labels: tuple[str, str]) -> None:
     """The two models must be one architecture: the same tensor names and shapes (dtypes may differ); FP8 is refused."""
     if os.path.realpath(base.path) == os.path.realpath(tuned.path):
@@ -421,7 +426,7 @@ def extract_lazily(
     from .engine import parse_dtype, peak_rss
     from .ops.resize import factorize_dense
     from .settings import device_memory, resolve_device
-    from .st import read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
+    from .st import all_finite, read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
     given_alpha(alpha)  # (one beyond float32 was refused only at the end, naming a scratch file)
@@ -454,7 +459,8 @@ def extract_lazily(
 
     def finite(model: BaseModel, label: str, tensor: str, values: "torch.Tensor | None" = None) -> "torch.Tensor":
         values = read_tensor(model.tensors[tensor]) if values is None else values
-        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        # (all_finite: one reduction; torch.isfinite made |values| and two masks of the whole block)
+        if values.is_floating_point() and values.numel() and not all_finite(values):
             raise InvalidInputError(f"{label} has NaN or Inf values in {tensor}: extract refuses non-finite weights "
                                     "(a delta or a stored copy of them would carry them into the adapter)")
         return values
@@ -497,8 +503,11 @@ def extract_lazily(
         for ours, theirs in read_paired_row_blocks(tuned.tensors[tensor], base.tensors[tensor]):
             piece = flat[at:at + ours.numel()]
             piece.copy_(finite(tuned, labels[1], tensor, ours))
-            # (in the compute dtype first: a float64 base subtracted from float32 would be rounded once, not twice)
-            piece.sub_(finite(base, labels[0], tensor, theirs).to(device=target, dtype=compute_dtype))
+            # (in the compute dtype first: a float64 base subtracted from float32 would be rounded once, not twice),
+            # a slice at a time: a whole block's copy in it was as large as the delta's share of the block
+            theirs = finite(base, labels[0], tensor, theirs)
+            for start in range(0, theirs.numel(), SLICE):
+                piece[start:start + SLICE].sub_(theirs[start:start + SLICE].to(device=target, dtype=compute_dtype))
             at += ours.numel()
             del ours, theirs, piece  # (before the next blocks are read)
         return D

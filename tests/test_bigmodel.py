@@ -20,7 +20,9 @@ def _model(path, weight):
     return path
 
 
-def test_extract_forms_a_wide_delta_by_row_blocks(tmp_path):
+def _extract_growth(tmp_path, rows_per_block: str) -> tuple[int, int]:
+    """(how far extract's peak RSS grew, the float32 delta's bytes) on one ROWS×COLS bf16 weight, in a child process
+    whose st.rows_per_block is the lambda ``rows_per_block``."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(ROWS, COLS, generator=g).mul_(0.02)
     tuned = w + torch.randn(ROWS, 1, generator=g) * 0.01 * torch.randn(1, COLS, generator=g)
@@ -30,7 +32,7 @@ def test_extract_forms_a_wide_delta_by_row_blocks(tmp_path):
         import torch
         import loraops.st
         from loraops.extraction import extract
-        loraops.st.rows_per_block = lambda info: 256  # 8 MiB blocks, so the blocks are small beside the delta
+        loraops.st.rows_per_block = {rows_per_block}
         rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
         before = rss()
         adapter, report = extract({str(base)!r}, {str(tuned)!r}, rank=1)
@@ -40,10 +42,22 @@ def test_extract_forms_a_wide_delta_by_row_blocks(tmp_path):
         print(int(hwm.split()[1]) * 1024 - before)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    grown = int(done.stdout.split()[-1])
-    delta = ROWS * COLS * 4
+    return int(done.stdout.split()[-1]), ROWS * COLS * 4
+
+
+def test_extract_forms_a_wide_delta_by_row_blocks(tmp_path):
+    grown, delta = _extract_growth(tmp_path, "lambda info: 256")  # 8 MiB blocks: small beside the delta
     # the delta plus a few row blocks; reading each side whole (and a float32 copy of it) took 2.8× the delta here (1.5× now)
     assert grown < 2 * delta, f"peak RSS grew {grown / 2**20:.0f} MiB for a {delta / 2**20:.0f} MiB delta"
+
+
+def test_extract_forms_a_delta_without_block_sized_temporaries(tmp_path):
+    """Each side read whole (one block) and the delta: ~2.1× the delta at the peak. The base's block converted to
+    float32 whole before it was subtracted, and torch.isfinite's temporaries of a whole block, each added ~1× more."""
+    grown, delta = _extract_growth(tmp_path, "lambda info: info.shape[0] if info.shape else 1")  # each side whole
+    # the delta and both bf16 sides (half of it each); a float32 copy of the base and isfinite's |values| and masks of
+    # a whole block made it 3.3× (849 MiB)
+    assert grown < 2.6 * delta, f"peak RSS grew {grown / 2**20:.0f} MiB for a {delta / 2**20:.0f} MiB delta"
 
 
 def test_an_unavailable_device_is_refused_before_anything_is_read(tmp_path, monkeypatch):
