@@ -160,11 +160,14 @@ def test_unaligned_tensors_are_read_and_still_load_right(reg, art, tmp_path):
 
 
 def spy(monkeypatch, owner, name: str, seen: list) -> None:
-    """Record the arguments of every call of owner.name (which keeps the adapters passed alive, mapped)."""
+    """Record the arguments of every call of owner.name by parameter name, however they were passed (which keeps
+    the adapters passed alive, mapped)."""
+    import inspect
+
     real = getattr(owner, name)
 
     def recorded(*args, **kwargs):
-        seen.append(args)
+        seen.append(inspect.signature(real).bind(*args, **kwargs).arguments)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, recorded)
@@ -191,14 +194,14 @@ def test_merge_combine_resize_never_write_into_the_stored_files(reg, art, tmp_pa
 
     report = merging.merge("llama", ["peft-bf16:0.5", "peft-fp32"], tmp_path / "merged", record=False, device="cpu")
     assert report.tensors_merged and report.tensors_replaced  # the fp32 adapter's lm_head replaces the base's
-    assert_mapped_untouched([a for a, _ in merged[0][1]], {blobs["peft-bf16"], blobs["peft-fp32"]})
+    assert_mapped_untouched([a for a, _ in merged[0]["adapters"]], {blobs["peft-bf16"], blobs["peft-fp32"]})
     for method, params, rank in (("cat", None, None), ("svd", None, 4), ("ties", {"density": 0.5}, 4)):
         derive.combine([("peft-bf16", 0.7), ("peft-fp16", 0.3)], method, params, rank=rank, device="cpu",
                        name=f"mix-{method}")
-    assert_mapped_untouched([a for call in combined for a, _ in call[0]], {blobs["peft-bf16"], blobs["peft-fp16"]})
+    assert_mapped_untouched([a for call in combined for a, _ in call["inputs"]], {blobs["peft-bf16"], blobs["peft-fp16"]})
     derive.resize("peft-bf16", rank=2, device="cpu")
     derive.resize("peft-fp32", dynamic="sv_fro", param=0.9, device="cpu")
-    assert_mapped_untouched([call[0] for call in resized], {blobs["peft-bf16"], blobs["peft-fp32"]})
+    assert_mapped_untouched([call["adapter"] for call in resized], {blobs["peft-bf16"], blobs["peft-fp32"]})
     after = digests(reg)
     assert {k: after[k] for k in before} == before
 
@@ -234,7 +237,7 @@ def test_merge_of_a_registered_path_loads_its_stored_copy(reg, art, tmp_path, mo
 
     def merge(out: str) -> tuple[str | None, dict[str, str]]:
         report = merging.merge(art["base"], [str(path)], tmp_path / out, record=False, device="cpu")
-        adapter = seen[-1][1][0][0]
+        adapter = seen[-1]["adapters"][0][0]
         assert adapter.label == str(path) and report.adapters[0].ref == str(path)
         where = {mapped_file(t) for _, t in factors(adapter)}
         assert len(where) == 1

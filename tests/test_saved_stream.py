@@ -39,12 +39,12 @@ def test_a_saved_head_is_mapped_from_a_private_copy_with_the_same_output_bytes(a
     seen = []
     spy(monkeypatch, engine, "merge", seen)
     merging.merge(art["base"], [str(art["saved"])], tmp_path / "copied", record=False, device="cpu")
-    (head,) = seen[-1][1][0][0].full_tensors.values()
+    (head,) = seen[-1]["adapters"][0][0].full_tensors.values()
     where = mapped_file(head)
     assert where is not None and where.startswith(f"{tmp_path}/") and where.endswith(" (deleted)")
     monkeypatch.setenv("LORAOPS_MMAP", "0")  # read into memory, as before the copies
     merging.merge(art["base"], [str(art["saved"])], tmp_path / "read", record=False, device="cpu")
-    assert mapped_file(seen[-1][1][0][0].full_tensors["lm_head.weight"]) is None
+    assert mapped_file(seen[-1]["adapters"][0][0].full_tensors["lm_head.weight"]) is None
     assert outputs(tmp_path / "copied") == outputs(tmp_path / "read")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copied", "read"]  # (the copy had no name)
 
@@ -107,7 +107,7 @@ def test_no_copy_takes_the_room_the_output_needs(art, tmp_path, monkeypatch, spa
     seen = []
     spy(monkeypatch, engine, "merge", seen)
     merging.merge(art["base"], [str(art["saved"])], tmp_path / "tight", record=False, device="cpu")
-    copied = mapped_file(seen[-1][1][0][0].full_tensors["lm_head.weight"]) is not None
+    copied = mapped_file(seen[-1]["adapters"][0][0].full_tensors["lm_head.weight"]) is not None
     assert copied == (spare >= 0)
     assert outputs(tmp_path / "tight") == outputs(tmp_path / "roomy")
 
@@ -128,7 +128,7 @@ def test_a_folder_whose_file_system_cannot_map_files_gets_no_copy(art, tmp_path,
     seen = []
     spy(monkeypatch, engine, "merge", seen)
     merging.merge(art["base"], [str(art["saved"])], tmp_path / "out", record=False, device="cpu")
-    assert mapped_file(seen[-1][1][0][0].full_tensors["lm_head.weight"]) is None
+    assert mapped_file(seen[-1]["adapters"][0][0].full_tensors["lm_head.weight"]) is None
     monkeypatch.setattr(mmap, "mmap", real)
     merging.merge(art["base"], [str(art["saved"])], tmp_path / "mapped", record=False, device="cpu")
     assert outputs(tmp_path / "out") == outputs(tmp_path / "mapped")
