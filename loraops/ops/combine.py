@@ -74,13 +74,7 @@ class Term:
         return int(self.A.shape[0])
 
     def delta(self, rows: slice = slice(None)) -> torch.Tensor:
-        return scaled(self.B[rows] @ self.A, self.scale)
-
-
-def scaled(product: torch.Tensor, factor: float) -> torch.Tensor:
-    """``product`` multiplied by ``factor`` in place, where that changes anything: × 1 is the same bytes, and a pass
-    over a row block that every method makes several of (TIES: three per input)."""
-    return product if factor == 1 else product.mul_(factor)
+        return (self.B[rows] @ self.A).mul_(self.scale)
 
 
 @dataclass
@@ -371,7 +365,7 @@ class Largest:
 
         def mask(bits: torch.Tensor) -> torch.Tensor:
             equal = bits == self.threshold
-            count = int(torch.count_nonzero(equal))  # (a bool sum(): 47 ms for a 4M-entry block against 2, on 2 cores)
+            count = int(equal.sum())
             if count > remaining[0]:
                 equal &= (equal.reshape(-1).cumsum(0) <= remaining[0]).reshape(equal.shape)
             remaining[0] -= min(count, remaining[0])
@@ -400,8 +394,7 @@ def kth_largest_magnitudes(values: Callable[[slice], torch.Tensor], ks: Sequence
                 part = pattern if upper is None else pattern[upper == prefix]  # entries under this prefix
                 # (not torch.bincount, which allocates 65536 bins per call: 7 ms for a 40-entry block against
                 # 0.003 ms, 14 ms for a 4M-entry one against 5.6 ms, on 2 threads)
-                digits = part >> shift if upper is None else (part >> shift) & 0xFFFF  # (the top digit: no bits above)
-                hist.index_add_(0, digits, ones.expand(part.numel()))
+                hist.index_add_(0, (part >> shift) & 0xFFFF, ones.expand(part.numel()))
         for i, prefix in enumerate(prefixes):
             at_least = counts[prefix >> high if high < width else 0].flip(0).cumsum(0)  # [j]: digit ≥ 65535 − j
             j = int(torch.searchsorted(at_least, torch.tensor([wanted[i]], device=at_least.device)))
@@ -480,16 +473,9 @@ def sample_by_rank(term: Term, density: float, blocks: list[slice], ctx: Context
 def elected_positive(weighted: list[torch.Tensor], consensus: str) -> torch.Tensor:
     """Where the elected sign is + (ties to +): the sign of Σ wᵢτᵢ (``sum``, TIES'), or of Σ sign(wᵢτᵢ) (``count``:
     one vote per input that has the entry), as mergekit's get_mask."""
-    return summed([torch.sign(tau) for tau in weighted] if consensus == "count" else weighted) >= 0
-
-
-def summed(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Σ of the tensors, left to right: Python's sum() adds a pass (0 + the first), which differs only in the sign of
-    a zero."""
-    result = tensors[0]
-    for i, tensor in enumerate(tensors[1:]):
-        result = result + tensor if i == 0 else result.add_(tensor)
-    return result
+    if consensus == "count":
+        return sum(torch.sign(tau) for tau in weighted) >= 0
+    return sum(weighted) >= 0
 
 
 def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], consensus: str | None, normalize: bool,
@@ -508,9 +494,8 @@ def mix(out: torch.Tensor, taus: list[torch.Tensor], weights: Sequence[float], c
         out += tau
         if divisor is not None:
             # (agree as the divisor's dtype first: bool × float is float32, which cut float64's weights to float32
-            # and made weights past 3.4e38 inf, a NaN result; as alpha, weight·agree is exact, 0 or the weight, so
-            # one pass adds what the product did)
-            divisor.add_(agree.to(divisor.dtype), alpha=weight)
+            # and made weights past 3.4e38 inf, a NaN result)
+            divisor += agree.to(divisor.dtype) * weight
     if divisor is not None:
         # mergekit: entries with no agreeing contribution are left undivided; agreeing weights are positive, so tiny
         # ones still divide
@@ -567,7 +552,7 @@ def task_arithmetic(
     mixed = torch.empty(ctx.shape, dtype=terms[0].A.dtype, device=terms[0].A.device)
     for rows in blocks:
         out = mixed[rows]
-        mix(out, [scaled(s(t.delta(rows)), f) for t, s, f in zip(terms, sparsify, factors)], [t.weight for t in terms],
+        mix(out, [s(t.delta(rows)).mul_(f) for t, s, f in zip(terms, sparsify, factors)], [t.weight for t in terms],
             params.consensus if consensus else None, params.normalize)
         if getattr(params, "lambda_", 1.0) != 1:
             out *= params.lambda_
@@ -608,7 +593,7 @@ def sce(terms: list[Term], params: SceParams, rank: int, ctx: Context) -> Refact
     mixed = torch.zeros(ctx.shape, dtype=like.dtype, device=like.device)
 
     def weighted(rows: slice) -> list[torch.Tensor]:
-        return [scaled(t.delta(rows), t.weight) for t in terms]
+        return [t.delta(rows).mul_(t.weight) for t in terms]
 
     def variance(rows: slice, taus: list[torch.Tensor] | None = None) -> torch.Tensor:
         return torch.var(torch.stack(weighted(rows) if taus is None else taus), dim=0, unbiased=False)
