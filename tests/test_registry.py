@@ -415,6 +415,24 @@ def test_register_reads_the_adapter_twice(reg, art, tmp_path):
     assert record.sha256 == record.weights_sha256 == hashlib.sha256(big.read_bytes()).hexdigest()
 
 
+def test_the_value_check_runs_on_one_torch_thread(art, monkeypatch):
+    """check_values' aminmax per block runs between hashing and reading the next: on one torch thread (a second only
+    spins meanwhile, on a core others need), and the count is put back after."""
+    import torch
+
+    from loraops.formats import common
+
+    counts, real = [], common.check_finite
+    monkeypatch.setattr(common, "check_finite", lambda *args: counts.append(torch.get_num_threads()) or real(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        formats.check_values(art["kohya"], hash_weights=True)
+        assert counts and set(counts) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_concurrent_registration(art, tmp_path):
     """Threads with their own connections: same name → distinct versions; same bytes → one record."""
     copies = []
