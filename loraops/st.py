@@ -211,6 +211,11 @@ def beyond_range(name: str, dtype: "torch.dtype", hint: str) -> InvalidInputErro
                              f"(±{torch.finfo(dtype).max:.6g}); {hint}", ["dtype"])  # (the hint may name `dtype`)
 
 
+def _source(path: Path) -> Path:
+    """Where ``path``'s bytes are read from: its private copy inside a private_copy block, else itself."""
+    return _COPIES.get().get(resolved(path), path) if _COPIES.get() else path
+
+
 def read_header(path: str | Path) -> Header:
     """Parse and fully validate a safetensors header. Raises NotFoundError / FormatError with the file named."""
     path = Path(path)
@@ -218,7 +223,7 @@ def read_header(path: str | Path) -> Header:
         raise NotFoundError(f"{path}: no such file")
     if path.is_dir():
         raise FormatError(f"{path}: is a folder, not a .safetensors file")
-    source = _COPIES.get().get(resolved(path), path) if _COPIES.get() else path
+    source = _source(path)
     size = source.stat().st_size
     if size < 8:
         raise FormatError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
@@ -479,7 +484,7 @@ def scan(path: Path, seen: Callable[[memoryview], None] | None = None) -> Iterat
     one read, and a copy that hashes the same holds what was checked."""
     import torch
 
-    source = _COPIES.get().get(resolved(path), path) if _COPIES.get() else path
+    source = _source(path)
     with open(source, "rb") as f:  # (buffered: a large readinto goes straight into the buffer, to its end or EOF)
         header = _header_from(f, path, os.fstat(f.fileno()).st_size, source, seen)
         ahead, buffer = ReadAhead(f.fileno()), memoryview(bytearray(8 << 20))

@@ -341,7 +341,7 @@ def check_values(path: str | Path, *, hash_weights: bool = False) -> str | None:
 
     On one torch thread: a block's aminmax is a few ms of memory-bound work between the block's hash and the next
     read, and a second OpenMP thread only spun through those on the other core (395 MiB checked and hashed on two
-    cores at load 6: 2.0 s, as against 0.43 s on one)."""
+    busy cores: 2.9 s, as against 0.7 s on one; bench/results/register-passes-2core.txt)."""
     import torch
 
     files, digest = adapter_files(path), None
