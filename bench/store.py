@@ -5,6 +5,7 @@ written in another layout — against the floor (`cp --reflink=never` + `sync` o
     python bench/store.py              # a rank-64 PEFT adapter on 10 Llama-70B-shaped layers (414 MB, float32)
     python bench/store.py --layers 80  # the whole 70B adapter (3.3 GB)
     python bench/store.py --quick      # 1 layer, one run each: a smoke test
+    python bench/store.py --against /tmp/base  # also register with another checkout's loraops, in the same rounds
 
 `register` runs against an empty home each time, so it stores the adapter (hash, value check, copy, record);
 `export` writes the registered adapter as a kohya file. Torch's start-up is measured apart.
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=3, help="best of N (default 3)")
     parser.add_argument("--cache", type=Path, default=ROOT / "tmp" / "bench")
+    parser.add_argument("--against", type=Path, help="another checkout (e.g. `git worktree add /tmp/base main`): "
+                        "its register is timed in the same round-robin, a before/after in one run")
     args = parser.parse_args()
     layers, runs = (1, 1) if args.quick else (args.layers, args.runs)
     folder = args.cache / "store"
@@ -69,6 +72,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "LORAOPS_HOME": str(home), "LORAOPS_QUIET": "1"}
     buffered = {**env, "LORAOPS_DIRECT_IO": "0"}
+    against = args.against and {**env, "PYTHONPATH": os.pathsep.join([str(args.against.resolve()),
+                                                                      os.environ.get("PYTHONPATH", "")])}
 
     def fresh() -> None:
         os.sync()  # no dirty pages of an earlier run still waiting to be written
@@ -91,7 +96,9 @@ def main() -> None:
         return timed([py, "-m", "loraops", "export", "big", "--format", "kohya", "-o", str(out / "big.safetensors"),
                       "--force"], env=environ)[0]
 
-    plan = {"cp": cp, "register": lambda: register(env), "register buffered": lambda: register(buffered),
+    plan = {"cp": cp, "register": lambda: register(env),
+            **({"register against": lambda: register(against)} if against else {}),
+            "register buffered": lambda: register(buffered),
             "export": lambda: export(env), "export buffered": lambda: export(buffered),
             "torch": lambda: timed([py, "-c", "import torch, os; os._exit(0)"])[0] - timed([py, "-c", "pass"])[0]}
     results: dict[str, list[float]] = {}
@@ -100,9 +107,10 @@ def main() -> None:
             results.setdefault(label, []).append(fn())
     best = {label: min(times) for label, times in results.items()}
     print(f"\nadapter: rank-{RANK} PEFT, {layers} Llama-70B-shaped layers × 7 linear types, {size / 2**20:.0f} MiB "
-          f"float32; best of {runs}; {os.cpu_count()} CPUs")
+          f"float32; best of {runs}; {os.cpu_count()} CPUs" + (f"; --against {args.against}" if against else ""))
     print(f"{'run':<44}{'seconds':>9}{'× cp':>8}{'minus torch':>13}{'× cp':>8}")
     for label, text in (("cp", "cp --reflink=never + sync"), ("register", "loraops register (direct I/O)"),
+                        *([("register against", "  the same, --against's loraops")] if against else []),
                         ("register buffered", "loraops register (LORAOPS_DIRECT_IO=0)"),
                         ("export", "loraops export --format kohya (direct I/O)"),
                         ("export buffered", "loraops export --format kohya (buffered)")):

@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import FormatError, InvalidInputError, NotFoundError
 from .fsutil import DirectFileWriter, ReadAhead, resolved
@@ -211,6 +211,11 @@ def beyond_range(name: str, dtype: "torch.dtype", hint: str) -> InvalidInputErro
                              f"(±{torch.finfo(dtype).max:.6g}); {hint}", ["dtype"])  # (the hint may name `dtype`)
 
 
+def _source(path: Path) -> Path:
+    """Where ``path``'s bytes are read from: its private copy inside a private_copy block, else itself."""
+    return _COPIES.get().get(resolved(path), path) if _COPIES.get() else path
+
+
 def read_header(path: str | Path) -> Header:
     """Parse and fully validate a safetensors header. Raises NotFoundError / FormatError with the file named."""
     path = Path(path)
@@ -218,7 +223,7 @@ def read_header(path: str | Path) -> Header:
         raise NotFoundError(f"{path}: no such file")
     if path.is_dir():
         raise FormatError(f"{path}: is a folder, not a .safetensors file")
-    source = _COPIES.get().get(resolved(path), path) if _COPIES.get() else path
+    source = _source(path)
     size = source.stat().st_size
     if size < 8:
         raise FormatError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
@@ -228,16 +233,29 @@ def read_header(path: str | Path) -> Header:
             "first (e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'out.safetensors'))"
         )
     with open(source, "rb") as f:
-        head = f.read(8)
-        if head.startswith(b"GGUF"):  # (as a length, over the limit: it said "header claims 14064895815 bytes")
-            raise FormatError(f"{path}: a GGUF file (llama.cpp's format), not safetensors: give the safetensors model "
-                              "or adapter it was converted from")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER_BYTES:
-            raise FormatError(f"{path}: not a safetensors file (header claims {length} bytes, over the 100 MB limit)")
-        if 8 + length > size:
-            raise FormatError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
-        raw = f.read(length)
+        return _header_from(f, path, size, source)
+
+
+def _header_from(f, path: Path, size: int, source: Path, seen: Callable[[bytes], None] | None = None) -> Header:
+    """The validated header of the file ``path`` of ``size`` bytes, read from ``f`` at its start (read_header);
+    ``seen`` is given the bytes it was parsed from (its length and JSON)."""
+    head = f.read(8)
+    if head.startswith(b"GGUF"):  # (as a length, over the limit: it said "header claims 14064895815 bytes")
+        raise FormatError(f"{path}: a GGUF file (llama.cpp's format), not safetensors: give the safetensors model "
+                          "or adapter it was converted from")
+    if len(head) < 8:
+        raise FormatError(f"{path}: not a safetensors file ({len(head)} bytes, too short for a header)")
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: not a safetensors file (header claims {length} bytes, over the 100 MB limit)")
+    if 8 + length > size:
+        raise FormatError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
+    raw = f.read(length)
+    if len(raw) < length:
+        raise FormatError(f"{path}: changed while it was being read (shorter than {size} bytes)")
+    if seen is not None:
+        seen(head)
+        seen(raw)
     header = parse_header(raw, path)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -456,6 +474,31 @@ def read_row_blocks(info: TensorInfo, step: int | None = None) -> Iterator[tuple
             row1 = min(rows, row0 + step)
             # named nowhere here: a suspended generator's names keep the caller's block alive while the next is read
             yield row0, row1, torch.frombuffer(read(row0, row1), dtype=torch_dtype(info.dtype))
+
+
+def scan(path: Path, seen: Callable[[memoryview], None] | None = None) -> Iterator[tuple[TensorInfo, "torch.Tensor"]]:
+    """Every tensor of the safetensors file at ``path`` as flat blocks of ≤ 8 MiB (whole values: a block is one view of
+    a reused buffer, to use before asking for the next), in one read of the file from its first byte to its last, its
+    header parsed from that read too; ``seen`` is given every byte read, in order. So hashing them gives the sha256 of
+    the very bytes the header and blocks came from: register checks an adapter's values and takes its identity in
+    one read, and a copy that hashes the same holds what was checked."""
+    import torch
+
+    source = _source(path)
+    with open(source, "rb") as f:  # (buffered: a large readinto goes straight into the buffer, to its end or EOF)
+        header = _header_from(f, path, os.fstat(f.fileno()).st_size, source, seen)
+        ahead, buffer = ReadAhead(f.fileno()), memoryview(bytearray(8 << 20))
+        for info in sorted(header.tensors.values(), key=lambda t: t.start):
+            dtype = torch_dtype(info.dtype)
+            step = len(buffer) // dtype.itemsize * dtype.itemsize
+            for offset in range(info.start, info.end, step):
+                ahead.before(offset)
+                view = buffer[:min(step, info.end - offset)]
+                if f.readinto(view) != len(view):
+                    raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
+                if seen is not None:
+                    seen(view)
+                yield info, torch.frombuffer(view, dtype=dtype)
 
 
 def read_paired_row_blocks(first: TensorInfo, second: TensorInfo) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:

@@ -176,7 +176,7 @@ def test_a_derived_adapter_is_the_same_and_recorded_from_the_hashes_taken_while_
         for module in (store, blobs, formats):
             spy.setattr(module, "sha256_file", not_the_outputs)
         real_check = formats.check_values
-        spy.setattr(formats, "check_values", lambda path: checked.append(path) or real_check(path))
+        spy.setattr(formats, "check_values", lambda path, **kw: checked.append(path) or real_check(path, **kw))
 
         kept = derive.combine([(str(peft_in), 1.0), (str(peft_in), -0.5)], "cat", device="cpu", name="cat")
         out = tmp_path / "out.safetensors"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -378,9 +379,10 @@ def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeyp
 
     real_check = formats.check_values
 
-    def checked_then_rewritten(path):  # values checked, then a NaN written in: must not be stored as checked
-        real_check(path)
+    def checked_then_rewritten(path, **kwargs):  # values checked, then a NaN written in: must not be stored as checked
+        digest = real_check(path, **kwargs)
         adapter.write_bytes(data[:-4] + struct.pack("<f", float("nan")))
+        return digest
 
     if change == "rewritten after the check":
         monkeypatch.setattr(formats, "check_values", checked_then_rewritten)
@@ -390,6 +392,45 @@ def test_files_changed_while_registering_are_refused(reg, art, tmp_path, monkeyp
     with pytest.raises(ConflictError, match="shrank while" if change == "truncated while copied" else "changed while"):
         reg.add_adapter(adapter)
     assert snapshot(reg) == before
+
+
+def bytes_read() -> int:
+    """What this process has read so far (every thread's read/pread calls, from the page cache or not)."""
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts reads by Linux's /proc/self/io")
+def test_register_reads_the_adapter_twice(reg, art, tmp_path):
+    """One read checks the values and hashes the identity (formats.check_values with hash_weights), one copies the file
+    into the store and hashes the copy: the weights' bytes are read twice, not three times (identity, check, copy)."""
+    reg.add_adapter(art["kohya"])  # (imports and the new database's reads out of the count)
+    big = kohya_file(tmp_path / "big.safetensors", {"lora_unet_model_layers_0_self_attn_q_proj": ((4096,), (4096,))},
+                     rank=512)
+    size = big.stat().st_size
+    before = bytes_read()
+    record = reg.add_adapter(big)
+    passes = (bytes_read() - before) / size
+    assert 1.9 < passes < 2.5, passes
+    assert record.sha256 == record.weights_sha256 == hashlib.sha256(big.read_bytes()).hexdigest()
+
+
+def test_the_value_check_runs_on_one_torch_thread(art, monkeypatch):
+    """check_values' aminmax per block runs between hashing and reading the next: on one torch thread (a second only
+    spins meanwhile, on a core others need), and the count is put back after."""
+    import torch
+
+    from loraops.formats import common
+
+    counts, real = [], common.check_finite
+    monkeypatch.setattr(common, "check_finite", lambda *args: counts.append(torch.get_num_threads()) or real(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        formats.check_values(art["kohya"], hash_weights=True)
+        assert counts and set(counts) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_concurrent_registration(art, tmp_path):
@@ -946,7 +987,7 @@ def test_a_stamp_without_the_checked_mark_does_not_skip_the_check(reg, art, monk
     shutil.copytree(art["ad1"], adapter)
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + struct.pack("<f", float("nan")))
-    monkeypatch.setattr(formats, "check_values", lambda path: None)  # as registered before register checked
+    monkeypatch.setattr(formats, "check_values", lambda path, **kwargs: None)  # as before register checked
     record = reg.add_adapter(adapter)
     for _ in range(2):
         with pytest.raises(InvalidInputError, match="NaN or Inf"):
@@ -1126,20 +1167,21 @@ def test_hinted_bases_are_loaded_until_one_fits(reg, art, monkeypatch):
 
 
 def test_a_file_replaced_before_its_hash_is_recorded_as_hashed(reg, art, tmp_path, monkeypatch):
-    """A file replaced after register's first read (which refuses what is no adapter) and before its hash is recorded
-    with the hash and the shapes of what it then is: the record's headers are read after the hash."""
+    """A file replaced after register's first read (which refuses what is no adapter) and before its hash (taken in
+    the read that checks its values) is recorded with the hash and the shapes of what it then is: the record's headers
+    are read after the hash."""
     from loraops.registry import store
 
     shutil.copytree(art["ad1"], tmp_path / "a")
-    identity = store.adapter_identity
+    identity, check = store.adapter_identity, formats.check_values
 
-    def replaced(path, *args):
+    def replaced(path, **kwargs):
         if path == tmp_path / "a":
             shutil.rmtree(path)
             shutil.copytree(art["ad2"], path)
-        return identity(path, *args)
+        return check(path, **kwargs)
 
-    monkeypatch.setattr(store, "adapter_identity", replaced)
+    monkeypatch.setattr(formats, "check_values", replaced)
     record = reg.add_adapter(tmp_path / "a")
     assert record.rank == 8 and record.sha256 == identity(art["ad2"], None)
 

@@ -196,3 +196,22 @@ def test_every_dtype_of_the_library_is_read_or_named(tmp_path):
                                          ("torch.float16", "float16"), ("float32", "float32")])
 def test_dtype_name_is_torch_name_without_its_prefix(dtype, name):
     assert dtype_name(dtype) == name
+
+
+def test_scan_reads_every_tensor_once_in_whole_values_and_sees_every_byte(tmp_path):
+    """st.scan (register's value check and identity in one read): blocks are whole values of each tensor, a tensor
+    past the 8 MiB buffer comes in several, and ``seen`` gets the file's bytes in order (what register hashes)."""
+    from loraops.st import scan
+
+    big = torch.randn(3 * (1 << 20) + 5, dtype=torch.float64)  # 24 MiB and 40 bytes: 8 MiB blocks and a tail
+    tensors = {"big": big, "half": torch.randn(7, 3).half(), "ints": torch.arange(9, dtype=torch.int16),
+               "brain": torch.randn(5).bfloat16()}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path), metadata={"odd": "length"})  # (a header length that aligns nothing)
+    seen, blocks = [], {}
+    for info, block in scan(path, lambda chunk: seen.append(bytes(chunk))):
+        assert block.dtype == tensors[info.name].dtype and block.dim() == 1
+        blocks.setdefault(info.name, []).append(block.clone())
+    assert b"".join(seen) == path.read_bytes() and len(blocks["big"]) == 4
+    for name, tensor in tensors.items():
+        assert torch.equal(torch.cat(blocks[name]), tensor.reshape(-1))

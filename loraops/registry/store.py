@@ -513,16 +513,19 @@ class Registry:
         formats.read_adapter(path, alpha=alpha, values=False)  # headers only: what is no adapter is refused unhashed
         files = formats.adapter_files(path)
         known = {} if written is None else written.sha256
-        # Hashed next: what is read and checked below was read after, and the stored copy must hash the same (see
-        # _store_and_insert), so a file changed at any point after this is refused rather than stored unchecked.
-        identity = adapter_identity(path, alpha, known.get(files[0].name))
+        weights_sha256 = known.get(files[0].name)
         # shapes and alphas are all a record needs: the values are only checked, block by block (a 70B rank-64
         # adapter would otherwise sit in memory whole, 1.6 GB, while it is hashed and copied), and read where a base
         # is checked and the file saves whole tensors, for that fit alone (_bind_base). Checked apart from that read:
         # it keeps what it reads whole, and leaves wrapper state (original_module, PEFT's second modules_to_save copy)
-        # unchecked, which check_values covers as every tensor of the file.
+        # unchecked, which check_values covers as every tensor of the file. The weights are hashed in the same read
+        # (one pass, not two), so the identity is of the bytes checked; what is read below was read after, and the
+        # stored copy must hash the same (see _store_and_insert): a file changed at any point after that read is
+        # refused rather than stored unchecked.
         if written is None or not written.checked:
-            formats.check_values(path)
+            digest = formats.check_values(path, hash_weights=weights_sha256 is None)
+            weights_sha256 = weights_sha256 or digest
+        identity = adapter_identity(path, alpha, weights_sha256)
         adapter = formats.read_adapter(path, alpha=alpha, values=False)
         name = check_name(default_name(path) if name is None else name, "adapter")
 
