@@ -55,7 +55,7 @@ def build(cache: Path) -> dict[str, Path]:
     return inputs
 
 
-CODE = [ROOT]  # the checkout whose loraops is timed (--code)
+CODE = [ROOT]  # the checkout whose loraops is timed (--code); the processes run in it (sys.path[0] is their folder)
 
 
 def env(home: Path) -> dict[str, str]:
@@ -67,14 +67,15 @@ def best(argv: list[str], environ: dict[str, str], runs: int) -> float:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(argv, env=environ, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(argv, env=environ, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=CODE[0])
         times.append(time.perf_counter() - start)
     return min(times)
 
 
 def imported(args: list[str], environ: dict[str, str]) -> str:
     """The heavy modules the command imports (the CLI's own code path, in a fresh interpreter)."""
-    done = subprocess.run([sys.executable, "-c", SAID, *args], env=environ, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", SAID, *args], env=environ, capture_output=True, text=True,
+                          cwd=CODE[0])
     return done.stderr.rpartition("imported:")[2].strip() or "-"
 
 
