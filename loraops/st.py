@@ -514,7 +514,8 @@ def header_only() -> Iterator[bool]:
 def without_torch(read: Callable[[], T]) -> T:
     """``read()`` inside ``header_only``; where it raises NeedsTorch, ``read()`` again outside, with torch (so ``read``
     must do nothing it cannot do twice: it reads). The notes the "loraops" logger gets are said once, those of the
-    try that counts."""
+    try that counts. ``read`` returns plain data (a record, ranks): what it read is HeaderTensors, which refuse every
+    operation on values (NeedsTorch), also after the block."""
     with header_only() as alone:
         if not alone:  # (torch is imported already)
             return read()
