@@ -18,15 +18,17 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import FormatError, InvalidInputError, NotFoundError
 from .fsutil import DirectFileWriter, ReadAhead, resolved
 
 if TYPE_CHECKING:
+    from typing import Callable, TypeVar
+
     import torch
 
-T = TypeVar("T")
+    T = TypeVar("T")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
