@@ -76,11 +76,12 @@ def token_rows_phrase(tensor: str, indices) -> str:
 def widest_dtype(*dtypes: "torch.dtype") -> "torch.dtype":
     """The dtype that holds the values of all of ``dtypes``: torch's promotion (bfloat16 and float16 → float32), and
     for float8 types, which torch promotes with nothing, the wider type (two float8 kinds: float16 holds both)."""
-    import torch
 
     def wider(a: "torch.dtype", b: "torch.dtype") -> "torch.dtype":
-        if a == b:
+        if a == b:  # (before torch is imported: st.header_only's dtypes are equal or need torch)
             return a
+        import torch
+
         try:
             return torch.promote_types(a, b)
         except RuntimeError:  # "Promotion for Float8 Types is not supported"

@@ -18,6 +18,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Collection, Iterable, Mapping, NamedTuple
 
 from . import fp8, ldm
@@ -27,8 +28,8 @@ from .errors import AmbiguousError, FormatError, InvalidInputError, MismatchErro
 from .formats import lowrank, params, peft
 from .formats.common import conv1d_named, fmt_shape, names_module
 from .formats.kohya import embedding_names, kohya_prefix
-from .records import CheckReport, ShapeMismatch
-from .st import TensorInfo, read_row_blocks
+from .records import CheckReport, CheckResult, ShapeMismatch
+from .st import TensorInfo, read_row_blocks, without_torch
 
 # Base tensor-name prefix → the kohya prefixes that name modules under it. Diffusers pipeline folders (tensor names
 # "<component>."), single-file SD/SDXL/SD3/FLUX checkpoints (original names; their text encoders as sd-scripts names
@@ -1622,6 +1623,23 @@ def default_targets_refusal(adapter: Adapter, manifest: Mapping[str, object],
     more = ", …" if len(shown) > SHOWN else ""
     return (f"adapter_config.json gives no target_modules: PEFT would adapt only {model_type}'s "
             f"defaults ({listed}) and ignore {', '.join(shown[:SHOWN])}{more}; {fix}", outside)
+
+
+def check_paths(adapter: "str | Path", base: "str | Path", *, alpha: float | None = None,
+                component: str | None = None) -> CheckResult:
+    """How the adapter file or folder at ``adapter`` fits the base model at ``base`` (or its ``component``), both on
+    disk: what Registry.check_adapter says of two paths, without a registry. Read from their headers and configs,
+    without torch (st.without_torch) unless the adapter's read needs values (formats.read_for_fit)."""
+    from . import formats
+
+    formats.common.given_alpha(alpha, adapter)
+
+    def fit() -> CheckResult:
+        read = formats.read_for_fit(adapter, alpha=alpha)
+        return CheckResult.of(str(adapter), [check(read, BaseModel.open(base), base_name=str(base),
+                                                   component=component)], read.base_model)
+
+    return without_torch(fit)
 
 
 def check(adapter: Adapter, manifest: "Mapping[str, object] | BaseModel", *, base_name: str | None = None,

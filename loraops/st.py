@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
@@ -22,7 +24,11 @@ from .errors import FormatError, InvalidInputError, NotFoundError
 from .fsutil import DirectFileWriter, ReadAhead, resolved
 
 if TYPE_CHECKING:
+    from typing import Callable, TypeVar
+
     import torch
+
+    T = TypeVar("T")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 
@@ -512,14 +518,261 @@ def read_paired_row_blocks(first: TensorInfo, second: TensorInfo) -> Iterator[tu
         del a, b  # (before the next blocks are read)
 
 
+class NeedsTorch(Exception):
+    """Raised inside ``header_only``: the read asked for what only torch gives (a tensor's values or an operation on
+    one, a torch dtype, ``import torch``), so it is done again the usual way."""
+
+
+_HEADER_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("header_only", default=False)
+
+
+class _NoTorch:
+    """A finder on sys.meta_path inside ``header_only``: ``import torch`` raises NeedsTorch rather than load it."""
+
+    def find_spec(self, name: str, path, target=None):
+        if name == "torch" and _HEADER_ONLY.get():
+            raise NeedsTorch(name)
+        return None
+
+
+@contextlib.contextmanager
+def header_only() -> Iterator[bool]:
+    """While in the block, ``load_tensors(values=False)`` gives HeaderTensors (shapes and dtypes from the header, a
+    single value decoded from its bytes) in place of torch's meta tensors, and importing torch raises NeedsTorch: a
+    command that reads only names and shapes (inspect) runs without torch's start-up (1–2 s, ~2/3 of its time), and
+    one that turns out to need torch raises NeedsTorch, for its caller to run it again outside the block. Yields
+    False, changing nothing, where torch is imported already (its meta tensors then cost nothing)."""
+    import sys
+
+    if "torch" in sys.modules:
+        yield False
+        return
+    finder, token = _NoTorch(), _HEADER_ONLY.set(True)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield True
+    finally:
+        sys.meta_path.remove(finder)
+        _HEADER_ONLY.reset(token)
+
+
+def without_torch(read: Callable[[], T]) -> T:
+    """``read()`` inside ``header_only``; where it raises NeedsTorch, ``read()`` again outside, with torch (so ``read``
+    must do nothing it cannot do twice: it reads). The notes the "loraops" logger gets are said once, those of the
+    try that counts. ``read`` returns plain data (a record, ranks): what it read is HeaderTensors, which refuse every
+    operation on values (NeedsTorch), also after the block."""
+    with header_only() as alone:
+        if not alone:  # (torch is imported already)
+            return read()
+        notes, kept = logging.getLogger("loraops"), _Kept()
+        handlers, propagate = notes.handlers, notes.propagate
+        notes.handlers, notes.propagate = [kept], False
+        try:
+            done = read()
+        except NeedsTorch:
+            kept = None
+        finally:
+            notes.handlers, notes.propagate = handlers, propagate
+    if kept is None:
+        return read()
+    for record in kept.records:
+        notes.handle(record)
+    return done
+
+
+class _Kept(logging.Handler):
+    """Keeps the records it is given, to be said once the try they come from counts (without_torch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _needs_torch(*_args, **_kwargs):
+    raise NeedsTorch("an operation on a tensor's values")
+
+
+class HeaderDtype:
+    """A dtype as a HeaderTensor has it: torch's name for it (str and repr as torch.dtype's: 'torch.bfloat16'), equal
+    to the same dtype; what else torch.dtype has raises NeedsTorch."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, st_name: str) -> None:
+        self.name = st_name
+
+    def __str__(self) -> str:
+        return f"torch.{TORCH_DTYPE_NAMES[self.name]}"
+
+    __repr__ = __str__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HeaderDtype) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_BYTES[self.name]
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.name.startswith(("F", "BF"))
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__"):  # (copy, pickle, introspection)
+            raise AttributeError(attribute)
+        raise NeedsTorch(f"dtype.{attribute}")
+
+
+class HeaderSize(tuple):
+    """A HeaderTensor's shape: a tuple that repr()s, slices and adds as torch.Size does (messages show them)."""
+
+    def __repr__(self) -> str:
+        return f"torch.Size({list(self)})"
+
+    __str__ = __repr__
+
+    def __getitem__(self, index):
+        item = tuple.__getitem__(self, index)
+        return HeaderSize(item) if isinstance(index, slice) else item
+
+    def __add__(self, other):
+        return HeaderSize(tuple(self) + tuple(other))
+
+    def numel(self) -> int:
+        return math.prod(self)
+
+
+_STRUCT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U64": "<Q",
+           "U32": "<I", "U16": "<H", "U8": "<B", "BOOL": "<?"}
+
+
+class HeaderTensor:
+    """A stored tensor as ``header_only`` gives it: the shape and dtype its header says (the meta tensor a headers-only
+    read otherwise makes, ``is_meta`` as that), and for a tensor of one value (an alpha) that value, decoded from its
+    bytes as torch reads it (float(), int(), item()). Any other use of it (arithmetic, a comparison, a method torch's
+    tensors have and this does not) raises NeedsTorch."""
+
+    def __init__(self, info: TensorInfo, handle=None) -> None:
+        self.shape, self.dtype, self._info = HeaderSize(info.shape), HeaderDtype(info.dtype), info
+        self.is_meta = info.numel > 1  # (load_tensors reads tensors of one value and none, values=False or not)
+        self._value = None
+        if info.numel == 1 and info.dtype in _STRUCT:
+            handle.seek(info.start)
+            raw = handle.read(info.nbytes)
+            if len(raw) != info.nbytes:
+                raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            (self._value,) = struct.unpack(_STRUCT[info.dtype], raw)
+        elif info.numel == 1 and info.dtype == "BF16":
+            handle.seek(info.start)
+            raw = handle.read(2)
+            if len(raw) != 2:
+                raise FormatError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            (self._value,) = struct.unpack("<f", b"\0\0" + raw)  # (bfloat16: float32's top two bytes)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self._info.numel
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise NeedsTorch("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def double(self) -> "HeaderTensor":
+        """A tensor of one value as float64 (kohya's alphas are read so): torch rounds an integer as float() does."""
+        if self._value is None:
+            raise NeedsTorch("the value of a tensor of no or many values, or of a float8")
+        double = copy.copy(self)
+        double.dtype, double._value = HeaderDtype("F64"), float(self._value)
+        return double
+
+    def reshape(self, *shape) -> "HeaderTensor":
+        """The same tensor seen in ``shape`` (one -1 inferred), as torch's reshape; a shape torch would refuse is
+        torch's to refuse (NeedsTorch)."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        if not all(isinstance(d, int) and d >= -1 for d in shape) or list(shape).count(-1) > 1:
+            raise NeedsTorch(f"reshape{shape}")
+        known = math.prod(d for d in shape if d != -1)
+        if -1 in shape:
+            if known == 0 or self.numel() % known:
+                raise NeedsTorch(f"reshape{shape}")
+            shape = tuple(self.numel() // known if d == -1 else d for d in shape)
+        if math.prod(shape) != self.numel():
+            raise NeedsTorch(f"reshape{shape}")
+        seen = copy.copy(self)
+        seen.shape = HeaderSize(shape)
+        return seen
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "HeaderTensor":
+        dims = len(self.shape) or 1
+        start, end = start_dim % dims, end_dim % dims
+        if start > end:
+            raise NeedsTorch(f"flatten({start_dim}, {end_dim})")
+        if not self.shape:
+            return self.reshape(1)
+        return self.reshape(*self.shape[:start], math.prod(self.shape[start:end + 1]), *self.shape[end + 1:])
+
+    def item(self):
+        if self._value is None:
+            raise NeedsTorch("the value of a tensor of no or many values, or of a float8")
+        return self._value
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __bool__(self) -> bool:
+        return bool(self.item())
+
+    def __repr__(self) -> str:
+        return f"HeaderTensor({self._info.name!r}, {self.dtype}, {list(self.shape)})"
+
+    __hash__ = object.__hash__
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _needs_torch
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _needs_torch
+    __matmul__ = __rmatmul__ = __neg__ = __abs__ = __pow__ = __getitem__ = __iter__ = _needs_torch
+    __index__ = __array__ = __contains__ = _needs_torch
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__"):  # (copy, pickle, introspection)
+            raise AttributeError(attribute)
+        raise NeedsTorch(f"Tensor.{attribute}")
+
+
 def load_tensors(header: Header, names=None, *, values: bool = True, mapped: bool = False) -> dict[str, "torch.Tensor"]:
     """Load the named tensors (default: all) of a validated file with one open handle. ``values`` False: tensors
     on the meta device (shape and dtype, no data) except single values (alphas), for what needs shapes only.
     ``mapped``: tensors are views of the file mapped into memory (``map_file``; only for files nobody rewrites, see
     there), except those whose data is not aligned to their element size, which are read."""
+    wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
+    if not values and _HEADER_ONLY.get():
+        with open(header.source, "rb") as f:
+            return {name: HeaderTensor(info, f) for name, info in wanted.items()}
     import torch
 
-    wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
     whole = map_file(header) if mapped and values else None
     out = {}
     with open(header.source, "rb") as f:

@@ -218,6 +218,33 @@ def loraops_run(*args, cwd=None):
             return subprocess.CompletedProcess(["loraops", *args], code, stdout.read(), stderr.read())
 
 
+HEAVY_MODULES = ("torch", "numpy", "sqlalchemy", "alembic", "transformers", "huggingface_hub", "safetensors")
+
+
+def fresh_cli_against_loaded(*args) -> tuple[list[str], tuple, tuple]:
+    """`loraops ARGS` in a fresh interpreter (where the header-only commands run without torch: st.without_torch) and
+    in this one (torch loaded: the usual reads): (the HEAVY_MODULES the fresh run imported, its (exit code, stdout,
+    stderr), this process's)."""
+    import os
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from loraops.cli import main
+
+    code = ("import sys; from loraops.cli import exit_status\n"
+            "code = exit_status(sys.argv[1:])\n"
+            f"print('imported:', *[m for m in {HEAVY_MODULES!r} if m in sys.modules], file=sys.stderr)\n"
+            "sys.exit(code)\n")
+    args = [str(a) for a in args]
+    fresh = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    said, _, imported = fresh.stderr.rpartition("imported:")
+    loaded = CliRunner().invoke(main, args)
+    return imported.split(), (fresh.returncode, fresh.stdout, said), (loaded.exit_code, loaded.stdout, loaded.stderr)
+
+
 def interrupted_once_returned(monkeypatch, command: str) -> None:
     """A Ctrl-C as click returns from ``command`` (`loraops COMMAND` run in this process), after its summary was
     said: where a run under load was interrupted once its output had landed (test_crash's merge)."""

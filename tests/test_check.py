@@ -275,3 +275,16 @@ def test_linear_factors_on_an_embedding_are_what_peft_leaves_out(tmp_path):
     assert not report.ok and report.shape_mismatches == [] and report.missing == ["model.embed_tokens"]
     assert misfits(report) == ["model.embed_tokens (lora_A/lora_B on an embedding: PEFT keeps an embedding's LoRA in "
                                "lora_embedding_A/lora_embedding_B and loads this adapter without these factors)"]
+
+
+@pytest.mark.parametrize("base", ["big", "small"])
+def test_check_of_two_paths_imports_no_torch_nor_the_registry(bases, base, isolated_home):
+    """`check PATH --base PATH` reads headers and configs only: in a fresh interpreter it runs without torch
+    (st.without_torch), SQLAlchemy or Alembic (no registry is opened: check.check_paths), and says, byte for byte, what
+    the read with torch's meta tensors says (in this process, torch loaded), a fit and a misfit alike."""
+    for json_flag in ([], ["--json"]):
+        imported, fresh, loaded = factories.fresh_cli_against_loaded(
+            "check", bases.adapter, "--base", bases.adapter.parent / base, *json_flag)
+        assert imported == [] and fresh == loaded, (imported, fresh, loaded)
+    assert fresh[0] == (0 if base == "big" else 2)
+    assert list(isolated_home.iterdir()) == []  # (no registry created, nor opened)

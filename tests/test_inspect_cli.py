@@ -187,3 +187,24 @@ def test_a_lycoris_lokr_of_whole_factors_says_its_scale_is_1(tmp_path):
     out = run(path).output
     assert "\nscale mode  classic (alpha/r); 1 for LoKr factors stored whole, as LyCORIS\n" in out
     assert "lora_unet_x  lokr  -         2      1   8    8" in out
+
+
+
+@pytest.mark.parametrize("case", ["peft", "dora", "kohya", "error"])
+def test_inspect_imports_no_torch_and_says_what_the_torch_read_says(adapter, tmp_path, case):
+    """inspect reads headers and configs only: in a fresh interpreter it runs without importing torch (st.header_only:
+    its start-up was ~2/3 of the command's time) or the registry's modules, and prints, byte for byte, what the read
+    with torch's meta tensors prints (in this process, where torch is loaded, header_only stands aside)."""
+    if case == "error":  # (a bare PEFT file without an alpha: refused, one line)
+        path = tmp_path / "bare.safetensors"
+        shutil.copy(adapter / "adapter_model.safetensors", path)
+    elif case == "dora":
+        path = factories.peft_adapter(adapter.parent / "base", tmp_path / "dora", r=4, alpha=8,
+                                      target_modules=["q_proj"], use_dora=True)
+    else:
+        path = {"peft": adapter, "kohya": factories.kohya_file(
+            tmp_path / "k.safetensors", {"lora_unet_proj": ((16,), (24,)), "lora_te_conv": ((8, 3, 3), (6, 1, 1))},
+            rank=4, alpha=3, dtype=torch.bfloat16, metadata={"ss_output_name": "x"})}[case]
+    for args in (["inspect", path], ["inspect", path, "--json"]):
+        imported, fresh, loaded = factories.fresh_cli_against_loaded(*args)
+        assert imported == [] and fresh == loaded, (args, imported, fresh, loaded)

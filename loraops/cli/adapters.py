@@ -202,14 +202,19 @@ def check(ref_or_path: str | None, base: str | None, transformer_2: tuple[str, .
     """Check that an adapter fits a base: every module by name and shape, or each mismatch.
 
     Without --base: against the adapter's recorded base; when it has none, against every registered base."""
-    from ..check import UNTIED_FAMILIES, fit_counts, made_for, misfits
+    from ..check import SECOND_TRANSFORMER, UNTIED_FAMILIES, check_paths, fit_counts, made_for, misfits
     from ..errors import MismatchError
+    from ..fsutil import path_exists
 
     if ref_or_path is None and not transformer_2:
         raise click.UsageError("give the adapter to check (REF_OR_PATH), or --transformer-2 ones")
     given = [(ref, False) for ref in [ref_or_path] if ref is not None] + [(ref, True) for ref in transformer_2]
-    with _registry(create=False) as reg:
-        results = [reg.check_adapter(ref, base, alpha=alpha, transformer_2=second) for ref, second in given]
+    if base is not None and path_exists(base) and all(path_exists(ref) for ref, _ in given):  # (no registry to open)
+        results = [check_paths(ref, base, alpha=alpha, component=SECOND_TRANSFORMER if second else None)
+                   for ref, second in given]
+    else:
+        with _registry(create=False) as reg:
+            results = [reg.check_adapter(ref, base, alpha=alpha, transformer_2=second) for ref, second in given]
     if as_json:
         echo_json(results if transformer_2 else results[0])
     else:

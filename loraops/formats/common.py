@@ -314,10 +314,10 @@ FINITE_BLOCK = 16 << 20
 
 
 def check_finite(path: Path, key: str, tensor: "torch.Tensor") -> None:
-    import torch
-
     if not tensor.is_floating_point() or tensor.is_meta or not tensor.numel() or _KNOWN_FINITE.get():
         return
+    import torch  # (after the headers-only reads' return: st.header_only)
+
     flat = tensor.reshape(-1)
     # in blocks: a saved head mapped from its file (a 2 GiB lm_head) is never converted whole into anonymous memory
     for start in range(0, flat.numel(), FINITE_BLOCK):
@@ -336,9 +336,11 @@ def check_derived(path: Path, name: str, what: str, tensor: "torch.Tensor") -> N
     folded), refused where it overflows the dtype it is kept in: its message names the product, as no stored tensor
     holds NaN or Inf. Checked whatever the registry's stamps say (values_known_finite vouches for stored bytes, not
     for what this code composes of them), which costs little: a composed factor is out×r or r×in·k…."""
-    import torch
+    if tensor.is_meta or not tensor.numel():
+        return
+    import torch  # (after the headers-only reads' return: st.header_only)
 
-    if tensor.is_meta or not tensor.numel() or bool(torch.isfinite(tensor).all()):
+    if bool(torch.isfinite(tensor).all()):
         return
     raise InvalidInputError(f"{path}: module {name!r}: {what} goes beyond what "
                             f"{dtype_name(tensor.dtype)} holds (finite stored values whose product "

@@ -830,6 +830,8 @@ class Registry:
             raise ParameterError("`transformer_2=True` checks against a Wan 2.2 pipeline's second transformer: give "
                                  "that pipeline as `base`", ["transformer_2", "base"])
         component = check.SECOND_TRANSFORMER if transformer_2 else None
+        if path_exists(ref_or_path) and base is not None and path_exists(base):
+            return check.check_paths(ref_or_path, base, alpha=alpha, component=component)
         if path_exists(ref_or_path):
             adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
         else:
@@ -844,7 +846,7 @@ class Registry:
             adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
         if base is not None and path_exists(base):
             return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base), component)],
-                                  adapter.base_model)
+                                  adapter.base_model)  # (a registered adapter: two paths are check_paths')
         with self.session() as s:
             if base is not None:
                 rows = [self._find_base(s, base, "base")]
