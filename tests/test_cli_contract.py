@@ -130,6 +130,35 @@ def test_single_dash_help_is_help_on_every_command(path):
         assert (result.exit_code, result.output) == (0, shown.output), spelling
 
 
+@pytest.mark.parametrize("args, said", [
+    (["merge", "-forc"], "no such option '-forc'. Did you mean '--force'? (see `main merge --help`)"),
+    (["merge", "-hepl"], "no such option '-hepl'. Did you mean '--help'? (see `main merge --help`)"),
+    (["list", "-jsn"], "no such option '-jsn'. Did you mean '--json'? (see `main list --help`)"),
+    (["base", "add", "x", "-nme", "y"], "no such option '-nme'. Did you mean '--name'? (see `main base add --help`)"),
+    (["-hepl"], "no such option '-hepl'. Did you mean '--help'? (see `main --help`)"),
+    (["-quiet", "list"], "no such option '-quiet'. Did you mean '--quiet'? (see `main --help`)"),
+    (["merge", "-xyz"], "no such option '-xyz' (see `main merge --help`)"),
+    (["merge", "-base", "b"], "no such option '-base': merge takes --into BASE (see `main merge --help`)"),
+    (["merge", "-quiet"], "-quiet is an option of main itself, given before the command: `main --quiet merge …` "
+                          "(see `main --help`)"),
+    # the word click refused in, not one it read as a value: -o's (`-oforc`, `-o -forc`), --name's, or after --
+    (["merge", "-o", "-forc", "-x"], "no such option '-x' (see `main merge --help`)"),
+    (["merge", "-oforc", "--name", "-forc", "-hepl"], "no such option '-hepl'. Did you mean '--help'? "
+                                                      "(see `main merge --help`)"),
+    (["-qx", "list"], "no such option '-qx' (see `main --help`)"),
+])
+def test_a_long_option_typed_with_one_dash_is_named_whole(args, said):
+    """`loraops merge -forc` was read as the short options -f -o -r -c: "no such option '-f'"."""
+    assert cli(*args, code=2).stderr == f"error: {said}\n"
+
+
+def test_short_options_still_work_alone_clustered_and_with_their_value(tmp_path, kohya):
+    out = tmp_path / "out.safetensors"
+    cli("-q", "export", kohya, "--format", "kohya", f"-o{out}")
+    assert out.is_file()
+    assert cli("-qh").stdout.startswith("Usage: main [OPTIONS] COMMAND")
+
+
 def test_a_group_alone_still_shows_its_help():
     result = CliRunner().invoke(main, ["base"])
     assert result.exit_code == 2 and result.stderr.startswith("Usage: main base [OPTIONS] COMMAND [ARGS]...")

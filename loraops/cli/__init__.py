@@ -66,29 +66,64 @@ def one_line(message: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message)
 
 
-def usage_error(exc: click.UsageError) -> None:
-    """A bad option or argument, said as one line like every other error (click's own way takes four)."""
+def usage_error(exc: click.UsageError, args: list[str]) -> None:
+    """A bad option or argument, said as one line like every other error (click's own way takes four). ``args``: the
+    command line click was reading (from the command's name on), where a word it refused is looked up."""
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # `loraops base` alone: the help, as click shows it
         raise exc
-    if isinstance(exc, click.NoSuchOption) and exc.option_name in GROUP_OPTIONS and exc.ctx is not None:
+    message = exc.format_message().rstrip(".")
+    typed = wanted = exc.option_name if isinstance(exc, click.NoSuchOption) else None
+    if isinstance(exc, click.NoSuchOption) and exc.ctx is not None:
+        typed = _single_dash_word(exc.ctx, exc.option_name, args) or typed
+        if typed != wanted:  # `merge -forc`: click said "no such option '-f'" (of -f -o -r -c)
+            wanted = f"-{typed}"
+            longs = [opt for param in exc.ctx.command.get_params(exc.ctx)
+                     for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")]
+            close = difflib.get_close_matches(wanted, longs, n=1)
+            message = f"no such option '{typed}'" + (f". Did you mean '{close[0]}'?" if close else "")
+    if wanted in GROUP_OPTIONS and exc.ctx is not None and exc.ctx.parent is not None:
         # `loraops list --db URL`: click said "no such option '--db'. Did you mean '--base'?"
         root = exc.ctx.find_root()
         command = exc.ctx.command_path.removeprefix(root.command_path).strip()
-        fail(f"{exc.option_name} is an option of {root.command_path} itself, given before the command: "
-             f"`{root.command_path} {GROUP_OPTIONS[exc.option_name]} {command} …` (see `{root.command_path} --help`)",
+        fail(f"{typed} is an option of {root.command_path} itself, given before the command: "
+             f"`{root.command_path} {GROUP_OPTIONS[wanted]} {command} …` (see `{root.command_path} --help`)",
              exc.exit_code)
-    message = exc.format_message().rstrip(".")
-    if isinstance(exc, click.NoSuchOption) and exc.option_name in MODEL_OPTIONS and exc.ctx is not None:
+    if wanted in MODEL_OPTIONS and exc.ctx is not None:
         taken = [param.get_help_record(exc.ctx)[0] for param in exc.ctx.command.params
                  if set(param.opts) & {*MODEL_OPTIONS, "--tuned"}]
         if taken:  # `merge --base B`: click said "Did you mean '--name'?"
-            message = f"no such option '{exc.option_name}': {exc.ctx.info_name} takes {' and '.join(taken)}"
+            message = f"no such option '{typed}': {exc.ctx.info_name} takes {' and '.join(taken)}"
     if isinstance(exc, click.MissingParameter) and isinstance(getattr(exc.param, "type", None), click.Choice):
         # click lists the choices one a line ("Choose from:\n\tpeft,\n\tkohya…"), escaped into '\n\t' by one_line
         missing = message.partition(". ")[0]
         message = f"{missing}: choose from {', '.join(map(str, exc.param.type.choices))}"
     hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
     fail(f"{message[:1].lower()}{message[1:]}{hint}", exc.exit_code)
+
+
+def _single_dash_word(ctx: click.Context, refused: str, args: list[str]) -> str | None:
+    """The word of ``args`` in which click refused the short option ``refused`` (`-forc`, a long option typed with one
+    dash, which click reads as the short options -f -o -r -c), when that word is not ``refused`` itself; found as
+    click's parser reads the line: the value after an option that takes one is not an option, nor is what follows
+    `--`, and in `-ab…` the letters after a short option that takes a value are that value."""
+    flags = {opt: isinstance(param, click.Option) and (param.is_flag or param.count)
+             for param in ctx.command.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            return None
+        if word.partition("=")[0] in flags:
+            if "=" not in word and not flags[word]:
+                next(words, None)
+        elif word.startswith("-") and not word.startswith("--") and len(word) > 2:
+            for letter in word[1:]:
+                if f"-{letter}" not in flags:
+                    if f"-{letter}" == refused:
+                        return word
+                    break
+                if not flags[f"-{letter}"]:
+                    break
+    return None
 
 
 def _terminate(signum: int, frame) -> None:
@@ -253,14 +288,16 @@ class LoraopsGroup(click.Group):
             command, args = command.get_command(ctx, args[0]), args[1:]
         return command
 
-    def make_context(self, *args, **kwargs) -> click.Context:
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra) -> click.Context:
+        given = list(args)  # (click's parser consumes args)
         try:
-            return super().make_context(*args, **kwargs)
+            return super().make_context(info_name, args, parent, **extra)
         except KeyboardInterrupt:  # while the options are read: click would say "Aborted!" and exit 1
             say_error(INTERRUPTED)
             raise click.exceptions.Exit(interrupted()) from None
         except click.UsageError as exc:
-            usage_error(exc)
+            usage_error(exc, given)
         except OSError as exc:  # the group's own --help / --version written to a full disk or a closed pipe
             system_error(exc)
 
@@ -282,7 +319,7 @@ class LoraopsGroup(click.Group):
         except LoraopsError as exc:
             fail(said(exc, self.ran(ctx)), exc.exit_code)
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
-            usage_error(exc)
+            usage_error(exc, ctx.meta.get(_ARGS, []))
         except KeyboardInterrupt as exc:  # a command interrupted after its output landed says so (landing.Landing)
             fail(exc.args[0] if exc.args else _landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         except OSError as exc:
