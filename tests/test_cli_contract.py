@@ -159,6 +159,18 @@ def test_short_options_still_work_alone_clustered_and_with_their_value(tmp_path,
     assert cli("-qh").stdout.startswith("Usage: main [OPTIONS] COMMAND")
 
 
+@pytest.mark.parametrize("args", [["show", "b\udcff"], ["base", "show", "b\udcff"], ["rm", "b\udcff"],
+                                  ["check", "b\udcff"], ["list", "--tag", "t\udcff"], ["list", "--base", "b\udcff"],
+                                  ["combine", "style", "b\udcff"], ["resize", "b\udcff", "--rank", "2"]])
+def test_a_reference_that_is_not_utf8_names_nothing_in_one_line(kohya, args):
+    """A name from argv with bytes that are not UTF-8 (os.fsdecode makes them surrogates) was the driver's
+    UnicodeEncodeError, a traceback, when a command looked it up in the registry."""
+    cli("register", kohya)
+    bad = next(arg for arg in args if not arg.isascii())
+    assert cli(*args, code=2).stderr == (f"error: {bad!r} is not UTF-8 text, as every name and path the registry "
+                                         "records is, so it names nothing there (a name typed in another encoding?)\n")
+
+
 def test_a_group_alone_still_shows_its_help():
     result = CliRunner().invoke(main, ["base"])
     assert result.exit_code == 2 and result.stderr.startswith("Usage: main base [OPTIONS] COMMAND [ARGS]...")
