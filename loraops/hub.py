@@ -672,6 +672,10 @@ def refuse_ambiguous(ref: RepoRef, commits: list[str]) -> None:
 def repo_and_path(ref: RepoRef | str, subpath: str | None) -> tuple[RepoRef, str | None]:
     """The repo and the adapter's path in it (``subpath``, --file) of a reference that may name that path itself
     (parse_repo_path); one that names another path than ``subpath`` is refused."""
+    argument(subpath, "subpath", str, type(None))
+    if subpath is not None and not subpath.strip("/"):  # `--file ""` was read as none, and the Hub asked
+        raise InvalidInputError(f"`subpath` {subpath!r} names no file or folder in the repo; leave it out for the "
+                                "adapter at the repo's top level", ["subpath"])
     if isinstance(argument(ref, "ref", str, RepoRef), RepoRef):
         return ref, subpath
     try:
