@@ -171,6 +171,15 @@ def test_a_reference_that_is_not_utf8_names_nothing_in_one_line(kohya, args):
                                          "records is, so it names nothing there (a name typed in another encoding?)\n")
 
 
+@pytest.mark.parametrize("option, value, default", [("--home", "", "$LORAOPS_HOME or the user data dir"),
+                                                     ("--db", " ", "$LORAOPS_DB or SQLite in the home")])
+def test_an_empty_home_or_db_option_is_refused(option, value, default):
+    """`loraops --home "$UNSET" list` was read as no --home: the default home was used, the user's real one."""
+    assert cli(option, value, "list", code=2).stderr == (
+        f"error: invalid value for '{option}': it is empty (an unset variable?); leave {option} out for {default} "
+        "(see `main --help`)\n")
+
+
 def test_a_group_alone_still_shows_its_help():
     result = CliRunner().invoke(main, ["base"])
     assert result.exit_code == 2 and result.stderr.startswith("Usage: main base [OPTIONS] COMMAND [ARGS]...")

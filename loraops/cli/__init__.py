@@ -381,9 +381,22 @@ def _raised_under_interrupt(exc: BaseException) -> bool:
     return False
 
 
+def not_empty(default: str):
+    """A callback refusing an option given empty (`--home "$UNSET"`), which was read as not given: ``default`` was
+    used instead, the user's real home for --home."""
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise click.BadParameter(f"it is empty (an unset variable?); leave {param.opts[0]} out for {default}",
+                                     ctx, param)
+        return value
+    return check
+
+
 @click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help", "-help"]})
-@click.option("--home", type=click.Path(file_okay=False), help="loraops home folder (default $LORAOPS_HOME or the user data dir).")
-@click.option("--db", "db", metavar="URL", help="Registry SQLAlchemy URL (default $LORAOPS_DB or SQLite in the home).")
+@click.option("--home", type=click.Path(file_okay=False), callback=not_empty("$LORAOPS_HOME or the user data dir"),
+              help="loraops home folder (default $LORAOPS_HOME or the user data dir).")
+@click.option("--db", "db", metavar="URL", callback=not_empty("$LORAOPS_DB or SQLite in the home"),
+              help="Registry SQLAlchemy URL (default $LORAOPS_DB or SQLite in the home).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.version_option(__version__, prog_name="loraops")
 def main(home: str | None, db: str | None, quiet: bool) -> None:
