@@ -146,10 +146,18 @@ def test_single_dash_help_is_help_on_every_command(path):
     (["merge", "-oforc", "--name", "-forc", "-hepl"], "no such option '-hepl'. Did you mean '--help'? "
                                                       "(see `main merge --help`)"),
     (["-qx", "list"], "no such option '-qx' (see `main --help`)"),
+    # one that click read without complaint as a short option and its value (-o utput, -m ethod)
+    (["merge", "style", "--into", "b", "-output", "style"], "no such option '-output'. Did you mean '--output'? "
+                                                           "(see `main merge --help`)"),
+    (["combine", "style", "-method", "ties"], "no such option '-method'. Did you mean '--method'? "
+                                              "(see `main combine --help`)"),
 ])
-def test_a_long_option_typed_with_one_dash_is_named_whole(args, said):
-    """`loraops merge -forc` was read as the short options -f -o -r -c: "no such option '-f'"."""
+def test_a_long_option_typed_with_one_dash_is_named_whole(args, said, kohya, tmp_path):
+    """`loraops merge -forc` was read as the short options -f -o -r -c: "no such option '-f'"; `merge x -output y` as
+    -o utput, with y an adapter to merge."""
+    cli("register", kohya)
     assert cli(*args, code=2).stderr == f"error: {said}\n"
+    assert not (Path.cwd() / "utput").exists()
 
 
 def test_short_options_still_work_alone_clustered_and_with_their_value(tmp_path, kohya):

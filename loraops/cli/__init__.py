@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Iterator
 
 import click
 
@@ -76,11 +77,7 @@ def usage_error(exc: click.UsageError, args: list[str]) -> None:
     if isinstance(exc, click.NoSuchOption) and exc.ctx is not None:
         typed = _single_dash_word(exc.ctx, exc.option_name, args) or typed
         if typed != wanted:  # `merge -forc`: click said "no such option '-f'" (of -f -o -r -c)
-            wanted = f"-{typed}"
-            longs = [opt for param in exc.ctx.command.get_params(exc.ctx)
-                     for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")]
-            close = difflib.get_close_matches(wanted, longs, n=1)
-            message = f"no such option '{typed}'" + (f". Did you mean '{close[0]}'?" if close else "")
+            wanted, message = f"-{typed}", _one_dash_said(exc.ctx, typed)
     if wanted in GROUP_OPTIONS and exc.ctx is not None and exc.ctx.parent is not None:
         # `loraops list --db URL`: click said "no such option '--db'. Did you mean '--base'?"
         root = exc.ctx.find_root()
@@ -101,29 +98,53 @@ def usage_error(exc: click.UsageError, args: list[str]) -> None:
     fail(f"{message[:1].lower()}{message[1:]}{hint}", exc.exit_code)
 
 
-def _single_dash_word(ctx: click.Context, refused: str, args: list[str]) -> str | None:
-    """The word of ``args`` in which click refused the short option ``refused`` (`-forc`, a long option typed with one
-    dash, which click reads as the short options -f -o -r -c), when that word is not ``refused`` itself; found as
-    click's parser reads the line: the value after an option that takes one is not an option, nor is what follows
-    `--`, and in `-ab…` the letters after a short option that takes a value are that value."""
+def _one_dash_said(ctx: click.Context, word: str) -> str:
+    """What a long option typed with one dash (``word``) is said as, with the double-dash option it may mean."""
+    longs = [opt for param in ctx.command.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)
+             if opt.startswith("--")]
+    close = difflib.get_close_matches(f"-{word.partition('=')[0]}", longs, n=1)
+    return f"no such option '{word}'" + (f". Did you mean '{close[0]}'?" if close else "")
+
+
+def _one_dash_words(ctx: click.Context, args: list[str]) -> Iterator[tuple[str, dict[str, bool]]]:
+    """The words of ``args`` that click reads as clustered short options (`-forc`: -f -o -r -c; `-output`: -o with
+    the value `utput`), each with the command's options (option → whether it is a flag); found as click's parser
+    reads the line: the value after an option that takes one is not an option, nor is what follows `--`."""
     flags = {opt: isinstance(param, click.Option) and (param.is_flag or param.count)
              for param in ctx.command.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
     words = iter(args)
     for word in words:
         if word == "--":
-            return None
+            return
         if word.partition("=")[0] in flags:
             if "=" not in word and not flags[word]:
                 next(words, None)
         elif word.startswith("-") and not word.startswith("--") and len(word) > 2:
-            for letter in word[1:]:
-                if f"-{letter}" not in flags:
-                    if f"-{letter}" == refused:
-                        return word
-                    break
-                if not flags[f"-{letter}"]:
-                    break
+            yield word, flags
+
+
+def _single_dash_word(ctx: click.Context, refused: str, args: list[str]) -> str | None:
+    """The word of ``args`` in which click refused the short option ``refused`` (`-forc`, a long option typed with one
+    dash), when that word is not ``refused`` itself: in `-ab…` the letters after a short option that takes a value
+    are that value, not options."""
+    for word, flags in _one_dash_words(ctx, args):
+        for letter in word[1:]:
+            if f"-{letter}" not in flags:
+                if f"-{letter}" == refused:
+                    return word
+                break
+            if not flags[f"-{letter}"]:
+                break
     return None
+
+
+def refuse_one_dash_long_option(ctx: click.Context, args: list[str]) -> None:
+    """`merge -output x`, `combine -method ties`: a long option of the command typed with one dash, which click reads
+    without complaint as its short option with the rest as the value (-o utput, -m ethod), leaving the value given
+    to be read as an adapter; said as `-forc` is (usage_error)."""
+    for word, flags in _one_dash_words(ctx, args):
+        if f"-{word.partition('=')[0]}" in flags and flags.get(word[:2]) is False:
+            fail(f"{_one_dash_said(ctx, word)} (see `{ctx.command_path} --help`)", click.UsageError.exit_code)
 
 
 def _terminate(signum: int, frame) -> None:
@@ -278,7 +299,10 @@ class LoraopsGroup(click.Group):
         if close and not name.startswith("-") and not ctx.resilient_parsing:
             ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
         ctx.meta[_ARGS] = list(args)
-        return super().resolve_command(ctx, args)
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not isinstance(command, click.Group) and not ctx.resilient_parsing:
+            refuse_one_dash_long_option(click.Context(command, info_name=name, parent=ctx), rest)
+        return name, command, rest
 
     def ran(self, ctx: click.Context) -> click.Command | None:
         """The command that ran: `base rm`'s rm, whose options an error's parameters are said as, not base's (the
