@@ -147,6 +147,7 @@ def test_an_older_server_registry_is_upgraded_only_by_db_upgrade(tmp_path):
     assert CliRunner().invoke(main, ["register", str(style)]).exit_code == 0
 
 
+@pytest.mark.empty_db
 def test_team_md_shows_the_refusal_as_this_loraops_says_it():
     """docs/team.md's example of an older server registry's refusal named revisions 0005 and 0006, after 0007."""
     import re
