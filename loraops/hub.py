@@ -109,6 +109,9 @@ def parse_repo_path(text: str) -> tuple[RepoRef, str | None]:
             ref = ref[len(prefix):]
             if prefix.startswith("http"):
                 ref = ref.split("?")[0].split("#")[0]
+            if prefix != "hub:" and "/" in ref.removesuffix("/"):  # (ends a copied URL or hf:// folder path)
+                ref = ref.removesuffix("/")
+            if prefix.startswith("http"):
                 page = _PAGE.match(ref)
                 if page:
                     ref, path = f"{page.group(1)}@{unquote(page.group(2))}", page.group(3)
@@ -121,10 +124,12 @@ def parse_repo_path(text: str) -> tuple[RepoRef, str | None]:
 
 def _parse_repo_id(text: str, ref: str) -> RepoRef:
     repo_id, sep, revision = ref.partition("@")
-    repo_id = repo_id.strip("/")
     kind = {"datasets": "dataset", "spaces": "Space"}.get(repo_id.split("/")[0]) if repo_id.count("/") == 2 else None
     if kind:
         raise InvalidInputError(f"{text!r} is a {kind} repo: loraops reads model repos (owner/name[@revision])")
+    if repo_id.startswith("/") or repo_id.endswith("/"):  # `someone/` was read as the bare name someone
+        raise InvalidInputError(f"{text!r} is not a Hub repo id: a '/' begins or ends it (expected "
+                                "owner/name[@revision])")
     if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", ".git")):
         raise InvalidInputError(f"{text!r} is not a Hub repo id (expected owner/name[@revision])")
     if sep and not good_revision(revision):
@@ -667,6 +672,10 @@ def refuse_ambiguous(ref: RepoRef, commits: list[str]) -> None:
 def repo_and_path(ref: RepoRef | str, subpath: str | None) -> tuple[RepoRef, str | None]:
     """The repo and the adapter's path in it (``subpath``, --file) of a reference that may name that path itself
     (parse_repo_path); one that names another path than ``subpath`` is refused."""
+    argument(subpath, "subpath", str, type(None))
+    if subpath is not None and not subpath.strip("/"):  # `--file ""` was read as none, and the Hub asked
+        raise InvalidInputError(f"`subpath` {subpath!r} names no file or folder in the repo; leave it out for the "
+                                "adapter at the repo's top level", ["subpath"])
     if isinstance(argument(ref, "ref", str, RepoRef), RepoRef):
         return ref, subpath
     try:

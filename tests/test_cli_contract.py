@@ -130,6 +130,64 @@ def test_single_dash_help_is_help_on_every_command(path):
         assert (result.exit_code, result.output) == (0, shown.output), spelling
 
 
+@pytest.mark.parametrize("args, said", [
+    (["merge", "-forc"], "no such option '-forc'. Did you mean '--force'? (see `main merge --help`)"),
+    (["merge", "-hepl"], "no such option '-hepl'. Did you mean '--help'? (see `main merge --help`)"),
+    (["list", "-jsn"], "no such option '-jsn'. Did you mean '--json'? (see `main list --help`)"),
+    (["base", "add", "x", "-nme", "y"], "no such option '-nme'. Did you mean '--name'? (see `main base add --help`)"),
+    (["-hepl"], "no such option '-hepl'. Did you mean '--help'? (see `main --help`)"),
+    (["-quiet", "list"], "no such option '-quiet'. Did you mean '--quiet'? (see `main --help`)"),
+    (["merge", "-xyz"], "no such option '-xyz' (see `main merge --help`)"),
+    (["merge", "-base", "b"], "no such option '-base': merge takes --into BASE (see `main merge --help`)"),
+    (["merge", "-quiet"], "-quiet is an option of main itself, given before the command: `main --quiet merge …` "
+                          "(see `main --help`)"),
+    # the word click refused in, not one it read as a value: -o's (`-oforc`, `-o -forc`), --name's, or after --
+    (["merge", "-o", "-forc", "-x"], "no such option '-x' (see `main merge --help`)"),
+    (["merge", "-oforc", "--name", "-forc", "-hepl"], "no such option '-hepl'. Did you mean '--help'? "
+                                                      "(see `main merge --help`)"),
+    (["-qx", "list"], "no such option '-qx' (see `main --help`)"),
+    # one that click read without complaint as a short option and its value (-o utput, -m ethod)
+    (["merge", "style", "--into", "b", "-output", "style"], "no such option '-output'. Did you mean '--output'? "
+                                                           "(see `main merge --help`)"),
+    (["combine", "style", "-method", "ties"], "no such option '-method'. Did you mean '--method'? "
+                                              "(see `main combine --help`)"),
+])
+def test_a_long_option_typed_with_one_dash_is_named_whole(args, said, kohya, tmp_path):
+    """`loraops merge -forc` was read as the short options -f -o -r -c: "no such option '-f'"; `merge x -output y` as
+    -o utput, with y an adapter to merge."""
+    cli("register", kohya)
+    assert cli(*args, code=2).stderr == f"error: {said}\n"
+    assert not (Path.cwd() / "utput").exists()
+
+
+def test_short_options_still_work_alone_clustered_and_with_their_value(tmp_path, kohya):
+    out = tmp_path / "out.safetensors"
+    cli("-q", "export", kohya, "--format", "kohya", f"-o{out}")
+    assert out.is_file()
+    assert cli("-qh").stdout.startswith("Usage: main [OPTIONS] COMMAND")
+
+
+@pytest.mark.parametrize("args", [["show", "b\udcff"], ["base", "show", "b\udcff"], ["rm", "b\udcff"],
+                                  ["check", "b\udcff"], ["list", "--tag", "t\udcff"], ["list", "--base", "b\udcff"],
+                                  ["combine", "style", "b\udcff"], ["resize", "b\udcff", "--rank", "2"]])
+def test_a_reference_that_is_not_utf8_names_nothing_in_one_line(kohya, args):
+    """A name from argv with bytes that are not UTF-8 (os.fsdecode makes them surrogates) was the driver's
+    UnicodeEncodeError, a traceback, when a command looked it up in the registry."""
+    cli("register", kohya)
+    bad = next(arg for arg in args if not arg.isascii())
+    assert cli(*args, code=2).stderr == (f"error: {bad!r} is not UTF-8 text, as every name and path the registry "
+                                         "records is, so it names nothing there (a name typed in another encoding?)\n")
+
+
+@pytest.mark.parametrize("option, value, default", [("--home", "", "$LORAOPS_HOME or the user data dir"),
+                                                     ("--db", " ", "$LORAOPS_DB or SQLite in the home")])
+def test_an_empty_home_or_db_option_is_refused(option, value, default):
+    """`loraops --home "$UNSET" list` was read as no --home: the default home was used, the user's real one."""
+    assert cli(option, value, "list", code=2).stderr == (
+        f"error: invalid value for '{option}': it is empty (an unset variable?); leave {option} out for {default} "
+        "(see `main --help`)\n")
+
+
 def test_a_group_alone_still_shows_its_help():
     result = CliRunner().invoke(main, ["base"])
     assert result.exit_code == 2 and result.stderr.startswith("Usage: main base [OPTIONS] COMMAND [ARGS]...")

@@ -280,6 +280,44 @@ def test_cli_pull_push_and_errors(fake_hub, adapters):
     assert bad.exit_code == 2 and bad.output == "error: 'not a repo' is not a Hub repo id (expected owner/name[@revision])\n"
 
 
+@pytest.mark.parametrize("repo", ["someone/", "/someone", "someone/style/", "//someone", "/someone@main",
+                                  "hub:someone/", "hf://someone/", "https://huggingface.co/someone/"])
+def test_a_repo_id_with_an_empty_owner_or_name_is_refused_before_the_hub_is_asked(fake_hub, repo):
+    """`pull someone/` and `pull /someone` were read as the bare name someone, and asked of the Hub."""
+    fake_hub.commit("someone", {"style.safetensors": b"k" * 32})
+    fake_hub.commit("someone/style", {"style.safetensors": b"k" * 32})
+    asked = len(fake_hub.requests)
+    result = CliRunner().invoke(main, ["pull", repo])
+    assert (result.exit_code, result.output) == (2, f"error: {repo!r} is not a Hub repo id: a '/' begins or ends it "
+                                                    "(expected owner/name[@revision])\n")
+    assert len(fake_hub.requests) == asked and not hub.cache_dir().exists()
+
+
+@pytest.mark.parametrize("repo", ["someone//style", "someone/style/x/y"])
+def test_a_repo_id_with_more_than_one_slash_is_refused_before_the_hub_is_asked(fake_hub, repo):
+    asked = len(fake_hub.requests)
+    result = CliRunner().invoke(main, ["pull", repo])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {repo!r} is not a Hub repo id (expected "
+                                                              "owner/name[@revision])")
+    assert result.output.count("\n") == 1 and len(fake_hub.requests) == asked and not hub.cache_dir().exists()
+
+
+@pytest.mark.parametrize("subpath", ["", "/"])
+def test_a_file_option_that_names_nothing_is_refused_before_the_hub_is_asked(fake_hub, subpath):
+    """`pull someone/style --file ""` was read as no --file: the Hub was asked for the repo's top level."""
+    fake_hub.commit("someone/style", {"style.safetensors": b"k" * 32})
+    asked = len(fake_hub.requests)
+    result = CliRunner().invoke(main, ["pull", "someone/style", "--file", subpath])
+    assert (result.exit_code, result.output) == (2, f"error: --file {subpath!r} names no file or folder in the repo; "
+                                                    "leave it out for the adapter at the repo's top level\n")
+    assert len(fake_hub.requests) == asked and not hub.cache_dir().exists()
+
+
+def test_a_copied_url_or_hf_path_may_end_with_a_slash(fake_hub):
+    assert hub.parse_repo_ref("https://huggingface.co/someone/style/") == hub.RepoRef("someone/style", None)
+    assert hub.parse_repo_ref("hf://someone/style/") == hub.RepoRef("someone/style", None)
+
+
 @pytest.mark.parametrize("args, message", [
     (["anime-lora"], "repository anime-lora not found on {url}: a Hub repo id is owner/name, and 'anime-lora' names "
                      "no owner"),

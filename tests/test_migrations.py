@@ -148,6 +148,21 @@ def test_an_older_server_registry_is_upgraded_only_by_db_upgrade(tmp_path):
 
 
 @pytest.mark.empty_db
+def test_team_md_shows_the_refusal_as_this_loraops_says_it():
+    """docs/team.md's example of an older server registry's refusal named revisions 0005 and 0006, after 0007."""
+    import re
+
+    eng = engine()
+    db.upgrade(eng, revisions()[-2])
+    with pytest.raises(RegistryError) as refused:
+        db.upgrade(eng, only_empty=True)  # what every command but `db upgrade` does with a server registry
+    shown = re.search(r"^```\n(error: the registry at .*?)\n```", (ROOT / "docs" / "team.md").read_text(), re.M | re.S)
+    url = re.match(r"error: the registry at (\S+) ", shown.group(1)).group(1)
+    said = str(refused.value).replace(f" at {db._safe(eng)} ", f" at {url} ", 1)
+    assert shown.group(1).replace("\n", " ") == f"error: {said}"
+
+
+@pytest.mark.empty_db
 def test_a_server_registry_created_at_an_older_revision_meanwhile_is_not_upgraded(monkeypatch):
     """The revision is read before the migration lock is taken: a database that was empty then, and that a teammate's
     older loraops created (at its own revision) before the lock was ours, was upgraded by the command that found it

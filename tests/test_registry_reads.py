@@ -237,6 +237,17 @@ def test_a_foreign_wal_database_is_refused_with_its_folder_as_it_was(tmp_path):
     assert (database.read_bytes(), wal.read_bytes()) == before
 
 
+def test_a_reference_that_is_not_utf8_is_invalid_input_on_either_path(filled):
+    """The driver's UnicodeEncodeError (a traceback in `show $'b\\xff'`): over the driver and the Registry's own
+    connection alike, a reference with bytes that are not UTF-8 is refused in one line."""
+    from loraops.errors import InvalidInputError
+
+    with reads.reader() as fast, Registry.open() as registry:
+        for lookup in (fast.get_adapter, fast.get_base, registry.get_adapter, registry.get_base):
+            with pytest.raises(InvalidInputError, match=r"^'b\\udcff' is not UTF-8 text, as every name and path "):
+                lookup("b\udcff")
+
+
 @pytest.mark.sqlite_only
 def test_a_registry_at_a_path_that_is_not_utf8_is_read(tmp_path):
     """A registry in a folder whose name is not UTF-8 (os.fsdecode makes its bytes surrogates): its file: URI quoted

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Iterator
 
 import click
 
@@ -66,29 +67,84 @@ def one_line(message: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message)
 
 
-def usage_error(exc: click.UsageError) -> None:
-    """A bad option or argument, said as one line like every other error (click's own way takes four)."""
+def usage_error(exc: click.UsageError, args: list[str]) -> None:
+    """A bad option or argument, said as one line like every other error (click's own way takes four). ``args``: the
+    command line click was reading (from the command's name on), where a word it refused is looked up."""
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # `loraops base` alone: the help, as click shows it
         raise exc
-    if isinstance(exc, click.NoSuchOption) and exc.option_name in GROUP_OPTIONS and exc.ctx is not None:
+    message = exc.format_message().rstrip(".")
+    typed = wanted = exc.option_name if isinstance(exc, click.NoSuchOption) else None
+    if isinstance(exc, click.NoSuchOption) and exc.ctx is not None:
+        typed = _single_dash_word(exc.ctx, exc.option_name, args) or typed
+        if typed != wanted:  # `merge -forc`: click said "no such option '-f'" (of -f -o -r -c)
+            wanted, message = f"-{typed}", _one_dash_said(exc.ctx, typed)
+    if wanted in GROUP_OPTIONS and exc.ctx is not None and exc.ctx.parent is not None:
         # `loraops list --db URL`: click said "no such option '--db'. Did you mean '--base'?"
         root = exc.ctx.find_root()
         command = exc.ctx.command_path.removeprefix(root.command_path).strip()
-        fail(f"{exc.option_name} is an option of {root.command_path} itself, given before the command: "
-             f"`{root.command_path} {GROUP_OPTIONS[exc.option_name]} {command} …` (see `{root.command_path} --help`)",
+        fail(f"{typed} is an option of {root.command_path} itself, given before the command: "
+             f"`{root.command_path} {GROUP_OPTIONS[wanted]} {command} …` (see `{root.command_path} --help`)",
              exc.exit_code)
-    message = exc.format_message().rstrip(".")
-    if isinstance(exc, click.NoSuchOption) and exc.option_name in MODEL_OPTIONS and exc.ctx is not None:
+    if wanted in MODEL_OPTIONS and exc.ctx is not None:
         taken = [param.get_help_record(exc.ctx)[0] for param in exc.ctx.command.params
                  if set(param.opts) & {*MODEL_OPTIONS, "--tuned"}]
         if taken:  # `merge --base B`: click said "Did you mean '--name'?"
-            message = f"no such option '{exc.option_name}': {exc.ctx.info_name} takes {' and '.join(taken)}"
+            message = f"no such option '{typed}': {exc.ctx.info_name} takes {' and '.join(taken)}"
     if isinstance(exc, click.MissingParameter) and isinstance(getattr(exc.param, "type", None), click.Choice):
         # click lists the choices one a line ("Choose from:\n\tpeft,\n\tkohya…"), escaped into '\n\t' by one_line
         missing = message.partition(". ")[0]
         message = f"{missing}: choose from {', '.join(map(str, exc.param.type.choices))}"
     hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
     fail(f"{message[:1].lower()}{message[1:]}{hint}", exc.exit_code)
+
+
+def _one_dash_said(ctx: click.Context, word: str) -> str:
+    """What a long option typed with one dash (``word``) is said as, with the double-dash option it may mean."""
+    longs = [opt for param in ctx.command.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)
+             if opt.startswith("--")]
+    close = difflib.get_close_matches(f"-{word.partition('=')[0]}", longs, n=1)
+    return f"no such option '{word}'" + (f". Did you mean '{close[0]}'?" if close else "")
+
+
+def _one_dash_words(ctx: click.Context, args: list[str]) -> Iterator[tuple[str, dict[str, bool]]]:
+    """The words of ``args`` that click reads as clustered short options (`-forc`: -f -o -r -c; `-output`: -o with
+    the value `utput`), each with the command's options (option → whether it is a flag); found as click's parser
+    reads the line: the value after an option that takes one is not an option, nor is what follows `--`."""
+    flags = {opt: isinstance(param, click.Option) and (param.is_flag or param.count)
+             for param in ctx.command.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            return
+        if word.partition("=")[0] in flags:
+            if "=" not in word and not flags[word]:
+                next(words, None)
+        elif word.startswith("-") and not word.startswith("--") and len(word) > 2:
+            yield word, flags
+
+
+def _single_dash_word(ctx: click.Context, refused: str, args: list[str]) -> str | None:
+    """The word of ``args`` in which click refused the short option ``refused`` (`-forc`, a long option typed with one
+    dash), when that word is not ``refused`` itself: in `-ab…` the letters after a short option that takes a value
+    are that value, not options."""
+    for word, flags in _one_dash_words(ctx, args):
+        for letter in word[1:]:
+            if f"-{letter}" not in flags:
+                if f"-{letter}" == refused:
+                    return word
+                break
+            if not flags[f"-{letter}"]:
+                break
+    return None
+
+
+def refuse_one_dash_long_option(ctx: click.Context, args: list[str]) -> None:
+    """`merge -output x`, `combine -method ties`: a long option of the command typed with one dash, which click reads
+    without complaint as its short option with the rest as the value (-o utput, -m ethod), leaving the value given
+    to be read as an adapter; said as `-forc` is (usage_error)."""
+    for word, flags in _one_dash_words(ctx, args):
+        if f"-{word.partition('=')[0]}" in flags and flags.get(word[:2]) is False:
+            fail(f"{_one_dash_said(ctx, word)} (see `{ctx.command_path} --help`)", click.UsageError.exit_code)
 
 
 def _terminate(signum: int, frame) -> None:
@@ -243,7 +299,10 @@ class LoraopsGroup(click.Group):
         if close and not name.startswith("-") and not ctx.resilient_parsing:
             ctx.fail(f"No such command {name!r}. Did you mean {close[0]!r}?")
         ctx.meta[_ARGS] = list(args)
-        return super().resolve_command(ctx, args)
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not isinstance(command, click.Group) and not ctx.resilient_parsing:
+            refuse_one_dash_long_option(click.Context(command, info_name=name, parent=ctx), rest)
+        return name, command, rest
 
     def ran(self, ctx: click.Context) -> click.Command | None:
         """The command that ran: `base rm`'s rm, whose options an error's parameters are said as, not base's (the
@@ -253,14 +312,16 @@ class LoraopsGroup(click.Group):
             command, args = command.get_command(ctx, args[0]), args[1:]
         return command
 
-    def make_context(self, *args, **kwargs) -> click.Context:
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra) -> click.Context:
+        given = list(args)  # (click's parser consumes args)
         try:
-            return super().make_context(*args, **kwargs)
+            return super().make_context(info_name, args, parent, **extra)
         except KeyboardInterrupt:  # while the options are read: click would say "Aborted!" and exit 1
             say_error(INTERRUPTED)
             raise click.exceptions.Exit(interrupted()) from None
         except click.UsageError as exc:
-            usage_error(exc)
+            usage_error(exc, given)
         except OSError as exc:  # the group's own --help / --version written to a full disk or a closed pipe
             system_error(exc)
 
@@ -282,7 +343,7 @@ class LoraopsGroup(click.Group):
         except LoraopsError as exc:
             fail(said(exc, self.ran(ctx)), exc.exit_code)
         except click.UsageError as exc:  # a command's own options (the group's are read in make_context)
-            usage_error(exc)
+            usage_error(exc, ctx.meta.get(_ARGS, []))
         except KeyboardInterrupt as exc:  # a command interrupted after its output landed says so (landing.Landing)
             fail(exc.args[0] if exc.args else _landed(ctx) or INTERRUPTED.removeprefix("error: "), interrupted())
         except OSError as exc:
@@ -344,9 +405,22 @@ def _raised_under_interrupt(exc: BaseException) -> bool:
     return False
 
 
+def not_empty(default: str):
+    """A callback refusing an option given empty (`--home "$UNSET"`), which was read as not given: ``default`` was
+    used instead, the user's real home for --home."""
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise click.BadParameter(f"it is empty (an unset variable?); leave {param.opts[0]} out for {default}",
+                                     ctx, param)
+        return value
+    return check
+
+
 @click.group(cls=LoraopsGroup, context_settings={"help_option_names": ["-h", "--help", "-help"]})
-@click.option("--home", type=click.Path(file_okay=False), help="loraops home folder (default $LORAOPS_HOME or the user data dir).")
-@click.option("--db", "db", metavar="URL", help="Registry SQLAlchemy URL (default $LORAOPS_DB or SQLite in the home).")
+@click.option("--home", type=click.Path(file_okay=False), callback=not_empty("$LORAOPS_HOME or the user data dir"),
+              help="loraops home folder (default $LORAOPS_HOME or the user data dir).")
+@click.option("--db", "db", metavar="URL", callback=not_empty("$LORAOPS_DB or SQLite in the home"),
+              help="Registry SQLAlchemy URL (default $LORAOPS_DB or SQLite in the home).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.version_option(__version__, prog_name="loraops")
 def main(home: str | None, db: str | None, quiet: bool) -> None:

@@ -108,7 +108,11 @@ class Reader:
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[tuple]:
         """Run ``sql`` written with ``?`` placeholders (and no literal ? or %) in the driver's own style."""
-        return self.execute(sql.replace("?", "%s") if self._percent else sql, tuple(params))
+        try:
+            return self.execute(sql.replace("?", "%s") if self._percent else sql, tuple(params))
+        except UnicodeEncodeError as exc:  # `show $'b\xff'`: the driver cannot send it (a traceback)
+            raise InvalidInputError(f"{exc.object!r} is not UTF-8 text, as every name and path the registry records "
+                                    "is, so it names nothing there (a name typed in another encoding?)") from None
 
     def registered_paths(self) -> list[tuple[str, str]]:
         """(path, what) of every registered base's files, in one query: what an output must not overwrite
