@@ -178,3 +178,30 @@ def test_nested_thread_counts_unwind_one_block_at_a_time(three_threads):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
     assert torch_threads_everywhere() == (3, 3)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_refactor_dense_gives_the_same_bytes_at_any_thread_count(monkeypatch, exact):
+    """MKL's QRs and SVDs split their work by thread and round accordingly: the exact and the randomized SVD of the
+    same matrix gave other bytes at 1, 2 and 4 threads (so did their error)."""
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_DIM", 100)
+    monkeypatch.setattr(svd, "PRODUCT_BLOCK_ELEMENTS", 1 << 15)  # several row blocks, on several threads
+    D = torch.randn(600, 400, generator=torch.Generator().manual_seed(0))
+    made = {}
+    for count in (1, 2, 4):
+        with settings.torch_threads(torch.device("cpu"), lambda before: count):
+            made[count] = svd.refactor_dense(D, 8, exact=exact)
+    assert made[1].svd == ("exact" if exact else "randomized")
+    for count in (2, 4):
+        assert torch.equal(made[count].B, made[1].B) and torch.equal(made[count].A, made[1].A)
+        assert made[count].error == made[1].error
+
+
+def test_product_is_the_matrix_product_by_row_blocks(monkeypatch):
+    monkeypatch.setattr(svd, "PRODUCT_BLOCK_ELEMENTS", 1 << 12)
+    g = torch.Generator().manual_seed(1)
+    M, X = torch.randn(300, 70, generator=g, dtype=torch.float64), torch.randn(70, 9, generator=g, dtype=torch.float64)
+    with settings.torch_threads(torch.device("cpu"), lambda before: 3):
+        torch.testing.assert_close(svd.product(M, X), M @ X)
+        torch.testing.assert_close(svd.product(M.T, M), M.T @ M)  # (a transposed view)
+        assert torch.get_num_threads() == 3

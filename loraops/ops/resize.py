@@ -28,7 +28,7 @@ from ..adapter import LoraModule
 from ..records import ResizeModuleRecord
 from ..st import converted
 from .params import Params
-from .svd import Refactored, Spectrum, factored_svd, finite, refactor_dense
+from .svd import Refactored, Spectrum, dense_svd, factored_svd, refactor_dense
 
 MIN_SV = 1e-6
 
@@ -160,7 +160,7 @@ def factorize_dense(D: torch.Tensor, rule: RankRule, exact: bool = False, keep_z
             return made
         spectrum = made.spectrum
     else:
-        spectrum = Spectrum(*torch.linalg.svd(finite(D), full_matrices=False))
+        spectrum = dense_svd(D)
     k = rule.choose(spectrum.S, min(D.shape), keep_zero_rank, min_sv)
     B, A = spectrum.truncate(k)
     return Refactored(B, A, "exact", spectrum.tail_error(k), spectrum)

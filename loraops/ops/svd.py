@@ -8,6 +8,7 @@ so a resized kohya file puts its weight where kohya's own tool does.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ContextManager, Iterable
 
@@ -24,6 +25,9 @@ OVERSAMPLE = 10
 BLOCK_ELEMENTS = 1 << 22
 """Elements of a row block (16 MiB in float32) when a dense delta is built or measured piecewise: a 70B model's
 8192×28672 module is 940 MB in float32, and every whole-matrix temporary would be another."""
+PRODUCT_BLOCK_ELEMENTS = 1 << 20
+"""Elements of the row blocks of a large matrix that ``product`` spreads over the threads: 4 MiB in float32, some 40
+blocks of an 11008×4096 module (enough to keep 16 threads busy), each still a product at full BLAS speed."""
 
 
 class NonFiniteInput(ValueError):
@@ -39,10 +43,10 @@ def finite(M: torch.Tensor) -> torch.Tensor:
     return M
 
 
-def row_blocks(shape: tuple[int, ...]) -> list[slice]:
-    """Row slices of a matrix of ``shape``, each about BLOCK_ELEMENTS elements (at least one row)."""
+def row_blocks(shape: tuple[int, ...], elements: int | None = None) -> list[slice]:
+    """Row slices of a matrix of ``shape``, each about ``elements`` (BLOCK_ELEMENTS) elements, at least a row."""
     rows, cols = shape
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    step = max(1, (elements or BLOCK_ELEMENTS) // max(cols, 1))
     return [slice(row, min(rows, row + step)) for row in range(0, rows, step)]
 
 
@@ -87,30 +91,74 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> Spectrum:
 
 
 def single_threaded(device: torch.device) -> ContextManager[None]:
-    """Torch on one CPU thread inside (a CUDA device: unchanged). MKL's QR and SVD split their work by thread and
-    round accordingly: a factored SVD came out with other bytes at 2, 3, 8 or 16 threads than at 1, even of a
-    64-wide module, and one thread gives the same bytes whatever the thread count outside. It costs nothing there:
-    QRs of out×r factors and an r×r SVD (4096×32 and 2048×96 modules: 0.01 s on one thread, 0.16 s on two busy
-    cores). Library calls on several Python threads at once, and nested ones, leave torch's count as they found it
-    (settings.torch_threads: saving and restoring it here, one could restore another's 1 for good)."""
+    """Torch on one CPU thread inside (a CUDA device: unchanged). MKL's QR, SVD and eigh split their work by thread
+    and round accordingly: every one gave other bytes at 1, 2, 3 and 4 threads (bench/results/svd-threads-2core.txt),
+    a factored SVD other bytes at 2, 3, 8 or 16 threads than at 1, even of a 64-wide module; one thread gives the same
+    bytes whatever the thread count outside. Library calls on several Python threads at once, and nested ones, leave
+    torch's count as they found it (settings.torch_threads: saving and restoring it here, one could restore another's
+    1 for good)."""
     return settings.torch_threads(device, lambda before: 1)
+
+
+def product(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """M·X with the same bytes at any thread count, as fast: row blocks of M (PRODUCT_BLOCK_ELEMENTS each, a matter
+    of M's shape alone), each a product on one torch thread, shared among as many Python threads as torch had (its
+    kernels release the GIL). MKL's own threading split the sum of a narrow product (X 42 columns wide) by thread
+    from 3 threads on: other bytes at 3 and 4 threads than at 1 and 2."""
+    if M.device.type != "cpu":
+        return M @ X
+    blocks = row_blocks(tuple(M.shape), PRODUCT_BLOCK_ELEMENTS)
+    workers = min(len(blocks), torch.get_num_threads())
+
+    def block(rows: slice) -> torch.Tensor:
+        with single_threaded(M.device):
+            return M[rows] @ X
+
+    if workers == 1:
+        return torch.cat([block(rows) for rows in blocks])
+    with ThreadPoolExecutor(workers, thread_name_prefix="loraops-product") as pool:
+        return torch.cat(list(pool.map(block, blocks)))
+
+
+def dense_svd(D: torch.Tensor) -> Spectrum:
+    """The exact thin SVD of a dense matrix; on the CPU in float64 on one thread (single_threaded), factors in D's
+    dtype: the same bytes at any thread count, and closer to the exact factors than float32 LAPACK at any count
+    (rank 16 of 256×2048 and 1024×4096 delta-like matrices: 3.6e-8 from the float64 optimum, float32 1.0–1.7e-6 at
+    1, 2 or 4 threads). Where two shared cores are busy this is also faster than float32 on both (4–9 s against
+    11–34 s at 1024×4096; float32 on one thread 3–5 s): bench/results/svd-threads-2core.txt."""
+    finite(D)
+    if D.device.type != "cpu":
+        return Spectrum(*torch.linalg.svd(D, full_matrices=False))
+    with single_threaded(D.device):
+        U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+    return Spectrum(U.to(D.dtype), S.to(D.dtype), Vh.to(D.dtype))
 
 
 def randomized_svd(M: torch.Tensor, q: int, niter: int = POWER_ITERATIONS, seed: int = 0) -> Spectrum:
     """The top-q part of M's SVD by Halko–Martinsson–Tropp range finding with ``niter`` power iterations
     (re-orthonormalized each step). Same algorithm as ``torch.svd_lowrank``, but drawn from its own seeded
-    generator: torch.svd_lowrank uses the global RNG, and the same inputs must give the same bytes."""
+    generator: torch.svd_lowrank uses the global RNG, and the same inputs must give the same bytes. Also at any
+    thread count: the products of M by ``product``, the QRs of the q-column bases and the q×q SVD on one thread
+    (single_threaded; they were also faster so on two busy cores: a 11008×42 QR 3 ms against 15–250 ms)."""
     # drawn on the CPU, as DARE's masks: the same test matrix on every device
     omega = torch.randn(M.shape[1], q, generator=torch.Generator().manual_seed(seed), dtype=M.dtype)
-    Q = torch.linalg.qr(M @ omega.to(M.device)).Q
+
+    def orthonormal(Y: torch.Tensor) -> torch.Tensor:
+        with single_threaded(Y.device):
+            return torch.linalg.qr(Y).Q
+
+    Q = orthonormal(product(M, omega.to(M.device)))
     for _ in range(niter):
-        Q = torch.linalg.qr(M.T @ Q).Q
-        Q = torch.linalg.qr(M @ Q).Q
+        Q = orthonormal(product(M.T, Q))
+        Q = orthonormal(product(M, Q))
     # Q·Qᵀ·M from the QR of Mᵀ·Q = Qa·Ra (Qᵀ·M = Raᵀ·Qaᵀ), the SVD of the small q×q Raᵀ: an SVD of the wide Qᵀ·M
-    # itself took 4.5 times as long (23 s for 522×28672 on 2 cores)
-    Qa, Ra = torch.linalg.qr(M.T @ Q)
-    U, S, Vh = torch.linalg.svd(Ra.T, full_matrices=False)
-    return Spectrum(Q @ U, S, Vh @ Qa.T)
+    # itself took 4.5 times as long (23 s for 522×28672 on 2 cores). In float64, of factor size: 2–4 times closer to
+    # the best rank-k factors than float32 (float32 on one thread: as close as on two, give or take), no slower.
+    MtQ = product(M.T, Q)
+    with single_threaded(M.device):
+        Qa, Ra = torch.linalg.qr(MtQ.double())
+        U, S, Vh = torch.linalg.svd(Ra.T, full_matrices=False)
+        return Spectrum((Q.double() @ U).to(M.dtype), S.to(M.dtype), (Vh @ Qa.T).to(M.dtype))
 
 
 @dataclass
@@ -136,8 +184,7 @@ def refactor_dense(D: torch.Tensor, k: int, exact: bool = False) -> Refactored:
     k = max(1, min(k, small))
     q = min(small, 2 * k + OVERSAMPLE)
     if exact or small <= RANDOMIZED_MIN_DIM or q >= small:
-        U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-        spectrum = Spectrum(U, S, Vh)
+        spectrum = dense_svd(D)
         B, A = spectrum.truncate(k)
         return Refactored(B, A, "exact", spectrum.tail_error(k), spectrum)
     B, A = randomized_svd(D, q).truncate(k)
