@@ -190,8 +190,8 @@ def refactor_dense(D: torch.Tensor, k: int, exact: bool = False) -> Refactored:
     B, A = randomized_svd(D, q).truncate(k)
     norm = frobenius(D[rows] for rows in row_blocks(D.shape))
     # (D − B·A into B·A's block: one block-sized temporary less, the same values)
-    residual = frobenius(torch.sub(D[rows], product, out=product) for rows in row_blocks(D.shape)
-                         for product in [B[rows] @ A])
+    residual = frobenius(torch.sub(D[rows], approx, out=approx) for rows in row_blocks(D.shape)
+                         for approx in [B[rows] @ A])
     return Refactored(B, A, "randomized", residual / norm if norm else 0.0)
 
 
