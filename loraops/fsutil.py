@@ -180,16 +180,47 @@ def refuse_misnamed_output(output: str | Path, *, is_dir: bool, what: str, inste
 
 
 def refuse_existing(path: str | Path, force: bool = False) -> None:
-    """Raise ConflictError when ``path`` exists and ``force`` is not set, InvalidInputError when its folder cannot
-    be made because a file is in the way (also usable before a long computation)."""
+    """Raise ConflictError when ``path`` exists and ``force`` is not set, InvalidInputError when it is what --force
+    never replaces (refuse_replacing_surroundings) or its folder cannot be made because a file is in the way (also
+    usable before a long computation)."""
     path = output_path(path)
-    if os.path.lexists(path) and not force:  # a dangling symlink or a symlink loop is there too
-        raise ConflictError(f"{path}: already exists (use --force to replace it)")
+    if os.path.lexists(path):  # a dangling symlink or a symlink loop is there too
+        if not force:
+            raise ConflictError(f"{path}: already exists (use --force to replace it)")
+        refuse_replacing_surroundings(path)
     above = path.parent
     while not above.exists() and above != above.parent:
         above = above.parent
     if not above.is_dir():
         raise InvalidInputError(f"{path}: cannot be written, {above} is not a folder")
+
+
+def refuse_replacing_surroundings(path: Path) -> None:
+    """Refuse, even with --force, to replace the file system's root, the home folder, the current folder or a
+    folder holding one of them: `-o ~/ --force` (a slip for `-o ~/merged`) or `-o /work --force` run from
+    /work/project replaced everything under it with one model. Compared by stat identity, so another name for the
+    same folder (a symlinked path, another case on macOS) is caught too; the output itself is lstat'ed, since
+    replacing a symlink that points at home replaces only the link."""
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return
+    itself = found.st_dev, found.st_ino
+    for name, folder in (("the home folder", os.path.expanduser("~")), ("the current folder", _cwd())):
+        if folder is None:
+            continue
+        for above in (Path(folder), *Path(folder).parents):
+            if _identity(str(above)) == itself:
+                what = name if above == Path(folder) else f"a folder holding {name} ({folder})"
+                raise InvalidInputError(f"{path}: is {what}; `force=True` will not replace it, give the output its "
+                                        "own name (e.g. ./merged)", names=["force"])
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the current folder was removed: nothing there to protect
+        return None
 
 
 def refuse_overlap(output: str | Path, protected: str | Path, what: str) -> None:

@@ -230,6 +230,44 @@ def test_an_output_over_the_registry_database_is_refused_even_with_force(tmp_pat
     assert database.read_bytes() == before and cli("list").output.count("style@1") == 1
 
 
+def test_force_does_not_replace_home_the_current_folder_or_what_holds_them(tmp_path, kohya, monkeypatch):
+    """`-o ~/ --force` (a slip for `-o ~/merged`) or `-o ..`-like paths to a folder holding the current one replaced
+    everything under it with one model. Refused in one line before anything is written; a symlink to home is only a
+    link, which --force replaces, and an ordinary folder is still replaced."""
+    from loraops import st
+
+    home, work = tmp_path / "users" / "me", tmp_path / "work" / "project"
+    for folder in (home, work):
+        folder.mkdir(parents=True)
+        (folder / "keep.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    base = tmp_path / "base"
+    base.mkdir()
+    st.write_safetensors(base / "model.safetensors", {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)})
+    merge = ["merge", kohya, "--into", base, "--no-record", "--device", "cpu", "--force", "-o"]
+    for output, what in [(home, "the home folder"), (f"{home}/", "the home folder"), (work, "the current folder"),
+                         (work.parent, f"a folder holding the current folder ({work})"),
+                         (home.parent, f"a folder holding the home folder ({home})")]:
+        result = cli(*merge, output, code=2)
+        shown = str(output).rstrip("/")
+        assert result.stderr == (f"error: {shown}: is {what}; --force will not replace it, give the output its own "
+                                 "name (e.g. ./merged)\n")
+    link = tmp_path / "link-to-home"
+    link.symlink_to(home)
+    cli(*merge, link)
+    assert (link / "model.safetensors").is_file() and not link.is_symlink()
+    other = tmp_path / "other"
+    other.mkdir()
+    cli(*merge, other)
+    assert (other / "model.safetensors").is_file()
+    assert (home / "keep.txt").read_text() == (work / "keep.txt").read_text() == "mine"
+    from loraops import fsutil  # the library names its own parameter
+    from loraops.errors import InvalidInputError
+    with pytest.raises(InvalidInputError, match=r": is the home folder; force=True will not replace it, "):
+        fsutil.refuse_existing(home, force=True)
+
+
 @pytest.mark.registry_backend
 def test_an_output_over_an_adapter_it_reads_is_refused_even_with_force(tmp_path, kohya):
     """resize, combine and merge given `-o` the adapter's own path (or a folder holding it) and --force replaced the
