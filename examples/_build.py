@@ -9,14 +9,15 @@ import torch
 
 
 def llama(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32,
-          shard_size: str | None = None, attention_bias: bool = False) -> Path:
+          shard_size: str | None = None, attention_bias: bool = False, tied: bool = False) -> Path:
     """A random Llama-style model saved by transformers (sharded, with an index, when shard_size is given;
-    ``attention_bias``: q, k, v and o with biases, as Qwen2's q, k, v)."""
+    ``attention_bias``: q, k, v and o with biases, as Qwen2's q, k, v; ``tied``: its head tied to its input
+    embeddings, lm_head.weight not stored)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tied,
                          attention_bias=attention_bias)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     LlamaForCausalLM(config).to(dtype).save_pretrained(path, safe_serialization=True, **kwargs)

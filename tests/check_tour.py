@@ -2,7 +2,8 @@
 
     bash examples/run_demo.sh > demo.log 2>&1     # or: python examples/0N_*.py WORKDIR > 0N.log 2>&1
     python examples/docs_algebra.py /tmp > alg.log 2>&1
-    python tests/check_tour.py demo.log alg.log
+    python examples/docs_extract.py /tmp > ext.log 2>&1
+    python tests/check_tour.py demo.log alg.log ext.log
 
 Each `$ loraops …` shown is looked up by its command line in the logs (paths shortened to demo-output/… and alg/…),
 and the lines shown under it must be among that command's output, in order ("…" stands for lines left out). What
