@@ -559,8 +559,9 @@ def header_only() -> Iterator[bool]:
 def without_torch(read: Callable[[], T]) -> T:
     """``read()`` inside ``header_only``; where it raises NeedsTorch, ``read()`` again outside, with torch (so ``read``
     must do nothing it cannot do twice: it reads). The notes the "loraops" logger gets are said once, those of the
-    try that counts. ``read`` returns plain data (a record, ranks): what it read is HeaderTensors, which refuse every
+    try that counts (also when it raises). ``read`` returns plain data (a record, ranks): what it read is HeaderTensors, which refuse every
     operation on values (NeedsTorch), also after the block."""
+    failure = None
     with header_only() as alone:
         if not alone:  # (torch is imported already)
             return read()
@@ -571,12 +572,16 @@ def without_torch(read: Callable[[], T]) -> T:
             done = read()
         except NeedsTorch:
             kept = None
+        except BaseException as exc:  # its notes are said before it, as without the block
+            failure = exc
         finally:
             notes.handlers, notes.propagate = handlers, propagate
     if kept is None:
         return read()
     for record in kept.records:
         notes.handle(record)
+    if failure is not None:
+        raise failure
     return done
 
 

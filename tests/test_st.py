@@ -215,3 +215,34 @@ def test_scan_reads_every_tensor_once_in_whole_values_and_sees_every_byte(tmp_pa
     assert b"".join(seen) == path.read_bytes() and len(blocks["big"]) == 4
     for name, tensor in tensors.items():
         assert torch.equal(torch.cat(blocks[name]), tensor.reshape(-1))
+
+
+def test_without_torch_says_the_notes_of_the_try_that_counts_a_failed_one_too():
+    """In a fresh interpreter (no torch yet): a read that fails says its notes before its error (they were dropped
+    with the failure), and a read that turns out to need torch says those of its second try alone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """if True:
+        import logging, sys
+        from loraops import st
+        logging.basicConfig(stream=sys.stdout, format="%(message)s")
+        note = logging.getLogger("loraops").warning
+        def failing():
+            note("a note")
+            raise ValueError("bad input")
+        try:
+            st.without_torch(failing)
+        except ValueError as error:
+            print("raised", error)
+        def needing():
+            note("a try")
+            import torch
+            return "done"
+        print(st.without_torch(needing), "torch" in sys.modules)
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.stdout.splitlines() == ["a note", "raised bad input", "a try", "done True"]

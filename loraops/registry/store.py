@@ -36,7 +36,7 @@ from ..errors import (ConflictError, FormatError, InvalidInputError, LoraopsErro
 from ..landing import interrupts_deferred, tell
 from ..references import PATH, argument, is_finite
 from ..records import AdapterRecord, BaseRecord, BaseRef, CheckResult, LineageSpec, StoredFileProblem, TensorRecord
-from ..st import dtype_name
+from ..st import dtype_name, without_torch
 from . import db, reads
 from .blobs import BlobStore, folder_of
 from .models import SqlAdapter, SqlAdapterModule, SqlAdapterName, SqlBase, SqlBaseTensor, SqlLineage, SqlLineageInput, SqlTag
@@ -832,35 +832,41 @@ class Registry:
         component = check.SECOND_TRANSFORMER if transformer_2 else None
         if path_exists(ref_or_path) and base is not None and path_exists(base):
             return check.check_paths(ref_or_path, base, alpha=alpha, component=component)
-        if path_exists(ref_or_path):
-            adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
-        else:
-            with self.session() as s:
-                row = self._find_adapter(s, ref_or_path)
-                label, base_id, blob, override = f"{row.name}@{row.version}", row.base_id, row.blob, row.alpha_override
-            if alpha is not None:  # (it was silently left unused)
-                raise InvalidInputError(f"{label}: `alpha` applies to an adapter given by path; a registered adapter "
-                                        "is read with the alpha it was registered with (register it again with "
-                                        "`alpha` to change that)", ["alpha"])
-            self._refuse_damaged(row, contents=False)  # headers only: not hashed
-            adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
-        if base is not None and path_exists(base):
-            return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base), component)],
-                                  adapter.base_model)  # (a registered adapter: two paths are check_paths')
-        with self.session() as s:
-            if base is not None:
-                rows = [self._find_base(s, base, "base")]
-            elif base_id is not None:
-                rows = [s.get(SqlBase, base_id)]
+
+        def fit() -> CheckResult:
+            if path_exists(ref_or_path):
+                adapter, label, base_id = formats.read_for_fit(ref_or_path, alpha=alpha), str(ref_or_path), None
             else:
-                rows = sorted(s.scalars(select(SqlBase)), key=lambda r: r.name)  # (reads.by_name: not the collation)
-            manifests = [(r.name, self._manifest(s, r.id), r.path) for r in rows]
-        reports = []
-        for name, manifest, path in manifests:
-            model = _files_at(path)
-            reports.append(check.check(adapter, manifest, base_name=name, component=component) if model is None
-                           else _check_files(adapter, model, name, component))
-        return CheckResult.of(label, reports, adapter.base_model)
+                with self.session() as s:
+                    row = self._find_adapter(s, ref_or_path)
+                    label, base_id = f"{row.name}@{row.version}", row.base_id
+                    blob, override = row.blob, row.alpha_override
+                if alpha is not None:  # (it was silently left unused)
+                    raise InvalidInputError(f"{label}: `alpha` applies to an adapter given by path; a registered "
+                                            "adapter is read with the alpha it was registered with (register it "
+                                            "again with `alpha` to change that)", ["alpha"])
+                self._refuse_damaged(row, contents=False)  # headers only: not hashed
+                adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
+            if base is not None and path_exists(base):
+                return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base), component)],
+                                      adapter.base_model)  # (a registered adapter: two paths are check_paths')
+            with self.session() as s:
+                if base is not None:
+                    rows = [self._find_base(s, base, "base")]
+                elif base_id is not None:
+                    rows = [s.get(SqlBase, base_id)]
+                else:
+                    # (reads.by_name: not the collation)
+                    rows = sorted(s.scalars(select(SqlBase)), key=lambda r: r.name)
+                manifests = [(r.name, self._manifest(s, r.id), r.path) for r in rows]
+            reports = []
+            for name, manifest, path in manifests:
+                model = _files_at(path)
+                reports.append(check.check(adapter, manifest, base_name=name, component=component) if model is None
+                               else _check_files(adapter, model, name, component))
+            return CheckResult.of(label, reports, adapter.base_model)
+
+        return without_torch(fit)  # headers and records: torch only where the adapter's values are needed
 
     def verify(self, progress: bool | None = None) -> list[StoredFileProblem]:
         """Re-hash every stored file against its record; return what is missing or changed, and what a stored
