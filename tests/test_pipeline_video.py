@@ -111,6 +111,37 @@ def test_wan_lora_merges_into_a_diffusers_pipeline_as_diffusers_converts_it(tmp_
     merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", converted, len(modules))
 
 
+def dotted_kohya_key(name: str, which: str) -> str:
+    return f"diffusion_model.{name}." + {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"}[which]
+
+
+def test_wan_lora_with_kohya_factor_names_merges_as_diffusers_converts_it(tmp_path):
+    """Wan 2.2's distilled LoRAs (Wan-AI/Wan2.2-Distill-Loras) name their factors as kohya does on Wan's dotted
+    paths (``diffusion_model.blocks.0.self_attn.q.lora_down.weight``, ``.alpha``), which diffusers' Wan converter
+    reads: they are the lora_A/lora_B file they spell otherwise, α = r where no ``.alpha`` says (the converter's
+    scale 1). They were refused (`unknown keys in a kohya LoRA file`)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    from loraops import formats
+
+    pipe = wan_pipeline(tmp_path / "pipe")
+    modules = {**wan_modules(False), **WAN_TOP}
+    tensors = factors(modules, dotted_kohya_key, seed=3)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    save_file({k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v for k, v in tensors.items()},
+              str(tmp_path / "p.safetensors"))
+    ours, peft_named = formats.read_adapter(tmp_path / "w.safetensors"), formats.read_adapter(tmp_path / "p.safetensors")
+    assert ours.format == "peft" and ours.modules.keys() == peft_named.modules.keys()
+    assert all(module.scale == peft_named.modules[name].scale for name, module in ours.modules.items())
+    converted = _convert_non_diffusers_wan_lora_to_diffusers({k: v.double() for k, v in tensors.items()})
+    assert len(converted) == 2 * len(modules)
+    merge_and_compare(tmp_path, pipe, tmp_path / "w.safetensors", converted, len(modules))
+    save_file({"lora_unet.blocks.0.self_attn.q.lora_down.weight": torch.zeros(R, WAN_WIDTH),
+               "lora_unet.blocks.0.self_attn.q.lora_up.weight": torch.zeros(WAN_WIDTH, R)}, str(tmp_path / "k.safetensors"))
+    run = loraops_run("inspect", tmp_path / "k.safetensors")  # (behind kohya's own prefix: kohya's, refused so)
+    assert run.returncode == 2 and "unknown keys in a kohya LoRA file" in run.stderr, run.stderr
+
+
 def test_musubi_wan_lora_merges_into_a_diffusers_pipeline_as_diffusers_converts_it(tmp_path):
     from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
 

@@ -99,7 +99,7 @@ def key_layout(keys: Iterable[str]) -> str | None:
         return "diffusers"
     if any(kohya.is_kohya_key(k) for k in keys):
         return "kohya"
-    if any(peft.is_factor_key(k) or (k.startswith(peft.PREFIX) and (tokens.is_token_key(k) or lycoris.is_product_key(k)))
+    if any(peft.is_factor_key(peft.peft_key(k)) or (k.startswith(peft.PREFIX) and (tokens.is_token_key(k) or lycoris.is_product_key(k)))
            for k in keys):
         return "peft"  # (trainable tokens alone have no factor: a TrainableTokensConfig adapter)
     return None

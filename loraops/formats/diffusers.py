@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
-from ..errors import FormatError, InvalidInputError, UnsupportedAdapterError
+from ..errors import FormatError, UnsupportedAdapterError
 from . import common, peft, tokens
 
 if TYPE_CHECKING:
@@ -32,19 +32,8 @@ def component_of(key: str) -> str | None:
     return head if head in COMPONENTS else None
 
 
-# kohya's factor names behind a pipeline component (transformer.….lora_down.weight: some Civitai FLUX files, which
-# diffusers and ComfyUI load as lora_A/lora_B)
-KOHYA_FACTORS = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight"}
-
-
-def peft_key(key: str) -> str:
-    """``key`` with kohya's factor suffix (KOHYA_FACTORS) as PEFT's."""
-    suffix = next((s for s in KOHYA_FACTORS if key.endswith(s)), None)
-    return key if suffix is None else key.removesuffix(suffix) + KOHYA_FACTORS[suffix]
-
-
 def is_diffusers_key(key: str) -> bool:
-    return component_of(key) is not None and peft.is_factor_key(peft_key(key))
+    return component_of(key) is not None and peft.is_factor_key(peft.peft_key(key))
 
 
 def component_config(cfg: dict, component: str) -> dict:
@@ -60,13 +49,7 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     header = st.read_header(weights)
     common.refuse_unsupported(weights, header.tensors)
-    stored = {peft_key(key): key for key in header.tensors}
-    if len(stored) < len(header.tensors):
-        raise InvalidInputError(f"{weights}: a module holds both lora_A/lora_B and lora_down/lora_up factors")
-    parsed = peft.parse_keys(weights, stored, lambda module: module)
-    parsed.factors = {name: {part: stored[key] for part, key in parts.items()}
-                      for name, parts in parsed.factors.items()}
-    parsed.others = [stored[key] for key in parsed.others]
+    parsed = peft.parse_stored_keys(weights, header.tensors, lambda module: module)
     alpha_keys = peft.split_alpha_keys(parsed)
     others = parsed.others
     if (key := next((k for k in others if tokens.is_token_key(k)), None)) is not None:

@@ -60,9 +60,13 @@ are written transposed like a linear one on the stored table, and nothing else i
 
 
 def is_kohya_key(key: str) -> bool:
-    return key.startswith(("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")) or key.endswith(
-        (".lora_down.weight", ".lora_up.weight")
-    )
+    """A kohya name: its prefix, or kohya's factor names on an underscored module name. The same factor names on a
+    dotted module path (diffusion_model.blocks.0.self_attn.q.lora_down.weight) are a bare PEFT-style file's
+    (peft.KOHYA_FACTORS); behind kohya's own prefix (lora_unet.down_blocks…) they stay kohya's, refused as such."""
+    if key.startswith(("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")):
+        return True
+    module = next((key.removesuffix(s) for s in (".lora_down.weight", ".lora_up.weight") if key.endswith(s)), None)
+    return module is not None and ("." not in module or module.startswith("lora_"))
 
 
 def kohya_name(module_path: str, component: str | None = None) -> str:

@@ -559,6 +559,30 @@ class ParsedKeys:
     others: list[str]
 
 
+# kohya's factor names on PEFT-style dotted module paths: behind a pipeline component (transformer.….lora_down.weight:
+# some Civitai FLUX files, which diffusers and ComfyUI load as lora_A/lora_B) or in a bare file
+# (diffusion_model.blocks.0.self_attn.q.lora_down.weight: Wan 2.2's distilled LoRAs, Qwen-Image trainers' files, which
+# diffusers' Wan and Qwen converters read so)
+KOHYA_FACTORS = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight"}
+
+
+def peft_key(key: str) -> str:
+    """``key`` with kohya's factor suffix (KOHYA_FACTORS) as PEFT's."""
+    suffix = next((s for s in KOHYA_FACTORS if key.endswith(s)), None)
+    return key if suffix is None else key.removesuffix(suffix) + KOHYA_FACTORS[suffix]
+
+
+def parse_stored_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKeys:
+    """parse_keys of ``keys`` read with PEFT's factor names (peft_key); the result names the keys as stored."""
+    stored = {peft_key(key): key for key in keys}
+    if len(stored) < len(keys):
+        raise InvalidInputError(f"{path}: a module holds both lora_A/lora_B and lora_down/lora_up factors")
+    parsed = parse_keys(path, stored, module_name)
+    parsed.factors = {name: {part: stored[key] for part, key in parts.items()} for name, parts in parsed.factors.items()}
+    parsed.others = [stored[key] for key in parsed.others]
+    return parsed
+
+
 def parse_keys(path: Path, keys, module_name: Callable[[str], str]) -> ParsedKeys:
     """Group PEFT-grammar factor keys by module; ``module_name`` maps the key's module part to our name."""
     factors: dict[str, dict[str, str]] = {}
@@ -894,7 +918,11 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
                                                       if m is not common.LORA_BIAS_MARKER])  # (read here)
         else:
             lycoris.refuse_unsupported(weights, keys)
-    parsed = parse_keys(weights, keys, lambda module: module.removeprefix(PREFIX))
+    # a bare file may name its factors as kohya does (lora_down/lora_up): kohya's alpha rule then, α = r without .alpha
+    kohya_factors = cfg_file is None and product is None and method is None and any(
+        key.endswith(tuple(KOHYA_FACTORS)) for key in keys)
+    parsed = (parse_stored_keys if kohya_factors else parse_keys)(
+        weights, list(keys), lambda module: module.removeprefix(PREFIX))
     # a bare file's ".alpha" keys (ComfyUI reads them; a module without one: r), where no config or --alpha says
     alpha_keys = split_alpha_keys(parsed, lambda module: module.removeprefix(PREFIX)) \
         if cfg_file is None and product is None and method is None else {}
@@ -939,7 +967,8 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
                                           fan_in_fan_out=cfg.fan_in_fan_out, prefix=PREFIX)
     else:
         modules = build_modules(weights, parsed, tensors, lambda name: (
-            ScaleConfig(alpha=key_alpha(weights, tensors, parsed, name, alpha_keys)) if alpha_keys and cfg is None
+            ScaleConfig(alpha=key_alpha(weights, tensors, parsed, name, alpha_keys))
+            if (alpha_keys or kohya_factors) and cfg is None
             else cfg or no_config,
             params.pattern_name(cfg or no_config, name)))
         if cfg_file is not None:
