@@ -253,6 +253,9 @@ def _header_from(f, path: Path, size: int, source: Path, seen: Callable[[bytes],
         raise FormatError(f"{path}: not a safetensors file ({len(head)} bytes, too short for a header)")
     (length,) = struct.unpack("<Q", head)
     if length > MAX_HEADER_BYTES:
+        if all(32 <= byte < 127 or byte in b"\t\n\r" for byte in head):  # (a real length's high bytes are 0)
+            raise FormatError(f"{path}: not a safetensors file: it begins with text ({head.decode()!r}…), as a JSON, "
+                              "YAML or notes file does")
         raise FormatError(f"{path}: not a safetensors file (header claims {length} bytes, over the 100 MB limit)")
     if 8 + length > size:
         raise FormatError(f"{path}: truncated or not a safetensors file (header of {length} bytes, file of {size})")

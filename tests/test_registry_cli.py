@@ -226,7 +226,8 @@ def bad_inputs(d):
 
 EXPECTED = {
     "missing": (3, "{path}: no such file or folder"),
-    "not-safetensors": (2, "{path}: not a safetensors file (header claims 8241904413164529780 bytes, over the 100 MB limit)"),
+    "not-safetensors": (2, "{path}: not a safetensors file: it begins with text ('these ar'…), as a JSON, YAML or notes "
+                           "file does"),
     "truncated": (2, f"{{path}}: corrupt safetensors header (tensor '{P}.lora_B.weight': data ends at byte 2048, past the "
                      "end of the file (truncated?))"),
     "pickle": (2, "{path}: a pickle (PyTorch .bin/.pt) file, which can run code when loaded; convert it to safetensors "

@@ -41,6 +41,7 @@ def _dup(path, members: bytes, data: bytes):
     [
         (lambda p: p.write_bytes(b""), "too short"),
         (lambda p: p.write_bytes(struct.pack("<Q", 10**12)), "over the 100 MB limit"),
+        (lambda p: p.write_text('{"r": 8, "lora_alpha": 16}'), "it begins with text ('{\"r\": 8,'…), as a JSON"),
         (lambda p: p.write_bytes(struct.pack("<Q", 1000) + b"{}"), "truncated"),
         (lambda p: p.write_bytes(struct.pack("<Q", 4) + b"nope"), "not JSON"),
         (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}), "past the end"),
