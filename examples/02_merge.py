@@ -13,7 +13,8 @@ subtracted again, merged with the LoRA Block Weight extension's OUTALL preset, a
 each. Last, a kohya FLUX LoRA (sd-scripts' names, q/k/v fused)
 checked against and merged into a diffusers FLUX pipeline folder, which holds them in parts, and written back as
 kohya from the pipeline-bound adapter. Then a Wan 2.2 pipeline's two experts, each given its own LoRA in one merge
-(--transformer-2 for the low-noise one).
+(--transformer-2 for the low-noise one, named as Wan 2.2's distilled LoRAs are: lora_down/lora_up on Wan's own
+dotted paths).
 
     python examples/02_merge.py [WORKDIR]
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import (FLUX, FLUX_PIPELINE_KOHYA, SD15, SDXL, WAN_KOHYA, adalora, diffusers_lora,  # noqa: E402
+from _build import (FLUX, FLUX_PIPELINE_KOHYA, SD15, SDXL, WAN_DOTTED, WAN_KOHYA, adalora, diffusers_lora,  # noqa: E402
                     flux_pipeline, fp8_llama, gpt_oss, llama, loraops, lycoris_loha, mixtral, named_kohya_lora,
                     peft_lora, sd_checkpoint, vera, wan22_pipeline, workdir)
 
@@ -207,11 +208,13 @@ def main() -> None:
     if not same:
         sys.exit("the pipeline-bound kohya FLUX LoRA did not round-trip")
 
-    print("\n--- Wan 2.2's two experts: a musubi-tuner LoRA for each, into one pipeline folder in one run ---")
+    print("\n--- Wan 2.2's two experts, into one pipeline folder in one run: a musubi-tuner LoRA for the high-noise "
+          "one, and for the low-noise one a LoRA named as Wan 2.2's distilled (Lightning) LoRAs are, kohya's "
+          "lora_down/lora_up on Wan's own dotted paths ---")
     wan = wan22_pipeline(work / "wan22-pipe")
-    high, low = (named_kohya_lora(work / f"wan22-{noise}.safetensors", WAN_KOHYA, r=4, alpha=2, seed=seed,
-                                  metadata={"ss_network_module": "networks.lora_wan"})
-                 for noise, seed in (("high", 11), ("low", 12)))
+    high = named_kohya_lora(work / "wan22-high.safetensors", WAN_KOHYA, r=4, alpha=2, seed=11,
+                            metadata={"ss_network_module": "networks.lora_wan"})
+    low = named_kohya_lora(work / "wan22-low.safetensors", WAN_DOTTED, r=4, alpha=2, seed=12, metadata={})
     loraops("check", high, "--transformer-2", low, "--base", wan)
     loraops("merge", high, "--transformer-2", f"{low}:0.8", "--into", wan, "-o", work / "wan22-merged", "--no-record")
 

@@ -252,6 +252,9 @@ def wan22_pipeline(out: Path) -> Path:
 # musubi-tuner's names for Wan's checkpoint modules (blocks.0.self_attn.q …), in that pipeline
 WAN_KOHYA = {"lora_unet_blocks_0_self_attn_q": (16, 16), "lora_unet_blocks_0_cross_attn_k": (16, 16),
              "lora_unet_blocks_0_ffn_0": (32, 16)}
+# the same modules as Wan 2.2's distilled (Lightning) LoRAs name them: kohya's factor names on Wan's own dotted paths
+WAN_DOTTED = {"diffusion_model.blocks.0.self_attn.q": (16, 16), "diffusion_model.blocks.0.cross_attn.k": (16, 16),
+              "diffusion_model.blocks.0.ffn.0": (32, 16)}
 
 
 # sd-scripts' lora_flux names for that pipeline's checkpoint modules: the fused qkv and linear1, and the final adaLN
