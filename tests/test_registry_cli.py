@@ -185,8 +185,8 @@ def test_check_of_registered_adapters_imports_no_torch(art):
     cli("base", "add", art["other"], "--name", "wide")
     cli("register", art["kohya"], "--name", "style")
     cli("register", art["ad1"], "--name", "ad1", "--base", "llama-tiny")
-    for args, code in [(["style"], 0), (["style", "--json"], 0), (["style", "--base", "llama-tiny"], 0),
-                       (["ad1"], 0), (["ad1", "--base", "wide"], 2), (["ad1", "--base", art["other"], "--json"], 2)]:
+    for args, code in [(["style"], 0), (["ad1"], 0), (["ad1", "--base", "wide"], 2),
+                       (["ad1", "--base", art["other"], "--json"], 2)]:  # every base, the recorded one, named, a path
         imported, fresh, loaded = factories.fresh_cli_against_loaded("check", *args)
         assert "torch" not in imported and fresh == loaded, (args, imported, fresh, loaded)
         assert fresh[0] == code, (args, fresh)
