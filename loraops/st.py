@@ -562,8 +562,8 @@ def header_only() -> Iterator[bool]:
 def without_torch(read: Callable[[], T]) -> T:
     """``read()`` inside ``header_only``; where it raises NeedsTorch, ``read()`` again outside, with torch (so ``read``
     must do nothing it cannot do twice: it reads). The notes the "loraops" logger gets are said once, those of the
-    try that counts (also when it raises). ``read`` returns plain data (a record, ranks): what it read is HeaderTensors, which refuse every
-    operation on values (NeedsTorch), also after the block."""
+    try that counts (also when it raises). ``read`` returns plain data (a record, ranks): what it read is
+    HeaderTensors, which refuse every operation on values (NeedsTorch), also after the block."""
     failure = None
     with header_only() as alone:
         if not alone:  # (torch is imported already)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from .. import ldm, st
 from ..adapter import Adapter, LoraModule
 from ..errors import FormatError, InvalidInputError
-from . import common, lycoris
+from . import common, lycoris, peft
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ def is_kohya_key(key: str) -> bool:
     (peft.KOHYA_FACTORS); behind kohya's own prefix (lora_unet.down_blocks…) they stay kohya's, refused as such."""
     if key.startswith(("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")):
         return True
-    module = next((key.removesuffix(s) for s in (".lora_down.weight", ".lora_up.weight") if key.endswith(s)), None)
+    module = next((key.removesuffix(s) for s in peft.KOHYA_FACTORS if key.endswith(s)), None)
     return module is not None and ("." not in module or module.startswith("lora_"))
 
 

@@ -830,8 +830,6 @@ class Registry:
             raise ParameterError("`transformer_2=True` checks against a Wan 2.2 pipeline's second transformer: give "
                                  "that pipeline as `base`", ["transformer_2", "base"])
         component = check.SECOND_TRANSFORMER if transformer_2 else None
-        if path_exists(ref_or_path) and base is not None and path_exists(base):
-            return check.check_paths(ref_or_path, base, alpha=alpha, component=component)
 
         def fit() -> CheckResult:
             if path_exists(ref_or_path):
@@ -849,7 +847,7 @@ class Registry:
                 adapter = formats.read_for_fit(self.blobs.path(blob), alpha=override, mapped=True)
             if base is not None and path_exists(base):
                 return CheckResult.of(label, [_check_files(adapter, BaseModel.open(base), str(base), component)],
-                                      adapter.base_model)  # (a registered adapter: two paths are check_paths')
+                                      adapter.base_model)
             with self.session() as s:
                 if base is not None:
                     rows = [self._find_base(s, base, "base")]
