@@ -130,7 +130,9 @@ class FakeHub:
         self.server = _QuietServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # serve_forever looks for shutdown() every poll_interval: its default 0.5 s was half a second of every
+        # test that used the Hub (a minute of the suite).
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
 
     def __enter__(self) -> "FakeHub":
         self.thread.start()

@@ -695,7 +695,7 @@ def test_an_endpoint_that_is_not_a_hub(monkeypatch, tmp_path):
     handler.log_message = lambda *a: None
     (tmp_path / "api").mkdir()
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
         with pytest.raises(HubError, match=r"^cannot resolve someone/lora: the Hub answered 404: ") as info:
             hub.download_adapter("someone/lora")
