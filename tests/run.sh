@@ -6,6 +6,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
+# Bytecode caches are written (in __pycache__ folders, which git ignores) even where PYTHONDONTWRITEBYTECODE is set,
+# as in many container images: without them each worker of each pass re-rewrote every test module's asserts and
+# every interpreter a test starts recompiled loraops.
+unset PYTHONDONTWRITEBYTECODE
 workers=(-n "${LORAOPS_TEST_WORKERS:-auto}" --durations=25)  # the slowest 25: where CI time goes
 echo "== pass 1: SQLite registry"
 python -m pytest "${workers[@]}" "$@"
