@@ -10,6 +10,10 @@ cd "$ROOT"
 # as in many container images: without them each worker of each pass re-rewrote every test module's asserts and
 # every interpreter a test starts recompiled loraops.
 unset PYTHONDONTWRITEBYTECODE
+# Each worker is a busy process per core already; torch's OpenMP threads (one per core in every worker) spun while
+# they waited for each other, taking the cores from the other workers: sleeping instead ran the SQLite pass in
+# 397 s instead of 491 s on 2 cores (one thread per worker: 426 s). A value the caller set is kept.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 workers=(-n "${LORAOPS_TEST_WORKERS:-auto}" --durations=25)  # the slowest 25: where CI time goes
 echo "== pass 1: SQLite registry"
 python -m pytest "${workers[@]}" "$@"
