@@ -918,14 +918,13 @@ def read(path: Path, *, alpha: float | None = None, values: bool = True, mapped:
                                                       if m is not common.LORA_BIAS_MARKER])  # (read here)
         else:
             lycoris.refuse_unsupported(weights, keys)
+    bare = cfg_file is None and product is None and method is None  # a plain LoRA's factors, no config beside them
     # a bare file may name its factors as kohya does (lora_down/lora_up): kohya's alpha rule then, α = r without .alpha
-    kohya_factors = cfg_file is None and product is None and method is None and any(
-        key.endswith(tuple(KOHYA_FACTORS)) for key in keys)
+    kohya_factors = bare and any(key.endswith(tuple(KOHYA_FACTORS)) for key in keys)
     parsed = (parse_stored_keys if kohya_factors else parse_keys)(
         weights, list(keys), lambda module: module.removeprefix(PREFIX))
     # a bare file's ".alpha" keys (ComfyUI reads them; a module without one: r), where no config or --alpha says
-    alpha_keys = split_alpha_keys(parsed, lambda module: module.removeprefix(PREFIX)) \
-        if cfg_file is None and product is None and method is None else {}
+    alpha_keys = split_alpha_keys(parsed, lambda module: module.removeprefix(PREFIX)) if bare else {}
     if (product is not None or method == "vera") and parsed.factors:
         raise InvalidInputError(f"{weights}: lora_A/lora_B keys ({next(iter(parsed.factors))!r}) in a "
                                 f"{raw_cfg['peft_type']} adapter")
