@@ -171,6 +171,17 @@ def registry_backend(request, isolated_home, monkeypatch, _pg_url):
 
 
 @pytest.fixture
+def three_threads():
+    """Torch at 3 threads inside the test (more than this machine's cores: torch obeys the count it is set)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def fake_hub(tmp_path_factory, monkeypatch):
     """A local Hugging Face Hub over real HTTP (tests/hubserver.py); HF_ENDPOINT points at it."""
     from hubserver import FakeHub

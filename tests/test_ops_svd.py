@@ -70,6 +70,47 @@ def test_refactor_dense_exact_and_randomized(monkeypatch):
     assert svd.refactor_dense(D, 6, exact=True).svd == "exact"
 
 
+@pytest.mark.parametrize("shape", [(700, 300), (300, 700), (400, 400)])
+def test_leading_svd_gives_the_exact_svds_leading_factors_and_every_singular_value(shape):
+    """The Gram path (refactor_dense's default below RANDOMIZED_MIN_DIM): the same rank-k factors as LAPACK's SVD in
+    float64, to rounding, tall, wide or square, and all of S (the tail to √ε·σ₁); B' = U_k·S_k, A' orthonormal rows."""
+    g = torch.Generator().manual_seed(1)
+    m, n = shape
+    # a decaying spectrum over 40 directions plus a full-rank floor: what an element-wise combine leaves
+    D = (torch.randn(m, 40, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 40, dtype=torch.float64)) \
+        @ torch.randn(40, n, generator=g, dtype=torch.float64) + 1e-4 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    truth = svd.dense_svd(D)
+    mine = svd.leading_svd(D, 12)
+    assert mine.U.shape == (m, 12) and mine.Vh.shape == (12, n) and mine.S.shape == truth.S.shape
+    B, A = mine.truncate(12)
+    B0, A0 = truth.truncate(12)
+    assert float((B @ A - B0 @ A0).norm() / (B0 @ A0).norm()) < 1e-12
+    torch.testing.assert_close(A @ A.T, torch.eye(12, dtype=A.dtype), rtol=0, atol=1e-12)
+    torch.testing.assert_close(mine.S[:12], truth.S[:12], rtol=1e-12, atol=0)
+    torch.testing.assert_close(mine.S, truth.S, rtol=0, atol=1e-7 * float(truth.S[0]))
+    made = svd.refactor_dense(D, 12)
+    assert made.svd == "exact" and made.error == pytest.approx(truth.tail_error(12), rel=1e-9)
+
+
+def test_leading_svd_of_a_matrix_of_lower_rank_than_asked():
+    """σ = 0 among the leading k: zero columns, no NaN (no division by a zero σ), and the factors still give D."""
+    g = torch.Generator().manual_seed(2)
+    D = torch.randn(50, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 80, generator=g, dtype=torch.float64)
+    for M in (D, D.T, torch.zeros(50, 80, dtype=torch.float64)):
+        made = svd.refactor_dense(M, 6)
+        assert made.B.isfinite().all() and made.A.isfinite().all()
+        torch.testing.assert_close(made.B @ made.A, M, rtol=0, atol=1e-10 * max(1.0, float(M.abs().max())))
+        assert made.error < 1e-12
+
+
+def test_dense_svd_of_a_wide_matrix_factorizes_its_transpose():
+    D = torch.randn(30, 90, generator=torch.Generator().manual_seed(3))
+    spectrum = svd.dense_svd(D)
+    assert spectrum.U.shape == (30, 30) and spectrum.Vh.shape == (30, 90)
+    torch.testing.assert_close(spectrum.U @ torch.diag(spectrum.S) @ spectrum.Vh, D, rtol=0, atol=1e-5)
+    torch.testing.assert_close(spectrum.S, torch.linalg.svdvals(D.double()).float())
+
+
 def test_frobenius_of_row_blocks_is_float64_accurate_where_torch_float32_norm_is_not():
     """A re-factorization's reported error divides two norms of module-sized matrices: torch's float32 norm of a
     whole 8192×4096 matrix is 0.2 % off (3.4 % at a 70B model's 8192×28672); summed per row block in float64 it is
@@ -118,14 +159,6 @@ def test_a_matrix_that_is_not_finite_is_refused_before_lapack_sees_it(factorize,
     M[2, 1] = value
     with pytest.raises(svd.NonFiniteInput):
         factorize(M)
-
-
-@pytest.fixture
-def three_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_single_threaded_on_two_threads_at_once_leaves_the_count_as_it_was(three_threads):
@@ -180,18 +213,19 @@ def test_nested_thread_counts_unwind_one_block_at_a_time(three_threads):
     assert torch_threads_everywhere() == (3, 3)
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_refactor_dense_gives_the_same_bytes_at_any_thread_count(monkeypatch, exact):
+@pytest.mark.parametrize("exact, randomized_min_dim, kind", [(True, 100, "exact"), (False, 100, "randomized"),
+                                                               (False, 2048, "exact")])
+def test_refactor_dense_gives_the_same_bytes_at_any_thread_count(monkeypatch, exact, randomized_min_dim, kind):
     """MKL's QRs and SVDs split their work by thread and round accordingly: the exact and the randomized SVD of the
-    same matrix gave other bytes at 1, 2 and 4 threads (so did their error)."""
-    monkeypatch.setattr(svd, "RANDOMIZED_MIN_DIM", 100)
+    same matrix gave other bytes at 1, 2 and 4 threads (so did their error). Also the Gram path (leading_svd)."""
+    monkeypatch.setattr(svd, "RANDOMIZED_MIN_DIM", randomized_min_dim)
     monkeypatch.setattr(svd, "PRODUCT_BLOCK_ELEMENTS", 1 << 15)  # several row blocks, on several threads
     D = torch.randn(600, 400, generator=torch.Generator().manual_seed(0))
     made = {}
     for count in (1, 2, 4):
         with settings.torch_threads(torch.device("cpu"), lambda before: count):
             made[count] = svd.refactor_dense(D, 8, exact=exact)
-    assert made[1].svd == ("exact" if exact else "randomized")
+    assert made[1].svd == kind
     for count in (2, 4):
         assert torch.equal(made[count].B, made[1].B) and torch.equal(made[count].A, made[1].A)
         assert made[count].error == made[1].error

@@ -156,9 +156,10 @@ def factorize_dense(D: torch.Tensor, rule: RankRule, exact: bool = False, keep_z
         spectrum = Spectrum(D.new_zeros(D.shape[0], 1), D.new_zeros(1), D.new_zeros(1, D.shape[1]))
     elif rule.dynamic is None:
         made = refactor_dense(D, rule.rank, exact=exact)
-        if made.spectrum is None:
+        k = None if made.spectrum is None else rule.choose(made.spectrum.S, min(D.shape), keep_zero_rank, min_sv)
+        if k is None or k == made.A.shape[0]:
             return made
-        spectrum = made.spectrum
+        spectrum = made.spectrum  # (a module rule.choose calls zero: rank 1, below what was made)
     else:
         spectrum = dense_svd(D)
     k = rule.choose(spectrum.S, min(D.shape), keep_zero_rank, min_sv)
