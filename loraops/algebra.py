@@ -279,7 +279,7 @@ def combine_lazily(
 
     from .formats import out_dtype as torch_dtype_of, params as raw
     from .ops.combine import Context, Term
-    from .settings import device_memory, resolve_device
+    from .settings import device_memory, in_order, resolve_device
     from .st import converted
 
     inputs = weighted(inputs, "combine")
@@ -353,10 +353,18 @@ def combine_lazily(
                                                          transposed=template.transposed))
         return made, converted(made.B, out_dtype), converted(made.A, out_dtype)
 
+    def computed(name: str):
+        with device_memory(target, f"computing module {name!r} of the {what}", precise):
+            return name, *made_of(name, templates[name])
+
+    def dense_elements(name: str) -> int:
+        B0, A0 = templates[name].matrices()
+        return B0.shape[0] * A0.shape[1]
+
     def compute() -> Iterator[LoraModule]:
-        for name, template in templates.items():
-            with device_memory(target, f"computing module {name!r} of the {what}", precise):
-                made, B, A = made_of(name, template)
+        # modules run ahead on the threads: their SVDs run on one thread each (single_threaded), so side by side
+        for name, made, B, A in in_order(templates, computed, dense_elements, target):
+            template = templates[name]
             new_rank = int(made.A.shape[0])
             module = template.with_factors(B, A, alpha=float(new_rank), scale=1.0)
             if module.lora_bias is not None:  # scale 1: Σ wᵢ·sᵢ·lora_biasᵢ

@@ -5,16 +5,21 @@ Everything is read from the environment at call time (not import time), so tests
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
 import sys
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 from urllib.parse import quote, unquote
 
 from .fsutil import human_bytes, resolved
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 ENV_HOME = "LORAOPS_HOME"
 ENV_DB = "LORAOPS_DB"
@@ -341,6 +346,51 @@ def torch_threads(device: "torch.device", count: Callable[[int], int]) -> Iterat
             _threads_inside -= 1
             entered = counts.pop()
             torch.set_num_threads(entered if counts else _threads_before)
+
+
+AHEAD_ELEMENTS = 1 << 26
+"""At most this many elements of dense matrices (Σ out·in of the items running; about 2 GB of a float64 SVD's work)
+computed at once by ``in_order``'s threads."""
+ALONE_ELEMENTS = 1 << 24
+"""An item with more elements than this (a Llama-7B MLP's 4096×11008) runs alone on all of torch's threads."""
+
+
+def in_order(items: Iterable[T], run: Callable[[T], R], elements: Callable[[T], int],
+             device: "torch.device") -> Iterator[R]:  # noqa: F821
+    """run(item) for each item, yielded in order. On the CPU at n > 1 torch threads, items of at most ALONE_ELEMENTS
+    run ahead on up to n Python threads, each on one torch thread (torch_threads), while those running hold at most
+    AHEAD_ELEMENTS; a larger one runs alone on all n, once those before it are done. A dense SVD runs on one thread
+    whatever the count (ops.svd.single_threaded: the same bytes at any count), so n modules at once take the time of
+    one; ``run`` must give the same result on one thread as on n."""
+    import torch
+
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads == 1:
+        yield from map(run, items)
+        return
+
+    def on_one_thread(item: T) -> R:
+        with torch_threads(device, lambda before: 1):
+            return run(item)
+
+    running: collections.deque[tuple[Future, int]] = collections.deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="loraops-ahead") as pool:
+        try:
+            for item in items:
+                size = elements(item)
+                alone = size > ALONE_ELEMENTS
+                while running and (alone or len(running) == threads
+                                   or sum(held for _, held in running) + size > AHEAD_ELEMENTS):
+                    yield running.popleft()[0].result()
+                if alone:
+                    yield run(item)
+                else:
+                    running.append((pool.submit(on_one_thread, item), size))
+            while running:
+                yield running.popleft()[0].result()
+        finally:  # (an error, or the caller stopped: what has not started never will)
+            for future, _ in running:
+                future.cancel()
 
 
 @contextlib.contextmanager

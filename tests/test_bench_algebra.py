@@ -17,3 +17,4 @@ def test_bench_quick_smoke(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "factored SVD vs dense svd(B·A)" in out and "resize, " in out and "cat vs PEFT cat" in out
+    assert "ties vs modules in turn" in out and "ties vs PEFT ties_svd" in out
