@@ -1,6 +1,6 @@
-"""Benchmark of the adapter algebra: factored SVD vs dense SVD, a 7B-shaped resize, combine vs PEFT.
+"""Benchmark of the adapter algebra: factored SVD vs dense SVD, a 7B-shaped resize, combine vs PEFT, ties.
 
-    python bench/algebra.py              # the full run (a few minutes on 2 cores; the dense SVDs dominate)
+    python bench/algebra.py              # the full run (several minutes on 2 cores; the dense SVDs dominate)
     python bench/algebra.py --quick      # small shapes, seconds: a smoke run
 
 Fast timings are the best of --repeat runs; the slow dense SVDs run once.
@@ -17,8 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loraops import settings  # noqa: E402
 from loraops.adapter import Adapter, LoraModule  # noqa: E402
 from loraops.algebra import combine, resize  # noqa: E402
+from loraops.ops import svd  # noqa: E402
 from loraops.ops.svd import factored_svd  # noqa: E402
 
 # Llama-3-8B / Mistral-7B geometry (hidden 4096, MLP 14336, grouped-query k/v 1024), 32 layers
@@ -27,6 +29,9 @@ QUICK = {"hidden": 256, "mlp": 896, "kv": 64, "layers": 2, "rank": 16, "new_rank
 # combine vs PEFT: smaller, since PEFT's svd is a dense SVD per module
 PEFT_FULL = {"hidden": 512, "mlp": 1792, "kv": 128, "layers": 4, "rank": 16}
 PEFT_QUICK = {"hidden": 64, "mlp": 224, "kv": 16, "layers": 2, "rank": 4}
+# ties: one TinyLlama-1.1B layer, no side above svd.RANDOMIZED_MIN_DIM (every delta factorized exactly)
+TIES_FULL = {"hidden": 2048, "mlp": 5632, "kv": 256, "layers": 1, "rank": 64}
+TIES_QUICK = {"hidden": 128, "mlp": 352, "kv": 32, "layers": 1, "rank": 8}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -111,7 +116,9 @@ def resize_bench(g: dict, repeat: int, dense_big: float) -> None:
               f"mean fro kept {report.fro_retained_mean:.3f}"))
 
 
-def peft_bench(g: dict, repeat: int) -> None:
+def peft_pair(g: dict):
+    """A PEFT model of ``g``'s layers with two random LoRAs "a" and "b", and the same two as loraops inputs (weights
+    0.7 and 0.5)."""
     from peft import LoraConfig, get_peft_model
 
     class Block(torch.nn.Module):
@@ -134,17 +141,28 @@ def peft_bench(g: dict, repeat: int) -> None:
                 path = name.removeprefix("base_model.model.")
                 adapters[key][path] = LoraModule(path, A=layer.lora_A[key].weight.detach(), B=layer.lora_B[key].weight.detach(),
                                                  alpha=0.0, scale=layer.scaling[key])
-    inputs = [(Adapter(modules=adapters[k], format="peft"), w) for k, w in (("a", 0.7), ("b", 0.5))]
-    total = 2 * g["rank"]
-    print(f"\n3. combine 2 adapters of {len(adapters['a'])} modules ({g['hidden']}/{g['mlp']}, rank {g['rank']})"
-          "   (ours | PEFT add_weighted_adapter | ratio)")
+    return peft_model, [(Adapter(modules=adapters[k], format="peft"), w) for k, w in (("a", 0.7), ("b", 0.5))]
 
+
+def peft_combination(peft_model):
+    """PEFT's add_weighted_adapter of "a" and "b" (weights 0.7 and 0.5) by a combination type, then deleted."""
     counter = iter(range(10 ** 6))
 
-    def peft(kind: str, **kwargs):
+    def peft(kind: str, **kwargs) -> None:
         name = f"{kind}{next(counter)}"
         peft_model.add_weighted_adapter(["a", "b"], [0.7, 0.5], name, combination_type=kind, **kwargs)
         peft_model.delete_adapter(name)
+
+    return peft
+
+
+def peft_bench(g: dict, repeat: int) -> None:
+    peft_model, inputs = peft_pair(g)
+    total = 2 * g["rank"]
+    print(f"\n3. combine 2 adapters of {len(inputs[0][0].modules)} modules ({g['hidden']}/{g['mlp']}, rank {g['rank']})"
+          "   (ours | PEFT add_weighted_adapter | ratio)")
+
+    peft = peft_combination(peft_model)
 
     def truth_error(adapter: Adapter) -> float:
         worst = 0.0
@@ -166,6 +184,44 @@ def peft_bench(g: dict, repeat: int) -> None:
     print(row(f"linear rank {g['rank']} vs PEFT svd rank {g['rank']}", ours_k, peft_k))
 
 
+def ties_bench(g: dict, skip_peft: bool) -> None:
+    """TIES at its default rank (the largest input's) on whole modules of ``g``: each module's dense delta is
+    re-factorized exactly (no side above svd.RANDOMIZED_MIN_DIM), which was nearly all of the time."""
+    peft_model, inputs = peft_pair(g)
+    print(f"\n4. ties (density 0.5) of 2 adapters of {len(inputs[0][0].modules)} modules ({g['hidden']}/{g['mlp']}/"
+          f"{g['kv']}, rank {g['rank']} → {g['rank']}), once each   (ours | other | other ÷ ours)")
+
+    def ties():
+        return combine(inputs, "ties", {"density": 0.5}, device="cpu")[0]
+
+    def lapack(D: torch.Tensor, k: int) -> svd.Spectrum:  # the former dense_svd: of D as it is (wide or tall)
+        with svd.single_threaded(D.device):
+            return svd.Spectrum(*(t.to(D.dtype) for t in torch.linalg.svd(D.double(), full_matrices=False)))
+
+    def before():  # the code before: modules one after another, each delta's top-k from LAPACK's whole SVD
+        saved = settings.in_order, svd.leading_svd
+        settings.in_order = lambda items, run, elements, device: map(run, items)
+        svd.leading_svd = lapack
+        try:
+            return ties()
+        finally:
+            settings.in_order, svd.leading_svd = saved
+
+    def worst_difference(ours: Adapter, other: Adapter) -> float:
+        return max(float((m.delta(dtype=torch.float64) - other.modules[n].delta(dtype=torch.float64)).norm()
+                         / other.modules[n].delta(dtype=torch.float64).norm()) for n, m in ours.modules.items())
+
+    with torch.no_grad():
+        ours, made = best(ties, 1)
+        old, old_made = best(before, 1)
+        print(row("ties vs modules in turn, LAPACK SVD (before)", ours, old,
+                  f"max rel diff of the deltas {worst_difference(made, old_made):.1e}"))
+        if not skip_peft:
+            # (PEFT's "ties" trims A and B apart; "ties_svd" trims the delta, as loraops and mergekit do)
+            peft, _ = best(lambda: peft_combination(peft_model)("ties_svd", density=0.5), 1)
+            print(row("ties vs PEFT ties_svd (float32 SVD, all threads)", ours, peft))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run in seconds")
@@ -181,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     resize_bench(g, args.repeat, dense_big)
     if not args.skip_peft:
         peft_bench(pg, args.repeat)
+    ties_bench(TIES_QUICK if args.quick else TIES_FULL, args.skip_peft)
 
 
 if __name__ == "__main__":
