@@ -362,8 +362,11 @@ def combine_lazily(
         return B0.shape[0] * A0.shape[1]
 
     def compute() -> Iterator[LoraModule]:
-        # modules run ahead on the threads: their SVDs run on one thread each (single_threaded), so side by side
-        for name, made, B, A in in_order(templates, computed, dense_elements, target):
+        # a method that factorizes runs its modules ahead on the threads, each SVD on one (single_threaded); cat
+        # (default_rank None: no SVD) only copies factors, where handing modules to threads cost more than it saved
+        made_in_order = in_order(templates, computed, dense_elements, target) if spec.default_rank else map(
+            computed, templates)
+        for name, made, B, A in made_in_order:
             template = templates[name]
             new_rank = int(made.A.shape[0])
             module = template.with_factors(B, A, alpha=float(new_rank), scale=1.0)

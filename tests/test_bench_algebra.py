@@ -18,3 +18,10 @@ def test_bench_quick_smoke(capsys):
     out = capsys.readouterr().out
     assert "factored SVD vs dense svd(B·A)" in out and "resize, " in out and "cat vs PEFT cat" in out
     assert "ties vs modules in turn" in out and "ties vs PEFT ties_svd" in out
+
+
+def test_svd_gram_bench_quick_smoke(capsys):
+    """bench/svd_gram.py: leading_svd against LAPACK's SVD, as refactor_dense runs them (one thread)."""
+    runpy.run_path(str(BENCH.with_name("svd_gram.py")))["main"](["--quick", "--repeat", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 3 and all(float(row[-2]) < 1e-10 for row in rows)  # top-k diff, float64 against LAPACK's
