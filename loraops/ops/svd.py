@@ -223,17 +223,21 @@ def refactor_dense(D: torch.Tensor, k: int, exact: bool = False) -> Refactored:
     if small <= RANDOMIZED_MIN_DIM or q >= small:
         spectrum = leading_svd(D, k)
         B, A = spectrum.truncate(k)
-        return Refactored(B, A, "exact", relative_residual(D, B, A), spectrum)
+        # (in float64: a float32 product's rounding, ~1e-7, would hide a lossless factorization's ~5e-8)
+        return Refactored(B, A, "exact", relative_residual(D, B, A, torch.float64), spectrum)
     B, A = randomized_svd(D, q).truncate(k)
     return Refactored(B, A, "randomized", relative_residual(D, B, A))
 
 
-def relative_residual(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
-    """‖D − B·A‖/‖D‖, by row blocks (0 for a zero D): measured, where a spectrum's tail is not known exactly."""
+def relative_residual(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype | None = None) -> float:
+    """‖D − B·A‖/‖D‖, by row blocks, the product in ``dtype`` (default D's; 0 for a zero D): measured, where a
+    spectrum's tail is not known exactly."""
+    dtype = dtype or D.dtype
+    A = A.to(dtype)
     norm = frobenius(D[rows] for rows in row_blocks(D.shape))
     # (D − B·A into B·A's block: one block-sized temporary less, the same values)
     residual = frobenius(torch.sub(D[rows], approx, out=approx) for rows in row_blocks(D.shape)
-                         for approx in [B[rows] @ A])
+                         for approx in [B[rows].to(dtype) @ A])
     return residual / norm if norm else 0.0
 
 
