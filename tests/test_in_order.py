@@ -17,8 +17,11 @@ class Watch:
     """run(item) that records, for each item, the thread it ran on and torch's count there, and how many items (and
     elements) ran at once."""
 
-    def __init__(self, seconds: float = 0.02):
+    def __init__(self, seconds: float = 0.02, together: tuple[int, ...] = ()):
         self.lock, self.seconds = threading.Lock(), seconds
+        # (items that must run at once, whatever the machine's load: each waits for the others, up to 60 s)
+        self.together = set(together)
+        self.barrier = threading.Barrier(max(1, len(together)), timeout=60)
         self.running, self.elements = 0, 0
         self.most_running, self.most_elements = 0, 0
         self.seen: dict[int, tuple[str, int]] = {}
@@ -30,6 +33,8 @@ class Watch:
             self.most_running = max(self.most_running, self.running)
             self.most_elements = max(self.most_elements, self.elements)
             self.seen[index] = (threading.current_thread().name, torch.get_num_threads())
+        if index in self.together:
+            self.barrier.wait()
         time.sleep(self.seconds)
         with self.lock:
             self.running, self.elements = self.running - 1, self.elements - size
@@ -40,13 +45,13 @@ def test_items_run_ahead_on_one_thread_each_and_come_back_in_order(three_threads
     monkeypatch.setattr(settings, "AHEAD_ELEMENTS", 100)
     monkeypatch.setattr(settings, "ALONE_ELEMENTS", 60)
     items = [(0, 10), (1, 10), (2, 10), (3, 50), (4, 50), (5, 80), (6, 10), (7, 10)]
-    watch = Watch()
+    watch = Watch(together=(0, 1, 2))
     assert list(settings.in_order(items, watch, lambda item: item[1], CPU)) == [i * 10 for i, _ in items]
     caller = threading.current_thread().name
     alone = {i for i, size in items if size > 60}
     assert all(watch.seen[i] == (caller, 3) for i in alone)  # in the caller, on all of torch's threads
     assert all(name != caller and count == 1 for i, (name, count) in watch.seen.items() if i not in alone)
-    assert watch.most_running == 3  # as many at once as torch had threads (items 0-2)
+    assert watch.most_running == 3  # as many at once as torch had threads (items 0-2: the barrier)
     assert watch.most_elements <= 100  # items 3 and 4 (50 each) together, never with a third
     assert torch_threads_everywhere() == (3, 3)
 
