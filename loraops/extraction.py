@@ -425,7 +425,7 @@ def extract_lazily(
     from .algebra import Derivation, compute_precision, factorizing, finite_module, refuse_idle_conv_rank, resize_rule
     from .engine import parse_dtype, peak_rss
     from .ops.resize import factorize_dense
-    from .settings import device_memory, resolve_device
+    from .settings import device_memory, in_order, resolve_device
     from .st import all_finite, read_paired_row_blocks, read_row_blocks, read_tensor, torch_dtype
 
     rule = resize_rule(rank, dynamic, param, max_rank, conv_rank, what="extract")
@@ -559,11 +559,30 @@ def extract_lazily(
                                       made.A.to(device="cpu", dtype=out_dtype), module_alpha, scale),
                 made.svd, made.error)
 
-    def compute() -> Iterator[LoraModule]:
-        fused: dict[str, "torch.Tensor"] = {}  # a fused weight's delta, kept while its parts (in a row) are made
-        for name, template in work.targets.items():
+    # the targets by the weight they come from (a fused weight's parts come in a row): each weight's modules are
+    # made together, its delta read once, while other weights' are made on other threads (settings.in_order: every
+    # SVD runs on one thread, so side by side)
+    weights: list[list[tuple[str, LoraModule]]] = []
+    for name, template in work.targets.items():
+        if weights and template.fused is not None and weights[-1][0][1].weight_name == template.weight_name:
+            weights[-1].append((name, template))
+        else:
+            weights.append([(name, template)])
+
+    def made_of_weight(modules: list[tuple[str, LoraModule]]) -> list:
+        fused: dict[str, "torch.Tensor"] = {}  # a fused weight's delta, kept while its parts are made
+        made = []
+        for name, template in modules:
             with device_memory(target, f"computing module {name!r} of the {what}", precise):
-                made = factorized(name, template, fused)
+                made.append((name, template, factorized(name, template, fused)))
+        return made
+
+    def weight_elements(modules: list[tuple[str, LoraModule]]) -> int:
+        return tuned.tensors[modules[0][1].weight_name].numel
+
+    def compute() -> Iterator[LoraModule]:
+        for name, template, made in (module for weight in in_order(weights, made_of_weight, weight_elements, target)
+                                     for module in weight):
             if made is None:
                 dropped.add(name)
                 continue
@@ -580,7 +599,6 @@ def extract_lazily(
                 rank=module.rank, alpha=module.alpha, svd=svd, error=error,
                 fro_retained=math.sqrt(max(0.0, 1.0 - error * error))))
             yield module
-        fused.clear()
         for tensor, why in work.skipped:  # norms and biases, or a vocabulary-sized embedding: by row blocks
             skipped.append(ExtractSkippedRecord(name=tensor, reason=why, max_abs_diff=max_abs_difference(tensor)))
         if len(dropped) == len(work.targets) and not work.saved:

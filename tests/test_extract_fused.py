@@ -77,6 +77,36 @@ def test_sdxl_in_proj_thirds_become_q_k_v_modules_that_merge_back(tmp_path):
     assert torch.equal(merged[IN_PROJ][:D], before[IN_PROJ][:D])  # no q module: its rows are not touched
 
 
+def test_a_fused_weights_parts_are_made_together_and_weights_side_by_side(tmp_path, monkeypatch, three_threads):
+    """extract runs its weights ahead on torch's threads (settings.in_order), each SVD on one: the k and v thirds of
+    in_proj are made in one thread (its delta read once), out_proj may be in another; the result is the same bytes
+    as at one thread."""
+    import threading
+
+    from loraops.ops import resize
+
+    base, tuned = pair(tmp_path, SDXL_TEXT, K_AND_V)
+    seen, factorize = [], resize.factorize_dense
+
+    deltas = {"k": K_AND_V[IN_PROJ][1][:D], "v": K_AND_V[IN_PROJ][1][D:], "out": K_AND_V[f"{TE2}.out_proj.weight"][1]}
+
+    def spy(M, *args, **kwargs):
+        part = next(p for p, delta in deltas.items() if torch.allclose(M, delta, rtol=0, atol=1e-5))
+        seen.append((part, threading.current_thread().name, torch.get_num_threads()))
+        return factorize(M, *args, **kwargs)
+
+    monkeypatch.setattr(resize, "factorize_dense", spy)
+    ahead, _ = loraops.extract(base, tuned, rank=D, device="cpu")
+    threads = {part: (name, count) for part, name, count in seen}
+    assert len(seen) == 3 and threads["k"] == threads["v"]  # in_proj's item
+    assert threads["k"][0].startswith("loraops-ahead") and {count for _, count in threads.values()} == {1}
+    torch.set_num_threads(1)
+    alone, _ = loraops.extract(base, tuned, rank=D, device="cpu")
+    assert {name for _, name, _ in seen[3:]} == {threading.current_thread().name}
+    for name, module in ahead.modules.items():
+        assert torch.equal(module.A, alone.modules[name].A) and torch.equal(module.B, alone.modules[name].B)
+
+
 def test_sd2_names_and_a_lower_rank_merges_back_within_its_error(tmp_path):
     """SD 2.x's OpenCLIP (cond_stage_model.model.) is lora_te_; at rank 1 each third's merge is off by the error
     extract reports for it (relative Frobenius, of that third's delta alone)."""
