@@ -208,8 +208,8 @@ def ties_bench(g: dict, skip_peft: bool) -> None:
             settings.in_order, svd.leading_svd = saved
 
     def worst_difference(ours: Adapter, other: Adapter) -> float:
-        return max(float((m.delta(dtype=torch.float64) - other.modules[n].delta(dtype=torch.float64)).norm()
-                         / other.modules[n].delta(dtype=torch.float64).norm()) for n, m in ours.modules.items())
+        return max(float((m.delta(dtype=torch.float64) - theirs).norm() / theirs.norm())
+                   for n, m in ours.modules.items() for theirs in [other.modules[n].delta(dtype=torch.float64)])
 
     with torch.no_grad():
         ours, made = best(ties, 1)

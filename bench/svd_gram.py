@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from algebra import best  # noqa: E402  (bench/algebra.py's best-of-n timer)
 from loraops.ops import svd  # noqa: E402
 
 FULL = [(2048, 2048), (5632, 2048), (2048, 5632), (256, 2048), (1280, 1280), (10240, 1280), (1280, 5120)]
@@ -38,15 +39,6 @@ def as_is(D: torch.Tensor) -> svd.Spectrum:
     """LAPACK's SVD of D as it is, float64: refactor_dense's exact path before session 32."""
     U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
     return svd.Spectrum(U.to(D.dtype), S.to(D.dtype), Vh.to(D.dtype))
-
-
-def best(fn, repeat: int):
-    times, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main(argv: list[str] | None = None) -> None:
